@@ -1,0 +1,1 @@
+//! Flotilla per-shard agent.

@@ -1,0 +1,260 @@
+//! The domain model: migrations, plans and targets, always valid once built.
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::selector::{Selector, SelectorError};
+use crate::sql::SqlError;
+
+/// The journal's name for the shard itself when a step's scope is the whole shard.
+pub const SHARD_TARGET: &str = "";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    Shard,
+    Tenant,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Shard => "shard",
+            Scope::Tenant => "tenant",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Scope> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "shard" | "database" => Some(Scope::Shard),
+            "tenant" | "schema" => Some(Scope::Tenant),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxMode {
+    Transactional,
+    NonTransactional,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// A failed step stops the plan and every applied step is undone.
+    #[default]
+    AllOrNothing,
+    /// A failed step stops the plan; what was applied stays.
+    Stop,
+    /// Targets that have not failed go on; the plan ends failed.
+    Continue,
+}
+
+impl FailurePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::AllOrNothing => "all-or-nothing",
+            FailurePolicy::Stop => "stop",
+            FailurePolicy::Continue => "continue",
+        }
+    }
+    pub fn parse(s: &str) -> Option<FailurePolicy> {
+        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "all-or-nothing" | "atomic" | "rollback" => Some(FailurePolicy::AllOrNothing),
+            "stop" | "halt" => Some(FailurePolicy::Stop),
+            "continue" => Some(FailurePolicy::Continue),
+            _ => None,
+        }
+    }
+}
+
+/// A migration id: sorts, and is safe to put anywhere (journal, logs, gids).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MigrationId(String);
+
+impl MigrationId {
+    pub fn parse(s: &str) -> Result<MigrationId, PlanError> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if ok {
+            Ok(MigrationId(s.to_string()))
+        } else {
+            Err(PlanError::InvalidMigrationId { id: s.to_string() })
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for MigrationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The checksum of a migration's content: sha256 of its up SQL with line endings
+/// normalised. Only what is applied counts, so a fixed down.sql is not an "edit".
+pub fn checksum(up_sql: &str) -> String {
+    let normalised = up_sql.replace("\r\n", "\n");
+    let mut hasher = Sha256::new();
+    hasher.update(normalised.trim().as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    pub id: MigrationId,
+    pub description: String,
+    pub kind: String,
+    pub depends_on: Vec<MigrationId>,
+    /// None: the plan's default scope.
+    pub scope: Option<Scope>,
+    pub selector: Selector,
+    pub tx_mode: TxMode,
+    pub lock_timeout: Option<Duration>,
+    pub statement_timeout: Option<Duration>,
+    pub risk: String,
+    pub up_sql: String,
+    pub down_sql: String,
+    pub verify_sql: Option<String>,
+    pub checksum: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanSpec {
+    pub name: String,
+    pub description: String,
+    pub migrations: Vec<Migration>,
+    pub selector: Selector,
+    pub parallel_groups: Vec<Vec<MigrationId>>,
+    pub dependencies: BTreeMap<MigrationId, Vec<MigrationId>>,
+    pub max_parallel: u32,
+    pub environment: String,
+    pub policy: FailurePolicy,
+    /// None: tenants when the selected shards have tenants, else the shards.
+    pub default_scope: Option<Scope>,
+    pub fuse: bool,
+    pub submitted_by: String,
+    pub source: String,
+}
+
+pub const DEFAULT_MAX_PARALLEL: u32 = 8;
+
+impl PlanSpec {
+    pub fn migration(&self, id: &MigrationId) -> Option<&Migration> {
+        self.migrations.iter().find(|m| &m.id == id)
+    }
+}
+
+/// Where a step runs: a shard, or one tenant of it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target {
+    pub shard: String,
+    /// `SHARD_TARGET` (empty) for the shard itself.
+    pub tenant: String,
+}
+
+impl Target {
+    pub fn is_shard(&self) -> bool {
+        self.tenant.is_empty()
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tenant.is_empty() {
+            write!(f, "{}", self.shard)
+        } else {
+            write!(f, "{}/{}", self.shard, self.tenant)
+        }
+    }
+}
+
+/// Checks a tenant (schema) name found on a shard. Names are always quoted when
+/// used; this only refuses what no schema name should hold.
+pub fn validate_tenant_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("empty tenant name".into());
+    }
+    if name.len() > 63 {
+        return Err(format!("tenant name `{name}` is longer than 63 bytes"));
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return Err(format!("tenant name {name:?} holds a control character"));
+    }
+    Ok(())
+}
+
+/// A shard name: also used in journal rows, metrics labels and (later) etcd keys.
+pub fn validate_shard_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid shard name `{name}`: use 1-63 characters from [A-Za-z0-9._-]"
+        ))
+    }
+}
+
+/// Labels `k=v,k2=v2` as given on a command line.
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("label `{part}` is not key=value"))?;
+        let (k, v) = (k.trim(), v.trim());
+        let key_ok = !k.is_empty()
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+        if !key_ok {
+            return Err(format!("label key `{k}` must use [A-Za-z0-9._-/]"));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// Everything that makes a plan invalid. Each message names what is wrong and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("the plan holds no migrations")]
+    Empty,
+    #[error("invalid migration id `{id}`: use 1-128 characters from [A-Za-z0-9._-]")]
+    InvalidMigrationId { id: String },
+    #[error("duplicate migration id `{id}` (in {first} and {second})")]
+    Duplicate { id: String, first: String, second: String },
+    #[error("migration `{migration}` depends on unknown migration `{depends_on}`")]
+    UnknownDependency { migration: String, depends_on: String },
+    #[error("the plan names unknown migration `{id}` in {place}")]
+    UnknownMigration { id: String, place: String },
+    #[error("dependency cycle: {}", .0.join(" -> "))]
+    Cycle(Vec<String>),
+    #[error("migration `{migration}` ({source_file}): {error}")]
+    Selector { migration: String, source_file: String, error: SelectorError },
+    #[error("plan selector: {0}")]
+    PlanSelector(SelectorError),
+    #[error("migration `{migration}` ({source_file}): {error}")]
+    Sql { migration: String, source_file: String, error: SqlError },
+    #[error("migration `{migration}` ({source_file}): up SQL is empty")]
+    EmptyUp { migration: String, source_file: String },
+    #[error(
+        "migration `{migration}` ({source_file}): `{statement}` controls the transaction; Flotilla opens and commits it"
+    )]
+    TransactionControl { migration: String, source_file: String, statement: String },
+    #[error(
+        "migration `{migration}` ({source_file}): `{statement}` cannot run inside a transaction, but the migration says transactional = true"
+    )]
+    NotTransactional { migration: String, source_file: String, statement: String },
+    #[error("migration `{migration}`: checksum {sent} does not match its content ({computed})")]
+    ChecksumMismatch { migration: String, sent: String, computed: String },
+    #[error("migration `{migration}` appears in parallel group {first} and {second}")]
+    GroupTwice { migration: String, first: usize, second: usize },
+    #[error("invalid {field}: {reason}")]
+    Field { field: String, reason: String },
+}

@@ -1,0 +1,1 @@
+//! The flotilla binary: CLI, loader.
