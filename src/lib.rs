@@ -1,1 +1,3 @@
-//! The flotilla binary: CLI, loader.
+//! The `flotilla` binary's library half: reading migrations and plans from disk,
+//! and the operator commands.
+pub mod loader;
