@@ -1,0 +1,458 @@
+//! The engine: the one task that owns every plan in motion. Agent results,
+//! operator commands and connection changes arrive as events; it mutates plan
+//! state, sends work to agents, and hands writes to the store writer.
+pub mod plan_run;
+pub mod status;
+
+use std::collections::HashMap;
+
+use flotilla_proto::pb;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::error::CoordinatorError;
+use crate::metrics;
+use crate::store::StoreOp;
+use plan_run::{PlanRun, PlanState, RollbackState};
+
+pub type AgentTx = mpsc::Sender<pb::CoordinatorMessage>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    Cancel,
+    Rollback,
+}
+
+pub enum Event {
+    Attached { shard: String, conn_id: u64, tx: AgentTx, max_lanes: u32 },
+    Detached { shard: String, conn_id: u64 },
+    Results { shard: String, results: pb::RunResults },
+    RollbackReply { shard: String, reply: pb::RollbackReply },
+    Start { run: Box<PlanRun>, done: oneshot::Sender<pb::PlanStatus> },
+    Command {
+        plan_id: String,
+        kind: CommandKind,
+        actor: String,
+        reason: String,
+        /// A finished plan to bring back for a rollback (loaded by the caller).
+        revive: Option<Box<PlanRun>>,
+        reply: oneshot::Sender<Result<pb::PlanStatus, CoordinatorError>>,
+    },
+    Status { plan_id: String, reply: oneshot::Sender<Option<pb::PlanStatus>> },
+}
+
+struct AgentConn {
+    conn_id: u64,
+    tx: AgentTx,
+    max_lanes: u32,
+}
+
+pub struct Engine {
+    epoch: u64,
+    store: mpsc::UnboundedSender<StoreOp>,
+    agents: HashMap<String, AgentConn>,
+    plans: HashMap<String, PlanRun>,
+    next_run_id: u64,
+    changes: broadcast::Sender<String>,
+}
+
+impl Engine {
+    pub fn new(
+        epoch: u64,
+        store: mpsc::UnboundedSender<StoreOp>,
+        changes: broadcast::Sender<String>,
+    ) -> Engine {
+        Engine {
+            epoch,
+            store,
+            agents: HashMap::new(),
+            plans: HashMap::new(),
+            next_run_id: 1,
+            changes,
+        }
+    }
+
+    pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
+        while let Some(event) = events.recv().await {
+            self.handle(event).await;
+        }
+        debug!("engine stopped");
+    }
+
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Attached { shard, conn_id, tx, max_lanes } => {
+                self.agents.insert(shard.clone(), AgentConn { conn_id, tx, max_lanes });
+                metrics::agents_connected(self.agents.len());
+                let ids: Vec<String> = self.plans.keys().cloned().collect();
+                for id in ids {
+                    self.resend_after_reconnect(&id, &shard);
+                    self.drive(&id).await;
+                }
+            }
+            Event::Detached { shard, conn_id } => {
+                if self.agents.get(&shard).is_some_and(|a| a.conn_id == conn_id) {
+                    self.agents.remove(&shard);
+                    metrics::agents_connected(self.agents.len());
+                    info!(shard = %shard, "agent detached; its runs wait for it to return");
+                }
+            }
+            Event::Results { shard, results } => {
+                let plan_id = results.plan_id.clone();
+                let Some(run) = self.plans.get_mut(&plan_id) else { return };
+                let mut updates = Vec::new();
+                let mut failed = false;
+                let rollback_done = run
+                    .shards
+                    .get(&shard)
+                    .is_some_and(|s| s.rollback == RollbackState::Done);
+                if !rollback_done {
+                    for r in &results.runs {
+                        let (u, f) = run.apply_run_result(&shard, r);
+                        for x in &u {
+                            metrics::step_finished(&x.state, x.duration_ms);
+                        }
+                        updates.extend(u);
+                        failed |= f;
+                    }
+                }
+                self.write(StoreOp::Steps { plan_id: plan_id.clone(), updates });
+                if failed {
+                    self.on_failure(&plan_id);
+                }
+                self.drive(&plan_id).await;
+            }
+            Event::RollbackReply { shard, reply } => {
+                let plan_id = reply.plan_id.clone();
+                let Some(run) = self.plans.get_mut(&plan_id) else { return };
+                let updates = run.apply_rollback_reply(&shard, &reply);
+                info!(plan = %plan_id, shard = %shard, undone = reply.steps.len(), complete = reply.complete, "rollback reply");
+                self.write(StoreOp::Steps { plan_id: plan_id.clone(), updates });
+                self.drive(&plan_id).await;
+            }
+            Event::Start { run, done } => {
+                let id = run.id.clone();
+                metrics::plan_started();
+                self.plans.insert(id.clone(), *run);
+                self.drive(&id).await;
+                let status = self.status_of(&id);
+                let _ = done.send(status.unwrap_or_default());
+            }
+            Event::Command { plan_id, kind, actor, reason, revive, reply } => {
+                let result = self.command(&plan_id, kind, &actor, &reason, revive);
+                let ok = result.is_ok();
+                if ok {
+                    self.drive(&plan_id).await;
+                }
+                let _ = reply.send(result.map(|_| self.status_of(&plan_id).unwrap_or_default()));
+            }
+            Event::Status { plan_id, reply } => {
+                let _ = reply.send(self.status_of(&plan_id));
+            }
+        }
+    }
+
+    fn write(&self, op: StoreOp) {
+        if let StoreOp::Steps { updates, .. } = &op
+            && updates.is_empty()
+        {
+            return;
+        }
+        let _ = self.store.send(op);
+    }
+
+    fn status_of(&self, plan_id: &str) -> Option<pb::PlanStatus> {
+        let run = self.plans.get(plan_id)?;
+        let waiting: Vec<String> = run
+            .shards
+            .iter()
+            .filter(|(shard, sr)| {
+                !self.agents.contains_key(*shard)
+                    && (!sr.outstanding.is_empty()
+                        || (run.state == PlanState::RollingBack
+                            && sr.rollback != RollbackState::Done))
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        Some(status::from_run(run, waiting))
+    }
+
+    fn command(
+        &mut self,
+        plan_id: &str,
+        kind: CommandKind,
+        actor: &str,
+        reason: &str,
+        revive: Option<Box<PlanRun>>,
+    ) -> Result<(), CoordinatorError> {
+        if !self.plans.contains_key(plan_id) {
+            match (kind, revive) {
+                (CommandKind::Rollback, Some(run)) => {
+                    self.plans.insert(plan_id.to_string(), *run);
+                }
+                (CommandKind::Cancel, _) => {
+                    return Err(CoordinatorError::Conflict(format!(
+                        "plan {plan_id} is not running; nothing to cancel"
+                    )));
+                }
+                _ => return Err(CoordinatorError::PlanNotFound(plan_id.to_string())),
+            }
+        }
+        let run = self.plans.get_mut(plan_id).expect("present");
+        let action = match kind {
+            CommandKind::Cancel => "cancel",
+            CommandKind::Rollback => "rollback",
+        };
+        match (kind, run.state) {
+            (_, PlanState::RollingBack) => {
+                return Err(CoordinatorError::Conflict(format!(
+                    "plan {plan_id} is already rolling back"
+                )));
+            }
+            (CommandKind::Cancel, s) if s.is_terminal() => {
+                return Err(CoordinatorError::Conflict(format!(
+                    "plan {plan_id} already ended {}; use `plan rollback` to undo it",
+                    s.as_str()
+                )));
+            }
+            _ => {}
+        }
+        let who = if actor.is_empty() { "operator" } else { actor };
+        run.message = format!(
+            "{action} requested by {who}{}",
+            if reason.is_empty() { String::new() } else { format!(": {reason}") }
+        );
+        let undo = kind == CommandKind::Rollback
+            || run.policy() == flotilla_proto::FailurePolicy::AllOrNothing;
+        run.rollback_ends =
+            if kind == CommandKind::Cancel { PlanState::Cancelled } else { PlanState::RolledBack };
+        let updates = run.halt_pending();
+        let msg = run.message.clone();
+        self.write(StoreOp::Steps { plan_id: plan_id.to_string(), updates });
+        self.write(StoreOp::Audit {
+            actor: who.to_string(),
+            action: action.into(),
+            plan_id: plan_id.to_string(),
+            detail: reason.to_string(),
+        });
+        if undo {
+            self.begin_rollback(plan_id);
+        } else {
+            let run = self.plans.get_mut(plan_id).expect("present");
+            run.state = PlanState::Stopping;
+            self.halt_everywhere(plan_id);
+            let run = self.plans.get_mut(plan_id).expect("present");
+            if run.outstanding() == 0 {
+                run.state = PlanState::Cancelled;
+            }
+        }
+        let state = self.plans[plan_id].state.as_str().to_string();
+        self.write(StoreOp::PlanState { plan_id: plan_id.to_string(), state, message: msg });
+        Ok(())
+    }
+
+    fn on_failure(&mut self, plan_id: &str) {
+        let Some(run) = self.plans.get_mut(plan_id) else { return };
+        if run.state != PlanState::Running {
+            return;
+        }
+        let first = run.failures.first().cloned();
+        let what = first
+            .as_ref()
+            .map(|f| {
+                let t = f.target.clone().unwrap_or_default();
+                let e = f.error.clone().unwrap_or_default();
+                let target = if t.tenant.is_empty() { t.shard } else { format!("{}/{}", t.shard, t.tenant) };
+                format!(
+                    "step {} failed on {target}{}: {}",
+                    f.migration_id,
+                    if e.sqlstate.is_empty() { String::new() } else { format!(" (SQLSTATE {})", e.sqlstate) },
+                    e.message
+                )
+            })
+            .unwrap_or_else(|| "a step failed".into());
+        warn!(plan = %plan_id, "{what}");
+        match run.policy() {
+            flotilla_proto::FailurePolicy::AllOrNothing => {
+                run.message = format!("{what}; every applied step is being undone");
+                run.rollback_ends = PlanState::RolledBack;
+                let updates = run.halt_pending();
+                self.write(StoreOp::Steps { plan_id: plan_id.to_string(), updates });
+                self.begin_rollback(plan_id);
+            }
+            flotilla_proto::FailurePolicy::Stop => {
+                run.message = format!("{what}; the plan stopped, applied steps stay");
+                run.state = PlanState::Stopping;
+                let updates = run.halt_pending();
+                self.write(StoreOp::Steps { plan_id: plan_id.to_string(), updates });
+                self.halt_everywhere(plan_id);
+            }
+            flotilla_proto::FailurePolicy::Continue => {
+                if run.message.is_empty() {
+                    run.message = format!("{what}; other targets go on");
+                }
+            }
+        }
+        let run = &self.plans[plan_id];
+        self.write(StoreOp::PlanState {
+            plan_id: plan_id.to_string(),
+            state: run.state.as_str().into(),
+            message: run.message.clone(),
+        });
+    }
+
+    fn halt_everywhere(&mut self, plan_id: &str) {
+        let Some(run) = self.plans.get(plan_id) else { return };
+        for shard in run.shards.keys() {
+            if let Some(a) = self.agents.get(shard) {
+                let _ = a.tx.try_send(msg(pb::coordinator_message::Body::Halt(pb::Halt {
+                    plan_id: plan_id.to_string(),
+                })));
+            }
+        }
+    }
+
+    fn begin_rollback(&mut self, plan_id: &str) {
+        let Some(run) = self.plans.get_mut(plan_id) else { return };
+        run.state = PlanState::RollingBack;
+        for sr in run.shards.values_mut() {
+            sr.rollback = RollbackState::NotAsked;
+        }
+        let shards: Vec<String> = run.shards.keys().cloned().collect();
+        for shard in shards {
+            self.ask_rollback(plan_id, &shard);
+        }
+    }
+
+    fn ask_rollback(&mut self, plan_id: &str, shard: &str) {
+        let Some(agent) = self.agents.get(shard) else { return };
+        let Some(run) = self.plans.get_mut(plan_id) else { return };
+        let n_shards = run.shards.len().max(1) as u32;
+        let Some(sr) = run.shards.get_mut(shard) else { return };
+        if sr.rollback == RollbackState::Done {
+            return;
+        }
+        if sr.defined_on != Some(agent.conn_id) {
+            let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(run.definition.clone())));
+            sr.defined_on = Some(agent.conn_id);
+        }
+        let lanes = (run.spec.max_parallel / n_shards).clamp(1, agent.max_lanes.max(1));
+        let sent = agent.tx.try_send(msg(pb::coordinator_message::Body::Rollback(pb::RollbackRequest {
+            plan_id: plan_id.to_string(),
+            epoch: self.epoch,
+            lanes,
+        })));
+        if sent.is_ok() {
+            sr.rollback = RollbackState::Asked(agent.conn_id);
+        }
+    }
+
+    /// After an agent (re)attaches: its plan definitions and outstanding runs
+    /// are sent again; the agent's journal turns repeats into "already applied".
+    fn resend_after_reconnect(&mut self, plan_id: &str, shard: &str) {
+        let Some(agent) = self.agents.get(shard) else { return };
+        let conn_id = agent.conn_id;
+        let Some(run) = self.plans.get_mut(plan_id) else { return };
+        let Some(sr) = run.shards.get_mut(shard) else { return };
+        if sr.defined_on == Some(conn_id) {
+            return;
+        }
+        let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(run.definition.clone())));
+        sr.defined_on = Some(conn_id);
+        if run.state == PlanState::RollingBack {
+            if matches!(sr.rollback, RollbackState::Asked(c) if c != conn_id) {
+                sr.rollback = RollbackState::NotAsked;
+            }
+            self.ask_rollback(plan_id, shard);
+            return;
+        }
+        let runs: Vec<pb::Run> = sr
+            .outstanding
+            .iter()
+            .map(|(&run_id, steps)| {
+                let t = &run.targets[run.steps[steps[0]].target];
+                pb::Run {
+                    run_id,
+                    tenant: t.tenant.clone(),
+                    migrations: steps
+                        .iter()
+                        .map(|&s| run.spec.migrations[run.steps[s].migration].id.to_string())
+                        .collect(),
+                    fused: steps.len() > 1,
+                }
+            })
+            .collect();
+        if !runs.is_empty() {
+            info!(plan = %plan_id, shard = %shard, runs = runs.len(), "resending runs after reconnect");
+            let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Assign(pb::Assign {
+                plan_id: plan_id.to_string(),
+                epoch: self.epoch,
+                lanes: sr.lanes.max(1),
+                runs,
+            })));
+        }
+    }
+
+    /// Hands out work, asks for rollbacks not asked yet, and ends the plan when done.
+    async fn drive(&mut self, plan_id: &str) {
+        let Some(run) = self.plans.get_mut(plan_id) else { return };
+        if run.state == PlanState::Running {
+            let agents = &self.agents;
+            let lanes_of = |shard: &str| agents.get(shard).map(|a| a.max_lanes).unwrap_or(1);
+            run.rebalance_lanes(&lanes_of);
+            let shards: Vec<String> = run.shards.keys().cloned().collect();
+            for shard in shards {
+                let Some(agent) = self.agents.get(&shard) else { continue };
+                let sr = run.shards.get_mut(&shard).expect("shard");
+                if sr.defined_on != Some(agent.conn_id) {
+                    let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(run.definition.clone())));
+                    sr.defined_on = Some(agent.conn_id);
+                }
+                let lanes = sr.lanes;
+                let runs = run.next_runs(&shard, &mut self.next_run_id);
+                if !runs.is_empty() {
+                    let assign = pb::Assign { plan_id: plan_id.to_string(), epoch: self.epoch, lanes, runs };
+                    // The channel is sized for bursts; a full one means the agent is
+                    // gone or stuck, and its runs are resent when it comes back.
+                    if let Err(e) = agent.tx.try_send(msg(pb::coordinator_message::Body::Assign(assign))) {
+                        warn!(shard = %shard, "cannot hand runs to agent: {e}");
+                    }
+                }
+            }
+        } else if run.state == PlanState::RollingBack {
+            let shards: Vec<String> = run
+                .shards
+                .iter()
+                .filter(|(_, sr)| sr.rollback == RollbackState::NotAsked)
+                .map(|(s, _)| s.clone())
+                .collect();
+            for shard in shards {
+                self.ask_rollback(plan_id, &shard);
+            }
+        }
+        let run = self.plans.get_mut(plan_id).expect("present");
+        if let Some(updates) = run.settle() {
+            let state = run.state;
+            let message = run.message.clone();
+            info!(plan = %plan_id, state = state.as_str(), "{message}");
+            metrics::plan_finished(state.as_str());
+            self.write(StoreOp::Steps { plan_id: plan_id.to_string(), updates });
+            self.write(StoreOp::PlanState {
+                plan_id: plan_id.to_string(),
+                state: state.as_str().into(),
+                message,
+            });
+            // Readers switch to the store once the plan leaves memory: make sure
+            // the final state is there first.
+            let (tx, rx) = oneshot::channel();
+            let _ = self.store.send(StoreOp::Flush(tx));
+            let _ = rx.await;
+            self.plans.remove(plan_id);
+        }
+        let _ = self.changes.send(plan_id.to_string());
+    }
+}
+
+pub fn msg(body: pb::coordinator_message::Body) -> pb::CoordinatorMessage {
+    pb::CoordinatorMessage { body: Some(body) }
+}

@@ -1,0 +1,555 @@
+//! One plan in motion: its steps' desired and observed state, and the choice of
+//! which runs to hand each shard next. Pure state, no I/O: the engine loop feeds
+//! it results and sends what it returns.
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use flotilla_proto::{FailurePolicy, PlanSpec, Target, TxMode, pb};
+
+use crate::planner::PlannedStep;
+use crate::store::StepUpdate;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepStatus {
+    Pending,
+    Running(u64),
+    Applied,
+    AlreadyApplied,
+    Failed,
+    RolledBack,
+    NotRun,
+}
+
+impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Running(_) => "running",
+            StepStatus::Applied => "applied",
+            StepStatus::AlreadyApplied => "already_applied",
+            StepStatus::Failed => "failed",
+            StepStatus::RolledBack => "rolled_back",
+            StepStatus::NotRun => "not_run",
+        }
+    }
+    pub fn parse(s: &str) -> StepStatus {
+        match s {
+            "applied" => StepStatus::Applied,
+            "already_applied" => StepStatus::AlreadyApplied,
+            "failed" => StepStatus::Failed,
+            "rolled_back" => StepStatus::RolledBack,
+            "not_run" => StepStatus::NotRun,
+            // "running" after a restart is unknown: the agent's journal decides.
+            _ => StepStatus::Pending,
+        }
+    }
+    fn done(self) -> bool {
+        matches!(self, StepStatus::Applied | StepStatus::AlreadyApplied)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanState {
+    Running,
+    /// Stop policy: waiting for in-flight runs before ending failed.
+    Stopping,
+    /// Undoing applied steps; `final_state` is where it ends.
+    RollingBack,
+    Completed,
+    Failed,
+    RolledBack,
+    RollbackFailed,
+    Cancelled,
+}
+
+impl PlanState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanState::Running => "running",
+            PlanState::Stopping => "stopping",
+            PlanState::RollingBack => "rolling_back",
+            PlanState::Completed => "completed",
+            PlanState::Failed => "failed",
+            PlanState::RolledBack => "rolled_back",
+            PlanState::RollbackFailed => "rollback_failed",
+            PlanState::Cancelled => "cancelled",
+        }
+    }
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            PlanState::Completed
+                | PlanState::Failed
+                | PlanState::RolledBack
+                | PlanState::RollbackFailed
+                | PlanState::Cancelled
+        )
+    }
+}
+
+#[derive(Debug)]
+pub struct Step {
+    pub migration: usize,
+    pub target: usize,
+    pub deps: Vec<usize>,
+    pub status: StepStatus,
+    pub transactional: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollbackState {
+    NotAsked,
+    Asked(u64),
+    Done,
+}
+
+#[derive(Debug)]
+pub struct ShardRun {
+    pub targets: Vec<usize>,
+    ready: VecDeque<usize>,
+    queued: BTreeSet<usize>,
+    pub outstanding: BTreeMap<u64, Vec<usize>>,
+    pub lanes: u32,
+    /// The connection the plan's definition was sent on.
+    pub defined_on: Option<u64>,
+    pub rollback: RollbackState,
+}
+
+pub struct PlanRun {
+    pub id: String,
+    pub spec: Arc<PlanSpec>,
+    pub definition: pb::PlanDefinition,
+    pub targets: Vec<Target>,
+    pub steps: Vec<Step>,
+    per_target: Vec<Vec<usize>>,
+    dependents: Vec<Vec<usize>>,
+    remaining: Vec<usize>,
+    pub state: PlanState,
+    /// Where a rollback ends: rolled_back, or cancelled when an operator asked.
+    pub rollback_ends: PlanState,
+    pub message: String,
+    pub shards: BTreeMap<String, ShardRun>,
+    pub failures: Vec<pb::StepFailure>,
+    index: HashMap<(String, String, String), usize>,
+    pub created_at_ms: i64,
+    pub epoch: u64,
+    rollback_errors: usize,
+}
+
+impl PlanRun {
+    pub fn new(
+        id: String,
+        spec: Arc<PlanSpec>,
+        definition: pb::PlanDefinition,
+        targets: Vec<Target>,
+        planned: Vec<PlannedStep>,
+        statuses: Vec<StepStatus>,
+        created_at_ms: i64,
+        epoch: u64,
+    ) -> PlanRun {
+        let n = planned.len();
+        let mut per_target = vec![Vec::new(); targets.len()];
+        let mut dependents = vec![Vec::new(); n];
+        let mut steps = Vec::with_capacity(n);
+        let mut index = HashMap::with_capacity(n);
+        for (i, (p, status)) in planned.into_iter().zip(statuses).enumerate() {
+            per_target[p.target].push(i);
+            for &d in &p.deps {
+                dependents[d].push(i);
+            }
+            let t = &targets[p.target];
+            index.insert(
+                (spec.migrations[p.migration].id.to_string(), t.shard.clone(), t.tenant.clone()),
+                i,
+            );
+            steps.push(Step {
+                migration: p.migration,
+                target: p.target,
+                transactional: spec.migrations[p.migration].tx_mode == TxMode::Transactional,
+                deps: p.deps,
+                status,
+            });
+        }
+        let remaining = steps
+            .iter()
+            .map(|s| s.deps.iter().filter(|&&d| !steps[d].status.done()).count())
+            .collect();
+        let mut shards: BTreeMap<String, ShardRun> = BTreeMap::new();
+        for (ti, t) in targets.iter().enumerate() {
+            shards
+                .entry(t.shard.clone())
+                .or_insert_with(|| ShardRun {
+                    targets: Vec::new(),
+                    ready: VecDeque::new(),
+                    queued: BTreeSet::new(),
+                    outstanding: BTreeMap::new(),
+                    lanes: 0,
+                    defined_on: None,
+                    rollback: RollbackState::NotAsked,
+                })
+                .targets
+                .push(ti);
+        }
+        let mut run = PlanRun {
+            id,
+            spec,
+            definition,
+            targets,
+            steps,
+            per_target,
+            dependents,
+            remaining,
+            state: PlanState::Running,
+            rollback_ends: PlanState::RolledBack,
+            message: String::new(),
+            shards,
+            failures: Vec::new(),
+            index,
+            created_at_ms,
+            epoch,
+            rollback_errors: 0,
+        };
+        for t in 0..run.targets.len() {
+            run.enqueue_if_ready(t);
+        }
+        run
+    }
+
+    pub fn step_of(&self, migration: &str, shard: &str, tenant: &str) -> Option<usize> {
+        self.index.get(&(migration.to_string(), shard.to_string(), tenant.to_string())).copied()
+    }
+
+    fn enqueue_if_ready(&mut self, t: usize) {
+        let ready = self.per_target[t]
+            .iter()
+            .any(|&s| self.steps[s].status == StepStatus::Pending && self.remaining[s] == 0);
+        let shard = &self.targets[t].shard;
+        if let Some(sr) = self.shards.get_mut(shard)
+            && ready
+            && sr.queued.insert(t)
+        {
+            sr.ready.push_back(t);
+        }
+    }
+
+    /// Shards that still have steps to finish, each with the lanes it may use:
+    /// `max_parallel` split over them, at least one each while there is room.
+    pub fn rebalance_lanes(&mut self, agent_lanes: &dyn Fn(&str) -> u32) {
+        let busy: Vec<String> = self
+            .shards
+            .iter()
+            .filter(|(_, sr)| {
+                sr.targets.iter().any(|&t| {
+                    self.per_target[t].iter().any(|&s| {
+                        matches!(self.steps[s].status, StepStatus::Pending | StepStatus::Running(_))
+                    })
+                })
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let max = self.spec.max_parallel.max(1) as usize;
+        for sr in self.shards.values_mut() {
+            sr.lanes = 0;
+        }
+        let k = busy.len();
+        for (i, shard) in busy.iter().enumerate() {
+            let share = if max >= k { max / k + usize::from(i < max % k) } else { usize::from(i < max) };
+            let cap = agent_lanes(shard).max(1) as usize;
+            if let Some(sr) = self.shards.get_mut(shard) {
+                sr.lanes = share.min(cap) as u32;
+            }
+        }
+    }
+
+    /// Forms the next runs for a shard, up to its prefetch window.
+    pub fn next_runs(&mut self, shard: &str, next_run_id: &mut u64) -> Vec<pb::Run> {
+        if self.state != PlanState::Running {
+            return Vec::new();
+        }
+        let Some(sr) = self.shards.get(shard) else { return Vec::new() };
+        if sr.lanes == 0 {
+            return Vec::new();
+        }
+        let window = (sr.lanes as usize * 8).max(32);
+        let mut out = Vec::new();
+        loop {
+            let sr = self.shards.get_mut(shard).expect("shard exists");
+            if sr.outstanding.len() >= window {
+                break;
+            }
+            let Some(t) = sr.ready.pop_front() else { break };
+            sr.queued.remove(&t);
+            for steps in self.form_runs(t) {
+                let run_id = *next_run_id;
+                *next_run_id += 1;
+                let fused = steps.len() > 1;
+                for &s in &steps {
+                    self.steps[s].status = StepStatus::Running(run_id);
+                }
+                out.push(pb::Run {
+                    run_id,
+                    tenant: self.targets[t].tenant.clone(),
+                    migrations: steps
+                        .iter()
+                        .map(|&s| self.spec.migrations[self.steps[s].migration].id.to_string())
+                        .collect(),
+                    fused,
+                });
+                self.shards.get_mut(shard).expect("shard exists").outstanding.insert(run_id, steps);
+            }
+        }
+        out
+    }
+
+    /// The runs a target can start now: its ready transactional steps fused into
+    /// one shard transaction (dependency order), others one run each.
+    fn form_runs(&self, t: usize) -> Vec<Vec<usize>> {
+        let mut fused: Vec<usize> = Vec::new();
+        let mut singles: Vec<Vec<usize>> = Vec::new();
+        for &s in &self.per_target[t] {
+            let step = &self.steps[s];
+            if step.status != StepStatus::Pending {
+                continue;
+            }
+            let deps_ok =
+                step.deps.iter().all(|&d| self.steps[d].status.done() || fused.contains(&d));
+            if !deps_ok {
+                continue;
+            }
+            if self.spec.fuse && step.transactional {
+                fused.push(s);
+            } else if self.remaining[s] == 0 {
+                singles.push(vec![s]);
+            }
+        }
+        if !fused.is_empty() {
+            singles.insert(0, fused);
+        }
+        singles
+    }
+
+    /// Applies one run's results; returns store updates and whether a step failed.
+    pub fn apply_run_result(&mut self, shard: &str, result: &pb::RunResult) -> (Vec<StepUpdate>, bool) {
+        let Some(steps) =
+            self.shards.get_mut(shard).and_then(|sr| sr.outstanding.remove(&result.run_id))
+        else {
+            // A run resent after a reconnect may come back twice; the first answer counts.
+            return (Vec::new(), false);
+        };
+        let mut updates = Vec::new();
+        let mut failed = false;
+        for s in steps {
+            let spec = self.spec.clone();
+            let mig = &spec.migrations[self.steps[s].migration];
+            let r = result.steps.iter().find(|r| r.migration_id == mig.id.as_str());
+            let outcome = r
+                .map(|r| pb::StepOutcome::try_from(r.outcome).unwrap_or_default())
+                .unwrap_or(pb::StepOutcome::NotRun);
+            let mut error = r.and_then(|r| r.error.clone());
+            let status = match outcome {
+                pb::StepOutcome::Applied => StepStatus::Applied,
+                pb::StepOutcome::AlreadyApplied => {
+                    let journal = r.map(|r| r.checksum.as_str()).unwrap_or("");
+                    if !journal.is_empty() && journal != mig.checksum {
+                        error = Some(pb::StepError {
+                            sqlstate: String::new(),
+                            message: format!(
+                                "checksum mismatch: the shard's journal holds {journal} for {}, the plan has {}",
+                                mig.id, mig.checksum
+                            ),
+                            detail: String::new(),
+                            phase: "journal".into(),
+                        });
+                        StepStatus::Failed
+                    } else {
+                        StepStatus::AlreadyApplied
+                    }
+                }
+                pb::StepOutcome::Failed => StepStatus::Failed,
+                pb::StepOutcome::NotRun | pb::StepOutcome::Unspecified => {
+                    if self.state == PlanState::Running && !self.failed_target(self.steps[s].target)
+                    {
+                        StepStatus::Pending
+                    } else {
+                        StepStatus::NotRun
+                    }
+                }
+            };
+            self.steps[s].status = status;
+            let target = self.targets[self.steps[s].target].clone();
+            if status == StepStatus::Failed {
+                failed = true;
+                self.failures.push(pb::StepFailure {
+                    migration_id: mig.id.to_string(),
+                    target: Some(pb::TargetRef { shard: target.shard.clone(), tenant: target.tenant.clone() }),
+                    error: error.clone(),
+                });
+            }
+            if status.done() {
+                for i in 0..self.dependents[s].len() {
+                    let d = self.dependents[s][i];
+                    self.remaining[d] -= 1;
+                    if self.remaining[d] == 0 {
+                        let dt = self.steps[d].target;
+                        self.enqueue_if_ready(dt);
+                    }
+                }
+            }
+            if status == StepStatus::Pending {
+                self.enqueue_if_ready(self.steps[s].target);
+            }
+            let e = error.unwrap_or_default();
+            updates.push(StepUpdate {
+                migration_id: mig.id.to_string(),
+                shard: target.shard,
+                tenant: target.tenant,
+                state: status.as_str().into(),
+                sqlstate: e.sqlstate,
+                message: e.message,
+                duration_ms: r.map(|r| r.duration_ms as i64).unwrap_or(0),
+                run_id: Some(result.run_id as i64),
+            });
+        }
+        (updates, failed)
+    }
+
+    fn failed_target(&self, t: usize) -> bool {
+        self.per_target[t].iter().any(|&s| self.steps[s].status == StepStatus::Failed)
+    }
+
+    /// Stops scheduling: every step not started yet will not run.
+    pub fn halt_pending(&mut self) -> Vec<StepUpdate> {
+        let mut updates = Vec::new();
+        for s in 0..self.steps.len() {
+            if self.steps[s].status == StepStatus::Pending {
+                self.steps[s].status = StepStatus::NotRun;
+                updates.push(self.update_of(s, None));
+            }
+        }
+        for sr in self.shards.values_mut() {
+            sr.ready.clear();
+            sr.queued.clear();
+        }
+        updates
+    }
+
+    pub fn update_of(&self, s: usize, error: Option<&pb::StepError>) -> StepUpdate {
+        let t = &self.targets[self.steps[s].target];
+        StepUpdate {
+            migration_id: self.spec.migrations[self.steps[s].migration].id.to_string(),
+            shard: t.shard.clone(),
+            tenant: t.tenant.clone(),
+            state: self.steps[s].status.as_str().into(),
+            sqlstate: error.map(|e| e.sqlstate.clone()).unwrap_or_default(),
+            message: error.map(|e| e.message.clone()).unwrap_or_default(),
+            duration_ms: 0,
+            run_id: None,
+        }
+    }
+
+    /// Records a shard's rollback reply; returns store updates.
+    pub fn apply_rollback_reply(&mut self, shard: &str, reply: &pb::RollbackReply) -> Vec<StepUpdate> {
+        let mut updates = Vec::new();
+        for rb in &reply.steps {
+            let s = self.step_of(&rb.migration_id, shard, &rb.tenant);
+            match (&rb.error, s) {
+                (Some(e), _) => {
+                    self.rollback_errors += 1;
+                    self.failures.push(pb::StepFailure {
+                        migration_id: rb.migration_id.clone(),
+                        target: Some(pb::TargetRef { shard: shard.into(), tenant: rb.tenant.clone() }),
+                        error: Some(pb::StepError { phase: "down".into(), ..e.clone() }),
+                    });
+                    if let Some(s) = s {
+                        updates.push(self.update_of(s, Some(e)));
+                    }
+                }
+                (None, Some(s)) => {
+                    self.steps[s].status = StepStatus::RolledBack;
+                    updates.push(self.update_of(s, None));
+                }
+                (None, None) => {}
+            }
+        }
+        if let Some(sr) = self.shards.get_mut(shard) {
+            if reply.complete {
+                sr.rollback = RollbackState::Done;
+                // The agent finished every run of the plan before undoing it.
+                let lost: Vec<usize> = std::mem::take(&mut sr.outstanding).into_values().flatten().collect();
+                for s in lost {
+                    if matches!(self.steps[s].status, StepStatus::Running(_)) {
+                        self.steps[s].status = StepStatus::NotRun;
+                        updates.push(self.update_of(s, None));
+                    }
+                }
+            } else {
+                // Something could not be undone: the operator has to look.
+                sr.rollback = RollbackState::Done;
+                self.rollback_errors = self.rollback_errors.max(1);
+            }
+        }
+        updates
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.shards.values().map(|s| s.outstanding.len()).sum()
+    }
+
+    /// Whether the plan reached its end; sets the final state when it did.
+    pub fn settle(&mut self) -> Option<Vec<StepUpdate>> {
+        match self.state {
+            PlanState::Running => {
+                if self.outstanding() > 0 || self.shards.values().any(|s| !s.ready.is_empty()) {
+                    return None;
+                }
+                let mut updates = Vec::new();
+                let any_failed = self.steps.iter().any(|s| s.status == StepStatus::Failed);
+                // Steps waiting on a failed one (continue policy) will never run.
+                for s in 0..self.steps.len() {
+                    if self.steps[s].status == StepStatus::Pending {
+                        self.steps[s].status = StepStatus::NotRun;
+                        updates.push(self.update_of(s, None));
+                    }
+                }
+                self.state = if any_failed { PlanState::Failed } else { PlanState::Completed };
+                if self.message.is_empty() {
+                    self.message = if any_failed {
+                        format!("{} step(s) failed", self.failures.len())
+                    } else {
+                        "every step applied".into()
+                    };
+                }
+                Some(updates)
+            }
+            PlanState::Stopping => {
+                (self.outstanding() == 0).then(|| {
+                    self.state = PlanState::Failed;
+                    Vec::new()
+                })
+            }
+            PlanState::RollingBack => {
+                if self.shards.values().all(|s| s.rollback == RollbackState::Done) {
+                    self.state = if self.rollback_errors > 0 {
+                        PlanState::RollbackFailed
+                    } else {
+                        self.rollback_ends
+                    };
+                    if self.rollback_errors > 0 {
+                        self.message = format!(
+                            "{}; rollback could not undo every step: see failures",
+                            self.message
+                        );
+                    }
+                    Some(Vec::new())
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+
+    pub fn policy(&self) -> FailurePolicy {
+        self.spec.policy
+    }
+}

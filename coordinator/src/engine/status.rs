@@ -1,0 +1,111 @@
+//! Plan status for operators, from a plan in memory or from the store.
+use std::collections::BTreeMap;
+
+use flotilla_proto::pb;
+
+use super::plan_run::{PlanRun, StepStatus};
+use crate::store::{PlanRow, StepRow};
+
+fn count(p: &mut pb::MigrationProgress, state: &str) {
+    p.total += 1;
+    match state {
+        "pending" => p.pending += 1,
+        "running" => p.running += 1,
+        "applied" => p.applied += 1,
+        "already_applied" => p.already_applied += 1,
+        "failed" => p.failed += 1,
+        "rolled_back" => p.rolled_back += 1,
+        _ => p.not_run += 1,
+    }
+}
+
+fn progress_in_order(
+    order: &[String],
+    mut by_migration: BTreeMap<String, pb::MigrationProgress>,
+) -> Vec<pb::MigrationProgress> {
+    let mut out = Vec::new();
+    for id in order {
+        if let Some(p) = by_migration.remove(id) {
+            out.push(p);
+        }
+    }
+    out.extend(by_migration.into_values());
+    out
+}
+
+pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
+    let order: Vec<String> = run.spec.migrations.iter().map(|m| m.id.to_string()).collect();
+    let mut by: BTreeMap<String, pb::MigrationProgress> = BTreeMap::new();
+    for s in &run.steps {
+        let id = &order[s.migration];
+        let p = by.entry(id.clone()).or_insert_with(|| pb::MigrationProgress {
+            migration_id: id.clone(),
+            ..Default::default()
+        });
+        count(p, s.status.as_str());
+    }
+    pb::PlanStatus {
+        summary: Some(pb::PlanSummary {
+            plan_id: run.id.clone(),
+            name: run.spec.name.clone(),
+            state: run.state.as_str().into(),
+            environment: run.spec.environment.clone(),
+            created_at_ms: run.created_at_ms as u64,
+            updated_at_ms: crate::store::now_ms() as u64,
+            targets: run.targets.len() as u32,
+            steps: run.steps.len() as u32,
+        }),
+        migrations: progress_in_order(&order, by),
+        failures: run.failures.clone(),
+        message: run.message.clone(),
+        waiting_for,
+    }
+}
+
+pub fn from_store(
+    plan: &PlanRow,
+    order: &[String],
+    steps: &[StepRow],
+) -> pb::PlanStatus {
+    let mut by: BTreeMap<String, pb::MigrationProgress> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for s in steps {
+        let p = by.entry(s.migration_id.clone()).or_insert_with(|| pb::MigrationProgress {
+            migration_id: s.migration_id.clone(),
+            ..Default::default()
+        });
+        count(p, &s.state);
+        if !s.message.is_empty() && StepStatus::parse(&s.state) != StepStatus::NotRun {
+            failures.push(pb::StepFailure {
+                migration_id: s.migration_id.clone(),
+                target: Some(pb::TargetRef { shard: s.shard.clone(), tenant: s.tenant.clone() }),
+                error: Some(pb::StepError {
+                    sqlstate: s.sqlstate.clone(),
+                    message: s.message.clone(),
+                    detail: String::new(),
+                    phase: String::new(),
+                }),
+            });
+        }
+    }
+    pb::PlanStatus {
+        summary: Some(summary(plan)),
+        migrations: progress_in_order(order, by),
+        failures,
+        message: plan.message.clone(),
+        waiting_for: Vec::new(),
+    }
+}
+
+pub fn summary(plan: &PlanRow) -> pb::PlanSummary {
+    pb::PlanSummary {
+        plan_id: plan.id.clone(),
+        name: plan.name.clone(),
+        state: plan.state.clone(),
+        environment: plan.environment.clone(),
+        created_at_ms: plan.created_at_ms as u64,
+        updated_at_ms: plan.updated_at_ms as u64,
+        targets: plan.targets as u32,
+        steps: plan.steps as u32,
+    }
+}

@@ -1,0 +1,46 @@
+//! The coordinator's one error enum, and how each kind maps to a gRPC status.
+use flotilla_proto::PlanError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The plan itself is wrong (file, graph, SQL, selector): nothing was stored.
+    #[error("invalid plan: {0}")]
+    InvalidPlan(#[from] PlanError),
+    /// The plan is well formed but cannot run against this fleet as it is.
+    #[error("{0}")]
+    Rejected(String),
+    #[error("plan {0} not found")]
+    PlanNotFound(String),
+    /// The command does not fit the plan's state (cancel a finished plan, ...).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("shard {shard} is unreachable: {reason}")]
+    Unreachable { shard: String, reason: String },
+    #[error("control store: {0}")]
+    Store(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("coordinator is shutting down")]
+    ShuttingDown,
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(e: CoordinatorError) -> tonic::Status {
+        let msg = e.to_string();
+        match e {
+            CoordinatorError::InvalidPlan(_) | CoordinatorError::InvalidRequest(_) => {
+                tonic::Status::invalid_argument(msg)
+            }
+            CoordinatorError::Rejected(_) => tonic::Status::failed_precondition(msg),
+            CoordinatorError::PlanNotFound(_) => tonic::Status::not_found(msg),
+            CoordinatorError::Conflict(_) => tonic::Status::failed_precondition(msg),
+            CoordinatorError::Unreachable { .. } => tonic::Status::unavailable(msg),
+            CoordinatorError::ShuttingDown => tonic::Status::unavailable(msg),
+            CoordinatorError::Store(_) | CoordinatorError::Listen { .. } => {
+                tonic::Status::internal(msg)
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The agents attached right now, and request/reply exchanges over their streams
+//! (preflight), shared by the gRPC handlers.
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use flotilla_proto::pb;
+use tokio::sync::oneshot;
+
+use crate::engine::{AgentTx, msg};
+use crate::error::CoordinatorError;
+
+#[derive(Clone)]
+pub struct AttachedAgent {
+    pub conn_id: u64,
+    pub tx: AgentTx,
+    pub labels: BTreeMap<String, String>,
+    pub tenants: Vec<pb::Tenant>,
+    pub version: String,
+    pub last_seen_ms: i64,
+}
+
+#[derive(Default)]
+struct Inner {
+    agents: BTreeMap<String, AttachedAgent>,
+    preflights: HashMap<u64, oneshot::Sender<pb::PreflightReply>>,
+    next_id: u64,
+}
+
+#[derive(Default)]
+pub struct Fleet {
+    inner: Mutex<Inner>,
+}
+
+impl Fleet {
+    pub fn next_conn_id(&self) -> u64 {
+        let mut g = self.inner.lock().expect("fleet lock");
+        g.next_id += 1;
+        g.next_id
+    }
+
+    /// Registers an agent's stream; a newer stream for the same shard replaces the old one.
+    pub fn attach(&self, shard: &str, agent: AttachedAgent) {
+        self.inner.lock().expect("fleet lock").agents.insert(shard.to_string(), agent);
+    }
+
+    /// Forgets a stream, unless a newer one for the shard took its place.
+    pub fn detach(&self, shard: &str, conn_id: u64) -> bool {
+        let mut g = self.inner.lock().expect("fleet lock");
+        if g.agents.get(shard).is_some_and(|a| a.conn_id == conn_id) {
+            g.agents.remove(shard);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn touch(&self, shard: &str, conn_id: u64, now_ms: i64) {
+        let mut g = self.inner.lock().expect("fleet lock");
+        if let Some(a) = g.agents.get_mut(shard).filter(|a| a.conn_id == conn_id) {
+            a.last_seen_ms = now_ms;
+        }
+    }
+
+    pub fn set_tenants(&self, shard: &str, tenants: Vec<pb::Tenant>) {
+        let mut g = self.inner.lock().expect("fleet lock");
+        if let Some(a) = g.agents.get_mut(shard) {
+            a.tenants = tenants;
+        }
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, AttachedAgent> {
+        self.inner.lock().expect("fleet lock").agents.clone()
+    }
+
+    /// Asks one agent for its tenants and the journal rows of these migrations.
+    pub async fn preflight(
+        &self,
+        shard: &str,
+        migration_ids: Vec<String>,
+        timeout: Duration,
+    ) -> Result<pb::PreflightReply, CoordinatorError> {
+        let unreachable = |reason: String| CoordinatorError::Unreachable { shard: shard.to_string(), reason };
+        let (tx, rx) = oneshot::channel();
+        let agent_tx = {
+            let mut g = self.inner.lock().expect("fleet lock");
+            g.next_id += 1;
+            let id = g.next_id;
+            g.preflights.insert(id, tx);
+            let agent = g.agents.get(shard).ok_or_else(|| unreachable("its agent is not attached".into()))?;
+            (agent.tx.clone(), id)
+        };
+        let (agent_tx, request_id) = agent_tx;
+        agent_tx
+            .send(msg(pb::coordinator_message::Body::Preflight(pb::PreflightRequest {
+                request_id,
+                migration_ids,
+            })))
+            .await
+            .map_err(|_| unreachable("its agent stream closed".into()))?;
+        let reply = tokio::time::timeout(timeout, rx).await;
+        self.inner.lock().expect("fleet lock").preflights.remove(&request_id);
+        match reply {
+            Ok(Ok(r)) if r.error.is_empty() => Ok(r),
+            Ok(Ok(r)) => Err(unreachable(r.error)),
+            Ok(Err(_)) => Err(unreachable("its agent stream closed".into())),
+            Err(_) => Err(unreachable(format!("no preflight answer within {}s", timeout.as_secs()))),
+        }
+    }
+
+    pub fn complete_preflight(&self, reply: pb::PreflightReply) {
+        let waiter = self.inner.lock().expect("fleet lock").preflights.remove(&reply.request_id);
+        if let Some(w) = waiter {
+            let _ = w.send(reply);
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The gRPC layer: convert, call the domain, map the error. Nothing else.
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::time::Duration;
+
+use flotilla_proto::pb;
+use flotilla_proto::pb::agent_message::Body;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::engine::{CommandKind, Event, msg};
+use crate::fleet::AttachedAgent;
+use crate::service::Coordinator;
+use crate::store::{StoreOp, now_ms};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::operator_service_server::OperatorService for Coordinator {
+    async fn submit_plan(
+        &self,
+        req: Request<pb::SubmitPlanRequest>,
+    ) -> Result<Response<pb::SubmitPlanResponse>, Status> {
+        let spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("submit without a plan spec"))?;
+        Ok(Response::new(self.submit(spec).await?))
+    }
+
+    async fn get_plan(&self, req: Request<pb::GetPlanRequest>) -> Result<Response<pb::PlanStatus>, Status> {
+        Ok(Response::new(self.status(&req.into_inner().plan_id).await?))
+    }
+
+    async fn list_plans(
+        &self,
+        req: Request<pb::ListPlansRequest>,
+    ) -> Result<Response<pb::ListPlansResponse>, Status> {
+        Ok(Response::new(self.list(req.into_inner().limit).await?))
+    }
+
+    type WatchPlanStream = BoxStream<pb::PlanStatus>;
+
+    async fn watch_plan(
+        &self,
+        req: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<Self::WatchPlanStream>, Status> {
+        let id = req.into_inner().plan_id;
+        // Fail fast on an unknown plan instead of an empty stream.
+        self.status(&id).await?;
+        let rx = self.watch(id);
+        let stream = ReceiverStream::new(rx).map(|r| r.map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_plan(&self, req: Request<pb::PlanCommand>) -> Result<Response<pb::PlanStatus>, Status> {
+        let c = req.into_inner();
+        Ok(Response::new(self.command(&c.plan_id, CommandKind::Cancel, &c.actor, &c.reason).await?))
+    }
+
+    async fn rollback_plan(&self, req: Request<pb::PlanCommand>) -> Result<Response<pb::PlanStatus>, Status> {
+        let c = req.into_inner();
+        Ok(Response::new(self.command(&c.plan_id, CommandKind::Rollback, &c.actor, &c.reason).await?))
+    }
+
+    async fn list_fleet(
+        &self,
+        _req: Request<pb::ListFleetRequest>,
+    ) -> Result<Response<pb::ListFleetResponse>, Status> {
+        Ok(Response::new(self.fleet().await?))
+    }
+}
+
+fn validate_hello(h: &pb::Hello) -> Result<(), Status> {
+    flotilla_proto::validate_shard_name(&h.shard).map_err(Status::invalid_argument)?;
+    for t in &h.tenants {
+        flotilla_proto::validate_tenant_name(&t.name)
+            .map_err(|e| Status::invalid_argument(format!("shard {}: {e}", h.shard)))?;
+    }
+    Ok(())
+}
+
+fn tenants_json(tenants: &[pb::Tenant]) -> String {
+    let v: Vec<(String, BTreeMap<String, String>)> = tenants
+        .iter()
+        .map(|t| (t.name.clone(), t.labels.clone().into_iter().collect()))
+        .collect();
+    serde_json::to_string(&v).unwrap_or_else(|_| "[]".into())
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for Coordinator {
+    type AttachStream = BoxStream<pb::CoordinatorMessage>;
+
+    async fn attach(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut inbound = req.into_inner();
+        let hello = match inbound.next().await {
+            Some(Ok(pb::AgentMessage { body: Some(Body::Hello(h)) })) => h,
+            Some(Ok(_)) => return Err(Status::invalid_argument("the first message on the agent stream must be Hello")),
+            Some(Err(e)) => return Err(e),
+            None => return Err(Status::invalid_argument("agent stream closed before Hello")),
+        };
+        validate_hello(&hello)?;
+        let shard = hello.shard.clone();
+        let inner = &self.inner;
+        let conn_id = inner.fleet.next_conn_id();
+        // Sized for bursts of assignments; a stuck agent fills it and is resent to later.
+        let (tx, rx) = mpsc::channel::<pb::CoordinatorMessage>(4096);
+        let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
+        inner.fleet.attach(&shard, AttachedAgent {
+            conn_id,
+            tx: tx.clone(),
+            labels: labels.clone(),
+            tenants: hello.tenants.clone(),
+            version: hello.version.clone(),
+            last_seen_ms: now_ms(),
+        });
+        let _ = inner.writes.send(StoreOp::Agent {
+            shard: shard.clone(),
+            labels: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
+            tenants: tenants_json(&hello.tenants),
+            version: hello.version.clone(),
+        });
+        let heartbeat = Duration::from_secs(1);
+        let _ = tx
+            .send(msg(pb::coordinator_message::Body::Welcome(pb::Welcome {
+                epoch: inner.epoch,
+                heartbeat_interval_ms: heartbeat.as_millis() as u64,
+            })))
+            .await;
+        info!(shard = %shard, tenants = hello.tenants.len(), "agent attached");
+        let _ = inner
+            .events
+            .send(Event::Attached { shard: shard.clone(), conn_id, tx, max_lanes: hello.max_lanes })
+            .await;
+
+        let me = self.clone();
+        tokio::spawn(async move {
+            let inner = &me.inner;
+            loop {
+                // Three missed heartbeats and the agent counts as gone.
+                let next = tokio::time::timeout(heartbeat * 3, inbound.next()).await;
+                let m = match next {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Err(e))) => {
+                        warn!(shard = %shard, "agent stream error: {}", e.message());
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        warn!(shard = %shard, "agent missed its heartbeats");
+                        break;
+                    }
+                };
+                inner.fleet.touch(&shard, conn_id, now_ms());
+                match m.body {
+                    Some(Body::Heartbeat(_)) | Some(Body::Hello(_)) | None => {}
+                    Some(Body::Results(results)) => {
+                        let _ = inner.events.send(Event::Results { shard: shard.clone(), results }).await;
+                    }
+                    Some(Body::Preflight(reply)) => inner.fleet.complete_preflight(reply),
+                    Some(Body::Rollback(reply)) => {
+                        let _ = inner.events.send(Event::RollbackReply { shard: shard.clone(), reply }).await;
+                    }
+                }
+            }
+            if inner.fleet.detach(&shard, conn_id) {
+                info!(shard = %shard, "agent detached");
+            }
+            let _ = inner.events.send(Event::Detached { shard: shard.clone(), conn_id }).await;
+        });
+        let out = ReceiverStream::new(rx).map(Ok);
+        Ok(Response::new(Box::pin(out)))
+    }
+}

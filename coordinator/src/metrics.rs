@@ -1,0 +1,54 @@
+//! Every metric the coordinator exports, in one place: `flotilla_` prefix, unit
+//! suffixes, a description each, label values from closed sets.
+use std::net::SocketAddr;
+use std::sync::Once;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+
+static DESCRIBE: Once = Once::new();
+
+/// Serves `/metrics` on `addr` (Prometheus text format) and describes every metric.
+pub fn install(addr: Option<SocketAddr>) -> Result<(), String> {
+    if let Some(addr) = addr {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    }
+    DESCRIBE.call_once(|| {
+        describe_counter!("flotilla_plans_started_total", "Plans the coordinator started (or resumed).");
+        describe_counter!("flotilla_plans_finished_total", "Plans that reached a final state, by state.");
+        describe_counter!("flotilla_steps_finished_total", "Step outcomes reported by agents, by outcome.");
+        describe_histogram!("flotilla_step_duration_seconds", "Time a step took on its shard.");
+        describe_gauge!("flotilla_agents_connected", "Agents attached to this coordinator.");
+    });
+    Ok(())
+}
+
+pub fn plan_started() {
+    counter!("flotilla_plans_started_total").increment(1);
+}
+
+/// `state` is one of the plan states (`PlanState::as_str`).
+pub fn plan_finished(state: &'static str) {
+    counter!("flotilla_plans_finished_total", "state" => state).increment(1);
+}
+
+pub fn step_finished(outcome: &str, duration_ms: i64) {
+    let outcome: &'static str = match outcome {
+        "applied" => "applied",
+        "already_applied" => "already_applied",
+        "failed" => "failed",
+        "rolled_back" => "rolled_back",
+        "pending" => "retried",
+        _ => "not_run",
+    };
+    counter!("flotilla_steps_finished_total", "outcome" => outcome).increment(1);
+    if outcome == "applied" {
+        histogram!("flotilla_step_duration_seconds").record(duration_ms as f64 / 1000.0);
+    }
+}
+
+pub fn agents_connected(n: usize) {
+    gauge!("flotilla_agents_connected").set(n as f64);
+}

@@ -1,0 +1,168 @@
+//! Expands a plan over the fleet: which targets it touches, one step per
+//! (migration, target) that applies, and each step's dependencies.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use flotilla_proto::dag::MigrationGraph;
+use flotilla_proto::{PlanSpec, Scope, Target};
+
+use crate::error::CoordinatorError;
+
+/// What the fleet looks like to the planner: each shard's labels and tenants.
+#[derive(Debug, Clone, Default)]
+pub struct ShardView {
+    pub labels: BTreeMap<String, String>,
+    pub tenants: Vec<(String, BTreeMap<String, String>)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlannedStep {
+    pub migration: usize,
+    pub target: usize,
+    pub deps: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Expansion {
+    pub targets: Vec<Target>,
+    pub steps: Vec<PlannedStep>,
+    pub default_scope: Scope,
+}
+
+/// The scope a plan gives migrations that do not say: tenants when the selected
+/// shards have any, else the shards themselves.
+pub fn default_scope(spec: &PlanSpec, fleet: &BTreeMap<String, ShardView>) -> Scope {
+    spec.default_scope.unwrap_or_else(|| {
+        if fleet.values().any(|v| !v.tenants.is_empty()) { Scope::Tenant } else { Scope::Shard }
+    })
+}
+
+/// Labels a target is selected by: the shard's, the tenant's over them, and
+/// `shard=` / `tenant=` so a selector can name them.
+fn target_labels(
+    shard: &str,
+    view: &ShardView,
+    tenant: Option<&(String, BTreeMap<String, String>)>,
+) -> BTreeMap<String, String> {
+    let mut labels = view.labels.clone();
+    labels.insert("shard".into(), shard.to_string());
+    if let Some((name, tl)) = tenant {
+        labels.extend(tl.iter().map(|(k, v)| (k.clone(), v.clone())));
+        labels.insert("tenant".into(), name.clone());
+    }
+    labels
+}
+
+pub fn expand(
+    spec: &PlanSpec,
+    fleet: &BTreeMap<String, ShardView>,
+) -> Result<Expansion, CoordinatorError> {
+    let graph = MigrationGraph::build(spec)?;
+    let scope_default = default_scope(spec, fleet);
+    let scope_of = |m: usize| spec.migrations[m].scope.unwrap_or(scope_default);
+
+    let mut targets: Vec<Target> = Vec::new();
+    let mut exists: HashMap<(usize, usize), ()> = HashMap::new();
+    let mut target_ix: BTreeMap<Target, usize> = BTreeMap::new();
+    for (shard, view) in fleet {
+        let mut candidates: Vec<(Target, BTreeMap<String, String>, Scope)> = Vec::new();
+        candidates.push((
+            Target { shard: shard.clone(), tenant: String::new() },
+            target_labels(shard, view, None),
+            Scope::Shard,
+        ));
+        for t in &view.tenants {
+            candidates.push((
+                Target { shard: shard.clone(), tenant: t.0.clone() },
+                target_labels(shard, view, Some(t)),
+                Scope::Tenant,
+            ));
+        }
+        for (target, labels, kind) in candidates {
+            if !spec.selector.matches(&labels) {
+                continue;
+            }
+            for &m in &graph.order {
+                let mig = &spec.migrations[m];
+                if scope_of(m) == kind && mig.selector.matches(&labels) {
+                    let ix = *target_ix.entry(target.clone()).or_insert_with(|| {
+                        targets.push(target.clone());
+                        targets.len() - 1
+                    });
+                    exists.insert((m, ix), ());
+                }
+            }
+        }
+    }
+    if targets.is_empty() {
+        let shards: Vec<&str> = fleet.keys().map(String::as_str).collect();
+        return Err(CoordinatorError::Rejected(format!(
+            "empty target set: no target of the fleet ({}) matches the plan selector `{}` and a migration's scope and selector",
+            if shards.is_empty() { "no agents".to_string() } else { shards.join(", ") },
+            spec.selector
+        )));
+    }
+    let steps = plan_steps(spec, &graph, &targets, scope_default, |m, t| exists.contains_key(&(m, t)));
+    Ok(Expansion { targets, steps, default_scope: scope_default })
+}
+
+/// Steps and their dependencies for a fixed set of targets, given which
+/// (migration, target) pairs have a step. Also used to rebuild a stored plan.
+pub fn plan_steps(
+    spec: &PlanSpec,
+    graph: &MigrationGraph,
+    targets: &[Target],
+    scope_default: Scope,
+    exists: impl Fn(usize, usize) -> bool,
+) -> Vec<PlannedStep> {
+    let scope_of = |m: usize| spec.migrations[m].scope.unwrap_or(scope_default);
+    let mut shard_target: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut tenants_of: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, t) in targets.iter().enumerate() {
+        if t.is_shard() {
+            shard_target.insert(&t.shard, i);
+        } else {
+            tenants_of.entry(&t.shard).or_default().push(i);
+        }
+    }
+    let mut index: HashMap<(usize, usize), usize> = HashMap::new();
+    let mut steps: Vec<PlannedStep> = Vec::new();
+    // Targets in order, migrations in topological order within each: dependencies
+    // on the same target always come first.
+    for t in 0..targets.len() {
+        for &m in &graph.order {
+            if exists(m, t) {
+                index.insert((m, t), steps.len());
+                steps.push(PlannedStep { migration: m, target: t, deps: Vec::new() });
+            }
+        }
+    }
+    for s in 0..steps.len() {
+        let (m, t) = (steps[s].migration, steps[s].target);
+        let mut deps: BTreeSet<usize> = BTreeSet::new();
+        // A dependency with no step on this target is looked through to its own
+        // dependencies, so skipping a migration never drops an ordering.
+        let mut stack: Vec<usize> = graph.deps[m].iter().copied().collect();
+        let mut seen: BTreeSet<usize> = BTreeSet::new();
+        while let Some(d) = stack.pop() {
+            if !seen.insert(d) {
+                continue;
+            }
+            let candidates: Vec<usize> = match (scope_of(m), scope_of(d)) {
+                (a, b) if a == b => vec![t],
+                (Scope::Tenant, Scope::Shard) => {
+                    shard_target.get(targets[t].shard.as_str()).copied().into_iter().collect()
+                }
+                _ => tenants_of.get(targets[t].shard.as_str()).cloned().unwrap_or_default(),
+            };
+            let found: Vec<usize> =
+                candidates.iter().filter_map(|&ct| index.get(&(d, ct)).copied()).collect();
+            if found.is_empty() {
+                stack.extend(graph.deps[d].iter().copied());
+            } else {
+                deps.extend(found);
+            }
+        }
+        steps[s].deps = deps.into_iter().collect();
+    }
+    steps
+}

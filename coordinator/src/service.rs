@@ -1,0 +1,442 @@
+//! The coordinator's domain API: what the gRPC layer calls. Validation of a
+//! plan happens here, before any shard is touched; nothing is stored half.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::dag::MigrationGraph;
+use flotilla_proto::{PlanSpec, Target, pb};
+use prost::Message;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{info, instrument};
+
+use crate::engine::plan_run::{PlanRun, StepStatus};
+use crate::engine::{CommandKind, Event, status};
+use crate::error::CoordinatorError;
+use crate::fleet::Fleet;
+use crate::planner::{self, ShardView};
+use crate::store::{PlanRow, StepRow, Store, StoreOp, now_ms};
+
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub preflight_timeout: Duration,
+}
+
+pub struct Inner {
+    pub store: Store,
+    pub fleet: Fleet,
+    pub events: mpsc::Sender<Event>,
+    pub writes: mpsc::UnboundedSender<StoreOp>,
+    pub changes: broadcast::Sender<String>,
+    pub epoch: u64,
+    pub defaults: Defaults,
+}
+
+#[derive(Clone)]
+pub struct Coordinator {
+    pub inner: Arc<Inner>,
+}
+
+impl Coordinator {
+    async fn to_engine<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Event,
+    ) -> Result<T, CoordinatorError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.events.send(make(tx)).await.map_err(|_| CoordinatorError::ShuttingDown)?;
+        rx.await.map_err(|_| CoordinatorError::ShuttingDown)
+    }
+
+    async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.inner.writes.send(StoreOp::Flush(tx));
+        let _ = rx.await;
+    }
+
+    fn definition(&self, plan_id: &str, spec: &PlanSpec) -> pb::PlanDefinition {
+        pb::PlanDefinition {
+            plan_id: plan_id.to_string(),
+            migrations: spec.migrations.iter().map(pb::Migration::from).collect(),
+            default_lock_timeout_ms: self.inner.defaults.lock_timeout.as_millis() as u64,
+            default_statement_timeout_ms: self.inner.defaults.statement_timeout.as_millis() as u64,
+        }
+    }
+
+    #[instrument(skip_all, fields(plan = %raw.name))]
+    pub async fn submit(&self, raw: pb::PlanSpec) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
+        let spec = PlanSpec::try_from(raw.clone())?;
+        let ids: Vec<String> = spec.migrations.iter().map(|m| m.id.to_string()).collect();
+
+        // Shards seen before but not attached now: if the plan could touch them,
+        // it cannot be checked or run, so it is refused rather than half-applied.
+        let attached = self.inner.fleet.snapshot();
+        for (shard, labels, tenants, _, last_seen) in self.inner.store.agents().await? {
+            if attached.contains_key(&shard) {
+                continue;
+            }
+            let view = ShardView {
+                labels: serde_json::from_str(&labels).unwrap_or_default(),
+                tenants: serde_json::from_str(&tenants).unwrap_or_default(),
+            };
+            let one = BTreeMap::from([(shard.clone(), view)]);
+            if planner::expand(&spec, &one).is_ok() {
+                return Err(CoordinatorError::Unreachable {
+                    shard,
+                    reason: format!(
+                        "its agent is not attached (last seen {}s ago) and the plan selects targets on it",
+                        (now_ms() - last_seen).max(0) / 1000
+                    ),
+                });
+            }
+        }
+
+        // Fresh tenants and journal rows from every attached shard, in parallel.
+        let checks = attached.keys().map(|shard| {
+            let ids = ids.clone();
+            async move {
+                let r = self.inner.fleet.preflight(shard, ids, self.inner.defaults.preflight_timeout).await;
+                (shard.clone(), r)
+            }
+        });
+        let replies = futures::future::join_all(checks).await;
+        let mut fleet: BTreeMap<String, ShardView> = BTreeMap::new();
+        let mut applied: BTreeMap<(String, String, String), String> = BTreeMap::new();
+        for (shard, reply) in replies {
+            let reply = reply?;
+            self.inner.fleet.set_tenants(&shard, reply.tenants.clone());
+            let labels = attached[&shard].labels.clone();
+            let tenants = reply
+                .tenants
+                .iter()
+                .map(|t| (t.name.clone(), t.labels.clone().into_iter().collect()))
+                .collect();
+            fleet.insert(shard.clone(), ShardView { labels, tenants });
+            for a in reply.applied {
+                applied.insert((a.migration_id, shard.clone(), a.tenant), a.checksum);
+            }
+        }
+
+        // An applied migration whose content changed since: name it and where.
+        for m in &spec.migrations {
+            let differs: Vec<String> = applied
+                .iter()
+                .filter(|((id, _, _), sum)| id == m.id.as_str() && **sum != m.checksum)
+                .map(|((_, shard, tenant), _)| Target { shard: shard.clone(), tenant: tenant.clone() }.to_string())
+                .collect();
+            if !differs.is_empty() {
+                let shown: Vec<&str> = differs.iter().take(5).map(String::as_str).collect();
+                return Err(CoordinatorError::Rejected(format!(
+                    "migration `{}` ({}) was edited after it was applied: its checksum {} differs from the one recorded on {}{}",
+                    m.id,
+                    m.source,
+                    &m.checksum[..12],
+                    shown.join(", "),
+                    if differs.len() > 5 { format!(" and {} more targets", differs.len() - 5) } else { String::new() }
+                )));
+            }
+        }
+
+        let expansion = planner::expand(&spec, &fleet)?;
+        let plan_id = new_plan_id();
+        let statuses: Vec<StepStatus> = expansion
+            .steps
+            .iter()
+            .map(|s| {
+                let t = &expansion.targets[s.target];
+                let key = (spec.migrations[s.migration].id.to_string(), t.shard.clone(), t.tenant.clone());
+                if applied.contains_key(&key) { StepStatus::AlreadyApplied } else { StepStatus::Pending }
+            })
+            .collect();
+        let created = now_ms();
+        let mut stored = pb::PlanSpec::from(&spec);
+        // Freeze the scope the plan resolved to, so a rebuild sees the same steps.
+        stored.default_scope = match expansion.default_scope {
+            flotilla_proto::Scope::Shard => pb::Scope::Shard as i32,
+            flotilla_proto::Scope::Tenant => pb::Scope::Tenant as i32,
+        };
+        let row = PlanRow {
+            id: plan_id.clone(),
+            name: spec.name.clone(),
+            environment: spec.environment.clone(),
+            state: "running".into(),
+            policy: spec.policy.as_str().into(),
+            spec_hex: hex_encode(&stored.encode_to_vec()),
+            epoch: self.inner.epoch as i64,
+            message: String::new(),
+            submitted_by: spec.submitted_by.clone(),
+            created_at_ms: created,
+            updated_at_ms: created,
+            targets: expansion.targets.len() as i64,
+            steps: expansion.steps.len() as i64,
+        };
+        let step_rows = expansion
+            .steps
+            .iter()
+            .zip(&statuses)
+            .map(|(s, st)| {
+                let t = &expansion.targets[s.target];
+                StepRow {
+                    migration_id: spec.migrations[s.migration].id.to_string(),
+                    shard: t.shard.clone(),
+                    tenant: t.tenant.clone(),
+                    state: st.as_str().into(),
+                    sqlstate: String::new(),
+                    message: String::new(),
+                }
+            })
+            .collect();
+        let _ = self.inner.writes.send(StoreOp::InsertPlan { plan: row, steps: step_rows });
+        let _ = self.inner.writes.send(StoreOp::Audit {
+            actor: if spec.submitted_by.is_empty() { "operator".into() } else { spec.submitted_by.clone() },
+            action: "submit".into(),
+            plan_id: plan_id.clone(),
+            detail: format!("{} migrations, {} targets, from {}", spec.migrations.len(), expansion.targets.len(), spec.source),
+        });
+        self.flush().await;
+        info!(plan = %plan_id, targets = expansion.targets.len(), steps = expansion.steps.len(), "plan submitted");
+
+        let spec = Arc::new(spec);
+        let run = PlanRun::new(
+            plan_id.clone(),
+            spec.clone(),
+            self.definition(&plan_id, &spec),
+            expansion.targets,
+            expansion.steps,
+            statuses,
+            created,
+            self.inner.epoch,
+        );
+        let status = self.to_engine(|done| Event::Start { run: Box::new(run), done }).await?;
+        Ok(pb::SubmitPlanResponse { plan_id, status: Some(status) })
+    }
+
+    /// Rebuilds a stored plan in memory (to roll it back, or to resume it after a restart).
+    pub async fn rebuild(&self, row: &PlanRow) -> Result<PlanRun, CoordinatorError> {
+        let bytes = hex_decode(&row.spec_hex)
+            .ok_or_else(|| CoordinatorError::Store(format!("plan {}: stored spec is corrupt", row.id)))?;
+        let raw = pb::PlanSpec::decode(bytes.as_slice())
+            .map_err(|e| CoordinatorError::Store(format!("plan {}: stored spec: {e}", row.id)))?;
+        let spec = PlanSpec::try_from(raw)?;
+        let scope = spec.default_scope.unwrap_or(flotilla_proto::Scope::Tenant);
+        let graph = MigrationGraph::build(&spec)?;
+        let rows = self.inner.store.steps(&row.id).await?;
+        let mut targets: Vec<Target> = Vec::new();
+        let mut target_ix: BTreeMap<(String, String), usize> = BTreeMap::new();
+        let mut exists: BTreeMap<(usize, usize), String> = BTreeMap::new();
+        let mig_ix: BTreeMap<String, usize> =
+            spec.migrations.iter().enumerate().map(|(i, m)| (m.id.to_string(), i)).collect();
+        for r in &rows {
+            let t = *target_ix.entry((r.shard.clone(), r.tenant.clone())).or_insert_with(|| {
+                targets.push(Target { shard: r.shard.clone(), tenant: r.tenant.clone() });
+                targets.len() - 1
+            });
+            if let Some(&m) = mig_ix.get(&r.migration_id) {
+                exists.insert((m, t), r.state.clone());
+            }
+        }
+        let steps = planner::plan_steps(&spec, &graph, &targets, scope, |m, t| exists.contains_key(&(m, t)));
+        let statuses = steps
+            .iter()
+            .map(|s| StepStatus::parse(&exists[&(s.migration, s.target)]))
+            .collect();
+        let spec = Arc::new(spec);
+        Ok(PlanRun::new(
+            row.id.clone(),
+            spec.clone(),
+            self.definition(&row.id, &spec),
+            targets,
+            steps,
+            statuses,
+            row.created_at_ms,
+            self.inner.epoch,
+        ))
+    }
+
+    pub async fn status(&self, plan_id: &str) -> Result<pb::PlanStatus, CoordinatorError> {
+        let id = plan_id.to_string();
+        if let Some(s) = self.to_engine(|reply| Event::Status { plan_id: id, reply }).await? {
+            return Ok(s);
+        }
+        let row = self
+            .inner
+            .store
+            .plan(plan_id)
+            .await?
+            .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
+        let order = hex_decode(&row.spec_hex)
+            .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
+            .map(|p| p.migrations.into_iter().map(|m| m.id).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let steps = self.inner.store.steps(plan_id).await?;
+        Ok(status::from_store(&row, &order, &steps))
+    }
+
+    pub async fn list(&self, limit: u32) -> Result<pb::ListPlansResponse, CoordinatorError> {
+        let limit = if limit == 0 { 50 } else { limit.min(1000) };
+        let rows = self.inner.store.plans(limit as i64).await?;
+        Ok(pb::ListPlansResponse { plans: rows.iter().map(status::summary).collect() })
+    }
+
+    pub async fn command(
+        &self,
+        plan_id: &str,
+        kind: CommandKind,
+        actor: &str,
+        reason: &str,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        let id = plan_id.to_string();
+        let in_memory = self.to_engine(|reply| Event::Status { plan_id: id, reply }).await?.is_some();
+        let revive = if in_memory || kind == CommandKind::Cancel {
+            None
+        } else {
+            let row = self
+                .inner
+                .store
+                .plan(plan_id)
+                .await?
+                .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
+            if row.state == "rolled_back" {
+                return Err(CoordinatorError::Conflict(format!("plan {plan_id} is already rolled back")));
+            }
+            let mut run = self.rebuild(&row).await?;
+            run.state = crate::engine::plan_run::PlanState::Completed;
+            Some(Box::new(run))
+        };
+        let (id, actor, reason) = (plan_id.to_string(), actor.to_string(), reason.to_string());
+        self.to_engine(|reply| Event::Command { plan_id: id, kind, actor, reason, revive, reply }).await?
+    }
+
+    /// Plan status snapshots as they change, ending with the final one.
+    pub fn watch(&self, plan_id: String) -> mpsc::Receiver<Result<pb::PlanStatus, CoordinatorError>> {
+        let (tx, rx) = mpsc::channel(16);
+        let me = self.clone();
+        let mut changes = self.inner.changes.subscribe();
+        tokio::spawn(async move {
+            let mut last: Option<pb::PlanStatus> = None;
+            loop {
+                let status = match me.status(&plan_id).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                let terminal = status.summary.as_ref().is_some_and(|s| is_terminal(&s.state));
+                let key = |s: &pb::PlanStatus| {
+                    (s.migrations.clone(), s.summary.as_ref().map(|x| x.state.clone()), s.failures.clone())
+                };
+                let changed = last.as_ref().map(key) != Some(key(&status));
+                if changed {
+                    if tx.send(Ok(status.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(status);
+                }
+                if terminal {
+                    return;
+                }
+                // Coalesce bursts of changes; a periodic look covers a missed one.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    loop {
+                        match changes.recv().await {
+                            Ok(id) if id == plan_id => break,
+                            Ok(_) => continue,
+                            Err(broadcast::error::RecvError::Lagged(_)) => break,
+                            Err(broadcast::error::RecvError::Closed) => break,
+                        }
+                    }
+                })
+                .await;
+            }
+        });
+        rx
+    }
+
+    pub async fn fleet(&self) -> Result<pb::ListFleetResponse, CoordinatorError> {
+        let attached = self.inner.fleet.snapshot();
+        let mut out: BTreeMap<String, pb::AgentInfo> = BTreeMap::new();
+        for (shard, labels, tenants, version, last_seen) in self.inner.store.agents().await? {
+            let labels: BTreeMap<String, String> = serde_json::from_str(&labels).unwrap_or_default();
+            let tenants: Vec<(String, BTreeMap<String, String>)> =
+                serde_json::from_str(&tenants).unwrap_or_default();
+            out.insert(shard.clone(), pb::AgentInfo {
+                shard,
+                labels: labels.into_iter().collect(),
+                tenants: tenants
+                    .into_iter()
+                    .map(|(name, labels)| pb::Tenant { name, labels: labels.into_iter().collect() })
+                    .collect(),
+                connected: false,
+                last_seen_ms: last_seen as u64,
+                version,
+            });
+        }
+        for (shard, a) in attached {
+            out.insert(shard.clone(), pb::AgentInfo {
+                shard,
+                labels: a.labels.into_iter().collect(),
+                tenants: a.tenants,
+                connected: true,
+                last_seen_ms: a.last_seen_ms as u64,
+                version: a.version,
+            });
+        }
+        Ok(pb::ListFleetResponse { agents: out.into_values().collect() })
+    }
+
+    /// Plans left running by a previous coordinator: rebuilt and continued.
+    pub async fn resume_unfinished(&self) -> Result<usize, CoordinatorError> {
+        let rows = self.inner.store.unfinished_plans().await?;
+        let n = rows.len();
+        for row in rows {
+            let mut run = self.rebuild(&row).await?;
+            if row.state != "running" {
+                // It was undoing: undo again; the journal makes that harmless.
+                run.state = crate::engine::plan_run::PlanState::Completed;
+                run.message = row.message.clone();
+                let (id, actor) = (row.id.clone(), "coordinator".to_string());
+                let _ = self
+                    .to_engine(|reply| Event::Command {
+                        plan_id: id,
+                        kind: CommandKind::Rollback,
+                        actor,
+                        reason: "resuming a rollback after restart".into(),
+                        revive: Some(Box::new(run)),
+                        reply,
+                    })
+                    .await?;
+            } else {
+                info!(plan = %row.id, "resuming plan left running");
+                let _ = self.to_engine(|done| Event::Start { run: Box::new(run), done }).await?;
+            }
+        }
+        Ok(n)
+    }
+}
+
+pub fn is_terminal(state: &str) -> bool {
+    matches!(state, "completed" | "failed" | "rolled_back" | "rollback_failed" | "cancelled")
+}
+
+fn new_plan_id() -> String {
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    format!("p{}", &u[..10])
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+}
