@@ -1,1 +1,18 @@
-fn main() {}
+//! `flotilla`: one binary for the coordinator, the agent, and the operator commands.
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = flotilla::cli::Cli::parse();
+    flotilla::cli::init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let code = runtime.block_on(flotilla::cli::run(cli));
+    ExitCode::from(code)
+}

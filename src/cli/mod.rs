@@ -1,0 +1,219 @@
+//! Command-line interface: flags, and which command does what.
+//!
+//! Exit codes: 0 success; 1 the plan failed or was rolled back; 2 bad input
+//! (files, flags, a plan the coordinator refused); 3 Flotilla could not do it
+//! (coordinator unreachable, a daemon failed to start).
+mod daemons;
+mod plan;
+mod render;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_PLAN_FAILED: u8 = 1;
+pub const EXIT_BAD_INPUT: u8 = 2;
+pub const EXIT_UNAVAILABLE: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(name = "flotilla", version, about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants")]
+pub struct Cli {
+    /// The coordinator's gRPC address (operator commands).
+    #[arg(long, global = true, env = "FLOTILLA_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    pub coordinator: String,
+    /// Log filter, e.g. `info` or `flotilla_agent=debug` (also RUST_LOG).
+    #[arg(long, global = true, env = "FLOTILLA_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a coordinator.
+    Coordinator(CoordinatorArgs),
+    /// Run the agent of one shard database.
+    Agent(AgentArgs),
+    /// Submit, inspect and control plans.
+    #[command(subcommand)]
+    Plan(PlanCommand),
+    /// Inspect the fleet of agents, shards and tenants.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+    /// Run a coordinator and one agent per given shard in this process, for trying Flotilla out.
+    Quickstart(QuickstartArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// Address to listen on for operators and agents.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Control store: a SQLite file (embedded default) or a postgres:// URL.
+    #[arg(long, env = "FLOTILLA_STORE", default_value = "flotilla.db")]
+    pub store: String,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Default lock_timeout for steps whose migration does not set one.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lock_timeout: Duration,
+    /// Default statement_timeout for steps (0s = none).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub statement_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The shard's name in the fleet.
+    #[arg(long)]
+    pub shard: String,
+    /// The shard database, without a password: postgres://user@host:port/db.
+    #[arg(long, env = "FLOTILLA_SHARD_DSN")]
+    pub dsn: String,
+    /// A file holding the shard password (one line).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// Labels of the shard, k=v,k2=v2; tenants inherit them.
+    #[arg(long, default_value = "")]
+    pub labels: String,
+    /// Tenant schemas: a LIKE pattern on schema names, e.g. `tenant_%`.
+    #[arg(long)]
+    pub tenant_pattern: Option<String>,
+    /// Tenant schemas: a query returning the schema name and optionally labels (k=v,... or a JSON object).
+    #[arg(long)]
+    pub tenant_query: Option<String>,
+    /// Connections to the shard, i.e. the most steps running at once.
+    #[arg(long, default_value_t = 8)]
+    pub max_connections: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct QuickstartArgs {
+    /// Shards as NAME=DSN (password from FLOTILLA_SHARD_PASSWORD); repeat per shard.
+    #[arg(long = "shard", required = true)]
+    pub shards: Vec<String>,
+    /// Tenant schemas, as for `flotilla agent`.
+    #[arg(long, default_value = "tenant_%")]
+    pub tenant_pattern: String,
+    /// Address for the embedded coordinator.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Control store for the embedded coordinator.
+    #[arg(long, default_value = "flotilla-quickstart.db")]
+    pub store: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlanCommand {
+    /// Submit a plan: a migration directory, or a plan file.
+    Submit(SubmitArgs),
+    /// Check a plan on disk without submitting it.
+    Lint {
+        path: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show a plan's state and progress.
+    Status {
+        id: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Follow a plan's progress until it ends.
+    Watch {
+        id: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// List recent plans.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Stop a running plan (under all-or-nothing, what it applied is undone).
+    Cancel(CommandArgs),
+    /// Undo every step a plan applied, in reverse dependency order.
+    Rollback(CommandArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    pub path: PathBuf,
+    /// Wait until the plan ends; exit 1 if it failed or was rolled back.
+    #[arg(long)]
+    pub wait: bool,
+    /// Most targets migrating at once (overrides the plan file).
+    #[arg(long)]
+    pub max_parallel: Option<u32>,
+    /// Label selector for targets (overrides the plan file).
+    #[arg(long)]
+    pub selector: Option<String>,
+    /// Failure policy: all-or-nothing, stop, continue (overrides the plan file).
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Default scope for migrations that do not say: shard or tenant.
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// Run each step in its own transaction instead of one per target.
+    #[arg(long)]
+    pub no_fuse: bool,
+    /// Who submits (recorded in the audit trail).
+    #[arg(long, env = "USER", default_value = "operator")]
+    pub actor: String,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct CommandArgs {
+    pub id: String,
+    /// Why (recorded in the audit trail).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Who asks (recorded in the audit trail).
+    #[arg(long, env = "USER", default_value = "operator")]
+    pub actor: String,
+    /// Wait until the plan ends.
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FleetCommand {
+    /// Agents, their shards, tenants and labels, connected or not.
+    List {
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+pub fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    // Operator commands keep stdout for their output; logs go to stderr.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+pub async fn run(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Coordinator(args) => daemons::coordinator(args).await,
+        Command::Agent(args) => daemons::agent(args, &cli.coordinator).await,
+        Command::Quickstart(args) => daemons::quickstart(args).await,
+        Command::Plan(cmd) => plan::run(&cli.coordinator, cmd).await,
+        Command::Fleet(FleetCommand::List { output }) => plan::fleet_list(&cli.coordinator, output).await,
+    }
+}

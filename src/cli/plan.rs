@@ -1,0 +1,221 @@
+//! Operator commands: talk to the coordinator's OperatorService.
+use std::time::Instant;
+
+use flotilla_proto::pb;
+use flotilla_proto::pb::operator_service_client::OperatorServiceClient;
+use tonic::transport::Channel;
+
+use super::render;
+use super::{
+    CommandArgs, EXIT_BAD_INPUT, EXIT_OK, EXIT_PLAN_FAILED, EXIT_UNAVAILABLE, Output, PlanCommand,
+    SubmitArgs,
+};
+use crate::loader::{self, Overrides};
+
+/// What went wrong talking to the coordinator, as an exit code and a message.
+fn status_exit(e: &tonic::Status) -> u8 {
+    use tonic::Code::*;
+    match e.code() {
+        InvalidArgument | FailedPrecondition | NotFound | AlreadyExists | OutOfRange => EXIT_BAD_INPUT,
+        _ => EXIT_UNAVAILABLE,
+    }
+}
+
+fn fail(e: tonic::Status) -> u8 {
+    eprintln!("error: {}", e.message());
+    status_exit(&e)
+}
+
+async fn client(addr: &str) -> Result<OperatorServiceClient<Channel>, u8> {
+    let endpoint = match tonic::transport::Endpoint::from_shared(addr.to_string()) {
+        Ok(e) => e.connect_timeout(std::time::Duration::from_secs(5)),
+        Err(e) => {
+            eprintln!("error: --coordinator `{addr}`: {e}");
+            return Err(EXIT_BAD_INPUT);
+        }
+    };
+    match endpoint.connect().await {
+        Ok(ch) => Ok(OperatorServiceClient::new(ch)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)),
+        Err(e) => {
+            eprintln!("error: cannot reach the coordinator at {addr}: {e}");
+            Err(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// The exit code a plan's final state means.
+fn state_exit(status: &pb::PlanStatus) -> u8 {
+    match status.summary.as_ref().map(|s| s.state.as_str()) {
+        Some("completed") => EXIT_OK,
+        _ => EXIT_PLAN_FAILED,
+    }
+}
+
+pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
+    match cmd {
+        PlanCommand::Lint { path, output } => lint(&path, output),
+        PlanCommand::Submit(args) => submit(addr, args).await,
+        PlanCommand::Status { id, output } => {
+            let mut c = match client(addr).await {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match c.get_plan(pb::GetPlanRequest { plan_id: id }).await {
+                Ok(r) => {
+                    let s = r.into_inner();
+                    render::status(&s, output);
+                    EXIT_OK
+                }
+                Err(e) => fail(e),
+            }
+        }
+        PlanCommand::Watch { id, output } => match client(addr).await {
+            Ok(mut c) => watch(&mut c, id, output).await,
+            Err(code) => code,
+        },
+        PlanCommand::List { limit, output } => {
+            let mut c = match client(addr).await {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match c.list_plans(pb::ListPlansRequest { limit }).await {
+                Ok(r) => {
+                    render::plan_list(&r.into_inner(), output);
+                    EXIT_OK
+                }
+                Err(e) => fail(e),
+            }
+        }
+        PlanCommand::Cancel(args) => command(addr, args, false).await,
+        PlanCommand::Rollback(args) => command(addr, args, true).await,
+    }
+}
+
+fn lint(path: &std::path::Path, output: Output) -> u8 {
+    let raw = match loader::load(path, &Overrides::default()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    match flotilla_proto::PlanSpec::try_from(raw) {
+        Ok(spec) => {
+            render::lint(&spec, output);
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            EXIT_BAD_INPUT
+        }
+    }
+}
+
+async fn submit(addr: &str, args: SubmitArgs) -> u8 {
+    let overrides = Overrides {
+        max_parallel: args.max_parallel,
+        selector: args.selector.clone(),
+        policy: args.policy.clone(),
+        scope: args.scope.clone(),
+        no_fuse: args.no_fuse,
+    };
+    let mut raw = match loader::load(&args.path, &overrides) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    // Check locally first: a bad plan never needs a coordinator to be refused.
+    if let Err(e) = flotilla_proto::PlanSpec::try_from(raw.clone()) {
+        eprintln!("error: {}: {e}", args.path.display());
+        return EXIT_BAD_INPUT;
+    }
+    raw.submitted_by = args.actor.clone();
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let resp = match c.submit_plan(pb::SubmitPlanRequest { spec: Some(raw) }).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return fail(e),
+    };
+    if !args.wait {
+        render::submitted(&resp, args.output);
+        return EXIT_OK;
+    }
+    if args.output == Output::Text {
+        println!("plan {} submitted", resp.plan_id);
+    }
+    watch(&mut c, resp.plan_id, args.output).await
+}
+
+async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = pb::PlanCommand { plan_id: args.id.clone(), actor: args.actor, reason: args.reason };
+    let r = if rollback { c.rollback_plan(req).await } else { c.cancel_plan(req).await };
+    match r {
+        Ok(s) => {
+            if args.wait {
+                watch(&mut c, args.id, args.output).await
+            } else {
+                render::status(&s.into_inner(), args.output);
+                EXIT_OK
+            }
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// Follows a plan to its end; the exit code says how it ended.
+async fn watch(c: &mut OperatorServiceClient<Channel>, id: String, output: Output) -> u8 {
+    let started = Instant::now();
+    let mut stream = match c.watch_plan(pb::GetPlanRequest { plan_id: id.clone() }).await {
+        Ok(s) => s.into_inner(),
+        Err(e) => return fail(e),
+    };
+    let mut progress = render::Progress::new(output);
+    let mut last: Option<pb::PlanStatus> = None;
+    loop {
+        match stream.message().await {
+            Ok(Some(s)) => {
+                progress.update(&s, started.elapsed());
+                last = Some(s);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                eprintln!("error: watching plan {id}: {}", e.message());
+                return status_exit(&e);
+            }
+        }
+    }
+    match last {
+        Some(s) => {
+            progress.finish(&s, started.elapsed());
+            state_exit(&s)
+        }
+        None => {
+            eprintln!("error: the coordinator ended the watch of plan {id} without a status");
+            EXIT_UNAVAILABLE
+        }
+    }
+}
+
+pub async fn fleet_list(addr: &str, output: Output) -> u8 {
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match c.list_fleet(pb::ListFleetRequest {}).await {
+        Ok(r) => {
+            render::fleet(&r.into_inner(), output);
+            EXIT_OK
+        }
+        Err(e) => fail(e),
+    }
+}

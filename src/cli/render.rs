@@ -1,0 +1,287 @@
+//! What the operator commands print: text for people, JSON for scripts. The
+//! JSON shapes are part of the CLI's contract (README: "JSON output").
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use flotilla_proto::pb;
+use serde_json::{Value, json};
+
+use super::Output;
+
+fn target_name(t: &Option<pb::TargetRef>) -> String {
+    match t {
+        Some(t) if t.tenant.is_empty() => t.shard.clone(),
+        Some(t) => format!("{}/{}", t.shard, t.tenant),
+        None => String::new(),
+    }
+}
+
+pub fn status_json(s: &pb::PlanStatus) -> Value {
+    let sum = s.summary.clone().unwrap_or_default();
+    json!({
+        "plan_id": sum.plan_id,
+        "name": sum.name,
+        "state": sum.state,
+        "environment": sum.environment,
+        "created_at_ms": sum.created_at_ms,
+        "updated_at_ms": sum.updated_at_ms,
+        "targets": sum.targets,
+        "steps": sum.steps,
+        "message": s.message,
+        "migrations": s.migrations.iter().map(|m| json!({
+            "id": m.migration_id,
+            "total": m.total,
+            "pending": m.pending,
+            "running": m.running,
+            "applied": m.applied,
+            "already_applied": m.already_applied,
+            "failed": m.failed,
+            "rolled_back": m.rolled_back,
+            "not_run": m.not_run,
+        })).collect::<Vec<_>>(),
+        "failures": s.failures.iter().map(|f| {
+            let e = f.error.clone().unwrap_or_default();
+            let t = f.target.clone().unwrap_or_default();
+            json!({
+                "migration": f.migration_id,
+                "target": target_name(&f.target),
+                "shard": t.shard,
+                "tenant": t.tenant,
+                "sqlstate": e.sqlstate,
+                "message": e.message,
+                "detail": e.detail,
+                "phase": e.phase,
+            })
+        }).collect::<Vec<_>>(),
+        "waiting_for": s.waiting_for,
+    })
+}
+
+pub fn status(s: &pb::PlanStatus, output: Output) {
+    if output == Output::Json {
+        println!("{}", status_json(s));
+        return;
+    }
+    let sum = s.summary.clone().unwrap_or_default();
+    println!("plan {} ({})  state: {}", sum.plan_id, sum.name, sum.state);
+    if !sum.environment.is_empty() {
+        println!("environment: {}", sum.environment);
+    }
+    println!("targets: {}  steps: {}", sum.targets, sum.steps);
+    if !s.message.is_empty() {
+        println!("{}", s.message);
+    }
+    for m in &s.migrations {
+        println!("  {}", migration_line(m));
+    }
+    if !s.waiting_for.is_empty() {
+        println!("waiting for agents of: {}", s.waiting_for.join(", "));
+    }
+    failures(s);
+}
+
+fn failures(s: &pb::PlanStatus) {
+    if s.failures.is_empty() {
+        return;
+    }
+    println!("failures:");
+    for f in s.failures.iter().take(20) {
+        let e = f.error.clone().unwrap_or_default();
+        let code = if e.sqlstate.is_empty() { String::new() } else { format!(" SQLSTATE {}", e.sqlstate) };
+        println!("  {} on {}:{} {}", f.migration_id, target_name(&f.target), code, e.message);
+    }
+    if s.failures.len() > 20 {
+        println!("  ... and {} more", s.failures.len() - 20);
+    }
+}
+
+fn migration_line(m: &pb::MigrationProgress) -> String {
+    let done = m.applied + m.already_applied;
+    let mut line = format!("{:<48} {:>5}/{:<5} done", m.migration_id, done, m.total);
+    for (n, what) in [
+        (m.running, "running"),
+        (m.failed, "failed"),
+        (m.rolled_back, "rolled back"),
+        (m.not_run, "not run"),
+        (m.already_applied, "already applied"),
+    ] {
+        if n > 0 {
+            line.push_str(&format!(", {n} {what}"));
+        }
+    }
+    line
+}
+
+fn bar(m: &pb::MigrationProgress, width: usize) -> String {
+    let total = m.total.max(1) as usize;
+    let done = ((m.applied + m.already_applied) as usize * width) / total;
+    let failed = (m.failed as usize * width).div_ceil(total).min(width - done);
+    format!("[{}{}{}]", "#".repeat(done), "!".repeat(failed), " ".repeat(width - done - failed))
+}
+
+/// Live progress: bars redrawn in place on a terminal, a line per change otherwise.
+pub struct Progress {
+    output: Output,
+    tty: bool,
+    drawn: usize,
+}
+
+impl Progress {
+    pub fn new(output: Output) -> Progress {
+        Progress { output, tty: std::io::stdout().is_terminal(), drawn: 0 }
+    }
+
+    pub fn update(&mut self, s: &pb::PlanStatus, elapsed: Duration) {
+        let state = s.summary.as_ref().map(|x| x.state.clone()).unwrap_or_default();
+        match self.output {
+            Output::Json => println!("{}", status_json(s)),
+            Output::Text if self.tty => {
+                let mut out = std::io::stdout().lock();
+                if self.drawn > 0 {
+                    let _ = write!(out, "\x1b[{}A", self.drawn);
+                }
+                let _ = writeln!(out, "\x1b[2K{:>6.1}s  {}", elapsed.as_secs_f64(), state);
+                for m in &s.migrations {
+                    let _ = writeln!(out, "\x1b[2K  {} {}", bar(m, 30), migration_line(m));
+                }
+                self.drawn = 1 + s.migrations.len();
+                let _ = out.flush();
+            }
+            Output::Text => {
+                let parts: Vec<String> = s
+                    .migrations
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{} {}/{} done {} failed {} running",
+                            m.migration_id,
+                            m.applied + m.already_applied,
+                            m.total,
+                            m.failed,
+                            m.running
+                        )
+                    })
+                    .collect();
+                println!("[{:>6.1}s] {state}: {}", elapsed.as_secs_f64(), parts.join(" | "));
+            }
+        }
+    }
+
+    pub fn finish(&mut self, s: &pb::PlanStatus, elapsed: Duration) {
+        if self.output == Output::Json {
+            return;
+        }
+        let sum = s.summary.clone().unwrap_or_default();
+        println!("plan {} {} after {:.1}s", sum.plan_id, sum.state, elapsed.as_secs_f64());
+        if !s.message.is_empty() {
+            println!("{}", s.message);
+        }
+        failures(s);
+    }
+}
+
+pub fn submitted(r: &pb::SubmitPlanResponse, output: Output) {
+    match output {
+        Output::Json => {
+            let mut v = r.status.as_ref().map(status_json).unwrap_or(json!({}));
+            v["plan_id"] = json!(r.plan_id);
+            println!("{v}");
+        }
+        Output::Text => println!("plan {} submitted", r.plan_id),
+    }
+}
+
+pub fn plan_list(r: &pb::ListPlansResponse, output: Output) {
+    if output == Output::Json {
+        let v: Vec<Value> = r
+            .plans
+            .iter()
+            .map(|p| {
+                json!({
+                    "plan_id": p.plan_id, "name": p.name, "state": p.state, "environment": p.environment,
+                    "created_at_ms": p.created_at_ms, "updated_at_ms": p.updated_at_ms,
+                    "targets": p.targets, "steps": p.steps,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(v));
+        return;
+    }
+    println!("{:<14} {:<16} {:<28} {:>8} {:>8}", "PLAN", "STATE", "NAME", "TARGETS", "STEPS");
+    for p in &r.plans {
+        println!("{:<14} {:<16} {:<28} {:>8} {:>8}", p.plan_id, p.state, p.name, p.targets, p.steps);
+    }
+}
+
+pub fn fleet(r: &pb::ListFleetResponse, output: Output) {
+    let labels = |m: &std::collections::HashMap<String, String>| {
+        let mut v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        v.sort();
+        v.join(",")
+    };
+    if output == Output::Json {
+        let v: Vec<Value> = r
+            .agents
+            .iter()
+            .map(|a| {
+                json!({
+                    "shard": a.shard,
+                    "connected": a.connected,
+                    "labels": a.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                    "version": a.version,
+                    "last_seen_ms": a.last_seen_ms,
+                    "tenants": a.tenants.iter().map(|t| json!({
+                        "name": t.name,
+                        "labels": t.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(v));
+        return;
+    }
+    println!("{:<20} {:<10} {:>8}  LABELS", "SHARD", "AGENT", "TENANTS");
+    for a in &r.agents {
+        println!(
+            "{:<20} {:<10} {:>8}  {}",
+            a.shard,
+            if a.connected { "connected" } else { "gone" },
+            a.tenants.len(),
+            labels(&a.labels)
+        );
+    }
+}
+
+pub fn lint(spec: &flotilla_proto::PlanSpec, output: Output) {
+    let graph = flotilla_proto::dag::MigrationGraph::build(spec).ok();
+    let order: Vec<String> = graph
+        .map(|g| g.order.iter().map(|&i| spec.migrations[i].id.to_string()).collect())
+        .unwrap_or_default();
+    if output == Output::Json {
+        println!(
+            "{}",
+            json!({
+                "name": spec.name,
+                "valid": true,
+                "order": order,
+                "migrations": spec.migrations.iter().map(|m| json!({
+                    "id": m.id.to_string(),
+                    "checksum": m.checksum,
+                    "transactional": m.tx_mode == flotilla_proto::TxMode::Transactional,
+                    "scope": m.scope.map(|s| s.as_str()),
+                    "selector": m.selector.to_string(),
+                })).collect::<Vec<_>>(),
+            })
+        );
+        return;
+    }
+    println!("plan {} is valid: {} migrations", spec.name, spec.migrations.len());
+    for id in order {
+        let m = spec.migrations.iter().find(|m| m.id.as_str() == id).expect("in plan");
+        println!(
+            "  {id}  {}{}",
+            if m.tx_mode == flotilla_proto::TxMode::Transactional { "transactional" } else { "non-transactional" },
+            if m.selector.is_empty() { String::new() } else { format!("  selector: {}", m.selector) }
+        );
+    }
+}
