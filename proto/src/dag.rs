@@ -75,7 +75,7 @@ impl MigrationGraph {
             .migrations
             .iter()
             .map(|m| (&m.id, &m.depends_on))
-            .chain(plan.dependencies.iter().map(|(k, v)| (k, v)))
+            .chain(plan.dependencies.iter())
         {
             if ds.contains(m) {
                 return Err(PlanError::Cycle(vec![m.to_string(), m.to_string()]));

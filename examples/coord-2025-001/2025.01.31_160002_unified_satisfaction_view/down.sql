@@ -1,0 +1,1 @@
+DROP VIEW unified_satisfaction_view;

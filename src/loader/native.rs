@@ -1,0 +1,218 @@
+//! Flotilla's native migration: a directory named by the migration id holding
+//! `migration.toml` (optional), `up.sql`, `down.sql` and `verify.sql` (optional).
+use std::path::Path;
+use std::time::Duration;
+
+use flotilla_proto::pb;
+use flotilla_proto::selector::Selector;
+use flotilla_proto::{MigrationId, Scope};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::dir::{Parts, statements};
+use super::{LoadError, line_of, parse_toml, read_text};
+
+const MIGRATION_FILE: &str = "migration.toml";
+const UP: &str = "up.sql";
+const DOWN: &str = "down.sql";
+const VERIFY: &str = "verify.sql";
+
+const KINDS: [&str; 7] = [
+    "schema", "data", "index", "view", "function", "policy", "other",
+];
+const RISKS: [&str; 4] = ["low", "medium", "high", "critical"];
+
+/// `migration.toml`. Every key is optional; unknown keys are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrationFile {
+    description: Option<String>,
+    kind: Option<Spanned<String>>,
+    #[serde(default)]
+    depends_on: Vec<Spanned<String>>,
+    scope: Option<Spanned<String>>,
+    selector: Option<Spanned<String>>,
+    transactional: Option<bool>,
+    lock_timeout: Option<Spanned<String>>,
+    statement_timeout: Option<Spanned<String>>,
+    risk: Option<Spanned<String>>,
+    #[serde(default)]
+    irreversible: bool,
+}
+
+/// Reads the migration in directory `dir`, whose name is `name`.
+pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
+    let up_path = dir.join(UP);
+    if !up_path.is_file() {
+        return Err(LoadError::invalid(
+            dir,
+            format!("a migration directory needs {UP} (and {DOWN}); this one has no {UP}"),
+        ));
+    }
+    if let Err(e) = MigrationId::parse(name) {
+        return Err(LoadError::invalid(
+            dir,
+            format!("directory name is not a migration id: {e}"),
+        ));
+    }
+    check_entries(dir)?;
+
+    let toml_path = dir.join(MIGRATION_FILE);
+    let (meta, toml_text) = if toml_path.is_file() {
+        let text = read_text(&toml_path)?;
+        (parse_toml::<MigrationFile>(&toml_path, &text)?, text)
+    } else {
+        (MigrationFile::default(), String::new())
+    };
+    // Errors about a key's value point at the line that holds it.
+    let at = |span: std::ops::Range<usize>, message: String| {
+        LoadError::at_line(&toml_path, line_of(&toml_text, span.start), message)
+    };
+
+    let up_sql = read_text(&up_path)?;
+    if statements(&up_path, &up_sql, 1)?.is_empty() {
+        return Err(LoadError::invalid(&up_path, "holds no SQL statements"));
+    }
+
+    let down_path = dir.join(DOWN);
+    if !down_path.is_file() {
+        let hint = if meta.irreversible {
+            "; an irreversible migration says so with an empty down.sql"
+        } else {
+            ""
+        };
+        return Err(LoadError::invalid(dir, format!("missing {DOWN}{hint}")));
+    }
+    let down_sql = read_text(&down_path)?;
+    let down_empty = statements(&down_path, &down_sql, 1)?.is_empty();
+    match (down_empty, meta.irreversible) {
+        (true, false) => {
+            return Err(LoadError::invalid(
+                &down_path,
+                format!(
+                    "holds no SQL statements; if the migration cannot be undone, \
+                     say `irreversible = true` in {MIGRATION_FILE}"
+                ),
+            ));
+        }
+        (false, true) => {
+            return Err(LoadError::invalid(
+                &down_path,
+                format!("holds statements, but {MIGRATION_FILE} says irreversible = true"),
+            ));
+        }
+        _ => {}
+    }
+
+    let verify_path = dir.join(VERIFY);
+    let verify_sql = if verify_path.is_file() {
+        let text = read_text(&verify_path)?;
+        let n = statements(&verify_path, &text, 1)?.len();
+        if n > 1 {
+            return Err(LoadError::invalid(
+                &verify_path,
+                format!("must be one query returning a boolean; it holds {n} statements"),
+            ));
+        }
+        text
+    } else {
+        String::new()
+    };
+
+    let mut m = Parts {
+        id: name.to_string(),
+        up_sql,
+        down_sql,
+        verify_sql,
+        source: dir.display().to_string(),
+    }
+    .into_migration();
+
+    m.description = meta.description.unwrap_or_default().trim().to_string();
+    if let Some(kind) = meta.kind {
+        m.kind = one_of(&kind, &KINDS, "kind").map_err(|e| at(kind.span(), e))?;
+    }
+    if let Some(risk) = meta.risk {
+        m.risk = one_of(&risk, &RISKS, "risk").map_err(|e| at(risk.span(), e))?;
+    }
+    for d in &meta.depends_on {
+        MigrationId::parse(d.get_ref()).map_err(|e| at(d.span(), format!("depends_on: {e}")))?;
+        m.depends_on.push(d.get_ref().clone());
+    }
+    if let Some(scope) = meta.scope {
+        let s = Scope::parse(scope.get_ref()).ok_or_else(|| {
+            at(
+                scope.span(),
+                format!("unknown scope `{}`: use tenant or shard", scope.get_ref()),
+            )
+        })?;
+        m.scope = match s {
+            Scope::Shard => pb::Scope::Shard,
+            Scope::Tenant => pb::Scope::Tenant,
+        } as i32;
+    }
+    if let Some(selector) = meta.selector {
+        Selector::parse(selector.get_ref()).map_err(|e| at(selector.span(), e.to_string()))?;
+        m.selector = selector.get_ref().trim().to_string();
+    }
+    m.tx_mode = match meta.transactional {
+        None => pb::TxMode::Unspecified,
+        Some(true) => pb::TxMode::Transactional,
+        Some(false) => pb::TxMode::NonTransactional,
+    } as i32;
+    if let Some(t) = meta.lock_timeout {
+        m.lock_timeout_ms = millis(&t, "lock_timeout").map_err(|e| at(t.span(), e))?;
+    }
+    if let Some(t) = meta.statement_timeout {
+        m.statement_timeout_ms = millis(&t, "statement_timeout").map_err(|e| at(t.span(), e))?;
+    }
+    Ok(m)
+}
+
+/// Refuses files in a migration directory that look like a misnamed part
+/// (`donw.sql`, `Migration.toml`): they would otherwise be silently ignored.
+fn check_entries(dir: &Path) -> Result<(), LoadError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| LoadError::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| LoadError::io(dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let lower = name.to_ascii_lowercase();
+        let known = [UP, DOWN, VERIFY, MIGRATION_FILE].contains(&name.as_ref());
+        if !known && !name.starts_with('.') && (lower.ends_with(".sql") || lower.ends_with(".toml"))
+        {
+            return Err(LoadError::invalid(
+                &entry.path(),
+                format!(
+                    "unexpected file in a migration directory: expected {UP}, {DOWN}, \
+                     {VERIFY} or {MIGRATION_FILE}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn one_of(value: &Spanned<String>, allowed: &[&str], key: &str) -> Result<String, String> {
+    let v = value.get_ref().trim().to_ascii_lowercase();
+    if allowed.contains(&v.as_str()) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "unknown {key} `{}`: use one of {}",
+            value.get_ref(),
+            allowed.join(", ")
+        ))
+    }
+}
+
+/// A humantime duration (`5s`, `10m`, `1h 30m`) in whole milliseconds, at least 1ms.
+fn millis(value: &Spanned<String>, key: &str) -> Result<u64, String> {
+    let text = value.get_ref();
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid {key} `{text}`: {e} (use e.g. \"5s\", \"10m\")"))?;
+    if d < Duration::from_millis(1) {
+        return Err(format!("invalid {key} `{text}`: must be at least 1ms"));
+    }
+    u64::try_from(d.as_millis()).map_err(|_| format!("invalid {key} `{text}`: too long"))
+}

@@ -1,0 +1,177 @@
+//! Plan files (`plan.toml`): which migrations of a directory, in what order and
+//! groups, on which targets, and how to react to failure.
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use flotilla_proto::MigrationId;
+use flotilla_proto::pb;
+use flotilla_proto::selector::Selector;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    LoadError, PLAN_FILE, dir, line_of, parse_toml, policy_enum, read_text, scope_enum,
+    unknown_policy, unknown_scope,
+};
+
+/// `plan.toml`. Every key is optional; unknown keys are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    name: Option<String>,
+    description: Option<String>,
+    environment: Option<String>,
+    migrations_dir: Option<Spanned<String>>,
+    migrations: Option<Vec<Spanned<String>>>,
+    selector: Option<Spanned<String>>,
+    max_parallel: Option<Spanned<u32>>,
+    policy: Option<Spanned<String>>,
+    scope: Option<Spanned<String>>,
+    fuse: Option<bool>,
+    #[serde(default)]
+    parallel_groups: Vec<Vec<Spanned<String>>>,
+    #[serde(default)]
+    dependencies: BTreeMap<String, Vec<Spanned<String>>>,
+}
+
+/// A directory without a plan file: all its migrations in id order, named after it.
+pub(super) fn from_directory(dir: &Path) -> Result<pb::PlanSpec, LoadError> {
+    Ok(pb::PlanSpec {
+        name: directory_name(dir),
+        migrations: dir::read_migrations(dir)?,
+        ..Default::default()
+    })
+}
+
+/// Reads the plan file at `path` and the migrations it names.
+pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
+    let text = read_text(path)?;
+    let file: PlanFile = parse_toml(path, &text)?;
+    let at = |span: std::ops::Range<usize>, message: String| {
+        LoadError::at_line(path, line_of(&text, span.start), message)
+    };
+    let base = path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
+
+    let migrations_dir = match &file.migrations_dir {
+        Some(d) => {
+            let resolved = base.join(d.get_ref());
+            if !resolved.is_dir() {
+                return Err(at(
+                    d.span(),
+                    format!(
+                        "migrations_dir `{}` ({}) is not a directory",
+                        d.get_ref(),
+                        resolved.display()
+                    ),
+                ));
+            }
+            resolved
+        }
+        None => base.clone(),
+    };
+    let mut all = dir::read_migrations(&migrations_dir)?;
+    let migrations = match &file.migrations {
+        None => all,
+        Some(ids) => {
+            let mut chosen = Vec::with_capacity(ids.len());
+            let mut seen = BTreeSet::new();
+            for id in ids {
+                let name = id.get_ref();
+                if !seen.insert(name.as_str()) {
+                    return Err(at(id.span(), format!("migration `{name}` is listed twice")));
+                }
+                let Some(i) = all.iter().position(|m| &m.id == name) else {
+                    return Err(at(
+                        id.span(),
+                        format!(
+                            "the plan names migration `{name}`, which is not in {}",
+                            migrations_dir.display()
+                        ),
+                    ));
+                };
+                chosen.push(all.swap_remove(i));
+            }
+            chosen
+        }
+    };
+
+    let mut spec = pb::PlanSpec {
+        name: file.name.clone().unwrap_or_else(|| plan_name(path, &base)),
+        description: file.description.clone().unwrap_or_default(),
+        environment: file.environment.clone().unwrap_or_default(),
+        migrations,
+        no_fuse: file.fuse == Some(false),
+        ..Default::default()
+    };
+    if let Some(s) = &file.selector {
+        Selector::parse(s.get_ref()).map_err(|e| at(s.span(), e.to_string()))?;
+        spec.selector = s.get_ref().trim().to_string();
+    }
+    if let Some(n) = &file.max_parallel {
+        if *n.get_ref() == 0 {
+            return Err(at(n.span(), "max_parallel must be at least 1".into()));
+        }
+        spec.max_parallel = *n.get_ref();
+    }
+    if let Some(p) = &file.policy {
+        spec.policy = policy_enum(p.get_ref())
+            .ok_or_else(|| at(p.span(), unknown_policy(p.get_ref())))? as i32;
+    }
+    if let Some(s) = &file.scope {
+        spec.default_scope =
+            scope_enum(s.get_ref()).ok_or_else(|| at(s.span(), unknown_scope(s.get_ref())))? as i32;
+    }
+    // Only that the names are ids: whether they name migrations of the plan, and whether
+    // the groups and dependencies make a graph, is decided with the rest of the graph.
+    let check_id = |id: &Spanned<String>, place: &str| {
+        MigrationId::parse(id.get_ref())
+            .map(|_| id.get_ref().clone())
+            .map_err(|e| at(id.span(), format!("{place}: {e}")))
+    };
+    for (g, group) in file.parallel_groups.iter().enumerate() {
+        let place = format!("parallel group {}", g + 1);
+        let migrations = group
+            .iter()
+            .map(|id| check_id(id, &place))
+            .collect::<Result<_, _>>()?;
+        spec.parallel_groups.push(pb::ParallelGroup { migrations });
+    }
+    for (migration, deps) in &file.dependencies {
+        MigrationId::parse(migration)
+            .map_err(|e| LoadError::invalid(path, format!("[dependencies]: {e}")))?;
+        let place = format!("dependencies of `{migration}`");
+        let depends_on = deps
+            .iter()
+            .map(|id| check_id(id, &place))
+            .collect::<Result<_, _>>()?;
+        spec.dependencies.push(pb::Dependency {
+            migration: migration.clone(),
+            depends_on,
+        });
+    }
+    Ok(spec)
+}
+
+/// A plan file's default name: its stem, or its directory's name for `plan.toml`.
+fn plan_name(path: &Path, base: &Path) -> String {
+    match path.file_stem().and_then(|s| s.to_str()) {
+        Some(stem) if path.file_name().is_some_and(|n| n != PLAN_FILE) => stem.to_string(),
+        _ => directory_name(base),
+    }
+}
+
+fn directory_name(dir: &Path) -> String {
+    let named = |p: &Path| p.file_name().and_then(|n| n.to_str()).map(str::to_string);
+    named(dir)
+        .filter(|n| n != "." && n != "..")
+        .or_else(|| fs::canonicalize(dir).ok().as_deref().and_then(named))
+        .unwrap_or_else(|| "unnamed".into())
+}

@@ -1,0 +1,777 @@
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use flotilla_proto::{PlanError, PlanSpec, Scope, TxMode, pb};
+
+use super::*;
+
+const HS: &str = "2025.01.31_160000_hs_satisfaction_tracking";
+const AUTO: &str = "2025.01.31_160001_auto_satisfaction_tracking";
+const VIEW: &str = "2025.01.31_160002_unified_satisfaction_view";
+
+fn write(root: &Path, rel: &str, text: &str) -> PathBuf {
+    let path = root.join(rel);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, text).unwrap();
+    path
+}
+
+/// A native migration `id` under `root` with the given migration.toml (None: no file).
+fn native(root: &Path, id: &str, toml: Option<&str>, up: &str) {
+    if let Some(t) = toml {
+        write(root, &format!("{id}/migration.toml"), t);
+    }
+    write(root, &format!("{id}/up.sql"), up);
+    write(
+        root,
+        &format!("{id}/down.sql"),
+        &format!("-- undo {id}\nSELECT 1;\n"),
+    );
+}
+
+fn load_ok(path: &Path) -> pb::PlanSpec {
+    load(path, &Overrides::default()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn load_err(path: &Path) -> String {
+    match load(path, &Overrides::default()) {
+        Ok(spec) => panic!("{} loaded: {spec:?}", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn ids(spec: &pb::PlanSpec) -> Vec<&str> {
+    spec.migrations.iter().map(|m| m.id.as_str()).collect()
+}
+
+fn domain(spec: pb::PlanSpec) -> PlanSpec {
+    PlanSpec::try_from(spec).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn bench_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/loader/testdata/dbmate-coord-2025-001")
+}
+
+fn assert_bench_plan(dir: &Path) {
+    let spec = load_ok(dir);
+    assert_eq!(
+        ids(&spec),
+        [
+            "20250131160000_hs_satisfaction_tracking",
+            "20250131160001_auto_satisfaction_tracking",
+            "20250131160002_unified_satisfaction_view",
+        ]
+    );
+    assert_eq!(spec.source, dir.display().to_string());
+    let m = &spec.migrations[0];
+    assert!(
+        m.up_sql.starts_with("ALTER TABLE work_orders"),
+        "{}",
+        m.up_sql
+    );
+    assert!(m.up_sql.ends_with("WHERE satisfaction_rating IS NOT NULL;"));
+    assert!(
+        m.down_sql
+            .starts_with("DROP INDEX idx_work_orders_satisfaction;")
+    );
+    assert!(!m.up_sql.contains("migrate:"));
+    assert_eq!(m.checksum, flotilla_proto::checksum(&m.up_sql));
+    assert!(
+        m.source
+            .ends_with("20250131160000_hs_satisfaction_tracking.sql")
+    );
+    assert_eq!(m.tx_mode, pb::TxMode::Unspecified as i32);
+    let plan = domain(spec);
+    assert_eq!(plan.migrations.len(), 3);
+    assert!(
+        plan.migrations
+            .iter()
+            .all(|m| m.tx_mode == TxMode::Transactional)
+    );
+}
+
+#[test]
+fn loads_the_bench_dbmate_directory() {
+    assert_bench_plan(&bench_fixture());
+    // The shared copy, where the bench is checked out beside the repository.
+    let shared = Path::new("/work/shared/bench/coord-2025-001");
+    if shared.is_dir() {
+        assert_bench_plan(shared);
+        let ours = load_ok(&bench_fixture());
+        let theirs = load_ok(shared);
+        for (a, b) in ours.migrations.iter().zip(&theirs.migrations) {
+            assert_eq!(a.checksum, b.checksum, "the fixture is a copy of the bench");
+        }
+    }
+}
+
+#[test]
+fn loads_the_coordinated_example() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/coord-2025-001");
+    let spec = load_ok(&dir);
+    assert_eq!(spec.name, "COORD-2025-001");
+    assert_eq!(ids(&spec), [HS, AUTO, VIEW]);
+    assert!(spec.migrations.iter().all(|m| m.selector.is_empty()), "every tenant gets all three");
+    assert!(spec.migrations[0].verify_sql.contains("current_schema()"));
+    assert!(spec.migrations[2].verify_sql.is_empty());
+    assert_eq!(spec.migrations[0].lock_timeout_ms, 5_000);
+    assert_eq!(spec.migrations[0].statement_timeout_ms, 600_000);
+    assert_eq!(spec.default_scope, pb::Scope::Tenant as i32);
+    assert_eq!(spec.policy, pb::FailurePolicy::AllOrNothing as i32);
+    // The plan file is found in the directory, and can be named directly.
+    assert_eq!(load_ok(&dir.join("plan.toml")).migrations, spec.migrations);
+
+    let plan = domain(spec);
+    assert_eq!(plan.parallel_groups.len(), 2);
+    assert_eq!(plan.parallel_groups[0].len(), 2);
+    let view = plan
+        .migrations
+        .iter()
+        .find(|m| m.id.as_str() == VIEW)
+        .unwrap();
+    assert_eq!(view.kind, "view");
+    let deps = &plan.dependencies[&view.id];
+    assert_eq!(deps.len(), 2);
+    assert!(
+        plan.migrations
+            .iter()
+            .all(|m| m.tx_mode == TxMode::Transactional)
+    );
+}
+
+#[test]
+fn loads_a_native_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    native(
+        root,
+        "002_second",
+        Some(
+            r#"
+description = "the second"
+kind = "Index"
+depends_on = ["001_first"]
+scope = "shard"
+selector = "tier in (gold, silver)"
+transactional = true
+lock_timeout = "2s"
+statement_timeout = "1m 30s"
+risk = "high"
+"#,
+        ),
+        "CREATE INDEX i ON t (a);",
+    );
+    native(root, "001_first", None, "CREATE TABLE t (a int);");
+    write(root, "001_first/verify.sql", "SELECT true");
+    write(root, "README.md", "# notes");
+    write(root, ".hidden/up.sql", "garbage");
+    write(root, "notes.txt", "ignored");
+
+    let spec = load_ok(root);
+    assert_eq!(ids(&spec), ["001_first", "002_second"]);
+    assert_eq!(spec.name, root.file_name().unwrap().to_str().unwrap());
+    let first = &spec.migrations[0];
+    assert_eq!(first.verify_sql, "SELECT true");
+    assert_eq!(first.tx_mode, pb::TxMode::Unspecified as i32);
+    assert_eq!(first.kind, "");
+    assert_eq!(first.source, root.join("001_first").display().to_string());
+    assert_eq!(
+        first.checksum,
+        flotilla_proto::checksum("CREATE TABLE t (a int);")
+    );
+    let second = &spec.migrations[1];
+    assert_eq!(second.description, "the second");
+    assert_eq!(second.kind, "index");
+    assert_eq!(second.depends_on, ["001_first"]);
+    assert_eq!(second.scope, pb::Scope::Shard as i32);
+    assert_eq!(second.selector, "tier in (gold, silver)");
+    assert_eq!(second.tx_mode, pb::TxMode::Transactional as i32);
+    assert_eq!(second.lock_timeout_ms, 2_000);
+    assert_eq!(second.statement_timeout_ms, 90_000);
+    assert_eq!(second.risk, "high");
+
+    let plan = domain(spec);
+    assert_eq!(plan.migrations[1].scope, Some(Scope::Shard));
+    assert_eq!(plan.migrations[1].verify_sql, None);
+}
+
+#[test]
+fn loads_a_dbmate_directory_with_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(
+        root,
+        "20250101000000_index.sql",
+        "-- a header comment\n\n-- migrate:up transaction:false\nCREATE INDEX CONCURRENTLY i ON t (a);\n\n-- migrate:down\nDROP INDEX CONCURRENTLY i;\n",
+    );
+    write(
+        root,
+        "20240101000000_no_down.sql",
+        "-- migrate:up\nCREATE TABLE t (a int);\n",
+    );
+    write(
+        root,
+        "20250303000000_bom.sql",
+        "\u{feff}-- migrate:up\r\nSELECT 1;\r\n",
+    );
+    write(
+        root,
+        "20250202000000_explicit.sql",
+        "--migrate:up   transaction:true\nSELECT 1;\n--   migrate:down\n",
+    );
+    let spec = load_ok(root);
+    assert_eq!(
+        ids(&spec),
+        [
+            "20240101000000_no_down",
+            "20250101000000_index",
+            "20250202000000_explicit",
+            "20250303000000_bom",
+        ]
+    );
+    let bom = &spec.migrations[3];
+    assert_eq!(bom.up_sql, "SELECT 1;");
+    assert_eq!(bom.checksum, flotilla_proto::checksum("SELECT 1;"));
+    assert_eq!(spec.migrations[0].down_sql, "");
+    assert_eq!(spec.migrations[0].tx_mode, pb::TxMode::Unspecified as i32);
+    assert_eq!(
+        spec.migrations[1].tx_mode,
+        pb::TxMode::NonTransactional as i32
+    );
+    assert_eq!(
+        spec.migrations[1].up_sql,
+        "CREATE INDEX CONCURRENTLY i ON t (a);"
+    );
+    assert_eq!(spec.migrations[1].down_sql, "DROP INDEX CONCURRENTLY i;");
+    assert_eq!(spec.migrations[2].tx_mode, pb::TxMode::Transactional as i32);
+    assert_eq!(spec.migrations[2].up_sql, "SELECT 1;");
+    domain(spec);
+}
+
+#[test]
+fn mixes_both_formats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(
+        root,
+        "20250103000000_c.sql",
+        "-- migrate:up\nSELECT 3;\n-- migrate:down\nSELECT 0;\n",
+    );
+    native(root, "20250102000000_b", None, "SELECT 2;");
+    write(root, "20250101000000_a.sql", "-- migrate:up\nSELECT 1;\n");
+    write(root, "plan.toml", "name = \"mixed\"\n");
+    let spec = load_ok(root);
+    assert_eq!(
+        ids(&spec),
+        ["20250101000000_a", "20250102000000_b", "20250103000000_c"]
+    );
+    assert_eq!(spec.name, "mixed");
+    domain(spec);
+}
+
+#[test]
+fn plan_file_with_groups_dependencies_and_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    for id in ["a", "b", "c", "d"] {
+        native(
+            &root.join("migrations"),
+            id,
+            None,
+            &format!("SELECT '{id}';"),
+        );
+    }
+    let plan = write(
+        root,
+        "rollout.toml",
+        r#"
+name = "coordinated"
+description = "three of four"
+environment = "staging"
+migrations_dir = "migrations"
+migrations = ["c", "a", "b"]
+selector = "region notin (eu)"
+max_parallel = 16
+policy = "continue"
+scope = "shard"
+fuse = false
+parallel_groups = [["a", "b"], ["c"]]
+
+[dependencies]
+c = ["a", "b"]
+"#,
+    );
+    let spec = load_ok(&plan);
+    assert_eq!(ids(&spec), ["c", "a", "b"], "in the plan's order");
+    assert_eq!(spec.name, "coordinated");
+    assert_eq!(spec.description, "three of four");
+    assert_eq!(spec.environment, "staging");
+    assert_eq!(spec.selector, "region notin (eu)");
+    assert_eq!(spec.max_parallel, 16);
+    assert_eq!(spec.policy, pb::FailurePolicy::Continue as i32);
+    assert_eq!(spec.default_scope, pb::Scope::Shard as i32);
+    assert!(spec.no_fuse);
+    assert_eq!(spec.source, plan.display().to_string());
+    assert_eq!(spec.parallel_groups.len(), 2);
+    assert_eq!(spec.parallel_groups[0].migrations, ["a", "b"]);
+    assert_eq!(spec.dependencies.len(), 1);
+    assert_eq!(spec.dependencies[0].migration, "c");
+    assert_eq!(spec.dependencies[0].depends_on, ["a", "b"]);
+
+    let p = domain(spec);
+    assert!(!p.fuse);
+    assert_eq!(p.max_parallel, 16);
+
+    // A plan without a name takes its file's stem; plan.toml takes its directory's name.
+    write(root, "unnamed.toml", "migrations_dir = \"migrations\"\n");
+    let spec = load_ok(&root.join("unnamed.toml"));
+    assert_eq!(spec.name, "unnamed");
+    assert_eq!(ids(&spec), ["a", "b", "c", "d"]);
+    assert!(!spec.no_fuse);
+    assert_eq!(spec.default_scope, pb::Scope::Unspecified as i32);
+    write(root, "plan.toml", "migrations_dir = \"migrations\"\n");
+    let spec = load_ok(root);
+    assert_eq!(spec.name, root.file_name().unwrap().to_str().unwrap());
+}
+
+#[test]
+fn plan_naming_an_unknown_migration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    native(root, "a", None, "SELECT 1;");
+    let plan = write(
+        root,
+        "plan.toml",
+        "name = \"x\"\nmigrations = [\n  \"a\",\n  \"zzz\",\n]\n",
+    );
+    let e = load_err(root);
+    assert_eq!(
+        e,
+        format!(
+            "{}:4: the plan names migration `zzz`, which is not in {}",
+            plan.display(),
+            root.display()
+        )
+    );
+    write(root, "plan.toml", "migrations = [\"a\", \"a\"]\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("plan.toml:1: migration `a` is listed twice"),
+        "{e}"
+    );
+    // Groups naming unknown migrations are for the graph to refuse.
+    write(
+        root,
+        "plan.toml",
+        "parallel_groups = [[\"a\"], [\"nope\"]]\n",
+    );
+    let spec = load_ok(root);
+    let e = PlanSpec::try_from(spec).unwrap_err();
+    assert!(matches!(e, PlanError::UnknownMigration { .. }), "{e}");
+}
+
+#[test]
+fn unknown_keys_name_the_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    native(
+        root,
+        "a",
+        Some("description = \"x\"\nrisky = \"low\"\n"),
+        "SELECT 1;",
+    );
+    let e = load_err(root);
+    let file = root.join("a/migration.toml").display().to_string();
+    assert!(
+        e.starts_with(&format!("{file}:2: unknown field `risky`")),
+        "{e}"
+    );
+
+    fs::remove_file(root.join("a/migration.toml")).unwrap();
+    write(
+        root,
+        "plan.toml",
+        "name = \"p\"\npolicy = \"stop\"\nmax_paralel = 3\n",
+    );
+    let e = load_err(root);
+    let file = root.join("plan.toml").display().to_string();
+    assert!(
+        e.starts_with(&format!("{file}:3: unknown field `max_paralel`")),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_types_and_bad_values_name_the_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let toml = root.join("a/migration.toml").display().to_string();
+    let cases = [
+        (
+            "transactional = \"yes\"\n",
+            1,
+            "`transactional`: invalid type",
+        ),
+        ("\ndepends_on = \"b\"\n", 2, "`depends_on`: invalid type"),
+        (
+            "description = \"x\"\nkind = \"table\"\n",
+            2,
+            "unknown kind `table`",
+        ),
+        ("risk = \"extreme\"\n", 1, "unknown risk `extreme`"),
+        ("scope = \"galaxy\"\n", 1, "unknown scope `galaxy`"),
+        (
+            "selector = \"industry in hs\"\n",
+            1,
+            "expected `(` after `in`",
+        ),
+        (
+            "depends_on = [\"ok\", \"not ok\"]\n",
+            1,
+            "invalid migration id `not ok`",
+        ),
+        ("description = [unclosed\n", 1, ""),
+    ];
+    for (text, line, message) in cases {
+        native(root, "a", Some(text), "SELECT 1;");
+        let e = load_err(root);
+        assert!(e.starts_with(&format!("{toml}:{line}: ")), "{text:?}: {e}");
+        assert!(e.contains(message), "{text:?}: {e}");
+    }
+    native(root, "a", None, "SELECT 1;");
+    fs::remove_file(root.join("a/migration.toml")).unwrap();
+    let plan = root.join("plan.toml").display().to_string();
+    let cases = [
+        ("max_parallel = -1\n", 1, ""),
+        ("max_parallel = 0\n", 1, "at least 1"),
+        ("fuse = \"no\"\n", 1, "`fuse`: invalid type"),
+        ("\npolicy = \"yolo\"\n", 2, "unknown failure policy `yolo`"),
+        ("scope = \"moon\"\n", 1, "unknown scope `moon`"),
+        ("selector = \"a=(b)\"\n", 1, "expected a value after `=`"),
+        ("migrations_dir = \"nowhere\"\n", 1, "is not a directory"),
+        (
+            "parallel_groups = [[\"a\", \"b c\"]]\n",
+            1,
+            "parallel group 1",
+        ),
+    ];
+    for (text, line, message) in cases {
+        write(root, "plan.toml", text);
+        let e = load_err(root);
+        assert!(e.starts_with(&format!("{plan}:{line}: ")), "{text:?}: {e}");
+        assert!(e.contains(message), "{text:?}: {e}");
+    }
+}
+
+#[test]
+fn bad_durations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let toml = root.join("a/migration.toml").display().to_string();
+    for (text, message) in [
+        (
+            "lock_timeout = \"5 parsecs\"",
+            "invalid lock_timeout `5 parsecs`",
+        ),
+        (
+            "statement_timeout = \"soon\"",
+            "invalid statement_timeout `soon`",
+        ),
+        ("lock_timeout = \"0s\"", "must be at least 1ms"),
+        ("lock_timeout = 5", "invalid type"),
+    ] {
+        native(
+            root,
+            "a",
+            Some(&format!("description = \"d\"\n{text}\n")),
+            "SELECT 1;",
+        );
+        let e = load_err(root);
+        assert!(e.starts_with(&format!("{toml}:2: ")), "{e}");
+        assert!(e.contains(message), "{e}");
+    }
+}
+
+#[test]
+fn missing_and_empty_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    native(root, "a", None, "SELECT 1;");
+    write(root, "b/down.sql", "SELECT 1;");
+    let e = load_err(root);
+    assert_eq!(
+        e,
+        format!(
+            "{}: a migration directory needs up.sql (and down.sql); this one has no up.sql",
+            root.join("b").display()
+        )
+    );
+    fs::remove_dir_all(root.join("b")).unwrap();
+
+    fs::remove_file(root.join("a/down.sql")).unwrap();
+    let e = load_err(root);
+    assert_eq!(e, format!("{}: missing down.sql", root.join("a").display()));
+
+    write(root, "a/down.sql", "-- nothing to undo\n");
+    let e = load_err(root);
+    assert!(e.contains("a/down.sql: holds no SQL statements"), "{e}");
+    assert!(e.contains("irreversible = true"), "{e}");
+
+    write(root, "a/migration.toml", "irreversible = true\n");
+    let spec = load_ok(root);
+    assert_eq!(spec.migrations[0].down_sql, "-- nothing to undo\n");
+
+    write(root, "a/down.sql", "SELECT 1;");
+    let e = load_err(root);
+    assert!(
+        e.contains("holds statements, but migration.toml says irreversible = true"),
+        "{e}"
+    );
+    write(root, "a/down.sql", "SELECT 2;");
+    fs::remove_file(root.join("a/migration.toml")).unwrap();
+
+    write(root, "a/up.sql", "  -- only a comment\n");
+    let e = load_err(root);
+    assert!(e.ends_with("a/up.sql: holds no SQL statements"), "{e}");
+    write(root, "a/up.sql", "SELECT 1;");
+
+    write(root, "a/verify.sql", "SELECT true; SELECT false");
+    let e = load_err(root);
+    assert!(
+        e.contains("verify.sql: must be one query returning a boolean; it holds 2"),
+        "{e}"
+    );
+    fs::remove_file(root.join("a/verify.sql")).unwrap();
+
+    write(root, "a/donw.sql", "SELECT 1;");
+    let e = load_err(root);
+    assert!(
+        e.contains("a/donw.sql: unexpected file in a migration directory"),
+        "{e}"
+    );
+    fs::remove_file(root.join("a/donw.sql")).unwrap();
+
+    write(root, "a/up.sql", "SELECT 1;\nSELECT $$never closed;\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("a/up.sql:2: unterminated dollar-quoted string"),
+        "{e}"
+    );
+}
+
+#[test]
+fn directory_level_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(root, "README.md", "nothing here");
+    let e = load_err(root);
+    assert!(e.contains("no migrations found"), "{e}");
+
+    native(root, "has space", None, "SELECT 1;");
+    let e = load_err(root);
+    assert!(
+        e.contains("has space: directory name is not a migration id"),
+        "{e}"
+    );
+    fs::remove_dir_all(root.join("has space")).unwrap();
+
+    native(root, "20250101000000_x", None, "SELECT 1;");
+    write(root, "20250101000000_x.sql", "-- migrate:up\nSELECT 1;\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("migration `20250101000000_x` is defined twice"),
+        "{e}"
+    );
+    fs::remove_file(root.join("20250101000000_x.sql")).unwrap();
+
+    write(root, "seed.sql", "INSERT INTO t VALUES (1);");
+    let e = load_err(root);
+    assert!(
+        e.contains("seed.sql: not a dbmate migration file name"),
+        "{e}"
+    );
+    fs::remove_file(root.join("seed.sql")).unwrap();
+
+    let e = load_err(&root.join("missing"));
+    assert!(e.contains("missing: "), "{e}");
+    let e = load_err(&root.join("README.md"));
+    assert!(
+        e.contains("expected a migration directory or a plan file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn dbmate_errors_name_the_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let name = "20250101000000_m.sql";
+    let file = root.join(name).display().to_string();
+    let cases = [
+        ("CREATE TABLE t (a int);\n", 1, "no `-- migrate:up` line"),
+        (
+            "-- ok\nCREATE TABLE t (a int);\n-- migrate:up\nSELECT 1;\n",
+            2,
+            "SQL before `-- migrate:up`",
+        ),
+        (
+            "-- migrate:down\nSELECT 1;\n-- migrate:up\nSELECT 1;\n",
+            1,
+            "comes before",
+        ),
+        (
+            "-- migrate:up\nSELECT 1;\n-- migrate:up\n",
+            3,
+            "a second `-- migrate:up` (the first is on line 1)",
+        ),
+        (
+            "-- migrate:up\nSELECT 1;\n-- migrate:Down\n",
+            3,
+            "unknown dbmate marker `-- migrate:Down`",
+        ),
+        (
+            "-- migrate:up transaction:maybe\nSELECT 1;\n",
+            1,
+            "unknown option `transaction:maybe`",
+        ),
+        (
+            "-- migrate:up\n\n-- migrate:down\nSELECT 1;\n",
+            1,
+            "holds no SQL statements",
+        ),
+        (
+            "-- migrate:up\nSELECT 1;\nSELECT 'oops;\n-- migrate:down\n",
+            3,
+            "unterminated quoted string",
+        ),
+        (
+            "-- migrate:up\nSELECT 1;\n-- migrate:down\n\n/* never closed\n",
+            5,
+            "unterminated block comment",
+        ),
+    ];
+    for (text, line, message) in cases {
+        write(root, name, text);
+        let e = load_err(root);
+        assert!(e.starts_with(&format!("{file}:{line}: ")), "{text:?}: {e}");
+        assert!(e.contains(message), "{text:?}: {e}");
+    }
+}
+
+#[test]
+fn concurrent_index_is_detected_non_transactional() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    native(root, "001_table", None, "CREATE TABLE t (a int);");
+    native(
+        root,
+        "002_index",
+        None,
+        "-- online\nCREATE INDEX CONCURRENTLY i ON t (a);",
+    );
+    write(
+        root,
+        "003_dbmate.sql",
+        "-- migrate:up\nINSERT INTO t VALUES (1), (2);\n",
+    );
+    let spec = load_ok(root);
+    assert!(
+        spec.migrations
+            .iter()
+            .all(|m| m.tx_mode == pb::TxMode::Unspecified as i32)
+    );
+    let plan = domain(spec);
+    let modes: Vec<TxMode> = plan.migrations.iter().map(|m| m.tx_mode).collect();
+    assert_eq!(
+        modes,
+        [
+            TxMode::Transactional,
+            TxMode::NonTransactional,
+            TxMode::Transactional
+        ]
+    );
+
+    // Saying transactional = true contradicts the statement: the domain refuses it.
+    write(root, "002_index/migration.toml", "transactional = true\n");
+    let e = PlanSpec::try_from(load_ok(root)).unwrap_err();
+    assert!(matches!(e, PlanError::NotTransactional { .. }), "{e}");
+}
+
+#[test]
+fn overrides_apply_after_the_plan_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    native(root, "a", None, "SELECT 1;");
+    write(
+        root,
+        "plan.toml",
+        "max_parallel = 4\nselector = \"tier=gold\"\npolicy = \"stop\"\nscope = \"tenant\"\n",
+    );
+    let o = Overrides {
+        max_parallel: Some(32),
+        selector: Some(" region in (eu) ".into()),
+        policy: Some("continue".into()),
+        scope: Some("shard".into()),
+        no_fuse: true,
+    };
+    let spec = load(root, &o).unwrap();
+    assert_eq!(spec.max_parallel, 32);
+    assert_eq!(spec.selector, "region in (eu)");
+    assert_eq!(spec.policy, pb::FailurePolicy::Continue as i32);
+    assert_eq!(spec.default_scope, pb::Scope::Shard as i32);
+    assert!(spec.no_fuse);
+
+    // Without overrides, the plan file's values stand.
+    let spec = load_ok(root);
+    assert_eq!(spec.max_parallel, 4);
+    assert_eq!(spec.selector, "tier=gold");
+    assert_eq!(spec.policy, pb::FailurePolicy::Stop as i32);
+    assert_eq!(spec.default_scope, pb::Scope::Tenant as i32);
+    assert!(!spec.no_fuse);
+
+    // `auto` clears the plan's scope.
+    let o = Overrides {
+        scope: Some("auto".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        load(root, &o).unwrap().default_scope,
+        pb::Scope::Unspecified as i32
+    );
+
+    let bad = [
+        (
+            Overrides {
+                policy: Some("yolo".into()),
+                ..Default::default()
+            },
+            "invalid --policy: unknown failure policy `yolo`",
+        ),
+        (
+            Overrides {
+                scope: Some("moon".into()),
+                ..Default::default()
+            },
+            "invalid --scope: unknown scope `moon`",
+        ),
+        (
+            Overrides {
+                selector: Some("a in b".into()),
+                ..Default::default()
+            },
+            "invalid --selector: invalid selector `a in b`",
+        ),
+        (
+            Overrides {
+                max_parallel: Some(0),
+                ..Default::default()
+            },
+            "invalid --max-parallel: must be at least 1",
+        ),
+    ];
+    for (o, message) in bad {
+        let e = load(root, &o).unwrap_err();
+        assert!(matches!(e, LoadError::Override { .. }), "{e}");
+        assert!(e.to_string().starts_with(message), "{e}");
+    }
+}
