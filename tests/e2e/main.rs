@@ -1,1 +1,5 @@
-//! End-to-end tests.
+//! End-to-end tests: the real `flotilla` binary against real PostgreSQL and
+//! etcd processes. The harness lives in `harness/`; see its module docs.
+
+mod harness;
+mod smoke;

@@ -1,0 +1,387 @@
+//! Throwaway etcd clusters (one or more members) on free loopback ports.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use super::process::ManagedProcess;
+use super::wait::{fatal, wait_until};
+use super::{TestDir, find_in_path, free_port, http, is_executable, pid_alive, tail_lines};
+
+/// How long a fresh cluster (or a restarted member) may take to be healthy.
+pub const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Attempts with fresh ports if a member could not bind.
+const START_ATTEMPTS: usize = 3;
+
+/// The etcd binary: `$FLOTILLA_ETCD_BIN`, `$PATH`, `/usr/bin`, `/usr/local/bin`.
+pub fn etcd_binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("FLOTILLA_ETCD_BIN").filter(|b| !b.is_empty()) {
+        return Ok(bin.into());
+    }
+    find_in_path("etcd")
+        .or_else(|| {
+            ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|path| is_executable(path))
+        })
+        .context(
+            "etcd not found (looked at $FLOTILLA_ETCD_BIN, $PATH, /usr/bin, /usr/local/bin); \
+             install it (e.g. `apt-get install etcd-server`) or run scripts/test.sh",
+        )
+}
+
+/// Whether the etcd member serving clients at `addr` reports itself healthy
+/// on `/health` (`{"health":"true"}`: it has a leader and can serve reads).
+pub async fn etcd_health(addr: SocketAddr) -> anyhow::Result<bool> {
+    let response = http::get(addr, "/health").await?;
+    Ok(response.status == 200 && response.body.contains(r#""health":"true""#))
+}
+
+/// One etcd member: its ports, its dir (data and `etcd.log`) and its process
+/// (absent while killed or stopped).
+pub struct EtcdMember {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    args: Vec<String>,
+    process: Option<ManagedProcess>,
+    // Last field: removed after the process is killed.
+    dir: TestDir,
+}
+
+impl EtcdMember {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn client_port(&self) -> u16 {
+        self.client_port
+    }
+
+    pub fn peer_port(&self) -> u16 {
+        self.peer_port
+    }
+
+    pub fn client_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.client_port))
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("etcd.log")
+    }
+
+    /// The member's log across all its runs.
+    pub fn log(&self) -> String {
+        std::fs::read(self.log_path())
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ManagedProcess::pid)
+    }
+
+    fn spawn(&mut self, bin: &PathBuf) -> anyhow::Result<()> {
+        let mut cmd = Command::new(bin);
+        cmd.args(&self.args).current_dir(self.dir.path());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ETCD_") {
+                cmd.env_remove(key);
+            }
+        }
+        let process = ManagedProcess::spawn(cmd, &format!("etcd {}", self.name), &self.log_path())?;
+        self.process = Some(process);
+        Ok(())
+    }
+
+    fn process(&self) -> anyhow::Result<&ManagedProcess> {
+        self.process
+            .as_ref()
+            .with_context(|| format!("etcd member {} is not running", self.name))
+    }
+
+    async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        let pid = self.process()?.pid();
+        let addr = self.client_addr();
+        let what = format!(
+            "etcd member {} ({}) to be healthy",
+            self.name,
+            self.endpoint()
+        );
+        wait_until(&what, timeout, move || async move {
+            if !pid_alive(pid) {
+                return Err(fatal(anyhow::anyhow!("etcd exited")));
+            }
+            etcd_health(addr).await
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "log {}, last 30 lines:\n{}",
+                self.log_path().display(),
+                tail_lines(&self.log(), 30)
+            )
+        })
+    }
+}
+
+/// An etcd cluster of N members, each on its own client and peer port.
+pub struct EtcdCluster {
+    bin: PathBuf,
+    members: Vec<EtcdMember>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until every one is healthy.
+    pub async fn start(size: usize) -> anyhow::Result<EtcdCluster> {
+        Self::start_with_args(size, &[]).await
+    }
+
+    /// Like [`EtcdCluster::start`], with extra flags for every member (e.g.
+    /// `--heartbeat-interval=50`, `--election-timeout=500`).
+    pub async fn start_with_args(size: usize, extra_args: &[&str]) -> anyhow::Result<EtcdCluster> {
+        if size == 0 {
+            bail!("an etcd cluster needs at least one member");
+        }
+        let bin = etcd_binary()?;
+        let mut last_error = None;
+        for attempt in 1..=START_ATTEMPTS {
+            let mut cluster = EtcdCluster {
+                bin: bin.clone(),
+                members: Self::plan_members(size, extra_args)?,
+            };
+            for i in 0..size {
+                let bin = cluster.bin.clone();
+                cluster.members[i].spawn(&bin)?;
+            }
+            let mut result = Ok(());
+            for member in &cluster.members {
+                result = member.wait_healthy(ETCD_START_TIMEOUT).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            let Err(err) = result else {
+                return Ok(cluster);
+            };
+            let port_taken = cluster
+                .members
+                .iter()
+                .any(|member| member.log().contains("address already in use"));
+            if !port_taken {
+                return Err(err);
+            }
+            eprintln!(
+                "[harness] an etcd member could not bind its port (attempt {attempt}/{START_ATTEMPTS}), retrying"
+            );
+            last_error = Some(err);
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    fn plan_members(size: usize, extra_args: &[&str]) -> anyhow::Result<Vec<EtcdMember>> {
+        let token = format!("flotilla-test-{:016x}", rand::random::<u64>());
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let initial_cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(client_port, peer_port))| {
+                let name = format!("m{i}");
+                let dir = TestDir::new(&format!("etcd-{name}"))?;
+                let client_url = format!("http://127.0.0.1:{client_port}");
+                let peer_url = format!("http://127.0.0.1:{peer_port}");
+                let mut args: Vec<String> = [
+                    "--name",
+                    &name,
+                    "--data-dir",
+                    &dir.join("data").to_string_lossy(),
+                    "--listen-client-urls",
+                    &client_url,
+                    "--advertise-client-urls",
+                    &client_url,
+                    "--listen-peer-urls",
+                    &peer_url,
+                    "--initial-advertise-peer-urls",
+                    &peer_url,
+                    "--initial-cluster",
+                    &initial_cluster,
+                    "--initial-cluster-token",
+                    &token,
+                    "--initial-cluster-state",
+                    "new",
+                    "--logger",
+                    "zap",
+                    "--log-outputs",
+                    "stderr",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                args.extend(extra_args.iter().map(|s| s.to_string()));
+                Ok(EtcdMember {
+                    name,
+                    client_port,
+                    peer_port,
+                    args,
+                    process: None,
+                    dir,
+                })
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn member(&self, i: usize) -> &EtcdMember {
+        &self.members[i]
+    }
+
+    /// Client URLs of all members, `http://127.0.0.1:PORT`.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdMember::endpoint).collect()
+    }
+
+    pub fn endpoint(&self, i: usize) -> String {
+        self.members[i].endpoint()
+    }
+
+    pub fn client_addr(&self, i: usize) -> SocketAddr {
+        self.members[i].client_addr()
+    }
+
+    /// Whether member `i` answers `/health` with `"health":"true"`.
+    pub async fn is_healthy(&self, i: usize) -> bool {
+        etcd_health(self.client_addr(i)).await.unwrap_or(false)
+    }
+
+    /// Waits until member `i` is healthy; fails early if it exits.
+    pub async fn wait_healthy(&self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.members[i].wait_healthy(timeout).await
+    }
+
+    /// SIGKILLs member `i` (a crash); its data dir is kept for a restart.
+    pub fn kill_member(&mut self, i: usize) -> anyhow::Result<()> {
+        let member = &mut self.members[i];
+        if let Some(mut process) = member.process.take() {
+            process.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Graceful shutdown of member `i` (SIGTERM, then wait).
+    pub async fn stop_member(&mut self, i: usize) -> anyhow::Result<()> {
+        let member = &mut self.members[i];
+        if let Some(mut process) = member.process.take() {
+            process.terminate().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP member `i`: it hangs with its sockets open.
+    pub fn pause_member(&self, i: usize) -> anyhow::Result<()> {
+        self.members[i].process()?.stop()
+    }
+
+    /// SIGCONT member `i` after [`EtcdCluster::pause_member`].
+    pub fn resume_member(&self, i: usize) -> anyhow::Result<()> {
+        self.members[i].process()?.cont()
+    }
+
+    /// Starts member `i` again on its ports and data dir (killing it first if
+    /// it runs) and waits until it is healthy.
+    pub async fn restart_member(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill_member(i)?;
+        let bin = self.bin.clone();
+        self.members[i].spawn(&bin)?;
+        self.members[i].wait_healthy(ETCD_START_TIMEOUT).await
+    }
+}
+
+/// A single-member etcd.
+pub struct Etcd {
+    cluster: EtcdCluster,
+}
+
+impl Etcd {
+    pub async fn start_single() -> anyhow::Result<Etcd> {
+        Ok(Etcd {
+            cluster: EtcdCluster::start(1).await?,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        self.cluster.endpoint(0)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.cluster.endpoints()
+    }
+
+    pub fn client_addr(&self) -> SocketAddr {
+        self.cluster.client_addr(0)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.cluster.member(0).client_port()
+    }
+
+    pub async fn is_healthy(&self) -> bool {
+        self.cluster.is_healthy(0).await
+    }
+
+    pub fn log(&self) -> String {
+        self.cluster.member(0).log()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.cluster.member(0).pid()
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.cluster.kill_member(0)
+    }
+
+    /// Graceful shutdown (SIGTERM, then wait).
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        self.cluster.stop_member(0).await
+    }
+
+    /// SIGSTOP.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.cluster.pause_member(0)
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.cluster.resume_member(0)
+    }
+
+    /// Starts again on the same port and data dir; waits until healthy.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.cluster.restart_member(0).await
+    }
+
+    pub fn cluster(&self) -> &EtcdCluster {
+        &self.cluster
+    }
+}
