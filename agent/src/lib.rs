@@ -1,1 +1,195 @@
-//! Flotilla per-shard agent.
+//! Flotilla's per-shard agent.
+//!
+//! One agent serves one shard database. It dials out to the coordinator (one bidirectional
+//! `AgentService.Attach` stream), applies the steps it is assigned with their journal rows in
+//! the same shard transaction, checks the shard-side fence in every change, and reports back.
+//! `main` parses flags and calls [`start`]; tests and the embedded quickstart do the same.
+//!
+//! # Failpoints (feature `testing`)
+//! Configured from the `FAILPOINTS` environment variable (`name=actions;name2=actions`, the
+//! `fail` crate's syntax), read once when the first agent of the process starts:
+//! - `agent::before_step_commit`: `return[(msg)]` fails the step before its COMMIT (the
+//!   transaction rolls back); `sleep(ms)`/`pause`/`panic` as usual.
+//! - `agent::after_step_commit_before_report`: `return` exits the process (code 86) right
+//!   after a commit and before its result is reported, as a crash there would.
+//! - `agent::before_rollback_step`: `return[(msg)]` fails the undo of a step.
+//! - `agent::before_send_results`: `return` drops the coordinator stream before sending
+//!   buffered results; they are sent after the next Hello.
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_proto::pb;
+use sqlx::postgres::PgPool;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, instrument, warn};
+
+mod config;
+mod error;
+mod executor;
+pub mod metrics;
+mod plans;
+mod rollback;
+mod session;
+mod shard;
+mod sqlgen;
+
+pub use config::{AgentConfig, redact_dsn};
+pub use error::AgentError;
+
+use crate::plans::Plan;
+use crate::session::Outgoing;
+use crate::shard::TenantSource;
+
+/// How long in-flight runs get to finish once shutdown is asked for; after that they are
+/// abandoned (their open transactions roll back on the shard).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What the agent's tasks share.
+pub(crate) struct Agent {
+    pub config: AgentConfig,
+    pub pool: PgPool,
+    tenant_source: TenantSource,
+    tenants: Mutex<Vec<pb::Tenant>>,
+    pub plans: Mutex<HashMap<String, Arc<Plan>>>,
+    /// One permit per shard connection that runs and undos may hold.
+    pub slots: Arc<Semaphore>,
+    /// The epoch of the coordinator that welcomed us last (the steps carry their own).
+    pub welcome_epoch: AtomicU64,
+    pub outbox: mpsc::UnboundedSender<Outgoing>,
+    pub tasks: TaskTracker,
+    /// Shutdown asked: take no new work.
+    pub cancel: CancellationToken,
+    /// Grace is over: abandon work in flight.
+    pub abort: CancellationToken,
+}
+
+/// Runs an agent until `shutdown` resolves: connects to the shard (waiting for it to come
+/// up), installs the flotilla schema, then keeps a stream to the coordinator.
+#[instrument(skip_all, fields(shard = %config.shard))]
+pub async fn start(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    config.validate()?;
+    metrics::describe();
+    setup_failpoints();
+    let endpoint = session::endpoint(&config.shard, &config.coordinator)?;
+    let cancel = CancellationToken::new();
+    let watcher = cancel.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = shutdown => watcher.cancel(),
+            () = watcher.cancelled() => {}
+        }
+    });
+    let result = run(config, endpoint, cancel.clone()).await;
+    cancel.cancel();
+    result
+}
+
+async fn run(
+    config: AgentConfig,
+    endpoint: tonic::transport::Endpoint,
+    cancel: CancellationToken,
+) -> Result<(), AgentError> {
+    let Some(pool) = shard::connect(&config, &cancel).await? else { return Ok(()) };
+    shard::install_schema(&pool, &config.shard).await?;
+    let tenant_source = TenantSource::from_config(&config);
+    let tenants = shard::discover_tenants(&pool, &config.shard, &tenant_source)
+        .await
+        .map_err(|error| AgentError::Shard { shard: config.shard.clone(), what: "discovering tenants", error })?;
+    info!(tenants = tenants.len(), dsn = %config.redacted_dsn(), "agent ready");
+    let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+    let agent = Arc::new(Agent {
+        slots: Arc::new(Semaphore::new(config.max_connections as usize)),
+        config,
+        pool: pool.clone(),
+        tenant_source,
+        tenants: Mutex::new(tenants),
+        plans: Mutex::new(HashMap::new()),
+        welcome_epoch: AtomicU64::new(0),
+        outbox: outbox_tx,
+        tasks: TaskTracker::new(),
+        cancel: cancel.clone(),
+        abort: CancellationToken::new(),
+    });
+    session::run(agent.clone(), session::Outbox::new(outbox_rx), endpoint).await;
+    info!("agent stopping");
+    metrics::coordinator_connected(false);
+    agent.tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait()).await.is_err() {
+        warn!("work still running after the grace period; abandoning it");
+        agent.abort.cancel();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait()).await;
+    }
+    pool.close().await;
+    Ok(())
+}
+
+impl Agent {
+    /// Rediscovers the shard's tenants, keeping the last list if the shard cannot be read.
+    pub(crate) async fn refresh_tenants(&self) -> Result<Vec<pb::Tenant>, sqlx::Error> {
+        match shard::discover_tenants(&self.pool, &self.config.shard, &self.tenant_source).await {
+            Ok(tenants) => {
+                *self.tenants.lock().expect("tenants lock") = tenants.clone();
+                Ok(tenants)
+            }
+            Err(error) => {
+                warn!(shard = %self.config.shard, %error, "tenant discovery failed; keeping the last list");
+                Err(error)
+            }
+        }
+    }
+
+    pub(crate) fn known_tenants(&self) -> Vec<pb::Tenant> {
+        self.tenants.lock().expect("tenants lock").clone()
+    }
+
+    /// Fresh tenants and the journal rows of the asked migrations.
+    #[instrument(skip_all, fields(shard = %self.config.shard, request = req.request_id))]
+    pub(crate) async fn preflight(&self, req: pb::PreflightRequest) -> pb::PreflightReply {
+        let mut errors = Vec::new();
+        let tenants = match self.refresh_tenants().await {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!("shard {}: discovering tenants: {e}", self.config.shard));
+                self.known_tenants()
+            }
+        };
+        let applied = match shard::read_for_preflight(&self.pool, &req.migration_ids).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!(error = %e, "reading the journal for a preflight failed");
+                errors.push(format!("shard {}: reading the journal: {e}", self.config.shard));
+                Vec::new()
+            }
+        };
+        pb::PreflightReply { request_id: req.request_id, tenants, applied, error: errors.join("; ") }
+    }
+}
+
+/// Reads `FAILPOINTS` once per process (feature `testing` only).
+fn setup_failpoints() {
+    #[cfg(feature = "testing")]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let Ok(spec) = std::env::var("FAILPOINTS") else { return };
+            for item in spec.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                let Some((name, actions)) = item.split_once('=') else {
+                    warn!(failpoint = %item, "ignoring a failpoint without `=actions`");
+                    continue;
+                };
+                match fail::cfg(name.trim(), actions.trim()) {
+                    Ok(()) => info!(failpoint = %name.trim(), actions = %actions.trim(), "failpoint armed"),
+                    Err(error) => warn!(failpoint = %name.trim(), %error, "ignoring an invalid failpoint"),
+                }
+            }
+        });
+    }
+}

@@ -128,7 +128,7 @@ pub fn plan_steps(
     let mut steps: Vec<PlannedStep> = Vec::new();
     // Targets in order, migrations in topological order within each: dependencies
     // on the same target always come first.
-    for t in 0..targets.len() {
+    for (t, _) in targets.iter().enumerate() {
         for &m in &graph.order {
             if exists(m, t) {
                 index.insert((m, t), steps.len());

@@ -152,8 +152,26 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<pb::PlanSpec, LoadErro
         ));
     };
     spec.source = path.display().to_string();
+    chain_when_unordered(&mut spec);
     apply(&mut spec, overrides)?;
     Ok(spec)
+}
+
+/// A plan that says nothing about order (no parallel groups, no dependencies,
+/// no `depends_on`) runs its migrations in id order on each target, as every
+/// single-database tool (dbmate included) would: each waits for the one before.
+fn chain_when_unordered(spec: &mut pb::PlanSpec) {
+    let unordered = spec.parallel_groups.is_empty()
+        && spec.dependencies.is_empty()
+        && spec.migrations.iter().all(|m| m.depends_on.is_empty());
+    if !unordered {
+        return;
+    }
+    spec.dependencies = spec
+        .migrations
+        .windows(2)
+        .map(|w| pb::Dependency { migration: w[1].id.clone(), depends_on: vec![w[0].id.clone()] })
+        .collect();
 }
 
 /// Applies command-line overrides on top of what the plan file says.

@@ -137,6 +137,7 @@ pub struct PlanRun {
 }
 
 impl PlanRun {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: String,
         spec: Arc<PlanSpec>,

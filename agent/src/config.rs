@@ -1,0 +1,223 @@
+//! The agent's configuration, as `main` resolves it (flags, files, environment).
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::AgentError;
+
+/// Everything one agent needs: which shard it serves, how to reach it, and how to reach the
+/// coordinator. The password is kept apart from the DSN so it never travels with it.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// The shard's name, as the coordinator and the journal know it.
+    pub shard: String,
+    /// `postgres://user@host:port/db?...`, with no password in it.
+    pub dsn: String,
+    /// Read by `main` from a file or the environment; never logged.
+    pub password: Option<String>,
+    /// The shard's labels, for plan selectors.
+    pub labels: BTreeMap<String, String>,
+    /// The coordinator's address, e.g. `http://127.0.0.1:7070`.
+    pub coordinator: String,
+    /// A LIKE pattern on schema names (`tenant_%`): each matching schema is a tenant.
+    pub tenant_pattern: Option<String>,
+    /// A query whose first column is a schema name and whose optional second column holds
+    /// labels (`k=v,k2=v2` text, or a json object).
+    pub tenant_query: Option<String>,
+    /// How many runs may hold a shard connection at once (the pool holds one more for
+    /// journal reads and discovery).
+    pub max_connections: u32,
+    /// How often to send a heartbeat until the coordinator's Welcome says otherwise.
+    pub heartbeat_interval: Duration,
+    /// The first delay before reconnecting (to the coordinator or the shard).
+    pub reconnect_min: Duration,
+    /// The longest delay between reconnect attempts.
+    pub reconnect_max: Duration,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+impl AgentConfig {
+    /// A configuration with the defaults: no password, no labels, no tenants.
+    pub fn new(
+        shard: impl Into<String>,
+        dsn: impl Into<String>,
+        coordinator: impl Into<String>,
+    ) -> AgentConfig {
+        AgentConfig {
+            shard: shard.into(),
+            dsn: dsn.into(),
+            password: None,
+            labels: BTreeMap::new(),
+            coordinator: coordinator.into(),
+            tenant_pattern: None,
+            tenant_query: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            reconnect_min: DEFAULT_RECONNECT_MIN,
+            reconnect_max: DEFAULT_RECONNECT_MAX,
+        }
+    }
+
+    /// Checks what can be checked without touching the network.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        let bad = |reason: String| AgentError::Config { shard: self.shard.clone(), reason };
+        flotilla_proto::validate_shard_name(&self.shard).map_err(bad)?;
+        if self.tenant_pattern.is_some() && self.tenant_query.is_some() {
+            return Err(bad("set tenant_pattern or tenant_query, not both".into()));
+        }
+        if self.max_connections == 0 {
+            return Err(bad("max_connections must be at least 1".into()));
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
+            return Err(bad(format!(
+                "reconnect_min ({:?}) must be above zero and at most reconnect_max ({:?})",
+                self.reconnect_min, self.reconnect_max
+            )));
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err(bad("heartbeat_interval must be above zero".into()));
+        }
+        if self.coordinator.is_empty() {
+            return Err(bad("no coordinator address".into()));
+        }
+        Ok(())
+    }
+
+    /// The DSN with any password in it replaced, safe for logs and errors.
+    pub fn redacted_dsn(&self) -> String {
+        redact_dsn(&self.dsn)
+    }
+}
+
+impl fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("shard", &self.shard)
+            .field("dsn", &redact_dsn(&self.dsn))
+            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("labels", &self.labels)
+            .field("coordinator", &redact_dsn(&self.coordinator))
+            .field("tenant_pattern", &self.tenant_pattern)
+            .field("tenant_query", &self.tenant_query)
+            .field("max_connections", &self.max_connections)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .finish()
+    }
+}
+
+const REDACTED: &str = "<redacted>";
+
+/// Hides passwords in a DSN, whichever way they were written: `scheme://user:PW@host`,
+/// `?password=PW` in a URL, or `password=PW` in a key/value connection string.
+pub fn redact_dsn(dsn: &str) -> String {
+    let mut out = dsn.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        let authority_end = out[rest_start..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest_start + i);
+        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+            let userinfo = &out[rest_start..rest_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest_start + colon + 1..rest_start + at, REDACTED);
+            }
+        }
+    }
+    redact_password_params(&out)
+}
+
+/// Replaces the value of every `password=` parameter (URL query or key/value form).
+fn redact_password_params(s: &str) -> String {
+    let lower = s.to_ascii_lowercase();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while let Some(found) = lower[i..].find("password=") {
+        let start = i + found;
+        let preceded_ok = start == 0 || matches!(s.as_bytes()[start - 1], b'?' | b'&' | b' ' | b'\t');
+        let value_start = start + "password=".len();
+        out.push_str(&s[i..value_start]);
+        if !preceded_ok {
+            i = value_start;
+            continue;
+        }
+        let rest = &s[value_start..];
+        let value_len = if let Some(quoted) = rest.strip_prefix('\'') {
+            // key/value form allows 'quoted values' with \' escapes
+            let mut end = quoted.len();
+            let mut escaped = false;
+            for (j, c) in quoted.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '\'' if !escaped => {
+                        end = j + 1;
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            1 + end
+        } else {
+            rest.find(['&', ' ', '\t', '#']).unwrap_or(rest.len())
+        };
+        out.push_str(REDACTED);
+        i = value_start + value_len;
+    }
+    out.push_str(&s[i..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_userinfo_password() {
+        assert_eq!(
+            redact_dsn("postgres://app:s3cr%40t@db.example:5432/shard_0"),
+            "postgres://app:<redacted>@db.example:5432/shard_0"
+        );
+        assert_eq!(redact_dsn("postgres://app@db:5432/x"), "postgres://app@db:5432/x");
+        assert_eq!(redact_dsn("postgres://db/x?user=a"), "postgres://db/x?user=a");
+    }
+
+    #[test]
+    fn redacts_password_parameters() {
+        assert_eq!(
+            redact_dsn("postgres://db/x?user=a&password=hunter2&sslmode=require"),
+            "postgres://db/x?user=a&password=<redacted>&sslmode=require"
+        );
+        assert_eq!(
+            redact_dsn("host=db password='a b\\' c' dbname=s"),
+            "host=db password=<redacted> dbname=s"
+        );
+        assert_eq!(redact_dsn("host=db PASSWORD=pw dbname=s"), "host=db PASSWORD=<redacted> dbname=s");
+        // not a password parameter
+        assert_eq!(redact_dsn("postgres://db/x?nopassword=1"), "postgres://db/x?nopassword=1");
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let mut c = AgentConfig::new("s0", "postgres://u:pw1@h/db", "http://127.0.0.1:7070");
+        c.password = Some("pw2".into());
+        let text = format!("{c:?}");
+        assert!(!text.contains("pw1") && !text.contains("pw2"), "{text}");
+        assert!(text.contains("<redacted>"));
+    }
+
+    #[test]
+    fn validates() {
+        let mut c = AgentConfig::new("s0", "postgres://h/db", "http://127.0.0.1:7070");
+        assert!(c.validate().is_ok());
+        c.tenant_pattern = Some("t_%".into());
+        c.tenant_query = Some("select 1".into());
+        assert!(c.validate().unwrap_err().to_string().contains("s0"));
+        let c = AgentConfig::new("bad name", "postgres://h/db", "x");
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,152 @@
+//! The crate's error type, and the one place where shard errors become step errors.
+use flotilla_proto::pb;
+use sqlx::postgres::PgDatabaseError;
+
+/// What can stop an agent. Each message names the shard and what failed; none holds a password.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("shard {shard}: invalid configuration: {reason}")]
+    Config { shard: String, reason: String },
+    #[error("shard {shard}: cannot connect to {host}:{port}/{database}: {error}")]
+    ShardConnect {
+        shard: String,
+        host: String,
+        port: u16,
+        database: String,
+        error: sqlx::Error,
+    },
+    #[error("shard {shard}: {what}: {error}")]
+    Shard {
+        shard: String,
+        what: &'static str,
+        error: sqlx::Error,
+    },
+    #[error(
+        "shard {shard}: its flotilla schema is version {found}, newer than the {supported} this agent knows; upgrade the agent"
+    )]
+    SchemaTooNew {
+        shard: String,
+        found: String,
+        supported: u32,
+    },
+    #[error("shard {shard}: coordinator {address}: {reason}")]
+    Coordinator {
+        shard: String,
+        address: String,
+        reason: String,
+    },
+}
+
+/// SQLSTATE raised by `flotilla.check_fence` when a step's epoch is older than the shard's.
+pub const SQLSTATE_FENCED: &str = "FL002";
+/// SQLSTATE raised by `flotilla.check_verify` when a verify query is not true.
+pub const SQLSTATE_VERIFY: &str = "FL003";
+const SQLSTATE_UNIQUE_VIOLATION: &str = "23505";
+const JOURNAL_PKEY: &str = "journal_pkey";
+
+/// A step that did not go through, with what we know about why.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Failure {
+    pub error: pb::StepError,
+    /// Another session committed the same step first (its journal row is there).
+    pub concurrent_apply: bool,
+    /// The connection is gone or unusable: the outcome of what was in flight is unknown.
+    pub connection_lost: bool,
+}
+
+impl Failure {
+    /// A failure found by the agent itself, not reported by the shard.
+    pub fn agent(phase: &str, message: impl Into<String>) -> Failure {
+        Failure {
+            error: pb::StepError {
+                sqlstate: String::new(),
+                message: message.into(),
+                detail: String::new(),
+                phase: phase.into(),
+            },
+            concurrent_apply: false,
+            connection_lost: false,
+        }
+    }
+}
+
+/// Maps a shard error to a step error. `phase` is what was running ("up" or "down") when the
+/// error is not one of ours (fence, verify, journal) and not a lost connection.
+pub(crate) fn classify(e: &sqlx::Error, phase: &str) -> Failure {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let pg = db.try_downcast_ref::<PgDatabaseError>();
+            let constraint = pg.and_then(PgDatabaseError::constraint).or(db.constraint());
+            let concurrent_apply =
+                code == SQLSTATE_UNIQUE_VIOLATION && constraint == Some(JOURNAL_PKEY);
+            let phase = match code.as_str() {
+                SQLSTATE_FENCED => "fence",
+                SQLSTATE_VERIFY => "verify",
+                _ if concurrent_apply => "journal",
+                _ => phase,
+            };
+            Failure {
+                error: pb::StepError {
+                    sqlstate: code,
+                    message: db.message().to_string(),
+                    detail: pg.and_then(PgDatabaseError::detail).unwrap_or_default().to_string(),
+                    phase: phase.into(),
+                },
+                concurrent_apply,
+                connection_lost: false,
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => Failure {
+            error: pb::StepError {
+                sqlstate: String::new(),
+                message: e.to_string(),
+                detail: String::new(),
+                phase: "connect".into(),
+            },
+            concurrent_apply: false,
+            connection_lost: true,
+        },
+        other => Failure::agent(phase, other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_connections_are_connect_errors() {
+        let e = sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+        let f = classify(&e, "up");
+        assert_eq!(f.error.phase, "connect");
+        assert_eq!(f.error.sqlstate, "");
+        assert!(f.connection_lost && !f.concurrent_apply);
+        assert!(classify(&sqlx::Error::PoolTimedOut, "down").connection_lost);
+    }
+
+    #[test]
+    fn other_errors_keep_the_phase() {
+        let f = classify(&sqlx::Error::RowNotFound, "down");
+        assert_eq!(f.error.phase, "down");
+        assert!(!f.connection_lost);
+    }
+
+    #[test]
+    fn messages_name_the_shard() {
+        let e = AgentError::ShardConnect {
+            shard: "s1".into(),
+            host: "db".into(),
+            port: 5432,
+            database: "shard_1".into(),
+            error: sqlx::Error::PoolTimedOut,
+        };
+        let text = e.to_string();
+        assert!(text.starts_with("shard s1: cannot connect to db:5432/shard_1"), "{text}");
+    }
+}

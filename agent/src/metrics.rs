@@ -1,0 +1,114 @@
+//! Every metric the agent exports. Names carry the `flotilla_agent_` prefix and a unit
+//! suffix; label values come from the closed enums below, never from user input.
+use std::sync::Once;
+use std::time::Duration;
+
+use flotilla_proto::pb;
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+
+pub const STEPS_TOTAL: &str = "flotilla_agent_steps_total";
+pub const STEP_DURATION_SECONDS: &str = "flotilla_agent_step_duration_seconds";
+pub const RUNS_IN_FLIGHT: &str = "flotilla_agent_runs_in_flight";
+pub const COORDINATOR_CONNECTED: &str = "flotilla_agent_coordinator_connected";
+pub const RECONNECTS_TOTAL: &str = "flotilla_agent_reconnects_total";
+
+/// What became of one step (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    Applied,
+    AlreadyApplied,
+    Failed,
+    NotRun,
+    RolledBack,
+}
+
+impl StepOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepOutcome::Applied => "applied",
+            StepOutcome::AlreadyApplied => "already_applied",
+            StepOutcome::Failed => "failed",
+            StepOutcome::NotRun => "not_run",
+            StepOutcome::RolledBack => "rolled_back",
+        }
+    }
+
+    /// The wire outcome; a rollback is reported in a `RollbackReply`, not as a step outcome.
+    pub fn to_pb(self) -> pb::StepOutcome {
+        match self {
+            StepOutcome::Applied => pb::StepOutcome::Applied,
+            StepOutcome::AlreadyApplied => pb::StepOutcome::AlreadyApplied,
+            StepOutcome::Failed => pb::StepOutcome::Failed,
+            StepOutcome::NotRun => pb::StepOutcome::NotRun,
+            StepOutcome::RolledBack => pb::StepOutcome::Unspecified,
+        }
+    }
+}
+
+/// How a step ran (the `mode` label of the duration histogram).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepMode {
+    Transactional,
+    NonTransactional,
+    Rollback,
+}
+
+impl StepMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepMode::Transactional => "transactional",
+            StepMode::NonTransactional => "non_transactional",
+            StepMode::Rollback => "rollback",
+        }
+    }
+}
+
+/// Describes every metric once per process (the recorder may be installed later; the
+/// `metrics` facade keeps descriptions only if a recorder is there, so `start` calls this).
+pub fn describe() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        describe_counter!(STEPS_TOTAL, Unit::Count, "Steps this agent finished, by outcome.");
+        describe_histogram!(
+            STEP_DURATION_SECONDS,
+            Unit::Seconds,
+            "Time a step (or the undo of one) spent on the shard, by mode and outcome."
+        );
+        describe_gauge!(RUNS_IN_FLIGHT, Unit::Count, "Runs executing on the shard right now.");
+        describe_gauge!(
+            COORDINATOR_CONNECTED,
+            Unit::Count,
+            "1 while the agent's stream to the coordinator is open, else 0."
+        );
+        describe_counter!(
+            RECONNECTS_TOTAL,
+            Unit::Count,
+            "Times the agent reconnected to the coordinator after losing its stream."
+        );
+    });
+}
+
+pub fn step_finished(outcome: StepOutcome) {
+    counter!(STEPS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
+
+pub fn step_duration(mode: StepMode, outcome: StepOutcome, elapsed: Duration) {
+    histogram!(STEP_DURATION_SECONDS, "mode" => mode.as_str(), "outcome" => outcome.as_str())
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn run_started() {
+    gauge!(RUNS_IN_FLIGHT).increment(1.0);
+}
+
+pub fn run_finished() {
+    gauge!(RUNS_IN_FLIGHT).decrement(1.0);
+}
+
+pub fn coordinator_connected(connected: bool) {
+    gauge!(COORDINATOR_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+}
+
+pub fn reconnected() {
+    counter!(RECONNECTS_TOTAL).increment(1);
+}

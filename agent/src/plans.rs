@@ -1,0 +1,293 @@
+//! Plans on this shard: their definitions, their queues of runs, and the lanes that drain
+//! them. A lane holds one pooled connection while its plan has queued runs, so runs reuse
+//! connections without a pool round trip (or a ping) between them.
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+
+use flotilla_proto::{Migration, pb};
+use futures::FutureExt;
+use sqlx::pool::PoolConnection;
+use sqlx::Postgres;
+use tokio::sync::Notify;
+use tracing::{Instrument, info_span, instrument, warn};
+
+use crate::error::Failure;
+use crate::executor::{self, Job};
+use crate::sqlgen::{PreparedMigration, quote_literal};
+use crate::{Agent, metrics, shard};
+
+/// A plan's migrations, validated and prepared on receipt.
+#[derive(Debug)]
+pub(crate) struct PlanDef {
+    pub plan_id: String,
+    pub plan_lit: String,
+    pub migrations: HashMap<String, Arc<PreparedMigration>>,
+}
+
+impl PlanDef {
+    pub fn from_pb(def: pb::PlanDefinition) -> Result<PlanDef, String> {
+        let mut migrations = HashMap::with_capacity(def.migrations.len());
+        for m in def.migrations {
+            let id = m.id.clone();
+            let m = Migration::try_from(m).map_err(|e| e.to_string())?;
+            let prepared = PreparedMigration::new(
+                m,
+                def.default_lock_timeout_ms,
+                def.default_statement_timeout_ms,
+            )?;
+            migrations.insert(id, Arc::new(prepared));
+        }
+        Ok(PlanDef { plan_lit: quote_literal(&def.plan_id)?, plan_id: def.plan_id, migrations })
+    }
+}
+
+/// One plan's state on this shard.
+pub(crate) struct Plan {
+    pub id: String,
+    /// None until a PlanDefinition arrives; Err when it did not validate.
+    definition: Mutex<Option<Result<Arc<PlanDef>, String>>>,
+    state: Mutex<PlanState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct PlanState {
+    queue: VecDeque<Job>,
+    lanes: usize,
+    workers: usize,
+    in_flight: usize,
+    /// Bumped by every halt, so runs read from the journal before it are not queued after it.
+    halts: u64,
+}
+
+impl Plan {
+    pub fn definition(&self) -> Result<Arc<PlanDef>, String> {
+        match &*self.definition.lock().expect("plan lock") {
+            Some(Ok(def)) => Ok(def.clone()),
+            Some(Err(e)) => Err(format!("the definition of plan {} is invalid: {e}", self.id)),
+            None => Err(format!("no definition of plan {} was received", self.id)),
+        }
+    }
+
+    /// Waits until no run of the plan is executing.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.state.lock().expect("plan lock").in_flight == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Agent {
+    pub(crate) fn plan(&self, plan_id: &str) -> Arc<Plan> {
+        let mut plans = self.plans.lock().expect("plans lock");
+        plans
+            .entry(plan_id.to_string())
+            .or_insert_with(|| {
+                Arc::new(Plan {
+                    id: plan_id.to_string(),
+                    definition: Mutex::new(None),
+                    state: Mutex::new(PlanState::default()),
+                    changed: Notify::new(),
+                })
+            })
+            .clone()
+    }
+
+    #[instrument(skip_all, fields(shard = %self.config.shard, plan = %def.plan_id))]
+    pub(crate) fn define_plan(&self, def: pb::PlanDefinition) {
+        let plan = self.plan(&def.plan_id);
+        let converted = PlanDef::from_pb(def).map(Arc::new);
+        if let Err(error) = &converted {
+            warn!(%error, "plan definition rejected; its runs will fail");
+        }
+        *plan.definition.lock().expect("plan lock") = Some(converted);
+    }
+
+    /// Sends a run's result toward the coordinator (now, or after the next Hello).
+    pub(crate) fn report(&self, plan_id: &str, result: pb::RunResult) {
+        for step in &result.steps {
+            let outcome = match pb::StepOutcome::try_from(step.outcome) {
+                Ok(pb::StepOutcome::Applied) => metrics::StepOutcome::Applied,
+                Ok(pb::StepOutcome::AlreadyApplied) => metrics::StepOutcome::AlreadyApplied,
+                Ok(pb::StepOutcome::NotRun) => metrics::StepOutcome::NotRun,
+                _ => metrics::StepOutcome::Failed,
+            };
+            metrics::step_finished(outcome);
+        }
+        let _ = self.outbox.send(crate::session::Outgoing::Run { plan_id: plan_id.to_string(), result });
+    }
+
+    /// Queues the runs of an Assign after one journal read for all of them.
+    #[instrument(skip_all, fields(shard = %self.config.shard, plan = %assign.plan_id, runs = assign.runs.len()))]
+    pub(crate) fn assign(self: &Arc<Self>, assign: pb::Assign) {
+        let plan = self.plan(&assign.plan_id);
+        let halts = {
+            let mut st = plan.state.lock().expect("plan lock");
+            st.lanes = assign.lanes.max(1) as usize;
+            st.halts
+        };
+        let def = match plan.definition() {
+            Ok(def) => def,
+            Err(message) => {
+                warn!(%message, "runs assigned for a plan without a valid definition");
+                for run in &assign.runs {
+                    let failure = Failure::agent("definition", message.clone());
+                    self.report(&plan.id, executor::all_failed(run, &failure));
+                }
+                return;
+            }
+        };
+        let agent = self.clone();
+        let span = tracing::Span::current();
+        self.tasks.spawn(
+            async move { agent.queue_runs(plan, def, assign.epoch, assign.runs, halts).await }
+                .instrument(span),
+        );
+    }
+
+    async fn queue_runs(self: Arc<Self>, plan: Arc<Plan>, def: Arc<PlanDef>, epoch: u64, runs: Vec<pb::Run>, halts: u64) {
+        let mut jobs = Vec::with_capacity(runs.len());
+        for run in runs {
+            match Job::new(&def, run, epoch) {
+                Ok(job) => jobs.push(job),
+                Err(rejected) => {
+                    let (run, failure) = *rejected;
+                    self.report(&plan.id, executor::all_failed(&run, &failure));
+                }
+            }
+        }
+        let targets: BTreeSet<&str> = jobs.iter().map(|j| j.tenant.as_str()).collect();
+        let migrations: BTreeSet<&str> = jobs.iter().flat_map(|j| j.steps.iter().map(|s| s.id())).collect();
+        let targets: Vec<String> = targets.into_iter().map(str::to_string).collect();
+        let migrations: Vec<String> = migrations.into_iter().map(str::to_string).collect();
+        match shard::read_applied(&self.pool, &targets, &migrations).await {
+            Ok(rows) => {
+                let mut by_key: HashMap<(String, String), String> = rows
+                    .into_iter()
+                    .map(|r| ((r.target, r.migration_id), r.checksum))
+                    .collect();
+                for job in &mut jobs {
+                    job.mark_applied(&mut by_key);
+                }
+            }
+            // The journal decides anyway: a step applied meanwhile fails its journal insert
+            // (or its up SQL) and the failure path re-reads the journal.
+            Err(error) => warn!(%error, "reading the journal before the runs failed; running them unchecked"),
+        }
+        let mut todo = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if job.fully_applied() {
+                self.report(&plan.id, job.already_applied_result());
+            } else {
+                todo.push(job);
+            }
+        }
+        let mut st = plan.state.lock().expect("plan lock");
+        if st.halts != halts || self.cancel.is_cancelled() {
+            drop(st);
+            for job in todo {
+                self.report(&plan.id, executor::not_run(&job.run));
+            }
+            return;
+        }
+        st.queue.extend(todo);
+        let wanted = st.lanes.min(st.queue.len() + st.in_flight);
+        while st.workers < wanted {
+            st.workers += 1;
+            let span = info_span!("lane", shard = %self.config.shard, plan = %plan.id);
+            self.tasks.spawn(self.clone().lane(plan.clone()).instrument(span));
+        }
+    }
+
+    /// Drops the plan's queued runs (reported NOT_RUN); runs in flight finish.
+    #[instrument(skip_all, fields(shard = %self.config.shard, plan = %plan.id))]
+    pub(crate) fn halt(&self, plan: &Plan) {
+        let dropped: Vec<Job> = {
+            let mut st = plan.state.lock().expect("plan lock");
+            st.halts += 1;
+            st.queue.drain(..).collect()
+        };
+        if !dropped.is_empty() {
+            tracing::info!(dropped = dropped.len(), "plan halted");
+        }
+        for job in dropped {
+            self.report(&plan.id, executor::not_run(&job.run));
+        }
+    }
+
+    /// One lane: takes runs from the plan's queue until it is empty, on one connection.
+    async fn lane(self: Arc<Self>, plan: Arc<Plan>) {
+        let _slot = self.slots.clone().acquire_owned().await;
+        let mut conn: Option<PoolConnection<Postgres>> = None;
+        loop {
+            let job = {
+                let mut st = plan.state.lock().expect("plan lock");
+                let next = if st.workers > st.lanes || self.cancel.is_cancelled() {
+                    None
+                } else {
+                    st.queue.pop_front()
+                };
+                match next {
+                    Some(job) => {
+                        st.in_flight += 1;
+                        job
+                    }
+                    None => {
+                        st.workers -= 1;
+                        break;
+                    }
+                }
+            };
+            let result = self.execute(&mut conn, &job).await;
+            if let Some(result) = result {
+                self.report(&plan.id, result);
+            }
+            plan.state.lock().expect("plan lock").in_flight -= 1;
+            plan.changed.notify_waiters();
+        }
+        plan.changed.notify_waiters();
+    }
+
+    /// Runs one job on the lane's connection (acquiring one if needed). None when the agent
+    /// is stopping and abandoned the run (the shard rolls back what was open).
+    async fn execute(&self, conn: &mut Option<PoolConnection<Postgres>>, job: &Job) -> Option<pb::RunResult> {
+        if conn.is_none() {
+            match self.pool.acquire().await {
+                Ok(c) => *conn = Some(c),
+                Err(e) => {
+                    let failure = crate::error::classify(&e, "connect");
+                    warn!(tenant = %job.tenant, error = %failure.error.message, "no shard connection for the run");
+                    return Some(executor::all_failed(&job.run, &failure));
+                }
+            }
+        }
+        let c = conn.as_mut().expect("connection");
+        metrics::run_started();
+        let run = AssertUnwindSafe(executor::execute_run(c, &self.pool, job)).catch_unwind();
+        let outcome = tokio::select! {
+            out = run => Some(out),
+            () = self.abort.cancelled() => None,
+        };
+        metrics::run_finished();
+        let (result, broken) = match outcome {
+            None => (None, true),
+            Some(Ok(out)) => (Some(out.result), out.broken),
+            Some(Err(_panic)) => {
+                let failure = Failure::agent("up", "the agent panicked while running this run");
+                (Some(executor::all_failed(&job.run, &failure)), true)
+            }
+        };
+        if broken {
+            // never hand a connection in an unknown state back to the pool
+            if let Some(mut c) = conn.take() {
+                c.close_on_drop();
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,186 @@
+//! Undoing a plan on this shard: every journal row it wrote, newest first per target, each
+//! with its migration's down SQL and the row's move to the history in one fenced transaction.
+use std::sync::Arc;
+use std::time::Instant;
+
+use flotilla_proto::pb;
+use sqlx::postgres::PgConnection;
+use sqlx::AssertSqlSafe;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{Instrument, info, instrument, warn};
+
+use crate::error::{Failure, classify};
+use crate::executor::recover;
+use crate::metrics::{self, StepMode, StepOutcome};
+use crate::plans::PlanDef;
+use crate::sqlgen::{self, PreparedMigration, StepContext, quote_literal};
+use crate::{Agent, shard};
+
+impl Agent {
+    /// Halts the plan, waits for its runs in flight, then undoes what it applied here.
+    #[instrument(skip_all, fields(shard = %self.config.shard, plan = %req.plan_id, epoch = req.epoch))]
+    pub(crate) async fn rollback(self: Arc<Self>, req: pb::RollbackRequest) -> pb::RollbackReply {
+        let plan = self.plan(&req.plan_id);
+        self.halt(&plan);
+        plan.wait_idle().await;
+        let incomplete = |steps| pb::RollbackReply { plan_id: req.plan_id.clone(), steps, complete: false };
+        let by_target = match shard::read_plan_rows(&self.pool, &req.plan_id).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                warn!(%error, "reading the plan's journal rows failed; nothing undone");
+                return incomplete(Vec::new());
+            }
+        };
+        if by_target.is_empty() {
+            info!("nothing of the plan is applied here");
+            return pb::RollbackReply { plan_id: req.plan_id, steps: Vec::new(), complete: true };
+        }
+        let definition = plan.definition();
+        let lanes = Arc::new(Semaphore::new(req.lanes.max(1) as usize));
+        let mut targets = JoinSet::new();
+        for (target, migrations) in by_target {
+            let agent = self.clone();
+            let definition = definition.clone();
+            let lanes = lanes.clone();
+            let span = tracing::info_span!("undo", tenant = %target);
+            targets.spawn(
+                async move {
+                    let _lane = lanes.acquire_owned().await;
+                    let _slot = agent.slots.clone().acquire_owned().await;
+                    tokio::select! {
+                        steps = agent.undo_target(definition, req.epoch, &target, &migrations) => steps,
+                        () = agent.abort.cancelled() => Vec::new(),
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        let mut steps = Vec::new();
+        while let Some(done) = targets.join_next().await {
+            match done {
+                Ok(s) => steps.extend(s),
+                Err(e) => warn!(error = %e, "an undo task ended abnormally"),
+            }
+        }
+        steps.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        let complete = match shard::count_plan_rows(&self.pool, &req.plan_id).await {
+            Ok(left) => left == 0,
+            Err(error) => {
+                warn!(%error, "counting the plan's journal rows after the undo failed");
+                false
+            }
+        };
+        let failed = steps.iter().filter(|s| s.error.is_some()).count();
+        info!(undone = steps.len() - failed, failed, complete, "rollback finished");
+        pb::RollbackReply { plan_id: req.plan_id, steps, complete }
+    }
+
+    /// Undoes one target's steps, newest first, stopping at the first failure (the steps
+    /// before it in the journal stay applied, and are not listed).
+    async fn undo_target(
+        &self,
+        definition: Result<Arc<PlanDef>, String>,
+        epoch: u64,
+        target: &str,
+        migrations: &[String],
+    ) -> Vec<pb::RolledBackStep> {
+        let mut steps = Vec::new();
+        let step = |migration: &str, failure: Option<Failure>| pb::RolledBackStep {
+            tenant: target.to_string(),
+            migration_id: migration.to_string(),
+            error: failure.map(|f| f.error),
+        };
+        let Some(first) = migrations.first() else { return steps };
+        let def = match definition {
+            Ok(def) => def,
+            Err(message) => {
+                let failure = Failure::agent("down", format!("cannot undo `{first}`: {message}"));
+                return vec![step(first, Some(failure))];
+            }
+        };
+        let tenant_lit = match quote_literal(target) {
+            Ok(lit) => lit,
+            Err(reason) => return vec![step(first, Some(Failure::agent("down", reason)))],
+        };
+        let mut conn = match self.pool.acquire().await {
+            Ok(c) => c,
+            Err(e) => return vec![step(first, Some(classify(&e, "down")))],
+        };
+        let cx = StepContext { tenant: target, tenant_lit: &tenant_lit, plan_lit: &def.plan_lit, epoch };
+        for migration in migrations {
+            let started = Instant::now();
+            let result = match def.migrations.get(migration) {
+                None => Err((
+                    Failure::agent(
+                        "down",
+                        format!("plan {} has no migration `{migration}`, so its down SQL is unknown", def.plan_id),
+                    ),
+                    false,
+                )),
+                Some(m) if m.down.is_empty() => Err((
+                    Failure::agent("down", format!("migration `{migration}` has no down SQL")),
+                    false,
+                )),
+                Some(m) => undo_step(&mut conn, &cx, m).await,
+            };
+            match result {
+                Ok(()) => {
+                    metrics::step_duration(StepMode::Rollback, StepOutcome::RolledBack, started.elapsed());
+                    metrics::step_finished(StepOutcome::RolledBack);
+                    info!(migration = %migration, "step undone");
+                    steps.push(step(migration, None));
+                }
+                Err((failure, broken)) => {
+                    metrics::step_duration(StepMode::Rollback, StepOutcome::Failed, started.elapsed());
+                    metrics::step_finished(StepOutcome::Failed);
+                    warn!(migration = %migration, sqlstate = %failure.error.sqlstate,
+                          error = %failure.error.message, "undoing step failed; stopping this target");
+                    if broken || failure.connection_lost {
+                        conn.close_on_drop();
+                    }
+                    steps.push(step(migration, Some(failure)));
+                    break;
+                }
+            }
+        }
+        steps
+    }
+}
+
+/// Runs one down migration. On failure: the error, and whether the connection is unusable.
+async fn undo_step(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+) -> Result<(), (Failure, bool)> {
+    fail::fail_point!("agent::before_rollback_step", |arg: Option<String>| Err((
+        Failure::agent("down", format!("failpoint agent::before_rollback_step{}", arg.map(|a| format!(": {a}")).unwrap_or_default())),
+        false
+    )));
+    let run = |sql: String| sqlx::raw_sql(AssertSqlSafe(sql));
+    if m.is_transactional() {
+        if let Err(e) = run(sqlgen::transactional_undo(cx, m)).execute(&mut *conn).await {
+            let broken = recover(conn, true, false).await;
+            return Err((classify(&e, "down"), broken));
+        }
+        return Ok(());
+    }
+    let statements = async {
+        run(sqlgen::non_transactional_prologue(cx, m)).execute(&mut *conn).await?;
+        for statement in &m.down {
+            run(statement.clone()).execute(&mut *conn).await?;
+        }
+        run("RESET ALL".into()).execute(&mut *conn).await
+    }
+    .await;
+    if let Err(e) = statements {
+        let broken = recover(conn, false, true).await;
+        return Err((classify(&e, "down"), broken));
+    }
+    if let Err(e) = run(sqlgen::non_transactional_undo_epilogue(cx, m)).execute(&mut *conn).await {
+        let broken = recover(conn, true, false).await;
+        return Err((classify(&e, "down"), broken));
+    }
+    Ok(())
+}

@@ -1,0 +1,66 @@
+-- Flotilla's schema on a shard, version 1. Run by the agent at start, inside a transaction
+-- that holds pg_advisory_xact_lock(hashtext('flotilla.schema')); every statement is idempotent.
+CREATE TABLE IF NOT EXISTS flotilla.fence (
+  id boolean PRIMARY KEY DEFAULT true CHECK (id),
+  epoch bigint NOT NULL,
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO flotilla.fence (id, epoch) VALUES (true, 0) ON CONFLICT DO NOTHING;
+
+-- one row per (target, migration) currently applied; target '' = the shard itself
+CREATE TABLE IF NOT EXISTS flotilla.journal (
+  target text NOT NULL,
+  migration_id text NOT NULL,
+  checksum text NOT NULL,
+  plan_id text NOT NULL,
+  epoch bigint NOT NULL,
+  started_at timestamptz NOT NULL,
+  finished_at timestamptz NOT NULL,
+  seq bigserial,
+  PRIMARY KEY (target, migration_id)
+);
+
+-- rows moved here when a step is rolled back
+CREATE TABLE IF NOT EXISTS flotilla.journal_history (
+  target text NOT NULL,
+  migration_id text NOT NULL,
+  checksum text NOT NULL,
+  plan_id text NOT NULL,
+  epoch bigint NOT NULL,
+  started_at timestamptz NOT NULL,
+  finished_at timestamptz NOT NULL,
+  rolled_back_at timestamptz NOT NULL,
+  rolled_back_by_plan text NOT NULL,
+  rolled_back_epoch bigint NOT NULL
+);
+
+-- Advances the shard's epoch to p_epoch (writing only when it advances, so concurrent steps
+-- of one epoch do not queue on the row), then holds the row FOR SHARE until the caller's
+-- transaction ends: a newer epoch cannot be written while a step of an older one is open,
+-- and a step of an older epoch fails once a newer one was seen.
+CREATE OR REPLACE FUNCTION flotilla.check_fence(p_epoch bigint) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  cur bigint;
+BEGIN
+  UPDATE flotilla.fence SET epoch = p_epoch, updated_at = now() WHERE id AND epoch < p_epoch;
+  SELECT epoch INTO cur FROM flotilla.fence WHERE id FOR SHARE;
+  IF cur > p_epoch THEN
+    RAISE EXCEPTION USING ERRCODE = 'FL002',
+      MESSAGE = format('fenced: epoch %s is older than the shard''s epoch %s', p_epoch, cur);
+  END IF;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION flotilla.check_verify(ok boolean, migration text) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  IF ok IS NOT TRUE THEN
+    RAISE EXCEPTION USING ERRCODE = 'FL003',
+      MESSAGE = format('verify of %s returned %s', migration, CASE WHEN ok IS NULL THEN 'NULL' ELSE 'false' END);
+  END IF;
+END
+$fn$;
+
+INSERT INTO flotilla.meta (key, value) VALUES ('schema_version', '1')
+  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;

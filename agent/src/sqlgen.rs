@@ -1,0 +1,247 @@
+//! The SQL text the agent sends to a shard, assembled in one place so it can be read and
+//! tested without a database. Everything variable in it is quoted here: identifiers with
+//! `quote_ident`, values with `quote_literal`, numbers formatted from integers.
+use std::fmt::Write;
+
+use flotilla_proto::{Migration, TxMode};
+
+pub(crate) use flotilla_proto::sql::quote_ident;
+
+/// `flotilla_proto::sql::quote_literal`, with the reason as text (it names the value).
+/// Safe because the agent's connections run with `standard_conforming_strings = on`.
+pub(crate) fn quote_literal(value: &str) -> Result<String, String> {
+    flotilla_proto::sql::quote_literal(value).map_err(|e| format!("{:?}: {e}", value.escape_debug().to_string()))
+}
+
+/// A migration made ready to run: statements split and constant literals quoted once per
+/// plan definition, not once per step.
+#[derive(Debug)]
+pub(crate) struct PreparedMigration {
+    pub migration: Migration,
+    pub up: Vec<String>,
+    pub down: Vec<String>,
+    pub id_lit: String,
+    pub checksum_lit: String,
+    pub lock_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+}
+
+impl PreparedMigration {
+    pub fn new(
+        migration: Migration,
+        default_lock_timeout_ms: u64,
+        default_statement_timeout_ms: u64,
+    ) -> Result<PreparedMigration, String> {
+        let split = |sql: &str, what: &str| {
+            flotilla_proto::sql::split_statements(sql)
+                .map_err(|e| format!("migration `{}`: {what} SQL: {e}", migration.id))
+        };
+        let up = split(&migration.up_sql, "up")?;
+        let down = split(&migration.down_sql, "down")?;
+        let ms = |d: Option<std::time::Duration>, default: u64| {
+            d.map_or(default, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        };
+        Ok(PreparedMigration {
+            id_lit: quote_literal(migration.id.as_str())?,
+            checksum_lit: quote_literal(&migration.checksum)?,
+            lock_timeout_ms: ms(migration.lock_timeout, default_lock_timeout_ms),
+            statement_timeout_ms: ms(migration.statement_timeout, default_statement_timeout_ms),
+            up,
+            down,
+            migration,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        self.migration.id.as_str()
+    }
+
+    pub fn is_transactional(&self) -> bool {
+        self.migration.tx_mode == TxMode::Transactional
+    }
+}
+
+/// Where and under which plan and epoch a step runs.
+pub(crate) struct StepContext<'a> {
+    /// `""` for the shard itself.
+    pub tenant: &'a str,
+    pub tenant_lit: &'a str,
+    pub plan_lit: &'a str,
+    pub epoch: u64,
+}
+
+/// Joins statements so that a trailing `-- comment` can never swallow the separator.
+fn push_statements(out: &mut String, statements: &[String]) {
+    for s in statements {
+        out.push_str(s);
+        out.push_str("\n;\n");
+    }
+}
+
+/// Opens a step transaction and checks the fence in it.
+pub(crate) fn begin_fenced(epoch: u64) -> String {
+    format!("BEGIN;\nSELECT flotilla.check_fence({epoch});\n")
+}
+
+/// `SET [LOCAL] search_path/lock_timeout/statement_timeout` for one step.
+fn push_settings(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigration, local: bool) {
+    let scope = if local { "SET LOCAL" } else { "SET" };
+    if !cx.tenant.is_empty() {
+        let _ = writeln!(out, "{scope} search_path TO {};", quote_ident(cx.tenant));
+    }
+    let _ = writeln!(
+        out,
+        "{scope} lock_timeout = '{}ms'; {scope} statement_timeout = '{}ms';",
+        m.lock_timeout_ms, m.statement_timeout_ms
+    );
+    // when the step started, for its journal row (now() would be the transaction's start)
+    let _ = writeln!(
+        out,
+        "SELECT pg_catalog.set_config('flotilla.step_started', pg_catalog.clock_timestamp()::text, {local});"
+    );
+}
+
+/// The verify check (if any) and the journal row: the step's proof that it is applied.
+fn push_verify_and_journal(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigration) {
+    if let Some(verify) = &m.migration.verify_sql {
+        let _ = writeln!(out, "SELECT flotilla.check_verify(({verify}\n), {});", m.id_lit);
+    }
+    let _ = writeln!(
+        out,
+        "INSERT INTO flotilla.journal (target, migration_id, checksum, plan_id, epoch, started_at, finished_at) \
+         VALUES ({}, {}, {}, {}, {}, pg_catalog.current_setting('flotilla.step_started')::timestamptz, pg_catalog.clock_timestamp());",
+        cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit, cx.epoch
+    );
+}
+
+/// One transactional step, inside an open transaction: settings, up SQL, verify, journal.
+pub(crate) fn transactional_step(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    let mut out = String::with_capacity(512 + m.up.iter().map(String::len).sum::<usize>());
+    push_settings(&mut out, cx, m, true);
+    push_statements(&mut out, &m.up);
+    push_verify_and_journal(&mut out, cx, m);
+    out
+}
+
+/// Before a non-transactional step's statements: the fence, then session-level settings
+/// (which `RESET ALL` clears afterwards).
+pub(crate) fn non_transactional_prologue(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    let mut out = format!("SELECT flotilla.check_fence({});\n", cx.epoch);
+    push_settings(&mut out, cx, m, false);
+    out
+}
+
+/// After a non-transactional step's statements: verify and journal in one short, fenced
+/// transaction.
+pub(crate) fn non_transactional_epilogue(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    let mut out = begin_fenced(cx.epoch);
+    push_verify_and_journal(&mut out, cx, m);
+    out.push_str("COMMIT;\n");
+    out
+}
+
+/// Moves a step's journal row to the history: the undo's proof, in the undo's transaction.
+fn push_journal_move(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigration) {
+    let _ = writeln!(
+        out,
+        "WITH d AS (DELETE FROM flotilla.journal WHERE target = {} AND migration_id = {} AND plan_id = {} RETURNING *) \
+         INSERT INTO flotilla.journal_history (target, migration_id, checksum, plan_id, epoch, started_at, finished_at, \
+         rolled_back_at, rolled_back_by_plan, rolled_back_epoch) \
+         SELECT target, migration_id, checksum, plan_id, epoch, started_at, finished_at, pg_catalog.now(), {}, {} FROM d;",
+        cx.tenant_lit, m.id_lit, cx.plan_lit, cx.plan_lit, cx.epoch
+    );
+}
+
+/// The whole undo of a transactional step, as one query ending in COMMIT.
+pub(crate) fn transactional_undo(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    let mut out = begin_fenced(cx.epoch);
+    push_settings(&mut out, cx, m, true);
+    push_statements(&mut out, &m.down);
+    push_journal_move(&mut out, cx, m);
+    out.push_str("COMMIT;\n");
+    out
+}
+
+/// After a non-transactional step's down statements: the journal row moves in its own
+/// fenced transaction.
+pub(crate) fn non_transactional_undo_epilogue(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    let mut out = begin_fenced(cx.epoch);
+    push_journal_move(&mut out, cx, m);
+    out.push_str("COMMIT;\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::pb;
+
+    fn migration(id: &str, up: &str, verify: &str) -> PreparedMigration {
+        let m = Migration::try_from(pb::Migration {
+            id: id.into(),
+            up_sql: up.into(),
+            down_sql: "DROP TABLE t".into(),
+            verify_sql: verify.into(),
+            lock_timeout_ms: 1500,
+            ..Default::default()
+        })
+        .unwrap();
+        PreparedMigration::new(m, 5000, 0).unwrap()
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("tenant_1"), "\"tenant_1\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's").unwrap(), "'it''s'");
+        assert!(quote_literal("a\0b").is_err());
+    }
+
+    #[test]
+    fn transactional_step_text() {
+        let m = migration("m1", "CREATE TABLE t (id int); INSERT INTO t VALUES (1) -- one", "SELECT count(*) = 1 FROM t");
+        let cx = StepContext { tenant: "tenant_1", tenant_lit: "'tenant_1'", plan_lit: "'p1'", epoch: 7 };
+        let sql = transactional_step(&cx, &m);
+        assert!(sql.starts_with("SET LOCAL search_path TO \"tenant_1\";\n"), "{sql}");
+        assert!(sql.contains("SET LOCAL lock_timeout = '1500ms'; SET LOCAL statement_timeout = '0ms';"));
+        assert!(sql.contains("CREATE TABLE t (id int)\n;\nINSERT INTO t VALUES (1)\n;\n"), "{sql}");
+        assert!(sql.contains("SELECT flotilla.check_verify((SELECT count(*) = 1 FROM t\n), 'm1');"));
+        assert!(sql.contains(&format!("VALUES ('tenant_1', 'm1', '{}', 'p1', 7, ", m.migration.checksum)));
+        assert!(!sql.contains("BEGIN") && !sql.contains("COMMIT"));
+        assert_eq!(begin_fenced(7), "BEGIN;\nSELECT flotilla.check_fence(7);\n");
+    }
+
+    #[test]
+    fn shard_target_keeps_the_search_path() {
+        let m = migration("m1", "CREATE TABLE t (id int)", "");
+        let cx = StepContext { tenant: "", tenant_lit: "''", plan_lit: "'p1'", epoch: 1 };
+        let sql = transactional_step(&cx, &m);
+        assert!(!sql.contains("search_path"));
+        assert!(!sql.contains("check_verify"));
+    }
+
+    #[test]
+    fn non_transactional_pieces() {
+        let m = migration("m2", "CREATE INDEX CONCURRENTLY i ON t (id)", "");
+        let cx = StepContext { tenant: "t1", tenant_lit: "'t1'", plan_lit: "'p'", epoch: 3 };
+        let pro = non_transactional_prologue(&cx, &m);
+        assert!(pro.starts_with("SELECT flotilla.check_fence(3);\nSET search_path TO \"t1\";\nSET lock_timeout"), "{pro}");
+        assert!(pro.contains("clock_timestamp()::text, false)"));
+        let epi = non_transactional_epilogue(&cx, &m);
+        assert!(epi.starts_with("BEGIN;\nSELECT flotilla.check_fence(3);\nINSERT INTO flotilla.journal"));
+        assert!(epi.ends_with("COMMIT;\n"));
+    }
+
+    #[test]
+    fn undo_text() {
+        let m = migration("m1", "CREATE TABLE t (id int)", "");
+        let cx = StepContext { tenant: "t1", tenant_lit: "'t1'", plan_lit: "'p9'", epoch: 4 };
+        let sql = transactional_undo(&cx, &m);
+        assert!(sql.starts_with("BEGIN;\nSELECT flotilla.check_fence(4);\nSET LOCAL search_path TO \"t1\";"));
+        assert!(sql.contains("DROP TABLE t\n;\n"));
+        assert!(sql.contains("DELETE FROM flotilla.journal WHERE target = 't1' AND migration_id = 'm1' AND plan_id = 'p9'"));
+        assert!(sql.contains("pg_catalog.now(), 'p9', 4 FROM d;\nCOMMIT;\n"), "{sql}");
+        let epi = non_transactional_undo_epilogue(&cx, &m);
+        assert!(epi.starts_with("BEGIN;\nSELECT flotilla.check_fence(4);\nWITH d AS"));
+    }
+}
