@@ -1,4 +1,4 @@
 //! The `flotilla` binary's library half: reading migrations and plans from disk,
 //! and the operator commands.
-pub mod loader;
 pub mod cli;
+pub mod loader;

@@ -64,7 +64,10 @@ impl AgentConfig {
 
     /// Checks what can be checked without touching the network.
     pub fn validate(&self) -> Result<(), AgentError> {
-        let bad = |reason: String| AgentError::Config { shard: self.shard.clone(), reason };
+        let bad = |reason: String| AgentError::Config {
+            shard: self.shard.clone(),
+            reason,
+        };
         flotilla_proto::validate_shard_name(&self.shard).map_err(bad)?;
         if self.tenant_pattern.is_some() && self.tenant_query.is_some() {
             return Err(bad("set tenant_pattern or tenant_query, not both".into()));
@@ -139,7 +142,8 @@ fn redact_password_params(s: &str) -> String {
     let mut i = 0;
     while let Some(found) = lower[i..].find("password=") {
         let start = i + found;
-        let preceded_ok = start == 0 || matches!(s.as_bytes()[start - 1], b'?' | b'&' | b' ' | b'\t');
+        let preceded_ok =
+            start == 0 || matches!(s.as_bytes()[start - 1], b'?' | b'&' | b' ' | b'\t');
         let value_start = start + "password=".len();
         out.push_str(&s[i..value_start]);
         if !preceded_ok {
@@ -182,8 +186,14 @@ mod tests {
             redact_dsn("postgres://app:s3cr%40t@db.example:5432/shard_0"),
             "postgres://app:<redacted>@db.example:5432/shard_0"
         );
-        assert_eq!(redact_dsn("postgres://app@db:5432/x"), "postgres://app@db:5432/x");
-        assert_eq!(redact_dsn("postgres://db/x?user=a"), "postgres://db/x?user=a");
+        assert_eq!(
+            redact_dsn("postgres://app@db:5432/x"),
+            "postgres://app@db:5432/x"
+        );
+        assert_eq!(
+            redact_dsn("postgres://db/x?user=a"),
+            "postgres://db/x?user=a"
+        );
     }
 
     #[test]
@@ -196,9 +206,15 @@ mod tests {
             redact_dsn("host=db password='a b\\' c' dbname=s"),
             "host=db password=<redacted> dbname=s"
         );
-        assert_eq!(redact_dsn("host=db PASSWORD=pw dbname=s"), "host=db PASSWORD=<redacted> dbname=s");
+        assert_eq!(
+            redact_dsn("host=db PASSWORD=pw dbname=s"),
+            "host=db PASSWORD=<redacted> dbname=s"
+        );
         // not a password parameter
-        assert_eq!(redact_dsn("postgres://db/x?nopassword=1"), "postgres://db/x?nopassword=1");
+        assert_eq!(
+            redact_dsn("postgres://db/x?nopassword=1"),
+            "postgres://db/x?nopassword=1"
+        );
     }
 
     #[test]

@@ -90,7 +90,10 @@ pub(crate) fn classify(e: &sqlx::Error, phase: &str) -> Failure {
                 error: pb::StepError {
                     sqlstate: code,
                     message: db.message().to_string(),
-                    detail: pg.and_then(PgDatabaseError::detail).unwrap_or_default().to_string(),
+                    detail: pg
+                        .and_then(PgDatabaseError::detail)
+                        .unwrap_or_default()
+                        .to_string(),
                     phase: phase.into(),
                 },
                 concurrent_apply,
@@ -122,7 +125,10 @@ mod tests {
 
     #[test]
     fn lost_connections_are_connect_errors() {
-        let e = sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+        let e = sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ));
         let f = classify(&e, "up");
         assert_eq!(f.error.phase, "connect");
         assert_eq!(f.error.sqlstate, "");
@@ -147,6 +153,9 @@ mod tests {
             error: sqlx::Error::PoolTimedOut,
         };
         let text = e.to_string();
-        assert!(text.starts_with("shard s1: cannot connect to db:5432/shard_1"), "{text}");
+        assert!(
+            text.starts_with("shard s1: cannot connect to db:5432/shard_1"),
+            "{text}"
+        );
     }
 }

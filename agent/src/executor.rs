@@ -1,148 +1,18 @@
 //! Applying a run's steps on one shard connection: the hot path. Each query below is a
 //! simple-query string, so a whole step (settings, up SQL, verify, journal row) costs one
 //! round trip, and a fused run only one more for its COMMIT.
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_proto::pb;
-use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnection, PgPool};
 use tracing::{debug, instrument, warn};
 
 use crate::error::{Failure, classify};
+use crate::job::{Job, Report};
 use crate::metrics::{self, StepMode, StepOutcome};
-use crate::plans::PlanDef;
 use crate::shard;
-use crate::sqlgen::{self, PreparedMigration, StepContext, quote_literal};
-
-/// A run, validated against its plan and ready to execute.
-pub(crate) struct Job {
-    pub run: pb::Run,
-    pub plan: Arc<PlanDef>,
-    pub tenant: String,
-    pub tenant_lit: String,
-    pub epoch: u64,
-    pub steps: Vec<Arc<PreparedMigration>>,
-    /// The journal's checksum for steps found applied before the run started.
-    pub applied: Vec<Option<String>>,
-}
-
-impl Job {
-    /// A run that does not fit its plan comes back with the reason.
-    pub fn new(plan: &Arc<PlanDef>, run: pb::Run, epoch: u64) -> Result<Job, Box<(pb::Run, Failure)>> {
-        let fail = |run, msg: String| Err(Box::new((run, Failure::agent("definition", msg))));
-        if !run.tenant.is_empty()
-            && let Err(reason) = flotilla_proto::validate_tenant_name(&run.tenant)
-        {
-            return fail(run, reason);
-        }
-        let mut steps = Vec::with_capacity(run.migrations.len());
-        for id in &run.migrations {
-            match plan.migrations.get(id) {
-                Some(m) => steps.push(m.clone()),
-                None => {
-                    let msg = format!("plan {} has no migration `{id}`", plan.plan_id);
-                    return fail(run, msg);
-                }
-            }
-        }
-        let tenant_lit = match quote_literal(&run.tenant) {
-            Ok(lit) => lit,
-            Err(reason) => return fail(run, reason),
-        };
-        Ok(Job {
-            plan: plan.clone(),
-            tenant: run.tenant.clone(),
-            tenant_lit,
-            epoch,
-            applied: vec![None; steps.len()],
-            steps,
-            run,
-        })
-    }
-
-    /// Takes the journal's word for steps already applied on this run's target.
-    pub fn mark_applied(&mut self, journal: &mut HashMap<(String, String), String>) {
-        for (slot, step) in self.applied.iter_mut().zip(&self.steps) {
-            if let Some(checksum) = journal.get(&(self.tenant.clone(), step.id().to_string())) {
-                *slot = Some(checksum.clone());
-            }
-        }
-    }
-
-    pub fn fully_applied(&self) -> bool {
-        self.applied.iter().all(Option::is_some)
-    }
-
-    pub fn already_applied_result(&self) -> pb::RunResult {
-        let reports = self.applied.iter().map(|a| Some(Report::already(a.clone().unwrap_or_default(), Duration::ZERO)));
-        self.result(reports.collect())
-    }
-
-    fn result(&self, reports: Vec<Option<Report>>) -> pb::RunResult {
-        pb::RunResult {
-            run_id: self.run.run_id,
-            tenant: self.tenant.clone(),
-            steps: self
-                .steps
-                .iter()
-                .zip(reports)
-                .map(|(m, r)| r.unwrap_or_else(Report::not_run).into_pb(m.id()))
-                .collect(),
-        }
-    }
-}
-
-/// What became of one step, before it goes on the wire.
-struct Report {
-    outcome: StepOutcome,
-    duration: Duration,
-    error: Option<pb::StepError>,
-    checksum: String,
-}
-
-impl Report {
-    fn already(checksum: String, duration: Duration) -> Report {
-        Report { outcome: StepOutcome::AlreadyApplied, duration, error: None, checksum }
-    }
-    fn not_run() -> Report {
-        Report { outcome: StepOutcome::NotRun, duration: Duration::ZERO, error: None, checksum: String::new() }
-    }
-    fn into_pb(self, migration_id: &str) -> pb::StepResult {
-        pb::StepResult {
-            migration_id: migration_id.to_string(),
-            outcome: self.outcome.to_pb() as i32,
-            duration_ms: u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
-            error: self.error,
-            checksum: self.checksum,
-        }
-    }
-}
-
-/// Every step of a run NOT_RUN (the plan halted before it started).
-pub(crate) fn not_run(run: &pb::Run) -> pb::RunResult {
-    let steps = run.migrations.iter().map(|m| Report::not_run().into_pb(m)).collect();
-    pb::RunResult { run_id: run.run_id, tenant: run.tenant.clone(), steps }
-}
-
-/// Every step of a run FAILED with the same error (bad definition, no connection).
-pub(crate) fn all_failed(run: &pb::Run, failure: &Failure) -> pb::RunResult {
-    let steps = run
-        .migrations
-        .iter()
-        .map(|m| {
-            let r = Report {
-                outcome: StepOutcome::Failed,
-                duration: Duration::ZERO,
-                error: Some(failure.error.clone()),
-                checksum: String::new(),
-            };
-            r.into_pb(m)
-        })
-        .collect();
-    pb::RunResult { run_id: run.run_id, tenant: run.tenant.clone(), steps }
-}
+use crate::sqlgen::{self, PreparedMigration, StepContext};
 
 pub(crate) struct RunOutput {
     pub result: pb::RunResult,
@@ -163,9 +33,20 @@ struct GroupFailure {
 #[instrument(skip_all, fields(plan = %job.plan.plan_id, tenant = %job.tenant, run = job.run.run_id))]
 pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Job) -> RunOutput {
     let n = job.steps.len();
-    let mut reports: Vec<Option<Report>> =
-        job.applied.iter().map(|a| a.as_ref().map(|c| Report::already(c.clone(), Duration::ZERO))).collect();
-    let cx = StepContext { tenant: &job.tenant, tenant_lit: &job.tenant_lit, plan_lit: &job.plan.plan_lit, epoch: job.epoch };
+    let mut reports: Vec<Option<Report>> = job
+        .applied
+        .iter()
+        .map(|a| {
+            a.as_ref()
+                .map(|c| Report::already(c.clone(), Duration::ZERO))
+        })
+        .collect();
+    let cx = StepContext {
+        tenant: &job.tenant,
+        tenant_lit: &job.tenant_lit,
+        plan_lit: &job.plan.plan_lit,
+        epoch: job.epoch,
+    };
     let mut broken = false;
     let mut i = 0;
     while i < n {
@@ -190,13 +71,21 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
         } else {
             run_non_transactional(conn, &cx, &job.steps[i], &mut durations[0]).await
         };
-        let mode = if transactional { StepMode::Transactional } else { StepMode::NonTransactional };
+        let mode = if transactional {
+            StepMode::Transactional
+        } else {
+            StepMode::NonTransactional
+        };
         match outcome {
             Ok(()) => {
                 after_commit_failpoint();
                 for (k, &idx) in group.iter().enumerate() {
                     metrics::step_duration(mode, StepOutcome::Applied, durations[k]);
-                    debug!(migration = job.steps[idx].id(), ms = durations[k].as_millis() as u64, "step applied");
+                    debug!(
+                        migration = job.steps[idx].id(),
+                        ms = durations[k].as_millis() as u64,
+                        "step applied"
+                    );
                     reports[idx] = Some(Report {
                         outcome: StepOutcome::Applied,
                         duration: durations[k],
@@ -207,21 +96,37 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                 i = next;
             }
             Err(gf) => {
-                broken = recover(conn, gf.in_transaction, !transactional).await || gf.failure.connection_lost;
+                broken = recover(conn, gf.in_transaction, !transactional).await
+                    || gf.failure.connection_lost;
                 let failed = group[gf.position];
                 metrics::step_duration(mode, StepOutcome::Failed, durations[gf.position]);
                 warn!(migration = job.steps[failed].id(), sqlstate = %gf.failure.error.sqlstate,
                       phase = %gf.failure.error.phase, error = %gf.failure.error.message, "step failed");
-                settle(pool, job, &group, gf.position, gf.failure, &durations, &mut reports).await;
+                settle(
+                    pool,
+                    job,
+                    &group,
+                    gf.position,
+                    gf.failure,
+                    &durations,
+                    &mut reports,
+                )
+                .await;
                 break; // the rest of the run stays NOT_RUN
             }
         }
     }
-    RunOutput { result: job.result(reports), broken }
+    RunOutput {
+        result: job.result(reports),
+        broken,
+    }
 }
 
 async fn execute(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await.map(|_| ())
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
 }
 
 /// One transaction for the group: `BEGIN` + fence ride with the first step's query.
@@ -232,10 +137,18 @@ async fn run_transaction(
     group: &[usize],
     durations: &mut [Duration],
 ) -> Result<(), GroupFailure> {
-    let fail = |position, e: &sqlx::Error| GroupFailure { position, failure: classify(e, "up"), in_transaction: true };
+    let fail = |position, e: &sqlx::Error| GroupFailure {
+        position,
+        failure: classify(e, "up"),
+        in_transaction: true,
+    };
     for (k, &idx) in group.iter().enumerate() {
         let block = sqlgen::transactional_step(cx, &job.steps[idx]);
-        let sql = if k == 0 { sqlgen::begin_fenced(cx.epoch) + &block } else { block };
+        let sql = if k == 0 {
+            sqlgen::begin_fenced(cx.epoch) + &block
+        } else {
+            block
+        };
         let started = Instant::now();
         let r = execute(conn, sql).await;
         durations[k] = started.elapsed();
@@ -245,15 +158,26 @@ async fn run_transaction(
     let started = Instant::now();
     let r = commit(conn).await;
     durations[last] += started.elapsed();
-    r.map_err(|failure| GroupFailure { position: last, failure, in_transaction: true })
+    r.map_err(|failure| GroupFailure {
+        position: last,
+        failure,
+        in_transaction: true,
+    })
 }
 
 async fn commit(conn: &mut PgConnection) -> Result<(), Failure> {
-    fail::fail_point!("agent::before_step_commit", |arg: Option<String>| Err(Failure::agent(
-        "up",
-        format!("failpoint agent::before_step_commit{}", arg.map(|a| format!(": {a}")).unwrap_or_default())
-    )));
-    execute(conn, "COMMIT".into()).await.map_err(|e| classify(&e, "up"))
+    fail::fail_point!("agent::before_step_commit", |arg: Option<String>| Err(
+        Failure::agent(
+            "up",
+            format!(
+                "failpoint agent::before_step_commit{}",
+                arg.map(|a| format!(": {a}")).unwrap_or_default()
+            )
+        )
+    ));
+    execute(conn, "COMMIT".into())
+        .await
+        .map_err(|e| classify(&e, "up"))
 }
 
 /// A step that cannot run in a transaction: fence, session settings, each statement on its
@@ -265,11 +189,19 @@ async fn run_non_transactional(
     duration: &mut Duration,
 ) -> Result<(), GroupFailure> {
     let started = Instant::now();
-    let fail = |e: &sqlx::Error, in_transaction| GroupFailure { position: 0, failure: classify(e, "up"), in_transaction };
+    let fail = |e: &sqlx::Error, in_transaction| GroupFailure {
+        position: 0,
+        failure: classify(e, "up"),
+        in_transaction,
+    };
     let r = async {
-        execute(conn, sqlgen::non_transactional_prologue(cx, m)).await.map_err(|e| fail(&e, false))?;
+        execute(conn, sqlgen::non_transactional_prologue(cx, m))
+            .await
+            .map_err(|e| fail(&e, false))?;
         for statement in &m.up {
-            execute(conn, statement.clone()).await.map_err(|e| fail(&e, false))?;
+            execute(conn, statement.clone())
+                .await
+                .map_err(|e| fail(&e, false))?;
         }
         commit_failpoint_non_transactional()?;
         let mut epilogue = sqlgen::non_transactional_epilogue(cx, m);
@@ -282,11 +214,19 @@ async fn run_non_transactional(
 }
 
 fn commit_failpoint_non_transactional() -> Result<(), GroupFailure> {
-    fail::fail_point!("agent::before_step_commit", |arg: Option<String>| Err(GroupFailure {
-        position: 0,
-        failure: Failure::agent("up", format!("failpoint agent::before_step_commit{}", arg.map(|a| format!(": {a}")).unwrap_or_default())),
-        in_transaction: false,
-    }));
+    fail::fail_point!("agent::before_step_commit", |arg: Option<String>| Err(
+        GroupFailure {
+            position: 0,
+            failure: Failure::agent(
+                "up",
+                format!(
+                    "failpoint agent::before_step_commit{}",
+                    arg.map(|a| format!(": {a}")).unwrap_or_default()
+                )
+            ),
+            in_transaction: false,
+        }
+    ));
     Ok(())
 }
 
@@ -301,7 +241,11 @@ fn after_commit_failpoint() {
 
 /// Brings the connection back to a clean session after a failure. True when that failed
 /// (the connection must be closed, not pooled).
-pub(crate) async fn recover(conn: &mut PgConnection, in_transaction: bool, reset_session: bool) -> bool {
+pub(crate) async fn recover(
+    conn: &mut PgConnection,
+    in_transaction: bool,
+    reset_session: bool,
+) -> bool {
     let sql = match (in_transaction, reset_session) {
         (true, true) => "ROLLBACK; RESET ALL",
         (true, false) => "ROLLBACK",
@@ -328,18 +272,25 @@ async fn settle(
     durations: &[Duration],
     reports: &mut [Option<Report>],
 ) {
-    let migrations: Vec<String> = group.iter().map(|&i| job.steps[i].id().to_string()).collect();
-    let journal = match shard::read_applied(pool, std::slice::from_ref(&job.tenant), &migrations).await {
-        Ok(rows) => rows,
-        Err(error) => {
-            warn!(%error, "re-reading the journal after a failure failed");
-            Vec::new()
-        }
-    };
+    let migrations: Vec<String> = group
+        .iter()
+        .map(|&i| job.steps[i].id().to_string())
+        .collect();
+    let journal =
+        match shard::read_applied(pool, std::slice::from_ref(&job.tenant), &migrations).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                warn!(%error, "re-reading the journal after a failure failed");
+                Vec::new()
+            }
+        };
     let mut failure = Some(failure);
     for (k, &idx) in group.iter().enumerate() {
         let m = &job.steps[idx];
-        let found = journal.iter().find(|r| r.migration_id == m.id()).map(|r| r.checksum.clone());
+        let found = journal
+            .iter()
+            .find(|r| r.migration_id == m.id())
+            .map(|r| r.checksum.clone());
         reports[idx] = Some(match found {
             Some(checksum) => Report::already(checksum, durations[k]),
             None if k == failed_position => {
@@ -347,7 +298,12 @@ async fn settle(
                 if f.concurrent_apply {
                     Report::already(m.migration.checksum.clone(), durations[k])
                 } else {
-                    Report { outcome: StepOutcome::Failed, duration: durations[k], error: Some(f.error), checksum: String::new() }
+                    Report {
+                        outcome: StepOutcome::Failed,
+                        duration: durations[k],
+                        error: Some(f.error),
+                        checksum: String::new(),
+                    }
                 }
             }
             None => Report::not_run(),

@@ -31,6 +31,7 @@ use tracing::{info, instrument, warn};
 mod config;
 mod error;
 mod executor;
+mod job;
 pub mod metrics;
 mod plans;
 mod rollback;
@@ -60,6 +61,8 @@ pub(crate) struct Agent {
     pub slots: Arc<Semaphore>,
     /// The epoch of the coordinator that welcomed us last (the steps carry their own).
     pub welcome_epoch: AtomicU64,
+    /// The newest epoch this agent has already written into the shard's fence.
+    pub fence_advanced: AtomicU64,
     pub outbox: mpsc::UnboundedSender<Outgoing>,
     pub tasks: TaskTracker,
     /// Shutdown asked: take no new work.
@@ -97,12 +100,18 @@ async fn run(
     endpoint: tonic::transport::Endpoint,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
-    let Some(pool) = shard::connect(&config, &cancel).await? else { return Ok(()) };
+    let Some(pool) = shard::connect(&config, &cancel).await? else {
+        return Ok(());
+    };
     shard::install_schema(&pool, &config.shard).await?;
     let tenant_source = TenantSource::from_config(&config);
     let tenants = shard::discover_tenants(&pool, &config.shard, &tenant_source)
         .await
-        .map_err(|error| AgentError::Shard { shard: config.shard.clone(), what: "discovering tenants", error })?;
+        .map_err(|error| AgentError::Shard {
+            shard: config.shard.clone(),
+            what: "discovering tenants",
+            error,
+        })?;
     info!(tenants = tenants.len(), dsn = %config.redacted_dsn(), "agent ready");
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
@@ -113,6 +122,7 @@ async fn run(
         tenants: Mutex::new(tenants),
         plans: Mutex::new(HashMap::new()),
         welcome_epoch: AtomicU64::new(0),
+        fence_advanced: AtomicU64::new(0),
         outbox: outbox_tx,
         tasks: TaskTracker::new(),
         cancel: cancel.clone(),
@@ -122,7 +132,10 @@ async fn run(
     info!("agent stopping");
     metrics::coordinator_connected(false);
     agent.tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait())
+        .await
+        .is_err()
+    {
         warn!("work still running after the grace period; abandoning it");
         agent.abort.cancel();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait()).await;
@@ -157,7 +170,10 @@ impl Agent {
         let tenants = match self.refresh_tenants().await {
             Ok(t) => t,
             Err(e) => {
-                errors.push(format!("shard {}: discovering tenants: {e}", self.config.shard));
+                errors.push(format!(
+                    "shard {}: discovering tenants: {e}",
+                    self.config.shard
+                ));
                 self.known_tenants()
             }
         };
@@ -165,11 +181,19 @@ impl Agent {
             Ok(rows) => rows,
             Err(e) => {
                 warn!(error = %e, "reading the journal for a preflight failed");
-                errors.push(format!("shard {}: reading the journal: {e}", self.config.shard));
+                errors.push(format!(
+                    "shard {}: reading the journal: {e}",
+                    self.config.shard
+                ));
                 Vec::new()
             }
         };
-        pb::PreflightReply { request_id: req.request_id, tenants, applied, error: errors.join("; ") }
+        pb::PreflightReply {
+            request_id: req.request_id,
+            tenants,
+            applied,
+            error: errors.join("; "),
+        }
     }
 }
 

@@ -4,7 +4,9 @@ use std::sync::Once;
 use std::time::Duration;
 
 use flotilla_proto::pb;
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 
 pub const STEPS_TOTAL: &str = "flotilla_agent_steps_total";
 pub const STEP_DURATION_SECONDS: &str = "flotilla_agent_step_duration_seconds";
@@ -68,13 +70,21 @@ impl StepMode {
 pub fn describe() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        describe_counter!(STEPS_TOTAL, Unit::Count, "Steps this agent finished, by outcome.");
+        describe_counter!(
+            STEPS_TOTAL,
+            Unit::Count,
+            "Steps this agent finished, by outcome."
+        );
         describe_histogram!(
             STEP_DURATION_SECONDS,
             Unit::Seconds,
             "Time a step (or the undo of one) spent on the shard, by mode and outcome."
         );
-        describe_gauge!(RUNS_IN_FLIGHT, Unit::Count, "Runs executing on the shard right now.");
+        describe_gauge!(
+            RUNS_IN_FLIGHT,
+            Unit::Count,
+            "Runs executing on the shard right now."
+        );
         describe_gauge!(
             COORDINATOR_CONNECTED,
             Unit::Count,

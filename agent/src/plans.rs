@@ -3,17 +3,19 @@
 //! connections without a pool round trip (or a ping) between them.
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use flotilla_proto::{Migration, pb};
 use futures::FutureExt;
-use sqlx::pool::PoolConnection;
 use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
 use tokio::sync::Notify;
 use tracing::{Instrument, info_span, instrument, warn};
 
 use crate::error::Failure;
-use crate::executor::{self, Job};
+use crate::executor;
+use crate::job::{self, Job};
 use crate::sqlgen::{PreparedMigration, quote_literal};
 use crate::{Agent, metrics, shard};
 
@@ -38,7 +40,11 @@ impl PlanDef {
             )?;
             migrations.insert(id, Arc::new(prepared));
         }
-        Ok(PlanDef { plan_lit: quote_literal(&def.plan_id)?, plan_id: def.plan_id, migrations })
+        Ok(PlanDef {
+            plan_lit: quote_literal(&def.plan_id)?,
+            plan_id: def.plan_id,
+            migrations,
+        })
     }
 }
 
@@ -65,7 +71,10 @@ impl Plan {
     pub fn definition(&self) -> Result<Arc<PlanDef>, String> {
         match &*self.definition.lock().expect("plan lock") {
             Some(Ok(def)) => Ok(def.clone()),
-            Some(Err(e)) => Err(format!("the definition of plan {} is invalid: {e}", self.id)),
+            Some(Err(e)) => Err(format!(
+                "the definition of plan {} is invalid: {e}",
+                self.id
+            )),
             None => Err(format!("no definition of plan {} was received", self.id)),
         }
     }
@@ -119,7 +128,10 @@ impl Agent {
             };
             metrics::step_finished(outcome);
         }
-        let _ = self.outbox.send(crate::session::Outgoing::Run { plan_id: plan_id.to_string(), result });
+        let _ = self.outbox.send(crate::session::Outgoing::Run {
+            plan_id: plan_id.to_string(),
+            result,
+        });
     }
 
     /// Queues the runs of an Assign after one journal read for all of them.
@@ -137,7 +149,7 @@ impl Agent {
                 warn!(%message, "runs assigned for a plan without a valid definition");
                 for run in &assign.runs {
                     let failure = Failure::agent("definition", message.clone());
-                    self.report(&plan.id, executor::all_failed(run, &failure));
+                    self.report(&plan.id, job::all_failed(run, &failure));
                 }
                 return;
             }
@@ -145,24 +157,39 @@ impl Agent {
         let agent = self.clone();
         let span = tracing::Span::current();
         self.tasks.spawn(
-            async move { agent.queue_runs(plan, def, assign.epoch, assign.runs, halts).await }
-                .instrument(span),
+            async move {
+                agent
+                    .queue_runs(plan, def, assign.epoch, assign.runs, halts)
+                    .await
+            }
+            .instrument(span),
         );
     }
 
-    async fn queue_runs(self: Arc<Self>, plan: Arc<Plan>, def: Arc<PlanDef>, epoch: u64, runs: Vec<pb::Run>, halts: u64) {
+    async fn queue_runs(
+        self: Arc<Self>,
+        plan: Arc<Plan>,
+        def: Arc<PlanDef>,
+        epoch: u64,
+        runs: Vec<pb::Run>,
+        halts: u64,
+    ) {
         let mut jobs = Vec::with_capacity(runs.len());
         for run in runs {
             match Job::new(&def, run, epoch) {
                 Ok(job) => jobs.push(job),
                 Err(rejected) => {
                     let (run, failure) = *rejected;
-                    self.report(&plan.id, executor::all_failed(&run, &failure));
+                    self.report(&plan.id, job::all_failed(&run, &failure));
                 }
             }
         }
+        self.advance_fence(epoch).await;
         let targets: BTreeSet<&str> = jobs.iter().map(|j| j.tenant.as_str()).collect();
-        let migrations: BTreeSet<&str> = jobs.iter().flat_map(|j| j.steps.iter().map(|s| s.id())).collect();
+        let migrations: BTreeSet<&str> = jobs
+            .iter()
+            .flat_map(|j| j.steps.iter().map(|s| s.id()))
+            .collect();
         let targets: Vec<String> = targets.into_iter().map(str::to_string).collect();
         let migrations: Vec<String> = migrations.into_iter().map(str::to_string).collect();
         match shard::read_applied(&self.pool, &targets, &migrations).await {
@@ -177,7 +204,9 @@ impl Agent {
             }
             // The journal decides anyway: a step applied meanwhile fails its journal insert
             // (or its up SQL) and the failure path re-reads the journal.
-            Err(error) => warn!(%error, "reading the journal before the runs failed; running them unchecked"),
+            Err(error) => {
+                warn!(%error, "reading the journal before the runs failed; running them unchecked")
+            }
         }
         let mut todo = Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -191,7 +220,7 @@ impl Agent {
         if st.halts != halts || self.cancel.is_cancelled() {
             drop(st);
             for job in todo {
-                self.report(&plan.id, executor::not_run(&job.run));
+                self.report(&plan.id, job::not_run(&job.run));
             }
             return;
         }
@@ -200,7 +229,22 @@ impl Agent {
         while st.workers < wanted {
             st.workers += 1;
             let span = info_span!("lane", shard = %self.config.shard, plan = %plan.id);
-            self.tasks.spawn(self.clone().lane(plan.clone()).instrument(span));
+            self.tasks
+                .spawn(self.clone().lane(plan.clone()).instrument(span));
+        }
+    }
+
+    /// Advances the shard's fence once per new epoch, before steps of that epoch
+    /// run. A failure here is not final: each step checks the fence itself.
+    pub(crate) async fn advance_fence(&self, epoch: u64) {
+        if self.fence_advanced.load(Ordering::Relaxed) >= epoch {
+            return;
+        }
+        match shard::advance_fence(&self.pool, epoch).await {
+            Ok(()) => {
+                self.fence_advanced.fetch_max(epoch, Ordering::Relaxed);
+            }
+            Err(error) => warn!(%error, epoch, "could not advance the shard's fence"),
         }
     }
 
@@ -216,7 +260,7 @@ impl Agent {
             tracing::info!(dropped = dropped.len(), "plan halted");
         }
         for job in dropped {
-            self.report(&plan.id, executor::not_run(&job.run));
+            self.report(&plan.id, job::not_run(&job.run));
         }
     }
 
@@ -255,14 +299,18 @@ impl Agent {
 
     /// Runs one job on the lane's connection (acquiring one if needed). None when the agent
     /// is stopping and abandoned the run (the shard rolls back what was open).
-    async fn execute(&self, conn: &mut Option<PoolConnection<Postgres>>, job: &Job) -> Option<pb::RunResult> {
+    async fn execute(
+        &self,
+        conn: &mut Option<PoolConnection<Postgres>>,
+        job: &Job,
+    ) -> Option<pb::RunResult> {
         if conn.is_none() {
             match self.pool.acquire().await {
                 Ok(c) => *conn = Some(c),
                 Err(e) => {
                     let failure = crate::error::classify(&e, "connect");
                     warn!(tenant = %job.tenant, error = %failure.error.message, "no shard connection for the run");
-                    return Some(executor::all_failed(&job.run, &failure));
+                    return Some(job::all_failed(&job.run, &failure));
                 }
             }
         }
@@ -279,7 +327,7 @@ impl Agent {
             Some(Ok(out)) => (Some(out.result), out.broken),
             Some(Err(_panic)) => {
                 let failure = Failure::agent("up", "the agent panicked while running this run");
-                (Some(executor::all_failed(&job.run, &failure)), true)
+                (Some(job::all_failed(&job.run, &failure)), true)
             }
         };
         if broken {

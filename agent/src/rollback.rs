@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flotilla_proto::pb;
-use sqlx::postgres::PgConnection;
 use sqlx::AssertSqlSafe;
+use sqlx::postgres::PgConnection;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, instrument, warn};
@@ -24,7 +24,12 @@ impl Agent {
         let plan = self.plan(&req.plan_id);
         self.halt(&plan);
         plan.wait_idle().await;
-        let incomplete = |steps| pb::RollbackReply { plan_id: req.plan_id.clone(), steps, complete: false };
+        self.advance_fence(req.epoch).await;
+        let incomplete = |steps| pb::RollbackReply {
+            plan_id: req.plan_id.clone(),
+            steps,
+            complete: false,
+        };
         let by_target = match shard::read_plan_rows(&self.pool, &req.plan_id).await {
             Ok(rows) => rows,
             Err(error) => {
@@ -34,7 +39,11 @@ impl Agent {
         };
         if by_target.is_empty() {
             info!("nothing of the plan is applied here");
-            return pb::RollbackReply { plan_id: req.plan_id, steps: Vec::new(), complete: true };
+            return pb::RollbackReply {
+                plan_id: req.plan_id,
+                steps: Vec::new(),
+                complete: true,
+            };
         }
         let definition = plan.definition();
         let lanes = Arc::new(Semaphore::new(req.lanes.max(1) as usize));
@@ -72,8 +81,15 @@ impl Agent {
             }
         };
         let failed = steps.iter().filter(|s| s.error.is_some()).count();
-        info!(undone = steps.len() - failed, failed, complete, "rollback finished");
-        pb::RollbackReply { plan_id: req.plan_id, steps, complete }
+        info!(
+            undone = steps.len() - failed,
+            failed, complete, "rollback finished"
+        );
+        pb::RollbackReply {
+            plan_id: req.plan_id,
+            steps,
+            complete,
+        }
     }
 
     /// Undoes one target's steps, newest first, stopping at the first failure (the steps
@@ -91,7 +107,9 @@ impl Agent {
             migration_id: migration.to_string(),
             error: failure.map(|f| f.error),
         };
-        let Some(first) = migrations.first() else { return steps };
+        let Some(first) = migrations.first() else {
+            return steps;
+        };
         let def = match definition {
             Ok(def) => def,
             Err(message) => {
@@ -107,14 +125,22 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return vec![step(first, Some(classify(&e, "down")))],
         };
-        let cx = StepContext { tenant: target, tenant_lit: &tenant_lit, plan_lit: &def.plan_lit, epoch };
+        let cx = StepContext {
+            tenant: target,
+            tenant_lit: &tenant_lit,
+            plan_lit: &def.plan_lit,
+            epoch,
+        };
         for migration in migrations {
             let started = Instant::now();
             let result = match def.migrations.get(migration) {
                 None => Err((
                     Failure::agent(
                         "down",
-                        format!("plan {} has no migration `{migration}`, so its down SQL is unknown", def.plan_id),
+                        format!(
+                            "plan {} has no migration `{migration}`, so its down SQL is unknown",
+                            def.plan_id
+                        ),
                     ),
                     false,
                 )),
@@ -126,13 +152,21 @@ impl Agent {
             };
             match result {
                 Ok(()) => {
-                    metrics::step_duration(StepMode::Rollback, StepOutcome::RolledBack, started.elapsed());
+                    metrics::step_duration(
+                        StepMode::Rollback,
+                        StepOutcome::RolledBack,
+                        started.elapsed(),
+                    );
                     metrics::step_finished(StepOutcome::RolledBack);
                     info!(migration = %migration, "step undone");
                     steps.push(step(migration, None));
                 }
                 Err((failure, broken)) => {
-                    metrics::step_duration(StepMode::Rollback, StepOutcome::Failed, started.elapsed());
+                    metrics::step_duration(
+                        StepMode::Rollback,
+                        StepOutcome::Failed,
+                        started.elapsed(),
+                    );
                     metrics::step_finished(StepOutcome::Failed);
                     warn!(migration = %migration, sqlstate = %failure.error.sqlstate,
                           error = %failure.error.message, "undoing step failed; stopping this target");
@@ -155,19 +189,30 @@ async fn undo_step(
     m: &PreparedMigration,
 ) -> Result<(), (Failure, bool)> {
     fail::fail_point!("agent::before_rollback_step", |arg: Option<String>| Err((
-        Failure::agent("down", format!("failpoint agent::before_rollback_step{}", arg.map(|a| format!(": {a}")).unwrap_or_default())),
+        Failure::agent(
+            "down",
+            format!(
+                "failpoint agent::before_rollback_step{}",
+                arg.map(|a| format!(": {a}")).unwrap_or_default()
+            )
+        ),
         false
     )));
     let run = |sql: String| sqlx::raw_sql(AssertSqlSafe(sql));
     if m.is_transactional() {
-        if let Err(e) = run(sqlgen::transactional_undo(cx, m)).execute(&mut *conn).await {
+        if let Err(e) = run(sqlgen::transactional_undo(cx, m))
+            .execute(&mut *conn)
+            .await
+        {
             let broken = recover(conn, true, false).await;
             return Err((classify(&e, "down"), broken));
         }
         return Ok(());
     }
     let statements = async {
-        run(sqlgen::non_transactional_prologue(cx, m)).execute(&mut *conn).await?;
+        run(sqlgen::non_transactional_prologue(cx, m))
+            .execute(&mut *conn)
+            .await?;
         for statement in &m.down {
             run(statement.clone()).execute(&mut *conn).await?;
         }
@@ -178,7 +223,10 @@ async fn undo_step(
         let broken = recover(conn, false, true).await;
         return Err((classify(&e, "down"), broken));
     }
-    if let Err(e) = run(sqlgen::non_transactional_undo_epilogue(cx, m)).execute(&mut *conn).await {
+    if let Err(e) = run(sqlgen::non_transactional_undo_epilogue(cx, m))
+        .execute(&mut *conn)
+        .await
+    {
         let broken = recover(conn, true, false).await;
         return Err((classify(&e, "down"), broken));
     }

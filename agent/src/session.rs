@@ -25,11 +25,16 @@ const FLUSH_AFTER: Duration = Duration::from_millis(10);
 const FLUSH_RUNS: usize = 128;
 /// Messages queued toward the coordinator before the agent holds back.
 const OUTBOUND_CAPACITY: usize = 1024;
+/// How long a Hello waits for tenant discovery before using the last list.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the agent's tasks hand to the session for sending, kept across reconnects.
 #[derive(Debug)]
 pub(crate) enum Outgoing {
-    Run { plan_id: String, result: pb::RunResult },
+    Run {
+        plan_id: String,
+        result: pb::RunResult,
+    },
     Rollback(pb::RollbackReply),
 }
 
@@ -44,15 +49,20 @@ pub(crate) struct Outbox {
 
 impl Outbox {
     pub fn new(rx: mpsc::UnboundedReceiver<Outgoing>) -> Outbox {
-        Outbox { rx, runs: Vec::new(), ready: VecDeque::new(), since: None }
+        Outbox {
+            rx,
+            runs: Vec::new(),
+            ready: VecDeque::new(),
+            since: None,
+        }
     }
 
     fn push(&mut self, item: Outgoing) {
         match item {
             Outgoing::Run { plan_id, result } => self.runs.push((plan_id, result)),
-            Outgoing::Rollback(reply) => {
-                self.ready.push_back(pb::AgentMessage { body: Some(Out::Rollback(reply)) })
-            }
+            Outgoing::Rollback(reply) => self.ready.push_back(pb::AgentMessage {
+                body: Some(Out::Rollback(reply)),
+            }),
         }
         self.since.get_or_insert_with(Instant::now);
     }
@@ -67,15 +77,23 @@ impl Outbox {
         for (plan_id, run) in self.runs.drain(..) {
             match by_plan.iter_mut().find(|r| r.plan_id == plan_id) {
                 Some(r) => r.runs.push(run),
-                None => by_plan.push(pb::RunResults { plan_id, runs: vec![run] }),
+                None => by_plan.push(pb::RunResults {
+                    plan_id,
+                    runs: vec![run],
+                }),
             }
         }
-        self.ready.extend(by_plan.into_iter().map(|r| pb::AgentMessage { body: Some(Out::Results(r)) }));
+        self.ready
+            .extend(by_plan.into_iter().map(|r| pb::AgentMessage {
+                body: Some(Out::Results(r)),
+            }));
     }
 
     /// Sends what is ready without waiting. Err when the stream is gone.
     fn flush(&mut self, tx: &mpsc::Sender<pb::AgentMessage>) -> Result<(), String> {
-        fail::fail_point!("agent::before_send_results", |_| Err("failpoint agent::before_send_results".to_string()));
+        fail::fail_point!("agent::before_send_results", |_| Err(
+            "failpoint agent::before_send_results".to_string()
+        ));
         self.batch();
         while let Some(msg) = self.ready.pop_front() {
             match tx.try_send(msg) {
@@ -149,8 +167,22 @@ pub(crate) async fn run(agent: Arc<Agent>, mut outbox: Outbox, endpoint: Endpoin
     }
 }
 
+/// An error with its sources (tonic's transport error alone says only "transport error").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One stream, from Hello to its end.
@@ -159,12 +191,16 @@ async fn session(agent: &Arc<Agent>, outbox: &mut Outbox, endpoint: &Endpoint) -
     let channel = tokio::select! {
         c = endpoint.connect() => match c {
             Ok(c) => c,
-            Err(e) => return lost(false, format!("connecting: {e}")),
+            Err(e) => return lost(false, format!("connecting: {}", chain(&e))),
         },
         () = agent.cancel.cancelled() => return Ended::Shutdown,
     };
     let mut client = AgentServiceClient::new(channel);
-    let tenants = agent.refresh_tenants().await.unwrap_or_else(|_| agent.known_tenants());
+    // a shard that does not answer must not hold up the Hello: the last list will do
+    let tenants = match tokio::time::timeout(DISCOVERY_TIMEOUT, agent.refresh_tenants()).await {
+        Ok(Ok(tenants)) => tenants,
+        _ => agent.known_tenants(),
+    };
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let hello = pb::Hello {
         shard: agent.config.shard.clone(),
@@ -173,7 +209,9 @@ async fn session(agent: &Arc<Agent>, outbox: &mut Outbox, endpoint: &Endpoint) -
         version: env!("CARGO_PKG_VERSION").to_string(),
         max_lanes: agent.config.max_connections,
     };
-    let _ = tx.try_send(pb::AgentMessage { body: Some(Out::Hello(hello)) });
+    let _ = tx.try_send(pb::AgentMessage {
+        body: Some(Out::Hello(hello)),
+    });
     let mut inbound = tokio::select! {
         r = client.attach(ReceiverStream::new(rx)) => match r {
             Ok(response) => response.into_inner(),
@@ -253,7 +291,13 @@ fn dispatch(agent: &Arc<Agent>, body: In, tx: &mpsc::Sender<pb::AgentMessage>) {
                 async move {
                     let reply = agent2.preflight(req).await;
                     // a reply for a stream that is gone is dropped: its request went with it
-                    if tx.send(pb::AgentMessage { body: Some(Out::Preflight(reply)) }).await.is_err() {
+                    if tx
+                        .send(pb::AgentMessage {
+                            body: Some(Out::Preflight(reply)),
+                        })
+                        .await
+                        .is_err()
+                    {
                         debug!("preflight reply dropped: the stream is gone");
                     }
                 }
@@ -279,19 +323,29 @@ mod tests {
     fn backoff_grows_and_stays_in_bounds() {
         let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
         assert_eq!(backoff_delay(0, min, max, 0.0), min);
-        assert_eq!(backoff_delay(0, min, max, 0.999), Duration::from_millis(100));
+        assert_eq!(
+            backoff_delay(0, min, max, 0.999),
+            Duration::from_millis(100)
+        );
         assert_eq!(backoff_delay(3, min, max, 0.0), Duration::from_millis(400));
         assert!(backoff_delay(3, min, max, 0.999) <= Duration::from_millis(800));
         for attempt in [10, 31, 1000] {
             for j in [0.0, 0.5, 0.999] {
                 let d = backoff_delay(attempt, min, max, j);
-                assert!(d >= Duration::from_millis(2500) && d <= max, "{attempt} {j} {d:?}");
+                assert!(
+                    d >= Duration::from_millis(2500) && d <= max,
+                    "{attempt} {j} {d:?}"
+                );
             }
         }
     }
 
     fn run_result(id: u64) -> pb::RunResult {
-        pb::RunResult { run_id: id, tenant: format!("t{id}"), steps: Vec::new() }
+        pb::RunResult {
+            run_id: id,
+            tenant: format!("t{id}"),
+            steps: Vec::new(),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -299,23 +353,35 @@ mod tests {
         let (_in_tx, in_rx) = mpsc::unbounded_channel();
         let mut outbox = Outbox::new(in_rx);
         for (plan, id) in [("a", 1), ("b", 2), ("a", 3)] {
-            outbox.push(Outgoing::Run { plan_id: plan.into(), result: run_result(id) });
+            outbox.push(Outgoing::Run {
+                plan_id: plan.into(),
+                result: run_result(id),
+            });
         }
         assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
         let (tx, mut rx) = mpsc::channel(8);
         outbox.flush(&tx).unwrap();
         assert!(outbox.due().is_none());
-        let Some(Out::Results(r)) = rx.recv().await.unwrap().body else { panic!("not results") };
+        let Some(Out::Results(r)) = rx.recv().await.unwrap().body else {
+            panic!("not results")
+        };
         assert_eq!((r.plan_id.as_str(), r.runs.len()), ("a", 2));
-        let Some(Out::Results(r)) = rx.recv().await.unwrap().body else { panic!("not results") };
+        let Some(Out::Results(r)) = rx.recv().await.unwrap().body else {
+            panic!("not results")
+        };
         assert_eq!((r.plan_id.as_str(), r.runs.len()), ("b", 1));
         // a closed stream keeps the batch for the next one
-        outbox.push(Outgoing::Run { plan_id: "c".into(), result: run_result(4) });
+        outbox.push(Outgoing::Run {
+            plan_id: "c".into(),
+            result: run_result(4),
+        });
         drop(rx);
         assert!(outbox.flush(&tx).is_err());
         let (tx2, mut rx2) = mpsc::channel(8);
         outbox.flush(&tx2).unwrap();
-        let Some(Out::Results(r)) = rx2.recv().await.unwrap().body else { panic!("not results") };
+        let Some(Out::Results(r)) = rx2.recv().await.unwrap().body else {
+            panic!("not results")
+        };
         assert_eq!((r.plan_id.as_str(), r.runs[0].run_id), ("c", 4));
     }
 }

@@ -31,7 +31,11 @@ fn describe(options: &PgConnectOptions) -> (String, u16, String) {
         Some(path) => path.display().to_string(),
         None => options.get_host().to_string(),
     };
-    (host, options.get_port(), options.get_database().unwrap_or("").to_string())
+    (
+        host,
+        options.get_port(),
+        options.get_database().unwrap_or("").to_string(),
+    )
 }
 
 /// Connection options from the DSN, with the password set apart from it.
@@ -85,7 +89,12 @@ pub(crate) async fn connect(
                 error,
             });
         }
-        let delay = backoff_delay(attempt, config.reconnect_min, config.reconnect_max, rand::random());
+        let delay = backoff_delay(
+            attempt,
+            config.reconnect_min,
+            config.reconnect_max,
+            rand::random(),
+        );
         warn!(%host, port, %database, %error, attempt, ?delay, "shard not reachable yet, retrying");
         attempt = attempt.saturating_add(1);
         tokio::select! {
@@ -98,8 +107,15 @@ pub(crate) async fn connect(
 /// Installs or upgrades the flotilla schema, once at a time across agents.
 #[instrument(skip_all, fields(shard = %shard))]
 pub(crate) async fn install_schema(pool: &PgPool, shard: &str) -> Result<(), AgentError> {
-    let err = |what, error| AgentError::Shard { shard: shard.to_string(), what, error };
-    let mut tx = pool.begin().await.map_err(|e| err("opening the schema transaction", e))?;
+    let err = |what, error| AgentError::Shard {
+        shard: shard.to_string(),
+        what,
+        error,
+    };
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(|e| err("opening the schema transaction", e))?;
     sqlx::raw_sql(
         "SELECT pg_advisory_xact_lock(hashtext('flotilla.schema'));
          CREATE SCHEMA IF NOT EXISTS flotilla;
@@ -117,13 +133,19 @@ pub(crate) async fn install_schema(pool: &PgPool, shard: &str) -> Result<(), Age
     if let Some(found) = found
         && found.parse::<u32>().map_or(true, |v| v > SCHEMA_VERSION)
     {
-        return Err(AgentError::SchemaTooNew { shard: shard.to_string(), found, supported: SCHEMA_VERSION });
+        return Err(AgentError::SchemaTooNew {
+            shard: shard.to_string(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
     }
     sqlx::raw_sql(SCHEMA_SQL)
         .execute(&mut *tx)
         .await
         .map_err(|e| err("installing the flotilla schema", e))?;
-    tx.commit().await.map_err(|e| err("committing the flotilla schema", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| err("committing the flotilla schema", e))?;
     info!(version = SCHEMA_VERSION, "flotilla schema ready");
     Ok(())
 }
@@ -190,7 +212,13 @@ pub(crate) async fn discover_tenants(
                 continue;
             }
         };
-        tenants.insert(name.clone(), pb::Tenant { name, labels: labels.into_iter().collect() });
+        tenants.insert(
+            name.clone(),
+            pb::Tenant {
+                name,
+                labels: labels.into_iter().collect(),
+            },
+        );
     }
     Ok(tenants.into_values().collect())
 }
@@ -224,6 +252,18 @@ pub(crate) fn parse_tenant_labels(raw: &str) -> Result<BTreeMap<String, String>,
 }
 
 /// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs.
+/// Moves the shard's fence up to `epoch` in a transaction of its own. Step
+/// transactions then only read the fence row (FOR SHARE); were the first step of
+/// a new epoch to advance it, every other step would queue behind that one
+/// step's whole transaction, however long it runs.
+pub(crate) async fn advance_fence(pool: &PgPool, epoch: u64) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT flotilla.check_fence($1)")
+        .bind(epoch as i64)
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
 pub(crate) async fn read_applied(
     pool: &PgPool,
     targets: &[String],
@@ -239,7 +279,11 @@ pub(crate) async fn read_applied(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(target, migration_id, checksum)| JournalRow { target, migration_id, checksum })
+        .map(|(target, migration_id, checksum)| JournalRow {
+            target,
+            migration_id,
+            checksum,
+        })
         .collect())
 }
 
@@ -257,12 +301,14 @@ pub(crate) async fn read_for_preflight(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(tenant, migration_id, checksum, plan_id)| pb::AppliedStep {
-            tenant,
-            migration_id,
-            checksum,
-            plan_id,
-        })
+        .map(
+            |(tenant, migration_id, checksum, plan_id)| pb::AppliedStep {
+                tenant,
+                migration_id,
+                checksum,
+                plan_id,
+            },
+        )
         .collect())
 }
 
@@ -307,7 +353,8 @@ mod tests {
 
     #[test]
     fn labels_as_json() {
-        let l = parse_tenant_labels(r#"{"tier": "gold", "size": 3, "beta": true, "gone": null}"#).unwrap();
+        let l = parse_tenant_labels(r#"{"tier": "gold", "size": 3, "beta": true, "gone": null}"#)
+            .unwrap();
         assert_eq!(l.get("tier").map(String::as_str), Some("gold"));
         assert_eq!(l.get("size").map(String::as_str), Some("3"));
         assert_eq!(l.get("beta").map(String::as_str), Some("true"));
@@ -321,7 +368,10 @@ mod tests {
         let mut c = AgentConfig::new("s0", "postgres://app@db.internal:6543/shard_0", "http://c");
         c.password = Some("hunter2".into());
         let o = connect_options(&c).unwrap();
-        assert_eq!(describe(&o), ("db.internal".to_string(), 6543, "shard_0".to_string()));
+        assert_eq!(
+            describe(&o),
+            ("db.internal".to_string(), 6543, "shard_0".to_string())
+        );
         let c = AgentConfig::new("s0", "postgres://app:pw@db:notaport/x", "http://c");
         let e = connect_options(&c).unwrap_err().to_string();
         assert!(!e.contains("pw@"), "{e}");

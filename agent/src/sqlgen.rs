@@ -10,7 +10,8 @@ pub(crate) use flotilla_proto::sql::quote_ident;
 /// `flotilla_proto::sql::quote_literal`, with the reason as text (it names the value).
 /// Safe because the agent's connections run with `standard_conforming_strings = on`.
 pub(crate) fn quote_literal(value: &str) -> Result<String, String> {
-    flotilla_proto::sql::quote_literal(value).map_err(|e| format!("{:?}: {e}", value.escape_debug().to_string()))
+    flotilla_proto::sql::quote_literal(value)
+        .map_err(|e| format!("{:?}: {e}", value.escape_debug().to_string()))
 }
 
 /// A migration made ready to run: statements split and constant literals quoted once per
@@ -39,7 +40,9 @@ impl PreparedMigration {
         let up = split(&migration.up_sql, "up")?;
         let down = split(&migration.down_sql, "down")?;
         let ms = |d: Option<std::time::Duration>, default: u64| {
-            d.map_or(default, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            d.map_or(default, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+            })
         };
         Ok(PreparedMigration {
             id_lit: quote_literal(migration.id.as_str())?,
@@ -104,7 +107,11 @@ fn push_settings(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigration, 
 /// The verify check (if any) and the journal row: the step's proof that it is applied.
 fn push_verify_and_journal(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigration) {
     if let Some(verify) = &m.migration.verify_sql {
-        let _ = writeln!(out, "SELECT flotilla.check_verify(({verify}\n), {});", m.id_lit);
+        let _ = writeln!(
+            out,
+            "SELECT flotilla.check_verify(({verify}\n), {});",
+            m.id_lit
+        );
     }
     let _ = writeln!(
         out,
@@ -164,7 +171,10 @@ pub(crate) fn transactional_undo(cx: &StepContext<'_>, m: &PreparedMigration) ->
 
 /// After a non-transactional step's down statements: the journal row moves in its own
 /// fenced transaction.
-pub(crate) fn non_transactional_undo_epilogue(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+pub(crate) fn non_transactional_undo_epilogue(
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+) -> String {
     let mut out = begin_fenced(cx.epoch);
     push_journal_move(&mut out, cx, m);
     out.push_str("COMMIT;\n");
@@ -199,14 +209,36 @@ mod tests {
 
     #[test]
     fn transactional_step_text() {
-        let m = migration("m1", "CREATE TABLE t (id int); INSERT INTO t VALUES (1) -- one", "SELECT count(*) = 1 FROM t");
-        let cx = StepContext { tenant: "tenant_1", tenant_lit: "'tenant_1'", plan_lit: "'p1'", epoch: 7 };
+        let m = migration(
+            "m1",
+            "CREATE TABLE t (id int); INSERT INTO t VALUES (1) -- one",
+            "SELECT count(*) = 1 FROM t",
+        );
+        let cx = StepContext {
+            tenant: "tenant_1",
+            tenant_lit: "'tenant_1'",
+            plan_lit: "'p1'",
+            epoch: 7,
+        };
         let sql = transactional_step(&cx, &m);
-        assert!(sql.starts_with("SET LOCAL search_path TO \"tenant_1\";\n"), "{sql}");
-        assert!(sql.contains("SET LOCAL lock_timeout = '1500ms'; SET LOCAL statement_timeout = '0ms';"));
-        assert!(sql.contains("CREATE TABLE t (id int)\n;\nINSERT INTO t VALUES (1)\n;\n"), "{sql}");
-        assert!(sql.contains("SELECT flotilla.check_verify((SELECT count(*) = 1 FROM t\n), 'm1');"));
-        assert!(sql.contains(&format!("VALUES ('tenant_1', 'm1', '{}', 'p1', 7, ", m.migration.checksum)));
+        assert!(
+            sql.starts_with("SET LOCAL search_path TO \"tenant_1\";\n"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("SET LOCAL lock_timeout = '1500ms'; SET LOCAL statement_timeout = '0ms';")
+        );
+        assert!(
+            sql.contains("CREATE TABLE t (id int)\n;\nINSERT INTO t VALUES (1)\n;\n"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("SELECT flotilla.check_verify((SELECT count(*) = 1 FROM t\n), 'm1');")
+        );
+        assert!(sql.contains(&format!(
+            "VALUES ('tenant_1', 'm1', '{}', 'p1', 7, ",
+            m.migration.checksum
+        )));
         assert!(!sql.contains("BEGIN") && !sql.contains("COMMIT"));
         assert_eq!(begin_fenced(7), "BEGIN;\nSELECT flotilla.check_fence(7);\n");
     }
@@ -214,7 +246,12 @@ mod tests {
     #[test]
     fn shard_target_keeps_the_search_path() {
         let m = migration("m1", "CREATE TABLE t (id int)", "");
-        let cx = StepContext { tenant: "", tenant_lit: "''", plan_lit: "'p1'", epoch: 1 };
+        let cx = StepContext {
+            tenant: "",
+            tenant_lit: "''",
+            plan_lit: "'p1'",
+            epoch: 1,
+        };
         let sql = transactional_step(&cx, &m);
         assert!(!sql.contains("search_path"));
         assert!(!sql.contains("check_verify"));
@@ -223,24 +260,48 @@ mod tests {
     #[test]
     fn non_transactional_pieces() {
         let m = migration("m2", "CREATE INDEX CONCURRENTLY i ON t (id)", "");
-        let cx = StepContext { tenant: "t1", tenant_lit: "'t1'", plan_lit: "'p'", epoch: 3 };
+        let cx = StepContext {
+            tenant: "t1",
+            tenant_lit: "'t1'",
+            plan_lit: "'p'",
+            epoch: 3,
+        };
         let pro = non_transactional_prologue(&cx, &m);
-        assert!(pro.starts_with("SELECT flotilla.check_fence(3);\nSET search_path TO \"t1\";\nSET lock_timeout"), "{pro}");
+        assert!(
+            pro.starts_with(
+                "SELECT flotilla.check_fence(3);\nSET search_path TO \"t1\";\nSET lock_timeout"
+            ),
+            "{pro}"
+        );
         assert!(pro.contains("clock_timestamp()::text, false)"));
         let epi = non_transactional_epilogue(&cx, &m);
-        assert!(epi.starts_with("BEGIN;\nSELECT flotilla.check_fence(3);\nINSERT INTO flotilla.journal"));
+        assert!(
+            epi.starts_with(
+                "BEGIN;\nSELECT flotilla.check_fence(3);\nINSERT INTO flotilla.journal"
+            )
+        );
         assert!(epi.ends_with("COMMIT;\n"));
     }
 
     #[test]
     fn undo_text() {
         let m = migration("m1", "CREATE TABLE t (id int)", "");
-        let cx = StepContext { tenant: "t1", tenant_lit: "'t1'", plan_lit: "'p9'", epoch: 4 };
+        let cx = StepContext {
+            tenant: "t1",
+            tenant_lit: "'t1'",
+            plan_lit: "'p9'",
+            epoch: 4,
+        };
         let sql = transactional_undo(&cx, &m);
-        assert!(sql.starts_with("BEGIN;\nSELECT flotilla.check_fence(4);\nSET LOCAL search_path TO \"t1\";"));
+        assert!(sql.starts_with(
+            "BEGIN;\nSELECT flotilla.check_fence(4);\nSET LOCAL search_path TO \"t1\";"
+        ));
         assert!(sql.contains("DROP TABLE t\n;\n"));
         assert!(sql.contains("DELETE FROM flotilla.journal WHERE target = 't1' AND migration_id = 'm1' AND plan_id = 'p9'"));
-        assert!(sql.contains("pg_catalog.now(), 'p9', 4 FROM d;\nCOMMIT;\n"), "{sql}");
+        assert!(
+            sql.contains("pg_catalog.now(), 'p9', 4 FROM d;\nCOMMIT;\n"),
+            "{sql}"
+        );
         let epi = non_transactional_undo_epilogue(&cx, &m);
         assert!(epi.starts_with("BEGIN;\nSELECT flotilla.check_fence(4);\nWITH d AS"));
     }

@@ -9,21 +9,39 @@ use flotilla_proto::pb::coordinator_message::Body as In;
 
 #[tokio::test]
 async fn failpoints_fail_steps_undos_and_sends() {
-    let Some(f) = fleet("failpoints", 2).await else { return };
+    let Some(f) = fleet("failpoints", 2).await else {
+        return;
+    };
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (mut s, _) = h.attach(1).await;
     let define = |s: &Stream| {
-        s.send(In::Plan(pb::PlanDefinition { plan_id: "fp".into(), migrations: bench_migrations(), ..Default::default() }))
+        s.send(In::Plan(pb::PlanDefinition {
+            plan_id: "fp".into(),
+            migrations: bench_migrations(),
+            ..Default::default()
+        }))
     };
     define(&s);
 
     // a failure right before COMMIT leaves nothing behind
     fail::cfg("agent::before_step_commit", "1*return(boom)").unwrap();
-    let r = s.assign("fp", 1, 1, vec![run(1, "tenant_0000", &BENCH, true)]).await;
-    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::NotRun, pb::StepOutcome::NotRun, pb::StepOutcome::Failed]);
+    let r = s
+        .assign("fp", 1, 1, vec![run(1, "tenant_0000", &BENCH, true)])
+        .await;
+    assert_eq!(
+        outcomes(&r[&1]),
+        [
+            pb::StepOutcome::NotRun,
+            pb::StepOutcome::NotRun,
+            pb::StepOutcome::Failed
+        ]
+    );
     let e = r[&1].steps[2].error.clone().unwrap();
     assert_eq!(e.message, "failpoint agent::before_step_commit: boom");
-    assert_eq!(count(&f.pool, "SELECT count(*) FROM flotilla.journal").await, 0);
+    assert_eq!(
+        count(&f.pool, "SELECT count(*) FROM flotilla.journal").await,
+        0
+    );
     assert_eq!(
         count(&f.pool, "SELECT count(*) FROM information_schema.columns WHERE column_name = 'satisfaction_rating'").await,
         0
@@ -31,7 +49,12 @@ async fn failpoints_fail_steps_undos_and_sends() {
 
     // results that could not be sent go out on the next stream
     fail::cfg("agent::before_send_results", "1*return").unwrap();
-    s.send(In::Assign(pb::Assign { plan_id: "fp".into(), epoch: 1, lanes: 1, runs: vec![run(2, "tenant_0000", &BENCH, true)] }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "fp".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(2, "tenant_0000", &BENCH, true)],
+    }));
     let (mut s, _) = h.attach(1).await;
     define(&s);
     let r = s.results("fp", 1).await;
@@ -45,8 +68,14 @@ async fn failpoints_fail_steps_undos_and_sends() {
     let reply = s.rollback("fp", 1).await;
     assert!(!reply.complete);
     assert_eq!(reply.steps.len(), 1);
-    assert_eq!(reply.steps[0].error.as_ref().unwrap().message, "failpoint agent::before_rollback_step: no");
-    assert_eq!(count(&f.pool, "SELECT count(*) FROM flotilla.journal").await, 3);
+    assert_eq!(
+        reply.steps[0].error.as_ref().unwrap().message,
+        "failpoint agent::before_rollback_step: no"
+    );
+    assert_eq!(
+        count(&f.pool, "SELECT count(*) FROM flotilla.journal").await,
+        3
+    );
     let reply = s.rollback("fp", 1).await;
     assert!(reply.complete && reply.steps.len() == 3, "{reply:?}");
     h.stop().await;

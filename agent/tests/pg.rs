@@ -12,7 +12,9 @@ use flotilla_proto::pb::coordinator_message::Body as In;
 
 #[tokio::test]
 async fn rollout_preflight_and_rollback() {
-    let Some(f) = fleet("rollout", 3).await else { return };
+    let Some(f) = fleet("rollout", 3).await else {
+        return;
+    };
     let (dsn, pool) = (f.dsn.clone(), f.pool.clone());
     let mut h = Harness::start(|_| {}, &dsn).await;
     let (mut s, hello) = h.attach(1).await;
@@ -27,31 +29,66 @@ async fn rollout_preflight_and_rollback() {
         default_lock_timeout_ms: 5000,
         default_statement_timeout_ms: 0,
     }));
-    let runs = (0..3).map(|i| run(i, &format!("tenant_{i:04}"), &BENCH, true)).collect();
+    let runs = (0..3)
+        .map(|i| run(i, &format!("tenant_{i:04}"), &BENCH, true))
+        .collect();
     let results = s.assign("p1", 1, 2, runs).await;
     for r in results.values() {
         assert_eq!(outcomes(r), [pb::StepOutcome::Applied; 3], "{r:?}");
         assert_eq!(r.steps[0].checksum, flotilla_proto::checksum(HS_UP));
     }
-    assert_eq!(count(&pool, "SELECT count(*) FROM flotilla.journal WHERE plan_id = 'p1' AND epoch = 1").await, 9);
-    assert_eq!(count(&pool, "SELECT count(*) FROM tenant_0001.unified_satisfaction").await, 0);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM flotilla.journal WHERE plan_id = 'p1' AND epoch = 1"
+        )
+        .await,
+        9
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM tenant_0001.unified_satisfaction"
+        )
+        .await,
+        0
+    );
     assert_eq!(count(&pool, "SELECT epoch FROM flotilla.fence").await, 1);
     // each journal row records its step's own start, not its transaction's
     assert_eq!(
-        count(&pool, "SELECT count(DISTINCT started_at) FROM flotilla.journal WHERE target = 'tenant_0000'").await,
+        count(
+            &pool,
+            "SELECT count(DISTINCT started_at) FROM flotilla.journal WHERE target = 'tenant_0000'"
+        )
+        .await,
         3
     );
 
     // again: the journal answers, nothing runs
-    let runs = (0..3).map(|i| run(10 + i, &format!("tenant_{i:04}"), &BENCH, true)).collect();
+    let runs = (0..3)
+        .map(|i| run(10 + i, &format!("tenant_{i:04}"), &BENCH, true))
+        .collect();
     for r in s.assign("p1", 1, 2, runs).await.values() {
         assert_eq!(outcomes(r), [pb::StepOutcome::AlreadyApplied; 3], "{r:?}");
         assert_eq!(r.steps[2].checksum, flotilla_proto::checksum(VIEW_UP));
     }
 
-    s.send(In::Preflight(pb::PreflightRequest { request_id: 7, migration_ids: vec![BENCH[0].into()] }));
-    let Out::Preflight(p) = s.next().await else { panic!("preflight reply") };
-    assert_eq!((p.request_id, p.tenants.len(), p.applied.len(), p.error.as_str()), (7, 3, 3, ""));
+    s.send(In::Preflight(pb::PreflightRequest {
+        request_id: 7,
+        migration_ids: vec![BENCH[0].into()],
+    }));
+    let Out::Preflight(p) = s.next().await else {
+        panic!("preflight reply")
+    };
+    assert_eq!(
+        (
+            p.request_id,
+            p.tenants.len(),
+            p.applied.len(),
+            p.error.as_str()
+        ),
+        (7, 3, 3, "")
+    );
     assert_eq!(p.applied[0].plan_id, "p1");
 
     let reply = s.rollback("p1", 1).await;
@@ -59,14 +96,66 @@ async fn rollout_preflight_and_rollback() {
     assert_eq!(reply.steps.len(), 9);
     assert!(reply.steps.iter().all(|st| st.error.is_none()), "{reply:?}");
     // newest first per target
-    let t0: Vec<_> = reply.steps.iter().filter(|st| st.tenant == "tenant_0000").map(|st| st.migration_id.as_str()).collect();
+    let t0: Vec<_> = reply
+        .steps
+        .iter()
+        .filter(|st| st.tenant == "tenant_0000")
+        .map(|st| st.migration_id.as_str())
+        .collect();
     assert_eq!(t0, [BENCH[2], BENCH[1], BENCH[0]]);
-    assert_eq!(count(&pool, "SELECT count(*) FROM flotilla.journal").await, 0);
-    assert_eq!(count(&pool, "SELECT count(*) FROM flotilla.journal_history WHERE rolled_back_by_plan = 'p1'").await, 9);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.journal").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM flotilla.journal_history WHERE rolled_back_by_plan = 'p1'"
+        )
+        .await,
+        9
+    );
     assert_eq!(
         count(&pool, "SELECT count(*) FROM information_schema.columns WHERE column_name = 'satisfaction_rating'").await,
         0
     );
+    // the shard itself as the target: no search_path of its own, journal target ''
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "p1s".into(),
+        migrations: vec![migration(
+            "shard_marker",
+            "CREATE TABLE public.shard_marker (id int)",
+            "DROP TABLE public.shard_marker",
+            "",
+        )],
+        ..Default::default()
+    }));
+    let r = s
+        .assign("p1s", 1, 1, vec![run(20, "", &["shard_marker"], true)])
+        .await;
+    assert_eq!(outcomes(&r[&20]), [pb::StepOutcome::Applied]);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM flotilla.journal WHERE target = '' AND plan_id = 'p1s'"
+        )
+        .await,
+        1
+    );
+    let reply = s.rollback("p1s", 1).await;
+    assert!(
+        reply.complete && reply.steps.len() == 1 && reply.steps[0].tenant.is_empty(),
+        "{reply:?}"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'shard_marker'"
+        )
+        .await,
+        0
+    );
+
     let again = s.rollback("p1", 1).await;
     assert!(again.complete && again.steps.is_empty(), "{again:?}");
     h.stop().await;
@@ -75,78 +164,236 @@ async fn rollout_preflight_and_rollback() {
 
 #[tokio::test]
 async fn failures_fence_and_non_transactional_steps() {
-    let Some(f) = fleet("failures", 2).await else { return };
+    let Some(f) = fleet("failures", 2).await else {
+        return;
+    };
     let (dsn, pool) = (f.dsn.clone(), f.pool.clone());
     let mut h = Harness::start(|_| {}, &dsn).await;
     let (mut s, _) = h.attach(5).await;
     let mut migrations = bench_migrations();
-    migrations.push(migration("bad", "ALTER TABLE nope ADD COLUMN x int", "", ""));
-    migrations.push(migration("unverified", "CREATE TABLE marker (id int)", "DROP TABLE marker", "SELECT false"));
+    migrations.push(migration(
+        "bad",
+        "ALTER TABLE nope ADD COLUMN x int",
+        "",
+        "",
+    ));
+    migrations.push(migration(
+        "unverified",
+        "CREATE TABLE marker (id int)",
+        "DROP TABLE marker",
+        "SELECT false",
+    ));
     migrations.push(migration(
         "concurrent_index",
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_wo_customer ON work_orders (customer_id)",
         "DROP INDEX CONCURRENTLY IF EXISTS idx_wo_customer",
         "SELECT count(*) = 1 FROM pg_indexes WHERE indexname = 'idx_wo_customer' AND schemaname = current_schema()",
     ));
-    s.send(In::Plan(pb::PlanDefinition { plan_id: "p2".into(), migrations, default_lock_timeout_ms: 2000, default_statement_timeout_ms: 0 }));
+    migrations.push(migration("idem", "SELECT pg_sleep(0.4)", "SELECT 1", ""));
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "p2".into(),
+        migrations,
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+
+    // applied by someone else while it ran: the journal's primary key says so
+    s.send(In::Assign(pb::Assign {
+        plan_id: "p2".into(),
+        epoch: 5,
+        lanes: 1,
+        runs: vec![run(100, "tenant_0001", &["idem"], true)],
+    }));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    sqlx::raw_sql(
+        "INSERT INTO flotilla.journal (target, migration_id, checksum, plan_id, epoch, started_at, finished_at) \
+         VALUES ('tenant_0001', 'idem', 'theirs', 'other', 5, now(), now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let r = s.results("p2", 1).await;
+    assert_eq!(
+        outcomes(&r[&100]),
+        [pb::StepOutcome::AlreadyApplied],
+        "{:?}",
+        r[&100]
+    );
+    assert_eq!(r[&100].steps[0].checksum, "theirs");
+    sqlx::raw_sql("DELETE FROM flotilla.journal")
+        .execute(&pool)
+        .await
+        .unwrap();
 
     // fused: the failure takes the whole run with it
-    let r = s.assign("p2", 5, 2, vec![run(1, "tenant_0000", &[BENCH[0], "bad"], true)]).await;
-    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::NotRun, pb::StepOutcome::Failed]);
+    let r = s
+        .assign(
+            "p2",
+            5,
+            2,
+            vec![run(1, "tenant_0000", &[BENCH[0], "bad"], true)],
+        )
+        .await;
+    assert_eq!(
+        outcomes(&r[&1]),
+        [pb::StepOutcome::NotRun, pb::StepOutcome::Failed]
+    );
     let e = r[&1].steps[1].error.clone().unwrap();
-    assert_eq!((e.sqlstate.as_str(), e.phase.as_str()), ("42P01", "up"), "{e:?}");
+    assert_eq!(
+        (e.sqlstate.as_str(), e.phase.as_str()),
+        ("42P01", "up"),
+        "{e:?}"
+    );
     assert!(e.message.contains("nope"), "{e:?}");
-    assert_eq!(count(&pool, "SELECT count(*) FROM flotilla.journal").await, 0);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.journal").await,
+        0
+    );
 
     // unfused: what came before stays, what comes after does not run
-    let r = s.assign("p2", 5, 2, vec![run(2, "tenant_0000", &[BENCH[0], "bad", BENCH[1]], false)]).await;
-    assert_eq!(outcomes(&r[&2]), [pb::StepOutcome::Applied, pb::StepOutcome::Failed, pb::StepOutcome::NotRun]);
+    let r = s
+        .assign(
+            "p2",
+            5,
+            2,
+            vec![run(2, "tenant_0000", &[BENCH[0], "bad", BENCH[1]], false)],
+        )
+        .await;
+    assert_eq!(
+        outcomes(&r[&2]),
+        [
+            pb::StepOutcome::Applied,
+            pb::StepOutcome::Failed,
+            pb::StepOutcome::NotRun
+        ]
+    );
 
     // verify
-    let r = s.assign("p2", 5, 2, vec![run(3, "tenant_0001", &["unverified"], true)]).await;
+    let r = s
+        .assign(
+            "p2",
+            5,
+            2,
+            vec![run(3, "tenant_0001", &["unverified"], true)],
+        )
+        .await;
     let e = r[&3].steps[0].error.clone().unwrap();
-    assert_eq!((e.sqlstate.as_str(), e.phase.as_str()), ("FL003", "verify"), "{e:?}");
+    assert_eq!(
+        (e.sqlstate.as_str(), e.phase.as_str()),
+        ("FL003", "verify"),
+        "{e:?}"
+    );
     assert_eq!(e.message, "verify of unverified returned false");
 
     // fence: an older epoch changes nothing
-    let r = s.assign("p2", 4, 2, vec![run(4, "tenant_0001", &[BENCH[0]], true)]).await;
+    let r = s
+        .assign("p2", 4, 2, vec![run(4, "tenant_0001", &[BENCH[0]], true)])
+        .await;
     let e = r[&4].steps[0].error.clone().unwrap();
-    assert_eq!((e.sqlstate.as_str(), e.phase.as_str()), ("FL002", "fence"), "{e:?}");
-    assert_eq!(e.message, "fenced: epoch 4 is older than the shard's epoch 5");
+    assert_eq!(
+        (e.sqlstate.as_str(), e.phase.as_str()),
+        ("FL002", "fence"),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.message,
+        "fenced: epoch 4 is older than the shard's epoch 5"
+    );
 
     // non-transactional, alone and in a fused run with transactional steps
-    let r = s.assign("p2", 5, 2, vec![
-        run(5, "tenant_0000", &["concurrent_index"], true),
-        run(6, "tenant_0001", &[BENCH[0], "concurrent_index", BENCH[1]], true),
-    ]).await;
+    let r = s
+        .assign(
+            "p2",
+            5,
+            2,
+            vec![
+                run(5, "tenant_0000", &["concurrent_index"], true),
+                run(
+                    6,
+                    "tenant_0001",
+                    &[BENCH[0], "concurrent_index", BENCH[1]],
+                    true,
+                ),
+            ],
+        )
+        .await;
     assert_eq!(outcomes(&r[&5]), [pb::StepOutcome::Applied]);
-    assert_eq!(outcomes(&r[&6]), [pb::StepOutcome::Applied; 3], "{:?}", r[&6]);
-    assert_eq!(count(&pool, "SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_wo_customer'").await, 2);
+    assert_eq!(
+        outcomes(&r[&6]),
+        [pb::StepOutcome::Applied; 3],
+        "{:?}",
+        r[&6]
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_wo_customer'"
+        )
+        .await,
+        2
+    );
     // the session settings of a non-transactional step do not leak into the pool
-    assert_eq!(count(&pool, "SELECT count(*) FROM flotilla.journal WHERE plan_id = 'p2'").await, 5);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM flotilla.journal WHERE plan_id = 'p2'"
+        )
+        .await,
+        5
+    );
 
     let reply = s.rollback("p2", 5).await;
     assert!(reply.complete, "{reply:?}");
     assert_eq!(reply.steps.len(), 5);
-    assert_eq!(count(&pool, "SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_wo_customer'").await, 0);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_wo_customer'"
+        )
+        .await,
+        0
+    );
 
     // rollback of a step whose down fails stops that target and says so
-    let r = s.assign("p2", 5, 2, vec![run(7, "tenant_0000", &[BENCH[0], BENCH[1]], true)]).await;
+    let r = s
+        .assign(
+            "p2",
+            5,
+            2,
+            vec![run(7, "tenant_0000", &[BENCH[0], BENCH[1]], true)],
+        )
+        .await;
     assert_eq!(outcomes(&r[&7]), [pb::StepOutcome::Applied; 2]);
-    sqlx::raw_sql("DROP INDEX tenant_0000.idx_repair_orders_satisfaction").execute(&pool).await.unwrap();
+    sqlx::raw_sql("DROP INDEX tenant_0000.idx_repair_orders_satisfaction")
+        .execute(&pool)
+        .await
+        .unwrap();
     let reply = s.rollback("p2", 5).await;
     assert!(!reply.complete);
     assert_eq!(reply.steps.len(), 1, "{reply:?}");
     let e = reply.steps[0].error.clone().unwrap();
-    assert_eq!((e.sqlstate.as_str(), e.phase.as_str()), ("42704", "down"), "{e:?}");
-    assert_eq!(count(&pool, "SELECT count(*) FROM flotilla.journal WHERE plan_id = 'p2'").await, 2);
+    assert_eq!(
+        (e.sqlstate.as_str(), e.phase.as_str()),
+        ("42704", "down"),
+        "{e:?}"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM flotilla.journal WHERE plan_id = 'p2'"
+        )
+        .await,
+        2
+    );
     h.stop().await;
     f.drop().await;
 }
 
 #[tokio::test]
 async fn halt_reconnect_and_tenant_query() {
-    let Some(f) = fleet("halt", 4).await else { return };
+    let Some(f) = fleet("halt", 4).await else {
+        return;
+    };
     let (dsn, pool) = (f.dsn.clone(), f.pool.clone());
     let mut h = Harness::start(
         |c| {
@@ -162,25 +409,49 @@ async fn halt_reconnect_and_tenant_query() {
     .await;
     let (mut s, hello) = h.attach(1).await;
     assert_eq!(hello.tenants.len(), 4);
-    assert_eq!(hello.tenants[0].labels.get("tier").map(String::as_str), Some("gold"));
-    assert_eq!(hello.tenants[3].labels.get("tier").map(String::as_str), Some("free"));
+    assert_eq!(
+        hello.tenants[0].labels.get("tier").map(String::as_str),
+        Some("gold")
+    );
+    assert_eq!(
+        hello.tenants[3].labels.get("tier").map(String::as_str),
+        Some("free")
+    );
 
     s.send(In::Plan(pb::PlanDefinition {
         plan_id: "p3".into(),
         migrations: vec![migration("slow", "SELECT pg_sleep(0.3)", "SELECT 1", "")],
         ..Default::default()
     }));
-    let runs = (0..4).map(|i| run(i, &format!("tenant_{i:04}"), &["slow"], true)).collect();
-    s.send(In::Assign(pb::Assign { plan_id: "p3".into(), epoch: 1, lanes: 1, runs }));
+    let runs = (0..4)
+        .map(|i| run(i, &format!("tenant_{i:04}"), &["slow"], true))
+        .collect();
+    s.send(In::Assign(pb::Assign {
+        plan_id: "p3".into(),
+        epoch: 1,
+        lanes: 1,
+        runs,
+    }));
     tokio::time::sleep(Duration::from_millis(150)).await;
-    s.send(In::Halt(pb::Halt { plan_id: "p3".into() }));
+    s.send(In::Halt(pb::Halt {
+        plan_id: "p3".into(),
+    }));
     let results = s.results("p3", 4).await;
-    let applied = results.values().filter(|r| outcomes(r) == [pb::StepOutcome::Applied]).count();
-    let not_run = results.values().filter(|r| outcomes(r) == [pb::StepOutcome::NotRun]).count();
+    let applied = results
+        .values()
+        .filter(|r| outcomes(r) == [pb::StepOutcome::Applied])
+        .count();
+    let not_run = results
+        .values()
+        .filter(|r| outcomes(r) == [pb::StepOutcome::NotRun])
+        .count();
     assert_eq!((applied, not_run), (1, 3), "{results:?}");
 
     // the coordinator goes away; the agent comes back with a fresh Hello
-    sqlx::raw_sql("CREATE SCHEMA tenant_0004").execute(&pool).await.unwrap();
+    sqlx::raw_sql("CREATE SCHEMA tenant_0004")
+        .execute(&pool)
+        .await
+        .unwrap();
     drop(s);
     let (mut s, hello) = h.attach(2).await;
     assert_eq!(hello.tenants.len(), 5);
@@ -189,7 +460,9 @@ async fn halt_reconnect_and_tenant_query() {
         migrations: vec![migration("slow", "SELECT pg_sleep(0.3)", "SELECT 1", "")],
         ..Default::default()
     }));
-    let r = s.assign("p3", 2, 2, vec![run(9, "tenant_0000", &["slow"], true)]).await;
+    let r = s
+        .assign("p3", 2, 2, vec![run(9, "tenant_0000", &["slow"], true)])
+        .await;
     assert_eq!(outcomes(&r[&9]), [pb::StepOutcome::AlreadyApplied]);
     h.stop().await;
     f.drop().await;
@@ -207,14 +480,33 @@ async fn bench_rollout_over_a_fleet_shard() {
     let mut h = Harness::start(|c| c.max_connections = 8, &dsn).await;
     let (mut s, hello) = h.attach(1).await;
     // as the benchmark has them: no verify
-    let migrations = bench_migrations().into_iter().map(|m| pb::Migration { verify_sql: String::new(), ..m }).collect();
-    s.send(In::Plan(pb::PlanDefinition { plan_id: "bench".into(), migrations, ..Default::default() }));
-    let runs: Vec<_> = hello.tenants.iter().enumerate().map(|(i, t)| run(i as u64, &t.name, &BENCH, true)).collect();
+    let migrations = bench_migrations()
+        .into_iter()
+        .map(|m| pb::Migration {
+            verify_sql: String::new(),
+            ..m
+        })
+        .collect();
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "bench".into(),
+        migrations,
+        ..Default::default()
+    }));
+    let runs: Vec<_> = hello
+        .tenants
+        .iter()
+        .enumerate()
+        .map(|(i, t)| run(i as u64, &t.name, &BENCH, true))
+        .collect();
     let n = runs.len();
     let started = std::time::Instant::now();
     let results = s.assign("bench", 1, 8, runs).await;
     let secs = started.elapsed().as_secs_f64();
-    assert!(results.values().all(|r| outcomes(r) == [pb::StepOutcome::Applied; 3]));
+    assert!(
+        results
+            .values()
+            .all(|r| outcomes(r) == [pb::StepOutcome::Applied; 3])
+    );
     println!("agent rollout: {n} tenants x 3 migrations, 8 lanes: {secs:.3} s");
     h.stop().await;
 }

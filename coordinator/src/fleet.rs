@@ -41,7 +41,11 @@ impl Fleet {
 
     /// Registers an agent's stream; a newer stream for the same shard replaces the old one.
     pub fn attach(&self, shard: &str, agent: AttachedAgent) {
-        self.inner.lock().expect("fleet lock").agents.insert(shard.to_string(), agent);
+        self.inner
+            .lock()
+            .expect("fleet lock")
+            .agents
+            .insert(shard.to_string(), agent);
     }
 
     /// Forgets a stream, unless a newer one for the shard took its place.
@@ -80,36 +84,56 @@ impl Fleet {
         migration_ids: Vec<String>,
         timeout: Duration,
     ) -> Result<pb::PreflightReply, CoordinatorError> {
-        let unreachable = |reason: String| CoordinatorError::Unreachable { shard: shard.to_string(), reason };
+        let unreachable = |reason: String| CoordinatorError::Unreachable {
+            shard: shard.to_string(),
+            reason,
+        };
         let (tx, rx) = oneshot::channel();
         let agent_tx = {
             let mut g = self.inner.lock().expect("fleet lock");
             g.next_id += 1;
             let id = g.next_id;
             g.preflights.insert(id, tx);
-            let agent = g.agents.get(shard).ok_or_else(|| unreachable("its agent is not attached".into()))?;
+            let agent = g
+                .agents
+                .get(shard)
+                .ok_or_else(|| unreachable("its agent is not attached".into()))?;
             (agent.tx.clone(), id)
         };
         let (agent_tx, request_id) = agent_tx;
         agent_tx
-            .send(msg(pb::coordinator_message::Body::Preflight(pb::PreflightRequest {
-                request_id,
-                migration_ids,
-            })))
+            .send(msg(pb::coordinator_message::Body::Preflight(
+                pb::PreflightRequest {
+                    request_id,
+                    migration_ids,
+                },
+            )))
             .await
             .map_err(|_| unreachable("its agent stream closed".into()))?;
         let reply = tokio::time::timeout(timeout, rx).await;
-        self.inner.lock().expect("fleet lock").preflights.remove(&request_id);
+        self.inner
+            .lock()
+            .expect("fleet lock")
+            .preflights
+            .remove(&request_id);
         match reply {
             Ok(Ok(r)) if r.error.is_empty() => Ok(r),
             Ok(Ok(r)) => Err(unreachable(r.error)),
             Ok(Err(_)) => Err(unreachable("its agent stream closed".into())),
-            Err(_) => Err(unreachable(format!("no preflight answer within {}s", timeout.as_secs()))),
+            Err(_) => Err(unreachable(format!(
+                "no preflight answer within {}s",
+                timeout.as_secs()
+            ))),
         }
     }
 
     pub fn complete_preflight(&self, reply: pb::PreflightReply) {
-        let waiter = self.inner.lock().expect("fleet lock").preflights.remove(&reply.request_id);
+        let waiter = self
+            .inner
+            .lock()
+            .expect("fleet lock")
+            .preflights
+            .remove(&reply.request_id);
         if let Some(w) = waiter {
             let _ = w.send(reply);
         }

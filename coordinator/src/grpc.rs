@@ -32,7 +32,10 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         Ok(Response::new(self.submit(spec).await?))
     }
 
-    async fn get_plan(&self, req: Request<pb::GetPlanRequest>) -> Result<Response<pb::PlanStatus>, Status> {
+    async fn get_plan(
+        &self,
+        req: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
         Ok(Response::new(self.status(&req.into_inner().plan_id).await?))
     }
 
@@ -57,14 +60,26 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn cancel_plan(&self, req: Request<pb::PlanCommand>) -> Result<Response<pb::PlanStatus>, Status> {
+    async fn cancel_plan(
+        &self,
+        req: Request<pb::PlanCommand>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
         let c = req.into_inner();
-        Ok(Response::new(self.command(&c.plan_id, CommandKind::Cancel, &c.actor, &c.reason).await?))
+        Ok(Response::new(
+            self.command(&c.plan_id, CommandKind::Cancel, &c.actor, &c.reason)
+                .await?,
+        ))
     }
 
-    async fn rollback_plan(&self, req: Request<pb::PlanCommand>) -> Result<Response<pb::PlanStatus>, Status> {
+    async fn rollback_plan(
+        &self,
+        req: Request<pb::PlanCommand>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
         let c = req.into_inner();
-        Ok(Response::new(self.command(&c.plan_id, CommandKind::Rollback, &c.actor, &c.reason).await?))
+        Ok(Response::new(
+            self.command(&c.plan_id, CommandKind::Rollback, &c.actor, &c.reason)
+                .await?,
+        ))
     }
 
     async fn list_fleet(
@@ -102,8 +117,14 @@ impl pb::agent_service_server::AgentService for Coordinator {
     ) -> Result<Response<Self::AttachStream>, Status> {
         let mut inbound = req.into_inner();
         let hello = match inbound.next().await {
-            Some(Ok(pb::AgentMessage { body: Some(Body::Hello(h)) })) => h,
-            Some(Ok(_)) => return Err(Status::invalid_argument("the first message on the agent stream must be Hello")),
+            Some(Ok(pb::AgentMessage {
+                body: Some(Body::Hello(h)),
+            })) => h,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first message on the agent stream must be Hello",
+                ));
+            }
             Some(Err(e)) => return Err(e),
             None => return Err(Status::invalid_argument("agent stream closed before Hello")),
         };
@@ -114,14 +135,17 @@ impl pb::agent_service_server::AgentService for Coordinator {
         // Sized for bursts of assignments; a stuck agent fills it and is resent to later.
         let (tx, rx) = mpsc::channel::<pb::CoordinatorMessage>(4096);
         let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
-        inner.fleet.attach(&shard, AttachedAgent {
-            conn_id,
-            tx: tx.clone(),
-            labels: labels.clone(),
-            tenants: hello.tenants.clone(),
-            version: hello.version.clone(),
-            last_seen_ms: now_ms(),
-        });
+        inner.fleet.attach(
+            &shard,
+            AttachedAgent {
+                conn_id,
+                tx: tx.clone(),
+                labels: labels.clone(),
+                tenants: hello.tenants.clone(),
+                version: hello.version.clone(),
+                last_seen_ms: now_ms(),
+            },
+        );
         let _ = inner.writes.send(StoreOp::Agent {
             shard: shard.clone(),
             labels: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
@@ -138,7 +162,12 @@ impl pb::agent_service_server::AgentService for Coordinator {
         info!(shard = %shard, tenants = hello.tenants.len(), "agent attached");
         let _ = inner
             .events
-            .send(Event::Attached { shard: shard.clone(), conn_id, tx, max_lanes: hello.max_lanes })
+            .send(Event::Attached {
+                shard: shard.clone(),
+                conn_id,
+                tx,
+                max_lanes: hello.max_lanes,
+            })
             .await;
 
         let me = self.clone();
@@ -163,18 +192,36 @@ impl pb::agent_service_server::AgentService for Coordinator {
                 match m.body {
                     Some(Body::Heartbeat(_)) | Some(Body::Hello(_)) | None => {}
                     Some(Body::Results(results)) => {
-                        let _ = inner.events.send(Event::Results { shard: shard.clone(), results }).await;
+                        let _ = inner
+                            .events
+                            .send(Event::Results {
+                                shard: shard.clone(),
+                                results,
+                            })
+                            .await;
                     }
                     Some(Body::Preflight(reply)) => inner.fleet.complete_preflight(reply),
                     Some(Body::Rollback(reply)) => {
-                        let _ = inner.events.send(Event::RollbackReply { shard: shard.clone(), reply }).await;
+                        let _ = inner
+                            .events
+                            .send(Event::RollbackReply {
+                                shard: shard.clone(),
+                                reply,
+                            })
+                            .await;
                     }
                 }
             }
             if inner.fleet.detach(&shard, conn_id) {
                 info!(shard = %shard, "agent detached");
             }
-            let _ = inner.events.send(Event::Detached { shard: shard.clone(), conn_id }).await;
+            let _ = inner
+                .events
+                .send(Event::Detached {
+                    shard: shard.clone(),
+                    conn_id,
+                })
+                .await;
         });
         let out = ReceiverStream::new(rx).map(Ok);
         Ok(Response::new(Box::pin(out)))

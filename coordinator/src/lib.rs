@@ -113,21 +113,36 @@ pub async fn start(
         info!(plans = resumed, "resumed plans left unfinished");
     }
 
-    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| {
-        CoordinatorError::Listen { addr: config.listen.to_string(), reason: e.to_string() }
-    })?;
-    let addr = listener.local_addr().map_err(|e| CoordinatorError::Listen {
-        addr: config.listen.to_string(),
-        reason: e.to_string(),
-    })?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| CoordinatorError::Listen {
+            addr: config.listen.to_string(),
+            reason: e.to_string(),
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::Listen {
+            addr: config.listen.to_string(),
+            reason: e.to_string(),
+        })?;
     info!(%addr, "coordinator listening");
     if let Some(ready) = ready {
         let _ = ready.send(addr);
     }
     tonic::transport::Server::builder()
-        .add_service(pb::operator_service_server::OperatorServiceServer::new(coordinator.clone()))
-        .add_service(pb::agent_service_server::AgentServiceServer::new(coordinator))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .add_service(pb::operator_service_server::OperatorServiceServer::new(
+            coordinator.clone(),
+        ))
+        .add_service(pb::agent_service_server::AgentServiceServer::new(
+            coordinator,
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await
-        .map_err(|e| CoordinatorError::Listen { addr: addr.to_string(), reason: e.to_string() })
+        .map_err(|e| CoordinatorError::Listen {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })
 }

@@ -16,11 +16,26 @@ pub fn install(addr: Option<SocketAddr>) -> Result<(), String> {
             .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
     }
     DESCRIBE.call_once(|| {
-        describe_counter!("flotilla_plans_started_total", "Plans the coordinator started (or resumed).");
-        describe_counter!("flotilla_plans_finished_total", "Plans that reached a final state, by state.");
-        describe_counter!("flotilla_steps_finished_total", "Step outcomes reported by agents, by outcome.");
-        describe_histogram!("flotilla_step_duration_seconds", "Time a step took on its shard.");
-        describe_gauge!("flotilla_agents_connected", "Agents attached to this coordinator.");
+        describe_counter!(
+            "flotilla_plans_started_total",
+            "Plans the coordinator started (or resumed)."
+        );
+        describe_counter!(
+            "flotilla_plans_finished_total",
+            "Plans that reached a final state, by state."
+        );
+        describe_counter!(
+            "flotilla_steps_finished_total",
+            "Step outcomes reported by agents, by outcome."
+        );
+        describe_histogram!(
+            "flotilla_step_duration_seconds",
+            "Time a step took on its shard."
+        );
+        describe_gauge!(
+            "flotilla_agents_connected",
+            "Agents attached to this coordinator."
+        );
     });
     Ok(())
 }

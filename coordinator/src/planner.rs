@@ -32,7 +32,11 @@ pub struct Expansion {
 /// shards have any, else the shards themselves.
 pub fn default_scope(spec: &PlanSpec, fleet: &BTreeMap<String, ShardView>) -> Scope {
     spec.default_scope.unwrap_or_else(|| {
-        if fleet.values().any(|v| !v.tenants.is_empty()) { Scope::Tenant } else { Scope::Shard }
+        if fleet.values().any(|v| !v.tenants.is_empty()) {
+            Scope::Tenant
+        } else {
+            Scope::Shard
+        }
     })
 }
 
@@ -66,13 +70,19 @@ pub fn expand(
     for (shard, view) in fleet {
         let mut candidates: Vec<(Target, BTreeMap<String, String>, Scope)> = Vec::new();
         candidates.push((
-            Target { shard: shard.clone(), tenant: String::new() },
+            Target {
+                shard: shard.clone(),
+                tenant: String::new(),
+            },
             target_labels(shard, view, None),
             Scope::Shard,
         ));
         for t in &view.tenants {
             candidates.push((
-                Target { shard: shard.clone(), tenant: t.0.clone() },
+                Target {
+                    shard: shard.clone(),
+                    tenant: t.0.clone(),
+                },
                 target_labels(shard, view, Some(t)),
                 Scope::Tenant,
             ));
@@ -97,12 +107,22 @@ pub fn expand(
         let shards: Vec<&str> = fleet.keys().map(String::as_str).collect();
         return Err(CoordinatorError::Rejected(format!(
             "empty target set: no target of the fleet ({}) matches the plan selector `{}` and a migration's scope and selector",
-            if shards.is_empty() { "no agents".to_string() } else { shards.join(", ") },
+            if shards.is_empty() {
+                "no agents".to_string()
+            } else {
+                shards.join(", ")
+            },
             spec.selector
         )));
     }
-    let steps = plan_steps(spec, &graph, &targets, scope_default, |m, t| exists.contains_key(&(m, t)));
-    Ok(Expansion { targets, steps, default_scope: scope_default })
+    let steps = plan_steps(spec, &graph, &targets, scope_default, |m, t| {
+        exists.contains_key(&(m, t))
+    });
+    Ok(Expansion {
+        targets,
+        steps,
+        default_scope: scope_default,
+    })
 }
 
 /// Steps and their dependencies for a fixed set of targets, given which
@@ -132,7 +152,11 @@ pub fn plan_steps(
         for &m in &graph.order {
             if exists(m, t) {
                 index.insert((m, t), steps.len());
-                steps.push(PlannedStep { migration: m, target: t, deps: Vec::new() });
+                steps.push(PlannedStep {
+                    migration: m,
+                    target: t,
+                    deps: Vec::new(),
+                });
             }
         }
     }
@@ -149,13 +173,20 @@ pub fn plan_steps(
             }
             let candidates: Vec<usize> = match (scope_of(m), scope_of(d)) {
                 (a, b) if a == b => vec![t],
-                (Scope::Tenant, Scope::Shard) => {
-                    shard_target.get(targets[t].shard.as_str()).copied().into_iter().collect()
-                }
-                _ => tenants_of.get(targets[t].shard.as_str()).cloned().unwrap_or_default(),
+                (Scope::Tenant, Scope::Shard) => shard_target
+                    .get(targets[t].shard.as_str())
+                    .copied()
+                    .into_iter()
+                    .collect(),
+                _ => tenants_of
+                    .get(targets[t].shard.as_str())
+                    .cloned()
+                    .unwrap_or_default(),
             };
-            let found: Vec<usize> =
-                candidates.iter().filter_map(|&ct| index.get(&(d, ct)).copied()).collect();
+            let found: Vec<usize> = candidates
+                .iter()
+                .filter_map(|&ct| index.get(&(d, ct)).copied())
+                .collect();
             if found.is_empty() {
                 stack.extend(graph.deps[d].iter().copied());
             } else {

@@ -45,7 +45,11 @@ impl Coordinator {
         make: impl FnOnce(oneshot::Sender<T>) -> Event,
     ) -> Result<T, CoordinatorError> {
         let (tx, rx) = oneshot::channel();
-        self.inner.events.send(make(tx)).await.map_err(|_| CoordinatorError::ShuttingDown)?;
+        self.inner
+            .events
+            .send(make(tx))
+            .await
+            .map_err(|_| CoordinatorError::ShuttingDown)?;
         rx.await.map_err(|_| CoordinatorError::ShuttingDown)
     }
 
@@ -65,7 +69,10 @@ impl Coordinator {
     }
 
     #[instrument(skip_all, fields(plan = %raw.name))]
-    pub async fn submit(&self, raw: pb::PlanSpec) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
+    pub async fn submit(
+        &self,
+        raw: pb::PlanSpec,
+    ) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
         let spec = PlanSpec::try_from(raw.clone())?;
         let ids: Vec<String> = spec.migrations.iter().map(|m| m.id.to_string()).collect();
 
@@ -96,7 +103,11 @@ impl Coordinator {
         let checks = attached.keys().map(|shard| {
             let ids = ids.clone();
             async move {
-                let r = self.inner.fleet.preflight(shard, ids, self.inner.defaults.preflight_timeout).await;
+                let r = self
+                    .inner
+                    .fleet
+                    .preflight(shard, ids, self.inner.defaults.preflight_timeout)
+                    .await;
                 (shard.clone(), r)
             }
         });
@@ -123,7 +134,13 @@ impl Coordinator {
             let differs: Vec<String> = applied
                 .iter()
                 .filter(|((id, _, _), sum)| id == m.id.as_str() && **sum != m.checksum)
-                .map(|((_, shard, tenant), _)| Target { shard: shard.clone(), tenant: tenant.clone() }.to_string())
+                .map(|((_, shard, tenant), _)| {
+                    Target {
+                        shard: shard.clone(),
+                        tenant: tenant.clone(),
+                    }
+                    .to_string()
+                })
                 .collect();
             if !differs.is_empty() {
                 let shown: Vec<&str> = differs.iter().take(5).map(String::as_str).collect();
@@ -133,7 +150,11 @@ impl Coordinator {
                     m.source,
                     &m.checksum[..12],
                     shown.join(", "),
-                    if differs.len() > 5 { format!(" and {} more targets", differs.len() - 5) } else { String::new() }
+                    if differs.len() > 5 {
+                        format!(" and {} more targets", differs.len() - 5)
+                    } else {
+                        String::new()
+                    }
                 )));
             }
         }
@@ -145,8 +166,16 @@ impl Coordinator {
             .iter()
             .map(|s| {
                 let t = &expansion.targets[s.target];
-                let key = (spec.migrations[s.migration].id.to_string(), t.shard.clone(), t.tenant.clone());
-                if applied.contains_key(&key) { StepStatus::AlreadyApplied } else { StepStatus::Pending }
+                let key = (
+                    spec.migrations[s.migration].id.to_string(),
+                    t.shard.clone(),
+                    t.tenant.clone(),
+                );
+                if applied.contains_key(&key) {
+                    StepStatus::AlreadyApplied
+                } else {
+                    StepStatus::Pending
+                }
             })
             .collect();
         let created = now_ms();
@@ -187,12 +216,24 @@ impl Coordinator {
                 }
             })
             .collect();
-        let _ = self.inner.writes.send(StoreOp::InsertPlan { plan: row, steps: step_rows });
+        let _ = self.inner.writes.send(StoreOp::InsertPlan {
+            plan: row,
+            steps: step_rows,
+        });
         let _ = self.inner.writes.send(StoreOp::Audit {
-            actor: if spec.submitted_by.is_empty() { "operator".into() } else { spec.submitted_by.clone() },
+            actor: if spec.submitted_by.is_empty() {
+                "operator".into()
+            } else {
+                spec.submitted_by.clone()
+            },
             action: "submit".into(),
             plan_id: plan_id.clone(),
-            detail: format!("{} migrations, {} targets, from {}", spec.migrations.len(), expansion.targets.len(), spec.source),
+            detail: format!(
+                "{} migrations, {} targets, from {}",
+                spec.migrations.len(),
+                expansion.targets.len(),
+                spec.source
+            ),
         });
         self.flush().await;
         info!(plan = %plan_id, targets = expansion.targets.len(), steps = expansion.steps.len(), "plan submitted");
@@ -208,14 +249,23 @@ impl Coordinator {
             created,
             self.inner.epoch,
         );
-        let status = self.to_engine(|done| Event::Start { run: Box::new(run), done }).await?;
-        Ok(pb::SubmitPlanResponse { plan_id, status: Some(status) })
+        let status = self
+            .to_engine(|done| Event::Start {
+                run: Box::new(run),
+                done,
+            })
+            .await?;
+        Ok(pb::SubmitPlanResponse {
+            plan_id,
+            status: Some(status),
+        })
     }
 
     /// Rebuilds a stored plan in memory (to roll it back, or to resume it after a restart).
     pub async fn rebuild(&self, row: &PlanRow) -> Result<PlanRun, CoordinatorError> {
-        let bytes = hex_decode(&row.spec_hex)
-            .ok_or_else(|| CoordinatorError::Store(format!("plan {}: stored spec is corrupt", row.id)))?;
+        let bytes = hex_decode(&row.spec_hex).ok_or_else(|| {
+            CoordinatorError::Store(format!("plan {}: stored spec is corrupt", row.id))
+        })?;
         let raw = pb::PlanSpec::decode(bytes.as_slice())
             .map_err(|e| CoordinatorError::Store(format!("plan {}: stored spec: {e}", row.id)))?;
         let spec = PlanSpec::try_from(raw)?;
@@ -225,18 +275,29 @@ impl Coordinator {
         let mut targets: Vec<Target> = Vec::new();
         let mut target_ix: BTreeMap<(String, String), usize> = BTreeMap::new();
         let mut exists: BTreeMap<(usize, usize), String> = BTreeMap::new();
-        let mig_ix: BTreeMap<String, usize> =
-            spec.migrations.iter().enumerate().map(|(i, m)| (m.id.to_string(), i)).collect();
+        let mig_ix: BTreeMap<String, usize> = spec
+            .migrations
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.to_string(), i))
+            .collect();
         for r in &rows {
-            let t = *target_ix.entry((r.shard.clone(), r.tenant.clone())).or_insert_with(|| {
-                targets.push(Target { shard: r.shard.clone(), tenant: r.tenant.clone() });
-                targets.len() - 1
-            });
+            let t = *target_ix
+                .entry((r.shard.clone(), r.tenant.clone()))
+                .or_insert_with(|| {
+                    targets.push(Target {
+                        shard: r.shard.clone(),
+                        tenant: r.tenant.clone(),
+                    });
+                    targets.len() - 1
+                });
             if let Some(&m) = mig_ix.get(&r.migration_id) {
                 exists.insert((m, t), r.state.clone());
             }
         }
-        let steps = planner::plan_steps(&spec, &graph, &targets, scope, |m, t| exists.contains_key(&(m, t)));
+        let steps = planner::plan_steps(&spec, &graph, &targets, scope, |m, t| {
+            exists.contains_key(&(m, t))
+        });
         let statuses = steps
             .iter()
             .map(|s| StepStatus::parse(&exists[&(s.migration, s.target)]))
@@ -256,7 +317,10 @@ impl Coordinator {
 
     pub async fn status(&self, plan_id: &str) -> Result<pb::PlanStatus, CoordinatorError> {
         let id = plan_id.to_string();
-        if let Some(s) = self.to_engine(|reply| Event::Status { plan_id: id, reply }).await? {
+        if let Some(s) = self
+            .to_engine(|reply| Event::Status { plan_id: id, reply })
+            .await?
+        {
             return Ok(s);
         }
         let row = self
@@ -276,7 +340,9 @@ impl Coordinator {
     pub async fn list(&self, limit: u32) -> Result<pb::ListPlansResponse, CoordinatorError> {
         let limit = if limit == 0 { 50 } else { limit.min(1000) };
         let rows = self.inner.store.plans(limit as i64).await?;
-        Ok(pb::ListPlansResponse { plans: rows.iter().map(status::summary).collect() })
+        Ok(pb::ListPlansResponse {
+            plans: rows.iter().map(status::summary).collect(),
+        })
     }
 
     pub async fn command(
@@ -287,7 +353,10 @@ impl Coordinator {
         reason: &str,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         let id = plan_id.to_string();
-        let in_memory = self.to_engine(|reply| Event::Status { plan_id: id, reply }).await?.is_some();
+        let in_memory = self
+            .to_engine(|reply| Event::Status { plan_id: id, reply })
+            .await?
+            .is_some();
         let revive = if in_memory || kind == CommandKind::Cancel {
             None
         } else {
@@ -298,18 +367,31 @@ impl Coordinator {
                 .await?
                 .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
             if row.state == "rolled_back" {
-                return Err(CoordinatorError::Conflict(format!("plan {plan_id} is already rolled back")));
+                return Err(CoordinatorError::Conflict(format!(
+                    "plan {plan_id} is already rolled back"
+                )));
             }
             let mut run = self.rebuild(&row).await?;
             run.state = crate::engine::plan_run::PlanState::Completed;
             Some(Box::new(run))
         };
         let (id, actor, reason) = (plan_id.to_string(), actor.to_string(), reason.to_string());
-        self.to_engine(|reply| Event::Command { plan_id: id, kind, actor, reason, revive, reply }).await?
+        self.to_engine(|reply| Event::Command {
+            plan_id: id,
+            kind,
+            actor,
+            reason,
+            revive,
+            reply,
+        })
+        .await?
     }
 
     /// Plan status snapshots as they change, ending with the final one.
-    pub fn watch(&self, plan_id: String) -> mpsc::Receiver<Result<pb::PlanStatus, CoordinatorError>> {
+    pub fn watch(
+        &self,
+        plan_id: String,
+    ) -> mpsc::Receiver<Result<pb::PlanStatus, CoordinatorError>> {
         let (tx, rx) = mpsc::channel(16);
         let me = self.clone();
         let mut changes = self.inner.changes.subscribe();
@@ -323,9 +405,16 @@ impl Coordinator {
                         return;
                     }
                 };
-                let terminal = status.summary.as_ref().is_some_and(|s| is_terminal(&s.state));
+                let terminal = status
+                    .summary
+                    .as_ref()
+                    .is_some_and(|s| is_terminal(&s.state));
                 let key = |s: &pb::PlanStatus| {
-                    (s.migrations.clone(), s.summary.as_ref().map(|x| x.state.clone()), s.failures.clone())
+                    (
+                        s.migrations.clone(),
+                        s.summary.as_ref().map(|x| x.state.clone()),
+                        s.failures.clone(),
+                    )
                 };
                 let changed = last.as_ref().map(key) != Some(key(&status));
                 if changed {
@@ -359,32 +448,44 @@ impl Coordinator {
         let attached = self.inner.fleet.snapshot();
         let mut out: BTreeMap<String, pb::AgentInfo> = BTreeMap::new();
         for (shard, labels, tenants, version, last_seen) in self.inner.store.agents().await? {
-            let labels: BTreeMap<String, String> = serde_json::from_str(&labels).unwrap_or_default();
+            let labels: BTreeMap<String, String> =
+                serde_json::from_str(&labels).unwrap_or_default();
             let tenants: Vec<(String, BTreeMap<String, String>)> =
                 serde_json::from_str(&tenants).unwrap_or_default();
-            out.insert(shard.clone(), pb::AgentInfo {
-                shard,
-                labels: labels.into_iter().collect(),
-                tenants: tenants
-                    .into_iter()
-                    .map(|(name, labels)| pb::Tenant { name, labels: labels.into_iter().collect() })
-                    .collect(),
-                connected: false,
-                last_seen_ms: last_seen as u64,
-                version,
-            });
+            out.insert(
+                shard.clone(),
+                pb::AgentInfo {
+                    shard,
+                    labels: labels.into_iter().collect(),
+                    tenants: tenants
+                        .into_iter()
+                        .map(|(name, labels)| pb::Tenant {
+                            name,
+                            labels: labels.into_iter().collect(),
+                        })
+                        .collect(),
+                    connected: false,
+                    last_seen_ms: last_seen as u64,
+                    version,
+                },
+            );
         }
         for (shard, a) in attached {
-            out.insert(shard.clone(), pb::AgentInfo {
-                shard,
-                labels: a.labels.into_iter().collect(),
-                tenants: a.tenants,
-                connected: true,
-                last_seen_ms: a.last_seen_ms as u64,
-                version: a.version,
-            });
+            out.insert(
+                shard.clone(),
+                pb::AgentInfo {
+                    shard,
+                    labels: a.labels.into_iter().collect(),
+                    tenants: a.tenants,
+                    connected: true,
+                    last_seen_ms: a.last_seen_ms as u64,
+                    version: a.version,
+                },
+            );
         }
-        Ok(pb::ListFleetResponse { agents: out.into_values().collect() })
+        Ok(pb::ListFleetResponse {
+            agents: out.into_values().collect(),
+        })
     }
 
     /// Plans left running by a previous coordinator: rebuilt and continued.
@@ -410,7 +511,12 @@ impl Coordinator {
                     .await?;
             } else {
                 info!(plan = %row.id, "resuming plan left running");
-                let _ = self.to_engine(|done| Event::Start { run: Box::new(run), done }).await?;
+                let _ = self
+                    .to_engine(|done| Event::Start {
+                        run: Box::new(run),
+                        done,
+                    })
+                    .await?;
             }
         }
         Ok(n)
@@ -418,7 +524,10 @@ impl Coordinator {
 }
 
 pub fn is_terminal(state: &str) -> bool {
-    matches!(state, "completed" | "failed" | "rolled_back" | "rollback_failed" | "cancelled")
+    matches!(
+        state,
+        "completed" | "failed" | "rolled_back" | "rollback_failed" | "cancelled"
+    )
 }
 
 fn new_plan_id() -> String {
@@ -438,5 +547,8 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
 }

@@ -12,7 +12,10 @@ use sqlx::{AnyPool, Row};
 use crate::error::CoordinatorError;
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 const SCHEMA_VERSION: i64 = 1;
@@ -72,11 +75,31 @@ pub struct StepRow {
 /// One write the engine asks for; the writer applies them in order, many per transaction.
 #[derive(Debug)]
 pub enum StoreOp {
-    InsertPlan { plan: PlanRow, steps: Vec<StepRow> },
-    PlanState { plan_id: String, state: String, message: String },
-    Steps { plan_id: String, updates: Vec<StepUpdate> },
-    Audit { actor: String, action: String, plan_id: String, detail: String },
-    Agent { shard: String, labels: String, tenants: String, version: String },
+    InsertPlan {
+        plan: PlanRow,
+        steps: Vec<StepRow>,
+    },
+    PlanState {
+        plan_id: String,
+        state: String,
+        message: String,
+    },
+    Steps {
+        plan_id: String,
+        updates: Vec<StepUpdate>,
+    },
+    Audit {
+        actor: String,
+        action: String,
+        plan_id: String,
+        detail: String,
+    },
+    Agent {
+        shard: String,
+        labels: String,
+        tenants: String,
+        version: String,
+    },
     /// Answered once every op before it is applied.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -118,7 +141,10 @@ impl Store {
             // WAL lets status reads run beside the writer; NORMAL keeps commits cheap
             // (the shard journal, not this file, is the truth about what is applied).
             for pragma in ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL"] {
-                sqlx::query(pragma).execute(&pool).await.map_err(store_err)?;
+                sqlx::query(pragma)
+                    .execute(&pool)
+                    .await
+                    .map_err(store_err)?;
             }
         }
         let store = Store { pool };
@@ -129,7 +155,10 @@ impl Store {
     async fn migrate(&self) -> Result<(), CoordinatorError> {
         let mut tx = self.pool.begin().await.map_err(store_err)?;
         for ddl in SCHEMA {
-            sqlx::query(*ddl).execute(&mut *tx).await.map_err(store_err)?;
+            sqlx::query(*ddl)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_err)?;
         }
         let found: Option<String> =
             sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'schema_version'")
@@ -158,11 +187,12 @@ impl Store {
     /// The embedded coordination backend's epoch: one more than any before it.
     pub async fn next_epoch(&self) -> Result<u64, CoordinatorError> {
         let mut tx = self.pool.begin().await.map_err(store_err)?;
-        let cur: Option<String> = sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'epoch'")
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(store_err)?
-            .map(|r| r.get(0));
+        let cur: Option<String> =
+            sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'epoch'")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(store_err)?
+                .map(|r| r.get(0));
         let next = cur.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
         sqlx::query(
             "INSERT INTO flotilla_meta (key, value) VALUES ('epoch', $1)
@@ -243,7 +273,11 @@ impl Store {
                         q.bind(now).execute(&mut *tx).await.map_err(store_err)?;
                     }
                 }
-                StoreOp::PlanState { plan_id, state, message } => {
+                StoreOp::PlanState {
+                    plan_id,
+                    state,
+                    message,
+                } => {
                     sqlx::query(
                         "UPDATE plans SET state = $1, message = $2, updated_at_ms = $3 WHERE id = $4",
                     )
@@ -298,7 +332,12 @@ impl Store {
                         }
                     }
                 }
-                StoreOp::Audit { actor, action, plan_id, detail } => {
+                StoreOp::Audit {
+                    actor,
+                    action,
+                    plan_id,
+                    detail,
+                } => {
                     sqlx::query(
                         "INSERT INTO audit (id, at_ms, actor, action, plan_id, detail)
                          VALUES ($1, $2, $3, $4, $5, $6)",
@@ -313,7 +352,12 @@ impl Store {
                     .await
                     .map_err(store_err)?;
                 }
-                StoreOp::Agent { shard, labels, tenants, version } => {
+                StoreOp::Agent {
+                    shard,
+                    labels,
+                    tenants,
+                    version,
+                } => {
                     sqlx::query(
                         "INSERT INTO agents (shard, labels, tenants, version, last_seen_ms)
                          VALUES ($1, $2, $3, $4, $5)
@@ -401,17 +445,25 @@ impl Store {
     }
 
     /// Agents seen before: (shard, labels json, tenants json, version, last seen).
-    pub async fn agents(&self) -> Result<Vec<(String, String, String, String, i64)>, CoordinatorError> {
+    pub async fn agents(
+        &self,
+    ) -> Result<Vec<(String, String, String, String, i64)>, CoordinatorError> {
         let rows = sqlx::query(
             "SELECT shard, labels, tenants, version, last_seen_ms FROM agents ORDER BY shard",
         )
         .fetch_all(&self.pool)
         .await
         .map_err(store_err)?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect())
     }
 
-    pub async fn audit(&self, plan_id: &str) -> Result<Vec<(i64, String, String, String)>, CoordinatorError> {
+    pub async fn audit(
+        &self,
+        plan_id: &str,
+    ) -> Result<Vec<(i64, String, String, String)>, CoordinatorError> {
         let rows = sqlx::query(
             "SELECT at_ms, actor, action, detail FROM audit WHERE plan_id = $1 ORDER BY at_ms, id",
         )
@@ -419,7 +471,10 @@ impl Store {
         .fetch_all(&self.pool)
         .await
         .map_err(store_err)?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
     }
 }
 

@@ -38,7 +38,11 @@ impl TryFrom<pb::Migration> for Migration {
 
     fn try_from(m: pb::Migration) -> Result<Migration, PlanError> {
         let id = MigrationId::parse(&m.id)?;
-        let source = if m.source.is_empty() { m.id.clone() } else { m.source.clone() };
+        let source = if m.source.is_empty() {
+            m.id.clone()
+        } else {
+            m.source.clone()
+        };
         let depends_on = m
             .depends_on
             .iter()
@@ -56,7 +60,10 @@ impl TryFrom<pb::Migration> for Migration {
         };
         let up = sql::split_statements(&m.up_sql).map_err(sql_err)?;
         if up.is_empty() {
-            return Err(PlanError::EmptyUp { migration: m.id.clone(), source_file: source });
+            return Err(PlanError::EmptyUp {
+                migration: m.id.clone(),
+                source_file: source,
+            });
         }
         let down = sql::split_statements(&m.down_sql).map_err(sql_err)?;
         let verify = sql::split_statements(&m.verify_sql).map_err(sql_err)?;
@@ -69,8 +76,8 @@ impl TryFrom<pb::Migration> for Migration {
                 });
             }
         }
-        let non_tx = sql::first_non_transactional(&up)
-            .or_else(|| sql::first_non_transactional(&down));
+        let non_tx =
+            sql::first_non_transactional(&up).or_else(|| sql::first_non_transactional(&down));
         let tx_mode = match (pb::TxMode::try_from(m.tx_mode).unwrap_or_default(), non_tx) {
             (pb::TxMode::Transactional, Some(statement)) => {
                 return Err(PlanError::NotTransactional {
@@ -101,14 +108,22 @@ impl TryFrom<pb::Migration> for Migration {
         Ok(Migration {
             id,
             description: m.description,
-            kind: if m.kind.is_empty() { "schema".into() } else { m.kind.to_ascii_lowercase() },
+            kind: if m.kind.is_empty() {
+                "schema".into()
+            } else {
+                m.kind.to_ascii_lowercase()
+            },
             depends_on,
             scope: scope_from(m.scope),
             selector,
             tx_mode,
             lock_timeout: opt_ms(m.lock_timeout_ms),
             statement_timeout: opt_ms(m.statement_timeout_ms),
-            risk: if m.risk.is_empty() { "low".into() } else { m.risk.to_ascii_lowercase() },
+            risk: if m.risk.is_empty() {
+                "low".into()
+            } else {
+                m.risk.to_ascii_lowercase()
+            },
             up_sql: m.up_sql,
             down_sql: m.down_sql,
             verify_sql: verify.into_iter().next(),
@@ -153,7 +168,11 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
         let mut migrations = Vec::with_capacity(p.migrations.len());
         for m in p.migrations {
-            let src = if m.source.is_empty() { m.id.clone() } else { m.source.clone() };
+            let src = if m.source.is_empty() {
+                m.id.clone()
+            } else {
+                m.source.clone()
+            };
             match seen.entry(m.id.clone()) {
                 Entry::Occupied(e) => {
                     return Err(PlanError::Duplicate {
@@ -172,7 +191,12 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
         let parallel_groups = p
             .parallel_groups
             .iter()
-            .map(|g| g.migrations.iter().map(|id| MigrationId::parse(id)).collect())
+            .map(|g| {
+                g.migrations
+                    .iter()
+                    .map(|id| MigrationId::parse(id))
+                    .collect()
+            })
             .collect::<Result<Vec<Vec<_>>, _>>()?;
         let mut dependencies: BTreeMap<MigrationId, Vec<MigrationId>> = BTreeMap::new();
         for d in &p.dependencies {
@@ -198,13 +222,21 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
             pb::FailurePolicy::Continue => FailurePolicy::Continue,
         };
         let spec = PlanSpec {
-            name: if p.name.is_empty() { "unnamed".into() } else { p.name },
+            name: if p.name.is_empty() {
+                "unnamed".into()
+            } else {
+                p.name
+            },
             description: p.description,
             migrations,
             selector,
             parallel_groups,
             dependencies,
-            max_parallel: if p.max_parallel == 0 { DEFAULT_MAX_PARALLEL } else { p.max_parallel },
+            max_parallel: if p.max_parallel == 0 {
+                DEFAULT_MAX_PARALLEL
+            } else {
+                p.max_parallel
+            },
             environment: p.environment,
             policy,
             default_scope: scope_from(p.default_scope),
@@ -228,7 +260,9 @@ impl From<&PlanSpec> for pb::PlanSpec {
             parallel_groups: p
                 .parallel_groups
                 .iter()
-                .map(|g| pb::ParallelGroup { migrations: g.iter().map(ToString::to_string).collect() })
+                .map(|g| pb::ParallelGroup {
+                    migrations: g.iter().map(ToString::to_string).collect(),
+                })
                 .collect(),
             dependencies: p
                 .dependencies

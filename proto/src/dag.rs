@@ -16,8 +16,12 @@ impl MigrationGraph {
     /// Builds and checks the graph: unknown names, duplicates in groups, cycles
     /// (the error names the cycle).
     pub fn build(plan: &PlanSpec) -> Result<MigrationGraph, PlanError> {
-        let index: BTreeMap<&MigrationId, usize> =
-            plan.migrations.iter().enumerate().map(|(i, m)| (&m.id, i)).collect();
+        let index: BTreeMap<&MigrationId, usize> = plan
+            .migrations
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (&m.id, i))
+            .collect();
         let mut deps: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); plan.migrations.len()];
 
         for (i, m) in plan.migrations.iter().enumerate() {
@@ -83,8 +87,10 @@ impl MigrationGraph {
         }
 
         if let Some(cycle) = find_cycle(&deps) {
-            let mut names: Vec<String> =
-                cycle.iter().map(|&i| plan.migrations[i].id.to_string()).collect();
+            let mut names: Vec<String> = cycle
+                .iter()
+                .map(|&i| plan.migrations[i].id.to_string())
+                .collect();
             names.push(names[0].clone());
             return Err(PlanError::Cycle(names));
         }

@@ -76,7 +76,8 @@ impl MigrationId {
     pub fn parse(s: &str) -> Result<MigrationId, PlanError> {
         let ok = !s.is_empty()
             && s.len() <= 128
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if ok {
             Ok(MigrationId(s.to_string()))
         } else {
@@ -192,7 +193,9 @@ pub fn validate_tenant_name(name: &str) -> Result<(), String> {
 pub fn validate_shard_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -211,7 +214,8 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
             .ok_or_else(|| format!("label `{part}` is not key=value"))?;
         let (k, v) = (k.trim(), v.trim());
         let key_ok = !k.is_empty()
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
         if !key_ok {
             return Err(format!("label key `{k}` must use [A-Za-z0-9._-/]"));
         }
@@ -228,33 +232,67 @@ pub enum PlanError {
     #[error("invalid migration id `{id}`: use 1-128 characters from [A-Za-z0-9._-]")]
     InvalidMigrationId { id: String },
     #[error("duplicate migration id `{id}` (in {first} and {second})")]
-    Duplicate { id: String, first: String, second: String },
+    Duplicate {
+        id: String,
+        first: String,
+        second: String,
+    },
     #[error("migration `{migration}` depends on unknown migration `{depends_on}`")]
-    UnknownDependency { migration: String, depends_on: String },
+    UnknownDependency {
+        migration: String,
+        depends_on: String,
+    },
     #[error("the plan names unknown migration `{id}` in {place}")]
     UnknownMigration { id: String, place: String },
     #[error("dependency cycle: {}", .0.join(" -> "))]
     Cycle(Vec<String>),
     #[error("migration `{migration}` ({source_file}): {error}")]
-    Selector { migration: String, source_file: String, error: SelectorError },
+    Selector {
+        migration: String,
+        source_file: String,
+        error: SelectorError,
+    },
     #[error("plan selector: {0}")]
     PlanSelector(SelectorError),
     #[error("migration `{migration}` ({source_file}): {error}")]
-    Sql { migration: String, source_file: String, error: SqlError },
+    Sql {
+        migration: String,
+        source_file: String,
+        error: SqlError,
+    },
     #[error("migration `{migration}` ({source_file}): up SQL is empty")]
-    EmptyUp { migration: String, source_file: String },
+    EmptyUp {
+        migration: String,
+        source_file: String,
+    },
     #[error(
         "migration `{migration}` ({source_file}): `{statement}` controls the transaction; Flotilla opens and commits it"
     )]
-    TransactionControl { migration: String, source_file: String, statement: String },
+    TransactionControl {
+        migration: String,
+        source_file: String,
+        statement: String,
+    },
     #[error(
         "migration `{migration}` ({source_file}): `{statement}` cannot run inside a transaction, but the migration says transactional = true"
     )]
-    NotTransactional { migration: String, source_file: String, statement: String },
+    NotTransactional {
+        migration: String,
+        source_file: String,
+        statement: String,
+    },
     #[error("migration `{migration}`: checksum {sent} does not match its content ({computed})")]
-    ChecksumMismatch { migration: String, sent: String, computed: String },
+    ChecksumMismatch {
+        migration: String,
+        sent: String,
+        computed: String,
+    },
     #[error("migration `{migration}` appears in parallel group {first} and {second}")]
-    GroupTwice { migration: String, first: usize, second: usize },
+    GroupTwice {
+        migration: String,
+        first: usize,
+        second: usize,
+    },
     #[error("invalid {field}: {reason}")]
     Field { field: String, reason: String },
 }

@@ -4,20 +4,23 @@ use flotilla_agent::AgentConfig;
 use flotilla_coordinator::CoordinatorConfig;
 use tracing::{error, info};
 
-use super::{AgentArgs, CoordinatorArgs, EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, QuickstartArgs};
+use super::{
+    AgentArgs, CoordinatorArgs, EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, QuickstartArgs,
+};
 
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -49,7 +52,9 @@ fn shard_password(args: &AgentArgs) -> Result<Option<String>, String> {
             .map_err(|e| format!("--password-file {}: {e}", path.display()))?;
         return Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()));
     }
-    Ok(std::env::var("FLOTILLA_SHARD_PASSWORD").ok().filter(|p| !p.is_empty()))
+    Ok(std::env::var("FLOTILLA_SHARD_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty()))
 }
 
 /// A DSN with a password in it would sit in argv, visible to every local user.
@@ -73,11 +78,16 @@ fn check_dsn(dsn: &str) -> Result<(), String> {
 fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, String> {
     flotilla_proto::validate_shard_name(&args.shard).map_err(|e| format!("--shard: {e}"))?;
     check_dsn(&args.dsn)?;
-    let labels = flotilla_proto::parse_labels(&args.labels).map_err(|e| format!("--labels: {e}"))?;
+    let labels =
+        flotilla_proto::parse_labels(&args.labels).map_err(|e| format!("--labels: {e}"))?;
     if args.max_connections == 0 {
         return Err("--max-connections must be at least 1".into());
     }
-    let mut config = AgentConfig::new(args.shard.clone(), args.dsn.clone(), coordinator.to_string());
+    let mut config = AgentConfig::new(
+        args.shard.clone(),
+        args.dsn.clone(),
+        coordinator.to_string(),
+    );
     config.password = shard_password(args)?;
     config.labels = labels;
     config.tenant_pattern = args.tenant_pattern.clone();
@@ -129,7 +139,11 @@ pub async fn quickstart(args: QuickstartArgs) -> u8 {
     }
     let config = CoordinatorConfig::new(args.listen, args.store.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let coordinator = tokio::spawn(flotilla_coordinator::start(config, shutdown_signal(), Some(ready_tx)));
+    let coordinator = tokio::spawn(flotilla_coordinator::start(
+        config,
+        shutdown_signal(),
+        Some(ready_tx),
+    ));
     if ready_rx.await.is_err() {
         return match coordinator.await {
             Ok(Err(e)) => {

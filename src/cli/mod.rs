@@ -19,10 +19,19 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 pub const EXIT_UNAVAILABLE: u8 = 3;
 
 #[derive(Parser, Debug)]
-#[command(name = "flotilla", version, about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants")]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants"
+)]
 pub struct Cli {
     /// The coordinator's gRPC address (operator commands).
-    #[arg(long, global = true, env = "FLOTILLA_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
     pub coordinator: String,
     /// Log filter, e.g. `info` or `flotilla_agent=debug` (also RUST_LOG).
     #[arg(long, global = true, env = "FLOTILLA_LOG", default_value = "info")]
@@ -205,7 +214,10 @@ pub fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     // Operator commands keep stdout for their output; logs go to stderr.
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 pub async fn run(cli: Cli) -> u8 {
@@ -214,6 +226,8 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Agent(args) => daemons::agent(args, &cli.coordinator).await,
         Command::Quickstart(args) => daemons::quickstart(args).await,
         Command::Plan(cmd) => plan::run(&cli.coordinator, cmd).await,
-        Command::Fleet(FleetCommand::List { output }) => plan::fleet_list(&cli.coordinator, output).await,
+        Command::Fleet(FleetCommand::List { output }) => {
+            plan::fleet_list(&cli.coordinator, output).await
+        }
     }
 }

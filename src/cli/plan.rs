@@ -16,7 +16,9 @@ use crate::loader::{self, Overrides};
 fn status_exit(e: &tonic::Status) -> u8 {
     use tonic::Code::*;
     match e.code() {
-        InvalidArgument | FailedPrecondition | NotFound | AlreadyExists | OutOfRange => EXIT_BAD_INPUT,
+        InvalidArgument | FailedPrecondition | NotFound | AlreadyExists | OutOfRange => {
+            EXIT_BAD_INPUT
+        }
         _ => EXIT_UNAVAILABLE,
     }
 }
@@ -138,7 +140,10 @@ async fn submit(addr: &str, args: SubmitArgs) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let resp = match c.submit_plan(pb::SubmitPlanRequest { spec: Some(raw) }).await {
+    let resp = match c
+        .submit_plan(pb::SubmitPlanRequest { spec: Some(raw) })
+        .await
+    {
         Ok(r) => r.into_inner(),
         Err(e) => return fail(e),
     };
@@ -157,8 +162,16 @@ async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let req = pb::PlanCommand { plan_id: args.id.clone(), actor: args.actor, reason: args.reason };
-    let r = if rollback { c.rollback_plan(req).await } else { c.cancel_plan(req).await };
+    let req = pb::PlanCommand {
+        plan_id: args.id.clone(),
+        actor: args.actor,
+        reason: args.reason,
+    };
+    let r = if rollback {
+        c.rollback_plan(req).await
+    } else {
+        c.cancel_plan(req).await
+    };
     match r {
         Ok(s) => {
             if args.wait {
@@ -175,7 +188,12 @@ async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {
 /// Follows a plan to its end; the exit code says how it ended.
 async fn watch(c: &mut OperatorServiceClient<Channel>, id: String, output: Output) -> u8 {
     let started = Instant::now();
-    let mut stream = match c.watch_plan(pb::GetPlanRequest { plan_id: id.clone() }).await {
+    let mut stream = match c
+        .watch_plan(pb::GetPlanRequest {
+            plan_id: id.clone(),
+        })
+        .await
+    {
         Ok(s) => s.into_inner(),
         Err(e) => return fail(e),
     };

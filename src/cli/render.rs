@@ -87,8 +87,18 @@ fn failures(s: &pb::PlanStatus) {
     println!("failures:");
     for f in s.failures.iter().take(20) {
         let e = f.error.clone().unwrap_or_default();
-        let code = if e.sqlstate.is_empty() { String::new() } else { format!(" SQLSTATE {}", e.sqlstate) };
-        println!("  {} on {}:{} {}", f.migration_id, target_name(&f.target), code, e.message);
+        let code = if e.sqlstate.is_empty() {
+            String::new()
+        } else {
+            format!(" SQLSTATE {}", e.sqlstate)
+        };
+        println!(
+            "  {} on {}:{} {}",
+            f.migration_id,
+            target_name(&f.target),
+            code,
+            e.message
+        );
     }
     if s.failures.len() > 20 {
         println!("  ... and {} more", s.failures.len() - 20);
@@ -115,8 +125,15 @@ fn migration_line(m: &pb::MigrationProgress) -> String {
 fn bar(m: &pb::MigrationProgress, width: usize) -> String {
     let total = m.total.max(1) as usize;
     let done = ((m.applied + m.already_applied) as usize * width) / total;
-    let failed = (m.failed as usize * width).div_ceil(total).min(width - done);
-    format!("[{}{}{}]", "#".repeat(done), "!".repeat(failed), " ".repeat(width - done - failed))
+    let failed = (m.failed as usize * width)
+        .div_ceil(total)
+        .min(width - done);
+    format!(
+        "[{}{}{}]",
+        "#".repeat(done),
+        "!".repeat(failed),
+        " ".repeat(width - done - failed)
+    )
 }
 
 /// Live progress: bars redrawn in place on a terminal, a line per change otherwise.
@@ -128,11 +145,19 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(output: Output) -> Progress {
-        Progress { output, tty: std::io::stdout().is_terminal(), drawn: 0 }
+        Progress {
+            output,
+            tty: std::io::stdout().is_terminal(),
+            drawn: 0,
+        }
     }
 
     pub fn update(&mut self, s: &pb::PlanStatus, elapsed: Duration) {
-        let state = s.summary.as_ref().map(|x| x.state.clone()).unwrap_or_default();
+        let state = s
+            .summary
+            .as_ref()
+            .map(|x| x.state.clone())
+            .unwrap_or_default();
         match self.output {
             Output::Json => println!("{}", status_json(s)),
             Output::Text if self.tty => {
@@ -162,7 +187,11 @@ impl Progress {
                         )
                     })
                     .collect();
-                println!("[{:>6.1}s] {state}: {}", elapsed.as_secs_f64(), parts.join(" | "));
+                println!(
+                    "[{:>6.1}s] {state}: {}",
+                    elapsed.as_secs_f64(),
+                    parts.join(" | ")
+                );
             }
         }
     }
@@ -172,7 +201,12 @@ impl Progress {
             return;
         }
         let sum = s.summary.clone().unwrap_or_default();
-        println!("plan {} {} after {:.1}s", sum.plan_id, sum.state, elapsed.as_secs_f64());
+        println!(
+            "plan {} {} after {:.1}s",
+            sum.plan_id,
+            sum.state,
+            elapsed.as_secs_f64()
+        );
         if !s.message.is_empty() {
             println!("{}", s.message);
         }
@@ -207,9 +241,15 @@ pub fn plan_list(r: &pb::ListPlansResponse, output: Output) {
         println!("{}", Value::Array(v));
         return;
     }
-    println!("{:<14} {:<16} {:<28} {:>8} {:>8}", "PLAN", "STATE", "NAME", "TARGETS", "STEPS");
+    println!(
+        "{:<14} {:<16} {:<28} {:>8} {:>8}",
+        "PLAN", "STATE", "NAME", "TARGETS", "STEPS"
+    );
     for p in &r.plans {
-        println!("{:<14} {:<16} {:<28} {:>8} {:>8}", p.plan_id, p.state, p.name, p.targets, p.steps);
+        println!(
+            "{:<14} {:<16} {:<28} {:>8} {:>8}",
+            p.plan_id, p.state, p.name, p.targets, p.steps
+        );
     }
 }
 
@@ -255,7 +295,12 @@ pub fn fleet(r: &pb::ListFleetResponse, output: Output) {
 pub fn lint(spec: &flotilla_proto::PlanSpec, output: Output) {
     let graph = flotilla_proto::dag::MigrationGraph::build(spec).ok();
     let order: Vec<String> = graph
-        .map(|g| g.order.iter().map(|&i| spec.migrations[i].id.to_string()).collect())
+        .map(|g| {
+            g.order
+                .iter()
+                .map(|&i| spec.migrations[i].id.to_string())
+                .collect()
+        })
         .unwrap_or_default();
     if output == Output::Json {
         println!(
@@ -275,13 +320,29 @@ pub fn lint(spec: &flotilla_proto::PlanSpec, output: Output) {
         );
         return;
     }
-    println!("plan {} is valid: {} migrations", spec.name, spec.migrations.len());
+    println!(
+        "plan {} is valid: {} migrations",
+        spec.name,
+        spec.migrations.len()
+    );
     for id in order {
-        let m = spec.migrations.iter().find(|m| m.id.as_str() == id).expect("in plan");
+        let m = spec
+            .migrations
+            .iter()
+            .find(|m| m.id.as_str() == id)
+            .expect("in plan");
         println!(
             "  {id}  {}{}",
-            if m.tx_mode == flotilla_proto::TxMode::Transactional { "transactional" } else { "non-transactional" },
-            if m.selector.is_empty() { String::new() } else { format!("  selector: {}", m.selector) }
+            if m.tx_mode == flotilla_proto::TxMode::Transactional {
+                "transactional"
+            } else {
+                "non-transactional"
+            },
+            if m.selector.is_empty() {
+                String::new()
+            } else {
+                format!("  selector: {}", m.selector)
+            }
         );
     }
 }

@@ -170,7 +170,10 @@ fn chain_when_unordered(spec: &mut pb::PlanSpec) {
     spec.dependencies = spec
         .migrations
         .windows(2)
-        .map(|w| pb::Dependency { migration: w[1].id.clone(), depends_on: vec![w[0].id.clone()] })
+        .map(|w| pb::Dependency {
+            migration: w[1].id.clone(),
+            depends_on: vec![w[0].id.clone()],
+        })
         .collect();
 }
 

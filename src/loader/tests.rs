@@ -111,7 +111,10 @@ fn loads_the_coordinated_example() {
     let spec = load_ok(&dir);
     assert_eq!(spec.name, "COORD-2025-001");
     assert_eq!(ids(&spec), [HS, AUTO, VIEW]);
-    assert!(spec.migrations.iter().all(|m| m.selector.is_empty()), "every tenant gets all three");
+    assert!(
+        spec.migrations.iter().all(|m| m.selector.is_empty()),
+        "every tenant gets all three"
+    );
     assert!(spec.migrations[0].verify_sql.contains("current_schema()"));
     assert!(spec.migrations[2].verify_sql.is_empty());
     assert_eq!(spec.migrations[0].lock_timeout_ms, 5_000);

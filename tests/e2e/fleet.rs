@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::harness::{CommandOutput, FlotillaProcess, PgCluster, free_port, run_flotilla, wait_until};
+use crate::harness::{
+    CommandOutput, FlotillaProcess, PgCluster, free_port, run_flotilla, wait_until,
+};
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -17,7 +19,8 @@ pub fn coord_dbmate_dir() -> PathBuf {
 
 pub struct TestFleet {
     pub pg: PgCluster,
-    pub coordinator: FlotillaProcess,
+    /// Kept alive for the test's duration (killed on drop).
+    pub _coordinator: FlotillaProcess,
     pub agents: Vec<Option<FlotillaProcess>>,
     pub shards: Vec<String>,
     pub addr: String,
@@ -62,12 +65,16 @@ impl TestFleet {
         let port = free_port();
         let addr = format!("http://127.0.0.1:{port}");
         let listen = format!("127.0.0.1:{port}");
-        let coordinator =
-            FlotillaProcess::spawn(&["coordinator", "--listen", &listen, "--store", "flotilla.db"], &[])?;
-        coordinator.wait_for_log("coordinator listening", WAIT).await?;
+        let coordinator = FlotillaProcess::spawn(
+            &["coordinator", "--listen", &listen, "--store", "flotilla.db"],
+            &[],
+        )?;
+        coordinator
+            .wait_for_log("coordinator listening", WAIT)
+            .await?;
         let mut fleet = TestFleet {
             pg,
-            coordinator,
+            _coordinator: coordinator,
             agents: Vec::new(),
             shards: names,
             addr,
@@ -104,7 +111,9 @@ impl TestFleet {
     pub async fn wait_attached(&self, n: usize) -> anyhow::Result<()> {
         wait_until(&format!("{n} agents attached"), WAIT, async || {
             let v = self.json(&["fleet", "list", "--output", "json"]).await?;
-            let connected = v.as_array().map(|a| a.iter().filter(|x| x["connected"] == true).count());
+            let connected = v
+                .as_array()
+                .map(|a| a.iter().filter(|x| x["connected"] == true).count());
             Ok(connected == Some(n))
         })
         .await
@@ -128,7 +137,11 @@ impl TestFleet {
     }
 
     /// Submits and waits; returns (exit code, final status JSON).
-    pub async fn submit_wait(&self, path: &Path, extra: &[&str]) -> anyhow::Result<(i32, Value, CommandOutput)> {
+    pub async fn submit_wait(
+        &self,
+        path: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<(i32, Value, CommandOutput)> {
         let p = path.to_string_lossy().into_owned();
         let mut args = vec!["plan", "submit", p.as_str(), "--wait", "--output", "json"];
         args.extend_from_slice(extra);
@@ -144,7 +157,9 @@ impl TestFleet {
     }
 
     pub fn tenants(&self, s: usize) -> Vec<String> {
-        (0..self.tenants_per_shard).map(|t| tenant_name(s, t, self.tenants_per_shard)).collect()
+        (0..self.tenants_per_shard)
+            .map(|t| tenant_name(s, t, self.tenants_per_shard))
+            .collect()
     }
 
     /// Every tenant schema's shape (columns, indexes, views, constraints) on every
@@ -201,7 +216,9 @@ pub struct MigrationDir {
 
 impl MigrationDir {
     pub fn new() -> anyhow::Result<MigrationDir> {
-        Ok(MigrationDir { dir: tempfile::tempdir()? })
+        Ok(MigrationDir {
+            dir: tempfile::tempdir()?,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -217,20 +234,5 @@ impl MigrationDir {
         std::fs::write(d.join("up.sql"), up)?;
         std::fs::write(d.join("down.sql"), down)?;
         Ok(())
-    }
-
-    pub fn plan(&self, toml: &str) -> anyhow::Result<()> {
-        std::fs::write(self.dir.path().join("plan.toml"), toml)?;
-        Ok(())
-    }
-
-    /// A copy of the seed's coordinated example in dbmate format.
-    pub fn coord_dbmate() -> anyhow::Result<MigrationDir> {
-        let d = MigrationDir::new()?;
-        for e in std::fs::read_dir(coord_dbmate_dir())? {
-            let e = e?;
-            std::fs::copy(e.path(), d.path().join(e.file_name()))?;
-        }
-        Ok(d)
     }
 }

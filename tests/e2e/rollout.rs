@@ -11,7 +11,9 @@ async fn coordinated_plan_rolls_across_three_shards() -> anyhow::Result<()> {
     let before_journal = fleet.journal_total().await?;
     assert_eq!(before_journal, 0);
 
-    let (code, status, out) = fleet.submit_wait(&coord_dbmate_dir(), &["--max-parallel", "4"]).await?;
+    let (code, status, out) = fleet
+        .submit_wait(&coord_dbmate_dir(), &["--max-parallel", "4"])
+        .await?;
     assert_eq!(code, 0, "{out}");
     assert_eq!(status["state"], "completed", "{status}");
     assert_eq!(status["targets"], 12);
@@ -59,7 +61,10 @@ async fn coordinated_plan_rolls_across_three_shards() -> anyhow::Result<()> {
         // The journal records every step with its checksum, in the same shard.
         let journal = fleet.journal(s).await?;
         assert_eq!(journal.len(), 12, "{db} journal: {journal:?}");
-        assert!(journal.iter().all(|r| r[2].len() == 64), "checksums recorded: {journal:?}");
+        assert!(
+            journal.iter().all(|r| r[2].len() == 64),
+            "checksums recorded: {journal:?}"
+        );
     }
 
     // Fleet view: three connected shards with their tenants and labels.
@@ -74,7 +79,13 @@ async fn coordinated_plan_rolls_across_three_shards() -> anyhow::Result<()> {
 
     // Re-submitting a completed plan changes nothing: every step is already applied.
     let before = fleet.fingerprint().await?;
-    let seq_before = fleet.pg.query_rows("shard_0", "SELECT target, migration_id, finished_at::text FROM flotilla.journal ORDER BY 1,2").await?;
+    let seq_before = fleet
+        .pg
+        .query_rows(
+            "shard_0",
+            "SELECT target, migration_id, finished_at::text FROM flotilla.journal ORDER BY 1,2",
+        )
+        .await?;
     let (code, status, out) = fleet.submit_wait(&coord_dbmate_dir(), &[]).await?;
     assert_eq!(code, 0, "{out}");
     assert_eq!(status["state"], "completed");
@@ -83,14 +94,25 @@ async fn coordinated_plan_rolls_across_three_shards() -> anyhow::Result<()> {
         assert_eq!(m["applied"], 0, "{m}");
     }
     assert_eq!(fleet.fingerprint().await?, before);
-    let seq_after = fleet.pg.query_rows("shard_0", "SELECT target, migration_id, finished_at::text FROM flotilla.journal ORDER BY 1,2").await?;
-    assert_eq!(seq_before, seq_after, "journal rows untouched by the re-submit");
+    let seq_after = fleet
+        .pg
+        .query_rows(
+            "shard_0",
+            "SELECT target, migration_id, finished_at::text FROM flotilla.journal ORDER BY 1,2",
+        )
+        .await?;
+    assert_eq!(
+        seq_before, seq_after,
+        "journal rows untouched by the re-submit"
+    );
 
     // The plans are listed, newest first, and status works by id.
     let list = fleet.json(&["plan", "list", "--output", "json"]).await?;
     assert_eq!(list.as_array().unwrap().len(), 2);
     let id = list[1]["plan_id"].as_str().unwrap().to_string();
-    let st = fleet.json(&["plan", "status", &id, "--output", "json"]).await?;
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
     assert_eq!(st["state"], "completed");
     Ok(())
 }
@@ -102,11 +124,16 @@ async fn a_failing_tenant_rolls_every_target_back() -> anyhow::Result<()> {
     // migration fails there (duplicate_column, 42701).
     fleet
         .pg
-        .psql("shard_1", "ALTER TABLE tenant_0004.repair_orders ADD COLUMN satisfaction_comments text")
+        .psql(
+            "shard_1",
+            "ALTER TABLE tenant_0004.repair_orders ADD COLUMN satisfaction_comments text",
+        )
         .await?;
     let before = fleet.fingerprint().await?;
 
-    let (code, status, out) = fleet.submit_wait(&coord_dbmate_dir(), &["--max-parallel", "6"]).await?;
+    let (code, status, out) = fleet
+        .submit_wait(&coord_dbmate_dir(), &["--max-parallel", "6"])
+        .await?;
     assert_eq!(code, 1, "a rolled-back plan exits 1: {out}");
     assert_eq!(status["state"], "rolled_back", "{status}");
     let failures = status["failures"].as_array().unwrap();
@@ -117,7 +144,10 @@ async fn a_failing_tenant_rolls_every_target_back() -> anyhow::Result<()> {
     assert_eq!(f["shard"], "shard_1");
     assert_eq!(f["tenant"], "tenant_0004");
     assert_eq!(f["migration"], "20250131160001_auto_satisfaction_tracking");
-    assert!(status["message"].as_str().unwrap().contains("tenant_0004"), "{status}");
+    assert!(
+        status["message"].as_str().unwrap().contains("tenant_0004"),
+        "{status}"
+    );
 
     // Every target is back to its exact prior schema, and the journal is empty.
     assert_eq!(fleet.fingerprint().await?, before);
@@ -126,7 +156,10 @@ async fn a_failing_tenant_rolls_every_target_back() -> anyhow::Result<()> {
     // Text status names the failing target and SQLSTATE too.
     let id = status["plan_id"].as_str().unwrap();
     let text = fleet.cli(&["plan", "status", id]).await?;
-    assert!(text.stdout.contains("SQLSTATE 42701") && text.stdout.contains("shard_1/tenant_0004"), "{text}");
+    assert!(
+        text.stdout.contains("SQLSTATE 42701") && text.stdout.contains("shard_1/tenant_0004"),
+        "{text}"
+    );
     Ok(())
 }
 
@@ -137,14 +170,24 @@ async fn assert_refused(
     expect: &[&str],
 ) -> anyhow::Result<()> {
     let before = fleet.fingerprint().await?;
-    let plans_before = fleet.json(&["plan", "list", "--output", "json"]).await?.as_array().unwrap().len();
+    let plans_before = fleet
+        .json(&["plan", "list", "--output", "json"])
+        .await?
+        .as_array()
+        .unwrap()
+        .len();
     let (code, _, out) = fleet.submit_wait(dir, extra).await?;
     assert_eq!(code, 2, "bad input exits 2: {out}");
     for e in expect {
         assert!(out.stderr.contains(e), "stderr should name `{e}`: {out}");
     }
     assert_eq!(fleet.fingerprint().await?, before, "no shard touched");
-    let plans_after = fleet.json(&["plan", "list", "--output", "json"]).await?.as_array().unwrap().len();
+    let plans_after = fleet
+        .json(&["plan", "list", "--output", "json"])
+        .await?
+        .as_array()
+        .unwrap()
+        .len();
     assert_eq!(plans_before, plans_after, "nothing stored");
     Ok(())
 }
@@ -164,7 +207,12 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
 
     // An unknown dependency.
     let d = MigrationDir::new()?;
-    d.migration("001_a", "depends_on = [\"000_missing\"]\n", &add("a"), &drop("a"))?;
+    d.migration(
+        "001_a",
+        "depends_on = [\"000_missing\"]\n",
+        &add("a"),
+        &drop("a"),
+    )?;
     assert_refused(&fleet, d.path(), &[], &["000_missing"]).await?;
 
     // A duplicate id: the same migration in both formats.
@@ -172,7 +220,11 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
     d.migration("20250101000000_x", "", &add("a"), &drop("a"))?;
     std::fs::write(
         d.path().join("20250101000000_x.sql"),
-        format!("-- migrate:up\n{};\n-- migrate:down\n{};\n", add("a"), drop("a")),
+        format!(
+            "-- migrate:up\n{};\n-- migrate:down\n{};\n",
+            add("a"),
+            drop("a")
+        ),
     )?;
     assert_refused(&fleet, d.path(), &[], &["20250101000000_x"]).await?;
 
@@ -184,7 +236,13 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
     // An empty target set.
     let d = MigrationDir::new()?;
     d.migration("001_a", "", &add("a"), &drop("a"))?;
-    assert_refused(&fleet, d.path(), &["--selector", "region in (nowhere)"], &["empty target set"]).await?;
+    assert_refused(
+        &fleet,
+        d.path(),
+        &["--selector", "region in (nowhere)"],
+        &["empty target set"],
+    )
+    .await?;
 
     // Transaction control inside a migration.
     let d = MigrationDir::new()?;
@@ -194,12 +252,20 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
     // Hostile names stay data: a tenant called `tenant_x"; drop ...` is just a schema.
     fleet
         .pg
-        .psql("shard_0", "CREATE SCHEMA \"tenant_x\"\"; DROP TABLE tenant_0000.work_orders; --\"")
+        .psql(
+            "shard_0",
+            "CREATE SCHEMA \"tenant_x\"\"; DROP TABLE tenant_0000.work_orders; --\"",
+        )
         .await?;
 
     // An applied migration edited afterwards: refused, naming migration and targets.
     let d = MigrationDir::new()?;
-    d.migration("001_a", "", "CREATE TABLE IF NOT EXISTS audit_note (id int)", "DROP TABLE audit_note")?;
+    d.migration(
+        "001_a",
+        "",
+        "CREATE TABLE IF NOT EXISTS audit_note (id int)",
+        "DROP TABLE audit_note",
+    )?;
     let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
     assert_eq!(code, 0, "{out}");
     assert_eq!(status["state"], "completed");
@@ -209,8 +275,23 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         .query_scalar("shard_0", "SELECT count(*) FROM pg_tables WHERE tablename = 'work_orders' AND schemaname LIKE 'tenant_%'")
         .await?;
     assert_eq!(n, 2);
-    d.migration("001_a", "", "CREATE TABLE IF NOT EXISTS audit_note (id int, edited int)", "DROP TABLE audit_note")?;
-    assert_refused(&fleet, d.path(), &[], &["001_a", "edited after it was applied", "shard_0/tenant_0000"]).await?;
+    d.migration(
+        "001_a",
+        "",
+        "CREATE TABLE IF NOT EXISTS audit_note (id int, edited int)",
+        "DROP TABLE audit_note",
+    )?;
+    assert_refused(
+        &fleet,
+        d.path(),
+        &[],
+        &[
+            "001_a",
+            "edited after it was applied",
+            "shard_0/tenant_0000",
+        ],
+    )
+    .await?;
     Ok(())
 }
 
@@ -237,38 +318,61 @@ async fn an_agent_killed_mid_plan_reconciles_from_its_journal() -> anyhow::Resul
     )?;
     let holder = fleet.pg.pool("shard_0").await?;
     let mut lock_conn = holder.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock(4242)").execute(&mut *lock_conn).await?;
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *lock_conn)
+        .await?;
 
     let p = d.path().to_string_lossy().into_owned();
-    let out = fleet.cli(&["plan", "submit", &p, "--output", "json"]).await?;
+    let out = fleet
+        .cli(&["plan", "submit", &p, "--output", "json"])
+        .await?;
     assert!(out.success(), "{out}");
-    let id = serde_json::from_str::<serde_json::Value>(out.stdout.lines().last().unwrap())?["plan_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id =
+        serde_json::from_str::<serde_json::Value>(out.stdout.lines().last().unwrap())?["plan_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
 
     // Wait until every other tenant of shard_0 is done and tenant_0002 is blocked.
-    wait_until("three tenants of shard_0 journaled, one blocked", WAIT, async || {
-        let done: i64 = fleet.pg.query_scalar("shard_0", "SELECT count(*) FROM flotilla.journal").await?;
-        let waiting: i64 = fleet
-            .pg
-            .query_scalar("shard_0", "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-            .await?;
-        Ok(done == 6 && waiting == 1)
-    })
+    wait_until(
+        "three tenants of shard_0 journaled, one blocked",
+        WAIT,
+        async || {
+            let done: i64 = fleet
+                .pg
+                .query_scalar("shard_0", "SELECT count(*) FROM flotilla.journal")
+                .await?;
+            let waiting: i64 = fleet
+                .pg
+                .query_scalar(
+                    "shard_0",
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                )
+                .await?;
+            Ok(done == 6 && waiting == 1)
+        },
+    )
     .await?;
     let mut agent = fleet.agents[0].take().unwrap();
     agent.kill()?;
-    sqlx::query("SELECT pg_advisory_unlock(4242)").execute(&mut *lock_conn).await?;
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *lock_conn)
+        .await?;
     drop(lock_conn);
 
     // The plan waits for the shard; a new agent reconciles from the journal.
-    let st = fleet.json(&["plan", "status", &id, "--output", "json"]).await?;
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
     assert_eq!(st["state"], "running", "{st}");
     fleet.agents[0] = Some(fleet.spawn_agent(0)?);
-    let out = fleet.cli(&["plan", "watch", &id, "--output", "json"]).await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    let st = fleet.json(&["plan", "status", &id, "--output", "json"]).await?;
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
     assert_eq!(st["state"], "completed", "{st}");
 
     // Exactly once: one journal row per step and one log row per step per tenant.
@@ -279,7 +383,14 @@ async fn an_agent_killed_mid_plan_reconciles_from_its_journal() -> anyhow::Resul
                 .pg
                 .query_rows(db, &format!("SELECT step, count(*) FROM {tenant}.applied_log GROUP BY step ORDER BY step"))
                 .await?;
-            assert_eq!(rows, vec![vec!["001".to_string(), "1".into()], vec!["002".to_string(), "1".into()]], "{db}/{tenant}");
+            assert_eq!(
+                rows,
+                vec![
+                    vec!["001".to_string(), "1".into()],
+                    vec!["002".to_string(), "1".into()]
+                ],
+                "{db}/{tenant}"
+            );
         }
     }
     Ok(())
@@ -291,23 +402,34 @@ async fn rollback_command_undoes_a_completed_plan_in_reverse_order() -> anyhow::
     let before = fleet.fingerprint().await?;
     // --no-fuse: every step in its own transaction, the two parallel-group
     // migrations of a tenant at once.
-    let (code, status, out) = fleet.submit_wait(&coord_dbmate_dir(), &["--no-fuse"]).await?;
+    let (code, status, out) = fleet
+        .submit_wait(&coord_dbmate_dir(), &["--no-fuse"])
+        .await?;
     assert_eq!(code, 0, "{out}");
     assert_eq!(status["state"], "completed");
     assert_ne!(fleet.fingerprint().await?, before);
     let id = status["plan_id"].as_str().unwrap().to_string();
 
     // The view depends on both tables' columns: undoing in the wrong order fails.
-    let out = fleet.cli(&["plan", "rollback", &id, "--wait", "--reason", "test", "--output", "json"]).await?;
+    let out = fleet
+        .cli(&[
+            "plan", "rollback", &id, "--wait", "--reason", "test", "--output", "json",
+        ])
+        .await?;
     assert_eq!(out.code(), Some(1), "a rolled-back plan exits 1: {out}");
-    let st = fleet.json(&["plan", "status", &id, "--output", "json"]).await?;
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     for m in st["migrations"].as_array().unwrap() {
         assert_eq!(m["rolled_back"], m["total"], "{m}");
     }
     assert_eq!(fleet.fingerprint().await?, before);
     assert_eq!(fleet.journal_total().await?, 0);
-    let history: i64 = fleet.pg.query_scalar("shard_0", "SELECT count(*) FROM flotilla.journal_history").await?;
+    let history: i64 = fleet
+        .pg
+        .query_scalar("shard_0", "SELECT count(*) FROM flotilla.journal_history")
+        .await?;
     assert_eq!(history, 6);
 
     // A second rollback is refused: nothing left to undo.

@@ -50,7 +50,13 @@ pub const VIEW_UP: &str = "CREATE VIEW unified_satisfaction AS
 pub const VIEW_DOWN: &str = "DROP VIEW unified_satisfaction;";
 
 pub fn migration(id: &str, up: &str, down: &str, verify: &str) -> pb::Migration {
-    pb::Migration { id: id.into(), up_sql: up.into(), down_sql: down.into(), verify_sql: verify.into(), ..Default::default() }
+    pb::Migration {
+        id: id.into(),
+        up_sql: up.into(),
+        down_sql: down.into(),
+        verify_sql: verify.into(),
+        ..Default::default()
+    }
 }
 
 pub fn bench_migrations() -> Vec<pb::Migration> {
@@ -82,11 +88,22 @@ pub async fn fleet(name: &str, tenants: usize) -> Option<Fleet> {
         return None;
     };
     let db = format!("agent_{name}");
-    let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("admin connection");
-    for sql in [format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"), format!("CREATE DATABASE {db}")] {
-        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut admin).await.expect("create database");
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("admin connection");
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+        format!("CREATE DATABASE {db}"),
+    ] {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
     }
-    let dsn = format!("{}/{db}", admin_url.rsplit_once('/').expect("a database in the url").0);
+    let dsn = format!(
+        "{}/{db}",
+        admin_url.rsplit_once('/').expect("a database in the url").0
+    );
     let pool = PgPool::connect(&dsn).await.expect("test pool");
     let mut sql = String::from("CREATE SCHEMA not_a_tenant;");
     for t in 0..tenants {
@@ -100,16 +117,29 @@ pub async fn fleet(name: &str, tenants: usize) -> Option<Fleet> {
              INSERT INTO {n}.work_orders (customer_id, priority, total_amount) SELECT g, 'low', g FROM generate_series(1, 20) g;"
         ));
     }
-    sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await.expect("fleet");
-    Some(Fleet { dsn, pool, admin_url, db })
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&pool)
+        .await
+        .expect("fleet");
+    Some(Fleet {
+        dsn,
+        pool,
+        admin_url,
+        db,
+    })
 }
 
 impl Fleet {
     pub async fn drop(self) {
         self.pool.close().await;
-        let mut admin = sqlx::PgConnection::connect(&self.admin_url).await.expect("admin connection");
+        let mut admin = sqlx::PgConnection::connect(&self.admin_url)
+            .await
+            .expect("admin connection");
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db);
-        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut admin).await.expect("drop database");
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .expect("drop database");
     }
 }
 
@@ -131,14 +161,19 @@ impl AgentService for Scripted {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let (out, rx) = mpsc::unbounded_channel();
-        let _ = self.streams.send(Stream { inbound: request.into_inner(), out });
+        let _ = self.streams.send(Stream {
+            inbound: request.into_inner(),
+            out,
+        });
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 }
 
 impl Stream {
     pub fn send(&self, body: In) {
-        self.out.send(Ok(pb::CoordinatorMessage { body: Some(body) })).expect("agent stream open");
+        self.out
+            .send(Ok(pb::CoordinatorMessage { body: Some(body) }))
+            .expect("agent stream open");
     }
 
     /// The next message that is not a heartbeat.
@@ -171,14 +206,29 @@ impl Stream {
         runs
     }
 
-    pub async fn assign(&mut self, plan: &str, epoch: u64, lanes: u32, runs: Vec<pb::Run>) -> BTreeMap<u64, pb::RunResult> {
+    pub async fn assign(
+        &mut self,
+        plan: &str,
+        epoch: u64,
+        lanes: u32,
+        runs: Vec<pb::Run>,
+    ) -> BTreeMap<u64, pb::RunResult> {
         let n = runs.len();
-        self.send(In::Assign(pb::Assign { plan_id: plan.into(), epoch, lanes, runs }));
+        self.send(In::Assign(pb::Assign {
+            plan_id: plan.into(),
+            epoch,
+            lanes,
+            runs,
+        }));
         self.results(plan, n).await
     }
 
     pub async fn rollback(&mut self, plan: &str, epoch: u64) -> pb::RollbackReply {
-        self.send(In::Rollback(pb::RollbackRequest { plan_id: plan.into(), epoch, lanes: 2 }));
+        self.send(In::Rollback(pb::RollbackRequest {
+            plan_id: plan.into(),
+            epoch,
+            lanes: 2,
+        }));
         match self.next().await {
             Out::Rollback(r) => r,
             other => panic!("expected a rollback reply, got {other:?}"),
@@ -213,34 +263,64 @@ impl Harness {
         let agent = tokio::spawn(flotilla_agent::start(config, async move {
             let _ = stopped.await;
         }));
-        Harness { streams, stop: Some(stop), agent }
+        Harness {
+            streams,
+            stop: Some(stop),
+            agent,
+        }
     }
 
     /// The next stream, after its Hello, welcomed with `epoch`.
     pub async fn attach(&mut self, epoch: u64) -> (Stream, pb::Hello) {
-        let mut s = tokio::time::timeout(WAIT, self.streams.recv()).await.expect("agent attaches").unwrap();
-        let Out::Hello(hello) = s.next().await else { panic!("Hello first") };
-        s.send(In::Welcome(pb::Welcome { epoch, heartbeat_interval_ms: 100 }));
+        let mut s = tokio::time::timeout(WAIT, self.streams.recv())
+            .await
+            .expect("agent attaches")
+            .unwrap();
+        let Out::Hello(hello) = s.next().await else {
+            panic!("Hello first")
+        };
+        s.send(In::Welcome(pb::Welcome {
+            epoch,
+            heartbeat_interval_ms: 100,
+        }));
         (s, hello)
     }
 
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(WAIT, self.agent).await.expect("agent stops").unwrap().expect("agent ok");
+        tokio::time::timeout(WAIT, self.agent)
+            .await
+            .expect("agent stops")
+            .unwrap()
+            .expect("agent ok");
     }
 }
 
 pub fn run(id: u64, tenant: &str, migrations: &[&str], fused: bool) -> pb::Run {
-    pb::Run { run_id: id, tenant: tenant.into(), migrations: migrations.iter().map(|m| m.to_string()).collect(), fused }
+    pb::Run {
+        run_id: id,
+        tenant: tenant.into(),
+        migrations: migrations.iter().map(|m| m.to_string()).collect(),
+        fused,
+    }
 }
 
 pub fn outcomes(r: &pb::RunResult) -> Vec<pb::StepOutcome> {
-    r.steps.iter().map(|s| pb::StepOutcome::try_from(s.outcome).unwrap()).collect()
+    r.steps
+        .iter()
+        .map(|s| pb::StepOutcome::try_from(s.outcome).unwrap())
+        .collect()
 }
 
 pub async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(pool).await.unwrap()
+    sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
-pub const BENCH: [&str; 3] = ["20250131160000_hs", "20250131160001_auto", "20250131160002_view"];
-
+pub const BENCH: [&str; 3] = [
+    "20250131160000_hs",
+    "20250131160001_auto",
+    "20250131160002_view",
+];

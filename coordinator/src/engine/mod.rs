@@ -24,11 +24,28 @@ pub enum CommandKind {
 }
 
 pub enum Event {
-    Attached { shard: String, conn_id: u64, tx: AgentTx, max_lanes: u32 },
-    Detached { shard: String, conn_id: u64 },
-    Results { shard: String, results: pb::RunResults },
-    RollbackReply { shard: String, reply: pb::RollbackReply },
-    Start { run: Box<PlanRun>, done: oneshot::Sender<pb::PlanStatus> },
+    Attached {
+        shard: String,
+        conn_id: u64,
+        tx: AgentTx,
+        max_lanes: u32,
+    },
+    Detached {
+        shard: String,
+        conn_id: u64,
+    },
+    Results {
+        shard: String,
+        results: pb::RunResults,
+    },
+    RollbackReply {
+        shard: String,
+        reply: pb::RollbackReply,
+    },
+    Start {
+        run: Box<PlanRun>,
+        done: oneshot::Sender<pb::PlanStatus>,
+    },
     Command {
         plan_id: String,
         kind: CommandKind,
@@ -38,7 +55,10 @@ pub enum Event {
         revive: Option<Box<PlanRun>>,
         reply: oneshot::Sender<Result<pb::PlanStatus, CoordinatorError>>,
     },
-    Status { plan_id: String, reply: oneshot::Sender<Option<pb::PlanStatus>> },
+    Status {
+        plan_id: String,
+        reply: oneshot::Sender<Option<pb::PlanStatus>>,
+    },
 }
 
 struct AgentConn {
@@ -81,8 +101,20 @@ impl Engine {
 
     async fn handle(&mut self, event: Event) {
         match event {
-            Event::Attached { shard, conn_id, tx, max_lanes } => {
-                self.agents.insert(shard.clone(), AgentConn { conn_id, tx, max_lanes });
+            Event::Attached {
+                shard,
+                conn_id,
+                tx,
+                max_lanes,
+            } => {
+                self.agents.insert(
+                    shard.clone(),
+                    AgentConn {
+                        conn_id,
+                        tx,
+                        max_lanes,
+                    },
+                );
                 metrics::agents_connected(self.agents.len());
                 let ids: Vec<String> = self.plans.keys().cloned().collect();
                 for id in ids {
@@ -91,7 +123,11 @@ impl Engine {
                 }
             }
             Event::Detached { shard, conn_id } => {
-                if self.agents.get(&shard).is_some_and(|a| a.conn_id == conn_id) {
+                if self
+                    .agents
+                    .get(&shard)
+                    .is_some_and(|a| a.conn_id == conn_id)
+                {
                     self.agents.remove(&shard);
                     metrics::agents_connected(self.agents.len());
                     info!(shard = %shard, "agent detached; its runs wait for it to return");
@@ -99,7 +135,9 @@ impl Engine {
             }
             Event::Results { shard, results } => {
                 let plan_id = results.plan_id.clone();
-                let Some(run) = self.plans.get_mut(&plan_id) else { return };
+                let Some(run) = self.plans.get_mut(&plan_id) else {
+                    return;
+                };
                 let mut updates = Vec::new();
                 let mut failed = false;
                 let rollback_done = run
@@ -116,7 +154,10 @@ impl Engine {
                         failed |= f;
                     }
                 }
-                self.write(StoreOp::Steps { plan_id: plan_id.clone(), updates });
+                self.write(StoreOp::Steps {
+                    plan_id: plan_id.clone(),
+                    updates,
+                });
                 if failed {
                     self.on_failure(&plan_id);
                 }
@@ -124,10 +165,15 @@ impl Engine {
             }
             Event::RollbackReply { shard, reply } => {
                 let plan_id = reply.plan_id.clone();
-                let Some(run) = self.plans.get_mut(&plan_id) else { return };
+                let Some(run) = self.plans.get_mut(&plan_id) else {
+                    return;
+                };
                 let updates = run.apply_rollback_reply(&shard, &reply);
                 info!(plan = %plan_id, shard = %shard, undone = reply.steps.len(), complete = reply.complete, "rollback reply");
-                self.write(StoreOp::Steps { plan_id: plan_id.clone(), updates });
+                self.write(StoreOp::Steps {
+                    plan_id: plan_id.clone(),
+                    updates,
+                });
                 self.drive(&plan_id).await;
             }
             Event::Start { run, done } => {
@@ -138,7 +184,14 @@ impl Engine {
                 let status = self.status_of(&id);
                 let _ = done.send(status.unwrap_or_default());
             }
-            Event::Command { plan_id, kind, actor, reason, revive, reply } => {
+            Event::Command {
+                plan_id,
+                kind,
+                actor,
+                reason,
+                revive,
+                reply,
+            } => {
                 let result = self.command(&plan_id, kind, &actor, &reason, revive);
                 let ok = result.is_ok();
                 if ok {
@@ -220,15 +273,25 @@ impl Engine {
         let who = if actor.is_empty() { "operator" } else { actor };
         run.message = format!(
             "{action} requested by {who}{}",
-            if reason.is_empty() { String::new() } else { format!(": {reason}") }
+            if reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {reason}")
+            }
         );
         let undo = kind == CommandKind::Rollback
             || run.policy() == flotilla_proto::FailurePolicy::AllOrNothing;
-        run.rollback_ends =
-            if kind == CommandKind::Cancel { PlanState::Cancelled } else { PlanState::RolledBack };
+        run.rollback_ends = if kind == CommandKind::Cancel {
+            PlanState::Cancelled
+        } else {
+            PlanState::RolledBack
+        };
         let updates = run.halt_pending();
         let msg = run.message.clone();
-        self.write(StoreOp::Steps { plan_id: plan_id.to_string(), updates });
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.to_string(),
+            updates,
+        });
         self.write(StoreOp::Audit {
             actor: who.to_string(),
             action: action.into(),
@@ -247,12 +310,18 @@ impl Engine {
             }
         }
         let state = self.plans[plan_id].state.as_str().to_string();
-        self.write(StoreOp::PlanState { plan_id: plan_id.to_string(), state, message: msg });
+        self.write(StoreOp::PlanState {
+            plan_id: plan_id.to_string(),
+            state,
+            message: msg,
+        });
         Ok(())
     }
 
     fn on_failure(&mut self, plan_id: &str) {
-        let Some(run) = self.plans.get_mut(plan_id) else { return };
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
         if run.state != PlanState::Running {
             return;
         }
@@ -262,11 +331,19 @@ impl Engine {
             .map(|f| {
                 let t = f.target.clone().unwrap_or_default();
                 let e = f.error.clone().unwrap_or_default();
-                let target = if t.tenant.is_empty() { t.shard } else { format!("{}/{}", t.shard, t.tenant) };
+                let target = if t.tenant.is_empty() {
+                    t.shard
+                } else {
+                    format!("{}/{}", t.shard, t.tenant)
+                };
                 format!(
                     "step {} failed on {target}{}: {}",
                     f.migration_id,
-                    if e.sqlstate.is_empty() { String::new() } else { format!(" (SQLSTATE {})", e.sqlstate) },
+                    if e.sqlstate.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (SQLSTATE {})", e.sqlstate)
+                    },
                     e.message
                 )
             })
@@ -277,14 +354,20 @@ impl Engine {
                 run.message = format!("{what}; every applied step is being undone");
                 run.rollback_ends = PlanState::RolledBack;
                 let updates = run.halt_pending();
-                self.write(StoreOp::Steps { plan_id: plan_id.to_string(), updates });
+                self.write(StoreOp::Steps {
+                    plan_id: plan_id.to_string(),
+                    updates,
+                });
                 self.begin_rollback(plan_id);
             }
             flotilla_proto::FailurePolicy::Stop => {
                 run.message = format!("{what}; the plan stopped, applied steps stay");
                 run.state = PlanState::Stopping;
                 let updates = run.halt_pending();
-                self.write(StoreOp::Steps { plan_id: plan_id.to_string(), updates });
+                self.write(StoreOp::Steps {
+                    plan_id: plan_id.to_string(),
+                    updates,
+                });
                 self.halt_everywhere(plan_id);
             }
             flotilla_proto::FailurePolicy::Continue => {
@@ -302,18 +385,23 @@ impl Engine {
     }
 
     fn halt_everywhere(&mut self, plan_id: &str) {
-        let Some(run) = self.plans.get(plan_id) else { return };
+        let Some(run) = self.plans.get(plan_id) else {
+            return;
+        };
         for shard in run.shards.keys() {
             if let Some(a) = self.agents.get(shard) {
-                let _ = a.tx.try_send(msg(pb::coordinator_message::Body::Halt(pb::Halt {
-                    plan_id: plan_id.to_string(),
-                })));
+                let _ =
+                    a.tx.try_send(msg(pb::coordinator_message::Body::Halt(pb::Halt {
+                        plan_id: plan_id.to_string(),
+                    })));
             }
         }
     }
 
     fn begin_rollback(&mut self, plan_id: &str) {
-        let Some(run) = self.plans.get_mut(plan_id) else { return };
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
         run.state = PlanState::RollingBack;
         for sr in run.shards.values_mut() {
             sr.rollback = RollbackState::NotAsked;
@@ -325,23 +413,35 @@ impl Engine {
     }
 
     fn ask_rollback(&mut self, plan_id: &str, shard: &str) {
-        let Some(agent) = self.agents.get(shard) else { return };
-        let Some(run) = self.plans.get_mut(plan_id) else { return };
+        let Some(agent) = self.agents.get(shard) else {
+            return;
+        };
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
         let n_shards = run.shards.len().max(1) as u32;
-        let Some(sr) = run.shards.get_mut(shard) else { return };
+        let Some(sr) = run.shards.get_mut(shard) else {
+            return;
+        };
         if sr.rollback == RollbackState::Done {
             return;
         }
         if sr.defined_on != Some(agent.conn_id) {
-            let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(run.definition.clone())));
+            let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(
+                run.definition.clone(),
+            )));
             sr.defined_on = Some(agent.conn_id);
         }
         let lanes = (run.spec.max_parallel / n_shards).clamp(1, agent.max_lanes.max(1));
-        let sent = agent.tx.try_send(msg(pb::coordinator_message::Body::Rollback(pb::RollbackRequest {
-            plan_id: plan_id.to_string(),
-            epoch: self.epoch,
-            lanes,
-        })));
+        let sent = agent
+            .tx
+            .try_send(msg(pb::coordinator_message::Body::Rollback(
+                pb::RollbackRequest {
+                    plan_id: plan_id.to_string(),
+                    epoch: self.epoch,
+                    lanes,
+                },
+            )));
         if sent.is_ok() {
             sr.rollback = RollbackState::Asked(agent.conn_id);
         }
@@ -350,14 +450,22 @@ impl Engine {
     /// After an agent (re)attaches: its plan definitions and outstanding runs
     /// are sent again; the agent's journal turns repeats into "already applied".
     fn resend_after_reconnect(&mut self, plan_id: &str, shard: &str) {
-        let Some(agent) = self.agents.get(shard) else { return };
+        let Some(agent) = self.agents.get(shard) else {
+            return;
+        };
         let conn_id = agent.conn_id;
-        let Some(run) = self.plans.get_mut(plan_id) else { return };
-        let Some(sr) = run.shards.get_mut(shard) else { return };
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
+        let Some(sr) = run.shards.get_mut(shard) else {
+            return;
+        };
         if sr.defined_on == Some(conn_id) {
             return;
         }
-        let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(run.definition.clone())));
+        let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(
+            run.definition.clone(),
+        )));
         sr.defined_on = Some(conn_id);
         if run.state == PlanState::RollingBack {
             if matches!(sr.rollback, RollbackState::Asked(c) if c != conn_id) {
@@ -384,37 +492,53 @@ impl Engine {
             .collect();
         if !runs.is_empty() {
             info!(plan = %plan_id, shard = %shard, runs = runs.len(), "resending runs after reconnect");
-            let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Assign(pb::Assign {
-                plan_id: plan_id.to_string(),
-                epoch: self.epoch,
-                lanes: sr.lanes.max(1),
-                runs,
-            })));
+            let _ = agent
+                .tx
+                .try_send(msg(pb::coordinator_message::Body::Assign(pb::Assign {
+                    plan_id: plan_id.to_string(),
+                    epoch: self.epoch,
+                    lanes: sr.lanes.max(1),
+                    runs,
+                })));
         }
     }
 
     /// Hands out work, asks for rollbacks not asked yet, and ends the plan when done.
     async fn drive(&mut self, plan_id: &str) {
-        let Some(run) = self.plans.get_mut(plan_id) else { return };
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
         if run.state == PlanState::Running {
             let agents = &self.agents;
             let lanes_of = |shard: &str| agents.get(shard).map(|a| a.max_lanes).unwrap_or(1);
             run.rebalance_lanes(&lanes_of);
             let shards: Vec<String> = run.shards.keys().cloned().collect();
             for shard in shards {
-                let Some(agent) = self.agents.get(&shard) else { continue };
+                let Some(agent) = self.agents.get(&shard) else {
+                    continue;
+                };
                 let sr = run.shards.get_mut(&shard).expect("shard");
                 if sr.defined_on != Some(agent.conn_id) {
-                    let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(run.definition.clone())));
+                    let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(
+                        run.definition.clone(),
+                    )));
                     sr.defined_on = Some(agent.conn_id);
                 }
                 let lanes = sr.lanes;
                 let runs = run.next_runs(&shard, &mut self.next_run_id);
                 if !runs.is_empty() {
-                    let assign = pb::Assign { plan_id: plan_id.to_string(), epoch: self.epoch, lanes, runs };
+                    let assign = pb::Assign {
+                        plan_id: plan_id.to_string(),
+                        epoch: self.epoch,
+                        lanes,
+                        runs,
+                    };
                     // The channel is sized for bursts; a full one means the agent is
                     // gone or stuck, and its runs are resent when it comes back.
-                    if let Err(e) = agent.tx.try_send(msg(pb::coordinator_message::Body::Assign(assign))) {
+                    if let Err(e) = agent
+                        .tx
+                        .try_send(msg(pb::coordinator_message::Body::Assign(assign)))
+                    {
                         warn!(shard = %shard, "cannot hand runs to agent: {e}");
                     }
                 }
@@ -436,7 +560,10 @@ impl Engine {
             let message = run.message.clone();
             info!(plan = %plan_id, state = state.as_str(), "{message}");
             metrics::plan_finished(state.as_str());
-            self.write(StoreOp::Steps { plan_id: plan_id.to_string(), updates });
+            self.write(StoreOp::Steps {
+                plan_id: plan_id.to_string(),
+                updates,
+            });
             self.write(StoreOp::PlanState {
                 plan_id: plan_id.to_string(),
                 state: state.as_str().into(),

@@ -160,7 +160,11 @@ impl PlanRun {
             }
             let t = &targets[p.target];
             index.insert(
-                (spec.migrations[p.migration].id.to_string(), t.shard.clone(), t.tenant.clone()),
+                (
+                    spec.migrations[p.migration].id.to_string(),
+                    t.shard.clone(),
+                    t.tenant.clone(),
+                ),
                 i,
             );
             steps.push(Step {
@@ -217,7 +221,9 @@ impl PlanRun {
     }
 
     pub fn step_of(&self, migration: &str, shard: &str, tenant: &str) -> Option<usize> {
-        self.index.get(&(migration.to_string(), shard.to_string(), tenant.to_string())).copied()
+        self.index
+            .get(&(migration.to_string(), shard.to_string(), tenant.to_string()))
+            .copied()
     }
 
     fn enqueue_if_ready(&mut self, t: usize) {
@@ -242,7 +248,10 @@ impl PlanRun {
             .filter(|(_, sr)| {
                 sr.targets.iter().any(|&t| {
                     self.per_target[t].iter().any(|&s| {
-                        matches!(self.steps[s].status, StepStatus::Pending | StepStatus::Running(_))
+                        matches!(
+                            self.steps[s].status,
+                            StepStatus::Pending | StepStatus::Running(_)
+                        )
                     })
                 })
             })
@@ -254,7 +263,11 @@ impl PlanRun {
         }
         let k = busy.len();
         for (i, shard) in busy.iter().enumerate() {
-            let share = if max >= k { max / k + usize::from(i < max % k) } else { usize::from(i < max) };
+            let share = if max >= k {
+                max / k + usize::from(i < max % k)
+            } else {
+                usize::from(i < max)
+            };
             let cap = agent_lanes(shard).max(1) as usize;
             if let Some(sr) = self.shards.get_mut(shard) {
                 sr.lanes = share.min(cap) as u32;
@@ -267,7 +280,9 @@ impl PlanRun {
         if self.state != PlanState::Running {
             return Vec::new();
         }
-        let Some(sr) = self.shards.get(shard) else { return Vec::new() };
+        let Some(sr) = self.shards.get(shard) else {
+            return Vec::new();
+        };
         if sr.lanes == 0 {
             return Vec::new();
         }
@@ -296,7 +311,11 @@ impl PlanRun {
                         .collect(),
                     fused,
                 });
-                self.shards.get_mut(shard).expect("shard exists").outstanding.insert(run_id, steps);
+                self.shards
+                    .get_mut(shard)
+                    .expect("shard exists")
+                    .outstanding
+                    .insert(run_id, steps);
             }
         }
         out
@@ -312,8 +331,10 @@ impl PlanRun {
             if step.status != StepStatus::Pending {
                 continue;
             }
-            let deps_ok =
-                step.deps.iter().all(|&d| self.steps[d].status.done() || fused.contains(&d));
+            let deps_ok = step
+                .deps
+                .iter()
+                .all(|&d| self.steps[d].status.done() || fused.contains(&d));
             if !deps_ok {
                 continue;
             }
@@ -330,9 +351,15 @@ impl PlanRun {
     }
 
     /// Applies one run's results; returns store updates and whether a step failed.
-    pub fn apply_run_result(&mut self, shard: &str, result: &pb::RunResult) -> (Vec<StepUpdate>, bool) {
-        let Some(steps) =
-            self.shards.get_mut(shard).and_then(|sr| sr.outstanding.remove(&result.run_id))
+    pub fn apply_run_result(
+        &mut self,
+        shard: &str,
+        result: &pb::RunResult,
+    ) -> (Vec<StepUpdate>, bool) {
+        let Some(steps) = self
+            .shards
+            .get_mut(shard)
+            .and_then(|sr| sr.outstanding.remove(&result.run_id))
         else {
             // A run resent after a reconnect may come back twice; the first answer counts.
             return (Vec::new(), false);
@@ -342,7 +369,10 @@ impl PlanRun {
         for s in steps {
             let spec = self.spec.clone();
             let mig = &spec.migrations[self.steps[s].migration];
-            let r = result.steps.iter().find(|r| r.migration_id == mig.id.as_str());
+            let r = result
+                .steps
+                .iter()
+                .find(|r| r.migration_id == mig.id.as_str());
             let outcome = r
                 .map(|r| pb::StepOutcome::try_from(r.outcome).unwrap_or_default())
                 .unwrap_or(pb::StepOutcome::NotRun);
@@ -382,7 +412,10 @@ impl PlanRun {
                 failed = true;
                 self.failures.push(pb::StepFailure {
                     migration_id: mig.id.to_string(),
-                    target: Some(pb::TargetRef { shard: target.shard.clone(), tenant: target.tenant.clone() }),
+                    target: Some(pb::TargetRef {
+                        shard: target.shard.clone(),
+                        tenant: target.tenant.clone(),
+                    }),
                     error: error.clone(),
                 });
             }
@@ -415,7 +448,9 @@ impl PlanRun {
     }
 
     fn failed_target(&self, t: usize) -> bool {
-        self.per_target[t].iter().any(|&s| self.steps[s].status == StepStatus::Failed)
+        self.per_target[t]
+            .iter()
+            .any(|&s| self.steps[s].status == StepStatus::Failed)
     }
 
     /// Stops scheduling: every step not started yet will not run.
@@ -449,7 +484,11 @@ impl PlanRun {
     }
 
     /// Records a shard's rollback reply; returns store updates.
-    pub fn apply_rollback_reply(&mut self, shard: &str, reply: &pb::RollbackReply) -> Vec<StepUpdate> {
+    pub fn apply_rollback_reply(
+        &mut self,
+        shard: &str,
+        reply: &pb::RollbackReply,
+    ) -> Vec<StepUpdate> {
         let mut updates = Vec::new();
         for rb in &reply.steps {
             let s = self.step_of(&rb.migration_id, shard, &rb.tenant);
@@ -458,8 +497,14 @@ impl PlanRun {
                     self.rollback_errors += 1;
                     self.failures.push(pb::StepFailure {
                         migration_id: rb.migration_id.clone(),
-                        target: Some(pb::TargetRef { shard: shard.into(), tenant: rb.tenant.clone() }),
-                        error: Some(pb::StepError { phase: "down".into(), ..e.clone() }),
+                        target: Some(pb::TargetRef {
+                            shard: shard.into(),
+                            tenant: rb.tenant.clone(),
+                        }),
+                        error: Some(pb::StepError {
+                            phase: "down".into(),
+                            ..e.clone()
+                        }),
                     });
                     if let Some(s) = s {
                         updates.push(self.update_of(s, Some(e)));
@@ -476,7 +521,10 @@ impl PlanRun {
             if reply.complete {
                 sr.rollback = RollbackState::Done;
                 // The agent finished every run of the plan before undoing it.
-                let lost: Vec<usize> = std::mem::take(&mut sr.outstanding).into_values().flatten().collect();
+                let lost: Vec<usize> = std::mem::take(&mut sr.outstanding)
+                    .into_values()
+                    .flatten()
+                    .collect();
                 for s in lost {
                     if matches!(self.steps[s].status, StepStatus::Running(_)) {
                         self.steps[s].status = StepStatus::NotRun;
@@ -512,7 +560,11 @@ impl PlanRun {
                         updates.push(self.update_of(s, None));
                     }
                 }
-                self.state = if any_failed { PlanState::Failed } else { PlanState::Completed };
+                self.state = if any_failed {
+                    PlanState::Failed
+                } else {
+                    PlanState::Completed
+                };
                 if self.message.is_empty() {
                     self.message = if any_failed {
                         format!("{} step(s) failed", self.failures.len())
@@ -522,14 +574,16 @@ impl PlanRun {
                 }
                 Some(updates)
             }
-            PlanState::Stopping => {
-                (self.outstanding() == 0).then(|| {
-                    self.state = PlanState::Failed;
-                    Vec::new()
-                })
-            }
+            PlanState::Stopping => (self.outstanding() == 0).then(|| {
+                self.state = PlanState::Failed;
+                Vec::new()
+            }),
             PlanState::RollingBack => {
-                if self.shards.values().all(|s| s.rollback == RollbackState::Done) {
+                if self
+                    .shards
+                    .values()
+                    .all(|s| s.rollback == RollbackState::Done)
+                {
                     self.state = if self.rollback_errors > 0 {
                         PlanState::RollbackFailed
                     } else {

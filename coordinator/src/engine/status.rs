@@ -34,14 +34,21 @@ fn progress_in_order(
 }
 
 pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
-    let order: Vec<String> = run.spec.migrations.iter().map(|m| m.id.to_string()).collect();
+    let order: Vec<String> = run
+        .spec
+        .migrations
+        .iter()
+        .map(|m| m.id.to_string())
+        .collect();
     let mut by: BTreeMap<String, pb::MigrationProgress> = BTreeMap::new();
     for s in &run.steps {
         let id = &order[s.migration];
-        let p = by.entry(id.clone()).or_insert_with(|| pb::MigrationProgress {
-            migration_id: id.clone(),
-            ..Default::default()
-        });
+        let p = by
+            .entry(id.clone())
+            .or_insert_with(|| pb::MigrationProgress {
+                migration_id: id.clone(),
+                ..Default::default()
+            });
         count(p, s.status.as_str());
     }
     pb::PlanStatus {
@@ -62,23 +69,24 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
     }
 }
 
-pub fn from_store(
-    plan: &PlanRow,
-    order: &[String],
-    steps: &[StepRow],
-) -> pb::PlanStatus {
+pub fn from_store(plan: &PlanRow, order: &[String], steps: &[StepRow]) -> pb::PlanStatus {
     let mut by: BTreeMap<String, pb::MigrationProgress> = BTreeMap::new();
     let mut failures = Vec::new();
     for s in steps {
-        let p = by.entry(s.migration_id.clone()).or_insert_with(|| pb::MigrationProgress {
-            migration_id: s.migration_id.clone(),
-            ..Default::default()
-        });
+        let p = by
+            .entry(s.migration_id.clone())
+            .or_insert_with(|| pb::MigrationProgress {
+                migration_id: s.migration_id.clone(),
+                ..Default::default()
+            });
         count(p, &s.state);
         if !s.message.is_empty() && StepStatus::parse(&s.state) != StepStatus::NotRun {
             failures.push(pb::StepFailure {
                 migration_id: s.migration_id.clone(),
-                target: Some(pb::TargetRef { shard: s.shard.clone(), tenant: s.tenant.clone() }),
+                target: Some(pb::TargetRef {
+                    shard: s.shard.clone(),
+                    tenant: s.tenant.clone(),
+                }),
                 error: Some(pb::StepError {
                     sqlstate: s.sqlstate.clone(),
                     message: s.message.clone(),

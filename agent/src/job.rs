@@ -1,0 +1,171 @@
+//! A run as the agent holds it between Assign and result: validated against its plan,
+//! with what the journal already holds, and how its outcome goes on the wire.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::pb;
+
+use crate::error::Failure;
+use crate::metrics::StepOutcome;
+use crate::plans::PlanDef;
+use crate::sqlgen::{PreparedMigration, quote_literal};
+
+/// A run, validated against its plan and ready to execute.
+pub(crate) struct Job {
+    pub run: pb::Run,
+    pub plan: Arc<PlanDef>,
+    pub tenant: String,
+    pub tenant_lit: String,
+    pub epoch: u64,
+    pub steps: Vec<Arc<PreparedMigration>>,
+    /// The journal's checksum for steps found applied before the run started.
+    pub applied: Vec<Option<String>>,
+}
+
+impl Job {
+    /// A run that does not fit its plan comes back with the reason.
+    pub fn new(
+        plan: &Arc<PlanDef>,
+        run: pb::Run,
+        epoch: u64,
+    ) -> Result<Job, Box<(pb::Run, Failure)>> {
+        let fail = |run, msg: String| Err(Box::new((run, Failure::agent("definition", msg))));
+        if !run.tenant.is_empty()
+            && let Err(reason) = flotilla_proto::validate_tenant_name(&run.tenant)
+        {
+            return fail(run, reason);
+        }
+        let mut steps = Vec::with_capacity(run.migrations.len());
+        for id in &run.migrations {
+            match plan.migrations.get(id) {
+                Some(m) => steps.push(m.clone()),
+                None => {
+                    let msg = format!("plan {} has no migration `{id}`", plan.plan_id);
+                    return fail(run, msg);
+                }
+            }
+        }
+        let tenant_lit = match quote_literal(&run.tenant) {
+            Ok(lit) => lit,
+            Err(reason) => return fail(run, reason),
+        };
+        Ok(Job {
+            plan: plan.clone(),
+            tenant: run.tenant.clone(),
+            tenant_lit,
+            epoch,
+            applied: vec![None; steps.len()],
+            steps,
+            run,
+        })
+    }
+
+    /// Takes the journal's word for steps already applied on this run's target.
+    pub fn mark_applied(&mut self, journal: &mut HashMap<(String, String), String>) {
+        for (slot, step) in self.applied.iter_mut().zip(&self.steps) {
+            if let Some(checksum) = journal.get(&(self.tenant.clone(), step.id().to_string())) {
+                *slot = Some(checksum.clone());
+            }
+        }
+    }
+
+    pub fn fully_applied(&self) -> bool {
+        self.applied.iter().all(Option::is_some)
+    }
+
+    pub fn already_applied_result(&self) -> pb::RunResult {
+        let reports = self.applied.iter().map(|a| {
+            Some(Report::already(
+                a.clone().unwrap_or_default(),
+                Duration::ZERO,
+            ))
+        });
+        self.result(reports.collect())
+    }
+
+    pub(crate) fn result(&self, reports: Vec<Option<Report>>) -> pb::RunResult {
+        pb::RunResult {
+            run_id: self.run.run_id,
+            tenant: self.tenant.clone(),
+            steps: self
+                .steps
+                .iter()
+                .zip(reports)
+                .map(|(m, r)| r.unwrap_or_else(Report::not_run).into_pb(m.id()))
+                .collect(),
+        }
+    }
+}
+
+/// What became of one step, before it goes on the wire.
+pub(crate) struct Report {
+    pub outcome: StepOutcome,
+    pub duration: Duration,
+    pub error: Option<pb::StepError>,
+    pub checksum: String,
+}
+
+impl Report {
+    pub fn already(checksum: String, duration: Duration) -> Report {
+        Report {
+            outcome: StepOutcome::AlreadyApplied,
+            duration,
+            error: None,
+            checksum,
+        }
+    }
+    pub fn not_run() -> Report {
+        Report {
+            outcome: StepOutcome::NotRun,
+            duration: Duration::ZERO,
+            error: None,
+            checksum: String::new(),
+        }
+    }
+    pub fn into_pb(self, migration_id: &str) -> pb::StepResult {
+        pb::StepResult {
+            migration_id: migration_id.to_string(),
+            outcome: self.outcome.to_pb() as i32,
+            duration_ms: u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
+            error: self.error,
+            checksum: self.checksum,
+        }
+    }
+}
+
+/// Every step of a run NOT_RUN (the plan halted before it started).
+pub(crate) fn not_run(run: &pb::Run) -> pb::RunResult {
+    let steps = run
+        .migrations
+        .iter()
+        .map(|m| Report::not_run().into_pb(m))
+        .collect();
+    pb::RunResult {
+        run_id: run.run_id,
+        tenant: run.tenant.clone(),
+        steps,
+    }
+}
+
+/// Every step of a run FAILED with the same error (bad definition, no connection).
+pub(crate) fn all_failed(run: &pb::Run, failure: &Failure) -> pb::RunResult {
+    let steps = run
+        .migrations
+        .iter()
+        .map(|m| {
+            let r = Report {
+                outcome: StepOutcome::Failed,
+                duration: Duration::ZERO,
+                error: Some(failure.error.clone()),
+                checksum: String::new(),
+            };
+            r.into_pb(m)
+        })
+        .collect();
+    pb::RunResult {
+        run_id: run.run_id,
+        tenant: run.tenant.clone(),
+        steps,
+    }
+}
