@@ -160,8 +160,8 @@ pub fn plan_steps(
             }
         }
     }
-    for s in 0..steps.len() {
-        let (m, t) = (steps[s].migration, steps[s].target);
+    for step in steps.iter_mut() {
+        let (m, t) = (step.migration, step.target);
         let mut deps: BTreeSet<usize> = BTreeSet::new();
         // A dependency with no step on this target is looked through to its own
         // dependencies, so skipping a migration never drops an ordering.
@@ -193,7 +193,7 @@ pub fn plan_steps(
                 deps.extend(found);
             }
         }
-        steps[s].deps = deps.into_iter().collect();
+        step.deps = deps.into_iter().collect();
     }
     steps
 }
