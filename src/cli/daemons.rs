@@ -97,6 +97,11 @@ fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, Stri
 }
 
 pub async fn agent(args: AgentArgs, coordinator: &str) -> u8 {
+    // One exporter serves whatever the process records (here: flotilla_agent_*).
+    if let Err(e) = flotilla_coordinator::metrics::install(args.metrics) {
+        eprintln!("error: --metrics: {e}");
+        return EXIT_BAD_INPUT;
+    }
     let config = match agent_config(&args, coordinator) {
         Ok(c) => c,
         Err(e) => {
@@ -128,6 +133,7 @@ pub async fn quickstart(args: QuickstartArgs) -> u8 {
             tenant_pattern: Some(args.tenant_pattern.clone()),
             tenant_query: None,
             max_connections: 8,
+            metrics: None,
         };
         match agent_config(&a, &format!("http://{}", args.listen)) {
             Ok(c) => agents.push(c),

@@ -98,6 +98,9 @@ pub struct AgentArgs {
     /// Connections to the shard, i.e. the most steps running at once.
     #[arg(long, default_value_t = 8)]
     pub max_connections: u32,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
