@@ -8,7 +8,8 @@
 #   scripts/bench-rollout.sh [REPEAT]        (default 3; prints the median of each)
 #
 # Environment: SHARED (default ../shared beside the repo), SHARDS (4), TENANTS (250), PAR (8),
-# FLOTILLA_PG_BINDIR (else pg_config --bindir / newest /usr/lib/postgresql/*/bin).
+# FLOTILLA_PG_BINDIR (else pg_config --bindir / newest /usr/lib/postgresql/*/bin),
+# FLOTILLA_BENCH_KEEP=1 keeps the logs and the server's data dir.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -38,7 +39,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$work"
+  if [ -n "${FLOTILLA_BENCH_KEEP:-}" ]; then echo "logs kept in $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -83,6 +84,8 @@ for ((r=1; r<=REPEAT; r++)); do
   end=$(now)
   t=$(echo "$end - $start" | bc)
   flotilla_times+=("$t"); echo "run $r: flotilla     ${t}s   ($(tail -1 "$work/submit-$r.log" | head -c 120))"
+  # The coordinator's own view: from the plan stored to its final state.
+  awk '/plan submitted/ {s=$1} /every step applied/ {e=$1} END {print "        coordinator: submitted " s ", finished " e}' "$work/coordinator-$r.log"
   applied=$(psql "$PGURL/shard_0" -XAtc "SELECT count(*) FROM flotilla.journal")
   [ "$applied" -eq $(( TENANTS * 3 )) ] || { echo "error: shard_0 journal holds $applied rows, expected $(( TENANTS * 3 ))"; exit 1; }
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
