@@ -1,5 +1,6 @@
 //! A test fleet: one PostgreSQL cluster holding N shard databases with tenant
 //! schemas, a real `flotilla coordinator`, and one real `flotilla agent` per shard.
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 use crate::harness::{
-    CommandOutput, FlotillaProcess, PgCluster, free_port, run_flotilla, wait_until,
+    CommandOutput, FlotillaProcess, PgCluster, TestDir, free_port, run_flotilla, wait_until,
 };
 
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -19,12 +20,23 @@ pub fn coord_dbmate_dir() -> PathBuf {
 
 pub struct TestFleet {
     pub pg: PgCluster,
-    /// Kept alive for the test's duration (killed on drop).
-    pub _coordinator: FlotillaProcess,
+    /// The running coordinator (killed on drop); see [`TestFleet::restart_coordinator`].
+    pub coordinator: Option<FlotillaProcess>,
     pub agents: Vec<Option<FlotillaProcess>>,
     pub shards: Vec<String>,
     pub addr: String,
     pub tenants_per_shard: usize,
+    /// The coordinator's `--store`: an absolute SQLite path in the fleet's own dir
+    /// (so it outlives a coordinator process), or a postgres:// URL.
+    pub store: String,
+    /// The coordinator's flags, for restarts.
+    coordinator_args: Vec<String>,
+    /// `--tenant-query` for the agents, instead of `--tenant-pattern tenant_%`.
+    tenant_query: Option<String>,
+    /// Coordinators killed by the test, kept so their logs are printed on a panic.
+    old_coordinators: Vec<FlotillaProcess>,
+    // Last: removed after every process is gone.
+    _dir: TestDir,
 }
 
 /// SQL creating one tenant schema with the two industry tables of the seed.
@@ -47,65 +59,183 @@ pub fn tenant_name(shard: usize, t: usize, per_shard: usize) -> String {
     format!("tenant_{:04}", shard * per_shard + t)
 }
 
-impl TestFleet {
-    /// `shards` shard databases with `tenants` tenant schemas each, agents attached.
-    pub async fn start(shards: usize, tenants: usize) -> anyhow::Result<TestFleet> {
+/// SQL run on a shard database after its tenants are created: `(shard index, its tenants)`.
+type ShardSql = Box<dyn Fn(usize, &[String]) -> String + Send + Sync>;
+
+/// Options for [`TestFleet`]; `TestFleet::start(s, t)` is `TestFleet::builder(s, t).start()`.
+pub struct FleetBuilder {
+    shards: usize,
+    tenants: usize,
+    store_db: Option<String>,
+    metrics: Option<SocketAddr>,
+    coordinator_extra: Vec<String>,
+    tenant_query: Option<String>,
+    shard_sql: Option<ShardSql>,
+}
+
+impl FleetBuilder {
+    /// The control store in this PostgreSQL database of the fleet's cluster
+    /// (created first): `--store postgres://postgres@127.0.0.1:PORT/DB`.
+    pub fn postgres_store(mut self, db: &str) -> Self {
+        self.store_db = Some(db.to_string());
+        self
+    }
+
+    /// `--metrics ADDR` for the coordinator.
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.metrics = Some(addr);
+        self
+    }
+
+    /// More coordinator flags, e.g. `["--lock-timeout", "1s"]`.
+    pub fn coordinator_args(mut self, args: &[&str]) -> Self {
+        self.coordinator_extra
+            .extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Agents find tenants with `--tenant-query QUERY`.
+    pub fn tenant_query(mut self, query: &str) -> Self {
+        self.tenant_query = Some(query.to_string());
+        self
+    }
+
+    /// SQL for each shard database, run after its tenants exist and before its agent starts.
+    pub fn shard_sql(
+        mut self,
+        f: impl Fn(usize, &[String]) -> String + Send + Sync + 'static,
+    ) -> Self {
+        self.shard_sql = Some(Box::new(f));
+        self
+    }
+
+    pub async fn start(self) -> anyhow::Result<TestFleet> {
         let pg = PgCluster::start().await?;
+        let dir = TestDir::new("fleet")?;
         let mut names = Vec::new();
-        for s in 0..shards {
+        for s in 0..self.shards {
             let db = format!("shard_{s}");
             pg.create_database(&db).await?;
+            let tenants: Vec<String> = (0..self.tenants)
+                .map(|t| tenant_name(s, t, self.tenants))
+                .collect();
             let mut sql = String::new();
-            for t in 0..tenants {
-                sql.push_str(&tenant_sql(&tenant_name(s, t, tenants), 20));
+            for t in &tenants {
+                sql.push_str(&tenant_sql(t, 20));
+            }
+            if let Some(f) = &self.shard_sql {
+                sql.push_str(&f(s, &tenants));
             }
             pg.psql(&db, &sql).await?;
             names.push(db);
         }
+        let store = match &self.store_db {
+            Some(db) => {
+                pg.create_database(db).await?;
+                pg.url(db)
+            }
+            None => dir.join("flotilla.db").to_string_lossy().into_owned(),
+        };
         let port = free_port();
         let addr = format!("http://127.0.0.1:{port}");
-        let listen = format!("127.0.0.1:{port}");
-        let coordinator = FlotillaProcess::spawn(
-            &["coordinator", "--listen", &listen, "--store", "flotilla.db"],
-            &[],
-        )?;
-        coordinator
-            .wait_for_log("coordinator listening", WAIT)
-            .await?;
+        let mut coordinator_args = vec![
+            "coordinator".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--store".into(),
+            store.clone(),
+        ];
+        if let Some(m) = self.metrics {
+            coordinator_args.extend(["--metrics".into(), m.to_string()]);
+        }
+        coordinator_args.extend(self.coordinator_extra);
         let mut fleet = TestFleet {
             pg,
-            _coordinator: coordinator,
+            coordinator: None,
             agents: Vec::new(),
             shards: names,
             addr,
-            tenants_per_shard: tenants,
+            tenants_per_shard: self.tenants,
+            store,
+            coordinator_args,
+            tenant_query: self.tenant_query,
+            old_coordinators: Vec::new(),
+            _dir: dir,
         };
-        for s in 0..shards {
+        fleet.coordinator = Some(fleet.spawn_coordinator().await?);
+        for s in 0..self.shards {
             let agent = fleet.spawn_agent(s)?;
             fleet.agents.push(Some(agent));
         }
-        fleet.wait_attached(shards).await?;
+        fleet.wait_attached(self.shards).await?;
         Ok(fleet)
+    }
+}
+
+impl TestFleet {
+    /// `shards` shard databases with `tenants` tenant schemas each, agents attached.
+    pub async fn start(shards: usize, tenants: usize) -> anyhow::Result<TestFleet> {
+        Self::builder(shards, tenants).start().await
+    }
+
+    pub fn builder(shards: usize, tenants: usize) -> FleetBuilder {
+        FleetBuilder {
+            shards,
+            tenants,
+            store_db: None,
+            metrics: None,
+            coordinator_extra: Vec::new(),
+            tenant_query: None,
+            shard_sql: None,
+        }
+    }
+
+    /// Starts a coordinator with the fleet's flags and waits until it listens.
+    async fn spawn_coordinator(&self) -> anyhow::Result<FlotillaProcess> {
+        let args: Vec<&str> = self.coordinator_args.iter().map(String::as_str).collect();
+        let coordinator = FlotillaProcess::spawn(&args, &[])?;
+        coordinator
+            .wait_for_log("coordinator listening", WAIT)
+            .await?;
+        Ok(coordinator)
+    }
+
+    /// SIGKILLs the coordinator (a crash); its log stays readable.
+    pub fn kill_coordinator(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.coordinator.take() {
+            c.kill()?;
+            self.old_coordinators.push(c);
+        }
+        Ok(())
+    }
+
+    /// Kills the coordinator if it runs, then starts a new one on the same address
+    /// and store; agents reconnect by themselves.
+    pub async fn restart_coordinator(&mut self) -> anyhow::Result<()> {
+        self.kill_coordinator()?;
+        self.coordinator = Some(self.spawn_coordinator().await?);
+        Ok(())
     }
 
     pub fn spawn_agent(&self, s: usize) -> anyhow::Result<FlotillaProcess> {
         let dsn = self.pg.url(&self.shards[s]);
-        FlotillaProcess::spawn(
-            &[
-                "--coordinator",
-                &self.addr,
-                "agent",
-                "--shard",
-                &self.shards[s],
-                "--dsn",
-                &dsn,
-                "--tenant-pattern",
-                "tenant_%",
-                "--labels",
-                &format!("region=r{s}"),
-            ],
-            &[],
-        )
+        let labels = format!("region=r{s}");
+        let mut args = vec![
+            "--coordinator",
+            &self.addr,
+            "agent",
+            "--shard",
+            &self.shards[s],
+            "--dsn",
+            &dsn,
+            "--labels",
+            &labels,
+        ];
+        match &self.tenant_query {
+            Some(q) => args.extend(["--tenant-query", q.as_str()]),
+            None => args.extend(["--tenant-pattern", "tenant_%"]),
+        }
+        FlotillaProcess::spawn(&args, &[])
     }
 
     pub async fn wait_attached(&self, n: usize) -> anyhow::Result<()> {
@@ -154,6 +284,18 @@ impl TestFleet {
             .and_then(|l| serde_json::from_str(l).ok())
             .unwrap_or(Value::Null);
         Ok((code, status, out))
+    }
+
+    /// Submits without waiting; returns the new plan's id.
+    pub async fn submit(&self, path: &Path, extra: &[&str]) -> anyhow::Result<String> {
+        let p = path.to_string_lossy().into_owned();
+        let mut args = vec!["plan", "submit", p.as_str(), "--output", "json"];
+        args.extend_from_slice(extra);
+        let v = self.json(&args).await?;
+        v["plan_id"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("no plan_id in {v}"))
     }
 
     pub fn tenants(&self, s: usize) -> Vec<String> {

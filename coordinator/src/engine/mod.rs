@@ -87,7 +87,10 @@ impl Engine {
             store,
             agents: HashMap::new(),
             plans: HashMap::new(),
-            next_run_id: 1,
+            // Run ids are unique across coordinator epochs: after a restart, results
+            // of the old coordinator's runs (finished, or fenced, while it was gone)
+            // must not be taken for the new one's runs.
+            next_run_id: (epoch << 32) + 1,
             changes,
         }
     }

@@ -1,0 +1,854 @@
+//! Issue 2's behaviours, one test each, end to end: real PostgreSQL, a real
+//! coordinator and real agents, driven through the `flotilla` CLI.
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::Connection;
+
+use crate::fleet::{MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_sql};
+use crate::harness::{FlotillaProcess, free_port, http, run_flotilla, wait_until};
+
+/// How many migrations the coordinated example (tests/fixtures/coord-dbmate) has.
+const COORD_MIGRATIONS: usize = 3;
+
+/// Whether `column` exists on `schema.table` of `db`.
+async fn has_column(
+    fleet: &TestFleet,
+    db: &str,
+    schema: &str,
+    table: &str,
+    column: &str,
+) -> anyhow::Result<bool> {
+    let n: i64 = fleet
+        .pg
+        .query_scalar(
+            db,
+            &format!(
+                "SELECT count(*) FROM information_schema.columns
+                 WHERE table_schema = '{schema}' AND table_name = '{table}' AND column_name = '{column}'"
+            ),
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// The failures of a status JSON with this SQLSTATE.
+fn failures_with<'a>(status: &'a Value, sqlstate: &str) -> Vec<&'a Value> {
+    status["failures"]
+        .as_array()
+        .map(|a| a.iter().filter(|f| f["sqlstate"] == sqlstate).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_store_on_postgres_holds_plans_steps_and_audit() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(2, 3)
+        .postgres_store("flotilla_control")
+        .start()
+        .await?;
+    assert!(fleet.store.starts_with("postgres://"), "{}", fleet.store);
+
+    let (code, status, out) = fleet
+        .submit_wait(&coord_dbmate_dir(), &["--actor", "e2e-operator"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    let id = status["plan_id"].as_str().unwrap();
+    let targets = 2 * 3;
+    assert_eq!(status["targets"], targets);
+
+    let db = "flotilla_control";
+    let plans = fleet
+        .pg
+        .query_rows(
+            db,
+            &format!("SELECT state, targets::text, steps::text, submitted_by FROM plans WHERE id = '{id}'"),
+        )
+        .await?;
+    let steps = COORD_MIGRATIONS * targets;
+    assert_eq!(
+        plans,
+        vec![vec![
+            "completed".to_string(),
+            targets.to_string(),
+            steps.to_string(),
+            "e2e-operator".into()
+        ]]
+    );
+    let by_state = fleet
+        .pg
+        .query_rows(
+            db,
+            &format!(
+                "SELECT state, count(*), count(DISTINCT (shard, tenant)), count(DISTINCT migration_id)
+                   FROM steps WHERE plan_id = '{id}' GROUP BY state"
+            ),
+        )
+        .await?;
+    assert_eq!(
+        by_state,
+        vec![vec![
+            "applied".to_string(),
+            steps.to_string(),
+            targets.to_string(),
+            COORD_MIGRATIONS.to_string()
+        ]],
+        "every step row applied"
+    );
+    let audit = fleet
+        .pg
+        .query_rows(
+            db,
+            &format!(
+                "SELECT actor, action, detail FROM audit WHERE plan_id = '{id}' ORDER BY at_ms"
+            ),
+        )
+        .await?;
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0][0], "e2e-operator");
+    assert_eq!(audit[0][1], "submit");
+    assert!(audit[0][2].contains("6 targets"), "{audit:?}");
+    // The agents are remembered there too, and the plan is listed from the store.
+    let agents: i64 = fleet
+        .pg
+        .query_scalar(db, "SELECT count(*) FROM agents")
+        .await?;
+    assert_eq!(agents, 2);
+    let list = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert_eq!(list[0]["plan_id"], id);
+    assert_eq!(list[0]["state"], "completed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn non_transactional_index_is_built_concurrently_and_rolled_back() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(2, 2).await?;
+    let before = fleet.fingerprint().await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_idx_customer",
+        "",
+        "CREATE INDEX CONCURRENTLY idx_wo_customer ON work_orders (customer_id)",
+        "DROP INDEX CONCURRENTLY IF EXISTS idx_wo_customer",
+    )?;
+    d.migration(
+        "002_note",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN note text",
+        "ALTER TABLE work_orders DROP COLUMN note",
+    )?;
+
+    // Detected from the statement, without a migration.toml.
+    let p = d.path().to_string_lossy().into_owned();
+    let lint = run_flotilla(&["plan", "lint", &p, "--output", "json"], &[]).await?;
+    assert!(lint.success(), "{lint}");
+    let v: Value = serde_json::from_str(lint.stdout.trim())?;
+    let tx = |id: &str| {
+        v["migrations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .map(|m| m["transactional"].clone())
+    };
+    assert_eq!(tx("001_idx_customer"), Some(Value::Bool(false)), "{v}");
+    assert_eq!(tx("002_note"), Some(Value::Bool(true)), "{v}");
+
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["steps"], 8);
+    for (s, db) in fleet.shards.iter().enumerate() {
+        for tenant in fleet.tenants(s) {
+            let valid: i64 = fleet
+                .pg
+                .query_scalar(
+                    db,
+                    &format!(
+                        "SELECT count(*) FROM pg_index i
+                           JOIN pg_class c ON c.oid = i.indexrelid
+                           JOIN pg_namespace n ON n.oid = c.relnamespace
+                          WHERE n.nspname = '{tenant}' AND c.relname = 'idx_wo_customer'
+                            AND i.indisvalid AND i.indisready"
+                    ),
+                )
+                .await?;
+            assert_eq!(valid, 1, "{db}/{tenant} has a valid idx_wo_customer");
+            assert!(has_column(&fleet, db, &tenant, "work_orders", "note").await?);
+        }
+    }
+
+    let id = status["plan_id"].as_str().unwrap();
+    let out = fleet
+        .cli(&["plan", "rollback", id, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(1), "a rolled-back plan exits 1: {out}");
+    let st = fleet
+        .json(&["plan", "status", id, "--output", "json"])
+        .await?;
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    for (s, db) in fleet.shards.iter().enumerate() {
+        for tenant in fleet.tenants(s) {
+            let n: i64 = fleet
+                .pg
+                .query_scalar(
+                    db,
+                    &format!("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = '{tenant}' AND c.relname = 'idx_wo_customer'"),
+                )
+                .await?;
+            assert_eq!(n, 0, "{db}/{tenant}: index dropped");
+        }
+    }
+    assert_eq!(fleet.fingerprint().await?, before);
+    assert_eq!(fleet.journal_total().await?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_sql_returning_false_rolls_the_plan_back() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(2, 2).await?;
+    let before = fleet.fingerprint().await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_verified",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN verified int",
+        "ALTER TABLE work_orders DROP COLUMN verified",
+    )?;
+    std::fs::write(
+        d.path().join("001_verified/verify.sql"),
+        "SELECT current_schema() <> 'tenant_0001'",
+    )?;
+
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 1, "a rolled-back plan exits 1: {out}");
+    assert_eq!(status["state"], "rolled_back", "{status}");
+    let verify = failures_with(&status, "FL003");
+    assert_eq!(verify.len(), 1, "one verify failure: {status}");
+    let f = verify[0];
+    assert_eq!(f["tenant"], "tenant_0001", "{f}");
+    assert_eq!(f["shard"], "shard_0", "{f}");
+    assert_eq!(f["migration"], "001_verified");
+    assert_eq!(f["message"], "verify of 001_verified returned false", "{f}");
+    assert!(
+        status["message"].as_str().unwrap().contains("tenant_0001"),
+        "{status}"
+    );
+    // No other tenant failed: they were applied and undone.
+    assert_eq!(status["failures"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(fleet.fingerprint().await?, before);
+    assert_eq!(fleet.journal_total().await?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statement_and_lock_timeouts_from_migration_toml_apply() -> anyhow::Result<()> {
+    // Defaults far above the migrations' own timeouts: a failure within them
+    // comes from migration.toml.
+    let fleet = TestFleet::builder(2, 2)
+        .coordinator_args(&["--lock-timeout", "60s", "--statement-timeout", "60s"])
+        .start()
+        .await?;
+    let before = fleet.fingerprint().await?;
+
+    // statement_timeout: the sleep is cancelled (57014), and the plan rolls back.
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_marker",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN slow_marker int",
+        "ALTER TABLE work_orders DROP COLUMN slow_marker",
+    )?;
+    d.migration(
+        "002_slow",
+        "statement_timeout = \"200ms\"\n",
+        "SELECT pg_sleep(5)",
+        "SELECT 1",
+    )?;
+    // Had the timeout not applied, the sleep would end and the plan complete.
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(status["state"], "rolled_back", "{status}");
+    let timeouts = failures_with(&status, "57014");
+    assert!(!timeouts.is_empty(), "a 57014 failure: {status}");
+    for f in &timeouts {
+        assert_eq!(f["migration"], "002_slow", "{f}");
+        assert!(
+            f["message"].as_str().unwrap().contains("statement timeout"),
+            "{f}"
+        );
+    }
+    assert_eq!(fleet.fingerprint().await?, before);
+    assert_eq!(fleet.journal_total().await?, 0);
+
+    // lock_timeout: the test holds an ACCESS EXCLUSIVE lock on one tenant's table.
+    let pool = fleet.pg.pool("shard_0").await?;
+    let mut holder = pool.begin().await?;
+    sqlx::query("LOCK TABLE tenant_0000.work_orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_locked",
+        "lock_timeout = \"200ms\"\n",
+        "ALTER TABLE work_orders ADD COLUMN lock_marker int",
+        "ALTER TABLE work_orders DROP COLUMN lock_marker",
+    )?;
+    let started = Instant::now();
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    let elapsed = started.elapsed();
+    holder.rollback().await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(status["state"], "rolled_back", "{status}");
+    let locks = failures_with(&status, "55P03");
+    assert_eq!(locks.len(), 1, "one 55P03 failure: {status}");
+    assert_eq!(locks[0]["shard"], "shard_0");
+    assert_eq!(locks[0]["tenant"], "tenant_0000");
+    assert_eq!(locks[0]["migration"], "001_locked");
+    assert!(
+        locks[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lock timeout"),
+        "{status}"
+    );
+    assert!(
+        status["message"].as_str().unwrap().contains("tenant_0000"),
+        "{status}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "the 200ms lock_timeout applied, not the 60s default: {elapsed:?}"
+    );
+    assert_eq!(fleet.fingerprint().await?, before);
+    assert_eq!(fleet.journal_total().await?, 0);
+    Ok(())
+}
+
+const TENANT_QUERY: &str =
+    "SELECT schema_name, 'industry=' || industry FROM public.tenant_directory";
+
+fn industry_of(tenant: &str) -> &'static str {
+    let n: usize = tenant.trim_start_matches("tenant_").parse().unwrap();
+    if n.is_multiple_of(2) { "hs" } else { "auto" }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenant_labels_from_a_query_drive_selectors() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(2, 4)
+        .shard_sql(|_, tenants| {
+            let mut sql = String::from(
+                "CREATE TABLE public.tenant_directory (schema_name text PRIMARY KEY, industry text NOT NULL);\n",
+            );
+            for t in tenants {
+                sql.push_str(&format!(
+                    "INSERT INTO public.tenant_directory VALUES ('{t}', '{}');\n",
+                    industry_of(t)
+                ));
+            }
+            sql
+        })
+        .tenant_query(TENANT_QUERY)
+        .start()
+        .await?;
+
+    // The fleet shows each tenant with its label.
+    let agents = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+    for a in agents.as_array().unwrap() {
+        let tenants = a["tenants"].as_array().unwrap();
+        assert_eq!(tenants.len(), 4, "{a}");
+        for t in tenants {
+            let name = t["name"].as_str().unwrap();
+            assert_eq!(t["labels"]["industry"], industry_of(name), "{a}");
+        }
+    }
+
+    // A migration's selector picks the hs tenants only.
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_hs_only",
+        "selector = \"industry in (hs)\"\n",
+        "ALTER TABLE work_orders ADD COLUMN hs_only int",
+        "ALTER TABLE work_orders DROP COLUMN hs_only",
+    )?;
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["targets"], 4, "{status}");
+    assert_eq!(status["steps"], 4, "{status}");
+    for (s, db) in fleet.shards.iter().enumerate() {
+        for tenant in fleet.tenants(s) {
+            let want = industry_of(&tenant) == "hs";
+            assert_eq!(
+                has_column(&fleet, db, &tenant, "work_orders", "hs_only").await?,
+                want,
+                "{db}/{tenant}"
+            );
+        }
+    }
+
+    // A plan selector on the implicit `shard` label restricts it to one shard.
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_shard1_only",
+        "",
+        "ALTER TABLE repair_orders ADD COLUMN s1_only int",
+        "ALTER TABLE repair_orders DROP COLUMN s1_only",
+    )?;
+    let (code, status, out) = fleet
+        .submit_wait(d.path(), &["--selector", "shard=shard_1"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["targets"], 4, "{status}");
+    for (s, db) in fleet.shards.iter().enumerate() {
+        for tenant in fleet.tenants(s) {
+            assert_eq!(
+                has_column(&fleet, db, &tenant, "repair_orders", "s1_only").await?,
+                db == "shard_1",
+                "{db}/{tenant}"
+            );
+        }
+    }
+    assert_eq!(
+        fleet.journal(0).await?.len(),
+        2,
+        "shard_0: the hs tenants only"
+    );
+    assert_eq!(fleet.journal(1).await?.len(), 2 + 4);
+    Ok(())
+}
+
+const PASSWORD: &str = "s3cr3t-pw";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shard_password_is_used_and_never_shown() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    let pg = &fleet.pg;
+    pg.psql(
+        "postgres",
+        &format!(
+            "SET password_encryption = 'scram-sha-256';
+             CREATE ROLE app LOGIN PASSWORD '{PASSWORD}';
+             CREATE DATABASE app_db OWNER app;"
+        ),
+    )
+    .await?;
+    let mut tenants = String::from("SET ROLE app;\n");
+    for t in ["tenant_0100", "tenant_0101"] {
+        tenants.push_str(&tenant_sql(t, 5));
+    }
+    pg.psql("app_db", &tenants).await?;
+
+    // Role app must authenticate with its password (everyone else keeps trust).
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba)?;
+    std::fs::write(
+        &hba,
+        format!("host all app 127.0.0.1/32 scram-sha-256\n{old}"),
+    )?;
+    pg.psql("postgres", "SELECT pg_reload_conf()").await?;
+    let url = format!("postgres://app@127.0.0.1:{}/app_db", pg.port());
+    wait_until("pg_hba.conf reloaded", WAIT, async || {
+        Ok(sqlx::PgConnection::connect(&url).await.is_err())
+    })
+    .await?;
+    let with_pw = format!("postgres://app:{PASSWORD}@127.0.0.1:{}/app_db", pg.port());
+    sqlx::PgConnection::connect(&with_pw).await?.close().await?;
+
+    let secrets = tempfile::tempdir()?;
+    let pw_file = secrets.path().join("shard.pw");
+    std::fs::write(&pw_file, format!("{PASSWORD}\n"))?;
+    let pw_path = pw_file.to_string_lossy().into_owned();
+    let agent = FlotillaProcess::spawn(
+        &[
+            "--coordinator",
+            &fleet.addr,
+            "--log",
+            "debug",
+            "agent",
+            "--shard",
+            "app_shard",
+            "--dsn",
+            &url,
+            "--password-file",
+            &pw_path,
+            "--tenant-pattern",
+            "tenant_%",
+        ],
+        &[],
+    )?;
+    fleet.wait_attached(2).await?;
+
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_app",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN app_col int",
+        "ALTER TABLE work_orders DROP COLUMN app_col",
+    )?;
+    let (code, status, out) = fleet
+        .submit_wait(d.path(), &["--selector", "shard=app_shard"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["targets"], 2);
+    for t in ["tenant_0100", "tenant_0101"] {
+        assert!(has_column(&fleet, "app_db", t, "work_orders", "app_col").await?);
+    }
+    let journal: i64 = pg
+        .query_scalar("app_db", "SELECT count(*) FROM flotilla.journal")
+        .await?;
+    assert_eq!(journal, 2);
+
+    let log = agent.log();
+    assert!(log.contains("agent ready"), "{log}");
+    assert!(!log.contains(PASSWORD), "the agent logged the password");
+    let coordinator_log = fleet.coordinator.as_ref().unwrap().log();
+    assert!(!coordinator_log.contains(PASSWORD));
+    assert!(!out.stdout.contains(PASSWORD) && !out.stderr.contains(PASSWORD));
+
+    // A password in the DSN is refused (exit 2), without echoing it.
+    let out = run_flotilla(
+        &[
+            "--coordinator",
+            &fleet.addr,
+            "agent",
+            "--shard",
+            "leaky",
+            "--dsn",
+            &with_pw,
+            "--tenant-pattern",
+            "tenant_%",
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("password"), "{out}");
+    assert!(
+        !out.stderr.contains(PASSWORD) && !out.stdout.contains(PASSWORD),
+        "the error echoes the password: {out}"
+    );
+    Ok(())
+}
+
+/// The value of one sample (`name{labels}`) in Prometheus text.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_serves_prometheus_metrics() -> anyhow::Result<()> {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let fleet = TestFleet::builder(2, 2).metrics(addr).start().await?;
+    let (code, status, out) = fleet.submit_wait(&coord_dbmate_dir(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed");
+
+    let r = http::get(addr, "/metrics").await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.contains("flotilla_plans_finished_total"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body.contains("flotilla_steps_finished_total"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        sample(
+            &r.body,
+            "flotilla_plans_finished_total{state=\"completed\"}"
+        ),
+        Some(1.0),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        sample(
+            &r.body,
+            "flotilla_steps_finished_total{outcome=\"applied\"}"
+        ),
+        Some((COORD_MIGRATIONS * 4) as f64),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        sample(&r.body, "flotilla_agents_connected"),
+        Some(2.0),
+        "{}",
+        r.body
+    );
+    Ok(())
+}
+
+/// Two migrations; in the first, tenant_0002 (shard_0) waits on advisory lock
+/// 4242 and every tenant logs each step it runs in `applied_log`.
+fn blocking_plan() -> anyhow::Result<MigrationDir> {
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_log",
+        "",
+        "CREATE TABLE applied_log (step text);
+         SELECT CASE WHEN current_schema() = 'tenant_0002' THEN pg_advisory_xact_lock(4242) END;
+         INSERT INTO applied_log VALUES ('001')",
+        "DROP TABLE applied_log",
+    )?;
+    d.migration(
+        "002_more",
+        "",
+        "INSERT INTO applied_log VALUES ('002'); ALTER TABLE work_orders ADD COLUMN blocked_col int",
+        "ALTER TABLE work_orders DROP COLUMN blocked_col; DELETE FROM applied_log WHERE step = '002'",
+    )?;
+    Ok(d)
+}
+
+/// Waits until shard_0's other tenants are journaled and tenant_0002 waits on the lock.
+async fn wait_blocked(fleet: &TestFleet) -> anyhow::Result<()> {
+    let done_per_shard = 2 * (fleet.tenants_per_shard - 1);
+    wait_until(
+        "shard_0's other tenants journaled, tenant_0002 blocked",
+        WAIT,
+        async || {
+            let done: i64 = fleet
+                .pg
+                .query_scalar("shard_0", "SELECT count(*) FROM flotilla.journal")
+                .await?;
+            let waiting: i64 = fleet
+                .pg
+                .query_scalar(
+                    "shard_0",
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                )
+                .await?;
+            Ok(done == done_per_shard as i64 && waiting == 1)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_undoes_a_running_plan() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(2, 4).await?;
+    let before = fleet.fingerprint().await?;
+    let d = blocking_plan()?;
+    let holder = fleet.pg.pool("shard_0").await?;
+    let mut lock_conn = holder.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *lock_conn)
+        .await?;
+
+    let id = fleet.submit(d.path(), &[]).await?;
+    wait_blocked(&fleet).await?;
+    let st = fleet
+        .json(&[
+            "plan", "cancel", &id, "--reason", "test", "--output", "json",
+        ])
+        .await?;
+    assert!(
+        matches!(st["state"].as_str(), Some("rolling_back" | "cancelled")),
+        "{st}"
+    );
+    assert!(st["message"].as_str().unwrap().contains("test"), "{st}");
+
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *lock_conn)
+        .await?;
+    drop(lock_conn);
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(1), "a cancelled plan exits 1: {out}");
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(st["state"], "cancelled", "{st}");
+    assert_eq!(fleet.fingerprint().await?, before);
+    assert_eq!(fleet.journal_total().await?, 0);
+
+    // Nothing left to cancel.
+    let again = fleet.cli(&["plan", "cancel", &id]).await?;
+    assert_eq!(again.code(), Some(2), "{again}");
+    assert!(again.stderr.contains(&id), "{again}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_coordinator_resumes_the_plan_exactly_once() -> anyhow::Result<()> {
+    let mut fleet = TestFleet::start(2, 4).await?;
+    let d = blocking_plan()?;
+    let holder = fleet.pg.pool("shard_0").await?;
+    let mut lock_conn = holder.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *lock_conn)
+        .await?;
+
+    let id = fleet.submit(d.path(), &[]).await?;
+    wait_blocked(&fleet).await?;
+    // shard_1 has nothing blocking it: let it finish, so only tenant_0002 is left.
+    wait_until("shard_1 done", WAIT, async || {
+        Ok(fleet.journal(1).await?.len() == 8)
+    })
+    .await?;
+
+    fleet.kill_coordinator()?;
+    let down = fleet.cli(&["plan", "status", &id]).await?;
+    assert_eq!(down.code(), Some(3), "no coordinator: {down}");
+    fleet.restart_coordinator().await?;
+    // The agents find the new coordinator by themselves.
+    fleet.wait_attached(2).await?;
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(st["state"], "running", "resumed: {st}");
+
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *lock_conn)
+        .await?;
+    drop(lock_conn);
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(st["steps"], 16);
+    for m in st["migrations"].as_array().unwrap() {
+        let done = m["applied"].as_i64().unwrap() + m["already_applied"].as_i64().unwrap();
+        assert_eq!(done, 8, "{m}");
+        assert_eq!(m["failed"], 0, "{m}");
+    }
+
+    // Exactly once: one journal row per step, one log row per step per tenant.
+    for (s, db) in fleet.shards.iter().enumerate() {
+        let journal = fleet.journal(s).await?;
+        assert_eq!(journal.len(), 8, "{db}: {journal:?}");
+        assert!(journal.iter().all(|r| r[3] == id), "{journal:?}");
+        for tenant in fleet.tenants(s) {
+            let rows = fleet
+                .pg
+                .query_rows(
+                    db,
+                    &format!("SELECT step, count(*) FROM {tenant}.applied_log GROUP BY step ORDER BY step"),
+                )
+                .await?;
+            assert_eq!(
+                rows,
+                vec![
+                    vec!["001".to_string(), "1".into()],
+                    vec!["002".to_string(), "1".into()]
+                ],
+                "{db}/{tenant}"
+            );
+            assert!(has_column(&fleet, db, &tenant, "work_orders", "blocked_col").await?);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_prints_the_final_state_and_exits_by_it() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 2).await?;
+    let good = MigrationDir::new()?;
+    good.migration(
+        "001_fine",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN fine int",
+        "ALTER TABLE work_orders DROP COLUMN fine",
+    )?;
+    let (code, status, out) = fleet.submit_wait(good.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let id = status["plan_id"].as_str().unwrap();
+    let out = fleet.cli(&["plan", "watch", id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("plan {id} completed after"))),
+        "{out}"
+    );
+
+    let bad = MigrationDir::new()?;
+    bad.migration("002_broken", "", "SELECT 1 / 0", "SELECT 1")?;
+    let (code, status, out) = fleet.submit_wait(bad.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    let id = status["plan_id"].as_str().unwrap();
+    let out = fleet.cli(&["plan", "watch", id]).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("plan {id} rolled_back after"))),
+        "{out}"
+    );
+    assert!(out.stdout.contains("SQLSTATE 22012"), "{out}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_of_a_killed_coordinator_do_not_count_for_its_successor() -> anyhow::Result<()> {
+    // One lane: tenant_0000 blocks it, the other tenants' runs wait in the agent's
+    // queue. After the restart they run under the old epoch (and are fenced, or
+    // apply); their results must not be taken for the new coordinator's runs.
+    let mut fleet = TestFleet::start(1, 4).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_log",
+        "",
+        "CREATE TABLE applied_log (step text);
+         SELECT CASE WHEN current_schema() = 'tenant_0000' THEN pg_advisory_xact_lock(4242) END;
+         INSERT INTO applied_log VALUES ('001')",
+        "DROP TABLE applied_log",
+    )?;
+    let holder = fleet.pg.pool("shard_0").await?;
+    let mut lock_conn = holder.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *lock_conn)
+        .await?;
+    let id = fleet.submit(d.path(), &["--max-parallel", "1"]).await?;
+    wait_until("tenant_0000 blocked", WAIT, async || {
+        let waiting: i64 = fleet
+            .pg
+            .query_scalar(
+                "shard_0",
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .await?;
+        Ok(waiting == 1)
+    })
+    .await?;
+    fleet.restart_coordinator().await?;
+    fleet.wait_attached(1).await?;
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *lock_conn)
+        .await?;
+    drop(lock_conn);
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(fleet.journal(0).await?.len(), 4);
+    for tenant in fleet.tenants(0) {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                "shard_0",
+                &format!("SELECT count(*) FROM {tenant}.applied_log"),
+            )
+            .await?;
+        assert_eq!(n, 1, "{tenant}");
+    }
+    Ok(())
+}
