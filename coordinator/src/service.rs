@@ -213,6 +213,8 @@ impl Coordinator {
                     state: st.as_str().into(),
                     sqlstate: String::new(),
                     message: String::new(),
+                    phase: String::new(),
+                    detail: String::new(),
                 }
             })
             .collect();

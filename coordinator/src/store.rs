@@ -31,6 +31,7 @@ const SCHEMA: &[&str] = &[
         plan_id TEXT NOT NULL, migration_id TEXT NOT NULL, shard TEXT NOT NULL, tenant TEXT NOT NULL,
         state TEXT NOT NULL, attempts BIGINT NOT NULL, sqlstate TEXT NOT NULL, message TEXT NOT NULL,
         duration_ms BIGINT NOT NULL, updated_at_ms BIGINT NOT NULL,
+        phase TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '',
         PRIMARY KEY (plan_id, migration_id, shard, tenant))",
     "CREATE TABLE IF NOT EXISTS attempts (
         plan_id TEXT NOT NULL, migration_id TEXT NOT NULL, shard TEXT NOT NULL, tenant TEXT NOT NULL,
@@ -70,6 +71,8 @@ pub struct StepRow {
     pub state: String,
     pub sqlstate: String,
     pub message: String,
+    pub phase: String,
+    pub detail: String,
 }
 
 /// One write the engine asks for; the writer applies them in order, many per transaction.
@@ -112,6 +115,8 @@ pub struct StepUpdate {
     pub state: String,
     pub sqlstate: String,
     pub message: String,
+    pub phase: String,
+    pub detail: String,
     pub duration_ms: i64,
     /// Set when the update is the outcome of an attempt (a run came back).
     pub run_id: Option<i64>,
@@ -294,7 +299,7 @@ impl Store {
                     for u in updates {
                         sqlx::query(
                             "UPDATE steps SET state = $1, sqlstate = $2, message = $3, duration_ms = $4,
-                                updated_at_ms = $5, attempts = attempts + $6
+                                updated_at_ms = $5, attempts = attempts + $6, phase = $11, detail = $12
                              WHERE plan_id = $7 AND migration_id = $8 AND shard = $9 AND tenant = $10",
                         )
                         .bind(&u.state)
@@ -307,6 +312,8 @@ impl Store {
                         .bind(&u.migration_id)
                         .bind(&u.shard)
                         .bind(&u.tenant)
+                        .bind(&u.phase)
+                        .bind(&u.detail)
                         .execute(&mut *tx)
                         .await
                         .map_err(store_err)?;
@@ -424,7 +431,7 @@ impl Store {
 
     pub async fn steps(&self, plan_id: &str) -> Result<Vec<StepRow>, CoordinatorError> {
         let rows = sqlx::query(
-            "SELECT migration_id, shard, tenant, state, sqlstate, message FROM steps
+            "SELECT migration_id, shard, tenant, state, sqlstate, message, phase, detail FROM steps
              WHERE plan_id = $1 ORDER BY shard, tenant, migration_id",
         )
         .bind(plan_id)
@@ -440,6 +447,8 @@ impl Store {
                 state: r.get(3),
                 sqlstate: r.get(4),
                 message: r.get(5),
+                phase: r.get(6),
+                detail: r.get(7),
             })
             .collect())
     }

@@ -440,6 +440,8 @@ impl PlanRun {
                 state: status.as_str().into(),
                 sqlstate: e.sqlstate,
                 message: e.message,
+                phase: e.phase,
+                detail: e.detail,
                 duration_ms: r.map(|r| r.duration_ms as i64).unwrap_or(0),
                 run_id: Some(result.run_id as i64),
             });
@@ -478,6 +480,8 @@ impl PlanRun {
             state: self.steps[s].status.as_str().into(),
             sqlstate: error.map(|e| e.sqlstate.clone()).unwrap_or_default(),
             message: error.map(|e| e.message.clone()).unwrap_or_default(),
+            phase: error.map(|e| e.phase.clone()).unwrap_or_default(),
+            detail: error.map(|e| e.detail.clone()).unwrap_or_default(),
             duration_ms: 0,
             run_id: None,
         }

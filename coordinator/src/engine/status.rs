@@ -90,8 +90,8 @@ pub fn from_store(plan: &PlanRow, order: &[String], steps: &[StepRow]) -> pb::Pl
                 error: Some(pb::StepError {
                     sqlstate: s.sqlstate.clone(),
                     message: s.message.clone(),
-                    detail: String::new(),
-                    phase: String::new(),
+                    detail: s.detail.clone(),
+                    phase: s.phase.clone(),
                 }),
             });
         }
