@@ -4,6 +4,7 @@
 //!
 //! `start(config, shutdown)` runs it; `main` and the embedded quickstart call the
 //! same function.
+pub mod coordination;
 pub mod engine;
 pub mod error;
 pub mod fleet;

@@ -230,7 +230,10 @@ async fn verify_sql_returning_false_rolls_the_plan_back() -> anyhow::Result<()> 
     assert_eq!(f["shard"], "shard_0", "{f}");
     assert_eq!(f["migration"], "001_verified");
     assert_eq!(f["message"], "verify of 001_verified returned false", "{f}");
-    assert_eq!(f["phase"], "verify", "the phase survives into the stored status: {f}");
+    assert_eq!(
+        f["phase"], "verify",
+        "the phase survives into the stored status: {f}"
+    );
     assert!(
         status["message"].as_str().unwrap().contains("tenant_0001"),
         "{status}"

@@ -1,0 +1,458 @@
+//! The etcd backend: leader election under a session lease (see
+//! `leadership.rs`), plan locks under plan leases, decisions fenced by the
+//! leader's election key, agent liveness from lease-backed keys.
+//!
+//! Every write that decides something (locks taken or released, a 2PC
+//! decision) is one etcd transaction that also compares the create revision of
+//! this coordinator's election key with the caller's epoch (invariant 3): a
+//! deposed leader's write fails in etcd even when it does not know yet that it
+//! was deposed.
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use super::error::{ErrorContext, is_connectivity};
+use super::{
+    Coordination, CoordinationError, Decision, Leadership, LockOutcome, ShardLock, check_name,
+    keys, leadership, watchers,
+};
+
+/// etcd's default `--max-txn-ops`: a transaction has at most this many
+/// compares, and this many operations per branch.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// The election key this coordinator won: `epoch` is its create revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ElectionKey {
+    pub key: String,
+    pub epoch: u64,
+    /// The session lease the key lives under.
+    pub lease: i64,
+}
+
+/// State shared by the public handle and its background tasks.
+pub(super) struct Shared {
+    pub client: Client,
+    pub errors: ErrorContext,
+    pub prefix: String,
+    /// The election's name, `<prefix>/leader`.
+    pub election: String,
+    pub advertise: String,
+    /// The lease TTL asked for (etcd may grant more).
+    pub ttl: Duration,
+    /// How long a single request may take before etcd counts as unavailable.
+    pub rpc_timeout: Duration,
+    pub leadership: watch::Sender<Leadership>,
+    pub live: watch::Sender<BTreeSet<String>>,
+    pub session: Mutex<Session>,
+    /// plan id -> its lease, kept alive while this coordinator leads.
+    pub plan_leases: Mutex<HashMap<String, i64>>,
+    /// The epoch under which etcd last refused a fenced write, and a wake-up
+    /// for the leadership loop: our election key is gone even if neither the
+    /// lease nor the observe stream said so (e.g. deleted by hand).
+    pub refused_epoch: AtomicU64,
+    pub refused: Notify,
+}
+
+#[derive(Default)]
+pub(super) struct Session {
+    pub lease: Option<i64>,
+    pub leader: Option<ElectionKey>,
+}
+
+impl Shared {
+    pub fn session(&self) -> MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn plan_leases(&self) -> MutexGuard<'_, HashMap<String, i64>> {
+        self.plan_leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops keeping `lease` alive for `plan_id` (unless the plan moved on to
+    /// another lease meanwhile).
+    pub fn forget_plan_lease(&self, plan_id: &str, lease: i64) {
+        let mut plans = self.plan_leases();
+        if plans.get(plan_id) == Some(&lease) {
+            plans.remove(plan_id);
+        }
+    }
+
+    /// Publishes a change of leadership (and only a change).
+    pub fn publish(&self, next: Leadership) {
+        self.leadership.send_if_modified(|current| {
+            if *current == next {
+                false
+            } else {
+                *current = next;
+                true
+            }
+        });
+    }
+
+    /// etcd refused a write fenced with `epoch`: if we still lead under it,
+    /// tell the leadership loop to step down.
+    fn fence_refused(&self, epoch: u64) {
+        if self
+            .session()
+            .leader
+            .as_ref()
+            .is_some_and(|k| k.epoch == epoch)
+        {
+            self.refused_epoch.store(epoch, Ordering::SeqCst);
+            self.refused.notify_one();
+        }
+    }
+
+    /// The election key to fence a write with, if this coordinator leads under
+    /// `epoch` as far as it knows (etcd has the last word in the transaction).
+    pub(super) fn leader_key(&self, epoch: u64) -> Result<String, CoordinationError> {
+        if self.leadership.borrow().epoch() != Some(epoch) {
+            return Err(CoordinationError::NotLeader);
+        }
+        match &self.session().leader {
+            Some(key) if key.epoch == epoch => Ok(key.key.clone()),
+            _ => Err(CoordinationError::NotLeader),
+        }
+    }
+}
+
+/// Coordination through etcd (3.4+). Dropping it stops its tasks; prefer
+/// [`EtcdCoordination::shutdown`], which also hands leadership over at once.
+pub struct EtcdCoordination {
+    pub(super) shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl EtcdCoordination {
+    /// Connects to etcd (failing with `Unavailable` if it does not answer),
+    /// then campaigns for leadership in the background with `advertise` (this
+    /// coordinator's gRPC address) as its value, under a lease of `ttl`.
+    pub async fn connect(
+        endpoints: Vec<String>,
+        advertise: String,
+        ttl: Duration,
+        prefix: String,
+    ) -> Result<EtcdCoordination, CoordinationError> {
+        if endpoints.is_empty() {
+            return Err(CoordinationError::InvalidArgument(
+                "no etcd endpoint given".into(),
+            ));
+        }
+        if ttl < Duration::from_secs(1) {
+            return Err(CoordinationError::InvalidArgument(format!(
+                "lease TTL {ttl:?} is below etcd's granularity of one second"
+            )));
+        }
+        let errors = ErrorContext {
+            endpoints: endpoints.join(","),
+        };
+        let rpc_timeout = ttl.clamp(Duration::from_secs(1), Duration::from_secs(5));
+        // HTTP/2 pings find a dead connection under the long-lived streams
+        // (observe, watch) that no request timeout covers.
+        let options = ConnectOptions::new()
+            .with_connect_timeout(rpc_timeout)
+            .with_keep_alive(Duration::from_secs(2).min(ttl / 2), rpc_timeout)
+            .with_keep_alive_while_idle(true);
+        let mut client = match Client::connect(&endpoints, Some(options)).await {
+            Ok(client) => client,
+            Err(e) if is_connectivity(&e) => return Err(errors.read(e)),
+            Err(e) => {
+                return Err(CoordinationError::InvalidArgument(format!(
+                    "etcd endpoints {}: {e}",
+                    errors.endpoints
+                )));
+            }
+        };
+        // Connecting is lazy: ask something to know etcd is there.
+        let prefix = keys::normalize_prefix(&prefix);
+        let election = keys::election(&prefix);
+        match tokio::time::timeout(
+            rpc_timeout,
+            client.get(
+                election.clone(),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(errors.read(e)),
+            Err(_) => return Err(errors.read_timeout(rpc_timeout)),
+        }
+
+        let (leadership, _) = watch::channel(Leadership::Follower { leader: None });
+        let (live, _) = watch::channel(BTreeSet::new());
+        let shared = Arc::new(Shared {
+            client,
+            errors,
+            prefix,
+            election,
+            advertise,
+            ttl,
+            rpc_timeout,
+            leadership,
+            live,
+            session: Mutex::new(Session::default()),
+            plan_leases: Mutex::new(HashMap::new()),
+            refused_epoch: AtomicU64::new(0),
+            refused: Notify::new(),
+        });
+        info!(
+            endpoints = %shared.errors.endpoints,
+            prefix = %shared.prefix,
+            ttl = ?ttl,
+            "coordination backend: etcd"
+        );
+        let (stop, _) = watch::channel(false);
+        let tasks = vec![
+            tokio::spawn(leadership::run(shared.clone(), stop.subscribe())),
+            tokio::spawn(watchers::keep_plan_leases(shared.clone(), stop.subscribe())),
+            tokio::spawn(watchers::follow_agents(shared.clone(), stop.subscribe())),
+        ];
+        Ok(EtcdCoordination {
+            shared,
+            stop,
+            tasks: Mutex::new(tasks),
+        })
+    }
+
+    /// Stops campaigning and keeping leases alive, and revokes the session
+    /// lease so another coordinator can lead at once. Plan leases are left to
+    /// the next leader (or to expire).
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// The election key this coordinator holds while it leads.
+    pub fn election_key(&self) -> Option<ElectionKey> {
+        self.shared.session().leader.clone()
+    }
+
+    /// The session lease it campaigns under, if it has one right now.
+    pub fn session_lease(&self) -> Option<i64> {
+        self.shared.session().lease
+    }
+
+    /// The key prefix, without a trailing slash.
+    pub fn prefix(&self) -> &str {
+        &self.shared.prefix
+    }
+
+    pub(super) async fn read<T>(
+        &self,
+        call: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, CoordinationError> {
+        let limit = self.shared.rpc_timeout;
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result.map_err(|e| self.shared.errors.read(e)),
+            Err(_) => Err(self.shared.errors.read_timeout(limit)),
+        }
+    }
+
+    pub(super) async fn write<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, CoordinationError> {
+        let limit = self.shared.rpc_timeout;
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result.map_err(|e| self.shared.errors.write(what, e)),
+            Err(_) => Err(self.shared.errors.write_timeout(what, limit)),
+        }
+    }
+
+    /// A failed fenced transaction reads the election key first: `NotLeader`
+    /// unless it still has the caller's epoch as its create revision.
+    pub(super) fn check_fence(
+        &self,
+        found: &[Option<Kv>],
+        epoch: u64,
+    ) -> Result<(), CoordinationError> {
+        let current = found
+            .first()
+            .and_then(Option::as_ref)
+            .map(|kv| kv.create_revision);
+        if current == Some(epoch as i64) {
+            return Ok(());
+        }
+        self.shared.fence_refused(epoch);
+        Err(CoordinationError::NotLeader)
+    }
+}
+
+impl Drop for EtcdCoordination {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// What this module needs of a key-value read.
+#[derive(Debug, Clone)]
+pub(super) struct Kv {
+    pub value: String,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+}
+
+/// The first key-value of each read in a transaction's answer, in order.
+pub(super) fn first_kvs(resp: &TxnResponse) -> Vec<Option<Kv>> {
+    resp.op_responses()
+        .into_iter()
+        .map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| Kv {
+                value: String::from_utf8_lossy(kv.value()).into_owned(),
+                create_revision: kv.create_revision(),
+                mod_revision: kv.mod_revision(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl Coordination for EtcdCoordination {
+    fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.shared.leadership.subscribe()
+    }
+
+    async fn lock_shards(
+        &self,
+        plan_id: &str,
+        shards: &[String],
+        epoch: u64,
+    ) -> Result<LockOutcome, CoordinationError> {
+        self.lock_plan(plan_id, shards, epoch).await
+    }
+
+    async fn release_shards(&self, plan_id: &str, epoch: u64) -> Result<(), CoordinationError> {
+        self.release_plan(plan_id, epoch).await
+    }
+
+    async fn locks(&self) -> Result<Vec<ShardLock>, CoordinationError> {
+        let mut client = self.shared.client.clone();
+        let prefix = keys::locks_prefix(&self.shared.prefix);
+        let resp = self
+            .read(client.get(prefix.clone(), Some(GetOptions::new().with_prefix())))
+            .await?;
+        let mut locks: Vec<ShardLock> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = kv.key_str().ok()?;
+                Some(ShardLock {
+                    shard: keys::strip(key, &prefix)?.to_string(),
+                    plan_id: String::from_utf8_lossy(kv.value()).into_owned(),
+                    lease: kv.lease(),
+                })
+            })
+            .collect();
+        locks.sort();
+        Ok(locks)
+    }
+
+    async fn break_lock(&self, shard: &str) -> Result<bool, CoordinationError> {
+        check_name("shard", shard)?;
+        let mut client = self.shared.client.clone();
+        let key = keys::lock(&self.shared.prefix, shard);
+        let resp = self
+            .write(
+                &format!("breaking the lock on {shard}"),
+                client.delete(key, None),
+            )
+            .await?;
+        Ok(resp.deleted() > 0)
+    }
+
+    async fn plan_lease(&self, plan_id: &str) -> Result<Option<i64>, CoordinationError> {
+        check_name("plan", plan_id)?;
+        self.stored_plan_lease(plan_id).await
+    }
+
+    async fn adopt_plan_lease(
+        &self,
+        plan_id: &str,
+        lease_id: i64,
+    ) -> Result<bool, CoordinationError> {
+        check_name("plan", plan_id)?;
+        if !self.lease_alive(lease_id).await? {
+            return Ok(false);
+        }
+        self.shared
+            .plan_leases()
+            .insert(plan_id.to_string(), lease_id);
+        Ok(true)
+    }
+
+    async fn decide(
+        &self,
+        group: &str,
+        decision: Decision,
+        epoch: u64,
+    ) -> Result<Decision, CoordinationError> {
+        check_name("group", group)?;
+        let election_key = self.shared.leader_key(epoch)?;
+        let key = keys::decision(&self.shared.prefix, group);
+        let txn = Txn::new()
+            .when(vec![
+                Compare::create_revision(election_key.clone(), CompareOp::Equal, epoch as i64),
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then(vec![TxnOp::put(key.clone(), decision.as_str(), None)])
+            .or_else(vec![
+                TxnOp::get(election_key, None),
+                TxnOp::get(key.clone(), None),
+            ]);
+        let mut client = self.shared.client.clone();
+        let resp = self
+            .write(
+                &format!("deciding {decision} for group {group}"),
+                client.txn(txn),
+            )
+            .await?;
+        if resp.succeeded() {
+            return Ok(decision);
+        }
+        let found = first_kvs(&resp);
+        self.check_fence(&found, epoch)?;
+        match found.get(1).and_then(Option::as_ref) {
+            Some(kv) => kv.value.parse(),
+            None => Err(CoordinationError::Etcd(format!(
+                "{key}: neither written nor found"
+            ))),
+        }
+    }
+
+    async fn decision(&self, group: &str) -> Result<Option<Decision>, CoordinationError> {
+        check_name("group", group)?;
+        let mut client = self.shared.client.clone();
+        let key = keys::decision(&self.shared.prefix, group);
+        let resp = self.read(client.get(key, None)).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).parse())
+            .transpose()
+    }
+
+    fn live_agents(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.shared.live.subscribe()
+    }
+
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+}
