@@ -20,7 +20,7 @@ use crate::error::AgentError;
 use crate::{Agent, metrics};
 
 /// Results are sent at most this long after the first of a batch is ready...
-const FLUSH_AFTER: Duration = Duration::from_millis(10);
+const FLUSH_AFTER: Duration = Duration::from_millis(25);
 /// ...or as soon as this many runs are waiting.
 const FLUSH_RUNS: usize = 128;
 /// Messages queued toward the coordinator before the agent holds back.

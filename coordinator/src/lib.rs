@@ -53,13 +53,18 @@ impl CoordinatorConfig {
 }
 
 /// Writes store ops in order, many to a transaction, off the engine's path.
+/// Step updates wait up to 50 ms for company: during a rollout they arrive in
+/// hundreds of small batches a second, and one commit each would make the store
+/// the busiest thing on the machine. A flush (someone waits on it) goes at once.
 async fn store_writer(store: store::Store, mut rx: mpsc::UnboundedReceiver<store::StoreOp>) {
+    const WINDOW: Duration = Duration::from_millis(50);
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        while batch.len() < 512 {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+        let deadline = tokio::time::Instant::now() + WINDOW;
+        while batch.len() < 1024 && !matches!(batch.last(), Some(store::StoreOp::Flush(_))) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(op)) => batch.push(op),
+                Ok(None) | Err(_) => break,
             }
         }
         if let Err(e) = store.apply(batch).await {

@@ -29,7 +29,7 @@ pub struct Inner {
     pub fleet: Fleet,
     pub events: mpsc::Sender<Event>,
     pub writes: mpsc::UnboundedSender<StoreOp>,
-    pub changes: broadcast::Sender<String>,
+    pub changes: broadcast::Sender<(String, bool)>,
     pub epoch: u64,
     pub defaults: Defaults,
 }
@@ -428,19 +428,28 @@ impl Coordinator {
                 if terminal {
                     return;
                 }
-                // Coalesce bursts of changes; a periodic look covers a missed one.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    loop {
-                        match changes.recv().await {
-                            Ok(id) if id == plan_id => break,
-                            Ok(_) => continue,
-                            Err(broadcast::error::RecvError::Lagged(_)) => break,
+                // Coalesce bursts of changes to one status every 100 ms, but
+                // look at once when the plan ends; a periodic look covers a missed one.
+                let due = tokio::time::Instant::now() + Duration::from_millis(100);
+                let tick = tokio::time::Instant::now() + Duration::from_secs(1);
+                let mut pending = false;
+                loop {
+                    let wake = if pending { due } else { tick };
+                    tokio::select! {
+                        change = changes.recv() => match change {
+                            Ok((id, ended)) if id == plan_id => {
+                                if ended {
+                                    break;
+                                }
+                                pending = true;
+                            }
+                            Ok(_) => {}
+                            Err(broadcast::error::RecvError::Lagged(_)) => pending = true,
                             Err(broadcast::error::RecvError::Closed) => break,
-                        }
+                        },
+                        _ = tokio::time::sleep_until(wake) => break,
                     }
-                })
-                .await;
+                }
             }
         });
         rx

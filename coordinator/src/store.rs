@@ -295,49 +295,7 @@ impl Store {
                     .map_err(store_err)?;
                 }
                 StoreOp::Steps { plan_id, updates } => {
-                    let now = now_ms();
-                    for u in updates {
-                        sqlx::query(
-                            "UPDATE steps SET state = $1, sqlstate = $2, message = $3, duration_ms = $4,
-                                updated_at_ms = $5, attempts = attempts + $6, phase = $11, detail = $12
-                             WHERE plan_id = $7 AND migration_id = $8 AND shard = $9 AND tenant = $10",
-                        )
-                        .bind(&u.state)
-                        .bind(&u.sqlstate)
-                        .bind(&u.message)
-                        .bind(u.duration_ms)
-                        .bind(now)
-                        .bind(if u.run_id.is_some() { 1i64 } else { 0 })
-                        .bind(&plan_id)
-                        .bind(&u.migration_id)
-                        .bind(&u.shard)
-                        .bind(&u.tenant)
-                        .bind(&u.phase)
-                        .bind(&u.detail)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(store_err)?;
-                        if let Some(run_id) = u.run_id {
-                            sqlx::query(
-                                "INSERT INTO attempts (plan_id, migration_id, shard, tenant, run_id, outcome,
-                                    sqlstate, message, duration_ms, at_ms)
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                            )
-                            .bind(&plan_id)
-                            .bind(&u.migration_id)
-                            .bind(&u.shard)
-                            .bind(&u.tenant)
-                            .bind(run_id)
-                            .bind(&u.state)
-                            .bind(&u.sqlstate)
-                            .bind(&u.message)
-                            .bind(u.duration_ms)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(store_err)?;
-                        }
-                    }
+                    write_steps(&mut tx, &plan_id, updates).await?;
                 }
                 StoreOp::Audit {
                     actor,
@@ -485,6 +443,104 @@ impl Store {
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect())
     }
+}
+
+/// `($1, ..., $n), (...)` for `rows` rows of `cols` parameters.
+fn values_list(rows: usize, cols: usize) -> String {
+    let mut sql = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..cols {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", r * cols + c + 1));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Step updates and their attempts, many rows per statement: a rollout of
+/// 1,000 tenants reports thousands of steps, and a statement per row would make
+/// the store, not the shards, the slow part.
+async fn write_steps(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    plan_id: &str,
+    updates: Vec<StepUpdate>,
+) -> Result<(), CoordinatorError> {
+    let now = now_ms();
+    // One row per step in a statement (an upsert may not touch a row twice):
+    // the last update wins, attempts add up.
+    let mut merged: Vec<(StepUpdate, i64)> = Vec::with_capacity(updates.len());
+    let mut at: std::collections::HashMap<(String, String, String), usize> = Default::default();
+    for u in &updates {
+        let tries = i64::from(u.run_id.is_some());
+        let key = (u.migration_id.clone(), u.shard.clone(), u.tenant.clone());
+        match at.get(&key) {
+            Some(&i) => {
+                let n = merged[i].1 + tries;
+                merged[i] = (u.clone(), n);
+            }
+            None => {
+                at.insert(key, merged.len());
+                merged.push((u.clone(), tries));
+            }
+        }
+    }
+    for chunk in merged.chunks(64) {
+        let sql = format!(
+            "INSERT INTO steps (plan_id, migration_id, shard, tenant, state, attempts, sqlstate, message,
+                duration_ms, updated_at_ms, phase, detail) VALUES {}
+             ON CONFLICT (plan_id, migration_id, shard, tenant) DO UPDATE SET
+                state = excluded.state, attempts = steps.attempts + excluded.attempts,
+                sqlstate = excluded.sqlstate, message = excluded.message,
+                duration_ms = excluded.duration_ms, updated_at_ms = excluded.updated_at_ms,
+                phase = excluded.phase, detail = excluded.detail",
+            values_list(chunk.len(), 12)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (u, tries) in chunk {
+            q = q
+                .bind(plan_id.to_string())
+                .bind(u.migration_id.clone())
+                .bind(u.shard.clone())
+                .bind(u.tenant.clone())
+                .bind(u.state.clone())
+                .bind(*tries)
+                .bind(u.sqlstate.clone())
+                .bind(u.message.clone())
+                .bind(u.duration_ms)
+                .bind(now)
+                .bind(u.phase.clone())
+                .bind(u.detail.clone());
+        }
+        q.execute(&mut **tx).await.map_err(store_err)?;
+    }
+    let attempts: Vec<&StepUpdate> = updates.iter().filter(|u| u.run_id.is_some()).collect();
+    for chunk in attempts.chunks(64) {
+        let sql = format!(
+            "INSERT INTO attempts (plan_id, migration_id, shard, tenant, run_id, outcome, sqlstate,
+                message, duration_ms, at_ms) VALUES {}",
+            values_list(chunk.len(), 10)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for u in chunk {
+            q = q
+                .bind(plan_id.to_string())
+                .bind(u.migration_id.clone())
+                .bind(u.shard.clone())
+                .bind(u.tenant.clone())
+                .bind(u.run_id.unwrap_or_default())
+                .bind(u.state.clone())
+                .bind(u.sqlstate.clone())
+                .bind(u.message.clone())
+                .bind(u.duration_ms)
+                .bind(now);
+        }
+        q.execute(&mut **tx).await.map_err(store_err)?;
+    }
+    Ok(())
 }
 
 fn plan_row(r: &sqlx::any::AnyRow) -> PlanRow {

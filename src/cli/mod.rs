@@ -33,6 +33,11 @@ pub struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     pub coordinator: String,
+    /// Runtime worker threads (default: one for an agent and the operator commands,
+    /// one per core for the coordinator). An agent mostly waits on its shard; a
+    /// second thread only adds context switches next to the database it serves.
+    #[arg(long, global = true, env = "FLOTILLA_THREADS")]
+    pub threads: Option<usize>,
     /// Log filter, e.g. `info` or `flotilla_agent=debug` (also RUST_LOG).
     #[arg(long, global = true, env = "FLOTILLA_LOG", default_value = "info")]
     pub log: String,
@@ -211,6 +216,16 @@ pub enum FleetCommand {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+}
+
+impl Cli {
+    pub fn worker_threads(&self) -> Option<usize> {
+        match (&self.command, self.threads) {
+            (_, Some(n)) => Some(n.max(1)),
+            (Command::Coordinator(_) | Command::Quickstart(_), None) => None,
+            (_, None) => Some(1),
+        }
+    }
 }
 
 pub fn init_logging(cli: &Cli) {

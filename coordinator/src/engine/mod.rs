@@ -73,14 +73,14 @@ pub struct Engine {
     agents: HashMap<String, AgentConn>,
     plans: HashMap<String, PlanRun>,
     next_run_id: u64,
-    changes: broadcast::Sender<String>,
+    changes: broadcast::Sender<(String, bool)>,
 }
 
 impl Engine {
     pub fn new(
         epoch: u64,
         store: mpsc::UnboundedSender<StoreOp>,
-        changes: broadcast::Sender<String>,
+        changes: broadcast::Sender<(String, bool)>,
     ) -> Engine {
         Engine {
             epoch,
@@ -578,8 +578,10 @@ impl Engine {
             let _ = self.store.send(StoreOp::Flush(tx));
             let _ = rx.await;
             self.plans.remove(plan_id);
+            let _ = self.changes.send((plan_id.to_string(), true));
+            return;
         }
-        let _ = self.changes.send(plan_id.to_string());
+        let _ = self.changes.send((plan_id.to_string(), false));
     }
 }
 
