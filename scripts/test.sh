@@ -155,9 +155,52 @@ run_step() {
     fi
 }
 
+# The agent crate's own tests talk to a real PostgreSQL named by FLOTILLA_TEST_PG_URL:
+# give them a throwaway cluster (the e2e suite starts its own clusters per test).
+scratch_pg() {
+    local bindir dir port runas=()
+    bindir="$(dirname "$(find_initdb)")"
+    dir="$(mktemp -d /tmp/flotilla-scratch-pg.XXXXXX)"
+    chmod 755 "$dir"
+    if is_root; then
+        chown postgres "$dir"
+        runas=(runuser -u postgres --)
+    fi
+    for attempt in 1 2 3 4 5; do
+        port=$((15000 + RANDOM % 15000))
+        rm -rf "$dir/data"
+        "${runas[@]}" "$bindir/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C --no-sync >/dev/null &&
+            "${runas[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
+                -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100" start >/dev/null &&
+            {
+                SCRATCH_PG_STOP=("${runas[@]}" "$bindir/pg_ctl" -D "$dir/data" -m immediate stop)
+                SCRATCH_PG_DIR="$dir"
+                export FLOTILLA_TEST_PG_URL="postgres://postgres@127.0.0.1:$port/postgres"
+                echo "scratch PostgreSQL for the agent crate's tests on port $port"
+                return 0
+            }
+        echo "scratch PostgreSQL did not start on port $port (attempt $attempt)"
+    done
+    return 1
+}
+stop_scratch_pg() {
+    if [[ -n "${SCRATCH_PG_DIR:-}" ]]; then
+        "${SCRATCH_PG_STOP[@]}" >/dev/null 2>&1 || true
+        rm -rf "$SCRATCH_PG_DIR"
+    fi
+}
+trap stop_scratch_pg EXIT
+if [[ $# -eq 0 && -z "${FLOTILLA_TEST_PG_URL:-}" ]]; then
+    scratch_pg || die "could not start a scratch PostgreSQL for the agent's tests"
+fi
+
 run_step "Formatting" cargo fmt --all -- --check
 run_step "Clippy" cargo clippy --workspace --all-targets -- -D warnings
 run_step "Tests" cargo test --workspace "$@"
+if [[ $# -eq 0 ]]; then
+    # Failpoints are compiled only under the `testing` feature.
+    run_step "Agent failpoints" cargo test -p flotilla-agent --features testing --test failpoints
+fi
 
 section "Summary"
 if ((${#failed[@]} > 0)); then

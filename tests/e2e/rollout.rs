@@ -437,3 +437,64 @@ async fn rollback_command_undoes_a_completed_plan_in_reverse_order() -> anyhow::
     assert_eq!(again.code(), Some(2), "{again}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quickstart_runs_the_whole_system_in_one_process() -> anyhow::Result<()> {
+    use crate::fleet::{tenant_name, tenant_sql};
+    use crate::harness::{FlotillaProcess, PgCluster, free_port, run_flotilla};
+    let pg = PgCluster::start().await?;
+    let mut shards = Vec::new();
+    for s in 0..2 {
+        let db = format!("shard_{s}");
+        pg.create_database(&db).await?;
+        let sql: String = (0..2)
+            .map(|t| tenant_sql(&tenant_name(s, t, 2), 5))
+            .collect();
+        pg.psql(&db, &sql).await?;
+        shards.push(format!("{db}={}", pg.url(&db)));
+    }
+    let listen = format!("127.0.0.1:{}", free_port());
+    let addr = format!("http://{listen}");
+    let quick = FlotillaProcess::spawn(
+        &[
+            "quickstart",
+            "--listen",
+            &listen,
+            "--shard",
+            &shards[0],
+            "--shard",
+            &shards[1],
+        ],
+        &[],
+    )?;
+    quick
+        .wait_for_log("flotilla quickstart: coordinator on", WAIT)
+        .await?;
+    wait_until("both embedded agents attached", WAIT, async || {
+        let out = run_flotilla(
+            &["--coordinator", &addr, "fleet", "list", "--output", "json"],
+            &[],
+        )
+        .await?;
+        Ok(out.stdout.matches("\"connected\":true").count() == 2)
+    })
+    .await?;
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let out = run_flotilla(
+        &["--coordinator", &addr, "plan", "submit", &dir, "--wait"],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("completed"), "{out}");
+    for s in 0..2 {
+        let n: i64 = pg
+            .query_scalar(
+                &format!("shard_{s}"),
+                "SELECT count(*) FROM flotilla.journal",
+            )
+            .await?;
+        assert_eq!(n, 6, "shard_{s}: 2 tenants x 3 migrations");
+    }
+    Ok(())
+}
