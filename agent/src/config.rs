@@ -17,7 +17,9 @@ pub struct AgentConfig {
     pub password: Option<String>,
     /// The shard's labels, for plan selectors.
     pub labels: BTreeMap<String, String>,
-    /// The coordinator's address, e.g. `http://127.0.0.1:7070`.
+    /// The coordinators' addresses, e.g. `http://127.0.0.1:7070`, or several separated by
+    /// commas (`http://c1:7070,http://c2:7070`): the agent dials them in turn and follows the
+    /// leader a follower names. See [`AgentConfig::coordinators`].
     pub coordinator: String,
     /// A LIKE pattern on schema names (`tenant_%`): each matching schema is a tenant.
     pub tenant_pattern: Option<String>,
@@ -33,12 +35,21 @@ pub struct AgentConfig {
     pub reconnect_min: Duration,
     /// The longest delay between reconnect attempts.
     pub reconnect_max: Duration,
+    /// etcd endpoints (`http://127.0.0.1:2379`); empty: no liveness key in etcd.
+    pub etcd: Vec<String>,
+    /// The prefix of every Flotilla key in etcd (the coordinators' `--etcd-prefix`).
+    pub etcd_prefix: String,
+    /// The TTL of the lease under the agent's liveness key (whole seconds, at least 1s);
+    /// it is kept alive every third of it.
+    pub lease_ttl: Duration,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
+pub const DEFAULT_ETCD_PREFIX: &str = "/flotilla";
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 impl AgentConfig {
     /// A configuration with the defaults: no password, no labels, no tenants.
@@ -59,7 +70,16 @@ impl AgentConfig {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             reconnect_min: DEFAULT_RECONNECT_MIN,
             reconnect_max: DEFAULT_RECONNECT_MAX,
+            etcd: Vec::new(),
+            etcd_prefix: DEFAULT_ETCD_PREFIX.to_string(),
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
+    }
+
+    /// The coordinator addresses, in the order given: `coordinator` split at commas, each
+    /// trimmed, empty entries dropped.
+    pub fn coordinators(&self) -> Vec<String> {
+        parse_addresses(&self.coordinator)
     }
 
     /// Checks what can be checked without touching the network.
@@ -84,8 +104,17 @@ impl AgentConfig {
         if self.heartbeat_interval.is_zero() {
             return Err(bad("heartbeat_interval must be above zero".into()));
         }
-        if self.coordinator.is_empty() {
+        if self.coordinators().is_empty() {
             return Err(bad("no coordinator address".into()));
+        }
+        if self.etcd.iter().any(|e| e.trim().is_empty()) {
+            return Err(bad("an etcd endpoint is empty".into()));
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            return Err(bad(format!(
+                "lease_ttl ({:?}) must be at least 1s",
+                self.lease_ttl
+            )));
         }
         Ok(())
     }
@@ -103,18 +132,42 @@ impl fmt::Debug for AgentConfig {
             .field("dsn", &redact_dsn(&self.dsn))
             .field("password", &self.password.as_ref().map(|_| REDACTED))
             .field("labels", &self.labels)
-            .field("coordinator", &redact_dsn(&self.coordinator))
+            .field("coordinator", &redact_list(&self.coordinator))
             .field("tenant_pattern", &self.tenant_pattern)
             .field("tenant_query", &self.tenant_query)
             .field("max_connections", &self.max_connections)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("reconnect_min", &self.reconnect_min)
             .field("reconnect_max", &self.reconnect_max)
+            .field(
+                "etcd",
+                &self.etcd.iter().map(|e| redact_dsn(e)).collect::<Vec<_>>(),
+            )
+            .field("etcd_prefix", &self.etcd_prefix)
+            .field("lease_ttl", &self.lease_ttl)
             .finish()
     }
 }
 
 const REDACTED: &str = "<redacted>";
+
+/// A comma-separated list of addresses, each with its password hidden.
+pub(crate) fn redact_list(list: &str) -> String {
+    parse_addresses(list)
+        .iter()
+        .map(|a| redact_dsn(a))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A comma-separated list of addresses, trimmed, without empty entries.
+pub(crate) fn parse_addresses(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect()
+}
 
 /// Hides passwords in a DSN, whichever way they were written: `scheme://user:PW@host`,
 /// `?password=PW` in a URL, or `password=PW` in a key/value connection string.
@@ -235,5 +288,35 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("s0"));
         let c = AgentConfig::new("bad name", "postgres://h/db", "x");
         assert!(c.validate().is_err());
+        let c = AgentConfig::new("s0", "postgres://h/db", " , ");
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("no coordinator")
+        );
+        let mut c = AgentConfig::new("s0", "postgres://h/db", "http://c");
+        c.lease_ttl = Duration::from_millis(500);
+        assert!(c.validate().unwrap_err().to_string().contains("lease_ttl"));
+    }
+
+    #[test]
+    fn coordinator_lists() {
+        let c = AgentConfig::new("s0", "postgres://h/db", "http://c1:7070");
+        assert_eq!(c.coordinators(), ["http://c1:7070"]);
+        let c = AgentConfig::new(
+            "s0",
+            "postgres://h/db",
+            " http://c1:7070,http://c2:7070 ,,http://c3:7070,",
+        );
+        assert_eq!(
+            c.coordinators(),
+            ["http://c1:7070", "http://c2:7070", "http://c3:7070"]
+        );
+        assert!(parse_addresses("").is_empty());
+        assert_eq!(
+            redact_list("http://u:pw@c1:7070, http://c2:7070"),
+            "http://u:<redacted>@c1:7070,http://c2:7070"
+        );
     }
 }

@@ -29,6 +29,16 @@ pub enum AgentError {
         found: String,
         supported: u32,
     },
+    /// The shard's agent lock (a session-level advisory lock) is held by another session.
+    #[error(
+        "shard {shard}: another Flotilla agent is already attached to this shard database{holder}; \
+         stop it first (only one agent may serve a shard)"
+    )]
+    ShardTaken {
+        shard: String,
+        /// ` (session pid …, application_name …, client …)` when the shard lets us read it.
+        holder: String,
+    },
     #[error("shard {shard}: coordinator {address}: {reason}")]
     Coordinator {
         shard: String,
@@ -156,6 +166,16 @@ mod tests {
         assert!(
             text.starts_with("shard s1: cannot connect to db:5432/shard_1"),
             "{text}"
+        );
+        let e = AgentError::ShardTaken {
+            shard: "s1".into(),
+            holder: " (session pid 7)".into(),
+        };
+        assert!(
+            e.to_string().starts_with(
+                "shard s1: another Flotilla agent is already attached to this shard database (session pid 7); "
+            ),
+            "{e}"
         );
     }
 }

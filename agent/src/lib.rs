@@ -23,25 +23,30 @@ use std::time::Duration;
 
 use flotilla_proto::pb;
 use sqlx::postgres::PgPool;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, instrument, warn};
 
 mod config;
+mod coordinators;
 mod error;
 mod executor;
 mod job;
+mod liveness;
 pub mod metrics;
+mod outbox;
 mod plans;
 mod rollback;
 mod session;
 mod shard;
+mod shard_lock;
 mod sqlgen;
 
 pub use config::{AgentConfig, redact_dsn};
 pub use error::AgentError;
 
+use crate::coordinators::Rotation;
 use crate::plans::Plan;
 use crate::session::Outgoing;
 use crate::shard::TenantSource;
@@ -69,10 +74,15 @@ pub(crate) struct Agent {
     pub cancel: CancellationToken,
     /// Grace is over: abandon work in flight.
     pub abort: CancellationToken,
+    /// True while the agent holds its shard's agent lock: only then may it apply or undo
+    /// (see `shard_lock`).
+    pub shard_lock: watch::Receiver<bool>,
 }
 
 /// Runs an agent until `shutdown` resolves: connects to the shard (waiting for it to come
-/// up), installs the flotilla schema, then keeps a stream to the coordinator.
+/// up), takes the shard's agent lock (failing with [`AgentError::ShardTaken`] when another
+/// agent serves the shard), installs the flotilla schema, publishes its liveness key in etcd
+/// (when configured), then keeps a stream to the leading coordinator.
 #[instrument(skip_all, fields(shard = %config.shard))]
 pub async fn start(
     config: AgentConfig,
@@ -81,7 +91,11 @@ pub async fn start(
     config.validate()?;
     metrics::describe();
     setup_failpoints();
-    let endpoint = session::endpoint(&config.shard, &config.coordinator)?;
+    let addresses = config.coordinators();
+    for address in &addresses {
+        session::endpoint(&config.shard, address)?;
+    }
+    let rotation = Rotation::new(addresses);
     let cancel = CancellationToken::new();
     let watcher = cancel.clone();
     tokio::spawn(async move {
@@ -90,29 +104,62 @@ pub async fn start(
             () = watcher.cancelled() => {}
         }
     });
-    let result = run(config, endpoint, cancel.clone()).await;
+    let result = run(config, rotation, cancel.clone()).await;
     cancel.cancel();
     result
 }
 
 async fn run(
     config: AgentConfig,
-    endpoint: tonic::transport::Endpoint,
+    rotation: Rotation,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
     let Some(pool) = shard::connect(&config, &cancel).await? else {
         return Ok(());
     };
-    shard::install_schema(&pool, &config.shard).await?;
+    // before any work: one agent per shard (see `shard_lock` for why)
+    let lock = match shard_lock::acquire(&config).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            pool.close().await;
+            return Err(e);
+        }
+    };
+    let stop_lock = CancellationToken::new();
+    let (held, guard) = shard_lock::guard(&config, lock, stop_lock.clone())?;
+    let result = serve(config, pool, held, rotation, cancel).await;
+    // released last, once nothing of this agent runs on the shard any more
+    stop_lock.cancel();
+    let _ = guard.await;
+    result
+}
+
+async fn serve(
+    config: AgentConfig,
+    pool: PgPool,
+    shard_lock: watch::Receiver<bool>,
+    rotation: Rotation,
+    cancel: CancellationToken,
+) -> Result<(), AgentError> {
+    if let Err(e) = shard::install_schema(&pool, &config.shard).await {
+        pool.close().await;
+        return Err(e);
+    }
     let tenant_source = TenantSource::from_config(&config);
-    let tenants = shard::discover_tenants(&pool, &config.shard, &tenant_source)
-        .await
-        .map_err(|error| AgentError::Shard {
-            shard: config.shard.clone(),
-            what: "discovering tenants",
-            error,
-        })?;
+    let tenants = match shard::discover_tenants(&pool, &config.shard, &tenant_source).await {
+        Ok(tenants) => tenants,
+        Err(error) => {
+            pool.close().await;
+            return Err(AgentError::Shard {
+                shard: config.shard.clone(),
+                what: "discovering tenants",
+                error,
+            });
+        }
+    };
     info!(tenants = tenants.len(), dsn = %config.redacted_dsn(), "agent ready");
+    let stop_liveness = CancellationToken::new();
+    let liveness = liveness::spawn(&config, stop_liveness.clone());
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
         slots: Arc::new(Semaphore::new(config.max_connections as usize)),
@@ -127,8 +174,9 @@ async fn run(
         tasks: TaskTracker::new(),
         cancel: cancel.clone(),
         abort: CancellationToken::new(),
+        shard_lock,
     });
-    session::run(agent.clone(), session::Outbox::new(outbox_rx), endpoint).await;
+    session::run(agent.clone(), session::Outbox::new(outbox_rx), rotation).await;
     info!("agent stopping");
     metrics::coordinator_connected(false);
     agent.tasks.close();
@@ -141,6 +189,10 @@ async fn run(
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait()).await;
     }
     pool.close().await;
+    stop_liveness.cancel();
+    if let Some(liveness) = liveness {
+        let _ = liveness.await;
+    }
     Ok(())
 }
 

@@ -13,6 +13,8 @@ pub const STEP_DURATION_SECONDS: &str = "flotilla_agent_step_duration_seconds";
 pub const RUNS_IN_FLIGHT: &str = "flotilla_agent_runs_in_flight";
 pub const COORDINATOR_CONNECTED: &str = "flotilla_agent_coordinator_connected";
 pub const RECONNECTS_TOTAL: &str = "flotilla_agent_reconnects_total";
+pub const ETCD_LIVENESS_UP: &str = "flotilla_agent_etcd_liveness_up";
+pub const SHARD_LOCK_HELD: &str = "flotilla_agent_shard_lock_held";
 
 /// What became of one step (the `outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +97,16 @@ pub fn describe() {
             Unit::Count,
             "Times the agent reconnected to the coordinator after losing its stream."
         );
+        describe_gauge!(
+            ETCD_LIVENESS_UP,
+            Unit::Count,
+            "1 while the agent's liveness key is in etcd under a lease it keeps alive, else 0."
+        );
+        describe_gauge!(
+            SHARD_LOCK_HELD,
+            Unit::Count,
+            "1 while the agent holds its shard's agent lock (and so may apply steps), else 0."
+        );
     });
 }
 
@@ -121,4 +133,12 @@ pub fn coordinator_connected(connected: bool) {
 
 pub fn reconnected() {
     counter!(RECONNECTS_TOTAL).increment(1);
+}
+
+pub fn etcd_liveness_up(up: bool) {
+    gauge!(ETCD_LIVENESS_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn shard_lock_held(held: bool) {
+    gauge!(SHARD_LOCK_HELD).set(if held { 1.0 } else { 0.0 });
 }

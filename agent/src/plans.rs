@@ -269,6 +269,8 @@ impl Agent {
         let _slot = self.slots.clone().acquire_owned().await;
         let mut conn: Option<PoolConnection<Postgres>> = None;
         loop {
+            // no new run without the shard's agent lock (false: stopping; the check below ends the lane)
+            let _ = self.may_apply().await;
             let job = {
                 let mut st = plan.state.lock().expect("plan lock");
                 let next = if st.workers > st.lanes || self.cancel.is_cancelled() {

@@ -30,6 +30,10 @@ impl Agent {
             steps,
             complete: false,
         };
+        if !self.may_apply().await {
+            warn!("stopping before the shard's agent lock was held again; nothing undone");
+            return incomplete(Vec::new());
+        }
         let by_target = match shard::read_plan_rows(&self.pool, &req.plan_id).await {
             Ok(rows) => rows,
             Err(error) => {

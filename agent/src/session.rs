@@ -1,6 +1,6 @@
 //! The agent's stream to the coordinator: Hello, heartbeats, dispatch of what arrives,
-//! batched results, and reconnecting with backoff when the stream is lost.
-use std::collections::VecDeque;
+//! batched results, and reconnecting when the stream is lost: to the next coordinator of the
+//! list, or to the leader a follower named, with a backoff once a whole round failed.
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,107 +13,21 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
 use tonic::transport::Endpoint;
 use tracing::{Instrument, debug, info, instrument, warn};
 
+use crate::config::{redact_dsn, redact_list};
+use crate::coordinators::{Rotation, refusal};
 use crate::error::AgentError;
+use crate::outbox::FLUSH_RUNS;
+pub(crate) use crate::outbox::{Outbox, Outgoing};
 use crate::{Agent, metrics};
 
-/// Results are sent at most this long after the first of a batch is ready...
-const FLUSH_AFTER: Duration = Duration::from_millis(25);
-/// ...or as soon as this many runs are waiting.
-const FLUSH_RUNS: usize = 128;
 /// Messages queued toward the coordinator before the agent holds back.
 const OUTBOUND_CAPACITY: usize = 1024;
 /// How long a Hello waits for tenant discovery before using the last list.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What the agent's tasks hand to the session for sending, kept across reconnects.
-#[derive(Debug)]
-pub(crate) enum Outgoing {
-    Run {
-        plan_id: String,
-        result: pb::RunResult,
-    },
-    Rollback(pb::RollbackReply),
-}
-
-/// Results waiting for the coordinator. They outlive a stream: whatever was not sent goes
-/// out after the next Hello (the coordinator takes repeats).
-pub(crate) struct Outbox {
-    rx: mpsc::UnboundedReceiver<Outgoing>,
-    runs: Vec<(String, pb::RunResult)>,
-    ready: VecDeque<pb::AgentMessage>,
-    since: Option<Instant>,
-}
-
-impl Outbox {
-    pub fn new(rx: mpsc::UnboundedReceiver<Outgoing>) -> Outbox {
-        Outbox {
-            rx,
-            runs: Vec::new(),
-            ready: VecDeque::new(),
-            since: None,
-        }
-    }
-
-    fn push(&mut self, item: Outgoing) {
-        match item {
-            Outgoing::Run { plan_id, result } => self.runs.push((plan_id, result)),
-            Outgoing::Rollback(reply) => self.ready.push_back(pb::AgentMessage {
-                body: Some(Out::Rollback(reply)),
-            }),
-        }
-        self.since.get_or_insert_with(Instant::now);
-    }
-
-    fn due(&self) -> Option<Instant> {
-        self.since.map(|s| s + FLUSH_AFTER)
-    }
-
-    /// Groups buffered runs into one RunResults per plan (in order of arrival).
-    fn batch(&mut self) {
-        let mut by_plan: Vec<pb::RunResults> = Vec::new();
-        for (plan_id, run) in self.runs.drain(..) {
-            match by_plan.iter_mut().find(|r| r.plan_id == plan_id) {
-                Some(r) => r.runs.push(run),
-                None => by_plan.push(pb::RunResults {
-                    plan_id,
-                    runs: vec![run],
-                }),
-            }
-        }
-        self.ready
-            .extend(by_plan.into_iter().map(|r| pb::AgentMessage {
-                body: Some(Out::Results(r)),
-            }));
-    }
-
-    /// Sends what is ready without waiting. Err when the stream is gone.
-    fn flush(&mut self, tx: &mpsc::Sender<pb::AgentMessage>) -> Result<(), String> {
-        fail::fail_point!("agent::before_send_results", |_| Err(
-            "failpoint agent::before_send_results".to_string()
-        ));
-        self.batch();
-        while let Some(msg) = self.ready.pop_front() {
-            match tx.try_send(msg) {
-                Ok(()) => {}
-                Err(TrySendError::Full(msg)) => {
-                    // the coordinator is slow to read: try again shortly
-                    self.ready.push_front(msg);
-                    self.since = Some(Instant::now());
-                    return Ok(());
-                }
-                Err(TrySendError::Closed(msg)) => {
-                    self.ready.push_front(msg);
-                    return Err("the stream to the coordinator closed".into());
-                }
-            }
-        }
-        self.since = None;
-        Ok(())
-    }
-}
 
 /// Exponential backoff between `min` and `max`, with jitter (`jitter` in [0, 1)) over the
 /// upper half of the step, so a fleet of agents does not reconnect in lockstep.
@@ -135,34 +49,83 @@ pub(crate) fn endpoint(shard: &str, address: &str) -> Result<Endpoint, AgentErro
 
 enum Ended {
     Shutdown,
-    Lost { welcomed: bool, reason: String },
+    Lost {
+        welcomed: bool,
+        reason: String,
+    },
+    /// A follower refused the agent (or a deposed leader ended the stream), naming the
+    /// leader when it knows it.
+    NotLeader {
+        welcomed: bool,
+        leader: Option<String>,
+    },
 }
 
-/// Keeps a stream to the coordinator open until shutdown.
+impl Ended {
+    /// A stream ended by `status`, in `what` (attaching, reading).
+    fn from_status(welcomed: bool, what: &str, status: &Status) -> Ended {
+        match refusal(status) {
+            Some(leader) => Ended::NotLeader { welcomed, leader },
+            None => Ended::Lost {
+                welcomed,
+                reason: format!("{what}: {status}"),
+            },
+        }
+    }
+}
+
+/// Keeps a stream to a coordinator (the leader) open until shutdown.
 #[instrument(skip_all, fields(shard = %agent.config.shard))]
-pub(crate) async fn run(agent: Arc<Agent>, mut outbox: Outbox, endpoint: Endpoint) {
+pub(crate) async fn run(agent: Arc<Agent>, mut outbox: Outbox, mut rotation: Rotation) {
     let mut attempt = 0u32;
     loop {
-        match session(&agent, &mut outbox, &endpoint).await {
+        let address = rotation.next_address();
+        let shown = redact_dsn(&address);
+        let ended = match endpoint(&agent.config.shard, &address) {
+            Ok(endpoint) => session(&agent, &mut outbox, &endpoint, &shown).await,
+            // only a leader named by a refusal can be invalid: the list was checked at start
+            Err(e) => Ended::Lost {
+                welcomed: false,
+                reason: e.to_string(),
+            },
+        };
+        let (welcomed, follow) = match ended {
             Ended::Shutdown => return,
             Ended::Lost { welcomed, reason } => {
-                metrics::coordinator_connected(false);
-                if welcomed {
-                    attempt = 0;
-                }
-                let delay = backoff_delay(
-                    attempt,
-                    agent.config.reconnect_min,
-                    agent.config.reconnect_max,
-                    rand::random(),
-                );
-                warn!(coordinator = %agent.config.coordinator, %reason, attempt, ?delay, "coordinator stream lost, reconnecting");
-                attempt = attempt.saturating_add(1);
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => metrics::reconnected(),
-                    () = agent.cancel.cancelled() => return,
-                }
+                warn!(coordinator = %shown, %reason, "coordinator stream lost");
+                (welcomed, false)
             }
+            Ended::NotLeader { welcomed, leader } => {
+                let follow = rotation.refused(&address, leader.clone());
+                let leader = leader.as_deref().map_or("unknown".into(), redact_dsn);
+                info!(coordinator = %shown, %leader, follow, "the coordinator is not the leader");
+                (welcomed, follow)
+            }
+        };
+        metrics::coordinator_connected(false);
+        if welcomed {
+            attempt = 0;
+            rotation.new_round();
+        }
+        if follow || (!welcomed && !rotation.round_failed()) {
+            // the named leader, or the next coordinator of the round, right away
+            continue;
+        }
+        // a full round failed (or a welcomed stream ended): pause before the next round
+        let delay = backoff_delay(
+            attempt,
+            agent.config.reconnect_min,
+            agent.config.reconnect_max,
+            rand::random(),
+        );
+        if !welcomed {
+            warn!(coordinators = %redact_list(&agent.config.coordinator), attempt, ?delay, "no coordinator took the agent; retrying");
+            attempt = attempt.saturating_add(1);
+        }
+        rotation.new_round();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => metrics::reconnected(),
+            () = agent.cancel.cancelled() => return,
         }
     }
 }
@@ -186,7 +149,12 @@ fn unix_ms() -> u64 {
 }
 
 /// One stream, from Hello to its end.
-async fn session(agent: &Arc<Agent>, outbox: &mut Outbox, endpoint: &Endpoint) -> Ended {
+async fn session(
+    agent: &Arc<Agent>,
+    outbox: &mut Outbox,
+    endpoint: &Endpoint,
+    address: &str,
+) -> Ended {
     let lost = |welcomed, reason: String| Ended::Lost { welcomed, reason };
     let channel = tokio::select! {
         c = endpoint.connect() => match c {
@@ -215,36 +183,45 @@ async fn session(agent: &Arc<Agent>, outbox: &mut Outbox, endpoint: &Endpoint) -
     let mut inbound = tokio::select! {
         r = client.attach(ReceiverStream::new(rx)) => match r {
             Ok(response) => response.into_inner(),
-            Err(status) => return lost(false, format!("attach: {status}")),
+            Err(status) => return Ended::from_status(false, "attach", &status),
         },
         () = agent.cancel.cancelled() => return Ended::Shutdown,
     };
     let mut welcomed = false;
-    let mut heartbeat = tokio::time::interval(agent.config.heartbeat_interval);
+    let mut interval = agent.config.heartbeat_interval;
+    let mut heartbeat = tokio::time::interval(interval);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // A paused or partitioned coordinator keeps its TCP connection open: once it has sent a
+    // heartbeat (older ones never do), three intervals of silence end the stream.
+    let mut last_heard: Option<Instant> = None;
     loop {
         let due = outbox.due().filter(|_| welcomed);
+        let silent_at = last_heard.map(|at| at + interval * 3);
         tokio::select! {
             biased;
             () = agent.cancel.cancelled() => return Ended::Shutdown,
             msg = inbound.message() => match msg {
                 Ok(Some(msg)) => {
                     let Some(body) = msg.body else { continue };
+                    if matches!(body, In::Heartbeat(_)) || last_heard.is_some() {
+                        last_heard = Some(Instant::now());
+                    }
                     if let In::Welcome(w) = &body {
                         welcomed = true;
                         metrics::coordinator_connected(true);
                         agent.welcome_epoch.store(w.epoch, Ordering::Relaxed);
                         if w.heartbeat_interval_ms > 0 {
-                            heartbeat = tokio::time::interval(Duration::from_millis(w.heartbeat_interval_ms));
+                            interval = Duration::from_millis(w.heartbeat_interval_ms);
+                            heartbeat = tokio::time::interval(interval);
                             heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
                         }
-                        info!(epoch = w.epoch, heartbeat_ms = w.heartbeat_interval_ms, "coordinator welcomed the agent");
+                        info!(coordinator = %address, epoch = w.epoch, heartbeat_ms = w.heartbeat_interval_ms, "attached to the coordinator (the leader welcomed the agent)");
                     } else {
                         dispatch(agent, body, &tx);
                     }
                 }
                 Ok(None) => return lost(welcomed, "the coordinator ended the stream".into()),
-                Err(status) => return lost(welcomed, format!("stream error: {status}")),
+                Err(status) => return Ended::from_status(welcomed, "stream error", &status),
             },
             Some(item) = outbox.rx.recv() => {
                 outbox.push(item);
@@ -259,6 +236,9 @@ async fn session(agent: &Arc<Agent>, outbox: &mut Outbox, endpoint: &Endpoint) -
                 if let Err(reason) = outbox.flush(&tx) {
                     return lost(welcomed, reason);
                 }
+            }
+            () = sleep_until(silent_at), if silent_at.is_some() => {
+                return lost(welcomed, format!("no word from the coordinator for {:?}", interval * 3));
             }
             _ = heartbeat.tick() => {
                 let beat = pb::AgentMessage { body: Some(Out::Heartbeat(pb::Heartbeat { sent_at_ms: unix_ms() })) };
@@ -279,7 +259,7 @@ async fn sleep_until(due: Option<Instant>) {
 /// Hands one coordinator message to the part of the agent that owns it.
 fn dispatch(agent: &Arc<Agent>, body: In, tx: &mpsc::Sender<pb::AgentMessage>) {
     match body {
-        In::Welcome(_) => {}
+        In::Welcome(_) | In::Heartbeat(_) => {}
         In::Plan(def) => agent.define_plan(def),
         In::Assign(assign) => agent.assign(assign),
         In::Halt(halt) => agent.halt(&agent.plan(&halt.plan_id)),
@@ -338,50 +318,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    fn run_result(id: u64) -> pb::RunResult {
-        pb::RunResult {
-            run_id: id,
-            tenant: format!("t{id}"),
-            steps: Vec::new(),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn outbox_batches_per_plan_and_keeps_what_was_not_sent() {
-        let (_in_tx, in_rx) = mpsc::unbounded_channel();
-        let mut outbox = Outbox::new(in_rx);
-        for (plan, id) in [("a", 1), ("b", 2), ("a", 3)] {
-            outbox.push(Outgoing::Run {
-                plan_id: plan.into(),
-                result: run_result(id),
-            });
-        }
-        assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
-        let (tx, mut rx) = mpsc::channel(8);
-        outbox.flush(&tx).unwrap();
-        assert!(outbox.due().is_none());
-        let Some(Out::Results(r)) = rx.recv().await.unwrap().body else {
-            panic!("not results")
-        };
-        assert_eq!((r.plan_id.as_str(), r.runs.len()), ("a", 2));
-        let Some(Out::Results(r)) = rx.recv().await.unwrap().body else {
-            panic!("not results")
-        };
-        assert_eq!((r.plan_id.as_str(), r.runs.len()), ("b", 1));
-        // a closed stream keeps the batch for the next one
-        outbox.push(Outgoing::Run {
-            plan_id: "c".into(),
-            result: run_result(4),
-        });
-        drop(rx);
-        assert!(outbox.flush(&tx).is_err());
-        let (tx2, mut rx2) = mpsc::channel(8);
-        outbox.flush(&tx2).unwrap();
-        let Some(Out::Results(r)) = rx2.recv().await.unwrap().body else {
-            panic!("not results")
-        };
-        assert_eq!((r.plan_id.as_str(), r.runs[0].run_id), ("c", 4));
     }
 }

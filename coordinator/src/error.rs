@@ -1,6 +1,9 @@
 //! The coordinator's one error enum, and how each kind maps to a gRPC status.
 use flotilla_proto::PlanError;
 
+/// gRPC metadata naming the leader's address on a follower's UNAVAILABLE.
+pub const LEADER_METADATA: &str = "flotilla-leader";
+
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
     /// The plan itself is wrong (file, graph, SQL, selector): nothing was stored.
@@ -22,6 +25,11 @@ pub enum CoordinatorError {
     InvalidRequest(String),
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// Only the leader schedules and decides; `leader` is where it is, when known.
+    #[error("not the leader{}", .leader.as_ref().map(|l| format!("; the leader is {l}")).unwrap_or_default())]
+    NotLeader { leader: Option<String> },
+    #[error("coordination: {0}")]
+    Coordination(#[from] crate::coordination::CoordinationError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
 }
@@ -38,6 +46,17 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Conflict(_) => tonic::Status::failed_precondition(msg),
             CoordinatorError::Unreachable { .. } => tonic::Status::unavailable(msg),
             CoordinatorError::ShuttingDown => tonic::Status::unavailable(msg),
+            CoordinatorError::NotLeader { leader } => {
+                let mut status = tonic::Status::unavailable(msg);
+                if let Some(l) = leader.and_then(|l| l.parse().ok()) {
+                    status.metadata_mut().insert(LEADER_METADATA, l);
+                }
+                status
+            }
+            CoordinatorError::Coordination(e) if e.is_transient() => {
+                tonic::Status::unavailable(msg)
+            }
+            CoordinatorError::Coordination(_) => tonic::Status::internal(msg),
             CoordinatorError::Store(_) | CoordinatorError::Listen { .. } => {
                 tonic::Status::internal(msg)
             }

@@ -59,6 +59,11 @@ impl Fleet {
         }
     }
 
+    /// Lets every agent go (their streams end): a follower keeps none.
+    pub fn detach_all(&self) {
+        self.inner.lock().expect("fleet lock").agents.clear();
+    }
+
     pub fn touch(&self, shard: &str, conn_id: u64, now_ms: i64) {
         let mut g = self.inner.lock().expect("fleet lock");
         if let Some(a) = g.agents.get_mut(shard).filter(|a| a.conn_id == conn_id) {

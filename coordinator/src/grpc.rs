@@ -82,6 +82,22 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         ))
     }
 
+    async fn list_locks(
+        &self,
+        _req: Request<pb::ListLocksRequest>,
+    ) -> Result<Response<pb::ListLocksResponse>, Status> {
+        Ok(Response::new(self.locks().await?))
+    }
+
+    async fn break_lock(
+        &self,
+        req: Request<pb::BreakLockRequest>,
+    ) -> Result<Response<pb::BreakLockResponse>, Status> {
+        let r = req.into_inner();
+        let broken = self.break_lock(&r.shard, &r.actor, &r.reason).await?;
+        Ok(Response::new(pb::BreakLockResponse { broken }))
+    }
+
     async fn list_fleet(
         &self,
         _req: Request<pb::ListFleetRequest>,
@@ -129,6 +145,8 @@ impl pb::agent_service_server::AgentService for Coordinator {
             None => return Err(Status::invalid_argument("agent stream closed before Hello")),
         };
         validate_hello(&hello)?;
+        // Only the leader assigns work: a follower sends the agent on, naming the leader.
+        let epoch = self.leader_epoch()?;
         let shard = hello.shard.clone();
         let inner = &self.inner;
         let conn_id = inner.fleet.next_conn_id();
@@ -155,11 +173,30 @@ impl pb::agent_service_server::AgentService for Coordinator {
         let heartbeat = Duration::from_secs(1);
         let _ = tx
             .send(msg(pb::coordinator_message::Body::Welcome(pb::Welcome {
-                epoch: inner.epoch,
+                epoch,
                 heartbeat_interval_ms: heartbeat.as_millis() as u64,
             })))
             .await;
         info!(shard = %shard, tenants = hello.tenants.len(), "agent attached");
+        if let Some(e) = &inner.embedded {
+            e.set_live(&shard, true);
+        }
+        // The coordinator's side of the heartbeat. It holds the stream weakly:
+        // when the fleet and the engine let the agent go, the stream ends.
+        let beat = tx.downgrade();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(heartbeat);
+            loop {
+                every.tick().await;
+                let m = msg(pb::coordinator_message::Body::Heartbeat(pb::Heartbeat {
+                    sent_at_ms: now_ms() as u64,
+                }));
+                let Some(beat) = beat.upgrade() else { return };
+                if beat.send(m).await.is_err() {
+                    return;
+                }
+            }
+        });
         let _ = inner
             .events
             .send(Event::Attached {
@@ -214,6 +251,9 @@ impl pb::agent_service_server::AgentService for Coordinator {
             }
             if inner.fleet.detach(&shard, conn_id) {
                 info!(shard = %shard, "agent detached");
+                if let Some(e) = &inner.embedded {
+                    e.set_live(&shard, false);
+                }
             }
             let _ = inner
                 .events

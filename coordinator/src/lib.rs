@@ -23,6 +23,7 @@ use flotilla_proto::pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{error, info};
 
+use coordination::{Coordination, EmbeddedCoordination, EtcdCoordination, Leadership};
 pub use error::CoordinatorError;
 pub use service::Coordinator;
 
@@ -37,6 +38,18 @@ pub struct CoordinatorConfig {
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
     pub preflight_timeout: Duration,
+    /// etcd endpoints; empty = the embedded coordination backend (one coordinator).
+    pub etcd: Vec<String>,
+    /// The address operators and agents reach this coordinator at (told to them by
+    /// followers); default http://<listen>.
+    pub advertise: Option<String>,
+    /// TTL of the leadership lease and of plan leases.
+    pub lease_ttl: Duration,
+    /// How long an agent may be gone (no stream, no liveness key) before its
+    /// runs in flight fail under the plan's policy.
+    pub agent_grace: Duration,
+    /// Key prefix in etcd.
+    pub etcd_prefix: String,
 }
 
 impl CoordinatorConfig {
@@ -48,6 +61,11 @@ impl CoordinatorConfig {
             lock_timeout: Duration::from_secs(10),
             statement_timeout: Duration::ZERO,
             preflight_timeout: Duration::from_secs(30),
+            etcd: Vec::new(),
+            advertise: None,
+            lease_ttl: Duration::from_secs(10),
+            agent_grace: Duration::from_secs(30),
+            etcd_prefix: coordination::keys::DEFAULT_PREFIX.to_string(),
         }
     }
 }
@@ -75,6 +93,54 @@ async fn store_writer(store: store::Store, mut rx: mpsc::UnboundedReceiver<store
     }
 }
 
+/// Acts on leadership changes: a leader rebuilds every unfinished plan from the
+/// store and continues it; a follower stops at once and lets its agents go.
+async fn follow_leadership(coordinator: Coordinator) {
+    let mut rx = coordinator.inner.coordination.leadership();
+    loop {
+        let now = rx.borrow_and_update().clone();
+        match now {
+            Leadership::Leader { epoch } => {
+                metrics::leader(true);
+                let _ = coordinator
+                    .inner
+                    .events
+                    .send(engine::Event::Lead { epoch })
+                    .await;
+                match coordinator.resume_unfinished().await {
+                    Ok(0) => {}
+                    Ok(n) => info!(plans = n, epoch, "continuing plans left unfinished"),
+                    Err(e) => error!("cannot continue unfinished plans: {e}"),
+                }
+            }
+            Leadership::Follower { leader } => {
+                metrics::leader(false);
+                let _ = coordinator.inner.events.send(engine::Event::Follow).await;
+                coordinator.inner.fleet.detach_all();
+                info!(leader = leader.as_deref().unwrap_or("unknown"), "following");
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn forward_liveness(
+    mut rx: tokio::sync::watch::Receiver<std::collections::BTreeSet<String>>,
+    events: mpsc::Sender<engine::Event>,
+) {
+    loop {
+        let live = rx.borrow_and_update().clone();
+        if events.send(engine::Event::LiveAgents(live)).await.is_err() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs the coordinator until `shutdown` resolves. `ready` (if given) receives
 /// the address it listens on once it accepts connections.
 pub async fn start(
@@ -87,26 +153,51 @@ pub async fn start(
         reason,
     })?;
     let store = store::Store::open(&config.store).await?;
-    let epoch = store.next_epoch().await?;
-    info!(
-        epoch,
-        store = %store::redact(&config.store),
-        "coordination backend: embedded (in-process, single coordinator; no etcd)"
-    );
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.listen));
+    let (coordination, embedded): (Arc<dyn Coordination>, Option<Arc<EmbeddedCoordination>>) =
+        if config.etcd.is_empty() {
+            let epoch = store.next_epoch().await?;
+            info!(
+                epoch,
+                store = %store::redact(&config.store),
+                "coordination backend: embedded (in-process, single coordinator; no etcd)"
+            );
+            let e = Arc::new(EmbeddedCoordination::new(epoch));
+            (e.clone(), Some(e))
+        } else {
+            let e = EtcdCoordination::connect(
+                config.etcd.clone(),
+                advertise.clone(),
+                config.lease_ttl,
+                config.etcd_prefix.clone(),
+            )
+            .await?;
+            info!(endpoints = %config.etcd.join(","), advertise = %advertise, "coordination backend: etcd");
+            (Arc::new(e), None)
+        };
     let (writes, writes_rx) = mpsc::unbounded_channel();
     tokio::spawn(store_writer(store.clone(), writes_rx));
     let (changes, _) = broadcast::channel(1024);
     let (events, events_rx) = mpsc::channel(4096);
-    let engine = engine::Engine::new(epoch, writes.clone(), changes.clone());
+    let engine = engine::Engine::new(
+        coordination.clone(),
+        config.agent_grace,
+        writes.clone(),
+        changes.clone(),
+    );
     tokio::spawn(engine.run(events_rx));
     let coordinator = Coordinator {
         inner: Arc::new(service::Inner {
             store,
             fleet: fleet::Fleet::default(),
-            events,
+            events: events.clone(),
             writes,
             changes,
-            epoch,
+            coordination: coordination.clone(),
+            embedded,
             defaults: service::Defaults {
                 lock_timeout: config.lock_timeout,
                 statement_timeout: config.statement_timeout,
@@ -114,10 +205,17 @@ pub async fn start(
             },
         }),
     };
-    let resumed = coordinator.resume_unfinished().await?;
-    if resumed > 0 {
-        info!(plans = resumed, "resumed plans left unfinished");
-    }
+    tokio::spawn(follow_leadership(coordinator.clone()));
+    tokio::spawn(forward_liveness(coordination.live_agents(), events.clone()));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if events.send(engine::Event::Tick).await.is_err() {
+                return;
+            }
+        }
+    });
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -67,3 +67,7 @@ pub fn step_finished(outcome: &str, duration_ms: i64) {
 pub fn agents_connected(n: usize) {
     gauge!("flotilla_agents_connected").set(n as f64);
 }
+
+pub fn leader(leading: bool) {
+    gauge!("flotilla_leader").set(if leading { 1.0 } else { 0.0 });
+}

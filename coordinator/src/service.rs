@@ -10,6 +10,9 @@ use prost::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{info, instrument};
 
+use crate::coordination::{
+    Coordination, CoordinationError, EmbeddedCoordination, Leadership, LockOutcome,
+};
 use crate::engine::plan_run::{PlanRun, StepStatus};
 use crate::engine::{CommandKind, Event, status};
 use crate::error::CoordinatorError;
@@ -30,7 +33,9 @@ pub struct Inner {
     pub events: mpsc::Sender<Event>,
     pub writes: mpsc::UnboundedSender<StoreOp>,
     pub changes: broadcast::Sender<(String, bool)>,
-    pub epoch: u64,
+    pub coordination: Arc<dyn Coordination>,
+    /// Set with the embedded backend: attachments are its liveness signal.
+    pub embedded: Option<Arc<EmbeddedCoordination>>,
     pub defaults: Defaults,
 }
 
@@ -40,6 +45,115 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
+    /// The epoch this coordinator leads under, or NotLeader naming the leader.
+    pub fn leader_epoch(&self) -> Result<u64, CoordinatorError> {
+        match &*self.inner.coordination.leadership().borrow() {
+            Leadership::Leader { epoch } => Ok(*epoch),
+            Leadership::Follower { leader } => Err(CoordinatorError::NotLeader {
+                leader: leader.clone(),
+            }),
+        }
+    }
+
+    /// Takes the plan's shard locks (all or none), retrying while another plan
+    /// holds one; the plan's status says which. The engine sends nothing for the
+    /// plan before they are taken.
+    pub fn take_locks(&self, plan_id: String, shards: Vec<String>, epoch: u64) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let waiting = match me
+                    .inner
+                    .coordination
+                    .lock_shards(&plan_id, &shards, epoch)
+                    .await
+                {
+                    Ok(LockOutcome::Taken) => {
+                        let _ = me.inner.events.send(Event::LocksTaken { plan_id }).await;
+                        return;
+                    }
+                    Ok(LockOutcome::Held {
+                        shard,
+                        plan_id: holder,
+                    }) => {
+                        format!("shard {shard} is locked by plan {holder}")
+                    }
+                    Err(CoordinationError::NotLeader) => return,
+                    Err(e) => e.to_string(),
+                };
+                let _ = me
+                    .inner
+                    .events
+                    .send(Event::LocksWaiting {
+                        plan_id: plan_id.clone(),
+                        message: waiting,
+                    })
+                    .await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if me.leader_epoch().ok() != Some(epoch) {
+                    return;
+                }
+            }
+        });
+    }
+
+    pub async fn locks(&self) -> Result<pb::ListLocksResponse, CoordinatorError> {
+        let locks = self.inner.coordination.locks().await?;
+        Ok(pb::ListLocksResponse {
+            locks: locks
+                .into_iter()
+                .map(|l| pb::ShardLock {
+                    shard: l.shard,
+                    plan_id: l.plan_id,
+                    lease: l.lease,
+                })
+                .collect(),
+            backend: self.inner.coordination.kind().into(),
+        })
+    }
+
+    /// Breaks one shard's lock, whoever holds it: an operator's override, audited.
+    pub async fn break_lock(
+        &self,
+        shard: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<bool, CoordinatorError> {
+        self.leader_epoch()?;
+        let holder = self
+            .inner
+            .coordination
+            .locks()
+            .await?
+            .into_iter()
+            .find(|l| l.shard == shard)
+            .map(|l| l.plan_id)
+            .unwrap_or_default();
+        let broken = self.inner.coordination.break_lock(shard).await?;
+        if broken {
+            let _ = self.inner.writes.send(StoreOp::Audit {
+                actor: if actor.is_empty() {
+                    "operator".into()
+                } else {
+                    actor.to_string()
+                },
+                action: "break-lock".into(),
+                plan_id: holder.clone(),
+                detail: format!(
+                    "shard {shard}{}",
+                    if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {reason}")
+                    }
+                ),
+            });
+            self.flush().await;
+            tracing::warn!(shard, plan = %holder, "shard lock broken by {actor}");
+        }
+        Ok(broken)
+    }
+
     async fn to_engine<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Event,
@@ -73,6 +187,7 @@ impl Coordinator {
         &self,
         raw: pb::PlanSpec,
     ) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
+        let epoch = self.leader_epoch()?;
         let spec = PlanSpec::try_from(raw.clone())?;
         let ids: Vec<String> = spec.migrations.iter().map(|m| m.id.to_string()).collect();
 
@@ -192,7 +307,7 @@ impl Coordinator {
             state: "running".into(),
             policy: spec.policy.as_str().into(),
             spec_hex: hex_encode(&stored.encode_to_vec()),
-            epoch: self.inner.epoch as i64,
+            epoch: epoch as i64,
             message: String::new(),
             submitted_by: spec.submitted_by.clone(),
             created_at_ms: created,
@@ -249,14 +364,16 @@ impl Coordinator {
             expansion.steps,
             statuses,
             created,
-            self.inner.epoch,
+            epoch,
         );
+        let shards: Vec<String> = run.shards.keys().cloned().collect();
         let status = self
             .to_engine(|done| Event::Start {
                 run: Box::new(run),
                 done,
             })
             .await?;
+        self.take_locks(plan_id.clone(), shards, epoch);
         Ok(pb::SubmitPlanResponse {
             plan_id,
             status: Some(status),
@@ -265,6 +382,7 @@ impl Coordinator {
 
     /// Rebuilds a stored plan in memory (to roll it back, or to resume it after a restart).
     pub async fn rebuild(&self, row: &PlanRow) -> Result<PlanRun, CoordinatorError> {
+        let epoch = self.leader_epoch()?;
         let bytes = hex_decode(&row.spec_hex).ok_or_else(|| {
             CoordinatorError::Store(format!("plan {}: stored spec is corrupt", row.id))
         })?;
@@ -313,7 +431,7 @@ impl Coordinator {
             steps,
             statuses,
             row.created_at_ms,
-            self.inner.epoch,
+            epoch,
         ))
     }
 
@@ -377,16 +495,24 @@ impl Coordinator {
             run.state = crate::engine::plan_run::PlanState::Completed;
             Some(Box::new(run))
         };
+        let epoch = self.leader_epoch()?;
+        let revived_shards: Option<Vec<String>> =
+            revive.as_ref().map(|r| r.shards.keys().cloned().collect());
         let (id, actor, reason) = (plan_id.to_string(), actor.to_string(), reason.to_string());
-        self.to_engine(|reply| Event::Command {
-            plan_id: id,
-            kind,
-            actor,
-            reason,
-            revive,
-            reply,
-        })
-        .await?
+        let status = self
+            .to_engine(|reply| Event::Command {
+                plan_id: id,
+                kind,
+                actor,
+                reason,
+                revive,
+                reply,
+            })
+            .await??;
+        if let Some(shards) = revived_shards {
+            self.take_locks(plan_id.to_string(), shards, epoch);
+        }
+        Ok(status)
     }
 
     /// Plan status snapshots as they change, ending with the final one.
@@ -456,6 +582,8 @@ impl Coordinator {
     }
 
     pub async fn fleet(&self) -> Result<pb::ListFleetResponse, CoordinatorError> {
+        // Agents attach to the leader only: a follower's view would say "gone".
+        self.leader_epoch()?;
         let attached = self.inner.fleet.snapshot();
         let mut out: BTreeMap<String, pb::AgentInfo> = BTreeMap::new();
         for (shard, labels, tenants, version, last_seen) in self.inner.store.agents().await? {
@@ -501,10 +629,12 @@ impl Coordinator {
 
     /// Plans left running by a previous coordinator: rebuilt and continued.
     pub async fn resume_unfinished(&self) -> Result<usize, CoordinatorError> {
+        let epoch = self.leader_epoch()?;
         let rows = self.inner.store.unfinished_plans().await?;
         let n = rows.len();
         for row in rows {
             let mut run = self.rebuild(&row).await?;
+            let shards: Vec<String> = run.shards.keys().cloned().collect();
             if row.state != "running" {
                 // It was undoing: undo again; the journal makes that harmless.
                 run.state = crate::engine::plan_run::PlanState::Completed;
@@ -529,6 +659,9 @@ impl Coordinator {
                     })
                     .await?;
             }
+            // A new leader re-takes the plan's locks (adopting its lease) before
+            // anything is sent for it.
+            self.take_locks(row.id.clone(), shards, epoch);
         }
         Ok(n)
     }

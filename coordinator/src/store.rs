@@ -125,6 +125,7 @@ pub struct StepUpdate {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    is_pg: bool,
 }
 
 impl Store {
@@ -152,13 +153,22 @@ impl Store {
                     .map_err(store_err)?;
             }
         }
-        let store = Store { pool };
+        let store = Store { pool, is_pg };
         store.migrate().await?;
         Ok(store)
     }
 
     async fn migrate(&self) -> Result<(), CoordinatorError> {
         let mut tx = self.pool.begin().await.map_err(store_err)?;
+        if self.is_pg {
+            // Coordinators of one HA group start together on one store: one
+            // migrates, the others wait (CREATE ... IF NOT EXISTS is not safe
+            // against a concurrent CREATE).
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('flotilla.control-store'))")
+                .execute(&mut *tx)
+                .await
+                .map_err(store_err)?;
+        }
         for ddl in SCHEMA {
             sqlx::query(*ddl)
                 .execute(&mut *tx)

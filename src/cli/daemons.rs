@@ -36,6 +36,10 @@ pub async fn coordinator(args: CoordinatorArgs) -> u8 {
     config.metrics = args.metrics;
     config.lock_timeout = args.lock_timeout;
     config.statement_timeout = args.statement_timeout;
+    config.etcd = args.etcd;
+    config.advertise = args.advertise;
+    config.lease_ttl = args.lease_ttl;
+    config.agent_grace = args.agent_grace;
     match flotilla_coordinator::start(config, shutdown_signal(), None).await {
         Ok(()) => EXIT_OK,
         Err(e) => {
@@ -93,6 +97,8 @@ fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, Stri
     config.tenant_pattern = args.tenant_pattern.clone();
     config.tenant_query = args.tenant_query.clone();
     config.max_connections = args.max_connections;
+    config.etcd = args.etcd.clone();
+    config.lease_ttl = args.lease_ttl;
     Ok(config)
 }
 
@@ -134,6 +140,8 @@ pub async fn quickstart(args: QuickstartArgs) -> u8 {
             tenant_query: None,
             max_connections: 8,
             metrics: None,
+            etcd: Vec::new(),
+            lease_ttl: std::time::Duration::from_secs(10),
         };
         match agent_config(&a, &format!("http://{}", args.listen)) {
             Ok(c) => agents.push(c),

@@ -57,6 +57,9 @@ pub enum Command {
     /// Inspect the fleet of agents, shards and tenants.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Plan locks on shards: who holds them; break one (audited).
+    #[command(subcommand)]
+    Locks(LocksCommand),
     /// Run a coordinator and one agent per given shard in this process, for trying Flotilla out.
     Quickstart(QuickstartArgs),
 }
@@ -78,6 +81,20 @@ pub struct CoordinatorArgs {
     /// Default statement_timeout for steps (0s = none).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub statement_timeout: Duration,
+    /// etcd endpoints (comma-separated): leader election, plan locks, agent
+    /// liveness, decisions. Without it, one coordinator runs with an embedded backend.
+    #[arg(long, env = "FLOTILLA_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The address followers tell operators and agents to use for this coordinator
+    /// (default http://<listen>).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// TTL of the leadership and plan leases in etcd.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+    /// How long an agent may be gone before its runs in flight fail.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub agent_grace: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -106,6 +123,13 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465).
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// etcd endpoints (comma-separated): the agent keeps a liveness key there
+    /// under a lease, so the leader sees when it is gone.
+    #[arg(long, env = "FLOTILLA_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// TTL of the agent's liveness lease.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -210,6 +234,25 @@ pub struct CommandArgs {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum LocksCommand {
+    /// Shards locked by running plans, with the plan and its lease.
+    List {
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Delete a shard's lock whoever holds it (recorded in the audit trail).
+    Break {
+        shard: String,
+        /// Why (recorded in the audit trail).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Who breaks it (recorded in the audit trail).
+        #[arg(long, env = "USER", default_value = "operator")]
+        actor: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum FleetCommand {
     /// Agents, their shards, tenants and labels, connected or not.
     List {
@@ -247,5 +290,6 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Fleet(FleetCommand::List { output }) => {
             plan::fleet_list(&cli.coordinator, output).await
         }
+        Command::Locks(cmd) => plan::locks(&cli.coordinator, cmd).await,
     }
 }

@@ -28,21 +28,62 @@ fn fail(e: tonic::Status) -> u8 {
     status_exit(&e)
 }
 
-async fn client(addr: &str) -> Result<OperatorServiceClient<Channel>, u8> {
-    let endpoint = match tonic::transport::Endpoint::from_shared(addr.to_string()) {
-        Ok(e) => e.connect_timeout(std::time::Duration::from_secs(5)),
-        Err(e) => {
-            eprintln!("error: --coordinator `{addr}`: {e}");
-            return Err(EXIT_BAD_INPUT);
+/// Connects to the first reachable coordinator of a comma-separated list.
+pub(super) async fn client(addrs: &str) -> Result<OperatorServiceClient<Channel>, u8> {
+    let mut last = String::new();
+    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let endpoint = match tonic::transport::Endpoint::from_shared(addr.to_string()) {
+            Ok(e) => e.connect_timeout(std::time::Duration::from_secs(5)),
+            Err(e) => {
+                eprintln!("error: --coordinator `{addr}`: {e}");
+                return Err(EXIT_BAD_INPUT);
+            }
+        };
+        match endpoint.connect().await {
+            Ok(ch) => {
+                return Ok(OperatorServiceClient::new(ch)
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20));
+            }
+            Err(e) => last = format!("{addr}: {e}"),
         }
-    };
-    match endpoint.connect().await {
-        Ok(ch) => Ok(OperatorServiceClient::new(ch)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20)),
-        Err(e) => {
-            eprintln!("error: cannot reach the coordinator at {addr}: {e}");
-            Err(EXIT_UNAVAILABLE)
+    }
+    eprintln!("error: cannot reach a coordinator ({last})");
+    Err(EXIT_UNAVAILABLE)
+}
+
+/// Where a follower says the leader is, when it refused a write.
+fn leader_of(e: &tonic::Status) -> Option<String> {
+    if e.code() != tonic::Code::Unavailable {
+        return None;
+    }
+    let v = e
+        .metadata()
+        .get(flotilla_coordinator::error::LEADER_METADATA)?;
+    v.to_str().ok().map(str::to_string)
+}
+
+/// Runs a write on the leader: a follower's refusal names it, and the call
+/// goes there (a few hops at most, leadership may be moving).
+pub(super) async fn on_leader<T, F, Fut>(
+    c: &mut OperatorServiceClient<Channel>,
+    mut call: F,
+) -> Result<T, u8>
+where
+    F: FnMut(OperatorServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut hops = 0;
+    loop {
+        match call(c.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(e) => match leader_of(&e) {
+                Some(leader) if hops < 3 => {
+                    hops += 1;
+                    *c = client(&leader).await?;
+                }
+                _ => return Err(fail(e)),
+            },
         }
     }
 }
@@ -140,12 +181,15 @@ async fn submit(addr: &str, args: SubmitArgs) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let resp = match c
-        .submit_plan(pb::SubmitPlanRequest { spec: Some(raw) })
-        .await
+    let req = pb::SubmitPlanRequest { spec: Some(raw) };
+    let resp = match on_leader(&mut c, |mut c| {
+        let req = req.clone();
+        async move { c.submit_plan(req).await }
+    })
+    .await
     {
-        Ok(r) => r.into_inner(),
-        Err(e) => return fail(e),
+        Ok(r) => r,
+        Err(code) => return code,
     };
     if !args.wait {
         render::submitted(&resp, args.output);
@@ -167,21 +211,70 @@ async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {
         actor: args.actor,
         reason: args.reason,
     };
-    let r = if rollback {
-        c.rollback_plan(req).await
-    } else {
-        c.cancel_plan(req).await
-    };
+    let r = on_leader(&mut c, |mut c| {
+        let req = req.clone();
+        async move {
+            if rollback {
+                c.rollback_plan(req).await
+            } else {
+                c.cancel_plan(req).await
+            }
+        }
+    })
+    .await;
     match r {
         Ok(s) => {
             if args.wait {
                 watch(&mut c, args.id, args.output).await
             } else {
-                render::status(&s.into_inner(), args.output);
+                render::status(&s, args.output);
                 EXIT_OK
             }
         }
-        Err(e) => fail(e),
+        Err(code) => code,
+    }
+}
+
+pub async fn locks(addr: &str, cmd: super::LocksCommand) -> u8 {
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match cmd {
+        super::LocksCommand::List { output } => match c.list_locks(pb::ListLocksRequest {}).await {
+            Ok(r) => {
+                render::locks(&r.into_inner(), output);
+                EXIT_OK
+            }
+            Err(e) => fail(e),
+        },
+        super::LocksCommand::Break {
+            shard,
+            reason,
+            actor,
+        } => {
+            let req = pb::BreakLockRequest {
+                shard: shard.clone(),
+                actor,
+                reason,
+            };
+            match on_leader(&mut c, |mut c| {
+                let req = req.clone();
+                async move { c.break_lock(req).await }
+            })
+            .await
+            {
+                Ok(r) if r.broken => {
+                    println!("lock on shard {shard} broken (recorded in the audit trail)");
+                    EXIT_OK
+                }
+                Ok(_) => {
+                    eprintln!("error: shard {shard} holds no lock");
+                    EXIT_BAD_INPUT
+                }
+                Err(code) => code,
+            }
+        }
     }
 }
 
@@ -229,11 +322,15 @@ pub async fn fleet_list(addr: &str, output: Output) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match c.list_fleet(pb::ListFleetRequest {}).await {
+    match on_leader(&mut c, |mut c| async move {
+        c.list_fleet(pb::ListFleetRequest {}).await
+    })
+    .await
+    {
         Ok(r) => {
-            render::fleet(&r.into_inner(), output);
+            render::fleet(&r, output);
             EXIT_OK
         }
-        Err(e) => fail(e),
+        Err(code) => code,
     }
 }

@@ -346,3 +346,25 @@ pub fn lint(spec: &flotilla_proto::PlanSpec, output: Output) {
         );
     }
 }
+
+pub fn locks(r: &pb::ListLocksResponse, output: Output) {
+    if output == Output::Json {
+        let v: Vec<Value> = r
+            .locks
+            .iter()
+            .map(|l| json!({"shard": l.shard, "plan_id": l.plan_id, "lease": l.lease}))
+            .collect();
+        println!("{}", json!({"backend": r.backend, "locks": v}));
+        return;
+    }
+    println!("coordination backend: {}", r.backend);
+    println!("{:<24} {:<14} {:>20}", "SHARD", "PLAN", "LEASE");
+    for l in &r.locks {
+        println!(
+            "{:<24} {:<14} {:>20}",
+            l.shard,
+            l.plan_id,
+            format!("{:x}", l.lease)
+        );
+    }
+}

@@ -3,6 +3,7 @@
 
 mod behaviour;
 mod fleet;
+mod ha;
 mod harness;
 mod rollout;
 mod smoke;

@@ -1,5 +1,7 @@
 //! What the PostgreSQL tests share: a throwaway fleet database and a scripted coordinator.
 #![allow(dead_code)]
+pub mod etcd;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

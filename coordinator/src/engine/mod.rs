@@ -59,6 +59,22 @@ pub enum Event {
         plan_id: String,
         reply: oneshot::Sender<Option<pb::PlanStatus>>,
     },
+    /// This coordinator leads under `epoch`: plans are rebuilt and continued by the caller.
+    Lead {
+        epoch: u64,
+    },
+    /// Leadership is lost: stop scheduling and deciding at once.
+    Follow,
+    LocksTaken {
+        plan_id: String,
+    },
+    LocksWaiting {
+        plan_id: String,
+        message: String,
+    },
+    /// Shards whose agents hold a liveness key (etcd) or are attached (embedded).
+    LiveAgents(std::collections::BTreeSet<String>),
+    Tick,
 }
 
 struct AgentConn {
@@ -69,6 +85,11 @@ struct AgentConn {
 
 pub struct Engine {
     epoch: u64,
+    leading: bool,
+    coordination: std::sync::Arc<dyn crate::coordination::Coordination>,
+    live: std::collections::BTreeSet<String>,
+    lost_since: HashMap<String, std::time::Instant>,
+    agent_grace: std::time::Duration,
     store: mpsc::UnboundedSender<StoreOp>,
     agents: HashMap<String, AgentConn>,
     plans: HashMap<String, PlanRun>,
@@ -78,12 +99,24 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(
-        epoch: u64,
+        coordination: std::sync::Arc<dyn crate::coordination::Coordination>,
+        agent_grace: std::time::Duration,
         store: mpsc::UnboundedSender<StoreOp>,
         changes: broadcast::Sender<(String, bool)>,
     ) -> Engine {
+        // Leading from the first moment when the backend says so (the embedded one
+        // always does), so a submit can never race the first Lead event.
+        let (epoch, leading) = match coordination.leadership().borrow().epoch() {
+            Some(e) => (e, true),
+            None => (0, false),
+        };
         Engine {
             epoch,
+            leading,
+            coordination,
+            live: Default::default(),
+            lost_since: HashMap::new(),
+            agent_grace,
             store,
             agents: HashMap::new(),
             plans: HashMap::new(),
@@ -180,6 +213,9 @@ impl Engine {
                 self.drive(&plan_id).await;
             }
             Event::Start { run, done } => {
+                if !self.leading {
+                    return;
+                }
                 let id = run.id.clone();
                 metrics::plan_started();
                 self.plans.insert(id.clone(), *run);
@@ -205,6 +241,95 @@ impl Engine {
             Event::Status { plan_id, reply } => {
                 let _ = reply.send(self.status_of(&plan_id));
             }
+            Event::Lead { epoch } => {
+                if self.leading && self.epoch == epoch {
+                    return;
+                }
+                info!(epoch, "leading: scheduling and deciding");
+                self.epoch = epoch;
+                self.leading = true;
+                // Runs of an earlier term may still come back; their ids carry
+                // the old epoch, so they never match this term's runs.
+                self.next_run_id = (epoch << 32) + 1;
+                self.plans.clear();
+            }
+            Event::Follow => {
+                if self.leading {
+                    warn!(
+                        epoch = self.epoch,
+                        "leadership lost: stopped scheduling and deciding"
+                    );
+                }
+                self.leading = false;
+                // Dropping the plans and the agent streams stops everything at
+                // once; agents find the new leader, which rebuilds from the store
+                // and the journals.
+                self.plans.clear();
+                self.agents.clear();
+                metrics::agents_connected(0);
+            }
+            Event::LocksTaken { plan_id } => {
+                if let Some(run) = self.plans.get_mut(&plan_id) {
+                    run.locked = true;
+                    run.lock_wait = None;
+                    info!(plan = %plan_id, "shard locks taken");
+                }
+                self.drive(&plan_id).await;
+            }
+            Event::LocksWaiting { plan_id, message } => {
+                if let Some(run) = self.plans.get_mut(&plan_id) {
+                    run.lock_wait = Some(message);
+                }
+                let _ = self.changes.send((plan_id, false));
+            }
+            Event::LiveAgents(live) => {
+                self.live = live;
+            }
+            Event::Tick => self.check_lost_agents().await,
+        }
+    }
+
+    /// Shards with runs in flight whose agent is neither attached nor holding a
+    /// liveness key: after the grace, their runs fail under the plan's policy.
+    async fn check_lost_agents(&mut self) {
+        let now = std::time::Instant::now();
+        let gone = |s: &String| !self.agents.contains_key(s) && !self.live.contains(s);
+        let mut lost: Vec<(String, String)> = Vec::new();
+        let mut watched = std::collections::BTreeSet::new();
+        for (id, run) in &self.plans {
+            if run.state != PlanState::Running {
+                continue;
+            }
+            for (shard, sr) in &run.shards {
+                if sr.outstanding.is_empty() || !gone(shard) {
+                    continue;
+                }
+                watched.insert(shard.clone());
+                let since = *self.lost_since.entry(shard.clone()).or_insert(now);
+                if now.duration_since(since) >= self.agent_grace {
+                    lost.push((id.clone(), shard.clone()));
+                }
+            }
+        }
+        self.lost_since.retain(|s, _| watched.contains(s));
+        for (plan_id, shard) in lost {
+            let reason = format!(
+                "the agent of shard {shard} is lost (no stream and no liveness key for {}s)",
+                self.agent_grace.as_secs()
+            );
+            warn!(plan = %plan_id, shard = %shard, "{reason}");
+            let Some(run) = self.plans.get_mut(&plan_id) else {
+                continue;
+            };
+            let (updates, failed) = run.fail_lost_shard(&shard, &reason);
+            self.write(StoreOp::Steps {
+                plan_id: plan_id.clone(),
+                updates,
+            });
+            if failed {
+                self.on_failure(&plan_id);
+            }
+            self.drive(&plan_id).await;
         }
     }
 
@@ -578,6 +703,14 @@ impl Engine {
             let _ = self.store.send(StoreOp::Flush(tx));
             let _ = rx.await;
             self.plans.remove(plan_id);
+            let (coordination, id, epoch) =
+                (self.coordination.clone(), plan_id.to_string(), self.epoch);
+            tokio::spawn(async move {
+                if let Err(e) = coordination.release_shards(&id, epoch).await {
+                    // Locks live under the plan's lease: they expire if not released.
+                    warn!(plan = %id, "releasing shard locks: {e}");
+                }
+            });
             let _ = self.changes.send((plan_id.to_string(), true));
             return;
         }

@@ -134,6 +134,10 @@ pub struct PlanRun {
     pub created_at_ms: i64,
     pub epoch: u64,
     rollback_errors: usize,
+    /// Whether the plan holds its shard locks; nothing is sent to agents before.
+    pub locked: bool,
+    /// Why it waits for its locks (which plan holds which shard), if it does.
+    pub lock_wait: Option<String>,
 }
 
 impl PlanRun {
@@ -213,6 +217,8 @@ impl PlanRun {
             created_at_ms,
             epoch,
             rollback_errors: 0,
+            locked: false,
+            lock_wait: None,
         };
         for t in 0..run.targets.len() {
             run.enqueue_if_ready(t);
@@ -542,6 +548,42 @@ impl PlanRun {
             }
         }
         updates
+    }
+
+    /// A shard whose agent is gone past the grace: its runs in flight fail, so
+    /// the plan's policy decides (the journal still tells, when it returns,
+    /// what those runs really did).
+    pub fn fail_lost_shard(&mut self, shard: &str, reason: &str) -> (Vec<StepUpdate>, bool) {
+        let Some(sr) = self.shards.get_mut(shard) else {
+            return (Vec::new(), false);
+        };
+        let lost: Vec<usize> = std::mem::take(&mut sr.outstanding)
+            .into_values()
+            .flatten()
+            .collect();
+        let mut updates = Vec::new();
+        let error = pb::StepError {
+            sqlstate: String::new(),
+            message: reason.to_string(),
+            detail: String::new(),
+            phase: "agent".into(),
+        };
+        for s in &lost {
+            self.steps[*s].status = StepStatus::Failed;
+            let t = &self.targets[self.steps[*s].target];
+            self.failures.push(pb::StepFailure {
+                migration_id: self.spec.migrations[self.steps[*s].migration]
+                    .id
+                    .to_string(),
+                target: Some(pb::TargetRef {
+                    shard: t.shard.clone(),
+                    tenant: t.tenant.clone(),
+                }),
+                error: Some(error.clone()),
+            });
+            updates.push(self.update_of(*s, Some(&error)));
+        }
+        (updates, !lost.is_empty())
     }
 
     pub fn outstanding(&self) -> usize {

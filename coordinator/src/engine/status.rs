@@ -64,7 +64,10 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
         }),
         migrations: progress_in_order(&order, by),
         failures: run.failures.clone(),
-        message: run.message.clone(),
+        message: match &run.lock_wait {
+            Some(w) => format!("waiting for shard locks: {w}"),
+            None => run.message.clone(),
+        },
         waiting_for,
     }
 }

@@ -1,0 +1,222 @@
+//! The agent's liveness key in etcd: `<prefix>/agents/<shard>` under a lease of the agent's
+//! own, kept alive every third of its TTL by one task. Coordinators watch these keys to tell
+//! a dead agent from a slow one. Liveness is advice, not exclusion: the shard's agent lock
+//! and fence decide who may change the shard.
+//!
+//! etcd being away never stops the agent: it keeps serving its coordinator stream while this
+//! task retries in the background, and re-grants a lease (re-putting the key) whenever the
+//! old one is lost, expired or revoked.
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, PutOptions};
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, warn};
+
+use crate::config::{AgentConfig, redact_dsn};
+use crate::metrics;
+use crate::session::backoff_delay;
+
+/// `<prefix>/agents/<shard>`, as `keys::agent` in the coordinator builds it.
+pub(crate) fn agent_key(prefix: &str, shard: &str) -> String {
+    format!("{}/agents/{shard}", prefix.trim_end_matches('/'))
+}
+
+/// The value of the key: who holds it (never a secret).
+pub(crate) fn agent_value() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "host": host,
+    })
+    .to_string()
+}
+
+struct Liveness {
+    endpoints: Vec<String>,
+    /// The endpoints as logs may show them.
+    shown: String,
+    key: String,
+    value: String,
+    ttl: Duration,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+}
+
+/// Starts the liveness task when etcd endpoints are configured. It runs until `stop`,
+/// then revokes its lease (the key goes with it).
+pub(crate) fn spawn(config: &AgentConfig, stop: CancellationToken) -> Option<JoinHandle<()>> {
+    if config.etcd.is_empty() {
+        return None;
+    }
+    let liveness = Liveness {
+        endpoints: config.etcd.iter().map(|e| e.trim().to_string()).collect(),
+        shown: config
+            .etcd
+            .iter()
+            .map(|e| redact_dsn(e))
+            .collect::<Vec<_>>()
+            .join(","),
+        key: agent_key(&config.etcd_prefix, &config.shard),
+        value: agent_value(),
+        ttl: Duration::from_secs(config.lease_ttl.as_secs_f64().ceil().max(1.0) as u64),
+        reconnect_min: config.reconnect_min,
+        reconnect_max: config.reconnect_max,
+    };
+    let span = tracing::info_span!("liveness", shard = %config.shard);
+    Some(tokio::spawn(liveness.run(stop).instrument(span)))
+}
+
+impl Liveness {
+    /// How long one etcd call may take before it counts as failed.
+    fn call_timeout(&self) -> Duration {
+        (self.ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(5))
+    }
+
+    async fn run(self, stop: CancellationToken) {
+        let mut client = None;
+        let mut lease = None;
+        let mut ever_up = false;
+        let mut attempt = 0u32;
+        loop {
+            let held = tokio::select! {
+                r = self.hold(&mut client, &mut lease) => Some(r),
+                () = stop.cancelled() => None,
+            };
+            metrics::etcd_liveness_up(false);
+            let Some((reason, was_up)) = held else { break };
+            if was_up {
+                attempt = 0;
+            }
+            let delay = backoff_delay(
+                attempt,
+                self.reconnect_min,
+                self.reconnect_max,
+                rand::random(),
+            );
+            if was_up {
+                warn!(endpoints = %self.shown, key = %self.key, %reason, "the agent's liveness lease is lost; granting a new one and putting the key again");
+            } else if attempt == 0 && !ever_up {
+                error!(endpoints = %self.shown, %reason, "etcd is unreachable at {}: the agent's liveness key is not published; retrying in the background (the agent still serves its coordinator)", self.shown);
+            } else if attempt.is_multiple_of(12) {
+                warn!(endpoints = %self.shown, %reason, attempt, "etcd is still unreachable; retrying");
+            } else {
+                debug!(endpoints = %self.shown, %reason, attempt, ?delay, "etcd retry");
+            }
+            ever_up |= was_up;
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        // the last lease granted, unless it is known to be gone
+        if let (Some(mut c), Some(id)) = (client, lease) {
+            match tokio::time::timeout(self.call_timeout(), c.lease_revoke(id)).await {
+                Ok(Ok(_)) => info!(key = %self.key, "revoked the liveness lease"),
+                Ok(Err(e)) => {
+                    warn!(key = %self.key, error = %e, "could not revoke the liveness lease; it expires with its TTL")
+                }
+                Err(_) => {
+                    warn!(key = %self.key, "revoking the liveness lease timed out; it expires with its TTL")
+                }
+            }
+        }
+    }
+
+    /// Grants a lease, puts the key under it and keeps it alive. Returns why it stopped, and
+    /// whether the key was up before.
+    async fn hold(&self, client: &mut Option<Client>, lease: &mut Option<i64>) -> (String, bool) {
+        let down = |reason: String| (reason, false);
+        let limit = self.call_timeout();
+        let c = match client {
+            Some(c) => c,
+            None => {
+                let options = ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+                match call(limit, Client::connect(&self.endpoints, Some(options))).await {
+                    Ok(c) => client.insert(c),
+                    Err(reason) => return down(format!("connecting: {reason}")),
+                }
+            }
+        };
+        let ttl = self.ttl.as_secs() as i64;
+        let id = match call(limit, c.lease_grant(ttl, None)).await {
+            Ok(granted) => granted.id(),
+            Err(reason) => return down(format!("granting a lease: {reason}")),
+        };
+        *lease = Some(id);
+        let put = c.put(
+            self.key.as_str(),
+            self.value.as_str(),
+            Some(PutOptions::new().with_lease(id)),
+        );
+        if let Err(reason) = call(limit, put).await {
+            return down(format!("putting {}: {reason}", self.key));
+        }
+        let (mut keeper, mut responses) = match call(limit, c.lease_keep_alive(id)).await {
+            Ok(pair) => pair,
+            Err(reason) => return down(format!("keeping the lease alive: {reason}")),
+        };
+        metrics::etcd_liveness_up(true);
+        info!(key = %self.key, lease = %format!("{id:x}"), ttl, "liveness key put in etcd");
+        let up = |reason: String| (reason, true);
+        let mut tick = tokio::time::interval(self.ttl / 3);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = keeper.keep_alive().await {
+                return up(format!("keep-alive: {e}"));
+            }
+            match call(limit, responses.message()).await {
+                Ok(Some(r)) if r.ttl() > 0 => {}
+                Ok(Some(_)) => {
+                    // nothing left to revoke
+                    *lease = None;
+                    return up(format!("lease {id:x} is gone (expired or revoked)"));
+                }
+                Ok(None) => return up("the keep-alive stream ended".into()),
+                Err(reason) => return up(format!("keep-alive: {reason}")),
+            }
+        }
+    }
+}
+
+/// One etcd call with a time limit (a balanced channel with no endpoint up waits forever).
+async fn call<T>(
+    limit: Duration,
+    f: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {limit:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_coordinators_layout() {
+        assert_eq!(
+            agent_key("/flotilla", "shard_0"),
+            "/flotilla/agents/shard_0"
+        );
+        assert_eq!(agent_key("/flotilla/", "s1"), "/flotilla/agents/s1");
+        let v: serde_json::Value = serde_json::from_str(&agent_value()).unwrap();
+        assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(v["pid"], std::process::id());
+        assert!(v["host"].as_str().is_some_and(|h| !h.is_empty()));
+    }
+}

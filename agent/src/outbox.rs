@@ -1,0 +1,152 @@
+//! Results waiting for the coordinator: batched per plan, flushed shortly after the first
+//! is ready, and kept across streams (whatever was not sent goes out after the next Hello).
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use flotilla_proto::pb;
+use flotilla_proto::pb::agent_message::Body as Out;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::time::Instant;
+
+/// Results are sent at most this long after the first of a batch is ready...
+const FLUSH_AFTER: Duration = Duration::from_millis(25);
+/// ...or as soon as this many runs are waiting.
+pub(crate) const FLUSH_RUNS: usize = 128;
+
+/// What the agent's tasks hand to the session for sending, kept across reconnects.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    Run {
+        plan_id: String,
+        result: pb::RunResult,
+    },
+    Rollback(pb::RollbackReply),
+}
+
+/// Results waiting for the coordinator. They outlive a stream: whatever was not sent goes
+/// out after the next Hello (the coordinator takes repeats).
+pub(crate) struct Outbox {
+    pub rx: mpsc::UnboundedReceiver<Outgoing>,
+    pub runs: Vec<(String, pb::RunResult)>,
+    ready: VecDeque<pb::AgentMessage>,
+    since: Option<Instant>,
+}
+
+impl Outbox {
+    pub fn new(rx: mpsc::UnboundedReceiver<Outgoing>) -> Outbox {
+        Outbox {
+            rx,
+            runs: Vec::new(),
+            ready: VecDeque::new(),
+            since: None,
+        }
+    }
+
+    pub fn push(&mut self, item: Outgoing) {
+        match item {
+            Outgoing::Run { plan_id, result } => self.runs.push((plan_id, result)),
+            Outgoing::Rollback(reply) => self.ready.push_back(pb::AgentMessage {
+                body: Some(Out::Rollback(reply)),
+            }),
+        }
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    pub fn due(&self) -> Option<Instant> {
+        self.since.map(|s| s + FLUSH_AFTER)
+    }
+
+    /// Groups buffered runs into one RunResults per plan (in order of arrival).
+    fn batch(&mut self) {
+        let mut by_plan: Vec<pb::RunResults> = Vec::new();
+        for (plan_id, run) in self.runs.drain(..) {
+            match by_plan.iter_mut().find(|r| r.plan_id == plan_id) {
+                Some(r) => r.runs.push(run),
+                None => by_plan.push(pb::RunResults {
+                    plan_id,
+                    runs: vec![run],
+                }),
+            }
+        }
+        self.ready
+            .extend(by_plan.into_iter().map(|r| pb::AgentMessage {
+                body: Some(Out::Results(r)),
+            }));
+    }
+
+    /// Sends what is ready without waiting. Err when the stream is gone.
+    pub fn flush(&mut self, tx: &mpsc::Sender<pb::AgentMessage>) -> Result<(), String> {
+        fail::fail_point!("agent::before_send_results", |_| Err(
+            "failpoint agent::before_send_results".to_string()
+        ));
+        self.batch();
+        while let Some(msg) = self.ready.pop_front() {
+            match tx.try_send(msg) {
+                Ok(()) => {}
+                Err(TrySendError::Full(msg)) => {
+                    // the coordinator is slow to read: try again shortly
+                    self.ready.push_front(msg);
+                    self.since = Some(Instant::now());
+                    return Ok(());
+                }
+                Err(TrySendError::Closed(msg)) => {
+                    self.ready.push_front(msg);
+                    return Err("the stream to the coordinator closed".into());
+                }
+            }
+        }
+        self.since = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_result(id: u64) -> pb::RunResult {
+        pb::RunResult {
+            run_id: id,
+            tenant: format!("t{id}"),
+            steps: Vec::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outbox_batches_per_plan_and_keeps_what_was_not_sent() {
+        let (_in_tx, in_rx) = mpsc::unbounded_channel();
+        let mut outbox = Outbox::new(in_rx);
+        for (plan, id) in [("a", 1), ("b", 2), ("a", 3)] {
+            outbox.push(Outgoing::Run {
+                plan_id: plan.into(),
+                result: run_result(id),
+            });
+        }
+        assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
+        let (tx, mut rx) = mpsc::channel(8);
+        outbox.flush(&tx).unwrap();
+        assert!(outbox.due().is_none());
+        let Some(Out::Results(r)) = rx.recv().await.unwrap().body else {
+            panic!("not results")
+        };
+        assert_eq!((r.plan_id.as_str(), r.runs.len()), ("a", 2));
+        let Some(Out::Results(r)) = rx.recv().await.unwrap().body else {
+            panic!("not results")
+        };
+        assert_eq!((r.plan_id.as_str(), r.runs.len()), ("b", 1));
+        // a closed stream keeps the batch for the next one
+        outbox.push(Outgoing::Run {
+            plan_id: "c".into(),
+            result: run_result(4),
+        });
+        drop(rx);
+        assert!(outbox.flush(&tx).is_err());
+        let (tx2, mut rx2) = mpsc::channel(8);
+        outbox.flush(&tx2).unwrap();
+        let Some(Out::Results(r)) = rx2.recv().await.unwrap().body else {
+            panic!("not results")
+        };
+        assert_eq!((r.plan_id.as_str(), r.runs[0].run_id), ("c", 4));
+    }
+}

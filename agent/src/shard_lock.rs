@@ -1,0 +1,200 @@
+//! One agent per shard: the shard itself fences agents.
+//!
+//! Epochs (`flotilla.fence`) fence *coordinators*: a deposed leader's steps are refused by the
+//! shard. They say nothing about how many *agents* serve a shard. A second agent started by
+//! mistake, or an old one that lost its connections and came back after a new one took its
+//! place, would still carry a valid epoch from the current leader and could run steps beside
+//! the current agent: two appliers racing on the same journal, the same checkpoints, the same
+//! tenant locks. So before doing any work an agent takes a session-level advisory lock,
+//! `pg_try_advisory_lock(hashtext('flotilla.agent'))`, on a connection of its own (outside the
+//! pool) that it keeps for its whole life: a second agent fails to start with
+//! [`AgentError::ShardTaken`]. If that connection dies later the shard has released the lock
+//! (and another agent may hold it by now), so the agent takes no new runs and undoes nothing
+//! until it holds the lock again; what is in flight finishes, and the fence in each step's own
+//! transaction remains the last word.
+use std::time::Duration;
+
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::error::AgentError;
+use crate::session::backoff_delay;
+use crate::{Agent, metrics};
+
+const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext('flotilla.agent'))";
+const UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext('flotilla.agent'))";
+/// The session holding the lock, as far as this role may see it (pg_stat_activity hides
+/// other roles' client addresses from non-superusers: those columns come back NULL).
+const HOLDER: &str = "SELECT l.pid, a.application_name, host(a.client_addr), a.client_port \
+     FROM pg_catalog.pg_locks l LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+       AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) \
+       AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext('flotilla.agent')::bigint \
+     LIMIT 1";
+/// How often the lock's connection is checked while held.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// A check (or a connection attempt) that takes longer counts as a dead connection.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// pid, application_name, client address, client port.
+type Holder = (i32, Option<String>, Option<String>, Option<i32>);
+
+enum Attempt {
+    Held(PgConnection),
+    /// Another session holds it: ` (session pid …, …)`, or empty when it cannot be read.
+    Taken(String),
+}
+
+/// Opens a dedicated session and tries the lock once.
+async fn try_lock(options: &PgConnectOptions) -> Result<Attempt, sqlx::Error> {
+    let mut conn = PgConnection::connect_with(options).await?;
+    let held: bool = sqlx::query_scalar(TRY_LOCK).fetch_one(&mut conn).await?;
+    if held {
+        return Ok(Attempt::Held(conn));
+    }
+    let holder = describe_holder(&mut conn).await;
+    let _ = conn.close().await;
+    Ok(Attempt::Taken(holder))
+}
+
+async fn describe_holder(conn: &mut PgConnection) -> String {
+    let row: Option<Holder> = match sqlx::query_as(HOLDER).fetch_optional(conn).await {
+        Ok(row) => row,
+        Err(error) => {
+            warn!(%error, "cannot read who holds the shard's agent lock");
+            None
+        }
+    };
+    let Some((pid, application, host, port)) = row else {
+        return String::new();
+    };
+    let mut parts = vec![format!("session pid {pid}")];
+    if let Some(application) = application.filter(|a| !a.is_empty()) {
+        parts.push(format!("application_name {application}"));
+    }
+    match (host, port) {
+        (Some(host), Some(port)) if port > 0 => parts.push(format!("client {host}:{port}")),
+        (Some(host), _) => parts.push(format!("client {host}")),
+        // a NULL address with port -1: a Unix socket
+        (None, Some(-1)) => parts.push("client on the local socket".into()),
+        _ => {}
+    }
+    format!(" ({})", parts.join(", "))
+}
+
+/// Takes the shard's agent lock at start. Err(ShardTaken) when another agent holds it.
+pub(crate) async fn acquire(config: &AgentConfig) -> Result<PgConnection, AgentError> {
+    let options = crate::shard::connect_options(config)?;
+    match try_lock(&options).await {
+        Ok(Attempt::Held(conn)) => {
+            metrics::shard_lock_held(true);
+            info!("holding the shard's agent lock");
+            Ok(conn)
+        }
+        Ok(Attempt::Taken(holder)) => Err(AgentError::ShardTaken {
+            shard: config.shard.clone(),
+            holder,
+        }),
+        Err(error) => Err(AgentError::Shard {
+            shard: config.shard.clone(),
+            what: "taking the shard's agent lock",
+            error,
+        }),
+    }
+}
+
+/// Keeps the lock on `conn` until `stop`, taking it again whenever its connection dies;
+/// `held` says whether the agent may apply. Releases the lock when stopped.
+pub(crate) fn guard(
+    config: &AgentConfig,
+    conn: PgConnection,
+    stop: CancellationToken,
+) -> Result<(watch::Receiver<bool>, JoinHandle<()>), AgentError> {
+    let options = crate::shard::connect_options(config)?;
+    let (held, rx) = watch::channel(true);
+    let (min, max) = (config.reconnect_min, config.reconnect_max);
+    let span = tracing::info_span!("shard_lock", shard = %config.shard);
+    let task = async move {
+        let mut conn = Some(conn);
+        let mut attempt = 0u32;
+        let mut last_holder = None;
+        loop {
+            let Some(c) = conn.as_mut() else {
+                match tokio::time::timeout(CHECK_TIMEOUT, try_lock(&options)).await {
+                    Ok(Ok(Attempt::Held(c))) => {
+                        conn = Some(c);
+                        attempt = 0;
+                        last_holder = None;
+                        held.send_replace(true);
+                        metrics::shard_lock_held(true);
+                        info!("the shard's agent lock is held again; taking runs again");
+                        continue;
+                    }
+                    Ok(Ok(Attempt::Taken(holder))) => {
+                        if last_holder.as_ref() != Some(&holder) {
+                            warn!(holder = %holder.trim(), "another Flotilla agent holds the shard's agent lock now; this agent takes no runs until it is free");
+                            last_holder = Some(holder);
+                        }
+                    }
+                    Ok(Err(error)) => warn!(%error, "cannot take the shard's agent lock again yet"),
+                    Err(_) => warn!("taking the shard's agent lock again timed out"),
+                }
+                let delay = backoff_delay(attempt, min, max, rand::random());
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => continue,
+                    () = stop.cancelled() => break,
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(CHECK_EVERY) => {}
+                () = stop.cancelled() => break,
+            }
+            let check = sqlx::query("SELECT 1").execute(&mut *c);
+            if let Err(problem) = match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer in time".to_string()),
+            } {
+                held.send_replace(false);
+                metrics::shard_lock_held(false);
+                warn!(%problem, "lost the connection holding the shard's agent lock; taking no new runs until it is held again");
+                // dropped, not closed: it is broken or hung
+                conn = None;
+            }
+        }
+        held.send_replace(false);
+        metrics::shard_lock_held(false);
+        if let Some(mut c) = conn {
+            // released explicitly so a successor can take it as soon as we return
+            let _ = tokio::time::timeout(CHECK_TIMEOUT, sqlx::query(UNLOCK).execute(&mut c)).await;
+            let _ = tokio::time::timeout(CHECK_TIMEOUT, c.close()).await;
+            info!("released the shard's agent lock");
+        }
+    };
+    Ok((
+        rx,
+        tokio::spawn(tracing::Instrument::instrument(task, span)),
+    ))
+}
+
+impl Agent {
+    /// Waits until the agent holds its shard's lock (at once, almost always). False when the
+    /// agent stops first.
+    pub(crate) async fn may_apply(&self) -> bool {
+        let mut held = self.shard_lock.clone();
+        if *held.borrow_and_update() {
+            return true;
+        }
+        info!("waiting for the shard's agent lock before applying");
+        tokio::select! {
+            r = held.wait_for(|h| *h) => r.is_ok(),
+            () = self.cancel.cancelled() => false,
+        }
+    }
+}

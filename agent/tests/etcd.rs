@@ -1,0 +1,114 @@
+//! The agent's liveness key in etcd. Needs `FLOTILLA_TEST_PG_URL` (the agent needs its shard
+//! first) and an etcd binary; without either, the test prints a note and passes.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use etcd_client::Client;
+
+const PREFIX: &str = "/flotilla-agent-test/";
+const KEY: &str = "/flotilla-agent-test/agents/shard-test";
+
+/// The key's lease and value once `ok(lease)` holds.
+async fn wait_for_key(client: &mut Client, ok: impl Fn(i64) -> bool) -> (i64, String) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let found = client.get(KEY, None).await.unwrap();
+        if let Some(kv) = found.kvs().first()
+            && ok(kv.lease())
+        {
+            return (kv.lease(), kv.value_str().unwrap().to_string());
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no liveness key {KEY} in time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn key_exists(client: &mut Client) -> bool {
+    !client.get(KEY, None).await.unwrap().kvs().is_empty()
+}
+
+#[tokio::test]
+async fn liveness_key_lives_under_a_lease_and_comes_back() {
+    let Some(etcd) = etcd::start().await else {
+        return;
+    };
+    let Some(f) = fleet("etcd_liveness", 1).await else {
+        return;
+    };
+    let endpoint = etcd.endpoint.clone();
+    let mut h = Harness::start(
+        |c| {
+            c.etcd = vec![endpoint];
+            c.etcd_prefix = PREFIX.into();
+            c.lease_ttl = Duration::from_secs(3);
+        },
+        &f.dsn,
+    )
+    .await;
+    let (_s, _) = h.attach(1).await;
+    let mut client = Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .unwrap();
+
+    let (lease, value) = wait_for_key(&mut client, |lease| lease != 0).await;
+    let value: serde_json::Value = serde_json::from_str(&value).unwrap();
+    assert_eq!(value["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(value["pid"], std::process::id());
+    assert!(value["host"].is_string(), "{value}");
+    let ttl = client.lease_time_to_live(lease, None).await.unwrap();
+    assert!(
+        ttl.granted_ttl() == 3 && ttl.ttl() > 0,
+        "{}",
+        ttl.granted_ttl()
+    );
+
+    // killed from outside: the key goes with the lease, and the agent puts it back
+    client.lease_revoke(lease).await.unwrap();
+    assert!(!key_exists(&mut client).await);
+    let (again, _) = wait_for_key(&mut client, |l| l != 0 && l != lease).await;
+
+    // a shutdown revokes the lease: the key is gone at once, not after the TTL
+    h.stop().await;
+    assert!(!key_exists(&mut client).await, "the key outlived the agent");
+    let ttl = client.lease_time_to_live(again, None).await.unwrap();
+    assert_eq!(ttl.ttl(), -1, "the lease outlived the agent");
+    f.drop().await;
+    drop(etcd);
+}
+
+#[tokio::test]
+async fn an_unreachable_etcd_does_not_hold_up_the_agent() {
+    let Some(f) = fleet("etcd_unreachable", 1).await else {
+        return;
+    };
+    let mut h = Harness::start(
+        |c| {
+            c.etcd = vec!["http://127.0.0.1:1".into()];
+            c.lease_ttl = Duration::from_secs(3);
+        },
+        &f.dsn,
+    )
+    .await;
+    let (mut s, hello) = h.attach(1).await;
+    assert_eq!(hello.tenants.len(), 1);
+    s.send(flotilla_proto::pb::coordinator_message::Body::Preflight(
+        flotilla_proto::pb::PreflightRequest {
+            request_id: 1,
+            migration_ids: Vec::new(),
+        },
+    ));
+    let reply = s.next().await;
+    assert!(
+        matches!(reply, flotilla_proto::pb::agent_message::Body::Preflight(_)),
+        "{reply:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), h.stop())
+        .await
+        .expect("stops without etcd");
+    f.drop().await;
+}

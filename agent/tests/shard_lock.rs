@@ -1,0 +1,162 @@
+//! One agent per shard: the shard's agent lock (a session-level advisory lock).
+//! Runs when `FLOTILLA_TEST_PG_URL` is set; otherwise each test prints a note and passes.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use flotilla_agent::{AgentConfig, AgentError};
+use flotilla_proto::pb;
+use flotilla_proto::pb::agent_message::Body as Out;
+use flotilla_proto::pb::coordinator_message::Body as In;
+use sqlx::Connection;
+use sqlx::postgres::{PgConnection, PgPool};
+
+/// The session holding the agent lock of the database, and whether a session waits for it.
+async fn lock_sessions(pool: &PgPool) -> (Option<i32>, bool) {
+    let rows: Vec<(i32, bool)> = sqlx::query_as(
+        "SELECT pid, granted FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND ((classid::bigint << 32) | objid::bigint) = hashtext('flotilla.agent')::bigint",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    (
+        rows.iter().find(|r| r.1).map(|r| r.0),
+        rows.iter().any(|r| !r.1),
+    )
+}
+
+async fn application_of(pool: &PgPool, pid: i32) -> String {
+    sqlx::query_scalar("SELECT application_name FROM pg_stat_activity WHERE pid = $1")
+        .bind(pid)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_second_agent_on_the_same_shard_is_refused() {
+    let Some(f) = fleet("shard_taken", 1).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (_s, _) = h.attach(1).await;
+    let (holder, _) = lock_sessions(&f.pool).await;
+    let holder = holder.expect("the agent holds the lock");
+    assert_eq!(application_of(&f.pool, holder).await, "flotilla-agent");
+
+    // another name, the same database: still the same shard
+    let second = AgentConfig::new("shard-other", &f.dsn, "http://127.0.0.1:1");
+    let err = tokio::time::timeout(
+        WAIT,
+        flotilla_agent::start(second.clone(), std::future::pending()),
+    )
+    .await
+    .expect("refused in time")
+    .unwrap_err();
+    assert!(matches!(&err, AgentError::ShardTaken { shard, .. } if shard == "shard-other"));
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "shard shard-other: another Flotilla agent is already attached to this shard database \
+             (session pid {holder}, application_name flotilla-agent, client 127.0.0.1:"
+        )),
+        "{text}"
+    );
+
+    h.stop().await;
+    // released at shutdown: the next agent starts at once
+    assert_eq!(lock_sessions(&f.pool).await.0, None);
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "p".into(),
+        migrations: bench_migrations(),
+        ..Default::default()
+    }));
+    let r = s
+        .assign("p", 1, 1, vec![run(1, "tenant_0000", &BENCH, true)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied; 3]);
+    h.stop().await;
+    f.drop().await;
+}
+
+/// Messages other than heartbeats within `wait`, if any.
+async fn quiet_for(s: &mut Stream, wait: Duration) -> Option<Out> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, s.inbound.message()).await {
+            Err(_) => return None,
+            Ok(msg) => match msg.expect("stream ok").expect("stream open").body {
+                Some(Out::Heartbeat(_)) | None => continue,
+                Some(other) => return Some(other),
+            },
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_agent_that_lost_its_lock_takes_no_runs_until_it_holds_it_again() {
+    let Some(f) = fleet("lock_lost", 2).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "p".into(),
+        migrations: bench_migrations(),
+        ..Default::default()
+    }));
+    let agent_pid = lock_sessions(&f.pool).await.0.expect("the agent holds it");
+
+    // Another session queues for the lock, then the agent's lock session dies: the lock
+    // passes to the waiting session, as it would to a second agent.
+    let mut other = PgConnection::connect(&f.dsn).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        sqlx::query("SELECT pg_advisory_lock(hashtext('flotilla.agent'))")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        other
+    });
+    while !lock_sessions(&f.pool).await.1 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(agent_pid)
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let other = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("lock passed on")
+        .unwrap();
+    // the agent checks its lock's connection every second
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    s.send(In::Assign(pb::Assign {
+        plan_id: "p".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(1, "tenant_0000", &BENCH, true)],
+    }));
+    let early = quiet_for(&mut s, Duration::from_millis(1500)).await;
+    assert!(early.is_none(), "ran without the lock: {early:?}");
+    assert_eq!(
+        count(&f.pool, "SELECT count(*) FROM flotilla.journal").await,
+        0
+    );
+
+    // the other session goes away: the agent takes the lock again and runs what waited
+    other.close().await.unwrap();
+    let r = s.results("p", 1).await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied; 3]);
+    let holder = lock_sessions(&f.pool).await.0.expect("held again");
+    assert_ne!(holder, agent_pid);
+    assert_eq!(application_of(&f.pool, holder).await, "flotilla-agent");
+    h.stop().await;
+    f.drop().await;
+}

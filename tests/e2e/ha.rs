@@ -1,0 +1,339 @@
+//! Issue 3: coordinators in HA over real etcd, plan locks, fenced agents.
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::fleet::{MigrationDir, WAIT, coord_dbmate_dir, tenant_name, tenant_sql};
+use crate::harness::{
+    CommandOutput, Etcd, FlotillaProcess, PgCluster, free_port, run_flotilla, wait_until,
+};
+
+struct HaFleet {
+    pg: PgCluster,
+    etcd: Etcd,
+    coordinators: Vec<Option<FlotillaProcess>>,
+    addrs: Vec<String>,
+    agents: Vec<FlotillaProcess>,
+    store: String,
+    ports: Vec<u16>,
+}
+
+const TTL: &str = "2s";
+
+impl HaFleet {
+    async fn start(coordinators: usize, shards: usize, tenants: usize) -> anyhow::Result<HaFleet> {
+        let pg = PgCluster::start().await?;
+        let etcd = Etcd::start_single().await?;
+        for s in 0..shards {
+            let db = format!("shard_{s}");
+            pg.create_database(&db).await?;
+            let sql: String = (0..tenants)
+                .map(|t| tenant_sql(&tenant_name(s, t, tenants), 5))
+                .collect();
+            pg.psql(&db, &sql).await?;
+        }
+        pg.create_database("control").await?;
+        let store = pg.url("control");
+        let ports: Vec<u16> = (0..coordinators).map(|_| free_port()).collect();
+        let addrs: Vec<String> = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
+        let mut fleet = HaFleet {
+            pg,
+            etcd,
+            coordinators: Vec::new(),
+            addrs,
+            agents: Vec::new(),
+            store,
+            ports,
+        };
+        for i in 0..coordinators {
+            let c = fleet.spawn_coordinator(i)?;
+            fleet.coordinators.push(Some(c));
+        }
+        for c in fleet.coordinators.iter().flatten() {
+            c.wait_for_log("coordinator listening", WAIT).await?;
+        }
+        for s in 0..shards {
+            let a = fleet.spawn_agent(s)?;
+            fleet.agents.push(a);
+        }
+        wait_until("every agent attached to the leader", WAIT, async || {
+            let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+            Ok(v.as_array()
+                .map(|a| a.iter().filter(|x| x["connected"] == true).count())
+                == Some(shards))
+        })
+        .await?;
+        Ok(fleet)
+    }
+
+    fn spawn_coordinator(&self, i: usize) -> anyhow::Result<FlotillaProcess> {
+        let listen = format!("127.0.0.1:{}", self.ports[i]);
+        FlotillaProcess::spawn(
+            &[
+                "coordinator",
+                "--listen",
+                &listen,
+                "--store",
+                &self.store,
+                "--etcd",
+                &self.etcd.endpoint(),
+                "--lease-ttl",
+                TTL,
+            ],
+            &[],
+        )
+    }
+
+    fn spawn_agent(&self, s: usize) -> anyhow::Result<FlotillaProcess> {
+        let all = self.addrs.join(",");
+        let dsn = self.pg.url(&format!("shard_{s}"));
+        let shard = format!("shard_{s}");
+        FlotillaProcess::spawn(
+            &[
+                "--coordinator",
+                &all,
+                "agent",
+                "--shard",
+                &shard,
+                "--dsn",
+                &dsn,
+                "--tenant-pattern",
+                "tenant_%",
+                "--etcd",
+                &self.etcd.endpoint(),
+            ],
+            &[],
+        )
+    }
+
+    /// Runs a CLI command against every coordinator address (reads go to the first
+    /// that answers; writes follow the leader).
+    async fn cli(&self, args: &[&str]) -> anyhow::Result<CommandOutput> {
+        let all = self.addrs.join(",");
+        let mut v = vec!["--coordinator", all.as_str()];
+        v.extend_from_slice(args);
+        run_flotilla(&v, &[]).await
+    }
+
+    async fn cli_at(&self, i: usize, args: &[&str]) -> anyhow::Result<CommandOutput> {
+        let mut v = vec!["--coordinator", self.addrs[i].as_str()];
+        v.extend_from_slice(args);
+        run_flotilla(&v, &[]).await
+    }
+
+    async fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let out = self.cli(args).await?;
+        anyhow::ensure!(out.success(), "flotilla {args:?}: {out}");
+        Ok(serde_json::from_str(
+            out.stdout.lines().last().unwrap_or(""),
+        )?)
+    }
+
+    /// Index of the coordinator that leads now (its log says so last).
+    fn leader(&self) -> Option<usize> {
+        self.coordinators.iter().enumerate().find_map(|(i, c)| {
+            let log = c.as_ref()?.log();
+            let lead = log.rfind("leading: scheduling and deciding");
+            let follow = log.rfind("following");
+            match (lead, follow) {
+                (Some(l), Some(f)) if l > f => Some(i),
+                (Some(_), None) => Some(i),
+                _ => None,
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_sends_writes_to_the_leader_and_locks_are_held_while_running()
+-> anyhow::Result<()> {
+    let fleet = HaFleet::start(2, 2, 2).await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let follower = 1 - leader;
+
+    // A write sent to the follower is refused there and carried to the leader.
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let out = fleet
+        .cli_at(
+            follower,
+            &["plan", "submit", &dir, "--wait", "--output", "json"],
+        )
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let status: Value = serde_json::from_str(out.stdout.lines().last().unwrap())?;
+    assert_eq!(status["state"], "completed");
+    assert_eq!(status["steps"], 12);
+
+    // Locks are released when the plan ends; the backend is etcd.
+    wait_until("locks released", WAIT, async || {
+        let v = fleet.json(&["locks", "list", "--output", "json"]).await?;
+        Ok(v["backend"] == "etcd" && v["locks"].as_array().is_some_and(|l| l.is_empty()))
+    })
+    .await?;
+
+    // Agents hold liveness keys; the fence in each shard carries the leader's epoch.
+    let epoch: i64 = fleet
+        .pg
+        .query_scalar("shard_0", "SELECT epoch FROM flotilla.fence")
+        .await?;
+    assert!(epoch > 0, "the fence holds the etcd epoch");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_leader_is_replaced_and_fenced_and_the_plan_completes_once() -> anyhow::Result<()>
+{
+    let mut fleet = HaFleet::start(2, 2, 3).await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let standby = 1 - leader;
+
+    // One tenant blocks on an advisory lock the test holds, so the plan is mid-way
+    // when the leader is paused.
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_log",
+        "",
+        "CREATE TABLE applied_log (step text);
+         SELECT CASE WHEN current_schema() = 'tenant_0001' THEN pg_advisory_xact_lock(77) END;
+         INSERT INTO applied_log VALUES ('001')",
+        "DROP TABLE applied_log",
+    )?;
+    d.migration(
+        "002_more",
+        "",
+        "INSERT INTO applied_log VALUES ('002')",
+        "DELETE FROM applied_log WHERE step = '002'",
+    )?;
+    let pool = fleet.pg.pool("shard_0").await?;
+    let mut hold = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock(77)")
+        .execute(&mut *hold)
+        .await?;
+    let p = d.path().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&["plan", "submit", &p, "--output", "json"])
+        .await?;
+    assert!(out.success(), "{out}");
+    let id = serde_json::from_str::<Value>(out.stdout.lines().last().unwrap())?["plan_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_until(
+        "tenant_0001 blocked while the plan runs",
+        WAIT,
+        async || {
+            let waiting: i64 = fleet
+                .pg
+                .query_scalar(
+                    "shard_0",
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                )
+                .await?;
+            Ok(waiting == 1)
+        },
+    )
+    .await?;
+    // The running plan holds locks on both shards.
+    let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+    assert_eq!(locks["locks"].as_array().unwrap().len(), 2, "{locks}");
+
+    // Pause the leader past its lease: the standby takes over with a newer epoch.
+    let old_epoch: i64 = fleet
+        .pg
+        .query_scalar("shard_0", "SELECT epoch FROM flotilla.fence")
+        .await?;
+    fleet.coordinators[leader].as_ref().unwrap().stop()?;
+    fleet.coordinators[standby]
+        .as_ref()
+        .unwrap()
+        .wait_for_log("leading: scheduling and deciding", Duration::from_secs(30))
+        .await?;
+    wait_until("agents attached to the new leader", WAIT, async || {
+        let out = fleet
+            .cli_at(standby, &["fleet", "list", "--output", "json"])
+            .await?;
+        Ok(out.stdout.matches("\"connected\":true").count() == 2)
+    })
+    .await?;
+    sqlx::query("SELECT pg_advisory_unlock(77)")
+        .execute(&mut *hold)
+        .await?;
+    drop(hold);
+
+    let out = fleet
+        .cli_at(standby, &["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+
+    // The old leader resumes: it finds itself deposed and changes nothing.
+    fleet.coordinators[leader].as_ref().unwrap().cont()?;
+    fleet.coordinators[leader]
+        .as_ref()
+        .unwrap()
+        .wait_for_log("following", Duration::from_secs(30))
+        .await?;
+    let new_epoch: i64 = fleet
+        .pg
+        .query_scalar("shard_0", "SELECT epoch FROM flotilla.fence")
+        .await?;
+    assert!(
+        new_epoch > old_epoch,
+        "the fence moved to the new leader's epoch ({old_epoch} -> {new_epoch})"
+    );
+
+    // Exactly once on every tenant.
+    for s in 0..2 {
+        let db = format!("shard_{s}");
+        let n: i64 = fleet
+            .pg
+            .query_scalar(&db, "SELECT count(*) FROM flotilla.journal")
+            .await?;
+        assert_eq!(n, 6, "{db}");
+        for t in 0..3 {
+            let tenant = tenant_name(s, t, 3);
+            let rows = fleet
+                .pg
+                .query_rows(
+                    &db,
+                    &format!(
+                        "SELECT step, count(*) FROM {tenant}.applied_log GROUP BY 1 ORDER BY 1"
+                    ),
+                )
+                .await?;
+            assert_eq!(
+                rows,
+                vec![
+                    vec!["001".to_string(), "1".into()],
+                    vec!["002".to_string(), "1".into()]
+                ],
+                "{db}/{tenant}"
+            );
+        }
+    }
+    let _ = &mut fleet.agents;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_agent_for_the_same_shard_is_refused() -> anyhow::Result<()> {
+    let fleet = HaFleet::start(1, 1, 1).await?;
+    let mut second = fleet.spawn_agent(0)?;
+    let status = second
+        .wait_exit(WAIT)
+        .await
+        .expect("the second agent exits");
+    assert!(!status.success());
+    assert!(
+        second.log().contains("another Flotilla agent"),
+        "{}",
+        second.log()
+    );
+    // The first one still serves the shard.
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let out = fleet.cli(&["plan", "submit", &dir, "--wait"]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    Ok(())
+}
