@@ -241,6 +241,7 @@ impl Agent {
             }
         };
         pb::PreflightReply {
+            two_phase_error: String::new(),
             request_id: req.request_id,
             tenants,
             applied,

@@ -171,6 +171,7 @@ async fn session(
     };
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let hello = pb::Hello {
+        in_doubt: Vec::new(),
         shard: agent.config.shard.clone(),
         labels: agent.config.labels.clone().into_iter().collect(),
         tenants,
@@ -260,6 +261,9 @@ async fn sleep_until(due: Option<Instant>) {
 fn dispatch(agent: &Arc<Agent>, body: In, tx: &mpsc::Sender<pb::AgentMessage>) {
     match body {
         In::Welcome(_) | In::Heartbeat(_) => {}
+        // Two-phase commit is not applied by this agent yet: it never prepares,
+        // so there is nothing to resolve.
+        In::Resolve(_) => {}
         In::Plan(def) => agent.define_plan(def),
         In::Assign(assign) => agent.assign(assign),
         In::Halt(halt) => agent.halt(&agent.plan(&halt.plan_id)),

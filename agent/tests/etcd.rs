@@ -98,6 +98,7 @@ async fn an_unreachable_etcd_does_not_hold_up_the_agent() {
     assert_eq!(hello.tenants.len(), 1);
     s.send(flotilla_proto::pb::coordinator_message::Body::Preflight(
         flotilla_proto::pb::PreflightRequest {
+            two_phase: false,
             request_id: 1,
             migration_ids: Vec::new(),
         },

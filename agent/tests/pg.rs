@@ -74,6 +74,7 @@ async fn rollout_preflight_and_rollback() {
     }
 
     s.send(In::Preflight(pb::PreflightRequest {
+        two_phase: false,
         request_id: 7,
         migration_ids: vec![BENCH[0].into()],
     }));

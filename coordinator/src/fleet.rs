@@ -109,6 +109,7 @@ impl Fleet {
         agent_tx
             .send(msg(pb::coordinator_message::Body::Preflight(
                 pb::PreflightRequest {
+                    two_phase: false,
                     request_id,
                     migration_ids,
                 },

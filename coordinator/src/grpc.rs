@@ -238,6 +238,7 @@ impl pb::agent_service_server::AgentService for Coordinator {
                             .await;
                     }
                     Some(Body::Preflight(reply)) => inner.fleet.complete_preflight(reply),
+                    Some(Body::Resolve(_)) => {}
                     Some(Body::Rollback(reply)) => {
                         let _ = inner
                             .events

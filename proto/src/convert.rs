@@ -240,7 +240,9 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
             environment: p.environment,
             policy,
             default_scope: scope_from(p.default_scope),
-            fuse: !p.no_fuse,
+            // An atomic plan prepares one transaction per target: its steps fuse.
+            fuse: !p.no_fuse || p.atomic,
+            atomic: p.atomic,
             submitted_by: p.submitted_by,
             source: p.source,
         };
@@ -281,6 +283,7 @@ impl From<&PlanSpec> for pb::PlanSpec {
             },
             default_scope: scope_to(p.default_scope),
             no_fuse: !p.fuse,
+            atomic: p.atomic,
             submitted_by: p.submitted_by.clone(),
             source: p.source.clone(),
         }

@@ -138,6 +138,8 @@ pub struct PlanSpec {
     /// None: tenants when the selected shards have tenants, else the shards.
     pub default_scope: Option<Scope>,
     pub fuse: bool,
+    /// Commit every target's transactional steps atomically across shards (2PC).
+    pub atomic: bool,
     pub submitted_by: String,
     pub source: String,
 }

@@ -300,6 +300,7 @@ impl Harness {
 
 pub fn run(id: u64, tenant: &str, migrations: &[&str], fused: bool) -> pb::Run {
     pb::Run {
+        prepare_gid: String::new(),
         run_id: id,
         tenant: tenant.into(),
         migrations: migrations.iter().map(|m| m.to_string()).collect(),

@@ -608,6 +608,7 @@ impl Engine {
             .map(|(&run_id, steps)| {
                 let t = &run.targets[run.steps[steps[0]].target];
                 pb::Run {
+                    prepare_gid: String::new(),
                     run_id,
                     tenant: t.tenant.clone(),
                     migrations: steps

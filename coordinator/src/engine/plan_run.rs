@@ -309,6 +309,7 @@ impl PlanRun {
                     self.steps[s].status = StepStatus::Running(run_id);
                 }
                 out.push(pb::Run {
+                    prepare_gid: String::new(),
                     run_id,
                     tenant: self.targets[t].tenant.clone(),
                     migrations: steps
@@ -403,6 +404,9 @@ impl PlanRun {
                     }
                 }
                 pb::StepOutcome::Failed => StepStatus::Failed,
+                // Two-phase commit is not driven by the engine yet: a prepared
+                // step is not applied, so it counts as not run.
+                pb::StepOutcome::Prepared => StepStatus::NotRun,
                 pb::StepOutcome::NotRun | pb::StepOutcome::Unspecified => {
                     if self.state == PlanState::Running && !self.failed_target(self.steps[s].target)
                     {
