@@ -196,11 +196,9 @@ fi
 
 run_step "Formatting" cargo fmt --all -- --check
 run_step "Clippy" cargo clippy --workspace --all-targets -- -D warnings
-run_step "Tests" cargo test --workspace "$@"
-if [[ $# -eq 0 ]]; then
-    # Failpoints are compiled only under the `testing` feature.
-    run_step "Agent failpoints" cargo test -p flotilla-agent --features testing --test failpoints
-fi
+# The `testing` feature compiles the named failpoints in, for the fault tests
+# (they do nothing unless FAILPOINTS names them).
+run_step "Tests" cargo test --workspace --features flotilla/testing "$@"
 
 section "Summary"
 if ((${#failed[@]} > 0)); then

@@ -52,6 +52,11 @@ pub const SQLSTATE_FENCED: &str = "FL002";
 /// SQLSTATE raised by `flotilla.check_verify` when a verify query is not true.
 pub const SQLSTATE_VERIFY: &str = "FL003";
 const SQLSTATE_UNIQUE_VIOLATION: &str = "23505";
+const SQLSTATE_LOCK_NOT_AVAILABLE: &str = "55P03";
+/// Why a step's fence check can time out: the older epoch's transactions hold the fence row.
+const FENCE_HELD: &str = "the shard's fence row is held by a transaction of an older epoch: a step still \
+     running, or a prepared transaction waiting for its plan's decision (see pg_prepared_xacts); \
+     a newer epoch can be written once it ends";
 const JOURNAL_PKEY: &str = "journal_pkey";
 
 /// A step that did not go through, with what we know about why.
@@ -90,20 +95,30 @@ pub(crate) fn classify(e: &sqlx::Error, phase: &str) -> Failure {
             let constraint = pg.and_then(PgDatabaseError::constraint).or(db.constraint());
             let concurrent_apply =
                 code == SQLSTATE_UNIQUE_VIOLATION && constraint == Some(JOURNAL_PKEY);
+            // a lock timeout inside the fence check: waiting for an older epoch to end
+            let fence_held = code == SQLSTATE_LOCK_NOT_AVAILABLE
+                && pg
+                    .and_then(PgDatabaseError::r#where)
+                    .is_some_and(|w| w.contains("flotilla.check_fence"));
             let phase = match code.as_str() {
                 SQLSTATE_FENCED => "fence",
                 SQLSTATE_VERIFY => "verify",
+                _ if fence_held => "fence",
                 _ if concurrent_apply => "journal",
                 _ => phase,
+            };
+            let detail = if fence_held {
+                FENCE_HELD.to_string()
+            } else {
+                pg.and_then(PgDatabaseError::detail)
+                    .unwrap_or_default()
+                    .to_string()
             };
             Failure {
                 error: pb::StepError {
                     sqlstate: code,
                     message: db.message().to_string(),
-                    detail: pg
-                        .and_then(PgDatabaseError::detail)
-                        .unwrap_or_default()
-                        .to_string(),
+                    detail,
                     phase: phase.into(),
                 },
                 concurrent_apply,

@@ -1,6 +1,10 @@
 //! Applying a run's steps on one shard connection: the hot path. Each query below is a
 //! simple-query string, so a whole step (settings, up SQL, verify, journal row) costs one
 //! round trip, and a fused run only one more for its COMMIT.
+//!
+//! A run with a prepare gid (two-phase commit) runs as one transaction that ends in
+//! `PREPARE TRANSACTION '<gid>'` instead: its steps report PREPARED, and the change and its
+//! journal rows wait, invisible, for the plan's decision (see `two_phase`).
 use std::time::{Duration, Instant};
 
 use flotilla_proto::pb;
@@ -9,10 +13,10 @@ use sqlx::postgres::{PgConnection, PgPool};
 use tracing::{debug, instrument, warn};
 
 use crate::error::{Failure, classify};
-use crate::job::{Job, Report};
+use crate::job::{Job, PrepareGid, Report};
 use crate::metrics::{self, StepMode, StepOutcome};
-use crate::shard;
 use crate::sqlgen::{self, PreparedMigration, StepContext};
+use crate::{shard, two_phase};
 
 pub(crate) struct RunOutput {
     pub result: pb::RunResult,
@@ -29,7 +33,8 @@ struct GroupFailure {
 }
 
 /// Applies a run's steps in order. Transactional steps of a fused run share one transaction
-/// (consecutive ones: a non-transactional step ends it); the first failure ends the run.
+/// (consecutive ones: a non-transactional step ends it); the first failure ends the run. A run
+/// to prepare (every step transactional, checked by `Job::new`) is one transaction.
 #[instrument(skip_all, fields(plan = %job.plan.plan_id, tenant = %job.tenant, run = job.run.run_id))]
 pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Job) -> RunOutput {
     let n = job.steps.len();
@@ -47,6 +52,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
         plan_lit: &job.plan.plan_lit,
         epoch: job.epoch,
     };
+    let fuse = job.run.fused || job.prepare.is_some();
     let mut broken = false;
     let mut i = 0;
     while i < n {
@@ -57,7 +63,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
         let mut group = vec![i];
         let transactional = job.steps[i].is_transactional();
         let mut next = i + 1;
-        if transactional && job.run.fused {
+        if transactional && fuse {
             while next < n && (reports[next].is_some() || job.steps[next].is_transactional()) {
                 if reports[next].is_none() {
                     group.push(next);
@@ -78,16 +84,24 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
         };
         match outcome {
             Ok(()) => {
-                after_commit_failpoint();
+                let done = if transactional && job.prepare.is_some() {
+                    metrics::prepared_held_add(1.0);
+                    after_prepare_failpoint();
+                    StepOutcome::Prepared
+                } else {
+                    after_commit_failpoint();
+                    StepOutcome::Applied
+                };
                 for (k, &idx) in group.iter().enumerate() {
-                    metrics::step_duration(mode, StepOutcome::Applied, durations[k]);
+                    metrics::step_duration(mode, done, durations[k]);
                     debug!(
                         migration = job.steps[idx].id(),
                         ms = durations[k].as_millis() as u64,
-                        "step applied"
+                        outcome = done.as_str(),
+                        "step done"
                     );
                     reports[idx] = Some(Report {
-                        outcome: StepOutcome::Applied,
+                        outcome: done,
                         duration: durations[k],
                         error: None,
                         checksum: job.steps[idx].migration.checksum.clone(),
@@ -129,7 +143,8 @@ async fn execute(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error
         .map(|_| ())
 }
 
-/// One transaction for the group: `BEGIN` + fence ride with the first step's query.
+/// One transaction for the group: `BEGIN` + fence ride with the first step's query; it ends
+/// in COMMIT, or in PREPARE TRANSACTION for a run to prepare.
 async fn run_transaction(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
@@ -143,11 +158,10 @@ async fn run_transaction(
         in_transaction: true,
     };
     for (k, &idx) in group.iter().enumerate() {
-        let block = sqlgen::transactional_step(cx, &job.steps[idx]);
         let sql = if k == 0 {
-            sqlgen::begin_fenced(cx.epoch) + &block
+            sqlgen::first_transactional_step(cx, &job.steps[idx])
         } else {
-            block
+            sqlgen::transactional_step(cx, &job.steps[idx])
         };
         let started = Instant::now();
         let r = execute(conn, sql).await;
@@ -156,7 +170,7 @@ async fn run_transaction(
     }
     let last = group.len() - 1;
     let started = Instant::now();
-    let r = commit(conn).await;
+    let r = commit(conn, job.prepare.as_ref()).await;
     durations[last] += started.elapsed();
     r.map_err(|failure| GroupFailure {
         position: last,
@@ -165,7 +179,7 @@ async fn run_transaction(
     })
 }
 
-async fn commit(conn: &mut PgConnection) -> Result<(), Failure> {
+async fn commit(conn: &mut PgConnection, prepare: Option<&PrepareGid>) -> Result<(), Failure> {
     fail::fail_point!("agent::before_step_commit", |arg: Option<String>| Err(
         Failure::agent(
             "up",
@@ -175,9 +189,15 @@ async fn commit(conn: &mut PgConnection) -> Result<(), Failure> {
             )
         )
     ));
-    execute(conn, "COMMIT".into())
-        .await
-        .map_err(|e| classify(&e, "up"))
+    match prepare {
+        None => execute(conn, "COMMIT".into())
+            .await
+            .map_err(|e| classify(&e, "up")),
+        // a PREPARE that fails rolls the transaction back
+        Some(p) => execute(conn, format!("PREPARE TRANSACTION {}", p.lit))
+            .await
+            .map_err(|e| classify(&e, "prepare")),
+    }
 }
 
 /// A step that cannot run in a transaction: fence, session settings, each statement on its
@@ -239,6 +259,15 @@ fn after_commit_failpoint() {
     });
 }
 
+/// With `return`, the agent exits right after a PREPARE TRANSACTION, before reporting it: the
+/// crash that leaves a prepared transaction in doubt, for the restarted agent to resolve.
+fn after_prepare_failpoint() {
+    fail::fail_point!("agent::after_prepare_before_report", |_| {
+        tracing::error!("failpoint agent::after_prepare_before_report: exiting");
+        std::process::exit(86)
+    });
+}
+
 /// Brings the connection back to a clean session after a failure. True when that failed
 /// (the connection must be closed, not pooled).
 pub(crate) async fn recover(
@@ -263,6 +292,10 @@ pub(crate) async fn recover(
 
 /// After a failure, the journal says what happened: a step found there was applied (by a
 /// concurrent session, or by a COMMIT whose answer was lost). One read for the group.
+///
+/// A run to prepare asks `pg_prepared_xacts` first: when its gid is prepared (the answer to
+/// its PREPARE was lost, or a copy of the run prepared it), the group is PREPARED, never
+/// FAILED. First, so a COMMIT PREPARED in between shows in the journal read that follows.
 async fn settle(
     pool: &PgPool,
     job: &Job,
@@ -272,6 +305,22 @@ async fn settle(
     durations: &[Duration],
     reports: &mut [Option<Report>],
 ) {
+    if let Some(p) = &job.prepare {
+        match two_phase::prepared_among(pool, std::slice::from_ref(&p.gid)).await {
+            Ok(found) if found.contains(&p.gid) => {
+                warn!(gid = %p.gid, error = %failure.error.message, "the run failed, but its transaction is prepared: reporting it PREPARED");
+                for (k, &idx) in group.iter().enumerate() {
+                    let checksum = job.steps[idx].migration.checksum.clone();
+                    reports[idx] = Some(Report::prepared(checksum, durations[k]));
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(%error, gid = %p.gid, "reading the prepared transactions after a failure failed")
+            }
+        }
+    }
     let migrations: Vec<String> = group
         .iter()
         .map(|&i| job.steps[i].id().to_string())

@@ -10,6 +10,13 @@ use crate::error::Failure;
 use crate::metrics::StepOutcome;
 use crate::plans::PlanDef;
 use crate::sqlgen::{PreparedMigration, quote_literal};
+use crate::two_phase::{GidClaim, validate_gid};
+
+/// The gid a run's transaction is prepared under, as given and quoted.
+pub(crate) struct PrepareGid {
+    pub gid: String,
+    pub lit: String,
+}
 
 /// A run, validated against its plan and ready to execute.
 pub(crate) struct Job {
@@ -21,6 +28,11 @@ pub(crate) struct Job {
     pub steps: Vec<Arc<PreparedMigration>>,
     /// The journal's checksum for steps found applied before the run started.
     pub applied: Vec<Option<String>>,
+    /// Set when the run's transaction ends in PREPARE TRANSACTION instead of COMMIT (all its
+    /// steps are transactional, and run as one transaction whether fused or not).
+    pub prepare: Option<PrepareGid>,
+    /// Held while the run is queued or running, so a resent copy does not run beside it.
+    pub claim: Option<GidClaim>,
 }
 
 impl Job {
@@ -50,6 +62,26 @@ impl Job {
             Ok(lit) => lit,
             Err(reason) => return fail(run, reason),
         };
+        let prepare = if run.prepare_gid.is_empty() {
+            None
+        } else {
+            let fail = |run, msg: String| Err(Box::new((run, Failure::agent("prepare", msg))));
+            let lit = match validate_gid(&run.prepare_gid, &plan.plan_id) {
+                Ok(lit) => lit,
+                Err(reason) => return fail(run, reason),
+            };
+            if let Some(m) = steps.iter().find(|m| !m.is_transactional()) {
+                let msg = format!(
+                    "migration `{}` cannot run in a transaction, so it cannot take part in two-phase commit",
+                    m.id()
+                );
+                return fail(run, msg);
+            }
+            Some(PrepareGid {
+                gid: run.prepare_gid.clone(),
+                lit,
+            })
+        };
         Ok(Job {
             plan: plan.clone(),
             tenant: run.tenant.clone(),
@@ -58,6 +90,8 @@ impl Job {
             applied: vec![None; steps.len()],
             steps,
             run,
+            prepare,
+            claim: None,
         })
     }
 
@@ -80,6 +114,18 @@ impl Job {
                 a.clone().unwrap_or_default(),
                 Duration::ZERO,
             ))
+        });
+        self.result(reports.collect())
+    }
+
+    /// A resent run whose transaction is already prepared: its steps PREPARED again (those
+    /// the journal held before it, ALREADY_APPLIED), nothing run.
+    pub fn prepared_result(&self) -> pb::RunResult {
+        let reports = self.applied.iter().zip(&self.steps).map(|(a, m)| {
+            Some(match a {
+                Some(checksum) => Report::already(checksum.clone(), Duration::ZERO),
+                None => Report::prepared(m.migration.checksum.clone(), Duration::ZERO),
+            })
         });
         self.result(reports.collect())
     }
@@ -110,6 +156,14 @@ impl Report {
     pub fn already(checksum: String, duration: Duration) -> Report {
         Report {
             outcome: StepOutcome::AlreadyApplied,
+            duration,
+            error: None,
+            checksum,
+        }
+    }
+    pub fn prepared(checksum: String, duration: Duration) -> Report {
+        Report {
+            outcome: StepOutcome::Prepared,
             duration,
             error: None,
             checksum,

@@ -12,10 +12,14 @@
 //!   transaction rolls back); `sleep(ms)`/`pause`/`panic` as usual.
 //! - `agent::after_step_commit_before_report`: `return` exits the process (code 86) right
 //!   after a commit and before its result is reported, as a crash there would.
+//! - `agent::after_prepare_before_report`: `return` exits the process (code 86) right after a
+//!   run's PREPARE TRANSACTION and before its PREPARED result is reported: the prepared
+//!   transaction is left in doubt for the restarted agent (`agent::before_step_commit` also
+//!   fails a run before its PREPARE).
 //! - `agent::before_rollback_step`: `return[(msg)]` fails the undo of a step.
 //! - `agent::before_send_results`: `return` drops the coordinator stream before sending
 //!   buffered results; they are sent after the next Hello.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -42,6 +46,7 @@ mod session;
 mod shard;
 mod shard_lock;
 mod sqlgen;
+mod two_phase;
 
 pub use config::{AgentConfig, redact_dsn};
 pub use error::AgentError;
@@ -77,6 +82,11 @@ pub(crate) struct Agent {
     /// True while the agent holds its shard's agent lock: only then may it apply or undo
     /// (see `shard_lock`).
     pub shard_lock: watch::Receiver<bool>,
+    /// Reads plans' commit decisions from etcd (None without etcd).
+    decisions: Option<two_phase::Decisions>,
+    /// Prepare gids of the runs queued or running (see `two_phase::GidClaim`).
+    gids_in_flight: Arc<Mutex<HashSet<String>>>,
+    scan_log: Mutex<two_phase::ScanLog>,
 }
 
 /// Runs an agent until `shutdown` resolves: connects to the shard (waiting for it to come
@@ -161,6 +171,7 @@ async fn serve(
     let stop_liveness = CancellationToken::new();
     let liveness = liveness::spawn(&config, stop_liveness.clone());
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+    let decisions = two_phase::Decisions::from_config(&config);
     let agent = Arc::new(Agent {
         slots: Arc::new(Semaphore::new(config.max_connections as usize)),
         config,
@@ -175,6 +186,9 @@ async fn serve(
         cancel: cancel.clone(),
         abort: CancellationToken::new(),
         shard_lock,
+        decisions,
+        gids_in_flight: Arc::new(Mutex::new(HashSet::new())),
+        scan_log: Mutex::new(two_phase::ScanLog::default()),
     });
     session::run(agent.clone(), session::Outbox::new(outbox_rx), rotation).await;
     info!("agent stopping");
@@ -215,7 +229,8 @@ impl Agent {
         self.tenants.lock().expect("tenants lock").clone()
     }
 
-    /// Fresh tenants and the journal rows of the asked migrations.
+    /// Fresh tenants and the journal rows of the asked migrations; with `two_phase`, whether
+    /// the shard can prepare transactions.
     #[instrument(skip_all, fields(shard = %self.config.shard, request = req.request_id))]
     pub(crate) async fn preflight(&self, req: pb::PreflightRequest) -> pb::PreflightReply {
         let mut errors = Vec::new();
@@ -240,8 +255,19 @@ impl Agent {
                 Vec::new()
             }
         };
+        let two_phase_error = if req.two_phase {
+            match self.check_two_phase().await {
+                Ok(()) => String::new(),
+                Err(e) => {
+                    warn!(error = %e, "this shard cannot take part in two-phase commit");
+                    e
+                }
+            }
+        } else {
+            String::new()
+        };
         pb::PreflightReply {
-            two_phase_error: String::new(),
+            two_phase_error,
             request_id: req.request_id,
             tenants,
             applied,

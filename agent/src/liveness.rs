@@ -192,7 +192,7 @@ impl Liveness {
 }
 
 /// One etcd call with a time limit (a balanced channel with no endpoint up waits forever).
-async fn call<T>(
+pub(crate) async fn call<T>(
     limit: Duration,
     f: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, String> {

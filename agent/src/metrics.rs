@@ -15,6 +15,8 @@ pub const COORDINATOR_CONNECTED: &str = "flotilla_agent_coordinator_connected";
 pub const RECONNECTS_TOTAL: &str = "flotilla_agent_reconnects_total";
 pub const ETCD_LIVENESS_UP: &str = "flotilla_agent_etcd_liveness_up";
 pub const SHARD_LOCK_HELD: &str = "flotilla_agent_shard_lock_held";
+pub const PREPARED_TRANSACTIONS: &str = "flotilla_agent_prepared_transactions";
+pub const PREPARED_RESOLUTIONS_TOTAL: &str = "flotilla_agent_prepared_resolutions_total";
 
 /// What became of one step (the `outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +26,8 @@ pub enum StepOutcome {
     Failed,
     NotRun,
     RolledBack,
+    /// In a prepared transaction, waiting for the plan's decision.
+    Prepared,
 }
 
 impl StepOutcome {
@@ -34,6 +38,7 @@ impl StepOutcome {
             StepOutcome::Failed => "failed",
             StepOutcome::NotRun => "not_run",
             StepOutcome::RolledBack => "rolled_back",
+            StepOutcome::Prepared => "prepared",
         }
     }
 
@@ -45,6 +50,7 @@ impl StepOutcome {
             StepOutcome::Failed => pb::StepOutcome::Failed,
             StepOutcome::NotRun => pb::StepOutcome::NotRun,
             StepOutcome::RolledBack => pb::StepOutcome::Unspecified,
+            StepOutcome::Prepared => pb::StepOutcome::Prepared,
         }
     }
 }
@@ -107,6 +113,17 @@ pub fn describe() {
             Unit::Count,
             "1 while the agent holds its shard's agent lock (and so may apply steps), else 0."
         );
+        describe_gauge!(
+            PREPARED_TRANSACTIONS,
+            Unit::Count,
+            "Flotilla's prepared transactions held on the shard, waiting for their plan's decision \
+             (counted as this agent prepares and resolves them, recounted at each in-doubt scan)."
+        );
+        describe_counter!(
+            PREPARED_RESOLUTIONS_TOTAL,
+            Unit::Count,
+            "Prepared transactions this agent committed or rolled back, by decision (commit, abort)."
+        );
     });
 }
 
@@ -141,4 +158,17 @@ pub fn etcd_liveness_up(up: bool) {
 
 pub fn shard_lock_held(held: bool) {
     gauge!(SHARD_LOCK_HELD).set(if held { 1.0 } else { 0.0 });
+}
+
+pub fn prepared_held_add(delta: f64) {
+    gauge!(PREPARED_TRANSACTIONS).increment(delta);
+}
+
+pub fn prepared_held_set(held: f64) {
+    gauge!(PREPARED_TRANSACTIONS).set(held);
+}
+
+/// `decision`: `commit` or `abort`.
+pub fn prepared_resolved(decision: &'static str) {
+    counter!(PREPARED_RESOLUTIONS_TOTAL, "decision" => decision).increment(1);
 }

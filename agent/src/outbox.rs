@@ -22,6 +22,7 @@ pub(crate) enum Outgoing {
         result: pb::RunResult,
     },
     Rollback(pb::RollbackReply),
+    Resolve(pb::ResolveReply),
 }
 
 /// Results waiting for the coordinator. They outlive a stream: whatever was not sent goes
@@ -43,13 +44,21 @@ impl Outbox {
         }
     }
 
+    /// Queues one item. A reply goes after every run result queued before it (a Resolve
+    /// after the PREPARED results it follows, a RollbackReply after the NOT_RUN of the runs
+    /// it halted).
     pub fn push(&mut self, item: Outgoing) {
-        match item {
-            Outgoing::Run { plan_id, result } => self.runs.push((plan_id, result)),
-            Outgoing::Rollback(reply) => self.ready.push_back(pb::AgentMessage {
-                body: Some(Out::Rollback(reply)),
-            }),
-        }
+        let body = match item {
+            Outgoing::Run { plan_id, result } => {
+                self.runs.push((plan_id, result));
+                self.since.get_or_insert_with(Instant::now);
+                return;
+            }
+            Outgoing::Rollback(reply) => Out::Rollback(reply),
+            Outgoing::Resolve(reply) => Out::Resolve(reply),
+        };
+        self.batch();
+        self.ready.push_back(pb::AgentMessage { body: Some(body) });
         self.since.get_or_insert_with(Instant::now);
     }
 
@@ -148,5 +157,35 @@ mod tests {
             panic!("not results")
         };
         assert_eq!((r.plan_id.as_str(), r.runs[0].run_id), ("c", 4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replies_go_after_the_results_queued_before_them() {
+        let (_in_tx, in_rx) = mpsc::unbounded_channel();
+        let mut outbox = Outbox::new(in_rx);
+        outbox.push(Outgoing::Run {
+            plan_id: "a".into(),
+            result: run_result(1),
+        });
+        outbox.push(Outgoing::Resolve(pb::ResolveReply {
+            plan_id: "a".into(),
+            commit: true,
+            ..Default::default()
+        }));
+        outbox.push(Outgoing::Run {
+            plan_id: "a".into(),
+            result: run_result(2),
+        });
+        let (tx, mut rx) = mpsc::channel(8);
+        outbox.flush(&tx).unwrap();
+        let mut order = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            order.push(match msg.body.unwrap() {
+                Out::Results(r) => format!("results {}", r.runs[0].run_id),
+                Out::Resolve(r) => format!("resolve {}", r.plan_id),
+                other => panic!("{other:?}"),
+            });
+        }
+        assert_eq!(order, ["results 1", "resolve a", "results 2"]);
     }
 }

@@ -1,7 +1,7 @@
 //! Plans on this shard: their definitions, their queues of runs, and the lanes that drain
 //! them. A lane holds one pooled connection while its plan has queued runs, so runs reuse
 //! connections without a pool round trip (or a ping) between them.
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -11,13 +11,13 @@ use futures::FutureExt;
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
 use tokio::sync::Notify;
-use tracing::{Instrument, info_span, instrument, warn};
+use tracing::{Instrument, debug, info_span, instrument, warn};
 
 use crate::error::Failure;
 use crate::executor;
 use crate::job::{self, Job};
 use crate::sqlgen::{PreparedMigration, quote_literal};
-use crate::{Agent, metrics, shard};
+use crate::{Agent, metrics, shard, two_phase};
 
 /// A plan's migrations, validated and prepared on receipt.
 #[derive(Debug)]
@@ -124,6 +124,7 @@ impl Agent {
                 Ok(pb::StepOutcome::Applied) => metrics::StepOutcome::Applied,
                 Ok(pb::StepOutcome::AlreadyApplied) => metrics::StepOutcome::AlreadyApplied,
                 Ok(pb::StepOutcome::NotRun) => metrics::StepOutcome::NotRun,
+                Ok(pb::StepOutcome::Prepared) => metrics::StepOutcome::Prepared,
                 _ => metrics::StepOutcome::Failed,
             };
             metrics::step_finished(outcome);
@@ -177,7 +178,18 @@ impl Agent {
         let mut jobs = Vec::with_capacity(runs.len());
         for run in runs {
             match Job::new(&def, run, epoch) {
-                Ok(job) => jobs.push(job),
+                Ok(mut job) => {
+                    if let Some(p) = &job.prepare {
+                        match self.claim_gid(&p.gid) {
+                            Some(claim) => job.claim = Some(claim),
+                            None => {
+                                debug!(gid = %p.gid, run = job.run.run_id, "a run with this gid is already queued or running; its result answers");
+                                continue;
+                            }
+                        }
+                    }
+                    jobs.push(job);
+                }
                 Err(rejected) => {
                     let (run, failure) = *rejected;
                     self.report(&plan.id, job::all_failed(&run, &failure));
@@ -185,6 +197,26 @@ impl Agent {
             }
         }
         self.advance_fence(epoch).await;
+        // Prepared transactions before the journal: a resent run whose transaction is
+        // prepared runs nothing (its journal rows are inside it, invisible). In this order a
+        // COMMIT PREPARED between the two reads shows in the journal read.
+        let gids: Vec<String> = jobs
+            .iter()
+            .filter_map(|j| j.prepare.as_ref().map(|p| p.gid.clone()))
+            .collect();
+        let prepared = if gids.is_empty() {
+            HashSet::new()
+        } else {
+            match two_phase::prepared_among(&self.pool, &gids).await {
+                Ok(found) => found,
+                Err(error) => {
+                    // a copy that runs again fails on the prepared one's locks or gid, and
+                    // the failure path asks again
+                    warn!(%error, "reading the prepared transactions before the runs failed; running them unchecked");
+                    HashSet::new()
+                }
+            }
+        };
         let targets: BTreeSet<&str> = jobs.iter().map(|j| j.tenant.as_str()).collect();
         let migrations: BTreeSet<&str> = jobs
             .iter()
@@ -210,7 +242,17 @@ impl Agent {
         }
         let mut todo = Vec::with_capacity(jobs.len());
         for job in jobs {
-            if job.fully_applied() {
+            if job
+                .prepare
+                .as_ref()
+                .is_some_and(|p| prepared.contains(&p.gid))
+            {
+                debug!(
+                    run = job.run.run_id,
+                    "the run's transaction is already prepared"
+                );
+                self.report(&plan.id, job.prepared_result());
+            } else if job.fully_applied() {
                 self.report(&plan.id, job.already_applied_result());
             } else {
                 todo.push(job);
@@ -244,7 +286,17 @@ impl Agent {
             Ok(()) => {
                 self.fence_advanced.fetch_max(epoch, Ordering::Relaxed);
             }
-            Err(error) => warn!(%error, epoch, "could not advance the shard's fence"),
+            Err(error) => {
+                let lock_timeout = matches!(&error, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"));
+                if lock_timeout {
+                    warn!(
+                        epoch,
+                        "could not advance the shard's fence: a prepared transaction of an older epoch holds it until it is resolved"
+                    );
+                } else {
+                    warn!(%error, epoch, "could not advance the shard's fence");
+                }
+            }
         }
     }
 

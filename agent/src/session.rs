@@ -25,9 +25,13 @@ pub(crate) use crate::outbox::{Outbox, Outgoing};
 use crate::{Agent, metrics};
 
 /// Messages queued toward the coordinator before the agent holds back.
+/// How long connecting to a coordinator and attaching may take.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
 const OUTBOUND_CAPACITY: usize = 1024;
 /// How long a Hello waits for tenant discovery before using the last list.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long resolving in-doubt prepared transactions may hold up a connection attempt.
+const IN_DOUBT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Exponential backoff between `min` and `max`, with jitter (`jitter` in [0, 1)) over the
 /// upper half of the step, so a fleet of agents does not reconnect in lockstep.
@@ -156,12 +160,21 @@ async fn session(
     address: &str,
 ) -> Ended {
     let lost = |welcomed, reason: String| Ended::Lost { welcomed, reason };
-    let channel = tokio::select! {
-        c = endpoint.connect() => match c {
-            Ok(c) => c,
-            Err(e) => return lost(false, format!("connecting: {}", chain(&e))),
-        },
+    // In-doubt prepared transactions are resolved from etcd at every attempt, while the
+    // coordinator is dialed: so also while none is up. What is left goes in the Hello.
+    let (connected, in_doubt) = tokio::select! {
+        pair = async { tokio::join!(tokio::time::timeout(ATTACH_TIMEOUT, endpoint.connect()), in_doubt(agent)) } => pair,
         () = agent.cancel.cancelled() => return Ended::Shutdown,
+    };
+    let channel = match connected {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return lost(false, format!("connecting: {}", chain(&e))),
+        Err(_) => {
+            return lost(
+                false,
+                format!("connecting: no answer within {ATTACH_TIMEOUT:?}"),
+            );
+        }
     };
     let mut client = AgentServiceClient::new(channel);
     // a shard that does not answer must not hold up the Hello: the last list will do
@@ -171,7 +184,7 @@ async fn session(
     };
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let hello = pb::Hello {
-        in_doubt: Vec::new(),
+        in_doubt,
         shard: agent.config.shard.clone(),
         labels: agent.config.labels.clone().into_iter().collect(),
         tenants,
@@ -181,10 +194,13 @@ async fn session(
     let _ = tx.try_send(pb::AgentMessage {
         body: Some(Out::Hello(hello)),
     });
+    // A paused coordinator accepts the TCP connection and then never answers:
+    // the attach is bounded so the agent moves on to the next address.
     let mut inbound = tokio::select! {
-        r = client.attach(ReceiverStream::new(rx)) => match r {
-            Ok(response) => response.into_inner(),
-            Err(status) => return Ended::from_status(false, "attach", &status),
+        r = tokio::time::timeout(ATTACH_TIMEOUT, client.attach(ReceiverStream::new(rx))) => match r {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return Ended::from_status(false, "attach", &status),
+            Err(_) => return lost(false, format!("no answer to attach within {ATTACH_TIMEOUT:?}")),
         },
         () = agent.cancel.cancelled() => return Ended::Shutdown,
     };
@@ -251,6 +267,22 @@ async fn session(
     }
 }
 
+/// The prepared transactions left in doubt after trying to resolve them; none when the shard
+/// cannot be read in time (the next attempt tries again).
+async fn in_doubt(agent: &Agent) -> Vec<String> {
+    match tokio::time::timeout(IN_DOUBT_TIMEOUT, agent.resolve_in_doubt()).await {
+        Ok(Ok(left)) => left,
+        Ok(Err(error)) => {
+            warn!(%error, "cannot list the shard's prepared transactions");
+            Vec::new()
+        }
+        Err(_) => {
+            warn!("resolving in-doubt prepared transactions took longer than {IN_DOUBT_TIMEOUT:?}");
+            Vec::new()
+        }
+    }
+}
+
 async fn sleep_until(due: Option<Instant>) {
     if let Some(due) = due {
         tokio::time::sleep_until(due).await;
@@ -261,9 +293,15 @@ async fn sleep_until(due: Option<Instant>) {
 fn dispatch(agent: &Arc<Agent>, body: In, tx: &mpsc::Sender<pb::AgentMessage>) {
     match body {
         In::Welcome(_) | In::Heartbeat(_) => {}
-        // Two-phase commit is not applied by this agent yet: it never prepares,
-        // so there is nothing to resolve.
-        In::Resolve(_) => {}
+        In::Resolve(req) => {
+            let agent2 = agent.clone();
+            agent.tasks.spawn(async move {
+                let outbox = agent2.outbox.clone();
+                let reply = agent2.resolve(req).await;
+                // through the outbox: after the results queued before it, kept across streams
+                let _ = outbox.send(Outgoing::Resolve(reply));
+            });
+        }
         In::Plan(def) => agent.define_plan(def),
         In::Assign(assign) => agent.assign(assign),
         In::Halt(halt) => agent.halt(&agent.plan(&halt.plan_id)),

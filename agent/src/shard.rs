@@ -251,19 +251,34 @@ pub(crate) fn parse_tenant_labels(raw: &str) -> Result<BTreeMap<String, String>,
     flotilla_proto::parse_labels(raw)
 }
 
-/// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs.
+/// How long advancing the fence waits for the fence row. A prepared transaction holds it
+/// (FOR SHARE) until it is resolved, however long that takes: a newer epoch cannot be written
+/// meanwhile, and the steps of that epoch fail on their own fence check until it is.
+const FENCE_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
+
 /// Moves the shard's fence up to `epoch` in a transaction of its own. Step
 /// transactions then only read the fence row (FOR SHARE); were the first step of
 /// a new epoch to advance it, every other step would queue behind that one
 /// step's whole transaction, however long it runs.
 pub(crate) async fn advance_fence(pool: &PgPool, epoch: u64) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(FENCE_LOCK_TIMEOUT).execute(&mut *tx).await?;
     sqlx::query("SELECT flotilla.check_fence($1)")
         .bind(epoch as i64)
-        .execute(pool)
-        .await
-        .map(|_| ())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
 }
 
+/// The newest epoch the shard has seen, read without taking the row's lock.
+pub(crate) async fn read_fence(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM flotilla.fence")
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(epoch).unwrap_or(0))
+}
+
+/// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs.
 pub(crate) async fn read_applied(
     pool: &PgPool,
     targets: &[String],

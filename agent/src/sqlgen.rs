@@ -86,6 +86,13 @@ pub(crate) fn begin_fenced(epoch: u64) -> String {
     format!("BEGIN;\nSELECT flotilla.check_fence({epoch});\n")
 }
 
+/// Checks the fence. It comes after the step's settings, so that its wait for the fence row
+/// is bounded by the step's lock_timeout: a transaction of an older epoch holds the row until
+/// it ends, and a prepared one until its plan's decision, however long that takes.
+fn push_fence(out: &mut String, epoch: u64) {
+    let _ = writeln!(out, "SELECT flotilla.check_fence({epoch});");
+}
+
 /// `SET [LOCAL] search_path/lock_timeout/statement_timeout` for one step.
 fn push_settings(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigration, local: bool) {
     let scope = if local { "SET LOCAL" } else { "SET" };
@@ -130,11 +137,24 @@ pub(crate) fn transactional_step(cx: &StepContext<'_>, m: &PreparedMigration) ->
     out
 }
 
-/// Before a non-transactional step's statements: the fence, then session-level settings
-/// (which `RESET ALL` clears afterwards).
+/// The first transactional step of a transaction: `BEGIN`, its settings, the fence, then as
+/// [`transactional_step`].
+pub(crate) fn first_transactional_step(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    let mut out = String::with_capacity(560 + m.up.iter().map(String::len).sum::<usize>());
+    out.push_str("BEGIN;\n");
+    push_settings(&mut out, cx, m, true);
+    push_fence(&mut out, cx.epoch);
+    push_statements(&mut out, &m.up);
+    push_verify_and_journal(&mut out, cx, m);
+    out
+}
+
+/// Before a non-transactional step's statements: session-level settings (which `RESET ALL`
+/// clears afterwards), then the fence.
 pub(crate) fn non_transactional_prologue(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
-    let mut out = format!("SELECT flotilla.check_fence({});\n", cx.epoch);
+    let mut out = String::with_capacity(320);
     push_settings(&mut out, cx, m, false);
+    push_fence(&mut out, cx.epoch);
     out
 }
 
@@ -161,8 +181,9 @@ fn push_journal_move(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigrati
 
 /// The whole undo of a transactional step, as one query ending in COMMIT.
 pub(crate) fn transactional_undo(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
-    let mut out = begin_fenced(cx.epoch);
+    let mut out = String::from("BEGIN;\n");
     push_settings(&mut out, cx, m, true);
+    push_fence(&mut out, cx.epoch);
     push_statements(&mut out, &m.down);
     push_journal_move(&mut out, cx, m);
     out.push_str("COMMIT;\n");
@@ -240,7 +261,27 @@ mod tests {
             m.migration.checksum
         )));
         assert!(!sql.contains("BEGIN") && !sql.contains("COMMIT"));
+        assert!(!sql.contains("check_fence"));
         assert_eq!(begin_fenced(7), "BEGIN;\nSELECT flotilla.check_fence(7);\n");
+        // the first step opens the transaction and checks the fence under its lock_timeout
+        let first = first_transactional_step(&cx, &m);
+        assert!(
+            first.starts_with("BEGIN;\nSET LOCAL search_path"),
+            "{first}"
+        );
+        let (settings, rest) = first
+            .split_once("SELECT flotilla.check_fence(7);\n")
+            .unwrap();
+        assert!(
+            settings.contains("SET LOCAL lock_timeout = '1500ms'"),
+            "{first}"
+        );
+        assert!(rest.starts_with("CREATE TABLE t (id int)\n;\n"), "{first}");
+        // otherwise the same as a later step
+        assert_eq!(
+            first.replacen("SELECT flotilla.check_fence(7);\n", "", 1),
+            format!("BEGIN;\n{sql}")
+        );
     }
 
     #[test]
@@ -268,11 +309,10 @@ mod tests {
         };
         let pro = non_transactional_prologue(&cx, &m);
         assert!(
-            pro.starts_with(
-                "SELECT flotilla.check_fence(3);\nSET search_path TO \"t1\";\nSET lock_timeout"
-            ),
+            pro.starts_with("SET search_path TO \"t1\";\nSET lock_timeout"),
             "{pro}"
         );
+        assert!(pro.ends_with("SELECT flotilla.check_fence(3);\n"), "{pro}");
         assert!(pro.contains("clock_timestamp()::text, false)"));
         let epi = non_transactional_epilogue(&cx, &m);
         assert!(
@@ -293,9 +333,13 @@ mod tests {
             epoch: 4,
         };
         let sql = transactional_undo(&cx, &m);
-        assert!(sql.starts_with(
-            "BEGIN;\nSELECT flotilla.check_fence(4);\nSET LOCAL search_path TO \"t1\";"
-        ));
+        assert!(
+            sql.starts_with("BEGIN;\nSET LOCAL search_path TO \"t1\";"),
+            "{sql}"
+        );
+        let (settings, rest) = sql.split_once("SELECT flotilla.check_fence(4);\n").unwrap();
+        assert!(settings.contains("SET LOCAL lock_timeout"), "{sql}");
+        assert!(rest.starts_with("DROP TABLE t\n;\n"), "{sql}");
         assert!(sql.contains("DROP TABLE t\n;\n"));
         assert!(sql.contains("DELETE FROM flotilla.journal WHERE target = 't1' AND migration_id = 'm1' AND plan_id = 'p9'"));
         assert!(

@@ -87,6 +87,7 @@ impl Fleet {
         &self,
         shard: &str,
         migration_ids: Vec<String>,
+        two_phase: bool,
         timeout: Duration,
     ) -> Result<pb::PreflightReply, CoordinatorError> {
         let unreachable = |reason: String| CoordinatorError::Unreachable {
@@ -109,7 +110,7 @@ impl Fleet {
         agent_tx
             .send(msg(pb::coordinator_message::Body::Preflight(
                 pb::PreflightRequest {
-                    two_phase: false,
+                    two_phase,
                     request_id,
                     migration_ids,
                 },

@@ -204,6 +204,7 @@ impl pb::agent_service_server::AgentService for Coordinator {
                 conn_id,
                 tx,
                 max_lanes: hello.max_lanes,
+                in_doubt: hello.in_doubt.clone(),
             })
             .await;
 
@@ -238,7 +239,15 @@ impl pb::agent_service_server::AgentService for Coordinator {
                             .await;
                     }
                     Some(Body::Preflight(reply)) => inner.fleet.complete_preflight(reply),
-                    Some(Body::Resolve(_)) => {}
+                    Some(Body::Resolve(reply)) => {
+                        let _ = inner
+                            .events
+                            .send(Event::ResolveReply {
+                                shard: shard.clone(),
+                                reply,
+                            })
+                            .await;
+                    }
                     Some(Body::Rollback(reply)) => {
                         let _ = inner
                             .events

@@ -148,6 +148,7 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<(), CoordinatorError> {
+    setup_failpoints();
     metrics::install(config.metrics).map_err(|reason| CoordinatorError::Listen {
         addr: config.metrics.map(|a| a.to_string()).unwrap_or_default(),
         reason,
@@ -249,4 +250,26 @@ pub async fn start(
             addr: addr.to_string(),
             reason: e.to_string(),
         })
+}
+
+/// Arms the failpoints named in `FAILPOINTS` (`name=action;...`), once per
+/// process, in builds with the `testing` feature; the agent reads the same
+/// variable, so one process running both (quickstart) arms each once.
+fn setup_failpoints() {
+    #[cfg(feature = "testing")]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let Ok(spec) = std::env::var("FAILPOINTS") else {
+                return;
+            };
+            for item in spec.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                if let Some((name, actions)) = item.split_once('=')
+                    && let Err(e) = fail::cfg(name.trim(), actions.trim())
+                {
+                    tracing::warn!(failpoint = %name.trim(), "ignoring an invalid failpoint: {e}");
+                }
+            }
+        });
+    }
 }

@@ -36,6 +36,18 @@ pub fn install(addr: Option<SocketAddr>) -> Result<(), String> {
             "flotilla_agents_connected",
             "Agents attached to this coordinator."
         );
+        describe_gauge!(
+            "flotilla_leader",
+            "1 while this coordinator leads, 0 while it follows."
+        );
+        describe_histogram!(
+            "flotilla_two_phase_window_seconds",
+            "Atomic plans: from the first PREPARE TRANSACTION to the last COMMIT PREPARED (locks held on every shard)."
+        );
+        describe_counter!(
+            "flotilla_decisions_total",
+            "Two-phase commit decisions written, by decision."
+        );
     });
     Ok(())
 }
@@ -70,4 +82,13 @@ pub fn agents_connected(n: usize) {
 
 pub fn leader(leading: bool) {
     gauge!("flotilla_leader").set(if leading { 1.0 } else { 0.0 });
+}
+
+pub fn two_phase_window(window: std::time::Duration) {
+    histogram!("flotilla_two_phase_window_seconds").record(window.as_secs_f64());
+}
+
+pub fn decision(commit: bool) {
+    counter!("flotilla_decisions_total", "decision" => if commit { "commit" } else { "abort" })
+        .increment(1);
 }

@@ -10,10 +10,11 @@ use prost::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{info, instrument};
 
+use crate::coordination::Decision;
 use crate::coordination::{
     Coordination, CoordinationError, EmbeddedCoordination, Leadership, LockOutcome,
 };
-use crate::engine::plan_run::{PlanRun, StepStatus};
+use crate::engine::plan_run::{PlanRun, PlanState, StepStatus};
 use crate::engine::{CommandKind, Event, status};
 use crate::error::CoordinatorError;
 use crate::fleet::Fleet;
@@ -190,6 +191,7 @@ impl Coordinator {
         let epoch = self.leader_epoch()?;
         let spec = PlanSpec::try_from(raw.clone())?;
         let ids: Vec<String> = spec.migrations.iter().map(|m| m.id.to_string()).collect();
+        let atomic = spec.atomic;
 
         // Shards seen before but not attached now: if the plan could touch them,
         // it cannot be checked or run, so it is refused rather than half-applied.
@@ -221,7 +223,7 @@ impl Coordinator {
                 let r = self
                     .inner
                     .fleet
-                    .preflight(shard, ids, self.inner.defaults.preflight_timeout)
+                    .preflight(shard, ids, atomic, self.inner.defaults.preflight_timeout)
                     .await;
                 (shard.clone(), r)
             }
@@ -231,6 +233,14 @@ impl Coordinator {
         let mut applied: BTreeMap<(String, String, String), String> = BTreeMap::new();
         for (shard, reply) in replies {
             let reply = reply?;
+            // Two-phase commit needs every shard able to prepare: refused before
+            // any change, naming the shard and the setting.
+            if !reply.two_phase_error.is_empty() {
+                return Err(CoordinatorError::Rejected(format!(
+                    "atomic plan refused by preflight: {}",
+                    reply.two_phase_error
+                )));
+            }
             self.inner.fleet.set_tenants(&shard, reply.tenants.clone());
             let labels = attached[&shard].labels.clone();
             let tenants = reply
@@ -275,6 +285,25 @@ impl Coordinator {
         }
 
         let expansion = planner::expand(&spec, &fleet)?;
+        if spec.atomic {
+            // A prepared change is invisible to other transactions until the
+            // decision: a step cannot wait on another target's prepared step.
+            for s in &expansion.steps {
+                if let Some(&d) = s
+                    .deps
+                    .iter()
+                    .find(|&&d| expansion.steps[d].target != s.target)
+                {
+                    return Err(CoordinatorError::Rejected(format!(
+                        "atomic plan: `{}` on {} depends on `{}` on {}; atomic plans order steps within a target only",
+                        spec.migrations[s.migration].id,
+                        expansion.targets[s.target],
+                        spec.migrations[expansion.steps[d].migration].id,
+                        expansion.targets[expansion.steps[d].target],
+                    )));
+                }
+            }
+        }
         let plan_id = new_plan_id();
         let statuses: Vec<StepStatus> = expansion
             .steps
@@ -635,7 +664,44 @@ impl Coordinator {
         for row in rows {
             let mut run = self.rebuild(&row).await?;
             let shards: Vec<String> = run.shards.keys().cloned().collect();
-            if row.state != "running" {
+            let atomic_open = run.spec.atomic
+                && matches!(row.state.as_str(), "running" | "committing" | "aborting");
+            if atomic_open {
+                // The decision stands if one was written; with none, this leader
+                // presumes abort (the other leader may have died mid-prepare).
+                let d = match self.inner.coordination.decision(&row.id).await? {
+                    Some(d) => d,
+                    None => {
+                        self.inner
+                            .coordination
+                            .decide(&row.id, Decision::Abort, epoch)
+                            .await?
+                    }
+                };
+                crate::metrics::decision(d == Decision::Commit);
+                info!(plan = %row.id, decision = d.as_str(), "resuming an atomic plan under its decision");
+                run.decision = Some(d == Decision::Commit);
+                run.state = if d == Decision::Commit {
+                    PlanState::Committing
+                } else {
+                    PlanState::Aborting
+                };
+                if d == Decision::Abort {
+                    run.message = format!(
+                        "{}; aborted after a change of coordinator (presumed abort)",
+                        row.message
+                    )
+                    .trim_start_matches("; ")
+                    .to_string();
+                    let _ = run.halt_pending();
+                }
+                let _ = self
+                    .to_engine(|done| Event::Start {
+                        run: Box::new(run),
+                        done,
+                    })
+                    .await?;
+            } else if row.state != "running" {
                 // It was undoing: undo again; the journal makes that harmless.
                 run.state = crate::engine::plan_run::PlanState::Completed;
                 run.message = row.message.clone();

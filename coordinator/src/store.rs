@@ -388,7 +388,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
                 created_at_ms, updated_at_ms, targets, steps FROM plans
-             WHERE state IN ('running', 'rolling_back', 'cancelling', 'stopping')
+             WHERE state IN ('running', 'rolling_back', 'cancelling', 'stopping', 'committing', 'aborting')
              ORDER BY created_at_ms",
         )
         .fetch_all(&self.pool)

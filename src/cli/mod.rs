@@ -210,6 +210,10 @@ pub struct SubmitArgs {
     /// Run each step in its own transaction instead of one per target.
     #[arg(long)]
     pub no_fuse: bool,
+    /// Commit atomically across shards: every target's transactional steps end in
+    /// PREPARE TRANSACTION and one decision commits or aborts them all.
+    #[arg(long)]
+    pub atomic: bool,
     /// Who submits (recorded in the audit trail).
     #[arg(long, env = "USER", default_value = "operator")]
     pub actor: String,

@@ -163,6 +163,7 @@ async fn submit(addr: &str, args: SubmitArgs) -> u8 {
         policy: args.policy.clone(),
         scope: args.scope.clone(),
         no_fuse: args.no_fuse,
+        atomic: args.atomic,
     };
     let mut raw = match loader::load(&args.path, &overrides) {
         Ok(r) => r,

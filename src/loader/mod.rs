@@ -32,6 +32,8 @@ pub struct Overrides {
     /// "shard" or "tenant"
     pub scope: Option<String>,
     pub no_fuse: bool,
+    /// `--atomic`: two-phase commit across shards.
+    pub atomic: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +208,9 @@ fn apply(spec: &mut pb::PlanSpec, o: &Overrides) -> Result<(), LoadError> {
             flag: "--scope",
             message: unknown_scope(s),
         })? as i32;
+    }
+    if o.atomic {
+        spec.atomic = true;
     }
     if o.no_fuse {
         spec.no_fuse = true;

@@ -29,6 +29,8 @@ struct PlanFile {
     policy: Option<Spanned<String>>,
     scope: Option<Spanned<String>>,
     fuse: Option<bool>,
+    /// Commit every target's transactional steps atomically across shards (2PC).
+    atomic: Option<bool>,
     #[serde(default)]
     parallel_groups: Vec<Vec<Spanned<String>>>,
     #[serde(default)]
@@ -109,6 +111,7 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
         environment: file.environment.clone().unwrap_or_default(),
         migrations,
         no_fuse: file.fuse == Some(false),
+        atomic: file.atomic.unwrap_or(false),
         ..Default::default()
     };
     if let Some(s) = &file.selector {

@@ -314,6 +314,7 @@ c = ["a", "b"]
     assert_eq!(spec.policy, pb::FailurePolicy::Continue as i32);
     assert_eq!(spec.default_scope, pb::Scope::Shard as i32);
     assert!(spec.no_fuse);
+    assert!(!spec.atomic);
     assert_eq!(spec.source, plan.display().to_string());
     assert_eq!(spec.parallel_groups.len(), 2);
     assert_eq!(spec.parallel_groups[0].migrations, ["a", "b"]);
@@ -716,6 +717,7 @@ fn overrides_apply_after_the_plan_file() {
         policy: Some("continue".into()),
         scope: Some("shard".into()),
         no_fuse: true,
+        atomic: true,
     };
     let spec = load(root, &o).unwrap();
     assert_eq!(spec.max_parallel, 32);
@@ -723,6 +725,7 @@ fn overrides_apply_after_the_plan_file() {
     assert_eq!(spec.policy, pb::FailurePolicy::Continue as i32);
     assert_eq!(spec.default_scope, pb::Scope::Shard as i32);
     assert!(spec.no_fuse);
+    assert!(spec.atomic, "--atomic");
 
     // Without overrides, the plan file's values stand.
     let spec = load_ok(root);

@@ -8,20 +8,24 @@ use crate::harness::{
     CommandOutput, Etcd, FlotillaProcess, PgCluster, free_port, run_flotilla, wait_until,
 };
 
-struct HaFleet {
-    pg: PgCluster,
-    etcd: Etcd,
-    coordinators: Vec<Option<FlotillaProcess>>,
-    addrs: Vec<String>,
-    agents: Vec<FlotillaProcess>,
-    store: String,
-    ports: Vec<u16>,
+pub struct HaFleet {
+    pub pg: PgCluster,
+    pub etcd: Etcd,
+    pub coordinators: Vec<Option<FlotillaProcess>>,
+    pub addrs: Vec<String>,
+    pub agents: Vec<FlotillaProcess>,
+    pub store: String,
+    pub ports: Vec<u16>,
 }
 
 const TTL: &str = "2s";
 
 impl HaFleet {
-    async fn start(coordinators: usize, shards: usize, tenants: usize) -> anyhow::Result<HaFleet> {
+    pub async fn start(
+        coordinators: usize,
+        shards: usize,
+        tenants: usize,
+    ) -> anyhow::Result<HaFleet> {
         let pg = PgCluster::start().await?;
         let etcd = Etcd::start_single().await?;
         for s in 0..shards {
@@ -69,7 +73,16 @@ impl HaFleet {
         Ok(fleet)
     }
 
-    fn spawn_coordinator(&self, i: usize) -> anyhow::Result<FlotillaProcess> {
+    pub fn spawn_coordinator(&self, i: usize) -> anyhow::Result<FlotillaProcess> {
+        self.spawn_coordinator_with(i, &[])
+    }
+
+    /// A coordinator with extra environment (e.g. FAILPOINTS).
+    pub fn spawn_coordinator_with(
+        &self,
+        i: usize,
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<FlotillaProcess> {
         let listen = format!("127.0.0.1:{}", self.ports[i]);
         FlotillaProcess::spawn(
             &[
@@ -83,11 +96,11 @@ impl HaFleet {
                 "--lease-ttl",
                 TTL,
             ],
-            &[],
+            envs,
         )
     }
 
-    fn spawn_agent(&self, s: usize) -> anyhow::Result<FlotillaProcess> {
+    pub fn spawn_agent(&self, s: usize) -> anyhow::Result<FlotillaProcess> {
         let all = self.addrs.join(",");
         let dsn = self.pg.url(&format!("shard_{s}"));
         let shard = format!("shard_{s}");
@@ -111,20 +124,20 @@ impl HaFleet {
 
     /// Runs a CLI command against every coordinator address (reads go to the first
     /// that answers; writes follow the leader).
-    async fn cli(&self, args: &[&str]) -> anyhow::Result<CommandOutput> {
+    pub async fn cli(&self, args: &[&str]) -> anyhow::Result<CommandOutput> {
         let all = self.addrs.join(",");
         let mut v = vec!["--coordinator", all.as_str()];
         v.extend_from_slice(args);
         run_flotilla(&v, &[]).await
     }
 
-    async fn cli_at(&self, i: usize, args: &[&str]) -> anyhow::Result<CommandOutput> {
+    pub async fn cli_at(&self, i: usize, args: &[&str]) -> anyhow::Result<CommandOutput> {
         let mut v = vec!["--coordinator", self.addrs[i].as_str()];
         v.extend_from_slice(args);
         run_flotilla(&v, &[]).await
     }
 
-    async fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
+    pub async fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
         let out = self.cli(args).await?;
         anyhow::ensure!(out.success(), "flotilla {args:?}: {out}");
         Ok(serde_json::from_str(
@@ -133,7 +146,7 @@ impl HaFleet {
     }
 
     /// Index of the coordinator that leads now (its log says so last).
-    fn leader(&self) -> Option<usize> {
+    pub fn leader(&self) -> Option<usize> {
         self.coordinators.iter().enumerate().find_map(|(i, c)| {
             let log = c.as_ref()?.log();
             let lead = log.rfind("leading: scheduling and deciding");

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `flotilla` binary against real PostgreSQL and
 //! etcd processes. The harness lives in `harness/`; see its module docs.
 
+mod atomic;
 mod behaviour;
 mod fleet;
 mod ha;

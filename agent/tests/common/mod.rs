@@ -89,10 +89,71 @@ pub async fn fleet(name: &str, tenants: usize) -> Option<Fleet> {
         println!("FLOTILLA_TEST_PG_URL is not set: skipping the PostgreSQL test `{name}`");
         return None;
     };
+    Some(fleet_on(&admin_url, name, tenants).await)
+}
+
+/// [`fleet`] with two-phase commit: None (with a note) when no PostgreSQL is configured or
+/// its `max_prepared_transactions` is 0.
+pub async fn fleet_2pc(name: &str, tenants: usize) -> Option<Fleet> {
+    let f = fleet(name, tenants).await?;
+    let max: String = sqlx::query_scalar("SELECT current_setting('max_prepared_transactions')")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    if max == "0" {
+        println!(
+            "FLOTILLA_TEST_PG_URL's cluster has max_prepared_transactions = 0: skipping the \
+             two-phase commit test `{name}` (start it with -c max_prepared_transactions=20)"
+        );
+        f.drop().await;
+        return None;
+    }
+    Some(f)
+}
+
+/// `postgres://…/<db>` on the same server as `admin_url`.
+fn dsn_for(admin_url: &str, db: &str) -> String {
+    format!(
+        "{}/{db}",
+        admin_url.rsplit_once('/').expect("a database in the url").0
+    )
+}
+
+/// Rolls back the prepared transactions left in `db` (a database holding any cannot be
+/// dropped); ROLLBACK PREPARED must run in their own database.
+async fn clear_prepared(admin: &mut sqlx::PgConnection, admin_url: &str, db: &str) {
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_prepared_xacts WHERE database = $1")
+            .bind(db)
+            .fetch_one(&mut *admin)
+            .await
+            .expect("prepared transactions");
+    if left == 0 {
+        return;
+    }
+    let mut conn = sqlx::PgConnection::connect(&dsn_for(admin_url, db))
+        .await
+        .expect("connection to the fleet database");
+    let gids: Vec<String> =
+        sqlx::query_scalar("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    for gid in gids {
+        let sql = format!("ROLLBACK PREPARED '{}'", gid.replace('\'', "''"));
+        let _ = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut conn).await;
+    }
+    let _ = conn.close().await;
+}
+
+/// [`fleet`] on the server of `admin_url`.
+pub async fn fleet_on(admin_url: &str, name: &str, tenants: usize) -> Fleet {
+    let admin_url = admin_url.to_string();
     let db = format!("agent_{name}");
     let mut admin = sqlx::PgConnection::connect(&admin_url)
         .await
         .expect("admin connection");
+    clear_prepared(&mut admin, &admin_url, &db).await;
     for sql in [
         format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
         format!("CREATE DATABASE {db}"),
@@ -102,10 +163,7 @@ pub async fn fleet(name: &str, tenants: usize) -> Option<Fleet> {
             .await
             .expect("create database");
     }
-    let dsn = format!(
-        "{}/{db}",
-        admin_url.rsplit_once('/').expect("a database in the url").0
-    );
+    let dsn = dsn_for(&admin_url, &db);
     let pool = PgPool::connect(&dsn).await.expect("test pool");
     let mut sql = String::from("CREATE SCHEMA not_a_tenant;");
     for t in 0..tenants {
@@ -123,12 +181,12 @@ pub async fn fleet(name: &str, tenants: usize) -> Option<Fleet> {
         .execute(&pool)
         .await
         .expect("fleet");
-    Some(Fleet {
+    Fleet {
         dsn,
         pool,
         admin_url,
         db,
-    })
+    }
 }
 
 impl Fleet {
@@ -137,6 +195,7 @@ impl Fleet {
         let mut admin = sqlx::PgConnection::connect(&self.admin_url)
             .await
             .expect("admin connection");
+        clear_prepared(&mut admin, &self.admin_url, &self.db).await;
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db);
         sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(&mut admin)
@@ -225,6 +284,26 @@ impl Stream {
         self.results(plan, n).await
     }
 
+    /// Sends a Resolve and waits for its reply.
+    pub async fn resolve(
+        &mut self,
+        plan: &str,
+        commit: bool,
+        epoch: u64,
+        gids: &[&str],
+    ) -> pb::ResolveReply {
+        self.send(In::Resolve(pb::Resolve {
+            plan_id: plan.into(),
+            commit,
+            epoch,
+            gids: gids.iter().map(|g| g.to_string()).collect(),
+        }));
+        match self.next().await {
+            Out::Resolve(r) => r,
+            other => panic!("expected a resolve reply, got {other:?}"),
+        }
+    }
+
     pub async fn rollback(&mut self, plan: &str, epoch: u64) -> pb::RollbackReply {
         self.send(In::Rollback(pb::RollbackRequest {
             plan_id: plan.into(),
@@ -306,6 +385,24 @@ pub fn run(id: u64, tenant: &str, migrations: &[&str], fused: bool) -> pb::Run {
         migrations: migrations.iter().map(|m| m.to_string()).collect(),
         fused,
     }
+}
+
+/// A run whose transaction ends in PREPARE TRANSACTION '<gid>'.
+pub fn prepared_run(id: u64, tenant: &str, migrations: &[&str], gid: &str) -> pb::Run {
+    pb::Run {
+        prepare_gid: gid.into(),
+        ..run(id, tenant, migrations, true)
+    }
+}
+
+/// The gids prepared in the pool's database, sorted.
+pub async fn prepared_gids(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() ORDER BY gid",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 pub fn outcomes(r: &pb::RunResult) -> Vec<pb::StepOutcome> {

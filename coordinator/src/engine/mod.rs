@@ -29,6 +29,12 @@ pub enum Event {
         conn_id: u64,
         tx: AgentTx,
         max_lanes: u32,
+        /// Flotilla's prepared transactions the agent could not resolve alone.
+        in_doubt: Vec<String>,
+    },
+    ResolveReply {
+        shard: String,
+        reply: pb::ResolveReply,
     },
     Detached {
         shard: String,
@@ -90,6 +96,7 @@ pub struct Engine {
     live: std::collections::BTreeSet<String>,
     lost_since: HashMap<String, std::time::Instant>,
     agent_grace: std::time::Duration,
+    in_doubt: HashMap<String, Vec<String>>,
     store: mpsc::UnboundedSender<StoreOp>,
     agents: HashMap<String, AgentConn>,
     plans: HashMap<String, PlanRun>,
@@ -117,6 +124,7 @@ impl Engine {
             live: Default::default(),
             lost_since: HashMap::new(),
             agent_grace,
+            in_doubt: HashMap::new(),
             store,
             agents: HashMap::new(),
             plans: HashMap::new(),
@@ -142,7 +150,12 @@ impl Engine {
                 conn_id,
                 tx,
                 max_lanes,
+                in_doubt,
             } => {
+                if !self.leading {
+                    return;
+                }
+                self.in_doubt.insert(shard.clone(), in_doubt);
                 self.agents.insert(
                     shard.clone(),
                     AgentConn {
@@ -285,7 +298,36 @@ impl Engine {
             Event::LiveAgents(live) => {
                 self.live = live;
             }
-            Event::Tick => self.check_lost_agents().await,
+            Event::Tick => {
+                self.check_lost_agents().await;
+                // Decisions that could not be written (etcd away) are retried.
+                let waiting: Vec<String> = self
+                    .plans
+                    .iter()
+                    .filter(|(_, r)| {
+                        matches!(r.state, PlanState::Committing | PlanState::Aborting)
+                            || r.ready_to_commit()
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in waiting {
+                    self.drive(&id).await;
+                }
+            }
+            Event::ResolveReply { shard, reply } => {
+                let plan_id = reply.plan_id.clone();
+                let Some(run) = self.plans.get_mut(&plan_id) else {
+                    return;
+                };
+                let updates = run.apply_resolve_reply(&shard, &reply);
+                info!(plan = %plan_id, shard = %shard, commit = reply.commit,
+                      resolved = reply.resolved.len(), failed = reply.failed.len(), "prepared transactions resolved");
+                self.write(StoreOp::Steps {
+                    plan_id: plan_id.clone(),
+                    updates,
+                });
+                self.drive(&plan_id).await;
+            }
         }
     }
 
@@ -426,7 +468,18 @@ impl Engine {
             plan_id: plan_id.to_string(),
             detail: reason.to_string(),
         });
-        if undo {
+        let atomic_in_flight = {
+            let run = &self.plans[plan_id];
+            run.spec.atomic
+                && matches!(run.state, PlanState::Running | PlanState::Committing)
+                && run.decision.is_none()
+        };
+        if undo && atomic_in_flight {
+            // Prepared transactions are aborted by decision, then the rest undone.
+            let run = self.plans.get_mut(plan_id).expect("present");
+            run.state = PlanState::Aborting;
+            self.halt_everywhere(plan_id);
+        } else if undo {
             self.begin_rollback(plan_id);
         } else {
             let run = self.plans.get_mut(plan_id).expect("present");
@@ -478,6 +531,17 @@ impl Engine {
             .unwrap_or_else(|| "a step failed".into());
         warn!(plan = %plan_id, "{what}");
         match run.policy() {
+            flotilla_proto::FailurePolicy::AllOrNothing if run.spec.atomic => {
+                run.message = format!("{what}; aborting: no target commits");
+                run.rollback_ends = PlanState::RolledBack;
+                run.state = PlanState::Aborting;
+                let updates = run.halt_pending();
+                self.write(StoreOp::Steps {
+                    plan_id: plan_id.to_string(),
+                    updates,
+                });
+                self.halt_everywhere(plan_id);
+            }
             flotilla_proto::FailurePolicy::AllOrNothing => {
                 run.message = format!("{what}; every applied step is being undone");
                 run.rollback_ends = PlanState::RolledBack;
@@ -637,6 +701,15 @@ impl Engine {
         let Some(run) = self.plans.get_mut(plan_id) else {
             return;
         };
+        // Nothing goes to agents before the plan holds its shard locks.
+        if !self.leading || !run.locked {
+            let _ = self.changes.send((plan_id.to_string(), false));
+            return;
+        }
+        self.two_phase(plan_id).await;
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
         if run.state == PlanState::Running {
             let agents = &self.agents;
             let lanes_of = |shard: &str| agents.get(shard).map(|a| a.max_lanes).unwrap_or(1);
@@ -721,4 +794,129 @@ impl Engine {
 
 pub fn msg(body: pb::coordinator_message::Body) -> pb::CoordinatorMessage {
     pb::CoordinatorMessage { body: Some(body) }
+}
+
+impl Engine {
+    /// Atomic plans: writes the decision once every target prepared (commit) or
+    /// once a failed plan has nothing in flight (abort), then has every shard
+    /// resolve its prepared transactions; an abort ends in the rollback of what
+    /// committed outside 2PC. Decisions are fenced by leadership in etcd.
+    async fn two_phase(&mut self, plan_id: &str) {
+        use crate::coordination::{CoordinationError, Decision};
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
+        if !run.spec.atomic {
+            return;
+        }
+        let want = if run.ready_to_commit() {
+            Some(Decision::Commit)
+        } else if run.state == PlanState::Aborting && run.outstanding() == 0 {
+            Some(Decision::Abort)
+        } else if run.state == PlanState::Committing {
+            Some(Decision::Commit)
+        } else {
+            None
+        };
+        let Some(want) = want else { return };
+        if run.decision.is_none() {
+            // Fault tests: a coordinator that dies with every target prepared and
+            // no decision written (a new leader presumes abort).
+            fail::fail_point!("coordinator::before_decision", |_| {
+                std::process::exit(86);
+            });
+            match self.coordination.decide(plan_id, want, self.epoch).await {
+                Ok(d) => {
+                    metrics::decision(d == Decision::Commit);
+                    info!(plan = %plan_id, decision = d.as_str(), "decision written");
+                    let run = self.plans.get_mut(plan_id).expect("present");
+                    run.decision = Some(d == Decision::Commit);
+                    run.state = if d == Decision::Commit {
+                        PlanState::Committing
+                    } else {
+                        PlanState::Aborting
+                    };
+                    let (id, state, message) = (
+                        run.id.clone(),
+                        run.state.as_str().to_string(),
+                        run.message.clone(),
+                    );
+                    self.write(StoreOp::PlanState {
+                        plan_id: id,
+                        state,
+                        message,
+                    });
+                    // Fault tests: dies with the decision written, before any shard heard it.
+                    fail::fail_point!("coordinator::after_decision", |_| {
+                        std::process::exit(87);
+                    });
+                }
+                Err(CoordinationError::NotLeader) => {
+                    warn!(plan = %plan_id, "not the leader any more: no decision written");
+                    return;
+                }
+                Err(e) => {
+                    warn!(plan = %plan_id, "writing the decision failed, retrying: {e}");
+                    return;
+                }
+            }
+        }
+        let run = self.plans.get_mut(plan_id).expect("present");
+        let commit = run.decision == Some(true);
+        let shards: Vec<String> = run.shards.keys().cloned().collect();
+        for shard in &shards {
+            let Some(agent) = self.agents.get(shard) else {
+                continue;
+            };
+            let run = self.plans.get_mut(plan_id).expect("present");
+            let sr = run.shards.get_mut(shard).expect("shard");
+            if sr.resolved || sr.resolve_sent_on == Some(agent.conn_id) {
+                continue;
+            }
+            // After a takeover the gids are known only from the agent's in-doubt list.
+            if sr.prepared.is_empty() {
+                let known: Vec<String> = self
+                    .in_doubt
+                    .get(shard)
+                    .map(|g| {
+                        g.iter()
+                            .filter(|g| crate::engine::plan_run::plan_of_gid(g) == Some(plan_id))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if known.is_empty() {
+                    // Nothing of the plan is prepared on the shard (any more): the
+                    // agent resolved it from the decision in etcd, or it never
+                    // prepared. The decision says what its steps are now.
+                    let updates = run.settle_shard_without_prepared(shard, commit);
+                    self.write(StoreOp::Steps {
+                        plan_id: plan_id.to_string(),
+                        updates,
+                    });
+                    continue;
+                }
+                let sr = run.shards.get_mut(shard).expect("shard");
+                for g in known {
+                    sr.prepared.entry(g).or_default();
+                }
+            }
+            let run = self.plans.get_mut(plan_id).expect("present");
+            if let Some(resolve) = run.resolve_for(shard, commit) {
+                let sr = run.shards.get_mut(shard).expect("shard");
+                if agent
+                    .tx
+                    .try_send(msg(pb::coordinator_message::Body::Resolve(resolve)))
+                    .is_ok()
+                {
+                    sr.resolve_sent_on = Some(agent.conn_id);
+                }
+            }
+        }
+        let run = self.plans.get_mut(plan_id).expect("present");
+        if run.state == PlanState::Aborting && run.all_resolved() {
+            // What committed outside 2PC (non-transactional steps) is undone now.
+            self.begin_rollback(plan_id);
+        }
+    }
 }

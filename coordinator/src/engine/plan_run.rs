@@ -18,6 +18,8 @@ pub enum StepStatus {
     Failed,
     RolledBack,
     NotRun,
+    /// In a prepared transaction on its shard, waiting for the plan's decision.
+    Prepared,
 }
 
 impl StepStatus {
@@ -30,6 +32,7 @@ impl StepStatus {
             StepStatus::Failed => "failed",
             StepStatus::RolledBack => "rolled_back",
             StepStatus::NotRun => "not_run",
+            StepStatus::Prepared => "prepared",
         }
     }
     pub fn parse(s: &str) -> StepStatus {
@@ -39,12 +42,16 @@ impl StepStatus {
             "failed" => StepStatus::Failed,
             "rolled_back" => StepStatus::RolledBack,
             "not_run" => StepStatus::NotRun,
+            "prepared" => StepStatus::Prepared,
             // "running" after a restart is unknown: the agent's journal decides.
             _ => StepStatus::Pending,
         }
     }
     fn done(self) -> bool {
-        matches!(self, StepStatus::Applied | StepStatus::AlreadyApplied)
+        matches!(
+            self,
+            StepStatus::Applied | StepStatus::AlreadyApplied | StepStatus::Prepared
+        )
     }
 }
 
@@ -53,6 +60,12 @@ pub enum PlanState {
     Running,
     /// Stop policy: waiting for in-flight runs before ending failed.
     Stopping,
+    /// Atomic plans: every target prepared; the commit decision is (being) written
+    /// and agents commit their prepared transactions.
+    Committing,
+    /// Atomic plans: a step failed; in-flight runs finish, then the abort
+    /// decision, ROLLBACK PREPARED everywhere, then the rollback of what committed.
+    Aborting,
     /// Undoing applied steps; `final_state` is where it ends.
     RollingBack,
     Completed,
@@ -68,6 +81,8 @@ impl PlanState {
             PlanState::Running => "running",
             PlanState::Stopping => "stopping",
             PlanState::RollingBack => "rolling_back",
+            PlanState::Committing => "committing",
+            PlanState::Aborting => "aborting",
             PlanState::Completed => "completed",
             PlanState::Failed => "failed",
             PlanState::RolledBack => "rolled_back",
@@ -113,6 +128,14 @@ pub struct ShardRun {
     /// The connection the plan's definition was sent on.
     pub defined_on: Option<u64>,
     pub rollback: RollbackState,
+    /// Prepared transactions of this plan on the shard, by gid, with their steps.
+    pub prepared: BTreeMap<String, Vec<usize>>,
+    /// Gids handed out with runs still out (a PREPARED answer moves them above).
+    pub gids: BTreeMap<u64, String>,
+    /// Whether the shard has confirmed the decision for every prepared gid.
+    pub resolved: bool,
+    /// The connection the Resolve was sent on.
+    pub resolve_sent_on: Option<u64>,
 }
 
 pub struct PlanRun {
@@ -138,6 +161,11 @@ pub struct PlanRun {
     pub locked: bool,
     /// Why it waits for its locks (which plan holds which shard), if it does.
     pub lock_wait: Option<String>,
+    /// Atomic plans: when the first target prepared (start of the window in
+    /// which every shard holds locks).
+    pub first_prepared: Option<std::time::Instant>,
+    /// Atomic plans: the decision, once written (true = commit).
+    pub decision: Option<bool>,
 }
 
 impl PlanRun {
@@ -195,6 +223,10 @@ impl PlanRun {
                     lanes: 0,
                     defined_on: None,
                     rollback: RollbackState::NotAsked,
+                    prepared: BTreeMap::new(),
+                    gids: BTreeMap::new(),
+                    resolved: false,
+                    resolve_sent_on: None,
                 })
                 .targets
                 .push(ti);
@@ -219,6 +251,8 @@ impl PlanRun {
             rollback_errors: 0,
             locked: false,
             lock_wait: None,
+            first_prepared: None,
+            decision: None,
         };
         for t in 0..run.targets.len() {
             run.enqueue_if_ready(t);
@@ -308,8 +342,21 @@ impl PlanRun {
                 for &s in &steps {
                     self.steps[s].status = StepStatus::Running(run_id);
                 }
+                let prepare_gid =
+                    if self.spec.atomic && steps.iter().all(|&s| self.steps[s].transactional) {
+                        gid(&self.id, run_id, self.epoch, &self.targets[t])
+                    } else {
+                        String::new()
+                    };
+                if !prepare_gid.is_empty() {
+                    self.shards
+                        .get_mut(shard)
+                        .expect("shard")
+                        .gids
+                        .insert(run_id, prepare_gid.clone());
+                }
                 out.push(pb::Run {
-                    prepare_gid: String::new(),
+                    prepare_gid,
                     run_id,
                     tenant: self.targets[t].tenant.clone(),
                     migrations: steps
@@ -371,8 +418,13 @@ impl PlanRun {
             // A run resent after a reconnect may come back twice; the first answer counts.
             return (Vec::new(), false);
         };
+        let gid = self
+            .shards
+            .get_mut(shard)
+            .and_then(|sr| sr.gids.remove(&result.run_id));
         let mut updates = Vec::new();
         let mut failed = false;
+        let mut prepared = Vec::new();
         for s in steps {
             let spec = self.spec.clone();
             let mig = &spec.migrations[self.steps[s].migration];
@@ -404,9 +456,7 @@ impl PlanRun {
                     }
                 }
                 pb::StepOutcome::Failed => StepStatus::Failed,
-                // Two-phase commit is not driven by the engine yet: a prepared
-                // step is not applied, so it counts as not run.
-                pb::StepOutcome::Prepared => StepStatus::NotRun,
+                pb::StepOutcome::Prepared => StepStatus::Prepared,
                 pb::StepOutcome::NotRun | pb::StepOutcome::Unspecified => {
                     if self.state == PlanState::Running && !self.failed_target(self.steps[s].target)
                     {
@@ -455,6 +505,16 @@ impl PlanRun {
                 duration_ms: r.map(|r| r.duration_ms as i64).unwrap_or(0),
                 run_id: Some(result.run_id as i64),
             });
+            if status == StepStatus::Prepared {
+                prepared.push(s);
+            }
+        }
+        if let (Some(gid), false) = (gid, prepared.is_empty()) {
+            self.first_prepared
+                .get_or_insert_with(std::time::Instant::now);
+            if let Some(sr) = self.shards.get_mut(shard) {
+                sr.prepared.insert(gid, prepared);
+            }
         }
         (updates, failed)
     }
@@ -590,6 +650,126 @@ impl PlanRun {
         (updates, !lost.is_empty())
     }
 
+    /// Atomic plans: every step prepared or applied, nothing out, nothing failed.
+    pub fn ready_to_commit(&self) -> bool {
+        self.spec.atomic
+            && self.state == PlanState::Running
+            && self.outstanding() == 0
+            && self.shards.values().all(|s| s.ready.is_empty())
+            && self.steps.iter().all(|s| s.status.done())
+            && self.steps.iter().any(|s| s.status == StepStatus::Prepared)
+    }
+
+    /// The Resolve message for a shard's prepared transactions, if it has any left.
+    pub fn resolve_for(&self, shard: &str, commit: bool) -> Option<pb::Resolve> {
+        let sr = self.shards.get(shard)?;
+        (!sr.prepared.is_empty() && !sr.resolved).then(|| pb::Resolve {
+            plan_id: self.id.clone(),
+            commit,
+            epoch: self.epoch,
+            gids: sr.prepared.keys().cloned().collect(),
+        })
+    }
+
+    /// Records a shard's answer to a Resolve: its prepared steps are applied
+    /// (commit) or not run (abort).
+    pub fn apply_resolve_reply(
+        &mut self,
+        shard: &str,
+        reply: &pb::ResolveReply,
+    ) -> Vec<StepUpdate> {
+        let mut updates = Vec::new();
+        let Some(sr) = self.shards.get_mut(shard) else {
+            return updates;
+        };
+        let mut done_steps = Vec::new();
+        for gid in &reply.resolved {
+            if let Some(steps) = sr.prepared.remove(gid) {
+                done_steps.extend(steps);
+            }
+        }
+        let all_done = sr.prepared.is_empty();
+        if all_done {
+            sr.resolved = true;
+            // After a takeover the gid -> steps mapping is gone: the shard's
+            // answer covers every prepared step on it.
+            for s in 0..self.steps.len() {
+                if self.steps[s].status == StepStatus::Prepared
+                    && self.targets[self.steps[s].target].shard == shard
+                    && !done_steps.contains(&s)
+                {
+                    done_steps.push(s);
+                }
+            }
+        }
+        let status = if reply.commit {
+            StepStatus::Applied
+        } else {
+            StepStatus::NotRun
+        };
+        for s in done_steps {
+            self.steps[s].status = status;
+            updates.push(self.update_of(s, None));
+        }
+        for f in &reply.failed {
+            self.failures.push(pb::StepFailure {
+                migration_id: String::new(),
+                target: Some(pb::TargetRef {
+                    shard: shard.to_string(),
+                    tenant: String::new(),
+                }),
+                error: Some(pb::StepError {
+                    sqlstate: String::new(),
+                    message: format!("resolving a prepared transaction: {f}"),
+                    detail: String::new(),
+                    phase: if reply.commit {
+                        "commit".into()
+                    } else {
+                        "abort".into()
+                    },
+                }),
+            });
+        }
+        updates
+    }
+
+    /// Whether every shard confirmed the decision for its prepared transactions.
+    pub fn all_resolved(&self) -> bool {
+        self.shards.iter().all(|(name, s)| {
+            s.resolved || (s.prepared.is_empty() && !self.shard_has_prepared(name))
+        })
+    }
+
+    /// A shard with no prepared transaction of the plan left: under a commit
+    /// decision its unfinished steps committed, under abort they did not.
+    pub fn settle_shard_without_prepared(&mut self, shard: &str, commit: bool) -> Vec<StepUpdate> {
+        let mut updates = Vec::new();
+        if let Some(sr) = self.shards.get_mut(shard) {
+            sr.resolved = true;
+        }
+        for s in 0..self.steps.len() {
+            let open = matches!(
+                self.steps[s].status,
+                StepStatus::Prepared | StepStatus::Pending | StepStatus::Running(_)
+            );
+            if open && self.targets[self.steps[s].target].shard == shard {
+                self.steps[s].status = if commit {
+                    StepStatus::Applied
+                } else {
+                    StepStatus::NotRun
+                };
+                updates.push(self.update_of(s, None));
+            }
+        }
+        updates
+    }
+
+    pub fn shard_has_prepared(&self, shard: &str) -> bool {
+        self.steps
+            .iter()
+            .any(|s| s.status == StepStatus::Prepared && self.targets[s.target].shard == shard)
+    }
+
     pub fn outstanding(&self) -> usize {
         self.shards.values().map(|s| s.outstanding.len()).sum()
     }
@@ -599,6 +779,10 @@ impl PlanRun {
         match self.state {
             PlanState::Running => {
                 if self.outstanding() > 0 || self.shards.values().any(|s| !s.ready.is_empty()) {
+                    return None;
+                }
+                // Prepared steps wait for the decision (the engine writes it).
+                if self.steps.iter().any(|s| s.status == StepStatus::Prepared) {
                     return None;
                 }
                 let mut updates = Vec::new();
@@ -624,6 +808,17 @@ impl PlanRun {
                 }
                 Some(updates)
             }
+            PlanState::Committing => self.all_resolved().then(|| {
+                self.state = PlanState::Completed;
+                let window = self.first_prepared.map(|t| t.elapsed()).unwrap_or_default();
+                crate::metrics::two_phase_window(window);
+                self.message = format!(
+                    "every step applied, committed atomically on {} shards (first PREPARE to last COMMIT PREPARED: {:.3}s)",
+                    self.shards.len(),
+                    window.as_secs_f64()
+                );
+                Vec::new()
+            }),
             PlanState::Stopping => (self.outstanding() == 0).then(|| {
                 self.state = PlanState::Failed;
                 Vec::new()
@@ -657,4 +852,26 @@ impl PlanRun {
     pub fn policy(&self) -> FailurePolicy {
         self.spec.policy
     }
+}
+
+/// The gid of a run's prepared transaction: Flotilla's prefix, the plan, the run
+/// (its steps), the epoch and the target, under PostgreSQL's 200-byte limit.
+pub fn gid(plan: &str, run_id: u64, epoch: u64, target: &Target) -> String {
+    let mut g = format!("flotilla:{plan}:{run_id}:{epoch}:{target}");
+    if g.len() > 199 {
+        let mut cut = 199;
+        while !g.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        g.truncate(cut);
+    }
+    g
+}
+
+/// The plan a Flotilla gid belongs to.
+pub fn plan_of_gid(gid: &str) -> Option<&str> {
+    let mut parts = gid.split(':');
+    (parts.next() == Some("flotilla"))
+        .then(|| parts.next())
+        .flatten()
 }

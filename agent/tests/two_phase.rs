@@ -1,0 +1,608 @@
+//! Two-phase commit on the agent: PREPARE, Resolve, in-doubt transactions at restart, and
+//! the two-phase preflight. Needs `FLOTILLA_TEST_PG_URL` on a cluster started with
+//! `max_prepared_transactions` above 0 (otherwise each test prints a note and passes); the
+//! etcd test also an etcd binary; the `max_prepared_transactions = 0` checks a second cluster
+//! without it, named by `FLOTILLA_TEST_PG_URL_NO_2PC`.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use etcd_client::Client;
+use flotilla_proto::pb;
+use flotilla_proto::pb::agent_message::Body as Out;
+use flotilla_proto::pb::coordinator_message::Body as In;
+use sqlx::Connection;
+
+fn define(s: &Stream, plan: &str, migrations: Vec<pb::Migration>) {
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: plan.into(),
+        migrations,
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+}
+
+/// A migration creating (and dropping) `table`, in the schema of the run's target.
+fn table(id: &str, table: &str) -> pb::Migration {
+    migration(
+        id,
+        &format!("CREATE TABLE {table} (id int)"),
+        &format!("DROP TABLE {table}"),
+        "",
+    )
+}
+
+/// Whether the table or view exists (and is visible: committed).
+async fn table_exists(f: &Fleet, schema: &str, table: &str) -> bool {
+    let sql = format!(
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = '{schema}' AND c.relname = '{table}'"
+    );
+    count(&f.pool, &sql).await == 1
+}
+
+async fn journal(f: &Fleet, plan: &str) -> i64 {
+    count(
+        &f.pool,
+        &format!("SELECT count(*) FROM flotilla.journal WHERE plan_id = '{plan}'"),
+    )
+    .await
+}
+
+fn error(r: &pb::RunResult, step: usize) -> pb::StepError {
+    r.steps[step].error.clone().expect("a step error")
+}
+
+#[tokio::test]
+async fn prepare_commit_abort_and_resend() {
+    let Some(f) = fleet_2pc("tpc", 2).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, hello) = h.attach(1).await;
+    assert!(hello.in_doubt.is_empty(), "{:?}", hello.in_doubt);
+
+    // prepared: PREPARED with the checksums, held in pg_prepared_xacts, nothing visible yet;
+    // sent twice in one go, the copy is dropped (the one result answers both)
+    define(&s, "pc", bench_migrations());
+    let gid = "flotilla:pc:1:1:tenant_0000";
+    s.send(In::Assign(pb::Assign {
+        plan_id: "pc".into(),
+        epoch: 1,
+        lanes: 2,
+        runs: vec![
+            prepared_run(1, "tenant_0000", &BENCH, gid),
+            prepared_run(1, "tenant_0000", &BENCH, gid),
+        ],
+    }));
+    let r = s.results("pc", 1).await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Prepared; 3], "{r:?}");
+    assert_eq!(r[&1].steps[0].checksum, flotilla_proto::checksum(HS_UP));
+    assert_eq!(r[&1].steps[2].checksum, flotilla_proto::checksum(VIEW_UP));
+    assert_eq!(prepared_gids(&f.pool).await, [gid]);
+    assert_eq!(journal(&f, "pc").await, 0);
+    assert!(!table_exists(&f, "tenant_0000", "unified_satisfaction").await);
+
+    // resent: PREPARED again without a second transaction (a second one would wait for the
+    // first one's locks, then fail)
+    let started = std::time::Instant::now();
+    let r = s
+        .assign(
+            "pc",
+            1,
+            1,
+            vec![prepared_run(1, "tenant_0000", &BENCH, gid)],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Prepared; 3], "{r:?}");
+    assert_eq!(r[&1].steps[1].checksum, flotilla_proto::checksum(AUTO_UP));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(prepared_gids(&f.pool).await, [gid]);
+
+    // other work at the same epoch is not held up by the prepared transaction's hold on
+    // the fence row
+    define(&s, "plain", vec![table("marker", "marker")]);
+    let r = s
+        .assign(
+            "plain",
+            1,
+            1,
+            vec![run(2, "tenant_0001", &["marker"], true)],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&2]), [pb::StepOutcome::Applied], "{r:?}");
+
+    // commit: the change and its journal rows show
+    let reply = s.resolve("pc", true, 1, &[gid]).await;
+    assert_eq!((reply.plan_id.as_str(), reply.commit), ("pc", true));
+    assert_eq!(reply.resolved, [gid], "{reply:?}");
+    assert!(reply.failed.is_empty(), "{reply:?}");
+    assert!(prepared_gids(&f.pool).await.is_empty());
+    assert_eq!(journal(&f, "pc").await, 3);
+    assert!(table_exists(&f, "tenant_0000", "unified_satisfaction").await);
+    // a repeat is resolved too, and the run resent after it finds the journal
+    let again = s.resolve("pc", true, 1, &[gid]).await;
+    assert_eq!(again.resolved, [gid], "{again:?}");
+    assert!(again.failed.is_empty(), "{again:?}");
+    let r = s
+        .assign(
+            "pc",
+            1,
+            1,
+            vec![prepared_run(1, "tenant_0000", &BENCH, gid)],
+        )
+        .await;
+    assert_eq!(
+        outcomes(&r[&1]),
+        [pb::StepOutcome::AlreadyApplied; 3],
+        "{r:?}"
+    );
+    assert!(prepared_gids(&f.pool).await.is_empty());
+
+    // a second plan, aborted: nothing of it is left
+    define(
+        &s,
+        "pa",
+        vec![
+            table("aborted", "aborted_t"),
+            table("aborted2", "aborted_t2"),
+        ],
+    );
+    let gid_a = "flotilla:pa:3:1:tenant_0001";
+    let r = s
+        .assign(
+            "pa",
+            1,
+            1,
+            vec![prepared_run(
+                3,
+                "tenant_0001",
+                &["aborted", "aborted2"],
+                gid_a,
+            )],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&3]), [pb::StepOutcome::Prepared; 2], "{r:?}");
+    let reply = s.resolve("pa", false, 1, &[gid_a]).await;
+    assert_eq!(reply.resolved, [gid_a], "{reply:?}");
+    assert!(!reply.commit);
+    assert!(prepared_gids(&f.pool).await.is_empty());
+    assert!(!table_exists(&f, "tenant_0001", "aborted_t").await);
+    assert_eq!(journal(&f, "pa").await, 0);
+
+    // failures before or at PREPARE are reported as ever, and nothing stays prepared
+    let mut migrations = bench_migrations();
+    migrations.push(migration(
+        "bad",
+        "ALTER TABLE nope ADD COLUMN x int",
+        "",
+        "",
+    ));
+    migrations.push(migration(
+        "temp",
+        "CREATE TEMP TABLE scratch (id int)",
+        "",
+        "",
+    ));
+    migrations.push(migration(
+        "concurrent_index",
+        "CREATE INDEX CONCURRENTLY idx_wo_customer ON work_orders (customer_id)",
+        "DROP INDEX CONCURRENTLY idx_wo_customer",
+        "",
+    ));
+    define(&s, "pf", migrations);
+    let r = s
+        .assign(
+            "pf",
+            1,
+            1,
+            vec![
+                prepared_run(
+                    10,
+                    "tenant_0001",
+                    &[BENCH[0], "bad"],
+                    "flotilla:pf:10:1:tenant_0001",
+                ),
+                prepared_run(
+                    11,
+                    "tenant_0001",
+                    &[BENCH[0], "temp"],
+                    "flotilla:pf:11:1:tenant_0001",
+                ),
+            ],
+        )
+        .await;
+    assert_eq!(
+        outcomes(&r[&10]),
+        [pb::StepOutcome::NotRun, pb::StepOutcome::Failed]
+    );
+    let e = error(&r[&10], 1);
+    assert_eq!(
+        (e.sqlstate.as_str(), e.phase.as_str()),
+        ("42P01", "up"),
+        "{e:?}"
+    );
+    // PREPARE itself fails (a temporary table): phase prepare
+    assert_eq!(
+        outcomes(&r[&11]),
+        [pb::StepOutcome::NotRun, pb::StepOutcome::Failed],
+        "{r:?}"
+    );
+    let e = error(&r[&11], 1);
+    assert_eq!(
+        (e.sqlstate.as_str(), e.phase.as_str()),
+        ("0A000", "prepare"),
+        "{e:?}"
+    );
+    assert!(prepared_gids(&f.pool).await.is_empty());
+    assert_eq!(journal(&f, "pf").await, 0);
+
+    // runs that cannot be prepared fail in phase prepare before anything runs
+    let r = s
+        .assign(
+            "pf",
+            1,
+            1,
+            vec![
+                prepared_run(12, "tenant_0001", &[BENCH[0]], "pf:12:1:tenant_0001"),
+                prepared_run(
+                    13,
+                    "tenant_0001",
+                    &[BENCH[0]],
+                    "flotilla:pc:13:1:tenant_0001",
+                ),
+                prepared_run(
+                    14,
+                    "tenant_0001",
+                    &[BENCH[0], "concurrent_index"],
+                    "flotilla:pf:14:1:tenant_0001",
+                ),
+                prepared_run(
+                    15,
+                    "tenant_0001",
+                    &[BENCH[0]],
+                    &format!("flotilla:pf:15:1:{}", "x".repeat(200)),
+                ),
+            ],
+        )
+        .await;
+    for (id, says) in [
+        (12, "does not start with `flotilla:`"),
+        (13, "does not belong to plan pf"),
+        (
+            14,
+            "migration `concurrent_index` cannot run in a transaction",
+        ),
+        (15, "fewer than 200"),
+    ] {
+        assert_eq!(
+            outcomes(&r[&id])[0],
+            pb::StepOutcome::Failed,
+            "{:?}",
+            r[&id]
+        );
+        let e = error(&r[&id], 0);
+        assert_eq!(e.phase, "prepare", "{e:?}");
+        assert!(e.message.contains(says), "{id}: {e:?}");
+    }
+    assert!(prepared_gids(&f.pool).await.is_empty());
+    assert_eq!(journal(&f, "pf").await, 0);
+
+    // the two-phase preflight: this cluster can prepare, and its probe is gone after it
+    s.send(In::Preflight(pb::PreflightRequest {
+        request_id: 5,
+        migration_ids: Vec::new(),
+        two_phase: true,
+    }));
+    let Out::Preflight(p) = s.next().await else {
+        panic!("preflight reply")
+    };
+    assert_eq!(
+        (p.request_id, p.two_phase_error.as_str(), p.error.as_str()),
+        (5, "", "")
+    );
+    assert!(prepared_gids(&f.pool).await.is_empty());
+    h.stop().await;
+    f.drop().await;
+}
+
+#[tokio::test]
+async fn in_doubt_listed_fenced_and_foreign_untouched() {
+    let Some(f) = fleet_2pc("tpc_doubt", 1).await else {
+        return;
+    };
+    // another application's prepared transaction in the same database
+    let mut other = sqlx::PgConnection::connect(&f.dsn).await.unwrap();
+    sqlx::raw_sql(
+        "BEGIN; CREATE TABLE public.foreign_t (id int); PREPARE TRANSACTION 'other-app-1'",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, hello) = h.attach(1).await;
+    assert!(hello.in_doubt.is_empty(), "{:?}", hello.in_doubt);
+    define(&s, "pd", vec![table("t1", "t1"), table("t2", "t2")]);
+    let gid = "flotilla:pd:1:1:tenant_0000";
+    let r = s
+        .assign(
+            "pd",
+            1,
+            1,
+            vec![prepared_run(1, "tenant_0000", &["t1"], gid)],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Prepared]);
+
+    // without etcd, every Flotilla transaction still prepared is listed at each connect
+    drop(s);
+    let (mut s, hello) = h.attach(1).await;
+    assert_eq!(hello.in_doubt, [gid]);
+    define(&s, "pd", vec![table("t1", "t1"), table("t2", "t2")]);
+
+    // a Resolve touches only the plan's own Flotilla transactions
+    let reply = s
+        .resolve(
+            "pd",
+            true,
+            1,
+            &["other-app-1", "flotilla:px:1:1:tenant_0000"],
+        )
+        .await;
+    assert!(reply.resolved.is_empty(), "{reply:?}");
+    assert_eq!(reply.failed.len(), 2, "{reply:?}");
+    assert!(reply.failed[0].starts_with("other-app-1: "), "{reply:?}");
+
+    // a newer epoch cannot be written while an older epoch's transaction is prepared: its
+    // steps fail on their fence check, saying why
+    let r = s
+        .assign("pd", 2, 1, vec![run(5, "tenant_0000", &["t2"], true)])
+        .await;
+    assert_eq!(outcomes(&r[&5]), [pb::StepOutcome::Failed], "{r:?}");
+    let e = r[&5].steps[0].error.clone().unwrap();
+    assert_eq!(
+        (e.sqlstate.as_str(), e.phase.as_str()),
+        ("55P03", "fence"),
+        "{e:?}"
+    );
+    assert!(e.detail.contains("prepared transaction"), "{e:?}");
+    assert_eq!(count(&f.pool, "SELECT epoch FROM flotilla.fence").await, 1);
+    // resolved (from epoch 1, the shard's), the new epoch goes ahead
+    let reply = s.resolve("pd", false, 1, &[gid]).await;
+    assert_eq!(reply.resolved, [gid], "{reply:?}");
+    assert!(!table_exists(&f, "tenant_0000", "t1").await);
+
+    // a coordinator older than the shard's fence decides nothing
+    let gid2 = "flotilla:pd:2:2:tenant_0000";
+    let r = s
+        .assign(
+            "pd",
+            2,
+            1,
+            vec![prepared_run(2, "tenant_0000", &["t2"], gid2)],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&2]), [pb::StepOutcome::Prepared], "{r:?}");
+    let reply = s.resolve("pd", false, 1, &[gid2]).await;
+    assert!(reply.resolved.is_empty(), "{reply:?}");
+    assert_eq!(
+        reply.failed,
+        [format!(
+            "{gid2}: fenced: epoch 1 is older than the shard's epoch 2"
+        )]
+    );
+    assert_eq!(prepared_gids(&f.pool).await, [gid2, "other-app-1"]);
+    // from the shard's epoch it goes through; a gid already resolved counts as resolved
+    let reply = s.resolve("pd", false, 2, &[gid, gid2]).await;
+    assert_eq!(reply.resolved, [gid, gid2], "{reply:?}");
+    assert!(!table_exists(&f, "tenant_0000", "t2").await);
+
+    // restarted: the foreign transaction is neither listed nor resolved
+    h.stop().await;
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (_s, hello) = h.attach(2).await;
+    assert!(hello.in_doubt.is_empty(), "{:?}", hello.in_doubt);
+    h.stop().await;
+    assert_eq!(prepared_gids(&f.pool).await, ["other-app-1"]);
+    sqlx::raw_sql("ROLLBACK PREPARED 'other-app-1'")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    f.drop().await;
+}
+
+const PREFIX: &str = "/flotilla-2pc-test";
+
+async fn put_decision(client: &mut Client, plan: &str, decision: &str) {
+    client
+        .put(format!("{PREFIX}/decisions/{plan}"), decision, None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn in_doubt_resolved_from_etcd() {
+    let Some(etcd) = etcd::start().await else {
+        return;
+    };
+    let Some(f) = fleet_2pc("tpc_etcd", 1).await else {
+        return;
+    };
+    let endpoint = etcd.endpoint.clone();
+    let with_etcd = move |c: &mut flotilla_agent::AgentConfig| {
+        c.etcd = vec![endpoint.clone()];
+        c.etcd_prefix = format!("{PREFIX}/");
+        c.lease_ttl = Duration::from_secs(3);
+    };
+    let mut client = Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .unwrap();
+
+    let mut h = Harness::start(with_etcd.clone(), &f.dsn).await;
+    let (mut s, hello) = h.attach(1).await;
+    assert!(hello.in_doubt.is_empty());
+    let gids = [
+        ("pc", "flotilla:pc:1:1:tenant_0000"),
+        ("pa", "flotilla:pa:2:1:tenant_0000"),
+        ("pn", "flotilla:pn:3:1:tenant_0000"),
+        ("px", "flotilla:px:4:1:tenant_0000"),
+    ];
+    for (i, (plan, gid)) in gids.iter().enumerate() {
+        let id = format!("{plan}_m");
+        define(&s, plan, vec![table(&id, &format!("{plan}_t"))]);
+        let r = s
+            .assign(
+                plan,
+                1,
+                1,
+                vec![prepared_run(i as u64 + 1, "tenant_0000", &[&id], gid)],
+            )
+            .await;
+        assert_eq!(
+            outcomes(&r[&(i as u64 + 1)]),
+            [pb::StepOutcome::Prepared],
+            "{r:?}"
+        );
+    }
+    // with etcd, a commit needs the decision there
+    let reply = s.resolve("pn", true, 1, &[gids[2].1]).await;
+    assert!(reply.resolved.is_empty(), "{reply:?}");
+    assert!(
+        reply.failed[0].starts_with(&format!("{}: no commit decision in etcd", gids[2].1)),
+        "{reply:?}"
+    );
+    put_decision(&mut client, "pn", "abort").await;
+    let reply = s.resolve("pn", true, 1, &[gids[2].1]).await;
+    assert!(
+        reply.failed[0].contains("no commit decision in etcd"),
+        "{reply:?}"
+    );
+    client
+        .delete(format!("{PREFIX}/decisions/pn"), None)
+        .await
+        .unwrap();
+    assert_eq!(prepared_gids(&f.pool).await.len(), 4);
+    h.stop().await;
+
+    // decided while the agent was away: a fresh agent applies the decisions at start and
+    // lists only the undecided one
+    put_decision(&mut client, "pc", "commit").await;
+    put_decision(&mut client, "pa", "abort").await;
+    let mut h = Harness::start(with_etcd.clone(), &f.dsn).await;
+    let (mut s, hello) = h.attach(1).await;
+    assert_eq!(hello.in_doubt, [gids[2].1, gids[3].1]);
+    assert!(table_exists(&f, "tenant_0000", "pc_t").await);
+    assert_eq!(journal(&f, "pc").await, 1);
+    assert!(!table_exists(&f, "tenant_0000", "pa_t").await);
+    assert_eq!(journal(&f, "pa").await, 0);
+    assert_eq!(prepared_gids(&f.pool).await, [gids[2].1, gids[3].1]);
+
+    // with the decision, the coordinator's commit goes through
+    put_decision(&mut client, "pn", "commit").await;
+    let reply = s.resolve("pn", true, 1, &[gids[2].1]).await;
+    assert_eq!(reply.resolved, [gids[2].1], "{reply:?}");
+    assert_eq!(journal(&f, "pn").await, 1);
+    h.stop().await;
+
+    // no coordinator up at all: the agent resolves from etcd alone, once the decision is there
+    let h = Harness::start(
+        {
+            let with_etcd = with_etcd.clone();
+            move |c| {
+                with_etcd(c);
+                c.coordinator = "http://127.0.0.1:1".into();
+            }
+        },
+        &f.dsn,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(prepared_gids(&f.pool).await, [gids[3].1]);
+    put_decision(&mut client, "px", "commit").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !prepared_gids(&f.pool).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "px was not committed in time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(table_exists(&f, "tenant_0000", "px_t").await);
+    // the agent never attached: it stops all the same
+    h.stop().await;
+    f.drop().await;
+    drop(etcd);
+}
+
+#[tokio::test]
+async fn preflight_and_prepare_without_max_prepared_transactions() {
+    let Ok(url) = std::env::var("FLOTILLA_TEST_PG_URL_NO_2PC") else {
+        println!(
+            "FLOTILLA_TEST_PG_URL_NO_2PC (a cluster with max_prepared_transactions = 0) is not set: skipping"
+        );
+        return;
+    };
+    let f = fleet_on(&url, "tpc_off", 1).await;
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Preflight(pb::PreflightRequest {
+        request_id: 1,
+        migration_ids: Vec::new(),
+        two_phase: true,
+    }));
+    let Out::Preflight(p) = s.next().await else {
+        panic!("preflight reply")
+    };
+    assert_eq!(
+        p.two_phase_error,
+        "shard shard-test: max_prepared_transactions = 0; two-phase commit needs it above 0 (postgresql.conf, restart)"
+    );
+    assert_eq!(p.error, "");
+    // not asked: not checked
+    s.send(In::Preflight(pb::PreflightRequest {
+        request_id: 2,
+        migration_ids: Vec::new(),
+        two_phase: false,
+    }));
+    let Out::Preflight(p) = s.next().await else {
+        panic!("preflight reply")
+    };
+    assert_eq!(p.two_phase_error, "");
+
+    // a run to prepare fails at its PREPARE and leaves nothing
+    define(&s, "p0", bench_migrations());
+    let r = s
+        .assign(
+            "p0",
+            1,
+            1,
+            vec![prepared_run(
+                1,
+                "tenant_0000",
+                &BENCH,
+                "flotilla:p0:1:1:tenant_0000",
+            )],
+        )
+        .await;
+    assert_eq!(
+        outcomes(&r[&1]),
+        [
+            pb::StepOutcome::NotRun,
+            pb::StepOutcome::NotRun,
+            pb::StepOutcome::Failed
+        ],
+        "{r:?}"
+    );
+    let e = error(&r[&1], 2);
+    assert_eq!(
+        (e.sqlstate.as_str(), e.phase.as_str()),
+        ("55000", "prepare"),
+        "{e:?}"
+    );
+    assert_eq!(journal(&f, "p0").await, 0);
+    assert!(!table_exists(&f, "tenant_0000", "unified_satisfaction").await);
+    h.stop().await;
+    f.drop().await;
+}
