@@ -155,10 +155,14 @@ run_step() {
     fi
 }
 
-# The agent crate's own tests talk to a real PostgreSQL named by FLOTILLA_TEST_PG_URL:
-# give them a throwaway cluster (the e2e suite starts its own clusters per test).
+# The agent crate's own tests talk to a real PostgreSQL named by FLOTILLA_TEST_PG_URL
+# (and, for the "cannot prepare" case, FLOTILLA_TEST_PG_URL_NO_2PC): give them
+# throwaway clusters (the e2e suite starts its own clusters per test).
+SCRATCH_STOPS=()
+SCRATCH_DIRS=()
+# scratch_pg VAR max_prepared_transactions: starts a cluster, exports VAR=its URL.
 scratch_pg() {
-    local bindir dir port runas=()
+    local var="$1" mpt="$2" bindir dir port runas=()
     bindir="$(dirname "$(find_initdb)")"
     dir="$(mktemp -d /tmp/flotilla-scratch-pg.XXXXXX)"
     chmod 755 "$dir"
@@ -166,17 +170,18 @@ scratch_pg() {
         chown postgres "$dir"
         runas=(runuser -u postgres --)
     fi
+    SCRATCH_DIRS+=("$dir")
     for attempt in 1 2 3 4 5; do
         port=$((15000 + RANDOM % 15000))
         rm -rf "$dir/data"
         "${runas[@]}" "$bindir/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C --no-sync >/dev/null &&
             "${runas[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
-                -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100" start >/dev/null &&
+                -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100 -c max_prepared_transactions=$mpt" \
+                start >/dev/null &&
             {
-                SCRATCH_PG_STOP=("${runas[@]}" "$bindir/pg_ctl" -D "$dir/data" -m immediate stop)
-                SCRATCH_PG_DIR="$dir"
-                export FLOTILLA_TEST_PG_URL="postgres://postgres@127.0.0.1:$port/postgres"
-                echo "scratch PostgreSQL for the agent crate's tests on port $port"
+                SCRATCH_STOPS+=("${runas[*]} $bindir/pg_ctl -D $dir/data -m immediate stop")
+                export "$var=postgres://postgres@127.0.0.1:$port/postgres"
+                echo "scratch PostgreSQL ($var, max_prepared_transactions=$mpt) on port $port"
                 return 0
             }
         echo "scratch PostgreSQL did not start on port $port (attempt $attempt)"
@@ -184,14 +189,18 @@ scratch_pg() {
     return 1
 }
 stop_scratch_pg() {
-    if [[ -n "${SCRATCH_PG_DIR:-}" ]]; then
-        "${SCRATCH_PG_STOP[@]}" >/dev/null 2>&1 || true
-        rm -rf "$SCRATCH_PG_DIR"
-    fi
+    local cmd dir
+    for cmd in "${SCRATCH_STOPS[@]}"; do
+        $cmd >/dev/null 2>&1 || true
+    done
+    for dir in "${SCRATCH_DIRS[@]}"; do
+        rm -rf "$dir"
+    done
 }
 trap stop_scratch_pg EXIT
 if [[ $# -eq 0 && -z "${FLOTILLA_TEST_PG_URL:-}" ]]; then
-    scratch_pg || die "could not start a scratch PostgreSQL for the agent's tests"
+    scratch_pg FLOTILLA_TEST_PG_URL 20 || die "could not start a scratch PostgreSQL for the agent's tests"
+    scratch_pg FLOTILLA_TEST_PG_URL_NO_2PC 0 || die "could not start a second scratch PostgreSQL"
 fi
 
 run_step "Formatting" cargo fmt --all -- --check
