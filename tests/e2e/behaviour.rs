@@ -856,3 +856,36 @@ async fn runs_of_a_killed_coordinator_do_not_count_for_its_successor() -> anyhow
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_concurrent_index_leaves_no_invalid_index() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 2).await?;
+    // priority repeats: a unique index cannot be built, and CREATE INDEX
+    // CONCURRENTLY leaves an INVALID index behind when it fails.
+    let before = fleet.fingerprint().await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_unique_customer",
+        "",
+        "CREATE UNIQUE INDEX CONCURRENTLY idx_wo_unique_customer ON work_orders (priority)",
+        "DROP INDEX CONCURRENTLY IF EXISTS idx_wo_unique_customer",
+    )?;
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(status["state"], "rolled_back", "{status}");
+    assert!(
+        !failures_with(&status, "23505").is_empty(),
+        "a unique violation: {status}"
+    );
+    let invalid: i64 = fleet
+        .pg
+        .query_scalar(
+            "shard_0",
+            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+              WHERE c.relname = 'idx_wo_unique_customer'",
+        )
+        .await?;
+    assert_eq!(invalid, 0, "the INVALID index was found and dropped");
+    assert_eq!(fleet.fingerprint().await?, before);
+    Ok(())
+}
