@@ -218,7 +218,22 @@ async fn run_non_transactional(
         execute(conn, sqlgen::non_transactional_prologue(cx, m))
             .await
             .map_err(|e| fail(&e, false))?;
-        for statement in &m.up {
+        if m.migration.data.is_some() {
+            // its up SQL (if any) runs inside, before the first batch
+            crate::data::run_batches(conn, cx, m)
+                .await
+                .map_err(|failure| GroupFailure {
+                    position: 0,
+                    failure,
+                    in_transaction: false,
+                })?;
+        }
+        let up: &[String] = if m.migration.data.is_some() {
+            &[]
+        } else {
+            &m.up
+        };
+        for statement in up {
             if let Err(e) = execute(conn, statement.clone()).await {
                 drop_invalid_index(conn, statement).await;
                 return Err(fail(&e, false));

@@ -34,6 +34,7 @@ use tracing::{info, instrument, warn};
 
 mod config;
 mod coordinators;
+mod data;
 mod error;
 mod executor;
 mod job;

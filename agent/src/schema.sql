@@ -62,5 +62,50 @@ BEGIN
 END
 $fn$;
 
+-- the progress of a batched data change on a target: written in each batch's own transaction
+-- (exactly-once per batch), deleted with the journal row's insert when the change ends.
+-- last_key is the key's text form; the next batch starts after it.
+CREATE TABLE IF NOT EXISTS flotilla.checkpoints (
+  target text NOT NULL,
+  migration_id text NOT NULL,
+  checksum text NOT NULL,
+  plan_id text NOT NULL,
+  last_key text NOT NULL,
+  rows bigint NOT NULL,
+  batches bigint NOT NULL,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (target, migration_id)
+);
+
+-- Moves a checkpoint from p_prev (NULL: none yet) to p_last, in the caller's batch
+-- transaction. Fails (FL004) when the checkpoint is not where the caller found it: another
+-- run did this batch, so this one must not commit it again.
+CREATE OR REPLACE FUNCTION flotilla.advance_checkpoint(p_target text, p_migration text,
+  p_checksum text, p_plan text, p_prev text, p_last text, p_rows bigint) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  n bigint;
+BEGIN
+  IF p_prev IS NULL THEN
+    INSERT INTO flotilla.checkpoints AS c (target, migration_id, checksum, plan_id, last_key, rows, batches, updated_at)
+      VALUES (p_target, p_migration, p_checksum, p_plan, p_last, p_rows, 1, clock_timestamp())
+      ON CONFLICT (target, migration_id) DO NOTHING;
+  ELSE
+    UPDATE flotilla.checkpoints
+       SET last_key = p_last, rows = rows + p_rows, batches = batches + 1, plan_id = p_plan,
+           updated_at = clock_timestamp()
+     WHERE target = p_target AND migration_id = p_migration AND checksum = p_checksum
+       AND last_key = p_prev;
+  END IF;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  IF n <> 1 THEN
+    RAISE EXCEPTION USING ERRCODE = 'FL004',
+      MESSAGE = format('checkpoint of %s on target %L is no longer at %L: another run did this batch',
+                       p_migration, p_target, coalesce(p_prev, '(start)'));
+  END IF;
+END
+$fn$;
+
 INSERT INTO flotilla.meta (key, value) VALUES ('schema_version', '1')
   ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;

@@ -159,12 +159,76 @@ pub(crate) fn non_transactional_prologue(cx: &StepContext<'_>, m: &PreparedMigra
 }
 
 /// After a non-transactional step's statements: verify and journal in one short, fenced
-/// transaction.
+/// transaction. For a data change, its checkpoint goes in the same transaction.
 pub(crate) fn non_transactional_epilogue(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
     let mut out = begin_fenced(cx.epoch);
     push_verify_and_journal(&mut out, cx, m);
+    push_checkpoint_delete(&mut out, cx, m);
     out.push_str("COMMIT;\n");
     out
+}
+
+/// A data change's checkpoint goes when its journal row is written or moved.
+fn push_checkpoint_delete(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigration) {
+    if m.migration.data.is_some() {
+        let _ = writeln!(
+            out,
+            "DELETE FROM flotilla.checkpoints WHERE target = {} AND migration_id = {};",
+            cx.tenant_lit, m.id_lit
+        );
+    }
+}
+
+/// One batch of a data change as one query: a short fenced transaction that moves the
+/// checkpoint from `prev_lit` (`NULL`: none yet) to `upper_lit`, then runs the batch SQL with
+/// `$1` = `lower_lit` and `$2` = `upper_lit`, and commits. Checkpoint first: a concurrent copy
+/// of the same batch waits on the checkpoint row, then fails instead of running it twice.
+/// The session already holds the step's search_path and timeouts.
+pub(crate) fn data_batch(
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    prev_lit: &str,
+    lower_lit: &str,
+    upper_lit: &str,
+    rows: i64,
+) -> Result<String, String> {
+    let d = m
+        .migration
+        .data
+        .as_ref()
+        .ok_or_else(|| format!("migration `{}` is not a data change", m.id()))?;
+    let mut out = begin_fenced(cx.epoch);
+    let _ = writeln!(
+        out,
+        "SELECT flotilla.advance_checkpoint({}, {}, {}, {}, {prev_lit}, {upper_lit}, {rows});",
+        cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit
+    );
+    for statement in &d.batch {
+        let bound = flotilla_proto::sql::bind_parameters(statement, &[lower_lit, upper_lit])
+            .map_err(|e| format!("migration `{}`: batch SQL: {e}", m.id()))?;
+        out.push_str(&bound);
+        out.push_str("\n;\n");
+    }
+    out.push_str("COMMIT;\n");
+    Ok(out)
+}
+
+/// The next page of keys after `lower_lit`: how many rows (at most the batch size) and the
+/// last key, as text. Keyset pagination over the key's index.
+pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str) -> Option<String> {
+    let d = m.migration.data.as_ref()?;
+    let key = d.key_sql();
+    let filter = d
+        .filter
+        .as_ref()
+        .map(|f| format!(" AND ({f}\n)"))
+        .unwrap_or_default();
+    Some(format!(
+        "SELECT count(*)::bigint, (pg_catalog.array_agg(k ORDER BY k DESC))[1]::text FROM \
+         (SELECT {key} AS k FROM {table} WHERE {key} > {lower_lit}{filter} ORDER BY {key} LIMIT {limit}) page",
+        table = d.table_sql(),
+        limit = d.batch_size
+    ))
 }
 
 /// Moves a step's journal row to the history: the undo's proof, in the undo's transaction.
@@ -198,6 +262,7 @@ pub(crate) fn non_transactional_undo_epilogue(
 ) -> String {
     let mut out = begin_fenced(cx.epoch);
     push_journal_move(&mut out, cx, m);
+    push_checkpoint_delete(&mut out, cx, m);
     out.push_str("COMMIT;\n");
     out
 }
@@ -348,5 +413,61 @@ mod tests {
         );
         let epi = non_transactional_undo_epilogue(&cx, &m);
         assert!(epi.starts_with("BEGIN;\nSELECT flotilla.check_fence(4);\nWITH d AS"));
+    }
+
+    #[test]
+    fn data_batch_text() {
+        let m = Migration::try_from(pb::Migration {
+            id: "m2".into(),
+            down_sql: "SELECT 1".into(),
+            verify_sql: "SELECT true".into(),
+            data: Some(pb::DataChange {
+                table: "app.customers".into(),
+                key: "id".into(),
+                batch_size: 7,
+                rows_per_second: 0,
+                batch_sql: "UPDATE customers SET n = n + 1 WHERE id > $1 AND id <= $2".into(),
+                filter: "n = 0".into(),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        let m = PreparedMigration::new(m, 5000, 0).unwrap();
+        let cx = StepContext {
+            tenant: "t1",
+            tenant_lit: "'t1'",
+            plan_lit: "'p9'",
+            epoch: 4,
+        };
+        let sql = data_batch(&cx, &m, "NULL", "'-9223372036854775808'", "'7'", 7).unwrap();
+        let ck = quote_literal(&m.migration.checksum).unwrap();
+        assert_eq!(
+            sql,
+            format!(
+                "BEGIN;\nSELECT flotilla.check_fence(4);\n\
+                 SELECT flotilla.advance_checkpoint('t1', 'm2', {ck}, 'p9', NULL, '7', 7);\n\
+                 UPDATE customers SET n = n + 1 WHERE id >  '-9223372036854775808'  AND id <=  '7' \n;\n\
+                 COMMIT;\n"
+            )
+        );
+        let page = data_page(&m, "'7'").unwrap();
+        assert!(
+            page.ends_with(
+                "(SELECT \"id\" AS k FROM \"app\".\"customers\" WHERE \"id\" > '7' AND (n = 0\n) ORDER BY \"id\" LIMIT 7) page"
+            ),
+            "{page}"
+        );
+        // the end: verify, journal row and checkpoint delete in one transaction
+        let epi = non_transactional_epilogue(&cx, &m);
+        assert!(epi.contains("flotilla.check_verify"), "{epi}");
+        assert!(
+            epi.ends_with(
+                "DELETE FROM flotilla.checkpoints WHERE target = 't1' AND migration_id = 'm2';\nCOMMIT;\n"
+            ),
+            "{epi}"
+        );
+        assert!(
+            non_transactional_undo_epilogue(&cx, &m).contains("DELETE FROM flotilla.checkpoints")
+        );
     }
 }

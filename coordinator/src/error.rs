@@ -26,7 +26,10 @@ pub enum CoordinatorError {
     #[error("coordinator is shutting down")]
     ShuttingDown,
     /// Only the leader schedules and decides; `leader` is where it is, when known.
-    #[error("not the leader{}", .leader.as_ref().map(|l| format!("; the leader is {l}")).unwrap_or_default())]
+    #[error("not the leader{}", match .leader {
+        Some(l) => format!("; the leader is {l}"),
+        None => "; no coordinator leads now (an election is under way, or etcd cannot be reached or has lost its quorum); try again".into(),
+    })]
     NotLeader { leader: Option<String> },
     #[error("coordination: {0}")]
     Coordination(#[from] crate::coordination::CoordinationError),

@@ -107,10 +107,39 @@ async fn follow_leadership(coordinator: Coordinator) {
                     .events
                     .send(engine::Event::Lead { epoch })
                     .await;
-                match coordinator.resume_unfinished().await {
-                    Ok(0) => {}
-                    Ok(n) => info!(plans = n, epoch, "continuing plans left unfinished"),
-                    Err(e) => error!("cannot continue unfinished plans: {e}"),
+                // A plan left unfinished must not stay orphaned because etcd or the
+                // store failed once (e.g. an etcd member died as we took over): retried
+                // while this term lasts. Plans already continued are skipped.
+                let mut attempt = 0u32;
+                let mut changed_meanwhile = false;
+                loop {
+                    match coordinator.resume_unfinished().await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            info!(plans = n, epoch, "continuing plans left unfinished");
+                            break;
+                        }
+                        Err(e) => {
+                            let pause = Duration::from_millis(250 << attempt.min(4));
+                            attempt += 1;
+                            error!(
+                                "cannot continue unfinished plans yet (retrying in {pause:?}): {e}"
+                            );
+                            tokio::select! {
+                                () = tokio::time::sleep(pause) => {}
+                                changed = rx.changed() => {
+                                    if changed.is_err() {
+                                        return;
+                                    }
+                                    changed_meanwhile = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                if changed_meanwhile {
+                    continue;
                 }
             }
             Leadership::Follower { leader } => {

@@ -660,8 +660,18 @@ impl Coordinator {
     pub async fn resume_unfinished(&self) -> Result<usize, CoordinatorError> {
         let epoch = self.leader_epoch()?;
         let rows = self.inner.store.unfinished_plans().await?;
-        let n = rows.len();
+        let mut n = 0;
         for row in rows {
+            // Continued already by an earlier attempt in this term.
+            let id = row.id.clone();
+            if self
+                .to_engine(|reply| Event::Status { plan_id: id, reply })
+                .await?
+                .is_some()
+            {
+                continue;
+            }
+            n += 1;
             let mut run = self.rebuild(&row).await?;
             let shards: Vec<String> = run.shards.keys().cloned().collect();
             let atomic_open = run.spec.atomic
@@ -693,7 +703,12 @@ impl Coordinator {
                     )
                     .trim_start_matches("; ")
                     .to_string();
-                    let _ = run.halt_pending();
+                    // Stored too, or the plan's status would show them pending for good.
+                    let updates = run.halt_pending();
+                    let _ = self.inner.writes.send(StoreOp::Steps {
+                        plan_id: row.id.clone(),
+                        updates,
+                    });
                 }
                 let _ = self
                     .to_engine(|done| Event::Start {

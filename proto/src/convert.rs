@@ -59,7 +59,11 @@ impl TryFrom<pb::Migration> for Migration {
             error,
         };
         let up = sql::split_statements(&m.up_sql).map_err(sql_err)?;
-        if up.is_empty() {
+        let data = match &m.data {
+            Some(d) => Some(data_change(&m.id, &source, d)?),
+            None => None,
+        };
+        if up.is_empty() && data.is_none() {
             return Err(PlanError::EmptyUp {
                 migration: m.id.clone(),
                 source_file: source,
@@ -78,7 +82,20 @@ impl TryFrom<pb::Migration> for Migration {
         }
         let non_tx =
             sql::first_non_transactional(&up).or_else(|| sql::first_non_transactional(&down));
-        let tx_mode = match (pb::TxMode::try_from(m.tx_mode).unwrap_or_default(), non_tx) {
+        let requested = pb::TxMode::try_from(m.tx_mode).unwrap_or_default();
+        if data.is_some() && requested == pb::TxMode::Transactional {
+            return Err(PlanError::Data {
+                migration: m.id.clone(),
+                source_file: source,
+                reason:
+                    "a data migration commits batch by batch; it cannot be transactional = true"
+                        .into(),
+            });
+        }
+        // A data migration runs batch by batch, each in its own transaction: as a whole it is
+        // not transactional, so the coordinator gives it a run of its own.
+        let non_tx = non_tx.or(data.as_ref().map(|_| "[data]"));
+        let tx_mode = match (requested, non_tx) {
             (pb::TxMode::Transactional, Some(statement)) => {
                 return Err(PlanError::NotTransactional {
                     migration: m.id.clone(),
@@ -97,7 +114,10 @@ impl TryFrom<pb::Migration> for Migration {
                 reason: "must be one query returning a boolean".into(),
             });
         }
-        let computed = checksum(&m.up_sql);
+        let computed = match &m.data {
+            Some(d) => data_checksum(&m.up_sql, &d.table, &d.key, &d.batch_sql, &d.filter),
+            None => checksum(&m.up_sql),
+        };
         if !m.checksum.is_empty() && m.checksum != computed {
             return Err(PlanError::ChecksumMismatch {
                 migration: m.id.clone(),
@@ -129,8 +149,105 @@ impl TryFrom<pb::Migration> for Migration {
             verify_sql: verify.into_iter().next(),
             checksum: computed,
             source,
+            data,
         })
     }
+}
+
+/// Validates a `DataChange` on receipt; every error names the migration.
+fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange, PlanError> {
+    let err = |reason: String| PlanError::Data {
+        migration: id.to_string(),
+        source_file: source.to_string(),
+        reason,
+    };
+    let key_text = d.key.trim();
+    if key_text.contains(',') || key_text.starts_with('(') {
+        return Err(err(format!(
+            "key `{key_text}`: composite keys are not supported yet; use one column that orders the rows uniquely"
+        )));
+    }
+    let key = sql_identifier(key_text).ok_or_else(|| {
+        err(format!(
+            "key `{key_text}` must be one column name ([A-Za-z_][A-Za-z0-9_$]*)"
+        ))
+    })?;
+    let parts: Vec<&str> = d.table.trim().split('.').collect();
+    let table = if parts.len() > 2 {
+        None
+    } else {
+        parts
+            .iter()
+            .map(|p| sql_identifier(p))
+            .collect::<Option<Vec<_>>>()
+    }
+    .ok_or_else(|| {
+        err(format!(
+            "table `{}` must be a table name or schema.table ([A-Za-z_][A-Za-z0-9_$]*)",
+            d.table.trim()
+        ))
+    })?;
+    let batch_size = match d.batch_size {
+        0 => DEFAULT_BATCH_SIZE,
+        n if n > MAX_BATCH_SIZE => {
+            return Err(err(format!("batch_size {n} is more than {MAX_BATCH_SIZE}")));
+        }
+        n => n,
+    };
+    let sql_err = |what: &str, e: sql::SqlError| err(format!("{what}: {e}"));
+    let batch = sql::split_statements(&d.batch_sql).map_err(|e| sql_err("batch SQL", e))?;
+    if batch.is_empty() {
+        return Err(err("batch SQL is empty".into()));
+    }
+    if let Some(s) = sql::first_transaction_control(&batch) {
+        return Err(err(format!(
+            "batch SQL: `{s}` controls the transaction; each batch runs in Flotilla's own"
+        )));
+    }
+    if let Some(s) = sql::first_non_transactional(&batch) {
+        return Err(err(format!(
+            "batch SQL: `{s}` cannot run inside a batch's transaction"
+        )));
+    }
+    let params = sql::parameters(&d.batch_sql).map_err(|e| sql_err("batch SQL", e))?;
+    for (n, what) in [(1, "exclusive lower"), (2, "inclusive upper")] {
+        if !params.contains(&n) {
+            return Err(err(format!(
+                "batch SQL does not use ${n}, the {what} bound of the key: write e.g. `WHERE {key} > $1 AND {key} <= $2`"
+            )));
+        }
+    }
+    if let Some(n) = params.iter().find(|&&n| n > 2) {
+        return Err(err(format!(
+            "batch SQL uses ${n}; only $1 (lower bound) and $2 (upper bound) are given"
+        )));
+    }
+    let filter = d.filter.trim();
+    let filter = if filter.is_empty() {
+        None
+    } else {
+        let stmts = sql::split_statements(filter).map_err(|e| sql_err("filter", e))?;
+        if stmts.len() != 1
+            || !sql::parameters(filter)
+                .map_err(|e| sql_err("filter", e))?
+                .is_empty()
+        {
+            return Err(err(
+                "filter must be one condition (no `;`, no parameters), e.g. `phone !~ '^\\+'`"
+                    .into(),
+            ));
+        }
+        Some(stmts.into_iter().next().expect("one"))
+    };
+    Ok(DataChange {
+        table,
+        key,
+        batch_size,
+        rows_per_second: d.rows_per_second,
+        batch,
+        batch_sql: d.batch_sql.clone(),
+        filter,
+    })
 }
 
 impl From<&Migration> for pb::Migration {
@@ -154,6 +271,14 @@ impl From<&Migration> for pb::Migration {
             verify_sql: m.verify_sql.clone().unwrap_or_default(),
             checksum: m.checksum.clone(),
             source: m.source.clone(),
+            data: m.data.as_ref().map(|d| pb::DataChange {
+                table: d.table.join("."),
+                key: d.key.clone(),
+                batch_size: d.batch_size,
+                rows_per_second: d.rows_per_second,
+                batch_sql: d.batch_sql.clone(),
+                filter: d.filter.clone().unwrap_or_default(),
+            }),
         }
     }
 }
@@ -287,5 +412,111 @@ impl From<&PlanSpec> for pb::PlanSpec {
             submitted_by: p.submitted_by.clone(),
             source: p.source.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod data_tests {
+    use super::*;
+
+    fn data_migration(batch: &str, key: &str) -> pb::Migration {
+        pb::Migration {
+            id: "20250201_backfill".into(),
+            source: "m/20250201_backfill".into(),
+            down_sql: "UPDATE customers SET n = 0".into(),
+            data: Some(pb::DataChange {
+                table: "Customers".into(),
+                key: key.into(),
+                batch_size: 0,
+                rows_per_second: 0,
+                batch_sql: batch.into(),
+                filter: String::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    const BATCH: &str = "UPDATE customers SET n = n + 1 WHERE id > $1 AND id <= $2";
+
+    #[test]
+    fn a_data_migration_is_valid_without_up_sql() {
+        let m = Migration::try_from(data_migration(BATCH, "ID")).unwrap();
+        let d = m.data.as_ref().unwrap();
+        assert_eq!(m.tx_mode, TxMode::NonTransactional);
+        assert_eq!(d.table, vec!["customers".to_string()]);
+        assert_eq!(d.key, "id");
+        assert_eq!(d.batch_size, DEFAULT_BATCH_SIZE);
+        assert_eq!(d.table_sql(), "\"customers\"");
+        // the checksum covers the batch SQL, and survives the round trip
+        assert_eq!(m.checksum, data_checksum("", "Customers", "ID", BATCH, ""));
+        assert_ne!(m.checksum, checksum(""));
+        let other =
+            Migration::try_from(data_migration(&BATCH.replace("+ 1", "+ 2"), "id")).unwrap();
+        assert_ne!(m.checksum, other.checksum);
+        let again = Migration::try_from(pb::Migration::from(&m)).unwrap();
+        assert_eq!(again, m);
+    }
+
+    #[test]
+    fn batch_sql_must_use_both_bounds() {
+        let e = Migration::try_from(data_migration(
+            "UPDATE customers SET n = 1 WHERE id > $1",
+            "id",
+        ))
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("`20250201_backfill`") && msg.contains("$2"),
+            "{msg}"
+        );
+        // a `$2` inside a string does not count
+        let e = Migration::try_from(data_migration(
+            "UPDATE customers SET s = '$2' WHERE id > $1",
+            "id",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("$2"), "{e}");
+        let e = Migration::try_from(data_migration(
+            "UPDATE customers SET n = $3 WHERE id > $1 AND id <= $2",
+            "id",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("$3"), "{e}");
+        let e = Migration::try_from(data_migration("COMMIT; SELECT $1, $2", "id")).unwrap_err();
+        assert!(e.to_string().contains("controls the transaction"), "{e}");
+    }
+
+    #[test]
+    fn key_must_be_one_identifier() {
+        let e = Migration::try_from(data_migration(BATCH, "tenant_id, id")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("composite keys are not supported yet"),
+            "{e}"
+        );
+        let e = Migration::try_from(data_migration(BATCH, "id; DROP TABLE x")).unwrap_err();
+        assert!(e.to_string().contains("one column name"), "{e}");
+        let mut m = data_migration(BATCH, "id");
+        m.data.as_mut().unwrap().table = "a.b.c".into();
+        assert!(Migration::try_from(m).is_err());
+        let mut m = data_migration(BATCH, "id");
+        m.tx_mode = pb::TxMode::Transactional as i32;
+        assert!(
+            Migration::try_from(m)
+                .unwrap_err()
+                .to_string()
+                .contains("transactional")
+        );
+    }
+
+    #[test]
+    fn parameters_bind_outside_quotes() {
+        let sql = "UPDATE t SET s = '$1', x = $$ $2 $$ WHERE id>$1 AND id <= $2 -- $1";
+        assert_eq!(sql::parameters(sql).unwrap(), vec![1, 2]);
+        let bound = sql::bind_parameters(sql, &["'7'", "'14'"]).unwrap();
+        assert_eq!(
+            bound,
+            "UPDATE t SET s = '$1', x = $$ $2 $$ WHERE id> '7'  AND id <=  '14'  -- $1"
+        );
     }
 }

@@ -122,6 +122,81 @@ pub struct Migration {
     pub verify_sql: Option<String>,
     pub checksum: String,
     pub source: String,
+    /// A batched data change: the batch SQL is the change (up SQL may be empty).
+    pub data: Option<DataChange>,
+}
+
+pub const DEFAULT_BATCH_SIZE: u32 = 1000;
+pub const MAX_BATCH_SIZE: u32 = 1_000_000;
+
+/// A batched data change, validated: `table` and `key` are identifiers (folded to lower case,
+/// as PostgreSQL folds unquoted names), `batch_sql` uses exactly `$1` (exclusive lower bound
+/// of the key) and `$2` (inclusive upper bound).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataChange {
+    /// `[schema, table]` or `[table]` (resolved in the target's search_path).
+    pub table: Vec<String>,
+    pub key: String,
+    pub batch_size: u32,
+    /// 0: unlimited.
+    pub rows_per_second: u64,
+    /// The batch's statements, split.
+    pub batch: Vec<String>,
+    pub batch_sql: String,
+    pub filter: Option<String>,
+}
+
+impl DataChange {
+    /// The table as SQL: each part quoted.
+    pub fn table_sql(&self) -> String {
+        self.table
+            .iter()
+            .map(|p| crate::sql::quote_ident(p))
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+    pub fn key_sql(&self) -> String {
+        crate::sql::quote_ident(&self.key)
+    }
+}
+
+/// An unquoted SQL identifier (`[A-Za-z_][A-Za-z0-9_$]*`, at most 63 bytes), folded to
+/// lower case as PostgreSQL does.
+pub fn sql_identifier(s: &str) -> Option<String> {
+    let s = s.trim();
+    let mut bytes = s.bytes();
+    let first = bytes.next()?;
+    let ok = s.len() <= 63
+        && (first.is_ascii_alphabetic() || first == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$');
+    ok.then(|| s.to_ascii_lowercase())
+}
+
+/// The checksum of a data migration: its up SQL and what defines the change (table, key,
+/// batch SQL, filter), each normalised as in [`checksum`] (names also lower-cased). Batch size and rate are not part
+/// of it: tuning them after the fact is allowed.
+pub fn data_checksum(
+    up_sql: &str,
+    table: &str,
+    key: &str,
+    batch_sql: &str,
+    filter: &str,
+) -> String {
+    let norm = |s: &str| s.replace("\r\n", "\n").trim().to_string();
+    let mut hasher = Sha256::new();
+    for (name, part) in [
+        ("up", up_sql),
+        // identifiers fold to lower case (as unquoted names do in PostgreSQL)
+        ("table", &table.to_ascii_lowercase()),
+        ("key", &key.to_ascii_lowercase()),
+        ("batch", batch_sql),
+        ("filter", filter),
+    ] {
+        let part = norm(part);
+        hasher.update(format!("{name}:{}:", part.len()).as_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hex::encode(hasher.finalize())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,6 +369,12 @@ pub enum PlanError {
         migration: String,
         first: usize,
         second: usize,
+    },
+    #[error("migration `{migration}` ({source_file}): [data] {reason}")]
+    Data {
+        migration: String,
+        source_file: String,
+        reason: String,
     },
     #[error("invalid {field}: {reason}")]
     Field { field: String, reason: String },

@@ -85,6 +85,52 @@ pub fn quote_literal(s: &str) -> Result<String, SqlError> {
     Ok(format!("'{}'", s.replace('\'', "''")))
 }
 
+/// The positional parameters (`$1`, `$2`, ...) that SQL text uses, outside strings, quoted
+/// identifiers, dollar quotes and comments: sorted, each once.
+pub fn parameters(sql: &str) -> Result<Vec<u32>, SqlError> {
+    let mut out = Vec::new();
+    for token in Lexer::new(sql) {
+        let token = token?;
+        if let Some(n) = parameter(token, sql) {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+fn parameter(token: Token, sql: &str) -> Option<u32> {
+    if token.kind != Kind::Word {
+        return None;
+    }
+    let digits = token.text(sql).strip_prefix('$')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Replaces each parameter `$n` (outside strings, quoted identifiers, dollar quotes and
+/// comments) with `values[n - 1]`, which must already be quoted SQL (a literal). A parameter
+/// without a value is left as it is (the caller checks [`parameters`] first).
+pub fn bind_parameters(sql: &str, values: &[&str]) -> Result<String, SqlError> {
+    let mut out = String::with_capacity(sql.len() + values.iter().map(|v| v.len()).sum::<usize>());
+    for token in Lexer::new(sql) {
+        let token = token?;
+        match parameter(token, sql).and_then(|n| values.get((n as usize).checked_sub(1)?)) {
+            // spaces around the value: `x>$1` must not become `x>'-'...` glued to an operator
+            Some(v) => {
+                out.push(' ');
+                out.push_str(v);
+                out.push(' ');
+            }
+            None => out.push_str(token.text(sql)),
+        }
+    }
+    Ok(out)
+}
+
 // ---------------------------------------------------------------- classification
 
 /// A statement's tokens as classification sees them: words upper-cased, parentheses,

@@ -38,6 +38,20 @@ struct MigrationFile {
     risk: Option<Spanned<String>>,
     #[serde(default)]
     irreversible: bool,
+    data: Option<DataTable>,
+}
+
+/// `[data]` of `migration.toml`: a batched data change.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataTable {
+    table: Spanned<String>,
+    /// One column; a list of columns (a composite key) is refused with a clear error.
+    key: Spanned<toml::Value>,
+    batch_size: Option<Spanned<i64>>,
+    rows_per_second: Option<Spanned<i64>>,
+    batch: Spanned<String>,
+    filter: Option<String>,
 }
 
 /// Reads the migration in directory `dir`, whose name is `name`.
@@ -70,7 +84,8 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
     };
 
     let up_sql = read_text(&up_path)?;
-    if statements(&up_path, &up_sql, 1)?.is_empty() {
+    // A data migration's change is its batch SQL: its up.sql may be empty.
+    if statements(&up_path, &up_sql, 1)?.is_empty() && meta.data.is_none() {
         return Err(LoadError::invalid(&up_path, "holds no SQL statements"));
     }
 
@@ -165,6 +180,66 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
     }
     if let Some(t) = meta.statement_timeout {
         m.statement_timeout_ms = millis(&t, "statement_timeout").map_err(|e| at(t.span(), e))?;
+    }
+    if let Some(data) = meta.data {
+        let d = data;
+        let key = match d.key.get_ref() {
+            toml::Value::String(k) => k.clone(),
+            toml::Value::Array(cols) if cols.len() == 1 && cols[0].is_str() => {
+                cols[0].as_str().unwrap_or_default().to_string()
+            }
+            toml::Value::Array(_) => {
+                return Err(at(
+                    d.key.span(),
+                    "[data] key: composite keys are not supported yet; use one column that orders the rows uniquely".into(),
+                ));
+            }
+            _ => return Err(at(d.key.span(), "[data] key must be a column name".into())),
+        };
+        let positive = |v: &Spanned<i64>, name: &str, min: i64| {
+            let n = *v.get_ref();
+            if n < min || n > u32::MAX as i64 {
+                Err(at(
+                    v.span(),
+                    format!("[data] {name} must be at least {min}, got {n}"),
+                ))
+            } else {
+                Ok(n)
+            }
+        };
+        let batch_size = match &d.batch_size {
+            Some(v) => positive(v, "batch_size", 1)? as u32,
+            None => 0,
+        };
+        let rows_per_second = match &d.rows_per_second {
+            Some(v) => positive(v, "rows_per_second", 0)? as u64,
+            None => 0,
+        };
+        if d.table.get_ref().trim().is_empty() {
+            return Err(at(d.table.span(), "[data] table is empty".into()));
+        }
+        if d.batch.get_ref().trim().is_empty() {
+            return Err(at(d.batch.span(), "[data] batch SQL is empty".into()));
+        }
+        let filter = d.filter.unwrap_or_default();
+        m.checksum = flotilla_proto::data_checksum(
+            &m.up_sql,
+            d.table.get_ref(),
+            &key,
+            d.batch.get_ref(),
+            &filter,
+        );
+        m.data = Some(pb::DataChange {
+            table: d.table.into_inner().trim().to_string(),
+            key: key.trim().to_string(),
+            batch_size,
+            rows_per_second,
+            batch_sql: d.batch.into_inner(),
+            filter,
+        });
+        if m.kind.is_empty() {
+            m.kind = "data".into();
+        }
     }
     Ok(m)
 }

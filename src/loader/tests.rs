@@ -781,3 +781,63 @@ fn overrides_apply_after_the_plan_file() {
         assert!(e.to_string().starts_with(message), "{e}");
     }
 }
+
+#[test]
+fn a_data_migration_reads_its_data_table() {
+    let dir = tempfile::tempdir().unwrap();
+    native(
+        dir.path(),
+        "20250201_backfill",
+        Some(
+            "[data]\ntable = \"customers\"\nkey = \"id\"\nbatch_size = 50\nrows_per_second = 500\n\
+             filter = \"phone !~ '^\\\\+'\"\n\
+             batch = \"UPDATE customers SET phone = '+' || phone WHERE id > $1 AND id <= $2\"\n",
+        ),
+        "-- the batch SQL is the change\n",
+    );
+    let spec = load_ok(dir.path());
+    let m = &spec.migrations[0];
+    assert_eq!(m.kind, "data");
+    let d = m.data.as_ref().unwrap();
+    assert_eq!((d.batch_size, d.rows_per_second), (50, 500));
+    assert_eq!(d.filter, "phone !~ '^\\+'");
+    let domain = domain(spec.clone());
+    let dm = &domain.migrations[0];
+    assert_eq!(dm.tx_mode, TxMode::NonTransactional);
+    assert_eq!(dm.checksum, m.checksum, "the loader and the receiver agree");
+    assert_ne!(dm.checksum, flotilla_proto::checksum(&m.up_sql));
+}
+
+#[test]
+fn a_data_migration_refuses_a_composite_key_and_bad_values() {
+    let dir = tempfile::tempdir().unwrap();
+    native(
+        dir.path(),
+        "20250201_backfill",
+        Some("[data]\ntable = \"t\"\nkey = [\"a\", \"b\"]\nbatch = \"SELECT $1, $2\"\n"),
+        "",
+    );
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("migration.toml:3") && e.contains("composite keys are not supported yet"),
+        "{e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    native(
+        dir.path(),
+        "20250201_backfill",
+        Some("[data]\ntable = \"t\"\nkey = \"id\"\nbatch_size = 0\nbatch = \"SELECT $1, $2\"\n"),
+        "",
+    );
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("migration.toml:4") && e.contains("batch_size"),
+        "{e}"
+    );
+
+    // without [data], an empty up.sql is still an error
+    let dir = tempfile::tempdir().unwrap();
+    native(dir.path(), "20250201_empty", None, "-- nothing\n");
+    assert!(load_err(dir.path()).contains("holds no SQL statements"));
+}

@@ -16,18 +16,68 @@ pub struct HaFleet {
     pub agents: Vec<FlotillaProcess>,
     pub store: String,
     pub ports: Vec<u16>,
+    /// Extra flags for every coordinator spawned (e.g. `--agent-grace 5s`).
+    pub coordinator_args: Vec<String>,
+    /// Extra flags for every agent spawned (e.g. `--lease-ttl 2s`).
+    pub agent_args: Vec<String>,
+    /// Processes replaced by a restart, kept so their logs print on a panic.
+    pub retired: Vec<FlotillaProcess>,
 }
 
 const TTL: &str = "2s";
 
-impl HaFleet {
-    pub async fn start(
-        coordinators: usize,
-        shards: usize,
-        tenants: usize,
-    ) -> anyhow::Result<HaFleet> {
+/// Options for [`HaFleet`]; `HaFleet::start(c, s, t)` is
+/// `HaFleet::builder(c, s, t).start()`.
+pub struct HaFleetBuilder {
+    coordinators: usize,
+    shards: usize,
+    tenants: usize,
+    etcd_members: usize,
+    etcd_args: Vec<String>,
+    coordinator_args: Vec<String>,
+    agent_args: Vec<String>,
+    agent_env: Vec<(usize, String, String)>,
+}
+
+impl HaFleetBuilder {
+    /// An etcd cluster of `n` members (default 1); every process gets every endpoint.
+    pub fn etcd_members(mut self, n: usize) -> Self {
+        self.etcd_members = n;
+        self
+    }
+
+    /// Flags for every etcd member, e.g. `["--election-timeout=500"]`.
+    pub fn etcd_args(mut self, args: &[&str]) -> Self {
+        self.etcd_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// More flags for every coordinator, e.g. `["--agent-grace", "5s"]`.
+    #[allow(dead_code)]
+    pub fn coordinator_args(mut self, args: &[&str]) -> Self {
+        self.coordinator_args
+            .extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// More flags for every agent, e.g. `["--lease-ttl", "2s"]`.
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// An environment variable for the first agent of shard `s` only (e.g. FAILPOINTS);
+    /// agents spawned later with [`HaFleet::spawn_agent`] do not get it.
+    pub fn agent_env(mut self, s: usize, key: &str, value: &str) -> Self {
+        self.agent_env.push((s, key.to_string(), value.to_string()));
+        self
+    }
+
+    pub async fn start(self) -> anyhow::Result<HaFleet> {
+        let (coordinators, shards, tenants) = (self.coordinators, self.shards, self.tenants);
         let pg = PgCluster::start().await?;
-        let etcd = Etcd::start_single().await?;
+        let etcd_args: Vec<&str> = self.etcd_args.iter().map(String::as_str).collect();
+        let etcd = Etcd::start_members(self.etcd_members.max(1), &etcd_args).await?;
         for s in 0..shards {
             let db = format!("shard_{s}");
             pg.create_database(&db).await?;
@@ -51,6 +101,9 @@ impl HaFleet {
             agents: Vec::new(),
             store,
             ports,
+            coordinator_args: self.coordinator_args,
+            agent_args: self.agent_args,
+            retired: Vec::new(),
         };
         for i in 0..coordinators {
             let c = fleet.spawn_coordinator(i)?;
@@ -60,17 +113,60 @@ impl HaFleet {
             c.wait_for_log("coordinator listening", WAIT).await?;
         }
         for s in 0..shards {
-            let a = fleet.spawn_agent(s)?;
+            let envs: Vec<(&str, &str)> = self
+                .agent_env
+                .iter()
+                .filter(|(i, _, _)| *i == s)
+                .map(|(_, k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let a = fleet.spawn_agent_with(s, &envs)?;
             fleet.agents.push(a);
         }
-        wait_until("every agent attached to the leader", WAIT, async || {
-            let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
-            Ok(v.as_array()
-                .map(|a| a.iter().filter(|x| x["connected"] == true).count())
-                == Some(shards))
-        })
-        .await?;
+        fleet.wait_connected(shards).await?;
         Ok(fleet)
+    }
+}
+
+impl HaFleet {
+    pub async fn start(
+        coordinators: usize,
+        shards: usize,
+        tenants: usize,
+    ) -> anyhow::Result<HaFleet> {
+        Self::builder(coordinators, shards, tenants).start().await
+    }
+
+    pub fn builder(coordinators: usize, shards: usize, tenants: usize) -> HaFleetBuilder {
+        HaFleetBuilder {
+            coordinators,
+            shards,
+            tenants,
+            etcd_members: 1,
+            etcd_args: Vec::new(),
+            coordinator_args: Vec::new(),
+            agent_args: Vec::new(),
+            agent_env: Vec::new(),
+        }
+    }
+
+    /// Every etcd endpoint, comma-separated (the `--etcd` value).
+    pub fn etcd_endpoints(&self) -> String {
+        self.etcd.endpoints().join(",")
+    }
+
+    /// Waits until `n` agents are attached to the leader.
+    pub async fn wait_connected(&self, n: usize) -> anyhow::Result<()> {
+        wait_until(
+            &format!("{n} agents attached to the leader"),
+            WAIT,
+            async || {
+                let v = self.json(&["fleet", "list", "--output", "json"]).await?;
+                Ok(v.as_array()
+                    .map(|a| a.iter().filter(|x| x["connected"] == true).count())
+                    == Some(n))
+            },
+        )
+        .await
     }
 
     pub fn spawn_coordinator(&self, i: usize) -> anyhow::Result<FlotillaProcess> {
@@ -84,42 +180,78 @@ impl HaFleet {
         envs: &[(&str, &str)],
     ) -> anyhow::Result<FlotillaProcess> {
         let listen = format!("127.0.0.1:{}", self.ports[i]);
-        FlotillaProcess::spawn(
-            &[
-                "coordinator",
-                "--listen",
-                &listen,
-                "--store",
-                &self.store,
-                "--etcd",
-                &self.etcd.endpoint(),
-                "--lease-ttl",
-                TTL,
-            ],
-            envs,
-        )
+        let etcd = self.etcd_endpoints();
+        let mut args = vec![
+            "coordinator",
+            "--listen",
+            &listen,
+            "--store",
+            &self.store,
+            "--etcd",
+            &etcd,
+            "--lease-ttl",
+            TTL,
+        ];
+        args.extend(self.coordinator_args.iter().map(String::as_str));
+        FlotillaProcess::spawn(&args, envs)
     }
 
     pub fn spawn_agent(&self, s: usize) -> anyhow::Result<FlotillaProcess> {
+        self.spawn_agent_with(s, &[])
+    }
+
+    /// An agent for shard `s` with extra environment (e.g. FAILPOINTS).
+    pub fn spawn_agent_with(
+        &self,
+        s: usize,
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<FlotillaProcess> {
         let all = self.addrs.join(",");
         let dsn = self.pg.url(&format!("shard_{s}"));
         let shard = format!("shard_{s}");
-        FlotillaProcess::spawn(
-            &[
-                "--coordinator",
-                &all,
-                "agent",
-                "--shard",
-                &shard,
-                "--dsn",
-                &dsn,
-                "--tenant-pattern",
-                "tenant_%",
-                "--etcd",
-                &self.etcd.endpoint(),
-            ],
-            &[],
-        )
+        let etcd = self.etcd_endpoints();
+        let mut args = vec![
+            "--coordinator",
+            &all,
+            "agent",
+            "--shard",
+            &shard,
+            "--dsn",
+            &dsn,
+            "--tenant-pattern",
+            "tenant_%",
+            "--etcd",
+            &etcd,
+        ];
+        args.extend(self.agent_args.iter().map(String::as_str));
+        FlotillaProcess::spawn(&args, envs)
+    }
+
+    /// Kills shard `s`'s agent (SIGKILL; a no-op if it has exited) and starts a new
+    /// one without extra environment; the old one's log is kept for a panic.
+    pub fn restart_agent(&mut self, s: usize) -> anyhow::Result<()> {
+        self.agents[s].kill()?;
+        let fresh = self.spawn_agent(s)?;
+        let old = std::mem::replace(&mut self.agents[s], fresh);
+        self.retired.push(old);
+        Ok(())
+    }
+
+    /// Kills coordinator `i` (if it runs) and starts it again with `envs`; waits
+    /// until it listens.
+    pub async fn restart_coordinator_with(
+        &mut self,
+        i: usize,
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        if let Some(mut old) = self.coordinators[i].take() {
+            old.kill()?;
+            self.retired.push(old);
+        }
+        let c = self.spawn_coordinator_with(i, envs)?;
+        c.wait_for_log("coordinator listening", WAIT).await?;
+        self.coordinators[i] = Some(c);
+        Ok(())
     }
 
     /// Runs a CLI command against every coordinator address (reads go to the first

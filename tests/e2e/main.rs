@@ -3,8 +3,11 @@
 
 mod atomic;
 mod behaviour;
+mod data;
+mod faults;
 mod fleet;
 mod ha;
 mod harness;
+mod partition;
 mod rollout;
 mod smoke;

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use etcd_client::{CampaignResponse, Client, ObserveStream};
+use etcd_client::{CampaignResponse, Client, LeaseKeepAliveStream, LeaseKeeper, ObserveStream};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior, Sleep, interval_at, sleep, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
 use super::Leadership;
+use super::error::is_connectivity;
 use super::etcd::{ElectionKey, Shared};
 
 /// A lease TTL in whole seconds, rounded up (etcd's unit).
@@ -109,14 +110,10 @@ async fn keep_and_campaign(
     lease: i64,
     clock: &mut KeepAliveClock,
 ) -> Option<String> {
-    let opened_at = Instant::now();
-    let (mut keeper, mut answers) =
-        match tokio::time::timeout_at(clock.deadline(), client.lease_keep_alive(lease)).await {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Some(format!("keep-alive failed: {e}")),
-            Err(_) => return Some("no keep-alive answered within the lease TTL".into()),
-        };
-    clock.renewed(opened_at, clock.ttl);
+    let (mut keeper, mut answers) = match open_keep_alive(client, lease, clock).await {
+        Ok(pair) => pair,
+        Err(reason) => return Some(reason),
+    };
 
     let every = clock.ttl / 3;
     let mut tick = interval_at(Instant::now() + every, every);
@@ -136,19 +133,36 @@ async fn keep_and_campaign(
             _ = sleep_until(clock.deadline()) => {
                 return Some("no keep-alive answered within the lease TTL".into());
             }
-            answer = answers.message() => match answer {
-                Ok(Some(answer)) if answer.ttl() > 0 => {
-                    clock.acked(Duration::from_secs(answer.ttl() as u64));
+            answer = answers.message() => {
+                let broken = match answer {
+                    Ok(Some(answer)) if answer.ttl() > 0 => {
+                        clock.acked(Duration::from_secs(answer.ttl() as u64));
+                        None
+                    }
+                    Ok(Some(_)) => return Some("the lease expired (keep-alive answered TTL 0)".into()),
+                    Ok(None) => Some("the keep-alive stream closed".to_string()),
+                    Err(e) => Some(format!("keep-alive failed: {e}")),
+                };
+                if let Some(broken) = broken {
+                    // The stream's connection broke (the etcd member it ran to died, say);
+                    // the lease lives on in etcd: carry on over another member, in time.
+                    (keeper, answers) = match reopen_keep_alive(client, lease, clock, &broken).await {
+                        Ok(pair) => pair,
+                        Err(reason) => return Some(reason),
+                    };
                 }
-                Ok(Some(_)) => return Some("the lease expired (keep-alive answered TTL 0)".into()),
-                Ok(None) => return Some("the keep-alive stream closed".into()),
-                Err(e) => return Some(format!("keep-alive failed: {e}")),
-            },
+            }
             _ = tick.tick() => {
                 let at = Instant::now();
                 match tokio::time::timeout_at(clock.deadline(), keeper.keep_alive()).await {
                     Ok(Ok(())) => clock.sent(at),
-                    Ok(Err(e)) => return Some(format!("keep-alive failed: {e}")),
+                    Ok(Err(e)) => {
+                        let broken = format!("keep-alive failed: {e}");
+                        (keeper, answers) = match reopen_keep_alive(client, lease, clock, &broken).await {
+                            Ok(pair) => pair,
+                            Err(reason) => return Some(reason),
+                        };
+                    }
                     Err(_) => return Some("no keep-alive answered within the lease TTL".into()),
                 }
             }
@@ -195,6 +209,50 @@ async fn keep_and_campaign(
     }
 }
 
+/// Opens the lease's keep-alive stream (its first keep-alive answered), retrying
+/// connection errors (another etcd member may answer) until the local deadline.
+async fn open_keep_alive(
+    client: &mut Client,
+    lease: i64,
+    clock: &mut KeepAliveClock,
+) -> Result<(LeaseKeeper, LeaseKeepAliveStream), String> {
+    loop {
+        let opened_at = Instant::now();
+        match tokio::time::timeout_at(clock.deadline(), client.lease_keep_alive(lease)).await {
+            Ok(Ok(pair)) => {
+                clock.reopened(opened_at);
+                return Ok(pair);
+            }
+            Ok(Err(e)) if is_connectivity(&e) => {
+                debug!(lease, error = %e, "opening the keep-alive failed; retrying");
+                let pause = Instant::now() + Duration::from_millis(100);
+                if pause >= clock.deadline() {
+                    return Err(format!("keep-alive failed: {e}"));
+                }
+                sleep_until(pause).await;
+            }
+            Ok(Err(e)) => return Err(format!("keep-alive failed: {e}")),
+            Err(_) => return Err("no keep-alive answered within the lease TTL".into()),
+        }
+    }
+}
+
+async fn reopen_keep_alive(
+    client: &mut Client,
+    lease: i64,
+    clock: &mut KeepAliveClock,
+    broken: &str,
+) -> Result<(LeaseKeeper, LeaseKeepAliveStream), String> {
+    warn!(lease, reason = %broken, "the lease's keep-alive stream broke; reopening it");
+    match open_keep_alive(client, lease, clock).await {
+        Ok(pair) => {
+            info!(lease, "keep-alive stream reopened; the lease lives on");
+            Ok(pair)
+        }
+        Err(reason) => Err(format!("{broken}; reopening it: {reason}")),
+    }
+}
+
 /// When the lease may have expired at the server, from the keep-alives
 /// answered: a lease lives `ttl` past the keep-alive the server last got, and
 /// that one was sent no earlier than the request whose answer we hold.
@@ -234,6 +292,13 @@ impl KeepAliveClock {
         if let Some(at) = self.pending.pop_front() {
             self.renewed(at, remaining);
         }
+    }
+
+    /// A new keep-alive stream whose first keep-alive, sent at `opened_at`, was
+    /// answered: those in flight on an older stream will never be.
+    pub fn reopened(&mut self, opened_at: Instant) {
+        self.pending.clear();
+        self.renewed(opened_at, self.ttl);
     }
 
     pub fn renewed(&mut self, sent_at: Instant, remaining: Duration) {
@@ -349,6 +414,21 @@ mod tests {
         // An answer with nothing in flight is ignored.
         clock.acked(ttl);
         assert_eq!(clock.deadline(), t0 + Duration::from_millis(11_100));
+    }
+
+    #[test]
+    fn a_reopened_stream_forgets_the_keep_alives_of_the_broken_one() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(3);
+        let mut clock = KeepAliveClock::new(t0, ttl);
+        // Sent on a stream that broke: never answered.
+        clock.sent(t0 + Duration::from_secs(1));
+        clock.reopened(t0 + Duration::from_secs(2));
+        assert_eq!(clock.deadline(), t0 + Duration::from_millis(4700));
+        // The next answer is for a keep-alive of the new stream, not the lost one.
+        clock.sent(t0 + Duration::from_secs(3));
+        clock.acked(ttl);
+        assert_eq!(clock.deadline(), t0 + Duration::from_millis(5700));
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct Engine {
     lost_since: HashMap<String, std::time::Instant>,
     agent_grace: std::time::Duration,
     in_doubt: HashMap<String, Vec<String>>,
+    detached_alive: HashMap<String, std::time::Instant>,
+    waited: std::collections::BTreeSet<String>,
     store: mpsc::UnboundedSender<StoreOp>,
     agents: HashMap<String, AgentConn>,
     plans: HashMap<String, PlanRun>,
@@ -125,6 +127,8 @@ impl Engine {
             lost_since: HashMap::new(),
             agent_grace,
             in_doubt: HashMap::new(),
+            detached_alive: HashMap::new(),
+            waited: Default::default(),
             store,
             agents: HashMap::new(),
             plans: HashMap::new(),
@@ -343,7 +347,19 @@ impl Engine {
                 continue;
             }
             for (shard, sr) in &run.shards {
-                if sr.outstanding.is_empty() || !gone(shard) {
+                if sr.outstanding.is_empty() || self.agents.contains_key(shard) {
+                    continue;
+                }
+                if !gone(shard) {
+                    // Cut off from this coordinator but alive (its liveness key):
+                    // its runs wait for it rather than fail, so nothing is done twice.
+                    let since = *self.detached_alive.entry(shard.clone()).or_insert(now);
+                    if now.duration_since(since) >= self.agent_grace
+                        && self.waited.insert(shard.clone())
+                    {
+                        info!(plan = %id, shard = %shard, "agent detached past the grace but alive in etcd: its runs wait for it");
+                    }
+                    watched.insert(shard.clone());
                     continue;
                 }
                 watched.insert(shard.clone());
@@ -354,6 +370,8 @@ impl Engine {
             }
         }
         self.lost_since.retain(|s, _| watched.contains(s));
+        self.detached_alive.retain(|s, _| watched.contains(s));
+        self.waited.retain(|s| watched.contains(s));
         for (plan_id, shard) in lost {
             let reason = format!(
                 "the agent of shard {shard} is lost (no stream and no liveness key for {}s)",
@@ -672,7 +690,10 @@ impl Engine {
             .map(|(&run_id, steps)| {
                 let t = &run.targets[run.steps[steps[0]].target];
                 pb::Run {
-                    prepare_gid: String::new(),
+                    // The same gid as the first send: a run of an atomic plan must end in
+                    // PREPARE again (never COMMIT), and the agent answers PREPARED for a gid
+                    // already prepared (its vote lost with the old stream or process).
+                    prepare_gid: sr.gids.get(&run_id).cloned().unwrap_or_default(),
                     run_id,
                     tenant: t.tenant.clone(),
                     migrations: steps
@@ -780,9 +801,24 @@ impl Engine {
             let (coordination, id, epoch) =
                 (self.coordination.clone(), plan_id.to_string(), self.epoch);
             tokio::spawn(async move {
-                if let Err(e) = coordination.release_shards(&id, epoch).await {
-                    // Locks live under the plan's lease: they expire if not released.
-                    warn!(plan = %id, "releasing shard locks: {e}");
+                // While this coordinator leads it keeps the plan's lease alive: a release
+                // that failed once (an etcd member gone, say) is retried, or the locks
+                // would outlive the plan. A deposed leader lets the lease expire.
+                let mut attempt = 0u32;
+                loop {
+                    match coordination.release_shards(&id, epoch).await {
+                        Ok(()) => return,
+                        Err(crate::coordination::CoordinationError::NotLeader) => {
+                            warn!(plan = %id, "not the leader any more: the shard locks expire with the plan's lease");
+                            return;
+                        }
+                        Err(e) => {
+                            let pause = std::time::Duration::from_millis(250 << attempt.min(4));
+                            attempt += 1;
+                            warn!(plan = %id, "releasing shard locks failed, retrying in {pause:?}: {e}");
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
                 }
             });
             let _ = self.changes.send((plan_id.to_string(), true));
@@ -870,7 +906,12 @@ impl Engine {
             };
             let run = self.plans.get_mut(plan_id).expect("present");
             let sr = run.shards.get_mut(shard).expect("shard");
-            if sr.resolved || sr.resolve_sent_on == Some(agent.conn_id) {
+            if sr.resolved
+                || sr.resolve_sent_on == Some(agent.conn_id)
+                || sr
+                    .resolve_retry_at
+                    .is_some_and(|at| std::time::Instant::now() < at)
+            {
                 continue;
             }
             // After a takeover the gids are known only from the agent's in-doubt list.

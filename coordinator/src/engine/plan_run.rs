@@ -47,6 +47,13 @@ impl StepStatus {
             _ => StepStatus::Pending,
         }
     }
+    /// Not settled: prepared, pending or running.
+    fn open(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Prepared | StepStatus::Pending | StepStatus::Running(_)
+        )
+    }
     fn done(self) -> bool {
         matches!(
             self,
@@ -136,6 +143,9 @@ pub struct ShardRun {
     pub resolved: bool,
     /// The connection the Resolve was sent on.
     pub resolve_sent_on: Option<u64>,
+    /// After a Resolve the shard could not carry out (e.g. it could not read the
+    /// decision from etcd), when to send it again.
+    pub resolve_retry_at: Option<std::time::Instant>,
 }
 
 pub struct PlanRun {
@@ -227,6 +237,7 @@ impl PlanRun {
                     gids: BTreeMap::new(),
                     resolved: false,
                     resolve_sent_on: None,
+                    resolve_retry_at: None,
                 })
                 .targets
                 .push(ti);
@@ -689,12 +700,20 @@ impl PlanRun {
             }
         }
         let all_done = sr.prepared.is_empty();
+        if !all_done && !reply.failed.is_empty() {
+            // Not final (the shard's etcd member down, say): asked again a little later,
+            // on the engine's tick.
+            sr.resolve_sent_on = None;
+            sr.resolve_retry_at = Some(std::time::Instant::now() + RESOLVE_RETRY);
+        }
         if all_done {
             sr.resolved = true;
             // After a takeover the gid -> steps mapping is gone: the shard's
-            // answer covers every prepared step on it.
+            // answer covers every prepared step on it, and every step whose PREPARED
+            // never reached the store (rebuilt pending: a decision is only written
+            // once every step is prepared or applied).
             for s in 0..self.steps.len() {
-                if self.steps[s].status == StepStatus::Prepared
+                if self.steps[s].status.open()
                     && self.targets[self.steps[s].target].shard == shard
                     && !done_steps.contains(&s)
                 {
@@ -711,7 +730,25 @@ impl PlanRun {
             self.steps[s].status = status;
             updates.push(self.update_of(s, None));
         }
+        if all_done {
+            // What failed on earlier attempts is resolved now.
+            self.failures.retain(|f| {
+                !(f.migration_id.is_empty()
+                    && f.target.as_ref().is_some_and(|t| t.shard == shard)
+                    && f.error
+                        .as_ref()
+                        .is_some_and(|e| e.message.starts_with(RESOLVE_FAILED)))
+            });
+        }
         for f in &reply.failed {
+            let message = format!("{RESOLVE_FAILED}{f}");
+            let known = self.failures.iter().any(|x| {
+                x.target.as_ref().is_some_and(|t| t.shard == shard)
+                    && x.error.as_ref().is_some_and(|e| e.message == message)
+            });
+            if known {
+                continue;
+            }
             self.failures.push(pb::StepFailure {
                 migration_id: String::new(),
                 target: Some(pb::TargetRef {
@@ -720,7 +757,7 @@ impl PlanRun {
                 }),
                 error: Some(pb::StepError {
                     sqlstate: String::new(),
-                    message: format!("resolving a prepared transaction: {f}"),
+                    message,
                     detail: String::new(),
                     phase: if reply.commit {
                         "commit".into()
@@ -733,11 +770,13 @@ impl PlanRun {
         updates
     }
 
-    /// Whether every shard confirmed the decision for its prepared transactions.
+    /// Whether every shard confirmed the decision for its prepared transactions. A
+    /// shard with steps still open (prepared, or pending after a rebuild whose store
+    /// missed their PREPARED) has to be heard from first.
     pub fn all_resolved(&self) -> bool {
-        self.shards.iter().all(|(name, s)| {
-            s.resolved || (s.prepared.is_empty() && !self.shard_has_prepared(name))
-        })
+        self.shards
+            .iter()
+            .all(|(name, s)| s.resolved || (s.prepared.is_empty() && !self.shard_has_open(name)))
     }
 
     /// A shard with no prepared transaction of the plan left: under a commit
@@ -748,11 +787,7 @@ impl PlanRun {
             sr.resolved = true;
         }
         for s in 0..self.steps.len() {
-            let open = matches!(
-                self.steps[s].status,
-                StepStatus::Prepared | StepStatus::Pending | StepStatus::Running(_)
-            );
-            if open && self.targets[self.steps[s].target].shard == shard {
+            if self.steps[s].status.open() && self.targets[self.steps[s].target].shard == shard {
                 self.steps[s].status = if commit {
                     StepStatus::Applied
                 } else {
@@ -764,10 +799,11 @@ impl PlanRun {
         updates
     }
 
-    pub fn shard_has_prepared(&self, shard: &str) -> bool {
+    /// Whether a step on `shard` is not settled yet (prepared, pending or running).
+    pub fn shard_has_open(&self, shard: &str) -> bool {
         self.steps
             .iter()
-            .any(|s| s.status == StepStatus::Prepared && self.targets[s.target].shard == shard)
+            .any(|s| s.status.open() && self.targets[s.target].shard == shard)
     }
 
     pub fn outstanding(&self) -> usize {
@@ -853,6 +889,12 @@ impl PlanRun {
         self.spec.policy
     }
 }
+
+/// How long after a failed Resolve a shard is asked again.
+const RESOLVE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How a failure to resolve a prepared transaction starts.
+const RESOLVE_FAILED: &str = "resolving a prepared transaction: ";
 
 /// The gid of a run's prepared transaction: Flotilla's prefix, the plan, the run
 /// (its steps), the epoch and the target, under PostgreSQL's 200-byte limit.

@@ -327,6 +327,19 @@ impl Etcd {
         })
     }
 
+    /// An etcd of `members` members behind the same handle, each with
+    /// `extra_args` (the single-member methods act on member 0);
+    /// [`Etcd::cluster_mut`] kills or stops the others.
+    pub async fn start_members(members: usize, extra_args: &[&str]) -> anyhow::Result<Etcd> {
+        Ok(Etcd {
+            cluster: EtcdCluster::start_with_args(members, extra_args).await?,
+        })
+    }
+
+    pub fn cluster_mut(&mut self) -> &mut EtcdCluster {
+        &mut self.cluster
+    }
+
     /// `http://127.0.0.1:PORT`
     pub fn endpoint(&self) -> String {
         self.cluster.endpoint(0)

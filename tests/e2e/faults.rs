@@ -1,0 +1,902 @@
+//! Fault tests of atomic plans and plan locks: coordinators, agents, a postmaster and etcd
+//! members die at chosen steps of the two-phase commit. Each test ends by checking the
+//! invariants: no Flotilla prepared transaction left on any shard, every tenant's schema as
+//! expected (all or nothing), and no shard's fence epoch ever went backwards.
+use std::path::Path;
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::fleet::{MigrationDir, WAIT, coord_dbmate_dir, tenant_name};
+use crate::ha::HaFleet;
+use crate::harness::http::post_json;
+use crate::harness::{CommandOutput, wait_until};
+
+/// Flotilla's prepared transactions of the shard's own database (every shard lives in one
+/// PostgreSQL cluster, and pg_prepared_xacts lists the whole cluster's).
+const FLOTILLA_PREPARED: &str = "SELECT gid FROM pg_prepared_xacts \
+     WHERE gid LIKE 'flotilla:%' AND database = current_database() ORDER BY 1";
+
+fn shard(s: usize) -> String {
+    format!("shard_{s}")
+}
+
+async fn prepared_gids(fleet: &HaFleet, s: usize) -> anyhow::Result<Vec<String>> {
+    Ok(fleet
+        .pg
+        .query_rows(&shard(s), FLOTILLA_PREPARED)
+        .await?
+        .into_iter()
+        .map(|mut r| r.remove(0))
+        .collect())
+}
+
+async fn prepared(fleet: &HaFleet, s: usize) -> anyhow::Result<usize> {
+    Ok(prepared_gids(fleet, s).await?.len())
+}
+
+async fn fences(fleet: &HaFleet, shards: usize) -> anyhow::Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for s in 0..shards {
+        out.push(
+            fleet
+                .pg
+                .query_scalar(&shard(s), "SELECT epoch FROM flotilla.fence")
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// Tables, indexes, views and sequences of every tenant schema, with their columns.
+async fn catalog(fleet: &HaFleet, s: usize) -> anyhow::Result<Vec<Vec<String>>> {
+    fleet
+        .pg
+        .query_rows(
+            &shard(s),
+            "SELECT n.nspname, c.relname, c.relkind::text,
+                    coalesce(string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', '
+                                        ORDER BY a.attnum), '')
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+              WHERE n.nspname LIKE 'tenant_%'
+              GROUP BY 1, 2, 3 ORDER BY 1, 2",
+        )
+        .await
+}
+
+async fn catalogs(fleet: &HaFleet, shards: usize) -> anyhow::Result<Vec<Vec<Vec<String>>>> {
+    let mut out = Vec::new();
+    for s in 0..shards {
+        out.push(catalog(fleet, s).await?);
+    }
+    Ok(out)
+}
+
+/// The shard's journal, with what a second application would change (seq, epoch, times).
+async fn journal(fleet: &HaFleet, s: usize) -> anyhow::Result<Vec<Vec<String>>> {
+    fleet
+        .pg
+        .query_rows(
+            &shard(s),
+            "SELECT target, migration_id, checksum, plan_id, epoch::text, started_at::text,
+                    finished_at::text, seq::text
+               FROM flotilla.journal ORDER BY 1, 2",
+        )
+        .await
+}
+
+/// Columns named `column` in the shard's tenant schemas.
+async fn columns(fleet: &HaFleet, s: usize, column: &str) -> anyhow::Result<i64> {
+    fleet
+        .pg
+        .query_scalar(
+            &shard(s),
+            &format!(
+                "SELECT count(*) FROM information_schema.columns
+                  WHERE table_schema LIKE 'tenant_%' AND column_name = '{column}'"
+            ),
+        )
+        .await
+}
+
+fn last_json(out: &CommandOutput) -> anyhow::Result<Value> {
+    serde_json::from_str(out.stdout.lines().last().unwrap_or(""))
+        .with_context(|| format!("no JSON in the output: {out}"))
+}
+
+/// Submits a plan without waiting; its id.
+async fn submit(fleet: &HaFleet, dir: &Path, extra: &[&str]) -> anyhow::Result<String> {
+    let p = dir.to_string_lossy().into_owned();
+    let mut args = vec!["plan", "submit", p.as_str(), "--output", "json"];
+    args.extend_from_slice(extra);
+    let out = fleet.cli(&args).await?;
+    anyhow::ensure!(out.success(), "plan submit: {out}");
+    Ok(last_json(&out)?["plan_id"]
+        .as_str()
+        .context("no plan_id")?
+        .to_string())
+}
+
+async fn status(fleet: &HaFleet, id: &str) -> anyhow::Result<Value> {
+    fleet
+        .json(&["plan", "status", id, "--output", "json"])
+        .await
+}
+
+/// The sum of one counter (`running`, `pending`, ...) over the plan's migrations.
+fn progress(st: &Value, field: &str) -> u64 {
+    st["migrations"]
+        .as_array()
+        .map(|ms| ms.iter().filter_map(|m| m[field].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+/// A plan that ended has no step left pending or running, in its status as stored.
+#[track_caller]
+fn assert_settled(st: &Value) {
+    assert!(
+        progress(st, "pending") == 0 && progress(st, "running") == 0,
+        "an ended plan with steps still open: {st}"
+    );
+}
+
+/// Holds advisory lock `key` on a session of the shard's database: a migration calling
+/// `pg_advisory_xact_lock(key)` there blocks until [`release`].
+async fn hold(
+    fleet: &HaFleet,
+    s: usize,
+    key: i64,
+) -> anyhow::Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+    let pool = fleet.pg.pool(&shard(s)).await?;
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    Ok(conn)
+}
+
+async fn release(
+    mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    key: i64,
+) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Sessions of the shard's database waiting for an advisory lock.
+async fn blocked(fleet: &HaFleet, s: usize) -> anyhow::Result<i64> {
+    fleet
+        .pg
+        .query_scalar(
+            &shard(s),
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .await
+}
+
+/// A migration that blocks on advisory lock `key` in `tenant` only.
+fn blocking_sql(up: &str, tenant: &str, key: i64) -> String {
+    format!(
+        "{up};
+         SELECT CASE WHEN current_schema() = '{tenant}' THEN pg_advisory_xact_lock({key}) END"
+    )
+}
+
+/// No Flotilla prepared transaction on any shard, and no fence went backwards.
+async fn assert_invariants(fleet: &HaFleet, shards: usize, before: &[i64]) -> anyhow::Result<()> {
+    for s in 0..shards {
+        let gids = prepared_gids(fleet, s).await?;
+        assert!(
+            gids.is_empty(),
+            "shard_{s} holds Flotilla prepared transactions: {gids:?}"
+        );
+    }
+    let after = fences(fleet, shards).await?;
+    for (s, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert!(a >= b, "shard_{s}: the fence went backwards ({b} -> {a})");
+    }
+    Ok(())
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The plan's decision in etcd (`commit`/`abort`), read through member 0's JSON gateway.
+async fn decision_in_etcd(fleet: &HaFleet, plan: &str) -> anyhow::Result<Option<String>> {
+    let key = base64(format!("/flotilla/decisions/{plan}").as_bytes());
+    let resp = post_json(
+        fleet.etcd.client_addr(),
+        "/v3/kv/range",
+        &format!(r#"{{"key":"{key}"}}"#),
+    )
+    .await?;
+    let v: Value = serde_json::from_str(&resp.body)?;
+    let Some(kv) = v["kvs"].as_array().and_then(|k| k.first()) else {
+        return Ok(None);
+    };
+    let value = kv["value"].as_str().unwrap_or_default();
+    Ok(Some(
+        match value {
+            v if v == base64(b"commit") => "commit",
+            v if v == base64(b"abort") => "abort",
+            other => other,
+        }
+        .to_string(),
+    ))
+}
+
+/// Item 4: the commit decision is written, then the coordinator dies before any shard heard
+/// it. One agent, restarted while no coordinator is up, commits its shard from the decision
+/// in etcd; a new coordinator has the rest commit; a second round of restarts changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_decision_outlives_its_coordinator_and_one_agent_commits_alone()
+-> anyhow::Result<()> {
+    let mut fleet = HaFleet::start(1, 3, 2).await?;
+    fleet
+        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::after_decision=return")])
+        .await?;
+    fleet.wait_connected(3).await?;
+    let before = fences(&fleet, 3).await?;
+
+    // tenant_0000 (shard_0) blocks on a lock the test holds, so every other target prepares
+    // first; the two agents of shard_1 and shard_2 are frozen once their votes are in.
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_work_rating",
+        "",
+        &blocking_sql(
+            "ALTER TABLE work_orders ADD COLUMN satisfaction_rating integer",
+            "tenant_0000",
+            41,
+        ),
+        "ALTER TABLE work_orders DROP COLUMN satisfaction_rating",
+    )?;
+    d.migration(
+        "002_repair_rating",
+        "",
+        "ALTER TABLE repair_orders ADD COLUMN satisfaction_rating integer",
+        "ALTER TABLE repair_orders DROP COLUMN satisfaction_rating",
+    )?;
+    let lock = hold(&fleet, 0, 41).await?;
+    let id = submit(&fleet, d.path(), &["--atomic"]).await?;
+    wait_until(
+        "every target but tenant_0000 prepared, and its vote in",
+        WAIT,
+        async || {
+            let counts = (
+                prepared(&fleet, 0).await?,
+                prepared(&fleet, 1).await?,
+                prepared(&fleet, 2).await?,
+            );
+            if counts != (1, 2, 2) || blocked(&fleet, 0).await? != 1 {
+                return Ok(false);
+            }
+            let st = status(&fleet, &id).await?;
+            Ok(progress(&st, "running") == 2 && progress(&st, "pending") == 0)
+        },
+    )
+    .await?;
+    fleet.agents[1].stop()?;
+    fleet.agents[2].stop()?;
+    release(lock, 41).await?;
+    let exit = fleet.coordinators[0]
+        .as_mut()
+        .unwrap()
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends the coordinator after the decision");
+    assert_eq!(exit.code(), Some(87));
+    assert_eq!(
+        decision_in_etcd(&fleet, &id).await?.as_deref(),
+        Some("commit")
+    );
+
+    // No coordinator is up. shard_0's agent, restarted, reads the decision and commits.
+    fleet.restart_agent(0)?;
+    wait_until("shard_0 committed by its agent alone", WAIT, async || {
+        Ok(prepared(&fleet, 0).await? == 0)
+    })
+    .await?;
+    assert_eq!(columns(&fleet, 0, "satisfaction_rating").await?, 4);
+    assert_eq!(journal(&fleet, 0).await?.len(), 4);
+    let resolved_alone = fleet
+        .retired
+        .iter()
+        .chain(std::iter::once(&fleet.agents[0]))
+        .any(|a| {
+            a.log()
+                .contains("resolved an in-doubt prepared transaction from its decision in etcd")
+        });
+    assert!(resolved_alone, "shard_0's agent resolved from etcd");
+    // The frozen shards still hold their votes, invisible.
+    for s in 1..3 {
+        assert_eq!(prepared(&fleet, s).await?, 2, "shard_{s}");
+        assert_eq!(columns(&fleet, s, "satisfaction_rating").await?, 0);
+    }
+
+    // A coordinator comes back, the frozen agents wake up: the rest commits.
+    fleet.restart_coordinator_with(0, &[]).await?;
+    fleet.agents[1].cont()?;
+    fleet.agents[2].cont()?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = status(&fleet, &id).await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_settled(&st);
+    for s in 0..3 {
+        assert_eq!(
+            columns(&fleet, s, "satisfaction_rating").await?,
+            4,
+            "shard_{s}: both tables of both tenants"
+        );
+        assert_eq!(journal(&fleet, s).await?.len(), 4, "shard_{s}");
+    }
+    assert_invariants(&fleet, 3, &before).await?;
+
+    // Recovery again: every agent and the coordinator restart; nothing changes.
+    let mut journals = Vec::new();
+    for s in 0..3 {
+        journals.push(journal(&fleet, s).await?);
+    }
+    let schemas = catalogs(&fleet, 3).await?;
+    let fences_done = fences(&fleet, 3).await?;
+    for s in 0..3 {
+        fleet.restart_agent(s)?;
+    }
+    fleet.restart_coordinator_with(0, &[]).await?;
+    fleet.wait_connected(3).await?;
+    for (s, before) in journals.iter().enumerate() {
+        assert_eq!(&journal(&fleet, s).await?, before, "shard_{s} journal");
+    }
+    assert_eq!(catalogs(&fleet, 3).await?, schemas);
+    let again = status(&fleet, &id).await?;
+    assert_eq!(again["state"], "completed", "{again}");
+    assert_settled(&again);
+    assert_eq!(again["migrations"], st["migrations"]);
+    assert_invariants(&fleet, 3, &fences_done).await
+}
+
+/// Item 5a: an agent dies right after its PREPARE, before its vote reaches the coordinator.
+/// Restarted without the failpoint, it lists the gid in doubt; the plan ends by one decision
+/// that every shard follows.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_between_prepare_and_its_vote() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::builder(1, 2, 2)
+        .agent_env(1, "FAILPOINTS", "agent::after_prepare_before_report=return")
+        .start()
+        .await?;
+    let before = fences(&fleet, 2).await?;
+    let id = submit(&fleet, &coord_dbmate_dir(), &["--atomic"]).await?;
+    let exit = fleet.agents[1]
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends shard_1's agent after its PREPARE");
+    assert_eq!(exit.code(), Some(86));
+    let in_doubt = prepared_gids(&fleet, 1).await?;
+    assert!(!in_doubt.is_empty(), "a prepared transaction is left");
+    assert!(
+        in_doubt
+            .iter()
+            .all(|g| g.starts_with(&format!("flotilla:{id}:"))),
+        "{in_doubt:?}"
+    );
+    assert_eq!(columns(&fleet, 1, "satisfaction_rating").await?, 0);
+
+    fleet.restart_agent(1)?;
+    fleet.agents[1]
+        .wait_for_log("prepared transactions in doubt", WAIT)
+        .await?;
+    let log = fleet.agents[1].log();
+    for g in &in_doubt {
+        assert!(log.contains(g.as_str()), "the agent lists {g}:\n{log}");
+    }
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    let st = status(&fleet, &id).await?;
+    // What the code does: the restarted agent's in-doubt vote counts, the run resent with its
+    // gid answers PREPARED, and the plan commits everywhere.
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_settled(&st);
+    assert_eq!(
+        decision_in_etcd(&fleet, &id).await?.as_deref(),
+        Some("commit")
+    );
+    // Every shard agrees: 2 tenants x 2 tables each, 3 journal rows per tenant.
+    for s in 0..2 {
+        assert_eq!(
+            fleet
+                .pg
+                .query_scalar::<i64>(
+                    &shard(s),
+                    "SELECT count(*) FROM information_schema.columns
+                      WHERE column_name = 'satisfaction_rating'
+                        AND table_name IN ('work_orders', 'repair_orders')"
+                )
+                .await?,
+            4,
+            "shard_{s}"
+        );
+        assert_eq!(journal(&fleet, s).await?.len(), 6, "shard_{s}");
+    }
+    assert_invariants(&fleet, 2, &before).await
+}
+
+/// Item 5b: every target prepared, the coordinator dies before the decision, and the
+/// postmaster crashes: the prepared transactions survive crash recovery, and the new
+/// coordinator's presumed abort rolls them back.
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_transactions_survive_a_postmaster_crash_and_are_presumed_aborted()
+-> anyhow::Result<()> {
+    let mut fleet = HaFleet::start(1, 2, 2).await?;
+    fleet
+        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::before_decision=return")])
+        .await?;
+    fleet.wait_connected(2).await?;
+    let before = fences(&fleet, 2).await?;
+    let schemas = catalogs(&fleet, 2).await?;
+    let id = submit(&fleet, &coord_dbmate_dir(), &["--atomic"]).await?;
+    let exit = fleet.coordinators[0]
+        .as_mut()
+        .unwrap()
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends the coordinator before the decision");
+    assert_eq!(exit.code(), Some(86));
+    let mut gids = Vec::new();
+    for s in 0..2 {
+        let g = prepared_gids(&fleet, s).await?;
+        assert_eq!(g.len(), 2, "shard_{s}: both tenants prepared: {g:?}");
+        gids.push(g);
+    }
+
+    fleet.pg.kill_postmaster().await?;
+    fleet.pg.restart().await?;
+    for (s, before) in gids.iter().enumerate() {
+        assert_eq!(
+            &prepared_gids(&fleet, s).await?,
+            before,
+            "shard_{s}: prepared transactions survive crash recovery"
+        );
+        assert_eq!(columns(&fleet, s, "satisfaction_rating").await?, 0);
+    }
+    assert_eq!(decision_in_etcd(&fleet, &id).await?, None);
+
+    fleet.restart_coordinator_with(0, &[]).await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    let st = status(&fleet, &id).await?;
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    assert_settled(&st);
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("presumed abort"),
+        "{st}"
+    );
+    assert_eq!(
+        decision_in_etcd(&fleet, &id).await?.as_deref(),
+        Some("abort")
+    );
+    for s in 0..2 {
+        assert!(journal(&fleet, s).await?.is_empty(), "shard_{s}");
+    }
+    assert_eq!(catalogs(&fleet, 2).await?, schemas, "nothing committed");
+    assert_invariants(&fleet, 2, &before).await
+}
+
+/// The etcd member that leads the raft group now.
+async fn etcd_raft_leader(fleet: &HaFleet) -> anyhow::Result<usize> {
+    let cluster = fleet.etcd.cluster();
+    for i in 0..cluster.len() {
+        let Ok(resp) = post_json(cluster.client_addr(i), "/v3/maintenance/status", "{}").await
+        else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&resp.body)?;
+        if v["header"]["member_id"] == v["leader"] && !v["leader"].is_null() {
+            return Ok(i);
+        }
+    }
+    anyhow::bail!("no etcd member says it leads")
+}
+
+/// Item 8: a three-member etcd. One member killed while an atomic plan is mid-way: the
+/// coordinator keeps its leadership and the plan completes. Two of three stopped while a
+/// plan waits for its decision: the coordinator loses leadership, a new submit fails
+/// clearly, nothing commits; once the members are back, the waiting plan ends by the one
+/// decision that stands (everywhere the same), and a new plan completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_atomic_plan_rides_out_one_etcd_member_and_commits_nothing_without_quorum()
+-> anyhow::Result<()> {
+    // etcd's raft timings scaled down with the 2s leases (production: 10s leases, 1s
+    // election timeout), so raft elections stay well inside one lease.
+    let mut fleet = HaFleet::builder(1, 2, 2)
+        .etcd_members(3)
+        .etcd_args(&["--heartbeat-interval=50", "--election-timeout=500"])
+        .agent_args(&["--lease-ttl", "2s"])
+        .start()
+        .await?;
+    let before = fences(&fleet, 2).await?;
+
+    // One member down mid-plan.
+    let a = MigrationDir::new()?;
+    a.migration(
+        "001_a_work",
+        "",
+        &blocking_sql(
+            "ALTER TABLE work_orders ADD COLUMN a_col integer",
+            "tenant_0001",
+            43,
+        ),
+        "ALTER TABLE work_orders DROP COLUMN a_col",
+    )?;
+    a.migration(
+        "002_a_repair",
+        "",
+        "ALTER TABLE repair_orders ADD COLUMN a_col integer",
+        "ALTER TABLE repair_orders DROP COLUMN a_col",
+    )?;
+    let lock = hold(&fleet, 0, 43).await?;
+    let id_a = submit(&fleet, a.path(), &["--atomic"]).await?;
+    wait_until("plan A mid-way", WAIT, async || {
+        Ok(blocked(&fleet, 0).await? == 1
+            && prepared(&fleet, 0).await? == 1
+            && prepared(&fleet, 1).await? == 2)
+    })
+    .await?;
+    // A follower of the raft group: its clients (the coordinator's lease keep-alive among
+    // them, maybe) move to the other members. (The raft leader's death takes an election,
+    // which a 2s lease may not outlive: the coordinator then steps down, and the plan is
+    // presumed aborted, consistently; with the default 10s leases it rides that out too.)
+    let down = (etcd_raft_leader(&fleet).await? + 1) % 3;
+    let log_at_kill = fleet.coordinators[0].as_ref().unwrap().log().len();
+    fleet.etcd.cluster_mut().kill_member(down)?;
+    release(lock, 43).await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id_a, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let log = fleet.coordinators[0].as_ref().unwrap().log();
+    assert!(
+        !log[log_at_kill..].contains("lost leadership"),
+        "the coordinator kept its leadership:\n{}",
+        &log[log_at_kill..]
+    );
+    for s in 0..2 {
+        assert_eq!(columns(&fleet, s, "a_col").await?, 4, "shard_{s}");
+    }
+    assert_invariants(&fleet, 2, &before).await?;
+    fleet.etcd.cluster_mut().restart_member(down).await?;
+
+    // Two of three down while plan B waits for its decision.
+    let mid = fences(&fleet, 2).await?;
+    let schemas = catalogs(&fleet, 2).await?;
+    let b = MigrationDir::new()?;
+    b.migration(
+        "001_b_work",
+        "",
+        &blocking_sql(
+            "ALTER TABLE work_orders ADD COLUMN b_col integer",
+            "tenant_0001",
+            44,
+        ),
+        "ALTER TABLE work_orders DROP COLUMN b_col",
+    )?;
+    let lock = hold(&fleet, 0, 44).await?;
+    let id_b = submit(&fleet, b.path(), &["--atomic"]).await?;
+    wait_until("plan B mid-way", WAIT, async || {
+        Ok(blocked(&fleet, 0).await? == 1
+            && prepared(&fleet, 0).await? == 1
+            && prepared(&fleet, 1).await? == 2)
+    })
+    .await?;
+    let leader_log_len = fleet.coordinators[0].as_ref().unwrap().log().len();
+    let gone = [(down + 1) % 3, (down + 2) % 3];
+    for &m in &gone {
+        fleet.etcd.cluster_mut().stop_member(m).await?;
+    }
+    release(lock, 44).await?;
+    // The last target prepares, but no decision can be written: leadership is lost.
+    wait_until("the coordinator to lose leadership", WAIT, async || {
+        let log = fleet.coordinators[0].as_ref().unwrap().log();
+        Ok(log[leader_log_len..].contains("lost leadership"))
+    })
+    .await?;
+    wait_until("every target of plan B prepared", WAIT, async || {
+        Ok(prepared(&fleet, 0).await? == 2 && prepared(&fleet, 1).await? == 2)
+    })
+    .await?;
+    // A new atomic plan is refused, clearly, and changes nothing.
+    let c = MigrationDir::new()?;
+    c.migration(
+        "001_c_work",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN c_col integer",
+        "ALTER TABLE work_orders DROP COLUMN c_col",
+    )?;
+    let p = c.path().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&["plan", "submit", &p, "--atomic", "--wait"])
+        .await?;
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(
+        out.stderr.contains("no coordinator leads") && out.stderr.contains("quorum"),
+        "the error says why: {out}"
+    );
+    for s in 0..2 {
+        assert_eq!(columns(&fleet, s, "b_col").await?, 0, "shard_{s}");
+        assert_eq!(columns(&fleet, s, "c_col").await?, 0, "shard_{s}");
+    }
+    assert_eq!(
+        catalogs(&fleet, 2).await?,
+        schemas,
+        "no partial schema anywhere"
+    );
+
+    // The members come back: a leader again, plan B presumed aborted, a new plan completes.
+    for &m in &gone {
+        fleet.etcd.cluster_mut().restart_member(m).await?;
+    }
+    // Plan B ends by the one decision that stands: presumed abort, unless the commit the
+    // old term tried to write (its outcome unknown when the quorum went) was applied once
+    // the quorum came back. Either way every shard agrees.
+    let out = fleet
+        .cli(&["plan", "watch", &id_b, "--output", "json"])
+        .await?;
+    let st = status(&fleet, &id_b).await?;
+    let decision = decision_in_etcd(&fleet, &id_b).await?;
+    let committed = match decision.as_deref() {
+        Some("commit") => {
+            assert_eq!(out.code(), Some(0), "{out}");
+            assert_eq!(st["state"], "completed", "{st}");
+            true
+        }
+        Some("abort") => {
+            assert_eq!(out.code(), Some(1), "{out}");
+            assert_eq!(st["state"], "rolled_back", "{st}");
+            assert_eq!(catalogs(&fleet, 2).await?, schemas, "plan B left nothing");
+            false
+        }
+        other => panic!("plan B ended without a decision ({other:?}): {st}"),
+    };
+    assert_settled(&st);
+    for s in 0..2 {
+        let expect = if committed { 2 } else { 0 };
+        assert_eq!(columns(&fleet, s, "b_col").await?, expect, "shard_{s}");
+    }
+    assert_invariants(&fleet, 2, &mid).await?;
+    fleet.wait_connected(2).await?;
+    let out = fleet
+        .cli(&[
+            "plan", "submit", &p, "--atomic", "--wait", "--output", "json",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    for s in 0..2 {
+        assert_eq!(columns(&fleet, s, "c_col").await?, 2, "shard_{s}");
+    }
+    assert_invariants(&fleet, 2, &mid).await
+}
+
+/// Item 9: an atomic plan whose first migration cannot run in a transaction (it commits
+/// outside 2PC), then a transactional one that fails on one tenant of another shard: the
+/// plan aborts, and the index is undone everywhere by its down SQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_transactional_step_is_undone_when_another_shard_fails() -> anyhow::Result<()> {
+    let fleet = HaFleet::start(1, 2, 2).await?;
+    let failing = tenant_name(1, 1, 2);
+    fleet
+        .pg
+        .psql(
+            "shard_1",
+            &format!("ALTER TABLE {failing}.work_orders ADD COLUMN priority_score integer"),
+        )
+        .await?;
+    let before = fences(&fleet, 2).await?;
+    let schemas = catalogs(&fleet, 2).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_idx_x",
+        "",
+        "CREATE INDEX CONCURRENTLY idx_x ON work_orders (customer_id)",
+        "DROP INDEX CONCURRENTLY IF EXISTS idx_x",
+    )?;
+    d.migration(
+        "002_priority_score",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN priority_score integer",
+        "ALTER TABLE work_orders DROP COLUMN priority_score",
+    )?;
+    let p = d.path().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&[
+            "plan", "submit", &p, "--atomic", "--wait", "--output", "json",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    let st = last_json(&out)?;
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    assert_settled(&status(&fleet, st["plan_id"].as_str().unwrap_or_default()).await?);
+    let failures = st["failures"].as_array().cloned().unwrap_or_default();
+    assert!(
+        failures
+            .iter()
+            .any(|f| f["tenant"] == failing.as_str() && f["sqlstate"] == "42701"),
+        "the duplicate column on {failing} is named: {st}"
+    );
+    for s in 0..2 {
+        let idx: i64 = fleet
+            .pg
+            .query_scalar(
+                &shard(s),
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_x'",
+            )
+            .await?;
+        assert_eq!(idx, 0, "shard_{s}: idx_x is gone");
+        assert!(journal(&fleet, s).await?.is_empty(), "shard_{s}");
+    }
+    // The index was built somewhere and undone there, not just never built.
+    let mut undone = 0i64;
+    for s in 0..2 {
+        undone += fleet
+            .pg
+            .query_scalar::<i64>(
+                &shard(s),
+                "SELECT count(*) FROM flotilla.journal_history WHERE migration_id = '001_idx_x'",
+            )
+            .await?;
+    }
+    assert!(undone > 0, "001_idx_x was applied and rolled back");
+    assert_eq!(catalogs(&fleet, 2).await?, schemas, "catalog as before");
+    assert_invariants(&fleet, 2, &before).await
+}
+
+/// Item 11: a plan blocked mid-way holds its shards; a second plan on the same shards waits
+/// for them and says so; an operator breaks one lock (audited); both plans then end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<()> {
+    let fleet = HaFleet::start(1, 2, 2).await?;
+    let before = fences(&fleet, 2).await?;
+    let first = MigrationDir::new()?;
+    first.migration(
+        "001_first",
+        "",
+        &blocking_sql("CREATE TABLE first_log (x int)", "tenant_0001", 77),
+        "DROP TABLE first_log",
+    )?;
+    let second = MigrationDir::new()?;
+    second.migration(
+        "001_second",
+        "",
+        "CREATE TABLE second_log (x int)",
+        "DROP TABLE second_log",
+    )?;
+    let lock = hold(&fleet, 0, 77).await?;
+    let id1 = submit(&fleet, first.path(), &[]).await?;
+    wait_until("the first plan blocked", WAIT, async || {
+        Ok(blocked(&fleet, 0).await? == 1)
+    })
+    .await?;
+    let id2 = submit(&fleet, second.path(), &[]).await?;
+    let st = crate::harness::wait_for("the second plan to wait for locks", WAIT, async || {
+        let st = status(&fleet, &id2).await?;
+        let msg = st["message"].as_str().unwrap_or_default();
+        Ok(msg.contains("waiting for shard locks").then_some(st))
+    })
+    .await?;
+    let msg = st["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(&id1), "names the first plan: {st}");
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(progress(&st, "pending"), 4, "nothing of it ran: {st}");
+
+    let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+    let held: Vec<(String, String)> = locks["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["shard"].as_str().unwrap_or_default().to_string(),
+                l["plan_id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        held,
+        vec![
+            ("shard_0".to_string(), id1.clone()),
+            ("shard_1".into(), id1.clone())
+        ],
+        "{locks}"
+    );
+
+    let out = fleet
+        .cli(&["locks", "break", "shard_0", "--reason", "test"])
+        .await?;
+    assert!(out.success(), "{out}");
+    let audit = fleet
+        .pg
+        .query_rows(
+            "control",
+            "SELECT action, plan_id, detail FROM audit WHERE action = 'break-lock'",
+        )
+        .await?;
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0][1], id1, "{audit:?}");
+    assert!(audit[0][2].contains("shard_0") && audit[0][2].contains("test"));
+    // shard_1 is still the first plan's: the second plan (it wants both) still waits.
+    let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+    let shards: Vec<&str> = locks["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["plan_id"] == id1.as_str())
+        .filter_map(|l| l["shard"].as_str())
+        .collect();
+    assert_eq!(shards, vec!["shard_1"], "{locks}");
+    let st = status(&fleet, &id2).await?;
+    assert_eq!(progress(&st, "pending"), 4, "{st}");
+
+    release(lock, 77).await?;
+    for id in [&id1, &id2] {
+        let out = fleet
+            .cli(&["plan", "watch", id, "--output", "json"])
+            .await?;
+        assert_eq!(out.code(), Some(0), "{id}: {out}");
+        assert_settled(&status(&fleet, id).await?);
+    }
+    for s in 0..2 {
+        for t in 0..2 {
+            let tenant = tenant_name(s, t, 2);
+            let n: i64 = fleet
+                .pg
+                .query_scalar(
+                    &shard(s),
+                    &format!(
+                        "SELECT count(*) FROM pg_tables WHERE schemaname = '{tenant}'
+                            AND tablename IN ('first_log', 'second_log')"
+                    ),
+                )
+                .await?;
+            assert_eq!(n, 2, "{tenant}");
+        }
+    }
+    wait_until("every lock released", WAIT, async || {
+        let v = fleet.json(&["locks", "list", "--output", "json"]).await?;
+        Ok(v["locks"].as_array().is_some_and(|l| l.is_empty()))
+    })
+    .await?;
+    assert_invariants(&fleet, 2, &before).await
+}

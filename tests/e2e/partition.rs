@@ -1,0 +1,140 @@
+//! Issue 3, fault 7: an agent cut off from the coordinator for longer than the
+//! grace (but alive: its liveness key stays in etcd), then healed: no work lost
+//! or doubled.
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::fleet::{MigrationDir, WAIT, tenant_name, tenant_sql};
+use crate::ha::HaFleet;
+use crate::harness::{FlotillaProcess, TcpProxy, wait_until};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
+-> anyhow::Result<()> {
+    let fleet = HaFleet::builder(1, 1, 2)
+        .coordinator_args(&["--agent-grace", "2s"])
+        .start()
+        .await?;
+    // A second shard whose agent reaches the coordinator through a proxy the test cuts.
+    fleet.pg.create_database("shard_1").await?;
+    let sql: String = (0..2)
+        .map(|t| tenant_sql(&tenant_name(1, t, 2), 5))
+        .collect();
+    fleet.pg.psql("shard_1", &sql).await?;
+    let upstream = fleet.addrs[0].trim_start_matches("http://").parse()?;
+    let proxy = TcpProxy::start(upstream).await?;
+    let via = format!("http://{}", proxy.addr());
+    let dsn = fleet.pg.url("shard_1");
+    let _agent = FlotillaProcess::spawn(
+        &[
+            "--coordinator",
+            &via,
+            "agent",
+            "--shard",
+            "shard_1",
+            "--dsn",
+            &dsn,
+            "--tenant-pattern",
+            "tenant_%",
+            "--etcd",
+            &fleet.etcd_endpoints(),
+            "--lease-ttl",
+            "2s",
+        ],
+        &[],
+    )?;
+    wait_until("both agents attached", WAIT, async || {
+        let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+        Ok(v.as_array()
+            .map(|a| a.iter().filter(|x| x["connected"] == true).count())
+            == Some(2))
+    })
+    .await?;
+
+    // One tenant of shard_1 blocks on an advisory lock the test holds.
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_log",
+        "",
+        "CREATE TABLE applied_log (step text);
+         SELECT CASE WHEN current_schema() = 'tenant_0003' THEN pg_advisory_xact_lock(91) END;
+         INSERT INTO applied_log VALUES ('001')",
+        "DROP TABLE applied_log",
+    )?;
+    let pool = fleet.pg.pool("shard_1").await?;
+    let mut hold = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock(91)")
+        .execute(&mut *hold)
+        .await?;
+    let p = d.path().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&["plan", "submit", &p, "--output", "json"])
+        .await?;
+    assert!(out.success(), "{out}");
+    let id = serde_json::from_str::<Value>(out.stdout.lines().last().unwrap())?["plan_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_until("tenant_0003 blocked", WAIT, async || {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                "shard_1",
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .await?;
+        Ok(n == 1)
+    })
+    .await?;
+
+    // Cut the agent off: the coordinator waits past the grace (2s here).
+    proxy.cut().await?;
+    let coordinator = fleet.coordinators[0].as_ref().unwrap();
+    coordinator
+        .wait_for_log(
+            "agent detached past the grace but alive in etcd",
+            Duration::from_secs(60),
+        )
+        .await?;
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(st["state"], "running", "an alive agent's runs wait: {st}");
+    assert!(
+        st["waiting_for"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "shard_1"),
+        "{st}"
+    );
+
+    // The blocked step finishes while the agent is cut off; healing delivers it.
+    sqlx::query("SELECT pg_advisory_unlock(91)")
+        .execute(&mut *hold)
+        .await?;
+    drop(hold);
+    proxy.heal().await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    for s in 0..2 {
+        let db = format!("shard_{s}");
+        let n: i64 = fleet
+            .pg
+            .query_scalar(&db, "SELECT count(*) FROM flotilla.journal")
+            .await?;
+        assert_eq!(n, 2, "{db}: one journal row per tenant");
+        for t in 0..2 {
+            let tenant = tenant_name(s, t, 2);
+            let rows: i64 = fleet
+                .pg
+                .query_scalar(&db, &format!("SELECT count(*) FROM {tenant}.applied_log"))
+                .await?;
+            assert_eq!(rows, 1, "{db}/{tenant}: applied exactly once");
+        }
+    }
+    Ok(())
+}
