@@ -202,6 +202,19 @@ impl Decisions {
     /// The plan's decision; None when there is none yet (or its value is neither `commit`
     /// nor `abort`). Err when etcd cannot be read.
     pub async fn read(&self, plan_id: &str) -> Result<Option<Decision>, String> {
+        // One try per member, each first in turn: a dead member must not stand
+        // between a prepared transaction and its decision.
+        let mut last = String::new();
+        for first in 0..self.endpoints.len().max(1) {
+            match self.read_via(plan_id, first).await {
+                Ok(d) => return Ok(d),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn read_via(&self, plan_id: &str, first: usize) -> Result<Option<Decision>, String> {
         let key = decision_key(&self.prefix, plan_id);
         let mut client = self.client.lock().await;
         let c = match client.as_mut() {
@@ -210,7 +223,12 @@ impl Decisions {
                 let options = ConnectOptions::new()
                     .with_connect_timeout(ETCD_CALL_LIMIT)
                     .with_timeout(ETCD_CALL_LIMIT);
-                let connect = Client::connect(&self.endpoints, Some(options));
+                let mut endpoints = self.endpoints.clone();
+                if !endpoints.is_empty() {
+                    let n = endpoints.len();
+                    endpoints.rotate_left(first % n);
+                }
+                let connect = Client::connect(&endpoints, Some(options));
                 match call(ETCD_CALL_LIMIT, connect).await {
                     Ok(c) => client.insert(c),
                     Err(reason) => {
