@@ -17,6 +17,28 @@ async fn prepared(fleet: &HaFleet, db: &str) -> anyhow::Result<i64> {
         .await
 }
 
+/// Each shard's fence epoch: read before a fault and after it, it never goes back.
+async fn fences(fleet: &HaFleet, shards: usize) -> anyhow::Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for s in 0..shards {
+        out.push(
+            fleet
+                .pg
+                .query_scalar(&format!("shard_{s}"), "SELECT epoch FROM flotilla.fence")
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+async fn assert_fences_not_back(fleet: &HaFleet, before: &[i64]) -> anyhow::Result<()> {
+    let after = fences(fleet, before.len()).await?;
+    for (s, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert!(a >= b, "shard_{s}: the fence went back from {b} to {a}");
+    }
+    Ok(())
+}
+
 async fn assert_none_prepared(fleet: &HaFleet, shards: usize) -> anyhow::Result<()> {
     for s in 0..shards {
         assert_eq!(
@@ -109,6 +131,7 @@ async fn a_failing_target_aborts_every_prepared_transaction() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyhow::Result<()> {
     let mut fleet = HaFleet::start(1, 2, 2).await?;
+    let epochs = fences(&fleet, 2).await?;
     // Restart the coordinator with a failpoint: it exits with every target
     // prepared and no decision written.
     fleet.coordinators[0].take().unwrap().kill()?;
@@ -176,6 +199,7 @@ async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyh
             0
         );
     }
+    assert_fences_not_back(&fleet, &epochs).await?;
     assert_none_prepared(&fleet, 2).await
 }
 
@@ -183,6 +207,7 @@ async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyh
 async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits()
 -> anyhow::Result<()> {
     let mut fleet = HaFleet::start(1, 2, 2).await?;
+    let epochs = fences(&fleet, 2).await?;
     fleet.coordinators[0].take().unwrap().kill()?;
     let c =
         fleet.spawn_coordinator_with(0, &[("FAILPOINTS", "coordinator::after_decision=return")])?;
@@ -227,6 +252,7 @@ async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits(
             "shard_{s} committed"
         );
     }
+    assert_fences_not_back(&fleet, &epochs).await?;
     assert_none_prepared(&fleet, 2).await
 }
 
