@@ -4,7 +4,6 @@ use serde_json::Value;
 
 use crate::fleet::{WAIT, coord_dbmate_dir};
 use crate::ha::HaFleet;
-use crate::harness::wait_until;
 
 /// Flotilla's prepared transactions left on a shard.
 async fn prepared(fleet: &HaFleet, db: &str) -> anyhow::Result<i64> {
@@ -37,6 +36,17 @@ async fn assert_fences_not_back(fleet: &HaFleet, before: &[i64]) -> anyhow::Resu
         assert!(a >= b, "shard_{s}: the fence went back from {b} to {a}");
     }
     Ok(())
+}
+
+/// Submits COORD-2025-001 as an atomic plan without waiting; returns its id.
+async fn submit_atomic(fleet: &HaFleet) -> anyhow::Result<String> {
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&["plan", "submit", &dir, "--atomic", "--output", "json"])
+        .await?;
+    assert!(out.success(), "{out}");
+    let v: Value = serde_json::from_str(out.stdout.lines().last().unwrap_or(""))?;
+    Ok(v["plan_id"].as_str().unwrap_or_default().to_string())
 }
 
 async fn assert_none_prepared(fleet: &HaFleet, shards: usize) -> anyhow::Result<()> {
@@ -134,27 +144,11 @@ async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyh
     let epochs = fences(&fleet, 2).await?;
     // Restart the coordinator with a failpoint: it exits with every target
     // prepared and no decision written.
-    fleet.coordinators[0].take().unwrap().kill()?;
-    let c = fleet
-        .spawn_coordinator_with(0, &[("FAILPOINTS", "coordinator::before_decision=return")])?;
-    c.wait_for_log("coordinator listening", WAIT).await?;
-    fleet.coordinators[0] = Some(c);
-    wait_until("agents back", WAIT, async || {
-        let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
-        Ok(v.as_array()
-            .map(|a| a.iter().filter(|x| x["connected"] == true).count())
-            == Some(2))
-    })
-    .await?;
-    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
-    let out = fleet
-        .cli(&["plan", "submit", &dir, "--atomic", "--output", "json"])
+    fleet
+        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::before_decision=return")])
         .await?;
-    assert!(out.success(), "{out}");
-    let id = serde_json::from_str::<Value>(out.stdout.lines().last().unwrap())?["plan_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    fleet.wait_connected(2).await?;
+    let id = submit_atomic(&fleet).await?;
     let status = fleet.coordinators[0]
         .as_mut()
         .unwrap()
@@ -208,27 +202,11 @@ async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits(
 -> anyhow::Result<()> {
     let mut fleet = HaFleet::start(1, 2, 2).await?;
     let epochs = fences(&fleet, 2).await?;
-    fleet.coordinators[0].take().unwrap().kill()?;
-    let c =
-        fleet.spawn_coordinator_with(0, &[("FAILPOINTS", "coordinator::after_decision=return")])?;
-    c.wait_for_log("coordinator listening", WAIT).await?;
-    fleet.coordinators[0] = Some(c);
-    wait_until("agents back", WAIT, async || {
-        let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
-        Ok(v.as_array()
-            .map(|a| a.iter().filter(|x| x["connected"] == true).count())
-            == Some(2))
-    })
-    .await?;
-    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
-    let out = fleet
-        .cli(&["plan", "submit", &dir, "--atomic", "--output", "json"])
+    fleet
+        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::after_decision=return")])
         .await?;
-    assert!(out.success(), "{out}");
-    let id = serde_json::from_str::<Value>(out.stdout.lines().last().unwrap())?["plan_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    fleet.wait_connected(2).await?;
+    let id = submit_atomic(&fleet).await?;
     let status = fleet.coordinators[0]
         .as_mut()
         .unwrap()
@@ -267,13 +245,7 @@ async fn preflight_refuses_a_shard_without_prepared_transactions() -> anyhow::Re
     let mut pg = fleet;
     pg.pg.restart().await?;
     let fleet = pg;
-    wait_until("agent back after the restart", WAIT, async || {
-        let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
-        Ok(v.as_array()
-            .map(|a| a.iter().filter(|x| x["connected"] == true).count())
-            == Some(1))
-    })
-    .await?;
+    fleet.wait_connected(1).await?;
     let dir = coord_dbmate_dir().to_string_lossy().into_owned();
     let out = fleet
         .cli(&["plan", "submit", &dir, "--atomic", "--wait"])

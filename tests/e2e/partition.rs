@@ -44,13 +44,7 @@ async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
         ],
         &[],
     )?;
-    wait_until("both agents attached", WAIT, async || {
-        let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
-        Ok(v.as_array()
-            .map(|a| a.iter().filter(|x| x["connected"] == true).count())
-            == Some(2))
-    })
-    .await?;
+    fleet.wait_connected(2).await?;
 
     // One tenant of shard_1 blocks on an advisory lock the test holds.
     let d = MigrationDir::new()?;

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use crate::error::CoordinatorError;
 use crate::metrics;
 use crate::store::StoreOp;
-use plan_run::{PlanRun, PlanState, RollbackState};
+use plan_run::{PlanRun, PlanState, RollbackState, ShardRun};
 
 pub type AgentTx = mpsc::Sender<pb::CoordinatorMessage>;
 
@@ -636,12 +636,7 @@ impl Engine {
         if sr.rollback == RollbackState::Done {
             return;
         }
-        if sr.defined_on != Some(agent.conn_id) {
-            let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(
-                run.definition.clone(),
-            )));
-            sr.defined_on = Some(agent.conn_id);
-        }
+        send_definition(sr, &run.definition, agent);
         let lanes = (run.spec.max_parallel / n_shards).clamp(1, agent.max_lanes.max(1));
         let sent = agent
             .tx
@@ -670,13 +665,9 @@ impl Engine {
         let Some(sr) = run.shards.get_mut(shard) else {
             return;
         };
-        if sr.defined_on == Some(conn_id) {
+        if !send_definition(sr, &run.definition, agent) {
             return;
         }
-        let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(
-            run.definition.clone(),
-        )));
-        sr.defined_on = Some(conn_id);
         if run.state == PlanState::RollingBack {
             if matches!(sr.rollback, RollbackState::Asked(c) if c != conn_id) {
                 sr.rollback = RollbackState::NotAsked;
@@ -741,12 +732,7 @@ impl Engine {
                     continue;
                 };
                 let sr = run.shards.get_mut(&shard).expect("shard");
-                if sr.defined_on != Some(agent.conn_id) {
-                    let _ = agent.tx.try_send(msg(pb::coordinator_message::Body::Plan(
-                        run.definition.clone(),
-                    )));
-                    sr.defined_on = Some(agent.conn_id);
-                }
+                send_definition(sr, &run.definition, agent);
                 let lanes = sr.lanes;
                 let runs = run.next_runs(&shard, &mut self.next_run_id);
                 if !runs.is_empty() {
@@ -826,6 +812,19 @@ impl Engine {
         }
         let _ = self.changes.send((plan_id.to_string(), false));
     }
+}
+
+/// Sends the plan's definition on the agent's current stream unless it went there
+/// already; whether it was sent now (a new stream).
+fn send_definition(sr: &mut ShardRun, definition: &pb::PlanDefinition, agent: &AgentConn) -> bool {
+    if sr.defined_on == Some(agent.conn_id) {
+        return false;
+    }
+    let _ = agent
+        .tx
+        .try_send(msg(pb::coordinator_message::Body::Plan(definition.clone())));
+    sr.defined_on = Some(agent.conn_id);
+    true
 }
 
 pub fn msg(body: pb::coordinator_message::Body) -> pb::CoordinatorMessage {
