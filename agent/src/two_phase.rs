@@ -20,7 +20,7 @@
 //! A prepared transaction keeps its `FOR SHARE` lock on `flotilla.fence` until it is resolved,
 //! so no newer epoch can be written meanwhile: resolving never advances the fence (it only
 //! reads it), or it would wait behind the very transaction it resolves.
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,16 +90,25 @@ pub(crate) fn validate_gid(gid: &str, plan_id: &str) -> Result<String, String> {
             gid.len()
         ));
     }
-    if plan_of_gid(gid) != Some(plan_id) {
+    // The unit deciding it: the plan, or one atomic parallel group (`<plan>.g<N>`).
+    let belongs = plan_of_gid(gid).is_some_and(|unit| {
+        unit == plan_id
+            || unit
+                .strip_prefix(plan_id)
+                .and_then(|rest| rest.strip_prefix(".g"))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if !belongs {
         return Err(format!(
             "prepare gid {gid:?} does not belong to plan {plan_id} \
-             (expected flotilla:<plan>:<run>:<epoch>:<target>)"
+             (expected flotilla:<plan>[.g<group>]:<run>:<epoch>:<target>)"
         ));
     }
     quote_literal(gid)
 }
 
-/// The plan of a Flotilla gid: its second `:`-separated field.
+/// The decision unit of a Flotilla gid (the plan, or `<plan>.g<N>` for an atomic
+/// parallel group; its decision is under that name): its second `:`-separated field.
 pub(crate) fn plan_of_gid(gid: &str) -> Option<&str> {
     let plan = gid.strip_prefix(GID_PREFIX)?.split(':').next()?;
     (!plan.is_empty()).then_some(plan)
@@ -337,15 +346,29 @@ impl Agent {
                 return reply;
             }
         }
+        // The unit deciding these gids: the plan, or one atomic parallel group of it.
+        // One Resolve covers one unit.
+        let units: BTreeSet<&str> = req.gids.iter().filter_map(|g| plan_of_gid(g)).collect();
+        if units.len() > 1 {
+            fail_all(
+                &mut reply,
+                &format!("one resolve names gids of several decisions: {units:?}"),
+            );
+            return reply;
+        }
+        let unit = units
+            .first()
+            .map(|u| u.to_string())
+            .unwrap_or_else(|| req.plan_id.clone());
         if decision == Decision::Commit
             && let Some(decisions) = &self.decisions
         {
-            let why = match decisions.read(&req.plan_id).await {
+            let why = match decisions.read(&unit).await {
                 Ok(Some(Decision::Commit)) => None,
                 Ok(Some(Decision::Abort)) => Some("the decision is abort".to_string()),
                 Ok(None) => Some(format!(
                     "no key {}",
-                    decision_key(&self.config.etcd_prefix, &req.plan_id)
+                    decision_key(&self.config.etcd_prefix, &unit)
                 )),
                 Err(reason) => Some(reason),
             };
@@ -556,6 +579,12 @@ mod tests {
             "'flotilla:p1:1:1:it''s'"
         );
 
+        // An atomic parallel group's unit.
+        assert!(validate_gid("flotilla:p1.g2:7:3:t", "p1").is_ok());
+        assert!(validate_gid("flotilla:p1.g:7:3:t", "p1").is_err());
+        assert!(validate_gid("flotilla:p1.gx:7:3:t", "p1").is_err());
+        assert!(validate_gid("flotilla:p12:7:3:t", "p1").is_err());
+        assert_eq!(plan_of_gid("flotilla:p1.g2:7:3:t"), Some("p1.g2"));
         assert_eq!(plan_of_gid("flotilla:p1:7:3:t"), Some("p1"));
         assert_eq!(plan_of_gid("flotilla:p1"), Some("p1"));
         assert_eq!(plan_of_gid("flotilla::7"), None);

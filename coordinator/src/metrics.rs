@@ -68,6 +68,7 @@ pub fn step_finished(outcome: &str, duration_ms: i64) {
         "failed" => "failed",
         "rolled_back" => "rolled_back",
         "pending" => "retried",
+        "prepared" => "prepared",
         _ => "not_run",
     };
     counter!("flotilla_steps_finished_total", "outcome" => outcome).increment(1);

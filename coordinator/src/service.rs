@@ -191,7 +191,7 @@ impl Coordinator {
         let epoch = self.leader_epoch()?;
         let spec = PlanSpec::try_from(raw.clone())?;
         let ids: Vec<String> = spec.migrations.iter().map(|m| m.id.to_string()).collect();
-        let atomic = spec.atomic;
+        let atomic = spec.two_phase();
 
         // Shards seen before but not attached now: if the plan could touch them,
         // it cannot be checked or run, so it is refused rather than half-applied.
@@ -231,15 +231,11 @@ impl Coordinator {
         let replies = futures::future::join_all(checks).await;
         let mut fleet: BTreeMap<String, ShardView> = BTreeMap::new();
         let mut applied: BTreeMap<(String, String, String), String> = BTreeMap::new();
+        let mut two_phase_errors: BTreeMap<String, String> = BTreeMap::new();
         for (shard, reply) in replies {
             let reply = reply?;
-            // Two-phase commit needs every shard able to prepare: refused before
-            // any change, naming the shard and the setting.
             if !reply.two_phase_error.is_empty() {
-                return Err(CoordinatorError::Rejected(format!(
-                    "atomic plan refused by preflight: {}",
-                    reply.two_phase_error
-                )));
+                two_phase_errors.insert(shard.clone(), reply.two_phase_error.clone());
             }
             self.inner.fleet.set_tenants(&shard, reply.tenants.clone());
             let labels = attached[&shard].labels.clone();
@@ -285,15 +281,34 @@ impl Coordinator {
         }
 
         let expansion = planner::expand(&spec, &fleet)?;
-        if spec.atomic {
+        // Two-phase commit needs every shard it prepares on able to prepare: refused
+        // before any change, naming the shard and the setting.
+        for s in &expansion.steps {
+            let m = &spec.migrations[s.migration];
+            let shard = &expansion.targets[s.target].shard;
+            if m.tx_mode == flotilla_proto::TxMode::Transactional
+                && spec.atomic_unit(&m.id).is_some()
+                && let Some(e) = two_phase_errors.get(shard)
+            {
+                return Err(CoordinatorError::Rejected(format!(
+                    "atomic plan refused by preflight: {e}"
+                )));
+            }
+        }
+        if spec.two_phase() {
             // A prepared change is invisible to other transactions until the
-            // decision: a step cannot wait on another target's prepared step.
+            // decision: a step cannot wait on another target's step of the same
+            // unit (units before it have committed by the time it runs).
             for s in &expansion.steps {
-                if let Some(&d) = s
-                    .deps
-                    .iter()
-                    .find(|&&d| expansion.steps[d].target != s.target)
-                {
+                let unit = spec.atomic_unit(&spec.migrations[s.migration].id);
+                if unit.is_none() {
+                    continue;
+                }
+                if let Some(&d) = s.deps.iter().find(|&&d| {
+                    expansion.steps[d].target != s.target
+                        && spec.atomic_unit(&spec.migrations[expansion.steps[d].migration].id)
+                            == unit
+                }) {
                     return Err(CoordinatorError::Rejected(format!(
                         "atomic plan: `{}` on {} depends on `{}` on {}; atomic plans order steps within a target only",
                         spec.migrations[s.migration].id,
@@ -674,22 +689,27 @@ impl Coordinator {
             n += 1;
             let mut run = self.rebuild(&row).await?;
             let shards: Vec<String> = run.shards.keys().cloned().collect();
-            let atomic_open = run.spec.atomic
+            // An atomic plan is open until it ends; a group-atomic one once its
+            // current unit could have started (a transaction of it may be prepared:
+            // running steps are not in the store, so the leader presumes they are).
+            let atomic_open = run.current_unit().is_some()
+                && (run.spec.atomic || run.unit_reachable() || row.state != "running")
                 && matches!(row.state.as_str(), "running" | "committing" | "aborting");
             if atomic_open {
                 // The decision stands if one was written; with none, this leader
                 // presumes abort (the other leader may have died mid-prepare).
-                let d = match self.inner.coordination.decision(&row.id).await? {
+                let unit_key = run.unit_key();
+                let d = match self.inner.coordination.decision(&unit_key).await? {
                     Some(d) => d,
                     None => {
                         self.inner
                             .coordination
-                            .decide(&row.id, Decision::Abort, epoch)
+                            .decide(&unit_key, Decision::Abort, epoch)
                             .await?
                     }
                 };
                 crate::metrics::decision(d == Decision::Commit);
-                info!(plan = %row.id, decision = d.as_str(), "resuming an atomic plan under its decision");
+                info!(plan = %row.id, unit = %unit_key, decision = d.as_str(), "resuming an atomic plan under its decision");
                 run.decision = Some(d == Decision::Commit);
                 run.state = if d == Decision::Commit {
                     PlanState::Committing

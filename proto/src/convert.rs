@@ -1,5 +1,5 @@
 //! Wire -> domain conversion, validated on receipt; domain -> wire for sending.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::collections::btree_map::Entry;
 use std::time::Duration;
 
@@ -323,6 +323,13 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
                     .collect()
             })
             .collect::<Result<Vec<Vec<_>>, _>>()?;
+        let atomic_groups: BTreeSet<usize> = p
+            .parallel_groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.atomic)
+            .map(|(i, _)| i)
+            .collect();
         let mut dependencies: BTreeMap<MigrationId, Vec<MigrationId>> = BTreeMap::new();
         for d in &p.dependencies {
             let m = MigrationId::parse(&d.migration)?;
@@ -346,6 +353,25 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
             pb::FailurePolicy::Stop => FailurePolicy::Stop,
             pb::FailurePolicy::Continue => FailurePolicy::Continue,
         };
+        if (p.atomic || !atomic_groups.is_empty()) && policy != FailurePolicy::AllOrNothing {
+            // A failed vote aborts the unit and the plan with it; stopping or going
+            // on would leave the fleet half-migrated, which atomic commit rules out.
+            return Err(PlanError::Field {
+                field: "policy".into(),
+                reason: format!(
+                    "`{}` cannot go with atomic commit ({}): an atomic plan undoes everything when a target fails; use all-or-nothing",
+                    policy.as_str(),
+                    if p.atomic {
+                        "atomic = true".to_string()
+                    } else {
+                        format!(
+                            "atomic parallel group {}",
+                            atomic_groups.first().map(|g| g + 1).unwrap_or(0)
+                        )
+                    }
+                ),
+            });
+        }
         let spec = PlanSpec {
             name: if p.name.is_empty() {
                 "unnamed".into()
@@ -365,9 +391,15 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
             environment: p.environment,
             policy,
             default_scope: scope_from(p.default_scope),
-            // An atomic plan prepares one transaction per target: its steps fuse.
-            fuse: !p.no_fuse || p.atomic,
+            // An atomic unit prepares one transaction per target: its steps fuse.
+            fuse: !p.no_fuse || p.atomic || !atomic_groups.is_empty(),
             atomic: p.atomic,
+            // The whole plan is one unit already.
+            atomic_groups: if p.atomic {
+                BTreeSet::new()
+            } else {
+                atomic_groups
+            },
             submitted_by: p.submitted_by,
             source: p.source,
         };
@@ -387,8 +419,10 @@ impl From<&PlanSpec> for pb::PlanSpec {
             parallel_groups: p
                 .parallel_groups
                 .iter()
-                .map(|g| pb::ParallelGroup {
+                .enumerate()
+                .map(|(i, g)| pb::ParallelGroup {
                     migrations: g.iter().map(ToString::to_string).collect(),
+                    atomic: p.atomic_groups.contains(&i),
                 })
                 .collect(),
             dependencies: p

@@ -1,5 +1,5 @@
 //! The domain model: migrations, plans and targets, always valid once built.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -215,6 +215,9 @@ pub struct PlanSpec {
     pub fuse: bool,
     /// Commit every target's transactional steps atomically across shards (2PC).
     pub atomic: bool,
+    /// Parallel groups (0-based) whose transactional steps commit atomically
+    /// across shards, each as its own unit, one after the other.
+    pub atomic_groups: BTreeSet<usize>,
     pub submitted_by: String,
     pub source: String,
 }
@@ -222,6 +225,23 @@ pub struct PlanSpec {
 pub const DEFAULT_MAX_PARALLEL: u32 = 8;
 
 impl PlanSpec {
+    /// Whether any of the plan's steps commit through two-phase commit.
+    pub fn two_phase(&self) -> bool {
+        self.atomic || !self.atomic_groups.is_empty()
+    }
+
+    /// The atomic unit a migration belongs to: 0 for every migration of an atomic
+    /// plan, the group's index for one in an atomic parallel group, else none.
+    pub fn atomic_unit(&self, id: &MigrationId) -> Option<usize> {
+        if self.atomic {
+            return Some(0);
+        }
+        self.atomic_groups
+            .iter()
+            .copied()
+            .find(|&g| self.parallel_groups.get(g).is_some_and(|ms| ms.contains(id)))
+    }
+
     pub fn migration(&self, id: &MigrationId) -> Option<&Migration> {
         self.migrations.iter().find(|m| &m.id == id)
     }

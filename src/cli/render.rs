@@ -38,6 +38,7 @@ pub fn status_json(s: &pb::PlanStatus) -> Value {
             "failed": m.failed,
             "rolled_back": m.rolled_back,
             "not_run": m.not_run,
+            "prepared": m.prepared,
         })).collect::<Vec<_>>(),
         "failures": s.failures.iter().map(|f| {
             let e = f.error.clone().unwrap_or_default();
@@ -110,6 +111,7 @@ fn migration_line(m: &pb::MigrationProgress) -> String {
     let mut line = format!("{:<48} {:>5}/{:<5} done", m.migration_id, done, m.total);
     for (n, what) in [
         (m.running, "running"),
+        (m.prepared, "prepared"),
         (m.failed, "failed"),
         (m.rolled_back, "rolled back"),
         (m.not_run, "not run"),

@@ -32,9 +32,31 @@ struct PlanFile {
     /// Commit every target's transactional steps atomically across shards (2PC).
     atomic: Option<bool>,
     #[serde(default)]
-    parallel_groups: Vec<Vec<Spanned<String>>>,
+    parallel_groups: Vec<Spanned<GroupEntry>>,
     #[serde(default)]
     dependencies: BTreeMap<String, Vec<Spanned<String>>>,
+}
+
+/// One entry of `parallel_groups`: a list of ids, or a table that can also ask
+/// for atomic commit of the group.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a parallel group: a list of migration ids, or a table like { migrations = [\"a\", \"b\"], atomic = true }"
+)]
+enum GroupEntry {
+    // Plain strings: an untagged enum cannot carry toml's spans; errors point at
+    // the group.
+    Ids(Vec<String>),
+    Table(GroupTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupTable {
+    migrations: Vec<String>,
+    #[serde(default)]
+    atomic: bool,
 }
 
 /// A directory without a plan file: all its migrations in id order, named after it.
@@ -141,11 +163,19 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
     };
     for (g, group) in file.parallel_groups.iter().enumerate() {
         let place = format!("parallel group {}", g + 1);
-        let migrations = group
+        let (ids, atomic) = match group.get_ref() {
+            GroupEntry::Ids(ids) => (ids, false),
+            GroupEntry::Table(t) => (&t.migrations, t.atomic),
+        };
+        let migrations = ids
             .iter()
-            .map(|id| check_id(id, &place))
+            .map(|id| {
+                MigrationId::parse(id)
+                    .map(|_| id.clone())
+                    .map_err(|e| at(group.span(), format!("{place}: {e}")))
+            })
             .collect::<Result<_, _>>()?;
-        spec.parallel_groups.push(pb::ParallelGroup { migrations });
+        spec.parallel_groups.push(pb::ParallelGroup { migrations, atomic });
     }
     for (migration, deps) in &file.dependencies {
         MigrationId::parse(migration)

@@ -318,6 +318,7 @@ c = ["a", "b"]
     assert_eq!(spec.source, plan.display().to_string());
     assert_eq!(spec.parallel_groups.len(), 2);
     assert_eq!(spec.parallel_groups[0].migrations, ["a", "b"]);
+    assert!(!spec.parallel_groups[0].atomic);
     assert_eq!(spec.dependencies.len(), 1);
     assert_eq!(spec.dependencies[0].migration, "c");
     assert_eq!(spec.dependencies[0].depends_on, ["a", "b"]);
@@ -325,6 +326,32 @@ c = ["a", "b"]
     let p = domain(spec);
     assert!(!p.fuse);
     assert_eq!(p.max_parallel, 16);
+
+    // A group given as a table can commit atomically (and needs all-or-nothing).
+    let grouped = write(
+        root,
+        "grouped.toml",
+        r#"
+migrations_dir = "migrations"
+fuse = false
+parallel_groups = [["a"], { migrations = ["b", "c"], atomic = true }]
+"#,
+    );
+    let spec = load_ok(&grouped);
+    assert!(!spec.parallel_groups[0].atomic);
+    assert!(spec.parallel_groups[1].atomic);
+    assert_eq!(spec.parallel_groups[1].migrations, ["b", "c"]);
+    let p = domain(spec.clone());
+    assert_eq!(p.atomic_groups, [1].into_iter().collect());
+    assert!(p.fuse, "an atomic group's steps fuse into one prepared transaction");
+    assert!(p.two_phase());
+    let id = |s: &str| flotilla_proto::MigrationId::parse(s).unwrap();
+    assert_eq!(p.atomic_unit(&id("b")), Some(1));
+    assert_eq!(p.atomic_unit(&id("a")), None);
+    let mut stop = spec;
+    stop.policy = pb::FailurePolicy::Stop as i32;
+    let e = flotilla_proto::PlanSpec::try_from(stop).unwrap_err().to_string();
+    assert!(e.contains("policy") && e.contains("atomic parallel group 2"), "{e}");
 
     // A plan without a name takes its file's stem; plan.toml takes its directory's name.
     write(root, "unnamed.toml", "migrations_dir = \"migrations\"\n");
@@ -457,6 +484,21 @@ fn wrong_types_and_bad_values_name_the_file_and_line() {
             "parallel_groups = [[\"a\", \"b c\"]]\n",
             1,
             "parallel group 1",
+        ),
+        (
+            "parallel_groups = [\n  [\"a\"],\n  { migrations = [\"b c\"], atomic = true },\n]\n",
+            3,
+            "parallel group 2",
+        ),
+        (
+            "parallel_groups = [{ migrations = [\"a\"], atomic = \"yes\" }]\n",
+            1,
+            "a list of migration ids, or a table",
+        ),
+        (
+            "parallel_groups = [{ migrations = [\"a\"], atomik = true }]\n",
+            1,
+            "a list of migration ids, or a table",
         ),
     ];
     for (text, line, message) in cases {

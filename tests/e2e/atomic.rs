@@ -258,3 +258,167 @@ async fn preflight_refuses_a_shard_without_prepared_transactions() -> anyhow::Re
     assert_eq!(satisfaction_columns(&fleet, "shard_0").await?, 0);
     Ok(())
 }
+
+/// A plan file over COORD-2025-001 whose two parallel groups each commit
+/// atomically: the two table changes, then the view over them.
+fn grouped_plan() -> anyhow::Result<crate::harness::TestDir> {
+    let dir = crate::harness::TestDir::new("grouped-plan")?;
+    std::fs::write(
+        dir.join("plan.toml"),
+        format!(
+            r#"name = "grouped"
+migrations_dir = "{}"
+parallel_groups = [
+  {{ migrations = ["20250131160000_hs_satisfaction_tracking", "20250131160001_auto_satisfaction_tracking"], atomic = true }},
+  {{ migrations = ["20250131160002_unified_satisfaction_view"], atomic = true }},
+]
+"#,
+            coord_dbmate_dir().display()
+        ),
+    )?;
+    Ok(dir)
+}
+
+async fn views(fleet: &HaFleet, db: &str) -> anyhow::Result<i64> {
+    fleet
+        .pg
+        .query_scalar(
+            db,
+            "SELECT count(*) FROM information_schema.views WHERE table_name = 'unified_satisfaction'",
+        )
+        .await
+}
+
+async fn submit_grouped(fleet: &HaFleet, plan: &crate::harness::TestDir) -> anyhow::Result<String> {
+    let file = plan.join("plan.toml").to_string_lossy().into_owned();
+    let out = fleet.cli(&["plan", "submit", &file, "--output", "json"]).await?;
+    assert!(out.success(), "{out}");
+    let v: Value = serde_json::from_str(out.stdout.lines().last().unwrap_or(""))?;
+    Ok(v["plan_id"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn atomic_parallel_groups_commit_one_after_the_other() -> anyhow::Result<()> {
+    let fleet = HaFleet::start(1, 3, 2).await?;
+    let plan = grouped_plan()?;
+    let id = submit_grouped(&fleet, &plan).await?;
+    let out = fleet.cli(&["plan", "watch", &id, "--output", "json"]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.json(&["plan", "status", &id, "--output", "json"]).await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    for s in 0..3 {
+        let db = format!("shard_{s}");
+        assert_eq!(satisfaction_columns(&fleet, &db).await?, 4, "{db}");
+        assert_eq!(views(&fleet, &db).await?, 2, "{db}");
+    }
+    // One decision per group, both commit; the plan itself has none.
+    for (unit, want) in [(format!("{id}.g1"), "commit"), (format!("{id}.g2"), "commit")] {
+        assert_eq!(
+            crate::faults::decision_in_etcd(&fleet, &unit).await?.as_deref(),
+            Some(want),
+            "{unit}"
+        );
+    }
+    assert_eq!(crate::faults::decision_in_etcd(&fleet, &id).await?, None);
+    assert_none_prepared(&fleet, 3).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed()
+-> anyhow::Result<()> {
+    let fleet = HaFleet::start(1, 3, 2).await?;
+    // The view cannot be created in one tenant: group 2 fails there.
+    fleet
+        .pg
+        .psql(
+            "shard_2",
+            "CREATE TABLE tenant_0005.unified_satisfaction (x int)",
+        )
+        .await?;
+    let plan = grouped_plan()?;
+    let id = submit_grouped(&fleet, &plan).await?;
+    let out = fleet.cli(&["plan", "watch", &id, "--output", "json"]).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    let st = fleet.json(&["plan", "status", &id, "--output", "json"]).await?;
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    let failure = &st["failures"][0];
+    assert_eq!(failure["tenant"], "tenant_0005", "{st}");
+    for s in 0..3 {
+        let db = format!("shard_{s}");
+        assert_eq!(
+            satisfaction_columns(&fleet, &db).await?,
+            0,
+            "{db}: group 1 committed, then was undone"
+        );
+        assert_eq!(views(&fleet, &db).await?, 0, "{db}");
+        let journal: i64 = fleet
+            .pg
+            .query_scalar(&db, "SELECT count(*) FROM flotilla.journal")
+            .await?;
+        assert_eq!(journal, 0, "{db}");
+    }
+    assert_eq!(
+        crate::faults::decision_in_etcd(&fleet, &format!("{id}.g1"))
+            .await?
+            .as_deref(),
+        Some("commit")
+    );
+    assert_eq!(
+        crate::faults::decision_in_etcd(&fleet, &format!("{id}.g2"))
+            .await?
+            .as_deref(),
+        Some("abort")
+    );
+    assert_none_prepared(&fleet, 3).await
+}
+
+/// The coordinator dies with group 2 prepared everywhere and no decision for it
+/// (group 1 committed): a new leader presumes abort for group 2 and undoes group 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_rest()
+-> anyhow::Result<()> {
+    let mut fleet = HaFleet::start(1, 2, 2).await?;
+    let epochs = fences(&fleet, 2).await?;
+    // The first decision (group 1) goes through; the second ends the process.
+    fleet
+        .restart_coordinator_with(
+            0,
+            &[("FAILPOINTS", "coordinator::before_decision=1*off->return")],
+        )
+        .await?;
+    fleet.wait_connected(2).await?;
+    let plan = grouped_plan()?;
+    let id = submit_grouped(&fleet, &plan).await?;
+    let status = fleet.coordinators[0]
+        .as_mut()
+        .unwrap()
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends it");
+    assert_eq!(status.code(), Some(86));
+    for s in 0..2 {
+        let db = format!("shard_{s}");
+        assert_eq!(satisfaction_columns(&fleet, &db).await?, 4, "{db}: group 1 committed");
+        assert_eq!(prepared(&fleet, &db).await?, 2, "{db}: group 2 prepared in both tenants");
+    }
+    let c = fleet.spawn_coordinator(0)?;
+    c.wait_for_log("coordinator listening", WAIT).await?;
+    fleet.coordinators[0] = Some(c);
+    let out = fleet.cli(&["plan", "watch", &id, "--output", "json"]).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    let st = fleet.json(&["plan", "status", &id, "--output", "json"]).await?;
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    for s in 0..2 {
+        let db = format!("shard_{s}");
+        assert_eq!(satisfaction_columns(&fleet, &db).await?, 0, "{db}");
+        assert_eq!(views(&fleet, &db).await?, 0, "{db}");
+    }
+    assert_eq!(
+        crate::faults::decision_in_etcd(&fleet, &format!("{id}.g2"))
+            .await?
+            .as_deref(),
+        Some("abort")
+    );
+    assert_fences_not_back(&fleet, &epochs).await?;
+    assert_none_prepared(&fleet, 2).await
+}

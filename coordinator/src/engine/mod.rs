@@ -488,7 +488,8 @@ impl Engine {
         });
         let atomic_in_flight = {
             let run = &self.plans[plan_id];
-            run.spec.atomic
+            run.spec.two_phase()
+                && run.current_unit().is_some()
                 && matches!(run.state, PlanState::Running | PlanState::Committing)
                 && run.decision.is_none()
         };
@@ -549,7 +550,9 @@ impl Engine {
             .unwrap_or_else(|| "a step failed".into());
         warn!(plan = %plan_id, "{what}");
         match run.policy() {
-            flotilla_proto::FailurePolicy::AllOrNothing if run.spec.atomic => {
+            flotilla_proto::FailurePolicy::AllOrNothing
+                if run.spec.two_phase() && run.current_unit().is_some() =>
+            {
                 run.message = format!("{what}; aborting: no target commits");
                 run.rollback_ends = PlanState::RolledBack;
                 run.state = PlanState::Aborting;
@@ -722,6 +725,18 @@ impl Engine {
         let Some(run) = self.plans.get_mut(plan_id) else {
             return;
         };
+        if let Some(message) = run.advance_unit() {
+            info!(plan = %plan_id, "{message}");
+            let state = run.state.as_str().to_string();
+            self.write(StoreOp::PlanState {
+                plan_id: plan_id.to_string(),
+                state,
+                message,
+            });
+        }
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
         if run.state == PlanState::Running {
             let agents = &self.agents;
             let lanes_of = |shard: &str| agents.get(shard).map(|a| a.max_lanes).unwrap_or(1);
@@ -841,9 +856,11 @@ impl Engine {
         let Some(run) = self.plans.get_mut(plan_id) else {
             return;
         };
-        if !run.spec.atomic {
+        if !run.spec.two_phase() || run.current_unit().is_none() {
             return;
         }
+        // The unit deciding now: the plan, or one atomic parallel group of it.
+        let unit_key = run.unit_key();
         let want = if run.ready_to_commit() {
             Some(Decision::Commit)
         } else if run.state == PlanState::Aborting && run.outstanding() == 0 {
@@ -860,10 +877,10 @@ impl Engine {
             fail::fail_point!("coordinator::before_decision", |_| {
                 std::process::exit(86);
             });
-            match self.coordination.decide(plan_id, want, self.epoch).await {
+            match self.coordination.decide(&unit_key, want, self.epoch).await {
                 Ok(d) => {
                     metrics::decision(d == Decision::Commit);
-                    info!(plan = %plan_id, decision = d.as_str(), "decision written");
+                    info!(plan = %plan_id, unit = %unit_key, decision = d.as_str(), "decision written");
                     let run = self.plans.get_mut(plan_id).expect("present");
                     run.decision = Some(d == Decision::Commit);
                     run.state = if d == Decision::Commit {
@@ -920,7 +937,9 @@ impl Engine {
                     .get(shard)
                     .map(|g| {
                         g.iter()
-                            .filter(|g| crate::engine::plan_run::plan_of_gid(g) == Some(plan_id))
+                            .filter(|g| {
+                                crate::engine::plan_run::plan_of_gid(g) == Some(unit_key.as_str())
+                            })
                             .cloned()
                             .collect()
                     })

@@ -176,6 +176,14 @@ pub struct PlanRun {
     pub first_prepared: Option<std::time::Instant>,
     /// Atomic plans: the decision, once written (true = commit).
     pub decision: Option<bool>,
+    /// Each step's atomic unit (0 for every step of an atomic plan, the parallel
+    /// group's index in an atomic group), if it has one.
+    unit_of: Vec<Option<usize>>,
+    /// The plan's atomic units in the order they commit.
+    units: Vec<usize>,
+    /// Index into `units` of the unit now running, preparing or deciding
+    /// (`units.len()` once every unit committed).
+    unit_pos: usize,
 }
 
 impl PlanRun {
@@ -217,9 +225,16 @@ impl PlanRun {
                 status,
             });
         }
-        let remaining = steps
+        let unit_of: Vec<Option<usize>> = steps
             .iter()
-            .map(|s| s.deps.iter().filter(|&&d| !steps[d].status.done()).count())
+            .map(|s| spec.atomic_unit(&spec.migrations[s.migration].id))
+            .collect();
+        let units: Vec<usize> = unit_of
+            .iter()
+            .flatten()
+            .copied()
+            .collect::<BTreeSet<usize>>()
+            .into_iter()
             .collect();
         let mut shards: BTreeMap<String, ShardRun> = BTreeMap::new();
         for (ti, t) in targets.iter().enumerate() {
@@ -250,7 +265,7 @@ impl PlanRun {
             steps,
             per_target,
             dependents,
-            remaining,
+            remaining: vec![0; n],
             state: PlanState::Running,
             rollback_ends: PlanState::RolledBack,
             message: String::new(),
@@ -264,11 +279,134 @@ impl PlanRun {
             lock_wait: None,
             first_prepared: None,
             decision: None,
+            unit_of,
+            units,
+            unit_pos: 0,
         };
+        // Units that committed before (a rebuild) are behind the plan.
+        while !run.spec.atomic && run.current_unit().is_some() && run.unit_committed() {
+            run.unit_pos += 1;
+        }
+        run.recount_remaining();
         for t in 0..run.targets.len() {
             run.enqueue_if_ready(t);
         }
         run
+    }
+
+    /// The atomic unit now in progress, if any is left.
+    pub fn current_unit(&self) -> Option<usize> {
+        self.units.get(self.unit_pos).copied()
+    }
+
+    /// The decision key of the current unit: the plan id for an atomic plan,
+    /// `<plan>.g<N>` for its atomic parallel group N (plan ids hold no dot).
+    pub fn unit_key(&self) -> String {
+        match self.current_unit() {
+            Some(g) if !self.spec.atomic => format!("{}.g{}", self.id, g + 1),
+            _ => self.id.clone(),
+        }
+    }
+
+    /// Whether step `s` belongs to the unit in progress.
+    pub fn in_unit(&self, s: usize) -> bool {
+        self.unit_of[s].is_some() && self.unit_of[s] == self.current_unit()
+    }
+
+    /// Every step of the current unit committed (or was there already).
+    fn unit_committed(&self) -> bool {
+        (0..self.steps.len()).filter(|&s| self.in_unit(s)).all(|s| {
+            matches!(
+                self.steps[s].status,
+                StepStatus::Applied | StepStatus::AlreadyApplied
+            )
+        })
+    }
+
+    /// Whether a step of the current unit could have been handed out: one is past
+    /// pending, or one waits for nothing.
+    pub fn unit_reachable(&self) -> bool {
+        (0..self.steps.len()).any(|s| {
+            self.in_unit(s)
+                && (self.steps[s].status != StepStatus::Pending || self.remaining[s] == 0)
+        })
+    }
+
+    /// Whether the finished dependency `d` lets `s` go: a prepared step lets
+    /// only steps of its own unit go (they ride in the same prepared transaction);
+    /// others wait for the commit.
+    fn releases(&self, d: usize, s: usize) -> bool {
+        match self.steps[d].status {
+            StepStatus::Applied | StepStatus::AlreadyApplied => true,
+            StepStatus::Prepared => self.unit_of[d].is_some() && self.unit_of[d] == self.unit_of[s],
+            _ => false,
+        }
+    }
+
+    fn recount_remaining(&mut self) {
+        self.remaining = (0..self.steps.len())
+            .map(|s| {
+                self.steps[s]
+                    .deps
+                    .iter()
+                    .filter(|&&d| !self.releases(d, s))
+                    .count()
+            })
+            .collect();
+    }
+
+    /// Group-atomic plans: moves past a unit that committed (its decision resolved on
+    /// every shard, or nothing of it needed one) and lets the next steps go. Returns
+    /// the message to record when a unit was left behind.
+    pub fn advance_unit(&mut self) -> Option<String> {
+        if self.spec.atomic || self.current_unit().is_none() {
+            return None;
+        }
+        let decided = self.state == PlanState::Committing && self.all_resolved();
+        let clean = self.state == PlanState::Running && self.unit_committed();
+        if !decided && !clean {
+            return None;
+        }
+        let g = self.current_unit().expect("unit");
+        let message = if decided {
+            let window = self.first_prepared.map(|t| t.elapsed()).unwrap_or_default();
+            crate::metrics::two_phase_window(window);
+            format!(
+                "parallel group {} committed atomically on {} shards (first PREPARE to last COMMIT PREPARED: {:.3}s)",
+                g + 1,
+                self.shards_of_unit(),
+                window.as_secs_f64()
+            )
+        } else {
+            format!(
+                "parallel group {}: nothing to prepare (already applied)",
+                g + 1
+            )
+        };
+        self.unit_pos += 1;
+        self.state = PlanState::Running;
+        self.decision = None;
+        self.first_prepared = None;
+        for sr in self.shards.values_mut() {
+            sr.prepared.clear();
+            sr.resolved = false;
+            sr.resolve_sent_on = None;
+            sr.resolve_retry_at = None;
+        }
+        self.recount_remaining();
+        for t in 0..self.targets.len() {
+            self.enqueue_if_ready(t);
+        }
+        self.message = message.clone();
+        Some(message)
+    }
+
+    fn shards_of_unit(&self) -> usize {
+        (0..self.steps.len())
+            .filter(|&s| self.in_unit(s))
+            .map(|s| self.targets[self.steps[s].target].shard.as_str())
+            .collect::<BTreeSet<_>>()
+            .len()
     }
 
     pub fn step_of(&self, migration: &str, shard: &str, tenant: &str) -> Option<usize> {
@@ -278,9 +416,11 @@ impl PlanRun {
     }
 
     fn enqueue_if_ready(&mut self, t: usize) {
-        let ready = self.per_target[t]
-            .iter()
-            .any(|&s| self.steps[s].status == StepStatus::Pending && self.remaining[s] == 0);
+        let ready = self.per_target[t].iter().any(|&s| {
+            self.steps[s].status == StepStatus::Pending
+                && self.remaining[s] == 0
+                && (self.unit_of[s].is_none() || self.in_unit(s))
+        });
         let shard = &self.targets[t].shard;
         if let Some(sr) = self.shards.get_mut(shard)
             && ready
@@ -353,12 +493,14 @@ impl PlanRun {
                 for &s in &steps {
                     self.steps[s].status = StepStatus::Running(run_id);
                 }
-                let prepare_gid =
-                    if self.spec.atomic && steps.iter().all(|&s| self.steps[s].transactional) {
-                        gid(&self.id, run_id, self.epoch, &self.targets[t])
-                    } else {
-                        String::new()
-                    };
+                let prepare_gid = if steps
+                    .iter()
+                    .all(|&s| self.in_unit(s) && self.steps[s].transactional)
+                {
+                    gid(&self.unit_key(), run_id, self.epoch, &self.targets[t])
+                } else {
+                    String::new()
+                };
                 if !prepare_gid.is_empty() {
                     self.shards
                         .get_mut(shard)
@@ -396,10 +538,14 @@ impl PlanRun {
             if step.status != StepStatus::Pending {
                 continue;
             }
+            // A step of a later atomic unit waits for the units before it to commit.
+            if self.unit_of[s].is_some() && !self.in_unit(s) {
+                continue;
+            }
             let deps_ok = step
                 .deps
                 .iter()
-                .all(|&d| self.steps[d].status.done() || fused.contains(&d));
+                .all(|&d| self.releases(d, s) || fused.contains(&d));
             if !deps_ok {
                 continue;
             }
@@ -493,6 +639,9 @@ impl PlanRun {
             if status.done() {
                 for i in 0..self.dependents[s].len() {
                     let d = self.dependents[s][i];
+                    if !self.releases(s, d) {
+                        continue;
+                    }
                     self.remaining[d] -= 1;
                     if self.remaining[d] == 0 {
                         let dt = self.steps[d].target;
@@ -663,12 +812,13 @@ impl PlanRun {
 
     /// Atomic plans: every step prepared or applied, nothing out, nothing failed.
     pub fn ready_to_commit(&self) -> bool {
-        self.spec.atomic
-            && self.state == PlanState::Running
-            && self.outstanding() == 0
-            && self.shards.values().all(|s| s.ready.is_empty())
-            && self.steps.iter().all(|s| s.status.done())
-            && self.steps.iter().any(|s| s.status == StepStatus::Prepared)
+        let unit: Vec<usize> = (0..self.steps.len()).filter(|&s| self.in_unit(s)).collect();
+        self.state == PlanState::Running
+            && !unit.is_empty()
+            && unit.iter().all(|&s| self.steps[s].status.done())
+            && unit
+                .iter()
+                .any(|&s| self.steps[s].status == StepStatus::Prepared)
     }
 
     /// The Resolve message for a shard's prepared transactions, if it has any left.
@@ -714,6 +864,7 @@ impl PlanRun {
             // once every step is prepared or applied).
             for s in 0..self.steps.len() {
                 if self.steps[s].status.open()
+                    && self.in_unit(s)
                     && self.targets[self.steps[s].target].shard == shard
                     && !done_steps.contains(&s)
                 {
@@ -787,7 +938,10 @@ impl PlanRun {
             sr.resolved = true;
         }
         for s in 0..self.steps.len() {
-            if self.steps[s].status.open() && self.targets[self.steps[s].target].shard == shard {
+            if self.steps[s].status.open()
+                && self.in_unit(s)
+                && self.targets[self.steps[s].target].shard == shard
+            {
                 self.steps[s].status = if commit {
                     StepStatus::Applied
                 } else {
@@ -801,9 +955,11 @@ impl PlanRun {
 
     /// Whether a step on `shard` is not settled yet (prepared, pending or running).
     pub fn shard_has_open(&self, shard: &str) -> bool {
-        self.steps
-            .iter()
-            .any(|s| s.status.open() && self.targets[s.target].shard == shard)
+        (0..self.steps.len()).any(|s| {
+            self.steps[s].status.open()
+                && self.in_unit(s)
+                && self.targets[self.steps[s].target].shard == shard
+        })
     }
 
     pub fn outstanding(&self) -> usize {
@@ -844,6 +1000,8 @@ impl PlanRun {
                 }
                 Some(updates)
             }
+            // A group-atomic plan goes on after its unit commits (`advance_unit`).
+            PlanState::Committing if !self.spec.atomic => None,
             PlanState::Committing => self.all_resolved().then(|| {
                 self.state = PlanState::Completed;
                 let window = self.first_prepared.map(|t| t.elapsed()).unwrap_or_default();

@@ -15,6 +15,7 @@ fn count(p: &mut pb::MigrationProgress, state: &str) {
         "already_applied" => p.already_applied += 1,
         "failed" => p.failed += 1,
         "rolled_back" => p.rolled_back += 1,
+        "prepared" => p.prepared += 1,
         _ => p.not_run += 1,
     }
 }
