@@ -1,6 +1,6 @@
 //! Wire -> domain conversion, validated on receipt; domain -> wire for sending.
-use std::collections::{BTreeMap, BTreeSet};
 use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::dag::MigrationGraph;

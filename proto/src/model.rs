@@ -236,10 +236,11 @@ impl PlanSpec {
         if self.atomic {
             return Some(0);
         }
-        self.atomic_groups
-            .iter()
-            .copied()
-            .find(|&g| self.parallel_groups.get(g).is_some_and(|ms| ms.contains(id)))
+        self.atomic_groups.iter().copied().find(|&g| {
+            self.parallel_groups
+                .get(g)
+                .is_some_and(|ms| ms.contains(id))
+        })
     }
 
     pub fn migration(&self, id: &MigrationId) -> Option<&Migration> {

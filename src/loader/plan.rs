@@ -175,7 +175,8 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
                     .map_err(|e| at(group.span(), format!("{place}: {e}")))
             })
             .collect::<Result<_, _>>()?;
-        spec.parallel_groups.push(pb::ParallelGroup { migrations, atomic });
+        spec.parallel_groups
+            .push(pb::ParallelGroup { migrations, atomic });
     }
     for (migration, deps) in &file.dependencies {
         MigrationId::parse(migration)

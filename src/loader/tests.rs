@@ -343,15 +343,23 @@ parallel_groups = [["a"], { migrations = ["b", "c"], atomic = true }]
     assert_eq!(spec.parallel_groups[1].migrations, ["b", "c"]);
     let p = domain(spec.clone());
     assert_eq!(p.atomic_groups, [1].into_iter().collect());
-    assert!(p.fuse, "an atomic group's steps fuse into one prepared transaction");
+    assert!(
+        p.fuse,
+        "an atomic group's steps fuse into one prepared transaction"
+    );
     assert!(p.two_phase());
     let id = |s: &str| flotilla_proto::MigrationId::parse(s).unwrap();
     assert_eq!(p.atomic_unit(&id("b")), Some(1));
     assert_eq!(p.atomic_unit(&id("a")), None);
     let mut stop = spec;
     stop.policy = pb::FailurePolicy::Stop as i32;
-    let e = flotilla_proto::PlanSpec::try_from(stop).unwrap_err().to_string();
-    assert!(e.contains("policy") && e.contains("atomic parallel group 2"), "{e}");
+    let e = flotilla_proto::PlanSpec::try_from(stop)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("policy") && e.contains("atomic parallel group 2"),
+        "{e}"
+    );
 
     // A plan without a name takes its file's stem; plan.toml takes its directory's name.
     write(root, "unnamed.toml", "migrations_dir = \"migrations\"\n");

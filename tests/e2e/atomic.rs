@@ -17,7 +17,7 @@ async fn prepared(fleet: &HaFleet, db: &str) -> anyhow::Result<i64> {
 }
 
 /// Each shard's fence epoch: read before a fault and after it, it never goes back.
-async fn fences(fleet: &HaFleet, shards: usize) -> anyhow::Result<Vec<i64>> {
+pub(crate) async fn fences(fleet: &HaFleet, shards: usize) -> anyhow::Result<Vec<i64>> {
     let mut out = Vec::new();
     for s in 0..shards {
         out.push(
@@ -30,7 +30,7 @@ async fn fences(fleet: &HaFleet, shards: usize) -> anyhow::Result<Vec<i64>> {
     Ok(out)
 }
 
-async fn assert_fences_not_back(fleet: &HaFleet, before: &[i64]) -> anyhow::Result<()> {
+pub(crate) async fn assert_fences_not_back(fleet: &HaFleet, before: &[i64]) -> anyhow::Result<()> {
     let after = fences(fleet, before.len()).await?;
     for (s, (b, a)) in before.iter().zip(&after).enumerate() {
         assert!(a >= b, "shard_{s}: the fence went back from {b} to {a}");
@@ -291,7 +291,9 @@ async fn views(fleet: &HaFleet, db: &str) -> anyhow::Result<i64> {
 
 async fn submit_grouped(fleet: &HaFleet, plan: &crate::harness::TestDir) -> anyhow::Result<String> {
     let file = plan.join("plan.toml").to_string_lossy().into_owned();
-    let out = fleet.cli(&["plan", "submit", &file, "--output", "json"]).await?;
+    let out = fleet
+        .cli(&["plan", "submit", &file, "--output", "json"])
+        .await?;
     assert!(out.success(), "{out}");
     let v: Value = serde_json::from_str(out.stdout.lines().last().unwrap_or(""))?;
     Ok(v["plan_id"].as_str().unwrap_or_default().to_string())
@@ -302,9 +304,13 @@ async fn atomic_parallel_groups_commit_one_after_the_other() -> anyhow::Result<(
     let fleet = HaFleet::start(1, 3, 2).await?;
     let plan = grouped_plan()?;
     let id = submit_grouped(&fleet, &plan).await?;
-    let out = fleet.cli(&["plan", "watch", &id, "--output", "json"]).await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    let st = fleet.json(&["plan", "status", &id, "--output", "json"]).await?;
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
     assert_eq!(st["state"], "completed", "{st}");
     for s in 0..3 {
         let db = format!("shard_{s}");
@@ -312,9 +318,14 @@ async fn atomic_parallel_groups_commit_one_after_the_other() -> anyhow::Result<(
         assert_eq!(views(&fleet, &db).await?, 2, "{db}");
     }
     // One decision per group, both commit; the plan itself has none.
-    for (unit, want) in [(format!("{id}.g1"), "commit"), (format!("{id}.g2"), "commit")] {
+    for (unit, want) in [
+        (format!("{id}.g1"), "commit"),
+        (format!("{id}.g2"), "commit"),
+    ] {
         assert_eq!(
-            crate::faults::decision_in_etcd(&fleet, &unit).await?.as_deref(),
+            crate::faults::decision_in_etcd(&fleet, &unit)
+                .await?
+                .as_deref(),
             Some(want),
             "{unit}"
         );
@@ -324,8 +335,8 @@ async fn atomic_parallel_groups_commit_one_after_the_other() -> anyhow::Result<(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed()
--> anyhow::Result<()> {
+async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed() -> anyhow::Result<()>
+{
     let fleet = HaFleet::start(1, 3, 2).await?;
     // The view cannot be created in one tenant: group 2 fails there.
     fleet
@@ -337,9 +348,13 @@ async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed()
         .await?;
     let plan = grouped_plan()?;
     let id = submit_grouped(&fleet, &plan).await?;
-    let out = fleet.cli(&["plan", "watch", &id, "--output", "json"]).await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
     assert_eq!(out.code(), Some(1), "{out}");
-    let st = fleet.json(&["plan", "status", &id, "--output", "json"]).await?;
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     let failure = &st["failures"][0];
     assert_eq!(failure["tenant"], "tenant_0005", "{st}");
@@ -398,15 +413,27 @@ async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_re
     assert_eq!(status.code(), Some(86));
     for s in 0..2 {
         let db = format!("shard_{s}");
-        assert_eq!(satisfaction_columns(&fleet, &db).await?, 4, "{db}: group 1 committed");
-        assert_eq!(prepared(&fleet, &db).await?, 2, "{db}: group 2 prepared in both tenants");
+        assert_eq!(
+            satisfaction_columns(&fleet, &db).await?,
+            4,
+            "{db}: group 1 committed"
+        );
+        assert_eq!(
+            prepared(&fleet, &db).await?,
+            2,
+            "{db}: group 2 prepared in both tenants"
+        );
     }
     let c = fleet.spawn_coordinator(0)?;
     c.wait_for_log("coordinator listening", WAIT).await?;
     fleet.coordinators[0] = Some(c);
-    let out = fleet.cli(&["plan", "watch", &id, "--output", "json"]).await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
     assert_eq!(out.code(), Some(1), "{out}");
-    let st = fleet.json(&["plan", "status", &id, "--output", "json"]).await?;
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     for s in 0..2 {
         let db = format!("shard_{s}");

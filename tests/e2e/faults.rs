@@ -227,7 +227,10 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 /// The plan's decision in etcd (`commit`/`abort`), read through member 0's JSON gateway.
-pub(crate) async fn decision_in_etcd(fleet: &HaFleet, plan: &str) -> anyhow::Result<Option<String>> {
+pub(crate) async fn decision_in_etcd(
+    fleet: &HaFleet,
+    plan: &str,
+) -> anyhow::Result<Option<String>> {
     let key = base64(format!("/flotilla/decisions/{plan}").as_bytes());
     let resp = post_json(
         fleet.etcd.client_addr(),

@@ -45,6 +45,7 @@ async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
         &[],
     )?;
     fleet.wait_connected(2).await?;
+    let epochs = crate::atomic::fences(&fleet, 2).await?;
 
     // One tenant of shard_1 blocks on an advisory lock the test holds.
     let d = MigrationDir::new()?;
@@ -130,5 +131,5 @@ async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
             assert_eq!(rows, 1, "{db}/{tenant}: applied exactly once");
         }
     }
-    Ok(())
+    crate::atomic::assert_fences_not_back(&fleet, &epochs).await
 }
