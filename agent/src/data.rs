@@ -13,6 +13,7 @@
 //! batch.
 use std::time::{Duration, Instant};
 
+use flotilla_proto::pb;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgConnection;
 use tracing::{debug, info};
@@ -99,6 +100,7 @@ pub(crate) async fn run_batches(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
+    hooks: Option<&crate::control::DataHooks>,
 ) -> Result<u64, Failure> {
     let d = m
         .migration
@@ -230,6 +232,7 @@ pub(crate) async fn run_batches(
             Some(c) => Duration::from_secs_f64(c.age_secs.max(0.0)),
             None => Duration::from_secs(3600),
         };
+        // holds one batch: a bigger (adapted) batch waits for its debt
         TokenBucket::new(
             d.rows_per_second,
             u64::from(d.batch_size),
@@ -237,13 +240,41 @@ pub(crate) async fn run_batches(
             Instant::now(),
         )
     });
+    // The server's budget, shared by every target of the step on this shard.
+    let server_bucket = hooks.filter(|_| d.server_rows_per_second > 0).map(|h| {
+        h.buckets.bucket(
+            &h.plan_id,
+            m.id(),
+            d.server_rows_per_second,
+            u64::from(d.batch_size),
+        )
+    });
+    let lower_now = match &prev {
+        Some(k) => quote_literal(k).map_err(|e| agent_failure(m, e))?,
+        None => floor_lit.clone(),
+    };
+    let left = estimate_left(conn, m, &lower_now).await;
+    let mut progress = Progress::new(hooks, cx.tenant, m.id(), rows_total as u64, batches as u64);
+    progress.total = rows_total as u64 + left.unwrap_or(0);
+    let mut control = hooks.map(|h| h.control.clone());
+    let halts_at_start = control.as_ref().map(|c| c.borrow().halts);
+    let mut size = d.batch_size;
     let mut done = 0u64;
     loop {
+        // A batch boundary: halted, paused or throttled, the step waits (or stops) here.
+        if let Some(c) = control.as_mut() {
+            wait_at_boundary(conn, m, c, halts_at_start, &mut progress).await?;
+        } else if let Some(reason) = health_reason(conn, m).await? {
+            // no hooks (an agent-internal run): throttling still holds
+            progress.set("throttled", &reason, size);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
         let lower_lit = match &prev {
             Some(k) => quote_literal(k).map_err(|e| agent_failure(m, e))?,
             None => floor_lit.clone(),
         };
-        let page = sqlgen::data_page(m, &lower_lit).expect("a data change");
+        let page = sqlgen::data_page(m, &lower_lit, size).expect("a data change");
         let (n, upper): (i64, Option<String>) = sqlx::query_as(AssertSqlSafe(page))
             .fetch_one(&mut *conn)
             .await
@@ -251,11 +282,19 @@ pub(crate) async fn run_batches(
         let Some(upper) = upper.filter(|_| n > 0) else {
             break;
         };
+        let mut wait = Duration::ZERO;
         if let Some(b) = bucket.as_mut() {
-            let wait = b.take(n as u64, Instant::now());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
+            wait = wait.max(b.take(n as u64, Instant::now()));
+        }
+        if let Some(b) = &server_bucket {
+            wait = wait.max(
+                b.lock()
+                    .expect("bucket lock")
+                    .take(n as u64, Instant::now()),
+            );
+        }
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
         let upper_lit = quote_literal(&upper).map_err(|e| agent_failure(m, e))?;
         let prev_lit = match &prev {
@@ -264,22 +303,33 @@ pub(crate) async fn run_batches(
         };
         let sql = sqlgen::data_batch(cx, m, &prev_lit, &lower_lit, &upper_lit, n)
             .map_err(|e| Failure::agent("batch", e))?;
+        let began = Instant::now();
         if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
             let failure = classify(&e, "batch");
             // the batch's transaction may be open (aborted): end it
             let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            progress.set("failed", &failure.error.message, size);
             return Err(failure);
         }
+        let took = began.elapsed();
         rows_total += n;
         batches += 1;
         done += n as u64;
-        debug!(migration = m.id(), tenant = cx.tenant, last_key = %upper, rows = rows_total, batches, "batch done");
+        crate::metrics::data_batch(n as u64, size);
+        debug!(migration = m.id(), tenant = cx.tenant, last_key = %upper, rows = rows_total, batches, size, "batch done");
+        let short = n < i64::from(size);
+        if let Some(target) = d.target_batch {
+            size = adapt_batch_size(size, took, target, d.min_batch_size, d.max_batch_size);
+        }
+        progress.batch(n as u64, size);
         after_batch_failpoint();
         prev = Some(upper);
-        if n < i64::from(d.batch_size) {
+        if short {
             break; // a short page is the last one
         }
     }
+    progress.total = progress.done;
+    progress.set("done", "", size);
     info!(
         migration = m.id(),
         tenant = cx.tenant,
@@ -288,6 +338,282 @@ pub(crate) async fn run_batches(
         "data change done"
     );
     Ok(done)
+}
+
+/// The next batch size toward `target` duration: shrink fast (halve) when a batch took
+/// well over it, grow slowly (a quarter) when well under, within `[min, max]`.
+pub(crate) fn adapt_batch_size(
+    size: u32,
+    took: Duration,
+    target: Duration,
+    min: u32,
+    max: u32,
+) -> u32 {
+    let next = if took > target.mul_f64(1.25) {
+        size / 2
+    } else if took < target.mul_f64(0.8) {
+        size.saturating_add((size / 4).max(1))
+    } else {
+        size
+    };
+    next.clamp(min.max(1), max.max(min).max(1))
+}
+
+/// The phase of a data change halted at a batch boundary: reported NOT_RUN, not failed.
+pub(crate) const STOPPED: &str = "stopped";
+
+/// Waits at a batch boundary while the plan is paused or a health signal is above its
+/// limit; fails with [`STOPPED`] when the plan was halted since the change started.
+async fn wait_at_boundary(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+    control: &mut tokio::sync::watch::Receiver<crate::control::PlanControl>,
+    halts_at_start: Option<u64>,
+    progress: &mut Progress<'_>,
+) -> Result<(), Failure> {
+    let mut backoff = Duration::from_millis(100);
+    let mut waiting: Option<&'static str> = None;
+    let result = loop {
+        let now = control.borrow_and_update().clone();
+        if Some(now.halts) != halts_at_start {
+            progress.set("stopped", "halted", progress.size);
+            break Err(Failure::agent(
+                STOPPED,
+                format!(
+                    "data migration `{}` stopped at a batch boundary after {} batches ({} rows); \
+                     every batch is done and recorded or not done, and its checkpoint resumes it",
+                    m.id(),
+                    progress.batches,
+                    progress.done
+                ),
+            ));
+        }
+        if let Some(reason) = now.paused {
+            set_waiting(&mut waiting, Some("paused"));
+            progress.set("paused", &reason, progress.size);
+            // woken by resume or halt; never polls
+            if control.changed().await.is_err() {
+                break Ok(());
+            }
+            continue;
+        }
+        match health_reason(conn, m).await {
+            Err(e) => break Err(e),
+            Ok(Some(reason)) => {
+                set_waiting(&mut waiting, Some("throttled"));
+                progress.set("throttled", &reason, progress.size);
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = control.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Ok(None) => break Ok(()),
+        }
+    };
+    set_waiting(&mut waiting, None);
+    if result.is_ok() && progress.state != "running" {
+        progress.set("running", "", progress.size);
+    }
+    result
+}
+
+fn set_waiting(current: &mut Option<&'static str>, next: Option<&'static str>) {
+    if *current == next {
+        return;
+    }
+    if let Some(why) = current.take() {
+        crate::metrics::data_waiting(why, -1.0);
+    }
+    if let Some(why) = next {
+        crate::metrics::data_waiting(why, 1.0);
+    }
+    *current = next;
+}
+
+/// Why the change must wait now (the first health signal above its limit), if it must.
+async fn health_reason(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+) -> Result<Option<String>, Failure> {
+    use flotilla_proto::HealthSignal;
+    let Some(d) = m.migration.data.as_ref() else {
+        return Ok(None);
+    };
+    for h in &d.health {
+        let sql = match &h.signal {
+            HealthSignal::ReplicationLagMs => "SELECT (pg_catalog.max(extract(epoch FROM \
+                 coalesce(replay_lag, flush_lag, write_lag, interval '0'))) * 1000)::float8 \
+                 FROM pg_catalog.pg_stat_replication"
+                .to_string(),
+            HealthSignal::LockWaits => {
+                let table_lit = quote_literal(&d.table_sql()).map_err(|e| agent_failure(m, e))?;
+                format!(
+                    "SELECT pg_catalog.count(*)::float8 FROM pg_catalog.pg_locks \
+                     WHERE NOT granted AND relation = pg_catalog.to_regclass({table_lit})"
+                )
+            }
+            HealthSignal::ActiveSessions => "SELECT pg_catalog.count(*)::float8 FROM pg_catalog.pg_stat_activity \
+                 WHERE state = 'active' AND backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()"
+                .to_string(),
+            HealthSignal::Sql(q) => format!("SELECT (SELECT * FROM ({q}\n) AS signal LIMIT 1)::float8"),
+        };
+        let value: Option<f64> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| {
+                let mut f = classify(&e, "health");
+                f.error.message = format!(
+                    "data migration `{}`: health check `{}` ({}): {}",
+                    m.id(),
+                    h.name,
+                    h.signal.as_str(),
+                    f.error.message
+                );
+                f
+            })?;
+        if let Some(v) = value
+            && v > h.max
+        {
+            return Ok(Some(format!(
+                "{} is {} (limit {})",
+                h.name,
+                trim_number(v),
+                trim_number(h.max)
+            )));
+        }
+    }
+    Ok(None)
+}
+
+fn trim_number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The planner's estimate of the rows still to do after `lower_lit` (with the filter).
+async fn estimate_left(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+    lower_lit: &str,
+) -> Option<u64> {
+    let d = m.migration.data.as_ref()?;
+    let filter = d
+        .filter
+        .as_ref()
+        .map(|f| format!(" AND ({f}\n)"))
+        .unwrap_or_default();
+    let sql = format!(
+        "EXPLAIN SELECT 1 FROM {} WHERE {} > {lower_lit}{filter}",
+        d.table_sql(),
+        d.key_sql()
+    );
+    let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await
+        .ok()?;
+    let first = lines.first()?;
+    let at = first.find("rows=")? + 5;
+    first[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A data change's progress on its target, published to the agent's board (and from there
+/// to the coordinator with each heartbeat).
+struct Progress<'a> {
+    hooks: Option<&'a crate::control::DataHooks>,
+    tenant: String,
+    migration: String,
+    done: u64,
+    total: u64,
+    batches: u64,
+    size: u32,
+    state: String,
+    /// (when, rows done then) over the last seconds: the rate is taken over them.
+    recent: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl<'a> Progress<'a> {
+    fn new(
+        hooks: Option<&'a crate::control::DataHooks>,
+        tenant: &str,
+        migration: &str,
+        done: u64,
+        batches: u64,
+    ) -> Progress<'a> {
+        let mut recent = std::collections::VecDeque::new();
+        recent.push_back((Instant::now(), done));
+        Progress {
+            hooks,
+            tenant: tenant.to_string(),
+            migration: migration.to_string(),
+            done,
+            total: done,
+            batches,
+            size: 0,
+            state: "running".into(),
+            recent,
+        }
+    }
+
+    fn batch(&mut self, rows: u64, size: u32) {
+        self.done += rows;
+        self.batches += 1;
+        self.total = self.total.max(self.done);
+        let now = Instant::now();
+        self.recent.push_back((now, self.done));
+        while self.recent.len() > 2
+            && now.duration_since(self.recent[0].0) > Duration::from_secs(10)
+        {
+            self.recent.pop_front();
+        }
+        self.set("running", "", size);
+    }
+
+    fn rate(&self) -> f64 {
+        let (Some(first), Some(last)) = (self.recent.front(), self.recent.back()) else {
+            return 0.0;
+        };
+        let dt = last.0.duration_since(first.0).as_secs_f64();
+        if dt <= 0.0 {
+            0.0
+        } else {
+            (last.1 - first.1) as f64 / dt
+        }
+    }
+
+    fn set(&mut self, state: &str, reason: &str, size: u32) {
+        self.state = state.to_string();
+        self.size = size;
+        let Some(h) = self.hooks else { return };
+        let rate = self.rate();
+        let left = self.total.saturating_sub(self.done);
+        let eta_ms = if rate > 0.0 && left > 0 {
+            (left as f64 / rate * 1000.0) as u64
+        } else {
+            0
+        };
+        h.board.update(pb::DataProgress {
+            plan_id: h.plan_id.clone(),
+            migration_id: self.migration.clone(),
+            shard: h.shard.clone(),
+            tenant: self.tenant.clone(),
+            rows_done: self.done,
+            rows_total: self.total,
+            rows_per_second: rate,
+            batch_size: size,
+            eta_ms,
+            state: state.to_string(),
+            reason: reason.to_string(),
+            batches: self.batches,
+        });
+    }
 }
 
 /// With `return`, the agent exits right after a batch committed (with its checkpoint): the
@@ -330,6 +656,39 @@ mod tests {
             rows += 50;
         }
         assert!((1000..=1050).contains(&rows), "{rows}");
+    }
+
+    #[test]
+    fn batch_size_grows_slowly_and_shrinks_fast_within_bounds() {
+        let target = Duration::from_millis(200);
+        // well under the target: +25%
+        assert_eq!(
+            adapt_batch_size(1000, Duration::from_millis(50), target, 10, 5000),
+            1250
+        );
+        // near the target: unchanged
+        assert_eq!(
+            adapt_batch_size(1000, Duration::from_millis(210), target, 10, 5000),
+            1000
+        );
+        // well over: halved
+        assert_eq!(
+            adapt_batch_size(1000, Duration::from_millis(400), target, 10, 5000),
+            500
+        );
+        // bounds hold
+        assert_eq!(
+            adapt_batch_size(4800, Duration::from_millis(1), target, 10, 5000),
+            5000
+        );
+        assert_eq!(
+            adapt_batch_size(15, Duration::from_secs(5), target, 10, 5000),
+            10
+        );
+        assert_eq!(
+            adapt_batch_size(1, Duration::from_millis(1), target, 1, 5000),
+            2
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use flotilla_proto::pb;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnection, PgPool};
-use tracing::{debug, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::error::{Failure, classify};
 use crate::job::{Job, PrepareGid, Report};
@@ -75,7 +75,14 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
         let outcome = if transactional {
             run_transaction(conn, &cx, job, &group, &mut durations).await
         } else {
-            run_non_transactional(conn, &cx, &job.steps[i], &mut durations[0]).await
+            run_non_transactional(
+                conn,
+                &cx,
+                &job.steps[i],
+                job.hooks.as_deref(),
+                &mut durations[0],
+            )
+            .await
         };
         let mode = if transactional {
             StepMode::Transactional
@@ -108,6 +115,23 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                     });
                 }
                 i = next;
+            }
+            Err(gf) if gf.failure.error.phase == crate::data::STOPPED => {
+                // A data change halted at a batch boundary: every batch is done and
+                // recorded, or not done; its checkpoint resumes it if it runs again.
+                broken = recover(conn, gf.in_transaction, true).await;
+                let idx = group[gf.position];
+                info!(
+                    migration = job.steps[idx].id(),
+                    "{}", gf.failure.error.message
+                );
+                reports[idx] = Some(Report {
+                    outcome: StepOutcome::NotRun,
+                    duration: durations[gf.position],
+                    error: Some(gf.failure.error),
+                    checksum: job.steps[idx].migration.checksum.clone(),
+                });
+                break;
             }
             Err(gf) => {
                 broken = recover(conn, gf.in_transaction, !transactional).await
@@ -206,6 +230,7 @@ async fn run_non_transactional(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
+    hooks: Option<&crate::control::DataHooks>,
     duration: &mut Duration,
 ) -> Result<(), GroupFailure> {
     let started = Instant::now();
@@ -220,7 +245,7 @@ async fn run_non_transactional(
             .map_err(|e| fail(&e, false))?;
         if m.migration.data.is_some() {
             // its up SQL (if any) runs inside, before the first batch
-            crate::data::run_batches(conn, cx, m)
+            crate::data::run_batches(conn, cx, m, hooks)
                 .await
                 .map_err(|failure| GroupFailure {
                     position: 0,

@@ -33,6 +33,8 @@ pub(crate) struct Job {
     pub prepare: Option<PrepareGid>,
     /// Held while the run is queued or running, so a resent copy does not run beside it.
     pub claim: Option<GidClaim>,
+    /// For runs with a data change: pause/halt, the server's budget, the progress board.
+    pub hooks: Option<Arc<crate::control::DataHooks>>,
 }
 
 impl Job {
@@ -92,6 +94,7 @@ impl Job {
             run,
             prepare,
             claim: None,
+            hooks: None,
         })
     }
 

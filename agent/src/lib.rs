@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, instrument, warn};
 
 mod config;
+mod control;
 mod coordinators;
 mod data;
 mod error;
@@ -88,6 +89,10 @@ pub(crate) struct Agent {
     /// Prepare gids of the runs queued or running (see `two_phase::GidClaim`).
     gids_in_flight: Arc<Mutex<HashSet<String>>>,
     scan_log: Mutex<two_phase::ScanLog>,
+    /// Data changes' progress, sent with every heartbeat.
+    pub progress: Arc<control::ProgressBoard>,
+    /// Row budgets shared by the targets of a data step on this server.
+    pub buckets: Arc<control::ServerBuckets>,
 }
 
 /// Runs an agent until `shutdown` resolves: connects to the shard (waiting for it to come
@@ -190,6 +195,8 @@ async fn serve(
         decisions,
         gids_in_flight: Arc::new(Mutex::new(HashSet::new())),
         scan_log: Mutex::new(two_phase::ScanLog::default()),
+        progress: Arc::default(),
+        buckets: Arc::default(),
     });
     session::run(agent.clone(), session::Outbox::new(outbox_rx), rotation).await;
     info!("agent stopping");

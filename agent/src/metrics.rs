@@ -17,6 +17,10 @@ pub const ETCD_LIVENESS_UP: &str = "flotilla_agent_etcd_liveness_up";
 pub const SHARD_LOCK_HELD: &str = "flotilla_agent_shard_lock_held";
 pub const PREPARED_TRANSACTIONS: &str = "flotilla_agent_prepared_transactions";
 pub const PREPARED_RESOLUTIONS_TOTAL: &str = "flotilla_agent_prepared_resolutions_total";
+pub const DATA_ROWS_TOTAL: &str = "flotilla_agent_data_rows_total";
+pub const DATA_BATCHES_TOTAL: &str = "flotilla_agent_data_batches_total";
+pub const DATA_BATCH_SIZE: &str = "flotilla_agent_data_batch_size";
+pub const DATA_WAITING: &str = "flotilla_agent_data_waiting";
 
 /// What became of one step (the `outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +124,26 @@ pub fn describe() {
              (counted as this agent prepares and resolves them, recounted at each in-doubt scan)."
         );
         describe_counter!(
+            DATA_ROWS_TOTAL,
+            Unit::Count,
+            "Rows changed by data migrations' batches (committed with their checkpoint)."
+        );
+        describe_counter!(
+            DATA_BATCHES_TOTAL,
+            Unit::Count,
+            "Data migration batches committed."
+        );
+        describe_gauge!(
+            DATA_BATCH_SIZE,
+            Unit::Count,
+            "The batch size of the last data migration batch (adaptive sizing moves it)."
+        );
+        describe_gauge!(
+            DATA_WAITING,
+            Unit::Count,
+            "Data changes waiting at a batch boundary right now, by why (throttled, paused)."
+        );
+        describe_counter!(
             PREPARED_RESOLUTIONS_TOTAL,
             Unit::Count,
             "Prepared transactions this agent committed or rolled back, by decision (commit, abort)."
@@ -171,4 +195,15 @@ pub fn prepared_held_set(held: f64) {
 /// `decision`: `commit` or `abort`.
 pub fn prepared_resolved(decision: &'static str) {
     counter!(PREPARED_RESOLUTIONS_TOTAL, "decision" => decision).increment(1);
+}
+
+pub fn data_batch(rows: u64, batch_size: u32) {
+    counter!(DATA_ROWS_TOTAL).increment(rows);
+    counter!(DATA_BATCHES_TOTAL).increment(1);
+    gauge!(DATA_BATCH_SIZE).set(f64::from(batch_size));
+}
+
+/// `why`: `throttled` or `paused`; +1 when a change starts waiting, -1 when it goes on.
+pub fn data_waiting(why: &'static str, delta: f64) {
+    gauge!(DATA_WAITING, "why" => why).increment(delta);
 }

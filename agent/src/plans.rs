@@ -55,6 +55,8 @@ pub(crate) struct Plan {
     definition: Mutex<Option<Result<Arc<PlanDef>, String>>>,
     state: Mutex<PlanState>,
     changed: Notify,
+    /// Pause and halt, as running data changes see them between batches.
+    pub control: tokio::sync::watch::Sender<crate::control::PlanControl>,
 }
 
 #[derive(Default)]
@@ -102,6 +104,7 @@ impl Agent {
                     definition: Mutex::new(None),
                     state: Mutex::new(PlanState::default()),
                     changed: Notify::new(),
+                    control: tokio::sync::watch::Sender::new(Default::default()),
                 })
             })
             .clone()
@@ -176,9 +179,19 @@ impl Agent {
         halts: u64,
     ) {
         let mut jobs = Vec::with_capacity(runs.len());
+        let hooks = Arc::new(crate::control::DataHooks {
+            plan_id: plan.id.clone(),
+            shard: self.config.shard.clone(),
+            control: plan.control.subscribe(),
+            board: self.progress.clone(),
+            buckets: self.buckets.clone(),
+        });
         for run in runs {
             match Job::new(&def, run, epoch) {
                 Ok(mut job) => {
+                    if job.steps.iter().any(|m| m.migration.data.is_some()) {
+                        job.hooks = Some(hooks.clone());
+                    }
                     if let Some(p) = &job.prepare {
                         match self.claim_gid(&p.gid) {
                             Some(claim) => job.claim = Some(claim),
@@ -308,6 +321,8 @@ impl Agent {
             st.halts += 1;
             st.queue.drain(..).collect()
         };
+        // running data changes stop at their next batch boundary
+        plan.control.send_modify(|c| c.halts += 1);
         if !dropped.is_empty() {
             tracing::info!(dropped = dropped.len(), "plan halted");
         }

@@ -226,6 +226,8 @@ async fn session(
                     if let In::Welcome(w) = &body {
                         welcomed = true;
                         metrics::coordinator_connected(true);
+                        // a new coordinator (or stream) hears where every data change stands
+                        agent.progress.mark_all_changed();
                         agent.welcome_epoch.store(w.epoch, Ordering::Relaxed);
                         if w.heartbeat_interval_ms > 0 {
                             interval = Duration::from_millis(w.heartbeat_interval_ms);
@@ -258,7 +260,10 @@ async fn session(
                 return lost(welcomed, format!("no word from the coordinator for {:?}", interval * 3));
             }
             _ = heartbeat.tick() => {
-                let beat = pb::AgentMessage { body: Some(Out::Heartbeat(pb::Heartbeat { sent_at_ms: unix_ms() })) };
+                let beat = pb::AgentMessage { body: Some(Out::Heartbeat(pb::Heartbeat {
+                    sent_at_ms: unix_ms(),
+                    data: if welcomed { agent.progress.take_changed() } else { Vec::new() },
+                })) };
                 if let Err(TrySendError::Closed(_)) = tx.try_send(beat) {
                     return lost(welcomed, "the stream to the coordinator closed".into());
                 }
@@ -305,6 +310,19 @@ fn dispatch(agent: &Arc<Agent>, body: In, tx: &mpsc::Sender<pb::AgentMessage>) {
         In::Plan(def) => agent.define_plan(def),
         In::Assign(assign) => agent.assign(assign),
         In::Halt(halt) => agent.halt(&agent.plan(&halt.plan_id)),
+        In::Pause(pause) => {
+            let plan = agent.plan(&pause.plan_id);
+            tracing::info!(plan = %pause.plan_id, paused = pause.paused, "pause changed");
+            plan.control.send_modify(|c| {
+                c.paused = pause.paused.then(|| {
+                    if pause.reason.is_empty() {
+                        "paused by an operator".to_string()
+                    } else {
+                        pause.reason.clone()
+                    }
+                })
+            });
+        }
         In::Preflight(req) => {
             let agent2 = agent.clone();
             let tx = tx.clone();

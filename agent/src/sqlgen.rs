@@ -215,7 +215,7 @@ pub(crate) fn data_batch(
 
 /// The next page of keys after `lower_lit`: how many rows (at most the batch size) and the
 /// last key, as text. Keyset pagination over the key's index.
-pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str) -> Option<String> {
+pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> Option<String> {
     let d = m.migration.data.as_ref()?;
     let key = d.key_sql();
     let filter = d
@@ -227,7 +227,6 @@ pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str) -> Option<String
         "SELECT count(*)::bigint, (pg_catalog.array_agg(k ORDER BY k DESC))[1]::text FROM \
          (SELECT {key} AS k FROM {table} WHERE {key} > {lower_lit}{filter} ORDER BY {key} LIMIT {limit}) page",
         table = d.table_sql(),
-        limit = d.batch_size
     ))
 }
 
@@ -428,6 +427,7 @@ mod tests {
                 rows_per_second: 0,
                 batch_sql: "UPDATE customers SET n = n + 1 WHERE id > $1 AND id <= $2".into(),
                 filter: "n = 0".into(),
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -450,7 +450,7 @@ mod tests {
                  COMMIT;\n"
             )
         );
-        let page = data_page(&m, "'7'").unwrap();
+        let page = data_page(&m, "'7'", 7).unwrap();
         assert!(
             page.ends_with(
                 "(SELECT \"id\" AS k FROM \"app\".\"customers\" WHERE \"id\" > '7' AND (n = 0\n) ORDER BY \"id\" LIMIT 7) page"

@@ -82,6 +82,22 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         ))
     }
 
+    async fn pause_plan(
+        &self,
+        req: Request<pb::PlanCommand>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        let c = req.into_inner();
+        Ok(Response::new(self.pause(c, true).await?))
+    }
+
+    async fn resume_plan(
+        &self,
+        req: Request<pb::PlanCommand>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        let c = req.into_inner();
+        Ok(Response::new(self.pause(c, false).await?))
+    }
+
     async fn list_locks(
         &self,
         _req: Request<pb::ListLocksRequest>,
@@ -189,6 +205,7 @@ impl pb::agent_service_server::AgentService for Coordinator {
             loop {
                 every.tick().await;
                 let m = msg(pb::coordinator_message::Body::Heartbeat(pb::Heartbeat {
+                    data: Vec::new(),
                     sent_at_ms: now_ms() as u64,
                 }));
                 let Some(beat) = beat.upgrade() else { return };
@@ -228,7 +245,18 @@ impl pb::agent_service_server::AgentService for Coordinator {
                 };
                 inner.fleet.touch(&shard, conn_id, now_ms());
                 match m.body {
-                    Some(Body::Heartbeat(_)) | Some(Body::Hello(_)) | None => {}
+                    Some(Body::Heartbeat(hb)) => {
+                        if !hb.data.is_empty() {
+                            let _ = inner
+                                .events
+                                .send(Event::Progress {
+                                    shard: shard.clone(),
+                                    data: hb.data,
+                                })
+                                .await;
+                        }
+                    }
+                    Some(Body::Hello(_)) | None => {}
                     Some(Body::Results(results)) => {
                         let _ = inner
                             .events

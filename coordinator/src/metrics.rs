@@ -48,6 +48,22 @@ pub fn install(addr: Option<SocketAddr>) -> Result<(), String> {
             "flotilla_decisions_total",
             "Two-phase commit decisions written, by decision."
         );
+        describe_gauge!(
+            "flotilla_data_rows_done",
+            "Data migrations: rows done over every target of a running plan, by plan."
+        );
+        describe_gauge!(
+            "flotilla_data_rows_estimated",
+            "Data migrations: rows estimated in all (done + the planner's estimate of the rest), by plan."
+        );
+        describe_gauge!(
+            "flotilla_data_rows_per_second",
+            "Data migrations: the plan's current rate over every target, by plan."
+        );
+        describe_gauge!(
+            "flotilla_data_targets_waiting",
+            "Data migrations: targets waiting at a batch boundary, by plan and why (throttled, paused)."
+        );
     });
     Ok(())
 }
@@ -92,4 +108,29 @@ pub fn two_phase_window(window: std::time::Duration) {
 pub fn decision(commit: bool) {
     counter!("flotilla_decisions_total", "decision" => if commit { "commit" } else { "abort" })
         .increment(1);
+}
+
+/// A running plan's data changes, summed over its targets (the plan label is a generated id).
+pub fn data_progress(run: &crate::engine::plan_run::PlanRun) {
+    let plan = run.id.clone();
+    let (mut done, mut total, mut rate, mut throttled, mut paused) = (0u64, 0u64, 0f64, 0u32, 0u32);
+    for p in run.progress.values() {
+        done += p.rows_done;
+        total += p.rows_total;
+        if p.state == "running" || p.state == "throttled" || p.state == "paused" {
+            rate += p.rows_per_second;
+        }
+        match p.state.as_str() {
+            "throttled" => throttled += 1,
+            "paused" => paused += 1,
+            _ => {}
+        }
+    }
+    gauge!("flotilla_data_rows_done", "plan" => plan.clone()).set(done as f64);
+    gauge!("flotilla_data_rows_estimated", "plan" => plan.clone()).set(total as f64);
+    gauge!("flotilla_data_rows_per_second", "plan" => plan.clone()).set(rate);
+    gauge!("flotilla_data_targets_waiting", "plan" => plan.clone(), "why" => "throttled")
+        .set(f64::from(throttled));
+    gauge!("flotilla_data_targets_waiting", "plan" => plan, "why" => "paused")
+        .set(f64::from(paused));
 }

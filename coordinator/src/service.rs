@@ -559,6 +559,25 @@ impl Coordinator {
         Ok(status)
     }
 
+    /// Pauses or resumes a running plan, or one shard of it (`c.shard`).
+    pub async fn pause(
+        &self,
+        c: pb::PlanCommand,
+        paused: bool,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        self.leader_epoch()?;
+        let shard = (!c.shard.trim().is_empty()).then(|| c.shard.trim().to_string());
+        self.to_engine(|reply| Event::Pause {
+            plan_id: c.plan_id,
+            shard,
+            paused,
+            actor: c.actor,
+            reason: c.reason,
+            reply,
+        })
+        .await?
+    }
+
     /// Plan status snapshots as they change, ending with the final one.
     pub fn watch(
         &self,

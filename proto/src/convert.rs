@@ -239,6 +239,94 @@ fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange,
         }
         Some(stmts.into_iter().next().expect("one"))
     };
+    let target_batch =
+        (d.target_batch_ms > 0).then(|| Duration::from_millis(d.target_batch_ms.into()));
+    if d.target_batch_ms > 600_000 {
+        return Err(err(format!(
+            "target_batch_ms {} is more than 600000 (ten minutes)",
+            d.target_batch_ms
+        )));
+    }
+    let min_batch_size = if d.min_batch_size == 0 {
+        batch_size.min(10)
+    } else {
+        d.min_batch_size
+    };
+    let max_batch_size = if d.max_batch_size == 0 {
+        batch_size
+            .saturating_mul(10)
+            .clamp(batch_size, 100_000.max(batch_size))
+    } else {
+        d.max_batch_size
+    };
+    if max_batch_size > MAX_BATCH_SIZE {
+        return Err(err(format!(
+            "max_batch_size {max_batch_size} is more than {MAX_BATCH_SIZE}"
+        )));
+    }
+    if !(min_batch_size <= batch_size && batch_size <= max_batch_size) {
+        return Err(err(format!(
+            "batch sizes must satisfy min_batch_size ({min_batch_size}) <= batch_size ({batch_size}) <= max_batch_size ({max_batch_size})"
+        )));
+    }
+    let mut health = Vec::with_capacity(d.health.len());
+    for (i, h) in d.health.iter().enumerate() {
+        let place = if h.name.is_empty() {
+            format!("health check {} ({})", i + 1, h.signal)
+        } else {
+            format!("health check `{}`", h.name)
+        };
+        if !h.max.is_finite() || h.max < 0.0 {
+            return Err(err(format!(
+                "{place}: max must be a number of at least 0, got {}",
+                h.max
+            )));
+        }
+        let signal = match h.signal.as_str() {
+            "replication_lag_ms" => HealthSignal::ReplicationLagMs,
+            "lock_waits" => HealthSignal::LockWaits,
+            "active_sessions" => HealthSignal::ActiveSessions,
+            "sql" => {
+                let stmts = sql::split_statements(&h.sql).map_err(|e| sql_err(&place, e))?;
+                if stmts.len() != 1 {
+                    return Err(err(format!(
+                        "{place}: sql must be one statement that returns one number, got {}",
+                        stmts.len()
+                    )));
+                }
+                if !sql::parameters(&h.sql)
+                    .map_err(|e| sql_err(&place, e))?
+                    .is_empty()
+                {
+                    return Err(err(format!("{place}: sql takes no parameters")));
+                }
+                if sql::first_transaction_control(&stmts).is_some() {
+                    return Err(err(format!(
+                        "{place}: sql must not control the transaction"
+                    )));
+                }
+                HealthSignal::Sql(stmts.into_iter().next().expect("one"))
+            }
+            other => {
+                return Err(err(format!(
+                    "{place}: unknown signal `{other}`: use replication_lag_ms, lock_waits, active_sessions or sql"
+                )));
+            }
+        };
+        if !matches!(signal, HealthSignal::Sql(_)) && !h.sql.trim().is_empty() {
+            return Err(err(format!("{place}: only a `sql` signal takes sql")));
+        }
+        let name = if h.name.trim().is_empty() {
+            signal.as_str().to_string()
+        } else {
+            h.name.trim().to_string()
+        };
+        health.push(HealthCheck {
+            signal,
+            name,
+            max: h.max,
+        });
+    }
     Ok(DataChange {
         table,
         key,
@@ -247,6 +335,11 @@ fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange,
         batch,
         batch_sql: d.batch_sql.clone(),
         filter,
+        target_batch,
+        min_batch_size,
+        max_batch_size,
+        server_rows_per_second: d.server_rows_per_second,
+        health,
     })
 }
 
@@ -278,6 +371,23 @@ impl From<&Migration> for pb::Migration {
                 rows_per_second: d.rows_per_second,
                 batch_sql: d.batch_sql.clone(),
                 filter: d.filter.clone().unwrap_or_default(),
+                target_batch_ms: d.target_batch.map(|t| t.as_millis() as u32).unwrap_or(0),
+                min_batch_size: d.min_batch_size,
+                max_batch_size: d.max_batch_size,
+                server_rows_per_second: d.server_rows_per_second,
+                health: d
+                    .health
+                    .iter()
+                    .map(|h| pb::HealthCheck {
+                        signal: h.signal.as_str().into(),
+                        name: h.name.clone(),
+                        sql: match &h.signal {
+                            HealthSignal::Sql(q) => q.clone(),
+                            _ => String::new(),
+                        },
+                        max: h.max,
+                    })
+                    .collect(),
             }),
         }
     }
@@ -465,12 +575,70 @@ mod data_tests {
                 rows_per_second: 0,
                 batch_sql: batch.into(),
                 filter: String::new(),
+                ..Default::default()
             }),
             ..Default::default()
         }
     }
 
     const BATCH: &str = "UPDATE customers SET n = n + 1 WHERE id > $1 AND id <= $2";
+
+    #[test]
+    fn health_checks_and_batch_bounds_are_checked_on_receipt() {
+        let mut m = data_migration(BATCH, "id");
+        let d = m.data.as_mut().unwrap();
+        d.target_batch_ms = 200;
+        d.health = vec![
+            pb::HealthCheck {
+                signal: "replication_lag_ms".into(),
+                max: 5000.0,
+                ..Default::default()
+            },
+            pb::HealthCheck {
+                signal: "sql".into(),
+                name: "queue".into(),
+                sql: "SELECT count(*) FROM jobs".into(),
+                max: 10.0,
+            },
+        ];
+        let ok = Migration::try_from(m.clone()).unwrap();
+        let d = ok.data.unwrap();
+        assert_eq!(d.target_batch, Some(Duration::from_millis(200)));
+        assert_eq!(
+            (d.min_batch_size, d.max_batch_size),
+            (10, 10 * d.batch_size)
+        );
+        assert_eq!(d.health[0].name, "replication_lag_ms");
+        assert_eq!(
+            d.health[1].signal,
+            HealthSignal::Sql("SELECT count(*) FROM jobs".into())
+        );
+
+        let bad = |f: &dyn Fn(&mut pb::DataChange), needle: &str| {
+            let mut m = m.clone();
+            f(m.data.as_mut().unwrap());
+            let e = Migration::try_from(m).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        };
+        bad(
+            &|d| d.health[0].signal = "vibes".into(),
+            "unknown signal `vibes`",
+        );
+        bad(
+            &|d| d.health[1].sql = "SELECT 1; SELECT 2".into(),
+            "one statement",
+        );
+        bad(&|d| d.health[1].sql = "SELECT $1".into(), "no parameters");
+        bad(&|d| d.health[1].max = f64::NAN, "health check `queue`: max");
+        bad(
+            &|d| d.health[0].sql = "SELECT 1".into(),
+            "only a `sql` signal",
+        );
+        bad(
+            &|d| d.min_batch_size = 5000,
+            "min_batch_size (5000) <= batch_size",
+        );
+    }
 
     #[test]
     fn a_data_migration_is_valid_without_up_sql() {

@@ -144,6 +144,49 @@ pub struct DataChange {
     pub batch: Vec<String>,
     pub batch_sql: String,
     pub filter: Option<String>,
+    /// Adaptive batch size: each batch aims at this duration; None = fixed size.
+    pub target_batch: Option<Duration>,
+    pub min_batch_size: u32,
+    pub max_batch_size: u32,
+    /// Rows per second shared by every target of the step on the shard's server; 0: none.
+    pub server_rows_per_second: u64,
+    /// Checked before every batch; the step waits while one is above its limit.
+    pub health: Vec<HealthCheck>,
+}
+
+/// A database health signal with the limit above which a data change waits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub signal: HealthSignal,
+    /// Shown in the throttle reason.
+    pub name: String,
+    pub max: f64,
+}
+
+// `max` is validated finite on receipt, so equality is total.
+impl Eq for HealthCheck {}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthSignal {
+    /// Replay lag of the shard's slowest replica (`pg_stat_replication`), in ms.
+    ReplicationLagMs,
+    /// Sessions waiting for a lock on the step's table.
+    LockWaits,
+    /// Active client sessions on the server, this one aside.
+    ActiveSessions,
+    /// One statement returning one number, run on the target's session.
+    Sql(String),
+}
+
+impl HealthSignal {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HealthSignal::ReplicationLagMs => "replication_lag_ms",
+            HealthSignal::LockWaits => "lock_waits",
+            HealthSignal::ActiveSessions => "active_sessions",
+            HealthSignal::Sql(_) => "sql",
+        }
+    }
 }
 
 impl DataChange {

@@ -187,6 +187,27 @@ pub enum PlanCommand {
     Cancel(CommandArgs),
     /// Undo every step a plan applied, in reverse dependency order.
     Rollback(CommandArgs),
+    /// Pause a running plan, or one shard of it (`--shard`): data changes stop at their
+    /// next batch boundary and no new step starts until `plan resume`.
+    Pause(PauseArgs),
+    /// Resume a paused plan, or one paused shard of it.
+    Resume(PauseArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PauseArgs {
+    pub id: String,
+    /// Only this shard of the plan.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Why (recorded in the audit trail).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Who asks (recorded in the audit trail).
+    #[arg(long, env = "USER", default_value = "operator")]
+    pub actor: String,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
 }
 
 #[derive(Args, Debug)]

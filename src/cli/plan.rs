@@ -133,6 +133,39 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
         }
         PlanCommand::Cancel(args) => command(addr, args, false).await,
         PlanCommand::Rollback(args) => command(addr, args, true).await,
+        PlanCommand::Pause(args) => pause(addr, args, true).await,
+        PlanCommand::Resume(args) => pause(addr, args, false).await,
+    }
+}
+
+async fn pause(addr: &str, args: super::PauseArgs, paused: bool) -> u8 {
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = pb::PlanCommand {
+        plan_id: args.id.clone(),
+        actor: args.actor,
+        reason: args.reason,
+        shard: args.shard.unwrap_or_default(),
+    };
+    let r = on_leader(&mut c, |mut c| {
+        let req = req.clone();
+        async move {
+            if paused {
+                c.pause_plan(req).await
+            } else {
+                c.resume_plan(req).await
+            }
+        }
+    })
+    .await;
+    match r {
+        Ok(s) => {
+            render::status(&s, args.output);
+            EXIT_OK
+        }
+        Err(code) => code,
     }
 }
 
@@ -211,6 +244,7 @@ async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {
         plan_id: args.id.clone(),
         actor: args.actor,
         reason: args.reason,
+        shard: String::new(),
     };
     let r = on_leader(&mut c, |mut c| {
         let req = req.clone();

@@ -55,7 +55,90 @@ pub fn status_json(s: &pb::PlanStatus) -> Value {
             })
         }).collect::<Vec<_>>(),
         "waiting_for": s.waiting_for,
+        "paused": s.paused,
+        "data": s.data.iter().map(|d| json!({
+            "migration": d.migration_id,
+            "shard": d.shard,
+            "tenant": d.tenant,
+            "state": d.state,
+            "reason": d.reason,
+            "rows_done": d.rows_done,
+            "rows_total": d.rows_total,
+            "rows_per_second": (d.rows_per_second * 10.0).round() / 10.0,
+            "batch_size": d.batch_size,
+            "batches": d.batches,
+            "eta_ms": d.eta_ms,
+        })).collect::<Vec<_>>(),
     })
+}
+
+/// At most this many data changes get a line (the busiest first, then the rest counted).
+const DATA_LINES: usize = 12;
+
+fn data_target(d: &pb::DataProgress) -> String {
+    if d.tenant.is_empty() {
+        format!("{} on {}", d.migration_id, d.shard)
+    } else {
+        format!("{} on {}/{}", d.migration_id, d.shard, d.tenant)
+    }
+}
+
+fn data_line(d: &pb::DataProgress) -> String {
+    let mut line = format!(
+        "{:<48} {:>10}/{:<10} rows {:>8.0} rows/s  batch {}",
+        data_target(d),
+        d.rows_done,
+        d.rows_total,
+        d.rows_per_second,
+        d.batch_size
+    );
+    if d.eta_ms > 0 && d.state == "running" {
+        line.push_str(&format!("  ETA {}", eta(d.eta_ms)));
+    }
+    if d.state != "running" {
+        line.push_str(&format!("  {}", d.state));
+        if !d.reason.is_empty() {
+            line.push_str(&format!(": {}", d.reason));
+        }
+    }
+    line
+}
+
+fn eta(ms: u64) -> String {
+    let s = ms / 1000;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+fn data_bar(d: &pb::DataProgress, width: usize) -> String {
+    let total = d.rows_total.max(d.rows_done).max(1);
+    let done = ((d.rows_done as u128 * width as u128) / total as u128) as usize;
+    let fill = if d.state == "throttled" || d.state == "paused" {
+        "="
+    } else {
+        "#"
+    };
+    format!(
+        "[{}{}]",
+        fill.repeat(done.min(width)),
+        " ".repeat(width - done.min(width))
+    )
+}
+
+/// The data changes worth a line now: those not finished, most rows left first.
+fn active_data(s: &pb::PlanStatus) -> Vec<&pb::DataProgress> {
+    let mut v: Vec<&pb::DataProgress> = s
+        .data
+        .iter()
+        .filter(|d| !matches!(d.state.as_str(), "done"))
+        .collect();
+    v.sort_by_key(|d| std::cmp::Reverse(d.rows_total.saturating_sub(d.rows_done)));
+    v
 }
 
 pub fn status(s: &pb::PlanStatus, output: Output) {
@@ -74,6 +157,19 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
     }
     for m in &s.migrations {
         println!("  {}", migration_line(m));
+    }
+    if !s.paused.is_empty() {
+        println!("paused: {}", s.paused.join(", "));
+    }
+    let data = active_data(s);
+    if !data.is_empty() {
+        println!("data changes:");
+        for d in data.iter().take(DATA_LINES) {
+            println!("  {}", data_line(d));
+        }
+        if data.len() > DATA_LINES {
+            println!("  ... and {} more", data.len() - DATA_LINES);
+        }
     }
     if !s.waiting_for.is_empty() {
         println!("waiting for agents of: {}", s.waiting_for.join(", "));
@@ -171,7 +267,26 @@ impl Progress {
                 for m in &s.migrations {
                     let _ = writeln!(out, "\x1b[2K  {} {}", bar(m, 30), migration_line(m));
                 }
-                self.drawn = 1 + s.migrations.len();
+                let data = active_data(s);
+                let shown = data.len().min(DATA_LINES);
+                for d in data.iter().take(DATA_LINES) {
+                    let _ = writeln!(out, "\x1b[2K  {} {}", data_bar(d, 30), data_line(d));
+                }
+                let mut lines = 1 + s.migrations.len() + shown;
+                if data.len() > DATA_LINES {
+                    let _ = writeln!(
+                        out,
+                        "\x1b[2K  ... and {} more data changes",
+                        data.len() - DATA_LINES
+                    );
+                    lines += 1;
+                }
+                // lines drawn before and not now are cleared, so nothing stale stays
+                let stale = self.drawn.saturating_sub(lines);
+                for _ in 0..stale {
+                    let _ = writeln!(out, "\x1b[2K");
+                }
+                self.drawn = lines + stale;
                 let _ = out.flush();
             }
             Output::Text => {
@@ -194,6 +309,9 @@ impl Progress {
                     elapsed.as_secs_f64(),
                     parts.join(" | ")
                 );
+                for d in active_data(s).iter().take(DATA_LINES) {
+                    println!("    {}", data_line(d));
+                }
             }
         }
     }

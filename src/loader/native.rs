@@ -52,6 +52,33 @@ struct DataTable {
     rows_per_second: Option<Spanned<i64>>,
     batch: Spanned<String>,
     filter: Option<String>,
+    /// Adaptive batch size toward this duration per batch.
+    target_batch_ms: Option<Spanned<i64>>,
+    min_batch_size: Option<Spanned<i64>>,
+    max_batch_size: Option<Spanned<i64>>,
+    /// One budget for every target of the step on the shard's server.
+    server_rows_per_second: Option<Spanned<i64>>,
+    throttle: Option<ThrottleTable>,
+}
+
+/// `[data.throttle]`: health signals checked before every batch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThrottleTable {
+    max_replication_lag_ms: Option<Spanned<f64>>,
+    max_lock_waits: Option<Spanned<f64>>,
+    max_active_sessions: Option<Spanned<f64>>,
+    #[serde(default)]
+    check: Vec<CheckTable>,
+}
+
+/// `[[data.throttle.check]]`: custom SQL returning one number.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckTable {
+    name: String,
+    sql: String,
+    max: f64,
 }
 
 /// Reads the migration in directory `dir`, whose name is `name`.
@@ -222,6 +249,45 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
             return Err(at(d.batch.span(), "[data] batch SQL is empty".into()));
         }
         let filter = d.filter.unwrap_or_default();
+        let opt = |v: &Option<Spanned<i64>>, name: &str, min: i64| match v {
+            Some(v) => positive(v, name, min).map(|n| n as u64),
+            None => Ok(0),
+        };
+        let target_batch_ms = opt(&d.target_batch_ms, "target_batch_ms", 1)? as u32;
+        let min_batch_size = opt(&d.min_batch_size, "min_batch_size", 1)? as u32;
+        let max_batch_size = opt(&d.max_batch_size, "max_batch_size", 1)? as u32;
+        let server_rows_per_second = opt(&d.server_rows_per_second, "server_rows_per_second", 1)?;
+        let mut health = Vec::new();
+        if let Some(t) = d.throttle {
+            for (signal, max) in [
+                ("replication_lag_ms", t.max_replication_lag_ms),
+                ("lock_waits", t.max_lock_waits),
+                ("active_sessions", t.max_active_sessions),
+            ] {
+                if let Some(max) = max {
+                    if *max.get_ref() < 0.0 {
+                        return Err(at(
+                            max.span(),
+                            format!("[data.throttle] max_{signal} must be at least 0"),
+                        ));
+                    }
+                    health.push(pb::HealthCheck {
+                        signal: signal.into(),
+                        name: signal.into(),
+                        sql: String::new(),
+                        max: *max.get_ref(),
+                    });
+                }
+            }
+            for c in t.check {
+                health.push(pb::HealthCheck {
+                    signal: "sql".into(),
+                    name: c.name,
+                    sql: c.sql,
+                    max: c.max,
+                });
+            }
+        }
         m.checksum = flotilla_proto::data_checksum(
             &m.up_sql,
             d.table.get_ref(),
@@ -236,6 +302,11 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
             rows_per_second,
             batch_sql: d.batch.into_inner(),
             filter,
+            target_batch_ms,
+            min_batch_size,
+            max_batch_size,
+            server_rows_per_second,
+            health,
         });
         if m.kind.is_empty() {
             m.kind = "data".into();

@@ -268,3 +268,241 @@ async fn the_rate_limit_holds_and_a_missing_table_is_named() -> anyhow::Result<(
     assert_eq!(checkpoints(&fleet, 0).await?, 0);
     Ok(())
 }
+
+/// One shard, one tenant of 400 rows with `touched`/`score`, and a signal table the
+/// health check reads (`public.load`).
+async fn slow_backfill_fleet() -> anyhow::Result<TestFleet> {
+    TestFleet::builder(1, 1)
+        .shard_sql(|_, tenants| {
+            let t = &tenants[0];
+            format!(
+                "ALTER TABLE {t}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;
+                 INSERT INTO {t}.work_orders (customer_id, priority, total_amount)
+                   SELECT g % 97, 'normal', g FROM generate_series(1, 380) g;
+                 ANALYZE {t}.work_orders;
+                 CREATE TABLE public.load (v int NOT NULL);
+                 INSERT INTO public.load VALUES (0);"
+            )
+        })
+        .start()
+        .await
+}
+
+/// How often `public.load` was read (the health check's reads).
+async fn load_scans(fleet: &TestFleet) -> anyhow::Result<i64> {
+    fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'load'",
+        )
+        .await
+}
+
+/// Rows the checkpoint of the running change says are done (0 before the first batch).
+async fn checkpoint_rows(fleet: &TestFleet) -> anyhow::Result<i64> {
+    fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            "SELECT coalesce(sum(rows), 0)::bigint FROM flotilla.checkpoints",
+        )
+        .await
+}
+
+async fn touched_rows(fleet: &TestFleet) -> anyhow::Result<i64> {
+    let t = &fleet.tenants(0)[0];
+    fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            &format!("SELECT count(*) FROM {t}.work_orders WHERE touched = 1"),
+        )
+        .await
+}
+
+/// The status's progress entry for the backfill, once it is in `state`.
+async fn data_entry(fleet: &TestFleet, id: &str, state: &str) -> anyhow::Result<serde_json::Value> {
+    crate::harness::wait_for(&format!("the backfill {state}"), WAIT, async || {
+        let st = fleet
+            .json(&["plan", "status", id, "--output", "json"])
+            .await?;
+        Ok(st["data"]
+            .as_array()
+            .and_then(|d| d.iter().find(|e| e["state"] == state).cloned()))
+    })
+    .await
+}
+
+/// A custom health signal crossing its limit stops batches within one batch and shows as
+/// the reason; once it is back under the limit the change goes on and ends exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_health_signal_above_its_limit_throttles_the_backfill() -> anyhow::Result<()> {
+    let fleet = slow_backfill_fleet().await?;
+    let dir = MigrationDir::new()?;
+    let toml = backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n")
+        + "[[data.throttle.check]]\nname = \"queue depth\"\nsql = \"SELECT v FROM public.load\"\nmax = 5\n";
+    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    crate::harness::wait_until("a few batches done", WAIT, async || {
+        Ok(checkpoint_rows(&fleet).await? >= 30)
+    })
+    .await?;
+
+    fleet
+        .pg
+        .psql(&fleet.shards[0], "UPDATE public.load SET v = 9")
+        .await?;
+    let at_flip = checkpoint_rows(&fleet).await?;
+    let entry = data_entry(&fleet, &id, "throttled").await?;
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("queue depth is 9 (limit 5)"),
+        "{entry}"
+    );
+    let stopped_at = checkpoint_rows(&fleet).await?;
+    assert!(
+        stopped_at <= at_flip + 10,
+        "batches went on after the signal crossed its limit: {at_flip} -> {stopped_at}"
+    );
+    // The agent keeps reading the signal (each read scans public.load); over three more
+    // reads no batch ran.
+    let before = load_scans(&fleet).await?;
+    crate::harness::wait_until("three more signal reads", WAIT, async || {
+        Ok(load_scans(&fleet).await? >= before + 3)
+    })
+    .await?;
+    assert_eq!(
+        checkpoint_rows(&fleet).await?,
+        stopped_at,
+        "no batch while throttled"
+    );
+
+    fleet
+        .pg
+        .psql(&fleet.shards[0], "UPDATE public.load SET v = 0")
+        .await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 400));
+    Ok(())
+}
+
+/// Pausing stops the backfill at a batch boundary (status: paused, with its progress);
+/// nothing moves while paused; resuming finishes it with every row changed once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_backfill_stops_at_a_batch_boundary_and_resumes() -> anyhow::Result<()> {
+    let fleet = slow_backfill_fleet().await?;
+    let dir = MigrationDir::new()?;
+    let toml = backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n");
+    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    crate::harness::wait_until("a few batches done", WAIT, async || {
+        Ok(checkpoint_rows(&fleet).await? >= 30)
+    })
+    .await?;
+    let out = fleet
+        .cli(&[
+            "plan",
+            "pause",
+            &id,
+            "--reason",
+            "peak hour",
+            "--output",
+            "json",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let entry = data_entry(&fleet, &id, "paused").await?;
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(st["state"], "paused", "{st}");
+    let rows = checkpoint_rows(&fleet).await?;
+    assert_eq!(entry["rows_done"].as_i64(), Some(rows), "{entry}");
+    assert!(
+        (350..=450).contains(&entry["rows_total"].as_i64().unwrap_or(0)),
+        "estimated total: {entry}"
+    );
+    assert_eq!(entry["batch_size"], 10, "{entry}");
+    // Every batch is done and recorded, or not done.
+    assert_eq!(touched_rows(&fleet).await?, rows);
+    // At 100 rows/s a batch of 10 goes every 0.1s: a second of the shard's clock past the
+    // checkpoint would have held ten.
+    crate::harness::wait_until("a second past the last batch", WAIT, async || {
+        let past: i64 = fleet
+            .pg
+            .query_scalar(
+                &fleet.shards[0],
+                "SELECT count(*) FROM flotilla.checkpoints WHERE clock_timestamp() - updated_at > interval '1 second'",
+            )
+            .await?;
+        Ok(past == 1)
+    })
+    .await?;
+    assert_eq!(
+        checkpoint_rows(&fleet).await?,
+        rows,
+        "nothing moved while paused"
+    );
+
+    let out = fleet
+        .cli(&["plan", "resume", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 400));
+
+    // Pausing a shard the plan does not touch is refused, naming it.
+    let out = fleet
+        .cli(&["plan", "pause", &id, "--shard", "shard_9"])
+        .await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    Ok(())
+}
+
+/// Cancel under policy `stop`: the backfill stops at a batch boundary, the plan ends
+/// cancelled, exactly the checkpointed rows are changed; submitted again, it goes on from
+/// the checkpoint and every row is changed once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_backfill_leaves_whole_batches_and_resumes_later() -> anyhow::Result<()> {
+    let fleet = slow_backfill_fleet().await?;
+    let dir = MigrationDir::new()?;
+    let toml = backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n");
+    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
+    let id = fleet.submit(dir.path(), &["--policy", "stop"]).await?;
+    crate::harness::wait_until("a few batches done", WAIT, async || {
+        Ok(checkpoint_rows(&fleet).await? >= 30)
+    })
+    .await?;
+    let out = fleet
+        .cli(&["plan", "cancel", &id, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(st["state"], "cancelled", "{st}");
+    let rows = checkpoint_rows(&fleet).await?;
+    assert!(rows > 0 && rows < 400, "{rows}");
+    assert_eq!(touched_rows(&fleet).await?, rows, "whole batches only");
+    assert_eq!(not_once(&fleet, 0).await?.0, 400 - rows);
+
+    let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 400));
+    let log = fleet.agents[0].as_ref().unwrap().log();
+    assert!(
+        log.contains("resuming a data change from its checkpoint"),
+        "{log}"
+    );
+    Ok(())
+}

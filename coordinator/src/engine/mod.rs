@@ -80,6 +80,20 @@ pub enum Event {
     },
     /// Shards whose agents hold a liveness key (etcd) or are attached (embedded).
     LiveAgents(std::collections::BTreeSet<String>),
+    /// Data changes' progress, from an agent's heartbeat.
+    Progress {
+        shard: String,
+        data: Vec<pb::DataProgress>,
+    },
+    /// Pause or resume a plan (`shard` None) or one shard of it.
+    Pause {
+        plan_id: String,
+        shard: Option<String>,
+        paused: bool,
+        actor: String,
+        reason: String,
+        reply: oneshot::Sender<Result<pb::PlanStatus, CoordinatorError>>,
+    },
     Tick,
 }
 
@@ -258,6 +272,38 @@ impl Engine {
             Event::Status { plan_id, reply } => {
                 let _ = reply.send(self.status_of(&plan_id));
             }
+            Event::Progress { shard, data } => {
+                let mut touched = std::collections::BTreeSet::new();
+                for mut p in data {
+                    let Some(run) = self.plans.get_mut(&p.plan_id) else {
+                        continue;
+                    };
+                    // the stream says which shard; the message cannot claim another
+                    p.shard = shard.clone();
+                    touched.insert(p.plan_id.clone());
+                    run.record_progress(p);
+                }
+                for plan_id in touched {
+                    if let Some(run) = self.plans.get(&plan_id) {
+                        metrics::data_progress(run);
+                    }
+                    let _ = self.changes.send((plan_id, false));
+                }
+            }
+            Event::Pause {
+                plan_id,
+                shard,
+                paused,
+                actor,
+                reason,
+                reply,
+            } => {
+                let result = self.pause(&plan_id, shard.as_deref(), paused, &actor, &reason);
+                if result.is_ok() {
+                    self.drive(&plan_id).await;
+                }
+                let _ = reply.send(result.map(|_| self.status_of(&plan_id).unwrap_or_default()));
+            }
             Event::Lead { epoch } => {
                 if self.leading && self.epoch == epoch {
                     return;
@@ -416,6 +462,95 @@ impl Engine {
             .map(|(s, _)| s.clone())
             .collect();
         Some(status::from_run(run, waiting))
+    }
+
+    /// Pauses or resumes a plan or one shard of it: the shard's agent stops its data changes
+    /// at their next batch boundary, and no new run goes there until it is resumed.
+    fn pause(
+        &mut self,
+        plan_id: &str,
+        shard: Option<&str>,
+        paused: bool,
+        actor: &str,
+        reason: &str,
+    ) -> Result<(), CoordinatorError> {
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return Err(CoordinatorError::Conflict(format!(
+                "plan {plan_id} is not running; nothing to {}",
+                if paused { "pause" } else { "resume" }
+            )));
+        };
+        if let Some(s) = shard
+            && !run.shards.contains_key(s)
+        {
+            return Err(CoordinatorError::Rejected(format!(
+                "plan {plan_id} has no target on shard `{s}` (its shards: {})",
+                run.shards.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if run.state.is_terminal() {
+            return Err(CoordinatorError::Conflict(format!(
+                "plan {plan_id} already ended {}",
+                run.state.as_str()
+            )));
+        }
+        let key = shard.unwrap_or(plan_run::ALL_SHARDS).to_string();
+        if paused {
+            run.paused.insert(key);
+        } else if shard.is_none() {
+            // resuming the plan resumes every shard of it
+            run.paused.clear();
+        } else {
+            run.paused.remove(&key);
+        }
+        let shards: Vec<String> = match shard {
+            Some(s) => vec![s.to_string()],
+            None => run.shards.keys().cloned().collect(),
+        };
+        let who = if actor.is_empty() { "operator" } else { actor };
+        let what = format!(
+            "{} {}by {who}{}",
+            if paused { "paused" } else { "resumed" },
+            shard.map(|s| format!("on {s} ")).unwrap_or_default(),
+            if reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {reason}")
+            }
+        );
+        info!(plan = %plan_id, "{what}");
+        self.write(StoreOp::Audit {
+            actor: who.to_string(),
+            action: if paused { "pause" } else { "resume" }.into(),
+            plan_id: plan_id.to_string(),
+            detail: format!(
+                "{}{reason}",
+                shard.map(|s| format!("shard {s}: ")).unwrap_or_default()
+            ),
+        });
+        for s in shards {
+            self.send_pause(plan_id, &s);
+        }
+        Ok(())
+    }
+
+    /// Tells a shard's agent whether the plan is paused there now.
+    fn send_pause(&self, plan_id: &str, shard: &str) {
+        let (Some(run), Some(agent)) = (self.plans.get(plan_id), self.agents.get(shard)) else {
+            return;
+        };
+        let paused = run.is_paused(shard);
+        let _ = agent
+            .tx
+            .try_send(msg(pb::coordinator_message::Body::Pause(pb::Pause {
+                plan_id: plan_id.to_string(),
+                paused,
+                reason: if paused {
+                    format!("plan {plan_id} paused by an operator")
+                } else {
+                    String::new()
+                },
+            })));
     }
 
     fn command(
@@ -671,6 +806,19 @@ impl Engine {
         if !send_definition(sr, &run.definition, agent) {
             return;
         }
+        if run.is_paused(shard) {
+            // a new stream (or agent process) hears the pause again
+            let _ = agent
+                .tx
+                .try_send(msg(pb::coordinator_message::Body::Pause(pb::Pause {
+                    plan_id: plan_id.to_string(),
+                    paused: true,
+                    reason: format!("plan {plan_id} paused by an operator"),
+                })));
+        }
+        let Some(sr) = run.shards.get_mut(shard) else {
+            return;
+        };
         if run.state == PlanState::RollingBack {
             if matches!(sr.rollback, RollbackState::Asked(c) if c != conn_id) {
                 sr.rollback = RollbackState::NotAsked;

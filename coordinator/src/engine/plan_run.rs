@@ -184,7 +184,14 @@ pub struct PlanRun {
     /// Index into `units` of the unit now running, preparing or deciding
     /// (`units.len()` once every unit committed).
     unit_pos: usize,
+    /// Paused shards ([`ALL_SHARDS`]: the whole plan): no run is handed out there.
+    pub paused: BTreeSet<String>,
+    /// Data changes' latest progress, by (migration, shard, tenant).
+    pub progress: BTreeMap<(String, String, String), pb::DataProgress>,
 }
+
+/// In `PlanRun::paused`: every shard of the plan.
+pub const ALL_SHARDS: &str = "*";
 
 impl PlanRun {
     #[allow(clippy::too_many_arguments)]
@@ -282,6 +289,8 @@ impl PlanRun {
             unit_of,
             units,
             unit_pos: 0,
+            paused: BTreeSet::new(),
+            progress: BTreeMap::new(),
         };
         // Units that committed before (a rebuild) are behind the plan.
         while !run.spec.atomic && run.current_unit().is_some() && run.unit_committed() {
@@ -292,6 +301,17 @@ impl PlanRun {
             run.enqueue_if_ready(t);
         }
         run
+    }
+
+    pub fn is_paused(&self, shard: &str) -> bool {
+        self.paused.contains(ALL_SHARDS) || self.paused.contains(shard)
+    }
+
+    pub fn record_progress(&mut self, p: pb::DataProgress) {
+        self.progress.insert(
+            (p.migration_id.clone(), p.shard.clone(), p.tenant.clone()),
+            p,
+        );
     }
 
     /// The atomic unit now in progress, if any is left.
@@ -483,7 +503,7 @@ impl PlanRun {
 
     /// Forms the next runs for a shard, up to its prefetch window.
     pub fn next_runs(&mut self, shard: &str, next_run_id: &mut u64) -> Vec<pb::Run> {
-        if self.state != PlanState::Running {
+        if self.state != PlanState::Running || self.is_paused(shard) {
             return Vec::new();
         }
         let Some(sr) = self.shards.get(shard) else {
@@ -1027,7 +1047,12 @@ impl PlanRun {
                 Vec::new()
             }),
             PlanState::Stopping => (self.outstanding() == 0).then(|| {
-                self.state = PlanState::Failed;
+                // an operator's cancel ends cancelled, a failure under `stop` failed
+                self.state = if self.rollback_ends == PlanState::Cancelled {
+                    PlanState::Cancelled
+                } else {
+                    PlanState::Failed
+                };
                 Vec::new()
             }),
             PlanState::RollingBack => {

@@ -56,7 +56,14 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
         summary: Some(pb::PlanSummary {
             plan_id: run.id.clone(),
             name: run.spec.name.clone(),
-            state: run.state.as_str().into(),
+            // "paused" is how operators see a running plan that they paused as a whole
+            state: if run.state == super::plan_run::PlanState::Running
+                && run.paused.contains(super::plan_run::ALL_SHARDS)
+            {
+                "paused".into()
+            } else {
+                run.state.as_str().into()
+            },
             environment: run.spec.environment.clone(),
             created_at_ms: run.created_at_ms as u64,
             updated_at_ms: crate::store::now_ms() as u64,
@@ -70,6 +77,8 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
             None => run.message.clone(),
         },
         waiting_for,
+        data: run.progress.values().cloned().collect(),
+        paused: run.paused.iter().cloned().collect(),
     }
 }
 
@@ -106,6 +115,9 @@ pub fn from_store(plan: &PlanRow, order: &[String], steps: &[StepRow]) -> pb::Pl
         failures,
         message: plan.message.clone(),
         waiting_for: Vec::new(),
+        // live only while the plan runs (heartbeats); a finished step's rows are in its outcome
+        data: Vec::new(),
+        paused: Vec::new(),
     }
 }
 
