@@ -85,13 +85,7 @@ pub(crate) struct ServerBuckets {
 }
 
 impl ServerBuckets {
-    pub fn bucket(
-        &self,
-        plan: &str,
-        migration: &str,
-        rate: u64,
-        capacity: u64,
-    ) -> SharedBucket {
+    pub fn bucket(&self, plan: &str, migration: &str, rate: u64, capacity: u64) -> SharedBucket {
         self.buckets
             .lock()
             .expect("buckets lock")

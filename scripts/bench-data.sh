@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Data-migration benchmarks (issue 4), on one table of ROWS (default 1,000,000) rows in one
+# shard database, everything on one throwaway PostgreSQL server:
+#
+#   1. throughput, unthrottled: Flotilla's batched backfill (batch 1000, no rate limit)
+#      against the seed's DO-loop (the priority-score backfill of the design seeds, same batch
+#      size, its pg_sleep removed), and against a keyset DO-loop that commits every batch
+#      (the fairest hand-written floor);
+#   2. rate: the backfill at RATE rows/s; the rate achieved over WINDOW seconds, measured from
+#      the shard's own checkpoint rows and commit times;
+#   3. a foreground pgbench workload's p99 latency alone and while the backfill runs with
+#      health throttling on (active sessions and lock waits).
+#
+#   scripts/bench-data.sh            ROWS=200000 WINDOW=20 scripts/bench-data.sh  (quicker)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+ROWS=${ROWS:-1000000}; RATE=${RATE:-5000}; WINDOW=${WINDOW:-60}; PGBENCH_SECS=${PGBENCH_SECS:-30}
+bindir=$(pg_config --bindir 2>/dev/null || true)
+[ -x "$bindir/initdb" ] || bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5,5 -rn | head -1)
+[ -x "$bindir/pgbench" ] || { echo "error: pgbench not found next to initdb ($bindir)" >&2; exit 2; }
+
+cargo build --release --quiet --bin flotilla
+FLOTILLA=$ROOT/target/release/flotilla
+work=$(mktemp -d /tmp/flotilla-data.XXXXXX); chmod 755 "$work"
+as_pg=()
+if [ "$(id -u)" -eq 0 ]; then chown postgres "$work"; as_pg=(runuser -u postgres --); fi
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+port=$(( 20000 + RANDOM % 8000 ))
+"${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+"${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -l "$work/pg.log" -w \
+  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_buffers=512MB" start >/dev/null
+PGURL="postgres://postgres@127.0.0.1:$port"
+psql() { "$bindir/psql" -X -q -v ON_ERROR_STOP=1 "$PGURL/bench" "$@"; }
+"$bindir/psql" -X -q "$PGURL/postgres" -c "CREATE DATABASE bench"
+
+echo "==== building work_orders with $ROWS rows"
+psql <<SQL
+CREATE TABLE work_orders (id bigserial PRIMARY KEY, customer_id bigint NOT NULL, priority text NOT NULL,
+  total_amount numeric(12,2) NOT NULL, priority_score int NOT NULL DEFAULT 0, updated_at timestamptz);
+INSERT INTO work_orders (customer_id, priority, total_amount)
+  SELECT g % 9973, (ARRAY['emergency','urgent','high','normal','low'])[1 + g % 5], g % 1000 + 0.5
+  FROM generate_series(1, $ROWS) g;
+VACUUM ANALYZE work_orders;
+SQL
+reset_table() { psql -c "UPDATE work_orders SET priority_score = 0, updated_at = NULL" -c "VACUUM ANALYZE work_orders" -c "CHECKPOINT"; }
+SCORE="CASE WHEN priority = 'emergency' THEN 100 WHEN priority = 'urgent' THEN 80 WHEN priority = 'high' THEN 60 WHEN priority = 'normal' THEN 40 WHEN priority = 'low' THEN 20 ELSE 0 END"
+now() { date +%s.%N; }
+
+# --- the coordinator and the shard's agent ---------------------------------------------
+cport=$(( port + 1 )); addr="http://127.0.0.1:$cport"
+FLOTILLA_LOG=warn "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$work/store.db" >"$work/c.log" 2>&1 &
+pids+=($!)
+FLOTILLA_LOG=warn "$FLOTILLA" --coordinator "$addr" agent --shard shard_0 --dsn "$PGURL/bench" >"$work/a.log" 2>&1 &
+pids+=($!)
+for ((i=0; i<300; i++)); do
+  "$FLOTILLA" --coordinator "$addr" fleet list --output json 2>/dev/null | grep -q '"connected":true' && break; sleep 0.1
+done
+n=0
+# A migration directory with one data migration ($dir, its id $mid); extra [data] lines in $1.
+backfill_dir() {
+  n=$((n + 1)); mid="2025020100000${n}_priority_score"; dir="$work/m$n"; local d="$dir/$mid"
+  mkdir -p "$d"
+  printf 'SELECT 1;\n' > "$d/up.sql"
+  printf 'UPDATE work_orders SET priority_score = 0;\n' > "$d/down.sql"
+  cat > "$d/migration.toml" <<TOML
+scope = "shard"
+[data]
+table = "work_orders"
+key = "id"
+batch_size = 1000
+filter = "priority_score = 0"
+batch = "UPDATE work_orders SET priority_score = $SCORE, updated_at = now() WHERE id > \$1 AND id <= \$2"
+$1
+TOML
+}
+check_done() {
+  local left; left=$(psql -At -c "SELECT count(*) FROM work_orders WHERE priority_score = 0")
+  [ "$left" -eq 0 ] || { echo "error: $left rows not backfilled" >&2; exit 1; }
+}
+
+# --- 1. throughput ------------------------------------------------------------------------
+echo "==== 1. unthrottled throughput, batch 1000"
+reset_table
+t0=$(now)
+psql <<SQL
+DO \$\$
+DECLARE batch_size INTEGER := 1000; processed_count INTEGER := 0;
+BEGIN
+  LOOP
+    UPDATE work_orders SET priority_score = $SCORE, updated_at = now()
+    WHERE priority_score = 0 AND id IN (SELECT id FROM work_orders WHERE priority_score = 0 ORDER BY id LIMIT batch_size);
+    GET DIAGNOSTICS processed_count = ROW_COUNT;
+    EXIT WHEN processed_count = 0;
+  END LOOP;
+END \$\$;
+SQL
+t_seed=$(echo "$(now) - $t0" | bc); check_done
+echo "seed DO-loop (one transaction, rescans from the start each batch): ${t_seed}s"
+
+reset_table
+t0=$(now)
+psql <<SQL
+DO \$\$
+DECLARE last_id bigint := 0; upper_id bigint;
+BEGIN
+  LOOP
+    SELECT max(id) INTO upper_id FROM (SELECT id FROM work_orders WHERE id > last_id AND priority_score = 0 ORDER BY id LIMIT 1000) p;
+    EXIT WHEN upper_id IS NULL;
+    UPDATE work_orders SET priority_score = $SCORE, updated_at = now() WHERE id > last_id AND id <= upper_id;
+    last_id := upper_id;
+    COMMIT;
+  END LOOP;
+END \$\$;
+SQL
+t_keyset=$(echo "$(now) - $t0" | bc); check_done
+echo "keyset DO-loop (a commit per batch): ${t_keyset}s"
+
+reset_table
+backfill_dir ""
+t0=$(now)
+"$FLOTILLA" --coordinator "$addr" plan submit "$dir" --wait --output json >"$work/p1.json"
+t_flotilla=$(echo "$(now) - $t0" | bc); check_done
+echo "Flotilla (keyset batches, each with its checkpoint, fenced): ${t_flotilla}s"
+printf '==== throughput: Flotilla %.0f rows/s; vs the seed DO-loop %.2fx, vs the keyset DO-loop %.2fx (goal >= 0.9x)\n' \
+  "$(echo "$ROWS / $t_flotilla" | bc -l)" "$(echo "$t_seed / $t_flotilla" | bc -l)" "$(echo "$t_keyset / $t_flotilla" | bc -l)"
+
+# --- 2. rate --------------------------------------------------------------------------------
+echo "==== 2. rate limit $RATE rows/s over ${WINDOW}s"
+reset_table
+backfill_dir "rows_per_second = $RATE"
+id=$("$FLOTILLA" --coordinator "$addr" plan submit "$dir" --policy stop --output json | tail -1 | grep -o '"plan_id":"[^"]*"' | cut -d'"' -f4)
+sample() { psql -At -F' ' -c "SELECT rows, extract(epoch FROM updated_at) FROM flotilla.checkpoints WHERE migration_id = '$mid'"; }
+for ((i=0; i<300; i++)); do s1=$(sample); [ -n "$s1" ] && break; sleep 0.05; done
+read -r r1 t1 <<<"$s1"
+sleep "$WINDOW"
+read -r r2 t2 <<<"$(sample)"
+"$FLOTILLA" --coordinator "$addr" plan cancel "$id" --wait --output json >/dev/null || true
+achieved=$(echo "($r2 - $r1) / ($t2 - $t1)" | bc -l)
+printf '==== rate: %.1f rows/s achieved over %.1fs (%d rows), limit %d: %.2f%% off (goal within 3%%)\n' \
+  "$achieved" "$(echo "$t2 - $t1" | bc -l)" "$((r2 - r1))" "$RATE" "$(echo "($achieved - $RATE) / $RATE * 100" | bc -l)"
+
+# --- 3. foreground latency -----------------------------------------------------------------
+echo "==== 3. pgbench p99 (4 clients, point reads and updates by id, ${PGBENCH_SECS}s)"
+cat >"$work/fg.sql" <<SQL
+\set id random(1, $ROWS)
+SELECT total_amount FROM work_orders WHERE id = :id;
+UPDATE work_orders SET total_amount = total_amount + 0 WHERE id = :id;
+SQL
+p99() { # per-transaction latencies (microseconds, field 3) of pgbench -l logs
+  cat "$1"/pgbench_log.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {i=int(NR*0.99); if (i<1) i=1; printf "%.2f", a[i]/1000}'
+}
+bench() { # $1: log dir
+  mkdir -p "$1"; (cd "$1" && "$bindir/pgbench" -n -c 4 -j 2 -T "$PGBENCH_SECS" -f "$work/fg.sql" -l "$PGURL/bench" >"$1/out.txt" 2>&1)
+}
+reset_table
+bench "$work/alone"; alone=$(p99 "$work/alone")
+echo "alone: p99 ${alone} ms"
+reset_table
+backfill_dir "[data.throttle]
+max_active_sessions = 2
+max_lock_waits = 0"
+id=$("$FLOTILLA" --coordinator "$addr" plan submit "$dir" --policy stop --output json | tail -1 | grep -o '"plan_id":"[^"]*"' | cut -d'"' -f4)
+for ((i=0; i<300; i++)); do [ -n "$(sample)" ] && break; sleep 0.05; done
+rb=$(sample | cut -d' ' -f1)
+bench "$work/with"; with=$(p99 "$work/with")
+ra=$(sample | cut -d' ' -f1)
+"$FLOTILLA" --coordinator "$addr" plan cancel "$id" --wait --output json >/dev/null || true
+echo "with the throttled backfill: p99 ${with} ms (the backfill did $(( ${ra:-0} - ${rb:-0} )) rows meanwhile)"
+printf '==== p99 ratio: %.2fx (goal <= 1.2x)\n' "$(echo "$with / $alone" | bc -l)"
