@@ -72,17 +72,67 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
             }
         }
         let mut durations = vec![Duration::ZERO; group.len()];
-        let outcome = if transactional {
-            run_transaction(conn, &cx, job, &group, &mut durations).await
-        } else {
-            run_non_transactional(
-                conn,
-                &cx,
-                &job.steps[i],
-                job.hooks.as_deref(),
-                &mut durations[0],
-            )
-            .await
+        // A schema change that cannot get its lock within lock_timeout gives up, so it never
+        // queues in front of the table's traffic for longer; it is tried again after a pause
+        // (the lock_timeout-with-retries pattern of GitLab and strong_migrations).
+        let mut attempt = 0u32;
+        let mut backend_pid: Option<i32> = None;
+        let outcome = loop {
+            durations.iter_mut().for_each(|d| *d = Duration::ZERO);
+            let watch = backend_pid.map(|pid| BlockerWatch::start(pool, pid, &job.steps[i]));
+            let outcome = if transactional {
+                run_transaction(conn, &cx, job, &group, &mut durations).await
+            } else {
+                run_non_transactional(
+                    conn,
+                    &cx,
+                    &job.steps[i],
+                    job.hooks.as_deref(),
+                    &mut durations[0],
+                )
+                .await
+            };
+            let blocker = match watch {
+                Some(w) => w.finish().await,
+                None => None,
+            };
+            let lock_timeout =
+                matches!(&outcome, Err(gf) if gf.failure.error.sqlstate == LOCK_NOT_AVAILABLE);
+            let data = group.iter().any(|&g| job.steps[g].migration.data.is_some());
+            match outcome {
+                Err(gf) if lock_timeout && !data && attempt < LOCK_RETRIES => {
+                    if recover(conn, gf.in_transaction, !transactional).await {
+                        break Err(gf);
+                    }
+                    attempt += 1;
+                    let pause = LOCK_RETRY_PAUSE * 2u32.pow(attempt - 1);
+                    warn!(
+                        migration = job.steps[group[gf.position]].id(),
+                        attempt,
+                        ?pause,
+                        blocked_by = blocker.as_deref().unwrap_or("?"),
+                        "lock timeout; trying again after a pause"
+                    );
+                    if backend_pid.is_none() {
+                        backend_pid = sqlx::query_scalar("SELECT pg_catalog.pg_backend_pid()")
+                            .fetch_one(&mut *conn)
+                            .await
+                            .ok();
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                Err(mut gf) if lock_timeout && attempt > 0 => {
+                    gf.failure.error.message = format!(
+                        "{} ({} attempts, each within lock_timeout {}ms){}",
+                        gf.failure.error.message,
+                        attempt + 1,
+                        job.steps[group[gf.position]].lock_timeout_ms,
+                        blocker.map(|b| format!("; {b}")).unwrap_or_default()
+                    );
+                    break Err(gf);
+                }
+                other => break other,
+            }
         };
         let mode = if transactional {
             StepMode::Transactional
@@ -157,6 +207,72 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
     RunOutput {
         result: job.result(reports),
         broken,
+    }
+}
+
+/// `lock_not_available`: a lock_timeout (or NOWAIT) gave up.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// Attempts after the first when a schema step's lock times out.
+const LOCK_RETRIES: u32 = 3;
+/// The pause before the first retry; it doubles after each.
+const LOCK_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// The table waited for, then the blocking session's pid, user, application, state, seconds
+/// its transaction is open, and its last query.
+type BlockerRow = (Option<String>, i32, String, String, String, f64, String);
+
+/// Watches a step's backend from another connection while it may wait for a lock: shortly
+/// before its lock_timeout runs out, it records which table the step waits for and which
+/// sessions block it, for the error that names them.
+struct BlockerWatch {
+    task: tokio::task::JoinHandle<Option<String>>,
+}
+
+impl BlockerWatch {
+    fn start(pool: &PgPool, pid: i32, m: &PreparedMigration) -> BlockerWatch {
+        let pool = pool.clone();
+        let wait = Duration::from_millis(m.lock_timeout_ms.max(10) * 3 / 4);
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let rows: Vec<BlockerRow> = sqlx::query_as(
+                "SELECT w.relation::pg_catalog.regclass::text, a.pid, coalesce(a.usename::text, ''), \
+                   coalesce(a.application_name, ''), coalesce(a.state, ''), \
+                   coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start), 0)::float8, \
+                   pg_catalog.left(coalesce(a.query, ''), 120) \
+                 FROM pg_catalog.pg_locks w \
+                 CROSS JOIN LATERAL pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS b(pid) \
+                 JOIN pg_catalog.pg_stat_activity a ON a.pid = b.pid \
+                 WHERE w.pid = $1 AND NOT w.granted ORDER BY a.xact_start",
+            )
+            .bind(pid)
+            .fetch_all(&pool)
+            .await
+            .ok()?;
+            let (table, ..) = rows.first()?;
+            let blockers: Vec<String> = rows
+                .iter()
+                .map(|(_, pid, user, app, state, secs, query)| {
+                    format!(
+                        "pid {pid} (user {user}{}, {state}, transaction open {secs:.0}s, last query: {query})",
+                        if app.is_empty() { String::new() } else { format!(", application {app}") }
+                    )
+                })
+                .collect();
+            Some(format!(
+                "waiting for a lock on {} held by {}",
+                table.clone().unwrap_or_else(|| "an object".into()),
+                blockers.join("; ")
+            ))
+        });
+        BlockerWatch { task }
+    }
+
+    /// What it saw, if the step was still waiting when it looked.
+    async fn finish(self) -> Option<String> {
+        if !self.task.is_finished() {
+            self.task.abort();
+        }
+        self.task.await.ok().flatten()
     }
 }
 

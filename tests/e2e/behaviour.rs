@@ -889,3 +889,109 @@ async fn a_failed_concurrent_index_leaves_no_invalid_index() -> anyhow::Result<(
     assert_eq!(fleet.fingerprint().await?, before);
     Ok(())
 }
+
+/// A long transaction holds a lock that ALTER TABLE needs: the step gives up within its
+/// lock_timeout each time (so a probe query on the table never waits behind it for longer),
+/// tries again after a pause, and succeeds once the holder ends. When the holder never ends,
+/// the final error names the table and the blocking session.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocked_schema_change_retries_within_lock_timeout() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    let t = fleet.tenants(0)[0].clone();
+    let db = fleet.shards[0].clone();
+    let pool = fleet.pg.pool(&db).await?;
+    // An open transaction that read the table: ACCESS SHARE, which ALTER TABLE waits for.
+    let mut holder = pool.begin().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {t}.work_orders"
+    )))
+    .execute(&mut *holder)
+    .await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_add_flag",
+        "lock_timeout = \"300ms\"\n",
+        "ALTER TABLE work_orders ADD COLUMN flag int",
+        "ALTER TABLE work_orders DROP COLUMN flag",
+    )?;
+    let id = fleet.submit(d.path(), &[]).await?;
+    // Wait for the step to be waiting for its lock, then probe the table: the probe queues
+    // behind the ALTER and must get through within about one lock_timeout.
+    crate::harness::wait_until("the ALTER waiting for its lock", WAIT, async || {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                &db,
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock'",
+            )
+            .await?;
+        Ok(n > 0)
+    })
+    .await?;
+    for _ in 0..3 {
+        let probe = Instant::now();
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {t}.work_orders"
+        )))
+        .fetch_one(&pool)
+        .await?;
+        assert_eq!(n, 20);
+        let waited = probe.elapsed();
+        assert!(
+            waited < Duration::from_millis(1300),
+            "a probe waited {waited:?} behind the schema change (lock_timeout 300ms)"
+        );
+    }
+    let agent_log = || fleet.agents[0].as_ref().unwrap().log();
+    crate::harness::wait_until("a retry", WAIT, async || {
+        Ok(agent_log().contains("lock timeout; trying again after a pause"))
+    })
+    .await?;
+    holder.rollback().await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let cols: i64 = fleet
+        .pg
+        .query_scalar(
+            &db,
+            &format!(
+                "SELECT count(*) FROM information_schema.columns WHERE table_schema = '{t}' AND column_name = 'flag'"
+            ),
+        )
+        .await?;
+    assert_eq!(cols, 1);
+
+    // A holder that never lets go: every attempt times out; the error names the table and
+    // the blocking session.
+    let mut holder = pool.begin().await?;
+    sqlx::query("SELECT set_config('application_name', 'long-report', true)")
+        .execute(&mut *holder)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {t}.work_orders"
+    )))
+    .execute(&mut *holder)
+    .await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "002_add_flag2",
+        "lock_timeout = \"300ms\"\n",
+        "ALTER TABLE work_orders ADD COLUMN flag2 int",
+        "ALTER TABLE work_orders DROP COLUMN flag2",
+    )?;
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    holder.rollback().await?;
+    assert_eq!(code, 1, "{out}");
+    let locks = failures_with(&status, "55P03");
+    assert_eq!(locks.len(), 1, "{status}");
+    let message = locks[0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("4 attempts")
+            && message.contains(&format!("{t}.work_orders"))
+            && message.contains("long-report"),
+        "{message}"
+    );
+    Ok(())
+}
