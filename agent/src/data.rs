@@ -249,11 +249,13 @@ pub(crate) async fn run_batches(
             u64::from(d.batch_size),
         )
     });
-    let lower_now = match &prev {
-        Some(k) => quote_literal(k).map_err(|e| agent_failure(m, e))?,
-        None => floor_lit.clone(),
+    // the exclusive lower bound after `prev`: the last key done, or the type's floor
+    let lower_of = |prev: &Option<String>| match prev {
+        Some(k) => quote_literal(k).map_err(|e| agent_failure(m, e)),
+        None => Ok(floor_lit.clone()),
     };
-    let left = estimate_left(conn, m, &lower_now).await;
+    let left = estimate_left(conn, m, &lower_of(&prev)?).await;
+    let health = health_queries(m)?;
     let mut progress = Progress::new(hooks, cx.tenant, m.id(), rows_total as u64, batches as u64);
     progress.total = rows_total as u64 + left.unwrap_or(0);
     let mut control = hooks.map(|h| h.control.clone());
@@ -262,18 +264,16 @@ pub(crate) async fn run_batches(
     let mut done = 0u64;
     loop {
         // A batch boundary: halted, paused or throttled, the step waits (or stops) here.
-        if let Some(c) = control.as_mut() {
-            wait_at_boundary(conn, m, c, halts_at_start, &mut progress).await?;
-        } else if let Some(reason) = health_reason(conn, m).await? {
-            // no hooks (an agent-internal run): throttling still holds
-            progress.set("throttled", &reason, size);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        let lower_lit = match &prev {
-            Some(k) => quote_literal(k).map_err(|e| agent_failure(m, e))?,
-            None => floor_lit.clone(),
-        };
+        wait_at_boundary(
+            conn,
+            m,
+            &health,
+            control.as_mut(),
+            halts_at_start,
+            &mut progress,
+        )
+        .await?;
+        let lower_lit = lower_of(&prev)?;
         let page = sqlgen::data_page(m, &lower_lit, size).expect("a data change");
         let (n, upper): (i64, Option<String>) = sqlx::query_as(AssertSqlSafe(page))
             .fetch_one(&mut *conn)
@@ -363,19 +363,24 @@ pub(crate) fn adapt_batch_size(
 pub(crate) const STOPPED: &str = "stopped";
 
 /// Waits at a batch boundary while the plan is paused or a health signal is above its
-/// limit; fails with [`STOPPED`] when the plan was halted since the change started.
+/// limit; fails with [`STOPPED`] when the plan was halted since the change started. Without
+/// a plan's control (no hooks) only the health signals hold it.
 async fn wait_at_boundary(
     conn: &mut PgConnection,
     m: &PreparedMigration,
-    control: &mut tokio::sync::watch::Receiver<crate::control::PlanControl>,
+    health: &[HealthQuery<'_>],
+    mut control: Option<&mut tokio::sync::watch::Receiver<crate::control::PlanControl>>,
     halts_at_start: Option<u64>,
     progress: &mut Progress<'_>,
 ) -> Result<(), Failure> {
     let mut backoff = Duration::from_millis(100);
     let mut waiting: Option<&'static str> = None;
     let result = loop {
-        let now = control.borrow_and_update().clone();
-        if Some(now.halts) != halts_at_start {
+        let now = control
+            .as_mut()
+            .map(|c| c.borrow_and_update().clone())
+            .unwrap_or_default();
+        if control.is_some() && Some(now.halts) != halts_at_start {
             progress.set("stopped", "halted", progress.size);
             break Err(Failure::agent(
                 STOPPED,
@@ -388,23 +393,27 @@ async fn wait_at_boundary(
                 ),
             ));
         }
-        if let Some(reason) = now.paused {
+        if let (Some(reason), Some(c)) = (now.paused, control.as_mut()) {
             set_waiting(&mut waiting, Some("paused"));
             progress.set("paused", &reason, progress.size);
             // woken by resume or halt; never polls
-            if control.changed().await.is_err() {
+            if c.changed().await.is_err() {
                 break Ok(());
             }
             continue;
         }
-        match health_reason(conn, m).await {
+        match health_reason(conn, m, health).await {
             Err(e) => break Err(e),
             Ok(Some(reason)) => {
                 set_waiting(&mut waiting, Some("throttled"));
                 progress.set("throttled", &reason, progress.size);
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    _ = control.changed() => {}
+                // re-checked after the backoff, or at once on pause, resume or halt
+                match control.as_mut() {
+                    Some(c) => tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = c.changed() => {}
+                    },
+                    None => tokio::time::sleep(backoff).await,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -431,15 +440,16 @@ fn set_waiting(current: &mut Option<&'static str>, next: Option<&'static str>) {
     *current = next;
 }
 
-/// Why the change must wait now (the first health signal above its limit), if it must.
-async fn health_reason(
-    conn: &mut PgConnection,
-    m: &PreparedMigration,
-) -> Result<Option<String>, Failure> {
+/// A health check with the query that reads its signal.
+type HealthQuery<'a> = (&'a flotilla_proto::HealthCheck, String);
+
+/// The queries of the change's health checks, built once per run (not per batch).
+fn health_queries(m: &PreparedMigration) -> Result<Vec<HealthQuery<'_>>, Failure> {
     use flotilla_proto::HealthSignal;
     let Some(d) = m.migration.data.as_ref() else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
+    let mut out = Vec::with_capacity(d.health.len());
     for h in &d.health {
         let sql = match &h.signal {
             HealthSignal::ReplicationLagMs => "SELECT (pg_catalog.max(extract(epoch FROM \
@@ -458,7 +468,19 @@ async fn health_reason(
                 .to_string(),
             HealthSignal::Sql(q) => format!("SELECT (SELECT * FROM ({q}\n) AS signal LIMIT 1)::float8"),
         };
-        let value: Option<f64> = sqlx::query_scalar(AssertSqlSafe(sql))
+        out.push((h, sql));
+    }
+    Ok(out)
+}
+
+/// Why the change must wait now (the first health signal above its limit), if it must.
+async fn health_reason(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+    health: &[HealthQuery<'_>],
+) -> Result<Option<String>, Failure> {
+    for (h, sql) in health {
+        let value: Option<f64> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
             .fetch_one(&mut *conn)
             .await
             .map_err(|e| {
@@ -500,17 +522,7 @@ async fn estimate_left(
     m: &PreparedMigration,
     lower_lit: &str,
 ) -> Option<u64> {
-    let d = m.migration.data.as_ref()?;
-    let filter = d
-        .filter
-        .as_ref()
-        .map(|f| format!(" AND ({f}\n)"))
-        .unwrap_or_default();
-    let sql = format!(
-        "EXPLAIN SELECT 1 FROM {} WHERE {} > {lower_lit}{filter}",
-        d.table_sql(),
-        d.key_sql()
-    );
+    let sql = sqlgen::data_estimate(m, lower_lit)?;
     let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
         .fetch_all(&mut *conn)
         .await

@@ -77,6 +77,8 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
         // (the lock_timeout-with-retries pattern of GitLab and strong_migrations).
         let mut attempt = 0u32;
         let mut backend_pid: Option<i32> = None;
+        // a data change keeps its batches and checkpoint; it is not retried whole
+        let data = group.iter().any(|&g| job.steps[g].migration.data.is_some());
         let outcome = loop {
             durations.iter_mut().for_each(|d| *d = Duration::ZERO);
             let watch = backend_pid.map(|pid| BlockerWatch::start(pool, pid, &job.steps[i]));
@@ -98,7 +100,6 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
             };
             let lock_timeout =
                 matches!(&outcome, Err(gf) if gf.failure.error.sqlstate == LOCK_NOT_AVAILABLE);
-            let data = group.iter().any(|&g| job.steps[g].migration.data.is_some());
             match outcome {
                 Err(gf) if lock_timeout && !data && attempt < LOCK_RETRIES => {
                     if recover(conn, gf.in_transaction, !transactional).await {

@@ -218,15 +218,31 @@ pub(crate) fn data_batch(
 pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> Option<String> {
     let d = m.migration.data.as_ref()?;
     let key = d.key_sql();
-    let filter = d
-        .filter
-        .as_ref()
-        .map(|f| format!(" AND ({f}\n)"))
-        .unwrap_or_default();
+    let filter = data_filter(d);
     Some(format!(
         "SELECT count(*)::bigint, (pg_catalog.array_agg(k ORDER BY k DESC))[1]::text FROM \
          (SELECT {key} AS k FROM {table} WHERE {key} > {lower_lit}{filter} ORDER BY {key} LIMIT {limit}) page",
         table = d.table_sql(),
+    ))
+}
+
+/// ` AND (<filter>)` of a data change, or nothing (a newline ends a trailing comment).
+fn data_filter(d: &flotilla_proto::DataChange) -> String {
+    d.filter
+        .as_ref()
+        .map(|f| format!(" AND ({f}\n)"))
+        .unwrap_or_default()
+}
+
+/// The planner's view of the rows still to do after `lower_lit` (EXPLAIN: its first line
+/// carries `rows=N`), for the progress's estimated total.
+pub(crate) fn data_estimate(m: &PreparedMigration, lower_lit: &str) -> Option<String> {
+    let d = m.migration.data.as_ref()?;
+    Some(format!(
+        "EXPLAIN SELECT 1 FROM {} WHERE {} > {lower_lit}{}",
+        d.table_sql(),
+        d.key_sql(),
+        data_filter(d)
     ))
 }
 

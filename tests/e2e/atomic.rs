@@ -38,15 +38,21 @@ pub(crate) async fn assert_fences_not_back(fleet: &HaFleet, before: &[i64]) -> a
     Ok(())
 }
 
-/// Submits COORD-2025-001 as an atomic plan without waiting; returns its id.
-async fn submit_atomic(fleet: &HaFleet) -> anyhow::Result<String> {
-    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
-    let out = fleet
-        .cli(&["plan", "submit", &dir, "--atomic", "--output", "json"])
-        .await?;
+/// Submits a plan (`plan submit` + `args`) without waiting; returns its id.
+async fn submit_plan(fleet: &HaFleet, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["plan", "submit"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--output", "json"]);
+    let out = fleet.cli(&all).await?;
     assert!(out.success(), "{out}");
     let v: Value = serde_json::from_str(out.stdout.lines().last().unwrap_or(""))?;
     Ok(v["plan_id"].as_str().unwrap_or_default().to_string())
+}
+
+/// Submits COORD-2025-001 as an atomic plan without waiting; returns its id.
+async fn submit_atomic(fleet: &HaFleet) -> anyhow::Result<String> {
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    submit_plan(fleet, &[&dir, "--atomic"]).await
 }
 
 async fn assert_none_prepared(fleet: &HaFleet, shards: usize) -> anyhow::Result<()> {
@@ -291,12 +297,7 @@ async fn views(fleet: &HaFleet, db: &str) -> anyhow::Result<i64> {
 
 async fn submit_grouped(fleet: &HaFleet, plan: &crate::harness::TestDir) -> anyhow::Result<String> {
     let file = plan.join("plan.toml").to_string_lossy().into_owned();
-    let out = fleet
-        .cli(&["plan", "submit", &file, "--output", "json"])
-        .await?;
-    assert!(out.success(), "{out}");
-    let v: Value = serde_json::from_str(out.stdout.lines().last().unwrap_or(""))?;
-    Ok(v["plan_id"].as_str().unwrap_or_default().to_string())
+    submit_plan(fleet, &[&file]).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -288,6 +288,25 @@ async fn slow_backfill_fleet() -> anyhow::Result<TestFleet> {
         .await
 }
 
+/// Submits the backfill in batches of 10 at 100 rows/s (`extra` appended to its
+/// migration.toml) and waits until a few batches are done; returns its directory and plan id.
+async fn start_slow_backfill(
+    fleet: &TestFleet,
+    extra: &str,
+    args: &[&str],
+) -> anyhow::Result<(MigrationDir, String)> {
+    let dir = MigrationDir::new()?;
+    let toml =
+        backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n") + extra;
+    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
+    let id = fleet.submit(dir.path(), args).await?;
+    crate::harness::wait_until("a few batches done", WAIT, async || {
+        Ok(checkpoint_rows(fleet).await? >= 30)
+    })
+    .await?;
+    Ok((dir, id))
+}
+
 /// How often `public.load` was read (the health check's reads).
 async fn load_scans(fleet: &TestFleet) -> anyhow::Result<i64> {
     fleet
@@ -339,14 +358,11 @@ async fn data_entry(fleet: &TestFleet, id: &str, state: &str) -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread")]
 async fn a_health_signal_above_its_limit_throttles_the_backfill() -> anyhow::Result<()> {
     let fleet = slow_backfill_fleet().await?;
-    let dir = MigrationDir::new()?;
-    let toml = backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n")
-        + "[[data.throttle.check]]\nname = \"queue depth\"\nsql = \"SELECT v FROM public.load\"\nmax = 5\n";
-    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
-    let id = fleet.submit(dir.path(), &[]).await?;
-    crate::harness::wait_until("a few batches done", WAIT, async || {
-        Ok(checkpoint_rows(&fleet).await? >= 30)
-    })
+    let (_dir, id) = start_slow_backfill(
+        &fleet,
+        "[[data.throttle.check]]\nname = \"queue depth\"\nsql = \"SELECT v FROM public.load\"\nmax = 5\n",
+        &[],
+    )
     .await?;
 
     fleet
@@ -397,14 +413,7 @@ async fn a_health_signal_above_its_limit_throttles_the_backfill() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_backfill_stops_at_a_batch_boundary_and_resumes() -> anyhow::Result<()> {
     let fleet = slow_backfill_fleet().await?;
-    let dir = MigrationDir::new()?;
-    let toml = backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n");
-    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
-    let id = fleet.submit(dir.path(), &[]).await?;
-    crate::harness::wait_until("a few batches done", WAIT, async || {
-        Ok(checkpoint_rows(&fleet).await? >= 30)
-    })
-    .await?;
+    let (_dir, id) = start_slow_backfill(&fleet, "", &[]).await?;
     let out = fleet
         .cli(&[
             "plan",
@@ -474,14 +483,7 @@ async fn a_paused_backfill_stops_at_a_batch_boundary_and_resumes() -> anyhow::Re
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancelled_backfill_leaves_whole_batches_and_resumes_later() -> anyhow::Result<()> {
     let fleet = slow_backfill_fleet().await?;
-    let dir = MigrationDir::new()?;
-    let toml = backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n");
-    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
-    let id = fleet.submit(dir.path(), &["--policy", "stop"]).await?;
-    crate::harness::wait_until("a few batches done", WAIT, async || {
-        Ok(checkpoint_rows(&fleet).await? >= 30)
-    })
-    .await?;
+    let (dir, id) = start_slow_backfill(&fleet, "", &["--policy", "stop"]).await?;
     let out = fleet
         .cli(&["plan", "cancel", &id, "--wait", "--output", "json"])
         .await?;

@@ -539,18 +539,9 @@ impl Engine {
         let (Some(run), Some(agent)) = (self.plans.get(plan_id), self.agents.get(shard)) else {
             return;
         };
-        let paused = run.is_paused(shard);
         let _ = agent
             .tx
-            .try_send(msg(pb::coordinator_message::Body::Pause(pb::Pause {
-                plan_id: plan_id.to_string(),
-                paused,
-                reason: if paused {
-                    format!("plan {plan_id} paused by an operator")
-                } else {
-                    String::new()
-                },
-            })));
+            .try_send(pause_message(plan_id, run.is_paused(shard)));
     }
 
     fn command(
@@ -808,13 +799,7 @@ impl Engine {
         }
         if run.is_paused(shard) {
             // a new stream (or agent process) hears the pause again
-            let _ = agent
-                .tx
-                .try_send(msg(pb::coordinator_message::Body::Pause(pb::Pause {
-                    plan_id: plan_id.to_string(),
-                    paused: true,
-                    reason: format!("plan {plan_id} paused by an operator"),
-                })));
+            let _ = agent.tx.try_send(pause_message(plan_id, true));
         }
         let Some(sr) = run.shards.get_mut(shard) else {
             return;
@@ -988,6 +973,19 @@ fn send_definition(sr: &mut ShardRun, definition: &pb::PlanDefinition, agent: &A
         .try_send(msg(pb::coordinator_message::Body::Plan(definition.clone())));
     sr.defined_on = Some(agent.conn_id);
     true
+}
+
+/// Whether the plan is paused on the agent's shard now.
+fn pause_message(plan_id: &str, paused: bool) -> pb::CoordinatorMessage {
+    msg(pb::coordinator_message::Body::Pause(pb::Pause {
+        plan_id: plan_id.to_string(),
+        paused,
+        reason: if paused {
+            format!("plan {plan_id} paused by an operator")
+        } else {
+            String::new()
+        },
+    }))
 }
 
 pub fn msg(body: pb::coordinator_message::Body) -> pb::CoordinatorMessage {

@@ -333,9 +333,20 @@ impl PlanRun {
         self.unit_of[s].is_some() && self.unit_of[s] == self.current_unit()
     }
 
+    /// The steps of the unit in progress (none when no unit is left).
+    fn unit_steps(&self) -> impl Iterator<Item = usize> + '_ {
+        let any = self.current_unit().is_some();
+        (0..self.steps.len()).filter(move |&s| any && self.in_unit(s))
+    }
+
+    /// A step of a later atomic unit: it waits until the units before it committed.
+    fn waits_for_unit(&self, s: usize) -> bool {
+        self.unit_of[s].is_some() && !self.in_unit(s)
+    }
+
     /// Every step of the current unit committed (or was there already).
     fn unit_committed(&self) -> bool {
-        (0..self.steps.len()).filter(|&s| self.in_unit(s)).all(|s| {
+        self.unit_steps().all(|s| {
             matches!(
                 self.steps[s].status,
                 StepStatus::Applied | StepStatus::AlreadyApplied
@@ -346,10 +357,8 @@ impl PlanRun {
     /// Whether a step of the current unit could have been handed out: one is past
     /// pending, or one waits for nothing.
     pub fn unit_reachable(&self) -> bool {
-        (0..self.steps.len()).any(|s| {
-            self.in_unit(s)
-                && (self.steps[s].status != StepStatus::Pending || self.remaining[s] == 0)
-        })
+        self.unit_steps()
+            .any(|s| self.steps[s].status != StepStatus::Pending || self.remaining[s] == 0)
     }
 
     /// Whether the finished dependency `d` lets `s` go: a prepared step lets
@@ -437,8 +446,7 @@ impl PlanRun {
     }
 
     fn shards_of_unit(&self) -> usize {
-        (0..self.steps.len())
-            .filter(|&s| self.in_unit(s))
+        self.unit_steps()
             .map(|s| self.targets[self.steps[s].target].shard.as_str())
             .collect::<BTreeSet<_>>()
             .len()
@@ -454,7 +462,7 @@ impl PlanRun {
         let ready = self.per_target[t].iter().any(|&s| {
             self.steps[s].status == StepStatus::Pending
                 && self.remaining[s] == 0
-                && (self.unit_of[s].is_none() || self.in_unit(s))
+                && !self.waits_for_unit(s)
         });
         let shard = &self.targets[t].shard;
         if let Some(sr) = self.shards.get_mut(shard)
@@ -574,7 +582,7 @@ impl PlanRun {
                 continue;
             }
             // A step of a later atomic unit waits for the units before it to commit.
-            if self.unit_of[s].is_some() && !self.in_unit(s) {
+            if self.waits_for_unit(s) {
                 continue;
             }
             let deps_ok = step
@@ -847,13 +855,12 @@ impl PlanRun {
 
     /// Atomic plans: every step prepared or applied, nothing out, nothing failed.
     pub fn ready_to_commit(&self) -> bool {
-        let unit: Vec<usize> = (0..self.steps.len()).filter(|&s| self.in_unit(s)).collect();
+        // "any prepared" also says the unit is not empty
         self.state == PlanState::Running
-            && !unit.is_empty()
-            && unit.iter().all(|&s| self.steps[s].status.done())
-            && unit
-                .iter()
-                .any(|&s| self.steps[s].status == StepStatus::Prepared)
+            && self.unit_steps().all(|s| self.steps[s].status.done())
+            && self
+                .unit_steps()
+                .any(|s| self.steps[s].status == StepStatus::Prepared)
     }
 
     /// The Resolve message for a shard's prepared transactions, if it has any left.
