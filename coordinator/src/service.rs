@@ -467,7 +467,7 @@ impl Coordinator {
             .map(|s| StepStatus::parse(&exists[&(s.migration, s.target)]))
             .collect();
         let spec = Arc::new(spec);
-        Ok(PlanRun::new(
+        let mut run = PlanRun::new(
             row.id.clone(),
             spec.clone(),
             self.definition(&row.id, &spec),
@@ -476,7 +476,9 @@ impl Coordinator {
             statuses,
             row.created_at_ms,
             epoch,
-        ))
+        );
+        run.inherited = true;
+        Ok(run)
     }
 
     pub async fn status(&self, plan_id: &str) -> Result<pb::PlanStatus, CoordinatorError> {

@@ -357,6 +357,7 @@ impl Engine {
                     .filter(|(_, r)| {
                         matches!(r.state, PlanState::Committing | PlanState::Aborting)
                             || r.ready_to_commit()
+                            || r.unit_unverified
                     })
                     .map(|(id, _)| id.clone())
                     .collect();
@@ -867,6 +868,7 @@ impl Engine {
                 message,
             });
         }
+        self.verify_unit(plan_id).await;
         let Some(run) = self.plans.get_mut(plan_id) else {
             return;
         };
@@ -973,6 +975,84 @@ fn send_definition(sr: &mut ShardRun, definition: &pb::PlanDefinition, agent: &A
         .try_send(msg(pb::coordinator_message::Body::Plan(definition.clone())));
     sr.defined_on = Some(agent.conn_id);
     true
+}
+
+impl Engine {
+    /// A unit entered on a plan this leader inherited may have been started by the leader
+    /// before it (the store can miss its last writes): its decision in etcd stands if there
+    /// is one; with none, a transaction of it prepared on a shard (in the agents' in-doubt
+    /// lists) means it had started, and this leader presumes abort, as at a takeover.
+    async fn verify_unit(&mut self, plan_id: &str) {
+        use crate::coordination::Decision;
+        let Some(run) = self.plans.get(plan_id) else {
+            return;
+        };
+        if !run.unit_unverified || run.state != PlanState::Running {
+            return;
+        }
+        let key = run.unit_key();
+        // every shard's in-doubt list is needed: it comes with the agent's attach
+        if run.shards.keys().any(|s| !self.agents.contains_key(s)) {
+            return;
+        }
+        let started = run.shards.keys().any(|s| {
+            self.in_doubt.get(s).is_some_and(|gids| {
+                gids.iter()
+                    .any(|g| plan_run::plan_of_gid(g) == Some(key.as_str()))
+            })
+        });
+        let decision = match self.coordination.decision(&key).await {
+            Ok(Some(d)) => Some(d),
+            Ok(None) if started => {
+                match self
+                    .coordination
+                    .decide(&key, Decision::Abort, self.epoch)
+                    .await
+                {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        warn!(plan = %plan_id, unit = %key, "writing the presumed abort failed, retrying: {e}");
+                        return;
+                    }
+                }
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(plan = %plan_id, unit = %key, "reading the unit's decision failed, retrying: {e}");
+                return;
+            }
+        };
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
+        run.unit_unverified = false;
+        let Some(d) = decision else { return };
+        metrics::decision(d == Decision::Commit);
+        info!(plan = %plan_id, unit = %key, decision = d.as_str(), "a unit the previous leader started: continuing under its decision");
+        run.decision = Some(d == Decision::Commit);
+        if d == Decision::Commit {
+            run.state = PlanState::Committing;
+        } else {
+            run.state = PlanState::Aborting;
+            run.message = format!(
+                "parallel group {} aborted after a change of coordinator (presumed abort)",
+                run.current_unit().map_or(0, |g| g + 1)
+            );
+            let updates = run.halt_pending();
+            self.write(StoreOp::Steps {
+                plan_id: plan_id.to_string(),
+                updates,
+            });
+        }
+        let run = &self.plans[plan_id];
+        self.write(StoreOp::PlanState {
+            plan_id: plan_id.to_string(),
+            state: run.state.as_str().into(),
+            message: run.message.clone(),
+        });
+        // the decision is carried out on the next pass
+        self.two_phase(plan_id).await;
+    }
 }
 
 /// Whether the plan is paused on the agent's shard now.

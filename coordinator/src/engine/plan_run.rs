@@ -186,6 +186,12 @@ pub struct PlanRun {
     unit_pos: usize,
     /// Paused shards ([`ALL_SHARDS`]: the whole plan): no run is handed out there.
     pub paused: BTreeSet<String>,
+    /// Rebuilt by a new leader: the one before may have started units that the store
+    /// does not show (its last writes can be lost with it).
+    pub inherited: bool,
+    /// A unit entered on an inherited plan, not yet checked against etcd and the agents'
+    /// in-doubt transactions: nothing of it is handed out until it is.
+    pub unit_unverified: bool,
     /// Data changes' latest progress, by (migration, shard, tenant).
     pub progress: BTreeMap<(String, String, String), pb::DataProgress>,
 }
@@ -291,6 +297,8 @@ impl PlanRun {
             unit_pos: 0,
             paused: BTreeSet::new(),
             progress: BTreeMap::new(),
+            inherited: false,
+            unit_unverified: false,
         };
         // Units that committed before (a rebuild) are behind the plan.
         while !run.spec.atomic && run.current_unit().is_some() && run.unit_committed() {
@@ -411,6 +419,7 @@ impl PlanRun {
             )
         };
         self.unit_pos += 1;
+        self.unit_unverified = self.inherited && self.current_unit().is_some();
         self.state = PlanState::Running;
         self.decision = None;
         self.first_prepared = None;
@@ -511,7 +520,7 @@ impl PlanRun {
 
     /// Forms the next runs for a shard, up to its prefetch window.
     pub fn next_runs(&mut self, shard: &str, next_run_id: &mut u64) -> Vec<pb::Run> {
-        if self.state != PlanState::Running || self.is_paused(shard) {
+        if self.state != PlanState::Running || self.is_paused(shard) || self.unit_unverified {
             return Vec::new();
         }
         let Some(sr) = self.shards.get(shard) else {
