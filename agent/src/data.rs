@@ -1,4 +1,5 @@
-//! Batched data changes (`[data]` of a migration): keyset pagination over one key column,
+//! Batched data changes (`[data]` of a migration): keyset pagination over the key (one
+//! column or a composite key, compared as a row),
 //! one short fenced transaction per batch that also advances the checkpoint in
 //! `flotilla.checkpoints`, so that each batch is done exactly once and a restarted agent goes
 //! on after the last committed batch. A token bucket keeps the rows per second under the
@@ -8,9 +9,9 @@
 //! the page of at most `batch_size` keys after `lower` (with the filter, if any), and `lower`
 //! is the previous batch's `upper`. The first batch's `lower` is the key type's floor: a
 //! value no key lies below (`-32768` for smallint, `-infinity` for timestamps, `''` for text,
-//! ...); a key equal to that floor would never be covered, so the change refuses to start
-//! when the table holds one. Key types without a floor are refused at the start, before any
-//! batch.
+//! ...; a row of floors for a composite key); a key at or below that floor, or a NULL in
+//! the key, would never be covered, so the change refuses to start when the table holds
+//! one. Key types without a floor are refused at the start, before any batch.
 use std::time::{Duration, Instant};
 
 use flotilla_proto::pb;
@@ -20,21 +21,6 @@ use tracing::{debug, info};
 
 use crate::error::{Failure, classify};
 use crate::sqlgen::{self, PreparedMigration, StepContext, quote_literal};
-
-/// The value below every key of a type (exclusive lower bound of the first batch), as SQL
-/// text to quote, by `pg_type.typname`.
-pub(crate) fn key_floor(typname: &str) -> Option<&'static str> {
-    Some(match typname {
-        "int2" => "-32768",
-        "int4" => "-2147483648",
-        "int8" => "-9223372036854775808",
-        "numeric" | "float4" | "float8" => "-Infinity",
-        "date" | "timestamp" | "timestamptz" => "-infinity",
-        "text" | "varchar" | "bpchar" | "name" | "citext" => "",
-        "uuid" => "00000000-0000-0000-0000-000000000000",
-        _ => return None,
-    })
-}
 
 /// A token bucket of rows: `rate` rows per second, holding at most `capacity` rows (one
 /// batch, so that a batch always fits). Time is passed in, so it is testable.
@@ -141,63 +127,36 @@ pub(crate) async fn run_batches(
         None => None,
     };
 
-    // The key: a column of the table, unique, of a type with a floor.
-    let table_lit = quote_literal(&table).map_err(|e| agent_failure(m, e))?;
-    let key_lit = quote_literal(&d.key).map_err(|e| agent_failure(m, e))?;
-    let info: Option<(Option<String>, Option<bool>)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT t.typname::text, EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = a.attrelid \
-           AND i.indisunique AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum AND i.indpred IS NULL) \
-         FROM (SELECT pg_catalog.to_regclass({table_lit}) AS rel) r \
-         LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = r.rel AND a.attname = {key_lit} AND NOT a.attisdropped \
-         LEFT JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
-         WHERE r.rel IS NOT NULL"
-    )))
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db)?;
-    let typname = match info {
-        None => {
+    // The key: columns of the table, unique, of types with a floor.
+    let shape = match crate::keys::inspect(conn, d, None).await.map_err(db)? {
+        Ok(shape) => shape,
+        Err(problem) => {
             return Err(agent_failure(
                 m,
-                format!("table {table} does not exist (in the target's search_path)"),
+                format!("{} (in the target's search_path)", problem.message()),
             ));
         }
-        Some((None, _)) => {
-            return Err(agent_failure(
-                m,
-                format!("table {table} has no column {}", d.key),
-            ));
-        }
-        Some((Some(_), Some(false) | None)) => {
-            return Err(agent_failure(
-                m,
-                format!(
-                    "key {} of {table} is not unique (no unique index on it alone): batches \
-                     need a key that orders the rows uniquely",
-                    d.key
-                ),
-            ));
-        }
-        Some((Some(t), Some(true))) => t,
     };
-    let floor = key_floor(&typname).ok_or_else(|| {
-        agent_failure(
-            m,
-            format!(
-                "key {} has type {typname}, which is not supported yet",
-                d.key
-            ),
-        )
-    })?;
-    let floor_lit = quote_literal(floor).map_err(|e| agent_failure(m, e))?;
+    let floor_lit = shape
+        .literal(&shape.floor())
+        .map_err(|e| agent_failure(m, e))?;
+    let decode =
+        |text: &str| crate::keys::decode_bound(text, d.key.len()).map_err(|e| agent_failure(m, e));
 
     let (mut prev, mut rows_total, mut batches) = match &checkpoint {
         Some(c) => (Some(c.last_key.clone()), c.rows, c.batches),
         None => {
-            // A key at the floor would never be in a batch: refuse rather than skip it.
+            // A key at the floor, or with a NULL, would never be in a batch: refuse rather
+            // than skip it.
             let key = d.key_sql();
+            let nulls: Vec<String> = d
+                .key
+                .iter()
+                .map(|c| format!(" OR {} IS NULL", flotilla_proto::sql::quote_ident(c)))
+                .collect();
             let at_floor: bool = sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT EXISTS (SELECT 1 FROM {table} WHERE {key} <= {floor_lit})"
+                "SELECT EXISTS (SELECT 1 FROM {table} WHERE {key} <= {floor_lit}{})",
+                nulls.concat()
             )))
             .fetch_one(&mut *conn)
             .await
@@ -206,9 +165,9 @@ pub(crate) async fn run_batches(
                 return Err(agent_failure(
                     m,
                     format!(
-                        "{table} holds a key {} <= {floor_lit}, the lowest bound of its type; \
-                         such a row cannot be in a batch",
-                        d.key
+                        "{table} holds a key {} <= {floor_lit}, the lowest bound of its type, or \
+                         NULL in it; such a row cannot be in a batch",
+                        d.key_text()
                     ),
                 ));
             }
@@ -250,8 +209,10 @@ pub(crate) async fn run_batches(
         )
     });
     // the exclusive lower bound after `prev`: the last key done, or the type's floor
+    // `prev` is the checkpoint's text of the last key done, exactly as stored (the batch's
+    // advance compares it)
     let lower_of = |prev: &Option<String>| match prev {
-        Some(k) => quote_literal(k).map_err(|e| agent_failure(m, e)),
+        Some(k) => shape.literal(&decode(k)?).map_err(|e| agent_failure(m, e)),
         None => Ok(floor_lit.clone()),
     };
     let left = estimate_left(conn, m, &lower_of(&prev)?).await;
@@ -296,13 +257,24 @@ pub(crate) async fn run_batches(
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        let upper_lit = quote_literal(&upper).map_err(|e| agent_failure(m, e))?;
+        let upper_lit = shape
+            .literal(&decode(&upper)?)
+            .map_err(|e| agent_failure(m, e))?;
+        // the checkpoint holds bounds as the page's text (a JSON array for a composite key)
         let prev_lit = match &prev {
-            Some(_) => lower_lit.clone(),
+            Some(p) => quote_literal(p).map_err(|e| agent_failure(m, e))?,
             None => "NULL".to_string(),
         };
-        let sql = sqlgen::data_batch(cx, m, &prev_lit, &lower_lit, &upper_lit, n)
-            .map_err(|e| Failure::agent("batch", e))?;
+        let upper_text_lit = quote_literal(&upper).map_err(|e| agent_failure(m, e))?;
+        let bounds = sqlgen::BatchBounds {
+            prev_lit: &prev_lit,
+            last_lit: &upper_text_lit,
+            lower_lit: &lower_lit,
+            upper_lit: &upper_lit,
+            rows: n,
+            number: batches + 1,
+        };
+        let sql = sqlgen::data_batch(cx, m, &bounds).map_err(|e| Failure::agent("batch", e))?;
         let began = Instant::now();
         if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
             let failure = classify(&e, "batch");
@@ -640,14 +612,6 @@ fn after_batch_failpoint() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn floors() {
-        assert_eq!(key_floor("int8"), Some("-9223372036854775808"));
-        assert_eq!(key_floor("text"), Some(""));
-        assert_eq!(key_floor("timestamptz"), Some("-infinity"));
-        assert_eq!(key_floor("jsonb"), None);
-    }
 
     #[test]
     fn bucket_limits_the_rate() {

@@ -39,6 +39,7 @@ mod data;
 mod error;
 mod executor;
 mod job;
+mod keys;
 mod liveness;
 pub mod metrics;
 mod outbox;

@@ -148,7 +148,7 @@ impl Agent {
                     ),
                     false,
                 )),
-                Some(m) if m.down.is_empty() => Err((
+                Some(m) if m.down.is_empty() && !m.has_prior_image() => Err((
                     Failure::agent("down", format!("migration `{migration}` has no down SQL")),
                     false,
                 )),
@@ -217,6 +217,7 @@ async fn undo_step(
         run(sqlgen::non_transactional_prologue(cx, m))
             .execute(&mut *conn)
             .await?;
+        restore_prior_image(conn, cx, m).await?;
         for statement in &m.down {
             run(statement.clone()).execute(&mut *conn).await?;
         }
@@ -234,5 +235,41 @@ async fn undo_step(
         let broken = recover(conn, true, false).await;
         return Err((classify(&e, "down"), broken));
     }
+    Ok(())
+}
+
+/// Restores a data change's prior image on the target, newest batch first, each batch in its
+/// own fenced transaction that also deletes it: a restore cut short goes on from where it
+/// stopped. The session holds the target's search_path.
+async fn restore_prior_image(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+) -> Result<(), sqlx::Error> {
+    if !m.has_prior_image() {
+        return Ok(());
+    }
+    let numbers: Vec<i64> = sqlx::query_scalar(
+        "SELECT DISTINCT batch FROM flotilla.prior_images WHERE target = $1 AND migration_id = $2 \
+         ORDER BY batch DESC",
+    )
+    .bind(cx.tenant)
+    .bind(m.id())
+    .fetch_all(&mut *conn)
+    .await?;
+    let restored = numbers.len();
+    for number in numbers {
+        let sql = sqlgen::prior_image_restore(cx, m, number).expect("a prior image");
+        if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
+            // the batch's transaction may be open (aborted): end it
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            return Err(e);
+        }
+    }
+    info!(
+        migration = m.id(),
+        batches = restored,
+        "prior image restored"
+    );
     Ok(())
 }

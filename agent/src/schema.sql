@@ -107,5 +107,17 @@ BEGIN
 END
 $fn$;
 
+-- Prior images of the data changes that ask for one: the key and the named columns of every
+-- row a batch is about to change, as they were, written in the batch's own transaction.
+-- Undoing the change restores them batch by batch, newest first, each batch's rows deleted
+-- in the transaction that restores them (so an interrupted undo goes on where it stopped).
+CREATE TABLE IF NOT EXISTS flotilla.prior_images (
+  target text NOT NULL,
+  migration_id text NOT NULL,
+  batch bigint NOT NULL,
+  image jsonb NOT NULL
+);
+CREATE INDEX IF NOT EXISTS prior_images_batch ON flotilla.prior_images (target, migration_id, batch);
+
 INSERT INTO flotilla.meta (key, value) VALUES ('schema_version', '1')
   ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;

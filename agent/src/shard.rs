@@ -332,8 +332,16 @@ pub(crate) async fn read_plan_rows(
     pool: &PgPool,
     plan_id: &str,
 ) -> Result<BTreeMap<String, Vec<String>>, sqlx::Error> {
+    // A data change the plan left part-way (failed, halted) has a checkpoint of the plan and
+    // no journal row: it is the newest change on its target, so it is undone first.
     let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT target, migration_id FROM flotilla.journal WHERE plan_id = $1 ORDER BY target, seq DESC",
+        "SELECT target, migration_id FROM ( \
+           SELECT target, migration_id, 0 AS part, 0::bigint AS seq FROM flotilla.checkpoints c \
+            WHERE plan_id = $1 AND NOT EXISTS (SELECT 1 FROM flotilla.journal j \
+              WHERE j.target = c.target AND j.migration_id = c.migration_id) \
+           UNION ALL \
+           SELECT target, migration_id, 1, seq FROM flotilla.journal WHERE plan_id = $1) r \
+         ORDER BY target, part, seq DESC",
     )
     .bind(plan_id)
     .fetch_all(pool)
@@ -345,12 +353,16 @@ pub(crate) async fn read_plan_rows(
     Ok(by_target)
 }
 
-/// How many journal rows of a plan are left on the shard.
+/// How many journal rows of a plan are left on the shard, with the checkpoints of data
+/// changes it left part-way.
 pub(crate) async fn count_plan_rows(pool: &PgPool, plan_id: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM flotilla.journal WHERE plan_id = $1")
-        .bind(plan_id)
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM flotilla.journal WHERE plan_id = $1) \
+              + (SELECT count(*) FROM flotilla.checkpoints WHERE plan_id = $1)",
+    )
+    .bind(plan_id)
+    .fetch_one(pool)
+    .await
 }
 
 #[cfg(test)]

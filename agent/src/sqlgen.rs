@@ -59,6 +59,14 @@ impl PreparedMigration {
         self.migration.id.as_str()
     }
 
+    /// A data change that saves the old values of its columns, restored when it is undone.
+    pub fn has_prior_image(&self) -> bool {
+        self.migration
+            .data
+            .as_ref()
+            .is_some_and(|d| !d.prior_image.is_empty())
+    }
+
     pub fn is_transactional(&self) -> bool {
         self.migration.tx_mode == TxMode::Transactional
     }
@@ -179,18 +187,28 @@ fn push_checkpoint_delete(out: &mut String, cx: &StepContext<'_>, m: &PreparedMi
     }
 }
 
+/// The bounds of one batch, as SQL: the checkpoint's text before (`NULL`: none yet) and after
+/// it, and the key's exclusive lower and inclusive upper bounds (`$1`, `$2` of the batch SQL).
+pub(crate) struct BatchBounds<'a> {
+    pub prev_lit: &'a str,
+    pub last_lit: &'a str,
+    pub lower_lit: &'a str,
+    pub upper_lit: &'a str,
+    /// Rows in the batch.
+    pub rows: i64,
+    /// The batch's number on the target (1 = the first), which keys its prior image.
+    pub number: i64,
+}
+
 /// One batch of a data change as one query: a short fenced transaction that moves the
-/// checkpoint from `prev_lit` (`NULL`: none yet) to `upper_lit`, then runs the batch SQL with
-/// `$1` = `lower_lit` and `$2` = `upper_lit`, and commits. Checkpoint first: a concurrent copy
-/// of the same batch waits on the checkpoint row, then fails instead of running it twice.
-/// The session already holds the step's search_path and timeouts.
+/// checkpoint, saves the prior image of the batch's rows (when asked for), runs the batch SQL
+/// with `$1`/`$2` bound, and commits. Checkpoint first: a concurrent copy of the same batch
+/// waits on the checkpoint row, then fails instead of running it twice. The session already
+/// holds the step's search_path and timeouts.
 pub(crate) fn data_batch(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
-    prev_lit: &str,
-    lower_lit: &str,
-    upper_lit: &str,
-    rows: i64,
+    b: &BatchBounds<'_>,
 ) -> Result<String, String> {
     let d = m
         .migration
@@ -200,11 +218,40 @@ pub(crate) fn data_batch(
     let mut out = begin_fenced(cx.epoch);
     let _ = writeln!(
         out,
-        "SELECT flotilla.advance_checkpoint({}, {}, {}, {}, {prev_lit}, {upper_lit}, {rows});",
-        cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit
+        "SELECT flotilla.advance_checkpoint({}, {}, {}, {}, {}, {}, {});",
+        cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit, b.prev_lit, b.last_lit, b.rows
     );
+    if !d.prior_image.is_empty() {
+        // the rows the batch works on (the page's rows: its bounds and filter), as they are
+        let columns: Vec<String> = d.key.iter().chain(&d.prior_image).cloned().collect();
+        let pairs: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}, {}",
+                    quote_literal(c).expect("an identifier"),
+                    quote_ident(c)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "INSERT INTO flotilla.prior_images (target, migration_id, batch, image) \
+             SELECT {}, {}, {}, pg_catalog.jsonb_build_object({}) FROM {} \
+             WHERE {key} > {} AND {key} <= {}{};",
+            cx.tenant_lit,
+            m.id_lit,
+            b.number,
+            pairs.join(", "),
+            d.table_sql(),
+            b.lower_lit,
+            b.upper_lit,
+            data_filter(d),
+            key = d.key_sql(),
+        );
+    }
     for statement in &d.batch {
-        let bound = flotilla_proto::sql::bind_parameters(statement, &[lower_lit, upper_lit])
+        let bound = flotilla_proto::sql::bind_parameters(statement, &[b.lower_lit, b.upper_lit])
             .map_err(|e| format!("migration `{}`: batch SQL: {e}", m.id()))?;
         out.push_str(&bound);
         out.push_str("\n;\n");
@@ -213,16 +260,83 @@ pub(crate) fn data_batch(
     Ok(out)
 }
 
+/// Restores the prior image of one batch (`number`) of a data change and deletes it, in one
+/// fenced transaction: each saved row's columns are written back where its key still is. The
+/// session holds the target's search_path (the table's row type names the columns' types).
+pub(crate) fn prior_image_restore(
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    number: i64,
+) -> Option<String> {
+    let d = m.migration.data.as_ref()?;
+    if d.prior_image.is_empty() {
+        return None;
+    }
+    let set: Vec<String> = d
+        .prior_image
+        .iter()
+        .map(|c| format!("{q} = r.{q}", q = quote_ident(c)))
+        .collect();
+    let on: Vec<String> = d
+        .key
+        .iter()
+        .map(|c| format!("t.{q} = r.{q}", q = quote_ident(c)))
+        .collect();
+    let mut out = begin_fenced(cx.epoch);
+    let _ = writeln!(
+        out,
+        "UPDATE {table} AS t SET {set} FROM (SELECT r.* FROM flotilla.prior_images p, \
+         LATERAL pg_catalog.jsonb_populate_record(NULL::{table}, p.image) AS r \
+         WHERE p.target = {} AND p.migration_id = {} AND p.batch = {number}) AS r WHERE {on};",
+        cx.tenant_lit,
+        m.id_lit,
+        table = d.table_sql(),
+        set = set.join(", "),
+        on = on.join(" AND "),
+    );
+    let _ = writeln!(
+        out,
+        "DELETE FROM flotilla.prior_images WHERE target = {} AND migration_id = {} AND batch = {number};",
+        cx.tenant_lit, m.id_lit
+    );
+    out.push_str("COMMIT;\n");
+    Some(out)
+}
+
 /// The next page of keys after `lower_lit`: how many rows (at most the batch size) and the
-/// last key, as text. Keyset pagination over the key's index.
+/// last key, as a checkpoint stores it (text; a JSON array of texts for a composite key).
+/// Keyset pagination over the key's index.
 pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> Option<String> {
     let d = m.migration.data.as_ref()?;
     let key = d.key_sql();
     let filter = data_filter(d);
+    let (select, last, order) = if d.key.len() == 1 {
+        (
+            format!("{key} AS k"),
+            "k::text".to_string(),
+            "k DESC".to_string(),
+        )
+    } else {
+        let ks: Vec<String> = (1..=d.key.len()).map(|i| format!("k{i}")).collect();
+        let select: Vec<String> = d
+            .key
+            .iter()
+            .zip(&ks)
+            .map(|(c, k)| format!("{} AS {k}", quote_ident(c)))
+            .collect();
+        let texts: Vec<String> = ks.iter().map(|k| format!("{k}::text")).collect();
+        let order: Vec<String> = ks.iter().map(|k| format!("{k} DESC")).collect();
+        (
+            select.join(", "),
+            format!("pg_catalog.jsonb_build_array({})::text", texts.join(", ")),
+            order.join(", "),
+        )
+    };
     Some(format!(
-        "SELECT count(*)::bigint, (pg_catalog.array_agg(k ORDER BY k DESC))[1]::text FROM \
-         (SELECT {key} AS k FROM {table} WHERE {key} > {lower_lit}{filter} ORDER BY {key} LIMIT {limit}) page",
+        "SELECT count(*)::bigint, (pg_catalog.array_agg({last} ORDER BY {order}))[1] FROM \
+         (SELECT {select} FROM {table} WHERE {key} > {lower_lit}{filter} ORDER BY {cols} LIMIT {limit}) page",
         table = d.table_sql(),
+        cols = flotilla_proto::DataChange::column_list(&d.key),
     ))
 }
 
@@ -278,6 +392,14 @@ pub(crate) fn non_transactional_undo_epilogue(
     let mut out = begin_fenced(cx.epoch);
     push_journal_move(&mut out, cx, m);
     push_checkpoint_delete(&mut out, cx, m);
+    if m.has_prior_image() {
+        // restored by now; what is left (nothing, unless the table lost rows) goes with it
+        let _ = writeln!(
+            out,
+            "DELETE FROM flotilla.prior_images WHERE target = {} AND migration_id = {};",
+            cx.tenant_lit, m.id_lit
+        );
+    }
     out.push_str("COMMIT;\n");
     out
 }
@@ -455,7 +577,15 @@ mod tests {
             plan_lit: "'p9'",
             epoch: 4,
         };
-        let sql = data_batch(&cx, &m, "NULL", "'-9223372036854775808'", "'7'", 7).unwrap();
+        let bounds = BatchBounds {
+            prev_lit: "NULL",
+            last_lit: "'7'",
+            lower_lit: "'-9223372036854775808'",
+            upper_lit: "'7'",
+            rows: 7,
+            number: 1,
+        };
+        let sql = data_batch(&cx, &m, &bounds).unwrap();
         let ck = quote_literal(&m.migration.checksum).unwrap();
         assert_eq!(
             sql,
@@ -484,6 +614,82 @@ mod tests {
         );
         assert!(
             non_transactional_undo_epilogue(&cx, &m).contains("DELETE FROM flotilla.checkpoints")
+        );
+    }
+
+    #[test]
+    fn composite_key_and_prior_image_text() {
+        let m = Migration::try_from(pb::Migration {
+            id: "m3".into(),
+            data: Some(pb::DataChange {
+                table: "contacts".into(),
+                key: "region, id".into(),
+                batch_size: 25,
+                batch_sql:
+                    "UPDATE contacts SET phone = '+' WHERE (region, id) > $1 AND (region, id) <= $2"
+                        .into(),
+                filter: "phone !~ '^[+]'".into(),
+                prior_image: vec!["phone".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        let m = PreparedMigration::new(m, 5000, 0).unwrap();
+        assert!(m.has_prior_image());
+        let page = data_page(&m, "ROW('a'::text, '1'::integer)", 25).unwrap();
+        assert_eq!(
+            page,
+            "SELECT count(*)::bigint, (pg_catalog.array_agg(pg_catalog.jsonb_build_array(k1::text, k2::text)::text \
+             ORDER BY k1 DESC, k2 DESC))[1] FROM (SELECT \"region\" AS k1, \"id\" AS k2 FROM \"contacts\" \
+             WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) AND (phone !~ '^[+]'\n) \
+             ORDER BY \"region\", \"id\" LIMIT 25) page"
+        );
+        let cx = StepContext {
+            tenant: "t1",
+            tenant_lit: "'t1'",
+            plan_lit: "'p'",
+            epoch: 2,
+        };
+        let bounds = BatchBounds {
+            prev_lit: "'[\"a\", \"1\"]'",
+            last_lit: "'[\"b\", \"9\"]'",
+            lower_lit: "ROW('a'::text, '1'::integer)",
+            upper_lit: "ROW('b'::text, '9'::integer)",
+            rows: 25,
+            number: 4,
+        };
+        let sql = data_batch(&cx, &m, &bounds).unwrap();
+        // checkpoint, then the prior image of the batch's rows, then the change
+        let cp = sql.find("advance_checkpoint").unwrap();
+        let image = sql.find("INSERT INTO flotilla.prior_images").unwrap();
+        let change = sql.find("UPDATE contacts").unwrap();
+        assert!(cp < image && image < change, "{sql}");
+        assert!(
+            sql.contains(
+                "SELECT 't1', 'm3', 4, pg_catalog.jsonb_build_object('region', \"region\", 'id', \"id\", 'phone', \"phone\") \
+                 FROM \"contacts\" WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) \
+                 AND (\"region\", \"id\") <= ROW('b'::text, '9'::integer) AND (phone !~ '^[+]'\n);"
+            ),
+            "{sql}"
+        );
+        let restore = prior_image_restore(&cx, &m, 4).unwrap();
+        assert!(restore.starts_with("BEGIN;\nSELECT flotilla.check_fence(2);\nUPDATE \"contacts\" AS t SET \"phone\" = r.\"phone\""), "{restore}");
+        assert!(
+            restore.contains("jsonb_populate_record(NULL::\"contacts\", p.image)"),
+            "{restore}"
+        );
+        assert!(
+            restore.contains("WHERE t.\"region\" = r.\"region\" AND t.\"id\" = r.\"id\";"),
+            "{restore}"
+        );
+        assert!(restore.ends_with("AND batch = 4;\nCOMMIT;\n"), "{restore}");
+        assert!(
+            non_transactional_undo_epilogue(&cx, &m).contains("DELETE FROM flotilla.prior_images")
+        );
+        assert!(
+            !non_transactional_epilogue(&cx, &m).contains("prior_images"),
+            "kept once done"
         );
     }
 }

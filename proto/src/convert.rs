@@ -115,7 +115,7 @@ impl TryFrom<pb::Migration> for Migration {
             });
         }
         let computed = match &m.data {
-            Some(d) => data_checksum(&m.up_sql, &d.table, &d.key, &d.batch_sql, &d.filter),
+            Some(d) => data_checksum(&m.up_sql, d),
             None => checksum(&m.up_sql),
         };
         if !m.checksum.is_empty() && m.checksum != computed {
@@ -162,16 +162,47 @@ fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange,
         reason,
     };
     let key_text = d.key.trim();
-    if key_text.contains(',') || key_text.starts_with('(') {
+    let key = key_text
+        .split(',')
+        .map(sql_identifier)
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            err(format!(
+                "key `{key_text}` must be a column name, or column names separated by `,` \
+                 (each [A-Za-z_][A-Za-z0-9_$]*)"
+            ))
+        })?;
+    if key.len() > 8 {
         return Err(err(format!(
-            "key `{key_text}`: composite keys are not supported yet; use one column that orders the rows uniquely"
+            "key `{key_text}` has {} columns; at most 8",
+            key.len()
         )));
     }
-    let key = sql_identifier(key_text).ok_or_else(|| {
-        err(format!(
-            "key `{key_text}` must be one column name ([A-Za-z_][A-Za-z0-9_$]*)"
-        ))
-    })?;
+    if let Some(c) = key
+        .iter()
+        .enumerate()
+        .find_map(|(i, c)| key[..i].contains(c).then_some(c))
+    {
+        return Err(err(format!("key `{key_text}` names column {c} twice")));
+    }
+    let mut prior_image = Vec::with_capacity(d.prior_image.len());
+    for c in &d.prior_image {
+        let col = sql_identifier(c).ok_or_else(|| {
+            err(format!(
+                "prior_image column `{}` must be a column name ([A-Za-z_][A-Za-z0-9_$]*)",
+                c.trim()
+            ))
+        })?;
+        if key.contains(&col) {
+            return Err(err(format!(
+                "prior_image column {col} is part of the key: the key finds the rows to restore and must not change"
+            )));
+        }
+        if prior_image.contains(&col) {
+            return Err(err(format!("prior_image names column {col} twice")));
+        }
+        prior_image.push(col);
+    }
     let parts: Vec<&str> = d.table.trim().split('.').collect();
     let table = if parts.len() > 2 {
         None
@@ -213,7 +244,12 @@ fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange,
     for (n, what) in [(1, "exclusive lower"), (2, "inclusive upper")] {
         if !params.contains(&n) {
             return Err(err(format!(
-                "batch SQL does not use ${n}, the {what} bound of the key: write e.g. `WHERE {key} > $1 AND {key} <= $2`"
+                "batch SQL does not use ${n}, the {what} bound of the key: write e.g. `WHERE {k} > $1 AND {k} <= $2`",
+                k = if key.len() == 1 {
+                    key[0].clone()
+                } else {
+                    format!("({})", key.join(", "))
+                }
             )));
         }
     }
@@ -340,6 +376,7 @@ fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange,
         max_batch_size,
         server_rows_per_second: d.server_rows_per_second,
         health,
+        prior_image,
     })
 }
 
@@ -366,7 +403,7 @@ impl From<&Migration> for pb::Migration {
             source: m.source.clone(),
             data: m.data.as_ref().map(|d| pb::DataChange {
                 table: d.table.join("."),
-                key: d.key.clone(),
+                key: d.key_text(),
                 batch_size: d.batch_size,
                 rows_per_second: d.rows_per_second,
                 batch_sql: d.batch_sql.clone(),
@@ -388,6 +425,7 @@ impl From<&Migration> for pb::Migration {
                         max: h.max,
                     })
                     .collect(),
+                prior_image: d.prior_image.clone(),
             }),
         }
     }
@@ -646,11 +684,14 @@ mod data_tests {
         let d = m.data.as_ref().unwrap();
         assert_eq!(m.tx_mode, TxMode::NonTransactional);
         assert_eq!(d.table, vec!["customers".to_string()]);
-        assert_eq!(d.key, "id");
+        assert_eq!(d.key, vec!["id".to_string()]);
         assert_eq!(d.batch_size, DEFAULT_BATCH_SIZE);
         assert_eq!(d.table_sql(), "\"customers\"");
         // the checksum covers the batch SQL, and survives the round trip
-        assert_eq!(m.checksum, data_checksum("", "Customers", "ID", BATCH, ""));
+        assert_eq!(
+            m.checksum,
+            data_checksum("", data_migration(BATCH, "ID").data.as_ref().unwrap())
+        );
         assert_ne!(m.checksum, checksum(""));
         let other =
             Migration::try_from(data_migration(&BATCH.replace("+ 1", "+ 2"), "id")).unwrap();
@@ -689,15 +730,46 @@ mod data_tests {
     }
 
     #[test]
-    fn key_must_be_one_identifier() {
-        let e = Migration::try_from(data_migration(BATCH, "tenant_id, id")).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("composite keys are not supported yet"),
-            "{e}"
+    fn keys_are_identifiers() {
+        // a composite key: columns in order, checksum independent of spacing and case
+        let m = Migration::try_from(data_migration(BATCH, "Tenant_id ,id")).unwrap();
+        let d = m.data.as_ref().unwrap();
+        assert_eq!(d.key, vec!["tenant_id".to_string(), "id".to_string()]);
+        assert_eq!(d.key_sql(), "(\"tenant_id\", \"id\")");
+        assert_eq!(d.key_text(), "tenant_id, id");
+        let again = Migration::try_from(data_migration(BATCH, "tenant_id, id")).unwrap();
+        assert_eq!(again.checksum, m.checksum);
+        assert_eq!(Migration::try_from(pb::Migration::from(&m)).unwrap(), m);
+        let e = Migration::try_from(data_migration(BATCH, "id, id")).unwrap_err();
+        assert!(e.to_string().contains("names column id twice"), "{e}");
+        let e = Migration::try_from(data_migration(BATCH, "id,")).unwrap_err();
+        assert!(e.to_string().contains("column names separated"), "{e}");
+        // prior image: columns other than the key, part of the checksum
+        let mut p = data_migration(BATCH, "id");
+        p.data.as_mut().unwrap().prior_image = vec!["Phone".into(), "n".into()];
+        let with = Migration::try_from(p.clone()).unwrap();
+        assert_eq!(
+            with.data.as_ref().unwrap().prior_image,
+            vec!["phone".to_string(), "n".to_string()]
         );
+        assert_ne!(
+            with.checksum,
+            Migration::try_from(data_migration(BATCH, "id"))
+                .unwrap()
+                .checksum
+        );
+        assert_eq!(
+            Migration::try_from(pb::Migration::from(&with)).unwrap(),
+            with
+        );
+        p.data.as_mut().unwrap().prior_image = vec!["id".into()];
+        let e = Migration::try_from(p.clone()).unwrap_err();
+        assert!(e.to_string().contains("part of the key"), "{e}");
+        p.data.as_mut().unwrap().prior_image = vec!["a b".into()];
+        let e = Migration::try_from(p).unwrap_err();
+        assert!(e.to_string().contains("prior_image column `a b`"), "{e}");
         let e = Migration::try_from(data_migration(BATCH, "id; DROP TABLE x")).unwrap_err();
-        assert!(e.to_string().contains("one column name"), "{e}");
+        assert!(e.to_string().contains("must be a column name"), "{e}");
         let mut m = data_migration(BATCH, "id");
         m.data.as_mut().unwrap().table = "a.b.c".into();
         assert!(Migration::try_from(m).is_err());

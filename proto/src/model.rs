@@ -136,7 +136,8 @@ pub const MAX_BATCH_SIZE: u32 = 1_000_000;
 pub struct DataChange {
     /// `[schema, table]` or `[table]` (resolved in the target's search_path).
     pub table: Vec<String>,
-    pub key: String,
+    /// One column, or the columns of a composite key in the order batches follow.
+    pub key: Vec<String>,
     pub batch_size: u32,
     /// 0: unlimited.
     pub rows_per_second: u64,
@@ -152,6 +153,9 @@ pub struct DataChange {
     pub server_rows_per_second: u64,
     /// Checked before every batch; the step waits while one is above its limit.
     pub health: Vec<HealthCheck>,
+    /// Columns whose old values each batch saves before changing them (empty: none), so
+    /// that undoing the step restores them.
+    pub prior_image: Vec<String>,
 }
 
 /// A database health signal with the limit above which a data change waits.
@@ -198,8 +202,25 @@ impl DataChange {
             .collect::<Vec<_>>()
             .join(".")
     }
+    /// The key as SQL: the quoted column, or a row `("a", "b")` of a composite key, which
+    /// compares lexicographically as keyset pagination needs.
     pub fn key_sql(&self) -> String {
-        crate::sql::quote_ident(&self.key)
+        match self.key.as_slice() {
+            [one] => crate::sql::quote_ident(one),
+            many => format!("({})", Self::column_list(many)),
+        }
+    }
+    /// `"a", "b"`: quoted columns, comma-separated.
+    pub fn column_list(columns: &[String]) -> String {
+        columns
+            .iter()
+            .map(|c| crate::sql::quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+    /// The key as written in a plan (`id`, `tenant_id, id`).
+    pub fn key_text(&self) -> String {
+        self.key.join(", ")
     }
 }
 
@@ -216,26 +237,37 @@ pub fn sql_identifier(s: &str) -> Option<String> {
 }
 
 /// The checksum of a data migration: its up SQL and what defines the change (table, key,
-/// batch SQL, filter), each normalised as in [`checksum`] (names also lower-cased). Batch size and rate are not part
-/// of it: tuning them after the fact is allowed.
-pub fn data_checksum(
-    up_sql: &str,
-    table: &str,
-    key: &str,
-    batch_sql: &str,
-    filter: &str,
-) -> String {
+/// batch SQL, filter, the columns of its prior image), each normalised as in [`checksum`]
+/// (names also lower-cased, a list's spaces dropped). Batch size and rate are not part of
+/// it: tuning them after the fact is allowed.
+pub fn data_checksum(up_sql: &str, d: &crate::pb::DataChange) -> String {
     let norm = |s: &str| s.replace("\r\n", "\n").trim().to_string();
+    // identifiers fold to lower case (as unquoted names do in PostgreSQL)
+    let names = |s: &str| {
+        s.split(',')
+            .map(|p| p.trim().to_ascii_lowercase())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let prior = d
+        .prior_image
+        .iter()
+        .map(|c| c.trim().to_ascii_lowercase())
+        .collect::<Vec<_>>()
+        .join(",");
     let mut hasher = Sha256::new();
-    for (name, part) in [
-        ("up", up_sql),
-        // identifiers fold to lower case (as unquoted names do in PostgreSQL)
-        ("table", &table.to_ascii_lowercase()),
-        ("key", &key.to_ascii_lowercase()),
-        ("batch", batch_sql),
-        ("filter", filter),
-    ] {
-        let part = norm(part);
+    let mut parts = vec![
+        ("up", norm(up_sql)),
+        ("table", norm(&d.table.to_ascii_lowercase())),
+        ("key", names(&d.key)),
+        ("batch", norm(&d.batch_sql)),
+        ("filter", norm(&d.filter)),
+    ];
+    // only when asked for, so that the checksums of changes without one stay as they were
+    if !prior.is_empty() {
+        parts.push(("prior_image", prior));
+    }
+    for (name, part) in parts {
         hasher.update(format!("{name}:{}:", part.len()).as_bytes());
         hasher.update(part.as_bytes());
     }

@@ -46,7 +46,7 @@ struct MigrationFile {
 #[serde(deny_unknown_fields)]
 struct DataTable {
     table: Spanned<String>,
-    /// One column; a list of columns (a composite key) is refused with a clear error.
+    /// One column, or a list of columns (a composite key).
     key: Spanned<toml::Value>,
     batch_size: Option<Spanned<i64>>,
     rows_per_second: Option<Spanned<i64>>,
@@ -59,6 +59,9 @@ struct DataTable {
     /// One budget for every target of the step on the shard's server.
     server_rows_per_second: Option<Spanned<i64>>,
     throttle: Option<ThrottleTable>,
+    /// Columns whose old values are saved per batch, restored when the step is undone.
+    #[serde(default)]
+    prior_image: Vec<String>,
 }
 
 /// `[data.throttle]`: health signals checked before every batch.
@@ -127,7 +130,13 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
     }
     let down_sql = read_text(&down_path)?;
     let down_empty = statements(&down_path, &down_sql, 1)?.is_empty();
+    // a data change with a prior image is undone by restoring it: down.sql may be empty
+    let restores = meta
+        .data
+        .as_ref()
+        .is_some_and(|d| !d.prior_image.is_empty());
     match (down_empty, meta.irreversible) {
+        (true, false) if restores => {}
         (true, false) => {
             return Err(LoadError::invalid(
                 &down_path,
@@ -212,16 +221,17 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
         let d = data;
         let key = match d.key.get_ref() {
             toml::Value::String(k) => k.clone(),
-            toml::Value::Array(cols) if cols.len() == 1 && cols[0].is_str() => {
-                cols[0].as_str().unwrap_or_default().to_string()
-            }
-            toml::Value::Array(_) => {
+            toml::Value::Array(cols) if !cols.is_empty() && cols.iter().all(|c| c.is_str()) => cols
+                .iter()
+                .filter_map(|c| c.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            _ => {
                 return Err(at(
                     d.key.span(),
-                    "[data] key: composite keys are not supported yet; use one column that orders the rows uniquely".into(),
+                    "[data] key must be a column name or a list of column names".into(),
                 ));
             }
-            _ => return Err(at(d.key.span(), "[data] key must be a column name".into())),
         };
         let positive = |v: &Spanned<i64>, name: &str, min: i64| {
             let n = *v.get_ref();
@@ -288,14 +298,7 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
                 });
             }
         }
-        m.checksum = flotilla_proto::data_checksum(
-            &m.up_sql,
-            d.table.get_ref(),
-            &key,
-            d.batch.get_ref(),
-            &filter,
-        );
-        m.data = Some(pb::DataChange {
+        let data = pb::DataChange {
             table: d.table.into_inner().trim().to_string(),
             key: key.trim().to_string(),
             batch_size,
@@ -307,7 +310,10 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
             max_batch_size,
             server_rows_per_second,
             health,
-        });
+            prior_image: d.prior_image,
+        };
+        m.checksum = flotilla_proto::data_checksum(&m.up_sql, &data);
+        m.data = Some(data);
         if m.kind.is_empty() {
             m.kind = "data".into();
         }

@@ -859,17 +859,35 @@ fn a_data_migration_reads_its_data_table() {
 }
 
 #[test]
-fn a_data_migration_refuses_a_composite_key_and_bad_values() {
+fn a_data_migration_takes_a_composite_key_and_refuses_bad_values() {
     let dir = tempfile::tempdir().unwrap();
     native(
         dir.path(),
         "20250201_backfill",
-        Some("[data]\ntable = \"t\"\nkey = [\"a\", \"b\"]\nbatch = \"SELECT $1, $2\"\n"),
+        Some(
+            "[data]\ntable = \"t\"\nkey = [\"a\", \"b\"]\nprior_image = [\"c\"]\nbatch = \"SELECT $1, $2\"\n",
+        ),
+        "",
+    );
+    let spec = load_ok(dir.path());
+    let d = spec.migrations[0].data.as_ref().unwrap();
+    assert_eq!(d.key, "a, b");
+    assert_eq!(d.prior_image, vec!["c".to_string()]);
+    let domain = domain(spec.clone());
+    let dd = domain.migrations[0].data.as_ref().unwrap();
+    assert_eq!(dd.key, vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(domain.migrations[0].checksum, spec.migrations[0].checksum);
+
+    let dir = tempfile::tempdir().unwrap();
+    native(
+        dir.path(),
+        "20250201_backfill",
+        Some("[data]\ntable = \"t\"\nkey = [\"a\", 1]\nbatch = \"SELECT $1, $2\"\n"),
         "",
     );
     let e = load_err(dir.path());
     assert!(
-        e.contains("migration.toml:3") && e.contains("composite keys are not supported yet"),
+        e.contains("migration.toml:3") && e.contains("list of column names"),
         "{e}"
     );
 

@@ -9,5 +9,6 @@ mod fleet;
 mod ha;
 mod harness;
 mod partition;
+mod reversible;
 mod rollout;
 mod smoke;

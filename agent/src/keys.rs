@@ -1,0 +1,230 @@
+//! The key of a data change as a target's catalog has it: the table exists, the key's
+//! columns exist, a unique index covers them (so the key orders the rows uniquely), and
+//! each column's type has a floor (the first batch's exclusive lower bound). Used before a
+//! change's first batch, and at submit by the preflight, so that a bad key is named before
+//! anything changed.
+//!
+//! A bound is a key value as text per column. A checkpoint stores it as that text for a
+//! one-column key, and as a JSON array of the texts for a composite key (as the page query
+//! prints it).
+use flotilla_proto::DataChange;
+use sqlx::postgres::PgConnection;
+
+use crate::sqlgen::quote_literal;
+
+/// The value below every key of a type (exclusive lower bound of the first batch), as SQL
+/// text to quote, by `pg_type.typname`.
+pub(crate) fn key_floor(typname: &str) -> Option<&'static str> {
+    Some(match typname {
+        "int2" => "-32768",
+        "int4" => "-2147483648",
+        "int8" => "-9223372036854775808",
+        "numeric" | "float4" | "float8" => "-Infinity",
+        "date" | "timestamp" | "timestamptz" => "-infinity",
+        "text" | "varchar" | "bpchar" | "name" | "citext" => "",
+        "uuid" => "00000000-0000-0000-0000-000000000000",
+        _ => return None,
+    })
+}
+
+/// A data change's key on one target: each column's SQL type (`format_type`) and floor.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyShape {
+    pub types: Vec<String>,
+    pub floors: Vec<&'static str>,
+}
+
+impl KeyShape {
+    /// The exclusive lower bound of the first batch: the floor of every column.
+    pub fn floor(&self) -> Vec<String> {
+        self.floors.iter().map(|f| f.to_string()).collect()
+    }
+
+    /// A bound as SQL: a quoted literal for one column (typed by the comparison it is in),
+    /// `ROW('a'::type, '5'::type)` for a composite key (compared column by column, in order).
+    pub fn literal(&self, bound: &[String]) -> Result<String, String> {
+        if bound.len() != self.types.len() {
+            return Err(format!(
+                "a bound of {} values for a key of {} columns",
+                bound.len(),
+                self.types.len()
+            ));
+        }
+        if let [one] = bound {
+            return quote_literal(one);
+        }
+        let mut parts = Vec::with_capacity(bound.len());
+        for (v, t) in bound.iter().zip(&self.types) {
+            // `t` is the catalog's format_type: already valid (and quoted) SQL
+            parts.push(format!("{}::{t}", quote_literal(v)?));
+        }
+        Ok(format!("ROW({})", parts.join(", ")))
+    }
+}
+
+/// A checkpoint's stored bound, for a key of `columns` columns.
+pub(crate) fn decode_bound(text: &str, columns: usize) -> Result<Vec<String>, String> {
+    if columns == 1 {
+        return Ok(vec![text.to_string()]);
+    }
+    let values: Vec<String> = serde_json::from_str(text)
+        .map_err(|e| format!("checkpoint key {text:?} is not a JSON array of texts: {e}"))?;
+    if values.len() != columns {
+        return Err(format!(
+            "checkpoint key {text:?} has {} values for a key of {columns} columns",
+            values.len()
+        ));
+    }
+    Ok(values)
+}
+
+/// What is wrong with a data change's table or key on a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum KeyProblem {
+    /// The table does not exist: an earlier step of the plan may still create it.
+    NoTable(String),
+    /// A column of the key (or of the prior image) does not exist.
+    NoColumn(String),
+    /// Something an earlier step is unlikely to fix at once: no unique index, a key type
+    /// without a floor.
+    Shape(String),
+}
+
+impl KeyProblem {
+    pub fn message(&self) -> &str {
+        match self {
+            KeyProblem::NoTable(m) | KeyProblem::NoColumn(m) | KeyProblem::Shape(m) => m,
+        }
+    }
+}
+
+/// Reads the key's shape on the target, or what is wrong with it. `schema`: the target's
+/// schema when the connection's search_path is not set to it (the preflight); an explicit
+/// `schema.table` in the change wins.
+pub(crate) async fn inspect(
+    conn: &mut PgConnection,
+    d: &DataChange,
+    schema: Option<&str>,
+) -> Result<Result<KeyShape, KeyProblem>, sqlx::Error> {
+    let mut name = d.table.clone();
+    if name.len() == 1
+        && let Some(s) = schema.filter(|s| !s.is_empty())
+    {
+        name.insert(0, s.to_string());
+    }
+    let regclass = name
+        .iter()
+        .map(|p| flotilla_proto::sql::quote_ident(p))
+        .collect::<Vec<_>>()
+        .join(".");
+    let table = d.table_sql();
+    let rel: Option<sqlx::postgres::types::Oid> =
+        sqlx::query_scalar("SELECT pg_catalog.to_regclass($1)::oid")
+            .bind(&regclass)
+            .fetch_one(&mut *conn)
+            .await?;
+    let Some(rel) = rel else {
+        return Ok(Err(KeyProblem::NoTable(format!(
+            "table {regclass} does not exist"
+        ))));
+    };
+    let mut wanted: Vec<String> = d.key.clone();
+    wanted.extend(d.prior_image.iter().cloned());
+    let columns: Vec<(String, String, String, i16)> = sqlx::query_as(
+        "SELECT a.attname::text, t.typname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnum \
+         FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+         WHERE a.attrelid = $1 AND a.attname = ANY($2) AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(rel)
+    .bind(&wanted)
+    .fetch_all(&mut *conn)
+    .await?;
+    let find = |c: &str| columns.iter().find(|(n, ..)| n == c);
+    for c in &wanted {
+        if find(c).is_none() {
+            return Ok(Err(KeyProblem::NoColumn(format!(
+                "table {table} has no column {c}"
+            ))));
+        }
+    }
+    let key_attnums: Vec<i16> = d.key.iter().map(|c| find(c).expect("checked").3).collect();
+    // Unique if a unique index (not partial, on columns only) has all its key columns
+    // among the key's: the key's values then identify one row.
+    let unique: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique \
+           AND i.indpred IS NULL AND i.indnkeyatts <= pg_catalog.cardinality($2::int2[]) \
+           AND (SELECT pg_catalog.bool_and(i.indkey[g] = ANY($2::int2[])) \
+                FROM pg_catalog.generate_series(0, i.indnkeyatts - 1) g))",
+    )
+    .bind(rel)
+    .bind(&key_attnums)
+    .fetch_one(&mut *conn)
+    .await?;
+    let key_text = d.key_text();
+    if !unique {
+        return Ok(Err(KeyProblem::Shape(format!(
+            "key {key_text} of {table} is not unique (no unique index on {}): batches need a key \
+             that orders the rows uniquely",
+            if d.key.len() == 1 {
+                "it alone".to_string()
+            } else {
+                "some or all of its columns".to_string()
+            }
+        ))));
+    }
+    let mut types = Vec::with_capacity(d.key.len());
+    let mut floors = Vec::with_capacity(d.key.len());
+    for c in &d.key {
+        let (_, typname, format, _) = find(c).expect("checked");
+        let floor = key_floor(typname).ok_or_else(|| {
+            KeyProblem::Shape(format!(
+                "key column {c} of {table} has type {format}, which cannot order batches yet \
+                 (use integers, numerics, text, dates, timestamps or uuids)"
+            ))
+        });
+        match floor {
+            Ok(f) => floors.push(f),
+            Err(p) => return Ok(Err(p)),
+        }
+        types.push(format.clone());
+    }
+    Ok(Ok(KeyShape { types, floors }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floors() {
+        assert_eq!(key_floor("int8"), Some("-9223372036854775808"));
+        assert_eq!(key_floor("text"), Some(""));
+        assert_eq!(key_floor("timestamptz"), Some("-infinity"));
+        assert_eq!(key_floor("jsonb"), None);
+    }
+
+    #[test]
+    fn bounds_round_trip_and_quote() {
+        let one = KeyShape {
+            types: vec!["bigint".into()],
+            floors: vec!["-9223372036854775808"],
+        };
+        assert_eq!(one.literal(&["7".into()]).unwrap(), "'7'");
+        assert_eq!(decode_bound("7", 1).unwrap(), vec!["7".to_string()]);
+        let two = KeyShape {
+            types: vec!["text".into(), "bigint".into()],
+            floors: vec!["", "-9223372036854775808"],
+        };
+        let b = vec!["it's".to_string(), "5".to_string()];
+        assert_eq!(two.literal(&b).unwrap(), "ROW('it''s'::text, '5'::bigint)");
+        // as jsonb prints it
+        assert_eq!(decode_bound(r#"["it's", "5"]"#, 2).unwrap(), b);
+        assert!(decode_bound("7", 2).is_err());
+        assert!(decode_bound("[\"a\"]", 2).is_err());
+        assert!(two.literal(&["a".into()]).is_err());
+        assert_eq!(
+            two.literal(&two.floor()).unwrap(),
+            "ROW(''::text, '-9223372036854775808'::bigint)"
+        );
+    }
+}

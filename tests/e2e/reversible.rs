@@ -1,0 +1,216 @@
+//! Data changes that can be undone and checked before they start: composite keys, prior-image
+//! capture restored on rollback (after the change completed, and part-way through it), and
+//! the data preflight at submit.
+use crate::fleet::{MigrationDir, TestFleet};
+
+const STANDARDISE_ID: &str = "20250301000001_standardise_phones";
+const CHECK_ID: &str = "20250301000002_phone_check";
+
+/// Per tenant: `contacts` keyed by (region, id), 3 regions x 100 ids, phones in mixed
+/// formats (some already standard, some NULL), a copy of it as it was (`contacts_before`),
+/// and a trigger that logs every change of a phone (`public.phone_log`), so a test can tell
+/// that each row was changed and put back exactly once.
+fn contacts_sql(tenants: &[String]) -> String {
+    let mut sql = String::from(
+        "CREATE TABLE public.phone_log (tenant text, region text, id int, old text, new text);
+         CREATE FUNCTION public.log_phone() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.phone IS DISTINCT FROM OLD.phone THEN
+             INSERT INTO public.phone_log VALUES (TG_TABLE_SCHEMA, NEW.region, NEW.id, OLD.phone, NEW.phone);
+           END IF;
+           RETURN NEW;
+         END $$;\n",
+    );
+    for t in tenants {
+        sql.push_str(&format!(
+            "CREATE TABLE {t}.contacts (region text NOT NULL, id int NOT NULL, phone text, note text,
+               PRIMARY KEY (region, id));
+             INSERT INTO {t}.contacts
+               SELECT r, g,
+                      CASE WHEN g % 17 = 0 THEN NULL
+                           WHEN g % 5 = 0 THEN '+1555' || lpad(g::text, 7, '0')
+                           WHEN g % 2 = 0 THEN '(555) 01-' || g
+                           ELSE '555.01.' || g || ' ext' END,
+                      'O''Brien #' || g
+                 FROM unnest(ARRAY['west', 'east', 'north']) r, generate_series(1, 100) g;
+             CREATE TABLE {t}.contacts_before AS SELECT * FROM {t}.contacts;
+             CREATE TRIGGER log_phone AFTER UPDATE ON {t}.contacts
+               FOR EACH ROW EXECUTE FUNCTION public.log_phone();
+             ANALYZE {t}.contacts;\n"
+        ));
+    }
+    sql
+}
+
+/// The phone standardisation of the seeds, made reversible: batches of 25 over (region, id),
+/// with the old phones saved. `fail_at`: a (region, id) whose batch fails (division by zero,
+/// computed from the row so that the planner cannot fold it into the first batch).
+fn standardise_toml(fail_at: Option<(&str, i32)>) -> String {
+    let new_phone = "'+1' || regexp_replace(phone, '[^0-9]', '', 'g')";
+    let set = match fail_at {
+        None => new_phone.to_string(),
+        Some((r, id)) => format!(
+            "CASE WHEN region = '{r}' AND id = {id} THEN (1 / (id - {id}))::text ELSE {new_phone} END"
+        ),
+    };
+    format!(
+        "kind = \"data\"\n\
+         [data]\n\
+         table = \"contacts\"\n\
+         key = [\"region\", \"id\"]\n\
+         batch_size = 25\n\
+         prior_image = [\"phone\"]\n\
+         filter = \"phone !~ '^[+]'\"\n\
+         batch = \"\"\"UPDATE contacts SET phone = {set}\n\
+         WHERE (region, id) > $1 AND (region, id) <= $2 AND phone !~ '^[+]'\"\"\"\n"
+    )
+}
+
+/// Rows of `contacts` that differ from `contacts_before` (either side missing counts too).
+async fn differing(fleet: &TestFleet, t: &str) -> anyhow::Result<i64> {
+    fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            &format!(
+                "SELECT count(*) FROM {t}.contacts c FULL JOIN {t}.contacts_before b USING (region, id) \
+                 WHERE c.region IS NULL OR b.region IS NULL OR c.phone IS DISTINCT FROM b.phone \
+                    OR c.note IS DISTINCT FROM b.note"
+            ),
+        )
+        .await
+}
+
+async fn scalar(fleet: &TestFleet, sql: &str) -> anyhow::Result<i64> {
+    fleet.pg.query_scalar(&fleet.shards[0], sql).await
+}
+
+/// What the trigger saw on tenant `t`: (rows standardised, rows put back to their old phone,
+/// rows changed more than twice or put back to something else).
+async fn phone_changes(fleet: &TestFleet, t: &str) -> anyhow::Result<(i64, i64, i64)> {
+    let changed = scalar(
+        fleet,
+        &format!(
+            "SELECT count(*) FROM public.phone_log l JOIN {t}.contacts_before b USING (region, id) \
+             WHERE l.tenant = '{t}' AND l.old IS NOT DISTINCT FROM b.phone AND l.new ~ '^[+]1[0-9]+$'"
+        ),
+    )
+    .await?;
+    let restored = scalar(
+        fleet,
+        &format!(
+            "SELECT count(*) FROM public.phone_log l JOIN {t}.contacts_before b USING (region, id) \
+             WHERE l.tenant = '{t}' AND l.new IS NOT DISTINCT FROM b.phone AND l.old ~ '^[+]1[0-9]+$'"
+        ),
+    )
+    .await?;
+    let odd = scalar(
+        fleet,
+        &format!(
+            "SELECT count(*) FROM (SELECT region, id FROM public.phone_log WHERE tenant = '{t}' \
+             GROUP BY region, id HAVING count(*) <> 2) x"
+        ),
+    )
+    .await?;
+    Ok((changed, restored, odd))
+}
+
+/// The rows of `contacts` the standardisation changes on each tenant: neither NULL nor
+/// already standard.
+const TO_CHANGE: i64 = 3 * (100 - 20 - 5 + 1);
+
+/// A composite-key change with a prior image completes on two tenants, then a later step of
+/// the plan fails: all-or-nothing undoes the change by restoring every saved phone (and no
+/// other value), batch by batch. Then the same change failing part-way (a batch hits a
+/// division by zero) is undone too: the batches it committed are restored. Nothing of either
+/// plan is left: no checkpoint, no prior image, no journal row.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prior_image_rollback_restores_every_changed_value() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(1, 2)
+        .shard_sql(|_, tenants| contacts_sql(tenants))
+        .start()
+        .await?;
+    let tenants = fleet.tenants(0);
+    for t in &tenants {
+        let to_change = scalar(
+            &fleet,
+            &format!("SELECT count(*) FROM {t}.contacts WHERE phone !~ '^[+]'"),
+        )
+        .await?;
+        assert_eq!(to_change, TO_CHANGE, "{t}");
+    }
+
+    // 1. The change completes; the check after it fails (phones are longer than 5).
+    let dir = MigrationDir::new()?;
+    dir.migration(STANDARDISE_ID, &standardise_toml(None), "", "")?;
+    dir.migration(
+        CHECK_ID,
+        &format!("depends_on = [\"{STANDARDISE_ID}\"]\n"),
+        "ALTER TABLE contacts ADD CONSTRAINT phone_short CHECK (length(phone) < 5);",
+        "ALTER TABLE contacts DROP CONSTRAINT phone_short;",
+    )?;
+    let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(status["state"], "rolled_back", "{status}");
+    for t in &tenants {
+        assert_eq!(differing(&fleet, t).await?, 0, "{t}: every value as it was");
+        assert_eq!(
+            phone_changes(&fleet, t).await?,
+            (TO_CHANGE, TO_CHANGE, 0),
+            "{t}: each phone changed once and put back once"
+        );
+    }
+    // the change had completed (its journal row went to the history when undone)
+    let undone = scalar(
+        &fleet,
+        &format!(
+            "SELECT count(*) FROM flotilla.journal_history WHERE migration_id = '{STANDARDISE_ID}'"
+        ),
+    )
+    .await?;
+    assert_eq!(undone, 2);
+    for table in ["journal", "checkpoints", "prior_images"] {
+        assert_eq!(
+            scalar(&fleet, &format!("SELECT count(*) FROM flotilla.{table}")).await?,
+            0,
+            "flotilla.{table}"
+        );
+    }
+    let log = fleet.agents[0].as_ref().unwrap().log();
+    assert!(log.contains("prior image restored"), "{log}");
+
+    // 2. The change fails part-way, at ('west', 61): east and north are done by then (the
+    // key orders east < north < west), and west up to its batch before 61.
+    fleet
+        .pg
+        .psql(&fleet.shards[0], "TRUNCATE public.phone_log")
+        .await?;
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "20250301000003_standardise_phones_again",
+        &standardise_toml(Some(("west", 61))),
+        "",
+        "",
+    )?;
+    let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(status["state"], "rolled_back", "{status}");
+    assert!(status.to_string().contains("division by zero"), "{status}");
+    for t in &tenants {
+        assert_eq!(differing(&fleet, t).await?, 0, "{t}: every value as it was");
+        let (changed, restored, odd) = phone_changes(&fleet, t).await?;
+        assert!(
+            (2 * TO_CHANGE / 3..TO_CHANGE).contains(&changed),
+            "{t}: {changed} rows changed before the failure"
+        );
+        assert_eq!((restored, odd), (changed, 0), "{t}");
+    }
+    for table in ["journal", "checkpoints", "prior_images"] {
+        assert_eq!(
+            scalar(&fleet, &format!("SELECT count(*) FROM flotilla.{table}")).await?,
+            0,
+            "flotilla.{table}"
+        );
+    }
+    Ok(())
+}
