@@ -81,10 +81,11 @@ pub(crate) fn decode_bound(text: &str, columns: usize) -> Result<Vec<String>, St
 /// What is wrong with a data change's table or key on a target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum KeyProblem {
-    /// The table does not exist: an earlier step of the plan may still create it.
-    NoTable(String),
-    /// A column of the key (or of the prior image) does not exist.
-    NoColumn(String),
+    /// The table does not exist (its name, the message): an earlier step of the plan may
+    /// still create it.
+    NoTable(String, String),
+    /// A column of the key (or of the prior image) does not exist (its name, the message).
+    NoColumn(String, String),
     /// Something an earlier step is unlikely to fix at once: no unique index, a key type
     /// without a floor.
     Shape(String),
@@ -93,7 +94,23 @@ pub(crate) enum KeyProblem {
 impl KeyProblem {
     pub fn message(&self) -> &str {
         match self {
-            KeyProblem::NoTable(m) | KeyProblem::NoColumn(m) | KeyProblem::Shape(m) => m,
+            KeyProblem::NoTable(_, m) | KeyProblem::NoColumn(_, m) | KeyProblem::Shape(m) => m,
+        }
+    }
+
+    /// As the preflight reports it.
+    pub fn to_pb(&self, migration_id: &str, tenant: &str) -> flotilla_proto::pb::DataProblem {
+        let (kind, name) = match self {
+            KeyProblem::NoTable(n, _) => ("no_table", n.as_str()),
+            KeyProblem::NoColumn(n, _) => ("no_column", n.as_str()),
+            KeyProblem::Shape(_) => ("shape", ""),
+        };
+        flotilla_proto::pb::DataProblem {
+            migration_id: migration_id.to_string(),
+            tenant: tenant.to_string(),
+            kind: kind.to_string(),
+            message: self.message().to_string(),
+            name: name.to_string(),
         }
     }
 }
@@ -124,9 +141,10 @@ pub(crate) async fn inspect(
             .fetch_one(&mut *conn)
             .await?;
     let Some(rel) = rel else {
-        return Ok(Err(KeyProblem::NoTable(format!(
-            "table {regclass} does not exist"
-        ))));
+        return Ok(Err(KeyProblem::NoTable(
+            d.table.last().cloned().unwrap_or_default(),
+            format!("table {regclass} does not exist"),
+        )));
     };
     let mut wanted: Vec<String> = d.key.clone();
     wanted.extend(d.prior_image.iter().cloned());
@@ -142,9 +160,10 @@ pub(crate) async fn inspect(
     let find = |c: &str| columns.iter().find(|(n, ..)| n == c);
     for c in &wanted {
         if find(c).is_none() {
-            return Ok(Err(KeyProblem::NoColumn(format!(
-                "table {table} has no column {c}"
-            ))));
+            return Ok(Err(KeyProblem::NoColumn(
+                c.clone(),
+                format!("table {table} has no column {c}"),
+            )));
         }
     }
     let key_attnums: Vec<i16> = d.key.iter().map(|c| find(c).expect("checked").3).collect();

@@ -275,13 +275,71 @@ impl Agent {
         } else {
             String::new()
         };
+        let data_problems = self.check_data(&req.data_migrations, &tenants).await;
         pb::PreflightReply {
+            data_problems,
             two_phase_error,
             request_id: req.request_id,
             tenants,
             applied,
             error: errors.join("; "),
         }
+    }
+}
+
+impl Agent {
+    /// The data migrations' tables and keys on every target of the shard (the shard itself
+    /// and each tenant): what is wrong where. A check that cannot run is a problem too.
+    async fn check_data(
+        &self,
+        migrations: &[pb::Migration],
+        tenants: &[pb::Tenant],
+    ) -> Vec<pb::DataProblem> {
+        let mut problems = Vec::new();
+        if migrations.is_empty() {
+            return problems;
+        }
+        let failed = |id: &str, e: String| pb::DataProblem {
+            migration_id: id.to_string(),
+            kind: "error".into(),
+            message: format!(
+                "checking its table and key on shard {}: {e}",
+                self.config.shard
+            ),
+            ..Default::default()
+        };
+        let mut conn = match self.pool.acquire().await {
+            Ok(c) => c,
+            Err(e) => {
+                return migrations
+                    .iter()
+                    .map(|m| failed(&m.id, e.to_string()))
+                    .collect();
+            }
+        };
+        for m in migrations {
+            let Some(d) = flotilla_proto::Migration::try_from(m.clone())
+                .ok()
+                .and_then(|m| m.data)
+            else {
+                continue;
+            };
+            let targets = std::iter::once("").chain(tenants.iter().map(|t| t.name.as_str()));
+            for tenant in targets {
+                match keys::inspect(&mut conn, &d, Some(tenant)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(p)) => problems.push(p.to_pb(&m.id, tenant)),
+                    Err(e) => {
+                        problems.push(pb::DataProblem {
+                            tenant: tenant.to_string(),
+                            ..failed(&m.id, e.to_string())
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        problems
     }
 }
 

@@ -77,6 +77,7 @@ async fn rollout_preflight_and_rollback() {
         two_phase: false,
         request_id: 7,
         migration_ids: vec![BENCH[0].into()],
+        data_migrations: Vec::new(),
     }));
     let Out::Preflight(p) = s.next().await else {
         panic!("preflight reply")

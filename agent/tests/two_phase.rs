@@ -294,6 +294,7 @@ async fn prepare_commit_abort_and_resend() {
         request_id: 5,
         migration_ids: Vec::new(),
         two_phase: true,
+        data_migrations: Vec::new(),
     }));
     let Out::Preflight(p) = s.next().await else {
         panic!("preflight reply")
@@ -551,6 +552,7 @@ async fn preflight_and_prepare_without_max_prepared_transactions() {
         request_id: 1,
         migration_ids: Vec::new(),
         two_phase: true,
+        data_migrations: Vec::new(),
     }));
     let Out::Preflight(p) = s.next().await else {
         panic!("preflight reply")
@@ -565,6 +567,7 @@ async fn preflight_and_prepare_without_max_prepared_transactions() {
         request_id: 2,
         migration_ids: Vec::new(),
         two_phase: false,
+        data_migrations: Vec::new(),
     }));
     let Out::Preflight(p) = s.next().await else {
         panic!("preflight reply")

@@ -82,12 +82,12 @@ impl Fleet {
         self.inner.lock().expect("fleet lock").agents.clone()
     }
 
-    /// Asks one agent for its tenants and the journal rows of these migrations.
+    /// Asks one agent for its tenants, the journal rows of the request's migrations, and
+    /// what it asks checked (two-phase commit, data migrations' tables and keys).
     pub async fn preflight(
         &self,
         shard: &str,
-        migration_ids: Vec<String>,
-        two_phase: bool,
+        mut request: pb::PreflightRequest,
         timeout: Duration,
     ) -> Result<pb::PreflightReply, CoordinatorError> {
         let unreachable = |reason: String| CoordinatorError::Unreachable {
@@ -107,14 +107,9 @@ impl Fleet {
             (agent.tx.clone(), id)
         };
         let (agent_tx, request_id) = agent_tx;
+        request.request_id = request_id;
         agent_tx
-            .send(msg(pb::coordinator_message::Body::Preflight(
-                pb::PreflightRequest {
-                    two_phase,
-                    request_id,
-                    migration_ids,
-                },
-            )))
+            .send(msg(pb::coordinator_message::Body::Preflight(request)))
             .await
             .map_err(|_| unreachable("its agent stream closed".into()))?;
         let reply = tokio::time::timeout(timeout, rx).await;

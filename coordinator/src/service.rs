@@ -216,14 +216,26 @@ impl Coordinator {
             }
         }
 
-        // Fresh tenants and journal rows from every attached shard, in parallel.
+        // Fresh tenants and journal rows from every attached shard, in parallel; the data
+        // migrations' tables and keys checked on every target there.
+        let request = pb::PreflightRequest {
+            request_id: 0,
+            migration_ids: ids.clone(),
+            two_phase: atomic,
+            data_migrations: spec
+                .migrations
+                .iter()
+                .filter(|m| m.data.is_some())
+                .map(pb::Migration::from)
+                .collect(),
+        };
         let checks = attached.keys().map(|shard| {
-            let ids = ids.clone();
+            let request = request.clone();
             async move {
                 let r = self
                     .inner
                     .fleet
-                    .preflight(shard, ids, atomic, self.inner.defaults.preflight_timeout)
+                    .preflight(shard, request, self.inner.defaults.preflight_timeout)
                     .await;
                 (shard.clone(), r)
             }
@@ -232,8 +244,13 @@ impl Coordinator {
         let mut fleet: BTreeMap<String, ShardView> = BTreeMap::new();
         let mut applied: BTreeMap<(String, String, String), String> = BTreeMap::new();
         let mut two_phase_errors: BTreeMap<String, String> = BTreeMap::new();
+        let mut data_problems: BTreeMap<(String, String, String), pb::DataProblem> =
+            BTreeMap::new();
         for (shard, reply) in replies {
-            let reply = reply?;
+            let mut reply = reply?;
+            for p in std::mem::take(&mut reply.data_problems) {
+                data_problems.insert((p.migration_id.clone(), shard.clone(), p.tenant.clone()), p);
+            }
             if !reply.two_phase_error.is_empty() {
                 two_phase_errors.insert(shard.clone(), reply.two_phase_error.clone());
             }
@@ -281,6 +298,7 @@ impl Coordinator {
         }
 
         let expansion = planner::expand(&spec, &fleet)?;
+        check_data_problems(&spec, &expansion, &data_problems)?;
         // Two-phase commit needs every shard it prepares on able to prepare: refused
         // before any change, naming the shard and the setting.
         for s in &expansion.steps {
@@ -817,4 +835,87 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
         .collect()
+}
+
+/// Refuses a plan whose data migration cannot run on one of its targets, as the preflight
+/// found it (table missing, key column missing, key not unique or of a type that cannot
+/// order batches), naming the migration, the targets and the problem: nothing has run yet.
+/// A missing table or column is let through when the migration's own up SQL or an earlier
+/// migration of the plan mentions it (it may create it); the agent checks again before the
+/// first batch.
+fn check_data_problems(
+    spec: &PlanSpec,
+    expansion: &planner::Expansion,
+    problems: &BTreeMap<(String, String, String), pb::DataProblem>,
+) -> Result<(), CoordinatorError> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let graph = MigrationGraph::build(spec)?;
+    let mut found: BTreeMap<usize, (Vec<String>, &pb::DataProblem)> = BTreeMap::new();
+    for s in &expansion.steps {
+        let m = &spec.migrations[s.migration];
+        if m.data.is_none() {
+            continue;
+        }
+        let target = &expansion.targets[s.target];
+        let Some(p) = problems.get(&(
+            m.id.to_string(),
+            target.shard.clone(),
+            target.tenant.clone(),
+        )) else {
+            continue;
+        };
+        let missing = matches!(p.kind.as_str(), "no_table" | "no_column");
+        if missing && may_create(spec, &graph, s.migration, &p.name) {
+            continue;
+        }
+        let entry = found.entry(s.migration).or_insert_with(|| (Vec::new(), p));
+        entry.0.push(target.to_string());
+    }
+    let Some((&i, (targets, p))) = found.iter().next() else {
+        return Ok(());
+    };
+    let m = &spec.migrations[i];
+    let shown: Vec<&str> = targets.iter().take(5).map(String::as_str).collect();
+    Err(CoordinatorError::Rejected(format!(
+        "data migration `{}` ({}) cannot run on {}{}: {}; nothing was changed",
+        m.id,
+        m.source,
+        shown.join(", "),
+        if targets.len() > 5 {
+            format!(" and {} more targets", targets.len() - 5)
+        } else {
+            String::new()
+        },
+        p.message
+    )))
+}
+
+/// Whether migration `i`'s own up SQL, or that of a migration it waits for (directly or
+/// not), mentions `name` as a word: it may create that table or column.
+fn may_create(spec: &PlanSpec, graph: &MigrationGraph, i: usize, name: &str) -> bool {
+    let mut seen = vec![false; spec.migrations.len()];
+    let mut stack = vec![i];
+    while let Some(j) = stack.pop() {
+        if std::mem::replace(&mut seen[j], true) {
+            continue;
+        }
+        if mentions(&spec.migrations[j].up_sql, name) {
+            return true;
+        }
+        stack.extend(graph.deps[j].iter().copied());
+    }
+    false
+}
+
+/// `name` (an unquoted identifier, lower case) as a whole word of `sql`, case-insensitively.
+fn mentions(sql: &str, name: &str) -> bool {
+    let sql = sql.to_ascii_lowercase();
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '$';
+    sql.match_indices(name).any(|(at, _)| {
+        let before = sql[..at].chars().next_back();
+        let after = sql[at + name.len()..].chars().next();
+        !before.is_some_and(word) && !after.is_some_and(word)
+    })
 }

@@ -224,7 +224,7 @@ async fn a_killed_agent_resumes_from_the_checkpoint() -> anyhow::Result<()> {
 }
 
 /// 20 rows in batches of 5 at 10 rows/s: the first batch at once (the bucket holds one),
-/// the other 15 rows take 1.5s. A table that does not exist fails the step, naming it.
+/// the other 15 rows take 1.5s. A table that does not exist is refused at submit, named.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_rate_limit_holds_and_a_missing_table_is_named() -> anyhow::Result<()> {
     let fleet = TestFleet::builder(1, 1)
@@ -258,12 +258,12 @@ async fn the_rate_limit_holds_and_a_missing_table_is_named() -> anyhow::Result<(
         "",
         "SELECT 1;",
     )?;
-    let (code, status, out) = fleet.submit_wait(missing.path(), &[]).await?;
-    assert_eq!(code, 1, "{out}");
+    // refused at submit by the data preflight (exit 2), naming the table
+    let (code, _, out) = fleet.submit_wait(missing.path(), &[]).await?;
+    assert_eq!(code, 2, "{out}");
     assert!(
-        status.to_string().contains("no_such_table")
-            && status.to_string().contains("does not exist"),
-        "{status}"
+        out.stderr.contains("\"no_such_table\" does not exist"),
+        "{out}"
     );
     assert_eq!(checkpoints(&fleet, 0).await?, 0);
     Ok(())

@@ -214,3 +214,119 @@ async fn a_prior_image_rollback_restores_every_changed_value() -> anyhow::Result
     }
     Ok(())
 }
+
+/// Bad data input is refused at submit, naming the migration, the target and what is wrong,
+/// before any step runs (the plan's schema step before it is not applied either): a table
+/// that does not exist, a key that is not unique, a key column or prior-image column that
+/// does not exist, a key type that cannot order batches. A table that an earlier step of the
+/// plan creates is let through, and the change runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_data_input_is_refused_at_submit_and_changes_nothing() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(1, 2)
+        .shard_sql(|_, tenants| {
+            let mut sql = contacts_sql(tenants);
+            for t in tenants {
+                sql.push_str(&format!(
+                    "CREATE TABLE {t}.slots (span interval PRIMARY KEY, n int);
+                     INSERT INTO {t}.slots VALUES ('1 hour', 1), ('2 hours', 2);\n"
+                ));
+            }
+            sql
+        })
+        .start()
+        .await?;
+    let add_column = (
+        "20250301000010_add_phone_e164",
+        "ALTER TABLE contacts ADD COLUMN phone_e164 text;",
+        "ALTER TABLE contacts DROP COLUMN phone_e164;",
+    );
+    let data = |table: &str, key: &str, extra: &str| {
+        format!(
+            "kind = \"data\"\ndepends_on = [\"{}\"]\n[data]\ntable = \"{table}\"\nkey = {key}\n{extra}\
+             batch = \"UPDATE {table} SET n = 1 WHERE {k} > $1 AND {k} <= $2\"\n",
+            add_column.0,
+            k = if key.starts_with('[') {
+                "(region, id)"
+            } else {
+                key.trim_matches('"')
+            }
+        )
+    };
+    let cases = [
+        (
+            data("contacs", "[\"region\", \"id\"]", ""),
+            "table \"tenant_0000\".\"contacs\" does not exist",
+        ),
+        (
+            data("contacts", "\"phone\"", ""),
+            "key phone of \"contacts\" is not unique",
+        ),
+        (
+            data("contacts", "[\"region\", \"idd\"]", ""),
+            "table \"contacts\" has no column idd",
+        ),
+        (
+            data(
+                "contacts",
+                "[\"region\", \"id\"]",
+                "prior_image = [\"phon\"]\n",
+            ),
+            "table \"contacts\" has no column phon",
+        ),
+        (
+            data("slots", "\"span\"", ""),
+            "key column span of \"slots\" has type interval",
+        ),
+    ];
+    let before = fleet.fingerprint().await?;
+    for (toml, needle) in &cases {
+        let dir = MigrationDir::new()?;
+        dir.migration(add_column.0, "", add_column.1, add_column.2)?;
+        dir.migration("20250301000011_fill", toml, "", "SELECT 1;")?;
+        let (code, _, out) = fleet.submit_wait(dir.path(), &[]).await?;
+        assert_eq!(code, 2, "{needle}: {out}");
+        assert!(
+            out.stderr.contains(needle)
+                && out.stderr.contains("data migration `20250301000011_fill`")
+                && out
+                    .stderr
+                    .contains("shard_0/tenant_0000, shard_0/tenant_0001")
+                && out.stderr.contains("nothing was changed"),
+            "{needle}: {out}"
+        );
+    }
+    assert_eq!(fleet.journal_total().await?, 0);
+    assert_eq!(fleet.fingerprint().await?, before, "no schema changed");
+    let tables: i64 = scalar(&fleet, "SELECT count(*) FROM flotilla.checkpoints").await?;
+    assert_eq!(tables, 0);
+
+    // created by the step before it: checked by the agent when it starts, and it runs
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "20250301000012_copy_contacts",
+        "",
+        "CREATE TABLE contacts_copy AS SELECT region, id, phone FROM contacts; \
+         ALTER TABLE contacts_copy ADD PRIMARY KEY (region, id);",
+        "DROP TABLE contacts_copy;",
+    )?;
+    dir.migration(
+        "20250301000013_fill_copy",
+        "kind = \"data\"\ndepends_on = [\"20250301000012_copy_contacts\"]\n[data]\n\
+         table = \"contacts_copy\"\nkey = [\"region\", \"id\"]\nbatch_size = 40\n\
+         batch = \"UPDATE contacts_copy SET phone = 'x' WHERE (region, id) > $1 AND (region, id) <= $2\"\n",
+        "",
+        "SELECT 1;",
+    )?;
+    let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    for t in fleet.tenants(0) {
+        let left = scalar(
+            &fleet,
+            &format!("SELECT count(*) FROM {t}.contacts_copy WHERE phone IS DISTINCT FROM 'x'"),
+        )
+        .await?;
+        assert_eq!(left, 0, "{t}");
+    }
+    Ok(())
+}
