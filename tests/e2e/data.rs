@@ -289,22 +289,32 @@ async fn slow_backfill_fleet() -> anyhow::Result<TestFleet> {
 }
 
 /// Submits the backfill in batches of 10 at 100 rows/s (`extra` appended to its
-/// migration.toml) and waits until a few batches are done; returns its directory and plan id.
+/// migration.toml) and waits until at least `at_rows` rows are done; returns its directory
+/// and plan id.
 async fn start_slow_backfill(
     fleet: &TestFleet,
     extra: &str,
     args: &[&str],
+    at_rows: i64,
 ) -> anyhow::Result<(MigrationDir, String)> {
     let dir = MigrationDir::new()?;
     let toml =
         backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n") + extra;
     dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
     let id = fleet.submit(dir.path(), args).await?;
-    crate::harness::wait_until("a few batches done", WAIT, async || {
-        Ok(checkpoint_rows(fleet).await? >= 30)
+    crate::harness::wait_until(&format!("{at_rows} rows done"), WAIT, async || {
+        Ok(checkpoint_rows(fleet).await? >= at_rows)
     })
     .await?;
     Ok((dir, id))
+}
+
+/// A random point of the slow backfill's 400 rows, in `range`, printed so that a failing
+/// run can be told apart.
+fn random_rows(what: &str, range: std::ops::RangeInclusive<i64>) -> i64 {
+    let at = rand::random_range(range);
+    eprintln!("{what} at {at} rows");
+    at
 }
 
 /// How often `public.load` was read (the health check's reads).
@@ -362,6 +372,7 @@ async fn a_health_signal_above_its_limit_throttles_the_backfill() -> anyhow::Res
         &fleet,
         "[[data.throttle.check]]\nname = \"queue depth\"\nsql = \"SELECT v FROM public.load\"\nmax = 5\n",
         &[],
+        30,
     )
     .await?;
 
@@ -408,12 +419,14 @@ async fn a_health_signal_above_its_limit_throttles_the_backfill() -> anyhow::Res
     Ok(())
 }
 
-/// Pausing stops the backfill at a batch boundary (status: paused, with its progress);
-/// nothing moves while paused; resuming finishes it with every row changed once.
+/// Pausing (at a random point) stops the backfill at a batch boundary (status: paused, with
+/// its progress); nothing moves while paused; resuming finishes it with every row changed
+/// once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_backfill_stops_at_a_batch_boundary_and_resumes() -> anyhow::Result<()> {
     let fleet = slow_backfill_fleet().await?;
-    let (_dir, id) = start_slow_backfill(&fleet, "", &[]).await?;
+    let at = random_rows("pause", 10..=330);
+    let (_dir, id) = start_slow_backfill(&fleet, "", &[], at).await?;
     let out = fleet
         .cli(&[
             "plan",
@@ -477,13 +490,14 @@ async fn a_paused_backfill_stops_at_a_batch_boundary_and_resumes() -> anyhow::Re
     Ok(())
 }
 
-/// Cancel under policy `stop`: the backfill stops at a batch boundary, the plan ends
+/// Cancel (at a random point) under policy `stop`: the backfill stops at a batch boundary, the plan ends
 /// cancelled, exactly the checkpointed rows are changed; submitted again, it goes on from
 /// the checkpoint and every row is changed once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancelled_backfill_leaves_whole_batches_and_resumes_later() -> anyhow::Result<()> {
     let fleet = slow_backfill_fleet().await?;
-    let (dir, id) = start_slow_backfill(&fleet, "", &["--policy", "stop"]).await?;
+    let at = random_rows("cancel", 10..=330);
+    let (dir, id) = start_slow_backfill(&fleet, "", &["--policy", "stop"], at).await?;
     let out = fleet
         .cli(&["plan", "cancel", &id, "--wait", "--output", "json"])
         .await?;
@@ -501,6 +515,44 @@ async fn a_cancelled_backfill_leaves_whole_batches_and_resumes_later() -> anyhow
     assert_eq!(code, 0, "{out}");
     assert_eq!(status["state"], "completed", "{status}");
     assert_eq!(not_once(&fleet, 0).await?, (0, 400));
+    let log = fleet.agents[0].as_ref().unwrap().log();
+    assert!(
+        log.contains("resuming a data change from its checkpoint"),
+        "{log}"
+    );
+    Ok(())
+}
+
+/// SIGKILL of the agent at two random points of the backfill: each time the rows changed
+/// are exactly those of the committed batches (whole batches, none twice), and the
+/// restarted agent goes on from the checkpoint; at the end every row is changed once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_at_random_points_loses_and_repeats_no_batch() -> anyhow::Result<()> {
+    let mut fleet = slow_backfill_fleet().await?;
+    let first = random_rows("first SIGKILL", 10..=150);
+    let second = random_rows("second SIGKILL", first + 20..=first + 200);
+    let (_dir, id) = start_slow_backfill(&fleet, "", &[], first).await?;
+    for (i, at) in [first, second].into_iter().enumerate() {
+        if i > 0 {
+            crate::harness::wait_until(&format!("{at} rows done"), WAIT, async || {
+                Ok(checkpoint_rows(&fleet).await? >= at)
+            })
+            .await?;
+        }
+        let status = fleet.agents[0].take().expect("the agent").kill()?;
+        assert!(!status.success(), "killed: {status}");
+        let rows = checkpoint_rows(&fleet).await?;
+        assert!(rows >= at && rows < 400, "{rows} rows at the kill");
+        assert_eq!(touched_rows(&fleet).await?, rows, "whole batches only");
+        assert_eq!(not_once(&fleet, 0).await?.0, 400 - rows, "none twice");
+        fleet.agents[0] = Some(fleet.spawn_agent(0)?);
+    }
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 400));
+    assert_eq!(checkpoints(&fleet, 0).await?, 0);
     let log = fleet.agents[0].as_ref().unwrap().log();
     assert!(
         log.contains("resuming a data change from its checkpoint"),
