@@ -246,13 +246,13 @@ async fn session(
                 outbox.push(item);
                 if welcomed
                     && outbox.runs.len() >= FLUSH_RUNS
-                    && let Err(reason) = outbox.flush(&tx)
+                    && let Err(reason) = flush(agent, outbox, &tx)
                 {
                     return lost(welcomed, reason);
                 }
             }
             () = sleep_until(due), if due.is_some() => {
-                if let Err(reason) = outbox.flush(&tx) {
+                if let Err(reason) = flush(agent, outbox, &tx) {
                     return lost(welcomed, reason);
                 }
             }
@@ -286,6 +286,29 @@ async fn in_doubt(agent: &Agent) -> Vec<String> {
             Vec::new()
         }
     }
+}
+
+/// Sends the results waiting in the outbox, after the progress that changed since the last
+/// heartbeat: a data change's last progress ("done", its final row count) reaches the
+/// coordinator before its result, so a finished plan keeps the final figures.
+fn flush(
+    agent: &Agent,
+    outbox: &mut Outbox,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+) -> Result<(), String> {
+    let data = agent.progress.take_changed();
+    if !data.is_empty() {
+        let beat = pb::AgentMessage {
+            body: Some(Out::Heartbeat(pb::Heartbeat {
+                sent_at_ms: unix_ms(),
+                data,
+            })),
+        };
+        if let Err(TrySendError::Closed(_)) = tx.try_send(beat) {
+            return Err("the stream to the coordinator closed".into());
+        }
+    }
+    outbox.flush(tx)
 }
 
 async fn sleep_until(due: Option<Instant>) {

@@ -19,7 +19,7 @@ use crate::engine::{CommandKind, Event, status};
 use crate::error::CoordinatorError;
 use crate::fleet::Fleet;
 use crate::planner::{self, ShardView};
-use crate::store::{PlanRow, StepRow, Store, StoreOp, now_ms};
+use crate::store::{PlanRow, StepRow, Store, StoreOp, hex_decode, hex_encode, now_ms};
 
 #[derive(Debug, Clone)]
 pub struct Defaults {
@@ -518,7 +518,8 @@ impl Coordinator {
             .map(|p| p.migrations.into_iter().map(|m| m.id).collect::<Vec<_>>())
             .unwrap_or_default();
         let steps = self.inner.store.steps(plan_id).await?;
-        Ok(status::from_store(&row, &order, &steps))
+        let data = self.inner.store.data_progress(plan_id).await?;
+        Ok(status::from_store(&row, &order, &steps, data))
     }
 
     pub async fn list(&self, limit: u32) -> Result<pb::ListPlansResponse, CoordinatorError> {
@@ -817,24 +818,6 @@ pub fn is_terminal(state: &str) -> bool {
 fn new_plan_id() -> String {
     let u = uuid::Uuid::new_v4().simple().to_string();
     format!("p{}", &u[..10])
-}
-
-fn hex_encode(b: &[u8]) -> String {
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push_str(&format!("{x:02x}"));
-    }
-    s
-}
-
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
 }
 
 /// Refuses a plan whose data migration cannot run on one of its targets, as the preflight

@@ -9,6 +9,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
 
+use flotilla_proto::pb;
+use prost::Message;
+
 use crate::error::CoordinatorError;
 
 pub fn now_ms() -> i64 {
@@ -41,6 +44,10 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS audit (
         id TEXT PRIMARY KEY, at_ms BIGINT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
         plan_id TEXT NOT NULL, detail TEXT NOT NULL)",
+    // the last progress of each data change of a finished plan (pb::DataProgress, hex)
+    "CREATE TABLE IF NOT EXISTS data_progress (
+        plan_id TEXT NOT NULL, migration_id TEXT NOT NULL, shard TEXT NOT NULL, tenant TEXT NOT NULL,
+        progress_hex TEXT NOT NULL, PRIMARY KEY (plan_id, migration_id, shard, tenant))",
     "CREATE TABLE IF NOT EXISTS agents (
         shard TEXT PRIMARY KEY, labels TEXT NOT NULL, tenants TEXT NOT NULL, version TEXT NOT NULL,
         last_seen_ms BIGINT NOT NULL)",
@@ -102,6 +109,11 @@ pub enum StoreOp {
         labels: String,
         tenants: String,
         version: String,
+    },
+    /// The last progress of a plan's data changes, kept for its status once it finished.
+    DataProgress {
+        plan_id: String,
+        entries: Vec<pb::DataProgress>,
     },
     /// Answered once every op before it is applied.
     Flush(tokio::sync::oneshot::Sender<()>),
@@ -327,6 +339,24 @@ impl Store {
                     .await
                     .map_err(store_err)?;
                 }
+                StoreOp::DataProgress { plan_id, entries } => {
+                    for p in entries {
+                        sqlx::query(
+                            "INSERT INTO data_progress (plan_id, migration_id, shard, tenant, progress_hex)
+                             VALUES ($1, $2, $3, $4, $5)
+                             ON CONFLICT (plan_id, migration_id, shard, tenant)
+                             DO UPDATE SET progress_hex = excluded.progress_hex",
+                        )
+                        .bind(&plan_id)
+                        .bind(&p.migration_id)
+                        .bind(&p.shard)
+                        .bind(&p.tenant)
+                        .bind(hex_encode(&p.encode_to_vec()))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(store_err)?;
+                    }
+                }
                 StoreOp::Agent {
                     shard,
                     labels,
@@ -395,6 +425,26 @@ impl Store {
         .await
         .map_err(store_err)?;
         Ok(rows.iter().map(plan_row).collect())
+    }
+
+    /// The last progress of a finished plan's data changes.
+    pub async fn data_progress(
+        &self,
+        plan_id: &str,
+    ) -> Result<Vec<pb::DataProgress>, CoordinatorError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT progress_hex FROM data_progress WHERE plan_id = $1 \
+             ORDER BY migration_id, shard, tenant",
+        )
+        .bind(plan_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_err)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(h,)| hex_decode(&h))
+            .filter_map(|b| pb::DataProgress::decode(b.as_slice()).ok())
+            .collect())
     }
 
     pub async fn steps(&self, plan_id: &str) -> Result<Vec<StepRow>, CoordinatorError> {
@@ -587,4 +637,23 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// Bytes as lower-case hex (protobuf messages are stored so).
+pub(crate) fn hex_encode(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
 }

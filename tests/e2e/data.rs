@@ -109,6 +109,23 @@ async fn a_backfill_changes_every_row_once() -> anyhow::Result<()> {
     // 3 batches per tenant: the agent logs them at the end of each change
     let log = fleet.agents[0].as_ref().unwrap().log();
     assert!(log.contains("data change done"), "{log}");
+    // The finished plan's status (from the store) keeps each target's final figures.
+    let id = status["summary"]["plan_id"]
+        .as_str()
+        .or(status["plan_id"].as_str())
+        .expect("a plan id")
+        .to_string();
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    let data = st["data"].as_array().expect("data progress");
+    assert_eq!(data.len(), 4, "{st}");
+    for d in data {
+        assert_eq!(d["state"], "done", "{d}");
+        assert_eq!(d["rows_done"], 20, "{d}");
+        assert_eq!(d["rows_total"], 20, "{d}");
+        assert_eq!(d["batches"], 3, "{d}");
+    }
     Ok(())
 }
 

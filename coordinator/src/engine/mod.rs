@@ -917,12 +917,20 @@ impl Engine {
         if let Some(updates) = run.settle() {
             let state = run.state;
             let message = run.message.clone();
+            let progress: Vec<pb::DataProgress> = run.progress.values().cloned().collect();
             info!(plan = %plan_id, state = state.as_str(), "{message}");
             metrics::plan_finished(state.as_str());
             self.write(StoreOp::Steps {
                 plan_id: plan_id.to_string(),
                 updates,
             });
+            if !progress.is_empty() {
+                // the status of a finished plan comes from the store: keep its figures
+                self.write(StoreOp::DataProgress {
+                    plan_id: plan_id.to_string(),
+                    entries: progress,
+                });
+            }
             self.write(StoreOp::PlanState {
                 plan_id: plan_id.to_string(),
                 state: state.as_str().into(),

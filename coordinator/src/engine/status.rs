@@ -82,7 +82,14 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
     }
 }
 
-pub fn from_store(plan: &PlanRow, order: &[String], steps: &[StepRow]) -> pb::PlanStatus {
+/// A plan's status from the store (it is not in memory: finished, or this coordinator did
+/// not run it); `data`: its data changes' last progress, kept when it finished.
+pub fn from_store(
+    plan: &PlanRow,
+    order: &[String],
+    steps: &[StepRow],
+    data: Vec<pb::DataProgress>,
+) -> pb::PlanStatus {
     let mut by: BTreeMap<String, pb::MigrationProgress> = BTreeMap::new();
     let mut failures = Vec::new();
     for s in steps {
@@ -115,8 +122,7 @@ pub fn from_store(plan: &PlanRow, order: &[String], steps: &[StepRow]) -> pb::Pl
         failures,
         message: plan.message.clone(),
         waiting_for: Vec::new(),
-        // live only while the plan runs (heartbeats); a finished step's rows are in its outcome
-        data: Vec::new(),
+        data,
         paused: Vec::new(),
     }
 }
