@@ -305,38 +305,39 @@ pub(crate) fn prior_image_restore(
 
 /// The next page of keys after `lower_lit`: how many rows (at most the batch size) and the
 /// last key, as a checkpoint stores it (text; a JSON array of texts for a composite key).
-/// Keyset pagination over the key's index.
+/// Keyset pagination over the key's index; only the last key is turned into text. An empty
+/// page is `(0, NULL)`.
 pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> Option<String> {
     let d = m.migration.data.as_ref()?;
     let key = d.key_sql();
     let filter = data_filter(d);
-    let (select, last, order) = if d.key.len() == 1 {
-        (
-            format!("{key} AS k"),
-            "k::text".to_string(),
-            "k DESC".to_string(),
-        )
-    } else {
-        let ks: Vec<String> = (1..=d.key.len()).map(|i| format!("k{i}")).collect();
-        let select: Vec<String> = d
-            .key
-            .iter()
-            .zip(&ks)
-            .map(|(c, k)| format!("{} AS {k}", quote_ident(c)))
-            .collect();
-        let texts: Vec<String> = ks.iter().map(|k| format!("{k}::text")).collect();
-        let order: Vec<String> = ks.iter().map(|k| format!("{k} DESC")).collect();
-        (
-            select.join(", "),
-            format!("pg_catalog.jsonb_build_array({})::text", texts.join(", ")),
-            order.join(", "),
-        )
-    };
+    let table = d.table_sql();
+    let cols = flotilla_proto::DataChange::column_list(&d.key);
+    if d.key.len() == 1 {
+        // the page is in key order: its greatest key is its last
+        return Some(format!(
+            "SELECT count(*)::bigint, max(k)::text FROM \
+             (SELECT {key} AS k FROM {table} WHERE {key} > {lower_lit}{filter} ORDER BY {cols} LIMIT {limit}) page"
+        ));
+    }
+    let ks: Vec<String> = (1..=d.key.len()).map(|i| format!("k{i}")).collect();
+    let select: Vec<String> = d
+        .key
+        .iter()
+        .zip(&ks)
+        .map(|(c, k)| format!("{} AS {k}", quote_ident(c)))
+        .collect();
+    let texts: Vec<String> = ks.iter().map(|k| format!("{k}::text")).collect();
+    let order: Vec<String> = ks.iter().map(|k| format!("{k} DESC")).collect();
+    // no max() for rows: the page's last row, with the page's size alongside
     Some(format!(
-        "SELECT count(*)::bigint, (pg_catalog.array_agg({last} ORDER BY {order}))[1] FROM \
-         (SELECT {select} FROM {table} WHERE {key} > {lower_lit}{filter} ORDER BY {cols} LIMIT {limit}) page",
-        table = d.table_sql(),
-        cols = flotilla_proto::DataChange::column_list(&d.key),
+        "WITH page AS MATERIALIZED (SELECT {select} FROM {table} WHERE {key} > {lower_lit}{filter} \
+         ORDER BY {cols} LIMIT {limit}) \
+         SELECT (SELECT count(*) FROM page)::bigint, \
+         (SELECT pg_catalog.jsonb_build_array({texts})::text FROM page ORDER BY {order} LIMIT 1)",
+        select = select.join(", "),
+        texts = texts.join(", "),
+        order = order.join(", "),
     ))
 }
 
@@ -640,10 +641,10 @@ mod tests {
         let page = data_page(&m, "ROW('a'::text, '1'::integer)", 25).unwrap();
         assert_eq!(
             page,
-            "SELECT count(*)::bigint, (pg_catalog.array_agg(pg_catalog.jsonb_build_array(k1::text, k2::text)::text \
-             ORDER BY k1 DESC, k2 DESC))[1] FROM (SELECT \"region\" AS k1, \"id\" AS k2 FROM \"contacts\" \
+            "WITH page AS MATERIALIZED (SELECT \"region\" AS k1, \"id\" AS k2 FROM \"contacts\" \
              WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) AND (phone !~ '^[+]'\n) \
-             ORDER BY \"region\", \"id\" LIMIT 25) page"
+             ORDER BY \"region\", \"id\" LIMIT 25) SELECT (SELECT count(*) FROM page)::bigint, \
+             (SELECT pg_catalog.jsonb_build_array(k1::text, k2::text)::text FROM page ORDER BY k1 DESC, k2 DESC LIMIT 1)"
         );
         let cx = StepContext {
             tenant: "t1",
