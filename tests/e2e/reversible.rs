@@ -219,7 +219,8 @@ async fn a_prior_image_rollback_restores_every_changed_value() -> anyhow::Result
 /// before any step runs (the plan's schema step before it is not applied either): a table
 /// that does not exist, a key that is not unique, a key column or prior-image column that
 /// does not exist, a key type that cannot order batches. A table that an earlier step of the
-/// plan creates is let through, and the change runs.
+/// plan creates is let through, and the change runs; so does a copy into a new table that
+/// the data migration's own up SQL creates.
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_data_input_is_refused_at_submit_and_changes_nothing() -> anyhow::Result<()> {
     let fleet = TestFleet::builder(1, 2)
@@ -317,6 +318,16 @@ async fn bad_data_input_is_refused_at_submit_and_changes_nothing() -> anyhow::Re
         "",
         "SELECT 1;",
     )?;
+    // copy into a new table (the seeds' table replacement): its up SQL creates the table
+    // once, before the first batch; each batch copies its key range
+    dir.migration(
+        "20250301000014_archive_contacts",
+        "kind = \"data\"\n[data]\ntable = \"contacts\"\nkey = [\"region\", \"id\"]\nbatch_size = 70\n\
+         batch = \"INSERT INTO contacts_archive SELECT region, id, upper(note) FROM contacts \
+         WHERE (region, id) > $1 AND (region, id) <= $2\"\n",
+        "CREATE TABLE contacts_archive (region text, id int, note text, PRIMARY KEY (region, id));",
+        "DROP TABLE contacts_archive;",
+    )?;
     let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 0, "{out}");
     assert_eq!(status["state"], "completed", "{status}");
@@ -327,6 +338,20 @@ async fn bad_data_input_is_refused_at_submit_and_changes_nothing() -> anyhow::Re
         )
         .await?;
         assert_eq!(left, 0, "{t}");
+        let copied = scalar(
+            &fleet,
+            &format!(
+                "SELECT count(*) FROM {t}.contacts c JOIN {t}.contacts_archive a USING (region, id) \
+                 WHERE a.note = upper(c.note)"
+            ),
+        )
+        .await?;
+        let archived = scalar(
+            &fleet,
+            &format!("SELECT count(*) FROM {t}.contacts_archive"),
+        )
+        .await?;
+        assert_eq!((copied, archived), (300, 300), "{t}: every row copied once");
     }
     Ok(())
 }
