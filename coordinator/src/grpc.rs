@@ -65,6 +65,9 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
         let c = req.into_inner();
+        if !c.shard.trim().is_empty() {
+            return Ok(Response::new(self.cancel_shard(c).await?));
+        }
         Ok(Response::new(
             self.command(&c.plan_id, CommandKind::Cancel, &c.actor, &c.reason)
                 .await?,
@@ -76,6 +79,11 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
         let c = req.into_inner();
+        if !c.shard.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "a rollback undoes the whole plan; --shard is for pause, resume and cancel",
+            ));
+        }
         Ok(Response::new(
             self.command(&c.plan_id, CommandKind::Rollback, &c.actor, &c.reason)
                 .await?,

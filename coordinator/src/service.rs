@@ -580,6 +580,23 @@ impl Coordinator {
         Ok(status)
     }
 
+    /// Cancels one shard of a running plan (policies stop and continue).
+    pub async fn cancel_shard(
+        &self,
+        c: pb::PlanCommand,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        self.leader_epoch()?;
+        let (plan_id, shard) = (c.plan_id.clone(), c.shard.trim().to_string());
+        self.to_engine(|reply| Event::CancelShard {
+            plan_id,
+            shard,
+            actor: c.actor,
+            reason: c.reason,
+            reply,
+        })
+        .await?
+    }
+
     /// Pauses or resumes a running plan, or one shard of it (`c.shard`).
     pub async fn pause(
         &self,

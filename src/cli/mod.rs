@@ -245,6 +245,10 @@ pub struct SubmitArgs {
 #[derive(Args, Debug)]
 pub struct CommandArgs {
     pub id: String,
+    /// cancel: only this shard of the plan (policies stop and continue; the other shards
+    /// go on).
+    #[arg(long)]
+    pub shard: Option<String>,
     /// Why (recorded in the audit trail).
     #[arg(long, default_value = "")]
     pub reason: String,

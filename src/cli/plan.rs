@@ -244,7 +244,7 @@ async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {
         plan_id: args.id.clone(),
         actor: args.actor,
         reason: args.reason,
-        shard: String::new(),
+        shard: args.shard.unwrap_or_default(),
     };
     let r = on_leader(&mut c, |mut c| {
         let req = req.clone();

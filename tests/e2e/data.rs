@@ -577,3 +577,123 @@ async fn an_agent_killed_at_random_points_loses_and_repeats_no_batch() -> anyhow
     );
     Ok(())
 }
+
+/// Cancel one shard of a plan (policy `continue`): that shard's backfill stops at a batch
+/// boundary, whole batches only; the other shard's goes on to the end; the plan ends
+/// cancelled, naming the shard. Under all-or-nothing the same request is refused, naming
+/// why, and the plan goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_one_shard_stops_it_and_lets_the_others_finish() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(2, 1)
+        .shard_sql(|_, tenants| {
+            let t = &tenants[0];
+            format!(
+                "ALTER TABLE {t}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;
+                 INSERT INTO {t}.work_orders (customer_id, priority, total_amount)
+                   SELECT g % 97, 'normal', g FROM generate_series(1, 180) g;"
+            )
+        })
+        .start()
+        .await?;
+    let on = |s: usize| {
+        let fleet = &fleet;
+        async move {
+            fleet
+                .pg
+                .query_scalar::<i64>(
+                    &fleet.shards[s],
+                    "SELECT coalesce(sum(rows), 0)::bigint FROM flotilla.checkpoints",
+                )
+                .await
+        }
+    };
+    let toml = backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n");
+
+    // all-or-nothing: refused, the plan goes on
+    let dir = MigrationDir::new()?;
+    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    let out = fleet
+        .cli(&["plan", "cancel", &id, "--shard", "shard_0"])
+        .await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert!(out.stderr.contains("all-or-nothing"), "{out}");
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    for s in 0..2 {
+        assert_eq!(not_once(&fleet, s).await?, (0, 200), "shard {s}");
+    }
+
+    // continue: shard_0 cancelled part-way, shard_1 finishes
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            &format!(
+                "UPDATE {}.work_orders SET touched = 0, score = NULL",
+                fleet.tenants(0)[0]
+            ),
+        )
+        .await?;
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[1],
+            &format!(
+                "UPDATE {}.work_orders SET touched = 0, score = NULL",
+                fleet.tenants(1)[0]
+            ),
+        )
+        .await?;
+    let dir = MigrationDir::new()?;
+    let again = "20250201000003_backfill_touched_again";
+    dir.migration(again, &toml, "", BACKFILL_DOWN)?;
+    let id = fleet.submit(dir.path(), &["--policy", "continue"]).await?;
+    let at = random_rows("cancel shard_0", 10..=120);
+    crate::harness::wait_until(&format!("{at} rows done on shard_0"), WAIT, async || {
+        Ok(on(0).await? >= at)
+    })
+    .await?;
+    let out = fleet
+        .cli(&[
+            "plan",
+            "cancel",
+            &id,
+            "--shard",
+            "shard_0",
+            "--reason",
+            "hot shard",
+            "--wait",
+            "--output",
+            "json",
+        ])
+        .await?;
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(st["state"], "cancelled", "{out}\n{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("shard shard_0 cancelled by"),
+        "{st}"
+    );
+    let rows = on(0).await?;
+    assert!(rows >= at && rows < 200, "{rows} rows on shard_0");
+    let t0 = &fleet.tenants(0)[0];
+    let touched: i64 = fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            &format!("SELECT count(*) FROM {t0}.work_orders WHERE touched = 1"),
+        )
+        .await?;
+    assert_eq!(touched, rows, "whole batches only on shard_0");
+    assert_eq!(not_once(&fleet, 0).await?.0, 200 - rows);
+    assert_eq!(not_once(&fleet, 1).await?, (0, 200), "shard_1 finished");
+    assert_eq!(checkpoints(&fleet, 1).await?, 0);
+    Ok(())
+}

@@ -61,6 +61,14 @@ pub enum Event {
         revive: Option<Box<PlanRun>>,
         reply: oneshot::Sender<Result<pb::PlanStatus, CoordinatorError>>,
     },
+    /// Cancels one shard of a running plan (policies stop and continue).
+    CancelShard {
+        plan_id: String,
+        shard: String,
+        actor: String,
+        reason: String,
+        reply: oneshot::Sender<Result<pb::PlanStatus, CoordinatorError>>,
+    },
     Status {
         plan_id: String,
         reply: oneshot::Sender<Option<pb::PlanStatus>>,
@@ -253,6 +261,19 @@ impl Engine {
                 self.drive(&id).await;
                 let status = self.status_of(&id);
                 let _ = done.send(status.unwrap_or_default());
+            }
+            Event::CancelShard {
+                plan_id,
+                shard,
+                actor,
+                reason,
+                reply,
+            } => {
+                let result = self.cancel_shard(&plan_id, &shard, &actor, &reason);
+                if result.is_ok() {
+                    self.drive(&plan_id).await;
+                }
+                let _ = reply.send(result.map(|_| self.status_of(&plan_id).unwrap_or_default()));
             }
             Event::Command {
                 plan_id,
@@ -642,6 +663,91 @@ impl Engine {
             state,
             message: msg,
         });
+        Ok(())
+    }
+
+    /// Cancels one shard of a running plan: its steps not started will not run, its data
+    /// changes stop at their next batch boundary, the other shards go on; the plan ends
+    /// cancelled. Refused under all-or-nothing, which cannot finish without the shard.
+    fn cancel_shard(
+        &mut self,
+        plan_id: &str,
+        shard: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<(), CoordinatorError> {
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return Err(CoordinatorError::Conflict(format!(
+                "plan {plan_id} is not running; nothing to cancel"
+            )));
+        };
+        if run.state != PlanState::Running {
+            return Err(CoordinatorError::Conflict(format!(
+                "plan {plan_id} is {}; only a running plan's shard can be cancelled",
+                run.state.as_str()
+            )));
+        }
+        if !run.shards.contains_key(shard) {
+            return Err(CoordinatorError::Rejected(format!(
+                "plan {plan_id} has no step on shard {shard}"
+            )));
+        }
+        if run.policy() == flotilla_proto::FailurePolicy::AllOrNothing || run.spec.two_phase() {
+            return Err(CoordinatorError::Rejected(format!(
+                "plan {plan_id} is all-or-nothing: it cannot finish without shard {shard}; \
+                 cancel the whole plan (`flotilla plan cancel {plan_id}`), which undoes what it applied"
+            )));
+        }
+        if run.cancelled.contains(shard) {
+            return Err(CoordinatorError::Conflict(format!(
+                "shard {shard} of plan {plan_id} is already cancelled"
+            )));
+        }
+        let who = if actor.is_empty() { "operator" } else { actor };
+        let said = format!(
+            "shard {shard} cancelled by {who}{}",
+            if reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {reason}")
+            }
+        );
+        run.message = if run.message.is_empty() {
+            format!("{said}; other shards go on")
+        } else {
+            format!("{}; {said}", run.message)
+        };
+        let updates = run.halt_shard(shard);
+        let (state, message) = (run.state.as_str().to_string(), run.message.clone());
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.to_string(),
+            updates,
+        });
+        self.write(StoreOp::Audit {
+            actor: who.to_string(),
+            action: "cancel".into(),
+            plan_id: plan_id.to_string(),
+            detail: format!(
+                "shard {shard}{}",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                }
+            ),
+        });
+        self.write(StoreOp::PlanState {
+            plan_id: plan_id.to_string(),
+            state,
+            message,
+        });
+        if let Some(a) = self.agents.get(shard) {
+            let _ =
+                a.tx.try_send(msg(pb::coordinator_message::Body::Halt(pb::Halt {
+                    plan_id: plan_id.to_string(),
+                })));
+        }
+        info!(plan = %plan_id, shard, "shard cancelled");
         Ok(())
     }
 

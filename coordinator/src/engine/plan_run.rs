@@ -186,6 +186,9 @@ pub struct PlanRun {
     unit_pos: usize,
     /// Paused shards ([`ALL_SHARDS`]: the whole plan): no run is handed out there.
     pub paused: BTreeSet<String>,
+    /// Shards an operator cancelled (policies stop and continue): their steps not done by
+    /// then are not run, the other shards go on, and the plan ends cancelled.
+    pub cancelled: BTreeSet<String>,
     /// Rebuilt by a new leader: the one before may have started units that the store
     /// does not show (its last writes can be lost with it).
     pub inherited: bool,
@@ -296,6 +299,7 @@ impl PlanRun {
             units,
             unit_pos: 0,
             paused: BTreeSet::new(),
+            cancelled: BTreeSet::new(),
             progress: BTreeMap::new(),
             inherited: false,
             unit_unverified: false,
@@ -667,7 +671,10 @@ impl PlanRun {
                 pb::StepOutcome::Failed => StepStatus::Failed,
                 pb::StepOutcome::Prepared => StepStatus::Prepared,
                 pb::StepOutcome::NotRun | pb::StepOutcome::Unspecified => {
-                    if self.state == PlanState::Running && !self.failed_target(self.steps[s].target)
+                    let target = &self.targets[self.steps[s].target];
+                    if self.state == PlanState::Running
+                        && !self.failed_target(self.steps[s].target)
+                        && !self.cancelled.contains(&target.shard)
                     {
                         StepStatus::Pending
                     } else {
@@ -738,6 +745,26 @@ impl PlanRun {
     }
 
     /// Stops scheduling: every step not started yet will not run.
+    /// Cancels one shard of the plan: its pending steps will not run (those in flight end at
+    /// their next batch boundary or when done).
+    pub fn halt_shard(&mut self, shard: &str) -> Vec<StepUpdate> {
+        self.cancelled.insert(shard.to_string());
+        let mut updates = Vec::new();
+        for s in 0..self.steps.len() {
+            if self.steps[s].status == StepStatus::Pending
+                && self.targets[self.steps[s].target].shard == shard
+            {
+                self.steps[s].status = StepStatus::NotRun;
+                updates.push(self.update_of(s, None));
+            }
+        }
+        if let Some(sr) = self.shards.get_mut(shard) {
+            sr.ready.clear();
+            sr.queued.clear();
+        }
+        updates
+    }
+
     pub fn halt_pending(&mut self) -> Vec<StepUpdate> {
         let mut updates = Vec::new();
         for s in 0..self.steps.len() {
@@ -1039,6 +1066,8 @@ impl PlanRun {
                 }
                 self.state = if any_failed {
                     PlanState::Failed
+                } else if !self.cancelled.is_empty() {
+                    PlanState::Cancelled
                 } else {
                     PlanState::Completed
                 };
