@@ -69,6 +69,16 @@ impl ProgressBoard {
     }
 
     /// After a new stream: everything still running is sent again.
+    /// Entries that [`Self::take_changed`] handed out but could not be sent: changed again,
+    /// unless a newer state of theirs came in meanwhile.
+    pub fn put_back(&self, unsent: Vec<pb::DataProgress>) {
+        let mut entries = self.entries.lock().expect("progress lock");
+        for p in unsent {
+            let key = (p.plan_id.clone(), p.migration_id.clone(), p.tenant.clone());
+            entries.entry(key).or_insert((p, true));
+        }
+    }
+
     pub fn mark_all_changed(&self) {
         for (_, changed) in self.entries.lock().expect("progress lock").values_mut() {
             *changed = true;

@@ -276,10 +276,24 @@ pub(crate) async fn run_batches(
         };
         let sql = sqlgen::data_batch(cx, m, &bounds).map_err(|e| Failure::agent("batch", e))?;
         let began = Instant::now();
-        if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
+        let mut retries = 0;
+        while let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+            .execute(&mut *conn)
+            .await
+        {
             let failure = classify(&e, "batch");
             // the batch's transaction may be open (aborted): end it
             let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            // A serialization failure or a deadlock with the application's sessions undid
+            // the whole batch (its checkpoint too): do it again, after a short backoff.
+            let transient = matches!(failure.error.sqlstate.as_str(), "40001" | "40P01");
+            if transient && retries < BATCH_RETRIES {
+                retries += 1;
+                debug!(migration = m.id(), tenant = cx.tenant, sqlstate = %failure.error.sqlstate,
+                       retries, "batch undone by a conflict; again");
+                tokio::time::sleep(Duration::from_millis(20 << retries)).await;
+                continue;
+            }
             progress.set("failed", &failure.error.message, size);
             return Err(failure);
         }
@@ -311,6 +325,9 @@ pub(crate) async fn run_batches(
     );
     Ok(done)
 }
+
+/// How often a batch undone by a serialization failure or a deadlock is run again.
+const BATCH_RETRIES: u32 = 5;
 
 /// The next batch size toward `target` duration: shrink fast (halve) when a batch took
 /// well over it, grow slowly (a quarter) when well under, within `[min, max]`.

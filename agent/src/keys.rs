@@ -86,15 +86,15 @@ pub(crate) enum KeyProblem {
     NoTable(String, String),
     /// A column of the key (or of the prior image) does not exist (its name, the message).
     NoColumn(String, String),
-    /// Something an earlier step is unlikely to fix at once: no unique index, a key type
-    /// without a floor.
-    Shape(String),
+    /// No unique index covers the key, or a key type without a floor (the table's name,
+    /// the message): an earlier step may still create the index or change the type.
+    Shape(String, String),
 }
 
 impl KeyProblem {
     pub fn message(&self) -> &str {
         match self {
-            KeyProblem::NoTable(_, m) | KeyProblem::NoColumn(_, m) | KeyProblem::Shape(m) => m,
+            KeyProblem::NoTable(_, m) | KeyProblem::NoColumn(_, m) | KeyProblem::Shape(_, m) => m,
         }
     }
 
@@ -103,7 +103,7 @@ impl KeyProblem {
         let (kind, name) = match self {
             KeyProblem::NoTable(n, _) => ("no_table", n.as_str()),
             KeyProblem::NoColumn(n, _) => ("no_column", n.as_str()),
-            KeyProblem::Shape(_) => ("shape", ""),
+            KeyProblem::Shape(n, _) => ("shape", n.as_str()),
         };
         flotilla_proto::pb::DataProblem {
             migration_id: migration_id.to_string(),
@@ -181,25 +181,31 @@ pub(crate) async fn inspect(
     .await?;
     let key_text = d.key_text();
     if !unique {
-        return Ok(Err(KeyProblem::Shape(format!(
-            "key {key_text} of {table} is not unique (no unique index on {}): batches need a key \
+        return Ok(Err(KeyProblem::Shape(
+            d.table.last().cloned().unwrap_or_default(),
+            format!(
+                "key {key_text} of {table} is not unique (no unique index on {}): batches need a key \
              that orders the rows uniquely",
-            if d.key.len() == 1 {
-                "it alone".to_string()
-            } else {
-                "some or all of its columns".to_string()
-            }
-        ))));
+                if d.key.len() == 1 {
+                    "it alone".to_string()
+                } else {
+                    "some or all of its columns".to_string()
+                }
+            ),
+        )));
     }
     let mut types = Vec::with_capacity(d.key.len());
     let mut floors = Vec::with_capacity(d.key.len());
     for c in &d.key {
         let (_, typname, format, _) = find(c).expect("checked");
         let floor = key_floor(typname).ok_or_else(|| {
-            KeyProblem::Shape(format!(
-                "key column {c} of {table} has type {format}, which cannot order batches yet \
-                 (use integers, numerics, text, dates, timestamps or uuids)"
-            ))
+            KeyProblem::Shape(
+                d.table.last().cloned().unwrap_or_default(),
+                format!(
+                    "key column {c} of {table} has type {format}, which cannot order batches yet \
+                     (use integers, numerics, text, dates, timestamps or uuids)"
+                ),
+            )
         });
         match floor {
             Ok(f) => floors.push(f),

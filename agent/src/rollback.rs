@@ -149,7 +149,17 @@ impl Agent {
                     false,
                 )),
                 Some(m) if m.down.is_empty() && !m.has_prior_image() => Err((
-                    Failure::agent("down", format!("migration `{migration}` has no down SQL")),
+                    Failure::agent(
+                        "down",
+                        if m.migration.data.is_some() {
+                            format!(
+                                "migration `{migration}` has no down SQL and no prior image: \
+                                 the rows its batches changed stay as they are"
+                            )
+                        } else {
+                            format!("migration `{migration}` has no down SQL")
+                        },
+                    ),
                     false,
                 )),
                 Some(m) => undo_step(&mut conn, &cx, m).await,
@@ -178,6 +188,14 @@ impl Agent {
                         conn.close_on_drop();
                     }
                     steps.push(step(migration, Some(failure)));
+                    // An irreversible data change stays, but does not keep the steps before
+                    // it from being undone (nothing of theirs depends on its rows' values).
+                    let irreversible_data = def.migrations.get(migration).is_some_and(|m| {
+                        m.migration.data.is_some() && m.down.is_empty() && !m.has_prior_image()
+                    });
+                    if irreversible_data && !broken {
+                        continue;
+                    }
                     break;
                 }
             }
@@ -258,8 +276,25 @@ async fn restore_prior_image(
     .fetch_all(&mut *conn)
     .await?;
     let restored = numbers.len();
+    if numbers.is_empty() {
+        return Ok(());
+    }
+    let d = m.migration.data.as_ref().expect("a data change");
+    let mut columns: Vec<String> = d.key.clone();
+    columns.extend(d.prior_image.iter().cloned());
+    let types: Vec<(String, String)> = sqlx::query_as(
+        "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod) \
+         FROM pg_catalog.pg_attribute a WHERE a.attrelid = pg_catalog.to_regclass($1) \
+         AND a.attname = ANY($2) AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(d.table_sql())
+    .bind(&columns)
+    .fetch_all(&mut *conn)
+    .await?;
     for number in numbers {
-        let sql = sqlgen::prior_image_restore(cx, m, number).expect("a prior image");
+        let sql = sqlgen::prior_image_restore(cx, m, number, &types).map_err(|e| {
+            sqlx::Error::Protocol(format!("restoring the prior image of `{}`: {e}", m.id()))
+        })?;
         if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
             // the batch's transaction may be open (aborted): end it
             let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;

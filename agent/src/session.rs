@@ -304,8 +304,17 @@ fn flush(
                 data,
             })),
         };
-        if let Err(TrySendError::Closed(_)) = tx.try_send(beat) {
-            return Err("the stream to the coordinator closed".into());
+        match tx.try_send(beat) {
+            Ok(()) => {}
+            Err(TrySendError::Closed(_)) => {
+                return Err("the stream to the coordinator closed".into());
+            }
+            // the stream is backed up: the next heartbeat takes them
+            Err(TrySendError::Full(beat)) => {
+                if let Some(Out::Heartbeat(hb)) = beat.body {
+                    agent.progress.put_back(hb.data);
+                }
+            }
         }
     }
     outbox.flush(tx)

@@ -215,7 +215,16 @@ pub(crate) fn data_batch(
         .data
         .as_ref()
         .ok_or_else(|| format!("migration `{}` is not a data change", m.id()))?;
-    let mut out = begin_fenced(cx.epoch);
+    let mut out = if d.prior_image.is_empty() {
+        begin_fenced(cx.epoch)
+    } else {
+        // one snapshot for the image and the change: a row changed by another session in
+        // between would otherwise be saved stale (the batch retries a serialization failure)
+        format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ;\nSELECT flotilla.check_fence({});\n",
+            cx.epoch
+        )
+    };
     let _ = writeln!(
         out,
         "SELECT flotilla.advance_checkpoint({}, {}, {}, {}, {}, {}, {});",
@@ -261,16 +270,29 @@ pub(crate) fn data_batch(
 }
 
 /// Restores the prior image of one batch (`number`) of a data change and deletes it, in one
-/// fenced transaction: each saved row's columns are written back where its key still is. The
-/// session holds the target's search_path (the table's row type names the columns' types).
+/// fenced transaction: each saved row's columns are written back where its key still is.
+/// `types`: the SQL type (`format_type`) of each key and image column, by name, so that the
+/// image is read back as exactly those columns (other columns of the table play no part).
 pub(crate) fn prior_image_restore(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     number: i64,
-) -> Option<String> {
-    let d = m.migration.data.as_ref()?;
-    if d.prior_image.is_empty() {
-        return None;
+    types: &[(String, String)],
+) -> Result<String, String> {
+    let d = m
+        .migration
+        .data
+        .as_ref()
+        .filter(|d| !d.prior_image.is_empty())
+        .ok_or_else(|| format!("migration `{}` saves no prior image", m.id()))?;
+    let mut columns = Vec::new();
+    for c in d.key.iter().chain(&d.prior_image) {
+        let (_, t) = types
+            .iter()
+            .find(|(n, _)| n == c)
+            .ok_or_else(|| format!("table {} has no column {c} to restore", d.table_sql()))?;
+        // `t` is the catalog's format_type: already valid (and quoted) SQL
+        columns.push(format!("{} {t}", quote_ident(c)));
     }
     let set: Vec<String> = d
         .prior_image
@@ -286,12 +308,13 @@ pub(crate) fn prior_image_restore(
     let _ = writeln!(
         out,
         "UPDATE {table} AS t SET {set} FROM (SELECT r.* FROM flotilla.prior_images p, \
-         LATERAL pg_catalog.jsonb_populate_record(NULL::{table}, p.image) AS r \
+         LATERAL pg_catalog.jsonb_to_record(p.image) AS r({columns}) \
          WHERE p.target = {} AND p.migration_id = {} AND p.batch = {number}) AS r WHERE {on};",
         cx.tenant_lit,
         m.id_lit,
         table = d.table_sql(),
         set = set.join(", "),
+        columns = columns.join(", "),
         on = on.join(" AND "),
     );
     let _ = writeln!(
@@ -300,7 +323,7 @@ pub(crate) fn prior_image_restore(
         cx.tenant_lit, m.id_lit
     );
     out.push_str("COMMIT;\n");
-    Some(out)
+    Ok(out)
 }
 
 /// The next page of keys after `lower_lit`: how many rows (at most the batch size) and the
@@ -314,10 +337,13 @@ pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> O
     let table = d.table_sql();
     let cols = flotilla_proto::DataChange::column_list(&d.key);
     if d.key.len() == 1 {
-        // the page is in key order: its greatest key is its last
+        // the page's last key by the page's own order (no max(): uuid has none, and a
+        // search_path could make it another type's). The text is named `last`: an output
+        // column named `k` would make `ORDER BY k` sort the text ('9' after '10').
         return Some(format!(
-            "SELECT count(*)::bigint, max(k)::text FROM \
-             (SELECT {key} AS k FROM {table} WHERE {key} > {lower_lit}{filter} ORDER BY {cols} LIMIT {limit}) page"
+            "WITH page AS MATERIALIZED (SELECT {key} AS k FROM {table} WHERE {key} > {lower_lit}{filter} \
+             ORDER BY {cols} LIMIT {limit}) \
+             SELECT (SELECT count(*) FROM page)::bigint, (SELECT k::text AS last FROM page ORDER BY k DESC LIMIT 1)"
         ));
     }
     let ks: Vec<String> = (1..=d.key.len()).map(|i| format!("k{i}")).collect();
@@ -329,12 +355,18 @@ pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> O
         .collect();
     let texts: Vec<String> = ks.iter().map(|k| format!("{k}::text")).collect();
     let order: Vec<String> = ks.iter().map(|k| format!("{k} DESC")).collect();
-    // no max() for rows: the page's last row, with the page's size alongside
+    // a row with a NULL in its key compares as unknown or, when an earlier column decides,
+    // as greater: keep it out of every page, as a one-column key's NULL is
+    let not_null: String = d
+        .key
+        .iter()
+        .map(|c| format!(" AND {} IS NOT NULL", quote_ident(c)))
+        .collect();
     Some(format!(
-        "WITH page AS MATERIALIZED (SELECT {select} FROM {table} WHERE {key} > {lower_lit}{filter} \
+        "WITH page AS MATERIALIZED (SELECT {select} FROM {table} WHERE {key} > {lower_lit}{not_null}{filter} \
          ORDER BY {cols} LIMIT {limit}) \
          SELECT (SELECT count(*) FROM page)::bigint, \
-         (SELECT pg_catalog.jsonb_build_array({texts})::text FROM page ORDER BY {order} LIMIT 1)",
+         (SELECT pg_catalog.jsonb_build_array({texts})::text AS last FROM page ORDER BY {order} LIMIT 1)",
         select = select.join(", "),
         texts = texts.join(", "),
         order = order.join(", "),
@@ -598,11 +630,11 @@ mod tests {
             )
         );
         let page = data_page(&m, "'7'", 7).unwrap();
-        assert!(
-            page.ends_with(
-                "(SELECT \"id\" AS k FROM \"app\".\"customers\" WHERE \"id\" > '7' AND (n = 0\n) ORDER BY \"id\" LIMIT 7) page"
-            ),
-            "{page}"
+        assert_eq!(
+            page,
+            "WITH page AS MATERIALIZED (SELECT \"id\" AS k FROM \"app\".\"customers\" WHERE \"id\" > '7' \
+             AND (n = 0\n) ORDER BY \"id\" LIMIT 7) SELECT (SELECT count(*) FROM page)::bigint, \
+             (SELECT k::text AS last FROM page ORDER BY k DESC LIMIT 1)"
         );
         // the end: verify, journal row and checkpoint delete in one transaction
         let epi = non_transactional_epilogue(&cx, &m);
@@ -642,9 +674,10 @@ mod tests {
         assert_eq!(
             page,
             "WITH page AS MATERIALIZED (SELECT \"region\" AS k1, \"id\" AS k2 FROM \"contacts\" \
-             WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) AND (phone !~ '^[+]'\n) \
+             WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) AND \"region\" IS NOT NULL \
+             AND \"id\" IS NOT NULL AND (phone !~ '^[+]'\n) \
              ORDER BY \"region\", \"id\" LIMIT 25) SELECT (SELECT count(*) FROM page)::bigint, \
-             (SELECT pg_catalog.jsonb_build_array(k1::text, k2::text)::text FROM page ORDER BY k1 DESC, k2 DESC LIMIT 1)"
+             (SELECT pg_catalog.jsonb_build_array(k1::text, k2::text)::text AS last FROM page ORDER BY k1 DESC, k2 DESC LIMIT 1)"
         );
         let cx = StepContext {
             tenant: "t1",
@@ -674,10 +707,18 @@ mod tests {
             ),
             "{sql}"
         );
-        let restore = prior_image_restore(&cx, &m, 4).unwrap();
+        let types = [
+            ("region".to_string(), "text".to_string()),
+            ("id".to_string(), "integer".to_string()),
+            ("phone".to_string(), "character varying(20)".to_string()),
+        ];
+        assert!(prior_image_restore(&cx, &m, 4, &types[..2]).is_err());
+        let restore = prior_image_restore(&cx, &m, 4, &types).unwrap();
         assert!(restore.starts_with("BEGIN;\nSELECT flotilla.check_fence(2);\nUPDATE \"contacts\" AS t SET \"phone\" = r.\"phone\""), "{restore}");
         assert!(
-            restore.contains("jsonb_populate_record(NULL::\"contacts\", p.image)"),
+            restore.contains(
+                "jsonb_to_record(p.image) AS r(\"region\" text, \"id\" integer, \"phone\" character varying(20))"
+            ),
             "{restore}"
         );
         assert!(

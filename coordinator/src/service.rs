@@ -840,9 +840,9 @@ fn new_plan_id() -> String {
 /// Refuses a plan whose data migration cannot run on one of its targets, as the preflight
 /// found it (table missing, key column missing, key not unique or of a type that cannot
 /// order batches), naming the migration, the targets and the problem: nothing has run yet.
-/// A missing table or column is let through when the migration's own up SQL or an earlier
-/// migration of the plan mentions it (it may create it); the agent checks again before the
-/// first batch.
+/// A missing table or column, or a key without a unique index, is let through when an
+/// earlier migration of the plan mentions the name (it may create it); the agent checks
+/// again before the first batch.
 fn check_data_problems(
     spec: &PlanSpec,
     expansion: &planner::Expansion,
@@ -866,8 +866,21 @@ fn check_data_problems(
         )) else {
             continue;
         };
-        let missing = matches!(p.kind.as_str(), "no_table" | "no_column");
-        if missing && may_create(spec, &graph, s.migration, &p.name) {
+        // an earlier step may create what is missing, or the unique index (or the type) a
+        // key needs
+        let exempt = !p.name.is_empty()
+            && match p.kind.as_str() {
+                "no_table" | "no_column" => may_create(spec, &graph, s.migration, &p.name, &[]),
+                "shape" => may_create(
+                    spec,
+                    &graph,
+                    s.migration,
+                    &p.name,
+                    &["unique", "primary", "type"],
+                ),
+                _ => false,
+            };
+        if exempt {
             continue;
         }
         let entry = found.entry(s.migration).or_insert_with(|| (Vec::new(), p));
@@ -892,16 +905,26 @@ fn check_data_problems(
     )))
 }
 
-/// Whether migration `i`'s own up SQL, or that of a migration it waits for (directly or
-/// not), mentions `name` as a word: it may create that table or column.
-fn may_create(spec: &PlanSpec, graph: &MigrationGraph, i: usize, name: &str) -> bool {
+/// Whether the up SQL of a migration that `i` waits for (directly or not) mentions `name`
+/// as a word (and, when `also` is not empty, one of those words too): it may create that
+/// table or column, or the table's unique index. The migration's own up SQL does not count:
+/// the agent checks the key before running it.
+fn may_create(
+    spec: &PlanSpec,
+    graph: &MigrationGraph,
+    i: usize,
+    name: &str,
+    also: &[&str],
+) -> bool {
     let mut seen = vec![false; spec.migrations.len()];
     let mut stack = vec![i];
     while let Some(j) = stack.pop() {
         if std::mem::replace(&mut seen[j], true) {
             continue;
         }
-        if mentions(&spec.migrations[j].up_sql, name) {
+        let up = &spec.migrations[j].up_sql;
+        if j != i && mentions(up, name) && (also.is_empty() || also.iter().any(|w| mentions(up, w)))
+        {
             return true;
         }
         stack.extend(graph.deps[j].iter().copied());

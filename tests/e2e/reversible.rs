@@ -219,8 +219,9 @@ async fn a_prior_image_rollback_restores_every_changed_value() -> anyhow::Result
 /// before any step runs (the plan's schema step before it is not applied either): a table
 /// that does not exist, a key that is not unique, a key column or prior-image column that
 /// does not exist, a key type that cannot order batches. A table that an earlier step of the
-/// plan creates is let through, and the change runs; so does a copy into a new table that
-/// the data migration's own up SQL creates.
+/// plan creates is let through, and the change runs, as is a uuid key whose unique index an
+/// earlier step creates; a copy into a new table that the data migration's own up SQL
+/// creates copies every row once.
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_data_input_is_refused_at_submit_and_changes_nothing() -> anyhow::Result<()> {
     let fleet = TestFleet::builder(1, 2)
@@ -328,10 +329,35 @@ async fn bad_data_input_is_refused_at_submit_and_changes_nothing() -> anyhow::Re
         "CREATE TABLE contacts_archive (region text, id int, note text, PRIMARY KEY (region, id));",
         "DROP TABLE contacts_archive;",
     )?;
+    // a uuid key whose unique index an earlier step creates: let through, and it runs
+    dir.migration(
+        "20250301000015_unique_business_id",
+        "",
+        "CREATE UNIQUE INDEX work_orders_business_id ON work_orders (business_id);",
+        "DROP INDEX work_orders_business_id;",
+    )?;
+    dir.migration(
+        "20250301000016_fill_by_uuid",
+        "kind = \"data\"\ndepends_on = [\"20250301000015_unique_business_id\"]\n[data]\n\
+         table = \"work_orders\"\nkey = \"business_id\"\nbatch_size = 3\n\
+         batch = \"UPDATE work_orders SET priority = 'high' WHERE business_id > $1 AND business_id <= $2\"\n",
+        "",
+        "SELECT 1;",
+    )?;
     let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 0, "{out}");
     assert_eq!(status["state"], "completed", "{status}");
     for t in fleet.tenants(0) {
+        let (high, all): (i64, i64) = (
+            scalar(
+                &fleet,
+                &format!("SELECT count(*) FROM {t}.work_orders WHERE priority = 'high'"),
+            )
+            .await?,
+            scalar(&fleet, &format!("SELECT count(*) FROM {t}.work_orders")).await?,
+        );
+        assert!(all > 3, "{t}: {all} rows");
+        assert_eq!(high, all, "{t}: every row by its uuid");
         let left = scalar(
             &fleet,
             &format!("SELECT count(*) FROM {t}.contacts_copy WHERE phone IS DISTINCT FROM 'x'"),
