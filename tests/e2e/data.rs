@@ -697,3 +697,66 @@ async fn cancelling_one_shard_stops_it_and_lets_the_others_finish() -> anyhow::R
     assert_eq!(checkpoints(&fleet, 1).await?, 0);
     Ok(())
 }
+
+/// The coordinator is killed (SIGKILL) at a random point of the backfill and a new one
+/// starts on the same store: the agent's change goes on from where the shard's checkpoint
+/// says, every row is changed once, and the data migration's verify.sql runs at the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_coordinator_lets_the_backfill_go_on_and_verify_runs() -> anyhow::Result<()> {
+    let mut fleet = slow_backfill_fleet().await?;
+    let dir = MigrationDir::new()?;
+    let toml = backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n");
+    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
+    std::fs::write(
+        dir.path().join(BACKFILL_ID).join("verify.sql"),
+        "SELECT NOT EXISTS (SELECT 1 FROM work_orders WHERE touched <> 1)",
+    )?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    let at = random_rows("coordinator SIGKILL", 10..=300);
+    crate::harness::wait_until(&format!("{at} rows done"), WAIT, async || {
+        Ok(checkpoint_rows(&fleet).await? >= at)
+    })
+    .await?;
+    fleet.restart_coordinator().await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 400));
+    assert_eq!(checkpoints(&fleet, 0).await?, 0);
+
+    // a verify.sql that fails leaves no journal row: the change is not recorded as applied
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            &format!(
+                "UPDATE {}.work_orders SET touched = 0, score = NULL",
+                fleet.tenants(0)[0]
+            ),
+        )
+        .await?;
+    let dir = MigrationDir::new()?;
+    let failing = "20250201000004_backfill_checked";
+    dir.migration(failing, &backfill_toml(50, false), "", BACKFILL_DOWN)?;
+    std::fs::write(
+        dir.path().join(failing).join("verify.sql"),
+        "SELECT count(*) = 0 FROM work_orders",
+    )?;
+    let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert!(status.to_string().contains("verify"), "{status}");
+    let applied: i64 = fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            &format!("SELECT count(*) FROM flotilla.journal WHERE migration_id = '{failing}'"),
+        )
+        .await?;
+    assert_eq!(applied, 0);
+    Ok(())
+}
