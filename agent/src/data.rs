@@ -239,7 +239,7 @@ pub(crate) async fn run_batches(
         let (n, upper): (i64, Option<String>) = sqlx::query_as(AssertSqlSafe(page))
             .fetch_one(&mut *conn)
             .await
-            .map_err(db)?;
+            .map_err(|e| stopped_if_server_gone(m, db(e), &mut progress, size))?;
         let Some(upper) = upper.filter(|_| n > 0) else {
             break;
         };
@@ -294,8 +294,7 @@ pub(crate) async fn run_batches(
                 tokio::time::sleep(Duration::from_millis(20 << retries)).await;
                 continue;
             }
-            progress.set("failed", &failure.error.message, size);
-            return Err(failure);
+            return Err(stopped_if_server_gone(m, failure, &mut progress, size));
         }
         let took = began.elapsed();
         rows_total += n;
@@ -350,6 +349,41 @@ pub(crate) fn adapt_batch_size(
 
 /// The phase of a data change halted at a batch boundary: reported NOT_RUN, not failed.
 pub(crate) const STOPPED: &str = "stopped";
+
+/// A batch that failed because the shard's server went away (crash, restart, admin
+/// shutdown) was undone with its checkpoint: the change stops as if halted at that
+/// boundary (NOT_RUN, `connection_lost`), so that it runs again from its checkpoint once the
+/// server is back, rather than failing the plan. Any other failure is the change's.
+fn stopped_if_server_gone(
+    m: &PreparedMigration,
+    failure: Failure,
+    progress: &mut Progress<'_>,
+    size: u32,
+) -> Failure {
+    let gone = failure.connection_lost
+        || matches!(failure.error.sqlstate.as_str(), "57P01" | "57P02" | "57P03");
+    if !gone {
+        progress.set("failed", &failure.error.message, size);
+        return failure;
+    }
+    progress.set("stopped", "the shard's server went away", size);
+    Failure {
+        error: flotilla_proto::pb::StepError {
+            phase: STOPPED.into(),
+            message: format!(
+                "data migration `{}` stopped after {} batches ({} rows): the shard's server went \
+                 away ({}); the batch in flight was undone with its checkpoint, which resumes it",
+                m.id(),
+                progress.batches,
+                progress.done,
+                failure.error.message
+            ),
+            ..failure.error
+        },
+        concurrent_apply: false,
+        connection_lost: true,
+    }
+}
 
 /// Waits at a batch boundary while the plan is paused or a health signal is above its
 /// limit; fails with [`STOPPED`] when the plan was halted since the change started. Without

@@ -170,7 +170,11 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
             Err(gf) if gf.failure.error.phase == crate::data::STOPPED => {
                 // A data change halted at a batch boundary: every batch is done and
                 // recorded, or not done; its checkpoint resumes it if it runs again.
-                broken = recover(conn, gf.in_transaction, true).await;
+                broken = recover(conn, gf.in_transaction, true).await || gf.failure.connection_lost;
+                if gf.failure.connection_lost {
+                    // the server went away: hand the step back once it answers again
+                    wait_for_server(pool).await;
+                }
                 let idx = group[gf.position];
                 info!(
                     migration = job.steps[idx].id(),
@@ -209,6 +213,20 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
         result: job.result(reports),
         broken,
     }
+}
+
+/// Waits (at most a minute, backing off up to 2s) until the shard's server answers again.
+async fn wait_for_server(pool: &PgPool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut backoff = Duration::from_millis(100);
+    while Instant::now() < deadline {
+        if sqlx::query("SELECT 1").execute(pool).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    warn!("the shard's server did not answer again within a minute");
 }
 
 /// `lock_not_available`: a lock_timeout (or NOWAIT) gave up.

@@ -760,3 +760,30 @@ async fn a_new_coordinator_lets_the_backfill_go_on_and_verify_runs() -> anyhow::
     assert_eq!(applied, 0);
     Ok(())
 }
+
+/// The shard's PostgreSQL is crashed (postmaster SIGKILL) at a random point of the backfill
+/// and started again (crash recovery): the batch in flight is undone with its checkpoint,
+/// and the change goes on from the last committed batch to every row once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_shard_resumes_the_backfill_from_its_checkpoint() -> anyhow::Result<()> {
+    let mut fleet = slow_backfill_fleet().await?;
+    let at = random_rows("postmaster SIGKILL", 10..=300);
+    let (_dir, id) = start_slow_backfill(&fleet, "", &[], at).await?;
+    fleet.pg.kill_postmaster().await?;
+    fleet.pg.restart().await?;
+    let rows = checkpoint_rows(&fleet).await?;
+    assert!(rows >= at && rows < 400, "{rows} rows at the crash");
+    assert_eq!(touched_rows(&fleet).await?, rows, "whole batches only");
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 400));
+    assert_eq!(checkpoints(&fleet, 0).await?, 0);
+    let log = fleet.agents[0].as_ref().unwrap().log();
+    assert!(
+        log.contains("resuming a data change from its checkpoint"),
+        "{log}"
+    );
+    Ok(())
+}
