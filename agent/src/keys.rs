@@ -115,6 +115,45 @@ impl KeyProblem {
     }
 }
 
+/// Name, `pg_type.typname`, SQL type (`format_type`) and number of those of `columns` that
+/// the table `rel` has.
+async fn columns_of(
+    conn: &mut PgConnection,
+    rel: sqlx::postgres::types::Oid,
+    columns: &[String],
+) -> Result<Vec<(String, String, String, i16)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.attname::text, t.typname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnum \
+         FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+         WHERE a.attrelid = $1 AND a.attname = ANY($2) AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(rel)
+    .bind(columns)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// The SQL types (`format_type`) of a data change's key and prior-image columns, by name, on
+/// the table as the session's search_path finds it (none when it does not exist).
+pub(crate) async fn column_types(
+    conn: &mut PgConnection,
+    d: &DataChange,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    let rel: Option<sqlx::postgres::types::Oid> =
+        sqlx::query_scalar("SELECT pg_catalog.to_regclass($1)::oid")
+            .bind(d.table_sql())
+            .fetch_one(&mut *conn)
+            .await?;
+    let Some(rel) = rel else {
+        return Ok(Vec::new());
+    };
+    Ok(columns_of(conn, rel, &d.columns())
+        .await?
+        .into_iter()
+        .map(|(name, _, format, _)| (name, format))
+        .collect())
+}
+
 /// Reads the key's shape on the target, or what is wrong with it. `schema`: the target's
 /// schema when the connection's search_path is not set to it (the preflight); an explicit
 /// `schema.table` in the change wins.
@@ -146,17 +185,8 @@ pub(crate) async fn inspect(
             format!("table {regclass} does not exist"),
         )));
     };
-    let mut wanted: Vec<String> = d.key.clone();
-    wanted.extend(d.prior_image.iter().cloned());
-    let columns: Vec<(String, String, String, i16)> = sqlx::query_as(
-        "SELECT a.attname::text, t.typname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnum \
-         FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
-         WHERE a.attrelid = $1 AND a.attname = ANY($2) AND a.attnum > 0 AND NOT a.attisdropped",
-    )
-    .bind(rel)
-    .bind(&wanted)
-    .fetch_all(&mut *conn)
-    .await?;
+    let wanted = d.columns();
+    let columns = columns_of(conn, rel, &wanted).await?;
     let find = |c: &str| columns.iter().find(|(n, ..)| n == c);
     for c in &wanted {
         if find(c).is_none() {

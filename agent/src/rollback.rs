@@ -280,17 +280,7 @@ async fn restore_prior_image(
         return Ok(());
     }
     let d = m.migration.data.as_ref().expect("a data change");
-    let mut columns: Vec<String> = d.key.clone();
-    columns.extend(d.prior_image.iter().cloned());
-    let types: Vec<(String, String)> = sqlx::query_as(
-        "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod) \
-         FROM pg_catalog.pg_attribute a WHERE a.attrelid = pg_catalog.to_regclass($1) \
-         AND a.attname = ANY($2) AND a.attnum > 0 AND NOT a.attisdropped",
-    )
-    .bind(d.table_sql())
-    .bind(&columns)
-    .fetch_all(&mut *conn)
-    .await?;
+    let types = crate::keys::column_types(conn, d).await?;
     for number in numbers {
         let sql = sqlgen::prior_image_restore(cx, m, number, &types).map_err(|e| {
             sqlx::Error::Protocol(format!("restoring the prior image of `{}`: {e}", m.id()))

@@ -260,10 +260,7 @@ async fn session(
                 return lost(welcomed, format!("no word from the coordinator for {:?}", interval * 3));
             }
             _ = heartbeat.tick() => {
-                let beat = pb::AgentMessage { body: Some(Out::Heartbeat(pb::Heartbeat {
-                    sent_at_ms: unix_ms(),
-                    data: if welcomed { agent.progress.take_changed() } else { Vec::new() },
-                })) };
+                let beat = heartbeat_message(if welcomed { agent.progress.take_changed() } else { Vec::new() });
                 if let Err(TrySendError::Closed(_)) = tx.try_send(beat) {
                     return lost(welcomed, "the stream to the coordinator closed".into());
                 }
@@ -298,13 +295,7 @@ fn flush(
 ) -> Result<(), String> {
     let data = agent.progress.take_changed();
     if !data.is_empty() {
-        let beat = pb::AgentMessage {
-            body: Some(Out::Heartbeat(pb::Heartbeat {
-                sent_at_ms: unix_ms(),
-                data,
-            })),
-        };
-        match tx.try_send(beat) {
+        match tx.try_send(heartbeat_message(data)) {
             Ok(()) => {}
             Err(TrySendError::Closed(_)) => {
                 return Err("the stream to the coordinator closed".into());
@@ -318,6 +309,16 @@ fn flush(
         }
     }
     outbox.flush(tx)
+}
+
+/// A heartbeat carrying the data changes' progress that changed since the last one.
+fn heartbeat_message(data: Vec<pb::DataProgress>) -> pb::AgentMessage {
+    pb::AgentMessage {
+        body: Some(Out::Heartbeat(pb::Heartbeat {
+            sent_at_ms: unix_ms(),
+            data,
+        })),
+    }
 }
 
 async fn sleep_until(due: Option<Instant>) {

@@ -232,8 +232,8 @@ pub(crate) fn data_batch(
     );
     if !d.prior_image.is_empty() {
         // the rows the batch works on (the page's rows: its bounds and filter), as they are
-        let columns: Vec<String> = d.key.iter().chain(&d.prior_image).cloned().collect();
-        let pairs: Vec<String> = columns
+        let pairs: Vec<String> = d
+            .columns()
             .iter()
             .map(|c| {
                 format!(
@@ -286,7 +286,7 @@ pub(crate) fn prior_image_restore(
         .filter(|d| !d.prior_image.is_empty())
         .ok_or_else(|| format!("migration `{}` saves no prior image", m.id()))?;
     let mut columns = Vec::new();
-    for c in d.key.iter().chain(&d.prior_image) {
+    for c in &d.columns() {
         let (_, t) = types
             .iter()
             .find(|(n, _)| n == c)

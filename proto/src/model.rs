@@ -218,6 +218,10 @@ impl DataChange {
             .collect::<Vec<_>>()
             .join(", ")
     }
+    /// The key's columns, then the prior image's.
+    pub fn columns(&self) -> Vec<String> {
+        self.key.iter().chain(&self.prior_image).cloned().collect()
+    }
     /// The key as written in a plan (`id`, `tenant_id, id`).
     pub fn key_text(&self) -> String {
         self.key.join(", ")

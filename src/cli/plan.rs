@@ -139,34 +139,14 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
 }
 
 async fn pause(addr: &str, args: super::PauseArgs, paused: bool) -> u8 {
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let req = pb::PlanCommand {
-        plan_id: args.id.clone(),
+        plan_id: args.id,
         actor: args.actor,
         reason: args.reason,
         shard: args.shard.unwrap_or_default(),
     };
-    let r = on_leader(&mut c, |mut c| {
-        let req = req.clone();
-        async move {
-            if paused {
-                c.pause_plan(req).await
-            } else {
-                c.resume_plan(req).await
-            }
-        }
-    })
-    .await;
-    match r {
-        Ok(s) => {
-            render::status(&s, args.output);
-            EXIT_OK
-        }
-        Err(code) => code,
-    }
+    let verb = if paused { Verb::Pause } else { Verb::Resume };
+    send_command(addr, verb, req, false, args.output).await
 }
 
 fn lint(path: &std::path::Path, output: Output) -> u8 {
@@ -236,35 +216,60 @@ async fn submit(addr: &str, args: SubmitArgs) -> u8 {
 }
 
 async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let req = pb::PlanCommand {
-        plan_id: args.id.clone(),
+        plan_id: args.id,
         actor: args.actor,
         reason: args.reason,
         shard: args.shard.unwrap_or_default(),
     };
+    let verb = if rollback {
+        Verb::Rollback
+    } else {
+        Verb::Cancel
+    };
+    send_command(addr, verb, req, args.wait, args.output).await
+}
+
+/// What an operator's command asks of a plan.
+#[derive(Clone, Copy)]
+enum Verb {
+    Cancel,
+    Rollback,
+    Pause,
+    Resume,
+}
+
+/// Sends an operator's command to the leader; shows the status it answers with, or watches
+/// the plan to its end (`wait`).
+async fn send_command(
+    addr: &str,
+    verb: Verb,
+    req: pb::PlanCommand,
+    wait: bool,
+    output: Output,
+) -> u8 {
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let id = req.plan_id.clone();
     let r = on_leader(&mut c, |mut c| {
         let req = req.clone();
         async move {
-            if rollback {
-                c.rollback_plan(req).await
-            } else {
-                c.cancel_plan(req).await
+            match verb {
+                Verb::Cancel => c.cancel_plan(req).await,
+                Verb::Rollback => c.rollback_plan(req).await,
+                Verb::Pause => c.pause_plan(req).await,
+                Verb::Resume => c.resume_plan(req).await,
             }
         }
     })
     .await;
     match r {
+        Ok(_) if wait => watch(&mut c, id, output).await,
         Ok(s) => {
-            if args.wait {
-                watch(&mut c, args.id, args.output).await
-            } else {
-                render::status(&s, args.output);
-                EXIT_OK
-            }
+            render::status(&s, output);
+            EXIT_OK
         }
         Err(code) => code,
     }

@@ -232,11 +232,7 @@ async fn a_killed_agent_resumes_from_the_checkpoint() -> anyhow::Result<()> {
         assert_eq!(checkpoints(&fleet, s).await?, 0, "shard {s}");
         assert_eq!(fleet.journal(s).await?.len(), 2, "shard {s}");
     }
-    let log = fleet.agents[0].as_ref().unwrap().log();
-    assert!(
-        log.contains("resuming a data change from its checkpoint"),
-        "{log}"
-    );
+    assert_resumed(&fleet);
     Ok(())
 }
 
@@ -289,13 +285,19 @@ async fn the_rate_limit_holds_and_a_missing_table_is_named() -> anyhow::Result<(
 /// One shard, one tenant of 400 rows with `touched`/`score`, and a signal table the
 /// health check reads (`public.load`).
 async fn slow_backfill_fleet() -> anyhow::Result<TestFleet> {
-    TestFleet::builder(1, 1)
-        .shard_sql(|_, tenants| {
+    backfill_fleet(1, 380).await
+}
+
+/// `shards` shards of one tenant each, with `touched`/`score` and `extra` rows more than the
+/// tenant's 20, and `public.load`.
+async fn backfill_fleet(shards: usize, extra: usize) -> anyhow::Result<TestFleet> {
+    TestFleet::builder(shards, 1)
+        .shard_sql(move |_, tenants| {
             let t = &tenants[0];
             format!(
                 "ALTER TABLE {t}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;
                  INSERT INTO {t}.work_orders (customer_id, priority, total_amount)
-                   SELECT g % 97, 'normal', g FROM generate_series(1, 380) g;
+                   SELECT g % 97, 'normal', g FROM generate_series(1, {extra}) g;
                  ANALYZE {t}.work_orders;
                  CREATE TABLE public.load (v int NOT NULL);
                  INSERT INTO public.load VALUES (0);"
@@ -315,8 +317,7 @@ async fn start_slow_backfill(
     at_rows: i64,
 ) -> anyhow::Result<(MigrationDir, String)> {
     let dir = MigrationDir::new()?;
-    let toml =
-        backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n") + extra;
+    let toml = slow_backfill_toml() + extra;
     dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
     let id = fleet.submit(dir.path(), args).await?;
     crate::harness::wait_until(&format!("{at_rows} rows done"), WAIT, async || {
@@ -347,24 +348,61 @@ async fn load_scans(fleet: &TestFleet) -> anyhow::Result<i64> {
 
 /// Rows the checkpoint of the running change says are done (0 before the first batch).
 async fn checkpoint_rows(fleet: &TestFleet) -> anyhow::Result<i64> {
+    checkpoint_rows_on(fleet, 0).await
+}
+
+/// [`checkpoint_rows`] on shard `s`.
+async fn checkpoint_rows_on(fleet: &TestFleet, s: usize) -> anyhow::Result<i64> {
     fleet
         .pg
         .query_scalar(
-            &fleet.shards[0],
+            &fleet.shards[s],
             "SELECT coalesce(sum(rows), 0)::bigint FROM flotilla.checkpoints",
         )
         .await
 }
 
 async fn touched_rows(fleet: &TestFleet) -> anyhow::Result<i64> {
-    let t = &fleet.tenants(0)[0];
+    touched_rows_on(fleet, 0).await
+}
+
+/// Rows of shard `s`'s first tenant changed once.
+async fn touched_rows_on(fleet: &TestFleet, s: usize) -> anyhow::Result<i64> {
+    let t = &fleet.tenants(s)[0];
     fleet
         .pg
         .query_scalar(
-            &fleet.shards[0],
+            &fleet.shards[s],
             &format!("SELECT count(*) FROM {t}.work_orders WHERE touched = 1"),
         )
         .await
+}
+
+/// Puts shard `s`'s first tenant back as it was before any backfill.
+async fn untouch(fleet: &TestFleet, s: usize) -> anyhow::Result<()> {
+    let t = &fleet.tenants(s)[0];
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[s],
+            &format!("UPDATE {t}.work_orders SET touched = 0, score = NULL"),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The backfill of [`backfill_toml`] in batches of 10 at 100 rows/s.
+fn slow_backfill_toml() -> String {
+    backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n")
+}
+
+/// Shard_0's agent logged that it resumed a change from its checkpoint.
+fn assert_resumed(fleet: &TestFleet) {
+    let log = fleet.agents[0].as_ref().unwrap().log();
+    assert!(
+        log.contains("resuming a data change from its checkpoint"),
+        "{log}"
+    );
 }
 
 /// The status's progress entry for the backfill, once it is in `state`.
@@ -532,11 +570,7 @@ async fn a_cancelled_backfill_leaves_whole_batches_and_resumes_later() -> anyhow
     assert_eq!(code, 0, "{out}");
     assert_eq!(status["state"], "completed", "{status}");
     assert_eq!(not_once(&fleet, 0).await?, (0, 400));
-    let log = fleet.agents[0].as_ref().unwrap().log();
-    assert!(
-        log.contains("resuming a data change from its checkpoint"),
-        "{log}"
-    );
+    assert_resumed(&fleet);
     Ok(())
 }
 
@@ -570,11 +604,7 @@ async fn an_agent_killed_at_random_points_loses_and_repeats_no_batch() -> anyhow
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(not_once(&fleet, 0).await?, (0, 400));
     assert_eq!(checkpoints(&fleet, 0).await?, 0);
-    let log = fleet.agents[0].as_ref().unwrap().log();
-    assert!(
-        log.contains("resuming a data change from its checkpoint"),
-        "{log}"
-    );
+    assert_resumed(&fleet);
     Ok(())
 }
 
@@ -584,30 +614,8 @@ async fn an_agent_killed_at_random_points_loses_and_repeats_no_batch() -> anyhow
 /// why, and the plan goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_one_shard_stops_it_and_lets_the_others_finish() -> anyhow::Result<()> {
-    let fleet = TestFleet::builder(2, 1)
-        .shard_sql(|_, tenants| {
-            let t = &tenants[0];
-            format!(
-                "ALTER TABLE {t}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;
-                 INSERT INTO {t}.work_orders (customer_id, priority, total_amount)
-                   SELECT g % 97, 'normal', g FROM generate_series(1, 180) g;"
-            )
-        })
-        .start()
-        .await?;
-    let on = |s: usize| {
-        let fleet = &fleet;
-        async move {
-            fleet
-                .pg
-                .query_scalar::<i64>(
-                    &fleet.shards[s],
-                    "SELECT coalesce(sum(rows), 0)::bigint FROM flotilla.checkpoints",
-                )
-                .await
-        }
-    };
-    let toml = backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n");
+    let fleet = backfill_fleet(2, 180).await?;
+    let toml = slow_backfill_toml();
 
     // all-or-nothing: refused, the plan goes on
     let dir = MigrationDir::new()?;
@@ -627,33 +635,16 @@ async fn cancelling_one_shard_stops_it_and_lets_the_others_finish() -> anyhow::R
     }
 
     // continue: shard_0 cancelled part-way, shard_1 finishes
-    fleet
-        .pg
-        .psql(
-            &fleet.shards[0],
-            &format!(
-                "UPDATE {}.work_orders SET touched = 0, score = NULL",
-                fleet.tenants(0)[0]
-            ),
-        )
-        .await?;
-    fleet
-        .pg
-        .psql(
-            &fleet.shards[1],
-            &format!(
-                "UPDATE {}.work_orders SET touched = 0, score = NULL",
-                fleet.tenants(1)[0]
-            ),
-        )
-        .await?;
+    for s in 0..2 {
+        untouch(&fleet, s).await?;
+    }
     let dir = MigrationDir::new()?;
     let again = "20250201000003_backfill_touched_again";
     dir.migration(again, &toml, "", BACKFILL_DOWN)?;
     let id = fleet.submit(dir.path(), &["--policy", "continue"]).await?;
     let at = random_rows("cancel shard_0", 10..=120);
     crate::harness::wait_until(&format!("{at} rows done on shard_0"), WAIT, async || {
-        Ok(on(0).await? >= at)
+        Ok(checkpoint_rows_on(&fleet, 0).await? >= at)
     })
     .await?;
     let out = fleet
@@ -681,17 +672,13 @@ async fn cancelling_one_shard_stops_it_and_lets_the_others_finish() -> anyhow::R
             .contains("shard shard_0 cancelled by"),
         "{st}"
     );
-    let rows = on(0).await?;
+    let rows = checkpoint_rows_on(&fleet, 0).await?;
     assert!(rows >= at && rows < 200, "{rows} rows on shard_0");
-    let t0 = &fleet.tenants(0)[0];
-    let touched: i64 = fleet
-        .pg
-        .query_scalar(
-            &fleet.shards[0],
-            &format!("SELECT count(*) FROM {t0}.work_orders WHERE touched = 1"),
-        )
-        .await?;
-    assert_eq!(touched, rows, "whole batches only on shard_0");
+    assert_eq!(
+        touched_rows_on(&fleet, 0).await?,
+        rows,
+        "whole batches only on shard_0"
+    );
     assert_eq!(not_once(&fleet, 0).await?.0, 200 - rows);
     assert_eq!(not_once(&fleet, 1).await?, (0, 200), "shard_1 finished");
     assert_eq!(checkpoints(&fleet, 1).await?, 0);
@@ -705,7 +692,7 @@ async fn cancelling_one_shard_stops_it_and_lets_the_others_finish() -> anyhow::R
 async fn a_new_coordinator_lets_the_backfill_go_on_and_verify_runs() -> anyhow::Result<()> {
     let mut fleet = slow_backfill_fleet().await?;
     let dir = MigrationDir::new()?;
-    let toml = backfill_toml(10, false).replace("[data]\n", "[data]\nrows_per_second = 100\n");
+    let toml = slow_backfill_toml();
     dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
     std::fs::write(
         dir.path().join(BACKFILL_ID).join("verify.sql"),
@@ -730,16 +717,7 @@ async fn a_new_coordinator_lets_the_backfill_go_on_and_verify_runs() -> anyhow::
     assert_eq!(checkpoints(&fleet, 0).await?, 0);
 
     // a verify.sql that fails leaves no journal row: the change is not recorded as applied
-    fleet
-        .pg
-        .psql(
-            &fleet.shards[0],
-            &format!(
-                "UPDATE {}.work_orders SET touched = 0, score = NULL",
-                fleet.tenants(0)[0]
-            ),
-        )
-        .await?;
+    untouch(&fleet, 0).await?;
     let dir = MigrationDir::new()?;
     let failing = "20250201000004_backfill_checked";
     dir.migration(failing, &backfill_toml(50, false), "", BACKFILL_DOWN)?;
@@ -780,10 +758,6 @@ async fn a_crashed_shard_resumes_the_backfill_from_its_checkpoint() -> anyhow::R
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(not_once(&fleet, 0).await?, (0, 400));
     assert_eq!(checkpoints(&fleet, 0).await?, 0);
-    let log = fleet.agents[0].as_ref().unwrap().log();
-    assert!(
-        log.contains("resuming a data change from its checkpoint"),
-        "{log}"
-    );
+    assert_resumed(&fleet);
     Ok(())
 }
