@@ -749,8 +749,10 @@ async fn a_crashed_shard_resumes_the_backfill_from_its_checkpoint() -> anyhow::R
     let (_dir, id) = start_slow_backfill(&fleet, "", &[], at).await?;
     fleet.pg.kill_postmaster().await?;
     fleet.pg.restart().await?;
+    // The test server runs with synchronous_commit off: its last commits may be lost in the
+    // crash, each batch with its checkpoint, so what is there still agrees.
     let rows = checkpoint_rows(&fleet).await?;
-    assert!(rows >= at && rows < 400, "{rows} rows at the crash");
+    assert!(rows < 400, "{rows} rows at the crash");
     assert_eq!(touched_rows(&fleet).await?, rows, "whole batches only");
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])
