@@ -245,8 +245,8 @@ pub struct SubmitArgs {
 #[derive(Args, Debug)]
 pub struct CommandArgs {
     pub id: String,
-    /// cancel: only this shard of the plan (policies stop and continue; the other shards
-    /// go on).
+    /// Cancel only this shard of the plan (policies stop and continue; the other shards go
+    /// on). Not for rollback.
     #[arg(long)]
     pub shard: Option<String>,
     /// Why (recorded in the audit trail).
