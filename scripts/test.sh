@@ -31,6 +31,13 @@ have_protoc() {
     command -v protoc >/dev/null 2>&1
 }
 
+# etcd-client's build compiles etcd's protos, which import google/protobuf/*.proto:
+# Debian ships those in libprotobuf-dev, which protobuf-compiler only recommends.
+have_protobuf_includes() {
+    [[ -f /usr/include/google/protobuf/descriptor.proto ]] ||
+        [[ -n "${PROTOC_INCLUDE:-}" && -f "${PROTOC_INCLUDE}/google/protobuf/descriptor.proto" ]]
+}
+
 # Same search order as tests/e2e/harness/postgres.rs. Debian's postgresql
 # package keeps initdb in /usr/lib/postgresql/NN/bin, not on PATH.
 find_initdb() {
@@ -71,6 +78,7 @@ is_root() {
 missing_packages() {
     local packages=()
     have_protoc || packages+=(protobuf-compiler)
+    have_protobuf_includes || packages+=(libprotobuf-dev)
     find_initdb >/dev/null || packages+=(postgresql)
     find_etcd >/dev/null || packages+=(etcd-server)
     # As root the tests run PostgreSQL as the postgres user via runuser.

@@ -7,8 +7,11 @@
 pub mod convert;
 pub mod dag;
 pub mod model;
+pub mod protocol;
+pub mod secrets;
 pub mod selector;
 pub mod sql;
+pub mod state;
 
 /// Generated protobuf and gRPC code for `flotilla.v1`.
 pub mod pb {

@@ -31,6 +31,12 @@ pub enum CoordinationError {
     Etcd(String),
 }
 
+impl From<flotilla_proto::protocol::UnreadableDecision> for CoordinationError {
+    fn from(e: flotilla_proto::protocol::UnreadableDecision) -> CoordinationError {
+        CoordinationError::Etcd(e.to_string())
+    }
+}
+
 impl CoordinationError {
     /// Whether the call may succeed if repeated later (etcd down or slow).
     pub fn is_transient(&self) -> bool {

@@ -430,7 +430,7 @@ impl Coordination for EtcdCoordination {
         let found = first_kvs(&resp);
         self.check_fence(&found, epoch)?;
         match found.get(1).and_then(Option::as_ref) {
-            Some(kv) => kv.value.parse(),
+            Some(kv) => Ok(kv.value.parse()?),
             None => Err(CoordinationError::Etcd(format!(
                 "{key}: neither written nor found"
             ))),
@@ -446,6 +446,7 @@ impl Coordination for EtcdCoordination {
             .first()
             .map(|kv| String::from_utf8_lossy(kv.value()).parse())
             .transpose()
+            .map_err(CoordinationError::from)
     }
 
     fn live_agents(&self) -> watch::Receiver<BTreeSet<String>> {

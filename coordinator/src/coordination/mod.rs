@@ -14,18 +14,16 @@
 pub mod embedded;
 pub mod error;
 pub mod etcd;
-pub mod keys;
 mod leadership;
 mod plan_locks;
 mod watchers;
 
 use std::collections::{BTreeSet, HashSet};
-use std::fmt;
-use std::str::FromStr;
 
 use tokio::sync::watch;
 
 pub use embedded::EmbeddedCoordination;
+pub use flotilla_proto::protocol::{Decision, keys};
 pub use error::CoordinationError;
 pub use etcd::{ElectionKey, EtcdCoordination};
 
@@ -50,45 +48,6 @@ impl Leadership {
 
     pub fn is_leader(&self) -> bool {
         matches!(self, Leadership::Leader { .. })
-    }
-}
-
-/// The outcome of a two-phase-commit group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Decision {
-    Commit,
-    Abort,
-}
-
-impl Decision {
-    /// How it is stored: `commit` or `abort`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Decision::Commit => keys::COMMIT,
-            Decision::Abort => keys::ABORT,
-        }
-    }
-}
-
-impl fmt::Display for Decision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Decision {
-    type Err = CoordinationError;
-
-    fn from_str(s: &str) -> Result<Decision, CoordinationError> {
-        match s {
-            keys::COMMIT => Ok(Decision::Commit),
-            keys::ABORT => Ok(Decision::Abort),
-            other => Err(CoordinationError::Etcd(format!(
-                "unreadable decision {other:?} (expected {:?} or {:?})",
-                keys::COMMIT,
-                keys::ABORT
-            ))),
-        }
     }
 }
 

@@ -10,8 +10,8 @@
 //! | `<prefix>/decisions/<group>` | `commit` or `abort` | none: decisions outlive every coordinator, agents read them to resolve in-doubt prepared transactions |
 //! | `<prefix>/agents/<shard>` | free for the agent (e.g. its instance id or version) | the agent's own lease |
 //!
-//! The agent crate cannot depend on the coordinator: it builds the same keys
-//! itself. This module is the reference for their shape; keep both in step.
+//! The coordinator writes these keys and the agent reads some of them (its liveness
+//! key, decisions): both build them here.
 
 /// The prefix used when none is configured.
 pub const DEFAULT_PREFIX: &str = "/flotilla";
@@ -22,10 +22,6 @@ pub const LOCKS: &str = "locks";
 pub const PLANS: &str = "plans";
 pub const DECISIONS: &str = "decisions";
 pub const AGENTS: &str = "agents";
-
-/// Values of a decision key.
-pub const COMMIT: &str = "commit";
-pub const ABORT: &str = "abort";
 
 /// `prefix` without trailing slashes (`/flotilla/` and `/flotilla` are the same
 /// prefix).
