@@ -192,7 +192,7 @@ pub async fn start(
             let epoch = store.next_epoch().await?;
             info!(
                 epoch,
-                store = %store::redact(&config.store),
+                store = %flotilla_proto::secrets::redact_url(&config.store),
                 "coordination backend: embedded (in-process, single coordinator; no etcd)"
             );
             let e = Arc::new(EmbeddedCoordination::new(epoch));

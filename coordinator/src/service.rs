@@ -19,7 +19,7 @@ use crate::engine::{CommandKind, Event, status};
 use crate::error::CoordinatorError;
 use crate::fleet::Fleet;
 use crate::planner::{self, ShardView};
-use crate::store::{PlanRow, StepRow, Store, StoreOp, hex_decode, hex_encode, now_ms};
+use crate::store::{PlanRow, StepRow, Store, StoreOp, now_ms};
 
 #[derive(Debug, Clone)]
 pub struct Defaults {
@@ -368,7 +368,7 @@ impl Coordinator {
             environment: spec.environment.clone(),
             state: "running".into(),
             policy: spec.policy.as_str().into(),
-            spec_hex: hex_encode(&stored.encode_to_vec()),
+            spec_hex: hex::encode(stored.encode_to_vec()),
             epoch: epoch as i64,
             message: String::new(),
             submitted_by: spec.submitted_by.clone(),
@@ -445,8 +445,8 @@ impl Coordinator {
     /// Rebuilds a stored plan in memory (to roll it back, or to resume it after a restart).
     pub async fn rebuild(&self, row: &PlanRow) -> Result<PlanRun, CoordinatorError> {
         let epoch = self.leader_epoch()?;
-        let bytes = hex_decode(&row.spec_hex).ok_or_else(|| {
-            CoordinatorError::Store(format!("plan {}: stored spec is corrupt", row.id))
+        let bytes = hex::decode(&row.spec_hex).map_err(|e| {
+            CoordinatorError::Store(format!("plan {}: stored spec is corrupt: {e}", row.id))
         })?;
         let raw = pb::PlanSpec::decode(bytes.as_slice())
             .map_err(|e| CoordinatorError::Store(format!("plan {}: stored spec: {e}", row.id)))?;
@@ -513,7 +513,8 @@ impl Coordinator {
             .plan(plan_id)
             .await?
             .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
-        let order = hex_decode(&row.spec_hex)
+        let order = hex::decode(&row.spec_hex)
+            .ok()
             .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
             .map(|p| p.migrations.into_iter().map(|m| m.id).collect::<Vec<_>>())
             .unwrap_or_default();

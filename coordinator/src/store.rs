@@ -154,7 +154,7 @@ impl Store {
             .max_connections(if is_pg { 8 } else { 4 })
             .connect(&url)
             .await
-            .map_err(|e| CoordinatorError::Store(format!("cannot open {}: {e}", redact(&url))))?;
+            .map_err(|e| CoordinatorError::Store(format!("cannot open {}: {e}", flotilla_proto::secrets::redact_url(&url))))?;
         if !is_pg {
             // WAL lets status reads run beside the writer; NORMAL keeps commits cheap
             // (the shard journal, not this file, is the truth about what is applied).
@@ -351,7 +351,7 @@ impl Store {
                         .bind(&p.migration_id)
                         .bind(&p.shard)
                         .bind(&p.tenant)
-                        .bind(hex_encode(&p.encode_to_vec()))
+                        .bind(hex::encode(p.encode_to_vec()))
                         .execute(&mut *tx)
                         .await
                         .map_err(store_err)?;
@@ -442,7 +442,7 @@ impl Store {
         .map_err(store_err)?;
         Ok(rows
             .into_iter()
-            .filter_map(|(h,)| hex_decode(&h))
+            .filter_map(|(h,)| hex::decode(h).ok())
             .filter_map(|b| pb::DataProgress::decode(b.as_slice()).ok())
             .collect())
     }
@@ -623,37 +623,4 @@ fn plan_row(r: &sqlx::any::AnyRow) -> PlanRow {
 
 fn store_err(e: sqlx::Error) -> CoordinatorError {
     CoordinatorError::Store(e.to_string())
-}
-
-/// A URL fit for logs: the password, if any, replaced.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
-/// Bytes as lower-case hex (protobuf messages are stored so).
-pub(crate) fn hex_encode(b: &[u8]) -> String {
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push_str(&format!("{x:02x}"));
-    }
-    s
-}
-
-pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
 }
