@@ -1,26 +1,29 @@
-//! The coordinator's one error enum, and how each kind maps to a gRPC status.
+//! The coordinator's one error enum, its typed refusals and conflicts, and how each
+//! kind maps to a gRPC status (the only place that knows `tonic::Code`).
 use flotilla_proto::PlanError;
+use flotilla_proto::protocol::{LEADER_METADATA, REFUSAL_METADATA, REFUSAL_NOT_LEADER};
+use flotilla_proto::state::PlanState;
 
-/// gRPC metadata naming the leader's address on a follower's UNAVAILABLE.
-pub const LEADER_METADATA: &str = "flotilla-leader";
+use crate::coordination::CoordinationError;
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
     /// The plan itself is wrong (file, graph, SQL, selector): nothing was stored.
     #[error("invalid plan: {0}")]
     InvalidPlan(#[from] PlanError),
-    /// The plan is well formed but cannot run against this fleet as it is.
-    #[error("{0}")]
-    Rejected(String),
+    /// The plan (or command) is well formed but cannot run against this fleet as it is.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("plan {0} not found")]
     PlanNotFound(String),
     /// The command does not fit the plan's state (cancel a finished plan, ...).
-    #[error("{0}")]
-    Conflict(String),
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
     #[error("shard {shard} is unreachable: {reason}")]
     Unreachable { shard: String, reason: String },
     #[error("control store: {0}")]
-    Store(String),
+    Store(#[from] StoreError),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("coordinator is shutting down")]
@@ -32,9 +35,98 @@ pub enum CoordinatorError {
     })]
     NotLeader { leader: Option<String> },
     #[error("coordination: {0}")]
-    Coordination(#[from] crate::coordination::CoordinationError),
+    Coordination(#[from] CoordinationError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
+}
+
+/// A plan or command refused as it stands against this fleet: nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "empty target set: no target of the fleet ({shards}) matches the plan selector `{selector}` and a migration's scope and selector"
+    )]
+    NoTargets { shards: String, selector: String },
+    #[error(
+        "migration `{migration}` ({source_path}) was edited after it was applied: its checksum {checksum} differs from the one recorded on {targets}"
+    )]
+    EditedAfterApplied {
+        migration: String,
+        source_path: String,
+        /// The plan's checksum, shortened.
+        checksum: String,
+        /// Where it differs: a few targets, and how many more.
+        targets: String,
+    },
+    #[error(
+        "data migration `{migration}` ({source_path}) cannot run on {targets}: {problem}; nothing was changed"
+    )]
+    DataProblem {
+        migration: String,
+        source_path: String,
+        targets: String,
+        problem: String,
+    },
+    /// A shard an atomic unit prepares on cannot prepare (max_prepared_transactions).
+    #[error("atomic plan refused by preflight: {0}")]
+    CannotPrepare(String),
+    #[error(
+        "atomic plan: `{migration}` on {target} depends on `{dependency}` on {dependency_target}; atomic plans order steps within a target only"
+    )]
+    CrossTargetDependency {
+        migration: String,
+        target: String,
+        dependency: String,
+        dependency_target: String,
+    },
+    #[error("plan {plan_id} has no target on shard `{shard}` (its shards: {shards})")]
+    NoSuchShard {
+        plan_id: String,
+        shard: String,
+        shards: String,
+    },
+    #[error("plan {plan_id} has no step on shard {shard}")]
+    NoStepOnShard { plan_id: String, shard: String },
+    #[error(
+        "plan {plan_id} is all-or-nothing: it cannot finish without shard {shard}; cancel the whole plan (`flotilla plan cancel {plan_id}`), which undoes what it applied"
+    )]
+    ShardNeeded { plan_id: String, shard: String },
+}
+
+/// A command that does not fit the plan's state now.
+#[derive(Debug, thiserror::Error)]
+pub enum Conflict {
+    #[error("plan {plan_id} is not running; nothing to {action}")]
+    NotRunning {
+        plan_id: String,
+        action: &'static str,
+    },
+    #[error("plan {plan_id} already ended {state}")]
+    Ended { plan_id: String, state: PlanState },
+    #[error("plan {plan_id} already ended {state}; use `plan rollback` to undo it")]
+    EndedUseRollback { plan_id: String, state: PlanState },
+    #[error("plan {plan_id} is already rolling back")]
+    RollingBack { plan_id: String },
+    #[error("plan {plan_id} is already rolled back")]
+    RolledBack { plan_id: String },
+    #[error("plan {plan_id} is {state}; only a running plan's shard can be cancelled")]
+    ShardOfStoppedPlan { plan_id: String, state: PlanState },
+    #[error("shard {shard} of plan {plan_id} is already cancelled")]
+    ShardCancelled { plan_id: String, shard: String },
+}
+
+/// Names a few of `items` and says how many more there are: `a, b and 3 more targets`.
+pub fn some_of(items: &[String], shown: usize) -> String {
+    let mut out = items
+        .iter()
+        .take(shown)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > shown {
+        out.push_str(&format!(" and {} more targets", items.len() - shown));
+    }
+    out
 }
 
 impl From<CoordinatorError> for tonic::Status {
@@ -44,13 +136,19 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::InvalidPlan(_) | CoordinatorError::InvalidRequest(_) => {
                 tonic::Status::invalid_argument(msg)
             }
-            CoordinatorError::Rejected(_) => tonic::Status::failed_precondition(msg),
+            CoordinatorError::Refused(_) | CoordinatorError::Conflict(_) => {
+                tonic::Status::failed_precondition(msg)
+            }
             CoordinatorError::PlanNotFound(_) => tonic::Status::not_found(msg),
-            CoordinatorError::Conflict(_) => tonic::Status::failed_precondition(msg),
-            CoordinatorError::Unreachable { .. } => tonic::Status::unavailable(msg),
-            CoordinatorError::ShuttingDown => tonic::Status::unavailable(msg),
+            CoordinatorError::Unreachable { .. } | CoordinatorError::ShuttingDown => {
+                tonic::Status::unavailable(msg)
+            }
             CoordinatorError::NotLeader { leader } => {
                 let mut status = tonic::Status::unavailable(msg);
+                // Programs read the refusal from metadata, never from the message.
+                status
+                    .metadata_mut()
+                    .insert(REFUSAL_METADATA, REFUSAL_NOT_LEADER.parse().expect("ascii"));
                 if let Some(l) = leader.and_then(|l| l.parse().ok()) {
                     status.metadata_mut().insert(LEADER_METADATA, l);
                 }
@@ -59,10 +157,9 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Coordination(e) if e.is_transient() => {
                 tonic::Status::unavailable(msg)
             }
-            CoordinatorError::Coordination(_) => tonic::Status::internal(msg),
-            CoordinatorError::Store(_) | CoordinatorError::Listen { .. } => {
-                tonic::Status::internal(msg)
-            }
+            CoordinatorError::Coordination(_)
+            | CoordinatorError::Store(_)
+            | CoordinatorError::Listen { .. } => tonic::Status::internal(msg),
         }
     }
 }

@@ -4,14 +4,26 @@
 //!
 //! `start(config, shutdown)` runs it; `main` and the embedded quickstart call the
 //! same function.
+//!
+//! - [`api`]: the gRPC layer (convert, call, map the error);
+//! - [`admission`]: validation and preflight of a submitted plan; [`recovery`]: rebuilding
+//!   and continuing unfinished plans; [`service`]: the rest of the domain API;
+//!   [`sessions`]: agents' streams;
+//! - [`engine`]: the one task that owns plans in motion; [`plan`]: their pure state;
+//! - [`store`]: the control store; [`coordination`]: etcd (or the embedded backend).
+pub mod actor;
+mod admission;
+mod api;
 pub mod coordination;
 pub mod engine;
 pub mod error;
 pub mod fleet;
-pub mod grpc;
 pub mod metrics;
+pub mod plan;
 pub mod planner;
+mod recovery;
 pub mod service;
+mod sessions;
 pub mod store;
 
 use std::future::Future;
@@ -70,29 +82,6 @@ impl CoordinatorConfig {
     }
 }
 
-/// Writes store ops in order, many to a transaction, off the engine's path.
-/// Step updates wait up to 50 ms for company: during a rollout they arrive in
-/// hundreds of small batches a second, and one commit each would make the store
-/// the busiest thing on the machine. A flush (someone waits on it) goes at once.
-async fn store_writer(store: store::Store, mut rx: mpsc::UnboundedReceiver<store::StoreOp>) {
-    const WINDOW: Duration = Duration::from_millis(50);
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + WINDOW;
-        while batch.len() < 1024 && !matches!(batch.last(), Some(store::StoreOp::Flush(_))) {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(op)) => batch.push(op),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        if let Err(e) = store.apply(batch).await {
-            // The shard journals hold the truth; a lost status write is repaired
-            // when the plan is rebuilt from them.
-            error!("control store write failed: {e}");
-        }
-    }
-}
-
 /// Acts on leadership changes: a leader rebuilds every unfinished plan from the
 /// store and continues it; a follower stops at once and lets its agents go.
 async fn follow_leadership(coordinator: Coordinator) {
@@ -102,11 +91,7 @@ async fn follow_leadership(coordinator: Coordinator) {
         match now {
             Leadership::Leader { epoch } => {
                 metrics::leader(true);
-                let _ = coordinator
-                    .inner
-                    .events
-                    .send(engine::Event::Lead { epoch })
-                    .await;
+                coordinator.event(engine::Event::Lead { epoch }).await;
                 // A plan left unfinished must not stay orphaned because etcd or the
                 // store failed once (e.g. an etcd member died as we took over): retried
                 // while this term lasts. Plans already continued are skipped.
@@ -144,7 +129,7 @@ async fn follow_leadership(coordinator: Coordinator) {
             }
             Leadership::Follower { leader } => {
                 metrics::leader(false);
-                let _ = coordinator.inner.events.send(engine::Event::Follow).await;
+                coordinator.event(engine::Event::Follow).await;
                 coordinator.inner.fleet.detach_all();
                 info!(leader = leader.as_deref().unwrap_or("unknown"), "following");
             }
@@ -178,9 +163,9 @@ pub async fn start(
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<(), CoordinatorError> {
     setup_failpoints();
-    metrics::install(config.metrics).map_err(|reason| CoordinatorError::Listen {
+    metrics::install(config.metrics).map_err(|e| CoordinatorError::Listen {
         addr: config.metrics.map(|a| a.to_string()).unwrap_or_default(),
-        reason,
+        reason: format!("cannot serve metrics: {e}"),
     })?;
     let store = store::Store::open(&config.store).await?;
     let advertise = config
@@ -209,7 +194,7 @@ pub async fn start(
             (Arc::new(e), None)
         };
     let (writes, writes_rx) = mpsc::unbounded_channel();
-    tokio::spawn(store_writer(store.clone(), writes_rx));
+    tokio::spawn(store::run_writer(store.clone(), writes_rx));
     let (changes, _) = broadcast::channel(1024);
     let (events, events_rx) = mpsc::channel(4096);
     let engine = engine::Engine::new(
@@ -261,6 +246,7 @@ pub async fn start(
         })?;
     info!(%addr, "coordinator listening");
     if let Some(ready) = ready {
+        // the caller may have stopped waiting; the coordinator serves regardless
         let _ = ready.send(addr);
     }
     tonic::transport::Server::builder()

@@ -3,17 +3,21 @@
 use std::net::SocketAddr;
 use std::sync::Once;
 
+pub use metrics_exporter_prometheus::BuildError;
+
+use flotilla_proto::pb;
+use flotilla_proto::protocol::Decision;
+use flotilla_proto::state::{PlanState, StepState};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
 static DESCRIBE: Once = Once::new();
 
 /// Serves `/metrics` on `addr` (Prometheus text format) and describes every metric.
-pub fn install(addr: Option<SocketAddr>) -> Result<(), String> {
+pub fn install(addr: Option<SocketAddr>) -> Result<(), BuildError> {
     if let Some(addr) = addr {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
-            .install()
-            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+            .install()?;
     }
     DESCRIBE.call_once(|| {
         describe_counter!(
@@ -72,23 +76,23 @@ pub fn plan_started() {
     counter!("flotilla_plans_started_total").increment(1);
 }
 
-/// `state` is one of the plan states (`PlanState::as_str`).
-pub fn plan_finished(state: &'static str) {
-    counter!("flotilla_plans_finished_total", "state" => state).increment(1);
+pub fn plan_finished(state: PlanState) {
+    counter!("flotilla_plans_finished_total", "state" => state.as_str()).increment(1);
 }
 
-pub fn step_finished(outcome: &str, duration_ms: i64) {
-    let outcome: &'static str = match outcome {
-        "applied" => "applied",
-        "already_applied" => "already_applied",
-        "failed" => "failed",
-        "rolled_back" => "rolled_back",
-        "pending" => "retried",
-        "prepared" => "prepared",
-        _ => "not_run",
+pub fn step_finished(state: StepState, duration_ms: i64) {
+    let outcome: &'static str = match state {
+        StepState::Applied => "applied",
+        StepState::AlreadyApplied => "already_applied",
+        StepState::Failed => "failed",
+        StepState::RolledBack => "rolled_back",
+        // a run handed back (a halted batch, a resent run) goes again
+        StepState::Pending => "retried",
+        StepState::Prepared => "prepared",
+        StepState::Running | StepState::NotRun => "not_run",
     };
     counter!("flotilla_steps_finished_total", "outcome" => outcome).increment(1);
-    if outcome == "applied" {
+    if state == StepState::Applied {
         histogram!("flotilla_step_duration_seconds").record(duration_ms as f64 / 1000.0);
     }
 }
@@ -105,16 +109,15 @@ pub fn two_phase_window(window: std::time::Duration) {
     histogram!("flotilla_two_phase_window_seconds").record(window.as_secs_f64());
 }
 
-pub fn decision(commit: bool) {
-    counter!("flotilla_decisions_total", "decision" => if commit { "commit" } else { "abort" })
-        .increment(1);
+pub fn decision(decision: Decision) {
+    counter!("flotilla_decisions_total", "decision" => decision.as_str()).increment(1);
 }
 
 /// A running plan's data changes, summed over its targets (the plan label is a generated id).
-pub fn data_progress(run: &crate::engine::plan_run::PlanRun) {
-    let plan = run.id.clone();
+pub fn data_progress<'a>(plan_id: &str, progress: impl Iterator<Item = &'a pb::DataProgress>) {
+    let plan = plan_id.to_string();
     let (mut done, mut total, mut rate, mut throttled, mut paused) = (0u64, 0u64, 0f64, 0u32, 0u32);
-    for p in run.progress.values() {
+    for p in progress {
         done += p.rows_done;
         total += p.rows_total;
         if p.state == "running" || p.state == "throttled" || p.state == "paused" {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use flotilla_proto::dag::MigrationGraph;
 use flotilla_proto::{PlanSpec, Scope, Target};
 
-use crate::error::CoordinatorError;
+use crate::error::{CoordinatorError, Refusal};
 
 /// What the fleet looks like to the planner: each shard's labels and tenants.
 #[derive(Debug, Clone, Default)]
@@ -105,15 +105,15 @@ pub fn expand(
     }
     if targets.is_empty() {
         let shards: Vec<&str> = fleet.keys().map(String::as_str).collect();
-        return Err(CoordinatorError::Rejected(format!(
-            "empty target set: no target of the fleet ({}) matches the plan selector `{}` and a migration's scope and selector",
-            if shards.is_empty() {
+        return Err(Refusal::NoTargets {
+            shards: if shards.is_empty() {
                 "no agents".to_string()
             } else {
                 shards.join(", ")
             },
-            spec.selector
-        )));
+            selector: spec.selector.to_string(),
+        }
+        .into());
     }
     let steps = plan_steps(spec, &graph, &targets, scope_default, |m, t| {
         exists.contains_key(&(m, t))

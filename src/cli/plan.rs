@@ -59,7 +59,7 @@ fn leader_of(e: &tonic::Status) -> Option<String> {
     }
     let v = e
         .metadata()
-        .get(flotilla_coordinator::error::LEADER_METADATA)?;
+        .get(flotilla_proto::protocol::LEADER_METADATA)?;
     v.to_str().ok().map(str::to_string)
 }
 

@@ -23,9 +23,9 @@ use std::collections::{BTreeSet, HashSet};
 use tokio::sync::watch;
 
 pub use embedded::EmbeddedCoordination;
-pub use flotilla_proto::protocol::{Decision, keys};
 pub use error::CoordinationError;
 pub use etcd::{ElectionKey, EtcdCoordination};
+pub use flotilla_proto::protocol::{Decision, keys};
 
 /// This coordinator's part in the election.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -111,7 +111,10 @@ mod tests {
 
     #[test]
     fn gids_of_other_plans_and_applications_are_refused() {
-        assert!(matches!(validate("other:p1:1", "p1"), Err(GidError::Prefix(_))));
+        assert!(matches!(
+            validate("other:p1:1", "p1"),
+            Err(GidError::Prefix(_))
+        ));
         assert!(matches!(
             validate("flotilla:p2:1:1:s", "p1"),
             Err(GidError::OtherPlan { .. })

@@ -9,6 +9,9 @@ pub mod sqlstate;
 use std::fmt;
 use std::str::FromStr;
 
+/// In `PlanStatus.paused` (and plan locks' shard lists): every shard of the plan.
+pub const ALL_SHARDS: &str = "*";
+
 /// gRPC metadata naming the leader's address on a follower's UNAVAILABLE.
 pub const LEADER_METADATA: &str = "flotilla-leader";
 
@@ -82,6 +85,45 @@ impl FromStr for Decision {
             "abort" => Ok(Decision::Abort),
             other => Err(UnreadableDecision(other.to_string())),
         }
+    }
+}
+
+/// What the preflight found missing for a data migration on a target (`DataProblem.kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataProblemKind {
+    /// The table does not exist (an earlier step may create it).
+    NoTable,
+    /// A key or prior-image column does not exist (an earlier step may add it).
+    NoColumn,
+    /// The key is not unique, or of a type that cannot order batches.
+    Shape,
+    /// The check itself failed.
+    Error,
+}
+
+impl DataProblemKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataProblemKind::NoTable => "no_table",
+            DataProblemKind::NoColumn => "no_column",
+            DataProblemKind::Shape => "shape",
+            DataProblemKind::Error => "error",
+        }
+    }
+}
+
+impl FromStr for DataProblemKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<DataProblemKind, String> {
+        [
+            DataProblemKind::NoTable,
+            DataProblemKind::NoColumn,
+            DataProblemKind::Shape,
+            DataProblemKind::Error,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| format!("unknown data problem kind {s:?}"))
     }
 }
 

@@ -3,20 +3,22 @@ use std::collections::BTreeMap;
 
 use flotilla_proto::pb;
 
-use super::plan_run::{PlanRun, StepStatus};
+use flotilla_proto::state::{PAUSED, PlanState, StepState};
+
+use super::PlanRun;
 use crate::store::{PlanRow, StepRow};
 
-fn count(p: &mut pb::MigrationProgress, state: &str) {
+fn count(p: &mut pb::MigrationProgress, state: StepState) {
     p.total += 1;
     match state {
-        "pending" => p.pending += 1,
-        "running" => p.running += 1,
-        "applied" => p.applied += 1,
-        "already_applied" => p.already_applied += 1,
-        "failed" => p.failed += 1,
-        "rolled_back" => p.rolled_back += 1,
-        "prepared" => p.prepared += 1,
-        _ => p.not_run += 1,
+        StepState::Pending => p.pending += 1,
+        StepState::Running => p.running += 1,
+        StepState::Applied => p.applied += 1,
+        StepState::AlreadyApplied => p.already_applied += 1,
+        StepState::Failed => p.failed += 1,
+        StepState::RolledBack => p.rolled_back += 1,
+        StepState::Prepared => p.prepared += 1,
+        StepState::NotRun => p.not_run += 1,
     }
 }
 
@@ -50,17 +52,15 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
                 migration_id: id.clone(),
                 ..Default::default()
             });
-        count(p, s.status.as_str());
+        count(p, s.status.state());
     }
     pb::PlanStatus {
         summary: Some(pb::PlanSummary {
             plan_id: run.id.clone(),
             name: run.spec.name.clone(),
             // "paused" is how operators see a running plan that they paused as a whole
-            state: if run.state == super::plan_run::PlanState::Running
-                && run.paused.contains(super::plan_run::ALL_SHARDS)
-            {
-                "paused".into()
+            state: if run.state == PlanState::Running && run.paused.plan {
+                PAUSED.into()
             } else {
                 run.state.as_str().into()
             },
@@ -78,7 +78,7 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
         },
         waiting_for,
         data: run.progress.values().cloned().collect(),
-        paused: run.paused.iter().cloned().collect(),
+        paused: run.paused.listed(),
     }
 }
 
@@ -99,8 +99,8 @@ pub fn from_store(
                 migration_id: s.migration_id.clone(),
                 ..Default::default()
             });
-        count(p, &s.state);
-        if !s.message.is_empty() && StepStatus::parse(&s.state) != StepStatus::NotRun {
+        count(p, s.state);
+        if !s.message.is_empty() && s.state != StepState::NotRun {
             failures.push(pb::StepFailure {
                 migration_id: s.migration_id.clone(),
                 target: Some(pb::TargetRef {
@@ -131,7 +131,7 @@ pub fn summary(plan: &PlanRow) -> pb::PlanSummary {
     pb::PlanSummary {
         plan_id: plan.id.clone(),
         name: plan.name.clone(),
-        state: plan.state.clone(),
+        state: plan.state.as_str().into(),
         environment: plan.environment.clone(),
         created_at_ms: plan.created_at_ms as u64,
         updated_at_ms: plan.updated_at_ms as u64,

@@ -1,0 +1,167 @@
+//! Admission: a plan is validated before any shard is touched, and nothing is stored
+//! half (DESIGN invariant 7). The wire spec is converted (`TryFrom`, the graph and SQL
+//! framing checked there), every shard the plan could touch is asked for its tenants,
+//! journal rows and what the plan needs checked (the preflight), and the plan is refused
+//! with an error naming the file, migration, target or setting, or stored and started.
+mod checks;
+mod data;
+mod preflight;
+
+use std::sync::Arc;
+
+use flotilla_proto::state::PlanState;
+use flotilla_proto::{PlanSpec, pb};
+use prost::Message;
+use tracing::{info, instrument};
+
+use crate::actor::Actor;
+use crate::engine::Event;
+use crate::error::CoordinatorError;
+use crate::plan::{PlanRun, StepStatus};
+use crate::planner::{self, Expansion};
+use crate::service::Coordinator;
+use crate::store::{PlanRow, StepRow, StoreOp, now_ms};
+
+impl Coordinator {
+    /// Validates a plan against the fleet, stores it and starts it.
+    #[instrument(skip_all, fields(plan = %raw.name))]
+    pub async fn submit(
+        &self,
+        raw: pb::PlanSpec,
+    ) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
+        let epoch = self.leader_epoch()?;
+        let spec = PlanSpec::try_from(raw)?;
+        self.refuse_unattached(&spec).await?;
+        let seen = self.preflight(&spec).await?;
+        checks::edited_after_applied(&spec, &seen.applied)?;
+        let expansion = planner::expand(&spec, &seen.fleet)?;
+        data::check_data_problems(&spec, &expansion, &seen.data_problems)?;
+        checks::atomic(&spec, &expansion, &seen.two_phase_errors)?;
+
+        let plan_id = new_plan_id();
+        let statuses: Vec<StepStatus> = expansion
+            .steps
+            .iter()
+            .map(|s| {
+                let t = &expansion.targets[s.target];
+                let key = (
+                    spec.migrations[s.migration].id.to_string(),
+                    t.shard.clone(),
+                    t.tenant.clone(),
+                );
+                if seen.applied.contains_key(&key) {
+                    StepStatus::AlreadyApplied
+                } else {
+                    StepStatus::Pending
+                }
+            })
+            .collect();
+        let created = now_ms();
+        self.store_plan(&plan_id, &spec, &expansion, &statuses, epoch, created)
+            .await;
+        info!(plan = %plan_id, targets = expansion.targets.len(), steps = expansion.steps.len(), "plan submitted");
+
+        let spec = Arc::new(spec);
+        let run = PlanRun::new(
+            plan_id.clone(),
+            spec.clone(),
+            self.definition(&plan_id, &spec),
+            expansion.targets,
+            expansion.steps,
+            statuses,
+            created,
+            epoch,
+        );
+        let shards: Vec<String> = run.shards.keys().cloned().collect();
+        let status = self
+            .to_engine(|done| Event::Start {
+                run: Box::new(run),
+                done,
+            })
+            .await?;
+        self.take_locks(plan_id.clone(), shards, epoch);
+        Ok(pb::SubmitPlanResponse {
+            plan_id,
+            status: Some(status),
+        })
+    }
+
+    /// The plan, its steps and the audit row, flushed to the store before anything runs.
+    async fn store_plan(
+        &self,
+        plan_id: &str,
+        spec: &PlanSpec,
+        expansion: &Expansion,
+        statuses: &[StepStatus],
+        epoch: u64,
+        created: i64,
+    ) {
+        let mut stored = pb::PlanSpec::from(spec);
+        // Freeze the scope the plan resolved to, so a rebuild sees the same steps.
+        stored.default_scope = match expansion.default_scope {
+            flotilla_proto::Scope::Shard => pb::Scope::Shard as i32,
+            flotilla_proto::Scope::Tenant => pb::Scope::Tenant as i32,
+        };
+        let row = PlanRow {
+            id: plan_id.to_string(),
+            name: spec.name.clone(),
+            environment: spec.environment.clone(),
+            state: PlanState::Running,
+            policy: spec.policy.as_str().into(),
+            spec_hex: hex::encode(stored.encode_to_vec()),
+            epoch: epoch as i64,
+            message: String::new(),
+            submitted_by: spec.submitted_by.clone(),
+            created_at_ms: created,
+            updated_at_ms: created,
+            targets: expansion.targets.len() as i64,
+            steps: expansion.steps.len() as i64,
+        };
+        let steps = expansion
+            .steps
+            .iter()
+            .zip(statuses)
+            .map(|(s, st)| {
+                let t = &expansion.targets[s.target];
+                StepRow {
+                    migration_id: spec.migrations[s.migration].id.to_string(),
+                    shard: t.shard.clone(),
+                    tenant: t.tenant.clone(),
+                    state: st.state(),
+                    sqlstate: String::new(),
+                    message: String::new(),
+                    phase: String::new(),
+                    detail: String::new(),
+                }
+            })
+            .collect();
+        self.write(StoreOp::InsertPlan { plan: row, steps });
+        let submitter = Actor::new(&spec.submitted_by, "");
+        self.write(submitter.audit(
+            "submit",
+            plan_id,
+            &format!(
+                "{} migrations, {} targets, from {}",
+                spec.migrations.len(),
+                expansion.targets.len(),
+                spec.source
+            ),
+        ));
+        self.flush().await;
+    }
+
+    /// What agents are sent of a plan: its migrations and the coordinator's defaults.
+    pub(crate) fn definition(&self, plan_id: &str, spec: &PlanSpec) -> pb::PlanDefinition {
+        pb::PlanDefinition {
+            plan_id: plan_id.to_string(),
+            migrations: spec.migrations.iter().map(pb::Migration::from).collect(),
+            default_lock_timeout_ms: self.inner.defaults.lock_timeout.as_millis() as u64,
+            default_statement_timeout_ms: self.inner.defaults.statement_timeout.as_millis() as u64,
+        }
+    }
+}
+
+fn new_plan_id() -> String {
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    format!("p{}", &u[..10])
+}

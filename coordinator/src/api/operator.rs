@@ -1,0 +1,128 @@
+//! The operator API: convert the request, call the domain, map the error.
+use flotilla_proto::pb;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::BoxStream;
+use crate::actor::Actor;
+use crate::engine::CommandKind;
+use crate::service::Coordinator;
+
+/// A plan command's plan, shard (if one was named) and who asked why.
+fn command(c: pb::PlanCommand) -> (String, Option<String>, Actor) {
+    let shard = Some(c.shard.trim().to_string()).filter(|s| !s.is_empty());
+    (c.plan_id, shard, Actor::new(&c.actor, &c.reason))
+}
+
+#[tonic::async_trait]
+impl pb::operator_service_server::OperatorService for Coordinator {
+    async fn submit_plan(
+        &self,
+        req: Request<pb::SubmitPlanRequest>,
+    ) -> Result<Response<pb::SubmitPlanResponse>, Status> {
+        let spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("submit without a plan spec"))?;
+        Ok(Response::new(self.submit(spec).await?))
+    }
+
+    async fn get_plan(
+        &self,
+        req: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        Ok(Response::new(self.status(&req.into_inner().plan_id).await?))
+    }
+
+    async fn list_plans(
+        &self,
+        req: Request<pb::ListPlansRequest>,
+    ) -> Result<Response<pb::ListPlansResponse>, Status> {
+        Ok(Response::new(self.list(req.into_inner().limit).await?))
+    }
+
+    type WatchPlanStream = BoxStream<pb::PlanStatus>;
+
+    async fn watch_plan(
+        &self,
+        req: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<Self::WatchPlanStream>, Status> {
+        let id = req.into_inner().plan_id;
+        // Fail fast on an unknown plan instead of an empty stream.
+        self.status(&id).await?;
+        let rx = self.watch(id);
+        let stream = ReceiverStream::new(rx).map(|r| r.map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_plan(
+        &self,
+        req: Request<pb::PlanCommand>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        let (plan_id, shard, actor) = command(req.into_inner());
+        let status = match shard {
+            Some(shard) => self.cancel_shard(plan_id, shard, actor).await?,
+            None => self.command(&plan_id, CommandKind::Cancel, actor).await?,
+        };
+        Ok(Response::new(status))
+    }
+
+    async fn rollback_plan(
+        &self,
+        req: Request<pb::PlanCommand>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        let (plan_id, shard, actor) = command(req.into_inner());
+        if shard.is_some() {
+            return Err(Status::invalid_argument(
+                "a rollback undoes the whole plan; --shard is for pause, resume and cancel",
+            ));
+        }
+        Ok(Response::new(
+            self.command(&plan_id, CommandKind::Rollback, actor).await?,
+        ))
+    }
+
+    async fn pause_plan(
+        &self,
+        req: Request<pb::PlanCommand>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        let (plan_id, shard, actor) = command(req.into_inner());
+        Ok(Response::new(
+            self.pause(plan_id, shard, true, actor).await?,
+        ))
+    }
+
+    async fn resume_plan(
+        &self,
+        req: Request<pb::PlanCommand>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        let (plan_id, shard, actor) = command(req.into_inner());
+        Ok(Response::new(
+            self.pause(plan_id, shard, false, actor).await?,
+        ))
+    }
+
+    async fn list_locks(
+        &self,
+        _req: Request<pb::ListLocksRequest>,
+    ) -> Result<Response<pb::ListLocksResponse>, Status> {
+        Ok(Response::new(self.locks().await?))
+    }
+
+    async fn break_lock(
+        &self,
+        req: Request<pb::BreakLockRequest>,
+    ) -> Result<Response<pb::BreakLockResponse>, Status> {
+        let r = req.into_inner();
+        let broken = self.break_lock(&r.shard, &r.actor, &r.reason).await?;
+        Ok(Response::new(pb::BreakLockResponse { broken }))
+    }
+
+    async fn list_fleet(
+        &self,
+        _req: Request<pb::ListFleetRequest>,
+    ) -> Result<Response<pb::ListFleetResponse>, Status> {
+        Ok(Response::new(self.fleet().await?))
+    }
+}

@@ -1,0 +1,163 @@
+//! The agents attached to this leader: their connections, what is resent when one
+//! comes back, and shards whose agent is gone past the grace.
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use flotilla_proto::pb;
+use flotilla_proto::pb::coordinator_message::Body;
+use tracing::{info, warn};
+
+use super::{Engine, outbound};
+use crate::metrics;
+use crate::plan::{PlanState, RollbackState};
+use crate::store::StoreOp;
+
+pub(super) use outbound::AgentConn;
+
+impl Engine {
+    pub(super) async fn on_attached(
+        &mut self,
+        shard: String,
+        conn: AgentConn,
+        in_doubt: Vec<String>,
+    ) {
+        if !self.leading {
+            return;
+        }
+        self.in_doubt.insert(shard.clone(), in_doubt);
+        self.agents.insert(shard.clone(), conn);
+        metrics::agents_connected(self.agents.len());
+        let ids: Vec<String> = self.plans.keys().cloned().collect();
+        for id in ids {
+            self.resend_after_reconnect(&id, &shard);
+            self.drive(&id).await;
+        }
+    }
+
+    pub(super) fn on_detached(&mut self, shard: &str, conn_id: u64) {
+        if self.agents.get(shard).is_some_and(|a| a.conn_id == conn_id) {
+            self.agents.remove(shard);
+            metrics::agents_connected(self.agents.len());
+            info!(shard = %shard, "agent detached; its runs wait for it to return");
+        }
+    }
+
+    /// Shards with runs in flight whose agent is neither attached nor holding a
+    /// liveness key: after the grace, their runs fail under the plan's policy.
+    pub(super) async fn check_lost_agents(&mut self) {
+        let now = Instant::now();
+        let gone = |s: &String| !self.agents.contains_key(s) && !self.live.contains(s);
+        let mut lost: Vec<(String, String)> = Vec::new();
+        let mut watched = BTreeSet::new();
+        for (id, run) in &self.plans {
+            if run.state != PlanState::Running {
+                continue;
+            }
+            for (shard, sr) in &run.shards {
+                if sr.outstanding.is_empty() || self.agents.contains_key(shard) {
+                    continue;
+                }
+                if !gone(shard) {
+                    // Cut off from this coordinator but alive (its liveness key):
+                    // its runs wait for it rather than fail, so nothing is done twice.
+                    let since = *self.detached_alive.entry(shard.clone()).or_insert(now);
+                    if now.duration_since(since) >= self.agent_grace
+                        && self.waited.insert(shard.clone())
+                    {
+                        info!(plan = %id, shard = %shard, "agent detached past the grace but alive in etcd: its runs wait for it");
+                    }
+                    watched.insert(shard.clone());
+                    continue;
+                }
+                watched.insert(shard.clone());
+                let since = *self.lost_since.entry(shard.clone()).or_insert(now);
+                if now.duration_since(since) >= self.agent_grace {
+                    lost.push((id.clone(), shard.clone()));
+                }
+            }
+        }
+        self.lost_since.retain(|s, _| watched.contains(s));
+        self.detached_alive.retain(|s, _| watched.contains(s));
+        self.waited.retain(|s| watched.contains(s));
+        for (plan_id, shard) in lost {
+            let reason = format!(
+                "the agent of shard {shard} is lost (no stream and no liveness key for {}s)",
+                self.agent_grace.as_secs()
+            );
+            warn!(plan = %plan_id, shard = %shard, "{reason}");
+            let Some(run) = self.plans.get_mut(&plan_id) else {
+                continue;
+            };
+            let (updates, failed) = run.fail_lost_shard(&shard, &reason);
+            self.write(StoreOp::Steps {
+                plan_id: plan_id.clone(),
+                updates,
+            });
+            if failed {
+                self.on_failure(&plan_id);
+            }
+            self.drive(&plan_id).await;
+        }
+    }
+
+    /// After an agent (re)attaches: its plan definitions and outstanding runs
+    /// are sent again; the agent's journal turns repeats into "already applied".
+    fn resend_after_reconnect(&mut self, plan_id: &str, shard: &str) {
+        let Some(agent) = self.agents.get_mut(shard) else {
+            return;
+        };
+        let conn_id = agent.conn_id;
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
+        let Some(sr) = run.shards.get_mut(shard) else {
+            return;
+        };
+        if !agent.send_definition(sr, &run.definition) {
+            return;
+        }
+        if run.is_paused(shard) {
+            // a new stream (or agent process) hears the pause again
+            agent.send(outbound::pause(plan_id, true));
+        }
+        let Some(sr) = run.shards.get_mut(shard) else {
+            return;
+        };
+        if run.state == PlanState::RollingBack {
+            if matches!(sr.rollback, RollbackState::Asked(c) if c != conn_id) {
+                sr.rollback = RollbackState::NotAsked;
+            }
+            self.ask_rollback(plan_id, shard);
+            return;
+        }
+        let runs: Vec<pb::Run> = sr
+            .outstanding
+            .iter()
+            .map(|(&run_id, steps)| {
+                let t = &run.targets[run.steps[steps[0]].target];
+                pb::Run {
+                    // The same gid as the first send: a run of an atomic plan must end in
+                    // PREPARE again (never COMMIT), and the agent answers PREPARED for a gid
+                    // already prepared (its vote lost with the old stream or process).
+                    prepare_gid: sr.gids.get(&run_id).cloned().unwrap_or_default(),
+                    run_id,
+                    tenant: t.tenant.clone(),
+                    migrations: steps
+                        .iter()
+                        .map(|&s| run.spec.migrations[run.steps[s].migration].id.to_string())
+                        .collect(),
+                    fused: steps.len() > 1,
+                }
+            })
+            .collect();
+        if !runs.is_empty() {
+            info!(plan = %plan_id, shard = %shard, runs = runs.len(), "resending runs after reconnect");
+            agent.send(Body::Assign(pb::Assign {
+                plan_id: plan_id.to_string(),
+                epoch: self.epoch,
+                lanes: sr.lanes.max(1),
+                runs,
+            }));
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Decisions of atomic units (two-phase commit): the unit's decision is written in etcd,
+//! fenced by leadership, once every target prepared (commit) or once a failed unit has
+//! nothing in flight (abort); then every shard resolves its prepared transactions. A unit
+//! entered on an inherited plan is first checked against etcd and the agents' in-doubt
+//! transactions.
+use flotilla_proto::pb::coordinator_message::Body;
+use flotilla_proto::protocol::{Decision, gid};
+use tracing::{info, warn};
+
+use super::Engine;
+use crate::coordination::CoordinationError;
+use crate::metrics;
+use crate::plan::PlanState;
+use crate::store::StoreOp;
+
+impl Engine {
+    /// A unit entered on a plan this leader inherited may have been started by the leader
+    /// before it (the store can miss its last writes): its decision in etcd stands if there
+    /// is one; with none, a transaction of it prepared on a shard (in the agents' in-doubt
+    /// lists) means it had started, and this leader presumes abort, as at a takeover.
+    pub(super) async fn verify_unit(&mut self, plan_id: &str) {
+        let Some(run) = self.plans.get(plan_id) else {
+            return;
+        };
+        if !run.unit_unverified || run.state != PlanState::Running {
+            return;
+        }
+        let key = run.unit_key();
+        // every shard's in-doubt list is needed: it comes with the agent's attach
+        if run.shards.keys().any(|s| !self.agents.contains_key(s)) {
+            return;
+        }
+        let started = run.shards.keys().any(|s| {
+            self.in_doubt
+                .get(s)
+                .is_some_and(|gids| gids.iter().any(|g| gid::unit_of(g) == Some(key.as_str())))
+        });
+        let decision = match self.coordination.decision(&key).await {
+            Ok(Some(d)) => Some(d),
+            Ok(None) if started => {
+                match self
+                    .coordination
+                    .decide(&key, Decision::Abort, self.epoch)
+                    .await
+                {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        warn!(plan = %plan_id, unit = %key, "writing the presumed abort failed, retrying: {e}");
+                        return;
+                    }
+                }
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(plan = %plan_id, unit = %key, "reading the unit's decision failed, retrying: {e}");
+                return;
+            }
+        };
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
+        run.unit_unverified = false;
+        let Some(d) = decision else { return };
+        metrics::decision(d);
+        info!(plan = %plan_id, unit = %key, decision = d.as_str(), "a unit the previous leader started: continuing under its decision");
+        run.decision = Some(d);
+        if d == Decision::Commit {
+            run.state = PlanState::Committing;
+        } else {
+            run.state = PlanState::Aborting;
+            run.message = format!(
+                "parallel group {} aborted after a change of coordinator (presumed abort)",
+                run.current_unit().map_or(0, |g| g + 1)
+            );
+            let updates = run.halt_pending();
+            self.write(StoreOp::Steps {
+                plan_id: plan_id.to_string(),
+                updates,
+            });
+        }
+        self.write_state(plan_id);
+        // the decision is carried out on the next pass
+        self.two_phase(plan_id).await;
+    }
+
+    /// Atomic plans: writes the decision once every target prepared (commit) or
+    /// once a failed plan has nothing in flight (abort), then has every shard
+    /// resolve its prepared transactions; an abort ends in the rollback of what
+    /// committed outside 2PC. Decisions are fenced by leadership in etcd.
+    pub(super) async fn two_phase(&mut self, plan_id: &str) {
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
+        if !run.spec.two_phase() || run.current_unit().is_none() {
+            return;
+        }
+        // The unit deciding now: the plan, or one atomic parallel group of it.
+        let unit_key = run.unit_key();
+        let want = if run.ready_to_commit() {
+            Some(Decision::Commit)
+        } else if run.state == PlanState::Aborting && run.outstanding() == 0 {
+            Some(Decision::Abort)
+        } else if run.state == PlanState::Committing {
+            Some(Decision::Commit)
+        } else {
+            None
+        };
+        let Some(want) = want else { return };
+        if run.decision.is_none() {
+            // Fault tests: a coordinator that dies with every target prepared and
+            // no decision written (a new leader presumes abort).
+            fail::fail_point!("coordinator::before_decision", |_| {
+                std::process::exit(86);
+            });
+            match self.coordination.decide(&unit_key, want, self.epoch).await {
+                Ok(d) => {
+                    metrics::decision(d);
+                    info!(plan = %plan_id, unit = %unit_key, decision = d.as_str(), "decision written");
+                    let run = self.plans.get_mut(plan_id).expect("present");
+                    run.decision = Some(d);
+                    run.state = if d == Decision::Commit {
+                        PlanState::Committing
+                    } else {
+                        PlanState::Aborting
+                    };
+                    self.write_state(plan_id);
+                    // Fault tests: dies with the decision written, before any shard heard it.
+                    fail::fail_point!("coordinator::after_decision", |_| {
+                        std::process::exit(87);
+                    });
+                }
+                Err(CoordinationError::NotLeader) => {
+                    warn!(plan = %plan_id, "not the leader any more: no decision written");
+                    return;
+                }
+                Err(e) => {
+                    warn!(plan = %plan_id, "writing the decision failed, retrying: {e}");
+                    return;
+                }
+            }
+        }
+        let run = self.plans.get_mut(plan_id).expect("present");
+        let Some(decision) = run.decision else {
+            return;
+        };
+        let shards: Vec<String> = run.shards.keys().cloned().collect();
+        for shard in &shards {
+            let Some(conn_id) = self.agents.get(shard).map(|a| a.conn_id) else {
+                continue;
+            };
+            let run = self.plans.get_mut(plan_id).expect("present");
+            let sr = run.shards.get_mut(shard).expect("shard");
+            if sr.resolved
+                || sr.resolve_sent_on == Some(conn_id)
+                || sr
+                    .resolve_retry_at
+                    .is_some_and(|at| std::time::Instant::now() < at)
+            {
+                continue;
+            }
+            // After a takeover the gids are known only from the agent's in-doubt list.
+            if sr.prepared.is_empty() {
+                let known: Vec<String> = self
+                    .in_doubt
+                    .get(shard)
+                    .map(|g| {
+                        g.iter()
+                            .filter(|g| gid::unit_of(g) == Some(unit_key.as_str()))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if known.is_empty() {
+                    // Nothing of the plan is prepared on the shard (any more): the
+                    // agent resolved it from the decision in etcd, or it never
+                    // prepared. The decision says what its steps are now.
+                    let updates = run.settle_shard_without_prepared(shard, decision);
+                    self.write(StoreOp::Steps {
+                        plan_id: plan_id.to_string(),
+                        updates,
+                    });
+                    continue;
+                }
+                let sr = run.shards.get_mut(shard).expect("shard");
+                for g in known {
+                    sr.prepared.entry(g).or_default();
+                }
+            }
+            let run = self.plans.get_mut(plan_id).expect("present");
+            if let Some(resolve) = run.resolve_for(shard, decision) {
+                let sr = run.shards.get_mut(shard).expect("shard");
+                if self
+                    .agents
+                    .get_mut(shard)
+                    .is_some_and(|a| a.send(Body::Resolve(resolve)))
+                {
+                    sr.resolve_sent_on = Some(conn_id);
+                }
+            }
+        }
+        let run = self.plans.get_mut(plan_id).expect("present");
+        if run.state == PlanState::Aborting && run.all_resolved() {
+            // What committed outside 2PC (non-transactional steps) is undone now.
+            self.begin_rollback(plan_id);
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Operator commands on a plan in motion: pause/resume, cancel, rollback, and the
+//! cancel of one shard. Each is checked against the plan's state, audited, and carried
+//! out by the failure policy's own paths.
+use flotilla_proto::FailurePolicy;
+use tracing::info;
+
+use super::{CommandKind, Engine, outbound};
+use crate::actor::Actor;
+use crate::error::{Conflict, CoordinatorError, Refusal};
+use crate::plan::{PlanRun, PlanState};
+use crate::store::StoreOp;
+
+impl Engine {
+    /// Pauses or resumes a plan or one shard of it: the shard's agent stops its data changes
+    /// at their next batch boundary, and no new run goes there until it is resumed.
+    pub(super) fn pause(
+        &mut self,
+        plan_id: &str,
+        shard: Option<&str>,
+        paused: bool,
+        actor: &Actor,
+    ) -> Result<(), CoordinatorError> {
+        let action = if paused { "pause" } else { "resume" };
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return Err(Conflict::NotRunning {
+                plan_id: plan_id.to_string(),
+                action,
+            }
+            .into());
+        };
+        if let Some(s) = shard
+            && !run.shards.contains_key(s)
+        {
+            return Err(Refusal::NoSuchShard {
+                plan_id: plan_id.to_string(),
+                shard: s.to_string(),
+                shards: run.shards.keys().cloned().collect::<Vec<_>>().join(", "),
+            }
+            .into());
+        }
+        if run.state.is_terminal() {
+            return Err(Conflict::Ended {
+                plan_id: plan_id.to_string(),
+                state: run.state,
+            }
+            .into());
+        }
+        match (shard, paused) {
+            (None, true) => run.paused.plan = true,
+            // resuming the plan resumes every shard of it
+            (None, false) => run.paused = Default::default(),
+            (Some(s), true) => {
+                run.paused.shards.insert(s.to_string());
+            }
+            (Some(s), false) => {
+                run.paused.shards.remove(s);
+            }
+        }
+        let shards: Vec<String> = match shard {
+            Some(s) => vec![s.to_string()],
+            None => run.shards.keys().cloned().collect(),
+        };
+        let what = actor.explain(&format!(
+            "{} {}by {}",
+            if paused { "paused" } else { "resumed" },
+            shard.map(|s| format!("on {s} ")).unwrap_or_default(),
+            actor.name
+        ));
+        info!(plan = %plan_id, "{what}");
+        let on = shard.map(|s| format!("shard {s}")).unwrap_or_default();
+        self.write(actor.audit(action, plan_id, &on));
+        for s in shards {
+            self.send_pause(plan_id, &s);
+        }
+        Ok(())
+    }
+
+    /// Tells a shard's agent whether the plan is paused there now.
+    fn send_pause(&mut self, plan_id: &str, shard: &str) {
+        let Some(paused) = self.plans.get(plan_id).map(|r| r.is_paused(shard)) else {
+            return;
+        };
+        self.send_to(shard, outbound::pause(plan_id, paused));
+    }
+
+    /// Cancels or rolls back a plan; `revive` brings a finished plan back to roll it back.
+    pub(super) fn command(
+        &mut self,
+        plan_id: &str,
+        kind: CommandKind,
+        actor: &Actor,
+        revive: Option<Box<PlanRun>>,
+    ) -> Result<(), CoordinatorError> {
+        if !self.plans.contains_key(plan_id) {
+            match (kind, revive) {
+                (CommandKind::Rollback, Some(run)) => {
+                    self.plans.insert(plan_id.to_string(), *run);
+                }
+                (CommandKind::Cancel, _) => {
+                    return Err(Conflict::NotRunning {
+                        plan_id: plan_id.to_string(),
+                        action: "cancel",
+                    }
+                    .into());
+                }
+                _ => return Err(CoordinatorError::PlanNotFound(plan_id.to_string())),
+            }
+        }
+        let run = self.plans.get_mut(plan_id).expect("present");
+        let action = match kind {
+            CommandKind::Cancel => "cancel",
+            CommandKind::Rollback => "rollback",
+        };
+        match (kind, run.state) {
+            (_, PlanState::RollingBack) => {
+                return Err(Conflict::RollingBack {
+                    plan_id: plan_id.to_string(),
+                }
+                .into());
+            }
+            (CommandKind::Cancel, state) if state.is_terminal() => {
+                return Err(Conflict::EndedUseRollback {
+                    plan_id: plan_id.to_string(),
+                    state,
+                }
+                .into());
+            }
+            _ => {}
+        }
+        run.message = actor.explain(&format!("{action} requested by {}", actor.name));
+        let undo = kind == CommandKind::Rollback || run.policy() == FailurePolicy::AllOrNothing;
+        run.rollback_ends = if kind == CommandKind::Cancel {
+            PlanState::Cancelled
+        } else {
+            PlanState::RolledBack
+        };
+        let updates = run.halt_pending();
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.to_string(),
+            updates,
+        });
+        self.write(actor.audit(action, plan_id, ""));
+        let atomic_in_flight = {
+            let run = &self.plans[plan_id];
+            run.spec.two_phase()
+                && run.current_unit().is_some()
+                && matches!(run.state, PlanState::Running | PlanState::Committing)
+                && run.decision.is_none()
+        };
+        if undo && atomic_in_flight {
+            // Prepared transactions are aborted by decision, then the rest undone.
+            let run = self.plans.get_mut(plan_id).expect("present");
+            run.state = PlanState::Aborting;
+            self.halt_everywhere(plan_id);
+        } else if undo {
+            self.begin_rollback(plan_id);
+        } else {
+            let run = self.plans.get_mut(plan_id).expect("present");
+            run.state = PlanState::Stopping;
+            self.halt_everywhere(plan_id);
+            let run = self.plans.get_mut(plan_id).expect("present");
+            if run.outstanding() == 0 {
+                run.state = PlanState::Cancelled;
+            }
+        }
+        self.write_state(plan_id);
+        Ok(())
+    }
+
+    /// Cancels one shard of a running plan: its steps not started will not run, its data
+    /// changes stop at their next batch boundary, the other shards go on; the plan ends
+    /// cancelled. Refused under all-or-nothing, which cannot finish without the shard.
+    pub(super) fn cancel_shard(
+        &mut self,
+        plan_id: &str,
+        shard: &str,
+        actor: &Actor,
+    ) -> Result<(), CoordinatorError> {
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return Err(Conflict::NotRunning {
+                plan_id: plan_id.to_string(),
+                action: "cancel",
+            }
+            .into());
+        };
+        if run.state != PlanState::Running {
+            return Err(Conflict::ShardOfStoppedPlan {
+                plan_id: plan_id.to_string(),
+                state: run.state,
+            }
+            .into());
+        }
+        if !run.shards.contains_key(shard) {
+            return Err(Refusal::NoStepOnShard {
+                plan_id: plan_id.to_string(),
+                shard: shard.to_string(),
+            }
+            .into());
+        }
+        if run.policy() == FailurePolicy::AllOrNothing || run.spec.two_phase() {
+            return Err(Refusal::ShardNeeded {
+                plan_id: plan_id.to_string(),
+                shard: shard.to_string(),
+            }
+            .into());
+        }
+        if run.cancelled.contains(shard) {
+            return Err(Conflict::ShardCancelled {
+                plan_id: plan_id.to_string(),
+                shard: shard.to_string(),
+            }
+            .into());
+        }
+        let said = actor.explain(&format!("shard {shard} cancelled by {}", actor.name));
+        run.message = if run.message.is_empty() {
+            format!("{said}; other shards go on")
+        } else {
+            format!("{}; {said}", run.message)
+        };
+        let updates = run.halt_shard(shard);
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.to_string(),
+            updates,
+        });
+        self.write(actor.audit("cancel", plan_id, &format!("shard {shard}")));
+        self.write_state(plan_id);
+        self.send_to(shard, outbound::halt(plan_id));
+        info!(plan = %plan_id, shard, "shard cancelled");
+        Ok(())
+    }
+}

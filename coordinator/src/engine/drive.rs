@@ -1,0 +1,150 @@
+//! Driving a plan: hand out the runs that may go, ask for rollbacks not asked yet, and
+//! end the plan when it settles (final state stored before it leaves memory, shard
+//! locks released).
+use std::time::Duration;
+
+use flotilla_proto::pb;
+use flotilla_proto::pb::coordinator_message::Body;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::Engine;
+use crate::coordination::CoordinationError;
+use crate::metrics;
+use crate::plan::{PlanState, RollbackState};
+use crate::store::StoreOp;
+
+impl Engine {
+    /// Hands out work, asks for rollbacks not asked yet, and ends the plan when done.
+    pub(super) async fn drive(&mut self, plan_id: &str) {
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
+        // Nothing goes to agents before the plan holds its shard locks.
+        if !self.leading || !run.locked {
+            self.changed(plan_id, false);
+            return;
+        }
+        self.two_phase(plan_id).await;
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
+        if let Some(message) = run.advance_unit() {
+            info!(plan = %plan_id, "{message}");
+            self.write_state(plan_id);
+        }
+        self.verify_unit(plan_id).await;
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
+        match run.state {
+            PlanState::Running => self.hand_out(plan_id),
+            PlanState::RollingBack => {
+                let shards: Vec<String> = run
+                    .shards
+                    .iter()
+                    .filter(|(_, sr)| sr.rollback == RollbackState::NotAsked)
+                    .map(|(s, _)| s.clone())
+                    .collect();
+                for shard in shards {
+                    self.ask_rollback(plan_id, &shard);
+                }
+            }
+            _ => {}
+        }
+        if !self.settle(plan_id).await {
+            self.changed(plan_id, false);
+        }
+    }
+
+    /// Sends every attached shard of a running plan its next runs, within its lanes.
+    fn hand_out(&mut self, plan_id: &str) {
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
+        let agents = &mut self.agents;
+        run.rebalance_lanes(&|shard: &str| agents.get(shard).map(|a| a.max_lanes).unwrap_or(1));
+        let shards: Vec<String> = run.shards.keys().cloned().collect();
+        for shard in shards {
+            let Some(agent) = agents.get_mut(&shard) else {
+                continue;
+            };
+            let sr = run.shards.get_mut(&shard).expect("shard");
+            agent.send_definition(sr, &run.definition);
+            let lanes = sr.lanes;
+            let runs = run.next_runs(&shard, &mut self.next_run_id);
+            if !runs.is_empty() {
+                // queued behind the definition; if the stream ends first, the runs are
+                // resent from `outstanding` when the agent comes back
+                agent.send(Body::Assign(pb::Assign {
+                    plan_id: plan_id.to_string(),
+                    epoch: self.epoch,
+                    lanes,
+                    runs,
+                }));
+            }
+        }
+    }
+
+    /// Ends the plan if it reached its end: stores the final state (and its data
+    /// changes' last progress), then lets it leave memory. Whether it ended.
+    async fn settle(&mut self, plan_id: &str) -> bool {
+        let run = self.plans.get_mut(plan_id).expect("present");
+        let Some(updates) = run.settle() else {
+            return false;
+        };
+        let (state, message) = (run.state, run.message.clone());
+        let progress: Vec<pb::DataProgress> = run.progress.values().cloned().collect();
+        info!(plan = %plan_id, state = state.as_str(), "{message}");
+        metrics::plan_finished(state);
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.to_string(),
+            updates,
+        });
+        if !progress.is_empty() {
+            // the status of a finished plan comes from the store: keep its figures
+            self.write(StoreOp::DataProgress {
+                plan_id: plan_id.to_string(),
+                entries: progress,
+            });
+        }
+        self.write_state(plan_id);
+        // Readers switch to the store once the plan leaves memory: make sure
+        // the final state is there first.
+        let (tx, rx) = oneshot::channel();
+        if self.store.send(StoreOp::Flush(tx)).is_ok() && rx.await.is_err() {
+            warn!(plan = %plan_id, "the store writer stopped before the final state was flushed");
+        }
+        self.plans.remove(plan_id);
+        self.release_locks(plan_id);
+        self.changed(plan_id, true);
+        true
+    }
+
+    /// Releases a finished plan's shard locks in the background.
+    fn release_locks(&self, plan_id: &str) {
+        let (coordination, id, epoch) =
+            (self.coordination.clone(), plan_id.to_string(), self.epoch);
+        tokio::spawn(async move {
+            // While this coordinator leads it keeps the plan's lease alive: a release
+            // that failed once (an etcd member gone, say) is retried, or the locks
+            // would outlive the plan. A deposed leader lets the lease expire.
+            let mut attempt = 0u32;
+            loop {
+                match coordination.release_shards(&id, epoch).await {
+                    Ok(()) => return,
+                    Err(CoordinationError::NotLeader) => {
+                        warn!(plan = %id, "not the leader any more: the shard locks expire with the plan's lease");
+                        return;
+                    }
+                    Err(e) => {
+                        let pause = Duration::from_millis(250 << attempt.min(4));
+                        attempt += 1;
+                        warn!(plan = %id, "releasing shard locks failed, retrying in {pause:?}: {e}");
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,90 @@
+//! What agents answer: run results, rollback and resolve replies, data progress. Each is
+//! folded into its plan (the pure [`crate::plan`] methods), stored, and the plan driven on.
+use flotilla_proto::pb;
+use tracing::info;
+
+use super::Engine;
+use crate::metrics;
+use crate::plan::RollbackState;
+use crate::store::StoreOp;
+
+impl Engine {
+    pub(super) async fn on_results(&mut self, shard: &str, results: pb::RunResults) {
+        let plan_id = results.plan_id.clone();
+        let Some(run) = self.plans.get_mut(&plan_id) else {
+            return;
+        };
+        let mut updates = Vec::new();
+        let mut failed = false;
+        let rollback_done = run
+            .shards
+            .get(shard)
+            .is_some_and(|s| s.rollback == RollbackState::Done);
+        if !rollback_done {
+            for r in &results.runs {
+                let (u, f) = run.apply_run_result(shard, r);
+                for x in &u {
+                    metrics::step_finished(x.state, x.duration_ms);
+                }
+                updates.extend(u);
+                failed |= f;
+            }
+        }
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.clone(),
+            updates,
+        });
+        if failed {
+            self.on_failure(&plan_id);
+        }
+        self.drive(&plan_id).await;
+    }
+
+    pub(super) async fn on_rollback_reply(&mut self, shard: &str, reply: pb::RollbackReply) {
+        let plan_id = reply.plan_id.clone();
+        let Some(run) = self.plans.get_mut(&plan_id) else {
+            return;
+        };
+        let updates = run.apply_rollback_reply(shard, &reply);
+        info!(plan = %plan_id, shard = %shard, undone = reply.steps.len(), complete = reply.complete, "rollback reply");
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.clone(),
+            updates,
+        });
+        self.drive(&plan_id).await;
+    }
+
+    pub(super) async fn on_resolve_reply(&mut self, shard: &str, reply: pb::ResolveReply) {
+        let plan_id = reply.plan_id.clone();
+        let Some(run) = self.plans.get_mut(&plan_id) else {
+            return;
+        };
+        let updates = run.apply_resolve_reply(shard, &reply);
+        info!(plan = %plan_id, shard = %shard, commit = reply.commit,
+              resolved = reply.resolved.len(), failed = reply.failed.len(), "prepared transactions resolved");
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.clone(),
+            updates,
+        });
+        self.drive(&plan_id).await;
+    }
+
+    pub(super) fn on_progress(&mut self, shard: &str, data: Vec<pb::DataProgress>) {
+        let mut touched = std::collections::BTreeSet::new();
+        for mut p in data {
+            let Some(run) = self.plans.get_mut(&p.plan_id) else {
+                continue;
+            };
+            // the stream says which shard; the message cannot claim another
+            p.shard = shard.to_string();
+            touched.insert(p.plan_id.clone());
+            run.record_progress(p);
+        }
+        for plan_id in touched {
+            if let Some(run) = self.plans.get(&plan_id) {
+                metrics::data_progress(&plan_id, run.progress.values());
+            }
+            self.changed(&plan_id, false);
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! One plan in motion: its steps' desired and observed state, and the choice of which
+//! runs to hand each shard next. Pure state, no I/O: the engine feeds it results and
+//! sends what it returns, so everything here is unit-tested without a database.
+//!
+//! - [`step`]: a step's status;
+//! - [`schedule`]: dependencies, lanes and the next runs of a shard;
+//! - [`replies`]: what agents answer (run results, rollback replies, a lost shard);
+//! - [`units`]: atomic units (an atomic plan, or its atomic parallel groups) and 2PC;
+//! - [`settle`]: halting, and where the plan ends;
+//! - [`status`]: the operator's view, from memory or from the store.
+mod replies;
+mod schedule;
+mod settle;
+pub mod status;
+pub mod step;
+#[cfg(test)]
+mod tests;
+mod units;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use flotilla_proto::protocol::Decision;
+pub use flotilla_proto::state::PlanState;
+use flotilla_proto::{FailurePolicy, PlanSpec, Target, TxMode, pb};
+
+use crate::planner::PlannedStep;
+use crate::store::StepUpdate;
+pub use step::StepStatus;
+
+#[derive(Debug)]
+pub struct Step {
+    pub migration: usize,
+    pub target: usize,
+    pub deps: Vec<usize>,
+    pub status: StepStatus,
+    pub transactional: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollbackState {
+    NotAsked,
+    Asked(u64),
+    Done,
+}
+
+#[derive(Debug)]
+pub struct ShardRun {
+    pub targets: Vec<usize>,
+    ready: VecDeque<usize>,
+    queued: BTreeSet<usize>,
+    pub outstanding: BTreeMap<u64, Vec<usize>>,
+    pub lanes: u32,
+    /// The connection the plan's definition was sent on.
+    pub defined_on: Option<u64>,
+    pub rollback: RollbackState,
+    /// Prepared transactions of this plan on the shard, by gid, with their steps.
+    pub prepared: BTreeMap<String, Vec<usize>>,
+    /// Gids handed out with runs still out (a PREPARED answer moves them above).
+    pub gids: BTreeMap<u64, String>,
+    /// Whether the shard has confirmed the decision for every prepared gid.
+    pub resolved: bool,
+    /// The connection the Resolve was sent on.
+    pub resolve_sent_on: Option<u64>,
+    /// After a Resolve the shard could not carry out (e.g. it could not read the
+    /// decision from etcd), when to send it again.
+    pub resolve_retry_at: Option<std::time::Instant>,
+}
+
+pub struct PlanRun {
+    pub id: String,
+    pub spec: Arc<PlanSpec>,
+    pub definition: pb::PlanDefinition,
+    pub targets: Vec<Target>,
+    pub steps: Vec<Step>,
+    per_target: Vec<Vec<usize>>,
+    dependents: Vec<Vec<usize>>,
+    remaining: Vec<usize>,
+    pub state: PlanState,
+    /// Where a rollback ends: rolled_back, or cancelled when an operator asked.
+    pub rollback_ends: PlanState,
+    pub message: String,
+    pub shards: BTreeMap<String, ShardRun>,
+    pub failures: Vec<pb::StepFailure>,
+    index: HashMap<(String, String, String), usize>,
+    pub created_at_ms: i64,
+    pub epoch: u64,
+    rollback_errors: usize,
+    /// Whether the plan holds its shard locks; nothing is sent to agents before.
+    pub locked: bool,
+    /// Why it waits for its locks (which plan holds which shard), if it does.
+    pub lock_wait: Option<String>,
+    /// Atomic plans: when the first target prepared (start of the window in
+    /// which every shard holds locks).
+    pub first_prepared: Option<std::time::Instant>,
+    /// Atomic units: the decision of the unit in progress, once written.
+    pub decision: Option<Decision>,
+    /// Each step's atomic unit (0 for every step of an atomic plan, the parallel
+    /// group's index in an atomic group), if it has one.
+    unit_of: Vec<Option<usize>>,
+    /// The plan's atomic units in the order they commit.
+    units: Vec<usize>,
+    /// Index into `units` of the unit now running, preparing or deciding
+    /// (`units.len()` once every unit committed).
+    unit_pos: usize,
+    /// Where the plan is paused.
+    pub paused: Paused,
+    /// Shards an operator cancelled (policies stop and continue): their steps not done by
+    /// then are not run, the other shards go on, and the plan ends cancelled.
+    pub cancelled: BTreeSet<String>,
+    /// Rebuilt by a new leader: the one before may have started units that the store
+    /// does not show (its last writes can be lost with it).
+    pub inherited: bool,
+    /// A unit entered on an inherited plan, not yet checked against etcd and the agents'
+    /// in-doubt transactions: nothing of it is handed out until it is.
+    pub unit_unverified: bool,
+    /// Data changes' latest progress, by (migration, shard, tenant).
+    pub progress: BTreeMap<(String, String, String), pb::DataProgress>,
+}
+
+/// Where a plan is paused: no run is handed out there until it is resumed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Paused {
+    /// The whole plan.
+    pub plan: bool,
+    /// Single shards.
+    pub shards: BTreeSet<String>,
+}
+
+impl Paused {
+    /// How the status lists it: `*` for the whole plan, then the shards.
+    pub fn listed(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        if self.plan {
+            out.push(flotilla_proto::protocol::ALL_SHARDS.to_string());
+        }
+        out.extend(self.shards.iter().cloned());
+        out
+    }
+}
+
+impl PlanRun {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: String,
+        spec: Arc<PlanSpec>,
+        definition: pb::PlanDefinition,
+        targets: Vec<Target>,
+        planned: Vec<PlannedStep>,
+        statuses: Vec<StepStatus>,
+        created_at_ms: i64,
+        epoch: u64,
+    ) -> PlanRun {
+        let n = planned.len();
+        let mut per_target = vec![Vec::new(); targets.len()];
+        let mut dependents = vec![Vec::new(); n];
+        let mut steps = Vec::with_capacity(n);
+        let mut index = HashMap::with_capacity(n);
+        for (i, (p, status)) in planned.into_iter().zip(statuses).enumerate() {
+            per_target[p.target].push(i);
+            for &d in &p.deps {
+                dependents[d].push(i);
+            }
+            let t = &targets[p.target];
+            index.insert(
+                (
+                    spec.migrations[p.migration].id.to_string(),
+                    t.shard.clone(),
+                    t.tenant.clone(),
+                ),
+                i,
+            );
+            steps.push(Step {
+                migration: p.migration,
+                target: p.target,
+                transactional: spec.migrations[p.migration].tx_mode == TxMode::Transactional,
+                deps: p.deps,
+                status,
+            });
+        }
+        let unit_of: Vec<Option<usize>> = steps
+            .iter()
+            .map(|s| spec.atomic_unit(&spec.migrations[s.migration].id))
+            .collect();
+        let units: Vec<usize> = unit_of
+            .iter()
+            .flatten()
+            .copied()
+            .collect::<BTreeSet<usize>>()
+            .into_iter()
+            .collect();
+        let mut shards: BTreeMap<String, ShardRun> = BTreeMap::new();
+        for (ti, t) in targets.iter().enumerate() {
+            shards
+                .entry(t.shard.clone())
+                .or_insert_with(|| ShardRun {
+                    targets: Vec::new(),
+                    ready: VecDeque::new(),
+                    queued: BTreeSet::new(),
+                    outstanding: BTreeMap::new(),
+                    lanes: 0,
+                    defined_on: None,
+                    rollback: RollbackState::NotAsked,
+                    prepared: BTreeMap::new(),
+                    gids: BTreeMap::new(),
+                    resolved: false,
+                    resolve_sent_on: None,
+                    resolve_retry_at: None,
+                })
+                .targets
+                .push(ti);
+        }
+        let mut run = PlanRun {
+            id,
+            spec,
+            definition,
+            targets,
+            steps,
+            per_target,
+            dependents,
+            remaining: vec![0; n],
+            state: PlanState::Running,
+            rollback_ends: PlanState::RolledBack,
+            message: String::new(),
+            shards,
+            failures: Vec::new(),
+            index,
+            created_at_ms,
+            epoch,
+            rollback_errors: 0,
+            locked: false,
+            lock_wait: None,
+            first_prepared: None,
+            decision: None,
+            unit_of,
+            units,
+            unit_pos: 0,
+            paused: Paused::default(),
+            cancelled: BTreeSet::new(),
+            progress: BTreeMap::new(),
+            inherited: false,
+            unit_unverified: false,
+        };
+        // Units that committed before (a rebuild) are behind the plan.
+        while !run.spec.atomic && run.current_unit().is_some() && run.unit_committed() {
+            run.unit_pos += 1;
+        }
+        run.recount_remaining();
+        for t in 0..run.targets.len() {
+            run.enqueue_if_ready(t);
+        }
+        run
+    }
+
+    pub fn is_paused(&self, shard: &str) -> bool {
+        self.paused.plan || self.paused.shards.contains(shard)
+    }
+
+    pub fn record_progress(&mut self, p: pb::DataProgress) {
+        self.progress.insert(
+            (p.migration_id.clone(), p.shard.clone(), p.tenant.clone()),
+            p,
+        );
+    }
+
+    pub fn step_of(&self, migration: &str, shard: &str, tenant: &str) -> Option<usize> {
+        self.index
+            .get(&(migration.to_string(), shard.to_string(), tenant.to_string()))
+            .copied()
+    }
+
+    pub fn update_of(&self, s: usize, error: Option<&pb::StepError>) -> StepUpdate {
+        let t = &self.targets[self.steps[s].target];
+        StepUpdate {
+            migration_id: self.spec.migrations[self.steps[s].migration].id.to_string(),
+            shard: t.shard.clone(),
+            tenant: t.tenant.clone(),
+            state: self.steps[s].status.state(),
+            sqlstate: error.map(|e| e.sqlstate.clone()).unwrap_or_default(),
+            message: error.map(|e| e.message.clone()).unwrap_or_default(),
+            phase: error.map(|e| e.phase.clone()).unwrap_or_default(),
+            detail: error.map(|e| e.detail.clone()).unwrap_or_default(),
+            duration_ms: 0,
+            run_id: None,
+        }
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.shards.values().map(|s| s.outstanding.len()).sum()
+    }
+
+    pub fn policy(&self) -> FailurePolicy {
+        self.spec.policy
+    }
+}

@@ -1,0 +1,228 @@
+//! What agents answer, folded into the plan: run results (with the checksum check of
+//! steps the journal already held), rollback replies, and a shard lost past the grace.
+use flotilla_proto::pb;
+
+use super::{PlanRun, PlanState, RollbackState, StepStatus};
+use crate::store::StepUpdate;
+
+impl PlanRun {
+    /// Applies one run's results; returns store updates and whether a step failed.
+    pub fn apply_run_result(
+        &mut self,
+        shard: &str,
+        result: &pb::RunResult,
+    ) -> (Vec<StepUpdate>, bool) {
+        let Some(steps) = self
+            .shards
+            .get_mut(shard)
+            .and_then(|sr| sr.outstanding.remove(&result.run_id))
+        else {
+            // A run resent after a reconnect may come back twice; the first answer counts.
+            return (Vec::new(), false);
+        };
+        let gid = self
+            .shards
+            .get_mut(shard)
+            .and_then(|sr| sr.gids.remove(&result.run_id));
+        let mut updates = Vec::new();
+        let mut failed = false;
+        let mut prepared = Vec::new();
+        for s in steps {
+            let spec = self.spec.clone();
+            let mig = &spec.migrations[self.steps[s].migration];
+            let r = result
+                .steps
+                .iter()
+                .find(|r| r.migration_id == mig.id.as_str());
+            let outcome = r
+                .map(|r| pb::StepOutcome::try_from(r.outcome).unwrap_or_default())
+                .unwrap_or(pb::StepOutcome::NotRun);
+            let mut error = r.and_then(|r| r.error.clone());
+            let status = match outcome {
+                pb::StepOutcome::Applied => StepStatus::Applied,
+                pb::StepOutcome::AlreadyApplied => {
+                    let journal = r.map(|r| r.checksum.as_str()).unwrap_or("");
+                    if !journal.is_empty() && journal != mig.checksum {
+                        error = Some(pb::StepError {
+                            sqlstate: String::new(),
+                            message: format!(
+                                "checksum mismatch: the shard's journal holds {journal} for {}, the plan has {}",
+                                mig.id, mig.checksum
+                            ),
+                            detail: String::new(),
+                            phase: "journal".into(),
+                        });
+                        StepStatus::Failed
+                    } else {
+                        StepStatus::AlreadyApplied
+                    }
+                }
+                pb::StepOutcome::Failed => StepStatus::Failed,
+                pb::StepOutcome::Prepared => StepStatus::Prepared,
+                pb::StepOutcome::NotRun | pb::StepOutcome::Unspecified => {
+                    let target = &self.targets[self.steps[s].target];
+                    if self.state == PlanState::Running
+                        && !self.failed_target(self.steps[s].target)
+                        && !self.cancelled.contains(&target.shard)
+                    {
+                        StepStatus::Pending
+                    } else {
+                        StepStatus::NotRun
+                    }
+                }
+            };
+            self.steps[s].status = status;
+            let target = self.targets[self.steps[s].target].clone();
+            if status == StepStatus::Failed {
+                failed = true;
+                self.failures.push(pb::StepFailure {
+                    migration_id: mig.id.to_string(),
+                    target: Some(pb::TargetRef {
+                        shard: target.shard.clone(),
+                        tenant: target.tenant.clone(),
+                    }),
+                    error: error.clone(),
+                });
+            }
+            if status.done() {
+                for i in 0..self.dependents[s].len() {
+                    let d = self.dependents[s][i];
+                    if !self.releases(s, d) {
+                        continue;
+                    }
+                    self.remaining[d] -= 1;
+                    if self.remaining[d] == 0 {
+                        let dt = self.steps[d].target;
+                        self.enqueue_if_ready(dt);
+                    }
+                }
+            }
+            if status == StepStatus::Pending {
+                self.enqueue_if_ready(self.steps[s].target);
+            }
+            let e = error.unwrap_or_default();
+            updates.push(StepUpdate {
+                migration_id: mig.id.to_string(),
+                shard: target.shard,
+                tenant: target.tenant,
+                state: status.state(),
+                sqlstate: e.sqlstate,
+                message: e.message,
+                phase: e.phase,
+                detail: e.detail,
+                duration_ms: r.map(|r| r.duration_ms as i64).unwrap_or(0),
+                run_id: Some(result.run_id as i64),
+            });
+            if status == StepStatus::Prepared {
+                prepared.push(s);
+            }
+        }
+        if let (Some(gid), false) = (gid, prepared.is_empty()) {
+            self.first_prepared
+                .get_or_insert_with(std::time::Instant::now);
+            if let Some(sr) = self.shards.get_mut(shard) {
+                sr.prepared.insert(gid, prepared);
+            }
+        }
+        (updates, failed)
+    }
+
+    pub(super) fn failed_target(&self, t: usize) -> bool {
+        self.per_target[t]
+            .iter()
+            .any(|&s| self.steps[s].status == StepStatus::Failed)
+    }
+
+    /// Records a shard's rollback reply; returns store updates.
+    pub fn apply_rollback_reply(
+        &mut self,
+        shard: &str,
+        reply: &pb::RollbackReply,
+    ) -> Vec<StepUpdate> {
+        let mut updates = Vec::new();
+        for rb in &reply.steps {
+            let s = self.step_of(&rb.migration_id, shard, &rb.tenant);
+            match (&rb.error, s) {
+                (Some(e), _) => {
+                    self.rollback_errors += 1;
+                    self.failures.push(pb::StepFailure {
+                        migration_id: rb.migration_id.clone(),
+                        target: Some(pb::TargetRef {
+                            shard: shard.into(),
+                            tenant: rb.tenant.clone(),
+                        }),
+                        error: Some(pb::StepError {
+                            phase: "down".into(),
+                            ..e.clone()
+                        }),
+                    });
+                    if let Some(s) = s {
+                        updates.push(self.update_of(s, Some(e)));
+                    }
+                }
+                (None, Some(s)) => {
+                    self.steps[s].status = StepStatus::RolledBack;
+                    updates.push(self.update_of(s, None));
+                }
+                (None, None) => {}
+            }
+        }
+        if let Some(sr) = self.shards.get_mut(shard) {
+            if reply.complete {
+                sr.rollback = RollbackState::Done;
+                // The agent finished every run of the plan before undoing it.
+                let lost: Vec<usize> = std::mem::take(&mut sr.outstanding)
+                    .into_values()
+                    .flatten()
+                    .collect();
+                for s in lost {
+                    if matches!(self.steps[s].status, StepStatus::Running(_)) {
+                        self.steps[s].status = StepStatus::NotRun;
+                        updates.push(self.update_of(s, None));
+                    }
+                }
+            } else {
+                // Something could not be undone: the operator has to look.
+                sr.rollback = RollbackState::Done;
+                self.rollback_errors = self.rollback_errors.max(1);
+            }
+        }
+        updates
+    }
+
+    /// A shard whose agent is gone past the grace: its runs in flight fail, so
+    /// the plan's policy decides (the journal still tells, when it returns,
+    /// what those runs really did).
+    pub fn fail_lost_shard(&mut self, shard: &str, reason: &str) -> (Vec<StepUpdate>, bool) {
+        let Some(sr) = self.shards.get_mut(shard) else {
+            return (Vec::new(), false);
+        };
+        let lost: Vec<usize> = std::mem::take(&mut sr.outstanding)
+            .into_values()
+            .flatten()
+            .collect();
+        let mut updates = Vec::new();
+        let error = pb::StepError {
+            sqlstate: String::new(),
+            message: reason.to_string(),
+            detail: String::new(),
+            phase: "agent".into(),
+        };
+        for s in &lost {
+            self.steps[*s].status = StepStatus::Failed;
+            let t = &self.targets[self.steps[*s].target];
+            self.failures.push(pb::StepFailure {
+                migration_id: self.spec.migrations[self.steps[*s].migration]
+                    .id
+                    .to_string(),
+                target: Some(pb::TargetRef {
+                    shard: t.shard.clone(),
+                    tenant: t.tenant.clone(),
+                }),
+                error: Some(error.clone()),
+            });
+            updates.push(self.update_of(*s, Some(&error)));
+        }
+        (updates, !lost.is_empty())
+    }
+}

@@ -1,0 +1,178 @@
+//! Which steps may go, and the runs each shard gets next: dependencies (a prepared step
+//! releases only its own unit's steps), lanes split over busy shards, and fusing a
+//! target's ready transactional steps into one shard transaction.
+use flotilla_proto::pb;
+use flotilla_proto::protocol::gid;
+
+use super::{PlanRun, PlanState, StepStatus};
+
+impl PlanRun {
+    /// Whether the finished dependency `d` lets `s` go: a prepared step lets
+    /// only steps of its own unit go (they ride in the same prepared transaction);
+    /// others wait for the commit.
+    pub(super) fn releases(&self, d: usize, s: usize) -> bool {
+        match self.steps[d].status {
+            StepStatus::Applied | StepStatus::AlreadyApplied => true,
+            StepStatus::Prepared => self.unit_of[d].is_some() && self.unit_of[d] == self.unit_of[s],
+            _ => false,
+        }
+    }
+
+    pub(super) fn recount_remaining(&mut self) {
+        self.remaining = (0..self.steps.len())
+            .map(|s| {
+                self.steps[s]
+                    .deps
+                    .iter()
+                    .filter(|&&d| !self.releases(d, s))
+                    .count()
+            })
+            .collect();
+    }
+
+    pub(super) fn enqueue_if_ready(&mut self, t: usize) {
+        let ready = self.per_target[t].iter().any(|&s| {
+            self.steps[s].status == StepStatus::Pending
+                && self.remaining[s] == 0
+                && !self.waits_for_unit(s)
+        });
+        let shard = &self.targets[t].shard;
+        if let Some(sr) = self.shards.get_mut(shard)
+            && ready
+            && sr.queued.insert(t)
+        {
+            sr.ready.push_back(t);
+        }
+    }
+
+    /// Shards that still have steps to finish, each with the lanes it may use:
+    /// `max_parallel` split over them, at least one each while there is room.
+    pub fn rebalance_lanes(&mut self, agent_lanes: &dyn Fn(&str) -> u32) {
+        let busy: Vec<String> = self
+            .shards
+            .iter()
+            .filter(|(_, sr)| {
+                sr.targets.iter().any(|&t| {
+                    self.per_target[t].iter().any(|&s| {
+                        matches!(
+                            self.steps[s].status,
+                            StepStatus::Pending | StepStatus::Running(_)
+                        )
+                    })
+                })
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let max = self.spec.max_parallel.max(1) as usize;
+        for sr in self.shards.values_mut() {
+            sr.lanes = 0;
+        }
+        let k = busy.len();
+        for (i, shard) in busy.iter().enumerate() {
+            let share = if max >= k {
+                max / k + usize::from(i < max % k)
+            } else {
+                usize::from(i < max)
+            };
+            let cap = agent_lanes(shard).max(1) as usize;
+            if let Some(sr) = self.shards.get_mut(shard) {
+                sr.lanes = share.min(cap) as u32;
+            }
+        }
+    }
+
+    /// Forms the next runs for a shard, up to its prefetch window.
+    pub fn next_runs(&mut self, shard: &str, next_run_id: &mut u64) -> Vec<pb::Run> {
+        if self.state != PlanState::Running || self.is_paused(shard) || self.unit_unverified {
+            return Vec::new();
+        }
+        let Some(sr) = self.shards.get(shard) else {
+            return Vec::new();
+        };
+        if sr.lanes == 0 {
+            return Vec::new();
+        }
+        let window = (sr.lanes as usize * 8).max(32);
+        let mut out = Vec::new();
+        loop {
+            let sr = self.shards.get_mut(shard).expect("shard exists");
+            if sr.outstanding.len() >= window {
+                break;
+            }
+            let Some(t) = sr.ready.pop_front() else { break };
+            sr.queued.remove(&t);
+            for steps in self.form_runs(t) {
+                let run_id = *next_run_id;
+                *next_run_id += 1;
+                let fused = steps.len() > 1;
+                for &s in &steps {
+                    self.steps[s].status = StepStatus::Running(run_id);
+                }
+                let prepare_gid = if steps
+                    .iter()
+                    .all(|&s| self.in_unit(s) && self.steps[s].transactional)
+                {
+                    gid::gid(&self.unit_key(), run_id, self.epoch, &self.targets[t])
+                } else {
+                    String::new()
+                };
+                if !prepare_gid.is_empty() {
+                    self.shards
+                        .get_mut(shard)
+                        .expect("shard")
+                        .gids
+                        .insert(run_id, prepare_gid.clone());
+                }
+                out.push(pb::Run {
+                    prepare_gid,
+                    run_id,
+                    tenant: self.targets[t].tenant.clone(),
+                    migrations: steps
+                        .iter()
+                        .map(|&s| self.spec.migrations[self.steps[s].migration].id.to_string())
+                        .collect(),
+                    fused,
+                });
+                self.shards
+                    .get_mut(shard)
+                    .expect("shard exists")
+                    .outstanding
+                    .insert(run_id, steps);
+            }
+        }
+        out
+    }
+
+    /// The runs a target can start now: its ready transactional steps fused into
+    /// one shard transaction (dependency order), others one run each.
+    pub(super) fn form_runs(&self, t: usize) -> Vec<Vec<usize>> {
+        let mut fused: Vec<usize> = Vec::new();
+        let mut singles: Vec<Vec<usize>> = Vec::new();
+        for &s in &self.per_target[t] {
+            let step = &self.steps[s];
+            if step.status != StepStatus::Pending {
+                continue;
+            }
+            // A step of a later atomic unit waits for the units before it to commit.
+            if self.waits_for_unit(s) {
+                continue;
+            }
+            let deps_ok = step
+                .deps
+                .iter()
+                .all(|&d| self.releases(d, s) || fused.contains(&d));
+            if !deps_ok {
+                continue;
+            }
+            if self.spec.fuse && step.transactional {
+                fused.push(s);
+            } else if self.remaining[s] == 0 {
+                singles.push(vec![s]);
+            }
+        }
+        if !fused.is_empty() {
+            singles.insert(0, fused);
+        }
+        singles
+    }
+}

@@ -1,0 +1,123 @@
+//! Halting a plan (or one shard of it) and deciding where it ends.
+use super::{PlanRun, PlanState, RollbackState, StepStatus};
+use crate::store::StepUpdate;
+
+impl PlanRun {
+    /// Stops scheduling: every step not started yet will not run.
+    /// Cancels one shard of the plan: its pending steps will not run (those in flight end at
+    /// their next batch boundary or when done).
+    pub fn halt_shard(&mut self, shard: &str) -> Vec<StepUpdate> {
+        self.cancelled.insert(shard.to_string());
+        let mut updates = Vec::new();
+        for s in 0..self.steps.len() {
+            if self.steps[s].status == StepStatus::Pending
+                && self.targets[self.steps[s].target].shard == shard
+            {
+                self.steps[s].status = StepStatus::NotRun;
+                updates.push(self.update_of(s, None));
+            }
+        }
+        if let Some(sr) = self.shards.get_mut(shard) {
+            sr.ready.clear();
+            sr.queued.clear();
+        }
+        updates
+    }
+
+    pub fn halt_pending(&mut self) -> Vec<StepUpdate> {
+        let mut updates = Vec::new();
+        for s in 0..self.steps.len() {
+            if self.steps[s].status == StepStatus::Pending {
+                self.steps[s].status = StepStatus::NotRun;
+                updates.push(self.update_of(s, None));
+            }
+        }
+        for sr in self.shards.values_mut() {
+            sr.ready.clear();
+            sr.queued.clear();
+        }
+        updates
+    }
+
+    /// Whether the plan reached its end; sets the final state when it did.
+    pub fn settle(&mut self) -> Option<Vec<StepUpdate>> {
+        match self.state {
+            PlanState::Running => {
+                if self.outstanding() > 0 || self.shards.values().any(|s| !s.ready.is_empty()) {
+                    return None;
+                }
+                // Prepared steps wait for the decision (the engine writes it).
+                if self.steps.iter().any(|s| s.status == StepStatus::Prepared) {
+                    return None;
+                }
+                let mut updates = Vec::new();
+                let any_failed = self.steps.iter().any(|s| s.status == StepStatus::Failed);
+                // Steps waiting on a failed one (continue policy) will never run.
+                for s in 0..self.steps.len() {
+                    if self.steps[s].status == StepStatus::Pending {
+                        self.steps[s].status = StepStatus::NotRun;
+                        updates.push(self.update_of(s, None));
+                    }
+                }
+                self.state = if any_failed {
+                    PlanState::Failed
+                } else if !self.cancelled.is_empty() {
+                    PlanState::Cancelled
+                } else {
+                    PlanState::Completed
+                };
+                if self.message.is_empty() {
+                    self.message = if any_failed {
+                        format!("{} step(s) failed", self.failures.len())
+                    } else {
+                        "every step applied".into()
+                    };
+                }
+                Some(updates)
+            }
+            // A group-atomic plan goes on after its unit commits (`advance_unit`).
+            PlanState::Committing if !self.spec.atomic => None,
+            PlanState::Committing => self.all_resolved().then(|| {
+                self.state = PlanState::Completed;
+                self.message = format!(
+                    "every step applied, committed atomically on {} shards ({})",
+                    self.shards.len(),
+                    self.window_report()
+                );
+                Vec::new()
+            }),
+            PlanState::Stopping => (self.outstanding() == 0).then(|| {
+                // an operator's cancel ends cancelled, a failure under `stop` failed
+                self.state = if self.rollback_ends == PlanState::Cancelled {
+                    PlanState::Cancelled
+                } else {
+                    PlanState::Failed
+                };
+                Vec::new()
+            }),
+            PlanState::RollingBack => {
+                if self
+                    .shards
+                    .values()
+                    .all(|s| s.rollback == RollbackState::Done)
+                {
+                    self.state = if self.rollback_errors > 0 {
+                        PlanState::RollbackFailed
+                    } else {
+                        self.rollback_ends
+                    };
+                    if self.rollback_errors > 0 {
+                        self.message = format!(
+                            "{}; rollback could not undo every step: see failures",
+                            self.message
+                        );
+                    }
+                    Some(Vec::new())
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Atomic units: an atomic plan is one unit, a plan with atomic parallel groups has one
+//! per group, committed in order. A unit's steps end in PREPARE on their shards; once all
+//! are prepared the engine writes the unit's decision in etcd and the shards resolve.
+use std::collections::BTreeSet;
+
+use flotilla_proto::pb;
+use flotilla_proto::protocol::{Decision, gid};
+
+use super::{PlanRun, PlanState, StepStatus};
+use crate::store::StepUpdate;
+
+impl PlanRun {
+    /// The atomic unit now in progress, if any is left.
+    pub fn current_unit(&self) -> Option<usize> {
+        self.units.get(self.unit_pos).copied()
+    }
+
+    /// The decision key of the current unit: the plan id for an atomic plan,
+    /// `<plan>.g<N>` for its atomic parallel group N (plan ids hold no dot).
+    pub fn unit_key(&self) -> String {
+        match self.current_unit() {
+            Some(g) if !self.spec.atomic => gid::group_unit(&self.id, g),
+            _ => self.id.clone(),
+        }
+    }
+
+    /// Whether step `s` belongs to the unit in progress.
+    pub fn in_unit(&self, s: usize) -> bool {
+        self.unit_of[s].is_some() && self.unit_of[s] == self.current_unit()
+    }
+
+    /// The steps of the unit in progress (none when no unit is left).
+    pub(super) fn unit_steps(&self) -> impl Iterator<Item = usize> + '_ {
+        let any = self.current_unit().is_some();
+        (0..self.steps.len()).filter(move |&s| any && self.in_unit(s))
+    }
+
+    /// A step of a later atomic unit: it waits until the units before it committed.
+    pub(super) fn waits_for_unit(&self, s: usize) -> bool {
+        self.unit_of[s].is_some() && !self.in_unit(s)
+    }
+
+    /// Every step of the current unit committed (or was there already).
+    pub(super) fn unit_committed(&self) -> bool {
+        self.unit_steps().all(|s| {
+            matches!(
+                self.steps[s].status,
+                StepStatus::Applied | StepStatus::AlreadyApplied
+            )
+        })
+    }
+
+    /// Whether a step of the current unit could have been handed out: one is past
+    /// pending, or one waits for nothing.
+    pub fn unit_reachable(&self) -> bool {
+        self.unit_steps()
+            .any(|s| self.steps[s].status != StepStatus::Pending || self.remaining[s] == 0)
+    }
+
+    /// Group-atomic plans: moves past a unit that committed (its decision resolved on
+    /// every shard, or nothing of it needed one) and lets the next steps go. Returns
+    /// the message to record when a unit was left behind.
+    pub fn advance_unit(&mut self) -> Option<String> {
+        if self.spec.atomic || self.current_unit().is_none() {
+            return None;
+        }
+        let decided = self.state == PlanState::Committing && self.all_resolved();
+        let clean = self.state == PlanState::Running && self.unit_committed();
+        if !decided && !clean {
+            return None;
+        }
+        let g = self.current_unit().expect("unit");
+        let message = if decided {
+            format!(
+                "parallel group {} committed atomically on {} shards ({})",
+                g + 1,
+                self.shards_of_unit(),
+                self.window_report()
+            )
+        } else {
+            format!(
+                "parallel group {}: nothing to prepare (already applied)",
+                g + 1
+            )
+        };
+        self.unit_pos += 1;
+        self.unit_unverified = self.inherited && self.current_unit().is_some();
+        self.state = PlanState::Running;
+        self.decision = None;
+        self.first_prepared = None;
+        for sr in self.shards.values_mut() {
+            sr.prepared.clear();
+            sr.resolved = false;
+            sr.resolve_sent_on = None;
+            sr.resolve_retry_at = None;
+        }
+        self.recount_remaining();
+        for t in 0..self.targets.len() {
+            self.enqueue_if_ready(t);
+        }
+        self.message = message.clone();
+        Some(message)
+    }
+
+    /// The window in which every shard held the unit's locks (first PREPARE to last
+    /// COMMIT PREPARED), recorded as a metric; unknown when the coordinator changed
+    /// during it (the new one never saw the first PREPARE).
+    pub(super) fn window_report(&self) -> String {
+        match self.first_prepared {
+            Some(t) => {
+                let window = t.elapsed();
+                crate::metrics::two_phase_window(window);
+                format!(
+                    "first PREPARE to last COMMIT PREPARED: {:.3}s",
+                    window.as_secs_f64()
+                )
+            }
+            None => "the prepare window is not known: the coordinator changed during it".into(),
+        }
+    }
+
+    pub(super) fn shards_of_unit(&self) -> usize {
+        self.unit_steps()
+            .map(|s| self.targets[self.steps[s].target].shard.as_str())
+            .collect::<BTreeSet<_>>()
+            .len()
+    }
+
+    /// Atomic plans: every step prepared or applied, nothing out, nothing failed.
+    pub fn ready_to_commit(&self) -> bool {
+        // "any prepared" also says the unit is not empty
+        self.state == PlanState::Running
+            && self.unit_steps().all(|s| self.steps[s].status.done())
+            && self
+                .unit_steps()
+                .any(|s| self.steps[s].status == StepStatus::Prepared)
+    }
+
+    /// The Resolve message for a shard's prepared transactions, if it has any left.
+    pub fn resolve_for(&self, shard: &str, decision: Decision) -> Option<pb::Resolve> {
+        let sr = self.shards.get(shard)?;
+        (!sr.prepared.is_empty() && !sr.resolved).then(|| pb::Resolve {
+            plan_id: self.id.clone(),
+            commit: decision.is_commit(),
+            epoch: self.epoch,
+            gids: sr.prepared.keys().cloned().collect(),
+        })
+    }
+
+    /// Records a shard's answer to a Resolve: its prepared steps are applied
+    /// (commit) or not run (abort).
+    pub fn apply_resolve_reply(
+        &mut self,
+        shard: &str,
+        reply: &pb::ResolveReply,
+    ) -> Vec<StepUpdate> {
+        let mut updates = Vec::new();
+        let Some(sr) = self.shards.get_mut(shard) else {
+            return updates;
+        };
+        let mut done_steps = Vec::new();
+        for gid in &reply.resolved {
+            if let Some(steps) = sr.prepared.remove(gid) {
+                done_steps.extend(steps);
+            }
+        }
+        let all_done = sr.prepared.is_empty();
+        if !all_done && !reply.failed.is_empty() {
+            // Not final (the shard's etcd member down, say): asked again a little later,
+            // on the engine's tick.
+            sr.resolve_sent_on = None;
+            sr.resolve_retry_at = Some(std::time::Instant::now() + RESOLVE_RETRY);
+        }
+        if all_done {
+            sr.resolved = true;
+            // After a takeover the gid -> steps mapping is gone: the shard's
+            // answer covers every prepared step on it, and every step whose PREPARED
+            // never reached the store (rebuilt pending: a decision is only written
+            // once every step is prepared or applied).
+            for s in 0..self.steps.len() {
+                if self.steps[s].status.open()
+                    && self.in_unit(s)
+                    && self.targets[self.steps[s].target].shard == shard
+                    && !done_steps.contains(&s)
+                {
+                    done_steps.push(s);
+                }
+            }
+        }
+        let status = if reply.commit {
+            StepStatus::Applied
+        } else {
+            StepStatus::NotRun
+        };
+        for s in done_steps {
+            self.steps[s].status = status;
+            updates.push(self.update_of(s, None));
+        }
+        if all_done {
+            // What failed on earlier attempts is resolved now.
+            self.failures.retain(|f| {
+                !(f.migration_id.is_empty()
+                    && f.target.as_ref().is_some_and(|t| t.shard == shard)
+                    && f.error
+                        .as_ref()
+                        .is_some_and(|e| e.message.starts_with(RESOLVE_FAILED)))
+            });
+        }
+        for f in &reply.failed {
+            let message = format!("{RESOLVE_FAILED}{f}");
+            let known = self.failures.iter().any(|x| {
+                x.target.as_ref().is_some_and(|t| t.shard == shard)
+                    && x.error.as_ref().is_some_and(|e| e.message == message)
+            });
+            if known {
+                continue;
+            }
+            self.failures.push(pb::StepFailure {
+                migration_id: String::new(),
+                target: Some(pb::TargetRef {
+                    shard: shard.to_string(),
+                    tenant: String::new(),
+                }),
+                error: Some(pb::StepError {
+                    sqlstate: String::new(),
+                    message,
+                    detail: String::new(),
+                    phase: if reply.commit {
+                        "commit".into()
+                    } else {
+                        "abort".into()
+                    },
+                }),
+            });
+        }
+        updates
+    }
+
+    /// Whether every shard confirmed the decision for its prepared transactions. A
+    /// shard with steps still open (prepared, or pending after a rebuild whose store
+    /// missed their PREPARED) has to be heard from first.
+    pub fn all_resolved(&self) -> bool {
+        self.shards
+            .iter()
+            .all(|(name, s)| s.resolved || (s.prepared.is_empty() && !self.shard_has_open(name)))
+    }
+
+    /// A shard with no prepared transaction of the plan left: under a commit
+    /// decision its unfinished steps committed, under abort they did not.
+    pub fn settle_shard_without_prepared(
+        &mut self,
+        shard: &str,
+        decision: Decision,
+    ) -> Vec<StepUpdate> {
+        let mut updates = Vec::new();
+        if let Some(sr) = self.shards.get_mut(shard) {
+            sr.resolved = true;
+        }
+        for s in 0..self.steps.len() {
+            if self.steps[s].status.open()
+                && self.in_unit(s)
+                && self.targets[self.steps[s].target].shard == shard
+            {
+                self.steps[s].status = if decision.is_commit() {
+                    StepStatus::Applied
+                } else {
+                    StepStatus::NotRun
+                };
+                updates.push(self.update_of(s, None));
+            }
+        }
+        updates
+    }
+
+    /// Whether a step on `shard` is not settled yet (prepared, pending or running).
+    pub fn shard_has_open(&self, shard: &str) -> bool {
+        (0..self.steps.len()).any(|s| {
+            self.steps[s].status.open()
+                && self.in_unit(s)
+                && self.targets[self.steps[s].target].shard == shard
+        })
+    }
+}
+
+/// How long after a failed Resolve a shard is asked again.
+const RESOLVE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How a failure to resolve a prepared transaction starts.
+const RESOLVE_FAILED: &str = "resolving a prepared transaction: ";

@@ -1,0 +1,181 @@
+//! Recovery: a new leader (or a restarted coordinator) rebuilds every unfinished plan
+//! from the control store and continues it; the agents' journals turn repeats into
+//! "already applied". An atomic unit that may have started continues under its decision
+//! in etcd, and with none this leader presumes abort (DESIGN invariants 3 and 4).
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use flotilla_proto::dag::MigrationGraph;
+use flotilla_proto::protocol::Decision;
+use flotilla_proto::state::{PlanState, StepState};
+use flotilla_proto::{PlanSpec, Target, pb};
+use prost::Message;
+use tracing::{info, warn};
+
+use crate::actor::Actor;
+use crate::engine::{CommandKind, Event};
+use crate::error::CoordinatorError;
+use crate::plan::{PlanRun, StepStatus};
+use crate::planner;
+use crate::service::Coordinator;
+use crate::store::{PlanRow, StoreError, StoreOp};
+
+impl Coordinator {
+    /// Rebuilds a stored plan in memory (to roll it back, or to resume it after a restart).
+    pub async fn rebuild(&self, row: &PlanRow) -> Result<PlanRun, CoordinatorError> {
+        let epoch = self.leader_epoch()?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            plan: row.id.clone(),
+            what: "spec",
+            reason,
+        };
+        let bytes = hex::decode(&row.spec_hex).map_err(|e| corrupt(e.to_string()))?;
+        let raw = pb::PlanSpec::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
+        let spec = PlanSpec::try_from(raw)?;
+        let scope = spec.default_scope.unwrap_or(flotilla_proto::Scope::Tenant);
+        let graph = MigrationGraph::build(&spec)?;
+        let rows = self.inner.store.steps(&row.id).await?;
+        let mut targets: Vec<Target> = Vec::new();
+        let mut target_ix: BTreeMap<(String, String), usize> = BTreeMap::new();
+        let mut exists: BTreeMap<(usize, usize), StepState> = BTreeMap::new();
+        let mig_ix: BTreeMap<String, usize> = spec
+            .migrations
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.to_string(), i))
+            .collect();
+        for r in &rows {
+            let t = *target_ix
+                .entry((r.shard.clone(), r.tenant.clone()))
+                .or_insert_with(|| {
+                    targets.push(Target {
+                        shard: r.shard.clone(),
+                        tenant: r.tenant.clone(),
+                    });
+                    targets.len() - 1
+                });
+            if let Some(&m) = mig_ix.get(&r.migration_id) {
+                exists.insert((m, t), r.state);
+            }
+        }
+        let steps = planner::plan_steps(&spec, &graph, &targets, scope, |m, t| {
+            exists.contains_key(&(m, t))
+        });
+        let statuses = steps
+            .iter()
+            .map(|s| StepStatus::from_stored(exists[&(s.migration, s.target)]))
+            .collect();
+        let spec = Arc::new(spec);
+        let mut run = PlanRun::new(
+            row.id.clone(),
+            spec.clone(),
+            self.definition(&row.id, &spec),
+            targets,
+            steps,
+            statuses,
+            row.created_at_ms,
+            epoch,
+        );
+        run.inherited = true;
+        Ok(run)
+    }
+
+    /// Plans left running by a previous coordinator: rebuilt and continued.
+    pub async fn resume_unfinished(&self) -> Result<usize, CoordinatorError> {
+        let epoch = self.leader_epoch()?;
+        let rows = self.inner.store.unfinished_plans().await?;
+        let mut n = 0;
+        for row in rows {
+            // Continued already by an earlier attempt in this term.
+            let id = row.id.clone();
+            if self
+                .to_engine(|reply| Event::Status { plan_id: id, reply })
+                .await?
+                .is_some()
+            {
+                continue;
+            }
+            n += 1;
+            let mut run = self.rebuild(&row).await?;
+            let shards: Vec<String> = run.shards.keys().cloned().collect();
+            // An atomic plan is open until it ends; a group-atomic one once its
+            // current unit could have started (a transaction of it may be prepared:
+            // running steps are not in the store, so the leader presumes they are).
+            let atomic_open = run.current_unit().is_some()
+                && (run.spec.atomic || run.unit_reachable() || row.state != PlanState::Running)
+                && matches!(
+                    row.state,
+                    PlanState::Running | PlanState::Committing | PlanState::Aborting
+                );
+            if atomic_open {
+                // The decision stands if one was written; with none, this leader
+                // presumes abort (the other leader may have died mid-prepare).
+                let unit_key = run.unit_key();
+                let d = match self.inner.coordination.decision(&unit_key).await? {
+                    Some(d) => d,
+                    None => {
+                        self.inner
+                            .coordination
+                            .decide(&unit_key, Decision::Abort, epoch)
+                            .await?
+                    }
+                };
+                crate::metrics::decision(d);
+                info!(plan = %row.id, unit = %unit_key, decision = d.as_str(), "resuming an atomic plan under its decision");
+                run.decision = Some(d);
+                run.state = if d == Decision::Commit {
+                    PlanState::Committing
+                } else {
+                    PlanState::Aborting
+                };
+                if d == Decision::Abort {
+                    run.message = format!(
+                        "{}; aborted after a change of coordinator (presumed abort)",
+                        row.message
+                    )
+                    .trim_start_matches("; ")
+                    .to_string();
+                    // Stored too, or the plan's status would show them pending for good.
+                    let updates = run.halt_pending();
+                    self.write(StoreOp::Steps {
+                        plan_id: row.id.clone(),
+                        updates,
+                    });
+                }
+                self.to_engine(|done| Event::Start {
+                    run: Box::new(run),
+                    done,
+                })
+                .await?;
+            } else if row.state != PlanState::Running {
+                // It was undoing: undo again; the journal makes that harmless.
+                run.state = PlanState::Completed;
+                run.message = row.message.clone();
+                let id = row.id.clone();
+                let resumed = self
+                    .to_engine(|reply| Event::Command {
+                        plan_id: id,
+                        kind: CommandKind::Rollback,
+                        actor: Actor::new("coordinator", "resuming a rollback after restart"),
+                        revive: Some(Box::new(run)),
+                        reply,
+                    })
+                    .await?;
+                if let Err(e) = resumed {
+                    warn!(plan = %row.id, "cannot resume its rollback: {e}");
+                }
+            } else {
+                info!(plan = %row.id, "resuming plan left running");
+                self.to_engine(|done| Event::Start {
+                    run: Box::new(run),
+                    done,
+                })
+                .await?;
+            }
+            // A new leader re-takes the plan's locks (adopting its lease) before
+            // anything is sent for it.
+            self.take_locks(row.id.clone(), shards, epoch);
+        }
+        Ok(n)
+    }
+}

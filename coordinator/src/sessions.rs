@@ -1,0 +1,165 @@
+//! Agent sessions: an agent's stream registered with the fleet and the engine, the
+//! coordinator's side of the heartbeat, and the agent's messages routed to where they
+//! are handled. Only the leader takes agents.
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_proto::pb;
+use flotilla_proto::pb::agent_message::Body;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::engine::{Event, msg};
+use crate::error::CoordinatorError;
+use crate::fleet::AttachedAgent;
+use crate::service::Coordinator;
+use crate::store::{StoreOp, now_ms};
+
+/// How often each side says it is alive; three missed and the agent counts as gone.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Sized for bursts of assignments; what does not fit waits in the engine's backlog.
+const STREAM_CAPACITY: usize = 4096;
+
+fn tenants_json(tenants: &[pb::Tenant]) -> String {
+    let v: Vec<(String, BTreeMap<String, String>)> = tenants
+        .iter()
+        .map(|t| (t.name.clone(), t.labels.clone().into_iter().collect()))
+        .collect();
+    serde_json::to_string(&v).unwrap_or_else(|_| "[]".into())
+}
+
+impl Coordinator {
+    /// Opens the session of an agent that said `hello` (already validated): returns the
+    /// stream of messages to it; `inbound` (its messages after Hello, or why its stream
+    /// failed) is read until it ends or misses three heartbeats.
+    pub async fn open_session(
+        &self,
+        hello: pb::Hello,
+        inbound: impl Stream<Item = Result<pb::AgentMessage, String>> + Send + Unpin + 'static,
+    ) -> Result<mpsc::Receiver<pb::CoordinatorMessage>, CoordinatorError> {
+        // Only the leader assigns work: a follower sends the agent on, naming the leader.
+        let epoch = self.leader_epoch()?;
+        let shard = hello.shard.clone();
+        let inner = &self.inner;
+        let conn_id = inner.fleet.next_conn_id();
+        let (tx, rx) = mpsc::channel::<pb::CoordinatorMessage>(STREAM_CAPACITY);
+        let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
+        inner.fleet.attach(
+            &shard,
+            AttachedAgent {
+                conn_id,
+                tx: tx.clone(),
+                labels: labels.clone(),
+                tenants: hello.tenants.clone(),
+                version: hello.version.clone(),
+                last_seen_ms: now_ms(),
+            },
+        );
+        self.write(StoreOp::Agent {
+            shard: shard.clone(),
+            labels: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
+            tenants: tenants_json(&hello.tenants),
+            version: hello.version.clone(),
+        });
+        // The channel is new and empty: the Welcome always fits.
+        let _ = tx
+            .send(msg(pb::coordinator_message::Body::Welcome(pb::Welcome {
+                epoch,
+                heartbeat_interval_ms: HEARTBEAT.as_millis() as u64,
+            })))
+            .await;
+        info!(shard = %shard, tenants = hello.tenants.len(), "agent attached");
+        if let Some(e) = &inner.embedded {
+            e.set_live(&shard, true);
+        }
+        spawn_heartbeat(tx.downgrade());
+        self.event(Event::Attached {
+            shard: shard.clone(),
+            conn_id,
+            tx,
+            max_lanes: hello.max_lanes,
+            in_doubt: hello.in_doubt.clone(),
+        })
+        .await;
+        let me = self.clone();
+        tokio::spawn(async move { me.read_session(shard, conn_id, inbound).await });
+        Ok(rx)
+    }
+
+    /// Routes an agent's messages until its stream ends, then lets it go.
+    async fn read_session(
+        &self,
+        shard: String,
+        conn_id: u64,
+        mut inbound: impl Stream<Item = Result<pb::AgentMessage, String>> + Unpin,
+    ) {
+        let inner = &self.inner;
+        loop {
+            let next = tokio::time::timeout(HEARTBEAT * 3, inbound.next()).await;
+            let m = match next {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => {
+                    warn!(shard = %shard, "agent stream error: {e}");
+                    break;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(shard = %shard, "agent missed its heartbeats");
+                    break;
+                }
+            };
+            inner.fleet.touch(&shard, conn_id, now_ms());
+            let shard = shard.clone();
+            let event = match m.body {
+                Some(Body::Heartbeat(hb)) if !hb.data.is_empty() => Event::Progress {
+                    shard,
+                    data: hb.data,
+                },
+                Some(Body::Heartbeat(_) | Body::Hello(_)) | None => continue,
+                Some(Body::Results(results)) => Event::Results { shard, results },
+                Some(Body::Preflight(reply)) => {
+                    inner.fleet.complete_preflight(reply);
+                    continue;
+                }
+                Some(Body::Resolve(reply)) => Event::ResolveReply { shard, reply },
+                Some(Body::Rollback(reply)) => Event::RollbackReply { shard, reply },
+            };
+            self.event(event).await;
+        }
+        if inner.fleet.detach(&shard, conn_id) {
+            info!(shard = %shard, "agent detached");
+            if let Some(e) = &inner.embedded {
+                e.set_live(&shard, false);
+            }
+        }
+        self.event(Event::Detached { shard, conn_id }).await;
+    }
+
+    /// Hands the engine an event; an engine gone is a coordinator shutting down.
+    pub(crate) async fn event(&self, event: Event) {
+        if self.inner.events.send(event).await.is_err() {
+            warn!("the engine has stopped; an agent's message is dropped");
+        }
+    }
+}
+
+/// The coordinator's side of the heartbeat. It holds the stream weakly: when the fleet
+/// and the engine let the agent go, the stream ends.
+fn spawn_heartbeat(beat: mpsc::WeakSender<pb::CoordinatorMessage>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(HEARTBEAT);
+        loop {
+            every.tick().await;
+            let m = msg(pb::coordinator_message::Body::Heartbeat(pb::Heartbeat {
+                data: Vec::new(),
+                sent_at_ms: now_ms() as u64,
+            }));
+            let Some(beat) = beat.upgrade() else { return };
+            if beat.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+}

@@ -1,0 +1,312 @@
+//! The control store: plans, steps, attempts, agents and the audit trail, through
+//! sqlx's `Any` driver so the same SQL runs on the embedded SQLite file and on
+//! PostgreSQL (`--store postgres://...`). Its own schema is migrated at start.
+//!
+//! The store is the coordinator's memory, not the truth about shards: after any
+//! doubt the agents' journals win (DESIGN invariant 1).
+//!
+//! - [`schema`]: the tables; [`rows`]: typed rows and the writes the engine asks for;
+//! - [`writer`]: the batched writer task; this module: opening and the queries.
+mod rows;
+mod schema;
+mod writer;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use flotilla_proto::pb;
+use flotilla_proto::state::PlanState;
+use prost::Message;
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Row};
+
+pub use rows::{AgentRow, Audit, PlanRow, StepRow, StepUpdate, StoreOp};
+use schema::{SCHEMA, SCHEMA_VERSION};
+pub use writer::run_writer;
+
+/// The control store's errors: the store is unreadable or unwritable, or holds what
+/// this coordinator cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open {location}: {source}")]
+    Open {
+        /// The location with any password hidden.
+        location: String,
+        source: sqlx::Error,
+    },
+    #[error("{0}")]
+    Sql(#[from] sqlx::Error),
+    #[error(
+        "control store schema version {found} is newer than this coordinator's ({SCHEMA_VERSION})"
+    )]
+    NewerSchema { found: i64 },
+    /// A row this coordinator cannot read back (written by a newer one, or damaged).
+    #[error("plan {plan}: stored {what} is unreadable: {reason}")]
+    Corrupt {
+        plan: String,
+        what: &'static str,
+        reason: String,
+    },
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    is_pg: bool,
+}
+
+impl Store {
+    /// Opens the store: a PostgreSQL URL, or a SQLite file path / `sqlite://` URL.
+    pub async fn open(location: &str) -> Result<Store, StoreError> {
+        install_default_drivers();
+        let is_pg = location.starts_with("postgres://") || location.starts_with("postgresql://");
+        let url = if is_pg || location.starts_with("sqlite:") {
+            location.to_string()
+        } else {
+            format!("sqlite://{location}?mode=rwc")
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if is_pg { 8 } else { 4 })
+            .connect(&url)
+            .await
+            .map_err(|source| StoreError::Open {
+                location: flotilla_proto::secrets::redact_url(&url),
+                source,
+            })?;
+        if !is_pg {
+            // WAL lets status reads run beside the writer; NORMAL keeps commits cheap
+            // (the shard journal, not this file, is the truth about what is applied).
+            for pragma in ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL"] {
+                sqlx::query(pragma)
+                    .execute(&pool)
+                    .await
+                    .map_err(StoreError::from)?;
+            }
+        }
+        let store = Store { pool, is_pg };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        if self.is_pg {
+            // Coordinators of one HA group start together on one store: one
+            // migrates, the others wait (CREATE ... IF NOT EXISTS is not safe
+            // against a concurrent CREATE).
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('flotilla.control-store'))")
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+        }
+        for ddl in SCHEMA {
+            sqlx::query(*ddl)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+        }
+        let found: Option<String> =
+            sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'schema_version'")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::from)?
+                .map(|r| r.get(0));
+        match found.and_then(|v| v.parse::<i64>().ok()) {
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(StoreError::NewerSchema { found: v });
+            }
+            Some(_) => {}
+            None => {
+                sqlx::query("INSERT INTO flotilla_meta (key, value) VALUES ('schema_version', $1)")
+                    .bind(SCHEMA_VERSION.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+            }
+        }
+        tx.commit().await.map_err(StoreError::from)
+    }
+
+    /// The embedded coordination backend's epoch: one more than any before it.
+    pub async fn next_epoch(&self) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let cur: Option<String> =
+            sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'epoch'")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::from)?
+                .map(|r| r.get(0));
+        let next = cur.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
+        sqlx::query(
+            "INSERT INTO flotilla_meta (key, value) VALUES ('epoch', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(next.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(next)
+    }
+
+    pub async fn plan(&self, id: &str) -> Result<Option<PlanRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
+                created_at_ms, updated_at_ms, targets, steps FROM plans WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        row.map(|r| plan_row(&r)).transpose()
+    }
+
+    pub async fn plans(&self, limit: i64) -> Result<Vec<PlanRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
+                created_at_ms, updated_at_ms, targets, steps FROM plans
+             ORDER BY created_at_ms DESC, id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        rows.iter().map(plan_row).collect()
+    }
+
+    /// Plans that were running (or rolling back) when the coordinator stopped.
+    pub async fn unfinished_plans(&self) -> Result<Vec<PlanRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
+                created_at_ms, updated_at_ms, targets, steps FROM plans
+             WHERE state NOT IN ($1, $2, $3, $4, $5)
+             ORDER BY created_at_ms",
+        )
+        .bind(PlanState::Completed.as_str())
+        .bind(PlanState::Failed.as_str())
+        .bind(PlanState::RolledBack.as_str())
+        .bind(PlanState::RollbackFailed.as_str())
+        .bind(PlanState::Cancelled.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        rows.iter().map(plan_row).collect()
+    }
+
+    /// The last progress of a finished plan's data changes.
+    pub async fn data_progress(&self, plan_id: &str) -> Result<Vec<pb::DataProgress>, StoreError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT progress_hex FROM data_progress WHERE plan_id = $1 \
+             ORDER BY migration_id, shard, tenant",
+        )
+        .bind(plan_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(h,)| hex::decode(h).ok())
+            .filter_map(|b| pb::DataProgress::decode(b.as_slice()).ok())
+            .collect())
+    }
+
+    pub async fn steps(&self, plan_id: &str) -> Result<Vec<StepRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT migration_id, shard, tenant, state, sqlstate, message, phase, detail FROM steps
+             WHERE plan_id = $1 ORDER BY shard, tenant, migration_id",
+        )
+        .bind(plan_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        rows.iter()
+            .map(|r| {
+                Ok(StepRow {
+                    migration_id: r.get(0),
+                    shard: r.get(1),
+                    tenant: r.get(2),
+                    state: stored_state(r.get(3), plan_id)?,
+                    sqlstate: r.get(4),
+                    message: r.get(5),
+                    phase: r.get(6),
+                    detail: r.get(7),
+                })
+            })
+            .collect()
+    }
+
+    /// Agents seen before.
+    pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT shard, labels, tenants, version, last_seen_ms FROM agents ORDER BY shard",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AgentRow {
+                shard: r.get(0),
+                labels: r.get(1),
+                tenants: r.get(2),
+                version: r.get(3),
+                last_seen_ms: r.get(4),
+            })
+            .collect())
+    }
+
+    pub async fn audit(
+        &self,
+        plan_id: &str,
+    ) -> Result<Vec<(i64, String, String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT at_ms, actor, action, detail FROM audit WHERE plan_id = $1 ORDER BY at_ms, id",
+        )
+        .bind(plan_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+}
+
+fn plan_row(r: &sqlx::any::AnyRow) -> Result<PlanRow, StoreError> {
+    let id: String = r.get(0);
+    Ok(PlanRow {
+        state: stored_state(r.get(3), &id)?,
+        id,
+        name: r.get(1),
+        environment: r.get(2),
+        policy: r.get(4),
+        spec_hex: r.get(5),
+        epoch: r.get(6),
+        message: r.get(7),
+        submitted_by: r.get(8),
+        created_at_ms: r.get(9),
+        updated_at_ms: r.get(10),
+        targets: r.get(11),
+        steps: r.get(12),
+    })
+}
+
+/// A state string read back from the store (plan or step), or why it cannot be.
+fn stored_state<S>(value: String, plan_id: &str) -> Result<S, StoreError>
+where
+    S: std::str::FromStr<Err = flotilla_proto::state::UnknownState>,
+{
+    value.parse().map_err(
+        |e: flotilla_proto::state::UnknownState| StoreError::Corrupt {
+            plan: plan_id.to_string(),
+            what: "state",
+            reason: e.to_string(),
+        },
+    )
+}

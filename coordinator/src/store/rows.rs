@@ -1,0 +1,121 @@
+//! Typed rows of the control store and the writes the engine asks for.
+use std::collections::BTreeMap;
+
+use flotilla_proto::pb;
+use flotilla_proto::state::{PlanState, StepState};
+
+#[derive(Debug, Clone)]
+pub struct PlanRow {
+    pub id: String,
+    pub name: String,
+    pub environment: String,
+    pub state: PlanState,
+    pub policy: String,
+    pub spec_hex: String,
+    pub epoch: i64,
+    pub message: String,
+    pub submitted_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub targets: i64,
+    pub steps: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepRow {
+    pub migration_id: String,
+    pub shard: String,
+    pub tenant: String,
+    pub state: StepState,
+    pub sqlstate: String,
+    pub message: String,
+    pub phase: String,
+    pub detail: String,
+}
+
+/// One write the engine asks for; the writer applies them in order, many per transaction.
+#[derive(Debug)]
+pub enum StoreOp {
+    InsertPlan {
+        plan: PlanRow,
+        steps: Vec<StepRow>,
+    },
+    PlanState {
+        plan_id: String,
+        state: PlanState,
+        message: String,
+    },
+    Steps {
+        plan_id: String,
+        updates: Vec<StepUpdate>,
+    },
+    Audit(Audit),
+    Agent {
+        shard: String,
+        labels: String,
+        tenants: String,
+        version: String,
+    },
+    /// The last progress of a plan's data changes, kept for its status once it finished.
+    DataProgress {
+        plan_id: String,
+        entries: Vec<pb::DataProgress>,
+    },
+    /// Answered once every op before it is applied.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+#[derive(Debug, Clone)]
+pub struct StepUpdate {
+    pub migration_id: String,
+    pub shard: String,
+    pub tenant: String,
+    pub state: StepState,
+    pub sqlstate: String,
+    pub message: String,
+    pub phase: String,
+    pub detail: String,
+    pub duration_ms: i64,
+    /// Set when the update is the outcome of an attempt (a run came back).
+    pub run_id: Option<i64>,
+}
+
+/// One entry of the audit trail: who did what to which plan.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub actor: String,
+    /// `submit`, `cancel`, `rollback`, `pause`, `resume`, `break-lock`.
+    pub action: &'static str,
+    pub plan_id: String,
+    pub detail: String,
+}
+
+/// An agent seen before, as the store remembers it.
+#[derive(Debug, Clone)]
+pub struct AgentRow {
+    pub shard: String,
+    /// Labels as JSON (`{"k": "v"}`).
+    pub labels: String,
+    /// Tenants as JSON (`[["name", {"k": "v"}]]`).
+    pub tenants: String,
+    pub version: String,
+    pub last_seen_ms: i64,
+}
+
+impl AgentRow {
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        serde_json::from_str(&self.labels).unwrap_or_default()
+    }
+
+    pub fn tenants(&self) -> Vec<(String, BTreeMap<String, String>)> {
+        serde_json::from_str(&self.tenants).unwrap_or_default()
+    }
+
+    /// What the planner needs of the shard.
+    pub fn view(&self) -> crate::planner::ShardView {
+        crate::planner::ShardView {
+            labels: self.labels(),
+            tenants: self.tenants(),
+        }
+    }
+}

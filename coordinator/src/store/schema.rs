@@ -1,0 +1,32 @@
+//! The control store's tables (created at start; `schema_version` in `flotilla_meta`).
+pub(super) const SCHEMA_VERSION: i64 = 1;
+
+pub(super) const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS flotilla_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS plans (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, environment TEXT NOT NULL, state TEXT NOT NULL,
+        policy TEXT NOT NULL, spec_hex TEXT NOT NULL, epoch BIGINT NOT NULL, message TEXT NOT NULL,
+        submitted_by TEXT NOT NULL, created_at_ms BIGINT NOT NULL, updated_at_ms BIGINT NOT NULL,
+        targets BIGINT NOT NULL, steps BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS steps (
+        plan_id TEXT NOT NULL, migration_id TEXT NOT NULL, shard TEXT NOT NULL, tenant TEXT NOT NULL,
+        state TEXT NOT NULL, attempts BIGINT NOT NULL, sqlstate TEXT NOT NULL, message TEXT NOT NULL,
+        duration_ms BIGINT NOT NULL, updated_at_ms BIGINT NOT NULL,
+        phase TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (plan_id, migration_id, shard, tenant))",
+    "CREATE TABLE IF NOT EXISTS attempts (
+        plan_id TEXT NOT NULL, migration_id TEXT NOT NULL, shard TEXT NOT NULL, tenant TEXT NOT NULL,
+        run_id BIGINT NOT NULL, outcome TEXT NOT NULL, sqlstate TEXT NOT NULL, message TEXT NOT NULL,
+        duration_ms BIGINT NOT NULL, at_ms BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS attempts_by_step ON attempts (plan_id, migration_id, shard, tenant)",
+    "CREATE TABLE IF NOT EXISTS audit (
+        id TEXT PRIMARY KEY, at_ms BIGINT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        plan_id TEXT NOT NULL, detail TEXT NOT NULL)",
+    // the last progress of each data change of a finished plan (pb::DataProgress, hex)
+    "CREATE TABLE IF NOT EXISTS data_progress (
+        plan_id TEXT NOT NULL, migration_id TEXT NOT NULL, shard TEXT NOT NULL, tenant TEXT NOT NULL,
+        progress_hex TEXT NOT NULL, PRIMARY KEY (plan_id, migration_id, shard, tenant))",
+    "CREATE TABLE IF NOT EXISTS agents (
+        shard TEXT PRIMARY KEY, labels TEXT NOT NULL, tenants TEXT NOT NULL, version TEXT NOT NULL,
+        last_seen_ms BIGINT NOT NULL)",
+];

@@ -1,0 +1,290 @@
+//! The store writer: one task applies the engine's writes in order, many to a
+//! transaction, off the engine's path.
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tracing::error;
+
+use super::{Audit, StepUpdate, Store, StoreError, StoreOp, now_ms};
+
+/// Writes store ops in order, many to a transaction, off the engine's path.
+/// Step updates wait up to 50 ms for company: during a rollout they arrive in
+/// hundreds of small batches a second, and one commit each would make the store
+/// the busiest thing on the machine. A flush (someone waits on it) goes at once.
+pub async fn run_writer(store: Store, mut rx: mpsc::UnboundedReceiver<StoreOp>) {
+    const WINDOW: Duration = Duration::from_millis(50);
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + WINDOW;
+        while batch.len() < 1024 && !matches!(batch.last(), Some(StoreOp::Flush(_))) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(op)) => batch.push(op),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if let Err(e) = store.apply(batch).await {
+            // The shard journals hold the truth; a lost status write is repaired
+            // when the plan is rebuilt from them.
+            error!("control store write failed: {e}");
+        }
+    }
+}
+
+impl Store {
+    /// Applies ops in one transaction (answers flushes after it commits).
+    pub async fn apply(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
+        let mut flushes = Vec::new();
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        for op in ops {
+            match op {
+                StoreOp::Flush(done) => flushes.push(done),
+                StoreOp::InsertPlan { plan, steps } => {
+                    sqlx::query(
+                        "INSERT INTO plans (id, name, environment, state, policy, spec_hex, epoch, message,
+                            submitted_by, created_at_ms, updated_at_ms, targets, steps)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                    )
+                    .bind(&plan.id)
+                    .bind(&plan.name)
+                    .bind(&plan.environment)
+                    .bind(plan.state.as_str())
+                    .bind(&plan.policy)
+                    .bind(&plan.spec_hex)
+                    .bind(plan.epoch)
+                    .bind(&plan.message)
+                    .bind(&plan.submitted_by)
+                    .bind(plan.created_at_ms)
+                    .bind(plan.updated_at_ms)
+                    .bind(plan.targets)
+                    .bind(plan.steps)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                    let now = now_ms();
+                    for chunk in steps.chunks(100) {
+                        let mut sql = String::from(
+                            "INSERT INTO steps (plan_id, migration_id, shard, tenant, state, attempts, sqlstate,
+                                message, duration_ms, updated_at_ms) VALUES ",
+                        );
+                        for i in 0..chunk.len() {
+                            let b = i * 7;
+                            if i > 0 {
+                                sql.push(',');
+                            }
+                            sql.push_str(&format!(
+                                "(${}, ${}, ${}, ${}, ${}, 0, ${}, ${}, 0, ${})",
+                                b + 1,
+                                b + 2,
+                                b + 3,
+                                b + 4,
+                                b + 5,
+                                b + 6,
+                                b + 7,
+                                // every row shares the timestamp, bound last
+                                chunk.len() * 7 + 1
+                            ));
+                        }
+                        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for s in chunk {
+                            q = q
+                                .bind(plan.id.clone())
+                                .bind(s.migration_id.clone())
+                                .bind(s.shard.clone())
+                                .bind(s.tenant.clone())
+                                .bind(s.state.as_str())
+                                .bind(s.sqlstate.clone())
+                                .bind(s.message.clone());
+                        }
+                        q.bind(now)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::from)?;
+                    }
+                }
+                StoreOp::PlanState {
+                    plan_id,
+                    state,
+                    message,
+                } => {
+                    sqlx::query(
+                        "UPDATE plans SET state = $1, message = $2, updated_at_ms = $3 WHERE id = $4",
+                    )
+                    .bind(state.as_str())
+                    .bind(message)
+                    .bind(now_ms())
+                    .bind(plan_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                }
+                StoreOp::Steps { plan_id, updates } => {
+                    write_steps(&mut tx, &plan_id, updates).await?;
+                }
+                StoreOp::Audit(Audit {
+                    actor,
+                    action,
+                    plan_id,
+                    detail,
+                }) => {
+                    sqlx::query(
+                        "INSERT INTO audit (id, at_ms, actor, action, plan_id, detail)
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(uuid::Uuid::now_v7().to_string())
+                    .bind(now_ms())
+                    .bind(actor)
+                    .bind(action)
+                    .bind(plan_id)
+                    .bind(detail)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                }
+                StoreOp::DataProgress { plan_id, entries } => {
+                    for p in entries {
+                        sqlx::query(
+                            "INSERT INTO data_progress (plan_id, migration_id, shard, tenant, progress_hex)
+                             VALUES ($1, $2, $3, $4, $5)
+                             ON CONFLICT (plan_id, migration_id, shard, tenant)
+                             DO UPDATE SET progress_hex = excluded.progress_hex",
+                        )
+                        .bind(&plan_id)
+                        .bind(&p.migration_id)
+                        .bind(&p.shard)
+                        .bind(&p.tenant)
+                        .bind(hex::encode(p.encode_to_vec()))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
+                    }
+                }
+                StoreOp::Agent {
+                    shard,
+                    labels,
+                    tenants,
+                    version,
+                } => {
+                    sqlx::query(
+                        "INSERT INTO agents (shard, labels, tenants, version, last_seen_ms)
+                         VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (shard) DO UPDATE SET labels = excluded.labels,
+                            tenants = excluded.tenants, version = excluded.version,
+                            last_seen_ms = excluded.last_seen_ms",
+                    )
+                    .bind(shard)
+                    .bind(labels)
+                    .bind(tenants)
+                    .bind(version)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                }
+            }
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        for done in flushes {
+            let _ = done.send(());
+        }
+        Ok(())
+    }
+}
+
+/// `($1, ..., $n), (...)` for `rows` rows of `cols` parameters.
+fn values_list(rows: usize, cols: usize) -> String {
+    let mut sql = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..cols {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", r * cols + c + 1));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Step updates and their attempts, many rows per statement: a rollout of
+/// 1,000 tenants reports thousands of steps, and a statement per row would make
+/// the store, not the shards, the slow part.
+async fn write_steps(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    plan_id: &str,
+    updates: Vec<StepUpdate>,
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    // One row per step in a statement (an upsert may not touch a row twice):
+    // the last update wins, attempts add up.
+    let mut merged: Vec<(StepUpdate, i64)> = Vec::with_capacity(updates.len());
+    let mut at: std::collections::HashMap<(String, String, String), usize> = Default::default();
+    for u in &updates {
+        let tries = i64::from(u.run_id.is_some());
+        let key = (u.migration_id.clone(), u.shard.clone(), u.tenant.clone());
+        match at.get(&key) {
+            Some(&i) => {
+                let n = merged[i].1 + tries;
+                merged[i] = (u.clone(), n);
+            }
+            None => {
+                at.insert(key, merged.len());
+                merged.push((u.clone(), tries));
+            }
+        }
+    }
+    for chunk in merged.chunks(64) {
+        let sql = format!(
+            "INSERT INTO steps (plan_id, migration_id, shard, tenant, state, attempts, sqlstate, message,
+                duration_ms, updated_at_ms, phase, detail) VALUES {}
+             ON CONFLICT (plan_id, migration_id, shard, tenant) DO UPDATE SET
+                state = excluded.state, attempts = steps.attempts + excluded.attempts,
+                sqlstate = excluded.sqlstate, message = excluded.message,
+                duration_ms = excluded.duration_ms, updated_at_ms = excluded.updated_at_ms,
+                phase = excluded.phase, detail = excluded.detail",
+            values_list(chunk.len(), 12)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (u, tries) in chunk {
+            q = q
+                .bind(plan_id.to_string())
+                .bind(u.migration_id.clone())
+                .bind(u.shard.clone())
+                .bind(u.tenant.clone())
+                .bind(u.state.as_str())
+                .bind(*tries)
+                .bind(u.sqlstate.clone())
+                .bind(u.message.clone())
+                .bind(u.duration_ms)
+                .bind(now)
+                .bind(u.phase.clone())
+                .bind(u.detail.clone());
+        }
+        q.execute(&mut **tx).await.map_err(StoreError::from)?;
+    }
+    let attempts: Vec<&StepUpdate> = updates.iter().filter(|u| u.run_id.is_some()).collect();
+    for chunk in attempts.chunks(64) {
+        let sql = format!(
+            "INSERT INTO attempts (plan_id, migration_id, shard, tenant, run_id, outcome, sqlstate,
+                message, duration_ms, at_ms) VALUES {}",
+            values_list(chunk.len(), 10)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for u in chunk {
+            q = q
+                .bind(plan_id.to_string())
+                .bind(u.migration_id.clone())
+                .bind(u.shard.clone())
+                .bind(u.tenant.clone())
+                .bind(u.run_id.unwrap_or_default())
+                .bind(u.state.as_str())
+                .bind(u.sqlstate.clone())
+                .bind(u.message.clone())
+                .bind(u.duration_ms)
+                .bind(now);
+        }
+        q.execute(&mut **tx).await.map_err(StoreError::from)?;
+    }
+    Ok(())
+}
