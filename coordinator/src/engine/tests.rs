@@ -1,1 +1,165 @@
+//! The engine against a fake agent stream (a channel), with the embedded coordination
+//! backend: what reaches an agent, and in which order.
+use std::sync::Arc;
+use std::time::Duration;
 
+use flotilla_proto::pb;
+use flotilla_proto::pb::coordinator_message::Body;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::{Engine, Event};
+use crate::coordination::EmbeddedCoordination;
+use crate::plan::tests::plan_of;
+use crate::store::StoreOp;
+
+/// An engine leading under epoch 1, its store writes answered and dropped.
+fn engine() -> mpsc::Sender<Event> {
+    let (store, mut writes) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(op) = writes.recv().await {
+            if let StoreOp::Flush(done) = op {
+                let _ = done.send(());
+            }
+        }
+    });
+    let (changes, _) = broadcast::channel(16);
+    let engine = Engine::new(
+        Arc::new(EmbeddedCoordination::new(1)),
+        Duration::from_secs(30),
+        store,
+        changes,
+    );
+    let (events, rx) = mpsc::channel(64);
+    tokio::spawn(engine.run(rx));
+    events
+}
+
+async fn next_message(rx: &mut mpsc::Receiver<pb::CoordinatorMessage>) -> Body {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a message for the agent within 5s")
+        .expect("the stream is open")
+        .body
+        .expect("a body")
+}
+
+/// An agent whose stream is full when the plan starts (a burst, a slow reader): the
+/// definition and the runs wait and reach it in order once it reads again. Before, both
+/// were dropped, the definition was marked as sent anyway, and the runs went only after
+/// a reconnect: the plan stalled.
+#[tokio::test]
+async fn what_a_full_stream_cannot_take_reaches_the_agent_in_order_when_it_reads() {
+    let events = engine();
+    let (tx, mut rx) = mpsc::channel(1);
+    // The stream is full before the plan starts.
+    tx.try_send(pb::CoordinatorMessage {
+        body: Some(Body::Heartbeat(pb::Heartbeat::default())),
+    })
+    .expect("room for one");
+    events
+        .send(Event::Attached {
+            shard: "s0".into(),
+            conn_id: 1,
+            tx: tx.clone(),
+            max_lanes: 4,
+            in_doubt: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s0", "t2")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    let (done, started) = oneshot::channel();
+    events
+        .send(Event::Start {
+            run: Box::new(run),
+            done,
+        })
+        .await
+        .unwrap();
+    started.await.unwrap();
+    events
+        .send(Event::LocksTaken {
+            plan_id: "p0".into(),
+        })
+        .await
+        .unwrap();
+    // The agent reads what was there; the engine's next event lets the rest go.
+    assert!(matches!(next_message(&mut rx).await, Body::Heartbeat(_)));
+    events.send(Event::Tick).await.unwrap();
+    match next_message(&mut rx).await {
+        Body::Plan(d) => assert_eq!(d.plan_id, "p0"),
+        other => panic!("expected the plan's definition first, got {other:?}"),
+    }
+    events.send(Event::Tick).await.unwrap();
+    match next_message(&mut rx).await {
+        Body::Assign(a) => {
+            assert_eq!(a.plan_id, "p0");
+            assert_eq!(a.epoch, 1);
+            let mut tenants: Vec<&str> = a.runs.iter().map(|r| r.tenant.as_str()).collect();
+            tenants.sort();
+            assert_eq!(tenants, ["t1", "t2"]);
+        }
+        other => panic!("expected the runs after the definition, got {other:?}"),
+    }
+}
+
+/// A reconnect resends the definition on the new stream, then the runs still out.
+#[tokio::test]
+async fn a_new_stream_hears_the_definition_and_the_runs_still_out() {
+    let events = engine();
+    let attach = |conn_id: u64, tx: mpsc::Sender<pb::CoordinatorMessage>| Event::Attached {
+        shard: "s0".into(),
+        conn_id,
+        tx,
+        max_lanes: 4,
+        in_doubt: Vec::new(),
+    };
+    let (tx1, mut rx1) = mpsc::channel(16);
+    events.send(attach(1, tx1)).await.unwrap();
+    let (done, started) = oneshot::channel();
+    let run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    events
+        .send(Event::Start {
+            run: Box::new(run),
+            done,
+        })
+        .await
+        .unwrap();
+    started.await.unwrap();
+    events
+        .send(Event::LocksTaken {
+            plan_id: "p0".into(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(next_message(&mut rx1).await, Body::Plan(_)));
+    let first = match next_message(&mut rx1).await {
+        Body::Assign(a) => a.runs,
+        other => panic!("expected runs, got {other:?}"),
+    };
+    // The stream breaks before any result; the agent comes back on a new one.
+    drop(rx1);
+    events
+        .send(Event::Detached {
+            shard: "s0".into(),
+            conn_id: 1,
+        })
+        .await
+        .unwrap();
+    let (tx2, mut rx2) = mpsc::channel(16);
+    events.send(attach(2, tx2)).await.unwrap();
+    assert!(matches!(next_message(&mut rx2).await, Body::Plan(_)));
+    match next_message(&mut rx2).await {
+        Body::Assign(a) => assert_eq!(a.runs, first, "the same runs, same ids"),
+        other => panic!("expected the runs again, got {other:?}"),
+    }
+}

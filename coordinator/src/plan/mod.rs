@@ -14,7 +14,7 @@ mod settle;
 pub mod status;
 pub mod step;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod units;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};

@@ -2,47 +2,56 @@
 use super::*;
 use flotilla_proto::dag::MigrationGraph;
 use flotilla_proto::protocol::Decision;
+use flotilla_proto::state::StepState;
 use flotilla_proto::{Scope, pb};
 
-/// Two shards, one target each; `a` then `b` (group order), each group atomic.
-fn grouped_run() -> PlanRun {
+/// A plan of `migrations` (each after the one before unless `groups` orders them) over
+/// `targets` (shard, tenant), with `policy`; lanes as an agent with 4 would give.
+pub(crate) fn plan_of(
+    migrations: &[&str],
+    groups: Vec<pb::ParallelGroup>,
+    targets: &[(&str, &str)],
+    policy: pb::FailurePolicy,
+) -> PlanRun {
     let migration = |id: &str| pb::Migration {
         id: id.into(),
         up_sql: format!("CREATE TABLE {id} (x int)"),
         down_sql: format!("DROP TABLE {id}"),
         ..Default::default()
     };
+    let tenants = targets.iter().any(|(_, t)| !t.is_empty());
     let raw = pb::PlanSpec {
-        name: "grouped".into(),
-        migrations: vec![migration("a"), migration("b")],
-        parallel_groups: vec![
-            pb::ParallelGroup {
-                migrations: vec!["a".into()],
-                atomic: true,
-            },
-            pb::ParallelGroup {
-                migrations: vec!["b".into()],
-                atomic: true,
-            },
-        ],
-        default_scope: pb::Scope::Shard as i32,
+        name: "test".into(),
+        migrations: migrations.iter().map(|m| migration(m)).collect(),
+        parallel_groups: groups,
+        default_scope: if tenants {
+            pb::Scope::Tenant as i32
+        } else {
+            pb::Scope::Shard as i32
+        },
+        policy: policy as i32,
+        max_parallel: 8,
         ..Default::default()
     };
     let spec = PlanSpec::try_from(raw).expect("valid plan");
     let graph = MigrationGraph::build(&spec).expect("graph");
-    let targets: Vec<Target> = ["s0", "s1"]
+    let targets: Vec<Target> = targets
         .iter()
-        .map(|s| Target {
+        .map(|(s, t)| Target {
             shard: s.to_string(),
-            tenant: String::new(),
+            tenant: t.to_string(),
         })
         .collect();
-    let planned = crate::planner::plan_steps(&spec, &graph, &targets, Scope::Shard, |_, _| true);
+    let scope = if tenants { Scope::Tenant } else { Scope::Shard };
+    let planned = crate::planner::plan_steps(&spec, &graph, &targets, scope, |_, _| true);
     let n = planned.len();
     let mut run = PlanRun::new(
         "p0".into(),
         Arc::new(spec),
-        pb::PlanDefinition::default(),
+        pb::PlanDefinition {
+            plan_id: "p0".into(),
+            ..Default::default()
+        },
         targets,
         planned,
         vec![StepStatus::Pending; n],
@@ -53,7 +62,26 @@ fn grouped_run() -> PlanRun {
     run
 }
 
-fn answer(run: &mut PlanRun, shard: &str, r: &pb::Run, outcome: pb::StepOutcome) {
+/// Two shards, one target each; `a` then `b` (group order), each group atomic.
+fn grouped_run() -> PlanRun {
+    let group = |m: &str| pb::ParallelGroup {
+        migrations: vec![m.into()],
+        atomic: true,
+    };
+    plan_of(
+        &["a", "b"],
+        vec![group("a"), group("b")],
+        &[("s0", ""), ("s1", "")],
+        pb::FailurePolicy::AllOrNothing,
+    )
+}
+
+pub(crate) fn answer(
+    run: &mut PlanRun,
+    shard: &str,
+    r: &pb::Run,
+    outcome: pb::StepOutcome,
+) -> (Vec<StepUpdate>, bool) {
     let result = pb::RunResult {
         run_id: r.run_id,
         steps: r
@@ -67,7 +95,7 @@ fn answer(run: &mut PlanRun, shard: &str, r: &pb::Run, outcome: pb::StepOutcome)
             .collect(),
         ..Default::default()
     };
-    run.apply_run_result(shard, &result);
+    run.apply_run_result(shard, &result)
 }
 
 #[test]
@@ -115,4 +143,193 @@ fn a_later_atomic_group_waits_for_the_commit_of_the_one_before() {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].migrations, ["b"]);
     assert!(out[0].prepare_gid.starts_with("flotilla:p0.g2:"), "{out:?}");
+}
+
+#[test]
+fn a_targets_ready_steps_go_fused_in_one_run_and_the_plan_completes() {
+    let mut run = plan_of(
+        &["a", "b"],
+        Vec::new(),
+        &[("s0", "t1"), ("s0", "t2")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    let mut next = 1u64;
+    let out = run.next_runs("s0", &mut next);
+    assert_eq!(out.len(), 2, "one run per tenant: {out:?}");
+    for r in &out {
+        assert_eq!(r.migrations, ["a", "b"], "fused in dependency order");
+        assert!(r.fused);
+        assert!(r.prepare_gid.is_empty(), "not atomic");
+    }
+    assert_eq!(run.outstanding(), 2);
+    assert!(run.settle().is_none(), "runs are out");
+    for r in &out {
+        let (updates, failed) = answer(&mut run, "s0", r, pb::StepOutcome::Applied);
+        assert!(!failed);
+        assert!(updates.iter().all(|u| u.state == StepState::Applied));
+    }
+    // A late repeat of an answered run (resent after a reconnect) changes nothing.
+    let (updates, failed) = answer(&mut run, "s0", &out[0], pb::StepOutcome::Failed);
+    assert!(updates.is_empty() && !failed);
+    assert!(run.settle().is_some());
+    assert_eq!(run.state, PlanState::Completed);
+    assert_eq!(run.message, "every step applied");
+}
+
+#[test]
+fn max_parallel_is_split_over_the_busy_shards_within_each_agents_lanes() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s1", "t1"), ("s2", "t1")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    // 8 over 3 shards: 3, 3, 2; an agent with 1 lane gets 1.
+    run.rebalance_lanes(&|shard| if shard == "s2" { 1 } else { 16 });
+    let lanes: Vec<u32> = run.shards.values().map(|s| s.lanes).collect();
+    assert_eq!(lanes, [3, 3, 1]);
+    // A shard with nothing left to do gets none.
+    let mut next = 1;
+    let out = run.next_runs("s0", &mut next);
+    answer(&mut run, "s0", &out[0], pb::StepOutcome::Applied);
+    run.rebalance_lanes(&|_| 16);
+    assert_eq!(run.shards["s0"].lanes, 0);
+    assert_eq!(run.shards["s1"].lanes, 4);
+}
+
+#[test]
+fn an_edited_migration_found_in_a_journal_fails_its_step() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    let mut next = 1;
+    let out = run.next_runs("s0", &mut next);
+    let result = pb::RunResult {
+        run_id: out[0].run_id,
+        steps: vec![pb::StepResult {
+            migration_id: "a".into(),
+            outcome: pb::StepOutcome::AlreadyApplied as i32,
+            checksum: "0000".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let (updates, failed) = run.apply_run_result("s0", &result);
+    assert!(failed);
+    assert_eq!(updates[0].state, StepState::Failed);
+    assert_eq!(updates[0].phase, "journal");
+    assert!(
+        updates[0].message.starts_with("checksum mismatch"),
+        "{}",
+        updates[0].message
+    );
+    assert_eq!(run.failures.len(), 1);
+}
+
+#[test]
+fn under_continue_a_failed_tenant_stops_alone_and_the_plan_ends_failed() {
+    let mut run = plan_of(
+        &["a", "b"],
+        Vec::new(),
+        &[("s0", "t1"), ("s0", "t2")],
+        pb::FailurePolicy::Continue,
+    );
+    // Not fused: a failure of `a` leaves `b` of that tenant waiting for good.
+    let mut next = 1;
+    let out = run.next_runs("s0", &mut next);
+    let (t1, t2) = (&out[0], &out[1]);
+    let result = |r: &pb::Run, first: pb::StepOutcome| pb::RunResult {
+        run_id: r.run_id,
+        steps: vec![
+            pb::StepResult {
+                migration_id: "a".into(),
+                outcome: first as i32,
+                ..Default::default()
+            },
+            pb::StepResult {
+                migration_id: "b".into(),
+                outcome: pb::StepOutcome::NotRun as i32,
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    let (_, failed) = run.apply_run_result("s0", &result(t1, pb::StepOutcome::Failed));
+    assert!(failed);
+    // t1's `b` is not run again; t2's fused run came back with `b` not run: it goes again.
+    run.apply_run_result("s0", &result(t2, pb::StepOutcome::Applied));
+    let again = run.next_runs("s0", &mut next);
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].tenant, "t2");
+    assert_eq!(again[0].migrations, ["b"]);
+    answer(&mut run, "s0", &again[0], pb::StepOutcome::Applied);
+    let updates = run.settle().expect("settled");
+    assert_eq!(run.state, PlanState::Failed);
+    assert!(
+        updates.iter().all(|u| u.state == StepState::NotRun),
+        "{updates:?}"
+    );
+    let st = super::status::from_run(&run, Vec::new());
+    assert_eq!(st.migrations[0].failed, 1);
+    assert_eq!(st.migrations[1].applied, 1);
+    assert_eq!(st.migrations[1].not_run, 1);
+}
+
+#[test]
+fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s1", "t1")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    let mut next = 1;
+    for shard in ["s0", "s1"] {
+        let out = run.next_runs(shard, &mut next);
+        answer(&mut run, shard, &out[0], pb::StepOutcome::Applied);
+    }
+    run.state = PlanState::RollingBack;
+    let reply = |error: Option<pb::StepError>| pb::RollbackReply {
+        plan_id: "p0".into(),
+        steps: vec![pb::RolledBackStep {
+            migration_id: "a".into(),
+            tenant: "t1".into(),
+            error,
+        }],
+        complete: true,
+    };
+    run.apply_rollback_reply("s0", &reply(None));
+    assert!(run.settle().is_none(), "s1 has not answered");
+    run.apply_rollback_reply(
+        "s1",
+        &reply(Some(pb::StepError {
+            message: "cannot drop".into(),
+            ..Default::default()
+        })),
+    );
+    assert!(run.settle().is_some());
+    assert_eq!(run.state, PlanState::RollbackFailed);
+    assert_eq!(run.failures[0].error.as_ref().unwrap().phase, "down");
+}
+
+#[test]
+fn a_paused_shard_gets_no_runs_until_resumed() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s1", "t1")],
+        pb::FailurePolicy::Stop,
+    );
+    run.paused.shards.insert("s0".into());
+    let mut next = 1;
+    assert!(run.next_runs("s0", &mut next).is_empty());
+    assert_eq!(run.next_runs("s1", &mut next).len(), 1);
+    run.paused.plan = true;
+    assert!(run.is_paused("s1"));
+    assert_eq!(run.paused.listed(), ["*", "s0"]);
+    run.paused = Paused::default();
+    assert_eq!(run.next_runs("s0", &mut next).len(), 1);
 }
