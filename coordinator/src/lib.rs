@@ -17,13 +17,12 @@ mod api;
 pub mod coordination;
 pub mod engine;
 pub mod error;
-pub mod fleet;
 pub mod metrics;
 pub mod plan;
 pub mod planner;
 mod recovery;
 pub mod service;
-mod sessions;
+pub mod sessions;
 pub mod store;
 
 use std::future::Future;
@@ -207,7 +206,7 @@ pub async fn start(
     let coordinator = Coordinator {
         inner: Arc::new(service::Inner {
             store,
-            fleet: fleet::Fleet::default(),
+            fleet: sessions::registry::Fleet::default(),
             events: events.clone(),
             writes,
             changes,

@@ -17,8 +17,8 @@ use crate::coordination::{
 };
 use crate::engine::{CommandKind, Event};
 use crate::error::{Conflict, CoordinatorError};
-use crate::fleet::Fleet;
 use crate::plan::status;
+use crate::sessions::registry::Fleet;
 use crate::store::{Store, StoreOp};
 
 #[derive(Debug, Clone)]

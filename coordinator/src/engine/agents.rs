@@ -10,7 +10,6 @@ use tracing::{info, warn};
 use super::{Engine, outbound};
 use crate::metrics;
 use crate::plan::{PlanState, RollbackState};
-use crate::store::StoreOp;
 
 pub(super) use outbound::AgentConn;
 
@@ -89,14 +88,7 @@ impl Engine {
                 continue;
             };
             let (updates, failed) = run.fail_lost_shard(&shard, &reason);
-            self.write(StoreOp::Steps {
-                plan_id: plan_id.clone(),
-                updates,
-            });
-            if failed {
-                self.on_failure(&plan_id);
-            }
-            self.drive(&plan_id).await;
+            self.record(&plan_id, updates, failed).await;
         }
     }
 

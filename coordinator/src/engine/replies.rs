@@ -6,9 +6,22 @@ use tracing::info;
 use super::Engine;
 use crate::metrics;
 use crate::plan::RollbackState;
-use crate::store::StoreOp;
+use crate::store::{StepUpdate, StoreOp};
 
 impl Engine {
+    /// Stores what an answer changed, applies the failure policy if a step failed, and
+    /// drives the plan on.
+    pub(super) async fn record(&mut self, plan_id: &str, updates: Vec<StepUpdate>, failed: bool) {
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.to_string(),
+            updates,
+        });
+        if failed {
+            self.on_failure(plan_id);
+        }
+        self.drive(plan_id).await;
+    }
+
     pub(super) async fn on_results(&mut self, shard: &str, results: pb::RunResults) {
         let plan_id = results.plan_id.clone();
         let Some(run) = self.plans.get_mut(&plan_id) else {
@@ -30,14 +43,7 @@ impl Engine {
                 failed |= f;
             }
         }
-        self.write(StoreOp::Steps {
-            plan_id: plan_id.clone(),
-            updates,
-        });
-        if failed {
-            self.on_failure(&plan_id);
-        }
-        self.drive(&plan_id).await;
+        self.record(&plan_id, updates, failed).await;
     }
 
     pub(super) async fn on_rollback_reply(&mut self, shard: &str, reply: pb::RollbackReply) {
@@ -47,11 +53,7 @@ impl Engine {
         };
         let updates = run.apply_rollback_reply(shard, &reply);
         info!(plan = %plan_id, shard = %shard, undone = reply.steps.len(), complete = reply.complete, "rollback reply");
-        self.write(StoreOp::Steps {
-            plan_id: plan_id.clone(),
-            updates,
-        });
-        self.drive(&plan_id).await;
+        self.record(&plan_id, updates, false).await;
     }
 
     pub(super) async fn on_resolve_reply(&mut self, shard: &str, reply: pb::ResolveReply) {
@@ -62,11 +64,7 @@ impl Engine {
         let updates = run.apply_resolve_reply(shard, &reply);
         info!(plan = %plan_id, shard = %shard, commit = reply.commit,
               resolved = reply.resolved.len(), failed = reply.failed.len(), "prepared transactions resolved");
-        self.write(StoreOp::Steps {
-            plan_id: plan_id.clone(),
-            updates,
-        });
-        self.drive(&plan_id).await;
+        self.record(&plan_id, updates, false).await;
     }
 
     pub(super) fn on_progress(&mut self, shard: &str, data: Vec<pb::DataProgress>) {

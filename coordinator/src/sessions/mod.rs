@@ -1,6 +1,12 @@
 //! Agent sessions: an agent's stream registered with the fleet and the engine, the
 //! coordinator's side of the heartbeat, and the agent's messages routed to where they
 //! are handled. Only the leader takes agents.
+//!
+//! Two views of an attached agent exist on purpose: [`registry::Fleet`] is what the API
+//! reads (labels, tenants, last seen, preflight exchanges) from any task; the engine's
+//! connection (`engine::agents`) is the sending side, owned by the engine's one task
+//! with its backlog, and exists only while this coordinator leads.
+pub mod registry;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -12,9 +18,9 @@ use tracing::{info, warn};
 
 use crate::engine::{Event, msg};
 use crate::error::CoordinatorError;
-use crate::fleet::AttachedAgent;
 use crate::service::Coordinator;
 use crate::store::{StoreOp, now_ms};
+use registry::AttachedAgent;
 
 /// How often each side says it is alive; three missed and the agent counts as gone.
 const HEARTBEAT: Duration = Duration::from_secs(1);
