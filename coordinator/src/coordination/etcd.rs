@@ -9,8 +9,8 @@
 //! was deposed.
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
@@ -21,6 +21,8 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use super::error::{ErrorContext, is_connectivity};
+pub use super::shared::ElectionKey;
+use super::shared::{Session, Shared};
 use super::{
     Coordination, CoordinationError, Decision, Leadership, LockOutcome, ShardLock, check_name,
     keys, leadership, watchers,
@@ -29,102 +31,6 @@ use super::{
 /// etcd's default `--max-txn-ops`: a transaction has at most this many
 /// compares, and this many operations per branch.
 pub const MAX_TXN_OPS: usize = 128;
-
-/// The election key this coordinator won: `epoch` is its create revision.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ElectionKey {
-    pub key: String,
-    pub epoch: u64,
-    /// The session lease the key lives under.
-    pub lease: i64,
-}
-
-/// State shared by the public handle and its background tasks.
-pub(super) struct Shared {
-    pub client: Client,
-    pub errors: ErrorContext,
-    pub prefix: String,
-    /// The election's name, `<prefix>/leader`.
-    pub election: String,
-    pub advertise: String,
-    /// The lease TTL asked for (etcd may grant more).
-    pub ttl: Duration,
-    /// How long a single request may take before etcd counts as unavailable.
-    pub rpc_timeout: Duration,
-    pub leadership: watch::Sender<Leadership>,
-    pub live: watch::Sender<BTreeSet<String>>,
-    pub session: Mutex<Session>,
-    /// plan id -> its lease, kept alive while this coordinator leads.
-    pub plan_leases: Mutex<HashMap<String, i64>>,
-    /// The epoch under which etcd last refused a fenced write, and a wake-up
-    /// for the leadership loop: our election key is gone even if neither the
-    /// lease nor the observe stream said so (e.g. deleted by hand).
-    pub refused_epoch: AtomicU64,
-    pub refused: Notify,
-}
-
-#[derive(Default)]
-pub(super) struct Session {
-    pub lease: Option<i64>,
-    pub leader: Option<ElectionKey>,
-}
-
-impl Shared {
-    pub fn session(&self) -> MutexGuard<'_, Session> {
-        self.session.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn plan_leases(&self) -> MutexGuard<'_, HashMap<String, i64>> {
-        self.plan_leases.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Stops keeping `lease` alive for `plan_id` (unless the plan moved on to
-    /// another lease meanwhile).
-    pub fn forget_plan_lease(&self, plan_id: &str, lease: i64) {
-        let mut plans = self.plan_leases();
-        if plans.get(plan_id) == Some(&lease) {
-            plans.remove(plan_id);
-        }
-    }
-
-    /// Publishes a change of leadership (and only a change).
-    pub fn publish(&self, next: Leadership) {
-        self.leadership.send_if_modified(|current| {
-            if *current == next {
-                false
-            } else {
-                *current = next;
-                true
-            }
-        });
-    }
-
-    /// etcd refused a write fenced with `epoch`: if we still lead under it,
-    /// tell the leadership loop to step down.
-    fn fence_refused(&self, epoch: u64) {
-        if self
-            .session()
-            .leader
-            .as_ref()
-            .is_some_and(|k| k.epoch == epoch)
-        {
-            self.refused_epoch.store(epoch, Ordering::SeqCst);
-            self.refused.notify_one();
-        }
-    }
-
-    /// The election key to fence a write with, if this coordinator leads under
-    /// `epoch` as far as it knows (etcd has the last word in the transaction).
-    pub(super) fn leader_key(&self, epoch: u64) -> Result<String, CoordinationError> {
-        if self.leadership.borrow().epoch() != Some(epoch) {
-            return Err(CoordinationError::NotLeader);
-        }
-        match &self.session().leader {
-            Some(key) if key.epoch == epoch => Ok(key.key.clone()),
-            _ => Err(CoordinationError::NotLeader),
-        }
-    }
-}
 
 /// Coordination through etcd (3.4+). Dropping it stops its tasks; prefer
 /// [`EtcdCoordination::shutdown`], which also hands leadership over at once.

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::Leadership;
 use super::error::is_connectivity;
-use super::etcd::{ElectionKey, Shared};
+use super::shared::{ElectionKey, Shared};
 
 /// A lease TTL in whole seconds, rounded up (etcd's unit).
 pub(super) fn ttl_seconds(ttl: Duration) -> i64 {

@@ -16,6 +16,7 @@ pub mod error;
 pub mod etcd;
 mod leadership;
 mod plan_locks;
+mod shared;
 mod watchers;
 
 use std::collections::{BTreeSet, HashSet};

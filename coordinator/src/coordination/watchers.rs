@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use tokio::time::{MissedTickBehavior, interval, sleep, timeout};
 use tracing::{debug, warn};
 
-use super::etcd::Shared;
 use super::keys;
+use super::shared::Shared;
 
 /// Keeps every plan lease in `shared.plan_leases` alive every TTL/3, while
 /// this coordinator leads (a deposed one lets them go: the new leader adopts
