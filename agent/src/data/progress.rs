@@ -1,40 +1,16 @@
-//! What a running data change reads and writes between batches: its plan's pause and halt
-//! signals, the shard server's shared row budget, and the progress board the session sends
-//! to the coordinator with every heartbeat.
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+//! Where each data change stands: a change publishes its progress on its target
+//! ([`Progress`]) to the agent's board ([`ProgressBoard`]), which the session sends to the
+//! coordinator with every heartbeat.
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use flotilla_proto::pb;
-use tokio::sync::watch;
 
-use crate::data::TokenBucket;
-
-/// A plan's control state on this shard, published to its running data changes.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct PlanControl {
-    /// Why the plan (or this shard of it) is paused, if it is.
-    pub paused: Option<String>,
-    /// Bumped by every halt (cancel, a failure elsewhere, an abort): a running data change
-    /// stops at its next batch boundary.
-    pub halts: u64,
-}
-
-/// What a data change needs from the agent besides its connection.
-pub(crate) struct DataHooks {
-    pub plan_id: String,
-    pub shard: String,
-    pub control: watch::Receiver<PlanControl>,
-    pub board: Arc<ProgressBoard>,
-    pub buckets: Arc<ServerBuckets>,
-}
+use super::DataHooks;
 
 /// (plan, migration, target)
 type ProgressKey = (String, String, String);
-
-/// One server's row budget for a step, shared by its targets' runs.
-pub(crate) type SharedBucket = Arc<Mutex<TokenBucket>>;
-
 /// The latest progress of each data change of the agent, keyed by (plan, migration, target).
 /// The session sends what changed with each heartbeat; finished entries go once sent.
 #[derive(Default)]
@@ -86,29 +62,95 @@ impl ProgressBoard {
     }
 }
 
-/// One token bucket per data step for all its targets on this shard's server: the
-/// `server_rows_per_second` budget. A fresh bucket starts empty, so a restarted agent does
-/// not burst past the budget.
-#[derive(Default)]
-pub(crate) struct ServerBuckets {
-    buckets: Mutex<HashMap<(String, String), SharedBucket>>,
+/// A data change's progress on its target, published to the agent's board (and from there
+/// to the coordinator with each heartbeat).
+pub(super) struct Progress<'a> {
+    hooks: Option<&'a DataHooks>,
+    tenant: String,
+    migration: String,
+    pub(super) done: u64,
+    pub(super) total: u64,
+    pub(super) batches: u64,
+    pub(super) size: u32,
+    pub(super) state: String,
+    /// (when, rows done then) over the last seconds: the rate is taken over them.
+    recent: VecDeque<(Instant, u64)>,
 }
 
-impl ServerBuckets {
-    pub fn bucket(&self, plan: &str, migration: &str, rate: u64, capacity: u64) -> SharedBucket {
-        self.buckets
-            .lock()
-            .expect("buckets lock")
-            .entry((plan.to_string(), migration.to_string()))
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(TokenBucket::new(
-                    rate,
-                    capacity,
-                    Duration::ZERO,
-                    Instant::now(),
-                )))
-            })
-            .clone()
+impl<'a> Progress<'a> {
+    pub(super) fn new(
+        hooks: Option<&'a DataHooks>,
+        tenant: &str,
+        migration: &str,
+        done: u64,
+        batches: u64,
+    ) -> Progress<'a> {
+        let mut recent = VecDeque::new();
+        recent.push_back((Instant::now(), done));
+        Progress {
+            hooks,
+            tenant: tenant.to_string(),
+            migration: migration.to_string(),
+            done,
+            total: done,
+            batches,
+            size: 0,
+            state: "running".into(),
+            recent,
+        }
+    }
+
+    pub(super) fn batch(&mut self, rows: u64, size: u32) {
+        self.done += rows;
+        self.batches += 1;
+        self.total = self.total.max(self.done);
+        let now = Instant::now();
+        self.recent.push_back((now, self.done));
+        while self.recent.len() > 2
+            && now.duration_since(self.recent[0].0) > Duration::from_secs(10)
+        {
+            self.recent.pop_front();
+        }
+        self.set("running", "", size);
+    }
+
+    fn rate(&self) -> f64 {
+        let (Some(first), Some(last)) = (self.recent.front(), self.recent.back()) else {
+            return 0.0;
+        };
+        let dt = last.0.duration_since(first.0).as_secs_f64();
+        if dt <= 0.0 {
+            0.0
+        } else {
+            (last.1 - first.1) as f64 / dt
+        }
+    }
+
+    pub(super) fn set(&mut self, state: &str, reason: &str, size: u32) {
+        self.state = state.to_string();
+        self.size = size;
+        let Some(h) = self.hooks else { return };
+        let rate = self.rate();
+        let left = self.total.saturating_sub(self.done);
+        let eta_ms = if rate > 0.0 && left > 0 {
+            (left as f64 / rate * 1000.0) as u64
+        } else {
+            0
+        };
+        h.board.update(pb::DataProgress {
+            plan_id: h.plan_id.clone(),
+            migration_id: self.migration.clone(),
+            shard: h.shard.clone(),
+            tenant: self.tenant.clone(),
+            rows_done: self.done,
+            rows_total: self.total,
+            rows_per_second: rate,
+            batch_size: size,
+            eta_ms,
+            state: state.to_string(),
+            reason: reason.to_string(),
+            batches: self.batches,
+        });
     }
 }
 

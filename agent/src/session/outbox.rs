@@ -9,21 +9,12 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 
+use crate::run::Outgoing;
+
 /// Results are sent at most this long after the first of a batch is ready...
 const FLUSH_AFTER: Duration = Duration::from_millis(25);
 /// ...or as soon as this many runs are waiting.
 pub(crate) const FLUSH_RUNS: usize = 128;
-
-/// What the agent's tasks hand to the session for sending, kept across reconnects.
-#[derive(Debug)]
-pub(crate) enum Outgoing {
-    Run {
-        plan_id: String,
-        result: pb::RunResult,
-    },
-    Rollback(pb::RollbackReply),
-    Resolve(pb::ResolveReply),
-}
 
 /// Results waiting for the coordinator. They outlive a stream: whatever was not sent goes
 /// out after the next Hello (the coordinator takes repeats).
