@@ -141,6 +141,7 @@ async fn run(
     let result = serve(config, pool, held, rotation, cancel).await;
     // released last, once nothing of this agent runs on the shard any more
     stop_lock.cancel();
+    // Err only if the guard task panicked: the lock's session is gone with it either way
     let _ = guard.await;
     result
 }
@@ -203,11 +204,13 @@ async fn serve(
     {
         warn!("work still running after the grace period; abandoning it");
         agent.abort.cancel();
+        // whatever still runs now ends with the pool (its open transactions roll back)
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait()).await;
     }
     pool.close().await;
     stop_liveness.cancel();
     if let Some(liveness) = liveness {
+        // Err only if the task panicked: its lease then expires with its TTL
         let _ = liveness.await;
     }
     Ok(())

@@ -12,18 +12,29 @@
 //! ...; a row of floors for a composite key); a key at or below that floor, or a NULL in
 //! the key, would never be covered, so the change refuses to start when the table holds
 //! one. Key types without a floor are refused at the start, before any batch.
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgConnection;
+use tokio::sync::watch;
 use tracing::{debug, info};
 
-use super::progress::Progress;
-use super::rate::TokenBucket;
-use super::throttle::{health_queries, wait_at_boundary};
-use super::{DataHooks, keys, sql};
+use super::progress::{Progress, Publish};
+use super::rate::{ServerBuckets, TokenBucket};
+use super::throttle::{PlanControl, STOPPED, agent_failure, health_queries, wait_at_boundary};
+use super::{ProgressBoard, keys, sql};
 use crate::error::{Failure, classify};
 use crate::step::{PreparedMigration, StepContext, quote_literal};
+
+/// What a data change needs from the agent besides its connection.
+pub(crate) struct DataHooks {
+    pub plan_id: String,
+    pub shard: String,
+    pub control: watch::Receiver<PlanControl>,
+    pub board: Arc<ProgressBoard>,
+    pub buckets: Arc<ServerBuckets>,
+}
 
 /// Where a change stands on a target, as its checkpoint says.
 struct Checkpoint {
@@ -32,10 +43,6 @@ struct Checkpoint {
     batches: i64,
     /// Seconds since it was written, by the shard's clock.
     age_secs: f64,
-}
-
-pub(super) fn agent_failure(m: &PreparedMigration, message: impl std::fmt::Display) -> Failure {
-    Failure::agent("batch", format!("data migration `{}`: {message}", m.id()))
 }
 
 /// Runs a data change on the session's target (its search_path and timeouts are set, and
@@ -176,7 +183,18 @@ pub(crate) async fn run_batches(
     };
     let left = estimate_left(conn, m, &lower_of(&prev)?).await;
     let health = health_queries(m)?;
-    let mut progress = Progress::new(hooks, cx.tenant, m.id(), rows_total as u64, batches as u64);
+    let publish = hooks.map(|h| Publish {
+        plan_id: &h.plan_id,
+        shard: &h.shard,
+        board: &h.board,
+    });
+    let mut progress = Progress::new(
+        publish,
+        cx.tenant,
+        m.id(),
+        rows_total as u64,
+        batches as u64,
+    );
     progress.total = rows_total as u64 + left.unwrap_or(0);
     let mut control = hooks.map(|h| h.control.clone());
     let halts_at_start = control.as_ref().map(|c| c.borrow().halts);
@@ -242,7 +260,8 @@ pub(crate) async fn run_batches(
             .await
         {
             let failure = classify(&e, "batch");
-            // the batch's transaction may be open (aborted): end it
+            // the batch's transaction may be open (aborted): end it. If that fails too the
+            // connection is gone, which the caller's cleanup finds and reports.
             let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
             // A serialization failure or a deadlock with the application's sessions undid
             // the whole batch (its checkpoint too): do it again, after a short backoff.
@@ -305,9 +324,6 @@ pub(crate) fn adapt_batch_size(
     };
     next.clamp(min.max(1), max.max(min).max(1))
 }
-
-/// The phase of a data change halted at a batch boundary: reported NOT_RUN, not failed.
-pub(crate) const STOPPED: &str = "stopped";
 
 /// A batch that failed because the shard's server went away (crash, restart, admin
 /// shutdown) was undone with its checkpoint: the change stops as if halted at that

@@ -100,7 +100,8 @@ pub(crate) async fn restore_prior_image(
             sqlx::Error::Protocol(format!("restoring the prior image of `{}`: {e}", m.id()))
         })?;
         if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
-            // the batch's transaction may be open (aborted): end it
+            // the batch's transaction may be open (aborted): end it. If that fails too the
+            // connection is gone, which the caller's cleanup finds and reports.
             let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
             return Err(e);
         }

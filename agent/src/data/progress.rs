@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 
 use flotilla_proto::pb;
 
-use super::DataHooks;
-
 /// (plan, migration, target)
 type ProgressKey = (String, String, String);
 /// The latest progress of each data change of the agent, keyed by (plan, migration, target).
@@ -62,10 +60,18 @@ impl ProgressBoard {
     }
 }
 
+/// Where a change publishes its progress: the agent's board, under its plan and shard.
+#[derive(Clone, Copy)]
+pub(super) struct Publish<'a> {
+    pub plan_id: &'a str,
+    pub shard: &'a str,
+    pub board: &'a ProgressBoard,
+}
+
 /// A data change's progress on its target, published to the agent's board (and from there
 /// to the coordinator with each heartbeat).
 pub(super) struct Progress<'a> {
-    hooks: Option<&'a DataHooks>,
+    hooks: Option<Publish<'a>>,
     tenant: String,
     migration: String,
     pub(super) done: u64,
@@ -79,7 +85,7 @@ pub(super) struct Progress<'a> {
 
 impl<'a> Progress<'a> {
     pub(super) fn new(
-        hooks: Option<&'a DataHooks>,
+        hooks: Option<Publish<'a>>,
         tenant: &str,
         migration: &str,
         done: u64,
@@ -138,9 +144,9 @@ impl<'a> Progress<'a> {
             0
         };
         h.board.update(pb::DataProgress {
-            plan_id: h.plan_id.clone(),
+            plan_id: h.plan_id.to_string(),
             migration_id: self.migration.clone(),
-            shard: h.shard.clone(),
+            shard: h.shard.to_string(),
             tenant: self.tenant.clone(),
             rows_done: self.done,
             rows_total: self.total,

@@ -7,11 +7,17 @@ use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgConnection;
 use tokio::sync::watch;
 
-use super::STOPPED;
-use super::batches::agent_failure;
 use super::progress::Progress;
 use crate::error::{Failure, classify};
 use crate::step::{PreparedMigration, quote_literal};
+
+/// The phase of a data change halted at a batch boundary: reported NOT_RUN, not failed.
+pub(crate) const STOPPED: &str = "stopped";
+
+/// A failure of a data change that the agent found (not the shard).
+pub(super) fn agent_failure(m: &PreparedMigration, message: impl std::fmt::Display) -> Failure {
+    Failure::agent("batch", format!("data migration `{}`: {message}", m.id()))
+}
 
 /// A plan's control state on this shard, published to its running data changes.
 #[derive(Debug, Clone, Default)]

@@ -37,13 +37,20 @@ pub(crate) fn endpoint(shard: &str, address: &str) -> Result<Endpoint, AgentErro
 
 /// Keeps a stream to a coordinator (the leader) open until shutdown.
 #[instrument(skip_all, fields(shard = %agent.config.shard))]
-pub(crate) async fn run(agent: Arc<Agent>, mut outbox: Outbox, mut rotation: Rotation) {
+pub(crate) async fn run(agent: Arc<Agent>, mut outbox: Outbox, rotation: Rotation) {
+    reconnect(&agent, &mut outbox, rotation).await;
+    outbox.abandon();
+}
+
+/// Dials coordinators in turn and holds a stream to the one that takes the agent; returns
+/// only at shutdown.
+async fn reconnect(agent: &Arc<Agent>, outbox: &mut Outbox, mut rotation: Rotation) {
     let mut attempt = 0u32;
     loop {
         let address = rotation.next_address();
         let shown = redact_dsn(&address);
         let ended = match endpoint(&agent.config.shard, &address) {
-            Ok(endpoint) => session(&agent, &mut outbox, &endpoint, &shown).await,
+            Ok(endpoint) => session(agent, outbox, &endpoint, &shown).await,
             // only a leader named by a refusal can be invalid: the list was checked at start
             Err(e) => Ended::Lost {
                 welcomed: false,

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use super::coordinators::refusal;
 use super::dispatch::dispatch;
-use super::outbox::{FLUSH_RUNS, Outbox};
+use super::outbox::{FLUSH_RUNS, Outbox, StreamGone};
 use crate::{Agent, metrics};
 
 /// How long connecting to a coordinator and attaching may take.
@@ -114,6 +114,7 @@ pub(super) async fn session(
         version: env!("CARGO_PKG_VERSION").to_string(),
         max_lanes: agent.config.max_connections,
     };
+    // cannot fail: the channel is new, empty and its receiver is still here
     let _ = tx.try_send(pb::AgentMessage {
         body: Some(Out::Hello(hello)),
     });
@@ -169,23 +170,23 @@ pub(super) async fn session(
                 outbox.push(item);
                 if welcomed
                     && outbox.runs.len() >= FLUSH_RUNS
-                    && let Err(reason) = flush(agent, outbox, &tx)
+                    && let Err(gone) = flush(agent, outbox, &tx)
                 {
-                    return lost(welcomed, reason);
+                    return lost(welcomed, gone.to_string());
                 }
             }
             () = sleep_until(due), if due.is_some() => {
-                if let Err(reason) = flush(agent, outbox, &tx) {
-                    return lost(welcomed, reason);
+                if let Err(gone) = flush(agent, outbox, &tx) {
+                    return lost(welcomed, gone.to_string());
                 }
             }
             () = sleep_until(silent_at), if silent_at.is_some() => {
                 return lost(welcomed, format!("no word from the coordinator for {:?}", interval * 3));
             }
             _ = heartbeat.tick() => {
-                let beat = heartbeat_message(if welcomed { agent.progress.take_changed() } else { Vec::new() });
-                if let Err(TrySendError::Closed(_)) = tx.try_send(beat) {
-                    return lost(welcomed, "the stream to the coordinator closed".into());
+                let data = if welcomed { agent.progress.take_changed() } else { Vec::new() };
+                if let Err(gone) = send_heartbeat(agent, &tx, data) {
+                    return lost(welcomed, gone.to_string());
                 }
             }
         }
@@ -215,23 +216,36 @@ fn flush(
     agent: &Agent,
     outbox: &mut Outbox,
     tx: &mpsc::Sender<pb::AgentMessage>,
-) -> Result<(), String> {
+) -> Result<(), StreamGone> {
     let data = agent.progress.take_changed();
     if !data.is_empty() {
-        match tx.try_send(heartbeat_message(data)) {
-            Ok(()) => {}
-            Err(TrySendError::Closed(_)) => {
-                return Err("the stream to the coordinator closed".into());
-            }
-            // the stream is backed up: the next heartbeat takes them
-            Err(TrySendError::Full(beat)) => {
-                if let Some(Out::Heartbeat(hb)) = beat.body {
-                    agent.progress.put_back(hb.data);
-                }
-            }
-        }
+        send_heartbeat(agent, tx, data)?;
     }
     outbox.flush(tx)
+}
+
+/// Sends a heartbeat with `data`, the progress taken from the board. Progress that does not
+/// go out goes back on the board, so it is not lost (a change that ended is on the board
+/// only until its last state is handed out): a backed-up stream sends it with the next
+/// heartbeat, and the next stream after its Welcome.
+fn send_heartbeat(
+    agent: &Agent,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    data: Vec<pb::DataProgress>,
+) -> Result<(), StreamGone> {
+    let (beat, gone) = match tx.try_send(heartbeat_message(data)) {
+        Ok(()) => return Ok(()),
+        Err(TrySendError::Full(beat)) => (beat, false),
+        Err(TrySendError::Closed(beat)) => (beat, true),
+    };
+    if let Some(Out::Heartbeat(hb)) = beat.body {
+        agent.progress.put_back(hb.data);
+    }
+    if gone {
+        Err(StreamGone::Closed)
+    } else {
+        Ok(())
+    }
 }
 
 /// A heartbeat carrying the data changes' progress that changed since the last one.

@@ -54,6 +54,7 @@ pub(crate) async fn connect(
         // one bare connection first: the pool would retry a refused connection silently
         let error = match PgConnection::connect_with(&options).await {
             Ok(conn) => {
+                // only a probe: the server answered, which is all it was for
                 let _ = conn.close().await;
                 let pool = PgPoolOptions::new()
                     .max_connections(config.max_connections + 1)

@@ -57,6 +57,7 @@ async fn try_lock(options: &PgConnectOptions) -> Result<Attempt, sqlx::Error> {
         return Ok(Attempt::Held(conn));
     }
     let holder = describe_holder(&mut conn).await;
+    // it holds nothing: dropping it unclosed would only leave the server to notice
     let _ = conn.close().await;
     Ok(Attempt::Taken(holder))
 }
@@ -170,7 +171,8 @@ pub(crate) fn guard(
         held.send_replace(false);
         metrics::shard_lock_held(false);
         if let Some(mut c) = conn {
-            // released explicitly so a successor can take it as soon as we return
+            // released explicitly so a successor can take it as soon as we return; if that
+            // fails, the session's end releases it as well
             let _ = tokio::time::timeout(CHECK_TIMEOUT, sqlx::query(UNLOCK).execute(&mut c)).await;
             let _ = tokio::time::timeout(CHECK_TIMEOUT, c.close()).await;
             info!("released the shard's agent lock");
