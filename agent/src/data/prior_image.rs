@@ -117,17 +117,12 @@ pub(crate) async fn restore_prior_image(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::step::fixtures::with_prior_image;
+    use crate::step::fixtures::{context, with_prior_image};
 
     #[test]
     fn restore_text() {
         let m = with_prior_image();
-        let cx = StepContext {
-            tenant: "t1",
-            tenant_lit: "'t1'",
-            plan_lit: "'p'",
-            epoch: 2,
-        };
+        let cx = context("t1", "p", 2);
         let types = [
             ("region".to_string(), "text".to_string()),
             ("id".to_string(), "integer".to_string()),

@@ -162,17 +162,12 @@ pub(crate) fn data_estimate(m: &PreparedMigration, lower_lit: &str) -> Option<St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::step::fixtures::{backfill, with_prior_image};
+    use crate::step::fixtures::{backfill, context, with_prior_image};
 
     #[test]
     fn data_batch_text() {
         let m = backfill();
-        let cx = StepContext {
-            tenant: "t1",
-            tenant_lit: "'t1'",
-            plan_lit: "'p9'",
-            epoch: 4,
-        };
+        let cx = context("t1", "p9", 4);
         let bounds = BatchBounds {
             prev_lit: "NULL",
             last_lit: "'7'",
@@ -214,12 +209,7 @@ mod tests {
              ORDER BY \"region\", \"id\" LIMIT 25) SELECT (SELECT count(*) FROM page)::bigint, \
              (SELECT pg_catalog.jsonb_build_array(k1::text, k2::text)::text AS last FROM page ORDER BY k1 DESC, k2 DESC LIMIT 1)"
         );
-        let cx = StepContext {
-            tenant: "t1",
-            tenant_lit: "'t1'",
-            plan_lit: "'p'",
-            epoch: 2,
-        };
+        let cx = context("t1", "p", 2);
         let bounds = BatchBounds {
             prev_lit: "'[\"a\", \"1\"]'",
             last_lit: "'[\"b\", \"9\"]'",

@@ -83,7 +83,7 @@ pub(crate) fn non_transactional_undo_epilogue(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::step::fixtures::{backfill, migration, with_prior_image};
+    use crate::step::fixtures::{backfill, context, migration, with_prior_image};
 
     #[test]
     fn transactional_step_text() {
@@ -92,12 +92,7 @@ mod tests {
             "CREATE TABLE t (id int); INSERT INTO t VALUES (1) -- one",
             "SELECT count(*) = 1 FROM t",
         );
-        let cx = StepContext {
-            tenant: "tenant_1",
-            tenant_lit: "'tenant_1'",
-            plan_lit: "'p1'",
-            epoch: 7,
-        };
+        let cx = context("tenant_1", "p1", 7);
         let sql = transactional_step(&cx, &m);
         assert!(
             sql.starts_with("SET LOCAL search_path TO \"tenant_1\";\n"),
@@ -144,12 +139,7 @@ mod tests {
     #[test]
     fn shard_target_keeps_the_search_path() {
         let m = migration("m1", "CREATE TABLE t (id int)", "");
-        let cx = StepContext {
-            tenant: "",
-            tenant_lit: "''",
-            plan_lit: "'p1'",
-            epoch: 1,
-        };
+        let cx = context("", "p1", 1);
         let sql = transactional_step(&cx, &m);
         assert!(!sql.contains("search_path"));
         assert!(!sql.contains("check_verify"));
@@ -158,12 +148,7 @@ mod tests {
     #[test]
     fn non_transactional_pieces() {
         let m = migration("m2", "CREATE INDEX CONCURRENTLY i ON t (id)", "");
-        let cx = StepContext {
-            tenant: "t1",
-            tenant_lit: "'t1'",
-            plan_lit: "'p'",
-            epoch: 3,
-        };
+        let cx = context("t1", "p", 3);
         let pro = non_transactional_prologue(&cx, &m);
         assert!(
             pro.starts_with("SET search_path TO \"t1\";\nSET lock_timeout"),
@@ -183,12 +168,7 @@ mod tests {
     #[test]
     fn undo_text() {
         let m = migration("m1", "CREATE TABLE t (id int)", "");
-        let cx = StepContext {
-            tenant: "t1",
-            tenant_lit: "'t1'",
-            plan_lit: "'p9'",
-            epoch: 4,
-        };
+        let cx = context("t1", "p9", 4);
         let sql = transactional_undo(&cx, &m);
         assert!(
             sql.starts_with("BEGIN;\nSET LOCAL search_path TO \"t1\";"),
@@ -209,12 +189,7 @@ mod tests {
 
     #[test]
     fn data_change_epilogues() {
-        let cx = StepContext {
-            tenant: "t1",
-            tenant_lit: "'t1'",
-            plan_lit: "'p9'",
-            epoch: 4,
-        };
+        let cx = context("t1", "p9", 4);
         let m = backfill();
         // the end: verify, journal row and checkpoint delete in one transaction
         let epi = non_transactional_epilogue(&cx, &m);

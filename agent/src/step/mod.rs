@@ -126,11 +126,27 @@ mod tests {
 pub(crate) mod fixtures {
     use flotilla_proto::{Migration, pb};
 
-    use super::PreparedMigration;
+    use super::{PreparedMigration, StepContext, quote_literal};
+
+    /// A step on `tenant` ("" for the shard) of plan `plan` at `epoch`.
+    pub fn context(tenant: &'static str, plan: &str, epoch: u64) -> StepContext<'static> {
+        let lit = |s: &str| &*Box::leak(quote_literal(s).unwrap().into_boxed_str());
+        StepContext {
+            tenant,
+            tenant_lit: lit(tenant),
+            plan_lit: lit(plan),
+            epoch,
+        }
+    }
+
+    /// Prepared as a plan with a 5s lock_timeout and no statement_timeout would.
+    fn prepared(m: pb::Migration) -> PreparedMigration {
+        PreparedMigration::new(Migration::try_from(m).unwrap(), 5000, 0).unwrap()
+    }
 
     /// A schema step with its up SQL, verify query and a lock_timeout of 1.5s.
     pub fn migration(id: &str, up: &str, verify: &str) -> PreparedMigration {
-        let m = Migration::try_from(pb::Migration {
+        prepared(pb::Migration {
             id: id.into(),
             up_sql: up.into(),
             down_sql: "DROP TABLE t".into(),
@@ -138,13 +154,11 @@ pub(crate) mod fixtures {
             lock_timeout_ms: 1500,
             ..Default::default()
         })
-        .unwrap();
-        PreparedMigration::new(m, 5000, 0).unwrap()
     }
 
     /// `m2`: a one-column-key backfill of `app.customers` with a filter.
     pub fn backfill() -> PreparedMigration {
-        let m = Migration::try_from(pb::Migration {
+        prepared(pb::Migration {
             id: "m2".into(),
             down_sql: "SELECT 1".into(),
             verify_sql: "SELECT true".into(),
@@ -159,13 +173,11 @@ pub(crate) mod fixtures {
             }),
             ..Default::default()
         })
-        .unwrap();
-        PreparedMigration::new(m, 5000, 0).unwrap()
     }
 
     /// `m3`: a composite-key change of `contacts` that saves the prior image of `phone`.
     pub fn with_prior_image() -> PreparedMigration {
-        let m = Migration::try_from(pb::Migration {
+        prepared(pb::Migration {
             id: "m3".into(),
             data: Some(pb::DataChange {
                 table: "contacts".into(),
@@ -180,7 +192,5 @@ pub(crate) mod fixtures {
             }),
             ..Default::default()
         })
-        .unwrap();
-        PreparedMigration::new(m, 5000, 0).unwrap()
     }
 }
