@@ -234,9 +234,7 @@ impl Agent {
     pub(crate) fn known_tenants(&self) -> Vec<pb::Tenant> {
         self.tenants.lock().expect("tenants lock").clone()
     }
-}
 
-impl Agent {
     /// Waits until the agent holds its shard's lock (at once, almost always). False when the
     /// agent stops first.
     pub(crate) async fn may_apply(&self) -> bool {

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 
 use super::progress::{Progress, Publish};
-use super::rate::{ServerBuckets, TokenBucket};
+use super::rate::{RowLimits, ServerBuckets};
 use super::throttle::{PlanControl, STOPPED, agent_failure, health_queries, wait_at_boundary};
 use super::{ProgressBoard, keys, sql};
 use crate::error::{Failure, classify};
@@ -59,39 +59,9 @@ pub(crate) async fn run_batches(
         .data
         .as_ref()
         .ok_or_else(|| agent_failure(m, "not a data change"))?;
-    let table = d.table_sql();
     let db = |e: sqlx::Error| classify(&e, "batch");
 
-    // Where it stands.
-    let cp: Option<(String, String, i64, i64, f64)> = sqlx::query_as(
-        "SELECT checksum, last_key, rows, batches, \
-         extract(epoch FROM pg_catalog.clock_timestamp() - updated_at)::float8 \
-         FROM flotilla.checkpoints WHERE target = $1 AND migration_id = $2",
-    )
-    .bind(cx.tenant)
-    .bind(m.id())
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db)?;
-    let checkpoint = match cp {
-        Some((checksum, _, _, _, _)) if checksum != m.migration.checksum => {
-            return Err(agent_failure(
-                m,
-                format!(
-                    "its checkpoint on this target was written by another version of it \
-                     (checksum {checksum}); undo the partial change, delete the row from \
-                     flotilla.checkpoints, then run it again"
-                ),
-            ));
-        }
-        Some((_, last_key, rows, batches, age_secs)) => Some(Checkpoint {
-            last_key,
-            rows,
-            batches,
-            age_secs,
-        }),
-        None => None,
-    };
+    let checkpoint = read_checkpoint(conn, cx, m).await?;
 
     // The key: columns of the table, unique, of types with a floor.
     let shape = match keys::inspect(conn, d, None).await.map_err(db)? {
@@ -112,38 +82,7 @@ pub(crate) async fn run_batches(
     let (mut prev, mut rows_total, mut batches) = match &checkpoint {
         Some(c) => (Some(c.last_key.clone()), c.rows, c.batches),
         None => {
-            // A key at the floor, or with a NULL, would never be in a batch: refuse rather
-            // than skip it.
-            let key = d.key_sql();
-            let nulls: Vec<String> = d
-                .key
-                .iter()
-                .map(|c| format!(" OR {} IS NULL", flotilla_proto::sql::quote_ident(c)))
-                .collect();
-            let at_floor: bool = sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT EXISTS (SELECT 1 FROM {table} WHERE {key} <= {floor_lit}{})",
-                nulls.concat()
-            )))
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(db)?;
-            if at_floor {
-                return Err(agent_failure(
-                    m,
-                    format!(
-                        "{table} holds a key {} <= {floor_lit}, the lowest bound of its type, or \
-                         NULL in it; such a row cannot be in a batch",
-                        d.key_text()
-                    ),
-                ));
-            }
-            // The up SQL (if any) runs once, before the first batch.
-            for statement in &m.up {
-                sqlx::raw_sql(AssertSqlSafe(statement.clone()))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| classify(&e, "up"))?;
-            }
+            start_fresh(conn, m, &floor_lit).await?;
             (None, 0, 0)
         }
     };
@@ -152,28 +91,11 @@ pub(crate) async fn run_batches(
               batches = c.batches, "resuming a data change from its checkpoint");
     }
 
-    let mut bucket = (d.rows_per_second > 0).then(|| {
-        let idle = match &checkpoint {
-            Some(c) => Duration::from_secs_f64(c.age_secs.max(0.0)),
-            None => Duration::from_secs(3600),
-        };
-        // holds one batch: a bigger (adapted) batch waits for its debt
-        TokenBucket::new(
-            d.rows_per_second,
-            u64::from(d.batch_size),
-            idle,
-            Instant::now(),
-        )
-    });
-    // The server's budget, shared by every target of the step on this shard.
-    let server_bucket = hooks.filter(|_| d.server_rows_per_second > 0).map(|h| {
-        h.buckets.bucket(
-            &h.plan_id,
-            m.id(),
-            d.server_rows_per_second,
-            u64::from(d.batch_size),
-        )
-    });
+    let mut limits = RowLimits::new(
+        d,
+        checkpoint.as_ref().map(|c| c.age_secs),
+        hooks.map(|h| (h.buckets.as_ref(), h.plan_id.as_str(), m.id())),
+    );
     // the exclusive lower bound after `prev`: the last key done, or the type's floor
     // `prev` is the checkpoint's text of the last key done, exactly as stored (the batch's
     // advance compares it)
@@ -220,20 +142,7 @@ pub(crate) async fn run_batches(
         let Some(upper) = upper.filter(|_| n > 0) else {
             break;
         };
-        let mut wait = Duration::ZERO;
-        if let Some(b) = bucket.as_mut() {
-            wait = wait.max(b.take(n as u64, Instant::now()));
-        }
-        if let Some(b) = &server_bucket {
-            wait = wait.max(
-                b.lock()
-                    .expect("bucket lock")
-                    .take(n as u64, Instant::now()),
-            );
-        }
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+        limits.wait(n as u64).await;
         let upper_lit = shape
             .literal(&decode(&upper)?)
             .map_err(|e| agent_failure(m, e))?;
@@ -254,26 +163,9 @@ pub(crate) async fn run_batches(
         let sql =
             sql::data_batch(cx, m, &bounds).map_err(|e| Failure::agent("batch", e.to_string()))?;
         let began = Instant::now();
-        let mut retries = 0;
-        while let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql.clone()))
-            .execute(&mut *conn)
+        commit_batch(conn, cx, m, &sql)
             .await
-        {
-            let failure = classify(&e, "batch");
-            // the batch's transaction may be open (aborted): end it. If that fails too the
-            // connection is gone, which the caller's cleanup finds and reports.
-            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-            // A serialization failure or a deadlock with the application's sessions undid
-            // the whole batch (its checkpoint too): do it again, after a short backoff.
-            if failure.is_conflict() && retries < BATCH_RETRIES {
-                retries += 1;
-                debug!(migration = m.id(), tenant = cx.tenant, sqlstate = %failure.error.sqlstate,
-                       retries, "batch undone by a conflict; again");
-                tokio::time::sleep(Duration::from_millis(20 << retries)).await;
-                continue;
-            }
-            return Err(stopped_if_server_gone(m, failure, &mut progress, size));
-        }
+            .map_err(|failure| stopped_if_server_gone(m, failure, &mut progress, size))?;
         let took = began.elapsed();
         rows_total += n;
         batches += 1;
@@ -301,6 +193,104 @@ pub(crate) async fn run_batches(
         "data change done"
     );
     Ok(done)
+}
+
+/// Where the change stands on the target, if it ran there before; refused when another
+/// version of the change wrote the checkpoint.
+async fn read_checkpoint(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+) -> Result<Option<Checkpoint>, Failure> {
+    let cp: Option<(String, String, i64, i64, f64)> = sqlx::query_as(
+        "SELECT checksum, last_key, rows, batches, \
+         extract(epoch FROM pg_catalog.clock_timestamp() - updated_at)::float8 \
+         FROM flotilla.checkpoints WHERE target = $1 AND migration_id = $2",
+    )
+    .bind(cx.tenant)
+    .bind(m.id())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| classify(&e, "batch"))?;
+    match cp {
+        Some((checksum, _, _, _, _)) if checksum != m.migration.checksum => Err(agent_failure(
+            m,
+            format!(
+                "its checkpoint on this target was written by another version of it \
+                 (checksum {checksum}); undo the partial change, delete the row from \
+                 flotilla.checkpoints, then run it again"
+            ),
+        )),
+        Some((_, last_key, rows, batches, age_secs)) => Ok(Some(Checkpoint {
+            last_key,
+            rows,
+            batches,
+            age_secs,
+        })),
+        None => Ok(None),
+    }
+}
+
+/// Before the first batch of a change on a target: a key at the floor, or with a NULL,
+/// would never be in a batch, so the change is refused rather than skip the row; then the
+/// up SQL (if any) runs, once.
+async fn start_fresh(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+    floor_lit: &str,
+) -> Result<(), Failure> {
+    let d = m.migration.data.as_ref().expect("a data change");
+    let at_floor: bool = sqlx::query_scalar(AssertSqlSafe(sql::keys_at_floor(d, floor_lit)))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| classify(&e, "batch"))?;
+    if at_floor {
+        return Err(agent_failure(
+            m,
+            format!(
+                "{} holds a key {} <= {floor_lit}, the lowest bound of its type, or \
+                 NULL in it; such a row cannot be in a batch",
+                d.table_sql(),
+                d.key_text()
+            ),
+        ));
+    }
+    for statement in &m.up {
+        sqlx::raw_sql(AssertSqlSafe(statement.clone()))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| classify(&e, "up"))?;
+    }
+    Ok(())
+}
+
+/// Runs one batch's transaction. A serialization failure or a deadlock with the
+/// application's sessions undid the whole batch (its checkpoint too): it is done again,
+/// after a short backoff, up to [`BATCH_RETRIES`] times.
+async fn commit_batch(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    sql: &str,
+) -> Result<(), Failure> {
+    let mut retries = 0;
+    while let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+        .execute(&mut *conn)
+        .await
+    {
+        let failure = classify(&e, "batch");
+        // the batch's transaction may be open (aborted): end it. If that fails too the
+        // connection is gone, which the caller's cleanup finds and reports.
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+        if !failure.is_conflict() || retries >= BATCH_RETRIES {
+            return Err(failure);
+        }
+        retries += 1;
+        debug!(migration = m.id(), tenant = cx.tenant, sqlstate = %failure.error.sqlstate,
+               retries, "batch undone by a conflict; again");
+        tokio::time::sleep(Duration::from_millis(20 << retries)).await;
+    }
+    Ok(())
 }
 
 /// How often a batch undone by a serialization failure or a deadlock is run again.

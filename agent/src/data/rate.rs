@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use flotilla_proto::DataChange;
+
 /// A token bucket of rows: `rate` rows per second, holding at most `capacity` rows (one
 /// batch, so that a batch always fits). Time is passed in, so it is testable.
 #[derive(Debug)]
-pub(crate) struct TokenBucket {
+struct TokenBucket {
     rate: f64,
     capacity: f64,
     tokens: f64,
@@ -51,7 +53,7 @@ impl TokenBucket {
 }
 
 /// One server's row budget for a step, shared by its targets' runs.
-pub(crate) type SharedBucket = Arc<Mutex<TokenBucket>>;
+type SharedBucket = Arc<Mutex<TokenBucket>>;
 
 /// One token bucket per data step for all its targets on this shard's server: the
 /// `server_rows_per_second` budget. A fresh bucket starts empty, so a restarted agent does
@@ -62,7 +64,7 @@ pub(crate) struct ServerBuckets {
 }
 
 impl ServerBuckets {
-    pub fn bucket(&self, plan: &str, migration: &str, rate: u64, capacity: u64) -> SharedBucket {
+    fn bucket(&self, plan: &str, migration: &str, rate: u64, capacity: u64) -> SharedBucket {
         self.buckets
             .lock()
             .expect("buckets lock")
@@ -76,6 +78,64 @@ impl ServerBuckets {
                 )))
             })
             .clone()
+    }
+}
+
+/// The limits one run of a change waits for before each batch: its own rate, and the budget
+/// of its shard's server that it shares with the step's other targets.
+pub(crate) struct RowLimits {
+    own: Option<TokenBucket>,
+    server: Option<SharedBucket>,
+}
+
+impl RowLimits {
+    /// `checkpoint_age`: seconds since a resumed change's checkpoint was written (None for a
+    /// fresh change, whose bucket starts full). `server`: the agent's buckets, the plan and
+    /// the migration (None outside a plan: no server budget).
+    pub fn new(
+        d: &DataChange,
+        checkpoint_age: Option<f64>,
+        server: Option<(&ServerBuckets, &str, &str)>,
+    ) -> RowLimits {
+        let own = (d.rows_per_second > 0).then(|| {
+            let idle = match checkpoint_age {
+                Some(age) => Duration::from_secs_f64(age.max(0.0)),
+                None => Duration::from_secs(3600),
+            };
+            // holds one batch: a bigger (adapted) batch waits for its debt
+            TokenBucket::new(
+                d.rows_per_second,
+                u64::from(d.batch_size),
+                idle,
+                Instant::now(),
+            )
+        });
+        let server =
+            server
+                .filter(|_| d.server_rows_per_second > 0)
+                .map(|(buckets, plan, migration)| {
+                    buckets.bucket(
+                        plan,
+                        migration,
+                        d.server_rows_per_second,
+                        u64::from(d.batch_size),
+                    )
+                });
+        RowLimits { own, server }
+    }
+
+    /// Takes `rows` from both budgets, then waits out the longer of their debts.
+    pub async fn wait(&mut self, rows: u64) {
+        let mut wait = Duration::ZERO;
+        if let Some(b) = self.own.as_mut() {
+            wait = wait.max(b.take(rows, Instant::now()));
+        }
+        if let Some(b) = &self.server {
+            wait = wait.max(b.lock().expect("bucket lock").take(rows, Instant::now()));
+        }
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 

@@ -139,6 +139,21 @@ pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> O
     ))
 }
 
+/// Whether the table holds a key at or below `floor_lit` (the first batch's exclusive lower
+/// bound) or with a NULL in it: such a row would never be in a batch.
+pub(crate) fn keys_at_floor(d: &flotilla_proto::DataChange, floor_lit: &str) -> String {
+    let nulls: String = d
+        .key
+        .iter()
+        .map(|c| format!(" OR {} IS NULL", quote_ident(c)))
+        .collect();
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE {} <= {floor_lit}{nulls})",
+        d.table_sql(),
+        d.key_sql()
+    )
+}
+
 /// ` AND (<filter>)` of a data change, or nothing (a newline ends a trailing comment).
 fn data_filter(d: &flotilla_proto::DataChange) -> String {
     d.filter
