@@ -77,66 +77,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
             }
         }
         let mut durations = vec![Duration::ZERO; group.len()];
-        // a lock timeout is tried again after a pause (see `lock_wait`)
-        let mut attempt = 0u32;
-        let mut backend_pid: Option<i32> = None;
-        // a data change keeps its batches and checkpoint; it is not retried whole
-        let data = group.iter().any(|&g| job.steps[g].migration.data.is_some());
-        let outcome = loop {
-            durations.iter_mut().for_each(|d| *d = Duration::ZERO);
-            let watch = backend_pid.map(|pid| BlockerWatch::start(pool, pid, &job.steps[i]));
-            let outcome = if transactional {
-                run_transaction(conn, &cx, job, &group, &mut durations).await
-            } else {
-                run_non_transactional(
-                    conn,
-                    &cx,
-                    &job.steps[i],
-                    job.hooks.as_deref(),
-                    &mut durations[0],
-                )
-                .await
-            };
-            let blocker = match watch {
-                Some(w) => w.finish().await,
-                None => None,
-            };
-            let lock_timeout = matches!(&outcome, Err(gf) if gf.failure.is_lock_timeout());
-            match outcome {
-                Err(gf) if lock_timeout && !data && attempt < LOCK_RETRIES => {
-                    if recover(conn, gf.in_transaction, !transactional).await {
-                        break Err(gf);
-                    }
-                    attempt += 1;
-                    let pause = LOCK_RETRY_PAUSE * 2u32.pow(attempt - 1);
-                    warn!(
-                        migration = job.steps[group[gf.position]].id(),
-                        attempt,
-                        ?pause,
-                        blocked_by = blocker.as_deref().unwrap_or("?"),
-                        "lock timeout; trying again after a pause"
-                    );
-                    if backend_pid.is_none() {
-                        backend_pid = sqlx::query_scalar("SELECT pg_catalog.pg_backend_pid()")
-                            .fetch_one(&mut *conn)
-                            .await
-                            .ok();
-                    }
-                    tokio::time::sleep(pause).await;
-                }
-                Err(mut gf) if lock_timeout && attempt > 0 => {
-                    gf.failure.error.message = format!(
-                        "{} ({} attempts, each within lock_timeout {}ms){}",
-                        gf.failure.error.message,
-                        attempt + 1,
-                        job.steps[group[gf.position]].lock_timeout_ms,
-                        blocker.map(|b| format!("; {b}")).unwrap_or_default()
-                    );
-                    break Err(gf);
-                }
-                other => break other,
-            }
-        };
+        let outcome = run_group(conn, pool, &cx, job, &group, &mut durations).await;
         let mode = if transactional {
             StepMode::Transactional
         } else {
@@ -216,6 +157,80 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
         broken,
     }
 }
+/// Runs one group of steps (one transaction, or one non-transactional step). A schema
+/// change whose lock times out is tried again after a pause (see `lock_wait`).
+async fn run_group(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    cx: &StepContext<'_>,
+    job: &Job,
+    group: &[usize],
+    durations: &mut [Duration],
+) -> Result<(), GroupFailure> {
+    let i = group[0];
+    let transactional = job.steps[i].is_transactional();
+    // a lock timeout is tried again after a pause (see `lock_wait`)
+    let mut attempt = 0u32;
+    let mut backend_pid: Option<i32> = None;
+    // a data change keeps its batches and checkpoint; it is not retried whole
+    let data = group.iter().any(|&g| job.steps[g].migration.data.is_some());
+    loop {
+        durations.iter_mut().for_each(|d| *d = Duration::ZERO);
+        let watch = backend_pid.map(|pid| BlockerWatch::start(pool, pid, &job.steps[i]));
+        let outcome = if transactional {
+            run_transaction(conn, cx, job, group, durations).await
+        } else {
+            run_non_transactional(
+                conn,
+                cx,
+                &job.steps[i],
+                job.hooks.as_deref(),
+                &mut durations[0],
+            )
+            .await
+        };
+        let blocker = match watch {
+            Some(w) => w.finish().await,
+            None => None,
+        };
+        let lock_timeout = matches!(&outcome, Err(gf) if gf.failure.is_lock_timeout());
+        match outcome {
+            Err(gf) if lock_timeout && !data && attempt < LOCK_RETRIES => {
+                if recover(conn, gf.in_transaction, !transactional).await {
+                    return Err(gf);
+                }
+                attempt += 1;
+                let pause = LOCK_RETRY_PAUSE * 2u32.pow(attempt - 1);
+                warn!(
+                    migration = job.steps[group[gf.position]].id(),
+                    attempt,
+                    ?pause,
+                    blocked_by = blocker.as_deref().unwrap_or("?"),
+                    "lock timeout; trying again after a pause"
+                );
+                if backend_pid.is_none() {
+                    backend_pid = sqlx::query_scalar("SELECT pg_catalog.pg_backend_pid()")
+                        .fetch_one(&mut *conn)
+                        .await
+                        .ok();
+                }
+                tokio::time::sleep(pause).await;
+            }
+            Err(mut gf) if lock_timeout && attempt > 0 => {
+                gf.failure.error.message = format!(
+                    "{} ({} attempts, each within lock_timeout {}ms){}",
+                    gf.failure.error.message,
+                    attempt + 1,
+                    job.steps[group[gf.position]].lock_timeout_ms,
+                    blocker.map(|b| format!("; {b}")).unwrap_or_default()
+                );
+                return Err(gf);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// One transaction for the group: `BEGIN` + fence ride with the first step's query; it ends
 /// in COMMIT, or in PREPARE TRANSACTION for a run to prepare.
 async fn run_transaction(
