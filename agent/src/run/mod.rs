@@ -15,7 +15,7 @@ mod executor;
 mod invalid_index;
 mod job;
 mod lock_wait;
-pub(crate) mod plans;
+mod plans;
 mod resolve;
 mod rollback;
 mod sqlgen;

@@ -25,6 +25,8 @@ pub(crate) use coordinators::Rotation;
 pub(crate) use outbox::Outbox;
 use stream::{Ended, session};
 
+/// A coordinator address as a tonic endpoint; an address that does not parse is a
+/// configuration error (checked for the whole list at start).
 pub(crate) fn endpoint(shard: &str, address: &str) -> Result<Endpoint, AgentError> {
     Endpoint::from_shared(address.to_string())
         .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))

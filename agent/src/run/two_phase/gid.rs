@@ -17,7 +17,7 @@ const PREFLIGHT_PLAN: &str = "preflight";
 /// its plan field is the run's plan (in-doubt resolution reads that plan's decision).
 pub(crate) fn validate_gid(gid: &str, plan_id: &str) -> Result<String, TwoPhaseError> {
     if !gid.starts_with(GID_PREFIX) {
-        return Err(TwoPhaseError::NotFlotillas(gid.escape_debug().to_string()));
+        return Err(TwoPhaseError::ForeignGid(gid.escape_debug().to_string()));
     }
     if gid.len() > GID_MAX_BYTES {
         return Err(TwoPhaseError::TooLong(gid.len()));

@@ -39,7 +39,7 @@ impl Decision {
         }
     }
 
-    pub(super) fn sql(self) -> &'static str {
+    fn sql(self) -> &'static str {
         match self {
             Decision::Commit => "COMMIT PREPARED",
             Decision::Abort => "ROLLBACK PREPARED",
@@ -51,8 +51,9 @@ impl Decision {
 /// coordinator (a Resolve's failed gids, a preflight's answer) as they are.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum TwoPhaseError {
+    /// Other applications' prepared transactions are theirs: Flotilla touches only its own.
     #[error("prepare gid {0:?} does not start with `flotilla:`")]
-    NotFlotillas(String),
+    ForeignGid(String),
     #[error("prepare gid is {0} bytes long; PostgreSQL takes fewer than 200")]
     TooLong(usize),
     #[error(
