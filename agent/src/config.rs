@@ -149,6 +149,14 @@ impl fmt::Debug for AgentConfig {
     }
 }
 
+/// Exponential backoff between `min` and `max`, with jitter (`jitter` in [0, 1)) over the
+/// upper half of the step, so a fleet of agents does not reconnect in lockstep.
+pub(crate) fn backoff_delay(attempt: u32, min: Duration, max: Duration, jitter: f64) -> Duration {
+    let step = min.saturating_mul(1u32 << attempt.min(16)).min(max);
+    let floor = (step / 2).max(min);
+    floor + step.saturating_sub(floor).mul_f64(jitter.clamp(0.0, 1.0))
+}
+
 const REDACTED: &str = "<redacted>";
 
 /// A comma-separated list of addresses, each with its password hidden.
@@ -318,5 +326,26 @@ mod tests {
             redact_list("http://u:pw@c1:7070, http://c2:7070"),
             "http://u:<redacted>@c1:7070,http://c2:7070"
         );
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_in_bounds() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        assert_eq!(backoff_delay(0, min, max, 0.0), min);
+        assert_eq!(
+            backoff_delay(0, min, max, 0.999),
+            Duration::from_millis(100)
+        );
+        assert_eq!(backoff_delay(3, min, max, 0.0), Duration::from_millis(400));
+        assert!(backoff_delay(3, min, max, 0.999) <= Duration::from_millis(800));
+        for attempt in [10, 31, 1000] {
+            for j in [0.0, 0.5, 0.999] {
+                let d = backoff_delay(attempt, min, max, j);
+                assert!(
+                    d >= Duration::from_millis(2500) && d <= max,
+                    "{attempt} {j} {d:?}"
+                );
+            }
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The crate's error type, and the one place where shard errors become step errors.
+//! The crate's error type, and the one place where shard errors become step errors: every
+//! SQLSTATE the agent tells apart is named here.
 use flotilla_proto::pb;
 use sqlx::postgres::PgDatabaseError;
 
@@ -52,7 +53,18 @@ pub const SQLSTATE_FENCED: &str = "FL002";
 /// SQLSTATE raised by `flotilla.check_verify` when a verify query is not true.
 pub const SQLSTATE_VERIFY: &str = "FL003";
 const SQLSTATE_UNIQUE_VIOLATION: &str = "23505";
+/// `lock_not_available`: a lock_timeout (or NOWAIT) gave up.
 const SQLSTATE_LOCK_NOT_AVAILABLE: &str = "55P03";
+/// `undefined_object`: COMMIT/ROLLBACK PREPARED of a gid that is not (or no longer) prepared.
+pub(crate) const SQLSTATE_UNDEFINED_OBJECT: &str = "42704";
+/// `serialization_failure` and `deadlock_detected`: the transaction was undone by a
+/// conflict with another session, and doing it again may well succeed.
+const SQLSTATE_CONFLICTS: [&str; 2] = ["40001", "40P01"];
+/// `admin_shutdown`, `crash_shutdown`, `cannot_connect_now`: the server went away (or is
+/// not back yet).
+const SQLSTATE_SERVER_GONE: [&str; 3] = ["57P01", "57P02", "57P03"];
+/// Class 28, `invalid_authorization_specification`: waiting does not make it better.
+const SQLSTATE_CLASS_AUTH: &str = "28";
 /// Why a step's fence check can time out: the older epoch's transactions hold the fence row.
 const FENCE_HELD: &str = "the shard's fence row is held by a transaction of an older epoch: a step still \
      running, or a prepared transaction waiting for its plan's decision (see pg_prepared_xacts); \
@@ -83,6 +95,40 @@ impl Failure {
             connection_lost: false,
         }
     }
+}
+
+impl Failure {
+    /// Undone by a serialization failure or a deadlock: worth doing again.
+    pub fn is_conflict(&self) -> bool {
+        SQLSTATE_CONFLICTS.contains(&self.error.sqlstate.as_str())
+    }
+
+    /// The shard's server went away (or its connection did): what was in flight is undone
+    /// or unknown, and the server may answer again later.
+    pub fn server_gone(&self) -> bool {
+        self.connection_lost || SQLSTATE_SERVER_GONE.contains(&self.error.sqlstate.as_str())
+    }
+
+    pub fn is_lock_timeout(&self) -> bool {
+        self.error.sqlstate == SQLSTATE_LOCK_NOT_AVAILABLE
+    }
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// The shard refused the agent's credentials.
+pub(crate) fn is_auth_failure(e: &sqlx::Error) -> bool {
+    sqlstate(e).is_some_and(|c| c.starts_with(SQLSTATE_CLASS_AUTH))
+}
+
+/// A lock_timeout gave up.
+pub(crate) fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    sqlstate(e).as_deref() == Some(SQLSTATE_LOCK_NOT_AVAILABLE)
 }
 
 /// Maps a shard error to a step error. `phase` is what was running ("up" or "down") when the

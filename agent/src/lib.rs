@@ -19,7 +19,7 @@
 //! - `agent::before_rollback_step`: `return[(msg)]` fails the undo of a step.
 //! - `agent::before_send_results`: `return` drops the coordinator stream before sending
 //!   buffered results; they are sent after the next Hello.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -33,31 +33,25 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, instrument, warn};
 
 mod config;
-mod control;
-mod coordinators;
 mod data;
 mod error;
-mod executor;
-mod job;
-mod keys;
-mod liveness;
+mod etcd;
 pub mod metrics;
-mod outbox;
-mod plans;
-mod rollback;
+mod run;
 mod session;
 mod shard;
-mod shard_lock;
-mod sqlgen;
-mod two_phase;
+mod step;
 
 pub use config::{AgentConfig, redact_dsn};
 pub use error::AgentError;
 
-use crate::coordinators::Rotation;
-use crate::plans::Plan;
-use crate::session::Outgoing;
+use crate::data::{ProgressBoard, ServerBuckets};
+use crate::etcd::liveness;
+use crate::run::two_phase::{Decisions, GidClaims};
+use crate::run::{Outgoing, Plan, ScanLog};
+use crate::session::Rotation;
 use crate::shard::TenantSource;
+use crate::shard::lock as shard_lock;
 
 /// How long in-flight runs get to finish once shutdown is asked for; after that they are
 /// abandoned (their open transactions roll back on the shard).
@@ -86,14 +80,14 @@ pub(crate) struct Agent {
     /// (see `shard_lock`).
     pub shard_lock: watch::Receiver<bool>,
     /// Reads plans' commit decisions from etcd (None without etcd).
-    decisions: Option<two_phase::Decisions>,
+    decisions: Option<Decisions>,
     /// Prepare gids of the runs queued or running (see `two_phase::GidClaim`).
-    gids_in_flight: Arc<Mutex<HashSet<String>>>,
-    scan_log: Mutex<two_phase::ScanLog>,
+    gids_in_flight: GidClaims,
+    scan_log: Mutex<ScanLog>,
     /// Data changes' progress, sent with every heartbeat.
-    pub progress: Arc<control::ProgressBoard>,
+    pub progress: Arc<ProgressBoard>,
     /// Row budgets shared by the targets of a data step on this server.
-    pub buckets: Arc<control::ServerBuckets>,
+    pub buckets: Arc<ServerBuckets>,
 }
 
 /// Runs an agent until `shutdown` resolves: connects to the shard (waiting for it to come
@@ -147,6 +141,7 @@ async fn run(
     let result = serve(config, pool, held, rotation, cancel).await;
     // released last, once nothing of this agent runs on the shard any more
     stop_lock.cancel();
+    // Err only if the guard task panicked: the lock's session is gone with it either way
     let _ = guard.await;
     result
 }
@@ -178,7 +173,7 @@ async fn serve(
     let stop_liveness = CancellationToken::new();
     let liveness = liveness::spawn(&config, stop_liveness.clone());
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
-    let decisions = two_phase::Decisions::from_config(&config);
+    let decisions = Decisions::from_config(&config);
     let agent = Arc::new(Agent {
         slots: Arc::new(Semaphore::new(config.max_connections as usize)),
         config,
@@ -194,8 +189,8 @@ async fn serve(
         abort: CancellationToken::new(),
         shard_lock,
         decisions,
-        gids_in_flight: Arc::new(Mutex::new(HashSet::new())),
-        scan_log: Mutex::new(two_phase::ScanLog::default()),
+        gids_in_flight: GidClaims::default(),
+        scan_log: Mutex::new(ScanLog::default()),
         progress: Arc::default(),
         buckets: Arc::default(),
     });
@@ -209,11 +204,13 @@ async fn serve(
     {
         warn!("work still running after the grace period; abandoning it");
         agent.abort.cancel();
+        // whatever still runs now ends with the pool (its open transactions roll back)
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait()).await;
     }
     pool.close().await;
     stop_liveness.cancel();
     if let Some(liveness) = liveness {
+        // Err only if the task panicked: its lease then expires with its TTL
         let _ = liveness.await;
     }
     Ok(())
@@ -238,108 +235,18 @@ impl Agent {
         self.tenants.lock().expect("tenants lock").clone()
     }
 
-    /// Fresh tenants and the journal rows of the asked migrations; with `two_phase`, whether
-    /// the shard can prepare transactions.
-    #[instrument(skip_all, fields(shard = %self.config.shard, request = req.request_id))]
-    pub(crate) async fn preflight(&self, req: pb::PreflightRequest) -> pb::PreflightReply {
-        let mut errors = Vec::new();
-        let tenants = match self.refresh_tenants().await {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(format!(
-                    "shard {}: discovering tenants: {e}",
-                    self.config.shard
-                ));
-                self.known_tenants()
-            }
-        };
-        let applied = match shard::read_for_preflight(&self.pool, &req.migration_ids).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                warn!(error = %e, "reading the journal for a preflight failed");
-                errors.push(format!(
-                    "shard {}: reading the journal: {e}",
-                    self.config.shard
-                ));
-                Vec::new()
-            }
-        };
-        let two_phase_error = if req.two_phase {
-            match self.check_two_phase().await {
-                Ok(()) => String::new(),
-                Err(e) => {
-                    warn!(error = %e, "this shard cannot take part in two-phase commit");
-                    e
-                }
-            }
-        } else {
-            String::new()
-        };
-        let data_problems = self.check_data(&req.data_migrations, &tenants).await;
-        pb::PreflightReply {
-            data_problems,
-            two_phase_error,
-            request_id: req.request_id,
-            tenants,
-            applied,
-            error: errors.join("; "),
+    /// Waits until the agent holds its shard's lock (at once, almost always). False when the
+    /// agent stops first.
+    pub(crate) async fn may_apply(&self) -> bool {
+        let mut held = self.shard_lock.clone();
+        if *held.borrow_and_update() {
+            return true;
         }
-    }
-}
-
-impl Agent {
-    /// The data migrations' tables and keys on every target of the shard (the shard itself
-    /// and each tenant): what is wrong where. A check that cannot run is a problem too.
-    async fn check_data(
-        &self,
-        migrations: &[pb::Migration],
-        tenants: &[pb::Tenant],
-    ) -> Vec<pb::DataProblem> {
-        let mut problems = Vec::new();
-        if migrations.is_empty() {
-            return problems;
+        info!("waiting for the shard's agent lock before applying");
+        tokio::select! {
+            r = held.wait_for(|h| *h) => r.is_ok(),
+            () = self.cancel.cancelled() => false,
         }
-        let failed = |id: &str, e: String| pb::DataProblem {
-            migration_id: id.to_string(),
-            kind: "error".into(),
-            message: format!(
-                "checking its table and key on shard {}: {e}",
-                self.config.shard
-            ),
-            ..Default::default()
-        };
-        let mut conn = match self.pool.acquire().await {
-            Ok(c) => c,
-            Err(e) => {
-                return migrations
-                    .iter()
-                    .map(|m| failed(&m.id, e.to_string()))
-                    .collect();
-            }
-        };
-        for m in migrations {
-            let Some(d) = flotilla_proto::Migration::try_from(m.clone())
-                .ok()
-                .and_then(|m| m.data)
-            else {
-                continue;
-            };
-            let targets = std::iter::once("").chain(tenants.iter().map(|t| t.name.as_str()));
-            for tenant in targets {
-                match keys::inspect(&mut conn, &d, Some(tenant)).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(p)) => problems.push(p.to_pb(&m.id, tenant)),
-                    Err(e) => {
-                        problems.push(pb::DataProblem {
-                            tenant: tenant.to_string(),
-                            ..failed(&m.id, e.to_string())
-                        });
-                        break;
-                    }
-                }
-            }
-        }
-        problems
     }
 }
 

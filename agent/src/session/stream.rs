@@ -1,6 +1,5 @@
-//! The agent's stream to the coordinator: Hello, heartbeats, dispatch of what arrives,
-//! batched results, and reconnecting when the stream is lost: to the next coordinator of the
-//! list, or to the leader a follower named, with a backoff once a whole round failed.
+//! One stream to a coordinator, from Hello to its end: heartbeats (and the silence that
+//! ends a stream), batched results, and what arrives handed to `dispatch`.
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,43 +14,23 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::transport::Endpoint;
-use tracing::{Instrument, debug, info, instrument, warn};
+use tracing::{info, warn};
 
-use crate::config::{redact_dsn, redact_list};
-use crate::coordinators::{Rotation, refusal};
-use crate::error::AgentError;
-use crate::outbox::FLUSH_RUNS;
-pub(crate) use crate::outbox::{Outbox, Outgoing};
+use super::coordinators::refusal;
+use super::dispatch::dispatch;
+use super::outbox::{FLUSH_RUNS, Outbox, StreamGone};
 use crate::{Agent, metrics};
 
-/// Messages queued toward the coordinator before the agent holds back.
 /// How long connecting to a coordinator and attaching may take.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Messages queued toward the coordinator before the agent holds back.
 const OUTBOUND_CAPACITY: usize = 1024;
 /// How long a Hello waits for tenant discovery before using the last list.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long resolving in-doubt prepared transactions may hold up a connection attempt.
 const IN_DOUBT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Exponential backoff between `min` and `max`, with jitter (`jitter` in [0, 1)) over the
-/// upper half of the step, so a fleet of agents does not reconnect in lockstep.
-pub(crate) fn backoff_delay(attempt: u32, min: Duration, max: Duration, jitter: f64) -> Duration {
-    let step = min.saturating_mul(1u32 << attempt.min(16)).min(max);
-    let floor = (step / 2).max(min);
-    floor + step.saturating_sub(floor).mul_f64(jitter.clamp(0.0, 1.0))
-}
-
-pub(crate) fn endpoint(shard: &str, address: &str) -> Result<Endpoint, AgentError> {
-    Endpoint::from_shared(address.to_string())
-        .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
-        .map_err(|e| AgentError::Coordinator {
-            shard: shard.to_string(),
-            address: address.to_string(),
-            reason: format!("not a valid address: {e}"),
-        })
-}
-
-enum Ended {
+pub(super) enum Ended {
     Shutdown,
     Lost {
         welcomed: bool,
@@ -78,62 +57,6 @@ impl Ended {
     }
 }
 
-/// Keeps a stream to a coordinator (the leader) open until shutdown.
-#[instrument(skip_all, fields(shard = %agent.config.shard))]
-pub(crate) async fn run(agent: Arc<Agent>, mut outbox: Outbox, mut rotation: Rotation) {
-    let mut attempt = 0u32;
-    loop {
-        let address = rotation.next_address();
-        let shown = redact_dsn(&address);
-        let ended = match endpoint(&agent.config.shard, &address) {
-            Ok(endpoint) => session(&agent, &mut outbox, &endpoint, &shown).await,
-            // only a leader named by a refusal can be invalid: the list was checked at start
-            Err(e) => Ended::Lost {
-                welcomed: false,
-                reason: e.to_string(),
-            },
-        };
-        let (welcomed, follow) = match ended {
-            Ended::Shutdown => return,
-            Ended::Lost { welcomed, reason } => {
-                warn!(coordinator = %shown, %reason, "coordinator stream lost");
-                (welcomed, false)
-            }
-            Ended::NotLeader { welcomed, leader } => {
-                let follow = rotation.refused(&address, leader.clone());
-                let leader = leader.as_deref().map_or("unknown".into(), redact_dsn);
-                info!(coordinator = %shown, %leader, follow, "the coordinator is not the leader");
-                (welcomed, follow)
-            }
-        };
-        metrics::coordinator_connected(false);
-        if welcomed {
-            attempt = 0;
-            rotation.new_round();
-        }
-        if follow || (!welcomed && !rotation.round_failed()) {
-            // the named leader, or the next coordinator of the round, right away
-            continue;
-        }
-        // a full round failed (or a welcomed stream ended): pause before the next round
-        let delay = backoff_delay(
-            attempt,
-            agent.config.reconnect_min,
-            agent.config.reconnect_max,
-            rand::random(),
-        );
-        if !welcomed {
-            warn!(coordinators = %redact_list(&agent.config.coordinator), attempt, ?delay, "no coordinator took the agent; retrying");
-            attempt = attempt.saturating_add(1);
-        }
-        rotation.new_round();
-        tokio::select! {
-            () = tokio::time::sleep(delay) => metrics::reconnected(),
-            () = agent.cancel.cancelled() => return,
-        }
-    }
-}
-
 /// An error with its sources (tonic's transport error alone says only "transport error").
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -153,7 +76,7 @@ fn unix_ms() -> u64 {
 }
 
 /// One stream, from Hello to its end.
-async fn session(
+pub(super) async fn session(
     agent: &Arc<Agent>,
     outbox: &mut Outbox,
     endpoint: &Endpoint,
@@ -191,6 +114,7 @@ async fn session(
         version: env!("CARGO_PKG_VERSION").to_string(),
         max_lanes: agent.config.max_connections,
     };
+    // cannot fail: the channel is new, empty and its receiver is still here
     let _ = tx.try_send(pb::AgentMessage {
         body: Some(Out::Hello(hello)),
     });
@@ -246,23 +170,23 @@ async fn session(
                 outbox.push(item);
                 if welcomed
                     && outbox.runs.len() >= FLUSH_RUNS
-                    && let Err(reason) = flush(agent, outbox, &tx)
+                    && let Err(gone) = flush(agent, outbox, &tx)
                 {
-                    return lost(welcomed, reason);
+                    return lost(welcomed, gone.to_string());
                 }
             }
             () = sleep_until(due), if due.is_some() => {
-                if let Err(reason) = flush(agent, outbox, &tx) {
-                    return lost(welcomed, reason);
+                if let Err(gone) = flush(agent, outbox, &tx) {
+                    return lost(welcomed, gone.to_string());
                 }
             }
             () = sleep_until(silent_at), if silent_at.is_some() => {
                 return lost(welcomed, format!("no word from the coordinator for {:?}", interval * 3));
             }
             _ = heartbeat.tick() => {
-                let beat = heartbeat_message(if welcomed { agent.progress.take_changed() } else { Vec::new() });
-                if let Err(TrySendError::Closed(_)) = tx.try_send(beat) {
-                    return lost(welcomed, "the stream to the coordinator closed".into());
+                let data = if welcomed { agent.progress.take_changed() } else { Vec::new() };
+                if let Err(gone) = send_heartbeat(agent, &tx, data) {
+                    return lost(welcomed, gone.to_string());
                 }
             }
         }
@@ -292,23 +216,36 @@ fn flush(
     agent: &Agent,
     outbox: &mut Outbox,
     tx: &mpsc::Sender<pb::AgentMessage>,
-) -> Result<(), String> {
+) -> Result<(), StreamGone> {
     let data = agent.progress.take_changed();
     if !data.is_empty() {
-        match tx.try_send(heartbeat_message(data)) {
-            Ok(()) => {}
-            Err(TrySendError::Closed(_)) => {
-                return Err("the stream to the coordinator closed".into());
-            }
-            // the stream is backed up: the next heartbeat takes them
-            Err(TrySendError::Full(beat)) => {
-                if let Some(Out::Heartbeat(hb)) = beat.body {
-                    agent.progress.put_back(hb.data);
-                }
-            }
-        }
+        send_heartbeat(agent, tx, data)?;
     }
     outbox.flush(tx)
+}
+
+/// Sends a heartbeat with `data`, the progress taken from the board. Progress that does not
+/// go out goes back on the board, so it is not lost (a change that ended is on the board
+/// only until its last state is handed out): a backed-up stream sends it with the next
+/// heartbeat, and the next stream after its Welcome.
+fn send_heartbeat(
+    agent: &Agent,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    data: Vec<pb::DataProgress>,
+) -> Result<(), StreamGone> {
+    let (beat, gone) = match tx.try_send(heartbeat_message(data)) {
+        Ok(()) => return Ok(()),
+        Err(TrySendError::Full(beat)) => (beat, false),
+        Err(TrySendError::Closed(beat)) => (beat, true),
+    };
+    if let Some(Out::Heartbeat(hb)) = beat.body {
+        agent.progress.put_back(hb.data);
+    }
+    if gone {
+        Err(StreamGone::Closed)
+    } else {
+        Ok(())
+    }
 }
 
 /// A heartbeat carrying the data changes' progress that changed since the last one.
@@ -324,92 +261,5 @@ fn heartbeat_message(data: Vec<pb::DataProgress>) -> pb::AgentMessage {
 async fn sleep_until(due: Option<Instant>) {
     if let Some(due) = due {
         tokio::time::sleep_until(due).await;
-    }
-}
-
-/// Hands one coordinator message to the part of the agent that owns it.
-fn dispatch(agent: &Arc<Agent>, body: In, tx: &mpsc::Sender<pb::AgentMessage>) {
-    match body {
-        In::Welcome(_) | In::Heartbeat(_) => {}
-        In::Resolve(req) => {
-            let agent2 = agent.clone();
-            agent.tasks.spawn(async move {
-                let outbox = agent2.outbox.clone();
-                let reply = agent2.resolve(req).await;
-                // through the outbox: after the results queued before it, kept across streams
-                let _ = outbox.send(Outgoing::Resolve(reply));
-            });
-        }
-        In::Plan(def) => agent.define_plan(def),
-        In::Assign(assign) => agent.assign(assign),
-        In::Halt(halt) => agent.halt(&agent.plan(&halt.plan_id)),
-        In::Pause(pause) => {
-            let plan = agent.plan(&pause.plan_id);
-            tracing::info!(plan = %pause.plan_id, paused = pause.paused, "pause changed");
-            plan.control.send_modify(|c| {
-                c.paused = pause.paused.then(|| {
-                    if pause.reason.is_empty() {
-                        "paused by an operator".to_string()
-                    } else {
-                        pause.reason.clone()
-                    }
-                })
-            });
-        }
-        In::Preflight(req) => {
-            let agent2 = agent.clone();
-            let tx = tx.clone();
-            let span = tracing::info_span!("preflight", shard = %agent.config.shard, request = req.request_id);
-            agent.tasks.spawn(
-                async move {
-                    let reply = agent2.preflight(req).await;
-                    // a reply for a stream that is gone is dropped: its request went with it
-                    if tx
-                        .send(pb::AgentMessage {
-                            body: Some(Out::Preflight(reply)),
-                        })
-                        .await
-                        .is_err()
-                    {
-                        debug!("preflight reply dropped: the stream is gone");
-                    }
-                }
-                .instrument(span),
-            );
-        }
-        In::Rollback(req) => {
-            let agent2 = agent.clone();
-            agent.tasks.spawn(async move {
-                let outbox = agent2.outbox.clone();
-                let reply = agent2.rollback(req).await;
-                let _ = outbox.send(Outgoing::Rollback(reply));
-            });
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_stays_in_bounds() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
-        assert_eq!(backoff_delay(0, min, max, 0.0), min);
-        assert_eq!(
-            backoff_delay(0, min, max, 0.999),
-            Duration::from_millis(100)
-        );
-        assert_eq!(backoff_delay(3, min, max, 0.0), Duration::from_millis(400));
-        assert!(backoff_delay(3, min, max, 0.999) <= Duration::from_millis(800));
-        for attempt in [10, 31, 1000] {
-            for j in [0.0, 0.5, 0.999] {
-                let d = backoff_delay(attempt, min, max, j);
-                assert!(
-                    d >= Duration::from_millis(2500) && d <= max,
-                    "{attempt} {j} {d:?}"
-                );
-            }
-        }
     }
 }

@@ -1,16 +1,67 @@
-//! A run as the agent holds it between Assign and result: validated against its plan,
-//! with what the journal already holds, and how its outcome goes on the wire.
+//! A plan's definition and a run as the agent holds it between Assign and result: validated
+//! against its plan, with what the journal already holds, and how its outcome goes on the
+//! wire. The types the executor, the scheduler, two-phase commit and undo share.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::pb;
+use flotilla_proto::{Migration, pb};
 
+use super::two_phase::{GidClaim, validate_gid};
+use crate::data::DataHooks;
 use crate::error::Failure;
 use crate::metrics::StepOutcome;
-use crate::plans::PlanDef;
-use crate::sqlgen::{PreparedMigration, quote_literal};
-use crate::two_phase::{GidClaim, validate_gid};
+use crate::step::{BuildError, PreparedMigration, quote_literal};
+
+/// A plan's migrations, validated and prepared on receipt.
+#[derive(Debug)]
+pub(crate) struct PlanDef {
+    pub plan_id: String,
+    pub plan_lit: String,
+    pub migrations: HashMap<String, Arc<PreparedMigration>>,
+}
+
+/// Why a plan definition did not validate.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum DefinitionError {
+    #[error(transparent)]
+    Migration(#[from] flotilla_proto::PlanError),
+    #[error(transparent)]
+    Sql(#[from] BuildError),
+}
+
+/// Why a plan's runs cannot be run or undone here.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum PlanError {
+    #[error("the definition of plan {plan} is invalid: {source}")]
+    Invalid {
+        plan: String,
+        source: DefinitionError,
+    },
+    #[error("no definition of plan {0} was received")]
+    Missing(String),
+}
+
+impl PlanDef {
+    pub fn from_pb(def: pb::PlanDefinition) -> Result<PlanDef, DefinitionError> {
+        let mut migrations = HashMap::with_capacity(def.migrations.len());
+        for m in def.migrations {
+            let id = m.id.clone();
+            let m = Migration::try_from(m)?;
+            let prepared = PreparedMigration::new(
+                m,
+                def.default_lock_timeout_ms,
+                def.default_statement_timeout_ms,
+            )?;
+            migrations.insert(id, Arc::new(prepared));
+        }
+        Ok(PlanDef {
+            plan_lit: quote_literal(&def.plan_id)?,
+            plan_id: def.plan_id,
+            migrations,
+        })
+    }
+}
 
 /// The gid a run's transaction is prepared under, as given and quoted.
 pub(crate) struct PrepareGid {
@@ -34,7 +85,7 @@ pub(crate) struct Job {
     /// Held while the run is queued or running, so a resent copy does not run beside it.
     pub claim: Option<GidClaim>,
     /// For runs with a data change: pause/halt, the server's budget, the progress board.
-    pub hooks: Option<Arc<crate::control::DataHooks>>,
+    pub hooks: Option<Arc<DataHooks>>,
 }
 
 impl Job {
@@ -62,7 +113,7 @@ impl Job {
         }
         let tenant_lit = match quote_literal(&run.tenant) {
             Ok(lit) => lit,
-            Err(reason) => return fail(run, reason),
+            Err(reason) => return fail(run, reason.to_string()),
         };
         let prepare = if run.prepare_gid.is_empty() {
             None
@@ -70,7 +121,7 @@ impl Job {
             let fail = |run, msg: String| Err(Box::new((run, Failure::agent("prepare", msg))));
             let lit = match validate_gid(&run.prepare_gid, &plan.plan_id) {
                 Ok(lit) => lit,
-                Err(reason) => return fail(run, reason),
+                Err(reason) => return fail(run, reason.to_string()),
             };
             if let Some(m) = steps.iter().find(|m| !m.is_transactional()) {
                 let msg = format!(

@@ -6,57 +6,29 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use flotilla_proto::{Migration, pb};
+use flotilla_proto::pb;
 use futures::FutureExt;
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, info_span, instrument, warn};
 
-use crate::error::Failure;
-use crate::executor;
-use crate::job::{self, Job};
-use crate::sqlgen::{PreparedMigration, quote_literal};
-use crate::{Agent, metrics, shard, two_phase};
-
-/// A plan's migrations, validated and prepared on receipt.
-#[derive(Debug)]
-pub(crate) struct PlanDef {
-    pub plan_id: String,
-    pub plan_lit: String,
-    pub migrations: HashMap<String, Arc<PreparedMigration>>,
-}
-
-impl PlanDef {
-    pub fn from_pb(def: pb::PlanDefinition) -> Result<PlanDef, String> {
-        let mut migrations = HashMap::with_capacity(def.migrations.len());
-        for m in def.migrations {
-            let id = m.id.clone();
-            let m = Migration::try_from(m).map_err(|e| e.to_string())?;
-            let prepared = PreparedMigration::new(
-                m,
-                def.default_lock_timeout_ms,
-                def.default_statement_timeout_ms,
-            )?;
-            migrations.insert(id, Arc::new(prepared));
-        }
-        Ok(PlanDef {
-            plan_lit: quote_literal(&def.plan_id)?,
-            plan_id: def.plan_id,
-            migrations,
-        })
-    }
-}
+use super::job::{self, DefinitionError, Job, PlanDef, PlanError};
+use super::two_phase::prepared_among;
+use super::{Outgoing, executor};
+use crate::data::{DataHooks, PlanControl};
+use crate::error::{Failure, classify, is_lock_timeout};
+use crate::{Agent, metrics, shard};
 
 /// One plan's state on this shard.
 pub(crate) struct Plan {
     pub id: String,
     /// None until a PlanDefinition arrives; Err when it did not validate.
-    definition: Mutex<Option<Result<Arc<PlanDef>, String>>>,
+    definition: Mutex<Option<Result<Arc<PlanDef>, DefinitionError>>>,
     state: Mutex<PlanState>,
     changed: Notify,
     /// Pause and halt, as running data changes see them between batches.
-    pub control: tokio::sync::watch::Sender<crate::control::PlanControl>,
+    pub control: tokio::sync::watch::Sender<PlanControl>,
 }
 
 #[derive(Default)]
@@ -70,14 +42,14 @@ struct PlanState {
 }
 
 impl Plan {
-    pub fn definition(&self) -> Result<Arc<PlanDef>, String> {
+    pub fn definition(&self) -> Result<Arc<PlanDef>, PlanError> {
         match &*self.definition.lock().expect("plan lock") {
             Some(Ok(def)) => Ok(def.clone()),
-            Some(Err(e)) => Err(format!(
-                "the definition of plan {} is invalid: {e}",
-                self.id
-            )),
-            None => Err(format!("no definition of plan {} was received", self.id)),
+            Some(Err(e)) => Err(PlanError::Invalid {
+                plan: self.id.clone(),
+                source: e.clone(),
+            }),
+            None => Err(PlanError::Missing(self.id.clone())),
         }
     }
 
@@ -132,7 +104,7 @@ impl Agent {
             };
             metrics::step_finished(outcome);
         }
-        let _ = self.outbox.send(crate::session::Outgoing::Run {
+        self.send_out(Outgoing::Run {
             plan_id: plan_id.to_string(),
             result,
         });
@@ -152,7 +124,7 @@ impl Agent {
             Err(message) => {
                 warn!(%message, "runs assigned for a plan without a valid definition");
                 for run in &assign.runs {
-                    let failure = Failure::agent("definition", message.clone());
+                    let failure = Failure::agent("definition", message.to_string());
                     self.report(&plan.id, job::all_failed(run, &failure));
                 }
                 return;
@@ -179,7 +151,7 @@ impl Agent {
         halts: u64,
     ) {
         let mut jobs = Vec::with_capacity(runs.len());
-        let hooks = Arc::new(crate::control::DataHooks {
+        let hooks = Arc::new(DataHooks {
             plan_id: plan.id.clone(),
             shard: self.config.shard.clone(),
             control: plan.control.subscribe(),
@@ -193,7 +165,7 @@ impl Agent {
                         job.hooks = Some(hooks.clone());
                     }
                     if let Some(p) = &job.prepare {
-                        match self.claim_gid(&p.gid) {
+                        match self.gids_in_flight.claim(&p.gid) {
                             Some(claim) => job.claim = Some(claim),
                             None => {
                                 debug!(gid = %p.gid, run = job.run.run_id, "a run with this gid is already queued or running; its result answers");
@@ -220,7 +192,7 @@ impl Agent {
         let prepared = if gids.is_empty() {
             HashSet::new()
         } else {
-            match two_phase::prepared_among(&self.pool, &gids).await {
+            match prepared_among(&self.pool, &gids).await {
                 Ok(found) => found,
                 Err(error) => {
                     // a copy that runs again fails on the prepared one's locks or gid, and
@@ -300,8 +272,7 @@ impl Agent {
                 self.fence_advanced.fetch_max(epoch, Ordering::Relaxed);
             }
             Err(error) => {
-                let lock_timeout = matches!(&error, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"));
-                if lock_timeout {
+                if is_lock_timeout(&error) {
                     warn!(
                         epoch,
                         "could not advance the shard's fence: a prepared transaction of an older epoch holds it until it is resolved"
@@ -377,7 +348,7 @@ impl Agent {
             match self.pool.acquire().await {
                 Ok(c) => *conn = Some(c),
                 Err(e) => {
-                    let failure = crate::error::classify(&e, "connect");
+                    let failure = classify(&e, "connect");
                     warn!(tenant = %job.tenant, error = %failure.error.message, "no shard connection for the run");
                     return Some(job::all_failed(&job.run, &failure));
                 }

@@ -21,10 +21,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, backoff_delay};
 use crate::error::AgentError;
-use crate::session::backoff_delay;
-use crate::{Agent, metrics};
+use crate::metrics;
 
 const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext('flotilla.agent'))";
 const UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext('flotilla.agent'))";
@@ -58,6 +57,7 @@ async fn try_lock(options: &PgConnectOptions) -> Result<Attempt, sqlx::Error> {
         return Ok(Attempt::Held(conn));
     }
     let holder = describe_holder(&mut conn).await;
+    // it holds nothing: dropping it unclosed would only leave the server to notice
     let _ = conn.close().await;
     Ok(Attempt::Taken(holder))
 }
@@ -89,7 +89,7 @@ async fn describe_holder(conn: &mut PgConnection) -> String {
 
 /// Takes the shard's agent lock at start. Err(ShardTaken) when another agent holds it.
 pub(crate) async fn acquire(config: &AgentConfig) -> Result<PgConnection, AgentError> {
-    let options = crate::shard::connect_options(config)?;
+    let options = super::connect_options(config)?;
     match try_lock(&options).await {
         Ok(Attempt::Held(conn)) => {
             metrics::shard_lock_held(true);
@@ -115,7 +115,7 @@ pub(crate) fn guard(
     conn: PgConnection,
     stop: CancellationToken,
 ) -> Result<(watch::Receiver<bool>, JoinHandle<()>), AgentError> {
-    let options = crate::shard::connect_options(config)?;
+    let options = super::connect_options(config)?;
     let (held, rx) = watch::channel(true);
     let (min, max) = (config.reconnect_min, config.reconnect_max);
     let span = tracing::info_span!("shard_lock", shard = %config.shard);
@@ -171,7 +171,8 @@ pub(crate) fn guard(
         held.send_replace(false);
         metrics::shard_lock_held(false);
         if let Some(mut c) = conn {
-            // released explicitly so a successor can take it as soon as we return
+            // released explicitly so a successor can take it as soon as we return; if that
+            // fails, the session's end releases it as well
             let _ = tokio::time::timeout(CHECK_TIMEOUT, sqlx::query(UNLOCK).execute(&mut c)).await;
             let _ = tokio::time::timeout(CHECK_TIMEOUT, c.close()).await;
             info!("released the shard's agent lock");
@@ -181,20 +182,4 @@ pub(crate) fn guard(
         rx,
         tokio::spawn(tracing::Instrument::instrument(task, span)),
     ))
-}
-
-impl Agent {
-    /// Waits until the agent holds its shard's lock (at once, almost always). False when the
-    /// agent stops first.
-    pub(crate) async fn may_apply(&self) -> bool {
-        let mut held = self.shard_lock.clone();
-        if *held.borrow_and_update() {
-            return true;
-        }
-        info!("waiting for the shard's agent lock before applying");
-        tokio::select! {
-            r = held.wait_for(|h| *h) => r.is_ok(),
-            () = self.cancel.cancelled() => false,
-        }
-    }
 }

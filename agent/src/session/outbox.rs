@@ -8,21 +8,23 @@ use flotilla_proto::pb::agent_message::Body as Out;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
+use tracing::warn;
+
+use crate::run::Outgoing;
 
 /// Results are sent at most this long after the first of a batch is ready...
 const FLUSH_AFTER: Duration = Duration::from_millis(25);
 /// ...or as soon as this many runs are waiting.
 pub(crate) const FLUSH_RUNS: usize = 128;
 
-/// What the agent's tasks hand to the session for sending, kept across reconnects.
-#[derive(Debug)]
-pub(crate) enum Outgoing {
-    Run {
-        plan_id: String,
-        result: pb::RunResult,
-    },
-    Rollback(pb::RollbackReply),
-    Resolve(pb::ResolveReply),
+/// Why nothing more can be sent on this stream (what was not sent waits for the next one).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StreamGone {
+    #[error("the stream to the coordinator closed")]
+    Closed,
+    /// `agent::before_send_results` (feature `testing`) dropped the stream.
+    #[error("failpoint agent::before_send_results")]
+    Failpoint,
 }
 
 /// Results waiting for the coordinator. They outlive a stream: whatever was not sent goes
@@ -84,11 +86,33 @@ impl Outbox {
             }));
     }
 
+    /// The agent is stopping with results still here: they never reach a coordinator from
+    /// this process, so each is logged (the shard's journal holds what was applied).
+    pub fn abandon(&mut self) {
+        while let Ok(item) = self.rx.try_recv() {
+            self.push(item);
+        }
+        self.batch();
+        for msg in self.ready.drain(..) {
+            match msg.body {
+                Some(Out::Results(r)) => {
+                    warn!(plan = %r.plan_id, runs = r.runs.len(), "run results not sent: the agent is stopping")
+                }
+                Some(Out::Rollback(r)) => {
+                    warn!(plan = %r.plan_id, complete = r.complete, "rollback reply not sent: the agent is stopping")
+                }
+                Some(Out::Resolve(r)) => {
+                    warn!(plan = %r.plan_id, resolved = r.resolved.len(), "resolve reply not sent: the agent is stopping")
+                }
+                _ => {}
+            }
+        }
+        self.since = None;
+    }
+
     /// Sends what is ready without waiting. Err when the stream is gone.
-    pub fn flush(&mut self, tx: &mpsc::Sender<pb::AgentMessage>) -> Result<(), String> {
-        fail::fail_point!("agent::before_send_results", |_| Err(
-            "failpoint agent::before_send_results".to_string()
-        ));
+    pub fn flush(&mut self, tx: &mpsc::Sender<pb::AgentMessage>) -> Result<(), StreamGone> {
+        fail::fail_point!("agent::before_send_results", |_| Err(StreamGone::Failpoint));
         self.batch();
         while let Some(msg) = self.ready.pop_front() {
             match tx.try_send(msg) {
@@ -101,7 +125,7 @@ impl Outbox {
                 }
                 Err(TrySendError::Closed(msg)) => {
                     self.ready.push_front(msg);
-                    return Err("the stream to the coordinator closed".into());
+                    return Err(StreamGone::Closed);
                 }
             }
         }

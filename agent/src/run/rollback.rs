@@ -10,11 +10,13 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, instrument, warn};
 
+use super::conn::recover;
+use super::job::{PlanDef, PlanError};
+use super::sqlgen;
+use crate::data::prior_image::restore_prior_image;
 use crate::error::{Failure, classify};
-use crate::executor::recover;
 use crate::metrics::{self, StepMode, StepOutcome};
-use crate::plans::PlanDef;
-use crate::sqlgen::{self, PreparedMigration, StepContext, quote_literal};
+use crate::step::{PreparedMigration, StepContext, quote_literal};
 use crate::{Agent, shard};
 
 impl Agent {
@@ -100,7 +102,7 @@ impl Agent {
     /// before it in the journal stay applied, and are not listed).
     async fn undo_target(
         &self,
-        definition: Result<Arc<PlanDef>, String>,
+        definition: Result<Arc<PlanDef>, PlanError>,
         epoch: u64,
         target: &str,
         migrations: &[String],
@@ -123,7 +125,12 @@ impl Agent {
         };
         let tenant_lit = match quote_literal(target) {
             Ok(lit) => lit,
-            Err(reason) => return vec![step(first, Some(Failure::agent("down", reason)))],
+            Err(reason) => {
+                return vec![step(
+                    first,
+                    Some(Failure::agent("down", reason.to_string())),
+                )];
+            }
         };
         let mut conn = match self.pool.acquire().await {
             Ok(c) => c,
@@ -253,48 +260,5 @@ async fn undo_step(
         let broken = recover(conn, true, false).await;
         return Err((classify(&e, "down"), broken));
     }
-    Ok(())
-}
-
-/// Restores a data change's prior image on the target, newest batch first, each batch in its
-/// own fenced transaction that also deletes it: a restore cut short goes on from where it
-/// stopped. The session holds the target's search_path.
-async fn restore_prior_image(
-    conn: &mut PgConnection,
-    cx: &StepContext<'_>,
-    m: &PreparedMigration,
-) -> Result<(), sqlx::Error> {
-    if !m.has_prior_image() {
-        return Ok(());
-    }
-    let numbers: Vec<i64> = sqlx::query_scalar(
-        "SELECT DISTINCT batch FROM flotilla.prior_images WHERE target = $1 AND migration_id = $2 \
-         ORDER BY batch DESC",
-    )
-    .bind(cx.tenant)
-    .bind(m.id())
-    .fetch_all(&mut *conn)
-    .await?;
-    let restored = numbers.len();
-    if numbers.is_empty() {
-        return Ok(());
-    }
-    let d = m.migration.data.as_ref().expect("a data change");
-    let types = crate::keys::column_types(conn, d).await?;
-    for number in numbers {
-        let sql = sqlgen::prior_image_restore(cx, m, number, &types).map_err(|e| {
-            sqlx::Error::Protocol(format!("restoring the prior image of `{}`: {e}", m.id()))
-        })?;
-        if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
-            // the batch's transaction may be open (aborted): end it
-            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-            return Err(e);
-        }
-    }
-    info!(
-        migration = m.id(),
-        batches = restored,
-        "prior image restored"
-    );
     Ok(())
 }

@@ -10,7 +10,28 @@
 use flotilla_proto::DataChange;
 use sqlx::postgres::PgConnection;
 
-use crate::sqlgen::quote_literal;
+use crate::step::{BuildError, quote_literal};
+
+/// Why a key bound cannot be turned into SQL: it does not fit the key, or a checkpoint's
+/// stored text does not parse.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BoundError {
+    #[error("a bound of {values} values for a key of {columns} columns")]
+    Arity { values: usize, columns: usize },
+    #[error("checkpoint key {text:?} is not a JSON array of texts: {source}")]
+    NotJson {
+        text: String,
+        source: serde_json::Error,
+    },
+    #[error("checkpoint key {text:?} has {values} values for a key of {columns} columns")]
+    Count {
+        text: String,
+        values: usize,
+        columns: usize,
+    },
+    #[error(transparent)]
+    Quote(#[from] BuildError),
+}
 
 /// The value below every key of a type (exclusive lower bound of the first batch), as SQL
 /// text to quote, by `pg_type.typname`.
@@ -42,16 +63,15 @@ impl KeyShape {
 
     /// A bound as SQL: a quoted literal for one column (typed by the comparison it is in),
     /// `ROW('a'::type, '5'::type)` for a composite key (compared column by column, in order).
-    pub fn literal(&self, bound: &[String]) -> Result<String, String> {
+    pub fn literal(&self, bound: &[String]) -> Result<String, BoundError> {
         if bound.len() != self.types.len() {
-            return Err(format!(
-                "a bound of {} values for a key of {} columns",
-                bound.len(),
-                self.types.len()
-            ));
+            return Err(BoundError::Arity {
+                values: bound.len(),
+                columns: self.types.len(),
+            });
         }
         if let [one] = bound {
-            return quote_literal(one);
+            return Ok(quote_literal(one)?);
         }
         let mut parts = Vec::with_capacity(bound.len());
         for (v, t) in bound.iter().zip(&self.types) {
@@ -63,17 +83,20 @@ impl KeyShape {
 }
 
 /// A checkpoint's stored bound, for a key of `columns` columns.
-pub(crate) fn decode_bound(text: &str, columns: usize) -> Result<Vec<String>, String> {
+pub(crate) fn decode_bound(text: &str, columns: usize) -> Result<Vec<String>, BoundError> {
     if columns == 1 {
         return Ok(vec![text.to_string()]);
     }
-    let values: Vec<String> = serde_json::from_str(text)
-        .map_err(|e| format!("checkpoint key {text:?} is not a JSON array of texts: {e}"))?;
+    let values: Vec<String> = serde_json::from_str(text).map_err(|source| BoundError::NotJson {
+        text: text.to_string(),
+        source,
+    })?;
     if values.len() != columns {
-        return Err(format!(
-            "checkpoint key {text:?} has {} values for a key of {columns} columns",
-            values.len()
-        ));
+        return Err(BoundError::Count {
+            text: text.to_string(),
+            values: values.len(),
+            columns,
+        });
     }
     Ok(values)
 }

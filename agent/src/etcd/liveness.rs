@@ -8,15 +8,15 @@
 //! old one is lost, expired or revoked.
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, PutOptions};
+use etcd_client::{Client, PutOptions};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
-use crate::config::{AgentConfig, redact_dsn};
+use super::{Etcd, Usage, call};
+use crate::config::{AgentConfig, backoff_delay};
 use crate::metrics;
-use crate::session::backoff_delay;
 
 /// `<prefix>/agents/<shard>`, as `keys::agent` in the coordinator builds it.
 pub(crate) fn agent_key(prefix: &str, shard: &str) -> String {
@@ -40,9 +40,7 @@ pub(crate) fn agent_value() -> String {
 }
 
 struct Liveness {
-    endpoints: Vec<String>,
-    /// The endpoints as logs may show them.
-    shown: String,
+    etcd: Etcd,
     key: String,
     value: String,
     ttl: Duration,
@@ -53,17 +51,8 @@ struct Liveness {
 /// Starts the liveness task when etcd endpoints are configured. It runs until `stop`,
 /// then revokes its lease (the key goes with it).
 pub(crate) fn spawn(config: &AgentConfig, stop: CancellationToken) -> Option<JoinHandle<()>> {
-    if config.etcd.is_empty() {
-        return None;
-    }
     let liveness = Liveness {
-        endpoints: config.etcd.iter().map(|e| e.trim().to_string()).collect(),
-        shown: config
-            .etcd
-            .iter()
-            .map(|e| redact_dsn(e))
-            .collect::<Vec<_>>()
-            .join(","),
+        etcd: Etcd::from_config(config)?,
         key: agent_key(&config.etcd_prefix, &config.shard),
         value: agent_value(),
         ttl: Duration::from_secs(config.lease_ttl.as_secs_f64().ceil().max(1.0) as u64),
@@ -102,13 +91,13 @@ impl Liveness {
                 rand::random(),
             );
             if was_up {
-                warn!(endpoints = %self.shown, key = %self.key, %reason, "the agent's liveness lease is lost; granting a new one and putting the key again");
+                warn!(endpoints = %self.etcd.shown, key = %self.key, %reason, "the agent's liveness lease is lost; granting a new one and putting the key again");
             } else if attempt == 0 && !ever_up {
-                error!(endpoints = %self.shown, %reason, "etcd is unreachable at {}: the agent's liveness key is not published; retrying in the background (the agent still serves its coordinator)", self.shown);
+                error!(endpoints = %self.etcd.shown, %reason, "etcd is unreachable at {}: the agent's liveness key is not published; retrying in the background (the agent still serves its coordinator)", self.etcd.shown);
             } else if attempt.is_multiple_of(12) {
-                warn!(endpoints = %self.shown, %reason, attempt, "etcd is still unreachable; retrying");
+                warn!(endpoints = %self.etcd.shown, %reason, attempt, "etcd is still unreachable; retrying");
             } else {
-                debug!(endpoints = %self.shown, %reason, attempt, ?delay, "etcd retry");
+                debug!(endpoints = %self.etcd.shown, %reason, attempt, ?delay, "etcd retry");
             }
             ever_up |= was_up;
             attempt = attempt.saturating_add(1);
@@ -139,10 +128,9 @@ impl Liveness {
         let c = match client {
             Some(c) => c,
             None => {
-                let options = ConnectOptions::new()
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-                match call(limit, Client::connect(&self.endpoints, Some(options))).await {
+                // always from the first member: a lost lease is re-granted through whichever
+                // member the balanced channel reaches
+                match self.etcd.connect(0, Usage::Lease, limit).await {
                     Ok(c) => client.insert(c),
                     Err(reason) => return down(format!("connecting: {reason}")),
                 }
@@ -188,18 +176,6 @@ impl Liveness {
                 Err(reason) => return up(format!("keep-alive: {reason}")),
             }
         }
-    }
-}
-
-/// One etcd call with a time limit (a balanced channel with no endpoint up waits forever).
-pub(crate) async fn call<T>(
-    limit: Duration,
-    f: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(limit, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {limit:?}")),
     }
 }
 

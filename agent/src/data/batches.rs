@@ -1,0 +1,416 @@
+//! Batched data changes (`[data]` of a migration): keyset pagination over the key (one
+//! column or a composite key, compared as a row),
+//! one short fenced transaction per batch that also advances the checkpoint in
+//! `flotilla.checkpoints`, so that each batch is done exactly once and a restarted agent goes
+//! on after the last committed batch. A token bucket keeps the rows per second under the
+//! migration's limit, also across a restart (it refills from the checkpoint's time).
+//!
+//! Bounds: batch *n* covers the keys in `(lower, upper]`, where `upper` is the last key of
+//! the page of at most `batch_size` keys after `lower` (with the filter, if any), and `lower`
+//! is the previous batch's `upper`. The first batch's `lower` is the key type's floor: a
+//! value no key lies below (`-32768` for smallint, `-infinity` for timestamps, `''` for text,
+//! ...; a row of floors for a composite key); a key at or below that floor, or a NULL in
+//! the key, would never be covered, so the change refuses to start when the table holds
+//! one. Key types without a floor are refused at the start, before any batch.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::PgConnection;
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+use super::progress::{Progress, Publish};
+use super::rate::{RowLimits, ServerBuckets};
+use super::throttle::{PlanControl, STOPPED, agent_failure, health_queries, wait_at_boundary};
+use super::{ProgressBoard, keys, sql};
+use crate::error::{Failure, classify};
+use crate::step::{PreparedMigration, StepContext, quote_literal};
+
+/// What a data change needs from the agent besides its connection.
+pub(crate) struct DataHooks {
+    pub plan_id: String,
+    pub shard: String,
+    pub control: watch::Receiver<PlanControl>,
+    pub board: Arc<ProgressBoard>,
+    pub buckets: Arc<ServerBuckets>,
+}
+
+/// Where a change stands on a target, as its checkpoint says.
+struct Checkpoint {
+    last_key: String,
+    rows: i64,
+    batches: i64,
+    /// Seconds since it was written, by the shard's clock.
+    age_secs: f64,
+}
+
+/// Runs a data change on the session's target (its search_path and timeouts are set, and
+/// its fence checked, by the caller's prologue): the up SQL (when fresh), then every batch.
+/// Returns the rows done by this run.
+pub(crate) async fn run_batches(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    hooks: Option<&DataHooks>,
+) -> Result<u64, Failure> {
+    let d = m
+        .migration
+        .data
+        .as_ref()
+        .ok_or_else(|| agent_failure(m, "not a data change"))?;
+    let db = |e: sqlx::Error| classify(&e, "batch");
+
+    let checkpoint = read_checkpoint(conn, cx, m).await?;
+
+    // The key: columns of the table, unique, of types with a floor.
+    let shape = match keys::inspect(conn, d, None).await.map_err(db)? {
+        Ok(shape) => shape,
+        Err(problem) => {
+            return Err(agent_failure(
+                m,
+                format!("{} (in the target's search_path)", problem.message()),
+            ));
+        }
+    };
+    let floor_lit = shape
+        .literal(&shape.floor())
+        .map_err(|e| agent_failure(m, e))?;
+    let decode =
+        |text: &str| keys::decode_bound(text, d.key.len()).map_err(|e| agent_failure(m, e));
+
+    let (mut prev, mut rows_total, mut batches) = match &checkpoint {
+        Some(c) => (Some(c.last_key.clone()), c.rows, c.batches),
+        None => {
+            start_fresh(conn, m, &floor_lit).await?;
+            (None, 0, 0)
+        }
+    };
+    if let Some(c) = &checkpoint {
+        info!(migration = m.id(), tenant = cx.tenant, last_key = %c.last_key, rows = c.rows,
+              batches = c.batches, "resuming a data change from its checkpoint");
+    }
+
+    let mut limits = RowLimits::new(
+        d,
+        checkpoint.as_ref().map(|c| c.age_secs),
+        hooks.map(|h| (h.buckets.as_ref(), h.plan_id.as_str(), m.id())),
+    );
+    // the exclusive lower bound after `prev`: the last key done, or the type's floor
+    // `prev` is the checkpoint's text of the last key done, exactly as stored (the batch's
+    // advance compares it)
+    let lower_of = |prev: &Option<String>| match prev {
+        Some(k) => shape.literal(&decode(k)?).map_err(|e| agent_failure(m, e)),
+        None => Ok(floor_lit.clone()),
+    };
+    let left = estimate_left(conn, m, &lower_of(&prev)?).await;
+    let health = health_queries(m)?;
+    let publish = hooks.map(|h| Publish {
+        plan_id: &h.plan_id,
+        shard: &h.shard,
+        board: &h.board,
+    });
+    let mut progress = Progress::new(
+        publish,
+        cx.tenant,
+        m.id(),
+        rows_total as u64,
+        batches as u64,
+    );
+    progress.total = rows_total as u64 + left.unwrap_or(0);
+    let mut control = hooks.map(|h| h.control.clone());
+    let halts_at_start = control.as_ref().map(|c| c.borrow().halts);
+    let mut size = d.batch_size;
+    let mut done = 0u64;
+    loop {
+        // A batch boundary: halted, paused or throttled, the step waits (or stops) here.
+        wait_at_boundary(
+            conn,
+            m,
+            &health,
+            control.as_mut(),
+            halts_at_start,
+            &mut progress,
+        )
+        .await?;
+        let lower_lit = lower_of(&prev)?;
+        let page = sql::data_page(m, &lower_lit, size).expect("a data change");
+        let (n, upper): (i64, Option<String>) = sqlx::query_as(AssertSqlSafe(page))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| stopped_if_server_gone(m, db(e), &mut progress, size))?;
+        let Some(upper) = upper.filter(|_| n > 0) else {
+            break;
+        };
+        limits.wait(n as u64).await;
+        let upper_lit = shape
+            .literal(&decode(&upper)?)
+            .map_err(|e| agent_failure(m, e))?;
+        // the checkpoint holds bounds as the page's text (a JSON array for a composite key)
+        let prev_lit = match &prev {
+            Some(p) => quote_literal(p).map_err(|e| agent_failure(m, e))?,
+            None => "NULL".to_string(),
+        };
+        let upper_text_lit = quote_literal(&upper).map_err(|e| agent_failure(m, e))?;
+        let bounds = sql::BatchBounds {
+            prev_lit: &prev_lit,
+            last_lit: &upper_text_lit,
+            lower_lit: &lower_lit,
+            upper_lit: &upper_lit,
+            rows: n,
+            number: batches + 1,
+        };
+        let sql =
+            sql::data_batch(cx, m, &bounds).map_err(|e| Failure::agent("batch", e.to_string()))?;
+        let began = Instant::now();
+        commit_batch(conn, cx, m, &sql)
+            .await
+            .map_err(|failure| stopped_if_server_gone(m, failure, &mut progress, size))?;
+        let took = began.elapsed();
+        rows_total += n;
+        batches += 1;
+        done += n as u64;
+        crate::metrics::data_batch(n as u64, size);
+        debug!(migration = m.id(), tenant = cx.tenant, last_key = %upper, rows = rows_total, batches, size, "batch done");
+        let short = n < i64::from(size);
+        if let Some(target) = d.target_batch {
+            size = adapt_batch_size(size, took, target, d.min_batch_size, d.max_batch_size);
+        }
+        progress.batch(n as u64, size);
+        after_batch_failpoint();
+        prev = Some(upper);
+        if short {
+            break; // a short page is the last one
+        }
+    }
+    progress.total = progress.done;
+    progress.set("done", "", size);
+    info!(
+        migration = m.id(),
+        tenant = cx.tenant,
+        rows = rows_total,
+        batches,
+        "data change done"
+    );
+    Ok(done)
+}
+
+/// Where the change stands on the target, if it ran there before; refused when another
+/// version of the change wrote the checkpoint.
+async fn read_checkpoint(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+) -> Result<Option<Checkpoint>, Failure> {
+    let cp: Option<(String, String, i64, i64, f64)> = sqlx::query_as(
+        "SELECT checksum, last_key, rows, batches, \
+         extract(epoch FROM pg_catalog.clock_timestamp() - updated_at)::float8 \
+         FROM flotilla.checkpoints WHERE target = $1 AND migration_id = $2",
+    )
+    .bind(cx.tenant)
+    .bind(m.id())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| classify(&e, "batch"))?;
+    match cp {
+        Some((checksum, _, _, _, _)) if checksum != m.migration.checksum => Err(agent_failure(
+            m,
+            format!(
+                "its checkpoint on this target was written by another version of it \
+                 (checksum {checksum}); undo the partial change, delete the row from \
+                 flotilla.checkpoints, then run it again"
+            ),
+        )),
+        Some((_, last_key, rows, batches, age_secs)) => Ok(Some(Checkpoint {
+            last_key,
+            rows,
+            batches,
+            age_secs,
+        })),
+        None => Ok(None),
+    }
+}
+
+/// Before the first batch of a change on a target: a key at the floor, or with a NULL,
+/// would never be in a batch, so the change is refused rather than skip the row; then the
+/// up SQL (if any) runs, once.
+async fn start_fresh(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+    floor_lit: &str,
+) -> Result<(), Failure> {
+    let d = m.migration.data.as_ref().expect("a data change");
+    let at_floor: bool = sqlx::query_scalar(AssertSqlSafe(sql::keys_at_floor(d, floor_lit)))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| classify(&e, "batch"))?;
+    if at_floor {
+        return Err(agent_failure(
+            m,
+            format!(
+                "{} holds a key {} <= {floor_lit}, the lowest bound of its type, or \
+                 NULL in it; such a row cannot be in a batch",
+                d.table_sql(),
+                d.key_text()
+            ),
+        ));
+    }
+    for statement in &m.up {
+        sqlx::raw_sql(AssertSqlSafe(statement.clone()))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| classify(&e, "up"))?;
+    }
+    Ok(())
+}
+
+/// Runs one batch's transaction. A serialization failure or a deadlock with the
+/// application's sessions undid the whole batch (its checkpoint too): it is done again,
+/// after a short backoff, up to [`BATCH_RETRIES`] times.
+async fn commit_batch(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    sql: &str,
+) -> Result<(), Failure> {
+    let mut retries = 0;
+    while let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+        .execute(&mut *conn)
+        .await
+    {
+        let failure = classify(&e, "batch");
+        // the batch's transaction may be open (aborted): end it. If that fails too the
+        // connection is gone, which the caller's cleanup finds and reports.
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+        if !failure.is_conflict() || retries >= BATCH_RETRIES {
+            return Err(failure);
+        }
+        retries += 1;
+        debug!(migration = m.id(), tenant = cx.tenant, sqlstate = %failure.error.sqlstate,
+               retries, "batch undone by a conflict; again");
+        tokio::time::sleep(Duration::from_millis(20 << retries)).await;
+    }
+    Ok(())
+}
+
+/// How often a batch undone by a serialization failure or a deadlock is run again.
+const BATCH_RETRIES: u32 = 5;
+
+/// The next batch size toward `target` duration: shrink fast (halve) when a batch took
+/// well over it, grow slowly (a quarter) when well under, within `[min, max]`.
+pub(crate) fn adapt_batch_size(
+    size: u32,
+    took: Duration,
+    target: Duration,
+    min: u32,
+    max: u32,
+) -> u32 {
+    let next = if took > target.mul_f64(1.25) {
+        size / 2
+    } else if took < target.mul_f64(0.8) {
+        size.saturating_add((size / 4).max(1))
+    } else {
+        size
+    };
+    next.clamp(min.max(1), max.max(min).max(1))
+}
+
+/// A batch that failed because the shard's server went away (crash, restart, admin
+/// shutdown) was undone with its checkpoint: the change stops as if halted at that
+/// boundary (NOT_RUN, `connection_lost`), so that it runs again from its checkpoint once the
+/// server is back, rather than failing the plan. Any other failure is the change's.
+fn stopped_if_server_gone(
+    m: &PreparedMigration,
+    failure: Failure,
+    progress: &mut Progress<'_>,
+    size: u32,
+) -> Failure {
+    if !failure.server_gone() {
+        progress.set("failed", &failure.error.message, size);
+        return failure;
+    }
+    progress.set("stopped", "the shard's server went away", size);
+    Failure {
+        error: flotilla_proto::pb::StepError {
+            phase: STOPPED.into(),
+            message: format!(
+                "data migration `{}` stopped after {} batches ({} rows): the shard's server went \
+                 away ({}); the batch in flight was undone with its checkpoint, which resumes it",
+                m.id(),
+                progress.batches,
+                progress.done,
+                failure.error.message
+            ),
+            ..failure.error
+        },
+        concurrent_apply: false,
+        connection_lost: true,
+    }
+}
+
+/// The planner's estimate of the rows still to do after `lower_lit` (with the filter).
+async fn estimate_left(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+    lower_lit: &str,
+) -> Option<u64> {
+    let sql = sql::data_estimate(m, lower_lit)?;
+    let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await
+        .ok()?;
+    let first = lines.first()?;
+    let at = first.find("rows=")? + 5;
+    first[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// With `return`, the agent exits right after a batch committed (with its checkpoint): the
+/// crash that the checkpoint must make harmless. Counts (`3*off->return`) are per process.
+fn after_batch_failpoint() {
+    fail::fail_point!("agent::after_data_batch", |_| {
+        tracing::error!("failpoint agent::after_data_batch: exiting");
+        std::process::exit(86)
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_size_grows_slowly_and_shrinks_fast_within_bounds() {
+        let target = Duration::from_millis(200);
+        // well under the target: +25%
+        assert_eq!(
+            adapt_batch_size(1000, Duration::from_millis(50), target, 10, 5000),
+            1250
+        );
+        // near the target: unchanged
+        assert_eq!(
+            adapt_batch_size(1000, Duration::from_millis(210), target, 10, 5000),
+            1000
+        );
+        // well over: halved
+        assert_eq!(
+            adapt_batch_size(1000, Duration::from_millis(400), target, 10, 5000),
+            500
+        );
+        // bounds hold
+        assert_eq!(
+            adapt_batch_size(4800, Duration::from_millis(1), target, 10, 5000),
+            5000
+        );
+        assert_eq!(
+            adapt_batch_size(15, Duration::from_secs(5), target, 10, 5000),
+            10
+        );
+        assert_eq!(
+            adapt_batch_size(1, Duration::from_millis(1), target, 1, 5000),
+            2
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! Where each data change stands: a change publishes its progress on its target
+//! ([`Progress`]) to the agent's board ([`ProgressBoard`]), which the session sends to the
+//! coordinator with every heartbeat.
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use flotilla_proto::pb;
+
+/// (plan, migration, target)
+type ProgressKey = (String, String, String);
+/// The latest progress of each data change of the agent, keyed by (plan, migration, target).
+/// The session sends what changed with each heartbeat; finished entries go once sent.
+#[derive(Default)]
+pub(crate) struct ProgressBoard {
+    entries: Mutex<BTreeMap<ProgressKey, (pb::DataProgress, bool)>>,
+}
+
+impl ProgressBoard {
+    pub fn update(&self, p: pb::DataProgress) {
+        let key = (p.plan_id.clone(), p.migration_id.clone(), p.tenant.clone());
+        self.entries
+            .lock()
+            .expect("progress lock")
+            .insert(key, (p, true));
+    }
+
+    /// Entries changed since the last call; entries of changes that ended are dropped once
+    /// they have been handed out.
+    pub fn take_changed(&self) -> Vec<pb::DataProgress> {
+        let mut entries = self.entries.lock().expect("progress lock");
+        let mut out = Vec::new();
+        entries.retain(|_, (p, changed)| {
+            let finished = matches!(p.state.as_str(), "done" | "stopped" | "failed");
+            if *changed {
+                out.push(p.clone());
+                *changed = false;
+            }
+            // a change that ended is forgotten once its last state went out
+            !finished
+        });
+        out
+    }
+
+    /// After a new stream: everything still running is sent again.
+    /// Entries that [`Self::take_changed`] handed out but could not be sent: changed again,
+    /// unless a newer state of theirs came in meanwhile.
+    pub fn put_back(&self, unsent: Vec<pb::DataProgress>) {
+        let mut entries = self.entries.lock().expect("progress lock");
+        for p in unsent {
+            let key = (p.plan_id.clone(), p.migration_id.clone(), p.tenant.clone());
+            entries.entry(key).or_insert((p, true));
+        }
+    }
+
+    pub fn mark_all_changed(&self) {
+        for (_, changed) in self.entries.lock().expect("progress lock").values_mut() {
+            *changed = true;
+        }
+    }
+}
+
+/// Where a change publishes its progress: the agent's board, under its plan and shard.
+#[derive(Clone, Copy)]
+pub(super) struct Publish<'a> {
+    pub plan_id: &'a str,
+    pub shard: &'a str,
+    pub board: &'a ProgressBoard,
+}
+
+/// A data change's progress on its target, published to the agent's board (and from there
+/// to the coordinator with each heartbeat).
+pub(super) struct Progress<'a> {
+    hooks: Option<Publish<'a>>,
+    tenant: String,
+    migration: String,
+    pub(super) done: u64,
+    pub(super) total: u64,
+    pub(super) batches: u64,
+    pub(super) size: u32,
+    pub(super) state: String,
+    /// (when, rows done then) over the last seconds: the rate is taken over them.
+    recent: VecDeque<(Instant, u64)>,
+}
+
+impl<'a> Progress<'a> {
+    pub(super) fn new(
+        hooks: Option<Publish<'a>>,
+        tenant: &str,
+        migration: &str,
+        done: u64,
+        batches: u64,
+    ) -> Progress<'a> {
+        let mut recent = VecDeque::new();
+        recent.push_back((Instant::now(), done));
+        Progress {
+            hooks,
+            tenant: tenant.to_string(),
+            migration: migration.to_string(),
+            done,
+            total: done,
+            batches,
+            size: 0,
+            state: "running".into(),
+            recent,
+        }
+    }
+
+    pub(super) fn batch(&mut self, rows: u64, size: u32) {
+        self.done += rows;
+        self.batches += 1;
+        self.total = self.total.max(self.done);
+        let now = Instant::now();
+        self.recent.push_back((now, self.done));
+        while self.recent.len() > 2
+            && now.duration_since(self.recent[0].0) > Duration::from_secs(10)
+        {
+            self.recent.pop_front();
+        }
+        self.set("running", "", size);
+    }
+
+    fn rate(&self) -> f64 {
+        let (Some(first), Some(last)) = (self.recent.front(), self.recent.back()) else {
+            return 0.0;
+        };
+        let dt = last.0.duration_since(first.0).as_secs_f64();
+        if dt <= 0.0 {
+            0.0
+        } else {
+            (last.1 - first.1) as f64 / dt
+        }
+    }
+
+    pub(super) fn set(&mut self, state: &str, reason: &str, size: u32) {
+        self.state = state.to_string();
+        self.size = size;
+        let Some(h) = self.hooks else { return };
+        let rate = self.rate();
+        let left = self.total.saturating_sub(self.done);
+        let eta_ms = if rate > 0.0 && left > 0 {
+            (left as f64 / rate * 1000.0) as u64
+        } else {
+            0
+        };
+        h.board.update(pb::DataProgress {
+            plan_id: h.plan_id.to_string(),
+            migration_id: self.migration.clone(),
+            shard: h.shard.to_string(),
+            tenant: self.tenant.clone(),
+            rows_done: self.done,
+            rows_total: self.total,
+            rows_per_second: rate,
+            batch_size: size,
+            eta_ms,
+            state: state.to_string(),
+            reason: reason.to_string(),
+            batches: self.batches,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(migration: &str, state: &str, rows: u64) -> pb::DataProgress {
+        pb::DataProgress {
+            plan_id: "p".into(),
+            migration_id: migration.into(),
+            tenant: "t".into(),
+            rows_done: rows,
+            state: state.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_board_sends_changes_once_and_forgets_finished_changes() {
+        let board = ProgressBoard::default();
+        board.update(progress("a", "running", 10));
+        board.update(progress("b", "running", 5));
+        assert_eq!(board.take_changed().len(), 2);
+        assert!(board.take_changed().is_empty(), "nothing changed");
+        board.update(progress("a", "done", 20));
+        let sent = board.take_changed();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].rows_done, 20);
+        // `a` is gone after it was sent as done; `b` still runs and is resent after a reconnect
+        board.mark_all_changed();
+        let again = board.take_changed();
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!(again[0].migration_id, "b");
+    }
+}

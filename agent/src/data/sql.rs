@@ -1,0 +1,251 @@
+//! The SQL text of a data change's batches: the page query that finds the next batch's
+//! bounds (keyset pagination), the batch itself (checkpoint, prior image, batch SQL in one
+//! fenced transaction), and the planner's estimate of what is left.
+use std::fmt::Write;
+
+use crate::step::sql::begin_fenced;
+use crate::step::{BuildError, PreparedMigration, StepContext, quote_ident, quote_literal};
+
+/// The bounds of one batch, as SQL: the checkpoint's text before (`NULL`: none yet) and after
+/// it, and the key's exclusive lower and inclusive upper bounds (`$1`, `$2` of the batch SQL).
+pub(crate) struct BatchBounds<'a> {
+    pub prev_lit: &'a str,
+    pub last_lit: &'a str,
+    pub lower_lit: &'a str,
+    pub upper_lit: &'a str,
+    /// Rows in the batch.
+    pub rows: i64,
+    /// The batch's number on the target (1 = the first), which keys its prior image.
+    pub number: i64,
+}
+
+/// One batch of a data change as one query: a short fenced transaction that moves the
+/// checkpoint, saves the prior image of the batch's rows (when asked for), runs the batch SQL
+/// with `$1`/`$2` bound, and commits. Checkpoint first: a concurrent copy of the same batch
+/// waits on the checkpoint row, then fails instead of running it twice. The session already
+/// holds the step's search_path and timeouts.
+pub(crate) fn data_batch(
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    b: &BatchBounds<'_>,
+) -> Result<String, BuildError> {
+    let d = m
+        .migration
+        .data
+        .as_ref()
+        .ok_or_else(|| BuildError::NotData(m.id().to_string()))?;
+    let mut out = if d.prior_image.is_empty() {
+        begin_fenced(cx.epoch)
+    } else {
+        // one snapshot for the image and the change: a row changed by another session in
+        // between would otherwise be saved stale (the batch retries a serialization failure)
+        format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ;\nSELECT flotilla.check_fence({});\n",
+            cx.epoch
+        )
+    };
+    let _ = writeln!(
+        out,
+        "SELECT flotilla.advance_checkpoint({}, {}, {}, {}, {}, {}, {});",
+        cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit, b.prev_lit, b.last_lit, b.rows
+    );
+    if !d.prior_image.is_empty() {
+        // the rows the batch works on (the page's rows: its bounds and filter), as they are
+        let pairs: Vec<String> = d
+            .columns()
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}, {}",
+                    quote_literal(c).expect("an identifier"),
+                    quote_ident(c)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "INSERT INTO flotilla.prior_images (target, migration_id, batch, image) \
+             SELECT {}, {}, {}, pg_catalog.jsonb_build_object({}) FROM {} \
+             WHERE {key} > {} AND {key} <= {}{};",
+            cx.tenant_lit,
+            m.id_lit,
+            b.number,
+            pairs.join(", "),
+            d.table_sql(),
+            b.lower_lit,
+            b.upper_lit,
+            data_filter(d),
+            key = d.key_sql(),
+        );
+    }
+    for statement in &d.batch {
+        let bound = flotilla_proto::sql::bind_parameters(statement, &[b.lower_lit, b.upper_lit])
+            .map_err(|source| BuildError::Statements {
+                migration: m.id().to_string(),
+                what: "batch",
+                source,
+            })?;
+        out.push_str(&bound);
+        out.push_str("\n;\n");
+    }
+    out.push_str("COMMIT;\n");
+    Ok(out)
+}
+
+/// The next page of keys after `lower_lit`: how many rows (at most the batch size) and the
+/// last key, as a checkpoint stores it (text; a JSON array of texts for a composite key).
+/// Keyset pagination over the key's index; only the last key is turned into text. An empty
+/// page is `(0, NULL)`.
+pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> Option<String> {
+    let d = m.migration.data.as_ref()?;
+    let key = d.key_sql();
+    let filter = data_filter(d);
+    let table = d.table_sql();
+    let cols = flotilla_proto::DataChange::column_list(&d.key);
+    if d.key.len() == 1 {
+        // the page's last key by the page's own order (no max(): uuid has none, and a
+        // search_path could make it another type's). The text is named `last`: an output
+        // column named `k` would make `ORDER BY k` sort the text ('9' after '10').
+        return Some(format!(
+            "WITH page AS MATERIALIZED (SELECT {key} AS k FROM {table} WHERE {key} > {lower_lit}{filter} \
+             ORDER BY {cols} LIMIT {limit}) \
+             SELECT (SELECT count(*) FROM page)::bigint, (SELECT k::text AS last FROM page ORDER BY k DESC LIMIT 1)"
+        ));
+    }
+    let ks: Vec<String> = (1..=d.key.len()).map(|i| format!("k{i}")).collect();
+    let select: Vec<String> = d
+        .key
+        .iter()
+        .zip(&ks)
+        .map(|(c, k)| format!("{} AS {k}", quote_ident(c)))
+        .collect();
+    let texts: Vec<String> = ks.iter().map(|k| format!("{k}::text")).collect();
+    let order: Vec<String> = ks.iter().map(|k| format!("{k} DESC")).collect();
+    // a row with a NULL in its key compares as unknown or, when an earlier column decides,
+    // as greater: keep it out of every page, as a one-column key's NULL is
+    let not_null: String = d
+        .key
+        .iter()
+        .map(|c| format!(" AND {} IS NOT NULL", quote_ident(c)))
+        .collect();
+    Some(format!(
+        "WITH page AS MATERIALIZED (SELECT {select} FROM {table} WHERE {key} > {lower_lit}{not_null}{filter} \
+         ORDER BY {cols} LIMIT {limit}) \
+         SELECT (SELECT count(*) FROM page)::bigint, \
+         (SELECT pg_catalog.jsonb_build_array({texts})::text AS last FROM page ORDER BY {order} LIMIT 1)",
+        select = select.join(", "),
+        texts = texts.join(", "),
+        order = order.join(", "),
+    ))
+}
+
+/// Whether the table holds a key at or below `floor_lit` (the first batch's exclusive lower
+/// bound) or with a NULL in it: such a row would never be in a batch.
+pub(crate) fn keys_at_floor(d: &flotilla_proto::DataChange, floor_lit: &str) -> String {
+    let nulls: String = d
+        .key
+        .iter()
+        .map(|c| format!(" OR {} IS NULL", quote_ident(c)))
+        .collect();
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE {} <= {floor_lit}{nulls})",
+        d.table_sql(),
+        d.key_sql()
+    )
+}
+
+/// ` AND (<filter>)` of a data change, or nothing (a newline ends a trailing comment).
+fn data_filter(d: &flotilla_proto::DataChange) -> String {
+    d.filter
+        .as_ref()
+        .map(|f| format!(" AND ({f}\n)"))
+        .unwrap_or_default()
+}
+
+/// The planner's view of the rows still to do after `lower_lit` (EXPLAIN: its first line
+/// carries `rows=N`), for the progress's estimated total.
+pub(crate) fn data_estimate(m: &PreparedMigration, lower_lit: &str) -> Option<String> {
+    let d = m.migration.data.as_ref()?;
+    Some(format!(
+        "EXPLAIN SELECT 1 FROM {} WHERE {} > {lower_lit}{}",
+        d.table_sql(),
+        d.key_sql(),
+        data_filter(d)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::step::fixtures::{backfill, context, with_prior_image};
+
+    #[test]
+    fn data_batch_text() {
+        let m = backfill();
+        let cx = context("t1", "p9", 4);
+        let bounds = BatchBounds {
+            prev_lit: "NULL",
+            last_lit: "'7'",
+            lower_lit: "'-9223372036854775808'",
+            upper_lit: "'7'",
+            rows: 7,
+            number: 1,
+        };
+        let sql = data_batch(&cx, &m, &bounds).unwrap();
+        let ck = quote_literal(&m.migration.checksum).unwrap();
+        assert_eq!(
+            sql,
+            format!(
+                "BEGIN;\nSELECT flotilla.check_fence(4);\n\
+                 SELECT flotilla.advance_checkpoint('t1', 'm2', {ck}, 'p9', NULL, '7', 7);\n\
+                 UPDATE customers SET n = n + 1 WHERE id >  '-9223372036854775808'  AND id <=  '7' \n;\n\
+                 COMMIT;\n"
+            )
+        );
+        let page = data_page(&m, "'7'", 7).unwrap();
+        assert_eq!(
+            page,
+            "WITH page AS MATERIALIZED (SELECT \"id\" AS k FROM \"app\".\"customers\" WHERE \"id\" > '7' \
+             AND (n = 0\n) ORDER BY \"id\" LIMIT 7) SELECT (SELECT count(*) FROM page)::bigint, \
+             (SELECT k::text AS last FROM page ORDER BY k DESC LIMIT 1)"
+        );
+    }
+
+    #[test]
+    fn composite_key_and_prior_image_text() {
+        let m = with_prior_image();
+        assert!(m.has_prior_image());
+        let page = data_page(&m, "ROW('a'::text, '1'::integer)", 25).unwrap();
+        assert_eq!(
+            page,
+            "WITH page AS MATERIALIZED (SELECT \"region\" AS k1, \"id\" AS k2 FROM \"contacts\" \
+             WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) AND \"region\" IS NOT NULL \
+             AND \"id\" IS NOT NULL AND (phone !~ '^[+]'\n) \
+             ORDER BY \"region\", \"id\" LIMIT 25) SELECT (SELECT count(*) FROM page)::bigint, \
+             (SELECT pg_catalog.jsonb_build_array(k1::text, k2::text)::text AS last FROM page ORDER BY k1 DESC, k2 DESC LIMIT 1)"
+        );
+        let cx = context("t1", "p", 2);
+        let bounds = BatchBounds {
+            prev_lit: "'[\"a\", \"1\"]'",
+            last_lit: "'[\"b\", \"9\"]'",
+            lower_lit: "ROW('a'::text, '1'::integer)",
+            upper_lit: "ROW('b'::text, '9'::integer)",
+            rows: 25,
+            number: 4,
+        };
+        let sql = data_batch(&cx, &m, &bounds).unwrap();
+        // checkpoint, then the prior image of the batch's rows, then the change
+        let cp = sql.find("advance_checkpoint").unwrap();
+        let image = sql.find("INSERT INTO flotilla.prior_images").unwrap();
+        let change = sql.find("UPDATE contacts").unwrap();
+        assert!(cp < image && image < change, "{sql}");
+        assert!(
+            sql.contains(
+                "SELECT 't1', 'm3', 4, pg_catalog.jsonb_build_object('region', \"region\", 'id', \"id\", 'phone', \"phone\") \
+                 FROM \"contacts\" WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) \
+                 AND (\"region\", \"id\") <= ROW('b'::text, '9'::integer) AND (phone !~ '^[+]'\n);"
+            ),
+            "{sql}"
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! The agent's one way to etcd: which members, how a client to them is built (connect
+//! options, which member is tried first, time limits), and the bound on every call. Two
+//! parts of the agent talk to etcd: the liveness key (`liveness`) and the reads of plans'
+//! commit decisions (`run::two_phase`).
+//!
+//! They keep a client each, built here, rather than share one: the liveness client carries a
+//! lease's keep-alive stream for the agent's whole life, which a per-request timeout would
+//! cut, while a decision read must be bounded per request and is retried through a client
+//! that starts at another member, so one dead member does not strand a prepared
+//! transaction. A client is cheap next to a prepared transaction left in doubt.
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+
+use crate::config::{AgentConfig, redact_dsn};
+
+pub(crate) mod liveness;
+
+/// Why an etcd call did not answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EtcdError {
+    #[error(transparent)]
+    Client(#[from] etcd_client::Error),
+    /// A balanced channel with no member up waits forever: every call is bounded.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// What a client is for, which decides how it is built.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Usage {
+    /// A lease and its keep-alive stream: HTTP/2 keep-alives find a dead connection, and no
+    /// request timeout, which would end the stream.
+    Lease,
+    /// Short reads: connecting and every request bounded by the given time.
+    Reads(Duration),
+}
+
+/// The etcd cluster of the configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Etcd {
+    endpoints: Vec<String>,
+    /// The endpoints as logs may show them (no password).
+    pub shown: String,
+    /// The prefix of every Flotilla key (the coordinators' `--etcd-prefix`).
+    pub prefix: String,
+}
+
+impl Etcd {
+    /// None when no etcd is configured.
+    pub fn from_config(config: &AgentConfig) -> Option<Etcd> {
+        if config.etcd.is_empty() {
+            return None;
+        }
+        Some(Etcd {
+            endpoints: config.etcd.iter().map(|e| e.trim().to_string()).collect(),
+            shown: config
+                .etcd
+                .iter()
+                .map(|e| redact_dsn(e))
+                .collect::<Vec<_>>()
+                .join(","),
+            prefix: config.etcd_prefix.clone(),
+        })
+    }
+
+    /// How many members the configuration names.
+    pub fn members(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// A client for `usage` whose endpoint list starts at member `first` (modulo their
+    /// number), connected within `limit`.
+    pub async fn connect(
+        &self,
+        first: usize,
+        usage: Usage,
+        limit: Duration,
+    ) -> Result<Client, EtcdError> {
+        let options = match usage {
+            Usage::Lease => ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5)),
+            Usage::Reads(bound) => ConnectOptions::new()
+                .with_connect_timeout(bound)
+                .with_timeout(bound),
+        };
+        let mut endpoints = self.endpoints.clone();
+        if !endpoints.is_empty() {
+            let n = endpoints.len();
+            endpoints.rotate_left(first % n);
+        }
+        // boxed: the client's connect future is deeply nested, and `start`'s future holds
+        // this one (through the in-doubt scan) beyond the compiler's default query depth
+        call(limit, Box::pin(Client::connect(endpoints, Some(options)))).await
+    }
+}
+
+/// One etcd call with a time limit.
+pub(crate) async fn call<T>(
+    limit: Duration,
+    f: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(EtcdError::Timeout(limit)),
+    }
+}

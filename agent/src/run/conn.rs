@@ -1,0 +1,51 @@
+//! The shard connection a run holds: one query as a simple-query string, cleaning the
+//! session up after a failure, and waiting for a server that went away to come back.
+use std::time::{Duration, Instant};
+
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnection, PgPool};
+use tracing::warn;
+
+/// Runs `sql` (one or several statements) in one round trip.
+pub(crate) async fn execute(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+}
+
+/// Brings the connection back to a clean session after a failure. True when that failed
+/// (the connection must be closed, not pooled).
+pub(crate) async fn recover(
+    conn: &mut PgConnection,
+    in_transaction: bool,
+    reset_session: bool,
+) -> bool {
+    let sql = match (in_transaction, reset_session) {
+        (true, true) => "ROLLBACK; RESET ALL",
+        (true, false) => "ROLLBACK",
+        (false, true) => "RESET ALL",
+        (false, false) => return false,
+    };
+    match sqlx::raw_sql(sql).execute(&mut *conn).await {
+        Ok(_) => false,
+        Err(error) => {
+            warn!(%error, "cleaning up after a failed step failed; dropping the connection");
+            true
+        }
+    }
+}
+
+/// Waits (at most a minute, backing off up to 2s) until the shard's server answers again.
+pub(crate) async fn wait_for_server(pool: &PgPool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut backoff = Duration::from_millis(100);
+    while Instant::now() < deadline {
+        if sqlx::query("SELECT 1").execute(pool).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    warn!("the shard's server did not answer again within a minute");
+}

@@ -1,0 +1,133 @@
+//! A failed `CREATE INDEX CONCURRENTLY` leaves an INVALID index behind: finding and
+//! dropping it, so a failed non-transactional step leaves the shard as it was.
+use sqlx::postgres::PgConnection;
+use tracing::warn;
+
+use super::conn::execute;
+
+/// The index a `CREATE [UNIQUE] INDEX CONCURRENTLY [IF NOT EXISTS] name ON ...` names, if any.
+fn concurrent_index_name(statement: &str) -> Option<String> {
+    // Words, with a double-quoted identifier (spaces and "" inside) as one word.
+    let mut words: Vec<(String, bool)> = Vec::new();
+    let mut chars = statement.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+        } else if c == '"' {
+            chars.next();
+            let mut w = String::new();
+            while let Some(c) = chars.next() {
+                if c == '"' {
+                    if chars.peek() == Some(&'"') {
+                        chars.next();
+                        w.push('"');
+                    } else {
+                        break;
+                    }
+                } else {
+                    w.push(c);
+                }
+            }
+            words.push((w, true));
+        } else {
+            let mut w = String::new();
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() || c == '"' || c == '(' {
+                    break;
+                }
+                w.push(c);
+                chars.next();
+            }
+            if w.is_empty() {
+                chars.next();
+            } else {
+                words.push((w, false));
+            }
+        }
+        if words.len() > 8 {
+            break;
+        }
+    }
+    let mut it = words.into_iter();
+    let mut seen_concurrently = false;
+    for (w, quoted) in it.by_ref() {
+        let up = w.to_ascii_uppercase();
+        if quoted {
+            return seen_concurrently.then_some(w);
+        }
+        if !seen_concurrently {
+            match up.as_str() {
+                "CONCURRENTLY" => seen_concurrently = true,
+                "CREATE" | "UNIQUE" | "INDEX" => {}
+                _ => return None,
+            }
+            continue;
+        }
+        match up.as_str() {
+            "IF" | "NOT" | "EXISTS" => continue,
+            "ON" => return None, // unnamed: PostgreSQL picks the name
+            _ => return Some(w.to_ascii_lowercase()),
+        }
+    }
+    None
+}
+
+/// A failed CREATE INDEX CONCURRENTLY leaves an INVALID index behind (it still
+/// costs every write to the table): find it in the step's schemas and drop it, so
+/// the shard is as it was and the step can be retried.
+pub(super) async fn drop_invalid_index(conn: &mut PgConnection, statement: &str) {
+    let Some(name) = concurrent_index_name(statement) else {
+        return;
+    };
+    let found: Result<Option<(String, String)>, sqlx::Error> = sqlx::query_as(
+        "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_index i
+           JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE NOT i.indisvalid AND c.relname = $1 AND n.nspname = ANY (current_schemas(false))
+          LIMIT 1",
+    )
+    .bind(&name)
+    .fetch_optional(&mut *conn)
+    .await;
+    let Ok(Some((schema, index))) = found else {
+        return;
+    };
+    let drop = format!(
+        "DROP INDEX CONCURRENTLY IF EXISTS {}.{}",
+        flotilla_proto::sql::quote_ident(&schema),
+        flotilla_proto::sql::quote_ident(&index)
+    );
+    match execute(conn, drop).await {
+        Ok(()) => {
+            warn!(schema = %schema, index = %index, "dropped the INVALID index a failed CREATE INDEX CONCURRENTLY left")
+        }
+        Err(e) => {
+            warn!(schema = %schema, index = %index, error = %e, "could not drop an INVALID index left by a failed CREATE INDEX CONCURRENTLY")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::concurrent_index_name;
+
+    #[test]
+    fn names_of_concurrent_indexes() {
+        assert_eq!(
+            concurrent_index_name("CREATE INDEX CONCURRENTLY idx_a ON t (a)").as_deref(),
+            Some("idx_a")
+        );
+        assert_eq!(
+            concurrent_index_name(
+                "create unique index concurrently if not exists \"Idx B\" on t (b)"
+            )
+            .as_deref(),
+            Some("Idx B")
+        );
+        assert_eq!(
+            concurrent_index_name("CREATE INDEX CONCURRENTLY ON t (a)"),
+            None
+        );
+        assert_eq!(concurrent_index_name("DROP INDEX CONCURRENTLY idx_a"), None);
+    }
+}

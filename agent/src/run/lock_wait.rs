@@ -1,0 +1,73 @@
+//! A schema step that cannot get its lock within lock_timeout gives up, so it never queues
+//! in front of the table's traffic for longer, and is tried again after a pause (the
+//! lock_timeout-with-retries pattern of GitLab and strong_migrations). Meanwhile another
+//! connection looks at who blocks it, so the final error names them.
+use std::time::Duration;
+
+use sqlx::postgres::PgPool;
+
+use crate::step::PreparedMigration;
+
+/// Attempts after the first when a schema step's lock times out.
+pub(super) const LOCK_RETRIES: u32 = 3;
+/// The pause before the first retry; it doubles after each.
+pub(super) const LOCK_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// The table waited for, then the blocking session's pid, user, application, state, seconds
+/// its transaction is open, and its last query.
+type BlockerRow = (Option<String>, i32, String, String, String, f64, String);
+
+/// Watches a step's backend from another connection while it may wait for a lock: shortly
+/// before its lock_timeout runs out, it records which table the step waits for and which
+/// sessions block it, for the error that names them.
+pub(super) struct BlockerWatch {
+    task: tokio::task::JoinHandle<Option<String>>,
+}
+
+impl BlockerWatch {
+    pub(super) fn start(pool: &PgPool, pid: i32, m: &PreparedMigration) -> BlockerWatch {
+        let pool = pool.clone();
+        let wait = Duration::from_millis(m.lock_timeout_ms.max(10) * 3 / 4);
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let rows: Vec<BlockerRow> = sqlx::query_as(
+                "SELECT w.relation::pg_catalog.regclass::text, a.pid, coalesce(a.usename::text, ''), \
+                   coalesce(a.application_name, ''), coalesce(a.state, ''), \
+                   coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start), 0)::float8, \
+                   pg_catalog.left(coalesce(a.query, ''), 120) \
+                 FROM pg_catalog.pg_locks w \
+                 CROSS JOIN LATERAL pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS b(pid) \
+                 JOIN pg_catalog.pg_stat_activity a ON a.pid = b.pid \
+                 WHERE w.pid = $1 AND NOT w.granted ORDER BY a.xact_start",
+            )
+            .bind(pid)
+            .fetch_all(&pool)
+            .await
+            .ok()?;
+            let (table, ..) = rows.first()?;
+            let blockers: Vec<String> = rows
+                .iter()
+                .map(|(_, pid, user, app, state, secs, query)| {
+                    format!(
+                        "pid {pid} (user {user}{}, {state}, transaction open {secs:.0}s, last query: {query})",
+                        if app.is_empty() { String::new() } else { format!(", application {app}") }
+                    )
+                })
+                .collect();
+            Some(format!(
+                "waiting for a lock on {} held by {}",
+                table.clone().unwrap_or_else(|| "an object".into()),
+                blockers.join("; ")
+            ))
+        });
+        BlockerWatch { task }
+    }
+
+    /// What it saw, if the step was still waiting when it looked.
+    pub(super) async fn finish(self) -> Option<String> {
+        if !self.task.is_finished() {
+            self.task.abort();
+        }
+        self.task.await.ok().flatten()
+    }
+}

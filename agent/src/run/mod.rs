@@ -1,0 +1,62 @@
+//! Executing steps on this shard: plans and their queues of runs (`plans`), a run's steps
+//! on one connection (`executor`), their SQL (`sqlgen`), two-phase commit (`two_phase`,
+//! `resolve`) and undo (`rollback`).
+//!
+//! Dependencies point down this list: `plans` -> `executor` -> (`job`, `sqlgen`,
+//! `lock_wait`, `invalid_index`, `conn`, `two_phase`); `resolve` and `rollback` use the
+//! plans' halt; `job` holds the types they all share.
+use flotilla_proto::pb;
+use tracing::warn;
+
+use crate::Agent;
+
+mod conn;
+mod executor;
+mod invalid_index;
+mod job;
+mod lock_wait;
+mod plans;
+mod resolve;
+mod rollback;
+mod sqlgen;
+pub(crate) mod two_phase;
+
+pub(crate) use plans::Plan;
+pub(crate) use resolve::ScanLog;
+
+/// What the agent's tasks hand to the session for sending, kept across reconnects.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    Run {
+        plan_id: String,
+        result: pb::RunResult,
+    },
+    Rollback(pb::RollbackReply),
+    Resolve(pb::ResolveReply),
+}
+
+impl Agent {
+    /// Hands a result or reply to the session, which sends it now or after the next Hello.
+    /// The session's outbox outlives every stream and goes only when the agent stops: what
+    /// comes later is lost with this process, so it is logged here. The shard's journal and
+    /// prepared transactions still hold what was applied, for the next coordinator to read.
+    pub(crate) fn send_out(&self, item: Outgoing) {
+        let Err(refused) = self.outbox.send(item) else {
+            return;
+        };
+        match refused.0 {
+            Outgoing::Run { plan_id, result } => {
+                warn!(plan = %plan_id, run = result.run_id, tenant = %result.tenant,
+                      steps = result.steps.len(), "run result not sent: the agent is stopping")
+            }
+            Outgoing::Rollback(reply) => {
+                warn!(plan = %reply.plan_id, steps = reply.steps.len(), complete = reply.complete,
+                      "rollback reply not sent: the agent is stopping")
+            }
+            Outgoing::Resolve(reply) => {
+                warn!(plan = %reply.plan_id, resolved = reply.resolved.len(),
+                      failed = reply.failed.len(), "resolve reply not sent: the agent is stopping")
+            }
+        }
+    }
+}

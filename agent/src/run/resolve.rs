@@ -1,0 +1,219 @@
+//! Applying plans' decisions to this shard's prepared transactions (invariant 4):
+//! - [`Agent::resolve`]: the coordinator's `Resolve`: COMMIT PREPARED or ROLLBACK PREPARED
+//!   each gid (one that is gone counts as resolved: a repeat). With etcd configured, a commit
+//!   is refused unless the plan's decision key in etcd says `commit`.
+//! - [`Agent::resolve_in_doubt`]: at start and before every (re)connect, Flotilla's prepared
+//!   transactions in this database are resolved from their plan's decision in etcd (so that
+//!   happens even while no coordinator is up); those without a decision, or every one when
+//!   there is no etcd, are listed in `Hello.in_doubt` for the leader to decide.
+//!
+//! A prepared transaction keeps its `FOR SHARE` lock on `flotilla.fence` until it is resolved,
+//! so no newer epoch can be written meanwhile: resolving never advances the fence (it only
+//! reads it), or it would wait behind the very transaction it resolves.
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use flotilla_proto::pb;
+use tracing::{debug, info, instrument, warn};
+
+use super::two_phase::{
+    Decision, Finished, decision_key, finish, is_probe, list_prepared, plan_of_gid, validate_gid,
+};
+use crate::step::quote_literal;
+use crate::{Agent, metrics, shard};
+
+/// What the last in-doubt scan reported, so that repeating it (at every connection attempt)
+/// logs only what changed.
+#[derive(Default)]
+pub(crate) struct ScanLog {
+    left: Vec<String>,
+    etcd_error: bool,
+}
+
+impl Agent {
+    /// The coordinator's decision for some of a plan's prepared transactions here.
+    #[instrument(skip_all, fields(shard = %self.config.shard, plan = %req.plan_id, commit = req.commit, epoch = req.epoch))]
+    pub(crate) async fn resolve(self: Arc<Self>, req: pb::Resolve) -> pb::ResolveReply {
+        let decision = if req.commit {
+            Decision::Commit
+        } else {
+            Decision::Abort
+        };
+        let mut reply = pb::ResolveReply {
+            plan_id: req.plan_id.clone(),
+            commit: req.commit,
+            resolved: Vec::new(),
+            failed: Vec::new(),
+        };
+        let fail_all = |reply: &mut pb::ResolveReply, message: &str| {
+            warn!(gids = req.gids.len(), %message, "resolving nothing");
+            reply.failed = req.gids.iter().map(|g| format!("{g}: {message}")).collect();
+        };
+        if decision == Decision::Abort {
+            // A run of the plan still in flight may be about to PREPARE: were it to do so
+            // after its ROLLBACK PREPARED (a no-op then), it would stay prepared. Queued runs
+            // are dropped, and those running finish first.
+            let plan = self.plan(&req.plan_id);
+            self.halt(&plan);
+            plan.wait_idle().await;
+        }
+        // A deposed coordinator decides nothing here. Read, never advanced: advancing waits
+        // for the prepared transactions' share lock on the fence row.
+        match shard::read_fence(&self.pool).await {
+            Ok(fence) if fence > req.epoch => {
+                let message = format!(
+                    "fenced: epoch {} is older than the shard's epoch {fence}",
+                    req.epoch
+                );
+                fail_all(&mut reply, &message);
+                return reply;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                fail_all(&mut reply, &format!("reading the shard's fence: {e}"));
+                return reply;
+            }
+        }
+        // The unit deciding these gids: the plan, or one atomic parallel group of it.
+        // One Resolve covers one unit.
+        let units: BTreeSet<&str> = req.gids.iter().filter_map(|g| plan_of_gid(g)).collect();
+        if units.len() > 1 {
+            fail_all(
+                &mut reply,
+                &format!("one resolve names gids of several decisions: {units:?}"),
+            );
+            return reply;
+        }
+        let unit = units
+            .first()
+            .map(|u| u.to_string())
+            .unwrap_or_else(|| req.plan_id.clone());
+        if decision == Decision::Commit
+            && let Some(decisions) = &self.decisions
+        {
+            let why = match decisions.read(&unit).await {
+                Ok(Some(Decision::Commit)) => None,
+                Ok(Some(Decision::Abort)) => Some("the decision is abort".to_string()),
+                Ok(None) => Some(format!(
+                    "no key {}",
+                    decision_key(&self.config.etcd_prefix, &unit)
+                )),
+                Err(reason) => Some(reason.to_string()),
+            };
+            if let Some(why) = why {
+                fail_all(
+                    &mut reply,
+                    &format!("no commit decision in etcd ({why}); not committing"),
+                );
+                return reply;
+            }
+        }
+        let mut done = 0i64;
+        for gid in req.gids {
+            let lit = match validate_gid(&gid, &req.plan_id) {
+                Ok(lit) => lit,
+                Err(reason) => {
+                    warn!(gid = %gid.escape_debug(), %reason, "not resolving a gid of the wrong shape");
+                    reply.failed.push(format!("{gid}: {reason}"));
+                    continue;
+                }
+            };
+            match finish(&self.pool, &lit, decision).await {
+                Ok(Finished::Now) => {
+                    info!(%gid, decision = decision.as_str(), "prepared transaction resolved");
+                    metrics::prepared_resolved(decision.as_str());
+                    done += 1;
+                    reply.resolved.push(gid);
+                }
+                Ok(Finished::Before) => {
+                    debug!(%gid, decision = decision.as_str(), "prepared transaction already resolved");
+                    reply.resolved.push(gid);
+                }
+                Err(message) => {
+                    warn!(%gid, decision = decision.as_str(), %message, "resolving a prepared transaction failed");
+                    reply.failed.push(format!("{gid}: {message}"));
+                }
+            }
+        }
+        metrics::prepared_held_add(-(done as f64));
+        reply
+    }
+
+    /// Resolves Flotilla's prepared transactions in this database from their plans'
+    /// decisions in etcd, and returns those left in doubt (every one without etcd). Probes
+    /// left by an interrupted preflight are rolled back. Harmless to repeat.
+    #[instrument(skip_all, fields(shard = %self.config.shard))]
+    pub(crate) async fn resolve_in_doubt(&self) -> Result<Vec<String>, sqlx::Error> {
+        let gids: Vec<String> = list_prepared(&self.pool).await?;
+        let mut left = Vec::new();
+        let mut decided: HashMap<String, Option<Decision>> = HashMap::new();
+        let mut etcd_down = false;
+        let etcd_was_down = self.scan_log.lock().expect("scan log").etcd_error;
+        for gid in gids {
+            let decision = if is_probe(&gid) {
+                Some(Decision::Abort)
+            } else {
+                match (plan_of_gid(&gid), &self.decisions) {
+                    (Some(plan), Some(decisions)) if !etcd_down => match decided.get(plan) {
+                        Some(d) => *d,
+                        None => match decisions.read(plan).await {
+                            Ok(d) => {
+                                decided.insert(plan.to_string(), d);
+                                d
+                            }
+                            Err(reason) => {
+                                // the rest waits for the next scan (or the leader)
+                                if etcd_was_down {
+                                    debug!(%reason, "etcd still cannot be read");
+                                } else {
+                                    warn!(%reason, "cannot read decisions from etcd; leaving prepared transactions in doubt");
+                                }
+                                etcd_down = true;
+                                None
+                            }
+                        },
+                    },
+                    _ => None,
+                }
+            };
+            let Some(decision) = decision else {
+                left.push(gid);
+                continue;
+            };
+            let lit = match quote_literal(&gid) {
+                Ok(lit) => lit,
+                Err(reason) => {
+                    warn!(%reason, "cannot quote a prepared transaction's gid");
+                    left.push(gid);
+                    continue;
+                }
+            };
+            match finish(&self.pool, &lit, decision).await {
+                Ok(Finished::Now) if is_probe(&gid) => {
+                    info!(%gid, "rolled back a preflight probe left prepared");
+                }
+                Ok(Finished::Now) => {
+                    info!(%gid, decision = decision.as_str(), "resolved an in-doubt prepared transaction from its decision in etcd");
+                    metrics::prepared_resolved(decision.as_str());
+                }
+                Ok(Finished::Before) => {}
+                Err(message) => {
+                    warn!(%gid, decision = decision.as_str(), %message, "resolving an in-doubt prepared transaction failed");
+                    left.push(gid);
+                }
+            }
+        }
+        metrics::prepared_held_set(left.len() as f64);
+        let mut log = self.scan_log.lock().expect("scan log");
+        if log.left != left && !left.is_empty() {
+            info!(in_doubt = left.len(), gids = ?left, "prepared transactions in doubt: waiting for their plans' decisions");
+        }
+        if log.etcd_error && !etcd_down && !decided.is_empty() {
+            info!("etcd can be read again");
+        }
+        log.left.clone_from(&left);
+        // unknown when nothing needed a read
+        log.etcd_error = etcd_down || (log.etcd_error && decided.is_empty());
+        Ok(left)
+    }
+}

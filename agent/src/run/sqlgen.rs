@@ -1,0 +1,215 @@
+//! The SQL text of applying and undoing a step, per kind (transactional, or not), assembled
+//! from the shared pieces in `step::sql` so it can be read and tested without a database.
+use std::fmt::Write;
+
+use crate::step::sql::{
+    begin_fenced, push_checkpoint_delete, push_fence, push_journal_move, push_settings,
+    push_statements, push_verify_and_journal,
+};
+use crate::step::{PreparedMigration, StepContext};
+
+/// One transactional step, inside an open transaction: settings, up SQL, verify, journal.
+pub(crate) fn transactional_step(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    let mut out = String::with_capacity(512 + m.up.iter().map(String::len).sum::<usize>());
+    push_settings(&mut out, cx, m, true);
+    push_statements(&mut out, &m.up);
+    push_verify_and_journal(&mut out, cx, m);
+    out
+}
+
+/// The first transactional step of a transaction: `BEGIN`, its settings, the fence, then as
+/// [`transactional_step`].
+pub(crate) fn first_transactional_step(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    let mut out = String::with_capacity(560 + m.up.iter().map(String::len).sum::<usize>());
+    out.push_str("BEGIN;\n");
+    push_settings(&mut out, cx, m, true);
+    push_fence(&mut out, cx.epoch);
+    push_statements(&mut out, &m.up);
+    push_verify_and_journal(&mut out, cx, m);
+    out
+}
+
+/// Before a non-transactional step's statements: session-level settings (which `RESET ALL`
+/// clears afterwards), then the fence.
+pub(crate) fn non_transactional_prologue(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    let mut out = String::with_capacity(320);
+    push_settings(&mut out, cx, m, false);
+    push_fence(&mut out, cx.epoch);
+    out
+}
+
+/// After a non-transactional step's statements: verify and journal in one short, fenced
+/// transaction. For a data change, its checkpoint goes in the same transaction.
+pub(crate) fn non_transactional_epilogue(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    let mut out = begin_fenced(cx.epoch);
+    push_verify_and_journal(&mut out, cx, m);
+    push_checkpoint_delete(&mut out, cx, m);
+    out.push_str("COMMIT;\n");
+    out
+}
+
+/// The whole undo of a transactional step, as one query ending in COMMIT.
+pub(crate) fn transactional_undo(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    let mut out = String::from("BEGIN;\n");
+    push_settings(&mut out, cx, m, true);
+    push_fence(&mut out, cx.epoch);
+    push_statements(&mut out, &m.down);
+    push_journal_move(&mut out, cx, m);
+    out.push_str("COMMIT;\n");
+    out
+}
+
+/// After a non-transactional step's down statements: the journal row moves in its own
+/// fenced transaction.
+pub(crate) fn non_transactional_undo_epilogue(
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+) -> String {
+    let mut out = begin_fenced(cx.epoch);
+    push_journal_move(&mut out, cx, m);
+    push_checkpoint_delete(&mut out, cx, m);
+    if m.has_prior_image() {
+        // restored by now; what is left (nothing, unless the table lost rows) goes with it
+        let _ = writeln!(
+            out,
+            "DELETE FROM flotilla.prior_images WHERE target = {} AND migration_id = {};",
+            cx.tenant_lit, m.id_lit
+        );
+    }
+    out.push_str("COMMIT;\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::step::fixtures::{backfill, context, migration, with_prior_image};
+
+    #[test]
+    fn transactional_step_text() {
+        let m = migration(
+            "m1",
+            "CREATE TABLE t (id int); INSERT INTO t VALUES (1) -- one",
+            "SELECT count(*) = 1 FROM t",
+        );
+        let cx = context("tenant_1", "p1", 7);
+        let sql = transactional_step(&cx, &m);
+        assert!(
+            sql.starts_with("SET LOCAL search_path TO \"tenant_1\";\n"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("SET LOCAL lock_timeout = '1500ms'; SET LOCAL statement_timeout = '0ms';")
+        );
+        assert!(
+            sql.contains("CREATE TABLE t (id int)\n;\nINSERT INTO t VALUES (1)\n;\n"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("SELECT flotilla.check_verify((SELECT count(*) = 1 FROM t\n), 'm1');")
+        );
+        assert!(sql.contains(&format!(
+            "VALUES ('tenant_1', 'm1', '{}', 'p1', 7, ",
+            m.migration.checksum
+        )));
+        assert!(!sql.contains("BEGIN") && !sql.contains("COMMIT"));
+        assert!(!sql.contains("check_fence"));
+        assert_eq!(begin_fenced(7), "BEGIN;\nSELECT flotilla.check_fence(7);\n");
+        // the first step opens the transaction and checks the fence under its lock_timeout
+        let first = first_transactional_step(&cx, &m);
+        assert!(
+            first.starts_with("BEGIN;\nSET LOCAL search_path"),
+            "{first}"
+        );
+        let (settings, rest) = first
+            .split_once("SELECT flotilla.check_fence(7);\n")
+            .unwrap();
+        assert!(
+            settings.contains("SET LOCAL lock_timeout = '1500ms'"),
+            "{first}"
+        );
+        assert!(rest.starts_with("CREATE TABLE t (id int)\n;\n"), "{first}");
+        // otherwise the same as a later step
+        assert_eq!(
+            first.replacen("SELECT flotilla.check_fence(7);\n", "", 1),
+            format!("BEGIN;\n{sql}")
+        );
+    }
+
+    #[test]
+    fn shard_target_keeps_the_search_path() {
+        let m = migration("m1", "CREATE TABLE t (id int)", "");
+        let cx = context("", "p1", 1);
+        let sql = transactional_step(&cx, &m);
+        assert!(!sql.contains("search_path"));
+        assert!(!sql.contains("check_verify"));
+    }
+
+    #[test]
+    fn non_transactional_pieces() {
+        let m = migration("m2", "CREATE INDEX CONCURRENTLY i ON t (id)", "");
+        let cx = context("t1", "p", 3);
+        let pro = non_transactional_prologue(&cx, &m);
+        assert!(
+            pro.starts_with("SET search_path TO \"t1\";\nSET lock_timeout"),
+            "{pro}"
+        );
+        assert!(pro.ends_with("SELECT flotilla.check_fence(3);\n"), "{pro}");
+        assert!(pro.contains("clock_timestamp()::text, false)"));
+        let epi = non_transactional_epilogue(&cx, &m);
+        assert!(
+            epi.starts_with(
+                "BEGIN;\nSELECT flotilla.check_fence(3);\nINSERT INTO flotilla.journal"
+            )
+        );
+        assert!(epi.ends_with("COMMIT;\n"));
+    }
+
+    #[test]
+    fn undo_text() {
+        let m = migration("m1", "CREATE TABLE t (id int)", "");
+        let cx = context("t1", "p9", 4);
+        let sql = transactional_undo(&cx, &m);
+        assert!(
+            sql.starts_with("BEGIN;\nSET LOCAL search_path TO \"t1\";"),
+            "{sql}"
+        );
+        let (settings, rest) = sql.split_once("SELECT flotilla.check_fence(4);\n").unwrap();
+        assert!(settings.contains("SET LOCAL lock_timeout"), "{sql}");
+        assert!(rest.starts_with("DROP TABLE t\n;\n"), "{sql}");
+        assert!(sql.contains("DROP TABLE t\n;\n"));
+        assert!(sql.contains("DELETE FROM flotilla.journal WHERE target = 't1' AND migration_id = 'm1' AND plan_id = 'p9'"));
+        assert!(
+            sql.contains("pg_catalog.now(), 'p9', 4 FROM d;\nCOMMIT;\n"),
+            "{sql}"
+        );
+        let epi = non_transactional_undo_epilogue(&cx, &m);
+        assert!(epi.starts_with("BEGIN;\nSELECT flotilla.check_fence(4);\nWITH d AS"));
+    }
+
+    #[test]
+    fn data_change_epilogues() {
+        let cx = context("t1", "p9", 4);
+        let m = backfill();
+        // the end: verify, journal row and checkpoint delete in one transaction
+        let epi = non_transactional_epilogue(&cx, &m);
+        assert!(epi.contains("flotilla.check_verify"), "{epi}");
+        assert!(
+            epi.ends_with(
+                "DELETE FROM flotilla.checkpoints WHERE target = 't1' AND migration_id = 'm2';\nCOMMIT;\n"
+            ),
+            "{epi}"
+        );
+        assert!(
+            non_transactional_undo_epilogue(&cx, &m).contains("DELETE FROM flotilla.checkpoints")
+        );
+        let m = with_prior_image();
+        assert!(
+            non_transactional_undo_epilogue(&cx, &m).contains("DELETE FROM flotilla.prior_images")
+        );
+        assert!(
+            !non_transactional_epilogue(&cx, &m).contains("prior_images"),
+            "kept once done"
+        );
+    }
+}

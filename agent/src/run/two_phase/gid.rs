@@ -1,0 +1,156 @@
+//! The shape of Flotilla's prepare gids, and the claim that keeps a gid to one run at a
+//! time on this agent.
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use super::TwoPhaseError;
+use crate::step::quote_literal;
+
+/// Every gid Flotilla prepares starts with it.
+pub(crate) const GID_PREFIX: &str = "flotilla:";
+/// PostgreSQL's GIDSIZE is 200 bytes with the terminating NUL.
+pub(crate) const GID_MAX_BYTES: usize = 199;
+/// The plan field of the preflight's probe gids (`flotilla:preflight:<hex>`).
+const PREFLIGHT_PLAN: &str = "preflight";
+
+/// Checks a run's prepare gid and returns it quoted: `flotilla:`, shorter than 200 bytes, and
+/// its plan field is the run's plan (in-doubt resolution reads that plan's decision).
+pub(crate) fn validate_gid(gid: &str, plan_id: &str) -> Result<String, TwoPhaseError> {
+    if !gid.starts_with(GID_PREFIX) {
+        return Err(TwoPhaseError::ForeignGid(gid.escape_debug().to_string()));
+    }
+    if gid.len() > GID_MAX_BYTES {
+        return Err(TwoPhaseError::TooLong(gid.len()));
+    }
+    // The unit deciding it: the plan, or one atomic parallel group (`<plan>.g<N>`).
+    let belongs = plan_of_gid(gid).is_some_and(|unit| {
+        unit == plan_id
+            || unit
+                .strip_prefix(plan_id)
+                .and_then(|rest| rest.strip_prefix(".g"))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if !belongs {
+        return Err(TwoPhaseError::OtherPlan {
+            gid: gid.to_string(),
+            plan: plan_id.to_string(),
+        });
+    }
+    Ok(quote_literal(gid)?)
+}
+
+/// The decision unit of a Flotilla gid (the plan, or `<plan>.g<N>` for an atomic
+/// parallel group; its decision is under that name): its second `:`-separated field.
+pub(crate) fn plan_of_gid(gid: &str) -> Option<&str> {
+    let plan = gid.strip_prefix(GID_PREFIX)?.split(':').next()?;
+    (!plan.is_empty()).then_some(plan)
+}
+
+/// The preflight's probe gid: `flotilla:preflight:<hex>` (three fields, never a run's).
+pub(super) fn probe_gid() -> String {
+    format!(
+        "{GID_PREFIX}{PREFLIGHT_PLAN}:{:016x}",
+        rand::random::<u64>()
+    )
+}
+
+pub(crate) fn is_probe(gid: &str) -> bool {
+    gid.strip_prefix(GID_PREFIX)
+        .and_then(|rest| rest.strip_prefix(PREFLIGHT_PLAN))
+        .and_then(|rest| rest.strip_prefix(':'))
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains(':'))
+}
+
+/// A prepare gid queued or running on this agent; released (dropped) with its run.
+pub(crate) struct GidClaim {
+    set: Arc<Mutex<HashSet<String>>>,
+    gid: String,
+}
+
+impl Drop for GidClaim {
+    fn drop(&mut self) {
+        self.set.lock().expect("gids lock").remove(&self.gid);
+    }
+}
+
+/// The prepare gids of the runs queued or running on this agent.
+#[derive(Default)]
+pub(crate) struct GidClaims(Arc<Mutex<HashSet<String>>>);
+
+impl GidClaims {
+    /// Claims a prepare gid for a run about to be queued. None when a run with the same gid
+    /// is already queued or running here: that one's result answers both (a second
+    /// transaction would only wait for the first one's locks).
+    pub fn claim(&self, gid: &str) -> Option<GidClaim> {
+        let mut set = self.0.lock().expect("gids lock");
+        set.insert(gid.to_string()).then(|| GidClaim {
+            set: self.0.clone(),
+            gid: gid.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gids() {
+        assert_eq!(
+            validate_gid("flotilla:p1:7:3:tenant_1", "p1").unwrap(),
+            "'flotilla:p1:7:3:tenant_1'"
+        );
+        // the shard itself: an empty target
+        assert!(validate_gid("flotilla:p1:7:3:", "p1").is_ok());
+        assert!(
+            validate_gid("other:p1:7:3:t", "p1")
+                .unwrap_err()
+                .to_string()
+                .contains("does not start with `flotilla:`")
+        );
+        assert!(
+            validate_gid("flotilla:p2:7:3:t", "p1")
+                .unwrap_err()
+                .to_string()
+                .contains("does not belong to plan p1")
+        );
+        let long = format!("flotilla:p1:7:3:{}", "x".repeat(183));
+        assert_eq!(long.len(), 199);
+        assert!(validate_gid(&long, "p1").is_ok());
+        let too_long = format!("{long}x");
+        assert!(
+            validate_gid(&too_long, "p1")
+                .unwrap_err()
+                .to_string()
+                .contains("200")
+        );
+        assert!(validate_gid("flotilla:p1:1:1:a\0b", "p1").is_err());
+        assert_eq!(
+            validate_gid("flotilla:p1:1:1:it's", "p1").unwrap(),
+            "'flotilla:p1:1:1:it''s'"
+        );
+
+        // An atomic parallel group's unit.
+        assert!(validate_gid("flotilla:p1.g2:7:3:t", "p1").is_ok());
+        assert!(validate_gid("flotilla:p1.g:7:3:t", "p1").is_err());
+        assert!(validate_gid("flotilla:p1.gx:7:3:t", "p1").is_err());
+        assert!(validate_gid("flotilla:p12:7:3:t", "p1").is_err());
+        assert_eq!(plan_of_gid("flotilla:p1.g2:7:3:t"), Some("p1.g2"));
+        assert_eq!(plan_of_gid("flotilla:p1:7:3:t"), Some("p1"));
+        assert_eq!(plan_of_gid("flotilla:p1"), Some("p1"));
+        assert_eq!(plan_of_gid("flotilla::7"), None);
+        assert_eq!(plan_of_gid("other-app-1"), None);
+    }
+
+    #[test]
+    fn probes_are_told_apart_from_runs() {
+        let gid = probe_gid();
+        assert!(
+            gid.starts_with("flotilla:preflight:") && is_probe(&gid),
+            "{gid}"
+        );
+        assert!(!is_probe("flotilla:preflight:1:1:t"));
+        assert!(!is_probe("flotilla:preflight:"));
+        assert!(!is_probe("flotilla:p1:1:1:t"));
+    }
+}

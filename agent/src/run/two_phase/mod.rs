@@ -1,0 +1,112 @@
+//! Two-phase commit on this shard (invariant 4): the lower half that the executor, the
+//! scheduler and the resolver share.
+//!
+//! A run with a `prepare_gid` ends in `PREPARE TRANSACTION '<gid>'` instead of COMMIT (see
+//! `run::executor`); its change and journal rows then wait, invisible, for the plan's
+//! decision, which `run::resolve` applies.
+//! - `gid`: the shape of Flotilla's gids, and the claim that keeps one gid to one run.
+//! - `prepared`: the shard's prepared transactions: which are there, COMMIT/ROLLBACK
+//!   PREPARED, and the preflight probe.
+//! - `decisions`: plans' decisions as their keys in etcd hold them, read through every
+//!   member in turn.
+//!
+//! Only gids starting with `flotilla:` are ever touched: other applications' prepared
+//! transactions are theirs. Gids read `flotilla:<plan>:<run>:<epoch>:<target>`; the plan
+//! field names the decision key (`<prefix>/decisions/<plan>`, as the coordinator's
+//! `coordination::keys::decision` builds it).
+use crate::etcd::EtcdError;
+
+mod decisions;
+mod gid;
+mod prepared;
+
+pub(crate) use decisions::{Decisions, decision_key};
+pub(crate) use gid::{GidClaim, GidClaims, is_probe, plan_of_gid, validate_gid};
+pub(crate) use prepared::{Finished, check_two_phase, finish, list_prepared, prepared_among};
+
+/// A plan's decision, as its key in etcd holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    Commit,
+    Abort,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Commit => "commit",
+            Decision::Abort => "abort",
+        }
+    }
+
+    fn sql(self) -> &'static str {
+        match self {
+            Decision::Commit => "COMMIT PREPARED",
+            Decision::Abort => "ROLLBACK PREPARED",
+        }
+    }
+}
+
+/// Why a two-phase operation on this shard did not go through. The messages reach the
+/// coordinator (a Resolve's failed gids, a preflight's answer) as they are.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TwoPhaseError {
+    /// Other applications' prepared transactions are theirs: Flotilla touches only its own.
+    #[error("prepare gid {0:?} does not start with `flotilla:`")]
+    ForeignGid(String),
+    #[error("prepare gid is {0} bytes long; PostgreSQL takes fewer than 200")]
+    TooLong(usize),
+    #[error(
+        "prepare gid {gid:?} does not belong to plan {plan} \
+         (expected flotilla:<plan>[.g<group>]:<run>:<epoch>:<target>)"
+    )]
+    OtherPlan { gid: String, plan: String },
+    #[error(transparent)]
+    Quote(#[from] crate::step::BuildError),
+    /// COMMIT/ROLLBACK PREPARED failed (the SQLSTATE is empty when the connection was lost).
+    #[error("{message}{}", sqlstate_suffix(.sqlstate))]
+    Finish { message: String, sqlstate: String },
+    #[error("etcd at {endpoints} unreachable: {source}")]
+    EtcdUnreachable {
+        endpoints: String,
+        source: EtcdError,
+    },
+    #[error("reading {key} from etcd at {endpoints}: {source}")]
+    EtcdRead {
+        key: String,
+        endpoints: String,
+        source: EtcdError,
+    },
+    #[error("shard {shard}: reading {setting}: {source}")]
+    Setting {
+        shard: String,
+        setting: &'static str,
+        source: sqlx::Error,
+    },
+    #[error(
+        "shard {shard}: max_prepared_transactions = {value}; two-phase commit needs it above 0 (postgresql.conf, restart)"
+    )]
+    NoPreparedTransactions { shard: String, value: String },
+    #[error("shard {shard}: no connection for the two-phase probe: {source}")]
+    ProbeConnection { shard: String, source: sqlx::Error },
+    #[error("shard {shard}: cannot prepare a transaction: {message} (SQLSTATE {sqlstate})")]
+    CannotPrepare {
+        shard: String,
+        message: String,
+        sqlstate: String,
+    },
+    #[error("shard {shard}: cannot roll back the prepared probe {gid}: {source}")]
+    ProbeRollback {
+        shard: String,
+        gid: String,
+        source: Box<TwoPhaseError>,
+    },
+}
+
+fn sqlstate_suffix(sqlstate: &str) -> String {
+    if sqlstate.is_empty() {
+        String::new()
+    } else {
+        format!(" (SQLSTATE {sqlstate})")
+    }
+}

@@ -1,0 +1,133 @@
+//! The shard's prepared transactions: which of Flotilla's are there, COMMIT or ROLLBACK
+//! PREPARED of one, and the preflight's probe of whether the shard can prepare at all.
+use std::collections::HashSet;
+
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::PgPool;
+use tracing::{info, instrument, warn};
+
+use super::gid::probe_gid;
+use super::{Decision, TwoPhaseError};
+use crate::error::{SQLSTATE_UNDEFINED_OBJECT, classify};
+use crate::run::conn::recover;
+use crate::step::quote_literal;
+
+/// Flotilla's prepared transactions in the current database, oldest first.
+const LIST_PREPARED: &str = "SELECT gid FROM pg_catalog.pg_prepared_xacts \
+     WHERE gid LIKE 'flotilla:%' AND database = pg_catalog.current_database() ORDER BY prepared";
+
+/// Flotilla's prepared transactions in the current database, oldest first.
+pub(crate) async fn list_prepared(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(LIST_PREPARED).fetch_all(pool).await
+}
+
+/// Which of `gids` are prepared in the current database.
+pub(crate) async fn prepared_among(
+    pool: &PgPool,
+    gids: &[String],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let found: Vec<String> = sqlx::query_scalar(
+        "SELECT gid FROM pg_catalog.pg_prepared_xacts \
+         WHERE gid = ANY($1) AND database = pg_catalog.current_database()",
+    )
+    .bind(gids)
+    .fetch_all(pool)
+    .await?;
+    Ok(found.into_iter().collect())
+}
+
+/// What COMMIT/ROLLBACK PREPARED did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finished {
+    /// Resolved now.
+    Now,
+    /// Not prepared (any more): resolved before, by us or by someone else.
+    Before,
+}
+
+/// COMMIT PREPARED or ROLLBACK PREPARED one gid (quoted), outside any transaction, on a pool
+/// connection. Err: the message, with its SQLSTATE.
+pub(crate) async fn finish(
+    pool: &PgPool,
+    gid_lit: &str,
+    decision: Decision,
+) -> Result<Finished, TwoPhaseError> {
+    let sql = format!("{} {gid_lit}", decision.sql());
+    match sqlx::raw_sql(AssertSqlSafe(sql)).execute(pool).await {
+        Ok(_) => Ok(Finished::Now),
+        Err(e) => {
+            let f = classify(&e, "resolve");
+            if f.error.sqlstate == SQLSTATE_UNDEFINED_OBJECT {
+                Ok(Finished::Before)
+            } else {
+                Err(TwoPhaseError::Finish {
+                    message: f.error.message,
+                    sqlstate: f.error.sqlstate,
+                })
+            }
+        }
+    }
+}
+
+/// Whether this shard can take part in two-phase commit: `max_prepared_transactions`
+/// above 0, and the role can prepare (a probe transaction, prepared and rolled back).
+/// Err: why not, naming the shard and the setting or the SQLSTATE.
+#[instrument(skip_all, fields(shard = %shard))]
+pub(crate) async fn check_two_phase(pool: &PgPool, shard: &str) -> Result<(), TwoPhaseError> {
+    let show = |setting: &'static str| async move {
+        sqlx::raw_sql(AssertSqlSafe(format!("SHOW {setting}")))
+            .fetch_one(pool)
+            .await
+            .and_then(|row| sqlx::Row::try_get::<String, _>(&row, 0))
+            .map_err(|source| TwoPhaseError::Setting {
+                shard: shard.to_string(),
+                setting,
+                source,
+            })
+    };
+    let max = show("max_prepared_transactions").await?;
+    if max.trim().parse::<u64>().unwrap_or(0) == 0 {
+        return Err(TwoPhaseError::NoPreparedTransactions {
+            shard: shard.to_string(),
+            value: max.trim().to_string(),
+        });
+    }
+    match show("max_locks_per_transaction").await {
+        Ok(locks) => {
+            info!(max_prepared_transactions = %max, max_locks_per_transaction = %locks, "two-phase commit settings")
+        }
+        Err(e) => warn!(error = %e, "max_locks_per_transaction cannot be read"),
+    }
+    let gid = probe_gid();
+    let lit = quote_literal(&gid)?;
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|source| TwoPhaseError::ProbeConnection {
+            shard: shard.to_string(),
+            source,
+        })?;
+    let prepared = sqlx::raw_sql(AssertSqlSafe(format!("BEGIN; PREPARE TRANSACTION {lit}")))
+        .execute(&mut *conn)
+        .await;
+    if let Err(e) = prepared {
+        if recover(&mut conn, true, false).await {
+            conn.close_on_drop();
+        }
+        let f = classify(&e, "prepare");
+        return Err(TwoPhaseError::CannotPrepare {
+            shard: shard.to_string(),
+            message: f.error.message,
+            sqlstate: f.error.sqlstate,
+        });
+    }
+    drop(conn);
+    match finish(pool, &lit, Decision::Abort).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(TwoPhaseError::ProbeRollback {
+            shard: shard.to_string(),
+            gid,
+            source: Box::new(e),
+        }),
+    }
+}

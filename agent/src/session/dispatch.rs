@@ -1,0 +1,177 @@
+//! What arrives from the coordinator, handed to the part of the agent that owns it; and the
+//! preflight, which asks several parts at once (tenants, journal, two-phase, data keys).
+use std::sync::Arc;
+
+use flotilla_proto::pb;
+use flotilla_proto::pb::agent_message::Body as Out;
+use flotilla_proto::pb::coordinator_message::Body as In;
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, instrument, warn};
+
+use crate::data::keys;
+use crate::run::Outgoing;
+use crate::run::two_phase::check_two_phase;
+use crate::{Agent, shard};
+
+/// Hands one coordinator message to the part of the agent that owns it.
+pub(super) fn dispatch(agent: &Arc<Agent>, body: In, tx: &mpsc::Sender<pb::AgentMessage>) {
+    match body {
+        In::Welcome(_) | In::Heartbeat(_) => {}
+        In::Resolve(req) => {
+            let agent2 = agent.clone();
+            agent.tasks.spawn(async move {
+                let reply = agent2.clone().resolve(req).await;
+                // through the outbox: after the results queued before it, kept across streams
+                agent2.send_out(Outgoing::Resolve(reply));
+            });
+        }
+        In::Plan(def) => agent.define_plan(def),
+        In::Assign(assign) => agent.assign(assign),
+        In::Halt(halt) => agent.halt(&agent.plan(&halt.plan_id)),
+        In::Pause(pause) => {
+            let plan = agent.plan(&pause.plan_id);
+            tracing::info!(plan = %pause.plan_id, paused = pause.paused, "pause changed");
+            plan.control.send_modify(|c| {
+                c.paused = pause.paused.then(|| {
+                    if pause.reason.is_empty() {
+                        "paused by an operator".to_string()
+                    } else {
+                        pause.reason.clone()
+                    }
+                })
+            });
+        }
+        In::Preflight(req) => {
+            let agent2 = agent.clone();
+            let tx = tx.clone();
+            let span = tracing::info_span!("preflight", shard = %agent.config.shard, request = req.request_id);
+            agent.tasks.spawn(
+                async move {
+                    let reply = agent2.preflight(req).await;
+                    // a reply for a stream that is gone is dropped: its request went with it
+                    if tx
+                        .send(pb::AgentMessage {
+                            body: Some(Out::Preflight(reply)),
+                        })
+                        .await
+                        .is_err()
+                    {
+                        debug!("preflight reply dropped: the stream is gone");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        In::Rollback(req) => {
+            let agent2 = agent.clone();
+            agent.tasks.spawn(async move {
+                let reply = agent2.clone().rollback(req).await;
+                agent2.send_out(Outgoing::Rollback(reply));
+            });
+        }
+    }
+}
+
+impl Agent {
+    /// Fresh tenants and the journal rows of the asked migrations; with `two_phase`, whether
+    /// the shard can prepare transactions.
+    #[instrument(skip_all, fields(shard = %self.config.shard, request = req.request_id))]
+    pub(crate) async fn preflight(&self, req: pb::PreflightRequest) -> pb::PreflightReply {
+        let mut errors = Vec::new();
+        let tenants = match self.refresh_tenants().await {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!(
+                    "shard {}: discovering tenants: {e}",
+                    self.config.shard
+                ));
+                self.known_tenants()
+            }
+        };
+        let applied = match shard::read_for_preflight(&self.pool, &req.migration_ids).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!(error = %e, "reading the journal for a preflight failed");
+                errors.push(format!(
+                    "shard {}: reading the journal: {e}",
+                    self.config.shard
+                ));
+                Vec::new()
+            }
+        };
+        let two_phase_error = if req.two_phase {
+            match check_two_phase(&self.pool, &self.config.shard).await {
+                Ok(()) => String::new(),
+                Err(e) => {
+                    warn!(error = %e, "this shard cannot take part in two-phase commit");
+                    e.to_string()
+                }
+            }
+        } else {
+            String::new()
+        };
+        let data_problems = self.check_data(&req.data_migrations, &tenants).await;
+        pb::PreflightReply {
+            data_problems,
+            two_phase_error,
+            request_id: req.request_id,
+            tenants,
+            applied,
+            error: errors.join("; "),
+        }
+    }
+
+    /// The data migrations' tables and keys on every target of the shard (the shard itself
+    /// and each tenant): what is wrong where. A check that cannot run is a problem too.
+    async fn check_data(
+        &self,
+        migrations: &[pb::Migration],
+        tenants: &[pb::Tenant],
+    ) -> Vec<pb::DataProblem> {
+        let mut problems = Vec::new();
+        if migrations.is_empty() {
+            return problems;
+        }
+        let failed = |id: &str, e: String| pb::DataProblem {
+            migration_id: id.to_string(),
+            kind: "error".into(),
+            message: format!(
+                "checking its table and key on shard {}: {e}",
+                self.config.shard
+            ),
+            ..Default::default()
+        };
+        let mut conn = match self.pool.acquire().await {
+            Ok(c) => c,
+            Err(e) => {
+                return migrations
+                    .iter()
+                    .map(|m| failed(&m.id, e.to_string()))
+                    .collect();
+            }
+        };
+        for m in migrations {
+            let Some(d) = flotilla_proto::Migration::try_from(m.clone())
+                .ok()
+                .and_then(|m| m.data)
+            else {
+                continue;
+            };
+            let targets = std::iter::once("").chain(tenants.iter().map(|t| t.name.as_str()));
+            for tenant in targets {
+                match keys::inspect(&mut conn, &d, Some(tenant)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(p)) => problems.push(p.to_pb(&m.id, tenant)),
+                    Err(e) => {
+                        problems.push(pb::DataProblem {
+                            tenant: tenant.to_string(),
+                            ..failed(&m.id, e.to_string())
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        problems
+    }
+}

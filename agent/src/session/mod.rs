@@ -1,0 +1,101 @@
+//! The agent's stream to the coordinator: Hello, heartbeats, dispatch of what arrives,
+//! batched results, and reconnecting when the stream is lost: to the next coordinator of the
+//! list, or to the leader a follower named, with a backoff once a whole round failed.
+//!
+//! - `stream`: one stream, from Hello to its end.
+//! - `dispatch`: what arrives, handed to the part of the agent that owns it.
+//! - `outbox`: results kept across streams until sent.
+//! - `coordinators`: which coordinator to dial next.
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::Endpoint;
+use tracing::{info, instrument, warn};
+
+use crate::config::{backoff_delay, redact_dsn, redact_list};
+use crate::error::AgentError;
+use crate::{Agent, metrics};
+
+mod coordinators;
+mod dispatch;
+mod outbox;
+mod stream;
+
+pub(crate) use coordinators::Rotation;
+pub(crate) use outbox::Outbox;
+use stream::{Ended, session};
+
+/// A coordinator address as a tonic endpoint; an address that does not parse is a
+/// configuration error (checked for the whole list at start).
+pub(crate) fn endpoint(shard: &str, address: &str) -> Result<Endpoint, AgentError> {
+    Endpoint::from_shared(address.to_string())
+        .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
+        .map_err(|e| AgentError::Coordinator {
+            shard: shard.to_string(),
+            address: address.to_string(),
+            reason: format!("not a valid address: {e}"),
+        })
+}
+
+/// Keeps a stream to a coordinator (the leader) open until shutdown.
+#[instrument(skip_all, fields(shard = %agent.config.shard))]
+pub(crate) async fn run(agent: Arc<Agent>, mut outbox: Outbox, rotation: Rotation) {
+    reconnect(&agent, &mut outbox, rotation).await;
+    outbox.abandon();
+}
+
+/// Dials coordinators in turn and holds a stream to the one that takes the agent; returns
+/// only at shutdown.
+async fn reconnect(agent: &Arc<Agent>, outbox: &mut Outbox, mut rotation: Rotation) {
+    let mut attempt = 0u32;
+    loop {
+        let address = rotation.next_address();
+        let shown = redact_dsn(&address);
+        let ended = match endpoint(&agent.config.shard, &address) {
+            Ok(endpoint) => session(agent, outbox, &endpoint, &shown).await,
+            // only a leader named by a refusal can be invalid: the list was checked at start
+            Err(e) => Ended::Lost {
+                welcomed: false,
+                reason: e.to_string(),
+            },
+        };
+        let (welcomed, follow) = match ended {
+            Ended::Shutdown => return,
+            Ended::Lost { welcomed, reason } => {
+                warn!(coordinator = %shown, %reason, "coordinator stream lost");
+                (welcomed, false)
+            }
+            Ended::NotLeader { welcomed, leader } => {
+                let follow = rotation.refused(&address, leader.clone());
+                let leader = leader.as_deref().map_or("unknown".into(), redact_dsn);
+                info!(coordinator = %shown, %leader, follow, "the coordinator is not the leader");
+                (welcomed, follow)
+            }
+        };
+        metrics::coordinator_connected(false);
+        if welcomed {
+            attempt = 0;
+            rotation.new_round();
+        }
+        if follow || (!welcomed && !rotation.round_failed()) {
+            // the named leader, or the next coordinator of the round, right away
+            continue;
+        }
+        // a full round failed (or a welcomed stream ended): pause before the next round
+        let delay = backoff_delay(
+            attempt,
+            agent.config.reconnect_min,
+            agent.config.reconnect_max,
+            rand::random(),
+        );
+        if !welcomed {
+            warn!(coordinators = %redact_list(&agent.config.coordinator), attempt, ?delay, "no coordinator took the agent; retrying");
+            attempt = attempt.saturating_add(1);
+        }
+        rotation.new_round();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => metrics::reconnected(),
+            () = agent.cancel.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The shard's connection pool: options from the DSN (the password set apart), and waiting
+//! for a shard that is still starting.
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+use tracing::{instrument, warn};
+
+use crate::config::{AgentConfig, backoff_delay};
+use crate::error::{AgentError, is_auth_failure};
+
+/// Where the shard is, for error messages (never with the password).
+fn describe(options: &PgConnectOptions) -> (String, u16, String) {
+    let host = match options.get_socket() {
+        Some(path) => path.display().to_string(),
+        None => options.get_host().to_string(),
+    };
+    (
+        host,
+        options.get_port(),
+        options.get_database().unwrap_or("").to_string(),
+    )
+}
+
+/// Connection options from the DSN, with the password set apart from it.
+pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, AgentError> {
+    let mut options = PgConnectOptions::from_str(&config.dsn).map_err(|e| AgentError::Config {
+        shard: config.shard.clone(),
+        // sqlx's parse errors name what is wrong, not the DSN itself
+        reason: format!("invalid dsn {}: {e}", config.redacted_dsn()),
+    })?;
+    if let Some(password) = &config.password {
+        options = options.password(password);
+    }
+    // quote_literal relies on it; it is the default, but a server may say otherwise
+    Ok(options
+        .application_name("flotilla-agent")
+        .options([("standard_conforming_strings", "on")]))
+}
+
+/// Builds the pool and waits until the shard answers, backing off while it is starting.
+/// Authentication failures do not get better by waiting: they end the agent.
+#[instrument(skip_all, fields(shard = %config.shard))]
+pub(crate) async fn connect(
+    config: &AgentConfig,
+    cancel: &CancellationToken,
+) -> Result<Option<PgPool>, AgentError> {
+    let options = connect_options(config)?;
+    let (host, port, database) = describe(&options);
+    let mut attempt = 0u32;
+    loop {
+        // one bare connection first: the pool would retry a refused connection silently
+        let error = match PgConnection::connect_with(&options).await {
+            Ok(conn) => {
+                // only a probe: the server answered, which is all it was for
+                let _ = conn.close().await;
+                let pool = PgPoolOptions::new()
+                    .max_connections(config.max_connections + 1)
+                    .min_connections(0)
+                    .acquire_timeout(Duration::from_secs(15))
+                    .connect_lazy_with(options);
+                return Ok(Some(pool));
+            }
+            Err(e) => e,
+        };
+        if is_auth_failure(&error) {
+            return Err(AgentError::ShardConnect {
+                shard: config.shard.clone(),
+                host,
+                port,
+                database,
+                error,
+            });
+        }
+        let delay = backoff_delay(
+            attempt,
+            config.reconnect_min,
+            config.reconnect_max,
+            rand::random(),
+        );
+        warn!(%host, port, %database, %error, attempt, ?delay, "shard not reachable yet, retrying");
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = cancel.cancelled() => return Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dsn_password_stays_apart() {
+        let mut c = AgentConfig::new("s0", "postgres://app@db.internal:6543/shard_0", "http://c");
+        c.password = Some("hunter2".into());
+        let o = connect_options(&c).unwrap();
+        assert_eq!(
+            describe(&o),
+            ("db.internal".to_string(), 6543, "shard_0".to_string())
+        );
+        let c = AgentConfig::new("s0", "postgres://app:pw@db:notaport/x", "http://c");
+        let e = connect_options(&c).unwrap_err().to_string();
+        assert!(!e.contains("pw@"), "{e}");
+    }
+}

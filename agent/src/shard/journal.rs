@@ -1,0 +1,182 @@
+//! The flotilla schema on the shard (`schema.sql`): installing it, and the reads and fence
+//! moves the agent makes outside a step's own transaction. What a step writes into it (its
+//! journal row, the fence check) rides in the step's query: see `step::sql`.
+use std::collections::BTreeMap;
+
+use flotilla_proto::pb;
+use sqlx::postgres::PgPool;
+use tracing::{info, instrument};
+
+use crate::error::AgentError;
+
+/// The schema version this agent installs and understands.
+pub const SCHEMA_VERSION: u32 = 1;
+const SCHEMA_SQL: &str = include_str!("schema.sql");
+
+/// One journal row, as the agent reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JournalRow {
+    pub target: String,
+    pub migration_id: String,
+    pub checksum: String,
+}
+
+/// Installs or upgrades the flotilla schema, once at a time across agents.
+#[instrument(skip_all, fields(shard = %shard))]
+pub(crate) async fn install_schema(pool: &PgPool, shard: &str) -> Result<(), AgentError> {
+    let err = |what, error| AgentError::Shard {
+        shard: shard.to_string(),
+        what,
+        error,
+    };
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(|e| err("opening the schema transaction", e))?;
+    sqlx::raw_sql(
+        "SELECT pg_advisory_xact_lock(hashtext('flotilla.schema'));
+         CREATE SCHEMA IF NOT EXISTS flotilla;
+         CREATE TABLE IF NOT EXISTS flotilla.meta (key text PRIMARY KEY, value text);",
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| err("installing the flotilla schema", e))?;
+    let found: Option<String> =
+        sqlx::query_scalar("SELECT value FROM flotilla.meta WHERE key = 'schema_version'")
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| err("reading the flotilla schema version", e))?
+            .flatten();
+    if let Some(found) = found
+        && found.parse::<u32>().map_or(true, |v| v > SCHEMA_VERSION)
+    {
+        return Err(AgentError::SchemaTooNew {
+            shard: shard.to_string(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    sqlx::raw_sql(SCHEMA_SQL)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| err("installing the flotilla schema", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| err("committing the flotilla schema", e))?;
+    info!(version = SCHEMA_VERSION, "flotilla schema ready");
+    Ok(())
+}
+
+/// How long advancing the fence waits for the fence row. A prepared transaction holds it
+/// (FOR SHARE) until it is resolved, however long that takes: a newer epoch cannot be written
+/// meanwhile, and the steps of that epoch fail on their own fence check until it is.
+const FENCE_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
+
+/// Moves the shard's fence up to `epoch` in a transaction of its own. Step
+/// transactions then only read the fence row (FOR SHARE); were the first step of
+/// a new epoch to advance it, every other step would queue behind that one
+/// step's whole transaction, however long it runs.
+pub(crate) async fn advance_fence(pool: &PgPool, epoch: u64) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(FENCE_LOCK_TIMEOUT).execute(&mut *tx).await?;
+    sqlx::query("SELECT flotilla.check_fence($1)")
+        .bind(epoch as i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// The newest epoch the shard has seen, read without taking the row's lock.
+pub(crate) async fn read_fence(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM flotilla.fence")
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(epoch).unwrap_or(0))
+}
+
+/// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs.
+pub(crate) async fn read_applied(
+    pool: &PgPool,
+    targets: &[String],
+    migrations: &[String],
+) -> Result<Vec<JournalRow>, sqlx::Error> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT target, migration_id, checksum FROM flotilla.journal \
+         WHERE target = ANY($1) AND migration_id = ANY($2)",
+    )
+    .bind(targets)
+    .bind(migrations)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(target, migration_id, checksum)| JournalRow {
+            target,
+            migration_id,
+            checksum,
+        })
+        .collect())
+}
+
+/// Journal rows of the given migrations, on every target, for a preflight.
+pub(crate) async fn read_for_preflight(
+    pool: &PgPool,
+    migrations: &[String],
+) -> Result<Vec<pb::AppliedStep>, sqlx::Error> {
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT target, migration_id, checksum, plan_id FROM flotilla.journal \
+         WHERE migration_id = ANY($1) ORDER BY target, seq",
+    )
+    .bind(migrations)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(tenant, migration_id, checksum, plan_id)| pb::AppliedStep {
+                tenant,
+                migration_id,
+                checksum,
+                plan_id,
+            },
+        )
+        .collect())
+}
+
+/// The journal rows a plan applied, per target in reverse order of application.
+pub(crate) async fn read_plan_rows(
+    pool: &PgPool,
+    plan_id: &str,
+) -> Result<BTreeMap<String, Vec<String>>, sqlx::Error> {
+    // A data change the plan left part-way (failed, halted) has a checkpoint of the plan and
+    // no journal row: it is the newest change on its target, so it is undone first.
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT target, migration_id FROM ( \
+           SELECT target, migration_id, 0 AS part, 0::bigint AS seq FROM flotilla.checkpoints c \
+            WHERE plan_id = $1 AND NOT EXISTS (SELECT 1 FROM flotilla.journal j \
+              WHERE j.target = c.target AND j.migration_id = c.migration_id) \
+           UNION ALL \
+           SELECT target, migration_id, 1, seq FROM flotilla.journal WHERE plan_id = $1) r \
+         ORDER BY target, part, seq DESC",
+    )
+    .bind(plan_id)
+    .fetch_all(pool)
+    .await?;
+    let mut by_target: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (target, migration) in rows {
+        by_target.entry(target).or_default().push(migration);
+    }
+    Ok(by_target)
+}
+
+/// How many journal rows of a plan are left on the shard, with the checkpoints of data
+/// changes it left part-way.
+pub(crate) async fn count_plan_rows(pool: &PgPool, plan_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM flotilla.journal WHERE plan_id = $1) \
+              + (SELECT count(*) FROM flotilla.checkpoints WHERE plan_id = $1)",
+    )
+    .bind(plan_id)
+    .fetch_one(pool)
+    .await
+}

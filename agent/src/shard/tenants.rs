@@ -1,0 +1,136 @@
+//! The shard's tenants: schemas matching a pattern, or the rows of the operator's query.
+use std::collections::BTreeMap;
+
+use flotilla_proto::pb;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+use tracing::{instrument, warn};
+
+use crate::config::AgentConfig;
+
+/// How the agent finds the tenants of its shard.
+#[derive(Debug, Clone)]
+pub(crate) enum TenantSource {
+    None,
+    Pattern(String),
+    Query(String),
+}
+
+impl TenantSource {
+    pub fn from_config(config: &AgentConfig) -> TenantSource {
+        match (&config.tenant_pattern, &config.tenant_query) {
+            (Some(p), _) => TenantSource::Pattern(p.clone()),
+            (None, Some(q)) => TenantSource::Query(q.clone()),
+            (None, None) => TenantSource::None,
+        }
+    }
+}
+
+/// Lists the shard's tenants, sorted by name; invalid names are skipped with a warning.
+#[instrument(skip_all, fields(shard = %shard))]
+pub(crate) async fn discover_tenants(
+    pool: &PgPool,
+    shard: &str,
+    source: &TenantSource,
+) -> Result<Vec<pb::Tenant>, sqlx::Error> {
+    let found: Vec<(String, Option<String>)> = match source {
+        TenantSource::None => Vec::new(),
+        TenantSource::Pattern(pattern) => sqlx::query_scalar::<_, String>(
+            "SELECT nspname::text FROM pg_catalog.pg_namespace WHERE nspname LIKE $1 ORDER BY nspname",
+        )
+        .bind(pattern)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|name| (name, None))
+        .collect(),
+        // The operator's own query. Simple-query results come as text whatever their type,
+        // so a json/jsonb labels column reads as its text form.
+        TenantSource::Query(query) => sqlx::raw_sql(AssertSqlSafe(query.as_str()))
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .filter_map(|row: &PgRow| {
+                let name: Option<String> = row.try_get_unchecked(0).ok()?;
+                let labels = if row.len() > 1 { row.try_get_unchecked(1).ok()? } else { None };
+                Some((name?, labels))
+            })
+            .collect(),
+    };
+    let mut tenants = BTreeMap::new();
+    for (name, labels) in found {
+        if let Err(reason) = flotilla_proto::validate_tenant_name(&name) {
+            warn!(schema = %name.escape_debug(), %reason, "skipping schema: not a valid tenant name");
+            continue;
+        }
+        let labels = match parse_tenant_labels(labels.as_deref().unwrap_or("")) {
+            Ok(labels) => labels,
+            Err(reason) => {
+                warn!(schema = %name, %reason, "skipping tenant: its labels do not parse");
+                continue;
+            }
+        };
+        tenants.insert(
+            name.clone(),
+            pb::Tenant {
+                name,
+                labels: labels.into_iter().collect(),
+            },
+        );
+    }
+    Ok(tenants.into_values().collect())
+}
+
+/// Tenant labels as the tenant query gives them: `k=v,k2=v2`, or a json object.
+fn parse_tenant_labels(raw: &str) -> Result<BTreeMap<String, String>, String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    if raw.starts_with('{') {
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(raw).map_err(|e| format!("labels are not a json object: {e}"))?;
+        let text = map
+            .into_iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}={s}"),
+                other => format!("{k}={other}"),
+            })
+            .collect::<Vec<_>>();
+        // the same key rules as every other label
+        for kv in &text {
+            if kv.contains(',') {
+                return Err(format!("label `{kv}` holds a comma"));
+            }
+        }
+        return flotilla_proto::parse_labels(&text.join(","));
+    }
+    flotilla_proto::parse_labels(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_as_text() {
+        let l = parse_tenant_labels(" tier=gold, region=eu ").unwrap();
+        assert_eq!(l.get("tier").map(String::as_str), Some("gold"));
+        assert_eq!(l.len(), 2);
+        assert!(parse_tenant_labels("").unwrap().is_empty());
+        assert!(parse_tenant_labels("novalue").is_err());
+    }
+
+    #[test]
+    fn labels_as_json() {
+        let l = parse_tenant_labels(r#"{"tier": "gold", "size": 3, "beta": true, "gone": null}"#)
+            .unwrap();
+        assert_eq!(l.get("tier").map(String::as_str), Some("gold"));
+        assert_eq!(l.get("size").map(String::as_str), Some("3"));
+        assert_eq!(l.get("beta").map(String::as_str), Some("true"));
+        assert!(!l.contains_key("gone"));
+        assert!(parse_tenant_labels("{not json").is_err());
+        assert!(parse_tenant_labels(r#"{"bad key": "x"}"#).is_err());
+    }
+}

@@ -1,0 +1,99 @@
+//! The pieces every step query is made of: settings, the fence check, the statements, the
+//! verify check and the journal row, and their undo. Each query the agent sends is a
+//! simple-query string built from these, so a whole step costs one round trip. Everything
+//! variable in it is quoted: identifiers with `quote_ident`, values with `quote_literal`,
+//! numbers formatted from integers.
+use std::fmt::Write;
+
+use super::{PreparedMigration, StepContext, quote_ident};
+
+/// Joins statements so that a trailing `-- comment` can never swallow the separator.
+pub(crate) fn push_statements(out: &mut String, statements: &[String]) {
+    for s in statements {
+        out.push_str(s);
+        out.push_str("\n;\n");
+    }
+}
+
+/// Opens a step transaction and checks the fence in it.
+pub(crate) fn begin_fenced(epoch: u64) -> String {
+    format!("BEGIN;\nSELECT flotilla.check_fence({epoch});\n")
+}
+
+/// Checks the fence. It comes after the step's settings, so that its wait for the fence row
+/// is bounded by the step's lock_timeout: a transaction of an older epoch holds the row until
+/// it ends, and a prepared one until its plan's decision, however long that takes.
+pub(crate) fn push_fence(out: &mut String, epoch: u64) {
+    let _ = writeln!(out, "SELECT flotilla.check_fence({epoch});");
+}
+
+/// `SET [LOCAL] search_path/lock_timeout/statement_timeout` for one step.
+pub(crate) fn push_settings(
+    out: &mut String,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    local: bool,
+) {
+    let scope = if local { "SET LOCAL" } else { "SET" };
+    if !cx.tenant.is_empty() {
+        let _ = writeln!(out, "{scope} search_path TO {};", quote_ident(cx.tenant));
+    }
+    let _ = writeln!(
+        out,
+        "{scope} lock_timeout = '{}ms'; {scope} statement_timeout = '{}ms';",
+        m.lock_timeout_ms, m.statement_timeout_ms
+    );
+    // when the step started, for its journal row (now() would be the transaction's start)
+    let _ = writeln!(
+        out,
+        "SELECT pg_catalog.set_config('flotilla.step_started', pg_catalog.clock_timestamp()::text, {local});"
+    );
+}
+
+/// The verify check (if any) and the journal row: the step's proof that it is applied.
+pub(crate) fn push_verify_and_journal(
+    out: &mut String,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+) {
+    if let Some(verify) = &m.migration.verify_sql {
+        let _ = writeln!(
+            out,
+            "SELECT flotilla.check_verify(({verify}\n), {});",
+            m.id_lit
+        );
+    }
+    let _ = writeln!(
+        out,
+        "INSERT INTO flotilla.journal (target, migration_id, checksum, plan_id, epoch, started_at, finished_at) \
+         VALUES ({}, {}, {}, {}, {}, pg_catalog.current_setting('flotilla.step_started')::timestamptz, pg_catalog.clock_timestamp());",
+        cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit, cx.epoch
+    );
+}
+
+/// A data change's checkpoint goes when its journal row is written or moved.
+pub(crate) fn push_checkpoint_delete(
+    out: &mut String,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+) {
+    if m.migration.data.is_some() {
+        let _ = writeln!(
+            out,
+            "DELETE FROM flotilla.checkpoints WHERE target = {} AND migration_id = {};",
+            cx.tenant_lit, m.id_lit
+        );
+    }
+}
+
+/// Moves a step's journal row to the history: the undo's proof, in the undo's transaction.
+pub(crate) fn push_journal_move(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigration) {
+    let _ = writeln!(
+        out,
+        "WITH d AS (DELETE FROM flotilla.journal WHERE target = {} AND migration_id = {} AND plan_id = {} RETURNING *) \
+         INSERT INTO flotilla.journal_history (target, migration_id, checksum, plan_id, epoch, started_at, finished_at, \
+         rolled_back_at, rolled_back_by_plan, rolled_back_epoch) \
+         SELECT target, migration_id, checksum, plan_id, epoch, started_at, finished_at, pg_catalog.now(), {}, {} FROM d;",
+        cx.tenant_lit, m.id_lit, cx.plan_lit, cx.plan_lit, cx.epoch
+    );
+}
