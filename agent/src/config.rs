@@ -157,7 +157,7 @@ pub(crate) fn backoff_delay(attempt: u32, min: Duration, max: Duration, jitter: 
     floor + step.saturating_sub(floor).mul_f64(jitter.clamp(0.0, 1.0))
 }
 
-const REDACTED: &str = "<redacted>";
+use flotilla_proto::secrets::REDACTED;
 
 /// A comma-separated list of addresses, each with its password hidden.
 pub(crate) fn redact_list(list: &str) -> String {
@@ -177,64 +177,10 @@ pub(crate) fn parse_addresses(list: &str) -> Vec<String> {
         .collect()
 }
 
-/// Hides passwords in a DSN, whichever way they were written: `scheme://user:PW@host`,
-/// `?password=PW` in a URL, or `password=PW` in a key/value connection string.
+/// Hides passwords in a DSN, whichever way they were written: the one redactor
+/// ([`flotilla_proto::secrets::redact_url`]).
 pub fn redact_dsn(dsn: &str) -> String {
-    let mut out = dsn.to_string();
-    if let Some(scheme_end) = out.find("://") {
-        let rest_start = scheme_end + 3;
-        let authority_end = out[rest_start..]
-            .find(['/', '?', '#'])
-            .map_or(out.len(), |i| rest_start + i);
-        if let Some(at) = out[rest_start..authority_end].rfind('@') {
-            let userinfo = &out[rest_start..rest_start + at];
-            if let Some(colon) = userinfo.find(':') {
-                out.replace_range(rest_start + colon + 1..rest_start + at, REDACTED);
-            }
-        }
-    }
-    redact_password_params(&out)
-}
-
-/// Replaces the value of every `password=` parameter (URL query or key/value form).
-fn redact_password_params(s: &str) -> String {
-    let lower = s.to_ascii_lowercase();
-    let mut out = String::with_capacity(s.len());
-    let mut i = 0;
-    while let Some(found) = lower[i..].find("password=") {
-        let start = i + found;
-        let preceded_ok =
-            start == 0 || matches!(s.as_bytes()[start - 1], b'?' | b'&' | b' ' | b'\t');
-        let value_start = start + "password=".len();
-        out.push_str(&s[i..value_start]);
-        if !preceded_ok {
-            i = value_start;
-            continue;
-        }
-        let rest = &s[value_start..];
-        let value_len = if let Some(quoted) = rest.strip_prefix('\'') {
-            // key/value form allows 'quoted values' with \' escapes
-            let mut end = quoted.len();
-            let mut escaped = false;
-            for (j, c) in quoted.char_indices() {
-                match c {
-                    '\\' if !escaped => escaped = true,
-                    '\'' if !escaped => {
-                        end = j + 1;
-                        break;
-                    }
-                    _ => escaped = false,
-                }
-            }
-            1 + end
-        } else {
-            rest.find(['&', ' ', '\t', '#']).unwrap_or(rest.len())
-        };
-        out.push_str(REDACTED);
-        i = value_start + value_len;
-    }
-    out.push_str(&s[i..]);
-    out
+    flotilla_proto::secrets::redact_url(dsn)
 }
 
 #[cfg(test)]

@@ -48,23 +48,16 @@ pub enum AgentError {
     },
 }
 
-/// SQLSTATE raised by `flotilla.check_fence` when a step's epoch is older than the shard's.
-pub const SQLSTATE_FENCED: &str = "FL002";
-/// SQLSTATE raised by `flotilla.check_verify` when a verify query is not true.
-pub const SQLSTATE_VERIFY: &str = "FL003";
-const SQLSTATE_UNIQUE_VIOLATION: &str = "23505";
-/// `lock_not_available`: a lock_timeout (or NOWAIT) gave up.
-const SQLSTATE_LOCK_NOT_AVAILABLE: &str = "55P03";
-/// `undefined_object`: COMMIT/ROLLBACK PREPARED of a gid that is not (or no longer) prepared.
-pub(crate) const SQLSTATE_UNDEFINED_OBJECT: &str = "42704";
-/// `serialization_failure` and `deadlock_detected`: the transaction was undone by a
-/// conflict with another session, and doing it again may well succeed.
-const SQLSTATE_CONFLICTS: [&str; 2] = ["40001", "40P01"];
-/// `admin_shutdown`, `crash_shutdown`, `cannot_connect_now`: the server went away (or is
-/// not back yet).
-const SQLSTATE_SERVER_GONE: [&str; 3] = ["57P01", "57P02", "57P03"];
-/// Class 28, `invalid_authorization_specification`: waiting does not make it better.
-const SQLSTATE_CLASS_AUTH: &str = "28";
+// The SQLSTATEs are the protocol's (one definition for the coordinator and the agent).
+pub(crate) use flotilla_proto::protocol::sqlstate::UNDEFINED_OBJECT as SQLSTATE_UNDEFINED_OBJECT;
+use flotilla_proto::protocol::sqlstate::{
+    CLASS_AUTH as SQLSTATE_CLASS_AUTH, CONFLICTS as SQLSTATE_CONFLICTS,
+    LOCK_NOT_AVAILABLE as SQLSTATE_LOCK_NOT_AVAILABLE, SERVER_GONE as SQLSTATE_SERVER_GONE,
+    UNIQUE_VIOLATION as SQLSTATE_UNIQUE_VIOLATION,
+};
+pub use flotilla_proto::protocol::sqlstate::{
+    FENCED as SQLSTATE_FENCED, VERIFY_FAILED as SQLSTATE_VERIFY,
+};
 /// Why a step's fence check can time out: the older epoch's transactions hold the fence row.
 const FENCE_HELD: &str = "the shard's fence row is held by a transaction of an older epoch: a step still \
      running, or a prepared transaction waiting for its plan's decision (see pg_prepared_xacts); \

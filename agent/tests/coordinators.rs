@@ -26,11 +26,20 @@ impl AgentService for Follower {
         _request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         self.refusals.fetch_add(1, Ordering::SeqCst);
+        // as a follower coordinator refuses: the protocol's refusal metadata, and the
+        // leader's address when it knows it
         let mut status = Status::unavailable("not the leader");
+        status.metadata_mut().insert(
+            flotilla_proto::protocol::REFUSAL_METADATA,
+            flotilla_proto::protocol::REFUSAL_NOT_LEADER
+                .parse()
+                .unwrap(),
+        );
         if let Some(leader) = self.leader.get() {
-            status
-                .metadata_mut()
-                .insert("flotilla-leader", leader.parse().unwrap());
+            status.metadata_mut().insert(
+                flotilla_proto::protocol::LEADER_METADATA,
+                leader.parse().unwrap(),
+            );
         }
         Err(status)
     }

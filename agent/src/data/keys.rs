@@ -8,6 +8,7 @@
 //! one-column key, and as a JSON array of the texts for a composite key (as the page query
 //! prints it).
 use flotilla_proto::DataChange;
+use flotilla_proto::protocol::DataProblemKind;
 use sqlx::postgres::PgConnection;
 
 use crate::step::{BuildError, quote_literal};
@@ -124,14 +125,14 @@ impl KeyProblem {
     /// As the preflight reports it.
     pub fn to_pb(&self, migration_id: &str, tenant: &str) -> flotilla_proto::pb::DataProblem {
         let (kind, name) = match self {
-            KeyProblem::NoTable(n, _) => ("no_table", n.as_str()),
-            KeyProblem::NoColumn(n, _) => ("no_column", n.as_str()),
-            KeyProblem::Shape(n, _) => ("shape", n.as_str()),
+            KeyProblem::NoTable(n, _) => (DataProblemKind::NoTable, n.as_str()),
+            KeyProblem::NoColumn(n, _) => (DataProblemKind::NoColumn, n.as_str()),
+            KeyProblem::Shape(n, _) => (DataProblemKind::Shape, n.as_str()),
         };
         flotilla_proto::pb::DataProblem {
             migration_id: migration_id.to_string(),
             tenant: tenant.to_string(),
-            kind: kind.to_string(),
+            kind: kind.as_str().to_string(),
             message: self.message().to_string(),
             name: name.to_string(),
         }

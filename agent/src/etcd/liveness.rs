@@ -18,9 +18,9 @@ use super::{Etcd, Usage, call};
 use crate::config::{AgentConfig, backoff_delay};
 use crate::metrics;
 
-/// `<prefix>/agents/<shard>`, as `keys::agent` in the coordinator builds it.
+/// `<prefix>/agents/<shard>`: the protocol's key layout.
 pub(crate) fn agent_key(prefix: &str, shard: &str) -> String {
-    format!("{}/agents/{shard}", prefix.trim_end_matches('/'))
+    flotilla_proto::protocol::keys::agent(prefix, shard)
 }
 
 /// The value of the key: who holds it (never a secret).

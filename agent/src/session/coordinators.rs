@@ -1,29 +1,24 @@
 //! Which coordinator to dial next. With several coordinators (HA), only the etcd-elected
-//! leader takes agents: a follower refuses `Attach` with UNAVAILABLE "not the leader" and,
-//! when it knows, the leader's address in the `flotilla-leader` metadata. The agent dials
-//! the configured addresses in turn, follows the leader a refusal names (even one that is not
-//! in its list), and backs off only once a whole round of the list failed.
+//! leader takes agents: a follower refuses `Attach` with UNAVAILABLE, says so in the
+//! protocol's refusal metadata, and, when it knows, names the leader's address in the
+//! `flotilla-leader` metadata. The agent dials the configured addresses in turn, follows the
+//! leader a refusal names (even one that is not in its list), and backs off only once a
+//! whole round of the list failed.
+use flotilla_proto::protocol;
 use tonic::{Code, Status};
 
-/// The metadata key of a refusal that names the leader.
-pub(crate) const LEADER_METADATA: &str = "flotilla-leader";
-/// The message of a follower's refusal.
-pub(crate) const NOT_THE_LEADER: &str = "not the leader";
-
-/// When `status` is a follower's refusal: `Some(the leader it named, if any)`.
+/// When `status` is a follower's refusal: `Some(the leader it named, if any)`. Read from
+/// the metadata (the protocol's), never from the message, which is for people.
 pub(crate) fn refusal(status: &Status) -> Option<Option<String>> {
-    if status.code() != Code::Unavailable || !status.message().starts_with(NOT_THE_LEADER) {
+    if status.code() != Code::Unavailable {
         return None;
     }
-    Some(
-        status
-            .metadata()
-            .get(LEADER_METADATA)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|leader| !leader.is_empty())
-            .map(with_scheme),
-    )
+    protocol::not_leader(status).map(|leader| {
+        leader
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .map(|l| with_scheme(&l))
+    })
 }
 
 /// An address as an endpoint URI: `host:port` becomes `http://host:port`.
@@ -163,20 +158,31 @@ mod tests {
     }
 
     #[test]
-    fn reads_refusals() {
-        let mut status = Status::unavailable(NOT_THE_LEADER);
-        assert_eq!(refusal(&status), Some(None));
-        status
-            .metadata_mut()
-            .insert(LEADER_METADATA, MetadataValue::from_static("10.0.0.2:7070"));
-        assert_eq!(refusal(&status), Some(Some("http://10.0.0.2:7070".into())));
-        let mut status = Status::unavailable("not the leader: try another");
-        status.metadata_mut().insert(
-            LEADER_METADATA,
-            MetadataValue::from_static("https://c2:7070"),
+    fn reads_refusals_from_metadata() {
+        let refused = |leader: Option<&'static str>| {
+            let mut status = Status::unavailable("not the leader");
+            status.metadata_mut().insert(
+                protocol::REFUSAL_METADATA,
+                MetadataValue::from_static(protocol::REFUSAL_NOT_LEADER),
+            );
+            if let Some(l) = leader {
+                status
+                    .metadata_mut()
+                    .insert(protocol::LEADER_METADATA, MetadataValue::from_static(l));
+            }
+            status
+        };
+        assert_eq!(refusal(&refused(None)), Some(None));
+        assert_eq!(
+            refusal(&refused(Some("10.0.0.2:7070"))),
+            Some(Some("http://10.0.0.2:7070".into()))
         );
-        assert_eq!(refusal(&status), Some(Some("https://c2:7070".into())));
+        assert_eq!(
+            refusal(&refused(Some("https://c2:7070"))),
+            Some(Some("https://c2:7070".into()))
+        );
+        // the message alone says nothing to a program
+        assert_eq!(refusal(&Status::unavailable("not the leader")), None);
         assert_eq!(refusal(&Status::unavailable("shutting down")), None);
-        assert_eq!(refusal(&Status::internal(NOT_THE_LEADER)), None);
     }
 }

@@ -134,7 +134,9 @@ impl Agent {
         }
         let failed = |id: &str, e: String| pb::DataProblem {
             migration_id: id.to_string(),
-            kind: "error".into(),
+            kind: flotilla_proto::protocol::DataProblemKind::Error
+                .as_str()
+                .into(),
             message: format!(
                 "checking its table and key on shard {}: {e}",
                 self.config.shard

@@ -1,5 +1,14 @@
 //! The SQLSTATE codes Flotilla acts on, named once. (Others are only reported.)
 
+/// Raised by `flotilla.check_fence` when a step's epoch is older than the shard's.
+pub const FENCED: &str = "FL002";
+/// Raised by `flotilla.check_verify` when a verify query is not true.
+pub const VERIFY_FAILED: &str = "FL003";
+/// `unique_violation`: with the journal's primary key, another session applied the step first.
+pub const UNIQUE_VIOLATION: &str = "23505";
+/// Class 28, `invalid_authorization_specification`: waiting does not make it better.
+pub const CLASS_AUTH: &str = "28";
+
 /// `lock_not_available`: `lock_timeout` ran out (a schema step retries it).
 pub const LOCK_NOT_AVAILABLE: &str = "55P03";
 /// `undefined_object`: COMMIT/ROLLBACK PREPARED of a gid that is not (or no longer) prepared.
@@ -8,16 +17,9 @@ pub const UNDEFINED_OBJECT: &str = "42704";
 pub const SERIALIZATION_FAILURE: &str = "40001";
 /// `deadlock_detected`: a batch undone by a deadlock with an application session; it runs again.
 pub const DEADLOCK_DETECTED: &str = "40P01";
+/// Both of the above: the transaction was undone by a conflict with another session, and
+/// doing it again may well succeed.
+pub const CONFLICTS: [&str; 2] = [SERIALIZATION_FAILURE, DEADLOCK_DETECTED];
 /// `admin_shutdown`, `crash_shutdown`, `cannot_connect_now`: the server went away or is
 /// not up yet; what the failed transaction did was undone with it.
 pub const SERVER_GONE: [&str; 3] = ["57P01", "57P02", "57P03"];
-
-/// Whether a batch that failed with `code` can simply run again.
-pub fn is_transient_conflict(code: &str) -> bool {
-    code == SERIALIZATION_FAILURE || code == DEADLOCK_DETECTED
-}
-
-/// Whether `code` says the server went away (or is starting).
-pub fn is_server_gone(code: &str) -> bool {
-    SERVER_GONE.contains(&code)
-}

@@ -11,9 +11,9 @@ use crate::etcd::{Etcd, Usage, call};
 /// How long one etcd call (connecting, reading a decision) may take.
 const ETCD_CALL_LIMIT: Duration = Duration::from_secs(3);
 
-/// `<prefix>/decisions/<plan>`, as `keys::decision` in the coordinator builds it.
-pub(crate) fn decision_key(prefix: &str, plan_id: &str) -> String {
-    format!("{}/decisions/{plan_id}", prefix.trim_end_matches('/'))
+/// `<prefix>/decisions/<unit>`: the protocol's key layout.
+pub(crate) fn decision_key(prefix: &str, unit: &str) -> String {
+    flotilla_proto::protocol::keys::decision(prefix, unit)
 }
 
 /// Reads plans' decisions from etcd, on one client kept between reads.
@@ -83,11 +83,10 @@ impl Decisions {
         let Some(kv) = found.kvs().first() else {
             return Ok(None);
         };
-        match kv.value() {
-            b"commit" => Ok(Some(Decision::Commit)),
-            b"abort" => Ok(Some(Decision::Abort)),
-            other => {
-                warn!(%key, value = %String::from_utf8_lossy(other).escape_debug(), "a decision key holds neither commit nor abort; taking it as no decision");
+        match String::from_utf8_lossy(kv.value()).parse::<Decision>() {
+            Ok(d) => Ok(Some(d)),
+            Err(e) => {
+                warn!(%key, "{e}; taking it as no decision");
                 Ok(None)
             }
         }

@@ -3,62 +3,35 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use flotilla_proto::protocol::gid::{self, GidError};
+
 use super::TwoPhaseError;
 use crate::step::quote_literal;
 
-/// Every gid Flotilla prepares starts with it.
-pub(crate) const GID_PREFIX: &str = "flotilla:";
-/// PostgreSQL's GIDSIZE is 200 bytes with the terminating NUL.
-pub(crate) const GID_MAX_BYTES: usize = 199;
-/// The plan field of the preflight's probe gids (`flotilla:preflight:<hex>`).
-const PREFLIGHT_PLAN: &str = "preflight";
-
 /// Checks a run's prepare gid and returns it quoted: `flotilla:`, shorter than 200 bytes, and
-/// its plan field is the run's plan (in-doubt resolution reads that plan's decision).
-pub(crate) fn validate_gid(gid: &str, plan_id: &str) -> Result<String, TwoPhaseError> {
-    if !gid.starts_with(GID_PREFIX) {
-        return Err(TwoPhaseError::ForeignGid(gid.escape_debug().to_string()));
-    }
-    if gid.len() > GID_MAX_BYTES {
-        return Err(TwoPhaseError::TooLong(gid.len()));
-    }
-    // The unit deciding it: the plan, or one atomic parallel group (`<plan>.g<N>`).
-    let belongs = plan_of_gid(gid).is_some_and(|unit| {
-        unit == plan_id
-            || unit
-                .strip_prefix(plan_id)
-                .and_then(|rest| rest.strip_prefix(".g"))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    });
-    if !belongs {
-        return Err(TwoPhaseError::OtherPlan {
-            gid: gid.to_string(),
-            plan: plan_id.to_string(),
-        });
-    }
-    Ok(quote_literal(gid)?)
+/// its unit is the run's plan or one of its groups (in-doubt resolution reads that unit's
+/// decision). The shape is the protocol's ([`gid`]).
+pub(crate) fn validate_gid(g: &str, plan_id: &str) -> Result<String, TwoPhaseError> {
+    gid::validate(g, plan_id).map_err(|e| match e {
+        GidError::Prefix(shown) => TwoPhaseError::ForeignGid(shown),
+        GidError::TooLong(n) => TwoPhaseError::TooLong(n),
+        GidError::OtherPlan { gid, plan_id } => TwoPhaseError::OtherPlan { gid, plan: plan_id },
+    })?;
+    Ok(quote_literal(g)?)
 }
 
-/// The decision unit of a Flotilla gid (the plan, or `<plan>.g<N>` for an atomic
-/// parallel group; its decision is under that name): its second `:`-separated field.
-pub(crate) fn plan_of_gid(gid: &str) -> Option<&str> {
-    let plan = gid.strip_prefix(GID_PREFIX)?.split(':').next()?;
-    (!plan.is_empty()).then_some(plan)
+/// The decision unit of a Flotilla gid (the plan, or `<plan>.g<N>`).
+pub(crate) fn plan_of_gid(g: &str) -> Option<&str> {
+    gid::unit_of(g)
 }
 
 /// The preflight's probe gid: `flotilla:preflight:<hex>` (three fields, never a run's).
 pub(super) fn probe_gid() -> String {
-    format!(
-        "{GID_PREFIX}{PREFLIGHT_PLAN}:{:016x}",
-        rand::random::<u64>()
-    )
+    gid::probe(rand::random::<u64>())
 }
 
-pub(crate) fn is_probe(gid: &str) -> bool {
-    gid.strip_prefix(GID_PREFIX)
-        .and_then(|rest| rest.strip_prefix(PREFLIGHT_PLAN))
-        .and_then(|rest| rest.strip_prefix(':'))
-        .is_some_and(|rest| !rest.is_empty() && !rest.contains(':'))
+pub(crate) fn is_probe(g: &str) -> bool {
+    gid::is_probe(g)
 }
 
 /// A prepare gid queued or running on this agent; released (dropped) with its run.

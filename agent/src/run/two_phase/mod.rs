@@ -24,28 +24,8 @@ pub(crate) use decisions::{Decisions, decision_key};
 pub(crate) use gid::{GidClaim, GidClaims, is_probe, plan_of_gid, validate_gid};
 pub(crate) use prepared::{Finished, check_two_phase, finish, list_prepared, prepared_among};
 
-/// A plan's decision, as its key in etcd holds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Decision {
-    Commit,
-    Abort,
-}
-
-impl Decision {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Decision::Commit => "commit",
-            Decision::Abort => "abort",
-        }
-    }
-
-    fn sql(self) -> &'static str {
-        match self {
-            Decision::Commit => "COMMIT PREPARED",
-            Decision::Abort => "ROLLBACK PREPARED",
-        }
-    }
-}
+/// A unit's decision, as its key in etcd holds it (the protocol's one definition).
+pub(crate) use flotilla_proto::protocol::Decision;
 
 /// Why a two-phase operation on this shard did not go through. The messages reach the
 /// coordinator (a Resolve's failed gids, a preflight's answer) as they are.
