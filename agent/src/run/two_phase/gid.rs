@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use flotilla_proto::protocol::gid::{self, GidError};
+use flotilla_proto::protocol::gid;
 
 use super::TwoPhaseError;
 use crate::step::quote_literal;
@@ -12,11 +12,7 @@ use crate::step::quote_literal;
 /// its unit is the run's plan or one of its groups (in-doubt resolution reads that unit's
 /// decision). The shape is the protocol's ([`gid`]).
 pub(crate) fn validate_gid(g: &str, plan_id: &str) -> Result<String, TwoPhaseError> {
-    gid::validate(g, plan_id).map_err(|e| match e {
-        GidError::Prefix(shown) => TwoPhaseError::ForeignGid(shown),
-        GidError::TooLong(n) => TwoPhaseError::TooLong(n),
-        GidError::OtherPlan { gid, plan_id } => TwoPhaseError::OtherPlan { gid, plan: plan_id },
-    })?;
+    gid::validate(g, plan_id)?;
     Ok(quote_literal(g)?)
 }
 

@@ -31,16 +31,10 @@ pub(crate) use flotilla_proto::protocol::Decision;
 /// coordinator (a Resolve's failed gids, a preflight's answer) as they are.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum TwoPhaseError {
-    /// Other applications' prepared transactions are theirs: Flotilla touches only its own.
-    #[error("prepare gid {0:?} does not start with `flotilla:`")]
-    ForeignGid(String),
-    #[error("prepare gid is {0} bytes long; PostgreSQL takes fewer than 200")]
-    TooLong(usize),
-    #[error(
-        "prepare gid {gid:?} does not belong to plan {plan} \
-         (expected flotilla:<plan>[.g<group>]:<run>:<epoch>:<target>)"
-    )]
-    OtherPlan { gid: String, plan: String },
+    /// A run's gid that is not Flotilla's, too long, or of another plan (other
+    /// applications' prepared transactions are theirs: Flotilla touches only its own).
+    #[error(transparent)]
+    Gid(#[from] flotilla_proto::protocol::gid::GidError),
     #[error(transparent)]
     Quote(#[from] crate::step::BuildError),
     /// COMMIT/ROLLBACK PREPARED failed (the SQLSTATE is empty when the connection was lost).
