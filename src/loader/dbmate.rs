@@ -6,8 +6,8 @@ use std::path::Path;
 use flotilla_proto::MigrationId;
 use flotilla_proto::pb;
 
-use super::dir::{Parts, statements};
-use super::{LoadError, read_text};
+use super::error::{LoadError, read_text};
+use super::parts::{Parts, statements};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Direction {

@@ -11,17 +11,20 @@ use std::path::Path;
 
 use flotilla_proto::pb;
 use flotilla_proto::selector::Selector;
-use flotilla_proto::{FailurePolicy, Scope};
 
+// Dependencies point one way: plan -> dir -> {native, dbmate} -> parts -> error.
 mod dbmate;
 mod dir;
+mod error;
 mod native;
+mod parts;
 mod plan;
 #[cfg(test)]
 mod tests;
 
-/// The plan file that a migration directory may hold.
-pub const PLAN_FILE: &str = "plan.toml";
+pub use error::LoadError;
+pub use plan::PLAN_FILE;
+use plan::{policy_enum, scope_enum, unknown_policy, unknown_scope};
 
 /// Flags from `plan submit` that override the plan file.
 #[derive(Debug, Clone, Default)]
@@ -34,105 +37,6 @@ pub struct Overrides {
     pub no_fuse: bool,
     /// `--atomic`: two-phase commit across shards.
     pub atomic: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
-    #[error("{path}:{line}: {message}")]
-    AtLine {
-        path: String,
-        line: usize,
-        message: String,
-    },
-    #[error("{path}: {error}")]
-    Io { path: String, error: std::io::Error },
-    #[error("invalid {flag}: {message}")]
-    Override { flag: &'static str, message: String },
-}
-
-impl LoadError {
-    fn invalid(path: &Path, message: impl Into<String>) -> LoadError {
-        LoadError::Invalid {
-            path: path.display().to_string(),
-            message: message.into(),
-        }
-    }
-
-    fn at_line(path: &Path, line: usize, message: impl Into<String>) -> LoadError {
-        LoadError::AtLine {
-            path: path.display().to_string(),
-            line,
-            message: message.into(),
-        }
-    }
-
-    /// An error at byte `offset` of `text`, the content of `path`.
-    fn at(path: &Path, text: &str, offset: usize, message: impl Into<String>) -> LoadError {
-        LoadError::at_line(path, line_of(text, offset), message)
-    }
-
-    fn io(path: &Path, error: std::io::Error) -> LoadError {
-        LoadError::Io {
-            path: path.display().to_string(),
-            error,
-        }
-    }
-
-    /// The file (and line, when known) this error is about, if it is about one.
-    pub fn path(&self) -> Option<&str> {
-        match self {
-            LoadError::Invalid { path, .. }
-            | LoadError::AtLine { path, .. }
-            | LoadError::Io { path, .. } => Some(path),
-            LoadError::Override { .. } => None,
-        }
-    }
-}
-
-/// The 1-based line holding byte `offset` of `text`.
-fn line_of(text: &str, offset: usize) -> usize {
-    1 + text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-}
-
-/// A file's text, without the byte-order mark some editors add: it is not SQL, and must
-/// neither hide a dbmate marker nor change a checksum.
-fn read_text(path: &Path) -> Result<String, LoadError> {
-    let text = fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
-    Ok(match text.strip_prefix('\u{feff}') {
-        Some(rest) => rest.to_string(),
-        None => text,
-    })
-}
-
-/// Parses TOML, turning an error into one that names the file, line and key.
-fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, LoadError> {
-    toml::from_str(text).map_err(|e| {
-        let message = match toml_key(&e) {
-            Some(key) => format!("`{key}`: {}", e.message()),
-            None => e.message().to_string(),
-        };
-        match e.span() {
-            Some(span) => LoadError::at(path, text, span.start, message),
-            None => LoadError::invalid(path, message),
-        }
-    })
-}
-
-/// The dotted key a TOML error is about. The toml crate keeps it private but prints it
-/// (`in `a.b``) when the error carries no input to quote, so print a copy without it.
-fn toml_key(e: &toml::de::Error) -> Option<String> {
-    let mut bare = e.clone();
-    bare.set_input(None);
-    let shown = bare.to_string();
-    shown
-        .lines()
-        .find_map(|l| l.strip_prefix("in `")?.strip_suffix('`'))
-        .map(str::to_string)
 }
 
 /// Loads a plan from a migration directory, or from a plan file whose migrations sit beside it.
@@ -216,31 +120,4 @@ fn apply(spec: &mut pb::PlanSpec, o: &Overrides) -> Result<(), LoadError> {
         spec.no_fuse = true;
     }
     Ok(())
-}
-
-fn policy_enum(s: &str) -> Option<pb::FailurePolicy> {
-    FailurePolicy::parse(s).map(|p| match p {
-        FailurePolicy::AllOrNothing => pb::FailurePolicy::AllOrNothing,
-        FailurePolicy::Stop => pb::FailurePolicy::Stop,
-        FailurePolicy::Continue => pb::FailurePolicy::Continue,
-    })
-}
-
-fn unknown_policy(s: &str) -> String {
-    format!("unknown failure policy `{s}`: use all-or-nothing, stop or continue")
-}
-
-/// A scope name; `auto` (or empty) leaves the choice to the coordinator.
-fn scope_enum(s: &str) -> Option<pb::Scope> {
-    if matches!(s.trim().to_ascii_lowercase().as_str(), "" | "auto") {
-        return Some(pb::Scope::Unspecified);
-    }
-    Scope::parse(s).map(|s| match s {
-        Scope::Shard => pb::Scope::Shard,
-        Scope::Tenant => pb::Scope::Tenant,
-    })
-}
-
-fn unknown_scope(s: &str) -> String {
-    format!("unknown scope `{s}`: use tenant, shard or auto")
 }

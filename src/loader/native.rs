@@ -9,8 +9,8 @@ use flotilla_proto::{MigrationId, Scope};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::dir::{Parts, statements};
-use super::{LoadError, line_of, parse_toml, read_text};
+use super::error::{LoadError, line_of, parse_toml, read_text};
+use super::parts::{Parts, statements};
 
 const MIGRATION_FILE: &str = "migration.toml";
 const UP: &str = "up.sql";

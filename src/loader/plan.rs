@@ -7,13 +7,15 @@ use std::path::{Path, PathBuf};
 use flotilla_proto::MigrationId;
 use flotilla_proto::pb;
 use flotilla_proto::selector::Selector;
+use flotilla_proto::{FailurePolicy, Scope};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{
-    LoadError, PLAN_FILE, dir, line_of, parse_toml, policy_enum, read_text, scope_enum,
-    unknown_policy, unknown_scope,
-};
+use super::dir;
+use super::error::{LoadError, line_of, parse_toml, read_text};
+
+/// The plan file that a migration directory may hold.
+pub const PLAN_FILE: &str = "plan.toml";
 
 /// `plan.toml`. Every key is optional; unknown keys are refused.
 #[derive(Debug, Default, Deserialize)]
@@ -208,4 +210,31 @@ fn directory_name(dir: &Path) -> String {
         .filter(|n| n != "." && n != "..")
         .or_else(|| fs::canonicalize(dir).ok().as_deref().and_then(named))
         .unwrap_or_else(|| "unnamed".into())
+}
+
+pub(super) fn policy_enum(s: &str) -> Option<pb::FailurePolicy> {
+    FailurePolicy::parse(s).map(|p| match p {
+        FailurePolicy::AllOrNothing => pb::FailurePolicy::AllOrNothing,
+        FailurePolicy::Stop => pb::FailurePolicy::Stop,
+        FailurePolicy::Continue => pb::FailurePolicy::Continue,
+    })
+}
+
+pub(super) fn unknown_policy(s: &str) -> String {
+    format!("unknown failure policy `{s}`: use all-or-nothing, stop or continue")
+}
+
+/// A scope name; `auto` (or empty) leaves the choice to the coordinator.
+pub(super) fn scope_enum(s: &str) -> Option<pb::Scope> {
+    if matches!(s.trim().to_ascii_lowercase().as_str(), "" | "auto") {
+        return Some(pb::Scope::Unspecified);
+    }
+    Scope::parse(s).map(|s| match s {
+        Scope::Shard => pb::Scope::Shard,
+        Scope::Tenant => pb::Scope::Tenant,
+    })
+}
+
+pub(super) fn unknown_scope(s: &str) -> String {
+    format!("unknown scope `{s}`: use tenant, shard or auto")
 }
