@@ -3,17 +3,13 @@
 //! (`FLOTILLA_ETCD_BIN`, `$PATH`, `/usr/bin`, `/usr/local/bin`).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use etcd_client::{Client, PutOptions};
 use flotilla_coordinator::coordination::{
     Coordination, CoordinationError, Decision, EtcdCoordination, Leadership, LockOutcome, keys,
 };
-use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use flotilla_testkit::{Etcd, free_port, wait_for};
 use tokio::time::{Instant, sleep, timeout};
 
 /// The lease TTL the coordinators run with here (etcd's minimum with its
@@ -21,172 +17,9 @@ use tokio::time::{Instant, sleep, timeout};
 const TTL: Duration = Duration::from_secs(2);
 
 // ---------------------------------------------------------------------------
-// A throwaway etcd (the minimal bits of tests/e2e/harness/etcd.rs).
-
-static HANDED_OUT_PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-
-/// A free loopback port below the kernel's range for outgoing connections,
-/// never handed out twice in this process.
-fn free_port() -> u16 {
-    let mut used = HANDED_OUT_PORTS.lock().unwrap_or_else(|p| p.into_inner());
-    let mut rng = rand::rng();
-    loop {
-        let port: u16 = rng.random_range(15000..32000);
-        if !used.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            used.insert(port);
-            return port;
-        }
-    }
-}
-
-fn etcd_binary() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("FLOTILLA_ETCD_BIN").filter(|b| !b.is_empty()) {
-        return Some(bin.into());
-    }
-    let in_path: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("etcd"))
-                .collect()
-        })
-        .unwrap_or_default();
-    in_path
-        .into_iter()
-        .chain(["/usr/bin/etcd", "/usr/local/bin/etcd"].map(PathBuf::from))
-        .find(|path| path.is_file())
-}
-
-struct TestEtcd {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl TestEtcd {
-    /// A healthy single-member etcd, or `None` (after a note) without a binary.
-    async fn start(test: &str) -> Option<TestEtcd> {
-        let Some(bin) = etcd_binary() else {
-            eprintln!("[{test}] skipped: no etcd binary (set FLOTILLA_ETCD_BIN or install etcd)");
-            return None;
-        };
-        for attempt in 1..=3 {
-            let mut etcd = TestEtcd::spawn(&bin);
-            match etcd.wait_healthy().await {
-                Ok(()) => return Some(etcd),
-                Err(e) if attempt < 3 && etcd.log().contains("address already in use") => {
-                    eprintln!("[{test}] etcd could not bind its port ({e}), retrying");
-                }
-                Err(e) => panic!("etcd did not start: {e}\n{}", etcd.log()),
-            }
-        }
-        unreachable!()
-    }
-
-    fn spawn(bin: &Path) -> TestEtcd {
-        let (port, peer) = (free_port(), free_port());
-        let dir = std::env::temp_dir().join(format!(
-            "flotilla-coordination-etcd-{}-{port}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd.log");
-        let client_url = format!("http://127.0.0.1:{port}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut cmd = Command::new(bin);
-        cmd.args(["--name", "m0", "--data-dir"])
-            .arg(dir.join("data"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("m0={peer_url}")])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ETCD_") {
-                cmd.env_remove(key);
-            }
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run etcd at {}: {e}", bin.display()));
-        TestEtcd { child, port, dir }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
-    }
-
-    /// Waits for `/health` to say `"health":"true"` (it has a leader).
-    async fn wait_healthy(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.health().await {
-                return Ok(());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("etcd exited: {status}"));
-            }
-            if Instant::now() > deadline {
-                return Err("not healthy within 30s".into());
-            }
-            sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn health(&self) -> bool {
-        let get = async {
-            let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
-            conn.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                .await?;
-            let mut body = String::new();
-            conn.read_to_string(&mut body).await?;
-            Ok::<_, std::io::Error>(body)
-        };
-        matches!(timeout(Duration::from_secs(1), get).await,
-            Ok(Ok(body)) if body.contains(r#""health":"true""#))
-    }
-
-    fn signal(&self, signal: &str) {
-        let ok = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {signal} etcd");
-    }
-
-    /// SIGSTOP: etcd hangs with its sockets open.
-    fn pause(&self) {
-        self.signal("-STOP");
-    }
-
-    fn resume(&self) {
-        self.signal("-CONT");
-    }
-}
-
-impl Drop for TestEtcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::env::var_os("FLOTILLA_KEEP_TEST_DIRS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Helpers.
 
-async fn coordinator(etcd: &TestEtcd, advertise: &str) -> EtcdCoordination {
+async fn coordinator(etcd: &Etcd, advertise: &str) -> EtcdCoordination {
     EtcdCoordination::connect(
         vec![etcd.endpoint()],
         advertise.to_string(),
@@ -197,7 +30,7 @@ async fn coordinator(etcd: &TestEtcd, advertise: &str) -> EtcdCoordination {
     .expect("connect to etcd")
 }
 
-async fn raw_client(etcd: &TestEtcd) -> Client {
+async fn raw_client(etcd: &Etcd) -> Client {
     Client::connect([etcd.endpoint()], None)
         .await
         .expect("etcd client")
@@ -209,17 +42,9 @@ async fn eventually<T>(
     limit: Duration,
     mut check: impl AsyncFnMut() -> Option<T>,
 ) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(what, limit, async || Ok(check().await))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 async fn wait_leadership(
@@ -290,7 +115,7 @@ mod etcd_coordination {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_deposed_leader_cannot_decide_and_the_next_one_leads_with_a_higher_epoch() {
-        let Some(etcd) = TestEtcd::start("takeover").await else {
+        let Some(etcd) = Etcd::start_or_skip("takeover").await else {
             return;
         };
         let a = coordinator(&etcd, "10.0.0.1:7070").await;
@@ -386,7 +211,7 @@ mod etcd_coordination {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_new_leader_keeps_a_running_plans_locks_alive() {
-        let Some(etcd) = TestEtcd::start("handover").await else {
+        let Some(etcd) = Etcd::start_or_skip("handover").await else {
             return;
         };
         let a = coordinator(&etcd, "10.0.0.1:7070").await;
@@ -447,7 +272,7 @@ mod etcd_coordination {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shard_locks_are_all_or_nothing() {
-        let Some(etcd) = TestEtcd::start("locks").await else {
+        let Some(etcd) = Etcd::start_or_skip("locks").await else {
             return;
         };
         let c = coordinator(&etcd, "10.0.0.1:7070").await;
@@ -526,7 +351,7 @@ mod etcd_coordination {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn live_agents_follow_the_agents_leases() {
-        let Some(etcd) = TestEtcd::start("agents").await else {
+        let Some(etcd) = Etcd::start_or_skip("agents").await else {
             return;
         };
         let mut raw = raw_client(&etcd).await;
@@ -571,7 +396,7 @@ mod etcd_coordination {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_paused_etcd_deposes_the_leader_within_the_ttl() {
-        let Some(etcd) = TestEtcd::start("paused").await else {
+        let Some(etcd) = Etcd::start_or_skip("paused").await else {
             return;
         };
         let c = coordinator(&etcd, "10.0.0.1:7070").await;
@@ -580,7 +405,7 @@ mod etcd_coordination {
             .epoch()
             .unwrap();
 
-        etcd.pause();
+        etcd.pause().expect("SIGSTOP etcd");
         let paused = Instant::now();
         wait_leadership(
             &c,
@@ -597,7 +422,7 @@ mod etcd_coordination {
             Err(CoordinationError::NotLeader)
         );
 
-        etcd.resume();
+        etcd.resume().expect("SIGCONT etcd");
         let epoch2 = wait_leadership(
             &c,
             "leadership again",
@@ -617,7 +442,7 @@ mod etcd_coordination {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn etcd_fences_a_leader_that_does_not_know_it_was_deposed() {
-        let Some(etcd) = TestEtcd::start("fenced").await else {
+        let Some(etcd) = Etcd::start_or_skip("fenced").await else {
             return;
         };
         let c = coordinator(&etcd, "10.0.0.1:7070").await;

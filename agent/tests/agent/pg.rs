@@ -1,11 +1,10 @@
 //! The agent against a real PostgreSQL and a scripted in-process coordinator.
 //! Runs when `FLOTILLA_TEST_PG_URL` is set (`postgres://postgres@127.0.0.1:PORT/postgres`);
 //! otherwise each test prints a note and passes.
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use flotilla_proto::pb;
 use flotilla_proto::pb::agent_message::Body as Out;
 use flotilla_proto::pb::coordinator_message::Body as In;

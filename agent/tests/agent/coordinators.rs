@@ -1,12 +1,11 @@
 //! Several coordinators: followers refuse the agent and name the leader; the agent dials the
 //! list in turn and follows the named leader, even one that is not in its list.
 //! Runs when `FLOTILLA_TEST_PG_URL` is set; otherwise it prints a note and passes.
-mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use common::*;
+use crate::common::*;
 use flotilla_proto::pb;
 use flotilla_proto::pb::agent_service_server::{AgentService, AgentServiceServer};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};

@@ -1,14 +1,12 @@
 //! An agent that dies between PREPARE TRANSACTION and reporting it (the failpoint
 //! `agent::after_prepare_before_report`, feature `testing`; needs `FLOTILLA_TEST_PG_URL` with
 //! `max_prepared_transactions` above 0). The failpoint exits the process, so the agent that
-//! crashes runs in a child process: this test binary again, running `crash_child` only.
-#![cfg(feature = "testing")]
-mod common;
+//! crashes runs in a child process: this test binary again, running `crash_child` only
+//! ([`run_in_child`]).
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use flotilla_proto::pb;
 use flotilla_proto::pb::coordinator_message::Body as In;
 
@@ -51,12 +49,13 @@ async fn a_crash_after_prepare_leaves_it_in_doubt_for_the_next_agent() {
     let Some(f) = fleet_2pc("crash_prepare", 1).await else {
         return;
     };
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_DSN, &f.dsn)
-        .env("FAILPOINTS", "agent::after_prepare_before_report=return")
-        .output()
-        .expect("run the child");
+    let out = run_in_child(
+        "crash_after_prepare::crash_child",
+        &[
+            (CHILD_DSN, &f.dsn),
+            ("FAILPOINTS", "agent::after_prepare_before_report=return"),
+        ],
+    );
     assert_eq!(
         out.status.code(),
         Some(86),

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::io::AsyncWriteExt;
 
-use super::wait::{POLL_INTERVAL, wait_until};
-use super::{
+use crate::wait::{POLL_INTERVAL, wait_until};
+use crate::{
     TestDir, child_pids, file_tail, find_in_path, free_port, is_executable, pid_alive,
     postgres_os_user, process_state, quote_ident, running_as_root, send_signal,
 };

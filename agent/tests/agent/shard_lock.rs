@@ -1,10 +1,9 @@
 //! One agent per shard: the shard's agent lock (a session-level advisory lock).
 //! Runs when `FLOTILLA_TEST_PG_URL` is set; otherwise each test prints a note and passes.
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use flotilla_agent::{AgentConfig, AgentError};
 use flotilla_proto::pb;
 use flotilla_proto::pb::agent_message::Body as Out;

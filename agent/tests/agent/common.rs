@@ -1,8 +1,7 @@
 //! What the PostgreSQL tests share: a throwaway fleet database and a scripted coordinator.
-#![allow(dead_code)]
-pub mod etcd;
 
 use std::collections::BTreeMap;
+use std::process::Command;
 use std::time::Duration;
 
 use flotilla_agent::AgentConfig;
@@ -424,3 +423,38 @@ pub const BENCH: [&str; 3] = [
     "20250131160001_auto",
     "20250131160002_view",
 ];
+
+/// Set in the child process of [`alone_in_child_process`]: the test it runs.
+const ALONE: &str = "FLOTILLA_AGENT_TEST_ALONE";
+
+/// Failpoints (crate `fail`) are process-wide: a test that arms them would also fail the
+/// steps of whichever test of this binary runs at the same time, and those tests would
+/// take its one-shot failpoints. Such a test starts with
+/// `if !alone_in_child_process("module::test") { return; }`: in the test run this starts the
+/// binary again running only `test` (its full path), asserts that the child ran it and
+/// passed, and returns false; in that child it returns true and the test goes on, alone.
+pub fn alone_in_child_process(test: &str) -> bool {
+    if std::env::var_os(ALONE).is_some_and(|t| t == test) {
+        return true;
+    }
+    let out = run_in_child(test, &[(ALONE, test)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "`{test}` in its own process ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    print!("{stdout}");
+    false
+}
+
+/// Runs only `test` (its full path, `module::name`) in a child process of this binary,
+/// with `envs` added to its environment.
+pub fn run_in_child(test: &str, envs: &[(&str, &str)]) -> std::process::Output {
+    Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run the child process")
+}

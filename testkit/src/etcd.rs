@@ -1,4 +1,6 @@
-//! Throwaway etcd clusters (one or more members) on free loopback ports.
+//! Throwaway etcd clusters (one or more members) on free loopback ports below
+//! 32768, retried with fresh ports when a member cannot bind, and waited on
+//! until `/health` says so.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -7,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::process::ManagedProcess;
-use super::wait::{fatal, wait_until};
-use super::{TestDir, find_in_path, free_port, http, is_executable, pid_alive, tail_lines};
+use crate::process::ManagedProcess;
+use crate::wait::{fatal, wait_until};
+use crate::{TestDir, find_in_path, free_port, http, is_executable, pid_alive, tail_lines};
 
 /// How long a fresh cluster (or a restarted member) may take to be healthy.
 pub const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -246,6 +248,9 @@ impl EtcdCluster {
             .collect()
     }
 
+    /// How many members (at least one: [`EtcdCluster::start`] refuses zero, so
+    /// there is no `is_empty`).
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.members.len()
     }
@@ -325,6 +330,20 @@ impl Etcd {
         Ok(Etcd {
             cluster: EtcdCluster::start(1).await?,
         })
+    }
+
+    /// A single-member etcd for `test`, or `None` after a note when there is
+    /// no etcd binary (suites that run without etcd skip such tests and
+    /// pass). Panics if a binary is there but etcd does not start.
+    pub async fn start_or_skip(test: &str) -> Option<Etcd> {
+        if let Err(err) = etcd_binary() {
+            println!("[{test}] skipped: {err:#}");
+            return None;
+        }
+        match Etcd::start_single().await {
+            Ok(etcd) => Some(etcd),
+            Err(err) => panic!("[{test}] etcd did not start: {err:#}"),
+        }
     }
 
     /// An etcd of `members` members behind the same handle, each with

@@ -1,14 +1,16 @@
 //! The agent's failpoints against a real PostgreSQL (feature `testing`, and
-//! `FLOTILLA_TEST_PG_URL`). One test per binary: failpoints are process-wide.
-#![cfg(feature = "testing")]
-mod common;
+//! `FLOTILLA_TEST_PG_URL`). Failpoints are process-wide: the test runs alone in a child
+//! process.
 
-use common::*;
+use crate::common::*;
 use flotilla_proto::pb;
 use flotilla_proto::pb::coordinator_message::Body as In;
 
 #[tokio::test]
 async fn failpoints_fail_steps_undos_and_sends() {
+    if !alone_in_child_process("failpoints::failpoints_fail_steps_undos_and_sends") {
+        return;
+    }
     let Some(f) = fleet("failpoints", 2).await else {
         return;
     };

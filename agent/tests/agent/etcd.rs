@@ -1,11 +1,11 @@
 //! The agent's liveness key in etcd. Needs `FLOTILLA_TEST_PG_URL` (the agent needs its shard
 //! first) and an etcd binary; without either, the test prints a note and passes.
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use etcd_client::Client;
+use flotilla_testkit::Etcd;
 
 const PREFIX: &str = "/flotilla-agent-test/";
 const KEY: &str = "/flotilla-agent-test/agents/shard-test";
@@ -34,13 +34,13 @@ async fn key_exists(client: &mut Client) -> bool {
 
 #[tokio::test]
 async fn liveness_key_lives_under_a_lease_and_comes_back() {
-    let Some(etcd) = etcd::start().await else {
+    let Some(etcd) = Etcd::start_or_skip("etcd_liveness").await else {
         return;
     };
     let Some(f) = fleet("etcd_liveness", 1).await else {
         return;
     };
-    let endpoint = etcd.endpoint.clone();
+    let endpoint = etcd.endpoint();
     let mut h = Harness::start(
         |c| {
             c.etcd = vec![endpoint];
@@ -51,9 +51,7 @@ async fn liveness_key_lives_under_a_lease_and_comes_back() {
     )
     .await;
     let (_s, _) = h.attach(1).await;
-    let mut client = Client::connect([etcd.endpoint.as_str()], None)
-        .await
-        .unwrap();
+    let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
 
     let (lease, value) = wait_for_key(&mut client, |lease| lease != 0).await;
     let value: serde_json::Value = serde_json::from_str(&value).unwrap();

@@ -3,15 +3,15 @@
 //! `max_prepared_transactions` above 0 (otherwise each test prints a note and passes); the
 //! etcd test also an etcd binary; the `max_prepared_transactions = 0` checks a second cluster
 //! without it, named by `FLOTILLA_TEST_PG_URL_NO_2PC`.
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use etcd_client::Client;
 use flotilla_proto::pb;
 use flotilla_proto::pb::agent_message::Body as Out;
 use flotilla_proto::pb::coordinator_message::Body as In;
+use flotilla_testkit::Etcd;
 use sqlx::Connection;
 
 fn define(s: &Stream, plan: &str, migrations: Vec<pb::Migration>) {
@@ -425,21 +425,19 @@ async fn put_decision(client: &mut Client, plan: &str, decision: &str) {
 
 #[tokio::test]
 async fn in_doubt_resolved_from_etcd() {
-    let Some(etcd) = etcd::start().await else {
+    let Some(etcd) = Etcd::start_or_skip("in_doubt_resolved_from_etcd").await else {
         return;
     };
     let Some(f) = fleet_2pc("tpc_etcd", 1).await else {
         return;
     };
-    let endpoint = etcd.endpoint.clone();
+    let endpoint = etcd.endpoint();
     let with_etcd = move |c: &mut flotilla_agent::AgentConfig| {
         c.etcd = vec![endpoint.clone()];
         c.etcd_prefix = format!("{PREFIX}/");
         c.lease_ttl = Duration::from_secs(3);
     };
-    let mut client = Client::connect([etcd.endpoint.as_str()], None)
-        .await
-        .unwrap();
+    let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
 
     let mut h = Harness::start(with_etcd.clone(), &f.dsn).await;
     let (mut s, hello) = h.attach(1).await;
