@@ -2,63 +2,19 @@
 //! real PostgreSQL, and faults injected at the protocol's steps.
 use serde_json::Value;
 
-use crate::fleet::{WAIT, coord_dbmate_dir};
+use crate::fleet::{Cli, WAIT, coord_dbmate_dir};
 use crate::ha::HaFleet;
-
-/// Flotilla's prepared transactions left on a shard.
-async fn prepared(fleet: &HaFleet, db: &str) -> anyhow::Result<i64> {
-    fleet
-        .pg
-        .query_scalar(
-            db,
-            "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'flotilla:%' AND database = current_database()",
-        )
-        .await
-}
-
-/// Each shard's fence epoch: read before a fault and after it, it never goes back.
-pub(crate) async fn fences(fleet: &HaFleet, shards: usize) -> anyhow::Result<Vec<i64>> {
-    let mut out = Vec::new();
-    for s in 0..shards {
-        out.push(
-            fleet
-                .pg
-                .query_scalar(&format!("shard_{s}"), "SELECT epoch FROM flotilla.fence")
-                .await?,
-        );
-    }
-    Ok(out)
-}
-
-pub(crate) async fn assert_fences_not_back(fleet: &HaFleet, before: &[i64]) -> anyhow::Result<()> {
-    let after = fences(fleet, before.len()).await?;
-    for (s, (b, a)) in before.iter().zip(&after).enumerate() {
-        assert!(a >= b, "shard_{s}: the fence went back from {b} to {a}");
-    }
-    Ok(())
-}
-
-/// Submits a plan (`plan submit` + `args`) without waiting; returns its id.
-async fn submit_plan(fleet: &HaFleet, args: &[&str]) -> anyhow::Result<String> {
-    let mut all = vec!["plan", "submit"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--output", "json"]);
-    let out = fleet.cli(&all).await?;
-    assert!(out.success(), "{out}");
-    let v: Value = serde_json::from_str(out.stdout.lines().last().unwrap_or(""))?;
-    Ok(v["plan_id"].as_str().unwrap_or_default().to_string())
-}
+use crate::shards::{assert_fences_not_back, fences, prepared};
 
 /// Submits COORD-2025-001 as an atomic plan without waiting; returns its id.
 async fn submit_atomic(fleet: &HaFleet) -> anyhow::Result<String> {
-    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
-    submit_plan(fleet, &[&dir, "--atomic"]).await
+    fleet.submit(&coord_dbmate_dir(), &["--atomic"]).await
 }
 
 async fn assert_none_prepared(fleet: &HaFleet, shards: usize) -> anyhow::Result<()> {
     for s in 0..shards {
         assert_eq!(
-            prepared(fleet, &format!("shard_{s}")).await?,
+            prepared(&fleet.pg, s).await?,
             0,
             "shard_{s} holds a Flotilla prepared transaction"
         );
@@ -147,7 +103,7 @@ async fn a_failing_target_aborts_every_prepared_transaction() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyhow::Result<()> {
     let mut fleet = HaFleet::start(1, 2, 2).await?;
-    let epochs = fences(&fleet, 2).await?;
+    let epochs = fences(&fleet.pg, 2).await?;
     // Restart the coordinator with a failpoint: it exits with every target
     // prepared and no decision written.
     fleet
@@ -199,7 +155,7 @@ async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyh
             0
         );
     }
-    assert_fences_not_back(&fleet, &epochs).await?;
+    assert_fences_not_back(&fleet.pg, &epochs).await?;
     assert_none_prepared(&fleet, 2).await
 }
 
@@ -207,7 +163,7 @@ async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyh
 async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits()
 -> anyhow::Result<()> {
     let mut fleet = HaFleet::start(1, 2, 2).await?;
-    let epochs = fences(&fleet, 2).await?;
+    let epochs = fences(&fleet.pg, 2).await?;
     fleet
         .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::after_decision=return")])
         .await?;
@@ -236,7 +192,7 @@ async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits(
             "shard_{s} committed"
         );
     }
-    assert_fences_not_back(&fleet, &epochs).await?;
+    assert_fences_not_back(&fleet.pg, &epochs).await?;
     assert_none_prepared(&fleet, 2).await
 }
 
@@ -296,8 +252,7 @@ async fn views(fleet: &HaFleet, db: &str) -> anyhow::Result<i64> {
 }
 
 async fn submit_grouped(fleet: &HaFleet, plan: &crate::harness::TestDir) -> anyhow::Result<String> {
-    let file = plan.join("plan.toml").to_string_lossy().into_owned();
-    submit_plan(fleet, &[&file]).await
+    fleet.submit(&plan.join("plan.toml"), &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -394,7 +349,7 @@ async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed() ->
 async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_rest()
 -> anyhow::Result<()> {
     let mut fleet = HaFleet::start(1, 2, 2).await?;
-    let epochs = fences(&fleet, 2).await?;
+    let epochs = fences(&fleet.pg, 2).await?;
     // The first decision (group 1) goes through; the second ends the process.
     fleet
         .restart_coordinator_with(
@@ -420,7 +375,7 @@ async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_re
             "{db}: group 1 committed"
         );
         assert_eq!(
-            prepared(&fleet, &db).await?,
+            prepared(&fleet.pg, s).await?,
             2,
             "{db}: group 2 prepared in both tenants"
         );
@@ -447,6 +402,6 @@ async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_re
             .as_deref(),
         Some("abort")
     );
-    assert_fences_not_back(&fleet, &epochs).await?;
+    assert_fences_not_back(&fleet.pg, &epochs).await?;
     assert_none_prepared(&fleet, 2).await
 }

@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::Connection;
 
-use crate::fleet::{MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_sql};
+use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_sql};
 use crate::harness::{FlotillaProcess, free_port, http, run_flotilla, wait_until};
+use crate::shards::{blocked, hold, logged_blocking_migration, release};
 
 /// How many migrations the coordinated example (tests/fixtures/coord-dbmate) has.
 const COORD_MIGRATIONS: usize = 3;
@@ -596,14 +597,7 @@ async fn coordinator_serves_prometheus_metrics() -> anyhow::Result<()> {
 /// 4242 and every tenant logs each step it runs in `applied_log`.
 fn blocking_plan() -> anyhow::Result<MigrationDir> {
     let d = MigrationDir::new()?;
-    d.migration(
-        "001_log",
-        "",
-        "CREATE TABLE applied_log (step text);
-         SELECT CASE WHEN current_schema() = 'tenant_0002' THEN pg_advisory_xact_lock(4242) END;
-         INSERT INTO applied_log VALUES ('001')",
-        "DROP TABLE applied_log",
-    )?;
+    logged_blocking_migration(&d, "tenant_0002", 4242)?;
     d.migration(
         "002_more",
         "",
@@ -624,13 +618,7 @@ async fn wait_blocked(fleet: &TestFleet) -> anyhow::Result<()> {
                 .pg
                 .query_scalar("shard_0", "SELECT count(*) FROM flotilla.journal")
                 .await?;
-            let waiting: i64 = fleet
-                .pg
-                .query_scalar(
-                    "shard_0",
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-                )
-                .await?;
+            let waiting = blocked(&fleet.pg, 0).await?;
             Ok(done == done_per_shard as i64 && waiting == 1)
         },
     )
@@ -642,11 +630,7 @@ async fn cancel_undoes_a_running_plan() -> anyhow::Result<()> {
     let fleet = TestFleet::start(2, 4).await?;
     let before = fleet.fingerprint().await?;
     let d = blocking_plan()?;
-    let holder = fleet.pg.pool("shard_0").await?;
-    let mut lock_conn = holder.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock(4242)")
-        .execute(&mut *lock_conn)
-        .await?;
+    let lock_conn = hold(&fleet.pg, 0, 4242).await?;
 
     let id = fleet.submit(d.path(), &[]).await?;
     wait_blocked(&fleet).await?;
@@ -661,10 +645,7 @@ async fn cancel_undoes_a_running_plan() -> anyhow::Result<()> {
     );
     assert!(st["message"].as_str().unwrap().contains("test"), "{st}");
 
-    sqlx::query("SELECT pg_advisory_unlock(4242)")
-        .execute(&mut *lock_conn)
-        .await?;
-    drop(lock_conn);
+    release(lock_conn, 4242).await?;
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])
         .await?;
@@ -687,11 +668,7 @@ async fn cancel_undoes_a_running_plan() -> anyhow::Result<()> {
 async fn a_restarted_coordinator_resumes_the_plan_exactly_once() -> anyhow::Result<()> {
     let mut fleet = TestFleet::start(2, 4).await?;
     let d = blocking_plan()?;
-    let holder = fleet.pg.pool("shard_0").await?;
-    let mut lock_conn = holder.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock(4242)")
-        .execute(&mut *lock_conn)
-        .await?;
+    let lock_conn = hold(&fleet.pg, 0, 4242).await?;
 
     let id = fleet.submit(d.path(), &[]).await?;
     wait_blocked(&fleet).await?;
@@ -712,10 +689,7 @@ async fn a_restarted_coordinator_resumes_the_plan_exactly_once() -> anyhow::Resu
         .await?;
     assert_eq!(st["state"], "running", "resumed: {st}");
 
-    sqlx::query("SELECT pg_advisory_unlock(4242)")
-        .execute(&mut *lock_conn)
-        .await?;
-    drop(lock_conn);
+    release(lock_conn, 4242).await?;
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])
         .await?;
@@ -804,37 +778,17 @@ async fn runs_of_a_killed_coordinator_do_not_count_for_its_successor() -> anyhow
     // apply); their results must not be taken for the new coordinator's runs.
     let mut fleet = TestFleet::start(1, 4).await?;
     let d = MigrationDir::new()?;
-    d.migration(
-        "001_log",
-        "",
-        "CREATE TABLE applied_log (step text);
-         SELECT CASE WHEN current_schema() = 'tenant_0000' THEN pg_advisory_xact_lock(4242) END;
-         INSERT INTO applied_log VALUES ('001')",
-        "DROP TABLE applied_log",
-    )?;
-    let holder = fleet.pg.pool("shard_0").await?;
-    let mut lock_conn = holder.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock(4242)")
-        .execute(&mut *lock_conn)
-        .await?;
+    logged_blocking_migration(&d, "tenant_0000", 4242)?;
+    let lock_conn = hold(&fleet.pg, 0, 4242).await?;
     let id = fleet.submit(d.path(), &["--max-parallel", "1"]).await?;
     wait_until("tenant_0000 blocked", WAIT, async || {
-        let waiting: i64 = fleet
-            .pg
-            .query_scalar(
-                "shard_0",
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-            )
-            .await?;
+        let waiting = blocked(&fleet.pg, 0).await?;
         Ok(waiting == 1)
     })
     .await?;
     fleet.restart_coordinator().await?;
     fleet.wait_attached(1).await?;
-    sqlx::query("SELECT pg_advisory_unlock(4242)")
-        .execute(&mut *lock_conn)
-        .await?;
-    drop(lock_conn);
+    release(lock_conn, 4242).await?;
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])
         .await?;

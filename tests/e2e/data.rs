@@ -1,6 +1,6 @@
 //! Batched data changes (`[data]` in migration.toml): every row changed exactly once, over
 //! several batches per target, resumed from the checkpoint after the agent dies mid-way.
-use crate::fleet::{MigrationDir, TestFleet, WAIT};
+use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT};
 use crate::harness::FlotillaProcess;
 
 const ADD_COLUMNS_ID: &str = "20250201000000_add_touched";

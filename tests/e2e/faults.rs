@@ -2,51 +2,16 @@
 //! members die at chosen steps of the two-phase commit. Each test ends by checking the
 //! invariants: no Flotilla prepared transaction left on any shard, every tenant's schema as
 //! expected (all or nothing), and no shard's fence epoch ever went backwards.
-use std::path::Path;
-
-use anyhow::Context;
 use serde_json::Value;
 
-use crate::fleet::{MigrationDir, WAIT, coord_dbmate_dir, tenant_name};
+use crate::fleet::{Cli, MigrationDir, WAIT, coord_dbmate_dir, tenant_name};
 use crate::ha::HaFleet;
 use crate::harness::http::post_json;
-use crate::harness::{CommandOutput, wait_until};
-
-/// Flotilla's prepared transactions of the shard's own database (every shard lives in one
-/// PostgreSQL cluster, and pg_prepared_xacts lists the whole cluster's).
-const FLOTILLA_PREPARED: &str = "SELECT gid FROM pg_prepared_xacts \
-     WHERE gid LIKE 'flotilla:%' AND database = current_database() ORDER BY 1";
-
-fn shard(s: usize) -> String {
-    format!("shard_{s}")
-}
-
-async fn prepared_gids(fleet: &HaFleet, s: usize) -> anyhow::Result<Vec<String>> {
-    Ok(fleet
-        .pg
-        .query_rows(&shard(s), FLOTILLA_PREPARED)
-        .await?
-        .into_iter()
-        .map(|mut r| r.remove(0))
-        .collect())
-}
-
-async fn prepared(fleet: &HaFleet, s: usize) -> anyhow::Result<usize> {
-    Ok(prepared_gids(fleet, s).await?.len())
-}
-
-async fn fences(fleet: &HaFleet, shards: usize) -> anyhow::Result<Vec<i64>> {
-    let mut out = Vec::new();
-    for s in 0..shards {
-        out.push(
-            fleet
-                .pg
-                .query_scalar(&shard(s), "SELECT epoch FROM flotilla.fence")
-                .await?,
-        );
-    }
-    Ok(out)
-}
+use crate::harness::wait_until;
+use crate::shards::{
+    assert_fences_not_back, blocked, blocking_sql, fences, hold, prepared, prepared_gids, release,
+    shard,
+};
 
 /// Tables, indexes, views and sequences of every tenant schema, with their columns.
 async fn catalog(fleet: &HaFleet, s: usize) -> anyhow::Result<Vec<Vec<String>>> {
@@ -101,24 +66,6 @@ async fn columns(fleet: &HaFleet, s: usize, column: &str) -> anyhow::Result<i64>
         .await
 }
 
-fn last_json(out: &CommandOutput) -> anyhow::Result<Value> {
-    serde_json::from_str(out.stdout.lines().last().unwrap_or(""))
-        .with_context(|| format!("no JSON in the output: {out}"))
-}
-
-/// Submits a plan without waiting; its id.
-async fn submit(fleet: &HaFleet, dir: &Path, extra: &[&str]) -> anyhow::Result<String> {
-    let p = dir.to_string_lossy().into_owned();
-    let mut args = vec!["plan", "submit", p.as_str(), "--output", "json"];
-    args.extend_from_slice(extra);
-    let out = fleet.cli(&args).await?;
-    anyhow::ensure!(out.success(), "plan submit: {out}");
-    Ok(last_json(&out)?["plan_id"]
-        .as_str()
-        .context("no plan_id")?
-        .to_string())
-}
-
 async fn status(fleet: &HaFleet, id: &str) -> anyhow::Result<Value> {
     fleet
         .json(&["plan", "status", id, "--output", "json"])
@@ -142,67 +89,16 @@ fn assert_settled(st: &Value) {
     );
 }
 
-/// Holds advisory lock `key` on a session of the shard's database: a migration calling
-/// `pg_advisory_xact_lock(key)` there blocks until [`release`].
-async fn hold(
-    fleet: &HaFleet,
-    s: usize,
-    key: i64,
-) -> anyhow::Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
-    let pool = fleet.pg.pool(&shard(s)).await?;
-    let mut conn = pool.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(key)
-        .execute(&mut *conn)
-        .await?;
-    Ok(conn)
-}
-
-async fn release(
-    mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
-    key: i64,
-) -> anyhow::Result<()> {
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(key)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// Sessions of the shard's database waiting for an advisory lock.
-async fn blocked(fleet: &HaFleet, s: usize) -> anyhow::Result<i64> {
-    fleet
-        .pg
-        .query_scalar(
-            &shard(s),
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        )
-        .await
-}
-
-/// A migration that blocks on advisory lock `key` in `tenant` only.
-fn blocking_sql(up: &str, tenant: &str, key: i64) -> String {
-    format!(
-        "{up};
-         SELECT CASE WHEN current_schema() = '{tenant}' THEN pg_advisory_xact_lock({key}) END"
-    )
-}
-
 /// No Flotilla prepared transaction on any shard, and no fence went backwards.
 async fn assert_invariants(fleet: &HaFleet, shards: usize, before: &[i64]) -> anyhow::Result<()> {
     for s in 0..shards {
-        let gids = prepared_gids(fleet, s).await?;
+        let gids = prepared_gids(&fleet.pg, s).await?;
         assert!(
             gids.is_empty(),
             "shard_{s} holds Flotilla prepared transactions: {gids:?}"
         );
     }
-    let after = fences(fleet, shards).await?;
-    for (s, (b, a)) in before.iter().zip(&after).enumerate() {
-        assert!(a >= b, "shard_{s}: the fence went backwards ({b} -> {a})");
-    }
-    Ok(())
+    assert_fences_not_back(&fleet.pg, before).await
 }
 
 fn base64(bytes: &[u8]) -> String {
@@ -264,7 +160,7 @@ async fn a_commit_decision_outlives_its_coordinator_and_one_agent_commits_alone(
         .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::after_decision=return")])
         .await?;
     fleet.wait_connected(3).await?;
-    let before = fences(&fleet, 3).await?;
+    let before = fences(&fleet.pg, 3).await?;
 
     // tenant_0000 (shard_0) blocks on a lock the test holds, so every other target prepares
     // first; the two agents of shard_1 and shard_2 are frozen once their votes are in.
@@ -285,18 +181,18 @@ async fn a_commit_decision_outlives_its_coordinator_and_one_agent_commits_alone(
         "ALTER TABLE repair_orders ADD COLUMN satisfaction_rating integer",
         "ALTER TABLE repair_orders DROP COLUMN satisfaction_rating",
     )?;
-    let lock = hold(&fleet, 0, 41).await?;
-    let id = submit(&fleet, d.path(), &["--atomic"]).await?;
+    let lock = hold(&fleet.pg, 0, 41).await?;
+    let id = fleet.submit(d.path(), &["--atomic"]).await?;
     wait_until(
         "every target but tenant_0000 prepared, and its vote in",
         WAIT,
         async || {
             let counts = (
-                prepared(&fleet, 0).await?,
-                prepared(&fleet, 1).await?,
-                prepared(&fleet, 2).await?,
+                prepared(&fleet.pg, 0).await?,
+                prepared(&fleet.pg, 1).await?,
+                prepared(&fleet.pg, 2).await?,
             );
-            if counts != (1, 2, 2) || blocked(&fleet, 0).await? != 1 {
+            if counts != (1, 2, 2) || blocked(&fleet.pg, 0).await? != 1 {
                 return Ok(false);
             }
             let st = status(&fleet, &id).await?;
@@ -322,7 +218,7 @@ async fn a_commit_decision_outlives_its_coordinator_and_one_agent_commits_alone(
     // No coordinator is up. shard_0's agent, restarted, reads the decision and commits.
     fleet.restart_agent(0)?;
     wait_until("shard_0 committed by its agent alone", WAIT, async || {
-        Ok(prepared(&fleet, 0).await? == 0)
+        Ok(prepared(&fleet.pg, 0).await? == 0)
     })
     .await?;
     assert_eq!(columns(&fleet, 0, "satisfaction_rating").await?, 4);
@@ -338,7 +234,7 @@ async fn a_commit_decision_outlives_its_coordinator_and_one_agent_commits_alone(
     assert!(resolved_alone, "shard_0's agent resolved from etcd");
     // The frozen shards still hold their votes, invisible.
     for s in 1..3 {
-        assert_eq!(prepared(&fleet, s).await?, 2, "shard_{s}");
+        assert_eq!(prepared(&fleet.pg, s).await?, 2, "shard_{s}");
         assert_eq!(columns(&fleet, s, "satisfaction_rating").await?, 0);
     }
 
@@ -369,7 +265,7 @@ async fn a_commit_decision_outlives_its_coordinator_and_one_agent_commits_alone(
         journals.push(journal(&fleet, s).await?);
     }
     let schemas = catalogs(&fleet, 3).await?;
-    let fences_done = fences(&fleet, 3).await?;
+    let fences_done = fences(&fleet.pg, 3).await?;
     for s in 0..3 {
         fleet.restart_agent(s)?;
     }
@@ -395,14 +291,14 @@ async fn an_agent_killed_between_prepare_and_its_vote() -> anyhow::Result<()> {
         .agent_env(1, "FAILPOINTS", "agent::after_prepare_before_report=return")
         .start()
         .await?;
-    let before = fences(&fleet, 2).await?;
-    let id = submit(&fleet, &coord_dbmate_dir(), &["--atomic"]).await?;
+    let before = fences(&fleet.pg, 2).await?;
+    let id = fleet.submit(&coord_dbmate_dir(), &["--atomic"]).await?;
     let exit = fleet.agents[1]
         .wait_exit(WAIT)
         .await
         .expect("the failpoint ends shard_1's agent after its PREPARE");
     assert_eq!(exit.code(), Some(86));
-    let in_doubt = prepared_gids(&fleet, 1).await?;
+    let in_doubt = prepared_gids(&fleet.pg, 1).await?;
     assert!(!in_doubt.is_empty(), "a prepared transaction is left");
     assert!(
         in_doubt
@@ -464,9 +360,9 @@ async fn prepared_transactions_survive_a_postmaster_crash_and_are_presumed_abort
         .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::before_decision=return")])
         .await?;
     fleet.wait_connected(2).await?;
-    let before = fences(&fleet, 2).await?;
+    let before = fences(&fleet.pg, 2).await?;
     let schemas = catalogs(&fleet, 2).await?;
-    let id = submit(&fleet, &coord_dbmate_dir(), &["--atomic"]).await?;
+    let id = fleet.submit(&coord_dbmate_dir(), &["--atomic"]).await?;
     let exit = fleet.coordinators[0]
         .as_mut()
         .unwrap()
@@ -476,7 +372,7 @@ async fn prepared_transactions_survive_a_postmaster_crash_and_are_presumed_abort
     assert_eq!(exit.code(), Some(86));
     let mut gids = Vec::new();
     for s in 0..2 {
-        let g = prepared_gids(&fleet, s).await?;
+        let g = prepared_gids(&fleet.pg, s).await?;
         assert_eq!(g.len(), 2, "shard_{s}: both tenants prepared: {g:?}");
         gids.push(g);
     }
@@ -485,7 +381,7 @@ async fn prepared_transactions_survive_a_postmaster_crash_and_are_presumed_abort
     fleet.pg.restart().await?;
     for (s, before) in gids.iter().enumerate() {
         assert_eq!(
-            &prepared_gids(&fleet, s).await?,
+            &prepared_gids(&fleet.pg, s).await?,
             before,
             "shard_{s}: prepared transactions survive crash recovery"
         );
@@ -551,7 +447,7 @@ async fn an_atomic_plan_rides_out_one_etcd_member_and_commits_nothing_without_qu
         .agent_args(&["--lease-ttl", "2s"])
         .start()
         .await?;
-    let before = fences(&fleet, 2).await?;
+    let before = fences(&fleet.pg, 2).await?;
 
     // One member down mid-plan.
     let a = MigrationDir::new()?;
@@ -571,12 +467,12 @@ async fn an_atomic_plan_rides_out_one_etcd_member_and_commits_nothing_without_qu
         "ALTER TABLE repair_orders ADD COLUMN a_col integer",
         "ALTER TABLE repair_orders DROP COLUMN a_col",
     )?;
-    let lock = hold(&fleet, 0, 43).await?;
-    let id_a = submit(&fleet, a.path(), &["--atomic"]).await?;
+    let lock = hold(&fleet.pg, 0, 43).await?;
+    let id_a = fleet.submit(a.path(), &["--atomic"]).await?;
     wait_until("plan A mid-way", WAIT, async || {
-        Ok(blocked(&fleet, 0).await? == 1
-            && prepared(&fleet, 0).await? == 1
-            && prepared(&fleet, 1).await? == 2)
+        Ok(blocked(&fleet.pg, 0).await? == 1
+            && prepared(&fleet.pg, 0).await? == 1
+            && prepared(&fleet.pg, 1).await? == 2)
     })
     .await?;
     // A follower of the raft group: its clients (the coordinator's lease keep-alive among
@@ -604,7 +500,7 @@ async fn an_atomic_plan_rides_out_one_etcd_member_and_commits_nothing_without_qu
     fleet.etcd.cluster_mut().restart_member(down).await?;
 
     // Two of three down while plan B waits for its decision.
-    let mid = fences(&fleet, 2).await?;
+    let mid = fences(&fleet.pg, 2).await?;
     let schemas = catalogs(&fleet, 2).await?;
     let b = MigrationDir::new()?;
     b.migration(
@@ -617,12 +513,12 @@ async fn an_atomic_plan_rides_out_one_etcd_member_and_commits_nothing_without_qu
         ),
         "ALTER TABLE work_orders DROP COLUMN b_col",
     )?;
-    let lock = hold(&fleet, 0, 44).await?;
-    let id_b = submit(&fleet, b.path(), &["--atomic"]).await?;
+    let lock = hold(&fleet.pg, 0, 44).await?;
+    let id_b = fleet.submit(b.path(), &["--atomic"]).await?;
     wait_until("plan B mid-way", WAIT, async || {
-        Ok(blocked(&fleet, 0).await? == 1
-            && prepared(&fleet, 0).await? == 1
-            && prepared(&fleet, 1).await? == 2)
+        Ok(blocked(&fleet.pg, 0).await? == 1
+            && prepared(&fleet.pg, 0).await? == 1
+            && prepared(&fleet.pg, 1).await? == 2)
     })
     .await?;
     let leader_log_len = fleet.coordinators[0].as_ref().unwrap().log().len();
@@ -638,7 +534,7 @@ async fn an_atomic_plan_rides_out_one_etcd_member_and_commits_nothing_without_qu
     })
     .await?;
     wait_until("every target of plan B prepared", WAIT, async || {
-        Ok(prepared(&fleet, 0).await? == 2 && prepared(&fleet, 1).await? == 2)
+        Ok(prepared(&fleet.pg, 0).await? == 2 && prepared(&fleet.pg, 1).await? == 2)
     })
     .await?;
     // A new atomic plan is refused, clearly, and changes nothing.
@@ -727,7 +623,7 @@ async fn a_non_transactional_step_is_undone_when_another_shard_fails() -> anyhow
             &format!("ALTER TABLE {failing}.work_orders ADD COLUMN priority_score integer"),
         )
         .await?;
-    let before = fences(&fleet, 2).await?;
+    let before = fences(&fleet.pg, 2).await?;
     let schemas = catalogs(&fleet, 2).await?;
     let d = MigrationDir::new()?;
     d.migration(
@@ -749,7 +645,7 @@ async fn a_non_transactional_step_is_undone_when_another_shard_fails() -> anyhow
         ])
         .await?;
     assert_eq!(out.code(), Some(1), "{out}");
-    let st = last_json(&out)?;
+    let st = out.last_json()?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     assert_settled(&status(&fleet, st["plan_id"].as_str().unwrap_or_default()).await?);
     let failures = st["failures"].as_array().cloned().unwrap_or_default();
@@ -791,7 +687,7 @@ async fn a_non_transactional_step_is_undone_when_another_shard_fails() -> anyhow
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<()> {
     let fleet = HaFleet::start(1, 2, 2).await?;
-    let before = fences(&fleet, 2).await?;
+    let before = fences(&fleet.pg, 2).await?;
     let first = MigrationDir::new()?;
     first.migration(
         "001_first",
@@ -806,13 +702,13 @@ async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<
         "CREATE TABLE second_log (x int)",
         "DROP TABLE second_log",
     )?;
-    let lock = hold(&fleet, 0, 77).await?;
-    let id1 = submit(&fleet, first.path(), &[]).await?;
+    let lock = hold(&fleet.pg, 0, 77).await?;
+    let id1 = fleet.submit(first.path(), &[]).await?;
     wait_until("the first plan blocked", WAIT, async || {
-        Ok(blocked(&fleet, 0).await? == 1)
+        Ok(blocked(&fleet.pg, 0).await? == 1)
     })
     .await?;
-    let id2 = submit(&fleet, second.path(), &[]).await?;
+    let id2 = fleet.submit(second.path(), &[]).await?;
     let st = crate::harness::wait_for("the second plan to wait for locks", WAIT, async || {
         let st = status(&fleet, &id2).await?;
         let msg = st["message"].as_str().unwrap_or_default();

@@ -172,6 +172,40 @@ impl FleetBuilder {
     }
 }
 
+/// A fleet's command line, `flotilla --coordinator ADDR[,ADDR...] ...`, with what tests
+/// do through it on every kind of fleet ([`TestFleet`], [`crate::ha::HaFleet`]).
+pub trait Cli {
+    async fn cli(&self, args: &[&str]) -> anyhow::Result<CommandOutput>;
+
+    /// Runs a command that must succeed and print JSON (on its last line).
+    async fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let out = self.cli(args).await?;
+        if !out.success() {
+            bail!("flotilla {args:?} failed: {out}");
+        }
+        out.last_json()
+            .with_context(|| format!("parsing JSON from {args:?}"))
+    }
+
+    /// Submits without waiting; returns the new plan's id.
+    async fn submit(&self, path: &Path, extra: &[&str]) -> anyhow::Result<String> {
+        let p = path.to_string_lossy().into_owned();
+        let mut args = vec!["plan", "submit", p.as_str(), "--output", "json"];
+        args.extend_from_slice(extra);
+        let v = self.json(&args).await?;
+        v["plan_id"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("no plan_id in {v}"))
+    }
+}
+
+impl Cli for TestFleet {
+    async fn cli(&self, args: &[&str]) -> anyhow::Result<CommandOutput> {
+        TestFleet::cli(self, args).await
+    }
+}
+
 impl TestFleet {
     /// `shards` shard databases with `tenants` tenant schemas each, agents attached.
     pub async fn start(shards: usize, tenants: usize) -> anyhow::Result<TestFleet> {
@@ -256,16 +290,6 @@ impl TestFleet {
         run_flotilla(&all, &[]).await
     }
 
-    /// Runs a command that must succeed and print JSON.
-    pub async fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
-        let out = self.cli(args).await?;
-        if !out.success() {
-            bail!("flotilla {args:?} failed: {out}");
-        }
-        let last = out.stdout.lines().last().unwrap_or("");
-        serde_json::from_str(last).with_context(|| format!("parsing JSON from {args:?}: {out}"))
-    }
-
     /// Submits and waits; returns (exit code, final status JSON).
     pub async fn submit_wait(
         &self,
@@ -284,18 +308,6 @@ impl TestFleet {
             .and_then(|l| serde_json::from_str(l).ok())
             .unwrap_or(Value::Null);
         Ok((code, status, out))
-    }
-
-    /// Submits without waiting; returns the new plan's id.
-    pub async fn submit(&self, path: &Path, extra: &[&str]) -> anyhow::Result<String> {
-        let p = path.to_string_lossy().into_owned();
-        let mut args = vec!["plan", "submit", p.as_str(), "--output", "json"];
-        args.extend_from_slice(extra);
-        let v = self.json(&args).await?;
-        v["plan_id"]
-            .as_str()
-            .map(str::to_string)
-            .with_context(|| format!("no plan_id in {v}"))
     }
 
     pub fn tenants(&self, s: usize) -> Vec<String> {

@@ -3,10 +3,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::fleet::{MigrationDir, WAIT, coord_dbmate_dir, tenant_name, tenant_sql};
+use crate::fleet::{Cli, MigrationDir, WAIT, coord_dbmate_dir, tenant_name, tenant_sql};
 use crate::harness::{
     CommandOutput, Etcd, FlotillaProcess, PgCluster, free_port, run_flotilla, wait_until,
 };
+use crate::shards::{blocked, hold, logged_blocking_migration, release};
 
 pub struct HaFleet {
     pub pg: PgCluster,
@@ -269,14 +270,6 @@ impl HaFleet {
         run_flotilla(&v, &[]).await
     }
 
-    pub async fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
-        let out = self.cli(args).await?;
-        anyhow::ensure!(out.success(), "flotilla {args:?}: {out}");
-        Ok(serde_json::from_str(
-            out.stdout.lines().last().unwrap_or(""),
-        )?)
-    }
-
     /// Index of the coordinator that leads now (its log says so last).
     pub fn leader(&self) -> Option<usize> {
         self.coordinators.iter().enumerate().find_map(|(i, c)| {
@@ -289,6 +282,12 @@ impl HaFleet {
                 _ => None,
             }
         })
+    }
+}
+
+impl Cli for HaFleet {
+    async fn cli(&self, args: &[&str]) -> anyhow::Result<CommandOutput> {
+        HaFleet::cli(self, args).await
     }
 }
 
@@ -338,45 +337,20 @@ async fn a_paused_leader_is_replaced_and_fenced_and_the_plan_completes_once() ->
     // One tenant blocks on an advisory lock the test holds, so the plan is mid-way
     // when the leader is paused.
     let d = MigrationDir::new()?;
-    d.migration(
-        "001_log",
-        "",
-        "CREATE TABLE applied_log (step text);
-         SELECT CASE WHEN current_schema() = 'tenant_0001' THEN pg_advisory_xact_lock(77) END;
-         INSERT INTO applied_log VALUES ('001')",
-        "DROP TABLE applied_log",
-    )?;
+    logged_blocking_migration(&d, "tenant_0001", 77)?;
     d.migration(
         "002_more",
         "",
         "INSERT INTO applied_log VALUES ('002')",
         "DELETE FROM applied_log WHERE step = '002'",
     )?;
-    let pool = fleet.pg.pool("shard_0").await?;
-    let mut hold = pool.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock(77)")
-        .execute(&mut *hold)
-        .await?;
-    let p = d.path().to_string_lossy().into_owned();
-    let out = fleet
-        .cli(&["plan", "submit", &p, "--output", "json"])
-        .await?;
-    assert!(out.success(), "{out}");
-    let id = serde_json::from_str::<Value>(out.stdout.lines().last().unwrap())?["plan_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let lock = hold(&fleet.pg, 0, 77).await?;
+    let id = fleet.submit(d.path(), &[]).await?;
     wait_until(
         "tenant_0001 blocked while the plan runs",
         WAIT,
         async || {
-            let waiting: i64 = fleet
-                .pg
-                .query_scalar(
-                    "shard_0",
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-                )
-                .await?;
+            let waiting = blocked(&fleet.pg, 0).await?;
             Ok(waiting == 1)
         },
     )
@@ -403,10 +377,7 @@ async fn a_paused_leader_is_replaced_and_fenced_and_the_plan_completes_once() ->
         Ok(out.stdout.matches("\"connected\":true").count() == 2)
     })
     .await?;
-    sqlx::query("SELECT pg_advisory_unlock(77)")
-        .execute(&mut *hold)
-        .await?;
-    drop(hold);
+    release(lock, 77).await?;
 
     let out = fleet
         .cli_at(standby, &["plan", "watch", &id, "--output", "json"])

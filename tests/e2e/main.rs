@@ -11,4 +11,5 @@ mod harness;
 mod partition;
 mod reversible;
 mod rollout;
+mod shards;
 mod smoke;

@@ -3,11 +3,10 @@
 //! or doubled.
 use std::time::Duration;
 
-use serde_json::Value;
-
-use crate::fleet::{MigrationDir, WAIT, tenant_name, tenant_sql};
+use crate::fleet::{Cli, MigrationDir, WAIT, tenant_name, tenant_sql};
 use crate::ha::HaFleet;
 use crate::harness::{FlotillaProcess, TcpProxy, wait_until};
+use crate::shards::{blocked, hold, logged_blocking_migration, release};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
@@ -45,40 +44,15 @@ async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
         &[],
     )?;
     fleet.wait_connected(2).await?;
-    let epochs = crate::atomic::fences(&fleet, 2).await?;
+    let epochs = crate::shards::fences(&fleet.pg, 2).await?;
 
     // One tenant of shard_1 blocks on an advisory lock the test holds.
     let d = MigrationDir::new()?;
-    d.migration(
-        "001_log",
-        "",
-        "CREATE TABLE applied_log (step text);
-         SELECT CASE WHEN current_schema() = 'tenant_0003' THEN pg_advisory_xact_lock(91) END;
-         INSERT INTO applied_log VALUES ('001')",
-        "DROP TABLE applied_log",
-    )?;
-    let pool = fleet.pg.pool("shard_1").await?;
-    let mut hold = pool.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock(91)")
-        .execute(&mut *hold)
-        .await?;
-    let p = d.path().to_string_lossy().into_owned();
-    let out = fleet
-        .cli(&["plan", "submit", &p, "--output", "json"])
-        .await?;
-    assert!(out.success(), "{out}");
-    let id = serde_json::from_str::<Value>(out.stdout.lines().last().unwrap())?["plan_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    logged_blocking_migration(&d, "tenant_0003", 91)?;
+    let lock = hold(&fleet.pg, 1, 91).await?;
+    let id = fleet.submit(d.path(), &[]).await?;
     wait_until("tenant_0003 blocked", WAIT, async || {
-        let n: i64 = fleet
-            .pg
-            .query_scalar(
-                "shard_1",
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-            )
-            .await?;
+        let n = blocked(&fleet.pg, 1).await?;
         Ok(n == 1)
     })
     .await?;
@@ -106,10 +80,7 @@ async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
     );
 
     // The blocked step finishes while the agent is cut off; healing delivers it.
-    sqlx::query("SELECT pg_advisory_unlock(91)")
-        .execute(&mut *hold)
-        .await?;
-    drop(hold);
+    release(lock, 91).await?;
     proxy.heal().await?;
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])
@@ -131,5 +102,5 @@ async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
             assert_eq!(rows, 1, "{db}/{tenant}: applied exactly once");
         }
     }
-    crate::atomic::assert_fences_not_back(&fleet, &epochs).await
+    crate::shards::assert_fences_not_back(&fleet.pg, &epochs).await
 }

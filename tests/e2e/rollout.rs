@@ -1,7 +1,8 @@
 //! Issue 2's end-to-end scenarios: files on disk -> CLI -> coordinator -> agents
 //! -> PostgreSQL shards -> status back, with real processes throughout.
-use crate::fleet::{MigrationDir, TestFleet, WAIT, coord_dbmate_dir};
+use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT, coord_dbmate_dir};
 use crate::harness::wait_until;
+use crate::shards::{blocked, hold, logged_blocking_migration, release};
 
 const COLS: &str = "satisfaction_rating,satisfaction_comments,satisfaction_survey_sent_at,satisfaction_response_method";
 
@@ -302,36 +303,16 @@ async fn an_agent_killed_mid_plan_reconciles_from_its_journal() -> anyhow::Resul
     // step applied twice would leave two rows. One tenant of shard_0 waits on
     // an advisory lock the test holds, so the agent can be killed mid-plan.
     let d = MigrationDir::new()?;
-    d.migration(
-        "001_log",
-        "",
-        "CREATE TABLE applied_log (step text);
-         SELECT CASE WHEN current_schema() = 'tenant_0002' THEN pg_advisory_xact_lock(4242) END;
-         INSERT INTO applied_log VALUES ('001')",
-        "DROP TABLE applied_log",
-    )?;
+    logged_blocking_migration(&d, "tenant_0002", 4242)?;
     d.migration(
         "002_more",
         "",
         "INSERT INTO applied_log VALUES ('002'); ALTER TABLE work_orders ADD COLUMN reconciled int",
         "ALTER TABLE work_orders DROP COLUMN reconciled; DELETE FROM applied_log WHERE step = '002'",
     )?;
-    let holder = fleet.pg.pool("shard_0").await?;
-    let mut lock_conn = holder.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock(4242)")
-        .execute(&mut *lock_conn)
-        .await?;
+    let lock_conn = hold(&fleet.pg, 0, 4242).await?;
 
-    let p = d.path().to_string_lossy().into_owned();
-    let out = fleet
-        .cli(&["plan", "submit", &p, "--output", "json"])
-        .await?;
-    assert!(out.success(), "{out}");
-    let id =
-        serde_json::from_str::<serde_json::Value>(out.stdout.lines().last().unwrap())?["plan_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+    let id = fleet.submit(d.path(), &[]).await?;
 
     // Wait until every other tenant of shard_0 is done and tenant_0002 is blocked.
     wait_until(
@@ -342,23 +323,14 @@ async fn an_agent_killed_mid_plan_reconciles_from_its_journal() -> anyhow::Resul
                 .pg
                 .query_scalar("shard_0", "SELECT count(*) FROM flotilla.journal")
                 .await?;
-            let waiting: i64 = fleet
-                .pg
-                .query_scalar(
-                    "shard_0",
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-                )
-                .await?;
+            let waiting = blocked(&fleet.pg, 0).await?;
             Ok(done == 6 && waiting == 1)
         },
     )
     .await?;
     let mut agent = fleet.agents[0].take().unwrap();
     agent.kill()?;
-    sqlx::query("SELECT pg_advisory_unlock(4242)")
-        .execute(&mut *lock_conn)
-        .await?;
-    drop(lock_conn);
+    release(lock_conn, 4242).await?;
 
     // The plan waits for the shard; a new agent reconciles from the journal.
     let st = fleet

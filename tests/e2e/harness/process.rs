@@ -103,6 +103,12 @@ impl CommandOutput {
         self.status.success()
     }
 
+    /// The JSON on the last line of stdout (`--output json` prints it last).
+    pub fn last_json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(self.stdout.lines().last().unwrap_or(""))
+            .with_context(|| format!("no JSON in the output: {self}"))
+    }
+
     /// `Ok(self)` if the command succeeded, else an error with its output.
     pub fn expect_success(self) -> anyhow::Result<CommandOutput> {
         if self.success() {
