@@ -141,13 +141,8 @@ async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyh
     let c = fleet.spawn_coordinator(0)?;
     c.wait_for_log("coordinator listening", WAIT).await?;
     fleet.coordinators[0] = Some(c);
-    let out = fleet
-        .cli(&["plan", "watch", &id, "--output", "json"])
-        .await?;
+    let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(1), "{out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     for s in 0..2 {
         assert_eq!(
@@ -260,13 +255,8 @@ async fn atomic_parallel_groups_commit_one_after_the_other() -> anyhow::Result<(
     let fleet = HaFleet::start(1, 3, 2).await?;
     let plan = grouped_plan()?;
     let id = submit_grouped(&fleet, &plan).await?;
-    let out = fleet
-        .cli(&["plan", "watch", &id, "--output", "json"])
-        .await?;
+    let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
     assert_eq!(st["state"], "completed", "{st}");
     for s in 0..3 {
         let db = format!("shard_{s}");
@@ -304,13 +294,8 @@ async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed() ->
         .await?;
     let plan = grouped_plan()?;
     let id = submit_grouped(&fleet, &plan).await?;
-    let out = fleet
-        .cli(&["plan", "watch", &id, "--output", "json"])
-        .await?;
+    let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(1), "{out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     let failure = &st["failures"][0];
     assert_eq!(failure["tenant"], "tenant_0005", "{st}");
@@ -383,13 +368,8 @@ async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_re
     let c = fleet.spawn_coordinator(0)?;
     c.wait_for_log("coordinator listening", WAIT).await?;
     fleet.coordinators[0] = Some(c);
-    let out = fleet
-        .cli(&["plan", "watch", &id, "--output", "json"])
-        .await?;
+    let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(1), "{out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     for s in 0..2 {
         let db = format!("shard_{s}");

@@ -184,9 +184,7 @@ async fn non_transactional_index_is_built_concurrently_and_rolled_back() -> anyh
         .cli(&["plan", "rollback", id, "--wait", "--output", "json"])
         .await?;
     assert_eq!(out.code(), Some(1), "a rolled-back plan exits 1: {out}");
-    let st = fleet
-        .json(&["plan", "status", id, "--output", "json"])
-        .await?;
+    let st = fleet.status(id).await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     for (s, db) in fleet.shards.iter().enumerate() {
         for tenant in fleet.tenants(s) {
@@ -646,13 +644,8 @@ async fn cancel_undoes_a_running_plan() -> anyhow::Result<()> {
     assert!(st["message"].as_str().unwrap().contains("test"), "{st}");
 
     release(lock_conn, 4242).await?;
-    let out = fleet
-        .cli(&["plan", "watch", &id, "--output", "json"])
-        .await?;
+    let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(1), "a cancelled plan exits 1: {out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
     assert_eq!(st["state"], "cancelled", "{st}");
     assert_eq!(fleet.fingerprint().await?, before);
     assert_eq!(fleet.journal_total().await?, 0);
@@ -684,19 +677,12 @@ async fn a_restarted_coordinator_resumes_the_plan_exactly_once() -> anyhow::Resu
     fleet.restart_coordinator().await?;
     // The agents find the new coordinator by themselves.
     fleet.wait_attached(2).await?;
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
+    let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "running", "resumed: {st}");
 
     release(lock_conn, 4242).await?;
-    let out = fleet
-        .cli(&["plan", "watch", &id, "--output", "json"])
-        .await?;
+    let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
     assert_eq!(st["state"], "completed", "{st}");
     assert_eq!(st["steps"], 16);
     for m in st["migrations"].as_array().unwrap() {
@@ -789,13 +775,8 @@ async fn runs_of_a_killed_coordinator_do_not_count_for_its_successor() -> anyhow
     fleet.restart_coordinator().await?;
     fleet.wait_attached(1).await?;
     release(lock_conn, 4242).await?;
-    let out = fleet
-        .cli(&["plan", "watch", &id, "--output", "json"])
-        .await?;
+    let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
     assert_eq!(st["state"], "completed", "{st}");
     assert_eq!(fleet.journal(0).await?.len(), 4);
     for tenant in fleet.tenants(0) {

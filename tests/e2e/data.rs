@@ -115,9 +115,7 @@ async fn a_backfill_changes_every_row_once() -> anyhow::Result<()> {
         .or(status["plan_id"].as_str())
         .expect("a plan id")
         .to_string();
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
+    let st = fleet.status(&id).await?;
     let data = st["data"].as_array().expect("data progress");
     assert_eq!(data.len(), 4, "{st}");
     for d in data {
@@ -218,13 +216,8 @@ async fn a_killed_agent_resumes_from_the_checkpoint() -> anyhow::Result<()> {
     assert!(touched < 40, "{touched}: the change stopped mid-way");
 
     fleet.agents[0] = Some(fleet.spawn_agent(0)?);
-    let out = fleet
-        .cli(&["plan", "watch", &id, "--output", "json"])
-        .await?;
+    let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
     assert_eq!(st["state"], "completed", "{st}");
 
     for s in 0..2 {
@@ -408,9 +401,7 @@ fn assert_resumed(fleet: &TestFleet) {
 /// The status's progress entry for the backfill, once it is in `state`.
 async fn data_entry(fleet: &TestFleet, id: &str, state: &str) -> anyhow::Result<serde_json::Value> {
     crate::harness::wait_for(&format!("the backfill {state}"), WAIT, async || {
-        let st = fleet
-            .json(&["plan", "status", id, "--output", "json"])
-            .await?;
+        let st = fleet.status(id).await?;
         Ok(st["data"]
             .as_array()
             .and_then(|d| d.iter().find(|e| e["state"] == state).cloned()))
@@ -495,9 +486,7 @@ async fn a_paused_backfill_stops_at_a_batch_boundary_and_resumes() -> anyhow::Re
         .await?;
     assert_eq!(out.code(), Some(0), "{out}");
     let entry = data_entry(&fleet, &id, "paused").await?;
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
+    let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "paused", "{st}");
     let rows = checkpoint_rows(&fleet).await?;
     assert_eq!(entry["rows_done"].as_i64(), Some(rows), "{entry}");
@@ -557,9 +546,7 @@ async fn a_cancelled_backfill_leaves_whole_batches_and_resumes_later() -> anyhow
         .cli(&["plan", "cancel", &id, "--wait", "--output", "json"])
         .await?;
     assert_eq!(out.code(), Some(1), "{out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
+    let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "cancelled", "{st}");
     let rows = checkpoint_rows(&fleet).await?;
     assert!(rows > 0 && rows < 400, "{rows}");
@@ -661,9 +648,7 @@ async fn cancelling_one_shard_stops_it_and_lets_the_others_finish() -> anyhow::R
             "json",
         ])
         .await?;
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
+    let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "cancelled", "{out}\n{st}");
     assert!(
         st["message"]
@@ -705,13 +690,8 @@ async fn a_new_coordinator_lets_the_backfill_go_on_and_verify_runs() -> anyhow::
     })
     .await?;
     fleet.restart_coordinator().await?;
-    let out = fleet
-        .cli(&["plan", "watch", &id, "--output", "json"])
-        .await?;
+    let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
     assert_eq!(st["state"], "completed", "{st}");
     assert_eq!(not_once(&fleet, 0).await?, (0, 400));
     assert_eq!(checkpoints(&fleet, 0).await?, 0);

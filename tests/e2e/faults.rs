@@ -66,12 +66,6 @@ async fn columns(fleet: &HaFleet, s: usize, column: &str) -> anyhow::Result<i64>
         .await
 }
 
-async fn status(fleet: &HaFleet, id: &str) -> anyhow::Result<Value> {
-    fleet
-        .json(&["plan", "status", id, "--output", "json"])
-        .await
-}
-
 /// The sum of one counter (`running`, `pending`, ...) over the plan's migrations.
 fn progress(st: &Value, field: &str) -> u64 {
     st["migrations"]
@@ -195,7 +189,7 @@ async fn a_commit_decision_outlives_its_coordinator_and_one_agent_commits_alone(
             if counts != (1, 2, 2) || blocked(&fleet.pg, 0).await? != 1 {
                 return Ok(false);
             }
-            let st = status(&fleet, &id).await?;
+            let st = fleet.status(&id).await?;
             Ok(progress(&st, "running") == 2 && progress(&st, "pending") == 0)
         },
     )
@@ -246,7 +240,7 @@ async fn a_commit_decision_outlives_its_coordinator_and_one_agent_commits_alone(
         .cli(&["plan", "watch", &id, "--output", "json"])
         .await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    let st = status(&fleet, &id).await?;
+    let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "completed", "{st}");
     assert_settled(&st);
     for s in 0..3 {
@@ -275,7 +269,7 @@ async fn a_commit_decision_outlives_its_coordinator_and_one_agent_commits_alone(
         assert_eq!(&journal(&fleet, s).await?, before, "shard_{s} journal");
     }
     assert_eq!(catalogs(&fleet, 3).await?, schemas);
-    let again = status(&fleet, &id).await?;
+    let again = fleet.status(&id).await?;
     assert_eq!(again["state"], "completed", "{again}");
     assert_settled(&again);
     assert_eq!(again["migrations"], st["migrations"]);
@@ -319,7 +313,7 @@ async fn an_agent_killed_between_prepare_and_its_vote() -> anyhow::Result<()> {
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])
         .await?;
-    let st = status(&fleet, &id).await?;
+    let st = fleet.status(&id).await?;
     // What the code does: the restarted agent's in-doubt vote counts, the run resent with its
     // gid answers PREPARED, and the plan commits everywhere.
     assert_eq!(out.code(), Some(0), "{out}");
@@ -394,7 +388,7 @@ async fn prepared_transactions_survive_a_postmaster_crash_and_are_presumed_abort
         .cli(&["plan", "watch", &id, "--output", "json"])
         .await?;
     assert_eq!(out.code(), Some(1), "{out}");
-    let st = status(&fleet, &id).await?;
+    let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     assert_settled(&st);
     assert!(
@@ -574,7 +568,7 @@ async fn an_atomic_plan_rides_out_one_etcd_member_and_commits_nothing_without_qu
     let out = fleet
         .cli(&["plan", "watch", &id_b, "--output", "json"])
         .await?;
-    let st = status(&fleet, &id_b).await?;
+    let st = fleet.status(&id_b).await?;
     let decision = decision_in_etcd(&fleet, &id_b).await?;
     let committed = match decision.as_deref() {
         Some("commit") => {
@@ -647,7 +641,11 @@ async fn a_non_transactional_step_is_undone_when_another_shard_fails() -> anyhow
     assert_eq!(out.code(), Some(1), "{out}");
     let st = out.last_json()?;
     assert_eq!(st["state"], "rolled_back", "{st}");
-    assert_settled(&status(&fleet, st["plan_id"].as_str().unwrap_or_default()).await?);
+    assert_settled(
+        &fleet
+            .status(st["plan_id"].as_str().unwrap_or_default())
+            .await?,
+    );
     let failures = st["failures"].as_array().cloned().unwrap_or_default();
     assert!(
         failures
@@ -710,7 +708,7 @@ async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<
     .await?;
     let id2 = fleet.submit(second.path(), &[]).await?;
     let st = crate::harness::wait_for("the second plan to wait for locks", WAIT, async || {
-        let st = status(&fleet, &id2).await?;
+        let st = fleet.status(&id2).await?;
         let msg = st["message"].as_str().unwrap_or_default();
         Ok(msg.contains("waiting for shard locks").then_some(st))
     })
@@ -765,7 +763,7 @@ async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<
         .filter_map(|l| l["shard"].as_str())
         .collect();
     assert_eq!(shards, vec!["shard_1"], "{locks}");
-    let st = status(&fleet, &id2).await?;
+    let st = fleet.status(&id2).await?;
     assert_eq!(progress(&st, "pending"), 4, "{st}");
 
     release(lock, 77).await?;
@@ -774,7 +772,7 @@ async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<
             .cli(&["plan", "watch", id, "--output", "json"])
             .await?;
         assert_eq!(out.code(), Some(0), "{id}: {out}");
-        assert_settled(&status(&fleet, id).await?);
+        assert_settled(&fleet.status(id).await?);
     }
     for s in 0..2 {
         for t in 0..2 {

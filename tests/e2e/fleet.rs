@@ -187,6 +187,18 @@ pub trait Cli {
             .with_context(|| format!("parsing JSON from {args:?}"))
     }
 
+    /// The plan's status (`plan status ID --output json`).
+    async fn status(&self, id: &str) -> anyhow::Result<Value> {
+        self.json(&["plan", "status", id, "--output", "json"]).await
+    }
+
+    /// Watches the plan until it ends (`plan watch ID --output json`, whose exit code
+    /// says how), then reads its status.
+    async fn watch(&self, id: &str) -> anyhow::Result<(CommandOutput, Value)> {
+        let out = self.cli(&["plan", "watch", id, "--output", "json"]).await?;
+        Ok((out, self.status(id).await?))
+    }
+
     /// Submits without waiting; returns the new plan's id.
     async fn submit(&self, path: &Path, extra: &[&str]) -> anyhow::Result<String> {
         let p = path.to_string_lossy().into_owned();

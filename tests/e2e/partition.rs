@@ -66,9 +66,7 @@ async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
             Duration::from_secs(60),
         )
         .await?;
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
+    let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "running", "an alive agent's runs wait: {st}");
     assert!(
         st["waiting_for"]

@@ -111,9 +111,7 @@ async fn coordinated_plan_rolls_across_three_shards() -> anyhow::Result<()> {
     let list = fleet.json(&["plan", "list", "--output", "json"]).await?;
     assert_eq!(list.as_array().unwrap().len(), 2);
     let id = list[1]["plan_id"].as_str().unwrap().to_string();
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
+    let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "completed");
     Ok(())
 }
@@ -333,18 +331,11 @@ async fn an_agent_killed_mid_plan_reconciles_from_its_journal() -> anyhow::Resul
     release(lock_conn, 4242).await?;
 
     // The plan waits for the shard; a new agent reconciles from the journal.
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
+    let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "running", "{st}");
     fleet.agents[0] = Some(fleet.spawn_agent(0)?);
-    let out = fleet
-        .cli(&["plan", "watch", &id, "--output", "json"])
-        .await?;
+    let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
     assert_eq!(st["state"], "completed", "{st}");
 
     // Exactly once: one journal row per step and one log row per step per tenant.
@@ -389,9 +380,7 @@ async fn rollback_command_undoes_a_completed_plan_in_reverse_order() -> anyhow::
         ])
         .await?;
     assert_eq!(out.code(), Some(1), "a rolled-back plan exits 1: {out}");
-    let st = fleet
-        .json(&["plan", "status", &id, "--output", "json"])
-        .await?;
+    let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     for m in st["migrations"].as_array().unwrap() {
         assert_eq!(m["rolled_back"], m["total"], "{m}");
