@@ -7,7 +7,7 @@ use sqlx::Connection;
 
 use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_sql};
 use crate::harness::{FlotillaProcess, free_port, http, run_flotilla, wait_until};
-use crate::shards::{blocked, hold, logged_blocking_migration, release};
+use crate::shards::{assert_logged_once, blocked, hold, logged_blocking_migration, release};
 
 /// How many migrations the coordinated example (tests/fixtures/coord-dbmate) has.
 const COORD_MIGRATIONS: usize = 3;
@@ -697,21 +697,7 @@ async fn a_restarted_coordinator_resumes_the_plan_exactly_once() -> anyhow::Resu
         assert_eq!(journal.len(), 8, "{db}: {journal:?}");
         assert!(journal.iter().all(|r| r[3] == id), "{journal:?}");
         for tenant in fleet.tenants(s) {
-            let rows = fleet
-                .pg
-                .query_rows(
-                    db,
-                    &format!("SELECT step, count(*) FROM {tenant}.applied_log GROUP BY step ORDER BY step"),
-                )
-                .await?;
-            assert_eq!(
-                rows,
-                vec![
-                    vec!["001".to_string(), "1".into()],
-                    vec!["002".to_string(), "1".into()]
-                ],
-                "{db}/{tenant}"
-            );
+            assert_logged_once(&fleet.pg, db, &tenant, &["001", "002"]).await?;
             assert!(has_column(&fleet, db, &tenant, "work_orders", "blocked_col").await?);
         }
     }

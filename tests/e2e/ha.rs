@@ -7,7 +7,7 @@ use crate::fleet::{Cli, MigrationDir, WAIT, coord_dbmate_dir, tenant_name, tenan
 use crate::harness::{
     CommandOutput, Etcd, FlotillaProcess, PgCluster, free_port, run_flotilla, wait_until,
 };
-use crate::shards::{blocked, hold, logged_blocking_migration, release};
+use crate::shards::{assert_logged_once, blocked, hold, logged_blocking_migration, release};
 
 pub struct HaFleet {
     pub pg: PgCluster,
@@ -410,23 +410,7 @@ async fn a_paused_leader_is_replaced_and_fenced_and_the_plan_completes_once() ->
         assert_eq!(n, 6, "{db}");
         for t in 0..3 {
             let tenant = tenant_name(s, t, 3);
-            let rows = fleet
-                .pg
-                .query_rows(
-                    &db,
-                    &format!(
-                        "SELECT step, count(*) FROM {tenant}.applied_log GROUP BY 1 ORDER BY 1"
-                    ),
-                )
-                .await?;
-            assert_eq!(
-                rows,
-                vec![
-                    vec!["001".to_string(), "1".into()],
-                    vec!["002".to_string(), "1".into()]
-                ],
-                "{db}/{tenant}"
-            );
+            assert_logged_once(&fleet.pg, &db, &tenant, &["001", "002"]).await?;
         }
     }
     let _ = &mut fleet.agents;

@@ -2,7 +2,7 @@
 //! -> PostgreSQL shards -> status back, with real processes throughout.
 use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT, coord_dbmate_dir};
 use crate::harness::wait_until;
-use crate::shards::{blocked, hold, logged_blocking_migration, release};
+use crate::shards::{assert_logged_once, blocked, hold, logged_blocking_migration, release};
 
 const COLS: &str = "satisfaction_rating,satisfaction_comments,satisfaction_survey_sent_at,satisfaction_response_method";
 
@@ -342,18 +342,7 @@ async fn an_agent_killed_mid_plan_reconciles_from_its_journal() -> anyhow::Resul
     for (s, db) in fleet.shards.iter().enumerate() {
         assert_eq!(fleet.journal(s).await?.len(), 8, "{db}");
         for tenant in fleet.tenants(s) {
-            let rows = fleet
-                .pg
-                .query_rows(db, &format!("SELECT step, count(*) FROM {tenant}.applied_log GROUP BY step ORDER BY step"))
-                .await?;
-            assert_eq!(
-                rows,
-                vec![
-                    vec!["001".to_string(), "1".into()],
-                    vec!["002".to_string(), "1".into()]
-                ],
-                "{db}/{tenant}"
-            );
+            assert_logged_once(&fleet.pg, db, &tenant, &["001", "002"]).await?;
         }
     }
     Ok(())

@@ -105,3 +105,25 @@ pub fn logged_blocking_migration(d: &MigrationDir, tenant: &str, key: i64) -> an
         "DROP TABLE applied_log",
     )
 }
+
+/// Each of `steps` ran exactly once in `tenant` of shard database `db`, by the log that
+/// [`logged_blocking_migration`] (and the migrations after it) keep in `applied_log`.
+pub async fn assert_logged_once(
+    pg: &PgCluster,
+    db: &str,
+    tenant: &str,
+    steps: &[&str],
+) -> anyhow::Result<()> {
+    let rows = pg
+        .query_rows(
+            db,
+            &format!("SELECT step, count(*) FROM {tenant}.applied_log GROUP BY step ORDER BY step"),
+        )
+        .await?;
+    let once: Vec<Vec<String>> = steps
+        .iter()
+        .map(|step| vec![step.to_string(), "1".into()])
+        .collect();
+    assert_eq!(rows, once, "{db}/{tenant}");
+    Ok(())
+}
