@@ -30,6 +30,18 @@ async fn coordinator(etcd: &Etcd, advertise: &str) -> EtcdCoordination {
     .expect("connect to etcd")
 }
 
+/// A fresh etcd and one coordinator on it, once it leads, with its epoch; `None` (after a
+/// note) without an etcd binary.
+async fn sole_leader(test: &str) -> Option<(Etcd, EtcdCoordination, u64)> {
+    let etcd = Etcd::start_or_skip(test).await?;
+    let c = coordinator(&etcd, "10.0.0.1:7070").await;
+    let epoch = wait_leadership(&c, "leadership", TTL * 3, Leadership::is_leader)
+        .await
+        .epoch()
+        .unwrap();
+    Some((etcd, c, epoch))
+}
+
 async fn raw_client(etcd: &Etcd) -> Client {
     Client::connect([etcd.endpoint()], None)
         .await
@@ -272,14 +284,9 @@ mod etcd_coordination {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shard_locks_are_all_or_nothing() {
-        let Some(etcd) = Etcd::start_or_skip("locks").await else {
+        let Some((etcd, c, epoch)) = sole_leader("locks").await else {
             return;
         };
-        let c = coordinator(&etcd, "10.0.0.1:7070").await;
-        let epoch = wait_leadership(&c, "leadership", TTL * 3, Leadership::is_leader)
-            .await
-            .epoch()
-            .unwrap();
 
         assert_eq!(
             c.lock_shards("p1", &shards(&["s1", "s2"]), epoch).await,
@@ -396,14 +403,9 @@ mod etcd_coordination {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_paused_etcd_deposes_the_leader_within_the_ttl() {
-        let Some(etcd) = Etcd::start_or_skip("paused").await else {
+        let Some((etcd, c, epoch1)) = sole_leader("paused").await else {
             return;
         };
-        let c = coordinator(&etcd, "10.0.0.1:7070").await;
-        let epoch1 = wait_leadership(&c, "leadership", TTL * 3, Leadership::is_leader)
-            .await
-            .epoch()
-            .unwrap();
 
         etcd.pause().expect("SIGSTOP etcd");
         let paused = Instant::now();
@@ -442,14 +444,9 @@ mod etcd_coordination {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn etcd_fences_a_leader_that_does_not_know_it_was_deposed() {
-        let Some(etcd) = Etcd::start_or_skip("fenced").await else {
+        let Some((etcd, c, epoch1)) = sole_leader("fenced").await else {
             return;
         };
-        let c = coordinator(&etcd, "10.0.0.1:7070").await;
-        let epoch1 = wait_leadership(&c, "leadership", TTL * 3, Leadership::is_leader)
-            .await
-            .epoch()
-            .unwrap();
         assert_eq!(
             c.lock_shards("p1", &shards(&["s1"]), epoch1).await,
             Ok(LockOutcome::Taken)
