@@ -38,7 +38,7 @@ have_protobuf_includes() {
         [[ -n "${PROTOC_INCLUDE:-}" && -f "${PROTOC_INCLUDE}/google/protobuf/descriptor.proto" ]]
 }
 
-# Same search order as tests/e2e/harness/postgres.rs. Debian's postgresql
+# Same search order as testkit/src/postgres.rs (PgBins::locate). Debian's postgresql
 # package keeps initdb in /usr/lib/postgresql/NN/bin, not on PATH.
 find_initdb() {
     local dir
