@@ -11,7 +11,7 @@ use flotilla_proto::pb::agent_service_server::{AgentService, AgentServiceServer}
 use flotilla_proto::pb::coordinator_message::Body as In;
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Connection};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -79,7 +79,14 @@ pub struct Fleet {
     pub pool: PgPool,
     admin_url: String,
     db: String,
+    _turn: SemaphorePermit<'static>,
 }
+
+/// How many fleets (tests on the PostgreSQL server) run at once. All tests share one
+/// process, and each fleet holds a dozen or so sessions (the test's pool, the agent's pool
+/// and its lock session): unbounded, a many-core machine would run every test at once
+/// and pass a server's `max_connections` (100 in scripts/test.sh).
+static FLEETS_AT_ONCE: Semaphore = Semaphore::const_new(4);
 
 /// A fresh database `agent_<name>` with `tenants` tenant schemas (and one schema that is not
 /// a tenant); None (with a note) when no PostgreSQL is configured.
@@ -147,6 +154,7 @@ async fn clear_prepared(admin: &mut sqlx::PgConnection, admin_url: &str, db: &st
 
 /// [`fleet`] on the server of `admin_url`.
 pub async fn fleet_on(admin_url: &str, name: &str, tenants: usize) -> Fleet {
+    let turn = FLEETS_AT_ONCE.acquire().await.expect("never closed");
     let admin_url = admin_url.to_string();
     let db = format!("agent_{name}");
     let mut admin = sqlx::PgConnection::connect(&admin_url)
@@ -185,6 +193,7 @@ pub async fn fleet_on(admin_url: &str, name: &str, tenants: usize) -> Fleet {
         pool,
         admin_url,
         db,
+        _turn: turn,
     }
 }
 
