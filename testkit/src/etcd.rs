@@ -11,7 +11,9 @@ use anyhow::{Context, bail};
 
 use crate::process::ManagedProcess;
 use crate::wait::{fatal, wait_until};
-use crate::{TestDir, find_in_path, free_port, http, is_executable, pid_alive, tail_lines};
+use crate::{
+    TestDir, find_in_path, free_port, http, is_executable, pid_alive, read_log, tail_lines,
+};
 
 /// How long a fresh cluster (or a restarted member) may take to be healthy.
 pub const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,9 +86,7 @@ impl EtcdMember {
 
     /// The member's log across all its runs.
     pub fn log(&self) -> String {
-        std::fs::read(self.log_path())
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-            .unwrap_or_default()
+        read_log(&self.log_path())
     }
 
     pub fn pid(&self) -> Option<u32> {

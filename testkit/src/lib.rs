@@ -221,11 +221,16 @@ pub fn tail_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The text of a log file so far (invalid UTF-8 replaced; empty if unreadable).
+pub fn read_log(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default()
+}
+
 /// The last `n` lines of the file at `path` (empty if unreadable).
 pub fn file_tail(path: &Path, n: usize) -> String {
-    std::fs::read(path)
-        .map(|bytes| tail_lines(&String::from_utf8_lossy(&bytes), n))
-        .unwrap_or_default()
+    tail_lines(&read_log(path), n)
 }
 
 /// Quotes a string for use as an SQL identifier.

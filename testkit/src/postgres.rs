@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use crate::wait::{POLL_INTERVAL, wait_until};
 use crate::{
     TestDir, child_pids, file_tail, find_in_path, free_port, is_executable, pid_alive,
-    postgres_os_user, process_state, quote_ident, running_as_root, send_signal,
+    postgres_os_user, process_state, quote_ident, read_log, running_as_root, send_signal,
 };
 
 /// Settings every cluster gets; builder settings come after and win.
@@ -365,9 +365,7 @@ impl PgCluster {
 
     /// The server log so far.
     pub fn log(&self) -> String {
-        std::fs::read(&self.log_path)
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-            .unwrap_or_default()
+        read_log(&self.log_path)
     }
 
     fn log_len(&self) -> u64 {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::wait::{self, POLL_INTERVAL};
-use crate::{file_tail, pid_alive, send_signal, tail_lines};
+use crate::{file_tail, pid_alive, read_log, send_signal, tail_lines};
 
 /// Lines of log printed when a process is dropped during a panic.
 const TAIL_ON_PANIC: usize = 50;
@@ -65,9 +65,7 @@ impl ManagedProcess {
 
     /// Everything the process has written so far.
     pub fn log(&self) -> String {
-        std::fs::read(&self.log_path)
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-            .unwrap_or_default()
+        read_log(&self.log_path)
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
