@@ -181,10 +181,28 @@ pub fn send_signal(pid: u32, signal: libc::c_int) -> anyhow::Result<()> {
 /// The state letter of a process from `/proc/PID/stat` (`R`, `S`, `T`, `Z`,
 /// ...), or `None` if there is no such process.
 pub fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_state(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The state letter of a `/proc/.../stat` line.
+fn stat_state(stat: &str) -> Option<char> {
     // "pid (comm) S ppid ..."; comm may itself contain spaces and parens.
     let after_comm = &stat[stat.rfind(')')? + 1..];
     after_comm.trim_start().chars().next()
+}
+
+/// Whether every thread of `pid` is stopped (SIGSTOP) or gone, from
+/// `/proc/PID/task`; true where there is no `/proc` to ask.
+pub fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.filter_map(Result::ok).all(|task| {
+        let state = std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| stat_state(&stat));
+        matches!(state, None | Some('T' | 't' | 'Z' | 'X' | 'x'))
+    })
 }
 
 /// Whether `pid` is a live process. Zombies count as dead: PID 1 in some

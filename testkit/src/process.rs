@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::wait::{self, POLL_INTERVAL};
-use crate::{file_tail, pid_alive, read_log, send_signal, tail_lines};
+use crate::{all_threads_stopped, file_tail, pid_alive, read_log, send_signal, tail_lines};
 
 /// Lines of log printed when a process is dropped during a panic.
 const TAIL_ON_PANIC: usize = 50;
@@ -137,9 +137,17 @@ impl ManagedProcess {
         Ok(status)
     }
 
-    /// SIGSTOP: freezes the process (it keeps its sockets open).
+    /// SIGSTOP: freezes the process (it keeps its sockets open). Returns once every
+    /// thread of it has stopped: the signal takes effect asynchronously, and a thread
+    /// still running could answer a client right after `kill` returns.
     pub fn stop(&self) -> anyhow::Result<()> {
-        self.signal(libc::SIGSTOP)
+        self.signal(libc::SIGSTOP)?;
+        let pid = self.pid;
+        wait::wait_until_blocking(
+            &format!("every thread of {} to stop", self.name),
+            TERMINATE_TIMEOUT,
+            || Ok(all_threads_stopped(pid)),
+        )
     }
 
     /// SIGCONT: resumes a stopped process.
