@@ -727,10 +727,14 @@ async fn a_crashed_shard_resumes_the_backfill_from_its_checkpoint() -> anyhow::R
     let mut fleet = slow_backfill_fleet().await?;
     let at = random_rows("postmaster SIGKILL", 10..=300);
     let (_dir, id) = start_slow_backfill(&fleet, "", &[], at).await?;
+    // The test server runs with synchronous_commit off: a crash may lose its last commits,
+    // each batch with its checkpoint. A CHECKPOINT makes the first `at` rows durable, so
+    // there is always a checkpoint to resume from (a kill at a low row count could lose
+    // them all, and the change would rightly start over instead).
+    fleet.pg.psql(&fleet.shards[0], "CHECKPOINT").await?;
     fleet.pg.kill_postmaster().await?;
     fleet.pg.restart().await?;
-    // The test server runs with synchronous_commit off: its last commits may be lost in the
-    // crash, each batch with its checkpoint, so what is there still agrees.
+    // What survived the crash still agrees: whole batches with their checkpoints.
     // The restarted shard lets the backfill go on at once: both counts come from one
     // statement (one snapshot), or a batch committed between two reads would differ.
     let t = &fleet.tenants(0)[0];
@@ -747,6 +751,10 @@ async fn a_crashed_shard_resumes_the_backfill_from_its_checkpoint() -> anyhow::R
     let (rows, touched) = both.split_once(' ').expect("two counts");
     let (rows, touched): (i64, i64) = (rows.parse()?, touched.parse()?);
     assert!(rows < 400, "{rows} rows at the crash");
+    assert!(
+        rows >= at,
+        "{rows} rows survived the crash; {at} were made durable"
+    );
     assert_eq!(touched, rows, "whole batches only");
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])

@@ -425,6 +425,8 @@ async fn put_decision(client: &mut Client, plan: &str, decision: &str) {
 
 #[tokio::test]
 async fn in_doubt_resolved_from_etcd() {
+    // Plan ids of their own: gids are unique across the whole server, and
+    // prepare_commit_abort_and_resend prepares flotilla:pc:... on the same server.
     let Some(etcd) = Etcd::start_or_skip("in_doubt_resolved_from_etcd").await else {
         return;
     };
@@ -443,7 +445,7 @@ async fn in_doubt_resolved_from_etcd() {
     let (mut s, hello) = h.attach(1).await;
     assert!(hello.in_doubt.is_empty());
     let gids = [
-        ("pc", "flotilla:pc:1:1:tenant_0000"),
+        ("pe", "flotilla:pe:1:1:tenant_0000"),
         ("pa", "flotilla:pa:2:1:tenant_0000"),
         ("pn", "flotilla:pn:3:1:tenant_0000"),
         ("px", "flotilla:px:4:1:tenant_0000"),
@@ -487,13 +489,13 @@ async fn in_doubt_resolved_from_etcd() {
 
     // decided while the agent was away: a fresh agent applies the decisions at start and
     // lists only the undecided one
-    put_decision(&mut client, "pc", "commit").await;
+    put_decision(&mut client, "pe", "commit").await;
     put_decision(&mut client, "pa", "abort").await;
     let mut h = Harness::start(with_etcd.clone(), &f.dsn).await;
     let (mut s, hello) = h.attach(1).await;
     assert_eq!(hello.in_doubt, [gids[2].1, gids[3].1]);
-    assert!(table_exists(&f, "tenant_0000", "pc_t").await);
-    assert_eq!(journal(&f, "pc").await, 1);
+    assert!(table_exists(&f, "tenant_0000", "pe_t").await);
+    assert_eq!(journal(&f, "pe").await, 1);
     assert!(!table_exists(&f, "tenant_0000", "pa_t").await);
     assert_eq!(journal(&f, "pa").await, 0);
     assert_eq!(prepared_gids(&f.pool).await, [gids[2].1, gids[3].1]);
