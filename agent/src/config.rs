@@ -88,7 +88,7 @@ impl AgentConfig {
             shard: self.shard.clone(),
             reason,
         };
-        flotilla_proto::validate_shard_name(&self.shard).map_err(bad)?;
+        flotilla_core::validate_shard_name(&self.shard).map_err(bad)?;
         if self.tenant_pattern.is_some() && self.tenant_query.is_some() {
             return Err(bad("set tenant_pattern or tenant_query, not both".into()));
         }
@@ -157,7 +157,7 @@ pub(crate) fn backoff_delay(attempt: u32, min: Duration, max: Duration, jitter: 
     floor + step.saturating_sub(floor).mul_f64(jitter.clamp(0.0, 1.0))
 }
 
-use flotilla_proto::secrets::REDACTED;
+use flotilla_core::secrets::REDACTED;
 
 /// A comma-separated list of addresses, each with its password hidden.
 pub(crate) fn redact_list(list: &str) -> String {
@@ -178,9 +178,9 @@ pub(crate) fn parse_addresses(list: &str) -> Vec<String> {
 }
 
 /// Hides passwords in a DSN, whichever way they were written: the one redactor
-/// ([`flotilla_proto::secrets::redact_url`]).
+/// ([`flotilla_core::secrets::redact_url`]).
 pub fn redact_dsn(dsn: &str) -> String {
-    flotilla_proto::secrets::redact_url(dsn)
+    flotilla_core::secrets::redact_url(dsn)
 }
 
 #[cfg(test)]

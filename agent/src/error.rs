@@ -1,6 +1,6 @@
 //! The crate's error type, and the one place where shard errors become step errors: every
 //! SQLSTATE the agent tells apart is named here.
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use sqlx::postgres::PgDatabaseError;
 
 /// What can stop an agent. Each message names the shard and what failed; none holds a password.
@@ -49,13 +49,13 @@ pub enum AgentError {
 }
 
 // The SQLSTATEs are the protocol's (one definition for the coordinator and the agent).
-pub(crate) use flotilla_proto::protocol::sqlstate::UNDEFINED_OBJECT as SQLSTATE_UNDEFINED_OBJECT;
-use flotilla_proto::protocol::sqlstate::{
+pub(crate) use flotilla_core::protocol::sqlstate::UNDEFINED_OBJECT as SQLSTATE_UNDEFINED_OBJECT;
+use flotilla_core::protocol::sqlstate::{
     CLASS_AUTH as SQLSTATE_CLASS_AUTH, CONFLICTS as SQLSTATE_CONFLICTS,
     LOCK_NOT_AVAILABLE as SQLSTATE_LOCK_NOT_AVAILABLE, SERVER_GONE as SQLSTATE_SERVER_GONE,
     UNIQUE_VIOLATION as SQLSTATE_UNIQUE_VIOLATION,
 };
-pub use flotilla_proto::protocol::sqlstate::{
+pub use flotilla_core::protocol::sqlstate::{
     FENCED as SQLSTATE_FENCED, VERIFY_FAILED as SQLSTATE_VERIFY,
 };
 /// Why a step's fence check can time out: the older epoch's transactions hold the fence row.

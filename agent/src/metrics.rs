@@ -3,7 +3,7 @@
 use std::sync::Once;
 use std::time::Duration;
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };

@@ -1,8 +1,8 @@
 //! The coordinator's one error enum, its typed refusals and conflicts, and how each
 //! kind maps to a gRPC status (the only place that knows `tonic::Code`).
-use flotilla_proto::PlanError;
-use flotilla_proto::protocol::{LEADER_METADATA, REFUSAL_METADATA, REFUSAL_NOT_LEADER};
-use flotilla_proto::state::PlanState;
+use flotilla_core::PlanError;
+use flotilla_core::protocol::{LEADER_METADATA, REFUSAL_METADATA, REFUSAL_NOT_LEADER};
+use flotilla_core::state::PlanState;
 
 use crate::coordination::CoordinationError;
 use crate::store::StoreError;

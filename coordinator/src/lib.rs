@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{error, info};
 
@@ -176,7 +176,7 @@ pub async fn start(
             let epoch = store.next_epoch().await?;
             info!(
                 epoch,
-                store = %flotilla_proto::secrets::redact_url(&config.store),
+                store = %flotilla_core::secrets::redact_url(&config.store),
                 "coordination backend: embedded (in-process, single coordinator; no etcd)"
             );
             let e = Arc::new(EmbeddedCoordination::new(epoch));

@@ -5,9 +5,9 @@ use std::sync::Once;
 
 pub use metrics_exporter_prometheus::BuildError;
 
-use flotilla_proto::pb;
-use flotilla_proto::protocol::Decision;
-use flotilla_proto::state::{PlanState, StepState};
+use flotilla_core::pb;
+use flotilla_core::protocol::Decision;
+use flotilla_core::state::{PlanState, StepState};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
 static DESCRIBE: Once = Once::new();

@@ -2,8 +2,8 @@
 //! (migration, target) that applies, and each step's dependencies.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use flotilla_proto::dag::MigrationGraph;
-use flotilla_proto::{PlanSpec, Scope, Target};
+use flotilla_core::dag::MigrationGraph;
+use flotilla_core::{PlanSpec, Scope, Target};
 
 use crate::error::{CoordinatorError, Refusal};
 

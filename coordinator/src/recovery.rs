@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use flotilla_proto::dag::MigrationGraph;
-use flotilla_proto::protocol::Decision;
-use flotilla_proto::state::{PlanState, StepState};
-use flotilla_proto::{PlanSpec, Target, pb};
+use flotilla_core::dag::MigrationGraph;
+use flotilla_core::protocol::Decision;
+use flotilla_core::state::{PlanState, StepState};
+use flotilla_core::{PlanSpec, Target, pb};
 use prost::Message;
 use tracing::{info, warn};
 
@@ -32,7 +32,7 @@ impl Coordinator {
         let bytes = hex::decode(&row.spec_hex).map_err(|e| corrupt(e.to_string()))?;
         let raw = pb::PlanSpec::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
         let spec = PlanSpec::try_from(raw)?;
-        let scope = spec.default_scope.unwrap_or(flotilla_proto::Scope::Tenant);
+        let scope = spec.default_scope.unwrap_or(flotilla_core::Scope::Tenant);
         let graph = MigrationGraph::build(&spec)?;
         let rows = self.inner.store.steps(&row.id).await?;
         let mut targets: Vec<Target> = Vec::new();

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::pb;
-use flotilla_proto::state::PlanState;
+use flotilla_core::pb;
+use flotilla_core::state::PlanState;
 use prost::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::warn;

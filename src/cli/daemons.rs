@@ -80,10 +80,9 @@ fn check_dsn(dsn: &str) -> Result<(), String> {
 }
 
 fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, String> {
-    flotilla_proto::validate_shard_name(&args.shard).map_err(|e| format!("--shard: {e}"))?;
+    flotilla_core::validate_shard_name(&args.shard).map_err(|e| format!("--shard: {e}"))?;
     check_dsn(&args.dsn)?;
-    let labels =
-        flotilla_proto::parse_labels(&args.labels).map_err(|e| format!("--labels: {e}"))?;
+    let labels = flotilla_core::parse_labels(&args.labels).map_err(|e| format!("--labels: {e}"))?;
     if args.max_connections == 0 {
         return Err("--max-connections must be at least 1".into());
     }

@@ -1,8 +1,8 @@
 //! Operator commands: talk to the coordinator's OperatorService.
 use std::time::Instant;
 
-use flotilla_proto::pb;
-use flotilla_proto::pb::operator_service_client::OperatorServiceClient;
+use flotilla_core::pb;
+use flotilla_core::pb::operator_service_client::OperatorServiceClient;
 use tonic::transport::Channel;
 
 use super::render;
@@ -57,9 +57,7 @@ fn leader_of(e: &tonic::Status) -> Option<String> {
     if e.code() != tonic::Code::Unavailable {
         return None;
     }
-    let v = e
-        .metadata()
-        .get(flotilla_proto::protocol::LEADER_METADATA)?;
+    let v = e.metadata().get(flotilla_core::protocol::LEADER_METADATA)?;
     v.to_str().ok().map(str::to_string)
 }
 
@@ -157,7 +155,7 @@ fn lint(path: &std::path::Path, output: Output) -> u8 {
             return EXIT_BAD_INPUT;
         }
     };
-    match flotilla_proto::PlanSpec::try_from(raw) {
+    match flotilla_core::PlanSpec::try_from(raw) {
         Ok(spec) => {
             render::lint(&spec, output);
             EXIT_OK
@@ -186,7 +184,7 @@ async fn submit(addr: &str, args: SubmitArgs) -> u8 {
         }
     };
     // Check locally first: a bad plan never needs a coordinator to be refused.
-    if let Err(e) = flotilla_proto::PlanSpec::try_from(raw.clone()) {
+    if let Err(e) = flotilla_core::PlanSpec::try_from(raw.clone()) {
         eprintln!("error: {}: {e}", args.path.display());
         return EXIT_BAD_INPUT;
     }

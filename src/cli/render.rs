@@ -3,7 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use serde_json::{Value, json};
 
 use super::Output;
@@ -412,8 +412,8 @@ pub fn fleet(r: &pb::ListFleetResponse, output: Output) {
     }
 }
 
-pub fn lint(spec: &flotilla_proto::PlanSpec, output: Output) {
-    let graph = flotilla_proto::dag::MigrationGraph::build(spec).ok();
+pub fn lint(spec: &flotilla_core::PlanSpec, output: Output) {
+    let graph = flotilla_core::dag::MigrationGraph::build(spec).ok();
     let order: Vec<String> = graph
         .map(|g| {
             g.order
@@ -432,7 +432,7 @@ pub fn lint(spec: &flotilla_proto::PlanSpec, output: Output) {
                 "migrations": spec.migrations.iter().map(|m| json!({
                     "id": m.id.to_string(),
                     "checksum": m.checksum,
-                    "transactional": m.tx_mode == flotilla_proto::TxMode::Transactional,
+                    "transactional": m.tx_mode == flotilla_core::TxMode::Transactional,
                     "scope": m.scope.map(|s| s.as_str()),
                     "selector": m.selector.to_string(),
                 })).collect::<Vec<_>>(),
@@ -453,7 +453,7 @@ pub fn lint(spec: &flotilla_proto::PlanSpec, output: Output) {
             .expect("in plan");
         println!(
             "  {id}  {}{}",
-            if m.tx_mode == flotilla_proto::TxMode::Transactional {
+            if m.tx_mode == flotilla_core::TxMode::Transactional {
                 "transactional"
             } else {
                 "non-transactional"

@@ -3,8 +3,8 @@
 //! carry options (`-- migrate:up transaction:false`).
 use std::path::Path;
 
-use flotilla_proto::MigrationId;
-use flotilla_proto::pb;
+use flotilla_core::MigrationId;
+use flotilla_core::pb;
 
 use super::error::{LoadError, read_text};
 use super::parts::{Parts, statements};

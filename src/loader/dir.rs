@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 
 use super::error::LoadError;
 use super::{dbmate, native};

@@ -4,13 +4,13 @@
 //! The loader reports what is wrong with a *file* (unreadable, malformed, unknown keys,
 //! unterminated quotes, missing `up.sql`), naming the file and, where it can, the line.
 //! Whether the plan as a whole makes sense (cycles, unknown dependencies, transaction
-//! modes) is decided by `flotilla_proto::PlanSpec::try_from`, which every plan goes
+//! modes) is decided by `flotilla_core::PlanSpec::try_from`, which every plan goes
 //! through on receipt anyway. See docs/file-formats.md.
 use std::fs;
 use std::path::Path;
 
-use flotilla_proto::pb;
-use flotilla_proto::selector::Selector;
+use flotilla_core::pb;
+use flotilla_core::selector::Selector;
 
 // Dependencies point one way: plan -> dir -> {native, dbmate} -> parts -> error.
 mod dbmate;

@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use flotilla_proto::pb;
-use flotilla_proto::selector::Selector;
-use flotilla_proto::{MigrationId, Scope};
+use flotilla_core::pb;
+use flotilla_core::selector::Selector;
+use flotilla_core::{MigrationId, Scope};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -312,7 +312,7 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
             health,
             prior_image: d.prior_image,
         };
-        m.checksum = flotilla_proto::data_checksum(&m.up_sql, &data);
+        m.checksum = flotilla_core::data_checksum(&m.up_sql, &data);
         m.data = Some(data);
         if m.kind.is_empty() {
             m.kind = "data".into();

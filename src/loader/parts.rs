@@ -2,8 +2,8 @@
 //! and the early split of its SQL.
 use std::path::Path;
 
-use flotilla_proto::pb;
-use flotilla_proto::sql;
+use flotilla_core::pb;
+use flotilla_core::sql;
 
 use super::error::LoadError;
 
@@ -35,7 +35,7 @@ impl Parts {
     /// The wire migration with its checksum; everything else at its default.
     pub fn into_migration(self) -> pb::Migration {
         pb::Migration {
-            checksum: flotilla_proto::checksum(&self.up_sql),
+            checksum: flotilla_core::checksum(&self.up_sql),
             id: self.id,
             up_sql: self.up_sql,
             down_sql: self.down_sql,

@@ -4,10 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use flotilla_proto::MigrationId;
-use flotilla_proto::pb;
-use flotilla_proto::selector::Selector;
-use flotilla_proto::{FailurePolicy, Scope};
+use flotilla_core::MigrationId;
+use flotilla_core::pb;
+use flotilla_core::selector::Selector;
+use flotilla_core::{FailurePolicy, Scope};
 use serde::Deserialize;
 use toml::Spanned;
 

@@ -1,7 +1,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use flotilla_proto::{PlanError, PlanSpec, Scope, TxMode, pb};
+use flotilla_core::{PlanError, PlanSpec, Scope, TxMode, pb};
 
 use super::*;
 
@@ -75,7 +75,7 @@ fn assert_bench_plan(dir: &Path) {
             .starts_with("DROP INDEX idx_work_orders_satisfaction;")
     );
     assert!(!m.up_sql.contains("migrate:"));
-    assert_eq!(m.checksum, flotilla_proto::checksum(&m.up_sql));
+    assert_eq!(m.checksum, flotilla_core::checksum(&m.up_sql));
     assert!(
         m.source
             .ends_with("20250131160000_hs_satisfaction_tracking.sql")
@@ -180,7 +180,7 @@ risk = "high"
     assert_eq!(first.source, root.join("001_first").display().to_string());
     assert_eq!(
         first.checksum,
-        flotilla_proto::checksum("CREATE TABLE t (a int);")
+        flotilla_core::checksum("CREATE TABLE t (a int);")
     );
     let second = &spec.migrations[1];
     assert_eq!(second.description, "the second");
@@ -234,7 +234,7 @@ fn loads_a_dbmate_directory_with_options() {
     );
     let bom = &spec.migrations[3];
     assert_eq!(bom.up_sql, "SELECT 1;");
-    assert_eq!(bom.checksum, flotilla_proto::checksum("SELECT 1;"));
+    assert_eq!(bom.checksum, flotilla_core::checksum("SELECT 1;"));
     assert_eq!(spec.migrations[0].down_sql, "");
     assert_eq!(spec.migrations[0].tx_mode, pb::TxMode::Unspecified as i32);
     assert_eq!(
@@ -348,12 +348,12 @@ parallel_groups = [["a"], { migrations = ["b", "c"], atomic = true }]
         "an atomic group's steps fuse into one prepared transaction"
     );
     assert!(p.two_phase());
-    let id = |s: &str| flotilla_proto::MigrationId::parse(s).unwrap();
+    let id = |s: &str| flotilla_core::MigrationId::parse(s).unwrap();
     assert_eq!(p.atomic_unit(&id("b")), Some(1));
     assert_eq!(p.atomic_unit(&id("a")), None);
     let mut stop = spec;
     stop.policy = pb::FailurePolicy::Stop as i32;
-    let e = flotilla_proto::PlanSpec::try_from(stop)
+    let e = flotilla_core::PlanSpec::try_from(stop)
         .unwrap_err()
         .to_string();
     assert!(
@@ -855,7 +855,7 @@ fn a_data_migration_reads_its_data_table() {
     let dm = &domain.migrations[0];
     assert_eq!(dm.tx_mode, TxMode::NonTransactional);
     assert_eq!(dm.checksum, m.checksum, "the loader and the receiver agree");
-    assert_ne!(dm.checksum, flotilla_proto::checksum(&m.up_sql));
+    assert_ne!(dm.checksum, flotilla_core::checksum(&m.up_sql));
 }
 
 #[test]

@@ -331,7 +331,7 @@ fn stopped_if_server_gone(
     }
     progress.set("stopped", "the shard's server went away", size);
     Failure {
-        error: flotilla_proto::pb::StepError {
+        error: flotilla_core::pb::StepError {
             phase: STOPPED.into(),
             message: format!(
                 "data migration `{}` stopped after {} batches ({} rows): the shard's server went \

@@ -7,8 +7,8 @@
 //! A bound is a key value as text per column. A checkpoint stores it as that text for a
 //! one-column key, and as a JSON array of the texts for a composite key (as the page query
 //! prints it).
-use flotilla_proto::DataChange;
-use flotilla_proto::protocol::DataProblemKind;
+use flotilla_core::DataChange;
+use flotilla_core::protocol::DataProblemKind;
 use sqlx::postgres::PgConnection;
 
 use crate::step::{BuildError, quote_literal};
@@ -123,13 +123,13 @@ impl KeyProblem {
     }
 
     /// As the preflight reports it.
-    pub fn to_pb(&self, migration_id: &str, tenant: &str) -> flotilla_proto::pb::DataProblem {
+    pub fn to_pb(&self, migration_id: &str, tenant: &str) -> flotilla_core::pb::DataProblem {
         let (kind, name) = match self {
             KeyProblem::NoTable(n, _) => (DataProblemKind::NoTable, n.as_str()),
             KeyProblem::NoColumn(n, _) => (DataProblemKind::NoColumn, n.as_str()),
             KeyProblem::Shape(n, _) => (DataProblemKind::Shape, n.as_str()),
         };
-        flotilla_proto::pb::DataProblem {
+        flotilla_core::pb::DataProblem {
             migration_id: migration_id.to_string(),
             tenant: tenant.to_string(),
             kind: kind.as_str().to_string(),
@@ -194,7 +194,7 @@ pub(crate) async fn inspect(
     }
     let regclass = name
         .iter()
-        .map(|p| flotilla_proto::sql::quote_ident(p))
+        .map(|p| flotilla_core::sql::quote_ident(p))
         .collect::<Vec<_>>()
         .join(".");
     let table = d.table_sql();

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 
 /// (plan, migration, target)
 type ProgressKey = (String, String, String);

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_proto::DataChange;
+use flotilla_core::DataChange;
 
 /// A token bucket of rows: `rate` rows per second, holding at most `capacity` rows (one
 /// batch, so that a batch always fits). Time is passed in, so it is testable.

@@ -79,7 +79,7 @@ pub(crate) fn data_batch(
         );
     }
     for statement in &d.batch {
-        let bound = flotilla_proto::sql::bind_parameters(statement, &[b.lower_lit, b.upper_lit])
+        let bound = flotilla_core::sql::bind_parameters(statement, &[b.lower_lit, b.upper_lit])
             .map_err(|source| BuildError::Statements {
                 migration: m.id().to_string(),
                 what: "batch",
@@ -101,7 +101,7 @@ pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> O
     let key = d.key_sql();
     let filter = data_filter(d);
     let table = d.table_sql();
-    let cols = flotilla_proto::DataChange::column_list(&d.key);
+    let cols = flotilla_core::DataChange::column_list(&d.key);
     if d.key.len() == 1 {
         // the page's last key by the page's own order (no max(): uuid has none, and a
         // search_path could make it another type's). The text is named `last`: an output
@@ -141,7 +141,7 @@ pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> O
 
 /// Whether the table holds a key at or below `floor_lit` (the first batch's exclusive lower
 /// bound) or with a NULL in it: such a row would never be in a batch.
-pub(crate) fn keys_at_floor(d: &flotilla_proto::DataChange, floor_lit: &str) -> String {
+pub(crate) fn keys_at_floor(d: &flotilla_core::DataChange, floor_lit: &str) -> String {
     let nulls: String = d
         .key
         .iter()
@@ -155,7 +155,7 @@ pub(crate) fn keys_at_floor(d: &flotilla_proto::DataChange, floor_lit: &str) -> 
 }
 
 /// ` AND (<filter>)` of a data change, or nothing (a newline ends a trailing comment).
-fn data_filter(d: &flotilla_proto::DataChange) -> String {
+fn data_filter(d: &flotilla_core::DataChange) -> String {
     d.filter
         .as_ref()
         .map(|f| format!(" AND ({f}\n)"))

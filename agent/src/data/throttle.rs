@@ -108,11 +108,11 @@ fn set_waiting(current: &mut Option<&'static str>, next: Option<&'static str>) {
 }
 
 /// A health check with the query that reads its signal.
-pub(super) type HealthQuery<'a> = (&'a flotilla_proto::HealthCheck, String);
+pub(super) type HealthQuery<'a> = (&'a flotilla_core::HealthCheck, String);
 
 /// The queries of the change's health checks, built once per run (not per batch).
 pub(super) fn health_queries(m: &PreparedMigration) -> Result<Vec<HealthQuery<'_>>, Failure> {
-    use flotilla_proto::HealthSignal;
+    use flotilla_core::HealthSignal;
     let Some(d) = m.migration.data.as_ref() else {
         return Ok(Vec::new());
     };

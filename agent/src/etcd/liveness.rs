@@ -20,7 +20,7 @@ use crate::metrics;
 
 /// `<prefix>/agents/<shard>`: the protocol's key layout.
 pub(crate) fn agent_key(prefix: &str, shard: &str) -> String {
-    flotilla_proto::protocol::keys::agent(prefix, shard)
+    flotilla_core::protocol::keys::agent(prefix, shard)
 }
 
 /// The value of the key: who holds it (never a secret).

@@ -7,7 +7,7 @@
 //! journal rows wait, invisible, for the plan's decision (see `two_phase`).
 use std::time::{Duration, Instant};
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use sqlx::postgres::{PgConnection, PgPool};
 use tracing::{debug, info, instrument, warn};
 

@@ -94,8 +94,8 @@ pub(super) async fn drop_invalid_index(conn: &mut PgConnection, statement: &str)
     };
     let drop = format!(
         "DROP INDEX CONCURRENTLY IF EXISTS {}.{}",
-        flotilla_proto::sql::quote_ident(&schema),
-        flotilla_proto::sql::quote_ident(&index)
+        flotilla_core::sql::quote_ident(&schema),
+        flotilla_core::sql::quote_ident(&index)
     );
     match execute(conn, drop).await {
         Ok(()) => {

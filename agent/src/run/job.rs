@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::{Migration, pb};
+use flotilla_core::{Migration, pb};
 
 use super::two_phase::{GidClaim, validate_gid};
 use crate::data::DataHooks;
@@ -25,7 +25,7 @@ pub(crate) struct PlanDef {
 #[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum DefinitionError {
     #[error(transparent)]
-    Migration(#[from] flotilla_proto::PlanError),
+    Migration(#[from] flotilla_core::PlanError),
     #[error(transparent)]
     Sql(#[from] BuildError),
 }
@@ -97,7 +97,7 @@ impl Job {
     ) -> Result<Job, Box<(pb::Run, Failure)>> {
         let fail = |run, msg: String| Err(Box::new((run, Failure::agent("definition", msg))));
         if !run.tenant.is_empty()
-            && let Err(reason) = flotilla_proto::validate_tenant_name(&run.tenant)
+            && let Err(reason) = flotilla_core::validate_tenant_name(&run.tenant)
         {
             return fail(run, reason);
         }

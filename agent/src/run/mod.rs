@@ -5,7 +5,7 @@
 //! Dependencies point down this list: `plans` -> `executor` -> (`job`, `sqlgen`,
 //! `lock_wait`, `invalid_index`, `conn`, `two_phase`); `resolve` and `rollback` use the
 //! plans' halt; `job` holds the types they all share.
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use tracing::warn;
 
 use crate::Agent;

@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use futures::FutureExt;
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;

@@ -13,7 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use tracing::{debug, info, instrument, warn};
 
 use super::two_phase::{

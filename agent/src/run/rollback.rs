@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgConnection;
 use tokio::sync::Semaphore;

@@ -4,7 +4,7 @@
 //! `flotilla-leader` metadata. The agent dials the configured addresses in turn, follows the
 //! leader a refusal names (even one that is not in its list), and backs off only once a
 //! whole round of the list failed.
-use flotilla_proto::protocol;
+use flotilla_core::protocol;
 use tonic::{Code, Status};
 
 /// When `status` is a follower's refusal: `Some(the leader it named, if any)`. Read from

@@ -2,9 +2,9 @@
 //! preflight, which asks several parts at once (tenants, journal, two-phase, data keys).
 use std::sync::Arc;
 
-use flotilla_proto::pb;
-use flotilla_proto::pb::agent_message::Body as Out;
-use flotilla_proto::pb::coordinator_message::Body as In;
+use flotilla_core::pb;
+use flotilla_core::pb::agent_message::Body as Out;
+use flotilla_core::pb::coordinator_message::Body as In;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, instrument, warn};
 
@@ -134,7 +134,7 @@ impl Agent {
         }
         let failed = |id: &str, e: String| pb::DataProblem {
             migration_id: id.to_string(),
-            kind: flotilla_proto::protocol::DataProblemKind::Error
+            kind: flotilla_core::protocol::DataProblemKind::Error
                 .as_str()
                 .into(),
             message: format!(
@@ -153,7 +153,7 @@ impl Agent {
             }
         };
         for m in migrations {
-            let Some(d) = flotilla_proto::Migration::try_from(m.clone())
+            let Some(d) = flotilla_core::Migration::try_from(m.clone())
                 .ok()
                 .and_then(|m| m.data)
             else {

@@ -3,8 +3,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use flotilla_proto::pb;
-use flotilla_proto::pb::agent_message::Body as Out;
+use flotilla_core::pb;
+use flotilla_core::pb::agent_message::Body as Out;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;

@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flotilla_proto::pb;
-use flotilla_proto::pb::agent_message::Body as Out;
-use flotilla_proto::pb::agent_service_client::AgentServiceClient;
-use flotilla_proto::pb::coordinator_message::Body as In;
+use flotilla_core::pb;
+use flotilla_core::pb::agent_message::Body as Out;
+use flotilla_core::pb::agent_service_client::AgentServiceClient;
+use flotilla_core::pb::coordinator_message::Body as In;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, MissedTickBehavior};

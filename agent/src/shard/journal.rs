@@ -3,7 +3,7 @@
 //! journal row, the fence check) rides in the step's query: see `step::sql`.
 use std::collections::BTreeMap;
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use sqlx::postgres::PgPool;
 use tracing::{info, instrument};
 

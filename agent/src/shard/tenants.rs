@@ -1,7 +1,7 @@
 //! The shard's tenants: schemas matching a pattern, or the rows of the operator's query.
 use std::collections::BTreeMap;
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use tracing::{instrument, warn};
@@ -59,7 +59,7 @@ pub(crate) async fn discover_tenants(
     };
     let mut tenants = BTreeMap::new();
     for (name, labels) in found {
-        if let Err(reason) = flotilla_proto::validate_tenant_name(&name) {
+        if let Err(reason) = flotilla_core::validate_tenant_name(&name) {
             warn!(schema = %name.escape_debug(), %reason, "skipping schema: not a valid tenant name");
             continue;
         }
@@ -104,9 +104,9 @@ fn parse_tenant_labels(raw: &str) -> Result<BTreeMap<String, String>, String> {
                 return Err(format!("label `{kv}` holds a comma"));
             }
         }
-        return flotilla_proto::parse_labels(&text.join(","));
+        return flotilla_core::parse_labels(&text.join(","));
     }
-    flotilla_proto::parse_labels(raw)
+    flotilla_core::parse_labels(raw)
 }
 
 #[cfg(test)]

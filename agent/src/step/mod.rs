@@ -2,12 +2,12 @@
 //! (target, plan, epoch) one run of it happens. Below both `run` (which applies and undoes
 //! steps) and `data` (whose batches are steps too), so that neither reaches into the other
 //! for these types.
-use flotilla_proto::sql::SqlError;
-use flotilla_proto::{Migration, TxMode};
+use flotilla_core::sql::SqlError;
+use flotilla_core::{Migration, TxMode};
 
 pub(crate) mod sql;
 
-pub(crate) use flotilla_proto::sql::quote_ident;
+pub(crate) use flotilla_core::sql::quote_ident;
 
 /// Why a step's SQL text cannot be built. The messages name the value, migration or table.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,10 +29,10 @@ pub(crate) enum BuildError {
     NoColumn { table: String, column: String },
 }
 
-/// `flotilla_proto::sql::quote_literal`, naming the value when it cannot be quoted.
+/// `flotilla_core::sql::quote_literal`, naming the value when it cannot be quoted.
 /// Safe because the agent's connections run with `standard_conforming_strings = on`.
 pub(crate) fn quote_literal(value: &str) -> Result<String, BuildError> {
-    flotilla_proto::sql::quote_literal(value).map_err(|source| BuildError::Literal {
+    flotilla_core::sql::quote_literal(value).map_err(|source| BuildError::Literal {
         value: value.escape_debug().to_string(),
         source,
     })
@@ -58,7 +58,7 @@ impl PreparedMigration {
         default_statement_timeout_ms: u64,
     ) -> Result<PreparedMigration, BuildError> {
         let split = |sql: &str, what: &'static str| {
-            flotilla_proto::sql::split_statements(sql).map_err(|source| BuildError::Statements {
+            flotilla_core::sql::split_statements(sql).map_err(|source| BuildError::Statements {
                 migration: migration.id.to_string(),
                 what,
                 source,
@@ -124,7 +124,7 @@ mod tests {
 /// Migrations the SQL tests of `step`, `run` and `data` share.
 #[cfg(test)]
 pub(crate) mod fixtures {
-    use flotilla_proto::{Migration, pb};
+    use flotilla_core::{Migration, pb};
 
     use super::{PreparedMigration, StepContext, quote_literal};
 

@@ -5,10 +5,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use flotilla_agent::AgentConfig;
-use flotilla_proto::pb;
-use flotilla_proto::pb::agent_message::Body as Out;
-use flotilla_proto::pb::agent_service_server::{AgentService, AgentServiceServer};
-use flotilla_proto::pb::coordinator_message::Body as In;
+use flotilla_core::pb;
+use flotilla_core::pb::agent_message::Body as Out;
+use flotilla_core::pb::agent_service_server::{AgentService, AgentServiceServer};
+use flotilla_core::pb::coordinator_message::Body as In;
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Connection};
 use tokio::sync::{Semaphore, SemaphorePermit, mpsc};

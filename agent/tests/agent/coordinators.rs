@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::common::*;
-use flotilla_proto::pb;
-use flotilla_proto::pb::agent_service_server::{AgentService, AgentServiceServer};
+use flotilla_core::pb;
+use flotilla_core::pb::agent_service_server::{AgentService, AgentServiceServer};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -29,14 +29,12 @@ impl AgentService for Follower {
         // leader's address when it knows it
         let mut status = Status::unavailable("not the leader");
         status.metadata_mut().insert(
-            flotilla_proto::protocol::REFUSAL_METADATA,
-            flotilla_proto::protocol::REFUSAL_NOT_LEADER
-                .parse()
-                .unwrap(),
+            flotilla_core::protocol::REFUSAL_METADATA,
+            flotilla_core::protocol::REFUSAL_NOT_LEADER.parse().unwrap(),
         );
         if let Some(leader) = self.leader.get() {
             status.metadata_mut().insert(
-                flotilla_proto::protocol::LEADER_METADATA,
+                flotilla_core::protocol::LEADER_METADATA,
                 leader.parse().unwrap(),
             );
         }

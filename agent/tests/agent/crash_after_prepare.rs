@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use crate::common::*;
-use flotilla_proto::pb;
-use flotilla_proto::pb::coordinator_message::Body as In;
+use flotilla_core::pb;
+use flotilla_core::pb::coordinator_message::Body as In;
 
 /// Set for the child: the shard's DSN.
 const CHILD_DSN: &str = "FLOTILLA_TEST_CRASH_CHILD_DSN";

@@ -94,8 +94,8 @@ async fn an_unreachable_etcd_does_not_hold_up_the_agent() {
     .await;
     let (mut s, hello) = h.attach(1).await;
     assert_eq!(hello.tenants.len(), 1);
-    s.send(flotilla_proto::pb::coordinator_message::Body::Preflight(
-        flotilla_proto::pb::PreflightRequest {
+    s.send(flotilla_core::pb::coordinator_message::Body::Preflight(
+        flotilla_core::pb::PreflightRequest {
             two_phase: false,
             request_id: 1,
             migration_ids: Vec::new(),
@@ -104,7 +104,7 @@ async fn an_unreachable_etcd_does_not_hold_up_the_agent() {
     ));
     let reply = s.next().await;
     assert!(
-        matches!(reply, flotilla_proto::pb::agent_message::Body::Preflight(_)),
+        matches!(reply, flotilla_core::pb::agent_message::Body::Preflight(_)),
         "{reply:?}"
     );
     tokio::time::timeout(Duration::from_secs(10), h.stop())

@@ -3,8 +3,8 @@
 //! process.
 
 use crate::common::*;
-use flotilla_proto::pb;
-use flotilla_proto::pb::coordinator_message::Body as In;
+use flotilla_core::pb;
+use flotilla_core::pb::coordinator_message::Body as In;
 
 #[tokio::test]
 async fn failpoints_fail_steps_undos_and_sends() {

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use crate::common::*;
-use flotilla_proto::pb;
-use flotilla_proto::pb::agent_message::Body as Out;
-use flotilla_proto::pb::coordinator_message::Body as In;
+use flotilla_core::pb;
+use flotilla_core::pb::agent_message::Body as Out;
+use flotilla_core::pb::coordinator_message::Body as In;
 
 #[tokio::test]
 async fn rollout_preflight_and_rollback() {
@@ -34,7 +34,7 @@ async fn rollout_preflight_and_rollback() {
     let results = s.assign("p1", 1, 2, runs).await;
     for r in results.values() {
         assert_eq!(outcomes(r), [pb::StepOutcome::Applied; 3], "{r:?}");
-        assert_eq!(r.steps[0].checksum, flotilla_proto::checksum(HS_UP));
+        assert_eq!(r.steps[0].checksum, flotilla_core::checksum(HS_UP));
     }
     assert_eq!(
         count(
@@ -69,7 +69,7 @@ async fn rollout_preflight_and_rollback() {
         .collect();
     for r in s.assign("p1", 1, 2, runs).await.values() {
         assert_eq!(outcomes(r), [pb::StepOutcome::AlreadyApplied; 3], "{r:?}");
-        assert_eq!(r.steps[2].checksum, flotilla_proto::checksum(VIEW_UP));
+        assert_eq!(r.steps[2].checksum, flotilla_core::checksum(VIEW_UP));
     }
 
     s.send(In::Preflight(pb::PreflightRequest {

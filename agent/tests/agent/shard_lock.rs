@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use crate::common::*;
 use flotilla_agent::{AgentConfig, AgentError};
-use flotilla_proto::pb;
-use flotilla_proto::pb::agent_message::Body as Out;
-use flotilla_proto::pb::coordinator_message::Body as In;
+use flotilla_core::pb;
+use flotilla_core::pb::agent_message::Body as Out;
+use flotilla_core::pb::coordinator_message::Body as In;
 use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgPool};
 

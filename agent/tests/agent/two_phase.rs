@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use crate::common::*;
 use etcd_client::Client;
-use flotilla_proto::pb;
-use flotilla_proto::pb::agent_message::Body as Out;
-use flotilla_proto::pb::coordinator_message::Body as In;
+use flotilla_core::pb;
+use flotilla_core::pb::agent_message::Body as Out;
+use flotilla_core::pb::coordinator_message::Body as In;
 use flotilla_testkit::Etcd;
 use sqlx::Connection;
 
@@ -78,8 +78,8 @@ async fn prepare_commit_abort_and_resend() {
     }));
     let r = s.results("pc", 1).await;
     assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Prepared; 3], "{r:?}");
-    assert_eq!(r[&1].steps[0].checksum, flotilla_proto::checksum(HS_UP));
-    assert_eq!(r[&1].steps[2].checksum, flotilla_proto::checksum(VIEW_UP));
+    assert_eq!(r[&1].steps[0].checksum, flotilla_core::checksum(HS_UP));
+    assert_eq!(r[&1].steps[2].checksum, flotilla_core::checksum(VIEW_UP));
     assert_eq!(prepared_gids(&f.pool).await, [gid]);
     assert_eq!(journal(&f, "pc").await, 0);
     assert!(!table_exists(&f, "tenant_0000", "unified_satisfaction").await);
@@ -96,7 +96,7 @@ async fn prepare_commit_abort_and_resend() {
         )
         .await;
     assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Prepared; 3], "{r:?}");
-    assert_eq!(r[&1].steps[1].checksum, flotilla_proto::checksum(AUTO_UP));
+    assert_eq!(r[&1].steps[1].checksum, flotilla_core::checksum(AUTO_UP));
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(prepared_gids(&f.pool).await, [gid]);
 

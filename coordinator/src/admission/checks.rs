@@ -2,7 +2,7 @@
 //! units need (shards able to prepare, no dependency across targets inside a unit).
 use std::collections::BTreeMap;
 
-use flotilla_proto::{PlanSpec, Target, TxMode};
+use flotilla_core::{PlanSpec, Target, TxMode};
 
 use super::preflight::StepKey;
 use crate::error::{Refusal, some_of};

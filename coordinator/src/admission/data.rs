@@ -2,9 +2,9 @@
 //! targets refuses the plan, unless an earlier migration of the plan may create it.
 use std::collections::BTreeMap;
 
-use flotilla_proto::dag::MigrationGraph;
-use flotilla_proto::protocol::DataProblemKind;
-use flotilla_proto::{PlanSpec, pb};
+use flotilla_core::dag::MigrationGraph;
+use flotilla_core::protocol::DataProblemKind;
+use flotilla_core::{PlanSpec, pb};
 
 use super::preflight::StepKey;
 use crate::error::{CoordinatorError, Refusal, some_of};

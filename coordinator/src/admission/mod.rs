@@ -9,8 +9,8 @@ mod preflight;
 
 use std::sync::Arc;
 
-use flotilla_proto::state::PlanState;
-use flotilla_proto::{PlanSpec, pb};
+use flotilla_core::state::PlanState;
+use flotilla_core::{PlanSpec, pb};
 use prost::Message;
 use tracing::{info, instrument};
 
@@ -99,8 +99,8 @@ impl Coordinator {
         let mut stored = pb::PlanSpec::from(spec);
         // Freeze the scope the plan resolved to, so a rebuild sees the same steps.
         stored.default_scope = match expansion.default_scope {
-            flotilla_proto::Scope::Shard => pb::Scope::Shard as i32,
-            flotilla_proto::Scope::Tenant => pb::Scope::Tenant as i32,
+            flotilla_core::Scope::Shard => pb::Scope::Shard as i32,
+            flotilla_core::Scope::Tenant => pb::Scope::Tenant as i32,
         };
         let row = PlanRow {
             id: plan_id.to_string(),

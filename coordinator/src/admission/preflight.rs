@@ -4,7 +4,7 @@
 //! attached now refuses the plan if the plan selects targets on it.
 use std::collections::BTreeMap;
 
-use flotilla_proto::{PlanSpec, pb};
+use flotilla_core::{PlanSpec, pb};
 
 use crate::error::CoordinatorError;
 use crate::planner::{self, ShardView};

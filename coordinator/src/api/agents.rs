@@ -1,7 +1,7 @@
 //! The agent API: one bidirectional stream per agent. The first message must be a valid
 //! Hello; the session itself (registration, heartbeats, inbound messages) is the domain's.
-use flotilla_proto::pb;
-use flotilla_proto::pb::agent_message::Body;
+use flotilla_core::pb;
+use flotilla_core::pb::agent_message::Body;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -10,9 +10,9 @@ use super::BoxStream;
 use crate::service::Coordinator;
 
 fn validate_hello(h: &pb::Hello) -> Result<(), Status> {
-    flotilla_proto::validate_shard_name(&h.shard).map_err(Status::invalid_argument)?;
+    flotilla_core::validate_shard_name(&h.shard).map_err(Status::invalid_argument)?;
     for t in &h.tenants {
-        flotilla_proto::validate_tenant_name(&t.name)
+        flotilla_core::validate_tenant_name(&t.name)
             .map_err(|e| Status::invalid_argument(format!("shard {}: {e}", h.shard)))?;
     }
     Ok(())

@@ -1,5 +1,5 @@
 //! The operator API: convert the request, call the domain, map the error.
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};

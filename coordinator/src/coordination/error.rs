@@ -31,8 +31,8 @@ pub enum CoordinationError {
     Etcd(String),
 }
 
-impl From<flotilla_proto::protocol::UnreadableDecision> for CoordinationError {
-    fn from(e: flotilla_proto::protocol::UnreadableDecision) -> CoordinationError {
+impl From<flotilla_core::protocol::UnreadableDecision> for CoordinationError {
+    fn from(e: flotilla_core::protocol::UnreadableDecision) -> CoordinationError {
         CoordinationError::Etcd(e.to_string())
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 pub use embedded::EmbeddedCoordination;
 pub use error::CoordinationError;
 pub use etcd::{ElectionKey, EtcdCoordination};
-pub use flotilla_proto::protocol::{Decision, keys};
+pub use flotilla_core::protocol::{Decision, keys};
 
 /// This coordinator's part in the election.
 #[derive(Clone, Debug, PartialEq, Eq)]

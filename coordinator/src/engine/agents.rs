@@ -3,8 +3,8 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use flotilla_proto::pb;
-use flotilla_proto::pb::coordinator_message::Body;
+use flotilla_core::pb;
+use flotilla_core::pb::coordinator_message::Body;
 use tracing::{info, warn};
 
 use super::{Engine, outbound};

@@ -3,8 +3,8 @@
 //! nothing in flight (abort); then every shard resolves its prepared transactions. A unit
 //! entered on an inherited plan is first checked against etcd and the agents' in-doubt
 //! transactions.
-use flotilla_proto::pb::coordinator_message::Body;
-use flotilla_proto::protocol::{Decision, gid};
+use flotilla_core::pb::coordinator_message::Body;
+use flotilla_core::protocol::{Decision, gid};
 use tracing::{info, warn};
 
 use super::Engine;

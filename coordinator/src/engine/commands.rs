@@ -1,7 +1,7 @@
 //! Operator commands on a plan in motion: pause/resume, cancel, rollback, and the
 //! cancel of one shard. Each is checked against the plan's state, audited, and carried
 //! out by the failure policy's own paths.
-use flotilla_proto::FailurePolicy;
+use flotilla_core::FailurePolicy;
 use tracing::info;
 
 use super::{CommandKind, Engine, outbound};

@@ -3,8 +3,8 @@
 //! locks released).
 use std::time::Duration;
 
-use flotilla_proto::pb;
-use flotilla_proto::pb::coordinator_message::Body;
+use flotilla_core::pb;
+use flotilla_core::pb::coordinator_message::Body;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 

@@ -1,8 +1,8 @@
 //! The failure policy: what a failed step does to its plan (all-or-nothing undoes
 //! everything, an atomic unit aborts, `stop` halts, `continue` goes on), and the
 //! rollback that undoes applied steps shard by shard.
-use flotilla_proto::pb::coordinator_message::Body;
-use flotilla_proto::{FailurePolicy, pb};
+use flotilla_core::pb::coordinator_message::Body;
+use flotilla_core::{FailurePolicy, pb};
 use tracing::warn;
 
 use super::{Engine, outbound};

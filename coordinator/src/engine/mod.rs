@@ -22,8 +22,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_proto::pb;
-use flotilla_proto::state::PlanState;
+use flotilla_core::pb;
+use flotilla_core::state::PlanState;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 

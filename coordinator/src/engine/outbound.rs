@@ -8,8 +8,8 @@
 //! was still marked as sent, and dropped runs went only after a reconnect: a stall.)
 use std::collections::VecDeque;
 
-use flotilla_proto::pb;
-use flotilla_proto::pb::coordinator_message::Body;
+use flotilla_core::pb;
+use flotilla_core::pb::coordinator_message::Body;
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::warn;
 

@@ -1,6 +1,6 @@
 //! What agents answer: run results, rollback and resolve replies, data progress. Each is
 //! folded into its plan (the pure [`crate::plan`] methods), stored, and the plan driven on.
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use tracing::info;
 
 use super::Engine;

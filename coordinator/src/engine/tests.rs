@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::pb;
-use flotilla_proto::pb::coordinator_message::Body;
+use flotilla_core::pb;
+use flotilla_core::pb::coordinator_message::Body;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{Engine, Event};

@@ -20,9 +20,9 @@ mod units;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use flotilla_proto::protocol::Decision;
-pub use flotilla_proto::state::PlanState;
-use flotilla_proto::{FailurePolicy, PlanSpec, Target, TxMode, pb};
+use flotilla_core::protocol::Decision;
+pub use flotilla_core::state::PlanState;
+use flotilla_core::{FailurePolicy, PlanSpec, Target, TxMode, pb};
 
 use crate::planner::PlannedStep;
 use crate::store::StepUpdate;
@@ -132,7 +132,7 @@ impl Paused {
     pub fn listed(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         if self.plan {
-            out.push(flotilla_proto::protocol::ALL_SHARDS.to_string());
+            out.push(flotilla_core::protocol::ALL_SHARDS.to_string());
         }
         out.extend(self.shards.iter().cloned());
         out

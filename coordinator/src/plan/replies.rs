@@ -1,6 +1,6 @@
 //! What agents answer, folded into the plan: run results (with the checksum check of
 //! steps the journal already held), rollback replies, and a shard lost past the grace.
-use flotilla_proto::pb;
+use flotilla_core::pb;
 
 use super::{PlanRun, PlanState, RollbackState, StepStatus};
 use crate::store::StepUpdate;

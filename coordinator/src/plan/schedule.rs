@@ -1,8 +1,8 @@
 //! Which steps may go, and the runs each shard gets next: dependencies (a prepared step
 //! releases only its own unit's steps), lanes split over busy shards, and fusing a
 //! target's ready transactional steps into one shard transaction.
-use flotilla_proto::pb;
-use flotilla_proto::protocol::gid;
+use flotilla_core::pb;
+use flotilla_core::protocol::gid;
 
 use super::{PlanRun, PlanState, StepStatus};
 

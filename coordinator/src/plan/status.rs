@@ -1,9 +1,9 @@
 //! Plan status for operators, from a plan in memory or from the store.
 use std::collections::BTreeMap;
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 
-use flotilla_proto::state::{PAUSED, PlanState, StepState};
+use flotilla_core::state::{PAUSED, PlanState, StepState};
 
 use super::PlanRun;
 use crate::store::{PlanRow, StepRow};

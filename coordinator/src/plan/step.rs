@@ -1,6 +1,6 @@
 //! A step's status inside a plan in motion: the stored [`StepState`] plus the run it is
 //! out in, so a late answer of an earlier run can be told apart.
-use flotilla_proto::state::StepState;
+use flotilla_core::state::StepState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepStatus {

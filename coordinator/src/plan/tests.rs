@@ -1,9 +1,9 @@
 //! Unit tests of the pure plan state: no database, no agent, no etcd.
 use super::*;
-use flotilla_proto::dag::MigrationGraph;
-use flotilla_proto::protocol::Decision;
-use flotilla_proto::state::StepState;
-use flotilla_proto::{Scope, pb};
+use flotilla_core::dag::MigrationGraph;
+use flotilla_core::protocol::Decision;
+use flotilla_core::state::StepState;
+use flotilla_core::{Scope, pb};
 
 /// A plan of `migrations` (each after the one before unless `groups` orders them) over
 /// `targets` (shard, tenant), with `policy`; lanes as an agent with 4 would give.

@@ -3,8 +3,8 @@
 //! are prepared the engine writes the unit's decision in etcd and the shards resolve.
 use std::collections::BTreeSet;
 
-use flotilla_proto::pb;
-use flotilla_proto::protocol::{Decision, gid};
+use flotilla_core::pb;
+use flotilla_core::protocol::{Decision, gid};
 
 use super::{PlanRun, PlanState, StepStatus};
 use crate::store::StepUpdate;

@@ -10,8 +10,8 @@ pub mod registry;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_proto::pb;
-use flotilla_proto::pb::agent_message::Body;
+use flotilla_core::pb;
+use flotilla_core::pb::agent_message::Body;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};

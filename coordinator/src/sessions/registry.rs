@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use flotilla_proto::pb;
+use flotilla_core::pb;
 use tokio::sync::oneshot;
 
 use crate::engine::{AgentTx, msg};

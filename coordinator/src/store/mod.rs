@@ -13,8 +13,8 @@ mod writer;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use flotilla_proto::pb;
-use flotilla_proto::state::PlanState;
+use flotilla_core::pb;
+use flotilla_core::state::PlanState;
 use prost::Message;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
@@ -76,7 +76,7 @@ impl Store {
             .connect(&url)
             .await
             .map_err(|source| StoreError::Open {
-                location: flotilla_proto::secrets::redact_url(&url),
+                location: flotilla_core::secrets::redact_url(&url),
                 source,
             })?;
         if !is_pg {
@@ -300,10 +300,10 @@ fn plan_row(r: &sqlx::any::AnyRow) -> Result<PlanRow, StoreError> {
 /// A state string read back from the store (plan or step), or why it cannot be.
 fn stored_state<S>(value: String, plan_id: &str) -> Result<S, StoreError>
 where
-    S: std::str::FromStr<Err = flotilla_proto::state::UnknownState>,
+    S: std::str::FromStr<Err = flotilla_core::state::UnknownState>,
 {
     value.parse().map_err(
-        |e: flotilla_proto::state::UnknownState| StoreError::Corrupt {
+        |e: flotilla_core::state::UnknownState| StoreError::Corrupt {
             plan: plan_id.to_string(),
             what: "state",
             reason: e.to_string(),

@@ -1,8 +1,8 @@
 //! Typed rows of the control store and the writes the engine asks for.
 use std::collections::BTreeMap;
 
-use flotilla_proto::pb;
-use flotilla_proto::state::{PlanState, StepState};
+use flotilla_core::pb;
+use flotilla_core::state::{PlanState, StepState};
 
 #[derive(Debug, Clone)]
 pub struct PlanRow {

@@ -13,7 +13,7 @@ const ETCD_CALL_LIMIT: Duration = Duration::from_secs(3);
 
 /// `<prefix>/decisions/<unit>`: the protocol's key layout.
 pub(crate) fn decision_key(prefix: &str, unit: &str) -> String {
-    flotilla_proto::protocol::keys::decision(prefix, unit)
+    flotilla_core::protocol::keys::decision(prefix, unit)
 }
 
 /// Reads plans' decisions from etcd, on one client kept between reads.

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use flotilla_proto::protocol::gid;
+use flotilla_core::protocol::gid;
 
 use super::TwoPhaseError;
 use crate::step::quote_literal;

@@ -25,7 +25,7 @@ pub(crate) use gid::{GidClaim, GidClaims, is_probe, plan_of_gid, validate_gid};
 pub(crate) use prepared::{Finished, check_two_phase, finish, list_prepared, prepared_among};
 
 /// A unit's decision, as its key in etcd holds it (the protocol's one definition).
-pub(crate) use flotilla_proto::protocol::Decision;
+pub(crate) use flotilla_core::protocol::Decision;
 
 /// Why a two-phase operation on this shard did not go through. The messages reach the
 /// coordinator (a Resolve's failed gids, a preflight's answer) as they are.
@@ -34,7 +34,7 @@ pub(crate) enum TwoPhaseError {
     /// A run's gid that is not Flotilla's, too long, or of another plan (other
     /// applications' prepared transactions are theirs: Flotilla touches only its own).
     #[error(transparent)]
-    Gid(#[from] flotilla_proto::protocol::gid::GidError),
+    Gid(#[from] flotilla_core::protocol::gid::GidError),
     #[error(transparent)]
     Quote(#[from] crate::step::BuildError),
     /// COMMIT/ROLLBACK PREPARED failed (the SQLSTATE is empty when the connection was lost).

@@ -1,0 +1,27 @@
+//! Flotilla's core, shared by the coordinator, the agent and the CLI: the domain model
+//! and the wire contract (`flotilla.v1`) it converts from, and the protocol beyond the
+//! messages.
+//!
+//! - [`model`]: plans, migrations, targets (always valid once built);
+//!   [`dag`]: the migration graph; [`selector`]: label selectors; [`sql`]: statement lexing;
+//! - [`pb`]: the generated protobuf and gRPC code; [`convert`]: wire to domain (`TryFrom`
+//!   validates everything, so code past the edge never sees a half-valid plan) and back;
+//! - [`protocol`]: gids, etcd keys, decisions, refusal metadata, SQLSTATEs; [`state`]: plan
+//!   and step states with their one string each; [`secrets`]: the one redactor.
+
+pub mod convert;
+pub mod dag;
+pub mod model;
+pub mod protocol;
+pub mod secrets;
+pub mod selector;
+pub mod sql;
+pub mod state;
+
+/// Generated protobuf and gRPC code for `flotilla.v1`.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("flotilla.v1");
+}
+
+pub use model::*;
