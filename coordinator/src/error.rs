@@ -43,6 +43,16 @@ pub enum CoordinatorError {
 /// A plan or command refused as it stands against this fleet: nothing was changed.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
+    #[error("waves `{first}` and `{second}` both select {targets}: a target belongs to one wave")]
+    WavesOverlap {
+        first: String,
+        second: String,
+        targets: String,
+    },
+    #[error("wave `{wave}` selects no target (say optional = true if that is expected)")]
+    EmptyWave { wave: String },
+    #[error("{count} targets are in no wave, e.g. {targets}; add a last wave with rest = true")]
+    Unwaved { count: usize, targets: String },
     #[error(
         "empty target set: no target of the fleet ({shards}) matches the plan selector `{selector}` and a migration's scope and selector"
     )]
@@ -113,6 +123,10 @@ pub enum Conflict {
     ShardOfStoppedPlan { plan_id: String, state: PlanState },
     #[error("shard {shard} of plan {plan_id} is already cancelled")]
     ShardCancelled { plan_id: String, shard: String },
+    #[error("plan {plan_id} is not waiting at a manual gate ({now}); nothing to promote")]
+    NotAtGate { plan_id: String, now: String },
+    #[error("plan {plan_id} is {state}; only a running plan can be halted")]
+    NotHaltable { plan_id: String, state: PlanState },
 }
 
 /// Names a few of `items` and says how many more there are: `a, b and 3 more targets`.

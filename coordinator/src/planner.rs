@@ -24,6 +24,8 @@ pub struct PlannedStep {
 #[derive(Debug, Clone)]
 pub struct Expansion {
     pub targets: Vec<Target>,
+    /// Each target's labels (shard's, tenant's over them, `shard=`, `tenant=`), for waves.
+    pub labels: Vec<BTreeMap<String, String>>,
     pub steps: Vec<PlannedStep>,
     pub default_scope: Scope,
 }
@@ -65,6 +67,7 @@ pub fn expand(
     let scope_of = |m: usize| spec.migrations[m].scope.unwrap_or(scope_default);
 
     let mut targets: Vec<Target> = Vec::new();
+    let mut target_labels_of: Vec<BTreeMap<String, String>> = Vec::new();
     let mut exists: HashMap<(usize, usize), ()> = HashMap::new();
     let mut target_ix: BTreeMap<Target, usize> = BTreeMap::new();
     for (shard, view) in fleet {
@@ -96,6 +99,7 @@ pub fn expand(
                 if scope_of(m) == kind && mig.selector.matches(&labels) {
                     let ix = *target_ix.entry(target.clone()).or_insert_with(|| {
                         targets.push(target.clone());
+                        target_labels_of.push(labels.clone());
                         targets.len() - 1
                     });
                     exists.insert((m, ix), ());
@@ -120,6 +124,7 @@ pub fn expand(
     });
     Ok(Expansion {
         targets,
+        labels: target_labels_of,
         steps,
         default_scope: scope_default,
     })

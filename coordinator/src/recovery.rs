@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use flotilla_core::dag::MigrationGraph;
 use flotilla_core::protocol::Decision;
-use flotilla_core::state::{PlanState, StepState};
+use flotilla_core::state::{PlanState, StepState, WaveState};
 use flotilla_core::{PlanSpec, Target, pb};
 use prost::Message;
 use tracing::{info, warn};
@@ -38,6 +38,7 @@ impl Coordinator {
         let mut targets: Vec<Target> = Vec::new();
         let mut target_ix: BTreeMap<(String, String), usize> = BTreeMap::new();
         let mut exists: BTreeMap<(usize, usize), StepState> = BTreeMap::new();
+        let mut wave_of: Vec<usize> = Vec::new();
         let mig_ix: BTreeMap<String, usize> = spec
             .migrations
             .iter()
@@ -52,6 +53,7 @@ impl Coordinator {
                         shard: r.shard.clone(),
                         tenant: r.tenant.clone(),
                     });
+                    wave_of.push(r.wave.max(0) as usize);
                     targets.len() - 1
                 });
             if let Some(&m) = mig_ix.get(&r.migration_id) {
@@ -76,6 +78,17 @@ impl Coordinator {
             row.created_at_ms,
             epoch,
         );
+        // Waves where the store left them: a bake's end is absolute, a manual gate still
+        // waits, a new leader goes on from there.
+        let stored: Vec<(WaveState, Option<i64>)> = self
+            .inner
+            .store
+            .waves(&row.id)
+            .await?
+            .into_iter()
+            .map(|w| (w.state, w.bake_until_ms))
+            .collect();
+        run.set_waves(wave_of, &stored);
         run.inherited = true;
         Ok(run)
     }

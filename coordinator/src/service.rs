@@ -195,7 +195,8 @@ impl Coordinator {
             .unwrap_or_default();
         let steps = self.inner.store.steps(plan_id).await?;
         let data = self.inner.store.data_progress(plan_id).await?;
-        Ok(status::from_store(&row, &order, &steps, data))
+        let waves = self.inner.store.waves(plan_id).await?;
+        Ok(status::from_store(&row, &order, &steps, &waves, data))
     }
 
     pub async fn list(&self, limit: u32) -> Result<pb::ListPlansResponse, CoordinatorError> {
@@ -291,6 +292,36 @@ impl Coordinator {
         .await?
     }
 
+    /// `plan promote`: a plan waiting at a wave's manual gate goes on to the next wave.
+    pub async fn promote(
+        &self,
+        plan_id: String,
+        actor: Actor,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        self.leader_epoch()?;
+        self.to_engine(|reply| Event::Promote {
+            plan_id,
+            actor,
+            reply,
+        })
+        .await?
+    }
+
+    /// `plan halt`: the plan stops where it is; what applied stays; it ends halted.
+    pub async fn halt(
+        &self,
+        plan_id: String,
+        actor: Actor,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        self.leader_epoch()?;
+        self.to_engine(|reply| Event::Halt {
+            plan_id,
+            actor,
+            reply,
+        })
+        .await?
+    }
+
     /// Plan status snapshots as they change, ending with the final one.
     pub fn watch(
         &self,
@@ -319,6 +350,10 @@ impl Coordinator {
                         s.migrations.clone(),
                         s.summary.as_ref().map(|x| x.state.clone()),
                         s.failures.clone(),
+                        s.waves
+                            .iter()
+                            .map(|w| (w.state.clone(), w.applied, w.failed))
+                            .collect::<Vec<_>>(),
                     )
                 };
                 let changed = last.as_ref().map(key) != Some(key(&status));

@@ -520,6 +520,20 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
                 ),
             });
         }
+        if !p.waves.is_empty() && (p.atomic || !atomic_groups.is_empty()) {
+            // An atomic unit commits on all of its targets at once; waves roll them a few
+            // at a time. The two cannot hold together.
+            return Err(PlanError::Field {
+                field: "waves".into(),
+                reason: "waves cannot go with atomic commit: an atomic unit commits on every target at once, a wave on a few of them".into(),
+            });
+        }
+        let rollout = crate::waves::Rollout::from_pb(
+            &p.waves,
+            &p.max_failures,
+            &p.on_budget_exhausted,
+            policy,
+        )?;
         let spec = PlanSpec {
             name: if p.name.is_empty() {
                 "unnamed".into()
@@ -550,6 +564,7 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
             },
             submitted_by: p.submitted_by,
             source: p.source,
+            rollout,
         };
         // Cycles and unknown names are part of what makes a plan valid.
         MigrationGraph::build(&spec)?;
@@ -559,7 +574,7 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
 
 impl From<&PlanSpec> for pb::PlanSpec {
     fn from(p: &PlanSpec) -> pb::PlanSpec {
-        pb::PlanSpec {
+        let mut out = pb::PlanSpec {
             name: p.name.clone(),
             description: p.description.clone(),
             migrations: p.migrations.iter().map(pb::Migration::from).collect(),
@@ -593,7 +608,10 @@ impl From<&PlanSpec> for pb::PlanSpec {
             atomic: p.atomic,
             submitted_by: p.submitted_by.clone(),
             source: p.source.clone(),
-        }
+            ..Default::default()
+        };
+        p.rollout.to_pb(&mut out);
+        out
     }
 }
 

@@ -2,7 +2,7 @@
 //! and the wire contract (`flotilla.v1`) it converts from, and the protocol beyond the
 //! messages.
 //!
-//! - [`model`]: plans, migrations, targets (always valid once built);
+//! - [`model`], [`waves`]: plans, migrations, targets, rollouts (always valid once built);
 //!   [`dag`]: the migration graph; [`selector`]: label selectors; [`sql`]: statement lexing;
 //! - [`pb`]: the generated protobuf and gRPC code; [`convert`]: wire to domain (`TryFrom`
 //!   validates everything, so code past the edge never sees a half-valid plan) and back;
@@ -17,6 +17,7 @@ pub mod secrets;
 pub mod selector;
 pub mod sql;
 pub mod state;
+pub mod waves;
 
 /// Generated protobuf and gRPC code for `flotilla.v1`.
 pub mod pb {

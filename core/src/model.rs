@@ -278,7 +278,7 @@ pub fn data_checksum(up_sql: &str, d: &crate::pb::DataChange) -> String {
     hex::encode(hasher.finalize())
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PlanSpec {
     pub name: String,
     pub description: String,
@@ -299,6 +299,8 @@ pub struct PlanSpec {
     pub atomic_groups: BTreeSet<usize>,
     pub submitted_by: String,
     pub source: String,
+    /// Waves, budgets and what a budget past its limit does.
+    pub rollout: crate::waves::Rollout,
 }
 
 pub const DEFAULT_MAX_PARALLEL: u32 = 8;
@@ -406,6 +408,8 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
 pub enum PlanError {
     #[error("the plan holds no migrations")]
     Empty,
+    #[error("wave `{wave}`: {reason}")]
+    Wave { wave: String, reason: String },
     #[error("invalid migration id `{id}`: use 1-128 characters from [A-Za-z0-9._-]")]
     InvalidMigrationId { id: String },
     #[error("duplicate migration id `{id}` (in {first} and {second})")]

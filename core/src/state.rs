@@ -19,21 +19,28 @@ pub enum PlanState {
     /// Undoing applied steps.
     RollingBack,
     Completed,
+    /// Every wave done; some targets failed, within the error budget (listed in failures).
+    CompletedWithFailures,
     Failed,
+    /// Stopped where it was (an operator's `plan halt`, or an error budget past its limit
+    /// under `on_budget_exhausted = "halt"`): what applied stays.
+    Halted,
     RolledBack,
     RollbackFailed,
     Cancelled,
 }
 
 impl PlanState {
-    pub const ALL: [PlanState; 10] = [
+    pub const ALL: [PlanState; 12] = [
         PlanState::Running,
         PlanState::Stopping,
         PlanState::Committing,
         PlanState::Aborting,
         PlanState::RollingBack,
         PlanState::Completed,
+        PlanState::CompletedWithFailures,
         PlanState::Failed,
+        PlanState::Halted,
         PlanState::RolledBack,
         PlanState::RollbackFailed,
         PlanState::Cancelled,
@@ -47,7 +54,9 @@ impl PlanState {
             PlanState::Aborting => "aborting",
             PlanState::RollingBack => "rolling_back",
             PlanState::Completed => "completed",
+            PlanState::CompletedWithFailures => "completed_with_failures",
             PlanState::Failed => "failed",
+            PlanState::Halted => "halted",
             PlanState::RolledBack => "rolled_back",
             PlanState::RollbackFailed => "rollback_failed",
             PlanState::Cancelled => "cancelled",
@@ -57,6 +66,8 @@ impl PlanState {
     pub fn is_terminal(self) -> bool {
         match self {
             PlanState::Completed
+            | PlanState::CompletedWithFailures
+            | PlanState::Halted
             | PlanState::Failed
             | PlanState::RolledBack
             | PlanState::RollbackFailed
@@ -79,6 +90,58 @@ impl PlanState {
 /// The operator's view of a running plan paused as a whole (`PlanSummary.state`); never
 /// stored: the plan is `running` underneath.
 pub const PAUSED: &str = "paused";
+/// The operator's view of a running plan waiting at a wave's manual gate for `plan promote`.
+pub const WAITING: &str = "waiting";
+
+/// Where one wave of a plan is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WaveState {
+    /// An earlier wave is not done.
+    Pending,
+    Running,
+    /// Its targets are done; waiting for the bake time to pass.
+    Baking,
+    /// Baked; waiting at its manual gate for `plan promote`.
+    Waiting,
+    Done,
+    /// The plan stopped during it (halt, budget, failure under all-or-nothing).
+    Halted,
+}
+
+impl WaveState {
+    pub const ALL: [WaveState; 6] = [
+        WaveState::Pending,
+        WaveState::Running,
+        WaveState::Baking,
+        WaveState::Waiting,
+        WaveState::Done,
+        WaveState::Halted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaveState::Pending => "pending",
+            WaveState::Running => "running",
+            WaveState::Baking => "baking",
+            WaveState::Waiting => "waiting",
+            WaveState::Done => "done",
+            WaveState::Halted => "halted",
+        }
+    }
+}
+
+impl FromStr for WaveState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<WaveState, UnknownState> {
+        WaveState::ALL
+            .into_iter()
+            .find(|w| w.as_str() == s)
+            .ok_or_else(|| UnknownState {
+                kind: "wave",
+                value: s.to_string(),
+            })
+    }
+}
 
 /// Where one step (migration x target) is, as the control store keeps it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -6,10 +6,11 @@
 mod checks;
 mod data;
 mod preflight;
+mod waves;
 
 use std::sync::Arc;
 
-use flotilla_core::state::PlanState;
+use flotilla_core::state::{PlanState, WaveState};
 use flotilla_core::{PlanSpec, pb};
 use prost::Message;
 use tracing::{info, instrument};
@@ -20,7 +21,7 @@ use crate::error::CoordinatorError;
 use crate::plan::{PlanRun, StepStatus};
 use crate::planner::{self, Expansion};
 use crate::service::Coordinator;
-use crate::store::{PlanRow, StepRow, StoreOp, now_ms};
+use crate::store::{PlanRow, StepRow, StoreOp, WaveRow, now_ms};
 
 impl Coordinator {
     /// Validates a plan against the fleet, stores it and starts it.
@@ -37,6 +38,7 @@ impl Coordinator {
         let expansion = planner::expand(&spec, &seen.fleet)?;
         data::check_data_problems(&spec, &expansion, &seen.data_problems)?;
         checks::atomic(&spec, &expansion, &seen.two_phase_errors)?;
+        let wave_of = waves::assign(&spec, &expansion)?;
 
         let plan_id = new_plan_id();
         let statuses: Vec<StepStatus> = expansion
@@ -57,12 +59,20 @@ impl Coordinator {
             })
             .collect();
         let created = now_ms();
-        self.store_plan(&plan_id, &spec, &expansion, &statuses, epoch, created)
-            .await;
+        self.store_plan(&NewPlan {
+            id: &plan_id,
+            spec: &spec,
+            expansion: &expansion,
+            statuses: &statuses,
+            wave_of: &wave_of,
+            epoch,
+            created,
+        })
+        .await;
         info!(plan = %plan_id, targets = expansion.targets.len(), steps = expansion.steps.len(), "plan submitted");
 
         let spec = Arc::new(spec);
-        let run = PlanRun::new(
+        let mut run = PlanRun::new(
             plan_id.clone(),
             spec.clone(),
             self.definition(&plan_id, &spec),
@@ -72,6 +82,7 @@ impl Coordinator {
             created,
             epoch,
         );
+        run.set_waves(wave_of, &[]);
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         let status = self
             .to_engine(|done| Event::Start {
@@ -87,15 +98,16 @@ impl Coordinator {
     }
 
     /// The plan, its steps and the audit row, flushed to the store before anything runs.
-    async fn store_plan(
-        &self,
-        plan_id: &str,
-        spec: &PlanSpec,
-        expansion: &Expansion,
-        statuses: &[StepStatus],
-        epoch: u64,
-        created: i64,
-    ) {
+    async fn store_plan(&self, new: &NewPlan<'_>) {
+        let NewPlan {
+            id: plan_id,
+            spec,
+            expansion,
+            statuses,
+            wave_of,
+            epoch,
+            created,
+        } = *new;
         let mut stored = pb::PlanSpec::from(spec);
         // Freeze the scope the plan resolved to, so a rebuild sees the same steps.
         stored.default_scope = match expansion.default_scope {
@@ -132,10 +144,33 @@ impl Coordinator {
                     message: String::new(),
                     phase: String::new(),
                     detail: String::new(),
+                    wave: wave_of[s.target] as i64,
                 }
             })
             .collect();
         self.write(StoreOp::InsertPlan { plan: row, steps });
+        if !spec.rollout.waves.is_empty() {
+            let waves = spec
+                .rollout
+                .waves
+                .iter()
+                .enumerate()
+                .map(|(i, w)| WaveRow {
+                    idx: i as i64,
+                    name: w.name.clone(),
+                    state: if i == 0 {
+                        WaveState::Running
+                    } else {
+                        WaveState::Pending
+                    },
+                    bake_until_ms: None,
+                })
+                .collect();
+            self.write(StoreOp::Waves {
+                plan_id: plan_id.to_string(),
+                waves,
+            });
+        }
         let submitter = Actor::new(&spec.submitted_by, "");
         self.write(submitter.audit(
             "submit",
@@ -159,6 +194,19 @@ impl Coordinator {
             default_statement_timeout_ms: self.inner.defaults.statement_timeout.as_millis() as u64,
         }
     }
+}
+
+/// A plan admitted, as the store receives it.
+#[derive(Clone, Copy)]
+struct NewPlan<'a> {
+    id: &'a str,
+    spec: &'a PlanSpec,
+    expansion: &'a Expansion,
+    statuses: &'a [StepStatus],
+    /// Each target's wave.
+    wave_of: &'a [usize],
+    epoch: u64,
+    created: i64,
 }
 
 fn new_plan_id() -> String {

@@ -103,6 +103,32 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         ))
     }
 
+    async fn promote_plan(
+        &self,
+        req: Request<pb::PlanCommand>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        let (plan_id, shard, actor) = command(req.into_inner());
+        if shard.is_some() {
+            return Err(Status::invalid_argument(
+                "a wave is promoted for the whole plan; --shard is for pause, resume and cancel",
+            ));
+        }
+        Ok(Response::new(self.promote(plan_id, actor).await?))
+    }
+
+    async fn halt_plan(
+        &self,
+        req: Request<pb::PlanCommand>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        let (plan_id, shard, actor) = command(req.into_inner());
+        if shard.is_some() {
+            return Err(Status::invalid_argument(
+                "a halt stops the whole plan; to stop one shard, use `plan cancel --shard`",
+            ));
+        }
+        Ok(Response::new(self.halt(plan_id, actor).await?))
+    }
+
     async fn list_locks(
         &self,
         _req: Request<pb::ListLocksRequest>,

@@ -34,6 +34,7 @@ impl Engine {
             self.write_state(plan_id);
         }
         self.verify_unit(plan_id).await;
+        self.advance_waves(plan_id);
         let Some(run) = self.plans.get_mut(plan_id) else {
             return;
         };

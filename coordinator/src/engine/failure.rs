@@ -80,10 +80,13 @@ impl Engine {
             }
         }
         self.write_state(plan_id);
+        // Under `continue` the plan goes on while failures stay within the error budget.
+        self.check_budget(plan_id);
     }
 
     /// Tells every attached shard of the plan to stop at its next boundary.
     pub(super) fn halt_everywhere(&mut self, plan_id: &str) {
+        self.halt_wave(plan_id);
         let Some(run) = self.plans.get(plan_id) else {
             return;
         };
@@ -101,6 +104,10 @@ impl Engine {
         for sr in run.shards.values_mut() {
             sr.rollback = RollbackState::NotAsked;
         }
+        self.halt_wave(plan_id);
+        let Some(run) = self.plans.get(plan_id) else {
+            return;
+        };
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         for shard in shards {
             self.ask_rollback(plan_id, &shard);

@@ -17,13 +17,14 @@ mod outbound;
 mod replies;
 #[cfg(test)]
 mod tests;
+mod waves;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_core::pb;
-use flotilla_core::state::PlanState;
+use flotilla_core::state::{PlanState, WaveState};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -117,6 +118,18 @@ pub enum Event {
     Progress {
         shard: String,
         data: Vec<pb::DataProgress>,
+    },
+    /// `plan promote`: the wave waiting at its manual gate passes.
+    Promote {
+        plan_id: String,
+        actor: Actor,
+        reply: CommandReply,
+    },
+    /// `plan halt`: the plan stops where it is and ends halted.
+    Halt {
+        plan_id: String,
+        actor: Actor,
+        reply: CommandReply,
     },
     /// Pause or resume a plan (`shard` None) or one shard of it.
     Pause {
@@ -251,6 +264,22 @@ impl Engine {
                 let result = self.pause(&plan_id, shard.as_deref(), paused, &actor);
                 self.reply(&plan_id, result, reply).await;
             }
+            Event::Promote {
+                plan_id,
+                actor,
+                reply,
+            } => {
+                let result = self.promote(&plan_id, &actor);
+                self.reply(&plan_id, result, reply).await;
+            }
+            Event::Halt {
+                plan_id,
+                actor,
+                reply,
+            } => {
+                let result = self.halt(&plan_id, &actor);
+                self.reply(&plan_id, result, reply).await;
+            }
             Event::Status { plan_id, reply } => {
                 // the asker may have gone away (a closed watch): nothing to tell
                 let _ = reply.send(self.status_of(&plan_id));
@@ -309,6 +338,8 @@ impl Engine {
                         matches!(r.state, PlanState::Committing | PlanState::Aborting)
                             || r.ready_to_commit()
                             || r.unit_unverified
+                            // a bake ends with time, not with an answer
+                            || r.current_wave().is_some_and(|w| w.state == WaveState::Baking)
                     })
                     .map(|(id, _)| id.clone())
                     .collect();

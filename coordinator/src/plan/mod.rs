@@ -16,6 +16,7 @@ pub mod step;
 #[cfg(test)]
 pub(crate) mod tests;
 mod units;
+pub mod waves;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -77,7 +78,8 @@ pub struct PlanRun {
     dependents: Vec<Vec<usize>>,
     remaining: Vec<usize>,
     pub state: PlanState,
-    /// Where a rollback ends: rolled_back, or cancelled when an operator asked.
+    /// Where a rollback or a stop ends: rolled_back (or failed), cancelled when an
+    /// operator cancelled, halted when the plan was halted.
     pub rollback_ends: PlanState,
     pub message: String,
     pub shards: BTreeMap<String, ShardRun>,
@@ -116,6 +118,13 @@ pub struct PlanRun {
     pub unit_unverified: bool,
     /// Data changes' latest progress, by (migration, shard, tenant).
     pub progress: BTreeMap<(String, String, String), pb::DataProgress>,
+    /// The plan's waves in order (one of every target for a plan without waves).
+    pub waves: Vec<waves::WaveRun>,
+    /// Each target's wave.
+    wave_of: Vec<usize>,
+    /// Index into `waves` of the wave running, baking or waiting (`waves.len()` once every
+    /// wave passed).
+    wave_pos: usize,
 }
 
 /// Where a plan is paused: no run is handed out there until it is resumed.
@@ -240,15 +249,18 @@ impl PlanRun {
             progress: BTreeMap::new(),
             inherited: false,
             unit_unverified: false,
+            waves: Vec::new(),
+            wave_of: Vec::new(),
+            wave_pos: 0,
         };
         // Units that committed before (a rebuild) are behind the plan.
         while !run.spec.atomic && run.current_unit().is_some() && run.unit_committed() {
             run.unit_pos += 1;
         }
         run.recount_remaining();
-        for t in 0..run.targets.len() {
-            run.enqueue_if_ready(t);
-        }
+        // One wave of every target until `set_waves` says otherwise; it queues what is ready.
+        let all = vec![0; run.targets.len()];
+        run.set_waves(all, &[]);
         run
     }
 

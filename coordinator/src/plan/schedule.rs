@@ -35,7 +35,7 @@ impl PlanRun {
             self.steps[s].status == StepStatus::Pending
                 && self.remaining[s] == 0
                 && !self.waits_for_unit(s)
-        });
+        }) && self.wave_open(t);
         let shard = &self.targets[t].shard;
         if let Some(sr) = self.shards.get_mut(shard)
             && ready
@@ -53,17 +53,20 @@ impl PlanRun {
             .iter()
             .filter(|(_, sr)| {
                 sr.targets.iter().any(|&t| {
-                    self.per_target[t].iter().any(|&s| {
-                        matches!(
-                            self.steps[s].status,
-                            StepStatus::Pending | StepStatus::Running(_)
-                        )
-                    })
+                    self.wave_open(t)
+                        && self.per_target[t].iter().any(|&s| {
+                            matches!(
+                                self.steps[s].status,
+                                StepStatus::Pending | StepStatus::Running(_)
+                            )
+                        })
                 })
             })
             .map(|(k, _)| k.clone())
             .collect();
-        let max = self.spec.max_parallel.max(1) as usize;
+        // The wave's parallelism (the plan's when it says none), and its cap per shard.
+        let (max, per_shard) = self.wave_lanes();
+        let max = max.max(1) as usize;
         for sr in self.shards.values_mut() {
             sr.lanes = 0;
         }
@@ -74,7 +77,8 @@ impl PlanRun {
             } else {
                 usize::from(i < max)
             };
-            let cap = agent_lanes(shard).max(1) as usize;
+            let cap = (agent_lanes(shard).max(1) as usize)
+                .min(per_shard.map_or(usize::MAX, |p| p.max(1) as usize));
             if let Some(sr) = self.shards.get_mut(shard) {
                 sr.lanes = share.min(cap) as u32;
             }

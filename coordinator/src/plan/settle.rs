@@ -1,9 +1,10 @@
 //! Halting a plan (or one shard of it) and deciding where it ends.
+use flotilla_core::FailurePolicy;
+
 use super::{PlanRun, PlanState, RollbackState, StepStatus};
 use crate::store::StepUpdate;
 
 impl PlanRun {
-    /// Stops scheduling: every step not started yet will not run.
     /// Cancels one shard of the plan: its pending steps will not run (those in flight end at
     /// their next batch boundary or when done).
     pub fn halt_shard(&mut self, shard: &str) -> Vec<StepUpdate> {
@@ -46,6 +47,10 @@ impl PlanRun {
                 if self.outstanding() > 0 || self.shards.values().any(|s| !s.ready.is_empty()) {
                     return None;
                 }
+                // A wave still running, baking or waiting at its gate (`advance_waves`).
+                if !self.waves_done() {
+                    return None;
+                }
                 // Prepared steps wait for the decision (the engine writes it).
                 if self.steps.iter().any(|s| s.status == StepStatus::Prepared) {
                     return None;
@@ -59,7 +64,12 @@ impl PlanRun {
                         updates.push(self.update_of(s, None));
                     }
                 }
-                self.state = if any_failed {
+                // Failures within an error budget are what the budget is for.
+                let within_budget =
+                    self.spec.policy == FailurePolicy::Continue && self.spec.rollout.budgeted();
+                self.state = if any_failed && within_budget {
+                    PlanState::CompletedWithFailures
+                } else if any_failed {
                     PlanState::Failed
                 } else if !self.cancelled.is_empty() {
                     PlanState::Cancelled
@@ -67,7 +77,12 @@ impl PlanRun {
                     PlanState::Completed
                 };
                 if self.message.is_empty() {
-                    self.message = if any_failed {
+                    self.message = if any_failed && within_budget {
+                        format!(
+                            "every wave done; {} step(s) failed, within the error budget",
+                            self.failures.len()
+                        )
+                    } else if any_failed {
                         format!("{} step(s) failed", self.failures.len())
                     } else {
                         "every step applied".into()
@@ -87,11 +102,11 @@ impl PlanRun {
                 Vec::new()
             }),
             PlanState::Stopping => (self.outstanding() == 0).then(|| {
-                // an operator's cancel ends cancelled, a failure under `stop` failed
-                self.state = if self.rollback_ends == PlanState::Cancelled {
-                    PlanState::Cancelled
-                } else {
-                    PlanState::Failed
+                // an operator's cancel ends cancelled, a halt (an operator's, or a budget
+                // past its limit) halted, a failure under `stop` failed
+                self.state = match self.rollback_ends {
+                    PlanState::Cancelled | PlanState::Halted => self.rollback_ends,
+                    _ => PlanState::Failed,
                 };
                 Vec::new()
             }),

@@ -3,10 +3,10 @@ use std::collections::BTreeMap;
 
 use flotilla_core::pb;
 
-use flotilla_core::state::{PAUSED, PlanState, StepState};
+use flotilla_core::state::{PAUSED, PlanState, StepState, WAITING, WaveState};
 
 use super::PlanRun;
-use crate::store::{PlanRow, StepRow};
+use crate::store::{PlanRow, StepRow, WaveRow, now_ms};
 
 fn count(p: &mut pb::MigrationProgress, state: StepState) {
     p.total += 1;
@@ -61,12 +61,18 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
             // "paused" is how operators see a running plan that they paused as a whole
             state: if run.state == PlanState::Running && run.paused.plan {
                 PAUSED.into()
+            } else if run.state == PlanState::Running
+                && run
+                    .current_wave()
+                    .is_some_and(|w| w.state == WaveState::Waiting)
+            {
+                WAITING.into()
             } else {
                 run.state.as_str().into()
             },
             environment: run.spec.environment.clone(),
             created_at_ms: run.created_at_ms as u64,
-            updated_at_ms: crate::store::now_ms() as u64,
+            updated_at_ms: now_ms() as u64,
             targets: run.targets.len() as u32,
             steps: run.steps.len() as u32,
         }),
@@ -79,6 +85,7 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
         waiting_for,
         data: run.progress.values().cloned().collect(),
         paused: run.paused.listed(),
+        waves: run.wave_status(now_ms()),
     }
 }
 
@@ -88,6 +95,7 @@ pub fn from_store(
     plan: &PlanRow,
     order: &[String],
     steps: &[StepRow],
+    waves: &[WaveRow],
     data: Vec<pb::DataProgress>,
 ) -> pb::PlanStatus {
     let mut by: BTreeMap<String, pb::MigrationProgress> = BTreeMap::new();
@@ -124,7 +132,39 @@ pub fn from_store(
         waiting_for: Vec::new(),
         data,
         paused: Vec::new(),
+        waves: waves_from_store(steps, waves),
     }
+}
+
+/// The waves of a plan not in memory, from its wave rows and its steps' waves.
+fn waves_from_store(steps: &[StepRow], waves: &[WaveRow]) -> Vec<pb::WaveStatus> {
+    waves
+        .iter()
+        .map(|w| {
+            let mut targets: BTreeMap<(String, String), (bool, bool)> = BTreeMap::new();
+            for s in steps.iter().filter(|s| s.wave == w.idx) {
+                let e = targets
+                    .entry((s.shard.clone(), s.tenant.clone()))
+                    .or_insert((true, false));
+                e.0 &= matches!(s.state, StepState::Applied | StepState::AlreadyApplied);
+                e.1 |= s.state == StepState::Failed;
+            }
+            let applied = targets.values().filter(|(a, _)| *a).count();
+            let failed = targets.values().filter(|(_, f)| *f).count();
+            pb::WaveStatus {
+                name: w.name.clone(),
+                state: w.state.as_str().into(),
+                applied: applied as u32,
+                failed: failed as u32,
+                pending: (targets.len() - applied - failed) as u32,
+                targets: targets
+                    .into_keys()
+                    .map(|(shard, tenant)| flotilla_core::Target { shard, tenant }.to_string())
+                    .collect(),
+                ..Default::default()
+            }
+        })
+        .collect()
 }
 
 pub fn summary(plan: &PlanRow) -> pb::PlanSummary {

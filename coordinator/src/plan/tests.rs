@@ -2,7 +2,7 @@
 use super::*;
 use flotilla_core::dag::MigrationGraph;
 use flotilla_core::protocol::Decision;
-use flotilla_core::state::StepState;
+use flotilla_core::state::{StepState, WaveState};
 use flotilla_core::{Scope, pb};
 
 /// A plan of `migrations` (each after the one before unless `groups` orders them) over
@@ -171,6 +171,8 @@ fn a_targets_ready_steps_go_fused_in_one_run_and_the_plan_completes() {
     // A late repeat of an answered run (resent after a reconnect) changes nothing.
     let (updates, failed) = answer(&mut run, "s0", &out[0], pb::StepOutcome::Failed);
     assert!(updates.is_empty() && !failed);
+    // the one wave of every target is done (no bake, no gate)
+    run.advance_waves(0);
     assert!(run.settle().is_some());
     assert_eq!(run.state, PlanState::Completed);
     assert_eq!(run.message, "every step applied");
@@ -266,6 +268,7 @@ fn under_continue_a_failed_tenant_stops_alone_and_the_plan_ends_failed() {
     assert_eq!(again[0].tenant, "t2");
     assert_eq!(again[0].migrations, ["b"]);
     answer(&mut run, "s0", &again[0], pb::StepOutcome::Applied);
+    run.advance_waves(0);
     let updates = run.settle().expect("settled");
     assert_eq!(run.state, PlanState::Failed);
     assert!(
@@ -332,4 +335,163 @@ fn a_paused_shard_gets_no_runs_until_resumed() {
     assert_eq!(run.paused.listed(), ["*", "s0"]);
     run.paused = Paused::default();
     assert_eq!(run.next_runs("s0", &mut next).len(), 1);
+}
+
+/// 2 shards x 3 tenants in two waves: `first` takes t1 of each shard, `rest` the others.
+fn waved(policy: pb::FailurePolicy, first: pb::Wave, max_failures: &str) -> (PlanRun, Vec<usize>) {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[
+            ("s0", "t1"),
+            ("s0", "t2"),
+            ("s0", "t3"),
+            ("s1", "t1"),
+            ("s1", "t2"),
+            ("s1", "t3"),
+        ],
+        policy,
+    );
+    let mut raw = pb::PlanSpec::from(&*run.spec);
+    raw.waves = vec![
+        pb::Wave {
+            name: "first".into(),
+            selector: "tenant=t1".into(),
+            ..first
+        },
+        pb::Wave {
+            name: "rest".into(),
+            rest: true,
+            ..Default::default()
+        },
+    ];
+    raw.max_failures = max_failures.into();
+    run.spec = Arc::new(PlanSpec::try_from(raw).expect("valid plan"));
+    let wave_of: Vec<usize> = run
+        .targets
+        .iter()
+        .map(|t| usize::from(t.tenant != "t1"))
+        .collect();
+    run.set_waves(wave_of.clone(), &[]);
+    run.rebalance_lanes(&|_| 4);
+    (run, wave_of)
+}
+
+#[test]
+fn a_wave_runs_only_its_targets_then_bakes_then_waits_for_promote() {
+    let first = pb::Wave {
+        bake_ms: 1_000,
+        manual_gate: true,
+        ..Default::default()
+    };
+    let (mut run, _) = waved(pb::FailurePolicy::AllOrNothing, first, "");
+    let mut next = 1;
+    let out = run.next_runs("s0", &mut next);
+    assert_eq!(out.len(), 1, "only the first wave's target: {out:?}");
+    assert_eq!(out[0].tenant, "t1");
+    assert!(run.advance_waves(0).is_empty(), "its run is out");
+    answer(&mut run, "s0", &out[0], pb::StepOutcome::Applied);
+    let out = run.next_runs("s1", &mut next);
+    answer(&mut run, "s1", &out[0], pb::StepOutcome::Applied);
+    // done: it bakes until 1s after now, and nothing of the next wave goes meanwhile
+    let changes = run.advance_waves(10_000);
+    assert_eq!(changes[0].state, WaveState::Baking);
+    assert_eq!(changes[0].bake_until_ms, Some(11_000));
+    assert!(run.next_runs("s0", &mut next).is_empty());
+    assert!(run.advance_waves(10_999).is_empty(), "still baking");
+    assert!(
+        run.settle().is_none(),
+        "a plan does not end while a wave bakes"
+    );
+    // baked: the manual gate holds it
+    let changes = run.advance_waves(11_000);
+    assert_eq!(changes[0].state, WaveState::Waiting);
+    assert!(run.next_runs("s0", &mut next).is_empty());
+    let st = super::status::from_run(&run, Vec::new());
+    assert_eq!(st.summary.unwrap().state, "waiting");
+    assert_eq!(st.waves[0].state, "waiting");
+    assert_eq!(st.waves[0].applied, 2);
+    // promoted: the rest goes
+    let changes = run.promote().expect("a wave waits");
+    assert_eq!(changes[1].state, WaveState::Running);
+    assert!(run.promote().is_none(), "nothing waits now");
+    let out = run.next_runs("s0", &mut next);
+    let tenants: Vec<&str> = out.iter().map(|r| r.tenant.as_str()).collect();
+    assert_eq!(tenants, ["t2", "t3"]);
+}
+
+#[test]
+fn a_rebuilt_plan_goes_on_from_the_stored_waves() {
+    let (mut run, wave_of) = waved(pb::FailurePolicy::AllOrNothing, Default::default(), "");
+    // stored: the first wave done, the rest running
+    run.set_waves(
+        wave_of,
+        &[(WaveState::Done, None), (WaveState::Running, None)],
+    );
+    run.rebalance_lanes(&|_| 4);
+    let mut next = 1;
+    let out = run.next_runs("s1", &mut next);
+    let tenants: Vec<&str> = out.iter().map(|r| r.tenant.as_str()).collect();
+    assert_eq!(tenants, ["t2", "t3"]);
+}
+
+#[test]
+fn failures_past_the_wave_budget_are_named_and_within_it_complete_with_failures() {
+    let first = pb::Wave {
+        max_failures: "1".into(),
+        ..Default::default()
+    };
+    let (mut run, _) = waved(pb::FailurePolicy::Continue, first.clone(), "");
+    let mut next = 1;
+    let a = run.next_runs("s0", &mut next);
+    answer(&mut run, "s0", &a[0], pb::StepOutcome::Failed);
+    assert_eq!(
+        run.budget_exhausted(),
+        None,
+        "1 failure is within a budget of 1"
+    );
+    let b = run.next_runs("s1", &mut next);
+    answer(&mut run, "s1", &b[0], pb::StepOutcome::Failed);
+    let why = run.budget_exhausted().expect("past the budget");
+    assert!(
+        why.contains("wave `first`: 2 of its 2 targets failed"),
+        "{why}"
+    );
+    assert!(why.contains("budget of 1"), "{why}");
+
+    // the plan's budget of 2 over 6 targets, one failure: the plan completes with it
+    let (mut run, _) = waved(pb::FailurePolicy::Continue, Default::default(), "2");
+    let a = run.next_runs("s0", &mut next);
+    answer(&mut run, "s0", &a[0], pb::StepOutcome::Failed);
+    let b = run.next_runs("s1", &mut next);
+    answer(&mut run, "s1", &b[0], pb::StepOutcome::Applied);
+    assert_eq!(run.budget_exhausted(), None);
+    run.advance_waves(0);
+    for shard in ["s0", "s1"] {
+        for r in run.next_runs(shard, &mut next) {
+            answer(&mut run, shard, &r, pb::StepOutcome::Applied);
+        }
+    }
+    run.advance_waves(0);
+    assert!(run.waves_done());
+    assert!(run.settle().is_some());
+    assert_eq!(run.state, PlanState::CompletedWithFailures);
+    let st = super::status::from_run(&run, Vec::new());
+    assert_eq!((st.waves[0].failed, st.waves[0].applied), (1, 1));
+    assert_eq!((st.waves[1].applied, st.waves[1].pending), (4, 0));
+}
+
+#[test]
+fn a_wave_caps_parallelism_per_shard() {
+    let (mut run, wave_of) = waved(pb::FailurePolicy::AllOrNothing, Default::default(), "");
+    let mut raw = pb::PlanSpec::from(&*run.spec);
+    raw.waves[1].max_parallel_per_shard = 1;
+    run.spec = Arc::new(PlanSpec::try_from(raw).unwrap());
+    run.set_waves(
+        wave_of,
+        &[(WaveState::Done, None), (WaveState::Running, None)],
+    );
+    run.rebalance_lanes(&|_| 4);
+    assert_eq!(run.shards["s0"].lanes, 1);
+    assert_eq!(run.shards["s1"].lanes, 1);
 }

@@ -19,8 +19,8 @@ use prost::Message;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
 
-pub use rows::{AgentRow, Audit, PlanRow, StepRow, StepUpdate, StoreOp};
-use schema::{SCHEMA, SCHEMA_VERSION};
+pub use rows::{AgentRow, Audit, PlanRow, StepRow, StepUpdate, StoreOp, WaveRow};
+use schema::{SCHEMA, SCHEMA_VERSION, UPGRADES};
 pub use writer::run_writer;
 
 /// The control store's errors: the store is unreadable or unwritable, or holds what
@@ -117,19 +117,24 @@ impl Store {
                 .await
                 .map_err(StoreError::from)?
                 .map(|r| r.get(0));
-        match found.and_then(|v| v.parse::<i64>().ok()) {
-            Some(v) if v > SCHEMA_VERSION => {
-                return Err(StoreError::NewerSchema { found: v });
-            }
-            Some(_) => {}
-            None => {
-                sqlx::query("INSERT INTO flotilla_meta (key, value) VALUES ('schema_version', $1)")
-                    .bind(SCHEMA_VERSION.to_string())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::from)?;
-            }
+        // A new store has version 1's tables now; an older one is brought up to date.
+        let version = found.and_then(|v| v.parse::<i64>().ok()).unwrap_or(1);
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema { found: version });
         }
+        for (to, ddls) in UPGRADES.iter().filter(|(to, _)| *to > version) {
+            for ddl in *ddls {
+                sqlx::query(*ddl).execute(&mut *tx).await?;
+            }
+            tracing::info!(version = to, "control store schema upgraded");
+        }
+        sqlx::query(
+            "INSERT INTO flotilla_meta (key, value) VALUES ('schema_version', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(SCHEMA_VERSION.to_string())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await.map_err(StoreError::from)
     }
 
@@ -218,8 +223,8 @@ impl Store {
 
     pub async fn steps(&self, plan_id: &str) -> Result<Vec<StepRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT migration_id, shard, tenant, state, sqlstate, message, phase, detail FROM steps
-             WHERE plan_id = $1 ORDER BY shard, tenant, migration_id",
+            "SELECT migration_id, shard, tenant, state, sqlstate, message, phase, detail, wave
+             FROM steps WHERE plan_id = $1 ORDER BY shard, tenant, migration_id",
         )
         .bind(plan_id)
         .fetch_all(&self.pool)
@@ -236,6 +241,27 @@ impl Store {
                     message: r.get(5),
                     phase: r.get(6),
                     detail: r.get(7),
+                    wave: r.get(8),
+                })
+            })
+            .collect()
+    }
+
+    /// A plan's waves in order (none for a plan without waves).
+    pub async fn waves(&self, plan_id: &str) -> Result<Vec<WaveRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT idx, name, state, bake_until_ms FROM waves WHERE plan_id = $1 ORDER BY idx",
+        )
+        .bind(plan_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WaveRow {
+                    idx: r.get(0),
+                    name: r.get(1),
+                    state: stored_state(r.get(2), plan_id)?,
+                    bake_until_ms: r.get(3),
                 })
             })
             .collect()

@@ -2,7 +2,7 @@
 use std::collections::BTreeMap;
 
 use flotilla_core::pb;
-use flotilla_core::state::{PlanState, StepState};
+use flotilla_core::state::{PlanState, StepState, WaveState};
 
 #[derive(Debug, Clone)]
 pub struct PlanRow {
@@ -31,6 +31,17 @@ pub struct StepRow {
     pub message: String,
     pub phase: String,
     pub detail: String,
+    /// The wave the step's target is in (0 for a plan without waves).
+    pub wave: i64,
+}
+
+/// One wave of a plan, as stored (plans with waves only).
+#[derive(Debug, Clone)]
+pub struct WaveRow {
+    pub idx: i64,
+    pub name: String,
+    pub state: WaveState,
+    pub bake_until_ms: Option<i64>,
 }
 
 /// One write the engine asks for; the writer applies them in order, many per transaction.
@@ -55,6 +66,11 @@ pub enum StoreOp {
         labels: String,
         tenants: String,
         version: String,
+    },
+    /// Where a plan's waves are (each row replaces the one stored before).
+    Waves {
+        plan_id: String,
+        waves: Vec<WaveRow>,
     },
     /// The last progress of a plan's data changes, kept for its status once it finished.
     DataProgress {

@@ -1,5 +1,18 @@
 //! The control store's tables (created at start; `schema_version` in `flotilla_meta`).
-pub(super) const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 2;
+
+/// What each version adds to the one before, in order: a store of an older version is
+/// brought up to date at start (the tables of version 1 are `SCHEMA`).
+pub(super) const UPGRADES: &[(i64, &[&str])] = &[(
+    2,
+    &[
+        // progressive rollouts: each step's wave, and each wave's state
+        "ALTER TABLE steps ADD COLUMN wave BIGINT NOT NULL DEFAULT 0",
+        "CREATE TABLE IF NOT EXISTS waves (
+            plan_id TEXT NOT NULL, idx BIGINT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL,
+            bake_until_ms BIGINT, PRIMARY KEY (plan_id, idx))",
+    ],
+)];
 
 pub(super) const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS flotilla_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",

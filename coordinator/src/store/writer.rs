@@ -65,15 +65,15 @@ impl Store {
                     for chunk in steps.chunks(100) {
                         let mut sql = String::from(
                             "INSERT INTO steps (plan_id, migration_id, shard, tenant, state, attempts, sqlstate,
-                                message, duration_ms, updated_at_ms) VALUES ",
+                                message, wave, duration_ms, updated_at_ms) VALUES ",
                         );
                         for i in 0..chunk.len() {
-                            let b = i * 7;
+                            let b = i * 8;
                             if i > 0 {
                                 sql.push(',');
                             }
                             sql.push_str(&format!(
-                                "(${}, ${}, ${}, ${}, ${}, 0, ${}, ${}, 0, ${})",
+                                "(${}, ${}, ${}, ${}, ${}, 0, ${}, ${}, ${}, 0, ${})",
                                 b + 1,
                                 b + 2,
                                 b + 3,
@@ -81,8 +81,9 @@ impl Store {
                                 b + 5,
                                 b + 6,
                                 b + 7,
+                                b + 8,
                                 // every row shares the timestamp, bound last
-                                chunk.len() * 7 + 1
+                                chunk.len() * 8 + 1
                             ));
                         }
                         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -94,12 +95,30 @@ impl Store {
                                 .bind(s.tenant.clone())
                                 .bind(s.state.as_str())
                                 .bind(s.sqlstate.clone())
-                                .bind(s.message.clone());
+                                .bind(s.message.clone())
+                                .bind(s.wave);
                         }
                         q.bind(now)
                             .execute(&mut *tx)
                             .await
                             .map_err(StoreError::from)?;
+                    }
+                }
+                StoreOp::Waves { plan_id, waves } => {
+                    for w in waves {
+                        sqlx::query(
+                            "INSERT INTO waves (plan_id, idx, name, state, bake_until_ms)
+                             VALUES ($1, $2, $3, $4, $5)
+                             ON CONFLICT (plan_id, idx) DO UPDATE SET state = excluded.state,
+                                bake_until_ms = excluded.bake_until_ms",
+                        )
+                        .bind(&plan_id)
+                        .bind(w.idx)
+                        .bind(&w.name)
+                        .bind(w.state.as_str())
+                        .bind(w.bake_until_ms)
+                        .execute(&mut *tx)
+                        .await?;
                     }
                 }
                 StoreOp::PlanState {

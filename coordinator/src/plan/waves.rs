@@ -1,0 +1,336 @@
+//! Waves of a plan in motion: only the current wave's targets get runs; a wave whose
+//! targets are done bakes, then passes its gate (at once, or at `plan promote` for a
+//! manual one), and the next wave starts. A plan without waves is one wave of every
+//! target with no bake and no gate, which is how plans ran before waves.
+use flotilla_core::FailurePolicy;
+use flotilla_core::pb;
+use flotilla_core::state::WaveState;
+use flotilla_core::waves::Budget;
+
+use super::{PlanRun, StepStatus};
+
+/// One wave of a plan in motion.
+#[derive(Debug, Clone)]
+pub struct WaveRun {
+    pub name: String,
+    pub targets: Vec<usize>,
+    pub state: WaveState,
+    /// While baking: when the bake ends (milliseconds since the epoch, so that it means
+    /// the same to a new leader).
+    pub bake_until_ms: Option<i64>,
+    pub bake_ms: u64,
+    pub manual_gate: bool,
+    pub max_parallel: Option<u32>,
+    pub max_parallel_per_shard: Option<u32>,
+    pub budget: Option<Budget>,
+}
+
+/// A wave that moved, for the store and the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaveChange {
+    pub wave: usize,
+    pub state: WaveState,
+    pub bake_until_ms: Option<i64>,
+    pub message: String,
+}
+
+impl PlanRun {
+    /// Sets which wave each target is in and where each wave is (a rebuild passes the
+    /// stored states; a new plan passes none: the first wave runs). Only the current
+    /// wave's targets stay queued.
+    pub fn set_waves(&mut self, wave_of: Vec<usize>, stored: &[(WaveState, Option<i64>)]) {
+        let spec = self.spec.clone();
+        let mut waves: Vec<WaveRun> = if spec.rollout.waves.is_empty() {
+            vec![WaveRun {
+                name: "all".into(),
+                targets: Vec::new(),
+                state: WaveState::Pending,
+                bake_until_ms: None,
+                bake_ms: 0,
+                manual_gate: false,
+                max_parallel: None,
+                max_parallel_per_shard: None,
+                budget: None,
+            }]
+        } else {
+            spec.rollout
+                .waves
+                .iter()
+                .map(|w| WaveRun {
+                    name: w.name.clone(),
+                    targets: Vec::new(),
+                    state: WaveState::Pending,
+                    bake_until_ms: None,
+                    bake_ms: w.bake.as_millis() as u64,
+                    manual_gate: w.manual_gate,
+                    max_parallel: w.max_parallel,
+                    max_parallel_per_shard: w.max_parallel_per_shard,
+                    budget: w.budget,
+                })
+                .collect()
+        };
+        for (t, &w) in wave_of.iter().enumerate() {
+            if let Some(wave) = waves.get_mut(w) {
+                wave.targets.push(t);
+            }
+        }
+        for (wave, (state, until)) in waves.iter_mut().zip(stored) {
+            wave.state = *state;
+            wave.bake_until_ms = *until;
+        }
+        self.wave_pos = waves
+            .iter()
+            .position(|w| w.state != WaveState::Done)
+            .unwrap_or(waves.len());
+        if let Some(w) = waves.get_mut(self.wave_pos)
+            && w.state == WaveState::Pending
+        {
+            w.state = WaveState::Running;
+        }
+        self.waves = waves;
+        self.wave_of = wave_of;
+        for sr in self.shards.values_mut() {
+            sr.ready.clear();
+            sr.queued.clear();
+        }
+        for t in 0..self.targets.len() {
+            self.enqueue_if_ready(t);
+        }
+    }
+
+    /// The wave now running, baking or waiting, if any is left.
+    pub fn current_wave(&self) -> Option<&WaveRun> {
+        self.waves.get(self.wave_pos)
+    }
+
+    /// Whether target `t` may get runs now: its wave is the one running.
+    pub(super) fn wave_open(&self, t: usize) -> bool {
+        self.wave_of.get(t).is_none_or(|&w| w == self.wave_pos)
+            && self
+                .current_wave()
+                .is_some_and(|w| w.state == WaveState::Running)
+    }
+
+    /// Every wave passed (a plan may end).
+    pub fn waves_done(&self) -> bool {
+        self.wave_pos >= self.waves.len()
+    }
+
+    /// The current wave's parallelism, over the plan's, and its limit per shard.
+    pub(super) fn wave_lanes(&self) -> (u32, Option<u32>) {
+        let wave = self.current_wave();
+        (
+            wave.and_then(|w| w.max_parallel)
+                .unwrap_or(self.spec.max_parallel),
+            wave.and_then(|w| w.max_parallel_per_shard),
+        )
+    }
+
+    fn target_failed(&self, t: usize) -> bool {
+        self.per_target[t]
+            .iter()
+            .any(|&s| self.steps[s].status == StepStatus::Failed)
+    }
+
+    fn target_open(&self, t: usize) -> bool {
+        let queued = self
+            .shards
+            .get(&self.targets[t].shard)
+            .is_some_and(|sr| sr.queued.contains(&t));
+        queued
+            || self.per_target[t].iter().any(|&s| {
+                matches!(
+                    self.steps[s].status,
+                    StepStatus::Running(_) | StepStatus::Prepared
+                )
+            })
+    }
+
+    /// Moves the waves along at `now_ms`: a running wave with nothing in flight or ready
+    /// starts its bake; a bake that ended passes the gate, or waits at a manual one; a
+    /// passed wave lets the next one run.
+    pub fn advance_waves(&mut self, now_ms: i64) -> Vec<WaveChange> {
+        let mut changes = Vec::new();
+        while let Some(w) = self.waves.get(self.wave_pos).cloned() {
+            let i = self.wave_pos;
+            let next = match w.state {
+                WaveState::Running if w.targets.iter().all(|&t| !self.target_open(t)) => {
+                    let until = now_ms + w.bake_ms as i64;
+                    Some((
+                        WaveState::Baking,
+                        Some(until),
+                        format!(
+                            "wave `{}` finished on its {} targets; baking for {:.1}s",
+                            w.name,
+                            w.targets.len(),
+                            w.bake_ms as f64 / 1000.0
+                        ),
+                    ))
+                }
+                WaveState::Baking if w.bake_until_ms.is_none_or(|u| now_ms >= u) => {
+                    if w.manual_gate {
+                        Some((
+                            WaveState::Waiting,
+                            None,
+                            format!(
+                                "wave `{}` is done and baked; waiting for `flotilla plan promote {}`",
+                                w.name, self.id
+                            ),
+                        ))
+                    } else {
+                        Some((WaveState::Done, None, format!("wave `{}` passed", w.name)))
+                    }
+                }
+                _ => None,
+            };
+            let Some((state, until, message)) = next else {
+                break;
+            };
+            self.waves[i].state = state;
+            self.waves[i].bake_until_ms = until;
+            changes.push(WaveChange {
+                wave: i,
+                state,
+                bake_until_ms: until,
+                message,
+            });
+            if state == WaveState::Done {
+                changes.extend(self.next_wave());
+            }
+        }
+        changes
+    }
+
+    /// The current wave passed its gate: the next one runs.
+    fn next_wave(&mut self) -> Option<WaveChange> {
+        self.wave_pos += 1;
+        let w = self.waves.get_mut(self.wave_pos)?;
+        w.state = WaveState::Running;
+        let change = WaveChange {
+            wave: self.wave_pos,
+            state: WaveState::Running,
+            bake_until_ms: None,
+            message: format!("wave `{}` started on {} targets", w.name, w.targets.len()),
+        };
+        for t in 0..self.targets.len() {
+            self.enqueue_if_ready(t);
+        }
+        Some(change)
+    }
+
+    /// `plan promote`: the wave waiting at its manual gate passes. None when no wave waits.
+    pub fn promote(&mut self) -> Option<Vec<WaveChange>> {
+        let i = self.wave_pos;
+        let w = self.waves.get_mut(i)?;
+        if w.state != WaveState::Waiting {
+            return None;
+        }
+        w.state = WaveState::Done;
+        let mut changes = vec![WaveChange {
+            wave: i,
+            state: WaveState::Done,
+            bake_until_ms: None,
+            message: format!("wave `{}` promoted", w.name),
+        }];
+        changes.extend(self.next_wave());
+        Some(changes)
+    }
+
+    /// The plan stopped (halt, budget, rollback): the wave in progress is halted.
+    pub fn halt_wave(&mut self) -> Option<WaveChange> {
+        let i = self.wave_pos;
+        let w = self.waves.get_mut(i)?;
+        if matches!(w.state, WaveState::Done | WaveState::Halted) {
+            return None;
+        }
+        w.state = WaveState::Halted;
+        Some(WaveChange {
+            wave: i,
+            state: WaveState::Halted,
+            bake_until_ms: None,
+            message: format!("wave `{}` halted", w.name),
+        })
+    }
+
+    /// Under `continue`, whether failures went past a budget: the current wave's (or the
+    /// plan's budget applied to the wave when it has none) or the plan's over all targets.
+    /// The message names the wave, the failures and the budget.
+    pub fn budget_exhausted(&self) -> Option<String> {
+        if self.spec.policy != FailurePolicy::Continue {
+            return None;
+        }
+        let rollout = &self.spec.rollout;
+        if let Some(w) = self.current_wave()
+            && let Some(budget) = w.budget.or(rollout.budget)
+        {
+            let failed = w.targets.iter().filter(|&&t| self.target_failed(t)).count();
+            let allowed = budget.allowed(w.targets.len());
+            if failed > allowed {
+                return Some(format!(
+                    "wave `{}`: {failed} of its {} targets failed, past its error budget of {allowed} (max_failures = \"{budget}\")",
+                    w.name,
+                    w.targets.len()
+                ));
+            }
+        }
+        if let Some(budget) = rollout.budget {
+            let failed = (0..self.targets.len())
+                .filter(|&t| self.target_failed(t))
+                .count();
+            let allowed = budget.allowed(self.targets.len());
+            if failed > allowed {
+                return Some(format!(
+                    "{failed} of the plan's {} targets failed, past its error budget of {allowed} (max_failures = \"{budget}\")",
+                    self.targets.len()
+                ));
+            }
+        }
+        None
+    }
+
+    /// The waves as operators see them (none for a plan without waves).
+    pub fn wave_status(&self, now_ms: i64) -> Vec<pb::WaveStatus> {
+        if self.spec.rollout.waves.is_empty() {
+            return Vec::new();
+        }
+        let budgeted = self.spec.policy == FailurePolicy::Continue;
+        self.waves
+            .iter()
+            .map(|w| {
+                let failed = w.targets.iter().filter(|&&t| self.target_failed(t)).count();
+                let applied = w
+                    .targets
+                    .iter()
+                    .filter(|&&t| {
+                        self.per_target[t].iter().all(|&s| {
+                            matches!(
+                                self.steps[s].status,
+                                StepStatus::Applied | StepStatus::AlreadyApplied
+                            )
+                        })
+                    })
+                    .count();
+                let budget = w.budget.or(self.spec.rollout.budget);
+                pb::WaveStatus {
+                    name: w.name.clone(),
+                    state: w.state.as_str().into(),
+                    targets: w
+                        .targets
+                        .iter()
+                        .map(|&t| self.targets[t].to_string())
+                        .collect(),
+                    applied: applied as u32,
+                    failed: failed as u32,
+                    pending: (w.targets.len() - applied - failed) as u32,
+                    max_failures: budget.map_or(0, |b| b.allowed(w.targets.len())) as u32,
+                    budgeted: budgeted && budget.is_some(),
+                    bake_until_ms: w
+                        .bake_until_ms
+                        .filter(|&u| w.state == WaveState::Baking && u > now_ms)
+                        .unwrap_or(0) as u64,
+                    manual_gate: w.manual_gate,
+                }
+            })
+            .collect()
+    }
+}

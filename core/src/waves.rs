@@ -1,0 +1,408 @@
+//! Progressive rollouts: a plan's targets split into waves that run one after the other,
+//! each with its own parallelism, bake time, error budget and gate. A plan without waves
+//! is one wave of every target, as before waves existed.
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::model::{FailurePolicy, PlanError};
+use crate::pb;
+use crate::selector::Selector;
+
+/// Which of the plan's targets a wave takes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Take {
+    /// Targets whose shard and tenant labels match (no earlier wave may take one of them).
+    Selector(Selector),
+    /// A share of the targets no earlier wave took, in (0, 100].
+    Percent(f64),
+    /// That many of the targets no earlier wave took.
+    Count(u32),
+    /// Every target no earlier wave took.
+    Rest,
+}
+
+/// An error budget: how many targets may fail before the wave (or plan) halts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    Targets(u32),
+    /// A share of the wave's (or plan's) targets, rounded down.
+    Percent(f64),
+}
+
+impl Budget {
+    /// Failed targets allowed among `total`.
+    pub fn allowed(&self, total: usize) -> usize {
+        match *self {
+            Budget::Targets(n) => n as usize,
+            Budget::Percent(p) => ((p / 100.0) * total as f64).floor() as usize,
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        match *self {
+            Budget::Targets(n) => n == 0,
+            Budget::Percent(p) => p == 0.0,
+        }
+    }
+}
+
+impl FromStr for Budget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Budget, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            let p: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{s}` is not a share like \"2%\""))?;
+            if !(0.0..=100.0).contains(&p) {
+                return Err(format!("`{s}` is outside 0%..100%"));
+            }
+            return Ok(Budget::Percent(p));
+        }
+        s.parse::<u32>()
+            .map(Budget::Targets)
+            .map_err(|_| format!("`{s}` is neither a number of targets nor a share like \"2%\""))
+    }
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Budget::Targets(n) => write!(f, "{n}"),
+            Budget::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// What a plan does when a wave's failures go past its budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnBudgetExhausted {
+    /// Stop where it is: what applied stays, the plan ends halted.
+    #[default]
+    Halt,
+    /// Undo every applied step, as all-or-nothing does.
+    Rollback,
+}
+
+impl OnBudgetExhausted {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnBudgetExhausted::Halt => "halt",
+            OnBudgetExhausted::Rollback => "rollback",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wave {
+    pub name: String,
+    pub take: Take,
+    /// None: the plan's.
+    pub max_parallel: Option<u32>,
+    pub max_parallel_per_shard: Option<u32>,
+    pub bake: Duration,
+    /// None: the plan's.
+    pub budget: Option<Budget>,
+    pub manual_gate: bool,
+    pub optional: bool,
+}
+
+/// A plan's rollout: its waves (none: one wave of every target) and its error budget.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Rollout {
+    pub waves: Vec<Wave>,
+    /// The plan's budget over all its targets (policy continue); None: no limit.
+    pub budget: Option<Budget>,
+    pub on_budget_exhausted: OnBudgetExhausted,
+}
+
+impl Rollout {
+    /// Whether any budget is set (the plan's or a wave's): failures within it end the plan
+    /// `completed_with_failures` rather than `failed`.
+    pub fn budgeted(&self) -> bool {
+        self.budget.is_some() || self.waves.iter().any(|w| w.budget.is_some())
+    }
+
+    /// Builds and checks the rollout of a plan on receipt: its `waves`, its budget
+    /// (`max_failures`) and `on_budget_exhausted`, under the plan's `policy`.
+    pub fn from_pb(
+        waves_pb: &[pb::Wave],
+        max_failures: &str,
+        on_budget_exhausted: &str,
+        policy: FailurePolicy,
+    ) -> Result<Rollout, PlanError> {
+        let budget = parse_budget(max_failures, "max_failures")?;
+        let on_budget_exhausted = match on_budget_exhausted.trim() {
+            "" | "halt" => OnBudgetExhausted::Halt,
+            "rollback" => OnBudgetExhausted::Rollback,
+            other => {
+                return Err(PlanError::Field {
+                    field: "on_budget_exhausted".into(),
+                    reason: format!("`{other}`: use halt or rollback"),
+                });
+            }
+        };
+        let mut waves: Vec<Wave> = Vec::with_capacity(waves_pb.len());
+        let mut rest_at: Option<String> = None;
+        for w in waves_pb {
+            let wave = Wave::from_pb(w)?;
+            if waves.iter().any(|x| x.name == wave.name) {
+                return Err(wave_error(&wave.name, "two waves have this name"));
+            }
+            if let Some(rest) = &rest_at {
+                return Err(wave_error(
+                    &wave.name,
+                    &format!("it comes after `{rest}`, which takes every target left"),
+                ));
+            }
+            if wave.take == Take::Rest {
+                rest_at = Some(wave.name.clone());
+            }
+            waves.push(wave);
+        }
+        let rollout = Rollout {
+            waves,
+            budget,
+            on_budget_exhausted,
+        };
+        // Only `continue` goes on past a failure; under the others the budget is 0.
+        if policy != FailurePolicy::Continue {
+            let given = std::iter::once((None, rollout.budget))
+                .chain(rollout.waves.iter().map(|w| (Some(&w.name), w.budget)))
+                .find(|(_, b)| b.is_some_and(|b| !b.is_zero()));
+            if let Some((wave, Some(b))) = given {
+                let place = wave.map_or("the plan".to_string(), |w| format!("wave `{w}`"));
+                return Err(PlanError::Field {
+                    field: "max_failures".into(),
+                    reason: format!(
+                        "{place} allows {b} failed targets, but policy {} stops at the first failure (its budget is 0); use policy = \"continue\"",
+                        policy.as_str()
+                    ),
+                });
+            }
+        }
+        Ok(rollout)
+    }
+
+    /// The wire form (stored with the plan, so a rebuild sees the same rollout).
+    pub fn to_pb(&self, p: &mut pb::PlanSpec) {
+        p.waves = self.waves.iter().map(Wave::to_pb).collect();
+        p.max_failures = self.budget.map(|b| b.to_string()).unwrap_or_default();
+        p.on_budget_exhausted = self.on_budget_exhausted.as_str().to_string();
+    }
+}
+
+fn wave_error(wave: &str, reason: &str) -> PlanError {
+    PlanError::Wave {
+        wave: wave.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn parse_budget(s: &str, field: &str) -> Result<Option<Budget>, PlanError> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|reason| PlanError::Field {
+        field: field.into(),
+        reason,
+    })
+}
+
+impl Wave {
+    fn from_pb(w: &pb::Wave) -> Result<Wave, PlanError> {
+        let name = w.name.trim().to_string();
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            return Err(PlanError::Field {
+                field: "waves.name".into(),
+                reason: format!(
+                    "{:?}: a wave needs a name of 1-64 printable characters",
+                    w.name
+                ),
+            });
+        }
+        let mut takes: Vec<Take> = Vec::new();
+        if !w.selector.trim().is_empty() {
+            let s = Selector::parse(&w.selector)
+                .map_err(|e| wave_error(&name, &format!("selector: {e}")))?;
+            takes.push(Take::Selector(s));
+        }
+        if w.percent != 0.0 {
+            if !(w.percent > 0.0 && w.percent <= 100.0) {
+                return Err(wave_error(
+                    &name,
+                    &format!("percent = {} is outside (0, 100]", w.percent),
+                ));
+            }
+            takes.push(Take::Percent(w.percent));
+        }
+        if w.count > 0 {
+            takes.push(Take::Count(w.count));
+        }
+        if w.rest {
+            takes.push(Take::Rest);
+        }
+        let take = match takes.len() {
+            1 => takes.remove(0),
+            0 => {
+                return Err(wave_error(
+                    &name,
+                    "it takes no targets: give one of selector, percent, count or rest = true",
+                ));
+            }
+            _ => {
+                return Err(wave_error(
+                    &name,
+                    "give only one of selector, percent, count or rest = true",
+                ));
+            }
+        };
+        for (field, v) in [
+            ("max_parallel", w.max_parallel),
+            ("max_parallel_per_shard", w.max_parallel_per_shard),
+        ] {
+            if v > 10_000 {
+                return Err(wave_error(
+                    &name,
+                    &format!("{field} = {v} is more than 10000"),
+                ));
+            }
+        }
+        let budget = parse_budget(&w.max_failures, "max_failures")
+            .map_err(|e| wave_error(&name, &e.to_string()))?;
+        Ok(Wave {
+            name,
+            take,
+            max_parallel: (w.max_parallel > 0).then_some(w.max_parallel),
+            max_parallel_per_shard: (w.max_parallel_per_shard > 0)
+                .then_some(w.max_parallel_per_shard),
+            bake: Duration::from_millis(w.bake_ms),
+            budget,
+            manual_gate: w.manual_gate,
+            optional: w.optional,
+        })
+    }
+
+    fn to_pb(&self) -> pb::Wave {
+        let mut w = pb::Wave {
+            name: self.name.clone(),
+            max_parallel: self.max_parallel.unwrap_or(0),
+            max_parallel_per_shard: self.max_parallel_per_shard.unwrap_or(0),
+            bake_ms: self.bake.as_millis() as u64,
+            max_failures: self.budget.map(|b| b.to_string()).unwrap_or_default(),
+            manual_gate: self.manual_gate,
+            optional: self.optional,
+            ..Default::default()
+        };
+        match &self.take {
+            Take::Selector(s) => w.selector = s.to_string(),
+            Take::Percent(p) => w.percent = *p,
+            Take::Count(n) => w.count = *n,
+            Take::Rest => w.rest = true,
+        }
+        w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wave(name: &str) -> pb::Wave {
+        pb::Wave {
+            name: name.into(),
+            rest: true,
+            ..Default::default()
+        }
+    }
+
+    fn rollout(waves: Vec<pb::Wave>, policy: FailurePolicy) -> Result<Rollout, PlanError> {
+        Rollout::from_pb(&waves, "", "", policy)
+    }
+
+    #[test]
+    fn budgets_read_as_targets_or_shares() {
+        assert_eq!("3".parse::<Budget>(), Ok(Budget::Targets(3)));
+        assert_eq!(" 2% ".parse::<Budget>(), Ok(Budget::Percent(2.0)));
+        assert_eq!(Budget::Percent(2.0).allowed(250), 5);
+        assert_eq!(Budget::Percent(2.0).allowed(49), 0);
+        assert!("150%".parse::<Budget>().is_err());
+        assert!("many".parse::<Budget>().is_err());
+    }
+
+    #[test]
+    fn a_wave_takes_targets_one_way_only() {
+        let canary = pb::Wave {
+            name: "canary".into(),
+            selector: "tier=internal".into(),
+            percent: 5.0,
+            ..Default::default()
+        };
+        let e = rollout(vec![canary], FailurePolicy::Continue).unwrap_err();
+        assert!(e.to_string().contains("wave `canary`"), "{e}");
+        assert!(e.to_string().contains("only one of"), "{e}");
+        for bad in [0.0001 - 1.0, 150.0] {
+            let w = pb::Wave {
+                name: "w".into(),
+                percent: bad,
+                ..Default::default()
+            };
+            let e = rollout(vec![w], FailurePolicy::Continue).unwrap_err();
+            assert!(e.to_string().contains("outside (0, 100]"), "{e}");
+        }
+        let none = pb::Wave {
+            name: "empty".into(),
+            ..Default::default()
+        };
+        let e = rollout(vec![none], FailurePolicy::Continue).unwrap_err();
+        assert!(e.to_string().contains("takes no targets"), "{e}");
+    }
+
+    #[test]
+    fn names_are_unique_and_nothing_follows_rest() {
+        let e = rollout(vec![wave("a"), wave("a")], FailurePolicy::Continue).unwrap_err();
+        assert!(e.to_string().contains("two waves"), "{e}");
+        let e = rollout(vec![wave("all"), wave("more")], FailurePolicy::Continue).unwrap_err();
+        assert!(e.to_string().contains("comes after `all`"), "{e}");
+    }
+
+    #[test]
+    fn budgets_need_the_continue_policy() {
+        let mut w = wave("w");
+        w.max_failures = "2".into();
+        let e = rollout(vec![w.clone()], FailurePolicy::AllOrNothing).unwrap_err();
+        assert!(e.to_string().contains("wave `w` allows 2"), "{e}");
+        let r = rollout(vec![w], FailurePolicy::Continue).unwrap();
+        assert_eq!(r.waves[0].budget, Some(Budget::Targets(2)));
+        assert!(r.budgeted());
+        let mut zero = wave("z");
+        zero.max_failures = "0".into();
+        assert!(rollout(vec![zero], FailurePolicy::AllOrNothing).is_ok());
+    }
+
+    #[test]
+    fn the_wire_form_reads_back() {
+        let w = pb::Wave {
+            name: "quarter".into(),
+            percent: 25.0,
+            max_parallel: 4,
+            max_parallel_per_shard: 2,
+            bake_ms: 1500,
+            max_failures: "2%".into(),
+            manual_gate: true,
+            ..Default::default()
+        };
+        let r = rollout(vec![w, wave("rest")], FailurePolicy::Continue).unwrap();
+        let mut p = pb::PlanSpec::default();
+        r.to_pb(&mut p);
+        let back = Rollout::from_pb(
+            &p.waves,
+            &p.max_failures,
+            &p.on_budget_exhausted,
+            FailurePolicy::Continue,
+        );
+        assert_eq!(back.unwrap(), r);
+    }
+}
