@@ -17,6 +17,9 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_PLAN_FAILED: u8 = 1;
 pub const EXIT_BAD_INPUT: u8 = 2;
 pub const EXIT_UNAVAILABLE: u8 = 3;
+/// `--wait` or `watch` came back because the plan waits at a wave's manual gate
+/// (`flotilla plan promote` lets it go on).
+pub const EXIT_WAITING: u8 = 4;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -192,6 +195,27 @@ pub enum PlanCommand {
     Pause(PauseArgs),
     /// Resume a paused plan, or one paused shard of it.
     Resume(PauseArgs),
+    /// Let a plan waiting at a wave's manual gate go on to its next wave (audited).
+    Promote(DecideArgs),
+    /// Stop a running plan where it is: no new step starts, what applied stays; the plan
+    /// ends halted (audited).
+    Halt(DecideArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DecideArgs {
+    pub id: String,
+    /// Why (recorded in the audit trail).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Who decides (recorded in the audit trail).
+    #[arg(long, env = "USER", default_value = "operator")]
+    pub actor: String,
+    /// Wait until the plan ends (or waits at its next gate).
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
 }
 
 #[derive(Args, Debug)]

@@ -90,6 +90,7 @@ where
 fn state_exit(status: &pb::PlanStatus) -> u8 {
     match status.summary.as_ref().map(|s| s.state.as_str()) {
         Some("completed") => EXIT_OK,
+        Some(flotilla_core::state::WAITING) => super::EXIT_WAITING,
         _ => EXIT_PLAN_FAILED,
     }
 }
@@ -133,7 +134,19 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
         PlanCommand::Rollback(args) => command(addr, args, true).await,
         PlanCommand::Pause(args) => pause(addr, args, true).await,
         PlanCommand::Resume(args) => pause(addr, args, false).await,
+        PlanCommand::Promote(args) => decide(addr, args, Verb::Promote).await,
+        PlanCommand::Halt(args) => decide(addr, args, Verb::Halt).await,
     }
+}
+
+async fn decide(addr: &str, args: super::DecideArgs, verb: Verb) -> u8 {
+    let req = pb::PlanCommand {
+        plan_id: args.id,
+        actor: args.actor,
+        reason: args.reason,
+        shard: String::new(),
+    };
+    send_command(addr, verb, req, args.wait, args.output).await
 }
 
 async fn pause(addr: &str, args: super::PauseArgs, paused: bool) -> u8 {
@@ -235,6 +248,8 @@ enum Verb {
     Rollback,
     Pause,
     Resume,
+    Promote,
+    Halt,
 }
 
 /// Sends an operator's command to the leader; shows the status it answers with, or watches
@@ -259,6 +274,8 @@ async fn send_command(
                 Verb::Rollback => c.rollback_plan(req).await,
                 Verb::Pause => c.pause_plan(req).await,
                 Verb::Resume => c.resume_plan(req).await,
+                Verb::Promote => c.promote_plan(req).await,
+                Verb::Halt => c.halt_plan(req).await,
             }
         }
     })
@@ -334,7 +351,16 @@ async fn watch(c: &mut OperatorServiceClient<Channel>, id: String, output: Outpu
         match stream.message().await {
             Ok(Some(s)) => {
                 progress.update(&s, started.elapsed());
+                // A manual gate waits for a person: a script's `--wait` comes back here
+                // (exit 4) rather than hang until someone promotes.
+                let waiting = s
+                    .summary
+                    .as_ref()
+                    .is_some_and(|x| x.state == flotilla_core::state::WAITING);
                 last = Some(s);
+                if waiting {
+                    break;
+                }
             }
             Ok(None) => break,
             Err(e) => {

@@ -56,6 +56,17 @@ pub fn status_json(s: &pb::PlanStatus) -> Value {
         }).collect::<Vec<_>>(),
         "waiting_for": s.waiting_for,
         "paused": s.paused,
+        "waves": s.waves.iter().map(|w| json!({
+            "name": w.name,
+            "state": w.state,
+            "targets": w.targets,
+            "applied": w.applied,
+            "failed": w.failed,
+            "pending": w.pending,
+            "max_failures": if w.budgeted { json!(w.max_failures) } else { Value::Null },
+            "bake_until_ms": if w.bake_until_ms > 0 { json!(w.bake_until_ms) } else { Value::Null },
+            "manual_gate": w.manual_gate,
+        })).collect::<Vec<_>>(),
         "data": s.data.iter().map(|d| json!({
             "migration": d.migration_id,
             "shard": d.shard,
@@ -161,6 +172,12 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
     if !s.paused.is_empty() {
         println!("paused: {}", s.paused.join(", "));
     }
+    if !s.waves.is_empty() {
+        println!("waves:");
+        for w in &s.waves {
+            println!("  {}", wave_line(w));
+        }
+    }
     let data = active_data(s);
     if !data.is_empty() {
         println!("data changes:");
@@ -175,6 +192,36 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
         println!("waiting for agents of: {}", s.waiting_for.join(", "));
     }
     failures(s);
+}
+
+/// `quarter     running   6 targets: 2 applied, 1 failed (budget 1), 3 to go`
+fn wave_line(w: &pb::WaveStatus) -> String {
+    let mut line = format!(
+        "{:<12} {:<8} {} targets: {} applied, {} failed",
+        w.name,
+        w.state,
+        w.targets.len(),
+        w.applied,
+        w.failed
+    );
+    if w.budgeted {
+        line.push_str(&format!(" (budget {})", w.max_failures));
+    }
+    if w.pending > 0 {
+        line.push_str(&format!(", {} to go", w.pending));
+    }
+    if w.bake_until_ms > 0 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let left = w.bake_until_ms.saturating_sub(now);
+        line.push_str(&format!("; bake ends in {:.0}s", left as f64 / 1000.0));
+    }
+    if w.manual_gate && w.state != "done" {
+        line.push_str("; manual gate");
+    }
+    line
 }
 
 fn failures(s: &pb::PlanStatus) {

@@ -21,6 +21,7 @@ mod parts;
 mod plan;
 #[cfg(test)]
 mod tests;
+mod waves;
 
 pub use error::LoadError;
 pub use plan::PLAN_FILE;

@@ -11,8 +11,8 @@ use flotilla_core::{FailurePolicy, Scope};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::dir;
 use super::error::{LoadError, line_of, parse_toml, read_text};
+use super::{dir, waves};
 
 /// The plan file that a migration directory may hold.
 pub const PLAN_FILE: &str = "plan.toml";
@@ -37,6 +37,13 @@ struct PlanFile {
     parallel_groups: Vec<Spanned<GroupEntry>>,
     #[serde(default)]
     dependencies: BTreeMap<String, Vec<Spanned<String>>>,
+    /// Progressive rollout: the waves, in order.
+    #[serde(default)]
+    waves: Vec<Spanned<waves::WaveTable>>,
+    /// The plan's error budget (policy continue).
+    max_failures: Option<Spanned<waves::BudgetEntry>>,
+    /// `halt` (default) or `rollback`.
+    on_budget_exhausted: Option<Spanned<String>>,
 }
 
 /// One entry of `parallel_groups`: a list of ids, or a table that can also ask
@@ -179,6 +186,24 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
             .collect::<Result<_, _>>()?;
         spec.parallel_groups
             .push(pb::ParallelGroup { migrations, atomic });
+    }
+    for w in &file.waves {
+        spec.waves
+            .push(waves::wave(w.get_ref()).map_err(|(span, e)| at(span, e))?);
+    }
+    if let Some(b) = &file.max_failures {
+        spec.max_failures = waves::budget(b).map_err(|(span, e)| at(span, e))?;
+    }
+    if let Some(o) = &file.on_budget_exhausted {
+        match o.get_ref().trim() {
+            "halt" | "rollback" => spec.on_budget_exhausted = o.get_ref().trim().to_string(),
+            other => {
+                return Err(at(
+                    o.span(),
+                    format!("on_budget_exhausted = `{other}`: use halt or rollback"),
+                ));
+            }
+        }
     }
     for (migration, deps) in &file.dependencies {
         MigrationId::parse(migration)

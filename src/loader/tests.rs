@@ -909,3 +909,115 @@ fn a_data_migration_takes_a_composite_key_and_refuses_bad_values() {
     native(dir.path(), "20250201_empty", None, "-- nothing\n");
     assert!(load_err(dir.path()).contains("holds no SQL statements"));
 }
+
+#[test]
+fn a_plan_file_rolls_out_in_waves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    native(root, "a", None, "CREATE TABLE a (x int);");
+    write(
+        root,
+        "plan.toml",
+        r#"policy = "continue"
+max_failures = "2%"
+on_budget_exhausted = "rollback"
+
+[[waves]]
+name = "canary"
+selector = "tier=internal"
+bake = "90s"
+gate = "manual"
+max_failures = 0
+
+[[waves]]
+name = "quarter"
+percent = 25
+max_parallel = 4
+max_parallel_per_shard = 2
+max_failures = 3
+
+[[waves]]
+name = "rest"
+rest = true
+"#,
+    );
+    let spec = load_ok(root);
+    assert_eq!(spec.waves.len(), 3);
+    assert_eq!(spec.waves[0].selector, "tier=internal");
+    assert_eq!(spec.waves[0].bake_ms, 90_000);
+    assert!(spec.waves[0].manual_gate);
+    assert_eq!(spec.waves[0].max_failures, "0");
+    assert_eq!(spec.waves[1].percent, 25.0);
+    assert_eq!(
+        (
+            spec.waves[1].max_parallel,
+            spec.waves[1].max_parallel_per_shard
+        ),
+        (4, 2)
+    );
+    assert!(spec.waves[2].rest);
+    assert_eq!(spec.max_failures, "2%");
+    assert_eq!(spec.on_budget_exhausted, "rollback");
+    let domain = domain(spec);
+    assert_eq!(domain.rollout.waves.len(), 3);
+    assert!(domain.rollout.budgeted());
+}
+
+#[test]
+fn bad_waves_name_the_file_line_and_wave() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    native(root, "a", None, "CREATE TABLE a (x int);");
+    let file = root.join("plan.toml").display().to_string();
+    for (text, line, wanted) in [
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\nbaek = \"1m\"\n",
+            4,
+            "unknown field `baek`",
+        ),
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\nbake = \"soon\"\n",
+            4,
+            "wave `w`: bake `soon`",
+        ),
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\ngate = \"auto\"\n",
+            4,
+            "wave `w`: unknown gate `auto`",
+        ),
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\nmax_failures = \"lots\"\n",
+            4,
+            "wave `w`: max_failures: `lots`",
+        ),
+        (
+            "on_budget_exhausted = \"panic\"\n",
+            1,
+            "use halt or rollback",
+        ),
+    ] {
+        write(root, "plan.toml", text);
+        let e = load_err(root);
+        assert!(e.starts_with(&format!("{file}:{line}: ")), "{e}");
+        assert!(e.contains(wanted), "{e}");
+    }
+    // What only the model can say: the wave is named.
+    for (text, wanted) in [
+        (
+            "[[waves]]\nname = \"w\"\npercent = 150\n",
+            "wave `w`: percent = 150 is outside (0, 100]",
+        ),
+        (
+            "[[waves]]\nname = \"w\"\npercent = 5\ncount = 2\n",
+            "wave `w`: give only one of",
+        ),
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\nmax_failures = 2\n",
+            "wave `w` allows 2 failed targets, but policy all-or-nothing",
+        ),
+    ] {
+        write(root, "plan.toml", text);
+        let e = PlanSpec::try_from(load_ok(root)).unwrap_err().to_string();
+        assert!(e.contains(wanted), "{e}");
+    }
+}

@@ -1,0 +1,106 @@
+//! `[[waves]]` tables of a plan file and the plan's error budget: what the file says,
+//! into the wire spec. Whether the waves make sense together (one way to take targets,
+//! shares in range, budgets only under `continue`) is the core model's check.
+use flotilla_core::pb;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// One `[[waves]]` table. Unknown keys are refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WaveTable {
+    name: Spanned<String>,
+    selector: Option<String>,
+    percent: Option<f64>,
+    count: Option<u32>,
+    #[serde(default)]
+    rest: bool,
+    max_parallel: Option<u32>,
+    max_parallel_per_shard: Option<u32>,
+    /// A duration (`10m`, `30s`).
+    bake: Option<Spanned<String>>,
+    max_failures: Option<Spanned<BudgetEntry>>,
+    /// `manual`: wait for `flotilla plan promote` after the bake.
+    gate: Option<Spanned<String>>,
+    #[serde(default)]
+    optional: bool,
+}
+
+/// `max_failures = 3` or `max_failures = "2%"`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a number of targets (max_failures = 3) or a share (max_failures = \"2%\")"
+)]
+pub(super) enum BudgetEntry {
+    Targets(u32),
+    Text(String),
+}
+
+impl BudgetEntry {
+    pub(super) fn to_wire(&self) -> String {
+        match self {
+            BudgetEntry::Targets(n) => n.to_string(),
+            BudgetEntry::Text(s) => s.trim().to_string(),
+        }
+    }
+}
+
+/// Checks what can be checked of a budget in the file (its form), so the error has a line.
+pub(super) fn budget(
+    entry: &Spanned<BudgetEntry>,
+) -> Result<String, (std::ops::Range<usize>, String)> {
+    let wire = entry.get_ref().to_wire();
+    wire.parse::<flotilla_core::waves::Budget>()
+        .map(|_| wire.clone())
+        .map_err(|e| (entry.span(), format!("max_failures: {e}")))
+}
+
+/// A wave table as the wire has it; errors carry the span they are about.
+pub(super) fn wave(w: &WaveTable) -> Result<pb::Wave, (std::ops::Range<usize>, String)> {
+    let name = w.name.get_ref().clone();
+    let bake_ms = match &w.bake {
+        None => 0,
+        Some(b) => humantime::parse_duration(b.get_ref().trim())
+            .map_err(|e| {
+                (
+                    b.span(),
+                    format!(
+                        "wave `{name}`: bake `{}`: {e} (e.g. \"10m\", \"30s\")",
+                        b.get_ref()
+                    ),
+                )
+            })?
+            .as_millis() as u64,
+    };
+    let manual_gate = match &w.gate {
+        None => false,
+        Some(g) if g.get_ref().trim() == "manual" => true,
+        Some(g) => {
+            return Err((
+                g.span(),
+                format!(
+                    "wave `{name}`: unknown gate `{}`: use gate = \"manual\"",
+                    g.get_ref()
+                ),
+            ));
+        }
+    };
+    let max_failures = match &w.max_failures {
+        None => String::new(),
+        Some(b) => budget(b).map_err(|(span, e)| (span, format!("wave `{name}`: {e}")))?,
+    };
+    Ok(pb::Wave {
+        name,
+        selector: w.selector.clone().unwrap_or_default(),
+        percent: w.percent.unwrap_or(0.0),
+        count: w.count.unwrap_or(0),
+        rest: w.rest,
+        max_parallel: w.max_parallel.unwrap_or(0),
+        max_parallel_per_shard: w.max_parallel_per_shard.unwrap_or(0),
+        bake_ms,
+        max_failures,
+        manual_gate,
+        optional: w.optional,
+    })
+}
