@@ -188,15 +188,26 @@ impl Coordinator {
             .plan(plan_id)
             .await?
             .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
-        let order = hex::decode(&row.spec_hex)
+        // What the status needs of the plan itself: its migrations' order and its waves.
+        let spec = hex::decode(&row.spec_hex)
             .ok()
             .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
-            .map(|p| p.migrations.into_iter().map(|m| m.id).collect::<Vec<_>>())
+            .and_then(|p| flotilla_core::PlanSpec::try_from(p).ok());
+        let order: Vec<String> = spec
+            .as_ref()
+            .map(|s| s.migrations.iter().map(|m| m.id.to_string()).collect())
             .unwrap_or_default();
         let steps = self.inner.store.steps(plan_id).await?;
         let data = self.inner.store.data_progress(plan_id).await?;
         let waves = self.inner.store.waves(plan_id).await?;
-        Ok(status::from_store(&row, &order, &steps, &waves, data))
+        Ok(status::from_store(
+            &row,
+            &order,
+            spec.as_ref(),
+            &steps,
+            &waves,
+            data,
+        ))
     }
 
     pub async fn list(&self, limit: u32) -> Result<pb::ListPlansResponse, CoordinatorError> {

@@ -13,3 +13,4 @@ mod reversible;
 mod rollout;
 mod shards;
 mod smoke;
+mod waves;

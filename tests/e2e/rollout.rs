@@ -162,7 +162,7 @@ async fn a_failing_tenant_rolls_every_target_back() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn assert_refused(
+pub(crate) async fn assert_refused(
     fleet: &TestFleet,
     dir: &std::path::Path,
     extra: &[&str],

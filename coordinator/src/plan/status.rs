@@ -94,6 +94,7 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
 pub fn from_store(
     plan: &PlanRow,
     order: &[String],
+    spec: Option<&flotilla_core::PlanSpec>,
     steps: &[StepRow],
     waves: &[WaveRow],
     data: Vec<pb::DataProgress>,
@@ -132,12 +133,16 @@ pub fn from_store(
         waiting_for: Vec::new(),
         data,
         paused: Vec::new(),
-        waves: waves_from_store(steps, waves),
+        waves: waves_from_store(spec, steps, waves),
     }
 }
 
 /// The waves of a plan not in memory, from its wave rows and its steps' waves.
-fn waves_from_store(steps: &[StepRow], waves: &[WaveRow]) -> Vec<pb::WaveStatus> {
+fn waves_from_store(
+    spec: Option<&flotilla_core::PlanSpec>,
+    steps: &[StepRow],
+    waves: &[WaveRow],
+) -> Vec<pb::WaveStatus> {
     waves
         .iter()
         .map(|w| {
@@ -151,7 +156,17 @@ fn waves_from_store(steps: &[StepRow], waves: &[WaveRow]) -> Vec<pb::WaveStatus>
             }
             let applied = targets.values().filter(|(a, _)| *a).count();
             let failed = targets.values().filter(|(_, f)| *f).count();
+            let wave = spec.and_then(|s| s.rollout.waves.get(w.idx as usize));
+            let budget = spec.and_then(|s| {
+                if s.policy != flotilla_core::FailurePolicy::Continue {
+                    return None;
+                }
+                wave.and_then(|x| x.budget).or(s.rollout.budget)
+            });
             pb::WaveStatus {
+                max_failures: budget.map_or(0, |b| b.allowed(targets.len())) as u32,
+                budgeted: budget.is_some(),
+                manual_gate: wave.is_some_and(|x| x.manual_gate),
                 name: w.name.clone(),
                 state: w.state.as_str().into(),
                 applied: applied as u32,

@@ -1,0 +1,414 @@
+//! Progressive rollouts (issue 10): waves in order with their bakes, the same targets on
+//! re-submit, a failing canary that stops the rollout before the next wave touches
+//! anything, error budgets, a manual gate that survives a new coordinator, `plan halt`,
+//! and bad wave definitions refused at submit.
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::fleet::{Cli, MigrationDir, TestFleet, tenant_name};
+use crate::rollout::assert_refused;
+
+/// Tenants labelled by a directory table: the first tenant of each shard is
+/// `tier=internal`, the others `tier=customer`.
+const TENANT_QUERY: &str = "SELECT schema_name, 'tier=' || tier FROM public.tenant_directory";
+
+const MARK_UP: &str =
+    "CREATE TABLE rollout_mark (at timestamptz NOT NULL DEFAULT clock_timestamp());
+INSERT INTO rollout_mark DEFAULT VALUES;";
+const MARK_DOWN: &str = "DROP TABLE rollout_mark;";
+
+/// 3 shards x 8 tenants with tier labels; `conflicts` (shard, tenant index) already have
+/// a `rollout_mark` table, so the migration fails there.
+async fn fleet(conflicts: &[(usize, usize)]) -> anyhow::Result<TestFleet> {
+    let conflicts = conflicts.to_vec();
+    TestFleet::builder(3, 8)
+        .shard_sql(move |s, tenants| {
+            let mut sql =
+                String::from("CREATE TABLE public.tenant_directory (schema_name text, tier text);");
+            for (i, t) in tenants.iter().enumerate() {
+                let tier = if i == 0 { "internal" } else { "customer" };
+                sql.push_str(&format!(
+                    "INSERT INTO public.tenant_directory VALUES ('{t}', '{tier}');"
+                ));
+                if conflicts.contains(&(s, i)) {
+                    sql.push_str(&format!("CREATE TABLE {t}.rollout_mark (x int);"));
+                }
+            }
+            sql
+        })
+        .tenant_query(TENANT_QUERY)
+        .start()
+        .await
+}
+
+/// One migration that records when it ran, with `plan` as its plan.toml.
+fn plan_dir(plan: &str) -> anyhow::Result<MigrationDir> {
+    let dir = MigrationDir::new()?;
+    dir.migration("001_rollout_mark", "", MARK_UP, MARK_DOWN)?;
+    std::fs::write(dir.path().join("plan.toml"), plan)?;
+    Ok(dir)
+}
+
+fn waves(st: &Value) -> Vec<Value> {
+    st["waves"].as_array().cloned().unwrap_or_default()
+}
+
+fn wave_targets(w: &Value) -> Vec<String> {
+    let mut v: Vec<String> = w["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// When each tenant's migration ran (epoch ms), by `shard_N/tenant_NNNN`; tenants where
+/// it did not run are absent.
+async fn marks(fleet: &TestFleet) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for (s, db) in fleet.shards.iter().enumerate() {
+        for t in fleet.tenants(s) {
+            let exists: String = fleet
+                .pg
+                .query_scalar(
+                    db,
+                    &format!(
+                        "SELECT count(*) FROM information_schema.columns
+                         WHERE table_schema = '{t}' AND table_name = 'rollout_mark' AND column_name = 'at'"
+                    ),
+                )
+                .await?;
+            if exists == "0" {
+                continue;
+            }
+            let at: f64 = fleet
+                .pg
+                .query_scalar(
+                    db,
+                    &format!("SELECT extract(epoch FROM min(at)) * 1000 FROM {t}.rollout_mark"),
+                )
+                .await?;
+            out.insert(format!("{db}/{t}"), at);
+        }
+    }
+    Ok(out)
+}
+
+const THREE_WAVES: &str = r#"name = "three-waves"
+
+[[waves]]
+name = "canary"
+selector = "tier=internal"
+bake = "2s"
+
+[[waves]]
+name = "quarter"
+percent = 25
+bake = "1s"
+
+[[waves]]
+name = "rest"
+rest = true
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waves_run_in_order_bake_and_pick_the_same_targets_again() -> anyhow::Result<()> {
+    let fleet = fleet(&[]).await?;
+    let dir = plan_dir(THREE_WAVES)?;
+    let (code, st, out) = fleet
+        .submit_wait(dir.path(), &["--max-parallel", "6"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    let w = waves(&st);
+    let names: Vec<&str> = w.iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["canary", "quarter", "rest"]);
+    assert!(w.iter().all(|w| w["state"] == "done"), "{st}");
+    // The canary is the internal tenants; the quarter a quarter of the rest (21 -> 6),
+    // two per shard; the rest the other 15.
+    let canary = wave_targets(&w[0]);
+    let internal: Vec<String> = (0..3)
+        .map(|s| format!("shard_{s}/{}", tenant_name(s, 0, 8)))
+        .collect();
+    assert_eq!(canary, internal);
+    let quarter = wave_targets(&w[1]);
+    assert_eq!(quarter.len(), 6, "{quarter:?}");
+    for s in 0..3 {
+        let on = quarter
+            .iter()
+            .filter(|t| t.starts_with(&format!("shard_{s}/")))
+            .count();
+        assert_eq!(on, 2, "spread over the shards: {quarter:?}");
+    }
+    assert_eq!(wave_targets(&w[2]).len(), 15);
+
+    // Each wave ran after the one before had finished and baked.
+    let at = marks(&fleet).await?;
+    assert_eq!(at.len(), 24, "{at:?}");
+    let span = |targets: &[String]| {
+        let v: Vec<f64> = targets.iter().map(|t| at[t]).collect();
+        (
+            v.iter().cloned().fold(f64::MAX, f64::min),
+            v.iter().cloned().fold(f64::MIN, f64::max),
+        )
+    };
+    let (_, canary_end) = span(&canary);
+    let (quarter_start, quarter_end) = span(&quarter);
+    let (rest_start, _) = span(&wave_targets(&w[2]));
+    assert!(
+        quarter_start >= canary_end + 2000.0,
+        "the quarter started {}ms after the canary ended; its bake is 2s",
+        quarter_start - canary_end
+    );
+    assert!(
+        rest_start >= quarter_end + 1000.0,
+        "the rest started {}ms after the quarter ended; its bake is 1s",
+        rest_start - quarter_end
+    );
+
+    // The same plan again picks the same targets for each wave (everything is applied
+    // already, so it completes at once).
+    let (code, again, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let w2 = waves(&again);
+    for i in 0..3 {
+        assert_eq!(wave_targets(&w2[i]), wave_targets(&w[i]), "wave {i}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_canary_stops_the_rollout_before_the_next_wave() -> anyhow::Result<()> {
+    // shard_1's internal tenant fails; all-or-nothing undoes the canary.
+    let fleet = fleet(&[(1, 0)]).await?;
+    let dir = plan_dir(THREE_WAVES)?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    let w = waves(&st);
+    assert_eq!(w[0]["state"], "halted", "{st}");
+    assert_eq!(w[1]["state"], "pending", "{st}");
+    assert_eq!(w[2]["state"], "pending", "{st}");
+    // No tenant outside the canary was touched: no table, no journal row.
+    let at = marks(&fleet).await?;
+    assert!(at.is_empty(), "{at:?}");
+    assert_eq!(fleet.journal_total().await?, 0);
+    let failure = &st["failures"][0];
+    assert_eq!(
+        failure["target"],
+        format!("shard_1/{}", tenant_name(1, 0, 8))
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_budget_halts_past_it_and_failures_within_it_complete() -> anyhow::Result<()> {
+    // Three tenants fail; a budget of 2 halts the wave at the third failure.
+    let fleet = fleet(&[(0, 3), (1, 4), (2, 5)]).await?;
+    let plan = r#"name = "budget"
+policy = "continue"
+
+[[waves]]
+name = "all"
+rest = true
+max_failures = 2
+"#;
+    let dir = plan_dir(plan)?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(st["state"], "halted", "{st}");
+    let message = st["message"].as_str().unwrap();
+    assert!(
+        message.contains("wave `all`: 3 of its 24 targets failed, past its error budget of 2"),
+        "{message}"
+    );
+    assert_eq!(st["failures"].as_array().unwrap().len(), 3, "{st}");
+    assert_eq!(waves(&st)[0]["state"], "halted");
+
+    // Two failing tenants, within the budget: every other tenant applies, and the plan
+    // completes with its failures listed.
+    let fleet = crate::fleet::TestFleet::builder(3, 8)
+        .shard_sql(|s, tenants| {
+            let mut sql =
+                String::from("CREATE TABLE public.tenant_directory (schema_name text, tier text);");
+            for t in tenants {
+                sql.push_str(&format!(
+                    "INSERT INTO public.tenant_directory VALUES ('{t}', 'customer');"
+                ));
+            }
+            if s < 2 {
+                sql.push_str(&format!(
+                    "CREATE TABLE {}.rollout_mark (x int);",
+                    tenants[2]
+                ));
+            }
+            sql
+        })
+        .tenant_query(TENANT_QUERY)
+        .start()
+        .await?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "failures within the budget still exit 1: {out}");
+    assert_eq!(st["state"], "completed_with_failures", "{st}");
+    let failed: Vec<&str> = st["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            format!("shard_0/{}", tenant_name(0, 2, 8)),
+            format!("shard_1/{}", tenant_name(1, 2, 8))
+        ]
+    );
+    let w = &waves(&st)[0];
+    assert_eq!(
+        (w["applied"].as_u64(), w["failed"].as_u64()),
+        (Some(22), Some(2)),
+        "{w}"
+    );
+    assert_eq!(w["max_failures"], 2);
+    assert_eq!(marks(&fleet).await?.len(), 22);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manual_gate_waits_for_promote_across_a_new_coordinator() -> anyhow::Result<()> {
+    let mut fleet = fleet(&[]).await?;
+    let plan = r#"name = "gated"
+
+[[waves]]
+name = "canary"
+selector = "tier=internal"
+gate = "manual"
+
+[[waves]]
+name = "rest"
+rest = true
+"#;
+    let dir = plan_dir(plan)?;
+    // --wait comes back at the gate (exit 4), the plan waiting, naming the wave.
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 4, "{out}");
+    assert_eq!(st["state"], "waiting", "{st}");
+    assert!(
+        st["message"].as_str().unwrap().contains("wave `canary`"),
+        "{st}"
+    );
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    assert_eq!(marks(&fleet).await?.len(), 3, "only the canary ran");
+
+    // A new coordinator (a new leader, rebuilding from the store) keeps it waiting.
+    fleet.restart_coordinator().await?;
+    fleet.wait_attached(3).await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "waiting", "{st}");
+    assert_eq!(waves(&st)[0]["state"], "waiting", "{st}");
+    assert_eq!(marks(&fleet).await?.len(), 3, "still only the canary");
+
+    // Promote: the rest goes, and the plan completes.
+    let out = fleet
+        .cli(&[
+            "plan",
+            "promote",
+            &id,
+            "--reason",
+            "canary looks fine",
+            "--wait",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(marks(&fleet).await?.len(), 24);
+    // Promoting again is refused: nothing waits.
+    let out = fleet.cli(&["plan", "promote", &id]).await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert!(out.stderr.contains("not running"), "{out}");
+
+    // `plan halt` at the gate: the plan ends halted, the rest untouched.
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "002_second_mark",
+        "",
+        "CREATE TABLE second_mark (x int);",
+        "DROP TABLE second_mark;",
+    )?;
+    std::fs::write(dir.path().join("plan.toml"), plan)?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 4, "{out}");
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    let out = fleet
+        .cli(&[
+            "plan",
+            "halt",
+            &id,
+            "--reason",
+            "not today",
+            "--output",
+            "json",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let (_, st) = fleet.watch(&id).await?;
+    assert_eq!(st["state"], "halted", "{st}");
+    let seconds: i64 = {
+        let mut n = 0;
+        for (s, db) in fleet.shards.iter().enumerate() {
+            for t in fleet.tenants(s) {
+                let c: i64 = fleet
+                    .pg
+                    .query_scalar(
+                        db,
+                        &format!(
+                            "SELECT count(*) FROM information_schema.tables
+                             WHERE table_schema = '{t}' AND table_name = 'second_mark'"
+                        ),
+                    )
+                    .await?;
+                n += c;
+            }
+        }
+        n
+    };
+    assert_eq!(seconds, 3, "only the canary has the second change");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_waves_are_refused_by_name_and_change_nothing() -> anyhow::Result<()> {
+    let fleet = fleet(&[]).await?;
+    let cases: [(&str, &[&str]); 5] = [
+        (
+            "[[waves]]\nname = \"a\"\nselector = \"tier=internal\"\n[[waves]]\nname = \"b\"\nselector = \"tenant=tenant_0000\"\n[[waves]]\nname = \"c\"\nrest = true\n",
+            &["waves `a` and `b` both select", "shard_0/tenant_0000"],
+        ),
+        (
+            "[[waves]]\nname = \"nobody\"\nselector = \"tier=staff\"\n[[waves]]\nname = \"rest\"\nrest = true\n",
+            &["wave `nobody` selects no target"],
+        ),
+        (
+            "[[waves]]\nname = \"canary\"\nselector = \"tier=internal\"\n",
+            &["21 targets are in no wave", "rest = true"],
+        ),
+        (
+            "[[waves]]\nname = \"huge\"\npercent = 150\n",
+            &["wave `huge`", "outside (0, 100]"],
+        ),
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\nbake = \"a while\"\n",
+            &["plan.toml:4", "wave `w`: bake `a while`"],
+        ),
+    ];
+    for (plan, expect) in cases {
+        let dir = plan_dir(plan)?;
+        assert_refused(&fleet, dir.path(), &[], expect).await?;
+    }
+    assert_eq!(fleet.journal_total().await?, 0);
+    Ok(())
+}
