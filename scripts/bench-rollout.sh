@@ -4,6 +4,8 @@
 # the floor (the same SQL through 8 bare psql sessions, no tracking) and, when dbmate is on
 # PATH, dbmate once per tenant. Everything runs against one throwaway PostgreSQL server
 # started here, in the same run; each contender gets a freshly reset fleet.
+# Waves (issue 10) must not cost speed: the same plan in three waves (canary 1%, 25%, the
+# rest; no bake, no gate) runs too, and its ratio to the floor is printed beside the plain one.
 #
 #   scripts/bench-rollout.sh [REPEAT]        (default 3; prints the median of each)
 #
@@ -57,21 +59,19 @@ echo "==== building the reference fleet: $SHARDS shards x $TENANTS tenants"
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 now() { date +%s.%N; }
 
-floor_times=(); flotilla_times=(); dbmate_times=()
-for ((r=1; r<=REPEAT; r++)); do
+# One Flotilla run on a freshly reset fleet: coordinator, one agent per shard, the plan at
+# $3 submitted with --wait; prints its seconds (and its log lines on stderr).
+run_flotilla() {
+  local r=$1 label=$2 plan=$3 cport start end t applied
   "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
-  t=$("$BENCH/baseline-psql-floor.sh" "$SHARDS" "$TENANTS" "$PAR" | awk '/seconds/ {print $NF}')
-  floor_times+=("$t"); echo "run $r: psql floor   ${t}s"
-
-  "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
-  cport=$(( port + 1 + r ))
-  "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$work/store-$r.db" >"$work/coordinator-$r.log" 2>&1 &
+  cport=$(( port + 1 + (r * 2) + (label == "waves") ))
+  "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$work/store-$label-$r.db" >"$work/coordinator-$label-$r.log" 2>&1 &
   pids+=($!)
-  addr="http://127.0.0.1:$cport"
-  for ((i=0; i<100; i++)); do grep -q "coordinator listening" "$work/coordinator-$r.log" && break; sleep 0.1; done
+  local addr="http://127.0.0.1:$cport"
+  for ((i=0; i<100; i++)); do grep -q "coordinator listening" "$work/coordinator-$label-$r.log" && break; sleep 0.1; done
   for ((s=0; s<SHARDS; s++)); do
     FLOTILLA_LOG=warn "$FLOTILLA" --coordinator "$addr" agent --shard "shard_$s" --dsn "$PGURL/shard_$s" \
-      --tenant-pattern 'tenant_%' --max-connections "$PAR" >"$work/agent-$r-$s.log" 2>&1 &
+      --tenant-pattern 'tenant_%' --max-connections "$PAR" >"$work/agent-$label-$r-$s.log" 2>&1 &
     pids+=($!)
   done
   for ((i=0; i<200; i++)); do
@@ -79,18 +79,50 @@ for ((r=1; r<=REPEAT; r++)); do
     [ "$n" -eq "$SHARDS" ] && break; sleep 0.1
   done
   start=$(now)
-  "$FLOTILLA" --coordinator "$addr" plan submit "$BENCH/coord-2025-001" --wait --max-parallel "$PAR" >"$work/submit-$r.log" 2>&1 \
-    || { echo "error: flotilla run failed:"; cat "$work/submit-$r.log"; exit 1; }
+  "$FLOTILLA" --coordinator "$addr" plan submit "$plan" --wait --max-parallel "$PAR" >"$work/submit-$label-$r.log" 2>&1 \
+    || { echo "error: flotilla ($label) run failed:" >&2; cat "$work/submit-$label-$r.log" >&2; exit 1; }
   end=$(now)
   t=$(echo "$end - $start" | bc)
-  flotilla_times+=("$t"); echo "run $r: flotilla     ${t}s   ($(tail -1 "$work/submit-$r.log" | head -c 120))"
+  printf 'run %s: flotilla %-6s %ss   (%s)\n' "$r" "$label" "$t" "$(tail -1 "$work/submit-$label-$r.log" | head -c 100)" >&2
   # The coordinator's own view: from the plan stored to its final state.
-  awk '/plan submitted/ {s=$1} /every step applied/ {e=$1} END {print "        coordinator: submitted " s ", finished " e}' "$work/coordinator-$r.log"
+  awk '/plan submitted/ {s=$1} /every step applied/ {e=$1} END {print "        coordinator: submitted " s ", finished " e}' "$work/coordinator-$label-$r.log" >&2
   applied=$(psql "$PGURL/shard_0" -XAtc "SELECT count(*) FROM flotilla.journal")
-  [ "$applied" -eq $(( TENANTS * 3 )) ] || { echo "error: shard_0 journal holds $applied rows, expected $(( TENANTS * 3 ))"; exit 1; }
+  [ "$applied" -eq $(( TENANTS * 3 )) ] || { echo "error: shard_0 journal holds $applied rows, expected $(( TENANTS * 3 ))" >&2; exit 1; }
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   pids=()
+  echo "$t"
+}
+
+# The same plan in three waves: canary 1%, a quarter, the rest (no bake, no gate).
+mkdir -p "$work/waves"
+cat >"$work/waves/plan.toml" <<PLAN
+name = "coord-2025-001-waves"
+migrations_dir = "$BENCH/coord-2025-001"
+
+[[waves]]
+name = "canary"
+percent = 1
+
+[[waves]]
+name = "quarter"
+percent = 25
+
+[[waves]]
+name = "rest"
+rest = true
+PLAN
+
+floor_times=(); flotilla_times=(); waves_times=(); dbmate_times=()
+for ((r=1; r<=REPEAT; r++)); do
+  "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
+  t=$("$BENCH/baseline-psql-floor.sh" "$SHARDS" "$TENANTS" "$PAR" | awk '/seconds/ {print $NF}')
+  floor_times+=("$t"); echo "run $r: psql floor   ${t}s"
+
+  t=$(run_flotilla "$r" plain "$BENCH/coord-2025-001")
+  flotilla_times+=("$t")
+  t=$(run_flotilla "$r" waves "$work/waves/plan.toml")
+  waves_times+=("$t")
 
   if command -v dbmate >/dev/null 2>&1; then
     "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
@@ -101,11 +133,15 @@ done
 
 floor=$(printf '%s\n' "${floor_times[@]}" | median)
 flot=$(printf '%s\n' "${flotilla_times[@]}" | median)
+wav=$(printf '%s\n' "${waves_times[@]}" | median)
 echo
 echo "==== results (median of $REPEAT; $SHARDS x $TENANTS tenants, parallelism $PAR)"
 echo "psql floor:  ${floor}s"
 echo "flotilla:    ${flot}s"
 printf 'flotilla/floor: %.2fx (goal: at most 1.30x)\n' "$(echo "$flot / $floor" | bc -l)"
+echo "flotilla in 3 waves (1%, 25%, rest): ${wav}s"
+printf 'waves/floor: %.2fx; waves/plain: %.2fx (goal: within 10%% of the plain plan)\n' \
+  "$(echo "$wav / $floor" | bc -l)" "$(echo "$wav / $flot" | bc -l)"
 if [ ${#dbmate_times[@]} -gt 0 ]; then
   dbm=$(printf '%s\n' "${dbmate_times[@]}" | median)
   echo "dbmate:      ${dbm}s"
