@@ -483,6 +483,7 @@ pub fn lint(spec: &flotilla_core::PlanSpec, output: Output) {
                     "scope": m.scope.map(|s| s.as_str()),
                     "selector": m.selector.to_string(),
                 })).collect::<Vec<_>>(),
+                "waves": spec.rollout.waves.iter().map(wave_lint).collect::<Vec<_>>(),
             })
         );
         return;
@@ -512,6 +513,53 @@ pub fn lint(spec: &flotilla_core::PlanSpec, output: Output) {
             }
         );
     }
+    if !spec.rollout.waves.is_empty() {
+        println!("waves:");
+        for w in &spec.rollout.waves {
+            let v = wave_lint(w);
+            println!(
+                "  {}: {}",
+                w.name,
+                v["summary"].as_str().unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// A wave as `plan lint` describes it: what it takes, how fast, what must hold after it.
+fn wave_lint(w: &flotilla_core::waves::Wave) -> Value {
+    use flotilla_core::waves::Take;
+    let take = match &w.take {
+        Take::Selector(s) => format!("targets with {s}"),
+        Take::Percent(p) => format!("{p}% of the targets left"),
+        Take::Count(n) => format!("{n} of the targets left"),
+        Take::Rest => "every target left".to_string(),
+    };
+    let mut parts = vec![take];
+    if let Some(n) = w.max_parallel {
+        parts.push(format!("max_parallel {n}"));
+    }
+    if let Some(n) = w.max_parallel_per_shard {
+        parts.push(format!("{n} per shard"));
+    }
+    if let Some(b) = w.budget {
+        parts.push(format!("max_failures {b}"));
+    }
+    if !w.bake.is_zero() {
+        parts.push(format!("bake {}", humantime::format_duration(w.bake)));
+    }
+    if w.manual_gate {
+        parts.push("manual gate".into());
+    }
+    if w.optional {
+        parts.push("optional".into());
+    }
+    json!({
+        "name": w.name,
+        "summary": parts.join(", "),
+        "bake_ms": w.bake.as_millis() as u64,
+        "manual_gate": w.manual_gate,
+    })
 }
 
 pub fn locks(r: &pb::ListLocksResponse, output: Output) {
