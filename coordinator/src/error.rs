@@ -97,6 +97,8 @@ pub enum Refusal {
     },
     #[error("plan {plan_id} has no step on shard {shard}")]
     NoStepOnShard { plan_id: String, shard: String },
+    #[error("plan {plan_id} has no target `{target}` (give shard or shard/tenant)")]
+    UnknownTarget { plan_id: String, target: String },
     #[error(
         "plan {plan_id} is all-or-nothing: it cannot finish without shard {shard}; cancel the whole plan (`flotilla plan cancel {plan_id}`), which undoes what it applied"
     )]
@@ -127,6 +129,12 @@ pub enum Conflict {
     NotAtGate { plan_id: String, now: String },
     #[error("plan {plan_id} is {state}; only a running plan can be halted")]
     NotHaltable { plan_id: String, state: PlanState },
+    #[error(
+        "plan {plan_id} is {state}; retry runs again the failed steps of a failed, halted or completed_with_failures plan"
+    )]
+    NotRetryable { plan_id: String, state: PlanState },
+    #[error("plan {plan_id} has no failed or not-run step left to retry there")]
+    NothingToRetry { plan_id: String },
 }
 
 /// Names a few of `items` and says how many more there are: `a, b and 3 more targets`.

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod plan;
 pub mod planner;
 mod recovery;
+mod retry;
 pub mod service;
 pub mod sessions;
 pub mod store;

@@ -200,6 +200,28 @@ pub enum PlanCommand {
     /// Stop a running plan where it is: no new step starts, what applied stays; the plan
     /// ends halted (audited).
     Halt(DecideArgs),
+    /// Run again the failed and not-run steps of a failed, halted or completed_with_failures
+    /// plan, after fixing their cause: the same plan, checksums, waves and budget (audited).
+    Retry(RetryArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RetryArgs {
+    pub id: String,
+    /// Only this target (`shard` or `shard/tenant`); may be given more than once.
+    #[arg(long = "target")]
+    pub targets: Vec<String>,
+    /// Why (recorded in the audit trail).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Who asks (recorded in the audit trail).
+    #[arg(long, env = "USER", default_value = "operator")]
+    pub actor: String,
+    /// Wait until the plan ends.
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
 }
 
 #[derive(Args, Debug)]

@@ -136,6 +136,33 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
         PlanCommand::Resume(args) => pause(addr, args, false).await,
         PlanCommand::Promote(args) => decide(addr, args, Verb::Promote).await,
         PlanCommand::Halt(args) => decide(addr, args, Verb::Halt).await,
+        PlanCommand::Retry(args) => retry(addr, args).await,
+    }
+}
+
+async fn retry(addr: &str, args: super::RetryArgs) -> u8 {
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = pb::RetryRequest {
+        plan_id: args.id.clone(),
+        actor: args.actor,
+        reason: args.reason,
+        targets: args.targets,
+    };
+    let r = on_leader(&mut c, |mut c| {
+        let req = req.clone();
+        async move { c.retry_plan(req).await }
+    })
+    .await;
+    match r {
+        Ok(_) if args.wait => watch(&mut c, args.id, args.output).await,
+        Ok(s) => {
+            render::status(&s, args.output);
+            EXIT_OK
+        }
+        Err(code) => code,
     }
 }
 

@@ -412,3 +412,79 @@ async fn bad_waves_are_refused_by_name_and_change_nothing() -> anyhow::Result<()
     assert_eq!(fleet.journal_total().await?, 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_retry_runs_only_the_failed_targets_once_fixed() -> anyhow::Result<()> {
+    let fleet = fleet(&[(0, 3), (2, 6)]).await?;
+    let plan = r#"name = "retry"
+policy = "continue"
+
+[[waves]]
+name = "canary"
+selector = "tier=internal"
+
+[[waves]]
+name = "rest"
+rest = true
+"#;
+    let dir = plan_dir(plan)?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(st["state"], "failed", "{st}");
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    let before = marks(&fleet).await?;
+    assert_eq!(before.len(), 22);
+    let first = format!("shard_0/{}", tenant_name(0, 3, 8));
+    let second = format!("shard_2/{}", tenant_name(2, 6, 8));
+
+    // The cause is fixed on both tenants; the operator retries one of them first.
+    for (s, t) in [(0, 3), (2, 6)] {
+        fleet
+            .pg
+            .psql(
+                &fleet.shards[s],
+                &format!("DROP TABLE {}.rollout_mark", tenant_name(s, t, 8)),
+            )
+            .await?;
+    }
+    let out = fleet
+        .cli(&[
+            "plan", "retry", &id, "--target", &first, "--wait", "--output", "json",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(1), "the other target still failed: {out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "failed", "{st}");
+    let failed: Vec<&str> = st["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, [second.as_str()], "{st}");
+    let now = marks(&fleet).await?;
+    assert_eq!(now.len(), 23);
+    assert!(now.contains_key(&first));
+
+    // Then every target with work left: only the second runs; nothing applied moves.
+    let out = fleet.cli(&["plan", "retry", &id, "--wait"]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    let after = marks(&fleet).await?;
+    assert_eq!(after.len(), 24);
+    for (t, at) in &before {
+        assert_eq!(after[t], *at, "{t} ran again");
+    }
+    assert_eq!(after[&first], now[&first], "{first} ran again");
+
+    // Nothing is left to retry, and a plan that did not fail is refused.
+    let out = fleet.cli(&["plan", "retry", &id]).await?;
+    assert_eq!(out.code(), Some(2), "refused, nothing changed: {out}");
+    assert!(out.stderr.contains("completed; retry runs again"), "{out}");
+    let out = fleet
+        .cli(&["plan", "retry", &id, "--target", "shard_9/nobody"])
+        .await?;
+    assert!(out.stderr.contains("completed"), "{out}");
+    Ok(())
+}

@@ -129,6 +129,17 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         Ok(Response::new(self.halt(plan_id, actor).await?))
     }
 
+    async fn retry_plan(
+        &self,
+        req: Request<pb::RetryRequest>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        let r = req.into_inner();
+        let actor = Actor::new(&r.actor, &r.reason);
+        Ok(Response::new(
+            self.retry(&r.plan_id, &r.targets, actor).await?,
+        ))
+    }
+
     async fn list_locks(
         &self,
         _req: Request<pb::ListLocksRequest>,

@@ -136,3 +136,58 @@ impl PlanRun {
         }
     }
 }
+
+impl PlanRun {
+    /// `plan retry` of an ended plan: its failed and not-run steps (on `only`, or on every
+    /// target) are pending again and the plan runs; applied steps stay applied (their
+    /// journal rows make a repeat harmless anyway). The waves with work again run again, in
+    /// order; the others stay passed. Returns the store updates; none when nothing is left.
+    pub fn retry(&mut self, only: Option<&std::collections::BTreeSet<usize>>) -> Vec<StepUpdate> {
+        let mut updates = Vec::new();
+        for s in 0..self.steps.len() {
+            let t = self.steps[s].target;
+            if only.is_some_and(|o| !o.contains(&t)) {
+                continue;
+            }
+            if matches!(
+                self.steps[s].status,
+                StepStatus::Failed | StepStatus::NotRun
+            ) {
+                self.steps[s].status = StepStatus::Pending;
+                updates.push(self.update_of(s, None));
+            }
+        }
+        if updates.is_empty() {
+            return updates;
+        }
+        let retried: std::collections::BTreeSet<usize> = (0..self.steps.len())
+            .filter(|&s| self.steps[s].status == StepStatus::Pending)
+            .map(|s| self.steps[s].target)
+            .collect();
+        self.failures.retain(|f| {
+            let Some(t) = &f.target else { return true };
+            !retried
+                .iter()
+                .any(|&i| self.targets[i].shard == t.shard && self.targets[i].tenant == t.tenant)
+        });
+        self.state = PlanState::Running;
+        self.rollback_ends = PlanState::RolledBack;
+        self.cancelled.clear();
+        self.recount_remaining();
+        // Waves: those without work stay passed; the first with work runs.
+        let stored: Vec<(flotilla_core::state::WaveState, Option<i64>)> = self
+            .waves
+            .iter()
+            .map(|w| {
+                if w.targets.iter().any(|t| retried.contains(t)) {
+                    (flotilla_core::state::WaveState::Pending, None)
+                } else {
+                    (flotilla_core::state::WaveState::Done, None)
+                }
+            })
+            .collect();
+        let wave_of = self.wave_of.clone();
+        self.set_waves(wave_of, &stored);
+        updates
+    }
+}

@@ -1,0 +1,110 @@
+//! `plan retry`: after an operator fixed the cause, the failed and not-run steps of an
+//! ended plan run again: the same plan (id, checksums, waves, budget), a new attempt for
+//! each step, applied targets untouched.
+use std::collections::BTreeSet;
+
+use flotilla_core::state::PlanState;
+use tracing::info;
+
+use crate::actor::Actor;
+use crate::engine::Event;
+use crate::error::{Conflict, CoordinatorError, Refusal};
+use crate::service::Coordinator;
+use crate::store::{StoreOp, WaveRow};
+
+impl Coordinator {
+    pub async fn retry(
+        &self,
+        plan_id: &str,
+        targets: &[String],
+        actor: Actor,
+    ) -> Result<flotilla_core::pb::PlanStatus, CoordinatorError> {
+        let epoch = self.leader_epoch()?;
+        let row = self
+            .inner
+            .store
+            .plan(plan_id)
+            .await?
+            .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
+        if !matches!(
+            row.state,
+            PlanState::Failed | PlanState::Halted | PlanState::CompletedWithFailures
+        ) {
+            return Err(Conflict::NotRetryable {
+                plan_id: plan_id.to_string(),
+                state: row.state,
+            }
+            .into());
+        }
+        let mut run = self.rebuild(&row).await?;
+        let only = if targets.is_empty() {
+            None
+        } else {
+            let mut set = BTreeSet::new();
+            for name in targets {
+                let found = run
+                    .targets
+                    .iter()
+                    .position(|t| t.to_string() == name.trim())
+                    .ok_or_else(|| Refusal::UnknownTarget {
+                        plan_id: plan_id.to_string(),
+                        target: name.clone(),
+                    })?;
+                set.insert(found);
+            }
+            Some(set)
+        };
+        let updates = run.retry(only.as_ref());
+        if updates.is_empty() {
+            return Err(Conflict::NothingToRetry {
+                plan_id: plan_id.to_string(),
+            }
+            .into());
+        }
+        let n = updates.len();
+        run.message = actor.explain(&format!("retry of {n} steps requested by {}", actor.name));
+        info!(plan = %plan_id, steps = n, "{}", run.message);
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.to_string(),
+            updates,
+        });
+        if !run.spec.rollout.waves.is_empty() {
+            let waves = run
+                .waves
+                .iter()
+                .enumerate()
+                .map(|(i, w)| WaveRow {
+                    idx: i as i64,
+                    name: w.name.clone(),
+                    state: w.state,
+                    bake_until_ms: w.bake_until_ms,
+                })
+                .collect();
+            self.write(StoreOp::Waves {
+                plan_id: plan_id.to_string(),
+                waves,
+            });
+        }
+        self.write(StoreOp::PlanState {
+            plan_id: plan_id.to_string(),
+            state: PlanState::Running,
+            message: run.message.clone(),
+        });
+        let what = if targets.is_empty() {
+            format!("{n} steps")
+        } else {
+            format!("{n} steps on {}", targets.join(", "))
+        };
+        self.write(actor.audit("retry", plan_id, &what));
+        self.flush().await;
+        let shards: Vec<String> = run.shards.keys().cloned().collect();
+        let status = self
+            .to_engine(|done| Event::Start {
+                run: Box::new(run),
+                done,
+            })
+            .await?;
+        self.take_locks(plan_id.to_string(), shards, epoch);
+        Ok(status)
+    }
+}
