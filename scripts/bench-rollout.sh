@@ -64,7 +64,9 @@ now() { date +%s.%N; }
 run_flotilla() {
   local r=$1 label=$2 plan=$3 cport start end t applied
   "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
-  cport=$(( port + 1 + (r * 2) + (label == "waves") ))
+  local off=0
+  [ "$label" = waves ] && off=1
+  cport=$(( port + 1 + r * 2 + off ))
   "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$work/store-$label-$r.db" >"$work/coordinator-$label-$r.log" 2>&1 &
   pids+=($!)
   local addr="http://127.0.0.1:$cport"
