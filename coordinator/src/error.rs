@@ -97,6 +97,10 @@ pub enum Refusal {
     },
     #[error("plan {plan_id} has no step on shard {shard}")]
     NoStepOnShard { plan_id: String, shard: String },
+    #[error(
+        "plan {plan_id} commits atomically: it cannot stop half-way with transactions prepared; cancel it (`flotilla plan cancel {plan_id}`), which aborts and undoes it"
+    )]
+    AtomicHalt { plan_id: String },
     #[error("plan {plan_id} has no target `{target}` (give shard or shard/tenant)")]
     UnknownTarget { plan_id: String, target: String },
     #[error(

@@ -160,6 +160,24 @@ impl Coordinator {
                     done,
                 })
                 .await?;
+            } else if row.state == PlanState::Stopping {
+                // It was stopping (stop policy, cancel, halt): the runs in flight went with
+                // the old leader and the journals hold what they did; no new step starts,
+                // and it ends as it was going to. Nothing applied is undone.
+                run.message = row.message.clone();
+                run.rollback_ends = row.ends;
+                let updates = run.halt_pending();
+                run.state = PlanState::Stopping;
+                self.write(StoreOp::Steps {
+                    plan_id: row.id.clone(),
+                    updates,
+                });
+                info!(plan = %row.id, ends = row.ends.as_str(), "finishing the stop of a plan left stopping");
+                self.to_engine(|done| Event::Start {
+                    run: Box::new(run),
+                    done,
+                })
+                .await?;
             } else if row.state != PlanState::Running {
                 // It was undoing: undo again; the journal makes that harmless.
                 run.state = PlanState::Completed;

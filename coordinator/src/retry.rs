@@ -20,6 +20,21 @@ impl Coordinator {
         actor: Actor,
     ) -> Result<flotilla_core::pb::PlanStatus, CoordinatorError> {
         let epoch = self.leader_epoch()?;
+        // A plan in motion (a retry already under way, a rollback) is not retried.
+        let id = plan_id.to_string();
+        if let Some(status) = self
+            .to_engine(|reply| Event::Status { plan_id: id, reply })
+            .await?
+        {
+            return Err(Conflict::NotRetryable {
+                plan_id: plan_id.to_string(),
+                state: status
+                    .summary
+                    .and_then(|s| s.state.parse().ok())
+                    .unwrap_or(PlanState::Running),
+            }
+            .into());
+        }
         let row = self
             .inner
             .store
@@ -42,15 +57,22 @@ impl Coordinator {
         } else {
             let mut set = BTreeSet::new();
             for name in targets {
-                let found = run
-                    .targets
-                    .iter()
-                    .position(|t| t.to_string() == name.trim())
-                    .ok_or_else(|| Refusal::UnknownTarget {
+                // `shard/tenant` names one target; `shard` names the shard and its tenants.
+                let name = name.trim();
+                let found: Vec<usize> = (0..run.targets.len())
+                    .filter(|&i| {
+                        let t = &run.targets[i];
+                        t.to_string() == name || (!name.contains('/') && t.shard == name)
+                    })
+                    .collect();
+                if found.is_empty() {
+                    return Err(Refusal::UnknownTarget {
                         plan_id: plan_id.to_string(),
-                        target: name.clone(),
-                    })?;
-                set.insert(found);
+                        target: name.to_string(),
+                    }
+                    .into());
+                }
+                set.extend(found);
             }
             Some(set)
         };
@@ -89,6 +111,7 @@ impl Coordinator {
             plan_id: plan_id.to_string(),
             state: PlanState::Running,
             message: run.message.clone(),
+            ends: PlanState::RolledBack,
         });
         let what = if targets.is_empty() {
             format!("{n} steps")

@@ -189,14 +189,15 @@ impl Coordinator {
             .await?
             .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
         // What the status needs of the plan itself: its migrations' order and its waves.
-        let spec = hex::decode(&row.spec_hex)
+        let raw = hex::decode(&row.spec_hex)
             .ok()
-            .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
-            .and_then(|p| flotilla_core::PlanSpec::try_from(p).ok());
-        let order: Vec<String> = spec
+            .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok());
+        // The order needs only the wire form (it survives a spec a newer rule refuses).
+        let order: Vec<String> = raw
             .as_ref()
-            .map(|s| s.migrations.iter().map(|m| m.id.to_string()).collect())
+            .map(|p| p.migrations.iter().map(|m| m.id.clone()).collect())
             .unwrap_or_default();
+        let spec = raw.and_then(|p| flotilla_core::PlanSpec::try_from(p).ok());
         let steps = self.inner.store.steps(plan_id).await?;
         let data = self.inner.store.data_progress(plan_id).await?;
         let waves = self.inner.store.waves(plan_id).await?;

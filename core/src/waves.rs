@@ -35,7 +35,8 @@ impl Budget {
     pub fn allowed(&self, total: usize) -> usize {
         match *self {
             Budget::Targets(n) => n as usize,
-            Budget::Percent(p) => ((p / 100.0) * total as f64).floor() as usize,
+            // p * total / 100 (not p / 100 * total): 29% of 100 is 29, not 28.999999999999996
+            Budget::Percent(p) => (p * total as f64 / 100.0 + 1e-9).floor() as usize,
         }
     }
 
@@ -259,6 +260,13 @@ impl Wave {
                 ));
             }
         };
+        // A week is longer than any bake anyone means; it also keeps end times in range.
+        if w.bake_ms > 7 * 24 * 3_600_000 {
+            return Err(wave_error(
+                &name,
+                &format!("bake of {}ms is longer than a week", w.bake_ms),
+            ));
+        }
         for (field, v) in [
             ("max_parallel", w.max_parallel),
             ("max_parallel_per_shard", w.max_parallel_per_shard),
@@ -328,6 +336,9 @@ mod tests {
         assert_eq!(" 2% ".parse::<Budget>(), Ok(Budget::Percent(2.0)));
         assert_eq!(Budget::Percent(2.0).allowed(250), 5);
         assert_eq!(Budget::Percent(2.0).allowed(49), 0);
+        for (p, n) in [(29.0, 29), (57.0, 57), (58.0, 58), (7.0, 7), (14.0, 14)] {
+            assert_eq!(Budget::Percent(p).allowed(100), n, "{p}% of 100");
+        }
         assert!("150%".parse::<Budget>().is_err());
         assert!("many".parse::<Budget>().is_err());
     }

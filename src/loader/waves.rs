@@ -90,6 +90,14 @@ pub(super) fn wave(w: &WaveTable) -> Result<pb::Wave, (std::ops::Range<usize>, S
         None => String::new(),
         Some(b) => budget(b).map_err(|(span, e)| (span, format!("wave `{name}`: {e}")))?,
     };
+    if w.percent == Some(0.0) || w.count == Some(0) {
+        return Err((
+            w.name.span(),
+            format!(
+                "wave `{name}`: percent and count must be above 0 (an empty wave: leave it out, or optional = true with a selector)"
+            ),
+        ));
+    }
     Ok(pb::Wave {
         name,
         selector: w.selector.clone().unwrap_or_default(),

@@ -230,7 +230,7 @@ max_failures = 2
 
     // Two failing tenants, within the budget: every other tenant applies, and the plan
     // completes with its failures listed.
-    let fleet = crate::fleet::TestFleet::builder(3, 8)
+    let mut fleet = crate::fleet::TestFleet::builder(3, 8)
         .shard_sql(|s, tenants| {
             let mut sql =
                 String::from("CREATE TABLE public.tenant_directory (schema_name text, tier text);");
@@ -273,7 +273,16 @@ max_failures = 2
         "{w}"
     );
     assert_eq!(w["max_failures"], 2);
-    assert_eq!(marks(&fleet).await?.len(), 22);
+    let before = marks(&fleet).await?;
+    assert_eq!(before.len(), 22);
+
+    // A new coordinator finds an ended plan ended: nothing resumed, nothing undone.
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    fleet.restart_coordinator().await?;
+    fleet.wait_attached(3).await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "completed_with_failures", "{st}");
+    assert_eq!(marks(&fleet).await?, before);
     Ok(())
 }
 

@@ -119,6 +119,7 @@ impl Coordinator {
             name: spec.name.clone(),
             environment: spec.environment.clone(),
             state: PlanState::Running,
+            ends: PlanState::RolledBack,
             policy: spec.policy.as_str().into(),
             spec_hex: hex::encode(stored.encode_to_vec()),
             epoch: epoch as i64,

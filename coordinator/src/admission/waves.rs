@@ -28,11 +28,16 @@ pub(super) fn assign(spec: &PlanSpec, expansion: &Expansion) -> Result<Vec<usize
                 let matching: Vec<usize> = (0..n)
                     .filter(|&t| selector.matches(&expansion.labels[t]))
                     .collect();
-                if let Some(&t) = matching.iter().find(|&&t| wave_of[t].is_some()) {
+                // Two selectors naming one target is a mistake in the plan; a target an
+                // earlier share or count happened to take is simply taken.
+                let by_selector = |t: usize| {
+                    wave_of[t].is_some_and(|w| matches!(waves[w].take, Take::Selector(_)))
+                };
+                if let Some(&t) = matching.iter().find(|&&t| by_selector(t)) {
                     let earlier = &waves[wave_of[t].expect("taken")].name;
                     let both: Vec<String> = matching
                         .iter()
-                        .filter(|&&x| wave_of[x].is_some())
+                        .filter(|&&x| by_selector(x))
                         .map(|&x| expansion.targets[x].to_string())
                         .collect();
                     return Err(Refusal::WavesOverlap {
@@ -42,9 +47,13 @@ pub(super) fn assign(spec: &PlanSpec, expansion: &Expansion) -> Result<Vec<usize
                     });
                 }
                 matching
+                    .into_iter()
+                    .filter(|&t| wave_of[t].is_none())
+                    .collect()
             }
             Take::Percent(p) => {
-                let k = ((p / 100.0) * left.len() as f64).ceil() as usize;
+                // p * n / 100 (not p / 100 * n): 7% of 100 is 7, not 7.000000000000001 -> 8
+                let k = (p * left.len() as f64 / 100.0 - 1e-9).ceil().max(0.0) as usize;
                 left.into_iter().take(k).collect()
             }
             Take::Count(c) => left.into_iter().take(*c as usize).collect(),
@@ -69,10 +78,33 @@ pub(super) fn assign(spec: &PlanSpec, expansion: &Expansion) -> Result<Vec<usize
             targets: some_of(&unwaved, 3),
         });
     }
-    Ok(wave_of
+    let mut wave_of: Vec<usize> = wave_of
         .into_iter()
         .map(|w| w.expect("every target"))
-        .collect())
+        .collect();
+    pull_dependencies_forward(expansion, &mut wave_of);
+    Ok(wave_of)
+}
+
+/// A step may wait for a step of another target (a tenant's step on its shard's, say a
+/// `CREATE EXTENSION`): that target runs in the dependent's wave or before it, or the
+/// dependent would wait for a wave that has not started.
+fn pull_dependencies_forward(expansion: &Expansion, wave_of: &mut [usize]) {
+    loop {
+        let mut moved = false;
+        for s in &expansion.steps {
+            for &d in &s.deps {
+                let (from, to) = (expansion.steps[d].target, s.target);
+                if wave_of[from] > wave_of[to] {
+                    wave_of[from] = wave_of[to];
+                    moved = true;
+                }
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
 }
 
 /// A fixed pseudo-random key per target: a hash of the plan's name and the target.
@@ -109,6 +141,12 @@ fn spread(candidates: &[usize], targets: &[Target], keys: &[[u8; 8]]) -> Vec<usi
             v.into_iter()
         })
         .collect();
+    // The shard taken first rotates with the keys too: `count = 1` is not always the
+    // alphabetically first shard's.
+    if let Some(first) = candidates.iter().map(|&t| keys[t]).min() {
+        let turn = first[0] as usize % columns.len().max(1);
+        columns.rotate_left(turn);
+    }
     let mut order = Vec::with_capacity(candidates.len());
     while order.len() < candidates.len() {
         for column in &mut columns {
@@ -244,5 +282,68 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("15 targets are in no wave"), "{e}");
+    }
+
+    #[test]
+    fn a_step_the_canary_waits_for_on_its_shard_runs_with_the_canary() {
+        // Each tenant's step waits for its shard's (a CREATE EXTENSION, say): the shard
+        // targets join the earliest wave of a tenant of theirs.
+        let mut f = fleet();
+        let tenants = f.targets.len();
+        for s in 0..3 {
+            let shard = Target {
+                shard: format!("shard_{s}"),
+                tenant: String::new(),
+            };
+            f.labels
+                .push(BTreeMap::from([("shard".into(), shard.shard.clone())]));
+            f.targets.push(shard);
+        }
+        let shard_step = |s: usize| tenants + s;
+        for t in 0..tenants {
+            f.steps.push(crate::planner::PlannedStep {
+                migration: 0,
+                target: t,
+                deps: vec![tenants + t / 8],
+            });
+        }
+        for s in 0..3 {
+            f.steps.push(crate::planner::PlannedStep {
+                migration: 0,
+                target: shard_step(s),
+                deps: Vec::new(),
+            });
+        }
+        let w = assign(&spec(three_waves()), &f).unwrap();
+        for s in 0..3 {
+            assert_eq!(w[shard_step(s)], 0, "shard_{s} runs with the canary");
+        }
+    }
+
+    #[test]
+    fn a_selector_after_a_share_takes_what_is_left_without_calling_it_overlap() {
+        let f = fleet();
+        let waves = vec![
+            pb::Wave {
+                percent: 50.0,
+                ..wave("half")
+            },
+            pb::Wave {
+                selector: "tier=internal".into(),
+                optional: true,
+                ..wave("internal")
+            },
+            pb::Wave {
+                rest: true,
+                ..wave("rest")
+            },
+        ];
+        let w = assign(&spec(waves), &f).unwrap();
+        assert_eq!(w.iter().filter(|&&x| x == 0).count(), 12);
+        for (t, &x) in w.iter().enumerate() {
+            if x == 1 {
+                assert!(f.labels[t].contains_key("tier"), "{t}");
+            }
+        }
     }
 }

@@ -229,6 +229,12 @@ impl Engine {
                     return;
                 }
                 let id = run.id.clone();
+                if self.plans.contains_key(&id) {
+                    // Two starts of one plan (two retries at once): the one in motion stays.
+                    warn!(plan = %id, "the plan is in motion already; not started again");
+                    let _ = done.send(self.status_of(&id).unwrap_or_default());
+                    return;
+                }
                 metrics::plan_started();
                 self.plans.insert(id.clone(), *run);
                 self.drive(&id).await;
@@ -384,6 +390,7 @@ impl Engine {
                 plan_id: plan_id.to_string(),
                 state: run.state,
                 message: run.message.clone(),
+                ends: run.rollback_ends,
             });
         }
     }

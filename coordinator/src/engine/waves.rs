@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use super::Engine;
 use crate::actor::Actor;
-use crate::error::{Conflict, CoordinatorError};
+use crate::error::{Conflict, CoordinatorError, Refusal};
 use crate::plan::waves::WaveChange;
 use crate::store::{StoreOp, WaveRow, now_ms};
 
@@ -109,6 +109,14 @@ impl Engine {
             return Err(Conflict::NotHaltable {
                 plan_id: plan_id.to_string(),
                 state: run.state,
+            }
+            .into());
+        }
+        if run.spec.two_phase() {
+            // Prepared transactions need a decision: stopping where it is would leave them
+            // holding their locks. Cancel aborts them and undoes the plan.
+            return Err(Refusal::AtomicHalt {
+                plan_id: plan_id.to_string(),
             }
             .into());
         }

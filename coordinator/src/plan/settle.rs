@@ -64,19 +64,32 @@ impl PlanRun {
                         updates.push(self.update_of(s, None));
                     }
                 }
-                // Failures within an error budget are what the budget is for.
-                let within_budget =
-                    self.spec.policy == FailurePolicy::Continue && self.spec.rollout.budgeted();
+                // Not run for no failure and no cancel: a retry of some targets only leaves
+                // the others as they were. The plan did not complete.
+                let left = (0..self.steps.len())
+                    .filter(|&s| {
+                        self.steps[s].status == StepStatus::NotRun
+                            && !self
+                                .cancelled
+                                .contains(&self.targets[self.steps[s].target].shard)
+                    })
+                    .count();
+                let within_budget = self.failures_within_budget();
                 self.state = if any_failed && within_budget {
                     PlanState::CompletedWithFailures
                 } else if any_failed {
                     PlanState::Failed
                 } else if !self.cancelled.is_empty() {
                     PlanState::Cancelled
+                } else if left > 0 {
+                    PlanState::Halted
                 } else {
                     PlanState::Completed
                 };
-                if self.message.is_empty() {
+                // A plan with waves said what its waves did along the way; its end says how
+                // it ended.
+                let waved = !self.spec.rollout.waves.is_empty();
+                if self.message.is_empty() || (waved && self.cancelled.is_empty()) {
                     self.message = if any_failed && within_budget {
                         format!(
                             "every wave done; {} step(s) failed, within the error budget",
@@ -84,6 +97,8 @@ impl PlanRun {
                         )
                     } else if any_failed {
                         format!("{} step(s) failed", self.failures.len())
+                    } else if left > 0 {
+                        format!("{left} step(s) were not run; `flotilla plan retry` runs them")
                     } else {
                         "every step applied".into()
                     };
@@ -174,20 +189,44 @@ impl PlanRun {
         self.rollback_ends = PlanState::RolledBack;
         self.cancelled.clear();
         self.recount_remaining();
-        // Waves: those without work stay passed; the first with work runs.
+        // Waves: a wave that passed and has no work again stays passed; every other one
+        // runs again in order, its bake and gate included (a wave halted at its gate is
+        // not promoted by a retry).
         let stored: Vec<(flotilla_core::state::WaveState, Option<i64>)> = self
             .waves
             .iter()
             .map(|w| {
-                if w.targets.iter().any(|t| retried.contains(t)) {
-                    (flotilla_core::state::WaveState::Pending, None)
-                } else {
+                let again = w.targets.iter().any(|t| retried.contains(t));
+                if w.state == flotilla_core::state::WaveState::Done && !again {
                     (flotilla_core::state::WaveState::Done, None)
+                } else {
+                    (flotilla_core::state::WaveState::Pending, None)
                 }
             })
             .collect();
         let wave_of = self.wave_of.clone();
         self.set_waves(wave_of, &stored);
         updates
+    }
+}
+
+impl PlanRun {
+    /// Under `continue`: whether every failed target is in a wave with an error budget (its
+    /// own or the plan's): then failing is what the budget allowed.
+    fn failures_within_budget(&self) -> bool {
+        if self.spec.policy != FailurePolicy::Continue || !self.spec.rollout.budgeted() {
+            return false;
+        }
+        let rollout = &self.spec.rollout;
+        let budgeted = |t: usize| {
+            rollout.budget.is_some()
+                || self
+                    .waves
+                    .get(self.wave_of.get(t).copied().unwrap_or(0))
+                    .is_some_and(|w| w.budget.is_some())
+        };
+        (0..self.steps.len())
+            .filter(|&s| self.steps[s].status == StepStatus::Failed)
+            .all(|s| budgeted(self.steps[s].target))
     }
 }

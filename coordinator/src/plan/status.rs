@@ -59,14 +59,16 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
             plan_id: run.id.clone(),
             name: run.spec.name.clone(),
             // "paused" is how operators see a running plan that they paused as a whole
-            state: if run.state == PlanState::Running && run.paused.plan {
-                PAUSED.into()
-            } else if run.state == PlanState::Running
+            // waiting at a gate first: that is what someone has to act on (and what makes
+            // `--wait` come back)
+            state: if run.state == PlanState::Running
                 && run
                     .current_wave()
                     .is_some_and(|w| w.state == WaveState::Waiting)
             {
                 WAITING.into()
+            } else if run.state == PlanState::Running && run.paused.plan {
+                PAUSED.into()
             } else {
                 run.state.as_str().into()
             },

@@ -151,7 +151,7 @@ impl PlanRun {
     /// passed wave lets the next one run.
     pub fn advance_waves(&mut self, now_ms: i64) -> Vec<WaveChange> {
         let mut changes = Vec::new();
-        while let Some(w) = self.waves.get(self.wave_pos).cloned() {
+        while let Some(w) = self.waves.get(self.wave_pos) {
             let i = self.wave_pos;
             let next = match w.state {
                 WaveState::Running if w.targets.iter().all(|&t| !self.target_open(t)) => {

@@ -163,7 +163,7 @@ impl Store {
     pub async fn plan(&self, id: &str) -> Result<Option<PlanRow>, StoreError> {
         let row = sqlx::query(
             "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
-                created_at_ms, updated_at_ms, targets, steps FROM plans WHERE id = $1",
+                created_at_ms, updated_at_ms, targets, steps, ends FROM plans WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -175,7 +175,7 @@ impl Store {
     pub async fn plans(&self, limit: i64) -> Result<Vec<PlanRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
-                created_at_ms, updated_at_ms, targets, steps FROM plans
+                created_at_ms, updated_at_ms, targets, steps, ends FROM plans
              ORDER BY created_at_ms DESC, id DESC LIMIT $1",
         )
         .bind(limit)
@@ -187,20 +187,27 @@ impl Store {
 
     /// Plans that were running (or rolling back) when the coordinator stopped.
     pub async fn unfinished_plans(&self) -> Result<Vec<PlanRow>, StoreError> {
-        let rows = sqlx::query(
+        // Every state a plan does not end in, from the states themselves (a new end state
+        // cannot be forgotten here and its plans resumed, or worse, undone).
+        let open: Vec<&str> = PlanState::ALL
+            .iter()
+            .filter(|p| !p.is_terminal())
+            .map(|p| p.as_str())
+            .collect();
+        let sql = format!(
             "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
-                created_at_ms, updated_at_ms, targets, steps FROM plans
-             WHERE state NOT IN ($1, $2, $3, $4, $5)
-             ORDER BY created_at_ms",
-        )
-        .bind(PlanState::Completed.as_str())
-        .bind(PlanState::Failed.as_str())
-        .bind(PlanState::RolledBack.as_str())
-        .bind(PlanState::RollbackFailed.as_str())
-        .bind(PlanState::Cancelled.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(StoreError::from)?;
+                created_at_ms, updated_at_ms, targets, steps, ends FROM plans
+             WHERE state IN ({}) ORDER BY created_at_ms",
+            (1..=open.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for state in open {
+            q = q.bind(state);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(plan_row).collect()
     }
 
@@ -308,6 +315,7 @@ fn plan_row(r: &sqlx::any::AnyRow) -> Result<PlanRow, StoreError> {
     let id: String = r.get(0);
     Ok(PlanRow {
         state: stored_state(r.get(3), &id)?,
+        ends: stored_state(r.get(13), &id)?,
         id,
         name: r.get(1),
         environment: r.get(2),

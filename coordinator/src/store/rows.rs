@@ -10,6 +10,8 @@ pub struct PlanRow {
     pub name: String,
     pub environment: String,
     pub state: PlanState,
+    /// Where a stopping plan ends (failed, cancelled, halted).
+    pub ends: PlanState,
     pub policy: String,
     pub spec_hex: String,
     pub epoch: i64,
@@ -55,6 +57,8 @@ pub enum StoreOp {
         plan_id: String,
         state: PlanState,
         message: String,
+        /// Where the plan ends if it is stopping or rolling back.
+        ends: PlanState,
     },
     Steps {
         plan_id: String,

@@ -8,6 +8,9 @@ pub(super) const UPGRADES: &[(i64, &[&str])] = &[(
     &[
         // progressive rollouts: each step's wave, and each wave's state
         "ALTER TABLE steps ADD COLUMN wave BIGINT NOT NULL DEFAULT 0",
+        // where a stopping plan ends (failed, cancelled, halted): a new leader that finds
+        // it stopping finishes the stop, it does not undo the plan
+        "ALTER TABLE plans ADD COLUMN ends TEXT NOT NULL DEFAULT 'failed'",
         "CREATE TABLE IF NOT EXISTS waves (
             plan_id TEXT NOT NULL, idx BIGINT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL,
             bake_until_ms BIGINT, PRIMARY KEY (plan_id, idx))",

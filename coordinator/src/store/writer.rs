@@ -125,13 +125,16 @@ impl Store {
                     plan_id,
                     state,
                     message,
+                    ends,
                 } => {
                     sqlx::query(
-                        "UPDATE plans SET state = $1, message = $2, updated_at_ms = $3 WHERE id = $4",
+                        "UPDATE plans SET state = $1, message = $2, updated_at_ms = $3, ends = $4
+                         WHERE id = $5",
                     )
                     .bind(state.as_str())
                     .bind(message)
                     .bind(now_ms())
+                    .bind(ends.as_str())
                     .bind(plan_id)
                     .execute(&mut *tx)
                     .await
