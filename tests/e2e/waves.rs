@@ -497,3 +497,84 @@ rest = true
     assert!(out.stderr.contains("completed"), "{out}");
     Ok(())
 }
+
+/// How many tenants of an HA fleet's `shards` shards have a `rollout_mark` table.
+async fn marked(pg: &crate::harness::PgCluster, shards: usize) -> anyhow::Result<i64> {
+    let mut n = 0;
+    for s in 0..shards {
+        let c: i64 = pg
+            .query_scalar(
+                &format!("shard_{s}"),
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'rollout_mark'",
+            )
+            .await?;
+        n += c;
+    }
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manual_gate_keeps_waiting_when_the_leader_is_killed() -> anyhow::Result<()> {
+    let mut fleet = crate::ha::HaFleet::start(2, 2, 3).await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let standby = 1 - leader;
+    let plan = r#"name = "gated-ha"
+
+[[waves]]
+name = "canary"
+count = 2
+gate = "manual"
+
+[[waves]]
+name = "rest"
+rest = true
+"#;
+    let dir = plan_dir(plan)?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    crate::harness::wait_until(
+        "the plan waits at the canary's gate",
+        crate::fleet::WAIT,
+        async || Ok(fleet.status(&id).await?["state"] == "waiting"),
+    )
+    .await?;
+    assert_eq!(marked(&fleet.pg, 2).await?, 2, "only the canary ran");
+
+    // The leader dies; the standby leads, rebuilds the plan, and it still waits.
+    fleet.coordinators[leader].as_mut().unwrap().kill()?;
+    fleet.coordinators[standby]
+        .as_ref()
+        .unwrap()
+        .wait_for_log(
+            "leading: scheduling and deciding",
+            std::time::Duration::from_secs(30),
+        )
+        .await?;
+    crate::harness::wait_until(
+        "agents attached to the new leader",
+        crate::fleet::WAIT,
+        async || {
+            let out = fleet
+                .cli_at(standby, &["fleet", "list", "--output", "json"])
+                .await?;
+            Ok(out.stdout.matches("\"connected\":true").count() == 2)
+        },
+    )
+    .await?;
+    let out = fleet
+        .cli_at(standby, &["plan", "status", &id, "--output", "json"])
+        .await?;
+    let st = out.last_json()?;
+    assert_eq!(st["state"], "waiting", "{st}");
+    assert_eq!(marked(&fleet.pg, 2).await?, 2, "still only the canary");
+
+    // Promoted on the new leader, the rest goes and the plan completes.
+    let out = fleet
+        .cli_at(
+            standby,
+            &["plan", "promote", &id, "--wait", "--output", "json"],
+        )
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(marked(&fleet.pg, 2).await?, 6);
+    Ok(())
+}
