@@ -197,17 +197,20 @@ pub async fn start(
     tokio::spawn(store::run_writer(store.clone(), writes_rx));
     let (changes, _) = broadcast::channel(1024);
     let (events, events_rx) = mpsc::channel(4096);
+    let fleet = Arc::new(sessions::registry::Fleet::default());
     let engine = engine::Engine::new(
         coordination.clone(),
         config.agent_grace,
         writes.clone(),
         changes.clone(),
+        fleet.clone(),
+        events.clone(),
     );
     tokio::spawn(engine.run(events_rx));
     let coordinator = Coordinator {
         inner: Arc::new(service::Inner {
             store,
-            fleet: sessions::registry::Fleet::default(),
+            fleet,
             events: events.clone(),
             writes,
             changes,

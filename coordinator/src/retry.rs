@@ -100,6 +100,7 @@ impl Coordinator {
                     name: w.name.clone(),
                     state: w.state,
                     bake_until_ms: w.bake_until_ms,
+                    gate: String::new(),
                 })
                 .collect();
             self.write(StoreOp::Waves {

@@ -30,7 +30,7 @@ pub struct Defaults {
 
 pub struct Inner {
     pub store: Store,
-    pub fleet: Fleet,
+    pub fleet: Arc<Fleet>,
     pub events: mpsc::Sender<Event>,
     pub writes: mpsc::UnboundedSender<StoreOp>,
     pub changes: broadcast::Sender<(String, bool)>,

@@ -532,6 +532,7 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
             &p.waves,
             &p.max_failures,
             &p.on_budget_exhausted,
+            &p.on_gate_failure,
             policy,
         )?;
         let spec = PlanSpec {

@@ -101,6 +101,8 @@ pub enum WaveState {
     Running,
     /// Its targets are done; waiting for the bake time to pass.
     Baking,
+    /// Baked; the agents run its SQL gates on its targets.
+    Checking,
     /// Baked; waiting at its manual gate for `plan promote`.
     Waiting,
     Done,
@@ -109,10 +111,11 @@ pub enum WaveState {
 }
 
 impl WaveState {
-    pub const ALL: [WaveState; 6] = [
+    pub const ALL: [WaveState; 7] = [
         WaveState::Pending,
         WaveState::Running,
         WaveState::Baking,
+        WaveState::Checking,
         WaveState::Waiting,
         WaveState::Done,
         WaveState::Halted,
@@ -123,6 +126,7 @@ impl WaveState {
             WaveState::Pending => "pending",
             WaveState::Running => "running",
             WaveState::Baking => "baking",
+            WaveState::Checking => "checking",
             WaveState::Waiting => "waiting",
             WaveState::Done => "done",
             WaveState::Halted => "halted",

@@ -96,6 +96,44 @@ impl OnBudgetExhausted {
     }
 }
 
+/// A SQL gate of a wave: run on every target of the wave after its bake.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    pub name: String,
+    /// One query returning one value (a number, or a boolean).
+    pub sql: String,
+    /// A number (a boolean counts 1/0) at most this passes; None: the value must be true.
+    pub max: Option<f64>,
+}
+
+impl Check {
+    /// Whether `value` (as the agent read it, text) passes; Err says why not.
+    pub fn judge(&self, value: &str) -> Result<(), String> {
+        let v = value.trim();
+        let number = match v {
+            "true" | "t" => Some(1.0),
+            "false" | "f" => Some(0.0),
+            "" => None,
+            _ => v.parse::<f64>().ok(),
+        };
+        match (self.max, number) {
+            (_, None) => Err(format!("returned {v:?}, not a number or a boolean")),
+            (None, Some(n)) if n == 1.0 && matches!(v, "true" | "t") => Ok(()),
+            (None, Some(_)) => Err(format!("returned {v}, expected true")),
+            (Some(max), Some(n)) if n <= max => Ok(()),
+            (Some(max), Some(n)) => Err(format!("returned {n}, more than its max {max}")),
+        }
+    }
+}
+
+/// What a plan does when a wave's SQL gate is breached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnGateFailure {
+    #[default]
+    Halt,
+    Rollback,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Wave {
     pub name: String,
@@ -108,6 +146,7 @@ pub struct Wave {
     pub budget: Option<Budget>,
     pub manual_gate: bool,
     pub optional: bool,
+    pub checks: Vec<Check>,
 }
 
 /// A plan's rollout: its waves (none: one wave of every target) and its error budget.
@@ -117,6 +156,7 @@ pub struct Rollout {
     /// The plan's budget over all its targets (policy continue); None: no limit.
     pub budget: Option<Budget>,
     pub on_budget_exhausted: OnBudgetExhausted,
+    pub on_gate_failure: OnGateFailure,
 }
 
 impl Rollout {
@@ -132,8 +172,19 @@ impl Rollout {
         waves_pb: &[pb::Wave],
         max_failures: &str,
         on_budget_exhausted: &str,
+        on_gate_failure: &str,
         policy: FailurePolicy,
     ) -> Result<Rollout, PlanError> {
+        let on_gate_failure = match on_gate_failure.trim() {
+            "" | "halt" => OnGateFailure::Halt,
+            "rollback" => OnGateFailure::Rollback,
+            other => {
+                return Err(PlanError::Field {
+                    field: "on_gate_failure".into(),
+                    reason: format!("`{other}`: use halt or rollback"),
+                });
+            }
+        };
         let budget = parse_budget(max_failures, "max_failures")?;
         let on_budget_exhausted = match on_budget_exhausted.trim() {
             "" | "halt" => OnBudgetExhausted::Halt,
@@ -167,6 +218,7 @@ impl Rollout {
             waves,
             budget,
             on_budget_exhausted,
+            on_gate_failure,
         };
         // Only `continue` goes on past a failure; under the others the budget is 0.
         if policy != FailurePolicy::Continue {
@@ -192,6 +244,11 @@ impl Rollout {
         p.waves = self.waves.iter().map(Wave::to_pb).collect();
         p.max_failures = self.budget.map(|b| b.to_string()).unwrap_or_default();
         p.on_budget_exhausted = self.on_budget_exhausted.as_str().to_string();
+        p.on_gate_failure = match self.on_gate_failure {
+            OnGateFailure::Halt => "halt",
+            OnGateFailure::Rollback => "rollback",
+        }
+        .to_string();
     }
 }
 
@@ -280,6 +337,26 @@ impl Wave {
         }
         let budget = parse_budget(&w.max_failures, "max_failures")
             .map_err(|e| wave_error(&name, &e.to_string()))?;
+        let mut checks = Vec::with_capacity(w.checks.len());
+        for (i, c) in w.checks.iter().enumerate() {
+            let sql = c.sql.trim().trim_end_matches(';').trim().to_string();
+            let check_name = if c.name.trim().is_empty() {
+                format!("check {}", i + 1)
+            } else {
+                c.name.trim().to_string()
+            };
+            if sql.is_empty() {
+                return Err(wave_error(
+                    &name,
+                    &format!("{check_name} has no sql: a gate needs a query"),
+                ));
+            }
+            checks.push(Check {
+                name: check_name,
+                sql,
+                max: c.has_max.then_some(c.max),
+            });
+        }
         Ok(Wave {
             name,
             take,
@@ -290,6 +367,7 @@ impl Wave {
             budget,
             manual_gate: w.manual_gate,
             optional: w.optional,
+            checks,
         })
     }
 
@@ -302,6 +380,16 @@ impl Wave {
             max_failures: self.budget.map(|b| b.to_string()).unwrap_or_default(),
             manual_gate: self.manual_gate,
             optional: self.optional,
+            checks: self
+                .checks
+                .iter()
+                .map(|c| pb::WaveCheck {
+                    name: c.name.clone(),
+                    sql: c.sql.clone(),
+                    has_max: c.max.is_some(),
+                    max: c.max.unwrap_or(0.0),
+                })
+                .collect(),
             ..Default::default()
         };
         match &self.take {
@@ -327,7 +415,33 @@ mod tests {
     }
 
     fn rollout(waves: Vec<pb::Wave>, policy: FailurePolicy) -> Result<Rollout, PlanError> {
-        Rollout::from_pb(&waves, "", "", policy)
+        Rollout::from_pb(&waves, "", "", "", policy)
+    }
+
+    #[test]
+    fn checks_judge_numbers_and_booleans() {
+        let at_most = |max| Check {
+            name: "c".into(),
+            sql: "SELECT 1".into(),
+            max: Some(max),
+        };
+        assert!(at_most(0.0).judge("0").is_ok());
+        assert!(at_most(0.0).judge("false").is_ok());
+        assert!(
+            at_most(0.0)
+                .judge("3")
+                .unwrap_err()
+                .contains("returned 3, more than its max 0")
+        );
+        assert!(at_most(1.5).judge("1.25").is_ok());
+        assert!(at_most(1.0).judge("").unwrap_err().contains("not a number"));
+        let truthy = Check {
+            max: None,
+            ..at_most(0.0)
+        };
+        assert!(truthy.judge("true").is_ok());
+        assert!(truthy.judge("false").unwrap_err().contains("expected true"));
+        assert!(truthy.judge("1").is_err(), "a number is not a boolean");
     }
 
     #[test]
@@ -412,6 +526,7 @@ mod tests {
             &p.waves,
             &p.max_failures,
             &p.on_budget_exhausted,
+            &p.on_gate_failure,
             FailurePolicy::Continue,
         );
         assert_eq!(back.unwrap(), r);

@@ -66,6 +66,7 @@ pub fn status_json(s: &pb::PlanStatus) -> Value {
             "max_failures": if w.budgeted { json!(w.max_failures) } else { Value::Null },
             "bake_until_ms": if w.bake_until_ms > 0 { json!(w.bake_until_ms) } else { Value::Null },
             "manual_gate": w.manual_gate,
+            "gate": w.gate,
         })).collect::<Vec<_>>(),
         "data": s.data.iter().map(|d| json!({
             "migration": d.migration_id,
@@ -220,6 +221,9 @@ fn wave_line(w: &pb::WaveStatus) -> String {
     }
     if w.manual_gate && w.state != "done" {
         line.push_str("; manual gate");
+    }
+    if !w.gate.is_empty() {
+        line.push_str(&format!("; gate: {}", w.gate));
     }
     line
 }

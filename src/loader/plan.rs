@@ -44,6 +44,8 @@ struct PlanFile {
     max_failures: Option<Spanned<waves::BudgetEntry>>,
     /// `halt` (default) or `rollback`.
     on_budget_exhausted: Option<Spanned<String>>,
+    /// `halt` (default) or `rollback` when a wave's SQL gate is breached.
+    on_gate_failure: Option<Spanned<String>>,
 }
 
 /// One entry of `parallel_groups`: a list of ids, or a table that can also ask
@@ -193,6 +195,17 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
     }
     if let Some(b) = &file.max_failures {
         spec.max_failures = waves::budget(b).map_err(|(span, e)| at(span, e))?;
+    }
+    if let Some(o) = &file.on_gate_failure {
+        match o.get_ref().trim() {
+            "halt" | "rollback" => spec.on_gate_failure = o.get_ref().trim().to_string(),
+            other => {
+                return Err(at(
+                    o.span(),
+                    format!("on_gate_failure = `{other}`: use halt or rollback"),
+                ));
+            }
+        }
     }
     if let Some(o) = &file.on_budget_exhausted {
         match o.get_ref().trim() {

@@ -24,6 +24,20 @@ pub(super) struct WaveTable {
     gate: Option<Spanned<String>>,
     #[serde(default)]
     optional: bool,
+    /// `[[waves.check]]`: SQL gates run on every target of the wave after its bake.
+    #[serde(default)]
+    check: Vec<Spanned<CheckTable>>,
+}
+
+/// One `[[waves.check]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CheckTable {
+    name: Option<String>,
+    /// One query returning one value.
+    sql: String,
+    /// The highest value that passes; without it the value must be true.
+    max: Option<f64>,
 }
 
 /// `max_failures = 3` or `max_failures = "2%"`.
@@ -110,5 +124,18 @@ pub(super) fn wave(w: &WaveTable) -> Result<pb::Wave, (std::ops::Range<usize>, S
         max_failures,
         manual_gate,
         optional: w.optional,
+        checks: w
+            .check
+            .iter()
+            .map(|c| {
+                let c = c.get_ref();
+                pb::WaveCheck {
+                    name: c.name.clone().unwrap_or_default(),
+                    sql: c.sql.clone(),
+                    has_max: c.max.is_some(),
+                    max: c.max.unwrap_or(0.0),
+                }
+            })
+            .collect(),
     })
 }

@@ -578,3 +578,110 @@ rest = true
     assert_eq!(marked(&fleet.pg, 2).await?, 6);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sql_gates_pass_or_stop_the_rollout_naming_the_value() -> anyhow::Result<()> {
+    let fleet = fleet(&[]).await?;
+    let gated = |extra: &str| {
+        format!(
+            r#"name = "sql-gates"
+{extra}
+[[waves]]
+name = "canary"
+selector = "tier=internal"
+
+[[waves.check]]
+name = "marks"
+sql = "SELECT count(*) FROM rollout_mark"
+max = 1
+
+[[waves]]
+name = "rest"
+rest = true
+"#
+        )
+    };
+    // One mark per tenant: the gate passes and the rest goes.
+    let dir = plan_dir(&gated(""))?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let gate = waves(&st)[0]["gate"].as_str().unwrap().to_string();
+    assert!(gate.contains("`marks` highest 1 of max 1"), "{st}");
+    assert_eq!(marks(&fleet).await?.len(), 24);
+
+    // A second mark: the canary's gate is breached, the plan halts before the rest, and
+    // the status names the check, the target and the value.
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "002_second_mark",
+        "",
+        "INSERT INTO rollout_mark DEFAULT VALUES;",
+        "DELETE FROM rollout_mark WHERE at = (SELECT max(at) FROM rollout_mark);",
+    )?;
+    std::fs::write(dir.path().join("plan.toml"), gated(""))?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(st["state"], "halted", "{st}");
+    let message = st["message"].as_str().unwrap();
+    assert!(
+        message.contains("wave `canary` failed its gate: check `marks` on shard_"),
+        "{message}"
+    );
+    assert!(
+        message.contains("returned 2, more than its max 1"),
+        "{message}"
+    );
+    let w = waves(&st);
+    assert_eq!(w[0]["state"], "halted", "{st}");
+    assert!(
+        w[0]["gate"].as_str().unwrap().contains("returned 2"),
+        "{st}"
+    );
+    assert_eq!(w[1]["state"], "pending", "{st}");
+    let rows = |s: usize, t: usize| {
+        let tenant = tenant_name(s, t, 8);
+        let db = fleet.shards[s].clone();
+        let pg = &fleet.pg;
+        async move {
+            pg.query_scalar::<i64>(&db, &format!("SELECT count(*) FROM {tenant}.rollout_mark"))
+                .await
+        }
+    };
+    assert_eq!(rows(0, 0).await?, 2, "the canary has the second mark");
+    assert_eq!(rows(0, 1).await?, 1, "the rest does not");
+
+    // Under on_gate_failure = "rollback" the canary's change is undone.
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "003_probe",
+        "",
+        "CREATE TABLE gate_probe (x int); INSERT INTO gate_probe VALUES (5);",
+        "DROP TABLE gate_probe;",
+    )?;
+    let plan = gated("on_gate_failure = \"rollback\"").replace(
+        "SELECT count(*) FROM rollout_mark",
+        "SELECT max(x) FROM gate_probe",
+    );
+    std::fs::write(dir.path().join("plan.toml"), plan)?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("returned 5, more than its max 1"),
+        "{st}"
+    );
+    for s in 0..3 {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                &fleet.shards[s],
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'gate_probe'",
+            )
+            .await?;
+        assert_eq!(n, 0, "shard_{s}: the canary's change is undone");
+    }
+    Ok(())
+}

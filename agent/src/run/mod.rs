@@ -12,6 +12,7 @@ use crate::Agent;
 
 mod conn;
 mod executor;
+mod gate;
 mod invalid_index;
 mod job;
 mod lock_wait;

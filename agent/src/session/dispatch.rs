@@ -62,6 +62,23 @@ pub(super) fn dispatch(agent: &Arc<Agent>, body: In, tx: &mpsc::Sender<pb::Agent
                 .instrument(span),
             );
         }
+        In::Check(req) => {
+            let agent2 = agent.clone();
+            let tx = tx.clone();
+            agent.tasks.spawn(async move {
+                let reply = agent2.check(req).await;
+                // like a preflight's: a reply for a stream that is gone went with its request
+                if tx
+                    .send(pb::AgentMessage {
+                        body: Some(Out::Check(reply)),
+                    })
+                    .await
+                    .is_err()
+                {
+                    debug!("gate check reply dropped: the stream is gone");
+                }
+            });
+        }
         In::Rollback(req) => {
             let agent2 = agent.clone();
             agent.tasks.spawn(async move {

@@ -165,6 +165,7 @@ impl Coordinator {
                         WaveState::Pending
                     },
                     bake_until_ms: None,
+                    gate: String::new(),
                 })
                 .collect();
             self.write(StoreOp::Waves {

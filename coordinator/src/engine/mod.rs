@@ -13,13 +13,14 @@ mod atomic;
 mod commands;
 mod drive;
 mod failure;
+mod gates;
 mod outbound;
 mod replies;
 #[cfg(test)]
 mod tests;
 mod waves;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,7 @@ use crate::coordination::Coordination;
 use crate::error::CoordinatorError;
 use crate::metrics;
 use crate::plan::{PlanRun, RollbackState};
+use crate::sessions::registry::Fleet;
 use crate::store::StoreOp;
 use agents::AgentConn;
 pub use outbound::msg;
@@ -131,6 +133,12 @@ pub enum Event {
         actor: Actor,
         reply: CommandReply,
     },
+    /// What a wave's SQL gates found (from the task that ran them).
+    GateResult {
+        plan_id: String,
+        wave: usize,
+        found: Result<String, String>,
+    },
     /// Pause or resume a plan (`shard` None) or one shard of it.
     Pause {
         plan_id: String,
@@ -162,6 +170,12 @@ pub struct Engine {
     plans: HashMap<String, PlanRun>,
     next_run_id: u64,
     changes: Changes,
+    /// The attached agents as the API sees them: gate checks go through their streams.
+    fleet: Arc<Fleet>,
+    /// The engine's own inbox, for tasks that report back (gate checks).
+    events: mpsc::Sender<Event>,
+    /// Gate checks under way: (plan, wave).
+    gates: HashSet<(String, usize)>,
 }
 
 impl Engine {
@@ -170,6 +184,8 @@ impl Engine {
         agent_grace: Duration,
         store: mpsc::UnboundedSender<StoreOp>,
         changes: Changes,
+        fleet: Arc<Fleet>,
+        events: mpsc::Sender<Event>,
     ) -> Engine {
         // Leading from the first moment when the backend says so (the embedded one
         // always does), so a submit can never race the first Lead event.
@@ -195,6 +211,9 @@ impl Engine {
             // must not be taken for the new one's runs.
             next_run_id: (epoch << 32) + 1,
             changes,
+            fleet,
+            events,
+            gates: HashSet::new(),
         }
     }
 
@@ -286,6 +305,11 @@ impl Engine {
                 let result = self.halt(&plan_id, &actor);
                 self.reply(&plan_id, result, reply).await;
             }
+            Event::GateResult {
+                plan_id,
+                wave,
+                found,
+            } => self.on_gate_result(&plan_id, wave, found).await,
             Event::Status { plan_id, reply } => {
                 // the asker may have gone away (a closed watch): nothing to tell
                 let _ = reply.send(self.status_of(&plan_id));
@@ -344,8 +368,11 @@ impl Engine {
                         matches!(r.state, PlanState::Committing | PlanState::Aborting)
                             || r.ready_to_commit()
                             || r.unit_unverified
-                            // a bake ends with time, not with an answer
-                            || r.current_wave().is_some_and(|w| w.state == WaveState::Baking)
+                            // a bake ends with time, not with an answer; a gate a new
+                            // leader inherited is checked again
+                            || r.current_wave().is_some_and(|w| {
+                                matches!(w.state, WaveState::Baking | WaveState::Checking)
+                            })
                     })
                     .map(|(id, _)| id.clone())
                     .collect();

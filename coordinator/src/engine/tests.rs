@@ -23,13 +23,15 @@ fn engine() -> mpsc::Sender<Event> {
         }
     });
     let (changes, _) = broadcast::channel(16);
+    let (events, rx) = mpsc::channel(64);
     let engine = Engine::new(
         Arc::new(EmbeddedCoordination::new(1)),
         Duration::from_secs(30),
         store,
         changes,
+        Arc::new(crate::sessions::registry::Fleet::default()),
+        events.clone(),
     );
-    let (events, rx) = mpsc::channel(64);
     tokio::spawn(engine.run(rx));
     events
 }

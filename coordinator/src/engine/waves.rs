@@ -26,10 +26,11 @@ impl Engine {
             self.write_state(plan_id);
         }
         self.record_waves(plan_id, changes);
+        self.start_gate(plan_id);
     }
 
     /// Stores the waves that moved (plans with waves only) and logs each move.
-    fn record_waves(&self, plan_id: &str, changes: Vec<WaveChange>) {
+    pub(super) fn record_waves(&self, plan_id: &str, changes: Vec<WaveChange>) {
         let Some(run) = self.plans.get(plan_id) else {
             return;
         };
@@ -46,6 +47,7 @@ impl Engine {
                 name: run.waves[c.wave].name.clone(),
                 state: c.state,
                 bake_until_ms: c.bake_until_ms,
+                gate: run.waves[c.wave].gate.clone(),
             })
             .collect();
         self.write(StoreOp::Waves {
@@ -121,7 +123,7 @@ impl Engine {
             .into());
         }
         let message = actor.explain(&format!("halted by {}", actor.name));
-        self.stop_here(plan_id, message);
+        self.stop_plan(plan_id, message);
         self.write(actor.audit("halt", plan_id, ""));
         Ok(())
     }
@@ -141,27 +143,20 @@ impl Engine {
         warn!(plan = %plan_id, "{why}");
         match run.spec.rollout.on_budget_exhausted {
             OnBudgetExhausted::Halt => {
-                self.stop_here(plan_id, format!("{why}; halted: what applied stays"));
+                self.stop_plan(plan_id, format!("{why}; halted: what applied stays"));
             }
             OnBudgetExhausted::Rollback => {
-                let run = self.plans.get_mut(plan_id).expect("present");
-                run.message = format!("{why}; every applied step is being undone");
-                run.rollback_ends = PlanState::RolledBack;
-                let updates = run.halt_pending();
-                self.write(StoreOp::Steps {
-                    plan_id: plan_id.to_string(),
-                    updates,
-                });
-                self.halt_wave(plan_id);
-                self.begin_rollback(plan_id);
-                self.write_state(plan_id);
+                self.undo_plan(
+                    plan_id,
+                    format!("{why}; every applied step is being undone"),
+                );
             }
         }
         true
     }
 
     /// Stops the plan where it is, to end halted once nothing is in flight.
-    fn stop_here(&mut self, plan_id: &str, message: String) {
+    pub(super) fn stop_plan(&mut self, plan_id: &str, message: String) {
         let run = self.plans.get_mut(plan_id).expect("present");
         run.message = message;
         run.rollback_ends = PlanState::Halted;

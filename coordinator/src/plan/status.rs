@@ -169,6 +169,7 @@ fn waves_from_store(
                 max_failures: budget.map_or(0, |b| b.allowed(targets.len())) as u32,
                 budgeted: budget.is_some(),
                 manual_gate: wave.is_some_and(|x| x.manual_gate),
+                gate: w.gate.clone(),
                 name: w.name.clone(),
                 state: w.state.as_str().into(),
                 applied: applied as u32,

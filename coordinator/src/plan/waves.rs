@@ -5,7 +5,7 @@
 use flotilla_core::FailurePolicy;
 use flotilla_core::pb;
 use flotilla_core::state::WaveState;
-use flotilla_core::waves::Budget;
+use flotilla_core::waves::{Budget, Check};
 
 use super::{PlanRun, StepStatus};
 
@@ -23,6 +23,10 @@ pub struct WaveRun {
     pub max_parallel: Option<u32>,
     pub max_parallel_per_shard: Option<u32>,
     pub budget: Option<Budget>,
+    /// SQL gates run on its targets after the bake.
+    pub checks: Vec<Check>,
+    /// What its gates found, last.
+    pub gate: String,
 }
 
 /// A wave that moved, for the store and the log.
@@ -51,6 +55,8 @@ impl PlanRun {
                 max_parallel: None,
                 max_parallel_per_shard: None,
                 budget: None,
+                checks: Vec::new(),
+                gate: String::new(),
             }]
         } else {
             spec.rollout
@@ -66,6 +72,8 @@ impl PlanRun {
                     max_parallel: w.max_parallel,
                     max_parallel_per_shard: w.max_parallel_per_shard,
                     budget: w.budget,
+                    checks: w.checks.clone(),
+                    gate: String::new(),
                 })
                 .collect()
         };
@@ -168,7 +176,17 @@ impl PlanRun {
                     ))
                 }
                 WaveState::Baking if w.bake_until_ms.is_none_or(|u| now_ms >= u) => {
-                    if w.manual_gate {
+                    if !w.checks.is_empty() {
+                        Some((
+                            WaveState::Checking,
+                            None,
+                            format!(
+                                "wave `{}` baked; its {} SQL gate(s) run on its targets",
+                                w.name,
+                                w.checks.len()
+                            ),
+                        ))
+                    } else if w.manual_gate {
                         Some((
                             WaveState::Waiting,
                             None,
@@ -216,6 +234,55 @@ impl PlanRun {
             self.enqueue_if_ready(t);
         }
         Some(change)
+    }
+
+    /// What the current wave's SQL gates found: passed (a summary), or breached (why).
+    /// The wave waits at its manual gate, or passes, or halts. None when the wave is not
+    /// (or no longer) checking.
+    pub fn gate_result(
+        &mut self,
+        wave: usize,
+        found: Result<String, String>,
+    ) -> Option<Vec<WaveChange>> {
+        if wave != self.wave_pos {
+            return None;
+        }
+        let w = self.waves.get_mut(wave)?;
+        if w.state != WaveState::Checking {
+            return None;
+        }
+        let (state, message) = match &found {
+            Ok(summary) if w.manual_gate => (
+                WaveState::Waiting,
+                format!(
+                    "wave `{}` passed its gates ({summary}); waiting for `flotilla plan promote {}`",
+                    w.name, self.id
+                ),
+            ),
+            Ok(summary) => (
+                WaveState::Done,
+                format!("wave `{}` passed its gates ({summary})", w.name),
+            ),
+            Err(why) => (
+                WaveState::Halted,
+                format!("wave `{}` failed its gate: {why}", w.name),
+            ),
+        };
+        w.gate = match found {
+            Ok(s) => s,
+            Err(e) => e,
+        };
+        w.state = state;
+        let mut changes = vec![WaveChange {
+            wave,
+            state,
+            bake_until_ms: None,
+            message,
+        }];
+        if state == WaveState::Done {
+            changes.extend(self.next_wave());
+        }
+        Some(changes)
     }
 
     /// `plan promote`: the wave waiting at its manual gate passes. None when no wave waits.
@@ -329,6 +396,7 @@ impl PlanRun {
                         .filter(|&u| w.state == WaveState::Baking && u > now_ms)
                         .unwrap_or(0) as u64,
                     manual_gate: w.manual_gate,
+                    gate: w.gate.clone(),
                 }
             })
             .collect()

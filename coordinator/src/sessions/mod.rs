@@ -129,6 +129,10 @@ impl Coordinator {
                     inner.fleet.complete_preflight(reply);
                     continue;
                 }
+                Some(Body::Check(reply)) => {
+                    inner.fleet.complete_check(reply);
+                    continue;
+                }
                 Some(Body::Resolve(reply)) => Event::ResolveReply { shard, reply },
                 Some(Body::Rollback(reply)) => Event::RollbackReply { shard, reply },
             };

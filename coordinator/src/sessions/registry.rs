@@ -24,6 +24,7 @@ pub struct AttachedAgent {
 struct Inner {
     agents: BTreeMap<String, AttachedAgent>,
     preflights: HashMap<u64, oneshot::Sender<pb::PreflightReply>>,
+    checks: HashMap<u64, oneshot::Sender<pb::CheckReply>>,
     next_id: u64,
 }
 
@@ -90,40 +91,98 @@ impl Fleet {
         mut request: pb::PreflightRequest,
         timeout: Duration,
     ) -> Result<pb::PreflightReply, CoordinatorError> {
+        let reply = self
+            .ask(
+                shard,
+                timeout,
+                "preflight",
+                |g| &mut g.preflights,
+                |id| {
+                    request.request_id = id;
+                    pb::coordinator_message::Body::Preflight(request)
+                },
+            )
+            .await?;
+        if reply.error.is_empty() {
+            Ok(reply)
+        } else {
+            Err(CoordinatorError::Unreachable {
+                shard: shard.to_string(),
+                reason: reply.error,
+            })
+        }
+    }
+
+    /// Has one agent run a wave's SQL gate on some of its targets.
+    pub async fn check(
+        &self,
+        shard: &str,
+        mut request: pb::CheckRequest,
+        timeout: Duration,
+    ) -> Result<pb::CheckReply, CoordinatorError> {
+        let reply = self
+            .ask(
+                shard,
+                timeout,
+                "gate check",
+                |g| &mut g.checks,
+                |id| {
+                    request.request_id = id;
+                    pb::coordinator_message::Body::Check(request)
+                },
+            )
+            .await?;
+        if reply.error.is_empty() {
+            Ok(reply)
+        } else {
+            Err(CoordinatorError::Unreachable {
+                shard: shard.to_string(),
+                reason: reply.error,
+            })
+        }
+    }
+
+    /// Sends a request on an agent's stream and waits for the reply with its id, which the
+    /// session's reader hands over (`complete_*`).
+    async fn ask<R>(
+        &self,
+        shard: &str,
+        timeout: Duration,
+        what: &str,
+        waiters: fn(&mut Inner) -> &mut HashMap<u64, oneshot::Sender<R>>,
+        request: impl FnOnce(u64) -> pb::coordinator_message::Body,
+    ) -> Result<R, CoordinatorError> {
         let unreachable = |reason: String| CoordinatorError::Unreachable {
             shard: shard.to_string(),
             reason,
         };
         let (tx, rx) = oneshot::channel();
-        let agent_tx = {
+        let (agent_tx, request_id) = {
             let mut g = self.inner.lock().expect("fleet lock");
-            g.next_id += 1;
-            let id = g.next_id;
-            g.preflights.insert(id, tx);
-            let agent = g
+            let agent_tx = g
                 .agents
                 .get(shard)
+                .map(|a| a.tx.clone())
                 .ok_or_else(|| unreachable("its agent is not attached".into()))?;
-            (agent.tx.clone(), id)
+            g.next_id += 1;
+            let id = g.next_id;
+            waiters(&mut g).insert(id, tx);
+            (agent_tx, id)
         };
-        let (agent_tx, request_id) = agent_tx;
-        request.request_id = request_id;
-        agent_tx
-            .send(msg(pb::coordinator_message::Body::Preflight(request)))
-            .await
-            .map_err(|_| unreachable("its agent stream closed".into()))?;
-        let reply = tokio::time::timeout(timeout, rx).await;
-        self.inner
-            .lock()
-            .expect("fleet lock")
-            .preflights
-            .remove(&request_id);
+        let sent = agent_tx.send(msg(request(request_id))).await;
+        let reply = match sent {
+            Ok(()) => Some(tokio::time::timeout(timeout, rx).await),
+            Err(_) => None,
+        };
+        waiters(&mut self.inner.lock().expect("fleet lock")).remove(&request_id);
+        let Some(reply) = reply else {
+            return Err(unreachable("its agent stream closed".into()));
+        };
         match reply {
-            Ok(Ok(r)) if r.error.is_empty() => Ok(r),
-            Ok(Ok(r)) => Err(unreachable(r.error)),
+            Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(unreachable("its agent stream closed".into())),
             Err(_) => Err(unreachable(format!(
-                "no preflight answer within {}s",
+                "no {what} answer within {}s",
                 timeout.as_secs()
             ))),
         }
@@ -137,6 +196,20 @@ impl Fleet {
             .preflights
             .remove(&reply.request_id);
         if let Some(w) = waiter {
+            // the asker may have timed out; the reply has no one to go to then
+            let _ = w.send(reply);
+        }
+    }
+
+    pub fn complete_check(&self, reply: pb::CheckReply) {
+        let waiter = self
+            .inner
+            .lock()
+            .expect("fleet lock")
+            .checks
+            .remove(&reply.request_id);
+        if let Some(w) = waiter {
+            // the asker may have timed out; the reply has no one to go to then
             let _ = w.send(reply);
         }
     }

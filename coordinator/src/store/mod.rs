@@ -257,7 +257,7 @@ impl Store {
     /// A plan's waves in order (none for a plan without waves).
     pub async fn waves(&self, plan_id: &str) -> Result<Vec<WaveRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT idx, name, state, bake_until_ms FROM waves WHERE plan_id = $1 ORDER BY idx",
+            "SELECT idx, name, state, bake_until_ms, gate FROM waves WHERE plan_id = $1 ORDER BY idx",
         )
         .bind(plan_id)
         .fetch_all(&self.pool)
@@ -269,6 +269,7 @@ impl Store {
                     name: r.get(1),
                     state: stored_state(r.get(2), plan_id)?,
                     bake_until_ms: r.get(3),
+                    gate: r.get(4),
                 })
             })
             .collect()

@@ -44,6 +44,8 @@ pub struct WaveRow {
     pub name: String,
     pub state: WaveState,
     pub bake_until_ms: Option<i64>,
+    /// What its SQL gates found, last.
+    pub gate: String,
 }
 
 /// One write the engine asks for; the writer applies them in order, many per transaction.

@@ -13,7 +13,7 @@ pub(super) const UPGRADES: &[(i64, &[&str])] = &[(
         "ALTER TABLE plans ADD COLUMN ends TEXT NOT NULL DEFAULT 'failed'",
         "CREATE TABLE IF NOT EXISTS waves (
             plan_id TEXT NOT NULL, idx BIGINT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL,
-            bake_until_ms BIGINT, PRIMARY KEY (plan_id, idx))",
+            bake_until_ms BIGINT, gate TEXT NOT NULL DEFAULT '', PRIMARY KEY (plan_id, idx))",
     ],
 )];
 

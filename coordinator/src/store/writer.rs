@@ -107,16 +107,17 @@ impl Store {
                 StoreOp::Waves { plan_id, waves } => {
                     for w in waves {
                         sqlx::query(
-                            "INSERT INTO waves (plan_id, idx, name, state, bake_until_ms)
-                             VALUES ($1, $2, $3, $4, $5)
+                            "INSERT INTO waves (plan_id, idx, name, state, bake_until_ms, gate)
+                             VALUES ($1, $2, $3, $4, $5, $6)
                              ON CONFLICT (plan_id, idx) DO UPDATE SET state = excluded.state,
-                                bake_until_ms = excluded.bake_until_ms",
+                                bake_until_ms = excluded.bake_until_ms, gate = excluded.gate",
                         )
                         .bind(&plan_id)
                         .bind(w.idx)
                         .bind(&w.name)
                         .bind(w.state.as_str())
                         .bind(w.bake_until_ms)
+                        .bind(&w.gate)
                         .execute(&mut *tx)
                         .await?;
                     }
