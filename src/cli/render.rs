@@ -552,6 +552,10 @@ fn wave_lint(w: &flotilla_core::waves::Wave) -> Value {
     if !w.bake.is_zero() {
         parts.push(format!("bake {}", humantime::format_duration(w.bake)));
     }
+    if !w.checks.is_empty() {
+        let names: Vec<&str> = w.checks.iter().map(|c| c.name.as_str()).collect();
+        parts.push(format!("SQL gates: {}", names.join("; ")));
+    }
     if w.manual_gate {
         parts.push("manual gate".into());
     }
