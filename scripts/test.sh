@@ -11,6 +11,7 @@
 #   FLOTILLA_PG_BINDIR        directory with initdb/pg_ctl/psql (else found
 #                             via pg_config, /usr/lib/postgresql/*/bin, PATH)
 #   FLOTILLA_ETCD_BIN         etcd binary (else found on PATH)
+#   FLOTILLA_PROMETHEUS_BIN   prometheus binary (else found on PATH)
 #   FLOTILLA_KEEP_TEST_DIRS=1 keep the tests' temp dirs (data dirs, logs)
 set -euo pipefail
 
@@ -71,6 +72,14 @@ find_etcd() {
     command -v etcd 2>/dev/null
 }
 
+find_prometheus() {
+    if [[ -n "${FLOTILLA_PROMETHEUS_BIN:-}" && -x "${FLOTILLA_PROMETHEUS_BIN}" ]]; then
+        echo "${FLOTILLA_PROMETHEUS_BIN}"
+        return 0
+    fi
+    command -v prometheus 2>/dev/null
+}
+
 is_root() {
     [[ "$(id -u)" -eq 0 ]]
 }
@@ -81,6 +90,8 @@ missing_packages() {
     have_protobuf_includes || packages+=(libprotobuf-dev)
     find_initdb >/dev/null || packages+=(postgresql)
     find_etcd >/dev/null || packages+=(etcd-server)
+    # The waves' Prometheus gate is tested against a real Prometheus server.
+    find_prometheus >/dev/null || packages+=(prometheus)
     # As root the tests run PostgreSQL as the postgres user via runuser.
     if is_root && ! command -v runuser >/dev/null 2>&1; then
         packages+=(util-linux)
@@ -145,6 +156,7 @@ ensure_postgres_user
 echo "protoc: $(command -v protoc) ($(protoc --version))"
 echo "initdb: $(find_initdb)"
 echo "etcd:   $(find_etcd)"
+echo "prometheus: $(find_prometheus)"
 cargo --version
 
 # --- Checks ------------------------------------------------------------------

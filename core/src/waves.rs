@@ -126,6 +126,35 @@ impl Check {
     }
 }
 
+/// A Prometheus gate: an instant query whose value must stay within `min`..=`max`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromGate {
+    /// `http://host:port` of the Prometheus server.
+    pub url: String,
+    pub query: String,
+    pub max: Option<f64>,
+    pub min: Option<f64>,
+    /// How often it is evaluated during the bake.
+    pub interval: Duration,
+}
+
+impl PromGate {
+    /// Whether `value` passes; Err says why not.
+    pub fn judge(&self, value: f64) -> Result<(), String> {
+        if let Some(max) = self.max
+            && value > max
+        {
+            return Err(format!("{} = {value}, more than its max {max}", self.query));
+        }
+        if let Some(min) = self.min
+            && value < min
+        {
+            return Err(format!("{} = {value}, less than its min {min}", self.query));
+        }
+        Ok(())
+    }
+}
+
 /// What a plan does when a wave's SQL gate is breached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnGateFailure {
@@ -147,6 +176,7 @@ pub struct Wave {
     pub manual_gate: bool,
     pub optional: bool,
     pub checks: Vec<Check>,
+    pub prometheus: Option<PromGate>,
 }
 
 /// A plan's rollout: its waves (none: one wave of every target) and its error budget.
@@ -357,6 +387,41 @@ impl Wave {
                 max: c.has_max.then_some(c.max),
             });
         }
+        let prometheus = match &w.prometheus {
+            None => None,
+            Some(p) => {
+                let url = p.url.trim().trim_end_matches('/').to_string();
+                if !url.starts_with("http://") {
+                    return Err(wave_error(
+                        &name,
+                        &format!(
+                            "prometheus url {:?}: give http://host:port (https is not supported yet)",
+                            p.url
+                        ),
+                    ));
+                }
+                if p.query.trim().is_empty() {
+                    return Err(wave_error(&name, "prometheus gate has no query"));
+                }
+                if !p.has_max && !p.has_min {
+                    return Err(wave_error(
+                        &name,
+                        "prometheus gate needs max or min: the bound the query must stay within",
+                    ));
+                }
+                Some(PromGate {
+                    url,
+                    query: p.query.trim().to_string(),
+                    max: p.has_max.then_some(p.max),
+                    min: p.has_min.then_some(p.min),
+                    interval: Duration::from_millis(if p.interval_ms == 0 {
+                        15_000
+                    } else {
+                        p.interval_ms.max(1_000)
+                    }),
+                })
+            }
+        };
         Ok(Wave {
             name,
             take,
@@ -368,6 +433,7 @@ impl Wave {
             manual_gate: w.manual_gate,
             optional: w.optional,
             checks,
+            prometheus,
         })
     }
 
@@ -390,6 +456,15 @@ impl Wave {
                     max: c.max.unwrap_or(0.0),
                 })
                 .collect(),
+            prometheus: self.prometheus.as_ref().map(|p| pb::PrometheusGate {
+                url: p.url.clone(),
+                query: p.query.clone(),
+                has_max: p.max.is_some(),
+                max: p.max.unwrap_or(0.0),
+                has_min: p.min.is_some(),
+                min: p.min.unwrap_or(0.0),
+                interval_ms: p.interval.as_millis() as u64,
+            }),
             ..Default::default()
         };
         match &self.take {

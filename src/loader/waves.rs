@@ -27,6 +27,21 @@ pub(super) struct WaveTable {
     /// `[[waves.check]]`: SQL gates run on every target of the wave after its bake.
     #[serde(default)]
     check: Vec<Spanned<CheckTable>>,
+    /// `[waves.prometheus]`: a query that must stay within bounds during the bake and at
+    /// the gate.
+    prometheus: Option<Spanned<PrometheusTable>>,
+}
+
+/// A `[waves.prometheus]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PrometheusTable {
+    url: String,
+    query: String,
+    max: Option<f64>,
+    min: Option<f64>,
+    /// How often during the bake (a duration; default 15s).
+    interval: Option<String>,
 }
 
 /// One `[[waves.check]]` table.
@@ -104,6 +119,33 @@ pub(super) fn wave(w: &WaveTable) -> Result<pb::Wave, (std::ops::Range<usize>, S
         None => String::new(),
         Some(b) => budget(b).map_err(|(span, e)| (span, format!("wave `{name}`: {e}")))?,
     };
+    let prometheus = match &w.prometheus {
+        None => None,
+        Some(p) => {
+            let span = p.span();
+            let p = p.get_ref();
+            let interval_ms = match &p.interval {
+                None => 0,
+                Some(i) => humantime::parse_duration(i.trim())
+                    .map_err(|e| {
+                        (
+                            span.clone(),
+                            format!("wave `{name}`: prometheus interval `{i}`: {e}"),
+                        )
+                    })?
+                    .as_millis() as u64,
+            };
+            Some(pb::PrometheusGate {
+                url: p.url.clone(),
+                query: p.query.clone(),
+                has_max: p.max.is_some(),
+                max: p.max.unwrap_or(0.0),
+                has_min: p.min.is_some(),
+                min: p.min.unwrap_or(0.0),
+                interval_ms,
+            })
+        }
+    };
     if w.percent == Some(0.0) || w.count == Some(0) {
         return Err((
             w.name.span(),
@@ -137,5 +179,6 @@ pub(super) fn wave(w: &WaveTable) -> Result<pb::Wave, (std::ops::Range<usize>, S
                 }
             })
             .collect(),
+        prometheus,
     })
 }

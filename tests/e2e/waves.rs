@@ -685,3 +685,104 @@ rest = true
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prometheus_gate_watches_the_bake_and_an_unreachable_one_fails_fast() -> anyhow::Result<()>
+{
+    use crate::harness::prometheus::{Exporter, Prometheus};
+    let fleet = fleet(&[]).await?;
+    let exporter = Exporter::start(0.0).await?;
+    let prom = Prometheus::start(exporter.addr).await?;
+    let plan = |url: &str, bake: &str| {
+        format!(
+            r#"name = "prom-gate"
+
+[[waves]]
+name = "canary"
+selector = "tier=internal"
+bake = "{bake}"
+
+[waves.prometheus]
+url = "{url}"
+query = "flotilla_test_error_ratio"
+max = 0.05
+interval = "1s"
+
+[[waves]]
+name = "rest"
+rest = true
+"#
+        )
+    };
+    // Healthy: the gate passes and the rest goes.
+    let dir = plan_dir(&plan(&prom.url(), "2s"))?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        waves(&st)[0]["gate"]
+            .as_str()
+            .unwrap()
+            .contains("flotilla_test_error_ratio = 0"),
+        "{st}"
+    );
+
+    // The error ratio rises during the canary's bake: the probe during the bake fails the
+    // wave, naming the query and the value; the rest is not touched.
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "002_prom_probe",
+        "",
+        "CREATE TABLE prom_probe (x int);",
+        "DROP TABLE prom_probe;",
+    )?;
+    std::fs::write(dir.path().join("plan.toml"), plan(&prom.url(), "1h"))?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    crate::harness::wait_until("the canary bakes", crate::fleet::WAIT, async || {
+        Ok(waves(&fleet.status(&id).await?)[0]["state"] == "baking")
+    })
+    .await?;
+    exporter.set(0.5);
+    prom.wait_for_value(0.5).await?;
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert_eq!(st["state"], "halted", "{st}");
+    let message = st["message"].as_str().unwrap();
+    assert!(
+        message.contains("flotilla_test_error_ratio = 0.5, more than its max 0.05"),
+        "{message}"
+    );
+    let probes: i64 = {
+        let mut n = 0;
+        for s in 0..3 {
+            let c: i64 = fleet
+                .pg
+                .query_scalar(
+                    &fleet.shards[s],
+                    "SELECT count(*) FROM information_schema.tables WHERE table_name = 'prom_probe'",
+                )
+                .await?;
+            n += c;
+        }
+        n
+    };
+    assert_eq!(probes, 3, "only the canary has the change");
+
+    // A Prometheus nobody runs: the gate fails at once, naming it (not a hang).
+    let gone = format!("http://127.0.0.1:{}", crate::harness::free_port());
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "003_gone",
+        "",
+        "CREATE TABLE gone_probe (x int);",
+        "DROP TABLE gone_probe;",
+    )?;
+    std::fs::write(dir.path().join("plan.toml"), plan(&gone, "0s"))?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(st["state"], "halted", "{st}");
+    assert!(
+        st["message"].as_str().unwrap().contains("is unreachable"),
+        "{st}"
+    );
+    Ok(())
+}

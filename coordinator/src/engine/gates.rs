@@ -50,11 +50,28 @@ impl Engine {
                 .push(target.tenant.clone());
         }
         let checks = wave.checks.clone();
+        let prom = wave.prometheus.clone();
         let fleet = self.fleet.clone();
         let events = self.events.clone();
         let (plan_id, wave) = key;
         tokio::spawn(async move {
-            let found = run_checks(&fleet, &plan_id, &checks, &by_shard).await;
+            let mut found = run_checks(&fleet, &plan_id, &checks, &by_shard).await;
+            if let (Ok(summary), Some(p)) = (&found, &prom) {
+                found = match super::prometheus::query(&p.url, &p.query).await {
+                    Ok(v) => p
+                        .judge(v)
+                        .map(|()| {
+                            let value = format!("{} = {v}", p.query);
+                            if summary.is_empty() {
+                                value
+                            } else {
+                                format!("{summary}; {value}")
+                            }
+                        })
+                        .map_err(|why| format!("Prometheus gate: {why}")),
+                    Err(e) => Err(format!("Prometheus gate: {e}")),
+                };
+            }
             // an engine gone is a coordinator shutting down: a new leader checks again
             let _ = events
                 .send(Event::GateResult {
@@ -64,6 +81,94 @@ impl Engine {
                 })
                 .await;
         });
+    }
+
+    /// During a bake, the wave's Prometheus gate is evaluated every interval; a breach fails
+    /// the wave at once (the bake is for watching).
+    pub(super) fn probe_bake(&mut self, plan_id: &str) {
+        let Some(run) = self.plans.get(plan_id) else {
+            return;
+        };
+        let Some(wave) = run.current_wave() else {
+            return;
+        };
+        let (WaveState::Baking, Some(p)) = (wave.state, wave.prometheus.clone()) else {
+            return;
+        };
+        let i = run
+            .waves
+            .iter()
+            .position(|w| w.name == wave.name)
+            .unwrap_or(0);
+        let key = (plan_id.to_string(), i);
+        let due = self
+            .probed
+            .get(&key)
+            .is_none_or(|at| at.elapsed() >= p.interval);
+        if !due || self.gates.contains(&key) {
+            return;
+        }
+        self.gates.insert(key.clone());
+        self.probed.insert(key.clone(), std::time::Instant::now());
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let found = match super::prometheus::query(&p.url, &p.query).await {
+                Ok(v) => p
+                    .judge(v)
+                    .map(|()| format!("{} = {v} during the bake", p.query))
+                    .map_err(|why| format!("Prometheus gate during the bake: {why}")),
+                Err(e) => Err(format!("Prometheus gate during the bake: {e}")),
+            };
+            let (plan_id, wave) = key;
+            // an engine gone is a coordinator shutting down: a new leader probes again
+            let _ = events
+                .send(Event::BakeProbe {
+                    plan_id,
+                    wave,
+                    found,
+                })
+                .await;
+        });
+    }
+
+    /// What a probe during a bake found: the latest value, or a breach that fails the wave.
+    pub(super) async fn on_bake_probe(
+        &mut self,
+        plan_id: &str,
+        wave: usize,
+        found: Result<String, String>,
+    ) {
+        self.gates.remove(&(plan_id.to_string(), wave));
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return;
+        };
+        if run.state != PlanState::Running {
+            return;
+        }
+        let Some(changes) = run.bake_probe(wave, found.clone()) else {
+            return;
+        };
+        let message = changes
+            .first()
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        let on_failure = run.spec.rollout.on_gate_failure;
+        self.record_wave_changes(plan_id, changes);
+        if found.is_err() {
+            warn!(plan = %plan_id, "{message}");
+            match on_failure {
+                OnGateFailure::Halt => {
+                    self.stop_plan(plan_id, format!("{message}; halted: what applied stays"));
+                }
+                OnGateFailure::Rollback => {
+                    self.undo_plan(
+                        plan_id,
+                        format!("{message}; every applied step is being undone"),
+                    );
+                }
+            }
+            self.drive(plan_id).await;
+        }
     }
 
     /// What a wave's gate found: the wave goes on, waits, or fails the plan as it says.
@@ -158,6 +263,9 @@ async fn run_checks(
                 seen += 1;
             }
         }
+    }
+    if checks.is_empty() {
+        return Ok(String::new());
     }
     let parts: Vec<String> = checks
         .iter()

@@ -15,6 +15,7 @@ mod drive;
 mod failure;
 mod gates;
 mod outbound;
+mod prometheus;
 mod replies;
 #[cfg(test)]
 mod tests;
@@ -139,6 +140,12 @@ pub enum Event {
         wave: usize,
         found: Result<String, String>,
     },
+    /// What a Prometheus probe during a bake found.
+    BakeProbe {
+        plan_id: String,
+        wave: usize,
+        found: Result<String, String>,
+    },
     /// Pause or resume a plan (`shard` None) or one shard of it.
     Pause {
         plan_id: String,
@@ -176,6 +183,8 @@ pub struct Engine {
     events: mpsc::Sender<Event>,
     /// Gate checks under way: (plan, wave).
     gates: HashSet<(String, usize)>,
+    /// When each baking wave's Prometheus gate was last probed: (plan, wave).
+    probed: HashMap<(String, usize), Instant>,
 }
 
 impl Engine {
@@ -214,6 +223,7 @@ impl Engine {
             fleet,
             events,
             gates: HashSet::new(),
+            probed: HashMap::new(),
         }
     }
 
@@ -310,6 +320,11 @@ impl Engine {
                 wave,
                 found,
             } => self.on_gate_result(&plan_id, wave, found).await,
+            Event::BakeProbe {
+                plan_id,
+                wave,
+                found,
+            } => self.on_bake_probe(&plan_id, wave, found).await,
             Event::Status { plan_id, reply } => {
                 // the asker may have gone away (a closed watch): nothing to tell
                 let _ = reply.send(self.status_of(&plan_id));

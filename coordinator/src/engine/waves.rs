@@ -27,6 +27,7 @@ impl Engine {
         }
         self.record_waves(plan_id, changes);
         self.start_gate(plan_id);
+        self.probe_bake(plan_id);
     }
 
     /// Stores the waves that moved (plans with waves only) and logs each move.

@@ -5,7 +5,7 @@
 use flotilla_core::FailurePolicy;
 use flotilla_core::pb;
 use flotilla_core::state::WaveState;
-use flotilla_core::waves::{Budget, Check};
+use flotilla_core::waves::{Budget, Check, PromGate};
 
 use super::{PlanRun, StepStatus};
 
@@ -25,6 +25,8 @@ pub struct WaveRun {
     pub budget: Option<Budget>,
     /// SQL gates run on its targets after the bake.
     pub checks: Vec<Check>,
+    /// A Prometheus gate, during the bake and after it.
+    pub prometheus: Option<PromGate>,
     /// What its gates found, last.
     pub gate: String,
 }
@@ -56,6 +58,7 @@ impl PlanRun {
                 max_parallel_per_shard: None,
                 budget: None,
                 checks: Vec::new(),
+                prometheus: None,
                 gate: String::new(),
             }]
         } else {
@@ -73,6 +76,7 @@ impl PlanRun {
                     max_parallel_per_shard: w.max_parallel_per_shard,
                     budget: w.budget,
                     checks: w.checks.clone(),
+                    prometheus: w.prometheus.clone(),
                     gate: String::new(),
                 })
                 .collect()
@@ -176,15 +180,11 @@ impl PlanRun {
                     ))
                 }
                 WaveState::Baking if w.bake_until_ms.is_none_or(|u| now_ms >= u) => {
-                    if !w.checks.is_empty() {
+                    if !w.checks.is_empty() || w.prometheus.is_some() {
                         Some((
                             WaveState::Checking,
                             None,
-                            format!(
-                                "wave `{}` baked; its {} SQL gate(s) run on its targets",
-                                w.name,
-                                w.checks.len()
-                            ),
+                            format!("wave `{}` baked; its gates are checked", w.name),
                         ))
                     } else if w.manual_gate {
                         Some((
@@ -283,6 +283,38 @@ impl PlanRun {
             changes.extend(self.next_wave());
         }
         Some(changes)
+    }
+
+    /// A Prometheus probe during the current wave's bake: the latest value is kept; a breach
+    /// halts the wave. None when the wave is not (or no longer) baking.
+    pub fn bake_probe(
+        &mut self,
+        wave: usize,
+        found: Result<String, String>,
+    ) -> Option<Vec<WaveChange>> {
+        if wave != self.wave_pos {
+            return None;
+        }
+        let w = self.waves.get_mut(wave)?;
+        if w.state != WaveState::Baking {
+            return None;
+        }
+        match found {
+            Ok(value) => {
+                w.gate = value;
+                Some(Vec::new())
+            }
+            Err(why) => {
+                w.state = WaveState::Halted;
+                w.gate = why.clone();
+                Some(vec![WaveChange {
+                    wave,
+                    state: WaveState::Halted,
+                    bake_until_ms: None,
+                    message: format!("wave `{}` failed its gate: {why}", w.name),
+                }])
+            }
+        }
     }
 
     /// `plan promote`: the wave waiting at its manual gate passes. None when no wave waits.

@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod prometheus;
 pub mod tcp_proxy;
 
 pub use flotilla_testkit::*;
