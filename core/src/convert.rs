@@ -533,6 +533,7 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
             &p.max_failures,
             &p.on_budget_exhausted,
             &p.on_gate_failure,
+            p.watch_ms,
             policy,
         )?;
         let spec = PlanSpec {

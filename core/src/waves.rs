@@ -187,7 +187,13 @@ pub struct Rollout {
     pub budget: Option<Budget>,
     pub on_budget_exhausted: OnBudgetExhausted,
     pub on_gate_failure: OnGateFailure,
+    /// After the last wave: how long the last Prometheus gate keeps being evaluated; a
+    /// breach then rolls the plan back (post-deploy monitoring).
+    pub watch: Duration,
 }
+
+/// The name of the stage after the last wave while the plan is watched.
+pub const WATCH: &str = "watch";
 
 impl Rollout {
     /// Whether any budget is set (the plan's or a wave's): failures within it end the plan
@@ -203,6 +209,7 @@ impl Rollout {
         max_failures: &str,
         on_budget_exhausted: &str,
         on_gate_failure: &str,
+        watch_ms: u64,
         policy: FailurePolicy,
     ) -> Result<Rollout, PlanError> {
         let on_gate_failure = match on_gate_failure.trim() {
@@ -244,11 +251,32 @@ impl Rollout {
             }
             waves.push(wave);
         }
+        if watch_ms > 0 {
+            if watch_ms > 7 * 24 * 3_600_000 {
+                return Err(PlanError::Field {
+                    field: "watch".into(),
+                    reason: format!("{watch_ms}ms is longer than a week"),
+                });
+            }
+            if !waves.iter().any(|w| w.prometheus.is_some()) {
+                return Err(PlanError::Field {
+                    field: "watch".into(),
+                    reason: "a watch after the last wave needs a wave with a [waves.prometheus] gate to keep evaluating".into(),
+                });
+            }
+        }
+        if waves.iter().any(|w| w.name == WATCH) && watch_ms > 0 {
+            return Err(wave_error(
+                WATCH,
+                "the stage after the last wave has this name; name the wave otherwise",
+            ));
+        }
         let rollout = Rollout {
             waves,
             budget,
             on_budget_exhausted,
             on_gate_failure,
+            watch: Duration::from_millis(watch_ms),
         };
         // Only `continue` goes on past a failure; under the others the budget is 0.
         if policy != FailurePolicy::Continue {
@@ -274,6 +302,7 @@ impl Rollout {
         p.waves = self.waves.iter().map(Wave::to_pb).collect();
         p.max_failures = self.budget.map(|b| b.to_string()).unwrap_or_default();
         p.on_budget_exhausted = self.on_budget_exhausted.as_str().to_string();
+        p.watch_ms = self.watch.as_millis() as u64;
         p.on_gate_failure = match self.on_gate_failure {
             OnGateFailure::Halt => "halt",
             OnGateFailure::Rollback => "rollback",
@@ -490,7 +519,7 @@ mod tests {
     }
 
     fn rollout(waves: Vec<pb::Wave>, policy: FailurePolicy) -> Result<Rollout, PlanError> {
-        Rollout::from_pb(&waves, "", "", "", policy)
+        Rollout::from_pb(&waves, "", "", "", 0, policy)
     }
 
     #[test]
@@ -602,6 +631,7 @@ mod tests {
             &p.max_failures,
             &p.on_budget_exhausted,
             &p.on_gate_failure,
+            p.watch_ms,
             FailurePolicy::Continue,
         );
         assert_eq!(back.unwrap(), r);

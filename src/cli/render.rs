@@ -519,6 +519,12 @@ pub fn lint(spec: &flotilla_core::PlanSpec, output: Output) {
     }
     if !spec.rollout.waves.is_empty() {
         println!("waves:");
+        if !spec.rollout.watch.is_zero() {
+            println!(
+                "  (then watched for {}: a breach rolls the plan back)",
+                humantime::format_duration(spec.rollout.watch)
+            );
+        }
         for w in &spec.rollout.waves {
             let v = wave_lint(w);
             println!(
@@ -555,6 +561,9 @@ fn wave_lint(w: &flotilla_core::waves::Wave) -> Value {
     if !w.checks.is_empty() {
         let names: Vec<&str> = w.checks.iter().map(|c| c.name.as_str()).collect();
         parts.push(format!("SQL gates: {}", names.join("; ")));
+    }
+    if let Some(p) = &w.prometheus {
+        parts.push(format!("Prometheus gate: {}", p.query));
     }
     if w.manual_gate {
         parts.push("manual gate".into());

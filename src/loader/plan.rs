@@ -46,6 +46,8 @@ struct PlanFile {
     on_budget_exhausted: Option<Spanned<String>>,
     /// `halt` (default) or `rollback` when a wave's SQL gate is breached.
     on_gate_failure: Option<Spanned<String>>,
+    /// After the last wave, how long its Prometheus gate keeps watching (a duration).
+    watch: Option<Spanned<String>>,
 }
 
 /// One entry of `parallel_groups`: a list of ids, or a table that can also ask
@@ -195,6 +197,16 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
     }
     if let Some(b) = &file.max_failures {
         spec.max_failures = waves::budget(b).map_err(|(span, e)| at(span, e))?;
+    }
+    if let Some(w) = &file.watch {
+        spec.watch_ms = humantime::parse_duration(w.get_ref().trim())
+            .map_err(|e| {
+                at(
+                    w.span(),
+                    format!("watch `{}`: {e} (e.g. \"15m\")", w.get_ref()),
+                )
+            })?
+            .as_millis() as u64;
     }
     if let Some(o) = &file.on_gate_failure {
         match o.get_ref().trim() {

@@ -784,5 +784,64 @@ rest = true
         st["message"].as_str().unwrap().contains("is unreachable"),
         "{st}"
     );
+
+    // Post-deploy monitoring: after the last wave the gate keeps watching; the ratio rises
+    // and the whole plan is rolled back, on every tenant.
+    exporter.set(0.0);
+    prom.wait_for_value(0.0).await?;
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "004_watched",
+        "",
+        "CREATE TABLE watched (x int);",
+        "DROP TABLE watched;",
+    )?;
+    let watched = plan(&prom.url(), "0s").replace(
+        "name = \"prom-gate\"",
+        "name = \"prom-gate\"\nwatch = \"1h\"",
+    );
+    std::fs::write(dir.path().join("plan.toml"), watched)?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    crate::harness::wait_until(
+        "the plan is watched after its last wave",
+        crate::fleet::WAIT,
+        async || {
+            let w = waves(&fleet.status(&id).await?);
+            Ok(w.len() == 3 && w[2]["name"] == "watch" && w[2]["state"] == "baking")
+        },
+    )
+    .await?;
+    let count = |table: &'static str| {
+        let fleet = &fleet;
+        async move {
+            let mut n = 0i64;
+            for s in 0..3 {
+                let c: i64 = fleet
+                    .pg
+                    .query_scalar(
+                        &fleet.shards[s],
+                        &format!(
+                            "SELECT count(*) FROM information_schema.tables WHERE table_name = '{table}'"
+                        ),
+                    )
+                    .await?;
+                n += c;
+            }
+            anyhow::Ok(n)
+        }
+    };
+    assert_eq!(count("watched").await?, 24, "every wave applied");
+    exporter.set(0.5);
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("wave `watch` failed its gate"),
+        "{st}"
+    );
+    assert_eq!(count("watched").await?, 0, "rolled back everywhere");
     Ok(())
 }

@@ -151,14 +151,16 @@ impl Coordinator {
             .collect();
         self.write(StoreOp::InsertPlan { plan: row, steps });
         if !spec.rollout.waves.is_empty() {
-            let waves = spec
-                .rollout
-                .waves
-                .iter()
+            let mut names: Vec<&str> = spec.rollout.waves.iter().map(|w| w.name.as_str()).collect();
+            if !spec.rollout.watch.is_zero() {
+                names.push(flotilla_core::waves::WATCH);
+            }
+            let waves = names
+                .into_iter()
                 .enumerate()
-                .map(|(i, w)| WaveRow {
+                .map(|(i, name)| WaveRow {
                     idx: i as i64,
-                    name: w.name.clone(),
+                    name: name.to_string(),
                     state: if i == 0 {
                         WaveState::Running
                     } else {

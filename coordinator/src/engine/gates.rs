@@ -152,7 +152,12 @@ impl Engine {
             .first()
             .map(|c| c.message.clone())
             .unwrap_or_default();
-        let on_failure = run.spec.rollout.on_gate_failure;
+        // A breach while the plan is watched after its last wave rolls it back.
+        let on_failure = if wave >= run.spec.rollout.waves.len() {
+            OnGateFailure::Rollback
+        } else {
+            run.spec.rollout.on_gate_failure
+        };
         self.record_wave_changes(plan_id, changes);
         if found.is_err() {
             warn!(plan = %plan_id, "{message}");
@@ -198,7 +203,12 @@ impl Engine {
         if waiting {
             run.message = message.clone();
         }
-        let on_failure = run.spec.rollout.on_gate_failure;
+        // A breach while the plan is watched after its last wave rolls it back.
+        let on_failure = if wave >= run.spec.rollout.waves.len() {
+            OnGateFailure::Rollback
+        } else {
+            run.spec.rollout.on_gate_failure
+        };
         self.record_wave_changes(plan_id, changes);
         if found.is_err() {
             warn!(plan = %plan_id, "{message}");

@@ -81,6 +81,29 @@ impl PlanRun {
                 })
                 .collect()
         };
+        // Post-deploy monitoring: a last stage with no targets that bakes for the watch,
+        // probing the last Prometheus gate; a breach there rolls the plan back.
+        if !spec.rollout.watch.is_zero() {
+            waves.push(WaveRun {
+                name: flotilla_core::waves::WATCH.into(),
+                targets: Vec::new(),
+                state: WaveState::Pending,
+                bake_until_ms: None,
+                bake_ms: spec.rollout.watch.as_millis() as u64,
+                manual_gate: false,
+                max_parallel: None,
+                max_parallel_per_shard: None,
+                budget: None,
+                checks: Vec::new(),
+                prometheus: spec
+                    .rollout
+                    .waves
+                    .iter()
+                    .rev()
+                    .find_map(|w| w.prometheus.clone()),
+                gate: String::new(),
+            });
+        }
         for (t, &w) in wave_of.iter().enumerate() {
             if let Some(wave) = waves.get_mut(w) {
                 wave.targets.push(t);
