@@ -189,8 +189,16 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
             println!("  ... and {} more", data.len() - DATA_LINES);
         }
     }
-    if !s.waiting_for.is_empty() {
-        println!("waiting for agents of: {}", s.waiting_for.join(", "));
+    // Shard names (agents that are away) and `kind: what` entries (approval, bake, lock,
+    // gate).
+    let (other, agents): (Vec<&String>, Vec<&String>) =
+        s.waiting_for.iter().partition(|w| w.contains(": "));
+    if !agents.is_empty() {
+        let names: Vec<&str> = agents.iter().map(|a| a.as_str()).collect();
+        println!("waiting for agents of: {}", names.join(", "));
+    }
+    for w in other {
+        println!("waiting for {w}");
     }
     failures(s);
 }
@@ -392,7 +400,17 @@ pub fn submitted(r: &pb::SubmitPlanResponse, output: Output) {
             v["plan_id"] = json!(r.plan_id);
             println!("{v}");
         }
-        Output::Text => println!("plan {} submitted", r.plan_id),
+        Output::Text => {
+            println!("plan {} submitted", r.plan_id);
+            if let Some(m) = r
+                .status
+                .as_ref()
+                .map(|s| &s.message)
+                .filter(|m| !m.is_empty())
+            {
+                println!("{m}");
+            }
+        }
     }
 }
 

@@ -309,6 +309,11 @@ rest = true
         st["message"].as_str().unwrap().contains("wave `canary`"),
         "{st}"
     );
+    assert_eq!(
+        st["waiting_for"],
+        serde_json::json!(["approval: wave canary"]),
+        "{st}"
+    );
     let id = st["plan_id"].as_str().unwrap().to_string();
     assert_eq!(marks(&fleet).await?.len(), 3, "only the canary ran");
 
@@ -777,6 +782,16 @@ rest = true
         "DROP TABLE gone_probe;",
     )?;
     std::fs::write(dir.path().join("plan.toml"), plan(&gone, "0s"))?;
+    // warned at submit, in the plan's first message
+    let p = dir.path().to_string_lossy().into_owned();
+    let out = fleet.cli(&["plan", "submit", &p]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stdout
+            .contains("warning: wave `canary`'s gate cannot be evaluated now"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("is unreachable"), "{out}");
     let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 1, "{out}");
     assert_eq!(st["state"], "halted", "{st}");

@@ -71,6 +71,7 @@ impl Coordinator {
         .await;
         info!(plan = %plan_id, targets = expansion.targets.len(), steps = expansion.steps.len(), "plan submitted");
 
+        let warning = prometheus_warning(&spec).await;
         let spec = Arc::new(spec);
         let mut run = PlanRun::new(
             plan_id.clone(),
@@ -83,6 +84,12 @@ impl Coordinator {
             epoch,
         );
         run.set_waves(wave_of, &[]);
+        if let Some(w) = warning {
+            // Said now, not refused: the server may be back by the time the gate runs,
+            // and a gate that cannot reach it fails then.
+            tracing::warn!(plan = %plan_id, "{w}");
+            run.message = w;
+        }
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         let status = self
             .to_engine(|done| Event::Start {
@@ -198,6 +205,24 @@ impl Coordinator {
             default_statement_timeout_ms: self.inner.defaults.statement_timeout.as_millis() as u64,
         }
     }
+}
+
+/// A warning when a wave's Prometheus cannot be queried now (at submit).
+async fn prometheus_warning(spec: &PlanSpec) -> Option<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for w in &spec.rollout.waves {
+        let Some(p) = &w.prometheus else { continue };
+        if !seen.insert(p.url.clone()) {
+            continue;
+        }
+        if let Err(e) = crate::engine::prometheus_query(&p.url, &p.query).await {
+            return Some(format!(
+                "warning: wave `{}`'s gate cannot be evaluated now ({e}); it fails at gate time if it still cannot",
+                w.name
+            ));
+        }
+    }
+    None
 }
 
 /// A plan admitted, as the store receives it.

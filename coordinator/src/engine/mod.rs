@@ -16,6 +16,8 @@ mod failure;
 mod gates;
 mod outbound;
 mod prometheus;
+
+pub use prometheus::query as prometheus_query;
 mod replies;
 #[cfg(test)]
 mod tests;
@@ -445,7 +447,7 @@ impl Engine {
 
     fn status_of(&self, plan_id: &str) -> Option<pb::PlanStatus> {
         let run = self.plans.get(plan_id)?;
-        let waiting: Vec<String> = run
+        let mut waiting: Vec<String> = run
             .shards
             .iter()
             .filter(|(shard, sr)| {
@@ -456,6 +458,24 @@ impl Engine {
             })
             .map(|(s, _)| s.clone())
             .collect();
+        // What else the plan waits for, named `kind: what` (shard names have no colon).
+        if let Some(w) = &run.lock_wait {
+            waiting.push(format!("lock: {w}"));
+        }
+        if run.state == PlanState::Running
+            && let Some(w) = run.current_wave()
+        {
+            match w.state {
+                WaveState::Baking => waiting.push(format!(
+                    "bake: wave {} until {}",
+                    w.name,
+                    w.bake_until_ms.unwrap_or_default()
+                )),
+                WaveState::Checking => waiting.push(format!("gate: wave {}", w.name)),
+                WaveState::Waiting => waiting.push(format!("approval: wave {}", w.name)),
+                _ => {}
+            }
+        }
         Some(crate::plan::status::from_run(run, waiting))
     }
 }

@@ -128,7 +128,17 @@ pub fn from_store(
         }
     }
     pb::PlanStatus {
-        summary: Some(summary(plan)),
+        summary: Some({
+            let mut s = summary(plan);
+            // A follower (or any reader of the store) shows a plan waiting at a gate as its
+            // leader does.
+            if plan.state == PlanState::Running
+                && waves.iter().any(|w| w.state == WaveState::Waiting)
+            {
+                s.state = WAITING.into();
+            }
+            s
+        }),
         migrations: progress_in_order(order, by),
         failures,
         message: plan.message.clone(),
