@@ -549,6 +549,52 @@ mod tests {
     }
 
     #[test]
+    fn a_gate_needs_its_query_and_bounds() {
+        let mut w = wave("g");
+        w.checks = vec![pb::WaveCheck {
+            name: "empty".into(),
+            sql: " ; ".into(),
+            ..Default::default()
+        }];
+        let e = rollout(vec![w], FailurePolicy::AllOrNothing).unwrap_err();
+        assert!(e.to_string().contains("wave `g`: empty has no sql"), "{e}");
+        let prom = |url: &str, query: &str, has_max: bool| {
+            let mut w = wave("p");
+            w.prometheus = Some(pb::PrometheusGate {
+                url: url.into(),
+                query: query.into(),
+                has_max,
+                max: 0.1,
+                ..Default::default()
+            });
+            rollout(vec![w], FailurePolicy::AllOrNothing)
+        };
+        let e = prom("http://p:9090", "", true).unwrap_err().to_string();
+        assert!(e.contains("prometheus gate has no query"), "{e}");
+        let e = prom("http://p:9090", "up", false).unwrap_err().to_string();
+        assert!(e.contains("needs max or min"), "{e}");
+        let e = prom("https://p", "up", true).unwrap_err().to_string();
+        assert!(e.contains("https is not supported yet"), "{e}");
+        let r = prom("http://p:9090/", "up", true).unwrap();
+        assert_eq!(r.waves[0].prometheus.as_ref().unwrap().url, "http://p:9090");
+        // a watch needs a Prometheus gate to keep evaluating
+        let e = Rollout::from_pb(
+            &[wave("w")],
+            "",
+            "",
+            "",
+            60_000,
+            FailurePolicy::AllOrNothing,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("needs a wave with a [waves.prometheus] gate"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn budgets_read_as_targets_or_shares() {
         assert_eq!("3".parse::<Budget>(), Ok(Budget::Targets(3)));
         assert_eq!(" 2% ".parse::<Budget>(), Ok(Budget::Percent(2.0)));
