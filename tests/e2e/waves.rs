@@ -397,7 +397,7 @@ rest = true
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_waves_are_refused_by_name_and_change_nothing() -> anyhow::Result<()> {
     let fleet = fleet(&[]).await?;
-    let cases: [(&str, &[&str]); 5] = [
+    let cases: [(&str, &[&str]); 7] = [
         (
             "[[waves]]\nname = \"a\"\nselector = \"tier=internal\"\n[[waves]]\nname = \"b\"\nselector = \"tenant=tenant_0000\"\n[[waves]]\nname = \"c\"\nrest = true\n",
             &["waves `a` and `b` both select", "shard_0/tenant_0000"],
@@ -417,6 +417,14 @@ async fn bad_waves_are_refused_by_name_and_change_nothing() -> anyhow::Result<()
         (
             "[[waves]]\nname = \"w\"\nrest = true\nbake = \"a while\"\n",
             &["plan.toml:4", "wave `w`: bake `a while`"],
+        ),
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\n[[waves.check]]\nname = \"c\"\nsql = \"\"\n",
+            &["wave `w`: c has no sql"],
+        ),
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\n[waves.prometheus]\nurl = \"http://127.0.0.1:9\"\nquery = \"up\"\n",
+            &["wave `w`: prometheus gate needs max or min"],
         ),
     ];
     for (plan, expect) in cases {
