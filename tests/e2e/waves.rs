@@ -371,25 +371,7 @@ rest = true
     assert_eq!(out.code(), Some(0), "{out}");
     let (_, st) = fleet.watch(&id).await?;
     assert_eq!(st["state"], "halted", "{st}");
-    let seconds: i64 = {
-        let mut n = 0;
-        for (s, db) in fleet.shards.iter().enumerate() {
-            for t in fleet.tenants(s) {
-                let c: i64 = fleet
-                    .pg
-                    .query_scalar(
-                        db,
-                        &format!(
-                            "SELECT count(*) FROM information_schema.tables
-                             WHERE table_schema = '{t}' AND table_name = 'second_mark'"
-                        ),
-                    )
-                    .await?;
-                n += c;
-            }
-        }
-        n
-    };
+    let seconds = tables_named(&fleet.pg, 3, "second_mark").await?;
     assert_eq!(seconds, 3, "only the canary has the second change");
     Ok(())
 }
@@ -511,14 +493,20 @@ rest = true
     Ok(())
 }
 
-/// How many tenants of an HA fleet's `shards` shards have a `rollout_mark` table.
-async fn marked(pg: &crate::harness::PgCluster, shards: usize) -> anyhow::Result<i64> {
+/// How many tenants on `shard_0`..`shard_{shards-1}` have a table named `table`.
+async fn tables_named(
+    pg: &crate::harness::PgCluster,
+    shards: usize,
+    table: &str,
+) -> anyhow::Result<i64> {
     let mut n = 0;
     for s in 0..shards {
         let c: i64 = pg
             .query_scalar(
                 &format!("shard_{s}"),
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'rollout_mark'",
+                &format!(
+                    "SELECT count(*) FROM information_schema.tables WHERE table_name = '{table}'"
+                ),
             )
             .await?;
         n += c;
@@ -550,7 +538,11 @@ rest = true
         async || Ok(fleet.status(&id).await?["state"] == "waiting"),
     )
     .await?;
-    assert_eq!(marked(&fleet.pg, 2).await?, 2, "only the canary ran");
+    assert_eq!(
+        tables_named(&fleet.pg, 2, "rollout_mark").await?,
+        2,
+        "only the canary ran"
+    );
 
     // The leader dies; the standby leads, rebuilds the plan, and it still waits.
     fleet.coordinators[leader].as_mut().unwrap().kill()?;
@@ -578,7 +570,11 @@ rest = true
         .await?;
     let st = out.last_json()?;
     assert_eq!(st["state"], "waiting", "{st}");
-    assert_eq!(marked(&fleet.pg, 2).await?, 2, "still only the canary");
+    assert_eq!(
+        tables_named(&fleet.pg, 2, "rollout_mark").await?,
+        2,
+        "still only the canary"
+    );
 
     // Promoted on the new leader, the rest goes and the plan completes.
     let out = fleet
@@ -588,7 +584,7 @@ rest = true
         )
         .await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    assert_eq!(marked(&fleet.pg, 2).await?, 6);
+    assert_eq!(tables_named(&fleet.pg, 2, "rollout_mark").await?, 6);
     Ok(())
 }
 
@@ -686,16 +682,11 @@ rest = true
             .contains("returned 5, more than its max 1"),
         "{st}"
     );
-    for s in 0..3 {
-        let n: i64 = fleet
-            .pg
-            .query_scalar(
-                &fleet.shards[s],
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'gate_probe'",
-            )
-            .await?;
-        assert_eq!(n, 0, "shard_{s}: the canary's change is undone");
-    }
+    assert_eq!(
+        tables_named(&fleet.pg, 3, "gate_probe").await?,
+        0,
+        "the canary's change is undone on every shard"
+    );
     Ok(())
 }
 
@@ -764,20 +755,7 @@ rest = true
         message.contains("flotilla_test_error_ratio = 0.5, more than its max 0.05"),
         "{message}"
     );
-    let probes: i64 = {
-        let mut n = 0;
-        for s in 0..3 {
-            let c: i64 = fleet
-                .pg
-                .query_scalar(
-                    &fleet.shards[s],
-                    "SELECT count(*) FROM information_schema.tables WHERE table_name = 'prom_probe'",
-                )
-                .await?;
-            n += c;
-        }
-        n
-    };
+    let probes = tables_named(&fleet.pg, 3, "prom_probe").await?;
     assert_eq!(probes, 3, "only the canary has the change");
 
     // A Prometheus nobody runs: the gate fails at once, naming it (not a hang).
@@ -834,26 +812,11 @@ rest = true
         },
     )
     .await?;
-    let count = |table: &'static str| {
-        let fleet = &fleet;
-        async move {
-            let mut n = 0i64;
-            for s in 0..3 {
-                let c: i64 = fleet
-                    .pg
-                    .query_scalar(
-                        &fleet.shards[s],
-                        &format!(
-                            "SELECT count(*) FROM information_schema.tables WHERE table_name = '{table}'"
-                        ),
-                    )
-                    .await?;
-                n += c;
-            }
-            anyhow::Ok(n)
-        }
-    };
-    assert_eq!(count("watched").await?, 24, "every wave applied");
+    assert_eq!(
+        tables_named(&fleet.pg, 3, "watched").await?,
+        24,
+        "every wave applied"
+    );
     exporter.set(0.5);
     let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(1), "{out}");
@@ -865,6 +828,10 @@ rest = true
             .contains("wave `watch` failed its gate"),
         "{st}"
     );
-    assert_eq!(count("watched").await?, 0, "rolled back everywhere");
+    assert_eq!(
+        tables_named(&fleet.pg, 3, "watched").await?,
+        0,
+        "rolled back everywhere"
+    );
     Ok(())
 }

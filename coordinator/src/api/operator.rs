@@ -9,6 +9,15 @@ use crate::actor::Actor;
 use crate::engine::CommandKind;
 use crate::service::Coordinator;
 
+/// A command for a whole plan: its plan and who asked why; `no_shard` says why a shard
+/// given with it is refused.
+fn whole_plan(c: pb::PlanCommand, no_shard: &str) -> Result<(String, Actor), Status> {
+    match command(c) {
+        (_, Some(_), _) => Err(Status::invalid_argument(no_shard.to_string())),
+        (plan_id, None, actor) => Ok((plan_id, actor)),
+    }
+}
+
 /// A plan command's plan, shard (if one was named) and who asked why.
 fn command(c: pb::PlanCommand) -> (String, Option<String>, Actor) {
     let shard = Some(c.shard.trim().to_string()).filter(|s| !s.is_empty());
@@ -72,12 +81,10 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
-        let (plan_id, shard, actor) = command(req.into_inner());
-        if shard.is_some() {
-            return Err(Status::invalid_argument(
-                "a rollback undoes the whole plan; --shard is for pause, resume and cancel",
-            ));
-        }
+        let (plan_id, actor) = whole_plan(
+            req.into_inner(),
+            "a rollback undoes the whole plan; --shard is for pause, resume and cancel",
+        )?;
         Ok(Response::new(
             self.command(&plan_id, CommandKind::Rollback, actor).await?,
         ))
@@ -107,12 +114,10 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
-        let (plan_id, shard, actor) = command(req.into_inner());
-        if shard.is_some() {
-            return Err(Status::invalid_argument(
-                "a wave is promoted for the whole plan; --shard is for pause, resume and cancel",
-            ));
-        }
+        let (plan_id, actor) = whole_plan(
+            req.into_inner(),
+            "a wave is promoted for the whole plan; --shard is for pause, resume and cancel",
+        )?;
         Ok(Response::new(self.promote(plan_id, actor).await?))
     }
 
@@ -120,12 +125,10 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
-        let (plan_id, shard, actor) = command(req.into_inner());
-        if shard.is_some() {
-            return Err(Status::invalid_argument(
-                "a halt stops the whole plan; to stop one shard, use `plan cancel --shard`",
-            ));
-        }
+        let (plan_id, actor) = whole_plan(
+            req.into_inner(),
+            "a halt stops the whole plan; to stop one shard, use `plan cancel --shard`",
+        )?;
         Ok(Response::new(self.halt(plan_id, actor).await?))
     }
 

@@ -12,7 +12,6 @@ use flotilla_core::waves::{Check, OnGateFailure};
 use tracing::warn;
 
 use super::{Engine, Event};
-use crate::plan::waves::WaveChange;
 use crate::sessions::registry::Fleet;
 use crate::store::StoreOp;
 
@@ -138,42 +137,7 @@ impl Engine {
         wave: usize,
         found: Result<String, String>,
     ) {
-        self.gates.remove(&(plan_id.to_string(), wave));
-        let Some(run) = self.plans.get_mut(plan_id) else {
-            return;
-        };
-        if run.state != PlanState::Running {
-            return;
-        }
-        let Some(changes) = run.bake_probe(wave, found.clone()) else {
-            return;
-        };
-        let message = changes
-            .first()
-            .map(|c| c.message.clone())
-            .unwrap_or_default();
-        // A breach while the plan is watched after its last wave rolls it back.
-        let on_failure = if wave >= run.spec.rollout.waves.len() {
-            OnGateFailure::Rollback
-        } else {
-            run.spec.rollout.on_gate_failure
-        };
-        self.record_wave_changes(plan_id, changes);
-        if found.is_err() {
-            warn!(plan = %plan_id, "{message}");
-            match on_failure {
-                OnGateFailure::Halt => {
-                    self.stop_plan(plan_id, format!("{message}; halted: what applied stays"));
-                }
-                OnGateFailure::Rollback => {
-                    self.undo_plan(
-                        plan_id,
-                        format!("{message}; every applied step is being undone"),
-                    );
-                }
-            }
-            self.drive(plan_id).await;
-        }
+        self.on_gate_found(plan_id, wave, found, true).await;
     }
 
     /// What a wave's gate found: the wave goes on, waits, or fails the plan as it says.
@@ -183,6 +147,17 @@ impl Engine {
         wave: usize,
         found: Result<String, String>,
     ) {
+        self.on_gate_found(plan_id, wave, found, false).await;
+    }
+
+    /// One path for what gates find, during the bake (`baking`) or at the gate.
+    async fn on_gate_found(
+        &mut self,
+        plan_id: &str,
+        wave: usize,
+        found: Result<String, String>,
+        baking: bool,
+    ) {
         self.gates.remove(&(plan_id.to_string(), wave));
         let Some(run) = self.plans.get_mut(plan_id) else {
             return;
@@ -190,17 +165,19 @@ impl Engine {
         if run.state != PlanState::Running {
             return;
         }
-        let Some(changes) = run.gate_result(wave, found.clone()) else {
+        let changes = if baking {
+            run.bake_probe(wave, found.clone())
+        } else {
+            run.gate_result(wave, found.clone())
+        };
+        let Some(changes) = changes else {
             return;
         };
         let message = changes
             .first()
             .map(|c| c.message.clone())
             .unwrap_or_default();
-        let waiting = changes
-            .iter()
-            .any(|c: &WaveChange| c.state == WaveState::Waiting);
-        if waiting {
+        if changes.iter().any(|c| c.state == WaveState::Waiting) {
             run.message = message.clone();
         }
         // A breach while the plan is watched after its last wave rolls it back.
@@ -209,22 +186,21 @@ impl Engine {
         } else {
             run.spec.rollout.on_gate_failure
         };
-        self.record_wave_changes(plan_id, changes);
-        if found.is_err() {
-            warn!(plan = %plan_id, "{message}");
-            match on_failure {
-                OnGateFailure::Halt => {
-                    self.stop_plan(plan_id, format!("{message}; halted: what applied stays"));
-                }
-                OnGateFailure::Rollback => {
-                    self.undo_plan(
-                        plan_id,
-                        format!("{message}; every applied step is being undone"),
-                    );
-                }
+        self.record_waves(plan_id, changes);
+        match (found.is_err(), on_failure) {
+            (false, _) if baking => return,
+            (false, _) => self.write_state(plan_id),
+            (true, OnGateFailure::Halt) => {
+                warn!(plan = %plan_id, "{message}");
+                self.stop_plan(plan_id, format!("{message}; halted: what applied stays"));
             }
-        } else {
-            self.write_state(plan_id);
+            (true, OnGateFailure::Rollback) => {
+                warn!(plan = %plan_id, "{message}");
+                self.undo_plan(
+                    plan_id,
+                    format!("{message}; every applied step is being undone"),
+                );
+            }
         }
         self.drive(plan_id).await;
     }
@@ -293,11 +269,6 @@ async fn run_checks(
 }
 
 impl Engine {
-    /// Stores and logs wave moves.
-    pub(super) fn record_wave_changes(&self, plan_id: &str, changes: Vec<WaveChange>) {
-        self.record_waves(plan_id, changes);
-    }
-
     /// Undoes the plan (a breach under `rollback`): every applied step, as all-or-nothing.
     pub(super) fn undo_plan(&mut self, plan_id: &str, message: String) {
         let Some(run) = self.plans.get_mut(plan_id) else {

@@ -189,7 +189,14 @@ impl PlanRun {
         while let Some(w) = self.waves.get(self.wave_pos) {
             let i = self.wave_pos;
             let next = match w.state {
-                WaveState::Running if w.targets.iter().all(|&t| !self.target_open(t)) => {
+                // Only the current wave's targets are queued or out, so anything queued or out
+                // means it is not done: checked first, it spares the scan of its targets on
+                // every result while the wave runs.
+                WaveState::Running
+                    if self.outstanding() == 0
+                        && self.shards.values().all(|sr| sr.ready.is_empty())
+                        && w.targets.iter().all(|&t| !self.target_open(t)) =>
+                {
                     let until = now_ms + w.bake_ms as i64;
                     Some((
                         WaveState::Baking,

@@ -91,26 +91,17 @@ impl Fleet {
         mut request: pb::PreflightRequest,
         timeout: Duration,
     ) -> Result<pb::PreflightReply, CoordinatorError> {
-        let reply = self
-            .ask(
-                shard,
-                timeout,
-                "preflight",
-                |g| &mut g.preflights,
-                |id| {
-                    request.request_id = id;
-                    pb::coordinator_message::Body::Preflight(request)
-                },
-            )
-            .await?;
-        if reply.error.is_empty() {
-            Ok(reply)
-        } else {
-            Err(CoordinatorError::Unreachable {
-                shard: shard.to_string(),
-                reason: reply.error,
-            })
-        }
+        self.ask(
+            shard,
+            timeout,
+            "preflight",
+            |g| &mut g.preflights,
+            |id| {
+                request.request_id = id;
+                pb::coordinator_message::Body::Preflight(request)
+            },
+        )
+        .await
     }
 
     /// Has one agent run a wave's SQL gate on some of its targets.
@@ -120,31 +111,23 @@ impl Fleet {
         mut request: pb::CheckRequest,
         timeout: Duration,
     ) -> Result<pb::CheckReply, CoordinatorError> {
-        let reply = self
-            .ask(
-                shard,
-                timeout,
-                "gate check",
-                |g| &mut g.checks,
-                |id| {
-                    request.request_id = id;
-                    pb::coordinator_message::Body::Check(request)
-                },
-            )
-            .await?;
-        if reply.error.is_empty() {
-            Ok(reply)
-        } else {
-            Err(CoordinatorError::Unreachable {
-                shard: shard.to_string(),
-                reason: reply.error,
-            })
-        }
+        self.ask(
+            shard,
+            timeout,
+            "gate check",
+            |g| &mut g.checks,
+            |id| {
+                request.request_id = id;
+                pb::coordinator_message::Body::Check(request)
+            },
+        )
+        .await
     }
 
     /// Sends a request on an agent's stream and waits for the reply with its id, which the
-    /// session's reader hands over (`complete_*`).
-    async fn ask<R>(
+    /// session's reader hands over (`complete_*`). A reply that says the agent could not do
+    /// it at all is the shard being unreachable for this.
+    async fn ask<R: AgentReply>(
         &self,
         shard: &str,
         timeout: Duration,
@@ -179,7 +162,8 @@ impl Fleet {
             return Err(unreachable("its agent stream closed".into()));
         };
         match reply {
-            Ok(Ok(r)) => Ok(r),
+            Ok(Ok(r)) if r.error().is_empty() => Ok(r),
+            Ok(Ok(r)) => Err(unreachable(r.error().to_string())),
             Ok(Err(_)) => Err(unreachable("its agent stream closed".into())),
             Err(_) => Err(unreachable(format!(
                 "no {what} answer within {}s",
@@ -212,5 +196,23 @@ impl Fleet {
             // the asker may have timed out; the reply has no one to go to then
             let _ = w.send(reply);
         }
+    }
+}
+
+/// A reply an agent sends to an exchange; its error, if any, says it could not do what was
+/// asked at all.
+trait AgentReply {
+    fn error(&self) -> &str;
+}
+
+impl AgentReply for pb::PreflightReply {
+    fn error(&self) -> &str {
+        &self.error
+    }
+}
+
+impl AgentReply for pb::CheckReply {
+    fn error(&self) -> &str {
+        &self.error
     }
 }
