@@ -835,3 +835,52 @@ rest = true
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bake_keeps_its_end_across_a_new_coordinator() -> anyhow::Result<()> {
+    let mut fleet = fleet(&[]).await?;
+    let plan = r#"name = "baked"
+
+[[waves]]
+name = "canary"
+selector = "tier=internal"
+bake = "12s"
+
+[[waves]]
+name = "rest"
+rest = true
+"#;
+    let dir = plan_dir(plan)?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    crate::harness::wait_until("the canary bakes", crate::fleet::WAIT, async || {
+        Ok(waves(&fleet.status(&id).await?)[0]["state"] == "baking")
+    })
+    .await?;
+    let until = waves(&fleet.status(&id).await?)[0]["bake_until_ms"]
+        .as_u64()
+        .expect("a bake end");
+
+    // A new coordinator rebuilds the plan: the same bake end, not a new bake.
+    fleet.restart_coordinator().await?;
+    fleet.wait_attached(3).await?;
+    let st = fleet.status(&id).await?;
+    let w = &waves(&st)[0];
+    assert_eq!(w["state"], "baking", "{st}");
+    assert_eq!(
+        w["bake_until_ms"].as_u64(),
+        Some(until),
+        "the same bake end: {st}"
+    );
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    // Nothing of the rest ran before the bake's end.
+    let at = marks(&fleet).await?;
+    let rest = wave_targets(&waves(&st)[1]);
+    let first_rest = rest.iter().map(|t| at[t]).fold(f64::MAX, f64::min);
+    assert!(
+        first_rest >= until as f64,
+        "the rest started before the bake ended"
+    );
+    Ok(())
+}
