@@ -5,6 +5,7 @@
 //! (coordinator unreachable, a daemon failed to start).
 mod daemons;
 mod plan;
+mod quickstart;
 mod render;
 
 use std::net::SocketAddr;
@@ -41,9 +42,10 @@ pub struct Cli {
     /// second thread only adds context switches next to the database it serves.
     #[arg(long, global = true, env = "FLOTILLA_THREADS")]
     pub threads: Option<usize>,
-    /// Log filter, e.g. `info` or `flotilla_agent=debug` (also RUST_LOG).
-    #[arg(long, global = true, env = "FLOTILLA_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter, e.g. `info` or `flotilla_agent=debug` (also RUST_LOG; default `info`,
+    /// `warn` for the quickstart, whose own output tells the story).
+    #[arg(long, global = true, env = "FLOTILLA_LOG")]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -63,7 +65,8 @@ pub enum Command {
     /// Plan locks on shards: who holds them; break one (audited).
     #[command(subcommand)]
     Locks(LocksCommand),
-    /// Run a coordinator and one agent per given shard in this process, for trying Flotilla out.
+    /// Try Flotilla with nothing to bring: a throwaway PostgreSQL fleet, a coordinator
+    /// and its agents in this process, and the coordinated example rolled across it.
     Quickstart(QuickstartArgs),
 }
 
@@ -137,18 +140,41 @@ pub struct AgentArgs {
 
 #[derive(Args, Debug)]
 pub struct QuickstartArgs {
-    /// Shards as NAME=DSN (password from FLOTILLA_SHARD_PASSWORD); repeat per shard.
-    #[arg(long = "shard", required = true)]
+    /// Where the demo's throwaway PostgreSQL cluster, plan and store go: a new or empty
+    /// directory (default: a new one under the system's temp dir). Removed at exit.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Leave the demo's directory at exit (PostgreSQL stopped; the command that starts
+    /// it again is printed).
+    #[arg(long)]
+    pub keep: bool,
+    /// Shard databases in the demo fleet.
+    #[arg(long, default_value_t = 3)]
+    pub demo_shards: usize,
+    /// Tenant schemas per shard in the demo fleet.
+    #[arg(long, default_value_t = 20)]
+    pub demo_tenants: usize,
+    /// The plan to roll across the demo fleet (default: the built-in copy of
+    /// examples/coord-2025-001, written into the demo's directory).
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    /// No demo: a coordinator and one agent per shard given as NAME=DSN (password from
+    /// FLOTILLA_SHARD_PASSWORD); repeat per shard.
+    #[arg(long = "shard")]
     pub shards: Vec<String>,
-    /// Tenant schemas, as for `flotilla agent`.
+    /// Tenant schemas on the --shard databases, as for `flotilla agent`.
     #[arg(long, default_value = "tenant_%")]
     pub tenant_pattern: String,
     /// Address for the embedded coordinator.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
-    /// Control store for the embedded coordinator.
-    #[arg(long, default_value = "flotilla-quickstart.db")]
-    pub store: String,
+    /// Where the process serves Prometheus metrics (coordinator and agents).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics: SocketAddr,
+    /// Control store for the embedded coordinator (default: flotilla.db in the demo's
+    /// directory; flotilla-quickstart.db with --shard).
+    #[arg(long)]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -347,8 +373,13 @@ impl Cli {
 }
 
 pub fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let default = match cli.command {
+            Command::Quickstart(_) => "warn",
+            _ => "info",
+        };
+        tracing_subscriber::EnvFilter::new(cli.log.as_deref().unwrap_or(default))
+    });
     // Operator commands keep stdout for their output; logs go to stderr.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -360,7 +391,7 @@ pub async fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Coordinator(args) => daemons::coordinator(args).await,
         Command::Agent(args) => daemons::agent(args, &cli.coordinator).await,
-        Command::Quickstart(args) => daemons::quickstart(args).await,
+        Command::Quickstart(args) => quickstart::quickstart(args).await,
         Command::Plan(cmd) => plan::run(&cli.coordinator, cmd).await,
         Command::Fleet(FleetCommand::List { output }) => {
             plan::fleet_list(&cli.coordinator, output).await

@@ -9,6 +9,7 @@ mod fleet;
 mod ha;
 mod harness;
 mod partition;
+mod quickstart;
 mod reversible;
 mod rollout;
 mod shards;
