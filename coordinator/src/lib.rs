@@ -25,6 +25,7 @@ mod retry;
 pub mod service;
 pub mod sessions;
 pub mod store;
+pub mod versions;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -211,6 +212,7 @@ pub async fn start(
         inner: Arc::new(service::Inner {
             store,
             fleet,
+            versions: Default::default(),
             events: events.clone(),
             writes,
             changes,

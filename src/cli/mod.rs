@@ -4,6 +4,7 @@
 //! (files, flags, a plan the coordinator refused); 3 Flotilla could not do it
 //! (coordinator unreachable, a daemon failed to start).
 mod daemons;
+mod fleet;
 mod plan;
 mod quickstart;
 mod render;
@@ -360,6 +361,22 @@ pub enum FleetCommand {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Where the fleet is: targets grouped by what their journals hold, what they lack of
+    /// completed plans, checksum mismatches, and the last failures.
+    Status {
+        /// Only the targets this label selector takes, e.g. `industry in (automotive)`.
+        #[arg(long)]
+        selector: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// One target: its journal, pending migrations, labels, mismatches, last failure.
+    Show {
+        /// `shard/tenant`, `shard` (the shard itself), or a tenant name on one shard only.
+        target: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
 }
 
 impl Cli {
@@ -395,6 +412,12 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Plan(cmd) => plan::run(&cli.coordinator, cmd).await,
         Command::Fleet(FleetCommand::List { output }) => {
             plan::fleet_list(&cli.coordinator, output).await
+        }
+        Command::Fleet(FleetCommand::Status { selector, output }) => {
+            fleet::status(&cli.coordinator, selector, output).await
+        }
+        Command::Fleet(FleetCommand::Show { target, output }) => {
+            fleet::show(&cli.coordinator, target, output).await
         }
         Command::Locks(cmd) => plan::locks(&cli.coordinator, cmd).await,
     }

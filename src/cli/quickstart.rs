@@ -446,10 +446,11 @@ fn next_steps(
     plan_id: Option<&str>,
     code: u8,
 ) {
+    let program = program_name();
     let flotilla = if addr == "http://127.0.0.1:7070" {
-        "flotilla".to_string()
+        program
     } else {
-        format!("flotilla --coordinator {addr}")
+        format!("{program} --coordinator {addr}")
     };
     println!();
     match (plan_id, code) {
@@ -493,14 +494,30 @@ fn next_steps(
             "a shard: \\dn, \\d tenant_0000.work_orders",
         ),
     ];
-    let width = tries.iter().map(|(cmd, _)| cmd.len()).max().unwrap_or(0);
     for (cmd, why) in &tries {
-        println!("  {cmd:width$}  # {why}");
+        println!("  # {why}\n  {cmd}");
     }
     if args.keep {
         println!("Serving until Ctrl-C; then the directory stays (--keep), PostgreSQL stopped.");
     } else {
         println!("Serving until Ctrl-C; then the fleet and its directory are removed.");
+    }
+}
+
+/// `flotilla` when that is this program on PATH, else this program's path (as
+/// scripts/quickstart.sh runs it from target/).
+fn program_name() -> String {
+    let this = std::env::current_exe().and_then(std::fs::canonicalize).ok();
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("flotilla"))
+            .find(|p| p.is_file())
+            .and_then(|p| std::fs::canonicalize(p).ok())
+    });
+    match (this, on_path) {
+        (Some(this), Some(found)) if this == found => "flotilla".to_string(),
+        (Some(this), _) => this.display().to_string(),
+        (None, _) => "flotilla".to_string(),
     }
 }
 

@@ -159,6 +159,23 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         Ok(Response::new(pb::BreakLockResponse { broken }))
     }
 
+    async fn fleet_status(
+        &self,
+        req: Request<pb::FleetStatusRequest>,
+    ) -> Result<Response<pb::FleetStatusResponse>, Status> {
+        let selector = req.into_inner().selector;
+        Ok(Response::new(self.fleet_status(&selector).await?))
+    }
+
+    async fn fleet_show(
+        &self,
+        req: Request<pb::FleetShowRequest>,
+    ) -> Result<Response<pb::FleetTarget>, Status> {
+        Ok(Response::new(
+            self.fleet_show(&req.into_inner().target).await?,
+        ))
+    }
+
     async fn list_fleet(
         &self,
         _req: Request<pb::ListFleetRequest>,
