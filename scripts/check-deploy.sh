@@ -298,7 +298,12 @@ fi
 section "Prometheus configuration and rules"
 ALERTS=deploy/prometheus/alerts.yml
 if command -v promtool >/dev/null 2>&1; then
-    promtool check config deploy/prometheus.yml || problem "promtool check config deploy/prometheus.yml"
+    # The standalone scrape configuration (it moves to deploy/prometheus/ with the rules).
+    for config in deploy/prometheus.yml deploy/prometheus/prometheus.yml; do
+        if [[ -f "$config" ]]; then
+            promtool check config "$config" || problem "promtool check config $config"
+        fi
+    done
     # The compose config names the rules where compose mounts them; check it with
     # the repository's file in their place.
     if [[ -f "$ALERTS" ]]; then
