@@ -327,7 +327,7 @@ COMPOSE=deploy/compose/compose.yaml
 "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$COMPOSE" ||
     problem "$COMPOSE does not match the compose-spec schema"
 if ! "$PY" - "$COMPOSE" <<'PY'; then
-import pathlib, sys
+import pathlib, re, sys
 import yaml
 
 compose_file = pathlib.Path(sys.argv[1])
@@ -380,13 +380,20 @@ for name, svc in services.items():
     command = svc.get("command") or []
     if isinstance(command, list) and "agent" in command and "--password-file" not in command:
         problem(f"agent service {name} has no --password-file")
+# Compose interpolates $NAME and $(...) from the host's environment: a script
+# meant to see them in the container must write $$.
+for n, line in enumerate(compose_file.read_text().splitlines(), 1):
+    if line.lstrip().startswith("#"):
+        continue
+    if re.search(r"\$[A-Za-z_(]", line.replace("$$", "")):
+        problem(f"line {n}: a single $ that compose would interpolate on the host (write $$): {line.strip()}")
 for sname, secret in (doc.get("secrets") or {}).items():
     if "file" in secret and not (base / secret["file"]).is_file():
         problem(f"secret {sname}: {secret['file']} does not exist")
 print(f"{len(services)} services checked")
 sys.exit(1 if bad else 0)
 PY
-    problem "$COMPOSE refers to something that is not there (above)"
+    problem "$COMPOSE (above)"
 fi
 if command -v docker >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; then
     if [[ -f "$ALERTS" && -d deploy/grafana/provisioning && -d deploy/grafana/dashboards ]]; then
