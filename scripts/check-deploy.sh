@@ -25,7 +25,7 @@
 # deploy/grafana/...) are checked when present; their absence is reported, not failed.
 set -uo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT="$(pwd)"
 
 TOOLS="${FLOTILLA_DEPLOY_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/flotilla-deploy}"
@@ -71,9 +71,8 @@ PY
 }
 
 # The ServiceMonitor schema: the npm package's validators are generated from the
-# prometheus-operator CRDs. Returns non-zero when node or npm is missing.
+# prometheus-operator CRDs. Needs node and npm (checked by the caller).
 ensure_npm() {
-    command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || return 1
     local pkg="$NPM_DIR/node_modules/@kubernetes-models/prometheus-operator/package.json"
     if [[ -f "$pkg" ]] && grep -q "\"version\": \"$PROM_OPERATOR_MODELS_VERSION\"" "$pkg"; then
         return 0
@@ -449,7 +448,11 @@ fi
 section "Kubernetes manifests"
 K8S=deploy/kubernetes
 SM_SCRIPT=""
-if ensure_npm; then
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    note "node/npm not found: ServiceMonitor not validated against its CRD schema"
+elif ! ensure_npm; then
+    problem "could not install @kubernetes-models/prometheus-operator into $NPM_DIR"
+else
     # Lives beside node_modules so that the import resolves there.
     SM_SCRIPT="$NPM_DIR/check-servicemonitor.mjs"
     cat >"$SM_SCRIPT" <<'JS'
@@ -468,8 +471,6 @@ for (const doc of JSON.parse(readFileSync(0, "utf8"))) {
 }
 process.exit(failed ? 1 : 0);
 JS
-else
-    note "node/npm not found: ServiceMonitor not validated against its CRD schema"
 fi
 if ! SM_SCRIPT="$SM_SCRIPT" "$PY" - "$K8S" <<'PY'; then
 import json, os, pathlib, subprocess, sys
