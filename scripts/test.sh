@@ -111,6 +111,9 @@ if [[ $# -eq 0 && -z "${FLOTILLA_TEST_PG_URL:-}" ]]; then
 fi
 
 run_step "Formatting" cargo fmt --all -- --check
+# deploy/ (systemd, compose, Kubernetes, Prometheus) and the Dockerfile, checked
+# without a Docker daemon or a cluster; installs its pinned checkers on first use.
+run_step "Deploy files" scripts/check-deploy.sh
 run_step "Clippy" cargo clippy --workspace --all-targets -- -D warnings
 # The `testing` feature compiles the named failpoints in, for the fault tests
 # (they do nothing unless FAILPOINTS names them).
