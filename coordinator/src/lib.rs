@@ -235,6 +235,13 @@ pub async fn start(
         }
     });
 
+    let health = api::health_service(coordination.leadership()).await;
+    let (reflection_v1, reflection_v1alpha) =
+        api::reflection_services().map_err(|e| CoordinatorError::Listen {
+            addr: config.listen.to_string(),
+            reason: format!("cannot build the reflection service: {e}"),
+        })?;
+
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| CoordinatorError::Listen {
@@ -259,6 +266,9 @@ pub async fn start(
         .add_service(pb::agent_service_server::AgentServiceServer::new(
             coordinator,
         ))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
