@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use flotilla_core::pb;
 use flotilla_core::state::{PlanState, WaveState};
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::actor::Actor;
 use crate::coordination::Coordination;
@@ -231,7 +231,14 @@ impl Engine {
 
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
         while let Some(event) = events.recv().await {
-            self.handle(event).await;
+            // What the leader logs carries its epoch (a field of every line), so the
+            // lines of two terms, or of a deposed leader, tell apart.
+            let term = if self.leading {
+                info_span!("term", epoch = self.epoch)
+            } else {
+                Span::none()
+            };
+            self.handle(event).instrument(term).await;
             // What an agent's stream could not take during the event goes now, in order.
             self.flush_outbound();
         }
