@@ -4,6 +4,8 @@
 //! (files, flags, a plan the coordinator refused); 3 Flotilla could not do it
 //! (coordinator unreachable, a daemon failed to start).
 mod daemons;
+mod logging;
+mod manual;
 mod plan;
 mod render;
 
@@ -12,6 +14,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use logging::LogFormat;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_PLAN_FAILED: u8 = 1;
@@ -25,7 +29,18 @@ pub const EXIT_WAITING: u8 = 4;
 #[command(
     name = "flotilla",
     version,
-    about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants"
+    about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants",
+    long_about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants: \
+all of a coordinated change lands, or none of it does.\n\n\
+One binary holds every part: `flotilla coordinator` holds plans, schedules their steps \
+(migration x target) and decides commit or abort (run two or more with --etcd for high \
+availability: one leads); `flotilla agent` runs beside each shard database and applies the \
+steps it is given; the other commands are the operator's, and talk to the coordinators over \
+gRPC. `flotilla quickstart` runs a coordinator and its agents in one process to try it out.",
+    after_long_help = "Exit codes: 0 success; 1 the plan failed or was rolled back; 2 bad input \
+(nothing was changed); 3 Flotilla could not do it (coordinator unreachable, a daemon failed to \
+start); 4 the plan waits at a wave's manual gate.\n\n\
+`flotilla COMMAND --help` tells more of each command; `flotilla man` prints the manual page."
 )]
 pub struct Cli {
     /// The coordinator's gRPC address (operator commands).
@@ -44,6 +59,16 @@ pub struct Cli {
     /// Log filter, e.g. `info` or `flotilla_agent=debug` (also RUST_LOG).
     #[arg(long, global = true, env = "FLOTILLA_LOG", default_value = "info")]
     pub log: String,
+    /// Log line format on stderr: `text`, or `json` (one object a line, with plan,
+    /// step, shard, tenant and epoch as top-level fields where a line concerns them).
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -65,6 +90,18 @@ pub enum Command {
     Locks(LocksCommand),
     /// Run a coordinator and one agent per given shard in this process, for trying Flotilla out.
     Quickstart(QuickstartArgs),
+    /// Print a shell completion script, e.g. `flotilla completions bash > /etc/bash_completion.d/flotilla`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff: `flotilla man | man -l -`), or write one page per command.
+    Man {
+        /// Write `flotilla.1`, `flotilla-plan-submit.1`, ... into this directory instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -347,13 +384,7 @@ impl Cli {
 }
 
 pub fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    // Operator commands keep stdout for their output; logs go to stderr.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    logging::init(&cli.log, cli.log_format);
 }
 
 pub async fn run(cli: Cli) -> u8 {
@@ -366,5 +397,7 @@ pub async fn run(cli: Cli) -> u8 {
             plan::fleet_list(&cli.coordinator, output).await
         }
         Command::Locks(cmd) => plan::locks(&cli.coordinator, cmd).await,
+        Command::Completions { shell } => manual::completions(shell),
+        Command::Man { out_dir } => manual::man(out_dir.as_deref()),
     }
 }
