@@ -235,7 +235,7 @@ pub async fn start(
         }
     });
 
-    let health = api::health_service(coordination.leadership()).await;
+    let (health, shutdown) = api::health_service(coordination.leadership(), shutdown).await;
     let (reflection_v1, reflection_v1alpha) =
         api::reflection_services().map_err(|e| CoordinatorError::Listen {
             addr: config.listen.to_string(),

@@ -1,5 +1,7 @@
 //! The standard gRPC health service and server reflection: what load balancers,
 //! Kubernetes probes and `grpcurl` speak, without Flotilla's .proto file.
+use std::future::Future;
+
 use flotilla_core::pb;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
@@ -19,15 +21,34 @@ pub(crate) const LEADER_ONLY: [&str; 2] = [
 ];
 
 /// The health service, its leader-only services set from `leadership` before it
-/// is returned (a probe never sees them unknown) and kept in step with it after.
+/// is returned (a probe never sees them unknown) and kept in step with it after;
+/// and `shutdown` wrapped so that, once it resolves, every status turns
+/// NOT_SERVING and open Watch streams end: a server shutting down gracefully waits
+/// for its streams, and a load balancer's watch would otherwise hold it up.
 pub(crate) async fn health_service(
     leadership: watch::Receiver<Leadership>,
-) -> HealthServer<impl Health> {
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (
+    HealthServer<impl Health>,
+    impl Future<Output = ()> + Send + 'static,
+) {
     let (reporter, server) = tonic_health::server::health_reporter();
     let leading = leadership.borrow().is_leader();
     publish(&reporter, leading).await;
-    tokio::spawn(follow_leadership(leadership, reporter));
-    server
+    let follow = tokio::spawn(follow_leadership(leadership, reporter.clone()));
+    let shutdown = async move {
+        shutdown.await;
+        follow.abort();
+        let mut reporter = reporter;
+        for service in std::iter::once("").chain(LEADER_ONLY) {
+            reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+            // Dropping a status's sender ends the Watch streams on it.
+            reporter.clear_service_status(service).await;
+        }
+    };
+    (server, shutdown)
 }
 
 async fn follow_leadership(mut leadership: watch::Receiver<Leadership>, reporter: HealthReporter) {
