@@ -345,7 +345,16 @@ async fn json_log_lines_carry_plan_step_shard_and_epoch_as_fields() -> anyhow::R
     pg.psql("shard_0", &sql).await?;
 
     // The flag for one, the environment for the other.
-    let (mut coordinator, addr) = lone_coordinator(&dir, &["--log-format", "json"]).await?;
+    let (mut coordinator, addr) = lone_coordinator(
+        &dir,
+        &[
+            "--log-format",
+            "json",
+            "--log",
+            "info,flotilla_coordinator=debug",
+        ],
+    )
+    .await?;
     let dsn = pg.url("shard_0");
     let mut agent = FlotillaProcess::spawn(
         &[
@@ -423,6 +432,33 @@ async fn json_log_lines_carry_plan_step_shard_and_epoch_as_fields() -> anyhow::R
         })
         .context("no line for the plan's end")?;
     assert_eq!(ended.get("epoch"), Some(&epoch), "{ended:?}");
+
+    // The leader's line about each step's result: the step, where, and its epoch.
+    let results: Vec<_> = coordinator_lines
+        .iter()
+        .filter(|l| l["message"] == "step result")
+        .collect();
+    assert_eq!(
+        results.len() as u64,
+        steps,
+        "one `step result` line per step"
+    );
+    for line in results {
+        assert_eq!(
+            line.get("plan"),
+            Some(&Value::from(plan.as_str())),
+            "{line:?}"
+        );
+        assert_eq!(line.get("shard"), Some(&Value::from("shard_0")), "{line:?}");
+        assert_eq!(line.get("state"), Some(&Value::from("applied")), "{line:?}");
+        assert!(
+            line.get("step")
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty()),
+            "{line:?}"
+        );
+        assert_eq!(line.get("epoch"), Some(&epoch), "{line:?}");
+    }
 
     // Every step the agent applied has a line with the step, its plan, shard,
     // tenant and the epoch it ran under, as fields.
