@@ -93,3 +93,76 @@ fn json_object(text: &str) -> Map<String, Value> {
         _ => Map::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use tracing::{info, info_span};
+    use tracing_subscriber::fmt::format::JsonFields;
+
+    use super::FlatJson;
+
+    /// Lines written by the subscriber under test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn span_fields_are_flattened_beside_the_events_own() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(JsonFields::new())
+            .event_format(FlatJson)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let lane = info_span!(
+                "lane",
+                shard = "shard_0",
+                plan = "p1",
+                epoch = tracing::field::Empty
+            );
+            let _lane = lane.enter();
+            // a field recorded after the span was made counts too
+            lane.record("epoch", 7u64);
+            let _run = info_span!("run", tenant = "tenant_0001", plan = "p2").entered();
+            info!(step = "001_init", ms = 3u64, "step done");
+            info!(plan = "p3", "the event's own field wins");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "one line per event: {text}");
+        assert_eq!(lines[1]["plan"], "p3");
+        let line = &lines[0];
+        assert_eq!(line["message"], "step done");
+        assert_eq!(line["step"], "001_init");
+        assert_eq!(line["ms"], 3);
+        assert_eq!(line["shard"], "shard_0");
+        assert_eq!(line["tenant"], "tenant_0001");
+        assert_eq!(line["epoch"], 7);
+        // the inner span wins a clash
+        assert_eq!(line["plan"], "p2");
+        assert_eq!(line["span"], "run");
+        assert_eq!(line["level"], "INFO");
+        assert!(
+            line["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{line}"
+        );
+    }
+}
