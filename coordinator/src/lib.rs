@@ -235,6 +235,12 @@ pub async fn start(
         }
     });
 
+    let stopping = coordinator.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping.event(engine::Event::Stop).await;
+        stopping.inner.fleet.detach_all();
+    };
     let (health, shutdown) = api::health_service(coordination.leadership(), shutdown).await;
     let (reflection_v1, reflection_v1alpha) =
         api::reflection_services().map_err(|e| CoordinatorError::Listen {

@@ -110,6 +110,10 @@ pub enum Event {
     },
     /// Leadership is lost: stop scheduling and deciding at once.
     Follow,
+    /// The coordinator is shutting down: schedule nothing more and let every agent
+    /// go. An agent's stream never ends by itself, and the server's graceful stop
+    /// waits for every stream.
+    Stop,
     LocksTaken {
         plan_id: String,
     },
@@ -364,6 +368,12 @@ impl Engine {
                 self.plans.clear();
                 self.agents.clear();
                 metrics::agents_connected(0);
+            }
+            Event::Stop => {
+                info!("shutting down: letting the agents go");
+                self.leading = false;
+                self.plans.clear();
+                self.agents.clear();
             }
             Event::LocksTaken { plan_id } => {
                 if let Some(run) = self.plans.get_mut(&plan_id) {

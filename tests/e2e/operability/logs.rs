@@ -84,9 +84,10 @@ async fn json_log_lines_carry_plan_step_shard_and_epoch_as_fields() -> anyhow::R
     assert_eq!(status["state"], "completed", "{status}");
     let plan = status["plan_id"].as_str().context("plan_id")?.to_string();
     let steps = status["steps"].as_u64().context("steps")?;
-    // Stopped first, so their logs are complete.
-    agent.terminate().await?;
+    // Stopped first, so their logs are complete; the coordinator first, which lets
+    // its attached agent go rather than wait for it.
     coordinator.terminate().await?;
+    agent.terminate().await?;
 
     let coordinator_lines = json_lines("coordinator", &coordinator.log())?;
     let agent_lines = json_lines("agent", &agent.log())?;
