@@ -5,6 +5,8 @@
 //! (coordinator unreachable, a daemon failed to start).
 mod daemons;
 mod fleet;
+mod logging;
+mod manual;
 mod plan;
 mod quickstart;
 mod render;
@@ -14,6 +16,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use logging::LogFormat;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_PLAN_FAILED: u8 = 1;
@@ -27,7 +31,18 @@ pub const EXIT_WAITING: u8 = 4;
 #[command(
     name = "flotilla",
     version,
-    about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants"
+    about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants",
+    long_about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants: \
+all of a coordinated change lands, or none of it does.\n\n\
+One binary holds every part: `flotilla coordinator` holds plans, schedules their steps \
+(migration x target) and decides commit or abort (run two or more with --etcd for high \
+availability: one leads); `flotilla agent` runs beside each shard database and applies the \
+steps it is given; the other commands are the operator's, and talk to the coordinators over \
+gRPC. `flotilla quickstart` runs a coordinator and its agents in one process to try it out.",
+    after_long_help = "Exit codes: 0 success; 1 the plan failed or was rolled back; 2 bad input \
+(nothing was changed); 3 Flotilla could not do it (coordinator unreachable, a daemon failed to \
+start); 4 the plan waits at a wave's manual gate.\n\n\
+`flotilla COMMAND --help` tells more of each command; `flotilla man` prints the manual page."
 )]
 pub struct Cli {
     /// The coordinator's gRPC address (operator commands).
@@ -47,6 +62,16 @@ pub struct Cli {
     /// `warn` for the quickstart, whose own output tells the story).
     #[arg(long, global = true, env = "FLOTILLA_LOG")]
     pub log: Option<String>,
+    /// Log line format on stderr: `text`, or `json` (one object a line, with plan,
+    /// step, shard, tenant and epoch as top-level fields where a line concerns them).
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -69,6 +94,18 @@ pub enum Command {
     /// Try Flotilla with nothing to bring: a throwaway PostgreSQL fleet, a coordinator
     /// and its agents in this process, and the coordinated example rolled across it.
     Quickstart(QuickstartArgs),
+    /// Print a shell completion script, e.g. `flotilla completions bash > /etc/bash_completion.d/flotilla`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff: `flotilla man | man -l -`), or write one page per command.
+    Man {
+        /// Write `flotilla.1`, `flotilla-plan-submit.1`, ... into this directory instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -390,18 +427,11 @@ impl Cli {
 }
 
 pub fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        let default = match cli.command {
-            Command::Quickstart(_) => "warn",
-            _ => "info",
-        };
-        tracing_subscriber::EnvFilter::new(cli.log.as_deref().unwrap_or(default))
-    });
-    // Operator commands keep stdout for their output; logs go to stderr.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let default = match cli.command {
+        Command::Quickstart(_) => "warn",
+        _ => "info",
+    };
+    logging::init(cli.log.as_deref().unwrap_or(default), cli.log_format);
 }
 
 pub async fn run(cli: Cli) -> u8 {
@@ -420,5 +450,7 @@ pub async fn run(cli: Cli) -> u8 {
             fleet::show(&cli.coordinator, target, output).await
         }
         Command::Locks(cmd) => plan::locks(&cli.coordinator, cmd).await,
+        Command::Completions { shell } => manual::completions(shell),
+        Command::Man { out_dir } => manual::man(out_dir.as_deref()),
     }
 }

@@ -1,7 +1,7 @@
 //! What agents answer: run results, rollback and resolve replies, data progress. Each is
 //! folded into its plan (the pure [`crate::plan`] methods), stored, and the plan driven on.
 use flotilla_core::pb;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::Engine;
 use crate::metrics;
@@ -38,6 +38,10 @@ impl Engine {
                 let (u, f) = run.apply_run_result(shard, r);
                 for x in &u {
                     metrics::step_finished(x.state, x.duration_ms);
+                    // Found by the same fields as the agent's line about the step.
+                    debug!(plan = %plan_id, step = %x.migration_id, shard = %x.shard,
+                           tenant = %x.tenant, state = x.state.as_str(), ms = x.duration_ms,
+                           "step result");
                 }
                 updates.extend(u);
                 failed |= f;
