@@ -2,16 +2,47 @@
 use flotilla_core::pb;
 use serde_json::{Value, json};
 
-use super::plan::{client, on_leader};
-use super::{EXIT_OK, Output};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
-pub async fn status(addr: &str, selector: Option<String>, output: Output) -> u8 {
+use super::plan::{client, on_leader};
+use super::{EXIT_BAD_INPUT, EXIT_OK, Output};
+use crate::loader::{self, Overrides};
+
+/// Each migration's checksum as the files on disk give it, read as `plan submit` reads them.
+fn file_checksums(path: &Path) -> Result<HashMap<String, String>, String> {
+    let raw = loader::load(path, &Overrides::default()).map_err(|e| e.to_string())?;
+    let spec =
+        flotilla_core::PlanSpec::try_from(raw).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(spec
+        .migrations
+        .into_iter()
+        .map(|m| (m.id.to_string(), m.checksum))
+        .collect())
+}
+
+pub async fn status(
+    addr: &str,
+    selector: Option<String>,
+    against: Option<PathBuf>,
+    output: Output,
+) -> u8 {
+    // The files are read here, before any coordinator is asked: a bad directory is the
+    // operator's to fix, and nothing is sent.
+    let checksums = match against.as_deref().map(file_checksums).transpose() {
+        Ok(c) => c.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("error: --against {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
     let mut c = match client(addr).await {
         Ok(c) => c,
         Err(code) => return code,
     };
     let req = pb::FleetStatusRequest {
         selector: selector.unwrap_or_default(),
+        checksums,
     };
     match on_leader(&mut c, |mut c| {
         let req = req.clone();
@@ -150,15 +181,16 @@ fn print_status(r: &pb::FleetStatusResponse) {
         );
     }
     if !r.mismatches.is_empty() {
-        println!("\nchecksum mismatches (the journal's migration is not the plan's):");
+        println!(
+            "\nchecksum mismatches (what the journal applied is not what the file or plan holds):"
+        );
         for m in &r.mismatches {
             println!(
-                "  {}: {} journal {} plan {} ({})",
+                "  {}: {} journal {} {}",
                 m.target,
                 m.migration_id,
                 short(&m.journal_checksum),
-                short(&m.plan_checksum),
-                m.plan_id
+                compared(m)
             );
         }
     }
@@ -175,6 +207,15 @@ fn print_status(r: &pb::FleetStatusResponse) {
                 f.target, f.migration_id, f.plan_id, f.message
             );
         }
+    }
+}
+
+/// What the journal's checksum was compared with: the file, or a plan.
+fn compared(m: &pb::ChecksumMismatch) -> String {
+    if m.plan_id.is_empty() {
+        format!("file {}", short(&m.plan_checksum))
+    } else {
+        format!("plan {} {}", m.plan_id, short(&m.plan_checksum))
     }
 }
 
@@ -245,11 +286,10 @@ fn print_target(t: &pb::FleetTarget) {
     }
     for m in &t.mismatches {
         println!(
-            "  checksum mismatch: {} journal {} plan {} ({})",
+            "  checksum mismatch: {} journal {} {}",
             m.migration_id,
             short(&m.journal_checksum),
-            short(&m.plan_checksum),
-            m.plan_id
+            compared(m)
         );
     }
     if let Some(f) = &t.last_failure {

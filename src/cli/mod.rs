@@ -404,6 +404,10 @@ pub enum FleetCommand {
         /// Only the targets this label selector takes, e.g. `industry in (automotive)`.
         #[arg(long)]
         selector: Option<String>,
+        /// A migration directory (or plan file): journal rows whose checksum is not its
+        /// files' are reported as mismatches.
+        #[arg(long)]
+        against: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -443,9 +447,11 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Fleet(FleetCommand::List { output }) => {
             plan::fleet_list(&cli.coordinator, output).await
         }
-        Command::Fleet(FleetCommand::Status { selector, output }) => {
-            fleet::status(&cli.coordinator, selector, output).await
-        }
+        Command::Fleet(FleetCommand::Status {
+            selector,
+            against,
+            output,
+        }) => fleet::status(&cli.coordinator, selector, against, output).await,
         Command::Fleet(FleetCommand::Show { target, output }) => {
             fleet::show(&cli.coordinator, target, output).await
         }

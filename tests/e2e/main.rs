@@ -15,4 +15,5 @@ mod reversible;
 mod rollout;
 mod shards;
 mod smoke;
+mod versions;
 mod waves;

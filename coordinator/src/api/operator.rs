@@ -163,8 +163,11 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::FleetStatusRequest>,
     ) -> Result<Response<pb::FleetStatusResponse>, Status> {
-        let selector = req.into_inner().selector;
-        Ok(Response::new(self.fleet_status(&selector).await?))
+        let req = req.into_inner();
+        let files = req.checksums.into_iter().collect();
+        Ok(Response::new(
+            self.fleet_status(&req.selector, &files).await?,
+        ))
     }
 
     async fn fleet_show(

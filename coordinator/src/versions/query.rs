@@ -1,6 +1,6 @@
 //! The operator's questions about the fleet's versions, answered by the leader from its
 //! copy of the journals (see the module's docs) and the store's completed plans.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use flotilla_core::selector::Selector;
 use flotilla_core::{PlanSpec, pb};
@@ -16,6 +16,7 @@ impl Coordinator {
     pub async fn fleet_status(
         &self,
         selector: &str,
+        files: &HashMap<String, String>,
     ) -> Result<pb::FleetStatusResponse, CoordinatorError> {
         let selector = Selector::parse(selector)
             .map_err(|e| CoordinatorError::InvalidRequest(format!("--selector: {e}")))?;
@@ -28,6 +29,7 @@ impl Coordinator {
                 epoch,
                 failures: &failures,
                 plans: &plans,
+                files,
             },
             &selector,
         ))
@@ -43,6 +45,7 @@ impl Coordinator {
                 epoch,
                 failures: &failures,
                 plans: &plans,
+                files: &HashMap::new(),
             },
             target.trim(),
         )

@@ -24,6 +24,8 @@ pub struct FleetInput<'a> {
     pub failures: &'a HashMap<(String, String), pb::LastFailure>,
     /// Oldest first: a later plan's checksum of a migration wins.
     pub plans: &'a [PlanInput],
+    /// Checksums of the files the operator named (`fleet status --against DIR`).
+    pub files: &'a HashMap<String, String>,
 }
 
 /// A migration a target should hold, from the latest completed plan that gives it one.
@@ -111,7 +113,9 @@ impl FleetInput<'_> {
                 if !selector.matches(&labels) {
                     continue;
                 }
-                out.push(work_out(shard, &tenant.0, labels, rows, &wanted));
+                out.push(work_out(
+                    shard, &tenant.0, labels, rows, &wanted, self.files,
+                ));
             }
         }
         out
@@ -124,6 +128,7 @@ fn work_out(
     labels: BTreeMap<String, String>,
     journal: Vec<pb::JournalEntry>,
     expected: &[Expected],
+    files: &HashMap<String, String>,
 ) -> TargetState {
     let name = target_name(shard, tenant);
     let applied: HashMap<&str, &pb::JournalEntry> = journal
@@ -135,16 +140,26 @@ fn work_out(
         .filter(|e| !applied.contains_key(e.migration_id.as_str()))
         .map(|e| e.migration_id.clone())
         .collect();
-    let mismatches = expected
+    // Against the files when the operator named them (what they will submit next),
+    // else against the latest completed plan that carries the migration.
+    let mismatches = journal
         .iter()
-        .filter_map(|e| {
-            let row = applied.get(e.migration_id.as_str())?;
-            (row.checksum != e.checksum).then(|| pb::ChecksumMismatch {
+        .filter_map(|row| {
+            let (checksum, plan_id) = match files.get(&row.migration_id) {
+                Some(file) => (file.clone(), String::new()),
+                None => {
+                    let e = expected
+                        .iter()
+                        .find(|e| e.migration_id == row.migration_id)?;
+                    (e.checksum.clone(), e.plan_id.clone())
+                }
+            };
+            (row.checksum != checksum).then(|| pb::ChecksumMismatch {
                 target: name.clone(),
-                migration_id: e.migration_id.clone(),
+                migration_id: row.migration_id.clone(),
                 journal_checksum: row.checksum.clone(),
-                plan_checksum: e.checksum.clone(),
-                plan_id: e.plan_id.clone(),
+                plan_checksum: checksum,
+                plan_id,
             })
         })
         .collect();

@@ -130,6 +130,7 @@ fn one_head_when_every_target_holds_every_completed_migration() {
         epoch: EPOCH,
         failures: &HashMap::new(),
         plans: &plans,
+        files: &HashMap::new(),
     };
     let r = fleet_status(&input, &everything());
     assert_eq!(r.targets, 6);
@@ -168,6 +169,7 @@ fn a_second_plan_to_some_targets_splits_the_fleet_and_names_what_the_rest_lack()
         epoch: EPOCH,
         failures: &HashMap::new(),
         plans: &plans,
+        files: &HashMap::new(),
     };
     let r = fleet_status(&input, &everything());
     assert_eq!(r.targets, 6);
@@ -205,6 +207,7 @@ fn a_journal_checksum_that_is_not_the_plans_is_named_with_its_target() {
         epoch: EPOCH,
         failures: &HashMap::new(),
         plans: &plans,
+        files: &HashMap::new(),
     };
     let r = fleet_status(&input, &everything());
     assert_eq!(r.mismatches.len(), 1);
@@ -228,6 +231,7 @@ fn shards_not_heard_under_this_epoch_are_named_not_counted() {
         epoch: EPOCH,
         failures: &HashMap::new(),
         plans: &plans,
+        files: &HashMap::new(),
     };
     let r = fleet_status(&input, &everything());
     assert_eq!(r.targets, 3);
@@ -256,6 +260,7 @@ fn a_failure_shows_in_status_and_show_and_names_resolve() {
         epoch: EPOCH,
         failures: &failures,
         plans: &plans,
+        files: &HashMap::new(),
     };
     let r = fleet_status(&input, &everything());
     assert_eq!(r.behind, 6);
@@ -273,4 +278,25 @@ fn a_failure_shows_in_status_and_show_and_names_resolve() {
     assert!(e.contains("`tenant_9`"), "{e}");
     let e = show_target(&input, "shard_9/tenant_0").unwrap_err();
     assert!(e.contains("no shard `shard_9`"), "{e}");
+}
+
+#[test]
+fn the_files_named_by_the_operator_are_compared_with_the_journal() {
+    let fleet = fleet();
+    let plans = [plan("p1", "", "", &[("001_a", "SELECT 1")])];
+    let journals = journals(&fleet, &[("001_a", "SELECT 1")], |_, _, _| {});
+    let files = HashMap::from([("001_a".to_string(), checksum("SELECT 1 -- edited"))]);
+    let input = FleetInput {
+        fleet: &fleet,
+        journals: &journals,
+        epoch: EPOCH,
+        failures: &HashMap::new(),
+        plans: &plans,
+        files: &files,
+    };
+    let r = fleet_status(&input, &everything());
+    assert_eq!(r.mismatches.len(), 6);
+    assert!(r.mismatches.iter().all(|m| m.plan_id.is_empty()
+        && m.plan_checksum == checksum("SELECT 1 -- edited")
+        && m.journal_checksum == checksum("SELECT 1")));
 }
