@@ -31,6 +31,9 @@ pub struct AgentConfig {
     pub max_connections: u32,
     /// How often to send a heartbeat until the coordinator's Welcome says otherwise.
     pub heartbeat_interval: Duration,
+    /// How often the agent looks for tenants that appeared or vanished (and reports the
+    /// whole journal again).
+    pub discover_interval: Duration,
     /// The first delay before reconnecting (to the coordinator or the shard).
     pub reconnect_min: Duration,
     /// The longest delay between reconnect attempts.
@@ -46,6 +49,7 @@ pub struct AgentConfig {
 
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_DISCOVER_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
 pub const DEFAULT_ETCD_PREFIX: &str = "/flotilla";
@@ -68,6 +72,7 @@ impl AgentConfig {
             tenant_query: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            discover_interval: DEFAULT_DISCOVER_INTERVAL,
             reconnect_min: DEFAULT_RECONNECT_MIN,
             reconnect_max: DEFAULT_RECONNECT_MAX,
             etcd: Vec::new(),
@@ -100,6 +105,9 @@ impl AgentConfig {
                 "reconnect_min ({:?}) must be above zero and at most reconnect_max ({:?})",
                 self.reconnect_min, self.reconnect_max
             )));
+        }
+        if self.discover_interval.is_zero() {
+            return Err(bad("discover_interval must be above zero".into()));
         }
         if self.heartbeat_interval.is_zero() {
             return Err(bad("heartbeat_interval must be above zero".into()));
@@ -137,6 +145,7 @@ impl fmt::Debug for AgentConfig {
             .field("tenant_query", &self.tenant_query)
             .field("max_connections", &self.max_connections)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("discover_interval", &self.discover_interval)
             .field("reconnect_min", &self.reconnect_min)
             .field("reconnect_max", &self.reconnect_max)
             .field(

@@ -42,7 +42,7 @@ mod session;
 mod shard;
 mod step;
 
-pub use config::{AgentConfig, redact_dsn};
+pub use config::{AgentConfig, DEFAULT_DISCOVER_INTERVAL, redact_dsn};
 pub use error::AgentError;
 
 use crate::data::{ProgressBoard, ServerBuckets};

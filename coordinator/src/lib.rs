@@ -63,6 +63,8 @@ pub struct CoordinatorConfig {
     pub agent_grace: Duration,
     /// Key prefix in etcd.
     pub etcd_prefix: String,
+    /// Environments whose completed plans catch new tenants up ("*" = every one).
+    pub catch_up_environments: Vec<String>,
 }
 
 impl CoordinatorConfig {
@@ -79,6 +81,7 @@ impl CoordinatorConfig {
             lease_ttl: Duration::from_secs(10),
             agent_grace: Duration::from_secs(30),
             etcd_prefix: coordination::keys::DEFAULT_PREFIX.to_string(),
+            catch_up_environments: Vec::new(),
         }
     }
 }
@@ -222,6 +225,7 @@ pub async fn start(
                 lock_timeout: config.lock_timeout,
                 statement_timeout: config.statement_timeout,
                 preflight_timeout: config.preflight_timeout,
+                catch_up_environments: config.catch_up_environments.clone(),
             },
         }),
     };

@@ -26,6 +26,9 @@ pub struct Defaults {
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
     pub preflight_timeout: Duration,
+    /// Environments whose completed plans catch new tenants up ("*" = every one), as
+    /// plans with `catch_up = true` do.
+    pub catch_up_environments: Vec<String>,
 }
 
 pub struct Inner {

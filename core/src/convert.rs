@@ -576,6 +576,7 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
                 what: "the plan".into(),
                 reason,
             })?,
+            catch_up: p.catch_up,
         };
         // Cycles and unknown names are part of what makes a plan valid.
         MigrationGraph::build(&spec)?;
@@ -617,6 +618,7 @@ impl From<&PlanSpec> for pb::PlanSpec {
     fn from(p: &PlanSpec) -> pb::PlanSpec {
         let mut out = pb::PlanSpec {
             version: p.version.clone(),
+            catch_up: p.catch_up,
             name: p.name.clone(),
             description: p.description.clone(),
             migrations: p.migrations.iter().map(pb::Migration::from).collect(),

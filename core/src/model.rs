@@ -305,6 +305,8 @@ pub struct PlanSpec {
     pub rollout: crate::waves::Rollout,
     /// A semantic version (`2.4.0`) for the migrations that carry none; empty = none.
     pub version: String,
+    /// Tenants that appear after it completed get its migrations (a catch-up plan).
+    pub catch_up: bool,
 }
 
 pub const DEFAULT_MAX_PARALLEL: u32 = 8;

@@ -38,6 +38,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> u8 {
     config.advertise = args.advertise;
     config.lease_ttl = args.lease_ttl;
     config.agent_grace = args.agent_grace;
+    config.catch_up_environments = args.catch_up_environments;
     match flotilla_coordinator::start(config, shutdown_signal(), None).await {
         Ok(()) => EXIT_OK,
         Err(e) => {
@@ -96,6 +97,7 @@ pub(super) fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentC
     config.max_connections = args.max_connections;
     config.etcd = args.etcd.clone();
     config.lease_ttl = args.lease_ttl;
+    config.discover_interval = args.discover_interval;
     Ok(config)
 }
 

@@ -111,6 +111,7 @@ fn status_json(r: &pb::FleetStatusResponse) -> Value {
         "behind": r.behind,
         "completed_plans": r.completed_plans,
         "unreported_shards": r.unreported_shards,
+        "gone": r.gone,
         "cohorts": r.cohorts.iter().map(|c| json!({
             "head": c.head,
             "digest": c.digest,
@@ -178,6 +179,12 @@ fn print_status(r: &pb::FleetStatusResponse) {
             } else {
                 String::new()
             }
+        );
+    }
+    if !r.gone.is_empty() {
+        println!(
+            "\ngone from their shards (journal rows kept): {}",
+            r.gone.join(", ")
         );
     }
     if !r.mismatches.is_empty() {

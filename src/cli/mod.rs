@@ -139,6 +139,10 @@ pub struct CoordinatorArgs {
     /// How long an agent may be gone before its runs in flight fail.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub agent_grace: Duration,
+    /// Environments (comma-separated, `*` = every one) whose completed plans catch up
+    /// tenants that appear later, as plans with `catch_up = true` do.
+    #[arg(long, env = "FLOTILLA_CATCH_UP", value_delimiter = ',')]
+    pub catch_up_environments: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -174,6 +178,10 @@ pub struct AgentArgs {
     /// TTL of the agent's liveness lease.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub lease_ttl: Duration,
+    /// How often to look for tenants that appeared or vanished (new ones are caught up
+    /// when a plan or the coordinator asks for it) and report the whole journal again.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub discover_interval: Duration,
 }
 
 #[derive(Args, Debug)]

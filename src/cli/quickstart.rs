@@ -293,6 +293,8 @@ async fn run_demo(args: &QuickstartArgs, cluster: &PgCluster, dir: &Path, stop: 
                 .into_iter()
                 .collect();
             config.max_connections = 4;
+            // A tenant created while the demo runs shows (and catches up) within seconds.
+            config.discover_interval = Duration::from_secs(5);
             config
         })
         .collect();
@@ -608,6 +610,7 @@ async fn given_shards(args: QuickstartArgs, stop: Stop) -> u8 {
             metrics: None,
             etcd: Vec::new(),
             lease_ttl: Duration::from_secs(10),
+            discover_interval: flotilla_agent::DEFAULT_DISCOVER_INTERVAL,
         };
         match agent_config(&a, &coordinator) {
             Ok(c) => agents.push(c),

@@ -33,6 +33,8 @@ pub struct TestFleet {
     coordinator_args: Vec<String>,
     /// `--tenant-query` for the agents, instead of `--tenant-pattern tenant_%`.
     tenant_query: Option<String>,
+    /// More agent flags.
+    agent_args: Vec<String>,
     /// Coordinators killed by the test, kept so their logs are printed on a panic.
     old_coordinators: Vec<FlotillaProcess>,
     // Last: removed after every process is gone.
@@ -69,6 +71,7 @@ pub struct FleetBuilder {
     store_db: Option<String>,
     metrics: Option<SocketAddr>,
     coordinator_extra: Vec<String>,
+    agent_extra: Vec<String>,
     tenant_query: Option<String>,
     shard_sql: Option<ShardSql>,
 }
@@ -91,6 +94,12 @@ impl FleetBuilder {
     pub fn coordinator_args(mut self, args: &[&str]) -> Self {
         self.coordinator_extra
             .extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// More agent flags, e.g. `["--discover-interval", "1s"]`.
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_extra.extend(args.iter().map(|a| a.to_string()));
         self
     }
 
@@ -159,6 +168,7 @@ impl FleetBuilder {
             store,
             coordinator_args,
             tenant_query: self.tenant_query,
+            agent_args: self.agent_extra,
             old_coordinators: Vec::new(),
             _dir: dir,
         };
@@ -231,6 +241,7 @@ impl TestFleet {
             store_db: None,
             metrics: None,
             coordinator_extra: Vec::new(),
+            agent_extra: Vec::new(),
             tenant_query: None,
             shard_sql: None,
         }
@@ -281,6 +292,7 @@ impl TestFleet {
             Some(q) => args.extend(["--tenant-query", q.as_str()]),
             None => args.extend(["--tenant-pattern", "tenant_%"]),
         }
+        args.extend(self.agent_args.iter().map(String::as_str));
         FlotillaProcess::spawn(&args, &[])
     }
 

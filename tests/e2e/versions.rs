@@ -168,3 +168,108 @@ async fn fleet_status_groups_targets_by_their_journals_and_names_what_each_lacks
     assert!(out.stderr.contains("--selector"), "{out:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_vanishes_is_gone()
+-> anyhow::Result<()> {
+    let fleet = TestFleet::builder(2, 3)
+        .agent_args(&["--discover-interval", "1s"])
+        .start()
+        .await?;
+    // Two migrations in a plan that asks for catch-up; one more in a plan that does not.
+    let notes = MigrationDir::new()?;
+    notes.migration(
+        "001_work_order_note",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN note text;",
+        "ALTER TABLE work_orders DROP COLUMN note;",
+    )?;
+    notes.migration(
+        "002_repair_order_note",
+        "",
+        "ALTER TABLE repair_orders ADD COLUMN note text;",
+        "ALTER TABLE repair_orders DROP COLUMN note;",
+    )?;
+    std::fs::write(
+        notes.path().join("plan.toml"),
+        "name = \"notes\"\ncatch_up = true\n",
+    )?;
+    let loyalty = MigrationDir::new()?;
+    loyalty.migration(
+        "003_loyalty",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN loyalty_tier text;",
+        "ALTER TABLE work_orders DROP COLUMN loyalty_tier;",
+    )?;
+    for dir in [&notes, &loyalty] {
+        let (code, _, out) = fleet.submit_wait(dir.path(), &[]).await?;
+        assert_eq!(code, 0, "{out:?}");
+    }
+
+    // A tenant created on shard_1 afterwards: found by its agent, caught up without an
+    // operator on the plan that asks for it, and shown behind by the other.
+    fleet
+        .pg
+        .psql(&fleet.shards[1], &tenant_sql("tenant_0900", 2))
+        .await?;
+    let plan = wait_for("the catch-up plan to complete", WAIT, async || {
+        let list = fleet
+            .cli(&["plan", "list", "--output", "json"])
+            .await?
+            .expect_success()?
+            .last_json()?;
+        let found = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == "catch-up-shard_1/tenant_0900")
+            .cloned();
+        Ok(found.filter(|p| p["state"] == "completed"))
+    })
+    .await?;
+    assert_eq!(plan["targets"], 1, "{plan}");
+    let columns = fleet
+        .pg
+        .query_rows(
+            &fleet.shards[1],
+            "SELECT table_name || '.' || column_name FROM information_schema.columns
+              WHERE table_schema = 'tenant_0900' AND column_name IN ('note', 'loyalty_tier')
+              ORDER BY 1",
+        )
+        .await?;
+    assert_eq!(
+        columns,
+        vec![
+            vec!["repair_orders.note".to_string()],
+            vec!["work_orders.note".to_string()]
+        ]
+    );
+    let s = status_when(&fleet, "the new tenant behind by 003 only", &[], |s| {
+        cohorts(s).iter().any(|c| {
+            c["targets"] == serde_json::json!(["shard_1/tenant_0900"])
+                && c["pending"] == serde_json::json!(["003_loyalty"])
+        })
+    })
+    .await?;
+    assert_eq!(s["behind"], 1);
+
+    // A tenant dropped from shard_0: gone, not an error; its journal rows stay.
+    fleet
+        .pg
+        .psql(&fleet.shards[0], "DROP SCHEMA tenant_0001 CASCADE")
+        .await?;
+    let s = status_when(&fleet, "tenant_0001 gone", &[], |s| {
+        s["gone"] == serde_json::json!(["shard_0/tenant_0001"])
+    })
+    .await?;
+    assert_eq!(s["targets"], 6, "{s:#}");
+    let kept = fleet
+        .pg
+        .query_rows(
+            &fleet.shards[0],
+            "SELECT count(*) FROM flotilla.journal WHERE target = 'tenant_0001'",
+        )
+        .await?;
+    assert_eq!(kept, vec![vec!["3".to_string()]]);
+    Ok(())
+}

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use flotilla_core::pb;
 use flotilla_core::pb::agent_message::Body as Out;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::Agent;
 use crate::run::Outgoing;
@@ -104,6 +104,37 @@ pub(crate) fn report(agent: &Arc<Agent>, tx: &mpsc::Sender<pb::AgentMessage>) {
             .journal_dirty
             .reporting
             .store(false, Ordering::Release);
+    });
+}
+
+/// Looks for tenants that appeared or vanished, in a task of its own; tells the
+/// coordinator when the list changed (it catches the new ones up, if asked to).
+pub(crate) fn discover(agent: &Arc<Agent>, tx: &mpsc::Sender<pb::AgentMessage>) {
+    let agent = agent.clone();
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let before = agent.known_tenants();
+        let Ok(now) = agent.refresh_tenants().await else {
+            return; // logged; the last list stands
+        };
+        let names = |t: &[pb::Tenant]| t.iter().map(|t| t.name.clone()).collect::<BTreeSet<_>>();
+        let (old, new) = (names(&before), names(&now));
+        if old == new && before == now {
+            return;
+        }
+        info!(
+            appeared = new.difference(&old).count(),
+            vanished = old.difference(&new).count(),
+            tenants = now.len(),
+            "the shard's tenants changed"
+        );
+        let report = pb::AgentMessage {
+            body: Some(Out::Tenants(pb::TenantsReport { tenants: now })),
+        };
+        if tx.send(report).await.is_err() {
+            // the next stream's Hello carries the list
+            debug!("tenants report not sent: the stream closed");
+        }
     });
 }
 

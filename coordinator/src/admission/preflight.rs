@@ -88,7 +88,7 @@ impl Coordinator {
                 seen.two_phase_errors
                     .insert(shard.clone(), reply.two_phase_error.clone());
             }
-            self.inner.fleet.set_tenants(&shard, reply.tenants.clone());
+            self.record_tenants(&shard, &reply.tenants);
             let labels = attached[&shard].labels.clone();
             let tenants = reply
                 .tenants

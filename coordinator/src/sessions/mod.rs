@@ -52,6 +52,14 @@ impl Coordinator {
         let conn_id = inner.fleet.next_conn_id();
         let (tx, rx) = mpsc::channel::<pb::CoordinatorMessage>(STREAM_CAPACITY);
         let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
+        // What this coordinator knew of the shard's tenants, to tell the new ones.
+        let before = inner
+            .store
+            .agents()
+            .await?
+            .into_iter()
+            .find(|a| a.shard == shard)
+            .map(|a| a.tenants().into_iter().map(|(name, _)| name).collect());
         inner.fleet.attach(
             &shard,
             AttachedAgent {
@@ -77,6 +85,7 @@ impl Coordinator {
             })))
             .await;
         inner.versions.attached(&shard, epoch);
+        self.tenants_seen(&shard, before, &hello.tenants);
         info!(shard = %shard, tenants = hello.tenants.len(), "agent attached");
         if let Some(e) = &inner.embedded {
             e.set_live(&shard, true);
@@ -133,6 +142,10 @@ impl Coordinator {
                     inner.versions.apply(&shard, report);
                     continue;
                 }
+                Some(Body::Tenants(report)) => {
+                    self.record_tenants(&shard, &report.tenants);
+                    continue;
+                }
                 Some(Body::Preflight(reply)) => {
                     inner.fleet.complete_preflight(reply);
                     continue;
@@ -153,6 +166,22 @@ impl Coordinator {
             }
         }
         self.event(Event::Detached { shard, conn_id }).await;
+    }
+
+    /// An attached agent's tenants as it found them now (discovery, a preflight): the
+    /// fleet's view and the store take them, and new ones may be caught up.
+    pub(crate) fn record_tenants(&self, shard: &str, tenants: &[pb::Tenant]) {
+        let inner = &self.inner;
+        let before = inner.fleet.set_tenants(shard, tenants.to_vec());
+        if let Some(agent) = inner.fleet.snapshot().get(shard) {
+            self.write(StoreOp::Agent {
+                shard: shard.to_string(),
+                labels: serde_json::to_string(&agent.labels).unwrap_or_else(|_| "{}".into()),
+                tenants: tenants_json(tenants),
+                version: agent.version.clone(),
+            });
+        }
+        self.tenants_seen(shard, before, tenants);
     }
 
     /// Hands the engine an event; an engine gone is a coordinator shutting down.

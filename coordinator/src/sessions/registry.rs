@@ -72,11 +72,13 @@ impl Fleet {
         }
     }
 
-    pub fn set_tenants(&self, shard: &str, tenants: Vec<pb::Tenant>) {
+    /// Replaces an attached agent's tenants; returns the names it had (None: not attached).
+    pub fn set_tenants(&self, shard: &str, tenants: Vec<pb::Tenant>) -> Option<Vec<String>> {
         let mut g = self.inner.lock().expect("fleet lock");
-        if let Some(a) = g.agents.get_mut(shard) {
-            a.tenants = tenants;
-        }
+        let a = g.agents.get_mut(shard)?;
+        let before = a.tenants.iter().map(|t| t.name.clone()).collect();
+        a.tenants = tenants;
+        Some(before)
     }
 
     pub fn snapshot(&self) -> BTreeMap<String, AttachedAgent> {

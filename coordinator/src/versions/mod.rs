@@ -7,6 +7,7 @@
 //! any shard: 10,000 tenants answer in well under a second. The shard stays the source of
 //! truth; the copy only ever takes what a shard reported, never what a result implies.
 //! Failures are the exception: they are not in the journal, so results feed them.
+mod catch_up;
 mod query;
 mod status;
 

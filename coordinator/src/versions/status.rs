@@ -237,6 +237,22 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
             .then_with(|| a.head.cmp(&b.head))
     });
     failures.sort_by_key(|f| std::cmp::Reverse(f.at_ms));
+    let mut gone = Vec::new();
+    for (shard, view) in input.fleet {
+        let Some(journal) = input.reported(shard) else {
+            continue;
+        };
+        let mut names: Vec<&String> = journal
+            .targets
+            .iter()
+            .filter(|(t, rows)| {
+                !t.is_empty() && !rows.is_empty() && !view.tenants.iter().any(|(n, _)| n == *t)
+            })
+            .map(|(t, _)| t)
+            .collect();
+        names.sort();
+        gone.extend(names.into_iter().map(|t| target_name(shard, t)));
+    }
     let unreported_shards = input
         .fleet
         .keys()
@@ -251,6 +267,7 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
         failures,
         unreported_shards,
         completed_plans: input.plans.len() as u64,
+        gone,
     }
 }
 
