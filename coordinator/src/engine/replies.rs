@@ -1,6 +1,7 @@
 //! What agents answer: run results, rollback and resolve replies, data progress. Each is
 //! folded into its plan (the pure [`crate::plan`] methods), stored, and the plan driven on.
 use flotilla_core::pb;
+use flotilla_core::state::StepState;
 use tracing::info;
 
 use super::Engine;
@@ -27,7 +28,7 @@ impl Engine {
         let Some(run) = self.plans.get_mut(&plan_id) else {
             return;
         };
-        let mut updates = Vec::new();
+        let mut updates: Vec<StepUpdate> = Vec::new();
         let mut failed = false;
         let rollback_done = run
             .shards
@@ -36,11 +37,14 @@ impl Engine {
         if !rollback_done {
             for r in &results.runs {
                 let (u, f) = run.apply_run_result(shard, r);
-                for x in &u {
-                    metrics::step_finished(x.state, x.duration_ms);
-                }
                 updates.extend(u);
                 failed |= f;
+            }
+        }
+        for x in &updates {
+            metrics::step_finished(shard, x.state, x.duration_ms);
+            if x.state == StepState::Applied {
+                self.observe_step_time(x.duration_ms);
             }
         }
         self.record(&plan_id, updates, failed).await;
@@ -78,10 +82,8 @@ impl Engine {
             touched.insert(p.plan_id.clone());
             run.record_progress(p);
         }
+        // the data gauges follow at the next tick (see `observe`)
         for plan_id in touched {
-            if let Some(run) = self.plans.get(&plan_id) {
-                metrics::data_progress(&plan_id, run.progress.values());
-            }
             self.changed(&plan_id, false);
         }
     }
