@@ -194,7 +194,17 @@ pub fn plan_finished(state: PlanState) {
     counter!("flotilla_plans_finished_total", "state" => state.as_str()).increment(1);
 }
 
+/// A step's result from its run, timed on the shard.
 pub fn step_finished(shard: &str, state: StepState, duration_ms: i64) {
+    step_outcome(shard, state);
+    if state == StepState::Applied {
+        histogram!("flotilla_step_duration_seconds").record(duration_ms as f64 / 1000.0);
+    }
+}
+
+/// A step's new state from a rollback or a resolution of prepared transactions (its
+/// time on the shard was counted with its run).
+pub fn step_outcome(shard: &str, state: StepState) {
     let outcome: &'static str = match state {
         StepState::Applied => "applied",
         StepState::AlreadyApplied => "already_applied",
@@ -207,9 +217,6 @@ pub fn step_finished(shard: &str, state: StepState, duration_ms: i64) {
     };
     counter!("flotilla_steps_finished_total", "shard" => shard.to_string(), "outcome" => outcome)
         .increment(1);
-    if state == StepState::Applied {
-        histogram!("flotilla_step_duration_seconds").record(duration_ms as f64 / 1000.0);
-    }
 }
 
 /// A shard's step counters at 0 (when its agent first attaches), so `rate()` and

@@ -281,6 +281,8 @@ impl Engine {
                 }
                 metrics::plan_started();
                 self.plans.insert(id.clone(), *run);
+                // seen at once, not at the next tick: a short plan may end before it
+                self.publish_metrics();
                 self.drive(&id).await;
                 // the submitter may have gone away; the plan runs on regardless
                 let _ = done.send(self.status_of(&id).unwrap_or_default());

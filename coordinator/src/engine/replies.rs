@@ -56,6 +56,9 @@ impl Engine {
             return;
         };
         let updates = run.apply_rollback_reply(shard, &reply);
+        for x in &updates {
+            metrics::step_outcome(shard, x.state);
+        }
         info!(plan = %plan_id, shard = %shard, undone = reply.steps.len(), complete = reply.complete, "rollback reply");
         self.record(&plan_id, updates, false).await;
     }
@@ -66,6 +69,9 @@ impl Engine {
             return;
         };
         let updates = run.apply_resolve_reply(shard, &reply);
+        for x in &updates {
+            metrics::step_outcome(shard, x.state);
+        }
         info!(plan = %plan_id, shard = %shard, commit = reply.commit,
               resolved = reply.resolved.len(), failed = reply.failed.len(), "prepared transactions resolved");
         self.record(&plan_id, updates, false).await;
@@ -82,7 +88,9 @@ impl Engine {
             touched.insert(p.plan_id.clone());
             run.record_progress(p);
         }
-        // the data gauges follow at the next tick (see `observe`)
+        if !touched.is_empty() {
+            self.publish_metrics();
+        }
         for plan_id in touched {
             self.changed(&plan_id, false);
         }

@@ -1,0 +1,413 @@
+//! Issue 11: the Grafana dashboard and the alert rules point only at metrics a running
+//! coordinator or agent serves, and what they serve passes `promtool check metrics`.
+//!
+//! One fleet (etcd, a coordinator and an agent, each with `--metrics`) runs a schema
+//! plan, a data migration in a production plan and an atomic (two-phase) plan; then a
+//! real Prometheus loads `deploy/prometheus/alerts.yml`, scrapes both and evaluates the
+//! rules, and answers every expression of the dashboard.
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use crate::fleet::{MigrationDir, WAIT, coord_dbmate_dir};
+use crate::ha::HaFleet;
+use crate::harness::{ManagedProcess, TestDir, free_port, http, wait_until};
+
+fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn promtool() -> String {
+    std::env::var("FLOTILLA_PROMTOOL_BIN").unwrap_or_else(|_| "promtool".into())
+}
+
+fn prometheus() -> String {
+    std::env::var("FLOTILLA_PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into())
+}
+
+/// The metric names a PromQL expression reads: identifiers with Flotilla's prefix,
+/// outside string literals (label values such as `"flotilla-agent"` are not names).
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut bare = String::with_capacity(expr.len());
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in expr.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+                bare.push(' ');
+            }
+            None if matches!(c, '"' | '\'' | '`') => {
+                quote = Some(c);
+                bare.push(' ');
+            }
+            None => bare.push(c),
+        }
+    }
+    bare.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| w.starts_with("flotilla_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every PromQL expression of the dashboard: panel targets and template variables.
+fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("expr", Value::String(s)) => out.push(s.clone()),
+                        ("definition", Value::String(s)) => out.push(s.clone()),
+                        _ => walk(x, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(dashboard, &mut out);
+    out
+}
+
+/// The metric names a Prometheus text page serves (a histogram's samples by their
+/// `_bucket`/`_sum`/`_count` names, and by its own name from its TYPE line).
+fn served_names(body: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = rest.split_whitespace().next() {
+                names.insert(name.to_string());
+            }
+        } else if !line.starts_with('#') && !line.trim().is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            names.insert(line[..end].to_string());
+        }
+    }
+    names
+}
+
+/// Pipes a scrape through `promtool check metrics`: Ok only when it finds nothing.
+async fn promtool_check_metrics(what: &str, body: &str) -> anyhow::Result<()> {
+    let mut child = tokio::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running promtool (Debian's prometheus package; scripts/test.sh installs it, or set FLOTILLA_PROMTOOL_BIN)")?;
+    let mut stdin = child.stdin.take().context("promtool's stdin")?;
+    stdin.write_all(body.as_bytes()).await?;
+    drop(stdin);
+    let out = child.wait_with_output().await?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || !said.trim().is_empty() {
+        bail!(
+            "promtool check metrics on the {what}'s /metrics ({}): {said}\n{body}",
+            out.status
+        );
+    }
+    Ok(())
+}
+
+/// Percent-encodes a query parameter.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A real Prometheus scraping the coordinator and the agent every second and
+/// evaluating Flotilla's alert rules.
+struct Prometheus {
+    _process: ManagedProcess,
+    addr: SocketAddr,
+    _dir: TestDir,
+}
+
+impl Prometheus {
+    async fn start(coordinator: SocketAddr, agent: SocketAddr) -> anyhow::Result<Prometheus> {
+        let dir = TestDir::new("prometheus-rules")?;
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 rule_files:\n  - {}\n\
+                 scrape_configs:\n\
+                 \x20 - job_name: flotilla-coordinator\n    static_configs:\n      - targets: ['{coordinator}']\n\
+                 \x20 - job_name: flotilla-agent\n    static_configs:\n      - targets: ['{agent}']\n",
+                repo_path("deploy/prometheus/alerts.yml").display()
+            ),
+        )?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let mut cmd = Command::new(prometheus());
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"));
+        let process = ManagedProcess::spawn(cmd, "prometheus", &dir.join("prometheus.log"))?;
+        Ok(Prometheus {
+            _process: process,
+            addr,
+            _dir: dir,
+        })
+    }
+
+    async fn api(&self, path: &str) -> anyhow::Result<Value> {
+        let r = http::get(self.addr, path).await?;
+        let v: Value = serde_json::from_str(&r.body)
+            .with_context(|| format!("{path}: HTTP {}: {}", r.status, r.body))?;
+        Ok(v)
+    }
+
+    async fn query(&self, expr: &str) -> anyhow::Result<Value> {
+        self.api(&format!("/api/v1/query?query={}", encode(expr)))
+            .await
+    }
+}
+
+async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    let r = http::get(addr, "/metrics").await?;
+    if r.status != 200 {
+        bail!("GET {addr}/metrics: HTTP {}: {}", r.status, r.body);
+    }
+    Ok(r.body)
+}
+
+/// A schema change then a batched data change (2 rows a batch), in a production plan.
+fn production_data_plan() -> anyhow::Result<MigrationDir> {
+    let d = MigrationDir::new()?;
+    std::fs::write(
+        d.path().join("plan.toml"),
+        "name = \"observed backfill\"\nenvironment = \"production\"\n",
+    )?;
+    d.migration(
+        "20250301000000_add_observed",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN observed int NOT NULL DEFAULT 0",
+        "ALTER TABLE work_orders DROP COLUMN observed",
+    )?;
+    d.migration(
+        "20250301000001_backfill_observed",
+        "kind = \"data\"\ndepends_on = [\"20250301000000_add_observed\"]\n\
+         [data]\ntable = \"work_orders\"\nkey = \"id\"\nbatch_size = 2\n\
+         batch = \"UPDATE work_orders SET observed = 1 WHERE id > $1 AND id <= $2\"\n",
+        "",
+        "UPDATE work_orders SET observed = 0",
+    )?;
+    Ok(d)
+}
+
+fn atomic_plan() -> anyhow::Result<MigrationDir> {
+    let d = MigrationDir::new()?;
+    d.migration(
+        "20250302000000_observed_atomic",
+        "",
+        "CREATE TABLE observed_atomic (id int PRIMARY KEY)",
+        "DROP TABLE observed_atomic",
+    )?;
+    Ok(d)
+}
+
+async fn submit_wait(fleet: &HaFleet, dir: &Path, extra: &[&str]) -> anyhow::Result<Value> {
+    let p = dir.to_string_lossy().into_owned();
+    let mut args = vec!["plan", "submit", p.as_str(), "--wait", "--output", "json"];
+    args.extend_from_slice(extra);
+    let out = fleet.cli(&args).await?;
+    assert_eq!(out.code(), Some(0), "{args:?}: {out}");
+    let status = out.last_json()?;
+    assert_eq!(status["state"], "completed", "{status}");
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_and_alert_rules_use_only_served_metrics() -> anyhow::Result<()> {
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(repo_path(
+        "deploy/grafana/dashboards/flotilla.json",
+    ))?)?;
+    let exprs = dashboard_exprs(&dashboard);
+    assert!(exprs.len() > 20, "the dashboard's expressions: {exprs:?}");
+
+    let coordinator: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let agent: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let (c, a) = (coordinator.to_string(), agent.to_string());
+    let fleet = HaFleet::builder(1, 1, 2)
+        .coordinator_args(&["--metrics", &c])
+        .agent_args(&["--metrics", &a])
+        .start()
+        .await?;
+
+    // Steps, a data change (in production), and a two-phase commit.
+    submit_wait(&fleet, &coord_dbmate_dir(), &[]).await?;
+    let data = production_data_plan()?;
+    let status = submit_wait(&fleet, data.path(), &[]).await?;
+    assert_eq!(status["environment"], "production", "{status}");
+    let atomic = atomic_plan()?;
+    let status = submit_wait(&fleet, atomic.path(), &["--atomic"]).await?;
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("committed atomically")),
+        "{status}"
+    );
+
+    // Prometheus loads the rules (a rule file it cannot parse fails it at start) and
+    // evaluates them against what the two serve.
+    let prom = Prometheus::start(coordinator, agent).await?;
+    let rules: Vec<Value> = wait_for_rules(&prom).await?;
+    let names: Vec<&str> = rules.iter().filter_map(|r| r["name"].as_str()).collect();
+    for alert in [
+        "FlotillaPlanFailed",
+        "FlotillaPlanOverdue",
+        "FlotillaProductionPlanRunning",
+        "FlotillaAgentDisconnected",
+        "FlotillaNoLeader",
+        "FlotillaPreparedTransactionStale",
+        "FlotillaDataChangeThrottled",
+    ] {
+        assert!(names.contains(&alert), "{alert} not among {names:?}");
+    }
+    let rule_exprs: Vec<String> = rules
+        .iter()
+        .filter_map(|r| r["query"].as_str().map(str::to_string))
+        .collect();
+
+    let mut referenced: BTreeSet<String> = BTreeSet::new();
+    for e in exprs.iter().chain(&rule_exprs) {
+        referenced.extend(metric_names(e));
+    }
+    assert!(referenced.len() > 25, "{referenced:?}");
+
+    // The data gauges follow the engine at its next tick, the prepared transactions'
+    // age at the agent's next census: wait for every name rather than for a time.
+    let missing = async || -> anyhow::Result<Vec<String>> {
+        let mut served = served_names(&scrape(coordinator).await?);
+        served.extend(served_names(&scrape(agent).await?));
+        Ok(referenced.difference(&served).cloned().collect())
+    };
+    if wait_until(
+        "every metric the dashboard and the rules read is served",
+        WAIT,
+        async || Ok(missing().await?.is_empty()),
+    )
+    .await
+    .is_err()
+    {
+        bail!(
+            "referenced by the dashboard or alerts.yml but served by neither the coordinator \
+             nor the agent: {:?}",
+            missing().await?
+        );
+    }
+
+    // What each serves is clean for promtool, and the agent's series name their shard.
+    let coordinator_body = scrape(coordinator).await?;
+    let agent_body = scrape(agent).await?;
+    promtool_check_metrics("coordinator", &coordinator_body).await?;
+    promtool_check_metrics("agent", &agent_body).await?;
+    assert!(
+        agent_body.contains("flotilla_agent_steps_total{shard=\"shard_0\",outcome=\"applied\"}")
+            || agent_body
+                .contains("flotilla_agent_steps_total{outcome=\"applied\",shard=\"shard_0\"}"),
+        "{agent_body}"
+    );
+    assert!(
+        coordinator_body.contains("flotilla_plans{state=\"running\",environment=\"production\"} 0"),
+        "the production plan ended: {coordinator_body}"
+    );
+    // No plan id as a label value anywhere.
+    assert!(!coordinator_body.contains("plan=\""), "{coordinator_body}");
+
+    // Every dashboard expression is valid PromQL to a real Prometheus, with Grafana's
+    // variables as Grafana would substitute them.
+    for e in &exprs {
+        let q = e.replace("$__rate_interval", "1m").replace("$shard", ".*");
+        let q = match q.strip_prefix("label_values(") {
+            // a variable's query lists label values: the selector inside must parse
+            Some(rest) => rest
+                .rsplit_once(',')
+                .map(|(sel, _)| sel.to_string())
+                .unwrap_or(q.clone()),
+            None => q,
+        };
+        let v = prom.query(&q).await?;
+        assert_eq!(v["status"], "success", "{q}: {v}");
+    }
+
+    // The rules evaluated without error, and the leader's epoch reached Prometheus.
+    wait_until("the rules evaluated healthy", WAIT, async || {
+        let rules = wait_for_rules(&prom).await?;
+        Ok(rules.iter().all(|r| r["health"] == "ok"))
+    })
+    .await?;
+    wait_until("Prometheus has the leader's epoch", WAIT, async || {
+        let v = prom.query("max(flotilla_leader_epoch) > 0").await?;
+        Ok(v["data"]["result"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// The rules Prometheus loaded, once each has been evaluated at least once.
+async fn wait_for_rules(prom: &Prometheus) -> anyhow::Result<Vec<Value>> {
+    let mut found = Vec::new();
+    wait_until("Prometheus evaluated Flotilla's rules", WAIT, async || {
+        let v = prom.api("/api/v1/rules").await?;
+        let rules: Vec<Value> = v["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let evaluated = !rules.is_empty()
+            && rules.iter().all(|r| {
+                r["lastEvaluation"]
+                    .as_str()
+                    .is_some_and(|t| !t.starts_with("0001"))
+            });
+        if evaluated {
+            found = rules;
+        }
+        Ok(evaluated)
+    })
+    .await?;
+    Ok(found)
+}
+
+#[test]
+fn metric_names_skip_label_values_and_functions() {
+    let names = metric_names(
+        r#"sum by (shard) (rate(flotilla_steps_finished_total{job="flotilla_x", outcome=~"a|b"}[$__rate_interval])) / on (job) group_left () flotilla_leader"#,
+    );
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        ["flotilla_leader", "flotilla_steps_finished_total"]
+    );
+}
