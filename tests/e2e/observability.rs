@@ -4,7 +4,8 @@
 //! One fleet (etcd, a coordinator and an agent, each with `--metrics`) runs a schema
 //! plan, a data migration in a production plan and an atomic (two-phase) plan; then a
 //! real Prometheus loads `deploy/prometheus/alerts.yml`, scrapes both and evaluates the
-//! rules, and answers every expression of the dashboard.
+//! rules, and answers every expression of the dashboard. Then the rules against a real
+//! fleet: which alerts fire, and when.
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,9 +15,10 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use crate::fleet::{MigrationDir, WAIT, coord_dbmate_dir};
+use crate::fleet::{Cli, MigrationDir, WAIT, coord_dbmate_dir};
 use crate::ha::HaFleet;
 use crate::harness::{ManagedProcess, TestDir, free_port, http, wait_until};
+use crate::shards::{hold, logged_blocking_migration, release};
 
 fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -410,4 +412,142 @@ fn metric_names_skip_label_values_and_functions() {
         names.into_iter().collect::<Vec<_>>(),
         ["flotilla_leader", "flotilla_steps_finished_total"]
     );
+}
+
+/// The labels of Flotilla's alerts firing in Prometheus now, by alert name.
+async fn firing(prom: &Prometheus, alert: &str) -> anyhow::Result<Vec<Value>> {
+    let v = prom.api("/api/v1/alerts").await?;
+    Ok(v["data"]["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["labels"]["alertname"] == alert && a["state"] == "firing")
+        .map(|a| a["labels"].clone())
+        .collect())
+}
+
+/// The value of the one series `name{labels}` (exactly as served) in a scrape.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The rules against a real fleet: a production plan in motion fires the informational
+/// alert (and it clears when the plan ends), a prepared transaction left on a shard shows
+/// with its age, and an agent gone past the grace fires for its shard.
+#[tokio::test(flavor = "multi_thread")]
+async fn alerts_fire_on_a_real_fleet() -> anyhow::Result<()> {
+    let coordinator: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let agent: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let (c, a) = (coordinator.to_string(), agent.to_string());
+    let mut fleet = HaFleet::builder(1, 1, 2)
+        .coordinator_args(&["--metrics", &c, "--agent-grace", "2s"])
+        .agent_args(&["--metrics", &a])
+        .start()
+        .await?;
+    let prom = Prometheus::start(coordinator, agent).await?;
+
+    // A production plan held in motion: tenant_0000 waits on an advisory lock we hold.
+    let lock = hold(&fleet.pg, 0, 4711).await?;
+    let d = MigrationDir::new()?;
+    std::fs::write(
+        d.path().join("plan.toml"),
+        "name = \"held\"\nenvironment = \"production\"\n",
+    )?;
+    logged_blocking_migration(&d, "tenant_0000", 4711)?;
+    let id = fleet.submit(d.path(), &[]).await?;
+    wait_until("the production plan's alert fires", WAIT, async || {
+        Ok(!firing(&prom, "FlotillaProductionPlanRunning")
+            .await?
+            .is_empty())
+    })
+    .await?;
+    let body = scrape(coordinator).await?;
+    assert_eq!(
+        sample(
+            &body,
+            "flotilla_plans{state=\"running\",environment=\"production\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "flotilla_shard_locks_held"),
+        Some(1.0),
+        "{body}"
+    );
+    release(lock, 4711).await?;
+    let (out, status) = fleet.watch(&id).await?;
+    assert_eq!(status["state"], "completed", "{out}");
+    wait_until("the production plan's alert clears", WAIT, async || {
+        Ok(firing(&prom, "FlotillaProductionPlanRunning")
+            .await?
+            .is_empty())
+    })
+    .await?;
+
+    // A prepared transaction of Flotilla's name left on the shard: counted, and aged
+    // from pg_prepared_xacts (the agent reads it every few seconds).
+    let gid = "flotilla:00000000-0000-4000-8000-000000000011:1:1:shard_0";
+    fleet
+        .pg
+        .psql(
+            "shard_0",
+            &format!("BEGIN; CREATE TABLE left_prepared (x int); PREPARE TRANSACTION '{gid}';"),
+        )
+        .await?;
+    wait_until(
+        "the agent sees the prepared transaction and its age",
+        WAIT,
+        async || {
+            let body = scrape(agent).await?;
+            Ok(sample(
+                &body,
+                "flotilla_agent_prepared_transactions{shard=\"shard_0\"}",
+            ) == Some(1.0)
+                && sample(
+                    &body,
+                    "flotilla_agent_prepared_oldest_age_seconds{shard=\"shard_0\"}",
+                )
+                .is_some_and(|age| age >= 1.0))
+        },
+    )
+    .await?;
+    fleet
+        .pg
+        .psql("shard_0", &format!("ROLLBACK PREPARED '{gid}'"))
+        .await?;
+    wait_until("the agent sees it gone", WAIT, async || {
+        let body = scrape(agent).await?;
+        Ok(sample(
+            &body,
+            "flotilla_agent_prepared_transactions{shard=\"shard_0\"}",
+        ) == Some(0.0)
+            && sample(
+                &body,
+                "flotilla_agent_prepared_oldest_age_seconds{shard=\"shard_0\"}",
+            ) == Some(0.0))
+    })
+    .await?;
+
+    // The agent dies: past the 2s grace, the leader's alert names its shard.
+    assert!(firing(&prom, "FlotillaAgentDisconnected").await?.is_empty());
+    fleet.agents[0].kill()?;
+    wait_until("the agent's disconnection fires", WAIT, async || {
+        Ok(firing(&prom, "FlotillaAgentDisconnected")
+            .await?
+            .iter()
+            .any(|l| l["shard"] == "shard_0"))
+    })
+    .await?;
+    let body = scrape(coordinator).await?;
+    assert_eq!(
+        sample(&body, "flotilla_shard_agent_connected{shard=\"shard_0\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    assert!(firing(&prom, "FlotillaNoLeader").await?.is_empty());
+    Ok(())
 }

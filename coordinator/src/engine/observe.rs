@@ -155,3 +155,59 @@ fn expected_duration(run: &PlanRun, step_seconds: f64) -> Duration {
         + Duration::from_secs_f64(rounds as f64 * step_seconds.max(0.0));
     expected.max(MIN_EXPECTED)
 }
+
+#[cfg(test)]
+mod tests {
+    use flotilla_core::pb;
+
+    use super::*;
+    use crate::plan::tests::plan_of;
+
+    /// 2 migrations x 10 tenants = 20 steps, 8 at a time: 3 rounds.
+    fn twenty_steps() -> PlanRun {
+        let targets: Vec<(String, String)> = (0..10)
+            .map(|t| ("s0".to_string(), format!("t{t}")))
+            .collect();
+        let targets: Vec<(&str, &str)> = targets
+            .iter()
+            .map(|(s, t)| (s.as_str(), t.as_str()))
+            .collect();
+        plan_of(
+            &["a", "b"],
+            Vec::new(),
+            &targets,
+            pb::FailurePolicy::AllOrNothing,
+        )
+    }
+
+    #[test]
+    fn expected_duration_is_rounds_of_steps_at_the_mean_step_time_plus_data_left() {
+        let mut run = twenty_steps();
+        assert_eq!(run.steps.len(), 20);
+        assert_eq!(expected_duration(&run, 100.0), Duration::from_secs(300));
+        // Fast steps: never under a minute.
+        assert_eq!(expected_duration(&run, 0.01), MIN_EXPECTED);
+        // A data change with two minutes left adds them.
+        run.record_progress(pb::DataProgress {
+            plan_id: "p0".into(),
+            migration_id: "b".into(),
+            shard: "s0".into(),
+            tenant: "t0".into(),
+            eta_ms: 120_000,
+            state: "running".into(),
+            ..Default::default()
+        });
+        assert_eq!(expected_duration(&run, 100.0), Duration::from_secs(420));
+    }
+
+    #[test]
+    fn a_plan_paused_as_a_whole_shows_paused_not_running() {
+        let mut run = twenty_steps();
+        assert_eq!(shown_state(&run), "running");
+        run.paused.plan = true;
+        assert_eq!(shown_state(&run), "paused");
+        run.paused.plan = false;
+        run.state = PlanState::RollingBack;
+        assert_eq!(shown_state(&run), "rolling_back");
+    }
+}
