@@ -551,3 +551,79 @@ async fn alerts_fire_on_a_real_fleet() -> anyhow::Result<()> {
     assert!(firing(&prom, "FlotillaNoLeader").await?.is_empty());
     Ok(())
 }
+
+/// The dashboard as Grafana lays it out: unique panel ids, panels within the 24-column
+/// grid and not on top of each other, every query with a refId through the `datasource`
+/// variable, and only variables the dashboard defines (or Grafana's own).
+#[test]
+fn dashboard_is_well_formed() -> anyhow::Result<()> {
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(repo_path(
+        "deploy/grafana/dashboards/flotilla.json",
+    ))?)?;
+    assert_eq!(d["uid"], "flotilla");
+    assert!(
+        d["schemaVersion"].as_u64().is_some_and(|v| v >= 36),
+        "{}",
+        d["schemaVersion"]
+    );
+    let vars: BTreeSet<String> = d["templating"]["list"]
+        .as_array()
+        .context("templating")?
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        vars.contains("datasource") && vars.contains("shard"),
+        "{vars:?}"
+    );
+
+    let panels = d["panels"].as_array().context("panels")?;
+    let mut ids = BTreeSet::new();
+    let mut boxes: Vec<(String, u64, u64, u64, u64)> = Vec::new();
+    for p in panels {
+        let title = p["title"].as_str().context("a panel without a title")?;
+        assert!(
+            ids.insert(p["id"].as_u64().context("panel id")?),
+            "duplicate id: {title}"
+        );
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().context("x")?,
+            g["y"].as_u64().context("y")?,
+            g["w"].as_u64().context("w")?,
+            g["h"].as_u64().context("h")?,
+        );
+        assert!(w > 0 && h > 0 && x + w <= 24, "{title}: {g}");
+        for (other, ox, oy, ow, oh) in &boxes {
+            let apart = x + w <= *ox || ox + ow <= x || y + h <= *oy || oy + oh <= y;
+            assert!(apart, "{title} overlaps {other}");
+        }
+        boxes.push((title.to_string(), x, y, w, h));
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = p["targets"].as_array().context("targets")?;
+        assert!(!targets.is_empty(), "{title} has no query");
+        let mut refs = BTreeSet::new();
+        for t in targets {
+            assert!(
+                refs.insert(t["refId"].as_str().context("refId")?),
+                "{title}"
+            );
+            let expr = t["expr"].as_str().context("expr")?;
+            assert!(!metric_names(expr).is_empty(), "{title}: {expr}");
+            for var in expr.split('$').skip(1) {
+                let name: String = var
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    name.starts_with("__") || vars.contains(&name),
+                    "{title}: unknown variable ${name} in {expr}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
