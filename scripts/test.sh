@@ -83,13 +83,13 @@ find_prometheus() {
 
 # Debian's prometheus package ships promtool beside prometheus.
 find_promtool() {
-    local dir
+    local prometheus
     if [[ -n "${FLOTILLA_PROMTOOL_BIN:-}" && -x "${FLOTILLA_PROMTOOL_BIN}" ]]; then
         echo "${FLOTILLA_PROMTOOL_BIN}"
         return 0
     fi
-    if dir="$(dirname "$(find_prometheus)" 2>/dev/null)" && [[ -x "$dir/promtool" ]]; then
-        echo "$dir/promtool"
+    if prometheus="$(find_prometheus)" && [[ -x "$(dirname "$prometheus")/promtool" ]]; then
+        echo "$(dirname "$prometheus")/promtool"
         return 0
     fi
     command -v promtool 2>/dev/null
