@@ -435,8 +435,9 @@ fn sample(body: &str, series: &str) -> Option<f64> {
 }
 
 /// The rules against a real fleet: a production plan in motion fires the informational
-/// alert (and it clears when the plan ends), a prepared transaction left on a shard shows
-/// with its age, and an agent gone past the grace fires for its shard.
+/// alert (and it clears when the plan ends), a throttled data change shows as throttled on
+/// its shard, a prepared transaction left on a shard shows with its age, and an agent gone
+/// past the grace fires for its shard.
 #[tokio::test(flavor = "multi_thread")]
 async fn alerts_fire_on_a_real_fleet() -> anyhow::Result<()> {
     let coordinator: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
@@ -485,6 +486,60 @@ async fn alerts_fire_on_a_real_fleet() -> anyhow::Result<()> {
         Ok(firing(&prom, "FlotillaProductionPlanRunning")
             .await?
             .is_empty())
+    })
+    .await?;
+
+    // A data change held back by a health signal above its limit: both sides say it waits,
+    // throttled, on shard_0; once the signal is down it ends and the gauges go back to 0.
+    fleet
+        .pg
+        .psql(
+            "shard_0",
+            "CREATE TABLE public.load (v int); INSERT INTO public.load VALUES (9)",
+        )
+        .await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "20250303000000_throttled_backfill",
+        "kind = \"data\"\n[data]\ntable = \"work_orders\"\nkey = \"id\"\nbatch_size = 2\n\
+         batch = \"UPDATE work_orders SET priority = 'observed' WHERE id > $1 AND id <= $2\"\n\
+         [[data.throttle.check]]\nname = \"queue depth\"\nsql = \"SELECT v FROM public.load\"\nmax = 5\n",
+        "",
+        "UPDATE work_orders SET priority = 'normal'",
+    )?;
+    let id = fleet.submit(d.path(), &[]).await?;
+    wait_until(
+        "the data change shows throttled on both sides",
+        WAIT,
+        async || {
+            let c = scrape(coordinator).await?;
+            let a = scrape(agent).await?;
+            Ok(sample(
+                &c,
+                "flotilla_data_targets_waiting{shard=\"shard_0\",why=\"throttled\"}",
+            )
+            .is_some_and(|n| n >= 1.0)
+                && sample(
+                    &a,
+                    "flotilla_agent_data_waiting{shard=\"shard_0\",why=\"throttled\"}",
+                )
+                .is_some_and(|n| n >= 1.0))
+        },
+    )
+    .await?;
+    fleet
+        .pg
+        .psql("shard_0", "UPDATE public.load SET v = 0")
+        .await?;
+    let (out, status) = fleet.watch(&id).await?;
+    assert_eq!(status["state"], "completed", "{out}");
+    wait_until("the data gauges back at 0", WAIT, async || {
+        let c = scrape(coordinator).await?;
+        Ok(sample(
+            &c,
+            "flotilla_data_targets_waiting{shard=\"shard_0\",why=\"throttled\"}",
+        ) == Some(0.0)
+            && sample(&c, "flotilla_data_rows_per_second{shard=\"shard_0\"}") == Some(0.0))
     })
     .await?;
 
