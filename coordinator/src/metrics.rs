@@ -89,7 +89,7 @@ fn describe() {
     );
     describe_gauge!(
         "flotilla_plans",
-        "Plans in motion on this coordinator (the leader), by state and environment."
+        "Plans in motion on this coordinator (the leader), by state and environment (none: the plan names none)."
     );
     describe_gauge!(
         "flotilla_plans_waiting_for_locks",

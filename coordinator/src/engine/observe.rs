@@ -1,6 +1,7 @@
-//! What the engine holds, as gauges: recomputed from its state on every tick (never
-//! kept in step with each change by hand, so they cannot drift), and the expected
-//! duration a running plan is measured against.
+//! What the engine holds, as gauges: recomputed from its whole state on every tick, and
+//! when a plan starts, ends or reports data progress (a short plan may live less than a
+//! tick), never kept in step with each change by hand, so they cannot drift; and the
+//! expected duration a running plan is measured against.
 use std::time::{Duration, Instant};
 
 use flotilla_core::state::{PlanState, WaveState};
