@@ -18,86 +18,10 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-section() {
-    printf '\n==== %s ====\n' "$*"
-}
+# shellcheck source=scripts/deps.sh
+source scripts/deps.sh
 
-die() {
-    printf 'error: %s\n' "$*" >&2
-    exit 1
-}
-
-# --- What is missing? --------------------------------------------------------
-
-have_protoc() {
-    command -v protoc >/dev/null 2>&1
-}
-
-# etcd-client's build compiles etcd's protos, which import google/protobuf/*.proto:
-# Debian ships those in libprotobuf-dev, which protobuf-compiler only recommends.
-have_protobuf_includes() {
-    [[ -f /usr/include/google/protobuf/descriptor.proto ]] ||
-        [[ -n "${PROTOC_INCLUDE:-}" && -f "${PROTOC_INCLUDE}/google/protobuf/descriptor.proto" ]]
-}
-
-# Same search order as testkit/src/postgres.rs (PgBins::locate). Debian's postgresql
-# package keeps initdb in /usr/lib/postgresql/NN/bin, not on PATH.
-find_initdb() {
-    local dir
-    if [[ -n "${FLOTILLA_PG_BINDIR:-}" && -x "${FLOTILLA_PG_BINDIR}/initdb" ]]; then
-        echo "${FLOTILLA_PG_BINDIR}/initdb"
-        return 0
-    fi
-    if command -v pg_config >/dev/null 2>&1; then
-        dir="$(pg_config --bindir 2>/dev/null || true)"
-        if [[ -n "$dir" && -x "$dir/initdb" ]]; then
-            echo "$dir/initdb"
-            return 0
-        fi
-    fi
-    # Newest version first: /usr/lib/postgresql/NN/bin, NN is field 5.
-    for dir in $(printf '%s\n' /usr/lib/postgresql/*/bin | sort -t/ -k5,5 -rn); do
-        if [[ -x "$dir/initdb" ]]; then
-            echo "$dir/initdb"
-            return 0
-        fi
-    done
-    command -v initdb 2>/dev/null
-}
-
-find_etcd() {
-    if [[ -n "${FLOTILLA_ETCD_BIN:-}" && -x "${FLOTILLA_ETCD_BIN}" ]]; then
-        echo "${FLOTILLA_ETCD_BIN}"
-        return 0
-    fi
-    command -v etcd 2>/dev/null
-}
-
-find_prometheus() {
-    if [[ -n "${FLOTILLA_PROMETHEUS_BIN:-}" && -x "${FLOTILLA_PROMETHEUS_BIN}" ]]; then
-        echo "${FLOTILLA_PROMETHEUS_BIN}"
-        return 0
-    fi
-    command -v prometheus 2>/dev/null
-}
-
-# Debian's prometheus package ships promtool beside prometheus.
-find_promtool() {
-    local prometheus
-    if [[ -n "${FLOTILLA_PROMTOOL_BIN:-}" && -x "${FLOTILLA_PROMTOOL_BIN}" ]]; then
-        echo "${FLOTILLA_PROMTOOL_BIN}"
-        return 0
-    fi
-    if prometheus="$(find_prometheus)" && [[ -x "$(dirname "$prometheus")/promtool" ]]; then
-        echo "$(dirname "$prometheus")/promtool"
-        return 0
-    fi
-    command -v promtool 2>/dev/null
-}
-
-is_root() {
-    [[ "$(id -u)" -eq 0 ]]
-}
+# --- What the tests need -------------------------------------------------------
 
 missing_packages() {
     local packages=()
@@ -115,60 +39,9 @@ missing_packages() {
     echo "${packages[@]}"
 }
 
-# --- Installing --------------------------------------------------------------
-
-install_packages() {
-    local packages=("$@") sudo=()
-    if ! is_root; then
-        command -v sudo >/dev/null 2>&1 ||
-            die "missing ${packages[*]}: run as root, install sudo, or install them yourself"
-        sudo=(sudo)
-    fi
-    command -v apt-get >/dev/null 2>&1 ||
-        die "missing ${packages[*]} and no apt-get here: install protoc, the PostgreSQL server (initdb, pg_ctl, psql) and etcd yourself"
-
-    echo "installing: ${packages[*]}"
-    "${sudo[@]}" apt-get update
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y --no-install-recommends "${packages[@]}"
-
-    # The postgresql package may have created and started a system cluster
-    # (15/main on port 5432). The tests use their own clusters on other
-    # ports; stop it so it does not sit in memory. Best effort.
-    if [[ " ${packages[*]} " == *" postgresql "* ]] && command -v pg_lsclusters >/dev/null 2>&1; then
-        pg_lsclusters --no-header 2>/dev/null | while read -r version name _port status _rest; do
-            if [[ "$status" == online* ]]; then
-                echo "stopping the system PostgreSQL cluster $version/$name started by the package"
-                "${sudo[@]}" pg_ctlcluster "$version" "$name" stop || true
-            fi
-        done
-    fi
-    # (etcd-server may likewise start a system etcd on 2379; the tests use
-    # their own ports, so it is left alone.)
-}
-
-ensure_postgres_user() {
-    # PostgreSQL refuses to run as root; as root the harness runs it as
-    # `postgres`. The postgresql package creates that user; a hand-built
-    # PostgreSQL may not have.
-    if is_root && ! id postgres >/dev/null 2>&1; then
-        echo "creating the postgres system user"
-        useradd --system --no-create-home --shell /usr/sbin/nologin postgres
-    fi
-}
-
 section "Checking test dependencies"
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs)"
-read -r -a packages <<<"$(missing_packages)"
-if ((${#packages[@]} > 0)); then
-    if [[ "${FLOTILLA_SKIP_INSTALL:-}" == 1 ]]; then
-        die "missing ${packages[*]} (FLOTILLA_SKIP_INSTALL=1, not installing)"
-    fi
-    install_packages "${packages[@]}"
-    read -r -a packages <<<"$(missing_packages)"
-    ((${#packages[@]} == 0)) || die "still missing after installing: ${packages[*]}"
-fi
-ensure_postgres_user
+ensure_packages
 echo "protoc: $(command -v protoc) ($(protoc --version))"
 echo "initdb: $(find_initdb)"
 echo "etcd:   $(find_etcd)"
@@ -241,13 +114,16 @@ if [[ $# -eq 0 && -z "${FLOTILLA_TEST_PG_URL:-}" ]]; then
 fi
 
 # The alert rules: valid, and their unit tests (deploy/prometheus/alerts_test.yml) pass.
-# The e2e suite checks the metrics themselves (tests/e2e/observability.rs).
+# (check-deploy.sh below checks the Prometheus configurations; the e2e suite checks the
+# metrics themselves, tests/e2e/observability.rs.)
 PROMTOOL="$(find_promtool)"
 export FLOTILLA_PROMTOOL_BIN="$PROMTOOL"
 run_step "Alert rules" "$PROMTOOL" check rules deploy/prometheus/alerts.yml
 run_step "Alert rule tests" bash -c 'cd deploy/prometheus && "$FLOTILLA_PROMTOOL_BIN" test rules alerts_test.yml'
-run_step "Prometheus config" "$PROMTOOL" check config --syntax-only deploy/prometheus/prometheus.yml
 run_step "Formatting" cargo fmt --all -- --check
+# deploy/ (systemd, compose, Kubernetes, Prometheus) and the Dockerfile, checked
+# without a Docker daemon or a cluster; installs its pinned checkers on first use.
+run_step "Deploy files" scripts/check-deploy.sh
 run_step "Clippy" cargo clippy --workspace --all-targets -- -D warnings
 # The `testing` feature compiles the named failpoints in, for the fault tests
 # (they do nothing unless FAILPOINTS names them).

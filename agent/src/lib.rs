@@ -88,6 +88,8 @@ pub(crate) struct Agent {
     pub progress: Arc<ProgressBoard>,
     /// Row budgets shared by the targets of a data step on this server.
     pub buckets: Arc<ServerBuckets>,
+    /// Journal rows the coordinator's fleet view has not heard yet.
+    pub journal_dirty: session::JournalDirty,
 }
 
 /// Runs an agent until `shutdown` resolves: connects to the shard (waiting for it to come
@@ -196,6 +198,7 @@ async fn serve(
         scan_log: Mutex::new(ScanLog::default()),
         progress: Arc::default(),
         buckets: Arc::default(),
+        journal_dirty: session::JournalDirty::default(),
     });
     session::run(agent.clone(), session::Outbox::new(outbox_rx), rotation).await;
     info!("agent stopping");

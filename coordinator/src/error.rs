@@ -17,6 +17,9 @@ pub enum CoordinatorError {
     Refused(#[from] Refusal),
     #[error("plan {0} not found")]
     PlanNotFound(String),
+    /// `fleet show` of a name no shard knows (or one several shards know).
+    #[error("{0}")]
+    TargetNotFound(String),
     /// The command does not fit the plan's state (cancel a finished plan, ...).
     #[error(transparent)]
     Conflict(#[from] Conflict),
@@ -165,7 +168,9 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Refused(_) | CoordinatorError::Conflict(_) => {
                 tonic::Status::failed_precondition(msg)
             }
-            CoordinatorError::PlanNotFound(_) => tonic::Status::not_found(msg),
+            CoordinatorError::PlanNotFound(_) | CoordinatorError::TargetNotFound(_) => {
+                tonic::Status::not_found(msg)
+            }
             CoordinatorError::Unreachable { .. } | CoordinatorError::ShuttingDown => {
                 tonic::Status::unavailable(msg)
             }

@@ -25,6 +25,7 @@ mod retry;
 pub mod service;
 pub mod sessions;
 pub mod store;
+pub mod versions;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -212,6 +213,7 @@ pub async fn start(
         inner: Arc::new(service::Inner {
             store,
             fleet,
+            versions: Default::default(),
             events: events.clone(),
             writes,
             changes,
@@ -235,6 +237,19 @@ pub async fn start(
             }
         }
     });
+
+    let stopping = coordinator.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping.event(engine::Event::Stop).await;
+        stopping.inner.fleet.detach_all();
+    };
+    let (health, shutdown) = api::health_service(coordination.leadership(), shutdown).await;
+    let (reflection_v1, reflection_v1alpha) =
+        api::reflection_services().map_err(|e| CoordinatorError::Listen {
+            addr: config.listen.to_string(),
+            reason: format!("cannot build the reflection service: {e}"),
+        })?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -260,6 +275,9 @@ pub async fn start(
         .add_service(pb::agent_service_server::AgentServiceServer::new(
             coordinator,
         ))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,

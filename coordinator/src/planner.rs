@@ -44,7 +44,7 @@ pub fn default_scope(spec: &PlanSpec, fleet: &BTreeMap<String, ShardView>) -> Sc
 
 /// Labels a target is selected by: the shard's, the tenant's over them, and
 /// `shard=` / `tenant=` so a selector can name them.
-fn target_labels(
+pub(crate) fn target_labels(
     shard: &str,
     view: &ShardView,
     tenant: Option<&(String, BTreeMap<String, String>)>,

@@ -31,6 +31,8 @@ pub struct Defaults {
 pub struct Inner {
     pub store: Store,
     pub fleet: Arc<Fleet>,
+    /// The agents' journals, for `fleet status` and `fleet show`.
+    pub versions: crate::versions::FleetVersions,
     pub events: mpsc::Sender<Event>,
     pub writes: mpsc::UnboundedSender<StoreOp>,
     pub changes: broadcast::Sender<(String, bool)>,

@@ -148,6 +148,10 @@ impl TryFrom<pb::Migration> for Migration {
             down_sql: m.down_sql,
             verify_sql: verify.into_iter().next(),
             checksum: computed,
+            version: semver(&m.version).map_err(|reason| PlanError::Version {
+                what: format!("migration {}", m.id),
+                reason,
+            })?,
             source,
             data,
         })
@@ -401,6 +405,7 @@ impl From<&Migration> for pb::Migration {
             verify_sql: m.verify_sql.clone().unwrap_or_default(),
             checksum: m.checksum.clone(),
             source: m.source.clone(),
+            version: m.version.clone(),
             data: m.data.as_ref().map(|d| pb::DataChange {
                 table: d.table.join("."),
                 key: d.key_text(),
@@ -567,6 +572,10 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
             submitted_by: p.submitted_by,
             source: p.source,
             rollout,
+            version: semver(&p.version).map_err(|reason| PlanError::Version {
+                what: "the plan".into(),
+                reason,
+            })?,
         };
         // Cycles and unknown names are part of what makes a plan valid.
         MigrationGraph::build(&spec)?;
@@ -574,9 +583,40 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
     }
 }
 
+/// A semantic version as `fleet status` shows it: MAJOR.MINOR.PATCH, numbers without
+/// leading zeros, an optional `-pre.release` and `+build` of [0-9A-Za-z.-]; "" = none.
+fn semver(v: &str) -> Result<String, String> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(String::new());
+    }
+    let bad = || format!("`{v}` is not a semantic version like 2.4.0");
+    let (core, rest) = match v.find(['-', '+']) {
+        Some(i) => (&v[..i], &v[i..]),
+        None => (v, ""),
+    };
+    let numbers: Vec<&str> = core.split('.').collect();
+    let number_ok = |n: &&str| {
+        !n.is_empty()
+            && n.chars().all(|c| c.is_ascii_digit())
+            && (n.len() == 1 || !n.starts_with('0'))
+    };
+    if numbers.len() != 3 || !numbers.iter().all(number_ok) {
+        return Err(bad());
+    }
+    let suffix_ok = rest
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+'));
+    if !suffix_ok || rest == "-" || rest == "+" {
+        return Err(bad());
+    }
+    Ok(v.to_string())
+}
+
 impl From<&PlanSpec> for pb::PlanSpec {
     fn from(p: &PlanSpec) -> pb::PlanSpec {
         let mut out = pb::PlanSpec {
+            version: p.version.clone(),
             name: p.name.clone(),
             description: p.description.clone(),
             migrations: p.migrations.iter().map(pb::Migration::from).collect(),

@@ -23,6 +23,11 @@ pub mod waves;
 pub mod pb {
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("flotilla.v1");
+
+    /// The encoded `FileDescriptorSet` of `flotilla.v1`, served by the
+    /// coordinator's reflection service.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/flotilla_v1_descriptor.bin"));
 }
 
 pub use model::*;

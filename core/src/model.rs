@@ -122,6 +122,8 @@ pub struct Migration {
     pub verify_sql: Option<String>,
     pub checksum: String,
     pub source: String,
+    /// A semantic version (`2.4.0`); empty = the plan's.
+    pub version: String,
     /// A batched data change: the batch SQL is the change (up SQL may be empty).
     pub data: Option<DataChange>,
 }
@@ -301,11 +303,24 @@ pub struct PlanSpec {
     pub source: String,
     /// Waves, budgets and what a budget past its limit does.
     pub rollout: crate::waves::Rollout,
+    /// A semantic version (`2.4.0`) for the migrations that carry none; empty = none.
+    pub version: String,
 }
 
 pub const DEFAULT_MAX_PARALLEL: u32 = 8;
 
 impl PlanSpec {
+    /// The version a migration brings a target to: its own, else the plan's ("" = none).
+    pub fn version_of(&self, id: &MigrationId) -> String {
+        self.migrations
+            .iter()
+            .find(|m| &m.id == id)
+            .map(|m| m.version.as_str())
+            .filter(|v| !v.is_empty())
+            .unwrap_or(&self.version)
+            .to_string()
+    }
+
     /// Whether any of the plan's steps commit through two-phase commit.
     pub fn two_phase(&self) -> bool {
         self.atomic || !self.atomic_groups.is_empty()
@@ -410,6 +425,8 @@ pub enum PlanError {
     Empty,
     #[error("wave `{wave}`: {reason}")]
     Wave { wave: String, reason: String },
+    #[error("version of {what}: {reason}")]
+    Version { what: String, reason: String },
     #[error("invalid migration id `{id}`: use 1-128 characters from [A-Za-z0-9._-]")]
     InvalidMigrationId { id: String },
     #[error("duplicate migration id `{id}` (in {first} and {second})")]

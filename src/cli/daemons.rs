@@ -1,15 +1,13 @@
-//! `flotilla coordinator`, `flotilla agent`, `flotilla quickstart`: thin wrappers
-//! over each library's `start(config, shutdown)`.
+//! `flotilla coordinator`, `flotilla agent`: thin wrappers over each library's
+//! `start(config, shutdown)`.
 use flotilla_agent::AgentConfig;
 use flotilla_coordinator::CoordinatorConfig;
 use tracing::{error, info};
 
-use super::{
-    AgentArgs, CoordinatorArgs, EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, QuickstartArgs,
-};
+use super::{AgentArgs, CoordinatorArgs, EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE};
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -79,7 +77,7 @@ fn check_dsn(dsn: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, String> {
+pub(super) fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, String> {
     flotilla_core::validate_shard_name(&args.shard).map_err(|e| format!("--shard: {e}"))?;
     check_dsn(&args.dsn)?;
     let labels = flotilla_core::parse_labels(&args.labels).map_err(|e| format!("--labels: {e}"))?;
@@ -120,72 +118,6 @@ pub async fn agent(args: AgentArgs, coordinator: &str) -> u8 {
             error!("agent: {e}");
             EXIT_UNAVAILABLE
         }
-    }
-}
-
-pub async fn quickstart(args: QuickstartArgs) -> u8 {
-    let mut agents = Vec::new();
-    for spec in &args.shards {
-        let Some((name, dsn)) = spec.split_once('=') else {
-            eprintln!("error: --shard `{spec}` is not NAME=DSN");
-            return EXIT_BAD_INPUT;
-        };
-        let a = AgentArgs {
-            shard: name.to_string(),
-            dsn: dsn.to_string(),
-            password_file: None,
-            labels: String::new(),
-            tenant_pattern: Some(args.tenant_pattern.clone()),
-            tenant_query: None,
-            max_connections: 8,
-            metrics: None,
-            etcd: Vec::new(),
-            lease_ttl: std::time::Duration::from_secs(10),
-        };
-        match agent_config(&a, &format!("http://{}", args.listen)) {
-            Ok(c) => agents.push(c),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return EXIT_BAD_INPUT;
-            }
-        }
-    }
-    let config = CoordinatorConfig::new(args.listen, args.store.clone());
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let coordinator = tokio::spawn(flotilla_coordinator::start(
-        config,
-        shutdown_signal(),
-        Some(ready_tx),
-    ));
-    if ready_rx.await.is_err() {
-        return match coordinator.await {
-            Ok(Err(e)) => {
-                eprintln!("error: coordinator: {e}");
-                EXIT_UNAVAILABLE
-            }
-            _ => EXIT_UNAVAILABLE,
-        };
-    }
-    for config in agents {
-        tokio::spawn(async move {
-            if let Err(e) = flotilla_agent::start(config, shutdown_signal()).await {
-                error!("agent: {e}");
-            }
-        });
-    }
-    println!(
-        "flotilla quickstart: coordinator on http://{}, {} agent(s); submit with `flotilla --coordinator http://{} plan submit DIR --wait`",
-        args.listen,
-        args.shards.len(),
-        args.listen
-    );
-    match coordinator.await {
-        Ok(Ok(())) => EXIT_OK,
-        Ok(Err(e)) => {
-            eprintln!("error: coordinator: {e}");
-            EXIT_UNAVAILABLE
-        }
-        Err(_) => EXIT_UNAVAILABLE,
     }
 }
 

@@ -4,7 +4,11 @@
 //! (files, flags, a plan the coordinator refused); 3 Flotilla could not do it
 //! (coordinator unreachable, a daemon failed to start).
 mod daemons;
+mod fleet;
+mod logging;
+mod manual;
 mod plan;
+mod quickstart;
 mod render;
 
 use std::net::SocketAddr;
@@ -12,6 +16,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use logging::LogFormat;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_PLAN_FAILED: u8 = 1;
@@ -25,7 +31,18 @@ pub const EXIT_WAITING: u8 = 4;
 #[command(
     name = "flotilla",
     version,
-    about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants"
+    about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants",
+    long_about = "Roll schema and data migrations across fleets of PostgreSQL shards and tenants: \
+all of a coordinated change lands, or none of it does.\n\n\
+One binary holds every part: `flotilla coordinator` holds plans, schedules their steps \
+(migration x target) and decides commit or abort (run two or more with --etcd for high \
+availability: one leads); `flotilla agent` runs beside each shard database and applies the \
+steps it is given; the other commands are the operator's, and talk to the coordinators over \
+gRPC. `flotilla quickstart` runs a coordinator and its agents in one process to try it out.",
+    after_long_help = "Exit codes: 0 success; 1 the plan failed or was rolled back; 2 bad input \
+(nothing was changed); 3 Flotilla could not do it (coordinator unreachable, a daemon failed to \
+start); 4 the plan waits at a wave's manual gate.\n\n\
+`flotilla COMMAND --help` tells more of each command; `flotilla man` prints the manual page."
 )]
 pub struct Cli {
     /// The coordinator's gRPC address (operator commands).
@@ -41,9 +58,20 @@ pub struct Cli {
     /// second thread only adds context switches next to the database it serves.
     #[arg(long, global = true, env = "FLOTILLA_THREADS")]
     pub threads: Option<usize>,
-    /// Log filter, e.g. `info` or `flotilla_agent=debug` (also RUST_LOG).
-    #[arg(long, global = true, env = "FLOTILLA_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter, e.g. `info` or `flotilla_agent=debug` (also RUST_LOG; default `info`,
+    /// `warn` for the quickstart, whose own output tells the story).
+    #[arg(long, global = true, env = "FLOTILLA_LOG")]
+    pub log: Option<String>,
+    /// Log line format on stderr: `text`, or `json` (one object a line, with plan,
+    /// step, shard, tenant and epoch as top-level fields where a line concerns them).
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -63,8 +91,21 @@ pub enum Command {
     /// Plan locks on shards: who holds them; break one (audited).
     #[command(subcommand)]
     Locks(LocksCommand),
-    /// Run a coordinator and one agent per given shard in this process, for trying Flotilla out.
+    /// Try Flotilla with nothing to bring: a throwaway PostgreSQL fleet, a coordinator
+    /// and its agents in this process, and the coordinated example rolled across it.
     Quickstart(QuickstartArgs),
+    /// Print a shell completion script, e.g. `flotilla completions bash > /etc/bash_completion.d/flotilla`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff: `flotilla man | man -l -`), or write one page per command.
+    Man {
+        /// Write `flotilla.1`, `flotilla-plan-submit.1`, ... into this directory instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -137,18 +178,41 @@ pub struct AgentArgs {
 
 #[derive(Args, Debug)]
 pub struct QuickstartArgs {
-    /// Shards as NAME=DSN (password from FLOTILLA_SHARD_PASSWORD); repeat per shard.
-    #[arg(long = "shard", required = true)]
+    /// Where the demo's throwaway PostgreSQL cluster, plan and store go: a new or empty
+    /// directory (default: a new one under the system's temp dir). Removed at exit.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Leave the demo's directory at exit (PostgreSQL stopped; the command that starts
+    /// it again is printed).
+    #[arg(long)]
+    pub keep: bool,
+    /// Shard databases in the demo fleet.
+    #[arg(long, default_value_t = 3)]
+    pub demo_shards: usize,
+    /// Tenant schemas per shard in the demo fleet.
+    #[arg(long, default_value_t = 20)]
+    pub demo_tenants: usize,
+    /// The plan to roll across the demo fleet (default: the built-in copy of
+    /// examples/coord-2025-001, written into the demo's directory).
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    /// No demo: a coordinator and one agent per shard given as NAME=DSN (password from
+    /// FLOTILLA_SHARD_PASSWORD); repeat per shard.
+    #[arg(long = "shard")]
     pub shards: Vec<String>,
-    /// Tenant schemas, as for `flotilla agent`.
+    /// Tenant schemas on the --shard databases, as for `flotilla agent`.
     #[arg(long, default_value = "tenant_%")]
     pub tenant_pattern: String,
     /// Address for the embedded coordinator.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
-    /// Control store for the embedded coordinator.
-    #[arg(long, default_value = "flotilla-quickstart.db")]
-    pub store: String,
+    /// Where the process serves Prometheus metrics (coordinator and agents).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics: SocketAddr,
+    /// Control store for the embedded coordinator (default: flotilla.db in the demo's
+    /// directory; flotilla-quickstart.db with --shard).
+    #[arg(long)]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -334,6 +398,26 @@ pub enum FleetCommand {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Where the fleet is: targets grouped by what their journals hold, what they lack of
+    /// completed plans, checksum mismatches, and the last failures.
+    Status {
+        /// Only the targets this label selector takes, e.g. `industry in (automotive)`.
+        #[arg(long)]
+        selector: Option<String>,
+        /// A migration directory (or plan file): journal rows whose checksum is not its
+        /// files' are reported as mismatches.
+        #[arg(long)]
+        against: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// One target: its journal, pending migrations, labels, mismatches, last failure.
+    Show {
+        /// `shard/tenant`, `shard` (the shard itself), or a tenant name on one shard only.
+        target: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
 }
 
 impl Cli {
@@ -347,24 +431,32 @@ impl Cli {
 }
 
 pub fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    // Operator commands keep stdout for their output; logs go to stderr.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let default = match cli.command {
+        Command::Quickstart(_) => "warn",
+        _ => "info",
+    };
+    logging::init(cli.log.as_deref().unwrap_or(default), cli.log_format);
 }
 
 pub async fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Coordinator(args) => daemons::coordinator(args).await,
         Command::Agent(args) => daemons::agent(args, &cli.coordinator).await,
-        Command::Quickstart(args) => daemons::quickstart(args).await,
+        Command::Quickstart(args) => quickstart::quickstart(args).await,
         Command::Plan(cmd) => plan::run(&cli.coordinator, cmd).await,
         Command::Fleet(FleetCommand::List { output }) => {
             plan::fleet_list(&cli.coordinator, output).await
         }
+        Command::Fleet(FleetCommand::Status {
+            selector,
+            against,
+            output,
+        }) => fleet::status(&cli.coordinator, selector, against, output).await,
+        Command::Fleet(FleetCommand::Show { target, output }) => {
+            fleet::show(&cli.coordinator, target, output).await
+        }
         Command::Locks(cmd) => plan::locks(&cli.coordinator, cmd).await,
+        Command::Completions { shell } => manual::completions(shell),
+        Command::Man { out_dir } => manual::man(out_dir.as_deref()),
     }
 }

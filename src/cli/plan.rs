@@ -208,6 +208,12 @@ fn lint(path: &std::path::Path, output: Output) -> u8 {
 }
 
 async fn submit(addr: &str, args: SubmitArgs) -> u8 {
+    submit_plan(addr, args).await.0
+}
+
+/// Submits (and with `--wait` follows) a plan: the exit code, and the plan's id once
+/// the coordinator took it.
+pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<String>) {
     let overrides = Overrides {
         max_parallel: args.max_parallel,
         selector: args.selector.clone(),
@@ -220,18 +226,18 @@ async fn submit(addr: &str, args: SubmitArgs) -> u8 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
-            return EXIT_BAD_INPUT;
+            return (EXIT_BAD_INPUT, None);
         }
     };
     // Check locally first: a bad plan never needs a coordinator to be refused.
     if let Err(e) = flotilla_core::PlanSpec::try_from(raw.clone()) {
         eprintln!("error: {}: {e}", args.path.display());
-        return EXIT_BAD_INPUT;
+        return (EXIT_BAD_INPUT, None);
     }
     raw.submitted_by = args.actor.clone();
     let mut c = match client(addr).await {
         Ok(c) => c,
-        Err(code) => return code,
+        Err(code) => return (code, None),
     };
     let req = pb::SubmitPlanRequest { spec: Some(raw) };
     let resp = match on_leader(&mut c, |mut c| {
@@ -241,16 +247,17 @@ async fn submit(addr: &str, args: SubmitArgs) -> u8 {
     .await
     {
         Ok(r) => r,
-        Err(code) => return code,
+        Err(code) => return (code, None),
     };
     if !args.wait {
         render::submitted(&resp, args.output);
-        return EXIT_OK;
+        return (EXIT_OK, Some(resp.plan_id));
     }
     if args.output == Output::Text {
         println!("plan {} submitted", resp.plan_id);
     }
-    watch(&mut c, resp.plan_id, args.output).await
+    let code = watch(&mut c, resp.plan_id.clone(), args.output).await;
+    (code, Some(resp.plan_id))
 }
 
 async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {

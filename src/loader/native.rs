@@ -39,6 +39,8 @@ struct MigrationFile {
     #[serde(default)]
     irreversible: bool,
     data: Option<DataTable>,
+    /// A semantic version, e.g. "2.4.0" (`fleet status` shows it).
+    version: Option<String>,
 }
 
 /// `[data]` of `migration.toml`: a batched data change.
@@ -180,6 +182,7 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
     .into_migration();
 
     m.description = meta.description.unwrap_or_default().trim().to_string();
+    m.version = meta.version.unwrap_or_default();
     if let Some(kind) = meta.kind {
         m.kind = one_of(&kind, &KINDS, "kind").map_err(|e| at(kind.span(), e))?;
     }

@@ -24,6 +24,8 @@ struct PlanFile {
     name: Option<String>,
     description: Option<String>,
     environment: Option<String>,
+    /// A semantic version for the plan's migrations that carry none (`fleet status` shows it).
+    version: Option<String>,
     migrations_dir: Option<Spanned<String>>,
     migrations: Option<Vec<Spanned<String>>>,
     selector: Option<Spanned<String>>,
@@ -144,6 +146,7 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
         name: file.name.clone().unwrap_or_else(|| plan_name(path, &base)),
         description: file.description.clone().unwrap_or_default(),
         environment: file.environment.clone().unwrap_or_default(),
+        version: file.version.clone().unwrap_or_default(),
         migrations,
         no_fuse: file.fuse == Some(false),
         atomic: file.atomic.unwrap_or(false),

@@ -95,6 +95,8 @@ pub fn test_base_dir() -> anyhow::Result<PathBuf> {
 #[derive(Debug)]
 pub struct TestDir {
     path: PathBuf,
+    /// Left in place on drop (the quickstart's `--keep`), whatever the environment says.
+    keep: bool,
 }
 
 impl TestDir {
@@ -107,7 +109,30 @@ impl TestDir {
             .keep();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
             .with_context(|| format!("chmod {}", path.display()))?;
-        Ok(TestDir { path })
+        Ok(TestDir { path, keep: false })
+    }
+
+    /// `path` itself (created, mode 0755), which must not exist or be empty: a
+    /// directory the caller named, removed on drop like the others.
+    pub fn at(path: &Path) -> anyhow::Result<TestDir> {
+        if path.exists() {
+            let mut entries =
+                std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?;
+            if entries.next().is_some() {
+                anyhow::bail!("{} exists and is not empty", path.display());
+            }
+        }
+        std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+        let path =
+            std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("chmod {}", path.display()))?;
+        Ok(TestDir { path, keep: false })
+    }
+
+    /// Leave the directory in place on drop.
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 
     pub fn path(&self) -> &Path {
@@ -121,7 +146,9 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
-        if keep_test_dirs() {
+        if self.keep {
+            // The owner said so and tells its user where the directory is.
+        } else if keep_test_dirs() {
             eprintln!("[harness] keeping {}", self.path.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.path);

@@ -107,6 +107,8 @@ impl PgBins {
 #[derive(Debug, Clone, Default)]
 pub struct PgClusterBuilder {
     settings: Vec<(String, String)>,
+    /// Where the cluster lives (else a fresh dir under the suite's base dir).
+    dir: Option<PathBuf>,
 }
 
 impl PgClusterBuilder {
@@ -117,8 +119,15 @@ impl PgClusterBuilder {
         self
     }
 
+    /// Put the cluster (data dir, socket, log) in `dir`, which must not exist or be
+    /// empty; it is removed on drop unless [`PgCluster::keep`] is called.
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
     pub async fn start(self) -> anyhow::Result<PgCluster> {
-        PgCluster::start_with(self.settings).await
+        PgCluster::start_with(self.settings, self.dir).await
     }
 }
 
@@ -148,10 +157,16 @@ impl PgCluster {
         PgClusterBuilder::default()
     }
 
-    async fn start_with(extra_settings: Vec<(String, String)>) -> anyhow::Result<PgCluster> {
+    async fn start_with(
+        extra_settings: Vec<(String, String)>,
+        dir: Option<PathBuf>,
+    ) -> anyhow::Result<PgCluster> {
         let bins = PgBins::locate()?;
         let as_postgres = running_as_root();
-        let dir = TestDir::new("pg")?;
+        let dir = match dir {
+            Some(path) => TestDir::at(&path)?,
+            None => TestDir::new("pg")?,
+        };
         if as_postgres {
             let (uid, gid) = postgres_os_user()?;
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
@@ -339,6 +354,32 @@ impl PgCluster {
             );
         }
         Ok(())
+    }
+
+    /// The directory holding the data dir, the socket and the server log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The `pg_ctl` command that starts this cluster again (after [`PgCluster::keep`]).
+    pub fn start_command(&self) -> String {
+        let pg_ctl = format!(
+            "{} -D {} -l {} start",
+            self.bins.pg_ctl.display(),
+            self.data_dir.display(),
+            self.log_path.display()
+        );
+        if self.as_postgres {
+            format!("runuser -u postgres -- {pg_ctl}")
+        } else {
+            pg_ctl
+        }
+    }
+
+    /// Leave the cluster's directory in place when dropped (the server is still
+    /// stopped: call [`PgCluster::stop`] first for a clean shutdown).
+    pub fn keep(&mut self) {
+        self.dir.keep();
     }
 
     pub fn port(&self) -> u16 {

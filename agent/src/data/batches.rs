@@ -87,7 +87,7 @@ pub(crate) async fn run_batches(
         }
     };
     if let Some(c) = &checkpoint {
-        info!(migration = m.id(), tenant = cx.tenant, last_key = %c.last_key, rows = c.rows,
+        info!(step = m.id(), tenant = cx.tenant, last_key = %c.last_key, rows = c.rows,
               batches = c.batches, "resuming a data change from its checkpoint");
     }
 
@@ -171,7 +171,7 @@ pub(crate) async fn run_batches(
         batches += 1;
         done += n as u64;
         crate::metrics::data_batch(n as u64, size);
-        debug!(migration = m.id(), tenant = cx.tenant, last_key = %upper, rows = rows_total, batches, size, "batch done");
+        debug!(step = m.id(), tenant = cx.tenant, last_key = %upper, rows = rows_total, batches, size, "batch done");
         let short = n < i64::from(size);
         if let Some(target) = d.target_batch {
             size = adapt_batch_size(size, took, target, d.min_batch_size, d.max_batch_size);
@@ -186,7 +186,7 @@ pub(crate) async fn run_batches(
     progress.total = progress.done;
     progress.set("done", "", size);
     info!(
-        migration = m.id(),
+        step = m.id(),
         tenant = cx.tenant,
         rows = rows_total,
         batches,
@@ -286,7 +286,7 @@ async fn commit_batch(
             return Err(failure);
         }
         retries += 1;
-        debug!(migration = m.id(), tenant = cx.tenant, sqlstate = %failure.error.sqlstate,
+        debug!(step = m.id(), tenant = cx.tenant, sqlstate = %failure.error.sqlstate,
                retries, "batch undone by a conflict; again");
         tokio::time::sleep(Duration::from_millis(20 << retries)).await;
     }

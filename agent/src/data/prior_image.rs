@@ -106,11 +106,7 @@ pub(crate) async fn restore_prior_image(
             return Err(e);
         }
     }
-    info!(
-        migration = m.id(),
-        batches = restored,
-        "prior image restored"
-    );
+    info!(step = m.id(), batches = restored, "prior image restored");
     Ok(())
 }
 

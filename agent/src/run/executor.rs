@@ -40,7 +40,7 @@ struct GroupFailure {
 /// Applies a run's steps in order. Transactional steps of a fused run share one transaction
 /// (consecutive ones: a non-transactional step ends it); the first failure ends the run. A run
 /// to prepare (every step transactional, checked by `Job::new`) is one transaction.
-#[instrument(skip_all, fields(plan = %job.plan.plan_id, tenant = %job.tenant, run = job.run.run_id))]
+#[instrument(skip_all, fields(plan = %job.plan.plan_id, tenant = %job.tenant, run = job.run.run_id, epoch = job.epoch))]
 pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Job) -> RunOutput {
     let n = job.steps.len();
     let mut reports: Vec<Option<Report>> = job
@@ -96,7 +96,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                 for (k, &idx) in group.iter().enumerate() {
                     metrics::step_duration(mode, done, durations[k]);
                     debug!(
-                        migration = job.steps[idx].id(),
+                        step = job.steps[idx].id(),
                         ms = durations[k].as_millis() as u64,
                         outcome = done.as_str(),
                         "step done"
@@ -119,10 +119,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                     wait_for_server(pool).await;
                 }
                 let idx = group[gf.position];
-                info!(
-                    migration = job.steps[idx].id(),
-                    "{}", gf.failure.error.message
-                );
+                info!(step = job.steps[idx].id(), "{}", gf.failure.error.message);
                 reports[idx] = Some(Report {
                     outcome: StepOutcome::NotRun,
                     duration: durations[gf.position],
@@ -136,7 +133,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                     || gf.failure.connection_lost;
                 let failed = group[gf.position];
                 metrics::step_duration(mode, StepOutcome::Failed, durations[gf.position]);
-                warn!(migration = job.steps[failed].id(), sqlstate = %gf.failure.error.sqlstate,
+                warn!(step = job.steps[failed].id(), sqlstate = %gf.failure.error.sqlstate,
                       phase = %gf.failure.error.phase, error = %gf.failure.error.message, "step failed");
                 settle(
                     pool,
@@ -202,7 +199,7 @@ async fn run_group(
                 attempt += 1;
                 let pause = LOCK_RETRY_PAUSE * 2u32.pow(attempt - 1);
                 warn!(
-                    migration = job.steps[group[gf.position]].id(),
+                    step = job.steps[group[gf.position]].id(),
                     attempt,
                     ?pause,
                     blocked_by = blocker.as_deref().unwrap_or("?"),

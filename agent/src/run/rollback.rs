@@ -179,7 +179,7 @@ impl Agent {
                         started.elapsed(),
                     );
                     metrics::step_finished(StepOutcome::RolledBack);
-                    info!(migration = %migration, "step undone");
+                    info!(step = %migration, "step undone");
                     steps.push(step(migration, None));
                 }
                 Err((failure, broken)) => {
@@ -189,7 +189,7 @@ impl Agent {
                         started.elapsed(),
                     );
                     metrics::step_finished(StepOutcome::Failed);
-                    warn!(migration = %migration, sqlstate = %failure.error.sqlstate,
+                    warn!(step = %migration, sqlstate = %failure.error.sqlstate,
                           error = %failure.error.message, "undoing step failed; stopping this target");
                     if broken || failure.connection_lost {
                         conn.close_on_drop();

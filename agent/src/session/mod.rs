@@ -5,6 +5,7 @@
 //! - `stream`: one stream, from Hello to its end.
 //! - `dispatch`: what arrives, handed to the part of the agent that owns it.
 //! - `outbox`: results kept across streams until sent.
+//! - `journal`: the shard's journal, reported for the coordinator's fleet view.
 //! - `coordinators`: which coordinator to dial next.
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +19,12 @@ use crate::{Agent, metrics};
 
 mod coordinators;
 mod dispatch;
+mod journal;
 mod outbox;
 mod stream;
 
 pub(crate) use coordinators::Rotation;
+pub(crate) use journal::JournalDirty;
 pub(crate) use outbox::Outbox;
 use stream::{Ended, session};
 

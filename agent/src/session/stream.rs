@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use super::coordinators::refusal;
 use super::dispatch::dispatch;
+use super::journal;
 use super::outbox::{FLUSH_RUNS, Outbox, StreamGone};
 use crate::{Agent, metrics};
 
@@ -27,6 +28,9 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
 const OUTBOUND_CAPACITY: usize = 1024;
 /// How long a Hello waits for tenant discovery before using the last list.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the whole journal goes to the coordinator again (between times, only the
+/// targets whose runs ended): changes made outside Flotilla show within this.
+const JOURNAL_REFRESH: Duration = Duration::from_secs(30);
 /// How long resolving in-doubt prepared transactions may hold up a connection attempt.
 const IN_DOUBT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -135,6 +139,7 @@ pub(super) async fn session(
     // A paused or partitioned coordinator keeps its TCP connection open: once it has sent a
     // heartbeat (older ones never do), three intervals of silence end the stream.
     let mut last_heard: Option<Instant> = None;
+    let mut last_full_report = Instant::now();
     loop {
         let due = outbox.due().filter(|_| welcomed);
         let silent_at = last_heard.map(|at| at + interval * 3);
@@ -152,6 +157,10 @@ pub(super) async fn session(
                         metrics::coordinator_connected(true);
                         // a new coordinator (or stream) hears where every data change stands
                         agent.progress.mark_all_changed();
+                        // ...and the whole journal, for its view of the fleet's versions
+                        agent.journal_dirty.mark_all();
+                        journal::report(agent, &tx);
+                        last_full_report = Instant::now();
                         agent.welcome_epoch.store(w.epoch, Ordering::Relaxed);
                         if w.heartbeat_interval_ms > 0 {
                             interval = Duration::from_millis(w.heartbeat_interval_ms);
@@ -167,7 +176,11 @@ pub(super) async fn session(
                 Err(status) => return Ended::from_status(welcomed, "stream error", &status),
             },
             Some(item) = outbox.rx.recv() => {
+                agent.journal_dirty.mark(&item);
                 outbox.push(item);
+                if welcomed {
+                    journal::report(agent, &tx);
+                }
                 if welcomed
                     && outbox.runs.len() >= FLUSH_RUNS
                     && let Err(gone) = flush(agent, outbox, &tx)
@@ -184,6 +197,13 @@ pub(super) async fn session(
                 return lost(welcomed, format!("no word from the coordinator for {:?}", interval * 3));
             }
             _ = heartbeat.tick() => {
+                if welcomed {
+                    if last_full_report.elapsed() >= JOURNAL_REFRESH {
+                        agent.journal_dirty.mark_all();
+                        last_full_report = Instant::now();
+                    }
+                    journal::report(agent, &tx);
+                }
                 let data = if welcomed { agent.progress.take_changed() } else { Vec::new() };
                 if let Err(gone) = send_heartbeat(agent, &tx, data) {
                     return lost(welcomed, gone.to_string());

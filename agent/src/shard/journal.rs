@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use flotilla_core::pb;
+use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgPool;
 use tracing::{info, instrument};
 
@@ -92,6 +93,45 @@ pub(crate) async fn read_fence(pool: &PgPool) -> Result<u64, sqlx::Error> {
         .fetch_one(pool)
         .await?;
     Ok(u64::try_from(epoch).unwrap_or(0))
+}
+
+/// Journal rows as the coordinator's fleet view takes them: every row, or those of
+/// `targets`, in the order they were applied.
+pub(crate) async fn read_entries(
+    pool: &PgPool,
+    targets: Option<&[String]>,
+) -> Result<Vec<pb::JournalEntry>, sqlx::Error> {
+    const COLUMNS: &str = "SELECT target, migration_id, checksum, plan_id,          (extract(epoch FROM finished_at) * 1000)::bigint,          greatest((extract(epoch FROM finished_at - started_at) * 1000)::bigint, 0), seq          FROM flotilla.journal";
+    type Row = (String, String, String, String, i64, i64, i64);
+    let rows: Vec<Row> = match targets {
+        None => {
+            sqlx::query_as(AssertSqlSafe(format!("{COLUMNS} ORDER BY seq")))
+                .fetch_all(pool)
+                .await?
+        }
+        Some(targets) => {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "{COLUMNS} WHERE target = ANY($1) ORDER BY seq"
+            )))
+            .bind(targets)
+            .fetch_all(pool)
+            .await?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(
+            |(target, migration_id, checksum, plan_id, at, duration, seq)| pb::JournalEntry {
+                target,
+                migration_id,
+                checksum,
+                plan_id,
+                applied_at_ms: at,
+                duration_ms: u64::try_from(duration).unwrap_or(0),
+                seq,
+            },
+        )
+        .collect())
 }
 
 /// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs.

@@ -8,7 +8,7 @@ mod tenants;
 
 pub(crate) use connect::{connect, connect_options};
 pub(crate) use journal::{
-    advance_fence, count_plan_rows, install_schema, read_applied, read_fence, read_for_preflight,
-    read_plan_rows,
+    advance_fence, count_plan_rows, install_schema, read_applied, read_entries, read_fence,
+    read_for_preflight, read_plan_rows,
 };
 pub(crate) use tenants::{TenantSource, discover_tenants};

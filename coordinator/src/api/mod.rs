@@ -1,6 +1,10 @@
-//! The gRPC layer: convert, call the domain, map the error. Nothing else.
+//! The gRPC layer: convert, call the domain, map the error; beside it the
+//! standard health and reflection services ([`health`]).
 mod agents;
+mod health;
 mod operator;
+
+pub(crate) use health::{health_service, reflection_services};
 
 use std::pin::Pin;
 

@@ -159,6 +159,26 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         Ok(Response::new(pb::BreakLockResponse { broken }))
     }
 
+    async fn fleet_status(
+        &self,
+        req: Request<pb::FleetStatusRequest>,
+    ) -> Result<Response<pb::FleetStatusResponse>, Status> {
+        let req = req.into_inner();
+        let files = req.checksums.into_iter().collect();
+        Ok(Response::new(
+            self.fleet_status(&req.selector, &files).await?,
+        ))
+    }
+
+    async fn fleet_show(
+        &self,
+        req: Request<pb::FleetShowRequest>,
+    ) -> Result<Response<pb::FleetTarget>, Status> {
+        Ok(Response::new(
+            self.fleet_show(&req.into_inner().target).await?,
+        ))
+    }
+
     async fn list_fleet(
         &self,
         _req: Request<pb::ListFleetRequest>,

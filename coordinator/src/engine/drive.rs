@@ -137,13 +137,13 @@ impl Engine {
                 match coordination.release_shards(&id, epoch).await {
                     Ok(()) => return,
                     Err(CoordinationError::NotLeader) => {
-                        warn!(plan = %id, "not the leader any more: the shard locks expire with the plan's lease");
+                        warn!(plan = %id, epoch, "not the leader any more: the shard locks expire with the plan's lease");
                         return;
                     }
                     Err(e) => {
                         let pause = Duration::from_millis(250 << attempt.min(4));
                         attempt += 1;
-                        warn!(plan = %id, "releasing shard locks failed, retrying in {pause:?}: {e}");
+                        warn!(plan = %id, epoch, "releasing shard locks failed, retrying in {pause:?}: {e}");
                         tokio::time::sleep(pause).await;
                     }
                 }

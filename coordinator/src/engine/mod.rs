@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use flotilla_core::pb;
 use flotilla_core::state::{PlanState, WaveState};
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::actor::Actor;
 use crate::coordination::Coordination;
@@ -111,6 +111,10 @@ pub enum Event {
     },
     /// Leadership is lost: stop scheduling and deciding at once.
     Follow,
+    /// The coordinator is shutting down: schedule nothing more and let every agent
+    /// go. An agent's stream never ends by itself, and the server's graceful stop
+    /// waits for every stream.
+    Stop,
     LocksTaken {
         plan_id: String,
     },
@@ -244,7 +248,14 @@ impl Engine {
 
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
         while let Some(event) = events.recv().await {
-            self.handle(event).await;
+            // What the leader logs carries its epoch (a field of every line), so the
+            // lines of two terms, or of a deposed leader, tell apart.
+            let term = if self.leading {
+                info_span!("term", epoch = self.epoch)
+            } else {
+                Span::none()
+            };
+            self.handle(event).instrument(term).await;
             // What an agent's stream could not take during the event goes now, in order.
             self.flush_outbound();
         }
@@ -373,6 +384,12 @@ impl Engine {
                 self.agents.clear();
                 self.forget_agents();
                 metrics::agents_connected(0);
+            }
+            Event::Stop => {
+                info!("shutting down: letting the agents go");
+                self.leading = false;
+                self.plans.clear();
+                self.agents.clear();
             }
             Event::LocksTaken { plan_id } => {
                 if let Some(run) = self.plans.get_mut(&plan_id) {

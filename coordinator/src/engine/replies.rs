@@ -2,7 +2,7 @@
 //! folded into its plan (the pure [`crate::plan`] methods), stored, and the plan driven on.
 use flotilla_core::pb;
 use flotilla_core::state::StepState;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::Engine;
 use crate::metrics;
@@ -43,6 +43,10 @@ impl Engine {
         }
         for x in &updates {
             metrics::step_finished(shard, x.state, x.duration_ms);
+            // Found by the same fields as the agent's line about the step.
+            debug!(plan = %plan_id, step = %x.migration_id, shard = %x.shard,
+                   tenant = %x.tenant, state = x.state.as_str(), ms = x.duration_ms,
+                   "step result");
             if x.state == StepState::Applied {
                 self.observe_step_time(x.duration_ms);
             }

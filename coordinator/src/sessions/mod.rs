@@ -76,6 +76,7 @@ impl Coordinator {
                 heartbeat_interval_ms: HEARTBEAT.as_millis() as u64,
             })))
             .await;
+        inner.versions.attached(&shard, epoch);
         info!(shard = %shard, tenants = hello.tenants.len(), "agent attached");
         if let Some(e) = &inner.embedded {
             e.set_live(&shard, true);
@@ -124,7 +125,14 @@ impl Coordinator {
                     data: hb.data,
                 },
                 Some(Body::Heartbeat(_) | Body::Hello(_)) | None => continue,
-                Some(Body::Results(results)) => Event::Results { shard, results },
+                Some(Body::Results(results)) => {
+                    inner.versions.record_results(&shard, &results);
+                    Event::Results { shard, results }
+                }
+                Some(Body::Journal(report)) => {
+                    inner.versions.apply(&shard, report);
+                    continue;
+                }
                 Some(Body::Preflight(reply)) => {
                     inner.fleet.complete_preflight(reply);
                     continue;

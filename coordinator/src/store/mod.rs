@@ -189,23 +189,35 @@ impl Store {
     pub async fn unfinished_plans(&self) -> Result<Vec<PlanRow>, StoreError> {
         // Every state a plan does not end in, from the states themselves (a new end state
         // cannot be forgotten here and its plans resumed, or worse, undone).
-        let open: Vec<&str> = PlanState::ALL
+        let open: Vec<PlanState> = PlanState::ALL
             .iter()
+            .copied()
             .filter(|p| !p.is_terminal())
-            .map(|p| p.as_str())
             .collect();
+        self.plans_in(&open).await
+    }
+
+    /// Plans whose migrations every target they select should have: those that completed
+    /// (with failures within their budget or not), oldest first.
+    pub async fn completed_plans(&self) -> Result<Vec<PlanRow>, StoreError> {
+        self.plans_in(&[PlanState::Completed, PlanState::CompletedWithFailures])
+            .await
+    }
+
+    /// Plans in any of `states`, oldest first.
+    async fn plans_in(&self, states: &[PlanState]) -> Result<Vec<PlanRow>, StoreError> {
         let sql = format!(
             "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
                 created_at_ms, updated_at_ms, targets, steps, ends FROM plans
-             WHERE state IN ({}) ORDER BY created_at_ms",
-            (1..=open.len())
+             WHERE state IN ({}) ORDER BY created_at_ms, id",
+            (1..=states.len())
                 .map(|i| format!("${i}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for state in open {
-            q = q.bind(state);
+        for state in states {
+            q = q.bind(state.as_str());
         }
         let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(plan_row).collect()

@@ -1,0 +1,140 @@
+//! The shard's journal as the coordinator's fleet view hears it: the whole journal after
+//! each Welcome, then the rows of the targets whose runs ended (their results, rollbacks
+//! and resolutions mark them), and the whole journal again every `journal_refresh`, so a
+//! change made outside Flotilla shows too. The journal is the truth; reports replace.
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use flotilla_core::pb;
+use flotilla_core::pb::agent_message::Body as Out;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::Agent;
+use crate::run::Outgoing;
+use crate::shard;
+
+/// Rows per message: a fleet of 2,500 tenants x 20 migrations is 50,000 rows, well over
+/// what one gRPC message should carry.
+const CHUNK: usize = 5_000;
+
+/// What the coordinator has not heard yet.
+#[derive(Debug, Default)]
+pub(crate) struct JournalDirty {
+    state: std::sync::Mutex<Dirty>,
+    /// A report is being read or sent: the next one waits (a later read must not overtake it).
+    reporting: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Dirty {
+    all: bool,
+    targets: BTreeSet<String>,
+}
+
+impl JournalDirty {
+    pub fn mark_all(&self) {
+        self.state.lock().expect("journal dirty lock").all = true;
+    }
+
+    /// The targets whose journal rows an outgoing result or reply follows.
+    pub fn mark(&self, item: &Outgoing) {
+        let mut state = self.state.lock().expect("journal dirty lock");
+        match item {
+            Outgoing::Run { result, .. } => {
+                state.targets.insert(result.tenant.clone());
+            }
+            Outgoing::Rollback(reply) => {
+                state
+                    .targets
+                    .extend(reply.steps.iter().map(|s| s.tenant.clone()));
+            }
+            // COMMIT/ROLLBACK PREPARED: the gids name the targets, a full report is simpler
+            // and these are rare.
+            Outgoing::Resolve(_) => state.all = true,
+        }
+    }
+
+    fn take(&self) -> Option<Option<Vec<String>>> {
+        let mut state = self.state.lock().expect("journal dirty lock");
+        if state.all {
+            *state = Dirty::default();
+            Some(None)
+        } else if state.targets.is_empty() {
+            None
+        } else {
+            Some(Some(
+                std::mem::take(&mut state.targets).into_iter().collect(),
+            ))
+        }
+    }
+}
+
+/// Reads and sends what is dirty, in a task of its own (the session loop never waits on
+/// the shard); at most one report at a time. What could not be read or sent is marked
+/// again: the next stream's Welcome asks for everything anyway.
+pub(crate) fn report(agent: &Arc<Agent>, tx: &mpsc::Sender<pb::AgentMessage>) {
+    let dirty = &agent.journal_dirty;
+    if dirty.reporting.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let Some(targets) = dirty.take() else {
+        dirty.reporting.store(false, Ordering::Release);
+        return;
+    };
+    let agent = agent.clone();
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let sent = send(&agent, &tx, targets.clone()).await;
+        if let Err(why) = sent {
+            debug!(%why, "journal report not sent; it goes again");
+            match targets {
+                None => agent.journal_dirty.mark_all(),
+                Some(targets) => agent
+                    .journal_dirty
+                    .state
+                    .lock()
+                    .expect("journal dirty lock")
+                    .targets
+                    .extend(targets),
+            }
+        }
+        agent
+            .journal_dirty
+            .reporting
+            .store(false, Ordering::Release);
+    });
+}
+
+async fn send(
+    agent: &Agent,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    targets: Option<Vec<String>>,
+) -> Result<(), String> {
+    let entries = shard::read_entries(&agent.pool, targets.as_deref())
+        .await
+        .map_err(|e| {
+            warn!(error = %e, "cannot read the journal for the coordinator's fleet view");
+            e.to_string()
+        })?;
+    let reset = targets.is_none();
+    let mut chunks = entries.chunks(CHUNK);
+    let first = chunks.next().unwrap_or(&[]);
+    let message = |reset, targets, entries: &[pb::JournalEntry]| pb::AgentMessage {
+        body: Some(Out::Journal(pb::JournalReport {
+            reset,
+            targets,
+            entries: entries.to_vec(),
+        })),
+    };
+    tx.send(message(reset, targets.unwrap_or_default(), first))
+        .await
+        .map_err(|_| "the stream closed".to_string())?;
+    for chunk in chunks {
+        tx.send(message(false, Vec::new(), chunk))
+            .await
+            .map_err(|_| "the stream closed".to_string())?;
+    }
+    Ok(())
+}

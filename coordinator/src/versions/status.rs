@@ -1,0 +1,328 @@
+//! `fleet status` and `fleet show`, computed from the journals' copy, the fleet's labels
+//! and the completed plans: pure, so the tests need no coordinator.
+use std::collections::{BTreeMap, HashMap};
+
+use flotilla_core::PlanSpec;
+use flotilla_core::pb;
+use flotilla_core::selector::Selector;
+use sha2::{Digest, Sha256};
+
+use super::{ShardJournal, target_name};
+use crate::planner::{self, ShardView};
+
+/// A completed plan, whose migrations the targets it selects should hold.
+pub struct PlanInput {
+    pub id: String,
+    pub spec: PlanSpec,
+}
+
+pub struct FleetInput<'a> {
+    pub fleet: &'a BTreeMap<String, ShardView>,
+    pub journals: &'a BTreeMap<String, ShardJournal>,
+    /// The leader's epoch: a journal reported under an older one is stale.
+    pub epoch: u64,
+    pub failures: &'a HashMap<(String, String), pb::LastFailure>,
+    /// Oldest first: a later plan's checksum of a migration wins.
+    pub plans: &'a [PlanInput],
+    /// Checksums of the files the operator named (`fleet status --against DIR`).
+    pub files: &'a HashMap<String, String>,
+}
+
+/// A migration a target should hold, from the latest completed plan that gives it one.
+#[derive(Debug, Clone)]
+struct Expected {
+    migration_id: String,
+    checksum: String,
+    plan_id: String,
+    version: String,
+}
+
+/// One target, worked out.
+#[derive(Debug)]
+struct TargetState {
+    shard: String,
+    tenant: String,
+    labels: BTreeMap<String, String>,
+    journal: Vec<pb::JournalEntry>,
+    head: String,
+    digest: String,
+    version: String,
+    pending: Vec<String>,
+    mismatches: Vec<pb::ChecksumMismatch>,
+}
+
+impl FleetInput<'_> {
+    fn reported(&self, shard: &str) -> Option<&ShardJournal> {
+        self.journals
+            .get(shard)
+            .filter(|j| j.complete && j.epoch == self.epoch)
+    }
+
+    /// What each target should hold: every step the completed plans would give it over
+    /// today's fleet (its labels now, so a tenant that came later counts too).
+    fn expected(&self) -> HashMap<(String, String), Vec<Expected>> {
+        let mut out: HashMap<(String, String), Vec<Expected>> = HashMap::new();
+        for plan in self.plans {
+            let Ok(expansion) = planner::expand(&plan.spec, self.fleet) else {
+                continue;
+            };
+            for step in &expansion.steps {
+                let target = &expansion.targets[step.target];
+                let migration = &plan.spec.migrations[step.migration];
+                let list = out
+                    .entry((target.shard.clone(), target.tenant.clone()))
+                    .or_default();
+                let expected = Expected {
+                    migration_id: migration.id.to_string(),
+                    checksum: migration.checksum.clone(),
+                    plan_id: plan.id.clone(),
+                    version: plan.spec.version_of(&migration.id),
+                };
+                match list
+                    .iter_mut()
+                    .find(|e| e.migration_id == expected.migration_id)
+                {
+                    Some(earlier) => *earlier = expected,
+                    None => list.push(expected),
+                }
+            }
+        }
+        out
+    }
+
+    /// Every reported target the selector takes: the tenants, and the shard itself when its
+    /// journal or a plan gives it something.
+    fn targets(&self, selector: &Selector) -> Vec<TargetState> {
+        let mut expected = self.expected();
+        let mut out = Vec::new();
+        for (shard, view) in self.fleet {
+            let Some(journal) = self.reported(shard) else {
+                continue;
+            };
+            let shard_itself = (String::new(), BTreeMap::new());
+            let candidates = std::iter::once(&shard_itself).chain(view.tenants.iter());
+            for tenant in candidates {
+                let key = (shard.clone(), tenant.0.clone());
+                let rows = journal.targets.get(&tenant.0).cloned().unwrap_or_default();
+                let wanted = expected.remove(&key).unwrap_or_default();
+                if tenant.0.is_empty() && rows.is_empty() && wanted.is_empty() {
+                    continue;
+                }
+                let labels =
+                    planner::target_labels(shard, view, (!tenant.0.is_empty()).then_some(tenant));
+                if !selector.matches(&labels) {
+                    continue;
+                }
+                out.push(work_out(
+                    shard, &tenant.0, labels, rows, &wanted, self.files,
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn work_out(
+    shard: &str,
+    tenant: &str,
+    labels: BTreeMap<String, String>,
+    journal: Vec<pb::JournalEntry>,
+    expected: &[Expected],
+    files: &HashMap<String, String>,
+) -> TargetState {
+    let name = target_name(shard, tenant);
+    let applied: HashMap<&str, &pb::JournalEntry> = journal
+        .iter()
+        .map(|e| (e.migration_id.as_str(), e))
+        .collect();
+    let pending = expected
+        .iter()
+        .filter(|e| !applied.contains_key(e.migration_id.as_str()))
+        .map(|e| e.migration_id.clone())
+        .collect();
+    // Against the files when the operator named them (what they will submit next),
+    // else against the latest completed plan that carries the migration.
+    let mismatches = journal
+        .iter()
+        .filter_map(|row| {
+            let (checksum, plan_id) = match files.get(&row.migration_id) {
+                Some(file) => (file.clone(), String::new()),
+                None => {
+                    let e = expected
+                        .iter()
+                        .find(|e| e.migration_id == row.migration_id)?;
+                    (e.checksum.clone(), e.plan_id.clone())
+                }
+            };
+            (row.checksum != checksum).then(|| pb::ChecksumMismatch {
+                target: name.clone(),
+                migration_id: row.migration_id.clone(),
+                journal_checksum: row.checksum.clone(),
+                plan_checksum: checksum,
+                plan_id,
+            })
+        })
+        .collect();
+    let head = journal
+        .last()
+        .map(|e| e.migration_id.clone())
+        .unwrap_or_default();
+    let version = expected
+        .iter()
+        .find(|e| e.migration_id == head)
+        .map(|e| e.version.clone())
+        .unwrap_or_default();
+    TargetState {
+        shard: shard.to_string(),
+        tenant: tenant.to_string(),
+        labels,
+        digest: digest(&journal),
+        journal,
+        head,
+        version,
+        pending,
+        mismatches,
+    }
+}
+
+/// The applied set's digest: 12 hex of sha256 over its sorted `id:checksum` lines ("" when
+/// nothing is applied), so two targets with the same migrations share it whatever the order.
+fn digest(journal: &[pb::JournalEntry]) -> String {
+    if journal.is_empty() {
+        return String::new();
+    }
+    let mut lines: Vec<String> = journal
+        .iter()
+        .map(|e| format!("{}:{}\n", e.migration_id, e.checksum))
+        .collect();
+    lines.sort();
+    let mut hasher = Sha256::new();
+    for line in &lines {
+        hasher.update(line.as_bytes());
+    }
+    hex::encode(hasher.finalize())[..12].to_string()
+}
+
+pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusResponse {
+    let targets = input.targets(selector);
+    let mut cohorts: BTreeMap<(String, String, Vec<String>), pb::Cohort> = BTreeMap::new();
+    let mut mismatches = Vec::new();
+    let mut failures = Vec::new();
+    let mut behind = 0u64;
+    for t in targets {
+        if !t.pending.is_empty() {
+            behind += 1;
+        }
+        if let Some(f) = input.failures.get(&(t.shard.clone(), t.tenant.clone())) {
+            failures.push(f.clone());
+        }
+        mismatches.extend(t.mismatches.iter().cloned());
+        let cohort = cohorts
+            .entry((t.digest.clone(), t.head.clone(), t.pending.clone()))
+            .or_insert_with(|| pb::Cohort {
+                head: t.head.clone(),
+                digest: t.digest.clone(),
+                version: t.version.clone(),
+                applied: t.journal.len() as u64,
+                pending: t.pending.clone(),
+                targets: Vec::new(),
+            });
+        cohort.targets.push(target_name(&t.shard, &t.tenant));
+    }
+    let mut cohorts: Vec<pb::Cohort> = cohorts.into_values().collect();
+    cohorts.sort_by(|a, b| {
+        b.targets
+            .len()
+            .cmp(&a.targets.len())
+            .then_with(|| a.head.cmp(&b.head))
+    });
+    failures.sort_by_key(|f| std::cmp::Reverse(f.at_ms));
+    let unreported_shards = input
+        .fleet
+        .keys()
+        .filter(|shard| input.reported(shard).is_none())
+        .cloned()
+        .collect();
+    pb::FleetStatusResponse {
+        targets: cohorts.iter().map(|c| c.targets.len() as u64).sum(),
+        behind,
+        cohorts,
+        mismatches,
+        failures,
+        unreported_shards,
+        completed_plans: input.plans.len() as u64,
+    }
+}
+
+/// One target by name: "shard/tenant", "shard", or a tenant name found on one shard only.
+pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, String> {
+    let (shard, tenant) = resolve(input.fleet, name)?;
+    let reported = input.reported(&shard).is_some();
+    let everything = Selector::parse("").expect("the empty selector parses");
+    let state = input
+        .targets(&everything)
+        .into_iter()
+        .find(|t| t.shard == shard && t.tenant == tenant);
+    let failure = input
+        .failures
+        .get(&(shard.clone(), tenant.clone()))
+        .cloned();
+    Ok(match state {
+        Some(t) => pb::FleetTarget {
+            shard: t.shard,
+            tenant: t.tenant,
+            labels: t.labels.into_iter().collect(),
+            journal: t.journal,
+            pending: t.pending,
+            mismatches: t.mismatches,
+            last_failure: failure,
+            head: t.head,
+            digest: t.digest,
+            version: t.version,
+            reported,
+        },
+        // A shard whose journal was not heard, or the shard itself with nothing for it.
+        None => pb::FleetTarget {
+            shard,
+            tenant,
+            last_failure: failure,
+            reported,
+            ..Default::default()
+        },
+    })
+}
+
+fn resolve(fleet: &BTreeMap<String, ShardView>, name: &str) -> Result<(String, String), String> {
+    if let Some((shard, tenant)) = name.split_once('/') {
+        let view = fleet
+            .get(shard)
+            .ok_or_else(|| format!("no shard `{shard}` in the fleet"))?;
+        if !view.tenants.iter().any(|(t, _)| t == tenant) {
+            return Err(format!("shard `{shard}` has no tenant `{tenant}`"));
+        }
+        return Ok((shard.to_string(), tenant.to_string()));
+    }
+    if fleet.contains_key(name) {
+        return Ok((name.to_string(), String::new()));
+    }
+    let shards: Vec<&String> = fleet
+        .iter()
+        .filter(|(_, view)| view.tenants.iter().any(|(t, _)| t == name))
+        .map(|(shard, _)| shard)
+        .collect();
+    match shards.as_slice() {
+        [] => Err(format!("no shard or tenant `{name}` in the fleet")),
+        [shard] => Ok(((*shard).clone(), name.to_string())),
+        several => Err(format!(
+            "tenant `{name}` is on several shards ({}): name it as shard/tenant",
+            several
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,302 @@
+use std::collections::{BTreeMap, HashMap};
+
+use flotilla_core::pb;
+use flotilla_core::selector::Selector;
+
+use super::super::ShardJournal;
+use super::{FleetInput, PlanInput, fleet_status, show_target};
+use crate::planner::ShardView;
+
+const EPOCH: u64 = 7;
+
+fn plan(id: &str, selector: &str, version: &str, migrations: &[(&str, &str)]) -> PlanInput {
+    let raw = pb::PlanSpec {
+        name: id.into(),
+        selector: selector.into(),
+        version: version.into(),
+        migrations: migrations
+            .iter()
+            .map(|(mid, up)| pb::Migration {
+                id: mid.to_string(),
+                up_sql: up.to_string(),
+                down_sql: "SELECT 1".into(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    PlanInput {
+        id: id.into(),
+        spec: flotilla_core::PlanSpec::try_from(raw).expect("valid plan"),
+    }
+}
+
+/// Two shards x three tenants; tenant_1 of each shard is automotive, the others are not.
+fn fleet() -> BTreeMap<String, ShardView> {
+    (0..2)
+        .map(|s| {
+            let tenants = (0..3)
+                .map(|t| {
+                    let industry = if t == 1 {
+                        "automotive"
+                    } else {
+                        "home_services"
+                    };
+                    (
+                        format!("tenant_{t}"),
+                        BTreeMap::from([("industry".to_string(), industry.to_string())]),
+                    )
+                })
+                .collect();
+            (
+                format!("shard_{s}"),
+                ShardView {
+                    labels: BTreeMap::new(),
+                    tenants,
+                },
+            )
+        })
+        .collect()
+}
+
+fn entry(target: &str, migration: &str, checksum: &str, seq: i64) -> pb::JournalEntry {
+    pb::JournalEntry {
+        target: target.into(),
+        migration_id: migration.into(),
+        checksum: checksum.into(),
+        plan_id: "p1".into(),
+        applied_at_ms: 1,
+        duration_ms: 1,
+        seq,
+    }
+}
+
+fn checksum(up: &str) -> String {
+    flotilla_core::model::checksum(up)
+}
+
+/// Every tenant holds `applied` (migration, up SQL) pairs, except what `edit` changes.
+fn journals(
+    fleet: &BTreeMap<String, ShardView>,
+    applied: &[(&str, &str)],
+    edit: impl Fn(&str, &str, &mut Vec<pb::JournalEntry>),
+) -> BTreeMap<String, ShardJournal> {
+    fleet
+        .iter()
+        .map(|(shard, view)| {
+            let mut targets = HashMap::new();
+            for (tenant, _) in &view.tenants {
+                let mut rows: Vec<pb::JournalEntry> = applied
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (m, up))| entry(tenant, m, &checksum(up), i as i64))
+                    .collect();
+                edit(shard, tenant, &mut rows);
+                targets.insert(tenant.clone(), rows);
+            }
+            (
+                shard.clone(),
+                ShardJournal {
+                    epoch: EPOCH,
+                    complete: true,
+                    targets,
+                },
+            )
+        })
+        .collect()
+}
+
+fn everything() -> Selector {
+    Selector::parse("").unwrap()
+}
+
+#[test]
+fn one_head_when_every_target_holds_every_completed_migration() {
+    let fleet = fleet();
+    let plans = [plan(
+        "p1",
+        "",
+        "2.4.0",
+        &[("001_a", "SELECT 1"), ("002_b", "SELECT 2")],
+    )];
+    let journals = journals(
+        &fleet,
+        &[("001_a", "SELECT 1"), ("002_b", "SELECT 2")],
+        |_, _, _| {},
+    );
+    let input = FleetInput {
+        fleet: &fleet,
+        journals: &journals,
+        epoch: EPOCH,
+        failures: &HashMap::new(),
+        plans: &plans,
+        files: &HashMap::new(),
+    };
+    let r = fleet_status(&input, &everything());
+    assert_eq!(r.targets, 6);
+    assert_eq!(r.behind, 0);
+    assert_eq!(r.cohorts.len(), 1);
+    let c = &r.cohorts[0];
+    assert_eq!(c.head, "002_b");
+    assert_eq!(c.applied, 2);
+    assert_eq!(c.version, "2.4.0");
+    assert_eq!(c.digest.len(), 12);
+    assert!(c.pending.is_empty());
+    assert!(r.mismatches.is_empty() && r.unreported_shards.is_empty());
+}
+
+#[test]
+fn a_second_plan_to_some_targets_splits_the_fleet_and_names_what_the_rest_lack() {
+    let fleet = fleet();
+    // p2 selects automotive tenants; shard_1's automotive tenant has not run it yet.
+    let plans = [
+        plan("p1", "", "", &[("001_a", "SELECT 1")]),
+        plan(
+            "p2",
+            "industry in (automotive)",
+            "",
+            &[("002_auto", "SELECT 2")],
+        ),
+    ];
+    let journals = journals(&fleet, &[("001_a", "SELECT 1")], |shard, tenant, rows| {
+        if tenant == "tenant_1" && shard == "shard_0" {
+            rows.push(entry(tenant, "002_auto", &checksum("SELECT 2"), 9));
+        }
+    });
+    let input = FleetInput {
+        fleet: &fleet,
+        journals: &journals,
+        epoch: EPOCH,
+        failures: &HashMap::new(),
+        plans: &plans,
+        files: &HashMap::new(),
+    };
+    let r = fleet_status(&input, &everything());
+    assert_eq!(r.targets, 6);
+    assert_eq!(r.behind, 1);
+    assert_eq!(r.cohorts.len(), 3, "{:?}", r.cohorts);
+    assert_eq!(r.cohorts[0].targets.len(), 4);
+    assert_eq!(r.cohorts[0].head, "001_a");
+    let behind = r.cohorts.iter().find(|c| !c.pending.is_empty()).unwrap();
+    assert_eq!(behind.targets, vec!["shard_1/tenant_1".to_string()]);
+    assert_eq!(behind.pending, vec!["002_auto".to_string()]);
+    let ahead = r.cohorts.iter().find(|c| c.head == "002_auto").unwrap();
+    assert_eq!(ahead.targets, vec!["shard_0/tenant_1".to_string()]);
+
+    // The selector narrows the view to the automotive tenants.
+    let auto = fleet_status(
+        &input,
+        &Selector::parse("industry in (automotive)").unwrap(),
+    );
+    assert_eq!(auto.targets, 2);
+    assert_eq!(auto.behind, 1);
+}
+
+#[test]
+fn a_journal_checksum_that_is_not_the_plans_is_named_with_its_target() {
+    let fleet = fleet();
+    let plans = [plan("p1", "", "", &[("001_a", "SELECT 1")])];
+    let journals = journals(&fleet, &[("001_a", "SELECT 1")], |shard, tenant, rows| {
+        if shard == "shard_1" && tenant == "tenant_2" {
+            rows[0].checksum = "f".repeat(64);
+        }
+    });
+    let input = FleetInput {
+        fleet: &fleet,
+        journals: &journals,
+        epoch: EPOCH,
+        failures: &HashMap::new(),
+        plans: &plans,
+        files: &HashMap::new(),
+    };
+    let r = fleet_status(&input, &everything());
+    assert_eq!(r.mismatches.len(), 1);
+    let m = &r.mismatches[0];
+    assert_eq!(m.target, "shard_1/tenant_2");
+    assert_eq!(m.migration_id, "001_a");
+    assert_eq!(m.plan_checksum, checksum("SELECT 1"));
+    // Its applied set differs, so it is a cohort of its own.
+    assert_eq!(r.cohorts.len(), 2);
+}
+
+#[test]
+fn shards_not_heard_under_this_epoch_are_named_not_counted() {
+    let fleet = fleet();
+    let plans = [plan("p1", "", "", &[("001_a", "SELECT 1")])];
+    let mut journals = journals(&fleet, &[("001_a", "SELECT 1")], |_, _, _| {});
+    journals.get_mut("shard_1").unwrap().epoch = EPOCH - 1;
+    let input = FleetInput {
+        fleet: &fleet,
+        journals: &journals,
+        epoch: EPOCH,
+        failures: &HashMap::new(),
+        plans: &plans,
+        files: &HashMap::new(),
+    };
+    let r = fleet_status(&input, &everything());
+    assert_eq!(r.targets, 3);
+    assert_eq!(r.unreported_shards, vec!["shard_1".to_string()]);
+}
+
+#[test]
+fn a_failure_shows_in_status_and_show_and_names_resolve() {
+    let fleet = fleet();
+    let plans = [plan("p1", "", "", &[("001_a", "SELECT 1")])];
+    let journals = journals(&fleet, &[], |_, _, _| {});
+    let failures = HashMap::from([(
+        ("shard_0".to_string(), "tenant_2".to_string()),
+        pb::LastFailure {
+            target: "shard_0/tenant_2".into(),
+            migration_id: "001_a".into(),
+            plan_id: "p1".into(),
+            sqlstate: "42P01".into(),
+            message: "relation does not exist".into(),
+            at_ms: 5,
+        },
+    )]);
+    let input = FleetInput {
+        fleet: &fleet,
+        journals: &journals,
+        epoch: EPOCH,
+        failures: &failures,
+        plans: &plans,
+        files: &HashMap::new(),
+    };
+    let r = fleet_status(&input, &everything());
+    assert_eq!(r.behind, 6);
+    assert_eq!(r.failures.len(), 1);
+    assert_eq!(r.cohorts[0].head, "");
+
+    let t = show_target(&input, "shard_0/tenant_2").unwrap();
+    assert_eq!(t.pending, vec!["001_a".to_string()]);
+    assert_eq!(t.last_failure.unwrap().sqlstate, "42P01");
+    assert_eq!(t.labels.get("industry").unwrap(), "home_services");
+    // A tenant name on both shards must be qualified; unknown names are refused by name.
+    let e = show_target(&input, "tenant_2").unwrap_err();
+    assert!(e.contains("several shards (shard_0, shard_1)"), "{e}");
+    let e = show_target(&input, "tenant_9").unwrap_err();
+    assert!(e.contains("`tenant_9`"), "{e}");
+    let e = show_target(&input, "shard_9/tenant_0").unwrap_err();
+    assert!(e.contains("no shard `shard_9`"), "{e}");
+}
+
+#[test]
+fn the_files_named_by_the_operator_are_compared_with_the_journal() {
+    let fleet = fleet();
+    let plans = [plan("p1", "", "", &[("001_a", "SELECT 1")])];
+    let journals = journals(&fleet, &[("001_a", "SELECT 1")], |_, _, _| {});
+    let files = HashMap::from([("001_a".to_string(), checksum("SELECT 1 -- edited"))]);
+    let input = FleetInput {
+        fleet: &fleet,
+        journals: &journals,
+        epoch: EPOCH,
+        failures: &HashMap::new(),
+        plans: &plans,
+        files: &files,
+    };
+    let r = fleet_status(&input, &everything());
+    assert_eq!(r.mismatches.len(), 6);
+    assert!(r.mismatches.iter().all(|m| m.plan_id.is_empty()
+        && m.plan_checksum == checksum("SELECT 1 -- edited")
+        && m.journal_checksum == checksum("SELECT 1")));
+}

@@ -1,0 +1,308 @@
+//! `flotilla fleet status` and `fleet show`: where each target of the fleet is.
+use flotilla_core::pb;
+use serde_json::{Value, json};
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::plan::{client, on_leader};
+use super::{EXIT_BAD_INPUT, EXIT_OK, Output};
+use crate::loader::{self, Overrides};
+
+/// Each migration's checksum as the files on disk give it, read as `plan submit` reads them.
+fn file_checksums(path: &Path) -> Result<HashMap<String, String>, String> {
+    let raw = loader::load(path, &Overrides::default()).map_err(|e| e.to_string())?;
+    let spec =
+        flotilla_core::PlanSpec::try_from(raw).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(spec
+        .migrations
+        .into_iter()
+        .map(|m| (m.id.to_string(), m.checksum))
+        .collect())
+}
+
+pub async fn status(
+    addr: &str,
+    selector: Option<String>,
+    against: Option<PathBuf>,
+    output: Output,
+) -> u8 {
+    // The files are read here, before any coordinator is asked: a bad directory is the
+    // operator's to fix, and nothing is sent.
+    let checksums = match against.as_deref().map(file_checksums).transpose() {
+        Ok(c) => c.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("error: --against {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = pb::FleetStatusRequest {
+        selector: selector.unwrap_or_default(),
+        checksums,
+    };
+    match on_leader(&mut c, |mut c| {
+        let req = req.clone();
+        async move { c.fleet_status(req).await }
+    })
+    .await
+    {
+        Ok(r) => {
+            match output {
+                Output::Json => println!("{}", status_json(&r)),
+                Output::Text => print_status(&r),
+            }
+            EXIT_OK
+        }
+        Err(code) => code,
+    }
+}
+
+pub async fn show(addr: &str, target: String, output: Output) -> u8 {
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = pb::FleetShowRequest { target };
+    match on_leader(&mut c, |mut c| {
+        let req = req.clone();
+        async move { c.fleet_show(req).await }
+    })
+    .await
+    {
+        Ok(t) => {
+            match output {
+                Output::Json => println!("{}", target_json(&t)),
+                Output::Text => print_target(&t),
+            }
+            EXIT_OK
+        }
+        Err(code) => code,
+    }
+}
+
+fn mismatch_json(m: &pb::ChecksumMismatch) -> Value {
+    json!({
+        "target": m.target,
+        "migration": m.migration_id,
+        "journal_checksum": m.journal_checksum,
+        "plan_checksum": m.plan_checksum,
+        "plan_id": m.plan_id,
+    })
+}
+
+fn failure_json(f: &pb::LastFailure) -> Value {
+    json!({
+        "target": f.target,
+        "migration": f.migration_id,
+        "plan_id": f.plan_id,
+        "sqlstate": f.sqlstate,
+        "message": f.message,
+        "at_ms": f.at_ms,
+    })
+}
+
+fn status_json(r: &pb::FleetStatusResponse) -> Value {
+    json!({
+        "targets": r.targets,
+        "behind": r.behind,
+        "completed_plans": r.completed_plans,
+        "unreported_shards": r.unreported_shards,
+        "cohorts": r.cohorts.iter().map(|c| json!({
+            "head": c.head,
+            "digest": c.digest,
+            "version": c.version,
+            "applied": c.applied,
+            "count": c.targets.len(),
+            "pending": c.pending,
+            "targets": c.targets,
+        })).collect::<Vec<_>>(),
+        "mismatches": r.mismatches.iter().map(mismatch_json).collect::<Vec<_>>(),
+        "failures": r.failures.iter().map(failure_json).collect::<Vec<_>>(),
+    })
+}
+
+/// Targets named in a text cohort line before "and N more".
+const SHOWN_TARGETS: usize = 5;
+
+fn print_status(r: &pb::FleetStatusResponse) {
+    let cohorts = r.cohorts.len();
+    println!(
+        "{} target(s) in {cohorts} cohort(s); {} behind; {} completed plan(s) counted",
+        r.targets, r.behind, r.completed_plans
+    );
+    if !r.unreported_shards.is_empty() {
+        println!(
+            "not reported (agents not attached to this leader): {}",
+            r.unreported_shards.join(", ")
+        );
+    }
+    for (i, c) in r.cohorts.iter().enumerate() {
+        let head = if c.head.is_empty() {
+            "(nothing applied)"
+        } else {
+            &c.head
+        };
+        let version = if c.version.is_empty() {
+            String::new()
+        } else {
+            format!(" v{}", c.version)
+        };
+        println!(
+            "\n#{} {} target(s) at {head}{version} [{} applied, digest {}]",
+            i + 1,
+            c.targets.len(),
+            c.applied,
+            if c.digest.is_empty() { "-" } else { &c.digest },
+        );
+        if c.pending.is_empty() {
+            println!("   up to date");
+        } else {
+            println!("   behind by {}: {}", c.pending.len(), c.pending.join(", "));
+        }
+        let shown: Vec<&str> = c
+            .targets
+            .iter()
+            .take(SHOWN_TARGETS)
+            .map(String::as_str)
+            .collect();
+        let more = c.targets.len().saturating_sub(SHOWN_TARGETS);
+        println!(
+            "   {}{}",
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
+    if !r.mismatches.is_empty() {
+        println!(
+            "\nchecksum mismatches (what the journal applied is not what the file or plan holds):"
+        );
+        for m in &r.mismatches {
+            println!(
+                "  {}: {} journal {} {}",
+                m.target,
+                m.migration_id,
+                short(&m.journal_checksum),
+                compared(m)
+            );
+        }
+    }
+    if !r.failures.is_empty() {
+        println!("\nfailed last:");
+        for f in &r.failures {
+            let state = if f.sqlstate.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", f.sqlstate)
+            };
+            println!(
+                "  {}: {} in plan {}{state}: {}",
+                f.target, f.migration_id, f.plan_id, f.message
+            );
+        }
+    }
+}
+
+/// What the journal's checksum was compared with: the file, or a plan.
+fn compared(m: &pb::ChecksumMismatch) -> String {
+    if m.plan_id.is_empty() {
+        format!("file {}", short(&m.plan_checksum))
+    } else {
+        format!("plan {} {}", m.plan_id, short(&m.plan_checksum))
+    }
+}
+
+fn short(checksum: &str) -> &str {
+    checksum.get(..12).unwrap_or(checksum)
+}
+
+fn target_json(t: &pb::FleetTarget) -> Value {
+    json!({
+        "shard": t.shard,
+        "tenant": t.tenant,
+        "reported": t.reported,
+        "labels": t.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "head": t.head,
+        "digest": t.digest,
+        "version": t.version,
+        "journal": t.journal.iter().map(|e| json!({
+            "migration": e.migration_id,
+            "checksum": e.checksum,
+            "plan_id": e.plan_id,
+            "applied_at_ms": e.applied_at_ms,
+            "duration_ms": e.duration_ms,
+        })).collect::<Vec<_>>(),
+        "pending": t.pending,
+        "mismatches": t.mismatches.iter().map(mismatch_json).collect::<Vec<_>>(),
+        "last_failure": t.last_failure.as_ref().map(failure_json),
+    })
+}
+
+fn print_target(t: &pb::FleetTarget) {
+    let name = if t.tenant.is_empty() {
+        format!("shard {}", t.shard)
+    } else {
+        format!("{}/{}", t.shard, t.tenant)
+    };
+    println!("{name}");
+    if !t.reported {
+        println!(
+            "  its shard's journal has not been reported to this coordinator (agent not attached)"
+        );
+    }
+    let mut labels: Vec<String> = t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    println!("  labels: {}", labels.join(","));
+    if !t.head.is_empty() {
+        let version = if t.version.is_empty() {
+            String::new()
+        } else {
+            format!(" (v{})", t.version)
+        };
+        println!("  head: {}{version}, digest {}", t.head, t.digest);
+    }
+    println!("  journal ({} applied):", t.journal.len());
+    for e in &t.journal {
+        println!(
+            "    {}  {}  {}  {}  {} ms",
+            e.migration_id,
+            short(&e.checksum),
+            e.plan_id,
+            at(e.applied_at_ms),
+            e.duration_ms
+        );
+    }
+    if t.pending.is_empty() {
+        println!("  pending: none");
+    } else {
+        println!("  pending: {}", t.pending.join(", "));
+    }
+    for m in &t.mismatches {
+        println!(
+            "  checksum mismatch: {} journal {} {}",
+            m.migration_id,
+            short(&m.journal_checksum),
+            compared(m)
+        );
+    }
+    if let Some(f) = &t.last_failure {
+        println!(
+            "  failed last: {} in plan {} [{}]: {}",
+            f.migration_id, f.plan_id, f.sqlstate, f.message
+        );
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, seconds).
+fn at(ms: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}

@@ -1,0 +1,79 @@
+//! `flotilla completions` and `flotilla man`.
+use crate::harness::{TestDir, run_flotilla};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn completions_and_the_manual_page_are_generated_from_the_flags() -> anyhow::Result<()> {
+    let dir = TestDir::new("operability-manual")?;
+    let bash = run_flotilla(&["completions", "bash"], &[])
+        .await?
+        .expect_success()?;
+    for word in [
+        "coordinator",
+        "agent",
+        "submit",
+        "quickstart",
+        "--log-format",
+    ] {
+        assert!(bash.stdout.contains(word), "bash completions lack {word}");
+    }
+    let script = dir.join("flotilla.bash");
+    std::fs::write(&script, &bash.stdout)?;
+    let syntax = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()?;
+    assert!(
+        syntax.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    for shell in ["zsh", "fish"] {
+        let out = run_flotilla(&["completions", shell], &[])
+            .await?
+            .expect_success()?;
+        assert!(out.stdout.contains("submit"), "{shell}: {}", out.stdout);
+    }
+    let bad = run_flotilla(&["completions", "tcsh"], &[]).await?;
+    assert_eq!(bad.code(), Some(2), "{bad}");
+
+    let man = run_flotilla(&["man"], &[]).await?.expect_success()?;
+    for section in [
+        ".SH NAME",
+        ".SH SYNOPSIS",
+        ".SH OPTIONS",
+        ".SH SUBCOMMANDS",
+        ".SH \"EXIT STATUS\"",
+        ".SH ENVIRONMENT",
+    ] {
+        assert!(man.stdout.contains(section), "no {section} in the page");
+    }
+    let page = dir.join("flotilla.1");
+    std::fs::write(&page, &man.stdout)?;
+    // Rendered as `man` would (without bold or underline), where groff is installed,
+    // with every warning on.
+    if let Some(groff) = crate::harness::find_in_path("groff") {
+        let rendered = std::process::Command::new(groff)
+            .args(["-man", "-Tutf8", "-ww", "-P-cbou"])
+            .arg(&page)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&rendered.stderr);
+        assert!(
+            rendered.status.success() && stderr.trim().is_empty(),
+            "groff: {stderr}"
+        );
+        let text = String::from_utf8_lossy(&rendered.stdout);
+        assert!(
+            text.contains("EXIT STATUS") && text.contains("FLOTILLA_LOG_FORMAT"),
+            "{text}"
+        );
+    }
+    // One page per command for a man directory.
+    let pages = dir.join("man1");
+    let pages_arg = pages.to_string_lossy().into_owned();
+    run_flotilla(&["man", "--out-dir", &pages_arg], &[])
+        .await?
+        .expect_success()?;
+    let submit = std::fs::read_to_string(pages.join("flotilla-plan-submit.1"))?;
+    assert!(submit.contains("\\-\\-atomic"), "{submit}");
+    Ok(())
+}
