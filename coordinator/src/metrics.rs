@@ -329,3 +329,93 @@ pub fn publish(now: &Snapshot, published: &mut Published) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f` against a recorder of its own and returns what it would serve.
+    fn rendered(f: impl FnOnce()) -> String {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, f);
+        handle.render()
+    }
+
+    #[test]
+    fn what_leaves_the_engine_goes_back_to_zero_and_no_plan_id_is_a_label() {
+        let mut busy = Snapshot {
+            epoch: Some(7),
+            ..Snapshot::default()
+        };
+        busy.plans.insert(("running", "production".into()), 2);
+        busy.agents.insert("shard_0".into(), None);
+        busy.agents
+            .insert("shard_1".into(), Some(Duration::from_secs(42)));
+        busy.data.insert(
+            "shard_0".into(),
+            ShardData {
+                rows_done: 10,
+                rows_estimated: 40,
+                rows_per_second: 5.0,
+                eta: Duration::from_secs(6),
+                throttled: 1,
+                paused: 0,
+            },
+        );
+        let mut published = Published::default();
+        let during = rendered(|| publish(&busy, &mut published));
+        for line in [
+            "flotilla_leader_epoch 7",
+            "flotilla_plans{state=\"running\",environment=\"production\"} 2",
+            "flotilla_plans{state=\"paused\",environment=\"production\"} 0",
+            "flotilla_shard_agent_connected{shard=\"shard_0\"} 1",
+            "flotilla_shard_agent_connected{shard=\"shard_1\"} 0",
+            "flotilla_shard_agent_disconnected_seconds{shard=\"shard_1\"} 42",
+            "flotilla_data_rows_done{shard=\"shard_0\"} 10",
+            "flotilla_data_eta_seconds{shard=\"shard_0\"} 6",
+            "flotilla_data_targets_waiting{shard=\"shard_0\",why=\"throttled\"} 1",
+        ] {
+            assert!(
+                during.lines().any(|l| l == line),
+                "{line} not in:\n{during}"
+            );
+        }
+
+        // A follower holds nothing: every series it had says so.
+        let after = rendered(|| {
+            publish(&busy, &mut published);
+            publish(&Snapshot::default(), &mut published);
+        });
+        for line in [
+            "flotilla_leader_epoch 0",
+            "flotilla_plans{state=\"running\",environment=\"production\"} 0",
+            "flotilla_shard_agent_connected{shard=\"shard_0\"} 0",
+            "flotilla_shard_agent_disconnected_seconds{shard=\"shard_1\"} 0",
+            "flotilla_data_rows_done{shard=\"shard_0\"} 0",
+            "flotilla_data_targets_waiting{shard=\"shard_0\",why=\"throttled\"} 0",
+        ] {
+            assert!(after.lines().any(|l| l == line), "{line} not in:\n{after}");
+        }
+        assert!(!after.contains("plan=\""), "{after}");
+    }
+
+    #[test]
+    fn step_outcomes_are_counted_by_shard_and_only_applied_steps_are_timed() {
+        let text = rendered(|| {
+            shard_known("shard_0");
+            step_finished("shard_0", StepState::Applied, 1500);
+            step_finished("shard_0", StepState::Failed, 10);
+            step_outcome("shard_0", StepState::RolledBack);
+        });
+        for line in [
+            "flotilla_steps_finished_total{shard=\"shard_0\",outcome=\"applied\"} 1",
+            "flotilla_steps_finished_total{shard=\"shard_0\",outcome=\"failed\"} 1",
+            "flotilla_steps_finished_total{shard=\"shard_0\",outcome=\"rolled_back\"} 1",
+            "flotilla_steps_finished_total{shard=\"shard_0\",outcome=\"retried\"} 0",
+            "flotilla_step_duration_seconds_count 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+        }
+    }
+}
