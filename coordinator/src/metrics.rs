@@ -50,6 +50,9 @@ pub const ACTIVE_STATES: [&str; 7] = [
     "rolling_back",
 ];
 
+/// The `environment` label of plans whose file names none.
+pub const NO_ENVIRONMENT: &str = "none";
+
 /// Why data changes wait at a batch boundary (the `why` label).
 const DATA_WAITS: [&str; 2] = ["throttled", "paused"];
 
@@ -183,7 +186,10 @@ pub fn initialise(agent_grace: Duration) {
     gauge!("flotilla_shard_agent_grace_seconds").set(agent_grace.as_secs_f64());
     gauge!("flotilla_agents_connected").set(0.0);
     gauge!("flotilla_leader").set(0.0);
-    publish(&Snapshot::default(), &mut Published::default());
+    // Plans without an environment have a series per state before the first plan.
+    let mut seeded = Published::default();
+    seeded.environments.insert(NO_ENVIRONMENT.into());
+    publish(&Snapshot::default(), &mut seeded);
 }
 
 pub fn plan_started() {

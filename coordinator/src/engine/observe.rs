@@ -81,7 +81,7 @@ impl Engine {
                 continue;
             }
             let env = if run.spec.environment.is_empty() {
-                "none".to_string()
+                metrics::NO_ENVIRONMENT.to_string()
             } else {
                 run.spec.environment.clone()
             };
