@@ -65,6 +65,20 @@ find_prometheus() {
     command -v prometheus 2>/dev/null
 }
 
+# Debian's prometheus package ships promtool beside prometheus.
+find_promtool() {
+    local prometheus
+    if [[ -n "${FLOTILLA_PROMTOOL_BIN:-}" && -x "${FLOTILLA_PROMTOOL_BIN}" ]]; then
+        echo "${FLOTILLA_PROMTOOL_BIN}"
+        return 0
+    fi
+    if prometheus="$(find_prometheus)" && [[ -x "$(dirname "$prometheus")/promtool" ]]; then
+        echo "$(dirname "$prometheus")/promtool"
+        return 0
+    fi
+    command -v promtool 2>/dev/null
+}
+
 is_root() {
     [[ "$(id -u)" -eq 0 ]]
 }

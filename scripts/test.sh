@@ -12,6 +12,7 @@
 #                             via pg_config, /usr/lib/postgresql/*/bin, PATH)
 #   FLOTILLA_ETCD_BIN         etcd binary (else found on PATH)
 #   FLOTILLA_PROMETHEUS_BIN   prometheus binary (else found on PATH)
+#   FLOTILLA_PROMTOOL_BIN     promtool binary (else beside prometheus, or on PATH)
 #   FLOTILLA_KEEP_TEST_DIRS=1 keep the tests' temp dirs (data dirs, logs)
 set -euo pipefail
 
@@ -28,8 +29,9 @@ missing_packages() {
     have_protobuf_includes || packages+=(libprotobuf-dev)
     find_initdb >/dev/null || packages+=(postgresql)
     find_etcd >/dev/null || packages+=(etcd-server)
-    # The waves' Prometheus gate is tested against a real Prometheus server.
-    find_prometheus >/dev/null || packages+=(prometheus)
+    # The waves' Prometheus gate is tested against a real Prometheus server; its
+    # promtool checks and unit-tests the alert rules (deploy/prometheus/).
+    { find_prometheus >/dev/null && find_promtool >/dev/null; } || packages+=(prometheus)
     # As root the tests run PostgreSQL as the postgres user via runuser.
     if is_root && ! command -v runuser >/dev/null 2>&1; then
         packages+=(util-linux)
@@ -44,6 +46,7 @@ echo "protoc: $(command -v protoc) ($(protoc --version))"
 echo "initdb: $(find_initdb)"
 echo "etcd:   $(find_etcd)"
 echo "prometheus: $(find_prometheus)"
+echo "promtool: $(find_promtool)"
 cargo --version
 
 # --- Checks ------------------------------------------------------------------
@@ -110,6 +113,13 @@ if [[ $# -eq 0 && -z "${FLOTILLA_TEST_PG_URL:-}" ]]; then
     scratch_pg FLOTILLA_TEST_PG_URL_NO_2PC 0 || die "could not start a second scratch PostgreSQL"
 fi
 
+# The alert rules: valid, and their unit tests (deploy/prometheus/alerts_test.yml) pass.
+# (check-deploy.sh below checks the Prometheus configurations; the e2e suite checks the
+# metrics themselves, tests/e2e/observability.rs.)
+PROMTOOL="$(find_promtool)"
+export FLOTILLA_PROMTOOL_BIN="$PROMTOOL"
+run_step "Alert rules" "$PROMTOOL" check rules deploy/prometheus/alerts.yml
+run_step "Alert rule tests" bash -c 'cd deploy/prometheus && "$FLOTILLA_PROMTOOL_BIN" test rules alerts_test.yml'
 run_step "Formatting" cargo fmt --all -- --check
 # deploy/ (systemd, compose, Kubernetes, Prometheus) and the Dockerfile, checked
 # without a Docker daemon or a cluster; installs its pinned checkers on first use.

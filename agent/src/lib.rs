@@ -103,6 +103,7 @@ pub async fn start(
 ) -> Result<(), AgentError> {
     config.validate()?;
     metrics::describe();
+    metrics::initialise();
     setup_failpoints();
     let addresses = config.coordinators();
     for address in &addresses {
@@ -174,6 +175,8 @@ async fn serve(
     info!(tenants = tenants.len(), dsn = %config.redacted_dsn(), "agent ready");
     let stop_liveness = CancellationToken::new();
     let liveness = liveness::spawn(&config, stop_liveness.clone());
+    let stop_census = CancellationToken::new();
+    let census = tokio::spawn(run::two_phase::census(pool.clone(), stop_census.clone()));
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let decisions = Decisions::from_config(&config);
     let agent = Arc::new(Agent {
@@ -210,6 +213,9 @@ async fn serve(
         // whatever still runs now ends with the pool (its open transactions roll back)
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait()).await;
     }
+    stop_census.cancel();
+    // Err only if the task panicked: nothing of it needs cleaning up
+    let _ = census.await;
     pool.close().await;
     stop_liveness.cancel();
     if let Some(liveness) = liveness {

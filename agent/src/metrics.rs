@@ -16,6 +16,7 @@ pub const RECONNECTS_TOTAL: &str = "flotilla_agent_reconnects_total";
 pub const ETCD_LIVENESS_UP: &str = "flotilla_agent_etcd_liveness_up";
 pub const SHARD_LOCK_HELD: &str = "flotilla_agent_shard_lock_held";
 pub const PREPARED_TRANSACTIONS: &str = "flotilla_agent_prepared_transactions";
+pub const PREPARED_OLDEST_AGE_SECONDS: &str = "flotilla_agent_prepared_oldest_age_seconds";
 pub const PREPARED_RESOLUTIONS_TOTAL: &str = "flotilla_agent_prepared_resolutions_total";
 pub const DATA_ROWS_TOTAL: &str = "flotilla_agent_data_rows_total";
 pub const DATA_BATCHES_TOTAL: &str = "flotilla_agent_data_batches_total";
@@ -121,7 +122,14 @@ pub fn describe() {
             PREPARED_TRANSACTIONS,
             Unit::Count,
             "Flotilla's prepared transactions held on the shard, waiting for their plan's decision \
-             (counted as this agent prepares and resolves them, recounted at each in-doubt scan)."
+             (counted as this agent prepares and resolves them, recounted from pg_prepared_xacts \
+             every few seconds and at each in-doubt scan)."
+        );
+        describe_gauge!(
+            PREPARED_OLDEST_AGE_SECONDS,
+            Unit::Seconds,
+            "Age of the oldest of Flotilla's prepared transactions on the shard (pg_prepared_xacts' \
+             `prepared`), read every few seconds; 0 with none."
         );
         describe_counter!(
             DATA_ROWS_TOTAL,
@@ -149,6 +157,36 @@ pub fn describe() {
             "Prepared transactions this agent committed or rolled back, by decision (commit, abort)."
         );
     });
+}
+
+/// Series that exist before their first event, so dashboards and alerts see 0, not
+/// nothing (and `rate()` counts the first event).
+pub fn initialise() {
+    for outcome in [
+        StepOutcome::Applied,
+        StepOutcome::AlreadyApplied,
+        StepOutcome::Failed,
+        StepOutcome::NotRun,
+        StepOutcome::RolledBack,
+        StepOutcome::Prepared,
+    ] {
+        counter!(STEPS_TOTAL, "outcome" => outcome.as_str()).absolute(0);
+    }
+    counter!(RECONNECTS_TOTAL).absolute(0);
+    for decision in ["commit", "abort"] {
+        counter!(PREPARED_RESOLUTIONS_TOTAL, "decision" => decision).absolute(0);
+    }
+    counter!(DATA_ROWS_TOTAL).absolute(0);
+    counter!(DATA_BATCHES_TOTAL).absolute(0);
+    for why in ["throttled", "paused"] {
+        gauge!(DATA_WAITING, "why" => why).increment(0.0);
+    }
+    gauge!(RUNS_IN_FLIGHT).increment(0.0);
+    gauge!(PREPARED_TRANSACTIONS).increment(0.0);
+    gauge!(PREPARED_OLDEST_AGE_SECONDS).increment(0.0);
+    gauge!(COORDINATOR_CONNECTED).increment(0.0);
+    gauge!(ETCD_LIVENESS_UP).increment(0.0);
+    gauge!(SHARD_LOCK_HELD).increment(0.0);
 }
 
 pub fn step_finished(outcome: StepOutcome) {
@@ -190,6 +228,12 @@ pub fn prepared_held_add(delta: f64) {
 
 pub fn prepared_held_set(held: f64) {
     gauge!(PREPARED_TRANSACTIONS).set(held);
+}
+
+/// What pg_prepared_xacts says: how many of Flotilla's, and the oldest one's age.
+pub fn prepared_census(held: i64, oldest: Duration) {
+    gauge!(PREPARED_TRANSACTIONS).set(held as f64);
+    gauge!(PREPARED_OLDEST_AGE_SECONDS).set(oldest.as_secs_f64());
 }
 
 /// `decision`: `commit` or `abort`.

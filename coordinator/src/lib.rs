@@ -171,6 +171,7 @@ pub async fn start(
         addr: config.metrics.map(|a| a.to_string()).unwrap_or_default(),
         reason: format!("cannot serve metrics: {e}"),
     })?;
+    metrics::initialise(config.agent_grace);
     let store = store::Store::open(&config.store).await?;
     let advertise = config
         .advertise

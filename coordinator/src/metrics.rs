@@ -1,75 +1,195 @@
 //! Every metric the coordinator exports, in one place: `flotilla_` prefix, unit
-//! suffixes, a description each, label values from closed sets.
+//! suffixes, a description each, label values from closed sets or bounded ones (shard
+//! names, plan environments). Never a tenant or a plan id: a generated id as a label
+//! value makes a new series per plan, forever.
+//!
+//! Two kinds of metrics: events counted where they happen (steps, plans, decisions),
+//! and gauges of what the leader's engine holds, recomputed from its state on every
+//! tick ([`publish`]), so they can never drift from it.
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Once;
+use std::time::Duration;
 
 pub use metrics_exporter_prometheus::BuildError;
 
-use flotilla_core::pb;
 use flotilla_core::protocol::Decision;
 use flotilla_core::state::{PlanState, StepState};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
 static DESCRIBE: Once = Once::new();
 
+/// Histogram buckets (seconds) for every duration: a DDL step takes milliseconds, a
+/// data change or a blocked lock minutes. Without buckets the exporter renders
+/// summaries, whose quantiles cannot be aggregated across shards or coordinators.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// Step outcomes as labelled (the `outcome` label of `flotilla_steps_finished_total`).
+const STEP_OUTCOMES: [&str; 7] = [
+    "applied",
+    "already_applied",
+    "failed",
+    "rolled_back",
+    "retried",
+    "prepared",
+    "not_run",
+];
+
+/// Where a plan in motion is, as an operator says it (the `state` label of
+/// `flotilla_plans`): a running plan paused as a whole is `paused`, one waiting at a
+/// manual gate is `waiting`.
+pub const ACTIVE_STATES: [&str; 7] = [
+    "running",
+    "paused",
+    "waiting",
+    "stopping",
+    "committing",
+    "aborting",
+    "rolling_back",
+];
+
+/// The `environment` label of plans whose file names none.
+pub const NO_ENVIRONMENT: &str = "none";
+
+/// Why data changes wait at a batch boundary (the `why` label).
+const DATA_WAITS: [&str; 2] = ["throttled", "paused"];
+
 /// Serves `/metrics` on `addr` (Prometheus text format) and describes every metric.
 pub fn install(addr: Option<SocketAddr>) -> Result<(), BuildError> {
+    install_labelled(addr, None)
+}
+
+/// [`install`] for an agent's process: every series it serves carries `shard="NAME"`,
+/// so dashboards and alerts name the shard whatever the scrape configuration says.
+pub fn install_agent(addr: Option<SocketAddr>, shard: &str) -> Result<(), BuildError> {
+    install_labelled(addr, Some(shard))
+}
+
+fn install_labelled(addr: Option<SocketAddr>, shard: Option<&str>) -> Result<(), BuildError> {
     if let Some(addr) = addr {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
+        let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
-            .install()?;
+            .set_buckets(&DURATION_BUCKETS)?;
+        if let Some(shard) = shard {
+            builder = builder.add_global_label("shard", shard);
+        }
+        builder.install()?;
     }
-    DESCRIBE.call_once(|| {
-        describe_counter!(
-            "flotilla_plans_started_total",
-            "Plans the coordinator started (or resumed)."
-        );
-        describe_counter!(
-            "flotilla_plans_finished_total",
-            "Plans that reached a final state, by state."
-        );
-        describe_counter!(
-            "flotilla_steps_finished_total",
-            "Step outcomes reported by agents, by outcome."
-        );
-        describe_histogram!(
-            "flotilla_step_duration_seconds",
-            "Time a step took on its shard."
-        );
-        describe_gauge!(
-            "flotilla_agents_connected",
-            "Agents attached to this coordinator."
-        );
-        describe_gauge!(
-            "flotilla_leader",
-            "1 while this coordinator leads, 0 while it follows."
-        );
-        describe_histogram!(
-            "flotilla_two_phase_window_seconds",
-            "Atomic plans: from the first PREPARE TRANSACTION to the last COMMIT PREPARED (locks held on every shard)."
-        );
-        describe_counter!(
-            "flotilla_decisions_total",
-            "Two-phase commit decisions written, by decision."
-        );
-        describe_gauge!(
-            "flotilla_data_rows_done",
-            "Data migrations: rows done over every target of a running plan, by plan."
-        );
-        describe_gauge!(
-            "flotilla_data_rows_estimated",
-            "Data migrations: rows estimated in all (done + the planner's estimate of the rest), by plan."
-        );
-        describe_gauge!(
-            "flotilla_data_rows_per_second",
-            "Data migrations: the plan's current rate over every target, by plan."
-        );
-        describe_gauge!(
-            "flotilla_data_targets_waiting",
-            "Data migrations: targets waiting at a batch boundary, by plan and why (throttled, paused)."
-        );
-    });
+    DESCRIBE.call_once(describe);
     Ok(())
+}
+
+fn describe() {
+    describe_counter!(
+        "flotilla_plans_started_total",
+        "Plans the coordinator started (or resumed)."
+    );
+    describe_counter!(
+        "flotilla_plans_finished_total",
+        "Plans that reached a final state, by state."
+    );
+    describe_gauge!(
+        "flotilla_plans",
+        "Plans in motion on this coordinator (the leader), by state and environment (none: the plan names none)."
+    );
+    describe_gauge!(
+        "flotilla_plans_waiting_for_locks",
+        "Running plans waiting for shard locks another plan holds."
+    );
+    describe_gauge!(
+        "flotilla_plan_duration_ratio",
+        "The largest age / expected duration among running plans not waiting for an operator \
+         (expected: bakes + steps over the parallelism x the mean step time + data changes' ETA); 0 with none."
+    );
+    describe_counter!(
+        "flotilla_steps_finished_total",
+        "Step outcomes reported by agents, by shard and outcome."
+    );
+    describe_histogram!(
+        "flotilla_step_duration_seconds",
+        "Time a step took on its shard."
+    );
+    describe_gauge!(
+        "flotilla_agents_connected",
+        "Agents attached to this coordinator."
+    );
+    describe_gauge!(
+        "flotilla_shard_agent_connected",
+        "1 while the shard's agent is attached to this coordinator, else 0, by shard (0 on followers)."
+    );
+    describe_gauge!(
+        "flotilla_shard_agent_disconnected_seconds",
+        "How long the shard's agent has been detached from this leader (0 while attached, and on followers), by shard."
+    );
+    describe_gauge!(
+        "flotilla_shard_agent_grace_seconds",
+        "--agent-grace: how long an agent may be gone before its runs in flight fail."
+    );
+    describe_gauge!(
+        "flotilla_leader",
+        "1 while this coordinator leads, 0 while it follows."
+    );
+    describe_gauge!(
+        "flotilla_leader_epoch",
+        "The epoch (fencing token) this coordinator leads under; 0 while it follows."
+    );
+    describe_gauge!(
+        "flotilla_shard_locks_held",
+        "Shards locked by plans this leader runs."
+    );
+    describe_histogram!(
+        "flotilla_two_phase_window_seconds",
+        "Atomic plans: from the first PREPARE TRANSACTION to the last COMMIT PREPARED (locks held on every shard)."
+    );
+    describe_gauge!(
+        "flotilla_two_phase_prepared_targets",
+        "Atomic plans: targets whose transaction is prepared and waits for the decision."
+    );
+    describe_counter!(
+        "flotilla_decisions_total",
+        "Two-phase commit decisions written, by decision."
+    );
+    describe_gauge!(
+        "flotilla_data_rows_done",
+        "Data migrations of running plans: rows done, by shard."
+    );
+    describe_gauge!(
+        "flotilla_data_rows_estimated",
+        "Data migrations of running plans: rows estimated in all (done + the planner's estimate of the rest), by shard."
+    );
+    describe_gauge!(
+        "flotilla_data_rows_per_second",
+        "Data migrations of running plans: the current rate, by shard."
+    );
+    describe_gauge!(
+        "flotilla_data_eta_seconds",
+        "Data migrations of running plans: the longest time left of a change still running, by shard (0 unknown or none)."
+    );
+    describe_gauge!(
+        "flotilla_data_targets_waiting",
+        "Data migrations of running plans: targets waiting at a batch boundary, by shard and why (throttled, paused)."
+    );
+}
+
+/// Series that exist before their first event: dashboards and alerts see 0, not nothing.
+/// Called once the coordinator starts (not in [`install`], which an agent's process calls).
+pub fn initialise(agent_grace: Duration) {
+    counter!("flotilla_plans_started_total").absolute(0);
+    for state in PlanState::ALL.iter().filter(|s| s.is_terminal()) {
+        counter!("flotilla_plans_finished_total", "state" => state.as_str()).absolute(0);
+    }
+    for d in [Decision::Commit, Decision::Abort] {
+        counter!("flotilla_decisions_total", "decision" => d.as_str()).absolute(0);
+    }
+    gauge!("flotilla_shard_agent_grace_seconds").set(agent_grace.as_secs_f64());
+    gauge!("flotilla_agents_connected").set(0.0);
+    gauge!("flotilla_leader").set(0.0);
+    // Plans without an environment have a series per state before the first plan.
+    let mut seeded = Published::default();
+    seeded.environments.insert(NO_ENVIRONMENT.into());
+    publish(&Snapshot::default(), &mut seeded);
 }
 
 pub fn plan_started() {
@@ -80,7 +200,17 @@ pub fn plan_finished(state: PlanState) {
     counter!("flotilla_plans_finished_total", "state" => state.as_str()).increment(1);
 }
 
-pub fn step_finished(state: StepState, duration_ms: i64) {
+/// A step's result from its run, timed on the shard.
+pub fn step_finished(shard: &str, state: StepState, duration_ms: i64) {
+    step_outcome(shard, state);
+    if state == StepState::Applied {
+        histogram!("flotilla_step_duration_seconds").record(duration_ms as f64 / 1000.0);
+    }
+}
+
+/// A step's new state from a rollback or a resolution of prepared transactions (its
+/// time on the shard was counted with its run).
+pub fn step_outcome(shard: &str, state: StepState) {
     let outcome: &'static str = match state {
         StepState::Applied => "applied",
         StepState::AlreadyApplied => "already_applied",
@@ -91,9 +221,16 @@ pub fn step_finished(state: StepState, duration_ms: i64) {
         StepState::Prepared => "prepared",
         StepState::Running | StepState::NotRun => "not_run",
     };
-    counter!("flotilla_steps_finished_total", "outcome" => outcome).increment(1);
-    if state == StepState::Applied {
-        histogram!("flotilla_step_duration_seconds").record(duration_ms as f64 / 1000.0);
+    counter!("flotilla_steps_finished_total", "shard" => shard.to_string(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// A shard's step counters at 0 (when its agent first attaches), so `rate()` and
+/// `increase()` see the first failure as one.
+pub fn shard_known(shard: &str) {
+    for outcome in STEP_OUTCOMES {
+        counter!("flotilla_steps_finished_total", "shard" => shard.to_string(), "outcome" => outcome)
+            .increment(0);
     }
 }
 
@@ -105,7 +242,7 @@ pub fn leader(leading: bool) {
     gauge!("flotilla_leader").set(if leading { 1.0 } else { 0.0 });
 }
 
-pub fn two_phase_window(window: std::time::Duration) {
+pub fn two_phase_window(window: Duration) {
     histogram!("flotilla_two_phase_window_seconds").record(window.as_secs_f64());
 }
 
@@ -113,27 +250,178 @@ pub fn decision(decision: Decision) {
     counter!("flotilla_decisions_total", "decision" => decision.as_str()).increment(1);
 }
 
-/// A running plan's data changes, summed over its targets (the plan label is a generated id).
-pub fn data_progress<'a>(plan_id: &str, progress: impl Iterator<Item = &'a pb::DataProgress>) {
-    let plan = plan_id.to_string();
-    let (mut done, mut total, mut rate, mut throttled, mut paused) = (0u64, 0u64, 0f64, 0u32, 0u32);
-    for p in progress {
-        done += p.rows_done;
-        total += p.rows_total;
-        if p.state == "running" || p.state == "throttled" || p.state == "paused" {
-            rate += p.rows_per_second;
-        }
-        match p.state.as_str() {
-            "throttled" => throttled += 1,
-            "paused" => paused += 1,
-            _ => {}
+/// One shard's data changes of running plans, summed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ShardData {
+    pub rows_done: u64,
+    pub rows_estimated: u64,
+    pub rows_per_second: f64,
+    pub eta: Duration,
+    pub throttled: u32,
+    pub paused: u32,
+}
+
+/// What the engine holds now, for the gauges.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub epoch: Option<u64>,
+    /// Plans in motion by (state as in [`ACTIVE_STATES`], environment).
+    pub plans: BTreeMap<(&'static str, String), usize>,
+    pub waiting_for_locks: usize,
+    pub shards_locked: usize,
+    pub prepared_targets: usize,
+    pub duration_ratio: f64,
+    /// Every shard this leader knows an agent of: None while attached, else for how long not.
+    pub agents: BTreeMap<String, Option<Duration>>,
+    pub data: BTreeMap<String, ShardData>,
+}
+
+/// Label values published before, set back to 0 when they leave the snapshot (a gauge
+/// series cannot be removed through the `metrics` facade; its value can say "none").
+#[derive(Debug, Default)]
+pub struct Published {
+    environments: BTreeSet<String>,
+    agents: BTreeSet<String>,
+    data: BTreeSet<String>,
+}
+
+/// Sets every engine gauge from `now`.
+pub fn publish(now: &Snapshot, published: &mut Published) {
+    gauge!("flotilla_leader_epoch").set(now.epoch.unwrap_or(0) as f64);
+    published
+        .environments
+        .extend(now.plans.keys().map(|(_, env)| env.clone()));
+    // Every environment seen keeps a series per state: a plan that ends must show as 0.
+    for env in &published.environments {
+        for state in ACTIVE_STATES {
+            let n = now.plans.get(&(state, env.clone())).copied().unwrap_or(0);
+            gauge!("flotilla_plans", "state" => state, "environment" => env.clone()).set(n as f64);
         }
     }
-    gauge!("flotilla_data_rows_done", "plan" => plan.clone()).set(done as f64);
-    gauge!("flotilla_data_rows_estimated", "plan" => plan.clone()).set(total as f64);
-    gauge!("flotilla_data_rows_per_second", "plan" => plan.clone()).set(rate);
-    gauge!("flotilla_data_targets_waiting", "plan" => plan.clone(), "why" => "throttled")
-        .set(f64::from(throttled));
-    gauge!("flotilla_data_targets_waiting", "plan" => plan, "why" => "paused")
-        .set(f64::from(paused));
+    gauge!("flotilla_plans_waiting_for_locks").set(now.waiting_for_locks as f64);
+    gauge!("flotilla_shard_locks_held").set(now.shards_locked as f64);
+    gauge!("flotilla_two_phase_prepared_targets").set(now.prepared_targets as f64);
+    gauge!("flotilla_plan_duration_ratio").set(now.duration_ratio);
+
+    published.agents.extend(now.agents.keys().cloned());
+    for shard in &published.agents {
+        let away = now.agents.get(shard).copied();
+        let connected = matches!(away, Some(None));
+        let seconds = away.flatten().map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        gauge!("flotilla_shard_agent_connected", "shard" => shard.clone()).set(if connected {
+            1.0
+        } else {
+            0.0
+        });
+        gauge!("flotilla_shard_agent_disconnected_seconds", "shard" => shard.clone()).set(seconds);
+    }
+
+    published.data.extend(now.data.keys().cloned());
+    for shard in &published.data {
+        let d = now.data.get(shard).cloned().unwrap_or_default();
+        let label = || shard.clone();
+        gauge!("flotilla_data_rows_done", "shard" => label()).set(d.rows_done as f64);
+        gauge!("flotilla_data_rows_estimated", "shard" => label()).set(d.rows_estimated as f64);
+        gauge!("flotilla_data_rows_per_second", "shard" => label()).set(d.rows_per_second);
+        gauge!("flotilla_data_eta_seconds", "shard" => label()).set(d.eta.as_secs_f64());
+        for why in DATA_WAITS {
+            let n = if why == "throttled" {
+                d.throttled
+            } else {
+                d.paused
+            };
+            gauge!("flotilla_data_targets_waiting", "shard" => label(), "why" => why)
+                .set(f64::from(n));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f` against a recorder of its own and returns what it would serve.
+    fn rendered(f: impl FnOnce()) -> String {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, f);
+        handle.render()
+    }
+
+    #[test]
+    fn what_leaves_the_engine_goes_back_to_zero_and_no_plan_id_is_a_label() {
+        let mut busy = Snapshot {
+            epoch: Some(7),
+            ..Snapshot::default()
+        };
+        busy.plans.insert(("running", "production".into()), 2);
+        busy.agents.insert("shard_0".into(), None);
+        busy.agents
+            .insert("shard_1".into(), Some(Duration::from_secs(42)));
+        busy.data.insert(
+            "shard_0".into(),
+            ShardData {
+                rows_done: 10,
+                rows_estimated: 40,
+                rows_per_second: 5.0,
+                eta: Duration::from_secs(6),
+                throttled: 1,
+                paused: 0,
+            },
+        );
+        let mut published = Published::default();
+        let during = rendered(|| publish(&busy, &mut published));
+        for line in [
+            "flotilla_leader_epoch 7",
+            "flotilla_plans{state=\"running\",environment=\"production\"} 2",
+            "flotilla_plans{state=\"paused\",environment=\"production\"} 0",
+            "flotilla_shard_agent_connected{shard=\"shard_0\"} 1",
+            "flotilla_shard_agent_connected{shard=\"shard_1\"} 0",
+            "flotilla_shard_agent_disconnected_seconds{shard=\"shard_1\"} 42",
+            "flotilla_data_rows_done{shard=\"shard_0\"} 10",
+            "flotilla_data_eta_seconds{shard=\"shard_0\"} 6",
+            "flotilla_data_targets_waiting{shard=\"shard_0\",why=\"throttled\"} 1",
+        ] {
+            assert!(
+                during.lines().any(|l| l == line),
+                "{line} not in:\n{during}"
+            );
+        }
+
+        // A follower holds nothing: every series it had says so.
+        let after = rendered(|| {
+            publish(&busy, &mut published);
+            publish(&Snapshot::default(), &mut published);
+        });
+        for line in [
+            "flotilla_leader_epoch 0",
+            "flotilla_plans{state=\"running\",environment=\"production\"} 0",
+            "flotilla_shard_agent_connected{shard=\"shard_0\"} 0",
+            "flotilla_shard_agent_disconnected_seconds{shard=\"shard_1\"} 0",
+            "flotilla_data_rows_done{shard=\"shard_0\"} 0",
+            "flotilla_data_targets_waiting{shard=\"shard_0\",why=\"throttled\"} 0",
+        ] {
+            assert!(after.lines().any(|l| l == line), "{line} not in:\n{after}");
+        }
+        assert!(!after.contains("plan=\""), "{after}");
+    }
+
+    #[test]
+    fn step_outcomes_are_counted_by_shard_and_only_applied_steps_are_timed() {
+        let text = rendered(|| {
+            shard_known("shard_0");
+            step_finished("shard_0", StepState::Applied, 1500);
+            step_finished("shard_0", StepState::Failed, 10);
+            step_outcome("shard_0", StepState::RolledBack);
+        });
+        for line in [
+            "flotilla_steps_finished_total{shard=\"shard_0\",outcome=\"applied\"} 1",
+            "flotilla_steps_finished_total{shard=\"shard_0\",outcome=\"failed\"} 1",
+            "flotilla_steps_finished_total{shard=\"shard_0\",outcome=\"rolled_back\"} 1",
+            "flotilla_steps_finished_total{shard=\"shard_0\",outcome=\"retried\"} 0",
+            "flotilla_step_duration_seconds_count 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+        }
+    }
 }

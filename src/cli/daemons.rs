@@ -103,7 +103,7 @@ pub(super) fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentC
 
 pub async fn agent(args: AgentArgs, coordinator: &str) -> u8 {
     // One exporter serves whatever the process records (here: flotilla_agent_*).
-    if let Err(e) = flotilla_coordinator::metrics::install(args.metrics) {
+    if let Err(e) = flotilla_coordinator::metrics::install_agent(args.metrics, &args.shard) {
         eprintln!("error: --metrics: {e}");
         return EXIT_BAD_INPUT;
     }

@@ -573,15 +573,17 @@ async fn coordinator_serves_prometheus_metrics() -> anyhow::Result<()> {
         "{}",
         r.body
     );
-    assert_eq!(
-        sample(
-            &r.body,
-            "flotilla_steps_finished_total{outcome=\"applied\"}"
-        ),
-        Some((COORD_MIGRATIONS * 4) as f64),
-        "{}",
-        r.body
-    );
+    // by shard: every tenant's steps, over the two shards
+    let applied: f64 = ["shard_0", "shard_1"]
+        .iter()
+        .filter_map(|shard| {
+            sample(
+                &r.body,
+                &format!("flotilla_steps_finished_total{{shard=\"{shard}\",outcome=\"applied\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(applied, (COORD_MIGRATIONS * 4) as f64, "{}", r.body);
     assert_eq!(
         sample(&r.body, "flotilla_agents_connected"),
         Some(2.0),

@@ -8,6 +8,7 @@ mod faults;
 mod fleet;
 mod ha;
 mod harness;
+mod observability;
 mod operability;
 mod partition;
 mod quickstart;

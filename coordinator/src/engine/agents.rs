@@ -25,6 +25,7 @@ impl Engine {
         }
         self.in_doubt.insert(shard.clone(), in_doubt);
         self.agents.insert(shard.clone(), conn);
+        self.agent_seen(&shard, true);
         metrics::agents_connected(self.agents.len());
         let ids: Vec<String> = self.plans.keys().cloned().collect();
         for id in ids {
@@ -36,6 +37,7 @@ impl Engine {
     pub(super) fn on_detached(&mut self, shard: &str, conn_id: u64) {
         if self.agents.get(shard).is_some_and(|a| a.conn_id == conn_id) {
             self.agents.remove(shard);
+            self.agent_seen(shard, false);
             metrics::agents_connected(self.agents.len());
             info!(shard = %shard, "agent detached; its runs wait for it to return");
         }

@@ -117,6 +117,8 @@ impl Engine {
             warn!(plan = %plan_id, "the store writer stopped before the final state was flushed");
         }
         self.plans.remove(plan_id);
+        // its gauges go back at once (a plan that ended is no longer running)
+        self.publish_metrics();
         self.release_locks(plan_id);
         self.changed(plan_id, true);
         true

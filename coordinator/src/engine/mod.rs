@@ -14,6 +14,7 @@ mod commands;
 mod drive;
 mod failure;
 mod gates;
+mod observe;
 mod outbound;
 mod prometheus;
 
@@ -191,6 +192,14 @@ pub struct Engine {
     gates: HashSet<(String, usize)>,
     /// When each baking wave's Prometheus gate was last probed: (plan, wave).
     probed: HashMap<(String, usize), Instant>,
+    /// Shards whose agents this leader knows (attached once, alive in etcd, or with runs).
+    known_agents: BTreeSet<String>,
+    /// Since when a known shard's agent is not attached here.
+    away_since: HashMap<String, Instant>,
+    /// The mean time of an applied step (seconds), for plans' expected durations.
+    step_seconds: f64,
+    /// Label values of the engine's gauges published so far.
+    published: metrics::Published,
 }
 
 impl Engine {
@@ -230,6 +239,10 @@ impl Engine {
             events,
             gates: HashSet::new(),
             probed: HashMap::new(),
+            known_agents: BTreeSet::new(),
+            away_since: HashMap::new(),
+            step_seconds: observe::INITIAL_STEP_SECONDS,
+            published: metrics::Published::default(),
         }
     }
 
@@ -279,6 +292,8 @@ impl Engine {
                 }
                 metrics::plan_started();
                 self.plans.insert(id.clone(), *run);
+                // seen at once, not at the next tick: a short plan may end before it
+                self.publish_metrics();
                 self.drive(&id).await;
                 // the submitter may have gone away; the plan runs on regardless
                 let _ = done.send(self.status_of(&id).unwrap_or_default());
@@ -367,6 +382,7 @@ impl Engine {
                 // and the journals.
                 self.plans.clear();
                 self.agents.clear();
+                self.forget_agents();
                 metrics::agents_connected(0);
             }
             Event::Stop => {
@@ -394,6 +410,7 @@ impl Engine {
             }
             Event::Tick => {
                 self.check_lost_agents().await;
+                self.publish_metrics();
                 // Decisions that could not be written (etcd away) are retried.
                 let waiting: Vec<String> = self
                     .plans

@@ -1,6 +1,7 @@
 //! What agents answer: run results, rollback and resolve replies, data progress. Each is
 //! folded into its plan (the pure [`crate::plan`] methods), stored, and the plan driven on.
 use flotilla_core::pb;
+use flotilla_core::state::StepState;
 use tracing::{debug, info};
 
 use super::Engine;
@@ -27,7 +28,7 @@ impl Engine {
         let Some(run) = self.plans.get_mut(&plan_id) else {
             return;
         };
-        let mut updates = Vec::new();
+        let mut updates: Vec<StepUpdate> = Vec::new();
         let mut failed = false;
         let rollback_done = run
             .shards
@@ -36,15 +37,18 @@ impl Engine {
         if !rollback_done {
             for r in &results.runs {
                 let (u, f) = run.apply_run_result(shard, r);
-                for x in &u {
-                    metrics::step_finished(x.state, x.duration_ms);
-                    // Found by the same fields as the agent's line about the step.
-                    debug!(plan = %plan_id, step = %x.migration_id, shard = %x.shard,
-                           tenant = %x.tenant, state = x.state.as_str(), ms = x.duration_ms,
-                           "step result");
-                }
                 updates.extend(u);
                 failed |= f;
+            }
+        }
+        for x in &updates {
+            metrics::step_finished(shard, x.state, x.duration_ms);
+            // Found by the same fields as the agent's line about the step.
+            debug!(plan = %plan_id, step = %x.migration_id, shard = %x.shard,
+                   tenant = %x.tenant, state = x.state.as_str(), ms = x.duration_ms,
+                   "step result");
+            if x.state == StepState::Applied {
+                self.observe_step_time(x.duration_ms);
             }
         }
         self.record(&plan_id, updates, failed).await;
@@ -56,6 +60,9 @@ impl Engine {
             return;
         };
         let updates = run.apply_rollback_reply(shard, &reply);
+        for x in &updates {
+            metrics::step_outcome(shard, x.state);
+        }
         info!(plan = %plan_id, shard = %shard, undone = reply.steps.len(), complete = reply.complete, "rollback reply");
         self.record(&plan_id, updates, false).await;
     }
@@ -66,6 +73,9 @@ impl Engine {
             return;
         };
         let updates = run.apply_resolve_reply(shard, &reply);
+        for x in &updates {
+            metrics::step_outcome(shard, x.state);
+        }
         info!(plan = %plan_id, shard = %shard, commit = reply.commit,
               resolved = reply.resolved.len(), failed = reply.failed.len(), "prepared transactions resolved");
         self.record(&plan_id, updates, false).await;
@@ -82,10 +92,10 @@ impl Engine {
             touched.insert(p.plan_id.clone());
             run.record_progress(p);
         }
+        if !touched.is_empty() {
+            self.publish_metrics();
+        }
         for plan_id in touched {
-            if let Some(run) = self.plans.get(&plan_id) {
-                metrics::data_progress(&plan_id, run.progress.values());
-            }
             self.changed(&plan_id, false);
         }
     }

@@ -22,7 +22,9 @@ mod prepared;
 
 pub(crate) use decisions::{Decisions, decision_key};
 pub(crate) use gid::{GidClaim, GidClaims, is_probe, plan_of_gid, validate_gid};
-pub(crate) use prepared::{Finished, check_two_phase, finish, list_prepared, prepared_among};
+pub(crate) use prepared::{
+    Finished, census, check_two_phase, finish, list_prepared, prepared_among,
+};
 
 /// A unit's decision, as its key in etcd holds it (the protocol's one definition).
 pub(crate) use flotilla_core::protocol::Decision;

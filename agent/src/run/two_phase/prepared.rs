@@ -131,3 +131,36 @@ pub(crate) async fn check_two_phase(pool: &PgPool, shard: &str) -> Result<(), Tw
         }),
     }
 }
+
+/// How often the shard's prepared transactions are counted and aged for the metrics.
+const CENSUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Counts Flotilla's prepared transactions on the shard and ages the oldest, for the
+/// metrics, every few seconds until `stop`: a transaction left prepared holds its locks
+/// and blocks vacuum, and its age is what an operator is alerted on. The count also
+/// corrects the gauge the agent keeps as it prepares and resolves.
+pub(crate) async fn census(pool: PgPool, stop: tokio_util::sync::CancellationToken) {
+    let mut every = tokio::time::interval(CENSUS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let found: Result<(i64, f64), sqlx::Error> = sqlx::query_as(
+            "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(prepared))::float8, 0) \
+             FROM pg_catalog.pg_prepared_xacts \
+             WHERE gid LIKE 'flotilla:%' AND database = pg_catalog.current_database()",
+        )
+        .fetch_one(&pool)
+        .await;
+        match found {
+            Ok((held, oldest)) => crate::metrics::prepared_census(
+                held,
+                std::time::Duration::from_secs_f64(oldest.max(0.0)),
+            ),
+            // the shard may be away for a moment; the next round tells
+            Err(error) => tracing::debug!(%error, "counting prepared transactions failed"),
+        }
+    }
+}
