@@ -279,6 +279,8 @@ async fn run_demo(args: &QuickstartArgs, cluster: &PgCluster, dir: &Path, stop: 
         .unwrap_or_else(|| dir.join("flotilla.db").to_string_lossy().into_owned());
     let mut config = CoordinatorConfig::new(args.listen, store);
     config.metrics = Some(args.metrics);
+    // A tenant added while the demo runs gets what the fleet has, by itself.
+    config.catch_up_environments = vec!["*".to_string()];
     let agents = shards
         .iter()
         .enumerate()
@@ -471,6 +473,10 @@ fn next_steps(
         (
             format!("{flotilla} plan status {id}"),
             "per migration and target",
+        ),
+        (
+            format!("{flotilla} fleet status"),
+            "which tenant is at which migration, who is behind",
         ),
         (
             format!("{flotilla} fleet list"),
