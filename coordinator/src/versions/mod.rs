@@ -69,15 +69,20 @@ impl FleetVersions {
         for target in &report.targets {
             journal.targets.remove(target);
         }
+        let mut touched = std::collections::HashSet::new();
         for entry in report.entries {
+            touched.insert(entry.target.clone());
             journal
                 .targets
                 .entry(entry.target.clone())
                 .or_default()
                 .push(entry);
         }
-        for rows in journal.targets.values_mut() {
-            rows.sort_by_key(|e| e.seq);
+        // Chunks of one report arrive in order, but a target's rows may span two.
+        for target in touched {
+            if let Some(rows) = journal.targets.get_mut(&target) {
+                rows.sort_by_key(|e| e.seq);
+            }
         }
     }
 
