@@ -38,6 +38,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> u8 {
     config.advertise = args.advertise;
     config.lease_ttl = args.lease_ttl;
     config.agent_grace = args.agent_grace;
+    config.shutdown_grace = args.shutdown_grace;
     match flotilla_coordinator::start(config, shutdown_signal(), None).await {
         Ok(()) => EXIT_OK,
         Err(e) => {

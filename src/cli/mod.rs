@@ -101,6 +101,10 @@ pub struct CoordinatorArgs {
     /// How long an agent may be gone before its runs in flight fail.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub agent_grace: Duration,
+    /// On SIGTERM or Ctrl-C: how long to hand leadership over and let agents' and
+    /// watches' streams end before stopping anyway (logging what was still open).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Args, Debug)]
