@@ -63,7 +63,6 @@ impl HaFleetBuilder {
     }
 
     /// More flags for every coordinator, e.g. `["--agent-grace", "5s"]`.
-    #[allow(dead_code)]
     pub fn coordinator_args(mut self, args: &[&str]) -> Self {
         self.coordinator_args
             .extend(args.iter().map(|a| a.to_string()));
@@ -551,5 +550,55 @@ async fn a_leader_stopped_with_sigterm_hands_over_at_once_and_its_agents_follow(
     assert_eq!(out.code(), Some(0), "{out}");
     let status: Value = serde_json::from_str(out.stdout.lines().last().unwrap())?;
     assert_eq!(status["state"], "completed", "{out}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_whose_hand_over_stalls_still_stops_within_its_grace() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::builder(2, 1, 1)
+        .coordinator_args(&["--shutdown-grace", "1s"])
+        .start()
+        .await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let standby = 1 - leader;
+    fleet
+        .restart_coordinator_with(
+            standby,
+            &[("FAILPOINTS", "coordinator::stall_hand_over=return")],
+        )
+        .await?;
+
+    // The leader hands over normally; the standby, stalled when its turn comes, leads.
+    let status = fleet.coordinators[leader]
+        .as_mut()
+        .unwrap()
+        .terminate_within(Duration::from_secs(5))
+        .await?;
+    assert_eq!(status.code(), Some(0));
+    fleet.coordinators[standby]
+        .as_ref()
+        .unwrap()
+        .wait_for_log("leading: scheduling and deciding", WAIT)
+        .await?;
+    wait_until("the agent attached to the standby", WAIT, async || {
+        let out = fleet
+            .cli_at(standby, &["fleet", "list", "--output", "json"])
+            .await?;
+        Ok(out.stdout.contains("\"connected\":true"))
+    })
+    .await?;
+
+    // Its hand-over never ends: it stops anyway once the grace is over, naming the
+    // stream still open, and exits cleanly.
+    let stalled = fleet.coordinators[standby].as_mut().unwrap();
+    let status = stalled.terminate_within(Duration::from_secs(5)).await?;
+    let log = stalled.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("leadership not handed over in time"), "{log}");
+    assert!(
+        log.contains("graceful shutdown did not finish in time"),
+        "{log}"
+    );
+    assert!(log.contains("the agent stream of shard shard_0"), "{log}");
     Ok(())
 }
