@@ -8,7 +8,8 @@
 //!
 //! 1. [`Shutdown::begin`]: watches end (with "shutting down", so a client never
 //!    takes the last status it saw for the plan's end) and no agent is taken;
-//! 2. the engine stops scheduling and deciding (as when leadership is lost);
+//! 2. the engine stops scheduling and deciding (as when leadership is lost), and
+//!    what it wrote reaches the control store;
 //! 3. leadership is released (the etcd session lease revoked): a follower
 //!    leads at once instead of after the lease TTL;
 //! 4. the agents are let go: their streams end and they find the new leader.
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::info;
 
 use crate::engine::Event;
@@ -132,8 +133,12 @@ impl Coordinator {
         inner.shutdown.begin();
         // Nothing is scheduled or decided from here on; what agents are running
         // finishes on the shards, and the next leader rebuilds from the store and
-        // the journals, as after any change of leader.
-        self.event(Event::Follow).await;
+        // the journals, as after any change of leader. What the engine wrote is in
+        // the store before the next leader reads it.
+        let (done, stopped) = oneshot::channel();
+        self.event(Event::Stop { done }).await;
+        let _ = stopped.await;
+        self.flush().await;
         inner.coordination.resign().await;
         info!(
             backend = inner.coordination.kind(),
