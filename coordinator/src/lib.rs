@@ -293,7 +293,7 @@ pub async fn start(
         ?grace,
         "stopping: handing leadership over and ending streams"
     );
-    if tokio::time::timeout_at(deadline, coordinator.hand_over())
+    if tokio::time::timeout_at(deadline, coordinator.hand_over(grace / 2))
         .await
         .is_err()
     {

@@ -19,10 +19,11 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio::sync::{oneshot, watch};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::engine::Event;
 use crate::service::Coordinator;
@@ -124,7 +125,9 @@ impl Drop for OpenStream {
 impl Coordinator {
     /// Steps 1 to 4 of the module's doc: after it, only the server's own
     /// connections keep the process up.
-    pub(crate) async fn hand_over(&self) {
+    /// `settle` bounds steps 2's wait for the engine and the store: a store or an
+    /// engine that does not answer must not keep leadership from the next coordinator.
+    pub(crate) async fn hand_over(&self, settle: Duration) {
         if stalled() {
             // tests: a hand-over that never ends, for the hard bound to cut short
             std::future::pending::<()>().await;
@@ -135,10 +138,18 @@ impl Coordinator {
         // finishes on the shards, and the next leader rebuilds from the store and
         // the journals, as after any change of leader. What the engine wrote is in
         // the store before the next leader reads it.
-        let (done, stopped) = oneshot::channel();
-        self.event(Event::Stop { done }).await;
-        let _ = stopped.await;
-        self.flush().await;
+        let settled = async {
+            let (done, stopped) = oneshot::channel();
+            self.event(Event::Stop { done }).await;
+            let _ = stopped.await;
+            self.flush().await;
+        };
+        if tokio::time::timeout(settle, settled).await.is_err() {
+            warn!(
+                ?settle,
+                "the engine or the control store did not settle in time; releasing leadership anyway"
+            );
+        }
         inner.coordination.resign().await;
         info!(
             backend = inner.coordination.kind(),
