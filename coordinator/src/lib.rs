@@ -11,6 +11,7 @@
 //!   [`sessions`]: agents' streams;
 //! - [`engine`]: the one task that owns plans in motion; [`plan`]: their pure state;
 //! - [`store`]: the control store; [`coordination`]: etcd (or the embedded backend).
+//! - [`shutdown`]: stopping within a bound, leadership and agents handed over.
 pub mod actor;
 mod admission;
 mod api;

@@ -6,7 +6,7 @@
 //! Left alone, a leader asked to stop would stop answering but neither exit nor
 //! let a follower lead before its lease expired. So, in order:
 //!
-//! 1. [`Shutdown::begin`]: watches end (with "shutting down", so a client never
+//! 1. `Shutdown::begin`: watches end (with "shutting down", so a client never
 //!    takes the last status it saw for the plan's end) and no agent is taken;
 //! 2. the engine stops scheduling and deciding (as when leadership is lost), and
 //!    what it wrote reaches the control store;
@@ -125,7 +125,7 @@ impl Drop for OpenStream {
 impl Coordinator {
     /// Steps 1 to 4 of the module's doc: after it, only the server's own
     /// connections keep the process up.
-    /// `settle` bounds steps 2's wait for the engine and the store: a store or an
+    /// `settle` bounds step 2's wait for the engine and the store: a store or an
     /// engine that does not answer must not keep leadership from the next coordinator.
     pub(crate) async fn hand_over(&self, settle: Duration) {
         if stalled() {
