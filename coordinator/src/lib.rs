@@ -11,6 +11,7 @@
 //!   [`sessions`]: agents' streams;
 //! - [`engine`]: the one task that owns plans in motion; [`plan`]: their pure state;
 //! - [`store`]: the control store; [`coordination`]: etcd (or the embedded backend).
+//! - [`shutdown`]: stopping within a bound, leadership and agents handed over.
 pub mod actor;
 mod admission;
 mod api;
@@ -24,6 +25,7 @@ mod recovery;
 mod retry;
 pub mod service;
 pub mod sessions;
+pub mod shutdown;
 pub mod store;
 pub mod versions;
 
@@ -34,7 +36,7 @@ use std::time::Duration;
 
 use flotilla_core::pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use coordination::{Coordination, EmbeddedCoordination, EtcdCoordination, Leadership};
 pub use error::CoordinatorError;
@@ -65,6 +67,9 @@ pub struct CoordinatorConfig {
     pub etcd_prefix: String,
     /// Environments whose completed plans catch new tenants up ("*" = every one).
     pub catch_up_environments: Vec<String>,
+    /// Once asked to stop, how long the coordinator may take to hand leadership
+    /// over and let its streams end before it stops anyway.
+    pub shutdown_grace: Duration,
 }
 
 impl CoordinatorConfig {
@@ -82,6 +87,7 @@ impl CoordinatorConfig {
             agent_grace: Duration::from_secs(30),
             etcd_prefix: coordination::keys::DEFAULT_PREFIX.to_string(),
             catch_up_environments: Vec::new(),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -159,8 +165,11 @@ async fn forward_liveness(
     }
 }
 
-/// Runs the coordinator until `shutdown` resolves. `ready` (if given) receives
-/// the address it listens on once it accepts connections.
+/// Runs the coordinator until `shutdown` resolves, then stops within
+/// `config.shutdown_grace`: leadership released at once (a follower leads without
+/// waiting out the lease), agents let go (they find the new leader), watches
+/// ended, the server drained; whatever is still open then is logged and dropped.
+/// `ready` (if given) receives the address it listens on once it accepts connections.
 pub async fn start(
     config: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -228,6 +237,7 @@ pub async fn start(
                 preflight_timeout: config.preflight_timeout,
                 catch_up_environments: config.catch_up_environments.clone(),
             },
+            shutdown: Arc::default(),
         }),
     };
     tokio::spawn(follow_leadership(coordinator.clone()));
@@ -242,12 +252,8 @@ pub async fn start(
         }
     });
 
-    let stopping = coordinator.clone();
-    let shutdown = async move {
-        shutdown.await;
-        stopping.event(engine::Event::Stop).await;
-        stopping.inner.fleet.detach_all();
-    };
+    // Health turns NOT_SERVING first (load balancers stop sending), then the hand-over
+    // below ends the streams.
     let (health, shutdown) = api::health_service(coordination.leadership(), shutdown).await;
     let (reflection_v1, reflection_v1alpha) =
         api::reflection_services().map_err(|e| CoordinatorError::Listen {
@@ -272,25 +278,66 @@ pub async fn start(
         // the caller may have stopped waiting; the coordinator serves regardless
         let _ = ready.send(addr);
     }
-    tonic::transport::Server::builder()
+    let listen_error = |e: tonic::transport::Error| CoordinatorError::Listen {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    };
+    let (stop_serving, serving_stopped) = oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .add_service(pb::operator_service_server::OperatorServiceServer::new(
             coordinator.clone(),
         ))
         .add_service(pb::agent_service_server::AgentServiceServer::new(
-            coordinator,
+            coordinator.clone(),
         ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+            async {
+                let _ = serving_stopped.await;
+            },
+        );
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        served = &mut server => return served.map_err(listen_error),
+        () = shutdown => {}
+    }
+
+    // tonic's graceful shutdown waits for every stream: agents' and watches' are
+    // ended first (see `shutdown`), and the whole is bounded.
+    let grace = config.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
+    info!(
+        ?grace,
+        "stopping: handing leadership over and ending streams"
+    );
+    if tokio::time::timeout_at(deadline, coordinator.hand_over(grace / 2))
         .await
-        .map_err(|e| CoordinatorError::Listen {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })
+        .is_err()
+    {
+        warn!(
+            ?grace,
+            "leadership not handed over in time; stopping anyway (another coordinator leads once the lease expires)"
+        );
+    }
+    let _ = stop_serving.send(());
+    match tokio::time::timeout_at(deadline, &mut server).await {
+        Ok(served) => {
+            served.map_err(listen_error)?;
+            info!("coordinator stopped");
+        }
+        Err(_) => {
+            let open = coordinator.inner.shutdown.still_open();
+            warn!(
+                ?grace,
+                still_open = ?open,
+                "graceful shutdown did not finish in time; stopping anyway"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Arms the failpoints named in `FAILPOINTS` (`name=action;...`), once per

@@ -19,6 +19,7 @@ use crate::engine::{CommandKind, Event};
 use crate::error::{Conflict, CoordinatorError};
 use crate::plan::status;
 use crate::sessions::registry::Fleet;
+use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreOp};
 
 #[derive(Debug, Clone)]
@@ -43,6 +44,8 @@ pub struct Inner {
     /// Set with the embedded backend: attachments are its liveness signal.
     pub embedded: Option<Arc<EmbeddedCoordination>>,
     pub defaults: Defaults,
+    /// How far stopping has got, and the long-lived streams still open.
+    pub shutdown: Arc<Shutdown>,
 }
 
 #[derive(Clone)]
@@ -339,7 +342,8 @@ impl Coordinator {
         .await?
     }
 
-    /// Plan status snapshots as they change, ending with the final one.
+    /// Plan status snapshots as they change, ending with the final one, or with
+    /// `ShuttingDown` when this coordinator stops first.
     pub fn watch(
         &self,
         plan_id: String,
@@ -347,7 +351,9 @@ impl Coordinator {
         let (tx, rx) = mpsc::channel(16);
         let me = self.clone();
         let mut changes = self.inner.changes.subscribe();
-        tokio::spawn(async move {
+        let stopping = self.inner.shutdown.stopping();
+        let ended = tx.clone();
+        let follow = async move {
             let mut last: Option<pb::PlanStatus> = None;
             loop {
                 let status = match me.status(&plan_id).await {
@@ -404,6 +410,17 @@ impl Coordinator {
                         },
                         _ = tokio::time::sleep_until(wake) => break,
                     }
+                }
+            }
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                () = follow => {}
+                () = stopping => {
+                    // The plan goes on under the next leader: the watcher is told this
+                    // coordinator stopped, not shown a last status as if it were the end.
+                    // A watcher whose buffer is full is not waited for.
+                    let _ = ended.try_send(Err(CoordinatorError::ShuttingDown));
                 }
             }
         });

@@ -39,6 +39,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> u8 {
     config.lease_ttl = args.lease_ttl;
     config.agent_grace = args.agent_grace;
     config.catch_up_environments = args.catch_up_environments;
+    config.shutdown_grace = args.shutdown_grace;
     match flotilla_coordinator::start(config, shutdown_signal(), None).await {
         Ok(()) => EXIT_OK,
         Err(e) => {

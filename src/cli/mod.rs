@@ -143,6 +143,10 @@ pub struct CoordinatorArgs {
     /// tenants that appear later, as plans with `catch_up = true` do.
     #[arg(long, env = "FLOTILLA_CATCH_UP", value_delimiter = ',')]
     pub catch_up_environments: Vec<String>,
+    /// On SIGTERM or Ctrl-C: how long to hand leadership over and let agents' and
+    /// watches' streams end before stopping anyway (logging what was still open).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Args, Debug)]

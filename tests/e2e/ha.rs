@@ -23,6 +23,8 @@ pub struct HaFleet {
     pub agent_args: Vec<String>,
     /// Processes replaced by a restart, kept so their logs print on a panic.
     pub retired: Vec<FlotillaProcess>,
+    /// The coordinators' `--lease-ttl`.
+    pub lease_ttl: String,
 }
 
 const TTL: &str = "2s";
@@ -38,9 +40,16 @@ pub struct HaFleetBuilder {
     coordinator_args: Vec<String>,
     agent_args: Vec<String>,
     agent_env: Vec<(usize, String, String)>,
+    lease_ttl: String,
 }
 
 impl HaFleetBuilder {
+    /// The coordinators' `--lease-ttl` (default 2s).
+    pub fn lease_ttl(mut self, ttl: &str) -> Self {
+        self.lease_ttl = ttl.to_string();
+        self
+    }
+
     /// An etcd cluster of `n` members (default 1); every process gets every endpoint.
     pub fn etcd_members(mut self, n: usize) -> Self {
         self.etcd_members = n;
@@ -54,7 +63,6 @@ impl HaFleetBuilder {
     }
 
     /// More flags for every coordinator, e.g. `["--agent-grace", "5s"]`.
-    #[allow(dead_code)]
     pub fn coordinator_args(mut self, args: &[&str]) -> Self {
         self.coordinator_args
             .extend(args.iter().map(|a| a.to_string()));
@@ -105,6 +113,7 @@ impl HaFleetBuilder {
             coordinator_args: self.coordinator_args,
             agent_args: self.agent_args,
             retired: Vec::new(),
+            lease_ttl: self.lease_ttl,
         };
         for i in 0..coordinators {
             let c = fleet.spawn_coordinator(i)?;
@@ -147,6 +156,7 @@ impl HaFleet {
             coordinator_args: Vec::new(),
             agent_args: Vec::new(),
             agent_env: Vec::new(),
+            lease_ttl: TTL.to_string(),
         }
     }
 
@@ -191,7 +201,7 @@ impl HaFleet {
             "--etcd",
             &etcd,
             "--lease-ttl",
-            TTL,
+            &self.lease_ttl,
         ];
         args.extend(self.coordinator_args.iter().map(String::as_str));
         FlotillaProcess::spawn(&args, envs)
@@ -435,5 +445,160 @@ async fn a_second_agent_for_the_same_shard_is_refused() -> anyhow::Result<()> {
     let dir = coord_dbmate_dir().to_string_lossy().into_owned();
     let out = fleet.cli(&["plan", "submit", &dir, "--wait"]).await?;
     assert_eq!(out.code(), Some(0), "{out}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_stopped_with_sigterm_hands_over_at_once_and_its_agents_follow()
+-> anyhow::Result<()> {
+    // A lease long enough that waiting it out could not pass for a handover.
+    let ttl = Duration::from_secs(30);
+    let mut fleet = HaFleet::builder(2, 2, 3)
+        .lease_ttl(&format!("{}s", ttl.as_secs()))
+        .start()
+        .await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let standby = 1 - leader;
+
+    // A plan mid-way (one tenant blocks on an advisory lock the test holds), watched by
+    // an operator on the leader: both kinds of long-lived stream are open.
+    let d = MigrationDir::new()?;
+    logged_blocking_migration(&d, "tenant_0001", 78)?;
+    d.migration(
+        "002_more",
+        "",
+        "INSERT INTO applied_log VALUES ('002')",
+        "DELETE FROM applied_log WHERE step = '002'",
+    )?;
+    let lock = hold(&fleet.pg, 0, 78).await?;
+    let id = fleet.submit(d.path(), &[]).await?;
+    wait_until(
+        "tenant_0001 blocked while the plan runs",
+        WAIT,
+        async || Ok(blocked(&fleet.pg, 0).await? == 1),
+    )
+    .await?;
+    let leader_addr = fleet.addrs[leader].clone();
+    let mut watch = FlotillaProcess::spawn(
+        &[
+            "--coordinator",
+            &leader_addr,
+            "plan",
+            "watch",
+            &id,
+            "--output",
+            "json",
+        ],
+        &[],
+    )?;
+    watch.wait_for_log("\"plan_id\"", WAIT).await?;
+
+    // SIGTERM: the leader exits cleanly and soon, well inside its shutdown grace (10s).
+    let stopped_at = tokio::time::Instant::now();
+    let old = fleet.coordinators[leader].as_mut().unwrap();
+    let status = old.terminate_within(Duration::from_secs(5)).await?;
+    let log = old.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("leadership released"), "{log}");
+    assert!(
+        !log.contains("did not finish in time"),
+        "the streams ended by themselves: {log}"
+    );
+
+    // The standby leads long before the old leader's lease could have expired.
+    fleet.coordinators[standby]
+        .as_ref()
+        .unwrap()
+        .wait_for_log("leading: scheduling and deciding", ttl / 3)
+        .await?;
+    assert!(stopped_at.elapsed() < ttl / 2, "{:?}", stopped_at.elapsed());
+
+    // The watcher is told the coordinator stopped rather than shown a last status as
+    // the plan's end (exit 3: unavailable).
+    let watched = watch
+        .wait_exit(WAIT)
+        .await
+        .expect("the watch ends with its coordinator");
+    assert_eq!(watched.code(), Some(3), "{}", watch.log());
+    assert!(watch.log().contains("shutting down"), "{}", watch.log());
+
+    // The agents find the new leader; the plan in flight completes there, once.
+    wait_until("both agents attached to the new leader", WAIT, async || {
+        let out = fleet
+            .cli_at(standby, &["fleet", "list", "--output", "json"])
+            .await?;
+        Ok(out.stdout.matches("\"connected\":true").count() == 2)
+    })
+    .await?;
+    release(lock, 78).await?;
+    let out = fleet
+        .cli_at(standby, &["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    for s in 0..2 {
+        let db = format!("shard_{s}");
+        for t in 0..3 {
+            assert_logged_once(&fleet.pg, &db, &tenant_name(s, t, 3), &["001", "002"]).await?;
+        }
+    }
+
+    // A plan submitted afterwards (to every address: the old one is gone) completes.
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&["plan", "submit", &dir, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let status: Value = serde_json::from_str(out.stdout.lines().last().unwrap())?;
+    assert_eq!(status["state"], "completed", "{out}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_whose_hand_over_stalls_still_stops_within_its_grace() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::builder(2, 1, 1)
+        .coordinator_args(&["--shutdown-grace", "1s"])
+        .start()
+        .await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let standby = 1 - leader;
+    fleet
+        .restart_coordinator_with(
+            standby,
+            &[("FAILPOINTS", "coordinator::stall_hand_over=return")],
+        )
+        .await?;
+
+    // The leader hands over normally; the standby, stalled when its turn comes, leads.
+    let status = fleet.coordinators[leader]
+        .as_mut()
+        .unwrap()
+        .terminate_within(Duration::from_secs(5))
+        .await?;
+    assert_eq!(status.code(), Some(0));
+    fleet.coordinators[standby]
+        .as_ref()
+        .unwrap()
+        .wait_for_log("leading: scheduling and deciding", WAIT)
+        .await?;
+    wait_until("the agent attached to the standby", WAIT, async || {
+        let out = fleet
+            .cli_at(standby, &["fleet", "list", "--output", "json"])
+            .await?;
+        Ok(out.stdout.contains("\"connected\":true"))
+    })
+    .await?;
+
+    // Its hand-over never ends: it stops anyway once the grace is over, naming the
+    // stream still open, and exits cleanly.
+    let stalled = fleet.coordinators[standby].as_mut().unwrap();
+    let status = stalled.terminate_within(Duration::from_secs(5)).await?;
+    let log = stalled.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("leadership not handed over in time"), "{log}");
+    assert!(
+        log.contains("graceful shutdown did not finish in time"),
+        "{log}"
+    );
+    assert!(log.contains("the agent stream of shard shard_0"), "{log}");
     Ok(())
 }

@@ -3,7 +3,6 @@
 use flotilla_core::pb;
 use flotilla_core::pb::agent_message::Body;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::BoxStream;
@@ -42,8 +41,6 @@ impl pb::agent_service_server::AgentService for Coordinator {
         validate_hello(&hello)?;
         let inbound = inbound.map(|m| m.map_err(|status| status.message().to_string()));
         let outbound = self.open_session(hello, inbound).await?;
-        Ok(Response::new(Box::pin(
-            ReceiverStream::new(outbound).map(Ok),
-        )))
+        Ok(Response::new(Box::pin(outbound.map(Ok))))
     }
 }

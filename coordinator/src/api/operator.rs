@@ -60,8 +60,12 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         let id = req.into_inner().plan_id;
         // Fail fast on an unknown plan instead of an empty stream.
         self.status(&id).await?;
-        let rx = self.watch(id);
+        let rx = self.watch(id.clone());
         let stream = ReceiverStream::new(rx).map(|r| r.map_err(Status::from));
+        let stream = self
+            .inner
+            .shutdown
+            .track(format!("the watch of plan {id}"), stream);
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -359,6 +359,10 @@ impl Coordination for EtcdCoordination {
         self.shared.live.subscribe()
     }
 
+    async fn resign(&self) {
+        self.shutdown().await;
+    }
+
     fn kind(&self) -> &'static str {
         "etcd"
     }

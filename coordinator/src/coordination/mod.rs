@@ -139,6 +139,12 @@ pub trait Coordination: Send + Sync + 'static {
     /// Shards whose agents hold a live liveness key, as it changes.
     fn live_agents(&self) -> watch::Receiver<BTreeSet<String>>;
 
+    /// Gives leadership up for good, at once, so another coordinator can lead
+    /// without waiting out a lease (this one is stopping): campaigns and lease
+    /// keep-alives stop and `Follower` is published. A no-op for a backend with one
+    /// coordinator.
+    async fn resign(&self) {}
+
     /// `"embedded"` or `"etcd"` (for logs and status).
     fn kind(&self) -> &'static str;
 }

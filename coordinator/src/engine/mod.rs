@@ -111,10 +111,11 @@ pub enum Event {
     },
     /// Leadership is lost: stop scheduling and deciding at once.
     Follow,
-    /// The coordinator is shutting down: schedule nothing more and let every agent
-    /// go. An agent's stream never ends by itself, and the server's graceful stop
-    /// waits for every stream.
-    Stop,
+    /// The coordinator is stopping: as `Follow`; `done` is answered once the engine
+    /// has let go, so every write it made is in the store writer's queue by then.
+    Stop {
+        done: oneshot::Sender<()>,
+    },
     LocksTaken {
         plan_id: String,
     },
@@ -376,20 +377,18 @@ impl Engine {
                         "leadership lost: stopped scheduling and deciding"
                     );
                 }
-                self.leading = false;
-                // Dropping the plans and the agent streams stops everything at
-                // once; agents find the new leader, which rebuilds from the store
-                // and the journals.
-                self.plans.clear();
-                self.agents.clear();
-                self.forget_agents();
-                metrics::agents_connected(0);
+                self.stop_leading();
             }
-            Event::Stop => {
-                info!("shutting down: letting the agents go");
-                self.leading = false;
-                self.plans.clear();
-                self.agents.clear();
+            Event::Stop { done } => {
+                if self.leading {
+                    info!(
+                        epoch = self.epoch,
+                        "stopping: stopped scheduling and deciding"
+                    );
+                }
+                self.stop_leading();
+                // the coordinator may have stopped waiting (its grace ran out)
+                let _ = done.send(());
             }
             Event::LocksTaken { plan_id } => {
                 if let Some(run) = self.plans.get_mut(&plan_id) {
@@ -474,6 +473,18 @@ impl Engine {
     }
 
     /// Tells watchers the plan changed (`ended`: for the last time).
+    /// Drops the plans and the agent streams, which stops everything at once;
+    /// agents find the new leader, which rebuilds from the store and the journals.
+    /// Dropping the plans and the agent streams stops everything at once; agents find
+    /// the new leader, which rebuilds from the store and the journals.
+    fn stop_leading(&mut self) {
+        self.leading = false;
+        self.plans.clear();
+        self.agents.clear();
+        self.forget_agents();
+        metrics::agents_connected(0);
+    }
+
     fn changed(&self, plan_id: &str, ended: bool) {
         // no watcher subscribed is the common case, not an error
         let _ = self.changes.send((plan_id.to_string(), ended));

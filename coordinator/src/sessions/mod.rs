@@ -14,6 +14,7 @@ use flotilla_core::pb;
 use flotilla_core::pb::agent_message::Body;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::engine::{Event, msg};
@@ -39,12 +40,17 @@ fn tenants_json(tenants: &[pb::Tenant]) -> String {
 impl Coordinator {
     /// Opens the session of an agent that said `hello` (already validated): returns the
     /// stream of messages to it; `inbound` (its messages after Hello, or why its stream
-    /// failed) is read until it ends or misses three heartbeats.
+    /// failed) is read until it ends, misses three heartbeats, or the coordinator lets
+    /// its agents go as it stops (the stream to the agent ends then too).
     pub async fn open_session(
         &self,
         hello: pb::Hello,
         inbound: impl Stream<Item = Result<pb::AgentMessage, String>> + Send + Unpin + 'static,
-    ) -> Result<mpsc::Receiver<pb::CoordinatorMessage>, CoordinatorError> {
+    ) -> Result<impl Stream<Item = pb::CoordinatorMessage> + Send + 'static, CoordinatorError> {
+        // A coordinator stopping takes no agent: it is about to let them all go.
+        if self.inner.shutdown.is_stopping() {
+            return Err(CoordinatorError::ShuttingDown);
+        }
         // Only the leader assigns work: a follower sends the agent on, naming the leader.
         let epoch = self.leader_epoch()?;
         let shard = hello.shard.clone();
@@ -99,9 +105,13 @@ impl Coordinator {
             in_doubt: hello.in_doubt.clone(),
         })
         .await;
+        let stream_name = format!("the agent stream of shard {shard}");
         let me = self.clone();
         tokio::spawn(async move { me.read_session(shard, conn_id, inbound).await });
-        Ok(rx)
+        // The fleet and the engine let go of the stream at shutdown, but an attach racing
+        // with it may still hold a sender: the stream ends then regardless.
+        let outbound = ReceiverStream::new(rx).take_until(inner.shutdown.agents_released());
+        Ok(inner.shutdown.track(stream_name, outbound))
     }
 
     /// Routes an agent's messages until its stream ends, then lets it go.
@@ -112,8 +122,14 @@ impl Coordinator {
         mut inbound: impl Stream<Item = Result<pb::AgentMessage, String>> + Unpin,
     ) {
         let inner = &self.inner;
+        let released = inner.shutdown.agents_released();
+        tokio::pin!(released);
         loop {
-            let next = tokio::time::timeout(HEARTBEAT * 3, inbound.next()).await;
+            let next = tokio::select! {
+                next = tokio::time::timeout(HEARTBEAT * 3, inbound.next()) => next,
+                // Dropping the agent's half too, so its call ends even if it holds it open.
+                () = &mut released => break,
+            };
             let m = match next {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => {
