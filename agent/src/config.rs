@@ -39,6 +39,10 @@ pub struct AgentConfig {
     pub etcd: Vec<String>,
     /// The prefix of every Flotilla key in etcd (the coordinators' `--etcd-prefix`).
     pub etcd_prefix: String,
+    /// How often the agent reads its shard again for the coordinator's fleet view: the
+    /// whole journal and every target's schema fingerprint (between times, only the targets
+    /// whose runs ended), so a change made outside Flotilla shows within this.
+    pub discover_interval: Duration,
     /// The TTL of the lease under the agent's liveness key (whole seconds, at least 1s);
     /// it is kept alive every third of it.
     pub lease_ttl: Duration,
@@ -50,6 +54,7 @@ pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
 pub const DEFAULT_ETCD_PREFIX: &str = "/flotilla";
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+pub const DEFAULT_DISCOVER_INTERVAL: Duration = Duration::from_secs(30);
 
 impl AgentConfig {
     /// A configuration with the defaults: no password, no labels, no tenants.
@@ -73,6 +78,7 @@ impl AgentConfig {
             etcd: Vec::new(),
             etcd_prefix: DEFAULT_ETCD_PREFIX.to_string(),
             lease_ttl: DEFAULT_LEASE_TTL,
+            discover_interval: DEFAULT_DISCOVER_INTERVAL,
         }
     }
 
@@ -103,6 +109,9 @@ impl AgentConfig {
         }
         if self.heartbeat_interval.is_zero() {
             return Err(bad("heartbeat_interval must be above zero".into()));
+        }
+        if self.discover_interval.is_zero() {
+            return Err(bad("discover_interval must be above zero".into()));
         }
         if self.coordinators().is_empty() {
             return Err(bad("no coordinator address".into()));
@@ -145,6 +154,7 @@ impl fmt::Debug for AgentConfig {
             )
             .field("etcd_prefix", &self.etcd_prefix)
             .field("lease_ttl", &self.lease_ttl)
+            .field("discover_interval", &self.discover_interval)
             .finish()
     }
 }

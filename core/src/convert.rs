@@ -576,6 +576,7 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
                 what: "the plan".into(),
                 reason,
             })?,
+            require_no_drift: p.require_no_drift,
         };
         // Cycles and unknown names are part of what makes a plan valid.
         MigrationGraph::build(&spec)?;
@@ -617,6 +618,7 @@ impl From<&PlanSpec> for pb::PlanSpec {
     fn from(p: &PlanSpec) -> pb::PlanSpec {
         let mut out = pb::PlanSpec {
             version: p.version.clone(),
+            require_no_drift: p.require_no_drift,
             name: p.name.clone(),
             description: p.description.clone(),
             migrations: p.migrations.iter().map(pb::Migration::from).collect(),

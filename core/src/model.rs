@@ -305,6 +305,8 @@ pub struct PlanSpec {
     pub rollout: crate::waves::Rollout,
     /// A semantic version (`2.4.0`) for the migrations that carry none; empty = none.
     pub version: String,
+    /// Refuse the plan when a target's schema drifted from its cohort's (else: a warning).
+    pub require_no_drift: bool,
 }
 
 pub const DEFAULT_MAX_PARALLEL: u32 = 8;

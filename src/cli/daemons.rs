@@ -96,6 +96,7 @@ pub(super) fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentC
     config.max_connections = args.max_connections;
     config.etcd = args.etcd.clone();
     config.lease_ttl = args.lease_ttl;
+    config.discover_interval = args.discover_interval;
     Ok(config)
 }
 

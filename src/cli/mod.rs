@@ -174,6 +174,10 @@ pub struct AgentArgs {
     /// TTL of the agent's liveness lease.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub lease_ttl: Duration,
+    /// How often the agent reads its shard again for the coordinator's fleet view (the
+    /// whole journal and every target's schema fingerprint for `fleet drift`).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub discover_interval: Duration,
 }
 
 #[derive(Args, Debug)]

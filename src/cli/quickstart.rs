@@ -608,6 +608,7 @@ async fn given_shards(args: QuickstartArgs, stop: Stop) -> u8 {
             metrics: None,
             etcd: Vec::new(),
             lease_ttl: Duration::from_secs(10),
+            discover_interval: Duration::from_secs(30),
         };
         match agent_config(&a, &coordinator) {
             Ok(c) => agents.push(c),

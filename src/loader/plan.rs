@@ -26,6 +26,8 @@ struct PlanFile {
     environment: Option<String>,
     /// A semantic version for the plan's migrations that carry none (`fleet status` shows it).
     version: Option<String>,
+    /// Refuse the plan when one of its targets' schema drifted (`fleet drift`).
+    require_no_drift: Option<bool>,
     migrations_dir: Option<Spanned<String>>,
     migrations: Option<Vec<Spanned<String>>>,
     selector: Option<Spanned<String>>,
@@ -147,6 +149,7 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
         description: file.description.clone().unwrap_or_default(),
         environment: file.environment.clone().unwrap_or_default(),
         version: file.version.clone().unwrap_or_default(),
+        require_no_drift: file.require_no_drift.unwrap_or(false),
         migrations,
         no_fuse: file.fuse == Some(false),
         atomic: file.atomic.unwrap_or(false),

@@ -1,7 +1,8 @@
 //! The shard's journal as the coordinator's fleet view hears it: the whole journal after
 //! each Welcome, then the rows of the targets whose runs ended (their results, rollbacks
-//! and resolutions mark them), and the whole journal again every `journal_refresh`, so a
-//! change made outside Flotilla shows too. The journal is the truth; reports replace.
+//! and resolutions mark them), and the whole journal again every `discover_interval`, so a
+//! change made outside Flotilla shows too. The journal is the truth; reports replace. Each
+//! report is followed by the same targets' schema fingerprints (`schema`).
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,7 +129,7 @@ async fn send(
             entries: entries.to_vec(),
         })),
     };
-    tx.send(message(reset, targets.unwrap_or_default(), first))
+    tx.send(message(reset, targets.clone().unwrap_or_default(), first))
         .await
         .map_err(|_| "the stream closed".to_string())?;
     for chunk in chunks {
@@ -136,5 +137,5 @@ async fn send(
             .await
             .map_err(|_| "the stream closed".to_string())?;
     }
-    Ok(())
+    super::schema::send(agent, tx, targets.as_deref()).await
 }

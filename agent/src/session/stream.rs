@@ -28,9 +28,6 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
 const OUTBOUND_CAPACITY: usize = 1024;
 /// How long a Hello waits for tenant discovery before using the last list.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the whole journal goes to the coordinator again (between times, only the
-/// targets whose runs ended): changes made outside Flotilla show within this.
-const JOURNAL_REFRESH: Duration = Duration::from_secs(30);
 /// How long resolving in-doubt prepared transactions may hold up a connection attempt.
 const IN_DOUBT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -198,7 +195,7 @@ pub(super) async fn session(
             }
             _ = heartbeat.tick() => {
                 if welcomed {
-                    if last_full_report.elapsed() >= JOURNAL_REFRESH {
+                    if last_full_report.elapsed() >= agent.config.discover_interval {
                         agent.journal_dirty.mark_all();
                         last_full_report = Instant::now();
                     }

@@ -1,0 +1,90 @@
+//! Every target's schema fingerprint, sent to the coordinator after the journal rows it goes
+//! with (the whole journal: every target; the rows of the targets whose runs ended: those),
+//! so its drift view compares shapes of targets with the same migrations applied.
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use flotilla_core::pb;
+use flotilla_core::pb::agent_message::Body as Out;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::Agent;
+use crate::shard;
+
+/// Items per message: a shape is a few dozen items, and each distinct shape goes once, so
+/// this only splits a shard whose tenants are nearly all of different shapes.
+const CHUNK_ITEMS: usize = 20_000;
+
+/// Reads and sends the fingerprints of `targets` (None: every target). A catalog that cannot
+/// be read is logged and skipped (the next refresh tries again); only a closed stream is an
+/// error.
+pub(super) async fn send(
+    agent: &Agent,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    targets: Option<&[String]>,
+) -> Result<(), String> {
+    let every_tenant: Vec<String> = agent
+        .known_tenants()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    let (tenants, shard_itself) = match targets {
+        None => (every_tenant.clone(), true),
+        Some(targets) => (
+            targets.iter().filter(|t| !t.is_empty()).cloned().collect(),
+            targets.iter().any(String::is_empty),
+        ),
+    };
+    let started = Instant::now();
+    let read =
+        shard::read_fingerprints(&agent.pool, &tenants, shard_itself, &every_tenant).await;
+    let read_ms = started.elapsed().as_millis() as u64;
+    let found = match read {
+        Ok(found) => found,
+        Err(error) => {
+            warn!(%error, "cannot read the schema fingerprints for the coordinator's drift view");
+            return Ok(());
+        }
+    };
+    debug!(targets = found.len(), read_ms, "schema fingerprints read");
+    let mut shapes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut fingerprints = Vec::with_capacity(found.len());
+    for (target, (fingerprint, items)) in found {
+        shapes.entry(fingerprint.clone()).or_insert(items);
+        fingerprints.push(pb::TargetFingerprint {
+            target,
+            fingerprint,
+        });
+    }
+    let message = |report| pb::AgentMessage {
+        body: Some(Out::Schema(report)),
+    };
+    let closed = |_| "the stream closed".to_string();
+    let mut chunk = Vec::new();
+    let mut items = 0;
+    for (fingerprint, shape) in shapes {
+        if items > 0 && items + shape.len() > CHUNK_ITEMS {
+            let report = pb::SchemaReport {
+                shapes: std::mem::take(&mut chunk),
+                ..Default::default()
+            };
+            tx.send(message(report)).await.map_err(closed)?;
+            items = 0;
+        }
+        items += shape.len();
+        chunk.push(pb::SchemaShape {
+            fingerprint,
+            items: shape,
+        });
+    }
+    let last = pb::SchemaReport {
+        shapes: chunk,
+        last: true,
+        whole: targets.is_none(),
+        targets: targets.map(<[String]>::to_vec).unwrap_or_default(),
+        fingerprints,
+        read_ms,
+    };
+    tx.send(message(last)).await.map_err(closed)
+}
