@@ -133,6 +133,13 @@ impl Coordinator {
                     inner.versions.apply(&shard, report);
                     continue;
                 }
+                Some(Body::Schema(report)) => {
+                    if inner.versions.apply_schema(&shard, report) {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.publish_drift().await });
+                    }
+                    continue;
+                }
                 Some(Body::Preflight(reply)) => {
                     inner.fleet.complete_preflight(reply);
                     continue;

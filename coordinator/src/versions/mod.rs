@@ -7,14 +7,19 @@
 //! any shard: 10,000 tenants answer in well under a second. The shard stays the source of
 //! truth; the copy only ever takes what a shard reported, never what a result implies.
 //! Failures are the exception: they are not in the journal, so results feed them.
+//!
+//! Each journal report is followed by the same targets' schema fingerprints (the agent's
+//! `session::schema`): `fleet drift` compares them within each cohort (`drift`).
+mod drift;
 mod query;
 mod status;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use flotilla_core::pb;
 
+pub use drift::{cohort_labels, fleet_drift};
 pub use status::{FleetInput, PlanInput, fleet_status, show_target};
 
 /// "shard/tenant", or "shard" for the shard itself: how targets are named to operators.
@@ -34,6 +39,18 @@ pub struct ShardJournal {
     pub complete: bool,
     /// Rows per target ("" = the shard), in the order applied.
     pub targets: HashMap<String, Vec<pb::JournalEntry>>,
+    /// Whether a whole schema report arrived in this session (until then, no fingerprint
+    /// of the shard counts).
+    pub fingerprinted: bool,
+    /// Each target's schema fingerprint ("" = the shard's own schemas).
+    pub fingerprints: HashMap<String, String>,
+    /// The items of the fingerprints in use, shared by every target of one shape.
+    pub shapes: HashMap<String, Arc<Vec<String>>>,
+    /// How long the agent's last whole catalog read took, and when it arrived.
+    pub fingerprint_read_ms: u64,
+    pub fingerprinted_at_ms: i64,
+    /// Shapes of a schema report whose last message has not arrived yet.
+    incoming: HashMap<String, Arc<Vec<String>>>,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +73,40 @@ impl FleetVersions {
         let journal = state.shards.entry(shard.to_string()).or_default();
         journal.epoch = epoch;
         journal.complete = false;
+        journal.fingerprinted = false;
+        journal.incoming.clear();
+    }
+
+    /// A schema report's message; true when it was the report's last (the fingerprints
+    /// changed, and the drift view with them).
+    pub fn apply_schema(&self, shard: &str, report: pb::SchemaReport) -> bool {
+        let mut state = self.state.lock().expect("fleet versions lock");
+        let journal = state.shards.entry(shard.to_string()).or_default();
+        for shape in report.shapes {
+            journal
+                .incoming
+                .insert(shape.fingerprint, Arc::new(shape.items));
+        }
+        if !report.last {
+            return false;
+        }
+        if report.whole {
+            journal.fingerprints.clear();
+            journal.fingerprinted = true;
+            journal.fingerprint_read_ms = report.read_ms;
+            journal.fingerprinted_at_ms = crate::store::now_ms();
+        }
+        for target in &report.targets {
+            journal.fingerprints.remove(target);
+        }
+        for f in report.fingerprints {
+            journal.fingerprints.insert(f.target, f.fingerprint);
+        }
+        let incoming = std::mem::take(&mut journal.incoming);
+        journal.shapes.extend(incoming);
+        let used: HashSet<&String> = journal.fingerprints.values().collect();
+        journal.shapes.retain(|f, _| used.contains(f));
+        true
     }
 
     pub fn apply(&self, shard: &str, report: pb::JournalReport) {
