@@ -33,6 +33,8 @@ pub struct TestFleet {
     coordinator_args: Vec<String>,
     /// `--tenant-query` for the agents, instead of `--tenant-pattern tenant_%`.
     tenant_query: Option<String>,
+    /// More agent flags, e.g. `["--discover-interval", "1s"]`.
+    agent_extra: Vec<String>,
     /// Coordinators killed by the test, kept so their logs are printed on a panic.
     old_coordinators: Vec<FlotillaProcess>,
     // Last: removed after every process is gone.
@@ -71,6 +73,7 @@ pub struct FleetBuilder {
     coordinator_extra: Vec<String>,
     tenant_query: Option<String>,
     shard_sql: Option<ShardSql>,
+    agent_extra: Vec<String>,
 }
 
 impl FleetBuilder {
@@ -91,6 +94,12 @@ impl FleetBuilder {
     pub fn coordinator_args(mut self, args: &[&str]) -> Self {
         self.coordinator_extra
             .extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// More agent flags, e.g. `["--discover-interval", "1s"]`.
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_extra.extend(args.iter().map(|a| a.to_string()));
         self
     }
 
@@ -159,6 +168,7 @@ impl FleetBuilder {
             store,
             coordinator_args,
             tenant_query: self.tenant_query,
+            agent_extra: self.agent_extra,
             old_coordinators: Vec::new(),
             _dir: dir,
         };
@@ -233,6 +243,7 @@ impl TestFleet {
             coordinator_extra: Vec::new(),
             tenant_query: None,
             shard_sql: None,
+            agent_extra: Vec::new(),
         }
     }
 
@@ -281,6 +292,7 @@ impl TestFleet {
             Some(q) => args.extend(["--tenant-query", q.as_str()]),
             None => args.extend(["--tenant-pattern", "tenant_%"]),
         }
+        args.extend(self.agent_extra.iter().map(String::as_str));
         FlotillaProcess::spawn(&args, &[])
     }
 

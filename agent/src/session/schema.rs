@@ -24,11 +24,7 @@ pub(super) async fn send(
     tx: &mpsc::Sender<pb::AgentMessage>,
     targets: Option<&[String]>,
 ) -> Result<(), String> {
-    let every_tenant: Vec<String> = agent
-        .known_tenants()
-        .into_iter()
-        .map(|t| t.name)
-        .collect();
+    let every_tenant: Vec<String> = agent.known_tenants().into_iter().map(|t| t.name).collect();
     let (tenants, shard_itself) = match targets {
         None => (every_tenant.clone(), true),
         Some(targets) => (
@@ -37,8 +33,7 @@ pub(super) async fn send(
         ),
     };
     let started = Instant::now();
-    let read =
-        shard::read_fingerprints(&agent.pool, &tenants, shard_itself, &every_tenant).await;
+    let read = shard::read_fingerprints(&agent.pool, &tenants, shard_itself, &every_tenant).await;
     let read_ms = started.elapsed().as_millis() as u64;
     let found = match read {
         Ok(found) => found,

@@ -207,8 +207,15 @@ mod tests {
         assert!(!c.1.iter().any(|i| i.contains("idx_work_orders_customer")));
         // The shard's own schemas keep their names; extensions' objects are not counted.
         let own = &found[""].1;
-        assert!(own.contains(&"table public.shard_settings".to_string()), "{own:#?}");
-        assert!(own.iter().all(|i| !i.contains("tenant_") && !i.contains("digest(")), "{own:#?}");
+        assert!(
+            own.contains(&"table public.shard_settings".to_string()),
+            "{own:#?}"
+        );
+        assert!(
+            own.iter()
+                .all(|i| !i.contains("tenant_") && !i.contains("digest(")),
+            "{own:#?}"
+        );
         // Some targets only.
         let some = read_fingerprints(&pool, &names(&["tenant_c"]), false, &names(&all))
             .await
@@ -232,7 +239,9 @@ mod tests {
         let pool = pg.pool("shard").await.expect("pool");
         for round in 0..3 {
             let started = Instant::now();
-            let found = read_fingerprints(&pool, &names, true, &names).await.unwrap();
+            let found = read_fingerprints(&pool, &names, true, &names)
+                .await
+                .unwrap();
             let took = started.elapsed();
             let shapes: std::collections::BTreeSet<&String> =
                 found.values().map(|(f, _)| f).collect();

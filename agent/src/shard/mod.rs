@@ -8,9 +8,9 @@ pub(crate) mod lock;
 mod tenants;
 
 pub(crate) use connect::{connect, connect_options};
+pub(crate) use fingerprint::read_fingerprints;
 pub(crate) use journal::{
     advance_fence, count_plan_rows, install_schema, read_applied, read_entries, read_fence,
     read_for_preflight, read_plan_rows,
 };
-pub(crate) use fingerprint::read_fingerprints;
 pub(crate) use tenants::{TenantSource, discover_tenants};

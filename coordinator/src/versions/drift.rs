@@ -50,10 +50,8 @@ pub fn fleet_drift(input: &FleetInput, selector: &Selector) -> pb::FleetDriftRes
             });
         cohort.targets.push((name, fingerprint.clone()));
     }
-    let mut out: Vec<pb::DriftCohort> = cohorts
-        .into_values()
-        .map(|c| compare(c, &shapes))
-        .collect();
+    let mut out: Vec<pb::DriftCohort> =
+        cohorts.into_values().map(|c| compare(c, &shapes)).collect();
     out.sort_by(|a, b| b.targets.cmp(&a.targets).then_with(|| a.head.cmp(&b.head)));
     let shards = input
         .fleet
@@ -133,8 +131,14 @@ fn diff(own: &[String], common: &[String]) -> (Vec<String>, Vec<String>) {
     let own_set: BTreeSet<&String> = own.iter().collect();
     let common_set: BTreeSet<&String> = common.iter().collect();
     (
-        own_set.difference(&common_set).map(|s| s.to_string()).collect(),
-        common_set.difference(&own_set).map(|s| s.to_string()).collect(),
+        own_set
+            .difference(&common_set)
+            .map(|s| s.to_string())
+            .collect(),
+        common_set
+            .difference(&own_set)
+            .map(|s| s.to_string())
+            .collect(),
     )
 }
 

@@ -117,9 +117,7 @@ impl Coordinator {
     }
 
     /// The leader's epoch and every shard's labels and tenants.
-    async fn versions_fleet(
-        &self,
-    ) -> Result<(u64, BTreeMap<String, ShardView>), CoordinatorError> {
+    async fn versions_fleet(&self) -> Result<(u64, BTreeMap<String, ShardView>), CoordinatorError> {
         // Agents report their journals to the leader only.
         let epoch = self.leader_epoch()?;
         let fleet = self

@@ -51,7 +51,14 @@ fn without(items: Vec<String>, gone: &str) -> Vec<String> {
 
 /// What a fingerprint of `items` is on the agent: any stable name will do here.
 fn fingerprint(items: &[String]) -> String {
-    format!("fp{:x}", items.iter().map(|i| i.len() * 31 + i.as_bytes()[0] as usize).sum::<usize>() * items.len())
+    format!(
+        "fp{:x}",
+        items
+            .iter()
+            .map(|i| i.len() * 31 + i.as_bytes()[0] as usize)
+            .sum::<usize>()
+            * items.len()
+    )
 }
 
 fn journal(shard: &str, migrations: &[(&str, &[&str])]) -> pb::JournalReport {
@@ -188,7 +195,10 @@ fn a_dropped_index_is_missing_and_a_changed_type_is_both() {
         .collect();
     let dropped = by["shard_0/tenant_0"];
     assert!(dropped.extra.is_empty());
-    assert_eq!(dropped.missing, ["index idx_y ON work_orders USING btree (id)"]);
+    assert_eq!(
+        dropped.missing,
+        ["index idx_y ON work_orders USING btree (id)"]
+    );
     let retyped = by["shard_0/tenant_1"];
     assert_eq!(retyped.extra, ["column work_orders.id integer not null"]);
     assert_eq!(retyped.missing, ["column work_orders.id bigint not null"]);
@@ -283,25 +293,31 @@ fn reports_in_chunks_partial_reports_and_a_new_session() {
     assert_eq!((r.targets, r.drifted), (3, 0));
     assert_eq!(r.unfingerprinted.len(), 3);
     // A shape whose items never came: drift without a diff.
-    assert!(v.apply_schema(
-        "shard_0",
-        pb::SchemaReport {
-            last: true,
-            whole: true,
-            fingerprints: ALL
-                .iter()
-                .map(|t| pb::TargetFingerprint {
-                    target: t.to_string(),
-                    fingerprint: if *t == "tenant_1" { "lost".into() } else { fingerprint(&base()) },
-                })
-                .collect(),
-            shapes: vec![pb::SchemaShape {
-                fingerprint: fingerprint(&base()),
-                items: base(),
-            }],
-            ..Default::default()
-        }
-    ));
+    assert!(
+        v.apply_schema(
+            "shard_0",
+            pb::SchemaReport {
+                last: true,
+                whole: true,
+                fingerprints: ALL
+                    .iter()
+                    .map(|t| pb::TargetFingerprint {
+                        target: t.to_string(),
+                        fingerprint: if *t == "tenant_1" {
+                            "lost".into()
+                        } else {
+                            fingerprint(&base())
+                        },
+                    })
+                    .collect(),
+                shapes: vec![pb::SchemaShape {
+                    fingerprint: fingerprint(&base()),
+                    items: base(),
+                }],
+                ..Default::default()
+            }
+        )
+    );
     let r = drift(&v, "");
     assert_eq!(r.drifted, 1);
     assert!(r.cohorts[0].drifted[0].unknown_items);
