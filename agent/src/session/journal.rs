@@ -12,6 +12,7 @@ use flotilla_core::pb::agent_message::Body as Out;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::schema;
 use crate::Agent;
 use crate::run::Outgoing;
 use crate::shard;
@@ -113,12 +114,10 @@ async fn send(
     tx: &mpsc::Sender<pb::AgentMessage>,
     targets: Option<Vec<String>>,
 ) -> Result<(), String> {
-    let entries = shard::read_entries(&agent.pool, targets.as_deref())
-        .await
-        .map_err(|e| {
-            warn!(error = %e, "cannot read the journal for the coordinator's fleet view");
-            e.to_string()
-        })?;
+    let (entries, fingerprints) = read(agent, targets.as_deref()).await.map_err(|e| {
+        warn!(error = %e, "cannot read the journal for the coordinator's fleet view");
+        e.to_string()
+    })?;
     let reset = targets.is_none();
     let mut chunks = entries.chunks(CHUNK);
     let first = chunks.next().unwrap_or(&[]);
@@ -137,5 +136,27 @@ async fn send(
             .await
             .map_err(|_| "the stream closed".to_string())?;
     }
-    super::schema::send(agent, tx, targets.as_deref()).await
+    match fingerprints {
+        Some(found) => schema::send(tx, found, targets.as_deref()).await,
+        None => Ok(()),
+    }
+}
+
+/// The journal rows and the same targets' schema fingerprints, from one snapshot (a
+/// repeatable-read transaction): a migration's DDL commits with its journal row, so a target
+/// is never seen with a head its shape does not have yet, which would pass for drift. A
+/// catalog that cannot be read leaves the fingerprints out (logged; the next refresh tries).
+async fn read(
+    agent: &Agent,
+    targets: Option<&[String]>,
+) -> Result<(Vec<pb::JournalEntry>, Option<schema::Found>), sqlx::Error> {
+    let mut snapshot = agent.pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *snapshot)
+        .await?;
+    let entries = shard::read_entries(&mut snapshot, targets).await?;
+    let fingerprints = schema::read(agent, &mut snapshot, targets).await;
+    // read only: ending it either way is the same; a failed catalog read aborted it
+    let _ = snapshot.rollback().await;
+    Ok((entries, fingerprints))
 }

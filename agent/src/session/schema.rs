@@ -1,6 +1,7 @@
-//! Every target's schema fingerprint, sent to the coordinator after the journal rows it goes
-//! with (the whole journal: every target; the rows of the targets whose runs ended: those),
-//! so its drift view compares shapes of targets with the same migrations applied.
+//! Every target's schema fingerprint, read with the journal rows it goes with (the whole
+//! journal: every target; the rows of the targets whose runs ended: those) and sent after
+//! them, so the coordinator's drift view compares shapes of targets with the same migrations
+//! applied.
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -9,6 +10,8 @@ use flotilla_core::pb::agent_message::Body as Out;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use sqlx::postgres::PgConnection;
+
 use crate::Agent;
 use crate::shard;
 
@@ -16,14 +19,20 @@ use crate::shard;
 /// this only splits a shard whose tenants are nearly all of different shapes.
 const CHUNK_ITEMS: usize = 20_000;
 
-/// Reads and sends the fingerprints of `targets` (None: every target). A catalog that cannot
-/// be read is logged and skipped (the next refresh tries again); only a closed stream is an
-/// error.
-pub(super) async fn send(
+/// Each target's fingerprint and items, as the shard's catalog gave them, and how long
+/// reading them took.
+pub(super) struct Found {
+    targets: BTreeMap<String, (String, Vec<String>)>,
+    read_ms: u64,
+}
+
+/// Reads the fingerprints of `targets` (None: every target, the shard's own schemas with
+/// them). None when the catalog cannot be read: logged, and the next refresh tries again.
+pub(super) async fn read(
     agent: &Agent,
-    tx: &mpsc::Sender<pb::AgentMessage>,
+    conn: &mut PgConnection,
     targets: Option<&[String]>,
-) -> Result<(), String> {
+) -> Option<Found> {
     let every_tenant: Vec<String> = agent.known_tenants().into_iter().map(|t| t.name).collect();
     let (tenants, shard_itself) = match targets {
         None => (every_tenant.clone(), true),
@@ -33,19 +42,29 @@ pub(super) async fn send(
         ),
     };
     let started = Instant::now();
-    let read = shard::read_fingerprints(&agent.pool, &tenants, shard_itself, &every_tenant).await;
-    let read_ms = started.elapsed().as_millis() as u64;
-    let found = match read {
-        Ok(found) => found,
+    match shard::read_fingerprints(conn, &tenants, shard_itself, &every_tenant).await {
+        Ok(targets) => {
+            let read_ms = started.elapsed().as_millis() as u64;
+            debug!(targets = targets.len(), read_ms, "schema fingerprints read");
+            Some(Found { targets, read_ms })
+        }
         Err(error) => {
             warn!(%error, "cannot read the schema fingerprints for the coordinator's drift view");
-            return Ok(());
+            None
         }
-    };
-    debug!(targets = found.len(), read_ms, "schema fingerprints read");
+    }
+}
+
+/// Sends what `read` found for `targets` (None: every target), each distinct shape once,
+/// in chunks; the last message carries the fingerprints.
+pub(super) async fn send(
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    found: Found,
+    targets: Option<&[String]>,
+) -> Result<(), String> {
     let mut shapes: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut fingerprints = Vec::with_capacity(found.len());
-    for (target, (fingerprint, items)) in found {
+    let mut fingerprints = Vec::with_capacity(found.targets.len());
+    for (target, (fingerprint, items)) in found.targets {
         shapes.entry(fingerprint.clone()).or_insert(items);
         fingerprints.push(pb::TargetFingerprint {
             target,
@@ -79,7 +98,7 @@ pub(super) async fn send(
         whole: targets.is_none(),
         targets: targets.map(<[String]>::to_vec).unwrap_or_default(),
         fingerprints,
-        read_ms,
+        read_ms: found.read_ms,
     };
     tx.send(message(last)).await.map_err(closed)
 }

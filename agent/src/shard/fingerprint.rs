@@ -12,7 +12,7 @@
 //! out: they come with the extension, not with migrations.
 use std::collections::BTreeMap;
 
-use sqlx::postgres::PgPool;
+use sqlx::postgres::PgConnection;
 
 /// One row per target: its digest and its items, sorted byte-wise (`COLLATE "C"`), so the
 /// digest does not depend on a shard's collation. `$1`: the tenants to read, `$2`: whether
@@ -102,7 +102,7 @@ SELECT t.target,
 /// Each target's fingerprint and items: those of `tenants` that exist as schemas, and the
 /// shard's own schemas when `shard_itself` (if it has any).
 pub(crate) async fn read_fingerprints(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     tenants: &[String],
     shard_itself: bool,
     every_tenant: &[String],
@@ -111,7 +111,7 @@ pub(crate) async fn read_fingerprints(
         .bind(tenants)
         .bind(shard_itself)
         .bind(every_tenant)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await?;
     Ok(rows
         .into_iter()
@@ -124,8 +124,21 @@ mod tests {
     use std::time::Instant;
 
     use flotilla_testkit::PgCluster;
+    use sqlx::postgres::PgPool;
 
     use super::*;
+
+    async fn read(
+        pool: &PgPool,
+        tenants: &[String],
+        shard_itself: bool,
+        every_tenant: &[String],
+    ) -> BTreeMap<String, (String, Vec<String>)> {
+        let mut conn = pool.acquire().await.expect("connection");
+        read_fingerprints(&mut conn, tenants, shard_itself, every_tenant)
+            .await
+            .expect("fingerprints")
+    }
 
     /// A tenant with one of everything the fingerprint reads.
     fn tenant(name: &str) -> String {
@@ -171,9 +184,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let found = read_fingerprints(&pool, &names(&all), true, &names(&all))
-            .await
-            .unwrap();
+        let found = read(&pool, &names(&all), true, &names(&all)).await;
         let (a, b, c) = (&found["tenant_a"], &found["tenant_b"], &found["tenant_c"]);
         assert_eq!(a, b, "two tenants of one shape");
         assert_ne!(a.0, c.0);
@@ -217,9 +228,7 @@ mod tests {
             "{own:#?}"
         );
         // Some targets only.
-        let some = read_fingerprints(&pool, &names(&["tenant_c"]), false, &names(&all))
-            .await
-            .unwrap();
+        let some = read(&pool, &names(&["tenant_c"]), false, &names(&all)).await;
         assert_eq!(some.keys().collect::<Vec<_>>(), ["tenant_c"]);
         assert_eq!(&some["tenant_c"], c);
     }
