@@ -248,9 +248,7 @@ mod tests {
         let pool = pg.pool("shard").await.expect("pool");
         for round in 0..3 {
             let started = Instant::now();
-            let found = read_fingerprints(&pool, &names, true, &names)
-                .await
-                .unwrap();
+            let found = read(&pool, &names, true, &names).await;
             let took = started.elapsed();
             let shapes: std::collections::BTreeSet<&String> =
                 found.values().map(|(f, _)| f).collect();
