@@ -390,6 +390,13 @@ fn target_json(t: &pb::FleetTarget) -> Value {
         "pending": t.pending,
         "mismatches": t.mismatches.iter().map(mismatch_json).collect::<Vec<_>>(),
         "last_failure": t.last_failure.as_ref().map(failure_json),
+        "fingerprint": t.fingerprint,
+        "drift": t.drift.as_ref().map(|d| json!({
+            "extra": d.extra,
+            "missing": d.missing,
+            "unknown_items": d.unknown_items,
+            "diff": drift_lines(d, t.drift_majority),
+        })),
     })
 }
 
@@ -445,6 +452,15 @@ fn print_target(t: &pb::FleetTarget) {
             "  failed last: {} in plan {} [{}]: {}",
             f.migration_id, f.plan_id, f.sqlstate, f.message
         );
+    }
+    if !t.fingerprint.is_empty() {
+        println!("  schema fingerprint: {}", t.fingerprint);
+    }
+    if let Some(d) = &t.drift {
+        println!("  schema drift from its cohort:");
+        for line in drift_lines(d, t.drift_majority) {
+            println!("    {line}");
+        }
     }
 }
 

@@ -271,6 +271,18 @@ async fn fleet_drift_names_a_column_added_by_hand_and_require_no_drift_refuses_t
         ),
         "{text}"
     );
+    let show = fleet
+        .cli(&["fleet", "show", "shard_0/tenant_0003", "--output", "json"])
+        .await?
+        .expect_success()?
+        .last_json()?;
+    assert_eq!(show["fingerprint"], drifted["fingerprint"], "{show:#}");
+    assert_eq!(
+        show["drift"]["diff"],
+        serde_json::json!([
+            "shard_0/tenant_0003: column work_orders.loyalty_tier text, not in 23 others"
+        ])
+    );
     let head = cohort["head"].as_str().unwrap().to_string();
     let series = format!("flotilla_drifted_targets{{cohort=\"{head}\"}}");
     wait_until("the drift metric at 1", WAIT, async || {

@@ -38,18 +38,39 @@ impl Coordinator {
     pub async fn fleet_show(&self, target: &str) -> Result<pb::FleetTarget, CoordinatorError> {
         let (epoch, fleet, plans) = self.versions_inputs().await?;
         let (journals, failures) = self.inner.versions.snapshot();
-        show_target(
+        let input = FleetInput {
+            fleet: &fleet,
+            journals: &journals,
+            epoch,
+            failures: &failures,
+            plans: &plans,
+            files: &HashMap::new(),
+        };
+        let mut shown =
+            show_target(&input, target.trim()).map_err(CoordinatorError::TargetNotFound)?;
+        let everything = Selector::parse("").expect("the empty selector parses");
+        let drift = fleet_drift(
             &FleetInput {
-                fleet: &fleet,
-                journals: &journals,
-                epoch,
-                failures: &failures,
-                plans: &plans,
-                files: &HashMap::new(),
+                plans: &[],
+                ..input
             },
-            target.trim(),
-        )
-        .map_err(CoordinatorError::TargetNotFound)
+            &everything,
+        );
+        let name = super::target_name(&shown.shard, &shown.tenant);
+        shown.fingerprint = input
+            .reported(&shown.shard)
+            .filter(|j| j.fingerprinted)
+            .and_then(|j| j.fingerprints.get(&shown.tenant))
+            .cloned()
+            .unwrap_or_default();
+        for cohort in drift.cohorts {
+            if let Some(d) = cohort.drifted.into_iter().find(|d| d.target == name) {
+                shown.drift = Some(d);
+                shown.drift_majority = cohort.majority;
+                break;
+            }
+        }
+        Ok(shown)
     }
 
     /// `fleet drift`: cohorts need no plans (only what the journals applied), so this reads

@@ -280,6 +280,8 @@ pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, St
             digest: t.digest,
             version: t.version,
             reported,
+            // the schema's fingerprint and drift: see `query::fleet_show`
+            ..Default::default()
         },
         // A shard whose journal was not heard, or the shard itself with nothing for it.
         None => pb::FleetTarget {
