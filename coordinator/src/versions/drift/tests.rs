@@ -49,19 +49,12 @@ fn without(items: Vec<String>, gone: &str) -> Vec<String> {
     items.into_iter().filter(|i| !i.starts_with(gone)).collect()
 }
 
-/// What a fingerprint of `items` is on the agent: any stable name will do here.
+/// A fingerprint of `items`: on the agent a digest; any name that is one per shape will do.
 fn fingerprint(items: &[String]) -> String {
-    format!(
-        "fp{:x}",
-        items
-            .iter()
-            .map(|i| i.len() * 31 + i.as_bytes()[0] as usize)
-            .sum::<usize>()
-            * items.len()
-    )
+    format!("fp[{}]", items.join("|"))
 }
 
-fn journal(shard: &str, migrations: &[(&str, &[&str])]) -> pb::JournalReport {
+fn journal(migrations: &[(&str, &[&str])]) -> pb::JournalReport {
     let mut entries = Vec::new();
     for (i, (tenant, applied)) in migrations.iter().enumerate() {
         for (j, m) in applied.iter().enumerate() {
@@ -75,7 +68,6 @@ fn journal(shard: &str, migrations: &[(&str, &[&str])]) -> pb::JournalReport {
             });
         }
     }
-    let _ = shard;
     pb::JournalReport {
         reset: true,
         targets: Vec::new(),
@@ -116,7 +108,7 @@ fn versions(shape: impl Fn(&str, &str) -> Vec<String>) -> FleetVersions {
     for shard in ["shard_0", "shard_1"] {
         v.attached(shard, EPOCH);
         let applied: Vec<(&str, &[&str])> = ALL.iter().map(|t| (*t, &["m1"][..])).collect();
-        v.apply(shard, journal(shard, &applied));
+        v.apply(shard, journal(&applied));
         let shapes: Vec<(&str, Vec<String>)> = ALL.iter().map(|t| (*t, shape(shard, t))).collect();
         assert!(v.apply_schema(shard, schema(&shapes)));
     }
@@ -215,7 +207,7 @@ fn cohorts_are_compared_apart_and_selectors_narrow() {
         }
     });
     let applied: Vec<(&str, &[&str])> = ALL.iter().map(|t| (*t, &["m1", "m2"][..])).collect();
-    v.apply("shard_0", journal("shard_0", &applied));
+    v.apply("shard_0", journal(&applied));
     let r = drift(&v, "");
     assert_eq!((r.targets, r.drifted), (6, 0));
     assert_eq!(r.cohorts.len(), 2);
@@ -244,7 +236,7 @@ fn a_tie_picks_the_same_majority_every_time() {
                 (*t, if lone { &["m1"][..] } else { &["m1", "m9"][..] })
             })
             .collect();
-        v.apply(shard, journal(shard, &applied));
+        v.apply(shard, journal(&applied));
     }
     let first = drift(&v, "");
     let lone = first.cohorts.iter().find(|c| c.targets == 2).unwrap();
@@ -288,7 +280,7 @@ fn reports_in_chunks_partial_reports_and_a_new_session() {
     // A new session: the shard's fingerprints do not count until its whole report.
     v.attached("shard_0", EPOCH);
     let applied: Vec<(&str, &[&str])> = ALL.iter().map(|t| (*t, &["m1"][..])).collect();
-    v.apply("shard_0", journal("shard_0", &applied));
+    v.apply("shard_0", journal(&applied));
     let r = drift(&v, "");
     assert_eq!((r.targets, r.drifted), (3, 0));
     assert_eq!(r.unfingerprinted.len(), 3);
