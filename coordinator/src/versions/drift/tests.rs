@@ -314,3 +314,69 @@ fn reports_in_chunks_partial_reports_and_a_new_session() {
     assert_eq!(r.drifted, 1);
     assert!(r.cohorts[0].drifted[0].unknown_items);
 }
+
+/// `fleet drift`'s computation over 4 shards x 2,500 tenants with 20 migrations each and
+/// 25 items per shape, 12 drifted: `cargo test -p flotilla-coordinator --release --lib
+/// drift_bench -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn drift_bench() {
+    let v = FleetVersions::default();
+    let mut fleet = BTreeMap::new();
+    let shape: Vec<String> = (0..25).map(|i| format!("column t.c{i:02} text")).collect();
+    let migrations: Vec<String> = (0..20).map(|i| format!("m{i:02}")).collect();
+    let ids: Vec<&str> = migrations.iter().map(String::as_str).collect();
+    for s in 0..4 {
+        let shard = format!("shard_{s}");
+        let tenants: Vec<String> = (0..2500)
+            .map(|t| format!("tenant_{:05}", s * 2500 + t))
+            .collect();
+        fleet.insert(
+            shard.clone(),
+            ShardView {
+                labels: BTreeMap::new(),
+                tenants: tenants
+                    .iter()
+                    .map(|t| (t.clone(), BTreeMap::new()))
+                    .collect(),
+            },
+        );
+        v.attached(&shard, EPOCH);
+        let applied: Vec<(&str, &[&str])> =
+            tenants.iter().map(|t| (t.as_str(), &ids[..])).collect();
+        v.apply(&shard, journal(&applied));
+        let shapes: Vec<(&str, Vec<String>)> = tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let items = if i % 1000 == 7 {
+                    with(shape.clone(), "column t.extra text")
+                } else {
+                    shape.clone()
+                };
+                (t.as_str(), items)
+            })
+            .collect();
+        v.apply_schema(&shard, schema(&shapes));
+    }
+    let started = std::time::Instant::now();
+    let (journals, failures) = v.snapshot();
+    let r = fleet_drift(
+        &FleetInput {
+            fleet: &fleet,
+            journals: &journals,
+            epoch: EPOCH,
+            failures: &failures,
+            plans: &[],
+            files: &HashMap::new(),
+        },
+        &Selector::parse("").unwrap(),
+    );
+    println!(
+        "fleet drift over {} targets ({} drifted) in {:?}",
+        r.targets,
+        r.drifted,
+        started.elapsed()
+    );
+    assert_eq!((r.targets, r.drifted), (10_000, 12));
+}
