@@ -135,8 +135,7 @@ impl Coordinator {
                 }
                 Some(Body::Schema(report)) => {
                     if inner.versions.apply_schema(&shard, report) {
-                        let me = self.clone();
-                        tokio::spawn(async move { me.publish_drift().await });
+                        self.publish_drift();
                     }
                     continue;
                 }

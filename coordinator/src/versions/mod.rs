@@ -56,6 +56,8 @@ pub struct ShardJournal {
 #[derive(Debug, Default)]
 pub struct FleetVersions {
     state: Mutex<State>,
+    /// Drift recomputations for the metric: (one runs, another was asked meanwhile).
+    publishing: Mutex<(bool, bool)>,
 }
 
 #[derive(Debug, Default)]
@@ -160,6 +162,29 @@ impl FleetVersions {
                 }
             }
         }
+    }
+
+    /// Whether the caller should recompute the drift metric now: false while a
+    /// recomputation runs (it is asked to run once more instead; see `publish_done`).
+    pub fn publish_start(&self) -> bool {
+        let mut p = self.publishing.lock().expect("drift publish lock");
+        if p.0 {
+            p.1 = true;
+            return false;
+        }
+        p.0 = true;
+        true
+    }
+
+    /// A recomputation ended: true when another was asked meanwhile (run it).
+    pub fn publish_done(&self) -> bool {
+        let mut p = self.publishing.lock().expect("drift publish lock");
+        if p.1 {
+            p.1 = false;
+            return true;
+        }
+        p.0 = false;
+        false
     }
 
     /// A copy of what is known, for one computation outside the lock.

@@ -96,13 +96,26 @@ impl Coordinator {
         ))
     }
 
-    /// Recomputes the drift of the whole fleet for `flotilla_drifted_targets` (after each
-    /// schema report; a follower has nothing to say).
-    pub async fn publish_drift(&self) {
-        match self.fleet_drift("").await {
-            Ok(r) => crate::metrics::drifted_targets(&cohort_labels(&r)),
-            Err(e) => debug!(error = %e, "drift not computed"),
+    /// Recomputes the drift of the whole fleet for `flotilla_drifted_targets` after a
+    /// schema report, in a task of its own: one at a time, and reports that arrive
+    /// meanwhile (a plan's runs end by the thousand) make one more, not one each.
+    pub fn publish_drift(&self) {
+        if !self.inner.versions.publish_start() {
+            return;
         }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match me.fleet_drift("").await {
+                    Ok(r) => crate::metrics::drifted_targets(&cohort_labels(&r)),
+                    // a follower has nothing to say
+                    Err(e) => debug!(error = %e, "drift not computed"),
+                }
+                if !me.inner.versions.publish_done() {
+                    break;
+                }
+            }
+        });
     }
 
     /// The targets ("shard/tenant", or "shard") whose schema is not their cohort's majority.

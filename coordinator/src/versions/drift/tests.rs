@@ -315,6 +315,18 @@ fn reports_in_chunks_partial_reports_and_a_new_session() {
     assert!(r.cohorts[0].drifted[0].unknown_items);
 }
 
+#[test]
+fn reports_during_a_recomputation_make_one_more_not_one_each() {
+    let v = FleetVersions::default();
+    assert!(v.publish_start());
+    assert!(!v.publish_start());
+    assert!(!v.publish_start());
+    assert!(v.publish_done(), "asked meanwhile: once more");
+    assert!(!v.publish_done(), "then done");
+    assert!(v.publish_start());
+    assert!(!v.publish_done());
+}
+
 /// `fleet drift`'s computation over 4 shards x 2,500 tenants with 20 migrations each and
 /// 25 items per shape, 12 drifted: `cargo test -p flotilla-coordinator --release --lib
 /// drift_bench -- --ignored --nocapture`.
