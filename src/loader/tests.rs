@@ -330,7 +330,10 @@ c = ["a", "b"]
     assert!(!p.fuse);
     assert_eq!(p.max_parallel, 16);
     assert!(p.require_no_drift);
-    assert!(pb::PlanSpec::from(&p).require_no_drift, "kept in the stored spec");
+    assert!(
+        pb::PlanSpec::from(&p).require_no_drift,
+        "kept in the stored spec"
+    );
 
     // A group given as a table can commit atomically (and needs all-or-nothing).
     let grouped = write(
