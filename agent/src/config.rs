@@ -31,9 +31,6 @@ pub struct AgentConfig {
     pub max_connections: u32,
     /// How often to send a heartbeat until the coordinator's Welcome says otherwise.
     pub heartbeat_interval: Duration,
-    /// How often the agent looks for tenants that appeared or vanished (and reports the
-    /// whole journal again).
-    pub discover_interval: Duration,
     /// The first delay before reconnecting (to the coordinator or the shard).
     pub reconnect_min: Duration,
     /// The longest delay between reconnect attempts.
@@ -42,6 +39,11 @@ pub struct AgentConfig {
     pub etcd: Vec<String>,
     /// The prefix of every Flotilla key in etcd (the coordinators' `--etcd-prefix`).
     pub etcd_prefix: String,
+    /// How often the agent looks for tenants that appeared or vanished and reads its shard
+    /// again for the coordinator's fleet view: the whole journal and every target's schema
+    /// fingerprint (between times, only the targets whose runs ended), so a change made
+    /// outside Flotilla shows within this.
+    pub discover_interval: Duration,
     /// The TTL of the lease under the agent's liveness key (whole seconds, at least 1s);
     /// it is kept alive every third of it.
     pub lease_ttl: Duration,
@@ -106,11 +108,11 @@ impl AgentConfig {
                 self.reconnect_min, self.reconnect_max
             )));
         }
-        if self.discover_interval.is_zero() {
-            return Err(bad("discover_interval must be above zero".into()));
-        }
         if self.heartbeat_interval.is_zero() {
             return Err(bad("heartbeat_interval must be above zero".into()));
+        }
+        if self.discover_interval.is_zero() {
+            return Err(bad("discover_interval must be above zero".into()));
         }
         if self.coordinators().is_empty() {
             return Err(bad("no coordinator address".into()));
@@ -154,6 +156,7 @@ impl fmt::Debug for AgentConfig {
             )
             .field("etcd_prefix", &self.etcd_prefix)
             .field("lease_ttl", &self.lease_ttl)
+            .field("discover_interval", &self.discover_interval)
             .finish()
     }
 }

@@ -110,6 +110,13 @@ pub enum Refusal {
         "plan {plan_id} is all-or-nothing: it cannot finish without shard {shard}; cancel the whole plan (`flotilla plan cancel {plan_id}`), which undoes what it applied"
     )]
     ShardNeeded { plan_id: String, shard: String },
+    #[error(
+        "require_no_drift: the schema of {targets} differs from their cohort's (see `flotilla fleet drift`); nothing was changed"
+    )]
+    Drifted {
+        /// A few targets, and how many more.
+        targets: String,
+    },
 }
 
 /// A command that does not fit the plan's state now.

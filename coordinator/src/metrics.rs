@@ -336,6 +336,31 @@ pub fn publish(now: &Snapshot, published: &mut Published) {
     }
 }
 
+/// Targets whose schema is not their cohort's majority shape (`fleet drift`), by cohort (its
+/// head migration; see `versions::cohort_labels`). A cohort no longer seen is set to 0: the
+/// labels stay bounded by the cohorts the fleet has had.
+pub fn drifted_targets(by_cohort: &[(String, u64)]) {
+    static SEEN: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    static DESCRIBED: Once = Once::new();
+    DESCRIBED.call_once(|| {
+        describe_gauge!(
+            "flotilla_drifted_targets",
+            "Targets whose schema fingerprint differs from their cohort's majority, by cohort (head migration)."
+        );
+    });
+    let mut seen = SEEN.lock().expect("drift metric lock");
+    for gone in seen.iter() {
+        if !by_cohort.iter().any(|(c, _)| c == gone) {
+            gauge!("flotilla_drifted_targets", "cohort" => gone.clone()).set(0.0);
+        }
+    }
+    for (cohort, drifted) in by_cohort {
+        gauge!("flotilla_drifted_targets", "cohort" => cohort.clone()).set(*drifted as f64);
+        seen.insert(cohort.clone());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

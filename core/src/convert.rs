@@ -577,6 +577,7 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
                 reason,
             })?,
             catch_up: p.catch_up,
+            require_no_drift: p.require_no_drift,
         };
         // Cycles and unknown names are part of what makes a plan valid.
         MigrationGraph::build(&spec)?;
@@ -619,6 +620,7 @@ impl From<&PlanSpec> for pb::PlanSpec {
         let mut out = pb::PlanSpec {
             version: p.version.clone(),
             catch_up: p.catch_up,
+            require_no_drift: p.require_no_drift,
             name: p.name.clone(),
             description: p.description.clone(),
             migrations: p.migrations.iter().map(pb::Migration::from).collect(),

@@ -307,6 +307,8 @@ pub struct PlanSpec {
     pub version: String,
     /// Tenants that appear after it completed get its migrations (a catch-up plan).
     pub catch_up: bool,
+    /// Refuse the plan when a target's schema drifted from its cohort's (else: a warning).
+    pub require_no_drift: bool,
 }
 
 pub const DEFAULT_MAX_PARALLEL: u32 = 8;

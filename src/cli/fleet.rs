@@ -1,4 +1,5 @@
-//! `flotilla fleet status` and `fleet show`: where each target of the fleet is.
+//! `flotilla fleet status`, `fleet show` and `fleet drift`: where each target of the fleet
+//! is, and whose schema is not what its migrations made of its cohort.
 use flotilla_core::pb;
 use serde_json::{Value, json};
 
@@ -6,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::plan::{client, on_leader};
-use super::{EXIT_BAD_INPUT, EXIT_OK, Output};
+use super::{EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_OK, Output};
 use crate::loader::{self, Overrides};
 
 /// Each migration's checksum as the files on disk give it, read as `plan submit` reads them.
@@ -81,6 +82,153 @@ pub async fn show(addr: &str, target: String, output: Output) -> u8 {
             EXIT_OK
         }
         Err(code) => code,
+    }
+}
+
+pub async fn drift(addr: &str, selector: Option<String>, output: Output) -> u8 {
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = pb::FleetDriftRequest {
+        selector: selector.unwrap_or_default(),
+    };
+    match on_leader(&mut c, |mut c| {
+        let req = req.clone();
+        async move { c.fleet_drift(req).await }
+    })
+    .await
+    {
+        Ok(r) => {
+            match output {
+                Output::Json => println!("{}", drift_json(&r)),
+                Output::Text => print_drift(&r),
+            }
+            if r.drifted > 0 { EXIT_DRIFT } else { EXIT_OK }
+        }
+        Err(code) => code,
+    }
+}
+
+/// What a drifted target has and lacks, as lines an operator reads:
+/// `shard_0/tenant_0042: column work_orders.loyalty_tier text, not in 249 others`.
+fn drift_lines(d: &pb::DriftedTarget, majority: u64) -> Vec<String> {
+    if d.unknown_items {
+        return vec![format!(
+            "{}: fingerprint {} (the items of a shape were not reported: no diff)",
+            d.target, d.fingerprint
+        )];
+    }
+    let extra = d
+        .extra
+        .iter()
+        .map(|i| format!("{}: {i}, not in {majority} others", d.target));
+    let missing = d
+        .missing
+        .iter()
+        .map(|i| format!("{}: missing {i} (in {majority} others)", d.target));
+    extra.chain(missing).collect()
+}
+
+fn drift_json(r: &pb::FleetDriftResponse) -> Value {
+    json!({
+        "targets": r.targets,
+        "drifted": r.drifted,
+        "unfingerprinted": r.unfingerprinted,
+        "unreported_shards": r.unreported_shards,
+        "shards": r.shards.iter().map(|s| json!({
+            "shard": s.shard,
+            "read_ms": s.read_ms,
+            "targets": s.targets,
+            "reported_at_ms": s.reported_at_ms,
+        })).collect::<Vec<_>>(),
+        "cohorts": r.cohorts.iter().map(|c| json!({
+            "head": c.head,
+            "digest": c.digest,
+            "targets": c.targets,
+            "majority": c.majority,
+            "shapes": c.shapes.iter().map(|s| json!({
+                "fingerprint": s.fingerprint,
+                "targets": s.targets,
+                "majority": s.majority,
+            })).collect::<Vec<_>>(),
+            "drifted": c.drifted.iter().map(|d| json!({
+                "target": d.target,
+                "fingerprint": d.fingerprint,
+                "extra": d.extra,
+                "missing": d.missing,
+                "unknown_items": d.unknown_items,
+                "diff": drift_lines(d, c.majority),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_drift(r: &pb::FleetDriftResponse) {
+    println!(
+        "{} target(s) fingerprinted in {} cohort(s); {} drifted",
+        r.targets,
+        r.cohorts.len(),
+        r.drifted
+    );
+    if !r.unreported_shards.is_empty() {
+        println!(
+            "not reported (agents not attached to this leader): {}",
+            r.unreported_shards.join(", ")
+        );
+    }
+    if !r.unfingerprinted.is_empty() {
+        let shown: Vec<&str> = r
+            .unfingerprinted
+            .iter()
+            .take(SHOWN_TARGETS)
+            .map(String::as_str)
+            .collect();
+        let more = r.unfingerprinted.len().saturating_sub(SHOWN_TARGETS);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        println!("not fingerprinted yet: {}{more}", shown.join(", "));
+    }
+    if !r.shards.is_empty() {
+        let reads: Vec<String> = r
+            .shards
+            .iter()
+            .map(|s| format!("{} {} ms", s.shard, s.read_ms))
+            .collect();
+        println!("catalog read: {}", reads.join(", "));
+    }
+    for (i, c) in r.cohorts.iter().enumerate() {
+        let head = if c.head.is_empty() {
+            "(nothing applied)"
+        } else {
+            &c.head
+        };
+        let shapes: Vec<String> = c
+            .shapes
+            .iter()
+            .map(|s| format!("{} x{}", s.fingerprint, s.targets))
+            .collect();
+        println!(
+            "\n#{} {} target(s) at {head}: {} shape(s) [{}]",
+            i + 1,
+            c.targets,
+            c.shapes.len(),
+            shapes.join(", ")
+        );
+        if c.drifted.is_empty() {
+            println!("   no drift");
+        }
+        for d in &c.drifted {
+            for line in drift_lines(d, c.majority) {
+                println!("   {line}");
+            }
+        }
+    }
+    if r.drifted == 0 {
+        println!("\nno drift");
     }
 }
 
@@ -249,6 +397,13 @@ fn target_json(t: &pb::FleetTarget) -> Value {
         "pending": t.pending,
         "mismatches": t.mismatches.iter().map(mismatch_json).collect::<Vec<_>>(),
         "last_failure": t.last_failure.as_ref().map(failure_json),
+        "fingerprint": t.fingerprint,
+        "drift": t.drift.as_ref().map(|d| json!({
+            "extra": d.extra,
+            "missing": d.missing,
+            "unknown_items": d.unknown_items,
+            "diff": drift_lines(d, t.drift_majority),
+        })),
     })
 }
 
@@ -304,6 +459,15 @@ fn print_target(t: &pb::FleetTarget) {
             "  failed last: {} in plan {} [{}]: {}",
             f.migration_id, f.plan_id, f.sqlstate, f.message
         );
+    }
+    if !t.fingerprint.is_empty() {
+        println!("  schema fingerprint: {}", t.fingerprint);
+    }
+    if let Some(d) = &t.drift {
+        println!("  schema drift from its cohort:");
+        for line in drift_lines(d, t.drift_majority) {
+            println!("    {line}");
+        }
     }
 }
 

@@ -26,6 +26,8 @@ pub const EXIT_UNAVAILABLE: u8 = 3;
 /// `--wait` or `watch` came back because the plan waits at a wave's manual gate
 /// (`flotilla plan promote` lets it go on).
 pub const EXIT_WAITING: u8 = 4;
+/// `fleet drift` found a target whose schema is not its cohort's (for CI and alerts).
+pub const EXIT_DRIFT: u8 = 1;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -183,7 +185,8 @@ pub struct AgentArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub lease_ttl: Duration,
     /// How often to look for tenants that appeared or vanished (new ones are caught up
-    /// when a plan or the coordinator asks for it) and report the whole journal again.
+    /// when a plan or the coordinator asks for it) and read the shard again for the
+    /// coordinator's fleet view (the whole journal, every target's schema fingerprint).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub discover_interval: Duration,
 }
@@ -423,6 +426,16 @@ pub enum FleetCommand {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Schema drift: within each cohort (targets with the same migrations applied), the
+    /// schema fingerprints the agents read from the catalog, and the targets whose shape is
+    /// not the majority's, with what differs. Exits 1 when there is drift, 0 when none.
+    Drift {
+        /// Only the targets this label selector takes, e.g. `region in (eu)`.
+        #[arg(long)]
+        selector: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// One target: its journal, pending migrations, labels, mismatches, last failure.
     Show {
         /// `shard/tenant`, `shard` (the shard itself), or a tenant name on one shard only.
@@ -464,6 +477,9 @@ pub async fn run(cli: Cli) -> u8 {
             against,
             output,
         }) => fleet::status(&cli.coordinator, selector, against, output).await,
+        Command::Fleet(FleetCommand::Drift { selector, output }) => {
+            fleet::drift(&cli.coordinator, selector, output).await
+        }
         Command::Fleet(FleetCommand::Show { target, output }) => {
             fleet::show(&cli.coordinator, target, output).await
         }

@@ -249,6 +249,9 @@ pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<Str
         Ok(r) => r,
         Err(code) => return (code, None),
     };
+    for warning in &resp.warnings {
+        eprintln!("{warning}");
+    }
     if !args.wait {
         render::submitted(&resp, args.output);
         return (EXIT_OK, Some(resp.plan_id));

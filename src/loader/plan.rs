@@ -28,6 +28,8 @@ struct PlanFile {
     version: Option<String>,
     /// Tenants that appear after the plan completed get its migrations by themselves.
     catch_up: Option<bool>,
+    /// Refuse the plan when one of its targets' schema drifted (`fleet drift`).
+    require_no_drift: Option<bool>,
     migrations_dir: Option<Spanned<String>>,
     migrations: Option<Vec<Spanned<String>>>,
     selector: Option<Spanned<String>>,
@@ -150,6 +152,7 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
         environment: file.environment.clone().unwrap_or_default(),
         version: file.version.clone().unwrap_or_default(),
         catch_up: file.catch_up.unwrap_or(false),
+        require_no_drift: file.require_no_drift.unwrap_or(false),
         migrations,
         no_fuse: file.fuse == Some(false),
         atomic: file.atomic.unwrap_or(false),

@@ -298,6 +298,7 @@ max_parallel = 16
 policy = "continue"
 scope = "shard"
 fuse = false
+require_no_drift = true
 parallel_groups = [["a", "b"], ["c"]]
 
 [dependencies]
@@ -323,9 +324,16 @@ c = ["a", "b"]
     assert_eq!(spec.dependencies[0].migration, "c");
     assert_eq!(spec.dependencies[0].depends_on, ["a", "b"]);
 
+    assert!(spec.require_no_drift);
+
     let p = domain(spec);
     assert!(!p.fuse);
     assert_eq!(p.max_parallel, 16);
+    assert!(p.require_no_drift);
+    assert!(
+        pb::PlanSpec::from(&p).require_no_drift,
+        "kept in the stored spec"
+    );
 
     // A group given as a table can commit atomically (and needs all-or-nothing).
     let grouped = write(

@@ -33,8 +33,8 @@ pub struct TestFleet {
     coordinator_args: Vec<String>,
     /// `--tenant-query` for the agents, instead of `--tenant-pattern tenant_%`.
     tenant_query: Option<String>,
-    /// More agent flags.
-    agent_args: Vec<String>,
+    /// More agent flags, e.g. `["--discover-interval", "1s"]`.
+    agent_extra: Vec<String>,
     /// Coordinators killed by the test, kept so their logs are printed on a panic.
     old_coordinators: Vec<FlotillaProcess>,
     // Last: removed after every process is gone.
@@ -168,7 +168,7 @@ impl FleetBuilder {
             store,
             coordinator_args,
             tenant_query: self.tenant_query,
-            agent_args: self.agent_extra,
+            agent_extra: self.agent_extra,
             old_coordinators: Vec::new(),
             _dir: dir,
         };
@@ -292,7 +292,7 @@ impl TestFleet {
             Some(q) => args.extend(["--tenant-query", q.as_str()]),
             None => args.extend(["--tenant-pattern", "tenant_%"]),
         }
-        args.extend(self.agent_args.iter().map(String::as_str));
+        args.extend(self.agent_extra.iter().map(String::as_str));
         FlotillaProcess::spawn(&args, &[])
     }
 

@@ -1,10 +1,11 @@
-//! The fleet's versions end to end: `fleet status` and `fleet show` answered by the leader
-//! from its copy of the agents' journals, over real shards and agents.
+//! The fleet's versions end to end: `fleet status`, `fleet show` and `fleet drift` answered
+//! by the leader from its copy of the agents' journals and schema fingerprints, over real
+//! shards and agents.
 use anyhow::Context;
 use serde_json::Value;
 
 use crate::fleet::{MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_sql};
-use crate::harness::wait_for;
+use crate::harness::{CommandOutput, free_port, http, wait_for, wait_until};
 
 const FIRST_HEAD: &str = "20250131160002";
 const LOYALTY: &str = "20250301000000_loyalty_tier";
@@ -271,5 +272,190 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
         )
         .await?;
     assert_eq!(kept, vec![vec!["3".to_string()]]);
+    Ok(())
+}
+
+/// `fleet drift --output json`: its exit code and answer.
+async fn drift(fleet: &TestFleet) -> anyhow::Result<(i32, Value, CommandOutput)> {
+    let out = fleet.cli(&["fleet", "drift", "--output", "json"]).await?;
+    let code = out.code().unwrap_or(-1);
+    let json = out.last_json()?;
+    Ok((code, json, out))
+}
+
+/// Until `fleet drift` says what `done` wants: the agents read their catalog on their
+/// refresh (`--discover-interval`) and after runs, so every expectation waits for it.
+async fn drift_when(
+    fleet: &TestFleet,
+    what: &str,
+    done: impl Fn(i32, &Value) -> bool,
+) -> anyhow::Result<Value> {
+    let mut last = Value::Null;
+    let found = wait_for(what, WAIT, async || {
+        let (code, d, _) = drift(fleet).await?;
+        let ok = done(code, &d);
+        last = d.clone();
+        Ok(ok.then_some(d))
+    })
+    .await;
+    found.with_context(|| format!("last fleet drift: {last:#}"))
+}
+
+/// The value of one sample (`name{labels}`) in Prometheus text.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn fleet_drift_names_a_column_added_by_hand_and_require_no_drift_refuses_the_plan()
+-> anyhow::Result<()> {
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let fleet = TestFleet::builder(3, 8)
+        .metrics(metrics)
+        .agent_args(&["--discover-interval", "1s"])
+        .start()
+        .await?;
+    let (code, _, out) = fleet.submit_wait(&coord_dbmate_dir(), &[]).await?;
+    assert_eq!(code, 0, "{out:?}");
+
+    // One plan over every tenant: one cohort, one shape, exit 0.
+    // (the journals' copy catches up with the plan's last runs a moment after it ends)
+    let d = drift_when(
+        &fleet,
+        "24 targets in one cohort of one shape",
+        |code, d| {
+            code == 0
+                && d["targets"] == 24
+                && d["cohorts"].as_array().map(Vec::len) == Some(1)
+                && d["cohorts"][0]["head"]
+                    .as_str()
+                    .is_some_and(|h| h.starts_with(FIRST_HEAD))
+        },
+    )
+    .await?;
+    assert_eq!(d["drifted"], 0);
+    assert_eq!(
+        d["cohorts"][0]["shapes"].as_array().unwrap().len(),
+        1,
+        "{d:#}"
+    );
+    assert_eq!(d["shards"].as_array().unwrap().len(), 3, "{d:#}");
+    let text = fleet.cli(&["fleet", "drift"]).await?;
+    assert_eq!(text.code(), Some(0), "{text}");
+    assert!(text.stdout.contains("no drift"), "{text}");
+
+    // A column added by hand to one tenant: named with its table, exit 1.
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            "ALTER TABLE tenant_0003.work_orders ADD COLUMN loyalty_tier text",
+        )
+        .await?;
+    let d = drift_when(&fleet, "tenant_0003 drifted", |code, d| {
+        code == 1 && d["drifted"] == 1 && d["cohorts"].as_array().map(Vec::len) == Some(1)
+    })
+    .await?;
+    let cohort = &d["cohorts"][0];
+    assert_eq!(cohort["majority"], 23, "{d:#}");
+    let drifted = &cohort["drifted"][0];
+    assert_eq!(drifted["target"], "shard_0/tenant_0003");
+    assert_eq!(
+        drifted["extra"],
+        serde_json::json!(["column work_orders.loyalty_tier text"])
+    );
+    assert!(drifted["missing"].as_array().unwrap().is_empty(), "{d:#}");
+    let text = fleet.cli(&["fleet", "drift"]).await?;
+    assert_eq!(text.code(), Some(1), "{text}");
+    assert!(
+        text.stdout.contains(
+            "shard_0/tenant_0003: column work_orders.loyalty_tier text, not in 23 others"
+        ),
+        "{text}"
+    );
+    let show = fleet
+        .cli(&["fleet", "show", "shard_0/tenant_0003", "--output", "json"])
+        .await?
+        .expect_success()?
+        .last_json()?;
+    assert_eq!(show["fingerprint"], drifted["fingerprint"], "{show:#}");
+    assert_eq!(
+        show["drift"]["diff"],
+        serde_json::json!([
+            "shard_0/tenant_0003: column work_orders.loyalty_tier text, not in 23 others"
+        ])
+    );
+    let head = cohort["head"].as_str().unwrap().to_string();
+    let series = format!("flotilla_drifted_targets{{cohort=\"{head}\"}}");
+    wait_until("the drift metric at 1", WAIT, async || {
+        let scrape = http::get(metrics, "/metrics").await?;
+        Ok(sample(&scrape.body, &series) == Some(1.0))
+    })
+    .await?;
+
+    // A plan with require_no_drift = true over the drifted tenant is refused by name, and
+    // nothing is changed; without it, the same plan runs with a warning.
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "20250401000000_notes",
+        "",
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);",
+        "DROP TABLE notes;",
+    )?;
+    std::fs::write(
+        dir.path().join("plan.toml"),
+        "name = \"notes\"\nrequire_no_drift = true\n",
+    )?;
+    let rows = fleet.journal_total().await?;
+    let (code, _, out) = fleet
+        .submit_wait(dir.path(), &["--selector", "region in (r0)"])
+        .await?;
+    assert_eq!(code, 2, "{out:?}");
+    assert!(out.stderr.contains("shard_0/tenant_0003"), "{out:?}");
+    assert!(out.stderr.contains("require_no_drift"), "{out:?}");
+    assert_eq!(fleet.journal_total().await?, rows);
+    let plans = fleet
+        .cli(&["plan", "list", "--output", "json"])
+        .await?
+        .expect_success()?
+        .last_json()?;
+    assert_eq!(plans.as_array().map(Vec::len), Some(1), "{plans:#}");
+    std::fs::write(dir.path().join("plan.toml"), "name = \"notes\"\n")?;
+    let (code, _, out) = fleet
+        .submit_wait(dir.path(), &["--selector", "region in (r0)"])
+        .await?;
+    assert_eq!(code, 0, "{out:?}");
+    assert!(out.stderr.contains("warning:"), "{out:?}");
+    assert!(out.stderr.contains("shard_0/tenant_0003"), "{out:?}");
+
+    // The tenant still differs from the 7 others of its new cohort; its column dropped,
+    // there is no drift left.
+    let d = drift_when(
+        &fleet,
+        "tenant_0003 drifted in its new cohort",
+        |code, d| {
+            code == 1
+                && d["cohorts"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["head"] == "20250401000000_notes" && c["majority"] == 7)
+                })
+        },
+    )
+    .await?;
+    assert_eq!(d["drifted"], 1, "{d:#}");
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            "ALTER TABLE tenant_0003.work_orders DROP COLUMN loyalty_tier",
+        )
+        .await?;
+    drift_when(&fleet, "no drift left", |code, d| {
+        code == 0 && d["drifted"] == 0
+    })
+    .await?;
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! The shard's journal as the coordinator's fleet view hears it: the whole journal after
 //! each Welcome, then the rows of the targets whose runs ended (their results, rollbacks
-//! and resolutions mark them), and the whole journal again every `journal_refresh`, so a
-//! change made outside Flotilla shows too. The journal is the truth; reports replace.
+//! and resolutions mark them), and the whole journal again every `discover_interval`, so a
+//! change made outside Flotilla shows too. The journal is the truth; reports replace. Each
+//! report is followed by the same targets' schema fingerprints (`schema`).
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +12,7 @@ use flotilla_core::pb::agent_message::Body as Out;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::schema;
 use crate::Agent;
 use crate::run::Outgoing;
 use crate::shard;
@@ -143,12 +145,10 @@ async fn send(
     tx: &mpsc::Sender<pb::AgentMessage>,
     targets: Option<Vec<String>>,
 ) -> Result<(), String> {
-    let entries = shard::read_entries(&agent.pool, targets.as_deref())
-        .await
-        .map_err(|e| {
-            warn!(error = %e, "cannot read the journal for the coordinator's fleet view");
-            e.to_string()
-        })?;
+    let (entries, fingerprints) = read(agent, targets.as_deref()).await.map_err(|e| {
+        warn!(error = %e, "cannot read the journal for the coordinator's fleet view");
+        e.to_string()
+    })?;
     let reset = targets.is_none();
     let mut chunks = entries.chunks(CHUNK);
     let first = chunks.next().unwrap_or(&[]);
@@ -159,7 +159,7 @@ async fn send(
             entries: entries.to_vec(),
         })),
     };
-    tx.send(message(reset, targets.unwrap_or_default(), first))
+    tx.send(message(reset, targets.clone().unwrap_or_default(), first))
         .await
         .map_err(|_| "the stream closed".to_string())?;
     for chunk in chunks {
@@ -167,5 +167,27 @@ async fn send(
             .await
             .map_err(|_| "the stream closed".to_string())?;
     }
-    Ok(())
+    match fingerprints {
+        Some(found) => schema::send(tx, found, targets.as_deref()).await,
+        None => Ok(()),
+    }
+}
+
+/// The journal rows and the same targets' schema fingerprints, from one snapshot (a
+/// repeatable-read transaction): a migration's DDL commits with its journal row, so a target
+/// is never seen with a head its shape does not have yet, which would pass for drift. A
+/// catalog that cannot be read leaves the fingerprints out (logged; the next refresh tries).
+async fn read(
+    agent: &Agent,
+    targets: Option<&[String]>,
+) -> Result<(Vec<pb::JournalEntry>, Option<schema::Found>), sqlx::Error> {
+    let mut snapshot = agent.pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *snapshot)
+        .await?;
+    let entries = shard::read_entries(&mut snapshot, targets).await?;
+    let fingerprints = schema::read(agent, &mut snapshot, targets).await;
+    // read only: ending it either way is the same; a failed catalog read aborted it
+    let _ = snapshot.rollback().await;
+    Ok((entries, fingerprints))
 }

@@ -6,6 +6,7 @@
 //! - `dispatch`: what arrives, handed to the part of the agent that owns it.
 //! - `outbox`: results kept across streams until sent.
 //! - `journal`: the shard's journal, reported for the coordinator's fleet view.
+//! - `schema`: the targets' schema fingerprints, reported with it (for `fleet drift`).
 //! - `coordinators`: which coordinator to dial next.
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ mod coordinators;
 mod dispatch;
 mod journal;
 mod outbox;
+mod schema;
 mod stream;
 
 pub(crate) use coordinators::Rotation;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use flotilla_core::pb;
 use sqlx::AssertSqlSafe;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnection, PgPool};
 use tracing::{info, instrument};
 
 use crate::error::AgentError;
@@ -98,7 +98,7 @@ pub(crate) async fn read_fence(pool: &PgPool) -> Result<u64, sqlx::Error> {
 /// Journal rows as the coordinator's fleet view takes them: every row, or those of
 /// `targets`, in the order they were applied.
 pub(crate) async fn read_entries(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     targets: Option<&[String]>,
 ) -> Result<Vec<pb::JournalEntry>, sqlx::Error> {
     const COLUMNS: &str = "SELECT target, migration_id, checksum, plan_id,          (extract(epoch FROM finished_at) * 1000)::bigint,          greatest((extract(epoch FROM finished_at - started_at) * 1000)::bigint, 0), seq          FROM flotilla.journal";
@@ -106,7 +106,7 @@ pub(crate) async fn read_entries(
     let rows: Vec<Row> = match targets {
         None => {
             sqlx::query_as(AssertSqlSafe(format!("{COLUMNS} ORDER BY seq")))
-                .fetch_all(pool)
+                .fetch_all(&mut *conn)
                 .await?
         }
         Some(targets) => {
@@ -114,7 +114,7 @@ pub(crate) async fn read_entries(
                 "{COLUMNS} WHERE target = ANY($1) ORDER BY seq"
             )))
             .bind(targets)
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?
         }
     };

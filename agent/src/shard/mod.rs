@@ -2,11 +2,13 @@
 //! schema with the journal, fence and checkpoints (`journal`, `schema.sql`), its tenants
 //! (`tenants`), and the agent lock that keeps one agent per shard (`lock`).
 mod connect;
+mod fingerprint;
 mod journal;
 pub(crate) mod lock;
 mod tenants;
 
 pub(crate) use connect::{connect, connect_options};
+pub(crate) use fingerprint::read_fingerprints;
 pub(crate) use journal::{
     advance_fence, count_plan_rows, install_schema, read_applied, read_entries, read_fence,
     read_for_preflight, read_plan_rows,

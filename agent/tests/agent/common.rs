@@ -220,6 +220,9 @@ pub struct Scripted {
 pub struct Stream {
     pub inbound: Streaming<pb::AgentMessage>,
     pub out: mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>,
+    /// The fleet-view reports (journal, schema, tenants) seen so far, in order: they
+    /// come on their own schedule, so `next` sets them aside.
+    pub reports: Vec<Out>,
 }
 
 #[tonic::async_trait]
@@ -233,6 +236,7 @@ impl AgentService for Scripted {
         let _ = self.streams.send(Stream {
             inbound: request.into_inner(),
             out,
+            reports: Vec::new(),
         });
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
@@ -255,7 +259,29 @@ impl Stream {
                 .expect("stream open");
             match msg.body.expect("body") {
                 Out::Heartbeat(_) => continue,
+                report @ (Out::Journal(_) | Out::Schema(_) | Out::Tenants(_)) => {
+                    self.reports.push(report)
+                }
                 body => return body,
+            }
+        }
+    }
+
+    /// Reads on until the fleet-view reports seen so far satisfy `done` (heartbeats are
+    /// skipped; anything else is unexpected here).
+    pub async fn reports_until(&mut self, done: impl Fn(&[Out]) -> bool) {
+        while !done(&self.reports) {
+            let msg = tokio::time::timeout(WAIT, self.inbound.message())
+                .await
+                .expect("a report in time")
+                .expect("stream ok")
+                .expect("stream open");
+            match msg.body.expect("body") {
+                Out::Heartbeat(_) => {}
+                report @ (Out::Journal(_) | Out::Schema(_) | Out::Tenants(_)) => {
+                    self.reports.push(report)
+                }
+                other => panic!("expected a report, got {other:?}"),
             }
         }
     }

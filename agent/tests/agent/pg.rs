@@ -2,6 +2,7 @@
 //! Runs when `FLOTILLA_TEST_PG_URL` is set (`postgres://postgres@127.0.0.1:PORT/postgres`);
 //! otherwise each test prints a note and passes.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::common::*;
@@ -36,6 +37,39 @@ async fn rollout_preflight_and_rollback() {
         assert_eq!(outcomes(r), [pb::StepOutcome::Applied; 3], "{r:?}");
         assert_eq!(r.steps[0].checksum, flotilla_core::checksum(HS_UP));
     }
+
+    // The coordinator's fleet view hears the journal: the whole after the Welcome, then
+    // the rows of the targets these runs touched (three migrations on each tenant).
+    s.reports_until(|reports| {
+        let mut rows: BTreeMap<String, usize> = BTreeMap::new();
+        for r in reports {
+            if let Out::Journal(j) = r {
+                if j.reset {
+                    rows.clear();
+                }
+                for t in &j.targets {
+                    rows.remove(t);
+                }
+                for e in &j.entries {
+                    *rows.entry(e.target.clone()).or_default() += 1;
+                }
+            }
+        }
+        (0..3).all(|i| rows.get(&format!("tenant_{i:04}")) == Some(&3))
+    })
+    .await;
+    let first = s
+        .reports
+        .iter()
+        .find_map(|r| match r {
+            Out::Journal(j) => Some(j),
+            _ => None,
+        })
+        .expect("a journal report");
+    assert!(
+        first.reset,
+        "the first report after the Welcome is whole: {first:?}"
+    );
     assert_eq!(
         count(
             &pool,

@@ -90,7 +90,9 @@ async fn quiet_for(s: &mut Stream, wait: Duration) -> Option<Out> {
         match tokio::time::timeout_at(deadline, s.inbound.message()).await {
             Err(_) => return None,
             Ok(msg) => match msg.expect("stream ok").expect("stream open").body {
-                Some(Out::Heartbeat(_)) | None => continue,
+                // heartbeats and the fleet-view reports say nothing about runs
+                Some(Out::Heartbeat(_) | Out::Journal(_) | Out::Schema(_) | Out::Tenants(_))
+                | None => continue,
                 Some(other) => return Some(other),
             },
         }

@@ -17,7 +17,7 @@ use tracing::{info, instrument};
 
 use crate::actor::Actor;
 use crate::engine::Event;
-use crate::error::CoordinatorError;
+use crate::error::{CoordinatorError, Refusal};
 use crate::plan::{PlanRun, StepStatus};
 use crate::planner::{self, Expansion};
 use crate::service::Coordinator;
@@ -39,6 +39,7 @@ impl Coordinator {
         data::check_data_problems(&spec, &expansion, &seen.data_problems)?;
         checks::atomic(&spec, &expansion, &seen.two_phase_errors)?;
         let wave_of = waves::assign(&spec, &expansion)?;
+        let drift_warning = self.drift_check(&spec, &expansion).await?;
 
         let plan_id = new_plan_id();
         let statuses: Vec<StepStatus> = expansion
@@ -101,7 +102,37 @@ impl Coordinator {
         Ok(pb::SubmitPlanResponse {
             plan_id,
             status: Some(status),
+            warnings: drift_warning.into_iter().collect(),
         })
+    }
+
+    /// The plan's targets whose schema drifted from their cohort's (`fleet drift`, from the
+    /// leader's copy of the agents' fingerprints): a refusal with `require_no_drift`, else a
+    /// warning for the submitter.
+    async fn drift_check(
+        &self,
+        spec: &PlanSpec,
+        expansion: &Expansion,
+    ) -> Result<Option<String>, CoordinatorError> {
+        let drifted = self.drifted_targets().await?;
+        let hit: Vec<String> = expansion
+            .targets
+            .iter()
+            .map(|t| crate::versions::target_name(&t.shard, &t.tenant))
+            .filter(|name| drifted.contains(name))
+            .collect();
+        if hit.is_empty() {
+            return Ok(None);
+        }
+        let targets = crate::error::some_of(&hit, 5);
+        if spec.require_no_drift {
+            return Err(Refusal::Drifted { targets }.into());
+        }
+        let warning = format!(
+            "warning: the schema of {targets} differs from their cohort's (see `flotilla fleet drift`); set require_no_drift = true to refuse such plans"
+        );
+        tracing::warn!(plan = %spec.name, "{warning}");
+        Ok(Some(warning))
     }
 
     /// The plan, its steps and the audit row, flushed to the store before anything runs.

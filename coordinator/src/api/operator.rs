@@ -183,6 +183,15 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         ))
     }
 
+    async fn fleet_drift(
+        &self,
+        req: Request<pb::FleetDriftRequest>,
+    ) -> Result<Response<pb::FleetDriftResponse>, Status> {
+        Ok(Response::new(
+            self.fleet_drift(&req.into_inner().selector).await?,
+        ))
+    }
+
     async fn list_fleet(
         &self,
         _req: Request<pb::ListFleetRequest>,

@@ -162,6 +162,12 @@ impl Coordinator {
                     self.record_tenants(&shard, &report.tenants);
                     continue;
                 }
+                Some(Body::Schema(report)) => {
+                    if inner.versions.apply_schema(&shard, report) {
+                        self.publish_drift();
+                    }
+                    continue;
+                }
                 Some(Body::Preflight(reply)) => {
                     inner.fleet.complete_preflight(reply);
                     continue;

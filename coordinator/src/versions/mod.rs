@@ -7,15 +7,20 @@
 //! any shard: 10,000 tenants answer in well under a second. The shard stays the source of
 //! truth; the copy only ever takes what a shard reported, never what a result implies.
 //! Failures are the exception: they are not in the journal, so results feed them.
+//!
+//! Each journal report is followed by the same targets' schema fingerprints (the agent's
+//! `session::schema`): `fleet drift` compares them within each cohort (`drift`).
 mod catch_up;
+mod drift;
 mod query;
 mod status;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use flotilla_core::pb;
 
+pub use drift::{cohort_labels, fleet_drift};
 pub use status::{FleetInput, PlanInput, fleet_status, show_target};
 
 /// "shard/tenant", or "shard" for the shard itself: how targets are named to operators.
@@ -35,11 +40,25 @@ pub struct ShardJournal {
     pub complete: bool,
     /// Rows per target ("" = the shard), in the order applied.
     pub targets: HashMap<String, Vec<pb::JournalEntry>>,
+    /// Whether a whole schema report arrived in this session (until then, no fingerprint
+    /// of the shard counts).
+    pub fingerprinted: bool,
+    /// Each target's schema fingerprint ("" = the shard's own schemas).
+    pub fingerprints: HashMap<String, String>,
+    /// The items of the fingerprints in use, shared by every target of one shape.
+    pub shapes: HashMap<String, Arc<Vec<String>>>,
+    /// How long the agent's last whole catalog read took, and when it arrived.
+    pub fingerprint_read_ms: u64,
+    pub fingerprinted_at_ms: i64,
+    /// Shapes of a schema report whose last message has not arrived yet.
+    incoming: HashMap<String, Arc<Vec<String>>>,
 }
 
 #[derive(Debug, Default)]
 pub struct FleetVersions {
     state: Mutex<State>,
+    /// Drift recomputations for the metric: (one runs, another was asked meanwhile).
+    publishing: Mutex<(bool, bool)>,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +76,40 @@ impl FleetVersions {
         let journal = state.shards.entry(shard.to_string()).or_default();
         journal.epoch = epoch;
         journal.complete = false;
+        journal.fingerprinted = false;
+        journal.incoming.clear();
+    }
+
+    /// A schema report's message; true when it was the report's last (the fingerprints
+    /// changed, and the drift view with them).
+    pub fn apply_schema(&self, shard: &str, report: pb::SchemaReport) -> bool {
+        let mut state = self.state.lock().expect("fleet versions lock");
+        let journal = state.shards.entry(shard.to_string()).or_default();
+        for shape in report.shapes {
+            journal
+                .incoming
+                .insert(shape.fingerprint, Arc::new(shape.items));
+        }
+        if !report.last {
+            return false;
+        }
+        if report.whole {
+            journal.fingerprints.clear();
+            journal.fingerprinted = true;
+            journal.fingerprint_read_ms = report.read_ms;
+            journal.fingerprinted_at_ms = crate::store::now_ms();
+        }
+        for target in &report.targets {
+            journal.fingerprints.remove(target);
+        }
+        for f in report.fingerprints {
+            journal.fingerprints.insert(f.target, f.fingerprint);
+        }
+        let incoming = std::mem::take(&mut journal.incoming);
+        journal.shapes.extend(incoming);
+        let used: HashSet<&String> = journal.fingerprints.values().collect();
+        journal.shapes.retain(|f, _| used.contains(f));
+        true
     }
 
     pub fn apply(&self, shard: &str, report: pb::JournalReport) {
@@ -115,6 +168,29 @@ impl FleetVersions {
                 }
             }
         }
+    }
+
+    /// Whether the caller should recompute the drift metric now: false while a
+    /// recomputation runs (it is asked to run once more instead; see `publish_done`).
+    pub fn publish_start(&self) -> bool {
+        let mut p = self.publishing.lock().expect("drift publish lock");
+        if p.0 {
+            p.1 = true;
+            return false;
+        }
+        p.0 = true;
+        true
+    }
+
+    /// A recomputation ended: true when another was asked meanwhile (run it).
+    pub fn publish_done(&self) -> bool {
+        let mut p = self.publishing.lock().expect("drift publish lock");
+        if p.1 {
+            p.1 = false;
+            return true;
+        }
+        p.0 = false;
+        false
     }
 
     /// A copy of what is known, for one computation outside the lock.

@@ -1,13 +1,13 @@
 //! The operator's questions about the fleet's versions, answered by the leader from its
 //! copy of the journals (see the module's docs) and the store's completed plans.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use flotilla_core::selector::Selector;
 use flotilla_core::{PlanSpec, pb};
 use prost::Message;
-use tracing::warn;
+use tracing::{debug, warn};
 
-use super::{FleetInput, PlanInput, fleet_status, show_target};
+use super::{FleetInput, PlanInput, cohort_labels, fleet_drift, fleet_status, show_target};
 use crate::error::CoordinatorError;
 use crate::planner::ShardView;
 use crate::service::Coordinator;
@@ -38,24 +38,120 @@ impl Coordinator {
     pub async fn fleet_show(&self, target: &str) -> Result<pb::FleetTarget, CoordinatorError> {
         let (epoch, fleet, plans) = self.versions_inputs().await?;
         let (journals, failures) = self.inner.versions.snapshot();
-        show_target(
+        let input = FleetInput {
+            fleet: &fleet,
+            journals: &journals,
+            epoch,
+            failures: &failures,
+            plans: &plans,
+            files: &HashMap::new(),
+        };
+        let mut shown =
+            show_target(&input, target.trim()).map_err(CoordinatorError::TargetNotFound)?;
+        let everything = Selector::parse("").expect("the empty selector parses");
+        let drift = fleet_drift(
+            &FleetInput {
+                plans: &[],
+                ..input
+            },
+            &everything,
+        );
+        let name = super::target_name(&shown.shard, &shown.tenant);
+        shown.fingerprint = input
+            .reported(&shown.shard)
+            .filter(|j| j.fingerprinted)
+            .and_then(|j| j.fingerprints.get(&shown.tenant))
+            .cloned()
+            .unwrap_or_default();
+        for cohort in drift.cohorts {
+            if let Some(d) = cohort.drifted.into_iter().find(|d| d.target == name) {
+                shown.drift = Some(d);
+                shown.drift_majority = cohort.majority;
+                break;
+            }
+        }
+        Ok(shown)
+    }
+
+    /// `fleet drift`: cohorts need no plans (only what the journals applied), so this reads
+    /// the fleet's labels and the leader's copy, nothing else.
+    pub async fn fleet_drift(
+        &self,
+        selector: &str,
+    ) -> Result<pb::FleetDriftResponse, CoordinatorError> {
+        let selector = Selector::parse(selector)
+            .map_err(|e| CoordinatorError::InvalidRequest(format!("--selector: {e}")))?;
+        let (epoch, fleet) = self.versions_fleet().await?;
+        let (journals, failures) = self.inner.versions.snapshot();
+        Ok(fleet_drift(
             &FleetInput {
                 fleet: &fleet,
                 journals: &journals,
                 epoch,
                 failures: &failures,
-                plans: &plans,
+                plans: &[],
                 files: &HashMap::new(),
             },
-            target.trim(),
-        )
-        .map_err(CoordinatorError::TargetNotFound)
+            &selector,
+        ))
+    }
+
+    /// Recomputes the drift of the whole fleet for `flotilla_drifted_targets` after a
+    /// schema report, in a task of its own: one at a time, and reports that arrive
+    /// meanwhile (a plan's runs end by the thousand) make one more, not one each.
+    pub fn publish_drift(&self) {
+        if !self.inner.versions.publish_start() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match me.fleet_drift("").await {
+                    Ok(r) => crate::metrics::drifted_targets(&cohort_labels(&r)),
+                    // a follower has nothing to say
+                    Err(e) => debug!(error = %e, "drift not computed"),
+                }
+                if !me.inner.versions.publish_done() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// The targets ("shard/tenant", or "shard") whose schema is not their cohort's majority.
+    pub(crate) async fn drifted_targets(&self) -> Result<HashSet<String>, CoordinatorError> {
+        let r = self.fleet_drift("").await?;
+        Ok(r.cohorts
+            .into_iter()
+            .flat_map(|c| c.drifted.into_iter().map(|d| d.target))
+            .collect())
     }
 
     /// The leader's epoch, every shard's labels and tenants, and the completed plans.
     async fn versions_inputs(
         &self,
     ) -> Result<(u64, BTreeMap<String, ShardView>, Vec<PlanInput>), CoordinatorError> {
+        let (epoch, fleet) = self.versions_fleet().await?;
+        let mut plans = Vec::new();
+        for row in self.inner.store.completed_plans().await? {
+            let spec = hex::decode(&row.spec_hex)
+                .ok()
+                .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
+                .and_then(|p| PlanSpec::try_from(p).ok());
+            match spec {
+                Some(spec) => plans.push(PlanInput { id: row.id, spec }),
+                // A plan a newer rule refuses still counts for what it applied; but its
+                // migrations cannot be expanded: say so rather than guess.
+                None => {
+                    warn!(plan = %row.id, "a completed plan's spec does not decode; not counted in fleet status")
+                }
+            }
+        }
+        Ok((epoch, fleet, plans))
+    }
+
+    /// The leader's epoch and every shard's labels and tenants.
+    async fn versions_fleet(&self) -> Result<(u64, BTreeMap<String, ShardView>), CoordinatorError> {
         // Agents report their journals to the leader only.
         let epoch = self.leader_epoch()?;
         let fleet = self
@@ -75,21 +171,6 @@ impl Coordinator {
                 (a.shard, view)
             })
             .collect();
-        let mut plans = Vec::new();
-        for row in self.inner.store.completed_plans().await? {
-            let spec = hex::decode(&row.spec_hex)
-                .ok()
-                .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
-                .and_then(|p| PlanSpec::try_from(p).ok());
-            match spec {
-                Some(spec) => plans.push(PlanInput { id: row.id, spec }),
-                // A plan a newer rule refuses still counts for what it applied; but its
-                // migrations cannot be expanded: say so rather than guess.
-                None => {
-                    warn!(plan = %row.id, "a completed plan's spec does not decode; not counted in fleet status")
-                }
-            }
-        }
-        Ok((epoch, fleet, plans))
+        Ok((epoch, fleet))
     }
 }

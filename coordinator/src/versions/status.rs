@@ -39,20 +39,20 @@ struct Expected {
 
 /// One target, worked out.
 #[derive(Debug)]
-struct TargetState {
-    shard: String,
-    tenant: String,
-    labels: BTreeMap<String, String>,
-    journal: Vec<pb::JournalEntry>,
-    head: String,
-    digest: String,
-    version: String,
-    pending: Vec<String>,
-    mismatches: Vec<pb::ChecksumMismatch>,
+pub(super) struct TargetState {
+    pub(super) shard: String,
+    pub(super) tenant: String,
+    pub(super) labels: BTreeMap<String, String>,
+    pub(super) journal: Vec<pb::JournalEntry>,
+    pub(super) head: String,
+    pub(super) digest: String,
+    pub(super) version: String,
+    pub(super) pending: Vec<String>,
+    pub(super) mismatches: Vec<pb::ChecksumMismatch>,
 }
 
 impl FleetInput<'_> {
-    fn reported(&self, shard: &str) -> Option<&ShardJournal> {
+    pub(super) fn reported(&self, shard: &str) -> Option<&ShardJournal> {
         self.journals
             .get(shard)
             .filter(|j| j.complete && j.epoch == self.epoch)
@@ -92,7 +92,7 @@ impl FleetInput<'_> {
 
     /// Every reported target the selector takes: the tenants, and the shard itself when its
     /// journal or a plan gives it something.
-    fn targets(&self, selector: &Selector) -> Vec<TargetState> {
+    pub(super) fn targets(&self, selector: &Selector) -> Vec<TargetState> {
         let mut expected = self.expected();
         let mut out = Vec::new();
         for (shard, view) in self.fleet {
@@ -297,6 +297,8 @@ pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, St
             digest: t.digest,
             version: t.version,
             reported,
+            // the schema's fingerprint and drift: see `query::fleet_show`
+            ..Default::default()
         },
         // A shard whose journal was not heard, or the shard itself with nothing for it.
         None => pb::FleetTarget {

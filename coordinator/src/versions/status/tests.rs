@@ -100,6 +100,7 @@ fn journals(
                     epoch: EPOCH,
                     complete: true,
                     targets,
+                    ..Default::default()
                 },
             )
         })

@@ -1,0 +1,166 @@
+//! `fleet drift`: within each cohort (targets with the same applied set, as `fleet status`
+//! groups them), the schema fingerprints the agents read and how many targets share each;
+//! the targets whose shape is not the cohort's majority, with the items that differ. Pure,
+//! like `status`: the tests need no coordinator.
+//!
+//! A cohort is where the shapes must agree: its targets ran the same migrations, so a
+//! different shape was made by hand (or by a migration that behaves differently per
+//! target). Across cohorts shapes differ by design and are not compared.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use flotilla_core::pb;
+use flotilla_core::selector::Selector;
+
+use super::{FleetInput, target_name};
+
+/// One cohort's targets and their fingerprints, as they are gathered.
+#[derive(Default)]
+struct Gathered {
+    head: String,
+    digest: String,
+    /// (target name, fingerprint), in the fleet's order.
+    targets: Vec<(String, String)>,
+}
+
+pub fn fleet_drift(input: &FleetInput, selector: &Selector) -> pb::FleetDriftResponse {
+    let shapes: HashMap<&str, &Arc<Vec<String>>> = input
+        .journals
+        .values()
+        .flat_map(|j| j.shapes.iter().map(|(f, items)| (f.as_str(), items)))
+        .collect();
+    let mut cohorts: BTreeMap<(String, String), Gathered> = BTreeMap::new();
+    let mut unfingerprinted = Vec::new();
+    for t in input.targets(selector) {
+        let name = target_name(&t.shard, &t.tenant);
+        let fingerprint = input
+            .reported(&t.shard)
+            .filter(|j| j.fingerprinted)
+            .and_then(|j| j.fingerprints.get(&t.tenant));
+        let Some(fingerprint) = fingerprint else {
+            unfingerprinted.push(name);
+            continue;
+        };
+        let cohort = cohorts
+            .entry((t.digest.clone(), t.head.clone()))
+            .or_insert_with(|| Gathered {
+                head: t.head.clone(),
+                digest: t.digest.clone(),
+                targets: Vec::new(),
+            });
+        cohort.targets.push((name, fingerprint.clone()));
+    }
+    let mut out: Vec<pb::DriftCohort> =
+        cohorts.into_values().map(|c| compare(c, &shapes)).collect();
+    out.sort_by(|a, b| b.targets.cmp(&a.targets).then_with(|| a.head.cmp(&b.head)));
+    let shards = input
+        .fleet
+        .keys()
+        .filter_map(|shard| {
+            let j = input.reported(shard).filter(|j| j.fingerprinted)?;
+            Some(pb::ShardFingerprint {
+                shard: shard.clone(),
+                read_ms: j.fingerprint_read_ms,
+                targets: j.fingerprints.len() as u64,
+                reported_at_ms: j.fingerprinted_at_ms,
+            })
+        })
+        .collect();
+    pb::FleetDriftResponse {
+        targets: out.iter().map(|c| c.targets).sum(),
+        drifted: out.iter().map(|c| c.drifted.len() as u64).sum(),
+        cohorts: out,
+        unfingerprinted,
+        unreported_shards: input
+            .fleet
+            .keys()
+            .filter(|shard| input.reported(shard).is_none())
+            .cloned()
+            .collect(),
+        shards,
+    }
+}
+
+/// One cohort: its shapes by how many share them, the majority (most shared; on a tie the
+/// smallest fingerprint, so the answer does not change from call to call), and the others.
+fn compare(c: Gathered, shapes: &HashMap<&str, &Arc<Vec<String>>>) -> pb::DriftCohort {
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for (_, f) in &c.targets {
+        *counts.entry(f.as_str()).or_default() += 1;
+    }
+    let mut ranked: Vec<(&str, u64)> = counts.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    let (majority, majority_count) = ranked[0];
+    let majority_items = shapes.get(majority);
+    let drifted = c
+        .targets
+        .iter()
+        .filter(|(_, f)| f != majority)
+        .map(|(target, f)| {
+            let mut d = pb::DriftedTarget {
+                target: target.clone(),
+                fingerprint: f.clone(),
+                ..Default::default()
+            };
+            match (shapes.get(f.as_str()), majority_items) {
+                (Some(own), Some(common)) => (d.extra, d.missing) = diff(own, common),
+                _ => d.unknown_items = true,
+            }
+            d
+        })
+        .collect();
+    pb::DriftCohort {
+        head: c.head,
+        digest: c.digest,
+        targets: c.targets.len() as u64,
+        majority: majority_count,
+        shapes: ranked
+            .iter()
+            .map(|(f, n)| pb::DriftShape {
+                fingerprint: f.to_string(),
+                targets: *n,
+                majority: *f == majority,
+            })
+            .collect(),
+        drifted,
+    }
+}
+
+/// What `own` has that `common` lacks, and what it lacks of `common`, each sorted.
+fn diff(own: &[String], common: &[String]) -> (Vec<String>, Vec<String>) {
+    let own_set: BTreeSet<&String> = own.iter().collect();
+    let common_set: BTreeSet<&String> = common.iter().collect();
+    (
+        own_set
+            .difference(&common_set)
+            .map(|s| s.to_string())
+            .collect(),
+        common_set
+            .difference(&own_set)
+            .map(|s| s.to_string())
+            .collect(),
+    )
+}
+
+/// Each cohort's label for `flotilla_drifted_targets` and its drifted targets: the head
+/// migration ("none" when nothing is applied), with `@digest` when another cohort already
+/// took that head (same head, other applied set). Bounded by the number of cohorts.
+pub fn cohort_labels(r: &pb::FleetDriftResponse) -> Vec<(String, u64)> {
+    let mut taken = BTreeSet::new();
+    r.cohorts
+        .iter()
+        .map(|c| {
+            let head = if c.head.is_empty() { "none" } else { &c.head };
+            let label = if taken.contains(head) {
+                format!("{head}@{}", c.digest)
+            } else {
+                head.to_string()
+            };
+            taken.insert(head.to_string());
+            (label, c.drifted.len() as u64)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
