@@ -188,11 +188,12 @@ impl Store {
     /// Plans that were running (or rolling back) when the coordinator stopped.
     pub async fn unfinished_plans(&self) -> Result<Vec<PlanRow>, StoreError> {
         // Every state a plan does not end in, from the states themselves (a new end state
-        // cannot be forgotten here and its plans resumed, or worse, undone).
+        // cannot be forgotten here and its plans resumed, or worse, undone). A plan
+        // awaiting approval has nothing to continue: it keeps waiting, in the store only.
         let open: Vec<PlanState> = PlanState::ALL
             .iter()
             .copied()
-            .filter(|p| !p.is_terminal())
+            .filter(|p| !p.is_terminal() && *p != PlanState::AwaitingApproval)
             .collect();
         self.plans_in(&open).await
     }
@@ -321,6 +322,52 @@ impl Store {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect())
+    }
+}
+
+/// One entry of the audit trail, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub plan_id: String,
+    pub detail: String,
+}
+
+impl Store {
+    /// The audit trail, oldest first: of one plan or all, from `since_ms` on, at most
+    /// `limit` entries (the latest ones).
+    pub async fn audit_trail(
+        &self,
+        plan_id: Option<&str>,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        // The latest `limit`, then put back in order: ids are UUIDv7, so they sort by time
+        // within one millisecond too.
+        let rows = sqlx::query(
+            "SELECT at_ms, actor, action, plan_id, detail FROM audit
+             WHERE ($1 = '' OR plan_id = $1) AND at_ms >= $2
+             ORDER BY at_ms DESC, id DESC LIMIT $3",
+        )
+        .bind(plan_id.unwrap_or(""))
+        .bind(since_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<AuditRow> = rows
+            .iter()
+            .map(|r| AuditRow {
+                at_ms: r.get(0),
+                actor: r.get(1),
+                action: r.get(2),
+                plan_id: r.get(3),
+                detail: r.get(4),
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
     }
 }
 
