@@ -331,7 +331,11 @@ approvals = 3
         assert!(m.rule("staging", Risk::High).is_none());
         assert!(m.rule("dev", Risk::High).is_none());
         let high = m.rule("production", Risk::High).unwrap();
-        assert_eq!((high.approvals, high.line), (2, 17));
+        assert_eq!(
+            (high.approvals, high.line),
+            (2, 15),
+            "the line of its `[[rule]]`"
+        );
         assert_eq!(m.rule("production", Risk::Low).unwrap().approvals, 1);
         // a named environment beats a named risk
         assert_eq!(m.rule("production", Risk::Critical).unwrap().approvals, 1);
