@@ -239,6 +239,26 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
         "{trail:?}"
     );
 
+    // A cancel of a waiting plan ends it cancelled, nothing having run either.
+    let dir = plan("production", "004_cancelled", "cancelled_table", "medium")?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &["--as", "alice"]).await?;
+    assert_eq!(code, 4, "{out}");
+    let cancelled = st["plan_id"].as_str().unwrap().to_string();
+    let out = fleet
+        .cli(&[
+            "plan", "cancel", &cancelled, "--as", "alice", "--output", "json",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&cancelled).await?;
+    assert_eq!(st["state"], "cancelled", "{st}");
+    assert_eq!(st["migrations"][0]["not_run"], 4, "{st}");
+    assert_eq!(
+        fleet.journal_total().await?,
+        8,
+        "the cancelled plan ran nowhere"
+    );
+
     // `--since` in the future shows nothing; the whole trail holds both plans.
     let later = fleet
         .json(&[
