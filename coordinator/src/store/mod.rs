@@ -404,3 +404,55 @@ where
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_testkit::{PgCluster, TestDir};
+    use tokio::sync::{mpsc, oneshot};
+
+    /// The audit trail reads back the same from SQLite and PostgreSQL: by plan, since a
+    /// time, the latest `limit` in order.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_audit_trail_is_queried_by_plan_time_and_limit() {
+        let dir = TestDir::new("audit-store").unwrap();
+        let sqlite = dir.join("flotilla.db").to_string_lossy().into_owned();
+        let pg = PgCluster::start().await.unwrap();
+        pg.create_database("audit_store").await.unwrap();
+        for location in [sqlite, pg.url("audit_store")] {
+            let store = Store::open(&location).await.unwrap();
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run_writer(store.clone(), rx));
+            for (actor, action, plan) in [
+                ("alice", "submit", "p1"),
+                ("bob", "approve", "p1"),
+                ("carol", "submit", "p2"),
+                ("dan", "approve", "p1"),
+            ] {
+                tx.send(StoreOp::Audit(Audit {
+                    actor: actor.into(),
+                    action,
+                    plan_id: plan.into(),
+                    detail: format!("{action} by {actor}"),
+                }))
+                .unwrap();
+            }
+            let (done, flushed) = oneshot::channel();
+            tx.send(StoreOp::Flush(done)).unwrap();
+            flushed.await.unwrap();
+
+            let p1 = store.audit_trail(Some("p1"), 0, 1000).await.unwrap();
+            let who: Vec<&str> = p1.iter().map(|a| a.actor.as_str()).collect();
+            assert_eq!(who, ["alice", "bob", "dan"], "{location}");
+            assert!(p1.iter().all(|a| a.at_ms > 0 && a.plan_id == "p1"));
+            let latest = store.audit_trail(None, 0, 2).await.unwrap();
+            let who: Vec<&str> = latest.iter().map(|a| a.actor.as_str()).collect();
+            assert_eq!(who, ["carol", "dan"], "{location}");
+            let none = store
+                .audit_trail(None, now_ms() + 60_000, 10)
+                .await
+                .unwrap();
+            assert!(none.is_empty(), "{location}");
+        }
+    }
+}
