@@ -5,7 +5,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::fleet::{Cli, MigrationDir, TestFleet};
-use crate::harness::{TestDir, free_port, run_flotilla};
+use crate::harness::{TestDir, free_port, http, run_flotilla};
 
 /// The seed's matrix, by risk: staging needs none; production one; high-risk production
 /// two, one of them a DBA.
@@ -65,7 +65,9 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
     let matrix = files.join("approvals.toml");
     std::fs::write(&matrix, MATRIX)?;
     let matrix = matrix.to_string_lossy().into_owned();
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let mut fleet = TestFleet::builder(2, 2)
+        .metrics(metrics)
         .coordinator_args(&["--approvals", &matrix])
         .start()
         .await?;
@@ -258,6 +260,13 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
         8,
         "the cancelled plan ran nowhere"
     );
+
+    // Counted since the restart: two plans held, two approvals, one rejection.
+    let body = http::get(metrics, "/metrics").await?.body;
+    for (decision, n) in [("awaiting", 2), ("approve", 2), ("reject", 1)] {
+        let line = format!("flotilla_plan_approvals_total{{decision=\"{decision}\"}} {n}");
+        assert!(body.contains(&line), "no `{line}` in:\n{body}");
+    }
 
     // `--since` in the future shows nothing; the whole trail holds both plans.
     let later = fleet

@@ -100,6 +100,7 @@ impl Coordinator {
             None => format!("{} of {needed}; approved", given.len()),
         };
         self.write(actor.audit("approve", plan_id, &approvals::approval_detail(role, &what)));
+        crate::metrics::plan_approval("approve");
         info!(plan = %plan_id, approver = %actor.name, role, "plan approval: {what}");
         match missing {
             Some(m) => {
@@ -155,6 +156,7 @@ impl Coordinator {
         let _one_at_a_time = self.inner.approving.lock().await;
         let row = self.awaiting(plan_id, "reject").await?;
         self.write(actor.audit("reject", plan_id, ""));
+        crate::metrics::plan_approval("reject");
         let message = actor.explain(&format!("rejected by {}", actor.name));
         self.end_unstarted(&row, PlanState::Rejected, message).await
     }

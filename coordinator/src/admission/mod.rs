@@ -77,6 +77,7 @@ impl Coordinator {
         if let Some(needs) = awaiting {
             // Stored, and nothing else: no lock, no step, until its approvals are in.
             info!(plan = %plan_id, "plan awaits {needs}");
+            crate::metrics::plan_approval("awaiting");
             return Ok(pb::SubmitPlanResponse {
                 status: Some(self.status(&plan_id).await?),
                 plan_id,
