@@ -1,11 +1,13 @@
 //! Governance: the approval matrix (`coordinator --approvals FILE`), plans awaiting
 //! approval touching nothing, `plan approve` / `plan reject`, and `audit list`.
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::fleet::{Cli, MigrationDir, TestFleet};
-use crate::harness::{TestDir, free_port, http, run_flotilla};
+use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT};
+use crate::ha::HaFleet;
+use crate::harness::{TestDir, free_port, http, run_flotilla, wait_until};
 
 /// The seed's matrix, by risk: staging needs none; production one; high-risk production
 /// two, one of them a DBA.
@@ -319,5 +321,93 @@ async fn a_bad_approvals_file_stops_the_coordinator_naming_file_and_line() -> an
         "{out}"
     );
     assert!(!Path::new(&store).exists(), "nothing started: {out}");
+    Ok(())
+}
+
+/// Journal rows on every shard of an HA fleet.
+async fn ha_journal_total(fleet: &HaFleet) -> anyhow::Result<i64> {
+    let mut n = 0;
+    for s in 0..fleet.agents.len() {
+        n += fleet
+            .pg
+            .query_scalar::<i64>(
+                &format!("shard_{s}"),
+                "SELECT count(*) FROM flotilla.journal",
+            )
+            .await?;
+    }
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_awaiting_approval_waits_under_a_new_leader_and_is_approved_through_a_follower()
+-> anyhow::Result<()> {
+    let files = TestDir::new("approvals-ha")?;
+    let matrix = files.join("approvals.toml");
+    std::fs::write(&matrix, MATRIX)?;
+    let matrix = matrix.to_string_lossy().into_owned();
+    let mut fleet = HaFleet::builder(2, 2, 2)
+        .coordinator_args(&["--approvals", &matrix])
+        .start()
+        .await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let standby = 1 - leader;
+
+    let dir = plan("production", "001_ha_guarded", "ha_guarded", "high")?;
+    let path = dir.path().to_string_lossy().into_owned();
+    let out = fleet
+        .cli_at(
+            leader,
+            &["plan", "submit", &path, "--as", "alice", "--output", "json"],
+        )
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let id = out.last_json()?["plan_id"].as_str().unwrap().to_string();
+
+    // The leader hands over (SIGTERM); the new one keeps the plan waiting, touching nothing.
+    fleet.coordinators[leader]
+        .as_mut()
+        .unwrap()
+        .terminate_within(Duration::from_secs(15))
+        .await?;
+    fleet.coordinators[standby]
+        .as_ref()
+        .unwrap()
+        .wait_for_log("leading: scheduling and deciding", WAIT)
+        .await?;
+    fleet.restart_coordinator_with(leader, &[]).await?;
+    wait_until("agents attached to the new leader", WAIT, async || {
+        let out = fleet
+            .cli_at(standby, &["fleet", "list", "--output", "json"])
+            .await?;
+        Ok(out.stdout.matches("\"connected\":true").count() == 2)
+    })
+    .await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "awaiting_approval", "{st}");
+    assert_eq!(ha_journal_total(&fleet).await?, 0, "nothing applied");
+
+    // Approvals sent to the follower (the old leader, restarted) reach the leader.
+    assert_eq!(fleet.leader(), Some(standby), "the standby leads now");
+    let out = fleet
+        .cli_at(
+            leader,
+            &["plan", "approve", &id, "--as", "bob", "--role", "lead"],
+        )
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = fleet
+        .cli_at(
+            leader,
+            &[
+                "plan", "approve", &id, "--as", "carol", "--role", "dba", "--wait", "--output",
+                "json",
+            ],
+        )
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(ha_journal_total(&fleet).await?, 4, "2 shards x 2 tenants");
     Ok(())
 }
