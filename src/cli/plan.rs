@@ -522,3 +522,27 @@ pub async fn fleet_list(addr: &str, output: Output) -> u8 {
         Err(code) => code,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_a_duration_back_or_an_rfc3339_time() {
+        assert_eq!(since_ms("2026-12-01T09:00:00Z"), Ok(1_796_115_600_000));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let back = since_ms("2h").unwrap();
+        assert!(now - back >= 7_200_000 && now - back < 7_260_000, "{back}");
+        assert!(since_ms("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+
+    #[test]
+    fn a_plan_awaiting_approval_waits_for_a_person() {
+        assert!(waits_for_a_person("awaiting_approval"));
+        assert!(waits_for_a_person("waiting"));
+        assert!(!waits_for_a_person("running") && !waits_for_a_person("rejected"));
+    }
+}
