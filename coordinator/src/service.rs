@@ -264,6 +264,21 @@ impl Coordinator {
                 }
                 .into());
             }
+            // Neither ran: there is nothing to undo (a waiting plan is cancelled or rejected).
+            if row.state == PlanState::Rejected {
+                return Err(Conflict::Ended {
+                    plan_id: plan_id.to_string(),
+                    state: row.state,
+                }
+                .into());
+            }
+            if row.state == PlanState::AwaitingApproval {
+                return Err(Conflict::NotRunning {
+                    plan_id: plan_id.to_string(),
+                    action: "roll back (it awaits approval: cancel or reject it)",
+                }
+                .into());
+            }
             let mut run = self.rebuild(&row).await?;
             run.state = PlanState::Completed;
             Some(Box::new(run))

@@ -202,6 +202,12 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
     let (code, st, out) = fleet.submit_wait(dir.path(), &["--as", "alice"]).await?;
     assert_eq!(code, 4, "{out}");
     let rejected = st["plan_id"].as_str().unwrap().to_string();
+    // Nothing but a decision moves a waiting plan: no rollback, no promote.
+    for verb in ["rollback", "promote"] {
+        let out = fleet.cli(&["plan", verb, &rejected]).await?;
+        assert_eq!(out.code(), Some(2), "{out}");
+        assert!(out.stderr.contains("not running"), "{out}");
+    }
     let st = approve(
         &fleet,
         "reject",
@@ -231,6 +237,9 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
         .await?;
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("not awaiting approval"), "{out}");
+    let out = fleet.cli(&["plan", "rollback", &rejected]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("already ended rejected"), "{out}");
     let trail = audit(&fleet, &rejected).await?;
     let last = trail.last().expect("an audit trail");
     assert_eq!(last["action"], "reject", "{trail:?}");
