@@ -49,7 +49,6 @@ pub async fn coordinator(args: CoordinatorArgs) -> u8 {
                 config.approvals = m;
             }
             Err(e) => {
-                error!("{e}");
                 eprintln!("error: {e}");
                 return EXIT_BAD_INPUT;
             }
