@@ -405,6 +405,17 @@ approvals = 3
     }
 
     #[test]
+    fn the_example_matrix_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/approvals.toml");
+        let m = Matrix::load(&path).unwrap();
+        assert!(m.rule("staging", Risk::Low).is_none());
+        assert_eq!(m.rule("staging", Risk::Medium).unwrap().approvals, 1);
+        assert_eq!(m.rule("production", Risk::Low).unwrap().approvals, 2);
+        let high = m.rule("production", Risk::High).unwrap();
+        assert_eq!(high.require, ["data_ops_lead", "engineering_manager"]);
+    }
+
+    #[test]
     fn an_approvals_role_reads_back_from_its_audit_detail() {
         let d = approval_detail("dba", "1 of 2: looks fine");
         assert_eq!(approval_role(&d), Some("dba"));
