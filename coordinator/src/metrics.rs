@@ -90,6 +90,10 @@ fn describe() {
         "flotilla_plans_finished_total",
         "Plans that reached a final state, by state."
     );
+    describe_gauge!(
+        "flotilla_plans_awaiting_approval",
+        "Plans stored in awaiting_approval, touching nothing until approved (counted by the leader)."
+    );
     describe_counter!(
         "flotilla_plan_approvals_total",
         "Decisions on plans awaiting approval, by decision (approve, reject), and plans submitted into awaiting_approval (awaiting)."
@@ -187,6 +191,7 @@ pub fn initialise(agent_grace: Duration) {
     for d in [Decision::Commit, Decision::Abort] {
         counter!("flotilla_decisions_total", "decision" => d.as_str()).absolute(0);
     }
+    gauge!("flotilla_plans_awaiting_approval").set(0.0);
     for d in APPROVAL_DECISIONS {
         counter!("flotilla_plan_approvals_total", "decision" => d).absolute(0);
     }
@@ -251,6 +256,11 @@ pub fn leader(leading: bool) {
 
 pub fn two_phase_window(window: Duration) {
     histogram!("flotilla_two_phase_window_seconds").record(window.as_secs_f64());
+}
+
+/// Plans stored awaiting approval (the leader's count, from the control store).
+pub fn plans_awaiting_approval(n: i64) {
+    gauge!("flotilla_plans_awaiting_approval").set(n.max(0) as f64);
 }
 
 /// The `decision` label of `flotilla_plan_approvals_total`.

@@ -103,6 +103,12 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
     fleet.wait_attached(2).await?;
     let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "awaiting_approval", "{st}");
+    // The new coordinator counts it when it starts to lead.
+    wait_until("the waiting plan counted", WAIT, async || {
+        let body = http::get(metrics, "/metrics").await?.body;
+        Ok(body.contains("flotilla_plans_awaiting_approval 1"))
+    })
+    .await?;
     let listed = fleet.json(&["plan", "list", "--output", "json"]).await?;
     assert!(listed.to_string().contains("awaiting_approval"), "{listed}");
     assert_eq!(fleet.journal_total().await?, 0, "nothing applied");
@@ -278,6 +284,10 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
         let line = format!("flotilla_plan_approvals_total{{decision=\"{decision}\"}} {n}");
         assert!(body.contains(&line), "no `{line}` in:\n{body}");
     }
+    assert!(
+        body.contains("flotilla_plans_awaiting_approval 0"),
+        "none waits now:\n{body}"
+    );
 
     // `--since` in the future shows nothing; the whole trail holds both plans.
     let later = fleet

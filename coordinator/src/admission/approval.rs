@@ -143,6 +143,7 @@ impl Coordinator {
             })
             .await?;
         self.take_locks(row.id.clone(), shards, epoch);
+        self.count_awaiting().await;
         Ok(status)
     }
 
@@ -222,6 +223,7 @@ impl Coordinator {
         });
         self.flush().await;
         crate::metrics::plan_finished(state);
+        self.count_awaiting().await;
         info!(plan = %row.id, state = state.as_str(), "{message}");
         self.changed(&row.id, true);
         self.status(&row.id).await
@@ -264,6 +266,15 @@ impl Coordinator {
                 (actor, role.to_string())
             })
             .collect())
+    }
+
+    /// Counts the plans awaiting approval again, for the gauge (after one came or went,
+    /// and when this coordinator starts to lead).
+    pub(crate) async fn count_awaiting(&self) {
+        match self.inner.store.count_in(PlanState::AwaitingApproval).await {
+            Ok(n) => crate::metrics::plans_awaiting_approval(n),
+            Err(e) => tracing::warn!("cannot count the plans awaiting approval: {e}"),
+        }
     }
 
     /// Tells watchers the plan changed (`ended`: for good).

@@ -78,6 +78,7 @@ impl Coordinator {
             // Stored, and nothing else: no lock, no step, until its approvals are in.
             info!(plan = %plan_id, "plan awaits {needs}");
             crate::metrics::plan_approval("awaiting");
+            self.count_awaiting().await;
             return Ok(pb::SubmitPlanResponse {
                 status: Some(self.status(&plan_id).await?),
                 plan_id,

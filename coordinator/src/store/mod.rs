@@ -198,6 +198,15 @@ impl Store {
         self.plans_in(&open).await
     }
 
+    /// How many plans are in `state` now.
+    pub async fn count_in(&self, state: PlanState) -> Result<i64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM plans WHERE state = $1")
+            .bind(state.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+
     /// Plans whose migrations every target they select should have: those that completed
     /// (with failures within their budget or not), oldest first.
     pub async fn completed_plans(&self) -> Result<Vec<PlanRow>, StoreError> {
