@@ -29,6 +29,10 @@ pub enum CoordinatorError {
     Store(#[from] StoreError),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The one asking may not do this (approve their own plan, approve in a role the
+    /// plan's approval rule does not accept).
+    #[error("{0}")]
+    NotAllowed(String),
     #[error("coordinator is shutting down")]
     ShuttingDown,
     /// Only the leader schedules and decides; `leader` is where it is, when known.
@@ -147,6 +151,12 @@ pub enum Conflict {
         "plan {plan_id} is {state}; retry runs again the failed steps of a failed, halted or completed_with_failures plan"
     )]
     NotRetryable { plan_id: String, state: PlanState },
+    #[error("plan {plan_id} is {state}, not awaiting approval; nothing to {action}")]
+    NotAwaitingApproval {
+        plan_id: String,
+        state: String,
+        action: &'static str,
+    },
     #[error("plan {plan_id} has no failed or not-run step left to retry there")]
     NothingToRetry { plan_id: String },
 }
@@ -175,6 +185,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Refused(_) | CoordinatorError::Conflict(_) => {
                 tonic::Status::failed_precondition(msg)
             }
+            CoordinatorError::NotAllowed(_) => tonic::Status::permission_denied(msg),
             CoordinatorError::PlanNotFound(_) | CoordinatorError::TargetNotFound(_) => {
                 tonic::Status::not_found(msg)
             }

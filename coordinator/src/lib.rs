@@ -11,10 +11,12 @@
 //!   [`sessions`]: agents' streams;
 //! - [`engine`]: the one task that owns plans in motion; [`plan`]: their pure state;
 //! - [`store`]: the control store; [`coordination`]: etcd (or the embedded backend).
+//! - [`approvals`]: the approval matrix a plan waits on before it starts.
 //! - [`shutdown`]: stopping within a bound, leadership and agents handed over.
 pub mod actor;
 mod admission;
 mod api;
+pub mod approvals;
 pub mod coordination;
 pub mod engine;
 pub mod error;
@@ -70,6 +72,8 @@ pub struct CoordinatorConfig {
     /// Once asked to stop, how long the coordinator may take to hand leadership
     /// over and let its streams end before it stops anyway.
     pub shutdown_grace: Duration,
+    /// Per environment and risk, the approvals a plan needs before it starts.
+    pub approvals: approvals::Matrix,
 }
 
 impl CoordinatorConfig {
@@ -88,6 +92,7 @@ impl CoordinatorConfig {
             etcd_prefix: coordination::keys::DEFAULT_PREFIX.to_string(),
             catch_up_environments: Vec::new(),
             shutdown_grace: Duration::from_secs(10),
+            approvals: approvals::Matrix::default(),
         }
     }
 }
@@ -238,6 +243,8 @@ pub async fn start(
                 catch_up_environments: config.catch_up_environments.clone(),
             },
             shutdown: Arc::default(),
+            approvals: config.approvals.clone(),
+            approving: tokio::sync::Mutex::new(()),
         }),
     };
     tokio::spawn(follow_leadership(coordinator.clone()));

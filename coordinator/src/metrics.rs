@@ -91,6 +91,14 @@ fn describe() {
         "Plans that reached a final state, by state."
     );
     describe_gauge!(
+        "flotilla_plans_awaiting_approval",
+        "Plans stored in awaiting_approval, touching nothing until approved (counted by the leader)."
+    );
+    describe_counter!(
+        "flotilla_plan_approvals_total",
+        "Decisions on plans awaiting approval, by decision (approve, reject), and plans submitted into awaiting_approval (awaiting)."
+    );
+    describe_gauge!(
         "flotilla_plans",
         "Plans in motion on this coordinator (the leader), by state and environment (none: the plan names none)."
     );
@@ -183,6 +191,10 @@ pub fn initialise(agent_grace: Duration) {
     for d in [Decision::Commit, Decision::Abort] {
         counter!("flotilla_decisions_total", "decision" => d.as_str()).absolute(0);
     }
+    gauge!("flotilla_plans_awaiting_approval").set(0.0);
+    for d in APPROVAL_DECISIONS {
+        counter!("flotilla_plan_approvals_total", "decision" => d).absolute(0);
+    }
     gauge!("flotilla_shard_agent_grace_seconds").set(agent_grace.as_secs_f64());
     gauge!("flotilla_agents_connected").set(0.0);
     gauge!("flotilla_leader").set(0.0);
@@ -244,6 +256,21 @@ pub fn leader(leading: bool) {
 
 pub fn two_phase_window(window: Duration) {
     histogram!("flotilla_two_phase_window_seconds").record(window.as_secs_f64());
+}
+
+/// Plans stored awaiting approval (the leader's count, from the control store).
+pub fn plans_awaiting_approval(n: i64) {
+    gauge!("flotilla_plans_awaiting_approval").set(n.max(0) as f64);
+}
+
+/// The `decision` label of `flotilla_plan_approvals_total`.
+const APPROVAL_DECISIONS: [&str; 3] = ["awaiting", "approve", "reject"];
+
+/// A plan submitted into awaiting_approval (`awaiting`), an approval (`approve`) or a
+/// rejection (`reject`).
+pub fn plan_approval(decision: &'static str) {
+    debug_assert!(APPROVAL_DECISIONS.contains(&decision));
+    counter!("flotilla_plan_approvals_total", "decision" => decision).increment(1);
 }
 
 pub fn decision(decision: Decision) {

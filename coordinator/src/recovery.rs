@@ -97,6 +97,8 @@ impl Coordinator {
     pub async fn resume_unfinished(&self) -> Result<usize, CoordinatorError> {
         let epoch = self.leader_epoch()?;
         let rows = self.inner.store.unfinished_plans().await?;
+        // Plans awaiting approval are not continued (they wait on), only counted.
+        self.count_awaiting().await;
         let mut n = 0;
         for row in rows {
             // Continued already by an earlier attempt in this term.

@@ -46,6 +46,11 @@ pub struct Inner {
     pub defaults: Defaults,
     /// How far stopping has got, and the long-lived streams still open.
     pub shutdown: Arc<Shutdown>,
+    /// The approval matrix (empty: no plan waits for approval).
+    pub approvals: crate::approvals::Matrix,
+    /// Held while an approval, a rejection or a cancel of a plan awaiting approval is
+    /// decided: two last approvals at once start the plan once.
+    pub approving: tokio::sync::Mutex<()>,
 }
 
 #[derive(Clone)]
@@ -238,6 +243,12 @@ impl Coordinator {
             .to_engine(|reply| Event::Status { plan_id: id, reply })
             .await?
             .is_some();
+        if !in_memory && kind == CommandKind::Cancel {
+            // A plan awaiting approval is in the store only: ended there.
+            if let Some(status) = self.cancel_awaiting(plan_id, &actor).await? {
+                return Ok(status);
+            }
+        }
         let revive = if in_memory || kind == CommandKind::Cancel {
             None
         } else {
@@ -250,6 +261,21 @@ impl Coordinator {
             if row.state == PlanState::RolledBack {
                 return Err(Conflict::RolledBack {
                     plan_id: plan_id.to_string(),
+                }
+                .into());
+            }
+            // Neither ran: there is nothing to undo (a waiting plan is cancelled or rejected).
+            if row.state == PlanState::Rejected {
+                return Err(Conflict::Ended {
+                    plan_id: plan_id.to_string(),
+                    state: row.state,
+                }
+                .into());
+            }
+            if row.state == PlanState::AwaitingApproval {
+                return Err(Conflict::NotRunning {
+                    plan_id: plan_id.to_string(),
+                    action: "roll back (it awaits approval: cancel or reject it)",
                 }
                 .into());
             }

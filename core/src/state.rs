@@ -7,6 +7,9 @@ use std::str::FromStr;
 /// Where a plan is. Terminal states are those a plan never leaves by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PlanState {
+    /// Stored and waiting for the approvals its environment and risk need (the
+    /// coordinator's approval matrix): no lock taken, nothing sent to any shard.
+    AwaitingApproval,
     Running,
     /// Stop policy or an operator's cancel: waiting for in-flight runs before ending.
     Stopping,
@@ -28,10 +31,13 @@ pub enum PlanState {
     RolledBack,
     RollbackFailed,
     Cancelled,
+    /// An approver said no while it was awaiting approval: nothing ran.
+    Rejected,
 }
 
 impl PlanState {
-    pub const ALL: [PlanState; 12] = [
+    pub const ALL: [PlanState; 14] = [
+        PlanState::AwaitingApproval,
         PlanState::Running,
         PlanState::Stopping,
         PlanState::Committing,
@@ -44,10 +50,12 @@ impl PlanState {
         PlanState::RolledBack,
         PlanState::RollbackFailed,
         PlanState::Cancelled,
+        PlanState::Rejected,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
+            PlanState::AwaitingApproval => "awaiting_approval",
             PlanState::Running => "running",
             PlanState::Stopping => "stopping",
             PlanState::Committing => "committing",
@@ -60,6 +68,7 @@ impl PlanState {
             PlanState::RolledBack => "rolled_back",
             PlanState::RollbackFailed => "rollback_failed",
             PlanState::Cancelled => "cancelled",
+            PlanState::Rejected => "rejected",
         }
     }
 
@@ -71,8 +80,10 @@ impl PlanState {
             | PlanState::Failed
             | PlanState::RolledBack
             | PlanState::RollbackFailed
-            | PlanState::Cancelled => true,
-            PlanState::Running
+            | PlanState::Cancelled
+            | PlanState::Rejected => true,
+            PlanState::AwaitingApproval
+            | PlanState::Running
             | PlanState::Stopping
             | PlanState::Committing
             | PlanState::Aborting
@@ -244,6 +255,8 @@ mod tests {
         assert!(PlanState::is_terminal_str("rolled_back"));
         assert!(!PlanState::is_terminal_str(PAUSED));
         assert!(!PlanState::is_terminal_str("committing"));
+        assert!(!PlanState::is_terminal_str("awaiting_approval"));
+        assert!(PlanState::is_terminal_str("rejected"));
         assert!("nonsense".parse::<StepState>().is_err());
         assert_eq!(
             "already_applied".parse::<StepState>(),

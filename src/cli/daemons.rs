@@ -40,6 +40,20 @@ pub async fn coordinator(args: CoordinatorArgs) -> u8 {
     config.agent_grace = args.agent_grace;
     config.catch_up_environments = args.catch_up_environments;
     config.shutdown_grace = args.shutdown_grace;
+    if let Some(path) = &args.approvals {
+        // Checked before anything starts: a coordinator with a wrong matrix would let
+        // unapproved plans through, or hold every plan.
+        match flotilla_coordinator::approvals::Matrix::load(path) {
+            Ok(m) => {
+                info!(rules = m.rules.len(), file = %path.display(), "approval matrix loaded");
+                config.approvals = m;
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_BAD_INPUT;
+            }
+        }
+    }
     match flotilla_coordinator::start(config, shutdown_signal(), None).await {
         Ok(()) => EXIT_OK,
         Err(e) => {

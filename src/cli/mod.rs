@@ -1,8 +1,13 @@
 //! Command-line interface: flags, and which command does what.
 //!
 //! Exit codes: 0 success; 1 the plan failed or was rolled back; 2 bad input
-//! (files, flags, a plan the coordinator refused); 3 Flotilla could not do it
-//! (coordinator unreachable, a daemon failed to start).
+//! (files, flags, a plan the coordinator refused, a command not allowed); 3 Flotilla
+//! could not do it (coordinator unreachable, a daemon failed to start); 4 the plan waits
+//! for a person (a wave's manual gate, or its approvals).
+//!
+//! Identity: until operator credentials land, `--actor` (alias `--as`, default $USER) names
+//! who asks, on submit as on every command, so a submitter's own approval is refused; and
+//! `--role` says in which role an approver approves.
 mod daemons;
 mod fleet;
 mod logging;
@@ -23,8 +28,9 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_PLAN_FAILED: u8 = 1;
 pub const EXIT_BAD_INPUT: u8 = 2;
 pub const EXIT_UNAVAILABLE: u8 = 3;
-/// `--wait` or `watch` came back because the plan waits at a wave's manual gate
-/// (`flotilla plan promote` lets it go on).
+/// `--wait` or `watch` came back because the plan waits for a person: at a wave's manual
+/// gate (`flotilla plan promote` lets it go on), or for its approvals (`flotilla plan
+/// approve`).
 pub const EXIT_WAITING: u8 = 4;
 /// `fleet drift` found a target whose schema is not its cohort's (for CI and alerts).
 pub const EXIT_DRIFT: u8 = 1;
@@ -43,7 +49,7 @@ steps it is given; the other commands are the operator's, and talk to the coordi
 gRPC. `flotilla quickstart` runs a coordinator and its agents in one process to try it out.",
     after_long_help = "Exit codes: 0 success; 1 the plan failed or was rolled back; 2 bad input \
 (nothing was changed); 3 Flotilla could not do it (coordinator unreachable, a daemon failed to \
-start); 4 the plan waits at a wave's manual gate.\n\n\
+start); 4 the plan waits for a person (a wave's manual gate, or its approvals).\n\n\
 `flotilla COMMAND --help` tells more of each command; `flotilla man` prints the manual page."
 )]
 pub struct Cli {
@@ -93,6 +99,9 @@ pub enum Command {
     /// Plan locks on shards: who holds them; break one (audited).
     #[command(subcommand)]
     Locks(LocksCommand),
+    /// The audit trail: who submitted, approved, rejected, promoted, cancelled... what.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Try Flotilla with nothing to bring: a throwaway PostgreSQL fleet, a coordinator
     /// and its agents in this process, and the coordinated example rolled across it.
     Quickstart(QuickstartArgs),
@@ -149,6 +158,11 @@ pub struct CoordinatorArgs {
     /// watches' streams end before stopping anyway (logging what was still open).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// The approval matrix: a TOML file of `[[rule]]`s (environment, risk, approvals,
+    /// roles, require); a plan whose rule needs approvals waits in `awaiting_approval`.
+    /// Checked at start: an error names the file and line.
+    #[arg(long, env = "FLOTILLA_APPROVALS")]
+    pub approvals: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -282,6 +296,48 @@ pub enum PlanCommand {
     /// Run again the failed and not-run steps of a failed, halted or completed_with_failures
     /// plan, after fixing their cause: the same plan, checksums, waves and budget (audited).
     Retry(RetryArgs),
+    /// Approve a plan awaiting approval (audited; never its submitter, and only in a role
+    /// its approval rule accepts): the last approval it needs starts it.
+    Approve(ApprovalArgs),
+    /// Reject a plan awaiting approval (audited): it ends `rejected`, nothing having run.
+    Reject(ApprovalArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ApprovalArgs {
+    pub id: String,
+    /// Why (recorded in the audit trail).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Who approves or rejects (recorded in the audit trail; never the plan's submitter).
+    #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
+    pub actor: String,
+    /// The role you approve in (e.g. dba); the plan's approval rule says which count.
+    #[arg(long, env = "FLOTILLA_ROLE", default_value = "")]
+    pub role: String,
+    /// After the last approval: wait until the plan ends.
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Entries of the audit trail, oldest first: when, who, what, which plan, detail.
+    List {
+        /// Only this plan's.
+        #[arg(long)]
+        plan: Option<String>,
+        /// Only since then: a duration back from now (`2h`, `1day`) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many (the latest).
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -294,7 +350,7 @@ pub struct RetryArgs {
     #[arg(long, default_value = "")]
     pub reason: String,
     /// Who asks (recorded in the audit trail).
-    #[arg(long, env = "USER", default_value = "operator")]
+    #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
     pub actor: String,
     /// Wait until the plan ends.
     #[arg(long)]
@@ -310,7 +366,7 @@ pub struct DecideArgs {
     #[arg(long, default_value = "")]
     pub reason: String,
     /// Who decides (recorded in the audit trail).
-    #[arg(long, env = "USER", default_value = "operator")]
+    #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
     pub actor: String,
     /// Wait until the plan ends (or waits at its next gate).
     #[arg(long)]
@@ -329,7 +385,7 @@ pub struct PauseArgs {
     #[arg(long, default_value = "")]
     pub reason: String,
     /// Who asks (recorded in the audit trail).
-    #[arg(long, env = "USER", default_value = "operator")]
+    #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
     pub actor: String,
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
@@ -361,7 +417,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub atomic: bool,
     /// Who submits (recorded in the audit trail).
-    #[arg(long, env = "USER", default_value = "operator")]
+    #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
     pub actor: String,
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
@@ -378,7 +434,7 @@ pub struct CommandArgs {
     #[arg(long, default_value = "")]
     pub reason: String,
     /// Who asks (recorded in the audit trail).
-    #[arg(long, env = "USER", default_value = "operator")]
+    #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
     pub actor: String,
     /// Wait until the plan ends.
     #[arg(long)]
@@ -401,7 +457,7 @@ pub enum LocksCommand {
         #[arg(long, default_value = "")]
         reason: String,
         /// Who breaks it (recorded in the audit trail).
-        #[arg(long, env = "USER", default_value = "operator")]
+        #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
         actor: String,
     },
 }
@@ -484,6 +540,12 @@ pub async fn run(cli: Cli) -> u8 {
             fleet::show(&cli.coordinator, target, output).await
         }
         Command::Locks(cmd) => plan::locks(&cli.coordinator, cmd).await,
+        Command::Audit(AuditCommand::List {
+            plan,
+            since,
+            limit,
+            output,
+        }) => plan::audit(&cli.coordinator, plan, since, limit, output).await,
         Command::Completions { shell } => manual::completions(shell),
         Command::Man { out_dir } => manual::man(out_dir.as_deref()),
     }

@@ -16,9 +16,8 @@ use crate::loader::{self, Overrides};
 fn status_exit(e: &tonic::Status) -> u8 {
     use tonic::Code::*;
     match e.code() {
-        InvalidArgument | FailedPrecondition | NotFound | AlreadyExists | OutOfRange => {
-            EXIT_BAD_INPUT
-        }
+        InvalidArgument | FailedPrecondition | NotFound | AlreadyExists | OutOfRange
+        | PermissionDenied => EXIT_BAD_INPUT,
         _ => EXIT_UNAVAILABLE,
     }
 }
@@ -86,11 +85,18 @@ where
     }
 }
 
+/// Whether a plan in this state waits for a person: at a wave's manual gate, or for its
+/// approvals. A script's `--wait` comes back then (exit 4) rather than hang.
+fn waits_for_a_person(state: &str) -> bool {
+    state == flotilla_core::state::WAITING
+        || state == flotilla_core::state::PlanState::AwaitingApproval.as_str()
+}
+
 /// The exit code a plan's final state means.
 fn state_exit(status: &pb::PlanStatus) -> u8 {
     match status.summary.as_ref().map(|s| s.state.as_str()) {
         Some("completed") => EXIT_OK,
-        Some(flotilla_core::state::WAITING) => super::EXIT_WAITING,
+        Some(s) if waits_for_a_person(s) => super::EXIT_WAITING,
         _ => EXIT_PLAN_FAILED,
     }
 }
@@ -137,7 +143,91 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
         PlanCommand::Promote(args) => decide(addr, args, Verb::Promote).await,
         PlanCommand::Halt(args) => decide(addr, args, Verb::Halt).await,
         PlanCommand::Retry(args) => retry(addr, args).await,
+        PlanCommand::Approve(args) => approval(addr, args, true).await,
+        PlanCommand::Reject(args) => approval(addr, args, false).await,
     }
+}
+
+/// `plan approve` (`approve`) or `plan reject`.
+async fn approval(addr: &str, args: super::ApprovalArgs, approve: bool) -> u8 {
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = pb::ApprovalRequest {
+        plan_id: args.id.clone(),
+        actor: args.actor,
+        role: args.role,
+        reason: args.reason,
+    };
+    let r = on_leader(&mut c, |mut c| {
+        let req = req.clone();
+        async move {
+            if approve {
+                c.approve_plan(req).await
+            } else {
+                c.reject_plan(req).await
+            }
+        }
+    })
+    .await;
+    match r {
+        Ok(_) if args.wait => watch(&mut c, args.id, args.output).await,
+        Ok(s) => {
+            render::status(&s, args.output);
+            EXIT_OK
+        }
+        Err(code) => code,
+    }
+}
+
+/// `audit list`: the audit trail, of one plan or all, since a time.
+pub async fn audit(
+    addr: &str,
+    plan: Option<String>,
+    since: Option<String>,
+    limit: u32,
+    output: Output,
+) -> u8 {
+    let since_ms = match since.as_deref().map(since_ms).transpose() {
+        Ok(s) => s.unwrap_or(0),
+        Err(e) => {
+            eprintln!("error: --since: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = pb::ListAuditRequest {
+        plan_id: plan.unwrap_or_default(),
+        since_ms,
+        limit,
+    };
+    match c.list_audit(req).await {
+        Ok(r) => {
+            render::audit(&r.into_inner(), output);
+            EXIT_OK
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `--since`: a duration back from now, or an RFC 3339 time; as ms since the epoch.
+fn since_ms(s: &str) -> Result<u64, String> {
+    let at = match humantime::parse_duration(s.trim()) {
+        Ok(back) => std::time::SystemTime::now()
+            .checked_sub(back)
+            .unwrap_or(std::time::UNIX_EPOCH),
+        Err(_) => humantime::parse_rfc3339_weak(s.trim()).map_err(|_| {
+            format!("`{s}` is neither a duration (e.g. 2h, 1day) nor an RFC 3339 time (e.g. 2026-12-01T09:00:00Z)")
+        })?,
+    };
+    Ok(at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0))
 }
 
 async fn retry(addr: &str, args: super::RetryArgs) -> u8 {
@@ -393,7 +483,7 @@ async fn watch(c: &mut OperatorServiceClient<Channel>, id: String, output: Outpu
                 let waiting = s
                     .summary
                     .as_ref()
-                    .is_some_and(|x| x.state == flotilla_core::state::WAITING);
+                    .is_some_and(|x| waits_for_a_person(&x.state));
                 last = Some(s);
                 if waiting {
                     break;
@@ -433,5 +523,29 @@ pub async fn fleet_list(addr: &str, output: Output) -> u8 {
             EXIT_OK
         }
         Err(code) => code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_a_duration_back_or_an_rfc3339_time() {
+        assert_eq!(since_ms("2026-12-01T09:00:00Z"), Ok(1_796_115_600_000));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let back = since_ms("2h").unwrap();
+        assert!(now - back >= 7_200_000 && now - back < 7_260_000, "{back}");
+        assert!(since_ms("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+
+    #[test]
+    fn a_plan_awaiting_approval_waits_for_a_person() {
+        assert!(waits_for_a_person("awaiting_approval"));
+        assert!(waits_for_a_person("waiting"));
+        assert!(!waits_for_a_person("running") && !waits_for_a_person("rejected"));
     }
 }

@@ -618,3 +618,49 @@ pub fn locks(r: &pb::ListLocksResponse, output: Output) {
         );
     }
 }
+
+/// `audit list`: one line per entry (`when  who  action  plan  detail`), or JSON.
+pub fn audit(r: &pb::ListAuditResponse, output: Output) {
+    if output == Output::Json {
+        let v: Vec<Value> = r
+            .entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "at_ms": e.at_ms,
+                    "at": rfc3339(e.at_ms),
+                    "actor": e.actor,
+                    "action": e.action,
+                    "plan_id": e.plan_id,
+                    "detail": e.detail,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(v));
+        return;
+    }
+    if r.entries.is_empty() {
+        println!("no audit entries");
+        return;
+    }
+    for e in &r.entries {
+        println!(
+            "{}  {:<12} {:<12} {:<12} {}",
+            rfc3339(e.at_ms),
+            e.actor,
+            e.action,
+            if e.plan_id.is_empty() {
+                "-"
+            } else {
+                &e.plan_id
+            },
+            e.detail
+        );
+    }
+}
+
+/// A time in ms since the epoch as RFC 3339 (UTC, milliseconds).
+fn rfc3339(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}

@@ -6,6 +6,7 @@ mod behaviour;
 mod data;
 mod faults;
 mod fleet;
+mod governance;
 mod ha;
 mod harness;
 mod observability;

@@ -3,6 +3,7 @@
 //! framing checked there), every shard the plan could touch is asked for its tenants,
 //! journal rows and what the plan needs checked (the preflight), and the plan is refused
 //! with an error naming the file, migration, target or setting, or stored and started.
+mod approval;
 mod checks;
 mod data;
 mod preflight;
@@ -40,6 +41,8 @@ impl Coordinator {
         checks::atomic(&spec, &expansion, &seen.two_phase_errors)?;
         let wave_of = waves::assign(&spec, &expansion)?;
         let drift_warning = self.drift_check(&spec, &expansion).await?;
+        // Asked last: a plan that cannot run is refused before anyone is asked to approve it.
+        let awaiting = self.approval_needed(&spec)?;
 
         let plan_id = new_plan_id();
         let statuses: Vec<StepStatus> = expansion
@@ -68,9 +71,21 @@ impl Coordinator {
             wave_of: &wave_of,
             epoch,
             created,
+            awaiting: awaiting.as_deref(),
         })
         .await;
         info!(plan = %plan_id, targets = expansion.targets.len(), steps = expansion.steps.len(), "plan submitted");
+        if let Some(needs) = awaiting {
+            // Stored, and nothing else: no lock, no step, until its approvals are in.
+            info!(plan = %plan_id, "plan awaits {needs}");
+            crate::metrics::plan_approval("awaiting");
+            self.count_awaiting().await;
+            return Ok(pb::SubmitPlanResponse {
+                status: Some(self.status(&plan_id).await?),
+                plan_id,
+                warnings: drift_warning.into_iter().collect(),
+            });
+        }
 
         let warning = prometheus_warning(&spec).await;
         let spec = Arc::new(spec);
@@ -145,6 +160,7 @@ impl Coordinator {
             wave_of,
             epoch,
             created,
+            awaiting,
         } = *new;
         let mut stored = pb::PlanSpec::from(spec);
         // Freeze the scope the plan resolved to, so a rebuild sees the same steps.
@@ -156,12 +172,18 @@ impl Coordinator {
             id: plan_id.to_string(),
             name: spec.name.clone(),
             environment: spec.environment.clone(),
-            state: PlanState::Running,
+            state: if awaiting.is_some() {
+                PlanState::AwaitingApproval
+            } else {
+                PlanState::Running
+            },
             ends: PlanState::RolledBack,
             policy: spec.policy.as_str().into(),
             spec_hex: hex::encode(stored.encode_to_vec()),
             epoch: epoch as i64,
-            message: String::new(),
+            message: awaiting
+                .map(|a| format!("awaiting {a}"))
+                .unwrap_or_default(),
             submitted_by: spec.submitted_by.clone(),
             created_at_ms: created,
             updated_at_ms: created,
@@ -267,6 +289,8 @@ struct NewPlan<'a> {
     wave_of: &'a [usize],
     epoch: u64,
     created: i64,
+    /// What approvals it waits for, when it does.
+    awaiting: Option<&'a str>,
 }
 
 fn new_plan_id() -> String {

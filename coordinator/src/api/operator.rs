@@ -163,6 +163,36 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         Ok(Response::new(pb::BreakLockResponse { broken }))
     }
 
+    async fn approve_plan(
+        &self,
+        req: Request<pb::ApprovalRequest>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        let r = req.into_inner();
+        let actor = Actor::new(&r.actor, &r.reason);
+        Ok(Response::new(
+            self.approve(&r.plan_id, actor, &r.role).await?,
+        ))
+    }
+
+    async fn reject_plan(
+        &self,
+        req: Request<pb::ApprovalRequest>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        let r = req.into_inner();
+        let actor = Actor::new(&r.actor, &r.reason);
+        Ok(Response::new(self.reject(&r.plan_id, actor).await?))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.audit_trail(&r.plan_id, r.since_ms, r.limit).await?,
+        ))
+    }
+
     async fn fleet_status(
         &self,
         req: Request<pb::FleetStatusRequest>,

@@ -142,7 +142,16 @@ pub fn from_store(
         migrations: progress_in_order(order, by),
         failures,
         message: plan.message.clone(),
-        waiting_for: Vec::new(),
+        // As a manual gate's: `kind: what`, here what its approval rule still needs.
+        waiting_for: if plan.state == PlanState::AwaitingApproval {
+            let needs = plan
+                .message
+                .strip_prefix("awaiting ")
+                .unwrap_or(&plan.message);
+            vec![format!("approval: {needs}")]
+        } else {
+            Vec::new()
+        },
         data,
         paused: Vec::new(),
         waves: waves_from_store(spec, steps, waves),

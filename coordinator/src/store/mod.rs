@@ -188,13 +188,23 @@ impl Store {
     /// Plans that were running (or rolling back) when the coordinator stopped.
     pub async fn unfinished_plans(&self) -> Result<Vec<PlanRow>, StoreError> {
         // Every state a plan does not end in, from the states themselves (a new end state
-        // cannot be forgotten here and its plans resumed, or worse, undone).
+        // cannot be forgotten here and its plans resumed, or worse, undone). A plan
+        // awaiting approval has nothing to continue: it keeps waiting, in the store only.
         let open: Vec<PlanState> = PlanState::ALL
             .iter()
             .copied()
-            .filter(|p| !p.is_terminal())
+            .filter(|p| !p.is_terminal() && *p != PlanState::AwaitingApproval)
             .collect();
         self.plans_in(&open).await
+    }
+
+    /// How many plans are in `state` now.
+    pub async fn count_in(&self, state: PlanState) -> Result<i64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM plans WHERE state = $1")
+            .bind(state.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
     }
 
     /// Plans whose migrations every target they select should have: those that completed
@@ -324,6 +334,52 @@ impl Store {
     }
 }
 
+/// One entry of the audit trail, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub plan_id: String,
+    pub detail: String,
+}
+
+impl Store {
+    /// The audit trail, oldest first: of one plan or all, from `since_ms` on, at most
+    /// `limit` entries (the latest ones).
+    pub async fn audit_trail(
+        &self,
+        plan_id: Option<&str>,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        // The latest `limit`, then put back in order: ids are UUIDv7, so they sort by time
+        // within one millisecond too.
+        let rows = sqlx::query(
+            "SELECT at_ms, actor, action, plan_id, detail FROM audit
+             WHERE ($1 = '' OR plan_id = $1) AND at_ms >= $2
+             ORDER BY at_ms DESC, id DESC LIMIT $3",
+        )
+        .bind(plan_id.unwrap_or(""))
+        .bind(since_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<AuditRow> = rows
+            .iter()
+            .map(|r| AuditRow {
+                at_ms: r.get(0),
+                actor: r.get(1),
+                action: r.get(2),
+                plan_id: r.get(3),
+                detail: r.get(4),
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+}
+
 fn plan_row(r: &sqlx::any::AnyRow) -> Result<PlanRow, StoreError> {
     let id: String = r.get(0);
     Ok(PlanRow {
@@ -356,4 +412,56 @@ where
             reason: e.to_string(),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_testkit::{PgCluster, TestDir};
+    use tokio::sync::{mpsc, oneshot};
+
+    /// The audit trail reads back the same from SQLite and PostgreSQL: by plan, since a
+    /// time, the latest `limit` in order.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_audit_trail_is_queried_by_plan_time_and_limit() {
+        let dir = TestDir::new("audit-store").unwrap();
+        let sqlite = dir.join("flotilla.db").to_string_lossy().into_owned();
+        let pg = PgCluster::start().await.unwrap();
+        pg.create_database("audit_store").await.unwrap();
+        for location in [sqlite, pg.url("audit_store")] {
+            let store = Store::open(&location).await.unwrap();
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run_writer(store.clone(), rx));
+            for (actor, action, plan) in [
+                ("alice", "submit", "p1"),
+                ("bob", "approve", "p1"),
+                ("carol", "submit", "p2"),
+                ("dan", "approve", "p1"),
+            ] {
+                tx.send(StoreOp::Audit(Audit {
+                    actor: actor.into(),
+                    action,
+                    plan_id: plan.into(),
+                    detail: format!("{action} by {actor}"),
+                }))
+                .unwrap();
+            }
+            let (done, flushed) = oneshot::channel();
+            tx.send(StoreOp::Flush(done)).unwrap();
+            flushed.await.unwrap();
+
+            let p1 = store.audit_trail(Some("p1"), 0, 1000).await.unwrap();
+            let who: Vec<&str> = p1.iter().map(|a| a.actor.as_str()).collect();
+            assert_eq!(who, ["alice", "bob", "dan"], "{location}");
+            assert!(p1.iter().all(|a| a.at_ms > 0 && a.plan_id == "p1"));
+            let latest = store.audit_trail(None, 0, 2).await.unwrap();
+            let who: Vec<&str> = latest.iter().map(|a| a.actor.as_str()).collect();
+            assert_eq!(who, ["carol", "dan"], "{location}");
+            let none = store
+                .audit_trail(None, now_ms() + 60_000, 10)
+                .await
+                .unwrap();
+            assert!(none.is_empty(), "{location}");
+        }
+    }
 }

@@ -106,7 +106,7 @@ pub struct StepUpdate {
 #[derive(Debug, Clone)]
 pub struct Audit {
     pub actor: String,
-    /// `submit`, `cancel`, `rollback`, `pause`, `resume`, `break-lock`.
+    /// `submit`, `approve`, `reject`, `cancel`, `rollback`, `pause`, `resume`, `break-lock`, ...
     pub action: &'static str,
     pub plan_id: String,
     pub detail: String,

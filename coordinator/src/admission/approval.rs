@@ -1,0 +1,334 @@
+//! Approvals: a plan whose environment and risk need them (the coordinator's approval
+//! matrix) is stored `awaiting_approval` and touches nothing; `plan approve` records one
+//! approval in the audit trail (never the submitter's, only in a role the rule accepts),
+//! and the last one the rule needs starts the plan as a submit would. `plan reject` (or a
+//! cancel) ends it with nothing run.
+//!
+//! The approvals given are the audit trail's `approve` rows: one record, read back after
+//! a restart, so a plan awaiting approval keeps the ones it had.
+use flotilla_core::state::{PlanState, StepState};
+use flotilla_core::{PlanSpec, pb};
+use prost::Message;
+use tracing::info;
+
+use crate::actor::Actor;
+use crate::approvals::{self, Risk, Rule};
+use crate::engine::Event;
+use crate::error::{Conflict, CoordinatorError};
+use crate::service::Coordinator;
+use crate::store::{PlanRow, StepUpdate, StoreError, StoreOp};
+
+/// The role written for an approval given in no role (a rule that accepts any).
+const ANY_ROLE: &str = "any";
+
+impl Coordinator {
+    /// What approvals a plan must wait for (None: it starts at once).
+    pub(super) fn approval_needed(
+        &self,
+        spec: &PlanSpec,
+    ) -> Result<Option<String>, CoordinatorError> {
+        if self.inner.approvals.is_empty() {
+            return Ok(None);
+        }
+        let (risk, rule) = self.rule_for(&spec.environment, spec)?;
+        Ok(rule.map(|r| {
+            format!(
+                "{} ({} plan in `{}`)",
+                r.describe(),
+                risk,
+                env_name(&spec.environment)
+            )
+        }))
+    }
+
+    /// The plan's risk and the rule of the matrix that applies to it, if any.
+    fn rule_for(
+        &self,
+        environment: &str,
+        spec: &PlanSpec,
+    ) -> Result<(Risk, Option<Rule>), CoordinatorError> {
+        let risk = approvals::plan_risk(spec).map_err(CoordinatorError::InvalidRequest)?;
+        Ok((risk, self.inner.approvals.rule(environment, risk).cloned()))
+    }
+
+    /// `plan approve`: one approval; the last one the plan's rule needs starts it.
+    pub async fn approve(
+        &self,
+        plan_id: &str,
+        actor: Actor,
+        role: &str,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        let epoch = self.leader_epoch()?;
+        let _one_at_a_time = self.inner.approving.lock().await;
+        let row = self.awaiting(plan_id, "approve").await?;
+        let submitter = Actor::new(&row.submitted_by, "").name;
+        if actor.name == submitter {
+            return Err(CoordinatorError::NotAllowed(format!(
+                "{} submitted plan {plan_id} and cannot approve it: another person must",
+                actor.name
+            )));
+        }
+        let spec = stored_spec(&row)?;
+        let (risk, rule) = self.rule_for(&row.environment, &spec)?;
+        let role = match role.trim() {
+            "" => ANY_ROLE,
+            r => r,
+        };
+        if let Some(rule) = &rule
+            && !rule.accepts(role)
+        {
+            return Err(CoordinatorError::NotAllowed(format!(
+                "{} cannot approve plan {plan_id} as `{role}`: the approval rule for {risk} plans in `{}` (line {}) accepts {} (say which with --role)",
+                actor.name,
+                env_name(&row.environment),
+                rule.line,
+                rule.roles.join(", ")
+            )));
+        }
+        let mut given = self.approvals_of(plan_id).await?;
+        if given.iter().any(|(name, _)| *name == actor.name) {
+            return Err(CoordinatorError::NotAllowed(format!(
+                "{} has approved plan {plan_id} already; another person must",
+                actor.name
+            )));
+        }
+        given.push((actor.name.clone(), role.to_string()));
+        let missing = rule.as_ref().and_then(|r| r.missing(&given));
+        let needed = rule.as_ref().map_or(0, |r| r.approvals);
+        let what = match &missing {
+            Some(m) => format!("{} of {needed}; still needs {m}", given.len()),
+            None => format!("{} of {needed}; approved", given.len()),
+        };
+        self.write(actor.audit("approve", plan_id, &approvals::approval_detail(role, &what)));
+        crate::metrics::plan_approval("approve");
+        info!(plan = %plan_id, approver = %actor.name, role, "plan approval: {what}");
+        match missing {
+            Some(m) => {
+                self.write(StoreOp::PlanState {
+                    plan_id: plan_id.to_string(),
+                    state: PlanState::AwaitingApproval,
+                    message: format!("awaiting {m}"),
+                    ends: row.ends,
+                });
+                self.flush().await;
+                self.changed(plan_id, false);
+                self.status(plan_id).await
+            }
+            None => self.start_approved(&row, epoch).await,
+        }
+    }
+
+    /// Starts a plan whose approvals are in, as a submit would have.
+    async fn start_approved(
+        &self,
+        row: &PlanRow,
+        epoch: u64,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        let mut run = self.rebuild(row).await?;
+        // It never ran: nothing of it can be prepared anywhere.
+        run.inherited = false;
+        self.write(StoreOp::PlanState {
+            plan_id: row.id.clone(),
+            state: PlanState::Running,
+            message: String::new(),
+            ends: row.ends,
+        });
+        self.flush().await;
+        info!(plan = %row.id, "plan approved; starting");
+        let shards: Vec<String> = run.shards.keys().cloned().collect();
+        let status = self
+            .to_engine(|done| Event::Start {
+                run: Box::new(run),
+                done,
+            })
+            .await?;
+        self.take_locks(row.id.clone(), shards, epoch);
+        self.count_awaiting().await;
+        Ok(status)
+    }
+
+    /// `plan reject`: the plan ends `rejected`, nothing having run.
+    pub async fn reject(
+        &self,
+        plan_id: &str,
+        actor: Actor,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        self.leader_epoch()?;
+        let _one_at_a_time = self.inner.approving.lock().await;
+        let row = self.awaiting(plan_id, "reject").await?;
+        self.write(actor.audit("reject", plan_id, ""));
+        crate::metrics::plan_approval("reject");
+        let message = actor.explain(&format!("rejected by {}", actor.name));
+        self.end_unstarted(&row, PlanState::Rejected, message).await
+    }
+
+    /// A cancel of a plan awaiting approval: it ends `cancelled`, nothing having run.
+    /// None when the plan is not awaiting approval (the engine handles the cancel).
+    pub(crate) async fn cancel_awaiting(
+        &self,
+        plan_id: &str,
+        actor: &Actor,
+    ) -> Result<Option<pb::PlanStatus>, CoordinatorError> {
+        let _one_at_a_time = self.inner.approving.lock().await;
+        let Some(row) = self.inner.store.plan(plan_id).await? else {
+            return Ok(None);
+        };
+        if row.state != PlanState::AwaitingApproval {
+            return Ok(None);
+        }
+        self.leader_epoch()?;
+        self.write(actor.audit("cancel", plan_id, "while awaiting approval"));
+        let message = actor.explain(&format!("cancelled by {} before approval", actor.name));
+        self.end_unstarted(&row, PlanState::Cancelled, message)
+            .await
+            .map(Some)
+    }
+
+    /// Ends a plan that never started: its steps not run, its state `state`.
+    async fn end_unstarted(
+        &self,
+        row: &PlanRow,
+        state: PlanState,
+        message: String,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        let updates = self
+            .inner
+            .store
+            .steps(&row.id)
+            .await?
+            .into_iter()
+            .filter(|s| s.state == StepState::Pending)
+            .map(|s| StepUpdate {
+                migration_id: s.migration_id,
+                shard: s.shard,
+                tenant: s.tenant,
+                state: StepState::NotRun,
+                sqlstate: String::new(),
+                message: String::new(),
+                phase: String::new(),
+                detail: String::new(),
+                duration_ms: 0,
+                run_id: None,
+            })
+            .collect();
+        self.write(StoreOp::Steps {
+            plan_id: row.id.clone(),
+            updates,
+        });
+        self.write(StoreOp::PlanState {
+            plan_id: row.id.clone(),
+            state,
+            message: message.clone(),
+            ends: state,
+        });
+        self.flush().await;
+        crate::metrics::plan_finished(state);
+        self.count_awaiting().await;
+        info!(plan = %row.id, state = state.as_str(), "{message}");
+        self.changed(&row.id, true);
+        self.status(&row.id).await
+    }
+
+    /// The stored plan, if it awaits approval; a conflict naming its state if not.
+    async fn awaiting(
+        &self,
+        plan_id: &str,
+        action: &'static str,
+    ) -> Result<PlanRow, CoordinatorError> {
+        let row = self
+            .inner
+            .store
+            .plan(plan_id)
+            .await?
+            .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
+        if row.state != PlanState::AwaitingApproval {
+            return Err(Conflict::NotAwaitingApproval {
+                plan_id: plan_id.to_string(),
+                state: row.state.as_str().to_string(),
+                action,
+            }
+            .into());
+        }
+        Ok(row)
+    }
+
+    /// The approvals a plan has: (approver, role), from the audit trail.
+    async fn approvals_of(&self, plan_id: &str) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(self
+            .inner
+            .store
+            .audit(plan_id)
+            .await?
+            .into_iter()
+            .filter(|(_, _, action, _)| action == "approve")
+            .map(|(_, actor, _, detail)| {
+                let role = approvals::approval_role(&detail).unwrap_or(ANY_ROLE);
+                (actor, role.to_string())
+            })
+            .collect())
+    }
+
+    /// Counts the plans awaiting approval again, for the gauge (after one came or went,
+    /// and when this coordinator starts to lead).
+    pub(crate) async fn count_awaiting(&self) {
+        match self.inner.store.count_in(PlanState::AwaitingApproval).await {
+            Ok(n) => crate::metrics::plans_awaiting_approval(n),
+            Err(e) => tracing::warn!("cannot count the plans awaiting approval: {e}"),
+        }
+    }
+
+    /// Tells watchers the plan changed (`ended`: for good).
+    fn changed(&self, plan_id: &str, ended: bool) {
+        // no watcher is no one to tell
+        let _ = self.inner.changes.send((plan_id.to_string(), ended));
+    }
+
+    /// `plan audit`: the audit trail, of one plan or all.
+    pub async fn audit_trail(
+        &self,
+        plan_id: &str,
+        since_ms: u64,
+        limit: u32,
+    ) -> Result<pb::ListAuditResponse, CoordinatorError> {
+        let limit = if limit == 0 { 1000 } else { limit.min(10_000) };
+        let plan = Some(plan_id.trim()).filter(|p| !p.is_empty());
+        let rows = self
+            .inner
+            .store
+            .audit_trail(plan, since_ms.min(i64::MAX as u64) as i64, limit as i64)
+            .await?;
+        Ok(pb::ListAuditResponse {
+            entries: rows
+                .into_iter()
+                .map(|r| pb::AuditEntry {
+                    at_ms: r.at_ms.max(0) as u64,
+                    actor: r.actor,
+                    action: r.action,
+                    plan_id: r.plan_id,
+                    detail: r.detail,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// A plan's environment as messages name it.
+fn env_name(environment: &str) -> &str {
+    if environment.is_empty() {
+        "(none)"
+    } else {
+        environment
+    }
+}
+
+/// The plan as it was submitted, from its stored row.
+fn stored_spec(row: &PlanRow) -> Result<PlanSpec, CoordinatorError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        plan: row.id.clone(),
+        what: "spec",
+        reason,
+    };
+    let bytes = hex::decode(&row.spec_hex).map_err(|e| corrupt(e.to_string()))?;
+    let raw = pb::PlanSpec::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
+    Ok(PlanSpec::try_from(raw)?)
+}

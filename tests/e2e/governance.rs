@@ -1,0 +1,432 @@
+//! Governance: the approval matrix (`coordinator --approvals FILE`), plans awaiting
+//! approval touching nothing, `plan approve` / `plan reject`, and `audit list`.
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT};
+use crate::ha::HaFleet;
+use crate::harness::{TestDir, free_port, http, run_flotilla, wait_until};
+
+/// The seed's matrix, by risk: staging needs none; production one; high-risk production
+/// two, one of them a DBA.
+const MATRIX: &str = r#"[[rule]]
+environment = "staging"
+risk = "*"
+approvals = 0
+
+[[rule]]
+environment = "production"
+risk = "*"
+approvals = 1
+roles = ["dba", "lead", "manager"]
+
+[[rule]]
+environment = "production"
+risk = "high"
+approvals = 2
+roles = ["dba", "lead"]
+require = ["dba"]
+"#;
+
+/// A plan of one tenant-scoped migration creating `table`, for `environment`, at `risk`.
+fn plan(environment: &str, id: &str, table: &str, risk: &str) -> anyhow::Result<MigrationDir> {
+    let d = MigrationDir::new()?;
+    std::fs::write(
+        d.path().join("plan.toml"),
+        format!("name = \"{id}\"\nenvironment = \"{environment}\"\n"),
+    )?;
+    d.migration(
+        id,
+        &format!("risk = \"{risk}\"\n"),
+        &format!("CREATE TABLE {table} (x int);"),
+        &format!("DROP TABLE {table};"),
+    )?;
+    Ok(d)
+}
+
+async fn approve(fleet: &TestFleet, verb: &str, id: &str, who: &[&str]) -> anyhow::Result<Value> {
+    let mut args = vec!["plan", verb, id, "--output", "json"];
+    args.extend_from_slice(who);
+    fleet.json(&args).await
+}
+
+/// The audit trail of one plan, as `audit list --plan ID --output json` prints it.
+async fn audit(fleet: &TestFleet, id: &str) -> anyhow::Result<Vec<Value>> {
+    let v = fleet
+        .json(&["audit", "list", "--plan", id, "--output", "json"])
+        .await?;
+    Ok(v.as_array().cloned().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_one()
+-> anyhow::Result<()> {
+    let files = TestDir::new("approvals")?;
+    let matrix = files.join("approvals.toml");
+    std::fs::write(&matrix, MATRIX)?;
+    let matrix = matrix.to_string_lossy().into_owned();
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let mut fleet = TestFleet::builder(2, 2)
+        .metrics(metrics)
+        .coordinator_args(&["--approvals", &matrix])
+        .start()
+        .await?;
+
+    // High risk in production: stored, waiting, touching nothing; --wait comes back (4).
+    let dir = plan("production", "001_guarded", "guarded", "high")?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &["--as", "alice"]).await?;
+    assert_eq!(code, 4, "{out}");
+    assert_eq!(st["state"], "awaiting_approval", "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("2 approval(s) (roles dba, lead; at least one dba)"),
+        "{st}"
+    );
+    assert!(
+        st["waiting_for"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("approval: 2 approval(s)"),
+        "{st}"
+    );
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    assert_eq!(fleet.journal_total().await?, 0, "nothing applied");
+    let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+    assert!(!locks.to_string().contains(&id), "no lock taken: {locks}");
+
+    // A new coordinator keeps it waiting (it is not resumed as if it ran).
+    fleet.restart_coordinator().await?;
+    fleet.wait_attached(2).await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "awaiting_approval", "{st}");
+    // The new coordinator counts it when it starts to lead.
+    wait_until("the waiting plan counted", WAIT, async || {
+        let body = http::get(metrics, "/metrics").await?.body;
+        Ok(body.contains("flotilla_plans_awaiting_approval 1"))
+    })
+    .await?;
+    let listed = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert!(listed.to_string().contains("awaiting_approval"), "{listed}");
+    assert_eq!(fleet.journal_total().await?, 0, "nothing applied");
+
+    // The submitter cannot approve their own plan.
+    let out = fleet
+        .cli(&["plan", "approve", &id, "--as", "alice", "--role", "dba"])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("alice submitted plan"), "{out}");
+    // A role the rule does not accept is refused, naming the roles it does.
+    let out = fleet
+        .cli(&["plan", "approve", &id, "--as", "bob", "--role", "dev"])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("accepts dba, lead"), "{out}");
+
+    // One approval: still waiting, and what is missing is said.
+    let st = approve(
+        &fleet,
+        "approve",
+        &id,
+        &["--as", "bob", "--role", "lead", "--reason", "reviewed"],
+    )
+    .await?;
+    assert_eq!(st["state"], "awaiting_approval", "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 more approval(s) and one from a `dba`"),
+        "{st}"
+    );
+    // The same person twice does not count twice.
+    let out = fleet
+        .cli(&["plan", "approve", &id, "--as", "bob", "--role", "dba"])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("already"), "{out}");
+    assert_eq!(fleet.journal_total().await?, 0, "nothing applied yet");
+
+    // The second approval (a DBA's) starts it; it completes on every target.
+    let out = fleet
+        .cli(&[
+            "plan", "approve", &id, "--as", "carol", "--role", "dba", "--wait", "--output", "json",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(fleet.journal_total().await?, 4, "2 shards x 2 tenants");
+
+    // Who did what, when.
+    let trail = audit(&fleet, &id).await?;
+    let seen: Vec<(String, String)> = trail
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap_or("").to_string(),
+                e["actor"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("submit", "alice"),
+        ("approve", "bob"),
+        ("approve", "carol"),
+    ];
+    assert_eq!(
+        seen,
+        want.map(|(a, b)| (a.to_string(), b.to_string())),
+        "{trail:?}"
+    );
+    assert!(
+        trail.iter().all(|e| e["at_ms"].as_u64().unwrap_or(0) > 0),
+        "{trail:?}"
+    );
+    assert!(
+        trail[1]["detail"].as_str().unwrap().contains("role lead")
+            && trail[1]["detail"].as_str().unwrap().contains("reviewed"),
+        "{trail:?}"
+    );
+    assert!(
+        trail[2]["detail"].as_str().unwrap().contains("role dba"),
+        "{trail:?}"
+    );
+
+    // Low risk in staging needs no approval: it runs at once.
+    let dir = plan("staging", "002_staging_only", "staged", "low")?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &["--as", "alice"]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(fleet.journal_total().await?, 8);
+
+    // A reject ends a waiting plan: nothing ran, and it cannot be approved after.
+    let dir = plan("production", "003_rejected", "rejected_table", "low")?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &["--as", "alice"]).await?;
+    assert_eq!(code, 4, "{out}");
+    let rejected = st["plan_id"].as_str().unwrap().to_string();
+    // Nothing but a decision moves a waiting plan: no rollback, no promote.
+    for verb in ["rollback", "promote"] {
+        let out = fleet.cli(&["plan", verb, &rejected]).await?;
+        assert_eq!(out.code(), Some(2), "{out}");
+        assert!(out.stderr.contains("not running"), "{out}");
+    }
+    let st = approve(
+        &fleet,
+        "reject",
+        &rejected,
+        &["--as", "dave", "--reason", "not in this window"],
+    )
+    .await?;
+    assert_eq!(st["state"], "rejected", "{st}");
+    assert!(
+        st["message"].as_str().unwrap().contains("rejected by dave"),
+        "{st}"
+    );
+    let (out, st) = fleet.watch(&rejected).await?;
+    assert_eq!(
+        out.code(),
+        Some(1),
+        "a rejected plan did not succeed: {out}"
+    );
+    assert_eq!(st["state"], "rejected", "{st}");
+    assert_eq!(
+        fleet.journal_total().await?,
+        8,
+        "the rejected plan ran nowhere"
+    );
+    let out = fleet
+        .cli(&["plan", "approve", &rejected, "--as", "bob", "--role", "dba"])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("not awaiting approval"), "{out}");
+    let out = fleet.cli(&["plan", "rollback", &rejected]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("already ended rejected"), "{out}");
+    let trail = audit(&fleet, &rejected).await?;
+    let last = trail.last().expect("an audit trail");
+    assert_eq!(last["action"], "reject", "{trail:?}");
+    assert_eq!(last["actor"], "dave", "{trail:?}");
+    assert!(
+        last["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not in this window"),
+        "{trail:?}"
+    );
+
+    // A cancel of a waiting plan ends it cancelled, nothing having run either.
+    let dir = plan("production", "004_cancelled", "cancelled_table", "medium")?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &["--as", "alice"]).await?;
+    assert_eq!(code, 4, "{out}");
+    let cancelled = st["plan_id"].as_str().unwrap().to_string();
+    let out = fleet
+        .cli(&[
+            "plan", "cancel", &cancelled, "--as", "alice", "--output", "json",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&cancelled).await?;
+    assert_eq!(st["state"], "cancelled", "{st}");
+    assert_eq!(st["migrations"][0]["not_run"], 4, "{st}");
+    assert_eq!(
+        fleet.journal_total().await?,
+        8,
+        "the cancelled plan ran nowhere"
+    );
+
+    // Counted since the restart: two plans held, two approvals, one rejection.
+    let body = http::get(metrics, "/metrics").await?.body;
+    for (decision, n) in [("awaiting", 2), ("approve", 2), ("reject", 1)] {
+        let line = format!("flotilla_plan_approvals_total{{decision=\"{decision}\"}} {n}");
+        assert!(body.contains(&line), "no `{line}` in:\n{body}");
+    }
+    assert!(
+        body.contains("flotilla_plans_awaiting_approval 0"),
+        "none waits now:\n{body}"
+    );
+
+    // `--since` in the future shows nothing; the whole trail holds both plans.
+    let later = fleet
+        .json(&[
+            "audit",
+            "list",
+            "--since",
+            "2999-01-01T00:00:00Z",
+            "--output",
+            "json",
+        ])
+        .await?;
+    assert_eq!(later, serde_json::json!([]));
+    let all = fleet
+        .json(&["audit", "list", "--since", "1h", "--output", "json"])
+        .await?;
+    let all = all.to_string();
+    assert!(all.contains(&id) && all.contains(&rejected), "{all}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_approvals_file_stops_the_coordinator_naming_file_and_line() -> anyhow::Result<()> {
+    let files = TestDir::new("approvals-bad")?;
+    let bad = files.join("approvals.toml");
+    std::fs::write(
+        &bad,
+        "[[rule]]\nenvironment = \"production\"\nrisk = \"severe\"\napprovals = 2\n",
+    )?;
+    let store = files.join("flotilla.db");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = run_flotilla(
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--store",
+            &store.to_string_lossy(),
+            "--approvals",
+            &bad.to_string_lossy(),
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    let name = bad.to_string_lossy().into_owned();
+    assert!(
+        out.stderr
+            .contains(&format!("approvals file {name}: line 3: risk `severe`")),
+        "{out}"
+    );
+    assert!(!Path::new(&store).exists(), "nothing started: {out}");
+    Ok(())
+}
+
+/// Journal rows on every shard of an HA fleet.
+async fn ha_journal_total(fleet: &HaFleet) -> anyhow::Result<i64> {
+    let mut n = 0;
+    for s in 0..fleet.agents.len() {
+        n += fleet
+            .pg
+            .query_scalar::<i64>(
+                &format!("shard_{s}"),
+                "SELECT count(*) FROM flotilla.journal",
+            )
+            .await?;
+    }
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_awaiting_approval_waits_under_a_new_leader_and_is_approved_through_a_follower()
+-> anyhow::Result<()> {
+    let files = TestDir::new("approvals-ha")?;
+    let matrix = files.join("approvals.toml");
+    std::fs::write(&matrix, MATRIX)?;
+    let matrix = matrix.to_string_lossy().into_owned();
+    let mut fleet = HaFleet::builder(2, 2, 2)
+        .coordinator_args(&["--approvals", &matrix])
+        .start()
+        .await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let standby = 1 - leader;
+
+    let dir = plan("production", "001_ha_guarded", "ha_guarded", "high")?;
+    let path = dir.path().to_string_lossy().into_owned();
+    let out = fleet
+        .cli_at(
+            leader,
+            &["plan", "submit", &path, "--as", "alice", "--output", "json"],
+        )
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let id = out.last_json()?["plan_id"].as_str().unwrap().to_string();
+
+    // The leader hands over (SIGTERM); the new one keeps the plan waiting, touching nothing.
+    fleet.coordinators[leader]
+        .as_mut()
+        .unwrap()
+        .terminate_within(Duration::from_secs(15))
+        .await?;
+    fleet.coordinators[standby]
+        .as_ref()
+        .unwrap()
+        .wait_for_log("leading: scheduling and deciding", WAIT)
+        .await?;
+    fleet.restart_coordinator_with(leader, &[]).await?;
+    wait_until("agents attached to the new leader", WAIT, async || {
+        let out = fleet
+            .cli_at(standby, &["fleet", "list", "--output", "json"])
+            .await?;
+        Ok(out.stdout.matches("\"connected\":true").count() == 2)
+    })
+    .await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "awaiting_approval", "{st}");
+    assert_eq!(ha_journal_total(&fleet).await?, 0, "nothing applied");
+
+    // Approvals sent to the follower (the old leader, restarted) reach the leader.
+    assert_eq!(fleet.leader(), Some(standby), "the standby leads now");
+    let out = fleet
+        .cli_at(
+            leader,
+            &["plan", "approve", &id, "--as", "bob", "--role", "lead"],
+        )
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = fleet
+        .cli_at(
+            leader,
+            &[
+                "plan", "approve", &id, "--as", "carol", "--role", "dba", "--wait", "--output",
+                "json",
+            ],
+        )
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(ha_journal_total(&fleet).await?, 4, "2 shards x 2 tenants");
+    Ok(())
+}
