@@ -196,15 +196,23 @@ async fn a_prior_image_rollback_restores_every_changed_value() -> anyhow::Result
     assert_eq!(code, 1, "{out}");
     assert_eq!(status["state"], "rolled_back", "{status}");
     assert!(status.to_string().contains("division by zero"), "{status}");
+    // The tenant that failed had done east and north by then; the other one stopped at its
+    // next batch boundary after that failure, wherever it was (on a busy machine it may
+    // have been behind). Whatever each committed is restored.
+    let mut reached_west = 0;
     for t in &tenants {
         assert_eq!(differing(&fleet, t).await?, 0, "{t}: every value as it was");
         let (changed, restored, odd) = phone_changes(&fleet, t).await?;
         assert!(
-            (2 * TO_CHANGE / 3..TO_CHANGE).contains(&changed),
+            changed < TO_CHANGE,
             "{t}: {changed} rows changed before the failure"
         );
+        if changed >= 2 * TO_CHANGE / 3 {
+            reached_west += 1;
+        }
         assert_eq!((restored, odd), (changed, 0), "{t}");
     }
+    assert!(reached_west >= 1, "no tenant reached the failing batch");
     for table in ["journal", "checkpoints", "prior_images"] {
         assert_eq!(
             scalar(&fleet, &format!("SELECT count(*) FROM flotilla.{table}")).await?,
