@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fleet state benchmark (issue 12): `fleet status` and `fleet show` over the reference fleet
+# Fleet state benchmark (issue 12): `fleet status`, `fleet show` and `fleet drift` over the reference fleet
 # at 10,000 tenants (4 shard databases x 2,500 tenant schemas, ../shared/bench/make-fleet.sh
 # 4 2500 5), after COORD-2025-001 rolled across all of them, answered from the leader's copy
 # of the agents' journals. Prints the time to answer (median of REPEAT calls, each a whole
@@ -85,18 +85,22 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 time_cmd() {
   local out=$1; shift
   local s e
-  s=$(date +%s.%N); "$@" >"$out"; e=$(date +%s.%N)
+  s=$(date +%s.%N); "$@" >"$out" || echo "note: $* exited $?" >&2; e=$(date +%s.%N)
   echo "$e - $s" | bc
 }
-status_text=(); status_json=(); show=()
+status_text=(); status_json=(); show=(); drift=()
 for ((r=1; r<=REPEAT; r++)); do
   status_text+=("$(time_cmd "$work/status.txt" "$FLOTILLA" --coordinator "$addr" fleet status)")
   status_json+=("$(time_cmd "$work/status.json" "$FLOTILLA" --coordinator "$addr" fleet status --output json)")
   show+=("$(time_cmd "$work/show.txt" "$FLOTILLA" --coordinator "$addr" fleet show "tenant_$(printf %04d $((r * 7)))")")
+  # exit 1 would mean drift: the reference fleet has none
+  drift+=("$(time_cmd "$work/drift.txt" "$FLOTILLA" --coordinator "$addr" fleet drift)")
 done
 echo
 echo "==== results (median of $REPEAT; $expected tenants on $SHARDS shards; whole CLI invocations)"
 echo "fleet status (text):  $(printf '%s\n' "${status_text[@]}" | median)s   (goal: under 1 s)"
 echo "fleet status (json):  $(printf '%s\n' "${status_json[@]}" | median)s   ($(wc -c <"$work/status.json") bytes)"
 echo "fleet show TARGET:    $(printf '%s\n' "${show[@]}" | median)s"
+echo "fleet drift:          $(printf '%s\n' "${drift[@]}" | median)s   (no drift expected; the agents' last full scan per shard:)"
+grep 'catalog read' "$work/drift.txt" || true
 head -3 "$work/status.txt"
