@@ -389,9 +389,23 @@ async fn a_paused_leader_is_replaced_and_fenced_and_the_plan_completes_once() ->
     .await?;
     release(lock, 77).await?;
 
-    let out = fleet
+    let watched = fleet
         .cli_at(standby, &["plan", "watch", &id, "--output", "json"])
-        .await?;
+        .await;
+    let out = match watched {
+        Ok(out) => out,
+        Err(e) => {
+            // What the new leader and the agents were doing: the plan did not end.
+            eprintln!(
+                "new leader's log:\n{}",
+                fleet.coordinators[standby].as_ref().unwrap().log_tail(60)
+            );
+            for agent in &fleet.agents {
+                eprintln!("agent log:\n{}", agent.log_tail(40));
+            }
+            return Err(e);
+        }
+    };
     assert_eq!(out.code(), Some(0), "{out}");
 
     // The old leader resumes: it finds itself deposed and changes nothing.

@@ -61,6 +61,10 @@ pub struct Store {
     is_pg: bool,
 }
 
+/// Settings of every session on a PostgreSQL control store. The writer's transactions last
+/// milliseconds; one idle for seconds belongs to a coordinator that stopped running.
+const STORE_SESSION_SETTINGS: &str = "SET idle_in_transaction_session_timeout = '5s'";
+
 impl Store {
     /// Opens the store: a PostgreSQL URL, or a SQLite file path / `sqlite://` URL.
     pub async fn open(location: &str) -> Result<Store, StoreError> {
@@ -73,6 +77,17 @@ impl Store {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(if is_pg { 8 } else { 4 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if is_pg {
+                        // A coordinator paused or cut off mid-transaction (a stopped
+                        // process, a partition) must not hold rows of the shared store
+                        // locked for the leader after it: the server ends such a session.
+                        sqlx::raw_sql(STORE_SESSION_SETTINGS).execute(conn).await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await
             .map_err(|source| StoreError::Open {
