@@ -185,6 +185,12 @@ async fn read(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *snapshot)
         .await?;
+    // A report must never wait in a table's lock queue: behind a migration's DDL, or a
+    // prepared transaction's locks (held until its decision), it would stall there, and
+    // the sessions queued after it with it. It gives up instead; the next refresh tries.
+    sqlx::raw_sql("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '60s'")
+        .execute(&mut *snapshot)
+        .await?;
     let entries = shard::read_entries(&mut snapshot, targets).await?;
     let fingerprints = schema::read(agent, &mut snapshot, targets).await;
     // read only: ending it either way is the same; a failed catalog read aborted it
