@@ -5,11 +5,12 @@
 #   docker run --rm flotilla:dev --help
 #
 # Build stage: the workspace needs protoc and the google/protobuf/*.proto
-# includes (etcd-client compiles etcd's protos, which import them), the same two
-# Debian packages scripts/test.sh installs.
+# includes (etcd-client compiles etcd's protos, which import them), and libclang
+# (the lint's PostgreSQL parser, crate pg_query, runs bindgen at build time): the
+# same Debian packages scripts/test.sh installs.
 FROM rust:1.95-bookworm AS builder
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+    && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev libclang-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

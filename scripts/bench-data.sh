@@ -11,17 +11,26 @@
 #   3. a foreground pgbench workload's p99 latency alone and while the backfill runs with
 #      health throttling on (active sessions and lock waits).
 #
+# The throughput runs the keyset DO-loop and Flotilla REPEAT times each, in turns (paired on
+# the same server in the same minutes), and prints the medians and their ratio; the goal is
+# Flotilla at least as fast as the keyset loop (>= 1.0x). SECTIONS picks the parts (default 123);
+# SEED=0 skips the seed's DO-loop (minutes: it rescans the table from the start every batch).
+#
 #   scripts/bench-data.sh            ROWS=200000 WINDOW=20 scripts/bench-data.sh  (quicker)
+#   REPEAT=5 SECTIONS=1 SEED=0 scripts/bench-data.sh   (throughput only, medians of 5)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 ROWS=${ROWS:-1000000}; RATE=${RATE:-5000}; WINDOW=${WINDOW:-60}; PGBENCH_SECS=${PGBENCH_SECS:-30}
+REPEAT=${REPEAT:-3}; SECTIONS=${SECTIONS:-123}
 bindir=$(pg_config --bindir 2>/dev/null || true)
 [ -x "$bindir/initdb" ] || bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5,5 -rn | head -1)
 [ -x "$bindir/pgbench" ] || { echo "error: pgbench not found next to initdb ($bindir)" >&2; exit 2; }
 
-cargo build --release --quiet --bin flotilla
-FLOTILLA=$ROOT/target/release/flotilla
+# FLOTILLA_BIN: time another build (an A/B against an older binary) instead of building this one
+if [ -n "${FLOTILLA_BIN:-}" ]; then FLOTILLA=$FLOTILLA_BIN; else
+  cargo build --release --quiet --bin flotilla; FLOTILLA=$ROOT/target/release/flotilla
+fi
 work=$(mktemp -d /tmp/flotilla-data.XXXXXX); chmod 755 "$work"
 as_pg=()
 if [ "$(id -u)" -eq 0 ]; then chown postgres "$work"; as_pg=(runuser -u postgres --); fi
@@ -86,7 +95,10 @@ check_done() {
 }
 
 # --- 1. throughput ------------------------------------------------------------------------
-echo "==== 1. unthrottled throughput, batch 1000"
+median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+if [[ $SECTIONS == *1* ]]; then
+echo "==== 1. unthrottled throughput, batch 1000 (keyset loop and Flotilla $REPEAT times each, in turns)"
+if [ "${SEED:-1}" = 1 ]; then
 reset_table
 t0=$(now)
 psql <<SQL
@@ -103,10 +115,13 @@ END \$\$;
 SQL
 t_seed=$(echo "$(now) - $t0" | bc); check_done
 echo "seed DO-loop (one transaction, rescans from the start each batch): ${t_seed}s"
+else t_seed=0; fi
 
-reset_table
-t0=$(now)
-psql <<SQL
+keysets=(); flotillas=()
+for ((r=1; r<=REPEAT; r++)); do
+  reset_table
+  t0=$(now)
+  psql <<SQL
 DO \$\$
 DECLARE last_id bigint := 0; upper_id bigint;
 BEGIN
@@ -119,24 +134,31 @@ BEGIN
   END LOOP;
 END \$\$;
 SQL
-t_keyset=$(echo "$(now) - $t0" | bc); check_done
-echo "keyset DO-loop (a commit per batch): ${t_keyset}s"
+  t=$(echo "$(now) - $t0" | bc); check_done; keysets+=("$t")
+  echo "run $r: keyset DO-loop (a commit per batch): ${t}s"
 
-reset_table
-backfill_dir ""
-t0=$(now)
-"$FLOTILLA" --coordinator "$addr" plan submit "$dir" --wait --output json >"$work/p1.json"
-t_flotilla=$(echo "$(now) - $t0" | bc); check_done
-echo "Flotilla (keyset batches, each with its checkpoint, fenced): ${t_flotilla}s"
-printf '==== throughput: Flotilla %.0f rows/s; vs the seed DO-loop %.2fx, vs the keyset DO-loop %.2fx (goal >= 0.9x)\n' \
-  "$(echo "$ROWS / $t_flotilla" | bc -l)" "$(echo "$t_seed / $t_flotilla" | bc -l)" "$(echo "$t_keyset / $t_flotilla" | bc -l)"
+  reset_table
+  backfill_dir ""
+  t0=$(now)
+  "$FLOTILLA" --coordinator "$addr" plan submit "$dir" --wait --output json >"$work/p1.json"
+  t=$(echo "$(now) - $t0" | bc); check_done; flotillas+=("$t")
+  echo "run $r: Flotilla (keyset batches, each with its checkpoint, fenced, progress on): ${t}s"
+done
+t_keyset=$(printf '%s\n' "${keysets[@]}" | median)
+t_flotilla=$(printf '%s\n' "${flotillas[@]}" | median)
+printf '==== throughput (medians of %d): keyset DO-loop %.2fs, Flotilla %.2fs = %.0f rows/s\n' \
+  "$REPEAT" "$t_keyset" "$t_flotilla" "$(echo "$ROWS / $t_flotilla" | bc -l)"
+[ "$t_seed" = 0 ] || printf '==== Flotilla vs the seed DO-loop: %.2fx its speed\n' "$(echo "$t_seed / $t_flotilla" | bc -l)"
+printf '==== Flotilla vs the keyset DO-loop: %.2fx its speed (goal >= 1.0x)\n' "$(echo "$t_keyset / $t_flotilla" | bc -l)"
+fi
 
 # --- 2. rate --------------------------------------------------------------------------------
+sample() { psql -At -F' ' -c "SELECT rows, extract(epoch FROM updated_at) FROM flotilla.checkpoints WHERE migration_id = '$mid'"; }
+if [[ $SECTIONS == *2* ]]; then
 echo "==== 2. rate limit $RATE rows/s over ${WINDOW}s"
 reset_table
 backfill_dir "rows_per_second = $RATE"
 id=$("$FLOTILLA" --coordinator "$addr" plan submit "$dir" --policy stop --output json | tail -1 | grep -o '"plan_id":"[^"]*"' | cut -d'"' -f4)
-sample() { psql -At -F' ' -c "SELECT rows, extract(epoch FROM updated_at) FROM flotilla.checkpoints WHERE migration_id = '$mid'"; }
 for ((i=0; i<300; i++)); do s1=$(sample); [ -n "$s1" ] && break; sleep 0.05; done
 read -r r1 t1 <<<"$s1"
 sleep "$WINDOW"
@@ -145,8 +167,10 @@ read -r r2 t2 <<<"$(sample)"
 achieved=$(echo "($r2 - $r1) / ($t2 - $t1)" | bc -l)
 printf '==== rate: %.1f rows/s achieved over %.1fs (%d rows), limit %d: %.2f%% off (goal within 3%%)\n' \
   "$achieved" "$(echo "$t2 - $t1" | bc -l)" "$((r2 - r1))" "$RATE" "$(echo "($achieved - $RATE) / $RATE * 100" | bc -l)"
+fi
 
 # --- 3. foreground latency -----------------------------------------------------------------
+[[ $SECTIONS == *3* ]] || exit 0
 echo "==== 3. pgbench p99 (4 clients, point reads and updates by id, ${PGBENCH_SECS}s)"
 cat >"$work/fg.sql" <<SQL
 \set id random(1, $ROWS)

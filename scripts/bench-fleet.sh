@@ -12,60 +12,20 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
-SHARED=${SHARED:-$ROOT/../shared}
-BENCH=$SHARED/bench
 REPEAT=${1:-5}
 SHARDS=${SHARDS:-4}; TENANTS=${TENANTS:-2500}; PAR=${PAR:-8}
-[ -x "$BENCH/make-fleet.sh" ] || { echo "error: $BENCH/make-fleet.sh not found (set SHARED)" >&2; exit 2; }
+source scripts/bench-lib.sh
 
-bindir=${FLOTILLA_PG_BINDIR:-}
-[ -n "$bindir" ] || bindir=$(pg_config --bindir 2>/dev/null || true)
-[ -x "$bindir/initdb" ] || bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5,5 -rn | head -1)
-[ -x "$bindir/initdb" ] || { echo "error: initdb not found; run scripts/test.sh once to install PostgreSQL" >&2; exit 2; }
-
-echo "==== building flotilla (release)"
-cargo build --release --quiet --bin flotilla
-FLOTILLA=$ROOT/target/release/flotilla
-
-work=$(mktemp -d /tmp/flotilla-bench-fleet.XXXXXX)
-chmod 755 "$work"
-as_pg=()
-if [ "$(id -u)" -eq 0 ]; then
-  chown postgres "$work"
-  as_pg=(runuser -u postgres --)
-fi
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
-  if [ -n "${FLOTILLA_BENCH_KEEP:-}" ]; then echo "logs kept in $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-
-port=$(( 20000 + RANDOM % 10000 ))
-"${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
-"${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -l "$work/pg.log" -w \
-  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off -c max_locks_per_transaction=256" start >/dev/null
-export PGURL="postgres://postgres@127.0.0.1:$port"
-export PATH="$bindir:$PATH"
+bench_init flotilla-bench-fleet
+bench_build
+bench_start_pg -c fsync=off -c max_locks_per_transaction=256
 
 echo "==== building the reference fleet: $SHARDS shards x $TENANTS tenants"
 "$BENCH/make-fleet.sh" "$SHARDS" "$TENANTS" 5 >/dev/null
 
-cport=$(( port + 1 ))
-addr="http://127.0.0.1:$cport"
-"$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$work/store.db" >"$work/coordinator.log" 2>&1 &
-pids+=($!)
-for ((i=0; i<100; i++)); do grep -q "coordinator listening" "$work/coordinator.log" && break; sleep 0.1; done
-for ((s=0; s<SHARDS; s++)); do
-  FLOTILLA_LOG=warn "$FLOTILLA" --coordinator "$addr" agent --shard "shard_$s" --dsn "$PGURL/shard_$s" \
-    --tenant-pattern 'tenant_%' --max-connections "$PAR" >"$work/agent-$s.log" 2>&1 &
-  pids+=($!)
-done
-for ((i=0; i<600; i++)); do
-  n=$("$FLOTILLA" --coordinator "$addr" fleet list --output json 2>/dev/null | grep -o '"connected":true' | wc -l || true)
-  [ "$n" -eq "$SHARDS" ] && break; sleep 0.1
-done
+bench_coordinator $(( port + 1 )) "$work/coordinator.log" "$work/store.db"
+bench_agents fleet
+bench_wait_connected 600
 
 echo "==== rolling COORD-2025-001 across $((SHARDS * TENANTS)) tenants"
 start=$(date +%s.%N)
@@ -81,7 +41,6 @@ for ((i=0; i<600; i++)); do
 done
 [ "$got" -eq "$expected" ] || { echo "error: fleet status never showed $expected targets in one cohort" >&2; exit 1; }
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 time_cmd() {
   local out=$1; shift
   local s e

@@ -1,99 +1,101 @@
 #!/usr/bin/env bash
-# Rollout benchmark (issue 2): the coordinated example COORD-2025-001 across the reference
-# fleet (4 shard databases x 250 tenant schemas = 1,000 tenants) with parallelism 8, against
-# the floor (the same SQL through 8 bare psql sessions, no tracking) and, when dbmate is on
-# PATH, dbmate once per tenant. Everything runs against one throwaway PostgreSQL server
+# Rollout benchmark (issues 2 and 15): the coordinated example COORD-2025-001 across the
+# reference fleet (4 shard databases x 250 tenant schemas = 1,000 tenants) with parallelism 8,
+# against the floor (the same SQL through 8 bare psql sessions, no tracking) and, when dbmate
+# is on PATH, dbmate once per tenant. Everything runs against one throwaway PostgreSQL server
 # started here, in the same run; each contender gets a freshly reset fleet.
 # Waves (issue 10) must not cost speed: the same plan in three waves (canary 1%, 25%, the
 # rest; no bake, no gate) runs too, and its ratio to the floor is printed beside the plain one.
+# Every Flotilla run also reports what scale costs (issue 15): the coordinator's and the
+# agents' peak RSS (VmHWM at the end of the run), the time from submit to the first step
+# (the earliest journal row's start in any shard), and `plan status` answer times sampled
+# during the rollout (whole CLI invocations).
 #
-#   scripts/bench-rollout.sh [REPEAT]        (default 3; prints the median of each)
+#   scripts/bench-rollout.sh [REPEAT]            (default 3; prints the median of each)
+#   scripts/bench-rollout.sh --scale [REPEAT]    10,000 tenants: 4 x 2500 tenants, 5 rows each,
+#                                                no waves run, and the scale goals printed
 #
-# Environment: SHARED (default ../shared beside the repo), SHARDS (4), TENANTS (250), PAR (8),
-# FLOTILLA_PG_BINDIR (else pg_config --bindir / newest /usr/lib/postgresql/*/bin),
-# FLOTILLA_BENCH_KEEP=1 keeps the logs and the server's data dir.
+# Environment: SHARED (default ../shared beside the repo), SHARDS (4), TENANTS (250), ROWS (200),
+# PAR (8), WAVES (1: also run the waves plan; 0: not), FLOTILLA_PG_BINDIR (else pg_config
+# --bindir / newest /usr/lib/postgresql/*/bin), FLOTILLA_BENCH_KEEP=1 keeps the logs and the
+# server's data dir.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
-SHARED=${SHARED:-$ROOT/../shared}
-BENCH=$SHARED/bench
-REPEAT=${1:-3}
-SHARDS=${SHARDS:-4}; TENANTS=${TENANTS:-250}; PAR=${PAR:-8}
-[ -x "$BENCH/make-fleet.sh" ] || { echo "error: $BENCH/make-fleet.sh not found (set SHARED)" >&2; exit 2; }
-
-bindir=${FLOTILLA_PG_BINDIR:-}
-[ -n "$bindir" ] || bindir=$(pg_config --bindir 2>/dev/null || true)
-[ -x "$bindir/initdb" ] || bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5,5 -rn | head -1)
-[ -x "$bindir/initdb" ] || { echo "error: initdb not found; run scripts/test.sh once to install PostgreSQL" >&2; exit 2; }
-
-echo "==== building flotilla (release)"
-cargo build --release --quiet --bin flotilla
-FLOTILLA=$ROOT/target/release/flotilla
-
-work=$(mktemp -d /tmp/flotilla-bench.XXXXXX)
-chmod 755 "$work"
-as_pg=()
-if [ "$(id -u)" -eq 0 ]; then
-  chown postgres "$work"
-  as_pg=(runuser -u postgres --)
+SCALE=0
+if [ "${1:-}" = "--scale" ]; then
+  SCALE=1; shift
+  SHARDS=${SHARDS:-4}; TENANTS=${TENANTS:-2500}; ROWS=${ROWS:-5}; WAVES=${WAVES:-0}
 fi
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
-  if [ -n "${FLOTILLA_BENCH_KEEP:-}" ]; then echo "logs kept in $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
+REPEAT=${1:-3}
+SHARDS=${SHARDS:-4}; TENANTS=${TENANTS:-250}; ROWS=${ROWS:-200}; PAR=${PAR:-8}; WAVES=${WAVES:-1}
+source scripts/bench-lib.sh
 
-port=$(( 20000 + RANDOM % 10000 ))
-"${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+bench_init flotilla-bench
+bench_build
 # Default durability settings: both contenders pay the same commit cost.
-"${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -l "$work/pg.log" -w \
-  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null
-export PGURL="postgres://postgres@127.0.0.1:$port"
-export PATH="$bindir:$PATH"
+bench_start_pg -c max_locks_per_transaction=256
 
-echo "==== building the reference fleet: $SHARDS shards x $TENANTS tenants"
-"$BENCH/make-fleet.sh" "$SHARDS" "$TENANTS" >/dev/null
+echo "==== building the reference fleet: $SHARDS shards x $TENANTS tenants x $ROWS rows"
+"$BENCH/make-fleet.sh" "$SHARDS" "$TENANTS" "$ROWS" >/dev/null
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-now() { date +%s.%N; }
+# Times `plan status` of the plan the submit log names, every half second until the submit
+# ends (each a whole CLI process: connect, ask, render); one line of seconds per answer.
+sample_status() {
+  local submit_log=$1 out=$2 submit_pid=$3 id="" s e
+  while kill -0 "$submit_pid" 2>/dev/null; do
+    [ -n "$id" ] || id=$(sed -n 's/^plan \(.*\) submitted$/\1/p' "$submit_log" 2>/dev/null | head -1)
+    if [ -n "$id" ]; then
+      s=$(now)
+      "$FLOTILLA" --coordinator "$addr" plan status "$id" >/dev/null 2>&1 || true
+      e=$(now)
+      kill -0 "$submit_pid" 2>/dev/null && echo "$e - $s" | bc >>"$out"
+    fi
+    sleep 0.5
+  done
+}
 
-# One Flotilla run on a freshly reset fleet: coordinator, one agent per shard, the plan at
-# $3 submitted with --wait; prints its seconds (and its log lines on stderr).
+# One Flotilla run on a freshly reset fleet: coordinator, one agent per shard, the plan at $3
+# submitted with --wait. Sets R_T (seconds), R_FIRST (submit to first step, seconds), R_STATUS
+# and R_STATUS_MAX (median and max `plan status` seconds), R_COORD_RSS and R_AGENT_RSS (MB,
+# the largest agent); its lines go to stderr.
 run_flotilla() {
-  local r=$1 label=$2 plan=$3 cport start end t applied
+  local r=$1 label=$2 plan=$3 start end applied first off=0 sub
   "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
-  local off=0
   [ "$label" = waves ] && off=1
-  cport=$(( port + 1 + r * 2 + off ))
-  "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$work/store-$label-$r.db" >"$work/coordinator-$label-$r.log" 2>&1 &
-  pids+=($!)
-  local addr="http://127.0.0.1:$cport"
-  for ((i=0; i<100; i++)); do grep -q "coordinator listening" "$work/coordinator-$label-$r.log" && break; sleep 0.1; done
-  for ((s=0; s<SHARDS; s++)); do
-    FLOTILLA_LOG=warn "$FLOTILLA" --coordinator "$addr" agent --shard "shard_$s" --dsn "$PGURL/shard_$s" \
-      --tenant-pattern 'tenant_%' --max-connections "$PAR" >"$work/agent-$label-$r-$s.log" 2>&1 &
-    pids+=($!)
-  done
-  for ((i=0; i<200; i++)); do
-    n=$("$FLOTILLA" --coordinator "$addr" fleet list --output json 2>/dev/null | grep -o '"connected":true' | wc -l || true)
-    [ "$n" -eq "$SHARDS" ] && break; sleep 0.1
-  done
+  bench_coordinator $(( port + 1 + r * 2 + off )) "$work/coordinator-$label-$r.log" "$work/store-$label-$r.db"
+  bench_agents "$label-$r"
+  bench_wait_connected
+  local slog="$work/submit-$label-$r.log" samples="$work/status-$label-$r.txt"
+  : >"$samples"
   start=$(now)
-  "$FLOTILLA" --coordinator "$addr" plan submit "$plan" --wait --max-parallel "$PAR" >"$work/submit-$label-$r.log" 2>&1 \
-    || { echo "error: flotilla ($label) run failed:" >&2; cat "$work/submit-$label-$r.log" >&2; exit 1; }
+  "$FLOTILLA" --coordinator "$addr" plan submit "$plan" --wait --max-parallel "$PAR" >"$slog" 2>&1 &
+  sub=$!
+  sample_status "$slog" "$samples" "$sub" &
+  local sampler=$!
+  wait "$sub" || { echo "error: flotilla ($label) run failed:" >&2; cat "$slog" >&2; exit 1; }
   end=$(now)
-  t=$(echo "$end - $start" | bc)
-  printf 'run %s: flotilla %-6s %ss   (%s)\n' "$r" "$label" "$t" "$(tail -1 "$work/submit-$label-$r.log" | head -c 100)" >&2
+  wait "$sampler" 2>/dev/null || true
+  R_T=$(echo "$end - $start" | bc)
+  R_COORD_RSS=$(peak_rss_mb "$COORD_PID")
+  R_AGENT_RSS=$(for p in "${AGENT_PIDS[@]}"; do peak_rss_mb "$p"; done | sort -n | tail -1)
+  first=$(for ((s=0; s<SHARDS; s++)); do
+    psql "$PGURL/shard_$s" -XAtc "SELECT extract(epoch FROM min(started_at)) FROM flotilla.journal"
+  done | grep . | sort -n | head -1)
+  R_FIRST=$(printf '%.3f' "$(echo "$first - $start" | bc)")
+  if [ -s "$samples" ]; then
+    R_STATUS=$(median <"$samples"); R_STATUS_MAX=$(sort -n "$samples" | tail -1)
+  else
+    R_STATUS="?"; R_STATUS_MAX="?"
+  fi
+  printf 'run %s: flotilla %-6s %ss   first step after %ss; plan status %ss (max %ss, %s samples); peak RSS coordinator %s MB, agent %s MB   (%s)\n' \
+    "$r" "$label" "$R_T" "$R_FIRST" "$R_STATUS" "$R_STATUS_MAX" "$(wc -l <"$samples")" "$R_COORD_RSS" "$R_AGENT_RSS" \
+    "$(tail -1 "$slog" | head -c 100)" >&2
   # The coordinator's own view: from the plan stored to its final state.
   awk '/plan submitted/ {s=$1} /every step applied/ {e=$1} END {print "        coordinator: submitted " s ", finished " e}' "$work/coordinator-$label-$r.log" >&2
   applied=$(psql "$PGURL/shard_0" -XAtc "SELECT count(*) FROM flotilla.journal")
   [ "$applied" -eq $(( TENANTS * 3 )) ] || { echo "error: shard_0 journal holds $applied rows, expected $(( TENANTS * 3 ))" >&2; exit 1; }
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  pids=()
-  echo "$t"
+  bench_stop_flotilla
 }
 
 # The same plan in three waves: canary 1%, a quarter, the rest (no bake, no gate).
@@ -116,15 +118,19 @@ rest = true
 PLAN
 
 floor_times=(); flotilla_times=(); waves_times=(); dbmate_times=()
+firsts=(); statuses=(); status_maxes=(); coord_rss=(); agent_rss=()
 for ((r=1; r<=REPEAT; r++)); do
   "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
   t=$("$BENCH/baseline-psql-floor.sh" "$SHARDS" "$TENANTS" "$PAR" | awk '/seconds/ {print $NF}')
   floor_times+=("$t"); echo "run $r: psql floor   ${t}s"
 
-  t=$(run_flotilla "$r" plain "$BENCH/coord-2025-001")
-  flotilla_times+=("$t")
-  t=$(run_flotilla "$r" waves "$work/waves/plan.toml")
-  waves_times+=("$t")
+  run_flotilla "$r" plain "$BENCH/coord-2025-001"
+  flotilla_times+=("$R_T"); firsts+=("$R_FIRST"); statuses+=("$R_STATUS"); status_maxes+=("$R_STATUS_MAX")
+  coord_rss+=("$R_COORD_RSS"); agent_rss+=("$R_AGENT_RSS")
+  if [ "$WAVES" = 1 ]; then
+    run_flotilla "$r" waves "$work/waves/plan.toml"
+    waves_times+=("$R_T")
+  fi
 
   if command -v dbmate >/dev/null 2>&1; then
     "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
@@ -135,15 +141,22 @@ done
 
 floor=$(printf '%s\n' "${floor_times[@]}" | median)
 flot=$(printf '%s\n' "${flotilla_times[@]}" | median)
-wav=$(printf '%s\n' "${waves_times[@]}" | median)
+max_of() { printf '%s\n' "$@" | grep -v '?' | sort -n | tail -1; }
+goal=1.10; [ "$SCALE" = 1 ] && goal=1.20
 echo
-echo "==== results (median of $REPEAT; $SHARDS x $TENANTS tenants, parallelism $PAR)"
+echo "==== results (median of $REPEAT; $SHARDS x $TENANTS tenants x $ROWS rows, parallelism $PAR)"
 echo "psql floor:  ${floor}s"
 echo "flotilla:    ${flot}s"
-printf 'flotilla/floor: %.2fx (goal: at most 1.30x)\n' "$(echo "$flot / $floor" | bc -l)"
-echo "flotilla in 3 waves (1%, 25%, rest): ${wav}s"
-printf 'waves/floor: %.2fx; waves/plain: %.2fx (goal: within 10%% of the plain plan)\n' \
-  "$(echo "$wav / $floor" | bc -l)" "$(echo "$wav / $flot" | bc -l)"
+printf 'flotilla/floor: %.2fx (goal: at most %sx)\n' "$(echo "$flot / $floor" | bc -l)" "$goal"
+echo "submit to first step: $(printf '%s\n' "${firsts[@]}" | median)s median, $(max_of "${firsts[@]}")s max (goal: under 1 s)"
+echo "plan status during the rollout: $(printf '%s\n' "${statuses[@]}" | grep -v '?' | median)s median of the runs' medians, $(max_of "${status_maxes[@]}")s slowest answer (goal: under 0.1 s)"
+echo "peak RSS: coordinator $(max_of "${coord_rss[@]}") MB, largest agent $(max_of "${agent_rss[@]}") MB, the largest of the runs (goals: under 200 MB, under 100 MB)"
+if [ "$WAVES" = 1 ]; then
+  wav=$(printf '%s\n' "${waves_times[@]}" | median)
+  echo "flotilla in 3 waves (1%, 25%, rest): ${wav}s"
+  printf 'waves/floor: %.2fx; waves/plain: %.2fx (goal: within 10%% of the plain plan)\n' \
+    "$(echo "$wav / $floor" | bc -l)" "$(echo "$wav / $flot" | bc -l)"
+fi
 if [ ${#dbmate_times[@]} -gt 0 ]; then
   dbm=$(printf '%s\n' "${dbmate_times[@]}" | median)
   echo "dbmate:      ${dbm}s"

@@ -7,46 +7,25 @@
 #
 #   scripts/bench-two-phase.sh [REPEAT]      (default 5)
 #
-# Environment: SHARED (default ../shared), SHARDS (16), TENANTS (10 per shard).
+# Environment: SHARED (default ../shared), SHARDS (16), TENANTS (10 per shard), and bench-lib.sh's
+# (FLOTILLA_BIN, FLOTILLA_PG_BINDIR, FLOTILLA_BENCH_KEEP).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
-SHARED=${SHARED:-$ROOT/../shared}
-BENCH=$SHARED/bench
 REPEAT=${1:-5}
 SHARDS=${SHARDS:-16}; TENANTS=${TENANTS:-10}
-[ -x "$BENCH/make-fleet.sh" ] || { echo "error: $BENCH/make-fleet.sh not found (set SHARED)" >&2; exit 2; }
-bindir=$(pg_config --bindir 2>/dev/null || true)
-[ -x "$bindir/initdb" ] || bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5,5 -rn | head -1)
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
 command -v etcd >/dev/null || { echo "error: etcd not found; run scripts/test.sh once to install it" >&2; exit 2; }
-
-cargo build --release --quiet --bin flotilla
-FLOTILLA=$ROOT/target/release/flotilla
-work=$(mktemp -d /tmp/flotilla-2pc.XXXXXX); chmod 755 "$work"
-as_pg=()
-if [ "$(id -u)" -eq 0 ]; then chown postgres "$work"; as_pg=(runuser -u postgres --); fi
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-port=$(( 20000 + RANDOM % 8000 ))
-"${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
-"${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -l "$work/pg.log" -w \
-  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=300 -c max_prepared_transactions=200" start >/dev/null
-export PGURL="postgres://postgres@127.0.0.1:$port" PATH="$bindir:$PATH"
-eport=$(( port + 1 )); epeer=$(( port + 2 ))
-etcd --name b --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$eport" \
-  --advertise-client-urls "http://127.0.0.1:$eport" --listen-peer-urls "http://127.0.0.1:$epeer" \
-  --initial-advertise-peer-urls "http://127.0.0.1:$epeer" --initial-cluster "b=http://127.0.0.1:$epeer" >"$work/etcd.log" 2>&1 &
-pids+=($!)
-for ((i=0; i<100; i++)); do curl -fs "http://127.0.0.1:$eport/health" >/dev/null 2>&1 && break; sleep 0.1; done
+bench_init flotilla-2pc
+bench_build
+bench_start_pg -c max_connections=300 -c max_prepared_transactions=200
+eport=$(( port + 1 ))
+bench_etcd_start "$eport" $(( port + 2 ))
 echo "==== building $SHARDS shards x $TENANTS tenants"
 "$BENCH/make-fleet.sh" "$SHARDS" "$TENANTS" 20 >/dev/null 2>&1
 
-windows=()
+windows=(); decisions=(); heards=(); pg_commits=(); holds_median=(); holds_p99=(); holds_max=()
 for ((r=1; r<=REPEAT; r++)); do
   "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null 2>&1
   cport=$(( port + 10 + r ))
@@ -65,10 +44,52 @@ for ((r=1; r<=REPEAT; r++)); do
   out=$("$FLOTILLA" --coordinator "$addr" plan submit "$BENCH/coord-2025-001" --atomic --wait --max-parallel 16 --output json | tail -1)
   w=$(echo "$out" | grep -o 'COMMIT PREPARED: [0-9.]*s' | grep -o '[0-9.]*' | head -1)
   [ -n "$w" ] || { echo "error: run $r did not commit atomically: $out"; exit 1; }
-  windows+=("$w"); echo "run $r: prepare->commit window ${w}s"
+  # The plan's message gives the agents' figures: the decision's two legs and each target's
+  # hold (PREPARE to COMMIT PREPARED), median, p99 and max.
+  figure() { echo "$out" | grep -o "$1 [0-9.]* ms" | head -1 | sed -e "s/^$1 //" -e 's/ ms$//'; }
+  d1=$(figure 'last PREPARE to decision'); d2=$(figure 'decision to last COMMIT PREPARED')
+  hm=$(figure 'median'); hp=$(figure 'p99'); hx=$(figure 'max')
+  # decision durable -> the last agent got its Resolve: the rest of the leg is PostgreSQL's
+  # COMMIT PREPAREDs
+  heard=$(figure 'the last agent had it after'); heard=${heard:-0}
+  [ -n "$d1" ] && [ -n "$hx" ] || { echo "error: run $r reported no two-phase timings: $out"; exit 1; }
+  decision=$(awk -v a="$d1" -v b="$d2" 'BEGIN {printf "%.1f", a + b}')
+  pg=$(awk -v a="$d2" -v b="$heard" 'BEGIN {printf "%.1f", a - b}')
+  windows+=("$w"); decisions+=("$decision"); heards+=("$heard"); pg_commits+=("$pg"); holds_median+=("$hm"); holds_p99+=("$hp"); holds_max+=("$hx")
+  echo "run $r: window ${w}s; decision latency ${decision} ms (last PREPARE -> decision ${d1} ms -> last COMMIT PREPARED ${d2} ms, of which the last agent had the decision after ${heard} ms); hold per target median ${hm} ms, p99 ${hp} ms, max ${hx} ms"
   for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
   wait "${pids[@]:1}" 2>/dev/null || true
   pids=("${pids[0]}")
 done
-med=$(printf '%s\n' "${windows[@]}" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}')
-echo "==== median prepare->commit window across $SHARDS shards: ${med}s (of $REPEAT runs)"
+# PostgreSQL's own floor for the second leg: the same number of prepared transactions
+# (one per tenant, each holding an ALTER TABLE's ACCESS EXCLUSIVE lock, as the plan's do),
+# committed by one session per shard database (as each agent does) that all start at one
+# instant (pg_sleep_until), timed from that instant to the last COMMIT PREPARED done.
+floors=()
+for ((r=1; r<=REPEAT; r++)); do
+  "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null 2>&1
+  for ((s=0; s<SHARDS; s++)); do
+    for ((t=1; t<=TENANTS; t++)); do
+      printf "BEGIN; ALTER TABLE tenant_%04d.work_orders ADD COLUMN floor_probe int; PREPARE TRANSACTION 'floor_%s_%s';\n" "$((s * TENANTS + t - 1))" "$s" "$t"
+    done | psql -X -q "$PGURL/shard_$s" >/dev/null
+  done
+  start=$(psql -X -At "$PGURL/postgres" -c "SELECT extract(epoch FROM clock_timestamp() + interval '2 s')")
+  for ((s=0; s<SHARDS; s++)); do
+    { echo "SELECT pg_sleep_until(to_timestamp($start));"
+      for ((t=1; t<=TENANTS; t++)); do echo "COMMIT PREPARED 'floor_${s}_${t}';"; done
+      echo "SELECT extract(epoch FROM clock_timestamp());"
+    } | psql -X -At -q "$PGURL/shard_$s" >"$work/floor-$s.out" &
+  done
+  wait $(jobs -p | grep -v "^${pids[0]}$") 2>/dev/null || true
+  last=$(cat "$work"/floor-*.out | grep -E '^[0-9.]+$' | sort -n | tail -1)
+  floor=$(awk -v a="$last" -v b="$start" 'BEGIN {printf "%.1f", (a - b) * 1000}')
+  floors+=("$floor")
+  echo "floor run $r: $((SHARDS * TENANTS)) COMMIT PREPAREDs, one session per shard database, all started at once: ${floor} ms"
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+echo "==== $SHARDS shards x $TENANTS tenants, $REPEAT runs, medians (machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)):"
+echo "     (a) decision latency, last PREPARE -> decision in etcd -> last COMMIT PREPARED: $(median "${decisions[@]}") ms (goal < 20 ms)"
+echo "         of which: decision -> the last agent has it $(median "${heards[@]}") ms; then the agents' COMMIT PREPAREDs until the last is done $(median "${pg_commits[@]}") ms"
+echo "         PostgreSQL's floor for that leg ($((SHARDS * TENANTS)) COMMIT PREPAREDs, $SHARDS sessions started at once): $(median "${floors[@]}") ms; Flotilla's leg / floor: $(awk -v a="$(median "${pg_commits[@]}")" -v b="$(median "${floors[@]}")" 'BEGIN {printf "%.2f", a / b}')x"
+echo "     (b) lock hold per target, PREPARE -> COMMIT PREPARED: median $(median "${holds_median[@]}") ms, p99 $(median "${holds_p99[@]}") ms, max $(median "${holds_max[@]}") ms"
+echo "     (c) window, first PREPARE -> last COMMIT PREPARED: $(median "${windows[@]}")s"

@@ -1,5 +1,5 @@
 # Sourced by scripts/test.sh and scripts/quickstart.sh: finding (and, on Debian,
-# installing) what Flotilla needs: protoc, the PostgreSQL server, etcd, Prometheus.
+# installing) what Flotilla needs: protoc, libclang, the PostgreSQL server, etcd, Prometheus.
 # Each script says which of them it needs (its own missing_packages).
 
 section() {
@@ -22,6 +22,19 @@ have_protoc() {
 have_protobuf_includes() {
     [[ -f /usr/include/google/protobuf/descriptor.proto ]] ||
         [[ -n "${PROTOC_INCLUDE:-}" && -f "${PROTOC_INCLUDE}/google/protobuf/descriptor.proto" ]]
+}
+
+# The core crate's PostgreSQL parser (crate pg_query: libpg_query, for the lint and
+# the dry run's lock levels) generates its bindings with bindgen, which loads libclang
+# at build time; Debian ships it (with the clang headers bindgen needs) in libclang-dev.
+# (libclang-cpp, which LLVM's packages bring, is another library: not matched.)
+have_libclang() {
+    if [[ -n "${LIBCLANG_PATH:-}" ]] && compgen -G "${LIBCLANG_PATH}/libclang*.so*" >/dev/null; then
+        return 0
+    fi
+    compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null ||
+        compgen -G "/usr/lib/*/libclang.so*" >/dev/null ||
+        compgen -G "/usr/lib/*/libclang-[0-9]*.so*" >/dev/null
 }
 
 # Same search order as testkit/src/postgres.rs (PgBins::locate). Debian's postgresql

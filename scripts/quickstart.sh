@@ -23,6 +23,7 @@ missing_packages() {
     if [[ -z "${FLOTILLA_BIN:-}" ]]; then
         have_protoc || packages+=(protobuf-compiler)
         have_protobuf_includes || packages+=(libprotobuf-dev)
+        have_libclang || packages+=(libclang-dev)
     fi
     find_initdb >/dev/null || packages+=(postgresql)
     # As root, PostgreSQL runs as the postgres user via runuser.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need if it is missing
-# (protoc, the PostgreSQL server, etcd; needs root or sudo and apt-get), then
+# (protoc, libclang, the PostgreSQL server, etcd; needs root or sudo and apt-get), then
 # runs the formatter check, clippy and the whole test suite.
 #
 #   scripts/test.sh                 # everything
@@ -27,6 +27,7 @@ missing_packages() {
     local packages=()
     have_protoc || packages+=(protobuf-compiler)
     have_protobuf_includes || packages+=(libprotobuf-dev)
+    have_libclang || packages+=(libclang-dev)
     find_initdb >/dev/null || packages+=(postgresql)
     find_etcd >/dev/null || packages+=(etcd-server)
     # The waves' Prometheus gate is tested against a real Prometheus server; its

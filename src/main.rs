@@ -4,6 +4,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Before anything can panic: a panic's message is printed with every password and
+    // token the process holds scrubbed from it (DESIGN invariant 8).
+    std::panic::set_hook(Box::new(flotilla_core::secrets::panic_hook));
     let cli = flotilla::cli::Cli::parse();
     flotilla::cli::init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -3,6 +3,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use flotilla_core::secrets::{Secret, SecretUrl};
+
 use crate::error::AgentError;
 
 /// Everything one agent needs: which shard it serves, how to reach it, and how to reach the
@@ -11,10 +13,11 @@ use crate::error::AgentError;
 pub struct AgentConfig {
     /// The shard's name, as the coordinator and the journal know it.
     pub shard: String,
-    /// `postgres://user@host:port/db?...`, with no password in it.
-    pub dsn: String,
-    /// Read by `main` from a file or the environment; never logged.
-    pub password: Option<String>,
+    /// `postgres://user@host:port/db?...`, with no password in it (`main` refuses one: it
+    /// would sit in argv). Shown redacted all the same.
+    pub dsn: SecretUrl,
+    /// Read by `main` from a file or the environment; shows as `***`.
+    pub password: Option<Secret>,
     /// The shard's labels, for plan selectors.
     pub labels: BTreeMap<String, String>,
     /// The coordinators' addresses, e.g. `http://127.0.0.1:7070`, or several separated by
@@ -47,6 +50,13 @@ pub struct AgentConfig {
     /// The TTL of the lease under the agent's liveness key (whole seconds, at least 1s);
     /// it is kept alive every third of it.
     pub lease_ttl: Duration,
+    /// TLS to the coordinators (`https://` addresses): the CA that signed their
+    /// certificate and this agent's own, which names its shard (`--tls-*`).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// etcd over TLS (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+    pub etcd_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// etcd user and password (`--etcd-user`, `--etcd-password-file`).
+    pub etcd_user: Option<flotilla_core::tls::Credentials>,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
@@ -61,7 +71,7 @@ impl AgentConfig {
     /// A configuration with the defaults: no password, no labels, no tenants.
     pub fn new(
         shard: impl Into<String>,
-        dsn: impl Into<String>,
+        dsn: impl Into<SecretUrl>,
         coordinator: impl Into<String>,
     ) -> AgentConfig {
         AgentConfig {
@@ -80,6 +90,9 @@ impl AgentConfig {
             etcd: Vec::new(),
             etcd_prefix: DEFAULT_ETCD_PREFIX.to_string(),
             lease_ttl: DEFAULT_LEASE_TTL,
+            tls: None,
+            etcd_tls: None,
+            etcd_user: None,
         }
     }
 
@@ -131,7 +144,7 @@ impl AgentConfig {
 
     /// The DSN with any password in it replaced, safe for logs and errors.
     pub fn redacted_dsn(&self) -> String {
-        redact_dsn(&self.dsn)
+        self.dsn.redacted()
     }
 }
 
@@ -139,8 +152,8 @@ impl fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgentConfig")
             .field("shard", &self.shard)
-            .field("dsn", &redact_dsn(&self.dsn))
-            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("dsn", &self.dsn)
+            .field("password", &self.password)
             .field("labels", &self.labels)
             .field("coordinator", &redact_list(&self.coordinator))
             .field("tenant_pattern", &self.tenant_pattern)
@@ -156,7 +169,9 @@ impl fmt::Debug for AgentConfig {
             )
             .field("etcd_prefix", &self.etcd_prefix)
             .field("lease_ttl", &self.lease_ttl)
-            .field("discover_interval", &self.discover_interval)
+            .field("tls", &self.tls.is_some())
+            .field("etcd_tls", &self.etcd_tls.is_some())
+            .field("etcd_user", &self.etcd_user)
             .finish()
     }
 }
@@ -168,8 +183,6 @@ pub(crate) fn backoff_delay(attempt: u32, min: Duration, max: Duration, jitter: 
     let floor = (step / 2).max(min);
     floor + step.saturating_sub(floor).mul_f64(jitter.clamp(0.0, 1.0))
 }
-
-use flotilla_core::secrets::REDACTED;
 
 /// A comma-separated list of addresses, each with its password hidden.
 pub(crate) fn redact_list(list: &str) -> String {
@@ -243,6 +256,7 @@ mod tests {
         let text = format!("{c:?}");
         assert!(!text.contains("pw1") && !text.contains("pw2"), "{text}");
         assert!(text.contains("<redacted>"));
+        assert!(text.contains("password: Some(***)"), "{text}");
     }
 
     #[test]

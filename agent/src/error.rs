@@ -40,6 +40,18 @@ pub enum AgentError {
         /// ` (session pid …, application_name …, client …)` when the shard lets us read it.
         holder: String,
     },
+    /// The database's flotilla schema was recorded for another shard: a DSN copied from
+    /// another agent's configuration, pointing at the wrong database. Acting on it would move
+    /// that shard's fence and write into its journal.
+    #[error(
+        "shard {shard}: database {database} belongs to shard {recorded} (flotilla.meta says so); \
+         check --dsn and --shard: an agent acts only on its own shard's fence and journal"
+    )]
+    WrongShard {
+        shard: String,
+        recorded: String,
+        database: String,
+    },
     #[error("shard {shard}: coordinator {address}: {reason}")]
     Coordinator {
         shard: String,

@@ -19,6 +19,8 @@
 //! - `agent::before_rollback_step`: `return[(msg)]` fails the undo of a step.
 //! - `agent::before_send_results`: `return` drops the coordinator stream before sending
 //!   buffered results; they are sent after the next Hello.
+//! - `agent::panic_at_start`: any action panics in `start` with the configuration (and the
+//!   exposed password) in the message, for the test that no secret leaves through a panic.
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
@@ -44,6 +46,7 @@ mod step;
 
 pub use config::{AgentConfig, DEFAULT_DISCOVER_INTERVAL, redact_dsn};
 pub use error::AgentError;
+pub use run::rehearsal;
 
 use crate::data::{ProgressBoard, ServerBuckets};
 use crate::etcd::liveness;
@@ -105,9 +108,21 @@ pub async fn start(
     metrics::describe();
     metrics::initialise();
     setup_failpoints();
+    // A panic whose message holds the configuration: the canary test proves that neither
+    // the configuration's Debug nor the binary's panic hook lets a password through.
+    #[cfg(feature = "testing")]
+    fail::fail_point!("agent::panic_at_start", |_| panic!(
+        "failpoint agent::panic_at_start with {config:?} (password {:?})",
+        config.password.as_ref().map(|p| p.expose())
+    ));
     let addresses = config.coordinators();
     for address in &addresses {
-        session::endpoint(&config.shard, address)?;
+        session::endpoint(&config.shard, address, config.tls.as_ref())?;
+        if config.tls.is_some() && !address.trim().starts_with("https://") {
+            warn!(coordinator = %config::redact_dsn(address), "TLS files are given but this coordinator address is not https://: the connection is plaintext");
+        } else if config.tls.is_none() && flotilla_core::tls::plaintext_off_host(address) {
+            warn!(coordinator = %config::redact_dsn(address), "connecting to a coordinator off this machine in plaintext: give it TLS and use https://");
+        }
     }
     let rotation = Rotation::new(addresses);
     let cancel = CancellationToken::new();
@@ -131,6 +146,11 @@ async fn run(
     let Some(pool) = shard::connect(&config, &cancel).await? else {
         return Ok(());
     };
+    // a DSN copied from another shard's agent is refused before it can take that shard's lock
+    if let Err(e) = shard::check_claim(&pool, &config.shard).await {
+        pool.close().await;
+        return Err(e);
+    }
     // before any work: one agent per shard (see `shard_lock` for why)
     let lock = match shard_lock::acquire(&config).await {
         Ok(conn) => conn,
@@ -159,6 +179,15 @@ async fn serve(
     if let Err(e) = shard::install_schema(&pool, &config.shard).await {
         pool.close().await;
         return Err(e);
+    }
+    match shard::is_superuser(&pool).await {
+        Ok((role, true)) => warn!(
+            %role,
+            "the agent connects to its shard as a superuser: it needs far less (ownership of \
+             the tenant schemas and of schema flotilla); see deploy/sql/agent-role.sql"
+        ),
+        Ok((_, false)) => {}
+        Err(error) => warn!(%error, "cannot read whether the agent's role is a superuser"),
     }
     let tenant_source = TenantSource::from_config(&config);
     let tenants = match shard::discover_tenants(&pool, &config.shard, &tenant_source).await {

@@ -15,6 +15,10 @@ pub enum CoordinatorError {
     /// The plan (or command) is well formed but cannot run against this fleet as it is.
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// The lint found errors in the plan's SQL (each named: rule, migration, file and
+    /// line; `flotilla plan lint` shows them all): nothing was stored or touched.
+    #[error("the lint refuses the plan: {0}")]
+    Lint(String),
     #[error("plan {0} not found")]
     PlanNotFound(String),
     /// `fleet show` of a name no shard knows (or one several shards know).
@@ -33,6 +37,13 @@ pub enum CoordinatorError {
     /// plan's approval rule does not accept).
     #[error("{0}")]
     NotAllowed(String),
+    /// No valid operator credential (none, malformed, unknown or revoked).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    #[error("operator `{0}` exists already (revoke it first to give the name a new token)")]
+    OperatorExists(String),
+    #[error("no active operator `{0}`")]
+    OperatorNotFound(String),
     #[error("coordinator is shutting down")]
     ShuttingDown,
     /// Only the leader schedules and decides; `leader` is where it is, when known.
@@ -45,6 +56,9 @@ pub enum CoordinatorError {
     Coordination(#[from] CoordinationError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
+    /// TLS material or the agent identity mapping cannot be used (names the flag and file).
+    #[error("transport security: {0}")]
+    Tls(String),
 }
 
 /// A plan or command refused as it stands against this fleet: nothing was changed.
@@ -115,11 +129,44 @@ pub enum Refusal {
     )]
     ShardNeeded { plan_id: String, shard: String },
     #[error(
+        "the plan names no environment; this coordinator promotes plans through {known}: set `environment` in plan.toml (or `plan submit --environment`)"
+    )]
+    NoEnvironment { known: String },
+    #[error("unknown environment `{environment}`: the coordinator knows {known}")]
+    UnknownEnvironment { environment: String, known: String },
+    #[error(
+        "no attached shard is in environment `{environment}` (a shard's label {label}={environment} puts it there)"
+    )]
+    EmptyEnvironment { environment: String, label: String },
+    #[error(
+        "promotion gate: a plan for `{environment}` carries {count} migration(s) that have not completed in `{before}`: {lacking}. Roll them out to `{before}` first, or override with `--skip-promotion-check --reason TEXT` (audited); nothing was changed"
+    )]
+    NotPromoted {
+        environment: String,
+        before: String,
+        count: usize,
+        /// Each migration and where it stands, `; `-separated.
+        lacking: String,
+    },
+    #[error(
         "require_no_drift: the schema of {targets} differs from their cohort's (see `flotilla fleet drift`); nothing was changed"
     )]
     Drifted {
         /// A few targets, and how many more.
         targets: String,
+    },
+    #[error(
+        "require_baseline: {tool}'s history on {targets} says {migrations} already ran there, but Flotilla's journal lacks it (run `flotilla fleet baseline PATH` first); nothing was changed"
+    )]
+    NotBaselined {
+        tool: String,
+        targets: String,
+        migrations: String,
+    },
+    #[error("baseline refused, nothing was recorded: {problems}")]
+    BaselineRefused {
+        /// Each refused target with why, a few of them, and how many more.
+        problems: String,
     },
 }
 
@@ -179,13 +226,16 @@ impl From<CoordinatorError> for tonic::Status {
     fn from(e: CoordinatorError) -> tonic::Status {
         let msg = e.to_string();
         match e {
-            CoordinatorError::InvalidPlan(_) | CoordinatorError::InvalidRequest(_) => {
-                tonic::Status::invalid_argument(msg)
-            }
+            CoordinatorError::InvalidPlan(_)
+            | CoordinatorError::InvalidRequest(_)
+            | CoordinatorError::Lint(_) => tonic::Status::invalid_argument(msg),
             CoordinatorError::Refused(_) | CoordinatorError::Conflict(_) => {
                 tonic::Status::failed_precondition(msg)
             }
             CoordinatorError::NotAllowed(_) => tonic::Status::permission_denied(msg),
+            CoordinatorError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
+            CoordinatorError::OperatorExists(_) => tonic::Status::already_exists(msg),
+            CoordinatorError::OperatorNotFound(_) => tonic::Status::not_found(msg),
             CoordinatorError::PlanNotFound(_) | CoordinatorError::TargetNotFound(_) => {
                 tonic::Status::not_found(msg)
             }
@@ -208,7 +258,8 @@ impl From<CoordinatorError> for tonic::Status {
             }
             CoordinatorError::Coordination(_)
             | CoordinatorError::Store(_)
-            | CoordinatorError::Listen { .. } => tonic::Status::internal(msg),
+            | CoordinatorError::Listen { .. }
+            | CoordinatorError::Tls(_) => tonic::Status::internal(msg),
         }
     }
 }

@@ -12,14 +12,21 @@
 //! - [`engine`]: the one task that owns plans in motion; [`plan`]: their pure state;
 //! - [`store`]: the control store; [`coordination`]: etcd (or the embedded backend).
 //! - [`approvals`]: the approval matrix a plan waits on before it starts.
+//! - [`environments`]: the environments plans are promoted through, and their shards.
+//! - [`auth`]: operator identities, roles and the role each operator RPC needs.
 //! - [`shutdown`]: stopping within a bound, leadership and agents handed over.
 pub mod actor;
 mod admission;
 mod api;
 pub mod approvals;
+pub mod auth;
 pub mod coordination;
 pub mod engine;
+mod env_status;
+pub mod environments;
 pub mod error;
+mod explain;
+pub mod identity;
 pub mod metrics;
 pub mod plan;
 pub mod planner;
@@ -29,6 +36,7 @@ pub mod service;
 pub mod sessions;
 pub mod shutdown;
 pub mod store;
+pub mod tls;
 pub mod versions;
 
 use std::future::Future;
@@ -37,6 +45,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_core::pb;
+use flotilla_core::secrets::SecretUrl;
+use flotilla_core::tls::{Credentials, TlsFiles};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -48,8 +58,9 @@ pub use service::Coordinator;
 pub struct CoordinatorConfig {
     /// Where the gRPC API (operators and agents) listens.
     pub listen: SocketAddr,
-    /// The control store: a SQLite file path, or a postgres:// URL.
-    pub store: String,
+    /// The control store: a SQLite file path or `sqlite://` URL, or a postgres:// URL (its
+    /// password, if any, shows redacted).
+    pub store: SecretUrl,
     /// Where `/metrics` is served, if anywhere.
     pub metrics: Option<SocketAddr>,
     pub lock_timeout: Duration,
@@ -74,10 +85,28 @@ pub struct CoordinatorConfig {
     pub shutdown_grace: Duration,
     /// Per environment and risk, the approvals a plan needs before it starts.
     pub approvals: approvals::Matrix,
+    /// The environments plans are promoted through, and the shard label naming each
+    /// shard's (empty: none; a plan's environment is a name only).
+    pub environments: environments::Environments,
+    /// When operators must authenticate: once the store holds an operator (`Auto`), or
+    /// always (`Required`).
+    pub auth: auth::AuthMode,
+    /// TLS on the listener (`--tls-cert`, `--tls-key`); with `--tls-ca`, client
+    /// certificates signed by it are required (mTLS) and agents' must name their shard.
+    pub tls: TlsFiles,
+    /// Certificate common name to shard, for agent certificates without a
+    /// `flotilla-agent:<shard>` URI SAN (`--agent-identities`).
+    pub agent_identities: std::collections::BTreeMap<String, String>,
+    /// Serve plaintext on a non-loopback address (refused without it).
+    pub insecure: bool,
+    /// etcd over TLS (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+    pub etcd_tls: TlsFiles,
+    /// etcd user and password (`--etcd-user`, `--etcd-password-file`).
+    pub etcd_user: Option<Credentials>,
 }
 
 impl CoordinatorConfig {
-    pub fn new(listen: SocketAddr, store: impl Into<String>) -> CoordinatorConfig {
+    pub fn new(listen: SocketAddr, store: impl Into<SecretUrl>) -> CoordinatorConfig {
         CoordinatorConfig {
             listen,
             store: store.into(),
@@ -93,6 +122,13 @@ impl CoordinatorConfig {
             catch_up_environments: Vec::new(),
             shutdown_grace: Duration::from_secs(10),
             approvals: approvals::Matrix::default(),
+            environments: environments::Environments::default(),
+            auth: auth::AuthMode::Auto,
+            tls: TlsFiles::new("tls", None, None, None),
+            agent_identities: Default::default(),
+            insecure: false,
+            etcd_tls: TlsFiles::new("etcd", None, None, None),
+            etcd_user: None,
         }
     }
 }
@@ -181,35 +217,66 @@ pub async fn start(
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<(), CoordinatorError> {
     setup_failpoints();
+    // Transport security first: a wrong file or an exposed plaintext listener stops the
+    // start before anything is opened.
+    let server_tls = tls::ServerTls::load(&config.tls)?;
+    if server_tls.is_none() {
+        if !config.listen.ip().is_loopback() && !config.insecure {
+            return Err(CoordinatorError::Tls(format!(
+                "listening on {} in plaintext: give --tls-cert and --tls-key (and --tls-ca for client certificates), or say --insecure",
+                config.listen
+            )));
+        }
+        warn!(listen = %config.listen, "serving gRPC in plaintext, without TLS: for development on this machine only");
+    }
+    let etcd_tls = config
+        .etcd_tls
+        .client_config()
+        .map_err(|e| CoordinatorError::Tls(e.to_string()))?;
     metrics::install(config.metrics).map_err(|e| CoordinatorError::Listen {
         addr: config.metrics.map(|a| a.to_string()).unwrap_or_default(),
         reason: format!("cannot serve metrics: {e}"),
     })?;
     metrics::initialise(config.agent_grace);
+    metrics::initialise_environments(&config.environments.order);
     let store = store::Store::open(&config.store).await?;
-    let advertise = config
-        .advertise
-        .clone()
-        .unwrap_or_else(|| format!("http://{}", config.listen));
+    let advertise = config.advertise.clone().unwrap_or_else(|| {
+        let scheme = if server_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", config.listen)
+    });
+    if server_tls.is_some() && !advertise.starts_with("https://") {
+        warn!(%advertise, "serving TLS but advertising a non-https:// address: agents and operators sent here by a follower will fail");
+    }
     let (coordination, embedded): (Arc<dyn Coordination>, Option<Arc<EmbeddedCoordination>>) =
         if config.etcd.is_empty() {
             let epoch = store.next_epoch().await?;
             info!(
                 epoch,
-                store = %flotilla_core::secrets::redact_url(&config.store),
+                store = %config.store,
                 "coordination backend: embedded (in-process, single coordinator; no etcd)"
             );
             let e = Arc::new(EmbeddedCoordination::new(epoch));
             (e.clone(), Some(e))
         } else {
-            let e = EtcdCoordination::connect(
+            let e = EtcdCoordination::connect_secured(
                 config.etcd.clone(),
                 advertise.clone(),
                 config.lease_ttl,
                 config.etcd_prefix.clone(),
+                etcd_tls,
+                config.etcd_user.clone(),
             )
             .await?;
-            info!(endpoints = %config.etcd.join(","), advertise = %advertise, "coordination backend: etcd");
+            let shown: Vec<String> = config
+                .etcd
+                .iter()
+                .map(|e| flotilla_core::secrets::redact_url(e))
+                .collect();
+            info!(endpoints = %shown.join(","), advertise = %advertise, "coordination backend: etcd");
             (Arc::new(e), None)
         };
     let (writes, writes_rx) = mpsc::unbounded_channel();
@@ -244,9 +311,26 @@ pub async fn start(
             },
             shutdown: Arc::default(),
             approvals: config.approvals.clone(),
+            environments: config.environments.clone(),
             approving: tokio::sync::Mutex::new(()),
+            auth: config.auth,
+            auth_seen: Default::default(),
+            refusals_seen: Default::default(),
+            agent_identities: identity::AgentIdentities {
+                required: server_tls.as_ref().is_some_and(|t| t.client_auth),
+                by_common_name: config.agent_identities.clone(),
+            },
         }),
     };
+    match coordinator.auth_on().await {
+        Ok(true) => {
+            info!("operators authenticate (bearer tokens of the control store's operators)")
+        }
+        Ok(false) => warn!(
+            "operator authentication is off: anyone who reaches this port can submit, cancel and break locks; add the first admin with `flotilla operator add NAME --role admin --store ...` (or start with --auth required)"
+        ),
+        Err(e) => return Err(e),
+    }
     tokio::spawn(follow_leadership(coordinator.clone()));
     tokio::spawn(forward_liveness(coordination.live_agents(), events.clone()));
     tokio::spawn(async move {
@@ -280,7 +364,7 @@ pub async fn start(
             addr: config.listen.to_string(),
             reason: e.to_string(),
         })?;
-    info!(%addr, "coordinator listening");
+    info!(%addr, tls = server_tls.is_some(), mtls = server_tls.as_ref().is_some_and(|t| t.client_auth), "coordinator listening");
     if let Some(ready) = ready {
         // the caller may have stopped waiting; the coordinator serves regardless
         let _ = ready.send(addr);
@@ -290,8 +374,9 @@ pub async fn start(
         reason: e.to_string(),
     };
     let (stop_serving, serving_stopped) = oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .add_service(pb::operator_service_server::OperatorServiceServer::new(
+    let router = tonic::transport::Server::builder()
+        .add_service(api::Authenticated::new(
+            pb::operator_service_server::OperatorServiceServer::new(coordinator.clone()),
             coordinator.clone(),
         ))
         .add_service(pb::agent_service_server::AgentServiceServer::new(
@@ -299,14 +384,25 @@ pub async fn start(
         ))
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
+        .add_service(reflection_v1alpha);
+    let stopped = async {
+        let _ = serving_stopped.await;
+    };
+    type Serving =
+        std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    let mut server: Serving = match server_tls {
+        Some(server_tls) => {
+            let auditor = coordinator.clone();
+            let incoming = tls::incoming(listener, server_tls, move |peer, reason| {
+                auditor.audit_tls_refusal(peer, reason);
+            });
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        None => Box::pin(router.serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = serving_stopped.await;
-            },
-        );
-    let mut server = std::pin::pin!(server);
+            stopped,
+        )),
+    };
     tokio::select! {
         served = &mut server => return served.map_err(listen_error),
         () = shutdown => {}

@@ -26,6 +26,17 @@ const DURATION_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 ];
 
+/// Buckets (seconds) of the scheduling latency: the engine's turn-around on an agent's
+/// results is tens of microseconds to milliseconds when it keeps up, so the duration
+/// buckets (from 5 ms) would put every observation in the first one.
+const SCHEDULING_BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
+];
+
+/// The scheduling latency histogram (see [`scheduling_latency`]).
+const SCHEDULING_LATENCY: &str = "flotilla_scheduling_latency_seconds";
+
 /// Step outcomes as labelled (the `outcome` label of `flotilla_steps_finished_total`).
 const STEP_OUTCOMES: [&str; 7] = [
     "applied",
@@ -67,11 +78,19 @@ pub fn install_agent(addr: Option<SocketAddr>, shard: &str) -> Result<(), BuildE
     install_labelled(addr, Some(shard))
 }
 
+/// The exporter with every histogram's buckets.
+fn bucketed() -> Result<metrics_exporter_prometheus::PrometheusBuilder, BuildError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&DURATION_BUCKETS)?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(SCHEDULING_LATENCY.into()),
+            &SCHEDULING_BUCKETS,
+        )
+}
+
 fn install_labelled(addr: Option<SocketAddr>, shard: Option<&str>) -> Result<(), BuildError> {
     if let Some(addr) = addr {
-        let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .set_buckets(&DURATION_BUCKETS)?;
+        let mut builder = bucketed()?.with_http_listener(addr);
         if let Some(shard) = shard {
             builder = builder.add_global_label("shard", shard);
         }
@@ -82,6 +101,10 @@ fn install_labelled(addr: Option<SocketAddr>, shard: Option<&str>) -> Result<(),
 }
 
 fn describe() {
+    describe_counter!(
+        "flotilla_connections_refused_total",
+        "Clients refused for their certificate, by reason: no_certificate, bad_certificate (another CA, expired, ...) in the TLS handshake; wrong_shard for an agent whose certificate names another shard. Each is also in the audit trail."
+    );
     describe_counter!(
         "flotilla_plans_started_total",
         "Plans the coordinator started (or resumed)."
@@ -97,6 +120,14 @@ fn describe() {
     describe_counter!(
         "flotilla_plan_approvals_total",
         "Decisions on plans awaiting approval, by decision (approve, reject), and plans submitted into awaiting_approval (awaiting)."
+    );
+    describe_counter!(
+        "flotilla_promotion_checks_total",
+        "Promotion gate decisions at submit (coordinator --environments), by the plan's environment and outcome: passed, refused, skipped (an audited --skip-promotion-check)."
+    );
+    describe_counter!(
+        "flotilla_operator_requests_refused_total",
+        "Operator requests refused by authentication, by reason: unauthenticated (no, malformed, unknown or revoked credential) or denied (a role that does not allow the method, or --as naming someone else)."
     );
     describe_gauge!(
         "flotilla_plans",
@@ -118,6 +149,10 @@ fn describe() {
     describe_histogram!(
         "flotilla_step_duration_seconds",
         "Time a step took on its shard."
+    );
+    describe_histogram!(
+        SCHEDULING_LATENCY,
+        "From an agent's run results arriving on its stream to the leader's engine having folded them into the plan and handed out the runs they freed (its wait in the engine's queue included): what the coordinator adds between one step and the next on a shard."
     );
     describe_gauge!(
         "flotilla_agents_connected",
@@ -150,6 +185,18 @@ fn describe() {
     describe_histogram!(
         "flotilla_two_phase_window_seconds",
         "Atomic plans: from the first PREPARE TRANSACTION to the last COMMIT PREPARED (locks held on every shard)."
+    );
+    describe_histogram!(
+        "flotilla_two_phase_decision_seconds",
+        "Atomic units: from the last PREPARE to the decision durable in etcd (leg=prepare_to_decision), from it to the last COMMIT PREPARED (leg=decision_to_commit), and from it to the last agent receiving the Resolve (leg=decision_to_agents)."
+    );
+    describe_histogram!(
+        "flotilla_two_phase_hold_max_seconds",
+        "Atomic units: the longest PREPARE-to-COMMIT PREPARED of one target (its locks held beyond a plain commit)."
+    );
+    describe_histogram!(
+        "flotilla_two_phase_hold_median_seconds",
+        "Atomic units: the median PREPARE-to-COMMIT PREPARED over the unit's targets."
     );
     describe_gauge!(
         "flotilla_two_phase_prepared_targets",
@@ -184,6 +231,9 @@ fn describe() {
 /// Series that exist before their first event: dashboards and alerts see 0, not nothing.
 /// Called once the coordinator starts (not in [`install`], which an agent's process calls).
 pub fn initialise(agent_grace: Duration) {
+    for reason in REFUSALS {
+        counter!("flotilla_connections_refused_total", "reason" => reason).absolute(0);
+    }
     counter!("flotilla_plans_started_total").absolute(0);
     for state in PlanState::ALL.iter().filter(|s| s.is_terminal()) {
         counter!("flotilla_plans_finished_total", "state" => state.as_str()).absolute(0);
@@ -194,6 +244,9 @@ pub fn initialise(agent_grace: Duration) {
     gauge!("flotilla_plans_awaiting_approval").set(0.0);
     for d in APPROVAL_DECISIONS {
         counter!("flotilla_plan_approvals_total", "decision" => d).absolute(0);
+    }
+    for r in AUTH_REFUSALS {
+        counter!("flotilla_operator_requests_refused_total", "reason" => r).absolute(0);
     }
     gauge!("flotilla_shard_agent_grace_seconds").set(agent_grace.as_secs_f64());
     gauge!("flotilla_agents_connected").set(0.0);
@@ -218,6 +271,11 @@ pub fn step_finished(shard: &str, state: StepState, duration_ms: i64) {
     if state == StepState::Applied {
         histogram!("flotilla_step_duration_seconds").record(duration_ms as f64 / 1000.0);
     }
+}
+
+/// The engine's turn-around on one agent's results (see `SCHEDULING_LATENCY`'s description).
+pub fn scheduling_latency(since_received: Duration) {
+    histogram!(SCHEDULING_LATENCY).record(since_received.as_secs_f64());
 }
 
 /// A step's new state from a rollback or a resolution of prepared transactions (its
@@ -258,19 +316,77 @@ pub fn two_phase_window(window: Duration) {
     histogram!("flotilla_two_phase_window_seconds").record(window.as_secs_f64());
 }
 
+/// An atomic unit's commit, from the agents' timestamps: the window, the decision's two
+/// legs, and each target's lock hold (PREPARE to COMMIT PREPARED).
+pub fn two_phase_timings(t: &crate::plan::timings::Timings) {
+    let s = |us: i64| us.max(0) as f64 / 1e6;
+    histogram!("flotilla_two_phase_window_seconds").record(s(t.window_us));
+    if let (Some(a), Some(b)) = (t.prepare_to_decision_us, t.decision_to_commit_us) {
+        histogram!("flotilla_two_phase_decision_seconds", "leg" => "prepare_to_decision")
+            .record(s(a));
+        histogram!("flotilla_two_phase_decision_seconds", "leg" => "decision_to_commit")
+            .record(s(b));
+    }
+    if let Some(h) = t.decision_to_heard_us {
+        histogram!("flotilla_two_phase_decision_seconds", "leg" => "decision_to_agents")
+            .record(s(h));
+    }
+    histogram!("flotilla_two_phase_hold_max_seconds").record(s(t.hold_max_us));
+    histogram!("flotilla_two_phase_hold_median_seconds").record(s(t.hold_median_us));
+}
+
 /// Plans stored awaiting approval (the leader's count, from the control store).
 pub fn plans_awaiting_approval(n: i64) {
     gauge!("flotilla_plans_awaiting_approval").set(n.max(0) as f64);
 }
 
+/// The `outcome` label of `flotilla_promotion_checks_total`.
+pub const PROMOTION_OUTCOMES: [&str; 3] = ["passed", "refused", "skipped"];
+
+/// Every configured environment's promotion counters at 0 (the label values are the
+/// coordinator's environment list: a closed set).
+pub fn initialise_environments(environments: &[String]) {
+    for e in environments {
+        for o in PROMOTION_OUTCOMES {
+            counter!("flotilla_promotion_checks_total", "environment" => e.clone(), "outcome" => o)
+                .absolute(0);
+        }
+    }
+}
+
+/// One promotion gate decision for a plan of `environment`.
+pub fn promotion_check(environment: &str, outcome: &'static str) {
+    debug_assert!(PROMOTION_OUTCOMES.contains(&outcome));
+    counter!("flotilla_promotion_checks_total", "environment" => environment.to_string(), "outcome" => outcome)
+        .increment(1);
+}
+
 /// The `decision` label of `flotilla_plan_approvals_total`.
 const APPROVAL_DECISIONS: [&str; 3] = ["awaiting", "approve", "reject"];
+
+/// Why a client was refused for its certificate (the `reason` label).
+pub const REFUSALS: [&str; 3] = ["no_certificate", "bad_certificate", "wrong_shard"];
+
+/// A client refused for its certificate; `reason` is one of [`REFUSALS`].
+pub fn connection_refused(reason: &'static str) {
+    debug_assert!(REFUSALS.contains(&reason));
+    counter!("flotilla_connections_refused_total", "reason" => reason).increment(1);
+}
 
 /// A plan submitted into awaiting_approval (`awaiting`), an approval (`approve`) or a
 /// rejection (`reject`).
 pub fn plan_approval(decision: &'static str) {
     debug_assert!(APPROVAL_DECISIONS.contains(&decision));
     counter!("flotilla_plan_approvals_total", "decision" => decision).increment(1);
+}
+
+/// The `reason` label of `flotilla_operator_requests_refused_total`.
+const AUTH_REFUSALS: [&str; 2] = ["unauthenticated", "denied"];
+
+/// An operator request refused by authentication (`unauthenticated`) or by role (`denied`).
+pub fn auth_refusal(reason: &'static str) {
+    debug_assert!(AUTH_REFUSALS.contains(&reason));
+    counter!("flotilla_operator_requests_refused_total", "reason" => reason).increment(1);
 }
 
 pub fn decision(decision: Decision) {
@@ -392,9 +508,10 @@ pub fn drifted_targets(by_cohort: &[(String, u64)]) {
 mod tests {
     use super::*;
 
-    /// Runs `f` against a recorder of its own and returns what it would serve.
+    /// Runs `f` against a recorder of its own (the served buckets) and returns what it
+    /// would serve.
     fn rendered(f: impl FnOnce()) -> String {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let recorder = bucketed().expect("buckets").build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, f);
         handle.render()
@@ -456,6 +573,22 @@ mod tests {
             assert!(after.lines().any(|l| l == line), "{line} not in:\n{after}");
         }
         assert!(!after.contains("plan=\""), "{after}");
+    }
+
+    #[test]
+    fn the_scheduling_latency_has_buckets_below_a_millisecond() {
+        let text = rendered(|| {
+            scheduling_latency(Duration::from_micros(300));
+            scheduling_latency(Duration::from_millis(20));
+        });
+        for line in [
+            "flotilla_scheduling_latency_seconds_bucket{le=\"0.00025\"} 0",
+            "flotilla_scheduling_latency_seconds_bucket{le=\"0.0005\"} 1",
+            "flotilla_scheduling_latency_seconds_bucket{le=\"0.025\"} 2",
+            "flotilla_scheduling_latency_seconds_count 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+        }
     }
 
     #[test]

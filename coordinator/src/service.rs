@@ -48,9 +48,19 @@ pub struct Inner {
     pub shutdown: Arc<Shutdown>,
     /// The approval matrix (empty: no plan waits for approval).
     pub approvals: crate::approvals::Matrix,
+    /// The environments plans are promoted through (empty: none configured).
+    pub environments: crate::environments::Environments,
     /// Held while an approval, a rejection or a cancel of a plan awaiting approval is
     /// decided: two last approvals at once start the plan once.
     pub approving: tokio::sync::Mutex<()>,
+    /// When operators must authenticate (see [`crate::auth`]).
+    pub auth: crate::auth::AuthMode,
+    /// Set once the store was seen holding an operator: authentication stays on.
+    pub auth_seen: std::sync::atomic::AtomicBool,
+    /// Refusals written to the audit trail lately (a flood is written once per window).
+    pub refusals_seen: crate::auth::RecentRefusals,
+    /// Which client certificates may attach as which shard (checked under mTLS only).
+    pub agent_identities: crate::identity::AgentIdentities,
 }
 
 #[derive(Clone)]

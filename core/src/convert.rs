@@ -152,10 +152,44 @@ impl TryFrom<pb::Migration> for Migration {
                 what: format!("migration {}", m.id),
                 reason,
             })?,
+            lint_ignore: lint_ignore(&m.id, &source, m.lint_ignore)?,
+            destructive: m.destructive,
             source,
             data,
         })
     }
+}
+
+/// `lint.ignore`: a known rule (a typo would silently ignore nothing), with a reason.
+fn lint_ignore(
+    migration: &str,
+    source: &str,
+    ignore: Vec<pb::LintIgnore>,
+) -> Result<Vec<LintIgnore>, PlanError> {
+    ignore
+        .into_iter()
+        .map(|i| {
+            let field = || format!("lint.ignore of `{migration}` ({source})");
+            let rule = i.rule.trim().to_string();
+            if crate::lint::rule(&rule).is_none() {
+                return Err(PlanError::Field {
+                    field: field(),
+                    reason: format!(
+                        "unknown rule `{rule}`: use one of {}",
+                        crate::lint::rule_ids().join(", ")
+                    ),
+                });
+            }
+            let reason = i.reason.trim().to_string();
+            if reason.is_empty() {
+                return Err(PlanError::Field {
+                    field: field(),
+                    reason: format!("rule `{rule}` is ignored without a reason: say why"),
+                });
+            }
+            Ok(LintIgnore { rule, reason })
+        })
+        .collect()
 }
 
 /// Validates a `DataChange` on receipt; every error names the migration.
@@ -406,6 +440,15 @@ impl From<&Migration> for pb::Migration {
             checksum: m.checksum.clone(),
             source: m.source.clone(),
             version: m.version.clone(),
+            destructive: m.destructive,
+            lint_ignore: m
+                .lint_ignore
+                .iter()
+                .map(|i| pb::LintIgnore {
+                    rule: i.rule.clone(),
+                    reason: i.reason.clone(),
+                })
+                .collect(),
             data: m.data.as_ref().map(|d| pb::DataChange {
                 table: d.table.join("."),
                 key: d.key_text(),
@@ -578,6 +621,7 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
             })?,
             catch_up: p.catch_up,
             require_no_drift: p.require_no_drift,
+            require_baseline: p.require_baseline,
         };
         // Cycles and unknown names are part of what makes a plan valid.
         MigrationGraph::build(&spec)?;
@@ -621,6 +665,7 @@ impl From<&PlanSpec> for pb::PlanSpec {
             version: p.version.clone(),
             catch_up: p.catch_up,
             require_no_drift: p.require_no_drift,
+            require_baseline: p.require_baseline,
             name: p.name.clone(),
             description: p.description.clone(),
             migrations: p.migrations.iter().map(pb::Migration::from).collect(),

@@ -4,19 +4,24 @@
 //!
 //! - [`model`], [`waves`]: plans, migrations, targets, rollouts (always valid once built);
 //!   [`dag`]: the migration graph; [`selector`]: label selectors; [`sql`]: statement lexing;
+//!   [`lint`]: statements read with PostgreSQL's own parser (kinds, locks, lint rules);
 //! - [`pb`]: the generated protobuf and gRPC code; [`convert`]: wire to domain (`TryFrom`
 //!   validates everything, so code past the edge never sees a half-valid plan) and back;
 //! - [`protocol`]: gids, etcd keys, decisions, refusal metadata, SQLSTATEs; [`state`]: plan
-//!   and step states with their one string each; [`secrets`]: the one redactor.
+//!   and step states with their one string each; [`secrets`]: the one redactor;
+//!   [`tls`]: TLS material from files, and what counts as loopback.
 
 pub mod convert;
 pub mod dag;
+pub mod foreign;
+pub mod lint;
 pub mod model;
 pub mod protocol;
 pub mod secrets;
 pub mod selector;
 pub mod sql;
 pub mod state;
+pub mod tls;
 pub mod waves;
 
 /// Generated protobuf and gRPC code for `flotilla.v1`.

@@ -126,6 +126,19 @@ pub struct Migration {
     pub version: String,
     /// A batched data change: the batch SQL is the change (up SQL may be empty).
     pub data: Option<DataChange>,
+    /// Drops data on purpose: the lint's destructive-drop rule lets it through.
+    pub destructive: bool,
+    /// Lint rules turned off for this migration, each with its reason.
+    pub lint_ignore: Vec<LintIgnore>,
+}
+
+/// A lint rule a migration turns off (`lint.ignore` in migration.toml), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LintIgnore {
+    /// A known rule id ([`crate::lint::RULES`]).
+    pub rule: String,
+    /// Never empty: an ignored rule says why.
+    pub reason: String,
 }
 
 pub const DEFAULT_BATCH_SIZE: u32 = 1000;
@@ -309,6 +322,9 @@ pub struct PlanSpec {
     pub catch_up: bool,
     /// Refuse the plan when a target's schema drifted from its cohort's (else: a warning).
     pub require_no_drift: bool,
+    /// Refuse the plan when another tool's history says a target already has migrations
+    /// its journal lacks (`fleet baseline` first; else: a warning).
+    pub require_baseline: bool,
 }
 
 pub const DEFAULT_MAX_PARALLEL: u32 = 8;

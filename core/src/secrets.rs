@@ -1,8 +1,235 @@
-//! Keeping secrets in the process (DESIGN invariant 8): the one redactor for addresses
-//! that may carry a password, used wherever a DSN or store URL is logged or shown.
+//! Keeping secrets in the process (DESIGN invariant 8).
+//!
+//! - [`Secret`]: a password, token or key. `Debug` and `Display` print `***`; only
+//!   [`Secret::expose`] gives the value, so a secret reaches a log line, an error or a status
+//!   only where someone wrote `expose()`.
+//! - [`SecretUrl`]: a DSN or store URL that may carry a password. It shows as
+//!   [`redact_url`] does; [`SecretUrl::expose`] gives the whole address to the driver.
+//! - [`scrub`] and [`panic_hook`]: the last line of defence. Every secret made through these
+//!   types is remembered, and a panic's message is printed with each of them replaced, so a
+//!   `panic!("{x:?}")` of something that formats a secret by hand still leaks nothing.
+use std::fmt;
+use std::sync::Mutex;
 
-/// What a password is replaced with.
+/// What a password inside an address is replaced with.
 pub const REDACTED: &str = "<redacted>";
+
+/// What a [`Secret`] shows as.
+pub const HIDDEN: &str = "***";
+
+/// Secrets shorter than this are not scrubbed from panic messages: replacing every `a` of a
+/// one-letter password would garble the message and hide nothing worth hiding.
+const SCRUB_MIN_LEN: usize = 4;
+
+/// Every secret value this process made into a [`Secret`] or [`SecretUrl`] (for [`scrub`]).
+static KNOWN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn remember(value: &str) {
+    if value.len() < SCRUB_MIN_LEN {
+        return;
+    }
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if !known.iter().any(|k| k == value) {
+        known.push(value.to_string());
+    }
+}
+
+/// `text` with every secret this process knows replaced by `***`, longest first (one secret
+/// may contain another).
+pub fn scrub(text: &str) -> String {
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    known.sort_by_key(|k| std::cmp::Reverse(k.len()));
+    let mut out = text.to_string();
+    for secret in &known {
+        if out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), HIDDEN);
+        }
+    }
+    out
+}
+
+/// A password, token or key. Shown as `***`; [`Secret::expose`] is the only way to the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        let value = value.into();
+        remember(&value);
+        Secret(value)
+    }
+
+    /// The value itself: for the driver or the server that checks it, never for a person.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(HIDDEN)
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(HIDDEN)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Secret {
+        Secret::new(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Secret {
+        Secret::new(value)
+    }
+}
+
+/// A DSN or URL that may carry a password (`scheme://user:PW@host/...`, `?password=PW`, or a
+/// key/value `password=PW`). Shown with the password replaced ([`redact_url`]);
+/// [`SecretUrl::expose`] gives the whole address to the driver that connects with it.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> SecretUrl {
+        let url = url.into();
+        if let Some(password) = userinfo_password(&url) {
+            remember(password);
+        }
+        SecretUrl(url)
+    }
+
+    /// The whole address, password included: for the driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The address with any password replaced (what `Display` shows).
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+
+    /// Whether the address carries a password in any of the forms [`redact_url`] knows.
+    pub fn has_password(&self) -> bool {
+        redact_url(&self.0) != self.0
+    }
+
+    /// The same address with `password` in its userinfo (`scheme://user:PW@host`),
+    /// percent-encoded; an address without `scheme://` is returned unchanged.
+    pub fn with_password(&self, password: &Secret) -> SecretUrl {
+        let url = &self.0;
+        let Some(scheme_end) = url.find("://") else {
+            return self.clone();
+        };
+        let rest_start = scheme_end + 3;
+        let authority_end = url[rest_start..]
+            .find(['/', '?', '#'])
+            .map_or(url.len(), |i| rest_start + i);
+        let authority = &url[rest_start..authority_end];
+        let (user, host) = match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                (user, &authority[at + 1..])
+            }
+            None => ("", authority),
+        };
+        let encoded = percent_encode_userinfo(password.expose());
+        remember(&encoded);
+        SecretUrl::new(format!(
+            "{}{user}:{encoded}@{host}{}",
+            &url[..rest_start],
+            &url[authority_end..]
+        ))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl From<String> for SecretUrl {
+    fn from(url: String) -> SecretUrl {
+        SecretUrl::new(url)
+    }
+}
+
+impl From<&str> for SecretUrl {
+    fn from(url: &str) -> SecretUrl {
+        SecretUrl::new(url)
+    }
+}
+
+impl From<&String> for SecretUrl {
+    fn from(url: &String) -> SecretUrl {
+        SecretUrl::new(url.as_str())
+    }
+}
+
+/// The password of `scheme://user:PW@host...`, as written.
+fn userinfo_password(url: &str) -> Option<&str> {
+    let rest_start = url.find("://")? + 3;
+    let authority_end = url[rest_start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| rest_start + i);
+    let at = url[rest_start..authority_end].rfind('@')?;
+    let userinfo = &url[rest_start..rest_start + at];
+    userinfo.split_once(':').map(|(_, pw)| pw)
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn percent_encode_userinfo(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A panic hook for the binaries: prints the panic as the default hook would (message,
+/// place, and a backtrace when RUST_BACKTRACE asks for one), with every known secret
+/// scrubbed from the message.
+pub fn panic_hook(info: &std::panic::PanicHookInfo<'_>) {
+    let message = info
+        .payload()
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| info.payload().downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "Box<dyn Any>".to_string());
+    let place = info
+        .location()
+        .map(|l| format!(" at {}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("<unnamed>");
+    let backtrace = std::backtrace::Backtrace::capture();
+    let mut text = format!("thread '{name}' panicked{place}:\n{}\n", scrub(&message));
+    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+        text.push_str(&format!("stack backtrace:\n{backtrace}\n"));
+    }
+    eprint!("{text}");
+}
 
 /// Hides passwords in a DSN or URL, whichever way they were written:
 /// `scheme://user:PW@host`, `?password=PW` in a URL, or `password=PW` in a key/value
@@ -101,5 +328,86 @@ mod tests {
             redact_url("postgres://u:pw@db/x?password=pw2"),
             "postgres://u:<redacted>@db/x?password=<redacted>"
         );
+    }
+
+    #[test]
+    fn a_secret_shows_as_stars_everywhere_but_expose() {
+        let s = Secret::new("canary-8c1e-pw");
+        assert_eq!(format!("{s}"), "***");
+        assert_eq!(format!("{s:?}"), "***");
+        assert_eq!(format!("{:?}", Some(&s)), "Some(***)");
+        #[derive(Debug)]
+        #[allow(dead_code)]
+        struct Holder {
+            password: Secret,
+        }
+        let h = format!(
+            "{:#?}",
+            Holder {
+                password: s.clone()
+            }
+        );
+        assert!(!h.contains("canary"), "{h}");
+        assert_eq!(s.expose(), "canary-8c1e-pw");
+    }
+
+    #[test]
+    fn a_secret_url_shows_redacted_and_exposes_whole() {
+        let u = SecretUrl::new("postgres://app:canary-77ab@db:5432/control?sslmode=require");
+        assert_eq!(
+            u.to_string(),
+            "postgres://app:<redacted>@db:5432/control?sslmode=require"
+        );
+        assert!(!format!("{u:?}").contains("canary"));
+        assert!(u.has_password());
+        assert!(u.expose().contains("canary-77ab"));
+        assert!(!SecretUrl::new("postgres://app@db/x").has_password());
+        assert!(SecretUrl::new("postgres://db/x?password=zz").has_password());
+        assert!(!SecretUrl::new("flotilla.db").has_password());
+    }
+
+    #[test]
+    fn a_password_goes_into_the_userinfo_encoded() {
+        let pw = Secret::new("p@ss:w/rd 1");
+        let u = SecretUrl::new("postgres://flotilla@db:5432/control?sslmode=disable");
+        let with = u.with_password(&pw);
+        assert_eq!(
+            with.expose(),
+            "postgres://flotilla:p%40ss%3Aw%2Frd%201@db:5432/control?sslmode=disable"
+        );
+        assert_eq!(
+            with.to_string(),
+            "postgres://flotilla:<redacted>@db:5432/control?sslmode=disable"
+        );
+        // an existing password is replaced, a missing user stays missing
+        let u = SecretUrl::new("postgres://u:old@db/x").with_password(&pw);
+        assert!(
+            u.expose().starts_with("postgres://u:p%40ss"),
+            "{}",
+            u.expose()
+        );
+        let u = SecretUrl::new("postgres://db/x").with_password(&pw);
+        assert!(
+            u.expose().starts_with("postgres://:p%40ss"),
+            "{}",
+            u.expose()
+        );
+        assert_eq!(
+            SecretUrl::new("file.db").with_password(&pw).expose(),
+            "file.db"
+        );
+    }
+
+    #[test]
+    fn scrub_removes_every_known_secret() {
+        let _a = Secret::new("canary-scrub-1234");
+        let _b = SecretUrl::new("postgres://u:canary-url-5678@h/db");
+        let text = "failed: canary-scrub-1234 and postgres://u:canary-url-5678@h/db";
+        let out = scrub(text);
+        assert!(!out.contains("canary"), "{out}");
+        assert_eq!(out, "failed: *** and postgres://u:***@h/db");
+        // too short to scrub without garbling the text
+        let _c = Secret::new("ab");
+        assert_eq!(scrub("abc"), "abc");
     }
 }

@@ -1,7 +1,10 @@
 //! `flotilla coordinator`, `flotilla agent`: thin wrappers over each library's
 //! `start(config, shutdown)`.
+use std::path::Path;
+
 use flotilla_agent::AgentConfig;
 use flotilla_coordinator::CoordinatorConfig;
+use flotilla_core::secrets::{Secret, SecretUrl};
 use tracing::{error, info};
 
 use super::{AgentArgs, CoordinatorArgs, EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE};
@@ -29,8 +32,34 @@ pub(super) async fn shutdown_signal() {
     info!("shutting down");
 }
 
-pub async fn coordinator(args: CoordinatorArgs) -> u8 {
-    let mut config = CoordinatorConfig::new(args.listen, args.store);
+pub async fn coordinator(args: CoordinatorArgs, tls: flotilla_core::tls::TlsFiles) -> u8 {
+    let store = match store_location(&args.store, args.store_password_file.as_deref()) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    let mut config = CoordinatorConfig::new(args.listen, store);
+    config.tls = tls;
+    config.insecure = args.insecure;
+    config.etcd_tls = args.etcd_security.files();
+    config.etcd_user = match args.etcd_security.credentials() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    if let Some(path) = &args.agent_identities {
+        match flotilla_coordinator::identity::AgentIdentities::load_mapping(path) {
+            Ok(m) => config.agent_identities = m,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_BAD_INPUT;
+            }
+        }
+    }
     config.metrics = args.metrics;
     config.lock_timeout = args.lock_timeout;
     config.statement_timeout = args.statement_timeout;
@@ -40,6 +69,10 @@ pub async fn coordinator(args: CoordinatorArgs) -> u8 {
     config.agent_grace = args.agent_grace;
     config.catch_up_environments = args.catch_up_environments;
     config.shutdown_grace = args.shutdown_grace;
+    config.auth = match args.auth {
+        super::AuthArg::Auto => flotilla_coordinator::auth::AuthMode::Auto,
+        super::AuthArg::Required => flotilla_coordinator::auth::AuthMode::Required,
+    };
     if let Some(path) = &args.approvals {
         // Checked before anything starts: a coordinator with a wrong matrix would let
         // unapproved plans through, or hold every plan.
@@ -54,8 +87,37 @@ pub async fn coordinator(args: CoordinatorArgs) -> u8 {
             }
         }
     }
+    // Checked before anything starts, as the approval matrix is: a wrong list would let
+    // plans past the promotion gate, or onto another environment's shards.
+    let environments = match &args.environments_file {
+        Some(path) => {
+            flotilla_coordinator::environments::Environments::load(path, &args.environment_label)
+        }
+        None => flotilla_coordinator::environments::Environments::new(
+            &args.environments,
+            &args.environment_label,
+        ),
+    };
+    match environments {
+        Ok(e) => {
+            if !e.is_empty() {
+                info!(environments = %e.names(), label = %e.label, "environments");
+            }
+            config.environments = e;
+        }
+        Err(e) => {
+            eprintln!("error: --environments: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    }
     match flotilla_coordinator::start(config, shutdown_signal(), None).await {
         Ok(()) => EXIT_OK,
+        // wrong TLS files or an exposed plaintext listener: bad input, nothing started
+        Err(e @ flotilla_coordinator::CoordinatorError::Tls(_)) => {
+            error!("coordinator: {e}");
+            eprintln!("error: {e}");
+            EXIT_BAD_INPUT
+        }
         Err(e) => {
             error!("coordinator: {e}");
             EXIT_UNAVAILABLE
@@ -63,20 +125,63 @@ pub async fn coordinator(args: CoordinatorArgs) -> u8 {
     }
 }
 
-/// The shard password: a file, or FLOTILLA_SHARD_PASSWORD; never argv.
-fn shard_password(args: &AgentArgs) -> Result<Option<String>, String> {
-    if let Some(path) = &args.password_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("--password-file {}: {e}", path.display()))?;
-        return Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()));
+/// A password from `file` (its first line, without the line end) or else from the
+/// environment variable `env`; never argv.
+fn read_password(flag: &str, file: Option<&Path>, env: &str) -> Result<Option<Secret>, String> {
+    if let Some(path) = file {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+        return Ok(Some(Secret::new(
+            text.trim_end_matches(['\n', '\r']).to_string(),
+        )));
     }
-    Ok(std::env::var("FLOTILLA_SHARD_PASSWORD")
+    Ok(std::env::var(env)
         .ok()
-        .filter(|p| !p.is_empty()))
+        .filter(|p| !p.is_empty())
+        .map(Secret::new))
+}
+
+/// The shard password: a file, or FLOTILLA_SHARD_PASSWORD; never argv.
+fn shard_password(args: &AgentArgs) -> Result<Option<Secret>, String> {
+    read_password(
+        "--password-file",
+        args.password_file.as_deref(),
+        "FLOTILLA_SHARD_PASSWORD",
+    )
+}
+
+/// The control store's address with its password, which comes from
+/// `--store-password-file` or FLOTILLA_STORE_PASSWORD: a password written into `--store`
+/// would sit in argv (or the environment a unit file shows), so it is refused.
+pub(super) fn store_location(
+    store: &SecretUrl,
+    password_file: Option<&Path>,
+) -> Result<SecretUrl, String> {
+    if store.has_password() {
+        return Err(format!(
+            "--store {store} holds a password; pass it with --store-password-file or \
+             FLOTILLA_STORE_PASSWORD (or a pgpass file) instead"
+        ));
+    }
+    let is_pg = ["postgres://", "postgresql://"]
+        .iter()
+        .any(|p| store.expose().starts_with(p));
+    let password = read_password(
+        "--store-password-file",
+        password_file,
+        "FLOTILLA_STORE_PASSWORD",
+    )?;
+    match password {
+        Some(password) if is_pg => Ok(store.with_password(&password)),
+        Some(_) if password_file.is_some() => Err(format!(
+            "--store-password-file is for a postgres:// store, and --store {store} is not one"
+        )),
+        _ => Ok(store.clone()),
+    }
 }
 
 /// A DSN with a password in it would sit in argv, visible to every local user.
-fn check_dsn(dsn: &str) -> Result<(), String> {
+pub(super) fn check_dsn(dsn: &str) -> Result<(), String> {
     let rest = dsn
         .strip_prefix("postgres://")
         .or_else(|| dsn.strip_prefix("postgresql://"))
@@ -113,6 +218,15 @@ pub(super) fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentC
     config.etcd = args.etcd.clone();
     config.lease_ttl = args.lease_ttl;
     config.discover_interval = args.discover_interval;
+    config.tls = super::transport::files()
+        .client_config()
+        .map_err(|e| e.to_string())?;
+    config.etcd_tls = args
+        .etcd_security
+        .files()
+        .client_config()
+        .map_err(|e| e.to_string())?;
+    config.etcd_user = args.etcd_security.credentials()?;
     Ok(config)
 }
 
@@ -133,14 +247,45 @@ pub async fn agent(args: AgentArgs, coordinator: &str) -> u8 {
         Ok(()) => EXIT_OK,
         Err(e) => {
             error!("agent: {e}");
-            EXIT_UNAVAILABLE
+            match e {
+                // restarting cannot fix a wrong --shard/--dsn pair
+                flotilla_agent::AgentError::Config { .. }
+                | flotilla_agent::AgentError::WrongShard { .. } => EXIT_BAD_INPUT,
+                _ => EXIT_UNAVAILABLE,
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::check_dsn;
+    use super::{SecretUrl, check_dsn, store_location};
+
+    #[test]
+    fn a_store_with_a_password_is_refused_and_the_file_supplies_it() {
+        let e =
+            store_location(&SecretUrl::new("postgres://f:canary9@db/control"), None).unwrap_err();
+        assert!(e.contains("--store-password-file"), "{e}");
+        assert!(!e.contains("canary9"), "{e}");
+        let e = store_location(&SecretUrl::new("postgres://f@db/c?password=canary9"), None)
+            .unwrap_err();
+        assert!(!e.contains("canary9"), "{e}");
+
+        let dir = flotilla_testkit::TestDir::new("store-password").unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "canary 9\n").unwrap();
+        let url = store_location(&SecretUrl::new("postgres://f@db/control"), Some(&file)).unwrap();
+        assert_eq!(url.expose(), "postgres://f:canary%209@db/control");
+        assert!(!url.to_string().contains("canary"));
+        let e = store_location(&SecretUrl::new("flotilla.db"), Some(&file)).unwrap_err();
+        assert!(e.contains("not one"), "{e}");
+        let e = store_location(
+            &SecretUrl::new("postgres://f@db/c"),
+            Some(&dir.join("none")),
+        )
+        .unwrap_err();
+        assert!(e.contains("--store-password-file"), "{e}");
+    }
 
     #[test]
     fn dsn_with_password_is_refused() {

@@ -5,22 +5,31 @@
 //! could not do it (coordinator unreachable, a daemon failed to start); 4 the plan waits
 //! for a person (a wave's manual gate, or its approvals).
 //!
-//! Identity: until operator credentials land, `--actor` (alias `--as`, default $USER) names
-//! who asks, on submit as on every command, so a submitter's own approval is refused; and
+//! Identity: with `--token-file` (or FLOTILLA_TOKEN_FILE) every request carries the
+//! operator's bearer token and the coordinator takes who acts, and an approver's roles,
+//! from it. With authentication off, `--actor` (alias `--as`, default $USER) names who
+//! asks, on submit as on every command, so a submitter's own approval is refused; and
 //! `--role` says in which role an approver approves.
+mod baseline;
 mod daemons;
+mod env;
+mod explain;
 mod fleet;
 mod logging;
 mod manual;
+mod operators;
 mod plan;
+mod plan_test;
 mod quickstart;
 mod render;
+mod transport;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use flotilla_core::secrets::SecretUrl;
 
 pub use logging::LogFormat;
 
@@ -34,6 +43,8 @@ pub const EXIT_UNAVAILABLE: u8 = 3;
 pub const EXIT_WAITING: u8 = 4;
 /// `fleet drift` found a target whose schema is not its cohort's (for CI and alerts).
 pub const EXIT_DRIFT: u8 = 1;
+/// `plan lint` found an error (a warning alone exits 0).
+pub const EXIT_LINT_ERRORS: u8 = 1;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -66,6 +77,10 @@ pub struct Cli {
     /// second thread only adds context switches next to the database it serves.
     #[arg(long, global = true, env = "FLOTILLA_THREADS")]
     pub threads: Option<usize>,
+    /// A file holding the operator's bearer token (from `flotilla operator add`), sent
+    /// with every operator command. Never the token itself on the command line.
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Log filter, e.g. `info` or `flotilla_agent=debug` (also RUST_LOG; default `info`,
     /// `warn` for the quickstart, whose own output tells the story).
     #[arg(long, global = true, env = "FLOTILLA_LOG")]
@@ -80,8 +95,83 @@ pub struct Cli {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// TLS on gRPC: the coordinator's listener, and the agent's and operator commands'
+/// connections to it (`https://` addresses).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// PEM certificate (chain) of this process: the coordinator's server certificate, or an
+    /// agent's or operator's client certificate (an agent's names its shard: URI SAN
+    /// `flotilla-agent:<shard>`).
+    #[arg(long, global = true, env = "FLOTILLA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "FLOTILLA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate: on the coordinator, client certificates signed by it are
+    /// required (mTLS); on an agent or the CLI, the coordinator's certificate must be
+    /// signed by it.
+    #[arg(long, global = true, env = "FLOTILLA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn files(&self) -> flotilla_core::tls::TlsFiles {
+        flotilla_core::tls::TlsFiles::new(
+            "tls",
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_ca.clone(),
+        )
+    }
+}
+
+/// etcd over TLS and with a user (coordinator and agent).
+#[derive(Args, Debug, Clone, Default)]
+pub struct EtcdSecurityArgs {
+    /// PEM CA certificate that signed etcd's server certificates (`https://` endpoints).
+    #[arg(long, env = "FLOTILLA_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --etcd-key), when etcd requires one.
+    #[arg(long, env = "FLOTILLA_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "FLOTILLA_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user (etcd with auth enabled); the password comes from --etcd-password-file.
+    #[arg(long, env = "FLOTILLA_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// A file holding the etcd user's password (first line); never on the command line.
+    #[arg(long, env = "FLOTILLA_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdSecurityArgs {
+    pub fn files(&self) -> flotilla_core::tls::TlsFiles {
+        flotilla_core::tls::TlsFiles::new(
+            "etcd",
+            self.etcd_cert.clone(),
+            self.etcd_key.clone(),
+            self.etcd_ca.clone(),
+        )
+    }
+
+    /// The etcd user and password, read from the file.
+    pub fn credentials(&self) -> Result<Option<flotilla_core::tls::Credentials>, String> {
+        match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(user), Some(path)) => {
+                flotilla_core::tls::Credentials::from_file(user, "--etcd-password-file", path)
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,6 +192,13 @@ pub enum Command {
     /// The audit trail: who submitted, approved, rejected, promoted, cancelled... what.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Environments (the coordinator's --environments): their shards, latest plans, and
+    /// the migrations that have completed in each.
+    #[command(subcommand)]
+    Env(EnvCommand),
+    /// Operator identities: add one (its token is shown once), list, revoke (admin).
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Try Flotilla with nothing to bring: a throwaway PostgreSQL fleet, a coordinator
     /// and its agents in this process, and the coordinated example rolled across it.
     Quickstart(QuickstartArgs),
@@ -124,9 +221,15 @@ pub struct CoordinatorArgs {
     /// Address to listen on for operators and agents.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
-    /// Control store: a SQLite file (embedded default) or a postgres:// URL.
+    /// Control store: a SQLite file or sqlite:// URL (embedded default; created when
+    /// missing), or a postgres:// URL without a password (see --store-password-file).
     #[arg(long, env = "FLOTILLA_STORE", default_value = "flotilla.db")]
-    pub store: String,
+    pub store: SecretUrl,
+    /// A file holding the password of a postgres:// store (one line); else
+    /// FLOTILLA_STORE_PASSWORD, else a pgpass file. Never in --store: argv is readable by
+    /// every local user.
+    #[arg(long)]
+    pub store_password_file: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
@@ -163,6 +266,87 @@ pub struct CoordinatorArgs {
     /// Checked at start: an error names the file and line.
     #[arg(long, env = "FLOTILLA_APPROVALS")]
     pub approvals: Option<PathBuf>,
+    /// Environments in promotion order, comma-separated (e.g. dev,staging,production): a
+    /// plan for one touches only its shards, and only once its migrations completed in the
+    /// one before. Without it (and --environments-file), a plan's environment is a name only.
+    #[arg(
+        long,
+        env = "FLOTILLA_ENVIRONMENTS",
+        value_delimiter = ',',
+        conflicts_with = "environments_file"
+    )]
+    pub environments: Vec<String>,
+    /// The environments from a TOML file: `environments = ["dev", "staging", "production"]`
+    /// and optionally `label = "env"`. Checked at start.
+    #[arg(long, env = "FLOTILLA_ENVIRONMENTS_FILE")]
+    pub environments_file: Option<PathBuf>,
+    /// The shard label (agent `--labels`) whose value names a shard's environment.
+    #[arg(long, default_value = "env")]
+    pub environment_label: String,
+    /// When operators must authenticate: `auto` once the control store holds an operator
+    /// (`flotilla operator add`; a warning at start until then), `required` always.
+    #[arg(long, env = "FLOTILLA_AUTH", value_enum, default_value = "auto")]
+    pub auth: AuthArg,
+    /// Under mTLS, a TOML file mapping certificate common names to shards
+    /// (`"agent-eu-1.example.com" = "eu-1"`), for agent certificates without a
+    /// `flotilla-agent:<shard>` URI SAN.
+    #[arg(long, env = "FLOTILLA_AGENT_IDENTITIES")]
+    pub agent_identities: Option<PathBuf>,
+    /// Serve plaintext gRPC on a non-loopback --listen address (refused without it):
+    /// only behind a network that is itself private and trusted.
+    #[arg(long, env = "FLOTILLA_INSECURE")]
+    pub insecure: bool,
+    #[command(flatten)]
+    pub etcd_security: EtcdSecurityArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum AuthArg {
+    Auto,
+    Required,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OperatorCommand {
+    /// Add an operator; its bearer token is shown once (the coordinator keeps a hash).
+    /// The first admin: `flotilla operator add NAME --role admin --store URL`.
+    Add {
+        /// The operator's name (what the audit trail records): letters, digits, `-_.@`.
+        name: String,
+        /// viewer (read), operator (submit, pause, resume, cancel, retry, promote,
+        /// rollback, halt), approver (approve, reject), admin (all, lock breaks, operators).
+        #[arg(long)]
+        role: String,
+        /// A role of the approval matrix this operator approves in (e.g. dba); repeat or
+        /// comma-separate. Needs role approver or admin.
+        #[arg(long = "approval-role", value_delimiter = ',')]
+        approval_roles: Vec<String>,
+        /// Write straight into this control store (SQLite path or postgres:// URL) instead
+        /// of asking a coordinator: for the first admin, needing no credential.
+        #[arg(long)]
+        store: Option<String>,
+        /// Write the token into this new file (mode 0600) instead of printing it.
+        #[arg(long)]
+        token_out: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Operators, their roles and whether they are revoked.
+    List {
+        /// Read this control store directly instead of asking a coordinator.
+        #[arg(long)]
+        store: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Revoke an operator: its token stops working at once (audited).
+    Revoke {
+        /// The operator to revoke.
+        name: String,
+        /// Write straight into this control store instead of asking a coordinator.
+        #[arg(long)]
+        store: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -203,6 +387,8 @@ pub struct AgentArgs {
     /// coordinator's fleet view (the whole journal, every target's schema fingerprint).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub discover_interval: Duration,
+    #[command(flatten)]
+    pub etcd_security: EtcdSecurityArgs,
 }
 
 #[derive(Args, Debug)]
@@ -239,9 +425,19 @@ pub struct QuickstartArgs {
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics: SocketAddr,
     /// Control store for the embedded coordinator (default: flotilla.db in the demo's
-    /// directory; flotilla-quickstart.db with --shard).
+    /// directory; flotilla-quickstart.db with --shard), as for `flotilla coordinator`.
     #[arg(long)]
-    pub store: Option<String>,
+    pub store: Option<SecretUrl>,
+    /// A file holding the password of a postgres:// --store (one line).
+    #[arg(long)]
+    pub store_password_file: Option<PathBuf>,
+}
+
+/// Optional lint rule sets (`plan lint --rules`).
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum RuleSet {
+    /// Migration ids as <version>_<snake_case_description>, and a description given.
+    Naming,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -254,12 +450,27 @@ pub enum Output {
 pub enum PlanCommand {
     /// Submit a plan: a migration directory, or a plan file.
     Submit(SubmitArgs),
-    /// Check a plan on disk without submitting it.
+    /// The dry run: what a submit would do, touching nothing. The coordinator resolves the
+    /// plan's targets and waves, the agents read the sizes of the relations its statements
+    /// lock; prints the statements, their locks, sizes, waves and an estimated duration.
+    /// The same as `plan submit PATH --dry-run`.
+    Explain(SubmitArgs),
+    /// Check a plan on disk without submitting it: its files, its graph, and the lint's
+    /// rules on its SQL (read with PostgreSQL's parser). Exits 1 when the lint finds an
+    /// error (the coordinator would refuse the plan), 0 with warnings only.
     Lint {
         path: PathBuf,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
+        /// Optional rule sets to check as well: `naming` (the naming standards: id is
+        /// <version>_<description>, a description is given).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        rules: Vec<RuleSet>,
     },
+    /// Rehearse a plan on a scratch database, without a coordinator (for CI): each
+    /// migration up, verify, down (the schema must be as before up), up and verify again,
+    /// and its `[test]` checked. Exit 1 names the migration and what differs.
+    Test(TestArgs),
     /// Show a plan's state and progress.
     Status {
         id: String,
@@ -397,6 +608,9 @@ pub struct SubmitArgs {
     /// Wait until the plan ends; exit 1 if it failed or was rolled back.
     #[arg(long)]
     pub wait: bool,
+    /// Submit nothing: show what the plan would do (as `plan explain`).
+    #[arg(long, conflicts_with = "wait")]
+    pub dry_run: bool,
     /// Most targets migrating at once (overrides the plan file).
     #[arg(long)]
     pub max_parallel: Option<u32>,
@@ -419,8 +633,64 @@ pub struct SubmitArgs {
     /// Who submits (recorded in the audit trail).
     #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
     pub actor: String,
+    #[command(flatten)]
+    pub promotion: PromotionArgs,
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
+}
+
+/// Which environment a plan is for, and the promotion gate's audited override.
+#[derive(Args, Debug, Default, Clone)]
+pub struct PromotionArgs {
+    /// The environment the plan is for (overrides the plan file's `environment`).
+    #[arg(long)]
+    pub environment: Option<String>,
+    /// Admit the plan although its migrations have not all completed in the environment
+    /// before its own; needs --reason, and is recorded in the audit trail.
+    #[arg(long, requires = "reason")]
+    pub skip_promotion_check: bool,
+    /// Why the promotion check is skipped (recorded in the audit trail).
+    #[arg(long, requires = "skip_promotion_check")]
+    pub reason: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct TestArgs {
+    /// A migration directory or a plan file.
+    pub path: PathBuf,
+    /// The scratch database, without a password: postgres://user@host:port/db. It must
+    /// hold no `flotilla` schema (not a shard); what the test creates there is removed.
+    #[arg(long, env = "FLOTILLA_TEST_DSN")]
+    pub dsn: String,
+    /// A file holding the database password (one line); or FLOTILLA_SHARD_PASSWORD.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// Run tenant-scoped migrations in this existing schema (kept) instead of a scratch
+    /// tenant schema created and dropped by the test.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// SQL run in the tenant schema before the first migration: the tables the plan's
+    /// migrations expect (e.g. a schema dump of one tenant).
+    #[arg(long)]
+    pub seed: Option<PathBuf>,
+    /// Default scope for migrations that do not say: shard or tenant (overrides the plan file).
+    #[arg(long)]
+    pub scope: Option<String>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EnvCommand {
+    /// Per environment, in promotion order: its shards, its latest plans, and the
+    /// migrations that have completed there.
+    Status {
+        /// Latest plans shown per environment.
+        #[arg(long, default_value_t = 5)]
+        plans: u32,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -492,6 +762,11 @@ pub enum FleetCommand {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Adopt a fleet another tool migrated: record in each target's journal the migrations
+    /// its dbmate, golang-migrate or Flyway history says ran there (or every migration up
+    /// to one, --up-to), running none of them. Refused, writing nothing, when a history is
+    /// dirty or failed anywhere.
+    Baseline(BaselineArgs),
     /// One target: its journal, pending migrations, labels, mismatches, last failure.
     Show {
         /// `shard/tenant`, `shard` (the shard itself), or a tenant name on one shard only.
@@ -499,6 +774,34 @@ pub enum FleetCommand {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct BaselineArgs {
+    /// The migration directory (or plan file) the other tool ran.
+    pub path: PathBuf,
+    /// Whose history to read: dbmate, golang-migrate, flyway, or auto (the table found on
+    /// each target).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "dbmate", "golang-migrate", "flyway"])]
+    pub from: String,
+    /// Read no history: take every migration up to this id as applied (a fleet migrated by
+    /// hand).
+    #[arg(long)]
+    pub up_to: Option<String>,
+    /// Only the targets this label selector takes.
+    #[arg(long)]
+    pub selector: Option<String>,
+    /// Say per target what would be recorded and what would stay pending; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Who records it (the audit trail).
+    #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
+    pub actor: String,
+    /// Why (the audit trail).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
 }
 
 impl Cli {
@@ -513,15 +816,30 @@ impl Cli {
 
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
-        Command::Quickstart(_) => "warn",
+        // the quickstart's and `plan test`'s own output tells the story
+        Command::Quickstart(_) | Command::Plan(PlanCommand::Test(_)) => "warn",
         _ => "info",
     };
     logging::init(cli.log.as_deref().unwrap_or(default), cli.log_format);
 }
 
 pub async fn run(cli: Cli) -> u8 {
+    let operator_command = matches!(
+        cli.command,
+        Command::Plan(_)
+            | Command::Fleet(_)
+            | Command::Locks(_)
+            | Command::Audit(_)
+            | Command::Operator(_)
+    );
+    if operator_command && let Err(e) = plan::set_credential(cli.token_file.as_deref()) {
+        eprintln!("error: {e}");
+        return EXIT_BAD_INPUT;
+    }
+    transport::init(cli.tls.files());
     match cli.command {
-        Command::Coordinator(args) => daemons::coordinator(args).await,
+        Command::Operator(cmd) => operators::run(&cli.coordinator, cmd).await,
+        Command::Coordinator(args) => daemons::coordinator(args, cli.tls.files()).await,
         Command::Agent(args) => daemons::agent(args, &cli.coordinator).await,
         Command::Quickstart(args) => quickstart::quickstart(args).await,
         Command::Plan(cmd) => plan::run(&cli.coordinator, cmd).await,
@@ -536,6 +854,9 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Fleet(FleetCommand::Drift { selector, output }) => {
             fleet::drift(&cli.coordinator, selector, output).await
         }
+        Command::Fleet(FleetCommand::Baseline(args)) => {
+            baseline::baseline(&cli.coordinator, args).await
+        }
         Command::Fleet(FleetCommand::Show { target, output }) => {
             fleet::show(&cli.coordinator, target, output).await
         }
@@ -546,6 +867,9 @@ pub async fn run(cli: Cli) -> u8 {
             limit,
             output,
         }) => plan::audit(&cli.coordinator, plan, since, limit, output).await,
+        Command::Env(EnvCommand::Status { plans, output }) => {
+            env::status(&cli.coordinator, plans, output).await
+        }
         Command::Completions { shell } => manual::completions(shell),
         Command::Man { out_dir } => manual::man(out_dir.as_deref()),
     }

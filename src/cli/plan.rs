@@ -3,44 +3,125 @@ use std::time::Instant;
 
 use flotilla_core::pb;
 use flotilla_core::pb::operator_service_client::OperatorServiceClient;
+use tonic::codegen::InterceptedService;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::Channel;
 
 use super::render;
 use super::{
-    CommandArgs, EXIT_BAD_INPUT, EXIT_OK, EXIT_PLAN_FAILED, EXIT_UNAVAILABLE, Output, PlanCommand,
-    SubmitArgs,
+    CommandArgs, EXIT_BAD_INPUT, EXIT_LINT_ERRORS, EXIT_OK, EXIT_PLAN_FAILED, EXIT_UNAVAILABLE,
+    Output, PlanCommand, RuleSet, SubmitArgs,
 };
 use crate::loader::{self, Overrides};
+use flotilla_core::lint::{LintOptions, Severity, lint_plan};
 
 /// What went wrong talking to the coordinator, as an exit code and a message.
 fn status_exit(e: &tonic::Status) -> u8 {
     use tonic::Code::*;
     match e.code() {
         InvalidArgument | FailedPrecondition | NotFound | AlreadyExists | OutOfRange
-        | PermissionDenied => EXIT_BAD_INPUT,
+        | PermissionDenied | Unauthenticated => EXIT_BAD_INPUT,
         _ => EXIT_UNAVAILABLE,
     }
 }
 
-fn fail(e: tonic::Status) -> u8 {
-    eprintln!("error: {}", e.message());
+pub(super) fn fail(e: tonic::Status) -> u8 {
+    // A connection cut under the call (e.g. a TLS alert) says why only at the end of
+    // its source chain: "transport error" alone does not help.
+    let mut cause = None;
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        cause = Some(s.to_string());
+        source = s.source();
+    }
+    match cause.filter(|c| c != e.message()) {
+        Some(cause) => eprintln!("error: {}: {cause}", e.message()),
+        None => eprintln!("error: {}", e.message()),
+    }
+    // a status with a source was made here, from the connection, not sent by a coordinator
+    let local = std::error::Error::source(&e).is_some()
+        || matches!(e.code(), tonic::Code::Unknown | tonic::Code::Cancelled);
+    if local && !super::transport::files().is_empty() {
+        eprintln!(
+            "hint: over TLS, the coordinator may have refused this client's certificate: check --tls-cert, --tls-key and that --tls-ca is the coordinator's CA"
+        );
+    }
     status_exit(&e)
 }
 
+/// The operator's bearer token, read once from `--token-file` (or FLOTILLA_TOKEN_FILE);
+/// unset: requests carry no credential (a coordinator with authentication off).
+static CREDENTIAL: std::sync::OnceLock<AsciiMetadataValue> = std::sync::OnceLock::new();
+
+/// Reads the token file (its content is never printed, and never taken from argv).
+pub(super) fn set_credential(path: Option<&std::path::Path>) -> Result<(), String> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "--token-file {}: the file is empty",
+            path.display()
+        ));
+    }
+    let mut value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| {
+            format!(
+                "--token-file {}: not a token (not plain text)",
+                path.display()
+            )
+        })?;
+    // Never indexed by HTTP/2 header compression, where a later request could probe it.
+    value.set_sensitive(true);
+    let _ = CREDENTIAL.set(value);
+    Ok(())
+}
+
+/// Puts the credential (if any) on every request.
+#[derive(Clone)]
+pub(super) struct Bearer;
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = CREDENTIAL.get() {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub(super) type Client = OperatorServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Who acts, as the request says it: with a credential, the coordinator takes the name
+/// from it, so the default `--as` ($USER) is not sent (it would mismatch and be refused);
+/// an `--as` given explicitly that differs from the default still is, and is refused
+/// unless it names the credential's operator.
+pub(super) fn acting(said: String) -> String {
+    let default = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+    if CREDENTIAL.get().is_some() && said == default {
+        String::new()
+    } else {
+        said
+    }
+}
+
 /// Connects to the first reachable coordinator of a comma-separated list.
-pub(super) async fn client(addrs: &str) -> Result<OperatorServiceClient<Channel>, u8> {
+pub(super) async fn client(addrs: &str) -> Result<Client, u8> {
     let mut last = String::new();
     for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        let endpoint = match tonic::transport::Endpoint::from_shared(addr.to_string()) {
-            Ok(e) => e.connect_timeout(std::time::Duration::from_secs(5)),
+        let endpoint = match super::transport::endpoint(addr) {
+            Ok(e) => e,
             Err(e) => {
-                eprintln!("error: --coordinator `{addr}`: {e}");
+                eprintln!("error: {e}");
                 return Err(EXIT_BAD_INPUT);
             }
         };
         match endpoint.connect().await {
             Ok(ch) => {
-                return Ok(OperatorServiceClient::new(ch)
+                return Ok(OperatorServiceClient::with_interceptor(ch, Bearer)
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20));
             }
@@ -62,12 +143,9 @@ fn leader_of(e: &tonic::Status) -> Option<String> {
 
 /// Runs a write on the leader: a follower's refusal names it, and the call
 /// goes there (a few hops at most, leadership may be moving).
-pub(super) async fn on_leader<T, F, Fut>(
-    c: &mut OperatorServiceClient<Channel>,
-    mut call: F,
-) -> Result<T, u8>
+pub(super) async fn on_leader<T, F, Fut>(c: &mut Client, mut call: F) -> Result<T, u8>
 where
-    F: FnMut(OperatorServiceClient<Channel>) -> Fut,
+    F: FnMut(Client) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let mut hops = 0;
@@ -92,10 +170,17 @@ fn waits_for_a_person(state: &str) -> bool {
         || state == flotilla_core::state::PlanState::AwaitingApproval.as_str()
 }
 
-/// The exit code a plan's final state means.
-fn state_exit(status: &pb::PlanStatus) -> u8 {
+/// What a plan followed to its end should reach for the command to have done what it
+/// was asked: run the plan (`completed`), or undo it (`plan rollback --wait`:
+/// `rolled_back`; `plan cancel --wait`: `cancelled`, or `rolled_back` when the cancel had
+/// to undo applied steps; `plan halt --wait`: `halted`).
+const RUN: &[&str] = &["completed"];
+
+/// The exit code a plan's final state means, when `wanted` are the states the command
+/// asked for.
+fn state_exit(status: &pb::PlanStatus, wanted: &[&str]) -> u8 {
     match status.summary.as_ref().map(|s| s.state.as_str()) {
-        Some("completed") => EXIT_OK,
+        Some(s) if wanted.contains(&s) => EXIT_OK,
         Some(s) if waits_for_a_person(s) => super::EXIT_WAITING,
         _ => EXIT_PLAN_FAILED,
     }
@@ -103,8 +188,15 @@ fn state_exit(status: &pb::PlanStatus) -> u8 {
 
 pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
     match cmd {
-        PlanCommand::Lint { path, output } => lint(&path, output),
+        PlanCommand::Test(args) => super::plan_test::run(args).await,
+        PlanCommand::Lint {
+            path,
+            output,
+            rules,
+        } => lint(&path, output, &rules),
+        PlanCommand::Submit(args) if args.dry_run => super::explain::run(addr, &args).await,
         PlanCommand::Submit(args) => submit(addr, args).await,
+        PlanCommand::Explain(args) => super::explain::run(addr, &args).await,
         PlanCommand::Status { id, output } => {
             let mut c = match client(addr).await {
                 Ok(c) => c,
@@ -120,7 +212,7 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
             }
         }
         PlanCommand::Watch { id, output } => match client(addr).await {
-            Ok(mut c) => watch(&mut c, id, output).await,
+            Ok(mut c) => watch(&mut c, id, output, RUN).await,
             Err(code) => code,
         },
         PlanCommand::List { limit, output } => {
@@ -156,7 +248,7 @@ async fn approval(addr: &str, args: super::ApprovalArgs, approve: bool) -> u8 {
     };
     let req = pb::ApprovalRequest {
         plan_id: args.id.clone(),
-        actor: args.actor,
+        actor: acting(args.actor),
         role: args.role,
         reason: args.reason,
     };
@@ -172,7 +264,7 @@ async fn approval(addr: &str, args: super::ApprovalArgs, approve: bool) -> u8 {
     })
     .await;
     match r {
-        Ok(_) if args.wait => watch(&mut c, args.id, args.output).await,
+        Ok(_) if args.wait => watch(&mut c, args.id, args.output, RUN).await,
         Ok(s) => {
             render::status(&s, args.output);
             EXIT_OK
@@ -237,7 +329,7 @@ async fn retry(addr: &str, args: super::RetryArgs) -> u8 {
     };
     let req = pb::RetryRequest {
         plan_id: args.id.clone(),
-        actor: args.actor,
+        actor: acting(args.actor),
         reason: args.reason,
         targets: args.targets,
     };
@@ -247,7 +339,7 @@ async fn retry(addr: &str, args: super::RetryArgs) -> u8 {
     })
     .await;
     match r {
-        Ok(_) if args.wait => watch(&mut c, args.id, args.output).await,
+        Ok(_) if args.wait => watch(&mut c, args.id, args.output, RUN).await,
         Ok(s) => {
             render::status(&s, args.output);
             EXIT_OK
@@ -259,7 +351,7 @@ async fn retry(addr: &str, args: super::RetryArgs) -> u8 {
 async fn decide(addr: &str, args: super::DecideArgs, verb: Verb) -> u8 {
     let req = pb::PlanCommand {
         plan_id: args.id,
-        actor: args.actor,
+        actor: acting(args.actor),
         reason: args.reason,
         shard: String::new(),
     };
@@ -269,7 +361,7 @@ async fn decide(addr: &str, args: super::DecideArgs, verb: Verb) -> u8 {
 async fn pause(addr: &str, args: super::PauseArgs, paused: bool) -> u8 {
     let req = pb::PlanCommand {
         plan_id: args.id,
-        actor: args.actor,
+        actor: acting(args.actor),
         reason: args.reason,
         shard: args.shard.unwrap_or_default(),
     };
@@ -277,7 +369,7 @@ async fn pause(addr: &str, args: super::PauseArgs, paused: bool) -> u8 {
     send_command(addr, verb, req, false, args.output).await
 }
 
-fn lint(path: &std::path::Path, output: Output) -> u8 {
+fn lint(path: &std::path::Path, output: Output, rules: &[RuleSet]) -> u8 {
     let raw = match loader::load(path, &Overrides::default()) {
         Ok(r) => r,
         Err(e) => {
@@ -285,15 +377,29 @@ fn lint(path: &std::path::Path, output: Output) -> u8 {
             return EXIT_BAD_INPUT;
         }
     };
-    match flotilla_core::PlanSpec::try_from(raw) {
-        Ok(spec) => {
-            render::lint(&spec, output);
-            EXIT_OK
-        }
+    let spec = match flotilla_core::PlanSpec::try_from(raw) {
+        Ok(spec) => spec,
         Err(e) => {
             eprintln!("error: {}: {e}", path.display());
-            EXIT_BAD_INPUT
+            return EXIT_BAD_INPUT;
         }
+    };
+    let options = LintOptions {
+        naming: rules.contains(&RuleSet::Naming),
+        ..LintOptions::default()
+    };
+    let findings: Vec<pb::LintFinding> = lint_plan(&spec, &options)
+        .iter()
+        .map(pb::LintFinding::from)
+        .collect();
+    render::lint(&spec, &findings, output);
+    if findings
+        .iter()
+        .any(|f| f.severity == Severity::Error.as_str())
+    {
+        EXIT_LINT_ERRORS
+    } else {
+        EXIT_OK
     }
 }
 
@@ -301,17 +407,22 @@ async fn submit(addr: &str, args: SubmitArgs) -> u8 {
     submit_plan(addr, args).await.0
 }
 
-/// Submits (and with `--wait` follows) a plan: the exit code, and the plan's id once
-/// the coordinator took it.
-pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<String>) {
-    let overrides = Overrides {
+/// What `plan submit` and the dry run take from their flags over the plan file.
+pub(super) fn overrides(args: &SubmitArgs) -> Overrides {
+    Overrides {
         max_parallel: args.max_parallel,
         selector: args.selector.clone(),
         policy: args.policy.clone(),
         scope: args.scope.clone(),
         no_fuse: args.no_fuse,
         atomic: args.atomic,
-    };
+    }
+}
+
+/// Submits (and with `--wait` follows) a plan: the exit code, and the plan's id once
+/// the coordinator took it.
+pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<String>) {
+    let overrides = overrides(&args);
     let mut raw = match loader::load(&args.path, &overrides) {
         Ok(r) => r,
         Err(e) => {
@@ -324,12 +435,19 @@ pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<Str
         eprintln!("error: {}: {e}", args.path.display());
         return (EXIT_BAD_INPUT, None);
     }
-    raw.submitted_by = args.actor.clone();
+    raw.submitted_by = acting(args.actor.clone());
+    if let Some(env) = &args.promotion.environment {
+        raw.environment = env.trim().to_string();
+    }
     let mut c = match client(addr).await {
         Ok(c) => c,
         Err(code) => return (code, None),
     };
-    let req = pb::SubmitPlanRequest { spec: Some(raw) };
+    let req = pb::SubmitPlanRequest {
+        spec: Some(raw),
+        skip_promotion_check: args.promotion.skip_promotion_check,
+        override_reason: args.promotion.reason.clone().unwrap_or_default(),
+    };
     let resp = match on_leader(&mut c, |mut c| {
         let req = req.clone();
         async move { c.submit_plan(req).await }
@@ -342,6 +460,22 @@ pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<Str
     for warning in &resp.warnings {
         eprintln!("{warning}");
     }
+    // The lint's warnings (its errors refused the plan): said, and the plan goes on.
+    let migrations = req
+        .spec
+        .as_ref()
+        .map(|s| s.migrations.as_slice())
+        .unwrap_or_default();
+    for f in &resp.findings {
+        let at = migrations.iter().find(|m| m.id == f.migration).map(|m| {
+            let sql = render::part_sql(&f.file, &m.up_sql, &m.down_sql, &m.verify_sql);
+            render::finding_at(&m.source, sql, f)
+        });
+        eprintln!(
+            "{}",
+            render::finding_text(at.as_deref().unwrap_or(&f.migration), f)
+        );
+    }
     if !args.wait {
         render::submitted(&resp, args.output);
         return (EXIT_OK, Some(resp.plan_id));
@@ -349,14 +483,14 @@ pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<Str
     if args.output == Output::Text {
         println!("plan {} submitted", resp.plan_id);
     }
-    let code = watch(&mut c, resp.plan_id.clone(), args.output).await;
+    let code = watch(&mut c, resp.plan_id.clone(), args.output, RUN).await;
     (code, Some(resp.plan_id))
 }
 
 async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {
     let req = pb::PlanCommand {
         plan_id: args.id,
-        actor: args.actor,
+        actor: acting(args.actor),
         reason: args.reason,
         shard: args.shard.unwrap_or_default(),
     };
@@ -377,6 +511,18 @@ enum Verb {
     Resume,
     Promote,
     Halt,
+}
+
+impl Verb {
+    /// The plan states in which `--wait` says the command did what it asked.
+    fn wanted(self) -> &'static [&'static str] {
+        match self {
+            Verb::Rollback => &["rolled_back"],
+            Verb::Cancel => &["cancelled", "rolled_back"],
+            Verb::Halt => &["halted"],
+            Verb::Pause | Verb::Resume | Verb::Promote => RUN,
+        }
+    }
 }
 
 /// Sends an operator's command to the leader; shows the status it answers with, or watches
@@ -408,7 +554,7 @@ async fn send_command(
     })
     .await;
     match r {
-        Ok(_) if wait => watch(&mut c, id, output).await,
+        Ok(_) if wait => watch(&mut c, id, output, verb.wanted()).await,
         Ok(s) => {
             render::status(&s, output);
             EXIT_OK
@@ -437,7 +583,7 @@ pub async fn locks(addr: &str, cmd: super::LocksCommand) -> u8 {
         } => {
             let req = pb::BreakLockRequest {
                 shard: shard.clone(),
-                actor,
+                actor: acting(actor),
                 reason,
             };
             match on_leader(&mut c, |mut c| {
@@ -461,7 +607,7 @@ pub async fn locks(addr: &str, cmd: super::LocksCommand) -> u8 {
 }
 
 /// Follows a plan to its end; the exit code says how it ended.
-async fn watch(c: &mut OperatorServiceClient<Channel>, id: String, output: Output) -> u8 {
+async fn watch(c: &mut Client, id: String, output: Output, wanted: &[&str]) -> u8 {
     let started = Instant::now();
     let mut stream = match c
         .watch_plan(pb::GetPlanRequest {
@@ -499,7 +645,7 @@ async fn watch(c: &mut OperatorServiceClient<Channel>, id: String, output: Outpu
     match last {
         Some(s) => {
             progress.finish(&s, started.elapsed());
-            state_exit(&s)
+            state_exit(&s, wanted)
         }
         None => {
             eprintln!("error: the coordinator ended the watch of plan {id} without a status");

@@ -273,10 +273,19 @@ async fn run_demo(args: &QuickstartArgs, cluster: &PgCluster, dir: &Path, stop: 
             }
         },
     };
-    let store = args
-        .store
-        .clone()
-        .unwrap_or_else(|| dir.join("flotilla.db").to_string_lossy().into_owned());
+    let store = args.store.clone().unwrap_or_else(|| {
+        dir.join("flotilla.db")
+            .to_string_lossy()
+            .into_owned()
+            .into()
+    });
+    let store = match super::daemons::store_location(&store, args.store_password_file.as_deref()) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
     let mut config = CoordinatorConfig::new(args.listen, store);
     config.metrics = Some(args.metrics);
     // A tenant added while the demo runs gets what the fleet has, by itself.
@@ -316,6 +325,7 @@ async fn run_demo(args: &QuickstartArgs, cluster: &PgCluster, dir: &Path, stop: 
         let submit = super::SubmitArgs {
             path: plan.clone(),
             wait: true,
+            dry_run: false,
             max_parallel: None,
             selector: None,
             policy: None,
@@ -323,6 +333,7 @@ async fn run_demo(args: &QuickstartArgs, cluster: &PgCluster, dir: &Path, stop: 
             no_fuse: false,
             atomic: false,
             actor: "quickstart".into(),
+            promotion: Default::default(),
             output: Output::Text,
         };
         Ok::<_, String>(super::plan::submit_plan(&addr, submit).await)
@@ -531,7 +542,7 @@ fn program_name() -> String {
 
 /// The coordinator and the agents of this process.
 struct Components {
-    store: String,
+    store: flotilla_core::secrets::SecretUrl,
     coordinator: JoinHandle<Result<(), flotilla_coordinator::CoordinatorError>>,
     agents: Vec<JoinHandle<()>>,
 }
@@ -617,6 +628,7 @@ async fn given_shards(args: QuickstartArgs, stop: Stop) -> u8 {
             etcd: Vec::new(),
             lease_ttl: Duration::from_secs(10),
             discover_interval: flotilla_agent::DEFAULT_DISCOVER_INTERVAL,
+            etcd_security: Default::default(),
         };
         match agent_config(&a, &coordinator) {
             Ok(c) => agents.push(c),
@@ -629,7 +641,14 @@ async fn given_shards(args: QuickstartArgs, stop: Stop) -> u8 {
     let store = args
         .store
         .clone()
-        .unwrap_or_else(|| "flotilla-quickstart.db".to_string());
+        .unwrap_or_else(|| "flotilla-quickstart.db".into());
+    let store = match super::daemons::store_location(&store, args.store_password_file.as_deref()) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
     let mut config = CoordinatorConfig::new(args.listen, store);
     config.metrics = Some(args.metrics);
     let Some(fleet) = Components::start(config, agents, &stop).await else {

@@ -398,6 +398,22 @@ pub fn submitted(r: &pb::SubmitPlanResponse, output: Output) {
         Output::Json => {
             let mut v = r.status.as_ref().map(status_json).unwrap_or(json!({}));
             v["plan_id"] = json!(r.plan_id);
+            // The lint's warnings on the accepted plan (also on stderr, as text).
+            v["findings"] = r
+                .findings
+                .iter()
+                .map(|f| {
+                    json!({
+                        "rule": f.rule,
+                        "severity": f.severity,
+                        "migration": f.migration,
+                        "file": f.file,
+                        "line": f.line,
+                        "message": f.message,
+                        "hint": f.hint,
+                    })
+                })
+                .collect();
             println!("{v}");
         }
         Output::Text => {
@@ -481,7 +497,67 @@ pub fn fleet(r: &pb::ListFleetResponse, output: Output) {
     }
 }
 
-pub fn lint(spec: &flotilla_core::PlanSpec, output: Output) {
+/// The SQL of a migration's part a finding names (empty for migration.toml).
+pub fn part_sql<'a>(file: &str, up: &'a str, down: &'a str, verify: &'a str) -> &'a str {
+    match file {
+        "up.sql" => up,
+        "down.sql" => down,
+        "verify.sql" => verify,
+        _ => "",
+    }
+}
+
+/// Where a finding points, as `path:line` an editor opens: a native migration's part is
+/// a file in its directory; a dbmate migration's part is a section of its one file, whose
+/// line in the file is found by looking for the section's text there.
+pub fn finding_at(source: &str, part_sql: &str, f: &pb::LintFinding) -> String {
+    let path = std::path::Path::new(source);
+    if path.extension().is_none_or(|e| e != "sql") {
+        let file = path.join(&f.file).display().to_string();
+        return if f.line > 0 {
+            format!("{file}:{}", f.line)
+        } else {
+            file
+        };
+    }
+    let first_line = std::fs::read_to_string(path).ok().and_then(|text| {
+        let at = text
+            .find(part_sql.trim())
+            .filter(|_| !part_sql.trim().is_empty())?;
+        Some(text[..at].matches('\n').count() as u32 + 1)
+    });
+    match first_line {
+        Some(first) if f.line > 0 => format!("{source}:{}", first + f.line - 1),
+        _ => source.to_string(),
+    }
+}
+
+/// A finding for people: `warning[rule] MIGRATION at PATH:LINE: message`, then the fix.
+pub fn finding_text(at: &str, f: &pb::LintFinding) -> String {
+    format!(
+        "{}[{}] {} at {at}: {}\n    fix: {}",
+        f.severity, f.rule, f.migration, f.message, f.hint
+    )
+}
+
+pub fn lint(spec: &flotilla_core::PlanSpec, findings: &[pb::LintFinding], output: Output) {
+    let at = |f: &pb::LintFinding| match spec
+        .migrations
+        .iter()
+        .find(|m| m.id.as_str() == f.migration)
+    {
+        Some(m) => {
+            let verify = m.verify_sql.as_deref().unwrap_or_default();
+            finding_at(
+                &m.source,
+                part_sql(&f.file, &m.up_sql, &m.down_sql, verify),
+                f,
+            )
+        }
+        None => f.migration.clone(),
+    };
+    let errors = findings.iter().filter(|f| f.severity == "error").count();
+    let warnings = findings.len() - errors;
     let graph = flotilla_core::dag::MigrationGraph::build(spec).ok();
     let order: Vec<String> = graph
         .map(|g| {
@@ -506,12 +582,25 @@ pub fn lint(spec: &flotilla_core::PlanSpec, output: Output) {
                     "selector": m.selector.to_string(),
                 })).collect::<Vec<_>>(),
                 "waves": spec.rollout.waves.iter().map(wave_lint).collect::<Vec<_>>(),
+                "errors": errors,
+                "warnings": warnings,
+                "findings": findings.iter().map(|f| json!({
+                    "rule": f.rule,
+                    "severity": f.severity,
+                    "migration": f.migration,
+                    "file": f.file,
+                    "line": f.line,
+                    "at": at(f),
+                    "message": f.message,
+                    "hint": f.hint,
+                })).collect::<Vec<_>>(),
             })
         );
         return;
     }
+    // Well formed; whether it may run is the lint's to say, below.
     println!(
-        "plan {} is valid: {} migrations",
+        "plan {} is well formed: {} migrations",
         spec.name,
         spec.migrations.len()
     );
@@ -551,6 +640,14 @@ pub fn lint(spec: &flotilla_core::PlanSpec, output: Output) {
                 v["summary"].as_str().unwrap_or_default()
             );
         }
+    }
+    if findings.is_empty() {
+        println!("lint: no findings");
+        return;
+    }
+    println!("lint: {errors} error(s), {warnings} warning(s)");
+    for f in findings {
+        println!("{}", finding_text(&at(f), f));
     }
 }
 

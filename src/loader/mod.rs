@@ -1,4 +1,5 @@
-//! Reads migration directories (Flotilla's own format and dbmate's) and plan files
+//! Reads migration directories (Flotilla's own format, dbmate's, golang-migrate's and
+//! Flyway's) and plan files
 //! into the wire form of a plan (`pb::PlanSpec`).
 //!
 //! The loader reports what is wrong with a *file* (unreadable, malformed, unknown keys,
@@ -12,10 +13,15 @@ use std::path::Path;
 use flotilla_core::pb;
 use flotilla_core::selector::Selector;
 
-// Dependencies point one way: plan -> dir -> {native, dbmate} -> parts -> error.
+// Dependencies point one way: plan -> dir -> {native, dbmate, golang_migrate, flyway} -> parts
+// -> error.
 mod dbmate;
 mod dir;
 mod error;
+mod flyway;
+mod golang_migrate;
+#[cfg(test)]
+mod lint_tests;
 mod native;
 mod parts;
 mod plan;
@@ -24,6 +30,7 @@ mod tests;
 mod waves;
 
 pub use error::LoadError;
+pub use native::{TestTable, read_test};
 pub use plan::PLAN_FILE;
 use plan::{policy_enum, scope_enum, unknown_policy, unknown_scope};
 

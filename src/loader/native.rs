@@ -41,6 +41,75 @@ struct MigrationFile {
     data: Option<DataTable>,
     /// A semantic version, e.g. "2.4.0" (`fleet status` shows it).
     version: Option<String>,
+    /// What `flotilla plan test` checks after each up (not sent to the coordinator).
+    test: Option<TestTable>,
+    /// Drops data on purpose: the lint's destructive-drop rule lets it through.
+    #[serde(default)]
+    destructive: bool,
+    lint: Option<LintTable>,
+}
+
+/// `[lint]` of `migration.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LintTable {
+    /// `ignore = [{ rule = "index-not-concurrent", reason = "..." }]`
+    #[serde(default)]
+    ignore: Vec<Spanned<toml::Value>>,
+}
+
+/// `[test]` of `migration.toml`: `flotilla plan test` runs `setup` in the target before the
+/// migration's first up, then after each up checks that `query` returns `expect`: its rows
+/// in order, each a list of the row's values in column order, compared as PostgreSQL's text
+/// of them (`"NULL"` for a null).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestTable {
+    #[serde(default)]
+    pub setup: String,
+    pub query: String,
+    #[serde(default)]
+    pub expect: Vec<Vec<toml::Value>>,
+}
+
+impl TestTable {
+    /// The expected rows as texts (None: NULL): strings as they are, numbers and booleans
+    /// as PostgreSQL prints them.
+    pub fn expected(&self) -> Result<Vec<Vec<Option<String>>>, String> {
+        self.expect
+            .iter()
+            .enumerate()
+            .map(|(r, row)| {
+                row.iter()
+                    .enumerate()
+                    .map(|(c, v)| match v {
+                        toml::Value::String(s) if s == "NULL" => Ok(None),
+                        toml::Value::String(s) => Ok(Some(s.clone())),
+                        toml::Value::Integer(i) => Ok(Some(i.to_string())),
+                        toml::Value::Float(f) => Ok(Some(f.to_string())),
+                        toml::Value::Boolean(b) => Ok(Some(b.to_string())),
+                        other => Err(format!(
+                            "[test] expect: row {} value {}: {} is not a string, number or boolean",
+                            r + 1,
+                            c + 1,
+                            other.type_str()
+                        )),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// The `[test]` table of the migration in `dir`, if it has one.
+pub fn read_test(dir: &Path) -> Result<Option<TestTable>, LoadError> {
+    let toml_path = dir.join(MIGRATION_FILE);
+    if !toml_path.is_file() {
+        return Ok(None);
+    }
+    let text = read_text(&toml_path)?;
+    let meta = parse_toml::<MigrationFile>(&toml_path, &text)?;
+    Ok(meta.test)
 }
 
 /// `[data]` of `migration.toml`: a batched data change.
@@ -181,6 +250,20 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
     }
     .into_migration();
 
+    m.destructive = meta.destructive;
+    if let Some(lint) = &meta.lint {
+        for entry in &lint.ignore {
+            m.lint_ignore
+                .push(lint_ignore(entry.get_ref()).map_err(|e| at(entry.span(), e))?);
+        }
+    }
+    if meta.irreversible {
+        // Said in so many words: the lint's missing-down rule has its answer.
+        m.lint_ignore.push(pb::LintIgnore {
+            rule: flotilla_core::lint::MISSING_DOWN.into(),
+            reason: format!("irreversible = true in {MIGRATION_FILE}"),
+        });
+    }
     m.description = meta.description.unwrap_or_default().trim().to_string();
     m.version = meta.version.unwrap_or_default();
     if let Some(kind) = meta.kind {
@@ -346,6 +429,35 @@ fn check_entries(dir: &Path) -> Result<(), LoadError> {
         }
     }
     Ok(())
+}
+
+/// One `lint.ignore` entry: `{ rule = "...", reason = "..." }`, a known rule, a reason.
+fn lint_ignore(entry: &toml::Value) -> Result<pb::LintIgnore, String> {
+    let shape = "lint.ignore entries are { rule = \"...\", reason = \"why it is safe here\" }";
+    let toml::Value::Table(t) = entry else {
+        return Err(shape.to_string());
+    };
+    if let Some(key) = t.keys().find(|k| *k != "rule" && *k != "reason") {
+        return Err(format!("lint.ignore: unknown key `{key}`: {shape}"));
+    }
+    let text = |key: &str| t.get(key).and_then(toml::Value::as_str).map(str::trim);
+    let rule = text("rule").ok_or_else(|| format!("lint.ignore: no rule: {shape}"))?;
+    if flotilla_core::lint::rule(rule).is_none() {
+        return Err(format!(
+            "lint.ignore: unknown rule `{rule}`: use one of {}",
+            flotilla_core::lint::rule_ids().join(", ")
+        ));
+    }
+    let reason = text("reason").unwrap_or_default();
+    if reason.is_empty() {
+        return Err(format!(
+            "lint.ignore: rule `{rule}` is ignored without a reason: say why it is safe here"
+        ));
+    }
+    Ok(pb::LintIgnore {
+        rule: rule.to_string(),
+        reason: reason.to_string(),
+    })
 }
 
 fn one_of(value: &Spanned<String>, allowed: &[&str], key: &str) -> Result<String, String> {

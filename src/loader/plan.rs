@@ -30,6 +30,8 @@ struct PlanFile {
     catch_up: Option<bool>,
     /// Refuse the plan when one of its targets' schema drifted (`fleet drift`).
     require_no_drift: Option<bool>,
+    /// Refuse the plan when another tool's history holds migrations the journal lacks.
+    require_baseline: Option<bool>,
     migrations_dir: Option<Spanned<String>>,
     migrations: Option<Vec<Spanned<String>>>,
     selector: Option<Spanned<String>>,
@@ -153,6 +155,7 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
         version: file.version.clone().unwrap_or_default(),
         catch_up: file.catch_up.unwrap_or(false),
         require_no_drift: file.require_no_drift.unwrap_or(false),
+        require_baseline: file.require_baseline.unwrap_or(false),
         migrations,
         no_fuse: file.fuse == Some(false),
         atomic: file.atomic.unwrap_or(false),

@@ -648,10 +648,7 @@ fn directory_level_errors() {
 
     write(root, "seed.sql", "INSERT INTO t VALUES (1);");
     let e = load_err(root);
-    assert!(
-        e.contains("seed.sql: not a dbmate migration file name"),
-        "{e}"
-    );
+    assert!(e.contains("seed.sql: not a migration file name"), "{e}");
     fs::remove_file(root.join("seed.sql")).unwrap();
 
     let e = load_err(&root.join("missing"));
@@ -1028,4 +1025,280 @@ fn bad_waves_name_the_file_line_and_wave() {
         let e = PlanSpec::try_from(load_ok(root)).unwrap_err().to_string();
         assert!(e.contains(wanted), "{e}");
     }
+}
+
+#[test]
+fn loads_a_golang_migrate_directory_in_numeric_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(
+        root,
+        "1_create_users.up.sql",
+        "CREATE TABLE users (id bigint);\n",
+    );
+    write(root, "1_create_users.down.sql", "DROP TABLE users;\n");
+    write(
+        root,
+        "2_add_email.up.sql",
+        "ALTER TABLE users ADD COLUMN email text;\n",
+    );
+    write(
+        root,
+        "10_add_index.up.sql",
+        "CREATE INDEX users_email ON users (email);\n",
+    );
+    write(
+        root,
+        "000003_padded.up.sql",
+        "ALTER TABLE users ADD COLUMN name text;\n",
+    );
+    write(
+        root,
+        "000003_padded.down.sql",
+        "ALTER TABLE users DROP COLUMN name;\n",
+    );
+    write(root, "README.md", "not a migration\n");
+    let spec = load_ok(root);
+    assert_eq!(
+        ids(&spec),
+        [
+            "1_create_users",
+            "2_add_email",
+            "000003_padded",
+            "10_add_index"
+        ]
+    );
+    let m = &spec.migrations[0];
+    assert_eq!(m.up_sql, "CREATE TABLE users (id bigint);");
+    assert_eq!(m.down_sql, "DROP TABLE users;");
+    assert_eq!(m.checksum, flotilla_core::checksum(&m.up_sql));
+    assert!(m.source.ends_with("1_create_users.up.sql"), "{}", m.source);
+    assert_eq!(spec.migrations[1].down_sql, "");
+    assert_eq!(
+        spec.migrations[2].down_sql,
+        "ALTER TABLE users DROP COLUMN name;"
+    );
+    // Numeric order, not id order: each runs after the one before it.
+    let plan = domain(spec);
+    assert_eq!(plan.migrations.len(), 4);
+}
+
+#[test]
+fn golang_migrate_errors_name_the_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(root, "1_a.up.sql", "SELECT 1;\n");
+    write(root, "2_b.down.sql", "SELECT 2;\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("2_b.down.sql: a down file without an up file for version 2"),
+        "{e}"
+    );
+    fs::remove_file(root.join("2_b.down.sql")).unwrap();
+
+    write(root, "01_c.up.sql", "SELECT 3;\n");
+    let e = load_err(root);
+    assert!(e.contains("version 1 is given twice"), "{e}");
+    assert!(e.contains("1_a.up.sql") && e.contains("01_c.up.sql"), "{e}");
+    fs::remove_file(root.join("01_c.up.sql")).unwrap();
+
+    write(root, "1_other.down.sql", "SELECT 0;\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("1_other.down.sql: the down file of version 1"),
+        "{e}"
+    );
+    fs::remove_file(root.join("1_other.down.sql")).unwrap();
+
+    write(root, "3_empty.up.sql", "-- nothing yet\n");
+    let e = load_err(root);
+    assert!(e.contains("3_empty.up.sql: holds no SQL statements"), "{e}");
+    fs::remove_file(root.join("3_empty.up.sql")).unwrap();
+
+    write(root, "4_quote.up.sql", "SELECT 1;\nSELECT 'open;\n");
+    let e = load_err(root);
+    assert!(e.contains("4_quote.up.sql:2: unterminated"), "{e}");
+    fs::remove_file(root.join("4_quote.up.sql")).unwrap();
+
+    write(root, "5x.up.sql", "SELECT 5;\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("5x.up.sql: not a golang-migrate file name"),
+        "{e}"
+    );
+    fs::remove_file(root.join("5x.up.sql")).unwrap();
+
+    write(root, "99999999999999999999_big.up.sql", "SELECT 1;\n");
+    let e = load_err(root);
+    assert!(e.contains("larger than golang-migrate's versions"), "{e}");
+}
+
+#[test]
+fn loads_a_flyway_directory_in_version_order_with_undo_and_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(root, "V1__init.sql", "CREATE TABLE t (id bigint);\n");
+    write(root, "V1.1__add.sql", "ALTER TABLE t ADD COLUMN a int;\n");
+    write(root, "U1.1__add.sql", "ALTER TABLE t DROP COLUMN a;\n");
+    write(root, "V1.2__two.sql", "ALTER TABLE t ADD COLUMN b int;\n");
+    write(root, "V1_10__ten.sql", "ALTER TABLE t ADD COLUMN c int;\n");
+    write(
+        root,
+        "V2__index.sql",
+        "CREATE INDEX CONCURRENTLY t_a ON t (a);\n",
+    );
+    write(
+        root,
+        "V2__index.sql.conf",
+        "# Flyway script config\nexecuteInTransaction=false\n",
+    );
+    let spec = load_ok(root);
+    assert_eq!(
+        ids(&spec),
+        [
+            "V1__init",
+            "V1.1__add",
+            "V1.2__two",
+            "V1_10__ten",
+            "V2__index"
+        ]
+    );
+    assert_eq!(spec.migrations[1].down_sql, "ALTER TABLE t DROP COLUMN a;");
+    assert_eq!(spec.migrations[0].down_sql, "");
+    assert_eq!(
+        spec.migrations[4].tx_mode,
+        pb::TxMode::NonTransactional as i32
+    );
+    assert_eq!(spec.migrations[0].tx_mode, pb::TxMode::Unspecified as i32);
+    let plan = domain(spec);
+    assert_eq!(plan.migrations[4].tx_mode, TxMode::NonTransactional);
+}
+
+#[test]
+fn flyway_errors_name_the_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(root, "V1__init.sql", "SELECT 1;\n");
+
+    write(
+        root,
+        "R__views.sql",
+        "CREATE OR REPLACE VIEW v AS SELECT 1;\n",
+    );
+    let e = load_err(root);
+    assert!(
+        e.contains("R__views.sql: a Flyway repeatable migration"),
+        "{e}"
+    );
+    fs::remove_file(root.join("R__views.sql")).unwrap();
+
+    write(root, "B5__baseline.sql", "SELECT 1;\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("B5__baseline.sql: a Flyway baseline migration"),
+        "{e}"
+    );
+    fs::remove_file(root.join("B5__baseline.sql")).unwrap();
+
+    write(root, "U3__gone.sql", "SELECT 1;\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("U3__gone.sql: an undo migration without a versioned migration V3__"),
+        "{e}"
+    );
+    fs::remove_file(root.join("U3__gone.sql")).unwrap();
+
+    write(root, "V1.0__again.sql", "SELECT 2;\n");
+    let e = load_err(root);
+    assert!(e.contains("version 1 is given twice"), "{e}");
+    assert!(
+        e.contains("V1__init.sql") && e.contains("V1.0__again.sql"),
+        "{e}"
+    );
+    fs::remove_file(root.join("V1.0__again.sql")).unwrap();
+
+    write(root, "V1.x__bad.sql", "SELECT 2;\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("V1.x__bad.sql: not a Flyway version: `1.x`"),
+        "{e}"
+    );
+    fs::remove_file(root.join("V1.x__bad.sql")).unwrap();
+
+    write(
+        root,
+        "V2__schema.sql",
+        "SELECT 1;\nCREATE TABLE ${schema}.t (id int);\n",
+    );
+    let e = load_err(root);
+    assert!(
+        e.contains("V2__schema.sql:2: Flyway placeholder `${schema}`"),
+        "{e}"
+    );
+    write(root, "V2__schema.sql", "SELECT 2;\n");
+
+    write(
+        root,
+        "V2__schema.sql.conf",
+        "executeInTransaction=false\nmixed=true\n",
+    );
+    let e = load_err(root);
+    assert!(
+        e.contains("V2__schema.sql.conf:2: unsupported script setting `mixed`"),
+        "{e}"
+    );
+    write(root, "V2__schema.sql.conf", "executeInTransaction=maybe\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("V2__schema.sql.conf:1: executeInTransaction is `maybe`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_directories_that_mix_tools() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(root, "1_a.up.sql", "SELECT 1;\n");
+    write(root, "V2__b.sql", "SELECT 2;\n");
+    let e = load_err(root);
+    assert!(e.contains("mixed migration formats"), "{e}");
+    assert!(
+        e.contains("golang-migrate (1_a.up.sql)") && e.contains("Flyway (V2__b.sql)"),
+        "{e}"
+    );
+    fs::remove_file(root.join("V2__b.sql")).unwrap();
+
+    write(root, "20250101000000_c.sql", "-- migrate:up\nSELECT 3;\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("dbmate (20250101000000_c.sql)") && e.contains("golang-migrate (1_a.up.sql)"),
+        "{e}"
+    );
+    fs::remove_file(root.join("20250101000000_c.sql")).unwrap();
+    fs::remove_file(root.join("1_a.up.sql")).unwrap();
+
+    write(root, "V1__a.sql", "SELECT 1;\n");
+    native(root, "20250102000000_b", None, "SELECT 2;");
+    let e = load_err(root);
+    assert!(
+        e.contains("Flotilla's own (a subdirectory) (20250102000000_b)")
+            && e.contains("Flyway (V1__a.sql)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_plan_file_names_golang_migrate_migrations_by_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(root, "migrations/1_a.up.sql", "SELECT 1;\n");
+    write(root, "migrations/2_b.up.sql", "SELECT 2;\n");
+    write(
+        root,
+        "plan.toml",
+        "name = \"gm\"\nmigrations_dir = \"migrations\"\nmigrations = [\"2_b\"]\n",
+    );
+    let spec = load_ok(&root.join("plan.toml"));
+    assert_eq!(ids(&spec), ["2_b"]);
 }

@@ -52,6 +52,11 @@ pub struct EtcdMember {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// `https` when clients must use TLS ([`EtcdTls`]), else `http`.
+    scheme: &'static str,
+    /// Where `/health` is served over plain HTTP: the client port, or under TLS a
+    /// metrics port of its own.
+    health_port: u16,
     args: Vec<String>,
     process: Option<ManagedProcess>,
     // Last field: removed after the process is killed.
@@ -75,9 +80,14 @@ impl EtcdMember {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.client_port))
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` under TLS)
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
+    }
+
+    /// Where `/health` answers over plain HTTP.
+    pub fn health_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.health_port))
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -114,7 +124,7 @@ impl EtcdMember {
 
     async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
         let pid = self.process()?.pid();
-        let addr = self.client_addr();
+        let addr = self.health_addr();
         let what = format!(
             "etcd member {} ({}) to be healthy",
             self.name,
@@ -152,6 +162,16 @@ impl EtcdCluster {
     /// Like [`EtcdCluster::start`], with extra flags for every member (e.g.
     /// `--heartbeat-interval=50`, `--election-timeout=500`).
     pub async fn start_with_args(size: usize, extra_args: &[&str]) -> anyhow::Result<EtcdCluster> {
+        Self::start_with_options(size, extra_args, None).await
+    }
+
+    /// Like [`EtcdCluster::start_with_args`], clients served over TLS with client
+    /// certificates required (`--client-cert-auth`) when `tls` is given.
+    pub async fn start_with_options(
+        size: usize,
+        extra_args: &[&str],
+        tls: Option<&EtcdTls>,
+    ) -> anyhow::Result<EtcdCluster> {
         if size == 0 {
             bail!("an etcd cluster needs at least one member");
         }
@@ -160,7 +180,7 @@ impl EtcdCluster {
         for attempt in 1..=START_ATTEMPTS {
             let mut cluster = EtcdCluster {
                 bin: bin.clone(),
-                members: Self::plan_members(size, extra_args)?,
+                members: Self::plan_members(size, extra_args, tls)?,
             };
             for i in 0..size {
                 let bin = cluster.bin.clone();
@@ -191,7 +211,12 @@ impl EtcdCluster {
         Err(last_error.expect("at least one attempt"))
     }
 
-    fn plan_members(size: usize, extra_args: &[&str]) -> anyhow::Result<Vec<EtcdMember>> {
+    fn plan_members(
+        size: usize,
+        extra_args: &[&str],
+        tls: Option<&EtcdTls>,
+    ) -> anyhow::Result<Vec<EtcdMember>> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let token = format!("flotilla-test-{:016x}", rand::random::<u64>());
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let initial_cluster = ports
@@ -206,7 +231,7 @@ impl EtcdCluster {
             .map(|(i, &(client_port, peer_port))| {
                 let name = format!("m{i}");
                 let dir = TestDir::new(&format!("etcd-{name}"))?;
-                let client_url = format!("http://127.0.0.1:{client_port}");
+                let client_url = format!("{scheme}://127.0.0.1:{client_port}");
                 let peer_url = format!("http://127.0.0.1:{peer_port}");
                 let mut args: Vec<String> = [
                     "--name",
@@ -235,11 +260,28 @@ impl EtcdCluster {
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
+                let mut health_port = client_port;
+                if let Some(tls) = tls {
+                    health_port = free_port();
+                    args.extend([
+                        "--cert-file".to_string(),
+                        tls.cert.to_string_lossy().into_owned(),
+                        "--key-file".into(),
+                        tls.key.to_string_lossy().into_owned(),
+                        "--trusted-ca-file".into(),
+                        tls.ca.to_string_lossy().into_owned(),
+                        "--client-cert-auth".into(),
+                        "--listen-metrics-urls".into(),
+                        format!("http://127.0.0.1:{health_port}"),
+                    ]);
+                }
                 args.extend(extra_args.iter().map(|s| s.to_string()));
                 Ok(EtcdMember {
                     name,
                     client_port,
                     peer_port,
+                    scheme,
+                    health_port,
                     args,
                     process: None,
                     dir,
@@ -274,7 +316,9 @@ impl EtcdCluster {
 
     /// Whether member `i` answers `/health` with `"health":"true"`.
     pub async fn is_healthy(&self, i: usize) -> bool {
-        etcd_health(self.client_addr(i)).await.unwrap_or(false)
+        etcd_health(self.members[i].health_addr())
+            .await
+            .unwrap_or(false)
     }
 
     /// Waits until member `i` is healthy; fails early if it exits.
@@ -320,12 +364,62 @@ impl EtcdCluster {
     }
 }
 
+/// TLS for etcd's clients: its server certificate and the CA that signs the clients'.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
 /// A single-member etcd.
 pub struct Etcd {
     cluster: EtcdCluster,
 }
 
 impl Etcd {
+    /// A single-member etcd serving clients over TLS only, with client certificates
+    /// signed by `tls.ca` required.
+    pub async fn start_tls(tls: &EtcdTls) -> anyhow::Result<Etcd> {
+        Ok(Etcd {
+            cluster: EtcdCluster::start_with_options(1, &[], Some(tls)).await?,
+        })
+    }
+
+    /// Turns etcd's user/password auth on: a `root` user (etcd requires one before auth
+    /// can be enabled) and `user` with `password`, allowed to read and write every key
+    /// under `prefix`. Connects over TLS as `client` (signed by `ca`) when given.
+    pub async fn enable_auth(
+        &self,
+        tls: Option<(&std::path::Path, &crate::tls::CertFiles)>,
+        user: &str,
+        password: &str,
+        prefix: &str,
+    ) -> anyhow::Result<()> {
+        use etcd_client::{Certificate, Client, ConnectOptions, Identity, Permission, TlsOptions};
+        let mut options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
+        if let Some((ca, client)) = tls {
+            options = options.with_tls(
+                TlsOptions::new()
+                    .ca_certificate(Certificate::from_pem(std::fs::read(ca)?))
+                    .identity(Identity::from_pem(
+                        std::fs::read(&client.cert)?,
+                        std::fs::read(&client.key)?,
+                    )),
+            );
+        }
+        let mut c = Client::connect([self.endpoint()], Some(options)).await?;
+        c.user_add("root", format!("{password}-root"), None).await?;
+        c.user_grant_role("root", "root").await?;
+        c.role_add("flotilla").await?;
+        c.role_grant_permission("flotilla", Permission::read_write(prefix).with_prefix())
+            .await?;
+        c.user_add(user, password, None).await?;
+        c.user_grant_role(user, "flotilla").await?;
+        c.auth_enable().await.context("enabling etcd auth")?;
+        Ok(())
+    }
+
     pub async fn start_single() -> anyhow::Result<Etcd> {
         Ok(Etcd {
             cluster: EtcdCluster::start(1).await?,

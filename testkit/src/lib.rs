@@ -2,7 +2,7 @@
 //! coordinator's integration tests): throwaway etcd clusters ([`etcd`]) and
 //! PostgreSQL clusters ([`postgres`]) on free loopback ports, child processes
 //! with captured logs ([`process`]), polling waits ([`wait`]), a tiny HTTP
-//! client ([`http`]) and temp dirs.
+//! client ([`http`]), throwaway certificate authorities ([`tls`]) and temp dirs.
 //!
 //! Rules for tests built on it: never sleep a fixed time, wait for a condition
 //! with [`wait_until`]; get every listening port from [`free_port`].
@@ -19,6 +19,7 @@ pub mod etcd;
 pub mod http;
 pub mod postgres;
 pub mod process;
+pub mod tls;
 pub mod wait;
 
 pub use self::{

@@ -6,6 +6,19 @@ use crate::fleet::{Cli, WAIT, coord_dbmate_dir};
 use crate::ha::HaFleet;
 use crate::shards::{assert_fences_not_back, fences, prepared};
 
+/// Every fleet of this suite runs its agents as the role of deploy/sql/agent-role.sql: two-phase
+/// commit and its recovery must work with no more than that.
+async fn least_privileged(
+    coordinators: usize,
+    shards: usize,
+    tenants: usize,
+) -> anyhow::Result<HaFleet> {
+    HaFleet::builder(coordinators, shards, tenants)
+        .least_privilege()
+        .start()
+        .await
+}
+
 /// Submits COORD-2025-001 as an atomic plan without waiting; returns its id.
 async fn submit_atomic(fleet: &HaFleet) -> anyhow::Result<String> {
     fleet.submit(&coord_dbmate_dir(), &["--atomic"]).await
@@ -35,7 +48,7 @@ async fn satisfaction_columns(fleet: &HaFleet, db: &str) -> anyhow::Result<i64> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_atomic_plan_commits_on_every_shard_at_once() -> anyhow::Result<()> {
-    let fleet = HaFleet::start(1, 3, 2).await?;
+    let fleet = least_privileged(1, 3, 2).await?;
     let dir = coord_dbmate_dir().to_string_lossy().into_owned();
     let out = fleet
         .cli(&[
@@ -52,6 +65,18 @@ async fn an_atomic_plan_commits_on_every_shard_at_once() -> anyhow::Result<()> {
             .contains("committed atomically"),
         "{st}"
     );
+    // The agents' timestamps give the two-phase figures (issue 15): the decision's legs and
+    // each of the 6 targets' PREPARE -> COMMIT PREPARED.
+    let message = st["message"].as_str().unwrap();
+    for part in [
+        "first PREPARE to last COMMIT PREPARED: ",
+        "last PREPARE to decision ",
+        "decision to last COMMIT PREPARED ",
+        "each target's PREPARE to COMMIT PREPARED: median ",
+        "over 6 targets",
+    ] {
+        assert!(message.contains(part), "no `{part}` in: {message}");
+    }
     for s in 0..3 {
         let db = format!("shard_{s}");
         // 2 tenants x 2 tables.
@@ -67,7 +92,7 @@ async fn an_atomic_plan_commits_on_every_shard_at_once() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_target_aborts_every_prepared_transaction() -> anyhow::Result<()> {
-    let fleet = HaFleet::start(1, 3, 2).await?;
+    let fleet = least_privileged(1, 3, 2).await?;
     fleet
         .pg
         .psql(
@@ -102,7 +127,7 @@ async fn a_failing_target_aborts_every_prepared_transaction() -> anyhow::Result<
 
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyhow::Result<()> {
-    let mut fleet = HaFleet::start(1, 2, 2).await?;
+    let mut fleet = least_privileged(1, 2, 2).await?;
     let epochs = fences(&fleet.pg, 2).await?;
     // Restart the coordinator with a failpoint: it exits with every target
     // prepared and no decision written.
@@ -157,7 +182,7 @@ async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyh
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits()
 -> anyhow::Result<()> {
-    let mut fleet = HaFleet::start(1, 2, 2).await?;
+    let mut fleet = least_privileged(1, 2, 2).await?;
     let epochs = fences(&fleet.pg, 2).await?;
     fleet
         .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::after_decision=return")])
@@ -191,22 +216,33 @@ async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits(
     assert_none_prepared(&fleet, 2).await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn preflight_refuses_a_shard_without_prepared_transactions() -> anyhow::Result<()> {
-    let fleet = HaFleet::start(1, 1, 1).await?;
-    // The shard's server cannot prepare: the plan is refused before any change.
+/// One shard of `tenants` tenants whose server has `max_prepared_transactions = max`
+/// (restarted with it), and an atomic submit of COORD-2025-001 on it.
+async fn atomic_submit_with_max_prepared(
+    tenants: usize,
+    max: u32,
+) -> anyhow::Result<(HaFleet, crate::harness::CommandOutput)> {
+    let mut fleet = least_privileged(1, 1, tenants).await?;
     fleet
         .pg
-        .psql("postgres", "ALTER SYSTEM SET max_prepared_transactions = 0")
+        .psql(
+            "postgres",
+            &format!("ALTER SYSTEM SET max_prepared_transactions = {max}"),
+        )
         .await?;
-    let mut pg = fleet;
-    pg.pg.restart().await?;
-    let fleet = pg;
+    fleet.pg.restart().await?;
     fleet.wait_connected(1).await?;
     let dir = coord_dbmate_dir().to_string_lossy().into_owned();
     let out = fleet
         .cli(&["plan", "submit", &dir, "--atomic", "--wait"])
         .await?;
+    Ok((fleet, out))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn preflight_refuses_a_shard_without_prepared_transactions() -> anyhow::Result<()> {
+    // The shard's server cannot prepare: the plan is refused before any change.
+    let (fleet, out) = atomic_submit_with_max_prepared(1, 0).await?;
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(
         out.stderr.contains("max_prepared_transactions") && out.stderr.contains("shard_0"),
@@ -214,6 +250,31 @@ async fn preflight_refuses_a_shard_without_prepared_transactions() -> anyhow::Re
     );
     assert_eq!(satisfaction_columns(&fleet, "shard_0").await?, 0);
     Ok(())
+}
+
+/// An atomic plan prepares one transaction per target on a shard at once: a server whose
+/// max_prepared_transactions cannot hold them refuses the plan before anything runs, naming
+/// the setting and the number it needs (issue 15: 2,500 tenants on one server need 2,500).
+#[tokio::test(flavor = "multi_thread")]
+async fn preflight_refuses_more_targets_than_the_server_can_hold_prepared() -> anyhow::Result<()> {
+    let (fleet, out) = atomic_submit_with_max_prepared(4, 3).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    for part in [
+        "shard shard_0: the plan prepares 4 transactions there at once",
+        "max_prepared_transactions = 3 with 0 prepared now",
+        "at least 4",
+    ] {
+        assert!(out.stderr.contains(part), "no `{part}` in: {out}");
+    }
+    assert_eq!(satisfaction_columns(&fleet, "shard_0").await?, 0);
+    let plans = fleet.cli(&["plan", "list", "--output", "json"]).await?;
+    let plans: serde_json::Value = serde_json::from_str(plans.stdout.trim())?;
+    assert_eq!(
+        plans.as_array().map(Vec::len),
+        Some(0),
+        "nothing stored: {plans}"
+    );
+    assert_none_prepared(&fleet, 1).await
 }
 
 /// A plan file over COORD-2025-001 whose two parallel groups each commit
@@ -252,7 +313,7 @@ async fn submit_grouped(fleet: &HaFleet, plan: &crate::harness::TestDir) -> anyh
 
 #[tokio::test(flavor = "multi_thread")]
 async fn atomic_parallel_groups_commit_one_after_the_other() -> anyhow::Result<()> {
-    let fleet = HaFleet::start(1, 3, 2).await?;
+    let fleet = least_privileged(1, 3, 2).await?;
     let plan = grouped_plan()?;
     let id = submit_grouped(&fleet, &plan).await?;
     let (out, st) = fleet.watch(&id).await?;
@@ -283,7 +344,7 @@ async fn atomic_parallel_groups_commit_one_after_the_other() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed() -> anyhow::Result<()>
 {
-    let fleet = HaFleet::start(1, 3, 2).await?;
+    let fleet = least_privileged(1, 3, 2).await?;
     // The view cannot be created in one tenant: group 2 fails there.
     fleet
         .pg
@@ -333,7 +394,7 @@ async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed() ->
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_rest()
 -> anyhow::Result<()> {
-    let mut fleet = HaFleet::start(1, 2, 2).await?;
+    let mut fleet = least_privileged(1, 2, 2).await?;
     let epochs = fences(&fleet.pg, 2).await?;
     // The first decision (group 1) goes through; the second ends the process.
     fleet

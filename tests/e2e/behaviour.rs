@@ -183,7 +183,11 @@ async fn non_transactional_index_is_built_concurrently_and_rolled_back() -> anyh
     let out = fleet
         .cli(&["plan", "rollback", id, "--wait", "--output", "json"])
         .await?;
-    assert_eq!(out.code(), Some(1), "a rolled-back plan exits 1: {out}");
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "a rollback that rolled the plan back exits 0: {out}"
+    );
     let st = fleet.status(id).await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     for (s, db) in fleet.shards.iter().enumerate() {
@@ -916,5 +920,203 @@ async fn a_blocked_schema_change_retries_within_lock_timeout() -> anyhow::Result
             && message.contains("long-report"),
         "{message}"
     );
+    Ok(())
+}
+
+/// Three chained migrations; the second fails on `tenant_0001` only (shard_0).
+fn failing_on_one_tenant() -> anyhow::Result<MigrationDir> {
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_first",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN first_mark int",
+        "ALTER TABLE work_orders DROP COLUMN first_mark",
+    )?;
+    d.migration(
+        "002_second",
+        "",
+        "DO $$ BEGIN IF current_schema() = 'tenant_0001' THEN \
+           RAISE EXCEPTION 'second_mark refused here'; END IF; END $$;\n\
+         ALTER TABLE work_orders ADD COLUMN second_mark int",
+        "ALTER TABLE work_orders DROP COLUMN second_mark",
+    )?;
+    d.migration(
+        "003_third",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN third_mark int",
+        "ALTER TABLE work_orders DROP COLUMN third_mark",
+    )?;
+    Ok(d)
+}
+
+/// A migration's counters in a status JSON.
+fn migration_counts(status: &Value, id: &str) -> Value {
+    status["migrations"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["id"] == id))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Every tenant's columns agree with its journal: a migration is in the journal exactly
+/// where its column is (what applied stayed applied, nothing half-done).
+async fn columns_match_journals(fleet: &TestFleet) -> anyhow::Result<usize> {
+    let mut applied = 0;
+    for (s, db) in fleet.shards.iter().enumerate() {
+        let journal = fleet.journal(s).await?;
+        for tenant in fleet.tenants(s) {
+            for (id, column) in [
+                ("001_first", "first_mark"),
+                ("002_second", "second_mark"),
+                ("003_third", "third_mark"),
+            ] {
+                let journaled = journal.iter().any(|r| r[0] == tenant && r[1] == id);
+                let present = has_column(fleet, db, &tenant, "work_orders", column).await?;
+                assert_eq!(
+                    journaled, present,
+                    "{tenant} on {db}: {id} journaled {journaled}, column present {present}"
+                );
+                applied += usize::from(present);
+            }
+        }
+    }
+    Ok(applied)
+}
+
+/// Policy `stop`: a failing step stops the plan where it is. Nothing more starts, what
+/// applied stays (nothing is rolled back), the plan ends `failed` and `--wait` exits 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_stop_stops_at_a_failing_step_and_keeps_what_applied() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(2, 2).await?;
+    let d = failing_on_one_tenant()?;
+    // Unfused, each step commits by itself: tenant_0001's first migration commits before
+    // its second fails, so there is something applied that `stop` must keep.
+    let (code, status, out) = fleet
+        .submit_wait(d.path(), &["--policy", "stop", "--no-fuse"])
+        .await?;
+    assert_eq!(code, 1, "a failed plan exits 1: {out}");
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the plan stopped, applied steps stay"),
+        "{status}"
+    );
+    let failures = status["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{status}");
+    assert_eq!(failures[0]["tenant"], "tenant_0001", "{status}");
+    assert_eq!(failures[0]["migration"], "002_second", "{status}");
+    assert!(
+        failures[0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("second_mark refused here"),
+        "{status}"
+    );
+    // tenant_0001's first migration had to apply before its second could fail: it stayed.
+    assert!(
+        has_column(
+            &fleet,
+            "shard_0",
+            "tenant_0001",
+            "work_orders",
+            "first_mark"
+        )
+        .await?
+    );
+    assert!(
+        !has_column(
+            &fleet,
+            "shard_0",
+            "tenant_0001",
+            "work_orders",
+            "second_mark"
+        )
+        .await?
+    );
+    let mut steps = 0;
+    for id in ["001_first", "002_second", "003_third"] {
+        let m = migration_counts(&status, id);
+        assert_eq!(m["rolled_back"], 0, "stop undoes nothing: {m}");
+        assert_eq!(m["pending"], 0, "{m}");
+        assert_eq!(m["running"], 0, "{m}");
+        steps += m["applied"].as_u64().unwrap();
+    }
+    assert_eq!(
+        migration_counts(&status, "003_third")["applied"]
+            .as_u64()
+            .unwrap()
+            + migration_counts(&status, "003_third")["not_run"]
+                .as_u64()
+                .unwrap(),
+        4,
+        "{status}"
+    );
+    assert!(
+        migration_counts(&status, "003_third")["not_run"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "tenant_0001's third migration never ran: {status}"
+    );
+    let applied = columns_match_journals(&fleet).await?;
+    assert_eq!(applied as u64, steps, "{status}");
+    assert_eq!(fleet.journal_total().await?, applied);
+    Ok(())
+}
+
+/// Policy `continue`: a failing step stops its own target only; every other target runs
+/// every migration, the failed target's later migrations are not run, nothing is rolled
+/// back, and the plan ends `failed` (no error budget given), exit 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_continue_runs_every_other_target_past_a_failing_step() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(2, 2).await?;
+    let d = failing_on_one_tenant()?;
+    let (code, status, out) = fleet
+        .submit_wait(d.path(), &["--policy", "continue"])
+        .await?;
+    assert_eq!(code, 1, "a plan with a failed step exits 1: {out}");
+    assert_eq!(status["state"], "failed", "{status}");
+    let failures = status["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{status}");
+    assert_eq!(failures[0]["tenant"], "tenant_0001", "{status}");
+    assert_eq!(failures[0]["migration"], "002_second", "{status}");
+    let first = migration_counts(&status, "001_first");
+    assert_eq!(
+        (first["applied"].as_u64(), first["failed"].as_u64()),
+        (Some(4), Some(0)),
+        "{first}"
+    );
+    let second = migration_counts(&status, "002_second");
+    assert_eq!(
+        (second["applied"].as_u64(), second["failed"].as_u64()),
+        (Some(3), Some(1)),
+        "{second}"
+    );
+    let third = migration_counts(&status, "003_third");
+    assert_eq!(
+        (third["applied"].as_u64(), third["not_run"].as_u64()),
+        (Some(3), Some(1)),
+        "{third}"
+    );
+    for id in ["001_first", "002_second", "003_third"] {
+        assert_eq!(migration_counts(&status, id)["rolled_back"], 0, "{status}");
+    }
+    for (s, db) in fleet.shards.iter().enumerate() {
+        for tenant in fleet.tenants(s) {
+            let failed = tenant == "tenant_0001";
+            assert!(has_column(&fleet, db, &tenant, "work_orders", "first_mark").await?);
+            for column in ["second_mark", "third_mark"] {
+                assert_eq!(
+                    has_column(&fleet, db, &tenant, "work_orders", column).await?,
+                    !failed,
+                    "{tenant}.{column}"
+                );
+            }
+        }
+    }
+    assert_eq!(columns_match_journals(&fleet).await?, 10);
+    assert_eq!(fleet.journal_total().await?, 10);
     Ok(())
 }

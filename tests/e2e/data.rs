@@ -27,6 +27,16 @@ fn backfill_toml(batch_size: u32, depends_on_schema: bool) -> String {
 
 const BACKFILL_DOWN: &str = "UPDATE work_orders SET score = NULL;";
 
+/// The schema migration every backfill here depends on: the columns it fills.
+fn add_columns(dir: &MigrationDir) -> anyhow::Result<()> {
+    dir.migration(
+        ADD_COLUMNS_ID,
+        "",
+        "ALTER TABLE work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;",
+        "ALTER TABLE work_orders DROP COLUMN touched, DROP COLUMN score;",
+    )
+}
+
 /// Rows of every tenant on shard `s` whose `touched` is not exactly 1, and the row count.
 async fn not_once(fleet: &TestFleet, s: usize) -> anyhow::Result<(i64, i64)> {
     let mut bad = 0;
@@ -67,7 +77,7 @@ async fn checkpoints(fleet: &TestFleet, s: usize) -> anyhow::Result<i64> {
 /// checkpoint is left. Before that, a batch SQL without `$2` is refused at submit.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backfill_changes_every_row_once() -> anyhow::Result<()> {
-    let fleet = TestFleet::start(2, 2).await?;
+    let fleet = TestFleet::builder(2, 2).least_privilege().start().await?;
 
     // Bad input: no upper bound in the batch SQL -> exit 2, naming the migration.
     let bad = MigrationDir::new()?;
@@ -86,12 +96,7 @@ async fn a_backfill_changes_every_row_once() -> anyhow::Result<()> {
     assert_eq!(fleet.journal_total().await?, 0);
 
     let dir = MigrationDir::new()?;
-    dir.migration(
-        ADD_COLUMNS_ID,
-        "",
-        "ALTER TABLE work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;",
-        "ALTER TABLE work_orders DROP COLUMN touched, DROP COLUMN score;",
-    )?;
+    add_columns(&dir)?;
     dir.migration(BACKFILL_ID, &backfill_toml(7, true), "", BACKFILL_DOWN)?;
     let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 0, "{out}");
@@ -127,11 +132,80 @@ async fn a_backfill_changes_every_row_once() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Each batch's transaction also finds the next batch's page and hands it back as the last
+/// row of its query. Batch statements that return rows of their own (`RETURNING`, a
+/// `SELECT`) do not confuse it; a full last page finds an empty next page and ends there;
+/// an adapted batch size (here halved after every slow batch) asks for the page again at the
+/// new size. 20 rows per tenant in batches of 5: every row once, all counted, no checkpoint.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_page_found_in_each_batch_survives_returned_rows_and_resizing()
+-> anyhow::Result<()> {
+    let fleet = TestFleet::builder(1, 2).start().await?;
+    let dir = MigrationDir::new()?;
+    add_columns(&dir)?;
+    let returning = |target_batch: &str| {
+        format!(
+            "kind = \"data\"\ndepends_on = [\"{ADD_COLUMNS_ID}\"]\n[data]\n\
+             table = \"work_orders\"\nkey = \"id\"\nbatch_size = 5\n{target_batch}\
+             filter = \"touched = 0\"\n\
+             batch = \"UPDATE work_orders SET touched = touched + 1, score = id * 10 \
+             WHERE id > $1 AND id <= $2 RETURNING id, score; \
+             SELECT count(*) FROM work_orders WHERE id > $1 AND id <= $2\"\n"
+        )
+    };
+    dir.migration(BACKFILL_ID, &returning(""), "", BACKFILL_DOWN)?;
+    let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 40));
+    assert_eq!(checkpoints(&fleet, 0).await?, 0);
+    let id = status["summary"]["plan_id"]
+        .as_str()
+        .or(status["plan_id"].as_str())
+        .expect("a plan id")
+        .to_string();
+    let st = fleet.status(&id).await?;
+    for d in st["data"].as_array().expect("data progress") {
+        assert_eq!(d["state"], "done", "{d}");
+        assert_eq!(d["rows_done"], 20, "{d}");
+        // 4 full batches; the 4th one's next page was empty, so no 5th
+        assert_eq!(d["batches"], 4, "{d}");
+    }
+
+    // the same change again from scratch, with a batch size that a 1 ms target keeps halving
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            &fleet
+                .tenants(0)
+                .iter()
+                .map(|t| format!("UPDATE {t}.work_orders SET touched = 0, score = NULL;"))
+                .collect::<String>(),
+        )
+        .await?;
+    let again = MigrationDir::new()?;
+    again.migration(
+        "20250201000002_backfill_touched_adapted",
+        &returning("target_batch_ms = 1\nmin_batch_size = 1\n")
+            .replace(&format!("depends_on = [\"{ADD_COLUMNS_ID}\"]\n"), ""),
+        "",
+        BACKFILL_DOWN,
+    )?;
+    let (code, status, out) = fleet.submit_wait(again.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 40));
+    assert_eq!(checkpoints(&fleet, 0).await?, 0);
+    Ok(())
+}
+
 /// The agent of shard_0 exits (failpoint, exit code 86) right after its 4th committed batch;
 /// the restarted agent goes on from the checkpoints. Every row is changed exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_agent_resumes_from_the_checkpoint() -> anyhow::Result<()> {
     let mut fleet = TestFleet::builder(2, 2)
+        .least_privilege()
         .shard_sql(|_, tenants| {
             tenants
                 .iter()
@@ -146,7 +220,11 @@ async fn a_killed_agent_resumes_from_the_checkpoint() -> anyhow::Result<()> {
         .await?;
     // shard_0's agent again, with the failpoint armed
     fleet.agents[0].take().unwrap().kill()?;
-    let dsn = fleet.pg.url(&fleet.shards[0]);
+    let dsn = fleet.agent_dsn(0);
+    let password_file = fleet.agent_logins[0]
+        .password_file
+        .to_string_lossy()
+        .into_owned();
     let args = [
         "--coordinator",
         fleet.addr.as_str(),
@@ -159,6 +237,8 @@ async fn a_killed_agent_resumes_from_the_checkpoint() -> anyhow::Result<()> {
         "region=r0",
         "--tenant-pattern",
         "tenant_%",
+        "--password-file",
+        password_file.as_str(),
     ];
     let mut dying = FlotillaProcess::spawn(
         &args,
@@ -234,6 +314,7 @@ async fn a_killed_agent_resumes_from_the_checkpoint() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_rate_limit_holds_and_a_missing_table_is_named() -> anyhow::Result<()> {
     let fleet = TestFleet::builder(1, 1)
+        .least_privilege()
         .shard_sql(|_, tenants| {
             format!(
                 "ALTER TABLE {}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;",
@@ -285,6 +366,7 @@ async fn slow_backfill_fleet() -> anyhow::Result<TestFleet> {
 /// tenant's 20, and `public.load`.
 async fn backfill_fleet(shards: usize, extra: usize) -> anyhow::Result<TestFleet> {
     TestFleet::builder(shards, 1)
+        .least_privilege()
         .shard_sql(move |_, tenants| {
             let t = &tenants[0];
             format!(
@@ -293,7 +375,9 @@ async fn backfill_fleet(shards: usize, extra: usize) -> anyhow::Result<TestFleet
                    SELECT g % 97, 'normal', g FROM generate_series(1, {extra}) g;
                  ANALYZE {t}.work_orders;
                  CREATE TABLE public.load (v int NOT NULL);
-                 INSERT INTO public.load VALUES (0);"
+                 INSERT INTO public.load VALUES (0);
+                 -- the health check runs as the agent's role (least_privilege)
+                 GRANT SELECT ON public.load TO PUBLIC;"
             )
         })
         .start()
@@ -545,7 +629,11 @@ async fn a_cancelled_backfill_leaves_whole_batches_and_resumes_later() -> anyhow
     let out = fleet
         .cli(&["plan", "cancel", &id, "--wait", "--output", "json"])
         .await?;
-    assert_eq!(out.code(), Some(1), "{out}");
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "a cancel that cancelled the plan exits 0: {out}"
+    );
     let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "cancelled", "{st}");
     let rows = checkpoint_rows(&fleet).await?;

@@ -149,7 +149,8 @@ pub(crate) async fn decision_in_etcd(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_commit_decision_outlives_its_coordinator_and_one_agent_commits_alone()
 -> anyhow::Result<()> {
-    let mut fleet = HaFleet::start(1, 3, 2).await?;
+    // agents as the role of deploy/sql/agent-role.sql: in-doubt recovery needs no more
+    let mut fleet = HaFleet::builder(1, 3, 2).least_privilege().start().await?;
     fleet
         .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::after_decision=return")])
         .await?;
@@ -282,6 +283,7 @@ async fn a_commit_decision_outlives_its_coordinator_and_one_agent_commits_alone(
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_killed_between_prepare_and_its_vote() -> anyhow::Result<()> {
     let mut fleet = HaFleet::builder(1, 2, 2)
+        .least_privilege()
         .agent_env(1, "FAILPOINTS", "agent::after_prepare_before_report=return")
         .start()
         .await?;

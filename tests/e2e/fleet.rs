@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+use crate::harness::certs::{FleetCerts, env_refs};
+use crate::harness::least_privilege::{AgentLogin, create_agent_role};
 use crate::harness::{
     CommandOutput, FlotillaProcess, PgCluster, TestDir, free_port, run_flotilla, wait_until,
 };
@@ -35,8 +37,15 @@ pub struct TestFleet {
     tenant_query: Option<String>,
     /// More agent flags, e.g. `["--discover-interval", "1s"]`.
     agent_extra: Vec<String>,
+    /// More labels per shard (by index), after `region=rN`: e.g. `env=staging`.
+    shard_labels: Vec<String>,
     /// Coordinators killed by the test, kept so their logs are printed on a panic.
     old_coordinators: Vec<FlotillaProcess>,
+    /// Per shard, the least-privileged login its agent uses (empty: the superuser's DSN);
+    /// see [`FleetBuilder::least_privilege`].
+    pub agent_logins: Vec<AgentLogin>,
+    /// Under mTLS: the certificates (agents and the CLI present theirs).
+    pub tls: Option<FleetCerts>,
     // Last: removed after every process is gone.
     _dir: TestDir,
 }
@@ -74,9 +83,19 @@ pub struct FleetBuilder {
     agent_extra: Vec<String>,
     tenant_query: Option<String>,
     shard_sql: Option<ShardSql>,
+    least_privilege: bool,
+    shard_labels: Vec<String>,
+    tls: bool,
 }
 
 impl FleetBuilder {
+    /// mTLS everywhere: the coordinator serves `https://` with a test CA's certificate and
+    /// requires client certificates; each agent presents its shard's, the CLI an operator's.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     /// The control store in this PostgreSQL database of the fleet's cluster
     /// (created first): `--store postgres://postgres@127.0.0.1:PORT/DB`.
     pub fn postgres_store(mut self, db: &str) -> Self {
@@ -103,9 +122,24 @@ impl FleetBuilder {
         self
     }
 
+    /// More labels for each shard's agent, by shard index (`k=v,...`; after `region=rN`).
+    pub fn shard_labels(mut self, labels: &[&str]) -> Self {
+        self.shard_labels = labels.iter().map(|l| l.to_string()).collect();
+        self
+    }
+
     /// Agents find tenants with `--tenant-query QUERY`.
     pub fn tenant_query(mut self, query: &str) -> Self {
         self.tenant_query = Some(query.to_string());
+        self
+    }
+
+    /// Agents connect as the role `deploy/sql/agent-role.sql` creates for their shard
+    /// (owner of the tenant schemas and of schema flotilla, nothing more), with a password
+    /// file, instead of as the superuser. Tenants the test creates later as the superuser
+    /// are not the role's: run [`crate::harness::least_privilege::run_script`] again.
+    pub fn least_privilege(mut self) -> Self {
+        self.least_privilege = true;
         self
     }
 
@@ -138,6 +172,14 @@ impl FleetBuilder {
             pg.psql(&db, &sql).await?;
             names.push(db);
         }
+        let mut agent_logins = Vec::new();
+        if self.least_privilege {
+            for (s, db) in names.iter().enumerate() {
+                let password = format!("agent-pw-{s}");
+                agent_logins
+                    .push(create_agent_role(&pg, db, "tenant_%", &password, dir.path()).await?);
+            }
+        }
         let store = match &self.store_db {
             Some(db) => {
                 pg.create_database(db).await?;
@@ -146,7 +188,13 @@ impl FleetBuilder {
             None => dir.join("flotilla.db").to_string_lossy().into_owned(),
         };
         let port = free_port();
-        let addr = format!("http://127.0.0.1:{port}");
+        let tls = if self.tls {
+            Some(FleetCerts::new()?)
+        } else {
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let addr = format!("{scheme}://127.0.0.1:{port}");
         let mut coordinator_args = vec![
             "coordinator".to_string(),
             "--listen".into(),
@@ -156,6 +204,9 @@ impl FleetBuilder {
         ];
         if let Some(m) = self.metrics {
             coordinator_args.extend(["--metrics".into(), m.to_string()]);
+        }
+        if let Some(tls) = &tls {
+            coordinator_args.extend(tls.coordinator_args());
         }
         coordinator_args.extend(self.coordinator_extra);
         let mut fleet = TestFleet {
@@ -169,7 +220,10 @@ impl FleetBuilder {
             coordinator_args,
             tenant_query: self.tenant_query,
             agent_extra: self.agent_extra,
+            shard_labels: self.shard_labels,
             old_coordinators: Vec::new(),
+            agent_logins,
+            tls,
             _dir: dir,
         };
         fleet.coordinator = Some(fleet.spawn_coordinator().await?);
@@ -244,6 +298,9 @@ impl TestFleet {
             agent_extra: Vec::new(),
             tenant_query: None,
             shard_sql: None,
+            least_privilege: false,
+            shard_labels: Vec::new(),
+            tls: false,
         }
     }
 
@@ -275,8 +332,11 @@ impl TestFleet {
     }
 
     pub fn spawn_agent(&self, s: usize) -> anyhow::Result<FlotillaProcess> {
-        let dsn = self.pg.url(&self.shards[s]);
-        let labels = format!("region=r{s}");
+        let dsn = self.agent_dsn(s);
+        let labels = match self.shard_labels.get(s).filter(|l| !l.is_empty()) {
+            Some(more) => format!("region=r{s},{more}"),
+            None => format!("region=r{s}"),
+        };
         let mut args = vec![
             "--coordinator",
             &self.addr,
@@ -293,7 +353,26 @@ impl TestFleet {
             None => args.extend(["--tenant-pattern", "tenant_%"]),
         }
         args.extend(self.agent_extra.iter().map(String::as_str));
-        FlotillaProcess::spawn(&args, &[])
+        let password_file;
+        if let Some(login) = self.agent_logins.get(s) {
+            password_file = login.password_file.to_string_lossy().into_owned();
+            args.extend(["--password-file", password_file.as_str()]);
+        }
+        let env = match &self.tls {
+            Some(tls) => tls.client_env(&tls.agent(&self.shards[s])?),
+            None => Vec::new(),
+        };
+        FlotillaProcess::spawn(&args, &env_refs(&env))
+    }
+
+    /// The DSN shard `s`'s agent connects with: its least-privileged role's, or the
+    /// superuser's. A test spawning an agent by hand adds `--password-file` from
+    /// [`TestFleet::agent_logins`] when there is one.
+    pub fn agent_dsn(&self, s: usize) -> String {
+        match self.agent_logins.get(s) {
+            Some(login) => login.dsn.clone(),
+            None => self.pg.url(&self.shards[s]),
+        }
     }
 
     pub async fn wait_attached(&self, n: usize) -> anyhow::Result<()> {
@@ -311,7 +390,11 @@ impl TestFleet {
     pub async fn cli(&self, args: &[&str]) -> anyhow::Result<CommandOutput> {
         let mut all = vec!["--coordinator", self.addr.as_str()];
         all.extend_from_slice(args);
-        run_flotilla(&all, &[]).await
+        let env = match &self.tls {
+            Some(tls) => tls.client_env(&tls.operator),
+            None => Vec::new(),
+        };
+        run_flotilla(&all, &env_refs(&env)).await
     }
 
     /// Submits and waits; returns (exit code, final status JSON).

@@ -4,8 +4,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::fleet::{Cli, MigrationDir, WAIT, coord_dbmate_dir, tenant_name, tenant_sql};
+use crate::harness::certs::{FleetCerts, env_refs};
+use crate::harness::least_privilege::{AgentLogin, create_agent_role};
 use crate::harness::{
-    CommandOutput, Etcd, FlotillaProcess, PgCluster, free_port, run_flotilla, wait_until,
+    CommandOutput, Etcd, FlotillaProcess, PgCluster, TestDir, free_port, run_flotilla, wait_until,
 };
 use crate::shards::{assert_logged_once, blocked, hold, logged_blocking_migration, release};
 
@@ -25,6 +27,13 @@ pub struct HaFleet {
     pub retired: Vec<FlotillaProcess>,
     /// The coordinators' `--lease-ttl`.
     pub lease_ttl: String,
+    /// Per shard, the least-privileged login its agent uses (empty: the superuser's DSN);
+    /// see [`HaFleetBuilder::least_privilege`].
+    pub agent_logins: Vec<AgentLogin>,
+    /// Where the agents' password files are (with `least_privilege`).
+    _secrets: Option<TestDir>,
+    /// Under mTLS: the certificates (agents and the CLI present theirs).
+    pub tls: Option<FleetCerts>,
 }
 
 const TTL: &str = "2s";
@@ -41,6 +50,8 @@ pub struct HaFleetBuilder {
     agent_args: Vec<String>,
     agent_env: Vec<(usize, String, String)>,
     lease_ttl: String,
+    least_privilege: bool,
+    tls: bool,
 }
 
 impl HaFleetBuilder {
@@ -75,10 +86,24 @@ impl HaFleetBuilder {
         self
     }
 
+    /// Agents connect as the role `deploy/sql/agent-role.sql` creates for their shard,
+    /// with a password file, instead of as the superuser.
+    pub fn least_privilege(mut self) -> Self {
+        self.least_privilege = true;
+        self
+    }
+
     /// An environment variable for the first agent of shard `s` only (e.g. FAILPOINTS);
     /// agents spawned later with [`HaFleet::spawn_agent`] do not get it.
     pub fn agent_env(mut self, s: usize, key: &str, value: &str) -> Self {
         self.agent_env.push((s, key.to_string(), value.to_string()));
+        self
+    }
+
+    /// mTLS everywhere, as [`crate::fleet::FleetBuilder::tls`]: `https://` coordinators
+    /// (each advertising its `https://` address), agents and the CLI with certificates.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
         self
     }
 
@@ -95,12 +120,30 @@ impl HaFleetBuilder {
                 .collect();
             pg.psql(&db, &sql).await?;
         }
+        let mut agent_logins = Vec::new();
+        let mut secrets = None;
+        if self.least_privilege {
+            let dir = TestDir::new("agent-secrets")?;
+            for s in 0..shards {
+                let db = format!("shard_{s}");
+                let password = format!("agent-pw-{s}");
+                agent_logins
+                    .push(create_agent_role(&pg, &db, "tenant_%", &password, dir.path()).await?);
+            }
+            secrets = Some(dir);
+        }
         pg.create_database("control").await?;
         let store = pg.url("control");
         let ports: Vec<u16> = (0..coordinators).map(|_| free_port()).collect();
+        let tls = if self.tls {
+            Some(FleetCerts::new()?)
+        } else {
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let addrs: Vec<String> = ports
             .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
             .collect();
         let mut fleet = HaFleet {
             pg,
@@ -114,6 +157,9 @@ impl HaFleetBuilder {
             agent_args: self.agent_args,
             retired: Vec::new(),
             lease_ttl: self.lease_ttl,
+            agent_logins,
+            _secrets: secrets,
+            tls,
         };
         for i in 0..coordinators {
             let c = fleet.spawn_coordinator(i)?;
@@ -157,6 +203,8 @@ impl HaFleet {
             agent_args: Vec::new(),
             agent_env: Vec::new(),
             lease_ttl: TTL.to_string(),
+            least_privilege: false,
+            tls: false,
         }
     }
 
@@ -203,6 +251,12 @@ impl HaFleet {
             "--lease-ttl",
             &self.lease_ttl,
         ];
+        let tls_args = self
+            .tls
+            .as_ref()
+            .map(FleetCerts::coordinator_args)
+            .unwrap_or_default();
+        args.extend(tls_args.iter().map(String::as_str));
         args.extend(self.coordinator_args.iter().map(String::as_str));
         FlotillaProcess::spawn(&args, envs)
     }
@@ -218,7 +272,10 @@ impl HaFleet {
         envs: &[(&str, &str)],
     ) -> anyhow::Result<FlotillaProcess> {
         let all = self.addrs.join(",");
-        let dsn = self.pg.url(&format!("shard_{s}"));
+        let dsn = match self.agent_logins.get(s) {
+            Some(login) => login.dsn.clone(),
+            None => self.pg.url(&format!("shard_{s}")),
+        };
         let shard = format!("shard_{s}");
         let etcd = self.etcd_endpoints();
         let mut args = vec![
@@ -235,7 +292,17 @@ impl HaFleet {
             &etcd,
         ];
         args.extend(self.agent_args.iter().map(String::as_str));
-        FlotillaProcess::spawn(&args, envs)
+        let password_file;
+        if let Some(login) = self.agent_logins.get(s) {
+            password_file = login.password_file.to_string_lossy().into_owned();
+            args.extend(["--password-file", password_file.as_str()]);
+        }
+        let mut env = match &self.tls {
+            Some(tls) => tls.client_env(&tls.agent(&shard)?),
+            None => Vec::new(),
+        };
+        env.extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        FlotillaProcess::spawn(&args, &env_refs(&env))
     }
 
     /// Kills shard `s`'s agent (SIGKILL; a no-op if it has exited) and starts a new
@@ -271,13 +338,21 @@ impl HaFleet {
         let all = self.addrs.join(",");
         let mut v = vec!["--coordinator", all.as_str()];
         v.extend_from_slice(args);
-        run_flotilla(&v, &[]).await
+        run_flotilla(&v, &env_refs(&self.cli_env())).await
     }
 
     pub async fn cli_at(&self, i: usize, args: &[&str]) -> anyhow::Result<CommandOutput> {
         let mut v = vec!["--coordinator", self.addrs[i].as_str()];
         v.extend_from_slice(args);
-        run_flotilla(&v, &[]).await
+        run_flotilla(&v, &env_refs(&self.cli_env())).await
+    }
+
+    /// Under mTLS, the operator's certificate for the CLI.
+    fn cli_env(&self) -> Vec<(String, String)> {
+        match &self.tls {
+            Some(tls) => tls.client_env(&tls.operator),
+            None => Vec::new(),
+        }
     }
 
     /// Index of the coordinator that leads now (its log says so last).

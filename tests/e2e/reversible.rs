@@ -119,8 +119,8 @@ async fn phone_changes(fleet: &TestFleet, t: &str) -> anyhow::Result<(i64, i64, 
 /// already standard.
 const TO_CHANGE: i64 = 3 * (100 - 20 - 5 + 1);
 
-/// A composite-key change with a prior image completes on two tenants, then a later step of
-/// the plan fails: all-or-nothing undoes the change by restoring every saved phone (and no
+/// A composite-key change with a prior image completes on a tenant, then a later step of
+/// the plan fails there: all-or-nothing undoes the change by restoring every saved phone (and no
 /// other value), batch by batch. Then the same change failing part-way (a batch hits a
 /// division by zero) is undone too: the batches it committed are restored. Nothing of either
 /// plan is left: no checkpoint, no prior image, no journal row.
@@ -152,15 +152,25 @@ async fn a_prior_image_rollback_restores_every_changed_value() -> anyhow::Result
     let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 1, "{out}");
     assert_eq!(status["state"], "rolled_back", "{status}");
+    // The check runs on a tenant as soon as its own change completed: the first check to fail
+    // stops the other tenant wherever its change was (on a busy machine, part-way; seen in
+    // CI with 200 of 228 rows). Every row either tenant changed is put back, once.
+    let mut completed = 0;
     for t in &tenants {
         assert_eq!(differing(&fleet, t).await?, 0, "{t}: every value as it was");
+        let (changed, restored, odd) = phone_changes(&fleet, t).await?;
         assert_eq!(
-            phone_changes(&fleet, t).await?,
-            (TO_CHANGE, TO_CHANGE, 0),
-            "{t}: each phone changed once and put back once"
+            (restored, odd),
+            (changed, 0),
+            "{t}: each changed phone put back once"
         );
+        assert!(changed <= TO_CHANGE, "{t}: {changed} rows changed");
+        if changed == TO_CHANGE {
+            completed += 1;
+        }
     }
-    // the change had completed (its journal row went to the history when undone)
+    assert!(completed >= 1, "the tenant whose check failed had completed the change");
+    // a completed change's journal row went to the history when undone
     let undone = scalar(
         &fleet,
         &format!(
@@ -168,7 +178,7 @@ async fn a_prior_image_rollback_restores_every_changed_value() -> anyhow::Result
         ),
     )
     .await?;
-    assert_eq!(undone, 2);
+    assert!((completed..=2).contains(&undone), "{undone} undone, {completed} completed");
     for table in ["journal", "checkpoints", "prior_images"] {
         assert_eq!(
             scalar(&fleet, &format!("SELECT count(*) FROM flotilla.{table}")).await?,

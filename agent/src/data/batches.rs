@@ -15,8 +15,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::AssertSqlSafe;
-use sqlx::postgres::PgConnection;
+use futures::TryStreamExt;
+use sqlx::postgres::{PgConnection, PgRow};
+use sqlx::{AssertSqlSafe, FromRow};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
@@ -34,6 +35,23 @@ pub(crate) struct DataHooks {
     pub control: watch::Receiver<PlanControl>,
     pub board: Arc<ProgressBoard>,
     pub buckets: Arc<ServerBuckets>,
+}
+
+/// A page of keys: how many rows (at most `limit`) and the last key's text (`None`: empty).
+struct Page {
+    limit: u32,
+    rows: i64,
+    last: Option<String>,
+}
+
+impl Page {
+    /// The page a batch's transaction found for the next batch: its last row.
+    fn from_row(limit: u32, row: Option<PgRow>) -> Result<Page, String> {
+        let row = row.ok_or("the batch returned no page for the next batch")?;
+        let (rows, last) = <(i64, Option<String>)>::from_row(&row)
+            .map_err(|e| format!("the next page's row does not read: {e}"))?;
+        Ok(Page { limit, rows, last })
+    }
 }
 
 /// Where a change stands on a target, as its checkpoint says.
@@ -122,9 +140,12 @@ pub(crate) async fn run_batches(
     let halts_at_start = control.as_ref().map(|c| c.borrow().halts);
     let mut size = d.batch_size;
     let mut done = 0u64;
+    // the next batch's page, found by the previous batch's transaction (one round trip per
+    // batch); `None` when it must be asked for on its own (the first batch, or after a wait)
+    let mut found: Option<Page> = None;
     loop {
         // A batch boundary: halted, paused or throttled, the step waits (or stops) here.
-        wait_at_boundary(
+        let held = wait_at_boundary(
             conn,
             m,
             &health,
@@ -134,12 +155,24 @@ pub(crate) async fn run_batches(
         )
         .await?;
         let lower_lit = lower_of(&prev)?;
-        let page = sql::data_page(m, &lower_lit, size).expect("a data change");
-        let (n, upper): (i64, Option<String>) = sqlx::query_as(AssertSqlSafe(page))
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| stopped_if_server_gone(m, db(e), &mut progress, size))?;
-        let Some(upper) = upper.filter(|_| n > 0) else {
+        // a page found before a wait may be stale, and one of another size is not this batch
+        let page = match found.take().filter(|p| !held && p.limit == size) {
+            Some(page) => page,
+            None => {
+                let sql = sql::data_page(m, &lower_lit, size).expect("a data change");
+                let (rows, last) = sqlx::query_as(AssertSqlSafe(sql))
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(|e| stopped_if_server_gone(m, db(e), &mut progress, size))?;
+                Page {
+                    limit: size,
+                    rows,
+                    last,
+                }
+            }
+        };
+        let n = page.rows;
+        let Some(upper) = page.last.filter(|_| n > 0) else {
             break;
         };
         limits.wait(n as u64).await;
@@ -152,6 +185,11 @@ pub(crate) async fn run_batches(
             None => "NULL".to_string(),
         };
         let upper_text_lit = quote_literal(&upper).map_err(|e| agent_failure(m, e))?;
+        let short = n < i64::from(size);
+        // a short page is the last one: nothing to look for after it
+        let next_page = (!short)
+            .then(|| sql::data_page(m, &upper_lit, size))
+            .flatten();
         let bounds = sql::BatchBounds {
             prev_lit: &prev_lit,
             last_lit: &upper_text_lit,
@@ -159,20 +197,23 @@ pub(crate) async fn run_batches(
             upper_lit: &upper_lit,
             rows: n,
             number: batches + 1,
+            next_page: next_page.as_deref(),
         };
         let sql =
             sql::data_batch(cx, m, &bounds).map_err(|e| Failure::agent("batch", e.to_string()))?;
         let began = Instant::now();
-        commit_batch(conn, cx, m, &sql)
+        let last_row = commit_batch(conn, cx, m, &sql)
             .await
             .map_err(|failure| stopped_if_server_gone(m, failure, &mut progress, size))?;
         let took = began.elapsed();
+        if next_page.is_some() {
+            found = Some(Page::from_row(size, last_row).map_err(|e| agent_failure(m, e))?);
+        }
         rows_total += n;
         batches += 1;
         done += n as u64;
         crate::metrics::data_batch(n as u64, size);
         debug!(step = m.id(), tenant = cx.tenant, last_key = %upper, rows = rows_total, batches, size, "batch done");
-        let short = n < i64::from(size);
         if let Some(target) = d.target_batch {
             size = adapt_batch_size(size, took, target, d.min_batch_size, d.max_batch_size);
         }
@@ -180,7 +221,7 @@ pub(crate) async fn run_batches(
         after_batch_failpoint();
         prev = Some(upper);
         if short {
-            break; // a short page is the last one
+            break;
         }
     }
     progress.total = progress.done;
@@ -264,7 +305,8 @@ async fn start_fresh(
     Ok(())
 }
 
-/// Runs one batch's transaction. A serialization failure or a deadlock with the
+/// Runs one batch's transaction and returns the last row it returned (the next batch's
+/// page, when the batch looks for it). A serialization failure or a deadlock with the
 /// application's sessions undid the whole batch (its checkpoint too): it is done again,
 /// after a short backoff, up to [`BATCH_RETRIES`] times.
 async fn commit_batch(
@@ -272,12 +314,13 @@ async fn commit_batch(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     sql: &str,
-) -> Result<(), Failure> {
+) -> Result<Option<PgRow>, Failure> {
     let mut retries = 0;
-    while let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
-        .execute(&mut *conn)
-        .await
-    {
+    loop {
+        let e = match last_row(conn, sql).await {
+            Ok(row) => return Ok(row),
+            Err(e) => e,
+        };
         let failure = classify(&e, "batch");
         // the batch's transaction may be open (aborted): end it. If that fails too the
         // connection is gone, which the caller's cleanup finds and reports.
@@ -290,7 +333,17 @@ async fn commit_batch(
                retries, "batch undone by a conflict; again");
         tokio::time::sleep(Duration::from_millis(20 << retries)).await;
     }
-    Ok(())
+}
+
+/// Runs a simple query of many statements and keeps only its last row: rows that the batch's
+/// own statements return (`RETURNING`, a `SELECT`) are read and dropped, never collected.
+async fn last_row(conn: &mut PgConnection, sql: &str) -> Result<Option<PgRow>, sqlx::Error> {
+    let mut rows = sqlx::raw_sql(AssertSqlSafe(sql.to_string())).fetch(&mut *conn);
+    let mut last = None;
+    while let Some(row) = rows.try_next().await? {
+        last = Some(row);
+    }
+    Ok(last)
 }
 
 /// How often a batch undone by a serialization failure or a deadlock is run again.

@@ -1,6 +1,7 @@
 //! The rows-per-second limits of data changes: a token bucket per change (its
-//! `rows_per_second`), and one per step shared by all its targets on this shard's server
-//! (`server_rows_per_second`). Both the batches and the agent's shared state use it, so it
+//! `rows_per_second`), and one per step shared by all its targets on this shard
+//! (`server_rows_per_second`: per shard database and step, kept here, so shard databases on
+//! one PostgreSQL server and concurrent plans each have their own). Both the batches and the agent's shared state use it, so it
 //! sits below both.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,7 +56,7 @@ impl TokenBucket {
 /// One server's row budget for a step, shared by its targets' runs.
 type SharedBucket = Arc<Mutex<TokenBucket>>;
 
-/// One token bucket per data step for all its targets on this shard's server: the
+/// One token bucket per data step for all its targets on this shard: the
 /// `server_rows_per_second` budget. A fresh bucket starts empty, so a restarted agent does
 /// not burst past the budget.
 #[derive(Default)]

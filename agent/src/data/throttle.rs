@@ -31,7 +31,8 @@ pub(crate) struct PlanControl {
 
 /// Waits at a batch boundary while the plan is paused or a health signal is above its
 /// limit; fails with [`STOPPED`] when the plan was halted since the change started. Without
-/// a plan's control (no hooks) only the health signals hold it.
+/// a plan's control (no hooks) only the health signals hold it. Returns whether it held the
+/// change (paused or throttled), after which a page found before the wait is stale.
 pub(super) async fn wait_at_boundary(
     conn: &mut PgConnection,
     m: &PreparedMigration,
@@ -39,9 +40,10 @@ pub(super) async fn wait_at_boundary(
     mut control: Option<&mut watch::Receiver<PlanControl>>,
     halts_at_start: Option<u64>,
     progress: &mut Progress<'_>,
-) -> Result<(), Failure> {
+) -> Result<bool, Failure> {
     let mut backoff = Duration::from_millis(100);
     let mut waiting: Option<&'static str> = None;
+    let mut held = false;
     let result = loop {
         let now = control
             .as_mut()
@@ -61,17 +63,19 @@ pub(super) async fn wait_at_boundary(
             ));
         }
         if let (Some(reason), Some(c)) = (now.paused, control.as_mut()) {
+            held = true;
             set_waiting(&mut waiting, Some("paused"));
             progress.set("paused", &reason, progress.size);
             // woken by resume or halt; never polls
             if c.changed().await.is_err() {
-                break Ok(());
+                break Ok(held);
             }
             continue;
         }
         match health_reason(conn, m, health).await {
             Err(e) => break Err(e),
             Ok(Some(reason)) => {
+                held = true;
                 set_waiting(&mut waiting, Some("throttled"));
                 progress.set("throttled", &reason, progress.size);
                 // re-checked after the backoff, or at once on pause, resume or halt
@@ -84,7 +88,7 @@ pub(super) async fn wait_at_boundary(
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
-            Ok(None) => break Ok(()),
+            Ok(None) => break Ok(held),
         }
     };
     set_waiting(&mut waiting, None);

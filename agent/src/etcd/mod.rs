@@ -44,6 +44,8 @@ pub(crate) struct Etcd {
     pub shown: String,
     /// The prefix of every Flotilla key (the coordinators' `--etcd-prefix`).
     pub prefix: String,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    user: Option<flotilla_core::tls::Credentials>,
 }
 
 impl Etcd {
@@ -61,6 +63,8 @@ impl Etcd {
                 .collect::<Vec<_>>()
                 .join(","),
             prefix: config.etcd_prefix.clone(),
+            tls: config.etcd_tls.clone(),
+            user: config.etcd_user.clone(),
         })
     }
 
@@ -84,6 +88,14 @@ impl Etcd {
             Usage::Reads(bound) => ConnectOptions::new()
                 .with_connect_timeout(bound)
                 .with_timeout(bound),
+        };
+        let options = match &self.tls {
+            Some(tls) => options.with_tls(tls.clone()),
+            None => options,
+        };
+        let options = match &self.user {
+            Some(c) => options.with_user(c.user.clone(), c.password.clone()),
+            None => options,
         };
         let mut endpoints = self.endpoints.clone();
         if !endpoints.is_empty() {

@@ -149,10 +149,17 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
             }
         }
     }
-    RunOutput {
-        result: job.result(reports),
-        broken,
+    let mut result = job.result(reports);
+    if result
+        .steps
+        .iter()
+        .any(|s| s.outcome == pb::StepOutcome::Prepared as i32)
+    {
+        // Just after its PREPARE TRANSACTION returned: the start of the lock hold the
+        // coordinator reports for two-phase commits.
+        result.prepared_at_us = crate::run::two_phase::now_us();
     }
+    RunOutput { result, broken }
 }
 /// Runs one group of steps (one transaction, or one non-transactional step). A schema
 /// change whose lock times out is tried again after a pause (see `lock_wait`).

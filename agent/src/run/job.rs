@@ -194,6 +194,7 @@ impl Job {
                 .zip(reports)
                 .map(|(m, r)| r.unwrap_or_else(Report::not_run).into_pb(m.id()))
                 .collect(),
+            prepared_at_us: 0,
         }
     }
 }
@@ -253,6 +254,7 @@ pub(crate) fn not_run(run: &pb::Run) -> pb::RunResult {
         run_id: run.run_id,
         tenant: run.tenant.clone(),
         steps,
+        prepared_at_us: 0,
     }
 }
 
@@ -275,5 +277,6 @@ pub(crate) fn all_failed(run: &pb::Run, failure: &Failure) -> pb::RunResult {
         run_id: run.run_id,
         tenant: run.tenant.clone(),
         steps,
+        prepared_at_us: 0,
     }
 }

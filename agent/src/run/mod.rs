@@ -17,6 +17,7 @@ mod invalid_index;
 mod job;
 mod lock_wait;
 mod plans;
+pub mod rehearsal;
 mod resolve;
 mod rollback;
 mod sqlgen;

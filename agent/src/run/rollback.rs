@@ -212,7 +212,7 @@ impl Agent {
 }
 
 /// Runs one down migration. On failure: the error, and whether the connection is unusable.
-async fn undo_step(
+pub(super) async fn undo_step(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
     m: &PreparedMigration,

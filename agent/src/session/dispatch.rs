@@ -79,6 +79,52 @@ pub(super) fn dispatch(agent: &Arc<Agent>, body: In, tx: &mpsc::Sender<pb::Agent
                 }
             });
         }
+        In::Baseline(req) => {
+            let agent2 = agent.clone();
+            let tx = tx.clone();
+            agent.tasks.spawn(async move {
+                let dry_run = req.dry_run;
+                let reply = agent2.baseline(req).await;
+                if !dry_run {
+                    // the coordinator's fleet view hears the rows it recorded
+                    agent2.journal_dirty.mark_targets(
+                        reply
+                            .targets
+                            .iter()
+                            .filter(|t| !t.recorded.is_empty())
+                            .map(|t| t.tenant.clone()),
+                    );
+                    super::journal::report(&agent2, &tx);
+                }
+                // like a preflight's: a reply for a stream that is gone went with its request
+                if tx
+                    .send(pb::AgentMessage {
+                        body: Some(Out::Baseline(reply)),
+                    })
+                    .await
+                    .is_err()
+                {
+                    debug!("baseline reply dropped: the stream is gone");
+                }
+            });
+        }
+        In::Explain(req) => {
+            let agent2 = agent.clone();
+            let tx = tx.clone();
+            agent.tasks.spawn(async move {
+                let reply = agent2.explain(req).await;
+                // like a preflight's: a reply for a stream that is gone went with its request
+                if tx
+                    .send(pb::AgentMessage {
+                        body: Some(Out::Explain(reply)),
+                    })
+                    .await
+                    .is_err()
+                {
+                    debug!("dry run reply dropped: the stream is gone");
+                }
+            });
+        }
         In::Rollback(req) => {
             let agent2 = agent.clone();
             agent.tasks.spawn(async move {
@@ -116,9 +162,13 @@ impl Agent {
                 Vec::new()
             }
         };
+        let mut capacity = None;
         let two_phase_error = if req.two_phase {
             match check_two_phase(&self.pool, &self.config.shard).await {
-                Ok(()) => String::new(),
+                Ok(c) => {
+                    capacity = Some(c);
+                    String::new()
+                }
                 Err(e) => {
                     warn!(error = %e, "this shard cannot take part in two-phase commit");
                     e.to_string()
@@ -128,7 +178,21 @@ impl Agent {
             String::new()
         };
         let data_problems = self.check_data(&req.data_migrations, &tenants).await;
+        let unbaselined = match self
+            .unbaselined(&req.migration_ids, &tenants, &applied)
+            .await
+        {
+            Ok(u) => u,
+            Err(e) => {
+                // A warning's input: the plan is not refused for it.
+                warn!(error = %e, "reading other tools' histories for a preflight failed");
+                Vec::new()
+            }
+        };
         pb::PreflightReply {
+            max_prepared_transactions: capacity.map_or(0, |c| c.max_prepared),
+            prepared_now: capacity.map_or(0, |c| c.prepared_now),
+            unbaselined,
             data_problems,
             two_phase_error,
             request_id: req.request_id,

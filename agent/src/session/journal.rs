@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use flotilla_core::pb;
 use flotilla_core::pb::agent_message::Body as Out;
@@ -21,12 +22,23 @@ use crate::shard;
 /// what one gRPC message should carry.
 const CHUNK: usize = 5_000;
 
+/// Reports of the targets whose runs ended start at least this long after the previous
+/// report ended; a whole report (after a Welcome, every discover interval, after a decision)
+/// goes at once. During a rollout runs end every few milliseconds, and a report each time kept
+/// one shard connection busy reading the journal and scanning the catalog, and the coordinator
+/// recomputing its drift view after each, for the whole rollout, beside the steps themselves.
+pub(crate) const REPORT_GAP: Duration = Duration::from_secs(1);
+
 /// What the coordinator has not heard yet.
 #[derive(Debug, Default)]
 pub(crate) struct JournalDirty {
     state: std::sync::Mutex<Dirty>,
     /// A report is being read or sent: the next one waits (a later read must not overtake it).
     reporting: AtomicBool,
+    /// When the last report ended (sent or not).
+    last_ended: std::sync::Mutex<Option<Instant>>,
+    /// A report held back by `REPORT_GAP` is due: one task waits to send it.
+    deferred: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -40,10 +52,29 @@ impl JournalDirty {
         self.state.lock().expect("journal dirty lock").all = true;
     }
 
+    /// Targets whose journal rows changed outside a run (a baseline recorded them).
+    pub fn mark_targets(&self, targets: impl IntoIterator<Item = String>) {
+        self.state
+            .lock()
+            .expect("journal dirty lock")
+            .targets
+            .extend(targets);
+    }
+
     /// The targets whose journal rows an outgoing result or reply follows.
     pub fn mark(&self, item: &Outgoing) {
         let mut state = self.state.lock().expect("journal dirty lock");
         match item {
+            // A run that only PREPARED changed nothing others can see yet, and reading its
+            // target's schema now would wait on the very locks the prepared transaction holds
+            // (competing with the unit's COMMIT PREPAREDs for connections): the Resolve reply
+            // marks the whole journal once the decision is carried out.
+            Outgoing::Run { result, .. }
+                if !result.steps.is_empty()
+                    && result
+                        .steps
+                        .iter()
+                        .all(|s| s.outcome == pb::StepOutcome::Prepared as i32) => {}
             Outgoing::Run { result, .. } => {
                 state.targets.insert(result.tenant.clone());
             }
@@ -56,6 +87,19 @@ impl JournalDirty {
             // and these are rare.
             Outgoing::Resolve(_) => state.all = true,
         }
+    }
+
+    /// How long a report now has to wait: only a report of some targets waits, until
+    /// `REPORT_GAP` after the last report ended.
+    fn wait_at(&self, now: Instant) -> Option<Duration> {
+        let state = self.state.lock().expect("journal dirty lock");
+        if state.all || state.targets.is_empty() {
+            return None;
+        }
+        let ended = (*self.last_ended.lock().expect("journal report lock"))?;
+        (ended + REPORT_GAP)
+            .checked_duration_since(now)
+            .filter(|d| !d.is_zero())
     }
 
     fn take(&self) -> Option<Option<Vec<String>>> {
@@ -74,11 +118,25 @@ impl JournalDirty {
 }
 
 /// Reads and sends what is dirty, in a task of its own (the session loop never waits on
-/// the shard); at most one report at a time. What could not be read or sent is marked
-/// again: the next stream's Welcome asks for everything anyway.
+/// the shard); at most one report at a time, and a report of some targets not sooner than
+/// `REPORT_GAP` after the one before (a task sends it then). What could not be read or sent
+/// is marked again: the next stream's Welcome asks for everything anyway.
 pub(crate) fn report(agent: &Arc<Agent>, tx: &mpsc::Sender<pb::AgentMessage>) {
     let dirty = &agent.journal_dirty;
     if dirty.reporting.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    if let Some(wait) = dirty.wait_at(Instant::now()) {
+        dirty.reporting.store(false, Ordering::Release);
+        if !dirty.deferred.swap(true, Ordering::AcqRel) {
+            let agent = agent.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                agent.journal_dirty.deferred.store(false, Ordering::Release);
+                report(&agent, &tx);
+            });
+        }
         return;
     }
     let Some(targets) = dirty.take() else {
@@ -102,6 +160,11 @@ pub(crate) fn report(agent: &Arc<Agent>, tx: &mpsc::Sender<pb::AgentMessage>) {
                     .extend(targets),
             }
         }
+        *agent
+            .journal_dirty
+            .last_ended
+            .lock()
+            .expect("journal report lock") = Some(Instant::now());
         agent
             .journal_dirty
             .reporting
@@ -196,4 +259,63 @@ async fn read(
     // read only: ending it either way is the same; a failed catalog read aborted it
     let _ = snapshot.rollback().await;
     Ok((entries, fingerprints))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(tenant: &str, outcomes: &[pb::StepOutcome]) -> Outgoing {
+        Outgoing::Run {
+            plan_id: "p".into(),
+            result: pb::RunResult {
+                run_id: 1,
+                tenant: tenant.into(),
+                steps: outcomes
+                    .iter()
+                    .map(|o| pb::StepResult {
+                        outcome: *o as i32,
+                        ..Default::default()
+                    })
+                    .collect(),
+                prepared_at_us: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn reports_of_some_targets_wait_for_the_gap_and_whole_ones_do_not() {
+        let dirty = JournalDirty::default();
+        let now = Instant::now();
+        dirty.mark(&run("t1", &[pb::StepOutcome::Applied]));
+        assert_eq!(dirty.wait_at(now), None, "the first report goes at once");
+        *dirty.last_ended.lock().unwrap() = Some(now);
+        assert_eq!(dirty.wait_at(now), Some(REPORT_GAP));
+        let later = now + REPORT_GAP / 4;
+        assert_eq!(dirty.wait_at(later), Some(REPORT_GAP - REPORT_GAP / 4));
+        assert_eq!(dirty.wait_at(now + REPORT_GAP), None, "the gap is over");
+        dirty.mark_all();
+        assert_eq!(dirty.wait_at(now), None, "a whole report goes at once");
+        let _ = dirty.take();
+        assert_eq!(dirty.wait_at(now), None, "nothing to report: nothing waits");
+    }
+
+    #[test]
+    fn a_prepared_run_waits_for_its_resolve_to_be_reported() {
+        let dirty = JournalDirty::default();
+        dirty.mark(&run(
+            "t1",
+            &[pb::StepOutcome::Prepared, pb::StepOutcome::Prepared],
+        ));
+        assert_eq!(dirty.take(), None, "nothing visible changed yet");
+        dirty.mark(&run("t2", &[pb::StepOutcome::Applied]));
+        dirty.mark(&run("t3", &[pb::StepOutcome::Failed]));
+        assert_eq!(dirty.take(), Some(Some(vec!["t2".into(), "t3".into()])));
+        dirty.mark(&Outgoing::Resolve(pb::ResolveReply::default()));
+        assert_eq!(
+            dirty.take(),
+            Some(None),
+            "after the decision: the whole journal"
+        );
+    }
 }

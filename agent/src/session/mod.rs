@@ -7,19 +7,22 @@
 //! - `outbox`: results kept across streams until sent.
 //! - `journal`: the shard's journal, reported for the coordinator's fleet view.
 //! - `schema`: the targets' schema fingerprints, reported with it (for `fleet drift`).
+//! - `explain`: the dry run's reads (relations' existence, sizes, row estimates).
 //! - `coordinators`: which coordinator to dial next.
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tracing::{info, instrument, warn};
 
 use crate::config::{backoff_delay, redact_dsn, redact_list};
 use crate::error::AgentError;
 use crate::{Agent, metrics};
 
+mod baseline;
 mod coordinators;
 mod dispatch;
+mod explain;
 mod journal;
 mod outbox;
 mod schema;
@@ -32,14 +35,29 @@ use stream::{Ended, session};
 
 /// A coordinator address as a tonic endpoint; an address that does not parse is a
 /// configuration error (checked for the whole list at start).
-pub(crate) fn endpoint(shard: &str, address: &str) -> Result<Endpoint, AgentError> {
-    Endpoint::from_shared(address.to_string())
+pub(crate) fn endpoint(
+    shard: &str,
+    address: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Endpoint, AgentError> {
+    let bad = |reason: String| AgentError::Coordinator {
+        shard: shard.to_string(),
+        address: address.to_string(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(address.to_string())
         .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
-        .map_err(|e| AgentError::Coordinator {
-            shard: shard.to_string(),
-            address: address.to_string(),
-            reason: format!("not a valid address: {e}"),
-        })
+        .map_err(|e| bad(format!("not a valid address: {e}")))?;
+    // tonic speaks TLS to https:// addresses only, so the configuration can go on all
+    match tls {
+        Some(tls) => endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| bad(format!("TLS: {e}"))),
+        None if address.trim().starts_with("https://") => Err(bad(
+            "an https:// address needs --tls-ca (and --tls-cert and --tls-key for mTLS)".into(),
+        )),
+        None => Ok(endpoint),
+    }
 }
 
 /// Keeps a stream to a coordinator (the leader) open until shutdown.
@@ -56,7 +74,7 @@ async fn reconnect(agent: &Arc<Agent>, outbox: &mut Outbox, mut rotation: Rotati
     loop {
         let address = rotation.next_address();
         let shown = redact_dsn(&address);
-        let ended = match endpoint(&agent.config.shard, &address) {
+        let ended = match endpoint(&agent.config.shard, &address, agent.config.tls.as_ref()) {
             Ok(endpoint) => session(agent, outbox, &endpoint, &shown).await,
             // only a leader named by a refusal can be invalid: the list was checked at start
             Err(e) => Ended::Lost {

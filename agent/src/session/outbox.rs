@@ -36,6 +36,10 @@ pub(crate) struct Outbox {
     pub runs: Vec<(String, pb::RunResult)>,
     ready: VecDeque<pb::AgentMessage>,
     since: Option<Instant>,
+    /// Something waiting must go now, not after `FLUSH_AFTER`: a PREPARED result (its
+    /// target holds its locks until the decision, which waits for every such result), a
+    /// failure (an atomic unit aborts on it), a reply to a Resolve.
+    urgent: bool,
 }
 
 impl Outbox {
@@ -45,6 +49,7 @@ impl Outbox {
             runs: Vec::new(),
             ready: VecDeque::new(),
             since: None,
+            urgent: false,
         }
     }
 
@@ -54,12 +59,19 @@ impl Outbox {
     pub fn push(&mut self, item: Outgoing) {
         let body = match item {
             Outgoing::Run { plan_id, result } => {
+                self.urgent |= result.steps.iter().any(|s| {
+                    s.outcome == pb::StepOutcome::Prepared as i32
+                        || s.outcome == pb::StepOutcome::Failed as i32
+                });
                 self.runs.push((plan_id, result));
                 self.since.get_or_insert_with(Instant::now);
                 return;
             }
             Outgoing::Rollback(reply) => Out::Rollback(reply),
-            Outgoing::Resolve(reply) => Out::Resolve(reply),
+            Outgoing::Resolve(reply) => {
+                self.urgent = true;
+                Out::Resolve(reply)
+            }
         };
         self.batch();
         self.ready.push_back(pb::AgentMessage { body: Some(body) });
@@ -67,7 +79,8 @@ impl Outbox {
     }
 
     pub fn due(&self) -> Option<Instant> {
-        self.since.map(|s| s + FLUSH_AFTER)
+        self.since
+            .map(|s| if self.urgent { s } else { s + FLUSH_AFTER })
     }
 
     /// Groups buffered runs into one RunResults per plan (in order of arrival).
@@ -132,6 +145,7 @@ impl Outbox {
             }
         }
         self.since = None;
+        self.urgent = false;
         Ok(())
     }
 }
@@ -145,7 +159,44 @@ mod tests {
             run_id: id,
             tenant: format!("t{id}"),
             steps: Vec::new(),
+            prepared_at_us: 0,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prepared_result_goes_at_once() {
+        let (_in_tx, in_rx) = mpsc::unbounded_channel();
+        let mut outbox = Outbox::new(in_rx);
+        outbox.push(Outgoing::Run {
+            plan_id: "a".into(),
+            result: run_result(1),
+        });
+        assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
+        let mut prepared = run_result(2);
+        prepared.steps.push(pb::StepResult {
+            outcome: pb::StepOutcome::Prepared as i32,
+            ..Default::default()
+        });
+        outbox.push(Outgoing::Run {
+            plan_id: "a".into(),
+            result: prepared,
+        });
+        assert_eq!(
+            outbox.due(),
+            Some(Instant::now()),
+            "due now, with what waited before it"
+        );
+        let (tx, _rx) = mpsc::channel(8);
+        outbox.flush(&tx).unwrap();
+        outbox.push(Outgoing::Run {
+            plan_id: "a".into(),
+            result: run_result(3),
+        });
+        assert_eq!(
+            outbox.due(),
+            Some(Instant::now() + FLUSH_AFTER),
+            "urgent ends with the flush"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,13 +26,14 @@ fn describe(options: &PgConnectOptions) -> (String, u16, String) {
 
 /// Connection options from the DSN, with the password set apart from it.
 pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, AgentError> {
-    let mut options = PgConnectOptions::from_str(&config.dsn).map_err(|e| AgentError::Config {
-        shard: config.shard.clone(),
-        // sqlx's parse errors name what is wrong, not the DSN itself
-        reason: format!("invalid dsn {}: {e}", config.redacted_dsn()),
-    })?;
+    let mut options =
+        PgConnectOptions::from_str(config.dsn.expose()).map_err(|e| AgentError::Config {
+            shard: config.shard.clone(),
+            // sqlx's parse errors name what is wrong, not the DSN itself
+            reason: format!("invalid dsn {}: {e}", config.redacted_dsn()),
+        })?;
     if let Some(password) = &config.password {
-        options = options.password(password);
+        options = options.password(password.expose());
     }
     // quote_literal relies on it; it is the default, but a server may say otherwise
     Ok(options

@@ -34,9 +34,16 @@ pub(crate) async fn install_schema(pool: &PgPool, shard: &str) -> Result<(), Age
         .begin()
         .await
         .map_err(|e| err("opening the schema transaction", e))?;
+    // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema is
+    // there: the least-privileged role (deploy/sql/agent-role.sql) owns schema flotilla but
+    // may not create schemas, so it is created only when missing.
     sqlx::raw_sql(
         "SELECT pg_advisory_xact_lock(hashtext('flotilla.schema'));
-         CREATE SCHEMA IF NOT EXISTS flotilla;
+         DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla') THEN
+             CREATE SCHEMA flotilla;
+           END IF;
+         END $$;
          CREATE TABLE IF NOT EXISTS flotilla.meta (key text PRIMARY KEY, value text);",
     )
     .execute(&mut *tx)
@@ -61,11 +68,88 @@ pub(crate) async fn install_schema(pool: &PgPool, shard: &str) -> Result<(), Age
         .execute(&mut *tx)
         .await
         .map_err(|e| err("installing the flotilla schema", e))?;
+    claim_database(&mut tx, shard).await?;
     tx.commit()
         .await
         .map_err(|e| err("committing the flotilla schema", e))?;
     info!(version = SCHEMA_VERSION, "flotilla schema ready");
     Ok(())
+}
+
+/// Records which shard this database belongs to on the first start (`flotilla.meta` key
+/// `shard`), and refuses a database recorded for another shard: its fence and journal are
+/// that shard's, and a DSN copied from another agent must not move them.
+async fn claim_database(conn: &mut PgConnection, shard: &str) -> Result<(), AgentError> {
+    let err = |what, error| AgentError::Shard {
+        shard: shard.to_string(),
+        what,
+        error,
+    };
+    let (recorded, database): (Option<String>, String) = sqlx::query_as(
+        "SELECT (SELECT value FROM flotilla.meta WHERE key = 'shard'), current_database()::text",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| err("reading which shard the database belongs to", e))?;
+    match recorded {
+        Some(recorded) if recorded == shard => Ok(()),
+        Some(recorded) => Err(AgentError::WrongShard {
+            shard: shard.to_string(),
+            recorded,
+            database,
+        }),
+        None => {
+            sqlx::query("INSERT INTO flotilla.meta (key, value) VALUES ('shard', $1)")
+                .bind(shard)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| err("recording which shard the database belongs to", e))?;
+            info!(%database, "database recorded as this shard's");
+            Ok(())
+        }
+    }
+}
+
+/// Before the agent takes the shard's lock: the shard this database was recorded for, if
+/// any. A copied DSN is then refused as such, naming both shards, rather than as "another
+/// agent is attached" (the lock is that shard's own agent's).
+pub(crate) async fn check_claim(pool: &PgPool, shard: &str) -> Result<(), AgentError> {
+    let err = |error| AgentError::Shard {
+        shard: shard.to_string(),
+        what: "reading which shard the database belongs to",
+        error,
+    };
+    let (installed, database): (bool, String) =
+        sqlx::query_as("SELECT to_regclass('flotilla.meta') IS NOT NULL, current_database()::text")
+            .fetch_one(pool)
+            .await
+            .map_err(err)?;
+    if !installed {
+        return Ok(());
+    }
+    let recorded: Option<String> =
+        sqlx::query_scalar("SELECT value FROM flotilla.meta WHERE key = 'shard'")
+            .fetch_optional(pool)
+            .await
+            .map_err(err)?
+            .flatten();
+    match recorded {
+        Some(recorded) if recorded != shard => Err(AgentError::WrongShard {
+            shard: shard.to_string(),
+            recorded,
+            database,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the agent's role is a superuser (it should not be: see deploy/sql/agent-role.sql).
+pub(crate) async fn is_superuser(pool: &PgPool) -> Result<(String, bool), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT current_user::text, rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(pool)
+    .await
 }
 
 /// How long advancing the fence waits for the fence row. A prepared transaction holds it

@@ -3,6 +3,7 @@
 //! (`tenants`), and the agent lock that keeps one agent per shard (`lock`).
 mod connect;
 mod fingerprint;
+pub(crate) mod foreign;
 mod journal;
 pub(crate) mod lock;
 mod tenants;
@@ -10,7 +11,7 @@ mod tenants;
 pub(crate) use connect::{connect, connect_options};
 pub(crate) use fingerprint::read_fingerprints;
 pub(crate) use journal::{
-    advance_fence, count_plan_rows, install_schema, read_applied, read_entries, read_fence,
-    read_for_preflight, read_plan_rows,
+    advance_fence, check_claim, count_plan_rows, install_schema, is_superuser, read_applied,
+    read_entries, read_fence, read_for_preflight, read_plan_rows,
 };
 pub(crate) use tenants::{TenantSource, discover_tenants};

@@ -493,3 +493,49 @@ pub fn run_in_child(test: &str, envs: &[(&str, &str)]) -> std::process::Output {
         .output()
         .expect("run the child process")
 }
+
+/// What the agents of this test process log (they run in it), kept so that a test can
+/// wait for a state change whose only outside sign is its log line.
+static LOG: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
+    std::sync::OnceLock::new();
+
+#[derive(Clone)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Starts keeping the process's log (once); returns how long it is now, to search after.
+pub fn log_mark() -> usize {
+    let buffer = LOG.get_or_init(|| {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = LogBuffer(buffer.clone());
+        // another subscriber may be set already (then nothing is kept, and the wait fails
+        // with a message saying so)
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .try_init();
+        buffer
+    });
+    buffer.lock().expect("log buffer").len()
+}
+
+/// Waits (at most [`WAIT`]) until a line containing `needle` is logged after `mark`.
+pub async fn wait_for_log(mark: usize, needle: &str) {
+    let buffer = LOG.get().expect("log_mark first");
+    flotilla_testkit::wait::wait_until(&format!("a log line with `{needle}`"), WAIT, async || {
+        let log = buffer.lock().expect("log buffer");
+        Ok(String::from_utf8_lossy(&log[mark.min(log.len())..]).contains(needle))
+    })
+    .await
+    .expect("logged");
+}

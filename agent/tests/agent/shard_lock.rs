@@ -46,8 +46,8 @@ async fn a_second_agent_on_the_same_shard_is_refused() {
     let holder = holder.expect("the agent holds the lock");
     assert_eq!(application_of(&f.pool, holder).await, "flotilla-agent");
 
-    // another name, the same database: still the same shard
-    let second = AgentConfig::new("shard-other", &f.dsn, "http://127.0.0.1:1");
+    // the same name, a second process: refused by the lock
+    let second = AgentConfig::new("shard-test", &f.dsn, "http://127.0.0.1:1");
     let err = tokio::time::timeout(
         WAIT,
         flotilla_agent::start(second.clone(), std::future::pending()),
@@ -55,14 +55,27 @@ async fn a_second_agent_on_the_same_shard_is_refused() {
     .await
     .expect("refused in time")
     .unwrap_err();
-    assert!(matches!(&err, AgentError::ShardTaken { shard, .. } if shard == "shard-other"));
+    assert!(matches!(&err, AgentError::ShardTaken { shard, .. } if shard == "shard-test"));
     let text = err.to_string();
     assert!(
         text.starts_with(&format!(
-            "shard shard-other: another Flotilla agent is already attached to this shard database \
+            "shard shard-test: another Flotilla agent is already attached to this shard database \
              (session pid {holder}, application_name flotilla-agent, client 127.0.0.1:"
         )),
         "{text}"
+    );
+
+    // another name, the same database (a copied DSN): the database is shard-test's, and
+    // the refusal names both before the lock is even tried
+    let other = AgentConfig::new("shard-other", &f.dsn, "http://127.0.0.1:1");
+    let err = tokio::time::timeout(WAIT, flotilla_agent::start(other, std::future::pending()))
+        .await
+        .expect("refused in time")
+        .unwrap_err();
+    assert!(
+        matches!(&err, AgentError::WrongShard { shard, recorded, .. }
+            if shard == "shard-other" && recorded == "shard-test"),
+        "{err}"
     );
 
     h.stop().await;
@@ -126,6 +139,7 @@ async fn an_agent_that_lost_its_lock_takes_no_runs_until_it_holds_it_again() {
     while !lock_sessions(&f.pool).await.1 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mark = log_mark();
     sqlx::query("SELECT pg_terminate_backend($1)")
         .bind(agent_pid)
         .execute(&f.pool)
@@ -135,8 +149,8 @@ async fn an_agent_that_lost_its_lock_takes_no_runs_until_it_holds_it_again() {
         .await
         .expect("lock passed on")
         .unwrap();
-    // the agent checks its lock's connection every second
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // the agent checks its lock's connection every second; it says when it finds it gone
+    wait_for_log(mark, "lost the connection holding the shard's agent lock").await;
 
     s.send(In::Assign(pb::Assign {
         plan_id: "p".into(),

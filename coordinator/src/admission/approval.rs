@@ -21,6 +21,52 @@ use crate::store::{PlanRow, StepUpdate, StoreError, StoreOp};
 /// The role written for an approval given in no role (a rule that accepts any).
 const ANY_ROLE: &str = "any";
 
+/// Which of the approver's roles the approval is given in: one the rule accepts,
+/// preferring one of its `require`d roles that no approval has filled yet (an approver
+/// who is both `lead` and `dba` fills the missing `dba`). None when the rule accepts
+/// none of them.
+fn approving_role(
+    roles: &[String],
+    rule: Option<&Rule>,
+    given: &[(String, String)],
+) -> Option<String> {
+    let mut candidates: Vec<&str> = roles
+        .iter()
+        .map(|r| match r.trim() {
+            "" => ANY_ROLE,
+            r => r,
+        })
+        .collect();
+    if candidates.is_empty() {
+        candidates.push(ANY_ROLE);
+    }
+    let Some(rule) = rule else {
+        return Some(candidates[0].to_string());
+    };
+    let accepted: Vec<&str> = candidates.into_iter().filter(|r| rule.accepts(r)).collect();
+    let unfilled =
+        |r: &&str| rule.require.iter().any(|q| q == r) && !given.iter().any(|(_, g)| g == r);
+    accepted
+        .iter()
+        .copied()
+        .find(unfilled)
+        .or(accepted.first().copied())
+        .map(str::to_string)
+}
+
+/// The roles an approver offered, for a refusal.
+fn shown_roles(roles: &[String]) -> String {
+    let shown: Vec<&str> = roles
+        .iter()
+        .map(|r| r.trim())
+        .filter(|r| !r.is_empty())
+        .collect();
+    match shown.is_empty() {
+        true => ANY_ROLE.to_string(),
+        false => shown.join("` or `"),
+    }
+}
+
 impl Coordinator {
     /// What approvals a plan must wait for (None: it starts at once).
     pub(super) fn approval_needed(
@@ -51,12 +97,13 @@ impl Coordinator {
         Ok((risk, self.inner.approvals.rule(environment, risk).cloned()))
     }
 
-    /// `plan approve`: one approval; the last one the plan's rule needs starts it.
+    /// `plan approve`: one approval, in one of `roles` (the approver's: from its credential,
+    /// or `--role`); the last one the plan's rule needs starts it.
     pub async fn approve(
         &self,
         plan_id: &str,
         actor: Actor,
-        role: &str,
+        roles: &[String],
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         let epoch = self.leader_epoch()?;
         let _one_at_a_time = self.inner.approving.lock().await;
@@ -70,22 +117,19 @@ impl Coordinator {
         }
         let spec = stored_spec(&row)?;
         let (risk, rule) = self.rule_for(&row.environment, &spec)?;
-        let role = match role.trim() {
-            "" => ANY_ROLE,
-            r => r,
-        };
-        if let Some(rule) = &rule
-            && !rule.accepts(role)
-        {
-            return Err(CoordinatorError::NotAllowed(format!(
-                "{} cannot approve plan {plan_id} as `{role}`: the approval rule for {risk} plans in `{}` (line {}) accepts {} (say which with --role)",
+        let mut given = self.approvals_of(plan_id).await?;
+        let role = approving_role(roles, rule.as_ref(), &given).ok_or_else(|| {
+            let rule = rule.as_ref().expect("a role is only refused by a rule");
+            CoordinatorError::NotAllowed(format!(
+                "{} cannot approve plan {plan_id} as `{}`: the approval rule for {risk} plans in `{}` (line {}) accepts {} (say which with --role)",
                 actor.name,
+                shown_roles(roles),
                 env_name(&row.environment),
                 rule.line,
                 rule.roles.join(", ")
-            )));
-        }
-        let mut given = self.approvals_of(plan_id).await?;
+            ))
+        })?;
+        let role = role.as_str();
         if given.iter().any(|(name, _)| *name == actor.name) {
             return Err(CoordinatorError::NotAllowed(format!(
                 "{} has approved plan {plan_id} already; another person must",

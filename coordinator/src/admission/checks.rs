@@ -2,11 +2,27 @@
 //! units need (shards able to prepare, no dependency across targets inside a unit).
 use std::collections::BTreeMap;
 
-use flotilla_core::{PlanSpec, Target, TxMode};
+use flotilla_core::lint::{LintOptions, Severity, lint_plan};
+use flotilla_core::{PlanSpec, Target, TxMode, pb};
 
 use super::preflight::StepKey;
-use crate::error::{Refusal, some_of};
+use crate::error::{CoordinatorError, Refusal, some_of};
 use crate::planner::Expansion;
+
+/// The lint, the same as `flotilla plan lint`: an error refuses the plan (each named with
+/// its rule, migration, file and line, and the fix); the warnings go back with the plan.
+pub(super) fn lint(spec: &PlanSpec) -> Result<Vec<pb::LintFinding>, CoordinatorError> {
+    let findings = lint_plan(spec, &LintOptions::default());
+    let errors: Vec<String> = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .map(|f| format!("{f} (fix: {})", f.hint))
+        .collect();
+    if !errors.is_empty() {
+        return Err(CoordinatorError::Lint(errors.join("; ")));
+    }
+    Ok(findings.iter().map(pb::LintFinding::from).collect())
+}
 
 /// An applied migration whose content changed since: named, with where.
 pub(super) fn edited_after_applied(
@@ -45,6 +61,7 @@ pub(super) fn atomic(
     spec: &PlanSpec,
     expansion: &Expansion,
     two_phase_errors: &BTreeMap<String, String>,
+    prepare_capacity: &BTreeMap<String, (u32, u32)>,
 ) -> Result<(), Refusal> {
     for s in &expansion.steps {
         let m = &spec.migrations[s.migration];
@@ -59,6 +76,7 @@ pub(super) fn atomic(
     if !spec.two_phase() {
         return Ok(());
     }
+    prepared_at_once(spec, expansion, prepare_capacity)?;
     for s in &expansion.steps {
         let unit = spec.atomic_unit(&spec.migrations[s.migration].id);
         if unit.is_none() {
@@ -74,6 +92,46 @@ pub(super) fn atomic(
                 dependency: spec.migrations[expansion.steps[d].migration].id.to_string(),
                 dependency_target: expansion.targets[expansion.steps[d].target].to_string(),
             });
+        }
+    }
+    Ok(())
+}
+
+/// Each target of an atomic unit holds one prepared transaction until the unit's decision,
+/// all of a shard's at once (a unit starts every target together): a server whose
+/// max_prepared_transactions cannot hold them (less those prepared there now, by any
+/// database) would fail at PREPARE halfway through the unit. Refused now, naming the setting
+/// and the number needed. Shard databases on one server share the limit; each shard is
+/// checked alone here.
+fn prepared_at_once(
+    spec: &PlanSpec,
+    expansion: &Expansion,
+    prepare_capacity: &BTreeMap<String, (u32, u32)>,
+) -> Result<(), Refusal> {
+    // (unit, shard) -> its targets with a transactional step in the unit
+    let mut per_unit: BTreeMap<(usize, &str), std::collections::BTreeSet<usize>> = BTreeMap::new();
+    for s in &expansion.steps {
+        let m = &spec.migrations[s.migration];
+        let Some(unit) = spec.atomic_unit(&m.id) else {
+            continue;
+        };
+        if m.tx_mode != TxMode::Transactional {
+            continue;
+        }
+        let shard = expansion.targets[s.target].shard.as_str();
+        per_unit.entry((unit, shard)).or_default().insert(s.target);
+    }
+    for ((_, shard), targets) in per_unit {
+        let Some(&(max, now)) = prepare_capacity.get(shard) else {
+            continue;
+        };
+        let room = max.saturating_sub(now) as usize;
+        if targets.len() > room {
+            return Err(Refusal::CannotPrepare(format!(
+                "shard {shard}: the plan prepares {} transactions there at once (one per target), but its server's max_prepared_transactions = {max} with {now} prepared now; set max_prepared_transactions to at least {} (postgresql.conf, restart), and max_locks_per_transaction so that max_locks_per_transaction x (max_connections + max_prepared_transactions) covers the locks every prepared target holds (see README)",
+                targets.len(),
+                targets.len() + now as usize
+            )));
         }
     }
     Ok(())

@@ -6,8 +6,12 @@
 mod approval;
 mod checks;
 mod data;
-mod preflight;
+pub(crate) mod preflight;
+mod promotion;
 mod waves;
+
+pub(crate) use preflight::{Seen, unknown_reason};
+pub use promotion::Promotion;
 
 use std::sync::Arc;
 
@@ -25,24 +29,34 @@ use crate::service::Coordinator;
 use crate::store::{PlanRow, StepRow, StoreOp, WaveRow, now_ms};
 
 impl Coordinator {
-    /// Validates a plan against the fleet, stores it and starts it.
-    #[instrument(skip_all, fields(plan = %raw.name))]
+    /// Validates a plan against the fleet, stores it and starts it (the promotion gate
+    /// applying).
     pub async fn submit(
         &self,
         raw: pb::PlanSpec,
     ) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
+        self.submit_as(raw, Promotion::Check).await
+    }
+
+    /// `submit`, saying how the promotion gate treats the plan.
+    #[instrument(skip_all, fields(plan = %raw.name))]
+    pub async fn submit_as(
+        &self,
+        raw: pb::PlanSpec,
+        promotion: Promotion,
+    ) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
         let epoch = self.leader_epoch()?;
         let spec = PlanSpec::try_from(raw)?;
-        self.refuse_unattached(&spec).await?;
-        let seen = self.preflight(&spec).await?;
-        checks::edited_after_applied(&spec, &seen.applied)?;
-        let expansion = planner::expand(&spec, &seen.fleet)?;
-        data::check_data_problems(&spec, &expansion, &seen.data_problems)?;
-        checks::atomic(&spec, &expansion, &seen.two_phase_errors)?;
-        let wave_of = waves::assign(&spec, &expansion)?;
-        let drift_warning = self.drift_check(&spec, &expansion).await?;
-        // Asked last: a plan that cannot run is refused before anyone is asked to approve it.
-        let awaiting = self.approval_needed(&spec)?;
+        let Resolution {
+            seen,
+            expansion,
+            wave_of,
+            drift_warning,
+            baseline_warning,
+            awaiting,
+            findings,
+            skipped_gate,
+        } = self.resolve(&spec, Mode::Submit, &promotion).await?;
 
         let plan_id = new_plan_id();
         let statuses: Vec<StepStatus> = expansion
@@ -74,6 +88,10 @@ impl Coordinator {
             awaiting: awaiting.as_deref(),
         })
         .await;
+        if let Some(audit) = skipped_gate {
+            self.write(audit(&plan_id));
+            self.flush().await;
+        }
         info!(plan = %plan_id, targets = expansion.targets.len(), steps = expansion.steps.len(), "plan submitted");
         if let Some(needs) = awaiting {
             // Stored, and nothing else: no lock, no step, until its approvals are in.
@@ -83,7 +101,11 @@ impl Coordinator {
             return Ok(pb::SubmitPlanResponse {
                 status: Some(self.status(&plan_id).await?),
                 plan_id,
-                warnings: drift_warning.into_iter().collect(),
+                warnings: drift_warning
+                    .into_iter()
+                    .chain(baseline_warning.clone())
+                    .collect(),
+                findings,
             });
         }
 
@@ -117,7 +139,62 @@ impl Coordinator {
         Ok(pb::SubmitPlanResponse {
             plan_id,
             status: Some(status),
-            warnings: drift_warning.into_iter().collect(),
+            warnings: drift_warning.into_iter().chain(baseline_warning).collect(),
+            findings,
+        })
+    }
+
+    /// What a plan resolves to over the fleet as it is now: its targets and steps, what is
+    /// applied already, each target's wave, and the approvals it needs; or the refusal that
+    /// names what is wrong. Submit and the dry run (`plan explain`) both come here, so a dry
+    /// run shows exactly what a submit would choose or refuse. Nothing is written here; a
+    /// submit's preflight records the tenants its agents found, a dry run's does not.
+    pub(crate) async fn resolve(
+        &self,
+        spec: &PlanSpec,
+        mode: Mode,
+        promotion: &Promotion,
+    ) -> Result<Resolution, CoordinatorError> {
+        // Before any shard is asked anything: the SQL alone decides. A dry run lints after
+        // it read the tables' sizes, and shows errors instead of refusing.
+        let findings = match mode {
+            Mode::Submit => checks::lint(spec)?,
+            Mode::DryRun => Vec::new(),
+        };
+        self.check_environment(spec, promotion)?;
+        // From the store only: a plan that is not promoted is refused before any shard is
+        // asked (a dry run too: it says what a submit would).
+        let skipped_gate = self
+            .promotion_gate(spec, promotion)
+            .await?
+            .map(|audit| Box::new(audit) as SkippedGate);
+        if mode == Mode::Submit {
+            self.refuse_unattached(spec).await?;
+        }
+        let seen = self.preflight(spec, mode).await?;
+        checks::edited_after_applied(spec, &seen.applied)?;
+        let expansion = planner::expand(spec, &seen.fleet)?;
+        data::check_data_problems(spec, &expansion, &seen.data_problems)?;
+        checks::atomic(
+            spec,
+            &expansion,
+            &seen.two_phase_errors,
+            &seen.prepare_capacity,
+        )?;
+        let wave_of = waves::assign(spec, &expansion)?;
+        let drift_warning = self.drift_check(spec, &expansion).await?;
+        let baseline_warning = baseline_check(spec, &expansion, &seen.unbaselined)?;
+        // Asked last: a plan that cannot run is refused before anyone is asked to approve it.
+        let awaiting = self.approval_needed(spec)?;
+        Ok(Resolution {
+            seen,
+            expansion,
+            wave_of,
+            drift_warning,
+            baseline_warning,
+            awaiting,
+            findings,
+            skipped_gate,
         })
     }
 
@@ -260,6 +337,51 @@ impl Coordinator {
     }
 }
 
+/// The plan's targets whose journal lacks migrations of the plan that another tool's
+/// history (dbmate, golang-migrate, Flyway) says already ran there: the plan would run
+/// them again. A refusal with `require_baseline`, else a warning naming the fix.
+fn baseline_check(
+    spec: &PlanSpec,
+    expansion: &Expansion,
+    unbaselined: &[pb::BaselineTarget],
+) -> Result<Option<String>, CoordinatorError> {
+    let planned: std::collections::BTreeSet<(&str, &str)> = expansion
+        .targets
+        .iter()
+        .map(|t| (t.shard.as_str(), t.tenant.as_str()))
+        .collect();
+    let hit: Vec<&pb::BaselineTarget> = unbaselined
+        .iter()
+        .filter(|u| planned.contains(&(u.shard.as_str(), u.tenant.as_str())))
+        .collect();
+    let Some(first) = hit.first() else {
+        return Ok(None);
+    };
+    let names: Vec<String> = hit
+        .iter()
+        .map(|u| crate::versions::target_name(&u.shard, &u.tenant))
+        .collect();
+    let targets = crate::error::some_of(&names, 5);
+    let mut tools: Vec<&str> = hit.iter().map(|u| u.tool.as_str()).collect();
+    tools.sort_unstable();
+    tools.dedup();
+    let migrations = crate::error::some_of(&first.recorded, 3).replace(" more targets", " more");
+    if spec.require_baseline {
+        return Err(Refusal::NotBaselined {
+            tool: tools.join("/"),
+            targets,
+            migrations,
+        }
+        .into());
+    }
+    let warning = format!(
+        "warning: {}'s history on {targets} says {migrations} already ran there, but Flotilla's journal lacks it: this plan runs it again; record it first with `flotilla fleet baseline PATH` (require_baseline = true refuses such plans)",
+        tools.join("/")
+    );
+    tracing::warn!(plan = %spec.name, "{warning}");
+    Ok(Some(warning))
+}
+
 /// A warning when a wave's Prometheus cannot be queried now (at submit).
 async fn prometheus_warning(spec: &PlanSpec) -> Option<String> {
     let mut seen = std::collections::BTreeSet::new();
@@ -277,6 +399,35 @@ async fn prometheus_warning(spec: &PlanSpec) -> Option<String> {
     }
     None
 }
+
+/// Whether a plan is resolved to be submitted, or only shown (the dry run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Submit,
+    /// Shards that cannot be asked do not refuse the plan: they are named in `Seen::unknown`
+    /// and their targets counted from what the coordinator last knew of them.
+    DryRun,
+}
+
+/// What admission resolved a plan to over the fleet (see `Coordinator::resolve`).
+pub(crate) struct Resolution {
+    pub seen: Seen,
+    pub expansion: Expansion,
+    /// Each target's wave (index into the plan's waves; 0 without waves).
+    pub wave_of: Vec<usize>,
+    pub drift_warning: Option<String>,
+    /// Targets whose journal lacks migrations another tool applied there (`fleet baseline`).
+    pub baseline_warning: Option<String>,
+    /// The approvals it would wait for.
+    pub awaiting: Option<String>,
+    /// The lint's findings (at submit, warnings only: an error refuses; none in a dry run).
+    pub findings: Vec<pb::LintFinding>,
+    /// The audit row of a skipped promotion gate, written once the plan has its id.
+    pub skipped_gate: Option<SkippedGate>,
+}
+
+/// Writes the audit row of a skipped promotion gate for the plan id it is given.
+pub(crate) type SkippedGate = Box<dyn FnOnce(&str) -> StoreOp + Send>;
 
 /// A plan admitted, as the store receives it.
 #[derive(Clone, Copy)]

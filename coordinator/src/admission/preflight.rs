@@ -6,34 +6,47 @@ use std::collections::BTreeMap;
 
 use flotilla_core::{PlanSpec, pb};
 
+use super::Mode;
 use crate::error::CoordinatorError;
 use crate::planner::{self, ShardView};
 use crate::service::Coordinator;
 use crate::store::now_ms;
 
 /// (migration, shard, tenant): how the preflight's findings are keyed.
-pub(super) type StepKey = (String, String, String);
+pub(crate) type StepKey = (String, String, String);
 
 /// What the fleet said about a plan.
 #[derive(Default)]
-pub(super) struct Seen {
+pub(crate) struct Seen {
     /// Labels and fresh tenants of every attached shard.
     pub fleet: BTreeMap<String, ShardView>,
     /// Journal rows of the plan's migrations, with their checksums.
     pub applied: BTreeMap<StepKey, String>,
     /// Shards that cannot prepare transactions, and why.
     pub two_phase_errors: BTreeMap<String, String>,
+    /// Shards that can prepare: (max_prepared_transactions, prepared now) of their server.
+    pub prepare_capacity: BTreeMap<String, (u32, u32)>,
     /// What a data migration's target lacks.
     pub data_problems: BTreeMap<StepKey, pb::DataProblem>,
+    /// Targets whose journal lacks migrations another tool's history says ran there.
+    pub unbaselined: Vec<pb::BaselineTarget>,
+    /// Dry run only: shards that could not be asked, and why (their view in `fleet` is the
+    /// one the coordinator last knew).
+    pub unknown: BTreeMap<String, String>,
 }
 
 impl Coordinator {
     /// Shards seen before but not attached now: if the plan could touch them, it cannot
     /// be checked or run, so it is refused rather than half-applied.
-    pub(super) async fn refuse_unattached(&self, spec: &PlanSpec) -> Result<(), CoordinatorError> {
+    pub(crate) async fn refuse_unattached(&self, spec: &PlanSpec) -> Result<(), CoordinatorError> {
         let attached = self.inner.fleet.snapshot();
         for agent in self.inner.store.agents().await? {
-            if attached.contains_key(&agent.shard) {
+            if attached.contains_key(&agent.shard)
+                || !self
+                    .inner
+                    .environments
+                    .admits(&spec.environment, &agent.labels())
+            {
                 continue;
             }
             let one = BTreeMap::from([(agent.shard.clone(), agent.view())]);
@@ -52,8 +65,27 @@ impl Coordinator {
 
     /// Fresh tenants and journal rows from every attached shard, in parallel; the data
     /// migrations' tables and keys checked on every target there.
-    pub(super) async fn preflight(&self, spec: &PlanSpec) -> Result<Seen, CoordinatorError> {
-        let attached = self.inner.fleet.snapshot();
+    pub(crate) async fn preflight(
+        &self,
+        spec: &PlanSpec,
+        mode: Mode,
+    ) -> Result<Seen, CoordinatorError> {
+        let envs = &self.inner.environments;
+        // A plan for an environment touches, and asks, that environment's shards only.
+        let attached: BTreeMap<_, _> = self
+            .inner
+            .fleet
+            .snapshot()
+            .into_iter()
+            .filter(|(_, a)| envs.admits(&spec.environment, &a.labels))
+            .collect();
+        if attached.is_empty() && !envs.is_empty() && !spec.environment.is_empty() {
+            return Err(crate::error::Refusal::EmptyEnvironment {
+                environment: spec.environment.clone(),
+                label: envs.label.clone(),
+            }
+            .into());
+        }
         let request = pb::PreflightRequest {
             request_id: 0,
             migration_ids: spec.migrations.iter().map(|m| m.id.to_string()).collect(),
@@ -79,16 +111,43 @@ impl Coordinator {
         let replies = futures::future::join_all(asks).await;
         let mut seen = Seen::default();
         for (shard, reply) in replies {
-            let mut reply = reply?;
+            let mut reply = match (reply, mode) {
+                (Ok(r), _) => r,
+                (Err(e), Mode::Submit) => return Err(e),
+                (Err(e), Mode::DryRun) => {
+                    let view = ShardView {
+                        labels: attached[&shard].labels.clone(),
+                        tenants: attached[&shard]
+                            .tenants
+                            .iter()
+                            .map(|t| (t.name.clone(), t.labels.clone().into_iter().collect()))
+                            .collect(),
+                    };
+                    seen.fleet.insert(shard.clone(), view);
+                    seen.unknown.insert(shard.clone(), unknown_reason(e));
+                    continue;
+                }
+            };
             for p in std::mem::take(&mut reply.data_problems) {
                 seen.data_problems
                     .insert((p.migration_id.clone(), shard.clone(), p.tenant.clone()), p);
+            }
+            seen.unbaselined
+                .extend(std::mem::take(&mut reply.unbaselined));
+            if reply.max_prepared_transactions > 0 {
+                seen.prepare_capacity.insert(
+                    shard.clone(),
+                    (reply.max_prepared_transactions, reply.prepared_now),
+                );
             }
             if !reply.two_phase_error.is_empty() {
                 seen.two_phase_errors
                     .insert(shard.clone(), reply.two_phase_error.clone());
             }
-            self.record_tenants(&shard, &reply.tenants);
+            if mode == Mode::Submit {
+                // a dry run writes nothing, not even the fleet's fresh tenants
+                self.record_tenants(&shard, &reply.tenants);
+            }
             let labels = attached[&shard].labels.clone();
             let tenants = reply
                 .tenants
@@ -102,6 +161,31 @@ impl Coordinator {
                     .insert((a.migration_id, shard.clone(), a.tenant), a.checksum);
             }
         }
+        if mode == Mode::DryRun {
+            // What a submit would refuse for: a shard seen before whose agent is away. The
+            // dry run shows its targets as the coordinator last knew them, sizes unknown.
+            for agent in self.inner.store.agents().await? {
+                if attached.contains_key(&agent.shard) {
+                    continue;
+                }
+                seen.unknown.insert(
+                    agent.shard.clone(),
+                    format!(
+                        "its agent is not attached (last seen {}s ago)",
+                        (now_ms() - agent.last_seen_ms).max(0) / 1000
+                    ),
+                );
+                seen.fleet.insert(agent.shard.clone(), agent.view());
+            }
+        }
         Ok(seen)
+    }
+}
+
+/// Why a shard could not be asked, without the shard's name (the caller names it).
+pub(crate) fn unknown_reason(e: CoordinatorError) -> String {
+    match e {
+        CoordinatorError::Unreachable { reason, .. } => reason,
+        other => other.to_string(),
     }
 }

@@ -25,6 +25,9 @@ impl pb::agent_service_server::AgentService for Coordinator {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        // Read before the request is taken apart: who is on the other end.
+        let cert = super::peer::peer_subject(&req);
+        let from = super::peer::peer_address(&req);
         let mut inbound = req.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(pb::AgentMessage {
@@ -39,6 +42,7 @@ impl pb::agent_service_server::AgentService for Coordinator {
             None => return Err(Status::invalid_argument("agent stream closed before Hello")),
         };
         validate_hello(&hello)?;
+        self.admit_agent(&hello.shard, cert.as_ref(), from)?;
         let inbound = inbound.map(|m| m.map_err(|status| status.message().to_string()));
         let outbound = self.open_session(hello, inbound).await?;
         Ok(Response::new(Box::pin(outbound.map(Ok))))

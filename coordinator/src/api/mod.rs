@@ -1,8 +1,13 @@
 //! The gRPC layer: convert, call the domain, map the error; beside it the
-//! standard health and reflection services ([`health`]).
+//! standard health and reflection services ([`health`]); operator RPCs pass
+//! [`auth`] first.
 mod agents;
+mod auth;
 mod health;
 mod operator;
+pub mod peer;
+
+pub(crate) use auth::{Authenticated, Peer};
 
 pub(crate) use health::{health_service, reflection_services};
 

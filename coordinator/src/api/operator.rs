@@ -1,27 +1,76 @@
-//! The operator API: convert the request, call the domain, map the error.
+//! The operator API: convert the request, call the domain, map the error. Every call
+//! has passed [`super::auth`] already; a handler only reads who acts from it.
 use flotilla_core::pb;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::BoxStream;
+use super::{BoxStream, Peer};
 use crate::actor::Actor;
+use crate::admission::Promotion;
+use crate::auth::Caller;
 use crate::engine::CommandKind;
 use crate::service::Coordinator;
 
-/// A command for a whole plan: its plan and who asked why; `no_shard` says why a shard
-/// given with it is refused.
-fn whole_plan(c: pb::PlanCommand, no_shard: &str) -> Result<(String, Actor), Status> {
-    match command(c) {
-        (_, Some(_), _) => Err(Status::invalid_argument(no_shard.to_string())),
-        (plan_id, None, actor) => Ok((plan_id, actor)),
+/// Who sent a request: the authenticated caller (None while authentication is off) and
+/// where from.
+struct Origin {
+    caller: Option<Caller>,
+    peer: String,
+}
+
+fn origin<T>(req: &Request<T>) -> Origin {
+    Origin {
+        caller: req.extensions().get::<Caller>().cloned(),
+        peer: req
+            .extensions()
+            .get::<Peer>()
+            .map_or_else(|| "unknown".into(), |p| p.0.clone()),
     }
 }
 
-/// A plan command's plan, shard (if one was named) and who asked why.
-fn command(c: pb::PlanCommand) -> (String, Option<String>, Actor) {
-    let shard = Some(c.shard.trim().to_string()).filter(|s| !s.is_empty());
-    (c.plan_id, shard, Actor::new(&c.actor, &c.reason))
+impl Coordinator {
+    /// Who acts and why: the authenticated operator (a different `actor` is refused),
+    /// or, with authentication off, the request's own `actor`.
+    async fn actor(
+        &self,
+        from: &Origin,
+        said: &str,
+        reason: &str,
+        method: &str,
+    ) -> Result<Actor, Status> {
+        let name = self
+            .acting(from.caller.as_ref(), said, method, &from.peer)
+            .await?;
+        Ok(Actor::new(&name, reason))
+    }
+
+    /// A plan command's plan, shard (if one was named) and who asked why.
+    async fn command_of(
+        &self,
+        req: Request<pb::PlanCommand>,
+        method: &str,
+    ) -> Result<(String, Option<String>, Actor), Status> {
+        let from = origin(&req);
+        let c = req.into_inner();
+        let shard = Some(c.shard.trim().to_string()).filter(|s| !s.is_empty());
+        let actor = self.actor(&from, &c.actor, &c.reason, method).await?;
+        Ok((c.plan_id, shard, actor))
+    }
+
+    /// A command for a whole plan: its plan and who asked why; `no_shard` says why a shard
+    /// given with it is refused.
+    async fn whole_plan(
+        &self,
+        req: Request<pb::PlanCommand>,
+        method: &str,
+        no_shard: &str,
+    ) -> Result<(String, Actor), Status> {
+        match self.command_of(req, method).await? {
+            (_, Some(_), _) => Err(Status::invalid_argument(no_shard.to_string())),
+            (plan_id, None, actor) => Ok((plan_id, actor)),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -30,11 +79,52 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::SubmitPlanRequest>,
     ) -> Result<Response<pb::SubmitPlanResponse>, Status> {
+        let from = origin(&req);
+        let req = req.into_inner();
+        let mut spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("submit without a plan spec"))?;
+        spec.submitted_by = self
+            .acting(
+                from.caller.as_ref(),
+                &spec.submitted_by,
+                "SubmitPlan",
+                &from.peer,
+            )
+            .await?;
+        let reason = req.override_reason.trim();
+        let promotion = match (req.skip_promotion_check, reason.is_empty()) {
+            (false, true) => Promotion::Check,
+            (true, false) => Promotion::Skip {
+                reason: reason.to_string(),
+            },
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "--skip-promotion-check needs --reason TEXT: the override is audited with it",
+                ));
+            }
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "an override reason without --skip-promotion-check: nothing to override",
+                ));
+            }
+        };
+        if matches!(promotion, Promotion::Skip { .. }) {
+            self.skip_promotion_allowed(from.caller.as_ref(), &from.peer)
+                .await?;
+        }
+        Ok(Response::new(self.submit_as(spec, promotion).await?))
+    }
+
+    async fn explain_plan(
+        &self,
+        req: Request<pb::SubmitPlanRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
         let spec = req
             .into_inner()
             .spec
-            .ok_or_else(|| Status::invalid_argument("submit without a plan spec"))?;
-        Ok(Response::new(self.submit(spec).await?))
+            .ok_or_else(|| Status::invalid_argument("dry run without a plan spec"))?;
+        Ok(Response::new(self.explain(spec).await?))
     }
 
     async fn get_plan(
@@ -73,7 +163,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
-        let (plan_id, shard, actor) = command(req.into_inner());
+        let (plan_id, shard, actor) = self.command_of(req, "CancelPlan").await?;
         let status = match shard {
             Some(shard) => self.cancel_shard(plan_id, shard, actor).await?,
             None => self.command(&plan_id, CommandKind::Cancel, actor).await?,
@@ -85,10 +175,13 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
-        let (plan_id, actor) = whole_plan(
-            req.into_inner(),
-            "a rollback undoes the whole plan; --shard is for pause, resume and cancel",
-        )?;
+        let (plan_id, actor) = self
+            .whole_plan(
+                req,
+                "RollbackPlan",
+                "a rollback undoes the whole plan; --shard is for pause, resume and cancel",
+            )
+            .await?;
         Ok(Response::new(
             self.command(&plan_id, CommandKind::Rollback, actor).await?,
         ))
@@ -98,7 +191,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
-        let (plan_id, shard, actor) = command(req.into_inner());
+        let (plan_id, shard, actor) = self.command_of(req, "PausePlan").await?;
         Ok(Response::new(
             self.pause(plan_id, shard, true, actor).await?,
         ))
@@ -108,7 +201,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
-        let (plan_id, shard, actor) = command(req.into_inner());
+        let (plan_id, shard, actor) = self.command_of(req, "ResumePlan").await?;
         Ok(Response::new(
             self.pause(plan_id, shard, false, actor).await?,
         ))
@@ -118,10 +211,13 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
-        let (plan_id, actor) = whole_plan(
-            req.into_inner(),
-            "a wave is promoted for the whole plan; --shard is for pause, resume and cancel",
-        )?;
+        let (plan_id, actor) = self
+            .whole_plan(
+                req,
+                "PromotePlan",
+                "a wave is promoted for the whole plan; --shard is for pause, resume and cancel",
+            )
+            .await?;
         Ok(Response::new(self.promote(plan_id, actor).await?))
     }
 
@@ -129,10 +225,13 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
-        let (plan_id, actor) = whole_plan(
-            req.into_inner(),
-            "a halt stops the whole plan; to stop one shard, use `plan cancel --shard`",
-        )?;
+        let (plan_id, actor) = self
+            .whole_plan(
+                req,
+                "HaltPlan",
+                "a halt stops the whole plan; to stop one shard, use `plan cancel --shard`",
+            )
+            .await?;
         Ok(Response::new(self.halt(plan_id, actor).await?))
     }
 
@@ -140,8 +239,9 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::RetryRequest>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
+        let from = origin(&req);
         let r = req.into_inner();
-        let actor = Actor::new(&r.actor, &r.reason);
+        let actor = self.actor(&from, &r.actor, &r.reason, "RetryPlan").await?;
         Ok(Response::new(
             self.retry(&r.plan_id, &r.targets, actor).await?,
         ))
@@ -158,8 +258,10 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::BreakLockRequest>,
     ) -> Result<Response<pb::BreakLockResponse>, Status> {
+        let from = origin(&req);
         let r = req.into_inner();
-        let broken = self.break_lock(&r.shard, &r.actor, &r.reason).await?;
+        let actor = self.actor(&from, &r.actor, &r.reason, "BreakLock").await?;
+        let broken = self.break_lock(&r.shard, &actor.name, &r.reason).await?;
         Ok(Response::new(pb::BreakLockResponse { broken }))
     }
 
@@ -167,10 +269,16 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::ApprovalRequest>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
+        let from = origin(&req);
         let r = req.into_inner();
-        let actor = Actor::new(&r.actor, &r.reason);
+        let actor = self
+            .actor(&from, &r.actor, &r.reason, "ApprovePlan")
+            .await?;
+        let roles = self
+            .approving_roles(from.caller.as_ref(), &r.role, &from.peer)
+            .await?;
         Ok(Response::new(
-            self.approve(&r.plan_id, actor, &r.role).await?,
+            self.approve(&r.plan_id, actor, &roles).await?,
         ))
     }
 
@@ -178,8 +286,9 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::ApprovalRequest>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
+        let from = origin(&req);
         let r = req.into_inner();
-        let actor = Actor::new(&r.actor, &r.reason);
+        let actor = self.actor(&from, &r.actor, &r.reason, "RejectPlan").await?;
         Ok(Response::new(self.reject(&r.plan_id, actor).await?))
     }
 
@@ -190,6 +299,15 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         let r = req.into_inner();
         Ok(Response::new(
             self.audit_trail(&r.plan_id, r.since_ms, r.limit).await?,
+        ))
+    }
+
+    async fn env_status(
+        &self,
+        req: Request<pb::EnvStatusRequest>,
+    ) -> Result<Response<pb::EnvStatusResponse>, Status> {
+        Ok(Response::new(
+            self.env_status(req.into_inner().plans).await?,
         ))
     }
 
@@ -222,10 +340,47 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         ))
     }
 
+    async fn fleet_baseline(
+        &self,
+        req: Request<pb::FleetBaselineRequest>,
+    ) -> Result<Response<pb::FleetBaselineResponse>, Status> {
+        Ok(Response::new(self.baseline(req.into_inner()).await?))
+    }
+
     async fn list_fleet(
         &self,
         _req: Request<pb::ListFleetRequest>,
     ) -> Result<Response<pb::ListFleetResponse>, Status> {
         Ok(Response::new(self.fleet().await?))
+    }
+
+    async fn add_operator(
+        &self,
+        req: Request<pb::AddOperatorRequest>,
+    ) -> Result<Response<pb::AddOperatorResponse>, Status> {
+        let from = origin(&req);
+        let by = self.actor(&from, "", "", "AddOperator").await?;
+        Ok(Response::new(
+            self.add_operator(&by.name, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_operators(
+        &self,
+        _req: Request<pb::ListOperatorsRequest>,
+    ) -> Result<Response<pb::ListOperatorsResponse>, Status> {
+        Ok(Response::new(self.list_operators().await?))
+    }
+
+    async fn revoke_operator(
+        &self,
+        req: Request<pb::RevokeOperatorRequest>,
+    ) -> Result<Response<pb::OperatorInfo>, Status> {
+        let from = origin(&req);
+        let by = self.actor(&from, "", "", "RevokeOperator").await?;
+        Ok(Response::new(
+            self.revoke_operator(&by.name, &req.into_inner().name)
+                .await?,
+        ))
     }
 }

@@ -50,6 +50,19 @@ impl EtcdCoordination {
         ttl: Duration,
         prefix: String,
     ) -> Result<EtcdCoordination, CoordinationError> {
+        Self::connect_secured(endpoints, advertise, ttl, prefix, None, None).await
+    }
+
+    /// [`EtcdCoordination::connect`] over TLS (`https://` endpoints; with a client
+    /// certificate when `tls` holds one) and/or as an etcd user.
+    pub async fn connect_secured(
+        endpoints: Vec<String>,
+        advertise: String,
+        ttl: Duration,
+        prefix: String,
+        tls: Option<etcd_client::TlsOptions>,
+        user: Option<flotilla_core::tls::Credentials>,
+    ) -> Result<EtcdCoordination, CoordinationError> {
         if endpoints.is_empty() {
             return Err(CoordinationError::InvalidArgument(
                 "no etcd endpoint given".into(),
@@ -70,6 +83,14 @@ impl EtcdCoordination {
             .with_connect_timeout(rpc_timeout)
             .with_keep_alive(Duration::from_secs(2).min(ttl / 2), rpc_timeout)
             .with_keep_alive_while_idle(true);
+        let options = match tls {
+            Some(tls) => options.with_tls(tls),
+            None => options,
+        };
+        let options = match user {
+            Some(c) => options.with_user(c.user, c.password),
+            None => options,
+        };
         let mut client = match Client::connect(&endpoints, Some(options)).await {
             Ok(client) => client,
             Err(e) if is_connectivity(&e) => return Err(errors.read(e)),

@@ -19,8 +19,18 @@ impl Engine {
         shard: String,
         conn: AgentConn,
         in_doubt: Vec<String>,
+        epoch: u64,
     ) {
-        if !self.leading {
+        if !self.leading || epoch != self.epoch {
+            // The session checked leadership before it attached, and awaited in between
+            // (the control store): leadership changed meanwhile, and the follower's "let
+            // every agent go" may have run before the attach. Kept in the fleet registry,
+            // the stream would stay open with no engine behind it: the agent waits for work
+            // forever (seen with 64 agents on a loaded machine: a term lost and won again,
+            // 20 shards stalled). Let go, the stream ends and the agent finds the leader.
+            if self.fleet.detach(&shard, conn.conn_id) {
+                info!(shard = %shard, session_epoch = epoch, "agent attached under another term; letting it go to find the leader");
+            }
             return;
         }
         self.in_doubt.insert(shard.clone(), in_doubt);

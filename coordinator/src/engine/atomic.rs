@@ -117,6 +117,7 @@ impl Engine {
                     metrics::decision(d);
                     info!(plan = %plan_id, unit = %unit_key, decision = d.as_str(), "decision written");
                     let run = self.plans.get_mut(plan_id).expect("present");
+                    run.two_phase_clock.decided(crate::plan::timings::now_us());
                     run.decision = Some(d);
                     run.state = if d == Decision::Commit {
                         PlanState::Committing

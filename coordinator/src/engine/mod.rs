@@ -65,6 +65,8 @@ pub enum Event {
         max_lanes: u32,
         /// Flotilla's prepared transactions the agent could not resolve alone.
         in_doubt: Vec<String>,
+        /// The epoch the session was welcomed under.
+        epoch: u64,
     },
     ResolveReply {
         shard: String,
@@ -77,6 +79,8 @@ pub enum Event {
     Results {
         shard: String,
         results: pb::RunResults,
+        /// When the results came off the agent's stream (for the scheduling latency).
+        received: Instant,
     },
     RollbackReply {
         shard: String,
@@ -271,12 +275,27 @@ impl Engine {
                 tx,
                 max_lanes,
                 in_doubt,
+                epoch,
             } => {
-                self.on_attached(shard, AgentConn::new(conn_id, tx, max_lanes), in_doubt)
-                    .await
+                self.on_attached(
+                    shard,
+                    AgentConn::new(conn_id, tx, max_lanes),
+                    in_doubt,
+                    epoch,
+                )
+                .await
             }
             Event::Detached { shard, conn_id } => self.on_detached(&shard, conn_id),
-            Event::Results { shard, results } => self.on_results(&shard, results).await,
+            Event::Results {
+                shard,
+                results,
+                received,
+            } => {
+                self.on_results(&shard, results).await;
+                // What the agent's stream could not take yet goes after the event; the
+                // latency counts to the hand-out, not to the agent reading it.
+                metrics::scheduling_latency(received.elapsed());
+            }
             Event::RollbackReply { shard, reply } => self.on_rollback_reply(&shard, reply).await,
             Event::ResolveReply { shard, reply } => self.on_resolve_reply(&shard, reply).await,
             Event::Progress { shard, data } => self.on_progress(&shard, data),

@@ -10,10 +10,16 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::{Engine, Event};
 use crate::coordination::EmbeddedCoordination;
 use crate::plan::tests::plan_of;
+use crate::sessions::registry::{AttachedAgent, Fleet};
 use crate::store::StoreOp;
 
 /// An engine leading under epoch 1, its store writes answered and dropped.
 fn engine() -> mpsc::Sender<Event> {
+    engine_with(Arc::new(Fleet::default()))
+}
+
+/// [`engine`] over the given registry of attached agents.
+fn engine_with(fleet: Arc<Fleet>) -> mpsc::Sender<Event> {
     let (store, mut writes) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(op) = writes.recv().await {
@@ -29,7 +35,7 @@ fn engine() -> mpsc::Sender<Event> {
         Duration::from_secs(30),
         store,
         changes,
-        Arc::new(crate::sessions::registry::Fleet::default()),
+        fleet,
         events.clone(),
     );
     tokio::spawn(engine.run(rx));
@@ -65,6 +71,7 @@ async fn what_a_full_stream_cannot_take_reaches_the_agent_in_order_when_it_reads
             tx: tx.clone(),
             max_lanes: 4,
             in_doubt: Vec::new(),
+            epoch: 1,
         })
         .await
         .unwrap();
@@ -119,6 +126,7 @@ async fn a_new_stream_hears_the_definition_and_the_runs_still_out() {
         tx,
         max_lanes: 4,
         in_doubt: Vec::new(),
+        epoch: 1,
     };
     let (tx1, mut rx1) = mpsc::channel(16);
     events.send(attach(1, tx1)).await.unwrap();
@@ -164,4 +172,76 @@ async fn a_new_stream_hears_the_definition_and_the_runs_still_out() {
         Body::Assign(a) => assert_eq!(a.runs, first, "the same runs, same ids"),
         other => panic!("expected the runs again, got {other:?}"),
     }
+}
+
+/// Waits until the engine handled every event sent before.
+async fn handled(events: &mpsc::Sender<Event>) {
+    let (reply, answered) = oneshot::channel();
+    events
+        .send(Event::Status {
+            plan_id: "none".into(),
+            reply,
+        })
+        .await
+        .unwrap();
+    answered.await.unwrap();
+}
+
+/// A session that checked leadership, then awaited the store while leadership was lost (and
+/// perhaps won again under a new epoch), attaches under a term the engine does not lead. The
+/// engine lets it go: its stream ends and the agent finds the leader. Before, the registry
+/// kept the stream open with no engine behind it and the agent waited for work forever
+/// (20 of 64 shards stalled in scripts/bench-shards.sh after a term lost on a loaded machine).
+#[tokio::test]
+async fn an_agent_attached_under_another_term_is_let_go() {
+    let fleet = Arc::new(Fleet::default());
+    let events = engine_with(fleet.clone());
+    let attach = |conn_id: u64, epoch: u64| {
+        let (tx, rx) = mpsc::channel(16);
+        fleet.attach(
+            "s0",
+            AttachedAgent {
+                conn_id,
+                tx: tx.clone(),
+                labels: Default::default(),
+                tenants: Vec::new(),
+                version: String::new(),
+                last_seen_ms: 0,
+            },
+        );
+        let event = Event::Attached {
+            shard: "s0".into(),
+            conn_id,
+            tx,
+            max_lanes: 4,
+            in_doubt: Vec::new(),
+            epoch,
+        };
+        (event, rx)
+    };
+    let ended = |mut rx: mpsc::Receiver<pb::CoordinatorMessage>| async move {
+        let next = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the stream ends within 5s");
+        assert!(next.is_none(), "the stream carried {next:?}");
+    };
+
+    // The term the engine leads: the agent stays.
+    let (event, _kept) = attach(1, 1);
+    events.send(event).await.unwrap();
+    handled(&events).await;
+    assert!(fleet.snapshot().contains_key("s0"));
+
+    // Another term (the session was welcomed under an epoch the engine does not lead).
+    let (event, rx) = attach(2, 7);
+    events.send(event).await.unwrap();
+    ended(rx).await;
+    assert!(!fleet.snapshot().contains_key("s0"));
+
+    // No term at all: the engine follows.
+    events.send(Event::Follow).await.unwrap();
+    let (event, rx) = attach(3, 1);
+    events.send(event).await.unwrap();
+    ended(rx).await;
+    assert!(!fleet.snapshot().contains_key("s0"));
 }

@@ -15,6 +15,7 @@ pub mod status;
 pub mod step;
 #[cfg(test)]
 pub(crate) mod tests;
+pub mod timings;
 mod units;
 pub mod waves;
 
@@ -95,6 +96,8 @@ pub struct PlanRun {
     /// Atomic plans: when the first target prepared (start of the window in
     /// which every shard holds locks).
     pub first_prepared: Option<std::time::Instant>,
+    /// Atomic units: the agents' PREPARE and COMMIT PREPARED times of the unit in progress.
+    pub two_phase_clock: timings::TwoPhaseClock,
     /// Atomic units: the decision of the unit in progress, once written.
     pub decision: Option<Decision>,
     /// Each step's atomic unit (0 for every step of an atomic plan, the parallel
@@ -240,6 +243,7 @@ impl PlanRun {
             locked: false,
             lock_wait: None,
             first_prepared: None,
+            two_phase_clock: timings::TwoPhaseClock::default(),
             decision: None,
             unit_of,
             units,

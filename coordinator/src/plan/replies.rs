@@ -120,6 +120,7 @@ impl PlanRun {
         if let (Some(gid), false) = (gid, prepared.is_empty()) {
             self.first_prepared
                 .get_or_insert_with(std::time::Instant::now);
+            self.two_phase_clock.prepared(&gid, result.prepared_at_us);
             if let Some(sr) = self.shards.get_mut(shard) {
                 sr.prepared.insert(gid, prepared);
             }

@@ -70,6 +70,11 @@ impl PlanRun {
         for sr in self.shards.values_mut() {
             sr.lanes = 0;
         }
+        // An atomic unit too is spread over `max_parallel`. Starting every target at once
+        // (up to each agent's lanes) was measured on the reference machine (2 cores, 16
+        // shard databases on one server, scripts/bench-two-phase.sh): the targets then
+        // compete for the same cores and each one's PREPARE-to-COMMIT hold grew (median
+        // 471 ms -> 714 ms, window 1.0 s -> 1.6 s), so it is not done.
         let k = busy.len();
         for (i, shard) in busy.iter().enumerate() {
             let share = if max >= k {

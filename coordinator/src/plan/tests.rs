@@ -133,6 +133,8 @@ fn a_later_atomic_group_waits_for_the_commit_of_the_one_before() {
                 commit: true,
                 resolved: gids,
                 failed: Vec::new(),
+                resolved_at_us: Vec::new(),
+                received_at_us: 0,
             },
         );
     }

@@ -88,6 +88,7 @@ impl PlanRun {
         self.state = PlanState::Running;
         self.decision = None;
         self.first_prepared = None;
+        self.two_phase_clock = super::timings::TwoPhaseClock::default();
         for sr in self.shards.values_mut() {
             sr.prepared.clear();
             sr.resolved = false;
@@ -106,6 +107,10 @@ impl PlanRun {
     /// COMMIT PREPARED), recorded as a metric; unknown when the coordinator changed
     /// during it (the new one never saw the first PREPARE).
     pub(super) fn window_report(&self) -> String {
+        if let Some(t) = self.two_phase_clock.report() {
+            crate::metrics::two_phase_timings(&t);
+            return t.describe();
+        }
         match self.first_prepared {
             Some(t) => {
                 let window = t.elapsed();
@@ -159,7 +164,14 @@ impl PlanRun {
             return updates;
         };
         let mut done_steps = Vec::new();
-        for gid in &reply.resolved {
+        if reply.commit {
+            self.two_phase_clock.heard(reply.received_at_us);
+        }
+        for (i, gid) in reply.resolved.iter().enumerate() {
+            if reply.commit {
+                let at = reply.resolved_at_us.get(i).copied().unwrap_or(0);
+                self.two_phase_clock.resolved(gid, at);
+            }
             if let Some(steps) = sr.prepared.remove(gid) {
                 done_steps.extend(steps);
             }

@@ -103,6 +103,7 @@ impl Coordinator {
             tx,
             max_lanes: hello.max_lanes,
             in_doubt: hello.in_doubt.clone(),
+            epoch,
         })
         .await;
         let stream_name = format!("the agent stream of shard {shard}");
@@ -142,6 +143,7 @@ impl Coordinator {
                     break;
                 }
             };
+            let received = std::time::Instant::now();
             inner.fleet.touch(&shard, conn_id, now_ms());
             let shard = shard.clone();
             let event = match m.body {
@@ -152,7 +154,11 @@ impl Coordinator {
                 Some(Body::Heartbeat(_) | Body::Hello(_)) | None => continue,
                 Some(Body::Results(results)) => {
                     inner.versions.record_results(&shard, &results);
-                    Event::Results { shard, results }
+                    Event::Results {
+                        shard,
+                        results,
+                        received,
+                    }
                 }
                 Some(Body::Journal(report)) => {
                     inner.versions.apply(&shard, report);
@@ -174,6 +180,14 @@ impl Coordinator {
                 }
                 Some(Body::Check(reply)) => {
                     inner.fleet.complete_check(reply);
+                    continue;
+                }
+                Some(Body::Baseline(reply)) => {
+                    inner.fleet.complete_baseline(reply);
+                    continue;
+                }
+                Some(Body::Explain(reply)) => {
+                    inner.fleet.complete_explain(reply);
                     continue;
                 }
                 Some(Body::Resolve(reply)) => Event::ResolveReply { shard, reply },

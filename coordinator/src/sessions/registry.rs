@@ -25,6 +25,8 @@ struct Inner {
     agents: BTreeMap<String, AttachedAgent>,
     preflights: HashMap<u64, oneshot::Sender<pb::PreflightReply>>,
     checks: HashMap<u64, oneshot::Sender<pb::CheckReply>>,
+    baselines: HashMap<u64, oneshot::Sender<pb::BaselineReply>>,
+    explains: HashMap<u64, oneshot::Sender<pb::ExplainReply>>,
     next_id: u64,
 }
 
@@ -126,6 +128,47 @@ impl Fleet {
         .await
     }
 
+    /// Has one agent read (and record) a baseline on some of its targets.
+    pub async fn baseline(
+        &self,
+        shard: &str,
+        mut request: pb::BaselineRequest,
+        timeout: Duration,
+    ) -> Result<pb::BaselineReply, CoordinatorError> {
+        self.ask(
+            shard,
+            timeout,
+            "baseline",
+            |g| &mut g.baselines,
+            |id| {
+                request.request_id = id;
+                pb::coordinator_message::Body::Baseline(request)
+            },
+        )
+        .await
+    }
+
+    /// Asks one agent for the dry run's reads on some of its targets (relations' existence,
+    /// sizes and row estimates); it changes nothing there.
+    pub async fn explain(
+        &self,
+        shard: &str,
+        mut request: pb::ExplainRequest,
+        timeout: Duration,
+    ) -> Result<pb::ExplainReply, CoordinatorError> {
+        self.ask(
+            shard,
+            timeout,
+            "dry run",
+            |g| &mut g.explains,
+            |id| {
+                request.request_id = id;
+                pb::coordinator_message::Body::Explain(request)
+            },
+        )
+        .await
+    }
+
     /// Sends a request on an agent's stream and waits for the reply with its id, which the
     /// session's reader hands over (`complete_*`). A reply that says the agent could not do
     /// it at all is the shard being unreachable for this.
@@ -199,6 +242,34 @@ impl Fleet {
             let _ = w.send(reply);
         }
     }
+
+    pub fn complete_baseline(&self, reply: pb::BaselineReply) {
+        let waiter = self
+            .inner
+            .lock()
+            .expect("fleet lock")
+            .baselines
+            .remove(&reply.request_id);
+        if let Some(w) = waiter {
+            // the asker may have timed out; the reply has no one to go to then
+            let _ = w.send(reply);
+        }
+    }
+}
+
+impl Fleet {
+    pub fn complete_explain(&self, reply: pb::ExplainReply) {
+        let waiter = self
+            .inner
+            .lock()
+            .expect("fleet lock")
+            .explains
+            .remove(&reply.request_id);
+        if let Some(w) = waiter {
+            // the asker may have timed out; the reply has no one to go to then
+            let _ = w.send(reply);
+        }
+    }
 }
 
 /// A reply an agent sends to an exchange; its error, if any, says it could not do what was
@@ -214,6 +285,18 @@ impl AgentReply for pb::PreflightReply {
 }
 
 impl AgentReply for pb::CheckReply {
+    fn error(&self) -> &str {
+        &self.error
+    }
+}
+
+impl AgentReply for pb::BaselineReply {
+    fn error(&self) -> &str {
+        &self.error
+    }
+}
+
+impl AgentReply for pb::ExplainReply {
     fn error(&self) -> &str {
         &self.error
     }

@@ -6,7 +6,11 @@
 //! doubt the agents' journals win (DESIGN invariant 1).
 //!
 //! - [`schema`]: the tables; [`rows`]: typed rows and the writes the engine asks for;
-//! - [`writer`]: the batched writer task; this module: opening and the queries.
+//! - [`writer`]: the batched writer task; [`operators`]: operator identities (hashed
+//!   tokens); [`history`]: recorded step durations (the dry run's estimates); this module:
+//!   opening and the queries.
+mod history;
+mod operators;
 mod rows;
 mod schema;
 mod writer;
@@ -14,11 +18,14 @@ mod writer;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use flotilla_core::pb;
+use flotilla_core::secrets::SecretUrl;
 use flotilla_core::state::PlanState;
 use prost::Message;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
 
+pub use history::StepDuration;
+pub use operators::OperatorRow;
 pub use rows::{AgentRow, Audit, PlanRow, StepRow, StepUpdate, StoreOp, WaveRow};
 use schema::{SCHEMA, SCHEMA_VERSION, UPGRADES};
 pub use writer::run_writer;
@@ -66,14 +73,15 @@ pub struct Store {
 const STORE_SESSION_SETTINGS: &str = "SET idle_in_transaction_session_timeout = '5s'";
 
 impl Store {
-    /// Opens the store: a PostgreSQL URL, or a SQLite file path / `sqlite://` URL.
-    pub async fn open(location: &str) -> Result<Store, StoreError> {
+    /// Opens the store: a PostgreSQL URL, or a SQLite file path / `sqlite://` URL (the file
+    /// is created when missing, whichever way it was written).
+    pub async fn open(location: &SecretUrl) -> Result<Store, StoreError> {
         install_default_drivers();
-        let is_pg = location.starts_with("postgres://") || location.starts_with("postgresql://");
-        let url = if is_pg || location.starts_with("sqlite:") {
-            location.to_string()
+        let is_pg = is_postgres(location.expose());
+        let url = if is_pg {
+            location.clone()
         } else {
-            format!("sqlite://{location}?mode=rwc")
+            SecretUrl::new(sqlite_url(location.expose()))
         };
         let pool = AnyPoolOptions::new()
             .max_connections(if is_pg { 8 } else { 4 })
@@ -88,10 +96,10 @@ impl Store {
                     Ok(())
                 })
             })
-            .connect(&url)
+            .connect(url.expose())
             .await
             .map_err(|source| StoreError::Open {
-                location: flotilla_core::secrets::redact_url(&url),
+                location: url.redacted(),
                 source,
             })?;
         if !is_pg {
@@ -110,7 +118,16 @@ impl Store {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        // On SQLite, take the write lock first: a deferred transaction that reads and
+        // then writes fails at once (SQLITE_BUSY_SNAPSHOT) when another process (a
+        // running coordinator beside `flotilla operator add --store`) wrote meanwhile,
+        // where an immediate one waits its turn.
+        let mut tx = if self.is_pg {
+            self.pool.begin().await
+        } else {
+            self.pool.begin_with("BEGIN IMMEDIATE").await
+        }
+        .map_err(StoreError::from)?;
         if self.is_pg {
             // Coordinators of one HA group start together on one store: one
             // migrates, the others wait (CREATE ... IF NOT EXISTS is not safe
@@ -227,6 +244,20 @@ impl Store {
     pub async fn completed_plans(&self) -> Result<Vec<PlanRow>, StoreError> {
         self.plans_in(&[PlanState::Completed, PlanState::CompletedWithFailures])
             .await
+    }
+
+    /// Every plan for `environment`, oldest first (the promotion gate and `env status`).
+    pub async fn environment_plans(&self, environment: &str) -> Result<Vec<PlanRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
+                created_at_ms, updated_at_ms, targets, steps, ends FROM plans
+             WHERE environment = $1 ORDER BY created_at_ms, id",
+        )
+        .bind(environment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        rows.iter().map(plan_row).collect()
     }
 
     /// Plans in any of `states`, oldest first.
@@ -429,6 +460,25 @@ where
     )
 }
 
+fn is_postgres(location: &str) -> bool {
+    location.starts_with("postgres://") || location.starts_with("postgresql://")
+}
+
+/// The sqlx URL of a SQLite store: a bare path or a `sqlite:` URL, opened read-write and
+/// created when missing (`mode=rwc`) unless the URL says which mode it wants. sqlx's own
+/// default for a `sqlite://` URL refuses a file that does not exist yet ("unable to open
+/// database file"), which is not what someone pointing a new coordinator at a new file means.
+fn sqlite_url(location: &str) -> String {
+    if !location.starts_with("sqlite:") {
+        return format!("sqlite://{location}?mode=rwc");
+    }
+    if location.contains(":memory:") || location.contains("mode=") {
+        return location.to_string();
+    }
+    let separator = if location.contains('?') { '&' } else { '?' };
+    format!("{location}{separator}mode=rwc")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,7 +494,9 @@ mod tests {
         let pg = PgCluster::start().await.unwrap();
         pg.create_database("audit_store").await.unwrap();
         for location in [sqlite, pg.url("audit_store")] {
-            let store = Store::open(&location).await.unwrap();
+            let store = Store::open(&SecretUrl::new(location.as_str()))
+                .await
+                .unwrap();
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(run_writer(store.clone(), rx));
             for (actor, action, plan) in [
@@ -478,5 +530,31 @@ mod tests {
                 .unwrap();
             assert!(none.is_empty(), "{location}");
         }
+    }
+
+    #[test]
+    fn sqlite_locations_are_created_when_missing() {
+        assert_eq!(sqlite_url("flotilla.db"), "sqlite://flotilla.db?mode=rwc");
+        assert_eq!(
+            sqlite_url("sqlite:///var/lib/f.db"),
+            "sqlite:///var/lib/f.db?mode=rwc"
+        );
+        assert_eq!(
+            sqlite_url("sqlite://f.db?cache=shared"),
+            "sqlite://f.db?cache=shared&mode=rwc"
+        );
+        assert_eq!(sqlite_url("sqlite://f.db?mode=ro"), "sqlite://f.db?mode=ro");
+        assert_eq!(sqlite_url("sqlite::memory:"), "sqlite::memory:");
+    }
+
+    /// `--store sqlite://PATH` of a file that does not exist yet makes it (issue 16).
+    #[tokio::test]
+    async fn a_sqlite_url_to_a_new_file_opens() {
+        let dir = TestDir::new("sqlite-url-store").unwrap();
+        let path = dir.join("fresh.db");
+        let url = format!("sqlite://{}", path.to_string_lossy());
+        let store = Store::open(&SecretUrl::new(url)).await.unwrap();
+        assert!(store.plans(10).await.unwrap().is_empty());
+        assert!(dir.join("fresh.db").exists());
     }
 }

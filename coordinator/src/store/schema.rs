@@ -45,4 +45,12 @@ pub(super) const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS agents (
         shard TEXT PRIMARY KEY, labels TEXT NOT NULL, tenants TEXT NOT NULL, version TEXT NOT NULL,
         last_seen_ms BIGINT NOT NULL)",
+    // Operator identities (`flotilla operator add`): only a SHA-256 of each bearer token.
+    // A revoked operator keeps its row: its name stays in the audit trail's history, and a
+    // store that ever held an operator keeps authentication on. Created with IF NOT EXISTS
+    // at every start, as the tables of version 1 are (no upgrade step needed).
+    "CREATE TABLE IF NOT EXISTS operators (
+        name TEXT PRIMARY KEY, role TEXT NOT NULL, approval_roles TEXT NOT NULL,
+        token_sha256 TEXT NOT NULL UNIQUE, created_at_ms BIGINT NOT NULL, created_by TEXT NOT NULL,
+        revoked_at_ms BIGINT NOT NULL DEFAULT 0)",
 ];

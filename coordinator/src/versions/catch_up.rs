@@ -51,7 +51,10 @@ impl Coordinator {
                 Ok(None) => {}
                 Ok(Some(raw)) => {
                     let name = raw.name.clone();
-                    match me.submit(raw).await {
+                    match me
+                        .submit_as(raw, crate::admission::Promotion::CatchUp)
+                        .await
+                    {
                         Ok(r) => info!(plan = %r.plan_id, %name, "catching up new tenants"),
                         Err(e) => warn!(%shard, %name, "the catch-up plan was not accepted: {e}"),
                     }
@@ -80,7 +83,7 @@ impl Coordinator {
         let fleet = BTreeMap::from([(
             shard.to_string(),
             ShardView {
-                labels,
+                labels: labels.clone(),
                 tenants: tenants
                     .iter()
                     .map(|t| (t.name.clone(), t.labels.clone().into_iter().collect()))
@@ -103,7 +106,8 @@ impl Coordinator {
                 || envs
                     .iter()
                     .any(|e| e == "*" || e.eq_ignore_ascii_case(&spec.environment));
-            if !asked {
+            // A plan for another environment never reached this shard's tenants.
+            if !asked || !self.inner.environments.admits(&spec.environment, &labels) {
                 continue;
             }
             for m in selected_migrations(&spec, &fleet) {

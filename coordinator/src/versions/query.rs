@@ -12,6 +12,9 @@ use crate::error::CoordinatorError;
 use crate::planner::ShardView;
 use crate::service::Coordinator;
 
+/// The least time between two recomputations of the drift metric.
+const DRIFT_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Coordinator {
     pub async fn fleet_status(
         &self,
@@ -114,6 +117,10 @@ impl Coordinator {
                 if !me.inner.versions.publish_done() {
                     break;
                 }
+                // Asked again meanwhile: during a rollout every shard's reports ask all the
+                // time, and each answer reads the whole fleet; the gauge follows within
+                // the gap (what was asked during it is in the next computation).
+                tokio::time::sleep(DRIFT_GAP).await;
             }
         });
     }

@@ -12,6 +12,8 @@
 // Not every test module uses every helper.
 #![allow(dead_code)]
 
+pub mod certs;
+pub mod least_privilege;
 pub mod process;
 pub mod prometheus;
 pub mod tcp_proxy;

@@ -29,6 +29,15 @@ pub(crate) use prepared::{
 /// A unit's decision, as its key in etcd holds it (the protocol's one definition).
 pub(crate) use flotilla_core::protocol::Decision;
 
+/// Now on this agent's clock, in microseconds since the Unix epoch: when a transaction
+/// prepared and when it was resolved. Both ends of a target's lock hold come from the same
+/// clock, so the hold is exact; the decision's legs compare with the coordinator's clock.
+pub(crate) fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 /// Why a two-phase operation on this shard did not go through. The messages reach the
 /// coordinator (a Resolve's failed gids, a preflight's answer) as they are.
 #[derive(Debug, thiserror::Error)]

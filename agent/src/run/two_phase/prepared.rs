@@ -46,14 +46,14 @@ pub(crate) enum Finished {
 }
 
 /// COMMIT PREPARED or ROLLBACK PREPARED one gid (quoted), outside any transaction, on a pool
-/// connection. Err: the message, with its SQLSTATE.
-pub(crate) async fn finish(
-    pool: &PgPool,
+/// or a connection. Err: the message, with its SQLSTATE.
+pub(crate) async fn finish<'e>(
+    on: impl sqlx::PgExecutor<'e>,
     gid_lit: &str,
     decision: Decision,
 ) -> Result<Finished, TwoPhaseError> {
     let sql = format!("{} {gid_lit}", decision.sql());
-    match sqlx::raw_sql(AssertSqlSafe(sql)).execute(pool).await {
+    match sqlx::raw_sql(AssertSqlSafe(sql)).execute(on).await {
         Ok(_) => Ok(Finished::Now),
         Err(e) => {
             let f = classify(&e, "resolve");
@@ -69,11 +69,21 @@ pub(crate) async fn finish(
     }
 }
 
+/// How many transactions the shard's server can hold prepared, and holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PrepareCapacity {
+    pub max_prepared: u32,
+    pub prepared_now: u32,
+}
+
 /// Whether this shard can take part in two-phase commit: `max_prepared_transactions`
 /// above 0, and the role can prepare (a probe transaction, prepared and rolled back).
-/// Err: why not, naming the shard and the setting or the SQLSTATE.
+/// Ok: how many it can hold; Err: why not, naming the shard and the setting or the SQLSTATE.
 #[instrument(skip_all, fields(shard = %shard))]
-pub(crate) async fn check_two_phase(pool: &PgPool, shard: &str) -> Result<(), TwoPhaseError> {
+pub(crate) async fn check_two_phase(
+    pool: &PgPool,
+    shard: &str,
+) -> Result<PrepareCapacity, TwoPhaseError> {
     let show = |setting: &'static str| async move {
         sqlx::raw_sql(AssertSqlSafe(format!("SHOW {setting}")))
             .fetch_one(pool)
@@ -86,7 +96,8 @@ pub(crate) async fn check_two_phase(pool: &PgPool, shard: &str) -> Result<(), Tw
             })
     };
     let max = show("max_prepared_transactions").await?;
-    if max.trim().parse::<u64>().unwrap_or(0) == 0 {
+    let max_prepared = max.trim().parse::<u32>().unwrap_or(0);
+    if max_prepared == 0 {
         return Err(TwoPhaseError::NoPreparedTransactions {
             shard: shard.to_string(),
             value: max.trim().to_string(),
@@ -98,6 +109,19 @@ pub(crate) async fn check_two_phase(pool: &PgPool, shard: &str) -> Result<(), Tw
         }
         Err(e) => warn!(error = %e, "max_locks_per_transaction cannot be read"),
     }
+    // The limit is the server's: transactions prepared in any of its databases count.
+    let prepared_now: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_prepared_xacts")
+        .fetch_one(pool)
+        .await
+        .map_err(|source| TwoPhaseError::Setting {
+            shard: shard.to_string(),
+            setting: "pg_prepared_xacts",
+            source,
+        })?;
+    let capacity = PrepareCapacity {
+        max_prepared,
+        prepared_now: u32::try_from(prepared_now).unwrap_or(u32::MAX),
+    };
     let gid = probe_gid();
     let lit = quote_literal(&gid)?;
     let mut conn = pool
@@ -123,7 +147,7 @@ pub(crate) async fn check_two_phase(pool: &PgPool, shard: &str) -> Result<(), Tw
     }
     drop(conn);
     match finish(pool, &lit, Decision::Abort).await {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(capacity),
         Err(e) => Err(TwoPhaseError::ProbeRollback {
             shard: shard.to_string(),
             gid,

@@ -1,0 +1,333 @@
+//! Environments at admission: a plan for an environment must name a known one, touches
+//! only that environment's shards, and passes the promotion gate: every migration it
+//! carries (same id, same checksum) has completed in the environment before it.
+//!
+//! "Completed in an environment" is read from the control store: a plan for that
+//! environment which carried the migration with the same checksum ended `completed`
+//! (every target it selected there applied it, or had it already). Not from the agents'
+//! journals: a plan's completion is the one statement that covers every target the
+//! migration selects in the environment, including shards whose agents are away now,
+//! whereas the leader's copy of the journals only holds what attached agents reported.
+//! The shard stays the source of truth for what is applied where: a later `plan rollback`
+//! of that plan ends it `rolled_back`, and it no longer counts. `completed_with_failures`
+//! does not count either (some targets failed).
+use flotilla_core::state::PlanState;
+use flotilla_core::{PlanSpec, pb};
+use prost::Message;
+use tracing::warn;
+
+use crate::actor::Actor;
+use crate::error::{CoordinatorError, Refusal};
+use crate::service::Coordinator;
+use crate::store::{PlanRow, StoreOp};
+
+/// How the promotion gate treats a submitted plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Promotion {
+    /// An operator's plan: the gate applies.
+    Check,
+    /// `--skip-promotion-check --reason TEXT`: admitted whatever it lacks, the override
+    /// audited with who and why.
+    Skip { reason: String },
+    /// A catch-up plan: migrations of plans that completed in its environment already.
+    CatchUp,
+}
+
+/// Where one of a plan's migrations stands in the environment before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stand {
+    NeverRan,
+    /// A plan there carried it with another checksum (the newest such plan).
+    OtherChecksum {
+        plan_id: String,
+        checksum: String,
+    },
+    /// A plan there carried it with this checksum but did not complete (the newest).
+    NotCompleted {
+        plan_id: String,
+        state: PlanState,
+    },
+}
+
+impl Coordinator {
+    /// A plan's environment against the coordinator's list: with environments configured,
+    /// an operator's plan must name one of them.
+    pub(super) fn check_environment(
+        &self,
+        spec: &PlanSpec,
+        promotion: &Promotion,
+    ) -> Result<(), CoordinatorError> {
+        let envs = &self.inner.environments;
+        if envs.is_empty() || *promotion == Promotion::CatchUp {
+            return Ok(());
+        }
+        if spec.environment.is_empty() {
+            return Err(Refusal::NoEnvironment {
+                known: envs.names(),
+            }
+            .into());
+        }
+        if envs.position(&spec.environment).is_none() {
+            return Err(Refusal::UnknownEnvironment {
+                environment: spec.environment.clone(),
+                known: envs.names(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The promotion gate. Refuses a plan whose migrations have not all completed in the
+    /// environment before its own, naming each and where it stands; with `Skip`, admits it
+    /// and returns the audit row of the override (written once the plan has an id).
+    pub(super) async fn promotion_gate(
+        &self,
+        spec: &PlanSpec,
+        promotion: &Promotion,
+    ) -> Result<Option<impl FnOnce(&str) -> StoreOp + use<>>, CoordinatorError> {
+        let envs = &self.inner.environments;
+        if envs.is_empty() || *promotion == Promotion::CatchUp {
+            return Ok(None);
+        }
+        let actor = match promotion {
+            Promotion::Skip { reason } => {
+                // Who may skip it (an admin, with authentication on) is checked at the API,
+                // from the credential: `skip_promotion_allowed`.
+                Some(Actor::new(&spec.submitted_by, reason))
+            }
+            _ => None,
+        };
+        let lacking = match envs.before(&spec.environment) {
+            Some(before) => {
+                let plans = self.inner.store.environment_plans(before).await?;
+                lacking(spec, &plans)
+                    .into_iter()
+                    .map(|(id, stand)| describe(&id, &stand, before))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let before = envs
+            .before(&spec.environment)
+            .unwrap_or_default()
+            .to_string();
+        let outcome = match (&actor, lacking.is_empty()) {
+            (Some(_), _) => "skipped",
+            (None, true) => "passed",
+            (None, false) => "refused",
+        };
+        crate::metrics::promotion_check(&spec.environment, outcome);
+        match actor {
+            None if lacking.is_empty() => Ok(None),
+            None => Err(Refusal::NotPromoted {
+                environment: spec.environment.clone(),
+                before,
+                count: lacking.len(),
+                lacking: lacking.join("; "),
+            }
+            .into()),
+            Some(actor) => {
+                let what = if lacking.is_empty() {
+                    format!(
+                        "promotion check of `{}` skipped (nothing was missing)",
+                        spec.environment
+                    )
+                } else {
+                    warn!(plan = %spec.name, environment = %spec.environment, actor = %actor.name,
+                        "promotion check skipped: {}", lacking.join("; "));
+                    format!(
+                        "promotion check of `{}` skipped: {}",
+                        spec.environment,
+                        lacking.join("; ")
+                    )
+                };
+                Ok(Some(move |plan_id: &str| {
+                    actor.audit("skip-promotion-check", plan_id, &what)
+                }))
+            }
+        }
+    }
+}
+
+/// The plan's migrations that have not completed among `plans` (one environment's, oldest
+/// first), in the plan's order, each with where it stands.
+fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
+    // (plan row, its migrations' (id, checksum)), newest first
+    let carried: Vec<(&PlanRow, Vec<(String, String)>)> = plans
+        .iter()
+        .rev()
+        .filter_map(|row| {
+            let bytes = hex::decode(&row.spec_hex).ok()?;
+            let Ok(raw) = pb::PlanSpec::decode(bytes.as_slice()) else {
+                warn!(plan = %row.id, "stored plan spec unreadable; not counted by the promotion gate");
+                return None;
+            };
+            Some((
+                row,
+                raw.migrations
+                    .into_iter()
+                    .map(|m| (m.id, m.checksum))
+                    .collect(),
+            ))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for m in &spec.migrations {
+        let id = m.id.as_str();
+        let same = |(i, c): &(String, String)| i == id && *c == m.checksum;
+        if carried
+            .iter()
+            .any(|(row, ms)| row.state == PlanState::Completed && ms.iter().any(same))
+        {
+            continue;
+        }
+        let stand = if let Some((row, _)) = carried.iter().find(|(_, ms)| ms.iter().any(same)) {
+            Stand::NotCompleted {
+                plan_id: row.id.clone(),
+                state: row.state,
+            }
+        } else if let Some((row, ms)) = carried
+            .iter()
+            .find(|(_, ms)| ms.iter().any(|(i, _)| i == id))
+        {
+            Stand::OtherChecksum {
+                plan_id: row.id.clone(),
+                checksum: ms
+                    .iter()
+                    .find(|(i, _)| i == id)
+                    .map(|(_, c)| c.clone())
+                    .unwrap_or_default(),
+            }
+        } else {
+            Stand::NeverRan
+        };
+        out.push((id.to_string(), stand));
+    }
+    out
+}
+
+fn short(checksum: &str) -> &str {
+    &checksum[..checksum.len().min(12)]
+}
+
+/// `migration `x` never ran in `staging``, and the like.
+fn describe(id: &str, stand: &Stand, env: &str) -> String {
+    match stand {
+        Stand::NeverRan => format!("`{id}` never ran in `{env}`"),
+        Stand::OtherChecksum { plan_id, checksum } => format!(
+            "`{id}` ran in `{env}` with another checksum ({} in plan {plan_id}): it was edited since",
+            short(checksum)
+        ),
+        Stand::NotCompleted { plan_id, state } => match state {
+            PlanState::Failed
+            | PlanState::RolledBack
+            | PlanState::RollbackFailed
+            | PlanState::CompletedWithFailures => {
+                format!("`{id}` failed in `{env}` (plan {plan_id} ended {state})")
+            }
+            s if s.is_terminal() => {
+                format!("`{id}` did not complete in `{env}` (plan {plan_id} ended {s})")
+            }
+            s => format!("`{id}` has not completed in `{env}` yet (plan {plan_id} is {s})"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, state: PlanState, migrations: &[(&str, &str)]) -> PlanRow {
+        let spec = pb::PlanSpec {
+            migrations: migrations
+                .iter()
+                .map(|(id, sum)| pb::Migration {
+                    id: id.to_string(),
+                    checksum: sum.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        PlanRow {
+            id: id.into(),
+            name: id.into(),
+            environment: "staging".into(),
+            state,
+            ends: state,
+            policy: String::new(),
+            spec_hex: hex::encode(spec.encode_to_vec()),
+            epoch: 1,
+            message: String::new(),
+            submitted_by: String::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            targets: 1,
+            steps: 1,
+        }
+    }
+
+    fn plan(migrations: &[(&str, &str)]) -> PlanSpec {
+        let raw = pb::PlanSpec {
+            name: "p".into(),
+            environment: "production".into(),
+            migrations: migrations
+                .iter()
+                .map(|(id, up)| pb::Migration {
+                    id: id.to_string(),
+                    up_sql: up.to_string(),
+                    down_sql: "SELECT 1".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        PlanSpec::try_from(raw).unwrap()
+    }
+
+    #[test]
+    fn each_migration_is_named_with_where_it_stands() {
+        let spec = plan(&[
+            ("001_done", "CREATE TABLE a (x int)"),
+            ("002_never", "CREATE TABLE b (x int)"),
+            ("003_edited", "CREATE TABLE c (x int)"),
+            ("004_failed", "CREATE TABLE d (x int)"),
+            ("005_running", "CREATE TABLE e (x int)"),
+        ]);
+        let sum = |i: usize| spec.migrations[i].checksum.clone();
+        let (s0, s2, s3, s4) = (sum(0), sum(2), sum(3), sum(4));
+        let plans = vec![
+            row(
+                "p1",
+                PlanState::Completed,
+                &[("001_done", &s0), ("003_edited", "ffff")],
+            ),
+            row("p2", PlanState::RolledBack, &[("004_failed", &s3)]),
+            row("p3", PlanState::Running, &[("005_running", &s4)]),
+            // a later plan that carried it again and rolled back leaves the completion standing
+            row("p4", PlanState::RolledBack, &[("001_done", &s0)]),
+        ];
+        let found = lacking(&spec, &plans);
+        let ids: Vec<&str> = found.iter().map(|(i, _)| i.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["002_never", "003_edited", "004_failed", "005_running"]
+        );
+        let text: Vec<String> = found
+            .iter()
+            .map(|(i, s)| describe(i, s, "staging"))
+            .collect();
+        assert_eq!(text[0], "`002_never` never ran in `staging`");
+        assert!(
+            text[1].contains("another checksum (ffff in plan p1)"),
+            "{}",
+            text[1]
+        );
+        assert_eq!(
+            text[2],
+            "`004_failed` failed in `staging` (plan p2 ended rolled_back)"
+        );
+        assert!(text[3].contains("not completed in `staging` yet (plan p3 is running)"));
+        assert!(!s2.is_empty());
+    }
+}

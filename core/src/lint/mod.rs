@@ -1,0 +1,383 @@
+//! What a migration's SQL does, read with PostgreSQL's own parser (libpg_query): each
+//! statement's kind and the table-level locks it takes ([`analyze`]), for the dry run's
+//! lock report; and the lint ([`lint_plan`]): the [`RULES`] a plan's migrations are
+//! checked against by `flotilla plan lint` and at submit (an error refuses the plan).
+//!
+//! Severity follows one line: an **error** is wrong whatever the table holds (data
+//! dropped without saying so, a down.sql that does not undo its up, SQL that does not
+//! parse); a **warning** is dangerous depending on the table's size and traffic (locks
+//! held through a rewrite or a scan), which only the dry run knows.
+//!
+//! Lock levels follow PostgreSQL's documentation (the "Explicit Locking" chapter and each
+//! command's page), not the server's catalog: nothing here connects to a database, so a
+//! lock is reported on the relation as the statement names it (an index for DROP INDEX,
+//! a new table for CREATE TABLE).
+
+mod locks;
+mod naming;
+mod parse;
+mod reversal;
+mod rules;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::{Migration, PlanSpec, pb};
+
+pub(crate) use parse::{Parsed, parse_statements};
+
+/// PostgreSQL's table-level lock modes, weakest first (the derived order is strength:
+/// a statement holding several locks on one relation is reported with the strongest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(into = "String")]
+pub enum LockMode {
+    AccessShare,
+    RowShare,
+    RowExclusive,
+    ShareUpdateExclusive,
+    Share,
+    ShareRowExclusive,
+    Exclusive,
+    AccessExclusive,
+}
+
+impl LockMode {
+    /// The name PostgreSQL's documentation and `LOCK TABLE ... IN ... MODE` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::AccessShare => "ACCESS SHARE",
+            LockMode::RowShare => "ROW SHARE",
+            LockMode::RowExclusive => "ROW EXCLUSIVE",
+            LockMode::ShareUpdateExclusive => "SHARE UPDATE EXCLUSIVE",
+            LockMode::Share => "SHARE",
+            LockMode::ShareRowExclusive => "SHARE ROW EXCLUSIVE",
+            LockMode::Exclusive => "EXCLUSIVE",
+            LockMode::AccessExclusive => "ACCESS EXCLUSIVE",
+        }
+    }
+
+    /// Whether this lock blocks plain reads (SELECT): only ACCESS EXCLUSIVE does.
+    pub fn blocks_reads(self) -> bool {
+        self == LockMode::AccessExclusive
+    }
+
+    /// Whether this lock blocks writes (INSERT/UPDATE/DELETE): SHARE and stronger.
+    pub fn blocks_writes(self) -> bool {
+        self >= LockMode::Share
+    }
+}
+
+impl fmt::Display for LockMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<LockMode> for String {
+    fn from(mode: LockMode) -> String {
+        mode.as_str().to_string()
+    }
+}
+
+/// One relation a statement locks, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RelationLock {
+    /// As written in the statement, schema-qualified if written so (`app.orders`).
+    pub relation: String,
+    pub mode: LockMode,
+}
+
+/// One statement of a migration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatementInfo {
+    /// 1-based line of the statement's first token (comments before it not counted).
+    pub line: u32,
+    /// The statement as written, without the trailing `;`.
+    pub text: String,
+    /// What it is, as PostgreSQL names the command: "ALTER TABLE", "CREATE INDEX
+    /// CONCURRENTLY", "INSERT", ...
+    pub kind: String,
+    /// Table-level locks, strongest per relation, in the order the relations appear.
+    pub locks: Vec<RelationLock>,
+}
+
+/// SQL that PostgreSQL's parser refuses (or that cannot even be split into statements).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ParseError {
+    /// 1-based line of the statement that does not parse.
+    pub line: u32,
+    /// The parser's message, e.g. `syntax error at or near "TABEL"`.
+    pub message: String,
+}
+
+/// Parses `sql` (a whole migration file) and describes each statement: kind, line, locks.
+pub fn analyze(sql: &str) -> Result<Vec<StatementInfo>, ParseError> {
+    Ok(parse_statements(sql)?.into_iter().map(|p| p.info).collect())
+}
+
+/// How bad a finding is: an error refuses the plan at submit (and `plan lint` exits 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One lint rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub id: &'static str,
+    pub severity: Severity,
+    /// Checked only when asked for (`--rules naming`).
+    pub optional: bool,
+    pub summary: &'static str,
+}
+
+const fn rule_def(id: &'static str, severity: Severity, summary: &'static str) -> Rule {
+    Rule {
+        id,
+        severity,
+        optional: false,
+        summary,
+    }
+}
+
+pub const PARSE_ERROR: &str = "parse-error";
+pub const DESTRUCTIVE_DROP: &str = "destructive-drop";
+pub const TABLE_REWRITE: &str = "table-rewrite";
+pub const SET_NOT_NULL: &str = "set-not-null";
+pub const CONSTRAINT_NOT_VALID: &str = "constraint-not-valid";
+pub const INDEX_NOT_CONCURRENT: &str = "index-not-concurrent";
+pub const CONCURRENTLY_IN_TRANSACTION: &str = "concurrently-in-transaction";
+pub const RENAME: &str = "rename";
+pub const UNBATCHED_DATA_CHANGE: &str = "unbatched-data-change";
+pub const DOWN_INCOMPLETE: &str = "down-incomplete";
+pub const MISSING_DOWN: &str = "missing-down";
+pub const NAMING_ID: &str = "naming-id";
+pub const NAMING_DESCRIPTION: &str = "naming-description";
+
+/// Every rule, in the order findings are explained in docs/file-formats.md.
+pub const RULES: &[Rule] = &[
+    rule_def(
+        PARSE_ERROR,
+        Severity::Error,
+        "SQL that PostgreSQL's parser refuses (cannot be ignored)",
+    ),
+    rule_def(
+        DESTRUCTIVE_DROP,
+        Severity::Error,
+        "DROP TABLE/COLUMN/SCHEMA/INDEX or TRUNCATE of an existing object, without `destructive = true` or risk high/critical",
+    ),
+    rule_def(
+        TABLE_REWRITE,
+        Severity::Warning,
+        "ALTER COLUMN TYPE, a volatile default, SET LOGGED, VACUUM FULL, CLUSTER...: the table is rewritten under ACCESS EXCLUSIVE",
+    ),
+    rule_def(
+        SET_NOT_NULL,
+        Severity::Warning,
+        "SET NOT NULL without a validated CHECK (col IS NOT NULL) first: a full scan under ACCESS EXCLUSIVE",
+    ),
+    rule_def(
+        CONSTRAINT_NOT_VALID,
+        Severity::Warning,
+        "ADD FOREIGN KEY or CHECK without NOT VALID: existing rows are checked while the lock is held",
+    ),
+    rule_def(
+        INDEX_NOT_CONCURRENT,
+        Severity::Warning,
+        "CREATE INDEX (or ADD UNIQUE/PRIMARY KEY) on an existing table without CONCURRENTLY: writes blocked during the build (an error when the dry run knows the table is large)",
+    ),
+    rule_def(
+        CONCURRENTLY_IN_TRANSACTION,
+        Severity::Warning,
+        "CREATE INDEX CONCURRENTLY (or another statement that cannot run in a transaction) in an atomic unit, or beside transactional statements",
+    ),
+    rule_def(
+        RENAME,
+        Severity::Warning,
+        "renaming a table or column that running code still uses",
+    ),
+    rule_def(
+        UNBATCHED_DATA_CHANGE,
+        Severity::Warning,
+        "UPDATE/DELETE of an existing table in one statement instead of a key-bounded [data] batch",
+    ),
+    rule_def(
+        DOWN_INCOMPLETE,
+        Severity::Error,
+        "down.sql does not drop something up.sql creates",
+    ),
+    rule_def(
+        MISSING_DOWN,
+        Severity::Error,
+        "no down SQL, and the migration does not say irreversible",
+    ),
+    Rule {
+        optional: true,
+        ..rule_def(
+            NAMING_ID,
+            Severity::Warning,
+            "naming standard: id is <version>_<snake_case_description>",
+        )
+    },
+    Rule {
+        optional: true,
+        ..rule_def(
+            NAMING_DESCRIPTION,
+            Severity::Warning,
+            "naming standard: the migration has a description",
+        )
+    },
+];
+
+/// The rule with this id.
+pub fn rule(id: &str) -> Option<&'static Rule> {
+    RULES.iter().find(|r| r.id == id)
+}
+
+pub fn rule_ids() -> Vec<&'static str> {
+    RULES.iter().map(|r| r.id).collect()
+}
+
+/// What the lint found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub rule: String,
+    pub severity: Severity,
+    pub migration: String,
+    /// The part of the migration: "up.sql", "down.sql", "verify.sql" or "migration.toml".
+    pub file: String,
+    /// 1-based line in that part; 0: the migration as a whole.
+    pub line: u32,
+    pub message: String,
+    /// How to make it safe (or how to say it is meant).
+    pub hint: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}[{}] {} {}",
+            self.severity, self.rule, self.migration, self.file
+        )?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl From<&Finding> for pb::LintFinding {
+    fn from(f: &Finding) -> pb::LintFinding {
+        pb::LintFinding {
+            rule: f.rule.clone(),
+            severity: f.severity.as_str().to_string(),
+            migration: f.migration.clone(),
+            file: f.file.clone(),
+            line: f.line,
+            message: f.message.clone(),
+            hint: f.hint.clone(),
+        }
+    }
+}
+
+/// A table is large from this size on, when sizes are known (32 MiB: building an index
+/// on it while writes wait takes seconds on ordinary hardware).
+pub const DEFAULT_LARGE_TABLE_BYTES: u64 = 32 << 20;
+
+/// What the lint is asked to check.
+#[derive(Debug, Clone)]
+pub struct LintOptions {
+    /// The seed's naming standards (`--rules naming`).
+    pub naming: bool,
+    /// Table sizes in bytes, by `table` or `schema.table`, as the dry run measured them.
+    /// Without them `index-not-concurrent` warns of every existing table; with them it
+    /// speaks only of tables at least `large_table_bytes` big (and unknown ones), as an error
+    /// for the large ones.
+    pub table_bytes: Option<BTreeMap<String, u64>>,
+    pub large_table_bytes: u64,
+}
+
+impl Default for LintOptions {
+    fn default() -> LintOptions {
+        LintOptions {
+            naming: false,
+            table_bytes: None,
+            large_table_bytes: DEFAULT_LARGE_TABLE_BYTES,
+        }
+    }
+}
+
+/// Lints every migration of a plan, in the plan's order (a table created by an earlier
+/// migration of the plan is new, and empty, for the ones after it). Findings a migration's
+/// `lint.ignore` names are left out; a parse error cannot be ignored.
+pub fn lint_plan(spec: &PlanSpec, options: &LintOptions) -> Vec<Finding> {
+    let mut seen = rules::Seen::default();
+    let mut findings = Vec::new();
+    for m in &spec.migrations {
+        let atomic = spec.atomic_unit(&m.id).is_some();
+        let mut found = lint_migration(m, atomic, options, &mut seen);
+        found.retain(|f| f.rule == PARSE_ERROR || !m.lint_ignore.iter().any(|i| i.rule == f.rule));
+        findings.extend(found);
+    }
+    findings
+}
+
+fn lint_migration(
+    m: &Migration,
+    atomic: bool,
+    options: &LintOptions,
+    seen: &mut rules::Seen,
+) -> Vec<Finding> {
+    let mut out = rules::Out::new(m);
+    if options.naming {
+        naming::check(m, &mut out);
+    }
+    let up = match parse_statements(&m.up_sql) {
+        Ok(up) => up,
+        Err(e) => {
+            out.parse_error("up.sql", e);
+            return out.findings;
+        }
+    };
+    let down = match parse_statements(&m.down_sql) {
+        Ok(down) => Some(down),
+        Err(e) => {
+            out.parse_error("down.sql", e);
+            None
+        }
+    };
+    if let Some(verify) = &m.verify_sql
+        && let Err(e) = parse_statements(verify)
+    {
+        out.parse_error("verify.sql", e);
+    }
+    rules::check_up(m, &up, atomic, options, seen, &mut out);
+    if let Some(down) = down {
+        reversal::check(m, &up, &down, &mut out);
+    }
+    out.findings
+}
+
+#[cfg(test)]
+mod tests;

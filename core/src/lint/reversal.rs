@@ -1,0 +1,393 @@
+//! Does down.sql undo up.sql? Every object up.sql creates (table, column, index, named
+//! constraint, view, sequence, type, schema, trigger, function) must be dropped by down.sql,
+//! directly or with what holds it (a column goes with its table, an index or constraint with
+//! a column it is on, a table with its schema).
+//!
+//! Objects created with OR REPLACE are left out: their down restores the old definition
+//! rather than dropping it. A data migration's down is its own (restore or reverse update).
+
+use pg_query::NodeEnum;
+use pg_query::protobuf::{AlterTableType as At, ObjectType};
+
+use super::locks::{object_parts, relation_name, strings};
+use super::rules::{Out, unqualified};
+use super::{DOWN_INCOMPLETE, MISSING_DOWN, Parsed};
+use crate::Migration;
+
+/// An object, by namespace: relations (tables, views, sequences, indexes) share one in
+/// PostgreSQL, so a DROP of any of them matches by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Object {
+    Relation {
+        name: String,
+        what: &'static str,
+    },
+    Column {
+        table: String,
+        column: String,
+    },
+    /// `columns`: those it is on, which a DROP COLUMN of one of takes it with it.
+    Constraint {
+        table: String,
+        name: String,
+        columns: Vec<String>,
+    },
+    Trigger {
+        table: String,
+        name: String,
+    },
+    Index {
+        name: String,
+        table: String,
+        columns: Vec<String>,
+    },
+    Schema(String),
+    Type(String),
+    Function(String),
+}
+
+impl Object {
+    fn describe(&self) -> String {
+        match self {
+            Object::Relation { name, what } => format!("{what} {name}"),
+            Object::Column { table, column } => format!("column {table}.{column}"),
+            Object::Constraint { table, name, .. } => format!("constraint {name} on {table}"),
+            Object::Trigger { table, name } => format!("trigger {name} on {table}"),
+            Object::Index { name, .. } => format!("index {name}"),
+            Object::Schema(s) => format!("schema {s}"),
+            Object::Type(t) => format!("type {t}"),
+            Object::Function(f) => format!("function {f}"),
+        }
+    }
+
+    /// The schema the object's name is qualified with, if it is.
+    fn schema(&self) -> Option<&str> {
+        let name = match self {
+            Object::Relation { name, .. } | Object::Index { name, .. } => name,
+            Object::Column { table, .. }
+            | Object::Constraint { table, .. }
+            | Object::Trigger { table, .. } => table,
+            Object::Type(n) | Object::Function(n) => n,
+            Object::Schema(_) => return None,
+        };
+        name.rsplit_once('.').map(|(schema, _)| schema)
+    }
+
+    /// The table the object lives on (dropped with it).
+    fn table(&self) -> Option<&str> {
+        match self {
+            Object::Column { table, .. }
+            | Object::Constraint { table, .. }
+            | Object::Trigger { table, .. }
+            | Object::Index { table, .. } => Some(table),
+            _ => None,
+        }
+    }
+}
+
+/// Two names of one object: equal unqualified names, and equal schemas when both say one.
+fn same(a: &str, b: &str) -> bool {
+    if unqualified(a) != unqualified(b) {
+        return false;
+    }
+    match (a.rsplit_once('.'), b.rsplit_once('.')) {
+        (Some((sa, _)), Some((sb, _))) => sa == sb,
+        _ => true,
+    }
+}
+
+/// What up.sql creates and leaves, with the line of the statement that creates it (a
+/// table created and dropped again within up.sql is not left).
+fn created(up: &[Parsed]) -> Vec<(Object, u32)> {
+    let mut out: Vec<(Object, u32)> = Vec::new();
+    for p in up {
+        let drops = dropped(std::slice::from_ref(p));
+        out.retain(|(o, _)| !drops.iter().any(|d| covers(d, o)));
+        let line = p.info.line;
+        created_by(p, &mut |o| out.push((o, line)));
+    }
+    out
+}
+
+fn created_by(p: &Parsed, add: &mut dyn FnMut(Object)) {
+    match &p.node {
+        NodeEnum::CreateStmt(s) => {
+            if let Some(r) = &s.relation {
+                add(Object::Relation {
+                    name: relation_name(r),
+                    what: "table",
+                });
+            }
+        }
+        NodeEnum::CreateTableAsStmt(s) => {
+            if let Some(r) = s.into.as_ref().and_then(|i| i.rel.as_ref()) {
+                let what = if s.objtype == ObjectType::ObjectMatview as i32 {
+                    "materialized view"
+                } else {
+                    "table"
+                };
+                add(Object::Relation {
+                    name: relation_name(r),
+                    what,
+                });
+            }
+        }
+        NodeEnum::ViewStmt(s) if !s.replace => {
+            if let Some(r) = &s.view {
+                add(Object::Relation {
+                    name: relation_name(r),
+                    what: "view",
+                });
+            }
+        }
+        NodeEnum::CreateSeqStmt(s) => {
+            if let Some(r) = &s.sequence {
+                add(Object::Relation {
+                    name: relation_name(r),
+                    what: "sequence",
+                });
+            }
+        }
+        NodeEnum::IndexStmt(s) if !s.idxname.is_empty() => {
+            let table = s.relation.as_ref().map(relation_name).unwrap_or_default();
+            // An index lives in its table's schema.
+            let name = match table.rsplit_once('.') {
+                Some((schema, _)) => format!("{schema}.{}", s.idxname),
+                None => s.idxname.clone(),
+            };
+            let mut columns = Vec::new();
+            for param in &s.index_params {
+                match &param.node {
+                    Some(NodeEnum::IndexElem(e)) if !e.name.is_empty() => {
+                        columns.push(e.name.clone())
+                    }
+                    Some(NodeEnum::IndexElem(e)) => columns.extend(column_refs(e.expr.as_deref())),
+                    _ => {}
+                }
+            }
+            columns.extend(column_refs(s.where_clause.as_deref()));
+            add(Object::Index {
+                name,
+                table,
+                columns,
+            });
+        }
+        NodeEnum::CreateSchemaStmt(s) => add(Object::Schema(s.schemaname.clone())),
+        NodeEnum::CreateEnumStmt(s) => add(Object::Type(strings(&s.type_name).join("."))),
+        NodeEnum::CompositeTypeStmt(s) => {
+            if let Some(r) = &s.typevar {
+                add(Object::Type(relation_name(r)));
+            }
+        }
+        NodeEnum::CreateDomainStmt(s) => add(Object::Type(strings(&s.domainname).join("."))),
+        NodeEnum::CreateFunctionStmt(s) if !s.replace => {
+            add(Object::Function(strings(&s.funcname).join(".")));
+        }
+        NodeEnum::CreateTrigStmt(s) if !s.replace => {
+            let table = s.relation.as_ref().map(relation_name).unwrap_or_default();
+            add(Object::Trigger {
+                table,
+                name: s.trigname.clone(),
+            });
+        }
+        NodeEnum::AlterTableStmt(s) => {
+            let table = s.relation.as_ref().map(relation_name).unwrap_or_default();
+            for cmd in &s.cmds {
+                let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node else {
+                    continue;
+                };
+                match (
+                    At::try_from(cmd.subtype),
+                    cmd.def.as_deref().and_then(|d| d.node.as_ref()),
+                ) {
+                    (Ok(At::AtAddColumn), Some(NodeEnum::ColumnDef(c))) => add(Object::Column {
+                        table: table.clone(),
+                        column: c.colname.clone(),
+                    }),
+                    (Ok(At::AtAddConstraint), Some(NodeEnum::Constraint(c)))
+                        if !c.conname.is_empty() =>
+                    {
+                        let mut columns = strings(&c.keys);
+                        columns.extend(strings(&c.fk_attrs));
+                        columns.extend(column_refs(c.raw_expr.as_deref()));
+                        add(Object::Constraint {
+                            table: table.clone(),
+                            name: c.conname.clone(),
+                            columns,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// What down.sql drops.
+fn dropped(down: &[Parsed]) -> Vec<Object> {
+    let mut out = Vec::new();
+    for p in down {
+        match &p.node {
+            NodeEnum::DropStmt(s) => {
+                for o in &s.objects {
+                    let parts = object_parts(o);
+                    let name = parts.join(".");
+                    let last_on = |parts: &[String]| {
+                        (parts.len() > 1).then(|| {
+                            (
+                                parts[..parts.len() - 1].join("."),
+                                parts[parts.len() - 1].clone(),
+                            )
+                        })
+                    };
+                    match ObjectType::try_from(s.remove_type) {
+                        Ok(
+                            ObjectType::ObjectTable
+                            | ObjectType::ObjectView
+                            | ObjectType::ObjectMatview
+                            | ObjectType::ObjectSequence
+                            | ObjectType::ObjectForeignTable
+                            | ObjectType::ObjectIndex,
+                        ) => out.push(Object::Relation {
+                            name,
+                            what: "relation",
+                        }),
+                        Ok(ObjectType::ObjectSchema) => out.push(Object::Schema(name)),
+                        Ok(ObjectType::ObjectType | ObjectType::ObjectDomain) => {
+                            out.push(Object::Type(name))
+                        }
+                        Ok(
+                            ObjectType::ObjectFunction
+                            | ObjectType::ObjectProcedure
+                            | ObjectType::ObjectRoutine,
+                        ) => out.push(Object::Function(name)),
+                        Ok(ObjectType::ObjectTrigger) => {
+                            if let Some((table, name)) = last_on(&parts) {
+                                out.push(Object::Trigger { table, name });
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            NodeEnum::AlterTableStmt(s) => {
+                let table = s.relation.as_ref().map(relation_name).unwrap_or_default();
+                for cmd in &s.cmds {
+                    let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node else {
+                        continue;
+                    };
+                    match At::try_from(cmd.subtype) {
+                        Ok(At::AtDropColumn) => out.push(Object::Column {
+                            table: table.clone(),
+                            column: cmd.name.clone(),
+                        }),
+                        Ok(At::AtDropConstraint) => out.push(Object::Constraint {
+                            table: table.clone(),
+                            name: cmd.name.clone(),
+                            columns: Vec::new(),
+                        }),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Whether dropping `d` drops `o` (itself, or what holds it).
+fn covers(d: &Object, o: &Object) -> bool {
+    if let Object::Schema(s) = d {
+        return matches!(o, Object::Schema(x) if x == s) || o.schema() == Some(s.as_str());
+    }
+    if let Object::Relation { name, .. } = d
+        && o.table().is_some_and(|t| same(name, t))
+    {
+        return true;
+    }
+    match (d, o) {
+        (Object::Relation { name: a, .. }, Object::Relation { name: b, .. })
+        | (Object::Relation { name: a, .. }, Object::Index { name: b, .. })
+        | (Object::Type(a), Object::Type(b))
+        | (Object::Function(a), Object::Function(b)) => same(a, b),
+        (
+            Object::Column {
+                table: ta,
+                column: a,
+            },
+            Object::Column {
+                table: tb,
+                column: b,
+            },
+        )
+        | (
+            Object::Constraint {
+                table: ta, name: a, ..
+            },
+            Object::Constraint {
+                table: tb, name: b, ..
+            },
+        )
+        | (Object::Trigger { table: ta, name: a }, Object::Trigger { table: tb, name: b }) => {
+            a == b && same(ta, tb)
+        }
+        // PostgreSQL drops an index or constraint with a column it is on.
+        (
+            Object::Column { table: ta, column },
+            Object::Constraint {
+                table: tb, columns, ..
+            }
+            | Object::Index {
+                table: tb, columns, ..
+            },
+        ) => columns.contains(column) && same(ta, tb),
+        _ => false,
+    }
+}
+
+/// The columns an expression refers to (the last part of each column reference).
+fn column_refs(expr: Option<&pg_query::protobuf::Node>) -> Vec<String> {
+    let Some(node) = expr.and_then(|e| e.node.as_ref()) else {
+        return Vec::new();
+    };
+    node.nodes()
+        .into_iter()
+        .filter_map(|(n, ..)| match n {
+            pg_query::NodeRef::ColumnRef(r) => strings(&r.fields).pop(),
+            _ => None,
+        })
+        .collect()
+}
+
+pub(super) fn check(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
+    let restores = m.data.as_ref().is_some_and(|d| !d.prior_image.is_empty());
+    if down.is_empty() {
+        if !restores {
+            out.push(
+                MISSING_DOWN,
+                "down.sql",
+                0,
+                "no down SQL: the migration cannot be undone when the plan fails or is rolled back".to_string(),
+                "write down.sql; if the change truly cannot be undone, say `irreversible = true` in migration.toml",
+            );
+        }
+        return;
+    }
+    if m.data.is_some() {
+        return;
+    }
+    let drops = dropped(down);
+    for (object, line) in created(up) {
+        if !drops.iter().any(|d| covers(d, &object)) {
+            out.push(
+                DOWN_INCOMPLETE,
+                "up.sql",
+                line,
+                format!("creates {}, which down.sql does not drop", object.describe()),
+                "make down.sql drop everything up.sql creates (in reverse order), so that a rollback leaves the schema as it was",
+            );
+        }
+    }
+}

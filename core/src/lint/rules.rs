@@ -1,0 +1,519 @@
+//! The rules read from up.sql, statement by statement: what locks or rewrites an existing
+//! table for long, what drops data, what running code will miss.
+//!
+//! A table created earlier in the plan (this migration or one before it) is new: it is
+//! empty and nothing uses it yet, so what would be dangerous on a live table is not.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use pg_query::NodeEnum;
+use pg_query::protobuf::{
+    AlterTableCmd, AlterTableType as At, ColumnDef, ConstrType, Constraint, NullTestType,
+    ObjectType,
+};
+
+use super::locks::{as_constraint, is_foreign_key, object_parts, relation_name, strings};
+use super::{
+    CONCURRENTLY_IN_TRANSACTION, CONSTRAINT_NOT_VALID, DESTRUCTIVE_DROP, Finding,
+    INDEX_NOT_CONCURRENT, LintOptions, PARSE_ERROR, ParseError, Parsed, RENAME, SET_NOT_NULL,
+    Severity, TABLE_REWRITE, UNBATCHED_DATA_CHANGE, rule,
+};
+use crate::Migration;
+
+/// What earlier statements of the plan did, for the statements after them.
+#[derive(Debug, Default)]
+pub(super) struct Seen {
+    /// Tables (by name without schema) created in this plan.
+    new_tables: BTreeSet<String>,
+    /// (table, column) with a validated CHECK (column IS NOT NULL).
+    not_null_checked: BTreeSet<(String, String)>,
+    /// (table, constraint) added NOT VALID as CHECK (column IS NOT NULL): the column.
+    pending_checks: BTreeMap<(String, String), String>,
+}
+
+impl Seen {
+    fn is_new(&self, table: &str) -> bool {
+        self.new_tables.contains(unqualified(table))
+    }
+}
+
+/// `orders` of `app.orders`.
+pub(super) fn unqualified(name: &str) -> &str {
+    name.rsplit('.').next().unwrap_or(name)
+}
+
+/// The findings of one migration, as they are made.
+pub(super) struct Out {
+    migration: String,
+    pub findings: Vec<Finding>,
+}
+
+impl Out {
+    pub fn new(m: &Migration) -> Out {
+        Out {
+            migration: m.id.to_string(),
+            findings: Vec::new(),
+        }
+    }
+
+    /// A finding of `rule` at its own severity.
+    pub fn push(&mut self, rule_id: &str, file: &str, line: u32, message: String, hint: &str) {
+        let severity = rule(rule_id).map_or(Severity::Error, |r| r.severity);
+        self.push_as(rule_id, severity, file, line, message, hint);
+    }
+
+    pub fn push_as(
+        &mut self,
+        rule: &str,
+        severity: Severity,
+        file: &str,
+        line: u32,
+        message: String,
+        hint: &str,
+    ) {
+        self.findings.push(Finding {
+            rule: rule.to_string(),
+            severity,
+            migration: self.migration.clone(),
+            file: file.to_string(),
+            line,
+            message,
+            hint: hint.to_string(),
+        });
+    }
+
+    pub fn parse_error(&mut self, file: &str, e: ParseError) {
+        self.push(
+            PARSE_ERROR,
+            file,
+            e.line,
+            e.message,
+            "fix the SQL: PostgreSQL would refuse it the same way",
+        );
+    }
+}
+
+const DROP_HINT: &str = "if the data is meant to go, say `destructive = true` (or risk = \"high\") in migration.toml; otherwise stop using it in code first and drop it in a later release";
+const REWRITE_HINT: &str = "add a new column, backfill it with a [data] migration, then switch to it; if PostgreSQL does not rewrite in this case (e.g. varchar(n) to text), ignore the rule with that reason";
+const NOT_NULL_HINT: &str = "first ADD CONSTRAINT ... CHECK (col IS NOT NULL) NOT VALID and VALIDATE CONSTRAINT it (SHARE UPDATE EXCLUSIVE only); SET NOT NULL then uses it without a scan (PostgreSQL 12+)";
+const NOT_VALID_HINT: &str = "ADD the constraint NOT VALID (checked for new rows only, brief lock), then VALIDATE CONSTRAINT it in a later statement or migration (SHARE UPDATE EXCLUSIVE: reads and writes go on)";
+const INDEX_HINT: &str = "CREATE INDEX CONCURRENTLY in a migration of its own (writes go on during the build); for a constraint, build its unique index CONCURRENTLY first, then ADD CONSTRAINT ... USING INDEX";
+const RENAME_HINT: &str = "running code still uses the old name: add the new one beside it (or a view with the old name), move the code, then drop the old one in a later release";
+const UNBATCHED_HINT: &str = "make it a data migration: [data] in migration.toml with table, key and a batch statement bounded by $1/$2, so each batch commits on its own";
+
+/// The checks on each statement of up.sql, in order.
+pub(super) fn check_up(
+    m: &Migration,
+    up: &[Parsed],
+    atomic: bool,
+    options: &LintOptions,
+    seen: &mut Seen,
+    out: &mut Out,
+) {
+    let may_drop = m.destructive || matches!(m.risk.as_str(), "high" | "critical");
+    let outside_tx: Vec<bool> = up
+        .iter()
+        .map(|p| crate::sql::first_non_transactional(std::slice::from_ref(&p.info.text)).is_some())
+        .collect();
+    let mixed = outside_tx.iter().any(|o| *o) && outside_tx.iter().any(|o| !*o);
+    let mut said_mixed = false;
+    for (p, outside) in up.iter().zip(&outside_tx) {
+        let line = p.info.line;
+        if *outside {
+            if atomic {
+                out.push(
+                    CONCURRENTLY_IN_TRANSACTION,
+                    "up.sql",
+                    line,
+                    format!(
+                        "{} cannot run in a transaction, but the migration is in an atomic unit: it is applied outside the two-phase commit, and only undone by down.sql if the unit aborts",
+                        p.info.kind
+                    ),
+                    "give it a migration outside the atomic unit (its own parallel group, not atomic)",
+                );
+            } else if mixed && !said_mixed {
+                said_mixed = true;
+                out.push(
+                    CONCURRENTLY_IN_TRANSACTION,
+                    "up.sql",
+                    line,
+                    format!(
+                        "{} cannot run in a transaction, so none of this migration's statements do: a failure part-way leaves the ones before it applied",
+                        p.info.kind
+                    ),
+                    "put the statements that cannot run in a transaction in a migration of their own",
+                );
+            }
+        }
+        statement(m, p, may_drop, options, seen, out);
+    }
+}
+
+fn statement(
+    m: &Migration,
+    p: &Parsed,
+    may_drop: bool,
+    options: &LintOptions,
+    seen: &mut Seen,
+    out: &mut Out,
+) {
+    let line = p.info.line;
+    match &p.node {
+        NodeEnum::CreateStmt(s) => {
+            if let Some(r) = &s.relation {
+                seen.new_tables.insert(r.relname.clone());
+            }
+        }
+        NodeEnum::CreateTableAsStmt(s) => {
+            if let Some(r) = s.into.as_ref().and_then(|i| i.rel.as_ref()) {
+                seen.new_tables.insert(r.relname.clone());
+            }
+        }
+        NodeEnum::AlterTableStmt(s) => {
+            let Some(table) = s.relation.as_ref().map(relation_name) else {
+                return;
+            };
+            for cmd in &s.cmds {
+                if let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node {
+                    alter(&table, cmd, line, may_drop, options, seen, out);
+                }
+            }
+        }
+        NodeEnum::DropStmt(s) => {
+            let what = match ObjectType::try_from(s.remove_type) {
+                Ok(ObjectType::ObjectTable) => "table",
+                Ok(ObjectType::ObjectSchema) => "schema",
+                Ok(ObjectType::ObjectIndex) => "index",
+                _ => return,
+            };
+            for o in &s.objects {
+                let name = object_parts(o).join(".");
+                if may_drop || (what == "table" && seen.is_new(&name)) {
+                    continue;
+                }
+                let loses = if what == "index" {
+                    "queries that use it slow down, and rebuilding it takes long"
+                } else {
+                    "its data is gone, and running code that reads it fails"
+                };
+                out.push(
+                    DESTRUCTIVE_DROP,
+                    "up.sql",
+                    line,
+                    format!("{} drops {what} {name}: {loses}", p.info.kind),
+                    DROP_HINT,
+                );
+            }
+        }
+        NodeEnum::TruncateStmt(s) => {
+            for r in &s.relations {
+                if let Some(NodeEnum::RangeVar(v)) = &r.node
+                    && !may_drop
+                    && !seen.is_new(&v.relname)
+                {
+                    out.push(
+                        DESTRUCTIVE_DROP,
+                        "up.sql",
+                        line,
+                        format!("TRUNCATE empties table {}", relation_name(v)),
+                        DROP_HINT,
+                    );
+                }
+            }
+        }
+        NodeEnum::RenameStmt(s) => {
+            let Some(table) = s.relation.as_ref().map(relation_name) else {
+                return;
+            };
+            let what = match ObjectType::try_from(s.rename_type) {
+                Ok(ObjectType::ObjectTable) => format!("table {table}"),
+                Ok(ObjectType::ObjectColumn) => format!("column {table}.{}", s.subname),
+                _ => return,
+            };
+            if !seen.is_new(&table) {
+                out.push(
+                    RENAME,
+                    "up.sql",
+                    line,
+                    format!(
+                        "renames {what} to {}: code that uses the old name breaks",
+                        s.newname
+                    ),
+                    RENAME_HINT,
+                );
+            }
+        }
+        NodeEnum::IndexStmt(s) => {
+            if let Some(r) = &s.relation
+                && !s.concurrent
+            {
+                let table = relation_name(r);
+                index_on(&table, "CREATE INDEX", line, options, seen, out);
+            }
+        }
+        NodeEnum::UpdateStmt(_) | NodeEnum::DeleteStmt(_) if m.data.is_none() => {
+            let table = p
+                .info
+                .locks
+                .first()
+                .map(|l| l.relation.clone())
+                .unwrap_or_default();
+            if !seen.is_new(&table) {
+                out.push(
+                    UNBATCHED_DATA_CHANGE,
+                    "up.sql",
+                    line,
+                    format!(
+                        "{} of {table} in one statement: every row it touches stays locked until the migration commits",
+                        p.info.kind
+                    ),
+                    UNBATCHED_HINT,
+                );
+            }
+        }
+        NodeEnum::VacuumStmt(_) | NodeEnum::ClusterStmt(_)
+            if p.info.kind != "VACUUM" && p.info.kind != "ANALYZE" =>
+        {
+            for l in &p.info.locks {
+                if !seen.is_new(&l.relation) {
+                    rewrite(&l.relation, &p.info.kind, line, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn rewrite(table: &str, what: &str, line: u32, out: &mut Out) {
+    out.push(
+        TABLE_REWRITE,
+        "up.sql",
+        line,
+        format!(
+            "{what} rewrites table {table} under ACCESS EXCLUSIVE: no reads or writes until it ends"
+        ),
+        REWRITE_HINT,
+    );
+}
+
+fn index_on(table: &str, what: &str, line: u32, options: &LintOptions, seen: &Seen, out: &mut Out) {
+    if seen.is_new(table) {
+        return;
+    }
+    let size = options.table_bytes.as_ref().map(|sizes| {
+        sizes
+            .get(table)
+            .or_else(|| sizes.get(unqualified(table)))
+            .copied()
+    });
+    let (severity, how_big) = match size {
+        // Measured, and small: the lock is short.
+        Some(Some(bytes)) if bytes < options.large_table_bytes => return,
+        Some(Some(bytes)) => (Severity::Error, format!(" ({} MiB)", bytes >> 20)),
+        _ => (Severity::Warning, String::new()),
+    };
+    out.push_as(
+        INDEX_NOT_CONCURRENT,
+        severity,
+        "up.sql",
+        line,
+        format!("{what} on {table}{how_big} without CONCURRENTLY blocks its writes (SHARE lock) for the whole build"),
+        INDEX_HINT,
+    );
+}
+
+fn alter(
+    table: &str,
+    cmd: &AlterTableCmd,
+    line: u32,
+    may_drop: bool,
+    options: &LintOptions,
+    seen: &mut Seen,
+    out: &mut Out,
+) {
+    let new = seen.is_new(table);
+    let def = cmd.def.as_deref().and_then(|d| d.node.as_ref());
+    match At::try_from(cmd.subtype) {
+        Ok(At::AtDropColumn) if !may_drop && !new => out.push(
+            DESTRUCTIVE_DROP,
+            "up.sql",
+            line,
+            format!(
+                "DROP COLUMN {table}.{}: its data is gone, and running code that reads it fails",
+                cmd.name
+            ),
+            DROP_HINT,
+        ),
+        Ok(At::AtAlterColumnType) if !new => {
+            rewrite(table, &format!("ALTER COLUMN {} TYPE", cmd.name), line, out);
+        }
+        Ok(At::AtAddColumn) if !new => {
+            if let Some(NodeEnum::ColumnDef(col)) = def
+                && let Some(why) = rewriting_column(col)
+            {
+                rewrite(
+                    table,
+                    &format!("ADD COLUMN {} {why}", col.colname),
+                    line,
+                    out,
+                );
+            }
+        }
+        Ok(At::AtSetLogged | At::AtSetUnLogged | At::AtSetAccessMethod | At::AtSetTableSpace)
+            if !new =>
+        {
+            let what = At::try_from(cmd.subtype)
+                .map(|t| t.as_str_name().trim_start_matches("AT_").to_string())
+                .unwrap_or_default();
+            rewrite(table, &what, line, out);
+        }
+        Ok(At::AtSetNotNull) if !new => {
+            let key = (unqualified(table).to_string(), cmd.name.clone());
+            if !seen.not_null_checked.contains(&key) {
+                out.push(
+                    SET_NOT_NULL,
+                    "up.sql",
+                    line,
+                    format!(
+                        "SET NOT NULL on {table}.{} scans the whole table under ACCESS EXCLUSIVE",
+                        cmd.name
+                    ),
+                    NOT_NULL_HINT,
+                );
+            }
+        }
+        Ok(At::AtAddConstraint) => {
+            if let Some(NodeEnum::Constraint(c)) = def {
+                add_constraint(table, c, line, new, options, seen, out);
+            }
+        }
+        Ok(At::AtValidateConstraint) => {
+            let key = (unqualified(table).to_string(), cmd.name.clone());
+            if let Some(column) = seen.pending_checks.remove(&key) {
+                seen.not_null_checked.insert((key.0, column));
+            }
+        }
+        _ => {}
+    }
+}
+
+fn add_constraint(
+    table: &str,
+    c: &Constraint,
+    line: u32,
+    new: bool,
+    options: &LintOptions,
+    seen: &mut Seen,
+    out: &mut Out,
+) {
+    let check = c.contype == ConstrType::ConstrCheck as i32;
+    if let Some(column) = check.then(|| not_null_column(c)).flatten() {
+        let t = unqualified(table).to_string();
+        if c.skip_validation {
+            seen.pending_checks.insert((t, c.conname.clone()), column);
+        } else {
+            seen.not_null_checked.insert((t, column));
+        }
+    }
+    if new {
+        return;
+    }
+    if (check || is_foreign_key(c)) && !c.skip_validation {
+        let what = if check { "CHECK" } else { "FOREIGN KEY" };
+        let name = if c.conname.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", c.conname)
+        };
+        out.push(
+            CONSTRAINT_NOT_VALID,
+            "up.sql",
+            line,
+            format!("ADD CONSTRAINT{name} {what} on {table} without NOT VALID checks every existing row while holding its lock"),
+            NOT_VALID_HINT,
+        );
+    }
+    let builds_index = c.contype == ConstrType::ConstrUnique as i32
+        || c.contype == ConstrType::ConstrPrimary as i32;
+    if builds_index && c.indexname.is_empty() {
+        let what = if c.contype == ConstrType::ConstrPrimary as i32 {
+            "ADD PRIMARY KEY"
+        } else {
+            "ADD UNIQUE"
+        };
+        index_on(table, what, line, options, seen, out);
+    }
+}
+
+/// The column of a `CHECK (column IS NOT NULL)`.
+fn not_null_column(c: &Constraint) -> Option<String> {
+    match c.raw_expr.as_deref().and_then(|e| e.node.as_ref()) {
+        Some(NodeEnum::NullTest(t)) if t.nulltesttype == NullTestType::IsNotNull as i32 => {
+            match t.arg.as_deref().and_then(|a| a.node.as_ref()) {
+                Some(NodeEnum::ColumnRef(r)) => strings(&r.fields).pop(),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Functions whose value differs per row: a column added with one as default is written
+/// into every row (a constant or stable default is stored once, PostgreSQL 11+).
+const VOLATILE: &[&str] = &[
+    "random",
+    "gen_random_uuid",
+    "uuid_generate_v1",
+    "uuid_generate_v1mc",
+    "uuid_generate_v4",
+    "uuidv4",
+    "uuidv7",
+    "clock_timestamp",
+    "timeofday",
+    "nextval",
+    "txid_current",
+];
+
+/// Why adding this column rewrites the table, if it does.
+fn rewriting_column(col: &ColumnDef) -> Option<String> {
+    let type_name = col
+        .type_name
+        .as_ref()
+        .and_then(|t| strings(&t.names).pop())
+        .unwrap_or_default();
+    if matches!(
+        type_name.as_str(),
+        "serial" | "bigserial" | "smallserial" | "serial2" | "serial4" | "serial8"
+    ) {
+        return Some(format!("{type_name} (every row gets a sequence value)"));
+    }
+    let mut defaults: Vec<&pg_query::protobuf::Node> =
+        col.raw_default.as_deref().into_iter().collect();
+    for c in col.constraints.iter().filter_map(as_constraint) {
+        if c.contype == ConstrType::ConstrIdentity as i32 {
+            return Some("GENERATED AS IDENTITY (every row gets a value)".to_string());
+        }
+        if c.contype == ConstrType::ConstrGenerated as i32 {
+            return Some("GENERATED ... STORED (computed into every row)".to_string());
+        }
+        if c.contype == ConstrType::ConstrDefault as i32
+            && let Some(e) = c.raw_expr.as_deref()
+        {
+            defaults.push(e);
+        }
+    }
+    for d in defaults {
+        let Some(node) = &d.node else { continue };
+        for (n, ..) in node.nodes() {
+            if let pg_query::NodeRef::FuncCall(f) = n
+                && let Some(name) = strings(&f.funcname).pop()
+                && VOLATILE.contains(&name.as_str())
+            {
+                return Some(format!(
+                    "DEFAULT {name}() (volatile: computed into every row)"
+                ));
+            }
+        }
+    }
+    None
+}

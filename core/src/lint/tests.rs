@@ -1,0 +1,526 @@
+//! The lock table: each case is a statement and the locks PostgreSQL documents for it.
+
+use super::LockMode::*;
+use super::*;
+use crate::pb;
+
+fn one(sql: &str) -> StatementInfo {
+    let mut all = analyze(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    assert_eq!(all.len(), 1, "{sql}");
+    all.remove(0)
+}
+
+fn locks(sql: &str) -> Vec<(String, LockMode)> {
+    one(sql)
+        .locks
+        .into_iter()
+        .map(|l| (l.relation, l.mode))
+        .collect()
+}
+
+fn lock(relation: &str, mode: LockMode) -> (String, LockMode) {
+    (relation.to_string(), mode)
+}
+
+/// A statement, its kind, and its locks.
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, LockMode)]);
+
+#[test]
+fn lock_levels_follow_postgres_documentation() {
+    let cases: &[Case] = &[
+        (
+            "ALTER TABLE t ADD COLUMN c int",
+            "ALTER TABLE",
+            &[("t", AccessExclusive)],
+        ),
+        (
+            "ALTER TABLE app.t DROP COLUMN c",
+            "ALTER TABLE",
+            &[("app.t", AccessExclusive)],
+        ),
+        (
+            "ALTER TABLE t ALTER COLUMN c TYPE bigint",
+            "ALTER TABLE",
+            &[("t", AccessExclusive)],
+        ),
+        (
+            "ALTER TABLE t ALTER COLUMN c SET NOT NULL",
+            "ALTER TABLE",
+            &[("t", AccessExclusive)],
+        ),
+        (
+            "ALTER TABLE t ALTER COLUMN c SET STATISTICS 500",
+            "ALTER TABLE",
+            &[("t", ShareUpdateExclusive)],
+        ),
+        (
+            "ALTER TABLE t VALIDATE CONSTRAINT c_check",
+            "ALTER TABLE",
+            &[("t", ShareUpdateExclusive)],
+        ),
+        (
+            "ALTER TABLE t SET (fillfactor = 70)",
+            "ALTER TABLE",
+            &[("t", ShareUpdateExclusive)],
+        ),
+        (
+            "ALTER TABLE t ADD CONSTRAINT c CHECK (c > 0) NOT VALID",
+            "ALTER TABLE",
+            &[("t", AccessExclusive)],
+        ),
+        (
+            "ALTER TABLE orders ADD CONSTRAINT fk FOREIGN KEY (cid) REFERENCES app.customers (id)",
+            "ALTER TABLE",
+            &[
+                ("orders", ShareRowExclusive),
+                ("app.customers", ShareRowExclusive),
+            ],
+        ),
+        (
+            "ALTER TABLE orders ADD COLUMN cid int REFERENCES customers (id)",
+            "ALTER TABLE",
+            &[
+                ("orders", AccessExclusive),
+                ("customers", ShareRowExclusive),
+            ],
+        ),
+        (
+            // Several actions: the strongest lock on the table.
+            "ALTER TABLE t ALTER COLUMN c SET STATISTICS 100, ADD COLUMN d int",
+            "ALTER TABLE",
+            &[("t", AccessExclusive)],
+        ),
+        (
+            "ALTER TABLE t DISABLE TRIGGER trg",
+            "ALTER TABLE",
+            &[("t", ShareRowExclusive)],
+        ),
+        (
+            "ALTER TABLE p ATTACH PARTITION p1 FOR VALUES FROM (1) TO (10)",
+            "ALTER TABLE",
+            &[("p", ShareUpdateExclusive), ("p1", AccessExclusive)],
+        ),
+        (
+            "ALTER TABLE t RENAME TO u",
+            "ALTER TABLE",
+            &[("t", AccessExclusive)],
+        ),
+        (
+            "ALTER TABLE t RENAME COLUMN a TO b",
+            "ALTER TABLE",
+            &[("t", AccessExclusive)],
+        ),
+        (
+            "ALTER INDEX i RENAME TO j",
+            "ALTER INDEX",
+            &[("i", ShareUpdateExclusive)],
+        ),
+        ("CREATE INDEX i ON t (c)", "CREATE INDEX", &[("t", Share)]),
+        (
+            "CREATE UNIQUE INDEX i ON app.t (c)",
+            "CREATE INDEX",
+            &[("app.t", Share)],
+        ),
+        (
+            "CREATE INDEX CONCURRENTLY i ON t (c)",
+            "CREATE INDEX CONCURRENTLY",
+            &[("t", ShareUpdateExclusive)],
+        ),
+        ("DROP INDEX i", "DROP INDEX", &[("i", AccessExclusive)]),
+        (
+            "DROP INDEX CONCURRENTLY app.i",
+            "DROP INDEX CONCURRENTLY",
+            &[("app.i", ShareUpdateExclusive)],
+        ),
+        (
+            "DROP TABLE a, app.b",
+            "DROP TABLE",
+            &[("a", AccessExclusive), ("app.b", AccessExclusive)],
+        ),
+        ("DROP SCHEMA s CASCADE", "DROP SCHEMA", &[]),
+        (
+            "DROP TRIGGER trg ON app.t",
+            "DROP TRIGGER",
+            &[("app.t", AccessExclusive)],
+        ),
+        ("TRUNCATE t", "TRUNCATE", &[("t", AccessExclusive)]),
+        (
+            "CREATE TRIGGER trg BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()",
+            "CREATE TRIGGER",
+            &[("t", ShareRowExclusive)],
+        ),
+        (
+            "CREATE TABLE o (id int, cid int REFERENCES c (id))",
+            "CREATE TABLE",
+            &[("o", AccessExclusive), ("c", ShareRowExclusive)],
+        ),
+        (
+            "INSERT INTO t (a) VALUES (1)",
+            "INSERT",
+            &[("t", RowExclusive)],
+        ),
+        (
+            "INSERT INTO t SELECT * FROM s JOIN app.u USING (id)",
+            "INSERT",
+            &[
+                ("t", RowExclusive),
+                ("s", AccessShare),
+                ("app.u", AccessShare),
+            ],
+        ),
+        (
+            "UPDATE t SET a = 1 FROM s WHERE s.id = t.id",
+            "UPDATE",
+            &[("t", RowExclusive), ("s", AccessShare)],
+        ),
+        (
+            "DELETE FROM t WHERE id IN (SELECT id FROM s)",
+            "DELETE",
+            &[("t", RowExclusive), ("s", AccessShare)],
+        ),
+        (
+            "WITH x AS (SELECT 1) SELECT * FROM x, t",
+            "SELECT",
+            &[("t", AccessShare)],
+        ),
+        ("SELECT * FROM t FOR UPDATE", "SELECT", &[("t", RowShare)]),
+        ("LOCK TABLE t IN SHARE MODE", "LOCK TABLE", &[("t", Share)]),
+        ("LOCK t", "LOCK TABLE", &[("t", AccessExclusive)]),
+        ("VACUUM t", "VACUUM", &[("t", ShareUpdateExclusive)]),
+        ("VACUUM FULL t", "VACUUM FULL", &[("t", AccessExclusive)]),
+        ("ANALYZE t", "ANALYZE", &[("t", ShareUpdateExclusive)]),
+        ("REINDEX TABLE t", "REINDEX", &[("t", Share)]),
+        (
+            "REINDEX TABLE CONCURRENTLY t",
+            "REINDEX CONCURRENTLY",
+            &[("t", ShareUpdateExclusive)],
+        ),
+        (
+            "REFRESH MATERIALIZED VIEW CONCURRENTLY mv",
+            "REFRESH MATERIALIZED VIEW CONCURRENTLY",
+            &[("mv", Exclusive)],
+        ),
+        ("CLUSTER t USING i", "CLUSTER", &[("t", AccessExclusive)]),
+        (
+            "COMMENT ON COLUMN app.t.c IS 'x'",
+            "COMMENT",
+            &[("app.t", ShareUpdateExclusive)],
+        ),
+        (
+            "CREATE EXTENSION IF NOT EXISTS pgcrypto",
+            "CREATE EXTENSION",
+            &[],
+        ),
+        ("CREATE SCHEMA s", "CREATE SCHEMA", &[]),
+        (
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+            "CREATE FUNCTION",
+            &[],
+        ),
+    ];
+    for (sql, kind, expected) in cases {
+        let info = one(sql);
+        assert_eq!(info.kind, *kind, "{sql}");
+        let expected: Vec<_> = expected.iter().map(|(r, m)| lock(r, *m)).collect();
+        assert_eq!(locks(sql), expected, "{sql}");
+    }
+}
+
+#[test]
+fn lines_and_text_skip_leading_comments() {
+    let sql = "-- header\nCREATE TABLE a (id int);\n\n/* block\n comment */\n  ALTER TABLE a\n    ADD COLUMN b int;\n-- trailing only\n";
+    let all = analyze(sql).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        (all[0].line, all[0].text.as_str()),
+        (2, "CREATE TABLE a (id int)")
+    );
+    assert_eq!(all[1].line, 6);
+    assert_eq!(all[1].text, "ALTER TABLE a\n    ADD COLUMN b int");
+}
+
+#[test]
+fn parse_errors_name_the_statement_line() {
+    let sql =
+        "CREATE TABLE a (id int);\n\n-- typo below\nALTER TABEL a ADD COLUMN b int;\nSELECT 1;\n";
+    let err = analyze(sql).unwrap_err();
+    assert_eq!(err.line, 4, "{err}");
+    assert!(err.message.contains("syntax error"), "{err}");
+    assert!(err.to_string().starts_with("line 4: "), "{err}");
+
+    let err = analyze("SELECT 1;\nSELECT 'open\n").unwrap_err();
+    assert_eq!(err.line, 2, "{err}");
+}
+
+#[test]
+fn empty_and_comment_only_files_have_no_statements() {
+    assert!(analyze("").unwrap().is_empty());
+    assert!(analyze("-- nothing\n/* here */\n").unwrap().is_empty());
+}
+
+#[test]
+fn lock_modes_display_as_postgres_names_them() {
+    assert_eq!(AccessExclusive.to_string(), "ACCESS EXCLUSIVE");
+    assert_eq!(ShareUpdateExclusive.to_string(), "SHARE UPDATE EXCLUSIVE");
+    assert!(AccessExclusive > Share && Share > ShareUpdateExclusive);
+    assert_eq!(
+        serde_json::to_string(&RowExclusive).unwrap(),
+        "\"ROW EXCLUSIVE\""
+    );
+}
+
+// --- The rules on plans built in code: what the fixture directory cannot show. ---
+
+fn migration(id: &str, up: &str, down: &str) -> pb::Migration {
+    pb::Migration {
+        id: id.into(),
+        up_sql: up.into(),
+        down_sql: down.into(),
+        ..Default::default()
+    }
+}
+
+fn plan(migrations: Vec<pb::Migration>, atomic: bool) -> crate::PlanSpec {
+    crate::PlanSpec::try_from(pb::PlanSpec {
+        name: "lint".into(),
+        migrations,
+        atomic,
+        ..Default::default()
+    })
+    .expect("valid plan")
+}
+
+fn rules_of(findings: &[Finding]) -> Vec<(&str, Severity, u32)> {
+    findings
+        .iter()
+        .map(|f| (f.rule.as_str(), f.severity, f.line))
+        .collect()
+}
+
+#[test]
+fn concurrently_in_an_atomic_unit_is_said() {
+    let ms = || {
+        vec![
+            migration(
+                "001_a",
+                "ALTER TABLE orders ADD COLUMN note text",
+                "ALTER TABLE orders DROP COLUMN note",
+            ),
+            migration(
+                "002_idx",
+                "-- alone in its migration\nCREATE INDEX CONCURRENTLY idx_orders_note ON orders (note)",
+                "DROP INDEX CONCURRENTLY idx_orders_note",
+            ),
+        ]
+    };
+    let atomic = lint_plan(&plan(ms(), true), &LintOptions::default());
+    assert_eq!(
+        rules_of(&atomic),
+        vec![(CONCURRENTLY_IN_TRANSACTION, Severity::Warning, 2)],
+        "{atomic:#?}"
+    );
+    assert_eq!(atomic[0].migration, "002_idx");
+    // Alone in its migration, outside an atomic unit: nothing to say.
+    assert!(lint_plan(&plan(ms(), false), &LintOptions::default()).is_empty());
+}
+
+#[test]
+fn index_rule_uses_table_sizes_when_given() {
+    let p = plan(
+        vec![migration(
+            "001_idx",
+            "CREATE INDEX idx_a ON app.big (x);\nCREATE INDEX idx_b ON small (x);\nCREATE INDEX idx_c ON unmeasured (x);",
+            "DROP INDEX idx_c; DROP INDEX idx_b; DROP INDEX app.idx_a;",
+        )],
+        false,
+    );
+    // Without sizes: a warning for every existing table.
+    let plain = lint_plan(&p, &LintOptions::default());
+    assert_eq!(
+        rules_of(&plain),
+        vec![
+            (INDEX_NOT_CONCURRENT, Severity::Warning, 1),
+            (INDEX_NOT_CONCURRENT, Severity::Warning, 2),
+            (INDEX_NOT_CONCURRENT, Severity::Warning, 3),
+        ]
+    );
+    let sizes = [
+        ("app.big".to_string(), 5u64 << 30),
+        ("small".to_string(), 8 << 10),
+    ];
+    let options = LintOptions {
+        table_bytes: Some(sizes.into_iter().collect()),
+        ..LintOptions::default()
+    };
+    let sized = lint_plan(&p, &options);
+    assert_eq!(
+        rules_of(&sized),
+        vec![
+            (INDEX_NOT_CONCURRENT, Severity::Error, 1),
+            (INDEX_NOT_CONCURRENT, Severity::Warning, 3),
+        ],
+        "{sized:#?}"
+    );
+    assert!(
+        sized[0].message.contains("5120 MiB"),
+        "{}",
+        sized[0].message
+    );
+}
+
+#[test]
+fn ignores_travel_on_the_wire_and_need_a_known_rule_and_a_reason() {
+    let mut m = migration("001_idx", "CREATE INDEX i ON t (x)", "DROP INDEX i");
+    m.lint_ignore = vec![pb::LintIgnore {
+        rule: INDEX_NOT_CONCURRENT.into(),
+        reason: "t is tiny".into(),
+    }];
+    let p = plan(vec![m.clone()], false);
+    assert!(lint_plan(&p, &LintOptions::default()).is_empty());
+    // And back to the wire unchanged.
+    let back = pb::Migration::from(&p.migrations[0]);
+    assert_eq!(back.lint_ignore, m.lint_ignore);
+
+    for (rule, reason, says) in [
+        (
+            "index-not-concurent",
+            "t is tiny",
+            "unknown rule `index-not-concurent`",
+        ),
+        (INDEX_NOT_CONCURRENT, "  ", "without a reason"),
+    ] {
+        let mut bad = m.clone();
+        bad.lint_ignore[0] = pb::LintIgnore {
+            rule: rule.into(),
+            reason: reason.into(),
+        };
+        let err = crate::PlanSpec::try_from(pb::PlanSpec {
+            name: "lint".into(),
+            migrations: vec![bad],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(says) && err.contains("001_idx"), "{err}");
+    }
+}
+
+#[test]
+fn parse_errors_cannot_be_ignored_and_stop_the_other_rules() {
+    let mut m = migration(
+        "001_bad",
+        "DROP TABLE t;\nALTER TABEL t ADD COLUMN c int",
+        "CREATE TABLE t (id int)",
+    );
+    m.lint_ignore = vec![pb::LintIgnore {
+        rule: PARSE_ERROR.into(),
+        reason: "try".into(),
+    }];
+    let findings = lint_plan(&plan(vec![m], false), &LintOptions::default());
+    assert_eq!(rules_of(&findings), vec![(PARSE_ERROR, Severity::Error, 2)]);
+}
+
+#[test]
+fn risk_high_allows_drops_and_drops_of_new_tables_are_not_destructive() {
+    let mut m = migration(
+        "001_drop",
+        "DROP TABLE old;\nCREATE TABLE tmp (id int);\nDROP TABLE tmp;",
+        "CREATE TABLE old (id int)",
+    );
+    let low = lint_plan(&plan(vec![m.clone()], false), &LintOptions::default());
+    assert_eq!(rules_of(&low), vec![(DESTRUCTIVE_DROP, Severity::Error, 1)]);
+    m.risk = "high".into();
+    assert!(lint_plan(&plan(vec![m], false), &LintOptions::default()).is_empty());
+}
+
+#[test]
+fn down_covers_what_up_creates_through_tables_and_schemas() {
+    let m = migration(
+        "001_schema",
+        "CREATE SCHEMA reports;\nCREATE TABLE reports.daily (id int);\nCREATE INDEX idx_daily ON reports.daily (id);\nCREATE TABLE extra (id int);\nALTER TABLE extra ADD COLUMN n int;\nCREATE VIEW v AS SELECT 1;\nCREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1';",
+        "DROP VIEW v;\nDROP TABLE IF EXISTS public.extra;\nDROP SCHEMA reports CASCADE;",
+    );
+    let findings = lint_plan(&plan(vec![m], false), &LintOptions::default());
+    assert!(findings.is_empty(), "{findings:#?}");
+}
+
+#[test]
+fn the_splitter_agrees_with_postgres_parser_on_statement_boundaries() {
+    // The agent runs what the splitter cuts (psql's rules); the lint reads what the
+    // parser parses: on SQL that quotes, nests and comments, both must see the same statements.
+    let sql = r#"
+-- a comment; with a semicolon
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN NEW.updated_at := now(); RETURN NEW; END;
+$body$;
+CREATE FUNCTION add(a int, b int) RETURNS int LANGUAGE sql
+BEGIN ATOMIC
+  SELECT a + b;
+END;
+CREATE RULE r AS ON INSERT TO t DO ALSO (INSERT INTO log VALUES (1); INSERT INTO log VALUES (2));
+INSERT INTO t (s) VALUES ('it''s; fine'), (E'back\'slash;'), ($$dollar; quoted$$);
+/* block /* nested; */ comment */ SELECT ";odd;name" FROM t;
+DO $$ BEGIN PERFORM 1; END $$
+"#;
+    let split = crate::sql::split_statements(sql).unwrap();
+    let parsed = analyze(sql).unwrap();
+    assert_eq!(parsed.len(), split.len(), "{split:#?}\n{parsed:#?}");
+    for (s, p) in split.iter().zip(&parsed) {
+        // The splitter keeps a statement's leading comments; the parser's text starts at
+        // its first token.
+        assert!(
+            s.ends_with(&p.text),
+            "splitter: {s:?}\nparser: {:?}",
+            p.text
+        );
+    }
+    let kinds: Vec<&str> = parsed.iter().map(|p| p.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "CREATE FUNCTION",
+            "CREATE FUNCTION",
+            "CREATE RULE",
+            "INSERT",
+            "SELECT",
+            "DO"
+        ]
+    );
+}
+
+#[test]
+fn a_dropped_column_takes_its_indexes_and_constraints_with_it() {
+    let m = migration(
+        "001_cols",
+        "ALTER TABLE orders ADD COLUMN c int, ADD COLUMN d int, ADD CONSTRAINT c_positive CHECK (c > 0 AND d IS NOT NULL);\n\
+         ALTER TABLE orders ADD CONSTRAINT orders_d_fk FOREIGN KEY (d) REFERENCES t (id) NOT VALID;\n\
+         CREATE INDEX CONCURRENTLY idx_orders_lower_c ON orders (lower(c::text)) WHERE d > 0;",
+        "ALTER TABLE orders DROP COLUMN d, DROP COLUMN c;",
+    );
+    let findings = lint_plan(&plan(vec![m], false), &LintOptions::default());
+    let down: Vec<_> = findings
+        .iter()
+        .filter(|f| f.rule == DOWN_INCOMPLETE)
+        .collect();
+    assert!(down.is_empty(), "{down:#?}");
+
+    // A column the index is not on does not take it.
+    let m = migration(
+        "001_cols",
+        "ALTER TABLE orders ADD COLUMN c int;\nCREATE INDEX CONCURRENTLY idx_orders_e ON orders (e);",
+        "ALTER TABLE orders DROP COLUMN c;",
+    );
+    let findings = lint_plan(&plan(vec![m], false), &LintOptions::default());
+    let down: Vec<_> = findings
+        .iter()
+        .filter(|f| f.rule == DOWN_INCOMPLETE)
+        .map(|f| (f.line, f.message.as_str()))
+        .collect();
+    assert_eq!(
+        down,
+        [(
+            2,
+            "creates index idx_orders_e, which down.sql does not drop"
+        )]
+    );
+}

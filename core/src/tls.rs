@@ -1,0 +1,239 @@
+//! Transport security shared by the coordinator, the agent and the CLI: TLS material read
+//! from PEM files (`--tls-cert`, `--tls-key`, `--tls-ca`; `--etcd-cert`, ... for etcd),
+//! the client side of a TLS connection, and what counts as loopback (plaintext is for
+//! loopback development only).
+//!
+//! The server side (the coordinator's listener, which audits refused handshakes) lives in
+//! the coordinator; the client side is tonic's own `ClientTlsConfig`, which is also what
+//! etcd-client takes.
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+/// The URI SAN prefix that names an agent's shard in its certificate:
+/// `flotilla-agent:<shard>`.
+pub const AGENT_URI_PREFIX: &str = "flotilla-agent:";
+
+/// Why TLS material could not be used; names the flag and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{flag} {path}: {reason}")]
+    File {
+        flag: String,
+        path: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// PEM files for one side of TLS connections; `flags` names them in errors (`tls` for
+/// `--tls-cert`/`--tls-key`/`--tls-ca`, `etcd` for `--etcd-cert`/...).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub flags: &'static str,
+    /// This side's certificate chain (leaf first).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// The CA that signs the other side's certificate: a server requires client
+    /// certificates signed by it; a client trusts only servers signed by it.
+    pub ca: Option<PathBuf>,
+}
+
+/// A certificate and its key, as PEM text.
+pub struct IdentityPem {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl TlsFiles {
+    pub fn new(
+        flags: &'static str,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        ca: Option<PathBuf>,
+    ) -> TlsFiles {
+        TlsFiles {
+            flags,
+            cert,
+            key,
+            ca,
+        }
+    }
+
+    /// Nothing given: plaintext.
+    pub fn is_empty(&self) -> bool {
+        self.cert.is_none() && self.key.is_none() && self.ca.is_none()
+    }
+
+    fn flag(&self, which: &str) -> String {
+        format!("--{}-{which}", self.flags)
+    }
+
+    /// Reads one PEM file, refusing one that holds no PEM block (a DER file or a
+    /// path mixed up with another is the usual mistake).
+    fn read(&self, which: &str, path: &Path) -> Result<Vec<u8>, TlsError> {
+        let bad = |reason: String| TlsError::File {
+            flag: self.flag(which),
+            path: path.display().to_string(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+            return Err(bad("not a PEM file (no -----BEGIN line)".into()));
+        }
+        Ok(bytes)
+    }
+
+    /// This side's certificate and key: both or neither.
+    pub fn identity_pem(&self) -> Result<Option<IdentityPem>, TlsError> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Ok(Some(IdentityPem {
+                cert: self.read("cert", cert)?,
+                key: self.read("key", key)?,
+            })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(TlsError::Invalid(format!(
+                "{} is given without {}",
+                self.flag("cert"),
+                self.flag("key")
+            ))),
+            (None, Some(_)) => Err(TlsError::Invalid(format!(
+                "{} is given without {}",
+                self.flag("key"),
+                self.flag("cert")
+            ))),
+        }
+    }
+
+    /// The CA certificate(s), as PEM text.
+    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, TlsError> {
+        self.ca.as_ref().map(|p| self.read("ca", p)).transpose()
+    }
+
+    /// The client side of a TLS connection (None when no file is given). A client
+    /// needs the CA to trust the server: there are no built-in roots, a Flotilla
+    /// deployment has its own CA.
+    pub fn client_config(&self) -> Result<Option<ClientTlsConfig>, TlsError> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let Some(ca) = self.ca_pem()? else {
+            return Err(TlsError::Invalid(format!(
+                "{} is needed with {} and {}: the CA that signed the server's certificate",
+                self.flag("ca"),
+                self.flag("cert"),
+                self.flag("key")
+            )));
+        };
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some(id) = self.identity_pem()? {
+            config = config.identity(Identity::from_pem(id.cert, id.key));
+        }
+        Ok(Some(config))
+    }
+}
+
+/// A user name and password (etcd's `--etcd-user` and `--etcd-password-file`). The
+/// password comes from a file, never argv, and `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// `user` with the password on the first line of `path` (`flag` names the file's
+    /// flag in errors, which never hold the password).
+    pub fn from_file(user: &str, flag: &str, path: &Path) -> Result<Credentials, TlsError> {
+        let bad = |reason: String| TlsError::File {
+            flag: flag.to_string(),
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let password = text.lines().next().unwrap_or("").trim_end_matches('\r');
+        if password.is_empty() {
+            return Err(bad("the file is empty".into()));
+        }
+        if user.trim().is_empty() {
+            return Err(TlsError::Invalid(format!(
+                "{flag} is given without a user name"
+            )));
+        }
+        Ok(Credentials {
+            user: user.trim().to_string(),
+            password: password.to_string(),
+        })
+    }
+}
+
+/// The host of an address such as `http://host:port`, `https://[::1]:7070` or
+/// `host:port` (brackets removed).
+pub fn address_host(address: &str) -> &str {
+    let rest = address.split_once("://").map_or(address, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+/// Whether `host` is this machine only: `localhost`, 127.0.0.0/8, `::1`.
+pub fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether a connection to `address` would travel in plaintext off this machine:
+/// not `https://`, and not to a loopback host.
+pub fn plaintext_off_host(address: &str) -> bool {
+    !address.trim().starts_with("https://") && !is_loopback_host(address_host(address.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_recognised_in_every_spelling() {
+        assert!(is_loopback_host(address_host("http://127.0.0.1:7070")));
+        assert!(is_loopback_host(address_host("http://localhost:7070")));
+        assert!(is_loopback_host(address_host("http://[::1]:7070")));
+        assert!(is_loopback_host(address_host("127.0.0.2:7070")));
+        assert!(!is_loopback_host(address_host("http://10.0.0.1:7070")));
+        assert!(!is_loopback_host(address_host("http://coordinator:7070")));
+        assert!(!plaintext_off_host("https://coordinator:7070"));
+        assert!(plaintext_off_host("http://coordinator:7070"));
+        assert!(!plaintext_off_host("http://127.0.0.1:7070"));
+    }
+
+    #[test]
+    fn half_an_identity_or_a_client_without_ca_is_refused_naming_the_flags() {
+        let files = TlsFiles::new("tls", Some("/nonexistent/cert.pem".into()), None, None);
+        let e = files.identity_pem().err().expect("refused").to_string();
+        assert!(e.contains("--tls-cert") && e.contains("--tls-key"), "{e}");
+        let e = TlsFiles::new("etcd", Some("c".into()), Some("k".into()), None)
+            .client_config()
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("--etcd-ca"), "{e}");
+        let e = TlsFiles::new("tls", None, None, Some("/nonexistent/ca.pem".into()))
+            .client_config()
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("--tls-ca /nonexistent/ca.pem"), "{e}");
+    }
+}

@@ -1,0 +1,142 @@
+# Shared by the benchmark scripts (sourced, not run): the release build, one throwaway
+# PostgreSQL server in a scratch directory (stopped and removed on exit), the reference
+# fleet, a coordinator with one agent per shard, and the small helpers they all time with.
+#
+# A script sets ROOT (the repo) before sourcing; then calls, in this order:
+#   bench_init NAME                 scratch dir $work, the PostgreSQL binaries ($bindir), the trap
+#   bench_build                     cargo build --release; sets FLOTILLA
+#   bench_start_pg [-c SETTING]...  initdb + start on a random port; exports PGURL and PATH
+#   bench_coordinator PORT LOG STORE   starts one; sets COORD_PID and addr
+#   bench_agents LABEL              one agent per shard ($SHARDS, $PAR lanes); sets AGENT_PIDS
+#   bench_wait_connected [TRIES]    until every agent is attached
+#   bench_stop_flotilla             kills what bench_coordinator/bench_agents started
+# and, for scripts that run their own processes: bench_etcd_start CLIENT_PORT PEER_PORT,
+# bench_wait_agents ADDR N, bench_cpu_seconds PID.
+# Environment: SHARED (default ../shared beside the repo), FLOTILLA_PG_BINDIR, FLOTILLA_BIN,
+# FLOTILLA_BENCH_KEEP=1 keeps the logs and the server's data dir.
+
+SHARED=${SHARED:-$ROOT/../shared}
+BENCH=$SHARED/bench
+pids=()
+COORD_PID=
+AGENT_PIDS=()
+
+bench_init() {
+  [ -x "$BENCH/make-fleet.sh" ] || { echo "error: $BENCH/make-fleet.sh not found (set SHARED)" >&2; exit 2; }
+  bindir=${FLOTILLA_PG_BINDIR:-}
+  [ -n "$bindir" ] || bindir=$(pg_config --bindir 2>/dev/null || true)
+  [ -x "$bindir/initdb" ] || bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5,5 -rn | head -1)
+  [ -x "$bindir/initdb" ] || { echo "error: initdb not found; run scripts/test.sh once to install PostgreSQL" >&2; exit 2; }
+  work=$(mktemp -d "/tmp/$1.XXXXXX")
+  chmod 755 "$work"
+  as_pg=()
+  if [ "$(id -u)" -eq 0 ]; then
+    chown postgres "$work"
+    as_pg=(runuser -u postgres --)
+  fi
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
+  if [ -n "${FLOTILLA_BENCH_KEEP:-}" ]; then echo "logs kept in $work"; else rm -rf "$work"; fi
+}
+
+# FLOTILLA_BIN=path runs that binary instead (an A/B against an older build); no build then.
+bench_build() {
+  if [ -n "${FLOTILLA_BIN:-}" ]; then
+    FLOTILLA=$FLOTILLA_BIN
+    echo "==== using $FLOTILLA"
+    return
+  fi
+  echo "==== building flotilla (release)"
+  cargo build --release --quiet --bin flotilla
+  FLOTILLA=$ROOT/target/release/flotilla
+}
+
+# Extra server settings as `-c name=value` pairs; max_connections=200 always.
+bench_start_pg() {
+  port=$(( 20000 + RANDOM % 10000 ))
+  "${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+  "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -l "$work/pg.log" -w \
+    -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=200 $*" start >/dev/null
+  export PGURL="postgres://postgres@127.0.0.1:$port"
+  export PATH="$bindir:$PATH"
+}
+
+bench_coordinator() {
+  local cport=$1 log=$2 store=$3
+  "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$store" >"$log" 2>&1 &
+  COORD_PID=$!
+  pids+=("$COORD_PID")
+  addr="http://127.0.0.1:$cport"
+  for ((i=0; i<100; i++)); do grep -qs "coordinator listening" "$log" && break; sleep 0.1; done
+}
+
+bench_agents() {
+  local label=$1
+  AGENT_PIDS=()
+  for ((s=0; s<SHARDS; s++)); do
+    FLOTILLA_LOG=warn "$FLOTILLA" --coordinator "$addr" agent --shard "shard_$s" --dsn "$PGURL/shard_$s" \
+      --tenant-pattern 'tenant_%' --max-connections "$PAR" >"$work/agent-$label-$s.log" 2>&1 &
+    AGENT_PIDS+=($!)
+    pids+=($!)
+  done
+}
+
+bench_wait_connected() {
+  local tries=${1:-200} n
+  for ((i=0; i<tries; i++)); do
+    n=$("$FLOTILLA" --coordinator "$addr" fleet list --output json 2>/dev/null | grep -o '"connected":true' | wc -l || true)
+    [ "$n" -eq "$SHARDS" ] && return 0; sleep 0.1
+  done
+  echo "error: not every agent attached ($n of $SHARDS)" >&2
+  return 1
+}
+
+bench_stop_flotilla() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  pids=()
+  COORD_PID=
+  AGENT_PIDS=()
+}
+
+# Peak resident set of a live process in MB (VmHWM, 10^6 bytes), or "?" when it is gone.
+peak_rss_mb() {
+  if [ -r "/proc/$1/status" ]; then
+    awk '/^VmHWM:/ {printf "%.1f\n", $2 * 1024 / 1e6; found=1} END {if (!found) print "?"}' "/proc/$1/status"
+  else
+    echo "?"
+  fi
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+now() { date +%s.%N; }
+
+# Starts a one-member etcd on $1 (client) and $2 (peer); waits until it answers.
+bench_etcd_start() {
+  etcd --name b --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$1" \
+    --advertise-client-urls "http://127.0.0.1:$1" --listen-peer-urls "http://127.0.0.1:$2" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$2" --initial-cluster "b=http://127.0.0.1:$2" >"$work/etcd.log" 2>&1 &
+  pids+=($!)
+  for ((i=0; i<100; i++)); do curl -fs "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "error: etcd did not answer on port $1" >&2; exit 1
+}
+
+# Waits until $2 agents are attached to the coordinator at $1.
+bench_wait_agents() {
+  local n=0
+  for ((i=0; i<600; i++)); do
+    n=$("$FLOTILLA" --coordinator "$1" fleet list --output json 2>/dev/null | grep -o '"connected":true' | wc -l || true)
+    [ "$n" -eq "$2" ] && return; sleep 0.1
+  done
+  echo "error: $n of $2 agents attached to $1" >&2; exit 1
+}
+
+# User+sys CPU seconds of process $1 so far (fields 14 and 15 of /proc/PID/stat, in ticks;
+# the command name in field 2 holds no space for flotilla).
+bench_cpu_seconds() {
+  awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"
+}

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Many shards on one coordinator (issue 15): COORD-2025-001 (non-atomic) rolled over SIZE
+# shard databases x 40 tenant schemas each, for SIZE in 8, 32 and 64, with one agent per
+# shard, one coordinator, one etcd and one PostgreSQL server, all started here. For each size
+# it prints, medians of REPEAT runs:
+#   - the coordinator's CPU per step: user+sys seconds of its process (/proc/PID/stat) from
+#     submit to the plan's end, divided by the steps that ran;
+#   - the scheduling latency: flotilla_scheduling_latency_seconds from the coordinator's
+#     /metrics (an agent's results arriving -> the runs they freed handed out), mean and p99;
+#   - the wall time of the rollout (submit --wait) and the steps per second;
+#   - the coordinator's idle CPU with every agent attached (heartbeats, liveness), per second.
+# The figures should stay flat as the shards grow: the same tenants per shard and the same
+# parallelism in all (PAR steps at once, whatever the number of shards), so PostgreSQL and the
+# cores do the same work at once and what grows is the fleet the coordinator keeps: agents
+# attached, their streams, heartbeats and liveness keys, and the targets of the plan.
+#
+#   scripts/bench-shards.sh [REPEAT]         (default 3)
+#
+# Environment: SHARED (default ../shared beside the repo), SIZES ("8 32 64"), TENANTS (40 per
+# shard), PAR (16: the plan's --max-parallel), AGENT_CONNS (2: each agent's --max-connections),
+# ROWS (20 per table), IDLE (3 s of idle CPU measured before each submit), FLOTILLA_PG_BINDIR,
+# FLOTILLA_BENCH_KEEP=1 keeps the logs and the server's data dir.
+#
+# Why PAR is fixed: with one lane per shard (PAR = SIZE), 64 shards ran 64 DDL transactions at
+# once on 2 cores; agents and the coordinator were starved for seconds, missed heartbeats (3 s)
+# and reconnected by the dozen, and the coordinator once lost its etcd lease: the machine, not
+# the coordinator, was measured. PAR=SIZE still works for a bigger machine.
+#
+# PostgreSQL settings: an agent holds at most --max-connections + 1 pooled connections and one
+# for its agent lock, so 64 agents x (2 + 2) = 256: max_connections=400 leaves room for psql
+# and the journal reads. fsync=off: the machine has 2 cores and one disk shared with others,
+# and commit latency is not what this measures (the coordinator's cost per step is).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+SHARED=${SHARED:-$ROOT/../shared}
+BENCH=$SHARED/bench
+REPEAT=${1:-3}
+SIZES=${SIZES:-"8 32 64"}
+TENANTS=${TENANTS:-40}; PAR=${PAR:-16}; AGENT_CONNS=${AGENT_CONNS:-2}; ROWS=${ROWS:-20}
+IDLE=${IDLE:-3}
+[ -x "$BENCH/make-fleet.sh" ] || { echo "error: $BENCH/make-fleet.sh not found (set SHARED)" >&2; exit 2; }
+command -v etcd >/dev/null || { echo "error: etcd not found; run scripts/test.sh once to install it" >&2; exit 2; }
+command -v curl >/dev/null || { echo "error: curl not found" >&2; exit 2; }
+MAX_SIZE=0
+for n in $SIZES; do [ "$n" -gt "$MAX_SIZE" ] && MAX_SIZE=$n; done
+
+bench_median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+# ---- this benchmark -----------------------------------------------------------------------
+
+# A histogram's count, sum and bucket counts from a /metrics text on stdin, one line:
+# "count sum le1:c1 le2:c2 ...".
+histogram_of() {
+  awk -v m="$1" '
+    index($0, m "_count") == 1 {c = $2}
+    index($0, m "_sum") == 1 {s = $2}
+    index($0, m "_bucket{le=\"") == 1 {split($0, a, "\""); b = b " " a[2] ":" $2}
+    END {print c + 0, s + 0 b}'
+}
+
+# The latency between two histogram readings: "mean_ms p99_ms" (p99: the upper bound of the
+# bucket that holds it).
+latency_between() {
+  awk -v before="$1" -v after="$2" 'BEGIN {
+    nb = split(before, B, " "); na = split(after, A, " ")
+    n = A[1] - B[1]; sum = A[2] - B[2]
+    for (i = 3; i <= nb; i++) { split(B[i], x, ":"); prev[x[1]] = x[2] }
+    p99 = "inf"
+    for (i = 3; i <= na; i++) {
+      split(A[i], x, ":"); c = x[2] - prev[x[1]]
+      if (n > 0 && c >= 0.99 * n) { p99 = (x[1] == "+Inf") ? "inf" : sprintf("%.2f", x[1] * 1000); break }
+    }
+    if (n > 0) printf "%.3f %s\n", sum / n * 1000, p99; else print "nan nan"
+  }'
+}
+
+# Steps that ran to an end (applied or already there), from the coordinator's counters.
+steps_done() {
+  awk '/^flotilla_steps_finished_total\{/ && (/outcome="applied"/ || /outcome="already_applied"/) {s += $2} END {print s + 0}'
+}
+
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
+bench_init flotilla-bench-shards
+bench_build
+bench_start_pg -c max_connections=400 -c fsync=off -c shared_buffers=256MB
+eport=$(( port + 1 ))
+bench_etcd_start "$eport" $(( port + 2 ))
+
+echo "==== building $MAX_SIZE shards x $TENANTS tenants x $ROWS rows"
+# (its DROP DATABASE IF EXISTS says NOTICE once per database: 128 lines)
+PGOPTIONS='-c client_min_messages=warning' "$BENCH/make-fleet.sh" "$MAX_SIZE" "$TENANTS" "$ROWS" >/dev/null
+
+# One rollout over the first $1 shards (freshly reset); writes to $work/result
+# "cpu_per_step_ms latency_mean_ms latency_p99_ms wall_s steps_per_s idle_cpu_per_s detached"
+# (detached: agent streams the coordinator lost during the run; each one a reconnect, runs
+# resent: on a starved machine they are what the latency measures).
+run_size() {
+  local n=$1 r=$2 cport mport addr cpid
+  "$BENCH/make-fleet.sh" --reset "$n" >/dev/null
+  cport=$(( port + 10 + r * 4 )); mport=$(( cport + 1 ))
+  addr="http://127.0.0.1:$cport"
+  FLOTILLA_LOG=info "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --metrics "127.0.0.1:$mport" \
+    --store "$work/store-$n-$r.db" --etcd "http://127.0.0.1:$eport" >"$work/c-$n-$r.log" 2>&1 &
+  cpid=$!; pids+=("$cpid")
+  for ((s=0; s<n; s++)); do
+    FLOTILLA_LOG=warn "$FLOTILLA" --coordinator "$addr" agent --shard "shard_$s" --dsn "$PGURL/shard_$s" \
+      --tenant-pattern 'tenant_%' --max-connections "$AGENT_CONNS" --etcd "http://127.0.0.1:$eport" \
+      >"$work/a-$n-$r-$s.log" 2>&1 &
+    pids+=($!)
+  done
+  bench_wait_agents "$addr" "$n"
+  # Idle: every agent attached, nothing to do (heartbeats, liveness, journal reports).
+  local i0 i1 c0 c1 t0 t1 h0 h1 m0 m1
+  i0=$(bench_cpu_seconds "$cpid"); sleep "$IDLE"; i1=$(bench_cpu_seconds "$cpid")
+  m0=$(curl -fs "http://127.0.0.1:$mport/metrics")
+  h0=$(echo "$m0" | histogram_of flotilla_scheduling_latency_seconds)
+  c0=$(bench_cpu_seconds "$cpid"); t0=$(date +%s.%N)
+  "$FLOTILLA" --coordinator "$addr" plan submit "$BENCH/coord-2025-001" --wait \
+    --max-parallel "$PAR" >"$work/submit-$n-$r.log" 2>&1 \
+    || { echo "error: the rollout over $n shards failed:" >&2; tail -5 "$work/submit-$n-$r.log" >&2; exit 1; }
+  t1=$(date +%s.%N); c1=$(bench_cpu_seconds "$cpid")
+  m1=$(curl -fs "http://127.0.0.1:$mport/metrics")
+  h1=$(echo "$m1" | histogram_of flotilla_scheduling_latency_seconds)
+  local steps expected applied
+  steps=$(( $(echo "$m1" | steps_done) - $(echo "$m0" | steps_done) ))
+  expected=$(( n * TENANTS * 3 ))
+  [ "$steps" -eq "$expected" ] || { echo "error: $steps steps ran over $n shards, expected $expected" >&2; exit 1; }
+  applied=$(psql "$PGURL/shard_$(( n - 1 ))" -XAtc "SELECT count(*) FROM flotilla.journal")
+  [ "$applied" -eq $(( TENANTS * 3 )) ] || { echo "error: shard_$(( n - 1 ))'s journal holds $applied rows, expected $(( TENANTS * 3 ))" >&2; exit 1; }
+  local lat detached
+  lat=$(latency_between "$h0" "$h1")
+  detached=$(grep -c "flotilla_coordinator::sessions: agent detached" "$work/c-$n-$r.log" || true)
+  awk -v c0="$c0" -v c1="$c1" -v t0="$t0" -v t1="$t1" -v s="$steps" -v lat="$lat" \
+      -v i0="$i0" -v i1="$i1" -v idle="$IDLE" -v d="$detached" 'BEGIN {
+    split(lat, l, " ")
+    printf "%.3f %s %s %.2f %.1f %.4f %d\n", (c1 - c0) / s * 1000, l[1], l[2], t1 - t0, s / (t1 - t0), (i1 - i0) / idle, d
+  }' >"$work/result"
+  for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
+  wait "${pids[@]:1}" 2>/dev/null || true
+  pids=("${pids[0]}")
+}
+
+declare -A cpu lat_mean lat_p99 wall rate idle
+for ((r=1; r<=REPEAT; r++)); do
+  for n in $SIZES; do
+    run_size "$n" "$r"
+    read -r c lm lp w sps ic det <"$work/result"
+    echo "run $r, $n shards x $TENANTS tenants: coordinator CPU ${c} ms/step; scheduling latency mean ${lm} ms, p99 <= ${lp} ms; wall ${w}s (${sps} steps/s); idle CPU ${ic} s/s; agent streams lost ${det}"
+    cpu[$n]+="$c "; lat_mean[$n]+="$lm "; lat_p99[$n]+="$lp "; wall[$n]+="$w "; rate[$n]+="$sps "; idle[$n]+="$ic "
+  done
+done
+
+echo
+echo "==== medians of $REPEAT runs; $TENANTS tenants per shard, COORD-2025-001 (3 steps per tenant), max_parallel $PAR, agents --max-connections $AGENT_CONNS"
+echo "     machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), load $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-7s %8s %22s %22s %10s %10s %14s\n' shards steps "CPU/step (ms)" "sched. mean/p99 (ms)" "wall (s)" "steps/s" "idle CPU (s/s)"
+for n in $SIZES; do
+  # shellcheck disable=SC2086
+  printf '%-7s %8s %22s %22s %10s %10s %14s\n' "$n" $(( n * TENANTS * 3 )) "$(bench_median ${cpu[$n]})" \
+    "$(bench_median ${lat_mean[$n]}) / $(bench_median ${lat_p99[$n]})" "$(bench_median ${wall[$n]})" \
+    "$(bench_median ${rate[$n]})" "$(bench_median ${idle[$n]})"
+done
+first=${SIZES%% *}; last=${SIZES##* }
+# shellcheck disable=SC2086
+printf 'CPU per step at %s shards / at %s: %.2fx; scheduling latency (mean): %.2fx (goal: flat, ~1x)\n' "$last" "$first" \
+  "$(echo "$(bench_median ${cpu[$last]}) / $(bench_median ${cpu[$first]})" | bc -l)" \
+  "$(echo "$(bench_median ${lat_mean[$last]}) / $(bench_median ${lat_mean[$first]})" | bc -l)"

@@ -1,0 +1,317 @@
+//! `plan explain PATH` / `plan submit PATH --dry-run`: the coordinator resolves the plan as a
+//! submit would and asks the agents for the sizes of what it touches, changing nothing; this
+//! prints what it found, per migration and target class.
+use flotilla_core::pb;
+use serde_json::{Value, json};
+
+use super::plan::{client, on_leader};
+use super::{EXIT_BAD_INPUT, EXIT_OK, Output, SubmitArgs};
+use crate::loader;
+
+pub(super) async fn run(addr: &str, args: &SubmitArgs) -> u8 {
+    if args.wait {
+        eprintln!("error: --wait does not apply to a dry run: nothing is submitted");
+        return EXIT_BAD_INPUT;
+    }
+    let overrides = super::plan::overrides(args);
+    let mut raw = match loader::load(&args.path, &overrides) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    if let Err(e) = flotilla_core::PlanSpec::try_from(raw.clone()) {
+        eprintln!("error: {}: {e}", args.path.display());
+        return EXIT_BAD_INPUT;
+    }
+    raw.submitted_by = super::plan::acting(args.actor.clone());
+    if let Some(env) = &args.promotion.environment {
+        raw.environment = env.trim().to_string();
+    }
+    let mut c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = pb::SubmitPlanRequest {
+        spec: Some(raw),
+        ..Default::default()
+    };
+    let resp = match on_leader(&mut c, |mut c| {
+        let req = req.clone();
+        async move { c.explain_plan(req).await }
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    match args.output {
+        Output::Json => println!("{}", to_json(&resp)),
+        Output::Text => print!("{}", to_text(&resp)),
+    }
+    EXIT_OK
+}
+
+fn to_json(r: &pb::ExplainResponse) -> Value {
+    json!({
+        "name": r.name,
+        "targets": r.targets,
+        "steps": r.steps,
+        "already_applied": r.already_applied,
+        "max_parallel": r.max_parallel,
+        "estimate_ms": r.estimate_ms,
+        "estimate_basis": r.estimate_basis,
+        "approval": r.approval,
+        "unknown_shards": r.unknown_shards,
+        "warnings": r.warnings,
+        "waves": r.waves.iter().map(|w| json!({"name": w.name, "targets": w.targets})).collect::<Vec<_>>(),
+        "migrations": r.migrations.iter().map(migration_json).collect::<Vec<_>>(),
+    })
+}
+
+fn migration_json(m: &pb::ExplainMigration) -> Value {
+    json!({
+        "id": m.id,
+        "kind": m.kind,
+        "scope": m.scope,
+        "tx_mode": m.tx_mode,
+        "risk": m.risk,
+        "targets": m.targets,
+        "already_applied": m.already_applied,
+        "statements": m.statements.iter().map(|s| json!({
+            "line": s.line,
+            "text": s.text,
+            "kind": s.kind,
+            "locks": s.locks.iter().map(|l| json!({"relation": l.relation, "mode": l.mode})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "statements_error": m.statements_error,
+        "relations": m.relations.iter().map(|r| json!({
+            "relation": r.relation,
+            "present": r.present,
+            "missing": r.missing,
+            "unknown": r.unknown,
+            "bytes": {"min": r.min_bytes, "median": r.median_bytes, "max": r.max_bytes},
+            "rows": {"min": r.min_rows, "median": r.median_rows, "max": r.max_rows},
+            "targets": r.per_target.iter().map(|t| json!({
+                "target": t.target,
+                "state": t.state,
+                "bytes": t.bytes,
+                "rows": t.rows,
+                "error": t.error,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "step_estimate_ms": m.step_estimate_ms,
+        "estimate_ms": m.estimate_ms,
+        "estimate_basis": m.estimate_basis,
+        "findings": m.findings.iter().map(|f| json!({
+            "rule": f.rule,
+            "severity": f.severity,
+            "file": f.file,
+            "line": f.line,
+            "message": f.message,
+            "hint": f.hint,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn to_text(r: &pb::ExplainResponse) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "dry run of plan {}: {} targets, {} steps ({} applied already), {} targets at once; nothing was changed",
+        r.name, r.targets, r.steps, r.already_applied, r.max_parallel
+    );
+    let estimate = if r.estimate_ms == 0 {
+        r.estimate_basis.clone()
+    } else {
+        format!("{} ({})", duration(r.estimate_ms), r.estimate_basis)
+    };
+    let _ = writeln!(o, "estimated duration: {estimate}");
+    if !r.approval.is_empty() {
+        let _ = writeln!(o, "would wait for {}", r.approval);
+    }
+    for w in &r.warnings {
+        let _ = writeln!(o, "{w}");
+    }
+    for s in &r.unknown_shards {
+        let _ = writeln!(o, "unknown: {s}");
+    }
+    let _ = writeln!(o, "waves:");
+    for w in &r.waves {
+        let _ = writeln!(
+            o,
+            "  {}: {} target(s): {}",
+            w.name,
+            w.targets.len(),
+            some_of(&w.targets, 8)
+        );
+    }
+    for m in &r.migrations {
+        let _ = writeln!(
+            o,
+            "\nmigration {} ({}, per {}, {}{}): {} target(s), {} applied already",
+            m.id,
+            if m.kind.is_empty() { "schema" } else { &m.kind },
+            m.scope,
+            m.tx_mode,
+            if m.risk.is_empty() {
+                String::new()
+            } else {
+                format!(", risk {}", m.risk)
+            },
+            m.targets,
+            m.already_applied
+        );
+        if !m.statements_error.is_empty() {
+            let _ = writeln!(
+                o,
+                "  statements could not be parsed: {}",
+                m.statements_error
+            );
+        }
+        for s in &m.statements {
+            let text: String = s.text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let _ = writeln!(o, "  line {}: {}", s.line, shorten(&text, 100));
+            for l in &s.locks {
+                let _ = writeln!(o, "      takes {} on {}", l.mode, l.relation);
+            }
+        }
+        for rel in &m.relations {
+            let mut line = format!("  {}: on {} target(s)", rel.relation, rel.present);
+            if rel.present > 0 {
+                let _ = write!(
+                    line,
+                    ", size {} / {} / {} (min / median / max)",
+                    bytes(rel.min_bytes),
+                    bytes(rel.median_bytes),
+                    bytes(rel.max_bytes)
+                );
+                if rel.median_rows >= 0 {
+                    let _ = write!(
+                        line,
+                        ", rows ~{} / {} / {}",
+                        rel.min_rows, rel.median_rows, rel.max_rows
+                    );
+                } else {
+                    line.push_str(", rows not estimated (never analyzed)");
+                }
+            }
+            if rel.missing > 0 {
+                let _ = write!(line, "; missing on {}", rel.missing);
+            }
+            if rel.unknown > 0 {
+                let _ = write!(line, "; unknown on {}", rel.unknown);
+            }
+            let _ = writeln!(o, "{line}");
+        }
+        if m.step_estimate_ms == 0 {
+            let _ = writeln!(o, "  estimate: {}", m.estimate_basis);
+        } else {
+            let _ = writeln!(
+                o,
+                "  estimate: {} a target, {} in all ({})",
+                duration(m.step_estimate_ms),
+                duration(m.estimate_ms),
+                m.estimate_basis
+            );
+        }
+        for f in &m.findings {
+            let _ = writeln!(
+                o,
+                "  lint {} {} ({}:{}): {} (fix: {})",
+                f.severity, f.rule, f.file, f.line, f.message, f.hint
+            );
+        }
+    }
+    o
+}
+
+fn some_of(items: &[String], n: usize) -> String {
+    if items.len() <= n {
+        items.join(", ")
+    } else {
+        format!("{}, ... ({} more)", items[..n].join(", "), items.len() - n)
+    }
+}
+
+fn shorten(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}...", s.chars().take(n).collect::<String>())
+    }
+}
+
+fn bytes(b: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn duration(ms: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(8192), "8.0 kB");
+        assert_eq!(bytes(3 * 1024 * 1024 + 512 * 1024), "3.5 MB");
+    }
+
+    #[test]
+    fn text_says_no_history_and_names_unknown_shards() {
+        let r = pb::ExplainResponse {
+            name: "p".into(),
+            targets: 2,
+            steps: 2,
+            estimate_basis: "no history".into(),
+            unknown_shards: vec!["shard_1: its agent is not attached".into()],
+            migrations: vec![pb::ExplainMigration {
+                id: "001_a".into(),
+                scope: "tenant".into(),
+                tx_mode: "transactional".into(),
+                targets: 2,
+                statements: vec![pb::ExplainStatement {
+                    line: 1,
+                    text: "ALTER TABLE t ADD COLUMN x int".into(),
+                    kind: "ALTER TABLE".into(),
+                    locks: vec![pb::StatementLock {
+                        relation: "t".into(),
+                        mode: "ACCESS EXCLUSIVE".into(),
+                    }],
+                }],
+                estimate_basis: "no history".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = to_text(&r);
+        assert!(text.contains("estimated duration: no history"), "{text}");
+        assert!(
+            text.contains("unknown: shard_1: its agent is not attached"),
+            "{text}"
+        );
+        assert!(text.contains("takes ACCESS EXCLUSIVE on t"), "{text}");
+        let v = to_json(&r);
+        assert_eq!(
+            v["migrations"][0]["statements"][0]["locks"][0]["mode"],
+            "ACCESS EXCLUSIVE"
+        );
+    }
+}

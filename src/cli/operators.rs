@@ -1,0 +1,257 @@
+//! `flotilla operator add|list|revoke`: operator identities. Through the coordinator
+//! (an admin's credential), or with `--store URL` straight in the control store, with no
+//! coordinator and no credential: that is how the first admin is made (whoever can write
+//! the store can do anything anyway), and how a lost admin token is replaced.
+use flotilla_coordinator::auth;
+use flotilla_coordinator::store::Store;
+use flotilla_core::pb;
+use serde_json::{Value, json};
+
+use super::plan::{client, on_leader};
+use super::{EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, OperatorCommand, Output};
+
+pub async fn run(addr: &str, cmd: OperatorCommand) -> u8 {
+    match cmd {
+        OperatorCommand::Add {
+            name,
+            role,
+            approval_roles,
+            store,
+            token_out,
+            output,
+        } => {
+            let added = match store {
+                Some(location) => {
+                    let store = match open(&location).await {
+                        Ok(s) => s,
+                        Err(code) => return code,
+                    };
+                    let by = format!("{} (--store)", whoami());
+                    match auth::add_operator(&store, &name, &role, &approval_roles, &by).await {
+                        Ok(a) => a.to_pb(),
+                        Err(e) => return refused(&e.to_string(), &e.into()),
+                    }
+                }
+                None => {
+                    let mut c = match client(addr).await {
+                        Ok(c) => c,
+                        Err(code) => return code,
+                    };
+                    let req = pb::AddOperatorRequest {
+                        name,
+                        role,
+                        approval_roles,
+                    };
+                    match on_leader(&mut c, |mut c| {
+                        let req = req.clone();
+                        async move { c.add_operator(req).await }
+                    })
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(code) => return code,
+                    }
+                }
+            };
+            show_added(&added, token_out.as_deref(), output)
+        }
+        OperatorCommand::List { store, output } => {
+            let operators = match store {
+                Some(location) => match open(&location).await {
+                    Ok(s) => match s.operators().await {
+                        Ok(rows) => rows.iter().map(auth::operator_info).collect(),
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return EXIT_UNAVAILABLE;
+                        }
+                    },
+                    Err(code) => return code,
+                },
+                None => {
+                    let mut c = match client(addr).await {
+                        Ok(c) => c,
+                        Err(code) => return code,
+                    };
+                    match c.list_operators(pb::ListOperatorsRequest {}).await {
+                        Ok(r) => r.into_inner().operators,
+                        Err(e) => return super::plan::fail(e),
+                    }
+                }
+            };
+            show_list(&operators, output);
+            EXIT_OK
+        }
+        OperatorCommand::Revoke { name, store } => {
+            let revoked = match store {
+                Some(location) => {
+                    let store = match open(&location).await {
+                        Ok(s) => s,
+                        Err(code) => return code,
+                    };
+                    let by = format!("{} (--store)", whoami());
+                    match auth::revoke_operator(&store, &name, &by).await {
+                        Ok(row) => auth::operator_info(&row),
+                        Err(e) => return refused(&e.to_string(), &e.into()),
+                    }
+                }
+                None => {
+                    let mut c = match client(addr).await {
+                        Ok(c) => c,
+                        Err(code) => return code,
+                    };
+                    let req = pb::RevokeOperatorRequest { name };
+                    match on_leader(&mut c, |mut c| {
+                        let req = req.clone();
+                        async move { c.revoke_operator(req).await }
+                    })
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(code) => return code,
+                    }
+                }
+            };
+            println!(
+                "operator {} revoked: its token no longer works (recorded in the audit trail)",
+                revoked.name
+            );
+            EXIT_OK
+        }
+    }
+}
+
+fn whoami() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "operator".into())
+}
+
+async fn open(location: &str) -> Result<Store, u8> {
+    // The same rules as the coordinator's --store: no password in argv (a password file,
+    // FLOTILLA_STORE_PASSWORD or a pgpass file), a sqlite:// URL created when missing.
+    let url = flotilla_core::secrets::SecretUrl::new(location);
+    let url = super::daemons::store_location(&url, None).map_err(|e| {
+        eprintln!("error: {e}");
+        super::EXIT_BAD_INPUT
+    })?;
+    Store::open(&url).await.map_err(|e| {
+        eprintln!("error: --store: {e}");
+        EXIT_UNAVAILABLE
+    })
+}
+
+/// A refusal from the domain, with the exit code its gRPC status would give.
+fn refused(message: &str, status: &tonic::Status) -> u8 {
+    eprintln!("error: {message}");
+    match status.code() {
+        tonic::Code::Internal | tonic::Code::Unavailable => EXIT_UNAVAILABLE,
+        _ => EXIT_BAD_INPUT,
+    }
+}
+
+/// The new operator, and its token once: into `token_out` (created 0600, for scripts)
+/// or on stdout.
+fn show_added(
+    r: &pb::AddOperatorResponse,
+    token_out: Option<&std::path::Path>,
+    output: Output,
+) -> u8 {
+    let op = r.operator.clone().unwrap_or_default();
+    if let Some(path) = token_out
+        && let Err(e) = write_private(path, &r.token)
+    {
+        eprintln!("error: --token-out {}: {e}", path.display());
+        return EXIT_UNAVAILABLE;
+    }
+    let shown_token = match token_out {
+        Some(_) => Value::Null,
+        None => Value::String(r.token.clone()),
+    };
+    if output == Output::Json {
+        println!(
+            "{}",
+            json!({"name": op.name, "role": op.role, "approval_roles": op.approval_roles, "token": shown_token})
+        );
+        return EXIT_OK;
+    }
+    let approves = match op.approval_roles.is_empty() {
+        true => String::new(),
+        false => format!(" (approves as {})", op.approval_roles.join(", ")),
+    };
+    println!("operator {} added as {}{approves}", op.name, op.role);
+    match token_out {
+        Some(path) => println!(
+            "its token is in {} (shown nowhere else; the coordinator keeps only a hash): give it to {} for --token-file",
+            path.display(),
+            op.name
+        ),
+        None => println!(
+            "its token, shown this once (the coordinator keeps only a hash); save it to a file for --token-file:\n{}",
+            r.token
+        ),
+    }
+    EXIT_OK
+}
+
+fn write_private(path: &std::path::Path, token: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path)?;
+    writeln!(f, "{token}")
+}
+
+fn show_list(operators: &[pb::OperatorInfo], output: Output) {
+    let at = |ms: u64| {
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string()
+    };
+    if output == Output::Json {
+        let v: Vec<Value> = operators
+            .iter()
+            .map(|o| {
+                json!({
+                    "name": o.name,
+                    "role": o.role,
+                    "approval_roles": o.approval_roles,
+                    "created_at_ms": o.created_at_ms,
+                    "created_by": o.created_by,
+                    "revoked_at_ms": o.revoked_at_ms,
+                    "active": o.revoked_at_ms == 0,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(v));
+        return;
+    }
+    if operators.is_empty() {
+        println!(
+            "no operators (authentication is off unless the coordinator runs with --auth required)"
+        );
+        return;
+    }
+    println!(
+        "{:<20} {:<9} {:<16} {:<26} {:<20} STATE",
+        "NAME", "ROLE", "APPROVES AS", "CREATED", "BY"
+    );
+    for o in operators {
+        let state = match o.revoked_at_ms {
+            0 => "active".to_string(),
+            ms => format!("revoked {}", at(ms)),
+        };
+        println!(
+            "{:<20} {:<9} {:<16} {:<26} {:<20} {state}",
+            o.name,
+            o.role,
+            if o.approval_roles.is_empty() {
+                "-".to_string()
+            } else {
+                o.approval_roles.join(",")
+            },
+            at(o.created_at_ms),
+            o.created_by
+        );
+    }
+}

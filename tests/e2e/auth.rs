@@ -1,0 +1,561 @@
+//! Operator identities: bearer tokens from `flotilla operator add` (the first admin
+//! written straight into the control store), the role each RPC needs, refusals
+//! (UNAUTHENTICATED, PERMISSION_DENIED) that change nothing and are audited with who,
+//! what and from where, and identities that win over `--as` in the audit trail and in
+//! approvals. Every other e2e test runs with authentication off (no operator in its store).
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT};
+use crate::harness::{CommandOutput, TestDir, wait_until};
+
+/// Production plans need one approval from a DBA; staging none.
+const MATRIX: &str = r#"[[rule]]
+environment = "staging"
+risk = "*"
+approvals = 0
+
+[[rule]]
+environment = "production"
+risk = "*"
+approvals = 1
+roles = ["dba"]
+"#;
+
+/// A plan of one tenant-scoped migration creating `table`, in `environment`, with
+/// `plan_extra` appended to its plan.toml.
+fn plan(
+    environment: &str,
+    id: &str,
+    table: &str,
+    plan_extra: &str,
+) -> anyhow::Result<MigrationDir> {
+    let d = MigrationDir::new()?;
+    std::fs::write(
+        d.path().join("plan.toml"),
+        format!("name = \"{id}\"\nenvironment = \"{environment}\"\n{plan_extra}"),
+    )?;
+    d.migration(
+        id,
+        "",
+        &format!("CREATE TABLE {table} (x int);"),
+        &format!("DROP TABLE {table};"),
+    )?;
+    Ok(d)
+}
+
+/// The fleet's command line as one operator: `--token-file FILE` first.
+struct As<'a> {
+    fleet: &'a TestFleet,
+    token: PathBuf,
+}
+
+impl As<'_> {
+    async fn cli(&self, args: &[&str]) -> anyhow::Result<CommandOutput> {
+        let token = self.token.to_string_lossy().into_owned();
+        let mut all = vec!["--token-file", token.as_str()];
+        all.extend_from_slice(args);
+        self.fleet.cli(&all).await
+    }
+}
+
+impl Cli for As<'_> {
+    async fn cli(&self, args: &[&str]) -> anyhow::Result<CommandOutput> {
+        As::cli(self, args).await
+    }
+}
+
+/// `operator add NAME --role ROLE [extra]` as `admin`, the token written to a file.
+async fn add(
+    admin: &As<'_>,
+    files: &Path,
+    name: &str,
+    role: &str,
+    extra: &[&str],
+) -> anyhow::Result<PathBuf> {
+    let token = files.join(format!("{name}.token"));
+    let t = token.to_string_lossy().into_owned();
+    let mut args = vec!["operator", "add", name, "--role", role, "--token-out", &t];
+    args.extend_from_slice(extra);
+    let out = admin.cli(&args).await?;
+    assert!(out.success(), "{out}");
+    assert!(
+        !out.stdout.contains("flotilla_"),
+        "the token is not printed: {out}"
+    );
+    Ok(token)
+}
+
+fn refused(out: &CommandOutput, says: &str) {
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains(says), "expected `{says}`: {out}");
+}
+
+/// Audit rows of `action` (every plan, as `audit list` prints them).
+async fn audited(viewer: &As<'_>, action: &str) -> anyhow::Result<Vec<Value>> {
+    let all = viewer.json(&["audit", "list", "--output", "json"]).await?;
+    Ok(all
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e["action"] == action)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_and_roles_guard_every_operator_rpc_and_refusals_change_nothing()
+-> anyhow::Result<()> {
+    let files = TestDir::new("auth")?;
+    let matrix = files.join("approvals.toml");
+    std::fs::write(&matrix, MATRIX)?;
+    let matrix = matrix.to_string_lossy().into_owned();
+    let fleet = TestFleet::builder(2, 1)
+        .coordinator_args(&["--approvals", &matrix])
+        .start()
+        .await?;
+    let log = fleet.coordinator.as_ref().unwrap().log();
+    assert!(log.contains("operator authentication is off"), "{log}");
+
+    // With authentication off, nobody can make themselves the first admin over the network.
+    let out = fleet
+        .cli(&["operator", "add", "eve", "--role", "admin"])
+        .await?;
+    refused(&out, "no operator exists yet");
+
+    // The first admin goes straight into the store; from then on every request authenticates.
+    let root_token = files.join("root.token");
+    let out = crate::harness::run_flotilla(
+        &[
+            "operator",
+            "add",
+            "root",
+            "--role",
+            "admin",
+            "--store",
+            &fleet.store,
+            "--token-out",
+            &root_token.to_string_lossy(),
+        ],
+        &[],
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    let root = As {
+        fleet: &fleet,
+        token: root_token,
+    };
+    let out = fleet.cli(&["plan", "list"]).await?;
+    refused(&out, "unauthenticated: no credential");
+
+    let alice = As {
+        token: add(&root, files.path(), "alice", "operator", &[]).await?,
+        fleet: &fleet,
+    };
+    let val = As {
+        token: add(&root, files.path(), "val", "viewer", &[]).await?,
+        fleet: &fleet,
+    };
+    let bob = As {
+        token: add(
+            &root,
+            files.path(),
+            "bob",
+            "approver",
+            &["--approval-role", "dba"],
+        )
+        .await?,
+        fleet: &fleet,
+    };
+    let carol = As {
+        token: add(
+            &root,
+            files.path(),
+            "carol",
+            "approver",
+            &["--approval-role", "lead"],
+        )
+        .await?,
+        fleet: &fleet,
+    };
+    let mallory = As {
+        token: add(&root, files.path(), "mallory", "operator", &[]).await?,
+        fleet: &fleet,
+    };
+    // A name in use is refused; approval roles need a role that approves.
+    let out = root
+        .cli(&["operator", "add", "alice", "--role", "viewer"])
+        .await?;
+    refused(&out, "exists already");
+    let out = root
+        .cli(&[
+            "operator",
+            "add",
+            "dan",
+            "--role",
+            "operator",
+            "--approval-role",
+            "dba",
+        ])
+        .await?;
+    refused(&out, "cannot approve");
+    // Only an admin manages operators.
+    let out = alice.cli(&["operator", "list"]).await?;
+    refused(
+        &out,
+        "operator alice has role operator; ListOperators needs admin",
+    );
+
+    // A malformed token, a viewer submitting, a revoked operator: refused, nothing changed.
+    let junk = As {
+        token: files.join("junk.token"),
+        fleet: &fleet,
+    };
+    std::fs::write(&junk.token, "hunter2\n")?;
+    let staging = plan("staging", "001_staged", "staged", "")?;
+    let out = junk
+        .cli(&["plan", "submit", &staging.path().to_string_lossy()])
+        .await?;
+    refused(&out, "malformed");
+    assert!(
+        !out.stderr.contains("hunter2"),
+        "the token is never echoed: {out}"
+    );
+    let out = val
+        .cli(&["plan", "submit", &staging.path().to_string_lossy()])
+        .await?;
+    refused(
+        &out,
+        "operator val has role viewer; SubmitPlan needs operator",
+    );
+    let out = root.cli(&["operator", "revoke", "mallory"]).await?;
+    assert!(out.success(), "{out}");
+    let out = mallory
+        .cli(&["plan", "submit", &staging.path().to_string_lossy()])
+        .await?;
+    refused(&out, "the credential of operator mallory was revoked");
+    let out = fleet
+        .cli(&["plan", "submit", &staging.path().to_string_lossy()])
+        .await?;
+    refused(&out, "no credential");
+    let plans = val.json(&["plan", "list", "--output", "json"]).await?;
+    assert_eq!(plans.as_array().map(Vec::len), Some(0), "{plans}");
+    assert_eq!(fleet.journal_total().await?, 0, "nothing applied");
+
+    // Each refusal is in the audit trail: who (when known), what, from where.
+    let unauthenticated = audited(&val, "unauthenticated").await?;
+    let text = serde_json::to_string(&unauthenticated)?;
+    assert!(unauthenticated.len() >= 4, "{text}");
+    assert!(
+        unauthenticated.iter().all(|e| e["actor"] == "anonymous"
+            && e["detail"].as_str().unwrap().contains("from 127.0.0.1:")),
+        "{text}"
+    );
+    for why in [
+        "malformed",
+        "mallory was revoked",
+        "no credential",
+        "OperatorService/SubmitPlan",
+    ] {
+        assert!(text.contains(why), "{why}: {text}");
+    }
+    let denied = audited(&val, "denied").await?;
+    let text = serde_json::to_string(&denied)?;
+    assert!(
+        denied.iter().any(|e| e["actor"] == "val"
+            && e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("SubmitPlan from 127.0.0.1:")),
+        "{text}"
+    );
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["actor"] == "alice"
+                && e["detail"].as_str().unwrap().contains("ListOperators")),
+        "{text}"
+    );
+    let revoked = audited(&val, "operator-revoke").await?;
+    assert_eq!(revoked[0]["actor"], "root", "{revoked:?}");
+
+    // An operator submits: the identity is what the audit trail records (not $USER), and
+    // `--as` naming someone else is refused.
+    let out = alice
+        .cli(&[
+            "plan",
+            "submit",
+            &staging.path().to_string_lossy(),
+            "--as",
+            "bob",
+        ])
+        .await?;
+    refused(&out, "authenticated as alice; cannot act as `bob`");
+    let (out, _) = {
+        let id = alice.submit(staging.path(), &[]).await?;
+        alice.watch(&id).await?
+    };
+    assert_eq!(out.code(), Some(0), "{out}");
+    let submits = audited(&val, "submit").await?;
+    assert_eq!(submits.len(), 1, "{submits:?}");
+    assert_eq!(submits[0]["actor"], "alice", "{submits:?}");
+
+    // Approvals: the approver's matrix role comes from the credential.
+    let production = plan("production", "002_prod", "prod_table", "")?;
+    let id = alice.submit(production.path(), &[]).await?;
+    let st = alice.status(&id).await?;
+    assert_eq!(st["state"], "awaiting_approval", "{st}");
+    let out = alice.cli(&["plan", "approve", &id]).await?;
+    refused(&out, "ApprovePlan needs approver");
+    let out = carol.cli(&["plan", "approve", &id]).await?;
+    refused(&out, "accepts dba");
+    let out = bob.cli(&["plan", "approve", &id, "--role", "lead"]).await?;
+    refused(&out, "cannot approve as `lead`: its approval roles are dba");
+    let st = val.status(&id).await?;
+    assert_eq!(
+        st["state"], "awaiting_approval",
+        "refusals changed nothing: {st}"
+    );
+    let out = bob
+        .cli(&["plan", "approve", &id, "--reason", "reviewed", "--wait"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let approvals = audited(&val, "approve").await?;
+    assert_eq!(approvals.len(), 1, "{approvals:?}");
+    assert_eq!(approvals[0]["actor"], "bob", "{approvals:?}");
+    assert!(
+        approvals[0]["detail"].as_str().unwrap().contains("dba"),
+        "{approvals:?}"
+    );
+
+    // Lock breaks are an admin's: a plan holding its locks at a manual gate.
+    let gated = plan(
+        "staging",
+        "003_gated",
+        "gated",
+        "\n[[waves]]\nname = \"canary\"\nselector = \"region=r0\"\ngate = \"manual\"\n\n[[waves]]\nname = \"rest\"\nrest = true\n",
+    )?;
+    let id = alice.submit(gated.path(), &[]).await?;
+    wait_until("the gated plan holds shard_0's lock", WAIT, async || {
+        let locks = val.json(&["locks", "list", "--output", "json"]).await?;
+        Ok(locks.to_string().contains("shard_0") && locks.to_string().contains(&id))
+    })
+    .await?;
+    let out = alice
+        .cli(&["locks", "break", "shard_0", "--reason", "stuck"])
+        .await?;
+    refused(
+        &out,
+        "operator alice has role operator; BreakLock needs admin",
+    );
+    let locks = val.json(&["locks", "list", "--output", "json"]).await?;
+    assert!(locks.to_string().contains("shard_0"), "still held: {locks}");
+    let out = root
+        .cli(&["locks", "break", "shard_0", "--reason", "stuck"])
+        .await?;
+    assert!(out.success(), "{out}");
+    let breaks = audited(&val, "break-lock").await?;
+    assert_eq!(breaks.len(), 1, "{breaks:?}");
+    assert_eq!(breaks[0]["actor"], "root", "{breaks:?}");
+    let out = alice.cli(&["plan", "cancel", &id, "--wait"]).await?;
+    assert!(out.code().is_some(), "{out}");
+
+    // The operators as an admin sees them: mallory revoked, the others active.
+    let list = root.json(&["operator", "list", "--output", "json"]).await?;
+    let mallory_row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "mallory")
+        .cloned()
+        .unwrap();
+    assert_eq!(mallory_row["active"], false, "{list}");
+    assert!(
+        !list.to_string().contains("flotilla_"),
+        "no token in the list: {list}"
+    );
+    Ok(())
+}
+
+/// Under mTLS, a client certificate's common name names the operator (its role from the
+/// store) when no token is given; a certificate naming no operator is refused; a token,
+/// when given, wins over the certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<()> {
+    use crate::harness::certs::env_refs;
+    use flotilla_testkit::tls::CertSpec;
+
+    let files = TestDir::new("auth-mtls")?;
+    let fleet = TestFleet::builder(1, 1).tls().start().await?;
+    let certs = fleet.tls.as_ref().expect("a TLS fleet");
+    // The fleet's CLI certificate says CN=alice: alice is a viewer; root the admin (token).
+    let root_token = files.join("root.token");
+    for (name, role, token) in [
+        ("root", "admin", root_token.clone()),
+        ("alice", "viewer", files.join("alice.token")),
+    ] {
+        let out = crate::harness::run_flotilla(
+            &[
+                "operator",
+                "add",
+                name,
+                "--role",
+                role,
+                "--store",
+                &fleet.store,
+                "--token-out",
+                &token.to_string_lossy(),
+            ],
+            &[],
+        )
+        .await?;
+        assert!(out.success(), "{out}");
+    }
+
+    // alice by her certificate alone: she reads, she cannot submit.
+    let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert_eq!(plans.as_array().map(Vec::len), Some(0), "{plans}");
+    let dir = plan("staging", "001_by_cert", "by_cert", "")?;
+    let out = fleet
+        .cli(&["plan", "submit", &dir.path().to_string_lossy()])
+        .await?;
+    refused(
+        &out,
+        "operator alice has role viewer; SubmitPlan needs operator",
+    );
+
+    // A certificate of the fleet's CA that names no operator: refused.
+    let stranger = certs
+        .ca
+        .issue("stranger", &CertSpec::client("stranger", &[]))?;
+    let env = certs.client_env(&stranger);
+    let out = crate::harness::run_flotilla(
+        &["--coordinator", &fleet.addr, "plan", "list"],
+        &env_refs(&env),
+    )
+    .await?;
+    refused(&out, "the credential names no operator");
+
+    // A token wins over the certificate: alice's connection carrying root's token is root.
+    let root = As {
+        fleet: &fleet,
+        token: root_token,
+    };
+    let list = root.json(&["operator", "list", "--output", "json"]).await?;
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+
+    let denied = audited(&root, "denied").await?;
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["actor"] == "alice"
+                && e["detail"].as_str().unwrap().contains("from 127.0.0.1:")),
+        "{denied:?}"
+    );
+    let unauthenticated = audited(&root, "unauthenticated").await?;
+    assert!(
+        unauthenticated
+            .iter()
+            .any(|e| e["detail"].as_str().unwrap().contains("names no operator")),
+        "{unauthenticated:?}"
+    );
+    assert_eq!(fleet.journal_total().await?, 0, "nothing applied");
+    Ok(())
+}
+
+/// `--auth required`: with no operator yet every operator request is refused (no warning
+/// that authentication is off), and the first admin made in the store gets in.
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_required_refuses_everyone_until_the_first_admin_is_in_the_store() -> anyhow::Result<()>
+{
+    use crate::harness::{FlotillaProcess, free_port, run_flotilla};
+
+    let files = TestDir::new("auth-required")?;
+    let store = files.join("flotilla.db").to_string_lossy().into_owned();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let addr = format!("http://{listen}");
+    let coordinator = FlotillaProcess::spawn(
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--store",
+            &store,
+            "--auth",
+            "required",
+        ],
+        &[],
+    )?;
+    coordinator
+        .wait_for_log("coordinator listening", WAIT)
+        .await?;
+    let log = coordinator.log();
+    assert!(log.contains("operators authenticate"), "{log}");
+    assert!(!log.contains("authentication is off"), "{log}");
+
+    let out = run_flotilla(&["--coordinator", &addr, "plan", "list"], &[]).await?;
+    refused(&out, "unauthenticated: no credential");
+    let out = run_flotilla(
+        &[
+            "--coordinator",
+            &addr,
+            "operator",
+            "add",
+            "eve",
+            "--role",
+            "admin",
+        ],
+        &[],
+    )
+    .await?;
+    refused(&out, "no credential");
+
+    let token = files.join("root.token");
+    let out = run_flotilla(
+        &[
+            "operator",
+            "add",
+            "root",
+            "--role",
+            "admin",
+            "--store",
+            &store,
+            "--token-out",
+            &token.to_string_lossy(),
+        ],
+        &[],
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    let token = token.to_string_lossy().into_owned();
+    let out = run_flotilla(
+        &[
+            "--coordinator",
+            &addr,
+            "--token-file",
+            &token,
+            "plan",
+            "list",
+        ],
+        &[],
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    // The token file may also come from the environment.
+    let out = run_flotilla(
+        &[
+            "--coordinator",
+            &addr,
+            "operator",
+            "list",
+            "--output",
+            "json",
+        ],
+        &[("FLOTILLA_TOKEN_FILE", &token)],
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("\"root\""), "{out}");
+    Ok(())
+}

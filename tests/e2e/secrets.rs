@@ -1,0 +1,595 @@
+//! Issue 14, "Secrets" and "Least privilege": canary passwords given to every process the way
+//! an operator would (a password file, the environment, a store password file), forced
+//! failures on every path that could echo one (a wrong password, an unreachable shard, a
+//! panic, a password in argv, debug logging), then every place a secret could land is read:
+//! each process's output, every etcd key and value, every control-store row, the status JSON
+//! and the metrics. The agents run as the role of deploy/sql/agent-role.sql.
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::fleet::{MigrationDir, WAIT, coord_dbmate_dir, tenant_name, tenant_sql};
+use crate::harness::least_privilege::create_agent_role;
+use crate::harness::{
+    CommandOutput, Etcd, FlotillaProcess, PgCluster, TestDir, free_port, http, run_flotilla,
+    wait_until,
+};
+
+/// shard_0's password, in its agent's password file.
+const CANARY_FILE: &str = "canaryFile7f3a91";
+/// shard_1's password, in its agent's environment (FLOTILLA_SHARD_PASSWORD).
+const CANARY_ENV: &str = "canaryEnv52d0c4";
+/// The control store's password, in the coordinator's --store-password-file.
+const CANARY_STORE: &str = "canaryStoreE61b27";
+/// A wrong password (an agent and a coordinator are given it).
+const CANARY_WRONG: &str = "canaryWrongA4e810";
+const CANARIES: [&str; 4] = [CANARY_FILE, CANARY_ENV, CANARY_STORE, CANARY_WRONG];
+
+const DEBUG: (&str, &str) = ("RUST_LOG", "debug");
+/// Set on the agents of the forced failures: they start beside the serving agent of the
+/// same shard, whose metrics port they must not try to take.
+const NO_METRICS: (&str, &str) = ("FLOTILLA_TEST_NO_METRICS", "1");
+
+/// Everything read back, by where it came from.
+#[derive(Default)]
+struct Evidence(Vec<(String, String)>);
+
+impl Evidence {
+    fn add(&mut self, place: impl Into<String>, text: impl Into<String>) {
+        self.0.push((place.into(), text.into()));
+    }
+
+    fn output(&mut self, place: &str, out: &CommandOutput) {
+        self.add(format!("{place} (stdout)"), out.stdout.clone());
+        self.add(format!("{place} (stderr)"), out.stderr.clone());
+    }
+
+    /// Fails naming the place and the canary, with the line that holds it.
+    fn assert_no_canary(&self) {
+        for (place, text) in &self.0 {
+            for canary in CANARIES {
+                if let Some(line) = text.lines().find(|l| l.contains(canary)) {
+                    panic!("{canary} leaked into {place}: {line}");
+                }
+            }
+        }
+    }
+
+    fn text_of(&self, place: &str) -> String {
+        self.0
+            .iter()
+            .filter(|(p, _)| p.starts_with(place))
+            .map(|(_, t)| t.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let digits: Vec<u32> = text.bytes().filter_map(value).collect();
+    let mut out = Vec::new();
+    for chunk in digits.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, d)| n | (d << (18 - 6 * i)));
+        for i in 0..chunk.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+/// Every key and value in etcd, decoded, one `key = value` a line.
+async fn etcd_dump(etcd: &Etcd) -> anyhow::Result<(usize, String)> {
+    // key "\0" with range_end "\0": every key
+    let r = http::post_json(
+        etcd.client_addr(),
+        "/v3/kv/range",
+        r#"{"key":"AA==","range_end":"AA=="}"#,
+    )
+    .await?;
+    anyhow::ensure!(r.status == 200, "etcd range: {r:?}");
+    let v: Value = serde_json::from_str(&r.body)?;
+    let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
+    let mut text = String::new();
+    for kv in &kvs {
+        let key = base64_decode(kv["key"].as_str().unwrap_or(""));
+        let value = base64_decode(kv["value"].as_str().unwrap_or(""));
+        text.push_str(&format!(
+            "{} = {}\n",
+            String::from_utf8_lossy(&key),
+            String::from_utf8_lossy(&value)
+        ));
+    }
+    Ok((kvs.len(), text))
+}
+
+/// Every row of every table of the control store, as text.
+async fn store_dump(pg: &PgCluster) -> anyhow::Result<(usize, String)> {
+    let tables = pg
+        .query_rows(
+            "control",
+            "SELECT quote_ident(table_schema) || '.' || quote_ident(table_name)
+               FROM information_schema.tables
+              WHERE table_schema NOT IN ('pg_catalog', 'information_schema')",
+        )
+        .await?;
+    let mut rows = 0;
+    let mut text = String::new();
+    for table in tables.iter().map(|r| r[0].clone()) {
+        for row in pg
+            .query_rows("control", &format!("SELECT t::text FROM {table} t"))
+            .await?
+        {
+            rows += 1;
+            text.push_str(&format!("{table}: {}\n", row.join("|")));
+        }
+    }
+    Ok((rows, text))
+}
+
+async fn metrics(addr: SocketAddr) -> anyhow::Result<String> {
+    let r = http::get(addr, "/metrics").await?;
+    anyhow::ensure!(r.status == 200, "metrics at {addr}: {r:?}");
+    Ok(r.body)
+}
+
+fn metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_canary_password_leaves_any_process() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    let secrets = TestDir::new("canaries")?;
+    for s in 0..2 {
+        let db = format!("shard_{s}");
+        pg.create_database(&db).await?;
+        let sql: String = (0..2)
+            .map(|t| tenant_sql(&tenant_name(s, t, 2), 5))
+            .collect();
+        pg.psql(&db, &sql).await?;
+    }
+    let shard0 = create_agent_role(&pg, "shard_0", "tenant_%", CANARY_FILE, secrets.path()).await?;
+    let shard1 = create_agent_role(&pg, "shard_1", "tenant_%", CANARY_ENV, secrets.path()).await?;
+    // the control store's own role, owner of its database
+    pg.psql(
+        "postgres",
+        &format!(
+            "SET password_encryption = 'scram-sha-256';
+             CREATE ROLE flotilla_store LOGIN PASSWORD '{CANARY_STORE}';
+             CREATE DATABASE control OWNER flotilla_store;"
+        ),
+    )
+    .await?;
+    // Everyone but the harness's superuser authenticates with a password from now on.
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba)?;
+    std::fs::write(
+        &hba,
+        format!(
+            "host all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n{old}"
+        ),
+    )?;
+    pg.psql("postgres", "SELECT pg_reload_conf()").await?;
+    wait_until("pg_hba.conf reloaded", WAIT, async || {
+        use sqlx::Connection;
+        Ok(sqlx::PgConnection::connect(&shard0.dsn).await.is_err())
+    })
+    .await?;
+
+    let write = |name: &str, text: &str| -> anyhow::Result<String> {
+        let path = secrets.join(name);
+        std::fs::write(&path, format!("{text}\n"))?;
+        Ok(path.to_string_lossy().into_owned())
+    };
+    let store_password = write("store.password", CANARY_STORE)?;
+    let wrong_password = write("wrong.password", CANARY_WRONG)?;
+    let shard0_password = shard0.password_file.to_string_lossy().into_owned();
+    let store = format!("postgres://flotilla_store@127.0.0.1:{}/control", pg.port());
+
+    let etcd = Etcd::start_single().await?;
+    let etcd_endpoint = etcd.endpoint();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let addr = format!("http://{listen}");
+    let coordinator_metrics = metrics_addr();
+    let coordinator_metrics_flag = coordinator_metrics.to_string();
+    let coordinator = FlotillaProcess::spawn(
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--store",
+            &store,
+            "--store-password-file",
+            &store_password,
+            "--etcd",
+            &etcd_endpoint,
+            "--metrics",
+            &coordinator_metrics_flag,
+        ],
+        &[DEBUG],
+    )?;
+    coordinator
+        .wait_for_log("coordinator listening", WAIT)
+        .await?;
+
+    let agent_metrics = [metrics_addr(), metrics_addr()];
+    // Only the two agents that serve get --metrics; the others would find its port taken.
+    let agent = |s: usize,
+                 dsn: &str,
+                 password_file: Option<&str>,
+                 envs: &[(&str, &str)]|
+     -> anyhow::Result<FlotillaProcess> {
+        let shard = format!("shard_{s}");
+        let metrics = agent_metrics.get(s).map(|m| m.to_string());
+        let mut args = vec![
+            "--coordinator",
+            &addr,
+            "agent",
+            "--shard",
+            &shard,
+            "--dsn",
+            dsn,
+            "--tenant-pattern",
+            "tenant_%",
+            "--etcd",
+            &etcd_endpoint,
+        ];
+        if let Some(metrics) = &metrics
+            && envs.iter().all(|(k, _)| *k != "FLOTILLA_TEST_NO_METRICS")
+        {
+            args.extend(["--metrics", metrics]);
+        }
+        if let Some(file) = password_file {
+            args.extend(["--password-file", file]);
+        }
+        let mut all = vec![DEBUG];
+        all.extend_from_slice(envs);
+        FlotillaProcess::spawn(&args, &all)
+    };
+    let agent0 = agent(0, &shard0.dsn, Some(&shard0_password), &[])?;
+    let agent1 = agent(
+        1,
+        &shard1.dsn,
+        None,
+        &[("FLOTILLA_SHARD_PASSWORD", CANARY_ENV)],
+    )?;
+    let cli = async |args: &[&str]| -> anyhow::Result<CommandOutput> {
+        let mut all = vec!["--coordinator", addr.as_str()];
+        all.extend_from_slice(args);
+        run_flotilla(&all, &[DEBUG]).await
+    };
+    wait_until("both agents attached", WAIT, async || {
+        let out = cli(&["fleet", "list", "--output", "json"]).await?;
+        let v: Value = out.last_json()?;
+        Ok(v.as_array()
+            .map(|a| a.iter().filter(|x| x["connected"] == true).count())
+            == Some(2))
+    })
+    .await?;
+
+    let mut evidence = Evidence::default();
+    // A plan that completes, and one that fails on every target.
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let out = cli(&["plan", "submit", &dir, "--wait", "--output", "json"]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let done: Value = out.last_json()?;
+    evidence.output("plan submit", &out);
+    let failing = MigrationDir::new()?;
+    failing.migration("20990101000000_fails", "", "SELECT 1 / 0", "SELECT 1")?;
+    let path = failing.path().to_string_lossy().into_owned();
+    let out = cli(&["plan", "submit", &path, "--wait", "--output", "json"]).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    let failed: Value = out.last_json()?;
+    evidence.output("failing plan submit", &out);
+
+    // The forced failures.
+    // 1. A wrong password: the agent stops, saying so.
+    let mut wrong = agent(0, &shard0.dsn, Some(&wrong_password), &[NO_METRICS])?;
+    let status = wrong
+        .wait_exit(WAIT)
+        .await
+        .context("wrong password: still running")?;
+    assert_eq!(status.code(), Some(3), "{}", wrong.log());
+    assert!(
+        wrong.log().contains("password authentication failed"),
+        "{}",
+        wrong.log()
+    );
+    // 2. An unreachable shard: the agent retries, naming where.
+    let nowhere = format!(
+        "postgres://{}@127.0.0.1:{}/shard_0",
+        shard0.role,
+        free_port()
+    );
+    let mut unreachable = agent(2, &nowhere, Some(&shard0_password), &[])?;
+    unreachable
+        .wait_for_log("shard not reachable yet", WAIT)
+        .await?;
+    unreachable.kill()?;
+    // 3. A panic whose message holds the configuration and the password itself.
+    let mut panicking = agent(
+        0,
+        &shard0.dsn,
+        Some(&shard0_password),
+        &[("FAILPOINTS", "agent::panic_at_start=return"), NO_METRICS],
+    )?;
+    let status = panicking
+        .wait_exit(WAIT)
+        .await
+        .context("panic: still running")?;
+    assert_eq!(status.code(), Some(101), "{}", panicking.log());
+    assert!(
+        panicking.log().contains("failpoint agent::panic_at_start"),
+        "{}",
+        panicking.log()
+    );
+    // 4. Passwords in argv: refused, without echoing them.
+    let in_dsn = format!(
+        "postgres://{}:{CANARY_FILE}@127.0.0.1:{}/shard_0",
+        shard0.role,
+        pg.port()
+    );
+    let out = run_flotilla(&["agent", "--shard", "shard_0", "--dsn", &in_dsn], &[DEBUG]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    evidence.output("agent with a password in --dsn", &out);
+    let in_store = format!(
+        "postgres://flotilla_store:{CANARY_STORE}@127.0.0.1:{}/control",
+        pg.port()
+    );
+    let out = run_flotilla(
+        &[
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--store",
+            &in_store,
+        ],
+        &[DEBUG],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("--store-password-file"), "{out}");
+    evidence.output("coordinator with a password in --store", &out);
+    // 5. The store's password wrong: the coordinator cannot open it, and says why.
+    let out = run_flotilla(
+        &[
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--store",
+            &store,
+            "--store-password-file",
+            &wrong_password,
+        ],
+        &[DEBUG],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(
+        out.stderr.contains("password authentication failed"),
+        "{out}"
+    );
+    evidence.output("coordinator with a wrong store password", &out);
+
+    // What the operator sees.
+    for (place, args) in [
+        (
+            "plan status",
+            vec![
+                "plan",
+                "status",
+                done["plan_id"].as_str().unwrap_or_default(),
+                "--output",
+                "json",
+            ],
+        ),
+        (
+            "failed plan status",
+            vec![
+                "plan",
+                "status",
+                failed["plan_id"].as_str().unwrap_or_default(),
+                "--output",
+                "json",
+            ],
+        ),
+        ("plan list", vec!["plan", "list", "--output", "json"]),
+        ("fleet list", vec!["fleet", "list", "--output", "json"]),
+        ("fleet status", vec!["fleet", "status", "--output", "json"]),
+        ("audit list", vec!["audit", "list", "--output", "json"]),
+        ("locks list", vec!["locks", "list", "--output", "json"]),
+    ] {
+        let out = cli(&args).await?;
+        assert!(out.success(), "{place}: {out}");
+        evidence.output(place, &out);
+    }
+    assert!(
+        evidence
+            .text_of("failed plan status")
+            .contains("division by zero"),
+        "the failure is shown: {}",
+        evidence.text_of("failed plan status")
+    );
+    evidence.add("coordinator metrics", metrics(coordinator_metrics).await?);
+    for (s, addr) in agent_metrics.iter().enumerate() {
+        evidence.add(format!("shard_{s} agent metrics"), metrics(*addr).await?);
+    }
+    let (keys, etcd_text) = etcd_dump(&etcd).await?;
+    assert!(keys > 0, "etcd holds Flotilla's keys");
+    evidence.add("etcd", etcd_text);
+    let (rows, store_text) = store_dump(&pg).await?;
+    assert!(rows > 0, "the control store holds rows");
+    evidence.add("control store", store_text);
+    // last: the processes' whole output, debug lines included
+    for (place, process) in [
+        ("coordinator", &coordinator),
+        ("shard_0 agent", &agent0),
+        ("shard_1 agent", &agent1),
+        ("agent with a wrong password", &wrong),
+        ("agent of an unreachable shard", &unreachable),
+        ("agent that panicked", &panicking),
+    ] {
+        evidence.add(place, process.log());
+    }
+    assert!(
+        evidence.text_of("coordinator").contains("DEBUG"),
+        "debug logging was on"
+    );
+    // The least-privileged agents are not warned about being superusers.
+    assert!(!evidence.text_of("shard_0 agent").contains("as a superuser"));
+    evidence.assert_no_canary();
+
+    // The role of deploy/sql/agent-role.sql reaches its own shard database only, and is no
+    // superuser.
+    {
+        use sqlx::Connection;
+        let other = format!(
+            "postgres://{}:{CANARY_FILE}@127.0.0.1:{}/shard_1",
+            shard0.role,
+            pg.port()
+        );
+        let e = sqlx::PgConnection::connect(&other)
+            .await
+            .err()
+            .context("shard_0's role connected to shard_1")?;
+        assert!(e.to_string().contains("permission denied"), "{e}");
+        let own = format!(
+            "postgres://{}:{CANARY_FILE}@127.0.0.1:{}/shard_0",
+            shard0.role,
+            pg.port()
+        );
+        let mut conn = sqlx::PgConnection::connect(&own).await?;
+        for refused in [
+            "ALTER SYSTEM SET work_mem = '1MB'",
+            "CREATE SCHEMA not_a_tenant",
+            "CREATE DATABASE another",
+        ] {
+            let e = sqlx::query(refused)
+                .execute(&mut conn)
+                .await
+                .err()
+                .with_context(|| format!("the agent's role may {refused}"))?;
+            assert!(
+                e.to_string().contains("permission denied"),
+                "{refused}: {e}"
+            );
+        }
+        conn.close().await?;
+    }
+    let powers = pg
+        .query_rows(
+            "postgres",
+            &format!(
+                "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls
+                   FROM pg_roles WHERE rolname = '{}'",
+                shard0.role
+            ),
+        )
+        .await?;
+    assert_eq!(powers, [["f", "f", "f", "f", "f"]]);
+    Ok(())
+}
+
+/// A DSN copied from another agent's configuration points the agent at another shard's
+/// database: refused at start, naming both shards, and nothing of that shard changes. An
+/// agent running as a superuser is warned.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copied_dsn_is_refused_naming_both_shards() -> anyhow::Result<()> {
+    let fleet = crate::fleet::TestFleet::start(2, 1).await?;
+    for agent in fleet.agents.iter().flatten() {
+        assert!(agent.log().contains("as a superuser"), "{}", agent.log());
+    }
+    let fence_before: String = fleet
+        .pg
+        .query_scalar(
+            "shard_0",
+            "SELECT epoch || '@' || updated_at FROM flotilla.fence",
+        )
+        .await?;
+    let copied = fleet.pg.url("shard_0");
+    let out = run_flotilla(
+        &[
+            "--coordinator",
+            &fleet.addr,
+            "agent",
+            "--shard",
+            "shard_1",
+            "--dsn",
+            &copied,
+            "--tenant-pattern",
+            "tenant_%",
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("shard shard_1: database shard_0 belongs to shard shard_0"),
+        "{out}"
+    );
+    let fence_after: String = fleet
+        .pg
+        .query_scalar(
+            "shard_0",
+            "SELECT epoch || '@' || updated_at FROM flotilla.fence",
+        )
+        .await?;
+    assert_eq!(fence_before, fence_after);
+    let recorded: String = fleet
+        .pg
+        .query_scalar(
+            "shard_0",
+            "SELECT value FROM flotilla.meta WHERE key = 'shard'",
+        )
+        .await?;
+    assert_eq!(recorded, "shard_0");
+    Ok(())
+}
+
+/// Issue 16: `--store sqlite://PATH`, the URL form people write, of a file that does not
+/// exist yet: the coordinator creates it and serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sqlite_store_url_to_a_new_file_is_created() -> anyhow::Result<()> {
+    let dir = TestDir::new("sqlite-url")?;
+    let file = dir.join("fresh.db");
+    let store = format!("sqlite://{}", file.to_string_lossy());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let coordinator = FlotillaProcess::spawn(
+        &["coordinator", "--listen", &listen, "--store", &store],
+        &[],
+    )?;
+    coordinator
+        .wait_for_log("coordinator listening", WAIT)
+        .await?;
+    assert!(file.exists(), "{} was not created", file.display());
+    let out = run_flotilla(
+        &[
+            "--coordinator",
+            &format!("http://{listen}"),
+            "plan",
+            "list",
+            "--output",
+            "json",
+        ],
+        &[],
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! Transport security: mTLS between the CLI, the agents and the coordinator, etcd over
+//! TLS with client certificates and a user, agents' certificates naming their shard, and
+//! plaintext kept to loopback. Certificates come from throwaway CAs made in the test.
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT};
+use crate::ha::HaFleet;
+use crate::harness::certs::{FleetCerts, env_refs};
+use crate::harness::etcd::EtcdTls;
+use crate::harness::{Etcd, FlotillaProcess, TestDir, free_port, http, run_flotilla, wait_until};
+use flotilla_testkit::tls::{CertSpec, TestCa};
+
+/// A plan of one tenant-scoped migration creating `table`.
+fn plan(id: &str, table: &str) -> anyhow::Result<MigrationDir> {
+    let d = MigrationDir::new()?;
+    d.migration(
+        id,
+        "",
+        &format!("CREATE TABLE {table} (x int);"),
+        &format!("DROP TABLE {table};"),
+    )?;
+    Ok(d)
+}
+
+/// The whole audit trail.
+async fn audit(fleet: &TestFleet) -> anyhow::Result<Vec<Value>> {
+    let v = fleet.json(&["audit", "list", "--output", "json"]).await?;
+    Ok(v.as_array().cloned().unwrap_or_default())
+}
+
+fn has_entry(trail: &[Value], action: &str, detail: &str) -> bool {
+    trail
+        .iter()
+        .any(|e| e["action"] == action && e["detail"].as_str().is_some_and(|d| d.contains(detail)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_completes_over_mtls_everywhere_with_etcd_over_tls_and_a_user() -> anyhow::Result<()>
+{
+    // etcd serving clients over TLS only, client certificates required, auth on.
+    let etcd_ca = TestCa::new("etcd")?;
+    let etcd_server = etcd_ca.issue("etcd", &CertSpec::server("etcd"))?;
+    let etcd_client = etcd_ca.issue("client", &CertSpec::client("etcd-client", &[]))?;
+    let etcd = Etcd::start_tls(&EtcdTls {
+        cert: etcd_server.cert.clone(),
+        key: etcd_server.key.clone(),
+        ca: etcd_ca.ca_path(),
+    })
+    .await?;
+    assert!(
+        etcd.endpoint().starts_with("https://"),
+        "{}",
+        etcd.endpoint()
+    );
+    etcd.enable_auth(
+        Some((&etcd_ca.ca_path(), &etcd_client)),
+        "flotilla",
+        "etcd-secret-pw",
+        "/flotilla",
+    )
+    .await?;
+    let files = TestDir::new("etcd-password")?;
+    let password_file = files.join("etcd-password");
+    std::fs::write(&password_file, "etcd-secret-pw\n")?;
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let etcd_args = [
+        "--etcd".to_string(),
+        etcd.endpoint(),
+        "--etcd-ca".into(),
+        s(&etcd_ca.ca_path()),
+        "--etcd-cert".into(),
+        s(&etcd_client.cert),
+        "--etcd-key".into(),
+        s(&etcd_client.key),
+        "--etcd-user".into(),
+        "flotilla".into(),
+        "--etcd-password-file".into(),
+        s(&password_file),
+    ];
+    let etcd_args: Vec<&str> = etcd_args.iter().map(String::as_str).collect();
+
+    // Without the etcd user, etcd refuses the coordinator (its certificate's common name
+    // is no etcd user): it does not start.
+    let bare = run_flotilla(
+        &[
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--store",
+            &s(&files.join("bare.db")),
+            "--etcd",
+            &etcd.endpoint(),
+            "--etcd-ca",
+            &s(&etcd_ca.ca_path()),
+            "--etcd-cert",
+            &s(&etcd_client.cert),
+            "--etcd-key",
+            &s(&etcd_client.key),
+        ],
+        &[],
+    )
+    .await?;
+    assert!(!bare.success(), "{bare}");
+    assert!(bare.stderr.contains("permission denied"), "{bare}");
+
+    let fleet = TestFleet::builder(2, 2)
+        .tls()
+        .coordinator_args(&etcd_args)
+        .agent_args(&etcd_args)
+        .start()
+        .await?;
+    assert!(fleet.addr.starts_with("https://"), "{}", fleet.addr);
+    let coordinator_log = fleet.coordinator.as_ref().unwrap().log();
+    assert!(
+        coordinator_log.contains("coordination backend: etcd"),
+        "{coordinator_log}"
+    );
+    assert!(
+        !coordinator_log.contains("etcd-secret-pw"),
+        "the etcd password is not logged"
+    );
+    // The agents reach etcd the same way: their liveness keys are there.
+    for agent in fleet.agents.iter().flatten() {
+        agent.wait_for_log("liveness key put in etcd", WAIT).await?;
+        assert!(!agent.log().contains("etcd-secret-pw"));
+    }
+
+    // The CLI over mTLS: submit and wait; the agents apply it over mTLS.
+    let dir = plan("001_tls", "over_tls")?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(
+        fleet.journal_total().await?,
+        4,
+        "two tenants on each of two shards"
+    );
+
+    // Plaintext to the TLS port does not get through: the server answers an HTTP/2
+    // client's preface with at most a TLS alert, and closes. (Asked at the socket, not
+    // through the CLI: a gRPC channel reconnects when its connection is cut, so how
+    // long the CLI takes to give up is its own matter, not the server's.)
+    let port = fleet
+        .addr
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('/');
+    let reply = plaintext_h2_reply(&format!("127.0.0.1:{port}")).await?;
+    assert!(
+        reply.is_empty() || reply[0] == 0x15,
+        "a plaintext HTTP/2 client got {reply:02x?} from the TLS port"
+    );
+    Ok(())
+}
+
+/// What a TLS listener sends back to an HTTP/2 client's plaintext preface and SETTINGS
+/// frame, read until it closes the connection.
+async fn plaintext_h2_reply(addr: &str) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await?;
+    let mut reply = Vec::new();
+    // the server closes at once; the bound only keeps a broken server from hanging the test
+    let read = tokio::time::timeout(WAIT, tcp.read_to_end(&mut reply))
+        .await
+        .map_err(|_| anyhow::anyhow!("the TLS port kept a plaintext connection open"))?;
+    match read {
+        Ok(_) => Ok(reply),
+        // closed with our bytes unread: a reset, which is a refusal too
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(reply),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Result<()> {
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    // shard_2's agent has a certificate without a URI SAN: its common name is mapped.
+    let files = TestDir::new("identities")?;
+    let identities = files.join("agent-identities.toml");
+    std::fs::write(&identities, "\"db-host-2.internal\" = \"shard_2\"\n")?;
+    let fleet = TestFleet::builder(1, 1)
+        .metrics(metrics)
+        .tls()
+        .coordinator_args(&["--agent-identities", &identities.to_string_lossy()])
+        .start()
+        .await?;
+    let certs: &FleetCerts = fleet.tls.as_ref().unwrap();
+    let ca = certs.ca.ca_path().to_string_lossy().into_owned();
+    let plans_before = fleet.json(&["plan", "list", "--output", "json"]).await?;
+
+    // Operator commands with no certificate, one from a foreign CA, an expired one.
+    let foreign_ca = TestCa::new("foreign")?;
+    let foreign = foreign_ca.issue("mallory", &CertSpec::client("mallory", &[]))?;
+    let expired = certs
+        .ca
+        .issue("expired", &CertSpec::client("bob", &[]).expired())?;
+    let dir = plan("001_refused", "refused")?;
+    let path = dir.path().to_string_lossy().into_owned();
+    let submit = [
+        "--coordinator",
+        fleet.addr.as_str(),
+        "plan",
+        "submit",
+        &path,
+    ];
+    let no_cert = run_flotilla(&submit, &[("FLOTILLA_TLS_CA", &ca)]).await?;
+    assert!(!no_cert.success(), "{no_cert}");
+    assert!(
+        no_cert
+            .stderr
+            .contains("may have refused this client's certificate"),
+        "{no_cert}"
+    );
+    for (what, files) in [("foreign CA", &foreign), ("expired", &expired)] {
+        let env = certs.client_env(files);
+        let out = run_flotilla(&submit, &env_refs(&env)).await?;
+        assert!(!out.success(), "{what}: {out}");
+    }
+
+    // An agent holding shard_0's certificate that says it is shard_1 (a database of its
+    // own, so only the certificate is wrong).
+    fleet.pg.create_database("shard_1").await?;
+    let dsn = fleet.pg.url("shard_1");
+    let env = certs.client_env(&certs.agent(&fleet.shards[0])?);
+    let impostor = FlotillaProcess::spawn(
+        &[
+            "--coordinator",
+            &fleet.addr,
+            "agent",
+            "--shard",
+            "shard_1",
+            "--dsn",
+            &dsn,
+        ],
+        &env_refs(&env),
+    )?;
+    impostor
+        .wait_for_log("may not attach as shard shard_1", WAIT)
+        .await?;
+    assert!(
+        impostor
+            .log()
+            .contains("The caller does not have permission"),
+        "refused with PERMISSION_DENIED: {}",
+        impostor.log()
+    );
+
+    // Each refusal is in the audit trail, with where it came from.
+    wait_until("the refusals audited", WAIT, async || {
+        let trail = audit(&fleet).await?;
+        Ok(has_entry(&trail, "tls-refused", "no client certificate")
+            && has_entry(&trail, "tls-refused", "UnknownIssuer")
+            && has_entry(&trail, "tls-refused", "Expired")
+            && has_entry(
+                &trail,
+                "agent-refused",
+                "shard shard_0's; it may not attach as shard shard_1",
+            ))
+    })
+    .await?;
+    let body = http::get(metrics, "/metrics").await?.body;
+    for (reason, at_least) in [
+        ("no_certificate", 1),
+        ("bad_certificate", 2),
+        ("wrong_shard", 1),
+    ] {
+        let line = format!("flotilla_connections_refused_total{{reason=\"{reason}\"}} ");
+        let count: u64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_default();
+        assert!(count >= at_least, "{reason}: {count}\n{body}");
+    }
+    let trail = audit(&fleet).await?;
+    let refusal = trail
+        .iter()
+        .find(|e| e["action"] == "agent-refused")
+        .unwrap();
+    assert_eq!(refusal["actor"], "agent-shard_0", "{refusal}");
+    assert!(
+        refusal["detail"]
+            .as_str()
+            .unwrap()
+            .contains("from 127.0.0.1:"),
+        "{refusal}"
+    );
+
+    // Nothing changed: no plan, no agent row for shard_1, shard_0 still attached alone.
+    let plans_after = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert_eq!(plans_before, plans_after);
+    let agents = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+    let shards: Vec<&str> = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["shard"].as_str())
+        .collect();
+    assert_eq!(shards, vec!["shard_0"], "{agents}");
+    assert_eq!(fleet.journal_total().await?, 0);
+
+    // A certificate whose common name the mapping gives shard_2 attaches as shard_2.
+    fleet.pg.create_database("shard_2").await?;
+    let mapped = certs
+        .ca
+        .issue("db-host-2", &CertSpec::client("db-host-2.internal", &[]))?;
+    let env = certs.client_env(&mapped);
+    let dsn = fleet.pg.url("shard_2");
+    let _mapped_agent = FlotillaProcess::spawn(
+        &[
+            "--coordinator",
+            &fleet.addr,
+            "agent",
+            "--shard",
+            "shard_2",
+            "--dsn",
+            &dsn,
+        ],
+        &env_refs(&env),
+    )?;
+    fleet.wait_attached(2).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_mtls_a_follower_sends_the_cli_and_agents_to_the_leader() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::builder(2, 1, 1).tls().start().await?;
+    assert!(fleet.addrs.iter().all(|a| a.starts_with("https://")));
+    let leader = wait_for_leader(&fleet).await?;
+    let follower = 1 - leader;
+
+    // A write sent to the follower goes to the leader's advertised https:// address.
+    let dir = plan("001_ha_tls", "ha_over_tls")?;
+    let path = dir.path().to_string_lossy().into_owned();
+    let out = fleet
+        .cli_at(
+            follower,
+            &["plan", "submit", &path, "--wait", "--output", "json"],
+        )
+        .await?;
+    assert!(out.success(), "{out}");
+    assert_eq!(out.last_json()?["state"], "completed", "{out}");
+
+    // The leader dies: the agent attaches to the other coordinator over mTLS, and a
+    // plan completes there.
+    fleet.coordinators[leader].take().unwrap().kill()?;
+    fleet.wait_connected(1).await?;
+    let dir = plan("002_ha_tls", "after_failover")?;
+    let path = dir.path().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&["plan", "submit", &path, "--wait", "--output", "json"])
+        .await?;
+    assert!(out.success(), "{out}");
+    assert_eq!(out.last_json()?["state"], "completed", "{out}");
+    Ok(())
+}
+
+async fn wait_for_leader(fleet: &HaFleet) -> anyhow::Result<usize> {
+    wait_until("a leader", WAIT, async || Ok(fleet.leader().is_some())).await?;
+    Ok(fleet.leader().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plaintext_off_loopback_needs_insecure_spelled_out() -> anyhow::Result<()> {
+    let dir = TestDir::new("insecure")?;
+    let store = dir.join("flotilla.db").to_string_lossy().into_owned();
+    let listen = format!("0.0.0.0:{}", free_port());
+    let out = run_flotilla(
+        &["coordinator", "--listen", &listen, "--store", &store],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("--insecure"), "{out}");
+    assert!(out.stderr.contains(&listen), "{out}");
+
+    let coordinator = FlotillaProcess::spawn(
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--store",
+            &store,
+            "--insecure",
+        ],
+        &[],
+    )?;
+    coordinator
+        .wait_for_log("coordinator listening", WAIT)
+        .await?;
+    assert!(
+        coordinator.log().contains("serving gRPC in plaintext"),
+        "{}",
+        coordinator.log()
+    );
+
+    // A CA without a certificate for the server is refused, naming the flags.
+    let ca = TestCa::new("lonely")?;
+    let out = run_flotilla(
+        &[
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--store",
+            &store,
+            "--tls-ca",
+            &ca.ca_path().to_string_lossy(),
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("--tls-cert"), "{out}");
+    Ok(())
+}
