@@ -572,7 +572,11 @@ pub fn lint(spec: &flotilla_core::PlanSpec, findings: &[pb::LintFinding], output
             "{}",
             json!({
                 "name": spec.name,
-                "valid": true,
+                // Well formed (it parsed, its DAG holds); `valid` only when no finding is
+                // an error, as the exit code says: a script reading `valid` must not
+                // take a plan the submit would refuse.
+                "well_formed": true,
+                "valid": errors == 0,
                 "order": order,
                 "migrations": spec.migrations.iter().map(|m| json!({
                     "id": m.id.to_string(),

@@ -74,6 +74,11 @@ async fn plan_lint_names_rule_file_and_line_and_exits_1_on_errors() -> anyhow::R
         v["errors"].as_u64() > Some(0) && v["warnings"].as_u64() > Some(0),
         "{v}"
     );
+    // well formed, but not valid: a script reading `valid` sees what the exit code says
+    assert_eq!(
+        (&v["well_formed"], &v["valid"]),
+        (&Value::Bool(true), &Value::Bool(false))
+    );
 
     // Warnings only: exit 0, and the text says where and how to fix.
     let tmp = MigrationDir::new()?;
