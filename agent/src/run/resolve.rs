@@ -133,45 +133,19 @@ impl Agent {
         // a plan run with one lane per shard leaves one or two open. (Measured in the
         // two-phase bench: 8 at once per agent, mostly on new connections, took 10x what
         // one session per shard database committing in turn takes.)
-        let parallel = self
-            .pool
-            .num_idle()
-            .clamp(1, (self.config.max_connections as usize).max(1));
-        // Each connection is taken once and commits its share in turn: a pool query would
-        // take one per statement, and the pool checks a connection (a round trip) each time
-        // it hands one out.
-        let mut shares: Vec<Vec<(String, String)>> = vec![Vec::new(); parallel];
-        for (i, g) in valid.into_iter().enumerate() {
-            shares[i % parallel].push(g);
-        }
-        let pool = &self.pool;
-        let finished: Vec<(String, Result<Finished, String>, i64)> =
-            futures::future::join_all(shares.into_iter().map(|share| async move {
-                let mut out = Vec::with_capacity(share.len());
-                let mut conn = match pool.acquire().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let message = format!("no shard connection: {e}");
-                        return share
-                            .into_iter()
-                            .map(|(gid, _)| (gid, Err(message.clone()), 0))
-                            .collect();
-                    }
-                };
-                for (gid, lit) in share {
-                    let r = finish(&mut *conn, &lit, decision)
-                        .await
-                        .map_err(|e| e.to_string());
-                    out.push((gid, r, super::two_phase::now_us()));
-                }
-                out
-            }))
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        let parallel = self.pool.num_idle();
+        let finished = finish_on_connections(
+            &self.pool,
+            parallel,
+            self.config.max_connections,
+            valid
+                .into_iter()
+                .map(|(gid, lit)| (gid, lit, decision))
+                .collect(),
+        )
+        .await;
         let mut done = 0i64;
-        for (gid, r, at) in finished {
+        for (gid, _, r, at) in finished {
             match r {
                 Ok(Finished::Now) => {
                     info!(%gid, decision = decision.as_str(), "prepared transaction resolved");
@@ -205,6 +179,7 @@ impl Agent {
         let mut decided: HashMap<String, Option<Decision>> = HashMap::new();
         let mut etcd_down = false;
         let etcd_was_down = self.scan_log.lock().expect("scan log").etcd_error;
+        let mut to_finish = Vec::new();
         for gid in gids {
             let decision = if is_probe(&gid) {
                 Some(Decision::Abort)
@@ -244,7 +219,21 @@ impl Agent {
                     continue;
                 }
             };
-            match finish(&self.pool, &lit, decision).await {
+            to_finish.push((gid, lit, decision));
+        }
+        // Every one of them holds its target's locks until it is resolved: after a
+        // coordinator died past its decision, a large unit's thousands of prepared
+        // transactions, one COMMIT PREPARED (a WAL flush) each, go over every connection
+        // the agent may open, not one after the other.
+        let finished = finish_on_connections(
+            &self.pool,
+            self.config.max_connections as usize,
+            self.config.max_connections,
+            to_finish,
+        )
+        .await;
+        for (gid, decision, r, _) in finished {
+            match r {
                 Ok(Finished::Now) if is_probe(&gid) => {
                     info!(%gid, "rolled back a preflight probe left prepared");
                 }
@@ -272,4 +261,51 @@ impl Agent {
         log.etcd_error = etcd_down || (log.etcd_error && decided.is_empty());
         Ok(left)
     }
+}
+
+/// COMMIT or ROLLBACK PREPARED each (gid, quoted gid, decision) on up to `parallel` pool
+/// connections at once (at least one, at most `max_connections`), each connection taken once
+/// and finishing its share in turn: a query on the pool would take one per statement, and
+/// the pool checks a connection (a round trip) each time it hands one out. Returns each gid
+/// with its decision, what happened, and when (microseconds since the epoch).
+async fn finish_on_connections(
+    pool: &sqlx::PgPool,
+    parallel: usize,
+    max_connections: u32,
+    items: Vec<(String, String, Decision)>,
+) -> Vec<(String, Decision, Result<Finished, String>, i64)> {
+    if items.is_empty() {
+        return Vec::new();
+    }
+    let parallel = parallel
+        .clamp(1, (max_connections as usize).max(1))
+        .min(items.len());
+    let mut shares: Vec<Vec<(String, String, Decision)>> = vec![Vec::new(); parallel];
+    for (i, item) in items.into_iter().enumerate() {
+        shares[i % parallel].push(item);
+    }
+    futures::future::join_all(shares.into_iter().map(|share| async move {
+        let mut out = Vec::with_capacity(share.len());
+        let mut conn = match pool.acquire().await {
+            Ok(c) => c,
+            Err(e) => {
+                let message = format!("no shard connection: {e}");
+                return share
+                    .into_iter()
+                    .map(|(gid, _, d)| (gid, d, Err(message.clone()), 0))
+                    .collect();
+            }
+        };
+        for (gid, lit, decision) in share {
+            let r = finish(&mut *conn, &lit, decision)
+                .await
+                .map_err(|e| e.to_string());
+            out.push((gid, decision, r, super::two_phase::now_us()));
+        }
+        out
+    }))
+    .await
+    .into_iter()
+    .flatten()
+    .collect()
 }
