@@ -361,6 +361,40 @@ async fn tokens_and_roles_guard_every_operator_rpc_and_refusals_change_nothing()
     let out = alice.cli(&["plan", "cancel", &id, "--wait"]).await?;
     assert!(out.code().is_some(), "{out}");
 
+    // Skipping the promotion gate is an admin's override: an operator asking is refused,
+    // audited, and no plan is made.
+    let plan_count = async || -> anyhow::Result<Option<usize>> {
+        let plans = val.json(&["plan", "list", "--output", "json"]).await?;
+        Ok(plans.as_array().map(Vec::len))
+    };
+    let plans_before = plan_count().await?;
+    let skipped = plan("production", "004_skipped", "skipped", "")?;
+    let p = skipped.path().to_string_lossy().into_owned();
+    let out = alice
+        .cli(&[
+            "plan",
+            "submit",
+            &p,
+            "--skip-promotion-check",
+            "--reason",
+            "hotfix",
+        ])
+        .await?;
+    refused(
+        &out,
+        "alice has role operator: --skip-promotion-check needs admin",
+    );
+    let denied = audited(&val, "denied").await?;
+    assert!(
+        denied.iter().any(|e| e["actor"] == "alice"
+            && e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("--skip-promotion-check needs admin")),
+        "{denied:?}"
+    );
+    assert_eq!(plan_count().await?, plans_before, "no plan made");
+
     // The operators as an admin sees them: mallory revoked, the others active.
     let list = root.json(&["operator", "list", "--output", "json"]).await?;
     let mallory_row = list
