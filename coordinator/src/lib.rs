@@ -63,6 +63,9 @@ pub struct CoordinatorConfig {
     pub store: SecretUrl,
     /// Where `/metrics` is served, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Where the health service alone is served in plaintext, if anywhere: probes that
+    /// present no client certificate reach it while `listen` requires one.
+    pub health_listen: Option<SocketAddr>,
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
     pub preflight_timeout: Duration,
@@ -111,6 +114,7 @@ impl CoordinatorConfig {
             listen,
             store: store.into(),
             metrics: None,
+            health_listen: None,
             lock_timeout: Duration::from_secs(10),
             statement_timeout: Duration::ZERO,
             preflight_timeout: Duration::from_secs(30),
@@ -365,6 +369,13 @@ pub async fn start(
             reason: e.to_string(),
         })?;
     info!(%addr, tls = server_tls.is_some(), mtls = server_tls.as_ref().is_some_and(|t| t.client_auth), "coordinator listening");
+    // The health service alone, in plaintext, for probes without a certificate: it
+    // says SERVING or NOT_SERVING and nothing else, so it needs no TLS; it stops with
+    // the process (its statuses turn NOT_SERVING first, with the main listener's).
+    let _health_only = match config.health_listen {
+        Some(at) => Some(serve_health_only(at, health.clone()).await?),
+        None => None,
+    };
     if let Some(ready) = ready {
         // the caller may have stopped waiting; the coordinator serves regardless
         let _ = ready.send(addr);
@@ -441,6 +452,41 @@ pub async fn start(
         }
     }
     Ok(())
+}
+
+/// Stops the task serving a listener when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves `health` alone on `at`, in plaintext, until the returned guard is dropped.
+async fn serve_health_only<T: tonic_health::pb::health_server::Health>(
+    at: SocketAddr,
+    health: tonic_health::pb::health_server::HealthServer<T>,
+) -> Result<AbortOnDrop, CoordinatorError> {
+    let listen_error = |e: String| CoordinatorError::Listen {
+        addr: format!("--health-listen {at}"),
+        reason: e,
+    };
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .map_err(|e| listen_error(e.to_string()))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| listen_error(e.to_string()))?;
+    info!(addr = %bound, "health service listening (plaintext, health only)");
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    Ok(AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            warn!(error = %e, "the health-only listener stopped");
+        }
+    })))
 }
 
 /// Arms the failpoints named in `FAILPOINTS` (`name=action;...`), once per

@@ -61,6 +61,7 @@ pub async fn coordinator(args: CoordinatorArgs, tls: flotilla_core::tls::TlsFile
         }
     }
     config.metrics = args.metrics;
+    config.health_listen = args.health_listen;
     config.lock_timeout = args.lock_timeout;
     config.statement_timeout = args.statement_timeout;
     config.etcd = args.etcd;

@@ -233,6 +233,12 @@ pub struct CoordinatorArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Also serve the gRPC health service alone (grpc.health.v1.Health), in plaintext, on
+    /// this address (e.g. 0.0.0.0:7071): for probes that present no client certificate
+    /// (Kubernetes' grpc probes, load balancers) when --listen requires one. It tells only
+    /// SERVING or NOT_SERVING per service.
+    #[arg(long)]
+    pub health_listen: Option<SocketAddr>,
     /// Default lock_timeout for steps whose migration does not set one.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub lock_timeout: Duration,

@@ -11,6 +11,9 @@ use crate::harness::certs::{FleetCerts, env_refs};
 use crate::harness::etcd::EtcdTls;
 use crate::harness::{Etcd, FlotillaProcess, TestDir, free_port, http, run_flotilla, wait_until};
 use flotilla_testkit::tls::{CertSpec, TestCa};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// A plan of one tenant-scoped migration creating `table`.
 fn plan(id: &str, table: &str) -> anyhow::Result<MigrationDir> {
@@ -105,13 +108,35 @@ async fn a_plan_completes_over_mtls_everywhere_with_etcd_over_tls_and_a_user() -
     assert!(!bare.success(), "{bare}");
     assert!(bare.stderr.contains("permission denied"), "{bare}");
 
+    // Probes without a certificate get the health service alone, in plaintext, on a port
+    // of its own.
+    let health_addr = format!("127.0.0.1:{}", free_port());
+    let mut coordinator_args = etcd_args.clone();
+    coordinator_args.extend(["--health-listen", health_addr.as_str()]);
     let fleet = TestFleet::builder(2, 2)
         .tls()
-        .coordinator_args(&etcd_args)
+        .coordinator_args(&coordinator_args)
         .agent_args(&etcd_args)
         .start()
         .await?;
     assert!(fleet.addr.starts_with("https://"), "{}", fleet.addr);
+    let health_url = format!("http://{health_addr}");
+    for service in ["", "flotilla.v1.OperatorService"] {
+        assert_eq!(
+            plaintext_health(&health_url, service).await?,
+            ServingStatus::Serving,
+            "`{service}` on the health-only port"
+        );
+    }
+    // ... and nothing else there: the operator service is not served on it.
+    let channel = tonic::transport::Channel::from_shared(health_url.clone())?
+        .connect()
+        .await?;
+    let refused = flotilla_core::pb::operator_service_client::OperatorServiceClient::new(channel)
+        .list_plans(flotilla_core::pb::ListPlansRequest::default())
+        .await
+        .expect_err("the health-only port serves no operator RPC");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused}");
     let coordinator_log = fleet.coordinator.as_ref().unwrap().log();
     assert!(
         coordinator_log.contains("coordination backend: etcd"),
@@ -154,6 +179,20 @@ async fn a_plan_completes_over_mtls_everywhere_with_etcd_over_tls_and_a_user() -
         "a plaintext HTTP/2 client got {reply:02x?} from the TLS port"
     );
     Ok(())
+}
+
+/// The health service's status for `service`, asked in plaintext at `url`.
+async fn plaintext_health(url: &str, service: &str) -> anyhow::Result<ServingStatus> {
+    let channel = tonic::transport::Channel::from_shared(url.to_string())?
+        .connect()
+        .await?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok(reply.status())
 }
 
 /// What a TLS listener sends back to an HTTP/2 client's plaintext preface and SETTINGS
