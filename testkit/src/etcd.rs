@@ -396,7 +396,44 @@ impl Etcd {
         password: &str,
         prefix: &str,
     ) -> anyhow::Result<()> {
-        use etcd_client::{Certificate, Client, ConnectOptions, Identity, Permission, TlsOptions};
+        use etcd_client::{Client, Permission};
+        let options = Self::admin_options(tls)?;
+        let mut c = Client::connect([self.endpoint()], Some(options)).await?;
+        c.user_add("root", format!("{password}-root"), None).await?;
+        c.user_grant_role("root", "root").await?;
+        c.role_add("flotilla").await?;
+        c.role_grant_permission("flotilla", Permission::read_write(prefix).with_prefix())
+            .await?;
+        c.user_add(user, password, None).await?;
+        c.user_grant_role(user, "flotilla").await?;
+        c.auth_enable().await.context("enabling etcd auth")?;
+        Ok(())
+    }
+
+    /// Makes every auth token etcd has issued invalid, as their expiry would: auth turned
+    /// off and on again by `root` (whose password [`Etcd::enable_auth`] made from `password`).
+    /// A client holding a token is refused with `invalid auth token` on its next request.
+    pub async fn invalidate_auth_tokens(
+        &self,
+        tls: Option<(&std::path::Path, &crate::tls::CertFiles)>,
+        password: &str,
+    ) -> anyhow::Result<()> {
+        let options = Self::admin_options(tls)?.with_user("root", format!("{password}-root"));
+        let mut c = etcd_client::Client::connect([self.endpoint()], Some(options)).await?;
+        c.auth_disable().await.context("disabling etcd auth")?;
+        // a new client: the one above holds a token that the disable just voided
+        let mut c =
+            etcd_client::Client::connect([self.endpoint()], Some(Self::admin_options(tls)?))
+                .await?;
+        c.auth_enable().await.context("enabling etcd auth again")?;
+        Ok(())
+    }
+
+    /// Connection options for the test's own administrative client.
+    fn admin_options(
+        tls: Option<(&std::path::Path, &crate::tls::CertFiles)>,
+    ) -> anyhow::Result<etcd_client::ConnectOptions> {
+        use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
         let mut options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
         if let Some((ca, client)) = tls {
             options = options.with_tls(
@@ -408,16 +445,7 @@ impl Etcd {
                     )),
             );
         }
-        let mut c = Client::connect([self.endpoint()], Some(options)).await?;
-        c.user_add("root", format!("{password}-root"), None).await?;
-        c.user_grant_role("root", "root").await?;
-        c.role_add("flotilla").await?;
-        c.role_grant_permission("flotilla", Permission::read_write(prefix).with_prefix())
-            .await?;
-        c.user_add(user, password, None).await?;
-        c.user_grant_role(user, "flotilla").await?;
-        c.auth_enable().await.context("enabling etcd auth")?;
-        Ok(())
+        Ok(options)
     }
 
     pub async fn start_single() -> anyhow::Result<Etcd> {

@@ -163,6 +163,18 @@ async fn a_plan_completes_over_mtls_everywhere_with_etcd_over_tls_and_a_user() -
         "two tenants on each of two shards"
     );
 
+    // etcd forgets every token it issued (what their expiry does, 5 minutes idle by
+    // default): the coordinator and the agents authenticate again on their next request,
+    // and an atomic plan (its plan lock, its decision, the agents' reads of the decision)
+    // completes.
+    etcd.invalidate_auth_tokens(Some((&etcd_ca.ca_path(), &etcd_client)), "etcd-secret-pw")
+        .await?;
+    let dir = plan("002_tls_atomic", "after_new_tokens")?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &["--atomic"]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(fleet.journal_total().await?, 8, "both plans everywhere");
+
     // Plaintext to the TLS port does not get through: the server answers an HTTP/2
     // client's preface with at most a TLS alert, and closes. (Asked at the socket, not
     // through the CLI: a gRPC channel reconnects when its connection is cut, so how

@@ -94,7 +94,12 @@ impl Etcd {
             None => options,
         };
         let options = match &self.user {
-            Some(c) => options.with_user(c.user.clone(), c.password.clone()),
+            // etcd's tokens expire (--auth-token-ttl, 5 minutes idle by default) and die
+            // with an `auth disable`: the client authenticates again and retries once
+            // when its token is refused, or every etcd call after would fail.
+            Some(c) => options
+                .with_user(c.user.clone(), c.password.clone())
+                .with_auto_token_refresh(true),
             None => options,
         };
         let mut endpoints = self.endpoints.clone();

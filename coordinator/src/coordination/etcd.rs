@@ -88,7 +88,12 @@ impl EtcdCoordination {
             None => options,
         };
         let options = match user {
-            Some(c) => options.with_user(c.user, c.password),
+            // etcd's tokens expire (--auth-token-ttl, 5 minutes idle by default) and die
+            // with an `auth disable`: the client authenticates again and retries once
+            // when its token is refused, or every etcd call after would fail.
+            Some(c) => options
+                .with_user(c.user, c.password)
+                .with_auto_token_refresh(true),
             None => options,
         };
         let mut client = match Client::connect(&endpoints, Some(options)).await {
