@@ -105,26 +105,50 @@ impl Coordinator {
         let Err(reason) = self.inner.agent_identities.check(shard, cert) else {
             return Ok(());
         };
-        let from = from.map_or_else(|| "an unknown address".into(), |a| a.to_string());
-        warn!(shard, %from, "agent refused: {reason}");
         crate::metrics::connection_refused("wrong_shard");
-        self.write(StoreOp::Audit(Audit {
-            actor: cert.map_or_else(|| "unknown".into(), PeerCert::display_name),
-            action: AGENT_REFUSED,
-            plan_id: String::new(),
-            detail: format!("{reason} (from {from})"),
-        }));
+        let actor = cert.map_or_else(|| "unknown".into(), PeerCert::display_name);
+        if self.first_certificate_refusal(from, &actor, AGENT_REFUSED, &reason) {
+            let from = from.map_or_else(|| "an unknown address".into(), |a| a.to_string());
+            warn!(shard, %from, "agent refused: {reason}");
+            self.write(StoreOp::Audit(Audit {
+                actor,
+                action: AGENT_REFUSED,
+                plan_id: String::new(),
+                detail: format!("{reason} (from {from})"),
+            }));
+        }
         Err(CoordinatorError::NotAllowed(reason))
     }
 
     /// Audits a connection refused in the TLS handshake for its certificate.
     pub fn audit_tls_refusal(&self, from: SocketAddr, reason: String) {
-        self.write(StoreOp::Audit(Audit {
-            actor: "unknown".into(),
-            action: TLS_REFUSED,
-            plan_id: String::new(),
-            detail: format!("{reason} (from {from})"),
-        }));
+        if self.first_certificate_refusal(Some(from), "unknown", TLS_REFUSED, &reason) {
+            warn!(peer = %from, "TLS connection refused: {reason}");
+            self.write(StoreOp::Audit(Audit {
+                actor: "unknown".into(),
+                action: TLS_REFUSED,
+                plan_id: String::new(),
+                detail: format!("{reason} (from {from})"),
+            }));
+        }
+    }
+
+    /// Whether this certificate refusal is the first like it from its host in the window:
+    /// a refused agent retries every few seconds, and anyone reaching the port can open
+    /// connections without a certificate, so repeats are counted (the metric) but not
+    /// written, and the store cannot be filled with them.
+    fn first_certificate_refusal(
+        &self,
+        from: Option<SocketAddr>,
+        actor: &str,
+        action: &str,
+        reason: &str,
+    ) -> bool {
+        let host = from.map_or_else(String::new, |a| a.ip().to_string());
+        self.inner.refusals_seen.first_within(
+            format!("{host} {actor} {action} {reason}"),
+            crate::auth::RecentRefusals::CERTIFICATE_WINDOW,
+        )
     }
 }
 

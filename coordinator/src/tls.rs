@@ -182,7 +182,8 @@ pub(crate) fn incoming(
                     }
                     Ok(Err(e)) => match certificate_refusal(&e) {
                         Some((label, reason)) => {
-                            warn!(%peer, "TLS connection refused: {reason}");
+                            // said (and audited) once per host and reason in a while
+                            debug!(%peer, "TLS connection refused: {reason}");
                             crate::metrics::connection_refused(label);
                             refused(peer, reason);
                         }

@@ -37,28 +37,40 @@ pub struct Caller {
 /// is written once per window (the metric still counts each).
 #[derive(Debug, Default)]
 pub struct RecentRefusals {
-    seen: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    seen: std::sync::Mutex<
+        std::collections::HashMap<String, (std::time::Instant, std::time::Duration)>,
+    >,
 }
 
 impl RecentRefusals {
-    const WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+    /// An operator's refused request: people retry by hand, each try worth a row.
+    pub const OPERATOR_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+    /// A refused certificate (in the handshake, or an agent's for another shard): machines
+    /// retry every few seconds for as long as nobody fixes them, so the same refusal from
+    /// the same host is written once in five minutes.
+    pub const CERTIFICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
     /// More distinct refusals than this in one window: the oldest are forgotten early.
     const MAX: usize = 4096;
 
-    /// Whether `key` was not seen within the window (and remembers it now).
+    /// Whether `key` was not seen within the operators' window (and remembers it now).
     pub fn first_in_window(&self, key: String) -> bool {
+        self.first_within(key, Self::OPERATOR_WINDOW)
+    }
+
+    /// Whether `key` was not seen within `window` (and remembers it now).
+    pub fn first_within(&self, key: String, window: std::time::Duration) -> bool {
         let now = std::time::Instant::now();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.len() >= Self::MAX {
-            seen.retain(|_, at| now.duration_since(*at) < Self::WINDOW);
+            seen.retain(|_, (at, window)| now.duration_since(*at) < *window);
             if seen.len() >= Self::MAX {
                 seen.clear();
             }
         }
         match seen.get(&key) {
-            Some(at) if now.duration_since(*at) < Self::WINDOW => false,
+            Some((at, _)) if now.duration_since(*at) < window => false,
             _ => {
-                seen.insert(key, now);
+                seen.insert(key, (now, window));
                 true
             }
         }
