@@ -417,7 +417,7 @@ async fn wait_for_fleet(addr: &str, shards: &[String], tenants: usize) -> Result
     let started = Instant::now();
     let mut last = String::new();
     loop {
-        if let Ok(mut c) = super::plan::client(addr).await {
+        if let Ok(mut c) = super::call::client(addr).await {
             match c.list_fleet(pb::ListFleetRequest {}).await {
                 Ok(reply) => {
                     let agents = reply.into_inner().agents;
