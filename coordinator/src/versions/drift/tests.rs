@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use flotilla_core::pb;
 use flotilla_core::selector::Selector;
@@ -313,6 +314,20 @@ fn reports_in_chunks_partial_reports_and_a_new_session() {
     let r = drift(&v, "");
     assert_eq!(r.drifted, 1);
     assert!(r.cohorts[0].drifted[0].unknown_items);
+}
+
+#[test]
+fn a_query_keeps_what_was_known_when_it_began_and_reports_copy_only_their_shard() {
+    let v = versions(|_, _| base());
+    let (before, failures) = v.snapshot();
+    let (again, failures_again) = v.snapshot();
+    assert!(Arc::ptr_eq(&before, &again) && Arc::ptr_eq(&failures, &failures_again));
+    let applied: Vec<(&str, &[&str])> = ALL.iter().map(|t| (*t, &["m1", "m2"][..])).collect();
+    v.apply("shard_0", journal(&applied));
+    let (after, _) = v.snapshot();
+    assert_eq!(before["shard_0"].targets["tenant_0"].len(), 1);
+    assert_eq!(after["shard_0"].targets["tenant_0"].len(), 2);
+    assert!(Arc::ptr_eq(&before["shard_1"], &after["shard_1"]));
 }
 
 #[test]

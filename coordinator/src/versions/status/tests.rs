@@ -1,9 +1,10 @@
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use flotilla_core::pb;
 use flotilla_core::selector::Selector;
 
-use super::super::ShardJournal;
+use super::super::{Journals, ShardJournal};
 use super::{FleetInput, PlanInput, fleet_status, show_target};
 use crate::planner::ShardView;
 
@@ -80,7 +81,7 @@ fn journals(
     fleet: &BTreeMap<String, ShardView>,
     applied: &[(&str, &str)],
     edit: impl Fn(&str, &str, &mut Vec<pb::JournalEntry>),
-) -> BTreeMap<String, ShardJournal> {
+) -> Journals {
     fleet
         .iter()
         .map(|(shard, view)| {
@@ -96,12 +97,12 @@ fn journals(
             }
             (
                 shard.clone(),
-                ShardJournal {
+                Arc::new(ShardJournal {
                     epoch: EPOCH,
                     complete: true,
                     targets,
                     ..Default::default()
-                },
+                }),
             )
         })
         .collect()
@@ -225,7 +226,7 @@ fn shards_not_heard_under_this_epoch_are_named_not_counted() {
     let fleet = fleet();
     let plans = [plan("p1", "", "", &[("001_a", "SELECT 1")])];
     let mut journals = journals(&fleet, &[("001_a", "SELECT 1")], |_, _, _| {});
-    journals.get_mut("shard_1").unwrap().epoch = EPOCH - 1;
+    Arc::make_mut(journals.get_mut("shard_1").unwrap()).epoch = EPOCH - 1;
     let input = FleetInput {
         fleet: &fleet,
         journals: &journals,
