@@ -13,6 +13,8 @@
 mod baseline;
 mod catch_up;
 mod drift;
+#[cfg(test)]
+mod fixtures;
 mod query;
 mod status;
 
