@@ -368,6 +368,25 @@ impl HaFleet {
             }
         })
     }
+
+    /// Journal rows on shard `s` (database `shard_{s}`).
+    pub async fn journal_rows(&self, s: usize) -> anyhow::Result<i64> {
+        self.pg
+            .query_scalar(
+                &format!("shard_{s}"),
+                "SELECT count(*) FROM flotilla.journal",
+            )
+            .await
+    }
+
+    /// Journal rows on every shard.
+    pub async fn journal_total(&self) -> anyhow::Result<i64> {
+        let mut n = 0;
+        for s in 0..self.agents.len() {
+            n += self.journal_rows(s).await?;
+        }
+        Ok(n)
+    }
 }
 
 impl Cli for HaFleet {
@@ -502,11 +521,7 @@ async fn a_paused_leader_is_replaced_and_fenced_and_the_plan_completes_once() ->
     // Exactly once on every tenant.
     for s in 0..2 {
         let db = format!("shard_{s}");
-        let n: i64 = fleet
-            .pg
-            .query_scalar(&db, "SELECT count(*) FROM flotilla.journal")
-            .await?;
-        assert_eq!(n, 6, "{db}");
+        assert_eq!(fleet.journal_rows(s).await?, 6, "{db}");
         for t in 0..3 {
             let tenant = tenant_name(s, t, 3);
             assert_logged_once(&fleet.pg, &db, &tenant, &["001", "002"]).await?;
