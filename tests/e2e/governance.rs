@@ -32,18 +32,7 @@ require = ["dba"]
 
 /// A plan of one tenant-scoped migration creating `table`, for `environment`, at `risk`.
 fn plan(environment: &str, id: &str, table: &str, risk: &str) -> anyhow::Result<MigrationDir> {
-    let d = MigrationDir::new()?;
-    std::fs::write(
-        d.path().join("plan.toml"),
-        format!("name = \"{id}\"\nenvironment = \"{environment}\"\n"),
-    )?;
-    d.migration(
-        id,
-        &format!("risk = \"{risk}\"\n"),
-        &format!("CREATE TABLE {table} (x int);"),
-        &format!("DROP TABLE {table};"),
-    )?;
-    Ok(d)
+    MigrationDir::one_table(environment, id, table, "", &format!("risk = \"{risk}\"\n"))
 }
 
 async fn approve(fleet: &TestFleet, verb: &str, id: &str, who: &[&str]) -> anyhow::Result<Value> {
