@@ -369,13 +369,7 @@ async fn a_plan_awaiting_approval_waits_under_a_new_leader_and_is_approved_throu
         .wait_for_log("leading: scheduling and deciding", WAIT)
         .await?;
     fleet.restart_coordinator_with(leader, &[]).await?;
-    wait_until("agents attached to the new leader", WAIT, async || {
-        let out = fleet
-            .cli_at(standby, &["fleet", "list", "--output", "json"])
-            .await?;
-        Ok(out.stdout.matches("\"connected\":true").count() == 2)
-    })
-    .await?;
+    fleet.wait_attached_at(standby).await?;
     let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "awaiting_approval", "{st}");
     assert_eq!(fleet.journal_total().await?, 0, "nothing applied");
