@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use flotilla_core::pb;
 use serde_json::json;
 
-use super::plan::{client, on_leader};
+use super::call::call_leader;
 use super::{BaselineArgs, EXIT_BAD_INPUT, EXIT_OK, EXIT_PLAN_FAILED, Output};
 use crate::loader::{self, Overrides};
 
@@ -41,30 +41,25 @@ pub async fn baseline(addr: &str, args: BaselineArgs) -> u8 {
         actor: args.actor.clone(),
         reason: args.reason.clone(),
     };
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let r = match on_leader(&mut c, |mut c| {
-        let req = req.clone();
-        async move { c.fleet_baseline(req).await }
-    })
+    call_leader(
+        addr,
+        req,
+        |mut c, req| async move { c.fleet_baseline(req).await },
+        |r| {
+            match args.output {
+                Output::Json => println!("{}", to_json(&r)),
+                Output::Text => print(&r, &args),
+            }
+            // Targets refused between the dry run everywhere and the writes (a history
+            // changed meanwhile): what was recorded stays, and the run says it was not all.
+            if r.targets.iter().any(|t| !t.error.is_empty()) {
+                EXIT_PLAN_FAILED
+            } else {
+                EXIT_OK
+            }
+        },
+    )
     .await
-    {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    match args.output {
-        Output::Json => println!("{}", to_json(&r)),
-        Output::Text => print(&r, &args),
-    }
-    // Targets refused between the dry run everywhere and the writes (a history changed
-    // meanwhile): what was recorded stays, and the run says it was not all.
-    if r.targets.iter().any(|t| !t.error.is_empty()) {
-        EXIT_PLAN_FAILED
-    } else {
-        EXIT_OK
-    }
 }
 
 fn to_json(r: &pb::FleetBaselineResponse) -> serde_json::Value {

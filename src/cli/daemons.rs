@@ -142,13 +142,9 @@ fn read_password(flag: &str, file: Option<&Path>, env: &str) -> Result<Option<Se
         .map(Secret::new))
 }
 
-/// The shard password: a file, or FLOTILLA_SHARD_PASSWORD; never argv.
-fn shard_password(args: &AgentArgs) -> Result<Option<Secret>, String> {
-    read_password(
-        "--password-file",
-        args.password_file.as_deref(),
-        "FLOTILLA_SHARD_PASSWORD",
-    )
+/// The shard password: a file (`--password-file`), or FLOTILLA_SHARD_PASSWORD; never argv.
+pub(super) fn shard_password(file: Option<&Path>) -> Result<Option<Secret>, String> {
+    read_password("--password-file", file, "FLOTILLA_SHARD_PASSWORD")
 }
 
 /// The control store's address with its password, which comes from
@@ -199,7 +195,7 @@ pub(super) fn check_dsn(dsn: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub(super) fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, String> {
+fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, String> {
     flotilla_core::validate_shard_name(&args.shard).map_err(|e| format!("--shard: {e}"))?;
     check_dsn(&args.dsn)?;
     let labels = flotilla_core::parse_labels(&args.labels).map_err(|e| format!("--labels: {e}"))?;
@@ -211,7 +207,7 @@ pub(super) fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentC
         args.dsn.clone(),
         coordinator.to_string(),
     );
-    config.password = shard_password(args)?;
+    config.password = shard_password(args.password_file.as_deref())?;
     config.labels = labels;
     config.tenant_pattern = args.tenant_pattern.clone();
     config.tenant_query = args.tenant_query.clone();

@@ -2,7 +2,7 @@
 use flotilla_core::pb;
 use serde_json::{Value, json};
 
-use super::plan::client;
+use super::call::client;
 use super::{EXIT_OK, EXIT_UNAVAILABLE, Output};
 
 pub async fn status(addr: &str, plans: u32, output: Output) -> u8 {

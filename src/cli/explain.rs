@@ -4,7 +4,7 @@
 use flotilla_core::pb;
 use serde_json::{Value, json};
 
-use super::plan::{client, on_leader};
+use super::call::{acting, call_leader};
 use super::{EXIT_BAD_INPUT, EXIT_OK, Output, SubmitArgs};
 use crate::loader;
 
@@ -25,32 +25,27 @@ pub(super) async fn run(addr: &str, args: &SubmitArgs) -> u8 {
         eprintln!("error: {}: {e}", args.path.display());
         return EXIT_BAD_INPUT;
     }
-    raw.submitted_by = super::plan::acting(args.actor.clone());
+    raw.submitted_by = acting(args.actor.clone());
     if let Some(env) = &args.promotion.environment {
         raw.environment = env.trim().to_string();
     }
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let req = pb::SubmitPlanRequest {
         spec: Some(raw),
         ..Default::default()
     };
-    let resp = match on_leader(&mut c, |mut c| {
-        let req = req.clone();
-        async move { c.explain_plan(req).await }
-    })
+    call_leader(
+        addr,
+        req,
+        |mut c, req| async move { c.explain_plan(req).await },
+        |resp| {
+            match args.output {
+                Output::Json => println!("{}", to_json(&resp)),
+                Output::Text => print!("{}", to_text(&resp)),
+            }
+            EXIT_OK
+        },
+    )
     .await
-    {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    match args.output {
-        Output::Json => println!("{}", to_json(&resp)),
-        Output::Text => print!("{}", to_text(&resp)),
-    }
-    EXIT_OK
 }
 
 fn to_json(r: &pb::ExplainResponse) -> Value {

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::plan::{client, on_leader};
+use super::call::call_leader;
 use super::{EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_OK, Output};
 use crate::loader::{self, Overrides};
 
@@ -37,77 +37,58 @@ pub async fn status(
             return EXIT_BAD_INPUT;
         }
     };
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let req = pb::FleetStatusRequest {
         selector: selector.unwrap_or_default(),
         checksums,
     };
-    match on_leader(&mut c, |mut c| {
-        let req = req.clone();
-        async move { c.fleet_status(req).await }
-    })
-    .await
-    {
-        Ok(r) => {
+    call_leader(
+        addr,
+        req,
+        |mut c, req| async move { c.fleet_status(req).await },
+        |r| {
             match output {
                 Output::Json => println!("{}", status_json(&r)),
                 Output::Text => print_status(&r),
             }
             EXIT_OK
-        }
-        Err(code) => code,
-    }
+        },
+    )
+    .await
 }
 
 pub async fn show(addr: &str, target: String, output: Output) -> u8 {
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let req = pb::FleetShowRequest { target };
-    match on_leader(&mut c, |mut c| {
-        let req = req.clone();
-        async move { c.fleet_show(req).await }
-    })
-    .await
-    {
-        Ok(t) => {
+    call_leader(
+        addr,
+        pb::FleetShowRequest { target },
+        |mut c, req| async move { c.fleet_show(req).await },
+        |t| {
             match output {
                 Output::Json => println!("{}", target_json(&t)),
                 Output::Text => print_target(&t),
             }
             EXIT_OK
-        }
-        Err(code) => code,
-    }
+        },
+    )
+    .await
 }
 
 pub async fn drift(addr: &str, selector: Option<String>, output: Output) -> u8 {
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let req = pb::FleetDriftRequest {
         selector: selector.unwrap_or_default(),
     };
-    match on_leader(&mut c, |mut c| {
-        let req = req.clone();
-        async move { c.fleet_drift(req).await }
-    })
-    .await
-    {
-        Ok(r) => {
+    call_leader(
+        addr,
+        req,
+        |mut c, req| async move { c.fleet_drift(req).await },
+        |r| {
             match output {
                 Output::Json => println!("{}", drift_json(&r)),
                 Output::Text => print_drift(&r),
             }
             if r.drifted > 0 { EXIT_DRIFT } else { EXIT_OK }
-        }
-        Err(code) => code,
-    }
+        },
+    )
+    .await
 }
 
 /// What a drifted target has and lacks, as lines an operator reads:

@@ -11,6 +11,7 @@
 //! asks, on submit as on every command, so a submitter's own approval is refused; and
 //! `--role` says in which role an approver approves.
 mod baseline;
+mod call;
 mod daemons;
 mod env;
 mod explain;
@@ -838,7 +839,7 @@ pub async fn run(cli: Cli) -> u8 {
             | Command::Audit(_)
             | Command::Operator(_)
     );
-    if operator_command && let Err(e) = plan::set_credential(cli.token_file.as_deref()) {
+    if operator_command && let Err(e) = call::set_credential(cli.token_file.as_deref()) {
         eprintln!("error: {e}");
         return EXIT_BAD_INPUT;
     }

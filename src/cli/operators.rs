@@ -7,7 +7,7 @@ use flotilla_coordinator::store::Store;
 use flotilla_core::pb;
 use serde_json::{Value, json};
 
-use super::plan::{client, on_leader};
+use super::call::{ask_leader, call_any};
 use super::{EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, OperatorCommand, Output};
 
 pub async fn run(addr: &str, cmd: OperatorCommand) -> u8 {
@@ -20,46 +20,42 @@ pub async fn run(addr: &str, cmd: OperatorCommand) -> u8 {
             token_out,
             output,
         } => {
-            let added = match store {
-                Some(location) => {
-                    let store = match open(&location).await {
-                        Ok(s) => s,
-                        Err(code) => return code,
-                    };
-                    let by = format!("{} (--store)", whoami());
-                    match auth::add_operator(&store, &name, &role, &approval_roles, &by).await {
-                        Ok(a) => a.to_pb(),
-                        Err(e) => return refused(&e.to_string(), &e.into()),
+            let added =
+                match store {
+                    Some(location) => {
+                        let store = match open(&location).await {
+                            Ok(s) => s,
+                            Err(code) => return code,
+                        };
+                        let by = format!("{} (--store)", whoami());
+                        match auth::add_operator(&store, &name, &role, &approval_roles, &by).await {
+                            Ok(a) => a.to_pb(),
+                            Err(e) => return refused(&e.to_string(), &e.into()),
+                        }
                     }
-                }
-                None => {
-                    let mut c = match client(addr).await {
-                        Ok(c) => c,
-                        Err(code) => return code,
-                    };
-                    let req = pb::AddOperatorRequest {
-                        name,
-                        role,
-                        approval_roles,
-                    };
-                    match on_leader(&mut c, |mut c| {
-                        let req = req.clone();
-                        async move { c.add_operator(req).await }
-                    })
-                    .await
-                    {
-                        Ok(r) => r,
-                        Err(code) => return code,
+                    None => {
+                        let req = pb::AddOperatorRequest {
+                            name,
+                            role,
+                            approval_roles,
+                        };
+                        match ask_leader(addr, req, |mut c, req| async move {
+                            c.add_operator(req).await
+                        })
+                        .await
+                        {
+                            Ok((_, r)) => r,
+                            Err(code) => return code,
+                        }
                     }
-                }
-            };
+                };
             show_added(&added, token_out.as_deref(), output)
         }
         OperatorCommand::List { store, output } => {
             let operators = match store {
                 Some(location) => match open(&location).await {
                     Ok(s) => match s.operators().await {
-                        Ok(rows) => rows.iter().map(auth::operator_info).collect(),
+                        Ok(rows) => rows.iter().map(auth::operator_info).collect::<Vec<_>>(),
                         Err(e) => {
                             eprintln!("error: {e}");
                             return EXIT_UNAVAILABLE;
@@ -68,14 +64,16 @@ pub async fn run(addr: &str, cmd: OperatorCommand) -> u8 {
                     Err(code) => return code,
                 },
                 None => {
-                    let mut c = match client(addr).await {
-                        Ok(c) => c,
-                        Err(code) => return code,
-                    };
-                    match c.list_operators(pb::ListOperatorsRequest {}).await {
-                        Ok(r) => r.into_inner().operators,
-                        Err(e) => return super::plan::fail(e),
-                    }
+                    return call_any(
+                        addr,
+                        pb::ListOperatorsRequest {},
+                        |mut c, req| async move { c.list_operators(req).await },
+                        |r| {
+                            show_list(&r.operators, output);
+                            EXIT_OK
+                        },
+                    )
+                    .await;
                 }
             };
             show_list(&operators, output);
@@ -95,18 +93,13 @@ pub async fn run(addr: &str, cmd: OperatorCommand) -> u8 {
                     }
                 }
                 None => {
-                    let mut c = match client(addr).await {
-                        Ok(c) => c,
-                        Err(code) => return code,
-                    };
                     let req = pb::RevokeOperatorRequest { name };
-                    match on_leader(&mut c, |mut c| {
-                        let req = req.clone();
-                        async move { c.revoke_operator(req).await }
+                    match ask_leader(addr, req, |mut c, req| async move {
+                        c.revoke_operator(req).await
                     })
                     .await
                     {
-                        Ok(r) => r,
+                        Ok((_, r)) => r,
                         Err(code) => return code,
                     }
                 }

@@ -2,11 +2,8 @@
 use std::time::Instant;
 
 use flotilla_core::pb;
-use flotilla_core::pb::operator_service_client::OperatorServiceClient;
-use tonic::codegen::InterceptedService;
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::transport::Channel;
 
+use super::call::{Client, acting, ask_leader, call_any, call_leader, client, fail, status_exit};
 use super::render;
 use super::{
     CommandArgs, EXIT_BAD_INPUT, EXIT_LINT_ERRORS, EXIT_OK, EXIT_PLAN_FAILED, EXIT_UNAVAILABLE,
@@ -14,154 +11,6 @@ use super::{
 };
 use crate::loader::{self, Overrides};
 use flotilla_core::lint::{LintOptions, Severity, lint_plan};
-
-/// What went wrong talking to the coordinator, as an exit code and a message.
-fn status_exit(e: &tonic::Status) -> u8 {
-    use tonic::Code::*;
-    match e.code() {
-        InvalidArgument | FailedPrecondition | NotFound | AlreadyExists | OutOfRange
-        | PermissionDenied | Unauthenticated => EXIT_BAD_INPUT,
-        _ => EXIT_UNAVAILABLE,
-    }
-}
-
-pub(super) fn fail(e: tonic::Status) -> u8 {
-    // A connection cut under the call (e.g. a TLS alert) says why only at the end of
-    // its source chain: "transport error" alone does not help.
-    let mut cause = None;
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        cause = Some(s.to_string());
-        source = s.source();
-    }
-    match cause.filter(|c| c != e.message()) {
-        Some(cause) => eprintln!("error: {}: {cause}", e.message()),
-        None => eprintln!("error: {}", e.message()),
-    }
-    // a status with a source was made here, from the connection, not sent by a coordinator
-    let local = std::error::Error::source(&e).is_some()
-        || matches!(e.code(), tonic::Code::Unknown | tonic::Code::Cancelled);
-    if local && !super::transport::files().is_empty() {
-        eprintln!(
-            "hint: over TLS, the coordinator may have refused this client's certificate: check --tls-cert, --tls-key and that --tls-ca is the coordinator's CA"
-        );
-    }
-    status_exit(&e)
-}
-
-/// The operator's bearer token, read once from `--token-file` (or FLOTILLA_TOKEN_FILE);
-/// unset: requests carry no credential (a coordinator with authentication off).
-static CREDENTIAL: std::sync::OnceLock<AsciiMetadataValue> = std::sync::OnceLock::new();
-
-/// Reads the token file (its content is never printed, and never taken from argv).
-pub(super) fn set_credential(path: Option<&std::path::Path>) -> Result<(), String> {
-    let Some(path) = path else {
-        return Ok(());
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(format!(
-            "--token-file {}: the file is empty",
-            path.display()
-        ));
-    }
-    let mut value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
-        .map_err(|_| {
-            format!(
-                "--token-file {}: not a token (not plain text)",
-                path.display()
-            )
-        })?;
-    // Never indexed by HTTP/2 header compression, where a later request could probe it.
-    value.set_sensitive(true);
-    let _ = CREDENTIAL.set(value);
-    Ok(())
-}
-
-/// Puts the credential (if any) on every request.
-#[derive(Clone)]
-pub(super) struct Bearer;
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = CREDENTIAL.get() {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-pub(super) type Client = OperatorServiceClient<InterceptedService<Channel, Bearer>>;
-
-/// Who acts, as the request says it: with a credential, the coordinator takes the name
-/// from it, so the default `--as` ($USER) is not sent (it would mismatch and be refused);
-/// an `--as` given explicitly that differs from the default still is, and is refused
-/// unless it names the credential's operator.
-pub(super) fn acting(said: String) -> String {
-    let default = std::env::var("USER").unwrap_or_else(|_| "operator".into());
-    if CREDENTIAL.get().is_some() && said == default {
-        String::new()
-    } else {
-        said
-    }
-}
-
-/// Connects to the first reachable coordinator of a comma-separated list.
-pub(super) async fn client(addrs: &str) -> Result<Client, u8> {
-    let mut last = String::new();
-    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        let endpoint = match super::transport::endpoint(addr) {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Err(EXIT_BAD_INPUT);
-            }
-        };
-        match endpoint.connect().await {
-            Ok(ch) => {
-                return Ok(OperatorServiceClient::with_interceptor(ch, Bearer)
-                    .max_decoding_message_size(64 << 20)
-                    .max_encoding_message_size(64 << 20));
-            }
-            Err(e) => last = format!("{addr}: {e}"),
-        }
-    }
-    eprintln!("error: cannot reach a coordinator ({last})");
-    Err(EXIT_UNAVAILABLE)
-}
-
-/// Where a follower says the leader is, when it refused a write.
-fn leader_of(e: &tonic::Status) -> Option<String> {
-    if e.code() != tonic::Code::Unavailable {
-        return None;
-    }
-    let v = e.metadata().get(flotilla_core::protocol::LEADER_METADATA)?;
-    v.to_str().ok().map(str::to_string)
-}
-
-/// Runs a write on the leader: a follower's refusal names it, and the call
-/// goes there (a few hops at most, leadership may be moving).
-pub(super) async fn on_leader<T, F, Fut>(c: &mut Client, mut call: F) -> Result<T, u8>
-where
-    F: FnMut(Client) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    let mut hops = 0;
-    loop {
-        match call(c.clone()).await {
-            Ok(r) => return Ok(r.into_inner()),
-            Err(e) => match leader_of(&e) {
-                Some(leader) if hops < 3 => {
-                    hops += 1;
-                    *c = client(&leader).await?;
-                }
-                _ => return Err(fail(e)),
-            },
-        }
-    }
-}
 
 /// Whether a plan in this state waits for a person: at a wave's manual gate, or for its
 /// approvals. A script's `--wait` comes back then (exit 4) rather than hang.
@@ -198,35 +47,32 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
         PlanCommand::Submit(args) => submit(addr, args).await,
         PlanCommand::Explain(args) => super::explain::run(addr, &args).await,
         PlanCommand::Status { id, output } => {
-            let mut c = match client(addr).await {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match c.get_plan(pb::GetPlanRequest { plan_id: id }).await {
-                Ok(r) => {
-                    let s = r.into_inner();
+            call_any(
+                addr,
+                pb::GetPlanRequest { plan_id: id },
+                |mut c, req| async move { c.get_plan(req).await },
+                |s| {
                     render::status(&s, output);
                     EXIT_OK
-                }
-                Err(e) => fail(e),
-            }
+                },
+            )
+            .await
         }
         PlanCommand::Watch { id, output } => match client(addr).await {
             Ok(mut c) => watch(&mut c, id, output, RUN).await,
             Err(code) => code,
         },
         PlanCommand::List { limit, output } => {
-            let mut c = match client(addr).await {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match c.list_plans(pb::ListPlansRequest { limit }).await {
-                Ok(r) => {
-                    render::plan_list(&r.into_inner(), output);
+            call_any(
+                addr,
+                pb::ListPlansRequest { limit },
+                |mut c, req| async move { c.list_plans(req).await },
+                |r| {
+                    render::plan_list(&r, output);
                     EXIT_OK
-                }
-                Err(e) => fail(e),
-            }
+                },
+            )
+            .await
         }
         PlanCommand::Cancel(args) => command(addr, args, false).await,
         PlanCommand::Rollback(args) => command(addr, args, true).await,
@@ -242,31 +88,36 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
 
 /// `plan approve` (`approve`) or `plan reject`.
 async fn approval(addr: &str, args: super::ApprovalArgs, approve: bool) -> u8 {
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let req = pb::ApprovalRequest {
         plan_id: args.id.clone(),
         actor: acting(args.actor),
         role: args.role,
         reason: args.reason,
     };
-    let r = on_leader(&mut c, |mut c| {
-        let req = req.clone();
-        async move {
-            if approve {
-                c.approve_plan(req).await
-            } else {
-                c.reject_plan(req).await
-            }
+    let r = ask_leader(addr, req, |mut c, req| async move {
+        if approve {
+            c.approve_plan(req).await
+        } else {
+            c.reject_plan(req).await
         }
     })
     .await;
+    answered(r, args.id, args.wait, args.output, RUN).await
+}
+
+/// What a command on one plan answered: its status shown, or with `wait` the plan followed
+/// to its end (on the leader that answered) and its exit code for the `wanted` states.
+async fn answered(
+    r: Result<(Client, pb::PlanStatus), u8>,
+    id: String,
+    wait: bool,
+    output: Output,
+    wanted: &[&str],
+) -> u8 {
     match r {
-        Ok(_) if args.wait => watch(&mut c, args.id, args.output, RUN).await,
-        Ok(s) => {
-            render::status(&s, args.output);
+        Ok((mut c, _)) if wait => watch(&mut c, id, output, wanted).await,
+        Ok((_, s)) => {
+            render::status(&s, output);
             EXIT_OK
         }
         Err(code) => code,
@@ -288,22 +139,21 @@ pub async fn audit(
             return EXIT_BAD_INPUT;
         }
     };
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let req = pb::ListAuditRequest {
         plan_id: plan.unwrap_or_default(),
         since_ms,
         limit,
     };
-    match c.list_audit(req).await {
-        Ok(r) => {
-            render::audit(&r.into_inner(), output);
+    call_any(
+        addr,
+        req,
+        |mut c, req| async move { c.list_audit(req).await },
+        |r| {
+            render::audit(&r, output);
             EXIT_OK
-        }
-        Err(e) => fail(e),
-    }
+        },
+    )
+    .await
 }
 
 /// `--since`: a duration back from now, or an RFC 3339 time; as ms since the epoch.
@@ -323,29 +173,19 @@ fn since_ms(s: &str) -> Result<u64, String> {
 }
 
 async fn retry(addr: &str, args: super::RetryArgs) -> u8 {
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let req = pb::RetryRequest {
         plan_id: args.id.clone(),
         actor: acting(args.actor),
         reason: args.reason,
         targets: args.targets,
     };
-    let r = on_leader(&mut c, |mut c| {
-        let req = req.clone();
-        async move { c.retry_plan(req).await }
-    })
+    let r = ask_leader(
+        addr,
+        req,
+        |mut c, req| async move { c.retry_plan(req).await },
+    )
     .await;
-    match r {
-        Ok(_) if args.wait => watch(&mut c, args.id, args.output, RUN).await,
-        Ok(s) => {
-            render::status(&s, args.output);
-            EXIT_OK
-        }
-        Err(code) => code,
-    }
+    answered(r, args.id, args.wait, args.output, RUN).await
 }
 
 async fn decide(addr: &str, args: super::DecideArgs, verb: Verb) -> u8 {
@@ -439,18 +279,13 @@ pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<Str
     if let Some(env) = &args.promotion.environment {
         raw.environment = env.trim().to_string();
     }
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return (code, None),
-    };
     let req = pb::SubmitPlanRequest {
         spec: Some(raw),
         skip_promotion_check: args.promotion.skip_promotion_check,
         override_reason: args.promotion.reason.clone().unwrap_or_default(),
     };
-    let resp = match on_leader(&mut c, |mut c| {
-        let req = req.clone();
-        async move { c.submit_plan(req).await }
+    let (mut c, resp) = match ask_leader(addr, req.clone(), |mut c, req| async move {
+        c.submit_plan(req).await
     })
     .await
     {
@@ -534,48 +369,35 @@ async fn send_command(
     wait: bool,
     output: Output,
 ) -> u8 {
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let id = req.plan_id.clone();
-    let r = on_leader(&mut c, |mut c| {
-        let req = req.clone();
-        async move {
-            match verb {
-                Verb::Cancel => c.cancel_plan(req).await,
-                Verb::Rollback => c.rollback_plan(req).await,
-                Verb::Pause => c.pause_plan(req).await,
-                Verb::Resume => c.resume_plan(req).await,
-                Verb::Promote => c.promote_plan(req).await,
-                Verb::Halt => c.halt_plan(req).await,
-            }
+    let r = ask_leader(addr, req, |mut c, req| async move {
+        match verb {
+            Verb::Cancel => c.cancel_plan(req).await,
+            Verb::Rollback => c.rollback_plan(req).await,
+            Verb::Pause => c.pause_plan(req).await,
+            Verb::Resume => c.resume_plan(req).await,
+            Verb::Promote => c.promote_plan(req).await,
+            Verb::Halt => c.halt_plan(req).await,
         }
     })
     .await;
-    match r {
-        Ok(_) if wait => watch(&mut c, id, output, verb.wanted()).await,
-        Ok(s) => {
-            render::status(&s, output);
-            EXIT_OK
-        }
-        Err(code) => code,
-    }
+    answered(r, id, wait, output, verb.wanted()).await
 }
 
 pub async fn locks(addr: &str, cmd: super::LocksCommand) -> u8 {
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     match cmd {
-        super::LocksCommand::List { output } => match c.list_locks(pb::ListLocksRequest {}).await {
-            Ok(r) => {
-                render::locks(&r.into_inner(), output);
-                EXIT_OK
-            }
-            Err(e) => fail(e),
-        },
+        super::LocksCommand::List { output } => {
+            call_any(
+                addr,
+                pb::ListLocksRequest {},
+                |mut c, req| async move { c.list_locks(req).await },
+                |r| {
+                    render::locks(&r, output);
+                    EXIT_OK
+                },
+            )
+            .await
+        }
         super::LocksCommand::Break {
             shard,
             reason,
@@ -586,22 +408,21 @@ pub async fn locks(addr: &str, cmd: super::LocksCommand) -> u8 {
                 actor: acting(actor),
                 reason,
             };
-            match on_leader(&mut c, |mut c| {
-                let req = req.clone();
-                async move { c.break_lock(req).await }
-            })
+            call_leader(
+                addr,
+                req,
+                |mut c, req| async move { c.break_lock(req).await },
+                |r| {
+                    if r.broken {
+                        println!("lock on shard {shard} broken (recorded in the audit trail)");
+                        EXIT_OK
+                    } else {
+                        eprintln!("error: shard {shard} holds no lock");
+                        EXIT_BAD_INPUT
+                    }
+                },
+            )
             .await
-            {
-                Ok(r) if r.broken => {
-                    println!("lock on shard {shard} broken (recorded in the audit trail)");
-                    EXIT_OK
-                }
-                Ok(_) => {
-                    eprintln!("error: shard {shard} holds no lock");
-                    EXIT_BAD_INPUT
-                }
-                Err(code) => code,
-            }
         }
     }
 }
@@ -655,21 +476,16 @@ async fn watch(c: &mut Client, id: String, output: Output, wanted: &[&str]) -> u
 }
 
 pub async fn fleet_list(addr: &str, output: Output) -> u8 {
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    match on_leader(&mut c, |mut c| async move {
-        c.list_fleet(pb::ListFleetRequest {}).await
-    })
-    .await
-    {
-        Ok(r) => {
+    call_leader(
+        addr,
+        pb::ListFleetRequest {},
+        |mut c, req| async move { c.list_fleet(req).await },
+        |r| {
             render::fleet(&r, output);
             EXIT_OK
-        }
-        Err(code) => code,
-    }
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

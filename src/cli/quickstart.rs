@@ -14,8 +14,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::error;
 
-use super::daemons::{agent_config, shutdown_signal};
-use super::{AgentArgs, EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, Output, QuickstartArgs};
+use super::daemons::{check_dsn, shard_password, shutdown_signal};
+use super::{EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, Output, QuickstartArgs};
 
 /// The example the demo rolls, built into the binary so the quickstart runs from any
 /// directory; written out beside the cluster for the user to read and submit again.
@@ -417,7 +417,7 @@ async fn wait_for_fleet(addr: &str, shards: &[String], tenants: usize) -> Result
     let started = Instant::now();
     let mut last = String::new();
     loop {
-        if let Ok(mut c) = super::plan::client(addr).await {
+        if let Ok(mut c) = super::call::client(addr).await {
             match c.list_fleet(pb::ListFleetRequest {}).await {
                 Ok(reply) => {
                     let agents = reply.into_inner().agents;
@@ -607,6 +607,25 @@ impl Components {
     }
 }
 
+/// The agent of one `--shard NAME=DSN`: the agent's defaults (no etcd, no labels), its
+/// password from FLOTILLA_SHARD_PASSWORD, checked as `flotilla agent` checks its flags.
+fn given_agent(
+    name: &str,
+    dsn: &str,
+    tenant_pattern: &str,
+    coordinator: &str,
+) -> Result<AgentConfig, String> {
+    flotilla_core::validate_shard_name(name).map_err(|e| format!("--shard: {e}"))?;
+    check_dsn(dsn)?;
+    let mut config = AgentConfig::new(name, dsn, coordinator);
+    config.password = shard_password(None)?;
+    config.tenant_pattern = Some(tenant_pattern.to_string());
+    config.tls = super::transport::files()
+        .client_config()
+        .map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
 /// `--shard NAME=DSN`: a coordinator and one agent per given shard, nothing else.
 async fn given_shards(args: QuickstartArgs, stop: Stop) -> u8 {
     let coordinator = format!("http://{}", args.listen);
@@ -616,21 +635,7 @@ async fn given_shards(args: QuickstartArgs, stop: Stop) -> u8 {
             eprintln!("error: --shard `{spec}` is not NAME=DSN");
             return EXIT_BAD_INPUT;
         };
-        let a = AgentArgs {
-            shard: name.to_string(),
-            dsn: dsn.to_string(),
-            password_file: None,
-            labels: String::new(),
-            tenant_pattern: Some(args.tenant_pattern.clone()),
-            tenant_query: None,
-            max_connections: 8,
-            metrics: None,
-            etcd: Vec::new(),
-            lease_ttl: Duration::from_secs(10),
-            discover_interval: flotilla_agent::DEFAULT_DISCOVER_INTERVAL,
-            etcd_security: Default::default(),
-        };
-        match agent_config(&a, &coordinator) {
+        match given_agent(name, dsn, &args.tenant_pattern, &coordinator) {
             Ok(c) => agents.push(c),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -661,4 +666,30 @@ async fn given_shards(args: QuickstartArgs, stop: Stop) -> u8 {
     );
     stop.wait().await;
     fleet.stop().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::given_agent;
+
+    #[test]
+    fn a_given_shard_gets_the_agents_defaults_and_its_flags_checks() {
+        let c = given_agent(
+            "shard_a",
+            "postgres://app@127.0.0.1:5432/a",
+            "tenant_%",
+            "http://127.0.0.1:7070",
+        )
+        .unwrap();
+        assert_eq!(c.shard, "shard_a");
+        assert_eq!(c.tenant_pattern.as_deref(), Some("tenant_%"));
+        // what `flotilla agent` defaults to
+        assert_eq!(c.max_connections, 8);
+        assert_eq!(c.lease_ttl, std::time::Duration::from_secs(10));
+        assert!(c.etcd.is_empty() && c.labels.is_empty());
+        let e = given_agent("a b", "postgres://app@db/a", "t_%", "http://x").unwrap_err();
+        assert!(e.starts_with("--shard:"), "{e}");
+        let e = given_agent("a", "postgres://app:pw@db/a", "t_%", "http://x").unwrap_err();
+        assert!(e.contains("password"), "{e}");
+    }
 }

@@ -81,11 +81,7 @@ async fn an_atomic_plan_commits_on_every_shard_at_once() -> anyhow::Result<()> {
         let db = format!("shard_{s}");
         // 2 tenants x 2 tables.
         assert_eq!(satisfaction_columns(&fleet, &db).await?, 4, "{db}");
-        let journal: i64 = fleet
-            .pg
-            .query_scalar(&db, "SELECT count(*) FROM flotilla.journal")
-            .await?;
-        assert_eq!(journal, 6, "{db}");
+        assert_eq!(fleet.journal_rows(s).await?, 6, "{db}");
     }
     assert_none_prepared(&fleet, 3).await
 }
@@ -116,11 +112,7 @@ async fn a_failing_target_aborts_every_prepared_transaction() -> anyhow::Result<
             0,
             "{db}: nothing committed"
         );
-        let journal: i64 = fleet
-            .pg
-            .query_scalar(&db, "SELECT count(*) FROM flotilla.journal")
-            .await?;
-        assert_eq!(journal, 0, "{db}");
+        assert_eq!(fleet.journal_rows(s).await?, 0, "{db}");
     }
     assert_none_prepared(&fleet, 3).await
 }
@@ -368,11 +360,7 @@ async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed() ->
             "{db}: group 1 committed, then was undone"
         );
         assert_eq!(views(&fleet, &db).await?, 0, "{db}");
-        let journal: i64 = fleet
-            .pg
-            .query_scalar(&db, "SELECT count(*) FROM flotilla.journal")
-            .await?;
-        assert_eq!(journal, 0, "{db}");
+        assert_eq!(fleet.journal_rows(s).await?, 0, "{db}");
     }
     assert_eq!(
         crate::faults::decision_in_etcd(&fleet, &format!("{id}.g1"))

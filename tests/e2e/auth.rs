@@ -31,18 +31,7 @@ fn plan(
     table: &str,
     plan_extra: &str,
 ) -> anyhow::Result<MigrationDir> {
-    let d = MigrationDir::new()?;
-    std::fs::write(
-        d.path().join("plan.toml"),
-        format!("name = \"{id}\"\nenvironment = \"{environment}\"\n{plan_extra}"),
-    )?;
-    d.migration(
-        id,
-        "",
-        &format!("CREATE TABLE {table} (x int);"),
-        &format!("DROP TABLE {table};"),
-    )?;
-    Ok(d)
+    MigrationDir::one_table(environment, id, table, plan_extra, "")
 }
 
 /// The fleet's command line as one operator: `--token-file FILE` first.

@@ -486,6 +486,29 @@ impl MigrationDir {
         self.dir.path()
     }
 
+    /// A plan named `id` for `environment` (`plan_extra` appended to its plan.toml) of one
+    /// tenant-scoped migration `id` creating `table` (`migration_toml` its migration.toml).
+    pub fn one_table(
+        environment: &str,
+        id: &str,
+        table: &str,
+        plan_extra: &str,
+        migration_toml: &str,
+    ) -> anyhow::Result<MigrationDir> {
+        let d = MigrationDir::new()?;
+        std::fs::write(
+            d.path().join("plan.toml"),
+            format!("name = \"{id}\"\nenvironment = \"{environment}\"\n{plan_extra}"),
+        )?;
+        d.migration(
+            id,
+            migration_toml,
+            &format!("CREATE TABLE {table} (x int);"),
+            &format!("DROP TABLE {table};"),
+        )?;
+        Ok(d)
+    }
+
     pub fn migration(&self, id: &str, toml: &str, up: &str, down: &str) -> anyhow::Result<()> {
         let d = self.dir.path().join(id);
         std::fs::create_dir_all(&d)?;

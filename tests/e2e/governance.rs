@@ -32,18 +32,7 @@ require = ["dba"]
 
 /// A plan of one tenant-scoped migration creating `table`, for `environment`, at `risk`.
 fn plan(environment: &str, id: &str, table: &str, risk: &str) -> anyhow::Result<MigrationDir> {
-    let d = MigrationDir::new()?;
-    std::fs::write(
-        d.path().join("plan.toml"),
-        format!("name = \"{id}\"\nenvironment = \"{environment}\"\n"),
-    )?;
-    d.migration(
-        id,
-        &format!("risk = \"{risk}\"\n"),
-        &format!("CREATE TABLE {table} (x int);"),
-        &format!("DROP TABLE {table};"),
-    )?;
-    Ok(d)
+    MigrationDir::one_table(environment, id, table, "", &format!("risk = \"{risk}\"\n"))
 }
 
 async fn approve(fleet: &TestFleet, verb: &str, id: &str, who: &[&str]) -> anyhow::Result<Value> {
@@ -343,21 +332,6 @@ async fn a_bad_approvals_file_stops_the_coordinator_naming_file_and_line() -> an
     Ok(())
 }
 
-/// Journal rows on every shard of an HA fleet.
-async fn ha_journal_total(fleet: &HaFleet) -> anyhow::Result<i64> {
-    let mut n = 0;
-    for s in 0..fleet.agents.len() {
-        n += fleet
-            .pg
-            .query_scalar::<i64>(
-                &format!("shard_{s}"),
-                "SELECT count(*) FROM flotilla.journal",
-            )
-            .await?;
-    }
-    Ok(n)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plan_awaiting_approval_waits_under_a_new_leader_and_is_approved_through_a_follower()
 -> anyhow::Result<()> {
@@ -395,16 +369,10 @@ async fn a_plan_awaiting_approval_waits_under_a_new_leader_and_is_approved_throu
         .wait_for_log("leading: scheduling and deciding", WAIT)
         .await?;
     fleet.restart_coordinator_with(leader, &[]).await?;
-    wait_until("agents attached to the new leader", WAIT, async || {
-        let out = fleet
-            .cli_at(standby, &["fleet", "list", "--output", "json"])
-            .await?;
-        Ok(out.stdout.matches("\"connected\":true").count() == 2)
-    })
-    .await?;
+    fleet.wait_attached_at(standby).await?;
     let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "awaiting_approval", "{st}");
-    assert_eq!(ha_journal_total(&fleet).await?, 0, "nothing applied");
+    assert_eq!(fleet.journal_total().await?, 0, "nothing applied");
 
     // Approvals sent to the follower (the old leader, restarted) reach the leader.
     assert_eq!(fleet.leader(), Some(standby), "the standby leads now");
@@ -427,6 +395,6 @@ async fn a_plan_awaiting_approval_waits_under_a_new_leader_and_is_approved_throu
     assert_eq!(out.code(), Some(0), "{out}");
     let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "completed", "{st}");
-    assert_eq!(ha_journal_total(&fleet).await?, 4, "2 shards x 2 tenants");
+    assert_eq!(fleet.journal_total().await?, 4, "2 shards x 2 tenants");
     Ok(())
 }

@@ -368,6 +368,42 @@ impl HaFleet {
             }
         })
     }
+
+    /// Until coordinator `i` lists every agent as connected (after a change of leader,
+    /// the agents find the new one).
+    pub async fn wait_attached_at(&self, i: usize) -> anyhow::Result<()> {
+        let n = self.agents.len();
+        wait_until(
+            &format!("{n} agent(s) attached to coordinator {i}"),
+            WAIT,
+            async || {
+                let out = self
+                    .cli_at(i, &["fleet", "list", "--output", "json"])
+                    .await?;
+                Ok(out.stdout.matches("\"connected\":true").count() == n)
+            },
+        )
+        .await
+    }
+
+    /// Journal rows on shard `s` (database `shard_{s}`).
+    pub async fn journal_rows(&self, s: usize) -> anyhow::Result<i64> {
+        self.pg
+            .query_scalar(
+                &format!("shard_{s}"),
+                "SELECT count(*) FROM flotilla.journal",
+            )
+            .await
+    }
+
+    /// Journal rows on every shard.
+    pub async fn journal_total(&self) -> anyhow::Result<i64> {
+        let mut n = 0;
+        for s in 0..self.agents.len() {
+            n += self.journal_rows(s).await?;
+        }
+        Ok(n)
+    }
 }
 
 impl Cli for HaFleet {
@@ -455,13 +491,7 @@ async fn a_paused_leader_is_replaced_and_fenced_and_the_plan_completes_once() ->
         .unwrap()
         .wait_for_log("leading: scheduling and deciding", Duration::from_secs(30))
         .await?;
-    wait_until("agents attached to the new leader", WAIT, async || {
-        let out = fleet
-            .cli_at(standby, &["fleet", "list", "--output", "json"])
-            .await?;
-        Ok(out.stdout.matches("\"connected\":true").count() == 2)
-    })
-    .await?;
+    fleet.wait_attached_at(standby).await?;
     release(lock, 77).await?;
 
     let watched = fleet
@@ -502,11 +532,7 @@ async fn a_paused_leader_is_replaced_and_fenced_and_the_plan_completes_once() ->
     // Exactly once on every tenant.
     for s in 0..2 {
         let db = format!("shard_{s}");
-        let n: i64 = fleet
-            .pg
-            .query_scalar(&db, "SELECT count(*) FROM flotilla.journal")
-            .await?;
-        assert_eq!(n, 6, "{db}");
+        assert_eq!(fleet.journal_rows(s).await?, 6, "{db}");
         for t in 0..3 {
             let tenant = tenant_name(s, t, 3);
             assert_logged_once(&fleet.pg, &db, &tenant, &["001", "002"]).await?;
@@ -612,13 +638,7 @@ async fn a_leader_stopped_with_sigterm_hands_over_at_once_and_its_agents_follow(
     assert!(watch.log().contains("shutting down"), "{}", watch.log());
 
     // The agents find the new leader; the plan in flight completes there, once.
-    wait_until("both agents attached to the new leader", WAIT, async || {
-        let out = fleet
-            .cli_at(standby, &["fleet", "list", "--output", "json"])
-            .await?;
-        Ok(out.stdout.matches("\"connected\":true").count() == 2)
-    })
-    .await?;
+    fleet.wait_attached_at(standby).await?;
     release(lock, 78).await?;
     let out = fleet
         .cli_at(standby, &["plan", "watch", &id, "--output", "json"])
@@ -669,13 +689,7 @@ async fn a_coordinator_whose_hand_over_stalls_still_stops_within_its_grace() -> 
         .unwrap()
         .wait_for_log("leading: scheduling and deciding", WAIT)
         .await?;
-    wait_until("the agent attached to the standby", WAIT, async || {
-        let out = fleet
-            .cli_at(standby, &["fleet", "list", "--output", "json"])
-            .await?;
-        Ok(out.stdout.contains("\"connected\":true"))
-    })
-    .await?;
+    fleet.wait_attached_at(standby).await?;
 
     // Its hand-over never ends: it stops anyway once the grace is over, naming the
     // stream still open, and exits cleanly.

@@ -86,11 +86,11 @@ async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
     assert_eq!(out.code(), Some(0), "{out}");
     for s in 0..2 {
         let db = format!("shard_{s}");
-        let n: i64 = fleet
-            .pg
-            .query_scalar(&db, "SELECT count(*) FROM flotilla.journal")
-            .await?;
-        assert_eq!(n, 2, "{db}: one journal row per tenant");
+        assert_eq!(
+            fleet.journal_rows(s).await?,
+            2,
+            "{db}: one journal row per tenant"
+        );
         for t in 0..2 {
             let tenant = tenant_name(s, t, 2);
             let rows: i64 = fleet

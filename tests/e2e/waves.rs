@@ -554,17 +554,7 @@ rest = true
             std::time::Duration::from_secs(30),
         )
         .await?;
-    crate::harness::wait_until(
-        "agents attached to the new leader",
-        crate::fleet::WAIT,
-        async || {
-            let out = fleet
-                .cli_at(standby, &["fleet", "list", "--output", "json"])
-                .await?;
-            Ok(out.stdout.matches("\"connected\":true").count() == 2)
-        },
-    )
-    .await?;
+    fleet.wait_attached_at(standby).await?;
     let out = fleet
         .cli_at(standby, &["plan", "status", &id, "--output", "json"])
         .await?;

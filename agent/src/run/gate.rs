@@ -8,7 +8,7 @@ use sqlx::AssertSqlSafe;
 use tracing::{info, instrument};
 
 use crate::Agent;
-use crate::step::quote_ident;
+use crate::shard::{begin_read_only, read_error};
 
 /// How long one target's check may take when the coordinator does not say.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,37 +48,14 @@ impl Agent {
         tenant: &str,
         timeout: Duration,
     ) -> Result<Option<String>, String> {
-        let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
-        let mut setup = format!(
-            "SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = {};",
-            timeout.as_millis()
-        );
-        if !tenant.is_empty() {
-            setup.push_str(&format!(
-                " SET LOCAL search_path TO {};",
-                quote_ident(tenant)
-            ));
-        }
-        sqlx::raw_sql(AssertSqlSafe(setup))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut tx = begin_read_only(&self.pool, tenant, timeout, None).await?;
         // The plan's own query (an operator's, like a migration's), as a scalar subquery so
         // that any value type reads back as text.
         let wrapped = format!("SELECT (\n{sql}\n)::text");
         let value: Option<String> = sqlx::query_scalar(AssertSqlSafe(wrapped))
             .fetch_one(&mut *tx)
             .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(db) => format!(
-                    "{}{}",
-                    db.message(),
-                    db.code()
-                        .map(|c| format!(" (SQLSTATE {c})"))
-                        .unwrap_or_default()
-                ),
-                _ => e.to_string(),
-            })?;
+            .map_err(|e| read_error(&e))?;
         // read-only: nothing to keep
         let _ = tx.rollback().await;
         Ok(value)

@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use flotilla_core::pb;
-use sqlx::AssertSqlSafe;
 use tracing::{info, instrument};
 
 use crate::Agent;
+use crate::shard::{begin_read_only, read_error};
 use crate::step::quote_ident;
 
 /// How long one target's reads may take when the coordinator does not say.
@@ -71,22 +71,7 @@ impl Agent {
         if relations.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
-        let mut setup = format!(
-            "SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {};",
-            timeout.as_millis(),
-            LOCK_TIMEOUT.as_millis()
-        );
-        if !tenant.is_empty() {
-            setup.push_str(&format!(
-                " SET LOCAL search_path TO {};",
-                quote_ident(tenant)
-            ));
-        }
-        sqlx::raw_sql(AssertSqlSafe(setup))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut tx = begin_read_only(&self.pool, tenant, timeout, Some(LOCK_TIMEOUT)).await?;
         let rows: Vec<(String, bool, i64, i64)> = sqlx::query_as(PROBE)
             .bind(
                 relations
@@ -96,16 +81,7 @@ impl Agent {
             )
             .fetch_all(&mut *tx)
             .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(db) => format!(
-                    "{}{}",
-                    db.message(),
-                    db.code()
-                        .map(|c| format!(" (SQLSTATE {c})"))
-                        .unwrap_or_default()
-                ),
-                _ => e.to_string(),
-            })?;
+            .map_err(|e| read_error(&e))?;
         // read-only: nothing to keep
         let _ = tx.rollback().await;
         Ok(rows

@@ -6,6 +6,7 @@ mod fingerprint;
 pub(crate) mod foreign;
 mod journal;
 pub(crate) mod lock;
+mod read_only;
 mod tenants;
 
 pub(crate) use connect::{connect, connect_options};
@@ -14,4 +15,5 @@ pub(crate) use journal::{
     advance_fence, check_claim, count_plan_rows, install_schema, is_superuser, read_applied,
     read_entries, read_fence, read_for_preflight, read_plan_rows,
 };
+pub(crate) use read_only::{begin_read_only, read_error};
 pub(crate) use tenants::{TenantSource, discover_tenants};

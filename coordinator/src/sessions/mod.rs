@@ -61,10 +61,8 @@ impl Coordinator {
         // What this coordinator knew of the shard's tenants, to tell the new ones.
         let before = inner
             .store
-            .agents()
+            .agent(&shard)
             .await?
-            .into_iter()
-            .find(|a| a.shard == shard)
             .map(|a| a.tenants().into_iter().map(|(name, _)| name).collect());
         inner.fleet.attach(
             &shard,

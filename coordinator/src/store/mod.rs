@@ -350,16 +350,19 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(|r| AgentRow {
-                shard: r.get(0),
-                labels: r.get(1),
-                tenants: r.get(2),
-                version: r.get(3),
-                last_seen_ms: r.get(4),
-            })
-            .collect())
+        Ok(rows.iter().map(agent_row).collect())
+    }
+
+    /// One shard's agent as last seen, if it ever attached: read on every attach, so one
+    /// row rather than the fleet's.
+    pub async fn agent(&self, shard: &str) -> Result<Option<AgentRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT shard, labels, tenants, version, last_seen_ms FROM agents WHERE shard = $1",
+        )
+        .bind(shard)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(agent_row))
     }
 
     pub async fn audit(
@@ -423,6 +426,16 @@ impl Store {
             .collect();
         out.reverse();
         Ok(out)
+    }
+}
+
+fn agent_row(r: &sqlx::any::AnyRow) -> AgentRow {
+    AgentRow {
+        shard: r.get(0),
+        labels: r.get(1),
+        tenants: r.get(2),
+        version: r.get(3),
+        last_seen_ms: r.get(4),
     }
 }
 
@@ -529,6 +542,62 @@ mod tests {
                 .await
                 .unwrap();
             assert!(none.is_empty(), "{location}");
+        }
+    }
+
+    /// An agent's row reads back the same from SQLite and PostgreSQL, alone by its shard
+    /// (an attach reads only its own) or with the others.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_agent_row_is_read_by_its_shard_alike_on_both_stores() {
+        let dir = TestDir::new("agents-store").unwrap();
+        let sqlite = dir.join("flotilla.db").to_string_lossy().into_owned();
+        let pg = PgCluster::start().await.unwrap();
+        pg.create_database("agents_store").await.unwrap();
+        for location in [sqlite, pg.url("agents_store")] {
+            let store = Store::open(&SecretUrl::new(location.as_str()))
+                .await
+                .unwrap();
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run_writer(store.clone(), rx));
+            assert!(
+                store.agent("shard_a").await.unwrap().is_none(),
+                "{location}"
+            );
+            for (shard, tenant) in [("shard_a", "tenant_1"), ("shard_b", "tenant_2")] {
+                tx.send(StoreOp::Agent {
+                    shard: shard.into(),
+                    labels: r#"{"region":"eu"}"#.into(),
+                    tenants: format!(r#"[["{tenant}",{{"industry":"retail"}}]]"#),
+                    version: "0.1.0".into(),
+                })
+                .unwrap();
+            }
+            let (done, flushed) = oneshot::channel();
+            tx.send(StoreOp::Flush(done)).unwrap();
+            flushed.await.unwrap();
+
+            let a = store
+                .agent("shard_a")
+                .await
+                .unwrap()
+                .expect("shard_a's row");
+            assert_eq!(a.shard, "shard_a", "{location}");
+            let tenants: Vec<String> = a.tenants().into_iter().map(|(t, _)| t).collect();
+            assert_eq!(tenants, ["tenant_1"], "{location}");
+            assert_eq!(a.labels().get("region").map(String::as_str), Some("eu"));
+            assert!(a.last_seen_ms > 0 && a.version == "0.1.0");
+            assert!(
+                store.agent("shard_c").await.unwrap().is_none(),
+                "{location}"
+            );
+            let all: Vec<String> = store
+                .agents()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|a| a.shard)
+                .collect();
+            assert_eq!(all, ["shard_a", "shard_b"], "{location}");
         }
     }
 

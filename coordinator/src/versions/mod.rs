@@ -13,6 +13,8 @@
 mod baseline;
 mod catch_up;
 mod drift;
+#[cfg(test)]
+mod fixtures;
 mod query;
 mod status;
 
@@ -55,6 +57,14 @@ pub struct ShardJournal {
     incoming: HashMap<String, Arc<Vec<String>>>,
 }
 
+/// Every shard's journal, each behind its own `Arc`: a query takes the map as it is
+/// (pointers, not 10,000 targets' rows), and a report copies only its shard's journal,
+/// and only while a query still holds the old one (`Arc::make_mut`).
+pub type Journals = BTreeMap<String, Arc<ShardJournal>>;
+
+/// The last failed step per (shard, tenant).
+pub type Failures = HashMap<(String, String), pb::LastFailure>;
+
 #[derive(Debug, Default)]
 pub struct FleetVersions {
     state: Mutex<State>,
@@ -64,9 +74,17 @@ pub struct FleetVersions {
 
 #[derive(Debug, Default)]
 struct State {
-    shards: BTreeMap<String, ShardJournal>,
+    shards: Arc<Journals>,
     /// The last failed step per (shard, tenant), until a step there applies.
-    failures: HashMap<(String, String), pb::LastFailure>,
+    failures: Arc<Failures>,
+}
+
+impl State {
+    /// The shard's journal to change: copied first only if a query still reads it.
+    fn journal(&mut self, shard: &str) -> &mut ShardJournal {
+        let shards = Arc::make_mut(&mut self.shards);
+        Arc::make_mut(shards.entry(shard.to_string()).or_default())
+    }
 }
 
 impl FleetVersions {
@@ -74,7 +92,7 @@ impl FleetVersions {
     /// reports the whole again.
     pub fn attached(&self, shard: &str, epoch: u64) {
         let mut state = self.state.lock().expect("fleet versions lock");
-        let journal = state.shards.entry(shard.to_string()).or_default();
+        let journal = state.journal(shard);
         journal.epoch = epoch;
         journal.complete = false;
         journal.fingerprinted = false;
@@ -85,7 +103,7 @@ impl FleetVersions {
     /// changed, and the drift view with them).
     pub fn apply_schema(&self, shard: &str, report: pb::SchemaReport) -> bool {
         let mut state = self.state.lock().expect("fleet versions lock");
-        let journal = state.shards.entry(shard.to_string()).or_default();
+        let journal = state.journal(shard);
         for shape in report.shapes {
             journal
                 .incoming
@@ -115,7 +133,7 @@ impl FleetVersions {
 
     pub fn apply(&self, shard: &str, report: pb::JournalReport) {
         let mut state = self.state.lock().expect("fleet versions lock");
-        let journal = state.shards.entry(shard.to_string()).or_default();
+        let journal = state.journal(shard);
         if report.reset {
             journal.targets.clear();
             journal.complete = true;
@@ -144,13 +162,14 @@ impl FleetVersions {
     pub fn record_results(&self, shard: &str, results: &pb::RunResults) {
         let mut state = self.state.lock().expect("fleet versions lock");
         let now = crate::store::now_ms();
+        let failures = Arc::make_mut(&mut state.failures);
         for run in &results.runs {
             let key = (shard.to_string(), run.tenant.clone());
             for step in &run.steps {
                 match pb::StepOutcome::try_from(step.outcome) {
                     Ok(pb::StepOutcome::Failed) => {
                         let error = step.error.clone().unwrap_or_default();
-                        state.failures.insert(
+                        failures.insert(
                             key.clone(),
                             pb::LastFailure {
                                 target: target_name(shard, &run.tenant),
@@ -163,7 +182,7 @@ impl FleetVersions {
                         );
                     }
                     Ok(pb::StepOutcome::Applied) => {
-                        state.failures.remove(&key);
+                        failures.remove(&key);
                     }
                     _ => {}
                 }
@@ -194,13 +213,9 @@ impl FleetVersions {
         false
     }
 
-    /// A copy of what is known, for one computation outside the lock.
-    pub fn snapshot(
-        &self,
-    ) -> (
-        BTreeMap<String, ShardJournal>,
-        HashMap<(String, String), pb::LastFailure>,
-    ) {
+    /// What is known now, for one computation outside the lock: shared, not copied (a
+    /// report meanwhile copies what it changes).
+    pub fn snapshot(&self) -> (Arc<Journals>, Arc<Failures>) {
         let state = self.state.lock().expect("fleet versions lock");
         (state.shards.clone(), state.failures.clone())
     }

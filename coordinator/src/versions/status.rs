@@ -7,7 +7,7 @@ use flotilla_core::pb;
 use flotilla_core::selector::Selector;
 use sha2::{Digest, Sha256};
 
-use super::{ShardJournal, target_name};
+use super::{Failures, Journals, ShardJournal, target_name};
 use crate::planner::{self, ShardView};
 
 /// A completed plan, whose migrations the targets it selects should hold.
@@ -18,10 +18,10 @@ pub struct PlanInput {
 
 pub struct FleetInput<'a> {
     pub fleet: &'a BTreeMap<String, ShardView>,
-    pub journals: &'a BTreeMap<String, ShardJournal>,
+    pub journals: &'a Journals,
     /// The leader's epoch: a journal reported under an older one is stale.
     pub epoch: u64,
-    pub failures: &'a HashMap<(String, String), pb::LastFailure>,
+    pub failures: &'a Failures,
     /// Oldest first: a later plan's checksum of a migration wins.
     pub plans: &'a [PlanInput],
     /// Checksums of the files the operator named (`fleet status --against DIR`).
@@ -55,6 +55,7 @@ impl FleetInput<'_> {
     pub(super) fn reported(&self, shard: &str) -> Option<&ShardJournal> {
         self.journals
             .get(shard)
+            .map(|j| j.as_ref())
             .filter(|j| j.complete && j.epoch == self.epoch)
     }
 

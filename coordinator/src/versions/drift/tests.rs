@@ -1,35 +1,15 @@
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use flotilla_core::pb;
 use flotilla_core::selector::Selector;
 
 use super::super::FleetVersions;
+use super::super::fixtures::two_shards_three_tenants as fleet;
 use super::{FleetInput, cohort_labels, fleet_drift};
 use crate::planner::ShardView;
 
 const EPOCH: u64 = 3;
-
-/// Two shards x three tenants, tenant_1 of each automotive.
-fn fleet() -> BTreeMap<String, ShardView> {
-    (0..2)
-        .map(|s| {
-            let tenants = (0..3)
-                .map(|t| {
-                    let industry = if t == 1 { "automotive" } else { "retail" };
-                    (
-                        format!("tenant_{t}"),
-                        BTreeMap::from([("industry".to_string(), industry.to_string())]),
-                    )
-                })
-                .collect();
-            let view = ShardView {
-                labels: BTreeMap::new(),
-                tenants,
-            };
-            (format!("shard_{s}"), view)
-        })
-        .collect()
-}
 
 fn base() -> Vec<String> {
     vec![
@@ -116,11 +96,19 @@ fn versions(shape: impl Fn(&str, &str) -> Vec<String>) -> FleetVersions {
 }
 
 fn drift(v: &FleetVersions, selector: &str) -> pb::FleetDriftResponse {
-    let fleet = fleet();
+    drift_over(v, &fleet(), selector)
+}
+
+/// `fleet drift` over `fleet` from what `v` holds, as the leader answers it.
+fn drift_over(
+    v: &FleetVersions,
+    fleet: &BTreeMap<String, ShardView>,
+    selector: &str,
+) -> pb::FleetDriftResponse {
     let (journals, failures) = v.snapshot();
     fleet_drift(
         &FleetInput {
-            fleet: &fleet,
+            fleet,
             journals: &journals,
             epoch: EPOCH,
             failures: &failures,
@@ -316,6 +304,20 @@ fn reports_in_chunks_partial_reports_and_a_new_session() {
 }
 
 #[test]
+fn a_query_keeps_what_was_known_when_it_began_and_reports_copy_only_their_shard() {
+    let v = versions(|_, _| base());
+    let (before, failures) = v.snapshot();
+    let (again, failures_again) = v.snapshot();
+    assert!(Arc::ptr_eq(&before, &again) && Arc::ptr_eq(&failures, &failures_again));
+    let applied: Vec<(&str, &[&str])> = ALL.iter().map(|t| (*t, &["m1", "m2"][..])).collect();
+    v.apply("shard_0", journal(&applied));
+    let (after, _) = v.snapshot();
+    assert_eq!(before["shard_0"].targets["tenant_0"].len(), 1);
+    assert_eq!(after["shard_0"].targets["tenant_0"].len(), 2);
+    assert!(Arc::ptr_eq(&before["shard_1"], &after["shard_1"]));
+}
+
+#[test]
 fn reports_during_a_recomputation_make_one_more_not_one_each() {
     let v = FleetVersions::default();
     assert!(v.publish_start());
@@ -372,18 +374,7 @@ fn drift_bench() {
         v.apply_schema(&shard, schema(&shapes));
     }
     let started = std::time::Instant::now();
-    let (journals, failures) = v.snapshot();
-    let r = fleet_drift(
-        &FleetInput {
-            fleet: &fleet,
-            journals: &journals,
-            epoch: EPOCH,
-            failures: &failures,
-            plans: &[],
-            files: &HashMap::new(),
-        },
-        &Selector::parse("").unwrap(),
-    );
+    let r = drift_over(&v, &fleet, "");
     println!(
         "fleet drift over {} targets ({} drifted) in {:?}",
         r.targets,

@@ -1,9 +1,11 @@
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, LazyLock};
 
 use flotilla_core::pb;
 use flotilla_core::selector::Selector;
 
-use super::super::ShardJournal;
+use super::super::fixtures::two_shards_three_tenants as fleet;
+use super::super::{Failures, Journals, ShardJournal};
 use super::{FleetInput, PlanInput, fleet_status, show_target};
 use crate::planner::ShardView;
 
@@ -31,32 +33,21 @@ fn plan(id: &str, selector: &str, version: &str, migrations: &[(&str, &str)]) ->
     }
 }
 
-/// Two shards x three tenants; tenant_1 of each shard is automotive, the others are not.
-fn fleet() -> BTreeMap<String, ShardView> {
-    (0..2)
-        .map(|s| {
-            let tenants = (0..3)
-                .map(|t| {
-                    let industry = if t == 1 {
-                        "automotive"
-                    } else {
-                        "home_services"
-                    };
-                    (
-                        format!("tenant_{t}"),
-                        BTreeMap::from([("industry".to_string(), industry.to_string())]),
-                    )
-                })
-                .collect();
-            (
-                format!("shard_{s}"),
-                ShardView {
-                    labels: BTreeMap::new(),
-                    tenants,
-                },
-            )
-        })
-        .collect()
+/// The input of one computation at EPOCH: no failures, no files named by the operator.
+fn input<'a>(
+    fleet: &'a BTreeMap<String, ShardView>,
+    journals: &'a Journals,
+    plans: &'a [PlanInput],
+) -> FleetInput<'a> {
+    static NONE: LazyLock<(Failures, HashMap<String, String>)> = LazyLock::new(Default::default);
+    FleetInput {
+        fleet,
+        journals,
+        epoch: EPOCH,
+        failures: &NONE.0,
+        plans,
+        files: &NONE.1,
+    }
 }
 
 fn entry(target: &str, migration: &str, checksum: &str, seq: i64) -> pb::JournalEntry {
@@ -80,7 +71,7 @@ fn journals(
     fleet: &BTreeMap<String, ShardView>,
     applied: &[(&str, &str)],
     edit: impl Fn(&str, &str, &mut Vec<pb::JournalEntry>),
-) -> BTreeMap<String, ShardJournal> {
+) -> Journals {
     fleet
         .iter()
         .map(|(shard, view)| {
@@ -96,12 +87,12 @@ fn journals(
             }
             (
                 shard.clone(),
-                ShardJournal {
+                Arc::new(ShardJournal {
                     epoch: EPOCH,
                     complete: true,
                     targets,
                     ..Default::default()
-                },
+                }),
             )
         })
         .collect()
@@ -125,14 +116,7 @@ fn one_head_when_every_target_holds_every_completed_migration() {
         &[("001_a", "SELECT 1"), ("002_b", "SELECT 2")],
         |_, _, _| {},
     );
-    let input = FleetInput {
-        fleet: &fleet,
-        journals: &journals,
-        epoch: EPOCH,
-        failures: &HashMap::new(),
-        plans: &plans,
-        files: &HashMap::new(),
-    };
+    let input = input(&fleet, &journals, &plans);
     let r = fleet_status(&input, &everything());
     assert_eq!(r.targets, 6);
     assert_eq!(r.behind, 0);
@@ -164,14 +148,7 @@ fn a_second_plan_to_some_targets_splits_the_fleet_and_names_what_the_rest_lack()
             rows.push(entry(tenant, "002_auto", &checksum("SELECT 2"), 9));
         }
     });
-    let input = FleetInput {
-        fleet: &fleet,
-        journals: &journals,
-        epoch: EPOCH,
-        failures: &HashMap::new(),
-        plans: &plans,
-        files: &HashMap::new(),
-    };
+    let input = input(&fleet, &journals, &plans);
     let r = fleet_status(&input, &everything());
     assert_eq!(r.targets, 6);
     assert_eq!(r.behind, 1);
@@ -202,14 +179,7 @@ fn a_journal_checksum_that_is_not_the_plans_is_named_with_its_target() {
             rows[0].checksum = "f".repeat(64);
         }
     });
-    let input = FleetInput {
-        fleet: &fleet,
-        journals: &journals,
-        epoch: EPOCH,
-        failures: &HashMap::new(),
-        plans: &plans,
-        files: &HashMap::new(),
-    };
+    let input = input(&fleet, &journals, &plans);
     let r = fleet_status(&input, &everything());
     assert_eq!(r.mismatches.len(), 1);
     let m = &r.mismatches[0];
@@ -225,15 +195,8 @@ fn shards_not_heard_under_this_epoch_are_named_not_counted() {
     let fleet = fleet();
     let plans = [plan("p1", "", "", &[("001_a", "SELECT 1")])];
     let mut journals = journals(&fleet, &[("001_a", "SELECT 1")], |_, _, _| {});
-    journals.get_mut("shard_1").unwrap().epoch = EPOCH - 1;
-    let input = FleetInput {
-        fleet: &fleet,
-        journals: &journals,
-        epoch: EPOCH,
-        failures: &HashMap::new(),
-        plans: &plans,
-        files: &HashMap::new(),
-    };
+    Arc::make_mut(journals.get_mut("shard_1").unwrap()).epoch = EPOCH - 1;
+    let input = input(&fleet, &journals, &plans);
     let r = fleet_status(&input, &everything());
     assert_eq!(r.targets, 3);
     assert_eq!(r.unreported_shards, vec!["shard_1".to_string()]);
@@ -256,12 +219,8 @@ fn a_failure_shows_in_status_and_show_and_names_resolve() {
         },
     )]);
     let input = FleetInput {
-        fleet: &fleet,
-        journals: &journals,
-        epoch: EPOCH,
         failures: &failures,
-        plans: &plans,
-        files: &HashMap::new(),
+        ..input(&fleet, &journals, &plans)
     };
     let r = fleet_status(&input, &everything());
     assert_eq!(r.behind, 6);
@@ -288,12 +247,8 @@ fn the_files_named_by_the_operator_are_compared_with_the_journal() {
     let journals = journals(&fleet, &[("001_a", "SELECT 1")], |_, _, _| {});
     let files = HashMap::from([("001_a".to_string(), checksum("SELECT 1 -- edited"))]);
     let input = FleetInput {
-        fleet: &fleet,
-        journals: &journals,
-        epoch: EPOCH,
-        failures: &HashMap::new(),
-        plans: &plans,
         files: &files,
+        ..input(&fleet, &journals, &plans)
     };
     let r = fleet_status(&input, &everything());
     assert_eq!(r.mismatches.len(), 6);

@@ -1,0 +1,216 @@
+//! How the operator commands call a coordinator: the connection (plaintext or TLS, see
+//! `transport`), the operator's credential on every request, a follower's refusal followed
+//! to the leader, and a refused call as an exit code.
+use flotilla_core::pb::operator_service_client::OperatorServiceClient;
+use tonic::codegen::InterceptedService;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::transport::Channel;
+
+use super::{EXIT_BAD_INPUT, EXIT_UNAVAILABLE};
+/// What went wrong talking to the coordinator, as an exit code and a message.
+pub(super) fn status_exit(e: &tonic::Status) -> u8 {
+    use tonic::Code::*;
+    match e.code() {
+        InvalidArgument | FailedPrecondition | NotFound | AlreadyExists | OutOfRange
+        | PermissionDenied | Unauthenticated => EXIT_BAD_INPUT,
+        _ => EXIT_UNAVAILABLE,
+    }
+}
+
+pub(super) fn fail(e: tonic::Status) -> u8 {
+    // A connection cut under the call (e.g. a TLS alert) says why only at the end of
+    // its source chain: "transport error" alone does not help.
+    let mut cause = None;
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        cause = Some(s.to_string());
+        source = s.source();
+    }
+    match cause.filter(|c| c != e.message()) {
+        Some(cause) => eprintln!("error: {}: {cause}", e.message()),
+        None => eprintln!("error: {}", e.message()),
+    }
+    // a status with a source was made here, from the connection, not sent by a coordinator
+    let local = std::error::Error::source(&e).is_some()
+        || matches!(e.code(), tonic::Code::Unknown | tonic::Code::Cancelled);
+    if local && !super::transport::files().is_empty() {
+        eprintln!(
+            "hint: over TLS, the coordinator may have refused this client's certificate: check --tls-cert, --tls-key and that --tls-ca is the coordinator's CA"
+        );
+    }
+    status_exit(&e)
+}
+
+/// The operator's bearer token, read once from `--token-file` (or FLOTILLA_TOKEN_FILE);
+/// unset: requests carry no credential (a coordinator with authentication off).
+static CREDENTIAL: std::sync::OnceLock<AsciiMetadataValue> = std::sync::OnceLock::new();
+
+/// Reads the token file (its content is never printed, and never taken from argv).
+pub(super) fn set_credential(path: Option<&std::path::Path>) -> Result<(), String> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "--token-file {}: the file is empty",
+            path.display()
+        ));
+    }
+    let mut value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| {
+            format!(
+                "--token-file {}: not a token (not plain text)",
+                path.display()
+            )
+        })?;
+    // Never indexed by HTTP/2 header compression, where a later request could probe it.
+    value.set_sensitive(true);
+    let _ = CREDENTIAL.set(value);
+    Ok(())
+}
+
+/// Puts the credential (if any) on every request.
+#[derive(Clone)]
+pub(super) struct Bearer;
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = CREDENTIAL.get() {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub(super) type Client = OperatorServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Who acts, as the request says it: with a credential, the coordinator takes the name
+/// from it, so the default `--as` ($USER) is not sent (it would mismatch and be refused);
+/// an `--as` given explicitly that differs from the default still is, and is refused
+/// unless it names the credential's operator.
+pub(super) fn acting(said: String) -> String {
+    let default = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+    if CREDENTIAL.get().is_some() && said == default {
+        String::new()
+    } else {
+        said
+    }
+}
+
+/// Connects to the first reachable coordinator of a comma-separated list.
+pub(super) async fn client(addrs: &str) -> Result<Client, u8> {
+    let mut last = String::new();
+    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let endpoint = match super::transport::endpoint(addr) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Err(EXIT_BAD_INPUT);
+            }
+        };
+        match endpoint.connect().await {
+            Ok(ch) => {
+                return Ok(OperatorServiceClient::with_interceptor(ch, Bearer)
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20));
+            }
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    eprintln!("error: cannot reach a coordinator ({last})");
+    Err(EXIT_UNAVAILABLE)
+}
+
+/// Where a follower says the leader is, when it refused a write.
+fn leader_of(e: &tonic::Status) -> Option<String> {
+    if e.code() != tonic::Code::Unavailable {
+        return None;
+    }
+    let v = e.metadata().get(flotilla_core::protocol::LEADER_METADATA)?;
+    v.to_str().ok().map(str::to_string)
+}
+
+/// Runs a write on the leader: a follower's refusal names it, and the call
+/// goes there (a few hops at most, leadership may be moving).
+pub(super) async fn on_leader<T, F, Fut>(c: &mut Client, mut call: F) -> Result<T, u8>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut hops = 0;
+    loop {
+        match call(c.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(e) => match leader_of(&e) {
+                Some(leader) if hops < 3 => {
+                    hops += 1;
+                    *c = client(&leader).await?;
+                }
+                _ => return Err(fail(e)),
+            },
+        }
+    }
+}
+
+/// Connects to a coordinator and runs `rpc` with `req` on the leader (see [`on_leader`]):
+/// the answer, and the client, now on the leader, for a `--wait` that follows the plan
+/// there.
+pub(super) async fn ask_leader<Req, Resp, F, Fut>(
+    addr: &str,
+    req: Req,
+    rpc: F,
+) -> Result<(Client, Resp), u8>
+where
+    Req: Clone,
+    F: Fn(Client, Req) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    let mut c = client(addr).await?;
+    let r = on_leader(&mut c, |c| rpc(c, req.clone())).await?;
+    Ok((c, r))
+}
+
+/// A command that asks the leader once: connects, runs `rpc` with `req` there, and
+/// `render`s the answer, whose return is the exit code.
+pub(super) async fn call_leader<Req, Resp, F, Fut>(
+    addr: &str,
+    req: Req,
+    rpc: F,
+    render: impl FnOnce(Resp) -> u8,
+) -> u8
+where
+    Req: Clone,
+    F: Fn(Client, Req) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    match ask_leader(addr, req, rpc).await {
+        Ok((_, r)) => render(r),
+        Err(code) => code,
+    }
+}
+
+/// A read that any coordinator answers, a follower too: connects, runs `rpc` with `req`
+/// on the first coordinator reached, and `render`s the answer, whose return is the exit
+/// code.
+pub(super) async fn call_any<Req, Resp, F, Fut>(
+    addr: &str,
+    req: Req,
+    rpc: F,
+    render: impl FnOnce(Resp) -> u8,
+) -> u8
+where
+    F: FnOnce(Client, Req) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    let c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match rpc(c, req).await {
+        Ok(r) => render(r.into_inner()),
+        Err(e) => fail(e),
+    }
+}

@@ -1,0 +1,142 @@
+//! The list commands' output: `plan list`, `fleet list`, `locks list`, `audit list`.
+use std::time::Duration;
+
+use flotilla_core::pb;
+use serde_json::{Value, json};
+
+use crate::cli::Output;
+
+pub fn plan_list(r: &pb::ListPlansResponse, output: Output) {
+    if output == Output::Json {
+        let v: Vec<Value> = r
+            .plans
+            .iter()
+            .map(|p| {
+                json!({
+                    "plan_id": p.plan_id, "name": p.name, "state": p.state, "environment": p.environment,
+                    "created_at_ms": p.created_at_ms, "updated_at_ms": p.updated_at_ms,
+                    "targets": p.targets, "steps": p.steps,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(v));
+        return;
+    }
+    println!(
+        "{:<14} {:<16} {:<28} {:>8} {:>8}",
+        "PLAN", "STATE", "NAME", "TARGETS", "STEPS"
+    );
+    for p in &r.plans {
+        println!(
+            "{:<14} {:<16} {:<28} {:>8} {:>8}",
+            p.plan_id, p.state, p.name, p.targets, p.steps
+        );
+    }
+}
+
+pub fn fleet(r: &pb::ListFleetResponse, output: Output) {
+    let labels = |m: &std::collections::HashMap<String, String>| {
+        let mut v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        v.sort();
+        v.join(",")
+    };
+    if output == Output::Json {
+        let v: Vec<Value> = r
+            .agents
+            .iter()
+            .map(|a| {
+                json!({
+                    "shard": a.shard,
+                    "connected": a.connected,
+                    "labels": a.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                    "version": a.version,
+                    "last_seen_ms": a.last_seen_ms,
+                    "tenants": a.tenants.iter().map(|t| json!({
+                        "name": t.name,
+                        "labels": t.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(v));
+        return;
+    }
+    println!("{:<20} {:<10} {:>8}  LABELS", "SHARD", "AGENT", "TENANTS");
+    for a in &r.agents {
+        println!(
+            "{:<20} {:<10} {:>8}  {}",
+            a.shard,
+            if a.connected { "connected" } else { "gone" },
+            a.tenants.len(),
+            labels(&a.labels)
+        );
+    }
+}
+
+pub fn locks(r: &pb::ListLocksResponse, output: Output) {
+    if output == Output::Json {
+        let v: Vec<Value> = r
+            .locks
+            .iter()
+            .map(|l| json!({"shard": l.shard, "plan_id": l.plan_id, "lease": l.lease}))
+            .collect();
+        println!("{}", json!({"backend": r.backend, "locks": v}));
+        return;
+    }
+    println!("coordination backend: {}", r.backend);
+    println!("{:<24} {:<14} {:>20}", "SHARD", "PLAN", "LEASE");
+    for l in &r.locks {
+        println!(
+            "{:<24} {:<14} {:>20}",
+            l.shard,
+            l.plan_id,
+            format!("{:x}", l.lease)
+        );
+    }
+}
+
+/// `audit list`: one line per entry (`when  who  action  plan  detail`), or JSON.
+pub fn audit(r: &pb::ListAuditResponse, output: Output) {
+    if output == Output::Json {
+        let v: Vec<Value> = r
+            .entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "at_ms": e.at_ms,
+                    "at": rfc3339(e.at_ms),
+                    "actor": e.actor,
+                    "action": e.action,
+                    "plan_id": e.plan_id,
+                    "detail": e.detail,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(v));
+        return;
+    }
+    if r.entries.is_empty() {
+        println!("no audit entries");
+        return;
+    }
+    for e in &r.entries {
+        println!(
+            "{}  {:<12} {:<12} {:<12} {}",
+            rfc3339(e.at_ms),
+            e.actor,
+            e.action,
+            if e.plan_id.is_empty() {
+                "-"
+            } else {
+                &e.plan_id
+            },
+            e.detail
+        );
+    }
+}
+
+/// A time in ms since the epoch as RFC 3339 (UTC, milliseconds).
+fn rfc3339(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
