@@ -169,7 +169,10 @@ async fn a_prior_image_rollback_restores_every_changed_value() -> anyhow::Result
             completed += 1;
         }
     }
-    assert!(completed >= 1, "the tenant whose check failed had completed the change");
+    assert!(
+        completed >= 1,
+        "the tenant whose check failed had completed the change"
+    );
     // a completed change's journal row went to the history when undone
     let undone = scalar(
         &fleet,
@@ -178,7 +181,10 @@ async fn a_prior_image_rollback_restores_every_changed_value() -> anyhow::Result
         ),
     )
     .await?;
-    assert!((completed..=2).contains(&undone), "{undone} undone, {completed} completed");
+    assert!(
+        (completed..=2).contains(&undone),
+        "{undone} undone, {completed} completed"
+    );
     for table in ["journal", "checkpoints", "prior_images"] {
         assert_eq!(
             scalar(&fleet, &format!("SELECT count(*) FROM flotilla.{table}")).await?,
