@@ -203,3 +203,87 @@ fn locked_at_once(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::planner::{self, ShardView};
+
+    /// An atomic plan of one migration over the 3 tenants of shard_0: an ALTER TABLE
+    /// (allowance 2) and a CREATE INDEX (1) on `orders`.
+    fn plan() -> (PlanSpec, Expansion) {
+        let spec = PlanSpec::try_from(pb::PlanSpec {
+            name: "locks".into(),
+            atomic: true,
+            migrations: vec![pb::Migration {
+                id: "m1".into(),
+                up_sql: "ALTER TABLE orders ADD COLUMN note text;\nCREATE INDEX orders_note ON orders (note)".into(),
+                down_sql: "DROP INDEX orders_note;\nALTER TABLE orders DROP COLUMN note".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .expect("valid plan");
+        let fleet = BTreeMap::from([(
+            "shard_0".to_string(),
+            ShardView {
+                labels: BTreeMap::new(),
+                tenants: (0..3)
+                    .map(|t| (format!("tenant_{t}"), BTreeMap::new()))
+                    .collect(),
+            },
+        )]);
+        let expansion = planner::expand(&spec, &fleet).expect("expands");
+        (spec, expansion)
+    }
+
+    fn table(max_locks: u32, held: u64) -> BTreeMap<String, LockTableSeen> {
+        // `orders` with its key's index and its TOAST table: 4 entries on every tenant
+        let named = (0..3).map(|t| (format!("tenant_{t}"), 4)).collect();
+        BTreeMap::from([(
+            "shard_0".to_string(),
+            LockTableSeen {
+                max_locks_per_transaction: max_locks,
+                max_connections: 5,
+                held,
+                named,
+            },
+        )])
+    }
+
+    #[test]
+    fn a_lock_table_too_small_for_the_prepared_targets_is_refused_with_the_setting() {
+        let (spec, expansion) = plan();
+        let capacity = BTreeMap::from([("shard_0".to_string(), (5, 0))]);
+        // 3 targets x (4 named + 3 created + 2) = 27 locks; the table holds 3 x (5 + 5) = 30
+        assert!(atomic(&spec, &expansion, &BTreeMap::new(), &capacity, &table(3, 0)).is_ok());
+        // ... less the 4 held now: refused, naming the shard, the numbers and the setting
+        let err = atomic(&spec, &expansion, &BTreeMap::new(), &capacity, &table(3, 4))
+            .expect_err("refused")
+            .to_string();
+        for part in [
+            "shard shard_0: the plan's 3 prepared targets there would hold about 27 locks at once (up to 9 each",
+            "with 4 held now",
+            "max_locks_per_transaction = 3 x (max_connections = 5 + max_prepared_transactions = 5) = 30",
+            "set max_locks_per_transaction to at least 4",
+        ] {
+            assert!(err.contains(part), "no `{part}` in: {err}");
+        }
+    }
+
+    #[test]
+    fn a_shard_that_did_not_report_its_lock_table_is_not_refused_for_it() {
+        let (spec, expansion) = plan();
+        let capacity = BTreeMap::from([("shard_0".to_string(), (5, 0))]);
+        assert!(
+            atomic(
+                &spec,
+                &expansion,
+                &BTreeMap::new(),
+                &capacity,
+                &BTreeMap::new()
+            )
+            .is_ok()
+        );
+    }
+}
