@@ -5,27 +5,53 @@
 # median. Everything runs here: one PostgreSQL server (max_prepared_transactions on), one
 # etcd, a coordinator and 16 agents.
 #
-#   scripts/bench-two-phase.sh [REPEAT]      (default 5)
+#   scripts/bench-two-phase.sh [REPEAT]          (default 5)
+#   scripts/bench-two-phase.sh --scale [REPEAT]  2,500 tenants on one server (issue 15): one shard
+#                                                database of 2,500 tenants (SHARDS=1 TENANTS=2500)
+#
+# The server gets max_prepared_transactions = every target + 16 (at least 200), and
+# max_locks_per_transaction = MAX_LOCKS when set (PostgreSQL's default, 64, otherwise). Each
+# run also prints the peak of the shared lock table (pg_locks rows off the fast path) and of
+# pg_prepared_xacts, sampled every 0.2 s, and the server's shared_memory_size.
 #
 # Environment: SHARED (default ../shared), SHARDS (16), TENANTS (10 per shard), and bench-lib.sh's
 # (FLOTILLA_BIN, FLOTILLA_PG_BINDIR, FLOTILLA_BENCH_KEEP).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
+if [ "${1:-}" = "--scale" ]; then
+  shift
+  SHARDS=${SHARDS:-1}; TENANTS=${TENANTS:-2500}
+fi
 REPEAT=${1:-5}
 SHARDS=${SHARDS:-16}; TENANTS=${TENANTS:-10}
+MAX_PREPARED=$(( SHARDS * TENANTS + 16 )); [ "$MAX_PREPARED" -ge 200 ] || MAX_PREPARED=200
+locks_setting=(); [ -z "${MAX_LOCKS:-}" ] || locks_setting=(-c "max_locks_per_transaction=$MAX_LOCKS")
 # shellcheck source=scripts/bench-lib.sh
 source "$ROOT/scripts/bench-lib.sh"
 command -v etcd >/dev/null || { echo "error: etcd not found; run scripts/test.sh once to install it" >&2; exit 2; }
 bench_init flotilla-2pc
 bench_build
-bench_start_pg -c max_connections=300 -c max_prepared_transactions=200
+bench_start_pg -c max_connections=300 -c "max_prepared_transactions=$MAX_PREPARED" "${locks_setting[@]}"
+settings=$(psql -X -At "$PGURL/postgres" -c "SELECT string_agg(name || ' = ' || setting || COALESCE(' ' || unit, ''), ', ' ORDER BY name) FROM pg_settings WHERE name IN ('max_connections', 'max_prepared_transactions', 'max_locks_per_transaction', 'shared_memory_size', 'shared_buffers')")
+echo "==== server: $settings"
+# Peaks of the shared lock table and of the prepared transactions while a plan runs.
+sample_locks() {
+  local peak_locks=0 peak_prepared=0 l p
+  while [ -e "$work/sampling" ]; do
+    read -r l p < <(psql -X -At -F ' ' "$PGURL/postgres" -c "SELECT (SELECT count(*) FROM pg_locks WHERE NOT fastpath), (SELECT count(*) FROM pg_prepared_xacts)" 2>/dev/null || echo "0 0")
+    [ "${l:-0}" -gt "$peak_locks" ] && peak_locks=$l
+    [ "${p:-0}" -gt "$peak_prepared" ] && peak_prepared=$p
+    echo "$peak_locks $peak_prepared" >"$work/peaks"
+    sleep 0.2
+  done
+}
 eport=$(( port + 1 ))
 bench_etcd_start "$eport" $(( port + 2 ))
 echo "==== building $SHARDS shards x $TENANTS tenants"
 "$BENCH/make-fleet.sh" "$SHARDS" "$TENANTS" 20 >/dev/null 2>&1
 
-windows=(); decisions=(); heards=(); pg_commits=(); holds_median=(); holds_p99=(); holds_max=()
+walls=(); peaks_locks=(); peaks_prepared=(); windows=(); decisions=(); heards=(); pg_commits=(); holds_median=(); holds_p99=(); holds_max=()
 for ((r=1; r<=REPEAT; r++)); do
   "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null 2>&1
   cport=$(( port + 10 + r ))
@@ -41,7 +67,13 @@ for ((r=1; r<=REPEAT; r++)); do
     n=$("$FLOTILLA" --coordinator "$addr" fleet list --output json 2>/dev/null | grep -o '"connected":true' | wc -l || true)
     [ "$n" -eq "$SHARDS" ] && break; sleep 0.1
   done
+  touch "$work/sampling"; echo "0 0" >"$work/peaks"
+  sample_locks & sampler=$!
+  t0=$(now)
   out=$("$FLOTILLA" --coordinator "$addr" plan submit "$BENCH/coord-2025-001" --atomic --wait --max-parallel 16 --output json | tail -1)
+  wall=$(awk -v a="$(now)" -v b="$t0" 'BEGIN {printf "%.2f", a - b}')
+  rm -f "$work/sampling"; wait "$sampler" 2>/dev/null || true
+  read -r peak_locks peak_prepared <"$work/peaks"
   w=$(echo "$out" | grep -o 'COMMIT PREPARED: [0-9.]*s' | grep -o '[0-9.]*' | head -1)
   [ -n "$w" ] || { echo "error: run $r did not commit atomically: $out"; exit 1; }
   # The plan's message gives the agents' figures: the decision's two legs and each target's
@@ -55,8 +87,9 @@ for ((r=1; r<=REPEAT; r++)); do
   [ -n "$d1" ] && [ -n "$hx" ] || { echo "error: run $r reported no two-phase timings: $out"; exit 1; }
   decision=$(awk -v a="$d1" -v b="$d2" 'BEGIN {printf "%.1f", a + b}')
   pg=$(awk -v a="$d2" -v b="$heard" 'BEGIN {printf "%.1f", a - b}')
+  walls+=("$wall"); peaks_locks+=("$peak_locks"); peaks_prepared+=("$peak_prepared")
   windows+=("$w"); decisions+=("$decision"); heards+=("$heard"); pg_commits+=("$pg"); holds_median+=("$hm"); holds_p99+=("$hp"); holds_max+=("$hx")
-  echo "run $r: window ${w}s; decision latency ${decision} ms (last PREPARE -> decision ${d1} ms -> last COMMIT PREPARED ${d2} ms, of which the last agent had the decision after ${heard} ms); hold per target median ${hm} ms, p99 ${hp} ms, max ${hx} ms"
+  echo "run $r: window ${w}s; decision latency ${decision} ms (last PREPARE -> decision ${d1} ms -> last COMMIT PREPARED ${d2} ms, of which the last agent had the decision after ${heard} ms); hold per target median ${hm} ms, p99 ${hp} ms, max ${hx} ms; submit to end ${wall}s; peak lock table ${peak_locks} entries, ${peak_prepared} prepared"
   for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
   wait "${pids[@]:1}" 2>/dev/null || true
   pids=("${pids[0]}")
@@ -93,3 +126,6 @@ echo "         of which: decision -> the last agent has it $(median "${heards[@]
 echo "         PostgreSQL's floor for that leg ($((SHARDS * TENANTS)) COMMIT PREPAREDs, $SHARDS sessions started at once): $(median "${floors[@]}") ms; Flotilla's leg / floor: $(awk -v a="$(median "${pg_commits[@]}")" -v b="$(median "${floors[@]}")" 'BEGIN {printf "%.2f", a / b}')x"
 echo "     (b) lock hold per target, PREPARE -> COMMIT PREPARED: median $(median "${holds_median[@]}") ms, p99 $(median "${holds_p99[@]}") ms, max $(median "${holds_max[@]}") ms"
 echo "     (c) window, first PREPARE -> last COMMIT PREPARED: $(median "${windows[@]}")s"
+echo "     (d) submit -> plan ended (preflight, every target's DDL, PREPARE, decision, COMMIT PREPARED): $(median "${walls[@]}")s"
+echo "     (e) peak shared lock table $(median "${peaks_locks[@]}") entries (pg_locks off the fast path), peak prepared $(median "${peaks_prepared[@]}") of max_prepared_transactions $MAX_PREPARED (sampled every 0.2 s)"
+echo "     server: $settings"

@@ -63,9 +63,9 @@ pub enum AgentError {
 // The SQLSTATEs are the protocol's (one definition for the coordinator and the agent).
 pub(crate) use flotilla_core::protocol::sqlstate::UNDEFINED_OBJECT as SQLSTATE_UNDEFINED_OBJECT;
 use flotilla_core::protocol::sqlstate::{
-    CLASS_AUTH as SQLSTATE_CLASS_AUTH, CONFLICTS as SQLSTATE_CONFLICTS,
-    LOCK_NOT_AVAILABLE as SQLSTATE_LOCK_NOT_AVAILABLE, SERVER_GONE as SQLSTATE_SERVER_GONE,
-    UNIQUE_VIOLATION as SQLSTATE_UNIQUE_VIOLATION,
+    CLASS_AUTH as SQLSTATE_CLASS_AUTH, CLASS_INSUFFICIENT_RESOURCES as SQLSTATE_CLASS_RESOURCES,
+    CONFLICTS as SQLSTATE_CONFLICTS, LOCK_NOT_AVAILABLE as SQLSTATE_LOCK_NOT_AVAILABLE,
+    SERVER_GONE as SQLSTATE_SERVER_GONE, UNIQUE_VIOLATION as SQLSTATE_UNIQUE_VIOLATION,
 };
 pub use flotilla_core::protocol::sqlstate::{
     FENCED as SQLSTATE_FENCED, VERIFY_FAILED as SQLSTATE_VERIFY,
@@ -165,10 +165,19 @@ pub(crate) fn classify(e: &sqlx::Error, phase: &str) -> Failure {
                     .unwrap_or_default()
                     .to_string()
             };
+            // "out of shared memory" says nothing of the cause; the hint names the setting
+            // (max_locks_per_transaction when the lock table is full), and the plan's
+            // message is the step's message.
+            let message = match pg.and_then(PgDatabaseError::hint) {
+                Some(hint) if code.starts_with(SQLSTATE_CLASS_RESOURCES) => {
+                    format!("{} ({hint})", db.message())
+                }
+                _ => db.message().to_string(),
+            };
             Failure {
                 error: pb::StepError {
                     sqlstate: code,
-                    message: db.message().to_string(),
+                    message,
                     detail,
                     phase: phase.into(),
                 },

@@ -13,6 +13,7 @@ mod governance;
 mod ha;
 mod harness;
 mod lint;
+mod lock_table;
 mod observability;
 mod operability;
 mod partition;

@@ -10,7 +10,7 @@ use tracing::{Instrument, debug, instrument, warn};
 
 use crate::data::keys;
 use crate::run::Outgoing;
-use crate::run::two_phase::check_two_phase;
+use crate::run::two_phase::{LockTable, check_two_phase, named_relation_locks, read_lock_table};
 use crate::{Agent, shard};
 
 /// Hands one coordinator message to the part of the agent that owns it.
@@ -177,6 +177,11 @@ impl Agent {
         } else {
             String::new()
         };
+        let (lock_table, relation_locks) = if capacity.is_some() {
+            self.lock_footprint(&req.lock_relations, &tenants).await
+        } else {
+            (None, Default::default())
+        };
         let data_problems = self.check_data(&req.data_migrations, &tenants).await;
         let unbaselined = match self
             .unbaselined(&req.migration_ids, &tenants, &applied)
@@ -192,6 +197,10 @@ impl Agent {
         pb::PreflightReply {
             max_prepared_transactions: capacity.map_or(0, |c| c.max_prepared),
             prepared_now: capacity.map_or(0, |c| c.prepared_now),
+            max_locks_per_transaction: lock_table.map_or(0, |l| l.max_locks_per_transaction),
+            max_connections: lock_table.map_or(0, |l| l.max_connections),
+            locks_held: lock_table.map_or(0, |l| l.held),
+            relation_locks,
             unbaselined,
             data_problems,
             two_phase_error,
@@ -199,6 +208,33 @@ impl Agent {
             tenants,
             applied,
             error: errors.join("; "),
+        }
+    }
+
+    /// The lock table's size and use, and per target what the plan's named relations take
+    /// in it. Not read: the coordinator skips the lock check for this shard (a warning
+    /// here), and a lock table that fills at runtime still fails the unit before PREPARE.
+    async fn lock_footprint(
+        &self,
+        relations: &[String],
+        tenants: &[pb::Tenant],
+    ) -> (Option<LockTable>, std::collections::HashMap<String, u32>) {
+        let table = match read_lock_table(&self.pool, &self.config.shard).await {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "reading the lock table's settings for a preflight failed");
+                return (None, Default::default());
+            }
+        };
+        let targets: Vec<String> = std::iter::once(String::new())
+            .chain(tenants.iter().map(|t| t.name.clone()))
+            .collect();
+        match named_relation_locks(&self.pool, &targets, relations).await {
+            Ok(named) => (Some(table), named),
+            Err(e) => {
+                warn!(error = %e, "counting the plan's relations for a preflight failed");
+                (None, Default::default())
+            }
         }
     }
 

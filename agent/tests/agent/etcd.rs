@@ -100,6 +100,7 @@ async fn an_unreachable_etcd_does_not_hold_up_the_agent() {
             request_id: 1,
             migration_ids: Vec::new(),
             data_migrations: Vec::new(),
+            lock_relations: Vec::new(),
         },
     ));
     let reply = s.next().await;

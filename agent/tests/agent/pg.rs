@@ -111,6 +111,7 @@ async fn rollout_preflight_and_rollback() {
         request_id: 7,
         migration_ids: vec![BENCH[0].into()],
         data_migrations: Vec::new(),
+        lock_relations: Vec::new(),
     }));
     let Out::Preflight(p) = s.next().await else {
         panic!("preflight reply")

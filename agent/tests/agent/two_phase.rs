@@ -295,6 +295,7 @@ async fn prepare_commit_abort_and_resend() {
         migration_ids: Vec::new(),
         two_phase: true,
         data_migrations: Vec::new(),
+        lock_relations: Vec::new(),
     }));
     let Out::Preflight(p) = s.next().await else {
         panic!("preflight reply")
@@ -553,6 +554,7 @@ async fn preflight_and_prepare_without_max_prepared_transactions() {
         migration_ids: Vec::new(),
         two_phase: true,
         data_migrations: Vec::new(),
+        lock_relations: Vec::new(),
     }));
     let Out::Preflight(p) = s.next().await else {
         panic!("preflight reply")
@@ -568,6 +570,7 @@ async fn preflight_and_prepare_without_max_prepared_transactions() {
         migration_ids: Vec::new(),
         two_phase: false,
         data_migrations: Vec::new(),
+        lock_relations: Vec::new(),
     }));
     let Out::Preflight(p) = s.next().await else {
         panic!("preflight reply")

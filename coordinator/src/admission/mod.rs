@@ -180,6 +180,7 @@ impl Coordinator {
             &expansion,
             &seen.two_phase_errors,
             &seen.prepare_capacity,
+            &seen.lock_tables,
         )?;
         let wave_of = waves::assign(spec, &expansion)?;
         let drift_warning = self.drift_check(spec, &expansion).await?;

@@ -26,6 +26,9 @@ pub(crate) struct Seen {
     pub two_phase_errors: BTreeMap<String, String>,
     /// Shards that can prepare: (max_prepared_transactions, prepared now) of their server.
     pub prepare_capacity: BTreeMap<String, (u32, u32)>,
+    /// Shards that can prepare: their server's lock table, and what each target's named
+    /// relations take in it.
+    pub lock_tables: BTreeMap<String, LockTableSeen>,
     /// What a data migration's target lacks.
     pub data_problems: BTreeMap<StepKey, pb::DataProblem>,
     /// Targets whose journal lacks migrations another tool's history says ran there.
@@ -33,6 +36,30 @@ pub(crate) struct Seen {
     /// Dry run only: shards that could not be asked, and why (their view in `fleet` is the
     /// one the coordinator last knew).
     pub unknown: BTreeMap<String, String>,
+}
+
+/// A shard server's shared lock table as its agent read it for the preflight.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LockTableSeen {
+    pub max_locks_per_transaction: u32,
+    pub max_connections: u32,
+    /// Entries held now (pg_locks rows off the fast path).
+    pub held: u64,
+    /// Per target (tenant; "" for the shard itself): the entries the atomic units' named
+    /// relations take there, with their indexes, TOAST and owned sequences.
+    pub named: std::collections::HashMap<String, u32>,
+}
+
+/// The relations every atomic unit's transactional statements name: the agents count what
+/// they take in the lock table on each target.
+fn lock_relations(spec: &PlanSpec) -> Vec<String> {
+    let mut footprint = flotilla_core::lint::LockFootprint::default();
+    for m in &spec.migrations {
+        if m.tx_mode == flotilla_core::TxMode::Transactional && spec.atomic_unit(&m.id).is_some() {
+            footprint.add(&m.up_sql);
+        }
+    }
+    footprint.relations.into_iter().collect()
 }
 
 impl Coordinator {
@@ -96,6 +123,11 @@ impl Coordinator {
                 .filter(|m| m.data.is_some())
                 .map(pb::Migration::from)
                 .collect(),
+            lock_relations: if spec.two_phase() {
+                lock_relations(spec)
+            } else {
+                Vec::new()
+            },
         };
         let asks = attached.keys().map(|shard| {
             let request = request.clone();
@@ -138,6 +170,17 @@ impl Coordinator {
                 seen.prepare_capacity.insert(
                     shard.clone(),
                     (reply.max_prepared_transactions, reply.prepared_now),
+                );
+            }
+            if reply.max_locks_per_transaction > 0 {
+                seen.lock_tables.insert(
+                    shard.clone(),
+                    LockTableSeen {
+                        max_locks_per_transaction: reply.max_locks_per_transaction,
+                        max_connections: reply.max_connections,
+                        held: reply.locks_held,
+                        named: std::mem::take(&mut reply.relation_locks),
+                    },
                 );
             }
             if !reply.two_phase_error.is_empty() {

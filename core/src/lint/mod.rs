@@ -13,6 +13,7 @@
 //! lock is reported on the relation as the statement names it (an index for DROP INDEX,
 //! a new table for CREATE TABLE).
 
+mod footprint;
 mod locks;
 mod naming;
 mod parse;
@@ -26,6 +27,7 @@ use serde::Serialize;
 
 use crate::{Migration, PlanSpec, pb};
 
+pub use footprint::{LockFootprint, TARGET_LOCKS, created_allowance};
 pub(crate) use parse::{Parsed, parse_statements};
 
 /// PostgreSQL's table-level lock modes, weakest first (the derived order is strength:

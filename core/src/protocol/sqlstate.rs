@@ -9,6 +9,10 @@ pub const UNIQUE_VIOLATION: &str = "23505";
 /// Class 28, `invalid_authorization_specification`: waiting does not make it better.
 pub const CLASS_AUTH: &str = "28";
 
+/// Class 53, `insufficient_resources`: "out of shared memory" (53200) when the lock table
+/// is full. PostgreSQL's hint names the setting to raise, so the step's message carries it.
+pub const CLASS_INSUFFICIENT_RESOURCES: &str = "53";
+
 /// `lock_not_available`: `lock_timeout` ran out (a schema step retries it).
 pub const LOCK_NOT_AVAILABLE: &str = "55P03";
 /// `undefined_object`: COMMIT/ROLLBACK PREPARED of a gid that is not (or no longer) prepared.

@@ -7,6 +7,8 @@
 //! - `gid`: the shape of Flotilla's gids, and the claim that keeps one gid to one run.
 //! - `prepared`: the shard's prepared transactions: which are there, COMMIT/ROLLBACK
 //!   PREPARED, and the preflight probe.
+//! - `lock_table`: the server's shared lock table and what the plan's relations take in
+//!   it on each target, for the preflight.
 //! - `decisions`: plans' decisions as their keys in etcd hold them, read through every
 //!   member in turn.
 //!
@@ -18,10 +20,12 @@ use crate::etcd::EtcdError;
 
 mod decisions;
 mod gid;
+mod lock_table;
 mod prepared;
 
 pub(crate) use decisions::{Decisions, decision_key};
 pub(crate) use gid::{GidClaim, GidClaims, is_probe, plan_of_gid, validate_gid};
+pub(crate) use lock_table::{LockTable, named_relation_locks, read_lock_table};
 pub(crate) use prepared::{
     Finished, census, check_two_phase, finish, list_prepared, prepared_among,
 };
