@@ -58,11 +58,12 @@ PGURL="postgres://postgres@127.0.0.1:$port"
 psql() { "$bindir/psql" -X -q -v ON_ERROR_STOP=1 "$PGURL/bench" "$@"; }
 "$bindir/psql" -X -q "$PGURL/postgres" -c "CREATE DATABASE bench"
 [ -z "${PROFILE:-}" ] || psql -c "CREATE EXTENSION pg_stat_statements"
-# PROFILE=1: statements run about once per batch or more, by time (mean per call, in ms)
+# PROFILE=1: statements run about once per batch or more, by time (mean per call, in ms;
+# `plans`: how often it was planned, once for a cached generic plan)
 profile_reset() { [ -z "${PROFILE:-}" ] || psql -c "SELECT pg_stat_statements_reset()" >/dev/null; }
 profile_print() {
   [ -z "${PROFILE:-}" ] || psql -c "SELECT calls, round(mean_exec_time::numeric, 3) AS exec_ms,
-    round(mean_plan_time::numeric, 3) AS plan_ms, left(regexp_replace(query, '\s+', ' ', 'g'), 100) AS statement
+    round((total_plan_time / calls)::numeric, 3) AS plan_ms, plans, left(regexp_replace(query, '\s+', ' ', 'g'), 100) AS statement
     FROM pg_stat_statements WHERE calls >= $ROWS / 1000 - 1 AND query NOT LIKE 'DO %'
     ORDER BY total_exec_time + total_plan_time DESC LIMIT 12"
 }
