@@ -71,9 +71,11 @@ struct Checkpoint {
 }
 
 /// The full-page query ([`sql::data_full_page`]) prepared on the session for this run, at
-/// one batch size: each batch then runs it with `EXECUTE` instead of having it parsed and
-/// planned again. A name of its own per run, so that a statement a run could not let go
-/// (its session's server gone) clashes with no later one.
+/// one batch size: each batch then runs it with `EXECUTE` instead of sending its text to be
+/// parsed and analysed again. It is still planned for each bound: the server's plan cache
+/// kept choosing a custom plan over the generic one (`pg_prepared_statements` on the bench
+/// table, 20 executions: 20 custom plans). A name of its own per run, so that a statement a
+/// run could not let go (its session's server gone) clashes with no later one.
 struct PreparedPage {
     name: String,
     limit: u32,
