@@ -18,6 +18,13 @@
 #
 #   scripts/bench-data.sh            ROWS=200000 WINDOW=20 scripts/bench-data.sh  (quicker)
 #   REPEAT=5 SECTIONS=1 SEED=0 scripts/bench-data.sh   (throughput only, medians of 5)
+#   BASELINE_BIN=path REPEAT=5 SECTIONS=1 SEED=0 scripts/bench-data.sh
+#       (an A/B: that build's Flotilla, on a coordinator and agent of its own, timed in the
+#       same turns, after the keyset loop and before this build)
+#   PROFILE=1 REPEAT=1 SECTIONS=1 SEED=0 scripts/bench-data.sh
+#       (where a batch's time goes: pg_stat_statements, with planning and the statements
+#       inside functions, after the last keyset run and the last Flotilla run; its own
+#       overhead makes those runs' times no figure to quote)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -43,11 +50,23 @@ cleanup() {
 trap cleanup EXIT
 port=$(( 20000 + RANDOM % 8000 ))
 "${as_pg[@]}" "$bindir/initdb" -D "$work/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+profile_opts=""
+[ -z "${PROFILE:-}" ] || profile_opts="-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all -c pg_stat_statements.track_planning=on"
 "${as_pg[@]}" "$bindir/pg_ctl" -D "$work/data" -l "$work/pg.log" -w \
-  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_buffers=512MB" start >/dev/null
+  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_buffers=512MB $profile_opts" start >/dev/null
 PGURL="postgres://postgres@127.0.0.1:$port"
 psql() { "$bindir/psql" -X -q -v ON_ERROR_STOP=1 "$PGURL/bench" "$@"; }
 "$bindir/psql" -X -q "$PGURL/postgres" -c "CREATE DATABASE bench"
+[ -z "${PROFILE:-}" ] || psql -c "CREATE EXTENSION pg_stat_statements"
+# PROFILE=1: statements run about once per batch or more, by time (mean per call, in ms;
+# `plans`: how often it was planned, once for a cached generic plan)
+profile_reset() { [ -z "${PROFILE:-}" ] || psql -c "SELECT pg_stat_statements_reset()" >/dev/null; }
+profile_print() {
+  [ -z "${PROFILE:-}" ] || psql -c "SELECT calls, round(mean_exec_time::numeric, 3) AS exec_ms,
+    round((total_plan_time / calls)::numeric, 3) AS plan_ms, plans, left(regexp_replace(query, '\s+', ' ', 'g'), 100) AS statement
+    FROM pg_stat_statements WHERE calls >= $ROWS / 1000 - 1 AND query NOT LIKE 'DO %'
+    ORDER BY total_exec_time + total_plan_time DESC LIMIT 12"
+}
 
 echo "==== building work_orders with $ROWS rows"
 psql <<SQL
@@ -66,15 +85,36 @@ now() { date +%s.%N; }
 cport=$(( port + 1 )); addr="http://127.0.0.1:$cport"
 FLOTILLA_LOG=warn "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$work/store.db" >"$work/c.log" 2>&1 &
 pids+=($!)
-FLOTILLA_LOG=warn "$FLOTILLA" --coordinator "$addr" agent --shard shard_0 --dsn "$PGURL/bench" >"$work/a.log" 2>&1 &
-pids+=($!)
-for ((i=0; i<300; i++)); do
-  "$FLOTILLA" --coordinator "$addr" fleet list --output json 2>/dev/null | grep -q '"connected":true' && break; sleep 0.1
-done
+# One agent per shard database (it holds the database's agent lock): with BASELINE_BIN, the
+# agent of the build whose turn it is runs, the other's is stopped (and its lock gone).
+agent_pid=""
+start_agent() { # $1 binary, $2 coordinator address
+  FLOTILLA_LOG=warn "$1" --coordinator "$2" agent --shard shard_0 --dsn "$PGURL/bench" >>"$work/a.log" 2>&1 &
+  agent_pid=$!; pids+=($agent_pid)
+  for ((i=0; i<300; i++)); do
+    "$1" --coordinator "$2" fleet list --output json 2>/dev/null | grep -q '"connected":true' && return 0; sleep 0.1
+  done
+  echo "error: the agent of $2 did not connect" >&2; exit 1
+}
+stop_agent() {
+  kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true
+  for ((i=0; i<300; i++)); do
+    [ "$(psql -At -c "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")" = 0 ] && return 0; sleep 0.1
+  done
+  echo "error: the stopped agent's lock is still held" >&2; exit 1
+}
+start_agent "$FLOTILLA" "$addr"
+if [ -n "${BASELINE_BIN:-}" ]; then
+  # the baseline's own coordinator, with its own store: the same epoch as the other's, so
+  # neither fences the other out of the shard
+  addr_b="http://127.0.0.1:$(( port + 2 ))"
+  FLOTILLA_LOG=warn "$BASELINE_BIN" coordinator --listen "127.0.0.1:$(( port + 2 ))" --store "$work/store-b.db" >"$work/c-b.log" 2>&1 &
+  pids+=($!)
+fi
 n=0
 # A migration directory with one data migration ($dir, its id $mid); extra [data] lines in $1.
 backfill_dir() {
-  n=$((n + 1)); mid="2025020100000${n}_priority_score"; dir="$work/m$n"; local d="$dir/$mid"
+  n=$((n + 1)); mid="$(printf '2025020100%04d' "$n")_priority_score"; dir="$work/m$n"; local d="$dir/$mid"
   mkdir -p "$d"
   printf 'SELECT 1;\n' > "$d/up.sql"
   printf 'UPDATE work_orders SET priority_score = 0;\n' > "$d/down.sql"
@@ -117,9 +157,10 @@ t_seed=$(echo "$(now) - $t0" | bc); check_done
 echo "seed DO-loop (one transaction, rescans from the start each batch): ${t_seed}s"
 else t_seed=0; fi
 
-keysets=(); flotillas=()
+keysets=(); flotillas=(); baselines=()
 for ((r=1; r<=REPEAT; r++)); do
   reset_table
+  profile_reset
   t0=$(now)
   psql <<SQL
 DO \$\$
@@ -136,13 +177,27 @@ END \$\$;
 SQL
   t=$(echo "$(now) - $t0" | bc); check_done; keysets+=("$t")
   echo "run $r: keyset DO-loop (a commit per batch): ${t}s"
+  [ "$r" -lt "$REPEAT" ] || profile_print
+
+  if [ -n "${BASELINE_BIN:-}" ]; then
+    stop_agent; start_agent "$BASELINE_BIN" "$addr_b"
+    reset_table
+    backfill_dir ""
+    t0=$(now)
+    "$BASELINE_BIN" --coordinator "$addr_b" plan submit "$dir" --wait --output json >"$work/p1.json"
+    t=$(echo "$(now) - $t0" | bc); check_done; baselines+=("$t")
+    echo "run $r: baseline Flotilla ($BASELINE_BIN): ${t}s"
+    stop_agent; start_agent "$FLOTILLA" "$addr"
+  fi
 
   reset_table
   backfill_dir ""
+  profile_reset
   t0=$(now)
   "$FLOTILLA" --coordinator "$addr" plan submit "$dir" --wait --output json >"$work/p1.json"
   t=$(echo "$(now) - $t0" | bc); check_done; flotillas+=("$t")
   echo "run $r: Flotilla (keyset batches, each with its checkpoint, fenced, progress on): ${t}s"
+  [ "$r" -lt "$REPEAT" ] || profile_print
 done
 t_keyset=$(printf '%s\n' "${keysets[@]}" | median)
 t_flotilla=$(printf '%s\n' "${flotillas[@]}" | median)
@@ -150,6 +205,11 @@ printf '==== throughput (medians of %d): keyset DO-loop %.2fs, Flotilla %.2fs = 
   "$REPEAT" "$t_keyset" "$t_flotilla" "$(echo "$ROWS / $t_flotilla" | bc -l)"
 [ "$t_seed" = 0 ] || printf '==== Flotilla vs the seed DO-loop: %.2fx its speed\n' "$(echo "$t_seed / $t_flotilla" | bc -l)"
 printf '==== Flotilla vs the keyset DO-loop: %.2fx its speed (goal >= 1.0x)\n' "$(echo "$t_keyset / $t_flotilla" | bc -l)"
+if [ -n "${BASELINE_BIN:-}" ]; then
+  t_base=$(printf '%s\n' "${baselines[@]}" | median)
+  printf '==== baseline (median of %d): %.2fs, %.2fx the keyset loop'"'"'s speed; this build %.2fx the baseline'"'"'s speed\n' \
+    "$REPEAT" "$t_base" "$(echo "$t_keyset / $t_base" | bc -l)" "$(echo "$t_base / $t_flotilla" | bc -l)"
+fi
 fi
 
 # --- 2. rate --------------------------------------------------------------------------------

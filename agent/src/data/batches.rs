@@ -13,6 +13,7 @@
 //! the key, would never be covered, so the change refuses to start when the table holds
 //! one. Key types without a floor are refused at the start, before any batch.
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -26,7 +27,7 @@ use super::rate::{RowLimits, ServerBuckets};
 use super::throttle::{PlanControl, STOPPED, agent_failure, health_queries, wait_at_boundary};
 use super::{ProgressBoard, keys, sql};
 use crate::error::{Failure, classify};
-use crate::step::{PreparedMigration, StepContext, quote_literal};
+use crate::step::{BuildError, PreparedMigration, StepContext, quote_literal};
 
 /// What a data change needs from the agent besides its connection.
 pub(crate) struct DataHooks {
@@ -45,12 +46,18 @@ struct Page {
 }
 
 impl Page {
-    /// The page a batch's transaction found for the next batch: its last row.
-    fn from_row(limit: u32, row: Option<PgRow>) -> Result<Page, String> {
+    /// The full page a batch's transaction found for the next batch (its last row: the
+    /// page's last key, NULL when fewer than `limit` keys are left); `None`: no full page,
+    /// the next (short or empty) page is asked for on its own.
+    fn full_from_row(limit: u32, row: Option<PgRow>) -> Result<Option<Page>, String> {
         let row = row.ok_or("the batch returned no page for the next batch")?;
-        let (rows, last) = <(i64, Option<String>)>::from_row(&row)
+        let (last,) = <(Option<String>,)>::from_row(&row)
             .map_err(|e| format!("the next page's row does not read: {e}"))?;
-        Ok(Page { limit, rows, last })
+        Ok(last.map(|last| Page {
+            limit,
+            rows: i64::from(limit),
+            last: Some(last),
+        }))
     }
 }
 
@@ -63,6 +70,65 @@ struct Checkpoint {
     age_secs: f64,
 }
 
+/// The full-page query ([`sql::data_full_page`]) prepared on the session for this run, at
+/// one batch size: each batch then runs it with `EXECUTE` instead of sending its text to be
+/// parsed and analysed again. It is still planned for each bound: the server's plan cache
+/// kept choosing a custom plan over the generic one (`pg_prepared_statements` on the bench
+/// table, 20 executions: 20 custom plans). A name of its own per run, so that a statement a
+/// run could not let go (its session's server gone) clashes with no later one.
+struct PreparedPage {
+    name: String,
+    limit: u32,
+}
+
+/// Names the prepared full-page queries of this process apart.
+static PREPARED_PAGES: AtomicU64 = AtomicU64::new(0);
+
+impl PreparedPage {
+    /// Prepares the full-page query for `limit` keys, its lower bound the parameters (one per
+    /// key column, of the column's type); `None` when the server would not prepare it (the
+    /// batches then send the query's text).
+    async fn prepare(
+        conn: &mut PgConnection,
+        m: &PreparedMigration,
+        shape: &keys::KeyShape,
+        limit: u32,
+    ) -> Option<PreparedPage> {
+        let params: Vec<String> = (1..=shape.types.len()).map(|i| format!("${i}")).collect();
+        let lower = match params.as_slice() {
+            [one] => one.clone(),
+            many => format!("ROW({})", many.join(", ")),
+        };
+        let query = sql::data_full_page(m, &lower, limit)?;
+        let name = format!(
+            "flotilla_page_{}",
+            PREPARED_PAGES.fetch_add(1, Ordering::Relaxed)
+        );
+        let prepare = format!("PREPARE {name}({}) AS {query}", shape.types.join(", "));
+        match sqlx::raw_sql(AssertSqlSafe(prepare))
+            .execute(&mut *conn)
+            .await
+        {
+            Ok(_) => Some(PreparedPage { name, limit }),
+            Err(error) => {
+                debug!(step = m.id(), %error, "the full-page query did not prepare; its text goes with each batch");
+                None
+            }
+        }
+    }
+
+    /// The full page of `limit` keys after `after` (a bound's text per column), as a
+    /// statement of the batch: `EXECUTE` when prepared at this size.
+    fn execute(&self, after: &[String], limit: u32) -> Option<Result<String, BuildError>> {
+        if limit != self.limit {
+            return None;
+        }
+        let args: Result<Vec<String>, BuildError> =
+            after.iter().map(|v| quote_literal(v)).collect();
+        Some(args.map(|a| format!("EXECUTE {}({})", self.name, a.join(", "))))
+    }
+}
+
 /// Runs a data change on the session's target (its search_path and timeouts are set, and
 /// its fence checked, by the caller's prologue): the up SQL (when fresh), then every batch.
 /// Returns the rows done by this run.
@@ -71,6 +137,32 @@ pub(crate) async fn run_batches(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     hooks: Option<&DataHooks>,
+) -> Result<u64, Failure> {
+    let mut prepared = None;
+    let result = batches(conn, cx, m, hooks, &mut prepared).await;
+    // the session goes back to the pool without it (not tried on a session whose server went
+    // away: it went with the session)
+    let gone = matches!(&result, Err(f) if f.server_gone());
+    if let Some(p) = prepared.filter(|_| !gone) {
+        let deallocate = format!("DEALLOCATE {}", p.name);
+        if let Err(error) = sqlx::raw_sql(AssertSqlSafe(deallocate))
+            .execute(&mut *conn)
+            .await
+        {
+            debug!(step = m.id(), %error, "the full-page query was not deallocated");
+        }
+    }
+    result
+}
+
+/// The body of [`run_batches`]; `prepared` gets the full-page query it prepared, which the
+/// caller lets go whichever way this ends.
+async fn batches(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    hooks: Option<&DataHooks>,
+    prepared: &mut Option<PreparedPage>,
 ) -> Result<u64, Failure> {
     let d = m
         .migration
@@ -139,9 +231,11 @@ pub(crate) async fn run_batches(
     let mut control = hooks.map(|h| h.control.clone());
     let halts_at_start = control.as_ref().map(|c| c.borrow().halts);
     let mut size = d.batch_size;
+    *prepared = PreparedPage::prepare(conn, m, &shape, size).await;
     let mut done = 0u64;
     // the next batch's page, found by the previous batch's transaction (one round trip per
-    // batch); `None` when it must be asked for on its own (the first batch, or after a wait)
+    // batch) when it is a full one; `None` when it must be asked for on its own (the first
+    // batch, after a wait, and the last, short page)
     let mut found: Option<Page> = None;
     loop {
         // A batch boundary: halted, paused or throttled, the step waits (or stops) here.
@@ -176,8 +270,9 @@ pub(crate) async fn run_batches(
             break;
         };
         limits.wait(n as u64).await;
+        let upper_bound = decode(&upper)?;
         let upper_lit = shape
-            .literal(&decode(&upper)?)
+            .literal(&upper_bound)
             .map_err(|e| agent_failure(m, e))?;
         // the checkpoint holds bounds as the page's text (a JSON array for a composite key)
         let prev_lit = match &prev {
@@ -187,9 +282,14 @@ pub(crate) async fn run_batches(
         let upper_text_lit = quote_literal(&upper).map_err(|e| agent_failure(m, e))?;
         let short = n < i64::from(size);
         // a short page is the last one: nothing to look for after it
-        let next_page = (!short)
-            .then(|| sql::data_page(m, &upper_lit, size))
-            .flatten();
+        let next_page = match prepared
+            .as_ref()
+            .and_then(|p| p.execute(&upper_bound, size))
+        {
+            _ if short => None,
+            Some(execute) => Some(execute.map_err(|e| agent_failure(m, e))?),
+            None => sql::data_full_page(m, &upper_lit, size),
+        };
         let bounds = sql::BatchBounds {
             prev_lit: &prev_lit,
             last_lit: &upper_text_lit,
@@ -207,7 +307,7 @@ pub(crate) async fn run_batches(
             .map_err(|failure| stopped_if_server_gone(m, failure, &mut progress, size))?;
         let took = began.elapsed();
         if next_page.is_some() {
-            found = Some(Page::from_row(size, last_row).map_err(|e| agent_failure(m, e))?);
+            found = Page::full_from_row(size, last_row).map_err(|e| agent_failure(m, e))?;
         }
         rows_total += n;
         batches += 1;

@@ -17,9 +17,9 @@ pub(crate) struct BatchBounds<'a> {
     pub rows: i64,
     /// The batch's number on the target (1 = the first), which keys its prior image.
     pub number: i64,
-    /// The page query of the next batch (after this batch's upper bound), run last in this
-    /// batch's transaction so that the next batch needs no round trip of its own to find its
-    /// bounds; `None` after the last page.
+    /// The next batch's full-page query ([`data_full_page`], after this batch's upper
+    /// bound), run last in this batch's transaction so that the next batch needs no round
+    /// trip of its own to find its bounds; `None` after the last page.
     pub next_page: Option<&'a str>,
 }
 
@@ -156,6 +156,46 @@ pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> O
     ))
 }
 
+/// The last key of the next *full* page after `lower_lit` (exactly `limit` keys), as
+/// [`data_page`] gives it, or NULL when fewer keys are left: one row, one column. Folded into
+/// each batch's transaction to find the next batch's bounds. It reads the keys in order and
+/// turns only the page's last into text (no page kept, counted or sorted again, as
+/// [`data_page`] does), so it costs the batch about what the hand-written keyset loop's
+/// `max(id)` of its page does; the last, short page is then asked for on its own, once.
+/// The inner query selects the key columns under their own names, so that `ORDER BY` means
+/// the columns whichever way it resolves their names.
+pub(crate) fn data_full_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> Option<String> {
+    let d = m.migration.data.as_ref()?;
+    let key = d.key_sql();
+    let filter = data_filter(d);
+    let table = d.table_sql();
+    let cols = flotilla_core::DataChange::column_list(&d.key);
+    let offset = limit.max(1) - 1;
+    let (last, not_null) = if let [one] = d.key.as_slice() {
+        (format!("p.{}::text", quote_ident(one)), String::new())
+    } else {
+        let texts: Vec<String> = d
+            .key
+            .iter()
+            .map(|c| format!("p.{}::text", quote_ident(c)))
+            .collect();
+        // as in `data_page`: a row with a NULL in its key is in no page
+        let not_null: String = d
+            .key
+            .iter()
+            .map(|c| format!(" AND {} IS NOT NULL", quote_ident(c)))
+            .collect();
+        (
+            format!("pg_catalog.jsonb_build_array({})::text", texts.join(", ")),
+            not_null,
+        )
+    };
+    Some(format!(
+        "SELECT (SELECT {last} FROM (SELECT {cols} FROM {table} WHERE {key} > {lower_lit}{not_null}{filter} \
+         ORDER BY {cols} OFFSET {offset} LIMIT 1) AS p) AS last"
+    ))
+}
+
 /// Whether the table holds a key at or below `floor_lit` (the first batch's exclusive lower
 /// bound) or with a NULL in it: such a row would never be in a batch.
 pub(crate) fn keys_at_floor(d: &flotilla_core::DataChange, floor_lit: &str) -> String {
@@ -220,7 +260,7 @@ mod tests {
                  COMMIT;\n"
             )
         );
-        let page = data_page(&m, "'7'", 7).unwrap();
+        let page = data_full_page(&m, "'7'", 7).unwrap();
         // the next page folded into the batch: last before the COMMIT, inside its transaction
         let folded = data_batch(
             &cx,
@@ -235,8 +275,14 @@ mod tests {
             folded,
             sql.replace("COMMIT;\n", &format!("{page};\nCOMMIT;\n"))
         );
+        // the full page's last key only: the 7th key after '7'
         assert_eq!(
             page,
+            "SELECT (SELECT p.\"id\"::text FROM (SELECT \"id\" FROM \"app\".\"customers\" WHERE \"id\" > '7' \
+             AND (n = 0\n) ORDER BY \"id\" OFFSET 6 LIMIT 1) AS p) AS last"
+        );
+        assert_eq!(
+            data_page(&m, "'7'", 7).unwrap(),
             "WITH page AS MATERIALIZED (SELECT \"id\" AS k FROM \"app\".\"customers\" WHERE \"id\" > '7' \
              AND (n = 0\n) ORDER BY \"id\" LIMIT 7) SELECT (SELECT count(*) FROM page)::bigint, \
              (SELECT k::text AS last FROM page ORDER BY k DESC LIMIT 1)"
@@ -255,6 +301,15 @@ mod tests {
              AND \"id\" IS NOT NULL AND (phone !~ '^[+]'\n) \
              ORDER BY \"region\", \"id\" LIMIT 25) SELECT (SELECT count(*) FROM page)::bigint, \
              (SELECT pg_catalog.jsonb_build_array(k1::text, k2::text)::text AS last FROM page ORDER BY k1 DESC, k2 DESC LIMIT 1)"
+        );
+        // the same text of the last key, of the 25th key after the bound
+        assert_eq!(
+            data_full_page(&m, "ROW('a'::text, '1'::integer)", 25).unwrap(),
+            "SELECT (SELECT pg_catalog.jsonb_build_array(p.\"region\"::text, p.\"id\"::text)::text \
+             FROM (SELECT \"region\", \"id\" FROM \"contacts\" \
+             WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) AND \"region\" IS NOT NULL \
+             AND \"id\" IS NOT NULL AND (phone !~ '^[+]'\n) \
+             ORDER BY \"region\", \"id\" OFFSET 24 LIMIT 1) AS p) AS last"
         );
         let cx = context("t1", "p", 2);
         let bounds = BatchBounds {
