@@ -179,6 +179,13 @@ impl HaFleetBuilder {
             fleet.agents.push(a);
         }
         fleet.wait_connected(shards).await?;
+        // The leader welcomes agents as soon as etcd elects it; its engine logs that it
+        // leads a moment later (and `leader()` reads that log line), so the tests that
+        // ask for the leader right after start wait for it here.
+        wait_until("a coordinator leads", WAIT, async || {
+            Ok(fleet.leader().is_some())
+        })
+        .await?;
         Ok(fleet)
     }
 }

@@ -394,7 +394,7 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
 async fn over_mtls_a_follower_sends_the_cli_and_agents_to_the_leader() -> anyhow::Result<()> {
     let mut fleet = HaFleet::builder(2, 1, 1).tls().start().await?;
     assert!(fleet.addrs.iter().all(|a| a.starts_with("https://")));
-    let leader = wait_for_leader(&fleet).await?;
+    let leader = fleet.leader().expect("one coordinator leads");
     let follower = 1 - leader;
 
     // A write sent to the follower goes to the leader's advertised https:// address.
@@ -421,11 +421,6 @@ async fn over_mtls_a_follower_sends_the_cli_and_agents_to_the_leader() -> anyhow
     assert!(out.success(), "{out}");
     assert_eq!(out.last_json()?["state"], "completed", "{out}");
     Ok(())
-}
-
-async fn wait_for_leader(fleet: &HaFleet) -> anyhow::Result<usize> {
-    wait_until("a leader", WAIT, async || Ok(fleet.leader().is_some())).await?;
-    Ok(fleet.leader().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread")]
