@@ -112,6 +112,19 @@ peak_rss_mb() {
   fi
 }
 
+# CPU seconds (user + system) a live process has used so far, or "?" when it is gone.
+cpu_seconds() {
+  if [ -r "/proc/$1/stat" ]; then
+    # the fields after the command name (which ends in ')'): utime is the 12th, stime the 13th
+    sed 's/^.*) //' "/proc/$1/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f\n", ($12 + $13) / hz}'
+  else
+    echo "?"
+  fi
+}
+
+# The machine's busy and total CPU ticks so far (all cores), as "busy total".
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
+
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 now() { date +%s.%N; }
 

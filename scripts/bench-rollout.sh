@@ -68,6 +68,9 @@ run_flotilla() {
   bench_wait_connected
   local slog="$work/submit-$label-$r.log" samples="$work/status-$label-$r.txt"
   : >"$samples"
+  local t0 t1 c0 a0
+  c0=$(cpu_seconds "$COORD_PID"); a0=$(for p in "${AGENT_PIDS[@]}"; do cpu_seconds "$p"; done | awk '{s += $1} END {print s}')
+  t0=$(machine_ticks)
   start=$(now)
   "$FLOTILLA" --coordinator "$addr" plan submit "$plan" --wait --max-parallel "$PAR" >"$slog" 2>&1 &
   sub=$!
@@ -75,6 +78,12 @@ run_flotilla() {
   local sampler=$!
   wait "$sub" || { echo "error: flotilla ($label) run failed:" >&2; cat "$slog" >&2; exit 1; }
   end=$(now)
+  t1=$(machine_ticks)
+  # Where the cores went during the run: Flotilla's own processes, and the machine as a
+  # whole (PostgreSQL's backends are most of the rest).
+  R_COORD_CPU=$(echo "$(cpu_seconds "$COORD_PID") - $c0" | bc)
+  R_AGENT_CPU=$(echo "$(for p in "${AGENT_PIDS[@]}"; do cpu_seconds "$p"; done | awk '{s += $1} END {print s}') - $a0" | bc)
+  R_BUSY=$(echo "$t0 $t1" | awk '{printf "%.0f", 100 * ($3 - $1) / ($4 - $2)}')
   wait "$sampler" 2>/dev/null || true
   R_T=$(echo "$end - $start" | bc)
   R_COORD_RSS=$(peak_rss_mb "$COORD_PID")
@@ -88,9 +97,9 @@ run_flotilla() {
   else
     R_STATUS="?"; R_STATUS_MAX="?"
   fi
-  printf 'run %s: flotilla %-6s %ss   first step after %ss; plan status %ss (max %ss, %s samples); peak RSS coordinator %s MB, agent %s MB   (%s)\n' \
+  printf 'run %s: flotilla %-6s %ss   first step after %ss; plan status %ss (max %ss, %s samples); peak RSS coordinator %s MB, agent %s MB; CPU coordinator %s s, agents %s s, machine %s%% busy   (%s)\n' \
     "$r" "$label" "$R_T" "$R_FIRST" "$R_STATUS" "$R_STATUS_MAX" "$(wc -l <"$samples")" "$R_COORD_RSS" "$R_AGENT_RSS" \
-    "$(tail -1 "$slog" | head -c 100)" >&2
+    "$R_COORD_CPU" "$R_AGENT_CPU" "$R_BUSY" "$(tail -1 "$slog" | head -c 100)" >&2
   # The coordinator's own view: from the plan stored to its final state.
   awk '/plan submitted/ {s=$1} /every step applied/ {e=$1} END {print "        coordinator: submitted " s ", finished " e}' "$work/coordinator-$label-$r.log" >&2
   applied=$(psql "$PGURL/shard_0" -XAtc "SELECT count(*) FROM flotilla.journal")

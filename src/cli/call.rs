@@ -17,25 +17,37 @@ pub(super) fn status_exit(e: &tonic::Status) -> u8 {
     }
 }
 
-pub(super) fn fail(e: tonic::Status) -> u8 {
-    // A connection cut under the call (e.g. a TLS alert) says why only at the end of
-    // its source chain: "transport error" alone does not help.
+/// The innermost cause of an error: a connection cut or refused (e.g. by a TLS alert)
+/// says why only at the end of its source chain; "transport error" alone does not help.
+fn innermost_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cause = None;
-    let mut source = std::error::Error::source(&e);
+    let mut source = e.source();
     while let Some(s) = source {
         cause = Some(s.to_string());
         source = s.source();
     }
-    match cause.filter(|c| c != e.message()) {
+    cause.filter(|c| *c != e.to_string())
+}
+
+pub(super) fn fail(e: tonic::Status) -> u8 {
+    let cause = innermost_cause(&e).filter(|c| c != e.message());
+    match &cause {
         Some(cause) => eprintln!("error: {}: {cause}", e.message()),
         None => eprintln!("error: {}", e.message()),
     }
     // a status with a source was made here, from the connection, not sent by a coordinator
     let local = std::error::Error::source(&e).is_some()
         || matches!(e.code(), tonic::Code::Unknown | tonic::Code::Cancelled);
-    if local && !super::transport::files().is_empty() {
+    let tls = !super::transport::files().is_empty();
+    if local && tls {
         eprintln!(
             "hint: over TLS, the coordinator may have refused this client's certificate: check --tls-cert, --tls-key and that --tls-ca is the coordinator's CA"
+        );
+    } else if local {
+        // A TLS server answers plaintext HTTP/2 with an alert and closes: read here as a
+        // frame of invalid size or a broken pipe, depending on timing.
+        eprintln!(
+            "hint: the connection broke under the call; if the coordinator serves TLS, use --coordinator https://HOST:PORT with --tls-ca (and --tls-cert and --tls-key when it requires client certificates)"
         );
     }
     status_exit(&e)
@@ -111,13 +123,30 @@ pub(super) async fn client(addrs: &str) -> Result<Client, u8> {
                 return Err(EXIT_BAD_INPUT);
             }
         };
+        let https = endpoint.uri().scheme_str() == Some("https");
         match endpoint.connect().await {
             Ok(ch) => {
                 return Ok(OperatorServiceClient::with_interceptor(ch, Bearer)
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20));
             }
-            Err(e) => last = format!("{addr}: {e}"),
+            Err(e) => {
+                last = match innermost_cause(&e) {
+                    Some(cause) => format!("{addr}: {e}: {cause}"),
+                    None => format!("{addr}: {e}"),
+                };
+                // The TLS handshake of an https:// address failed on a record that is
+                // not TLS: something answers there, in plaintext.
+                if https
+                    && (last.contains("InvalidContentType") || last.contains("corrupt message"))
+                {
+                    eprintln!("error: cannot reach a coordinator ({last})");
+                    eprintln!(
+                        "hint: {addr} answered in plaintext, not TLS: the coordinator there runs without --tls-cert (use http:// for it, on loopback only)"
+                    );
+                    return Err(EXIT_UNAVAILABLE);
+                }
+            }
         }
     }
     eprintln!("error: cannot reach a coordinator ({last})");

@@ -24,10 +24,15 @@ pub(super) fn files() -> TlsFiles {
 /// An endpoint for a coordinator address, with TLS when the files say so; an error
 /// names the flag or the address.
 pub(super) fn endpoint(addr: &str) -> Result<Endpoint, String> {
+    let tls = files().client_config().map_err(|e| e.to_string())?;
+    // `HOST:PORT` alone (as the coordinator's --listen takes it) means https:// when
+    // TLS files are given, else http://; without this, tonic fails at connect with
+    // "invalid URL, scheme is missing".
+    let addr = with_scheme(addr.trim(), tls.is_some());
+    let addr = addr.as_str();
     let endpoint = Endpoint::from_shared(addr.to_string())
         .map_err(|e| format!("--coordinator `{addr}`: {e}"))?
         .connect_timeout(Duration::from_secs(5));
-    let tls = files().client_config().map_err(|e| e.to_string())?;
     match tls {
         Some(tls) => {
             if !addr.trim().starts_with("https://") {
@@ -48,5 +53,34 @@ pub(super) fn endpoint(addr: &str) -> Result<Endpoint, String> {
             }
             Ok(endpoint)
         }
+    }
+}
+
+fn with_scheme(addr: &str, tls: bool) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else if tls {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_scheme;
+
+    #[test]
+    fn a_bare_address_gets_the_scheme_of_the_transport() {
+        assert_eq!(
+            with_scheme("127.0.0.1:7070", false),
+            "http://127.0.0.1:7070"
+        );
+        assert_eq!(with_scheme("coord:7070", true), "https://coord:7070");
+        assert_eq!(with_scheme("http://coord:7070", true), "http://coord:7070");
+        assert_eq!(
+            with_scheme("https://coord:7070", false),
+            "https://coord:7070"
+        );
     }
 }

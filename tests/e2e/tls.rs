@@ -267,6 +267,14 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
             .contains("may have refused this client's certificate"),
         "{no_cert}"
     );
+    // Plaintext to this TLS coordinator: the call breaks, and the hint names TLS.
+    let plaintext = fleet.addr.replacen("https://", "http://", 1);
+    let out = run_flotilla(&["--coordinator", &plaintext, "plan", "list"], &[]).await?;
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(
+        out.stderr.contains("if the coordinator serves TLS, use"),
+        "{out}"
+    );
     for (what, files) in [("foreign CA", &foreign), ("expired", &expired)] {
         let env = certs.client_env(files);
         let out = run_flotilla(&submit, &env_refs(&env)).await?;
@@ -474,5 +482,23 @@ async fn plaintext_off_loopback_needs_insecure_spelled_out() -> anyhow::Result<(
     .await?;
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("--tls-cert"), "{out}");
+
+    // The CLI to this plaintext coordinator: a bare HOST:PORT is http:// and works; TLS
+    // to it fails at the handshake, saying the other end spoke plaintext.
+    let port = listen.rsplit(':').next().unwrap();
+    let bare = format!("127.0.0.1:{port}");
+    let out = run_flotilla(&["--coordinator", &bare, "plan", "list"], &[]).await?;
+    assert!(out.success(), "{out}");
+    let ca_path = ca.ca_path().to_string_lossy().into_owned();
+    let out = run_flotilla(
+        &["--coordinator", &format!("https://{bare}"), "plan", "list"],
+        &[("FLOTILLA_TLS_CA", &ca_path)],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(
+        out.stderr.contains("answered in plaintext, not TLS"),
+        "{out}"
+    );
     Ok(())
 }
