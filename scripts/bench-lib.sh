@@ -112,14 +112,17 @@ peak_rss_mb() {
   fi
 }
 
-# CPU seconds (user + system) a live process has used so far, or "?" when it is gone.
-cpu_seconds() {
-  if [ -r "/proc/$1/stat" ]; then
-    # the fields after the command name (which ends in ')'): utime is the 12th, stime the 13th
-    sed 's/^.*) //' "/proc/$1/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f\n", ($12 + $13) / hz}'
-  else
-    echo "?"
-  fi
+# CPU seconds the benchmark's PostgreSQL server has used so far: the postmaster, the
+# backends it has reaped (its cutime/cstime) and those alive now. Taken after a contender's
+# sessions closed, the difference is what the server spent on that contender.
+pg_cpu_seconds() {
+  local pm
+  pm=$("${as_pg[@]}" head -1 "$work/data/postmaster.pid" 2>/dev/null) || { echo "?"; return; }
+  { sed 's/^.*) //' "/proc/$pm/stat" | awk '{print $12 + $13 + $14 + $15}'
+    for c in $(pgrep -P "$pm" || true); do
+      { sed 's/^.*) //' "/proc/$c/stat" 2>/dev/null || true; } | awk '{print $12 + $13}'
+    done
+  } | awk -v hz="$(getconf CLK_TCK)" '{s += $1} END {printf "%.2f\n", s / hz}'
 }
 
 # The machine's busy and total CPU ticks so far (all cores), as "busy total".
@@ -151,5 +154,10 @@ bench_wait_agents() {
 # User+sys CPU seconds of process $1 so far (fields 14 and 15 of /proc/PID/stat, in ticks;
 # the command name in field 2 holds no space for flotilla).
 bench_cpu_seconds() {
-  awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"
+  if [ -r "/proc/$1/stat" ]; then
+    # the fields after the command name (which ends in ')'): utime is the 12th, stime the 13th
+    sed 's/^.*) //' "/proc/$1/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f\n", ($12 + $13) / hz}'
+  else
+    echo "?"
+  fi
 }

@@ -16,7 +16,9 @@
 #                                                no waves run, and the scale goals printed
 #
 # Environment: SHARED (default ../shared beside the repo), SHARDS (4), TENANTS (250), ROWS (200),
-# PAR (8), WAVES (1: also run the waves plan; 0: not), FLOTILLA_PG_BINDIR (else pg_config
+# PAR (8), WAVES (1: also run the waves plan; 0: not), BASELINE_BIN (another build, e.g. of
+# the main branch: each repeat also runs it, in alternating order with this one, and the
+# ratio of the two is printed pair by pair), FLOTILLA_PG_BINDIR (else pg_config
 # --bindir / newest /usr/lib/postgresql/*/bin), FLOTILLA_BENCH_KEEP=1 keeps the logs and the
 # server's data dir.
 set -euo pipefail
@@ -60,16 +62,18 @@ sample_status() {
 # and R_STATUS_MAX (median and max `plan status` seconds), R_COORD_RSS and R_AGENT_RSS (MB,
 # the largest agent); its lines go to stderr.
 run_flotilla() {
-  local r=$1 label=$2 plan=$3 start end applied first off=0 sub
+  local r=$1 label=$2 plan=$3 start end applied first off=0 sub pg0
   "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
+  pg0=$(pg_cpu_seconds)
   [ "$label" = waves ] && off=1
-  bench_coordinator $(( port + 1 + r * 2 + off )) "$work/coordinator-$label-$r.log" "$work/store-$label-$r.db"
+  [ "$label" = base ] && off=2
+  bench_coordinator $(( port + 1 + r * 3 + off )) "$work/coordinator-$label-$r.log" "$work/store-$label-$r.db"
   bench_agents "$label-$r"
   bench_wait_connected
   local slog="$work/submit-$label-$r.log" samples="$work/status-$label-$r.txt"
   : >"$samples"
   local t0 t1 c0 a0
-  c0=$(cpu_seconds "$COORD_PID"); a0=$(for p in "${AGENT_PIDS[@]}"; do cpu_seconds "$p"; done | awk '{s += $1} END {print s}')
+  c0=$(bench_cpu_seconds "$COORD_PID"); a0=$(for p in "${AGENT_PIDS[@]}"; do bench_cpu_seconds "$p"; done | awk '{s += $1} END {print s}')
   t0=$(machine_ticks)
   start=$(now)
   "$FLOTILLA" --coordinator "$addr" plan submit "$plan" --wait --max-parallel "$PAR" >"$slog" 2>&1 &
@@ -81,8 +85,8 @@ run_flotilla() {
   t1=$(machine_ticks)
   # Where the cores went during the run: Flotilla's own processes, and the machine as a
   # whole (PostgreSQL's backends are most of the rest).
-  R_COORD_CPU=$(echo "$(cpu_seconds "$COORD_PID") - $c0" | bc)
-  R_AGENT_CPU=$(echo "$(for p in "${AGENT_PIDS[@]}"; do cpu_seconds "$p"; done | awk '{s += $1} END {print s}') - $a0" | bc)
+  R_COORD_CPU=$(echo "$(bench_cpu_seconds "$COORD_PID") - $c0" | bc)
+  R_AGENT_CPU=$(echo "$(for p in "${AGENT_PIDS[@]}"; do bench_cpu_seconds "$p"; done | awk '{s += $1} END {print s}') - $a0" | bc)
   R_BUSY=$(echo "$t0 $t1" | awk '{printf "%.0f", 100 * ($3 - $1) / ($4 - $2)}')
   wait "$sampler" 2>/dev/null || true
   R_T=$(echo "$end - $start" | bc)
@@ -105,6 +109,10 @@ run_flotilla() {
   applied=$(psql "$PGURL/shard_0" -XAtc "SELECT count(*) FROM flotilla.journal")
   [ "$applied" -eq $(( TENANTS * 3 )) ] || { echo "error: shard_0 journal holds $applied rows, expected $(( TENANTS * 3 ))" >&2; exit 1; }
   bench_stop_flotilla
+  # the agents' sessions end with them; the postmaster reaps their backends
+  sleep 0.5
+  R_PG_CPU=$(echo "$(pg_cpu_seconds) - $pg0" | bc)
+  echo "        PostgreSQL CPU for this run (agent start to stop): $R_PG_CPU s" >&2
 }
 
 # The same plan in three waves: canary 1%, a quarter, the rest (no bake, no gate).
@@ -126,16 +134,32 @@ name = "rest"
 rest = true
 PLAN
 
-floor_times=(); flotilla_times=(); waves_times=(); dbmate_times=()
+floor_times=(); flotilla_times=(); waves_times=(); dbmate_times=(); base_times=(); base_ratios=()
+# The baseline build's plain run (BASELINE_BIN): the same fleet, reset, the same plan.
+run_baseline() {
+  local mine=$FLOTILLA
+  FLOTILLA=$BASELINE_BIN
+  run_flotilla "$1" base "$BENCH/coord-2025-001"
+  FLOTILLA=$mine
+  base_times+=("$R_T")
+}
 firsts=(); statuses=(); status_maxes=(); coord_rss=(); agent_rss=()
 for ((r=1; r<=REPEAT; r++)); do
   "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
+  f0=$(pg_cpu_seconds)
   t=$("$BENCH/baseline-psql-floor.sh" "$SHARDS" "$TENANTS" "$PAR" | awk '/seconds/ {print $NF}')
-  floor_times+=("$t"); echo "run $r: psql floor   ${t}s"
+  sleep 0.5
+  floor_times+=("$t"); echo "run $r: psql floor   ${t}s   PostgreSQL CPU $(echo "$(pg_cpu_seconds) - $f0" | bc) s"
 
+  # with a baseline build, which of the two goes first alternates
+  if [ -n "${BASELINE_BIN:-}" ] && (( r % 2 == 0 )); then run_baseline "$r"; fi
   run_flotilla "$r" plain "$BENCH/coord-2025-001"
   flotilla_times+=("$R_T"); firsts+=("$R_FIRST"); statuses+=("$R_STATUS"); status_maxes+=("$R_STATUS_MAX")
   coord_rss+=("$R_COORD_RSS"); agent_rss+=("$R_AGENT_RSS")
+  if [ -n "${BASELINE_BIN:-}" ] && (( r % 2 == 1 )); then run_baseline "$r"; fi
+  if [ -n "${BASELINE_BIN:-}" ]; then
+    base_ratios+=("$(echo "${flotilla_times[-1]} / ${base_times[-1]}" | bc -l)")
+  fi
   if [ "$WAVES" = 1 ]; then
     run_flotilla "$r" waves "$work/waves/plan.toml"
     waves_times+=("$R_T")
@@ -165,6 +189,11 @@ if [ "$WAVES" = 1 ]; then
   echo "flotilla in 3 waves (1%, 25%, rest): ${wav}s"
   printf 'waves/floor: %.2fx; waves/plain: %.2fx (goal: within 10%% of the plain plan)\n' \
     "$(echo "$wav / $floor" | bc -l)" "$(echo "$wav / $flot" | bc -l)"
+fi
+if [ -n "${BASELINE_BIN:-}" ]; then
+  echo "baseline build ($BASELINE_BIN): $(printf '%s\n' "${base_times[@]}" | median)s"
+  printf 'flotilla/baseline build, pair by pair: median %.3fx (each: %s)\n' \
+    "$(printf '%s\n' "${base_ratios[@]}" | median)" "$(printf '%.2f ' "${base_ratios[@]}")"
 fi
 if [ ${#dbmate_times[@]} -gt 0 ]; then
   dbm=$(printf '%s\n' "${dbmate_times[@]}" | median)

@@ -42,6 +42,12 @@ struct PlanState {
 }
 
 impl Plan {
+    /// Runs of this plan queued or running here.
+    pub fn busy(&self) -> bool {
+        let st = self.state.lock().expect("plan lock");
+        st.in_flight > 0 || !st.queue.is_empty()
+    }
+
     pub fn definition(&self) -> Result<Arc<PlanDef>, PlanError> {
         match &*self.definition.lock().expect("plan lock") {
             Some(Ok(def)) => Ok(def.clone()),
@@ -66,6 +72,18 @@ impl Plan {
 }
 
 impl Agent {
+    /// Whether any plan has runs queued or running on this shard.
+    pub(crate) fn runs_busy(&self) -> bool {
+        let plans: Vec<Arc<Plan>> = self
+            .plans
+            .lock()
+            .expect("plans lock")
+            .values()
+            .cloned()
+            .collect();
+        plans.iter().any(|p| p.busy())
+    }
+
     pub(crate) fn plan(&self, plan_id: &str) -> Arc<Plan> {
         let mut plans = self.plans.lock().expect("plans lock");
         plans

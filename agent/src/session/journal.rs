@@ -2,7 +2,10 @@
 //! each Welcome, then the rows of the targets whose runs ended (their results, rollbacks
 //! and resolutions mark them), and the whole journal again every `discover_interval`, so a
 //! change made outside Flotilla shows too. The journal is the truth; reports replace. Each
-//! report is followed by the same targets' schema fingerprints (`schema`).
+//! report is followed by the same targets' schema fingerprints (`schema`), except while the
+//! shard has runs queued or running: then the targets' fingerprints are cleared at the
+//! coordinator (they show as not fingerprinted, never as stale) and read once the shard is
+//! idle, or after `SHAPES_DEFERRED_AT_MOST`.
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +32,13 @@ const CHUNK: usize = 5_000;
 /// recomputing its drift view after each, for the whole rollout, beside the steps themselves.
 pub(crate) const REPORT_GAP: Duration = Duration::from_secs(1);
 
+/// How long the fingerprints of targets whose runs ended may wait for the shard to be idle.
+/// Reading them costs the catalog functions (`pg_get_viewdef`, `pg_get_indexdef`, ...) per
+/// object of each target: measured with the 1,000-tenant rollout (`bench-rollout.sh`, 4
+/// agents), those reads took 6.6 s of the server's statement time during a 7 s rollout, on
+/// the cores the steps need. Deferred, they run once the runs are done.
+pub(crate) const SHAPES_DEFERRED_AT_MOST: Duration = Duration::from_secs(30);
+
 /// What the coordinator has not heard yet.
 #[derive(Debug, Default)]
 pub(crate) struct JournalDirty {
@@ -45,6 +55,29 @@ pub(crate) struct JournalDirty {
 struct Dirty {
     all: bool,
     targets: BTreeSet<String>,
+    /// Targets whose journal rows went out while runs were busy, without fingerprints (the
+    /// coordinator holds none for them until they are read), and since when.
+    unshaped: BTreeSet<String>,
+    unshaped_since: Option<Instant>,
+}
+
+/// What one report reads and sends.
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    /// The whole journal and every target's fingerprint.
+    Whole,
+    /// Some targets' journal rows; with `shapes`, their fingerprints from the same
+    /// snapshot, else a message that clears them.
+    Targets { targets: Vec<String>, shapes: bool },
+}
+
+impl Dirty {
+    /// Whether the unshaped targets' fingerprints still wait for an idle shard.
+    fn shapes_wait(&self, busy: bool, now: Instant) -> bool {
+        busy && self
+            .unshaped_since
+            .is_none_or(|since| now.duration_since(since) < SHAPES_DEFERRED_AT_MOST)
+    }
 }
 
 impl JournalDirty {
@@ -90,11 +123,16 @@ impl JournalDirty {
     }
 
     /// How long a report now has to wait: only a report of some targets waits, until
-    /// `REPORT_GAP` after the last report ended.
-    fn wait_at(&self, now: Instant) -> Option<Duration> {
+    /// `REPORT_GAP` after the last report ended; fingerprints deferred while runs are busy
+    /// are looked at again every `REPORT_GAP` until the shard is idle.
+    fn wait_at(&self, now: Instant, busy: bool) -> Option<Duration> {
         let state = self.state.lock().expect("journal dirty lock");
-        if state.all || state.targets.is_empty() {
+        if state.all {
             return None;
+        }
+        if state.targets.is_empty() {
+            return (!state.unshaped.is_empty() && state.shapes_wait(busy, now))
+                .then_some(REPORT_GAP);
         }
         let ended = (*self.last_ended.lock().expect("journal report lock"))?;
         (ended + REPORT_GAP)
@@ -102,18 +140,34 @@ impl JournalDirty {
             .filter(|d| !d.is_zero())
     }
 
-    fn take(&self) -> Option<Option<Vec<String>>> {
+    fn take(&self, busy: bool, now: Instant) -> Option<Take> {
         let mut state = self.state.lock().expect("journal dirty lock");
         if state.all {
             *state = Dirty::default();
-            Some(None)
-        } else if state.targets.is_empty() {
-            None
-        } else {
-            Some(Some(
-                std::mem::take(&mut state.targets).into_iter().collect(),
-            ))
+            return Some(Take::Whole);
         }
+        if state.shapes_wait(busy, now) {
+            if state.targets.is_empty() {
+                return None;
+            }
+            let targets = std::mem::take(&mut state.targets);
+            state.unshaped.extend(targets.iter().cloned());
+            state.unshaped_since.get_or_insert(now);
+            return Some(Take::Targets {
+                targets: targets.into_iter().collect(),
+                shapes: false,
+            });
+        }
+        if state.targets.is_empty() && state.unshaped.is_empty() {
+            return None;
+        }
+        let mut targets = std::mem::take(&mut state.targets);
+        targets.append(&mut state.unshaped);
+        state.unshaped_since = None;
+        Some(Take::Targets {
+            targets: targets.into_iter().collect(),
+            shapes: true,
+        })
     }
 }
 
@@ -126,7 +180,9 @@ pub(crate) fn report(agent: &Arc<Agent>, tx: &mpsc::Sender<pb::AgentMessage>) {
     if dirty.reporting.swap(true, Ordering::AcqRel) {
         return;
     }
-    if let Some(wait) = dirty.wait_at(Instant::now()) {
+    let now = Instant::now();
+    let busy = agent.runs_busy();
+    if let Some(wait) = dirty.wait_at(now, busy) {
         dirty.reporting.store(false, Ordering::Release);
         if !dirty.deferred.swap(true, Ordering::AcqRel) {
             let agent = agent.clone();
@@ -139,14 +195,18 @@ pub(crate) fn report(agent: &Arc<Agent>, tx: &mpsc::Sender<pb::AgentMessage>) {
         }
         return;
     }
-    let Some(targets) = dirty.take() else {
+    let Some(what) = dirty.take(busy, now) else {
         dirty.reporting.store(false, Ordering::Release);
         return;
     };
     let agent = agent.clone();
     let tx = tx.clone();
     tokio::spawn(async move {
-        let sent = send(&agent, &tx, targets.clone()).await;
+        let (targets, shapes) = match what {
+            Take::Whole => (None, true),
+            Take::Targets { targets, shapes } => (Some(targets), shapes),
+        };
+        let sent = send(&agent, &tx, targets.clone(), shapes).await;
         if let Err(why) = sent {
             debug!(%why, "journal report not sent; it goes again");
             match targets {
@@ -160,6 +220,7 @@ pub(crate) fn report(agent: &Arc<Agent>, tx: &mpsc::Sender<pb::AgentMessage>) {
                     .extend(targets),
             }
         }
+
         *agent
             .journal_dirty
             .last_ended
@@ -169,6 +230,12 @@ pub(crate) fn report(agent: &Arc<Agent>, tx: &mpsc::Sender<pb::AgentMessage>) {
             .journal_dirty
             .reporting
             .store(false, Ordering::Release);
+        if !shapes {
+            // The fingerprints wait for an idle shard: nothing else may come to ask again
+            // (this may have been the last run), so look again now; while runs are busy,
+            // that waits a `REPORT_GAP` at a time.
+            report(&agent, &tx);
+        }
     });
 }
 
@@ -207,8 +274,9 @@ async fn send(
     agent: &Agent,
     tx: &mpsc::Sender<pb::AgentMessage>,
     targets: Option<Vec<String>>,
+    shapes: bool,
 ) -> Result<(), String> {
-    let (entries, fingerprints) = read(agent, targets.as_deref()).await.map_err(|e| {
+    let (entries, fingerprints) = read(agent, targets.as_deref(), shapes).await.map_err(|e| {
         warn!(error = %e, "cannot read the journal for the coordinator's fleet view");
         e.to_string()
     })?;
@@ -230,9 +298,12 @@ async fn send(
             .await
             .map_err(|_| "the stream closed".to_string())?;
     }
-    match fingerprints {
-        Some(found) => schema::send(tx, found, targets.as_deref()).await,
-        None => Ok(()),
+    match (fingerprints, targets) {
+        (Some(found), targets) => schema::send(tx, found, targets.as_deref()).await,
+        // Rows newer than the fingerprints the coordinator holds for these targets: those
+        // would pass for drift until they are read, so they go (see `Take::Targets`).
+        (None, Some(targets)) if !shapes => schema::clear(tx, targets).await,
+        (None, _) => Ok(()),
     }
 }
 
@@ -243,6 +314,7 @@ async fn send(
 async fn read(
     agent: &Agent,
     targets: Option<&[String]>,
+    shapes: bool,
 ) -> Result<(Vec<pb::JournalEntry>, Option<schema::Found>), sqlx::Error> {
     let mut snapshot = agent.pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -255,7 +327,11 @@ async fn read(
         .execute(&mut *snapshot)
         .await?;
     let entries = shard::read_entries(&mut snapshot, targets).await?;
-    let fingerprints = schema::read(agent, &mut snapshot, targets).await;
+    let fingerprints = if shapes {
+        schema::read(agent, &mut snapshot, targets).await
+    } else {
+        None
+    };
     // read only: ending it either way is the same; a failed catalog read aborted it
     let _ = snapshot.rollback().await;
     Ok((entries, fingerprints))
@@ -288,16 +364,77 @@ mod tests {
         let dirty = JournalDirty::default();
         let now = Instant::now();
         dirty.mark(&run("t1", &[pb::StepOutcome::Applied]));
-        assert_eq!(dirty.wait_at(now), None, "the first report goes at once");
+        assert_eq!(
+            dirty.wait_at(now, false),
+            None,
+            "the first report goes at once"
+        );
         *dirty.last_ended.lock().unwrap() = Some(now);
-        assert_eq!(dirty.wait_at(now), Some(REPORT_GAP));
+        assert_eq!(dirty.wait_at(now, false), Some(REPORT_GAP));
         let later = now + REPORT_GAP / 4;
-        assert_eq!(dirty.wait_at(later), Some(REPORT_GAP - REPORT_GAP / 4));
-        assert_eq!(dirty.wait_at(now + REPORT_GAP), None, "the gap is over");
+        assert_eq!(
+            dirty.wait_at(later, false),
+            Some(REPORT_GAP - REPORT_GAP / 4)
+        );
+        assert_eq!(
+            dirty.wait_at(now + REPORT_GAP, false),
+            None,
+            "the gap is over"
+        );
         dirty.mark_all();
-        assert_eq!(dirty.wait_at(now), None, "a whole report goes at once");
-        let _ = dirty.take();
-        assert_eq!(dirty.wait_at(now), None, "nothing to report: nothing waits");
+        assert_eq!(
+            dirty.wait_at(now, false),
+            None,
+            "a whole report goes at once"
+        );
+        let _ = dirty.take(false, now);
+        assert_eq!(
+            dirty.wait_at(now, false),
+            None,
+            "nothing to report: nothing waits"
+        );
+    }
+
+    fn targets(names: &[&str], shapes: bool) -> Option<Take> {
+        Some(Take::Targets {
+            targets: names.iter().map(|n| n.to_string()).collect(),
+            shapes,
+        })
+    }
+
+    #[test]
+    fn fingerprints_wait_for_an_idle_shard_or_for_at_most_the_deferral() {
+        let dirty = JournalDirty::default();
+        let now = Instant::now();
+        // Runs busy: the rows go, the fingerprints wait.
+        dirty.mark(&run("t1", &[pb::StepOutcome::Applied]));
+        assert_eq!(dirty.take(true, now), targets(&["t1"], false));
+        assert_eq!(dirty.take(true, now), None, "nothing new to send");
+        assert_eq!(
+            dirty.wait_at(now, true),
+            Some(REPORT_GAP),
+            "asked again while busy"
+        );
+        dirty.mark(&run("t2", &[pb::StepOutcome::Applied]));
+        let later = now + REPORT_GAP;
+        assert_eq!(dirty.take(true, later), targets(&["t2"], false));
+        // Idle: every target still without its fingerprint is read, at once.
+        assert_eq!(dirty.wait_at(later, false), None);
+        assert_eq!(dirty.take(false, later), targets(&["t1", "t2"], true));
+        assert_eq!(dirty.take(false, later), None);
+        assert_eq!(dirty.wait_at(later, true), None, "nothing waits any more");
+        // Busy for longer than the deferral: read anyway.
+        dirty.mark(&run("t3", &[pb::StepOutcome::Applied]));
+        assert_eq!(dirty.take(true, now), targets(&["t3"], false));
+        dirty.mark(&run("t4", &[pb::StepOutcome::Applied]));
+        let end = now + SHAPES_DEFERRED_AT_MOST;
+        assert_eq!(dirty.take(true, end), targets(&["t3", "t4"], true));
+        // A whole report reads every fingerprint: nothing stays deferred.
+        dirty.mark(&run("t5", &[pb::StepOutcome::Applied]));
+        assert_eq!(dirty.take(true, end), targets(&["t5"], false));
+        dirty.mark_all();
+        assert_eq!(dirty.take(true, end), Some(Take::Whole));
+        assert_eq!(dirty.take(false, end), None);
     }
 
     #[test]
@@ -307,14 +444,15 @@ mod tests {
             "t1",
             &[pb::StepOutcome::Prepared, pb::StepOutcome::Prepared],
         ));
-        assert_eq!(dirty.take(), None, "nothing visible changed yet");
+        let now = Instant::now();
+        assert_eq!(dirty.take(false, now), None, "nothing visible changed yet");
         dirty.mark(&run("t2", &[pb::StepOutcome::Applied]));
         dirty.mark(&run("t3", &[pb::StepOutcome::Failed]));
-        assert_eq!(dirty.take(), Some(Some(vec!["t2".into(), "t3".into()])));
+        assert_eq!(dirty.take(false, now), targets(&["t2", "t3"], true));
         dirty.mark(&Outgoing::Resolve(pb::ResolveReply::default()));
         assert_eq!(
-            dirty.take(),
-            Some(None),
+            dirty.take(false, now),
+            Some(Take::Whole),
             "after the decision: the whole journal"
         );
     }

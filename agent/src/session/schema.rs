@@ -55,6 +55,25 @@ pub(super) async fn read(
     }
 }
 
+/// Tells the coordinator that it holds no current fingerprint for `targets` (their journal
+/// rows moved on; the fingerprints follow when the shard is idle): they show as not
+/// fingerprinted in its drift view meanwhile, never as drifted.
+pub(super) async fn clear(
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    targets: Vec<String>,
+) -> Result<(), String> {
+    let report = pb::SchemaReport {
+        last: true,
+        targets,
+        ..Default::default()
+    };
+    tx.send(pb::AgentMessage {
+        body: Some(Out::Schema(report)),
+    })
+    .await
+    .map_err(|_| "the stream closed".to_string())
+}
+
 /// Sends what `read` found for `targets` (None: every target), each distinct shape once,
 /// in chunks; the last message carries the fingerprints.
 pub(super) async fn send(
