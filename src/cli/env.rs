@@ -2,24 +2,21 @@
 use flotilla_core::pb;
 use serde_json::{Value, json};
 
-use super::call::client;
-use super::{EXIT_OK, EXIT_UNAVAILABLE, Output};
+use super::call::call_any;
+use super::{EXIT_OK, Output};
 
+/// A read: any coordinator answers it; a refusal exits as every command's does.
 pub async fn status(addr: &str, plans: u32, output: Output) -> u8 {
-    let mut c = match client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    match c.env_status(pb::EnvStatusRequest { plans }).await {
-        Ok(r) => {
-            render(&r.into_inner(), output);
+    call_any(
+        addr,
+        pb::EnvStatusRequest { plans },
+        |mut c, req| async move { c.env_status(req).await },
+        |r| {
+            render(&r, output);
             EXIT_OK
-        }
-        Err(e) => {
-            eprintln!("error: {}", e.message());
-            EXIT_UNAVAILABLE
-        }
-    }
+        },
+    )
+    .await
 }
 
 fn render(r: &pb::EnvStatusResponse, output: Output) {

@@ -137,6 +137,8 @@ async fn tokens_and_roles_guard_every_operator_rpc_and_refusals_change_nothing()
     };
     let out = fleet.cli(&["plan", "list"]).await?;
     refused(&out, "unauthenticated: no credential");
+    let out = fleet.cli(&["env", "status"]).await?;
+    refused(&out, "unauthenticated: no credential");
 
     let alice = As {
         token: add(&root, files.path(), "alice", "operator", &[]).await?,
