@@ -177,6 +177,11 @@ impl JournalDirty {
 /// is marked again: the next stream's Welcome asks for everything anyway.
 pub(crate) fn report(agent: &Arc<Agent>, tx: &mpsc::Sender<pb::AgentMessage>) {
     let dirty = &agent.journal_dirty;
+    // A stream that ended (a deferred look may outlive it) reads nothing: the next
+    // stream's Welcome asks for the whole journal anyway.
+    if tx.is_closed() {
+        return;
+    }
     if dirty.reporting.swap(true, Ordering::AcqRel) {
         return;
     }
