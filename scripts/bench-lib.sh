@@ -112,6 +112,18 @@ peak_rss_mb() {
   fi
 }
 
+# Until no client session but this check's own is left on the benchmark's server (a
+# contender's backends gone, so pg_cpu_seconds counts them among the reaped); at most 10 s.
+pg_wait_sessions_closed() {
+  local n
+  for ((i=0; i<100; i++)); do
+    n=$(psql "$PGURL/postgres" -XAtc "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()" 2>/dev/null || echo 1)
+    [ "$n" = 0 ] && return 0
+    sleep 0.1
+  done
+  echo "warning: $n client sessions still open on the benchmark server" >&2
+}
+
 # CPU seconds the benchmark's PostgreSQL server has used so far: the postmaster, the
 # backends it has reaped (its cutime/cstime) and those alive now. Taken after a contender's
 # sessions closed, the difference is what the server spent on that contender.

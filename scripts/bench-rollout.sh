@@ -110,7 +110,7 @@ run_flotilla() {
   [ "$applied" -eq $(( TENANTS * 3 )) ] || { echo "error: shard_0 journal holds $applied rows, expected $(( TENANTS * 3 ))" >&2; exit 1; }
   bench_stop_flotilla
   # the agents' sessions end with them; the postmaster reaps their backends
-  sleep 0.5
+  pg_wait_sessions_closed
   R_PG_CPU=$(echo "$(pg_cpu_seconds) - $pg0" | bc)
   echo "        PostgreSQL CPU for this run (agent start to stop): $R_PG_CPU s" >&2
 }
@@ -148,7 +148,7 @@ for ((r=1; r<=REPEAT; r++)); do
   "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
   f0=$(pg_cpu_seconds)
   t=$("$BENCH/baseline-psql-floor.sh" "$SHARDS" "$TENANTS" "$PAR" | awk '/seconds/ {print $NF}')
-  sleep 0.5
+  pg_wait_sessions_closed
   floor_times+=("$t"); echo "run $r: psql floor   ${t}s   PostgreSQL CPU $(echo "$(pg_cpu_seconds) - $f0" | bc) s"
 
   # with a baseline build, which of the two goes first alternates

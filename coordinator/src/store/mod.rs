@@ -498,15 +498,24 @@ mod tests {
     use flotilla_testkit::{PgCluster, TestDir};
     use tokio::sync::{mpsc, oneshot};
 
+    /// The two kinds of store a test runs alike: a SQLite file and a PostgreSQL database
+    /// named `name`, as locations; the directory and the cluster live as long as the
+    /// caller keeps them.
+    pub(super) async fn both_stores(name: &str) -> (TestDir, PgCluster, [String; 2]) {
+        let dir = TestDir::new(name).unwrap();
+        let sqlite = dir.join("flotilla.db").to_string_lossy().into_owned();
+        let pg = PgCluster::start().await.unwrap();
+        pg.create_database(name).await.unwrap();
+        let url = pg.url(name);
+        (dir, pg, [sqlite, url])
+    }
+
     /// The audit trail reads back the same from SQLite and PostgreSQL: by plan, since a
     /// time, the latest `limit` in order.
     #[tokio::test(flavor = "multi_thread")]
     async fn the_audit_trail_is_queried_by_plan_time_and_limit() {
-        let dir = TestDir::new("audit-store").unwrap();
-        let sqlite = dir.join("flotilla.db").to_string_lossy().into_owned();
-        let pg = PgCluster::start().await.unwrap();
-        pg.create_database("audit_store").await.unwrap();
-        for location in [sqlite, pg.url("audit_store")] {
+        let (_dir, _pg, locations) = both_stores("audit_store").await;
+        for location in locations {
             let store = Store::open(&SecretUrl::new(location.as_str()))
                 .await
                 .unwrap();
@@ -549,11 +558,8 @@ mod tests {
     /// (an attach reads only its own) or with the others.
     #[tokio::test(flavor = "multi_thread")]
     async fn an_agent_row_is_read_by_its_shard_alike_on_both_stores() {
-        let dir = TestDir::new("agents-store").unwrap();
-        let sqlite = dir.join("flotilla.db").to_string_lossy().into_owned();
-        let pg = PgCluster::start().await.unwrap();
-        pg.create_database("agents_store").await.unwrap();
-        for location in [sqlite, pg.url("agents_store")] {
+        let (_dir, _pg, locations) = both_stores("agents_store").await;
+        for location in locations {
             let store = Store::open(&SecretUrl::new(location.as_str()))
                 .await
                 .unwrap();

@@ -136,7 +136,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_testkit::{PgCluster, TestDir};
 
     fn row(name: &str, role: &str) -> OperatorRow {
         OperatorRow {
@@ -154,11 +153,8 @@ mod tests {
     /// still says it has operators (authentication stays on).
     #[tokio::test(flavor = "multi_thread")]
     async fn operators_are_added_once_revoked_and_renamed_alike_on_both_stores() {
-        let dir = TestDir::new("operators-store").unwrap();
-        let sqlite = dir.join("flotilla.db").to_string_lossy().into_owned();
-        let pg = PgCluster::start().await.unwrap();
-        pg.create_database("operators_store").await.unwrap();
-        for location in [sqlite, pg.url("operators_store")] {
+        let (_dir, _pg, locations) = crate::store::tests::both_stores("operators_store").await;
+        for location in locations {
             let store = Store::open(&flotilla_core::secrets::SecretUrl::new(location.clone()))
                 .await
                 .unwrap();
