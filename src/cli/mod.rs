@@ -65,7 +65,8 @@ start); 4 the plan waits for a person (a wave's manual gate, or its approvals).\
 `flotilla COMMAND --help` tells more of each command; `flotilla man` prints the manual page."
 )]
 pub struct Cli {
-    /// The coordinator's gRPC address (operator commands).
+    /// The coordinator's gRPC address, or a comma-separated list of them. For operator
+    /// commands a bare HOST:PORT means https:// when --tls-ca is given, else http://.
     #[arg(
         long,
         global = true,
