@@ -16,15 +16,21 @@ use sqlx::postgres::PgConnection;
 
 /// One row per target: its digest and its items, sorted byte-wise (`COLLATE "C"`), so the
 /// digest does not depend on a shard's collation. `$1`: the tenants to read, `$2`: whether
-/// to read the shard's own schemas, `$3`: every tenant (kept out of the shard's own).
+/// to read the shard's own schemas, `$3`: every tenant (kept out of the shard's own). The
+/// names are joined as sets (hashed), not tested with `= ANY($1)`: that compared every schema
+/// with every name, 2,500 x 2,500 comparisons three times over on a shard of 2,500 tenants.
 const FINGERPRINT_SQL: &str = r#"
-WITH ns AS (
+WITH wanted AS (
+  SELECT DISTINCT name FROM unnest($1::text[]) AS w(name)
+),
+ns AS (
   SELECT n.oid, n.nspname,
-         CASE WHEN n.nspname = ANY($1) THEN n.nspname::text ELSE '' END AS target,
-         CASE WHEN n.nspname = ANY($1) THEN '' ELSE quote_ident(n.nspname) || '.' END AS prefix
+         CASE WHEN w.name IS NOT NULL THEN n.nspname::text ELSE '' END AS target,
+         CASE WHEN w.name IS NOT NULL THEN '' ELSE quote_ident(n.nspname) || '.' END AS prefix
     FROM pg_catalog.pg_namespace n
-   WHERE n.nspname = ANY($1)
-      OR ($2 AND NOT n.nspname = ANY($3)
+    LEFT JOIN wanted w ON w.name = n.nspname::text
+   WHERE w.name IS NOT NULL
+      OR ($2 AND n.nspname::text NOT IN (SELECT t FROM unnest($3::text[]) AS e(t))
           AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'flotilla')
           AND n.nspname NOT LIKE 'pg\_%')
 ),
