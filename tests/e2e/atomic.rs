@@ -214,7 +214,17 @@ async fn atomic_submit_with_max_prepared(
     tenants: usize,
     max: u32,
 ) -> anyhow::Result<(HaFleet, crate::harness::CommandOutput)> {
-    let mut fleet = least_privileged(1, 1, tenants).await?;
+    atomic_submit_on_shards_with_max_prepared(1, tenants, max).await
+}
+
+/// `shards` shard databases of `tenants` tenants each, all on one server with
+/// `max_prepared_transactions = max`, and an atomic submit of COORD-2025-001 on them.
+async fn atomic_submit_on_shards_with_max_prepared(
+    shards: usize,
+    tenants: usize,
+    max: u32,
+) -> anyhow::Result<(HaFleet, crate::harness::CommandOutput)> {
+    let mut fleet = least_privileged(1, shards, tenants).await?;
     fleet
         .pg
         .psql(
@@ -223,7 +233,7 @@ async fn atomic_submit_with_max_prepared(
         )
         .await?;
     fleet.pg.restart().await?;
-    fleet.wait_connected(1).await?;
+    fleet.wait_connected(shards).await?;
     let dir = coord_dbmate_dir().to_string_lossy().into_owned();
     let out = fleet
         .cli(&["plan", "submit", &dir, "--atomic", "--wait"])
@@ -267,6 +277,37 @@ async fn preflight_refuses_more_targets_than_the_server_can_hold_prepared() -> a
         "nothing stored: {plans}"
     );
     assert_none_prepared(&fleet, 1).await
+}
+
+/// Shard databases on one server share its max_prepared_transactions: two shards of 3
+/// tenants each fit alone in 4, but their 6 prepared targets do not, and the plan is
+/// refused before anything runs, naming both shards, the count of each, and the number the
+/// server needs (issue 15: 4 x 2,500 tenants on one server need 10,000).
+#[tokio::test(flavor = "multi_thread")]
+async fn preflight_adds_up_the_prepared_targets_of_shards_on_one_server() -> anyhow::Result<()> {
+    let (fleet, out) = atomic_submit_on_shards_with_max_prepared(2, 3, 4).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    for part in [
+        "shards shard_0, shard_1 (databases of one server): the plan prepares 6 transactions there at once (one per target; shard_0 3, shard_1 3)",
+        "max_prepared_transactions = 4 with 0 prepared now",
+        "at least 6",
+    ] {
+        assert!(out.stderr.contains(part), "no `{part}` in: {out}");
+    }
+    for s in 0..2 {
+        assert_eq!(
+            satisfaction_columns(&fleet, &format!("shard_{s}")).await?,
+            0
+        );
+    }
+    let plans = fleet.cli(&["plan", "list", "--output", "json"]).await?;
+    let plans: serde_json::Value = serde_json::from_str(plans.stdout.trim())?;
+    assert_eq!(
+        plans.as_array().map(Vec::len),
+        Some(0),
+        "nothing stored: {plans}"
+    );
+    assert_none_prepared(&fleet, 2).await
 }
 
 /// A plan file over COORD-2025-001 whose two parallel groups each commit

@@ -195,8 +195,9 @@ impl Agent {
             }
         };
         pb::PreflightReply {
-            max_prepared_transactions: capacity.map_or(0, |c| c.max_prepared),
-            prepared_now: capacity.map_or(0, |c| c.prepared_now),
+            max_prepared_transactions: capacity.as_ref().map_or(0, |c| c.max_prepared),
+            prepared_now: capacity.as_ref().map_or(0, |c| c.prepared_now),
+            server_id: capacity.map(|c| c.server).unwrap_or_default(),
             max_locks_per_transaction: lock_table.map_or(0, |l| l.max_locks_per_transaction),
             max_connections: lock_table.map_or(0, |l| l.max_connections),
             locks_held: lock_table.map_or(0, |l| l.held),

@@ -24,8 +24,9 @@ pub(crate) struct Seen {
     pub applied: BTreeMap<StepKey, String>,
     /// Shards that cannot prepare transactions, and why.
     pub two_phase_errors: BTreeMap<String, String>,
-    /// Shards that can prepare: (max_prepared_transactions, prepared now) of their server.
-    pub prepare_capacity: BTreeMap<String, (u32, u32)>,
+    /// Shards that can prepare: their server's max_prepared_transactions, prepared now,
+    /// and which server that is.
+    pub prepare_capacity: BTreeMap<String, PrepareSeen>,
     /// Shards that can prepare: their server's lock table, and what each target's named
     /// relations take in it.
     pub lock_tables: BTreeMap<String, LockTableSeen>,
@@ -36,6 +37,16 @@ pub(crate) struct Seen {
     /// Dry run only: shards that could not be asked, and why (their view in `fleet` is the
     /// one the coordinator last knew).
     pub unknown: BTreeMap<String, String>,
+}
+
+/// A shard's server as its agent saw it for the preflight: how many transactions it can
+/// hold prepared and holds now (any database's count), and which server it is ("": not
+/// known; the shard is then checked alone).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PrepareSeen {
+    pub max_prepared: u32,
+    pub prepared_now: u32,
+    pub server: String,
 }
 
 /// A shard server's shared lock table as its agent read it for the preflight.
@@ -169,7 +180,11 @@ impl Coordinator {
             if reply.max_prepared_transactions > 0 {
                 seen.prepare_capacity.insert(
                     shard.clone(),
-                    (reply.max_prepared_transactions, reply.prepared_now),
+                    PrepareSeen {
+                        max_prepared: reply.max_prepared_transactions,
+                        prepared_now: reply.prepared_now,
+                        server: std::mem::take(&mut reply.server_id),
+                    },
                 );
             }
             if reply.max_locks_per_transaction > 0 {

@@ -69,12 +69,26 @@ pub(crate) async fn finish<'e>(
     }
 }
 
-/// How many transactions the shard's server can hold prepared, and holds now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How many transactions the shard's server can hold prepared, and holds now, and which
+/// server that is.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PrepareCapacity {
     pub max_prepared: u32,
     pub prepared_now: u32,
+    /// The server (cluster) the shard database lives on, the same for every database of
+    /// it: shard databases on one server share its max_prepared_transactions and lock
+    /// table, so the coordinator adds up their prepared targets. Empty when it cannot be
+    /// read: the shard is then checked alone.
+    pub server: String,
 }
+
+/// Names the server: its system identifier (set by initdb; a physical replica shares it)
+/// and the postmaster's start time (two servers cloned from one base backup differ there).
+/// pg_control_system() is executable by any role by default; a server that revoked it is
+/// reported as unknown.
+const SERVER_SQL: &str = "SELECT s.system_identifier::text || '@' || \
+     extract(epoch FROM pg_catalog.pg_postmaster_start_time())::text \
+     FROM pg_catalog.pg_control_system() s";
 
 /// Whether this shard can take part in two-phase commit: `max_prepared_transactions`
 /// above 0, and the role can prepare (a probe transaction, prepared and rolled back).
@@ -118,9 +132,20 @@ pub(crate) async fn check_two_phase(
             setting: "pg_prepared_xacts",
             source,
         })?;
+    let server = match sqlx::query_scalar::<_, String>(SERVER_SQL)
+        .fetch_one(pool)
+        .await
+    {
+        Ok(server) => server,
+        Err(error) => {
+            warn!(%error, "cannot tell which server this shard is on: its prepared targets are counted alone");
+            String::new()
+        }
+    };
     let capacity = PrepareCapacity {
         max_prepared,
         prepared_now: u32::try_from(prepared_now).unwrap_or(u32::MAX),
+        server,
     };
     let gid = probe_gid();
     let lit = quote_literal(&gid)?;
