@@ -46,6 +46,7 @@ impl Coordinator {
         promotion: Promotion,
     ) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
         let epoch = self.leader_epoch()?;
+        let started = std::time::Instant::now();
         let spec = PlanSpec::try_from(raw)?;
         let Resolution {
             seen,
@@ -57,6 +58,7 @@ impl Coordinator {
             findings,
             skipped_gate,
         } = self.resolve(&spec, Mode::Submit, &promotion).await?;
+        let resolve_ms = started.elapsed().as_millis() as u64;
 
         let plan_id = new_plan_id();
         let statuses: Vec<StepStatus> = expansion
@@ -92,7 +94,10 @@ impl Coordinator {
             self.write(audit(&plan_id));
             self.flush().await;
         }
-        info!(plan = %plan_id, targets = expansion.targets.len(), steps = expansion.steps.len(), "plan submitted");
+        // Where the time from submit to the first step goes (issue 15: under 1 s at 10,000
+        // tenants): the preflight and the checks, then the plan stored before anything runs.
+        let store_ms = started.elapsed().as_millis() as u64 - resolve_ms;
+        info!(plan = %plan_id, targets = expansion.targets.len(), steps = expansion.steps.len(), resolve_ms, store_ms, "plan submitted");
         if let Some(needs) = awaiting {
             // Stored, and nothing else: no lock, no step, until its approvals are in.
             info!(plan = %plan_id, "plan awaits {needs}");
@@ -135,6 +140,7 @@ impl Coordinator {
                 done,
             })
             .await?;
+        tracing::debug!(plan = %plan_id, ms = started.elapsed().as_millis() as u64, "plan started");
         self.take_locks(plan_id.clone(), shards, epoch);
         Ok(pb::SubmitPlanResponse {
             plan_id,
@@ -171,7 +177,12 @@ impl Coordinator {
         if mode == Mode::Submit {
             self.refuse_unattached(spec).await?;
         }
+        let asked = std::time::Instant::now();
         let seen = self.preflight(spec, mode).await?;
+        tracing::debug!(
+            ms = asked.elapsed().as_millis() as u64,
+            "the preflight's answers are in"
+        );
         checks::edited_after_applied(spec, &seen.applied)?;
         let expansion = planner::expand(spec, &seen.fleet)?;
         data::check_data_problems(spec, &expansion, &seen.data_problems)?;

@@ -33,9 +33,11 @@ impl Coordinator {
             .filter(|t| !before.contains(&t.name))
             .cloned()
             .collect();
+        // As a set: a shard of 2,500 tenants made 6 million comparisons here per preflight.
+        let now_names: BTreeSet<&str> = now.iter().map(|t| t.name.as_str()).collect();
         let vanished = before
             .iter()
-            .filter(|name| !now.iter().any(|t| &t.name == *name))
+            .filter(|name| !now_names.contains(name.as_str()))
             .count();
         if vanished > 0 {
             info!(%shard, vanished, "tenants gone from the shard; their journal rows stay");
