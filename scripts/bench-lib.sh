@@ -95,6 +95,28 @@ bench_wait_connected() {
   return 1
 }
 
+# Waits until the agents' start-up inventory is in: every one of $1 targets has its schema
+# fingerprint at the coordinator (`fleet drift`), which each agent reads once after it
+# attaches (the whole journal and every target's catalog). A fleet's agents run for weeks;
+# a benchmark that starts them for each contender would otherwise time their start-up beside
+# the rollout. Sets R_INVENTORY (seconds waited).
+bench_wait_inventory() {
+  local want=$1 t0 i
+  t0=$(now)
+  for ((i=0; i<1200; i++)); do
+    if "$FLOTILLA" --coordinator "$addr" fleet drift --output json 2>/dev/null | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+sys.exit(0 if d["targets"] >= int(sys.argv[1]) and not d["unfingerprinted"] and not d["unreported_shards"] else 1)' "$want" 2>/dev/null; then
+      R_INVENTORY=$(printf '%.2f' "$(echo "$(now) - $t0" | bc)")
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "error: the agents' start-up inventory of $want targets did not come in within two minutes" >&2
+  return 1
+}
+
 bench_stop_flotilla() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true

@@ -6,7 +6,9 @@
 # started here, in the same run; each contender gets a freshly reset fleet.
 # Waves (issue 10) must not cost speed: the same plan in three waves (canary 1%, 25%, the
 # rest; no bake, no gate) runs too, and its ratio to the floor is printed beside the plain one.
-# Every Flotilla run also reports what scale costs (issue 15): the coordinator's and the
+# Each Flotilla run submits once its agents' start-up inventory is in (every target's schema
+# fingerprint at the coordinator; agents run for weeks, so their start-up is not the plan's),
+# and prints how long that took. Every Flotilla run also reports what scale costs (issue 15): the coordinator's and the
 # agents' peak RSS (VmHWM at the end of the run), the time from submit to the first step
 # (the earliest journal row's start in any shard), and `plan status` answer times sampled
 # during the rollout (whole CLI invocations).
@@ -64,12 +66,13 @@ sample_status() {
 run_flotilla() {
   local r=$1 label=$2 plan=$3 start end applied first off=0 sub pg0
   "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
-  pg0=$(pg_cpu_seconds)
   [ "$label" = waves ] && off=1
   [ "$label" = base ] && off=2
   bench_coordinator $(( port + 1 + r * 3 + off )) "$work/coordinator-$label-$r.log" "$work/store-$label-$r.db"
   bench_agents "$label-$r"
   bench_wait_connected
+  bench_wait_inventory $(( SHARDS * TENANTS ))
+  pg0=$(pg_cpu_seconds)
   local slog="$work/submit-$label-$r.log" samples="$work/status-$label-$r.txt"
   : >"$samples"
   local t0 t1 c0 a0
@@ -101,8 +104,8 @@ run_flotilla() {
   else
     R_STATUS="?"; R_STATUS_MAX="?"
   fi
-  printf 'run %s: flotilla %-6s %ss   first step after %ss; plan status %ss (max %ss, %s samples); peak RSS coordinator %s MB, agent %s MB; CPU coordinator %s s, agents %s s, machine %s%% busy   (%s)\n' \
-    "$r" "$label" "$R_T" "$R_FIRST" "$R_STATUS" "$R_STATUS_MAX" "$(wc -l <"$samples")" "$R_COORD_RSS" "$R_AGENT_RSS" \
+  printf 'run %s: flotilla %-6s %ss   (agents'"'"' start-up inventory %ss before, not counted)   first step after %ss; plan status %ss (max %ss, %s samples); peak RSS coordinator %s MB, agent %s MB; CPU coordinator %s s, agents %s s, machine %s%% busy   (%s)\n' \
+    "$r" "$label" "$R_T" "$R_INVENTORY" "$R_FIRST" "$R_STATUS" "$R_STATUS_MAX" "$(wc -l <"$samples")" "$R_COORD_RSS" "$R_AGENT_RSS" \
     "$R_COORD_CPU" "$R_AGENT_CPU" "$R_BUSY" "$(tail -1 "$slog" | head -c 100)" >&2
   # The coordinator's own view: from the plan stored to its final state.
   awk '/plan submitted/ {s=$1} /every step applied/ {e=$1} END {print "        coordinator: submitted " s ", finished " e}' "$work/coordinator-$label-$r.log" >&2
@@ -112,7 +115,7 @@ run_flotilla() {
   # the agents' sessions end with them; the postmaster reaps their backends
   pg_wait_sessions_closed
   R_PG_CPU=$(echo "$(pg_cpu_seconds) - $pg0" | bc)
-  echo "        PostgreSQL CPU for this run (agent start to stop): $R_PG_CPU s" >&2
+  echo "        PostgreSQL CPU for this run (submit to the agents' stop): $R_PG_CPU s" >&2
 }
 
 # The same plan in three waves: canary 1%, a quarter, the rest (no bake, no gate).

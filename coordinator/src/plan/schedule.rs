@@ -48,11 +48,15 @@ impl PlanRun {
     /// Shards that still have steps to finish, each with the lanes it may use:
     /// `max_parallel` split over them, at least one each while there is room.
     pub fn rebalance_lanes(&mut self, agent_lanes: &dyn Fn(&str) -> u32) {
+        // From the last target back: targets go in their order, so during a rollout the
+        // last ones are still to run and the look ends at once, where from the front it
+        // passed every finished target first, at every hand-out (quadratic over a shard of
+        // 2,500 tenants: a tenth of the coordinator's CPU at 10,000).
         let busy: Vec<String> = self
             .shards
             .iter()
             .filter(|(_, sr)| {
-                sr.targets.iter().any(|&t| {
+                sr.targets.iter().rev().any(|&t| {
                     self.wave_open(t)
                         && self.per_target[t].iter().any(|&s| {
                             matches!(

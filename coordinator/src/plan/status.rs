@@ -37,21 +37,15 @@ fn progress_in_order(
 }
 
 pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
-    let order: Vec<String> = run
-        .spec
-        .migrations
-        .iter()
-        .map(|m| m.id.to_string())
-        .collect();
-    let mut by: BTreeMap<String, pb::MigrationProgress> = BTreeMap::new();
+    // Counted by the migration's index: a watch asks up to ten times a second, and at
+    // 10,000 tenants (30,000 steps) a map keyed by a cloned id per step was a tenth of the
+    // coordinator's CPU during the rollout.
+    let mut counted: Vec<Option<pb::MigrationProgress>> = vec![None; run.spec.migrations.len()];
     for s in &run.steps {
-        let id = &order[s.migration];
-        let p = by
-            .entry(id.clone())
-            .or_insert_with(|| pb::MigrationProgress {
-                migration_id: id.clone(),
-                ..Default::default()
-            });
+        let p = counted[s.migration].get_or_insert_with(|| pb::MigrationProgress {
+            migration_id: run.spec.migrations[s.migration].id.to_string(),
+            ..Default::default()
+        });
         count(p, s.status.state());
     }
     pb::PlanStatus {
@@ -78,7 +72,8 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
             targets: run.targets.len() as u32,
             steps: run.steps.len() as u32,
         }),
-        migrations: progress_in_order(&order, by),
+        // in the plan's order
+        migrations: counted.into_iter().flatten().collect(),
         failures: run.failures.clone(),
         message: match &run.lock_wait {
             Some(w) => format!("waiting for shard locks: {w}"),
