@@ -35,6 +35,18 @@ async fn assert_none_prepared(fleet: &HaFleet, shards: usize) -> anyhow::Result<
     Ok(())
 }
 
+/// A refused plan leaves nothing in the store: `plan list` is empty.
+pub(crate) async fn assert_no_plan_stored(fleet: &HaFleet) -> anyhow::Result<()> {
+    let plans = fleet.cli(&["plan", "list", "--output", "json"]).await?;
+    let plans: serde_json::Value = serde_json::from_str(plans.stdout.trim())?;
+    assert_eq!(
+        plans.as_array().map(Vec::len),
+        Some(0),
+        "nothing stored: {plans}"
+    );
+    Ok(())
+}
+
 async fn satisfaction_columns(fleet: &HaFleet, db: &str) -> anyhow::Result<i64> {
     fleet
         .pg
@@ -269,13 +281,7 @@ async fn preflight_refuses_more_targets_than_the_server_can_hold_prepared() -> a
         assert!(out.stderr.contains(part), "no `{part}` in: {out}");
     }
     assert_eq!(satisfaction_columns(&fleet, "shard_0").await?, 0);
-    let plans = fleet.cli(&["plan", "list", "--output", "json"]).await?;
-    let plans: serde_json::Value = serde_json::from_str(plans.stdout.trim())?;
-    assert_eq!(
-        plans.as_array().map(Vec::len),
-        Some(0),
-        "nothing stored: {plans}"
-    );
+    assert_no_plan_stored(&fleet).await?;
     assert_none_prepared(&fleet, 1).await
 }
 
@@ -300,13 +306,7 @@ async fn preflight_adds_up_the_prepared_targets_of_shards_on_one_server() -> any
             0
         );
     }
-    let plans = fleet.cli(&["plan", "list", "--output", "json"]).await?;
-    let plans: serde_json::Value = serde_json::from_str(plans.stdout.trim())?;
-    assert_eq!(
-        plans.as_array().map(Vec::len),
-        Some(0),
-        "nothing stored: {plans}"
-    );
+    assert_no_plan_stored(&fleet).await?;
     assert_none_prepared(&fleet, 2).await
 }
 

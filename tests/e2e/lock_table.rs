@@ -79,13 +79,7 @@ async fn preflight_refuses_a_unit_the_lock_table_cannot_hold() -> anyhow::Result
         assert!(out.stderr.contains(part), "no `{part}` in: {out}");
     }
     assert_eq!(probe_tables(&fleet).await?, 0, "nothing ran");
-    let plans = fleet.cli(&["plan", "list", "--output", "json"]).await?;
-    let plans: Value = serde_json::from_str(plans.stdout.trim())?;
-    assert_eq!(
-        plans.as_array().map(Vec::len),
-        Some(0),
-        "nothing stored: {plans}"
-    );
+    crate::atomic::assert_no_plan_stored(&fleet).await?;
     assert_eq!(prepared(&fleet.pg, 0).await?, 0);
     Ok(())
 }
