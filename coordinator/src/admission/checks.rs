@@ -78,8 +78,9 @@ pub(super) fn atomic(
         return Ok(());
     }
     let per_unit = prepared_per_unit(spec, expansion);
-    prepared_at_once(&per_unit, prepare_capacity)?;
-    locked_at_once(spec, expansion, &per_unit, prepare_capacity, lock_tables)?;
+    let servers = per_server(&per_unit, prepare_capacity);
+    prepared_at_once(&servers, prepare_capacity)?;
+    locked_at_once(spec, expansion, &servers, prepare_capacity, lock_tables)?;
     for s in &expansion.steps {
         let unit = spec.atomic_unit(&spec.migrations[s.migration].id);
         if unit.is_none() {
@@ -178,10 +179,10 @@ fn server_place(shards: &[(&str, &BTreeSet<usize>)]) -> (String, String) {
 /// PREPARE halfway through the unit. Refused now, naming the shards, the setting and the
 /// number needed.
 fn prepared_at_once(
-    per_unit: &PerUnit<'_>,
+    servers: &PerServer<'_>,
     prepare_capacity: &BTreeMap<String, PrepareSeen>,
 ) -> Result<(), Refusal> {
-    for shards in per_server(per_unit, prepare_capacity).values() {
+    for shards in servers.values() {
         let seen = || shards.iter().map(|(s, _)| &prepare_capacity[*s]);
         // One server: its shards read the same setting; the count now is the latest seen.
         let max = seen().map(|c| c.max_prepared).min().unwrap_or(0);
@@ -216,7 +217,7 @@ fn prepared_at_once(
 fn locked_at_once(
     spec: &PlanSpec,
     expansion: &Expansion,
-    per_unit: &PerUnit<'_>,
+    servers: &PerServer<'_>,
     prepare_capacity: &BTreeMap<String, PrepareSeen>,
     lock_tables: &BTreeMap<String, LockTableSeen>,
 ) -> Result<(), Refusal> {
@@ -229,15 +230,15 @@ fn locked_at_once(
             footprints.entry(unit).or_default().add(&m.up_sql);
         }
     }
-    for ((unit, _), shards) in per_server(per_unit, prepare_capacity) {
-        let Some(footprint) = footprints.get(&unit) else {
+    for ((unit, _), shards) in servers {
+        let Some(footprint) = footprints.get(unit) else {
             continue;
         };
         // A shard that did not report its lock table is left out of the sum (a warning at
         // its agent); the table filling anyway still fails the unit before PREPARE.
         let shards: Vec<(&str, &BTreeSet<usize>, &LockTableSeen)> = shards
-            .into_iter()
-            .filter_map(|(shard, targets)| lock_tables.get(shard).map(|t| (shard, targets, t)))
+            .iter()
+            .filter_map(|&(shard, targets)| lock_tables.get(shard).map(|t| (shard, targets, t)))
             .collect();
         let Some(&(_, _, table)) = shards.first() else {
             continue;
