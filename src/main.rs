@@ -9,10 +9,12 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(flotilla_core::secrets::panic_hook));
     let cli = flotilla::cli::Cli::parse();
     flotilla::cli::init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // `--threads`, else one for an agent and the operator commands (see `worker_threads`)
+    if let Some(n) = cli.worker_threads() {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

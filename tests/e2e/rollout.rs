@@ -452,3 +452,61 @@ async fn quickstart_runs_the_whole_system_in_one_process() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// An agent keeps open on its shard only the sessions it uses: its lanes, its lock session,
+/// and one for a read beside them (the journal report, the fence). Every session open on a
+/// server replays each catalog invalidation the migrations' DDL sends, idle or not (issue
+/// 15: three more idle sessions a database made the 1,000-tenant floor 15-20% slower), so
+/// the pool's connections rotating through short reads, each kept alive by its turn, were
+/// a cost for the whole rollout. Afterwards only the lock session stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_keeps_open_only_the_sessions_it_uses() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 40).await?;
+    let sessions = "SELECT count(*) FROM pg_stat_activity \
+                    WHERE application_name = 'flotilla-agent' AND datname = current_database()";
+    let count = async || fleet.pg.query_scalar::<i64>("shard_0", sessions).await;
+    // The start-up inventory's reads are done and their connections closed.
+    wait_until("only the agent's lock session is open", WAIT, async || {
+        Ok(count().await? == 1)
+    })
+    .await?;
+
+    let id = fleet
+        .submit(&coord_dbmate_dir(), &["--max-parallel", "2"])
+        .await?;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let watch = async {
+        let r = fleet.watch(&id).await;
+        done.store(true, std::sync::atomic::Ordering::Release);
+        r
+    };
+    let sample = async {
+        let mut seen = Vec::new();
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            seen.push(count().await?);
+        }
+        anyhow::Ok(seen)
+    };
+    let (watched, seen) = tokio::join!(watch, sample);
+    let (out, st) = watched?;
+    let seen = seen?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    // two lanes + the lock session + one read beside them
+    let most = seen.iter().copied().max().unwrap_or(0);
+    assert!(
+        most <= 4,
+        "the agent's sessions on shard_0 during the rollout: {seen:?}"
+    );
+    assert!(
+        most >= 3,
+        "the samples saw the lanes at work (lock session + 2): {seen:?}"
+    );
+    wait_until(
+        "the lanes' connections closed after the plan",
+        WAIT,
+        async || Ok(count().await? == 1),
+    )
+    .await?;
+    Ok(())
+}

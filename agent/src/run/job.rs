@@ -79,6 +79,9 @@ pub(crate) struct Job {
     pub steps: Vec<Arc<PreparedMigration>>,
     /// The journal's checksum for steps found applied before the run started.
     pub applied: Vec<Option<String>>,
+    /// Whether `applied` holds the journal's answer yet (a lane reads it, for a batch of
+    /// queued runs at once, before it runs the first of them).
+    pub checked: bool,
     /// Set when the run's transaction ends in PREPARE TRANSACTION instead of COMMIT (all its
     /// steps are transactional, and run as one transaction whether fused or not).
     pub prepare: Option<PrepareGid>,
@@ -141,6 +144,7 @@ impl Job {
             tenant_lit,
             epoch,
             applied: vec![None; steps.len()],
+            checked: false,
             steps,
             run,
             prepare,

@@ -31,12 +31,26 @@ pub(crate) struct Plan {
     pub control: tokio::sync::watch::Sender<PlanControl>,
 }
 
+/// Runs whose journal one lane reads at once.
+const JOURNAL_BATCH: usize = 64;
+
+/// What a lane does next.
+enum Next {
+    /// Read the journal for these runs (taken off the queue), under the halt count then.
+    Check(Vec<Job>, u64),
+    Run(Box<Job>),
+    /// Nothing queued until another lane's batch comes back.
+    Wait,
+}
+
 #[derive(Default)]
 struct PlanState {
     queue: VecDeque<Job>,
     lanes: usize,
     workers: usize,
     in_flight: usize,
+    /// Runs a lane took off the queue to read their journal: they come back to it.
+    checking: usize,
     /// Bumped by every halt, so runs read from the journal before it are not queued after it.
     halts: u64,
 }
@@ -220,29 +234,6 @@ impl Agent {
                 }
             }
         };
-        let targets: BTreeSet<&str> = jobs.iter().map(|j| j.tenant.as_str()).collect();
-        let migrations: BTreeSet<&str> = jobs
-            .iter()
-            .flat_map(|j| j.steps.iter().map(|s| s.id()))
-            .collect();
-        let targets: Vec<String> = targets.into_iter().map(str::to_string).collect();
-        let migrations: Vec<String> = migrations.into_iter().map(str::to_string).collect();
-        match shard::read_applied(&self.pool, &targets, &migrations).await {
-            Ok(rows) => {
-                let mut by_key: HashMap<(String, String), String> = rows
-                    .into_iter()
-                    .map(|r| ((r.target, r.migration_id), r.checksum))
-                    .collect();
-                for job in &mut jobs {
-                    job.mark_applied(&mut by_key);
-                }
-            }
-            // The journal decides anyway: a step applied meanwhile fails its journal insert
-            // (or its up SQL) and the failure path re-reads the journal.
-            Err(error) => {
-                warn!(%error, "reading the journal before the runs failed; running them unchecked")
-            }
-        }
         let mut todo = Vec::with_capacity(jobs.len());
         for job in jobs {
             if job
@@ -255,8 +246,6 @@ impl Agent {
                     "the run's transaction is already prepared"
                 );
                 self.report(&plan.id, job.prepared_result());
-            } else if job.fully_applied() {
-                self.report(&plan.id, job.already_applied_result());
             } else {
                 todo.push(job);
             }
@@ -269,7 +258,13 @@ impl Agent {
             }
             return;
         }
+        // The journal is read for them by the lane that takes them (see `check_journal`).
         st.queue.extend(todo);
+        self.fill_lanes(&plan, &mut st);
+    }
+
+    /// Starts lanes up to the plan's lanes, as far as its queued and running runs need.
+    fn fill_lanes(self: &Arc<Self>, plan: &Arc<Plan>, st: &mut PlanState) {
         let wanted = st.lanes.min(st.queue.len() + st.in_flight);
         while st.workers < wanted {
             st.workers += 1;
@@ -320,39 +315,136 @@ impl Agent {
         }
     }
 
-    /// One lane: takes runs from the plan's queue until it is empty, on one connection.
+    /// One lane: takes runs from the plan's queue until it is empty, on one connection. Runs
+    /// whose journal is not read yet are taken as a batch and looked up first, on the
+    /// lane's own connection: a read on a connection of its own would keep one more session
+    /// open on the server for the whole rollout, and every open session replays each catalog
+    /// invalidation the migrations' DDL sends (see `shard::connect`'s pool).
     async fn lane(self: Arc<Self>, plan: Arc<Plan>) {
         let _slot = self.slots.clone().acquire_owned().await;
         let mut conn: Option<PoolConnection<Postgres>> = None;
         loop {
             // no new run without the shard's agent lock (false: stopping; the check below ends the lane)
             let _ = self.may_apply().await;
-            let job = {
+            let changed = plan.changed.notified();
+            let next = {
                 let mut st = plan.state.lock().expect("plan lock");
-                let next = if st.workers > st.lanes || self.cancel.is_cancelled() {
-                    None
-                } else {
-                    st.queue.pop_front()
-                };
-                match next {
-                    Some(job) => {
-                        st.in_flight += 1;
-                        job
+                let stop = st.workers > st.lanes || self.cancel.is_cancelled();
+                match st.queue.front() {
+                    Some(job) if !stop && !job.checked => {
+                        let n = st
+                            .queue
+                            .iter()
+                            .take(JOURNAL_BATCH)
+                            .take_while(|j| !j.checked)
+                            .count();
+                        st.in_flight += n;
+                        st.checking += n;
+                        Next::Check(st.queue.drain(..n).collect(), st.halts)
                     }
-                    None => {
+                    Some(_) if !stop => {
+                        st.in_flight += 1;
+                        Next::Run(Box::new(st.queue.pop_front().expect("a queued run")))
+                    }
+                    // Another lane is reading the journal for runs it will queue again: wait
+                    // for them on this connection, rather than end and leave their start to
+                    // a new lane on whichever pooled connection comes first.
+                    None if !stop && st.checking > 0 => Next::Wait,
+                    _ => {
                         st.workers -= 1;
                         break;
                     }
                 }
             };
-            let result = self.execute(&mut conn, &job).await;
-            if let Some(result) = result {
-                self.report(&plan.id, result);
+            match next {
+                Next::Check(batch, halts) => {
+                    let n = batch.len();
+                    self.check_journal(&plan, &mut conn, batch, halts).await;
+                    let mut st = plan.state.lock().expect("plan lock");
+                    st.in_flight -= n;
+                    st.checking -= n;
+                }
+                Next::Wait => {
+                    changed.await;
+                    continue;
+                }
+                Next::Run(job) => {
+                    let result = self.execute(&mut conn, &job).await;
+                    if let Some(result) = result {
+                        self.report(&plan.id, result);
+                    }
+                    plan.state.lock().expect("plan lock").in_flight -= 1;
+                }
             }
-            plan.state.lock().expect("plan lock").in_flight -= 1;
             plan.changed.notify_waiters();
         }
         plan.changed.notify_waiters();
+    }
+
+    /// Reads the journal for a batch of queued runs in one query on the lane's connection:
+    /// a run found fully applied is reported so, the others go back to the front of the
+    /// queue (in their order) knowing which of their steps are applied. A halt meanwhile
+    /// (`halts` moved) drops them like the queue it drained.
+    async fn check_journal(
+        self: &Arc<Self>,
+        plan: &Arc<Plan>,
+        conn: &mut Option<PoolConnection<Postgres>>,
+        mut batch: Vec<Job>,
+        halts: u64,
+    ) {
+        let targets: BTreeSet<&str> = batch.iter().map(|j| j.tenant.as_str()).collect();
+        let migrations: BTreeSet<&str> = batch
+            .iter()
+            .flat_map(|j| j.steps.iter().map(|s| s.id()))
+            .collect();
+        let targets: Vec<String> = targets.into_iter().map(str::to_string).collect();
+        let migrations: Vec<String> = migrations.into_iter().map(str::to_string).collect();
+        if conn.is_none() {
+            // no connection: the runs fail on it one by one, each saying why
+            *conn = self.pool.acquire().await.ok();
+        }
+        let read = match conn.as_mut() {
+            Some(c) => shard::read_applied(&mut **c, &targets, &migrations).await,
+            None => Err(sqlx::Error::PoolTimedOut),
+        };
+        match read {
+            Ok(rows) => {
+                let mut by_key: HashMap<(String, String), String> = rows
+                    .into_iter()
+                    .map(|r| ((r.target, r.migration_id), r.checksum))
+                    .collect();
+                for job in &mut batch {
+                    job.mark_applied(&mut by_key);
+                }
+            }
+            // The journal decides anyway: a step applied meanwhile fails its journal insert
+            // (or its up SQL) and the failure path re-reads the journal.
+            Err(error) => {
+                warn!(%error, "reading the journal before the runs failed; running them unchecked")
+            }
+        }
+        let mut todo = Vec::with_capacity(batch.len());
+        for mut job in batch {
+            if job.fully_applied() {
+                self.report(&plan.id, job.already_applied_result());
+            } else {
+                job.checked = true;
+                todo.push(job);
+            }
+        }
+        let mut st = plan.state.lock().expect("plan lock");
+        if st.halts != halts || self.cancel.is_cancelled() {
+            drop(st);
+            for job in todo {
+                self.report(&plan.id, job::not_run(&job.run));
+            }
+            return;
+        }
+        for job in todo.into_iter().rev() {
+            st.queue.push_front(job);
+        }
+        // a lane may have ended meanwhile (the plan's lanes went down, then up again)
+        self.fill_lanes(plan, &mut st);
     }
 
     /// Runs one job on the lane's connection (acquiring one if needed). None when the agent

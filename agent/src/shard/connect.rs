@@ -41,6 +41,16 @@ pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, 
         .options([("standard_conforming_strings", "on")]))
 }
 
+/// How long a connection may sit unused in the pool before it is closed. Every session
+/// open on the server costs CPU while others change the catalog, idle or not: each one
+/// replays every catalog invalidation the DDL of the migrations sends (PostgreSQL signals
+/// the idle ones to catch up). Measured with the 1,000-tenant floor (`baseline-psql-floor.sh`,
+/// 2 sessions per shard database): 3 more idle sessions per database made it 15-20% slower.
+/// A rollout's lanes hold their connections while their plan has runs queued; the ones a
+/// shard used only while others had finished, and those of the short reads between runs,
+/// go once unused this long rather than after sqlx's 10 minutes.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Builds the pool and waits until the shard answers, backing off while it is starting.
 /// Authentication failures do not get better by waiting: they end the agent.
 #[instrument(skip_all, fields(shard = %config.shard))]
@@ -60,6 +70,7 @@ pub(crate) async fn connect(
                 let pool = PgPoolOptions::new()
                     .max_connections(config.max_connections + 1)
                     .min_connections(0)
+                    .idle_timeout(POOL_IDLE_TIMEOUT)
                     .acquire_timeout(Duration::from_secs(15))
                     .connect_lazy_with(options);
                 return Ok(Some(pool));

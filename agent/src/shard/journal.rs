@@ -219,8 +219,8 @@ pub(crate) async fn read_entries(
 }
 
 /// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs.
-pub(crate) async fn read_applied(
-    pool: &PgPool,
+pub(crate) async fn read_applied<'c>(
+    on: impl sqlx::PgExecutor<'c>,
     targets: &[String],
     migrations: &[String],
 ) -> Result<Vec<JournalRow>, sqlx::Error> {
@@ -230,7 +230,7 @@ pub(crate) async fn read_applied(
     )
     .bind(targets)
     .bind(migrations)
-    .fetch_all(pool)
+    .fetch_all(on)
     .await?;
     Ok(rows
         .into_iter()
