@@ -85,6 +85,15 @@ bench_agents() {
   done
 }
 
+# Recreates the first $1 shard databases from their templates, then checkpoints. CREATE
+# DATABASE logs the whole copy of each database, and a 10,000-tenant rollout writes about
+# 400 MB of WAL more: without the checkpoint, whether one starts in the middle of a run (and
+# its full-page writes with it) depended on what ran before, not on the contender.
+bench_reset_fleet() {
+  "$BENCH/make-fleet.sh" --reset "$1" >/dev/null 2>&1
+  psql "$PGURL/postgres" -XAtqc "CHECKPOINT" >/dev/null
+}
+
 bench_wait_connected() {
   local tries=${1:-200} n
   for ((i=0; i<tries; i++)); do

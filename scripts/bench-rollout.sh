@@ -65,7 +65,7 @@ sample_status() {
 # the largest agent); its lines go to stderr.
 run_flotilla() {
   local r=$1 label=$2 plan=$3 start end applied first off=0 sub pg0
-  "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
+  bench_reset_fleet "$SHARDS"
   [ "$label" = waves ] && off=1
   [ "$label" = base ] && off=2
   bench_coordinator $(( port + 1 + r * 3 + off )) "$work/coordinator-$label-$r.log" "$work/store-$label-$r.db"
@@ -148,7 +148,7 @@ run_baseline() {
 }
 firsts=(); statuses=(); status_maxes=(); coord_rss=(); agent_rss=()
 for ((r=1; r<=REPEAT; r++)); do
-  "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
+  bench_reset_fleet "$SHARDS"
   f0=$(pg_cpu_seconds)
   t=$("$BENCH/baseline-psql-floor.sh" "$SHARDS" "$TENANTS" "$PAR" | awk '/seconds/ {print $NF}')
   pg_wait_sessions_closed
@@ -169,7 +169,7 @@ for ((r=1; r<=REPEAT; r++)); do
   fi
 
   if command -v dbmate >/dev/null 2>&1; then
-    "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null
+    bench_reset_fleet "$SHARDS"
     t=$("$BENCH/baseline-dbmate.sh" "$SHARDS" "$TENANTS" "$PAR" | awk '/seconds/ {print $NF}')
     dbmate_times+=("$t"); echo "run $r: dbmate       ${t}s"
   fi

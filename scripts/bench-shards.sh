@@ -98,7 +98,7 @@ PGOPTIONS='-c client_min_messages=warning' "$BENCH/make-fleet.sh" "$MAX_SIZE" "$
 # resent: on a starved machine they are what the latency measures).
 run_size() {
   local n=$1 r=$2 cport mport addr cpid
-  "$BENCH/make-fleet.sh" --reset "$n" >/dev/null
+  bench_reset_fleet "$n"
   cport=$(( port + 10 + r * 4 )); mport=$(( cport + 1 ))
   addr="http://127.0.0.1:$cport"
   FLOTILLA_LOG=info "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --metrics "127.0.0.1:$mport" \

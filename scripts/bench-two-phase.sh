@@ -53,7 +53,7 @@ echo "==== building $SHARDS shards x $TENANTS tenants"
 
 walls=(); peaks_locks=(); peaks_prepared=(); windows=(); decisions=(); heards=(); pg_commits=(); holds_median=(); holds_p99=(); holds_max=()
 for ((r=1; r<=REPEAT; r++)); do
-  "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null 2>&1
+  bench_reset_fleet "$SHARDS"
   cport=$(( port + 10 + r ))
   addr="http://127.0.0.1:$cport"
   "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$work/store-$r.db" --etcd "http://127.0.0.1:$eport" >"$work/c-$r.log" 2>&1 &
@@ -100,7 +100,7 @@ done
 # instant (pg_sleep_until), timed from that instant to the last COMMIT PREPARED done.
 floors=()
 for ((r=1; r<=REPEAT; r++)); do
-  "$BENCH/make-fleet.sh" --reset "$SHARDS" >/dev/null 2>&1
+  bench_reset_fleet "$SHARDS"
   for ((s=0; s<SHARDS; s++)); do
     for ((t=1; t<=TENANTS; t++)); do
       printf "BEGIN; ALTER TABLE tenant_%04d.work_orders ADD COLUMN floor_probe int; PREPARE TRANSACTION 'floor_%s_%s';\n" "$((s * TENANTS + t - 1))" "$s" "$t"
