@@ -37,6 +37,12 @@ const SCHEDULING_BUCKETS: [f64; 14] = [
 /// The scheduling latency histogram (see [`scheduling_latency`]).
 const SCHEDULING_LATENCY: &str = "flotilla_scheduling_latency_seconds";
 
+/// The time the leader's engine spends on one event, by event (see [`engine_event`]).
+const ENGINE_EVENT: &str = "flotilla_engine_event_seconds";
+
+/// The time from a plan status request to its answer (see [`plan_status_answered`]).
+const PLAN_STATUS: &str = "flotilla_plan_status_seconds";
+
 /// Step outcomes as labelled (the `outcome` label of `flotilla_steps_finished_total`).
 const STEP_OUTCOMES: [&str; 7] = [
     "applied",
@@ -84,6 +90,14 @@ fn bucketed() -> Result<metrics_exporter_prometheus::PrometheusBuilder, BuildErr
         .set_buckets(&DURATION_BUCKETS)?
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(SCHEDULING_LATENCY.into()),
+            &SCHEDULING_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(ENGINE_EVENT.into()),
+            &SCHEDULING_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(PLAN_STATUS.into()),
             &SCHEDULING_BUCKETS,
         )
 }
@@ -153,6 +167,14 @@ fn describe() {
     describe_histogram!(
         SCHEDULING_LATENCY,
         "From an agent's run results arriving on its stream to the leader's engine having folded them into the plan and handed out the runs they freed (its wait in the engine's queue included): what the coordinator adds between one step and the next on a shard."
+    );
+    describe_histogram!(
+        ENGINE_EVENT,
+        "Time the leader's engine spent on one event, by event (results, status, start, tick, ...): every event queued behind it waits that long, a plan status answer or the runs an agent's results free."
+    );
+    describe_histogram!(
+        PLAN_STATUS,
+        "From a plan's status asked of the coordinator (plan status, each update of a plan watch, a command's answer) to the status built: the engine's queue and the status of a plan in memory, or the store read of one that is not."
     );
     describe_gauge!(
         "flotilla_agents_connected",
@@ -276,6 +298,16 @@ pub fn step_finished(shard: &str, state: StepState, duration_ms: i64) {
 /// The engine's turn-around on one agent's results (see `SCHEDULING_LATENCY`'s description).
 pub fn scheduling_latency(since_received: Duration) {
     histogram!(SCHEDULING_LATENCY).record(since_received.as_secs_f64());
+}
+
+/// The engine's time on one event (see `ENGINE_EVENT`'s description).
+pub fn engine_event(event: &'static str, took: Duration) {
+    histogram!(ENGINE_EVENT, "event" => event).record(took.as_secs_f64());
+}
+
+/// One plan status answered (see `PLAN_STATUS`'s description).
+pub fn plan_status_answered(took: Duration) {
+    histogram!(PLAN_STATUS).record(took.as_secs_f64());
 }
 
 /// A step's new state from a rollback or a resolution of prepared transactions (its

@@ -17,6 +17,7 @@ use crate::coordination::{
 };
 use crate::engine::{CommandKind, Event};
 use crate::error::{Conflict, CoordinatorError};
+use crate::metrics;
 use crate::plan::status;
 use crate::sessions::registry::Fleet;
 use crate::shutdown::Shutdown;
@@ -198,6 +199,15 @@ impl Coordinator {
     }
 
     pub async fn status(&self, plan_id: &str) -> Result<pb::PlanStatus, CoordinatorError> {
+        let started = std::time::Instant::now();
+        let status = self.status_now(plan_id).await;
+        if status.is_ok() {
+            metrics::plan_status_answered(started.elapsed());
+        }
+        status
+    }
+
+    async fn status_now(&self, plan_id: &str) -> Result<pb::PlanStatus, CoordinatorError> {
         let id = plan_id.to_string();
         if let Some(s) = self
             .to_engine(|reply| Event::Status { plan_id: id, reply })

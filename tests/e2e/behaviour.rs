@@ -594,6 +594,24 @@ async fn coordinator_serves_prometheus_metrics() -> anyhow::Result<()> {
         "{}",
         r.body
     );
+    // The engine's time per event: the agents' results were folded in, one event each.
+    let results = sample(
+        &r.body,
+        "flotilla_engine_event_seconds_count{event=\"results\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(results >= 2.0, "{}", r.body);
+
+    // A plan status is timed where the coordinator answers it, once per answer.
+    let id = status["plan_id"].as_str().unwrap();
+    let before = sample(&r.body, "flotilla_plan_status_seconds_count").unwrap_or(0.0);
+    assert_eq!(fleet.status(id).await?["state"], "completed");
+    let body = http::get(addr, "/metrics").await?.body;
+    assert_eq!(
+        sample(&body, "flotilla_plan_status_seconds_count"),
+        Some(before + 1.0),
+        "{body}"
+    );
     Ok(())
 }
 

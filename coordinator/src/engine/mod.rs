@@ -169,6 +169,40 @@ pub enum Event {
     Tick,
 }
 
+impl Event {
+    /// The event's name, for the time the engine spent on it (`flotilla_engine_event_seconds`).
+    fn kind(&self) -> &'static str {
+        match self {
+            Event::Attached { .. } => "attached",
+            Event::ResolveReply { .. } => "resolve_reply",
+            Event::Detached { .. } => "detached",
+            Event::Results { .. } => "results",
+            Event::RollbackReply { .. } => "rollback_reply",
+            Event::Start { .. } => "start",
+            Event::Command { .. } => "command",
+            Event::CancelShard { .. } => "cancel_shard",
+            Event::Status { .. } => "status",
+            Event::Lead { .. } => "lead",
+            Event::Follow => "follow",
+            Event::Stop { .. } => "stop",
+            Event::LocksTaken { .. } => "locks_taken",
+            Event::LocksWaiting { .. } => "locks_waiting",
+            Event::LiveAgents(_) => "live_agents",
+            Event::Progress { .. } => "progress",
+            Event::Promote { .. } => "promote",
+            Event::Halt { .. } => "halt",
+            Event::GateResult { .. } => "gate_result",
+            Event::BakeProbe { .. } => "bake_probe",
+            Event::Pause { .. } => "pause",
+            Event::Tick => "tick",
+        }
+    }
+}
+
+/// An event the engine takes longer than this on is logged (at debug): everything queued
+/// behind it, a `plan status` or the runs an agent's results free, waits that long.
+const SLOW_EVENT: Duration = Duration::from_millis(100);
+
 pub struct Engine {
     epoch: u64,
     leading: bool,
@@ -260,9 +294,20 @@ impl Engine {
             } else {
                 Span::none()
             };
+            let kind = event.kind();
+            let started = Instant::now();
             self.handle(event).instrument(term).await;
             // What an agent's stream could not take during the event goes now, in order.
             self.flush_outbound();
+            let took = started.elapsed();
+            metrics::engine_event(kind, took);
+            if took >= SLOW_EVENT {
+                debug!(
+                    event = kind,
+                    ms = took.as_millis() as u64,
+                    "slow engine event"
+                );
+            }
         }
         debug!("engine stopped");
     }
