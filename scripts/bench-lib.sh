@@ -66,8 +66,8 @@ bench_start_pg() {
 }
 
 bench_coordinator() {
-  local cport=$1 log=$2 store=$3
-  "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$store" >"$log" 2>&1 &
+  local cport=$1 log=$2 store=$3 metrics=${4:-}
+  "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$store" ${metrics:+--metrics "$metrics"} >"$log" 2>&1 &
   COORD_PID=$!
   pids+=("$COORD_PID")
   addr="http://127.0.0.1:$cport"

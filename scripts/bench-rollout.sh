@@ -11,7 +11,8 @@
 # and prints how long that took. Every Flotilla run also reports what scale costs (issue 15): the coordinator's and the
 # agents' peak RSS (VmHWM at the end of the run), the time from submit to the first step
 # (the earliest journal row's start in any shard), and `plan status` answer times sampled
-# during the rollout (whole CLI invocations).
+# during the rollout (whole CLI invocations), with the coordinator's own time for the
+# statuses it answered (its flotilla_plan_status_seconds, scraped from --metrics).
 #
 #   scripts/bench-rollout.sh [REPEAT]            (default 3; prints the median of each)
 #   scripts/bench-rollout.sh --scale [REPEAT]    10,000 tenants: 4 x 2500 tenants, 5 rows each,
@@ -59,6 +60,22 @@ sample_status() {
   done
 }
 
+# The coordinator's own time for the plan statuses it answered during the run (its
+# flotilla_plan_status_seconds: the sampled `plan status` calls and the submit's watch), apart
+# from the CLI process each sample also times. Sets R_STATUS_COORD (text) and adds to
+# STATUS_COORD_N and STATUS_COORD_SLOW (answers, and those over 0.1 s).
+coordinator_status_times() {
+  local body n sum fast
+  body=$(curl -s "http://$1/metrics" 2>/dev/null | grep '^flotilla_plan_status_seconds' || true)
+  n=$(awk '/^flotilla_plan_status_seconds_count/ {print $2}' <<<"$body")
+  if [ -z "$n" ] || [ "$n" = 0 ]; then R_STATUS_COORD="not served (build without the metric)"; return; fi
+  sum=$(awk '/^flotilla_plan_status_seconds_sum/ {print $2}' <<<"$body")
+  fast=$(awk '/^flotilla_plan_status_seconds_bucket\{le="0.1"\}/ {print $2}' <<<"$body")
+  R_STATUS_COORD=$(awk -v n="$n" -v s="$sum" -v f="$fast" 'BEGIN {printf "%d answers, mean %.1f ms, %d over 0.1 s", n, 1000 * s / n, n - f}')
+  STATUS_COORD_N=$(( STATUS_COORD_N + n )); STATUS_COORD_SLOW=$(( STATUS_COORD_SLOW + n - fast ))
+}
+STATUS_COORD_N=0; STATUS_COORD_SLOW=0
+
 # One Flotilla run on a freshly reset fleet: coordinator, one agent per shard, the plan at $3
 # submitted with --wait. Sets R_T (seconds), R_FIRST (submit to first step, seconds), R_STATUS
 # and R_STATUS_MAX (median and max `plan status` seconds), R_COORD_RSS and R_AGENT_RSS (MB,
@@ -68,7 +85,8 @@ run_flotilla() {
   bench_reset_fleet "$SHARDS"
   [ "$label" = waves ] && off=1
   [ "$label" = base ] && off=2
-  bench_coordinator $(( port + 1 + r * 3 + off )) "$work/coordinator-$label-$r.log" "$work/store-$label-$r.db"
+  local maddr="127.0.0.1:$(( port + 501 + r * 3 + off ))"
+  bench_coordinator $(( port + 1 + r * 3 + off )) "$work/coordinator-$label-$r.log" "$work/store-$label-$r.db" "$maddr"
   bench_agents "$label-$r"
   bench_wait_connected
   bench_wait_inventory $(( SHARDS * TENANTS ))
@@ -93,6 +111,7 @@ run_flotilla() {
   R_BUSY=$(echo "$t0 $t1" | awk '{printf "%.0f", 100 * ($3 - $1) / ($4 - $2)}')
   wait "$sampler" 2>/dev/null || true
   R_T=$(echo "$end - $start" | bc)
+  coordinator_status_times "$maddr"
   R_COORD_RSS=$(peak_rss_mb "$COORD_PID")
   R_AGENT_RSS=$(for p in "${AGENT_PIDS[@]}"; do peak_rss_mb "$p"; done | sort -n | tail -1)
   first=$(for ((s=0; s<SHARDS; s++)); do
@@ -104,8 +123,8 @@ run_flotilla() {
   else
     R_STATUS="?"; R_STATUS_MAX="?"
   fi
-  printf 'run %s: flotilla %-6s %ss   (agents'"'"' start-up inventory %ss before, not counted)   first step after %ss; plan status %ss (max %ss, %s samples); peak RSS coordinator %s MB, agent %s MB; CPU coordinator %s s, agents %s s, machine %s%% busy   (%s)\n' \
-    "$r" "$label" "$R_T" "$R_INVENTORY" "$R_FIRST" "$R_STATUS" "$R_STATUS_MAX" "$(wc -l <"$samples")" "$R_COORD_RSS" "$R_AGENT_RSS" \
+  printf 'run %s: flotilla %-6s %ss   (agents'"'"' start-up inventory %ss before, not counted)   first step after %ss; plan status %ss (max %ss, %s samples; at the coordinator %s); peak RSS coordinator %s MB, agent %s MB; CPU coordinator %s s, agents %s s, machine %s%% busy   (%s)\n' \
+    "$r" "$label" "$R_T" "$R_INVENTORY" "$R_FIRST" "$R_STATUS" "$R_STATUS_MAX" "$(wc -l <"$samples")" "$R_STATUS_COORD" "$R_COORD_RSS" "$R_AGENT_RSS" \
     "$R_COORD_CPU" "$R_AGENT_CPU" "$R_BUSY" "$(tail -1 "$slog" | head -c 100)" >&2
   # The coordinator's own view: from the plan stored to its final state.
   awk '/plan submitted/ {s=$1} /every step applied/ {e=$1} END {print "        coordinator: submitted " s ", finished " e}' "$work/coordinator-$label-$r.log" >&2
@@ -186,6 +205,7 @@ echo "flotilla:    ${flot}s"
 printf 'flotilla/floor: %.2fx (goal: at most %sx)\n' "$(echo "$flot / $floor" | bc -l)" "$goal"
 echo "submit to first step: $(printf '%s\n' "${firsts[@]}" | median)s median, $(max_of "${firsts[@]}")s max (goal: under 1 s)"
 echo "plan status during the rollout: $(printf '%s\n' "${statuses[@]}" | grep -v '?' | median)s median of the runs' medians, $(max_of "${status_maxes[@]}")s slowest answer (goal: under 0.1 s)"
+echo "plan status at the coordinator (every run of a build that times it): $STATUS_COORD_N answers, $STATUS_COORD_SLOW over 0.1 s (each sample above is a whole CLI process: start, connect, ask, render)"
 echo "peak RSS: coordinator $(max_of "${coord_rss[@]}") MB, largest agent $(max_of "${agent_rss[@]}") MB, the largest of the runs (goals: under 200 MB, under 100 MB)"
 if [ "$WAVES" = 1 ]; then
   wav=$(printf '%s\n' "${waves_times[@]}" | median)
