@@ -94,6 +94,16 @@ bench_reset_fleet() {
   psql "$PGURL/postgres" -XAtqc "CHECKPOINT" >/dev/null
 }
 
+# A histogram's count, sum and bucket counts from a /metrics text on stdin, one line:
+# "count sum le1:c1 le2:c2 ...".
+histogram_of() {
+  awk -v m="$1" '
+    index($0, m "_count") == 1 {c = $2}
+    index($0, m "_sum") == 1 {s = $2}
+    index($0, m "_bucket{le=\"") == 1 {split($0, a, "\""); b = b " " a[2] ":" $2}
+    END {print c + 0, s + 0 b}'
+}
+
 bench_wait_connected() {
   local tries=${1:-200} n
   for ((i=0; i<tries; i++)); do

@@ -65,12 +65,11 @@ sample_status() {
 # from the CLI process each sample also times. Sets R_STATUS_COORD (text) and adds to
 # STATUS_COORD_N and STATUS_COORD_SLOW (answers, and those over 0.1 s).
 coordinator_status_times() {
-  local body n sum fast
-  body=$(curl -s "http://$1/metrics" 2>/dev/null | grep '^flotilla_plan_status_seconds' || true)
-  n=$(awk '/^flotilla_plan_status_seconds_count/ {print $2}' <<<"$body")
-  if [ -z "$n" ] || [ "$n" = 0 ]; then R_STATUS_COORD="not served (build without the metric)"; return; fi
-  sum=$(awk '/^flotilla_plan_status_seconds_sum/ {print $2}' <<<"$body")
-  fast=$(awk '/^flotilla_plan_status_seconds_bucket\{le="0.1"\}/ {print $2}' <<<"$body")
+  local h n sum fast
+  h=$(curl -s "http://$1/metrics" 2>/dev/null | histogram_of flotilla_plan_status_seconds)
+  read -r n sum _ <<<"$h"
+  if [ "$n" = 0 ]; then R_STATUS_COORD="not served (build without the metric)"; return; fi
+  fast=$(tr ' ' '\n' <<<"$h" | awk -F: '$1 == "0.1" {print $2}')
   R_STATUS_COORD=$(awk -v n="$n" -v s="$sum" -v f="$fast" 'BEGIN {printf "%d answers, mean %.1f ms, %d over 0.1 s", n, 1000 * s / n, n - f}')
   STATUS_COORD_N=$(( STATUS_COORD_N + n )); STATUS_COORD_SLOW=$(( STATUS_COORD_SLOW + n - fast ))
 }

@@ -49,16 +49,6 @@ bench_median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2
 
 # ---- this benchmark -----------------------------------------------------------------------
 
-# A histogram's count, sum and bucket counts from a /metrics text on stdin, one line:
-# "count sum le1:c1 le2:c2 ...".
-histogram_of() {
-  awk -v m="$1" '
-    index($0, m "_count") == 1 {c = $2}
-    index($0, m "_sum") == 1 {s = $2}
-    index($0, m "_bucket{le=\"") == 1 {split($0, a, "\""); b = b " " a[2] ":" $2}
-    END {print c + 0, s + 0 b}'
-}
-
 # The latency between two histogram readings: "mean_ms p99_ms" (p99: the upper bound of the
 # bucket that holds it).
 latency_between() {

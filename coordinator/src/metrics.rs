@@ -86,19 +86,17 @@ pub fn install_agent(addr: Option<SocketAddr>, shard: &str) -> Result<(), BuildE
 
 /// The exporter with every histogram's buckets.
 fn bucketed() -> Result<metrics_exporter_prometheus::PrometheusBuilder, BuildError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&DURATION_BUCKETS)?
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(SCHEDULING_LATENCY.into()),
-            &SCHEDULING_BUCKETS,
-        )?
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(ENGINE_EVENT.into()),
-            &SCHEDULING_BUCKETS,
-        )?
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(PLAN_STATUS.into()),
-            &SCHEDULING_BUCKETS,
+    // the coordinator's own turn-arounds: microseconds to a second
+    [SCHEDULING_LATENCY, ENGINE_EVENT, PLAN_STATUS]
+        .into_iter()
+        .try_fold(
+            metrics_exporter_prometheus::PrometheusBuilder::new().set_buckets(&DURATION_BUCKETS)?,
+            |builder, name| {
+                builder.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(name.into()),
+                    &SCHEDULING_BUCKETS,
+                )
+            },
         )
 }
 
