@@ -123,15 +123,25 @@ pub(crate) async fn check_two_phase(
         }
         Err(e) => warn!(error = %e, "max_locks_per_transaction cannot be read"),
     }
-    // The limit is the server's: transactions prepared in any of its databases count.
-    let prepared_now: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_prepared_xacts")
-        .fetch_one(pool)
-        .await
-        .map_err(|source| TwoPhaseError::Setting {
-            shard: shard.to_string(),
-            setting: "pg_prepared_xacts",
-            source,
-        })?;
+    // The limit is the server's: transactions prepared in any of its databases count, but
+    // for the preflight probes (prepared and rolled back at once), which the other shard
+    // databases of the server may hold this very moment for this very plan's preflight.
+    let probes = format!(
+        "{}{}:%",
+        flotilla_core::protocol::gid::PREFIX,
+        flotilla_core::protocol::gid::PREFLIGHT_UNIT
+    );
+    let prepared_now: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_catalog.pg_prepared_xacts WHERE gid NOT LIKE $1",
+    )
+    .bind(probes)
+    .fetch_one(pool)
+    .await
+    .map_err(|source| TwoPhaseError::Setting {
+        shard: shard.to_string(),
+        setting: "pg_prepared_xacts",
+        source,
+    })?;
     let server = match sqlx::query_scalar::<_, String>(SERVER_SQL)
         .fetch_one(pool)
         .await
