@@ -1,7 +1,7 @@
 //! Plans' commit decisions, as their keys in etcd hold them.
 use std::time::Duration;
 
-use etcd_client::Client;
+use etcd_client::{Client, GetOptions};
 use tracing::warn;
 
 use super::{Decision, TwoPhaseError};
@@ -33,12 +33,29 @@ impl Decisions {
 
     /// The plan's decision; None when there is none yet (or its value is neither `commit`
     /// nor `abort`). Err when etcd cannot be read.
+    ///
+    /// A decision is written once (the coordinator's transaction creates the key only where
+    /// none is) and never deleted, so one found by a serializable read (the member's own
+    /// store, no round of the consensus) is the decision, however far that member lags;
+    /// only "none yet" needs the linearizable read. Every agent of a unit reads its
+    /// decision the moment it hears it, each prepared target holding its locks meanwhile.
     pub async fn read(&self, plan_id: &str) -> Result<Option<Decision>, TwoPhaseError> {
-        // One try per member, each first in turn: a dead member must not stand
-        // between a prepared transaction and its decision.
+        match self.read_any(plan_id, true).await? {
+            Some(d) => Ok(Some(d)),
+            None => self.read_any(plan_id, false).await,
+        }
+    }
+
+    /// One try per member, each first in turn: a dead member must not stand between a
+    /// prepared transaction and its decision.
+    async fn read_any(
+        &self,
+        plan_id: &str,
+        serializable: bool,
+    ) -> Result<Option<Decision>, TwoPhaseError> {
         let mut last = None;
         for first in 0..self.etcd.members().max(1) {
-            match self.read_via(plan_id, first).await {
+            match self.read_via(plan_id, first, serializable).await {
                 Ok(d) => return Ok(d),
                 Err(e) => last = Some(e),
             }
@@ -50,6 +67,7 @@ impl Decisions {
         &self,
         plan_id: &str,
         first: usize,
+        serializable: bool,
     ) -> Result<Option<Decision>, TwoPhaseError> {
         let key = decision_key(&self.etcd.prefix, plan_id);
         let mut client = self.client.lock().await;
@@ -68,7 +86,8 @@ impl Decisions {
                 }
             }
         };
-        let found = match call(ETCD_CALL_LIMIT, c.get(key.as_str(), None)).await {
+        let options = serializable.then(|| GetOptions::new().with_serializable());
+        let found = match call(ETCD_CALL_LIMIT, c.get(key.as_str(), options)).await {
             Ok(found) => found,
             Err(source) => {
                 // a fresh client next time, starting at the next member
