@@ -47,12 +47,14 @@ echo "==== building the reference fleet: $SHARDS shards x $TENANTS tenants x $RO
 # Times `plan status` of the plan the submit log names, every half second until the submit
 # ends (each a whole CLI process: connect, ask, render); one line of seconds per answer.
 sample_status() {
-  local submit_log=$1 out=$2 submit_pid=$3 id="" s e
+  local submit_log=$1 out=$2 submit_pid=$3 id="" s e TIMEFORMAT='%U %S'
   while kill -0 "$submit_pid" 2>/dev/null; do
     [ -n "$id" ] || id=$(sed -n 's/^plan \(.*\) submitted$/\1/p' "$submit_log" 2>/dev/null | head -1)
     if [ -n "$id" ]; then
       s=$(now)
-      "$FLOTILLA" --coordinator "$addr" plan status "$id" >/dev/null 2>&1 || true
+      # each sample's CPU (user and system seconds) goes to $out.cpu: the benchmark's own
+      # processes take the same cores as the rollout it times
+      { time "$FLOTILLA" --coordinator "$addr" plan status "$id" >/dev/null 2>&1 || true; } 2>>"$out.cpu"
       e=$(now)
       kill -0 "$submit_pid" 2>/dev/null && echo "$e - $s" | bc >>"$out"
     fi
@@ -91,12 +93,16 @@ run_flotilla() {
   bench_wait_inventory $(( SHARDS * TENANTS ))
   pg0=$(pg_cpu_seconds)
   local slog="$work/submit-$label-$r.log" samples="$work/status-$label-$r.txt"
-  : >"$samples"
+  : >"$samples"; : >"$samples.cpu"
   local t0 t1 c0 a0
   c0=$(bench_cpu_seconds "$COORD_PID"); a0=$(for p in "${AGENT_PIDS[@]}"; do bench_cpu_seconds "$p"; done | awk '{s += $1} END {print s}')
   t0=$(machine_ticks)
   start=$(now)
-  "$FLOTILLA" --coordinator "$addr" plan submit "$plan" --wait --max-parallel "$PAR" >"$slog" 2>&1 &
+  # the submit, which follows the plan to its end (a status each time it changes, at most
+  # every 100 ms), timed for its CPU as the samples are
+  ( TIMEFORMAT='%U %S'
+    { time "$FLOTILLA" --coordinator "$addr" plan submit "$plan" --wait --max-parallel "$PAR" >"$slog" 2>&1; } 2>"$slog.cpu"
+  ) &
   sub=$!
   sample_status "$slog" "$samples" "$sub" &
   local sampler=$!
@@ -115,6 +121,8 @@ run_flotilla() {
   R_BUSY=$(echo "$t0 $t1" | awk '{printf "%.0f", 100 * ($3 - $1) / ($4 - $2)}')
   wait "$sampler" 2>/dev/null || true
   R_T=$(echo "$end - $start" | bc)
+  R_SUBMIT_CPU=$(awk '{s += $1 + $2} END {printf "%.2f", s}' "$slog.cpu")
+  R_SAMPLES_CPU=$(awk '{s += $1 + $2} END {printf "%.2f", s}' "$samples.cpu")
   coordinator_status_times "$maddr"
   R_COORD_RSS=$(peak_rss_mb "$COORD_PID")
   R_AGENT_RSS=$(for p in "${AGENT_PIDS[@]}"; do peak_rss_mb "$p"; done | sort -n | tail -1)
@@ -127,9 +135,9 @@ run_flotilla() {
   else
     R_STATUS="?"; R_STATUS_MAX="?"
   fi
-  printf 'run %s: flotilla %-6s %ss   (agents'"'"' start-up inventory %ss before, not counted)   first step after %ss; plan status %ss (max %ss, %s samples; at the coordinator %s); peak RSS coordinator %s MB, agent %s MB; CPU coordinator %s s, agents %s s, machine %s%% busy   (%s)\n' \
+  printf 'run %s: flotilla %-6s %ss   (agents'"'"' start-up inventory %ss before, not counted)   first step after %ss; plan status %ss (max %ss, %s samples; at the coordinator %s); peak RSS coordinator %s MB, agent %s MB; CPU coordinator %s s, agents %s s, the submit'"'"'s watch %s s, the status samples %s s, machine %s%% busy   (%s)\n' \
     "$r" "$label" "$R_T" "$R_INVENTORY" "$R_FIRST" "$R_STATUS" "$R_STATUS_MAX" "$(wc -l <"$samples")" "$R_STATUS_COORD" "$R_COORD_RSS" "$R_AGENT_RSS" \
-    "$R_COORD_CPU" "$R_AGENT_CPU" "$R_BUSY" "$(tail -1 "$slog" | head -c 100)" >&2
+    "$R_COORD_CPU" "$R_AGENT_CPU" "$R_SUBMIT_CPU" "$R_SAMPLES_CPU" "$R_BUSY" "$(tail -1 "$slog" | head -c 100)" >&2
   # The coordinator's own view: from the plan stored to its final state.
   awk '/plan submitted/ {s=$1} /every step applied/ {e=$1} END {print "        coordinator: submitted " s ", finished " e}' "$work/coordinator-$label-$r.log" >&2
   applied=$(psql "$PGURL/shard_0" -XAtc "SELECT count(*) FROM flotilla.journal")
