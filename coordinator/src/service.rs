@@ -23,6 +23,13 @@ use crate::sessions::registry::Fleet;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreOp};
 
+/// How often a watch (`plan submit --wait`, `plan watch`) gets a new status while its plan
+/// changes. Each is a whole plan status the engine builds between the results it handles:
+/// at 10,000 targets a watch every 100 ms made about 540 of the 643 statuses the coordinator
+/// built during a rollout (`bench-rollout.sh --scale`, mean 2.0 ms each). A person following
+/// a rollout sees no difference between 100 and 500 ms; the plan's end is sent at once.
+const WATCH_COALESCE: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Clone)]
 pub struct Defaults {
     pub lock_timeout: Duration,
@@ -435,9 +442,9 @@ impl Coordinator {
                 if terminal {
                     return;
                 }
-                // Coalesce bursts of changes to one status every 100 ms, but
+                // Coalesce bursts of changes to one status every WATCH_COALESCE, but
                 // look at once when the plan ends; a periodic look covers a missed one.
-                let due = tokio::time::Instant::now() + Duration::from_millis(100);
+                let due = tokio::time::Instant::now() + WATCH_COALESCE;
                 let tick = tokio::time::Instant::now() + Duration::from_secs(1);
                 let mut pending = false;
                 loop {
