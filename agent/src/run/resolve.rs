@@ -149,15 +149,16 @@ impl Agent {
         )
         .await;
         // where a decision's time goes on this shard (the two-phase bench reads it): the
-        // fence and decision reads, then the COMMIT/ROLLBACK PREPAREDs on how many sessions
-        // (and how many of them had to be opened)
+        // fence and decision reads, then the COMMIT/ROLLBACK PREPAREDs on the sessions idle
+        // after those reads (`finish_on_connections` takes at least one, at most one a gid),
+        // and how many had to be opened
         debug!(
             gids = finished.len(),
             checks_ms = checked.as_secs_f64() * 1e3,
             finish_ms = (received.elapsed() - checked).as_secs_f64() * 1e3,
             open_at_start,
             idle_at_start,
-            sessions = parallel.max(1).min(finished.len()),
+            idle_after_checks = parallel,
             opened = self.pool.size().saturating_sub(open_before),
             "decision carried out"
         );
