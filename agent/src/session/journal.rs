@@ -5,7 +5,7 @@
 //! report is followed by the same targets' schema fingerprints (`schema`), except while the
 //! shard has runs queued or running: then the targets' fingerprints are cleared at the
 //! coordinator (they show as not fingerprinted, never as stale) and read once the shard is
-//! idle, or after `SHAPES_DEFERRED_AT_MOST`.
+//! idle, or after `SHAPES_DEFERRED_AT_MOST`. The periodic whole report waits the same way.
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,12 +32,17 @@ const CHUNK: usize = 5_000;
 /// recomputing its drift view after each, for the whole rollout, beside the steps themselves.
 pub(crate) const REPORT_GAP: Duration = Duration::from_secs(1);
 
-/// How long the fingerprints of targets whose runs ended may wait for the shard to be idle.
-/// Reading them costs the catalog functions (`pg_get_viewdef`, `pg_get_indexdef`, ...) per
-/// object of each target: measured with the 1,000-tenant rollout (`bench-rollout.sh`, 4
-/// agents), those reads took 6.6 s of the server's statement time during a 7 s rollout, on
-/// the cores the steps need. Deferred, they run once the runs are done.
-pub(crate) const SHAPES_DEFERRED_AT_MOST: Duration = Duration::from_secs(30);
+/// How long the fingerprints of targets whose runs ended, and the periodic whole report
+/// (every target's fingerprint), may wait for the shard to be idle. Reading them costs the
+/// catalog functions (`pg_get_viewdef`, `pg_get_indexdef`, ...) per object of each target:
+/// measured with the 1,000-tenant rollout (`bench-rollout.sh`, 4 agents), those reads took
+/// 6.6 s of the server's statement time during a 7 s rollout, on the cores the steps need.
+/// Deferred, they run once the runs are done. Two minutes, not the discover interval (30 s):
+/// a 10,000-tenant rollout takes 30 to 60 s on the reference machine, and with 30 s the
+/// whole report and the deferred fingerprints (2,500 targets a shard) came in the middle of
+/// it, 4.4 s of the server's CPU in its last 5 s (`perf`, 2026-12-04). A busy shard's drift
+/// view lags by at most this much; the targets show as not fingerprinted meanwhile.
+pub(crate) const SHAPES_DEFERRED_AT_MOST: Duration = Duration::from_secs(120);
 
 /// What the coordinator has not heard yet.
 #[derive(Debug, Default)]
@@ -47,13 +52,19 @@ pub(crate) struct JournalDirty {
     reporting: AtomicBool,
     /// When the last report ended (sent or not).
     last_ended: std::sync::Mutex<Option<Instant>>,
+    /// When the last run's result went out.
+    last_run: std::sync::Mutex<Option<Instant>>,
     /// A report held back by `REPORT_GAP` is due: one task waits to send it.
     deferred: AtomicBool,
 }
 
 #[derive(Debug, Default)]
 struct Dirty {
+    /// A whole report is due now: after a Welcome, a decision, a failed whole report.
     all: bool,
+    /// The periodic whole report (every discover interval) is due, since then: it looks for
+    /// changes made outside Flotilla, and waits for an idle shard as the fingerprints do.
+    periodic_since: Option<Instant>,
     targets: BTreeSet<String>,
     /// Targets whose journal rows went out while runs were busy, without fingerprints (the
     /// coordinator holds none for them until they are read), and since when.
@@ -85,11 +96,34 @@ impl Dirty {
             .unshaped_since
             .is_none_or(|since| now.duration_since(since) < SHAPES_DEFERRED_AT_MOST)
     }
+
+    /// Whether a whole report is due now (a periodic one once the shard is idle or it waited
+    /// `SHAPES_DEFERRED_AT_MOST`).
+    fn whole_due(&self, busy: bool, now: Instant) -> bool {
+        self.all
+            || self
+                .periodic_since
+                .is_some_and(|since| !busy || now.duration_since(since) >= SHAPES_DEFERRED_AT_MOST)
+    }
 }
 
 impl JournalDirty {
     pub fn mark_all(&self) {
         self.state.lock().expect("journal dirty lock").all = true;
+    }
+
+    /// The discover interval's whole report: at once on an idle shard, else when it is idle
+    /// (at most `SHAPES_DEFERRED_AT_MOST` later).
+    pub fn mark_periodic(&self) {
+        self.mark_periodic_at(Instant::now());
+    }
+
+    fn mark_periodic_at(&self, now: Instant) {
+        self.state
+            .lock()
+            .expect("journal dirty lock")
+            .periodic_since
+            .get_or_insert(now);
     }
 
     /// Targets whose journal rows changed outside a run (a baseline recorded them).
@@ -107,6 +141,9 @@ impl JournalDirty {
     }
 
     fn mark_at(&self, item: &Outgoing, now: Instant) {
+        if matches!(item, Outgoing::Run { .. }) {
+            *self.last_run.lock().expect("journal run lock") = Some(now);
+        }
         let mut state = self.state.lock().expect("journal dirty lock");
         match item {
             // A run that only PREPARED changed nothing others can see yet, and reading its
@@ -136,10 +173,24 @@ impl JournalDirty {
         }
     }
 
+    /// Whether the shard counts as busy for the reports: runs queued or running (`runs`), or
+    /// a run's result went out less than `REPORT_GAP` ago. Between one run's end and the next
+    /// one's arrival (its result goes to the coordinator, which hands out the next) the agent
+    /// holds no run for a few milliseconds at a time: idle by its queue alone, and in a
+    /// 10,000-tenant rollout the deferred fingerprints were read in such a moment, in the
+    /// middle of it.
+    fn busy_at(&self, runs: bool, now: Instant) -> bool {
+        runs || self
+            .last_run
+            .lock()
+            .expect("journal run lock")
+            .is_some_and(|at| now.duration_since(at) < REPORT_GAP)
+    }
+
     /// How long a report now has to wait: any report until `REPORT_GAP` after a decision
     /// carried out here; otherwise only a report of some targets waits, until `REPORT_GAP`
-    /// after the last report ended; fingerprints deferred while runs are busy are looked at
-    /// again every `REPORT_GAP` until the shard is idle.
+    /// after the last report ended; fingerprints and a periodic whole report deferred while
+    /// runs are busy are looked at again every `REPORT_GAP` until the shard is idle.
     fn wait_at(&self, now: Instant, busy: bool) -> Option<Duration> {
         let state = self.state.lock().expect("journal dirty lock");
         let quiet = state
@@ -149,12 +200,12 @@ impl JournalDirty {
         if quiet.is_some() {
             return quiet;
         }
-        if state.all {
+        if state.whole_due(busy, now) {
             return None;
         }
         if state.targets.is_empty() {
-            return (!state.unshaped.is_empty() && state.shapes_wait(busy, now))
-                .then_some(REPORT_GAP);
+            let shapes_wait = !state.unshaped.is_empty() && state.shapes_wait(busy, now);
+            return (shapes_wait || state.periodic_since.is_some()).then_some(REPORT_GAP);
         }
         let ended = (*self.last_ended.lock().expect("journal report lock"))?;
         (ended + REPORT_GAP)
@@ -164,7 +215,7 @@ impl JournalDirty {
 
     fn take(&self, busy: bool, now: Instant) -> Option<Take> {
         let mut state = self.state.lock().expect("journal dirty lock");
-        if state.all {
+        if state.whole_due(busy, now) {
             *state = Dirty::default();
             return Some(Take::Whole);
         }
@@ -208,7 +259,7 @@ pub(crate) fn report(agent: &Arc<Agent>, tx: &mpsc::Sender<pb::AgentMessage>) {
         return;
     }
     let now = Instant::now();
-    let busy = agent.runs_busy();
+    let busy = dirty.busy_at(agent.runs_busy(), now);
     if let Some(wait) = dirty.wait_at(now, busy) {
         dirty.reporting.store(false, Ordering::Release);
         if !dirty.deferred.swap(true, Ordering::AcqRel) {
@@ -489,6 +540,53 @@ mod tests {
         dirty.mark_all();
         assert_eq!(dirty.take(true, end), Some(Take::Whole));
         assert_eq!(dirty.take(false, end), None);
+    }
+
+    #[test]
+    fn the_periodic_whole_report_waits_for_an_idle_shard_or_for_at_most_the_deferral() {
+        let dirty = JournalDirty::default();
+        let now = Instant::now();
+        // Idle: it goes at once.
+        dirty.mark_periodic_at(now);
+        assert_eq!(dirty.wait_at(now, false), None);
+        assert_eq!(dirty.take(false, now), Some(Take::Whole));
+        assert_eq!(dirty.take(false, now), None);
+        // Busy: it waits, looked at again every gap, while the runs' targets still go.
+        dirty.mark_periodic_at(now);
+        assert_eq!(dirty.wait_at(now, true), Some(REPORT_GAP));
+        assert_eq!(dirty.take(true, now), None);
+        dirty.mark(&run("t1", &[pb::StepOutcome::Applied]));
+        assert_eq!(dirty.take(true, now), targets(&["t1"], false));
+        // a later interval does not move it on
+        let later = now + SHAPES_DEFERRED_AT_MOST / 2;
+        dirty.mark_periodic_at(later);
+        assert_eq!(dirty.take(true, later), None);
+        // Busy for longer than the deferral: it goes anyway, and takes the deferred
+        // fingerprints with it.
+        let end = now + SHAPES_DEFERRED_AT_MOST;
+        assert_eq!(dirty.wait_at(end, true), None);
+        assert_eq!(dirty.take(true, end), Some(Take::Whole));
+        assert_eq!(dirty.take(false, end), None, "nothing waits any more");
+        // One that waited goes once the shard is idle.
+        dirty.mark_periodic_at(end);
+        assert_eq!(dirty.take(true, end), None);
+        assert_eq!(dirty.take(false, end), Some(Take::Whole));
+        // A Welcome's whole report never waits for the runs.
+        dirty.mark_all();
+        assert_eq!(dirty.wait_at(end, true), None);
+        assert_eq!(dirty.take(true, end), Some(Take::Whole));
+    }
+
+    #[test]
+    fn a_shard_between_runs_is_busy_until_a_gap_after_the_last_result() {
+        let dirty = JournalDirty::default();
+        let now = Instant::now();
+        assert!(!dirty.busy_at(false, now), "no run yet");
+        assert!(dirty.busy_at(true, now));
+        dirty.mark_at(&run("t1", &[pb::StepOutcome::Applied]), now);
+        // the next run is on its way from the coordinator
+        assert!(dirty.busy_at(false, now + REPORT_GAP / 2));
+        assert!(!dirty.busy_at(false, now + REPORT_GAP));
     }
 
     #[test]

@@ -196,9 +196,10 @@ pub(super) async fn session(
             _ = heartbeat.tick() => {
                 if welcomed {
                     // Every discover interval: tenants that came or went, and the whole
-                    // journal again (so changes made outside Flotilla show too).
+                    // journal again (so changes made outside Flotilla show too), once the
+                    // shard's runs leave it the cores.
                     if last_full_report.elapsed() >= agent.config.discover_interval {
-                        agent.journal_dirty.mark_all();
+                        agent.journal_dirty.mark_periodic();
                         last_full_report = Instant::now();
                         journal::discover(agent, &tx);
                     }
