@@ -8,7 +8,9 @@
 use std::time::{Duration, Instant};
 
 use flotilla_core::pb;
-use sqlx::postgres::{PgConnection, PgPool};
+use futures::TryStreamExt;
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
+use sqlx::{AssertSqlSafe, Column, Either, Row};
 use tracing::{debug, info, instrument, warn};
 
 use super::conn::{execute, recover, wait_for_server};
@@ -21,6 +23,7 @@ use crate::data::{self, DataHooks};
 use crate::error::{Failure, classify};
 use crate::metrics::{self, StepMode, StepOutcome};
 use crate::shard;
+use crate::step::sql::STEP_DONE;
 use crate::step::{PreparedMigration, StepContext};
 
 pub(crate) struct RunOutput {
@@ -235,8 +238,14 @@ async fn run_group(
     }
 }
 
-/// One transaction for the group: `BEGIN` + fence ride with the first step's query; it ends
-/// in COMMIT, or in PREPARE TRANSACTION for a run to prepare.
+/// One transaction for the group, its steps and COMMIT in one query: `BEGIN` and the fence
+/// ride with the first step. A run to prepare sends its PREPARE TRANSACTION on its own.
+///
+/// The results stream back as the server finishes each statement, and each step's journal
+/// row returns `STEP_DONE` with its position: that mark says which steps are done (a failure
+/// is the next one's) and how long each took (from the previous mark). One round trip per
+/// run instead of one per step and one for the COMMIT: each costs the agent and the server
+/// a send, a receive and the switches between them.
 async fn run_transaction(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
@@ -244,35 +253,79 @@ async fn run_transaction(
     group: &[usize],
     durations: &mut [Duration],
 ) -> Result<(), GroupFailure> {
-    let fail = |position, e: &sqlx::Error| GroupFailure {
-        position,
-        failure: classify(e, "up"),
+    let last = group.len() - 1;
+    let fail = |position: usize, failure| GroupFailure {
+        position: position.min(last),
+        failure,
         in_transaction: true,
     };
-    for (k, &idx) in group.iter().enumerate() {
-        let sql = if k == 0 {
-            sqlgen::first_transactional_step(cx, &job.steps[idx])
-        } else {
-            sqlgen::transactional_step(cx, &job.steps[idx])
-        };
-        let started = Instant::now();
-        let r = execute(conn, sql).await;
-        durations[k] = started.elapsed();
-        r.map_err(|e| fail(k, &e))?;
+    // A commit failpoint fires after the steps ran, before the COMMIT: known before sending.
+    let failpoint = commit_failpoint();
+    let fused_commit = job.prepare.is_none() && failpoint.is_none();
+    let steps: Vec<&PreparedMigration> = group.iter().map(|&i| &*job.steps[i]).collect();
+    let sql = sqlgen::transaction(cx, &steps, fused_commit);
+    let mut mark = Instant::now();
+    let mut done = 0usize;
+    {
+        let mut results = sqlx::raw_sql(AssertSqlSafe(sql)).fetch_many(&mut *conn);
+        loop {
+            match results.try_next().await {
+                Ok(Some(Either::Right(row))) if is_step_done(&row, done) => {
+                    if let Some(d) = durations.get_mut(done) {
+                        *d = mark.elapsed();
+                    }
+                    mark = Instant::now();
+                    done += 1;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    let position = done.min(last);
+                    durations[position] += mark.elapsed();
+                    return Err(fail(done, classify(&e, "up")));
+                }
+            }
+        }
     }
-    let last = group.len() - 1;
+    if done != group.len() {
+        // every step's journal row returns its mark: a query that ends without them all did
+        // not run what it was sent for
+        return Err(fail(
+            done,
+            Failure::agent(
+                "up",
+                format!(
+                    "the run's transaction ended after {done} of its {} steps marked done",
+                    group.len()
+                ),
+            ),
+        ));
+    }
+    // the COMMIT's own time (fused) goes to the last step, as its PREPARE's does
+    durations[last] += mark.elapsed();
+    if let Some(failure) = failpoint {
+        return Err(fail(last, failure));
+    }
+    if fused_commit {
+        return Ok(());
+    }
     let started = Instant::now();
     let r = commit(conn, job.prepare.as_ref()).await;
     durations[last] += started.elapsed();
-    r.map_err(|failure| GroupFailure {
-        position: last,
-        failure,
-        in_transaction: true,
-    })
+    r.map_err(|failure| fail(last, failure))
 }
 
-async fn commit(conn: &mut PgConnection, prepare: Option<&PrepareGid>) -> Result<(), Failure> {
-    fail::fail_point!("agent::before_step_commit", |arg: Option<String>| Err(
+/// Whether a row of a run's results is the journal row of the step at `position`.
+fn is_step_done(row: &PgRow, position: usize) -> bool {
+    row.columns().first().is_some_and(|c| c.name() == STEP_DONE)
+        && row
+            .try_get::<i32, _>(0)
+            .is_ok_and(|p| usize::try_from(p).ok() == Some(position))
+}
+
+/// The commit failpoint (`agent::before_step_commit`), evaluated once per transaction.
+fn commit_failpoint() -> Option<Failure> {
+    fail::fail_point!("agent::before_step_commit", |arg: Option<String>| Some(
         Failure::agent(
             "up",
             format!(
@@ -281,6 +334,12 @@ async fn commit(conn: &mut PgConnection, prepare: Option<&PrepareGid>) -> Result
             )
         )
     ));
+    None
+}
+
+/// The transaction's end when it did not ride with its steps: PREPARE TRANSACTION for a run
+/// to prepare.
+async fn commit(conn: &mut PgConnection, prepare: Option<&PrepareGid>) -> Result<(), Failure> {
     match prepare {
         None => execute(conn, "COMMIT".into())
             .await

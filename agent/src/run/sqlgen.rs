@@ -4,28 +4,50 @@ use std::fmt::Write;
 
 use crate::step::sql::{
     begin_fenced, push_checkpoint_delete, push_fence, push_journal_move, push_settings,
-    push_statements, push_verify_and_journal,
+    push_statements, push_verify_and_journal, push_verify_and_marked_journal,
 };
 use crate::step::{PreparedMigration, StepContext};
 
-/// One transactional step, inside an open transaction: settings, up SQL, verify, journal.
-pub(crate) fn transactional_step(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
-    let mut out = String::with_capacity(512 + m.up.iter().map(String::len).sum::<usize>());
-    push_settings(&mut out, cx, m, true);
-    push_statements(&mut out, &m.up);
-    push_verify_and_journal(&mut out, cx, m);
-    out
+/// One transactional step, inside an open transaction: settings, up SQL, verify, journal;
+/// the journal row returns `STEP_DONE` = `position` (its place in the run's transaction).
+fn push_transactional_step(
+    out: &mut String,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    position: usize,
+) {
+    push_settings(out, cx, m, true);
+    push_statements(out, &m.up);
+    push_verify_and_marked_journal(out, cx, m, position);
 }
 
-/// The first transactional step of a transaction: `BEGIN`, its settings, the fence, then as
-/// [`transactional_step`].
-pub(crate) fn first_transactional_step(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
-    let mut out = String::with_capacity(560 + m.up.iter().map(String::len).sum::<usize>());
+/// The steps of one transaction, in one query: `BEGIN`, the first step's settings, the
+/// fence, then each step as [`push_transactional_step`]; `COMMIT` at the end when `commit`.
+pub(crate) fn transaction(
+    cx: &StepContext<'_>,
+    steps: &[&PreparedMigration],
+    commit: bool,
+) -> String {
+    let len: usize = steps
+        .iter()
+        .map(|m| 560 + m.up.iter().map(String::len).sum::<usize>())
+        .sum();
+    let mut out = String::with_capacity(len + 16);
     out.push_str("BEGIN;\n");
-    push_settings(&mut out, cx, m, true);
-    push_fence(&mut out, cx.epoch);
-    push_statements(&mut out, &m.up);
-    push_verify_and_journal(&mut out, cx, m);
+    for (position, m) in steps.iter().enumerate() {
+        if position == 0 {
+            // the fence after the settings: its wait is bounded by the step's lock_timeout
+            push_settings(&mut out, cx, m, true);
+            push_fence(&mut out, cx.epoch);
+            push_statements(&mut out, &m.up);
+            push_verify_and_marked_journal(&mut out, cx, m, 0);
+        } else {
+            push_transactional_step(&mut out, cx, m, position);
+        }
+    }
+    if commit {
+        out.push_str("COMMIT;\n");
+    }
     out
 }
 
@@ -86,61 +108,69 @@ mod tests {
     use crate::step::fixtures::{backfill, context, migration, with_prior_image};
 
     #[test]
-    fn transactional_step_text() {
+    fn transaction_text() {
         let m = migration(
             "m1",
             "CREATE TABLE t (id int); INSERT INTO t VALUES (1) -- one",
             "SELECT count(*) = 1 FROM t",
         );
+        let m2 = migration("m2", "ALTER TABLE t ADD COLUMN n int", "");
         let cx = context("tenant_1", "p1", 7);
-        let sql = transactional_step(&cx, &m);
-        assert!(
-            sql.starts_with("SET LOCAL search_path TO \"tenant_1\";\n"),
-            "{sql}"
-        );
-        assert!(
-            sql.contains("SET LOCAL lock_timeout = '1500ms'; SET LOCAL statement_timeout = '0ms';")
-        );
-        assert!(
-            sql.contains("CREATE TABLE t (id int)\n;\nINSERT INTO t VALUES (1)\n;\n"),
-            "{sql}"
-        );
-        assert!(
-            sql.contains("SELECT flotilla.check_verify((SELECT count(*) = 1 FROM t\n), 'm1');")
-        );
-        assert!(sql.contains(&format!(
-            "VALUES ('tenant_1', 'm1', '{}', 'p1', 7, ",
-            m.migration.checksum
-        )));
-        assert!(!sql.contains("BEGIN") && !sql.contains("COMMIT"));
-        assert!(!sql.contains("check_fence"));
-        assert_eq!(begin_fenced(7), "BEGIN;\nSELECT flotilla.check_fence(7);\n");
+        let sql = transaction(&cx, &[&m, &m2], true);
         // the first step opens the transaction and checks the fence under its lock_timeout
-        let first = first_transactional_step(&cx, &m);
+        let (first, second) = sql.split_once(" AS \"flotilla.step_done\";\n").unwrap();
         assert!(
-            first.starts_with("BEGIN;\nSET LOCAL search_path"),
-            "{first}"
+            first.starts_with("BEGIN;\nSET LOCAL search_path TO \"tenant_1\";\n"),
+            "{sql}"
         );
         let (settings, rest) = first
             .split_once("SELECT flotilla.check_fence(7);\n")
             .unwrap();
         assert!(
-            settings.contains("SET LOCAL lock_timeout = '1500ms'"),
-            "{first}"
+            settings.contains(
+                "SET LOCAL lock_timeout = '1500ms'; SET LOCAL statement_timeout = '0ms';"
+            ),
+            "{sql}"
         );
-        assert!(rest.starts_with("CREATE TABLE t (id int)\n;\n"), "{first}");
-        // otherwise the same as a later step
-        assert_eq!(
-            first.replacen("SELECT flotilla.check_fence(7);\n", "", 1),
-            format!("BEGIN;\n{sql}")
+        assert!(
+            rest.starts_with("CREATE TABLE t (id int)\n;\nINSERT INTO t VALUES (1)\n;\n"),
+            "{sql}"
         );
+        assert!(
+            rest.contains("SELECT flotilla.check_verify((SELECT count(*) = 1 FROM t\n), 'm1');")
+        );
+        assert!(rest.contains(&format!(
+            "VALUES ('tenant_1', 'm1', '{}', 'p1', 7, ",
+            m.migration.checksum
+        )));
+        // each journal row marks its step done, by its position
+        assert!(
+            rest.ends_with("pg_catalog.clock_timestamp()) RETURNING 0"),
+            "{sql}"
+        );
+        // a later step: its own settings, no fence, no verify when it has none
+        assert!(
+            second.starts_with("SET LOCAL search_path TO \"tenant_1\";\n"),
+            "{sql}"
+        );
+        assert!(!second.contains("check_fence") && !second.contains("check_verify"));
+        assert!(second.contains("ALTER TABLE t ADD COLUMN n int\n;\n"));
+        assert!(
+            second.ends_with(") RETURNING 1 AS \"flotilla.step_done\";\nCOMMIT;\n"),
+            "{sql}"
+        );
+        assert_eq!(sql.matches("BEGIN").count(), 1);
+        // a run to prepare ends without COMMIT: its PREPARE TRANSACTION goes on its own
+        let open = transaction(&cx, &[&m, &m2], false);
+        assert_eq!(format!("{open}COMMIT;\n"), sql);
+        assert_eq!(begin_fenced(7), "BEGIN;\nSELECT flotilla.check_fence(7);\n");
     }
 
     #[test]
     fn shard_target_keeps_the_search_path() {
         let m = migration("m1", "CREATE TABLE t (id int)", "");
         let cx = context("", "p1", 1);
-        let sql = transactional_step(&cx, &m);
+        let sql = transaction(&cx, &[&m], true);
         assert!(!sql.contains("search_path"));
         assert!(!sql.contains("check_verify"));
     }

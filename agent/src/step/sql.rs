@@ -50,12 +50,34 @@ pub(crate) fn push_settings(
     );
 }
 
+/// The column a transactional step's journal row returns (`RETURNING <position> AS ...`):
+/// the mark, in the results of a run's steps sent as one query, that the step at that
+/// position is done. A name no migration's own rows carry.
+pub(crate) const STEP_DONE: &str = "flotilla.step_done";
+
 /// The verify check (if any) and the journal row: the step's proof that it is applied.
 pub(crate) fn push_verify_and_journal(
     out: &mut String,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
 ) {
+    push_verify_and_journal_row(out, cx, m);
+    out.push_str(";\n");
+}
+
+/// As [`push_verify_and_journal`], the journal row returning [`STEP_DONE`] = `position`.
+pub(crate) fn push_verify_and_marked_journal(
+    out: &mut String,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    position: usize,
+) {
+    push_verify_and_journal_row(out, cx, m);
+    let _ = writeln!(out, " RETURNING {position} AS \"{STEP_DONE}\";");
+}
+
+/// The verify check and the journal row's INSERT, without its terminator.
+fn push_verify_and_journal_row(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigration) {
     if let Some(verify) = &m.migration.verify_sql {
         let _ = writeln!(
             out,
@@ -63,10 +85,10 @@ pub(crate) fn push_verify_and_journal(
             m.id_lit
         );
     }
-    let _ = writeln!(
+    let _ = write!(
         out,
         "INSERT INTO flotilla.journal (target, migration_id, checksum, plan_id, epoch, started_at, finished_at) \
-         VALUES ({}, {}, {}, {}, {}, pg_catalog.current_setting('flotilla.step_started')::timestamptz, pg_catalog.clock_timestamp());",
+         VALUES ({}, {}, {}, {}, {}, pg_catalog.current_setting('flotilla.step_started')::timestamptz, pg_catalog.clock_timestamp())",
         cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit, cx.epoch
     );
 }
