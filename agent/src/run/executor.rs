@@ -1,6 +1,6 @@
 //! Applying a run's steps on one shard connection: the hot path. Each query below is a
-//! simple-query string, so a whole step (settings, up SQL, verify, journal row) costs one
-//! round trip, and a fused run only one more for its COMMIT.
+//! simple-query string: a transaction's steps (settings, up SQL, verify, journal row each)
+//! and its COMMIT cost one round trip together; a non-transactional step a few.
 //!
 //! A run with a prepare gid (two-phase commit) runs as one transaction that ends in
 //! `PREPARE TRANSACTION '<gid>'` instead: its steps report PREPARED, and the change and its

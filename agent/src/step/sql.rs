@@ -1,6 +1,7 @@
 //! The pieces every step query is made of: settings, the fence check, the statements, the
 //! verify check and the journal row, and their undo. Each query the agent sends is a
-//! simple-query string built from these, so a whole step costs one round trip. Everything
+//! simple-query string built from these, so a whole step, or a whole transaction of steps,
+//! costs one round trip. Everything
 //! variable in it is quoted: identifiers with `quote_ident`, values with `quote_literal`,
 //! numbers formatted from integers.
 use std::fmt::Write;
