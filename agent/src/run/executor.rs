@@ -259,9 +259,9 @@ async fn run_transaction(
         failure,
         in_transaction: true,
     };
-    // A commit failpoint fires after the steps ran, before the COMMIT: known before sending.
-    let failpoint = commit_failpoint();
-    let fused_commit = job.prepare.is_none() && failpoint.is_none();
+    // The commit failpoint acts between the steps and the COMMIT (a `sleep` or `pause` holds
+    // the transaction open there): while it is configured, the COMMIT goes on its own.
+    let fused_commit = job.prepare.is_none() && !commit_failpoint_configured();
     let steps: Vec<&PreparedMigration> = group.iter().map(|&i| &*job.steps[i]).collect();
     let sql = sqlgen::transaction(cx, &steps, fused_commit);
     let mut mark = Instant::now();
@@ -303,11 +303,11 @@ async fn run_transaction(
     }
     // the COMMIT's own time (fused) goes to the last step, as its PREPARE's does
     durations[last] += mark.elapsed();
-    if let Some(failure) = failpoint {
-        return Err(fail(last, failure));
-    }
     if fused_commit {
         return Ok(());
+    }
+    if let Some(failure) = commit_failpoint() {
+        return Err(fail(last, failure));
     }
     let started = Instant::now();
     let r = commit(conn, job.prepare.as_ref()).await;
@@ -323,7 +323,17 @@ fn is_step_done(row: &PgRow, position: usize) -> bool {
             .is_ok_and(|p| usize::try_from(p).ok() == Some(position))
 }
 
-/// The commit failpoint (`agent::before_step_commit`), evaluated once per transaction.
+const COMMIT_FAILPOINT: &str = "agent::before_step_commit";
+
+/// Whether the commit failpoint has an action (only a build with failpoints has any).
+fn commit_failpoint_configured() -> bool {
+    cfg!(feature = "testing")
+        && fail::list()
+            .iter()
+            .any(|(name, _)| name == COMMIT_FAILPOINT)
+}
+
+/// The commit failpoint (`agent::before_step_commit`): its failure, if it returns one.
 fn commit_failpoint() -> Option<Failure> {
     fail::fail_point!("agent::before_step_commit", |arg: Option<String>| Some(
         Failure::agent(
@@ -338,7 +348,7 @@ fn commit_failpoint() -> Option<Failure> {
 }
 
 /// The transaction's end when it did not ride with its steps: PREPARE TRANSACTION for a run
-/// to prepare.
+/// to prepare, or COMMIT while the commit failpoint is configured.
 async fn commit(conn: &mut PgConnection, prepare: Option<&PrepareGid>) -> Result<(), Failure> {
     match prepare {
         None => execute(conn, "COMMIT".into())
