@@ -204,8 +204,12 @@ impl JournalDirty {
             return None;
         }
         if state.targets.is_empty() {
-            let shapes_wait = !state.unshaped.is_empty() && state.shapes_wait(busy, now);
-            return (shapes_wait || state.periodic_since.is_some()).then_some(REPORT_GAP);
+            // deferred fingerprints past their wait go now, whatever else still waits
+            if !state.unshaped.is_empty() && !state.shapes_wait(busy, now) {
+                return None;
+            }
+            return (!state.unshaped.is_empty() || state.periodic_since.is_some())
+                .then_some(REPORT_GAP);
         }
         let ended = (*self.last_ended.lock().expect("journal report lock"))?;
         (ended + REPORT_GAP)
@@ -571,6 +575,19 @@ mod tests {
         dirty.mark_periodic_at(end);
         assert_eq!(dirty.take(true, end), None);
         assert_eq!(dirty.take(false, end), Some(Take::Whole));
+        // Deferred fingerprints past their wait go even while a later periodic report waits.
+        dirty.mark(&run("t6", &[pb::StepOutcome::Applied]));
+        assert_eq!(dirty.take(true, end), targets(&["t6"], false));
+        let past = end + SHAPES_DEFERRED_AT_MOST;
+        dirty.mark_periodic_at(past);
+        assert_eq!(dirty.wait_at(past, true), None);
+        assert_eq!(dirty.take(true, past), targets(&["t6"], true));
+        assert_eq!(
+            dirty.wait_at(past, true),
+            Some(REPORT_GAP),
+            "the periodic one waits"
+        );
+        assert_eq!(dirty.take(false, past), Some(Take::Whole));
         // A Welcome's whole report never waits for the runs.
         dirty.mark_all();
         assert_eq!(dirty.wait_at(end, true), None);
