@@ -8,21 +8,10 @@ use crate::step::sql::{
 };
 use crate::step::{PreparedMigration, StepContext};
 
-/// One transactional step, inside an open transaction: settings, up SQL, verify, journal;
-/// the journal row returns `STEP_DONE` = `position` (its place in the run's transaction).
-fn push_transactional_step(
-    out: &mut String,
-    cx: &StepContext<'_>,
-    m: &PreparedMigration,
-    position: usize,
-) {
-    push_settings(out, cx, m, true);
-    push_statements(out, &m.up);
-    push_verify_and_marked_journal(out, cx, m, position);
-}
-
-/// The steps of one transaction, in one query: `BEGIN`, the first step's settings, the
-/// fence, then each step as [`push_transactional_step`]; `COMMIT` at the end when `commit`.
+/// The steps of one transaction, in one query: `BEGIN`, then each step's settings, up SQL,
+/// verify and journal row, which returns `STEP_DONE` = the step's position in the
+/// transaction; the fence once, in the first step after its settings (so that its wait is
+/// bounded by the step's lock_timeout); `COMMIT` at the end when `commit`.
 pub(crate) fn transaction(
     cx: &StepContext<'_>,
     steps: &[&PreparedMigration],
@@ -35,15 +24,12 @@ pub(crate) fn transaction(
     let mut out = String::with_capacity(len + 16);
     out.push_str("BEGIN;\n");
     for (position, m) in steps.iter().enumerate() {
+        push_settings(&mut out, cx, m, true);
         if position == 0 {
-            // the fence after the settings: its wait is bounded by the step's lock_timeout
-            push_settings(&mut out, cx, m, true);
             push_fence(&mut out, cx.epoch);
-            push_statements(&mut out, &m.up);
-            push_verify_and_marked_journal(&mut out, cx, m, 0);
-        } else {
-            push_transactional_step(&mut out, cx, m, position);
         }
+        push_statements(&mut out, &m.up);
+        push_verify_and_marked_journal(&mut out, cx, m, position);
     }
     if commit {
         out.push_str("COMMIT;\n");
