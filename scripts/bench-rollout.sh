@@ -77,6 +77,19 @@ coordinator_status_times() {
 }
 STATUS_COORD_N=0; STATUS_COORD_SLOW=0
 
+# The leader's engine events that took over 0.05 s in the run, by kind (its
+# flotilla_engine_event_seconds): a plan status waits behind whatever event the engine is on,
+# so these say why an answer was slow. Sets R_SLOW_EVENTS ("none", or "kind count, ...").
+coordinator_slow_events() {
+  R_SLOW_EVENTS=$(curl -s "http://$1/metrics" 2>/dev/null | awk '
+    index($0, "flotilla_engine_event_seconds_bucket{") == 1 && index($0, "le=\"0.05\"") {
+      match($0, /event="[^"]*"/); k = substr($0, RSTART + 7, RLENGTH - 8); fast[k] = $2 }
+    index($0, "flotilla_engine_event_seconds_count{") == 1 {
+      match($0, /event="[^"]*"/); k = substr($0, RSTART + 7, RLENGTH - 8); n[k] = $2 }
+    END { for (k in n) if (n[k] - fast[k] > 0) { out = out sep k " " n[k] - fast[k]; sep = ", " }
+          print (out == "" ? "none" : out) }')
+}
+
 # One Flotilla run on a freshly reset fleet: coordinator, one agent per shard, the plan at $3
 # submitted with --wait. Sets R_T (seconds), R_FIRST (submit to first step, seconds), R_STATUS
 # and R_STATUS_MAX (median and max `plan status` seconds), R_COORD_RSS and R_AGENT_RSS (MB,
@@ -124,22 +137,30 @@ run_flotilla() {
   R_SUBMIT_CPU=$(awk '{s += $1 + $2} END {printf "%.2f", s}' "$slog.cpu")
   R_SAMPLES_CPU=$(awk '{s += $1 + $2} END {printf "%.2f", s}' "$samples.cpu")
   coordinator_status_times "$maddr"
+  coordinator_slow_events "$maddr"
   R_COORD_RSS=$(peak_rss_mb "$COORD_PID")
   R_AGENT_RSS=$(for p in "${AGENT_PIDS[@]}"; do peak_rss_mb "$p"; done | sort -n | tail -1)
   first=$(for ((s=0; s<SHARDS; s++)); do
     psql "$PGURL/shard_$s" -XAtc "SELECT extract(epoch FROM min(started_at)) FROM flotilla.journal"
   done | grep . | sort -n | head -1)
   R_FIRST=$(printf '%.3f' "$(echo "$first - $start" | bc)")
+  # and from the last step's commit (the latest journal row's finish) to the submit's end:
+  # the coordinator's own tail (results batched, stored, the plan settled, the watch told)
+  last=$(for ((s=0; s<SHARDS; s++)); do
+    psql "$PGURL/shard_$s" -XAtc "SELECT extract(epoch FROM max(finished_at)) FROM flotilla.journal"
+  done | grep . | sort -n | tail -1)
+  R_TAIL=$(printf '%.3f' "$(echo "$end - $last" | bc)")
   if [ -s "$samples" ]; then
     R_STATUS=$(median <"$samples"); R_STATUS_MAX=$(sort -n "$samples" | tail -1)
   else
     R_STATUS="?"; R_STATUS_MAX="?"
   fi
-  printf 'run %s: flotilla %-6s %ss   (agents'"'"' start-up inventory %ss before, not counted)   first step after %ss; plan status %ss (max %ss, %s samples; at the coordinator %s); peak RSS coordinator %s MB, agent %s MB; CPU coordinator %s s, agents %s s, the submit'"'"'s watch %s s, the status samples %s s, machine %s%% busy   (%s)\n' \
-    "$r" "$label" "$R_T" "$R_INVENTORY" "$R_FIRST" "$R_STATUS" "$R_STATUS_MAX" "$(wc -l <"$samples")" "$R_STATUS_COORD" "$R_COORD_RSS" "$R_AGENT_RSS" \
+  printf 'run %s: flotilla %-6s %ss   (agents'"'"' start-up inventory %ss before, not counted)   first step after %ss, last step to the end %ss; plan status %ss (max %ss, %s samples; at the coordinator %s); peak RSS coordinator %s MB, agent %s MB; CPU coordinator %s s, agents %s s, the submit'"'"'s watch %s s, the status samples %s s, machine %s%% busy   (%s)\n' \
+    "$r" "$label" "$R_T" "$R_INVENTORY" "$R_FIRST" "$R_TAIL" "$R_STATUS" "$R_STATUS_MAX" "$(wc -l <"$samples")" "$R_STATUS_COORD" "$R_COORD_RSS" "$R_AGENT_RSS" \
     "$R_COORD_CPU" "$R_AGENT_CPU" "$R_SUBMIT_CPU" "$R_SAMPLES_CPU" "$R_BUSY" "$(tail -1 "$slog" | head -c 100)" >&2
   # The coordinator's own view: from the plan stored to its final state.
-  awk '/plan submitted/ {s=$1} /every step applied/ {e=$1} END {print "        coordinator: submitted " s ", finished " e}' "$work/coordinator-$label-$r.log" >&2
+  awk '/plan submitted/ {s=$1} /every step applied/ {e=$1} END {printf "        coordinator: submitted " s ", finished " e}' "$work/coordinator-$label-$r.log" >&2
+  echo "; engine events over 0.05 s: $R_SLOW_EVENTS" >&2
   applied=$(psql "$PGURL/shard_0" -XAtc "SELECT count(*) FROM flotilla.journal")
   [ "$applied" -eq $(( TENANTS * 3 )) ] || { echo "error: shard_0 journal holds $applied rows, expected $(( TENANTS * 3 ))" >&2; exit 1; }
   bench_stop_flotilla

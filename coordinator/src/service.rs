@@ -47,7 +47,7 @@ pub struct Inner {
     pub versions: crate::versions::FleetVersions,
     pub events: mpsc::Sender<Event>,
     pub writes: mpsc::UnboundedSender<StoreOp>,
-    pub changes: broadcast::Sender<(String, bool)>,
+    pub changes: crate::engine::Changes,
     pub coordination: Arc<dyn Coordination>,
     /// Set with the embedded backend: attachments are its liveness signal.
     pub embedded: Option<Arc<EmbeddedCoordination>>,
@@ -408,8 +408,14 @@ impl Coordinator {
         let ended = tx.clone();
         let follow = async move {
             let mut last: Option<pb::PlanStatus> = None;
+            // the final status the engine sent with the plan's end, if it did
+            let mut told: Option<Arc<pb::PlanStatus>> = None;
             loop {
-                let status = match me.status(&plan_id).await {
+                let asked = match told.take() {
+                    Some(s) => Ok(Arc::unwrap_or_clone(s)),
+                    None => me.status(&plan_id).await,
+                };
+                let status = match asked {
                     Ok(s) => s,
                     Err(e) => {
                         // the watcher may have gone; either way the watch ends here
@@ -452,7 +458,8 @@ impl Coordinator {
                     tokio::select! {
                         change = changes.recv() => match change {
                             Ok((id, ended)) if id == plan_id => {
-                                if ended {
+                                if ended.is_some() {
+                                    told = ended;
                                     break;
                                 }
                                 pending = true;

@@ -155,7 +155,7 @@ impl Coordinator {
                     ends: row.ends,
                 });
                 self.flush().await;
-                self.changed(plan_id, false);
+                self.changed(plan_id, None);
                 self.status(plan_id).await
             }
             None => self.start_approved(&row, epoch).await,
@@ -269,8 +269,9 @@ impl Coordinator {
         crate::metrics::plan_finished(state);
         self.count_awaiting().await;
         info!(plan = %row.id, state = state.as_str(), "{message}");
-        self.changed(&row.id, true);
-        self.status(&row.id).await
+        let status = self.status(&row.id).await?;
+        self.changed(&row.id, Some(status.clone()));
+        Ok(status)
     }
 
     /// The stored plan, if it awaits approval; a conflict naming its state if not.
@@ -321,10 +322,13 @@ impl Coordinator {
         }
     }
 
-    /// Tells watchers the plan changed (`ended`: for good).
-    fn changed(&self, plan_id: &str, ended: bool) {
+    /// Tells watchers the plan changed (`ended`: for good, with its final status).
+    fn changed(&self, plan_id: &str, ended: Option<pb::PlanStatus>) {
         // no watcher is no one to tell
-        let _ = self.inner.changes.send((plan_id.to_string(), ended));
+        let _ = self
+            .inner
+            .changes
+            .send((plan_id.to_string(), ended.map(std::sync::Arc::new)));
     }
 
     /// `plan audit`: the audit trail, of one plan or all.

@@ -22,7 +22,7 @@ impl Engine {
         };
         // Nothing goes to agents before the plan holds its shard locks.
         if !self.leading || !run.locked {
-            self.changed(plan_id, false);
+            self.changed(plan_id);
             return;
         }
         self.two_phase(plan_id).await;
@@ -54,7 +54,7 @@ impl Engine {
             _ => {}
         }
         if !self.settle(plan_id).await {
-            self.changed(plan_id, false);
+            self.changed(plan_id);
         }
     }
 
@@ -116,11 +116,16 @@ impl Engine {
         if self.store.send(StoreOp::Flush(tx)).is_ok() && rx.await.is_err() {
             warn!(plan = %plan_id, "the store writer stopped before the final state was flushed");
         }
+        // what a watcher of its end is told, built before the plan leaves memory
+        let last = self.status_of(plan_id);
         self.plans.remove(plan_id);
         // its gauges go back at once (a plan that ended is no longer running)
         self.publish_metrics();
         self.release_locks(plan_id);
-        self.changed(plan_id, true);
+        match last {
+            Some(last) => self.ended(plan_id, last),
+            None => self.changed(plan_id),
+        }
         true
     }
 

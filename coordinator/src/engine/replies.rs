@@ -96,7 +96,7 @@ impl Engine {
             self.publish_metrics();
         }
         for plan_id in touched {
-            self.changed(&plan_id, false);
+            self.changed(&plan_id);
         }
     }
 }

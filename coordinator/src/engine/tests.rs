@@ -20,6 +20,11 @@ fn engine() -> mpsc::Sender<Event> {
 
 /// [`engine`] over the given registry of attached agents.
 fn engine_with(fleet: Arc<Fleet>) -> mpsc::Sender<Event> {
+    engine_telling(fleet, broadcast::channel(16).0)
+}
+
+/// [`engine_with`], telling `changes` what changed (as it tells plan watches).
+fn engine_telling(fleet: Arc<Fleet>, changes: super::Changes) -> mpsc::Sender<Event> {
     let (store, mut writes) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(op) = writes.recv().await {
@@ -28,7 +33,6 @@ fn engine_with(fleet: Arc<Fleet>) -> mpsc::Sender<Event> {
             }
         }
     });
-    let (changes, _) = broadcast::channel(16);
     let (events, rx) = mpsc::channel(64);
     let engine = Engine::new(
         Arc::new(EmbeddedCoordination::new(1)),
@@ -244,4 +248,101 @@ async fn an_agent_attached_under_another_term_is_let_go() {
     events.send(event).await.unwrap();
     ended(rx).await;
     assert!(!fleet.snapshot().contains_key("s0"));
+}
+
+/// A plan's end reaches its watchers with its final status, built before the plan leaves
+/// memory: a watch waiting for the end does not read the plan back from the store (every
+/// step row: 30,000 at 10,000 tenants, a third of a second between the last step and the
+/// end of a `plan submit --wait` at that size).
+#[tokio::test]
+async fn a_plan_that_ends_tells_its_watchers_its_final_status() {
+    let (changes, mut told) = broadcast::channel(16);
+    let events = engine_telling(Arc::new(Fleet::default()), changes);
+    let (tx, mut rx) = mpsc::channel(16);
+    events
+        .send(Event::Attached {
+            shard: "s0".into(),
+            conn_id: 1,
+            tx,
+            max_lanes: 4,
+            in_doubt: Vec::new(),
+            epoch: 1,
+        })
+        .await
+        .unwrap();
+    let run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s0", "t2")],
+        pb::FailurePolicy::Continue,
+    );
+    let (done, started) = oneshot::channel();
+    events
+        .send(Event::Start {
+            run: Box::new(run),
+            done,
+        })
+        .await
+        .unwrap();
+    started.await.unwrap();
+    events
+        .send(Event::LocksTaken {
+            plan_id: "p0".into(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(next_message(&mut rx).await, Body::Plan(_)));
+    let runs = match next_message(&mut rx).await {
+        Body::Assign(a) => a.runs,
+        other => panic!("expected runs, got {other:?}"),
+    };
+    assert_eq!(runs.len(), 2);
+    let applied = |r: &pb::Run| pb::RunResult {
+        run_id: r.run_id,
+        tenant: r.tenant.clone(),
+        steps: vec![pb::StepResult {
+            migration_id: "a".into(),
+            outcome: pb::StepOutcome::Applied as i32,
+            duration_ms: 3,
+            ..Default::default()
+        }],
+        prepared_at_us: 0,
+    };
+    events
+        .send(Event::Results {
+            shard: "s0".into(),
+            results: pb::RunResults {
+                plan_id: "p0".into(),
+                runs: runs.iter().map(applied).collect(),
+            },
+            received: std::time::Instant::now(),
+        })
+        .await
+        .unwrap();
+    let last = loop {
+        let (id, ended) = tokio::time::timeout(Duration::from_secs(5), told.recv())
+            .await
+            .expect("the plan ends within 5s")
+            .expect("the engine tells");
+        assert_eq!(id, "p0");
+        if let Some(last) = ended {
+            break last;
+        }
+    };
+    let summary = last.summary.as_ref().expect("a summary");
+    assert_eq!(summary.state, "completed");
+    assert_eq!(last.migrations.len(), 1);
+    assert_eq!(last.migrations[0].migration_id, "a");
+    assert_eq!(last.migrations[0].applied, 2);
+    assert!(last.failures.is_empty());
+    // and it has left memory: a status now comes from the store
+    let (reply, answered) = oneshot::channel();
+    events
+        .send(Event::Status {
+            plan_id: "p0".into(),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(answered.await.unwrap().is_none());
 }
