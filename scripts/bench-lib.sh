@@ -169,13 +169,19 @@ pg_wait_sessions_closed() {
 # backends it has reaped (its cutime/cstime) and those alive now. Taken after a contender's
 # sessions closed, the difference is what the server spent on that contender.
 pg_cpu_seconds() {
+  pg_cpu_split | awk '{print $1 + $2}'
+}
+
+# The same, as "user system" seconds: the kernel's part (file creation and removal, I/O) is
+# where runs of the same work differ most on this file system.
+pg_cpu_split() {
   local pm
-  pm=$("${as_pg[@]}" head -1 "$work/data/postmaster.pid" 2>/dev/null) || { echo "?"; return; }
-  { sed 's/^.*) //' "/proc/$pm/stat" | awk '{print $12 + $13 + $14 + $15}'
+  pm=$("${as_pg[@]}" head -1 "$work/data/postmaster.pid" 2>/dev/null) || { echo "? ?"; return; }
+  { sed 's/^.*) //' "/proc/$pm/stat" | awk '{print $12 + $14, $13 + $15}'
     for c in $(pgrep -P "$pm" || true); do
-      { sed 's/^.*) //' "/proc/$c/stat" 2>/dev/null || true; } | awk '{print $12 + $13}'
+      { sed 's/^.*) //' "/proc/$c/stat" 2>/dev/null || true; } | awk '{print $12, $13}'
     done
-  } | awk -v hz="$(getconf CLK_TCK)" '{s += $1} END {printf "%.2f\n", s / hz}'
+  } | awk -v hz="$(getconf CLK_TCK)" '{u += $1; s += $2} END {printf "%.2f %.2f\n", u / hz, s / hz}'
 }
 
 # The machine's busy and total CPU ticks so far (all cores), as "busy total".

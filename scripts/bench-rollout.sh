@@ -104,7 +104,7 @@ run_flotilla() {
   bench_agents "$label-$r"
   bench_wait_connected
   bench_wait_inventory $(( SHARDS * TENANTS ))
-  pg0=$(pg_cpu_seconds)
+  pg0=$(pg_cpu_seconds); pgsys0=$(pg_cpu_split | awk '{print $2}')
   local slog="$work/submit-$label-$r.log" samples="$work/status-$label-$r.txt"
   : >"$samples"; : >"$samples.cpu"
   local t0 t1 c0 a0
@@ -126,6 +126,7 @@ run_flotilla() {
   # fingerprints they deferred while runs were busy; that goes only into the figure to the
   # agents' stop.
   R_PG_CPU_PLAN=$(echo "$(pg_cpu_seconds) - $pg0" | bc)
+  R_PG_SYS_PLAN=$(echo "$(pg_cpu_split | awk '{print $2}') - $pgsys0" | bc)
   t1=$(machine_ticks)
   # Where the cores went during the run: Flotilla's own processes, and the machine as a
   # whole (PostgreSQL's backends are most of the rest).
@@ -167,7 +168,7 @@ run_flotilla() {
   # the agents' sessions end with them; the postmaster reaps their backends
   pg_wait_sessions_closed
   R_PG_CPU=$(echo "$(pg_cpu_seconds) - $pg0" | bc)
-  echo "        PostgreSQL CPU for this run: submit to the plan's end $R_PG_CPU_PLAN s, to the agents' stop $R_PG_CPU s" >&2
+  echo "        PostgreSQL CPU for this run: submit to the plan's end $R_PG_CPU_PLAN s (the kernel's part $R_PG_SYS_PLAN s), to the agents' stop $R_PG_CPU s" >&2
 }
 
 # The same plan in three waves: canary 1%, a quarter, the rest (no bake, no gate).
@@ -201,11 +202,12 @@ run_baseline() {
 firsts=(); statuses=(); status_maxes=(); coord_rss=(); agent_rss=(); floor_cpus=(); plan_cpus=()
 for ((r=1; r<=REPEAT; r++)); do
   bench_reset_fleet "$SHARDS"
-  f0=$(pg_cpu_seconds)
+  f0=$(pg_cpu_seconds); fsys0=$(pg_cpu_split | awk '{print $2}')
   t=$("$BENCH/baseline-psql-floor.sh" "$SHARDS" "$TENANTS" "$PAR" | awk '/seconds/ {print $NF}')
   pg_wait_sessions_closed
   floor_cpu=$(echo "$(pg_cpu_seconds) - $f0" | bc); floor_cpus+=("$floor_cpu")
-  floor_times+=("$t"); echo "run $r: psql floor   ${t}s   PostgreSQL CPU $floor_cpu s"
+  floor_sys=$(echo "$(pg_cpu_split | awk '{print $2}') - $fsys0" | bc)
+  floor_times+=("$t"); echo "run $r: psql floor   ${t}s   PostgreSQL CPU $floor_cpu s (the kernel's part $floor_sys s)"
 
   # with a baseline build, which of the two goes first alternates
   if [ -n "${BASELINE_BIN:-}" ] && (( r % 2 == 0 )); then run_baseline "$r"; fi

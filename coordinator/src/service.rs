@@ -238,9 +238,13 @@ impl Coordinator {
             .map(|p| p.migrations.iter().map(|m| m.id.clone()).collect())
             .unwrap_or_default();
         let spec = raw.and_then(|p| flotilla_core::PlanSpec::try_from(p).ok());
-        let steps = self.inner.store.steps(plan_id).await?;
-        let data = self.inner.store.data_progress(plan_id).await?;
         let waves = self.inner.store.waves(plan_id).await?;
+        let steps = self
+            .inner
+            .store
+            .step_summary(plan_id, !waves.is_empty())
+            .await?;
+        let data = self.inner.store.data_progress(plan_id).await?;
         Ok(status::from_store(
             &row,
             &order,

@@ -6,19 +6,20 @@ use flotilla_core::pb;
 use flotilla_core::state::{PAUSED, PlanState, StepState, WAITING, WaveState};
 
 use super::PlanRun;
-use crate::store::{PlanRow, StepRow, WaveRow, now_ms};
+use crate::store::{PlanRow, StepSummary, WaveRow, WaveTarget, now_ms};
 
-fn count(p: &mut pb::MigrationProgress, state: StepState) {
-    p.total += 1;
+/// Counts `n` steps in `state`.
+fn count(p: &mut pb::MigrationProgress, state: StepState, n: u32) {
+    p.total += n;
     match state {
-        StepState::Pending => p.pending += 1,
-        StepState::Running => p.running += 1,
-        StepState::Applied => p.applied += 1,
-        StepState::AlreadyApplied => p.already_applied += 1,
-        StepState::Failed => p.failed += 1,
-        StepState::RolledBack => p.rolled_back += 1,
-        StepState::Prepared => p.prepared += 1,
-        StepState::NotRun => p.not_run += 1,
+        StepState::Pending => p.pending += n,
+        StepState::Running => p.running += n,
+        StepState::Applied => p.applied += n,
+        StepState::AlreadyApplied => p.already_applied += n,
+        StepState::Failed => p.failed += n,
+        StepState::RolledBack => p.rolled_back += n,
+        StepState::Prepared => p.prepared += n,
+        StepState::NotRun => p.not_run += n,
     }
 }
 
@@ -46,7 +47,7 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
             migration_id: run.spec.migrations[s.migration].id.to_string(),
             ..Default::default()
         });
-        count(p, s.status.state());
+        count(p, s.status.state(), 1);
     }
     pb::PlanStatus {
         summary: Some(pb::PlanSummary {
@@ -92,36 +93,37 @@ pub fn from_store(
     plan: &PlanRow,
     order: &[String],
     spec: Option<&flotilla_core::PlanSpec>,
-    steps: &[StepRow],
+    steps: &StepSummary,
     waves: &[WaveRow],
     data: Vec<pb::DataProgress>,
 ) -> pb::PlanStatus {
     let mut by: BTreeMap<String, pb::MigrationProgress> = BTreeMap::new();
-    let mut failures = Vec::new();
-    for s in steps {
+    for (migration, state, n) in &steps.counts {
         let p = by
-            .entry(s.migration_id.clone())
+            .entry(migration.clone())
             .or_insert_with(|| pb::MigrationProgress {
-                migration_id: s.migration_id.clone(),
+                migration_id: migration.clone(),
                 ..Default::default()
             });
-        count(p, s.state);
-        if !s.message.is_empty() && s.state != StepState::NotRun {
-            failures.push(pb::StepFailure {
-                migration_id: s.migration_id.clone(),
-                target: Some(pb::TargetRef {
-                    shard: s.shard.clone(),
-                    tenant: s.tenant.clone(),
-                }),
-                error: Some(pb::StepError {
-                    sqlstate: s.sqlstate.clone(),
-                    message: s.message.clone(),
-                    detail: s.detail.clone(),
-                    phase: s.phase.clone(),
-                }),
-            });
-        }
+        count(p, *state, *n as u32);
     }
+    let failures = steps
+        .failures
+        .iter()
+        .map(|s| pb::StepFailure {
+            migration_id: s.migration_id.clone(),
+            target: Some(pb::TargetRef {
+                shard: s.shard.clone(),
+                tenant: s.tenant.clone(),
+            }),
+            error: Some(pb::StepError {
+                sqlstate: s.sqlstate.clone(),
+                message: s.message.clone(),
+                detail: s.detail.clone(),
+                phase: s.phase.clone(),
+            }),
+        })
+        .collect();
     pb::PlanStatus {
         summary: Some({
             let mut s = summary(plan);
@@ -149,27 +151,24 @@ pub fn from_store(
         },
         data,
         paused: Vec::new(),
-        waves: waves_from_store(spec, steps, waves),
+        waves: waves_from_store(spec, &steps.wave_targets, waves),
     }
 }
 
 /// The waves of a plan not in memory, from its wave rows and its steps' waves.
 fn waves_from_store(
     spec: Option<&flotilla_core::PlanSpec>,
-    steps: &[StepRow],
+    wave_targets: &[WaveTarget],
     waves: &[WaveRow],
 ) -> Vec<pb::WaveStatus> {
     waves
         .iter()
         .map(|w| {
-            let mut targets: BTreeMap<(String, String), (bool, bool)> = BTreeMap::new();
-            for s in steps.iter().filter(|s| s.wave == w.idx) {
-                let e = targets
-                    .entry((s.shard.clone(), s.tenant.clone()))
-                    .or_insert((true, false));
-                e.0 &= matches!(s.state, StepState::Applied | StepState::AlreadyApplied);
-                e.1 |= s.state == StepState::Failed;
-            }
+            let targets: BTreeMap<(String, String), (bool, bool)> = wave_targets
+                .iter()
+                .filter(|t| t.wave == w.idx)
+                .map(|t| ((t.shard.clone(), t.tenant.clone()), (t.applied, t.failed)))
+                .collect();
             let applied = targets.values().filter(|(a, _)| *a).count();
             let failed = targets.values().filter(|(_, f)| *f).count();
             let wave = spec.and_then(|s| s.rollout.waves.get(w.idx as usize));

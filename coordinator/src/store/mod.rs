@@ -26,7 +26,9 @@ use sqlx::{AnyPool, Row};
 
 pub use history::StepDuration;
 pub use operators::OperatorRow;
-pub use rows::{AgentRow, Audit, PlanRow, StepRow, StepUpdate, StoreOp, WaveRow};
+pub use rows::{
+    AgentRow, Audit, PlanRow, StepRow, StepSummary, StepUpdate, StoreOp, WaveRow, WaveTarget,
+};
 use schema::{SCHEMA, SCHEMA_VERSION, UPGRADES};
 pub use writer::run_writer;
 
@@ -322,6 +324,79 @@ impl Store {
             .collect()
     }
 
+    /// What a plan's status needs of its steps (see [`StepSummary`]); the wave targets
+    /// only when `waves`.
+    pub async fn step_summary(
+        &self,
+        plan_id: &str,
+        waves: bool,
+    ) -> Result<StepSummary, StoreError> {
+        let counts = sqlx::query(
+            "SELECT migration_id, state, count(*) FROM steps WHERE plan_id = $1
+             GROUP BY migration_id, state",
+        )
+        .bind(plan_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?
+        .iter()
+        .map(|r| Ok((r.get(0), stored_state(r.get(1), plan_id)?, r.get(2))))
+        .collect::<Result<_, StoreError>>()?;
+        let failures = sqlx::query(
+            "SELECT migration_id, shard, tenant, state, sqlstate, message, phase, detail, wave
+             FROM steps WHERE plan_id = $1 AND message <> '' AND state <> 'not_run'
+             ORDER BY shard, tenant, migration_id",
+        )
+        .bind(plan_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)?
+        .iter()
+        .map(|r| {
+            Ok(StepRow {
+                migration_id: r.get(0),
+                shard: r.get(1),
+                tenant: r.get(2),
+                state: stored_state(r.get(3), plan_id)?,
+                sqlstate: r.get(4),
+                message: r.get(5),
+                phase: r.get(6),
+                detail: r.get(7),
+                wave: r.get(8),
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+        let wave_targets = if waves {
+            sqlx::query(
+                "SELECT wave, shard, tenant,
+                    CAST(min(CASE WHEN state IN ('applied', 'already_applied') THEN 1 ELSE 0 END) AS BIGINT),
+                    CAST(max(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS BIGINT)
+                 FROM steps WHERE plan_id = $1 GROUP BY wave, shard, tenant
+                 ORDER BY wave, shard, tenant",
+            )
+            .bind(plan_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?
+            .iter()
+            .map(|r| WaveTarget {
+                wave: r.get(0),
+                shard: r.get(1),
+                tenant: r.get(2),
+                applied: r.get::<i64, _>(3) == 1,
+                failed: r.get::<i64, _>(4) == 1,
+            })
+            .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(StepSummary {
+            counts,
+            failures,
+            wave_targets,
+        })
+    }
+
     /// A plan's waves in order (none for a plan without waves).
     pub async fn waves(&self, plan_id: &str) -> Result<Vec<WaveRow>, StoreError> {
         let rows = sqlx::query(
@@ -495,6 +570,7 @@ fn sqlite_url(location: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_core::state::StepState;
     use flotilla_testkit::{PgCluster, TestDir};
     use tokio::sync::{mpsc, oneshot};
 
@@ -604,6 +680,140 @@ mod tests {
                 .map(|a| a.shard)
                 .collect();
             assert_eq!(all, ["shard_a", "shard_b"], "{location}");
+        }
+    }
+
+    /// A plan's steps counted by the store, alike on SQLite and PostgreSQL: per migration
+    /// and state, the steps that carry an error (a step not run keeps none), and each wave's
+    /// targets (applied: every step; failed: any).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_plans_steps_are_summed_up_alike_on_both_stores() {
+        let (_dir, _pg, locations) = both_stores("summary_store").await;
+        for location in locations {
+            let store = Store::open(&SecretUrl::new(location.as_str()))
+                .await
+                .unwrap();
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run_writer(store.clone(), rx));
+            let row = |m: &str, tenant: &str, wave: i64| StepRow {
+                migration_id: m.into(),
+                shard: "s0".into(),
+                tenant: tenant.into(),
+                state: StepState::Pending,
+                sqlstate: String::new(),
+                message: String::new(),
+                phase: String::new(),
+                detail: String::new(),
+                wave,
+            };
+            tx.send(StoreOp::InsertPlan {
+                plan: PlanRow {
+                    id: "p1".into(),
+                    name: "summary".into(),
+                    environment: String::new(),
+                    state: PlanState::Running,
+                    ends: PlanState::Running,
+                    policy: "continue".into(),
+                    spec_hex: String::new(),
+                    epoch: 1,
+                    message: String::new(),
+                    submitted_by: "test".into(),
+                    created_at_ms: now_ms(),
+                    updated_at_ms: now_ms(),
+                    targets: 3,
+                    steps: 6,
+                },
+                steps: vec![
+                    row("a", "t1", 0),
+                    row("b", "t1", 0),
+                    row("a", "t2", 1),
+                    row("b", "t2", 1),
+                    row("a", "t3", 1),
+                    row("b", "t3", 1),
+                ],
+            })
+            .unwrap();
+            let update = |m: &str, tenant: &str, state: StepState, message: &str| StepUpdate {
+                migration_id: m.into(),
+                shard: "s0".into(),
+                tenant: tenant.into(),
+                state,
+                sqlstate: if message.is_empty() { "" } else { "42P01" }.into(),
+                message: message.into(),
+                phase: String::new(),
+                detail: String::new(),
+                duration_ms: 1,
+                run_id: Some(1),
+            };
+            tx.send(StoreOp::Steps {
+                plan_id: "p1".into(),
+                updates: vec![
+                    update("a", "t1", StepState::Applied, ""),
+                    update("b", "t1", StepState::AlreadyApplied, ""),
+                    update("a", "t2", StepState::Applied, ""),
+                    update(
+                        "b",
+                        "t2",
+                        StepState::Failed,
+                        "relation \"x\" does not exist",
+                    ),
+                    update("a", "t3", StepState::NotRun, "kept from an earlier attempt"),
+                ],
+            })
+            .unwrap();
+            let (done, flushed) = oneshot::channel();
+            tx.send(StoreOp::Flush(done)).unwrap();
+            flushed.await.unwrap();
+
+            let summary = store.step_summary("p1", true).await.unwrap();
+            let mut counts = summary.counts.clone();
+            counts.sort_by(|x, y| (&x.0, x.1.as_str()).cmp(&(&y.0, y.1.as_str())));
+            let expected: Vec<(String, StepState, i64)> = vec![
+                ("a".into(), StepState::Applied, 2),
+                ("a".into(), StepState::NotRun, 1),
+                ("b".into(), StepState::AlreadyApplied, 1),
+                ("b".into(), StepState::Failed, 1),
+                ("b".into(), StepState::Pending, 1),
+            ];
+            assert_eq!(counts, expected, "{location}");
+            let failed: Vec<(&str, &str, &str)> = summary
+                .failures
+                .iter()
+                .map(|f| {
+                    (
+                        f.migration_id.as_str(),
+                        f.tenant.as_str(),
+                        f.sqlstate.as_str(),
+                    )
+                })
+                .collect();
+            assert_eq!(failed, [("b", "t2", "42P01")], "{location}");
+            let waves: Vec<(i64, &str, bool, bool)> = summary
+                .wave_targets
+                .iter()
+                .map(|t| (t.wave, t.tenant.as_str(), t.applied, t.failed))
+                .collect();
+            assert_eq!(
+                waves,
+                [
+                    (0, "t1", true, false),
+                    (1, "t2", false, true),
+                    (1, "t3", false, false)
+                ],
+                "{location}"
+            );
+            let without = store.step_summary("p1", false).await.unwrap();
+            assert!(without.wave_targets.is_empty(), "{location}");
+            assert_eq!(without.failures.len(), 1, "{location}");
+            assert!(
+                store
+                    .step_summary("p2", true)
+                    .await
+                    .unwrap()
+                    .counts
+                    .is_empty(),
+                "{location}"
+            );
         }
     }
 
