@@ -9,11 +9,19 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(flotilla_core::secrets::panic_hook));
     let cli = flotilla::cli::Cli::parse();
     flotilla::cli::init_logging(&cli);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // `--threads`, else one for an agent and the operator commands (see `worker_threads`)
-    if let Some(n) = cli.worker_threads() {
-        builder.worker_threads(n);
-    }
+    // `--threads`, else one for an agent and the operator commands (see `worker_threads`).
+    // One thread is this one: with a runtime worker beside it, every hand-over between the
+    // main task and the tasks it spawned (an agent's stream and its lanes) woke the other
+    // thread, a context switch each on cores the shard's own backends need.
+    let mut builder = match cli.worker_threads() {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -76,7 +76,8 @@ pub struct Cli {
     pub coordinator: String,
     /// Runtime worker threads (default: one for an agent and the operator commands,
     /// one per core for the coordinator). An agent mostly waits on its shard; a
-    /// second thread only adds context switches next to the database it serves.
+    /// second thread only adds context switches next to the database it serves. With
+    /// one, everything runs on the process's own thread.
     #[arg(long, global = true, env = "FLOTILLA_THREADS")]
     pub threads: Option<usize>,
     /// A file holding the operator's bearer token (from `flotilla operator add`), sent
