@@ -817,6 +817,152 @@ mod tests {
         }
     }
 
+    /// One batch of several ops of step updates (one per agent's results in a rollout) is
+    /// written as one: a step updated by two ops ends in the later state with both attempts
+    /// counted and recorded, and an op of another plan, or after a plan's insert, lands too.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn step_updates_of_one_batch_add_up_as_if_applied_one_by_one() {
+        let (_dir, _pg, locations) = both_stores("coalesce_store").await;
+        for location in locations {
+            let store = Store::open(&SecretUrl::new(location.as_str()))
+                .await
+                .unwrap();
+            let plan = |id: &str| StoreOp::InsertPlan {
+                plan: PlanRow {
+                    id: id.into(),
+                    name: id.into(),
+                    environment: String::new(),
+                    state: PlanState::Running,
+                    ends: PlanState::Running,
+                    policy: "continue".into(),
+                    spec_hex: String::new(),
+                    epoch: 1,
+                    message: String::new(),
+                    submitted_by: "test".into(),
+                    created_at_ms: now_ms(),
+                    updated_at_ms: now_ms(),
+                    targets: 1,
+                    steps: 2,
+                },
+                steps: ["a", "b"]
+                    .into_iter()
+                    .map(|m| StepRow {
+                        migration_id: m.into(),
+                        shard: "s0".into(),
+                        tenant: "t1".into(),
+                        state: StepState::Pending,
+                        sqlstate: String::new(),
+                        message: String::new(),
+                        phase: String::new(),
+                        detail: String::new(),
+                        wave: 0,
+                    })
+                    .collect(),
+            };
+            let update = |m: &str, state: StepState, run: i64| StepUpdate {
+                migration_id: m.into(),
+                shard: "s0".into(),
+                tenant: "t1".into(),
+                state,
+                sqlstate: if state == StepState::Failed {
+                    "40P01"
+                } else {
+                    ""
+                }
+                .into(),
+                message: if state == StepState::Failed {
+                    "deadlock"
+                } else {
+                    ""
+                }
+                .into(),
+                phase: String::new(),
+                detail: String::new(),
+                duration_ms: run,
+                run_id: Some(run),
+            };
+            let steps = |plan_id: &str, updates| StoreOp::Steps {
+                plan_id: plan_id.into(),
+                updates,
+            };
+            store
+                .apply(vec![
+                    plan("p1"),
+                    steps("p1", vec![update("a", StepState::Failed, 1)]),
+                    StoreOp::PlanState {
+                        plan_id: "p1".into(),
+                        state: PlanState::Running,
+                        message: "retrying a".into(),
+                        ends: PlanState::Running,
+                    },
+                    steps(
+                        "p1",
+                        vec![
+                            update("a", StepState::Applied, 2),
+                            update("b", StepState::Applied, 3),
+                        ],
+                    ),
+                    plan("p2"),
+                    steps("p2", vec![update("a", StepState::Applied, 4)]),
+                    steps("p1", vec![update("b", StepState::Applied, 5)]),
+                ])
+                .await
+                .unwrap();
+            let rows: Vec<(String, String, String, i64, String)> = sqlx::query(
+                "SELECT plan_id, migration_id, state, attempts, message FROM steps
+                 ORDER BY plan_id, migration_id",
+            )
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect();
+            let row = |p: &str, m: &str, attempts: i64| {
+                (
+                    p.into(),
+                    m.into(),
+                    "applied".into(),
+                    attempts,
+                    String::new(),
+                )
+            };
+            assert_eq!(
+                rows,
+                [
+                    row("p1", "a", 2),
+                    row("p1", "b", 2),
+                    row("p2", "a", 1),
+                    ("p2".into(), "b".into(), "pending".into(), 0, String::new()),
+                ],
+                "{location}"
+            );
+            let tries: Vec<(String, String, i64, String)> = sqlx::query(
+                "SELECT plan_id, migration_id, run_id, outcome FROM attempts ORDER BY run_id",
+            )
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+            let tried = |p: &str, m: &str, run: i64, outcome: &str| {
+                (p.to_string(), m.to_string(), run, outcome.to_string())
+            };
+            assert_eq!(
+                tries,
+                [
+                    tried("p1", "a", 1, "failed"),
+                    tried("p1", "a", 2, "applied"),
+                    tried("p1", "b", 3, "applied"),
+                    tried("p2", "a", 4, "applied"),
+                    tried("p1", "b", 5, "applied"),
+                ],
+                "{location}"
+            );
+        }
+    }
+
     #[test]
     fn sqlite_locations_are_created_when_missing() {
         assert_eq!(sqlite_url("flotilla.db"), "sqlite://flotilla.db?mode=rwc");

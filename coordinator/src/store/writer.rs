@@ -36,7 +36,7 @@ impl Store {
     pub async fn apply(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
         let mut flushes = Vec::new();
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        for op in ops {
+        for op in coalesce_steps(ops) {
             match op {
                 StoreOp::Flush(done) => flushes.push(done),
                 StoreOp::InsertPlan { plan, steps } => {
@@ -211,6 +211,40 @@ impl Store {
     }
 }
 
+/// The step updates of a batch, one op per plan: during a rollout a batch holds one op per
+/// agent's results (every 25 ms each), and each op cost its own statements, every one a
+/// round trip to the SQLite connection's thread. In order: a plan's updates are written
+/// where its first op was, each op's updates after the previous op's (the last update of a
+/// step wins, its attempts add up). Only an `InsertPlan` writes the same rows, so one ends
+/// the gathering: what came before it is written before it. Everything else touches other
+/// tables, and the batch commits as one transaction.
+fn coalesce_steps(ops: Vec<StoreOp>) -> Vec<StoreOp> {
+    let mut out: Vec<StoreOp> = Vec::with_capacity(ops.len());
+    // the plans whose updates are being gathered, and where in `out` their op is
+    let mut open: std::collections::HashMap<String, usize> = Default::default();
+    for op in ops {
+        match op {
+            StoreOp::Steps { plan_id, updates } => match open.get(&plan_id) {
+                Some(&at) => {
+                    if let StoreOp::Steps { updates: into, .. } = &mut out[at] {
+                        into.extend(updates);
+                    }
+                }
+                None => {
+                    open.insert(plan_id.clone(), out.len());
+                    out.push(StoreOp::Steps { plan_id, updates });
+                }
+            },
+            StoreOp::InsertPlan { .. } => {
+                open.clear();
+                out.push(op);
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// The parameters of a many-row statement, in the order they are bound: numbered on
 /// PostgreSQL (`$1`, `$2`, ...), anonymous on SQLite (`?`). sqlx binds a numbered SQLite
 /// parameter by looking its name up, and SQLite's lookup walks the statement's list of
@@ -335,4 +369,103 @@ async fn write_steps(
         q.execute(&mut **tx).await.map_err(StoreError::from)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{PlanRow, StepUpdate};
+    use flotilla_core::state::{PlanState, StepState};
+
+    fn update(tenant: &str) -> StepUpdate {
+        StepUpdate {
+            migration_id: "m".into(),
+            shard: "s0".into(),
+            tenant: tenant.into(),
+            state: StepState::Applied,
+            sqlstate: String::new(),
+            message: String::new(),
+            phase: String::new(),
+            detail: String::new(),
+            duration_ms: 1,
+            run_id: Some(1),
+        }
+    }
+
+    fn steps(plan: &str, tenants: &[&str]) -> StoreOp {
+        StoreOp::Steps {
+            plan_id: plan.into(),
+            updates: tenants.iter().map(|t| update(t)).collect(),
+        }
+    }
+
+    /// What each op of a coalesced batch is: a plan's step updates in order, other ops as
+    /// they were.
+    fn shape(ops: &[StoreOp]) -> Vec<String> {
+        ops.iter()
+            .map(|op| match op {
+                StoreOp::Steps { plan_id, updates } => format!(
+                    "steps {plan_id}: {}",
+                    updates
+                        .iter()
+                        .map(|u| u.tenant.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                StoreOp::InsertPlan { plan, .. } => format!("insert {}", plan.id),
+                StoreOp::PlanState { plan_id, .. } => format!("state {plan_id}"),
+                _ => "other".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_writes_each_plans_step_updates_as_one_op_in_order() {
+        let insert = StoreOp::InsertPlan {
+            plan: PlanRow {
+                id: "p3".into(),
+                name: "p3".into(),
+                environment: String::new(),
+                state: PlanState::Running,
+                ends: PlanState::Running,
+                policy: "continue".into(),
+                spec_hex: String::new(),
+                epoch: 1,
+                message: String::new(),
+                submitted_by: "test".into(),
+                created_at_ms: 0,
+                updated_at_ms: 0,
+                targets: 0,
+                steps: 0,
+            },
+            steps: Vec::new(),
+        };
+        let state = StoreOp::PlanState {
+            plan_id: "p1".into(),
+            state: PlanState::Running,
+            message: String::new(),
+            ends: PlanState::Running,
+        };
+        let batch = vec![
+            steps("p1", &["t1", "t2"]),
+            state,
+            steps("p2", &["t9"]),
+            steps("p1", &["t1", "t3"]),
+            insert,
+            steps("p1", &["t4"]),
+            steps("p3", &["t5"]),
+            steps("p1", &["t6"]),
+        ];
+        assert_eq!(
+            shape(&coalesce_steps(batch)),
+            [
+                "steps p1: t1,t2,t1,t3",
+                "state p1",
+                "steps p2: t9",
+                "insert p3",
+                "steps p1: t4,t6",
+                "steps p3: t5",
+            ]
+        );
+    }
 }
