@@ -299,29 +299,15 @@ impl Store {
     }
 
     pub async fn steps(&self, plan_id: &str) -> Result<Vec<StepRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT migration_id, shard, tenant, state, sqlstate, message, phase, detail, wave
-             FROM steps WHERE plan_id = $1 ORDER BY shard, tenant, migration_id",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {STEP_COLUMNS} FROM steps WHERE plan_id = $1
+             ORDER BY shard, tenant, migration_id"
+        )))
         .bind(plan_id)
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::from)?;
-        rows.iter()
-            .map(|r| {
-                Ok(StepRow {
-                    migration_id: r.get(0),
-                    shard: r.get(1),
-                    tenant: r.get(2),
-                    state: stored_state(r.get(3), plan_id)?,
-                    sqlstate: r.get(4),
-                    message: r.get(5),
-                    phase: r.get(6),
-                    detail: r.get(7),
-                    wave: r.get(8),
-                })
-            })
-            .collect()
+        rows.iter().map(|r| step_row(r, plan_id)).collect()
     }
 
     /// What a plan's status needs of its steps (see [`StepSummary`]); the wave targets
@@ -342,29 +328,17 @@ impl Store {
         .iter()
         .map(|r| Ok((r.get(0), stored_state(r.get(1), plan_id)?, r.get(2))))
         .collect::<Result<_, StoreError>>()?;
-        let failures = sqlx::query(
-            "SELECT migration_id, shard, tenant, state, sqlstate, message, phase, detail, wave
-             FROM steps WHERE plan_id = $1 AND message <> '' AND state <> 'not_run'
-             ORDER BY shard, tenant, migration_id",
-        )
+        let failures = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {STEP_COLUMNS} FROM steps
+             WHERE plan_id = $1 AND message <> '' AND state <> 'not_run'
+             ORDER BY shard, tenant, migration_id"
+        )))
         .bind(plan_id)
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::from)?
         .iter()
-        .map(|r| {
-            Ok(StepRow {
-                migration_id: r.get(0),
-                shard: r.get(1),
-                tenant: r.get(2),
-                state: stored_state(r.get(3), plan_id)?,
-                sqlstate: r.get(4),
-                message: r.get(5),
-                phase: r.get(6),
-                detail: r.get(7),
-                wave: r.get(8),
-            })
-        })
+        .map(|r| step_row(r, plan_id))
         .collect::<Result<_, StoreError>>()?;
         let wave_targets = if waves {
             sqlx::query(
@@ -535,6 +509,24 @@ fn plan_row(r: &sqlx::any::AnyRow) -> Result<PlanRow, StoreError> {
 }
 
 /// A state string read back from the store (plan or step), or why it cannot be.
+/// The columns [`step_row`] reads, in its order.
+const STEP_COLUMNS: &str =
+    "migration_id, shard, tenant, state, sqlstate, message, phase, detail, wave";
+
+fn step_row(r: &sqlx::any::AnyRow, plan_id: &str) -> Result<StepRow, StoreError> {
+    Ok(StepRow {
+        migration_id: r.get(0),
+        shard: r.get(1),
+        tenant: r.get(2),
+        state: stored_state(r.get(3), plan_id)?,
+        sqlstate: r.get(4),
+        message: r.get(5),
+        phase: r.get(6),
+        detail: r.get(7),
+        wave: r.get(8),
+    })
+}
+
 fn stored_state<S>(value: String, plan_id: &str) -> Result<S, StoreError>
 where
     S: std::str::FromStr<Err = flotilla_core::state::UnknownState>,
@@ -584,6 +576,26 @@ mod tests {
         pg.create_database(name).await.unwrap();
         let url = pg.url(name);
         (dir, pg, [sqlite, url])
+    }
+
+    /// A running plan's row, for tests that write its steps.
+    pub(super) fn plan_row(id: &str, targets: i64, steps: i64) -> PlanRow {
+        PlanRow {
+            id: id.into(),
+            name: id.into(),
+            environment: String::new(),
+            state: PlanState::Running,
+            ends: PlanState::Running,
+            policy: "continue".into(),
+            spec_hex: String::new(),
+            epoch: 1,
+            message: String::new(),
+            submitted_by: "test".into(),
+            created_at_ms: now_ms(),
+            updated_at_ms: now_ms(),
+            targets,
+            steps,
+        }
     }
 
     /// The audit trail reads back the same from SQLite and PostgreSQL: by plan, since a
@@ -707,22 +719,7 @@ mod tests {
                 wave,
             };
             tx.send(StoreOp::InsertPlan {
-                plan: PlanRow {
-                    id: "p1".into(),
-                    name: "summary".into(),
-                    environment: String::new(),
-                    state: PlanState::Running,
-                    ends: PlanState::Running,
-                    policy: "continue".into(),
-                    spec_hex: String::new(),
-                    epoch: 1,
-                    message: String::new(),
-                    submitted_by: "test".into(),
-                    created_at_ms: now_ms(),
-                    updated_at_ms: now_ms(),
-                    targets: 3,
-                    steps: 6,
-                },
+                plan: plan_row("p1", 3, 6),
                 steps: vec![
                     row("a", "t1", 0),
                     row("b", "t1", 0),
@@ -828,22 +825,7 @@ mod tests {
                 .await
                 .unwrap();
             let plan = |id: &str| StoreOp::InsertPlan {
-                plan: PlanRow {
-                    id: id.into(),
-                    name: id.into(),
-                    environment: String::new(),
-                    state: PlanState::Running,
-                    ends: PlanState::Running,
-                    policy: "continue".into(),
-                    spec_hex: String::new(),
-                    epoch: 1,
-                    message: String::new(),
-                    submitted_by: "test".into(),
-                    created_at_ms: now_ms(),
-                    updated_at_ms: now_ms(),
-                    targets: 1,
-                    steps: 2,
-                },
+                plan: plan_row(id, 1, 2),
                 steps: ["a", "b"]
                     .into_iter()
                     .map(|m| StepRow {

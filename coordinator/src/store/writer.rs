@@ -374,7 +374,8 @@ async fn write_steps(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{PlanRow, StepUpdate};
+    use crate::store::StepUpdate;
+    use crate::store::tests::plan_row;
     use flotilla_core::state::{PlanState, StepState};
 
     fn update(tenant: &str) -> StepUpdate {
@@ -422,22 +423,7 @@ mod tests {
     #[test]
     fn a_batch_writes_each_plans_step_updates_as_one_op_in_order() {
         let insert = StoreOp::InsertPlan {
-            plan: PlanRow {
-                id: "p3".into(),
-                name: "p3".into(),
-                environment: String::new(),
-                state: PlanState::Running,
-                ends: PlanState::Running,
-                policy: "continue".into(),
-                spec_hex: String::new(),
-                epoch: 1,
-                message: String::new(),
-                submitted_by: "test".into(),
-                created_at_ms: 0,
-                updated_at_ms: 0,
-                targets: 0,
-                steps: 0,
-            },
+            plan: plan_row("p3", 0, 0),
             steps: Vec::new(),
         };
         let state = StoreOp::PlanState {
