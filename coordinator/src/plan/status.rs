@@ -8,6 +8,22 @@ use flotilla_core::state::{PAUSED, PlanState, StepState, WAITING, WaveState};
 use super::PlanRun;
 use crate::store::{PlanRow, StepSummary, WaveRow, WaveTarget, now_ms};
 
+/// Failures by target (shard, tenant), then migration id: the same list whether the status
+/// comes from memory (where they are kept as they happened) or from the store, whatever its
+/// collation.
+fn in_target_order(mut failures: Vec<pb::StepFailure>) -> Vec<pb::StepFailure> {
+    fn key(f: &pb::StepFailure) -> (&str, &str, &str) {
+        let t = f.target.as_ref();
+        (
+            t.map_or("", |t| t.shard.as_str()),
+            t.map_or("", |t| t.tenant.as_str()),
+            f.migration_id.as_str(),
+        )
+    }
+    failures.sort_by(|a, b| key(a).cmp(&key(b)));
+    failures
+}
+
 /// Counts `n` steps in `state`.
 fn count(p: &mut pb::MigrationProgress, state: StepState, n: u32) {
     p.total += n;
@@ -75,7 +91,7 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
         }),
         // in the plan's order
         migrations: counted.into_iter().flatten().collect(),
-        failures: run.failures.clone(),
+        failures: in_target_order(run.failures.clone()),
         message: match &run.lock_wait {
             Some(w) => format!("waiting for shard locks: {w}"),
             None => run.message.clone(),
@@ -107,23 +123,25 @@ pub fn from_store(
             });
         count(p, *state, *n as u32);
     }
-    let failures = steps
-        .failures
-        .iter()
-        .map(|s| pb::StepFailure {
-            migration_id: s.migration_id.clone(),
-            target: Some(pb::TargetRef {
-                shard: s.shard.clone(),
-                tenant: s.tenant.clone(),
-            }),
-            error: Some(pb::StepError {
-                sqlstate: s.sqlstate.clone(),
-                message: s.message.clone(),
-                detail: s.detail.clone(),
-                phase: s.phase.clone(),
-            }),
-        })
-        .collect();
+    let failures = in_target_order(
+        steps
+            .failures
+            .iter()
+            .map(|s| pb::StepFailure {
+                migration_id: s.migration_id.clone(),
+                target: Some(pb::TargetRef {
+                    shard: s.shard.clone(),
+                    tenant: s.tenant.clone(),
+                }),
+                error: Some(pb::StepError {
+                    sqlstate: s.sqlstate.clone(),
+                    message: s.message.clone(),
+                    detail: s.detail.clone(),
+                    phase: s.phase.clone(),
+                }),
+            })
+            .collect(),
+    );
     pb::PlanStatus {
         summary: Some({
             let mut s = summary(plan);

@@ -497,3 +497,47 @@ fn a_wave_caps_parallelism_per_shard() {
     assert_eq!(run.shards["s0"].lanes, 1);
     assert_eq!(run.shards["s1"].lanes, 1);
 }
+
+/// A status lists failures by target, whatever the order they happened in: the same list
+/// as a finished plan's status read back from the store.
+#[test]
+fn failures_are_listed_by_target_not_by_when_they_happened() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t2"), ("s0", "t1"), ("s1", "t0")],
+        pb::FailurePolicy::Continue,
+    );
+    let mut next = 1u64;
+    let mut runs = run.next_runs("s1", &mut next);
+    runs.extend(run.next_runs("s0", &mut next));
+    // s1's target fails first, then s0's in their order t2, t1
+    for r in &runs {
+        let shard = if r.tenant == "t0" { "s1" } else { "s0" };
+        let (_, failed) = answer(&mut run, shard, r, pb::StepOutcome::Failed);
+        assert!(failed);
+    }
+    let happened: Vec<String> = run
+        .failures
+        .iter()
+        .map(|f| f.target.as_ref().unwrap().tenant.clone())
+        .collect();
+    assert_eq!(happened, ["t0", "t2", "t1"]);
+    let st = super::status::from_run(&run, Vec::new());
+    let listed: Vec<(String, String)> = st
+        .failures
+        .iter()
+        .map(|f| {
+            let t = f.target.as_ref().unwrap();
+            (t.shard.clone(), t.tenant.clone())
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("s0".to_string(), "t1".to_string()),
+            ("s0".to_string(), "t2".to_string()),
+            ("s1".to_string(), "t0".to_string())
+        ]
+    );
+}
