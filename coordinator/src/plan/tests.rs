@@ -541,3 +541,25 @@ fn failures_are_listed_by_target_not_by_when_they_happened() {
         ]
     );
 }
+
+/// A wave's targets are listed by (shard, tenant) whatever the plan's target order, as a
+/// finished plan's status from the store lists them.
+#[test]
+fn a_waves_targets_are_listed_by_shard_and_tenant() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s1", "t2"), ("s0", "t3"), ("s0", "t1")],
+        pb::FailurePolicy::Continue,
+    );
+    let mut raw = pb::PlanSpec::from(&*run.spec);
+    raw.waves = vec![pb::Wave {
+        name: "all".into(),
+        rest: true,
+        ..Default::default()
+    }];
+    run.spec = Arc::new(PlanSpec::try_from(raw).expect("valid plan"));
+    run.set_waves(vec![0; 3], &[]);
+    let st = super::status::from_run(&run, Vec::new());
+    assert_eq!(st.waves[0].targets, ["s0/t1", "s0/t3", "s1/t2"]);
+}

@@ -443,11 +443,13 @@ impl PlanRun {
                 pb::WaveStatus {
                     name: w.name.clone(),
                     state: w.state.as_str().into(),
-                    targets: w
-                        .targets
-                        .iter()
-                        .map(|&t| self.targets[t].to_string())
-                        .collect(),
+                    // by (shard, tenant), as a finished plan's status from the store lists them
+                    targets: {
+                        let mut ts: Vec<&flotilla_core::Target> =
+                            w.targets.iter().map(|&t| &self.targets[t]).collect();
+                        ts.sort_by(|a, b| (&a.shard, &a.tenant).cmp(&(&b.shard, &b.tenant)));
+                        ts.iter().map(|t| t.to_string()).collect()
+                    },
                     applied: applied as u32,
                     failed: failed as u32,
                     pending: (w.targets.len() - applied - failed) as u32,
