@@ -98,7 +98,12 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
         },
         waiting_for,
         data: run.progress.values().cloned().collect(),
-        paused: run.paused.listed(),
+        // a plan that ended (cancelled while paused) is paused nowhere, as the store says
+        paused: if run.state.is_terminal() {
+            Vec::new()
+        } else {
+            run.paused.listed()
+        },
         waves: run.wave_status(now_ms()),
     }
 }

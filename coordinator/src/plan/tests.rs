@@ -563,3 +563,22 @@ fn a_waves_targets_are_listed_by_shard_and_tenant() {
     let st = super::status::from_run(&run, Vec::new());
     assert_eq!(st.waves[0].targets, ["s0/t1", "s0/t3", "s1/t2"]);
 }
+
+/// A plan that ended while paused lists no pause in its final status (the watch's last
+/// status, from memory), as its status from the store does.
+#[test]
+fn a_plan_that_ended_is_paused_nowhere() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1")],
+        pb::FailurePolicy::Continue,
+    );
+    run.paused.plan = true;
+    run.paused.shards.insert("s0".into());
+    let st = super::status::from_run(&run, Vec::new());
+    assert_eq!(st.paused, ["*", "s0"]);
+    run.state = PlanState::Cancelled;
+    let st = super::status::from_run(&run, Vec::new());
+    assert!(st.paused.is_empty(), "{:?}", st.paused);
+}
