@@ -241,9 +241,10 @@ async fn run_group(
 /// One transaction for the group, its steps and COMMIT in one query: `BEGIN` and the fence
 /// ride with the first step. A run to prepare sends its PREPARE TRANSACTION on its own.
 ///
-/// The results stream back as the server finishes each statement, and each step's journal
-/// row returns `STEP_DONE` with its position: that mark says which steps are done (a failure
-/// is the next one's) and how long each took (from the previous mark). One round trip per
+/// Each step's journal row returns `STEP_DONE` with its position and the step's time by the
+/// server's clock: the marks say which steps are done (a failure is the next one's) and how
+/// long each took (what is left of the round trip goes to the last, or the failing, step).
+/// One round trip per
 /// run instead of one per step and one for the COMMIT: each costs the agent and the server
 /// a send, a receive and the switches between them.
 async fn run_transaction(
@@ -264,7 +265,9 @@ async fn run_transaction(
     let fused_commit = job.prepare.is_none() && !commit_failpoint_configured();
     let steps: Vec<&PreparedMigration> = group.iter().map(|&i| &*job.steps[i]).collect();
     let sql = sqlgen::transaction(cx, &steps, fused_commit);
-    let mut mark = Instant::now();
+    let started = Instant::now();
+    // the steps' own times so far
+    let mut marked = Duration::ZERO;
     let mut done = 0usize;
     {
         let mut results = sqlx::raw_sql(AssertSqlSafe(sql)).fetch_many(&mut *conn);
@@ -272,14 +275,15 @@ async fn run_transaction(
             match results.try_next().await {
                 // (a migration's own row could only fake a mark by naming its column so)
                 Ok(Some(Either::Right(row))) if done <= last && is_step_done(&row, done) => {
-                    durations[done] = mark.elapsed();
-                    mark = Instant::now();
+                    let seconds = row.try_get::<f64, _>(1).unwrap_or(0.0).max(0.0);
+                    durations[done] = Duration::from_secs_f64(seconds);
+                    marked += durations[done];
                     done += 1;
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(e) => {
-                    durations[done.min(last)] += mark.elapsed();
+                    durations[done.min(last)] += started.elapsed().saturating_sub(marked);
                     return Err(fail(done, classify(&e, "up")));
                 }
             }
@@ -299,17 +303,18 @@ async fn run_transaction(
             ),
         ));
     }
-    // the COMMIT's own time (fused) goes to the last step, as its PREPARE's does
-    durations[last] += mark.elapsed();
+    // the COMMIT's own time (fused) and the round trip go to the last step, as its
+    // PREPARE's does
+    durations[last] += started.elapsed().saturating_sub(marked);
     if fused_commit {
         return Ok(());
     }
     if let Some(failure) = commit_failpoint() {
         return Err(fail(last, failure));
     }
-    let started = Instant::now();
+    let committing = Instant::now();
     let r = commit(conn, job.prepare.as_ref()).await;
-    durations[last] += started.elapsed();
+    durations[last] += committing.elapsed();
     r.map_err(|failure| fail(last, failure))
 }
 
@@ -333,7 +338,7 @@ fn commit_failpoint_configured() -> bool {
 
 /// The commit failpoint (`agent::before_step_commit`): its failure, if it returns one.
 fn commit_failpoint() -> Option<Failure> {
-    fail::fail_point!("agent::before_step_commit", |arg: Option<String>| Some(
+    fail::fail_point!(COMMIT_FAILPOINT, |arg: Option<String>| Some(
         Failure::agent(
             "up",
             format!(
@@ -410,19 +415,17 @@ async fn run_non_transactional(
 }
 
 fn commit_failpoint_non_transactional() -> Result<(), GroupFailure> {
-    fail::fail_point!("agent::before_step_commit", |arg: Option<String>| Err(
-        GroupFailure {
-            position: 0,
-            failure: Failure::agent(
-                "up",
-                format!(
-                    "failpoint agent::before_step_commit{}",
-                    arg.map(|a| format!(": {a}")).unwrap_or_default()
-                )
-            ),
-            in_transaction: false,
-        }
-    ));
+    fail::fail_point!(COMMIT_FAILPOINT, |arg: Option<String>| Err(GroupFailure {
+        position: 0,
+        failure: Failure::agent(
+            "up",
+            format!(
+                "failpoint agent::before_step_commit{}",
+                arg.map(|a| format!(": {a}")).unwrap_or_default()
+            )
+        ),
+        in_transaction: false,
+    }));
     Ok(())
 }
 

@@ -104,7 +104,9 @@ mod tests {
         let cx = context("tenant_1", "p1", 7);
         let sql = transaction(&cx, &[&m, &m2], true);
         // the first step opens the transaction and checks the fence under its lock_timeout
-        let (first, second) = sql.split_once(" AS \"flotilla.step_done\";\n").unwrap();
+        let mark = " AS \"flotilla.step_done\", \
+                    pg_catalog.date_part('epoch', finished_at - started_at) AS step_seconds;\n";
+        let (first, second) = sql.split_once(mark).unwrap();
         assert!(
             first.starts_with("BEGIN;\nSET LOCAL search_path TO \"tenant_1\";\n"),
             "{sql}"
@@ -129,7 +131,7 @@ mod tests {
             "VALUES ('tenant_1', 'm1', '{}', 'p1', 7, ",
             m.migration.checksum
         )));
-        // each journal row marks its step done, by its position
+        // each journal row marks its step done, by its position, with its time by the server
         assert!(
             rest.ends_with("pg_catalog.clock_timestamp()) RETURNING 0"),
             "{sql}"
@@ -142,7 +144,7 @@ mod tests {
         assert!(!second.contains("check_fence") && !second.contains("check_verify"));
         assert!(second.contains("ALTER TABLE t ADD COLUMN n int\n;\n"));
         assert!(
-            second.ends_with(") RETURNING 1 AS \"flotilla.step_done\";\nCOMMIT;\n"),
+            second.ends_with(&format!(") RETURNING 1{mark}COMMIT;\n")),
             "{sql}"
         );
         assert_eq!(sql.matches("BEGIN").count(), 1);

@@ -66,7 +66,10 @@ pub(crate) fn push_verify_and_journal(
     out.push_str(";\n");
 }
 
-/// As [`push_verify_and_journal`], the journal row returning [`STEP_DONE`] = `position`.
+/// As [`push_verify_and_journal`], the journal row returning [`STEP_DONE`] = `position` and
+/// the step's own time in seconds, by the server's clock (its row's start and finish): the
+/// server sends a query's results when the whole query is done, not statement by statement,
+/// so their arrival cannot time the steps.
 pub(crate) fn push_verify_and_marked_journal(
     out: &mut String,
     cx: &StepContext<'_>,
@@ -74,7 +77,11 @@ pub(crate) fn push_verify_and_marked_journal(
     position: usize,
 ) {
     push_verify_and_journal_row(out, cx, m);
-    let _ = writeln!(out, " RETURNING {position} AS \"{STEP_DONE}\";");
+    let _ = writeln!(
+        out,
+        " RETURNING {position} AS \"{STEP_DONE}\", \
+         pg_catalog.date_part('epoch', finished_at - started_at) AS step_seconds;"
+    );
 }
 
 /// The verify check and the journal row's INSERT, without its terminator.

@@ -546,3 +546,38 @@ async fn bench_rollout_over_a_fleet_shard() {
     println!("agent rollout: {n} tenants x 3 migrations, 8 lanes: {secs:.3} s");
     h.stop().await;
 }
+
+/// A fused run's steps each report their own time, by the server's clock: the server sends
+/// a query's results when the whole query is done, so the arrival of each step's mark would
+/// give the first step the whole run's time and the others none.
+#[tokio::test]
+async fn each_step_of_a_fused_run_reports_its_own_time() {
+    let Some(f) = fleet("step_times", 1).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(5).await;
+    let mut migrations = bench_migrations();
+    migrations.push(migration("slow", "SELECT pg_sleep(0.3)", "SELECT 1", ""));
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "p3".into(),
+        migrations,
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign(
+            "p3",
+            5,
+            1,
+            vec![run(1, "tenant_0000", &[BENCH[0], "slow"], true)],
+        )
+        .await;
+    assert_eq!(
+        outcomes(&r[&1]),
+        [pb::StepOutcome::Applied, pb::StepOutcome::Applied]
+    );
+    let ms: Vec<u64> = r[&1].steps.iter().map(|s| s.duration_ms).collect();
+    assert!(ms[1] >= 300, "the sleeping step took 0.3 s: {ms:?}");
+    assert!(ms[0] < 300, "the first step did not sleep: {ms:?}");
+}
