@@ -578,6 +578,14 @@ mod tests {
         (dir, pg, [sqlite, url])
     }
 
+    /// The store at `location` with its writer running, and the writer's queue.
+    async fn opened(location: &str) -> (Store, mpsc::UnboundedSender<StoreOp>) {
+        let store = Store::open(&SecretUrl::new(location)).await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_writer(store.clone(), rx));
+        (store, tx)
+    }
+
     /// A running plan's row, for tests that write its steps.
     pub(super) fn plan_row(id: &str, targets: i64, steps: i64) -> PlanRow {
         PlanRow {
@@ -604,11 +612,7 @@ mod tests {
     async fn the_audit_trail_is_queried_by_plan_time_and_limit() {
         let (_dir, _pg, locations) = both_stores("audit_store").await;
         for location in locations {
-            let store = Store::open(&SecretUrl::new(location.as_str()))
-                .await
-                .unwrap();
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run_writer(store.clone(), rx));
+            let (store, tx) = opened(&location).await;
             for (actor, action, plan) in [
                 ("alice", "submit", "p1"),
                 ("bob", "approve", "p1"),
@@ -648,11 +652,7 @@ mod tests {
     async fn an_agent_row_is_read_by_its_shard_alike_on_both_stores() {
         let (_dir, _pg, locations) = both_stores("agents_store").await;
         for location in locations {
-            let store = Store::open(&SecretUrl::new(location.as_str()))
-                .await
-                .unwrap();
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run_writer(store.clone(), rx));
+            let (store, tx) = opened(&location).await;
             assert!(
                 store.agent("shard_a").await.unwrap().is_none(),
                 "{location}"
@@ -702,11 +702,7 @@ mod tests {
     async fn a_plans_steps_are_summed_up_alike_on_both_stores() {
         let (_dir, _pg, locations) = both_stores("summary_store").await;
         for location in locations {
-            let store = Store::open(&SecretUrl::new(location.as_str()))
-                .await
-                .unwrap();
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run_writer(store.clone(), rx));
+            let (store, tx) = opened(&location).await;
             let row = |m: &str, tenant: &str, wave: i64| StepRow {
                 migration_id: m.into(),
                 shard: "s0".into(),
