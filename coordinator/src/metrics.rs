@@ -218,6 +218,14 @@ fn describe() {
         "flotilla_two_phase_hold_median_seconds",
         "Atomic units: the median PREPARE-to-COMMIT PREPARED over the unit's targets."
     );
+    describe_histogram!(
+        "flotilla_two_phase_slowest_run_seconds",
+        "Atomic units: the slowest target's steps before its PREPARE (when every target starts at once, about what the first to prepare waits for the last)."
+    );
+    describe_histogram!(
+        "flotilla_two_phase_locked_max_seconds",
+        "Atomic units: the longest of one target's steps' start to its COMMIT PREPARED (what an application waits at most on that target's locks)."
+    );
     describe_gauge!(
         "flotilla_two_phase_prepared_targets",
         "Atomic plans: targets whose transaction is prepared and waits for the decision."
@@ -363,6 +371,8 @@ pub fn two_phase_timings(t: &crate::plan::timings::Timings) {
     }
     histogram!("flotilla_two_phase_hold_max_seconds").record(s(t.hold_max_us));
     histogram!("flotilla_two_phase_hold_median_seconds").record(s(t.hold_median_us));
+    histogram!("flotilla_two_phase_slowest_run_seconds").record(s(t.slowest_run_us));
+    histogram!("flotilla_two_phase_locked_max_seconds").record(s(t.locked_max_us));
 }
 
 /// Plans stored awaiting approval (the leader's count, from the control store).

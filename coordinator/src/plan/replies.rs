@@ -120,7 +120,13 @@ impl PlanRun {
         if let (Some(gid), false) = (gid, prepared.is_empty()) {
             self.first_prepared
                 .get_or_insert_with(std::time::Instant::now);
-            self.two_phase_clock.prepared(&gid, result.prepared_at_us);
+            let run_us = result
+                .steps
+                .iter()
+                .map(|r| r.duration_ms as i64 * 1000)
+                .sum();
+            self.two_phase_clock
+                .prepared(&gid, result.prepared_at_us, run_us);
             if let Some(sr) = self.shards.get_mut(shard) {
                 sr.prepared.insert(gid, prepared);
             }

@@ -74,11 +74,14 @@ impl PlanRun {
         for sr in self.shards.values_mut() {
             sr.lanes = 0;
         }
-        // An atomic unit too is spread over `max_parallel`. Starting every target at once
-        // (up to each agent's lanes) was measured on the reference machine (2 cores, 16
-        // shard databases on one server, scripts/bench-two-phase.sh): the targets then
-        // compete for the same cores and each one's PREPARE-to-COMMIT hold grew (median
-        // 471 ms -> 714 ms, window 1.0 s -> 1.6 s), so it is not done.
+        // An atomic unit too is spread over `max_parallel` (a plan that wants every target
+        // at once says so with a `max_parallel` as large as the unit). Starting every
+        // target at once regardless was measured again on the reference machine (2 cores,
+        // 16 shard databases x 10 tenants on one server, scripts/bench-two-phase.sh, with
+        // the agents' lanes starting together): the hold from PREPARE shrank (median 195
+        // against 223 ms) but each DDL ran stretched by the others on the same cores, so
+        // what an application waits on a target, its steps' start to its COMMIT
+        // PREPARED, grew: median 605 against 265 ms, max 760 against 464 ms.
         let k = busy.len();
         for (i, shard) in busy.iter().enumerate() {
             let share = if max >= k {
