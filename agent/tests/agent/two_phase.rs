@@ -612,3 +612,78 @@ async fn preflight_and_prepare_without_max_prepared_transactions() {
     h.stop().await;
     f.drop().await;
 }
+
+/// An atomic unit's runs on a shard start together: a lane takes one once every lane of the
+/// plan has its connection. Each new session here waits a second after it authenticated
+/// (`post_auth_delay`), so lanes that each started as their own connection opened would
+/// start their runs a second apart (the first lane's connection opens for the journal read,
+/// the others' only when they take a run).
+#[tokio::test]
+async fn an_atomic_units_runs_start_together() {
+    let Some(f) = fleet_2pc("together", 3).await else {
+        return;
+    };
+    sqlx::query("CREATE TABLE public.run_starts (target text, at timestamptz)")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let sep = if f.dsn.contains('?') { '&' } else { '?' };
+    let dsn = format!("{}{sep}options=-c%20post_auth_delay%3D1", f.dsn);
+    let mut h = Harness::start(|_| {}, &dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    // the agent's sessions from its start closed (its lock session stays): the lanes open
+    // their own
+    let agent_sessions = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = 'flotilla-agent'"
+    );
+    flotilla_testkit::wait::wait_until("the agent's idle sessions closed", WAIT, async || {
+        Ok(count(&f.pool, &agent_sessions).await <= 1)
+    })
+    .await
+    .expect("idle sessions closed");
+    define(
+        &s,
+        "tg",
+        vec![migration(
+            "start",
+            "INSERT INTO public.run_starts SELECT current_schema(), clock_timestamp()",
+            "SELECT 1",
+            "",
+        )],
+    );
+    let gids: Vec<String> = (0..3)
+        .map(|t| format!("flotilla:tg:{}:1:tenant_{t:04}", t + 1))
+        .collect();
+    let runs = (0..3)
+        .map(|t| {
+            prepared_run(
+                t as u64 + 1,
+                &format!("tenant_{t:04}"),
+                &["start"],
+                &gids[t],
+            )
+        })
+        .collect();
+    let r = s.assign("tg", 1, 3, runs).await;
+    for id in 1..=3 {
+        assert_eq!(outcomes(&r[&id]), [pb::StepOutcome::Prepared], "{r:?}");
+    }
+    // the rows are inside the prepared transactions
+    let gid_refs: Vec<&str> = gids.iter().map(String::as_str).collect();
+    let reply = s.resolve("tg", true, 1, &gid_refs).await;
+    assert_eq!(reply.resolved.len(), 3, "{reply:?}");
+    let (n, spread): (i64, f64) = sqlx::query_as(
+        "SELECT count(*), extract(epoch FROM max(at) - min(at))::float8 FROM public.run_starts",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .unwrap();
+    assert_eq!(n, 3);
+    assert!(
+        spread < 0.5,
+        "the runs started {spread:.3} s apart (a connection takes 1 s to open here)"
+    );
+    h.stop().await;
+    f.drop().await;
+}

@@ -8,7 +8,9 @@
 //! - the window: first PREPARE -> last COMMIT PREPARED;
 //! - the slowest target's steps (the sum of its prepared run's step times, the agent's
 //!   clock): the goal for the holds is "at most 100 ms beyond it" (issue 15), since a
-//!   target that prepared first waits for the slowest to prepare.
+//!   target that prepared first waits for the slowest to prepare;
+//! - each target's steps' start to its COMMIT PREPARED (its steps' time plus its hold): its
+//!   DDL takes its locks, so this is what an application waits at most on that target.
 use std::collections::HashMap;
 
 /// The unit in progress's timestamps (microseconds since the Unix epoch).
@@ -21,8 +23,6 @@ pub struct TwoPhaseClock {
     last_heard_us: Option<i64>,
     /// (PREPARE, COMMIT PREPARED, steps' time) of each target resolved now.
     holds: Vec<(i64, i64, i64)>,
-    /// The longest prepared run's steps (microseconds).
-    slowest_run_us: i64,
 }
 
 /// What a unit's commit took, in microseconds.
@@ -60,7 +60,6 @@ impl TwoPhaseClock {
             self.prepared
                 .entry(gid.to_string())
                 .or_insert((at_us, run_us.max(0)));
-            self.slowest_run_us = self.slowest_run_us.max(run_us);
         }
     }
 
@@ -116,7 +115,7 @@ impl TwoPhaseClock {
             hold_median_us: at(&holds, 0.5),
             hold_p99_us: at(&holds, 0.99),
             hold_max_us: *holds.last()?,
-            slowest_run_us: self.slowest_run_us,
+            slowest_run_us: self.holds.iter().map(|h| h.2).max()?,
             locked_median_us: at(&locked, 0.5),
             locked_max_us: *locked.last()?,
         })
