@@ -633,12 +633,10 @@ async fn an_atomic_units_runs_start_together() {
     let (mut s, _) = h.attach(1).await;
     // the agent's sessions from its start closed (its lock session stays): the lanes open
     // their own
-    let agent_sessions = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND application_name = 'flotilla-agent'"
-    );
+    let agent_sessions = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = 'flotilla-agent'";
     flotilla_testkit::wait::wait_until("the agent's idle sessions closed", WAIT, async || {
-        Ok(count(&f.pool, &agent_sessions).await <= 1)
+        Ok(count(&f.pool, agent_sessions).await <= 1)
     })
     .await
     .expect("idle sessions closed");
