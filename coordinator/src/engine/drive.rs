@@ -65,7 +65,20 @@ impl Engine {
         };
         let agents = &mut self.agents;
         run.rebalance_lanes(&|shard: &str| agents.get(shard).map(|a| a.max_lanes).unwrap_or(1));
-        let shards: Vec<String> = run.shards.keys().cloned().collect();
+        // Only the shards with something to send: targets ready within their lanes, or the
+        // plan's definition not yet on their agent's stream. A hand-out follows every
+        // agent's results, and at 64 shards going over all of them was most of its time.
+        let shards: Vec<String> = run
+            .shards
+            .iter()
+            .filter(|(shard, sr)| {
+                sr.has_ready()
+                    || agents
+                        .get(shard.as_str())
+                        .is_some_and(|a| sr.defined_on != Some(a.conn_id))
+            })
+            .map(|(shard, _)| shard.clone())
+            .collect();
         for shard in shards {
             let Some(agent) = agents.get_mut(&shard) else {
                 continue;

@@ -69,6 +69,13 @@ pub struct ShardRun {
     pub resolve_retry_at: Option<std::time::Instant>,
 }
 
+impl ShardRun {
+    /// Targets ready to run here, within lanes the shard has.
+    pub fn has_ready(&self) -> bool {
+        self.lanes > 0 && !self.ready.is_empty()
+    }
+}
+
 pub struct PlanRun {
     pub id: String,
     pub spec: Arc<PlanSpec>,
