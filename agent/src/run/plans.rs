@@ -338,7 +338,7 @@ impl Agent {
     /// with the lanes starting together, each target's PREPARE-to-COMMIT PREPARED median
     /// 322 ms against 477 ms, max 785 ms against 941 ms (medians of 3 runs).
     /// A lane that cannot get a connection counts as ready: its run fails on that.
-    /// (Test: `pg::an_atomic_units_runs_start_together` in the agent's tests.)
+    /// (Test: `two_phase::an_atomic_units_runs_start_together` in the agent's tests.)
     async fn lane(self: Arc<Self>, plan: Arc<Plan>) {
         let _slot = self.slots.clone().acquire_owned().await;
         let mut conn: Option<PoolConnection<Postgres>> = None;
