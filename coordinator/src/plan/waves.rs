@@ -447,7 +447,7 @@ impl PlanRun {
                     targets: {
                         let mut ts: Vec<&flotilla_core::Target> =
                             w.targets.iter().map(|&t| &self.targets[t]).collect();
-                        ts.sort_by(|a, b| (&a.shard, &a.tenant).cmp(&(&b.shard, &b.tenant)));
+                        ts.sort(); // a Target orders by shard, then tenant
                         ts.iter().map(|t| t.to_string()).collect()
                     },
                     applied: applied as u32,

@@ -508,11 +508,11 @@ fn plan_row(r: &sqlx::any::AnyRow) -> Result<PlanRow, StoreError> {
     })
 }
 
-/// A state string read back from the store (plan or step), or why it cannot be.
 /// The columns [`step_row`] reads, in its order.
 const STEP_COLUMNS: &str =
     "migration_id, shard, tenant, state, sqlstate, message, phase, detail, wave";
 
+/// One step row, read as [`STEP_COLUMNS`] lists it.
 fn step_row(r: &sqlx::any::AnyRow, plan_id: &str) -> Result<StepRow, StoreError> {
     Ok(StepRow {
         migration_id: r.get(0),
@@ -527,6 +527,7 @@ fn step_row(r: &sqlx::any::AnyRow, plan_id: &str) -> Result<StepRow, StoreError>
     })
 }
 
+/// A state string read back from the store (plan or step), or why it cannot be.
 fn stored_state<S>(value: String, plan_id: &str) -> Result<S, StoreError>
 where
     S: std::str::FromStr<Err = flotilla_core::state::UnknownState>,
