@@ -8,7 +8,11 @@
 #   - the scheduling latency: flotilla_scheduling_latency_seconds from the coordinator's
 #     /metrics (an agent's results arriving -> the runs they freed handed out), mean and p99;
 #   - the wall time of the rollout (submit --wait) and the steps per second;
-#   - the coordinator's idle CPU with every agent attached (heartbeats, liveness), per second.
+#   - the coordinator's idle CPU with every agent attached (heartbeats, liveness), per second;
+#   - the agents' results messages per step, and the coordinator's CPU per message: an agent
+#     sends its results as its lanes finish, and at 64 shards with PAR 16 a shard has one lane
+#     at a time, so a message carries fewer steps than at 8 (about 3 against 8): the CPU per
+#     step grows with that while the CPU per message does not.
 # The figures should stay flat as the shards grow: the same tenants per shard and the same
 # parallelism in all (PAR steps at once, whatever the number of shards), so PostgreSQL and the
 # cores do the same work at once and what grows is the fleet the coordinator keeps: agents
@@ -18,8 +22,9 @@
 #
 # Environment: SHARED (default ../shared beside the repo), SIZES ("8 32 64"), TENANTS (40 per
 # shard), PAR (16: the plan's --max-parallel), AGENT_CONNS (2: each agent's --max-connections),
-# ROWS (20 per table), IDLE (3 s of idle CPU measured before each submit), FLOTILLA_PG_BINDIR,
-# FLOTILLA_BENCH_KEEP=1 keeps the logs and the server's data dir.
+# ROWS (20 per table), IDLE (3 s of idle CPU measured before each submit), FLEET_NICE (0: the
+# niceness of the agents and PostgreSQL; see below), FLOTILLA_PG_BINDIR, FLOTILLA_BENCH_KEEP=1
+# keeps the logs and the server's data dir.
 #
 # Why PAR is fixed: with one lane per shard (PAR = SIZE), 64 shards ran 64 DDL transactions at
 # once on 2 cores; agents and the coordinator were starved for seconds, missed heartbeats (3 s)
@@ -30,6 +35,14 @@
 # for its agent lock, so 64 agents x (2 + 2) = 256: max_connections=400 leaves room for psql
 # and the journal reads. fsync=off: the machine has 2 cores and one disk shared with others,
 # and commit latency is not what this measures (the coordinator's cost per step is).
+#
+# FLEET_NICE=10 runs the agents and PostgreSQL at that niceness, the coordinator and etcd at
+# 0: on a fleet they run on the shards' hosts, not on the coordinator's. Here 64 agents and
+# the server share 2 cores with the coordinator, and at the same priority the engine is now
+# and then taken off its core in the middle of an event for 25-100 ms
+# (flotilla_engine_event_seconds holds a few such results events in a 64-shard run, whose
+# work is 0.1-0.4 ms): every result queued behind it waits that long, and the mean latency
+# of a run goes from 0.1 ms to 1-3 ms by that alone.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -38,7 +51,8 @@ BENCH=$SHARED/bench
 REPEAT=${1:-3}
 SIZES=${SIZES:-"8 32 64"}
 TENANTS=${TENANTS:-40}; PAR=${PAR:-16}; AGENT_CONNS=${AGENT_CONNS:-2}; ROWS=${ROWS:-20}
-IDLE=${IDLE:-3}
+IDLE=${IDLE:-3}; FLEET_NICE=${FLEET_NICE:-0}
+fleet=(nice -n "$FLEET_NICE")
 [ -x "$BENCH/make-fleet.sh" ] || { echo "error: $BENCH/make-fleet.sh not found (set SHARED)" >&2; exit 2; }
 command -v etcd >/dev/null || { echo "error: etcd not found; run scripts/test.sh once to install it" >&2; exit 2; }
 command -v curl >/dev/null || { echo "error: curl not found" >&2; exit 2; }
@@ -49,8 +63,8 @@ bench_median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2
 
 # ---- this benchmark -----------------------------------------------------------------------
 
-# The latency between two histogram readings: "mean_ms p99_ms" (p99: the upper bound of the
-# bucket that holds it).
+# The latency between two histogram readings: "mean_ms p99_ms count" (p99: the upper bound
+# of the bucket that holds it; count: the observations, here the agents' results messages).
 latency_between() {
   awk -v before="$1" -v after="$2" 'BEGIN {
     nb = split(before, B, " "); na = split(after, A, " ")
@@ -61,7 +75,7 @@ latency_between() {
       split(A[i], x, ":"); c = x[2] - prev[x[1]]
       if (n > 0 && c >= 0.99 * n) { p99 = (x[1] == "+Inf") ? "inf" : sprintf("%.2f", x[1] * 1000); break }
     }
-    if (n > 0) printf "%.3f %s\n", sum / n * 1000, p99; else print "nan nan"
+    if (n > 0) printf "%.3f %s %d\n", sum / n * 1000, p99, n; else print "nan nan 0"
   }'
 }
 
@@ -74,6 +88,7 @@ steps_done() {
 source "$ROOT/scripts/bench-lib.sh"
 bench_init flotilla-bench-shards
 bench_build
+as_pg=("${fleet[@]}" "${as_pg[@]}")
 bench_start_pg -c max_connections=400 -c fsync=off -c shared_buffers=256MB
 eport=$(( port + 1 ))
 bench_etcd_start "$eport" $(( port + 2 ))
@@ -83,7 +98,8 @@ echo "==== building $MAX_SIZE shards x $TENANTS tenants x $ROWS rows"
 PGOPTIONS='-c client_min_messages=warning' "$BENCH/make-fleet.sh" "$MAX_SIZE" "$TENANTS" "$ROWS" >/dev/null
 
 # One rollout over the first $1 shards (freshly reset); writes to $work/result
-# "cpu_per_step_ms latency_mean_ms latency_p99_ms wall_s steps_per_s idle_cpu_per_s detached"
+# "cpu_per_step_ms latency_mean_ms latency_p99_ms wall_s steps_per_s idle_cpu_per_s detached
+# steps_per_message cpu_per_message_ms"
 # (detached: agent streams the coordinator lost during the run; each one a reconnect, runs
 # resent: on a starved machine they are what the latency measures).
 run_size() {
@@ -95,7 +111,7 @@ run_size() {
     --store "$work/store-$n-$r.db" --etcd "http://127.0.0.1:$eport" >"$work/c-$n-$r.log" 2>&1 &
   cpid=$!; pids+=("$cpid")
   for ((s=0; s<n; s++)); do
-    FLOTILLA_LOG=warn "$FLOTILLA" --coordinator "$addr" agent --shard "shard_$s" --dsn "$PGURL/shard_$s" \
+    FLOTILLA_LOG=warn "${fleet[@]}" "$FLOTILLA" --coordinator "$addr" agent --shard "shard_$s" --dsn "$PGURL/shard_$s" \
       --tenant-pattern 'tenant_%' --max-connections "$AGENT_CONNS" --etcd "http://127.0.0.1:$eport" \
       >"$work/a-$n-$r-$s.log" 2>&1 &
     pids+=($!)
@@ -125,35 +141,38 @@ run_size() {
   awk -v c0="$c0" -v c1="$c1" -v t0="$t0" -v t1="$t1" -v s="$steps" -v lat="$lat" \
       -v i0="$i0" -v i1="$i1" -v idle="$IDLE" -v d="$detached" 'BEGIN {
     split(lat, l, " ")
-    printf "%.3f %s %s %.2f %.1f %.4f %d\n", (c1 - c0) / s * 1000, l[1], l[2], t1 - t0, s / (t1 - t0), (i1 - i0) / idle, d
+    printf "%.3f %s %s %.2f %.1f %.4f %d %.2f %.3f\n", (c1 - c0) / s * 1000, l[1], l[2], t1 - t0, s / (t1 - t0), (i1 - i0) / idle, d, s / l[3], (c1 - c0) / l[3] * 1000
   }' >"$work/result"
   for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
   wait "${pids[@]:1}" 2>/dev/null || true
   pids=("${pids[0]}")
 }
 
-declare -A cpu lat_mean lat_p99 wall rate idle
+declare -A cpu lat_mean lat_p99 wall rate idle per_msg cpu_msg
 for ((r=1; r<=REPEAT; r++)); do
   for n in $SIZES; do
     run_size "$n" "$r"
-    read -r c lm lp w sps ic det <"$work/result"
-    echo "run $r, $n shards x $TENANTS tenants: coordinator CPU ${c} ms/step; scheduling latency mean ${lm} ms, p99 <= ${lp} ms; wall ${w}s (${sps} steps/s); idle CPU ${ic} s/s; agent streams lost ${det}"
+    read -r c lm lp w sps ic det spm cm <"$work/result"
+    echo "run $r, $n shards x $TENANTS tenants: coordinator CPU ${c} ms/step, ${cm} ms per results message (${spm} steps each); scheduling latency mean ${lm} ms, p99 <= ${lp} ms; wall ${w}s (${sps} steps/s); idle CPU ${ic} s/s; agent streams lost ${det}"
     cpu[$n]+="$c "; lat_mean[$n]+="$lm "; lat_p99[$n]+="$lp "; wall[$n]+="$w "; rate[$n]+="$sps "; idle[$n]+="$ic "
+    per_msg[$n]+="$spm "; cpu_msg[$n]+="$cm "
   done
 done
 
 echo
-echo "==== medians of $REPEAT runs; $TENANTS tenants per shard, COORD-2025-001 (3 steps per tenant), max_parallel $PAR, agents --max-connections $AGENT_CONNS"
+echo "==== medians of $REPEAT runs; $TENANTS tenants per shard, COORD-2025-001 (3 steps per tenant), max_parallel $PAR, agents --max-connections $AGENT_CONNS, agents and PostgreSQL at nice $FLEET_NICE"
 echo "     machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), load $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-7s %8s %22s %22s %10s %10s %14s\n' shards steps "CPU/step (ms)" "sched. mean/p99 (ms)" "wall (s)" "steps/s" "idle CPU (s/s)"
+printf '%-7s %8s %14s %14s %10s %22s %10s %10s %14s\n' shards steps "CPU/step (ms)" "CPU/msg (ms)" "steps/msg" "sched. mean/p99 (ms)" "wall (s)" "steps/s" "idle CPU (s/s)"
 for n in $SIZES; do
   # shellcheck disable=SC2086
-  printf '%-7s %8s %22s %22s %10s %10s %14s\n' "$n" $(( n * TENANTS * 3 )) "$(bench_median ${cpu[$n]})" \
+  printf '%-7s %8s %14s %14s %10s %22s %10s %10s %14s\n' "$n" $(( n * TENANTS * 3 )) "$(bench_median ${cpu[$n]})" \
+    "$(bench_median ${cpu_msg[$n]})" "$(bench_median ${per_msg[$n]})" \
     "$(bench_median ${lat_mean[$n]}) / $(bench_median ${lat_p99[$n]})" "$(bench_median ${wall[$n]})" \
     "$(bench_median ${rate[$n]})" "$(bench_median ${idle[$n]})"
 done
 first=${SIZES%% *}; last=${SIZES##* }
 # shellcheck disable=SC2086
-printf 'CPU per step at %s shards / at %s: %.2fx; scheduling latency (mean): %.2fx (goal: flat, ~1x)\n' "$last" "$first" \
+printf 'at %s shards / at %s: CPU per step %.2fx, per results message %.2fx; scheduling latency (mean) %.2fx (goal: flat, ~1x)\n' "$last" "$first" \
   "$(echo "$(bench_median ${cpu[$last]}) / $(bench_median ${cpu[$first]})" | bc -l)" \
+  "$(echo "$(bench_median ${cpu_msg[$last]}) / $(bench_median ${cpu_msg[$first]})" | bc -l)" \
   "$(echo "$(bench_median ${lat_mean[$last]}) / $(bench_median ${lat_mean[$first]})" | bc -l)"
