@@ -539,3 +539,21 @@ pub async fn wait_for_log(mark: usize, needle: &str) {
     .await
     .expect("logged");
 }
+
+/// Waits (at most [`WAIT`]) until another session in `pool`'s database is running a
+/// statement whose text contains `sql`: a run the agent started is under way.
+pub async fn wait_running(pool: &sqlx::PgPool, sql: &str) {
+    flotilla_testkit::wait::wait_until(&format!("a session running `{sql}`"), WAIT, async || {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND state = 'active'
+               AND pid <> pg_backend_pid() AND position($1 in query) > 0",
+        )
+        .bind(sql)
+        .fetch_one(pool)
+        .await?;
+        Ok(n > 0)
+    })
+    .await
+    .expect("running");
+}

@@ -3,7 +3,6 @@
 //! otherwise each test prints a note and passes.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use crate::common::*;
 use flotilla_core::pb;
@@ -240,7 +239,7 @@ async fn failures_fence_and_non_transactional_steps() {
         lanes: 1,
         runs: vec![run(100, "tenant_0001", &["idem"], true)],
     }));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    wait_running(&pool, "pg_sleep(0.4)").await;
     sqlx::raw_sql(
         "INSERT INTO flotilla.journal (target, migration_id, checksum, plan_id, epoch, started_at, finished_at) \
          VALUES ('tenant_0001', 'idem', 'theirs', 'other', 5, now(), now())",
@@ -468,7 +467,8 @@ async fn halt_reconnect_and_tenant_query() {
         lanes: 1,
         runs,
     }));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // the first run is under way (one lane: the others wait in its queue)
+    wait_running(&f.pool, "pg_sleep(0.3)").await;
     s.send(In::Halt(pb::Halt {
         plan_id: "p3".into(),
     }));

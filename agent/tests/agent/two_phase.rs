@@ -509,6 +509,7 @@ async fn in_doubt_resolved_from_etcd() {
     h.stop().await;
 
     // no coordinator up at all: the agent resolves from etcd alone, once the decision is there
+    let mark = log_mark();
     let h = Harness::start(
         {
             let with_etcd = with_etcd.clone();
@@ -520,7 +521,8 @@ async fn in_doubt_resolved_from_etcd() {
         &f.dsn,
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // its start-up pass read etcd and left px in doubt (no decision yet)
+    wait_for_log(mark, &format!("gids=[\"{}\"]", gids[3].1)).await;
     assert_eq!(prepared_gids(&f.pool).await, [gids[3].1]);
     put_decision(&mut client, "px", "commit").await;
     let deadline = tokio::time::Instant::now() + WAIT;
