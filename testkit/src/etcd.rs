@@ -459,7 +459,7 @@ impl Etcd {
     /// pass). Panics if a binary is there but etcd does not start.
     pub async fn start_or_skip(test: &str) -> Option<Etcd> {
         if let Err(err) = etcd_binary() {
-            println!("[{test}] skipped: {err:#}");
+            crate::skip(test, &format!("{err:#}"));
             return None;
         }
         match Etcd::start_single().await {

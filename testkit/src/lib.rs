@@ -14,6 +14,8 @@
 //!   root it must be traversable by the `postgres` user.
 //! - `FLOTILLA_PG_BINDIR`: directory holding `initdb`, `pg_ctl`, `psql`.
 //! - `FLOTILLA_ETCD_BIN`: the `etcd` binary.
+//! - `FLOTILLA_TEST_NO_SKIP=1` (set by `scripts/test.sh` when it runs the whole suite, as CI
+//!   does): a test that would skip for want of a server fails instead ([`skip`]).
 
 pub mod etcd;
 pub mod http;
@@ -36,6 +38,17 @@ use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, bail};
 use rand::Rng;
+
+/// A test that cannot run here (no PostgreSQL or etcd configured for it) says why and passes,
+/// except where the whole suite runs (`scripts/test.sh` with no arguments, which CI runs): there
+/// `FLOTILLA_TEST_NO_SKIP` is set and the skip is a failure, so a server missing from CI's
+/// machine cannot pass as green.
+pub fn skip(test: &str, why: &str) {
+    if std::env::var_os("FLOTILLA_TEST_NO_SKIP").is_some_and(|v| !v.is_empty()) {
+        panic!("[{test}] cannot run: {why} (FLOTILLA_TEST_NO_SKIP is set: nothing may be skipped)");
+    }
+    println!("[{test}] skipped: {why}");
+}
 
 /// Ports handed out by [`free_port`] in this process; tests run in parallel
 /// threads and must not get the same port twice.

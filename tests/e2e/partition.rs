@@ -79,6 +79,21 @@ async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
 
     // The blocked step finishes while the agent is cut off; healing delivers it.
     release(lock, 91).await?;
+    wait_until(
+        "tenant_0003's step committed while cut off",
+        WAIT,
+        async || {
+            let n: i64 = fleet
+                .pg
+                .query_scalar(
+                    "shard_1",
+                    "SELECT count(*) FROM flotilla.journal WHERE target = 'tenant_0003'",
+                )
+                .await?;
+            Ok(n == 1)
+        },
+    )
+    .await?;
     proxy.heal().await?;
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])

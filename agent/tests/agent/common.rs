@@ -89,10 +89,11 @@ pub struct Fleet {
 static FLEETS_AT_ONCE: Semaphore = Semaphore::const_new(4);
 
 /// A fresh database `agent_<name>` with `tenants` tenant schemas (and one schema that is not
-/// a tenant); None (with a note) when no PostgreSQL is configured.
+/// a tenant); None (with a note) when no PostgreSQL is configured, a failure under
+/// `FLOTILLA_TEST_NO_SKIP` (see `flotilla_testkit::skip`).
 pub async fn fleet(name: &str, tenants: usize) -> Option<Fleet> {
     let Ok(admin_url) = std::env::var("FLOTILLA_TEST_PG_URL") else {
-        println!("FLOTILLA_TEST_PG_URL is not set: skipping the PostgreSQL test `{name}`");
+        flotilla_testkit::skip(name, "FLOTILLA_TEST_PG_URL is not set (a PostgreSQL test)");
         return None;
     };
     Some(fleet_on(&admin_url, name, tenants).await)
@@ -107,9 +108,10 @@ pub async fn fleet_2pc(name: &str, tenants: usize) -> Option<Fleet> {
         .await
         .unwrap();
     if max == "0" {
-        println!(
-            "FLOTILLA_TEST_PG_URL's cluster has max_prepared_transactions = 0: skipping the \
-             two-phase commit test `{name}` (start it with -c max_prepared_transactions=20)"
+        flotilla_testkit::skip(
+            name,
+            "FLOTILLA_TEST_PG_URL's cluster has max_prepared_transactions = 0, and this is a \
+             two-phase commit test (start it with -c max_prepared_transactions=20)",
         );
         f.drop().await;
         return None;

@@ -136,9 +136,11 @@ async fn an_agent_that_lost_its_lock_takes_no_runs_until_it_holds_it_again() {
             .unwrap();
         other
     });
-    while !lock_sessions(&f.pool).await.1 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    flotilla_testkit::wait::wait_until("a session waiting for the agent lock", WAIT, async || {
+        Ok(lock_sessions(&f.pool).await.1)
+    })
+    .await
+    .expect("waiting");
     let mark = log_mark();
     sqlx::query("SELECT pg_terminate_backend($1)")
         .bind(agent_pid)

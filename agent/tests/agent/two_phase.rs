@@ -543,8 +543,9 @@ async fn in_doubt_resolved_from_etcd() {
 #[tokio::test]
 async fn preflight_and_prepare_without_max_prepared_transactions() {
     let Ok(url) = std::env::var("FLOTILLA_TEST_PG_URL_NO_2PC") else {
-        println!(
-            "FLOTILLA_TEST_PG_URL_NO_2PC (a cluster with max_prepared_transactions = 0) is not set: skipping"
+        flotilla_testkit::skip(
+            "preflight_and_prepare_without_max_prepared_transactions",
+            "FLOTILLA_TEST_PG_URL_NO_2PC (a cluster with max_prepared_transactions = 0) is not set",
         );
         return;
     };
