@@ -323,7 +323,17 @@ rest = true
     let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "waiting", "{st}");
     assert_eq!(waves(&st)[0]["state"], "waiting", "{st}");
-    assert_eq!(marks(&fleet).await?.len(), 3, "still only the canary");
+    let canary = marks(&fleet).await?;
+    assert_eq!(canary.len(), 3, "still only the canary");
+    // A rest wave wrongly sent by the new leader may not have run yet at this check: the
+    // marks' times below tell after the fact that none of it started before the promote.
+    let promoted_ms: f64 = fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            "SELECT extract(epoch FROM clock_timestamp()) * 1000",
+        )
+        .await?;
 
     // Promote: the rest goes, and the plan completes.
     let out = fleet
@@ -339,7 +349,16 @@ rest = true
     assert_eq!(out.code(), Some(0), "{out}");
     let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "completed", "{st}");
-    assert_eq!(marks(&fleet).await?.len(), 24);
+    let all = marks(&fleet).await?;
+    assert_eq!(all.len(), 24);
+    for (target, at) in &all {
+        if !canary.contains_key(target) {
+            assert!(
+                *at >= promoted_ms,
+                "{target} ran at {at} ms, before the promote at {promoted_ms} ms"
+            );
+        }
+    }
     // Promoting again is refused: nothing waits.
     let out = fleet.cli(&["plan", "promote", &id]).await?;
     assert_ne!(out.code(), Some(0), "{out}");
