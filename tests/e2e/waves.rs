@@ -584,6 +584,15 @@ rest = true
         2,
         "still only the canary"
     );
+    // (a rest wave wrongly sent may not have run yet at that check: the journal's start
+    // times below tell after the fact)
+    let promoted_ms: f64 = fleet
+        .pg
+        .query_scalar(
+            "shard_0",
+            "SELECT extract(epoch FROM clock_timestamp()) * 1000",
+        )
+        .await?;
 
     // Promoted on the new leader, the rest goes and the plan completes.
     let out = fleet
@@ -594,6 +603,24 @@ rest = true
         .await?;
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(tables_named(&fleet.pg, 2, "rollout_mark").await?, 6);
+    let mut before = 0;
+    for s in 0..2 {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                &format!("shard_{s}"),
+                &format!(
+                    "SELECT count(*) FROM flotilla.journal
+                     WHERE started_at < to_timestamp({promoted_ms} / 1000.0)"
+                ),
+            )
+            .await?;
+        before += n;
+    }
+    assert_eq!(
+        before, 2,
+        "only the canary's steps started before the promote"
+    );
     Ok(())
 }
 
