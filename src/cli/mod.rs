@@ -837,6 +837,7 @@ pub async fn run(cli: Cli) -> u8 {
         cli.command,
         Command::Plan(_)
             | Command::Fleet(_)
+            | Command::Env(_)
             | Command::Locks(_)
             | Command::Audit(_)
             | Command::Operator(_)

@@ -232,6 +232,9 @@ async fn tokens_and_roles_guard_every_operator_rpc_and_refusals_change_nothing()
     refused(&out, "no credential");
     let plans = val.json(&["plan", "list", "--output", "json"]).await?;
     assert_eq!(plans.as_array().map(Vec::len), Some(0), "{plans}");
+    // `env status` is a viewer's too, and sends the token like every operator command.
+    let envs = val.cli(&["env", "status", "--output", "json"]).await?;
+    assert!(envs.success(), "{envs}");
     assert_eq!(fleet.journal_total().await?, 0, "nothing applied");
 
     // Each refusal is in the audit trail: who (when known), what, from where.
