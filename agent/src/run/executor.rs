@@ -14,7 +14,7 @@ use sqlx::{AssertSqlSafe, Column, Either, Row};
 use tracing::{debug, info, instrument, warn};
 
 use super::conn::{execute, recover, wait_for_server};
-use super::invalid_index::drop_invalid_index;
+use super::invalid_index::{drop_invalid_index, index_name_taken};
 use super::job::{Job, PrepareGid, Report};
 use super::lock_wait::{BlockerWatch, LOCK_RETRIES, LOCK_RETRY_PAUSE};
 use super::sqlgen;
@@ -399,8 +399,11 @@ async fn run_non_transactional(
             &m.up
         };
         for statement in up {
+            let taken = index_name_taken(conn, statement).await;
             if let Err(e) = execute(conn, statement.clone()).await {
-                drop_invalid_index(conn, statement).await;
+                if !taken {
+                    drop_invalid_index(conn, statement).await;
+                }
                 return Err(fail(&e, false));
             }
         }

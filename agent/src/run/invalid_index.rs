@@ -72,9 +72,30 @@ fn concurrent_index_name(statement: &str) -> Option<String> {
     None
 }
 
+/// Whether `statement` is a CREATE INDEX CONCURRENTLY whose index name is already taken
+/// in the step's schemas, asked before it runs: such an index is not the step's (another
+/// session may be building it, or an earlier attempt by hand left it INVALID), and a
+/// failure of the statement (42P07, or any other) must not drop it. A failed lookup
+/// counts as taken: nothing is dropped then.
+pub(super) async fn index_name_taken(conn: &mut PgConnection, statement: &str) -> bool {
+    let Some(name) = concurrent_index_name(statement) else {
+        return false;
+    };
+    let found: Result<bool, sqlx::Error> = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relname = $1 AND n.nspname = ANY (current_schemas(false)))",
+    )
+    .bind(&name)
+    .fetch_one(&mut *conn)
+    .await;
+    found.unwrap_or(true)
+}
+
 /// A failed CREATE INDEX CONCURRENTLY leaves an INVALID index behind (it still
 /// costs every write to the table): find it in the step's schemas and drop it, so
-/// the shard is as it was and the step can be retried.
+/// the shard is as it was and the step can be retried. Only for a name that was free
+/// before the statement ran ([`index_name_taken`]).
 pub(super) async fn drop_invalid_index(conn: &mut PgConnection, statement: &str) {
     let Some(name) = concurrent_index_name(statement) else {
         return;

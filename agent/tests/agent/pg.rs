@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use sqlx::AssertSqlSafe;
+
 use crate::common::*;
 use flotilla_core::pb;
 use flotilla_core::pb::agent_message::Body as Out;
@@ -580,4 +582,85 @@ async fn each_step_of_a_fused_run_reports_its_own_time() {
     let ms: Vec<u64> = r[&1].steps.iter().map(|s| s.duration_ms).collect();
     assert!(ms[1] >= 300, "the sleeping step took 0.3 s: {ms:?}");
     assert!(ms[0] < 300, "the first step did not sleep: {ms:?}");
+}
+
+/// A CREATE INDEX CONCURRENTLY that fails drops the INVALID index it left (the shard is as
+/// it was), but never an index whose name was taken before it ran: there a failure
+/// (42P07) is about someone else's index, INVALID from an earlier attempt by hand or still
+/// being built by another session, and before, the agent dropped it.
+#[tokio::test]
+async fn a_failed_concurrent_index_drops_only_the_index_it_left() {
+    let Some(f) = fleet("cic_invalid", 2).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    for t in ["tenant_0000", "tenant_0001"] {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE {t}.dup (x int); INSERT INTO {t}.dup VALUES (1), (1);"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // someone's own attempt, by hand, left an INVALID index in tenant_0000
+    let theirs = sqlx::raw_sql("CREATE UNIQUE INDEX CONCURRENTLY idx_dup ON tenant_0000.dup (x)")
+        .execute(&pool)
+        .await;
+    assert!(theirs.is_err(), "the duplicates fail the unique index");
+    let invalid = "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                   WHERE c.relname = 'idx_dup' AND NOT i.indisvalid";
+    assert_eq!(count(&pool, invalid).await, 1);
+
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(5).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pc".into(),
+        migrations: vec![migration(
+            "dup_index",
+            "CREATE UNIQUE INDEX CONCURRENTLY idx_dup ON dup (x)",
+            "DROP INDEX CONCURRENTLY IF EXISTS idx_dup",
+            "",
+        )],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign(
+            "pc",
+            5,
+            2,
+            vec![
+                run(1, "tenant_0000", &["dup_index"], true),
+                run(2, "tenant_0001", &["dup_index"], true),
+            ],
+        )
+        .await;
+    // tenant_0000: the name was taken; the index there is left as it was
+    let e = r[&1].steps[0].error.clone().unwrap();
+    assert_eq!(e.sqlstate, "42P07", "{e:?}");
+    // tenant_0001: the step's own INVALID index (a unique violation) is dropped
+    let e = r[&2].steps[0].error.clone().unwrap();
+    assert_eq!(e.sqlstate, "23505", "{e:?}");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relname = 'idx_dup' AND n.nspname = 'tenant_0000'"
+        )
+        .await,
+        1,
+        "someone else's index stays"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relname = 'idx_dup' AND n.nspname = 'tenant_0001'"
+        )
+        .await,
+        0,
+        "the index the step left is dropped"
+    );
+    h.stop().await;
+    f.drop().await;
 }
