@@ -400,6 +400,15 @@ pub fn validate_tenant_name(name: &str) -> Result<(), String> {
     if name.chars().any(|c| c.is_control()) {
         return Err(format!("tenant name {name:?} holds a control character"));
     }
+    // The schemas PostgreSQL and Flotilla keep for themselves (`pg_` names are reserved
+    // to the system): a tenant's steps run with the search path set to it, and a
+    // migration's `DROP TABLE IF EXISTS journal` run in `flotilla` would drop the agent's
+    // own journal. A tenant pattern of `%` finds them all.
+    if name.starts_with("pg_") || name == "information_schema" || name == "flotilla" {
+        return Err(format!(
+            "`{name}` is a system schema (PostgreSQL's or Flotilla's), not a tenant"
+        ));
+    }
     Ok(())
 }
 
@@ -519,4 +528,35 @@ pub enum PlanError {
     },
     #[error("invalid {field}: {reason}")]
     Field { field: String, reason: String },
+}
+
+#[cfg(test)]
+mod tenant_name_tests {
+    use super::validate_tenant_name;
+
+    #[test]
+    fn system_schemas_are_not_tenants() {
+        for name in [
+            "pg_catalog",
+            "pg_toast",
+            "pg_temp_3",
+            "information_schema",
+            "flotilla",
+        ] {
+            let e = validate_tenant_name(name).unwrap_err();
+            assert!(e.contains("system schema"), "{name}: {e}");
+        }
+        for name in [
+            "tenant_0001",
+            "Acme Corp",
+            "flotilla_app",
+            "public",
+            "pgbench",
+        ] {
+            assert_eq!(validate_tenant_name(name), Ok(()), "{name}");
+        }
+        assert!(validate_tenant_name("").is_err());
+        assert!(validate_tenant_name(&"x".repeat(64)).is_err());
+        assert!(validate_tenant_name("a\nb").is_err());
+    }
 }

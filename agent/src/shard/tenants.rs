@@ -57,10 +57,33 @@ pub(crate) async fn discover_tenants(
             })
             .collect(),
     };
+    // A query's names are the operator's registry, not the catalog: a name with no schema
+    // (a registry that says `Acme` of the schema `acme`: quoted names are case-sensitive)
+    // would be a target whose every step fails late, with no schema to run in.
+    let schemas: Option<std::collections::BTreeSet<String>> = match source {
+        TenantSource::Query(_) => {
+            let names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+            Some(
+                sqlx::query_scalar::<_, String>(
+                    "SELECT nspname::text FROM pg_catalog.pg_namespace WHERE nspname = ANY ($1)",
+                )
+                .bind(&names)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .collect(),
+            )
+        }
+        _ => None,
+    };
     let mut tenants = BTreeMap::new();
     for (name, labels) in found {
         if let Err(reason) = flotilla_core::validate_tenant_name(&name) {
             warn!(schema = %name.escape_debug(), %reason, "skipping schema: not a valid tenant name");
+            continue;
+        }
+        if schemas.as_ref().is_some_and(|s| !s.contains(&name)) {
+            warn!(tenant = %name.escape_debug(), "skipping tenant: the tenant query names it, but the shard has no schema of that name (names are case-sensitive)");
             continue;
         }
         let labels = match parse_tenant_labels(labels.as_deref().unwrap_or("")) {

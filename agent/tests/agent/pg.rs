@@ -664,3 +664,47 @@ async fn a_failed_concurrent_index_drops_only_the_index_it_left() {
     h.stop().await;
     f.drop().await;
 }
+
+/// Tenant discovery never takes a system schema (a `%` pattern finds `pg_catalog` and the
+/// agent's own `flotilla`, where a tenant migration's `DROP TABLE IF EXISTS journal` would
+/// drop the journal), and a tenant query's name with no schema of that name (a registry
+/// that says `Tenant_0001` of `tenant_0001`) is skipped, not a target whose steps all fail.
+#[tokio::test]
+async fn tenant_discovery_skips_system_schemas_and_names_with_no_schema() {
+    let Some(f) = fleet("discovery", 2).await else {
+        return;
+    };
+    let mut h = Harness::start(
+        |c| {
+            c.tenant_pattern = Some("%".into());
+        },
+        &f.dsn,
+    )
+    .await;
+    let (_s, hello) = h.attach(1).await;
+    let names: Vec<&str> = hello.tenants.iter().map(|t| t.name.as_str()).collect();
+    for system in ["flotilla", "pg_catalog", "pg_toast", "information_schema"] {
+        assert!(!names.contains(&system), "{system} is a tenant: {names:?}");
+    }
+    for tenant in ["tenant_0000", "tenant_0001", "public"] {
+        assert!(names.contains(&tenant), "{tenant} is missing: {names:?}");
+    }
+    h.stop().await;
+
+    let mut h = Harness::start(
+        |c| {
+            c.tenant_pattern = None;
+            c.tenant_query = Some(
+                "VALUES ('tenant_0000'), ('Tenant_0001'), ('ghost'), ('flotilla'), ('pg_catalog')"
+                    .into(),
+            );
+        },
+        &f.dsn,
+    )
+    .await;
+    let (_s, hello) = h.attach(1).await;
+    let names: Vec<&str> = hello.tenants.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["tenant_0000"]);
+    h.stop().await;
+    f.drop().await;
+}
