@@ -154,6 +154,16 @@ impl Matrix {
         self.rules.is_empty()
     }
 
+    /// The environments the rules name (not `*`), sorted, each once.
+    pub fn environments(&self) -> Vec<&str> {
+        let named: std::collections::BTreeSet<&str> = self
+            .rules
+            .iter()
+            .filter_map(|r| r.environment.as_deref())
+            .collect();
+        named.into_iter().collect()
+    }
+
     /// Reads and checks an approvals file; errors name the file and line.
     pub fn load(path: &Path) -> Result<Matrix, String> {
         let text = std::fs::read_to_string(path)

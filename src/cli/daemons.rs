@@ -111,6 +111,28 @@ pub async fn coordinator(args: CoordinatorArgs, tls: flotilla_core::tls::TlsFile
             return EXIT_BAD_INPUT;
         }
     }
+    // A rule for an environment the list does not hold never applies (the list refuses
+    // every plan for it): a matrix saying `prod` beside `--environments ...,production`
+    // would hold no production plan for approval.
+    if !config.environments.is_empty()
+        && let Some(path) = &args.approvals
+    {
+        let unknown: Vec<&str> = config
+            .approvals
+            .environments()
+            .into_iter()
+            .filter(|e| config.environments.position(e).is_none())
+            .collect();
+        if !unknown.is_empty() {
+            eprintln!(
+                "error: approvals file {}: environment(s) {} not among the coordinator's environments ({})",
+                path.display(),
+                unknown.join(", "),
+                config.environments.names()
+            );
+            return EXIT_BAD_INPUT;
+        }
+    }
     match flotilla_coordinator::start(config, shutdown_signal(), None).await {
         Ok(()) => EXIT_OK,
         // wrong TLS files or an exposed plaintext listener: bad input, nothing started

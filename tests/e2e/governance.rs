@@ -185,6 +185,36 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
         "{trail:?}"
     );
 
+    // An environment the matrix does not name (`Production`: names are exact) is refused,
+    // nothing stored: it matched no rule and went through unapproved before.
+    let dir = plan("Production", "001_miscased", "miscased", "high")?;
+    let before = fleet
+        .json(&["plan", "list", "--output", "json"])
+        .await?
+        .as_array()
+        .map(Vec::len);
+    let out = fleet
+        .cli(&[
+            "plan",
+            "submit",
+            &dir.path().to_string_lossy(),
+            "--as",
+            "alice",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains("unknown environment `Production`")
+            && out.stderr.contains("production, staging"),
+        "{out}"
+    );
+    let after = fleet
+        .json(&["plan", "list", "--output", "json"])
+        .await?
+        .as_array()
+        .map(Vec::len);
+    assert_eq!(before, after, "nothing stored");
+
     // Low risk in staging needs no approval: it runs at once.
     let dir = plan("staging", "002_staging_only", "staged", "low")?;
     let (code, st, out) = fleet.submit_wait(dir.path(), &["--as", "alice"]).await?;
@@ -295,6 +325,41 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
         .await?;
     let all = all.to_string();
     assert!(all.contains(&id) && all.contains(&rejected), "{all}");
+    Ok(())
+}
+
+/// A matrix rule for an environment the coordinator's list does not hold would never
+/// apply (the list refuses every plan for it): the coordinator does not start.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approvals_environment_missing_from_the_list_stops_the_coordinator() -> anyhow::Result<()>
+{
+    let files = TestDir::new("approvals-envs")?;
+    let matrix = files.join("approvals.toml");
+    std::fs::write(&matrix, MATRIX)?;
+    let store = files.join("flotilla.db");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = run_flotilla(
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--store",
+            &store.to_string_lossy(),
+            "--approvals",
+            &matrix.to_string_lossy(),
+            "--environments",
+            "staging,prod",
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("environment(s) production not among the coordinator's environments"),
+        "{out}"
+    );
+    assert!(!Path::new(&store).exists(), "nothing started: {out}");
     Ok(())
 }
 

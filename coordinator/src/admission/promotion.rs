@@ -58,7 +58,27 @@ impl Coordinator {
         promotion: &Promotion,
     ) -> Result<(), CoordinatorError> {
         let envs = &self.inner.environments;
-        if envs.is_empty() || *promotion == Promotion::CatchUp {
+        if *promotion == Promotion::CatchUp {
+            return Ok(());
+        }
+        if envs.is_empty() {
+            // Without an environments list the approval matrix's environments are the ones
+            // known: a plan for `prod` or `Production` matched no `production` rule and
+            // needed no approval at all. (A plan naming none meets the `*` rules only.)
+            let named = self.inner.approvals.environments();
+            if !spec.environment.is_empty()
+                && !named.is_empty()
+                && !named.contains(&spec.environment.as_str())
+            {
+                return Err(Refusal::UnknownEnvironment {
+                    environment: spec.environment.clone(),
+                    known: format!(
+                        "the approval matrix's {} (name it there, with `approvals = 0` if it needs none)",
+                        named.join(", ")
+                    ),
+                }
+                .into());
+            }
             return Ok(());
         }
         if spec.environment.is_empty() {
