@@ -176,6 +176,20 @@ async fn serve(
     rotation: Rotation,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
+    // The tenants first: a tenant query that fails (a typo, a missing table) stops the agent
+    // before it writes anything to the shard (its schema, and which shard the database is).
+    let tenant_source = TenantSource::from_config(&config);
+    let tenants = match shard::discover_tenants(&pool, &config.shard, &tenant_source).await {
+        Ok(tenants) => tenants,
+        Err(error) => {
+            pool.close().await;
+            return Err(AgentError::Shard {
+                shard: config.shard.clone(),
+                what: "discovering tenants",
+                error,
+            });
+        }
+    };
     if let Err(e) = shard::install_schema(&pool, &config.shard).await {
         pool.close().await;
         return Err(e);
@@ -189,18 +203,6 @@ async fn serve(
         Ok((_, false)) => {}
         Err(error) => warn!(%error, "cannot read whether the agent's role is a superuser"),
     }
-    let tenant_source = TenantSource::from_config(&config);
-    let tenants = match shard::discover_tenants(&pool, &config.shard, &tenant_source).await {
-        Ok(tenants) => tenants,
-        Err(error) => {
-            pool.close().await;
-            return Err(AgentError::Shard {
-                shard: config.shard.clone(),
-                what: "discovering tenants",
-                error,
-            });
-        }
-    };
     info!(tenants = tenants.len(), dsn = %config.redacted_dsn(), "agent ready");
     let stop_liveness = CancellationToken::new();
     let liveness = liveness::spawn(&config, stop_liveness.clone());

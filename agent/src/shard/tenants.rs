@@ -44,18 +44,26 @@ pub(crate) async fn discover_tenants(
         .into_iter()
         .map(|name| (name, None))
         .collect(),
-        // The operator's own query. Simple-query results come as text whatever their type,
-        // so a json/jsonb labels column reads as its text form.
-        TenantSource::Query(query) => sqlx::raw_sql(AssertSqlSafe(query.as_str()))
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .filter_map(|row: &PgRow| {
-                let name: Option<String> = row.try_get_unchecked(0).ok()?;
-                let labels = if row.len() > 1 { row.try_get_unchecked(1).ok()? } else { None };
-                Some((name?, labels))
-            })
-            .collect(),
+        // The operator's own query, in a READ ONLY transaction: it lists tenants, and one
+        // that writes (a mistake, or several statements) fails instead. Simple-query results
+        // come as text whatever their type, so a json/jsonb labels column reads as its text form.
+        TenantSource::Query(query) => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SET TRANSACTION READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+            let rows = sqlx::raw_sql(AssertSqlSafe(query.as_str()))
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.rollback().await?;
+            rows.iter()
+                .filter_map(|row: &PgRow| {
+                    let name: Option<String> = row.try_get_unchecked(0).ok()?;
+                    let labels = if row.len() > 1 { row.try_get_unchecked(1).ok()? } else { None };
+                    Some((name?, labels))
+                })
+                .collect()
+        }
     };
     // A query's names are the operator's registry, not the catalog: a name with no schema
     // (a registry that says `Acme` of the schema `acme`: quoted names are case-sensitive)

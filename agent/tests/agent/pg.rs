@@ -708,3 +708,51 @@ async fn tenant_discovery_skips_system_schemas_and_names_with_no_schema() {
     h.stop().await;
     f.drop().await;
 }
+
+/// A tenant query that fails stops the agent before it writes anything to the shard (its
+/// schema, and which shard the database is: a typo'd `--shard` beside a bad query used to
+/// leave that record, and every later start under the right name was refused); and the
+/// query runs READ ONLY, so one that writes fails instead of writing.
+#[tokio::test]
+async fn a_bad_tenant_query_stops_the_agent_before_it_writes_to_the_shard() {
+    let Some(f) = fleet("bad_query", 1).await else {
+        return;
+    };
+    sqlx::raw_sql("CREATE TABLE public.registry (name text)")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    for (query, says) in [
+        ("SELEC nspname FROM pg_namespace", "syntax error"),
+        (
+            "INSERT INTO public.registry VALUES ('tenant_0000') RETURNING name",
+            "read-only transaction",
+        ),
+    ] {
+        let mut config = flotilla_agent::AgentConfig::new("s0", &f.dsn, "http://127.0.0.1:1");
+        config.tenant_pattern = None;
+        config.tenant_query = Some(query.into());
+        let err = flotilla_agent::start(config, std::future::pending())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("shard s0: discovering tenants") && err.contains(says),
+            "{query}: {err}"
+        );
+    }
+    assert_eq!(
+        count(
+            &f.pool,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'flotilla'"
+        )
+        .await,
+        0,
+        "nothing of the agent's on the shard"
+    );
+    assert_eq!(
+        count(&f.pool, "SELECT count(*) FROM public.registry").await,
+        0
+    );
+    f.drop().await;
+}
