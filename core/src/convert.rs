@@ -69,6 +69,19 @@ impl TryFrom<pb::Migration> for Migration {
                 source_file: source,
             });
         }
+        for (setting, ms) in [
+            ("lock_timeout", m.lock_timeout_ms),
+            ("statement_timeout", m.statement_timeout_ms),
+        ] {
+            if ms > MAX_TIMEOUT_MS {
+                return Err(PlanError::Timeout {
+                    migration: m.id.clone(),
+                    source_file: source.clone(),
+                    setting,
+                    ms,
+                });
+            }
+        }
         let down = sql::split_statements(&m.down_sql).map_err(sql_err)?;
         let verify = sql::split_statements(&m.verify_sql).map_err(sql_err)?;
         for stmts in [&up, &down, &verify] {
@@ -703,6 +716,35 @@ impl From<&PlanSpec> for pb::PlanSpec {
         };
         p.rollout.to_pb(&mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+
+    /// A timeout PostgreSQL cannot take is refused on receipt, naming the migration: sent
+    /// on, every step's `SET lock_timeout` failed on every target.
+    #[test]
+    fn timeouts_over_postgresqls_limit_are_refused_on_receipt() {
+        let m = |lock, statement| pb::Migration {
+            id: "20250201_slow".into(),
+            source: "m/20250201_slow".into(),
+            up_sql: "CREATE TABLE t (x int)".into(),
+            lock_timeout_ms: lock,
+            statement_timeout_ms: statement,
+            ..Default::default()
+        };
+        assert!(Migration::try_from(m(MAX_TIMEOUT_MS, 0)).is_ok());
+        let e = Migration::try_from(m(MAX_TIMEOUT_MS + 1, 0))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "migration `20250201_slow` (m/20250201_slow): lock_timeout of 2147483648 ms is over PostgreSQL's limit of 2147483647 ms (about 24.8 days)"
+        );
+        let e = Migration::try_from(m(0, u64::MAX)).unwrap_err().to_string();
+        assert!(e.contains("statement_timeout of"), "{e}");
     }
 }
 

@@ -388,6 +388,10 @@ impl fmt::Display for Target {
     }
 }
 
+/// The longest `lock_timeout` or `statement_timeout` PostgreSQL takes, in milliseconds
+/// (an int): a longer one fails every step's `SET`.
+pub const MAX_TIMEOUT_MS: u64 = i32::MAX as u64;
+
 /// Checks a tenant (schema) name found on a shard. Names are always quoted when
 /// used; this only refuses what no schema name should hold.
 pub fn validate_tenant_name(name: &str) -> Result<(), String> {
@@ -528,6 +532,16 @@ pub enum PlanError {
     },
     #[error("invalid {field}: {reason}")]
     Field { field: String, reason: String },
+    #[error(
+        "migration `{migration}` ({source_file}): {setting} of {ms} ms is over PostgreSQL's limit of {max} ms (about 24.8 days)",
+        max = MAX_TIMEOUT_MS
+    )]
+    Timeout {
+        migration: String,
+        source_file: String,
+        setting: &'static str,
+        ms: u64,
+    },
 }
 
 #[cfg(test)]

@@ -242,11 +242,11 @@ pub struct CoordinatorArgs {
     /// SERVING or NOT_SERVING per service.
     #[arg(long)]
     pub health_listen: Option<SocketAddr>,
-    /// Default lock_timeout for steps whose migration does not set one.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Default lock_timeout for steps whose migration does not set one (at least 1ms).
+    #[arg(long, default_value = "10s", value_parser = step_lock_timeout)]
     pub lock_timeout: Duration,
     /// Default statement_timeout for steps (0s = none).
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = step_statement_timeout)]
     pub statement_timeout: Duration,
     /// etcd endpoints (comma-separated): leader election, plan locks, agent
     /// liveness, decisions. Without it, one coordinator runs with an embedded backend.
@@ -813,6 +813,32 @@ pub struct BaselineArgs {
     pub output: Output,
 }
 
+/// A step's default lock_timeout: at least 1ms (0 is PostgreSQL's "wait forever": a step
+/// would wait for its lock with the application's queries queued behind it) and at most
+/// PostgreSQL's limit (a longer one fails every step's `SET`).
+fn step_lock_timeout(text: &str) -> Result<Duration, String> {
+    let d = step_statement_timeout(text)?;
+    if d < Duration::from_millis(1) {
+        return Err(
+            "must be at least 1ms: 0 would let a step wait for its lock forever, the application's queries queued behind it"
+                .into(),
+        );
+    }
+    Ok(d)
+}
+
+/// A step's default statement_timeout: 0 for none, at most PostgreSQL's limit.
+fn step_statement_timeout(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| e.to_string())?;
+    if d.as_millis() > u128::from(flotilla_core::MAX_TIMEOUT_MS) {
+        return Err(format!(
+            "over PostgreSQL's limit of {} ms (about 24.8 days)",
+            flotilla_core::MAX_TIMEOUT_MS
+        ));
+    }
+    Ok(d)
+}
+
 impl Cli {
     pub fn worker_threads(&self) -> Option<usize> {
         match (&self.command, self.threads) {
@@ -882,5 +908,33 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Command::Completions { shell } => manual::completions(shell),
         Command::Man { out_dir } => manual::man(out_dir.as_deref()),
+    }
+}
+
+#[cfg(test)]
+mod step_timeout_tests {
+    use super::*;
+
+    #[test]
+    fn a_coordinators_step_timeouts_are_ones_postgresql_takes() {
+        assert_eq!(step_lock_timeout("10s"), Ok(Duration::from_secs(10)));
+        assert!(
+            step_lock_timeout("0s")
+                .unwrap_err()
+                .contains("at least 1ms")
+        );
+        assert!(
+            step_lock_timeout("30days")
+                .unwrap_err()
+                .contains("over PostgreSQL's limit")
+        );
+        assert_eq!(step_statement_timeout("0s"), Ok(Duration::ZERO));
+        assert!(step_statement_timeout("25days").is_err());
+        assert!(step_statement_timeout("soon").is_err());
+        // and through clap, as an operator types it
+        let refused = Cli::try_parse_from(["flotilla", "coordinator", "--lock-timeout", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("--lock-timeout"), "{refused}");
     }
 }

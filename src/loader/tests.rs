@@ -540,6 +540,14 @@ fn bad_durations() {
             "invalid statement_timeout `soon`",
         ),
         ("lock_timeout = \"0s\"", "must be at least 1ms"),
+        (
+            "lock_timeout = \"30days\"",
+            "over PostgreSQL's limit of 2147483647 ms",
+        ),
+        (
+            "statement_timeout = \"25days\"",
+            "invalid statement_timeout `25days`: over PostgreSQL's limit",
+        ),
         ("lock_timeout = 5", "invalid type"),
     ] {
         native(
