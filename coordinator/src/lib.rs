@@ -387,12 +387,16 @@ pub async fn start(
     let (stop_serving, serving_stopped) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .add_service(api::Authenticated::new(
-            pb::operator_service_server::OperatorServiceServer::new(coordinator.clone()),
+            pb::operator_service_server::OperatorServiceServer::new(coordinator.clone())
+                .max_decoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES),
             coordinator.clone(),
         ))
-        .add_service(pb::agent_service_server::AgentServiceServer::new(
-            coordinator.clone(),
-        ))
+        .add_service(
+            pb::agent_service_server::AgentServiceServer::new(coordinator.clone())
+                .max_decoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES),
+        )
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

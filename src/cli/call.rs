@@ -127,8 +127,8 @@ pub(super) async fn client(addrs: &str) -> Result<Client, u8> {
         match endpoint.connect().await {
             Ok(ch) => {
                 return Ok(OperatorServiceClient::with_interceptor(ch, Bearer)
-                    .max_decoding_message_size(64 << 20)
-                    .max_encoding_message_size(64 << 20));
+                    .max_decoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES));
             }
             Err(e) => {
                 last = match innermost_cause(&e) {

@@ -1138,3 +1138,25 @@ async fn policy_continue_runs_every_other_target_past_a_failing_step() -> anyhow
     assert_eq!(fleet.journal_total().await?, 10);
     Ok(())
 }
+
+/// A plan over tonic's default 4 MiB message limit (a large seed migration) is taken by the
+/// coordinator and reaches the agents: the CLI, the coordinator and the agents' streams
+/// agree on one limit (64 MiB). Before, the coordinator refused it with "decoded message
+/// length too large", naming neither the plan nor the limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_over_four_mebibytes_goes_through() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(1, 1).start().await?;
+    let d = MigrationDir::new()?;
+    let filler = format!("-- {}\n", "x".repeat(1020)).repeat(5 * 1024);
+    d.migration(
+        "001_big_seed",
+        "",
+        &format!("{filler}CREATE TABLE big_seed (x int);"),
+        "DROP TABLE big_seed;",
+    )?;
+    let (code, st, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(fleet.journal_total().await?, 1);
+    Ok(())
+}

@@ -100,7 +100,9 @@ pub(super) async fn session(
             );
         }
     };
-    let mut client = AgentServiceClient::new(channel);
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES);
     // a shard that does not answer must not hold up the Hello: the last list will do
     let tenants = match tokio::time::timeout(DISCOVERY_TIMEOUT, agent.refresh_tenants()).await {
         Ok(Ok(tenants)) => tenants,

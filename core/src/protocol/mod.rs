@@ -12,6 +12,13 @@ use std::str::FromStr;
 /// In `PlanStatus.paused` (and plan locks' shard lists): every shard of the plan.
 pub const ALL_SHARDS: &str = "*";
 
+/// The largest gRPC message any side takes (tonic's default is 4 MiB): a plan carries its
+/// migrations' SQL, and one with a large seed migration or a long Flyway history is over
+/// 4 MiB. The CLI sends it, the coordinator takes it, and the coordinator's stream hands
+/// it to every agent; all three agree, or the plan fails late with "decoded message
+/// length too large" at whichever side did not.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// gRPC metadata naming the leader's address on a follower's UNAVAILABLE.
 pub const LEADER_METADATA: &str = "flotilla-leader";
 
