@@ -720,6 +720,47 @@ impl From<&PlanSpec> for pb::PlanSpec {
 }
 
 #[cfg(test)]
+mod graph_tests {
+    use super::*;
+
+    fn chain(n: usize, back_edge: bool) -> pb::PlanSpec {
+        let migrations = (0..n)
+            .map(|i| pb::Migration {
+                id: format!("m{i:06}"),
+                up_sql: "SELECT 1".into(),
+                depends_on: match (i, back_edge) {
+                    (0, true) => vec![format!("m{:06}", n - 1)],
+                    (0, false) => Vec::new(),
+                    _ => vec![format!("m{:06}", i - 1)],
+                },
+                ..Default::default()
+            })
+            .collect();
+        pb::PlanSpec {
+            name: "long".into(),
+            migrations,
+            ..Default::default()
+        }
+    }
+
+    /// A chain far deeper than a test thread's 2 MiB stack took recursively: read whole,
+    /// and a cycle through all of it named end to end.
+    #[test]
+    fn a_chain_of_fifty_thousand_migrations_is_read_and_its_cycle_named() {
+        let n = 50_000;
+        let spec = PlanSpec::try_from(chain(n, false)).expect("a long chain is a plan");
+        assert_eq!(spec.migrations.len(), n);
+        match PlanSpec::try_from(chain(n, true)) {
+            Err(PlanError::Cycle(names)) => {
+                assert_eq!(names.len(), n + 1);
+                assert_eq!(names.first(), names.last());
+            }
+            other => panic!("expected the cycle, got {:?}", other.map(|_| ())),
+        }
+    }
+}
+
+#[cfg(test)]
 mod timeout_tests {
     use super::*;
 

@@ -99,6 +99,10 @@ impl MigrationGraph {
     }
 }
 
+/// A dependency cycle, in apply order, if there is one. Depth-first, with the path kept on
+/// the heap: a directory with no declared order runs as one chain, and a recursive search
+/// of a chain of some thousands of migrations overflowed the stack of whichever thread
+/// read it (a coordinator's worker thread aborts the whole process then).
 fn find_cycle(deps: &[BTreeSet<usize>]) -> Option<Vec<usize>> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
@@ -107,41 +111,39 @@ fn find_cycle(deps: &[BTreeSet<usize>]) -> Option<Vec<usize>> {
         Done,
     }
     let mut mark = vec![Mark::New; deps.len()];
-    let mut stack: Vec<usize> = Vec::new();
-    fn visit(
-        n: usize,
-        deps: &[BTreeSet<usize>],
-        mark: &mut [Mark],
-        stack: &mut Vec<usize>,
-    ) -> Option<Vec<usize>> {
-        mark[n] = Mark::Open;
-        stack.push(n);
-        for &d in &deps[n] {
-            match mark[d] {
-                Mark::Open => {
-                    let pos = stack.iter().position(|&x| x == d).unwrap_or(0);
-                    // The stack runs dependent -> dependency; name it in apply order.
-                    let mut cycle: Vec<usize> = stack[pos..].to_vec();
-                    cycle.reverse();
-                    return Some(cycle);
-                }
-                Mark::New => {
-                    if let Some(c) = visit(d, deps, mark, stack) {
-                        return Some(c);
-                    }
-                }
-                Mark::Done => {}
-            }
+    // The open nodes, dependent -> dependency, and where each is in its dependencies.
+    let mut path: Vec<usize> = Vec::new();
+    let mut next: Vec<std::collections::btree_set::Iter<'_, usize>> = Vec::new();
+    for root in 0..deps.len() {
+        if mark[root] != Mark::New {
+            continue;
         }
-        stack.pop();
-        mark[n] = Mark::Done;
-        None
-    }
-    for n in 0..deps.len() {
-        if mark[n] == Mark::New
-            && let Some(c) = visit(n, deps, &mut mark, &mut stack)
-        {
-            return Some(c);
+        mark[root] = Mark::Open;
+        path.push(root);
+        next.push(deps[root].iter());
+        while let Some(dependencies) = next.last_mut() {
+            match dependencies.next().copied() {
+                Some(d) => match mark[d] {
+                    Mark::Open => {
+                        let pos = path.iter().position(|&x| x == d).unwrap_or(0);
+                        // The path runs dependent -> dependency; name it in apply order.
+                        let mut cycle: Vec<usize> = path[pos..].to_vec();
+                        cycle.reverse();
+                        return Some(cycle);
+                    }
+                    Mark::New => {
+                        mark[d] = Mark::Open;
+                        path.push(d);
+                        next.push(deps[d].iter());
+                    }
+                    Mark::Done => {}
+                },
+                None => {
+                    next.pop();
+                    let n = path.pop().expect("one open node per frame");
+                    mark[n] = Mark::Done;
+                }
+            }
         }
     }
     None
