@@ -732,8 +732,8 @@ pub enum LocksCommand {
     /// Delete a shard's lock whoever holds it (recorded in the audit trail).
     Break {
         shard: String,
-        /// Why (recorded in the audit trail).
-        #[arg(long, default_value = "")]
+        /// Why (recorded in the audit trail; required: breaking a plan's lock overrides it).
+        #[arg(long)]
         reason: String,
         /// Who breaks it (recorded in the audit trail).
         #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]

@@ -741,6 +741,17 @@ async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<
         "{locks}"
     );
 
+    // An override with no reason is refused, nothing broken (the audit trail needs why).
+    let out = fleet
+        .cli(&["locks", "break", "shard_0", "--reason", " "])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("needs --reason TEXT"), "{out}");
+    let out = fleet.cli(&["locks", "break", "shard_0"]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("--reason"), "{out}");
+    let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+    assert!(locks.to_string().contains("shard_0"), "still held: {locks}");
     let out = fleet
         .cli(&["locks", "break", "shard_0", "--reason", "test"])
         .await?;

@@ -260,6 +260,11 @@ impl pb::operator_service_server::OperatorService for Coordinator {
     ) -> Result<Response<pb::BreakLockResponse>, Status> {
         let from = origin(&req);
         let r = req.into_inner();
+        if r.reason.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "breaking a lock needs --reason TEXT: the override is audited with it",
+            ));
+        }
         let actor = self.actor(&from, &r.actor, &r.reason, "BreakLock").await?;
         let broken = self.break_lock(&r.shard, &actor.name, &r.reason).await?;
         Ok(Response::new(pb::BreakLockResponse { broken }))
