@@ -334,66 +334,58 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
 async fn an_approvals_environment_missing_from_the_list_stops_the_coordinator() -> anyhow::Result<()>
 {
     let files = TestDir::new("approvals-envs")?;
-    let matrix = files.join("approvals.toml");
-    std::fs::write(&matrix, MATRIX)?;
-    let store = files.join("flotilla.db");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let out = run_flotilla(
-        &[
-            "coordinator",
-            "--listen",
-            &listen,
-            "--store",
-            &store.to_string_lossy(),
-            "--approvals",
-            &matrix.to_string_lossy(),
-            "--environments",
-            "staging,prod",
-        ],
-        &[],
-    )
-    .await?;
-    assert_eq!(out.code(), Some(2), "{out}");
+    let out = refused_start(&files, MATRIX, &["--environments", "staging,prod"]).await?;
     assert!(
         out.stderr
             .contains("environment(s) production not among the coordinator's environments"),
         "{out}"
     );
-    assert!(!Path::new(&store).exists(), "nothing started: {out}");
     Ok(())
+}
+
+/// A coordinator started with `matrix` as its approvals file (and `extra` arguments) that
+/// refuses to start (exit 2) before it makes its store; its output.
+async fn refused_start(
+    files: &TestDir,
+    matrix: &str,
+    extra: &[&str],
+) -> anyhow::Result<crate::harness::CommandOutput> {
+    let path = files.join("approvals.toml");
+    std::fs::write(&path, matrix)?;
+    let store = files.join("flotilla.db");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (store_arg, path_arg) = (store.to_string_lossy(), path.to_string_lossy());
+    let mut args = vec![
+        "coordinator",
+        "--listen",
+        &listen,
+        "--store",
+        &store_arg,
+        "--approvals",
+        &path_arg,
+    ];
+    args.extend_from_slice(extra);
+    let out = run_flotilla(&args, &[]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(!Path::new(&store).exists(), "nothing started: {out}");
+    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bad_approvals_file_stops_the_coordinator_naming_file_and_line() -> anyhow::Result<()> {
     let files = TestDir::new("approvals-bad")?;
-    let bad = files.join("approvals.toml");
-    std::fs::write(
-        &bad,
+    let out = refused_start(
+        &files,
         "[[rule]]\nenvironment = \"production\"\nrisk = \"severe\"\napprovals = 2\n",
-    )?;
-    let store = files.join("flotilla.db");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let out = run_flotilla(
-        &[
-            "coordinator",
-            "--listen",
-            &listen,
-            "--store",
-            &store.to_string_lossy(),
-            "--approvals",
-            &bad.to_string_lossy(),
-        ],
         &[],
     )
     .await?;
-    assert_eq!(out.code(), Some(2), "{out}");
-    let name = bad.to_string_lossy().into_owned();
+    let name = files.join("approvals.toml").to_string_lossy().into_owned();
     assert!(
         out.stderr
             .contains(&format!("approvals file {name}: line 3: risk `severe`")),
         "{out}"
     );
-    assert!(!Path::new(&store).exists(), "nothing started: {out}");
     Ok(())
 }
 
