@@ -429,6 +429,22 @@ impl Wave {
                         ),
                     ));
                 }
+                // The coordinator writes the url into an HTTP request line by hand: a control
+                // character or a space would let the plan add headers or a second request
+                // (to any address the coordinator reaches), and user:password@ has no place.
+                let authority = url["http://".len()..].split('/').next().unwrap_or("");
+                if url.chars().any(|c| c.is_control() || c.is_whitespace())
+                    || authority.contains('@')
+                    || authority.is_empty()
+                {
+                    return Err(wave_error(
+                        &name,
+                        &format!(
+                            "prometheus url {:?}: give http://host:port[/path], with no spaces, control characters or user@",
+                            p.url
+                        ),
+                    ));
+                }
                 if p.query.trim().is_empty() {
                     return Err(wave_error(&name, "prometheus gate has no query"));
                 }
@@ -577,6 +593,20 @@ mod tests {
         assert!(e.contains("https is not supported yet"), "{e}");
         let r = prom("http://p:9090/", "up", true).unwrap();
         assert_eq!(r.waves[0].prometheus.as_ref().unwrap().url, "http://p:9090");
+        // written into a request line by hand: nothing that could add a header or a request
+        for bad in [
+            "http://p:9090/x\r\nHost: etcd:2379",
+            "http://p:9090/a b",
+            "http://user:pw@p:9090",
+            "http:///path",
+        ] {
+            let e = prom(bad, "up", true).unwrap_err().to_string();
+            assert!(
+                e.contains("no spaces, control characters or user@"),
+                "{bad:?}: {e}"
+            );
+        }
+        assert!(prom("http://prometheus.monitoring:9090/prom", "up", true).is_ok());
         // a watch needs a Prometheus gate to keep evaluating
         let e = Rollout::from_pb(
             &[wave("w")],
