@@ -38,7 +38,7 @@ pub async fn baseline(addr: &str, args: BaselineArgs) -> u8 {
         from: args.from.clone(),
         up_to: args.up_to.clone().unwrap_or_default(),
         dry_run: args.dry_run,
-        actor: args.actor.clone(),
+        actor: super::call::acting(args.actor.clone()),
         reason: args.reason.clone(),
     };
     call_leader(

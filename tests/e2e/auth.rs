@@ -286,6 +286,17 @@ async fn tokens_and_roles_guard_every_operator_rpc_and_refusals_change_nothing()
         ])
         .await?;
     refused(&out, "authenticated as alice; cannot act as `bob`");
+    // A baseline too (it records journal rows on every shard under its actor's name); with
+    // no --as it runs as alice.
+    let path = staging.path().to_string_lossy().into_owned();
+    let out = alice
+        .cli(&["fleet", "baseline", &path, "--dry-run", "--as", "bob"])
+        .await?;
+    refused(&out, "authenticated as alice; cannot act as `bob`");
+    let out = alice
+        .cli(&["fleet", "baseline", &path, "--dry-run"])
+        .await?;
+    assert!(out.success(), "{out}");
     let (out, _) = {
         let id = alice.submit(staging.path(), &[]).await?;
         alice.watch(&id).await?

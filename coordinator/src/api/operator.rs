@@ -349,7 +349,15 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::FleetBaselineRequest>,
     ) -> Result<Response<pb::FleetBaselineResponse>, Status> {
-        Ok(Response::new(self.baseline(req.into_inner()).await?))
+        // Who records the rows is the caller, as for every other write: with authentication
+        // on, `--as` naming someone else is refused (it was taken as said).
+        let from = origin(&req);
+        let mut r = req.into_inner();
+        let actor = self
+            .actor(&from, &r.actor, &r.reason, "FleetBaseline")
+            .await?;
+        r.actor = actor.name;
+        Ok(Response::new(self.baseline(r).await?))
     }
 
     async fn list_fleet(
