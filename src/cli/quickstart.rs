@@ -626,14 +626,30 @@ fn given_agent(
     Ok(config)
 }
 
+/// `--shard NAME=DSN` split in two. The spec holds a DSN, perhaps with a password: an error
+/// shows it redacted (a DSN given without its name, `postgres://app:pw@db/x?sslmode=require`,
+/// split at its first `=` into a "name" that is most of the DSN).
+fn shard_spec(spec: &str) -> Result<(&str, &str), String> {
+    match spec.split_once('=') {
+        Some((name, dsn)) if !name.contains("://") => Ok((name, dsn)),
+        _ => Err(format!(
+            "--shard `{}` is not NAME=DSN (the shard's name first, e.g. shard_0=postgres://app@db/shard_0)",
+            flotilla_core::secrets::redact_url(spec)
+        )),
+    }
+}
+
 /// `--shard NAME=DSN`: a coordinator and one agent per given shard, nothing else.
 async fn given_shards(args: QuickstartArgs, stop: Stop) -> u8 {
     let coordinator = format!("http://{}", args.listen);
     let mut agents = Vec::new();
     for spec in &args.shards {
-        let Some((name, dsn)) = spec.split_once('=') else {
-            eprintln!("error: --shard `{spec}` is not NAME=DSN");
-            return EXIT_BAD_INPUT;
+        let (name, dsn) = match shard_spec(spec) {
+            Ok(parts) => parts,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_BAD_INPUT;
+            }
         };
         match given_agent(name, dsn, &args.tenant_pattern, &coordinator) {
             Ok(c) => agents.push(c),
@@ -670,7 +686,23 @@ async fn given_shards(args: QuickstartArgs, stop: Stop) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use super::given_agent;
+    use super::{given_agent, shard_spec};
+
+    #[test]
+    fn a_shard_spec_without_its_name_is_refused_with_its_password_hidden() {
+        assert_eq!(
+            shard_spec("shard_0=postgres://app@db/s0?sslmode=require"),
+            Ok(("shard_0", "postgres://app@db/s0?sslmode=require"))
+        );
+        for spec in [
+            "postgres://app:hunter2@db/s0",
+            "postgres://app:hunter2@db/s0?sslmode=require",
+        ] {
+            let e = shard_spec(spec).unwrap_err();
+            assert!(e.contains("is not NAME=DSN"), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+    }
 
     #[test]
     fn a_given_shard_gets_the_agents_defaults_and_its_flags_checks() {
