@@ -29,6 +29,11 @@ pub(crate) struct Plan {
     changed: Notify,
     /// Pause and halt, as running data changes see them between batches.
     pub control: tokio::sync::watch::Sender<PlanControl>,
+    /// Held for the whole of a rollback of the plan here: a second request (the coordinator
+    /// asks again on every new stream, and one may come while the first still undoes) waits,
+    /// then finds undone what the first undid. Two at once both read the same journal rows,
+    /// and each ran every step's down SQL: twice for an UPDATE ... SET n = n - 1.
+    pub undoing: tokio::sync::Mutex<()>,
 }
 
 /// Runs whose journal one lane reads at once.
@@ -116,6 +121,7 @@ impl Agent {
                     state: Mutex::new(PlanState::default()),
                     changed: Notify::new(),
                     control: tokio::sync::watch::Sender::new(Default::default()),
+                    undoing: tokio::sync::Mutex::new(()),
                 })
             })
             .clone()

@@ -24,6 +24,7 @@ impl Agent {
     #[instrument(skip_all, fields(shard = %self.config.shard, plan = %req.plan_id, epoch = req.epoch))]
     pub(crate) async fn rollback(self: Arc<Self>, req: pb::RollbackRequest) -> pb::RollbackReply {
         let plan = self.plan(&req.plan_id);
+        let _undoing = plan.undoing.lock().await;
         self.halt(&plan);
         plan.wait_idle().await;
         self.advance_fence(req.epoch).await;

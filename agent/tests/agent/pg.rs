@@ -756,3 +756,61 @@ async fn a_bad_tenant_query_stops_the_agent_before_it_writes_to_the_shard() {
     );
     f.drop().await;
 }
+
+/// Two rollback requests for one plan at once (the coordinator asks again on every new
+/// stream, and one may come while the first still undoes) undo each step once: before, both
+/// read the same journal rows and each ran the down SQL, so a counting down SQL counted two.
+#[tokio::test]
+async fn two_rollbacks_at_once_undo_each_step_once() {
+    let Some(f) = fleet("double_undo", 1).await else {
+        return;
+    };
+    sqlx::raw_sql("CREATE TABLE public.undos (n int); INSERT INTO public.undos VALUES (0);")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pu".into(),
+        migrations: vec![migration(
+            "counted",
+            "CREATE TABLE counted (x int)",
+            "UPDATE public.undos SET n = n + 1; SELECT pg_sleep(0.3); DROP TABLE IF EXISTS counted",
+            "",
+        )],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign("pu", 1, 1, vec![run(1, "tenant_0000", &["counted"], true)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied]);
+    for _ in 0..2 {
+        s.send(In::Rollback(pb::RollbackRequest {
+            plan_id: "pu".into(),
+            epoch: 1,
+            lanes: 1,
+        }));
+    }
+    let mut undone = 0;
+    for _ in 0..2 {
+        match s.next().await {
+            Out::Rollback(r) => {
+                assert!(r.complete, "{r:?}");
+                undone += r.steps.len();
+            }
+            other => panic!("expected a rollback reply, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        undone, 1,
+        "one reply undid the step, the other found it undone"
+    );
+    assert_eq!(
+        count(&f.pool, "SELECT n::bigint FROM public.undos").await,
+        1
+    );
+    h.stop().await;
+    f.drop().await;
+}
