@@ -67,6 +67,18 @@ pub(crate) fn is_connectivity(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// etcd's answer while its members elect a leader (`etcdserver: leader changed`, `no
+/// leader`): gone once one is elected, a second or so.
+pub(crate) fn is_electing(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            let msg = status.message();
+            msg.contains("leader changed") || msg.contains("no leader")
+        }
+        _ => false,
+    }
+}
+
 /// Maps etcd errors for one cluster (named by its endpoints in messages).
 #[derive(Debug, Clone)]
 pub(crate) struct ErrorContext {
@@ -136,5 +148,13 @@ mod tests {
             "etcdserver: too many operations in txn request",
         ));
         assert!(matches!(ctx.read(refused), CoordinationError::Etcd(_)));
+    }
+
+    #[test]
+    fn an_election_is_told_apart_from_an_etcd_that_is_down() {
+        let status = |m: &str| etcd_client::Error::GRpcStatus(tonic::Status::unavailable(m));
+        assert!(is_electing(&status("etcdserver: leader changed")));
+        assert!(is_electing(&status("etcdserver: no leader")));
+        assert!(!is_electing(&status("connection refused")));
     }
 }

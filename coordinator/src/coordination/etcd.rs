@@ -18,9 +18,9 @@ use etcd_client::{
 };
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::error::{ErrorContext, is_connectivity};
+use super::error::{ErrorContext, is_connectivity, is_electing};
 pub use super::shared::ElectionKey;
 use super::shared::{Session, Shared};
 use super::{
@@ -106,21 +106,31 @@ impl EtcdCoordination {
                 )));
             }
         };
-        // Connecting is lazy: ask something to know etcd is there.
+        // Connecting is lazy: ask something to know etcd is there. A cluster electing a
+        // leader (just started, or a member restarted) answers "leader changed" or "no
+        // leader" for a moment: asked again for a while rather than the coordinator exiting
+        // at start (seen in the e2e suite with a 3-member cluster on a loaded machine).
         let prefix = keys::normalize_prefix(&prefix);
         let election = keys::election(&prefix);
-        match tokio::time::timeout(
-            rpc_timeout,
-            client.get(
-                election.clone(),
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            ),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(errors.read(e)),
-            Err(_) => return Err(errors.read_timeout(rpc_timeout)),
+        let electing_until = tokio::time::Instant::now() + 3 * rpc_timeout;
+        loop {
+            match tokio::time::timeout(
+                rpc_timeout,
+                client.get(
+                    election.clone(),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                ),
+            )
+            .await
+            {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) if is_electing(&e) && tokio::time::Instant::now() < electing_until => {
+                    warn!(error = %e, "etcd is electing a leader; asking again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(Err(e)) => return Err(errors.read(e)),
+                Err(_) => return Err(errors.read_timeout(rpc_timeout)),
+            }
         }
 
         let (leadership, _) = watch::channel(Leadership::Follower { leader: None });
