@@ -42,7 +42,8 @@ pub(crate) fn endpoint(
 ) -> Result<Endpoint, AgentError> {
     let bad = |reason: String| AgentError::Coordinator {
         shard: shard.to_string(),
-        address: address.to_string(),
+        // shown in the error: never a password written into the address
+        address: flotilla_core::secrets::redact_url(address),
         reason,
     };
     let endpoint = Endpoint::from_shared(address.to_string())

@@ -74,7 +74,12 @@ impl EtcdCoordination {
             )));
         }
         let errors = ErrorContext {
-            endpoints: endpoints.join(","),
+            // named in errors operators read: never a password written into an endpoint
+            endpoints: endpoints
+                .iter()
+                .map(|e| flotilla_core::secrets::redact_url(e))
+                .collect::<Vec<_>>()
+                .join(","),
         };
         let rpc_timeout = ttl.clamp(Duration::from_secs(1), Duration::from_secs(5));
         // HTTP/2 pings find a dead connection under the long-lived streams
@@ -401,5 +406,31 @@ impl Coordination for EtcdCoordination {
 
     fn kind(&self) -> &'static str {
         "etcd"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::EtcdCoordination;
+
+    /// An etcd that cannot be reached is named in the error, without a password written
+    /// into its endpoint.
+    #[tokio::test]
+    async fn an_unreachable_etcd_is_named_without_its_password() {
+        let err = match EtcdCoordination::connect(
+            vec!["http://flotilla:hunter2@127.0.0.1:1".into()],
+            "http://127.0.0.1:7070".into(),
+            Duration::from_secs(1),
+            "/flotilla".into(),
+        )
+        .await
+        {
+            Ok(_) => panic!("nothing listens on port 1"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("127.0.0.1:1"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
     }
 }
