@@ -392,6 +392,12 @@ impl fmt::Display for Target {
 /// (an int): a longer one fails every step's `SET`.
 pub const MAX_TIMEOUT_MS: u64 = i32::MAX as u64;
 
+/// Why a timeout of `ms` milliseconds is not one PostgreSQL takes (None: it is).
+pub fn timeout_over_limit(ms: u128) -> Option<String> {
+    (ms > u128::from(MAX_TIMEOUT_MS))
+        .then(|| format!("over PostgreSQL's limit of {MAX_TIMEOUT_MS} ms (about 24.8 days)"))
+}
+
 /// Checks a tenant (schema) name found on a shard. Names are always quoted when
 /// used; this only refuses what no schema name should hold.
 pub fn validate_tenant_name(name: &str) -> Result<(), String> {

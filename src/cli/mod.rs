@@ -830,13 +830,10 @@ fn step_lock_timeout(text: &str) -> Result<Duration, String> {
 /// A step's default statement_timeout: 0 for none, at most PostgreSQL's limit.
 fn step_statement_timeout(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text.trim()).map_err(|e| e.to_string())?;
-    if d.as_millis() > u128::from(flotilla_core::MAX_TIMEOUT_MS) {
-        return Err(format!(
-            "over PostgreSQL's limit of {} ms (about 24.8 days)",
-            flotilla_core::MAX_TIMEOUT_MS
-        ));
+    match flotilla_core::timeout_over_limit(d.as_millis()) {
+        Some(why) => Err(why),
+        None => Ok(d),
     }
-    Ok(d)
 }
 
 impl Cli {

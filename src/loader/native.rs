@@ -481,11 +481,8 @@ fn millis(value: &Spanned<String>, key: &str) -> Result<u64, String> {
     if d < Duration::from_millis(1) {
         return Err(format!("invalid {key} `{text}`: must be at least 1ms"));
     }
-    match u64::try_from(d.as_millis()) {
-        Ok(ms) if ms <= flotilla_core::MAX_TIMEOUT_MS => Ok(ms),
-        _ => Err(format!(
-            "invalid {key} `{text}`: over PostgreSQL's limit of {} ms (about 24.8 days)",
-            flotilla_core::MAX_TIMEOUT_MS
-        )),
+    if let Some(why) = flotilla_core::timeout_over_limit(d.as_millis()) {
+        return Err(format!("invalid {key} `{text}`: {why}"));
     }
+    Ok(d.as_millis() as u64)
 }

@@ -352,12 +352,11 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         // Who records the rows is the caller, as for every other write: with authentication
         // on, `--as` naming someone else is refused (it was taken as said).
         let from = origin(&req);
-        let mut r = req.into_inner();
+        let r = req.into_inner();
         let actor = self
             .actor(&from, &r.actor, &r.reason, "FleetBaseline")
             .await?;
-        r.actor = actor.name;
-        Ok(Response::new(self.baseline(r).await?))
+        Ok(Response::new(self.baseline(r, actor).await?))
     }
 
     async fn list_fleet(

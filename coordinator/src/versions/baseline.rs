@@ -22,9 +22,11 @@ use crate::service::Coordinator;
 
 impl Coordinator {
     #[instrument(skip_all, fields(dry_run = req.dry_run))]
+    /// Records a baseline as `actor` (the caller, as the operator API resolved it).
     pub async fn baseline(
         &self,
         req: pb::FleetBaselineRequest,
+        actor: Actor,
     ) -> Result<pb::FleetBaselineResponse, CoordinatorError> {
         let epoch = self.leader_epoch()?;
         let raw = req.spec.ok_or_else(|| {
@@ -144,7 +146,6 @@ impl Coordinator {
         let rows: usize = recorded.iter().map(|t| t.recorded.len()).sum();
         let refused: Vec<&pb::BaselineTarget> =
             recorded.iter().filter(|t| !t.error.is_empty()).collect();
-        let actor = Actor::new(&req.actor, &req.reason);
         self.write(actor.audit(
             "baseline",
             &baseline_id,
