@@ -27,6 +27,7 @@ use super::rate::{RowLimits, ServerBuckets};
 use super::throttle::{PlanControl, STOPPED, agent_failure, health_queries, wait_at_boundary};
 use super::{ProgressBoard, keys, sql};
 use crate::error::{Failure, classify};
+use crate::step::checkpoint::Checkpoint;
 use crate::step::{BuildError, PreparedMigration, StepContext, quote_literal};
 
 /// What a data change needs from the agent besides its connection.
@@ -59,15 +60,6 @@ impl Page {
             last: Some(last),
         }))
     }
-}
-
-/// Where a change stands on a target, as its checkpoint says.
-struct Checkpoint {
-    last_key: String,
-    rows: i64,
-    batches: i64,
-    /// Seconds since it was written, by the shard's clock.
-    age_secs: f64,
 }
 
 /// The full-page query ([`sql::data_full_page`]) prepared on the session for this run, at
@@ -129,17 +121,19 @@ impl PreparedPage {
     }
 }
 
-/// Runs a data change on the session's target (its search_path and timeouts are set, and
-/// its fence checked, by the caller's prologue): the up SQL (when fresh), then every batch.
+/// Runs a data change's batches on the session's target (its search_path and timeouts are
+/// set, its fence checked, its up SQL run and [`refuse_uncovered_keys`] asked, by the
+/// caller), after those its checkpoint (read before the up SQL ran) says are done.
 /// Returns the rows done by this run.
 pub(crate) async fn run_batches(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     hooks: Option<&DataHooks>,
+    checkpoint: Option<Checkpoint>,
 ) -> Result<u64, Failure> {
     let mut prepared = None;
-    let result = batches(conn, cx, m, hooks, &mut prepared).await;
+    let result = batches(conn, cx, m, hooks, checkpoint, &mut prepared).await;
     // the session goes back to the pool without it (not tried on a session whose server went
     // away: it went with the session)
     let gone = matches!(&result, Err(f) if f.server_gone());
@@ -162,6 +156,7 @@ async fn batches(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     hooks: Option<&DataHooks>,
+    checkpoint: Option<Checkpoint>,
     prepared: &mut Option<PreparedPage>,
 ) -> Result<u64, Failure> {
     let d = m
@@ -171,7 +166,8 @@ async fn batches(
         .ok_or_else(|| agent_failure(m, "not a data change"))?;
     let db = |e: sqlx::Error| classify(&e, "batch");
 
-    let checkpoint = read_checkpoint(conn, cx, m).await?;
+    // a checkpoint of the up SQL alone: no batch is done yet
+    let checkpoint = checkpoint.filter(|c| c.last_key.is_some());
 
     // The key: columns of the table, unique, of types with a floor.
     let shape = match keys::inspect(conn, d, None).await.map_err(db)? {
@@ -190,15 +186,18 @@ async fn batches(
         |text: &str| keys::decode_bound(text, d.key.len()).map_err(|e| agent_failure(m, e));
 
     let (mut prev, mut rows_total, mut batches) = match &checkpoint {
-        Some(c) => (Some(c.last_key.clone()), c.rows, c.batches),
-        None => {
-            start_fresh(conn, m, &floor_lit).await?;
-            (None, 0, 0)
-        }
+        Some(c) => (c.last_key.clone(), c.rows, c.batches),
+        None => (None, 0, 0),
     };
     if let Some(c) = &checkpoint {
-        info!(step = m.id(), tenant = cx.tenant, last_key = %c.last_key, rows = c.rows,
-              batches = c.batches, "resuming a data change from its checkpoint");
+        info!(
+            step = m.id(),
+            tenant = cx.tenant,
+            last_key = prev.as_deref().unwrap_or_default(),
+            rows = c.rows,
+            batches = c.batches,
+            "resuming a data change from its checkpoint"
+        );
     }
 
     let mut limits = RowLimits::new(
@@ -336,52 +335,34 @@ async fn batches(
     Ok(done)
 }
 
-/// Where the change stands on the target, if it ran there before; refused when another
-/// version of the change wrote the checkpoint.
-async fn read_checkpoint(
-    conn: &mut PgConnection,
-    cx: &StepContext<'_>,
-    m: &PreparedMigration,
-) -> Result<Option<Checkpoint>, Failure> {
-    let cp: Option<(String, String, i64, i64, f64)> = sqlx::query_as(
-        "SELECT checksum, last_key, rows, batches, \
-         extract(epoch FROM pg_catalog.clock_timestamp() - updated_at)::float8 \
-         FROM flotilla.checkpoints WHERE target = $1 AND migration_id = $2",
-    )
-    .bind(cx.tenant)
-    .bind(m.id())
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(|e| classify(&e, "batch"))?;
-    match cp {
-        Some((checksum, _, _, _, _)) if checksum != m.migration.checksum => Err(agent_failure(
-            m,
-            format!(
-                "its checkpoint on this target was written by another version of it \
-                 (checksum {checksum}); undo the partial change, delete the row from \
-                 flotilla.checkpoints, then run it again"
-            ),
-        )),
-        Some((_, last_key, rows, batches, age_secs)) => Ok(Some(Checkpoint {
-            last_key,
-            rows,
-            batches,
-            age_secs,
-        })),
-        None => Ok(None),
-    }
-}
-
-/// Before the first batch of a change on a target: a key at the floor, or with a NULL,
-/// would never be in a batch, so the change is refused rather than skip the row; then the
-/// up SQL (if any) runs, once.
-async fn start_fresh(
+/// Before the first batch of a change on a target, and before its up SQL: a key at the
+/// floor of its type, or with a NULL, would never be in a batch, so the change is refused
+/// rather than skip the row. The session holds the target's search_path.
+pub(crate) async fn refuse_uncovered_keys(
     conn: &mut PgConnection,
     m: &PreparedMigration,
-    floor_lit: &str,
 ) -> Result<(), Failure> {
-    let d = m.migration.data.as_ref().expect("a data change");
-    let at_floor: bool = sqlx::query_scalar(AssertSqlSafe(sql::keys_at_floor(d, floor_lit)))
+    let d = m
+        .migration
+        .data
+        .as_ref()
+        .ok_or_else(|| agent_failure(m, "not a data change"))?;
+    let shape = match keys::inspect(conn, d, None)
+        .await
+        .map_err(|e| classify(&e, "batch"))?
+    {
+        Ok(shape) => shape,
+        Err(problem) => {
+            return Err(agent_failure(
+                m,
+                format!("{} (in the target's search_path)", problem.message()),
+            ));
+        }
+    };
+    let floor_lit = shape
+        .literal(&shape.floor())
+        .map_err(|e| agent_failure(m, e))?;
+    let at_floor: bool = sqlx::query_scalar(AssertSqlSafe(sql::keys_at_floor(d, &floor_lit)))
         .fetch_one(&mut *conn)
         .await
         .map_err(|e| classify(&e, "batch"))?;
@@ -395,12 +376,6 @@ async fn start_fresh(
                 d.key_text()
             ),
         ));
-    }
-    for statement in &m.up {
-        sqlx::raw_sql(AssertSqlSafe(statement.clone()))
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| classify(&e, "up"))?;
     }
     Ok(())
 }

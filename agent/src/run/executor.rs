@@ -14,17 +14,17 @@ use sqlx::{AssertSqlSafe, Column, Either, Row};
 use tracing::{debug, info, instrument, warn};
 
 use super::conn::{execute, recover, wait_for_server};
-use super::invalid_index::{drop_invalid_index, index_name_taken};
 use super::job::{Job, PrepareGid, Report};
 use super::lock_wait::{BlockerWatch, LOCK_RETRIES, LOCK_RETRY_PAUSE};
 use super::sqlgen;
+use super::statements::run_up_statements;
 use super::two_phase::prepared_among;
 use crate::data::{self, DataHooks};
 use crate::error::{Failure, classify};
 use crate::metrics::{self, StepMode, StepOutcome};
 use crate::shard;
 use crate::step::sql::STEP_DONE;
-use crate::step::{PreparedMigration, StepContext};
+use crate::step::{PreparedMigration, StepContext, checkpoint};
 
 pub(crate) struct RunOutput {
     pub result: pb::RunResult,
@@ -364,8 +364,10 @@ async fn commit(conn: &mut PgConnection, prepare: Option<&PrepareGid>) -> Result
     }
 }
 
-/// A step that cannot run in a transaction: fence, session settings, each statement on its
-/// own, then verify + journal in one short fenced transaction that also resets the session.
+/// A step that cannot run in a transaction: fence, session settings, then its up
+/// statements after those its checkpoint says are done, each committed with the checkpoint
+/// (see `statements`), a data change's batches, then verify + journal in one short fenced
+/// transaction that also deletes the checkpoint and resets the session.
 async fn run_non_transactional(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
@@ -379,33 +381,34 @@ async fn run_non_transactional(
         failure: classify(e, "up"),
         in_transaction,
     };
+    let failed = |failure| GroupFailure {
+        position: 0,
+        failure,
+        in_transaction: false,
+    };
     let r = async {
         execute(conn, sqlgen::non_transactional_prologue(cx, m))
             .await
             .map_err(|e| fail(&e, false))?;
-        if m.migration.data.is_some() {
-            // its up SQL (if any) runs inside, before the first batch
-            data::run_batches(conn, cx, m, hooks)
-                .await
-                .map_err(|failure| GroupFailure {
-                    position: 0,
-                    failure,
-                    in_transaction: false,
-                })?;
+        let is_data = m.migration.data.is_some();
+        let phase = if is_data { "batch" } else { "up" };
+        let checkpoint = checkpoint::read(conn, cx, m, phase).await.map_err(failed)?;
+        let done = checkpoint.as_ref().map_or(0, |c| c.statements_done(m));
+        if is_data && checkpoint.as_ref().is_none_or(|c| c.last_key.is_none()) {
+            // a key no batch would cover refuses the change before any of it runs
+            data::refuse_uncovered_keys(conn, m).await.map_err(failed)?;
         }
-        let up: &[String] = if m.migration.data.is_some() {
-            &[]
-        } else {
-            &m.up
-        };
-        for statement in up {
-            let taken = index_name_taken(conn, statement).await;
-            if let Err(e) = execute(conn, statement.clone()).await {
-                if !taken {
-                    drop_invalid_index(conn, statement).await;
-                }
-                return Err(fail(&e, false));
-            }
+        run_up_statements(conn, cx, m, done)
+            .await
+            .map_err(|f| GroupFailure {
+                position: 0,
+                failure: f.failure,
+                in_transaction: f.in_transaction,
+            })?;
+        if is_data {
+            data::run_batches(conn, cx, m, hooks, checkpoint)
+                .await
+                .map_err(failed)?;
         }
         commit_failpoint_non_transactional()?;
         let mut epilogue = sqlgen::non_transactional_epilogue(cx, m);

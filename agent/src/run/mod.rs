@@ -3,7 +3,7 @@
 //! `resolve`) and undo (`rollback`).
 //!
 //! Dependencies point down this list: `plans` -> `executor` -> (`job`, `sqlgen`,
-//! `lock_wait`, `invalid_index`, `conn`, `two_phase`); `resolve` and `rollback` use the
+//! `lock_wait`, `statements`, `invalid_index`, `conn`, `two_phase`); `resolve` and `rollback` use the
 //! plans' halt; `job` holds the types they all share.
 use flotilla_core::pb;
 use tracing::warn;
@@ -21,6 +21,7 @@ pub mod rehearsal;
 mod resolve;
 mod rollback;
 mod sqlgen;
+mod statements;
 pub(crate) mod two_phase;
 
 pub(crate) use plans::Plan;

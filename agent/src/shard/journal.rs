@@ -11,7 +11,7 @@ use tracing::{info, instrument};
 use crate::error::AgentError;
 
 /// The schema version this agent installs and understands.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 const SCHEMA_SQL: &str = include_str!("schema.sql");
 
 /// One journal row, as the agent reads it.
@@ -272,16 +272,17 @@ pub(crate) async fn read_plan_rows(
     pool: &PgPool,
     plan_id: &str,
 ) -> Result<BTreeMap<String, Vec<String>>, sqlx::Error> {
-    // A data change the plan left part-way (failed, halted) has a checkpoint of the plan and
-    // no journal row: it is the newest change on its target, so it is undone first.
+    // A step the plan left part-way (a data change or a non-transactional step that failed
+    // or halted) has a checkpoint of the plan and no journal row: it is the newest change on
+    // its target, so it is undone first (newest first, should there be several).
     let rows: Vec<(String, String)> = sqlx::query_as(
         "SELECT target, migration_id FROM ( \
-           SELECT target, migration_id, 0 AS part, 0::bigint AS seq FROM flotilla.checkpoints c \
+           SELECT target, migration_id, 0 AS part, 0::bigint AS seq, started_at FROM flotilla.checkpoints c \
             WHERE plan_id = $1 AND NOT EXISTS (SELECT 1 FROM flotilla.journal j \
               WHERE j.target = c.target AND j.migration_id = c.migration_id) \
            UNION ALL \
-           SELECT target, migration_id, 1, seq FROM flotilla.journal WHERE plan_id = $1) r \
-         ORDER BY target, part, seq DESC",
+           SELECT target, migration_id, 1, seq, NULL FROM flotilla.journal WHERE plan_id = $1) r \
+         ORDER BY target, part, seq DESC, started_at DESC",
     )
     .bind(plan_id)
     .fetch_all(pool)

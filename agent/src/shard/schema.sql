@@ -1,4 +1,4 @@
--- Flotilla's schema on a shard, version 1. Run by the agent at start, inside a transaction
+-- Flotilla's schema on a shard, version 2. Run by the agent at start, inside a transaction
 -- that holds pg_advisory_xact_lock(hashtext('flotilla.schema')); every statement is idempotent.
 CREATE TABLE IF NOT EXISTS flotilla.fence (
   id boolean PRIMARY KEY DEFAULT true CHECK (id),
@@ -62,9 +62,13 @@ BEGIN
 END
 $fn$;
 
--- the progress of a batched data change on a target: written in each batch's own transaction
--- (exactly-once per batch), deleted with the journal row's insert when the change ends.
--- last_key is the key's text form; the next batch starts after it.
+-- The progress of a step that commits part by part on a target, deleted with the journal
+-- row's insert when the step ends: a batched data change (written in each batch's own
+-- transaction: exactly-once per batch) and a non-transactional step's up statements
+-- (`statements`: how many are done, each committed with it or, one that cannot run in a
+-- transaction, recorded right after it). last_key is the key's text form; the next batch
+-- starts after it; NULL before the first batch. A plan's rollback undoes a step that has a
+-- checkpoint and no journal row: it was left part-way.
 CREATE TABLE IF NOT EXISTS flotilla.checkpoints (
   target text NOT NULL,
   migration_id text NOT NULL,
@@ -77,10 +81,21 @@ CREATE TABLE IF NOT EXISTS flotilla.checkpoints (
   updated_at timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (target, migration_id)
 );
+-- version 2: last_key NULL (up statements done, no batch yet) and `statements`. Checked
+-- first: ALTER TABLE takes its lock even when there is nothing to change.
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                  WHERE attrelid = 'flotilla.checkpoints'::regclass AND attname = 'statements'
+                    AND NOT attisdropped) THEN
+    ALTER TABLE flotilla.checkpoints ALTER COLUMN last_key DROP NOT NULL,
+      ADD COLUMN statements integer NOT NULL DEFAULT 0;
+  END IF;
+END $$;
 
--- Moves a checkpoint from p_prev (NULL: none yet) to p_last, in the caller's batch
--- transaction. Fails (FL004) when the checkpoint is not where the caller found it: another
--- run did this batch, so this one must not commit it again.
+-- Moves a checkpoint from p_prev (NULL: no batch yet; the checkpoint of the change's up
+-- statements, if any, is taken over) to p_last, in the caller's batch transaction. Fails
+-- (FL004) when the checkpoint is not where the caller found it: another run did this
+-- batch, so this one must not commit it again.
 CREATE OR REPLACE FUNCTION flotilla.advance_checkpoint(p_target text, p_migration text,
   p_checksum text, p_plan text, p_prev text, p_last text, p_rows bigint) RETURNS void
 LANGUAGE plpgsql AS $fn$
@@ -90,7 +105,10 @@ BEGIN
   IF p_prev IS NULL THEN
     INSERT INTO flotilla.checkpoints AS c (target, migration_id, checksum, plan_id, last_key, rows, batches, updated_at)
       VALUES (p_target, p_migration, p_checksum, p_plan, p_last, p_rows, 1, clock_timestamp())
-      ON CONFLICT (target, migration_id) DO NOTHING;
+      ON CONFLICT (target, migration_id) DO UPDATE
+        SET last_key = EXCLUDED.last_key, rows = EXCLUDED.rows, batches = 1,
+            plan_id = EXCLUDED.plan_id, updated_at = EXCLUDED.updated_at
+        WHERE c.last_key IS NULL AND c.checksum = EXCLUDED.checksum;
   ELSE
     UPDATE flotilla.checkpoints
        SET last_key = p_last, rows = rows + p_rows, batches = batches + 1, plan_id = p_plan,
@@ -107,6 +125,34 @@ BEGIN
 END
 $fn$;
 
+-- Records that the first p_done up statements of a step are done on a target (p_prev were
+-- before), in the caller's transaction. Fails (FL004) when the checkpoint is not at p_prev:
+-- another run did them, so this one must not commit them again.
+CREATE OR REPLACE FUNCTION flotilla.advance_statements(p_target text, p_migration text,
+  p_checksum text, p_plan text, p_prev integer, p_done integer) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  n bigint;
+BEGIN
+  IF p_prev = 0 THEN
+    INSERT INTO flotilla.checkpoints AS c (target, migration_id, checksum, plan_id, last_key, rows, batches, statements, updated_at)
+      VALUES (p_target, p_migration, p_checksum, p_plan, NULL, 0, 0, p_done, clock_timestamp())
+      ON CONFLICT (target, migration_id) DO NOTHING;
+  ELSE
+    UPDATE flotilla.checkpoints
+       SET statements = p_done, plan_id = p_plan, updated_at = clock_timestamp()
+     WHERE target = p_target AND migration_id = p_migration AND checksum = p_checksum
+       AND statements = p_prev AND last_key IS NULL;
+  END IF;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  IF n <> 1 THEN
+    RAISE EXCEPTION USING ERRCODE = 'FL004',
+      MESSAGE = format('checkpoint of %s on target %L is no longer after %s of its up statements: another run did them',
+                       p_migration, p_target, p_prev);
+  END IF;
+END
+$fn$;
+
 -- Prior images of the data changes that ask for one: the key and the named columns of every
 -- row a batch is about to change, as they were, written in the batch's own transaction.
 -- Undoing the change restores them batch by batch, newest first, each batch's rows deleted
@@ -119,5 +165,5 @@ CREATE TABLE IF NOT EXISTS flotilla.prior_images (
 );
 CREATE INDEX IF NOT EXISTS prior_images_batch ON flotilla.prior_images (target, migration_id, batch);
 
-INSERT INTO flotilla.meta (key, value) VALUES ('schema_version', '1')
+INSERT INTO flotilla.meta (key, value) VALUES ('schema_version', '2')
   ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;

@@ -5,6 +5,7 @@
 use flotilla_core::sql::SqlError;
 use flotilla_core::{Migration, TxMode};
 
+pub(crate) mod checkpoint;
 pub(crate) mod sql;
 
 pub(crate) use flotilla_core::sql::quote_ident;

@@ -101,13 +101,30 @@ fn push_verify_and_journal_row(out: &mut String, cx: &StepContext<'_>, m: &Prepa
     );
 }
 
-/// A data change's checkpoint goes when its journal row is written or moved.
+/// Records in the caller's transaction that the first `done` up statements of the step are
+/// done (`prev` were before): see `flotilla.advance_statements`.
+pub(crate) fn push_advance_statements(
+    out: &mut String,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    prev: usize,
+    done: usize,
+) {
+    let _ = writeln!(
+        out,
+        "SELECT flotilla.advance_statements({}, {}, {}, {}, {prev}, {done});",
+        cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit
+    );
+}
+
+/// A non-transactional step's checkpoint (its data change's batches, its up statements)
+/// goes when its journal row is written or moved.
 pub(crate) fn push_checkpoint_delete(
     out: &mut String,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
 ) {
-    if m.migration.data.is_some() {
+    if !m.is_transactional() {
         let _ = writeln!(
             out,
             "DELETE FROM flotilla.checkpoints WHERE target = {} AND migration_id = {};",

@@ -814,3 +814,185 @@ async fn two_rollbacks_at_once_undo_each_step_once() {
     h.stop().await;
     f.drop().await;
 }
+
+/// A non-transactional step that fails on its third statement, and a data change whose
+/// first batch fails after its up SQL: each leaves a checkpoint saying how far it got. Run
+/// again (once what they failed on is there) each goes on after what it did (its first
+/// statements again would fail: `side` exists, `filled` exists), once; a rollback undoes
+/// one left part-way with its down SQL (before, both stayed applied with nothing on the
+/// shard to say so, and a rollback left them).
+#[tokio::test]
+async fn a_step_left_part_way_goes_on_or_is_undone() {
+    let Some(f) = fleet("part_way", 2).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(3).await;
+    let fill = pb::Migration {
+        data: Some(pb::DataChange {
+            table: "work_orders".into(),
+            key: "id".into(),
+            batch_size: 7,
+            batch_sql:
+                "UPDATE work_orders SET filled = (SELECT v FROM fill_gate) WHERE id > $1 AND id <= $2"
+                    .into(),
+            ..Default::default()
+        }),
+        ..migration(
+            "fill",
+            "ALTER TABLE work_orders ADD COLUMN filled int",
+            "ALTER TABLE work_orders DROP COLUMN IF EXISTS filled",
+            "SELECT count(*) = 0 FROM work_orders WHERE filled IS DISTINCT FROM 1",
+        )
+    };
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pw".into(),
+        migrations: vec![
+            migration(
+                "parts",
+                "CREATE TABLE side (id int); \
+                 CREATE INDEX CONCURRENTLY side_id ON side (id); \
+                 INSERT INTO gate SELECT 1",
+                "DROP TABLE IF EXISTS side",
+                "",
+            ),
+            fill,
+        ],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let checkpoint = |tenant: &str, migration: &str| {
+        format!(
+            "SELECT statements::bigint FROM flotilla.checkpoints \
+             WHERE target = '{tenant}' AND migration_id = '{migration}' AND last_key IS NULL"
+        )
+    };
+    let r = s
+        .assign(
+            "pw",
+            3,
+            2,
+            vec![
+                run(1, "tenant_0000", &["parts"], false),
+                run(2, "tenant_0001", &["parts"], false),
+            ],
+        )
+        .await;
+    for id in [1, 2] {
+        assert_eq!(outcomes(&r[&id]), [pb::StepOutcome::Failed], "{:?}", r[&id]);
+        let e = r[&id].steps[0].error.clone().unwrap();
+        assert_eq!((e.sqlstate.as_str(), e.phase.as_str()), ("42P01", "up"));
+        assert!(e.message.contains("gate"), "{e:?}");
+    }
+    for t in ["tenant_0000", "tenant_0001"] {
+        assert_eq!(count(&pool, &checkpoint(t, "parts")).await, 2, "{t}");
+    }
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'side_id'"
+        )
+        .await,
+        2
+    );
+
+    let r = s
+        .assign(
+            "pw",
+            3,
+            2,
+            vec![
+                run(3, "tenant_0000", &["fill"], false),
+                run(4, "tenant_0001", &["fill"], false),
+            ],
+        )
+        .await;
+    for id in [3, 4] {
+        assert_eq!(outcomes(&r[&id]), [pb::StepOutcome::Failed], "{:?}", r[&id]);
+        let e = r[&id].steps[0].error.clone().unwrap();
+        assert!(e.message.contains("fill_gate"), "{e:?}");
+    }
+    for t in ["tenant_0000", "tenant_0001"] {
+        assert_eq!(count(&pool, &checkpoint(t, "fill")).await, 1, "{t}");
+    }
+
+    // what they failed on is there now: each goes on where it stopped
+    sqlx::raw_sql(
+        "CREATE TABLE tenant_0000.gate (v int); \
+         CREATE TABLE tenant_0000.fill_gate (v int); INSERT INTO tenant_0000.fill_gate VALUES (1);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let r = s
+        .assign(
+            "pw",
+            3,
+            1,
+            vec![run(5, "tenant_0000", &["parts", "fill"], false)],
+        )
+        .await;
+    assert_eq!(
+        outcomes(&r[&5]),
+        [pb::StepOutcome::Applied; 2],
+        "{:?}",
+        r[&5]
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM tenant_0000.gate").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM tenant_0000.work_orders WHERE filled = 1"
+        )
+        .await,
+        20
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM flotilla.checkpoints WHERE target = 'tenant_0000'"
+        )
+        .await,
+        0
+    );
+
+    // the plan's rollback undoes the two steps applied on tenant_0000 and the two left
+    // part-way on tenant_0001
+    let reply = s.rollback("pw", 3).await;
+    assert!(reply.complete, "{reply:?}");
+    assert_eq!(reply.steps.len(), 4, "{reply:?}");
+    assert!(reply.steps.iter().all(|s| s.error.is_none()), "{reply:?}");
+    let t1: Vec<&str> = reply
+        .steps
+        .iter()
+        .filter(|s| s.tenant == "tenant_0001")
+        .map(|s| s.migration_id.as_str())
+        .collect();
+    assert_eq!(t1, ["fill", "parts"], "newest first");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'side'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM information_schema.columns WHERE column_name = 'filled'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.checkpoints").await,
+        0
+    );
+    h.stop().await;
+    f.drop().await;
+}

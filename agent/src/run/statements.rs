@@ -1,0 +1,88 @@
+//! A non-transactional step's up statements (or a data change's, before its first batch),
+//! each committed with the step's checkpoint: a statement that can run in a transaction
+//! runs in one, fenced, that also records it done (`flotilla.advance_statements`), so it is
+//! done exactly once; one that cannot (`CREATE INDEX CONCURRENTLY`, ...) runs on its own and
+//! is recorded right after. A step that fails, halts or loses its agent part-way then goes
+//! on after its last statement done when it runs again, and a rollback of its plan finds
+//! the checkpoint and undoes it with its down SQL (before, the statements done before a
+//! failure stayed applied with nothing on the shard to say so).
+use flotilla_core::sql::first_non_transactional;
+use sqlx::postgres::PgConnection;
+use tracing::info;
+
+use super::conn::execute;
+use super::invalid_index::{drop_invalid_index, index_name_taken};
+use crate::error::{Failure, classify};
+use crate::step::sql::{begin_fenced, push_advance_statements};
+use crate::step::{PreparedMigration, StepContext};
+
+/// PostgreSQL's "cannot run inside a transaction block" (active_sql_transaction).
+const SQLSTATE_NOT_IN_TRANSACTION: &str = "25001";
+
+/// A statement that failed, and whether the session may be left inside its transaction.
+pub(super) struct StatementFailure {
+    pub failure: Failure,
+    pub in_transaction: bool,
+}
+
+/// Runs the step's up statements after the first `done` (done by an earlier run, as its
+/// checkpoint says). The session holds the step's settings and has checked its fence.
+pub(super) async fn run_up_statements(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    done: usize,
+) -> Result<(), StatementFailure> {
+    if done > 0 {
+        info!(
+            step = m.id(),
+            tenant = cx.tenant,
+            done,
+            of = m.up.len(),
+            "going on after the up statements its checkpoint says are done"
+        );
+    }
+    let fail = |e: &sqlx::Error, in_transaction| StatementFailure {
+        failure: classify(e, "up"),
+        in_transaction,
+    };
+    for (k, statement) in m.up.iter().enumerate().skip(done) {
+        let mut advance = String::new();
+        push_advance_statements(&mut advance, cx, m, k, k + 1);
+        if first_non_transactional(std::slice::from_ref(statement)).is_none() {
+            let mut sql = begin_fenced(cx.epoch);
+            sql.push_str(statement);
+            sql.push_str("\n;\n");
+            sql.push_str(&advance);
+            sql.push_str("COMMIT;\n");
+            match execute(conn, sql).await {
+                Ok(()) => continue,
+                Err(e) if refuses_transaction(&e) => {
+                    // a statement that refuses a transaction block which the splitter does
+                    // not know: it runs on its own, as below
+                    if let Err(e) = execute(conn, "ROLLBACK".into()).await {
+                        return Err(fail(&e, true));
+                    }
+                }
+                Err(e) => return Err(fail(&e, true)),
+            }
+        }
+        let taken = index_name_taken(conn, statement).await;
+        if let Err(e) = execute(conn, statement.clone()).await {
+            if !taken {
+                drop_invalid_index(conn, statement).await;
+            }
+            return Err(fail(&e, false));
+        }
+        // Done and committed: a crash before this records it leaves it to run again (a
+        // statement outside a transaction cannot commit with its record).
+        let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
+        execute(conn, record).await.map_err(|e| fail(&e, true))?;
+    }
+    Ok(())
+}
+
+/// The statement refused to run inside a transaction block.
+fn refuses_transaction(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(SQLSTATE_NOT_IN_TRANSACTION))
+}

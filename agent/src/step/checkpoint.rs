@@ -1,0 +1,74 @@
+//! A step's checkpoint on a target (`flotilla.checkpoints`): how far a step that commits part
+//! by part got before it stopped, failed or its agent died. A data change's batches move it
+//! (see `data`); a non-transactional step's up statements do too, one by one (see
+//! `run::statements`), so that running the step again goes on after the last statement done
+//! instead of running it twice, and a rollback finds and undoes a step left part-way.
+use sqlx::postgres::PgConnection;
+
+use super::{PreparedMigration, StepContext};
+use crate::error::{Failure, classify};
+
+/// Where a step stands on a target, as its checkpoint says.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Checkpoint {
+    /// How many of the step's up statements are done.
+    pub statements: usize,
+    /// The last key of the last batch done; None before the first batch.
+    pub last_key: Option<String>,
+    pub rows: i64,
+    pub batches: i64,
+    /// Seconds since it was written, by the shard's clock.
+    pub age_secs: f64,
+}
+
+impl Checkpoint {
+    /// How many of the step's up statements are done: all of them once a batch is.
+    pub fn statements_done(&self, m: &PreparedMigration) -> usize {
+        if self.last_key.is_some() {
+            m.up.len()
+        } else {
+            self.statements.min(m.up.len())
+        }
+    }
+}
+
+/// The step's checkpoint on the target, if it ran there part-way before; refused when
+/// another version of the migration wrote it (its statements and batches are not this
+/// version's). `phase`: the step error's phase ("up", or "batch" for a data change).
+pub(crate) async fn read(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    phase: &str,
+) -> Result<Option<Checkpoint>, Failure> {
+    type Row = (String, Option<String>, i64, i64, i32, f64);
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT checksum, last_key, rows, batches, statements, \
+         extract(epoch FROM pg_catalog.clock_timestamp() - updated_at)::float8 \
+         FROM flotilla.checkpoints WHERE target = $1 AND migration_id = $2",
+    )
+    .bind(cx.tenant)
+    .bind(m.id())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| classify(&e, phase))?;
+    match row {
+        Some((checksum, ..)) if checksum != m.migration.checksum => Err(Failure::agent(
+            phase,
+            format!(
+                "migration `{}`: its checkpoint on this target was written by another version \
+                 of it (checksum {checksum}); undo the partial change, delete the row from \
+                 flotilla.checkpoints, then run it again",
+                m.id()
+            ),
+        )),
+        Some((_, last_key, rows, batches, statements, age_secs)) => Ok(Some(Checkpoint {
+            statements: usize::try_from(statements).unwrap_or(0),
+            last_key,
+            rows,
+            batches,
+            age_secs,
+        })),
+        None => Ok(None),
+    }
+}
