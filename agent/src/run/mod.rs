@@ -1,10 +1,11 @@
 //! Executing steps on this shard: plans and their queues of runs (`plans`), a run's steps
-//! on one connection (`executor`), their SQL (`sqlgen`), two-phase commit (`two_phase`,
-//! `resolve`) and undo (`rollback`).
+//! on one connection (`executor`), their SQL (`sqlgen`), a non-transactional step's
+//! statements with its checkpoint (`statements`), two-phase commit (`two_phase`, `resolve`)
+//! and undo (`rollback`).
 //!
 //! Dependencies point down this list: `plans` -> `executor` -> (`job`, `sqlgen`,
-//! `lock_wait`, `statements`, `invalid_index`, `conn`, `two_phase`); `resolve` and `rollback` use the
-//! plans' halt; `job` holds the types they all share.
+//! `statements`, `lock_wait`, `invalid_index`, `conn`, `two_phase`); `resolve` and
+//! `rollback` use the plans' halt; `job` holds the types they all share.
 use flotilla_core::pb;
 use tracing::warn;
 
