@@ -488,14 +488,19 @@ async fn settle(
         .iter()
         .map(|&i| job.steps[i].id().to_string())
         .collect();
-    let journal =
-        match shard::read_applied(pool, std::slice::from_ref(&job.tenant), &migrations).await {
-            Ok(rows) => rows,
-            Err(error) => {
-                warn!(%error, "re-reading the journal after a failure failed");
-                Vec::new()
-            }
-        };
+    let read = async {
+        fail::fail_point!("agent::settle_journal_read", |_| Err(
+            sqlx::Error::Protocol("failpoint agent::settle_journal_read".into())
+        ));
+        shard::read_applied(pool, std::slice::from_ref(&job.tenant), &migrations).await
+    };
+    let (journal, unread) = match read.await {
+        Ok(rows) => (rows, None),
+        Err(error) => {
+            warn!(%error, "re-reading the journal after a failure failed");
+            (Vec::new(), Some(error.to_string()))
+        }
+    };
     let mut failure = Some(failure);
     for (k, &idx) in group.iter().enumerate() {
         let m = &job.steps[idx];
@@ -506,16 +511,26 @@ async fn settle(
         reports[idx] = Some(match found {
             Some(checksum) => Report::already(checksum, durations[k]),
             None if k == failed_position => {
-                let f = failure.take().expect("one failure");
+                let mut f = failure.take().expect("one failure");
                 if f.concurrent_apply {
-                    Report::already(m.migration.checksum.clone(), durations[k])
-                } else {
-                    Report {
-                        outcome: StepOutcome::Failed,
-                        duration: durations[k],
-                        error: Some(f.error),
-                        checksum: String::new(),
-                    }
+                    // Another session applied it first, but its journal row did not read:
+                    // which version of the migration it applied, and whether it still is
+                    // applied, is unknown, so it is not reported as this one's (a run
+                    // again reads the journal).
+                    let why = match &unread {
+                        Some(error) => format!("re-reading the journal failed ({error})"),
+                        None => "its journal row was gone when read again".to_string(),
+                    };
+                    f.error.message = format!(
+                        "{}: another session applied it first, and {why}",
+                        f.error.message
+                    );
+                }
+                Report {
+                    outcome: StepOutcome::Failed,
+                    duration: durations[k],
+                    error: Some(f.error),
+                    checksum: String::new(),
                 }
             }
             None => Report::not_run(),

@@ -80,6 +80,37 @@ async fn failpoints_fail_steps_undos_and_sends() {
     );
     let reply = s.rollback("fp", 1).await;
     assert!(reply.complete && reply.steps.len() == 3, "{reply:?}");
+
+    // applied by another session while it ran, and the journal cannot be read again to say
+    // by which version: a failure, not this version's `already_applied`
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "fp2".into(),
+        migrations: vec![migration("idem", "SELECT pg_sleep(0.4)", "SELECT 1", "")],
+        ..Default::default()
+    }));
+    fail::cfg("agent::settle_journal_read", "1*return").unwrap();
+    s.send(In::Assign(pb::Assign {
+        plan_id: "fp2".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(3, "tenant_0001", &["idem"], true)],
+    }));
+    wait_running(&f.pool, "pg_sleep(0.4)").await;
+    sqlx::raw_sql(
+        "INSERT INTO flotilla.journal (target, migration_id, checksum, plan_id, epoch, started_at, finished_at) \
+         VALUES ('tenant_0001', 'idem', 'theirs', 'other', 1, now(), now())",
+    )
+    .execute(&f.pool)
+    .await
+    .unwrap();
+    let r = s.results("fp2", 1).await;
+    assert_eq!(outcomes(&r[&3]), [pb::StepOutcome::Failed], "{:?}", r[&3]);
+    let e = r[&3].steps[0].error.clone().unwrap();
+    assert!(
+        e.message
+            .contains("another session applied it first, and re-reading the journal failed"),
+        "{e:?}"
+    );
     h.stop().await;
     f.drop().await;
 }
