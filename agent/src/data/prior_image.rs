@@ -3,15 +3,19 @@
 //! change is undone.
 use std::fmt::Write;
 
-use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgConnection;
-use tracing::info;
+use sqlx::{AssertSqlSafe, Row};
+use tracing::{info, warn};
 
 use crate::step::sql::begin_fenced;
 use crate::step::{BuildError, PreparedMigration, StepContext, quote_ident};
 
 /// Restores the prior image of one batch (`number`) of a data change and deletes it, in one
-/// fenced transaction: each saved row's columns are written back where its key still is.
+/// fenced transaction: each saved row's columns are written back where its key still is and
+/// the row still holds what the batch left (its post image): a row the application changed
+/// since keeps the application's value. A batch saved before post images were (shard
+/// schema version 1) has none and is restored as before, unconditionally. The query's one
+/// row: (rows restored, rows saved).
 /// `types`: the SQL type (`format_type`) of each key and image column, by name, so that the
 /// image is read back as exactly those columns (other columns of the table play no part).
 fn prior_image_restore(
@@ -48,18 +52,26 @@ fn prior_image_restore(
         .iter()
         .map(|c| format!("t.{q} = r.{q}", q = quote_ident(c)))
         .collect();
+    let batch = format!(
+        "q.target = {} AND q.migration_id = {} AND q.batch = {number}",
+        cx.tenant_lit, m.id_lit
+    );
     let mut out = begin_fenced(cx.epoch);
+    // The post images are compared as the batch built them (jsonb of the same columns), so
+    // that any column type compares, json too; hashed once for the batch's rows.
     let _ = writeln!(
         out,
-        "UPDATE {table} AS t SET {set} FROM (SELECT r.* FROM flotilla.prior_images p, \
-         LATERAL pg_catalog.jsonb_to_record(p.image) AS r({columns}) \
-         WHERE p.target = {} AND p.migration_id = {} AND p.batch = {number}) AS r WHERE {on};",
-        cx.tenant_lit,
-        m.id_lit,
+        "WITH r AS (SELECT r.* FROM flotilla.prior_images q, \
+         LATERAL pg_catalog.jsonb_to_record(q.image) AS r({columns}) WHERE {batch} AND NOT q.post), \
+         u AS (UPDATE {table} AS t SET {set} FROM r WHERE {on} \
+         AND (NOT EXISTS (SELECT 1 FROM flotilla.prior_images q WHERE {batch} AND q.post) \
+         OR {now} IN (SELECT q.image FROM flotilla.prior_images q WHERE {batch} AND q.post)) RETURNING 1) \
+         SELECT (SELECT count(*) FROM u)::bigint AS restored, (SELECT count(*) FROM r)::bigint AS saved;",
         table = d.table_sql(),
         set = set.join(", "),
         columns = columns.join(", "),
         on = on.join(" AND "),
+        now = super::sql::image_object(d, "t."),
     );
     let _ = writeln!(
         out,
@@ -95,18 +107,51 @@ pub(crate) async fn restore_prior_image(
     }
     let d = m.migration.data.as_ref().expect("a data change");
     let types = super::keys::column_types(conn, d).await?;
+    let (mut rows, mut kept) = (0i64, 0i64);
     for number in numbers {
         let sql = prior_image_restore(cx, m, number, &types).map_err(|e| {
             sqlx::Error::Protocol(format!("restoring the prior image of `{}`: {e}", m.id()))
         })?;
-        if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
-            // the batch's transaction may be open (aborted): end it. If that fails too the
-            // connection is gone, which the caller's cleanup finds and reports.
-            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-            return Err(e);
+        let counts = match sqlx::raw_sql(AssertSqlSafe(sql))
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(rows) => rows.iter().find_map(|row| {
+                Some((
+                    row.try_get::<i64, _>("restored").ok()?,
+                    row.try_get::<i64, _>("saved").ok()?,
+                ))
+            }),
+            Err(e) => {
+                // the batch's transaction may be open (aborted): end it. If that fails too the
+                // connection is gone, which the caller's cleanup finds and reports.
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                return Err(e);
+            }
+        };
+        if let Some((put_back, saved)) = counts {
+            rows += put_back;
+            kept += saved - put_back;
         }
     }
-    info!(step = m.id(), batches = restored, "prior image restored");
+    if kept > 0 {
+        warn!(
+            step = m.id(),
+            tenant = cx.tenant,
+            restored = rows,
+            kept,
+            "prior image restored, except {kept} rows changed or deleted since their batch: \
+               they keep their newer values"
+        );
+    } else {
+        info!(
+            step = m.id(),
+            tenant = cx.tenant,
+            batches = restored,
+            rows,
+            "prior image restored"
+        );
+    }
     Ok(())
 }
 
@@ -126,15 +171,18 @@ mod tests {
         ];
         assert!(prior_image_restore(&cx, &m, 4, &types[..2]).is_err());
         let restore = prior_image_restore(&cx, &m, 4, &types).unwrap();
-        assert!(restore.starts_with("BEGIN;\nSELECT flotilla.check_fence(2);\nUPDATE \"contacts\" AS t SET \"phone\" = r.\"phone\""), "{restore}");
         assert!(
-            restore.contains(
-                "jsonb_to_record(p.image) AS r(\"region\" text, \"id\" integer, \"phone\" character varying(20))"
+            restore.starts_with(
+                "BEGIN;\nSELECT flotilla.check_fence(2);\nWITH r AS (SELECT r.* FROM flotilla.prior_images q, \
+                 LATERAL pg_catalog.jsonb_to_record(q.image) AS r(\"region\" text, \"id\" integer, \"phone\" character varying(20)) \
+                 WHERE q.target = 't1' AND q.migration_id = 'm3' AND q.batch = 4 AND NOT q.post), \
+                 u AS (UPDATE \"contacts\" AS t SET \"phone\" = r.\"phone\" FROM r \
+                 WHERE t.\"region\" = r.\"region\" AND t.\"id\" = r.\"id\" \
+                 AND (NOT EXISTS (SELECT 1 FROM flotilla.prior_images q WHERE q.target = 't1' AND q.migration_id = 'm3' AND q.batch = 4 AND q.post) \
+                 OR pg_catalog.jsonb_build_object('region', t.\"region\", 'id', t.\"id\", 'phone', t.\"phone\") IN \
+                 (SELECT q.image FROM flotilla.prior_images q WHERE q.target = 't1' AND q.migration_id = 'm3' AND q.batch = 4 AND q.post)) RETURNING 1) \
+                 SELECT (SELECT count(*) FROM u)::bigint AS restored, (SELECT count(*) FROM r)::bigint AS saved;\n"
             ),
-            "{restore}"
-        );
-        assert!(
-            restore.contains("WHERE t.\"region\" = r.\"region\" AND t.\"id\" = r.\"id\";"),
             "{restore}"
         );
         assert!(restore.ends_with("AND batch = 4;\nCOMMIT;\n"), "{restore}");

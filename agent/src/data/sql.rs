@@ -62,35 +62,8 @@ pub(crate) fn data_batch(
         "SELECT flotilla.advance_checkpoint({}, {}, {}, {}, {}, {}, {});",
         cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit, b.prev_lit, b.last_lit, b.rows
     );
-    if !d.prior_image.is_empty() {
-        // the rows the batch works on (the page's rows: its bounds and filter), as they are
-        let pairs: Vec<String> = d
-            .columns()
-            .iter()
-            .map(|c| {
-                format!(
-                    "{}, {}",
-                    quote_literal(c).expect("an identifier"),
-                    quote_ident(c)
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            "INSERT INTO flotilla.prior_images (target, migration_id, batch, image) \
-             SELECT {}, {}, {}, pg_catalog.jsonb_build_object({}) FROM {} \
-             WHERE {key} > {} AND {key} <= {}{};",
-            cx.tenant_lit,
-            m.id_lit,
-            b.number,
-            pairs.join(", "),
-            d.table_sql(),
-            b.lower_lit,
-            b.upper_lit,
-            data_filter(d),
-            key = d.key_sql(),
-        );
-    }
+    // the rows the batch works on (the page's rows: its bounds and filter), as they are
+    push_image(&mut out, cx, m, b, false);
     for statement in &d.batch {
         let bound = flotilla_core::sql::bind_parameters(statement, &[b.lower_lit, b.upper_lit])
             .map_err(|source| BuildError::Statements {
@@ -101,12 +74,66 @@ pub(crate) fn data_batch(
         out.push_str(&bound);
         out.push_str("\n;\n");
     }
+    // the same rows as the batch left them (the filter may no longer take them)
+    push_image(&mut out, cx, m, b, true);
     if let Some(page) = b.next_page {
         out.push_str(page);
         out.push_str(";\n");
     }
     out.push_str("COMMIT;\n");
     Ok(out)
+}
+
+/// `pg_catalog.jsonb_build_object('c', <prefix>"c", ...)` over the key and prior image
+/// columns: a row's image, as a batch saves it and as its undo compares it.
+pub(crate) fn image_object(d: &flotilla_core::DataChange, prefix: &str) -> String {
+    let pairs: Vec<String> = d
+        .columns()
+        .iter()
+        .map(|c| {
+            format!(
+                "{}, {prefix}{}",
+                quote_literal(c).expect("an identifier"),
+                quote_ident(c)
+            )
+        })
+        .collect();
+    format!("pg_catalog.jsonb_build_object({})", pairs.join(", "))
+}
+
+/// Saves the image of the batch's rows (a change with a prior image): before its statements
+/// (`post` false: the rows the filter takes, to restore) or after them (`post` true: the
+/// rows of its bounds as the batch left them, which its undo compares).
+fn push_image(
+    out: &mut String,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    b: &BatchBounds<'_>,
+    post: bool,
+) {
+    let Some(d) = m
+        .migration
+        .data
+        .as_ref()
+        .filter(|d| !d.prior_image.is_empty())
+    else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "INSERT INTO flotilla.prior_images (target, migration_id, batch, image, post) \
+         SELECT {}, {}, {}, {}, {post} FROM {} \
+         WHERE {key} > {} AND {key} <= {}{};",
+        cx.tenant_lit,
+        m.id_lit,
+        b.number,
+        image_object(d, ""),
+        d.table_sql(),
+        b.lower_lit,
+        b.upper_lit,
+        if post { String::new() } else { data_filter(d) },
+        key = d.key_sql(),
+    );
 }
 
 /// The next page of keys after `lower_lit`: how many rows (at most the batch size) and the
@@ -329,9 +356,21 @@ mod tests {
         assert!(cp < image && image < change, "{sql}");
         assert!(
             sql.contains(
-                "SELECT 't1', 'm3', 4, pg_catalog.jsonb_build_object('region', \"region\", 'id', \"id\", 'phone', \"phone\") \
+                "SELECT 't1', 'm3', 4, pg_catalog.jsonb_build_object('region', \"region\", 'id', \"id\", 'phone', \"phone\"), false \
                  FROM \"contacts\" WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) \
                  AND (\"region\", \"id\") <= ROW('b'::text, '9'::integer) AND (phone !~ '^[+]'\n);"
+            ),
+            "{sql}"
+        );
+        // after the change: the rows of its bounds as it left them, whatever the filter says
+        let post = sql.rfind("INSERT INTO flotilla.prior_images").unwrap();
+        assert!(change < post && post < sql.find("COMMIT").unwrap(), "{sql}");
+        assert!(
+            sql[post..].starts_with(
+                "INSERT INTO flotilla.prior_images (target, migration_id, batch, image, post) \
+                 SELECT 't1', 'm3', 4, pg_catalog.jsonb_build_object('region', \"region\", 'id', \"id\", 'phone', \"phone\"), true \
+                 FROM \"contacts\" WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) \
+                 AND (\"region\", \"id\") <= ROW('b'::text, '9'::integer);\n"
             ),
             "{sql}"
         );

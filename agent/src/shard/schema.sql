@@ -164,6 +164,16 @@ CREATE TABLE IF NOT EXISTS flotilla.prior_images (
   image jsonb NOT NULL
 );
 CREATE INDEX IF NOT EXISTS prior_images_batch ON flotilla.prior_images (target, migration_id, batch);
+-- version 2: `post`, the same columns as the batch left them (written after its statements,
+-- in its transaction). Undoing the batch restores a row only while it still holds what the
+-- batch wrote: a row the application changed since keeps the application's value.
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                  WHERE attrelid = 'flotilla.prior_images'::regclass AND attname = 'post'
+                    AND NOT attisdropped) THEN
+    ALTER TABLE flotilla.prior_images ADD COLUMN post boolean NOT NULL DEFAULT false;
+  END IF;
+END $$;
 
 INSERT INTO flotilla.meta (key, value) VALUES ('schema_version', '2')
   ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;

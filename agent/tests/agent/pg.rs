@@ -996,3 +996,99 @@ async fn a_step_left_part_way_goes_on_or_is_undone() {
     h.stop().await;
     f.drop().await;
 }
+
+/// A data change that saves a prior image, undone after the application changed or deleted
+/// some of the rows it changed: those keep the application's values (before, the undo wrote
+/// the old values over them), the others are put back. A batch saved without post images
+/// (by an agent of shard schema version 1: here, its post rows deleted) is put back whole,
+/// as before.
+#[tokio::test]
+async fn undoing_a_prior_image_keeps_what_the_application_wrote_since() {
+    let Some(f) = fleet("prior_kept", 2).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(2).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pk".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "work_orders".into(),
+                key: "id".into(),
+                batch_size: 7,
+                batch_sql: "UPDATE work_orders SET priority = 'high' WHERE id > $1 AND id <= $2"
+                    .into(),
+                prior_image: vec!["priority".into()],
+                ..Default::default()
+            }),
+            ..migration("escalate", "", "", "")
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign(
+            "pk",
+            2,
+            2,
+            vec![
+                run(1, "tenant_0000", &["escalate"], false),
+                run(2, "tenant_0001", &["escalate"], false),
+            ],
+        )
+        .await;
+    for id in [1, 2] {
+        assert_eq!(
+            outcomes(&r[&id]),
+            [pb::StepOutcome::Applied],
+            "{:?}",
+            r[&id]
+        );
+    }
+    sqlx::raw_sql(
+        "UPDATE tenant_0000.work_orders SET priority = 'urgent' WHERE id IN (3, 15); \
+         DELETE FROM tenant_0000.work_orders WHERE id = 20; \
+         UPDATE tenant_0001.work_orders SET priority = 'urgent' WHERE id IN (3, 15); \
+         DELETE FROM flotilla.prior_images WHERE target = 'tenant_0001' AND post;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mark = log_mark();
+    let reply = s.rollback("pk", 2).await;
+    assert!(reply.complete, "{reply:?}");
+    assert_eq!(reply.steps.len(), 2, "{reply:?}");
+    assert!(reply.steps.iter().all(|s| s.error.is_none()), "{reply:?}");
+    let priorities = |t: &str| {
+        format!(
+            "SELECT string_agg(id || '=' || priority, ',' ORDER BY id) FROM {t}.work_orders \
+             WHERE priority <> 'low'"
+        )
+    };
+    let other: Option<String> = sqlx::query_scalar(AssertSqlSafe(priorities("tenant_0000")))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(other.as_deref(), Some("3=urgent,15=urgent"));
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM tenant_0000.work_orders WHERE priority = 'low'"
+        )
+        .await,
+        17
+    );
+    let other: Option<String> = sqlx::query_scalar(AssertSqlSafe(priorities("tenant_0001")))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(other, None, "no post images: every saved value put back");
+    wait_for_log(mark, "except 3 rows changed or deleted since their batch").await;
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.prior_images").await,
+        0
+    );
+    h.stop().await;
+    f.drop().await;
+}
