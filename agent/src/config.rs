@@ -50,6 +50,10 @@ pub struct AgentConfig {
     /// The TTL of the lease under the agent's liveness key (whole seconds, at least 1s);
     /// it is kept alive every third of it.
     pub lease_ttl: Duration,
+    /// How often, with etcd configured, the agent resolves its Flotilla prepared
+    /// transactions older than this from their decisions in etcd, connected or not (see
+    /// `Agent::sweep_in_doubt`).
+    pub in_doubt_sweep: Duration,
     /// TLS to the coordinators (`https://` addresses): the CA that signed their
     /// certificate and this agent's own, which names its shard (`--tls-*`).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
@@ -66,6 +70,7 @@ pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
 pub const DEFAULT_ETCD_PREFIX: &str = "/flotilla";
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+pub const DEFAULT_IN_DOUBT_SWEEP: Duration = Duration::from_secs(10);
 
 impl AgentConfig {
     /// A configuration with the defaults: no password, no labels, no tenants.
@@ -90,6 +95,7 @@ impl AgentConfig {
             etcd: Vec::new(),
             etcd_prefix: DEFAULT_ETCD_PREFIX.to_string(),
             lease_ttl: DEFAULT_LEASE_TTL,
+            in_doubt_sweep: DEFAULT_IN_DOUBT_SWEEP,
             tls: None,
             etcd_tls: None,
             etcd_user: None,

@@ -231,6 +231,7 @@ async fn serve(
         buckets: Arc::default(),
         journal_dirty: session::JournalDirty::default(),
     });
+    let sweep = tokio::spawn(agent.clone().sweep_in_doubt());
     session::run(agent.clone(), session::Outbox::new(outbox_rx), rotation).await;
     info!("agent stopping");
     metrics::coordinator_connected(false);
@@ -245,8 +246,10 @@ async fn serve(
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait()).await;
     }
     stop_census.cancel();
-    // Err only if the task panicked: nothing of it needs cleaning up
+    // Err only if the task panicked: nothing of it needs cleaning up (the sweep ends with
+    // the agent's cancel, which ended the session)
     let _ = census.await;
+    let _ = sweep.await;
     pool.close().await;
     stop_liveness.cancel();
     if let Some(liveness) = liveness {

@@ -6,6 +6,8 @@
 //!   transactions in this database are resolved from their plan's decision in etcd (so that
 //!   happens even while no coordinator is up); those without a decision, or every one when
 //!   there is no etcd, are listed in `Hello.in_doubt` for the leader to decide.
+//! - [`Agent::sweep_in_doubt`]: the same every few seconds for those prepared long ago, so
+//!   that one the coordinator missed does not wait for the next connect.
 //!
 //! A prepared transaction keeps its `FOR SHARE` lock on `flotilla.fence` until it is resolved,
 //! so no newer epoch can be written meanwhile: resolving never advances the fence (it only
@@ -17,7 +19,8 @@ use flotilla_core::pb;
 use tracing::{debug, info, instrument, warn};
 
 use super::two_phase::{
-    Decision, Finished, decision_key, finish, is_probe, list_prepared, plan_of_gid, validate_gid,
+    Decision, Finished, decision_key, finish, is_probe, list_prepared, list_prepared_before,
+    plan_of_gid, validate_gid,
 };
 use crate::step::quote_literal;
 use crate::{Agent, metrics, shard};
@@ -193,10 +196,59 @@ impl Agent {
     #[instrument(skip_all, fields(shard = %self.config.shard))]
     pub(crate) async fn resolve_in_doubt(&self) -> Result<Vec<String>, sqlx::Error> {
         let gids: Vec<String> = list_prepared(&self.pool).await?;
+        self.resolve_from_etcd(gids, false).await
+    }
+
+    /// Every `in_doubt_sweep` (with etcd), until the agent stops: the prepared
+    /// transactions older than that are resolved from their decisions in etcd, as at a
+    /// connect. A coordinator resolves its units' transactions moments after it decides;
+    /// one still prepared that long after was missed (a run in flight when the leader
+    /// changed that PREPAREd after the new leader presumed abort, a Resolve lost with its
+    /// stream) and would hold its target's locks until the agent's next connect, which a
+    /// healthy stream never makes. Those without a decision wait for the leader, as before.
+    pub(crate) async fn sweep_in_doubt(self: Arc<Self>) {
+        if self.decisions.is_none() {
+            return;
+        }
+        let period = self
+            .config
+            .in_doubt_sweep
+            .max(std::time::Duration::from_millis(100));
+        let mut every = tokio::time::interval(period);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                () = self.cancel.cancelled() => return,
+            }
+            match list_prepared_before(&self.pool, period).await {
+                Ok(gids) if gids.is_empty() => {}
+                Ok(gids) => {
+                    if let Err(error) = self.resolve_from_etcd(gids, true).await {
+                        debug!(%error, "the in-doubt sweep could not resolve");
+                    }
+                }
+                // the shard may be away for a moment; the next round tells
+                Err(error) => {
+                    debug!(%error, "the in-doubt sweep could not list prepared transactions")
+                }
+            }
+        }
+    }
+
+    /// Resolves `gids` from their decisions in etcd; returns those left. `sweep`: a
+    /// periodic pass over old ones only, which leaves the connect scan's log and the
+    /// gauge of prepared transactions held (the census corrects it) alone.
+    async fn resolve_from_etcd(
+        &self,
+        gids: Vec<String>,
+        sweep: bool,
+    ) -> Result<Vec<String>, sqlx::Error> {
         let mut left = Vec::new();
         let mut decided: HashMap<String, Option<Decision>> = HashMap::new();
         let mut etcd_down = false;
-        let etcd_was_down = self.scan_log.lock().expect("scan log").etcd_error;
+        let etcd_was_down = sweep || self.scan_log.lock().expect("scan log").etcd_error;
         let mut to_finish = Vec::new();
         for gid in gids {
             let decision = if is_probe(&gid) {
@@ -255,6 +307,11 @@ impl Agent {
                 Ok(Finished::Now) if is_probe(&gid) => {
                     info!(%gid, "rolled back a preflight probe left prepared");
                 }
+                Ok(Finished::Now) if sweep => {
+                    warn!(%gid, decision = decision.as_str(), "resolved a prepared transaction left behind from its decision in etcd");
+                    metrics::prepared_resolved(decision.as_str());
+                    metrics::prepared_held_add(-1.0);
+                }
                 Ok(Finished::Now) => {
                     info!(%gid, decision = decision.as_str(), "resolved an in-doubt prepared transaction from its decision in etcd");
                     metrics::prepared_resolved(decision.as_str());
@@ -265,6 +322,9 @@ impl Agent {
                     left.push(gid);
                 }
             }
+        }
+        if sweep {
+            return Ok(left);
         }
         metrics::prepared_held_set(left.len() as f64);
         let mut log = self.scan_log.lock().expect("scan log");

@@ -424,6 +424,93 @@ async fn put_decision(client: &mut Client, plan: &str, decision: &str) {
         .unwrap();
 }
 
+/// A prepared transaction nobody resolves while the agent stays connected (the case: a
+/// run in flight when the leader changed PREPAREs after the new leader presumed abort, so
+/// no Resolve comes for it): the agent's periodic sweep resolves it from its decision in
+/// etcd, on the same stream, with no reconnect (before, it held its target's locks until
+/// the agent's next connect). One without a decision stays prepared for the leader.
+#[tokio::test]
+async fn a_prepared_transaction_nobody_resolves_is_swept_from_its_decision() {
+    let Some(etcd) = Etcd::start_or_skip("a_prepared_transaction_nobody_resolves_is_swept").await
+    else {
+        return;
+    };
+    let Some(f) = fleet_2pc("tpc_sweep", 1).await else {
+        return;
+    };
+    let endpoint = etcd.endpoint();
+    let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
+    let mut h = Harness::start(
+        move |c| {
+            c.etcd = vec![endpoint.clone()];
+            c.etcd_prefix = format!("{PREFIX}/");
+            c.lease_ttl = Duration::from_secs(3);
+            c.in_doubt_sweep = Duration::from_millis(300);
+        },
+        &f.dsn,
+    )
+    .await;
+    let (mut s, _) = h.attach(1).await;
+    let gids = [
+        ("sa", "flotilla:sa:1:1:tenant_0000"),
+        ("sc", "flotilla:sc:2:1:tenant_0000"),
+        ("su", "flotilla:su:3:1:tenant_0000"),
+    ];
+    for (i, (plan, gid)) in gids.iter().enumerate() {
+        let id = format!("{plan}_m");
+        define(&s, plan, vec![table(&id, &format!("{plan}_t"))]);
+        let r = s
+            .assign(
+                plan,
+                1,
+                1,
+                vec![prepared_run(i as u64 + 1, "tenant_0000", &[&id], gid)],
+            )
+            .await;
+        assert_eq!(
+            outcomes(&r[&(i as u64 + 1)]),
+            [pb::StepOutcome::Prepared],
+            "{r:?}"
+        );
+    }
+    let mark = log_mark();
+    put_decision(&mut client, "sa", "abort").await;
+    put_decision(&mut client, "sc", "commit").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while prepared_gids(&f.pool).await != [gids[2].1] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not swept in time: {:?}",
+            prepared_gids(&f.pool).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for_log(mark, "resolved a prepared transaction left behind").await;
+    assert!(!table_exists(&f, "tenant_0000", "sa_t").await);
+    assert!(table_exists(&f, "tenant_0000", "sc_t").await);
+    assert_eq!(journal(&f, "sc").await, 1);
+    // the same stream still serves: the sweep needed no reconnect
+    define(&s, "sn", vec![table("sn_m", "sn_t")]);
+    let r = s
+        .assign("sn", 1, 1, vec![run(4, "tenant_0000", &["sn_m"], true)])
+        .await;
+    assert_eq!(outcomes(&r[&4]), [pb::StepOutcome::Applied], "{r:?}");
+    // undecided: still the leader's
+    assert_eq!(prepared_gids(&f.pool).await, [gids[2].1]);
+    put_decision(&mut client, "su", "abort").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !prepared_gids(&f.pool).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "su not swept in time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.stop().await;
+    f.drop().await;
+    drop(etcd);
+}
+
 #[tokio::test]
 async fn in_doubt_resolved_from_etcd() {
     // Plan ids of their own: gids are unique across the whole server, and
@@ -439,6 +526,9 @@ async fn in_doubt_resolved_from_etcd() {
         c.etcd = vec![endpoint.clone()];
         c.etcd_prefix = format!("{PREFIX}/");
         c.lease_ttl = Duration::from_secs(3);
+        // here the decisions are applied at (re)connects only: the periodic sweep has a
+        // test of its own
+        c.in_doubt_sweep = Duration::from_secs(3600);
     };
     let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
 

@@ -27,7 +27,7 @@ pub(crate) use decisions::{Decisions, decision_key};
 pub(crate) use gid::{GidClaim, GidClaims, is_probe, plan_of_gid, validate_gid};
 pub(crate) use lock_table::{LockTable, named_relation_locks, read_lock_table};
 pub(crate) use prepared::{
-    Finished, census, check_two_phase, finish, list_prepared, prepared_among,
+    Finished, census, check_two_phase, finish, list_prepared, list_prepared_before, prepared_among,
 };
 
 /// A unit's decision, as its key in etcd holds it (the protocol's one definition).

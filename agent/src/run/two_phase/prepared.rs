@@ -21,6 +21,22 @@ pub(crate) async fn list_prepared(pool: &PgPool) -> Result<Vec<String>, sqlx::Er
     sqlx::query_scalar(LIST_PREPARED).fetch_all(pool).await
 }
 
+/// [`list_prepared`], only those prepared more than `age` ago (by the shard's clock).
+pub(crate) async fn list_prepared_before(
+    pool: &PgPool,
+    age: std::time::Duration,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT gid FROM pg_catalog.pg_prepared_xacts \
+         WHERE gid LIKE 'flotilla:%' AND database = pg_catalog.current_database() \
+           AND prepared < pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => $1) \
+         ORDER BY prepared",
+    )
+    .bind(age.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
 /// Which of `gids` are prepared in the current database.
 pub(crate) async fn prepared_among(
     pool: &PgPool,
