@@ -476,6 +476,20 @@ async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<
     .await?;
     refused(&out, "the credential names no operator");
 
+    // An agent's certificate (a `flotilla-agent:` URI SAN) whose common name is root's
+    // names no operator: a shard's host is not the admin who shares the name.
+    let agent_root = certs.ca.issue(
+        "agent-root",
+        &CertSpec::client("root", &["flotilla-agent:shard_0"]),
+    )?;
+    let env = certs.client_env(&agent_root);
+    let out = crate::harness::run_flotilla(
+        &["--coordinator", &fleet.addr, "operator", "list"],
+        &env_refs(&env),
+    )
+    .await?;
+    refused(&out, "no credential");
+
     // A token wins over the certificate: alice's connection carrying root's token is root.
     let root = As {
         fleet: &fleet,

@@ -50,9 +50,24 @@ fn tls_info(req: &http::Request<Body>) -> Option<&TlsConnectInfo<TcpConnectInfo>
 
 /// The common name of the client certificate the connection presented (verified against
 /// the CA in the handshake, under mTLS): it names the operator, whose role is the store's.
-fn certificate_subject(req: &http::Request<Body>) -> Option<String> {
+/// An agent's certificate (one that names a shard: a `flotilla-agent:` URI SAN, or a
+/// common name in `--agent-identities`) names no operator, whatever its common name: a
+/// shard's host, or whoever took its key, is not the operator who happens to share the
+/// name. Such a call goes on as one without a certificate (a bearer token may still
+/// authenticate it).
+fn certificate_subject(req: &http::Request<Body>, coordinator: &Coordinator) -> Option<String> {
     let certs = tls_info(req)?.peer_certs()?;
-    super::peer::PeerCert::from_der(certs.first()?.as_ref())?.common_name
+    let cert = super::peer::PeerCert::from_der(certs.first()?.as_ref())?;
+    let shards = coordinator.inner.agent_identities.shards_of(&cert);
+    if !shards.is_empty() {
+        tracing::warn!(
+            common_name = cert.common_name.as_deref().unwrap_or(""),
+            ?shards,
+            "an agent's certificate on an operator call: it names no operator"
+        );
+        return None;
+    }
+    cert.common_name
 }
 
 /// Where the request came from, over TLS or not.
@@ -101,7 +116,7 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(|v| v.to_str().unwrap_or("").to_string());
-            let subject = certificate_subject(&req);
+            let subject = certificate_subject(&req, &coordinator);
             match coordinator
                 .authenticate(&method, bearer.as_deref(), subject.as_deref(), &peer)
                 .await
