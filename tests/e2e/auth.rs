@@ -418,8 +418,9 @@ async fn tokens_and_roles_guard_every_operator_rpc_and_refusals_change_nothing()
 }
 
 /// Under mTLS, a client certificate's common name names the operator (its role from the
-/// store) when no token is given; a certificate naming no operator is refused; a token,
-/// when given, wins over the certificate.
+/// store) when no token is given; a certificate naming no operator is refused, and so is
+/// an agent's certificate whose common name is an operator's; a token, when given, wins
+/// over the certificate.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<()> {
     use crate::harness::certs::env_refs;
@@ -488,7 +489,10 @@ async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<
         &env_refs(&env),
     )
     .await?;
-    refused(&out, "no credential");
+    refused(
+        &out,
+        "the client certificate is an agent's (common name root, shard shard_0): it names no operator",
+    );
 
     // A token wins over the certificate: alice's connection carrying root's token is root.
     let root = As {
@@ -511,6 +515,13 @@ async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<
         unauthenticated
             .iter()
             .any(|e| e["detail"].as_str().unwrap().contains("names no operator")),
+        "{unauthenticated:?}"
+    );
+    assert!(
+        unauthenticated.iter().any(|e| e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("an agent's (common name root, shard shard_0)")),
         "{unauthenticated:?}"
     );
     assert_eq!(fleet.journal_total().await?, 0, "nothing applied");

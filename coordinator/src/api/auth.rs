@@ -20,7 +20,7 @@ use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use crate::auth::Caller;
+use crate::auth::{Caller, CertSubject};
 use crate::service::Coordinator;
 
 /// Where a request came from (`ip:port`, or `unknown`), for the audit trail.
@@ -48,26 +48,30 @@ fn tls_info(req: &http::Request<Body>) -> Option<&TlsConnectInfo<TcpConnectInfo>
     req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()
 }
 
-/// The common name of the client certificate the connection presented (verified against
-/// the CA in the handshake, under mTLS): it names the operator, whose role is the store's.
+/// The client certificate the connection presented (verified against the CA in the
+/// handshake, under mTLS): its common name names the operator, whose role is the store's.
 /// An agent's certificate (one that names a shard: a `flotilla-agent:` URI SAN, or a
 /// common name in `--agent-identities`) names no operator, whatever its common name: a
 /// shard's host, or whoever took its key, is not the operator who happens to share the
 /// name. Such a call goes on as one without a certificate (a bearer token may still
-/// authenticate it).
-fn certificate_subject(req: &http::Request<Body>, coordinator: &Coordinator) -> Option<String> {
-    let certs = tls_info(req)?.peer_certs()?;
-    let cert = super::peer::PeerCert::from_der(certs.first()?.as_ref())?;
+/// authenticate it), its refusal saying whose certificate it was.
+fn certificate_subject(req: &http::Request<Body>, coordinator: &Coordinator) -> CertSubject {
+    let Some(cert) = tls_info(req)
+        .and_then(|tls| tls.peer_certs())
+        .and_then(|certs| super::peer::PeerCert::from_der(certs.first()?.as_ref()))
+    else {
+        return CertSubject::None;
+    };
     let shards = coordinator.inner.agent_identities.shards_of(&cert);
-    if !shards.is_empty() {
-        tracing::warn!(
-            common_name = cert.common_name.as_deref().unwrap_or(""),
-            ?shards,
-            "an agent's certificate on an operator call: it names no operator"
-        );
-        return None;
+    match cert.common_name {
+        _ if !shards.is_empty() => CertSubject::Agent(format!(
+            "common name {}, shard {}",
+            cert.common_name.as_deref().unwrap_or("(none)"),
+            shards.join(", ")
+        )),
+        Some(cn) => CertSubject::Operator(cn),
+        None => CertSubject::None,
     }
-    cert.common_name
 }
 
 /// Where the request came from, over TLS or not.
@@ -118,7 +122,7 @@ where
                 .map(|v| v.to_str().unwrap_or("").to_string());
             let subject = certificate_subject(&req, &coordinator);
             match coordinator
-                .authenticate(&method, bearer.as_deref(), subject.as_deref(), &peer)
+                .authenticate(&method, bearer.as_deref(), &subject, &peer)
                 .await
             {
                 Ok(caller) => {

@@ -13,7 +13,8 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use operators::{
-    AddedOperator, AuthMode, Caller, RecentRefusals, add_operator, operator_info, revoke_operator,
+    AddedOperator, AuthMode, Caller, CertSubject, RecentRefusals, add_operator, operator_info,
+    revoke_operator,
 };
 pub use tokens::{Token, TokenError, hash_token};
 

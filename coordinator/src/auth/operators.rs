@@ -23,6 +23,18 @@ pub enum AuthMode {
     Required,
 }
 
+/// What a call's client certificate says of who calls (mTLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertSubject {
+    /// No certificate, or one without a common name.
+    None,
+    /// A certificate's common name: the operator of that name.
+    Operator(String),
+    /// An agent's certificate (it names a shard), described for the refusal: it names
+    /// no operator.
+    Agent(String),
+}
+
 /// Who is asking, authenticated: put beside the request by the auth layer, read by the
 /// handlers (the identity wins over the request's free-text `actor`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,21 +236,21 @@ impl Coordinator {
     /// is off; Unauthenticated without a valid credential, NotAllowed with the wrong
     /// role. Every refusal is written to the audit trail.
     ///
-    /// `certificate_subject` is the seam for client certificates (mTLS): the common
-    /// name of a verified client certificate names the operator (its role from the
-    /// store), when no bearer token is given.
+    /// `certificate` is the seam for client certificates (mTLS): the common name of a
+    /// verified client certificate names the operator (its role from the store), when no
+    /// bearer token is given; an agent's certificate names none.
     pub async fn authenticate(
         &self,
         method: &str,
         bearer: Option<&str>,
-        certificate_subject: Option<&str>,
+        certificate: &CertSubject,
         peer: &str,
     ) -> Result<Option<Caller>, CoordinatorError> {
         if !self.auth_on().await? {
             return Ok(None);
         }
         let needed = required_role(method);
-        let found = match (bearer, certificate_subject) {
+        let found = match (bearer, certificate) {
             (Some(header), _) => match bearer_token(header) {
                 Ok(token) => self.inner.store.operator_by_token(&token.sha256()).await?,
                 Err(e) => {
@@ -247,8 +259,19 @@ impl Coordinator {
                         .await);
                 }
             },
-            (None, Some(subject)) => self.inner.store.operator(subject).await?,
-            (None, None) => {
+            (None, CertSubject::Operator(subject)) => self.inner.store.operator(subject).await?,
+            (None, CertSubject::Agent(whose)) => {
+                return Err(self
+                    .refuse_unauthenticated(
+                        method,
+                        peer,
+                        format!(
+                            "the client certificate is an agent's ({whose}): it names no operator"
+                        ),
+                    )
+                    .await);
+            }
+            (None, CertSubject::None) => {
                 return Err(self
                     .refuse_unauthenticated(
                         method,
