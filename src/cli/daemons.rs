@@ -237,6 +237,7 @@ fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, Stri
     config.etcd = args.etcd.clone();
     config.lease_ttl = args.lease_ttl;
     config.discover_interval = args.discover_interval;
+    config.in_doubt_sweep = args.in_doubt_sweep;
     config.tls = super::transport::files()
         .client_config()
         .map_err(|e| e.to_string())?;

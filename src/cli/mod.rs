@@ -396,6 +396,11 @@ pub struct AgentArgs {
     /// coordinator's fleet view (the whole journal, every target's schema fingerprint).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub discover_interval: Duration,
+    /// With --etcd: how often the agent resolves, from their decisions in etcd, Flotilla's
+    /// prepared transactions left prepared a whole period after their decision (one the
+    /// coordinator missed), connected or not.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub in_doubt_sweep: Duration,
     #[command(flatten)]
     pub etcd_security: EtcdSecurityArgs,
 }

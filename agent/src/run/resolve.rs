@@ -196,16 +196,20 @@ impl Agent {
     #[instrument(skip_all, fields(shard = %self.config.shard))]
     pub(crate) async fn resolve_in_doubt(&self) -> Result<Vec<String>, sqlx::Error> {
         let gids: Vec<String> = list_prepared(&self.pool).await?;
-        self.resolve_from_etcd(gids, false).await
+        self.resolve_from_etcd(gids, None).await
     }
 
     /// Every `in_doubt_sweep` (with etcd), until the agent stops: the prepared
-    /// transactions older than that are resolved from their decisions in etcd, as at a
-    /// connect. A coordinator resolves its units' transactions moments after it decides;
-    /// one still prepared that long after was missed (a run in flight when the leader
-    /// changed that PREPAREd after the new leader presumed abort, a Resolve lost with its
-    /// stream) and would hold its target's locks until the agent's next connect, which a
-    /// healthy stream never makes. Those without a decision wait for the leader, as before.
+    /// transactions older than that whose decision in etcd this pass and the one before
+    /// both found are resolved from it, as at a connect. A coordinator resolves its units'
+    /// transactions moments after it decides; one still prepared a whole period after its
+    /// decision was seen was missed (a run in flight when the leader changed that
+    /// PREPAREd after the new leader presumed abort, a Resolve lost with its stream) and
+    /// would hold its target's locks until the agent's next connect, which a healthy
+    /// stream never makes. Waiting a period after the decision keeps the sweep out of the
+    /// coordinator's own Resolve of a unit that took long to prepare (both committing one
+    /// gid: one of them fails on the other's, and the unit's timings lose it). Those
+    /// without a decision wait for the leader, as before.
     pub(crate) async fn sweep_in_doubt(self: Arc<Self>) {
         if self.decisions.is_none() {
             return;
@@ -217,34 +221,47 @@ impl Agent {
         let mut every = tokio::time::interval(period);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await;
+        // gid -> the decision the last pass found for it
+        let mut seen: HashMap<String, Decision> = HashMap::new();
         loop {
             tokio::select! {
                 _ = every.tick() => {}
                 () = self.cancel.cancelled() => return,
             }
-            match list_prepared_before(&self.pool, period).await {
-                Ok(gids) if gids.is_empty() => {}
-                Ok(gids) => {
-                    if let Err(error) = self.resolve_from_etcd(gids, true).await {
-                        debug!(%error, "the in-doubt sweep could not resolve");
+            let pass = async {
+                match list_prepared_before(&self.pool, period).await {
+                    Ok(gids) if gids.is_empty() => seen.clear(),
+                    Ok(gids) => {
+                        if let Err(error) = self.resolve_from_etcd(gids, Some(&mut seen)).await {
+                            debug!(%error, "the in-doubt sweep could not resolve");
+                        }
+                    }
+                    // the shard may be away for a moment; the next round tells
+                    Err(error) => {
+                        debug!(%error, "the in-doubt sweep could not list prepared transactions")
                     }
                 }
-                // the shard may be away for a moment; the next round tells
-                Err(error) => {
-                    debug!(%error, "the in-doubt sweep could not list prepared transactions")
-                }
+            };
+            // a pass cut short by the agent's stop leaves nothing half done: each COMMIT or
+            // ROLLBACK PREPARED is whole, and what it did not reach stays prepared
+            tokio::select! {
+                () = pass => {}
+                () = self.cancel.cancelled() => return,
             }
         }
     }
 
-    /// Resolves `gids` from their decisions in etcd; returns those left. `sweep`: a
-    /// periodic pass over old ones only, which leaves the connect scan's log and the
+    /// Resolves `gids` from their decisions in etcd; returns those left. `seen`: a pass of
+    /// the periodic sweep, which resolves only gids the last pass found decided alike (the
+    /// others it records for the next), logs its failures quietly (they repeat every
+    /// period; a connect's scan reports them), and leaves the connect scan's log and the
     /// gauge of prepared transactions held (the census corrects it) alone.
     async fn resolve_from_etcd(
         &self,
         gids: Vec<String>,
-        sweep: bool,
+        seen: Option<&mut HashMap<String, Decision>>,
     ) -> Result<Vec<String>, sqlx::Error> {
+        let sweep = seen.is_some();
         let mut left = Vec::new();
         let mut decided: HashMap<String, Option<Decision>> = HashMap::new();
         let mut etcd_down = false;
@@ -291,6 +308,16 @@ impl Agent {
             };
             to_finish.push((gid, lit, decision));
         }
+        if let Some(seen) = seen {
+            let before = std::mem::take(seen);
+            to_finish.retain(|(gid, _, decision)| {
+                let again = before.get(gid) == Some(decision);
+                if !again {
+                    seen.insert(gid.clone(), *decision);
+                }
+                again
+            });
+        }
         // Every one of them holds its target's locks until it is resolved: after a
         // coordinator died past its decision, a large unit's thousands of prepared
         // transactions, one COMMIT PREPARED (a WAL flush) each, go over every connection
@@ -317,6 +344,10 @@ impl Agent {
                     metrics::prepared_resolved(decision.as_str());
                 }
                 Ok(Finished::Before) => {}
+                Err(message) if sweep => {
+                    debug!(%gid, decision = decision.as_str(), %message, "the in-doubt sweep could not resolve a prepared transaction");
+                    left.push(gid);
+                }
                 Err(message) => {
                     warn!(%gid, decision = decision.as_str(), %message, "resolving an in-doubt prepared transaction failed");
                     left.push(gid);

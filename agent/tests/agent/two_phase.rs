@@ -428,7 +428,8 @@ async fn put_decision(client: &mut Client, plan: &str, decision: &str) {
 /// run in flight when the leader changed PREPAREs after the new leader presumed abort, so
 /// no Resolve comes for it): the agent's periodic sweep resolves it from its decision in
 /// etcd, on the same stream, with no reconnect (before, it held its target's locks until
-/// the agent's next connect). One without a decision stays prepared for the leader.
+/// the agent's next connect), once two passes a period apart found the decision. One
+/// without a decision stays prepared for the leader.
 #[tokio::test]
 async fn a_prepared_transaction_nobody_resolves_is_swept_from_its_decision() {
     let Some(etcd) = Etcd::start_or_skip("a_prepared_transaction_nobody_resolves_is_swept").await
@@ -474,6 +475,7 @@ async fn a_prepared_transaction_nobody_resolves_is_swept_from_its_decision() {
         );
     }
     let mark = log_mark();
+    let decided = tokio::time::Instant::now();
     put_decision(&mut client, "sa", "abort").await;
     put_decision(&mut client, "sc", "commit").await;
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -485,6 +487,13 @@ async fn a_prepared_transaction_nobody_resolves_is_swept_from_its_decision() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // a pass resolves only what the pass a period before also found decided: never
+    // within a period of the decision (the coordinator's own Resolve has that long)
+    assert!(
+        decided.elapsed() >= Duration::from_millis(250),
+        "swept {:?} after the decision",
+        decided.elapsed()
+    );
     wait_for_log(mark, "resolved a prepared transaction left behind").await;
     assert!(!table_exists(&f, "tenant_0000", "sa_t").await);
     assert!(table_exists(&f, "tenant_0000", "sc_t").await);
