@@ -70,6 +70,13 @@ pub fn first_transaction_control(statements: &[String]) -> Option<&str> {
         .find(|s| is_transaction_control(&keywords(s)))
 }
 
+/// Whether the statement sets or resets a session setting (`SET`, `SET ROLE`, `SET SESSION
+/// AUTHORIZATION`, `RESET`): its effect lives in the session that ran it, not in the
+/// database, so a step that goes on in another session must run it again.
+pub fn is_session_setting(statement: &str) -> bool {
+    matches!(word(keywords(statement).first()), Some("SET" | "RESET"))
+}
+
 /// Quotes an identifier (a schema, table or role name): always double-quoted, `"` doubled.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -746,6 +753,27 @@ mod tests {
             stmts(&["INSERT INTO t VALUES ('héllo; wörld')", "SELECT 'ü' § 2"])
         );
         assert_eq!(split("SELECT ñame FROM tàble").len(), 1);
+    }
+
+    #[test]
+    fn session_settings() {
+        for s in [
+            "SET ROLE app_owner",
+            "set search_path = app",
+            "-- why\nSET SESSION AUTHORIZATION admin",
+            "RESET ALL",
+            "SET LOCAL lock_timeout = '1s'",
+        ] {
+            assert!(is_session_setting(s), "{s}");
+        }
+        for s in [
+            "ALTER TABLE t SET (fillfactor = 70)",
+            "UPDATE t SET a = 1",
+            "SELECT set_config('a.b', 'c', false)",
+            "'SET'",
+        ] {
+            assert!(!is_session_setting(s), "{s}");
+        }
     }
 
     #[test]

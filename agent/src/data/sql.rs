@@ -74,7 +74,7 @@ pub(crate) fn data_batch(
         out.push_str(&bound);
         out.push_str("\n;\n");
     }
-    // the same rows as the batch left them (the filter may no longer take them)
+    // the same rows as the batch left them
     push_image(&mut out, cx, m, b, true);
     if let Some(page) = b.next_page {
         out.push_str(page);
@@ -102,8 +102,8 @@ pub(crate) fn image_object(d: &flotilla_core::DataChange, prefix: &str) -> Strin
 }
 
 /// Saves the image of the batch's rows (a change with a prior image): before its statements
-/// (`post` false: the rows the filter takes, to restore) or after them (`post` true: the
-/// rows of its bounds as the batch left them, which its undo compares).
+/// (`post` false: the rows the filter takes, to restore) or after them (`post` true: those
+/// rows as the batch left them, which its undo compares).
 fn push_image(
     out: &mut String,
     cx: &StepContext<'_>,
@@ -119,11 +119,44 @@ fn push_image(
     else {
         return;
     };
+    // After the change, only the rows saved before it: the filter may no longer take them,
+    // and rows of the bounds it never took need no post image. Keys compare as the images
+    // hold them (jsonb of the key columns: the saved image without its other columns).
+    let which = if post {
+        let keys: Vec<String> = d
+            .key
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}, {}",
+                    quote_literal(c).expect("an identifier"),
+                    quote_ident(c)
+                )
+            })
+            .collect();
+        let others: Vec<String> = d
+            .prior_image
+            .iter()
+            .map(|c| quote_literal(c).expect("an identifier"))
+            .collect();
+        format!(
+            " AND pg_catalog.jsonb_build_object({}) IN (SELECT q.image - ARRAY[{}]::text[] \
+             FROM flotilla.prior_images q WHERE q.target = {} AND q.migration_id = {} \
+             AND q.batch = {} AND NOT q.post)",
+            keys.join(", "),
+            others.join(", "),
+            cx.tenant_lit,
+            m.id_lit,
+            b.number
+        )
+    } else {
+        data_filter(d)
+    };
     let _ = writeln!(
         out,
         "INSERT INTO flotilla.prior_images (target, migration_id, batch, image, post) \
          SELECT {}, {}, {}, {}, {post} FROM {} \
-         WHERE {key} > {} AND {key} <= {}{};",
+         WHERE {key} > {} AND {key} <= {}{which};",
         cx.tenant_lit,
         m.id_lit,
         b.number,
@@ -131,7 +164,6 @@ fn push_image(
         d.table_sql(),
         b.lower_lit,
         b.upper_lit,
-        if post { String::new() } else { data_filter(d) },
         key = d.key_sql(),
     );
 }
@@ -362,7 +394,7 @@ mod tests {
             ),
             "{sql}"
         );
-        // after the change: the rows of its bounds as it left them, whatever the filter says
+        // after the change: the rows it saved, as it left them, whatever the filter says now
         let post = sql.rfind("INSERT INTO flotilla.prior_images").unwrap();
         assert!(change < post && post < sql.find("COMMIT").unwrap(), "{sql}");
         assert!(
@@ -370,7 +402,10 @@ mod tests {
                 "INSERT INTO flotilla.prior_images (target, migration_id, batch, image, post) \
                  SELECT 't1', 'm3', 4, pg_catalog.jsonb_build_object('region', \"region\", 'id', \"id\", 'phone', \"phone\"), true \
                  FROM \"contacts\" WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) \
-                 AND (\"region\", \"id\") <= ROW('b'::text, '9'::integer);\n"
+                 AND (\"region\", \"id\") <= ROW('b'::text, '9'::integer) \
+                 AND pg_catalog.jsonb_build_object('region', \"region\", 'id', \"id\") IN \
+                 (SELECT q.image - ARRAY['phone']::text[] FROM flotilla.prior_images q \
+                 WHERE q.target = 't1' AND q.migration_id = 'm3' AND q.batch = 4 AND NOT q.post);\n"
             ),
             "{sql}"
         );

@@ -512,11 +512,12 @@ async fn settle(
             Some(checksum) => Report::already(checksum, durations[k]),
             None if k == failed_position => {
                 let mut f = failure.take().expect("one failure");
-                if f.concurrent_apply {
+                let outcome = if f.concurrent_apply {
                     // Another session applied it first, but its journal row did not read:
                     // which version of the migration it applied, and whether it still is
-                    // applied, is unknown, so it is not reported as this one's (a run
-                    // again reads the journal).
+                    // applied, is unknown. Not this version's already_applied, nor a
+                    // failure of the plan: not run, so the coordinator runs it again, and
+                    // that run's journal read says.
                     let why = match &unread {
                         Some(error) => format!("re-reading the journal failed ({error})"),
                         None => "its journal row was gone when read again".to_string(),
@@ -525,9 +526,12 @@ async fn settle(
                         "{}: another session applied it first, and {why}",
                         f.error.message
                     );
-                }
+                    StepOutcome::NotRun
+                } else {
+                    StepOutcome::Failed
+                };
                 Report {
-                    outcome: StepOutcome::Failed,
+                    outcome,
                     duration: durations[k],
                     error: Some(f.error),
                     checksum: String::new(),

@@ -243,6 +243,9 @@ pub(super) async fn undo_step(
         run(sqlgen::non_transactional_prologue(cx, m))
             .execute(&mut *conn)
             .await?;
+        run(sqlgen::non_transactional_undo_prologue(cx, m))
+            .execute(&mut *conn)
+            .await?;
         restore_prior_image(conn, cx, m).await?;
         for statement in &m.down {
             run(statement.clone()).execute(&mut *conn).await?;

@@ -3,8 +3,8 @@
 use std::fmt::Write;
 
 use crate::step::sql::{
-    begin_fenced, push_checkpoint_delete, push_fence, push_journal_move, push_settings,
-    push_statements, push_verify_and_journal, push_verify_and_marked_journal,
+    begin_fenced, push_checkpoint_delete, push_checkpoint_undoing, push_fence, push_journal_move,
+    push_settings, push_statements, push_verify_and_journal, push_verify_and_marked_journal,
 };
 use crate::step::{PreparedMigration, StepContext};
 
@@ -63,6 +63,18 @@ pub(crate) fn transactional_undo(cx: &StepContext<'_>, m: &PreparedMigration) ->
     push_fence(&mut out, cx.epoch);
     push_statements(&mut out, &m.down);
     push_journal_move(&mut out, cx, m);
+    out.push_str("COMMIT;\n");
+    out
+}
+
+/// Before a non-transactional step's undo: its checkpoint, if any, marked undoing, in a
+/// fenced transaction of its own.
+pub(crate) fn non_transactional_undo_prologue(
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+) -> String {
+    let mut out = begin_fenced(cx.epoch);
+    push_checkpoint_undoing(&mut out, cx, m);
     out.push_str("COMMIT;\n");
     out
 }

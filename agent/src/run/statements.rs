@@ -5,8 +5,11 @@
 //! is recorded right after. A step that fails, halts or loses its agent part-way then goes
 //! on after its last statement done when it runs again, and a rollback of its plan finds
 //! the checkpoint and undoes it with its down SQL (before, the statements done before a
-//! failure stayed applied with nothing on the shard to say so).
-use flotilla_core::sql::first_non_transactional;
+//! failure stayed applied with nothing on the shard to say so). A step whose first
+//! statement cannot run in a transaction records its checkpoint (nothing done) before it,
+//! so a rollback finds the step however that statement ended. Settings done before
+//! (`SET ...`) are run again when the step goes on in another session.
+use flotilla_core::sql::{first_non_transactional, is_session_setting};
 use sqlx::postgres::PgConnection;
 use tracing::info;
 
@@ -16,8 +19,10 @@ use crate::error::{Failure, classify};
 use crate::step::sql::{begin_fenced, push_advance_statements};
 use crate::step::{PreparedMigration, StepContext};
 
-/// PostgreSQL's "cannot run inside a transaction block" (active_sql_transaction).
-const SQLSTATE_NOT_IN_TRANSACTION: &str = "25001";
+/// PostgreSQL's "cannot run inside a transaction block" (active_sql_transaction), and
+/// "invalid transaction termination" (a procedure or DO block that COMMITs, called inside
+/// one): either way the transaction and everything in it were undone.
+const SQLSTATES_NOT_IN_TRANSACTION: [&str; 2] = ["25001", "2D000"];
 
 /// A statement that failed, and whether the session may be left inside its transaction.
 pub(super) struct StatementFailure {
@@ -46,9 +51,17 @@ pub(super) async fn run_up_statements(
         failure: classify(e, "up"),
         in_transaction,
     };
+    // A setting done before (`SET ROLE`, `SET search_path`) lived in the session that ran
+    // it; the statements after it expect it in this one.
+    for statement in m.up.iter().take(done) {
+        if is_session_setting(statement) {
+            execute(conn, statement.clone())
+                .await
+                .map_err(|e| fail(&e, false))?;
+        }
+    }
     for (k, statement) in m.up.iter().enumerate().skip(done) {
-        let mut advance = String::new();
-        push_advance_statements(&mut advance, cx, m, k, k + 1);
+        let advance = advance_sql(cx, m, k, k + 1);
         if first_non_transactional(std::slice::from_ref(statement)).is_none() {
             let mut sql = begin_fenced(cx.epoch);
             sql.push_str(statement);
@@ -67,6 +80,17 @@ pub(super) async fn run_up_statements(
                 Err(e) => return Err(fail(&e, true)),
             }
         }
+        if k == 0 {
+            // Nothing recorded yet: the checkpoint comes first, so that a rollback finds the
+            // step (and runs its down SQL) even if the agent dies before this statement's
+            // record, whether or not the statement committed.
+            let pending = format!(
+                "{}{}COMMIT;\n",
+                begin_fenced(cx.epoch),
+                advance_sql(cx, m, 0, 0)
+            );
+            execute(conn, pending).await.map_err(|e| fail(&e, true))?;
+        }
         let taken = index_name_taken(conn, statement).await;
         if let Err(e) = execute(conn, statement.clone()).await {
             if !taken {
@@ -84,5 +108,13 @@ pub(super) async fn run_up_statements(
 
 /// The statement refused to run inside a transaction block.
 fn refuses_transaction(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(SQLSTATE_NOT_IN_TRANSACTION))
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| SQLSTATES_NOT_IN_TRANSACTION.contains(&c.as_ref())))
+}
+
+/// `SELECT flotilla.advance_statements(...)` from `prev` to `done` statements.
+fn advance_sql(cx: &StepContext<'_>, m: &PreparedMigration, prev: usize, done: usize) -> String {
+    let mut out = String::new();
+    push_advance_statements(&mut out, cx, m, prev, done);
+    out
 }

@@ -81,14 +81,21 @@ CREATE TABLE IF NOT EXISTS flotilla.checkpoints (
   updated_at timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (target, migration_id)
 );
--- version 2: last_key NULL (up statements done, no batch yet) and `statements`. Checked
--- first: ALTER TABLE takes its lock even when there is nothing to change.
+-- version 2: last_key NULL (up statements done, no batch yet), `statements` and `undoing`.
+-- Checked first: ALTER TABLE takes its lock even when there is nothing to change.
 DO $$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
                   WHERE attrelid = 'flotilla.checkpoints'::regclass AND attname = 'statements'
                     AND NOT attisdropped) THEN
     ALTER TABLE flotilla.checkpoints ALTER COLUMN last_key DROP NOT NULL,
       ADD COLUMN statements integer NOT NULL DEFAULT 0;
+  END IF;
+  -- set (fenced) before a rollback undoes anything of the step: a rollback cut short leaves
+  -- a checkpoint that no longer says what is done, which a run must not go on from
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                  WHERE attrelid = 'flotilla.checkpoints'::regclass AND attname = 'undoing'
+                    AND NOT attisdropped) THEN
+    ALTER TABLE flotilla.checkpoints ADD COLUMN undoing boolean NOT NULL DEFAULT false;
   END IF;
 END $$;
 
@@ -108,13 +115,13 @@ BEGIN
       ON CONFLICT (target, migration_id) DO UPDATE
         SET last_key = EXCLUDED.last_key, rows = EXCLUDED.rows, batches = 1,
             plan_id = EXCLUDED.plan_id, updated_at = EXCLUDED.updated_at
-        WHERE c.last_key IS NULL AND c.checksum = EXCLUDED.checksum;
+        WHERE c.last_key IS NULL AND c.checksum = EXCLUDED.checksum AND NOT c.undoing;
   ELSE
     UPDATE flotilla.checkpoints
        SET last_key = p_last, rows = rows + p_rows, batches = batches + 1, plan_id = p_plan,
            updated_at = clock_timestamp()
      WHERE target = p_target AND migration_id = p_migration AND checksum = p_checksum
-       AND last_key = p_prev;
+       AND last_key = p_prev AND NOT undoing;
   END IF;
   GET DIAGNOSTICS n = ROW_COUNT;
   IF n <> 1 THEN
@@ -135,14 +142,20 @@ DECLARE
   n bigint;
 BEGIN
   IF p_prev = 0 THEN
+    -- a checkpoint of nothing done yet (written before a first statement that cannot run
+    -- in a transaction) is taken over
     INSERT INTO flotilla.checkpoints AS c (target, migration_id, checksum, plan_id, last_key, rows, batches, statements, updated_at)
       VALUES (p_target, p_migration, p_checksum, p_plan, NULL, 0, 0, p_done, clock_timestamp())
-      ON CONFLICT (target, migration_id) DO NOTHING;
+      ON CONFLICT (target, migration_id) DO UPDATE
+        SET statements = EXCLUDED.statements, plan_id = EXCLUDED.plan_id,
+            updated_at = EXCLUDED.updated_at
+        WHERE c.statements = 0 AND c.last_key IS NULL AND c.checksum = EXCLUDED.checksum
+          AND NOT c.undoing;
   ELSE
     UPDATE flotilla.checkpoints
        SET statements = p_done, plan_id = p_plan, updated_at = clock_timestamp()
      WHERE target = p_target AND migration_id = p_migration AND checksum = p_checksum
-       AND statements = p_prev AND last_key IS NULL;
+       AND statements = p_prev AND last_key IS NULL AND NOT undoing;
   END IF;
   GET DIAGNOSTICS n = ROW_COUNT;
   IF n <> 1 THEN

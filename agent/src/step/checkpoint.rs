@@ -41,9 +41,9 @@ pub(crate) async fn read(
     m: &PreparedMigration,
     phase: &str,
 ) -> Result<Option<Checkpoint>, Failure> {
-    type Row = (String, Option<String>, i64, i64, i32, f64);
+    type Row = (String, Option<String>, i64, i64, i32, bool, f64);
     let row: Option<Row> = sqlx::query_as(
-        "SELECT checksum, last_key, rows, batches, statements, \
+        "SELECT checksum, last_key, rows, batches, statements, undoing, \
          extract(epoch FROM pg_catalog.clock_timestamp() - updated_at)::float8 \
          FROM flotilla.checkpoints WHERE target = $1 AND migration_id = $2",
     )
@@ -62,7 +62,16 @@ pub(crate) async fn read(
                 m.id()
             ),
         )),
-        Some((_, last_key, rows, batches, statements, age_secs)) => Ok(Some(Checkpoint {
+        Some((.., true, _)) => Err(Failure::agent(
+            phase,
+            format!(
+                "migration `{}`: a rollback of it on this target was cut short (its checkpoint \
+                 is marked undoing), so what is done is unknown; roll back its plan again to \
+                 finish undoing it, then run it again",
+                m.id()
+            ),
+        )),
+        Some((_, last_key, rows, batches, statements, false, age_secs)) => Ok(Some(Checkpoint {
             statements: usize::try_from(statements).unwrap_or(0),
             last_key,
             rows,

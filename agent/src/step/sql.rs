@@ -117,6 +117,21 @@ pub(crate) fn push_advance_statements(
     );
 }
 
+/// Before a rollback undoes anything of a non-transactional step: its checkpoint (if it has
+/// one: it was left part-way) is marked undoing, so that a run never goes on from a
+/// checkpoint whose statements or batches a rollback cut short has undone in part.
+pub(crate) fn push_checkpoint_undoing(
+    out: &mut String,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+) {
+    let _ = writeln!(
+        out,
+        "UPDATE flotilla.checkpoints SET undoing = true WHERE target = {} AND migration_id = {};",
+        cx.tenant_lit, m.id_lit
+    );
+}
+
 /// A non-transactional step's checkpoint (its data change's batches, its up statements)
 /// goes when its journal row is written or moved.
 pub(crate) fn push_checkpoint_delete(

@@ -1017,8 +1017,10 @@ async fn undoing_a_prior_image_keeps_what_the_application_wrote_since() {
                 table: "work_orders".into(),
                 key: "id".into(),
                 batch_size: 7,
-                batch_sql: "UPDATE work_orders SET priority = 'high' WHERE id > $1 AND id <= $2"
+                batch_sql: "UPDATE work_orders SET priority = 'high' \
+                            WHERE id > $1 AND id <= $2 AND priority <> 'top'"
                     .into(),
+                filter: "priority <> 'top'".into(),
                 prior_image: vec!["priority".into()],
                 ..Default::default()
             }),
@@ -1027,6 +1029,14 @@ async fn undoing_a_prior_image_keeps_what_the_application_wrote_since() {
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
     }));
+    // a row the filter leaves out: no image of it is saved, before or after
+    sqlx::raw_sql(
+        "UPDATE tenant_0000.work_orders SET priority = 'top' WHERE id = 10; \
+         UPDATE tenant_0001.work_orders SET priority = 'top' WHERE id = 10;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let r = s
         .assign(
             "pk",
@@ -1044,6 +1054,20 @@ async fn undoing_a_prior_image_keeps_what_the_application_wrote_since() {
             [pb::StepOutcome::Applied],
             "{:?}",
             r[&id]
+        );
+    }
+    for post in [false, true] {
+        assert_eq!(
+            count(
+                &pool,
+                &format!(
+                    "SELECT count(*) FROM flotilla.prior_images \
+                     WHERE target = 'tenant_0000' AND post = {post}"
+                )
+            )
+            .await,
+            19,
+            "post {post}: the 19 rows the filter took"
         );
     }
     sqlx::raw_sql(
@@ -1070,23 +1094,153 @@ async fn undoing_a_prior_image_keeps_what_the_application_wrote_since() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(other.as_deref(), Some("3=urgent,15=urgent"));
+    assert_eq!(other.as_deref(), Some("3=urgent,10=top,15=urgent"));
     assert_eq!(
         count(
             &pool,
             "SELECT count(*) FROM tenant_0000.work_orders WHERE priority = 'low'"
         )
         .await,
-        17
+        16
     );
     let other: Option<String> = sqlx::query_scalar(AssertSqlSafe(priorities("tenant_0001")))
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(other, None, "no post images: every saved value put back");
+    assert_eq!(
+        other.as_deref(),
+        Some("10=top"),
+        "no post images: every saved value put back"
+    );
     wait_for_log(mark, "except 3 rows changed or deleted since their batch").await;
     assert_eq!(
         count(&pool, "SELECT count(*) FROM flotilla.prior_images").await,
+        0
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
+/// More of a step left part-way: going on in another session it runs the settings done
+/// before again (`SET application_name` here; `SET ROLE` or `search_path` in life); a `DO`
+/// block that COMMITs, which refuses the transaction a statement runs in, runs on its own;
+/// a first statement that cannot run in a transaction is recorded (nothing done) before it
+/// runs, so its failure leaves a checkpoint a rollback finds; and a rollback cut short
+/// marks the checkpoint undoing, so the step does not go on from it (it would skip
+/// statements the rollback undid) until a rollback finishes.
+#[tokio::test]
+async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() {
+    let Some(f) = fleet("part_way_more", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(4).await;
+    let non_tx = |m: pb::Migration| pb::Migration {
+        tx_mode: pb::TxMode::NonTransactional as i32,
+        ..m
+    };
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pz".into(),
+        migrations: vec![
+            non_tx(migration(
+                "settings",
+                "SET application_name = 'replayed'; CREATE TABLE seen (v text); \
+                 INSERT INTO gate2 SELECT 1; INSERT INTO seen SELECT current_setting('application_name')",
+                "DROP TABLE IF EXISTS seen",
+                "",
+            )),
+            non_tx(migration(
+                "commits",
+                "CREATE TABLE pt (v int); \
+                 DO $$ BEGIN INSERT INTO pt VALUES (1); COMMIT; INSERT INTO pt VALUES (2); END $$",
+                "DROP TABLE IF EXISTS pt",
+                "",
+            )),
+            migration(
+                "cic_first",
+                "CREATE INDEX CONCURRENTLY cf ON nope (id)",
+                "DROP INDEX IF EXISTS cf; SELECT 1 FROM down_gate",
+                "",
+            ),
+        ],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let t = "tenant_0000";
+    let r = s
+        .assign("pz", 4, 1, vec![run(1, t, &["settings"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Failed], "{:?}", r[&1]);
+    sqlx::raw_sql("CREATE TABLE tenant_0000.gate2 (v int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let r = s
+        .assign("pz", 4, 1, vec![run(2, t, &["settings", "commits"], false)])
+        .await;
+    assert_eq!(
+        outcomes(&r[&2]),
+        [pb::StepOutcome::Applied; 2],
+        "{:?}",
+        r[&2]
+    );
+    let seen: String = sqlx::query_scalar("SELECT v FROM tenant_0000.seen")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(seen, "replayed", "the setting done before ran again");
+    assert_eq!(count(&pool, "SELECT count(*) FROM tenant_0000.pt").await, 2);
+
+    let r = s
+        .assign("pz", 4, 1, vec![run(3, t, &["cic_first"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&3]), [pb::StepOutcome::Failed], "{:?}", r[&3]);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM flotilla.checkpoints WHERE migration_id = 'cic_first' \
+             AND statements = 0 AND NOT undoing"
+        )
+        .await,
+        1,
+        "recorded before it ran"
+    );
+
+    // the rollback undoes the part-way step first, and its down SQL fails part-way
+    let reply = s.rollback("pz", 4).await;
+    assert!(!reply.complete, "{reply:?}");
+    assert_eq!(reply.steps.len(), 1, "{reply:?}");
+    assert_eq!(reply.steps[0].migration_id, "cic_first");
+    assert!(reply.steps[0].error.is_some(), "{reply:?}");
+    let r = s
+        .assign("pz", 4, 1, vec![run(4, t, &["cic_first"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&4]), [pb::StepOutcome::Failed], "{:?}", r[&4]);
+    let e = r[&4].steps[0].error.clone().unwrap();
+    assert!(
+        e.message
+            .contains("a rollback of it on this target was cut short"),
+        "{e:?}"
+    );
+
+    sqlx::raw_sql("CREATE TABLE tenant_0000.down_gate (v int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let reply = s.rollback("pz", 4).await;
+    assert!(reply.complete, "{reply:?}");
+    assert_eq!(reply.steps.len(), 3, "{reply:?}");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_tables WHERE tablename IN ('seen', 'pt')"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.checkpoints").await,
         0
     );
     h.stop().await;
