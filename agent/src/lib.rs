@@ -21,6 +21,10 @@
 //!   buffered results; they are sent after the next Hello.
 //! - `agent::panic_at_start`: any action panics in `start` with the configuration (and the
 //!   exposed password) in the message, for the test that no secret leaves through a panic.
+// The agent's future (`start` holds the session, the runs and the sweeps, each an
+// async state machine inside the next) is deeper than the compiler's default query depth
+// when built without incremental caches (CI's clean build).
+#![recursion_limit = "256"]
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;

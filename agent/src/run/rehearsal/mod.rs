@@ -39,8 +39,8 @@ const PLAN_ID: &str = "plan-test";
 /// The epoch the rehearsal's steps are fenced at (a fresh fence is at 0).
 const EPOCH: u64 = 1;
 
-/// Where and how to rehearse.
-#[derive(Debug, Clone, Default)]
+/// Where and how to rehearse. `Debug` does not show the password.
+#[derive(Clone, Default)]
 pub struct RehearsalConfig {
     /// The scratch database, without a password.
     pub dsn: String,
@@ -51,6 +51,17 @@ pub struct RehearsalConfig {
     /// SQL run in the tenant schema (search_path set to it) before the first migration:
     /// the tables the migrations expect.
     pub seed: Option<String>,
+}
+
+impl std::fmt::Debug for RehearsalConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RehearsalConfig")
+            .field("dsn", &self.dsn)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tenant", &self.tenant)
+            .field("seed", &self.seed)
+            .finish()
+    }
 }
 
 /// A migration's `[test]`: rows to set up before its first up, a query, the rows it must
@@ -458,5 +469,22 @@ impl Scratch {
             tracing::warn!("cleaning up: dropping schema flotilla: {e}");
         }
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RehearsalConfig;
+
+    #[test]
+    fn debug_hides_the_password() {
+        let config = RehearsalConfig {
+            dsn: "postgres://ci@db/scratch".into(),
+            password: Some("hunter2".into()),
+            ..Default::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("postgres://ci@db/scratch"), "{shown}");
     }
 }
