@@ -254,7 +254,9 @@ pub(super) async fn undo_step(
     }
     .await;
     if let Err(e) = statements {
-        let broken = recover(conn, false, true).await;
+        // the undo's prologue may have failed inside its transaction (ROLLBACK outside one
+        // only warns)
+        let broken = recover(conn, true, true).await;
         return Err((classify(&e, "down"), broken));
     }
     if let Err(e) = run(sqlgen::non_transactional_undo_epilogue(cx, m))

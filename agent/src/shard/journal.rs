@@ -219,14 +219,19 @@ pub(crate) async fn read_entries(
 }
 
 /// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs.
+/// A row whose step a rollback began to undo and did not finish (its checkpoint marked
+/// undoing) is not the step applied: what it says is done was undone in part, and the step,
+/// run, refuses to go on until a rollback finishes.
 pub(crate) async fn read_applied<'c>(
     on: impl sqlx::PgExecutor<'c>,
     targets: &[String],
     migrations: &[String],
 ) -> Result<Vec<JournalRow>, sqlx::Error> {
     let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT target, migration_id, checksum FROM flotilla.journal \
-         WHERE target = ANY($1) AND migration_id = ANY($2)",
+        "SELECT j.target, j.migration_id, j.checksum FROM flotilla.journal j \
+         WHERE j.target = ANY($1) AND j.migration_id = ANY($2) \
+           AND NOT EXISTS (SELECT 1 FROM flotilla.checkpoints c \
+             WHERE c.target = j.target AND c.migration_id = j.migration_id AND c.undoing)",
     )
     .bind(targets)
     .bind(migrations)

@@ -117,9 +117,10 @@ pub(crate) fn push_advance_statements(
     );
 }
 
-/// Before a rollback undoes anything of a non-transactional step: its checkpoint (if it has
-/// one: it was left part-way) is marked undoing, so that a run never goes on from a
-/// checkpoint whose statements or batches a rollback cut short has undone in part.
+/// Before a rollback undoes anything of a non-transactional step: its checkpoint (written
+/// here if it has none: the step was applied, its journal row says so) is marked undoing,
+/// so that a rollback cut short leaves a mark a run heeds: the journal row is not taken as
+/// the step applied, and the step does not go on from statements or batches undone in part.
 pub(crate) fn push_checkpoint_undoing(
     out: &mut String,
     cx: &StepContext<'_>,
@@ -127,8 +128,11 @@ pub(crate) fn push_checkpoint_undoing(
 ) {
     let _ = writeln!(
         out,
-        "UPDATE flotilla.checkpoints SET undoing = true WHERE target = {} AND migration_id = {};",
-        cx.tenant_lit, m.id_lit
+        "INSERT INTO flotilla.checkpoints AS c (target, migration_id, checksum, plan_id, last_key, \
+         rows, batches, statements, undoing, updated_at) \
+         VALUES ({}, {}, {}, {}, NULL, 0, 0, 0, true, pg_catalog.clock_timestamp()) \
+         ON CONFLICT (target, migration_id) DO UPDATE SET undoing = true, updated_at = EXCLUDED.updated_at;",
+        cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit
     );
 }
 

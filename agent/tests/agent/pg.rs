@@ -1163,6 +1163,12 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
                 "DROP INDEX IF EXISTS cf; SELECT 1 FROM down_gate",
                 "",
             ),
+            non_tx(migration(
+                "two_part",
+                "CREATE TABLE tp (v int)",
+                "DROP TABLE IF EXISTS tp; SELECT 1 FROM down_gate2",
+                "",
+            )),
         ],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
@@ -1243,6 +1249,47 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
         count(&pool, "SELECT count(*) FROM flotilla.checkpoints").await,
         0
     );
+
+    // an applied step (its journal row) whose undo is cut short: the journal row is not
+    // taken as the step applied (its table is gone), and the step waits for the rollback
+    let r = s
+        .assign("pz", 4, 1, vec![run(5, t, &["two_part"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&5]), [pb::StepOutcome::Applied], "{:?}", r[&5]);
+    let reply = s.rollback("pz", 4).await;
+    assert!(!reply.complete, "{reply:?}");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'tp'"
+        )
+        .await,
+        0,
+        "the down SQL's first statement ran"
+    );
+    let r = s
+        .assign("pz", 4, 1, vec![run(6, t, &["two_part"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&6]), [pb::StepOutcome::Failed], "{:?}", r[&6]);
+    let e = r[&6].steps[0].error.clone().unwrap();
+    assert!(
+        e.message
+            .contains("a rollback of it on this target was cut short"),
+        "{e:?}"
+    );
+    sqlx::raw_sql("CREATE TABLE tenant_0000.down_gate2 (v int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let reply = s.rollback("pz", 4).await;
+    assert!(reply.complete, "{reply:?}");
+    for table in ["journal", "checkpoints"] {
+        assert_eq!(
+            count(&pool, &format!("SELECT count(*) FROM flotilla.{table}")).await,
+            0,
+            "{table}"
+        );
+    }
     h.stop().await;
     f.drop().await;
 }
