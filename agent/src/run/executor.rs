@@ -488,13 +488,24 @@ async fn settle(
         .iter()
         .map(|&i| job.steps[i].id().to_string())
         .collect();
-    let read = async {
+    let read = async || {
         fail::fail_point!("agent::settle_journal_read", |_| Err(
             sqlx::Error::Protocol("failpoint agent::settle_journal_read".into())
         ));
         shard::read_applied(pool, std::slice::from_ref(&job.tenant), &migrations).await
     };
-    let (journal, unread) = match read.await {
+    // A read that fails is tried again twice, after a pause: a step it leaves unknown goes
+    // back to the coordinator NOT_RUN and runs again, and that must not be at once, again
+    // and again, while the shard cannot be read.
+    let mut read_result = read().await;
+    for pause in [100, 400] {
+        if read_result.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        read_result = read().await;
+    }
+    let (journal, unread) = match read_result {
         Ok(rows) => (rows, None),
         Err(error) => {
             warn!(%error, "re-reading the journal after a failure failed");
