@@ -171,6 +171,7 @@ pub const INDEX_NOT_CONCURRENT: &str = "index-not-concurrent";
 pub const CONCURRENTLY_IN_TRANSACTION: &str = "concurrently-in-transaction";
 pub const RENAME: &str = "rename";
 pub const UNBATCHED_DATA_CHANGE: &str = "unbatched-data-change";
+pub const SESSION_STATE: &str = "session-state";
 pub const DOWN_INCOMPLETE: &str = "down-incomplete";
 pub const MISSING_DOWN: &str = "missing-down";
 pub const NAMING_ID: &str = "naming-id";
@@ -222,6 +223,11 @@ pub const RULES: &[Rule] = &[
         UNBATCHED_DATA_CHANGE,
         Severity::Warning,
         "UPDATE/DELETE of an existing table in one statement instead of a key-bounded [data] batch",
+    ),
+    rule_def(
+        SESSION_STATE,
+        Severity::Warning,
+        "a temporary table or prepared statement in a non-transactional migration: run again after a failure, its statements go on in another session, without it",
     ),
     rule_def(
         DOWN_INCOMPLETE,

@@ -111,8 +111,9 @@ fn created(up: &[Parsed]) -> Vec<(Object, u32)> {
 
 fn created_by(p: &Parsed, add: &mut dyn FnMut(Object)) {
     match &p.node {
+        // a temporary table goes with its session: down.sql has none to drop
         NodeEnum::CreateStmt(s) => {
-            if let Some(r) = &s.relation {
+            if let Some(r) = s.relation.as_ref().filter(|r| r.relpersistence != "t") {
                 add(Object::Relation {
                     name: relation_name(r),
                     what: "table",
@@ -120,7 +121,12 @@ fn created_by(p: &Parsed, add: &mut dyn FnMut(Object)) {
             }
         }
         NodeEnum::CreateTableAsStmt(s) => {
-            if let Some(r) = s.into.as_ref().and_then(|i| i.rel.as_ref()) {
+            if let Some(r) = s
+                .into
+                .as_ref()
+                .and_then(|i| i.rel.as_ref())
+                .filter(|r| r.relpersistence != "t")
+            {
                 let what = if s.objtype == ObjectType::ObjectMatview as i32 {
                     "materialized view"
                 } else {

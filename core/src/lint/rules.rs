@@ -15,10 +15,10 @@ use pg_query::protobuf::{
 use super::locks::{as_constraint, is_foreign_key, object_parts, relation_name, strings};
 use super::{
     CONCURRENTLY_IN_TRANSACTION, CONSTRAINT_NOT_VALID, DESTRUCTIVE_DROP, Finding,
-    INDEX_NOT_CONCURRENT, LintOptions, PARSE_ERROR, ParseError, Parsed, RENAME, SET_NOT_NULL,
-    Severity, TABLE_REWRITE, UNBATCHED_DATA_CHANGE, rule,
+    INDEX_NOT_CONCURRENT, LintOptions, PARSE_ERROR, ParseError, Parsed, RENAME, SESSION_STATE,
+    SET_NOT_NULL, Severity, TABLE_REWRITE, UNBATCHED_DATA_CHANGE, rule,
 };
-use crate::Migration;
+use crate::{Migration, TxMode};
 
 /// What earlier statements of the plan did, for the statements after them.
 #[derive(Debug, Default)]
@@ -138,7 +138,7 @@ pub(super) fn check_up(
                     "up.sql",
                     line,
                     format!(
-                        "{} cannot run in a transaction, so none of this migration's statements do: a failure part-way leaves the ones before it applied",
+                        "{} cannot run in a transaction, so this migration's statements commit one by one: a failure part-way leaves the ones before it applied (recorded: run again, it goes on after them; a rollback runs down.sql)",
                         p.info.kind
                     ),
                     "put the statements that cannot run in a transaction in a migration of their own",
@@ -146,6 +146,43 @@ pub(super) fn check_up(
             }
         }
         statement(m, p, may_drop, options, seen, out);
+    }
+    if m.tx_mode == TxMode::NonTransactional {
+        // what the last statement leaves in its session no later statement needs
+        for p in up.iter().take(up.len().saturating_sub(1)) {
+            if let Some(what) = session_state(&p.node) {
+                out.push(
+                    SESSION_STATE,
+                    "up.sql",
+                    p.info.line,
+                    format!(
+                        "{what} lives in its session, and this migration's statements commit one by one: run again after a failure, it goes on after the statements done, in another session, where {what} is gone"
+                    ),
+                    "use a regular table (dropped by a later statement and by down.sql), or let the migration run in one transaction",
+                );
+            }
+        }
+    }
+}
+
+/// What a statement leaves in its session for the statements after it: a temporary table
+/// or a prepared statement.
+fn session_state(node: &NodeEnum) -> Option<String> {
+    let temporary = |r: &pg_query::protobuf::RangeVar| r.relpersistence == "t";
+    match node {
+        NodeEnum::CreateStmt(s) => s
+            .relation
+            .as_ref()
+            .filter(|r| temporary(r))
+            .map(|r| format!("temporary table {}", relation_name(r))),
+        NodeEnum::CreateTableAsStmt(s) => s
+            .into
+            .as_ref()
+            .and_then(|i| i.rel.as_ref())
+            .filter(|r| temporary(r))
+            .map(|r| format!("temporary table {}", relation_name(r))),
+        NodeEnum::PrepareStmt(s) => Some(format!("prepared statement {}", s.name)),
+        _ => None,
     }
 }
 
