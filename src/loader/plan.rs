@@ -44,7 +44,7 @@ struct PlanFile {
     #[serde(default)]
     parallel_groups: Vec<Spanned<GroupEntry>>,
     #[serde(default)]
-    dependencies: BTreeMap<String, Vec<Spanned<String>>>,
+    dependencies: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
     /// Progressive rollout: the waves, in order.
     #[serde(default)]
     waves: Vec<Spanned<waves::WaveTable>>,
@@ -242,16 +242,15 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
             }
         }
     }
-    for (migration, deps) in &file.dependencies {
-        MigrationId::parse(migration)
-            .map_err(|e| LoadError::invalid(path, format!("[dependencies]: {e}")))?;
+    for (key, deps) in &file.dependencies {
+        let migration = check_id(key, "[dependencies]")?;
         let place = format!("dependencies of `{migration}`");
         let depends_on = deps
             .iter()
             .map(|id| check_id(id, &place))
             .collect::<Result<_, _>>()?;
         spec.dependencies.push(pb::Dependency {
-            migration: migration.clone(),
+            migration,
             depends_on,
         });
     }

@@ -446,6 +446,16 @@ fn unknown_keys_name_the_file_and_line() {
         e.starts_with(&format!("{file}:3: unknown field `max_paralel`")),
         "{e}"
     );
+
+    // a key of [dependencies] that is no migration id: its line
+    write(
+        root,
+        "plan.toml",
+        "name = \"p\"\n\n[dependencies]\n\"a\" = []\n\"../up\" = [\"a\"]\n",
+    );
+    let e = load_err(root);
+    assert!(e.starts_with(&format!("{file}:5: [dependencies]: ")), "{e}");
+    assert!(e.contains("../up"), "{e}");
 }
 
 #[test]
