@@ -21,6 +21,10 @@
 #   BASELINE_BIN=path REPEAT=5 SECTIONS=1 SEED=0 scripts/bench-data.sh
 #       (an A/B: that build's Flotilla, on a coordinator and agent of its own, timed in the
 #       same turns, after the keyset loop and before this build)
+#   PRIOR_IMAGE=1 REPEAT=5 SECTIONS=1 SEED=0 scripts/bench-data.sh
+#       (this build's backfill saves a prior image of the columns it changes, before and
+#       after each batch, so that its undo can restore them: what that costs against the
+#       same keyset loop, which saves nothing; the images are cleared between runs)
 #   PROFILE=1 REPEAT=1 SECTIONS=1 SEED=0 scripts/bench-data.sh
 #       (where a batch's time goes: pg_stat_statements, with planning and the statements
 #       inside functions, after the last keyset run and the last Flotilla run; its own
@@ -191,12 +195,17 @@ SQL
   fi
 
   reset_table
-  backfill_dir ""
+  if [ "${PRIOR_IMAGE:-0}" = 1 ]; then
+    psql -c "TRUNCATE flotilla.prior_images" -c "CHECKPOINT" >/dev/null
+    backfill_dir 'prior_image = ["priority_score", "updated_at"]'
+  else
+    backfill_dir ""
+  fi
   profile_reset
   t0=$(now)
   "$FLOTILLA" --coordinator "$addr" plan submit "$dir" --wait --output json >"$work/p1.json"
   t=$(echo "$(now) - $t0" | bc); check_done; flotillas+=("$t")
-  echo "run $r: Flotilla (keyset batches, each with its checkpoint, fenced, progress on): ${t}s"
+  echo "run $r: Flotilla (keyset batches, each with its checkpoint, fenced, progress on${PRIOR_IMAGE:+, prior image saved}): ${t}s"
   [ "$r" -lt "$REPEAT" ] || profile_print
 done
 t_keyset=$(printf '%s\n' "${keysets[@]}" | median)

@@ -297,6 +297,7 @@ async fn batches(
             rows: n,
             number: batches + 1,
             next_page: next_page.as_deref(),
+            key_types: &shape.types,
         };
         let sql =
             sql::data_batch(cx, m, &bounds).map_err(|e| Failure::agent("batch", e.to_string()))?;

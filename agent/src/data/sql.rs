@@ -21,6 +21,9 @@ pub(crate) struct BatchBounds<'a> {
     /// bound), run last in this batch's transaction so that the next batch needs no round
     /// trip of its own to find its bounds; `None` after the last page.
     pub next_page: Option<&'a str>,
+    /// The SQL type (`format_type`) of each key column, in the key's order: a saved key is
+    /// read back from its image as that type to find its row again (post images).
+    pub key_types: &'a [String],
 }
 
 /// One batch of a data change as one query: a short fenced transaction that moves the
@@ -119,44 +122,43 @@ fn push_image(
     else {
         return;
     };
-    // After the change, only the rows saved before it: the filter may no longer take them,
-    // and rows of the bounds it never took need no post image. Keys compare as the images
-    // hold them (jsonb of the key columns: the saved image without its other columns).
-    let which = if post {
-        let keys: Vec<String> = d
+    if post {
+        // After the change, the rows saved before it, as it left them, each found again by
+        // its key (read back from its image as the key's type): driven by the saved rows,
+        // a unique-key lookup each, whatever the filter (which may no longer take them) or
+        // the planner's idea of the tables' sizes. A row the batch deleted has none.
+        let on: Vec<String> = d
             .key
             .iter()
-            .map(|c| {
+            .zip(b.key_types)
+            .map(|(c, t)| {
                 format!(
-                    "{}, {}",
-                    quote_literal(c).expect("an identifier"),
-                    quote_ident(c)
+                    "t.{} = (q.image ->> {})::{t}",
+                    quote_ident(c),
+                    quote_literal(c).expect("an identifier")
                 )
             })
             .collect();
-        let others: Vec<String> = d
-            .prior_image
-            .iter()
-            .map(|c| quote_literal(c).expect("an identifier"))
-            .collect();
-        format!(
-            " AND pg_catalog.jsonb_build_object({}) IN (SELECT q.image - ARRAY[{}]::text[] \
-             FROM flotilla.prior_images q WHERE q.target = {} AND q.migration_id = {} \
-             AND q.batch = {} AND NOT q.post)",
-            keys.join(", "),
-            others.join(", "),
+        let _ = writeln!(
+            out,
+            "INSERT INTO flotilla.prior_images (target, migration_id, batch, image, post) \
+             SELECT q.target, q.migration_id, q.batch, n.image, true FROM flotilla.prior_images q \
+             CROSS JOIN LATERAL (SELECT {} AS image FROM {} t WHERE {}) n \
+             WHERE q.target = {} AND q.migration_id = {} AND q.batch = {} AND NOT q.post;",
+            image_object(d, "t."),
+            d.table_sql(),
+            on.join(" AND "),
             cx.tenant_lit,
             m.id_lit,
-            b.number
-        )
-    } else {
-        data_filter(d)
-    };
+            b.number,
+        );
+        return;
+    }
     let _ = writeln!(
         out,
         "INSERT INTO flotilla.prior_images (target, migration_id, batch, image, post) \
-         SELECT {}, {}, {}, {}, {post} FROM {} \
-         WHERE {key} > {} AND {key} <= {}{which};",
+         SELECT {}, {}, {}, {}, false FROM {} \
+         WHERE {key} > {} AND {key} <= {}{};",
         cx.tenant_lit,
         m.id_lit,
         b.number,
@@ -164,6 +166,7 @@ fn push_image(
         d.table_sql(),
         b.lower_lit,
         b.upper_lit,
+        data_filter(d),
         key = d.key_sql(),
     );
 }
@@ -307,6 +310,7 @@ mod tests {
             rows: 7,
             number: 1,
             next_page: None,
+            key_types: &[],
         };
         let sql = data_batch(&cx, &m, &bounds).unwrap();
         let ck = quote_literal(&m.migration.checksum).unwrap();
@@ -379,6 +383,7 @@ mod tests {
             rows: 25,
             number: 4,
             next_page: None,
+            key_types: &["text".into(), "integer".into()],
         };
         let sql = data_batch(&cx, &m, &bounds).unwrap();
         // checkpoint, then the prior image of the batch's rows, then the change
@@ -400,12 +405,10 @@ mod tests {
         assert!(
             sql[post..].starts_with(
                 "INSERT INTO flotilla.prior_images (target, migration_id, batch, image, post) \
-                 SELECT 't1', 'm3', 4, pg_catalog.jsonb_build_object('region', \"region\", 'id', \"id\", 'phone', \"phone\"), true \
-                 FROM \"contacts\" WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) \
-                 AND (\"region\", \"id\") <= ROW('b'::text, '9'::integer) \
-                 AND pg_catalog.jsonb_build_object('region', \"region\", 'id', \"id\") IN \
-                 (SELECT q.image - ARRAY['phone']::text[] FROM flotilla.prior_images q \
-                 WHERE q.target = 't1' AND q.migration_id = 'm3' AND q.batch = 4 AND NOT q.post);\n"
+                 SELECT q.target, q.migration_id, q.batch, n.image, true FROM flotilla.prior_images q \
+                 CROSS JOIN LATERAL (SELECT pg_catalog.jsonb_build_object('region', t.\"region\", 'id', t.\"id\", 'phone', t.\"phone\") AS image \
+                 FROM \"contacts\" t WHERE t.\"region\" = (q.image ->> 'region')::text AND t.\"id\" = (q.image ->> 'id')::integer) n \
+                 WHERE q.target = 't1' AND q.migration_id = 'm3' AND q.batch = 4 AND NOT q.post;\n"
             ),
             "{sql}"
         );
