@@ -169,19 +169,7 @@ async fn batches(
     // a checkpoint of the up SQL alone: no batch is done yet
     let checkpoint = checkpoint.filter(|c| c.last_key.is_some());
 
-    // The key: columns of the table, unique, of types with a floor.
-    let shape = match keys::inspect(conn, d, None).await.map_err(db)? {
-        Ok(shape) => shape,
-        Err(problem) => {
-            return Err(agent_failure(
-                m,
-                format!("{} (in the target's search_path)", problem.message()),
-            ));
-        }
-    };
-    let floor_lit = shape
-        .literal(&shape.floor())
-        .map_err(|e| agent_failure(m, e))?;
+    let (shape, floor_lit) = key_shape(conn, m, d).await?;
     let decode =
         |text: &str| keys::decode_bound(text, d.key.len()).map_err(|e| agent_failure(m, e));
 
@@ -336,18 +324,13 @@ async fn batches(
     Ok(done)
 }
 
-/// Before the first batch of a change on a target, and before its up SQL: a key at the
-/// floor of its type, or with a NULL, would never be in a batch, so the change is refused
-/// rather than skip the row. The session holds the target's search_path.
-pub(crate) async fn refuse_uncovered_keys(
+/// The change's key on the target (columns of the table, unique, of types with a floor)
+/// and the floor as a literal: the first batch's exclusive lower bound.
+async fn key_shape(
     conn: &mut PgConnection,
     m: &PreparedMigration,
-) -> Result<(), Failure> {
-    let d = m
-        .migration
-        .data
-        .as_ref()
-        .ok_or_else(|| agent_failure(m, "not a data change"))?;
+    d: &flotilla_core::DataChange,
+) -> Result<(keys::KeyShape, String), Failure> {
     let shape = match keys::inspect(conn, d, None)
         .await
         .map_err(|e| classify(&e, "batch"))?
@@ -363,6 +346,22 @@ pub(crate) async fn refuse_uncovered_keys(
     let floor_lit = shape
         .literal(&shape.floor())
         .map_err(|e| agent_failure(m, e))?;
+    Ok((shape, floor_lit))
+}
+
+/// Before the first batch of a change on a target, and before its up SQL: a key at the
+/// floor of its type, or with a NULL, would never be in a batch, so the change is refused
+/// rather than skip the row. The session holds the target's search_path.
+pub(crate) async fn refuse_uncovered_keys(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+) -> Result<(), Failure> {
+    let d = m
+        .migration
+        .data
+        .as_ref()
+        .ok_or_else(|| agent_failure(m, "not a data change"))?;
+    let (_, floor_lit) = key_shape(conn, m, d).await?;
     let at_floor: bool = sqlx::query_scalar(AssertSqlSafe(sql::keys_at_floor(d, &floor_lit)))
         .fetch_one(&mut *conn)
         .await
