@@ -1293,3 +1293,85 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
     h.stop().await;
     f.drop().await;
 }
+
+/// A shard whose flotilla schema is version 1 (as de652aa's agent left it), with a data
+/// change part-way (its first batch done and checkpointed): this agent upgrades the schema
+/// to version 2 at start, and the change goes on from the old checkpoint (its up SQL not
+/// run again, no batch done twice) and completes.
+#[tokio::test]
+async fn a_version_1_shard_upgrades_with_a_data_change_in_flight() {
+    let Some(f) = fleet("upgrade_v1", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let fill = pb::Migration {
+        data: Some(pb::DataChange {
+            table: "work_orders".into(),
+            key: "id".into(),
+            batch_size: 7,
+            batch_sql: "UPDATE work_orders SET priority = priority || '+' \
+                        WHERE id > $1 AND id <= $2"
+                .into(),
+            ..Default::default()
+        }),
+        ..migration(
+            "marks",
+            "CREATE TABLE up_ran (at timestamptz DEFAULT now())",
+            "DROP TABLE IF EXISTS up_ran",
+            "SELECT count(*) = 0 FROM work_orders WHERE priority <> 'low+'",
+        )
+    };
+    let checksum = flotilla_core::Migration::try_from(fill.clone())
+        .unwrap()
+        .checksum;
+    // version 1, and the change's up SQL and first batch done under it
+    let v1 = format!(
+        "CREATE SCHEMA flotilla; CREATE TABLE flotilla.meta (key text PRIMARY KEY, value text);\n\
+         {}\n\
+         CREATE TABLE tenant_0000.up_ran (at timestamptz DEFAULT now());\n\
+         UPDATE tenant_0000.work_orders SET priority = priority || '+' WHERE id <= 7;\n\
+         INSERT INTO flotilla.checkpoints (target, migration_id, checksum, plan_id, last_key, rows, batches) \
+         VALUES ('tenant_0000', 'marks', '{checksum}', 'pv', '7', 7, 1);",
+        include_str!("schema_v1.sql")
+    );
+    sqlx::raw_sql(AssertSqlSafe(v1))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT value::bigint FROM flotilla.meta WHERE key = 'schema_version'"
+        )
+        .await,
+        2
+    );
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pv".into(),
+        migrations: vec![fill],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign("pv", 1, 1, vec![run(1, "tenant_0000", &["marks"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM tenant_0000.work_orders WHERE priority = 'low+'"
+        )
+        .await,
+        20,
+        "every row changed once"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.checkpoints").await,
+        0
+    );
+    h.stop().await;
+    f.drop().await;
+}
