@@ -123,7 +123,8 @@ impl PreparedPage {
 
 /// Runs a data change's batches on the session's target (its search_path and timeouts are
 /// set, its fence checked, its up SQL run and [`refuse_uncovered_keys`] asked, by the
-/// caller), after those its checkpoint (read before the up SQL ran) says are done.
+/// caller), after those its checkpoint (read before the up SQL ran) says are done. `key`:
+/// the key the caller's [`refuse_uncovered_keys`] found (None: it is looked up here).
 /// Returns the rows done by this run.
 pub(crate) async fn run_batches(
     conn: &mut PgConnection,
@@ -131,9 +132,10 @@ pub(crate) async fn run_batches(
     m: &PreparedMigration,
     hooks: Option<&DataHooks>,
     checkpoint: Option<Checkpoint>,
+    key: Option<Key>,
 ) -> Result<u64, Failure> {
     let mut prepared = None;
-    let result = batches(conn, cx, m, hooks, checkpoint, &mut prepared).await;
+    let result = batches(conn, cx, m, hooks, checkpoint, key, &mut prepared).await;
     // the session goes back to the pool without it (not tried on a session whose server went
     // away: it went with the session)
     let gone = matches!(&result, Err(f) if f.server_gone());
@@ -157,6 +159,7 @@ async fn batches(
     m: &PreparedMigration,
     hooks: Option<&DataHooks>,
     checkpoint: Option<Checkpoint>,
+    key: Option<Key>,
     prepared: &mut Option<PreparedPage>,
 ) -> Result<u64, Failure> {
     let d = m
@@ -169,7 +172,10 @@ async fn batches(
     // a checkpoint of the up SQL alone: no batch is done yet
     let checkpoint = checkpoint.filter(|c| c.last_key.is_some());
 
-    let (shape, floor_lit) = key_shape(conn, m, d).await?;
+    let Key { shape, floor_lit } = match key {
+        Some(key) => key,
+        None => key_shape(conn, m, d).await?,
+    };
     let decode =
         |text: &str| keys::decode_bound(text, d.key.len()).map_err(|e| agent_failure(m, e));
 
@@ -324,13 +330,18 @@ async fn batches(
     Ok(done)
 }
 
-/// The change's key on the target (columns of the table, unique, of types with a floor)
-/// and the floor as a literal: the first batch's exclusive lower bound.
+/// A change's key on a target (columns of the table, unique, of types with a floor) and
+/// its floor as a literal: the first batch's exclusive lower bound.
+pub(crate) struct Key {
+    shape: keys::KeyShape,
+    floor_lit: String,
+}
+
 async fn key_shape(
     conn: &mut PgConnection,
     m: &PreparedMigration,
     d: &flotilla_core::DataChange,
-) -> Result<(keys::KeyShape, String), Failure> {
+) -> Result<Key, Failure> {
     let shape = match keys::inspect(conn, d, None)
         .await
         .map_err(|e| classify(&e, "batch"))?
@@ -346,23 +357,25 @@ async fn key_shape(
     let floor_lit = shape
         .literal(&shape.floor())
         .map_err(|e| agent_failure(m, e))?;
-    Ok((shape, floor_lit))
+    Ok(Key { shape, floor_lit })
 }
 
 /// Before the first batch of a change on a target, and before its up SQL: a key at the
 /// floor of its type, or with a NULL, would never be in a batch, so the change is refused
-/// rather than skip the row. The session holds the target's search_path.
+/// rather than skip the row. The session holds the target's search_path. Returns the key,
+/// for the batches.
 pub(crate) async fn refuse_uncovered_keys(
     conn: &mut PgConnection,
     m: &PreparedMigration,
-) -> Result<(), Failure> {
+) -> Result<Key, Failure> {
     let d = m
         .migration
         .data
         .as_ref()
         .ok_or_else(|| agent_failure(m, "not a data change"))?;
-    let (_, floor_lit) = key_shape(conn, m, d).await?;
-    let at_floor: bool = sqlx::query_scalar(AssertSqlSafe(sql::keys_at_floor(d, &floor_lit)))
+    let key = key_shape(conn, m, d).await?;
+    let floor_lit = &key.floor_lit;
+    let at_floor: bool = sqlx::query_scalar(AssertSqlSafe(sql::keys_at_floor(d, floor_lit)))
         .fetch_one(&mut *conn)
         .await
         .map_err(|e| classify(&e, "batch"))?;
@@ -377,7 +390,7 @@ pub(crate) async fn refuse_uncovered_keys(
             ),
         ));
     }
-    Ok(())
+    Ok(key)
 }
 
 /// Runs one batch's transaction and returns the last row it returned (the next batch's

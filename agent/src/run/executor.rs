@@ -394,10 +394,12 @@ async fn run_non_transactional(
         let phase = if is_data { "batch" } else { "up" };
         let checkpoint = checkpoint::read(conn, cx, m, phase).await.map_err(failed)?;
         let done = checkpoint.as_ref().map_or(0, |c| c.statements_done(m));
-        if is_data && checkpoint.as_ref().is_none_or(|c| c.last_key.is_none()) {
-            // a key no batch would cover refuses the change before any of it runs
-            data::refuse_uncovered_keys(conn, m).await.map_err(failed)?;
-        }
+        // a key no batch would cover refuses the change before any of it runs
+        let key = if is_data && checkpoint.as_ref().is_none_or(|c| c.last_key.is_none()) {
+            Some(data::refuse_uncovered_keys(conn, m).await.map_err(failed)?)
+        } else {
+            None
+        };
         run_up_statements(conn, cx, m, done)
             .await
             .map_err(|f| GroupFailure {
@@ -406,7 +408,7 @@ async fn run_non_transactional(
                 in_transaction: f.in_transaction,
             })?;
         if is_data {
-            data::run_batches(conn, cx, m, hooks, checkpoint)
+            data::run_batches(conn, cx, m, hooks, checkpoint, key)
                 .await
                 .map_err(failed)?;
         }

@@ -559,3 +559,36 @@ pub async fn wait_running(pool: &sqlx::PgPool, sql: &str) {
     .await
     .expect("running");
 }
+
+/// Assigns `run_id`, one run of migration `idem` (a `pg_sleep(0.4)`) on `tenant`, and while
+/// it runs writes that step's journal row as another session would (checksum `theirs`);
+/// returns the run's result.
+pub async fn run_while_another_applies(
+    s: &mut Stream,
+    pool: &PgPool,
+    plan: &str,
+    epoch: u64,
+    run_id: u64,
+    tenant: &str,
+) -> pb::RunResult {
+    s.send(In::Assign(pb::Assign {
+        plan_id: plan.into(),
+        epoch,
+        lanes: 1,
+        runs: vec![run(run_id, tenant, &["idem"], true)],
+    }));
+    wait_running(pool, "pg_sleep(0.4)").await;
+    sqlx::query(
+        "INSERT INTO flotilla.journal (target, migration_id, checksum, plan_id, epoch, started_at, finished_at) \
+         VALUES ($1, 'idem', 'theirs', 'other', $2, now(), now())",
+    )
+    .bind(tenant)
+    .bind(epoch as i64)
+    .execute(pool)
+    .await
+    .unwrap();
+    s.results(plan, 1)
+        .await
+        .remove(&run_id)
+        .expect("the run's result")
+}

@@ -91,23 +91,9 @@ async fn failpoints_fail_steps_undos_and_sends() {
     }));
     // every read fails (it is tried three times)
     fail::cfg("agent::settle_journal_read", "3*return").unwrap();
-    s.send(In::Assign(pb::Assign {
-        plan_id: "fp2".into(),
-        epoch: 1,
-        lanes: 1,
-        runs: vec![run(3, "tenant_0001", &["idem"], true)],
-    }));
-    wait_running(&f.pool, "pg_sleep(0.4)").await;
-    sqlx::raw_sql(
-        "INSERT INTO flotilla.journal (target, migration_id, checksum, plan_id, epoch, started_at, finished_at) \
-         VALUES ('tenant_0001', 'idem', 'theirs', 'other', 1, now(), now())",
-    )
-    .execute(&f.pool)
-    .await
-    .unwrap();
-    let r = s.results("fp2", 1).await;
-    assert_eq!(outcomes(&r[&3]), [pb::StepOutcome::NotRun], "{:?}", r[&3]);
-    let e = r[&3].steps[0].error.clone().unwrap();
+    let r3 = run_while_another_applies(&mut s, &f.pool, "fp2", 1, 3, "tenant_0001").await;
+    assert_eq!(outcomes(&r3), [pb::StepOutcome::NotRun], "{r3:?}");
+    let e = r3.steps[0].error.clone().unwrap();
     assert!(
         e.message
             .contains("another session applied it first, and re-reading the journal failed"),
@@ -116,28 +102,9 @@ async fn failpoints_fail_steps_undos_and_sends() {
 
     // one read that fails is tried again: the journal then says whose it is
     fail::cfg("agent::settle_journal_read", "1*return").unwrap();
-    s.send(In::Assign(pb::Assign {
-        plan_id: "fp2".into(),
-        epoch: 1,
-        lanes: 1,
-        runs: vec![run(4, "tenant_0000", &["idem"], true)],
-    }));
-    wait_running(&f.pool, "pg_sleep(0.4)").await;
-    sqlx::raw_sql(
-        "INSERT INTO flotilla.journal (target, migration_id, checksum, plan_id, epoch, started_at, finished_at) \
-         VALUES ('tenant_0000', 'idem', 'theirs', 'other', 1, now(), now())",
-    )
-    .execute(&f.pool)
-    .await
-    .unwrap();
-    let r = s.results("fp2", 1).await;
-    assert_eq!(
-        outcomes(&r[&4]),
-        [pb::StepOutcome::AlreadyApplied],
-        "{:?}",
-        r[&4]
-    );
-    assert_eq!(r[&4].steps[0].checksum, "theirs");
+    let r4 = run_while_another_applies(&mut s, &f.pool, "fp2", 1, 4, "tenant_0000").await;
+    assert_eq!(outcomes(&r4), [pb::StepOutcome::AlreadyApplied], "{r4:?}");
+    assert_eq!(r4.steps[0].checksum, "theirs");
     h.stop().await;
     f.drop().await;
 }

@@ -235,28 +235,9 @@ async fn failures_fence_and_non_transactional_steps() {
     }));
 
     // applied by someone else while it ran: the journal's primary key says so
-    s.send(In::Assign(pb::Assign {
-        plan_id: "p2".into(),
-        epoch: 5,
-        lanes: 1,
-        runs: vec![run(100, "tenant_0001", &["idem"], true)],
-    }));
-    wait_running(&pool, "pg_sleep(0.4)").await;
-    sqlx::raw_sql(
-        "INSERT INTO flotilla.journal (target, migration_id, checksum, plan_id, epoch, started_at, finished_at) \
-         VALUES ('tenant_0001', 'idem', 'theirs', 'other', 5, now(), now())",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let r = s.results("p2", 1).await;
-    assert_eq!(
-        outcomes(&r[&100]),
-        [pb::StepOutcome::AlreadyApplied],
-        "{:?}",
-        r[&100]
-    );
-    assert_eq!(r[&100].steps[0].checksum, "theirs");
+    let r = run_while_another_applies(&mut s, &pool, "p2", 5, 100, "tenant_0001").await;
+    assert_eq!(outcomes(&r), [pb::StepOutcome::AlreadyApplied], "{r:?}");
+    assert_eq!(r.steps[0].checksum, "theirs");
     sqlx::raw_sql("DELETE FROM flotilla.journal")
         .execute(&pool)
         .await

@@ -50,6 +50,25 @@ async fn journal(f: &Fleet, plan: &str) -> i64 {
     .await
 }
 
+/// For each (plan, gid): defines the plan with one migration creating `<plan>_t`, and
+/// prepares it on tenant_0000 under that gid (run ids 1, 2, ...).
+async fn prepare_each(s: &mut Stream, gids: &[(&str, &str)]) {
+    for (i, (plan, gid)) in gids.iter().enumerate() {
+        let id = format!("{plan}_m");
+        define(s, plan, vec![table(&id, &format!("{plan}_t"))]);
+        let run_id = i as u64 + 1;
+        let r = s
+            .assign(
+                plan,
+                1,
+                1,
+                vec![prepared_run(run_id, "tenant_0000", &[&id], gid)],
+            )
+            .await;
+        assert_eq!(outcomes(&r[&run_id]), [pb::StepOutcome::Prepared], "{r:?}");
+    }
+}
+
 fn error(r: &pb::RunResult, step: usize) -> pb::StepError {
     r.steps[step].error.clone().expect("a step error")
 }
@@ -457,23 +476,7 @@ async fn a_prepared_transaction_nobody_resolves_is_swept_from_its_decision() {
         ("sc", "flotilla:sc:2:1:tenant_0000"),
         ("su", "flotilla:su:3:1:tenant_0000"),
     ];
-    for (i, (plan, gid)) in gids.iter().enumerate() {
-        let id = format!("{plan}_m");
-        define(&s, plan, vec![table(&id, &format!("{plan}_t"))]);
-        let r = s
-            .assign(
-                plan,
-                1,
-                1,
-                vec![prepared_run(i as u64 + 1, "tenant_0000", &[&id], gid)],
-            )
-            .await;
-        assert_eq!(
-            outcomes(&r[&(i as u64 + 1)]),
-            [pb::StepOutcome::Prepared],
-            "{r:?}"
-        );
-    }
+    prepare_each(&mut s, &gids).await;
     let mark = log_mark();
     let decided = tokio::time::Instant::now();
     put_decision(&mut client, "sa", "abort").await;
@@ -550,23 +553,7 @@ async fn in_doubt_resolved_from_etcd() {
         ("pn", "flotilla:pn:3:1:tenant_0000"),
         ("px", "flotilla:px:4:1:tenant_0000"),
     ];
-    for (i, (plan, gid)) in gids.iter().enumerate() {
-        let id = format!("{plan}_m");
-        define(&s, plan, vec![table(&id, &format!("{plan}_t"))]);
-        let r = s
-            .assign(
-                plan,
-                1,
-                1,
-                vec![prepared_run(i as u64 + 1, "tenant_0000", &[&id], gid)],
-            )
-            .await;
-        assert_eq!(
-            outcomes(&r[&(i as u64 + 1)]),
-            [pb::StepOutcome::Prepared],
-            "{r:?}"
-        );
-    }
+    prepare_each(&mut s, &gids).await;
     // with etcd, a commit needs the decision there
     let reply = s.resolve("pn", true, 1, &[gids[2].1]).await;
     assert!(reply.resolved.is_empty(), "{reply:?}");
