@@ -853,3 +853,68 @@ async fn a_crashed_shard_resumes_the_backfill_from_its_checkpoint() -> anyhow::R
     assert_resumed(&fleet);
     Ok(())
 }
+
+/// A batch that waits on a row the application holds gives up within the step's
+/// lock_timeout and the data change is tried again after a pause, from its checkpoint: the
+/// batches committed before the wait are not run again (every row changed exactly once),
+/// and the change finishes once the holder lets go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfill_blocked_on_a_row_goes_on_from_its_checkpoint() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(1, 1)
+        .shard_sql(|_, tenants| {
+            tenants
+                .iter()
+                .map(|t| {
+                    format!(
+                        "ALTER TABLE {t}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;\n"
+                    )
+                })
+                .collect()
+        })
+        .start()
+        .await?;
+    let t = fleet.tenants(0)[0].clone();
+    let db = fleet.shards[0].clone();
+    let pool = fleet.pg.pool(&db).await?;
+    // The application holds the last row: the first batches get through, the last waits.
+    let mut holder = pool.begin().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM {t}.work_orders WHERE id = (SELECT max(id) FROM {t}.work_orders) FOR UPDATE"
+    )))
+    .execute(&mut *holder)
+    .await?;
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        BACKFILL_ID,
+        &format!("lock_timeout = \"300ms\"\n{}", backfill_toml(7, false)),
+        "",
+        BACKFILL_DOWN,
+    )?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    let agent_log = || fleet.agents[0].as_ref().unwrap().log();
+    crate::harness::wait_until("a retry after the lock timeout", WAIT, async || {
+        Ok(agent_log().contains("lock timeout; trying again after a pause"))
+    })
+    .await?;
+    // Meanwhile what committed is kept, once, with its checkpoint.
+    let (once, twice): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FILTER (WHERE touched = 1), count(*) FILTER (WHERE touched > 1) FROM {t}.work_orders"
+    )))
+    .fetch_one(&pool)
+    .await?;
+    assert!(
+        (7..20).contains(&once) && twice == 0,
+        "{once} once, {twice} twice"
+    );
+    assert_eq!(checkpoints(&fleet, 0).await?, 1);
+    holder.rollback().await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 20));
+    assert_eq!(checkpoints(&fleet, 0).await?, 0);
+    let journal = fleet.journal(0).await?;
+    assert_eq!(journal.len(), 1, "{journal:?}");
+    Ok(())
+}

@@ -164,8 +164,8 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
     }
     RunOutput { result, broken }
 }
-/// Runs one group of steps (one transaction, or one non-transactional step). A schema
-/// change whose lock times out is tried again after a pause (see `lock_wait`).
+/// Runs one group of steps (one transaction, or one non-transactional step). A group
+/// whose lock times out is tried again after a pause (see `lock_wait`).
 async fn run_group(
     conn: &mut PgConnection,
     pool: &PgPool,
@@ -179,8 +179,9 @@ async fn run_group(
     // a lock timeout is tried again after a pause (see `lock_wait`)
     let mut attempt = 0u32;
     let mut backend_pid: Option<i32> = None;
-    // a data change keeps its batches and checkpoint; it is not retried whole
-    let data = group.iter().any(|&g| job.steps[g].migration.data.is_some());
+    // A data change (like any non-transactional step) is tried again from its checkpoint:
+    // the statements and batches it recorded are not run twice, so a batch that timed out
+    // on a row the application held waits out the pause and goes on where it stopped.
     loop {
         durations.iter_mut().for_each(|d| *d = Duration::ZERO);
         let watch = backend_pid.map(|pid| BlockerWatch::start(pool, pid, &job.steps[i]));
@@ -202,7 +203,7 @@ async fn run_group(
         };
         let lock_timeout = matches!(&outcome, Err(gf) if gf.failure.is_lock_timeout());
         match outcome {
-            Err(gf) if lock_timeout && !data && attempt < LOCK_RETRIES => {
+            Err(gf) if lock_timeout && attempt < LOCK_RETRIES => {
                 if recover(conn, gf.in_transaction, !transactional).await {
                     return Err(gf);
                 }

@@ -1,4 +1,4 @@
-//! A schema step that cannot get its lock within lock_timeout gives up, so it never queues
+//! A step that cannot get its lock within lock_timeout gives up, so it never queues
 //! in front of the table's traffic for longer, and is tried again after a pause (the
 //! lock_timeout-with-retries pattern of GitLab and strong_migrations). Meanwhile another
 //! connection looks at who blocks it, so the final error names them.
@@ -8,7 +8,7 @@ use sqlx::postgres::PgPool;
 
 use crate::step::PreparedMigration;
 
-/// Attempts after the first when a schema step's lock times out.
+/// Attempts after the first when a step's lock times out (a data step's from its checkpoint).
 pub(super) const LOCK_RETRIES: u32 = 3;
 /// The pause before the first retry; it doubles after each.
 pub(super) const LOCK_RETRY_PAUSE: Duration = Duration::from_millis(500);
