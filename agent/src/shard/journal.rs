@@ -179,23 +179,33 @@ pub(crate) async fn read_fence(pool: &PgPool) -> Result<u64, sqlx::Error> {
     Ok(u64::try_from(epoch).unwrap_or(0))
 }
 
+/// A journal row `j` whose step a rollback began to undo and did not finish (its checkpoint
+/// marked undoing) is not the step applied: what it says is done was undone in part. No
+/// reader takes it as applied: not a run (the step refuses to go on until a rollback
+/// finishes), not a preflight (which would skip the step and call the plan done), not the
+/// fleet view (which would show the target at a version it is not at).
+const NOT_UNDOING: &str = "NOT EXISTS (SELECT 1 FROM flotilla.checkpoints c \
+     WHERE c.target = j.target AND c.migration_id = j.migration_id AND c.undoing)";
+
 /// Journal rows as the coordinator's fleet view takes them: every row, or those of
 /// `targets`, in the order they were applied.
 pub(crate) async fn read_entries(
     conn: &mut PgConnection,
     targets: Option<&[String]>,
 ) -> Result<Vec<pb::JournalEntry>, sqlx::Error> {
-    const COLUMNS: &str = "SELECT target, migration_id, checksum, plan_id,          (extract(epoch FROM finished_at) * 1000)::bigint,          greatest((extract(epoch FROM finished_at - started_at) * 1000)::bigint, 0), seq          FROM flotilla.journal";
+    const COLUMNS: &str = "SELECT target, migration_id, checksum, plan_id,          (extract(epoch FROM finished_at) * 1000)::bigint,          greatest((extract(epoch FROM finished_at - started_at) * 1000)::bigint, 0), seq          FROM flotilla.journal j";
     type Row = (String, String, String, String, i64, i64, i64);
     let rows: Vec<Row> = match targets {
         None => {
-            sqlx::query_as(AssertSqlSafe(format!("{COLUMNS} ORDER BY seq")))
-                .fetch_all(&mut *conn)
-                .await?
+            sqlx::query_as(AssertSqlSafe(format!(
+                "{COLUMNS} WHERE {NOT_UNDOING} ORDER BY seq"
+            )))
+            .fetch_all(&mut *conn)
+            .await?
         }
         Some(targets) => {
             sqlx::query_as(AssertSqlSafe(format!(
-                "{COLUMNS} WHERE target = ANY($1) ORDER BY seq"
+                "{COLUMNS} WHERE target = ANY($1) AND {NOT_UNDOING} ORDER BY seq"
             )))
             .bind(targets)
             .fetch_all(&mut *conn)
@@ -218,21 +228,17 @@ pub(crate) async fn read_entries(
         .collect())
 }
 
-/// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs.
-/// A row whose step a rollback began to undo and did not finish (its checkpoint marked
-/// undoing) is not the step applied: what it says is done was undone in part, and the step,
-/// run, refuses to go on until a rollback finishes.
+/// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs
+/// (not those a rollback cut short: see [`NOT_UNDOING`]).
 pub(crate) async fn read_applied<'c>(
     on: impl sqlx::PgExecutor<'c>,
     targets: &[String],
     migrations: &[String],
 ) -> Result<Vec<JournalRow>, sqlx::Error> {
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
+    let rows: Vec<(String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT j.target, j.migration_id, j.checksum FROM flotilla.journal j \
-         WHERE j.target = ANY($1) AND j.migration_id = ANY($2) \
-           AND NOT EXISTS (SELECT 1 FROM flotilla.checkpoints c \
-             WHERE c.target = j.target AND c.migration_id = j.migration_id AND c.undoing)",
-    )
+         WHERE j.target = ANY($1) AND j.migration_id = ANY($2) AND {NOT_UNDOING}"
+    )))
     .bind(targets)
     .bind(migrations)
     .fetch_all(on)
@@ -252,10 +258,10 @@ pub(crate) async fn read_for_preflight(
     pool: &PgPool,
     migrations: &[String],
 ) -> Result<Vec<pb::AppliedStep>, sqlx::Error> {
-    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
-        "SELECT target, migration_id, checksum, plan_id FROM flotilla.journal \
-         WHERE migration_id = ANY($1) ORDER BY target, seq",
-    )
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT target, migration_id, checksum, plan_id FROM flotilla.journal j \
+             WHERE migration_id = ANY($1) AND {NOT_UNDOING} ORDER BY target, seq"
+    )))
     .bind(migrations)
     .fetch_all(pool)
     .await?;

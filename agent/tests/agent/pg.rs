@@ -1108,7 +1108,8 @@ async fn undoing_a_prior_image_keeps_what_the_application_wrote_since() {
 /// a first statement that cannot run in a transaction is recorded (nothing done) before it
 /// runs, so its failure leaves a checkpoint a rollback finds; and a rollback cut short
 /// marks the checkpoint undoing, so the step does not go on from it (it would skip
-/// statements the rollback undid) until a rollback finishes.
+/// statements the rollback undid) until a rollback finishes, and an applied step's journal
+/// row is no longer taken as applied, by a run or by a preflight.
 #[tokio::test]
 async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() {
     let Some(f) = fleet("part_way_more", 1).await else {
@@ -1237,8 +1238,11 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
         .assign("pz", 4, 1, vec![run(5, t, &["two_part"], false)])
         .await;
     assert_eq!(outcomes(&r[&5]), [pb::StepOutcome::Applied], "{:?}", r[&5]);
+    assert_eq!(applied_in_preflight(&mut s, 8, "two_part").await, 1);
     let reply = s.rollback("pz", 4).await;
     assert!(!reply.complete, "{reply:?}");
+    // nor does a preflight: a plan would skip the step and call the target done
+    assert_eq!(applied_in_preflight(&mut s, 9, "two_part").await, 0);
     assert_eq!(
         count(
             &pool,
@@ -1273,6 +1277,24 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
     }
     h.stop().await;
     f.drop().await;
+}
+
+/// How many journal rows of `migration` a preflight answers with.
+async fn applied_in_preflight(s: &mut Stream, request_id: u64, migration: &str) -> usize {
+    s.send(In::Preflight(pb::PreflightRequest {
+        two_phase: false,
+        request_id,
+        migration_ids: vec![migration.into()],
+        data_migrations: Vec::new(),
+        lock_relations: Vec::new(),
+    }));
+    loop {
+        // reports the runs and the rollback left may come first
+        if let Out::Preflight(p) = s.next().await {
+            assert_eq!((p.request_id, p.error.as_str()), (request_id, ""));
+            return p.applied.len();
+        }
+    }
 }
 
 /// A shard whose flotilla schema is version 1 (as de652aa's agent left it), with a data
