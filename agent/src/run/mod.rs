@@ -34,6 +34,9 @@ pub(crate) enum Outgoing {
     Run {
         plan_id: String,
         result: pb::RunResult,
+        /// No other run of the plan is queued or running on this shard: the result goes at
+        /// once (see `Agent::report`).
+        last: bool,
     },
     Rollback(pb::RollbackReply),
     Resolve(pb::ResolveReply),
@@ -49,7 +52,9 @@ impl Agent {
             return;
         };
         match refused.0 {
-            Outgoing::Run { plan_id, result } => {
+            Outgoing::Run {
+                plan_id, result, ..
+            } => {
                 warn!(plan = %plan_id, run = result.run_id, tenant = %result.tenant,
                       steps = result.steps.len(), "run result not sent: the agent is stopping")
             }

@@ -149,9 +149,18 @@ impl Agent {
             };
             metrics::step_finished(outcome);
         }
+        // The last run of the plan this shard has, queued or running (a lane reports before
+        // it counts its run done): nothing is left to batch its result with, and the
+        // coordinator waits on it to end the plan, open the next wave, or hand out more.
+        let plan = self.plans.lock().expect("plans lock").get(plan_id).cloned();
+        let last = plan.is_none_or(|p| {
+            let st = p.state.lock().expect("plan lock");
+            st.queue.is_empty() && st.in_flight <= 1
+        });
         self.send_out(Outgoing::Run {
             plan_id: plan_id.to_string(),
             result,
+            last,
         });
     }
 

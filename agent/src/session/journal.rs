@@ -438,6 +438,7 @@ mod tests {
                     .collect(),
                 prepared_at_us: 0,
             },
+            last: false,
         }
     }
 

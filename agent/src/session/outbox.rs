@@ -38,7 +38,8 @@ pub(crate) struct Outbox {
     since: Option<Instant>,
     /// Something waiting must go now, not after `FLUSH_AFTER`: a PREPARED result (its
     /// target holds its locks until the decision, which waits for every such result), a
-    /// failure (an atomic unit aborts on it), a reply to a Resolve.
+    /// failure (an atomic unit aborts on it), the last run the shard had of a plan, a reply
+    /// to a Resolve.
     urgent: bool,
 }
 
@@ -58,11 +59,16 @@ impl Outbox {
     /// it halted).
     pub fn push(&mut self, item: Outgoing) {
         let body = match item {
-            Outgoing::Run { plan_id, result } => {
-                self.urgent |= result.steps.iter().any(|s| {
-                    s.outcome == pb::StepOutcome::Prepared as i32
-                        || s.outcome == pb::StepOutcome::Failed as i32
-                });
+            Outgoing::Run {
+                plan_id,
+                result,
+                last,
+            } => {
+                self.urgent |= last
+                    || result.steps.iter().any(|s| {
+                        s.outcome == pb::StepOutcome::Prepared as i32
+                            || s.outcome == pb::StepOutcome::Failed as i32
+                    });
                 self.runs.push((plan_id, result));
                 self.since.get_or_insert_with(Instant::now);
                 return;
@@ -170,6 +176,7 @@ mod tests {
         outbox.push(Outgoing::Run {
             plan_id: "a".into(),
             result: run_result(1),
+            last: false,
         });
         assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
         let mut prepared = run_result(2);
@@ -180,6 +187,7 @@ mod tests {
         outbox.push(Outgoing::Run {
             plan_id: "a".into(),
             result: prepared,
+            last: false,
         });
         assert_eq!(
             outbox.due(),
@@ -191,12 +199,39 @@ mod tests {
         outbox.push(Outgoing::Run {
             plan_id: "a".into(),
             result: run_result(3),
+            last: false,
         });
         assert_eq!(
             outbox.due(),
             Some(Instant::now() + FLUSH_AFTER),
             "urgent ends with the flush"
         );
+    }
+
+    /// The shard's last run of a plan: nothing is left to batch it with, and the
+    /// coordinator waits on it (the plan's end, the next wave, more runs).
+    #[tokio::test(start_paused = true)]
+    async fn the_last_run_of_a_plan_goes_at_once() {
+        let (_in_tx, in_rx) = mpsc::unbounded_channel();
+        let mut outbox = Outbox::new(in_rx);
+        outbox.push(Outgoing::Run {
+            plan_id: "a".into(),
+            result: run_result(1),
+            last: false,
+        });
+        assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
+        outbox.push(Outgoing::Run {
+            plan_id: "a".into(),
+            result: run_result(2),
+            last: true,
+        });
+        assert_eq!(outbox.due(), Some(Instant::now()), "due now");
+        let (tx, mut rx) = mpsc::channel(8);
+        outbox.flush(&tx).unwrap();
+        let Some(Out::Results(r)) = rx.recv().await.unwrap().body else {
+            panic!("not results")
+        };
+        assert_eq!(r.runs.len(), 2, "with what waited before it");
     }
 
     #[tokio::test(start_paused = true)]
@@ -207,6 +242,7 @@ mod tests {
             outbox.push(Outgoing::Run {
                 plan_id: plan.into(),
                 result: run_result(id),
+                last: false,
             });
         }
         assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
@@ -225,6 +261,7 @@ mod tests {
         outbox.push(Outgoing::Run {
             plan_id: "c".into(),
             result: run_result(4),
+            last: false,
         });
         drop(rx);
         assert!(outbox.flush(&tx).is_err());
@@ -243,6 +280,7 @@ mod tests {
         outbox.push(Outgoing::Run {
             plan_id: "a".into(),
             result: run_result(1),
+            last: false,
         });
         outbox.push(Outgoing::Resolve(pb::ResolveReply {
             plan_id: "a".into(),
@@ -252,6 +290,7 @@ mod tests {
         outbox.push(Outgoing::Run {
             plan_id: "a".into(),
             result: run_result(2),
+            last: false,
         });
         let (tx, mut rx) = mpsc::channel(8);
         outbox.flush(&tx).unwrap();
