@@ -854,29 +854,21 @@ async fn a_crashed_shard_resumes_the_backfill_from_its_checkpoint() -> anyhow::R
     Ok(())
 }
 
-/// A batch that waits on a row the application holds gives up within the step's
-/// lock_timeout and the data change is tried again after a pause, from its checkpoint: the
-/// batches committed before the wait are not run again (every row changed exactly once),
-/// and the change finishes once the holder lets go.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_backfill_blocked_on_a_row_goes_on_from_its_checkpoint() -> anyhow::Result<()> {
-    let fleet = TestFleet::builder(1, 1)
-        .shard_sql(|_, tenants| {
-            tenants
-                .iter()
-                .map(|t| {
-                    format!(
-                        "ALTER TABLE {t}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;\n"
-                    )
-                })
-                .collect()
-        })
-        .start()
-        .await?;
+/// One tenant whose application holds the last row of `work_orders` (FOR UPDATE, in the
+/// returned transaction), and a backfill submitted with lock_timeout 300ms: its first
+/// batches get through, the last waits. Returns once the agent has logged a retry after
+/// the lock timeout, and what committed meanwhile is checked: kept, once, with its
+/// checkpoint. `extra`: the submit's arguments.
+async fn blocked_backfill(
+    fleet: &TestFleet,
+    pool: &sqlx::PgPool,
+    extra: &[&str],
+) -> anyhow::Result<(
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    MigrationDir,
+    String,
+)> {
     let t = fleet.tenants(0)[0].clone();
-    let db = fleet.shards[0].clone();
-    let pool = fleet.pg.pool(&db).await?;
-    // The application holds the last row: the first batches get through, the last waits.
     let mut holder = pool.begin().await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT id FROM {t}.work_orders WHERE id = (SELECT max(id) FROM {t}.work_orders) FOR UPDATE"
@@ -890,23 +882,61 @@ async fn a_backfill_blocked_on_a_row_goes_on_from_its_checkpoint() -> anyhow::Re
         "",
         BACKFILL_DOWN,
     )?;
-    let id = fleet.submit(dir.path(), &[]).await?;
+    let id = fleet.submit(dir.path(), extra).await?;
     let agent_log = || fleet.agents[0].as_ref().unwrap().log();
     crate::harness::wait_until("a retry after the lock timeout", WAIT, async || {
         Ok(agent_log().contains("lock timeout; trying again after a pause"))
     })
     .await?;
-    // Meanwhile what committed is kept, once, with its checkpoint.
     let (once, twice): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FILTER (WHERE touched = 1), count(*) FILTER (WHERE touched > 1) FROM {t}.work_orders"
     )))
-    .fetch_one(&pool)
+    .fetch_one(pool)
+    .await?;
+    // between its attempts the change shows as held back by the lock, not as failed
+    crate::harness::wait_until("the change shown throttled by the lock", WAIT, async || {
+        let st = fleet.status(&id).await?;
+        let d = &st["data"][0];
+        assert_ne!(d["state"], "failed", "{st}");
+        Ok(d["state"] == "throttled"
+            && d["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("lock timeout") && r.contains("trying again")))
+    })
     .await?;
     assert!(
         (7..20).contains(&once) && twice == 0,
         "{once} once, {twice} twice"
     );
-    assert_eq!(checkpoints(&fleet, 0).await?, 1);
+    assert_eq!(checkpoints(fleet, 0).await?, 1);
+    Ok((holder, dir, id))
+}
+
+async fn touched_column_fleet() -> anyhow::Result<TestFleet> {
+    TestFleet::builder(1, 1)
+        .shard_sql(|_, tenants| {
+            tenants
+                .iter()
+                .map(|t| {
+                    format!(
+                        "ALTER TABLE {t}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;\n"
+                    )
+                })
+                .collect()
+        })
+        .start()
+        .await
+}
+
+/// A batch that waits on a row the application holds gives up within the step's
+/// lock_timeout and the data change is tried again after a pause, from its checkpoint: the
+/// batches committed before the wait are not run again (every row changed exactly once),
+/// and the change finishes once the holder lets go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfill_blocked_on_a_row_goes_on_from_its_checkpoint() -> anyhow::Result<()> {
+    let fleet = touched_column_fleet().await?;
+    let pool = fleet.pg.pool(&fleet.shards[0]).await?;
+    let (holder, _dir, id) = blocked_backfill(&fleet, &pool, &[]).await?;
     holder.rollback().await?;
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])
@@ -916,5 +946,38 @@ async fn a_backfill_blocked_on_a_row_goes_on_from_its_checkpoint() -> anyhow::Re
     assert_eq!(checkpoints(&fleet, 0).await?, 0);
     let journal = fleet.journal(0).await?;
     assert_eq!(journal.len(), 1, "{journal:?}");
+    Ok(())
+}
+
+/// A cancel that comes while a blocked data change waits to be tried again stops it at its
+/// next batch boundary, its checkpoint kept: it neither goes on retrying past the cancel
+/// nor fails the plan with the lock timeout. Run again once the row is free, it goes on
+/// from the checkpoint.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_stops_a_blocked_backfill_between_its_attempts() -> anyhow::Result<()> {
+    let fleet = touched_column_fleet().await?;
+    let pool = fleet.pg.pool(&fleet.shards[0]).await?;
+    // stop: a cancel leaves what is done (a rollback's down SQL would wait on the row too)
+    let (holder, dir, id) = blocked_backfill(&fleet, &pool, &["--policy", "stop"]).await?;
+    let out = fleet
+        .cli(&["plan", "cancel", &id, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "cancelled", "{st}");
+    let lock_failures = st["failures"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|f| f["sqlstate"] == "55P03").count());
+    assert_eq!(lock_failures, 0, "{st}");
+    assert_eq!(st["data"][0]["state"], "stopped", "{st}");
+    assert_eq!(checkpoints(&fleet, 0).await?, 1);
+    assert!(fleet.journal(0).await?.is_empty());
+
+    holder.rollback().await?;
+    let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 20));
+    assert_eq!(checkpoints(&fleet, 0).await?, 0);
     Ok(())
 }

@@ -39,6 +39,24 @@ pub(crate) struct DataHooks {
     pub buckets: Arc<ServerBuckets>,
 }
 
+impl DataHooks {
+    /// How many halts the plan has had (cancels, failures elsewhere, rollbacks).
+    pub fn halts(&self) -> u64 {
+        self.control.borrow().halts
+    }
+}
+
+/// What one attempt of a data change takes from its step's run, which may try it again
+/// after a lock timeout (see `run::lock_wait`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attempt {
+    /// The plan's halts when the run started: a halt since, even one that came while an
+    /// earlier attempt waited, stops the change at its next batch boundary.
+    pub halts_at_start: Option<u64>,
+    /// A lock timeout ends this attempt, not the step: the change is tried again.
+    pub retried_on_lock_timeout: bool,
+}
+
 /// A page of keys: how many rows (at most `limit`) and the last key's text (`None`: empty).
 struct Page {
     limit: u32,
@@ -131,11 +149,12 @@ pub(crate) async fn run_batches(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     hooks: Option<&DataHooks>,
+    attempt: Attempt,
     checkpoint: Option<Checkpoint>,
     key: Option<Key>,
 ) -> Result<u64, Failure> {
     let mut prepared = None;
-    let result = batches(conn, cx, m, hooks, checkpoint, key, &mut prepared).await;
+    let result = batches(conn, cx, m, hooks, attempt, checkpoint, key, &mut prepared).await;
     // the session goes back to the pool without it (not tried on a session whose server went
     // away: it went with the session)
     let gone = matches!(&result, Err(f) if f.server_gone());
@@ -153,11 +172,13 @@ pub(crate) async fn run_batches(
 
 /// The body of [`run_batches`]; `prepared` gets the full-page query it prepared, which the
 /// caller lets go whichever way this ends.
+#[allow(clippy::too_many_arguments)] // run_batches' own, and the out parameter
 async fn batches(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     hooks: Option<&DataHooks>,
+    attempt: Attempt,
     checkpoint: Option<Checkpoint>,
     key: Option<Key>,
     prepared: &mut Option<PreparedPage>,
@@ -222,7 +243,7 @@ async fn batches(
     );
     progress.total = rows_total as u64 + left.unwrap_or(0);
     let mut control = hooks.map(|h| h.control.clone());
-    let halts_at_start = control.as_ref().map(|c| c.borrow().halts);
+    let halts_at_start = attempt.halts_at_start.filter(|_| control.is_some());
     let mut size = d.batch_size;
     *prepared = PreparedPage::prepare(conn, m, &shape, size).await;
     let mut done = 0u64;
@@ -250,7 +271,7 @@ async fn batches(
                 let (rows, last) = sqlx::query_as(AssertSqlSafe(sql))
                     .fetch_one(&mut *conn)
                     .await
-                    .map_err(|e| stopped_if_server_gone(m, db(e), &mut progress, size))?;
+                    .map_err(|e| stopped_if_server_gone(m, db(e), &mut progress, size, attempt))?;
                 Page {
                     limit: size,
                     rows,
@@ -298,7 +319,7 @@ async fn batches(
         let began = Instant::now();
         let last_row = commit_batch(conn, cx, m, &sql)
             .await
-            .map_err(|failure| stopped_if_server_gone(m, failure, &mut progress, size))?;
+            .map_err(|failure| stopped_if_server_gone(m, failure, &mut progress, size, attempt))?;
         let took = began.elapsed();
         if next_page.is_some() {
             found = Page::full_from_row(size, last_row).map_err(|e| agent_failure(m, e))?;
@@ -459,13 +480,21 @@ pub(crate) fn adapt_batch_size(
 /// A batch that failed because the shard's server went away (crash, restart, admin
 /// shutdown) was undone with its checkpoint: the change stops as if halted at that
 /// boundary (NOT_RUN, `connection_lost`), so that it runs again from its checkpoint once the
-/// server is back, rather than failing the plan. Any other failure is the change's.
+/// server is back, rather than failing the plan. Any other failure is the change's (a lock
+/// timeout the step tries again after a pause shows as throttled meanwhile, with why, not
+/// as failed).
 fn stopped_if_server_gone(
     m: &PreparedMigration,
     failure: Failure,
     progress: &mut Progress<'_>,
     size: u32,
+    attempt: Attempt,
 ) -> Failure {
+    if failure.is_lock_timeout() && attempt.retried_on_lock_timeout {
+        let reason = format!("{}; trying again after a pause", failure.error.message);
+        progress.set("throttled", &reason, size);
+        return failure;
+    }
     if !failure.server_gone() {
         progress.set("failed", &failure.error.message, size);
         return failure;

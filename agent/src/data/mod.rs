@@ -10,7 +10,7 @@ mod rate;
 mod sql;
 mod throttle;
 
-pub(crate) use batches::{DataHooks, refuse_uncovered_keys, run_batches};
+pub(crate) use batches::{Attempt, DataHooks, refuse_uncovered_keys, run_batches};
 pub(crate) use progress::ProgressBoard;
 pub(crate) use rate::ServerBuckets;
 pub(crate) use throttle::{PlanControl, STOPPED};

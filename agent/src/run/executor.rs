@@ -182,20 +182,30 @@ async fn run_group(
     // A data change (like any non-transactional step) is tried again from its checkpoint:
     // the statements and batches it recorded are not run twice, so a batch that timed out
     // on a row the application held waits out the pause and goes on where it stopped.
+    let data = !transactional && job.steps[i].migration.data.is_some();
+    // A halt (a cancel, a failure elsewhere, a rollback waiting for the plan's runs) counts
+    // from the run's start: one that comes while an attempt waits is not retried past. A
+    // data change stops at its next batch boundary, kept for a later run; another step
+    // ends with its lock timeout.
+    let halts_at_start = job.hooks.as_deref().map(DataHooks::halts);
+    let halted = || job.hooks.as_deref().map(DataHooks::halts) != halts_at_start;
+    // a non-transactional step's time is all of its attempts' (a backfill that waited on a
+    // lock near its end took the hours before too)
+    let started = Instant::now();
     loop {
         durations.iter_mut().for_each(|d| *d = Duration::ZERO);
         let watch = backend_pid.map(|pid| BlockerWatch::start(pool, pid, &job.steps[i]));
         let outcome = if transactional {
             run_transaction(conn, cx, job, group, durations).await
         } else {
-            run_non_transactional(
-                conn,
-                cx,
-                &job.steps[i],
-                job.hooks.as_deref(),
-                &mut durations[0],
-            )
-            .await
+            let attempt = data::Attempt {
+                halts_at_start,
+                retried_on_lock_timeout: attempt < LOCK_RETRIES,
+            };
+            let r =
+                run_non_transactional(conn, cx, &job.steps[i], job.hooks.as_deref(), attempt).await;
+            durations[0] = started.elapsed();
+            r
         };
         let blocker = match watch {
             Some(w) => w.finish().await,
@@ -203,7 +213,7 @@ async fn run_group(
         };
         let lock_timeout = matches!(&outcome, Err(gf) if gf.failure.is_lock_timeout());
         match outcome {
-            Err(gf) if lock_timeout && attempt < LOCK_RETRIES => {
+            Err(gf) if lock_timeout && attempt < LOCK_RETRIES && (data || !halted()) => {
                 if recover(conn, gf.in_transaction, !transactional).await {
                     return Err(gf);
                 }
@@ -222,7 +232,9 @@ async fn run_group(
                         .await
                         .ok();
                 }
-                tokio::time::sleep(pause).await;
+                if !halted() {
+                    tokio::time::sleep(pause).await;
+                }
             }
             Err(mut gf) if lock_timeout && attempt > 0 => {
                 gf.failure.error.message = format!(
@@ -374,9 +386,8 @@ async fn run_non_transactional(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     hooks: Option<&DataHooks>,
-    duration: &mut Duration,
+    attempt: data::Attempt,
 ) -> Result<(), GroupFailure> {
-    let started = Instant::now();
     let fail = |e: &sqlx::Error, in_transaction| GroupFailure {
         position: 0,
         failure: classify(e, "up"),
@@ -387,7 +398,7 @@ async fn run_non_transactional(
         failure,
         in_transaction: false,
     };
-    let r = async {
+    async {
         execute(conn, sqlgen::non_transactional_prologue(cx, m))
             .await
             .map_err(|e| fail(&e, false))?;
@@ -409,7 +420,7 @@ async fn run_non_transactional(
                 in_transaction: f.in_transaction,
             })?;
         if is_data {
-            data::run_batches(conn, cx, m, hooks, checkpoint, key)
+            data::run_batches(conn, cx, m, hooks, attempt, checkpoint, key)
                 .await
                 .map_err(failed)?;
         }
@@ -418,9 +429,7 @@ async fn run_non_transactional(
         epilogue.push_str("RESET ALL;\n");
         execute(conn, epilogue).await.map_err(|e| fail(&e, true))
     }
-    .await;
-    *duration = started.elapsed();
-    r
+    .await
 }
 
 fn commit_failpoint_non_transactional() -> Result<(), GroupFailure> {

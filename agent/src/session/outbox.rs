@@ -139,9 +139,11 @@ impl Outbox {
             match tx.try_send(msg) {
                 Ok(()) => {}
                 Err(TrySendError::Full(msg)) => {
-                    // the coordinator is slow to read: try again shortly
+                    // the coordinator is slow to read: try again after the window, urgent or
+                    // not (trying again at once would spin until it reads)
                     self.ready.push_front(msg);
                     self.since = Some(Instant::now());
+                    self.urgent = false;
                     return Ok(());
                 }
                 Err(TrySendError::Closed(msg)) => {
@@ -232,6 +234,19 @@ mod tests {
             panic!("not results")
         };
         assert_eq!(r.runs.len(), 2, "with what waited before it");
+
+        // a coordinator slow to read: what did not fit waits out the window, urgent or not
+        // (at once again would spin until it reads)
+        for plan in ["b", "c"] {
+            outbox.push(Outgoing::Run {
+                plan_id: plan.into(),
+                result: run_result(3),
+                last: true,
+            });
+        }
+        let (tx, _rx) = mpsc::channel(1);
+        outbox.flush(&tx).unwrap();
+        assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
     }
 
     #[tokio::test(start_paused = true)]

@@ -41,10 +41,10 @@ pub(crate) async fn read(
     m: &PreparedMigration,
     phase: &str,
 ) -> Result<Option<Checkpoint>, Failure> {
-    type Row = (String, Option<String>, i64, i64, i32, bool, f64);
+    type Row = (String, Option<String>, i64, i64, i32, bool, f64, String);
     let row: Option<Row> = sqlx::query_as(
         "SELECT checksum, last_key, rows, batches, statements, undoing, \
-         extract(epoch FROM pg_catalog.clock_timestamp() - updated_at)::float8 \
+         extract(epoch FROM pg_catalog.clock_timestamp() - updated_at)::float8, plan_id \
          FROM flotilla.checkpoints WHERE target = $1 AND migration_id = $2",
     )
     .bind(cx.tenant)
@@ -53,6 +53,18 @@ pub(crate) async fn read(
     .await
     .map_err(|e| classify(&e, phase))?;
     match row {
+        // first: a rollback cut short, whatever version wrote the checkpoint (a plan with an
+        // edited migration is no reason to clear the mark, and clearing it would pass the
+        // journal row off as applied again)
+        Some((.., true, _, plan_id)) => Err(Failure::agent(
+            phase,
+            format!(
+                "migration `{}`: a rollback of it on this target was cut short (its checkpoint \
+                 is marked undoing), so what is done is unknown; roll back plan {plan_id} again \
+                 to finish undoing it, then run it again",
+                m.id()
+            ),
+        )),
         Some((checksum, ..)) if checksum != m.migration.checksum => Err(Failure::agent(
             phase,
             format!(
@@ -62,22 +74,15 @@ pub(crate) async fn read(
                 m.id()
             ),
         )),
-        Some((.., true, _)) => Err(Failure::agent(
-            phase,
-            format!(
-                "migration `{}`: a rollback of it on this target was cut short (its checkpoint \
-                 is marked undoing), so what is done is unknown; roll back its plan again to \
-                 finish undoing it, then run it again",
-                m.id()
-            ),
-        )),
-        Some((_, last_key, rows, batches, statements, false, age_secs)) => Ok(Some(Checkpoint {
-            statements: usize::try_from(statements).unwrap_or(0),
-            last_key,
-            rows,
-            batches,
-            age_secs,
-        })),
+        Some((_, last_key, rows, batches, statements, false, age_secs, _)) => {
+            Ok(Some(Checkpoint {
+                statements: usize::try_from(statements).unwrap_or(0),
+                last_key,
+                rows,
+                batches,
+                age_secs,
+            }))
+        }
         None => Ok(None),
     }
 }

@@ -1259,9 +1259,29 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
     let e = r[&6].steps[0].error.clone().unwrap();
     assert!(
         e.message
-            .contains("a rollback of it on this target was cut short"),
+            .contains("a rollback of it on this target was cut short")
+            && e.message.contains("roll back plan pz again"),
         "{e:?}"
     );
+    // an edited version of the step, in another plan, is told the same (not to delete the
+    // checkpoint, which would pass the journal row off as applied again)
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pz_edited".into(),
+        migrations: vec![non_tx(migration(
+            "two_part",
+            "CREATE TABLE tp (v bigint)",
+            "DROP TABLE IF EXISTS tp",
+            "",
+        ))],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign("pz_edited", 4, 1, vec![run(7, t, &["two_part"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&7]), [pb::StepOutcome::Failed], "{:?}", r[&7]);
+    let e = r[&7].steps[0].error.clone().unwrap();
+    assert!(e.message.contains("roll back plan pz again"), "{e:?}");
     sqlx::raw_sql("CREATE TABLE tenant_0000.down_gate2 (v int)")
         .execute(&pool)
         .await
