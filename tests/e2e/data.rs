@@ -883,9 +883,12 @@ async fn blocked_backfill(
         BACKFILL_DOWN,
     )?;
     let id = fleet.submit(dir.path(), extra).await?;
+    // the second attempt's wait is watched: its retry names the row's table
     let agent_log = || fleet.agents[0].as_ref().unwrap().log();
-    crate::harness::wait_until("a retry after the lock timeout", WAIT, async || {
-        Ok(agent_log().contains("lock timeout; trying again after a pause"))
+    let row = format!("a row of {t}.work_orders held by pid");
+    crate::harness::wait_until("a retry naming the row's table", WAIT, async || {
+        let log = agent_log();
+        Ok(log.contains("lock timeout; trying again after a pause") && log.contains(&row))
     })
     .await?;
     let (once, twice): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(

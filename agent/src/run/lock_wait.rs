@@ -13,9 +13,19 @@ pub(super) const LOCK_RETRIES: u32 = 3;
 /// The pause before the first retry; it doubles after each.
 pub(super) const LOCK_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
-/// The table waited for, then the blocking session's pid, user, application, state, seconds
-/// its transaction is open, and its last query.
-type BlockerRow = (Option<String>, i32, String, String, String, f64, String);
+/// The table waited for, the table of the row waited for (a row lock is waited for on the
+/// holder's transaction, with the row's tuple lock held), then the blocking session's pid,
+/// user, application, state, seconds its transaction is open, and its last query.
+type BlockerRow = (
+    Option<String>,
+    Option<String>,
+    i32,
+    String,
+    String,
+    String,
+    f64,
+    String,
+);
 
 /// Watches a step's backend from another connection while it may wait for a lock: shortly
 /// before its lock_timeout runs out, it records which table the step waits for and which
@@ -31,7 +41,10 @@ impl BlockerWatch {
         let task = tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             let rows: Vec<BlockerRow> = sqlx::query_as(
-                "SELECT w.relation::pg_catalog.regclass::text, a.pid, coalesce(a.usename::text, ''), \
+                "SELECT w.relation::pg_catalog.regclass::text, \
+                   (SELECT t.relation::pg_catalog.regclass::text FROM pg_catalog.pg_locks t \
+                     WHERE t.pid = w.pid AND t.locktype = 'tuple' AND t.granted LIMIT 1), \
+                   a.pid, coalesce(a.usename::text, ''), \
                    coalesce(a.application_name, ''), coalesce(a.state, ''), \
                    coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start), 0)::float8, \
                    pg_catalog.left(coalesce(a.query, ''), 120) \
@@ -44,10 +57,15 @@ impl BlockerWatch {
             .fetch_all(&pool)
             .await
             .ok()?;
-            let (table, ..) = rows.first()?;
+            let (table, row_of, ..) = rows.first()?;
+            let what = match (table, row_of) {
+                (Some(table), _) => table.clone(),
+                (None, Some(table)) => format!("a row of {table}"),
+                (None, None) => "an object".into(),
+            };
             let blockers: Vec<String> = rows
                 .iter()
-                .map(|(_, pid, user, app, state, secs, query)| {
+                .map(|(_, _, pid, user, app, state, secs, query)| {
                     format!(
                         "pid {pid} (user {user}{}, {state}, transaction open {secs:.0}s, last query: {query})",
                         if app.is_empty() { String::new() } else { format!(", application {app}") }
@@ -55,8 +73,7 @@ impl BlockerWatch {
                 })
                 .collect();
             Some(format!(
-                "waiting for a lock on {} held by {}",
-                table.clone().unwrap_or_else(|| "an object".into()),
+                "waiting for a lock on {what} held by {}",
                 blockers.join("; ")
             ))
         });
