@@ -461,3 +461,59 @@ async fn fleet_drift_names_a_column_added_by_hand_and_require_no_drift_refuses_t
     .await?;
     Ok(())
 }
+
+/// A rollback that cannot undo a step on a target leaves that target part-way back: `fleet
+/// show` gives that step, its plan and the down SQL's error as the target's last failure
+/// (not the failure elsewhere that started the rollback); the target whose step failed
+/// keeps its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_cut_short_is_the_targets_last_failure() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 2).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_first",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN first_mark int",
+        "DO $$ BEGIN IF current_schema() = 'tenant_0000' THEN \
+           RAISE EXCEPTION 'first_mark stays here'; END IF; END $$;\n\
+         ALTER TABLE work_orders DROP COLUMN first_mark",
+    )?;
+    d.migration(
+        "002_second",
+        "",
+        "DO $$ BEGIN IF current_schema() = 'tenant_0001' THEN \
+           RAISE EXCEPTION 'second_mark refused here'; END IF; END $$;\n\
+         ALTER TABLE work_orders ADD COLUMN second_mark int",
+        "ALTER TABLE work_orders DROP COLUMN second_mark",
+    )?;
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(status["state"], "rollback_failed", "{status}");
+    let id = status["plan_id"].as_str().unwrap();
+    let last_failure = async |target: &str| -> anyhow::Result<Value> {
+        let show = fleet
+            .cli(&["fleet", "show", target, "--output", "json"])
+            .await?
+            .expect_success()?
+            .last_json()?;
+        Ok(show["last_failure"].clone())
+    };
+    let cut_short = last_failure("shard_0/tenant_0000").await?;
+    assert_eq!(cut_short["migration"], "001_first", "{cut_short}");
+    assert_eq!(cut_short["plan_id"], id, "{cut_short}");
+    let message = cut_short["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("the rollback of plan {id} could not undo it"))
+            && message.contains("first_mark stays here"),
+        "{cut_short}"
+    );
+    let failed = last_failure("shard_0/tenant_0001").await?;
+    assert_eq!(failed["migration"], "002_second", "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("second_mark refused here")),
+        "{failed}"
+    );
+    Ok(())
+}

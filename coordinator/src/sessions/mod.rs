@@ -189,7 +189,10 @@ impl Coordinator {
                     continue;
                 }
                 Some(Body::Resolve(reply)) => Event::ResolveReply { shard, reply },
-                Some(Body::Rollback(reply)) => Event::RollbackReply { shard, reply },
+                Some(Body::Rollback(reply)) => {
+                    inner.versions.record_rollback(&shard, &reply);
+                    Event::RollbackReply { shard, reply }
+                }
             };
             self.event(event).await;
         }

@@ -190,6 +190,33 @@ impl FleetVersions {
         }
     }
 
+    /// A step a rollback could not undo becomes its target's last failure: the target is
+    /// left part-way back (its journal row, if any, still says applied; an agent takes a
+    /// non-transactional step's as not applied until a rollback finishes), and the fleet
+    /// view is where an operator looks for why.
+    pub fn record_rollback(&self, shard: &str, reply: &pb::RollbackReply) {
+        let mut state = self.state.lock().expect("fleet versions lock");
+        let now = crate::store::now_ms();
+        let failures = Arc::make_mut(&mut state.failures);
+        for step in &reply.steps {
+            let Some(error) = &step.error else { continue };
+            failures.insert(
+                (shard.to_string(), step.tenant.clone()),
+                pb::LastFailure {
+                    target: target_name(shard, &step.tenant),
+                    migration_id: step.migration_id.clone(),
+                    plan_id: reply.plan_id.clone(),
+                    sqlstate: error.sqlstate.clone(),
+                    message: format!(
+                        "the rollback of plan {} could not undo it, and stopped on this target: {}",
+                        reply.plan_id, error.message
+                    ),
+                    at_ms: now,
+                },
+            );
+        }
+    }
+
     /// Whether the caller should recompute the drift metric now: false while a
     /// recomputation runs (it is asked to run once more instead; see `publish_done`).
     pub fn publish_start(&self) -> bool {
