@@ -185,6 +185,7 @@ impl Agent {
         migration_ids: &[String],
         tenants: &[pb::Tenant],
         applied: &[pb::AppliedStep],
+        undoing: &[pb::AppliedStep],
     ) -> Result<Vec<pb::BaselineTarget>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         let shard_schema = schema_of(&mut conn, "").await?;
@@ -195,7 +196,8 @@ impl Agent {
             return Ok(Vec::new());
         }
         let mut journaled: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for a in applied {
+        // a row a rollback cut short is Flotilla's own, not a baseline missing
+        for a in applied.iter().chain(undoing) {
             journaled
                 .entry(a.tenant.as_str())
                 .or_default()

@@ -151,17 +151,18 @@ impl Agent {
                 self.known_tenants()
             }
         };
-        let applied = match shard::read_for_preflight(&self.pool, &req.migration_ids).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                warn!(error = %e, "reading the journal for a preflight failed");
-                errors.push(format!(
-                    "shard {}: reading the journal: {e}",
-                    self.config.shard
-                ));
-                Vec::new()
-            }
-        };
+        let (applied, undoing) =
+            match shard::read_for_preflight(&self.pool, &req.migration_ids).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    warn!(error = %e, "reading the journal for a preflight failed");
+                    errors.push(format!(
+                        "shard {}: reading the journal: {e}",
+                        self.config.shard
+                    ));
+                    (Vec::new(), Vec::new())
+                }
+            };
         let mut capacity = None;
         let two_phase_error = if req.two_phase {
             match check_two_phase(&self.pool, &self.config.shard).await {
@@ -184,7 +185,7 @@ impl Agent {
         };
         let data_problems = self.check_data(&req.data_migrations, &tenants).await;
         let unbaselined = match self
-            .unbaselined(&req.migration_ids, &tenants, &applied)
+            .unbaselined(&req.migration_ids, &tenants, &applied, &undoing)
             .await
         {
             Ok(u) => u,

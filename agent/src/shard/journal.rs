@@ -253,29 +253,36 @@ pub(crate) async fn read_applied<'c>(
         .collect())
 }
 
-/// Journal rows of the given migrations, on every target, for a preflight.
+/// Journal rows of the given migrations, on every target, for a preflight: those applied,
+/// and apart those a rollback cut short (not applied: see [`NOT_UNDOING`]; but Flotilla's,
+/// so no baseline is missing there).
 pub(crate) async fn read_for_preflight(
     pool: &PgPool,
     migrations: &[String],
-) -> Result<Vec<pb::AppliedStep>, sqlx::Error> {
-    let rows: Vec<(String, String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT target, migration_id, checksum, plan_id FROM flotilla.journal j \
-             WHERE migration_id = ANY($1) AND {NOT_UNDOING} ORDER BY target, seq"
+) -> Result<(Vec<pb::AppliedStep>, Vec<pb::AppliedStep>), sqlx::Error> {
+    let rows: Vec<(String, String, String, String, bool)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT target, migration_id, checksum, plan_id, {NOT_UNDOING} \
+             FROM flotilla.journal j WHERE migration_id = ANY($1) ORDER BY target, seq"
     )))
     .bind(migrations)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(tenant, migration_id, checksum, plan_id)| pb::AppliedStep {
-                tenant,
-                migration_id,
-                checksum,
-                plan_id,
-            },
-        )
-        .collect())
+    let mut applied = Vec::with_capacity(rows.len());
+    let mut undoing = Vec::new();
+    for (tenant, migration_id, checksum, plan_id, not_undoing) in rows {
+        let step = pb::AppliedStep {
+            tenant,
+            migration_id,
+            checksum,
+            plan_id,
+        };
+        if not_undoing {
+            applied.push(step);
+        } else {
+            undoing.push(step);
+        }
+    }
+    Ok((applied, undoing))
 }
 
 /// The journal rows a plan applied, per target in reverse order of application.
