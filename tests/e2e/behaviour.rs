@@ -941,6 +941,51 @@ async fn a_blocked_schema_change_retries_within_lock_timeout() -> anyhow::Result
     Ok(())
 }
 
+/// A schema change waiting to try again after a lock timeout, when its plan is cancelled,
+/// is not tried again: it stops NOT_RUN (its transaction was undone), the plan ends
+/// cancelled, and no lock-timeout failure is charged to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_stops_a_blocked_schema_change_between_its_attempts() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    let t = fleet.tenants(0)[0].clone();
+    let pool = fleet.pg.pool(&fleet.shards[0]).await?;
+    let mut holder = pool.begin().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {t}.work_orders"
+    )))
+    .execute(&mut *holder)
+    .await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_add_flag",
+        "lock_timeout = \"300ms\"\n",
+        "ALTER TABLE work_orders ADD COLUMN flag int",
+        "ALTER TABLE work_orders DROP COLUMN flag",
+    )?;
+    let id = fleet.submit(d.path(), &["--policy", "stop"]).await?;
+    let agent_log = || fleet.agents[0].as_ref().unwrap().log();
+    crate::harness::wait_until("a retry", WAIT, async || {
+        Ok(agent_log().contains("lock timeout; trying again after a pause"))
+    })
+    .await?;
+    let out = fleet
+        .cli(&["plan", "cancel", &id, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    holder.rollback().await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "cancelled", "{st}");
+    assert!(failures_with(&st, "55P03").is_empty(), "{st}");
+    assert_eq!(migration_counts(&st, "001_add_flag")["not_run"], 1, "{st}");
+    assert!(
+        agent_log().contains("not tried again: the plan was halted meanwhile"),
+        "{}",
+        agent_log()
+    );
+    assert_eq!(fleet.journal_total().await?, 0);
+    Ok(())
+}
+
 /// Three chained migrations; the second fails on `tenant_0001` only (shard_0).
 fn failing_on_one_tenant() -> anyhow::Result<MigrationDir> {
     let d = MigrationDir::new()?;

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::fleet::{MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_sql};
+use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_sql};
 use crate::harness::{CommandOutput, free_port, http, wait_for, wait_until};
 
 const FIRST_HEAD: &str = "20250131160002";
@@ -465,7 +465,7 @@ async fn fleet_drift_names_a_column_added_by_hand_and_require_no_drift_refuses_t
 /// A rollback that cannot undo a step on a target leaves that target part-way back: `fleet
 /// show` gives that step, its plan and the down SQL's error as the target's last failure
 /// (not the failure elsewhere that started the rollback); the target whose step failed
-/// keeps its own.
+/// keeps its own. Rolled back again once the down SQL can run, the target's failure goes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollback_cut_short_is_the_targets_last_failure() -> anyhow::Result<()> {
     let fleet = TestFleet::start(1, 2).await?;
@@ -474,7 +474,7 @@ async fn a_rollback_cut_short_is_the_targets_last_failure() -> anyhow::Result<()
         "001_first",
         "",
         "ALTER TABLE work_orders ADD COLUMN first_mark int",
-        "DO $$ BEGIN IF current_schema() = 'tenant_0000' THEN \
+        "DO $$ BEGIN IF to_regclass('down_gate') IS NULL THEN \
            RAISE EXCEPTION 'first_mark stays here'; END IF; END $$;\n\
          ALTER TABLE work_orders DROP COLUMN first_mark",
     )?;
@@ -515,5 +515,20 @@ async fn a_rollback_cut_short_is_the_targets_last_failure() -> anyhow::Result<()
             .is_some_and(|m| m.contains("second_mark refused here")),
         "{failed}"
     );
+
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            "CREATE TABLE tenant_0000.down_gate (v int)",
+        )
+        .await?;
+    let out = fleet
+        .cli(&["plan", "rollback", id, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(fleet.status(id).await?["state"], "rolled_back");
+    let cleared = last_failure("shard_0/tenant_0000").await?;
+    assert!(cleared.is_null(), "{cleared}");
     Ok(())
 }

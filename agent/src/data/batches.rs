@@ -39,18 +39,11 @@ pub(crate) struct DataHooks {
     pub buckets: Arc<ServerBuckets>,
 }
 
-impl DataHooks {
-    /// How many halts the plan has had (cancels, failures elsewhere, rollbacks).
-    pub fn halts(&self) -> u64 {
-        self.control.borrow().halts
-    }
-}
-
 /// What one attempt of a data change takes from its step's run, which may try it again
 /// after a lock timeout (see `run::lock_wait`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Attempt {
-    /// The plan's halts when the run started: a halt since, even one that came while an
+    /// The plan's halts when the run was queued: a halt since, even one that came while an
     /// earlier attempt waited, stops the change at its next batch boundary.
     pub halts_at_start: Option<u64>,
     /// A lock timeout ends this attempt, not the step: the change is tried again.

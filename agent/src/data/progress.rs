@@ -9,6 +9,8 @@ use flotilla_core::pb;
 
 /// (plan, migration, target)
 type ProgressKey = (String, String, String);
+/// The states of a change that ended: its entry goes once sent.
+const ENDED: [&str; 3] = ["done", "stopped", "failed"];
 /// The latest progress of each data change of the agent, keyed by (plan, migration, target).
 /// The session sends what changed with each heartbeat; finished entries go once sent.
 #[derive(Default)]
@@ -25,13 +27,33 @@ impl ProgressBoard {
             .insert(key, (p, true));
     }
 
+    /// The change's step ended (`state`: "failed" or "stopped") somewhere its batches did not
+    /// say so (before them, or between attempts): its entry, if it has one that has not
+    /// ended, ends with it, so it is not shown as still running or throttled.
+    pub fn end(&self, plan_id: &str, migration_id: &str, tenant: &str, state: &str, reason: &str) {
+        let key = (
+            plan_id.to_string(),
+            migration_id.to_string(),
+            tenant.to_string(),
+        );
+        if let Some((p, changed)) = self.entries.lock().expect("progress lock").get_mut(&key)
+            && !ENDED.contains(&p.state.as_str())
+        {
+            p.state = state.to_string();
+            p.reason = reason.to_string();
+            p.rows_per_second = 0.0;
+            p.eta_ms = 0;
+            *changed = true;
+        }
+    }
+
     /// Entries changed since the last call; entries of changes that ended are dropped once
     /// they have been handed out.
     pub fn take_changed(&self) -> Vec<pb::DataProgress> {
         let mut entries = self.entries.lock().expect("progress lock");
         let mut out = Vec::new();
         entries.retain(|_, (p, changed)| {
-            let finished = matches!(p.state.as_str(), "done" | "stopped" | "failed");
+            let finished = ENDED.contains(&p.state.as_str());
             if *changed {
                 out.push(p.clone());
                 *changed = false;

@@ -14,7 +14,7 @@ use sqlx::{AssertSqlSafe, Column, Either, Row};
 use tracing::{debug, info, instrument, warn};
 
 use super::conn::{execute, recover, wait_for_server};
-use super::job::{Job, PrepareGid, Report};
+use super::job::{Halts, Job, PrepareGid, Report};
 use super::lock_wait::{BlockerWatch, LOCK_RETRIES, LOCK_RETRY_PAUSE};
 use super::sqlgen;
 use super::statements::run_up_statements;
@@ -123,6 +123,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                 }
                 let idx = group[gf.position];
                 info!(step = job.steps[idx].id(), "{}", gf.failure.error.message);
+                end_progress(job, idx, "stopped", &gf.failure.error.message);
                 reports[idx] = Some(Report {
                     outcome: StepOutcome::NotRun,
                     duration: durations[gf.position],
@@ -138,6 +139,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                 metrics::step_duration(mode, StepOutcome::Failed, durations[gf.position]);
                 warn!(step = job.steps[failed].id(), sqlstate = %gf.failure.error.sqlstate,
                       phase = %gf.failure.error.phase, error = %gf.failure.error.message, "step failed");
+                end_progress(job, failed, "failed", &gf.failure.error.message);
                 settle(
                     pool,
                     job,
@@ -164,6 +166,17 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
     }
     RunOutput { result, broken }
 }
+/// A data change's progress entry ends with its step, wherever the step ended (see
+/// `ProgressBoard::end`).
+fn end_progress(job: &Job, idx: usize, state: &str, reason: &str) {
+    if let Some(h) = &job.hooks
+        && job.steps[idx].migration.data.is_some()
+    {
+        h.board
+            .end(&h.plan_id, job.steps[idx].id(), &job.tenant, state, reason);
+    }
+}
+
 /// Runs one group of steps (one transaction, or one non-transactional step). A group
 /// whose lock times out is tried again after a pause (see `lock_wait`).
 async fn run_group(
@@ -182,13 +195,12 @@ async fn run_group(
     // A data change (like any non-transactional step) is tried again from its checkpoint:
     // the statements and batches it recorded are not run twice, so a batch that timed out
     // on a row the application held waits out the pause and goes on where it stopped.
-    let data = !transactional && job.steps[i].migration.data.is_some();
-    // A halt (a cancel, a failure elsewhere, a rollback waiting for the plan's runs) counts
-    // from the run's start: one that comes while an attempt waits is not retried past. A
-    // data change stops at its next batch boundary, kept for a later run; another step
-    // ends with its lock timeout.
-    let halts_at_start = job.hooks.as_deref().map(DataHooks::halts);
-    let halted = || job.hooks.as_deref().map(DataHooks::halts) != halts_at_start;
+    // A halt since the run was queued (a cancel, a failure elsewhere, a rollback waiting for
+    // the plan's runs) is not retried past: a lock timeout leaves nothing half-done (the
+    // transaction is undone; a non-transactional step's statements and batches before it
+    // are recorded), so the step stops there, NOT_RUN, to run again later from where it is.
+    let halted = || job.halts.as_ref().is_some_and(Halts::halted);
+    let halts_at_start = job.halts.as_ref().map(|h| h.at_queue);
     // a non-transactional step's time is all of its attempts' (a backfill that waited on a
     // lock near its end took the hours before too)
     let started = Instant::now();
@@ -213,10 +225,17 @@ async fn run_group(
         };
         let lock_timeout = matches!(&outcome, Err(gf) if gf.failure.is_lock_timeout());
         match outcome {
-            Err(gf) if lock_timeout && attempt < LOCK_RETRIES && (data || !halted()) => {
+            Err(gf) if lock_timeout && (attempt < LOCK_RETRIES || halted()) => {
+                if halted() {
+                    return Err(stopped_by_halt(gf, attempt + 1));
+                }
                 if recover(conn, gf.in_transaction, !transactional).await {
                     return Err(gf);
                 }
+                let gf = GroupFailure {
+                    in_transaction: false,
+                    ..gf
+                };
                 attempt += 1;
                 let pause = LOCK_RETRY_PAUSE * 2u32.pow(attempt - 1);
                 warn!(
@@ -232,8 +251,9 @@ async fn run_group(
                         .await
                         .ok();
                 }
-                if !halted() {
-                    tokio::time::sleep(pause).await;
+                tokio::time::sleep(pause).await;
+                if halted() {
+                    return Err(stopped_by_halt(gf, attempt));
                 }
             }
             Err(mut gf) if lock_timeout && attempt > 0 => {
@@ -249,6 +269,19 @@ async fn run_group(
             other => return other,
         }
     }
+}
+
+/// A group whose lock timed out, not tried again because its plan was halted meanwhile:
+/// stopped (NOT_RUN), as a data change halted at a batch boundary is.
+fn stopped_by_halt(mut gf: GroupFailure, attempts: u32) -> GroupFailure {
+    gf.failure.error.phase = data::STOPPED.into();
+    gf.failure.error.message = format!(
+        "{} ({attempts} attempt(s)); not tried again: the plan was halted meanwhile (a cancel, a \
+         failure elsewhere, a rollback). A lock timeout leaves nothing half-done: what the \
+         step did is undone or recorded in its checkpoint, and it runs again from there",
+        gf.failure.error.message
+    );
+    gf
 }
 
 /// One transaction for the group, its steps and COMMIT in one query: `BEGIN` and the fence

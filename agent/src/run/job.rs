@@ -89,6 +89,24 @@ pub(crate) struct Job {
     pub claim: Option<GidClaim>,
     /// For runs with a data change: pause/halt, the server's budget, the progress board.
     pub hooks: Option<Arc<DataHooks>>,
+    /// The plan's halts as the run was queued (None: not watched, as in tests).
+    pub halts: Option<Halts>,
+}
+
+/// The plan's halt count as a run was queued, and the plan's control to compare it with: a
+/// halt since (a cancel, a failure elsewhere, a rollback, an atomic unit's abort) is the
+/// run's to honour where it can stop cleanly. Taken once for the whole run, so a halt
+/// during one of its steps is not taken as the next step's start.
+#[derive(Clone)]
+pub(crate) struct Halts {
+    pub control: tokio::sync::watch::Receiver<crate::data::PlanControl>,
+    pub at_queue: u64,
+}
+
+impl Halts {
+    pub fn halted(&self) -> bool {
+        self.control.borrow().halts != self.at_queue
+    }
 }
 
 impl Job {
@@ -150,6 +168,7 @@ impl Job {
             prepare,
             claim: None,
             hooks: None,
+            halts: None,
         })
     }
 

@@ -13,7 +13,7 @@ use sqlx::pool::PoolConnection;
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, info_span, instrument, warn};
 
-use super::job::{self, DefinitionError, Job, PlanDef, PlanError};
+use super::job::{self, DefinitionError, Halts, Job, PlanDef, PlanError};
 use super::two_phase::prepared_among;
 use super::{Outgoing, executor};
 use crate::data::{DataHooks, PlanControl};
@@ -212,9 +212,16 @@ impl Agent {
             board: self.progress.clone(),
             buckets: self.buckets.clone(),
         });
+        // the same count as the queue's (`halt` moves both): a halt since this Assign drops
+        // these runs before they are queued, or stops them once they run
+        let watch = Halts {
+            control: plan.control.subscribe(),
+            at_queue: halts,
+        };
         for run in runs {
             match Job::new(&def, run, epoch) {
                 Ok(mut job) => {
+                    job.halts = Some(watch.clone());
                     if job.steps.iter().any(|m| m.migration.data.is_some()) {
                         job.hooks = Some(hooks.clone());
                     }

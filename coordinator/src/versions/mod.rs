@@ -87,6 +87,9 @@ impl State {
     }
 }
 
+/// How a target's last failure begins when a rollback could not undo a step there.
+const ROLLBACK_CUT_SHORT: &str = "the rollback";
+
 impl FleetVersions {
     /// An agent attached under `epoch`: what was known of its journal is stale until it
     /// reports the whole again.
@@ -193,22 +196,32 @@ impl FleetVersions {
     /// A step a rollback could not undo becomes its target's last failure: the target is
     /// left part-way back (its journal row, if any, still says applied; an agent takes a
     /// non-transactional step's as not applied until a rollback finishes), and the fleet
-    /// view is where an operator looks for why.
+    /// view is where an operator looks for why. A rollback that then undoes that step there
+    /// clears it.
     pub fn record_rollback(&self, shard: &str, reply: &pb::RollbackReply) {
         let mut state = self.state.lock().expect("fleet versions lock");
         let now = crate::store::now_ms();
         let failures = Arc::make_mut(&mut state.failures);
         for step in &reply.steps {
-            let Some(error) = &step.error else { continue };
+            let key = (shard.to_string(), step.tenant.clone());
+            let Some(error) = &step.error else {
+                if failures.get(&key).is_some_and(|f| {
+                    f.migration_id == step.migration_id && f.message.starts_with(ROLLBACK_CUT_SHORT)
+                }) {
+                    failures.remove(&key);
+                }
+                continue;
+            };
             failures.insert(
-                (shard.to_string(), step.tenant.clone()),
+                key,
                 pb::LastFailure {
                     target: target_name(shard, &step.tenant),
                     migration_id: step.migration_id.clone(),
                     plan_id: reply.plan_id.clone(),
                     sqlstate: error.sqlstate.clone(),
                     message: format!(
-                        "the rollback of plan {} could not undo it, and stopped on this target: {}",
+                        "{ROLLBACK_CUT_SHORT} of plan {} could not undo it, and stopped on this \
+                         target: {}",
                         reply.plan_id, error.message
                     ),
                     at_ms: now,
