@@ -835,17 +835,12 @@ async fn a_failed_concurrent_index_leaves_no_invalid_index() -> anyhow::Result<(
     Ok(())
 }
 
-/// A long transaction holds a lock that ALTER TABLE needs: the step gives up within its
-/// lock_timeout each time (so a probe query on the table never waits behind it for longer),
-/// tries again after a pause, and succeeds once the holder ends. When the holder never ends,
-/// the final error names the table and the blocking session.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_blocked_schema_change_retries_within_lock_timeout() -> anyhow::Result<()> {
-    let fleet = TestFleet::start(1, 1).await?;
-    let t = fleet.tenants(0)[0].clone();
-    let db = fleet.shards[0].clone();
-    let pool = fleet.pg.pool(&db).await?;
-    // An open transaction that read the table: ACCESS SHARE, which ALTER TABLE waits for.
+/// An open transaction that read tenant `t`'s table (ACCESS SHARE, which ALTER TABLE waits
+/// for), and a migration adding a column to it with lock_timeout 300ms.
+async fn a_reader_and_a_flag(
+    pool: &sqlx::PgPool,
+    t: &str,
+) -> anyhow::Result<(sqlx::Transaction<'static, sqlx::Postgres>, MigrationDir)> {
     let mut holder = pool.begin().await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {t}.work_orders"
@@ -859,6 +854,20 @@ async fn a_blocked_schema_change_retries_within_lock_timeout() -> anyhow::Result
         "ALTER TABLE work_orders ADD COLUMN flag int",
         "ALTER TABLE work_orders DROP COLUMN flag",
     )?;
+    Ok((holder, d))
+}
+
+/// A long transaction holds a lock that ALTER TABLE needs: the step gives up within its
+/// lock_timeout each time (so a probe query on the table never waits behind it for longer),
+/// tries again after a pause, and succeeds once the holder ends. When the holder never ends,
+/// the final error names the table and the blocking session.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocked_schema_change_retries_within_lock_timeout() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    let t = fleet.tenants(0)[0].clone();
+    let db = fleet.shards[0].clone();
+    let pool = fleet.pg.pool(&db).await?;
+    let (holder, d) = a_reader_and_a_flag(&pool, &t).await?;
     let id = fleet.submit(d.path(), &[]).await?;
     // Wait for the step to be waiting for its lock, then probe the table: the probe queues
     // behind the ALTER and must get through within about one lock_timeout.
@@ -949,19 +958,7 @@ async fn a_cancel_stops_a_blocked_schema_change_between_its_attempts() -> anyhow
     let fleet = TestFleet::start(1, 1).await?;
     let t = fleet.tenants(0)[0].clone();
     let pool = fleet.pg.pool(&fleet.shards[0]).await?;
-    let mut holder = pool.begin().await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM {t}.work_orders"
-    )))
-    .execute(&mut *holder)
-    .await?;
-    let d = MigrationDir::new()?;
-    d.migration(
-        "001_add_flag",
-        "lock_timeout = \"300ms\"\n",
-        "ALTER TABLE work_orders ADD COLUMN flag int",
-        "ALTER TABLE work_orders DROP COLUMN flag",
-    )?;
+    let (holder, d) = a_reader_and_a_flag(&pool, &t).await?;
     let id = fleet.submit(d.path(), &["--policy", "stop"]).await?;
     let agent_log = || fleet.agents[0].as_ref().unwrap().log();
     crate::harness::wait_until("a retry", WAIT, async || {

@@ -206,16 +206,7 @@ async fn the_next_page_found_in_each_batch_survives_returned_rows_and_resizing()
 async fn a_killed_agent_resumes_from_the_checkpoint() -> anyhow::Result<()> {
     let mut fleet = TestFleet::builder(2, 2)
         .least_privilege()
-        .shard_sql(|_, tenants| {
-            tenants
-                .iter()
-                .map(|t| {
-                    format!(
-                        "ALTER TABLE {t}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;\n"
-                    )
-                })
-                .collect()
-        })
+        .shard_sql(|_, tenants| touched_columns(tenants))
         .start()
         .await?;
     // shard_0's agent again, with the failpoint armed
@@ -915,18 +906,21 @@ async fn blocked_backfill(
     Ok((holder, dir, id))
 }
 
+/// The columns the backfills here fill, already on every tenant (`shard_sql`).
+fn touched_columns(tenants: &[String]) -> String {
+    tenants
+        .iter()
+        .map(|t| {
+            format!(
+                "ALTER TABLE {t}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;\n"
+            )
+        })
+        .collect()
+}
+
 async fn touched_column_fleet() -> anyhow::Result<TestFleet> {
     TestFleet::builder(1, 1)
-        .shard_sql(|_, tenants| {
-            tenants
-                .iter()
-                .map(|t| {
-                    format!(
-                        "ALTER TABLE {t}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;\n"
-                    )
-                })
-                .collect()
-        })
+        .shard_sql(|_, tenants| touched_columns(tenants))
         .start()
         .await
 }
