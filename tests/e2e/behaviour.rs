@@ -822,6 +822,15 @@ async fn a_failed_concurrent_index_leaves_no_invalid_index() -> anyhow::Result<(
         !failures_with(&status, "23505").is_empty(),
         "a unique violation: {status}"
     );
+    // Read again once the plan ended (from the store): the failed steps were left part-way
+    // and undone by the rollback, and they still say what failed.
+    let id = status["plan_id"].as_str().unwrap();
+    let stored = fleet.status(id).await?;
+    assert_eq!(
+        failures_with(&stored, "23505").len(),
+        2,
+        "a unique violation on each target: {stored}"
+    );
     let invalid: i64 = fleet
         .pg
         .query_scalar(

@@ -168,8 +168,22 @@ impl PlanRun {
                     }
                 }
                 (None, Some(s)) => {
+                    // A step that failed part-way and is now undone keeps its failure in
+                    // the store: the plan's status, read from there once it ended, still
+                    // says what failed (the rows' message would be cleared otherwise).
+                    let failed = (self.steps[s].status == StepStatus::Failed)
+                        .then(|| {
+                            self.failures.iter().rev().find(|f| {
+                                f.migration_id == rb.migration_id
+                                    && f.target
+                                        .as_ref()
+                                        .is_some_and(|t| t.shard == shard && t.tenant == rb.tenant)
+                            })
+                        })
+                        .flatten()
+                        .and_then(|f| f.error.clone());
                     self.steps[s].status = StepStatus::RolledBack;
-                    updates.push(self.update_of(s, None));
+                    updates.push(self.update_of(s, failed.as_ref()));
                 }
                 (None, None) => {}
             }
