@@ -173,11 +173,13 @@ impl PlanRun {
                     // says what failed (the rows' message would be cleared otherwise).
                     let failed = (self.steps[s].status == StepStatus::Failed)
                         .then(|| {
+                            // its run's failure, not an earlier rollback's ("down")
                             self.failures.iter().rev().find(|f| {
                                 f.migration_id == rb.migration_id
                                     && f.target
                                         .as_ref()
                                         .is_some_and(|t| t.shard == shard && t.tenant == rb.tenant)
+                                    && f.error.as_ref().is_some_and(|e| e.phase != "down")
                             })
                         })
                         .flatten()
