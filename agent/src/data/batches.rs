@@ -50,6 +50,14 @@ pub(crate) struct Attempt {
     pub retried_on_lock_timeout: bool,
 }
 
+/// The step's data change (every caller here runs one).
+fn data_of(m: &PreparedMigration) -> Result<&flotilla_core::DataChange, Failure> {
+    m.migration
+        .data
+        .as_ref()
+        .ok_or_else(|| agent_failure(m, "not a data change"))
+}
+
 /// A page of keys: how many rows (at most `limit`) and the last key's text (`None`: empty).
 struct Page {
     limit: u32,
@@ -176,11 +184,7 @@ async fn batches(
     key: Option<Key>,
     prepared: &mut Option<PreparedPage>,
 ) -> Result<u64, Failure> {
-    let d = m
-        .migration
-        .data
-        .as_ref()
-        .ok_or_else(|| agent_failure(m, "not a data change"))?;
+    let d = data_of(m)?;
     let db = |e: sqlx::Error| classify(&e, "batch");
 
     // a checkpoint of the up SQL alone: no batch is done yet
@@ -382,11 +386,7 @@ pub(crate) async fn refuse_uncovered_keys(
     conn: &mut PgConnection,
     m: &PreparedMigration,
 ) -> Result<Key, Failure> {
-    let d = m
-        .migration
-        .data
-        .as_ref()
-        .ok_or_else(|| agent_failure(m, "not a data change"))?;
+    let d = data_of(m)?;
     let key = key_shape(conn, m, d).await?;
     let floor_lit = &key.floor_lit;
     let at_floor: bool = sqlx::query_scalar(AssertSqlSafe(sql::keys_at_floor(d, floor_lit)))

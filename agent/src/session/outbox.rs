@@ -162,6 +162,14 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn run(plan: &str, id: u64, last: bool) -> Outgoing {
+        Outgoing::Run {
+            plan_id: plan.into(),
+            result: run_result(id),
+            last,
+        }
+    }
+
     fn run_result(id: u64) -> pb::RunResult {
         pb::RunResult {
             run_id: id,
@@ -175,11 +183,7 @@ mod tests {
     async fn a_prepared_result_goes_at_once() {
         let (_in_tx, in_rx) = mpsc::unbounded_channel();
         let mut outbox = Outbox::new(in_rx);
-        outbox.push(Outgoing::Run {
-            plan_id: "a".into(),
-            result: run_result(1),
-            last: false,
-        });
+        outbox.push(run("a", 1, false));
         assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
         let mut prepared = run_result(2);
         prepared.steps.push(pb::StepResult {
@@ -198,11 +202,7 @@ mod tests {
         );
         let (tx, _rx) = mpsc::channel(8);
         outbox.flush(&tx).unwrap();
-        outbox.push(Outgoing::Run {
-            plan_id: "a".into(),
-            result: run_result(3),
-            last: false,
-        });
+        outbox.push(run("a", 3, false));
         assert_eq!(
             outbox.due(),
             Some(Instant::now() + FLUSH_AFTER),
@@ -216,17 +216,9 @@ mod tests {
     async fn the_last_run_of_a_plan_goes_at_once() {
         let (_in_tx, in_rx) = mpsc::unbounded_channel();
         let mut outbox = Outbox::new(in_rx);
-        outbox.push(Outgoing::Run {
-            plan_id: "a".into(),
-            result: run_result(1),
-            last: false,
-        });
+        outbox.push(run("a", 1, false));
         assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
-        outbox.push(Outgoing::Run {
-            plan_id: "a".into(),
-            result: run_result(2),
-            last: true,
-        });
+        outbox.push(run("a", 2, true));
         assert_eq!(outbox.due(), Some(Instant::now()), "due now");
         let (tx, mut rx) = mpsc::channel(8);
         outbox.flush(&tx).unwrap();
@@ -238,11 +230,7 @@ mod tests {
         // a coordinator slow to read: what did not fit waits out the window, urgent or not
         // (at once again would spin until it reads)
         for plan in ["b", "c"] {
-            outbox.push(Outgoing::Run {
-                plan_id: plan.into(),
-                result: run_result(3),
-                last: true,
-            });
+            outbox.push(run(plan, 3, true));
         }
         let (tx, _rx) = mpsc::channel(1);
         outbox.flush(&tx).unwrap();
@@ -254,11 +242,7 @@ mod tests {
         let (_in_tx, in_rx) = mpsc::unbounded_channel();
         let mut outbox = Outbox::new(in_rx);
         for (plan, id) in [("a", 1), ("b", 2), ("a", 3)] {
-            outbox.push(Outgoing::Run {
-                plan_id: plan.into(),
-                result: run_result(id),
-                last: false,
-            });
+            outbox.push(run(plan, id, false));
         }
         assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
         let (tx, mut rx) = mpsc::channel(8);
@@ -273,11 +257,7 @@ mod tests {
         };
         assert_eq!((r.plan_id.as_str(), r.runs.len()), ("b", 1));
         // a closed stream keeps the batch for the next one
-        outbox.push(Outgoing::Run {
-            plan_id: "c".into(),
-            result: run_result(4),
-            last: false,
-        });
+        outbox.push(run("c", 4, false));
         drop(rx);
         assert!(outbox.flush(&tx).is_err());
         let (tx2, mut rx2) = mpsc::channel(8);
@@ -292,21 +272,13 @@ mod tests {
     async fn replies_go_after_the_results_queued_before_them() {
         let (_in_tx, in_rx) = mpsc::unbounded_channel();
         let mut outbox = Outbox::new(in_rx);
-        outbox.push(Outgoing::Run {
-            plan_id: "a".into(),
-            result: run_result(1),
-            last: false,
-        });
+        outbox.push(run("a", 1, false));
         outbox.push(Outgoing::Resolve(pb::ResolveReply {
             plan_id: "a".into(),
             commit: true,
             ..Default::default()
         }));
-        outbox.push(Outgoing::Run {
-            plan_id: "a".into(),
-            result: run_result(2),
-            last: false,
-        });
+        outbox.push(run("a", 2, false));
         let (tx, mut rx) = mpsc::channel(8);
         outbox.flush(&tx).unwrap();
         let mut order = Vec::new();

@@ -1201,11 +1201,7 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
     assert_eq!(reply.steps.len(), 1, "{reply:?}");
     assert_eq!(reply.steps[0].migration_id, "cic_first");
     assert!(reply.steps[0].error.is_some(), "{reply:?}");
-    let r = s
-        .assign("pz", 4, 1, vec![run(4, t, &["cic_first"], false)])
-        .await;
-    assert_eq!(outcomes(&r[&4]), [pb::StepOutcome::Failed], "{:?}", r[&4]);
-    let e = r[&4].steps[0].error.clone().unwrap();
+    let e = failed_alone(&mut s, "pz", 4, t, "cic_first").await;
     assert!(
         e.message
             .contains("a rollback of it on this target was cut short"),
@@ -1252,11 +1248,7 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
         0,
         "the down SQL's first statement ran"
     );
-    let r = s
-        .assign("pz", 4, 1, vec![run(6, t, &["two_part"], false)])
-        .await;
-    assert_eq!(outcomes(&r[&6]), [pb::StepOutcome::Failed], "{:?}", r[&6]);
-    let e = r[&6].steps[0].error.clone().unwrap();
+    let e = failed_alone(&mut s, "pz", 6, t, "two_part").await;
     assert!(
         e.message
             .contains("a rollback of it on this target was cut short")
@@ -1276,11 +1268,7 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
     }));
-    let r = s
-        .assign("pz_edited", 4, 1, vec![run(7, t, &["two_part"], false)])
-        .await;
-    assert_eq!(outcomes(&r[&7]), [pb::StepOutcome::Failed], "{:?}", r[&7]);
-    let e = r[&7].steps[0].error.clone().unwrap();
+    let e = failed_alone(&mut s, "pz_edited", 7, t, "two_part").await;
     assert!(e.message.contains("roll back plan pz again"), "{e:?}");
     sqlx::raw_sql("CREATE TABLE tenant_0000.down_gate2 (v int)")
         .execute(&pool)
@@ -1297,6 +1285,21 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
     }
     h.stop().await;
     f.drop().await;
+}
+
+/// Runs `migration` alone on `t` in `plan` (run `id`) and returns its error: it must fail.
+async fn failed_alone(
+    s: &mut Stream,
+    plan: &str,
+    id: u64,
+    t: &str,
+    migration: &str,
+) -> pb::StepError {
+    let r = s
+        .assign(plan, 4, 1, vec![run(id, t, &[migration], false)])
+        .await;
+    assert_eq!(outcomes(&r[&id]), [pb::StepOutcome::Failed], "{:?}", r[&id]);
+    r[&id].steps[0].error.clone().unwrap()
 }
 
 /// How many journal rows of `migration` a preflight answers with.
