@@ -10,7 +10,7 @@ use flotilla_core::pb;
 use futures::FutureExt;
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tracing::{Instrument, debug, info_span, instrument, warn};
 
 use super::job::{self, DefinitionError, Halts, Job, PlanDef, PlanError};
@@ -59,8 +59,9 @@ struct PlanState {
     in_flight: usize,
     /// Runs a lane took off the queue to read their journal: they come back to it.
     checking: usize,
-    /// Lanes past their slot, and those of them with a connection (or that failed to get
-    /// one: their runs fail on it, rather than hold the others back).
+    /// Lanes holding their slot (counted when they got it, even before their task first
+    /// ran), and those of them with a connection (or that failed to get one: their runs
+    /// fail on it, rather than hold the others back).
     live: usize,
     connected: usize,
     /// Bumped by every halt, so runs read from the journal before it are not queued after it.
@@ -297,9 +298,19 @@ impl Agent {
         let wanted = st.lanes.min(st.queue.len() + st.in_flight);
         while st.workers < wanted {
             st.workers += 1;
+            // A lane whose slot is free counts as live from here, not from its task's first
+            // poll: another lane that read the journal on an open connection could otherwise
+            // find every live lane connected and start its atomic run before this one was
+            // counted (seen on a loaded machine: runs started a connection's time apart). One
+            // that waits for a slot counts once it has it, so lanes waiting on slots that
+            // other plans hold never hold back the runs of lanes that have theirs.
+            let slot = self.slots.clone().try_acquire_owned().ok();
+            if slot.is_some() {
+                st.live += 1;
+            }
             let span = info_span!("lane", shard = %self.config.shard, plan = %plan.id);
             self.tasks
-                .spawn(self.clone().lane(plan.clone()).instrument(span));
+                .spawn(self.clone().lane(plan.clone(), slot).instrument(span));
         }
     }
 
@@ -361,11 +372,18 @@ impl Agent {
     /// 322 ms against 477 ms, max 785 ms against 941 ms (medians of 3 runs).
     /// A lane that cannot get a connection counts as ready: its run fails on that.
     /// (Test: `two_phase::an_atomic_units_runs_start_together` in the agent's tests.)
-    async fn lane(self: Arc<Self>, plan: Arc<Plan>) {
-        let _slot = self.slots.clone().acquire_owned().await;
+    async fn lane(self: Arc<Self>, plan: Arc<Plan>, slot: Option<OwnedSemaphorePermit>) {
+        lane_start_failpoint().await;
+        let _slot = match slot {
+            Some(slot) => Ok(slot),
+            None => {
+                let slot = self.slots.clone().acquire_owned().await;
+                plan.state.lock().expect("plan lock").live += 1;
+                slot
+            }
+        };
         let mut conn: Option<PoolConnection<Postgres>> = None;
         let mut connected = false;
-        plan.state.lock().expect("plan lock").live += 1;
         loop {
             // no new run without the shard's agent lock (false: stopping; the check below ends the lane)
             let _ = self.may_apply().await;
@@ -557,5 +575,15 @@ impl Agent {
             }
         }
         result
+    }
+}
+
+/// `agent::lane_start=return(MS)` (feature `testing`): a lane's task waits MS milliseconds
+/// before its first step, as a lane spawned on a loaded machine waits for its first poll.
+async fn lane_start_failpoint() {
+    #[cfg(feature = "testing")]
+    if let Some(Some(ms)) = fail::eval("agent::lane_start", |arg| arg) {
+        let ms = ms.parse().expect("agent::lane_start=return(MS)");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }

@@ -709,7 +709,27 @@ async fn preflight_and_prepare_without_max_prepared_transactions() {
 /// the others' only when they take a run).
 #[tokio::test]
 async fn an_atomic_units_runs_start_together() {
-    let Some(f) = fleet_2pc("together", 3).await else {
+    runs_start_together("together", "").await;
+}
+
+/// The same with two of the three lanes' tasks first running 1.5 s after they were spawned
+/// (failpoint `agent::lane_start`), as on a loaded machine, and runs that take a second:
+/// the lane that read the journal waits for them instead of starting its run alone (seen
+/// in CI before the lanes counted from their spawn: runs 1 s apart).
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn an_atomic_units_runs_wait_for_late_lanes() {
+    if !alone_in_child_process("two_phase::an_atomic_units_runs_wait_for_late_lanes") {
+        return;
+    }
+    fail::cfg("agent::lane_start", "1*off->return(1500)").unwrap();
+    runs_start_together("late_lanes", "; SELECT pg_sleep(1)").await;
+}
+
+/// Three atomic runs on a shard whose every new session takes a second to open; asserts
+/// that they started within half a second of each other. `then` follows the runs' INSERT.
+async fn runs_start_together(name: &str, then: &str) {
+    let Some(f) = fleet_2pc(name, 3).await else {
         return;
     };
     sqlx::query("CREATE TABLE public.run_starts (target text, at timestamptz)")
@@ -731,16 +751,18 @@ async fn an_atomic_units_runs_start_together() {
     .expect("idle sessions closed");
     define(
         &s,
-        "tg",
+        name,
         vec![migration(
             "start",
-            "INSERT INTO public.run_starts SELECT current_schema(), clock_timestamp()",
+            &format!(
+                "INSERT INTO public.run_starts SELECT current_schema(), clock_timestamp(){then}"
+            ),
             "SELECT 1",
             "",
         )],
     );
     let gids: Vec<String> = (0..3)
-        .map(|t| format!("flotilla:tg:{}:1:tenant_{t:04}", t + 1))
+        .map(|t| format!("flotilla:{name}:{}:1:tenant_{t:04}", t + 1))
         .collect();
     let runs = (0..3)
         .map(|t| {
@@ -752,13 +774,13 @@ async fn an_atomic_units_runs_start_together() {
             )
         })
         .collect();
-    let r = s.assign("tg", 1, 3, runs).await;
+    let r = s.assign(name, 1, 3, runs).await;
     for id in 1..=3 {
         assert_eq!(outcomes(&r[&id]), [pb::StepOutcome::Prepared], "{r:?}");
     }
     // the rows are inside the prepared transactions
     let gid_refs: Vec<&str> = gids.iter().map(String::as_str).collect();
-    let reply = s.resolve("tg", true, 1, &gid_refs).await;
+    let reply = s.resolve(name, true, 1, &gid_refs).await;
     assert_eq!(reply.resolved.len(), 3, "{reply:?}");
     let (n, spread): (i64, f64) = sqlx::query_as(
         "SELECT count(*), extract(epoch FROM max(at) - min(at))::float8 FROM public.run_starts",
