@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use crate::step::sql::{
-    begin_fenced, push_checkpoint_delete, push_checkpoint_undoing, push_fence, push_journal_move,
+    begin_fenced, push_checkpoint_delete, push_checkpoint_undoing, push_journal_move,
     push_settings, push_statements, push_verify_and_journal, push_verify_and_marked_journal,
 };
 use crate::step::{PreparedMigration, StepContext};
@@ -24,10 +24,7 @@ pub(crate) fn transaction(
     let mut out = String::with_capacity(len + 16);
     out.push_str("BEGIN;\n");
     for (position, m) in steps.iter().enumerate() {
-        push_settings(&mut out, cx, m, true);
-        if position == 0 {
-            push_fence(&mut out, cx.epoch);
-        }
+        push_settings(&mut out, cx, m, true, (position == 0).then_some(cx.epoch));
         push_statements(&mut out, &m.up);
         push_verify_and_marked_journal(&mut out, cx, m, position);
     }
@@ -41,8 +38,7 @@ pub(crate) fn transaction(
 /// clears afterwards), then the fence.
 pub(crate) fn non_transactional_prologue(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
     let mut out = String::with_capacity(320);
-    push_settings(&mut out, cx, m, false);
-    push_fence(&mut out, cx.epoch);
+    push_settings(&mut out, cx, m, false, Some(cx.epoch));
     out
 }
 
@@ -59,8 +55,7 @@ pub(crate) fn non_transactional_epilogue(cx: &StepContext<'_>, m: &PreparedMigra
 /// The whole undo of a transactional step, as one query ending in COMMIT.
 pub(crate) fn transactional_undo(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
     let mut out = String::from("BEGIN;\n");
-    push_settings(&mut out, cx, m, true);
-    push_fence(&mut out, cx.epoch);
+    push_settings(&mut out, cx, m, true, Some(cx.epoch));
     push_statements(&mut out, &m.down);
     push_journal_move(&mut out, cx, m);
     out.push_str("COMMIT;\n");
@@ -115,25 +110,26 @@ mod tests {
         let m2 = migration("m2", "ALTER TABLE t ADD COLUMN n int", "");
         let cx = context("tenant_1", "p1", 7);
         let sql = transaction(&cx, &[&m, &m2], true);
-        // the first step opens the transaction and checks the fence under its lock_timeout
+        // the first step opens the transaction and checks the fence under its lock_timeout,
+        // before the tenant's search_path (the fence's cached plans keep)
         let mark = " AS \"flotilla.step_done\", \
                     pg_catalog.date_part('epoch', finished_at - started_at) AS step_seconds;\n";
         let (first, second) = sql.split_once(mark).unwrap();
         assert!(
-            first.starts_with("BEGIN;\nSET LOCAL search_path TO \"tenant_1\";\n"),
+            first.starts_with(
+                "BEGIN;\nSET LOCAL lock_timeout = '1500ms'; SET LOCAL statement_timeout = '0ms';\n"
+            ),
             "{sql}"
         );
         let (settings, rest) = first
             .split_once("SELECT flotilla.check_fence(7);\n")
             .unwrap();
+        assert!(!settings.contains("search_path"), "{sql}");
         assert!(
-            settings.contains(
-                "SET LOCAL lock_timeout = '1500ms'; SET LOCAL statement_timeout = '0ms';"
+            rest.starts_with(
+                "SET LOCAL search_path TO \"tenant_1\";\n\
+                 CREATE TABLE t (id int)\n;\nINSERT INTO t VALUES (1)\n;\n"
             ),
-            "{sql}"
-        );
-        assert!(
-            rest.starts_with("CREATE TABLE t (id int)\n;\nINSERT INTO t VALUES (1)\n;\n"),
             "{sql}"
         );
         assert!(
@@ -149,8 +145,9 @@ mod tests {
             "{sql}"
         );
         // a later step: its own settings, no fence, no verify when it has none
+        assert!(second.starts_with("SET LOCAL lock_timeout"), "{sql}");
         assert!(
-            second.starts_with("SET LOCAL search_path TO \"tenant_1\";\n"),
+            second.contains("SET LOCAL search_path TO \"tenant_1\";\nALTER TABLE"),
             "{sql}"
         );
         assert!(!second.contains("check_fence") && !second.contains("check_verify"));
@@ -180,11 +177,11 @@ mod tests {
         let m = migration("m2", "CREATE INDEX CONCURRENTLY i ON t (id)", "");
         let cx = context("t1", "p", 3);
         let pro = non_transactional_prologue(&cx, &m);
+        assert!(pro.starts_with("SET lock_timeout"), "{pro}");
         assert!(
-            pro.starts_with("SET search_path TO \"t1\";\nSET lock_timeout"),
+            pro.ends_with("SELECT flotilla.check_fence(3);\nSET search_path TO \"t1\";\n"),
             "{pro}"
         );
-        assert!(pro.ends_with("SELECT flotilla.check_fence(3);\n"), "{pro}");
         assert!(pro.contains("clock_timestamp()::text, false)"));
         let epi = non_transactional_epilogue(&cx, &m);
         assert!(
@@ -200,13 +197,13 @@ mod tests {
         let m = migration("m1", "CREATE TABLE t (id int)", "");
         let cx = context("t1", "p9", 4);
         let sql = transactional_undo(&cx, &m);
+        assert!(sql.starts_with("BEGIN;\nSET LOCAL lock_timeout"), "{sql}");
+        let (settings, rest) = sql.split_once("SELECT flotilla.check_fence(4);\n").unwrap();
+        assert!(!settings.contains("search_path"), "{sql}");
         assert!(
-            sql.starts_with("BEGIN;\nSET LOCAL search_path TO \"t1\";"),
+            rest.starts_with("SET LOCAL search_path TO \"t1\";\nDROP TABLE t\n;\n"),
             "{sql}"
         );
-        let (settings, rest) = sql.split_once("SELECT flotilla.check_fence(4);\n").unwrap();
-        assert!(settings.contains("SET LOCAL lock_timeout"), "{sql}");
-        assert!(rest.starts_with("DROP TABLE t\n;\n"), "{sql}");
         assert!(sql.contains("DROP TABLE t\n;\n"));
         assert!(sql.contains("DELETE FROM flotilla.journal WHERE target = 't1' AND migration_id = 'm1' AND plan_id = 'p9'"));
         assert!(

@@ -21,24 +21,29 @@ pub(crate) fn begin_fenced(epoch: u64) -> String {
     format!("BEGIN;\nSELECT flotilla.check_fence({epoch});\n")
 }
 
-/// Checks the fence. It comes after the step's settings, so that its wait for the fence row
-/// is bounded by the step's lock_timeout: a transaction of an older epoch holds the row until
-/// it ends, and a prepared one until its plan's decision, however long that takes.
-pub(crate) fn push_fence(out: &mut String, epoch: u64) {
+/// Checks the fence.
+fn push_fence(out: &mut String, epoch: u64) {
     let _ = writeln!(out, "SELECT flotilla.check_fence({epoch});");
 }
 
-/// `SET [LOCAL] search_path/lock_timeout/statement_timeout` for one step.
+/// `SET [LOCAL] lock_timeout/statement_timeout/search_path` for one step, and the fence check
+/// when `fence` names the epoch.
+///
+/// The fence comes after the timeouts, so that its wait for the fence row is bounded by the
+/// step's lock_timeout (a transaction of an older epoch holds the row until it ends, and a
+/// prepared one until its plan's decision, however long that takes), and before the
+/// tenant's search_path: `check_fence`'s two queries keep their cached plans only while the
+/// search_path they were planned under is the current one, so called after a different
+/// tenant's path at every run they were parsed and planned again each time (measured with
+/// pg_stat_statements on one session: 39 us a call against 12 us).
 pub(crate) fn push_settings(
     out: &mut String,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     local: bool,
+    fence: Option<u64>,
 ) {
     let scope = if local { "SET LOCAL" } else { "SET" };
-    if !cx.tenant.is_empty() {
-        let _ = writeln!(out, "{scope} search_path TO {};", quote_ident(cx.tenant));
-    }
     let _ = writeln!(
         out,
         "{scope} lock_timeout = '{}ms'; {scope} statement_timeout = '{}ms';",
@@ -49,6 +54,12 @@ pub(crate) fn push_settings(
         out,
         "SELECT pg_catalog.set_config('flotilla.step_started', pg_catalog.clock_timestamp()::text, {local});"
     );
+    if let Some(epoch) = fence {
+        push_fence(out, epoch);
+    }
+    if !cx.tenant.is_empty() {
+        let _ = writeln!(out, "{scope} search_path TO {};", quote_ident(cx.tenant));
+    }
 }
 
 /// The column a transactional step's journal row returns (`RETURNING <position> AS ...`):
