@@ -7,8 +7,9 @@
 # Waves (issue 10) must not cost speed: the same plan in three waves (canary 1%, 25%, the
 # rest; no bake, no gate) runs too, and its ratio to the floor is printed beside the plain one.
 # Each Flotilla run submits once its agents' start-up inventory is in (every target's schema
-# fingerprint at the coordinator; agents run for weeks, so their start-up is not the plan's),
-# and prints how long that took. Every Flotilla run also reports what scale costs (issue 15): the coordinator's and the
+# fingerprint at the coordinator; agents run for weeks, so their start-up is not the plan's)
+# and the pooled sessions it used have closed (each shard then holds only its agent's lock
+# session, as between plans), and prints how long each took. Every Flotilla run also reports what scale costs (issue 15): the coordinator's and the
 # agents' peak RSS (VmHWM at the end of the run), the time from submit to the first step
 # (the earliest journal row's start in any shard), and `plan status` answer times sampled
 # during the rollout (whole CLI invocations), with the coordinator's own time for the
@@ -104,6 +105,7 @@ run_flotilla() {
   bench_agents "$label-$r"
   bench_wait_connected
   bench_wait_inventory $(( SHARDS * TENANTS ))
+  bench_wait_agent_sessions "$SHARDS"
   pg0=$(pg_cpu_seconds); pgsys0=$(pg_cpu_split | awk '{print $2}')
   local slog="$work/submit-$label-$r.log" samples="$work/status-$label-$r.txt"
   : >"$samples"; : >"$samples.cpu"
@@ -156,8 +158,8 @@ run_flotilla() {
   else
     R_STATUS="?"; R_STATUS_MAX="?"
   fi
-  printf 'run %s: flotilla %-6s %ss   (agents'"'"' start-up inventory %ss before, not counted)   first step after %ss, last step to the end %ss; plan status %ss (max %ss, %s samples; at the coordinator %s); peak RSS coordinator %s MB, agent %s MB; CPU coordinator %s s, agents %s s, the submit'"'"'s watch %s s, the status samples %s s, machine %s%% busy   (%s)\n' \
-    "$r" "$label" "$R_T" "$R_INVENTORY" "$R_FIRST" "$R_TAIL" "$R_STATUS" "$R_STATUS_MAX" "$(wc -l <"$samples")" "$R_STATUS_COORD" "$R_COORD_RSS" "$R_AGENT_RSS" \
+  printf 'run %s: flotilla %-6s %ss   (agents'"'"' start-up inventory %ss before, its sessions closed %ss after, not counted)   first step after %ss, last step to the end %ss; plan status %ss (max %ss, %s samples; at the coordinator %s); peak RSS coordinator %s MB, agent %s MB; CPU coordinator %s s, agents %s s, the submit'"'"'s watch %s s, the status samples %s s, machine %s%% busy   (%s)\n' \
+    "$r" "$label" "$R_T" "$R_INVENTORY" "$R_SESSIONS_CLOSED" "$R_FIRST" "$R_TAIL" "$R_STATUS" "$R_STATUS_MAX" "$(wc -l <"$samples")" "$R_STATUS_COORD" "$R_COORD_RSS" "$R_AGENT_RSS" \
     "$R_COORD_CPU" "$R_AGENT_CPU" "$R_SUBMIT_CPU" "$R_SAMPLES_CPU" "$R_BUSY" "$(tail -1 "$slog" | head -c 100)" >&2
   # The coordinator's own view: from the plan stored to its final state.
   awk '/plan submitted/ {s=$1} /every step applied/ {e=$1} END {printf "        coordinator: submitted " s ", finished " e}' "$work/coordinator-$label-$r.log" >&2
