@@ -466,6 +466,87 @@ async fn fleet_drift_names_a_column_added_by_hand_and_require_no_drift_refuses_t
 /// show` gives that step, its plan and the down SQL's error as the target's last failure
 /// (not the failure elsewhere that started the rollback); the target whose step failed
 /// keeps its own. Rolled back again once the down SQL can run, the target's failure goes.
+/// A non-transactional step whose rollback is cut short (its down SQL fails after its first
+/// statement) is not applied, whatever its journal row says: the fleet view does not list it
+/// as applied, and says why from the shard (the checkpoint marked undoing), also after the
+/// coordinator that heard the rollback's reply is gone. A rollback that finishes clears it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_cut_short_on_a_shard_outlives_the_coordinator() -> anyhow::Result<()> {
+    let mut fleet = TestFleet::start(1, 1).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_index",
+        "",
+        "CREATE INDEX CONCURRENTLY idx_wo_cut_short ON work_orders (customer_id)",
+        "DROP INDEX CONCURRENTLY IF EXISTS idx_wo_cut_short;\nSELECT 1 FROM down_gate",
+    )?;
+    d.migration(
+        "002_refused",
+        "",
+        "DO $$ BEGIN RAISE EXCEPTION 'refused here'; END $$",
+        "SELECT 1",
+    )?;
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(status["state"], "rollback_failed", "{status}");
+    let id = status["plan_id"].as_str().unwrap().to_string();
+    let target = "shard_0/tenant_0000";
+
+    fleet.kill_coordinator()?;
+    fleet.restart_coordinator().await?;
+    fleet.wait_attached(1).await?;
+    let mut last = Value::Null;
+    wait_until("the shard's journal heard again", WAIT, async || {
+        let show = fleet
+            .cli(&["fleet", "show", target, "--output", "json"])
+            .await?
+            .expect_success()?
+            .last_json()?;
+        last = show;
+        Ok(last["reported"] == true && !last["last_failure"].is_null())
+    })
+    .await
+    .with_context(|| format!("{last}"))?;
+    let failure = &last["last_failure"];
+    assert_eq!(failure["migration"], "001_index", "{last}");
+    assert_eq!(failure["plan_id"], id.as_str(), "{last}");
+    let message = failure["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "the rollback of plan {id} began to undo this step and did not finish"
+        )) && message.contains(&format!("flotilla plan rollback {id}")),
+        "{last}"
+    );
+    assert!(
+        last["journal"]
+            .as_array()
+            .is_some_and(|j| !j.iter().any(|e| e.to_string().contains("001_index"))),
+        "the step counts as not applied: {last}"
+    );
+
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            "CREATE TABLE tenant_0000.down_gate (v int)",
+        )
+        .await?;
+    let out = fleet
+        .cli(&["plan", "rollback", &id, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    wait_until("the failure cleared", WAIT, async || {
+        let show = fleet
+            .cli(&["fleet", "show", target, "--output", "json"])
+            .await?
+            .expect_success()?
+            .last_json()?;
+        Ok(show["last_failure"].is_null())
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollback_cut_short_is_the_targets_last_failure() -> anyhow::Result<()> {
     let fleet = TestFleet::start(1, 2).await?;

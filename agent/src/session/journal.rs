@@ -358,25 +358,33 @@ async fn send(
     targets: Option<Vec<String>>,
     shapes: bool,
 ) -> Result<(), String> {
-    let (entries, fingerprints) = read(agent, targets.as_deref(), shapes).await.map_err(|e| {
-        warn!(error = %e, "cannot read the journal for the coordinator's fleet view");
-        e.to_string()
-    })?;
+    let (entries, cut_short, fingerprints) =
+        read(agent, targets.as_deref(), shapes).await.map_err(|e| {
+            warn!(error = %e, "cannot read the journal for the coordinator's fleet view");
+            e.to_string()
+        })?;
     let reset = targets.is_none();
     let mut chunks = entries.chunks(CHUNK);
     let first = chunks.next().unwrap_or(&[]);
-    let message = |reset, targets, entries: &[pb::JournalEntry]| pb::AgentMessage {
+    let message = |reset, targets, entries: &[pb::JournalEntry], cut_short| pb::AgentMessage {
         body: Some(Out::Journal(pb::JournalReport {
             reset,
             targets,
             entries: entries.to_vec(),
+            cut_short,
         })),
     };
-    tx.send(message(reset, targets.clone().unwrap_or_default(), first))
-        .await
-        .map_err(|_| "the stream closed".to_string())?;
+    // the steps cut short (a few, if any) go with the first chunk, which clears their targets
+    tx.send(message(
+        reset,
+        targets.clone().unwrap_or_default(),
+        first,
+        cut_short,
+    ))
+    .await
+    .map_err(|_| "the stream closed".to_string())?;
     for chunk in chunks {
-        tx.send(message(false, Vec::new(), chunk))
+        tx.send(message(false, Vec::new(), chunk, Vec::new()))
             .await
             .map_err(|_| "the stream closed".to_string())?;
     }
@@ -389,7 +397,8 @@ async fn send(
     }
 }
 
-/// The journal rows and the same targets' schema fingerprints, from one snapshot (a
+/// The journal rows, the same targets' steps a rollback cut short, and their schema
+/// fingerprints, from one snapshot (a
 /// repeatable-read transaction): a migration's DDL commits with its journal row, so a target
 /// is never seen with a head its shape does not have yet, which would pass for drift. A
 /// catalog that cannot be read leaves the fingerprints out (logged; the next refresh tries).
@@ -397,7 +406,14 @@ async fn read(
     agent: &Agent,
     targets: Option<&[String]>,
     shapes: bool,
-) -> Result<(Vec<pb::JournalEntry>, Option<schema::Found>), sqlx::Error> {
+) -> Result<
+    (
+        Vec<pb::JournalEntry>,
+        Vec<pb::CutShort>,
+        Option<schema::Found>,
+    ),
+    sqlx::Error,
+> {
     let mut snapshot = agent.pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *snapshot)
@@ -409,6 +425,7 @@ async fn read(
         .execute(&mut *snapshot)
         .await?;
     let entries = shard::read_entries(&mut snapshot, targets).await?;
+    let cut_short = shard::read_cut_short(&mut snapshot, targets).await?;
     let fingerprints = if shapes {
         schema::read(agent, &mut snapshot, targets).await
     } else {
@@ -416,7 +433,7 @@ async fn read(
     };
     // read only: ending it either way is the same; a failed catalog read aborted it
     let _ = snapshot.rollback().await;
-    Ok((entries, fingerprints))
+    Ok((entries, cut_short, fingerprints))
 }
 
 #[cfg(test)]

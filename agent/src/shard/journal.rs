@@ -187,6 +187,41 @@ pub(crate) async fn read_fence(pool: &PgPool) -> Result<u64, sqlx::Error> {
 const NOT_UNDOING: &str = "NOT EXISTS (SELECT 1 FROM flotilla.checkpoints c \
      WHERE c.target = j.target AND c.migration_id = j.migration_id AND c.undoing)";
 
+/// The steps a rollback began to undo and did not finish (checkpoints marked undoing), on
+/// every target or those of `targets`: the fleet view counts them as not applied (see
+/// [`NOT_UNDOING`]) and says why from these.
+pub(crate) async fn read_cut_short(
+    conn: &mut PgConnection,
+    targets: Option<&[String]>,
+) -> Result<Vec<pb::CutShort>, sqlx::Error> {
+    const COLUMNS: &str = "SELECT target, migration_id, plan_id, \
+         (extract(epoch FROM updated_at) * 1000)::bigint FROM flotilla.checkpoints WHERE undoing";
+    let rows: Vec<(String, String, String, i64)> = match targets {
+        None => {
+            sqlx::query_as(AssertSqlSafe(format!("{COLUMNS} ORDER BY updated_at")))
+                .fetch_all(&mut *conn)
+                .await?
+        }
+        Some(targets) => {
+            sqlx::query_as(AssertSqlSafe(format!(
+                "{COLUMNS} AND target = ANY($1) ORDER BY updated_at"
+            )))
+            .bind(targets)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(target, migration_id, plan_id, at_ms)| pb::CutShort {
+            target,
+            migration_id,
+            plan_id,
+            at_ms,
+        })
+        .collect())
+}
+
 /// Journal rows as the coordinator's fleet view takes them: every row, or those of
 /// `targets`, in the order they were applied.
 pub(crate) async fn read_entries(

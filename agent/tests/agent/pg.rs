@@ -2,7 +2,7 @@
 //! Runs when `FLOTILLA_TEST_PG_URL` is set (`postgres://postgres@127.0.0.1:PORT/postgres`);
 //! otherwise each test prints a note and passes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::AssertSqlSafe;
 
@@ -1207,6 +1207,10 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
             .contains("a rollback of it on this target was cut short"),
         "{e:?}"
     );
+    // the coordinator's fleet view hears it from the shard, to say why the target is behind
+    let cut_short = |m: &str| BTreeSet::from([(t.to_string(), m.to_string(), "pz".to_string())]);
+    s.reports_until(|r| cut_short_reported(r) == cut_short("cic_first"))
+        .await;
 
     sqlx::raw_sql("CREATE TABLE tenant_0000.down_gate (v int)")
         .execute(&pool)
@@ -1215,6 +1219,7 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
     let reply = s.rollback("pz", 4).await;
     assert!(reply.complete, "{reply:?}");
     assert_eq!(reply.steps.len(), 3, "{reply:?}");
+    s.reports_until(|r| cut_short_reported(r).is_empty()).await;
     assert_eq!(
         count(
             &pool,
@@ -1255,6 +1260,8 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
             && e.message.contains("roll back plan pz again"),
         "{e:?}"
     );
+    s.reports_until(|r| cut_short_reported(r) == cut_short("two_part"))
+        .await;
     // an edited version of the step, in another plan, is told the same (not to delete the
     // checkpoint, which would pass the journal row off as applied again)
     s.send(In::Plan(pb::PlanDefinition {
@@ -1276,6 +1283,7 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
         .unwrap();
     let reply = s.rollback("pz", 4).await;
     assert!(reply.complete, "{reply:?}");
+    s.reports_until(|r| cut_short_reported(r).is_empty()).await;
     for table in ["journal", "checkpoints"] {
         assert_eq!(
             count(&pool, &format!("SELECT count(*) FROM flotilla.{table}")).await,
@@ -1285,6 +1293,26 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
     }
     h.stop().await;
     f.drop().await;
+}
+
+/// The steps cut short (target, migration, plan) that the fleet-view reports heard so far
+/// leave, replayed as the coordinator applies them.
+fn cut_short_reported(reports: &[Out]) -> BTreeSet<(String, String, String)> {
+    let mut steps = BTreeSet::new();
+    for r in reports {
+        if let Out::Journal(j) = r {
+            if j.reset {
+                steps.clear();
+            }
+            steps.retain(|(target, _, _)| !j.targets.contains(target));
+            steps.extend(
+                j.cut_short
+                    .iter()
+                    .map(|c| (c.target.clone(), c.migration_id.clone(), c.plan_id.clone())),
+            );
+        }
+    }
+    steps
 }
 
 /// Runs `migration` alone on `t` in `plan` (run `id`) and returns its error: it must fail.

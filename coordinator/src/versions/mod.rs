@@ -43,6 +43,9 @@ pub struct ShardJournal {
     pub complete: bool,
     /// Rows per target ("" = the shard), in the order applied.
     pub targets: HashMap<String, Vec<pb::JournalEntry>>,
+    /// Steps per target whose rollback was cut short (not among `targets`' rows as
+    /// applied): why such a target is behind, from the shard itself.
+    pub cut_short: HashMap<String, Vec<pb::CutShort>>,
     /// Whether a whole schema report arrived in this session (until then, no fingerprint
     /// of the shard counts).
     pub fingerprinted: bool,
@@ -88,7 +91,7 @@ impl State {
 }
 
 /// How a target's last failure begins when a rollback could not undo a step there.
-const ROLLBACK_CUT_SHORT: &str = "the rollback";
+pub(crate) const ROLLBACK_CUT_SHORT: &str = "the rollback";
 
 impl FleetVersions {
     /// An agent attached under `epoch`: what was known of its journal is stale until it
@@ -139,10 +142,19 @@ impl FleetVersions {
         let journal = state.journal(shard);
         if report.reset {
             journal.targets.clear();
+            journal.cut_short.clear();
             journal.complete = true;
         }
         for target in &report.targets {
             journal.targets.remove(target);
+            journal.cut_short.remove(target);
+        }
+        for step in report.cut_short {
+            journal
+                .cut_short
+                .entry(step.target.clone())
+                .or_default()
+                .push(step);
         }
         let mut touched = std::collections::HashSet::new();
         for entry in report.entries {

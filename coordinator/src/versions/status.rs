@@ -7,7 +7,7 @@ use flotilla_core::pb;
 use flotilla_core::selector::Selector;
 use sha2::{Digest, Sha256};
 
-use super::{Failures, Journals, ShardJournal, target_name};
+use super::{Failures, Journals, ROLLBACK_CUT_SHORT, ShardJournal, target_name};
 use crate::planner::{self, ShardView};
 
 /// A completed plan, whose migrations the targets it selects should hold.
@@ -16,6 +16,7 @@ pub struct PlanInput {
     pub spec: PlanSpec,
 }
 
+#[derive(Clone, Copy)]
 pub struct FleetInput<'a> {
     pub fleet: &'a BTreeMap<String, ShardView>,
     pub journals: &'a Journals,
@@ -57,6 +58,35 @@ impl FleetInput<'_> {
             .get(shard)
             .map(|j| j.as_ref())
             .filter(|j| j.complete && j.epoch == self.epoch)
+    }
+
+    /// The target's last failure: the newest of the one results and replies left here and
+    /// the steps its shard reports a rollback cut short (which outlive this coordinator's
+    /// memory: after a restart or a change of leader they still say why the target is
+    /// behind).
+    pub(super) fn last_failure(&self, shard: &str, tenant: &str) -> Option<pb::LastFailure> {
+        let recorded = self.failures.get(&(shard.to_string(), tenant.to_string()));
+        let cut_short = self
+            .reported(shard)
+            .and_then(|j| j.cut_short.get(tenant))
+            .and_then(|steps| steps.iter().max_by_key(|s| s.at_ms));
+        match (recorded, cut_short) {
+            (Some(f), Some(c)) if f.at_ms >= c.at_ms => Some(f.clone()),
+            (_, Some(c)) => Some(pb::LastFailure {
+                target: target_name(shard, tenant),
+                migration_id: c.migration_id.clone(),
+                plan_id: c.plan_id.clone(),
+                sqlstate: String::new(),
+                message: format!(
+                    "{ROLLBACK_CUT_SHORT} of plan {} began to undo this step and did not \
+                     finish: the step counts as not applied until `flotilla plan rollback {}` \
+                     runs to its end",
+                    c.plan_id, c.plan_id
+                ),
+                at_ms: c.at_ms,
+            }),
+            (f, None) => f.cloned(),
+        }
     }
 
     /// What each target should hold: every step the completed plans would give it over
@@ -214,8 +244,8 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
         if !t.pending.is_empty() {
             behind += 1;
         }
-        if let Some(f) = input.failures.get(&(t.shard.clone(), t.tenant.clone())) {
-            failures.push(f.clone());
+        if let Some(f) = input.last_failure(&t.shard, &t.tenant) {
+            failures.push(f);
         }
         mismatches.extend(t.mismatches.iter().cloned());
         let cohort = cohorts
@@ -281,10 +311,7 @@ pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, St
         .targets(&everything)
         .into_iter()
         .find(|t| t.shard == shard && t.tenant == tenant);
-    let failure = input
-        .failures
-        .get(&(shard.clone(), tenant.clone()))
-        .cloned();
+    let failure = input.last_failure(&shard, &tenant);
     Ok(match state {
         Some(t) => pb::FleetTarget {
             shard: t.shard,

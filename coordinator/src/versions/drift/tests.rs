@@ -52,6 +52,7 @@ fn journal(migrations: &[(&str, &[&str])]) -> pb::JournalReport {
         reset: true,
         targets: Vec::new(),
         entries,
+        cut_short: Vec::new(),
     }
 }
 

@@ -202,6 +202,94 @@ fn shards_not_heard_under_this_epoch_are_named_not_counted() {
     assert_eq!(r.unreported_shards, vec!["shard_1".to_string()]);
 }
 
+/// A step the shard reports a rollback cut short is the target's last failure without any
+/// result or reply heard here (a coordinator that restarted, or a new leader), unless one
+/// heard since is newer; it goes with the shard's report that no longer lists it.
+#[test]
+fn a_rollback_cut_short_on_the_shard_is_the_targets_last_failure() {
+    let fleet = fleet();
+    let plans = [plan("p1", "", "", &[("001_a", "SELECT 1")])];
+    let mut journals = journals(&fleet, &[], |_, _, _| {});
+    let cut_short = pb::CutShort {
+        target: "tenant_1".into(),
+        migration_id: "001_a".into(),
+        plan_id: "p1".into(),
+        at_ms: 50,
+    };
+    Arc::make_mut(journals.get_mut("shard_0").unwrap())
+        .cut_short
+        .insert("tenant_1".into(), vec![cut_short.clone()]);
+    let input = input(&fleet, &journals, &plans);
+    let r = fleet_status(&input, &everything());
+    assert_eq!(r.failures.len(), 1, "{r:?}");
+    let f = &r.failures[0];
+    assert_eq!(
+        (
+            f.target.as_str(),
+            f.migration_id.as_str(),
+            f.plan_id.as_str(),
+            f.at_ms
+        ),
+        ("shard_0/tenant_1", "001_a", "p1", 50)
+    );
+    assert!(
+        f.message
+            .starts_with("the rollback of plan p1 began to undo this step")
+            && f.message.contains("`flotilla plan rollback p1`"),
+        "{f:?}"
+    );
+    let shown = show_target(&input, "shard_0/tenant_1").unwrap();
+    assert_eq!(shown.last_failure.as_ref(), Some(f));
+
+    // a failure heard here later wins; an older one does not
+    let heard = |at_ms| {
+        HashMap::from([(
+            ("shard_0".to_string(), "tenant_1".to_string()),
+            pb::LastFailure {
+                target: "shard_0/tenant_1".into(),
+                migration_id: "001_a".into(),
+                plan_id: "p1".into(),
+                sqlstate: "XX000".into(),
+                message: "the rollback of plan p1 could not undo it".into(),
+                at_ms,
+            },
+        )])
+    };
+    for (at_ms, sqlstate) in [(60, "XX000"), (40, "")] {
+        let failures = heard(at_ms);
+        let input = FleetInput {
+            failures: &failures,
+            ..input
+        };
+        let shown = show_target(&input, "shard_0/tenant_1").unwrap();
+        assert_eq!(shown.last_failure.unwrap().sqlstate, sqlstate, "{at_ms}");
+    }
+
+    // the shard's next report of the target, without it: no failure
+    let versions = super::super::FleetVersions::default();
+    versions.attached("shard_0", EPOCH);
+    versions.apply(
+        "shard_0",
+        pb::JournalReport {
+            reset: true,
+            cut_short: vec![cut_short],
+            ..Default::default()
+        },
+    );
+    let (journals, failures) = versions.snapshot();
+    assert_eq!(journals["shard_0"].cut_short["tenant_1"].len(), 1);
+    versions.apply(
+        "shard_0",
+        pb::JournalReport {
+            targets: vec!["tenant_1".into()],
+            ..Default::default()
+        },
+    );
+    let (journals, _) = versions.snapshot();
+    assert!(journals["shard_0"].cut_short.is_empty());
+    assert!(failures.is_empty());
+}
+
 #[test]
 fn a_failure_shows_in_status_and_show_and_names_resolve() {
     let fleet = fleet();
