@@ -849,11 +849,15 @@ async fn a_crashed_shard_resumes_the_backfill_from_its_checkpoint() -> anyhow::R
 /// returned transaction), and a backfill submitted with lock_timeout 300ms: its first
 /// batches get through, the last waits. Returns once the agent has logged a retry after
 /// the lock timeout, and what committed meanwhile is checked: kept, once, with its
-/// checkpoint. `extra`: the submit's arguments.
+/// checkpoint. `extra`: the submit's arguments. With `queued_behind`, another session of
+/// the application waits for the row first (it takes it and lets it go once the holder
+/// ends), so the backfill waits behind that waiter, on the row's tuple lock: its retry names
+/// the row all the same.
 async fn blocked_backfill(
     fleet: &TestFleet,
     pool: &sqlx::PgPool,
     extra: &[&str],
+    queued_behind: bool,
 ) -> anyhow::Result<(
     sqlx::Transaction<'static, sqlx::Postgres>,
     MigrationDir,
@@ -861,11 +865,31 @@ async fn blocked_backfill(
 )> {
     let t = fleet.tenants(0)[0].clone();
     let mut holder = pool.begin().await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
+    let last_row = format!(
         "SELECT id FROM {t}.work_orders WHERE id = (SELECT max(id) FROM {t}.work_orders) FOR UPDATE"
-    )))
-    .execute(&mut *holder)
-    .await?;
+    );
+    sqlx::query(sqlx::AssertSqlSafe(last_row.clone()))
+        .execute(&mut *holder)
+        .await?;
+    if queued_behind {
+        let waiter = pool.clone();
+        let sql = last_row.clone();
+        tokio::spawn(async move { sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&waiter).await });
+        crate::harness::wait_until(
+            "the application's second session waits for the row",
+            WAIT,
+            async || {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE '%FOR UPDATE'",
+                )
+                .fetch_one(pool)
+                .await?;
+                Ok(waiting == 1)
+            },
+        )
+        .await?;
+    }
     let dir = MigrationDir::new()?;
     dir.migration(
         BACKFILL_ID,
@@ -928,12 +952,13 @@ async fn touched_column_fleet() -> anyhow::Result<TestFleet> {
 /// A batch that waits on a row the application holds gives up within the step's
 /// lock_timeout and the data change is tried again after a pause, from its checkpoint: the
 /// batches committed before the wait are not run again (every row changed exactly once),
-/// and the change finishes once the holder lets go.
+/// and the change finishes once the holder lets go. Another session of the application
+/// waits for the row before it: the retry names the row (not the whole table) all the same.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backfill_blocked_on_a_row_goes_on_from_its_checkpoint() -> anyhow::Result<()> {
     let fleet = touched_column_fleet().await?;
     let pool = fleet.pg.pool(&fleet.shards[0]).await?;
-    let (holder, _dir, id) = blocked_backfill(&fleet, &pool, &[]).await?;
+    let (holder, _dir, id) = blocked_backfill(&fleet, &pool, &[], true).await?;
     holder.rollback().await?;
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])
@@ -955,7 +980,7 @@ async fn a_cancel_stops_a_blocked_backfill_between_its_attempts() -> anyhow::Res
     let fleet = touched_column_fleet().await?;
     let pool = fleet.pg.pool(&fleet.shards[0]).await?;
     // stop: a cancel leaves what is done (a rollback's down SQL would wait on the row too)
-    let (holder, dir, id) = blocked_backfill(&fleet, &pool, &["--policy", "stop"]).await?;
+    let (holder, dir, id) = blocked_backfill(&fleet, &pool, &["--policy", "stop"], false).await?;
     let out = fleet
         .cli(&["plan", "cancel", &id, "--wait", "--output", "json"])
         .await?;

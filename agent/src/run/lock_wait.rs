@@ -14,7 +14,8 @@ pub(super) const LOCK_RETRIES: u32 = 3;
 pub(super) const LOCK_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 /// The table waited for, the table of the row waited for (a row lock is waited for on the
-/// holder's transaction, with the row's tuple lock held), then the blocking session's pid,
+/// holder's transaction with the row's tuple lock held, or, behind another waiter for the
+/// row, on the tuple lock itself), then the blocking session's pid,
 /// user, application, state, seconds its transaction is open, and its last query.
 type BlockerRow = (
     Option<String>,
@@ -41,9 +42,10 @@ impl BlockerWatch {
         let task = tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             let rows: Vec<BlockerRow> = sqlx::query_as(
-                "SELECT w.relation::pg_catalog.regclass::text, \
-                   (SELECT t.relation::pg_catalog.regclass::text FROM pg_catalog.pg_locks t \
-                     WHERE t.pid = w.pid AND t.locktype = 'tuple' AND t.granted LIMIT 1), \
+                "SELECT CASE WHEN w.locktype <> 'tuple' THEN w.relation::pg_catalog.regclass::text END, \
+                   CASE WHEN w.locktype = 'tuple' THEN w.relation::pg_catalog.regclass::text \
+                   ELSE (SELECT t.relation::pg_catalog.regclass::text FROM pg_catalog.pg_locks t \
+                     WHERE t.pid = w.pid AND t.locktype = 'tuple' AND t.granted LIMIT 1) END, \
                    a.pid, coalesce(a.usename::text, ''), \
                    coalesce(a.application_name, ''), coalesce(a.state, ''), \
                    coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start), 0)::float8, \
