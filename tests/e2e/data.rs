@@ -852,7 +852,7 @@ async fn a_crashed_shard_resumes_the_backfill_from_its_checkpoint() -> anyhow::R
 /// checkpoint. `extra`: the submit's arguments. With `queued_behind`, another session of
 /// the application waits for the row first (it takes it and lets it go once the holder
 /// ends), so the backfill waits behind that waiter, on the row's tuple lock: its retry names
-/// the row all the same.
+/// the row all the same, and the holder beside the waiter.
 async fn blocked_backfill(
     fleet: &TestFleet,
     pool: &sqlx::PgPool,
@@ -871,6 +871,9 @@ async fn blocked_backfill(
     sqlx::query(sqlx::AssertSqlSafe(last_row.clone()))
         .execute(&mut *holder)
         .await?;
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await?;
     if queued_behind {
         let waiter = pool.clone();
         let sql = last_row.clone();
@@ -880,8 +883,8 @@ async fn blocked_backfill(
             WAIT,
             async || {
                 let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                 AND query LIKE '%FOR UPDATE'",
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE'",
                 )
                 .fetch_one(pool)
                 .await?;
@@ -901,10 +904,18 @@ async fn blocked_backfill(
     // the second attempt's wait is watched: its retry names the row's table
     let agent_log = || fleet.agents[0].as_ref().unwrap().log();
     let row = format!("a row of {t}.work_orders held by pid");
-    crate::harness::wait_until("a retry naming the row's table", WAIT, async || {
-        let log = agent_log();
-        Ok(log.contains("lock timeout; trying again after a pause") && log.contains(&row))
-    })
+    // behind another waiter, the session that holds the row is named too
+    let holder_named = format!("pid {holder_pid} (");
+    crate::harness::wait_until(
+        "a retry naming the row's table and its holder",
+        WAIT,
+        async || {
+            let log = agent_log();
+            Ok(log.contains("lock timeout; trying again after a pause")
+                && log.contains(&row)
+                && log.contains(&holder_named))
+        },
+    )
     .await?;
     let (once, twice): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FILTER (WHERE touched = 1), count(*) FILTER (WHERE touched > 1) FROM {t}.work_orders"

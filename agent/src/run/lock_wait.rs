@@ -30,7 +30,10 @@ type BlockerRow = (
 
 /// Watches a step's backend from another connection while it may wait for a lock: shortly
 /// before its lock_timeout runs out, it records which table the step waits for and which
-/// sessions block it, for the error that names them.
+/// sessions block it, for the error that names them: those it waits for and, one step
+/// further, those they wait for (behind another waiter for a row, the step waits for that
+/// waiter, which waits for the session that holds the row: the one to look at), the
+/// longest open first.
 pub(super) struct BlockerWatch {
     task: tokio::task::JoinHandle<Option<String>>,
 }
@@ -51,7 +54,9 @@ impl BlockerWatch {
                    coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start), 0)::float8, \
                    pg_catalog.left(coalesce(a.query, ''), 120) \
                  FROM pg_catalog.pg_locks w \
-                 CROSS JOIN LATERAL pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS b(pid) \
+                 CROSS JOIN LATERAL (SELECT DISTINCT p FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS d(p) \
+                   UNION SELECT pg_catalog.unnest(pg_catalog.pg_blocking_pids(d.p)) \
+                   FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS d(p)) AS b(pid) \
                  JOIN pg_catalog.pg_stat_activity a ON a.pid = b.pid \
                  WHERE w.pid = $1 AND NOT w.granted ORDER BY a.xact_start",
             )
