@@ -153,13 +153,11 @@ peak_rss_mb() {
   fi
 }
 
-# Until no client session but this check's own is left on the benchmark's server (a
-# contender's backends gone, so pg_cpu_seconds counts them among the reaped); at most 10 s.
-# Waits until each of the first $1 shard databases holds only its agent's lock session: the
+# Waits until the server holds only the agents' lock sessions, one per shard ($1 shards): the
 # pooled sessions of the agents' start-up inventory close once idle for half a second. An agent
 # runs for weeks, so a plan submitted to it meets only its lock session, not those; sessions left
-# open would each take their share of every catalog invalidation the rollout's DDL sends. Sets
-# R_SESSIONS_CLOSED (seconds waited).
+# open would each take their share of every catalog invalidation the rollout's DDL sends. At
+# most 10 s; sets R_SESSIONS_CLOSED (seconds waited).
 bench_wait_agent_sessions() {
   local shards=$1 t0 n i
   t0=$(now)
@@ -172,6 +170,8 @@ bench_wait_agent_sessions() {
   R_SESSIONS_CLOSED=$(printf '%.2f' "$(echo "$(now) - $t0" | bc)")
 }
 
+# Until no client session but this check's own is left on the benchmark's server (a
+# contender's backends gone, so pg_cpu_seconds counts them among the reaped); at most 10 s.
 pg_wait_sessions_closed() {
   local n
   for ((i=0; i<100; i++)); do

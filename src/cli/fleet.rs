@@ -333,14 +333,13 @@ fn print_status(r: &pb::FleetStatusResponse) {
     if !r.failures.is_empty() {
         println!("\nfailed last:");
         for f in &r.failures {
-            let state = if f.sqlstate.is_empty() {
-                String::new()
-            } else {
-                format!(" [{}]", f.sqlstate)
-            };
             println!(
-                "  {}: {} in plan {}{state}: {}",
-                f.target, f.migration_id, f.plan_id, f.message
+                "  {}: {} in plan {}{}: {}",
+                f.target,
+                f.migration_id,
+                f.plan_id,
+                sqlstate_tag(&f.sqlstate),
+                f.message
             );
         }
     }
@@ -437,8 +436,11 @@ fn print_target(t: &pb::FleetTarget) {
     }
     if let Some(f) = &t.last_failure {
         println!(
-            "  failed last: {} in plan {} [{}]: {}",
-            f.migration_id, f.plan_id, f.sqlstate, f.message
+            "  failed last: {} in plan {}{}: {}",
+            f.migration_id,
+            f.plan_id,
+            sqlstate_tag(&f.sqlstate),
+            f.message
         );
     }
     if !t.fingerprint.is_empty() {
@@ -457,4 +459,14 @@ fn at(ms: i64) -> String {
     let t =
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// " [SQLSTATE]" after a failure, or nothing when it has none (a rollback cut short, as the
+/// shard reports it, or a failure of the agent's own).
+fn sqlstate_tag(sqlstate: &str) -> String {
+    if sqlstate.is_empty() {
+        String::new()
+    } else {
+        format!(" [{sqlstate}]")
+    }
 }

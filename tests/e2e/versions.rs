@@ -462,10 +462,6 @@ async fn fleet_drift_names_a_column_added_by_hand_and_require_no_drift_refuses_t
     Ok(())
 }
 
-/// A rollback that cannot undo a step on a target leaves that target part-way back: `fleet
-/// show` gives that step, its plan and the down SQL's error as the target's last failure
-/// (not the failure elsewhere that started the rollback); the target whose step failed
-/// keeps its own. Rolled back again once the down SQL can run, the target's failure goes.
 /// A non-transactional step whose rollback is cut short (its down SQL fails after its first
 /// statement) is not applied, whatever its journal row says: the fleet view does not list it
 /// as applied, and says why from the shard (the checkpoint marked undoing), also after the
@@ -547,6 +543,10 @@ async fn a_rollback_cut_short_on_a_shard_outlives_the_coordinator() -> anyhow::R
     Ok(())
 }
 
+/// A rollback that cannot undo a step on a target leaves that target part-way back: `fleet
+/// show` gives that step, its plan and the down SQL's error as the target's last failure
+/// (not the failure elsewhere that started the rollback); the target whose step failed
+/// keeps its own. Rolled back again once the down SQL can run, the target's failure goes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollback_cut_short_is_the_targets_last_failure() -> anyhow::Result<()> {
     let fleet = TestFleet::start(1, 2).await?;

@@ -10,8 +10,9 @@ use crate::step::{PreparedMigration, StepContext};
 
 /// The steps of one transaction, in one query: `BEGIN`, then each step's settings, up SQL,
 /// verify and journal row, which returns `STEP_DONE` = the step's position in the
-/// transaction; the fence once, in the first step after its settings (so that its wait is
-/// bounded by the step's lock_timeout); `COMMIT` at the end when `commit`.
+/// transaction; the fence once, in the first step's settings after its timeouts (so that its
+/// wait is bounded by the step's lock_timeout) and before its search_path (see
+/// `push_settings`); `COMMIT` at the end when `commit`.
 pub(crate) fn transaction(
     cx: &StepContext<'_>,
     steps: &[&PreparedMigration],
@@ -35,7 +36,7 @@ pub(crate) fn transaction(
 }
 
 /// Before a non-transactional step's statements: session-level settings (which `RESET ALL`
-/// clears afterwards), then the fence.
+/// clears afterwards), the fence between the timeouts and the search_path.
 pub(crate) fn non_transactional_prologue(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
     let mut out = String::with_capacity(320);
     push_settings(&mut out, cx, m, false, Some(cx.epoch));

@@ -6,7 +6,9 @@
 //! `fleet show` answer from this copy and the completed plans in the store, without asking
 //! any shard: 10,000 tenants answer in well under a second. The shard stays the source of
 //! truth; the copy only ever takes what a shard reported, never what a result implies.
-//! Failures are the exception: they are not in the journal, so results feed them.
+//! Failures are the exception: they are not in the journal, so results and rollback replies
+//! feed them; only a rollback cut short is also on the shard (its checkpoint marked undoing),
+//! and the agents report those with their journal.
 //!
 //! Each journal report is followed by the same targets' schema fingerprints (the agent's
 //! `session::schema`): `fleet drift` compares them within each cohort (`drift`).

@@ -63,7 +63,8 @@ impl FleetInput<'_> {
     /// The target's last failure: the newest of the one results and replies left here and
     /// the steps its shard reports a rollback cut short (which outlive this coordinator's
     /// memory: after a restart or a change of leader they still say why the target is
-    /// behind).
+    /// behind). The rollback's own reply of the same step wins whatever the clocks say (the
+    /// shard's and this coordinator's may differ): it carries the down SQL's error.
     pub(super) fn last_failure(&self, shard: &str, tenant: &str) -> Option<pb::LastFailure> {
         let recorded = self.failures.get(&(shard.to_string(), tenant.to_string()));
         let cut_short = self
@@ -71,7 +72,14 @@ impl FleetInput<'_> {
             .and_then(|j| j.cut_short.get(tenant))
             .and_then(|steps| steps.iter().max_by_key(|s| s.at_ms));
         match (recorded, cut_short) {
-            (Some(f), Some(c)) if f.at_ms >= c.at_ms => Some(f.clone()),
+            (Some(f), Some(c))
+                if f.at_ms >= c.at_ms
+                    || (f.message.starts_with(ROLLBACK_CUT_SHORT)
+                        && f.migration_id == c.migration_id
+                        && f.plan_id == c.plan_id) =>
+            {
+                Some(f.clone())
+            }
             (_, Some(c)) => Some(pb::LastFailure {
                 target: target_name(shard, tenant),
                 migration_id: c.migration_id.clone(),
@@ -122,7 +130,7 @@ impl FleetInput<'_> {
     }
 
     /// Every reported target the selector takes: the tenants, and the shard itself when its
-    /// journal or a plan gives it something.
+    /// journal or a plan gives it something, or it has a last failure.
     pub(super) fn targets(&self, selector: &Selector) -> Vec<TargetState> {
         let mut expected = self.expected();
         let mut out = Vec::new();
@@ -136,7 +144,12 @@ impl FleetInput<'_> {
                 let key = (shard.clone(), tenant.0.clone());
                 let rows = journal.targets.get(&tenant.0).cloned().unwrap_or_default();
                 let wanted = expected.remove(&key).unwrap_or_default();
-                if tenant.0.is_empty() && rows.is_empty() && wanted.is_empty() {
+                if tenant.0.is_empty()
+                    && rows.is_empty()
+                    && wanted.is_empty()
+                    && !journal.cut_short.contains_key("")
+                    && !self.failures.contains_key(&key)
+                {
                     continue;
                 }
                 let labels =

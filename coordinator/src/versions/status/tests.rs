@@ -241,8 +241,9 @@ fn a_rollback_cut_short_on_the_shard_is_the_targets_last_failure() {
     let shown = show_target(&input, "shard_0/tenant_1").unwrap();
     assert_eq!(shown.last_failure.as_ref(), Some(f));
 
-    // a failure heard here later wins; an older one does not
-    let heard = |at_ms| {
+    // a failure heard here later wins; an older one does not, unless it is the rollback's own
+    // reply of that step (with the down SQL's error)
+    let heard = |at_ms, message: &str| {
         HashMap::from([(
             ("shard_0".to_string(), "tenant_1".to_string()),
             pb::LastFailure {
@@ -250,13 +251,18 @@ fn a_rollback_cut_short_on_the_shard_is_the_targets_last_failure() {
                 migration_id: "001_a".into(),
                 plan_id: "p1".into(),
                 sqlstate: "XX000".into(),
-                message: "the rollback of plan p1 could not undo it".into(),
+                message: message.into(),
                 at_ms,
             },
         )])
     };
-    for (at_ms, sqlstate) in [(60, "XX000"), (40, "")] {
-        let failures = heard(at_ms);
+    let reply = "the rollback of plan p1 could not undo it, and stopped on this target: boom";
+    for (at_ms, message, sqlstate) in [
+        (60, "relation does not exist", "XX000"),
+        (40, "relation does not exist", ""),
+        (40, reply, "XX000"),
+    ] {
+        let failures = heard(at_ms, message);
         let input = FleetInput {
             failures: &failures,
             ..input
