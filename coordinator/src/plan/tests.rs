@@ -98,6 +98,71 @@ pub(crate) fn answer(
     run.apply_run_result(shard, &result)
 }
 
+/// A shard's Resolve lists its prepared transactions earliest prepared first, whatever
+/// their gids' order (run 10's gid sorts before run 9's), those of unknown time last.
+#[test]
+fn a_resolve_lists_the_earliest_prepared_first() {
+    let targets: Vec<(String, String)> = (0..11)
+        .map(|t| ("s0".to_string(), format!("t{t:02}")))
+        .collect();
+    let targets: Vec<(&str, &str)> = targets
+        .iter()
+        .map(|(s, t)| (s.as_str(), t.as_str()))
+        .collect();
+    let group = pb::ParallelGroup {
+        migrations: vec!["a".into()],
+        atomic: true,
+    };
+    let mut run = plan_of(
+        &["a"],
+        vec![group],
+        &targets,
+        pb::FailurePolicy::AllOrNothing,
+    );
+    run.rebalance_lanes(&|_| 16);
+    let mut next = 1u64;
+    let runs = run.next_runs("s0", &mut next);
+    assert_eq!(runs.len(), 11, "{runs:?}");
+    // prepared in reverse order of their run ids, but run 3's time is unknown
+    for (i, r) in runs.iter().enumerate() {
+        let at_us = if r.run_id == 3 {
+            0
+        } else {
+            1_000_000 - i as i64
+        };
+        let result = pb::RunResult {
+            run_id: r.run_id,
+            tenant: r.tenant.clone(),
+            steps: vec![pb::StepResult {
+                migration_id: "a".into(),
+                outcome: pb::StepOutcome::Prepared as i32,
+                ..Default::default()
+            }],
+            prepared_at_us: at_us,
+        };
+        run.apply_run_result("s0", &result);
+    }
+    let resolve = run.resolve_for("s0", Decision::Commit).expect("a resolve");
+    let order: Vec<u64> = resolve
+        .gids
+        .iter()
+        .map(|g| {
+            runs.iter()
+                .find(|r| &r.prepare_gid == g)
+                .expect("a gid of the runs")
+                .run_id
+        })
+        .collect();
+    let mut expected: Vec<u64> = runs
+        .iter()
+        .map(|r| r.run_id)
+        .filter(|&id| id != 3)
+        .rev()
+        .collect();
+    expected.push(3);
+    assert_eq!(order, expected);
+}
+
 #[test]
 fn a_later_atomic_group_waits_for_the_commit_of_the_one_before() {
     let mut run = grouped_run();

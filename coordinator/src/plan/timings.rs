@@ -63,6 +63,11 @@ impl TwoPhaseClock {
         }
     }
 
+    /// When the target of `gid` prepared, if its result said.
+    pub fn prepared_at(&self, gid: &str) -> Option<i64> {
+        self.prepared.get(gid).map(|&(at_us, _)| at_us)
+    }
+
     pub fn decided(&mut self, at_us: i64) {
         self.decided_us.get_or_insert(at_us);
     }

@@ -141,14 +141,28 @@ impl PlanRun {
                 .any(|s| self.steps[s].status == StepStatus::Prepared)
     }
 
-    /// The Resolve message for a shard's prepared transactions, if it has any left.
+    /// The Resolve message for a shard's prepared transactions, if it has any left: the
+    /// earliest prepared first. Each target holds its locks from its PREPARE until its
+    /// COMMIT PREPARED, and the agent resolves them in this order on its connections, so the
+    /// ones that waited longest for the rest of the unit wait least for their commit (in the
+    /// gids' own order, run 10 came before run 9 and a shard's first target could be its last
+    /// committed). Those of unknown time (a result resent after a takeover) go last.
     pub fn resolve_for(&self, shard: &str, decision: Decision) -> Option<pb::Resolve> {
         let sr = self.shards.get(shard)?;
-        (!sr.prepared.is_empty() && !sr.resolved).then(|| pb::Resolve {
-            plan_id: self.id.clone(),
-            commit: decision.is_commit(),
-            epoch: self.epoch,
-            gids: sr.prepared.keys().cloned().collect(),
+        (!sr.prepared.is_empty() && !sr.resolved).then(|| {
+            let mut gids: Vec<String> = sr.prepared.keys().cloned().collect();
+            gids.sort_by_key(|g| {
+                self.two_phase_clock
+                    .prepared_at(g)
+                    .filter(|&at| at > 0)
+                    .unwrap_or(i64::MAX)
+            });
+            pb::Resolve {
+                plan_id: self.id.clone(),
+                commit: decision.is_commit(),
+                epoch: self.epoch,
+                gids,
+            }
         })
     }
 
