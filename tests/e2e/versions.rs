@@ -493,12 +493,7 @@ async fn a_rollback_cut_short_on_a_shard_outlives_the_coordinator() -> anyhow::R
     fleet.wait_attached(1).await?;
     let mut last = Value::Null;
     wait_until("the shard's journal heard again", WAIT, async || {
-        let show = fleet
-            .cli(&["fleet", "show", target, "--output", "json"])
-            .await?
-            .expect_success()?
-            .last_json()?;
-        last = show;
+        last = fleet_show(&fleet, target).await?;
         Ok(last["reported"] == true && !last["last_failure"].is_null())
     })
     .await
@@ -520,6 +515,26 @@ async fn a_rollback_cut_short_on_a_shard_outlives_the_coordinator() -> anyhow::R
         "the step counts as not applied: {last}"
     );
 
+    roll_back_through_the_down_gate(&fleet, &id).await?;
+    wait_until("the failure cleared", WAIT, async || {
+        Ok(fleet_show(&fleet, target).await?["last_failure"].is_null())
+    })
+    .await?;
+    Ok(())
+}
+
+/// `fleet show TARGET` as JSON.
+async fn fleet_show(fleet: &TestFleet, target: &str) -> anyhow::Result<Value> {
+    fleet
+        .cli(&["fleet", "show", target, "--output", "json"])
+        .await?
+        .expect_success()?
+        .last_json()
+}
+
+/// Lets tenant_0000's down SQL through (its `down_gate` table) and rolls plan `id` back
+/// again, to its end.
+async fn roll_back_through_the_down_gate(fleet: &TestFleet, id: &str) -> anyhow::Result<()> {
     fleet
         .pg
         .psql(
@@ -528,18 +543,9 @@ async fn a_rollback_cut_short_on_a_shard_outlives_the_coordinator() -> anyhow::R
         )
         .await?;
     let out = fleet
-        .cli(&["plan", "rollback", &id, "--wait", "--output", "json"])
+        .cli(&["plan", "rollback", id, "--wait", "--output", "json"])
         .await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    wait_until("the failure cleared", WAIT, async || {
-        let show = fleet
-            .cli(&["fleet", "show", target, "--output", "json"])
-            .await?
-            .expect_success()?
-            .last_json()?;
-        Ok(show["last_failure"].is_null())
-    })
-    .await?;
     Ok(())
 }
 
@@ -572,12 +578,7 @@ async fn a_rollback_cut_short_is_the_targets_last_failure() -> anyhow::Result<()
     assert_eq!(status["state"], "rollback_failed", "{status}");
     let id = status["plan_id"].as_str().unwrap();
     let last_failure = async |target: &str| -> anyhow::Result<Value> {
-        let show = fleet
-            .cli(&["fleet", "show", target, "--output", "json"])
-            .await?
-            .expect_success()?
-            .last_json()?;
-        Ok(show["last_failure"].clone())
+        Ok(fleet_show(&fleet, target).await?["last_failure"].clone())
     };
     let cut_short = last_failure("shard_0/tenant_0000").await?;
     assert_eq!(cut_short["migration"], "001_first", "{cut_short}");
@@ -597,17 +598,7 @@ async fn a_rollback_cut_short_is_the_targets_last_failure() -> anyhow::Result<()
         "{failed}"
     );
 
-    fleet
-        .pg
-        .psql(
-            &fleet.shards[0],
-            "CREATE TABLE tenant_0000.down_gate (v int)",
-        )
-        .await?;
-    let out = fleet
-        .cli(&["plan", "rollback", id, "--wait", "--output", "json"])
-        .await?;
-    assert_eq!(out.code(), Some(0), "{out}");
+    roll_back_through_the_down_gate(&fleet, id).await?;
     assert_eq!(fleet.status(id).await?["state"], "rolled_back");
     let cleared = last_failure("shard_0/tenant_0000").await?;
     assert!(cleared.is_null(), "{cleared}");
