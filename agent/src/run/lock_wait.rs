@@ -54,7 +54,7 @@ impl BlockerWatch {
                    coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start), 0)::float8, \
                    pg_catalog.left(coalesce(a.query, ''), 120) \
                  FROM pg_catalog.pg_locks w \
-                 CROSS JOIN LATERAL (SELECT DISTINCT p FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS d(p) \
+                 CROSS JOIN LATERAL (SELECT p FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS d(p) \
                    UNION SELECT pg_catalog.unnest(pg_catalog.pg_blocking_pids(d.p)) \
                    FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS d(p)) AS b(pid) \
                  JOIN pg_catalog.pg_stat_activity a ON a.pid = b.pid \

@@ -187,6 +187,29 @@ pub(crate) async fn read_fence(pool: &PgPool) -> Result<u64, sqlx::Error> {
 const NOT_UNDOING: &str = "NOT EXISTS (SELECT 1 FROM flotilla.checkpoints c \
      WHERE c.target = j.target AND c.migration_id = j.migration_id AND c.undoing)";
 
+/// The rows of `select` (a query on a table with a `target` column, ending in its WHERE
+/// clause) on every target, or on those of `targets`, ordered by `order`.
+async fn rows_of_targets<T>(
+    conn: &mut PgConnection,
+    select: &str,
+    order: &str,
+    targets: Option<&[String]>,
+) -> Result<Vec<T>, sqlx::Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let only = if targets.is_some() {
+        " AND target = ANY($1)"
+    } else {
+        ""
+    };
+    let query = sqlx::query_as(AssertSqlSafe(format!("{select}{only} ORDER BY {order}")));
+    match targets {
+        Some(targets) => query.bind(targets).fetch_all(conn).await,
+        None => query.fetch_all(conn).await,
+    }
+}
+
 /// The steps a rollback began to undo and did not finish (checkpoints marked undoing), on
 /// every target or those of `targets`: the fleet view counts them as not applied (see
 /// [`NOT_UNDOING`]) and says why from these.
@@ -194,23 +217,14 @@ pub(crate) async fn read_cut_short(
     conn: &mut PgConnection,
     targets: Option<&[String]>,
 ) -> Result<Vec<pb::CutShort>, sqlx::Error> {
-    const COLUMNS: &str = "SELECT target, migration_id, plan_id, \
-         (extract(epoch FROM updated_at) * 1000)::bigint FROM flotilla.checkpoints WHERE undoing";
-    let rows: Vec<(String, String, String, i64)> = match targets {
-        None => {
-            sqlx::query_as(AssertSqlSafe(format!("{COLUMNS} ORDER BY updated_at")))
-                .fetch_all(&mut *conn)
-                .await?
-        }
-        Some(targets) => {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "{COLUMNS} AND target = ANY($1) ORDER BY updated_at"
-            )))
-            .bind(targets)
-            .fetch_all(&mut *conn)
-            .await?
-        }
-    };
+    let rows: Vec<(String, String, String, i64)> = rows_of_targets(
+        conn,
+        "SELECT target, migration_id, plan_id, (extract(epoch FROM updated_at) * 1000)::bigint \
+         FROM flotilla.checkpoints WHERE undoing",
+        "updated_at",
+        targets,
+    )
+    .await?;
     Ok(rows
         .into_iter()
         .map(|(target, migration_id, plan_id, at_ms)| pb::CutShort {
@@ -228,25 +242,19 @@ pub(crate) async fn read_entries(
     conn: &mut PgConnection,
     targets: Option<&[String]>,
 ) -> Result<Vec<pb::JournalEntry>, sqlx::Error> {
-    const COLUMNS: &str = "SELECT target, migration_id, checksum, plan_id,          (extract(epoch FROM finished_at) * 1000)::bigint,          greatest((extract(epoch FROM finished_at - started_at) * 1000)::bigint, 0), seq          FROM flotilla.journal j";
     type Row = (String, String, String, String, i64, i64, i64);
-    let rows: Vec<Row> = match targets {
-        None => {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "{COLUMNS} WHERE {NOT_UNDOING} ORDER BY seq"
-            )))
-            .fetch_all(&mut *conn)
-            .await?
-        }
-        Some(targets) => {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "{COLUMNS} WHERE target = ANY($1) AND {NOT_UNDOING} ORDER BY seq"
-            )))
-            .bind(targets)
-            .fetch_all(&mut *conn)
-            .await?
-        }
-    };
+    let rows: Vec<Row> = rows_of_targets(
+        conn,
+        &format!(
+            "SELECT target, migration_id, checksum, plan_id, \
+             (extract(epoch FROM finished_at) * 1000)::bigint, \
+             greatest((extract(epoch FROM finished_at - started_at) * 1000)::bigint, 0), seq \
+             FROM flotilla.journal j WHERE {NOT_UNDOING}"
+        ),
+        "seq",
+        targets,
+    )
+    .await?;
     Ok(rows
         .into_iter()
         .map(
