@@ -76,8 +76,8 @@ pub(crate) fn push_verify_and_journal(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
 ) {
-    push_verify_and_journal_row(out, cx, m);
-    out.push_str(";\n");
+    push_verify(out, m);
+    let _ = writeln!(out, "SELECT {};", record_step(cx, m));
 }
 
 /// As [`push_verify_and_journal`], the journal row returning [`STEP_DONE`] = `position` and
@@ -90,16 +90,16 @@ pub(crate) fn push_verify_and_marked_journal(
     m: &PreparedMigration,
     position: usize,
 ) {
-    push_verify_and_journal_row(out, cx, m);
+    push_verify(out, m);
     let _ = writeln!(
         out,
-        " RETURNING {position} AS \"{STEP_DONE}\", \
-         pg_catalog.date_part('epoch', finished_at - started_at) AS step_seconds;"
+        "SELECT {position} AS \"{STEP_DONE}\", {} AS step_seconds;",
+        record_step(cx, m)
     );
 }
 
-/// The verify check and the journal row's INSERT, without its terminator.
-fn push_verify_and_journal_row(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigration) {
+/// The verify check, if the step has one.
+fn push_verify(out: &mut String, m: &PreparedMigration) {
     if let Some(verify) = &m.migration.verify_sql {
         let _ = writeln!(
             out,
@@ -107,12 +107,15 @@ fn push_verify_and_journal_row(out: &mut String, cx: &StepContext<'_>, m: &Prepa
             m.id_lit
         );
     }
-    let _ = write!(
-        out,
-        "INSERT INTO flotilla.journal (target, migration_id, checksum, plan_id, epoch, started_at, finished_at) \
-         VALUES ({}, {}, {}, {}, {}, pg_catalog.current_setting('flotilla.step_started')::timestamptz, pg_catalog.clock_timestamp())",
+}
+
+/// The call that writes the step's journal row and returns its seconds
+/// (`flotilla.record_step`, whose INSERT keeps its plan across the steps' search_paths).
+fn record_step(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
+    format!(
+        "flotilla.record_step({}, {}, {}, {}, {})",
         cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit, cx.epoch
-    );
+    )
 }
 
 /// Records in the caller's transaction that the first `done` up statements of the step are
