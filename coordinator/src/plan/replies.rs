@@ -71,7 +71,7 @@ impl PlanRun {
                     }
                 }
             };
-            self.steps[s].status = status;
+            self.set_status(s, status);
             let target = self.targets[self.steps[s].target].clone();
             if status == StepStatus::Failed {
                 failed = true;
@@ -184,7 +184,7 @@ impl PlanRun {
                         })
                         .flatten()
                         .and_then(|f| f.error.clone());
-                    self.steps[s].status = StepStatus::RolledBack;
+                    self.set_status(s, StepStatus::RolledBack);
                     updates.push(self.update_of(s, failed.as_ref()));
                 }
                 (None, None) => {}
@@ -200,7 +200,7 @@ impl PlanRun {
                     .collect();
                 for s in lost {
                     if matches!(self.steps[s].status, StepStatus::Running(_)) {
-                        self.steps[s].status = StepStatus::NotRun;
+                        self.set_status(s, StepStatus::NotRun);
                         updates.push(self.update_of(s, None));
                     }
                 }
@@ -232,7 +232,7 @@ impl PlanRun {
             phase: "agent".into(),
         };
         for s in &lost {
-            self.steps[*s].status = StepStatus::Failed;
+            self.set_status(*s, StepStatus::Failed);
             let t = &self.targets[self.steps[*s].target];
             self.failures.push(pb::StepFailure {
                 migration_id: self.spec.migrations[self.steps[*s].migration]

@@ -50,23 +50,28 @@ impl PlanRun {
     pub fn rebalance_lanes(&mut self, agent_lanes: &dyn Fn(&str) -> u32) {
         // Which shards are busy, in the map's order: this runs at every hand-out, over every
         // shard of the plan, so no shard's name is copied (at 64 shards the copies were a
-        // third of this). Each shard is looked at from its last target back: targets go in
-        // their order, so during a rollout the last ones are still to run and the look ends
-        // at once, where from the front it passed every finished target first (quadratic
-        // over a shard of 2,500 tenants: a tenth of the coordinator's CPU at 10,000).
+        // third of this). A shard with no step to run is passed over by its count; one with
+        // some is looked at from its last target back, for one in the wave now open: targets
+        // go in their order, so during a rollout the last ones are still to run and the look
+        // ends at once, where from the front it passed every finished target first
+        // (quadratic over a shard of 2,500 tenants: a tenth of the coordinator's CPU at
+        // 10,000).
         let busy: Vec<bool> = self
             .shards
             .values()
             .map(|sr| {
-                sr.targets.iter().rev().any(|&t| {
-                    self.wave_open(t)
-                        && self.per_target[t].iter().any(|&s| {
-                            matches!(
-                                self.steps[s].status,
-                                StepStatus::Pending | StepStatus::Running(_)
-                            )
-                        })
-                })
+                debug_assert_eq!(
+                    sr.to_run,
+                    super::count_to_run(&self.steps, &self.per_target, &sr.targets),
+                    "a step's status changed without PlanRun::set_status"
+                );
+                sr.to_run > 0
+                    && sr.targets.iter().rev().any(|&t| {
+                        self.wave_open(t)
+                            && self.per_target[t]
+                                .iter()
+                                .any(|&s| self.steps[s].status.to_run())
+                    })
             })
             .collect();
         // The wave's parallelism (the plan's when it says none), and its cap per shard.
@@ -124,7 +129,7 @@ impl PlanRun {
                 *next_run_id += 1;
                 let fused = steps.len() > 1;
                 for &s in &steps {
-                    self.steps[s].status = StepStatus::Running(run_id);
+                    self.set_status(s, StepStatus::Running(run_id));
                 }
                 let prepare_gid = if steps
                     .iter()

@@ -14,7 +14,7 @@ impl PlanRun {
             if self.steps[s].status == StepStatus::Pending
                 && self.targets[self.steps[s].target].shard == shard
             {
-                self.steps[s].status = StepStatus::NotRun;
+                self.set_status(s, StepStatus::NotRun);
                 updates.push(self.update_of(s, None));
             }
         }
@@ -29,7 +29,7 @@ impl PlanRun {
         let mut updates = Vec::new();
         for s in 0..self.steps.len() {
             if self.steps[s].status == StepStatus::Pending {
-                self.steps[s].status = StepStatus::NotRun;
+                self.set_status(s, StepStatus::NotRun);
                 updates.push(self.update_of(s, None));
             }
         }
@@ -60,7 +60,7 @@ impl PlanRun {
                 // Steps waiting on a failed one (continue policy) will never run.
                 for s in 0..self.steps.len() {
                     if self.steps[s].status == StepStatus::Pending {
-                        self.steps[s].status = StepStatus::NotRun;
+                        self.set_status(s, StepStatus::NotRun);
                         updates.push(self.update_of(s, None));
                     }
                 }
@@ -168,7 +168,7 @@ impl PlanRun {
                 self.steps[s].status,
                 StepStatus::Failed | StepStatus::NotRun
             ) {
-                self.steps[s].status = StepStatus::Pending;
+                self.set_status(s, StepStatus::Pending);
                 updates.push(self.update_of(s, None));
             }
         }

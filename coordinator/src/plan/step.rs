@@ -52,6 +52,11 @@ impl StepStatus {
         )
     }
 
+    /// Still to run or running: what keeps its shard's lanes (see `ShardRun::to_run`).
+    pub fn to_run(self) -> bool {
+        matches!(self, StepStatus::Pending | StepStatus::Running(_))
+    }
+
     /// Done as far as its dependents go (a prepared step counts within its unit).
     pub fn done(self) -> bool {
         matches!(

@@ -267,6 +267,30 @@ fn max_parallel_is_split_over_the_busy_shards_within_each_agents_lanes() {
 }
 
 #[test]
+fn a_shard_whose_steps_are_done_gets_lanes_again_when_one_is_retried() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s1", "t1"), ("s1", "t2")],
+        pb::FailurePolicy::Continue,
+    );
+    assert_eq!((run.shards["s0"].to_run, run.shards["s1"].to_run), (1, 2));
+    let mut next = 1;
+    let out = run.next_runs("s0", &mut next);
+    // running still counts: the shard keeps its lane until the result
+    assert_eq!(run.shards["s0"].to_run, 1);
+    answer(&mut run, "s0", &out[0], pb::StepOutcome::Failed);
+    assert_eq!(run.shards["s0"].to_run, 0);
+    run.rebalance_lanes(&|_| 16);
+    assert_eq!((run.shards["s0"].lanes, run.shards["s1"].lanes), (0, 8));
+    // a retry puts the failed step back: its shard is busy again and shares the lanes
+    run.retry(None);
+    assert_eq!(run.shards["s0"].to_run, 1);
+    run.rebalance_lanes(&|_| 16);
+    assert_eq!((run.shards["s0"].lanes, run.shards["s1"].lanes), (4, 4));
+}
+
+#[test]
 fn an_edited_migration_found_in_a_journal_fails_its_step() {
     let mut run = plan_of(
         &["a"],

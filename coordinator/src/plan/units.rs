@@ -219,7 +219,7 @@ impl PlanRun {
             StepStatus::NotRun
         };
         for s in done_steps {
-            self.steps[s].status = status;
+            self.set_status(s, status);
             updates.push(self.update_of(s, None));
         }
         if all_done {
@@ -287,11 +287,12 @@ impl PlanRun {
                 && self.in_unit(s)
                 && self.targets[self.steps[s].target].shard == shard
             {
-                self.steps[s].status = if decision.is_commit() {
+                let status = if decision.is_commit() {
                     StepStatus::Applied
                 } else {
                     StepStatus::NotRun
                 };
+                self.set_status(s, status);
                 updates.push(self.update_of(s, None));
             }
         }
