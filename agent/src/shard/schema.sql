@@ -69,11 +69,12 @@ $fn$;
 -- per step than this function's cached plan (one session, 15,000 steps, the backend's
 -- CPU). The function's own search_path is fixed: a cached plan is planned again whenever
 -- the search_path differs from the one it was made under, and each step sets its tenant's;
--- and nothing in a tenant's schema can stand in for what it calls.
+-- and nothing in a tenant's schema, or a temporary one (pg_temp named last), can stand in
+-- for what it calls.
 CREATE OR REPLACE FUNCTION flotilla.record_step(p_target text, p_migration text, p_checksum text,
                                                 p_plan text, p_epoch bigint)
 RETURNS double precision
-LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   seconds double precision;
 BEGIN

@@ -65,8 +65,8 @@ pub(crate) fn push_settings(
     }
 }
 
-/// The column a transactional step's journal row returns (`RETURNING <position> AS ...`):
-/// the mark, in the results of a run's steps sent as one query, that the step at that
+/// The column a transactional step's journal row comes with (`SELECT <position> AS ...,
+/// flotilla.record_step(...)`): the mark, in the results of a run's steps sent as one query, that the step at that
 /// position is done. A name no migration's own rows carry.
 pub(crate) const STEP_DONE: &str = "flotilla.step_done";
 

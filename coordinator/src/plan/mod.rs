@@ -35,7 +35,10 @@ pub struct Step {
     pub migration: usize,
     pub target: usize,
     pub deps: Vec<usize>,
-    pub status: StepStatus,
+    /// Private to the plan's modules, and changed only by `PlanRun::set_status`: it keeps
+    /// the shard's count of steps to run, and a count left at 0 while a step is pending
+    /// would give its shard no lanes (`rebalance_lanes`).
+    status: StepStatus,
     pub transactional: bool,
 }
 
