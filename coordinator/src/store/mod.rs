@@ -94,6 +94,15 @@ impl Store {
                         // process, a partition) must not hold rows of the shared store
                         // locked for the leader after it: the server ends such a session.
                         sqlx::raw_sql(STORE_SESSION_SETTINGS).execute(conn).await?;
+                    } else {
+                        // NORMAL keeps commits cheap under WAL (no fsync at each: the shard
+                        // journal, not this file, is the truth about what is applied). It is
+                        // a setting of each connection, not of the file: set once at open it
+                        // held on one of the pool's connections, and a writer's commit on
+                        // another waited for a WAL fsync.
+                        sqlx::raw_sql("PRAGMA synchronous=NORMAL")
+                            .execute(conn)
+                            .await?;
                     }
                     Ok(())
                 })
@@ -105,14 +114,12 @@ impl Store {
                 source,
             })?;
         if !is_pg {
-            // WAL lets status reads run beside the writer; NORMAL keeps commits cheap
-            // (the shard journal, not this file, is the truth about what is applied).
-            for pragma in ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL"] {
-                sqlx::query(pragma)
-                    .execute(&pool)
-                    .await
-                    .map_err(StoreError::from)?;
-            }
+            // WAL lets status reads run beside the writer (a mode of the file: once is
+            // enough).
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await
+                .map_err(StoreError::from)?;
         }
         let store = Store { pool, is_pg };
         store.migrate().await?;
@@ -955,6 +962,29 @@ mod tests {
         );
         assert_eq!(sqlite_url("sqlite://f.db?mode=ro"), "sqlite://f.db?mode=ro");
         assert_eq!(sqlite_url("sqlite::memory:"), "sqlite::memory:");
+    }
+
+    /// `synchronous` is a setting of each SQLite connection: every one of the pool has it.
+    #[tokio::test]
+    async fn every_sqlite_connection_commits_without_an_fsync_each() {
+        let dir = TestDir::new("sqlite-synchronous").unwrap();
+        let path = dir.join("flotilla.db").to_string_lossy().into_owned();
+        let store = Store::open(&SecretUrl::new(path)).await.unwrap();
+        // two connections at once: the pool opens a second one beside the first
+        let mut a = store.pool.acquire().await.unwrap();
+        let mut b = store.pool.acquire().await.unwrap();
+        for conn in [&mut a, &mut b] {
+            let (mode,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!(mode, 1, "synchronous=NORMAL on every connection");
+            let (journal,): (String,) = sqlx::query_as("PRAGMA journal_mode")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!(journal, "wal");
+        }
     }
 
     /// `--store sqlite://PATH` of a file that does not exist yet makes it (issue 16).
