@@ -66,8 +66,8 @@ pub(crate) fn push_settings(
 }
 
 /// The column a transactional step's journal row comes with (`SELECT <position> AS ...,
-/// flotilla.record_step(...)`): the mark, in the results of a run's steps sent as one query, that the step at that
-/// position is done. A name no migration's own rows carry.
+/// flotilla.record_step(...)`): the mark, in the results of a run's steps sent as one query,
+/// that the step at that position is done. A name no migration's own rows carry.
 pub(crate) const STEP_DONE: &str = "flotilla.step_done";
 
 /// The verify check (if any) and the journal row: the step's proof that it is applied.
@@ -77,7 +77,9 @@ pub(crate) fn push_verify_and_journal(
     m: &PreparedMigration,
 ) {
     push_verify(out, m);
-    let _ = writeln!(out, "SELECT {};", record_step(cx, m));
+    out.push_str("SELECT ");
+    push_record_step(out, cx, m);
+    out.push_str(";\n");
 }
 
 /// As [`push_verify_and_journal`], the journal row returning [`STEP_DONE`] = `position` and
@@ -91,11 +93,9 @@ pub(crate) fn push_verify_and_marked_journal(
     position: usize,
 ) {
     push_verify(out, m);
-    let _ = writeln!(
-        out,
-        "SELECT {position} AS \"{STEP_DONE}\", {} AS step_seconds;",
-        record_step(cx, m)
-    );
+    let _ = write!(out, "SELECT {position} AS \"{STEP_DONE}\", ");
+    push_record_step(out, cx, m);
+    out.push_str(" AS step_seconds;\n");
 }
 
 /// The verify check, if the step has one.
@@ -110,12 +110,14 @@ fn push_verify(out: &mut String, m: &PreparedMigration) {
 }
 
 /// The call that writes the step's journal row and returns its seconds
-/// (`flotilla.record_step`, whose INSERT keeps its plan across the steps' search_paths).
-fn record_step(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
-    format!(
+/// (`flotilla.record_step`, whose INSERT keeps its plan across the steps' search_paths),
+/// written into the step's query (no string of its own: this runs at every step).
+fn push_record_step(out: &mut String, cx: &StepContext<'_>, m: &PreparedMigration) {
+    let _ = write!(
+        out,
         "flotilla.record_step({}, {}, {}, {}, {})",
         cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit, cx.epoch
-    )
+    );
 }
 
 /// Records in the caller's transaction that the first `done` up statements of the step are
