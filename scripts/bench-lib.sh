@@ -11,7 +11,8 @@
 #   bench_wait_connected [TRIES]    until every agent is attached
 #   bench_stop_flotilla             kills what bench_coordinator/bench_agents started
 # and, for scripts that run their own processes: bench_etcd_start CLIENT_PORT PEER_PORT,
-# bench_wait_agents ADDR N, bench_cpu_seconds PID.
+# bench_wait_agents ADDR N, bench_cpu_seconds PID, bench_cpu_reading PID and
+# bench_cpu_between BEFORE AFTER.
 # Environment: SHARED (default ../shared beside the repo), FLOTILLA_PG_BINDIR, FLOTILLA_BIN,
 # FLOTILLA_BENCH_KEEP=1 keeps the logs and the server's data dir.
 
@@ -151,6 +152,43 @@ peak_rss_mb() {
   else
     echo "?"
   fi
+}
+
+# A reading of process $1's CPU for bench_cpu_between: "TICKS_SECONDS TID:NS TID:NS ...".
+# The ticks (/proc/PID/stat) count threads that have ended too, but in steps of 10 ms: a
+# window of 50 ms of CPU (960 steps at 0.05 ms) read that way is off by up to 40%. Each live
+# thread's run time (/proc/PID/task/TID/schedstat, first field) is in nanoseconds.
+bench_cpu_reading() {
+  local t ticks
+  ticks=$(bench_cpu_seconds "$1")
+  printf '%s' "$ticks"
+  for t in /proc/"$1"/task/*/schedstat; do
+    [ -r "$t" ] || continue
+    t=${t%/schedstat}
+    printf ' %s:%s' "${t##*/}" "$(cut -d' ' -f1 "$t/schedstat" 2>/dev/null || echo 0)"
+  done
+  echo
+}
+
+# CPU seconds between two bench_cpu_reading readings: the threads' nanoseconds when every
+# thread of the first is still there in the second (one that ended took its time with it),
+# else the ticks.
+bench_cpu_between() {
+  awk -v before="$1" -v after="$2" 'BEGIN {
+    nb = split(before, B, " "); na = split(after, A, " ")
+    for (i = 2; i <= na; i++) { split(A[i], x, ":"); now[x[1]] = x[2] }
+    ns = 0
+    for (i = 2; i <= nb; i++) {
+      split(B[i], x, ":")
+      if (!(x[1] in now)) {
+        print "note: a thread ended within the window: its CPU read in 10 ms ticks" > "/dev/stderr"
+        printf "%.6f\n", A[1] - B[1]; exit
+      }
+      ns += now[x[1]] - x[2]; delete now[x[1]]
+    }
+    for (t in now) ns += now[t]
+    printf "%.6f\n", ns / 1e9
+  }'
 }
 
 # Waits until the server holds only the agents' lock sessions, one per shard ($1 shards): the
