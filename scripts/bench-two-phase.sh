@@ -105,7 +105,7 @@ done
 # (one per tenant, each holding an ALTER TABLE's ACCESS EXCLUSIVE lock, as the plan's do),
 # committed by one session per shard database (as each agent does) that all start at one
 # instant (pg_sleep_until), timed from that instant to the last COMMIT PREPARED done.
-floors=()
+floors=(); wakes=()
 for ((r=1; r<=REPEAT; r++)); do
   bench_reset_fleet "$SHARDS"
   for ((s=0; s<SHARDS; s++)); do
@@ -124,13 +124,28 @@ for ((r=1; r<=REPEAT; r++)); do
   last=$(cat "$work"/floor-*.out | grep -E '^[0-9.]+$' | sort -n | tail -1)
   floor=$(awk -v a="$last" -v b="$start" 'BEGIN {printf "%.1f", (a - b) * 1000}')
   floors+=("$floor")
-  echo "floor run $r: $((SHARDS * TENANTS)) COMMIT PREPAREDs, one session per shard database, all started at once: ${floor} ms"
+  # The same sessions started the same way with nothing to commit: what waking that many
+  # sessions (and their psql clients) at one instant takes on this machine by itself. On
+  # the 2-core reference machine 16 of them took 20-25 ms, a session alone 1-5 ms: that
+  # much of the floor above is the machine waking processes, as the agents must too.
+  start=$(psql -X -At "$PGURL/postgres" -c "SELECT extract(epoch FROM clock_timestamp() + interval '2 s')")
+  for ((s=0; s<SHARDS; s++)); do
+    { echo "SELECT pg_sleep_until(to_timestamp($start));"
+      echo "SELECT extract(epoch FROM clock_timestamp());"
+    } | psql -X -At -q "$PGURL/shard_$s" >"$work/wake-$s.out" &
+  done
+  wait $(jobs -p | grep -v "^${pids[0]}$") 2>/dev/null || true
+  last=$(cat "$work"/wake-*.out | grep -E '^[0-9.]+$' | sort -n | tail -1)
+  wake=$(awk -v a="$last" -v b="$start" 'BEGIN {printf "%.1f", (a - b) * 1000}')
+  wakes+=("$wake")
+  echo "floor run $r: $((SHARDS * TENANTS)) COMMIT PREPAREDs, one session per shard database, all started at once: ${floor} ms; the same sessions with nothing to commit: ${wake} ms"
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo "==== $SHARDS shards x $TENANTS tenants, $REPEAT runs, medians (machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)):"
 echo "     (a) decision latency, last PREPARE -> decision in etcd -> last COMMIT PREPARED: $(median "${decisions[@]}") ms (goal < 20 ms)"
 echo "         of which: decision -> the last agent has it $(median "${heards[@]}") ms; then the agents' COMMIT PREPAREDs until the last is done $(median "${pg_commits[@]}") ms"
 echo "         PostgreSQL's floor for that leg ($((SHARDS * TENANTS)) COMMIT PREPAREDs, $SHARDS sessions started at once): $(median "${floors[@]}") ms; Flotilla's leg / floor: $(awk -v a="$(median "${pg_commits[@]}")" -v b="$(median "${floors[@]}")" 'BEGIN {printf "%.2f", a / b}')x"
+echo "         of the floor, waking those $SHARDS sessions at one instant with nothing to commit: $(median "${wakes[@]}") ms"
 echo "     (b) lock hold per target, PREPARE -> COMMIT PREPARED: median $(median "${holds_median[@]}") ms, p99 $(median "${holds_p99[@]}") ms, max $(median "${holds_max[@]}") ms"
 echo "         the slowest target's steps $(median "${slowest[@]}") ms; the longest hold beyond them $(median "${beyond[@]}") ms (goal < 100 ms)"
 echo "         each target's locks from its steps' start to its COMMIT PREPARED: median $(median "${locked_median[@]}") ms, max $(median "${locked_max[@]}") ms"
