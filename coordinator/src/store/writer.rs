@@ -8,29 +8,53 @@ use tracing::error;
 
 use super::{Audit, StepUpdate, Store, StoreError, StoreOp, now_ms};
 
+/// How long the ops that arrive by the hundred a second during a rollout wait for company.
+/// A commit each would make the store the busiest thing on the machine; at 50 ms a
+/// transaction held about 50 step updates spread over as many pages of the steps table and
+/// of the attempts' index, and SQLite wrote each of those pages to its WAL at every commit.
+/// At 200 ms the same rows share pages: the coordinator's CPU per step went down by about a
+/// sixth at 8 and at 64 shards (scripts/bench-shards.sh, three runs of each build taking
+/// turns, 2026-12-05). What the store holds of a running plan lags by that much at most:
+/// its status comes from the engine, and after a crash its steps from the shards' journals.
+const WINDOW: Duration = Duration::from_millis(200);
+
 /// Writes store ops in order, many to a transaction, off the engine's path.
-/// Step updates wait up to 50 ms for company: during a rollout they arrive in
-/// hundreds of small batches a second, and one commit each would make the store
-/// the busiest thing on the machine. A flush (someone waits on it) goes at once.
 pub async fn run_writer(store: Store, mut rx: mpsc::UnboundedReceiver<StoreOp>) {
-    const WINDOW: Duration = Duration::from_millis(50);
     while let Some(first) = rx.recv().await {
-        // room for a busy window's ops (one per agent's results message) without regrowing
-        let mut batch = Vec::with_capacity(128);
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + WINDOW;
-        while batch.len() < 1024 && !matches!(batch.last(), Some(StoreOp::Flush(_))) {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(op)) => batch.push(op),
-                Ok(None) | Err(_) => break,
-            }
-        }
+        let batch = gather(&mut rx, first).await;
         if let Err(e) = store.apply(batch).await {
             // The shard journals hold the truth; a lost status write is repaired
             // when the plan is rebuilt from them.
             error!("control store write failed: {e}");
         }
     }
+}
+
+/// Whether an op may wait up to [`WINDOW`] for others to share its transaction: an agent's
+/// results, its data changes' progress, its row at attach. Anything else is what an
+/// operator's next command may read (a plan submitted or its state changed, its waves, an
+/// audit entry) or someone waits on (a flush): it closes the batch at once.
+fn waits_for_company(op: &StoreOp) -> bool {
+    matches!(
+        op,
+        StoreOp::Steps { .. } | StoreOp::DataProgress { .. } | StoreOp::Agent { .. }
+    )
+}
+
+/// The ops of one transaction: `first`, then what arrives within [`WINDOW`] of it while
+/// every op so far may wait (at most 1,024).
+async fn gather(rx: &mut mpsc::UnboundedReceiver<StoreOp>, first: StoreOp) -> Vec<StoreOp> {
+    // room for a busy window's ops (one per agent's results message) without regrowing
+    let mut batch = Vec::with_capacity(256);
+    batch.push(first);
+    let deadline = tokio::time::Instant::now() + WINDOW;
+    while batch.len() < 1024 && batch.last().is_some_and(waits_for_company) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(op)) => batch.push(op),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    batch
 }
 
 impl Store {
@@ -467,6 +491,57 @@ mod tests {
             seen.into_iter().collect::<Vec<_>>(),
             [1, 2, 4, 8, 16, 32, 64]
         );
+    }
+
+    fn audit() -> StoreOp {
+        StoreOp::Audit(Audit {
+            actor: "op".into(),
+            action: "pause",
+            plan_id: "p1".into(),
+            detail: String::new(),
+        })
+    }
+
+    /// On the paused clock: step updates wait up to the window for company, and an op an
+    /// operator may read next closes the batch at once (what follows it waits for the next).
+    #[tokio::test(start_paused = true)]
+    async fn step_updates_wait_for_company_and_an_audit_entry_does_not() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for op in [
+            steps("p1", &["t1"]),
+            steps("p1", &["t2"]),
+            audit(),
+            steps("p1", &["t3"]),
+        ] {
+            tx.send(op).unwrap();
+        }
+        let start = tokio::time::Instant::now();
+        let first = rx.recv().await.unwrap();
+        let batch = gather(&mut rx, first).await;
+        assert_eq!(shape(&batch), ["steps p1: t1", "steps p1: t2", "other"]);
+        assert_eq!(start.elapsed(), Duration::ZERO, "the audit entry waited");
+
+        // alone, with the sender still there: the window runs out
+        let first = rx.recv().await.unwrap();
+        let batch = gather(&mut rx, first).await;
+        assert_eq!(shape(&batch), ["steps p1: t3"]);
+        assert_eq!(start.elapsed(), WINDOW);
+
+        // an audit entry first goes alone and at once
+        tx.send(audit()).unwrap();
+        tx.send(steps("p1", &["t4"])).unwrap();
+        let first = rx.recv().await.unwrap();
+        let batch = gather(&mut rx, first).await;
+        assert_eq!(shape(&batch), ["other"]);
+        assert_eq!(start.elapsed(), WINDOW);
+        assert_eq!(shape(&[rx.recv().await.unwrap()]), ["steps p1: t4"]);
+
+        // the sender gone: what was sent goes at once
+        tx.send(steps("p1", &["t5"])).unwrap();
+        drop(tx);
+        let first = rx.recv().await.unwrap();
+        assert_eq!(shape(&gather(&mut rx, first).await), ["steps p1: t5"]);
+        assert_eq!(start.elapsed(), WINDOW);
     }
 
     #[test]
