@@ -12,10 +12,11 @@ use super::{Audit, StepUpdate, Store, StoreError, StoreOp, now_ms};
 /// A commit each would make the store the busiest thing on the machine; at 50 ms a
 /// transaction held about 50 step updates spread over as many pages of the steps table and
 /// of the attempts' index, and SQLite wrote each of those pages to its WAL at every commit.
-/// At 200 ms the same rows share pages: the coordinator's CPU per step went down by about a
-/// sixth at 8 and at 64 shards (scripts/bench-shards.sh, three runs of each build taking
-/// turns, 2026-12-05). What the store holds of a running plan lags by that much at most:
-/// its status comes from the engine, and after a crash its steps from the shards' journals.
+/// At 200 ms the same rows share pages: the coordinator's CPU per step went down by 9-22%
+/// at 8 shards and 2-27% (median 10%) at 64 (scripts/bench-shards.sh, six runs of each
+/// build taking turns, 2026-12-05). What the store holds of a running plan lags by that
+/// much at most: its status comes from the engine, after a crash its steps from the
+/// shards' journals.
 const WINDOW: Duration = Duration::from_millis(200);
 
 /// Writes store ops in order, many to a transaction, off the engine's path.
