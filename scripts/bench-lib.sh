@@ -163,31 +163,39 @@ bench_cpu_reading() {
   ticks=$(bench_cpu_seconds "$1")
   printf '%s' "$ticks"
   for t in /proc/"$1"/task/*/schedstat; do
-    [ -r "$t" ] || continue
+    # a thread that ended just now is left out (and so found missing by bench_cpu_between)
+    v=$(cut -d' ' -f1 "$t" 2>/dev/null) || continue
     t=${t%/schedstat}
-    printf ' %s:%s' "${t##*/}" "$(cut -d' ' -f1 "$t/schedstat" 2>/dev/null || echo 0)"
+    printf ' %s:%s' "${t##*/}" "$v"
   done
   echo
 }
 
 # CPU seconds between two bench_cpu_reading readings: the threads' nanoseconds when every
 # thread of the first is still there in the second (one that ended took its time with it),
-# else the ticks.
+# else the ticks; the ticks too when the kernel shows no thread's run time, or when they
+# count 20 ms more than the threads (one started and ended in between).
 bench_cpu_between() {
   awk -v before="$1" -v after="$2" 'BEGIN {
     nb = split(before, B, " "); na = split(after, A, " ")
+    ticks = A[1] - B[1]
+    if (nb < 2 || na < 2) { why = "no thread run times in /proc/PID/task"; ns = -1 }
     for (i = 2; i <= na; i++) { split(A[i], x, ":"); now[x[1]] = x[2] }
-    ns = 0
-    for (i = 2; i <= nb; i++) {
+    for (i = 2; i <= nb && ns >= 0; i++) {
       split(B[i], x, ":")
-      if (!(x[1] in now)) {
-        print "note: a thread ended within the window: its CPU read in 10 ms ticks" > "/dev/stderr"
-        printf "%.6f\n", A[1] - B[1]; exit
-      }
+      if (!(x[1] in now)) { why = "a thread ended within the window"; ns = -1; break }
       ns += now[x[1]] - x[2]; delete now[x[1]]
     }
-    for (t in now) ns += now[t]
-    printf "%.6f\n", ns / 1e9
+    if (ns >= 0) {
+      for (t in now) ns += now[t]
+      if (ticks > ns / 1e9 + 0.02) { why = "a thread started and ended within the window"; ns = -1 }
+    }
+    if (ns < 0) {
+      print "note: " why ": the CPU read in 10 ms ticks" > "/dev/stderr"
+      printf "%.6f\n", ticks
+    } else {
+      printf "%.6f\n", ns / 1e9
+    }
   }'
 }
 

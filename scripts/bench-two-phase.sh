@@ -126,7 +126,7 @@ for ((r=1; r<=REPEAT; r++)); do
   floors+=("$floor")
   # The same sessions started the same way with nothing to commit: what waking that many
   # sessions (and their psql clients) at one instant takes on this machine by itself. On
-  # the 2-core reference machine 16 of them took 20-25 ms, a session alone 1-5 ms: that
+  # the 2-core reference machine 16 of them took 20-28 ms, a session alone 1-5 ms: that
   # much of the floor above is the machine waking processes, as the agents must too.
   start=$(psql -X -At "$PGURL/postgres" -c "SELECT extract(epoch FROM clock_timestamp() + interval '2 s')")
   for ((s=0; s<SHARDS; s++)); do

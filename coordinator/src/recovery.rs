@@ -96,6 +96,9 @@ impl Coordinator {
     /// Plans left running by a previous coordinator: rebuilt and continued.
     pub async fn resume_unfinished(&self) -> Result<usize, CoordinatorError> {
         let epoch = self.leader_epoch()?;
+        // A term of this process before may have handed the writer step updates it has
+        // not stored yet (they wait up to its window): read after them.
+        self.flush().await;
         let rows = self.inner.store.unfinished_plans().await?;
         // Plans awaiting approval are not continued (they wait on), only counted.
         self.count_awaiting().await;

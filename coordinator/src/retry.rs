@@ -86,10 +86,12 @@ impl Coordinator {
         let n = updates.len();
         run.message = actor.explain(&format!("retry of {n} steps requested by {}", actor.name));
         info!(plan = %plan_id, steps = n, "{}", run.message);
-        self.write(StoreOp::Steps {
+        // One transaction: a plan stored failed with its steps pending again would find
+        // nothing to retry, and no coordinator would continue it.
+        let mut together = vec![StoreOp::Steps {
             plan_id: plan_id.to_string(),
             updates,
-        });
+        }];
         if !run.spec.rollout.waves.is_empty() {
             let waves = run
                 .waves
@@ -103,12 +105,12 @@ impl Coordinator {
                     gate: String::new(),
                 })
                 .collect();
-            self.write(StoreOp::Waves {
+            together.push(StoreOp::Waves {
                 plan_id: plan_id.to_string(),
                 waves,
             });
         }
-        self.write(StoreOp::PlanState {
+        together.push(StoreOp::PlanState {
             plan_id: plan_id.to_string(),
             state: PlanState::Running,
             message: run.message.clone(),
@@ -119,7 +121,8 @@ impl Coordinator {
         } else {
             format!("{n} steps on {}", targets.join(", "))
         };
-        self.write(actor.audit("retry", plan_id, &what));
+        together.push(actor.audit("retry", plan_id, &what));
+        self.write(StoreOp::Together(together));
         self.flush().await;
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         let status = self

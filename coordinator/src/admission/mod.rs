@@ -298,7 +298,9 @@ impl Coordinator {
                 }
             })
             .collect();
-        self.write(StoreOp::InsertPlan { plan: row, steps });
+        // One transaction: a plan stored without its waves or its submit's audit entry
+        // would be one no reader expects.
+        let mut together = vec![StoreOp::InsertPlan { plan: row, steps }];
         if !spec.rollout.waves.is_empty() {
             let mut names: Vec<&str> = spec.rollout.waves.iter().map(|w| w.name.as_str()).collect();
             if !spec.rollout.watch.is_zero() {
@@ -319,13 +321,13 @@ impl Coordinator {
                     gate: String::new(),
                 })
                 .collect();
-            self.write(StoreOp::Waves {
+            together.push(StoreOp::Waves {
                 plan_id: plan_id.to_string(),
                 waves,
             });
         }
         let submitter = Actor::new(&spec.submitted_by, "");
-        self.write(submitter.audit(
+        together.push(submitter.audit(
             "submit",
             plan_id,
             &format!(
@@ -335,6 +337,7 @@ impl Coordinator {
                 spec.source
             ),
         ));
+        self.write(StoreOp::Together(together));
         self.flush().await;
     }
 

@@ -108,6 +108,10 @@ pub enum StoreOp {
     },
     /// Answered once every op before it is applied.
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// Ops that commit in one transaction or not at all, in order (a plan's submit: its
+    /// row, waves and audit entry; a retry: its steps, waves, state and audit entry): one
+    /// message to the writer, so no batch boundary falls between them.
+    Together(Vec<StoreOp>),
 }
 
 #[derive(Debug, Clone)]

@@ -14,10 +14,14 @@ use super::{Audit, StepUpdate, Store, StoreError, StoreOp, now_ms};
 /// of the attempts' index, and SQLite wrote each of those pages to its WAL at every commit.
 /// At 200 ms the same rows share pages: the coordinator's CPU per step went down by 9-22%
 /// at 8 shards and 2-27% (median 10%) at 64 (scripts/bench-shards.sh, six runs of each
-/// build taking turns, 2026-12-05). What the store holds of a running plan lags by that
-/// much at most: its status comes from the engine, after a crash its steps from the
-/// shards' journals.
+/// build taking turns, 2026-12-05). What the store holds of a running plan's steps lags by
+/// that much at most: the leader answers its status from the engine (a follower from the
+/// store, that much behind), a leader taking over flushes what its own engine handed over
+/// before it reads them, and the shards' journals hold the truth.
 const WINDOW: Duration = Duration::from_millis(200);
+
+/// At most this many ops to a transaction.
+const MAX_BATCH: usize = 1024;
 
 /// Writes store ops in order, many to a transaction, off the engine's path.
 pub async fn run_writer(store: Store, mut rx: mpsc::UnboundedReceiver<StoreOp>) {
@@ -31,31 +35,53 @@ pub async fn run_writer(store: Store, mut rx: mpsc::UnboundedReceiver<StoreOp>) 
     }
 }
 
-/// Whether an op may wait up to [`WINDOW`] for others to share its transaction: an agent's
-/// results, its data changes' progress, its row at attach. Anything else is what an
-/// operator's next command may read (a plan submitted or its state changed, its waves, an
-/// audit entry) or someone waits on (a flush): it closes the batch at once.
+/// Whether an op may wait up to [`WINDOW`] for others to share its transaction: step
+/// updates (an agent's results, by the hundred a second; a command's, a plan's end) and
+/// data changes' progress. Anything else is what an operator's next command may read (a
+/// plan submitted or its state changed, its waves, an audit entry, an agent's row) or
+/// someone waits on (a flush).
 fn waits_for_company(op: &StoreOp) -> bool {
-    matches!(
-        op,
-        StoreOp::Steps { .. } | StoreOp::DataProgress { .. } | StoreOp::Agent { .. }
-    )
+    matches!(op, StoreOp::Steps { .. } | StoreOp::DataProgress { .. })
 }
 
 /// The ops of one transaction: `first`, then what arrives within [`WINDOW`] of it while
-/// every op so far may wait (at most 1,024).
+/// every op so far may wait. An op that may not closes the window: what is queued by then
+/// goes with it (ops handed over one after the other mostly belong together), up to a
+/// flush, which ends the batch. At most [`MAX_BATCH`] ops.
 async fn gather(rx: &mut mpsc::UnboundedReceiver<StoreOp>, first: StoreOp) -> Vec<StoreOp> {
     // room for a busy window's ops (one per agent's results message) without regrowing
     let mut batch = Vec::with_capacity(256);
+    let mut patient = waits_for_company(&first);
     batch.push(first);
     let deadline = tokio::time::Instant::now() + WINDOW;
-    while batch.len() < 1024 && batch.last().is_some_and(waits_for_company) {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(op)) => batch.push(op),
-            Ok(None) | Err(_) => break,
-        }
+    while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(StoreOp::Flush(_))) {
+        let op = if patient {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(op)) => op,
+                Ok(None) | Err(_) => break,
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(op) => op,
+                Err(_) => break,
+            }
+        };
+        patient &= waits_for_company(&op);
+        batch.push(op);
     }
     batch
+}
+
+/// A batch with each [`StoreOp::Together`] opened in place (the batch is one transaction).
+fn flatten(ops: Vec<StoreOp>) -> Vec<StoreOp> {
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            StoreOp::Together(inner) => out.extend(flatten(inner)),
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 impl Store {
@@ -63,9 +89,10 @@ impl Store {
     pub async fn apply(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
         let mut flushes = Vec::new();
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        for op in coalesce_steps(ops) {
+        for op in coalesce_steps(flatten(ops)) {
             match op {
                 StoreOp::Flush(done) => flushes.push(done),
+                StoreOp::Together(_) => unreachable!("opened by flatten"),
                 StoreOp::InsertPlan { plan, steps } => {
                     sqlx::query(
                         "INSERT INTO plans (id, name, environment, state, policy, spec_hex, epoch, message,
@@ -503,46 +530,78 @@ mod tests {
         })
     }
 
-    /// On the paused clock: step updates wait up to the window for company, and an op an
-    /// operator may read next closes the batch at once (what follows it waits for the next).
+    /// On the paused clock: step updates wait up to the window for company; an op an
+    /// operator may read next closes it, taking what is queued by then; a flush ends the
+    /// batch.
     #[tokio::test(start_paused = true)]
     async fn step_updates_wait_for_company_and_an_audit_entry_does_not() {
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let start = tokio::time::Instant::now();
+        let next = async |rx: &mut mpsc::UnboundedReceiver<StoreOp>| {
+            let first = rx.recv().await.unwrap();
+            shape(&gather(rx, first).await)
+        };
+
+        // alone, with the sender still there: the window runs out
+        tx.send(steps("p1", &["t1"])).unwrap();
+        assert_eq!(next(&mut rx).await, ["steps p1: t1"]);
+        assert_eq!(start.elapsed(), WINDOW);
+
+        // an audit entry closes the window; what is queued goes with it, up to a flush
+        let (done, _) = tokio::sync::oneshot::channel();
         for op in [
-            steps("p1", &["t1"]),
             steps("p1", &["t2"]),
             audit(),
             steps("p1", &["t3"]),
+            StoreOp::Flush(done),
+            steps("p1", &["t4"]),
         ] {
             tx.send(op).unwrap();
         }
-        let start = tokio::time::Instant::now();
-        let first = rx.recv().await.unwrap();
-        let batch = gather(&mut rx, first).await;
-        assert_eq!(shape(&batch), ["steps p1: t1", "steps p1: t2", "other"]);
-        assert_eq!(start.elapsed(), Duration::ZERO, "the audit entry waited");
+        assert_eq!(
+            next(&mut rx).await,
+            ["steps p1: t2", "other", "steps p1: t3", "other"]
+        );
+        assert_eq!(start.elapsed(), WINDOW, "the audit entry waited");
+        assert_eq!(next(&mut rx).await, ["steps p1: t4"]);
+        assert_eq!(start.elapsed(), WINDOW * 2);
 
-        // alone, with the sender still there: the window runs out
-        let first = rx.recv().await.unwrap();
-        let batch = gather(&mut rx, first).await;
-        assert_eq!(shape(&batch), ["steps p1: t3"]);
-        assert_eq!(start.elapsed(), WINDOW);
-
-        // an audit entry first goes alone and at once
-        tx.send(audit()).unwrap();
-        tx.send(steps("p1", &["t4"])).unwrap();
-        let first = rx.recv().await.unwrap();
-        let batch = gather(&mut rx, first).await;
-        assert_eq!(shape(&batch), ["other"]);
-        assert_eq!(start.elapsed(), WINDOW);
-        assert_eq!(shape(&[rx.recv().await.unwrap()]), ["steps p1: t4"]);
+        // an agent's row and ops that go together go at once
+        let agent = StoreOp::Agent {
+            shard: "s0".into(),
+            labels: "{}".into(),
+            tenants: "[]".into(),
+            version: "v".into(),
+        };
+        tx.send(agent).unwrap();
+        assert_eq!(next(&mut rx).await, ["other"]);
+        tx.send(StoreOp::Together(vec![steps("p2", &["t1"]), audit()]))
+            .unwrap();
+        assert_eq!(next(&mut rx).await, ["other"]);
+        assert_eq!(start.elapsed(), WINDOW * 2);
 
         // the sender gone: what was sent goes at once
         tx.send(steps("p1", &["t5"])).unwrap();
         drop(tx);
-        let first = rx.recv().await.unwrap();
-        assert_eq!(shape(&gather(&mut rx, first).await), ["steps p1: t5"]);
-        assert_eq!(start.elapsed(), WINDOW);
+        assert_eq!(next(&mut rx).await, ["steps p1: t5"]);
+        assert_eq!(start.elapsed(), WINDOW * 2);
+    }
+
+    #[test]
+    fn ops_that_go_together_are_opened_in_place() {
+        let batch = vec![
+            steps("p1", &["t1"]),
+            StoreOp::Together(vec![
+                steps("p1", &["t2"]),
+                StoreOp::Together(vec![steps("p2", &["t3"])]),
+                audit(),
+            ]),
+            steps("p1", &["t4"]),
+        ];
+        assert_eq!(
+            shape(&coalesce_steps(flatten(batch))),
+            ["steps p1: t1,t2,t4", "steps p2: t3", "other"]
+        );
     }
 
     #[test]
