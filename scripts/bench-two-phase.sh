@@ -101,6 +101,24 @@ for ((r=1; r<=REPEAT; r++)); do
   wait "${pids[@]:1}" 2>/dev/null || true
   pids=("${pids[0]}")
 done
+# Starts one session per shard database that waits for one instant two seconds ahead, then
+# runs what `$1 SHARD` prints; sets `took` to the ms from that instant to the last one's end.
+at_one_instant() {
+  local what=$1 start last s
+  start=$(psql -X -At "$PGURL/postgres" -c "SELECT extract(epoch FROM clock_timestamp() + interval '2 s')")
+  for ((s=0; s<SHARDS; s++)); do
+    { echo "SELECT pg_sleep_until(to_timestamp($start));"
+      "$what" "$s"
+      echo "SELECT extract(epoch FROM clock_timestamp());"
+    } | psql -X -At -q "$PGURL/shard_$s" >"$work/instant-$s.out" &
+  done
+  wait $(jobs -p | grep -v "^${pids[0]}$") 2>/dev/null || true
+  last=$(cat "$work"/instant-*.out | grep -E '^[0-9.]+$' | sort -n | tail -1)
+  took=$(awk -v a="$last" -v b="$start" 'BEGIN {printf "%.1f", (a - b) * 1000}')
+}
+commit_floor() { local t; for ((t=1; t<=TENANTS; t++)); do echo "COMMIT PREPARED 'floor_${1}_${t}';"; done; }
+nothing() { :; }
+
 # PostgreSQL's own floor for the second leg: the same number of prepared transactions
 # (one per tenant, each holding an ALTER TABLE's ACCESS EXCLUSIVE lock, as the plan's do),
 # committed by one session per shard database (as each agent does) that all start at one
@@ -113,30 +131,13 @@ for ((r=1; r<=REPEAT; r++)); do
       printf "BEGIN; ALTER TABLE tenant_%04d.work_orders ADD COLUMN floor_probe int; PREPARE TRANSACTION 'floor_%s_%s';\n" "$((s * TENANTS + t - 1))" "$s" "$t"
     done | psql -X -q "$PGURL/shard_$s" >/dev/null
   done
-  start=$(psql -X -At "$PGURL/postgres" -c "SELECT extract(epoch FROM clock_timestamp() + interval '2 s')")
-  for ((s=0; s<SHARDS; s++)); do
-    { echo "SELECT pg_sleep_until(to_timestamp($start));"
-      for ((t=1; t<=TENANTS; t++)); do echo "COMMIT PREPARED 'floor_${s}_${t}';"; done
-      echo "SELECT extract(epoch FROM clock_timestamp());"
-    } | psql -X -At -q "$PGURL/shard_$s" >"$work/floor-$s.out" &
-  done
-  wait $(jobs -p | grep -v "^${pids[0]}$") 2>/dev/null || true
-  last=$(cat "$work"/floor-*.out | grep -E '^[0-9.]+$' | sort -n | tail -1)
-  floor=$(awk -v a="$last" -v b="$start" 'BEGIN {printf "%.1f", (a - b) * 1000}')
+  at_one_instant commit_floor; floor=$took
   floors+=("$floor")
   # The same sessions started the same way with nothing to commit: what waking that many
   # sessions (and their psql clients) at one instant takes on this machine by itself. On
-  # the 2-core reference machine 16 of them took 20-28 ms, a session alone 1-5 ms: that
+  # the 2-core reference machine 16 of them took 13-29 ms, a session alone 1-5 ms: that
   # much of the floor above is the machine waking processes, as the agents must too.
-  start=$(psql -X -At "$PGURL/postgres" -c "SELECT extract(epoch FROM clock_timestamp() + interval '2 s')")
-  for ((s=0; s<SHARDS; s++)); do
-    { echo "SELECT pg_sleep_until(to_timestamp($start));"
-      echo "SELECT extract(epoch FROM clock_timestamp());"
-    } | psql -X -At -q "$PGURL/shard_$s" >"$work/wake-$s.out" &
-  done
-  wait $(jobs -p | grep -v "^${pids[0]}$") 2>/dev/null || true
-  last=$(cat "$work"/wake-*.out | grep -E '^[0-9.]+$' | sort -n | tail -1)
-  wake=$(awk -v a="$last" -v b="$start" 'BEGIN {printf "%.1f", (a - b) * 1000}')
+  at_one_instant nothing; wake=$took
   wakes+=("$wake")
   echo "floor run $r: $((SHARDS * TENANTS)) COMMIT PREPAREDs, one session per shard database, all started at once: ${floor} ms; the same sessions with nothing to commit: ${wake} ms"
 done

@@ -96,8 +96,16 @@ impl Coordinator {
     /// Plans left running by a previous coordinator: rebuilt and continued.
     pub async fn resume_unfinished(&self) -> Result<usize, CoordinatorError> {
         let epoch = self.leader_epoch()?;
-        // A term of this process before may have handed the writer step updates it has
-        // not stored yet (they wait up to its window): read after them.
+        // A term of this process before may have left step updates the writer has not
+        // stored yet (they wait up to its window), or results its engine has not handled
+        // yet (queued behind the Lead event): one answer from the engine puts the writes of
+        // everything before it in the writer's queue, the flush stores them, and the reads
+        // below come after.
+        self.to_engine(|reply| Event::Status {
+            plan_id: String::new(),
+            reply,
+        })
+        .await?;
         self.flush().await;
         let rows = self.inner.store.unfinished_plans().await?;
         // Plans awaiting approval are not continued (they wait on), only counted.
