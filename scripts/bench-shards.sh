@@ -8,7 +8,8 @@
 #     submit to the plan's end, divided by the steps that ran (at 8 shards the rollout takes
 #     about 50 ms of the coordinator's CPU: in ticks that figure moved by 40% from run to run);
 #   - the scheduling latency: flotilla_scheduling_latency_seconds from the coordinator's
-#     /metrics (an agent's results arriving -> the runs they freed handed out), mean and p99;
+#     /metrics (an agent's results arriving -> the runs they freed handed out), mean and p99,
+#     and per run the engine's events over 5 ms by kind (what a slow one waited behind);
 #   - the wall time of the rollout (submit --wait) and the steps per second;
 #   - the coordinator's idle CPU with every agent attached (heartbeats, liveness), per second;
 #   - the agents' results messages per step, and the coordinator's CPU per message: an agent
