@@ -11,8 +11,8 @@
 #   bench_wait_connected [TRIES]    until every agent is attached
 #   bench_stop_flotilla             kills what bench_coordinator/bench_agents started
 # and, for scripts that run their own processes: bench_etcd_start CLIENT_PORT PEER_PORT,
-# bench_wait_agents ADDR N, bench_cpu_seconds PID, bench_cpu_reading PID and
-# bench_cpu_between BEFORE AFTER.
+# bench_wait_agents ADDR N, bench_cpu_seconds PID, bench_cpu_reading PID,
+# bench_cpu_between BEFORE AFTER and bench_slow_events LE BEFORE AFTER.
 # Environment: SHARED (default ../shared beside the repo), FLOTILLA_PG_BINDIR, FLOTILLA_BIN,
 # FLOTILLA_BENCH_KEEP=1 keeps the logs and the server's data dir.
 
@@ -154,12 +154,28 @@ peak_rss_mb() {
   fi
 }
 
+# The coordinator engine's events over LE seconds (a bucket bound of
+# flotilla_engine_event_seconds, "0.005", "0.05") between two /metrics readings BEFORE and
+# AFTER (BEFORE empty: since the start), by kind: "kind count, ..." or "none". Whatever waits
+# on the engine (results to hand out, a plan status) waits behind the event it is on.
+bench_slow_events() {
+  { echo "$2" | sed 's/^/before /'; echo "$3" | sed 's/^/after /'; } | awk -v le="le=\"$1\"" '
+    $2 ~ /^flotilla_engine_event_seconds_(bucket|count)\{/ {
+      if ($2 ~ /_bucket\{/ && index($2, le) == 0) next
+      match($2, /event="[^"]*"/); k = substr($2, RSTART + 7, RLENGTH - 8)
+      v = ($1 == "after" ? 1 : -1) * $3
+      if ($2 ~ /_count\{/) n[k] += v; else fast[k] += v
+    }
+    END { for (k in n) if (n[k] - fast[k] > 0) { out = out sep k " " n[k] - fast[k]; sep = ", " }
+          print (out == "" ? "none" : out) }'
+}
+
 # A reading of process $1's CPU for bench_cpu_between: "TICKS_SECONDS TID:NS TID:NS ...".
 # The ticks (/proc/PID/stat) count threads that have ended too, but in steps of 10 ms: a
 # window of 50 ms of CPU (960 steps at 0.05 ms) read that way is off by up to 40%. Each live
 # thread's run time (/proc/PID/task/TID/schedstat, first field) is in nanoseconds.
 bench_cpu_reading() {
-  local t ticks
+  local t ticks v
   ticks=$(bench_cpu_seconds "$1")
   printf '%s' "$ticks"
   for t in /proc/"$1"/task/*/schedstat; do

@@ -82,13 +82,7 @@ STATUS_COORD_N=0; STATUS_COORD_SLOW=0
 # flotilla_engine_event_seconds): a plan status waits behind whatever event the engine is on,
 # so these say why an answer was slow. Sets R_SLOW_EVENTS ("none", or "kind count, ...").
 coordinator_slow_events() {
-  R_SLOW_EVENTS=$(curl -s "http://$1/metrics" 2>/dev/null | awk '
-    index($0, "flotilla_engine_event_seconds_bucket{") == 1 && index($0, "le=\"0.05\"") {
-      match($0, /event="[^"]*"/); k = substr($0, RSTART + 7, RLENGTH - 8); fast[k] = $2 }
-    index($0, "flotilla_engine_event_seconds_count{") == 1 {
-      match($0, /event="[^"]*"/); k = substr($0, RSTART + 7, RLENGTH - 8); n[k] = $2 }
-    END { for (k in n) if (n[k] - fast[k] > 0) { out = out sep k " " n[k] - fast[k]; sep = ", " }
-          print (out == "" ? "none" : out) }')
+  R_SLOW_EVENTS=$(bench_slow_events 0.05 "" "$(curl -s "http://$1/metrics" 2>/dev/null)")
 }
 
 # One Flotilla run on a freshly reset fleet: coordinator, one agent per shard, the plan at $3

@@ -82,21 +82,6 @@ latency_between() {
   }'
 }
 
-# The engine's events over 5 ms between two /metrics readings, by kind ("kind count, ...", or
-# "none"; flotilla_engine_event_seconds): agents' results wait behind whatever event the
-# engine is on, so these say where a scheduling latency's p99 came from.
-slow_events_between() {
-  { echo "$1" | sed 's/^/before /'; echo "$2" | sed 's/^/after /'; } | awk '
-    $2 ~ /^flotilla_engine_event_seconds_(bucket|count)\{/ {
-      if ($2 ~ /_bucket\{/ && index($2, "le=\"0.005\"") == 0) next
-      match($2, /event="[^"]*"/); k = substr($2, RSTART + 7, RLENGTH - 8)
-      v = ($1 == "after" ? 1 : -1) * $3
-      if ($2 ~ /_count\{/) n[k] += v; else fast[k] += v
-    }
-    END { for (k in n) if (n[k] - fast[k] > 0) { out = out sep k " " n[k] - fast[k]; sep = ", " }
-          print (out == "" ? "none" : out) }'
-}
-
 # Steps that ran to an end (applied or already there), from the coordinator's counters.
 steps_done() {
   awk '/^flotilla_steps_finished_total\{/ && (/outcome="applied"/ || /outcome="already_applied"/) {s += $2} END {print s + 0}'
@@ -155,7 +140,7 @@ run_size() {
   [ "$applied" -eq $(( TENANTS * 3 )) ] || { echo "error: shard_$(( n - 1 ))'s journal holds $applied rows, expected $(( TENANTS * 3 ))" >&2; exit 1; }
   local lat detached
   lat=$(latency_between "$h0" "$h1")
-  slow_events_between "$m0" "$m1" >"$work/slow"
+  bench_slow_events 0.005 "$m0" "$m1" >"$work/slow"
   detached=$(grep -c "flotilla_coordinator::sessions: agent detached" "$work/c-$n-$r.log" || true)
   awk -v cpu="$(bench_cpu_between "$c0" "$c1")" -v t0="$t0" -v t1="$t1" -v s="$steps" -v lat="$lat" \
       -v idle_cpu="$(bench_cpu_between "$i0" "$i1")" -v idle="$IDLE" -v d="$detached" 'BEGIN {
