@@ -413,8 +413,12 @@ pub async fn start(
             });
             Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
         }
+        // TCP_NODELAY, as the TLS path sets it and gRPC's own implementations do (tonic's
+        // setting applies only to listeners it binds itself): with Nagle's algorithm a
+        // small message written while the peer has not acknowledged the previous one
+        // waits for that ACK, which a delayed ACK may hold back for up to 40 ms.
         None => Box::pin(router.serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             stopped,
         )),
     };
