@@ -94,7 +94,7 @@ impl Coordinator {
         if let Some(e) = &inner.embedded {
             e.set_live(&shard, true);
         }
-        spawn_heartbeat(tx.downgrade());
+        spawn_heartbeat(tx.downgrade(), conn_id);
         self.event(Event::Attached {
             shard: shard.clone(),
             conn_id,
@@ -229,13 +229,44 @@ impl Coordinator {
     }
 }
 
+/// Phases of the coordinator's one heartbeat clock: each agent's stream beats on one of
+/// them (by its connection number), so the runtime wakes a few times a second for all the
+/// agents' heartbeats rather than once per agent at the instant each attached: at 64
+/// agents those wake-ups (epoll and futex) were a fifth of the coordinator's idle CPU. More
+/// than one phase, so that a fleet of a thousand agents is not a thousand messages in one
+/// instant every second, with results waiting behind them.
+const BEAT_PHASES: u32 = 8;
+
+/// The next instant of phase `slot` (of `BEAT_PHASES`) on the heartbeat clock.
+fn next_beat(slot: u64) -> tokio::time::Instant {
+    static CLOCK: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let now = tokio::time::Instant::now();
+    let origin = *CLOCK.get_or_init(|| now);
+    let phase = HEARTBEAT / BEAT_PHASES * (slot % u64::from(BEAT_PHASES)) as u32;
+    let first = origin + phase;
+    match now.checked_duration_since(first) {
+        Some(since) => {
+            let into = since.as_nanos() % HEARTBEAT.as_nanos();
+            now + (HEARTBEAT - Duration::from_nanos(into as u64))
+        }
+        None if first - now <= HEARTBEAT => first,
+        // a clock behind the origin (a test runtime's paused clock): a phase of its own
+        None => now + HEARTBEAT,
+    }
+}
+
 /// The coordinator's side of the heartbeat. It holds the stream weakly: when the fleet
 /// and the engine let the agent go, the stream ends.
-fn spawn_heartbeat(beat: mpsc::WeakSender<pb::CoordinatorMessage>) {
+fn spawn_heartbeat(beat: mpsc::WeakSender<pb::CoordinatorMessage>, conn_id: u64) {
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(HEARTBEAT);
+        // The first at once: an agent counts silence only once it has heard a heartbeat,
+        // and a coordinator paused (or cut off) right after the Welcome must still be noticed.
+        let mut every = tokio::time::interval_at(next_beat(conn_id), HEARTBEAT);
+        let mut first = true;
         loop {
-            every.tick().await;
+            if !std::mem::take(&mut first) {
+                every.tick().await;
+            }
             let m = msg(pb::coordinator_message::Body::Heartbeat(pb::Heartbeat {
                 data: Vec::new(),
                 sent_at_ms: now_ms() as u64,
@@ -246,4 +277,27 @@ fn spawn_heartbeat(beat: mpsc::WeakSender<pb::CoordinatorMessage>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every stream beats on one of the clock's phases, within a heartbeat from now.
+    #[tokio::test]
+    async fn heartbeats_beat_on_the_phases_of_one_clock() {
+        let origin = next_beat(0) - HEARTBEAT;
+        let step = HEARTBEAT / BEAT_PHASES;
+        for conn_id in 0..20u64 {
+            let now = tokio::time::Instant::now();
+            let at = next_beat(conn_id);
+            assert!(
+                at > now && at <= now + HEARTBEAT,
+                "conn {conn_id}: within a beat"
+            );
+            let into = (at - origin).as_nanos() % HEARTBEAT.as_nanos();
+            let want = (step * (conn_id % u64::from(BEAT_PHASES)) as u32).as_nanos();
+            assert_eq!(into, want, "conn {conn_id}: on its phase");
+        }
+    }
 }
