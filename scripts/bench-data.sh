@@ -214,6 +214,14 @@ printf '==== throughput (medians of %d): keyset DO-loop %.2fs, Flotilla %.2fs = 
   "$REPEAT" "$t_keyset" "$t_flotilla" "$(echo "$ROWS / $t_flotilla" | bc -l)"
 [ "$t_seed" = 0 ] || printf '==== Flotilla vs the seed DO-loop: %.2fx its speed\n' "$(echo "$t_seed / $t_flotilla" | bc -l)"
 printf '==== Flotilla vs the keyset DO-loop: %.2fx its speed (goal >= 1.0x)\n' "$(echo "$t_keyset / $t_flotilla" | bc -l)"
+# Each run's pair too: both sides speed up or slow down together over the runs (the server's
+# caches, the machine), and the medians may then come from different minutes.
+pairs=()
+for ((i=0; i<${#flotillas[@]}; i++)); do
+  pairs+=("$(echo "${keysets[$i]} / ${flotillas[$i]}" | bc -l)")
+done
+printf '==== pair by pair (the keyset loop'"'"'s time / Flotilla'"'"'s, each run):%s; median %.2fx\n' \
+  "$(printf ' %.2fx' "${pairs[@]}")" "$(printf '%s\n' "${pairs[@]}" | median)"
 if [ -n "${BASELINE_BIN:-}" ]; then
   t_base=$(printf '%s\n' "${baselines[@]}" | median)
   printf '==== baseline (median of %d): %.2fs, %.2fx the keyset loop'"'"'s speed; this build %.2fx the baseline'"'"'s speed\n' \
