@@ -140,6 +140,19 @@ impl Agent {
 
     /// Sends a run's result toward the coordinator (now, or after the next Hello).
     pub(crate) fn report(&self, plan_id: &str, result: pb::RunResult) {
+        // The last run of the plan this shard has, queued or running (a lane reports before
+        // it counts its run done): nothing is left to batch its result with, and the
+        // coordinator waits on it to end the plan, open the next wave, or hand out more.
+        let plan = self.plans.lock().expect("plans lock").get(plan_id).cloned();
+        let last = plan.is_none_or(|p| {
+            let st = p.state.lock().expect("plan lock");
+            st.queue.is_empty() && st.in_flight <= 1
+        });
+        self.report_with(plan_id, result, last);
+    }
+
+    /// [`Agent::report`], saying whether the result must go at once (see `Outbox`).
+    fn report_with(&self, plan_id: &str, result: pb::RunResult, last: bool) {
         for step in &result.steps {
             let outcome = match pb::StepOutcome::try_from(step.outcome) {
                 Ok(pb::StepOutcome::Applied) => metrics::StepOutcome::Applied,
@@ -150,14 +163,6 @@ impl Agent {
             };
             metrics::step_finished(outcome);
         }
-        // The last run of the plan this shard has, queued or running (a lane reports before
-        // it counts its run done): nothing is left to batch its result with, and the
-        // coordinator waits on it to end the plan, open the next wave, or hand out more.
-        let plan = self.plans.lock().expect("plans lock").get(plan_id).cloned();
-        let last = plan.is_none_or(|p| {
-            let st = p.state.lock().expect("plan lock");
-            st.queue.is_empty() && st.in_flight <= 1
-        });
         self.send_out(Outgoing::Run {
             plan_id: plan_id.to_string(),
             result,
@@ -515,20 +520,33 @@ impl Agent {
                 warn!(%error, "reading the journal before the runs failed; running them unchecked")
             }
         }
-        let mut todo = Vec::with_capacity(batch.len());
+        // What this batch reports now goes at once when nothing is left to batch it with
+        // (the batch is all the plan has here: in flight counts it until this returns), or
+        // when it is a target of an atomic unit (the decision waits for every one).
+        let n = batch.len();
+        let alone = |st: &PlanState| st.queue.is_empty() && st.in_flight <= n;
+        let mut todo = Vec::with_capacity(n);
+        let mut applied = Vec::new();
         for mut job in batch {
             if job.fully_applied() {
-                self.report(&plan.id, job.already_applied_result());
+                applied.push((job.prepare.is_some(), job.already_applied_result()));
             } else {
                 job.checked = true;
                 todo.push(job);
             }
         }
+        let last_applied = todo.is_empty() && alone(&plan.state.lock().expect("plan lock"));
+        let count = applied.len();
+        for (i, (atomic, result)) in applied.into_iter().enumerate() {
+            self.report_with(&plan.id, result, atomic || (last_applied && i + 1 == count));
+        }
         let mut st = plan.state.lock().expect("plan lock");
         if st.halts != halts || self.cancel.is_cancelled() {
+            let last = alone(&st);
             drop(st);
-            for job in todo {
-                self.report(&plan.id, job::not_run(&job.run));
+            let count = todo.len();
+            for (i, job) in todo.into_iter().enumerate() {
+                self.report_with(&plan.id, job::not_run(&job.run), last && i + 1 == count);
             }
             return;
         }

@@ -25,6 +25,9 @@ const BATCH_RUNS: usize = 4;
 /// ...or at most this long after the first of a batch is ready (slow runs: one long data
 /// change, a long DDL), so the plan's status follows within a quarter of a second.
 const FLUSH_AFTER: Duration = Duration::from_millis(250);
+/// What waits after the coordinator's channel was full: it reads slowly, and trying again at
+/// once would spin until it does.
+const RETRY_AFTER_FULL: Duration = Duration::from_millis(25);
 /// A burst (a check of the journal reporting hundreds of runs already applied) goes out as
 /// soon as this many are waiting, before the next result is taken: it bounds a message.
 pub(crate) const FLUSH_RUNS: usize = 128;
@@ -48,10 +51,16 @@ pub(crate) struct Outbox {
     pub runs: Vec<(String, pb::RunResult)>,
     ready: VecDeque<pb::AgentMessage>,
     since: Option<Instant>,
+    /// Runs pushed since the last flush, batched yet or not (a reply batches those before
+    /// it): `BATCH_RUNS` of them are due at once.
+    waiting: usize,
+    /// The last flush found the coordinator's channel full: try again after
+    /// `RETRY_AFTER_FULL`.
+    backed_up: bool,
     /// Something waiting must go now, not after `FLUSH_AFTER`: a PREPARED result (its
     /// target holds its locks until the decision, which waits for every such result), a
-    /// failure (an atomic unit aborts on it), the last run the shard had of a plan, a reply
-    /// to a Resolve.
+    /// failure (an atomic unit aborts on it), the last run the shard had of a plan (or one
+    /// of an atomic unit), a reply to a Resolve or a Rollback.
     urgent: bool,
 }
 
@@ -62,6 +71,8 @@ impl Outbox {
             runs: Vec::new(),
             ready: VecDeque::new(),
             since: None,
+            waiting: 0,
+            backed_up: false,
             urgent: false,
         }
     }
@@ -82,10 +93,15 @@ impl Outbox {
                             || s.outcome == pb::StepOutcome::Failed as i32
                     });
                 self.runs.push((plan_id, result));
+                self.waiting += 1;
                 self.since.get_or_insert_with(Instant::now);
                 return;
             }
-            Outgoing::Rollback(reply) => Out::Rollback(reply),
+            Outgoing::Rollback(reply) => {
+                // the plan's rollback on this shard waits on it
+                self.urgent = true;
+                Out::Rollback(reply)
+            }
             Outgoing::Resolve(reply) => {
                 self.urgent = true;
                 Out::Resolve(reply)
@@ -97,8 +113,14 @@ impl Outbox {
     }
 
     pub fn due(&self) -> Option<Instant> {
-        let now = self.urgent || self.runs.len() >= BATCH_RUNS;
-        self.since.map(|s| if now { s } else { s + FLUSH_AFTER })
+        let wait = if self.urgent || self.waiting >= BATCH_RUNS {
+            Duration::ZERO
+        } else if self.backed_up {
+            RETRY_AFTER_FULL
+        } else {
+            FLUSH_AFTER
+        };
+        self.since.map(|s| s + wait)
     }
 
     /// Groups buffered runs into one RunResults per plan (in order of arrival).
@@ -141,6 +163,7 @@ impl Outbox {
             }
         }
         self.since = None;
+        self.waiting = 0;
     }
 
     /// Sends what is ready without waiting. Err when the stream is gone.
@@ -151,11 +174,13 @@ impl Outbox {
             match tx.try_send(msg) {
                 Ok(()) => {}
                 Err(TrySendError::Full(msg)) => {
-                    // the coordinator is slow to read: try again after the window, urgent or
-                    // not (trying again at once would spin until it reads)
+                    // the coordinator is slow to read: try again shortly, urgent or not
+                    // (trying again at once would spin until it reads)
                     self.ready.push_front(msg);
                     self.since = Some(Instant::now());
                     self.urgent = false;
+                    self.waiting = 0;
+                    self.backed_up = true;
                     return Ok(());
                 }
                 Err(TrySendError::Closed(msg)) => {
@@ -166,6 +191,8 @@ impl Outbox {
         }
         self.since = None;
         self.urgent = false;
+        self.waiting = 0;
+        self.backed_up = false;
         Ok(())
     }
 }
@@ -267,14 +294,54 @@ mod tests {
         };
         assert_eq!(r.runs.len(), 2, "with what waited before it");
 
-        // a coordinator slow to read: what did not fit waits out the window, urgent or not
-        // (at once again would spin until it reads)
-        for plan in ["b", "c"] {
+        // a coordinator slow to read: what did not fit is tried again shortly, urgent or
+        // not (at once again would spin until it reads), however many runs wait
+        for plan in ["b", "c", "d", "e"] {
             outbox.push(run(plan, 3, true));
         }
         let (tx, _rx) = mpsc::channel(1);
         outbox.flush(&tx).unwrap();
-        assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
+        assert_eq!(outbox.due(), Some(Instant::now() + RETRY_AFTER_FULL));
+    }
+
+    /// A rollback's reply goes at once (the plan's rollback waits on it), and the runs
+    /// towards `BATCH_RUNS` are counted again from each flush.
+    #[tokio::test(start_paused = true)]
+    async fn a_rollback_reply_goes_at_once_and_runs_count_from_each_flush() {
+        let (_in_tx, in_rx) = mpsc::unbounded_channel();
+        let mut outbox = Outbox::new(in_rx);
+        outbox.push(run("a", 1, false));
+        outbox.push(Outgoing::Rollback(pb::RollbackReply {
+            plan_id: "a".into(),
+            ..Default::default()
+        }));
+        assert_eq!(outbox.due(), Some(Instant::now()), "the reply is due now");
+        let (tx, _rx) = mpsc::channel(8);
+        outbox.flush(&tx).unwrap();
+
+        let first = Instant::now();
+        for id in 2..BATCH_RUNS as u64 {
+            outbox.push(run("b", id, false));
+        }
+        outbox.push(Outgoing::Resolve(pb::ResolveReply {
+            plan_id: "b".into(),
+            ..Default::default()
+        }));
+        outbox.flush(&tx).unwrap();
+        for id in 10..10 + BATCH_RUNS as u64 - 1 {
+            outbox.push(run("c", id, false));
+        }
+        assert_eq!(
+            outbox.due(),
+            Some(first + FLUSH_AFTER),
+            "a new count after a flush"
+        );
+        outbox.push(run("c", 20, false));
+        assert_eq!(
+            outbox.due(),
+            Some(first),
+            "{BATCH_RUNS} runs since the flush"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -241,7 +241,16 @@ const BEAT_PHASES: u32 = 8;
 fn next_beat(slot: u64) -> tokio::time::Instant {
     static CLOCK: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
     let now = tokio::time::Instant::now();
-    let origin = *CLOCK.get_or_init(|| now);
+    beat_after(*CLOCK.get_or_init(|| now), now, slot)
+}
+
+/// The first instant after `now`, within a heartbeat, of phase `slot` on the clock that
+/// started at `origin`.
+fn beat_after(
+    origin: tokio::time::Instant,
+    now: tokio::time::Instant,
+    slot: u64,
+) -> tokio::time::Instant {
     let phase = HEARTBEAT / BEAT_PHASES * (slot % u64::from(BEAT_PHASES)) as u32;
     let first = origin + phase;
     match now.checked_duration_since(first) {
@@ -284,20 +293,25 @@ mod tests {
     use super::*;
 
     /// Every stream beats on one of the clock's phases, within a heartbeat from now.
-    #[tokio::test]
-    async fn heartbeats_beat_on_the_phases_of_one_clock() {
-        let origin = next_beat(0) - HEARTBEAT;
+    #[test]
+    fn heartbeats_beat_on_the_phases_of_one_clock() {
+        let origin = tokio::time::Instant::now();
         let step = HEARTBEAT / BEAT_PHASES;
         for conn_id in 0..20u64 {
-            let now = tokio::time::Instant::now();
-            let at = next_beat(conn_id);
-            assert!(
-                at > now && at <= now + HEARTBEAT,
-                "conn {conn_id}: within a beat"
-            );
-            let into = (at - origin).as_nanos() % HEARTBEAT.as_nanos();
-            let want = (step * (conn_id % u64::from(BEAT_PHASES)) as u32).as_nanos();
-            assert_eq!(into, want, "conn {conn_id}: on its phase");
+            for after in [0, 1, 124, 125, 999, 1000, 7_777] {
+                let now = origin + Duration::from_millis(after);
+                let at = beat_after(origin, now, conn_id);
+                assert!(
+                    at > now && at <= now + HEARTBEAT,
+                    "conn {conn_id} at {after} ms"
+                );
+                let into = (at - origin).as_nanos() % HEARTBEAT.as_nanos();
+                let want = (step * (conn_id % u64::from(BEAT_PHASES)) as u32).as_nanos();
+                assert_eq!(into, want, "conn {conn_id} at {after} ms: on its phase");
+            }
         }
+        // a clock behind the origin beats a heartbeat from its own now
+        let later = origin + Duration::from_secs(3600);
+        assert_eq!(beat_after(later, origin, 3), origin + HEARTBEAT);
     }
 }

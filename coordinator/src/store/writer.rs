@@ -266,7 +266,7 @@ impl Store {
 }
 
 /// The step updates of a batch, one op per plan: during a rollout a batch holds one op per
-/// agent's results (every 25 ms each), and each op cost its own statements, every one a
+/// agent's results message (a few runs each), and each op cost its own statements, every one a
 /// round trip to the SQLite connection's thread. In order: a plan's updates are written
 /// where its first op was, each op's updates after the previous op's (the last update of a
 /// step wins, its attempts add up). Only an `InsertPlan` writes the same rows, so one ends
