@@ -446,10 +446,10 @@ impl Agent {
             match next {
                 Next::Check(batch, halts) => {
                     let n = batch.len();
-                    self.check_journal(&plan, &mut conn, batch, halts).await;
+                    let reported = self.check_journal(&plan, &mut conn, batch, halts).await;
                     mark_connected(&mut connected);
                     let mut st = plan.state.lock().expect("plan lock");
-                    st.in_flight -= n;
+                    st.in_flight -= n - reported;
                     st.checking -= n;
                 }
                 Next::Connect => {
@@ -467,10 +467,15 @@ impl Agent {
                     // an atomic run got here connected; another kind tries in `execute`
                     mark_connected(&mut connected);
                     let result = self.execute(&mut conn, &job).await;
+                    // Whether it was the plan's last run here, and counting it out, in one
+                    // step: two lanes ending at once would otherwise each see the other in
+                    // flight, and neither result would go at once (see `Outbox`).
+                    let mut st = plan.state.lock().expect("plan lock");
                     if let Some(result) = result {
-                        self.report(&plan.id, result);
+                        let last = st.queue.is_empty() && st.in_flight <= 1;
+                        self.report_with(&plan.id, result, last);
                     }
-                    plan.state.lock().expect("plan lock").in_flight -= 1;
+                    st.in_flight -= 1;
                 }
             }
             plan.changed.notify_waiters();
@@ -481,14 +486,15 @@ impl Agent {
     /// Reads the journal for a batch of queued runs in one query on the lane's connection:
     /// a run found fully applied is reported so, the others go back to the front of the
     /// queue (in their order) knowing which of their steps are applied. A halt meanwhile
-    /// (`halts` moved) drops them like the queue it drained.
+    /// (`halts` moved) drops them like the queue it drained. Returns how many of the batch
+    /// it reported (and counted out of `in_flight`).
     async fn check_journal(
         self: &Arc<Self>,
         plan: &Arc<Plan>,
         conn: &mut Option<PoolConnection<Postgres>>,
         mut batch: Vec<Job>,
         halts: u64,
-    ) {
+    ) -> usize {
         let targets: BTreeSet<&str> = batch.iter().map(|j| j.tenant.as_str()).collect();
         let migrations: BTreeSet<&str> = batch
             .iter()
@@ -520,11 +526,11 @@ impl Agent {
                 warn!(%error, "reading the journal before the runs failed; running them unchecked")
             }
         }
-        // What this batch reports now goes at once when nothing is left to batch it with
-        // (the batch is all the plan has here: in flight counts it until this returns), or
-        // when it is a target of an atomic unit (the decision waits for every one).
+        // What this batch reports goes at once when nothing is left to batch it with (what
+        // is in flight is this batch's, counted out here as it is reported, in the same
+        // step as that is decided), or when it is a target of an atomic unit (the decision
+        // waits for every one).
         let n = batch.len();
-        let alone = |st: &PlanState| st.queue.is_empty() && st.in_flight <= n;
         let mut todo = Vec::with_capacity(n);
         let mut applied = Vec::new();
         for mut job in batch {
@@ -535,26 +541,30 @@ impl Agent {
                 todo.push(job);
             }
         }
-        let last_applied = todo.is_empty() && alone(&plan.state.lock().expect("plan lock"));
-        let count = applied.len();
-        for (i, (atomic, result)) in applied.into_iter().enumerate() {
-            self.report_with(&plan.id, result, atomic || (last_applied && i + 1 == count));
-        }
         let mut st = plan.state.lock().expect("plan lock");
+        let count = applied.len();
+        let last = todo.is_empty() && st.queue.is_empty() && st.in_flight <= n;
+        for (i, (atomic, result)) in applied.into_iter().enumerate() {
+            self.report_with(&plan.id, result, atomic || (last && i + 1 == count));
+        }
+        st.in_flight -= count;
         if st.halts != halts || self.cancel.is_cancelled() {
-            let last = alone(&st);
-            drop(st);
-            let count = todo.len();
+            let (left, last) = (
+                todo.len(),
+                st.queue.is_empty() && st.in_flight <= todo.len(),
+            );
             for (i, job) in todo.into_iter().enumerate() {
-                self.report_with(&plan.id, job::not_run(&job.run), last && i + 1 == count);
+                self.report_with(&plan.id, job::not_run(&job.run), last && i + 1 == left);
             }
-            return;
+            st.in_flight -= left;
+            return n;
         }
         for job in todo.into_iter().rev() {
             st.queue.push_front(job);
         }
         // a lane may have ended meanwhile (the plan's lanes went down, then up again)
         self.fill_lanes(plan, &mut st);
+        count
     }
 
     /// Runs one job on the lane's connection (acquiring one if needed). None when the agent

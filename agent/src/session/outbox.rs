@@ -123,11 +123,16 @@ impl Outbox {
         self.since.map(|s| s + wait)
     }
 
-    /// Groups buffered runs into one RunResults per plan (in order of arrival).
+    /// Groups buffered runs into one RunResults per plan (in order of arrival), at most
+    /// `FLUSH_RUNS` runs a message (behind a full channel more may have gathered).
     fn batch(&mut self) {
         let mut by_plan: Vec<pb::RunResults> = Vec::new();
         for (plan_id, run) in self.runs.drain(..) {
-            match by_plan.iter_mut().find(|r| r.plan_id == plan_id) {
+            match by_plan
+                .iter_mut()
+                .rev()
+                .find(|r| r.plan_id == plan_id && r.runs.len() < FLUSH_RUNS)
+            {
                 Some(r) => r.runs.push(run),
                 None => by_plan.push(pb::RunResults {
                     plan_id,
@@ -169,8 +174,15 @@ impl Outbox {
     /// Sends what is ready without waiting. Err when the stream is gone.
     pub fn flush(&mut self, tx: &mpsc::Sender<pb::AgentMessage>) -> Result<(), StreamGone> {
         fail::fail_point!("agent::before_send_results", |_| Err(StreamGone::Failpoint));
-        self.batch();
-        while let Some(msg) = self.ready.pop_front() {
+        loop {
+            // What is ready goes first, and the runs since are batched only then: behind a
+            // full channel they keep gathering into one message, not one per retry.
+            if self.ready.is_empty() {
+                self.batch();
+            }
+            let Some(msg) = self.ready.pop_front() else {
+                break;
+            };
             match tx.try_send(msg) {
                 Ok(()) => {}
                 Err(TrySendError::Full(msg)) => {
@@ -302,6 +314,44 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         outbox.flush(&tx).unwrap();
         assert_eq!(outbox.due(), Some(Instant::now() + RETRY_AFTER_FULL));
+    }
+
+    /// Behind a full channel, runs keep gathering into one message (not one per retry),
+    /// and a message carries at most `FLUSH_RUNS` runs.
+    #[tokio::test(start_paused = true)]
+    async fn runs_behind_a_full_channel_gather_into_few_messages() {
+        let (_in_tx, in_rx) = mpsc::unbounded_channel();
+        let mut outbox = Outbox::new(in_rx);
+        let (tx, mut rx) = mpsc::channel(1);
+        tx.try_send(pb::AgentMessage { body: None }).unwrap(); // the channel is full
+        outbox.push(run("a", 1, false));
+        outbox.push(run("a", 2, false));
+        outbox.flush(&tx).unwrap();
+        for id in 3..4 + FLUSH_RUNS as u64 {
+            outbox.push(run("a", id, false));
+            outbox.flush(&tx).unwrap(); // full every time
+        }
+        let mut sizes = Vec::new();
+        loop {
+            rx.recv().await.unwrap(); // the coordinator reads one
+            outbox.flush(&tx).unwrap();
+            match rx.try_recv() {
+                Ok(pb::AgentMessage {
+                    body: Some(Out::Results(r)),
+                }) => sizes.push(r.runs.len()),
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => break,
+            }
+            if outbox.due().is_none() {
+                break;
+            }
+            tx.try_send(pb::AgentMessage { body: None }).unwrap();
+        }
+        assert_eq!(
+            sizes,
+            [2, FLUSH_RUNS, 1],
+            "the first batch, then the rest together"
+        );
     }
 
     /// A rollback's reply goes at once (the plan's rollback waits on it), and the runs
