@@ -68,6 +68,16 @@ struct PlanState {
     halts: u64,
 }
 
+impl PlanState {
+    /// Nothing of the plan is queued here and nothing is in flight but the caller's `mine`
+    /// runs: a result reported now is the last the shard has of it, with nothing left to
+    /// batch it with, and the coordinator waits on it (the plan's end, the next wave, more
+    /// runs). Decided in the same locked step that counts the runs out of `in_flight`.
+    fn nothing_else(&self, mine: usize) -> bool {
+        self.queue.is_empty() && self.in_flight <= mine
+    }
+}
+
 impl Plan {
     /// Runs of this plan queued or running here.
     pub fn busy(&self) -> bool {
@@ -140,14 +150,9 @@ impl Agent {
 
     /// Sends a run's result toward the coordinator (now, or after the next Hello).
     pub(crate) fn report(&self, plan_id: &str, result: pb::RunResult) {
-        // The last run of the plan this shard has, queued or running (a lane reports before
-        // it counts its run done): nothing is left to batch its result with, and the
-        // coordinator waits on it to end the plan, open the next wave, or hand out more.
+        // The last run of the plan this shard has (the caller counts it done after this)
         let plan = self.plans.lock().expect("plans lock").get(plan_id).cloned();
-        let last = plan.is_none_or(|p| {
-            let st = p.state.lock().expect("plan lock");
-            st.queue.is_empty() && st.in_flight <= 1
-        });
+        let last = plan.is_none_or(|p| p.state.lock().expect("plan lock").nothing_else(1));
         self.report_with(plan_id, result, last);
     }
 
@@ -472,8 +477,7 @@ impl Agent {
                     // flight, and neither result would go at once (see `Outbox`).
                     let mut st = plan.state.lock().expect("plan lock");
                     if let Some(result) = result {
-                        let last = st.queue.is_empty() && st.in_flight <= 1;
-                        self.report_with(&plan.id, result, last);
+                        self.report_with(&plan.id, result, st.nothing_else(1));
                     }
                     st.in_flight -= 1;
                 }
@@ -543,16 +547,13 @@ impl Agent {
         }
         let mut st = plan.state.lock().expect("plan lock");
         let count = applied.len();
-        let last = todo.is_empty() && st.queue.is_empty() && st.in_flight <= n;
+        let last = todo.is_empty() && st.nothing_else(n);
         for (i, (atomic, result)) in applied.into_iter().enumerate() {
             self.report_with(&plan.id, result, atomic || (last && i + 1 == count));
         }
         st.in_flight -= count;
         if st.halts != halts || self.cancel.is_cancelled() {
-            let (left, last) = (
-                todo.len(),
-                st.queue.is_empty() && st.in_flight <= todo.len(),
-            );
+            let (left, last) = (todo.len(), st.nothing_else(todo.len()));
             for (i, job) in todo.into_iter().enumerate() {
                 self.report_with(&plan.id, job::not_run(&job.run), last && i + 1 == left);
             }

@@ -213,6 +213,12 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    /// An outbox, and the sender that keeps its intake open.
+    fn outbox() -> (mpsc::UnboundedSender<Outgoing>, Outbox) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, Outbox::new(rx))
+    }
+
     fn run(plan: &str, id: u64, last: bool) -> Outgoing {
         Outgoing::Run {
             plan_id: plan.into(),
@@ -232,8 +238,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_prepared_result_goes_at_once() {
-        let (_in_tx, in_rx) = mpsc::unbounded_channel();
-        let mut outbox = Outbox::new(in_rx);
+        let (_in_tx, mut outbox) = outbox();
         outbox.push(run("a", 1, false));
         assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
         let mut prepared = run_result(2);
@@ -265,8 +270,7 @@ mod tests {
     /// `BATCH_RUNS` wait, else after the window; the count starts again after a flush.
     #[tokio::test(start_paused = true)]
     async fn a_few_runs_go_together_and_one_waits_out_the_window() {
-        let (_in_tx, in_rx) = mpsc::unbounded_channel();
-        let mut outbox = Outbox::new(in_rx);
+        let (_in_tx, mut outbox) = outbox();
         let first = Instant::now();
         for id in 1..BATCH_RUNS as u64 {
             outbox.push(run("a", id, false));
@@ -293,8 +297,7 @@ mod tests {
     /// coordinator waits on it (the plan's end, the next wave, more runs).
     #[tokio::test(start_paused = true)]
     async fn the_last_run_of_a_plan_goes_at_once() {
-        let (_in_tx, in_rx) = mpsc::unbounded_channel();
-        let mut outbox = Outbox::new(in_rx);
+        let (_in_tx, mut outbox) = outbox();
         outbox.push(run("a", 1, false));
         assert_eq!(outbox.due(), Some(Instant::now() + FLUSH_AFTER));
         outbox.push(run("a", 2, true));
@@ -320,8 +323,7 @@ mod tests {
     /// and a message carries at most `FLUSH_RUNS` runs.
     #[tokio::test(start_paused = true)]
     async fn runs_behind_a_full_channel_gather_into_few_messages() {
-        let (_in_tx, in_rx) = mpsc::unbounded_channel();
-        let mut outbox = Outbox::new(in_rx);
+        let (_in_tx, mut outbox) = outbox();
         let (tx, mut rx) = mpsc::channel(1);
         tx.try_send(pb::AgentMessage { body: None }).unwrap(); // the channel is full
         outbox.push(run("a", 1, false));
@@ -358,8 +360,7 @@ mod tests {
     /// towards `BATCH_RUNS` are counted again from each flush.
     #[tokio::test(start_paused = true)]
     async fn a_rollback_reply_goes_at_once_and_runs_count_from_each_flush() {
-        let (_in_tx, in_rx) = mpsc::unbounded_channel();
-        let mut outbox = Outbox::new(in_rx);
+        let (_in_tx, mut outbox) = outbox();
         outbox.push(run("a", 1, false));
         outbox.push(Outgoing::Rollback(pb::RollbackReply {
             plan_id: "a".into(),
@@ -396,8 +397,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn outbox_batches_per_plan_and_keeps_what_was_not_sent() {
-        let (_in_tx, in_rx) = mpsc::unbounded_channel();
-        let mut outbox = Outbox::new(in_rx);
+        let (_in_tx, mut outbox) = outbox();
         for (plan, id) in [("a", 1), ("b", 2), ("a", 3)] {
             outbox.push(run(plan, id, false));
         }
@@ -427,8 +427,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn replies_go_after_the_results_queued_before_them() {
-        let (_in_tx, in_rx) = mpsc::unbounded_channel();
-        let mut outbox = Outbox::new(in_rx);
+        let (_in_tx, mut outbox) = outbox();
         outbox.push(run("a", 1, false));
         outbox.push(Outgoing::Resolve(pb::ResolveReply {
             plan_id: "a".into(),

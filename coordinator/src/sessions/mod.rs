@@ -268,22 +268,22 @@ fn beat_after(
 /// and the engine let the agent go, the stream ends.
 fn spawn_heartbeat(beat: mpsc::WeakSender<pb::CoordinatorMessage>, conn_id: u64) {
     tokio::spawn(async move {
-        // The first at once: an agent counts silence only once it has heard a heartbeat,
-        // and a coordinator paused (or cut off) right after the Welcome must still be noticed.
         let mut every = tokio::time::interval_at(next_beat(conn_id), HEARTBEAT);
-        let mut first = true;
+        // The first at once, the others on the clock: an agent counts silence only once it
+        // has heard a heartbeat, and a coordinator paused (or cut off) right after the
+        // Welcome must still be noticed.
         loop {
-            if !std::mem::take(&mut first) {
-                every.tick().await;
-            }
             let m = msg(pb::coordinator_message::Body::Heartbeat(pb::Heartbeat {
                 data: Vec::new(),
                 sent_at_ms: now_ms() as u64,
             }));
-            let Some(beat) = beat.upgrade() else { return };
-            if beat.send(m).await.is_err() {
+            let Some(tx) = beat.upgrade() else { return };
+            if tx.send(m).await.is_err() {
                 return;
             }
+            // held only while sending: the stream ends once the fleet and the engine let go
+            drop(tx);
+            every.tick().await;
         }
     });
 }
