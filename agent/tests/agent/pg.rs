@@ -796,6 +796,97 @@ async fn two_rollbacks_at_once_undo_each_step_once() {
     f.drop().await;
 }
 
+/// A statement done outside a transaction whose record then times out on a lock (the fence
+/// row held, as a prepared transaction holds it while a newer epoch is written) is recorded
+/// once the lock is free, not run again: the step's own retry would go on from a checkpoint
+/// without it (here a procedure that commits would have done its work twice).
+#[tokio::test]
+async fn a_statement_done_outside_a_transaction_waits_for_its_record_not_runs_again() {
+    let Some(f) = fleet("record_lock", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    sqlx::raw_sql(
+        "CREATE TABLE tenant_0000.calls (n int); CREATE TABLE tenant_0000.go (n int);
+         CREATE PROCEDURE tenant_0000.count_and_wait() LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO tenant_0000.calls VALUES (1);
+           COMMIT;
+           WHILE NOT EXISTS (SELECT 1 FROM tenant_0000.go) LOOP
+             PERFORM pg_sleep(0.01);
+           END LOOP;
+         END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "rl".into(),
+        migrations: vec![migration(
+            "outside",
+            "CREATE INDEX CONCURRENTLY wo_id ON work_orders (id); CALL count_and_wait()",
+            "DROP INDEX CONCURRENTLY IF EXISTS wo_id",
+            "",
+        )],
+        default_lock_timeout_ms: 200,
+        default_statement_timeout_ms: 0,
+    }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "rl".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(1, "tenant_0000", &["outside"], false)],
+    }));
+    // the procedure committed its row (on its own: in the step's transaction its COMMIT
+    // failed) and waits for `go`; the fence row is held before it ends
+    let calls = "SELECT count(*) FROM tenant_0000.calls";
+    flotilla_testkit::wait::wait_until("the procedure's row", WAIT, async || {
+        Ok(count(&pool, calls).await == 1)
+    })
+    .await
+    .unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM flotilla.fence FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO tenant_0000.go VALUES (1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // the statement's record waits on the fence row until its lock_timeout
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock' AND position('check_fence' in query) > 0";
+    for (what, n) in [("the record waiting", 1), ("its lock timeout", 0)] {
+        flotilla_testkit::wait::wait_until(what, WAIT, async || {
+            Ok(count(&pool, waiting).await == n)
+        })
+        .await
+        .unwrap();
+    }
+    holder.rollback().await.unwrap();
+
+    let r = s.results("rl", 1).await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
+    assert_eq!(count(&pool, calls).await, 1, "the procedure ran once");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM flotilla.journal WHERE migration_id = 'outside'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.checkpoints").await,
+        0
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A non-transactional step that fails on its third statement, and a data change whose
 /// first batch fails after its up SQL: each leaves a checkpoint saying how far it got. Run
 /// again (once what they failed on is there) each goes on after what it did (its first
