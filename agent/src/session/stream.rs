@@ -8,8 +8,6 @@ use flotilla_core::pb;
 use flotilla_core::pb::agent_message::Body as Out;
 use flotilla_core::pb::agent_service_client::AgentServiceClient;
 use flotilla_core::pb::coordinator_message::Body as In;
-use flotilla_core::protocol::heartbeat::LastWord;
-use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -125,18 +123,8 @@ pub(super) async fn session(
     });
     // A paused coordinator accepts the TCP connection and then never answers:
     // the attach is bounded so the agent moves on to the next address.
-    // what went out other than heartbeats: a heartbeat just after it is left out
-    let last_word = Arc::new(LastWord::default());
-    let outbound = ReceiverStream::new(rx).inspect({
-        let last_word = last_word.clone();
-        move |m| {
-            if !matches!(m.body, Some(Out::Heartbeat(_))) {
-                last_word.sent();
-            }
-        }
-    });
     let mut inbound = tokio::select! {
-        r = tokio::time::timeout(ATTACH_TIMEOUT, client.attach(outbound)) => match r {
+        r = tokio::time::timeout(ATTACH_TIMEOUT, client.attach(ReceiverStream::new(rx))) => match r {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => return Ended::from_status(false, "attach", &status),
             Err(_) => return lost(false, format!("no answer to attach within {ATTACH_TIMEOUT:?}")),
@@ -220,9 +208,7 @@ pub(super) async fn session(
                     journal::report(agent, &tx);
                 }
                 let data = if welcomed { agent.progress.take_changed() } else { Vec::new() };
-                if (!data.is_empty() || last_word.heartbeat_due(interval))
-                    && let Err(gone) = send_heartbeat(agent, &tx, data)
-                {
+                if let Err(gone) = send_heartbeat(agent, &tx, data) {
                     return lost(welcomed, gone.to_string());
                 }
             }

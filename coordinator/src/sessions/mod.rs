@@ -8,12 +8,10 @@
 //! with its backlog, and exists only while this coordinator leads.
 pub mod registry;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_core::pb;
 use flotilla_core::pb::agent_message::Body;
-use flotilla_core::protocol::heartbeat::LastWord;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -96,8 +94,7 @@ impl Coordinator {
         if let Some(e) = &inner.embedded {
             e.set_live(&shard, true);
         }
-        let last_word = Arc::new(LastWord::default());
-        spawn_heartbeat(tx.downgrade(), conn_id, last_word.clone());
+        spawn_heartbeat(tx.downgrade(), conn_id);
         self.event(Event::Attached {
             shard: shard.clone(),
             conn_id,
@@ -112,13 +109,7 @@ impl Coordinator {
         tokio::spawn(async move { me.read_session(shard, conn_id, inbound).await });
         // The fleet and the engine let go of the stream at shutdown, but an attach racing
         // with it may still hold a sender: the stream ends then regardless.
-        let outbound = ReceiverStream::new(rx)
-            .inspect(move |m| {
-                if !matches!(m.body, Some(pb::coordinator_message::Body::Heartbeat(_))) {
-                    last_word.sent();
-                }
-            })
-            .take_until(inner.shutdown.agents_released());
+        let outbound = ReceiverStream::new(rx).take_until(inner.shutdown.agents_released());
         Ok(inner.shutdown.track(stream_name, outbound))
     }
 
@@ -274,34 +265,25 @@ fn beat_after(
 }
 
 /// The coordinator's side of the heartbeat. It holds the stream weakly: when the fleet
-/// and the engine let the agent go, the stream ends. A beat when the stream carried
-/// something else within half an interval is left out (see `LastWord`).
-fn spawn_heartbeat(
-    beat: mpsc::WeakSender<pb::CoordinatorMessage>,
-    conn_id: u64,
-    last_word: Arc<LastWord>,
-) {
+/// and the engine let the agent go, the stream ends.
+fn spawn_heartbeat(beat: mpsc::WeakSender<pb::CoordinatorMessage>, conn_id: u64) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval_at(next_beat(conn_id), HEARTBEAT);
         // The first at once, the others on the clock: an agent counts silence only once it
         // has heard a heartbeat, and a coordinator paused (or cut off) right after the
         // Welcome must still be noticed.
-        let mut due = true;
         loop {
+            let m = msg(pb::coordinator_message::Body::Heartbeat(pb::Heartbeat {
+                data: Vec::new(),
+                sent_at_ms: now_ms() as u64,
+            }));
             let Some(tx) = beat.upgrade() else { return };
-            if due {
-                let m = msg(pb::coordinator_message::Body::Heartbeat(pb::Heartbeat {
-                    data: Vec::new(),
-                    sent_at_ms: now_ms() as u64,
-                }));
-                if tx.send(m).await.is_err() {
-                    return;
-                }
+            if tx.send(m).await.is_err() {
+                return;
             }
             // held only while sending: the stream ends once the fleet and the engine let go
             drop(tx);
             every.tick().await;
-            due = last_word.heartbeat_due(HEARTBEAT);
         }
     });
 }

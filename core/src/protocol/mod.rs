@@ -3,7 +3,6 @@
 //! answers with, and the SQLSTATEs Flotilla acts on. One definition, used by the
 //! coordinator and the agent alike, so the two can never drift apart.
 pub mod gid;
-pub mod heartbeat;
 pub mod keys;
 pub mod sqlstate;
 
