@@ -4,14 +4,52 @@
 //! connection looks at who blocks it, so the final error names them.
 use std::time::Duration;
 
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnection, PgPool};
+use tracing::warn;
 
+use super::conn::execute;
+use crate::error::is_lock_timeout;
 use crate::step::PreparedMigration;
 
 /// Attempts after the first when a step's lock times out (a data step's from its checkpoint).
 pub(super) const LOCK_RETRIES: u32 = 3;
 /// The pause before the first retry; it doubles after each.
 pub(super) const LOCK_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// Commits `record`, a fenced transaction that records work already done outside a
+/// transaction (an up statement, a step's undo), waiting out a lock timeout (the fence row,
+/// held by a prepared transaction while a newer epoch is written) after the pauses a step's
+/// lock timeout gets: the work itself is not tried again, which would do it twice (a
+/// `CREATE INDEX CONCURRENTLY` would fail on its own index, a procedure that commits would
+/// do its work twice, a `DROP INDEX CONCURRENTLY` would fail on the index it dropped). On
+/// failure: the last error and how many attempts were made.
+pub(super) async fn commit_record(
+    conn: &mut PgConnection,
+    record: &str,
+    what: &str,
+) -> Result<(), (sqlx::Error, u32)> {
+    let mut attempt = 0u32;
+    loop {
+        let e = match execute(conn, record.to_owned()).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if !is_lock_timeout(&e) || attempt == LOCK_RETRIES {
+            return Err((e, attempt + 1));
+        }
+        if let Err(e) = execute(conn, "ROLLBACK".into()).await {
+            return Err((e, attempt + 1));
+        }
+        attempt += 1;
+        let pause = LOCK_RETRY_PAUSE * 2u32.pow(attempt - 1);
+        warn!(
+            attempt,
+            ?pause,
+            "lock timeout recording {what}; recording it again after a pause"
+        );
+        tokio::time::sleep(pause).await;
+    }
+}
 
 /// The table waited for, the table of the row waited for (a row lock is waited for on the
 /// holder's transaction with the row's tuple lock held, or, behind another waiter for the

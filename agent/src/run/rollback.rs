@@ -12,6 +12,7 @@ use tracing::{Instrument, info, instrument, warn};
 
 use super::conn::recover;
 use super::job::{PlanDef, PlanError};
+use super::lock_wait::commit_record;
 use super::sqlgen;
 use crate::data::prior_image::restore_prior_image;
 use crate::error::{Failure, classify};
@@ -259,12 +260,20 @@ pub(super) async fn undo_step(
         let broken = recover(conn, true, true).await;
         return Err((classify(&e, "down"), broken));
     }
-    if let Err(e) = run(sqlgen::non_transactional_undo_epilogue(cx, m))
-        .execute(&mut *conn)
-        .await
-    {
+    // the down statements are done: a lock timeout here is waited out by the record alone
+    let epilogue = sqlgen::non_transactional_undo_epilogue(cx, m);
+    let what = format!("the undo of step {}", m.id());
+    if let Err((e, attempts)) = commit_record(conn, &epilogue, &what).await {
         let broken = recover(conn, true, false).await;
-        return Err((classify(&e, "down"), broken));
+        let mut failure = classify(&e, "down");
+        if attempts > 1 {
+            failure.error.message = format!(
+                "{what} ran, and its record (the journal row's move) did not commit in \
+                 {attempts} attempts: {}; a rollback runs its down SQL again",
+                failure.error.message
+            );
+        }
+        return Err((failure, broken));
     }
     Ok(())
 }

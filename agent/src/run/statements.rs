@@ -11,12 +11,12 @@
 //! (`SET ...`) are run again when the step goes on in another session.
 use flotilla_core::sql::{first_non_transactional, is_session_setting};
 use sqlx::postgres::PgConnection;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::conn::execute;
 use super::invalid_index::{drop_invalid_index, index_name_taken};
-use super::lock_wait::{LOCK_RETRIES, LOCK_RETRY_PAUSE};
-use crate::error::{Failure, classify, is_lock_timeout};
+use super::lock_wait::commit_record;
+use crate::error::{Failure, classify};
 use crate::step::sql::{begin_fenced, push_advance_statements};
 use crate::step::{PreparedMigration, StepContext};
 
@@ -102,72 +102,32 @@ pub(super) async fn run_up_statements(
         // Done and committed: a crash before this records it leaves it to run again (a
         // statement outside a transaction cannot commit with its record).
         let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
-        record_done(conn, cx, m, k, record).await?;
-    }
-    Ok(())
-}
-
-/// Commits the record of up statement `k`, done outside a transaction. A lock timeout here
-/// (the fence row, held by a prepared transaction while a newer epoch is written) is waited
-/// out by the record alone, after the pauses a step's lock timeout gets: the step's own retry
-/// would go on from its checkpoint, which does not have `k` done, and run the statement
-/// again (a `CREATE INDEX CONCURRENTLY` then fails on its own index; a procedure that
-/// commits does its work twice). One that still times out fails the step without a retry.
-async fn record_done(
-    conn: &mut PgConnection,
-    cx: &StepContext<'_>,
-    m: &PreparedMigration,
-    k: usize,
-    record: String,
-) -> Result<(), StatementFailure> {
-    let mut attempt = 0u32;
-    loop {
-        let e = match execute(conn, record.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        if !is_lock_timeout(&e) {
-            return Err(StatementFailure {
-                failure: classify(&e, "up"),
-                in_transaction: true,
-            });
-        }
-        if attempt == LOCK_RETRIES {
+        let what = format!("up statement {} of step {}", k + 1, m.id());
+        if let Err((e, attempts)) = commit_record(conn, &record, &what).await {
             let failure = classify(&e, "up");
             return Err(StatementFailure {
-                failure: Failure::agent(
-                    "up",
-                    format!(
-                        "up statement {} ran outside a transaction, and its record (the step's \
-                         checkpoint) did not commit in {} attempts: {} (SQLSTATE {}); the step \
-                         runs that statement again when it goes on",
-                        k + 1,
-                        attempt + 1,
-                        failure.error.message,
-                        failure.error.sqlstate
-                    ),
-                ),
+                failure: if attempts > 1 {
+                    // not a lock timeout to try again: the step would run the statement
+                    // again from its checkpoint
+                    Failure::agent(
+                        "up",
+                        format!(
+                            "up statement {} ran outside a transaction, and its record (the \
+                             step's checkpoint) did not commit in {attempts} attempts: {} \
+                             (SQLSTATE {}); the step runs that statement again when it goes on",
+                            k + 1,
+                            failure.error.message,
+                            failure.error.sqlstate
+                        ),
+                    )
+                } else {
+                    failure
+                },
                 in_transaction: true,
             });
         }
-        if let Err(e) = execute(conn, "ROLLBACK".into()).await {
-            return Err(StatementFailure {
-                failure: classify(&e, "up"),
-                in_transaction: true,
-            });
-        }
-        attempt += 1;
-        let pause = LOCK_RETRY_PAUSE * 2u32.pow(attempt - 1);
-        warn!(
-            step = m.id(),
-            tenant = cx.tenant,
-            statement = k + 1,
-            attempt,
-            ?pause,
-            "lock timeout recording a statement done outside a transaction; recording it again after a pause"
-        );
-        tokio::time::sleep(pause).await;
     }
+    Ok(())
 }
 
 /// The statement refused to run inside a transaction block.

@@ -796,12 +796,14 @@ async fn two_rollbacks_at_once_undo_each_step_once() {
     f.drop().await;
 }
 
-/// A statement done outside a transaction whose record then times out on a lock (the fence
-/// row held, as a prepared transaction holds it while a newer epoch is written) is recorded
-/// once the lock is free, not run again: the step's own retry would go on from a checkpoint
-/// without it (here a procedure that commits would have done its work twice).
+/// Work done outside a transaction whose record then times out on a lock (the fence row
+/// held, as a prepared transaction holds it while a newer epoch is written) is recorded
+/// once the lock is free, not done again: an up statement's record (the step's own retry
+/// would go on from a checkpoint without it) and an undo's (the rollback would fail, and the
+/// next one run the down SQL again). Here a procedure that commits would have done its work
+/// twice.
 #[tokio::test]
-async fn a_statement_done_outside_a_transaction_waits_for_its_record_not_runs_again() {
+async fn work_done_outside_a_transaction_waits_for_its_record_not_done_again() {
     let Some(f) = fleet("record_lock", 1).await else {
         return;
     };
@@ -820,6 +822,44 @@ async fn a_statement_done_outside_a_transaction_waits_for_its_record_not_runs_ag
     .execute(&pool)
     .await
     .unwrap();
+    // as a DBA may set it: an undo's record (after `RESET ALL`) has this one too
+    sqlx::raw_sql(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET lock_timeout = ''200ms''', \
+         current_database()); END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let calls = "SELECT count(*) FROM tenant_0000.calls";
+    // Once the procedure has committed its `calls` row number `n` (on its own: in a
+    // transaction its COMMIT fails) and waits for `go`: holds the fence row, lets the
+    // procedure end, and lets the row go once the record after it timed out waiting for it.
+    let hold_the_fence_while_it_ends = async |n: i64| {
+        flotilla_testkit::wait::wait_until("the procedure's row", WAIT, async || {
+            Ok(count(&pool, calls).await == n)
+        })
+        .await
+        .unwrap();
+        let mut holder = pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM flotilla.fence FOR UPDATE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO tenant_0000.go VALUES (1)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                       AND wait_event_type = 'Lock' AND position('check_fence' in query) > 0";
+        for (what, n) in [("the record waiting", 1), ("its lock timeout", 0)] {
+            flotilla_testkit::wait::wait_until(what, WAIT, async || {
+                Ok(count(&pool, waiting).await == n)
+            })
+            .await
+            .unwrap();
+        }
+        holder.rollback().await.unwrap();
+    };
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (mut s, _) = h.attach(1).await;
     s.send(In::Plan(pb::PlanDefinition {
@@ -827,7 +867,7 @@ async fn a_statement_done_outside_a_transaction_waits_for_its_record_not_runs_ag
         migrations: vec![migration(
             "outside",
             "CREATE INDEX CONCURRENTLY wo_id ON work_orders (id); CALL count_and_wait()",
-            "DROP INDEX CONCURRENTLY IF EXISTS wo_id",
+            "DROP INDEX CONCURRENTLY wo_id; CALL count_and_wait()",
             "",
         )],
         default_lock_timeout_ms: 200,
@@ -839,48 +879,34 @@ async fn a_statement_done_outside_a_transaction_waits_for_its_record_not_runs_ag
         lanes: 1,
         runs: vec![run(1, "tenant_0000", &["outside"], false)],
     }));
-    // the procedure committed its row (on its own: in the step's transaction its COMMIT
-    // failed) and waits for `go`; the fence row is held before it ends
-    let calls = "SELECT count(*) FROM tenant_0000.calls";
-    flotilla_testkit::wait::wait_until("the procedure's row", WAIT, async || {
-        Ok(count(&pool, calls).await == 1)
-    })
-    .await
-    .unwrap();
-    let mut holder = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM flotilla.fence FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO tenant_0000.go VALUES (1)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    // the statement's record waits on the fence row until its lock_timeout
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                   AND wait_event_type = 'Lock' AND position('check_fence' in query) > 0";
-    for (what, n) in [("the record waiting", 1), ("its lock timeout", 0)] {
-        flotilla_testkit::wait::wait_until(what, WAIT, async || {
-            Ok(count(&pool, waiting).await == n)
-        })
-        .await
-        .unwrap();
-    }
-    holder.rollback().await.unwrap();
-
+    hold_the_fence_while_it_ends(1).await;
     let r = s.results("rl", 1).await;
     assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
     assert_eq!(count(&pool, calls).await, 1, "the procedure ran once");
+    let journal = "SELECT count(*) FROM flotilla.journal WHERE migration_id = 'outside'";
+    assert_eq!(count(&pool, journal).await, 1);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.checkpoints").await,
+        0
+    );
+
+    // the undo: its down SQL (a DROP INDEX CONCURRENTLY, which would fail the second time,
+    // and the procedure) then its record
+    sqlx::query("DELETE FROM tenant_0000.go")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (reply, ()) = tokio::join!(s.rollback("rl", 1), hold_the_fence_while_it_ends(2));
+    assert!(reply.complete && reply.steps.len() == 1, "{reply:?}");
+    assert!(reply.steps[0].error.is_none(), "{reply:?}");
+    assert_eq!(count(&pool, calls).await, 2, "the procedure ran once more");
+    assert_eq!(count(&pool, journal).await, 0);
     assert_eq!(
         count(
             &pool,
-            "SELECT count(*) FROM flotilla.journal WHERE migration_id = 'outside'"
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'wo_id'"
         )
         .await,
-        1
-    );
-    assert_eq!(
-        count(&pool, "SELECT count(*) FROM flotilla.checkpoints").await,
         0
     );
     h.stop().await;
