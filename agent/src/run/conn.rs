@@ -6,6 +6,8 @@ use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnection, PgPool};
 use tracing::warn;
 
+use crate::step::sql::SESSION_RESET;
+
 /// Runs `sql` (one or several statements) in one round trip.
 pub(crate) async fn execute(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
     sqlx::raw_sql(AssertSqlSafe(sql))
@@ -22,12 +24,12 @@ pub(crate) async fn recover(
     reset_session: bool,
 ) -> bool {
     let sql = match (in_transaction, reset_session) {
-        (true, true) => "ROLLBACK; RESET ALL",
-        (true, false) => "ROLLBACK",
-        (false, true) => "RESET ALL",
+        (true, true) => format!("ROLLBACK;\n{SESSION_RESET}"),
+        (true, false) => "ROLLBACK".to_owned(),
+        (false, true) => SESSION_RESET.to_owned(),
         (false, false) => return false,
     };
-    match sqlx::raw_sql(sql).execute(&mut *conn).await {
+    match sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
         Ok(_) => false,
         Err(error) => {
             warn!(%error, "cleaning up after a failed step failed; dropping the connection");

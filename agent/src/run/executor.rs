@@ -23,7 +23,7 @@ use crate::data::{self, DataHooks};
 use crate::error::{Failure, classify};
 use crate::metrics::{self, StepMode, StepOutcome};
 use crate::shard;
-use crate::step::sql::STEP_DONE;
+use crate::step::sql::{SESSION_RESET, STEP_DONE};
 use crate::step::{PreparedMigration, StepContext, checkpoint};
 
 pub(crate) struct RunOutput {
@@ -400,13 +400,16 @@ fn commit_failpoint() -> Option<Failure> {
 /// to prepare, or COMMIT while the commit failpoint is configured.
 async fn commit(conn: &mut PgConnection, prepare: Option<&PrepareGid>) -> Result<(), Failure> {
     match prepare {
-        None => execute(conn, "COMMIT".into())
+        None => execute(conn, format!("COMMIT;\n{SESSION_RESET}"))
             .await
             .map_err(|e| classify(&e, "up")),
-        // a PREPARE that fails rolls the transaction back
-        Some(p) => execute(conn, format!("PREPARE TRANSACTION {}", p.lit))
-            .await
-            .map_err(|e| classify(&e, "prepare")),
+        // a PREPARE that fails rolls the transaction back (and what it set with it)
+        Some(p) => execute(
+            conn,
+            format!("PREPARE TRANSACTION {};\n{SESSION_RESET}", p.lit),
+        )
+        .await
+        .map_err(|e| classify(&e, "prepare")),
     }
 }
 
@@ -459,7 +462,7 @@ async fn run_non_transactional(
         }
         commit_failpoint_non_transactional()?;
         let mut epilogue = sqlgen::non_transactional_epilogue(cx, m);
-        epilogue.push_str("RESET ALL;\n");
+        epilogue.push_str(SESSION_RESET);
         execute(conn, epilogue).await.map_err(|e| fail(&e, true))
     }
     .await

@@ -17,6 +17,7 @@ use super::sqlgen;
 use crate::data::prior_image::restore_prior_image;
 use crate::error::{Failure, classify};
 use crate::metrics::{self, StepMode, StepOutcome};
+use crate::step::sql::SESSION_RESET;
 use crate::step::{PreparedMigration, StepContext, quote_literal};
 use crate::{Agent, shard};
 
@@ -251,7 +252,7 @@ pub(super) async fn undo_step(
         for statement in &m.down {
             run(statement.clone()).execute(&mut *conn).await?;
         }
-        run("RESET ALL".into()).execute(&mut *conn).await
+        run(SESSION_RESET.into()).execute(&mut *conn).await
     }
     .await;
     if let Err(e) = statements {

@@ -3,8 +3,9 @@
 use std::fmt::Write;
 
 use crate::step::sql::{
-    begin_fenced, push_checkpoint_delete, push_checkpoint_undoing, push_journal_move,
-    push_settings, push_statements, push_verify_and_journal, push_verify_and_marked_journal,
+    SESSION_RESET, begin_fenced, push_checkpoint_delete, push_checkpoint_undoing,
+    push_journal_move, push_settings, push_statements, push_verify_and_journal,
+    push_verify_and_marked_journal,
 };
 use crate::step::{PreparedMigration, StepContext};
 
@@ -31,6 +32,7 @@ pub(crate) fn transaction(
     }
     if commit {
         out.push_str("COMMIT;\n");
+        out.push_str(SESSION_RESET);
     }
     out
 }
@@ -60,6 +62,7 @@ pub(crate) fn transactional_undo(cx: &StepContext<'_>, m: &PreparedMigration) ->
     push_statements(&mut out, &m.down);
     push_journal_move(&mut out, cx, m);
     out.push_str("COMMIT;\n");
+    out.push_str(SESSION_RESET);
     out
 }
 
@@ -155,7 +158,8 @@ mod tests {
         assert!(
             second.ends_with(&format!(
                 "SELECT 1 AS \"flotilla.step_done\", \
-                 flotilla.record_step('tenant_1', 'm2', '{}', 'p1', 7){mark}COMMIT;\n",
+                 flotilla.record_step('tenant_1', 'm2', '{}', 'p1', 7){mark}COMMIT;\n\
+                 SET SESSION AUTHORIZATION DEFAULT;\nRESET ALL;\nDISCARD TEMP;\n",
                 m2.migration.checksum
             )),
             "{sql}"
@@ -163,7 +167,7 @@ mod tests {
         assert_eq!(sql.matches("BEGIN").count(), 1);
         // a run to prepare ends without COMMIT: its PREPARE TRANSACTION goes on its own
         let open = transaction(&cx, &[&m, &m2], false);
-        assert_eq!(format!("{open}COMMIT;\n"), sql);
+        assert_eq!(format!("{open}COMMIT;\n{SESSION_RESET}"), sql);
         assert_eq!(begin_fenced(7), "BEGIN;\nSELECT flotilla.check_fence(7);\n");
     }
 

@@ -16,6 +16,18 @@ pub(crate) fn push_statements(out: &mut String, statements: &[String]) {
     }
 }
 
+/// Ends a connection's use by one run or undo, before the pool hands it to the next
+/// tenant's. What a migration's SQL sets for the session outlives its COMMIT: a `SET`
+/// without LOCAL, `set_config(.., false)`, a `SET ROLE`, a temporary table. Each step sets
+/// its own timeouts and search_path, but a shard-level step, a gate's check or a read on
+/// that connection would resolve names in the last tenant's schema, run as the role the
+/// last step took, or find the last tenant's temporary table before its own table (a
+/// `CREATE TEMP TABLE IF NOT EXISTS` would keep the last tenant's rows). `RESET ALL` leaves
+/// the role (PostgreSQL exempts it): the session authorization's reset restores it, and is
+/// allowed to any user. About 20 us of the server's time, in the run's own round trip.
+pub(crate) const SESSION_RESET: &str =
+    "SET SESSION AUTHORIZATION DEFAULT;\nRESET ALL;\nDISCARD TEMP;\n";
+
 /// Opens a step transaction and checks the fence in it.
 pub(crate) fn begin_fenced(epoch: u64) -> String {
     format!("BEGIN;\nSELECT flotilla.check_fence({epoch});\n")

@@ -796,6 +796,88 @@ async fn two_rollbacks_at_once_undo_each_step_once() {
     f.drop().await;
 }
 
+/// What a step's SQL sets for its session (a role, a search_path without LOCAL, a temporary
+/// table) ends with its run: the next tenant's run on the same connection (one lane) starts
+/// clean. Before, it ran as the role the last step took, and found the last tenant's
+/// temporary table before making its own.
+#[tokio::test]
+async fn a_run_leaves_no_session_state_to_the_next_tenant() {
+    let Some(f) = fleet("session_reset", 2).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let role = format!("flotilla_leak_{}", std::process::id());
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} SUPERUSER NOLOGIN"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "sr".into(),
+        migrations: vec![
+            migration(
+                "leaky",
+                &format!(
+                    "SET ROLE {role}; SELECT set_config('search_path', 'tenant_0000', false); \
+                     CREATE TEMP TABLE scratch AS SELECT current_schema()::text AS who"
+                ),
+                "",
+                "",
+            ),
+            migration(
+                "reader",
+                "CREATE TEMP TABLE IF NOT EXISTS scratch AS SELECT current_schema()::text AS who; \
+                 CREATE TABLE seen AS SELECT (SELECT who FROM scratch) AS scratch_who, \
+                 current_user::text AS role_name",
+                "DROP TABLE IF EXISTS seen",
+                "",
+            ),
+        ],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign(
+            "sr",
+            1,
+            1,
+            vec![
+                run(1, "tenant_0000", &["leaky"], true),
+                run(2, "tenant_0001", &["reader"], true),
+            ],
+        )
+        .await;
+    for id in [1, 2] {
+        assert_eq!(
+            outcomes(&r[&id]),
+            [pb::StepOutcome::Applied],
+            "{:?}",
+            r[&id]
+        );
+    }
+    let (scratch_who, role_name): (String, String) =
+        sqlx::query_as("SELECT scratch_who, role_name FROM tenant_0001.seen")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let agent_user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(scratch_who, "tenant_0001", "its own temporary table");
+    assert_eq!(role_name, agent_user, "the agent's own role");
+    h.stop().await;
+    // (the agent's sessions, and any temporary table of the role, are gone)
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    f.drop().await;
+}
+
 /// Work done outside a transaction whose record then times out on a lock (the fence row
 /// held, as a prepared transaction holds it while a newer epoch is written) is recorded
 /// once the lock is free, not done again: an up statement's record (the step's own retry
