@@ -84,6 +84,10 @@ pub(crate) struct Failure {
     pub concurrent_apply: bool,
     /// The connection is gone or unusable: the outcome of what was in flight is unknown.
     pub connection_lost: bool,
+    /// What failed may have left part of its work committed (a procedure or DO block that
+    /// commits inside, an INVALID index that could not be dropped): not tried again by the
+    /// agent after a lock timeout, which would do that part again or trip on it.
+    pub part_way: bool,
 }
 
 impl Failure {
@@ -98,6 +102,7 @@ impl Failure {
             },
             concurrent_apply: false,
             connection_lost: false,
+            part_way: false,
         }
     }
 }
@@ -183,6 +188,7 @@ pub(crate) fn classify(e: &sqlx::Error, phase: &str) -> Failure {
                 },
                 concurrent_apply,
                 connection_lost: false,
+                part_way: false,
             }
         }
         sqlx::Error::Io(_)
@@ -199,6 +205,7 @@ pub(crate) fn classify(e: &sqlx::Error, phase: &str) -> Failure {
             },
             concurrent_apply: false,
             connection_lost: true,
+            part_way: false,
         },
         other => Failure::agent(phase, other.to_string()),
     }

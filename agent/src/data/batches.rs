@@ -508,6 +508,7 @@ fn stopped_if_server_gone(
         },
         concurrent_apply: false,
         connection_lost: true,
+        part_way: false,
     }
 }
 

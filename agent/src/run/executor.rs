@@ -223,7 +223,9 @@ async fn run_group(
             Some(w) => w.finish().await,
             None => None,
         };
-        let lock_timeout = matches!(&outcome, Err(gf) if gf.failure.is_lock_timeout());
+        // (not one that may have left part of its work committed: see `Failure::part_way`)
+        let lock_timeout =
+            matches!(&outcome, Err(gf) if gf.failure.is_lock_timeout() && !gf.failure.part_way);
         match outcome {
             Err(gf) if lock_timeout && (attempt < LOCK_RETRIES || halted()) => {
                 if halted() {

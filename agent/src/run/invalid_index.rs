@@ -92,14 +92,13 @@ pub(super) async fn index_name_taken(conn: &mut PgConnection, statement: &str) -
     found.unwrap_or(true)
 }
 
-/// A failed CREATE INDEX CONCURRENTLY leaves an INVALID index behind (it still
-/// costs every write to the table): find it in the step's schemas and drop it, so
-/// the shard is as it was and the step can be retried. Only for a name that was free
-/// before the statement ran ([`index_name_taken`]).
-pub(super) async fn drop_invalid_index(conn: &mut PgConnection, statement: &str) {
-    let Some(name) = concurrent_index_name(statement) else {
-        return;
-    };
+/// The INVALID index (schema, name) a `CREATE INDEX CONCURRENTLY` statement names, in the
+/// step's schemas, if there is one.
+pub(super) async fn invalid_index(
+    conn: &mut PgConnection,
+    statement: &str,
+) -> Option<(String, String)> {
+    let name = concurrent_index_name(statement)?;
     let found: Result<Option<(String, String)>, sqlx::Error> = sqlx::query_as(
         "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_index i
            JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
@@ -110,8 +109,21 @@ pub(super) async fn drop_invalid_index(conn: &mut PgConnection, statement: &str)
     .bind(&name)
     .fetch_optional(&mut *conn)
     .await;
-    let Ok(Some((schema, index))) = found else {
-        return;
+    found.ok().flatten()
+}
+
+/// A failed CREATE INDEX CONCURRENTLY leaves an INVALID index behind (it still
+/// costs every write to the table): find it in the step's schemas and drop it, so
+/// the shard is as it was and the step can be retried. Only for a name that was free
+/// before the statement ran ([`index_name_taken`]). When the drop fails (it waits for the
+/// same sessions the build timed out on, under the same lock_timeout): why, naming the
+/// index left.
+pub(super) async fn drop_invalid_index(
+    conn: &mut PgConnection,
+    statement: &str,
+) -> Result<(), String> {
+    let Some((schema, index)) = invalid_index(conn, statement).await else {
+        return Ok(());
     };
     let drop = format!(
         "DROP INDEX CONCURRENTLY IF EXISTS {}.{}",
@@ -120,10 +132,17 @@ pub(super) async fn drop_invalid_index(conn: &mut PgConnection, statement: &str)
     );
     match execute(conn, drop).await {
         Ok(()) => {
-            warn!(schema = %schema, index = %index, "dropped the INVALID index a failed CREATE INDEX CONCURRENTLY left")
+            warn!(schema = %schema, index = %index, "dropped the INVALID index a failed CREATE INDEX CONCURRENTLY left");
+            Ok(())
         }
         Err(e) => {
-            warn!(schema = %schema, index = %index, error = %e, "could not drop an INVALID index left by a failed CREATE INDEX CONCURRENTLY")
+            warn!(schema = %schema, index = %index, error = %e, "could not drop an INVALID index left by a failed CREATE INDEX CONCURRENTLY");
+            Err(format!(
+                "the INVALID index {}.{} it left could not be dropped ({e}): drop it \
+                 (DROP INDEX CONCURRENTLY) before the step runs again",
+                flotilla_core::sql::quote_ident(&schema),
+                flotilla_core::sql::quote_ident(&index)
+            ))
         }
     }
 }

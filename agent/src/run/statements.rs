@@ -9,12 +9,12 @@
 //! statement cannot run in a transaction records its checkpoint (nothing done) before it,
 //! so a rollback finds the step however that statement ended. Settings done before
 //! (`SET ...`) are run again when the step goes on in another session.
-use flotilla_core::sql::{first_non_transactional, is_session_setting};
+use flotilla_core::sql::{first_non_transactional, is_session_setting, quote_ident};
 use sqlx::postgres::PgConnection;
 use tracing::info;
 
 use super::conn::execute;
-use super::invalid_index::{drop_invalid_index, index_name_taken};
+use super::invalid_index::{drop_invalid_index, index_name_taken, invalid_index};
 use super::lock_wait::commit_record;
 use crate::error::{Failure, classify};
 use crate::step::sql::{begin_fenced, push_advance_statements};
@@ -63,6 +63,9 @@ pub(super) async fn run_up_statements(
     }
     for (k, statement) in m.up.iter().enumerate().skip(done) {
         let advance = advance_sql(cx, m, k, k + 1);
+        // refused a transaction block though the splitter took it for one that runs in
+        // one: a procedure or DO block that commits inside
+        let mut commits_inside = false;
         if first_non_transactional(std::slice::from_ref(statement)).is_none() {
             let mut sql = begin_fenced(cx.epoch);
             sql.push_str(statement);
@@ -72,6 +75,7 @@ pub(super) async fn run_up_statements(
             match execute(conn, sql).await {
                 Ok(()) => continue,
                 Err(e) if refuses_transaction(&e) => {
+                    commits_inside = true;
                     // a statement that refuses a transaction block which the splitter does
                     // not know: it runs on its own, as below
                     if let Err(e) = execute(conn, "ROLLBACK".into()).await {
@@ -94,10 +98,43 @@ pub(super) async fn run_up_statements(
         }
         let taken = index_name_taken(conn, statement).await;
         if let Err(e) = execute(conn, statement.clone()).await {
-            if !taken {
-                drop_invalid_index(conn, statement).await;
+            let mut f = fail(&e, false);
+            let left = if taken {
+                Ok(())
+            } else {
+                drop_invalid_index(conn, statement).await
+            };
+            if let Err(left) = left {
+                f.failure.part_way = true;
+                f.failure.error.message = format!("{}; {left}", f.failure.error.message);
+            } else if commits_inside {
+                f.failure.part_way = true;
+                f.failure.error.message = format!(
+                    "{}; up statement {} commits inside (it refused a transaction block), so \
+                     what it committed before the error stays: not tried again by the agent",
+                    f.failure.error.message,
+                    k + 1
+                );
             }
-            return Err(fail(&e, false));
+            return Err(f);
+        }
+        // `IF NOT EXISTS` passes over an index of that name, INVALID or not: an INVALID one
+        // (a build that failed before, or one under way in another session) is no index
+        if taken && let Some((schema, index)) = invalid_index(conn, statement).await {
+            return Err(StatementFailure {
+                failure: Failure::agent(
+                    "up",
+                    format!(
+                        "up statement {} made no index: {}.{} was there already, INVALID (a \
+                         build that failed before, or one under way in another session); drop \
+                         it (DROP INDEX CONCURRENTLY) and run the step again",
+                        k + 1,
+                        quote_ident(&schema),
+                        quote_ident(&index)
+                    ),
+                ),
+                in_transaction: false,
+            });
         }
         // Done and committed: a crash before this records it leaves it to run again (a
         // statement outside a transaction cannot commit with its record).

@@ -642,6 +642,143 @@ async fn a_failed_concurrent_index_drops_only_the_index_it_left() {
         0,
         "the index the step left is dropped"
     );
+    // `IF NOT EXISTS` passes over the INVALID index: the step fails, naming it, rather than
+    // being recorded applied with no working index
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pc2".into(),
+        migrations: vec![migration(
+            "dup_index_ine",
+            "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS idx_dup ON dup (x)",
+            "DROP INDEX CONCURRENTLY IF EXISTS idx_dup",
+            "",
+        )],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign(
+            "pc2",
+            5,
+            1,
+            vec![run(3, "tenant_0000", &["dup_index_ine"], true)],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&3]), [pb::StepOutcome::Failed], "{:?}", r[&3]);
+    let e = r[&3].steps[0].error.clone().unwrap();
+    assert!(
+        e.message
+            .contains("\"tenant_0000\".\"idx_dup\" was there already, INVALID"),
+        "{e:?}"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM flotilla.journal WHERE migration_id = 'dup_index_ine'"
+        )
+        .await,
+        0
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
+/// A statement that may have left part of its work committed when its lock times out is not
+/// tried again by the agent: a procedure that commits inside (a retry would do the part
+/// before the timeout again), and a CREATE INDEX CONCURRENTLY whose INVALID index could not
+/// be dropped (its drop waits for the same session; a retry would fail on the name). Each
+/// fails once, saying what is left; before, each was run three more times.
+#[tokio::test]
+async fn a_statement_that_may_have_committed_part_way_is_not_tried_again() {
+    let Some(f) = fleet("part_way_retry", 2).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    sqlx::raw_sql(
+        "CREATE TABLE tenant_0000.calls (n int);
+         CREATE PROCEDURE tenant_0000.count_then_lock() LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO tenant_0000.calls VALUES (1);
+           COMMIT;
+           LOCK TABLE tenant_0000.work_orders IN ACCESS EXCLUSIVE MODE;
+         END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pr".into(),
+        migrations: vec![
+            migration(
+                "commits_inside",
+                "CREATE INDEX CONCURRENTLY IF NOT EXISTS wo_a ON work_orders (id); \
+                 CALL count_then_lock()",
+                "",
+                "",
+            ),
+            migration(
+                "index_left",
+                "CREATE INDEX CONCURRENTLY wo_b ON work_orders (id)",
+                "DROP INDEX CONCURRENTLY IF EXISTS wo_b",
+                "",
+            ),
+        ],
+        default_lock_timeout_ms: 200,
+        default_statement_timeout_ms: 0,
+    }));
+    // a session holds tenant_0000's table: the procedure's LOCK waits on it
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tenant_0000.work_orders IN ACCESS SHARE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let r = s
+        .assign(
+            "pr",
+            1,
+            1,
+            vec![run(1, "tenant_0000", &["commits_inside"], false)],
+        )
+        .await;
+    holder.rollback().await.unwrap();
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Failed], "{:?}", r[&1]);
+    let e = r[&1].steps[0].error.clone().unwrap();
+    assert_eq!(e.sqlstate, "55P03", "{e:?}");
+    assert!(e.message.contains("up statement 2 commits inside"), "{e:?}");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM tenant_0000.calls").await,
+        1,
+        "the procedure ran once"
+    );
+
+    // a session has read tenant_0001's table in a snapshot it keeps: the index build waits
+    // for the snapshot, and the drop of what it left for the session's lock
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::raw_sql(
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; \
+         SELECT count(*) FROM tenant_0001.work_orders",
+    )
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let r = s
+        .assign(
+            "pr",
+            1,
+            1,
+            vec![run(2, "tenant_0001", &["index_left"], false)],
+        )
+        .await;
+    holder.rollback().await.unwrap();
+    assert_eq!(outcomes(&r[&2]), [pb::StepOutcome::Failed], "{:?}", r[&2]);
+    let e = r[&2].steps[0].error.clone().unwrap();
+    assert_eq!(e.sqlstate, "55P03", "{e:?}");
+    assert!(
+        e.message
+            .contains("the INVALID index \"tenant_0001\".\"wo_b\" it left could not be dropped"),
+        "{e:?}"
+    );
     h.stop().await;
     f.drop().await;
 }
