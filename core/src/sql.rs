@@ -77,6 +77,23 @@ pub fn is_session_setting(statement: &str) -> bool {
     matches!(word(keywords(statement).first()), Some("SET" | "RESET"))
 }
 
+/// Whether a statement run on its own may have committed part of its work when it fails:
+/// a procedure call or DO block (which may COMMIT inside), a concurrent index build (which
+/// leaves an INVALID index when it fails late), a REINDEX outside a transaction (it commits
+/// index by index), a concurrent DETACH PARTITION (left pending). Any other statement on
+/// its own is one transaction: a lock timeout leaves nothing of it done.
+pub fn may_commit_part_way(statement: &str) -> bool {
+    let keys = keywords(statement);
+    let w = |i: usize| word(keys.get(i));
+    match (w(0), w(1), w(2)) {
+        (Some("CALL" | "DO"), ..) => true,
+        (Some("CREATE"), Some("INDEX"), Some("CONCURRENTLY")) => true,
+        (Some("CREATE"), Some("UNIQUE"), Some("INDEX")) => w(3) == Some("CONCURRENTLY"),
+        (Some("REINDEX"), ..) | (Some("ALTER"), Some("TABLE"), _) => is_non_transactional(&keys),
+        _ => false,
+    }
+}
+
 /// Quotes an identifier (a schema, table or role name): always double-quoted, `"` doubled.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -773,6 +790,32 @@ mod tests {
             "'SET'",
         ] {
             assert!(!is_session_setting(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn statements_that_may_commit_part_way() {
+        for s in [
+            "CALL backfill()",
+            "-- chunks\ndo $$ begin commit; end $$",
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "create unique index concurrently if not exists i on t (a)",
+            "REINDEX TABLE CONCURRENTLY t",
+            "REINDEX SCHEMA app",
+            "ALTER TABLE p DETACH PARTITION c CONCURRENTLY",
+        ] {
+            assert!(may_commit_part_way(s), "{s}");
+        }
+        for s in [
+            "DROP INDEX CONCURRENTLY IF EXISTS i",
+            "DROP TABLE IF EXISTS t",
+            "UPDATE t SET n = n - 1",
+            "VACUUM t",
+            "REINDEX TABLE t",
+            "ALTER TABLE t DROP COLUMN c",
+            "SELECT 'CALL x()'",
+        ] {
+            assert!(!may_commit_part_way(s), "{s}");
         }
     }
 

@@ -16,21 +16,23 @@ pub(super) const LOCK_RETRIES: u32 = 3;
 /// The pause before the first retry; it doubles after each.
 pub(super) const LOCK_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
-/// Commits `record`, a fenced transaction that records work already done outside a
-/// transaction (an up statement, a step's undo), waiting out a lock timeout (the fence row,
-/// held by a prepared transaction while a newer epoch is written) after the pauses a step's
-/// lock timeout gets: the work itself is not tried again, which would do it twice (a
-/// `CREATE INDEX CONCURRENTLY` would fail on its own index, a procedure that commits would
-/// do its work twice, a `DROP INDEX CONCURRENTLY` would fail on the index it dropped). On
-/// failure: the last error and how many attempts were made.
-pub(super) async fn commit_record(
+/// Runs `sql` (a whole transaction ending in COMMIT, or one statement that is all or
+/// nothing on its own), and after a lock timeout, which left nothing of it done, runs it
+/// again after the pauses a step's lock timeout gets, out of the failed transaction first.
+/// Only `sql` runs again, not what came before it: the records of work done outside a
+/// transaction (an up statement, an undo) use it, since running the work again would do it
+/// twice (a `CREATE INDEX CONCURRENTLY` would fail on its own index, a procedure that
+/// commits would do its work twice, a `DROP INDEX CONCURRENTLY` would fail on the index it
+/// dropped); so do an undo's down statements, one by one. On failure: the last error and
+/// how many attempts were made.
+pub(super) async fn retry_lock_timeouts(
     conn: &mut PgConnection,
-    record: &str,
+    sql: &str,
     what: &str,
 ) -> Result<(), (sqlx::Error, u32)> {
     let mut attempt = 0u32;
     loop {
-        let e = match execute(conn, record.to_owned()).await {
+        let e = match execute(conn, sql.to_owned()).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
@@ -45,7 +47,7 @@ pub(super) async fn commit_record(
         warn!(
             attempt,
             ?pause,
-            "lock timeout recording {what}; recording it again after a pause"
+            "lock timeout in {what}; trying it again after a pause"
         );
         tokio::time::sleep(pause).await;
     }

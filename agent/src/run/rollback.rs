@@ -12,7 +12,7 @@ use tracing::{Instrument, info, instrument, warn};
 
 use super::conn::recover;
 use super::job::{PlanDef, PlanError};
-use super::lock_wait::commit_record;
+use super::lock_wait::retry_lock_timeouts;
 use super::sqlgen;
 use crate::data::prior_image::restore_prior_image;
 use crate::error::{Failure, classify};
@@ -20,6 +20,7 @@ use crate::metrics::{self, StepMode, StepOutcome};
 use crate::step::sql::SESSION_RESET;
 use crate::step::{PreparedMigration, StepContext, quote_literal};
 use crate::{Agent, shard};
+use flotilla_core::sql::may_commit_part_way;
 
 impl Agent {
     /// Halts the plan, waits for its runs in flight, then undoes what it applied here.
@@ -231,16 +232,28 @@ pub(super) async fn undo_step(
         false
     )));
     let run = |sql: String| sqlx::raw_sql(AssertSqlSafe(sql));
+    // A lock timeout undid what timed out: that alone is tried again after a pause, as a
+    // step's is (a rollback runs while the application runs).
+    let attempts_note = |failure: &mut Failure, attempts: u32| {
+        if attempts > 1 {
+            failure.error.message = format!(
+                "{} ({attempts} attempts, each within lock_timeout {}ms)",
+                failure.error.message, m.lock_timeout_ms
+            );
+        }
+    };
     if m.is_transactional() {
-        if let Err(e) = run(sqlgen::transactional_undo(cx, m))
-            .execute(&mut *conn)
-            .await
-        {
+        let undo = sqlgen::transactional_undo(cx, m);
+        let what = format!("the undo of step {}", m.id());
+        if let Err((e, attempts)) = retry_lock_timeouts(conn, &undo, &what).await {
             let broken = recover(conn, true, false).await;
-            return Err((classify(&e, "down"), broken));
+            let mut failure = classify(&e, "down");
+            attempts_note(&mut failure, attempts);
+            return Err((failure, broken));
         }
         return Ok(());
     }
+    let mut attempts = 1;
     let statements = async {
         run(sqlgen::non_transactional_prologue(cx, m))
             .execute(&mut *conn)
@@ -249,8 +262,20 @@ pub(super) async fn undo_step(
             .execute(&mut *conn)
             .await?;
         restore_prior_image(conn, cx, m).await?;
-        for statement in &m.down {
-            run(statement.clone()).execute(&mut *conn).await?;
+        // each down statement on its own, the ones before it done: one that times out on a
+        // lock is tried again alone, unless it may have committed part of its work first
+        for (k, statement) in m.down.iter().enumerate() {
+            if may_commit_part_way(statement) {
+                run(statement.clone()).execute(&mut *conn).await?;
+                continue;
+            }
+            let what = format!("down statement {} of step {}", k + 1, m.id());
+            retry_lock_timeouts(conn, statement, &what)
+                .await
+                .map_err(|(e, n)| {
+                    attempts = n;
+                    e
+                })?;
         }
         run(SESSION_RESET.into()).execute(&mut *conn).await
     }
@@ -259,18 +284,21 @@ pub(super) async fn undo_step(
         // the undo's prologue may have failed inside its transaction (ROLLBACK outside one
         // only warns)
         let broken = recover(conn, true, true).await;
-        return Err((classify(&e, "down"), broken));
+        let mut failure = classify(&e, "down");
+        attempts_note(&mut failure, attempts);
+        return Err((failure, broken));
     }
     // the down statements are done: a lock timeout here is waited out by the record alone
     let epilogue = sqlgen::non_transactional_undo_epilogue(cx, m);
-    let what = format!("the undo of step {}", m.id());
-    if let Err((e, attempts)) = commit_record(conn, &epilogue, &what).await {
+    let what = format!("the record of the undo of step {}", m.id());
+    if let Err((e, attempts)) = retry_lock_timeouts(conn, &epilogue, &what).await {
         let broken = recover(conn, true, false).await;
         let mut failure = classify(&e, "down");
         if attempts > 1 {
             failure.error.message = format!(
-                "{what} ran, and its record (the journal row's move) did not commit in \
-                 {attempts} attempts: {}; a rollback runs its down SQL again",
+                "the undo of step {} ran, and its record (the journal row's move) did not \
+                 commit in {attempts} attempts: {}; a rollback runs its down SQL again",
+                m.id(),
                 failure.error.message
             );
         }

@@ -15,7 +15,7 @@ use tracing::info;
 
 use super::conn::execute;
 use super::invalid_index::{drop_invalid_index, index_name_taken, invalid_index};
-use super::lock_wait::commit_record;
+use super::lock_wait::retry_lock_timeouts;
 use crate::error::{Failure, classify};
 use crate::step::sql::{begin_fenced, push_advance_statements};
 use crate::step::{PreparedMigration, StepContext};
@@ -139,8 +139,8 @@ pub(super) async fn run_up_statements(
         // Done and committed: a crash before this records it leaves it to run again (a
         // statement outside a transaction cannot commit with its record).
         let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
-        let what = format!("up statement {} of step {}", k + 1, m.id());
-        if let Err((e, attempts)) = commit_record(conn, &record, &what).await {
+        let what = format!("the record of up statement {} of step {}", k + 1, m.id());
+        if let Err((e, attempts)) = retry_lock_timeouts(conn, &record, &what).await {
             let failure = classify(&e, "up");
             return Err(StatementFailure {
                 failure: if attempts > 1 {

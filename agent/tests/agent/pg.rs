@@ -1015,6 +1015,102 @@ async fn a_run_leaves_no_session_state_to_the_next_tenant() {
     f.drop().await;
 }
 
+/// A rollback under the application's locks: an undo that times out on a lock is tried
+/// again after a pause, as a step is, and only what timed out (a transactional undo whole,
+/// a non-transactional step's down statement alone: the ones before it are done, and a
+/// decrement run twice would be wrong). Before, the rollback failed at the first timeout,
+/// and the next one ran the down SQL from its start.
+#[tokio::test]
+async fn an_undo_that_times_out_on_a_lock_is_tried_again_from_where_it_was() {
+    let Some(f) = fleet("undo_lock", 2).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    sqlx::raw_sql(
+        "CREATE TABLE tenant_0000.counter (n int); INSERT INTO tenant_0000.counter VALUES (0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mark = log_mark();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "ul".into(),
+        migrations: vec![
+            migration(
+                "outside",
+                "CREATE INDEX CONCURRENTLY wo_c ON work_orders (id); \
+                 ALTER TABLE work_orders ADD COLUMN x int; \
+                 UPDATE counter SET n = n + 1",
+                "UPDATE counter SET n = n - 1; \
+                 ALTER TABLE work_orders DROP COLUMN IF EXISTS x; \
+                 DROP INDEX CONCURRENTLY IF EXISTS wo_c",
+                "",
+            ),
+            migration(
+                "inside",
+                "ALTER TABLE work_orders ADD COLUMN y int",
+                "ALTER TABLE work_orders DROP COLUMN y",
+                "",
+            ),
+        ],
+        default_lock_timeout_ms: 200,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign(
+            "ul",
+            1,
+            2,
+            vec![
+                run(1, "tenant_0000", &["outside"], false),
+                run(2, "tenant_0001", &["inside"], false),
+            ],
+        )
+        .await;
+    for id in [1, 2] {
+        assert_eq!(
+            outcomes(&r[&id]),
+            [pb::StepOutcome::Applied],
+            "{:?}",
+            r[&id]
+        );
+    }
+    let counter = "SELECT n::bigint FROM tenant_0000.counter";
+    assert_eq!(count(&pool, counter).await, 1);
+
+    // the application holds both tables until each undo has timed out once
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tenant_0000.work_orders, tenant_0001.work_orders IN ACCESS SHARE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (reply, ()) = tokio::join!(s.rollback("ul", 1), async {
+        wait_for_log(mark, "lock timeout in down statement 2 of step outside").await;
+        wait_for_log(mark, "lock timeout in the undo of step inside").await;
+        holder.rollback().await.unwrap();
+    });
+    assert!(reply.complete && reply.steps.len() == 2, "{reply:?}");
+    assert!(reply.steps.iter().all(|s| s.error.is_none()), "{reply:?}");
+    assert_eq!(count(&pool, counter).await, 0, "decremented once");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM information_schema.columns \
+             WHERE table_name = 'work_orders' AND column_name IN ('x', 'y')"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.journal").await,
+        0
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// Work done outside a transaction whose record then times out on a lock (the fence row
 /// held, as a prepared transaction holds it while a newer epoch is written) is recorded
 /// once the lock is free, not done again: an up statement's record (the step's own retry
