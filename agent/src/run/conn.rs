@@ -16,18 +16,15 @@ pub(crate) async fn execute(conn: &mut PgConnection, sql: String) -> Result<(), 
         .map(|_| ())
 }
 
-/// Brings the connection back to a clean session after a failure. True when that failed
-/// (the connection must be closed, not pooled).
-pub(crate) async fn recover(
-    conn: &mut PgConnection,
-    in_transaction: bool,
-    reset_session: bool,
-) -> bool {
-    let sql = match (in_transaction, reset_session) {
-        (true, true) => format!("ROLLBACK;\n{SESSION_RESET}"),
-        (true, false) => "ROLLBACK".to_owned(),
-        (false, true) => SESSION_RESET.to_owned(),
-        (false, false) => return false,
+/// Brings the connection back to a clean session after a failure: out of its transaction,
+/// and reset (a failed transaction undid what it set, but not a session advisory lock, and
+/// a failure after a COMMIT or PREPARE comes before the reset that follows them). True when
+/// that failed (the connection must be closed, not pooled).
+pub(crate) async fn recover(conn: &mut PgConnection, in_transaction: bool) -> bool {
+    let sql = if in_transaction {
+        format!("ROLLBACK;\n{SESSION_RESET}")
+    } else {
+        SESSION_RESET.to_owned()
     };
     match sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await {
         Ok(_) => false,

@@ -15,7 +15,7 @@ use tracing::{debug, info, instrument, warn};
 
 use super::conn::{execute, recover, wait_for_server};
 use super::job::{Halts, Job, PrepareGid, Report};
-use super::lock_wait::{BlockerWatch, LOCK_RETRIES, LOCK_RETRY_PAUSE};
+use super::lock_wait::{BlockerWatch, LOCK_RETRIES, LOCK_RETRY_PAUSE, with_attempts};
 use super::sqlgen;
 use super::statements::run_up_statements;
 use super::two_phase::prepared_among;
@@ -116,7 +116,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
             Err(gf) if gf.failure.error.phase == data::STOPPED => {
                 // A data change halted at a batch boundary: every batch is done and
                 // recorded, or not done; its checkpoint resumes it if it runs again.
-                broken = recover(conn, gf.in_transaction, true).await || gf.failure.connection_lost;
+                broken = recover(conn, gf.in_transaction).await || gf.failure.connection_lost;
                 if gf.failure.connection_lost {
                     // the server went away: hand the step back once it answers again
                     wait_for_server(pool).await;
@@ -133,8 +133,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                 break;
             }
             Err(gf) => {
-                broken = recover(conn, gf.in_transaction, !transactional).await
-                    || gf.failure.connection_lost;
+                broken = recover(conn, gf.in_transaction).await || gf.failure.connection_lost;
                 let failed = group[gf.position];
                 metrics::step_duration(mode, StepOutcome::Failed, durations[gf.position]);
                 warn!(step = job.steps[failed].id(), sqlstate = %gf.failure.error.sqlstate,
@@ -231,7 +230,7 @@ async fn run_group(
                 if halted() {
                     return Err(stopped_by_halt(gf, attempt + 1));
                 }
-                if recover(conn, gf.in_transaction, !transactional).await {
+                if recover(conn, gf.in_transaction).await {
                     return Err(gf);
                 }
                 let gf = GroupFailure {
@@ -260,10 +259,12 @@ async fn run_group(
             }
             Err(mut gf) if lock_timeout && attempt > 0 => {
                 gf.failure.error.message = format!(
-                    "{} ({} attempts, each within lock_timeout {}ms){}",
-                    gf.failure.error.message,
-                    attempt + 1,
-                    job.steps[group[gf.position]].lock_timeout_ms,
+                    "{}{}",
+                    with_attempts(
+                        &gf.failure,
+                        attempt + 1,
+                        job.steps[group[gf.position]].lock_timeout_ms
+                    ),
                     blocker.map(|b| format!("; {b}")).unwrap_or_default()
                 );
                 return Err(gf);

@@ -8,7 +8,7 @@ use sqlx::postgres::{PgConnection, PgPool};
 use tracing::warn;
 
 use super::conn::execute;
-use crate::error::is_lock_timeout;
+use crate::error::{Failure, is_lock_timeout};
 use crate::step::PreparedMigration;
 
 /// Attempts after the first when a step's lock times out (a data step's from its checkpoint).
@@ -50,6 +50,19 @@ pub(super) async fn retry_lock_timeouts(
             "lock timeout in {what}; trying it again after a pause"
         );
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// A failure's message, with how many attempts a lock timeout had when it is one that
+/// was tried again.
+pub(super) fn with_attempts(failure: &Failure, attempts: u32, lock_timeout_ms: u64) -> String {
+    if attempts > 1 && failure.is_lock_timeout() {
+        format!(
+            "{} ({attempts} attempts, each within lock_timeout {lock_timeout_ms}ms)",
+            failure.error.message
+        )
+    } else {
+        failure.error.message.clone()
     }
 }
 

@@ -12,7 +12,7 @@ use tracing::{Instrument, info, instrument, warn};
 
 use super::conn::recover;
 use super::job::{PlanDef, PlanError};
-use super::lock_wait::retry_lock_timeouts;
+use super::lock_wait::{retry_lock_timeouts, with_attempts};
 use super::sqlgen;
 use crate::data::prior_image::restore_prior_image;
 use crate::error::{Failure, classify};
@@ -235,18 +235,13 @@ pub(super) async fn undo_step(
     // A lock timeout undid what timed out: that alone is tried again after a pause, as a
     // step's is (a rollback runs while the application runs).
     let attempts_note = |failure: &mut Failure, attempts: u32| {
-        if attempts > 1 {
-            failure.error.message = format!(
-                "{} ({attempts} attempts, each within lock_timeout {}ms)",
-                failure.error.message, m.lock_timeout_ms
-            );
-        }
+        failure.error.message = with_attempts(failure, attempts, m.lock_timeout_ms);
     };
     if m.is_transactional() {
         let undo = sqlgen::transactional_undo(cx, m);
         let what = format!("the undo of step {}", m.id());
         if let Err((e, attempts)) = retry_lock_timeouts(conn, &undo, &what).await {
-            let broken = recover(conn, true, false).await;
+            let broken = recover(conn, true).await;
             let mut failure = classify(&e, "down");
             attempts_note(&mut failure, attempts);
             return Err((failure, broken));
@@ -277,22 +272,26 @@ pub(super) async fn undo_step(
                     e
                 })?;
         }
-        run(SESSION_RESET.into()).execute(&mut *conn).await
+        Ok::<(), sqlx::Error>(())
     }
     .await;
     if let Err(e) = statements {
         // the undo's prologue may have failed inside its transaction (ROLLBACK outside one
         // only warns)
-        let broken = recover(conn, true, true).await;
+        let broken = recover(conn, true).await;
         let mut failure = classify(&e, "down");
         attempts_note(&mut failure, attempts);
         return Err((failure, broken));
     }
-    // the down statements are done: a lock timeout here is waited out by the record alone
-    let epilogue = sqlgen::non_transactional_undo_epilogue(cx, m);
+    // The down statements are done: a lock timeout here is waited out by the record alone,
+    // under the step's lock_timeout (the session is reset after it).
+    let epilogue = format!(
+        "{}{SESSION_RESET}",
+        sqlgen::non_transactional_undo_epilogue(cx, m)
+    );
     let what = format!("the record of the undo of step {}", m.id());
     if let Err((e, attempts)) = retry_lock_timeouts(conn, &epilogue, &what).await {
-        let broken = recover(conn, true, false).await;
+        let broken = recover(conn, true).await;
         let mut failure = classify(&e, "down");
         if attempts > 1 {
             failure.error.message = format!(

@@ -159,7 +159,7 @@ mod tests {
             second.ends_with(&format!(
                 "SELECT 1 AS \"flotilla.step_done\", \
                  flotilla.record_step('tenant_1', 'm2', '{}', 'p1', 7){mark}COMMIT;\n\
-                 SET SESSION AUTHORIZATION DEFAULT;\nRESET ALL;\nDISCARD TEMP;\n",
+                 {SESSION_RESET}",
                 m2.migration.checksum
             )),
             "{sql}"

@@ -15,7 +15,7 @@ use tracing::info;
 
 use super::conn::execute;
 use super::invalid_index::{drop_invalid_index, index_name_taken, invalid_index};
-use super::lock_wait::retry_lock_timeouts;
+use super::lock_wait::{retry_lock_timeouts, with_attempts};
 use crate::error::{Failure, classify};
 use crate::step::sql::{begin_fenced, push_advance_statements};
 use crate::step::{PreparedMigration, StepContext};
@@ -141,25 +141,19 @@ pub(super) async fn run_up_statements(
         let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
         let what = format!("the record of up statement {} of step {}", k + 1, m.id());
         if let Err((e, attempts)) = retry_lock_timeouts(conn, &record, &what).await {
-            let failure = classify(&e, "up");
+            // The statement is done and not recorded: not a failure for the step's own
+            // retry, which would run the statement again from its checkpoint.
+            let mut failure = classify(&e, "up");
+            failure.part_way = true;
+            failure.error.message = format!(
+                "up statement {} ran outside a transaction, and its record (the step's \
+                 checkpoint) did not commit: {}; the step runs that statement again when it \
+                 goes on",
+                k + 1,
+                with_attempts(&failure, attempts, m.lock_timeout_ms)
+            );
             return Err(StatementFailure {
-                failure: if attempts > 1 {
-                    // not a lock timeout to try again: the step would run the statement
-                    // again from its checkpoint
-                    Failure::agent(
-                        "up",
-                        format!(
-                            "up statement {} ran outside a transaction, and its record (the \
-                             step's checkpoint) did not commit in {attempts} attempts: {} \
-                             (SQLSTATE {}); the step runs that statement again when it goes on",
-                            k + 1,
-                            failure.error.message,
-                            failure.error.sqlstate
-                        ),
-                    )
-                } else {
-                    failure
-                },
+                failure,
                 in_transaction: true,
             });
         }

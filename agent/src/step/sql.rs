@@ -16,17 +16,24 @@ pub(crate) fn push_statements(out: &mut String, statements: &[String]) {
     }
 }
 
-/// Ends a connection's use by one run or undo, before the pool hands it to the next
-/// tenant's. What a migration's SQL sets for the session outlives its COMMIT: a `SET`
-/// without LOCAL, `set_config(.., false)`, a `SET ROLE`, a temporary table. Each step sets
-/// its own timeouts and search_path, but a shard-level step, a gate's check or a read on
-/// that connection would resolve names in the last tenant's schema, run as the role the
-/// last step took, or find the last tenant's temporary table before its own table (a
-/// `CREATE TEMP TABLE IF NOT EXISTS` would keep the last tenant's rows). `RESET ALL` leaves
-/// the role (PostgreSQL exempts it): the session authorization's reset restores it, and is
-/// allowed to any user. About 20 us of the server's time, in the run's own round trip.
-pub(crate) const SESSION_RESET: &str =
-    "SET SESSION AUTHORIZATION DEFAULT;\nRESET ALL;\nDISCARD TEMP;\n";
+/// Ends a connection's use by one transaction of a run (or an undo, or a non-transactional
+/// step), before the pool hands it to the next tenant's run. What a migration's SQL sets
+/// for the session outlives its COMMIT (and its PREPARE TRANSACTION): a `SET` without
+/// LOCAL, `set_config(.., false)`, a `SET ROLE` or `SET SESSION AUTHORIZATION`, a temporary
+/// table, a session advisory lock, a `LISTEN`. Each step sets its own timeouts and
+/// search_path, but a shard-level step, a gate's check or a read on that connection would
+/// resolve names in the last tenant's schema, run as the role the last step took, or find
+/// the last tenant's temporary table before its own table (a `CREATE TEMP TABLE IF NOT
+/// EXISTS` would keep the last tenant's rows). `RESET ALL` leaves the role and the session
+/// authorization (PostgreSQL exempts them); their resets, allowed to any user, go back to
+/// what the connection started with (a role set in its options or by `ALTER ROLE ... SET
+/// role` included). The agent's own session lock is on a connection outside the pool. Not
+/// reset: SQL-level prepared statements (`DEALLOCATE ALL` would drop sqlx's cache with
+/// them). About 20 us of the server's time, in the run's own round trip. After a failure
+/// `conn::recover` runs it (an abort undoes what the transaction set, but not a session
+/// advisory lock).
+pub(crate) const SESSION_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT;\nRESET ROLE;\n\
+     RESET ALL;\nDISCARD TEMP;\nSELECT pg_catalog.pg_advisory_unlock_all();\nUNLISTEN *;\n";
 
 /// Opens a step transaction and checks the fence in it.
 pub(crate) fn begin_fenced(epoch: u64) -> String {

@@ -943,7 +943,8 @@ async fn a_run_leaves_no_session_state_to_the_next_tenant() {
         return;
     };
     let pool = f.pool.clone();
-    let role = format!("flotilla_leak_{}", std::process::id());
+    // one name, dropped first: a run that failed before its end left it behind
+    let role = "flotilla_test_leak_role";
     sqlx::raw_sql(AssertSqlSafe(format!(
         "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} SUPERUSER NOLOGIN"
     )))
@@ -959,7 +960,8 @@ async fn a_run_leaves_no_session_state_to_the_next_tenant() {
                 "leaky",
                 &format!(
                     "SET ROLE {role}; SELECT set_config('search_path', 'tenant_0000', false); \
-                     CREATE TEMP TABLE scratch AS SELECT current_schema()::text AS who"
+                     CREATE TEMP TABLE scratch AS SELECT current_schema()::text AS who; \
+                     CREATE TABLE tenant_0000.backend AS SELECT pg_backend_pid() AS pid"
                 ),
                 "",
                 "",
@@ -968,7 +970,7 @@ async fn a_run_leaves_no_session_state_to_the_next_tenant() {
                 "reader",
                 "CREATE TEMP TABLE IF NOT EXISTS scratch AS SELECT current_schema()::text AS who; \
                  CREATE TABLE seen AS SELECT (SELECT who FROM scratch) AS scratch_who, \
-                 current_user::text AS role_name",
+                 current_user::text AS role_name, pg_backend_pid() AS pid",
                 "DROP TABLE IF EXISTS seen",
                 "",
             ),
@@ -995,11 +997,14 @@ async fn a_run_leaves_no_session_state_to_the_next_tenant() {
             r[&id]
         );
     }
-    let (scratch_who, role_name): (String, String) =
-        sqlx::query_as("SELECT scratch_who, role_name FROM tenant_0001.seen")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (scratch_who, role_name, same_session): (String, String, bool) = sqlx::query_as(
+        "SELECT scratch_who, role_name, pid = (SELECT pid FROM tenant_0000.backend) \
+         FROM tenant_0001.seen",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(same_session, "both runs on the lane's one connection");
     let agent_user: String = sqlx::query_scalar("SELECT current_user::text")
         .fetch_one(&pool)
         .await
@@ -1008,10 +1013,12 @@ async fn a_run_leaves_no_session_state_to_the_next_tenant() {
     assert_eq!(role_name, agent_user, "the agent's own role");
     h.stop().await;
     // (the agent's sessions, and any temporary table of the role, are gone)
-    sqlx::raw_sql(AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
     f.drop().await;
 }
 
@@ -1097,6 +1104,14 @@ async fn an_undo_that_times_out_on_a_lock_is_tried_again_from_where_it_was() {
     assert_eq!(
         count(
             &pool,
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'wo_c'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &pool,
             "SELECT count(*) FROM information_schema.columns \
              WHERE table_name = 'work_orders' AND column_name IN ('x', 'y')"
         )
@@ -1133,14 +1148,6 @@ async fn work_done_outside_a_transaction_waits_for_its_record_not_done_again() {
              PERFORM pg_sleep(0.01);
            END LOOP;
          END $$",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    // as a DBA may set it: an undo's record (after `RESET ALL`) has this one too
-    sqlx::raw_sql(
-        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET lock_timeout = ''200ms''', \
-         current_database()); END $$",
     )
     .execute(&pool)
     .await

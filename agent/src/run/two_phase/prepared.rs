@@ -186,7 +186,7 @@ pub(crate) async fn check_two_phase(
         .execute(&mut *conn)
         .await;
     if let Err(e) = prepared {
-        if recover(&mut conn, true, false).await {
+        if recover(&mut conn, true).await {
             conn.close_on_drop();
         }
         let f = classify(&e, "prepare");
