@@ -474,6 +474,18 @@ async fn an_agent_keeps_open_only_the_sessions_it_uses() -> anyhow::Result<()> {
     let id = fleet
         .submit(&coord_dbmate_dir(), &["--max-parallel", "2"])
         .await?;
+    // A read connection of the plan's preflight (done before the submit returned; under load
+    // its reads overlap the agent's journal report) stays open, idle, for the pool's idle
+    // timeout (500 ms, shard/connect.rs) while the lanes start. Counted from here: the
+    // sessions in use (not idle since before this instant), so a connection the pool keeps
+    // alive by handing it out in turns still counts.
+    let since: String = fleet
+        .pg
+        .query_scalar("shard_0", "SELECT clock_timestamp()")
+        .await?;
+    let in_use =
+        format!("{sessions} AND NOT (state = 'idle' AND state_change < '{since}'::timestamptz)");
+    let count_in_use = async || fleet.pg.query_scalar::<i64>("shard_0", &in_use).await;
     let done = std::sync::atomic::AtomicBool::new(false);
     let watch = async {
         let r = fleet.watch(&id).await;
@@ -483,7 +495,7 @@ async fn an_agent_keeps_open_only_the_sessions_it_uses() -> anyhow::Result<()> {
     let sample = async {
         let mut seen = Vec::new();
         while !done.load(std::sync::atomic::Ordering::Acquire) {
-            seen.push(count().await?);
+            seen.push(count_in_use().await?);
         }
         anyhow::Ok(seen)
     };
@@ -492,16 +504,13 @@ async fn an_agent_keeps_open_only_the_sessions_it_uses() -> anyhow::Result<()> {
     let seen = seen?;
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(st["state"], "completed", "{st}");
-    // two lanes + the lock session + one read beside them
+    // two lanes + the lock session (when it checks its lock) + one read beside them
     let most = seen.iter().copied().max().unwrap_or(0);
     assert!(
         most <= 4,
         "the agent's sessions on shard_0 during the rollout: {seen:?}"
     );
-    assert!(
-        most >= 3,
-        "the samples saw the lanes at work (lock session + 2): {seen:?}"
-    );
+    assert!(most >= 2, "the samples saw the two lanes at work: {seen:?}");
     wait_until(
         "the lanes' connections closed after the plan",
         WAIT,
