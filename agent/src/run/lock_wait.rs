@@ -23,11 +23,13 @@ pub(super) const LOCK_RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// transaction (an up statement, an undo) use it, since running the work again would do it
 /// twice (a `CREATE INDEX CONCURRENTLY` would fail on its own index, a procedure that
 /// commits would do its work twice, a `DROP INDEX CONCURRENTLY` would fail on the index it
-/// dropped); so do an undo's down statements, one by one. On failure: the last error and
-/// how many attempts were made.
+/// dropped); so do an undo's down statements, one by one. `transaction`: `sql` opens one
+/// (a ROLLBACK ends it after a failure; after a statement on its own there is none to end).
+/// On failure: the last error and how many attempts were made.
 pub(super) async fn retry_lock_timeouts(
     conn: &mut PgConnection,
     sql: &str,
+    transaction: bool,
     what: &str,
 ) -> Result<(), (sqlx::Error, u32)> {
     let mut attempt = 0u32;
@@ -39,7 +41,7 @@ pub(super) async fn retry_lock_timeouts(
         if !is_lock_timeout(&e) || attempt == LOCK_RETRIES {
             return Err((e, attempt + 1));
         }
-        if let Err(e) = execute(conn, "ROLLBACK".into()).await {
+        if transaction && let Err(e) = execute(conn, "ROLLBACK".into()).await {
             return Err((e, attempt + 1));
         }
         attempt += 1;

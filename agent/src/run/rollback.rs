@@ -240,7 +240,7 @@ pub(super) async fn undo_step(
     if m.is_transactional() {
         let undo = sqlgen::transactional_undo(cx, m);
         let what = format!("the undo of step {}", m.id());
-        if let Err((e, attempts)) = retry_lock_timeouts(conn, &undo, &what).await {
+        if let Err((e, attempts)) = retry_lock_timeouts(conn, &undo, true, &what).await {
             let broken = recover(conn, true).await;
             let mut failure = classify(&e, "down");
             attempts_note(&mut failure, attempts);
@@ -265,7 +265,7 @@ pub(super) async fn undo_step(
                 continue;
             }
             let what = format!("down statement {} of step {}", k + 1, m.id());
-            retry_lock_timeouts(conn, statement, &what)
+            retry_lock_timeouts(conn, statement, false, &what)
                 .await
                 .map_err(|(e, n)| {
                     attempts = n;
@@ -290,7 +290,7 @@ pub(super) async fn undo_step(
         sqlgen::non_transactional_undo_epilogue(cx, m)
     );
     let what = format!("the record of the undo of step {}", m.id());
-    if let Err((e, attempts)) = retry_lock_timeouts(conn, &epilogue, &what).await {
+    if let Err((e, attempts)) = retry_lock_timeouts(conn, &epilogue, true, &what).await {
         let broken = recover(conn, true).await;
         let mut failure = classify(&e, "down");
         if attempts > 1 {

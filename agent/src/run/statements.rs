@@ -140,7 +140,7 @@ pub(super) async fn run_up_statements(
         // statement outside a transaction cannot commit with its record).
         let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
         let what = format!("the record of up statement {} of step {}", k + 1, m.id());
-        if let Err((e, attempts)) = retry_lock_timeouts(conn, &record, &what).await {
+        if let Err((e, attempts)) = retry_lock_timeouts(conn, &record, true, &what).await {
             // The statement is done and not recorded: not a failure for the step's own
             // retry, which would run the statement again from its checkpoint.
             let mut failure = classify(&e, "up");
