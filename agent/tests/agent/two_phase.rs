@@ -12,7 +12,7 @@ use flotilla_core::pb;
 use flotilla_core::pb::agent_message::Body as Out;
 use flotilla_core::pb::coordinator_message::Body as In;
 use flotilla_testkit::Etcd;
-use sqlx::Connection;
+use sqlx::{AssertSqlSafe, Connection};
 
 fn define(s: &Stream, plan: &str, migrations: Vec<pb::Migration>) {
     s.send(In::Plan(pb::PlanDefinition {
@@ -794,5 +794,69 @@ async fn runs_start_together(name: &str, then: &str) {
         "the runs started {spread:.3} s apart (a connection takes 1 s to open here)"
     );
     h.stop().await;
+    f.drop().await;
+}
+
+/// A prepared run's session settings end with its PREPARE TRANSACTION (the session reset
+/// rides after it, as after a COMMIT): the next run on the lane's one connection runs as the
+/// agent's own role, not the one the prepared run's SQL took.
+#[tokio::test]
+async fn a_prepared_run_leaves_no_session_state_to_the_next_run() {
+    let Some(f) = fleet_2pc("tpc_reset", 2).await else {
+        return;
+    };
+    // one name, dropped first: a run that failed before its end left it behind
+    let role = "flotilla_test_prepared_role";
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} SUPERUSER NOLOGIN"
+    )))
+    .execute(&f.pool)
+    .await
+    .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    define(
+        &s,
+        "pr",
+        vec![
+            migration("leaky", &format!("SET ROLE {role}"), "", ""),
+            migration(
+                "reader",
+                "CREATE TABLE seen AS SELECT current_user::text AS role_name",
+                "DROP TABLE IF EXISTS seen",
+                "",
+            ),
+        ],
+    );
+    let gid = "flotilla:pr:1:1:tenant_0000";
+    let r = s
+        .assign(
+            "pr",
+            1,
+            1,
+            vec![
+                prepared_run(1, "tenant_0000", &["leaky"], gid),
+                run(2, "tenant_0001", &["reader"], true),
+            ],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Prepared], "{r:?}");
+    assert_eq!(outcomes(&r[&2]), [pb::StepOutcome::Applied], "{r:?}");
+    let seen: String = sqlx::query_scalar("SELECT role_name FROM tenant_0001.seen")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    let agent_user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(seen, agent_user, "the agent's own role after the PREPARE");
+    let reply = s.resolve("pr", false, 1, &[gid]).await;
+    assert_eq!(reply.resolved, [gid], "{reply:?}");
+    h.stop().await;
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
+        .execute(&f.pool)
+        .await
+        .unwrap();
     f.drop().await;
 }
