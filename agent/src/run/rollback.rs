@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flotilla_core::pb;
+use flotilla_core::sql::may_commit_part_way;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgConnection;
 use tokio::sync::Semaphore;
@@ -20,7 +21,6 @@ use crate::metrics::{self, StepMode, StepOutcome};
 use crate::step::sql::SESSION_RESET;
 use crate::step::{PreparedMigration, StepContext, quote_literal};
 use crate::{Agent, shard};
-use flotilla_core::sql::may_commit_part_way;
 
 impl Agent {
     /// Halts the plan, waits for its runs in flight, then undoes what it applied here.
