@@ -15,7 +15,7 @@ use tracing::{debug, info, instrument, warn};
 
 use super::conn::{execute, recover, wait_for_server};
 use super::job::{Halts, Job, PrepareGid, Report};
-use super::lock_wait::{BlockerWatch, LOCK_RETRIES, LOCK_RETRY_PAUSE, with_attempts};
+use super::lock_wait::{BlockerWatch, LOCK_RETRIES, retry_pause, with_attempts};
 use super::sqlgen;
 use super::statements::run_up_statements;
 use super::two_phase::prepared_among;
@@ -238,7 +238,7 @@ async fn run_group(
                     ..gf
                 };
                 attempt += 1;
-                let pause = LOCK_RETRY_PAUSE * 2u32.pow(attempt - 1);
+                let pause = retry_pause(attempt);
                 warn!(
                     step = job.steps[group[gf.position]].id(),
                     attempt,

@@ -16,6 +16,11 @@ pub(super) const LOCK_RETRIES: u32 = 3;
 /// The pause before the first retry; it doubles after each.
 pub(super) const LOCK_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
+/// The pause before retry number `attempt` (from 1).
+pub(super) fn retry_pause(attempt: u32) -> Duration {
+    LOCK_RETRY_PAUSE * 2u32.pow(attempt - 1)
+}
+
 /// Runs `sql` (a whole transaction ending in COMMIT, or one statement that is all or
 /// nothing on its own), and after a lock timeout, which left nothing of it done, runs it
 /// again after the pauses a step's lock timeout gets, out of the failed transaction first.
@@ -45,7 +50,7 @@ pub(super) async fn retry_lock_timeouts(
             return Err((e, attempt + 1));
         }
         attempt += 1;
-        let pause = LOCK_RETRY_PAUSE * 2u32.pow(attempt - 1);
+        let pause = retry_pause(attempt);
         warn!(
             attempt,
             ?pause,

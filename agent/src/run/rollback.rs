@@ -215,6 +215,20 @@ impl Agent {
     }
 }
 
+/// An undo that failed after `attempts`: the connection out of its transaction and reset
+/// (true when that failed: it must not be pooled), and the error.
+async fn undo_failed(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+    e: &sqlx::Error,
+    attempts: u32,
+) -> (Failure, bool) {
+    let broken = recover(conn, true).await;
+    let mut failure = classify(e, "down");
+    failure.error.message = with_attempts(&failure, attempts, m.lock_timeout_ms);
+    (failure, broken)
+}
+
 /// Runs one down migration. On failure: the error, and whether the connection is unusable.
 pub(super) async fn undo_step(
     conn: &mut PgConnection,
@@ -234,54 +248,45 @@ pub(super) async fn undo_step(
     let run = |sql: String| sqlx::raw_sql(AssertSqlSafe(sql));
     // A lock timeout undid what timed out: that alone is tried again after a pause, as a
     // step's is (a rollback runs while the application runs).
-    let attempts_note = |failure: &mut Failure, attempts: u32| {
-        failure.error.message = with_attempts(failure, attempts, m.lock_timeout_ms);
-    };
     if m.is_transactional() {
         let undo = sqlgen::transactional_undo(cx, m);
         let what = format!("the undo of step {}", m.id());
         if let Err((e, attempts)) = retry_lock_timeouts(conn, &undo, true, &what).await {
-            let broken = recover(conn, true).await;
-            let mut failure = classify(&e, "down");
-            attempts_note(&mut failure, attempts);
-            return Err((failure, broken));
+            return Err(undo_failed(conn, m, &e, attempts).await);
         }
         return Ok(());
     }
-    let mut attempts = 1;
+    let once = |e| (e, 1);
     let statements = async {
         run(sqlgen::non_transactional_prologue(cx, m))
             .execute(&mut *conn)
-            .await?;
+            .await
+            .map_err(once)?;
         run(sqlgen::non_transactional_undo_prologue(cx, m))
             .execute(&mut *conn)
-            .await?;
-        restore_prior_image(conn, cx, m).await?;
+            .await
+            .map_err(once)?;
+        restore_prior_image(conn, cx, m).await.map_err(once)?;
         // each down statement on its own, the ones before it done: one that times out on a
         // lock is tried again alone, unless it may have committed part of its work first
         for (k, statement) in m.down.iter().enumerate() {
             if may_commit_part_way(statement) {
-                run(statement.clone()).execute(&mut *conn).await?;
+                run(statement.clone())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(once)?;
                 continue;
             }
             let what = format!("down statement {} of step {}", k + 1, m.id());
-            retry_lock_timeouts(conn, statement, false, &what)
-                .await
-                .map_err(|(e, n)| {
-                    attempts = n;
-                    e
-                })?;
+            retry_lock_timeouts(conn, statement, false, &what).await?;
         }
-        Ok::<(), sqlx::Error>(())
+        Ok(())
     }
     .await;
-    if let Err(e) = statements {
+    if let Err((e, attempts)) = statements {
         // the undo's prologue may have failed inside its transaction (ROLLBACK outside one
         // only warns)
-        let broken = recover(conn, true).await;
-        let mut failure = classify(&e, "down");
-        attempts_note(&mut failure, attempts);
-        return Err((failure, broken));
+        return Err(undo_failed(conn, m, &e, attempts).await);
     }
     // The down statements are done: a lock timeout here is waited out by the record alone,
     // under the step's lock_timeout (the session is reset after it).

@@ -448,6 +448,36 @@ pub fn outcomes(r: &pb::RunResult) -> Vec<pb::StepOutcome> {
         .collect()
 }
 
+/// A superuser role that logs in nowhere, made afresh (a run that failed before its end
+/// left it behind), for a step that takes it with `SET ROLE`. Roles are the cluster's, not
+/// the test database's: [`drop_role`] at the end.
+pub async fn fresh_superuser_role(pool: &PgPool, role: &str) {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} SUPERUSER NOLOGIN"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Drops `role` and what it owns in the pool's database.
+pub async fn drop_role(pool: &PgPool, role: &str) {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// The role the pool's sessions run as.
+pub async fn current_user(pool: &PgPool) -> String {
+    sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 pub async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(AssertSqlSafe(sql))
         .fetch_one(pool)

@@ -943,14 +943,8 @@ async fn a_run_leaves_no_session_state_to_the_next_tenant() {
         return;
     };
     let pool = f.pool.clone();
-    // one name, dropped first: a run that failed before its end left it behind
     let role = "flotilla_test_leak_role";
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} SUPERUSER NOLOGIN"
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
+    fresh_superuser_role(&pool, role).await;
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (mut s, _) = h.attach(1).await;
     s.send(In::Plan(pb::PlanDefinition {
@@ -1005,20 +999,11 @@ async fn a_run_leaves_no_session_state_to_the_next_tenant() {
     .await
     .unwrap();
     assert!(same_session, "both runs on the lane's one connection");
-    let agent_user: String = sqlx::query_scalar("SELECT current_user::text")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
     assert_eq!(scratch_who, "tenant_0001", "its own temporary table");
-    assert_eq!(role_name, agent_user, "the agent's own role");
+    assert_eq!(role_name, current_user(&pool).await, "the agent's own role");
     h.stop().await;
     // (the agent's sessions, and any temporary table of the role, are gone)
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}"
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
+    drop_role(&pool, role).await;
     f.drop().await;
 }
 

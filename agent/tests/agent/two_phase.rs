@@ -12,7 +12,7 @@ use flotilla_core::pb;
 use flotilla_core::pb::agent_message::Body as Out;
 use flotilla_core::pb::coordinator_message::Body as In;
 use flotilla_testkit::Etcd;
-use sqlx::{AssertSqlSafe, Connection};
+use sqlx::Connection;
 
 fn define(s: &Stream, plan: &str, migrations: Vec<pb::Migration>) {
     s.send(In::Plan(pb::PlanDefinition {
@@ -805,14 +805,8 @@ async fn a_prepared_run_leaves_no_session_state_to_the_next_run() {
     let Some(f) = fleet_2pc("tpc_reset", 2).await else {
         return;
     };
-    // one name, dropped first: a run that failed before its end left it behind
     let role = "flotilla_test_prepared_role";
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} SUPERUSER NOLOGIN"
-    )))
-    .execute(&f.pool)
-    .await
-    .unwrap();
+    fresh_superuser_role(&f.pool, role).await;
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (mut s, _) = h.attach(1).await;
     define(
@@ -846,17 +840,14 @@ async fn a_prepared_run_leaves_no_session_state_to_the_next_run() {
         .fetch_one(&f.pool)
         .await
         .unwrap();
-    let agent_user: String = sqlx::query_scalar("SELECT current_user::text")
-        .fetch_one(&f.pool)
-        .await
-        .unwrap();
-    assert_eq!(seen, agent_user, "the agent's own role after the PREPARE");
+    assert_eq!(
+        seen,
+        current_user(&f.pool).await,
+        "the agent's own role after the PREPARE"
+    );
     let reply = s.resolve("pr", false, 1, &[gid]).await;
     assert_eq!(reply.resolved, [gid], "{reply:?}");
     h.stop().await;
-    sqlx::raw_sql(AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
-        .execute(&f.pool)
-        .await
-        .unwrap();
+    drop_role(&f.pool, role).await;
     f.drop().await;
 }
