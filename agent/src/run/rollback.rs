@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flotilla_core::pb;
-use flotilla_core::sql::may_commit_part_way;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgConnection;
 use tokio::sync::Semaphore;
@@ -15,11 +14,12 @@ use super::conn::recover;
 use super::job::{PlanDef, PlanError};
 use super::lock_wait::{retry_lock_timeouts, with_attempts};
 use super::sqlgen;
+use super::statements::run_down_statements;
 use crate::data::prior_image::restore_prior_image;
 use crate::error::{Failure, classify};
 use crate::metrics::{self, StepMode, StepOutcome};
 use crate::step::sql::SESSION_RESET;
-use crate::step::{PreparedMigration, StepContext, quote_literal};
+use crate::step::{PreparedMigration, StepContext, checkpoint, quote_literal};
 use crate::{Agent, shard};
 
 impl Agent {
@@ -256,8 +256,8 @@ pub(super) async fn undo_step(
         }
         return Ok(());
     }
-    let once = |e| (e, 1);
     let statements = async {
+        let once = |e: sqlx::Error| classify(&e, "down");
         run(sqlgen::non_transactional_prologue(cx, m))
             .execute(&mut *conn)
             .await
@@ -266,27 +266,16 @@ pub(super) async fn undo_step(
             .execute(&mut *conn)
             .await
             .map_err(once)?;
+        let undone = checkpoint::undone(conn, cx, m).await?;
         restore_prior_image(conn, cx, m).await.map_err(once)?;
-        // each down statement on its own, the ones before it done: one that times out on a
-        // lock is tried again alone, unless it may have committed part of its work first
-        for (k, statement) in m.down.iter().enumerate() {
-            if may_commit_part_way(statement) {
-                run(statement.clone())
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(once)?;
-                continue;
-            }
-            let what = format!("down statement {} of step {}", k + 1, m.id());
-            retry_lock_timeouts(conn, statement, false, &what).await?;
-        }
-        Ok(())
+        run_down_statements(conn, cx, m, undone).await
     }
     .await;
-    if let Err((e, attempts)) = statements {
-        // the undo's prologue may have failed inside its transaction (ROLLBACK outside one
-        // only warns)
-        return Err(undo_failed(conn, m, &e, attempts).await);
+    if let Err(failure) = statements {
+        // the undo's prologue or a down statement may have failed inside its transaction
+        // (ROLLBACK outside one only warns)
+        let broken = recover(conn, true).await;
+        return Err((failure, broken));
     }
     // The down statements are done: a lock timeout here is waited out by the record alone,
     // under the step's lock_timeout (the session is reset after it).
@@ -301,7 +290,8 @@ pub(super) async fn undo_step(
         if attempts > 1 {
             failure.error.message = format!(
                 "the undo of step {} ran, and its record (the journal row's move) did not \
-                 commit in {attempts} attempts: {}; a rollback runs its down SQL again",
+                 commit in {attempts} attempts: {}; the next rollback makes only the record \
+                 (its down statements are recorded done)",
                 m.id(),
                 failure.error.message
             );

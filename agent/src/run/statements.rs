@@ -9,7 +9,9 @@
 //! statement cannot run in a transaction records its checkpoint (nothing done) before it,
 //! so a rollback finds the step however that statement ended. Settings done before
 //! (`SET ...`) are run again when the step goes on in another session.
-use flotilla_core::sql::{first_non_transactional, is_session_setting, quote_ident};
+use flotilla_core::sql::{
+    first_non_transactional, is_session_setting, may_commit_part_way, quote_ident,
+};
 use sqlx::postgres::PgConnection;
 use tracing::info;
 
@@ -17,7 +19,7 @@ use super::conn::execute;
 use super::invalid_index::{drop_invalid_index, index_name_taken, invalid_index};
 use super::lock_wait::{retry_lock_timeouts, with_attempts};
 use crate::error::{Failure, classify};
-use crate::step::sql::{begin_fenced, push_advance_statements};
+use crate::step::sql::{begin_fenced, push_advance_statements, push_advance_undone};
 use crate::step::{PreparedMigration, StepContext};
 
 /// PostgreSQL's "cannot run inside a transaction block" (active_sql_transaction), and
@@ -156,6 +158,89 @@ pub(super) async fn run_up_statements(
                 failure,
                 in_transaction: true,
             });
+        }
+    }
+    Ok(())
+}
+
+/// Runs the down statements of a non-transactional step a rollback undoes, after the first
+/// `undone` (done by a rollback cut short, as its checkpoint says), each recorded as the up
+/// statements are: one that can run in a transaction commits with its record, fenced; one
+/// that cannot runs on its own and is recorded right after. A lock timeout is waited out by
+/// what timed out alone, after the pauses a step gets, unless it may have committed part of
+/// its work first (`may_commit_part_way`). The session holds the step's settings and has
+/// checked its fence. On failure, the session may be inside a transaction.
+pub(super) async fn run_down_statements(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    undone: usize,
+) -> Result<(), Failure> {
+    if undone > 0 {
+        info!(
+            step = m.id(),
+            tenant = cx.tenant,
+            undone,
+            of = m.down.len(),
+            "going on after the down statements its checkpoint says are done"
+        );
+    }
+    let fail = |e: &sqlx::Error, attempts: u32| {
+        let mut failure = classify(e, "down");
+        failure.error.message = with_attempts(&failure, attempts, m.lock_timeout_ms);
+        failure
+    };
+    for statement in m.down.iter().take(undone) {
+        if is_session_setting(statement) {
+            execute(conn, statement.clone())
+                .await
+                .map_err(|e| fail(&e, 1))?;
+        }
+    }
+    for (k, statement) in m.down.iter().enumerate().skip(undone) {
+        let mut advance = String::new();
+        push_advance_undone(&mut advance, cx, m, k, k + 1);
+        let what = format!("down statement {} of step {}", k + 1, m.id());
+        let mut commits_inside = false;
+        if first_non_transactional(std::slice::from_ref(statement)).is_none() {
+            let mut sql = begin_fenced(cx.epoch);
+            sql.push_str(statement);
+            sql.push_str("\n;\n");
+            sql.push_str(&advance);
+            sql.push_str("COMMIT;\n");
+            match retry_lock_timeouts(conn, &sql, true, &what).await {
+                Ok(()) => continue,
+                Err((e, 1)) if refuses_transaction(&e) => {
+                    // a procedure or DO block that commits inside: it runs on its own, below
+                    commits_inside = true;
+                    execute(conn, "ROLLBACK".into())
+                        .await
+                        .map_err(|e| fail(&e, 1))?;
+                }
+                Err((e, attempts)) => return Err(fail(&e, attempts)),
+            }
+        }
+        if commits_inside || may_commit_part_way(statement) {
+            execute(conn, statement.clone())
+                .await
+                .map_err(|e| fail(&e, 1))?;
+        } else {
+            retry_lock_timeouts(conn, statement, false, &what)
+                .await
+                .map_err(|(e, attempts)| fail(&e, attempts))?;
+        }
+        // Done and committed: a crash before this records it leaves it to run again.
+        let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
+        let what = format!("the record of down statement {} of step {}", k + 1, m.id());
+        if let Err((e, attempts)) = retry_lock_timeouts(conn, &record, true, &what).await {
+            let mut failure = fail(&e, attempts);
+            failure.error.message = format!(
+                "down statement {} ran outside a transaction, and its record (the step's \
+                 checkpoint) did not commit: {}; a rollback runs that statement again",
+                k + 1,
+                failure.error.message
+            );
+            return Err(failure);
         }
     }
     Ok(())

@@ -11,7 +11,7 @@ use tracing::{info, instrument};
 use crate::error::AgentError;
 
 /// The schema version this agent installs and understands.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 const SCHEMA_SQL: &str = include_str!("schema.sql");
 
 /// One journal row, as the agent reads it.

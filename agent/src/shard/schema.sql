@@ -1,4 +1,4 @@
--- Flotilla's schema on a shard, version 2. Run by the agent at start, inside a transaction
+-- Flotilla's schema on a shard, version 3. Run by the agent at start, inside a transaction
 -- that holds pg_advisory_xact_lock(hashtext('flotilla.schema')); every statement is idempotent.
 CREATE TABLE IF NOT EXISTS flotilla.fence (
   id boolean PRIMARY KEY DEFAULT true CHECK (id),
@@ -122,6 +122,18 @@ DO $$ BEGIN
     ALTER TABLE flotilla.checkpoints ADD COLUMN undoing boolean NOT NULL DEFAULT false;
   END IF;
 END $$;
+-- version 3: `undone`, how many of a non-transactional step's down statements a rollback has
+-- done (each committed with it or, one that cannot run in a transaction, recorded right after
+-- it), counted for the version of the migration whose checksum the row holds while undoing:
+-- a rollback cut short goes on after them instead of running them again (a decrement done
+-- twice, a DROP INDEX CONCURRENTLY failing on the index it dropped).
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                  WHERE attrelid = 'flotilla.checkpoints'::regclass AND attname = 'undone'
+                    AND NOT attisdropped) THEN
+    ALTER TABLE flotilla.checkpoints ADD COLUMN undone integer NOT NULL DEFAULT 0;
+  END IF;
+END $$;
 
 -- Moves a checkpoint from p_prev (NULL: no batch yet; the checkpoint of the change's up
 -- statements, if any, is taken over) to p_last, in the caller's batch transaction. Fails
@@ -190,6 +202,29 @@ BEGIN
 END
 $fn$;
 
+-- Records that the first p_done down statements of a step a rollback undoes are done on a
+-- target (p_prev were before), in the caller's transaction. Fails (FL004) when the checkpoint
+-- is not undoing, not this version's or not at p_prev: another rollback did them, so this one
+-- must not commit them again.
+CREATE OR REPLACE FUNCTION flotilla.advance_undone(p_target text, p_migration text,
+  p_checksum text, p_prev integer, p_done integer) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  n bigint;
+BEGIN
+  UPDATE flotilla.checkpoints
+     SET undone = p_done, updated_at = clock_timestamp()
+   WHERE target = p_target AND migration_id = p_migration AND checksum = p_checksum
+     AND undoing AND undone = p_prev;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  IF n <> 1 THEN
+    RAISE EXCEPTION USING ERRCODE = 'FL004',
+      MESSAGE = format('checkpoint of %s on target %L is no longer after %s of its down statements: another rollback did them',
+                       p_migration, p_target, p_prev);
+  END IF;
+END
+$fn$;
+
 -- Prior images of the data changes that ask for one: the key and the named columns of every
 -- row a batch is about to change, as they were, written in the batch's own transaction.
 -- Undoing the change restores them batch by batch, newest first, each batch's rows deleted
@@ -212,5 +247,5 @@ DO $$ BEGIN
   END IF;
 END $$;
 
-INSERT INTO flotilla.meta (key, value) VALUES ('schema_version', '2')
+INSERT INTO flotilla.meta (key, value) VALUES ('schema_version', '3')
   ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;

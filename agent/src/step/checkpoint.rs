@@ -86,3 +86,39 @@ pub(crate) async fn read(
         None => Ok(None),
     }
 }
+
+/// How many of the step's down statements a rollback cut short did before (0 when none),
+/// read after the undo's prologue marked the checkpoint undoing. Refused when they were
+/// another version's down statements: which of this version's are done is unknown.
+pub(crate) async fn undone(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+) -> Result<usize, Failure> {
+    let row: Option<(String, i32, String)> = sqlx::query_as(
+        "SELECT checksum, undone, plan_id FROM flotilla.checkpoints \
+         WHERE target = $1 AND migration_id = $2",
+    )
+    .bind(cx.tenant)
+    .bind(m.id())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| classify(&e, "down"))?;
+    match row {
+        None | Some((_, 0, _)) => Ok(0),
+        Some((checksum, undone, plan_id)) if checksum != m.migration.checksum => {
+            Err(Failure::agent(
+                "down",
+                format!(
+                    "migration `{}`: a rollback of another version of it (checksum {checksum}, \
+                     plan {plan_id}) was cut short on this target after {undone} of its down \
+                     statements, so which of this version's are done is unknown; roll back \
+                     with the plan that has that version, or finish undoing it by hand and \
+                     delete its row from flotilla.checkpoints",
+                    m.id()
+                ),
+            ))
+        }
+        Some((_, undone, _)) => Ok(usize::try_from(undone).unwrap_or(0).min(m.down.len())),
+    }
+}

@@ -159,6 +159,8 @@ pub(crate) fn push_advance_statements(
 /// here if it has none: the step was applied, its journal row says so) is marked undoing,
 /// so that a rollback cut short leaves a mark a run heeds: the journal row is not taken as
 /// the step applied, and the step does not go on from statements or batches undone in part.
+/// Until a down statement is done (`undone`), the checkpoint takes this version's checksum:
+/// `undone` counts the down statements of the version it names.
 pub(crate) fn push_checkpoint_undoing(
     out: &mut String,
     cx: &StepContext<'_>,
@@ -169,8 +171,25 @@ pub(crate) fn push_checkpoint_undoing(
         "INSERT INTO flotilla.checkpoints AS c (target, migration_id, checksum, plan_id, last_key, \
          rows, batches, statements, undoing, updated_at) \
          VALUES ({}, {}, {}, {}, NULL, 0, 0, 0, true, pg_catalog.clock_timestamp()) \
-         ON CONFLICT (target, migration_id) DO UPDATE SET undoing = true, updated_at = EXCLUDED.updated_at;",
+         ON CONFLICT (target, migration_id) DO UPDATE SET undoing = true, updated_at = EXCLUDED.updated_at, \
+         checksum = CASE WHEN c.undone = 0 THEN EXCLUDED.checksum ELSE c.checksum END;",
         cx.tenant_lit, m.id_lit, m.checksum_lit, cx.plan_lit
+    );
+}
+
+/// `SELECT flotilla.advance_undone(...)`: the first `done` down statements of a step a
+/// rollback undoes are done (`prev` were before).
+pub(crate) fn push_advance_undone(
+    out: &mut String,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    prev: usize,
+    done: usize,
+) {
+    let _ = writeln!(
+        out,
+        "SELECT flotilla.advance_undone({}, {}, {}, {prev}, {done});",
+        cx.tenant_lit, m.id_lit, m.checksum_lit
     );
 }
 

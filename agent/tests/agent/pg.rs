@@ -1111,6 +1111,93 @@ async fn an_undo_that_times_out_on_a_lock_is_tried_again_from_where_it_was() {
     f.drop().await;
 }
 
+/// A rollback cut short part-way through a non-transactional step's down statements (here
+/// by a down statement's SQL error) leaves on the shard how many are done, and the next
+/// rollback goes on after them: the decrement is not done twice, and the `DROP INDEX
+/// CONCURRENTLY` (no IF EXISTS) does not fail on the index it dropped. Before, the next
+/// rollback ran the down SQL from its start.
+#[tokio::test]
+async fn a_rollback_cut_short_goes_on_after_the_down_statements_it_did() {
+    let Some(f) = fleet("undo_resume", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    sqlx::raw_sql(
+        "CREATE TABLE tenant_0000.counter (n int); INSERT INTO tenant_0000.counter VALUES (0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "ur".into(),
+        migrations: vec![migration(
+            "outside",
+            "CREATE INDEX CONCURRENTLY wo_r ON work_orders (id); \
+             UPDATE counter SET n = n + 1",
+            "UPDATE counter SET n = n - 1; \
+             DROP INDEX CONCURRENTLY wo_r; \
+             INSERT INTO undo_log VALUES ('undone')",
+            "",
+        )],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign("ur", 1, 1, vec![run(1, "tenant_0000", &["outside"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
+    let counter = "SELECT n::bigint FROM tenant_0000.counter";
+    let index = "SELECT count(*) FROM pg_indexes WHERE indexname = 'wo_r'";
+    assert_eq!(count(&pool, counter).await, 1);
+    assert_eq!(count(&pool, index).await, 1);
+
+    // undo_log is missing: the third down statement fails, after the first two are done
+    let reply = s.rollback("ur", 1).await;
+    assert!(!reply.complete, "{reply:?}");
+    let error = reply.steps[0].error.as_ref().expect("the undo failed");
+    assert!(
+        error.sqlstate == "42P01" && error.message.contains("undo_log"),
+        "{error:?}"
+    );
+    assert_eq!(count(&pool, counter).await, 0);
+    assert_eq!(count(&pool, index).await, 0);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT undone::bigint FROM flotilla.checkpoints \
+             WHERE target = 'tenant_0000' AND migration_id = 'outside' AND undoing"
+        )
+        .await,
+        2,
+        "two down statements recorded done"
+    );
+
+    // fixed: the next rollback does the third alone
+    sqlx::raw_sql("CREATE TABLE tenant_0000.undo_log (what text)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let reply = s.rollback("ur", 2).await;
+    assert!(reply.complete && reply.steps.len() == 1, "{reply:?}");
+    assert!(reply.steps[0].error.is_none(), "{reply:?}");
+    assert_eq!(count(&pool, counter).await, 0, "decremented once");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM tenant_0000.undo_log").await,
+        1
+    );
+    for table in ["flotilla.journal", "flotilla.checkpoints"] {
+        assert_eq!(
+            count(&pool, &format!("SELECT count(*) FROM {table}")).await,
+            0,
+            "{table}"
+        );
+    }
+    h.stop().await;
+    f.drop().await;
+}
+
 /// Work done outside a transaction whose record then times out on a lock (the fence row
 /// held, as a prepared transaction holds it while a newer epoch is written) is recorded
 /// once the lock is free, not done again: an up statement's record (the step's own retry
@@ -1774,7 +1861,7 @@ async fn applied_in_preflight(s: &mut Stream, request_id: u64, migration: &str) 
 
 /// A shard whose flotilla schema is version 1 (as de652aa's agent left it), with a data
 /// change part-way (its first batch done and checkpointed): this agent upgrades the schema
-/// to version 2 at start, and the change goes on from the old checkpoint (its up SQL not
+/// to its version (3) at start, and the change goes on from the old checkpoint (its up SQL not
 /// run again, no batch done twice) and completes.
 #[tokio::test]
 async fn a_version_1_shard_upgrades_with_a_data_change_in_flight() {
@@ -1825,7 +1912,7 @@ async fn a_version_1_shard_upgrades_with_a_data_change_in_flight() {
             "SELECT value::bigint FROM flotilla.meta WHERE key = 'schema_version'"
         )
         .await,
-        2
+        3
     );
     s.send(In::Plan(pb::PlanDefinition {
         plan_id: "pv".into(),
