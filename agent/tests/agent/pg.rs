@@ -1198,6 +1198,70 @@ async fn a_rollback_cut_short_goes_on_after_the_down_statements_it_did() {
     f.drop().await;
 }
 
+/// A rollback cut short after down statements of another version of the migration (another
+/// checksum on the checkpoint) is not gone on from: which of this version's statements are
+/// done is unknown, so the undo fails naming it and runs none of them.
+#[tokio::test]
+async fn a_rollback_does_not_go_on_from_another_versions_down_statements() {
+    let Some(f) = fleet("undo_version", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    sqlx::raw_sql(
+        "CREATE TABLE tenant_0000.counter (n int); INSERT INTO tenant_0000.counter VALUES (0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "uv".into(),
+        migrations: vec![migration(
+            "outside",
+            "CREATE INDEX CONCURRENTLY wo_v ON work_orders (id); \
+             UPDATE counter SET n = n + 1",
+            "UPDATE counter SET n = n - 1; DROP INDEX CONCURRENTLY IF EXISTS wo_v",
+            "",
+        )],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign("uv", 1, 1, vec![run(1, "tenant_0000", &["outside"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
+    // as a rollback with another version's down SQL leaves it after its first statement
+    sqlx::raw_sql(
+        "INSERT INTO flotilla.checkpoints (target, migration_id, checksum, plan_id, last_key, \
+         rows, batches, undoing, undone) \
+         VALUES ('tenant_0000', 'outside', 'sha256:other', 'uv', NULL, 0, 0, true, 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let reply = s.rollback("uv", 1).await;
+    assert!(!reply.complete, "{reply:?}");
+    let error = reply.steps[0].error.as_ref().expect("the undo is refused");
+    assert!(
+        error.message.contains("another version")
+            && error.message.contains("sha256:other")
+            && error.message.contains("after 1 of its down statements"),
+        "{error:?}"
+    );
+    assert_eq!(
+        count(&pool, "SELECT n::bigint FROM tenant_0000.counter").await,
+        1,
+        "no down statement ran"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.journal").await,
+        1
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// Work done outside a transaction whose record then times out on a lock (the fence row
 /// held, as a prepared transaction holds it while a newer epoch is written) is recorded
 /// once the lock is free, not done again: an up statement's record (the step's own retry
