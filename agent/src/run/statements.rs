@@ -98,46 +98,12 @@ pub(super) async fn run_up_statements(
             );
             execute(conn, pending).await.map_err(|e| fail(&e, true))?;
         }
-        let taken = index_name_taken(conn, statement).await;
-        if let Err(e) = execute(conn, statement.clone()).await {
-            let mut f = fail(&e, false);
-            let left = if taken {
-                Ok(())
-            } else {
-                drop_invalid_index(conn, statement).await
-            };
-            if let Err(left) = left {
-                f.failure.part_way = true;
-                f.failure.error.message = format!("{}; {left}", f.failure.error.message);
-            } else if commits_inside {
-                f.failure.part_way = true;
-                f.failure.error.message = format!(
-                    "{}; up statement {} commits inside (it refused a transaction block), so \
-                     what it committed before the error stays: not tried again by the agent",
-                    f.failure.error.message,
-                    k + 1
-                );
-            }
-            return Err(f);
-        }
-        // `IF NOT EXISTS` passes over an index of that name, INVALID or not: an INVALID one
-        // (a build that failed before, or one under way in another session) is no index
-        if taken && let Some((schema, index)) = invalid_index(conn, statement).await {
-            return Err(StatementFailure {
-                failure: Failure::agent(
-                    "up",
-                    format!(
-                        "up statement {} made no index: {}.{} was there already, INVALID (a \
-                         build that failed before, or one under way in another session); drop \
-                         it (DROP INDEX CONCURRENTLY) and run the step again",
-                        k + 1,
-                        quote_ident(&schema),
-                        quote_ident(&index)
-                    ),
-                ),
+        run_on_its_own(conn, m, statement, k, "up", commits_inside, false)
+            .await
+            .map_err(|failure| StatementFailure {
+                failure,
                 in_transaction: false,
-            });
-        }
+            })?;
         // Done and committed: a crash before this records it leaves it to run again (a
         // statement outside a transaction cannot commit with its record).
         let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
@@ -210,7 +176,7 @@ pub(super) async fn run_down_statements(
             sql.push_str("COMMIT;\n");
             match retry_lock_timeouts(conn, &sql, true, &what).await {
                 Ok(()) => continue,
-                Err((e, 1)) if refuses_transaction(&e) => {
+                Err((e, _)) if refuses_transaction(&e) => {
                     // a procedure or DO block that commits inside: it runs on its own, below
                     commits_inside = true;
                     execute(conn, "ROLLBACK".into())
@@ -220,15 +186,8 @@ pub(super) async fn run_down_statements(
                 Err((e, attempts)) => return Err(fail(&e, attempts)),
             }
         }
-        if commits_inside || may_commit_part_way(statement) {
-            execute(conn, statement.clone())
-                .await
-                .map_err(|e| fail(&e, 1))?;
-        } else {
-            retry_lock_timeouts(conn, statement, false, &what)
-                .await
-                .map_err(|(e, attempts)| fail(&e, attempts))?;
-        }
+        let retry = !commits_inside && !may_commit_part_way(statement);
+        run_on_its_own(conn, m, statement, k, "down", commits_inside, retry).await?;
         // Done and committed: a crash before this records it leaves it to run again.
         let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
         let what = format!("the record of down statement {} of step {}", k + 1, m.id());
@@ -242,6 +201,73 @@ pub(super) async fn run_down_statements(
             );
             return Err(failure);
         }
+    }
+    Ok(())
+}
+
+/// Runs up or down statement `k` (`phase`) on its own, outside a transaction, the session
+/// out of any: a concurrent index build that fails drops the INVALID index it left (unless
+/// one of its name was there before), and one that passes over an INVALID index of its name
+/// (`IF NOT EXISTS`) fails naming it, so neither is recorded done with no working index.
+/// `commits_inside`: it refused a transaction block (a procedure or DO block that commits),
+/// so what it committed before an error stays. `retry`: a lock timeout is tried again after
+/// the pauses a step gets (only for a statement that is all or nothing). A failure that may
+/// have left work committed is `part_way`.
+async fn run_on_its_own(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+    statement: &str,
+    k: usize,
+    phase: &str,
+    commits_inside: bool,
+    retry: bool,
+) -> Result<(), Failure> {
+    let taken = index_name_taken(conn, statement).await;
+    let ran = if retry {
+        let what = format!("{phase} statement {} of step {}", k + 1, m.id());
+        retry_lock_timeouts(conn, statement, false, &what).await
+    } else {
+        execute(conn, statement.to_owned())
+            .await
+            .map_err(|e| (e, 1))
+    };
+    if let Err((e, attempts)) = ran {
+        let mut failure = classify(&e, phase);
+        failure.error.message = with_attempts(&failure, attempts, m.lock_timeout_ms);
+        let left = if taken {
+            Ok(())
+        } else {
+            drop_invalid_index(conn, statement).await
+        };
+        if let Err(left) = left {
+            failure.part_way = true;
+            failure.error.message = format!("{}; {left}", failure.error.message);
+        } else if commits_inside {
+            failure.part_way = true;
+            failure.error.message = format!(
+                "{}; {phase} statement {} commits inside (it refused a transaction block), so \
+                 what it committed before the error stays: not tried again by the agent",
+                failure.error.message,
+                k + 1
+            );
+        }
+        return Err(failure);
+    }
+    // `IF NOT EXISTS` passes over an index of that name, INVALID or not: an INVALID one
+    // (a build that failed before, or one under way in another session) is no index
+    if taken && let Some((schema, index)) = invalid_index(conn, statement).await {
+        return Err(Failure::agent(
+            phase,
+            format!(
+                "{phase} statement {} made no index: {}.{} was there already, INVALID (a \
+                 build that failed before, or one under way in another session); drop it \
+                 (DROP INDEX CONCURRENTLY) and run the {} again",
+                k + 1,
+                quote_ident(&schema),
+                quote_ident(&index),
+                if phase == "down" { "rollback" } else { "step" }
+            ),
+        ));
     }
     Ok(())
 }

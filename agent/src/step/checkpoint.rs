@@ -113,9 +113,12 @@ pub(crate) async fn undone(
                     "migration `{}`: a rollback of another version of it (checksum {checksum}, \
                      plan {plan_id}) was cut short on this target after {undone} of its down \
                      statements, so which of this version's are done is unknown; roll back \
-                     with the plan that has that version, or finish undoing it by hand and \
-                     delete its row from flotilla.checkpoints",
-                    m.id()
+                     with a plan that has that version (it goes on from there), or bring the \
+                     target by hand to where this version's first K down statements leave it, \
+                     set the row's checksum to {} and undone to K in flotilla.checkpoints, and \
+                     roll back again (deleting the row would pass the step off as applied)",
+                    m.id(),
+                    m.migration.checksum
                 ),
             ))
         }

@@ -1198,6 +1198,78 @@ async fn a_rollback_cut_short_goes_on_after_the_down_statements_it_did() {
     f.drop().await;
 }
 
+/// A concurrent index build in down SQL is handled as in up SQL: one that fails drops the
+/// INVALID index it left (so the next rollback does not fail on its name, 42P07), and is
+/// not recorded done; the statement before it, done and recorded, is not run again.
+#[tokio::test]
+async fn a_concurrent_index_in_down_sql_leaves_no_invalid_index() {
+    let Some(f) = fleet("down_cic", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    sqlx::raw_sql(
+        "CREATE TABLE tenant_0000.dup (x int); \
+         CREATE UNIQUE INDEX idx_dup ON tenant_0000.dup (x); \
+         CREATE TABLE tenant_0000.counter (n int); INSERT INTO tenant_0000.counter VALUES (0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "dc".into(),
+        migrations: vec![migration(
+            "unindex",
+            "DROP INDEX CONCURRENTLY idx_dup; UPDATE counter SET n = n + 1",
+            "UPDATE counter SET n = n - 1; \
+             CREATE UNIQUE INDEX CONCURRENTLY idx_dup ON dup (x)",
+            "",
+        )],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign("dc", 1, 1, vec![run(1, "tenant_0000", &["unindex"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
+    // the application wrote duplicates since: the index cannot be built again
+    sqlx::raw_sql("INSERT INTO tenant_0000.dup VALUES (1), (1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let index = "SELECT count(*) FROM pg_class WHERE relname = 'idx_dup'";
+    for epoch in [1, 2] {
+        let reply = s.rollback("dc", epoch).await;
+        assert!(!reply.complete, "{reply:?}");
+        let error = reply.steps[0].error.as_ref().expect("the undo failed");
+        assert_eq!(error.sqlstate, "23505", "rollback {epoch}: {error:?}");
+        assert_eq!(count(&pool, index).await, 0, "no INVALID index left");
+    }
+    assert_eq!(
+        count(&pool, "SELECT n::bigint FROM tenant_0000.counter").await,
+        0,
+        "decremented once"
+    );
+    // the duplicates gone, the next rollback builds the index and finishes
+    sqlx::raw_sql("DELETE FROM tenant_0000.dup")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let reply = s.rollback("dc", 3).await;
+    assert!(
+        reply.complete && reply.steps[0].error.is_none(),
+        "{reply:?}"
+    );
+    assert_eq!(count(&pool, index).await, 1);
+    assert_eq!(
+        count(&pool, "SELECT n::bigint FROM tenant_0000.counter").await,
+        0
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A rollback cut short after down statements of another version of the migration (another
 /// checksum on the checkpoint) is not gone on from: which of this version's statements are
 /// done is unknown, so the undo fails naming it and runs none of them.
@@ -1266,7 +1338,7 @@ async fn a_rollback_does_not_go_on_from_another_versions_down_statements() {
 /// held, as a prepared transaction holds it while a newer epoch is written) is recorded
 /// once the lock is free, not done again: an up statement's record (the step's own retry
 /// would go on from a checkpoint without it) and an undo's (the rollback would fail, and the
-/// next one run the down SQL again). Here a procedure that commits would have done its work
+/// next one make only the record). Here a procedure that commits would have done its work
 /// twice.
 #[tokio::test]
 async fn work_done_outside_a_transaction_waits_for_its_record_not_done_again() {
