@@ -49,15 +49,10 @@ pub(crate) async fn install_schema(pool: &PgPool, shard: &str) -> Result<(), Age
     .execute(&mut *tx)
     .await
     .map_err(|e| err("installing the flotilla schema", e))?;
-    let found: Option<String> =
-        sqlx::query_scalar("SELECT value FROM flotilla.meta WHERE key = 'schema_version'")
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| err("reading the flotilla schema version", e))?
-            .flatten();
-    if let Some(found) = found
-        && found.parse::<u32>().map_or(true, |v| v > SCHEMA_VERSION)
-    {
+    let found = newer_schema(&mut tx)
+        .await
+        .map_err(|e| err("reading the flotilla schema version", e))?;
+    if let Some(found) = found {
         return Err(AgentError::SchemaTooNew {
             shard: shard.to_string(),
             found,
@@ -74,6 +69,18 @@ pub(crate) async fn install_schema(pool: &PgPool, shard: &str) -> Result<(), Age
         .map_err(|e| err("committing the flotilla schema", e))?;
     info!(version = SCHEMA_VERSION, "flotilla schema ready");
     Ok(())
+}
+
+/// The shard's flotilla schema version when it is newer than this agent's (an agent of a
+/// newer release upgraded it): this agent must not serve the shard, since it would not heed
+/// what the newer schema records (e.g. the down statements a rollback cut short has done).
+pub(crate) async fn newer_schema(conn: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
+    let found: Option<String> =
+        sqlx::query_scalar("SELECT value FROM flotilla.meta WHERE key = 'schema_version'")
+            .fetch_optional(&mut *conn)
+            .await?
+            .flatten();
+    Ok(found.filter(|found| found.parse::<u32>().map_or(true, |v| v > SCHEMA_VERSION)))
 }
 
 /// Records which shard this database belongs to on the first start (`flotilla.meta` key

@@ -11,7 +11,9 @@
 //! [`AgentError::ShardTaken`]. If that connection dies later the shard has released the lock
 //! (and another agent may hold it by now), so the agent takes no new runs and undoes nothing
 //! until it holds the lock again; what is in flight finishes, and the fence in each step's own
-//! transaction remains the last word.
+//! transaction remains the last word. Taking it back, it checks the shard's flotilla schema
+//! version first: an agent of a newer release may have served the shard meanwhile and
+//! upgraded it, and this one would not heed what it records.
 use std::time::Duration;
 
 use sqlx::Connection;
@@ -19,8 +21,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use super::journal::{SCHEMA_VERSION, newer_schema};
 use crate::config::{AgentConfig, backoff_delay};
 use crate::error::AgentError;
 use crate::metrics;
@@ -123,18 +126,37 @@ pub(crate) fn guard(
         let mut conn = Some(conn);
         let mut attempt = 0u32;
         let mut last_holder = None;
+        let mut told_newer = false;
         loop {
             let Some(c) = conn.as_mut() else {
                 match tokio::time::timeout(CHECK_TIMEOUT, try_lock(&options)).await {
-                    Ok(Ok(Attempt::Held(c))) => {
-                        conn = Some(c);
-                        attempt = 0;
-                        last_holder = None;
-                        held.send_replace(true);
-                        metrics::shard_lock_held(true);
-                        info!("the shard's agent lock is held again; taking runs again");
-                        continue;
-                    }
+                    Ok(Ok(Attempt::Held(mut c))) => match newer_schema(&mut c).await {
+                        Ok(None) => {
+                            conn = Some(c);
+                            attempt = 0;
+                            last_holder = None;
+                            told_newer = false;
+                            held.send_replace(true);
+                            metrics::shard_lock_held(true);
+                            info!("the shard's agent lock is held again; taking runs again");
+                            continue;
+                        }
+                        // While the lock was lost, an agent of a newer release may have
+                        // served the shard and upgraded its schema, which this agent would
+                        // not heed: the lock goes back (the session's end releases it).
+                        Ok(Some(found)) => {
+                            if !told_newer {
+                                error!(found = %found, supported = SCHEMA_VERSION,
+                                       "the shard's flotilla schema is newer than this agent's (a newer agent upgraded it while this one had lost its lock); this agent takes no runs: upgrade it");
+                                told_newer = true;
+                            }
+                            let _ = tokio::time::timeout(CHECK_TIMEOUT, c.close()).await;
+                        }
+                        Err(error) => {
+                            warn!(%error, "reading the shard's flotilla schema version after taking the lock again failed");
+                            let _ = tokio::time::timeout(CHECK_TIMEOUT, c.close()).await;
+                        }
+                    },
                     Ok(Ok(Attempt::Taken(holder))) => {
                         if last_holder.as_ref() != Some(&holder) {
                             warn!(holder = %holder.trim(), "another Flotilla agent holds the shard's agent lock now; this agent takes no runs until it is free");

@@ -177,3 +177,99 @@ async fn an_agent_that_lost_its_lock_takes_no_runs_until_it_holds_it_again() {
     h.stop().await;
     f.drop().await;
 }
+
+/// An agent that lost its lock while an agent of a newer release took the shard and upgraded
+/// its flotilla schema does not serve the shard when it takes the lock back (it would not
+/// heed what the newer schema records): it lets the lock go and takes no runs, until the
+/// schema is one it knows.
+#[tokio::test]
+async fn an_agent_that_takes_its_lock_back_over_a_newer_schema_takes_no_runs() {
+    let Some(f) = fleet("lock_newer", 1).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "p".into(),
+        migrations: bench_migrations(),
+        ..Default::default()
+    }));
+    let agent_pid = lock_sessions(&f.pool).await.0.expect("the agent holds it");
+    let mut other = PgConnection::connect(&f.dsn).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        sqlx::query("SELECT pg_advisory_lock(hashtext('flotilla.agent'))")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        other
+    });
+    flotilla_testkit::wait::wait_until("a session waiting for the agent lock", WAIT, async || {
+        Ok(lock_sessions(&f.pool).await.1)
+    })
+    .await
+    .expect("waiting");
+    let mark = log_mark();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(agent_pid)
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    // the newer agent: holds the lock, upgrades the schema, goes away
+    let mut other = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("lock passed on")
+        .unwrap();
+    wait_for_log(mark, "lost the connection holding the shard's agent lock").await;
+    sqlx::query(
+        "UPDATE flotilla.meta SET value = (value::int + 1)::text WHERE key = 'schema_version'",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    other.close().await.unwrap();
+    wait_for_log(
+        mark,
+        "the shard's flotilla schema is newer than this agent's",
+    )
+    .await;
+
+    s.send(In::Assign(pb::Assign {
+        plan_id: "p".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(1, "tenant_0000", &BENCH, true)],
+    }));
+    let early = quiet_for(&mut s, Duration::from_millis(1500)).await;
+    assert!(early.is_none(), "ran over a newer schema: {early:?}");
+    assert_eq!(
+        count(&f.pool, "SELECT count(*) FROM flotilla.journal").await,
+        0
+    );
+    // the lock is let go each time, not kept from a newer agent
+    let mut newer_agent = PgConnection::connect(&f.dsn).await.unwrap();
+    flotilla_testkit::wait::wait_until("the agent lock free", WAIT, async || {
+        Ok(
+            sqlx::query_scalar::<_, bool>(
+                "SELECT pg_try_advisory_lock(hashtext('flotilla.agent'))",
+            )
+            .fetch_one(&mut newer_agent)
+            .await
+            .unwrap(),
+        )
+    })
+    .await
+    .expect("the lock let go");
+    newer_agent.close().await.unwrap();
+
+    // the schema is one it knows again: it takes the lock and runs what waited
+    sqlx::query(
+        "UPDATE flotilla.meta SET value = (value::int - 1)::text WHERE key = 'schema_version'",
+    )
+    .execute(&f.pool)
+    .await
+    .unwrap();
+    let r = s.results("p", 1).await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied; 3]);
+    h.stop().await;
+    f.drop().await;
+}
