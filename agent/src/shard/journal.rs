@@ -224,22 +224,25 @@ pub(crate) async fn read_cut_short(
     conn: &mut PgConnection,
     targets: Option<&[String]>,
 ) -> Result<Vec<pb::CutShort>, sqlx::Error> {
-    let rows: Vec<(String, String, String, i64)> = rows_of_targets(
+    let rows: Vec<(String, String, String, i64, i32)> = rows_of_targets(
         conn,
-        "SELECT target, migration_id, plan_id, (extract(epoch FROM updated_at) * 1000)::bigint \
-         FROM flotilla.checkpoints WHERE undoing",
+        "SELECT target, migration_id, plan_id, (extract(epoch FROM updated_at) * 1000)::bigint, \
+         undone FROM flotilla.checkpoints WHERE undoing",
         "updated_at",
         targets,
     )
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(target, migration_id, plan_id, at_ms)| pb::CutShort {
-            target,
-            migration_id,
-            plan_id,
-            at_ms,
-        })
+        .map(
+            |(target, migration_id, plan_id, at_ms, undone)| pb::CutShort {
+                target,
+                migration_id,
+                plan_id,
+                at_ms,
+                undone: u32::try_from(undone).unwrap_or(0),
+            },
+        )
         .collect())
 }
 

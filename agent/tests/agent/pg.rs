@@ -1173,6 +1173,15 @@ async fn a_rollback_cut_short_goes_on_after_the_down_statements_it_did() {
         2,
         "two down statements recorded done"
     );
+    // and the fleet view hears it: the step cut short, after two down statements
+    s.reports_until(|reports| {
+        reports.iter().any(|r| {
+            matches!(r, Out::Journal(j) if j.cut_short.iter().any(|c| {
+                c.target == "tenant_0000" && c.migration_id == "outside" && c.undone == 2
+            }))
+        })
+    })
+    .await;
 
     // fixed: the next rollback does the third alone
     sqlx::raw_sql("CREATE TABLE tenant_0000.undo_log (what text)")

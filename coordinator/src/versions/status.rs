@@ -87,9 +87,18 @@ impl FleetInput<'_> {
                 sqlstate: String::new(),
                 message: format!(
                     "{ROLLBACK_CUT_SHORT} of plan {} began to undo this step and did not \
-                     finish: the step counts as not applied until `flotilla plan rollback {}` \
+                     finish{}: the step counts as not applied until `flotilla plan rollback {}` \
                      runs to its end",
-                    c.plan_id, c.plan_id
+                    c.plan_id,
+                    match c.undone {
+                        0 => String::new(),
+                        1 => " (1 down statement done; the next rollback goes on after it)"
+                            .to_string(),
+                        n => format!(
+                            " ({n} down statements done; the next rollback goes on after them)"
+                        ),
+                    },
+                    c.plan_id
                 ),
                 at_ms: c.at_ms,
             }),

@@ -215,6 +215,7 @@ fn a_rollback_cut_short_on_the_shard_is_the_targets_last_failure() {
         migration_id: "001_a".into(),
         plan_id: "p1".into(),
         at_ms: 50,
+        undone: 2,
     };
     Arc::make_mut(journals.get_mut("shard_0").unwrap())
         .cut_short
@@ -235,7 +236,9 @@ fn a_rollback_cut_short_on_the_shard_is_the_targets_last_failure() {
     assert!(
         f.message
             .starts_with("the rollback of plan p1 began to undo this step")
-            && f.message.contains("`flotilla plan rollback p1`"),
+            && f.message.contains("`flotilla plan rollback p1`")
+            && f.message
+                .contains("(2 down statements done; the next rollback goes on after them)"),
         "{f:?}"
     );
     let shown = show_target(&input, "shard_0/tenant_1").unwrap();
