@@ -184,6 +184,21 @@ pub enum Conflict {
     EndedUseRollback { plan_id: String, state: PlanState },
     #[error("plan {plan_id} is already rolling back")]
     RollingBack { plan_id: String },
+    #[error(
+        "plan {plan_id} is committing {unit} (its decision is commit; not yet committed on {waiting}): \
+         it cannot be undone before it has committed; run the {action} again once it has"
+    )]
+    Committing {
+        plan_id: String,
+        unit: String,
+        waiting: String,
+        action: &'static str,
+    },
+    #[error(
+        "plan {plan_id} is {state} in the control store and not taken over by this coordinator \
+         yet (a new leader resumes it first); run the rollback again in a moment"
+    )]
+    NotTakenOver { plan_id: String, state: PlanState },
     #[error("plan {plan_id} is already rolled back")]
     RolledBack { plan_id: String },
     #[error("plan {plan_id} is {state}; only a running plan's shard can be cancelled")]

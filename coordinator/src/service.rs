@@ -310,6 +310,16 @@ impl Coordinator {
                 }
                 .into());
             }
+            // A plan that has not ended is this leader's to resume first (its atomic unit
+            // may need a presumed abort; its runs may be in flight): rebuilt as completed,
+            // its rollback would pass over that.
+            if !row.state.is_terminal() {
+                return Err(Conflict::NotTakenOver {
+                    plan_id: plan_id.to_string(),
+                    state: row.state,
+                }
+                .into());
+            }
             let mut run = self.rebuild(&row).await?;
             run.state = PlanState::Completed;
             Some(Box::new(run))

@@ -125,6 +125,31 @@ impl Engine {
                 }
                 .into());
             }
+            // The unit's commit decision is written: every shard must commit it; a rollback
+            // begun now would read journals the COMMIT PREPAREDs still to come change.
+            (_, PlanState::Committing) => {
+                let mut waiting: Vec<String> = run
+                    .shards
+                    .iter()
+                    .filter(|(_, s)| !s.resolved)
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                waiting.sort();
+                let waiting = match waiting.len() {
+                    0..=3 => waiting.join(", "),
+                    n => format!("{} and {} more shards", waiting[..3].join(", "), n - 3),
+                };
+                return Err(Conflict::Committing {
+                    plan_id: plan_id.to_string(),
+                    unit: match run.current_unit() {
+                        Some(g) if !run.spec.atomic => format!("parallel group {}", g + 1),
+                        _ => "its atomic unit".to_string(),
+                    },
+                    waiting,
+                    action,
+                }
+                .into());
+            }
             _ => {}
         }
         run.message = actor.explain(&format!("{action} requested by {}", actor.name));
@@ -147,7 +172,12 @@ impl Engine {
                 && matches!(run.state, PlanState::Running | PlanState::Committing)
                 && run.decision.is_none()
         };
-        if undo && atomic_in_flight {
+        if self.plans[plan_id].state == PlanState::Aborting {
+            // The unit's abort is under way: once nothing is in flight its decision is
+            // written, every shard rolls its prepared transactions back, and the rollback
+            // of the rest follows (`two_phase`); begun here, it would pass over the
+            // decision and leave what prepares meanwhile prepared, with none.
+        } else if undo && atomic_in_flight {
             // Prepared transactions are aborted by decision, then the rest undone.
             let run = self.plans.get_mut(plan_id).expect("present");
             run.state = PlanState::Aborting;

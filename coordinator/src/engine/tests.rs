@@ -323,3 +323,210 @@ async fn a_plan_that_ends_tells_its_watchers_its_final_status() {
         .unwrap();
     assert!(answered.await.unwrap().is_none());
 }
+
+/// Two agents attached (s0, s1) and an all-or-nothing plan whose one atomic group runs one
+/// step on each shard, started; returns the agents' streams and the two runs.
+async fn atomic_on_two_shards(
+    events: &mpsc::Sender<Event>,
+) -> (
+    mpsc::Receiver<pb::CoordinatorMessage>,
+    mpsc::Receiver<pb::CoordinatorMessage>,
+    pb::Run,
+    pb::Run,
+) {
+    let mut streams = Vec::new();
+    for (conn_id, shard) in [(1, "s0"), (2, "s1")] {
+        let (tx, rx) = mpsc::channel(16);
+        events
+            .send(Event::Attached {
+                shard: shard.into(),
+                conn_id,
+                tx,
+                max_lanes: 4,
+                in_doubt: Vec::new(),
+                epoch: 1,
+            })
+            .await
+            .unwrap();
+        streams.push(rx);
+    }
+    let group = pb::ParallelGroup {
+        migrations: vec!["a".into()],
+        atomic: true,
+    };
+    let run = plan_of(
+        &["a"],
+        vec![group],
+        &[("s0", ""), ("s1", "")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    start_locked(events, run).await;
+    let mut runs = Vec::new();
+    for rx in &mut streams {
+        assert!(matches!(next_message(rx).await, Body::Plan(_)));
+        match next_message(rx).await {
+            Body::Assign(a) => runs.extend(a.runs),
+            other => panic!("expected runs, got {other:?}"),
+        }
+    }
+    let rx1 = streams.pop().unwrap();
+    let rx0 = streams.pop().unwrap();
+    let r1 = runs.pop().unwrap();
+    let r0 = runs.pop().unwrap();
+    (rx0, rx1, r0, r1)
+}
+
+async fn result(events: &mpsc::Sender<Event>, shard: &str, r: &pb::Run, outcome: pb::StepOutcome) {
+    events
+        .send(Event::Results {
+            shard: shard.into(),
+            results: pb::RunResults {
+                plan_id: "p0".into(),
+                runs: vec![pb::RunResult {
+                    run_id: r.run_id,
+                    tenant: r.tenant.clone(),
+                    steps: vec![pb::StepResult {
+                        migration_id: "a".into(),
+                        outcome: outcome as i32,
+                        ..Default::default()
+                    }],
+                    prepared_at_us: 0,
+                }],
+            },
+            received: std::time::Instant::now(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn command(
+    events: &mpsc::Sender<Event>,
+    kind: super::CommandKind,
+) -> Result<pb::PlanStatus, crate::error::CoordinatorError> {
+    let (reply, answered) = oneshot::channel();
+    events
+        .send(Event::Command {
+            plan_id: "p0".into(),
+            kind,
+            actor: crate::actor::Actor::new("test", ""),
+            revive: None,
+            reply,
+        })
+        .await
+        .unwrap();
+    answered.await.unwrap()
+}
+
+/// The next Resolve or Rollback the agent is sent (halts and the like passed over).
+async fn next_decision_or_rollback(rx: &mut mpsc::Receiver<pb::CoordinatorMessage>) -> Body {
+    loop {
+        match next_message(rx).await {
+            b @ (Body::Resolve(_) | Body::Rollback(_)) => return b,
+            _ => continue,
+        }
+    }
+}
+
+/// A rollback asked of an atomic plan whose unit is aborting (a step failed, a run still in
+/// flight) leaves the abort to finish: once the run is back the abort decision is written
+/// and the shard that prepared rolls it back, then the rollback follows. Before, the
+/// rollback began at once and the unit never got a decision: the run that prepared
+/// meanwhile stayed prepared, its locks held, with nothing to resolve it.
+#[tokio::test]
+async fn a_rollback_of_an_aborting_unit_waits_for_its_abort() {
+    let events = engine();
+    let (mut rx0, mut rx1, r0, r1) = atomic_on_two_shards(&events).await;
+    result(&events, "s0", &r0, pb::StepOutcome::Failed).await;
+    let status = command(&events, super::CommandKind::Rollback)
+        .await
+        .expect("accepted");
+    assert_eq!(status.summary.unwrap().state, "aborting");
+    // s1's run, in flight all along, prepared
+    result(&events, "s1", &r1, pb::StepOutcome::Prepared).await;
+    match next_decision_or_rollback(&mut rx1).await {
+        Body::Resolve(r) => assert!(!r.commit && r.gids == [r1.prepare_gid.clone()], "{r:?}"),
+        other => panic!("expected the abort's Resolve first, got {other:?}"),
+    }
+    events
+        .send(Event::ResolveReply {
+            shard: "s1".into(),
+            reply: pb::ResolveReply {
+                plan_id: "p0".into(),
+                commit: false,
+                resolved: vec![r1.prepare_gid.clone()],
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap();
+    // then the rollback of what committed outside the unit, on both shards
+    assert!(matches!(
+        next_decision_or_rollback(&mut rx1).await,
+        Body::Rollback(_)
+    ));
+    assert!(matches!(
+        next_decision_or_rollback(&mut rx0).await,
+        Body::Rollback(_)
+    ));
+}
+
+/// A rollback or cancel asked while the unit's commit decision is being carried out is
+/// refused, naming the shards that have not committed yet: the COMMIT PREPAREDs still to
+/// come would change the journals a rollback reads. Once they have, the plan completes.
+#[tokio::test]
+async fn a_rollback_while_a_unit_commits_is_refused_until_it_has() {
+    let events = engine();
+    let (_rx0, mut rx1, r0, r1) = atomic_on_two_shards(&events).await;
+    result(&events, "s0", &r0, pb::StepOutcome::Prepared).await;
+    result(&events, "s1", &r1, pb::StepOutcome::Prepared).await;
+    match next_decision_or_rollback(&mut rx1).await {
+        Body::Resolve(r) => assert!(r.commit, "{r:?}"),
+        other => panic!("expected the commit's Resolve, got {other:?}"),
+    }
+    events
+        .send(Event::ResolveReply {
+            shard: "s0".into(),
+            reply: pb::ResolveReply {
+                plan_id: "p0".into(),
+                commit: true,
+                resolved: vec![r0.prepare_gid.clone()],
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap();
+    for kind in [super::CommandKind::Rollback, super::CommandKind::Cancel] {
+        let refused = command(&events, kind)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            refused.contains("is committing parallel group 1")
+                && refused.contains("not yet committed on s1)"),
+            "{refused}"
+        );
+    }
+    events
+        .send(Event::ResolveReply {
+            shard: "s1".into(),
+            reply: pb::ResolveReply {
+                plan_id: "p0".into(),
+                commit: true,
+                resolved: vec![r1.prepare_gid.clone()],
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap();
+    handled(&events).await;
+    let (reply, answered) = oneshot::channel();
+    events
+        .send(Event::Status {
+            plan_id: "p0".into(),
+            reply,
+        })
+        .await
+        .unwrap();
+    // completed, it has left memory (its status comes from the store)
+    assert!(answered.await.unwrap().is_none());
+}

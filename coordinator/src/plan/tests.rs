@@ -189,23 +189,39 @@ fn a_later_atomic_group_waits_for_the_commit_of_the_one_before() {
     // The commit decision, confirmed by both shards: group 2 goes, under its own key.
     run.decision = Some(Decision::Commit);
     run.state = PlanState::Committing;
+    let mut replies = BTreeMap::new();
     for shard in ["s0", "s1"] {
         let gids: Vec<String> = run.shards[shard].prepared.keys().cloned().collect();
-        run.apply_resolve_reply(
-            shard,
-            &pb::ResolveReply {
-                plan_id: "p0".into(),
-                commit: true,
-                resolved: gids,
-                failed: Vec::new(),
-                resolved_at_us: Vec::new(),
-                received_at_us: 0,
-            },
-        );
+        let reply = pb::ResolveReply {
+            plan_id: "p0".into(),
+            commit: true,
+            resolved: gids,
+            failed: Vec::new(),
+            resolved_at_us: Vec::new(),
+            received_at_us: 0,
+        };
+        assert_eq!(run.apply_resolve_reply(shard, &reply).len(), 1);
+        // the same answer again (its stream dropped, the Resolve sent again): nothing
+        assert!(run.apply_resolve_reply(shard, &reply).is_empty());
+        replies.insert(shard, reply);
     }
     assert!(run.advance_unit().is_some());
     assert_eq!(run.state, PlanState::Running);
     assert_eq!(run.unit_key(), "p0.g2");
+    // group 1's answer once more, now that group 2 runs: it settles none of group 2's
+    // steps (it marked them applied on a shard where they never ran)
+    for shard in ["s0", "s1"] {
+        assert!(run.apply_resolve_reply(shard, &replies[shard]).is_empty());
+        // nor does an answer that names no gid
+        let empty = pb::ResolveReply {
+            plan_id: "p0".into(),
+            commit: true,
+            ..Default::default()
+        };
+        assert!(run.apply_resolve_reply(shard, &empty).is_empty());
+    }
+    let st = super::status::from_run(&run, Vec::new());
+    assert_eq!(st.migrations[1].pending, 2, "{st:?}");
     let out = run.next_runs("s0", &mut next);
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].migrations, ["b"]);

@@ -174,9 +174,28 @@ impl PlanRun {
         reply: &pb::ResolveReply,
     ) -> Vec<StepUpdate> {
         let mut updates = Vec::new();
+        // A reply settles the unit deciding now, under its decision, once: a late or
+        // repeated one (the Resolve sent again on a new stream while the answer to the
+        // first waited in the agent's outbox) may come after the unit committed and the
+        // next one began, and must not settle the next unit's steps on the shard.
+        let unit = self.unit_key();
+        let names_this_unit = !(reply.resolved.is_empty() && reply.failed.is_empty())
+            && reply
+                .resolved
+                .iter()
+                .chain(&reply.failed)
+                .all(|g| gid::unit_of(g) == Some(unit.as_str()));
         let Some(sr) = self.shards.get_mut(shard) else {
             return updates;
         };
+        if sr.resolved
+            || !names_this_unit
+            || self.decision.map(|d| d.is_commit()) != Some(reply.commit)
+        {
+            tracing::info!(plan = %self.id, shard, unit = %unit, commit = reply.commit,
+                           "a resolve reply that is not this unit's answer (late or repeated): ignored");
+            return updates;
+        }
         let mut done_steps = Vec::new();
         if reply.commit {
             self.two_phase_clock.heard(reply.received_at_us);
