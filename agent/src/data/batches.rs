@@ -280,7 +280,24 @@ async fn batches(
         let Some(upper) = page.last.filter(|_| n > 0) else {
             break;
         };
-        limits.wait(n as u64).await;
+        // a pause or halt cuts the rate's wait short: the boundary above takes it
+        let waited = match control.as_mut() {
+            Some(c) => {
+                let changed = async {
+                    if c.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                limits.wait_unless(n as u64, changed).await
+            }
+            None => {
+                limits.wait(n as u64).await;
+                true
+            }
+        };
+        if !waited {
+            continue;
+        }
         let upper_bound = decode(&upper)?;
         let upper_lit = shape
             .literal(&upper_bound)

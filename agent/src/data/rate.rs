@@ -34,6 +34,8 @@ impl TokenBucket {
     }
 
     /// Takes `rows` tokens; returns how long to wait first (zero when they are there).
+    /// A bucket shared by callers may be spoken for until a time still to come (`at`, when
+    /// the debt of a caller before is paid back): the rows taken now come after that.
     pub fn take(&mut self, rows: u64, now: Instant) -> Duration {
         if now > self.at {
             let dt = now.duration_since(self.at).as_secs_f64();
@@ -41,14 +43,22 @@ impl TokenBucket {
             self.at = now;
         }
         self.tokens -= rows as f64;
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
+        if self.tokens < 0.0 {
             // in debt: wait until the debt is paid back; the bucket is empty then
-            let wait = Duration::from_secs_f64(-self.tokens / self.rate);
+            self.at += Duration::from_secs_f64(-self.tokens / self.rate);
             self.tokens = 0.0;
-            self.at = now + wait;
-            wait
+        }
+        self.at.saturating_duration_since(now)
+    }
+
+    /// Gives back `rows` taken at `now` and not used (the wait for them was cut short):
+    /// the debt they made is taken off, or the tokens they took put back.
+    pub fn give_back(&mut self, rows: u64, now: Instant) {
+        let owed = Duration::from_secs_f64(rows as f64 / self.rate);
+        if self.at > now {
+            self.at = self.at.checked_sub(owed).map_or(now, |at| at.max(now));
+        } else {
+            self.tokens = (self.tokens + rows as f64).min(self.capacity);
         }
     }
 }
@@ -127,6 +137,12 @@ impl RowLimits {
 
     /// Takes `rows` from both budgets, then waits out the longer of their debts.
     pub async fn wait(&mut self, rows: u64) {
+        self.wait_unless(rows, std::future::pending()).await;
+    }
+
+    /// [`RowLimits::wait`], unless `interrupt` comes first (the plan paused or halted: a
+    /// wait for a low rate can last minutes): then the rows are given back, and false.
+    pub async fn wait_unless(&mut self, rows: u64, interrupt: impl Future<Output = ()>) -> bool {
         let mut wait = Duration::ZERO;
         if let Some(b) = self.own.as_mut() {
             wait = wait.max(b.take(rows, Instant::now()));
@@ -134,8 +150,21 @@ impl RowLimits {
         if let Some(b) = &self.server {
             wait = wait.max(b.lock().expect("bucket lock").take(rows, Instant::now()));
         }
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        if wait.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => true,
+            () = interrupt => {
+                let now = Instant::now();
+                if let Some(b) = self.own.as_mut() {
+                    b.give_back(rows, now);
+                }
+                if let Some(b) = &self.server {
+                    b.lock().expect("bucket lock").give_back(rows, now);
+                }
+                false
+            }
         }
     }
 }
@@ -163,6 +192,51 @@ mod tests {
             rows += 50;
         }
         assert!((1000..=1050).contains(&rows), "{rows}");
+    }
+
+    /// The server budget's bucket is shared by the step's targets running at once: the
+    /// second taker waits behind the first one's debt, not beside it (each waited 10 s and
+    /// both batches ran then: twice the budget with two targets, N times with N).
+    #[test]
+    fn a_shared_bucket_queues_its_takers() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(100, 1000, Duration::ZERO, t0);
+        assert_eq!(b.take(1000, t0), Duration::from_secs(10));
+        assert_eq!(b.take(1000, t0), Duration::from_secs(20));
+        let t5 = t0 + Duration::from_secs(5);
+        assert_eq!(b.take(500, t5), Duration::from_secs(20));
+        // once the debts are paid back and the bucket refilled, no wait
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(b.take(1000, later), Duration::ZERO);
+        // over 20 simulated seconds, 4 takers at each instant: 100 rows/s in all
+        let mut now = later;
+        let mut rows = 0;
+        let end = now + Duration::from_secs(20);
+        while now < end {
+            let waits: Vec<Duration> = (0..4).map(|_| b.take(50, now)).collect();
+            rows += 200;
+            now += *waits.iter().max().unwrap();
+        }
+        assert!((2000..=2200).contains(&rows), "{rows}");
+    }
+
+    /// Rows taken for a wait cut short (a pause, a halt) are given back: the next taker
+    /// waits for its own debt only.
+    #[test]
+    fn rows_given_back_are_not_owed() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(100, 1000, Duration::ZERO, t0);
+        assert_eq!(b.take(1000, t0), Duration::from_secs(10));
+        let t2 = t0 + Duration::from_secs(2);
+        b.give_back(1000, t2);
+        // 300 taken now wait for themselves (3 s), not behind the 1000 (11 s); the 2 s
+        // that paid part of the debt given back are not credited (the budget errs low)
+        assert_eq!(b.take(300, t2), Duration::from_secs(3));
+        // from a full bucket, the tokens go back
+        let mut b = TokenBucket::new(100, 1000, Duration::from_secs(60), t0);
+        assert_eq!(b.take(600, t0), Duration::ZERO);
+        b.give_back(600, t0);
+        assert_eq!(b.take(1000, t0), Duration::ZERO);
     }
 
     #[test]

@@ -1111,6 +1111,70 @@ async fn an_undo_that_times_out_on_a_lock_is_tried_again_from_where_it_was() {
     f.drop().await;
 }
 
+/// A halt cuts short a data change's wait for its rate (at 2 rows/s a batch of 7 waits 3.5
+/// s): the change stops at that batch boundary, the next batch not done. Before, the wait
+/// ran to its end and one more batch ran after the halt (a wait for a low rate can last
+/// minutes, and a pause or cancel waited as long).
+#[tokio::test]
+async fn a_halt_cuts_short_the_wait_for_the_rate() {
+    let Some(f) = fleet("rate_halt", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "rh".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "work_orders".into(),
+                key: "id".into(),
+                batch_size: 7,
+                rows_per_second: 2,
+                batch_sql: "UPDATE work_orders SET priority = 'slow' WHERE id > $1 AND id <= $2"
+                    .into(),
+                ..Default::default()
+            }),
+            ..migration("slow_fill", "", "", "")
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "rh".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(1, "tenant_0000", &["slow_fill"], false)],
+    }));
+    // the first batch is done (a fresh change has one batch of credit); the second waits
+    flotilla_testkit::wait::wait_until("the first batch", WAIT, async || {
+        Ok(count(
+            &pool,
+            "SELECT coalesce(max(batches), 0) FROM flotilla.checkpoints",
+        )
+        .await
+            == 1)
+    })
+    .await
+    .unwrap();
+    s.send(In::Halt(pb::Halt {
+        plan_id: "rh".into(),
+    }));
+    let r = s.results("rh", 1).await;
+    assert_ne!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM tenant_0000.work_orders WHERE priority = 'slow'"
+        )
+        .await,
+        7,
+        "one batch, none after the halt"
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A rollback cut short part-way through a non-transactional step's down statements (here
 /// by a down statement's SQL error) leaves on the shard how many are done, and the next
 /// rollback goes on after them: the decrement is not done twice, and the `DROP INDEX
