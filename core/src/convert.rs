@@ -324,6 +324,14 @@ fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange,
                     .into(),
             ));
         }
+        // it is put inside parentheses after the key's bounds: one that closes them would
+        // take the bounds off part of the table (`a) OR (b`)
+        if !sql::balanced_parentheses(filter).map_err(|e| sql_err("filter", e))? {
+            return Err(err(format!(
+                "filter `{filter}` has parentheses that do not pair up: a `)` with no `(` \
+                 before it, or a `(` never closed"
+            )));
+        }
         Some(stmts.into_iter().next().expect("one"))
     };
     let target_batch =
@@ -919,6 +927,30 @@ mod data_tests {
         assert!(e.to_string().contains("$3"), "{e}");
         let e = Migration::try_from(data_migration("COMMIT; SELECT $1, $2", "id")).unwrap_err();
         assert!(e.to_string().contains("controls the transaction"), "{e}");
+    }
+
+    /// The filter goes inside parentheses after the key's bounds: one whose parentheses do
+    /// not pair up could close them (`key > lower AND (a) OR (b)`: rows below the bound,
+    /// done again, or a checkpoint that moves back).
+    #[test]
+    fn a_filter_is_one_condition_with_its_parentheses_paired() {
+        let with_filter = |filter: &str| {
+            let mut m = data_migration(BATCH, "id");
+            m.data.as_mut().unwrap().filter = filter.into();
+            Migration::try_from(m)
+        };
+        assert!(with_filter("(phone !~ '^\\+') AND (note <> ')')").is_ok());
+        for bad in ["a) OR (b", "(a OR b", "x = 1)"] {
+            let e = with_filter(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("`20250201_backfill`")
+                    && e.contains(&format!("filter `{bad}`"))
+                    && e.contains("do not pair up"),
+                "{bad}: {e}"
+            );
+        }
+        let e = with_filter("a = 1; DROP TABLE t").unwrap_err().to_string();
+        assert!(e.contains("one condition"), "{e}");
     }
 
     #[test]

@@ -99,14 +99,43 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Quotes a string literal for a server with `standard_conforming_strings = on` (the
-/// default since PostgreSQL 9.1): single quotes, `'` doubled, backslashes left alone.
-/// PostgreSQL text cannot hold NUL, so a NUL is refused rather than truncated.
+/// Quotes a string literal that reads the same whatever `standard_conforming_strings` is
+/// (a migration may `SET` it off in the session its batches run in, and a key's text comes
+/// from the application's rows): single quotes with `'` doubled, and a string holding a
+/// backslash as an escape string (`E'...'`, backslashes doubled). Otherwise, with the
+/// setting off, a key ending in a backslash would end the literal early, and what followed
+/// it in the key would be read as SQL. PostgreSQL text cannot hold NUL, so a NUL is refused
+/// rather than truncated.
 pub fn quote_literal(s: &str) -> Result<String, SqlError> {
     if s.contains('\0') {
         return Err(SqlError::Nul);
     }
+    if s.contains('\\') {
+        return Ok(format!(
+            "E'{}'",
+            s.replace('\\', "\\\\").replace('\'', "''")
+        ));
+    }
     Ok(format!("'{}'", s.replace('\'', "''")))
+}
+
+/// Whether the parentheses of SQL text (outside strings, quoted identifiers, dollar quotes
+/// and comments) close in order: none closes one not opened, and all opened are closed. A
+/// condition spliced into a query inside parentheses must be, or it could close them and
+/// change what the query around it means (`a) OR (b`).
+pub fn balanced_parentheses(sql: &str) -> Result<bool, SqlError> {
+    let mut depth = 0usize;
+    for token in Lexer::new(sql) {
+        match token?.kind {
+            Kind::Open => depth += 1,
+            Kind::Close => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return Ok(false),
+            },
+            _ => {}
+        }
+    }
+    Ok(depth == 0)
 }
 
 /// The positional parameters (`$1`, `$2`, ...) that SQL text uses, outside strings, quoted
@@ -953,7 +982,14 @@ mod tests {
         assert_eq!(quote_ident(""), "\"\"");
         assert_eq!(quote_literal("plain").unwrap(), "'plain'");
         assert_eq!(quote_literal("it's").unwrap(), "'it''s'");
-        assert_eq!(quote_literal(r"C:\dir").unwrap(), r"'C:\dir'");
+        // an escape string, read the same with standard_conforming_strings on or off
+        assert_eq!(quote_literal(r"C:\dir").unwrap(), r"E'C:\\dir'");
+        assert_eq!(quote_literal(r"end\").unwrap(), r"E'end\\'");
+        assert_eq!(quote_literal(r"a\'b").unwrap(), r"E'a\\''b'");
+        assert!(balanced_parentheses("(a OR b) AND (c)").unwrap());
+        assert!(balanced_parentheses("f(')') = ')'").unwrap());
+        assert!(!balanced_parentheses("a) OR (b").unwrap());
+        assert!(!balanced_parentheses("(a OR b").unwrap());
         assert_eq!(quote_literal("").unwrap(), "''");
         assert_eq!(quote_literal("a\0b"), Err(SqlError::Nul));
         assert_eq!(SqlError::Nul.to_string(), "string holds a NUL byte");

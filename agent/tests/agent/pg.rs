@@ -1111,6 +1111,70 @@ async fn an_undo_that_times_out_on_a_lock_is_tried_again_from_where_it_was() {
     f.drop().await;
 }
 
+/// A text key's values reach the batch SQL as literals that read the same whatever
+/// `standard_conforming_strings` is: here the migration turns it off for its session (its
+/// batches run in it) and keys end in a backslash. Before, such a key ended its literal
+/// early: the batch failed on a syntax error, and a crafted key could add SQL of its own.
+#[tokio::test]
+async fn key_literals_hold_with_standard_conforming_strings_off() {
+    let Some(f) = fleet("key_escape", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    sqlx::raw_sql(
+        r"CREATE TABLE tenant_0000.codes (code text PRIMARY KEY, n int NOT NULL DEFAULT 0);
+          CREATE TABLE tenant_0000.victim (x int);
+          INSERT INTO tenant_0000.codes (code) VALUES ('a\'), ('b\'), ('c\\d'), ('e''\'),
+            ('x\''); DROP TABLE tenant_0000.victim; --');",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "ke".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "codes".into(),
+                key: "code".into(),
+                batch_size: 1,
+                batch_sql: "UPDATE codes SET n = n + 1 WHERE code > $1 AND code <= $2".into(),
+                ..Default::default()
+            }),
+            ..migration(
+                "count_codes",
+                "SET standard_conforming_strings = off",
+                "",
+                "SELECT count(*) = 0 FROM codes WHERE n <> 1",
+            )
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign(
+            "ke",
+            1,
+            1,
+            vec![run(1, "tenant_0000", &["count_codes"], false)],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
+    assert_eq!(
+        count(&pool, "SELECT sum(n)::bigint FROM tenant_0000.codes").await,
+        5,
+        "each row once"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM tenant_0000.victim").await,
+        0,
+        "the table a key's text names is still there"
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A halt cuts short a data change's wait for its rate (at 2 rows/s a batch of 7 waits 3.5
 /// s): the change stops at that batch boundary, the next batch not done. Before, the wait
 /// ran to its end and one more batch ran after the halt (a wait for a low rate can last
