@@ -144,8 +144,18 @@ CREATE OR REPLACE FUNCTION flotilla.advance_checkpoint(p_target text, p_migratio
 LANGUAGE plpgsql AS $fn$
 DECLARE
   n bigint;
+  cp flotilla.checkpoints%ROWTYPE;
 BEGIN
   IF p_prev IS NULL THEN
+    -- Prior images left by an earlier run whose checkpoint is gone (deleted by hand after
+    -- another version of the change stopped part-way) would be restored with this run's,
+    -- batch numbers and columns mixed: the first batch refuses to begin over them.
+    IF EXISTS (SELECT 1 FROM flotilla.prior_images
+                WHERE target = p_target AND migration_id = p_migration) THEN
+      RAISE EXCEPTION USING ERRCODE = 'FL004',
+        MESSAGE = format('prior images of an earlier run of %s on target %L are still in flotilla.prior_images with no checkpoint of that run: restore or keep those rows by hand, delete them from flotilla.prior_images, then run it again',
+                         p_migration, p_target);
+    END IF;
     INSERT INTO flotilla.checkpoints AS c (target, migration_id, checksum, plan_id, last_key, rows, batches, updated_at)
       VALUES (p_target, p_migration, p_checksum, p_plan, p_last, p_rows, 1, clock_timestamp())
       ON CONFLICT (target, migration_id) DO UPDATE
@@ -161,6 +171,12 @@ BEGIN
   END IF;
   GET DIAGNOSTICS n = ROW_COUNT;
   IF n <> 1 THEN
+    SELECT * INTO cp FROM flotilla.checkpoints WHERE target = p_target AND migration_id = p_migration;
+    IF cp.undoing THEN
+      RAISE EXCEPTION USING ERRCODE = 'FL004',
+        MESSAGE = format('a rollback of plan %s began to undo %s on target %L (its checkpoint is marked undoing): this batch is not done',
+                         cp.plan_id, p_migration, p_target);
+    END IF;
     RAISE EXCEPTION USING ERRCODE = 'FL004',
       MESSAGE = format('checkpoint of %s on target %L is no longer at %L: another run did this batch',
                        p_migration, p_target, coalesce(p_prev, '(start)'));

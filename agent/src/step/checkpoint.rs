@@ -70,7 +70,8 @@ pub(crate) async fn read(
             format!(
                 "migration `{}`: its checkpoint on this target was written by another version \
                  of it (checksum {checksum}); undo the partial change, delete the row from \
-                 flotilla.checkpoints, then run it again",
+                 flotilla.checkpoints (and that change's rows from flotilla.prior_images, if \
+                 it saved any), then run it again",
                 m.id()
             ),
         )),

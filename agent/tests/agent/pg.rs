@@ -1175,6 +1175,72 @@ async fn key_literals_hold_with_standard_conforming_strings_off() {
     f.drop().await;
 }
 
+/// Prior images left on the shard by an earlier run of a change whose checkpoint is gone
+/// (deleted by hand after another version stopped part-way, as the refusal of that version
+/// says) are not mixed with a new run's: the first batch refuses to begin over them,
+/// naming them, and changes nothing. Before, both runs' images were kept under the same
+/// batch numbers, and an undo restored either, or NULLs for the columns one lacked.
+#[tokio::test]
+async fn a_change_does_not_begin_over_prior_images_of_an_earlier_run() {
+    let Some(f) = fleet("orphan_images", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "oi".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "work_orders".into(),
+                key: "id".into(),
+                batch_size: 7,
+                batch_sql: "UPDATE work_orders SET priority = 'high' WHERE id > $1 AND id <= $2"
+                    .into(),
+                prior_image: vec!["priority".into()],
+                ..Default::default()
+            }),
+            ..migration("escalate", "", "", "")
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    // an earlier version's image of batch 1, its checkpoint deleted
+    sqlx::raw_sql(
+        "INSERT INTO flotilla.prior_images (target, migration_id, batch, image) \
+         VALUES ('tenant_0000', 'escalate', 1, '{\"id\": 1, \"priority\": \"low\"}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let high = "SELECT count(*) FROM tenant_0000.work_orders WHERE priority = 'high'";
+    let before = count(&pool, high).await;
+    let r = s
+        .assign(
+            "oi",
+            1,
+            1,
+            vec![run(1, "tenant_0000", &["escalate"], false)],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Failed], "{:?}", r[&1]);
+    let e = r[&1].steps[0].error.as_ref().unwrap();
+    assert!(
+        e.message
+            .contains("prior images of an earlier run of escalate")
+            && e.message.contains("tenant_0000"),
+        "{e:?}"
+    );
+    assert_eq!(count(&pool, high).await, before, "no batch done");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.prior_images").await,
+        1,
+        "the earlier run's image left as it was"
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A halt cuts short a data change's wait for its rate (at 2 rows/s a batch of 7 waits 3.5
 /// s): the change stops at that batch boundary, the next batch not done. Before, the wait
 /// ran to its end and one more batch ran after the halt (a wait for a low rate can last
