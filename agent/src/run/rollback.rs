@@ -35,6 +35,7 @@ impl Agent {
             plan_id: req.plan_id.clone(),
             steps,
             complete: false,
+            request: req.request,
         };
         if !self.may_apply().await {
             warn!("stopping before the shard's agent lock was held again; nothing undone");
@@ -53,6 +54,7 @@ impl Agent {
                 plan_id: req.plan_id,
                 steps: Vec::new(),
                 complete: true,
+                request: req.request,
             };
         }
         let definition = plan.definition();
@@ -99,6 +101,7 @@ impl Agent {
             plan_id: req.plan_id,
             steps,
             complete,
+            request: req.request,
         }
     }
 

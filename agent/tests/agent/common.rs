@@ -340,14 +340,20 @@ impl Stream {
         }
     }
 
+    /// Asks for a rollback (request number `epoch`) and returns its reply, which tells the
+    /// request it answers.
     pub async fn rollback(&mut self, plan: &str, epoch: u64) -> pb::RollbackReply {
         self.send(In::Rollback(pb::RollbackRequest {
             plan_id: plan.into(),
             epoch,
             lanes: 2,
+            request: 1000 + epoch,
         }));
         match self.next().await {
-            Out::Rollback(r) => r,
+            Out::Rollback(r) => {
+                assert_eq!(r.request, 1000 + epoch, "the request it answers: {r:?}");
+                r
+            }
             other => panic!("expected a rollback reply, got {other:?}"),
         }
     }

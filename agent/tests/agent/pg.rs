@@ -909,6 +909,7 @@ async fn two_rollbacks_at_once_undo_each_step_once() {
             plan_id: "pu".into(),
             epoch: 1,
             lanes: 1,
+            request: 1,
         }));
     }
     let mut undone = 0;

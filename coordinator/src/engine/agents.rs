@@ -128,7 +128,7 @@ impl Engine {
             return;
         };
         if run.state == PlanState::RollingBack {
-            if matches!(sr.rollback, RollbackState::Asked(c) if c != conn_id) {
+            if matches!(sr.rollback, RollbackState::Asked { conn_id: c, .. } if c != conn_id) {
                 sr.rollback = RollbackState::NotAsked;
             }
             self.ask_rollback(plan_id, shard);

@@ -132,13 +132,21 @@ impl Engine {
         }
         agent.send_definition(sr, &run.definition);
         let lanes = (run.spec.max_parallel / n_shards).clamp(1, agent.max_lanes.max(1));
+        // from the run ids' sequence: unique in this term, and across terms (the epoch
+        // in its high bits), so no earlier request's reply matches it
+        let request = self.next_run_id;
+        self.next_run_id += 1;
         let sent = agent.send(Body::Rollback(pb::RollbackRequest {
             plan_id: plan_id.to_string(),
             epoch: self.epoch,
             lanes,
+            request,
         }));
         if sent {
-            sr.rollback = RollbackState::Asked(agent.conn_id);
+            sr.rollback = RollbackState::Asked {
+                conn_id: agent.conn_id,
+                request,
+            };
         }
     }
 }

@@ -45,7 +45,11 @@ pub struct Step {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RollbackState {
     NotAsked,
-    Asked(u64),
+    /// Asked on the stream `conn_id`, as request `request` (its reply tells it back).
+    Asked {
+        conn_id: u64,
+        request: u64,
+    },
     Done,
 }
 

@@ -147,9 +147,18 @@ impl PlanRun {
         reply: &pb::RollbackReply,
     ) -> Vec<StepUpdate> {
         let mut updates = Vec::new();
+        // The answer to the request out now (or from an agent that does not tell which it
+        // answers). An earlier request's, sent again after its stream broke while this
+        // answer waited in the agent's outbox: the steps it undid are undone, but its
+        // errors and whether it is complete are not this request's to say.
+        let current = self.shards.get(shard).is_some_and(|sr| {
+            matches!(sr.rollback, RollbackState::Asked { request, .. }
+                if reply.request == 0 || reply.request == request)
+        });
         for rb in &reply.steps {
             let s = self.step_of(&rb.migration_id, shard, &rb.tenant);
             match (&rb.error, s) {
+                (Some(_), _) if !current => {}
                 (Some(e), _) => {
                     self.rollback_errors += 1;
                     self.failures.push(pb::StepFailure {
@@ -189,6 +198,11 @@ impl PlanRun {
                 }
                 (None, None) => {}
             }
+        }
+        if !current {
+            tracing::info!(plan = %self.id, shard, request = reply.request,
+                           "a rollback reply to an earlier request: its undone steps taken, the rest ignored");
+            return updates;
         }
         if let Some(sr) = self.shards.get_mut(shard) {
             if reply.complete {

@@ -402,24 +402,41 @@ fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
         answer(&mut run, shard, &out[0], pb::StepOutcome::Applied);
     }
     run.state = PlanState::RollingBack;
-    let reply = |error: Option<pb::StepError>| pb::RollbackReply {
+    for sr in run.shards.values_mut() {
+        sr.rollback = RollbackState::Asked {
+            conn_id: 1,
+            request: 5,
+        };
+    }
+    let reply = |error: Option<pb::StepError>, request, complete| pb::RollbackReply {
         plan_id: "p0".into(),
         steps: vec![pb::RolledBackStep {
             migration_id: "a".into(),
             tenant: "t1".into(),
             error,
         }],
-        complete: true,
+        complete,
+        request,
     };
-    run.apply_rollback_reply("s0", &reply(None));
-    assert!(run.settle().is_none(), "s1 has not answered");
-    run.apply_rollback_reply(
-        "s1",
-        &reply(Some(pb::StepError {
+    let cannot = || {
+        Some(pb::StepError {
             message: "cannot drop".into(),
             ..Default::default()
-        })),
+        })
+    };
+    // an answer to an earlier request (4), incomplete: not this request's to end
+    run.apply_rollback_reply("s0", &reply(cannot(), 4, false));
+    assert_eq!(
+        run.shards["s0"].rollback,
+        RollbackState::Asked {
+            conn_id: 1,
+            request: 5
+        }
     );
+    assert!(run.failures.is_empty() && run.rollback_errors == 0);
+    run.apply_rollback_reply("s0", &reply(None, 5, true));
+    assert!(run.settle().is_none(), "s1 has not answered");
+    run.apply_rollback_reply("s1", &reply(cannot(), 5, true));
     assert!(run.settle().is_some());
     assert_eq!(run.state, PlanState::RollbackFailed);
     assert_eq!(run.failures[0].error.as_ref().unwrap().phase, "down");
