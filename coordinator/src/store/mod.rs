@@ -614,6 +614,55 @@ mod tests {
         }
     }
 
+    /// An op the store refuses for good (here a plan's row inserted twice) costs only
+    /// itself: the ops written with it in one batch (an audit entry, the plan's state) are
+    /// written one by one after the batch failed, and the flush behind them is answered.
+    /// Before, the whole batch was dropped with one log line (a plan's end among them).
+    #[tokio::test]
+    async fn a_refused_op_does_not_take_its_batch_with_it() {
+        let (_dir, _pg, locations) = both_stores("refused_op").await;
+        for location in locations {
+            let (store, tx) = opened(&location).await;
+            tx.send(StoreOp::InsertPlan {
+                plan: plan_row("p1", 1, 0),
+                steps: Vec::new(),
+            })
+            .unwrap();
+            let (done, flushed) = oneshot::channel();
+            tx.send(StoreOp::Flush(done)).unwrap();
+            flushed.await.unwrap();
+
+            // one batch: sent before the writer runs again (this test's one thread)
+            tx.send(StoreOp::InsertPlan {
+                plan: plan_row("p1", 1, 0),
+                steps: Vec::new(),
+            })
+            .unwrap();
+            tx.send(StoreOp::Audit(Audit {
+                actor: "alice".into(),
+                action: "cancel",
+                plan_id: "p2".into(),
+                detail: String::new(),
+            }))
+            .unwrap();
+            tx.send(StoreOp::PlanState {
+                plan_id: "p1".into(),
+                state: PlanState::Cancelled,
+                message: "cancel requested by alice".into(),
+                ends: PlanState::Cancelled,
+            })
+            .unwrap();
+            let (done, flushed) = oneshot::channel();
+            tx.send(StoreOp::Flush(done)).unwrap();
+            flushed.await.unwrap();
+
+            let p1 = store.plan("p1").await.unwrap().expect("p1");
+            assert_eq!(p1.state, PlanState::Cancelled, "{location}");
+            let trail = store.audit_trail(Some("p2"), 0, 10).await.unwrap();
+            assert_eq!(trail.len(), 1, "{location}");
+        }
+    }
+
     /// The audit trail reads back the same from SQLite and PostgreSQL: by plan, since a
     /// time, the latest `limit` in order.
     #[tokio::test(flavor = "multi_thread")]

@@ -114,6 +114,63 @@ pub enum StoreOp {
     Together(Vec<StoreOp>),
 }
 
+impl StoreOp {
+    /// A copy for another attempt of a write that failed (the writer's attempt consumes
+    /// it). A flush has no copy: its answer is the writer's, not a write; one inside ops
+    /// that go together (none is) is left out.
+    pub fn duplicate(&self) -> StoreOp {
+        match self {
+            StoreOp::InsertPlan { plan, steps } => StoreOp::InsertPlan {
+                plan: plan.clone(),
+                steps: steps.clone(),
+            },
+            StoreOp::PlanState {
+                plan_id,
+                state,
+                message,
+                ends,
+            } => StoreOp::PlanState {
+                plan_id: plan_id.clone(),
+                state: *state,
+                message: message.clone(),
+                ends: *ends,
+            },
+            StoreOp::Steps { plan_id, updates } => StoreOp::Steps {
+                plan_id: plan_id.clone(),
+                updates: updates.clone(),
+            },
+            StoreOp::Audit(a) => StoreOp::Audit(a.clone()),
+            StoreOp::Agent {
+                shard,
+                labels,
+                tenants,
+                version,
+            } => StoreOp::Agent {
+                shard: shard.clone(),
+                labels: labels.clone(),
+                tenants: tenants.clone(),
+                version: version.clone(),
+            },
+            StoreOp::Waves { plan_id, waves } => StoreOp::Waves {
+                plan_id: plan_id.clone(),
+                waves: waves.clone(),
+            },
+            StoreOp::DataProgress { plan_id, entries } => StoreOp::DataProgress {
+                plan_id: plan_id.clone(),
+                entries: entries.clone(),
+            },
+            StoreOp::Together(inner) => StoreOp::Together(
+                inner
+                    .iter()
+                    .filter(|op| !matches!(op, StoreOp::Flush(_)))
+                    .map(StoreOp::duplicate)
+                    .collect(),
+            ),
+            StoreOp::Flush(_) => StoreOp::Together(Vec::new()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StepUpdate {
     pub migration_id: String,

@@ -23,15 +23,133 @@ const WINDOW: Duration = Duration::from_millis(200);
 /// At most this many ops to a transaction.
 const MAX_BATCH: usize = 1024;
 
-/// Writes store ops in order, many to a transaction, off the engine's path.
+/// The pause after a batch that failed, doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Attempts of one op alone, once its batch failed on something other than the store being
+/// out of reach: an op the store refuses for good must not hold back the ops after it.
+const OP_ATTEMPTS: u32 = 3;
+
+/// Writes store ops in order, many to a transaction, off the engine's path. A batch that
+/// fails is not dropped (it can hold a plan's end, which a cancel or the next leader reads):
+/// while the store is out of reach (its server restarting, a failover, a busy or full
+/// file) the batch is tried again until it commits, the ops after it waiting in order;
+/// after any other failure its ops are tried one by one, so that only one the store
+/// refuses is given up, named. Flushes are answered once the ops before them are written
+/// or given up.
 pub async fn run_writer(store: Store, mut rx: mpsc::UnboundedReceiver<StoreOp>) {
     while let Some(first) = rx.recv().await {
-        let batch = gather(&mut rx, first).await;
-        if let Err(e) = store.apply(batch).await {
-            // The shard journals hold the truth; a lost status write is repaired
-            // when the plan is rebuilt from them.
-            error!("control store write failed: {e}");
+        let (ops, flushes) = take_flushes(gather(&mut rx, first).await);
+        write_with_retries(&store, ops).await;
+        for done in flushes {
+            let _ = done.send(());
         }
+    }
+}
+
+/// A batch's ops and its flushes (at its top level: ops that go together hold none).
+fn take_flushes(batch: Vec<StoreOp>) -> (Vec<StoreOp>, Vec<tokio::sync::oneshot::Sender<()>>) {
+    let mut ops = Vec::with_capacity(batch.len());
+    let mut flushes = Vec::new();
+    for op in batch {
+        match op {
+            StoreOp::Flush(done) => flushes.push(done),
+            other => ops.push(other),
+        }
+    }
+    (ops, flushes)
+}
+
+async fn write_with_retries(store: &Store, ops: Vec<StoreOp>) {
+    if ops.is_empty() {
+        return;
+    }
+    let mut pause = RETRY_FIRST;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let e = match store.apply(copies(&ops)).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        if !store.out_of_reach(&e) {
+            error!(plans = %plans_of(&ops), "control store write failed: {e}; writing its ops one by one");
+            break;
+        }
+        error!(attempt, plans = %plans_of(&ops), ?pause, "control store out of reach: {e}; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+    for op in ops {
+        let mut pause = RETRY_FIRST;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let e = match store.apply(copies(std::slice::from_ref(&op))).await {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            if !store.out_of_reach(&e) && attempt >= OP_ATTEMPTS {
+                error!(op = %describe(&op), "control store write given up after {attempt} attempts: {e}");
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_MAX);
+        }
+    }
+}
+
+/// Copies of ops (none is a flush) for one attempt: [`Store::apply`] consumes them.
+fn copies(ops: &[StoreOp]) -> Vec<StoreOp> {
+    ops.iter().map(StoreOp::duplicate).collect()
+}
+
+/// The plans a batch's ops write, for its failure's log line.
+fn plans_of(ops: &[StoreOp]) -> String {
+    let mut plans = std::collections::BTreeSet::new();
+    fn walk<'a>(ops: &'a [StoreOp], plans: &mut std::collections::BTreeSet<&'a str>) {
+        for op in ops {
+            match op {
+                StoreOp::InsertPlan { plan, .. } => {
+                    plans.insert(plan.id.as_str());
+                }
+                StoreOp::PlanState { plan_id, .. }
+                | StoreOp::Steps { plan_id, .. }
+                | StoreOp::Waves { plan_id, .. }
+                | StoreOp::DataProgress { plan_id, .. } => {
+                    plans.insert(plan_id.as_str());
+                }
+                StoreOp::Audit(a) => {
+                    plans.insert(a.plan_id.as_str());
+                }
+                StoreOp::Together(inner) => walk(inner, plans),
+                StoreOp::Agent { .. } | StoreOp::Flush(_) => {}
+            }
+        }
+    }
+    walk(ops, &mut plans);
+    plans.into_iter().collect::<Vec<_>>().join(", ")
+}
+
+/// What an op writes, for the log line of one given up.
+fn describe(op: &StoreOp) -> String {
+    match op {
+        StoreOp::InsertPlan { plan, steps } => {
+            format!("plan {}'s row and its {} steps", plan.id, steps.len())
+        }
+        StoreOp::PlanState { plan_id, state, .. } => format!("plan {plan_id}'s state {state}"),
+        StoreOp::Steps { plan_id, updates } => {
+            format!("{} step updates of plan {plan_id}", updates.len())
+        }
+        StoreOp::Audit(a) => format!("audit entry {} of plan {}", a.action, a.plan_id),
+        StoreOp::Agent { shard, .. } => format!("agent row of shard {shard}"),
+        StoreOp::Waves { plan_id, .. } => format!("waves of plan {plan_id}"),
+        StoreOp::DataProgress { plan_id, .. } => format!("data progress of plan {plan_id}"),
+        StoreOp::Together(inner) => format!(
+            "ops that go together ({})",
+            inner.iter().map(describe).collect::<Vec<_>>().join("; ")
+        ),
+        StoreOp::Flush(_) => "a flush".into(),
     }
 }
 
@@ -85,6 +203,37 @@ fn flatten(ops: Vec<StoreOp>) -> Vec<StoreOp> {
 }
 
 impl Store {
+    /// Whether a write failed because the store was out of reach for a while, not because
+    /// of what it wrote: trying it again later can succeed. PostgreSQL: the connection
+    /// (class 08), resources such as a full disk (53), an operator's shutdown or a server
+    /// starting (57), a serialization failure or deadlock (40), a standby that is not
+    /// promoted yet (25006); SQLite: a busy or locked file, an I/O error, a full disk.
+    fn out_of_reach(&self, e: &StoreError) -> bool {
+        let StoreError::Sql(e) = e else {
+            return false;
+        };
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => {
+                let Some(code) = db.code() else {
+                    return false;
+                };
+                if self.is_pg {
+                    ["08", "53", "57", "40"].iter().any(|c| code.starts_with(c)) || code == "25006"
+                } else {
+                    // the primary result code: the low byte of an extended one
+                    code.parse::<u32>()
+                        .is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14))
+                }
+            }
+            _ => false,
+        }
+    }
+
     /// Applies ops in one transaction (answers flushes after it commits).
     pub async fn apply(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
         let mut flushes = Vec::new();
