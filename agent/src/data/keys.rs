@@ -221,10 +221,12 @@ pub(crate) async fn inspect(
         }
     }
     let key_attnums: Vec<i16> = d.key.iter().map(|c| find(c).expect("checked").3).collect();
-    // Unique if a unique index (not partial, on columns only) has all its key columns
-    // among the key's: the key's values then identify one row.
+    // Unique if a unique index (valid: a failed concurrent build leaves an INVALID one over
+    // duplicates; not partial; on columns only) has all its key columns among the key's:
+    // the key's values then identify one row.
     let unique: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique \
+           AND i.indisvalid \
            AND i.indpred IS NULL AND i.indnkeyatts <= pg_catalog.cardinality($2::int2[]) \
            AND (SELECT pg_catalog.bool_and(i.indkey[g] = ANY($2::int2[])) \
                 FROM pg_catalog.generate_series(0, i.indnkeyatts - 1) g))",

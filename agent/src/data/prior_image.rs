@@ -110,7 +110,8 @@ pub(crate) async fn restore_prior_image(
     let (mut rows, mut kept) = (0i64, 0i64);
     for number in numbers {
         let sql = prior_image_restore(cx, m, number, &types).map_err(|e| {
-            sqlx::Error::Protocol(format!("restoring the prior image of `{}`: {e}", m.id()))
+            // not a lost connection (Protocol would say so): the change's own problem
+            sqlx::Error::InvalidArgument(format!("restoring the prior image of `{}`: {e}", m.id()))
         })?;
         let counts = match sqlx::raw_sql(AssertSqlSafe(sql))
             .fetch_all(&mut *conn)

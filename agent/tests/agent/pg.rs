@@ -1242,6 +1242,62 @@ async fn a_change_does_not_begin_over_prior_images_of_an_earlier_run() {
     f.drop().await;
 }
 
+/// A key whose only unique index is INVALID (a concurrent build that failed on
+/// duplicates left it) is not unique: the change refuses it, naming the table, before any
+/// batch. Before, the INVALID index passed for one, and the batches and a prior image's
+/// restore keyed on values two rows share.
+#[tokio::test]
+async fn an_invalid_unique_index_does_not_make_a_key_unique() {
+    let Some(f) = fleet("invalid_key", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    sqlx::raw_sql(
+        "CREATE TABLE tenant_0000.pairs (k int, v int); \
+         INSERT INTO tenant_0000.pairs VALUES (1, 0), (1, 0), (2, 0);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let failed = sqlx::raw_sql("CREATE UNIQUE INDEX CONCURRENTLY pairs_k ON tenant_0000.pairs (k)")
+        .execute(&pool)
+        .await;
+    assert!(
+        failed.is_err(),
+        "the duplicates fail the build, leaving it INVALID"
+    );
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "ik".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "pairs".into(),
+                key: "k".into(),
+                batch_size: 1,
+                batch_sql: "UPDATE pairs SET v = v + 1 WHERE k > $1 AND k <= $2".into(),
+                ..Default::default()
+            }),
+            ..migration("bump", "", "", "")
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let r = s
+        .assign("ik", 1, 1, vec![run(1, "tenant_0000", &["bump"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Failed], "{:?}", r[&1]);
+    let e = r[&1].steps[0].error.as_ref().unwrap();
+    assert!(e.message.contains("is not unique"), "{e:?}");
+    assert_eq!(
+        count(&pool, "SELECT sum(v)::bigint FROM tenant_0000.pairs").await,
+        0,
+        "no batch ran"
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A halt cuts short a data change's wait for its rate (at 2 rows/s a batch of 7 waits 3.5
 /// s): the change stops at that batch boundary, the next batch not done. Before, the wait
 /// ran to its end and one more batch ran after the halt (a wait for a low rate can last

@@ -24,6 +24,8 @@ pub const DEADLOCK_DETECTED: &str = "40P01";
 /// Both of the above: the transaction was undone by a conflict with another session, and
 /// doing it again may well succeed.
 pub const CONFLICTS: [&str; 2] = [SERIALIZATION_FAILURE, DEADLOCK_DETECTED];
-/// `admin_shutdown`, `crash_shutdown`, `cannot_connect_now`: the server went away or is
-/// not up yet; what the failed transaction did was undone with it.
-pub const SERVER_GONE: [&str; 3] = ["57P01", "57P02", "57P03"];
+/// `admin_shutdown`, `crash_shutdown`, `cannot_connect_now`, `idle_session_timeout`: the
+/// server went away or is not up yet, or ended a session left idle (a data change paused
+/// longer than the server's idle_session_timeout); what the failed transaction did was
+/// undone with it.
+pub const SERVER_GONE: [&str; 4] = ["57P01", "57P02", "57P03", "57P05"];
