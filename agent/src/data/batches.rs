@@ -333,7 +333,21 @@ async fn batches(
         let began = Instant::now();
         let last_row = commit_batch(conn, cx, m, &sql)
             .await
-            .map_err(|failure| stopped_if_server_gone(m, failure, &mut progress, size, attempt))?;
+            .map_err(|mut failure| {
+                // where in the table: the batch and its keys, to look at those rows
+                let short = |k: &str| match k.char_indices().nth(80) {
+                    Some((at, _)) => format!("{}...", &k[..at]),
+                    None => k.to_string(),
+                };
+                failure.error.message = format!(
+                    "{} (batch {}: keys after {} up to {})",
+                    failure.error.message,
+                    batches + 1,
+                    prev.as_deref().map_or("the start".to_string(), short),
+                    short(&upper)
+                );
+                stopped_if_server_gone(m, failure, &mut progress, size, attempt)
+            })?;
         let took = began.elapsed();
         if next_page.is_some() {
             found = Page::full_from_row(size, last_row).map_err(|e| agent_failure(m, e))?;

@@ -1799,7 +1799,13 @@ async fn a_step_left_part_way_goes_on_or_is_undone() {
     for id in [3, 4] {
         assert_eq!(outcomes(&r[&id]), [pb::StepOutcome::Failed], "{:?}", r[&id]);
         let e = r[&id].steps[0].error.clone().unwrap();
-        assert!(e.message.contains("fill_gate"), "{e:?}");
+        // the error says where: the first batch, from the start of the key to 7
+        assert!(
+            e.message.contains("fill_gate")
+                && e.message
+                    .ends_with("(batch 1: keys after the start up to 7)"),
+            "{e:?}"
+        );
     }
     for t in ["tenant_0000", "tenant_0001"] {
         assert_eq!(count(&pool, &checkpoint(t, "fill")).await, 1, "{t}");
