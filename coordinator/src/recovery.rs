@@ -96,6 +96,14 @@ impl Coordinator {
     /// Plans left running by a previous coordinator: rebuilt and continued.
     pub async fn resume_unfinished(&self) -> Result<usize, CoordinatorError> {
         let epoch = self.leader_epoch()?;
+        // Fault tests: a leader that cannot take its unfinished plans over yet (etcd or the
+        // store failing as it takes over): it retries while its term lasts.
+        fail::fail_point!("coordinator::resume_unfinished", |_| Err(
+            crate::store::StoreError::Sql(sqlx::Error::InvalidArgument(
+                "failpoint coordinator::resume_unfinished".into()
+            ))
+            .into()
+        ));
         // A term of this process before may have left step updates the writer has not
         // stored yet (they wait up to its window), or results its engine has not handled
         // yet (queued behind the Lead event): one answer from the engine puts the writes of

@@ -183,6 +183,53 @@ async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyh
     assert_none_prepared(&fleet, 2).await
 }
 
+/// A rollback asked of a plan the new leader has not taken over yet (still `running` in the
+/// control store, its atomic unit prepared on every shard, no decision) is refused, naming
+/// why: rebuilt from the store as completed, its rollback would pass over the presumed
+/// abort, and the prepared transactions would stay. Once the leader takes the plan over,
+/// it ends rolled back with nothing prepared.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_before_the_leader_takes_the_plan_over_is_refused() -> anyhow::Result<()> {
+    let mut fleet = least_privileged(1, 2, 2).await?;
+    fleet
+        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::before_decision=return")])
+        .await?;
+    fleet.wait_connected(2).await?;
+    let id = submit_atomic(&fleet).await?;
+    let status = fleet.coordinators[0]
+        .as_mut()
+        .unwrap()
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends it");
+    assert_eq!(status.code(), Some(86));
+    // a leader that cannot take its unfinished plans over yet
+    let c = fleet.spawn_coordinator_with(
+        0,
+        &[("FAILPOINTS", "coordinator::resume_unfinished=return")],
+    )?;
+    c.wait_for_log("cannot continue unfinished plans yet", WAIT)
+        .await?;
+    fleet.coordinators[0] = Some(c);
+    let out = fleet.cli(&["plan", "rollback", &id]).await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("plan {id} is running in the control store"))
+            && out
+                .stderr
+                .contains("not taken over by this coordinator yet"),
+        "{out}"
+    );
+    assert_eq!(satisfaction_columns(&fleet, "shard_0").await?, 0);
+    // the leader takes it over (presumed abort) and it ends rolled back
+    fleet.restart_coordinator_with(0, &[]).await?;
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    assert_none_prepared(&fleet, 2).await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits()
 -> anyhow::Result<()> {
