@@ -321,7 +321,13 @@ impl PlanRun {
         self.paused.plan || self.paused.shards.contains(shard)
     }
 
+    /// Keeps a data change's last progress, for a step of the plan: what an agent reports of
+    /// a migration or target the plan does not have on its shard is dropped (kept, it would
+    /// grow the map with whatever the messages name until the plan ends).
     pub fn record_progress(&mut self, p: pb::DataProgress) {
+        if self.step_of(&p.migration_id, &p.shard, &p.tenant).is_none() {
+            return;
+        }
         self.progress.insert(
             (p.migration_id.clone(), p.shard.clone(), p.tenant.clone()),
             p,

@@ -442,6 +442,34 @@ fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
     assert_eq!(run.failures[0].error.as_ref().unwrap().phase, "down");
 }
 
+/// Progress is kept for the plan's own steps only, one entry each whatever comes again.
+#[test]
+fn progress_is_kept_for_the_plans_steps_only() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1")],
+        pb::FailurePolicy::Continue,
+    );
+    let progress = |migration: &str, shard: &str, tenant: &str, done| pb::DataProgress {
+        plan_id: "p0".into(),
+        migration_id: migration.into(),
+        shard: shard.into(),
+        tenant: tenant.into(),
+        rows_done: done,
+        ..Default::default()
+    };
+    for done in [10, 20] {
+        run.record_progress(progress("a", "s0", "t1", done));
+    }
+    for (m, shard, tenant) in [("zz", "s0", "t1"), ("a", "s9", "t1"), ("a", "s0", "t2")] {
+        run.record_progress(progress(m, shard, tenant, 1));
+    }
+    assert_eq!(run.progress.len(), 1);
+    let kept = run.progress.values().next().unwrap();
+    assert_eq!((kept.migration_id.as_str(), kept.rows_done), ("a", 20));
+}
+
 #[test]
 fn a_paused_shard_gets_no_runs_until_resumed() {
     let mut run = plan_of(
