@@ -284,7 +284,11 @@ pub async fn start(
             (Arc::new(e), None)
         };
     let (writes, writes_rx) = mpsc::unbounded_channel();
-    tokio::spawn(store::run_writer(store.clone(), writes_rx));
+    tokio::spawn(store::run_writer(
+        store.clone(),
+        writes_rx,
+        Some(coordination.leadership()),
+    ));
     let (changes, _) = broadcast::channel(1024);
     let (events, events_rx) = mpsc::channel(4096);
     let fleet = Arc::new(sessions::registry::Fleet::default());

@@ -280,6 +280,10 @@ impl Coordinator {
                 return Ok(status);
             }
         }
+        // a follower sends the operator to the leader (before reading the store's row: a
+        // follower holds no plan in memory, and would refuse every rollback as not taken
+        // over)
+        let epoch = self.leader_epoch()?;
         let revive = if in_memory || kind == CommandKind::Cancel {
             None
         } else {
@@ -324,7 +328,6 @@ impl Coordinator {
             run.state = PlanState::Completed;
             Some(Box::new(run))
         };
-        let epoch = self.leader_epoch()?;
         let revived_shards: Option<Vec<String>> =
             revive.as_ref().map(|r| r.shards.keys().cloned().collect());
         let id = plan_id.to_string();

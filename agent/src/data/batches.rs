@@ -283,9 +283,21 @@ async fn batches(
         // a pause or halt cuts the rate's wait short: the boundary above takes it
         let waited = match control.as_mut() {
             Some(c) => {
+                // a pause or a halt, not any message on the channel (a resume of a plan
+                // not paused): those would restart the wait, and a low rate never end it
+                let (paused, halts) = {
+                    let now = c.borrow_and_update();
+                    (now.paused.is_some(), now.halts)
+                };
                 let changed = async {
-                    if c.changed().await.is_err() {
-                        std::future::pending::<()>().await;
+                    loop {
+                        if c.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                        let now = c.borrow_and_update();
+                        if now.paused.is_some() != paused || now.halts != halts {
+                            break;
+                        }
                     }
                 };
                 limits.wait_unless(n as u64, changed).await

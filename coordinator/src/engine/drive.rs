@@ -14,6 +14,10 @@ use crate::metrics;
 use crate::plan::{PlanState, RollbackState};
 use crate::store::StoreOp;
 
+/// How long a plan's end waits for its final state to be stored (usually the writer's
+/// window, 200 ms, and a commit).
+const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(5);
+
 impl Engine {
     /// Hands out work, asks for rollbacks not asked yet, and ends the plan when done.
     pub(super) async fn drive(&mut self, plan_id: &str) {
@@ -124,10 +128,20 @@ impl Engine {
         }
         self.write_state(plan_id);
         // Readers switch to the store once the plan leaves memory: make sure
-        // the final state is there first.
+        // the final state is there first. Not for longer than FINAL_FLUSH_WAIT: while the
+        // store is out of reach the writer tries again until it is back, and the engine
+        // (every other plan's results and decisions) must not wait for it.
         let (tx, rx) = oneshot::channel();
-        if self.store.send(StoreOp::Flush(tx)).is_ok() && rx.await.is_err() {
-            warn!(plan = %plan_id, "the store writer stopped before the final state was flushed");
+        if self.store.send(StoreOp::Flush(tx)).is_ok() {
+            match tokio::time::timeout(FINAL_FLUSH_WAIT, rx).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    warn!(plan = %plan_id, "the store writer stopped before the final state was flushed")
+                }
+                Err(_) => warn!(plan = %plan_id, wait = ?FINAL_FLUSH_WAIT,
+                    "the control store has not taken the plan's final state yet; it goes on \
+                     trying, and the plan's status read from the store lags until it does"),
+            }
         }
         // what a watcher of its end is told, built before the plan leaves memory
         let last = self.status_of(plan_id);

@@ -590,7 +590,7 @@ mod tests {
     async fn opened(location: &str) -> (Store, mpsc::UnboundedSender<StoreOp>) {
         let store = Store::open(&SecretUrl::new(location)).await.unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_writer(store.clone(), rx));
+        tokio::spawn(run_writer(store.clone(), rx, None));
         (store, tx)
     }
 

@@ -36,11 +36,21 @@ const OP_ATTEMPTS: u32 = 3;
 /// file) the batch is tried again until it commits, the ops after it waiting in order;
 /// after any other failure its ops are tried one by one, so that only one the store
 /// refuses is given up, named. Flushes are answered once the ops before them are written
-/// or given up.
-pub async fn run_writer(store: Store, mut rx: mpsc::UnboundedReceiver<StoreOp>) {
+/// or given up. `leadership`: a batch is tried again only while this coordinator leads
+/// (a deposed leader's writes must not land over its successor's); None: always.
+pub async fn run_writer(
+    store: Store,
+    mut rx: mpsc::UnboundedReceiver<StoreOp>,
+    leadership: Option<tokio::sync::watch::Receiver<crate::coordination::Leadership>>,
+) {
+    let leading = || {
+        leadership
+            .as_ref()
+            .is_none_or(|l| matches!(*l.borrow(), crate::coordination::Leadership::Leader { .. }))
+    };
     while let Some(first) = rx.recv().await {
         let (ops, flushes) = take_flushes(gather(&mut rx, first).await);
-        write_with_retries(&store, ops).await;
+        write_with_retries(&store, ops, &leading).await;
         for done in flushes {
             let _ = done.send(());
         }
@@ -60,7 +70,7 @@ fn take_flushes(batch: Vec<StoreOp>) -> (Vec<StoreOp>, Vec<tokio::sync::oneshot:
     (ops, flushes)
 }
 
-async fn write_with_retries(store: &Store, ops: Vec<StoreOp>) {
+async fn write_with_retries(store: &Store, ops: Vec<StoreOp>, leading: &impl Fn() -> bool) {
     if ops.is_empty() {
         return;
     }
@@ -72,6 +82,10 @@ async fn write_with_retries(store: &Store, ops: Vec<StoreOp>) {
             Ok(()) => return,
             Err(e) => e,
         };
+        if !leading() {
+            error!(plans = %plans_of(&ops), "control store write failed: {e}; not tried again: this coordinator no longer leads");
+            return;
+        }
         if !store.out_of_reach(&e) {
             error!(plans = %plans_of(&ops), "control store write failed: {e}; writing its ops one by one");
             break;
@@ -89,7 +103,7 @@ async fn write_with_retries(store: &Store, ops: Vec<StoreOp>) {
                 Ok(()) => break,
                 Err(e) => e,
             };
-            if !store.out_of_reach(&e) && attempt >= OP_ATTEMPTS {
+            if !leading() || (!store.out_of_reach(&e) && attempt >= OP_ATTEMPTS) {
                 error!(op = %describe(&op), "control store write given up after {attempt} attempts: {e}");
                 break;
             }
@@ -205,9 +219,10 @@ fn flatten(ops: Vec<StoreOp>) -> Vec<StoreOp> {
 impl Store {
     /// Whether a write failed because the store was out of reach for a while, not because
     /// of what it wrote: trying it again later can succeed. PostgreSQL: the connection
-    /// (class 08), resources such as a full disk (53), an operator's shutdown or a server
-    /// starting (57), a serialization failure or deadlock (40), a standby that is not
-    /// promoted yet (25006); SQLite: a busy or locked file, an I/O error, a full disk.
+    /// (class 08), resources such as a full disk (53), an operator's or a crash's shutdown or
+    /// a server starting (57P01-57P03), a serialization failure or deadlock (40001, 40P01),
+    /// a standby that is not promoted yet (25006); SQLite: a busy or locked file, an I/O
+    /// error, a full disk. Not a statement timeout (57014): that one fails the same again.
     fn out_of_reach(&self, e: &StoreError) -> bool {
         let StoreError::Sql(e) = e else {
             return false;
@@ -223,7 +238,9 @@ impl Store {
                     return false;
                 };
                 if self.is_pg {
-                    ["08", "53", "57", "40"].iter().any(|c| code.starts_with(c)) || code == "25006"
+                    ["08", "53"].iter().any(|c| code.starts_with(c))
+                        || ["57P01", "57P02", "57P03", "40001", "40P01", "25006"]
+                            .contains(&code.as_ref())
                 } else {
                     // the primary result code: the low byte of an extended one
                     code.parse::<u32>()
