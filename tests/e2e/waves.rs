@@ -533,6 +533,44 @@ async fn tables_named(
     Ok(n)
 }
 
+/// A rollback of a running plan sent to the follower is carried to the leader, which holds
+/// the plan (here waiting at a manual gate): the plan rolls back. The follower holds no plan
+/// in memory; when it refused such a plan as not taken over before sending the operator to
+/// the leader, every rollback sent there failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_sent_to_the_follower_reaches_the_leader() -> anyhow::Result<()> {
+    let fleet = crate::ha::HaFleet::start(2, 2, 3).await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let follower = 1 - leader;
+    let plan = r#"name = "gated-follower"
+
+[[waves]]
+name = "canary"
+count = 2
+gate = "manual"
+
+[[waves]]
+name = "rest"
+rest = true
+"#;
+    let dir = plan_dir(plan)?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    crate::harness::wait_until(
+        "the plan waits at the canary's gate",
+        crate::fleet::WAIT,
+        async || Ok(fleet.status(&id).await?["state"] == "waiting"),
+    )
+    .await?;
+    let out = fleet.cli_at(follower, &["plan", "rollback", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    crate::harness::wait_until("the plan rolled back", crate::fleet::WAIT, async || {
+        Ok(fleet.status(&id).await?["state"] == "rolled_back")
+    })
+    .await?;
+    assert_eq!(tables_named(&fleet.pg, 2, "rollout_mark").await?, 0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_manual_gate_keeps_waiting_when_the_leader_is_killed() -> anyhow::Result<()> {
     let mut fleet = crate::ha::HaFleet::start(2, 2, 3).await?;
