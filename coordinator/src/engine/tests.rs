@@ -25,11 +25,26 @@ fn engine_with(fleet: Arc<Fleet>) -> mpsc::Sender<Event> {
 
 /// [`engine_with`], telling `changes` what changed (as it tells plan watches).
 fn engine_telling(fleet: Arc<Fleet>, changes: super::Changes) -> mpsc::Sender<Event> {
+    engine_storing(fleet, changes, true)
+}
+
+/// [`engine_telling`]; `flushes`: whether the store answers flushes (false: a store out of
+/// reach, whose writer keeps trying and answers nothing).
+fn engine_storing(
+    fleet: Arc<Fleet>,
+    changes: super::Changes,
+    flushes: bool,
+) -> mpsc::Sender<Event> {
     let (store, mut writes) = mpsc::unbounded_channel();
     tokio::spawn(async move {
+        let mut held = Vec::new();
         while let Some(op) = writes.recv().await {
             if let StoreOp::Flush(done) = op {
-                let _ = done.send(());
+                if flushes {
+                    let _ = done.send(());
+                } else {
+                    held.push(done);
+                }
             }
         }
     });
@@ -529,4 +544,74 @@ async fn a_rollback_while_a_unit_commits_is_refused_until_it_has() {
         .unwrap();
     // completed, it has left memory (its status comes from the store)
     assert!(answered.await.unwrap().is_none());
+}
+
+/// A plan ends while the control store is out of reach (its writer keeps trying and answers
+/// no flush): the engine waits a bounded time for the final state to be stored, then the
+/// plan ends and its watchers are told, and the engine goes on handling events. Before the
+/// bound, the engine waited for the flush as long as the store was away.
+#[tokio::test(start_paused = true)]
+async fn a_plan_ends_while_the_store_is_out_of_reach() {
+    let (changes, mut told) = broadcast::channel(16);
+    let events = engine_storing(Arc::new(Fleet::default()), changes, false);
+    let (tx, mut rx) = mpsc::channel(16);
+    events
+        .send(Event::Attached {
+            shard: "s0".into(),
+            conn_id: 1,
+            tx,
+            max_lanes: 4,
+            in_doubt: Vec::new(),
+            epoch: 1,
+        })
+        .await
+        .unwrap();
+    let run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1")],
+        pb::FailurePolicy::Continue,
+    );
+    start_locked(&events, run).await;
+    assert!(matches!(next_message(&mut rx).await, Body::Plan(_)));
+    let runs = match next_message(&mut rx).await {
+        Body::Assign(a) => a.runs,
+        other => panic!("expected runs, got {other:?}"),
+    };
+    events
+        .send(Event::Results {
+            shard: "s0".into(),
+            results: pb::RunResults {
+                plan_id: "p0".into(),
+                runs: runs
+                    .iter()
+                    .map(|r| pb::RunResult {
+                        run_id: r.run_id,
+                        tenant: r.tenant.clone(),
+                        steps: vec![pb::StepResult {
+                            migration_id: "a".into(),
+                            outcome: pb::StepOutcome::Applied as i32,
+                            ..Default::default()
+                        }],
+                        prepared_at_us: 0,
+                    })
+                    .collect(),
+            },
+            received: std::time::Instant::now(),
+        })
+        .await
+        .unwrap();
+    let last = loop {
+        // on the paused clock: the bounded wait runs out, no real time passes
+        let (_, ended) = tokio::time::timeout(Duration::from_secs(60), told.recv())
+            .await
+            .expect("the plan ends though its final state is not stored yet")
+            .expect("the engine tells");
+        if let Some(last) = ended {
+            break last;
+        }
+    };
+    assert_eq!(last.summary.as_ref().unwrap().state, "completed");
+    // and the engine goes on: it answers
+    handled(&events).await;
 }
