@@ -54,15 +54,9 @@ pub(super) async fn run_up_statements(
         failure: classify(e, "up"),
         in_transaction,
     };
-    // A setting done before (`SET ROLE`, `SET search_path`) lived in the session that ran
-    // it; the statements after it expect it in this one.
-    for statement in m.up.iter().take(done) {
-        if is_session_setting(statement) {
-            execute(conn, statement.clone())
-                .await
-                .map_err(|e| fail(&e, false))?;
-        }
-    }
+    replay_session_settings(conn, m.up.iter().take(done))
+        .await
+        .map_err(|e| fail(&e, false))?;
     for (k, statement) in m.up.iter().enumerate().skip(done) {
         let advance = advance_sql(cx, m, k, k + 1);
         // refused a transaction block though the splitter took it for one that runs in
@@ -156,13 +150,9 @@ pub(super) async fn run_down_statements(
         failure.error.message = with_attempts(&failure, attempts, m.lock_timeout_ms);
         failure
     };
-    for statement in m.down.iter().take(undone) {
-        if is_session_setting(statement) {
-            execute(conn, statement.clone())
-                .await
-                .map_err(|e| fail(&e, 1))?;
-        }
-    }
+    replay_session_settings(conn, m.down.iter().take(undone))
+        .await
+        .map_err(|e| fail(&e, 1))?;
     for (k, statement) in m.down.iter().enumerate().skip(undone) {
         let mut advance = String::new();
         push_advance_undone(&mut advance, cx, m, k, k + 1);
@@ -268,6 +258,19 @@ async fn run_on_its_own(
                 if phase == "down" { "rollback" } else { "step" }
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Runs again the session settings (`SET ROLE`, `SET search_path`) among statements done by
+/// an earlier run: they lived in the session that ran them, and the statements after them
+/// expect them in this one.
+async fn replay_session_settings<'a>(
+    conn: &mut PgConnection,
+    done: impl Iterator<Item = &'a String>,
+) -> Result<(), sqlx::Error> {
+    for statement in done.filter(|s| is_session_setting(s)) {
+        execute(conn, statement.clone()).await?;
     }
     Ok(())
 }

@@ -125,34 +125,7 @@ async fn an_agent_that_lost_its_lock_takes_no_runs_until_it_holds_it_again() {
         ..Default::default()
     }));
     let agent_pid = lock_sessions(&f.pool).await.0.expect("the agent holds it");
-
-    // Another session queues for the lock, then the agent's lock session dies: the lock
-    // passes to the waiting session, as it would to a second agent.
-    let mut other = PgConnection::connect(&f.dsn).await.unwrap();
-    let waiting = tokio::spawn(async move {
-        sqlx::query("SELECT pg_advisory_lock(hashtext('flotilla.agent'))")
-            .execute(&mut other)
-            .await
-            .unwrap();
-        other
-    });
-    flotilla_testkit::wait::wait_until("a session waiting for the agent lock", WAIT, async || {
-        Ok(lock_sessions(&f.pool).await.1)
-    })
-    .await
-    .expect("waiting");
-    let mark = log_mark();
-    sqlx::query("SELECT pg_terminate_backend($1)")
-        .bind(agent_pid)
-        .execute(&f.pool)
-        .await
-        .unwrap();
-    let other = tokio::time::timeout(WAIT, waiting)
-        .await
-        .expect("lock passed on")
-        .unwrap();
-    // the agent checks its lock's connection every second; it says when it finds it gone
-    wait_for_log(mark, "lost the connection holding the shard's agent lock").await;
+    let (other, _) = lose_the_lock_to_another_session(&f, agent_pid).await;
 
     s.send(In::Assign(pb::Assign {
         plan_id: "p".into(),
@@ -195,31 +168,8 @@ async fn an_agent_that_takes_its_lock_back_over_a_newer_schema_takes_no_runs() {
         ..Default::default()
     }));
     let agent_pid = lock_sessions(&f.pool).await.0.expect("the agent holds it");
-    let mut other = PgConnection::connect(&f.dsn).await.unwrap();
-    let waiting = tokio::spawn(async move {
-        sqlx::query("SELECT pg_advisory_lock(hashtext('flotilla.agent'))")
-            .execute(&mut other)
-            .await
-            .unwrap();
-        other
-    });
-    flotilla_testkit::wait::wait_until("a session waiting for the agent lock", WAIT, async || {
-        Ok(lock_sessions(&f.pool).await.1)
-    })
-    .await
-    .expect("waiting");
-    let mark = log_mark();
-    sqlx::query("SELECT pg_terminate_backend($1)")
-        .bind(agent_pid)
-        .execute(&f.pool)
-        .await
-        .unwrap();
     // the newer agent: holds the lock, upgrades the schema, goes away
-    let mut other = tokio::time::timeout(WAIT, waiting)
-        .await
-        .expect("lock passed on")
-        .unwrap();
-    wait_for_log(mark, "lost the connection holding the shard's agent lock").await;
+    let (mut other, mark) = lose_the_lock_to_another_session(&f, agent_pid).await;
     sqlx::query(
         "UPDATE flotilla.meta SET value = (value::int + 1)::text WHERE key = 'schema_version'",
     )
@@ -272,4 +222,36 @@ async fn an_agent_that_takes_its_lock_back_over_a_newer_schema_takes_no_runs() {
     assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied; 3]);
     h.stop().await;
     f.drop().await;
+}
+
+/// Another session queues for the shard's agent lock, then the agent's lock session dies:
+/// the lock passes to the waiting session (as it would to a second agent), which is
+/// returned with the log mark from before the agent lost it, once the agent said so.
+async fn lose_the_lock_to_another_session(f: &Fleet, agent_pid: i32) -> (PgConnection, usize) {
+    let mut other = PgConnection::connect(&f.dsn).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        sqlx::query("SELECT pg_advisory_lock(hashtext('flotilla.agent'))")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        other
+    });
+    flotilla_testkit::wait::wait_until("a session waiting for the agent lock", WAIT, async || {
+        Ok(lock_sessions(&f.pool).await.1)
+    })
+    .await
+    .expect("waiting");
+    let mark = log_mark();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(agent_pid)
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let other = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("lock passed on")
+        .unwrap();
+    // the agent checks its lock's connection every second; it says when it finds it gone
+    wait_for_log(mark, "lost the connection holding the shard's agent lock").await;
+    (other, mark)
 }

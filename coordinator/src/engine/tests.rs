@@ -578,29 +578,9 @@ async fn a_plan_ends_while_the_store_is_out_of_reach() {
         Body::Assign(a) => a.runs,
         other => panic!("expected runs, got {other:?}"),
     };
-    events
-        .send(Event::Results {
-            shard: "s0".into(),
-            results: pb::RunResults {
-                plan_id: "p0".into(),
-                runs: runs
-                    .iter()
-                    .map(|r| pb::RunResult {
-                        run_id: r.run_id,
-                        tenant: r.tenant.clone(),
-                        steps: vec![pb::StepResult {
-                            migration_id: "a".into(),
-                            outcome: pb::StepOutcome::Applied as i32,
-                            ..Default::default()
-                        }],
-                        prepared_at_us: 0,
-                    })
-                    .collect(),
-            },
-            received: std::time::Instant::now(),
-        })
-        .await
-        .unwrap();
+    for r in &runs {
+        result(&events, "s0", r, pb::StepOutcome::Applied).await;
+    }
     let last = loop {
         // on the paused clock: the bounded wait runs out, no real time passes
         let (_, ended) = tokio::time::timeout(Duration::from_secs(60), told.recv())
