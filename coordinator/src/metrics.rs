@@ -114,6 +114,10 @@ fn install_labelled(addr: Option<SocketAddr>, shard: Option<&str>) -> Result<(),
 
 fn describe() {
     describe_counter!(
+        "flotilla_store_write_failures_total",
+        "Control store transactions of the store writer that failed, by outcome: retried (the store out of reach: tried again while this coordinator leads under the writes' term), given_up (one write the store refused for good, or a batch of a term that no longer leads), refused (a later leader has fenced the store: a deposed leader's writes, none written). Each is logged with its plans."
+    );
+    describe_counter!(
         "flotilla_connections_refused_total",
         "Clients refused for their certificate, by reason: no_certificate, bad_certificate (another CA, expired, ...) in the TLS handshake; wrong_shard for an agent whose certificate names another shard. Each is also in the audit trail."
     );
@@ -259,6 +263,9 @@ fn describe() {
 /// Series that exist before their first event: dashboards and alerts see 0, not nothing.
 /// Called once the coordinator starts (not in [`install`], which an agent's process calls).
 pub fn initialise(agent_grace: Duration) {
+    for outcome in STORE_WRITE_FAILURES {
+        counter!("flotilla_store_write_failures_total", "outcome" => outcome).absolute(0);
+    }
     for reason in REFUSALS {
         counter!("flotilla_connections_refused_total", "reason" => reason).absolute(0);
     }
@@ -408,6 +415,15 @@ const APPROVAL_DECISIONS: [&str; 3] = ["awaiting", "approve", "reject"];
 pub const REFUSALS: [&str; 3] = ["no_certificate", "bad_certificate", "wrong_shard"];
 
 /// A client refused for its certificate; `reason` is one of [`REFUSALS`].
+/// The `outcome` label of `flotilla_store_write_failures_total`.
+const STORE_WRITE_FAILURES: [&str; 3] = ["retried", "given_up", "refused"];
+
+/// A store writer's transaction that failed: `retried`, `given_up` or `refused`.
+pub fn store_write_failed(outcome: &'static str) {
+    debug_assert!(STORE_WRITE_FAILURES.contains(&outcome));
+    counter!("flotilla_store_write_failures_total", "outcome" => outcome).increment(1);
+}
+
 pub fn connection_refused(reason: &'static str) {
     debug_assert!(REFUSALS.contains(&reason));
     counter!("flotilla_connections_refused_total", "reason" => reason).increment(1);

@@ -115,6 +115,13 @@ impl Coordinator {
         })
         .await?;
         self.flush().await;
+        // From here on the store refuses the writes of any earlier term (a deposed leader's
+        // queued step updates, a plan's end it decided before it knew): what is read below
+        // is what this term continues from, and nobody else changes it after.
+        let fenced = self.inner.store.fence(epoch).await?;
+        if fenced > epoch {
+            return Err(CoordinatorError::NotLeader { leader: None });
+        }
         let rows = self.inner.store.unfinished_plans().await?;
         // Plans awaiting approval are not continued (they wait on), only counted.
         self.count_awaiting().await;

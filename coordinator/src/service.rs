@@ -46,7 +46,7 @@ pub struct Inner {
     /// The agents' journals, for `fleet status` and `fleet show`.
     pub versions: crate::versions::FleetVersions,
     pub events: mpsc::Sender<Event>,
-    pub writes: mpsc::UnboundedSender<StoreOp>,
+    pub writes: mpsc::UnboundedSender<crate::store::Termed>,
     pub changes: crate::engine::Changes,
     pub coordination: Arc<dyn Coordination>,
     /// Set with the embedded backend: attachments are its liveness signal.
@@ -188,9 +188,12 @@ impl Coordinator {
         rx.await.map_err(|_| CoordinatorError::ShuttingDown)
     }
 
-    /// Hands a write to the store writer (in order with the engine's).
+    /// Hands a write to the store writer (in order with the engine's), under the term this
+    /// coordinator leads in (the store refuses it once a later leader fenced the store); a
+    /// follower's (an audit entry of a refusal) under none.
     pub(crate) fn write(&self, op: StoreOp) {
-        if self.inner.writes.send(op).is_err() {
+        let term = self.leader_epoch().ok();
+        if self.inner.writes.send((term, op)).is_err() {
             // only at shutdown, with the writer gone
             warn!("store writer gone; a write is dropped");
         }

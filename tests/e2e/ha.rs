@@ -535,6 +535,28 @@ async fn a_paused_leader_is_replaced_and_fenced_and_the_plan_completes_once() ->
         new_epoch > old_epoch,
         "the fence moved to the new leader's epoch ({old_epoch} -> {new_epoch})"
     );
+    // The new leader fenced the control store too, before it read the plan to continue:
+    // whatever the old one still had queued is refused there, and the plan's end stands.
+    let store_fence: String = fleet
+        .pg
+        .query_scalar(
+            "control",
+            "SELECT value FROM flotilla_meta WHERE key = 'leader_epoch'",
+        )
+        .await?;
+    assert_eq!(
+        store_fence,
+        new_epoch.to_string(),
+        "the control store's fence"
+    );
+    let stored: String = fleet
+        .pg
+        .query_scalar(
+            "control",
+            &format!("SELECT state FROM plans WHERE id = '{id}'"),
+        )
+        .await?;
+    assert_eq!(stored, "completed", "the plan's end in the control store");
 
     // Exactly once on every tenant.
     for s in 0..2 {

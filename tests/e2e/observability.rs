@@ -289,6 +289,8 @@ async fn dashboard_and_alert_rules_use_only_served_metrics() -> anyhow::Result<(
         "FlotillaProductionPlanRunning",
         "FlotillaAgentDisconnected",
         "FlotillaNoLeader",
+        "FlotillaControlStoreUnreachable",
+        "FlotillaControlStoreWriteLost",
         "FlotillaPreparedTransactionStale",
         "FlotillaDataChangeThrottled",
     ] {

@@ -132,7 +132,7 @@ impl Engine {
         // store is out of reach the writer tries again until it is back, and the engine
         // (every other plan's results and decisions) must not wait for it.
         let (tx, rx) = oneshot::channel();
-        if self.store.send(StoreOp::Flush(tx)).is_ok() {
+        if self.store.send((self.term(), StoreOp::Flush(tx))).is_ok() {
             match tokio::time::timeout(FINAL_FLUSH_WAIT, rx).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {

@@ -220,7 +220,7 @@ pub struct Engine {
     detached_alive: HashMap<String, Instant>,
     /// Shards whose "detached but alive" was logged once.
     waited: BTreeSet<String>,
-    store: mpsc::UnboundedSender<StoreOp>,
+    store: mpsc::UnboundedSender<crate::store::Termed>,
     agents: HashMap<String, AgentConn>,
     plans: HashMap<String, PlanRun>,
     next_run_id: u64,
@@ -247,7 +247,7 @@ impl Engine {
     pub fn new(
         coordination: Arc<dyn Coordination>,
         agent_grace: Duration,
-        store: mpsc::UnboundedSender<StoreOp>,
+        store: mpsc::UnboundedSender<crate::store::Termed>,
         changes: Changes,
         fleet: Arc<Fleet>,
         events: mpsc::Sender<Event>,
@@ -513,13 +513,20 @@ impl Engine {
         let _ = reply.send(result.map(|()| self.status_of(plan_id).unwrap_or_default()));
     }
 
+    /// The term this engine's writes are decided under: its epoch (its last, once it
+    /// follows). The store refuses them once a later leader has fenced it, so a deposed
+    /// leader's writes cannot land over its successor's. None: it never led.
+    fn term(&self) -> Option<u64> {
+        (self.epoch > 0).then_some(self.epoch)
+    }
+
     fn write(&self, op: StoreOp) {
         if let StoreOp::Steps { updates, .. } = &op
             && updates.is_empty()
         {
             return;
         }
-        if self.store.send(op).is_err() {
+        if self.store.send((self.term(), op)).is_err() {
             // Only at shutdown: the writer is gone with the runtime. The journals
             // hold the truth for the next coordinator.
             debug!("store writer gone; a write is dropped");

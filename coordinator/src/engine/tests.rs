@@ -38,7 +38,7 @@ fn engine_storing(
     let (store, mut writes) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut held = Vec::new();
-        while let Some(op) = writes.recv().await {
+        while let Some((_, op)) = writes.recv().await {
             if let StoreOp::Flush(done) = op {
                 if flushes {
                     let _ = done.send(());

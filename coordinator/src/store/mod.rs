@@ -30,7 +30,7 @@ pub use rows::{
     AgentRow, Audit, PlanRow, StepRow, StepSummary, StepUpdate, StoreOp, WaveRow, WaveTarget,
 };
 use schema::{SCHEMA, SCHEMA_VERSION, UPGRADES};
-pub use writer::run_writer;
+pub use writer::{Termed, run_writer};
 
 /// The control store's errors: the store is unreadable or unwritable, or holds what
 /// this coordinator cannot read.
@@ -48,6 +48,12 @@ pub enum StoreError {
         "control store schema version {found} is newer than this coordinator's ({SCHEMA_VERSION})"
     )]
     NewerSchema { found: i64 },
+    /// A write decided under a leader's term after a later leader took the store over
+    /// ([`Store::fence`]): a deposed leader's write must not land over its successor's.
+    #[error(
+        "a later leader (epoch {fenced}) has taken the control store over: this write of epoch {term} is refused"
+    )]
+    Fenced { fenced: u64, term: u64 },
     /// A row this coordinator cannot read back (written by a newer one, or damaged).
     #[error("plan {plan}: stored {what} is unreadable: {reason}")]
     Corrupt {
@@ -199,6 +205,27 @@ impl Store {
         .map_err(StoreError::from)?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(next)
+    }
+
+    /// Takes the store over for a leader of `epoch` before it reads what to continue: from
+    /// the time this commits, a write of an earlier term is refused ([`StoreError::Fenced`];
+    /// each of the writer's transactions checks the fence last, on PostgreSQL under a share
+    /// lock of the fence's row, so one that began before waits for this or this for it).
+    /// Returns the fence now stored: above `epoch` when a later leader took it over already.
+    pub async fn fence(&self, epoch: u64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        sqlx::query(
+            "INSERT INTO flotilla_meta (key, value) VALUES ('leader_epoch', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value
+             WHERE CAST(flotilla_meta.value AS BIGINT) < CAST(excluded.value AS BIGINT)",
+        )
+        .bind(epoch.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        let fenced = read_fence(&mut tx, false).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(fenced)
     }
 
     pub async fn plan(&self, id: &str) -> Result<Option<PlanRow>, StoreError> {
@@ -567,11 +594,39 @@ fn sqlite_url(location: &str) -> String {
     format!("{location}{separator}mode=rwc")
 }
 
+/// The leader's epoch the store is fenced at (0: no leader took it over yet). `share_lock`
+/// (PostgreSQL): the fence's row locked in share mode to the transaction's end, so that a
+/// [`Store::fence`] waits for the transaction and the transaction for a fence that began.
+async fn read_fence(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    share_lock: bool,
+) -> Result<u64, StoreError> {
+    let sql = if share_lock {
+        "SELECT value FROM flotilla_meta WHERE key = 'leader_epoch' FOR SHARE"
+    } else {
+        "SELECT value FROM flotilla_meta WHERE key = 'leader_epoch'"
+    };
+    let value: Option<String> = sqlx::query(sql)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(StoreError::from)?
+        .map(|r| r.get(0));
+    match value {
+        None => Ok(0),
+        Some(v) => v.parse::<u64>().map_err(|_| {
+            StoreError::Sql(sqlx::Error::Protocol(format!(
+                "flotilla_meta's leader_epoch is not a number: {v:?}"
+            )))
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use flotilla_core::state::StepState;
     use flotilla_testkit::{PgCluster, TestDir};
+    use std::time::Duration;
     use tokio::sync::{mpsc, oneshot};
 
     /// The two kinds of store a test runs alike: a SQLite file and a PostgreSQL database
@@ -587,11 +642,183 @@ mod tests {
     }
 
     /// The store at `location` with its writer running, and the writer's queue.
-    async fn opened(location: &str) -> (Store, mpsc::UnboundedSender<StoreOp>) {
+    async fn opened(location: &str) -> (Store, Queue) {
         let store = Store::open(&SecretUrl::new(location)).await.unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run_writer(store.clone(), rx, None));
-        (store, tx)
+        (store, Queue(tx))
+    }
+
+    /// The writer's queue in a test.
+    struct Queue(mpsc::UnboundedSender<Termed>);
+
+    impl Queue {
+        /// `op` under no leader's term.
+        fn send(&self, op: StoreOp) -> Result<(), mpsc::error::SendError<Termed>> {
+            self.0.send((None, op))
+        }
+
+        /// `op` as decided by the leader of `term`.
+        fn send_under(&self, term: u64, op: StoreOp) {
+            self.0.send((Some(term), op)).unwrap();
+        }
+
+        /// A flush under `term`, answered once the writes before it are written or given
+        /// up.
+        fn flush_under(&self, term: u64) -> oneshot::Receiver<()> {
+            let (done, flushed) = oneshot::channel();
+            self.send_under(term, StoreOp::Flush(done));
+            flushed
+        }
+    }
+
+    fn state(plan_id: &str, state: PlanState) -> StoreOp {
+        StoreOp::PlanState {
+            plan_id: plan_id.into(),
+            state,
+            message: String::new(),
+            ends: state,
+        }
+    }
+
+    /// A leader taking the store over fences it: from then on a write decided under an
+    /// earlier term is refused whole (a deposed leader's queued writes, its plan's end),
+    /// while its own and a later term's land; the fence never goes back. On SQLite and
+    /// PostgreSQL, through the writer and straight to the store.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_deposed_leaders_writes_are_refused_once_a_later_leader_fenced_the_store() {
+        let (_dir, _pg, locations) = both_stores("fenced_store").await;
+        for location in locations {
+            let (store, queue) = opened(&location).await;
+            // the deposed leader (epoch 4) wrote its plan before anyone fenced
+            queue.send_under(
+                4,
+                StoreOp::InsertPlan {
+                    plan: plan_row("p1", 1, 0),
+                    steps: Vec::new(),
+                },
+            );
+            queue.flush_under(4).await.unwrap();
+            assert!(store.plan("p1").await.unwrap().is_some(), "{location}");
+
+            assert_eq!(store.fence(5).await.unwrap(), 5, "{location}");
+            // the deposed leader's end of the plan, and an audit entry with it, come after
+            queue.send_under(4, state("p1", PlanState::Cancelled));
+            queue.send_under(
+                4,
+                StoreOp::Audit(Audit {
+                    actor: "alice".into(),
+                    action: "cancel",
+                    plan_id: "p1".into(),
+                    detail: String::new(),
+                }),
+            );
+            queue.flush_under(4).await.unwrap();
+            let p1 = store.plan("p1").await.unwrap().unwrap();
+            assert_eq!(
+                p1.state,
+                PlanState::Running,
+                "{location}: the deposed leader's write landed"
+            );
+            assert!(
+                store
+                    .audit_trail(Some("p1"), 0, 10)
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "{location}"
+            );
+            let refused = store
+                .apply_under(Some(4), vec![state("p1", PlanState::Failed)])
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(refused, StoreError::Fenced { fenced: 5, term: 4 }),
+                "{location}: {refused}"
+            );
+
+            // the new leader's writes land, and a later term's; the fence does not go back
+            queue.send_under(5, state("p1", PlanState::Completed));
+            queue.flush_under(5).await.unwrap();
+            assert_eq!(
+                store.plan("p1").await.unwrap().unwrap().state,
+                PlanState::Completed,
+                "{location}"
+            );
+            store
+                .apply_under(Some(6), vec![state("p1", PlanState::Completed)])
+                .await
+                .unwrap();
+            assert_eq!(store.fence(3).await.unwrap(), 5, "{location}");
+            // a write of no leader's (an operator added from the command line) is not fenced
+            store
+                .apply(vec![state("p1", PlanState::Completed)])
+                .await
+                .unwrap();
+        }
+    }
+
+    /// While the store is out of reach (its server stopped), a batch is tried again as
+    /// long as this coordinator leads under the batch's term, and lands once the store is
+    /// back; a batch whose term no longer leads is given up at its next failure (its
+    /// successor reads the shards, and its write must not land over the successor's).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_batch_waits_out_a_store_outage_only_while_its_term_leads() {
+        use crate::coordination::Leadership;
+        let mut pg = PgCluster::start().await.unwrap();
+        pg.create_database("outage").await.unwrap();
+        let store = Store::open(&SecretUrl::new(pg.url("outage")))
+            .await
+            .unwrap();
+        let (leading, leadership) = tokio::sync::watch::channel(Leadership::Leader { epoch: 7 });
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_writer(store.clone(), rx, Some(leadership)));
+        let queue = Queue(tx);
+        for id in ["p1", "p2"] {
+            queue.send_under(
+                7,
+                StoreOp::InsertPlan {
+                    plan: plan_row(id, 1, 0),
+                    steps: Vec::new(),
+                },
+            );
+        }
+        queue.flush_under(7).await.unwrap();
+
+        // leading throughout: the plan's end waits for the server and lands
+        pg.stop().await.unwrap();
+        queue.send_under(7, state("p1", PlanState::Completed));
+        let mut flushed = queue.flush_under(7);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), &mut flushed)
+                .await
+                .is_err(),
+            "a flush answered while the store was stopped: the batch was given up"
+        );
+        pg.restart().await.unwrap();
+        flushed.await.unwrap();
+        assert_eq!(
+            store.plan("p1").await.unwrap().unwrap().state,
+            PlanState::Completed
+        );
+
+        // deposed during the outage: the batch is given up, and not written once it is back
+        pg.stop().await.unwrap();
+        queue.send_under(7, state("p2", PlanState::Cancelled));
+        let mut flushed = queue.flush_under(7);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), &mut flushed)
+                .await
+                .is_err(),
+            "a flush answered while the store was stopped: the batch was given up"
+        );
+        leading.send(Leadership::Follower { leader: None }).unwrap();
+        flushed.await.unwrap();
+        pg.restart().await.unwrap();
+        assert_eq!(
+            store.plan("p2").await.unwrap().unwrap().state,
+            PlanState::Running
+        );
     }
 
     /// A running plan's row, for tests that write its steps.

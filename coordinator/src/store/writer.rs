@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 use tracing::error;
 
 use super::{Audit, StepUpdate, Store, StoreError, StoreOp, now_ms};
+use crate::metrics;
 
 /// How long the ops that arrive by the hundred a second during a rollout wait for company.
 /// A commit each would make the store the busiest thing on the machine; at 50 ms a
@@ -30,27 +31,42 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// out of reach: an op the store refuses for good must not hold back the ops after it.
 const OP_ATTEMPTS: u32 = 3;
 
+/// What the writer is handed: an op, and the leader's epoch it was decided under (None: not
+/// a leader's, such as a follower's audit entry of a refused request).
+pub type Termed = (Option<u64>, StoreOp);
+
 /// Writes store ops in order, many to a transaction, off the engine's path. A batch that
 /// fails is not dropped (it can hold a plan's end, which a cancel or the next leader reads):
 /// while the store is out of reach (its server restarting, a failover, a busy or full
 /// file) the batch is tried again until it commits, the ops after it waiting in order;
 /// after any other failure its ops are tried one by one, so that only one the store
 /// refuses is given up, named. Flushes are answered once the ops before them are written
-/// or given up. `leadership`: a batch is tried again only while this coordinator leads
-/// (a deposed leader's writes must not land over its successor's); None: always.
+/// or given up. A batch holds the ops of one term: the store refuses them once a later
+/// leader has fenced it ([`Store::fence`]), and they are tried again only while this
+/// coordinator still leads under that term (`leadership`; None: always).
 pub async fn run_writer(
     store: Store,
-    mut rx: mpsc::UnboundedReceiver<StoreOp>,
+    mut rx: mpsc::UnboundedReceiver<Termed>,
     leadership: Option<tokio::sync::watch::Receiver<crate::coordination::Leadership>>,
 ) {
-    let leading = || {
-        leadership
-            .as_ref()
-            .is_none_or(|l| matches!(*l.borrow(), crate::coordination::Leadership::Leader { .. }))
+    let leading = |term: Option<u64>| {
+        leadership.as_ref().is_none_or(|l| {
+            let now = l.borrow().epoch();
+            now.is_some() && term.is_none_or(|t| now == Some(t))
+        })
     };
-    while let Some(first) = rx.recv().await {
-        let (ops, flushes) = take_flushes(gather(&mut rx, first).await);
-        write_with_retries(&store, ops, &leading).await;
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(first) => first,
+            None => match rx.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let (term, batch) = gather(&mut rx, first, &mut next).await;
+        let (ops, flushes) = take_flushes(batch);
+        write_with_retries(&store, term, ops, &leading).await;
         for done in flushes {
             let _ = done.send(());
         }
@@ -70,7 +86,12 @@ fn take_flushes(batch: Vec<StoreOp>) -> (Vec<StoreOp>, Vec<tokio::sync::oneshot:
     (ops, flushes)
 }
 
-async fn write_with_retries(store: &Store, ops: Vec<StoreOp>, leading: &impl Fn() -> bool) {
+async fn write_with_retries(
+    store: &Store,
+    term: Option<u64>,
+    ops: Vec<StoreOp>,
+    leading: &impl Fn(Option<u64>) -> bool,
+) {
     if ops.is_empty() {
         return;
     }
@@ -78,18 +99,26 @@ async fn write_with_retries(store: &Store, ops: Vec<StoreOp>, leading: &impl Fn(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let e = match store.apply(copies(&ops)).await {
+        let e = match store.apply_under(term, copies(&ops)).await {
             Ok(()) => return,
             Err(e) => e,
         };
-        if !leading() {
+        if matches!(e, StoreError::Fenced { .. }) {
+            metrics::store_write_failed("refused");
+            error!(plans = %plans_of(&ops), "control store write refused: {e}");
+            return;
+        }
+        if !leading(term) {
+            metrics::store_write_failed("given_up");
             error!(plans = %plans_of(&ops), "control store write failed: {e}; not tried again: this coordinator no longer leads");
             return;
         }
         if !store.out_of_reach(&e) {
+            metrics::store_write_failed("retried");
             error!(plans = %plans_of(&ops), "control store write failed: {e}; writing its ops one by one");
             break;
         }
+        metrics::store_write_failed("retried");
         error!(attempt, plans = %plans_of(&ops), ?pause, "control store out of reach: {e}; trying again");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(RETRY_MAX);
@@ -99,14 +128,24 @@ async fn write_with_retries(store: &Store, ops: Vec<StoreOp>, leading: &impl Fn(
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let e = match store.apply(copies(std::slice::from_ref(&op))).await {
+            let e = match store
+                .apply_under(term, copies(std::slice::from_ref(&op)))
+                .await
+            {
                 Ok(()) => break,
                 Err(e) => e,
             };
-            if !leading() || (!store.out_of_reach(&e) && attempt >= OP_ATTEMPTS) {
+            if matches!(e, StoreError::Fenced { .. }) {
+                metrics::store_write_failed("refused");
+                error!(op = %describe(&op), "control store write refused: {e}");
+                break;
+            }
+            if !leading(term) || (!store.out_of_reach(&e) && attempt >= OP_ATTEMPTS) {
+                metrics::store_write_failed("given_up");
                 error!(op = %describe(&op), "control store write given up after {attempt} attempts: {e}");
                 break;
             }
+            metrics::store_write_failed("retried");
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(RETRY_MAX);
         }
@@ -179,15 +218,20 @@ fn waits_for_company(op: &StoreOp) -> bool {
 /// The ops of one transaction: `first`, then what arrives within [`WINDOW`] of it while
 /// every op so far may wait. An op that may not closes the window: what is queued by then
 /// goes with it (ops handed over one after the other mostly belong together), up to a
-/// flush, which ends the batch. At most [`MAX_BATCH`] ops.
-async fn gather(rx: &mut mpsc::UnboundedReceiver<StoreOp>, first: StoreOp) -> Vec<StoreOp> {
+/// flush, which ends the batch. At most [`MAX_BATCH`] ops, all of `first`'s term: an op of
+/// another term is left in `next` for the batch after.
+async fn gather(
+    rx: &mut mpsc::UnboundedReceiver<Termed>,
+    (term, first): Termed,
+    next: &mut Option<Termed>,
+) -> (Option<u64>, Vec<StoreOp>) {
     // room for a busy window's ops (one per agent's results message) without regrowing
     let mut batch = Vec::with_capacity(256);
     let mut patient = waits_for_company(&first);
     batch.push(first);
     let deadline = tokio::time::Instant::now() + WINDOW;
     while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(StoreOp::Flush(_))) {
-        let op = if patient {
+        let (op_term, op) = if patient {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(op)) => op,
                 Ok(None) | Err(_) => break,
@@ -198,10 +242,14 @@ async fn gather(rx: &mut mpsc::UnboundedReceiver<StoreOp>, first: StoreOp) -> Ve
                 Err(_) => break,
             }
         };
+        if op_term != term {
+            *next = Some((op_term, op));
+            break;
+        }
         patient &= waits_for_company(&op);
         batch.push(op);
     }
-    batch
+    (term, batch)
 }
 
 /// A batch with each [`StoreOp::Together`] opened in place (the batch is one transaction).
@@ -251,8 +299,22 @@ impl Store {
         }
     }
 
-    /// Applies ops in one transaction (answers flushes after it commits).
+    /// Applies ops in one transaction (answers flushes after it commits), whatever the
+    /// fence: for writes that are not a leader's (an operator added from the command line).
     pub async fn apply(&self, ops: Vec<StoreOp>) -> Result<(), StoreError> {
+        self.apply_under(None, ops).await
+    }
+
+    /// Applies ops in one transaction (answers flushes after it commits); `term`: the
+    /// leader's epoch they were decided under, refused ([`StoreError::Fenced`], nothing
+    /// written) when a later leader has taken the store over ([`Store::fence`]). The fence
+    /// is read last, after the writes: on SQLite the transaction holds the file's write
+    /// lock by then (a read first would make it fail on a write by another process between).
+    pub async fn apply_under(
+        &self,
+        term: Option<u64>,
+        ops: Vec<StoreOp>,
+    ) -> Result<(), StoreError> {
         let mut flushes = Vec::new();
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         for op in coalesce_steps(flatten(ops)) {
@@ -421,6 +483,12 @@ impl Store {
                     .await
                     .map_err(StoreError::from)?;
                 }
+            }
+        }
+        if let Some(term) = term {
+            let fenced = super::read_fence(&mut tx, self.is_pg).await?;
+            if fenced > term {
+                return Err(StoreError::Fenced { fenced, term });
             }
         }
         tx.commit().await.map_err(StoreError::from)?;
@@ -703,19 +771,21 @@ mod tests {
     async fn step_updates_wait_for_company_and_an_audit_entry_does_not() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let start = tokio::time::Instant::now();
-        let next = async |rx: &mut mpsc::UnboundedReceiver<StoreOp>| {
+        let next = async |rx: &mut mpsc::UnboundedReceiver<Termed>| {
             let first = rx.recv().await.unwrap();
-            shape(&gather(rx, first).await)
+            let (_, batch) = gather(rx, first, &mut None).await;
+            shape(&batch)
         };
+        let send = |op: StoreOp| tx.send((None, op)).unwrap();
 
         // alone, with the sender still there: the window runs out
-        tx.send(steps("p1", &["t1"])).unwrap();
+        send(steps("p1", &["t1"]));
         assert_eq!(next(&mut rx).await, ["steps p1: t1"]);
         assert_eq!(start.elapsed(), WINDOW);
 
         // an audit entry closes the window: what is queued goes with it, nothing waits
         for op in [steps("p1", &["t2"]), audit(), steps("p1", &["t3"])] {
-            tx.send(op).unwrap();
+            send(op);
         }
         assert_eq!(
             next(&mut rx).await,
@@ -726,7 +796,7 @@ mod tests {
         // a flush ends the batch
         let (done, _) = tokio::sync::oneshot::channel();
         for op in [audit(), StoreOp::Flush(done), steps("p1", &["t4"])] {
-            tx.send(op).unwrap();
+            send(op);
         }
         assert_eq!(next(&mut rx).await, ["other", "other"]);
         assert_eq!(start.elapsed(), WINDOW);
@@ -740,18 +810,58 @@ mod tests {
             tenants: "[]".into(),
             version: "v".into(),
         };
-        tx.send(agent).unwrap();
+        send(agent);
         assert_eq!(next(&mut rx).await, ["other"]);
-        tx.send(StoreOp::Together(vec![steps("p2", &["t1"]), audit()]))
-            .unwrap();
+        send(StoreOp::Together(vec![steps("p2", &["t1"]), audit()]));
         assert_eq!(next(&mut rx).await, ["other"]);
         assert_eq!(start.elapsed(), WINDOW * 2);
 
         // the sender gone: what was sent goes at once
-        tx.send(steps("p1", &["t5"])).unwrap();
+        send(steps("p1", &["t5"]));
         drop(tx);
         assert_eq!(next(&mut rx).await, ["steps p1: t5"]);
         assert_eq!(start.elapsed(), WINDOW * 2);
+    }
+
+    /// A batch holds one term's ops: an op of another term ends it, at once, and begins the
+    /// next (the store checks each batch against the fence under its term).
+    #[tokio::test(start_paused = true)]
+    async fn an_op_of_another_term_begins_the_next_batch() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let start = tokio::time::Instant::now();
+        tx.send((Some(3), steps("p1", &["t1"]))).unwrap();
+        tx.send((Some(3), steps("p1", &["t2"]))).unwrap();
+        tx.send((Some(5), steps("p1", &["t3"]))).unwrap();
+        tx.send((None, audit())).unwrap();
+        let mut next = None;
+        let first = rx.recv().await.unwrap();
+        let (term, batch) = gather(&mut rx, first, &mut next).await;
+        assert_eq!(
+            (term, shape(&batch)),
+            (
+                Some(3),
+                vec!["steps p1: t1".to_string(), "steps p1: t2".to_string()]
+            )
+        );
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "the other term's op waited"
+        );
+        let first = next
+            .take()
+            .expect("the other term's op is kept for the next batch");
+        let (term, batch) = gather(&mut rx, first, &mut next).await;
+        assert_eq!(
+            (term, shape(&batch)),
+            (Some(5), vec!["steps p1: t3".to_string()])
+        );
+        let first = next
+            .take()
+            .expect("the unfenced op is kept for the next batch");
+        let (term, batch) = gather(&mut rx, first, &mut next).await;
+        assert_eq!((term, shape(&batch)), (None, vec!["other".to_string()]));
+        assert!(next.is_none());
     }
 
     #[test]
