@@ -14,7 +14,7 @@ use super::conn::recover;
 use super::job::{PlanDef, PlanError};
 use super::lock_wait::{retry_lock_timeouts, with_attempts};
 use super::sqlgen;
-use super::statements::run_down_statements;
+use super::statements::{replay_session_settings, run_down_statements};
 use crate::data::prior_image::restore_prior_image;
 use crate::error::{Failure, classify};
 use crate::metrics::{self, StepMode, StepOutcome};
@@ -270,7 +270,24 @@ pub(super) async fn undo_step(
             .await
             .map_err(once)?;
         let undone = checkpoint::undone(conn, cx, m).await?;
-        restore_prior_image(conn, cx, m).await.map_err(once)?;
+        if m.has_prior_image() {
+            // The batches ran after the up SQL, under its session settings (a `SET TimeZone`,
+            // a `SET ROLE`), and saved their post images as text of that session: the
+            // restore compares under the same, or a timestamptz written in another time zone
+            // reads as a row the application changed since, and is kept. Then the session
+            // goes back to what the down statements expect.
+            replay_session_settings(conn, m.up.iter())
+                .await
+                .map_err(once)?;
+            restore_prior_image(conn, cx, m).await.map_err(once)?;
+            run(format!(
+                "{SESSION_RESET}{}",
+                sqlgen::non_transactional_prologue(cx, m)
+            ))
+            .execute(&mut *conn)
+            .await
+            .map_err(once)?;
+        }
         run_down_statements(conn, cx, m, undone).await
     }
     .await;

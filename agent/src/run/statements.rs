@@ -265,7 +265,7 @@ async fn run_on_its_own(
 /// Runs again the session settings (`SET ROLE`, `SET search_path`) among statements done by
 /// an earlier run: they lived in the session that ran them, and the statements after them
 /// expect them in this one.
-async fn replay_session_settings<'a>(
+pub(super) async fn replay_session_settings<'a>(
     conn: &mut PgConnection,
     done: impl Iterator<Item = &'a String>,
 ) -> Result<(), sqlx::Error> {

@@ -2015,6 +2015,78 @@ async fn undoing_a_prior_image_keeps_what_the_application_wrote_since() {
     f.drop().await;
 }
 
+/// A data change whose up SQL sets the session's time zone: its batches saved their post
+/// images in that zone, and the undo compares under the same settings, so every row is put
+/// back (before, each timestamptz read as a value the application wrote since, and all 20
+/// rows were kept). The down statements after it run in the undo's own session again.
+#[tokio::test]
+async fn undoing_a_prior_image_compares_under_the_up_sqls_settings() {
+    let Some(f) = fleet("prior_tz", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(2).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "tz".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "work_orders".into(),
+                key: "id".into(),
+                batch_size: 7,
+                batch_sql: "UPDATE work_orders SET created_at = created_at + interval '1 day' \
+                            WHERE id > $1 AND id <= $2"
+                    .into(),
+                prior_image: vec!["created_at".into()],
+                ..Default::default()
+            }),
+            ..migration(
+                "shift",
+                "SET TimeZone = 'Asia/Kolkata'",
+                // run in the undo's session: the server's zone, not the up SQL's
+                "CREATE TABLE undo_zone AS SELECT current_setting('TimeZone') AS zone",
+                "",
+            )
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+    }));
+    let before = "SELECT string_agg(id || '=' || extract(epoch FROM created_at), ',' ORDER BY id) \
+                  FROM tenant_0000.work_orders";
+    let original: String = sqlx::query_scalar(before).fetch_one(&pool).await.unwrap();
+    let server_zone: String = sqlx::query_scalar("SELECT current_setting('TimeZone')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_ne!(server_zone, "Asia/Kolkata", "the test needs another zone");
+    let r = s
+        .assign("tz", 1, 1, vec![run(1, "tenant_0000", &["shift"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
+    let shifted: String = sqlx::query_scalar(before).fetch_one(&pool).await.unwrap();
+    assert_ne!(shifted, original);
+
+    let reply = s.rollback("tz", 1).await;
+    assert!(reply.complete, "{reply:?}");
+    assert!(reply.steps.iter().all(|s| s.error.is_none()), "{reply:?}");
+    let restored: String = sqlx::query_scalar(before).fetch_one(&pool).await.unwrap();
+    assert_eq!(restored, original, "every row put back");
+    let zone: String = sqlx::query_scalar("SELECT zone FROM tenant_0000.undo_zone")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        zone, server_zone,
+        "the down statements ran in the undo's own session"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.prior_images").await,
+        0
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// More of a step left part-way: going on in another session it runs the settings done
 /// before again (`SET application_name` here; `SET ROLE` or `search_path` in life); a `DO`
 /// block that COMMITs, which refuses the transaction a statement runs in, runs on its own;

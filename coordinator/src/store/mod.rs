@@ -654,8 +654,8 @@ mod tests {
 
     impl Queue {
         /// `op` under no leader's term.
-        fn send(&self, op: StoreOp) -> Result<(), mpsc::error::SendError<Termed>> {
-            self.0.send((None, op))
+        fn send(&self, op: StoreOp) -> Result<(), &'static str> {
+            self.0.send((None, op)).map_err(|_| "the writer is gone")
         }
 
         /// `op` as decided by the leader of `term`.
