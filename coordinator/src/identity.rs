@@ -110,7 +110,7 @@ impl Coordinator {
         if self.first_certificate_refusal(from, &actor, AGENT_REFUSED, &reason) {
             let from = from.map_or_else(|| "an unknown address".into(), |a| a.to_string());
             warn!(shard, %from, "agent refused: {reason}");
-            self.write(StoreOp::Audit(Audit {
+            self.write_unfenced(StoreOp::Audit(Audit {
                 actor,
                 action: AGENT_REFUSED,
                 plan_id: String::new(),
@@ -124,7 +124,7 @@ impl Coordinator {
     pub fn audit_tls_refusal(&self, from: SocketAddr, reason: String) {
         if self.first_certificate_refusal(Some(from), "unknown", TLS_REFUSED, &reason) {
             warn!(peer = %from, "TLS connection refused: {reason}");
-            self.write(StoreOp::Audit(Audit {
+            self.write_unfenced(StoreOp::Audit(Audit {
                 actor: "unknown".into(),
                 action: TLS_REFUSED,
                 plan_id: String::new(),

@@ -288,6 +288,7 @@ pub async fn start(
         store.clone(),
         writes_rx,
         Some(coordination.leadership()),
+        coordination.epoch_space(),
     ));
     let (changes, _) = broadcast::channel(1024);
     let (events, events_rx) = mpsc::channel(4096);

@@ -118,8 +118,10 @@ impl Coordinator {
         // From here on the store refuses the writes of any earlier term (a deposed leader's
         // queued step updates, a plan's end it decided before it knew): what is read below
         // is what this term continues from, and nobody else changes it after.
-        let fenced = self.inner.store.fence(epoch).await?;
-        if fenced > epoch {
+        let space = self.inner.coordination.epoch_space();
+        let fenced = self.inner.store.fence(&space, epoch).await?;
+        if fenced.epoch > epoch {
+            // a later leader of this space took the store over: this term is over
             return Err(CoordinatorError::NotLeader { leader: None });
         }
         let rows = self.inner.store.unfinished_plans().await?;

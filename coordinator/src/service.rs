@@ -188,11 +188,21 @@ impl Coordinator {
         rx.await.map_err(|_| CoordinatorError::ShuttingDown)
     }
 
-    /// Hands a write to the store writer (in order with the engine's), under the term this
-    /// coordinator leads in (the store refuses it once a later leader fenced the store); a
-    /// follower's (an audit entry of a refusal) under none.
+    /// Hands a leader's write to the store writer (in order with the engine's), under the
+    /// term this coordinator leads in: the store refuses it once a later leader fenced the
+    /// store. One handed over after this coordinator stopped leading (its request checked
+    /// leadership, then waited) goes under epoch 0, which any fence refuses.
     pub(crate) fn write(&self, op: StoreOp) {
-        let term = self.leader_epoch().ok();
+        self.send_write(Some(self.leader_epoch().unwrap_or(0)), op);
+    }
+
+    /// Hands a write that any coordinator makes, leading or not, to the store writer, with
+    /// no fence: an audit entry of a refused connection or request.
+    pub(crate) fn write_unfenced(&self, op: StoreOp) {
+        self.send_write(None, op);
+    }
+
+    fn send_write(&self, term: Option<u64>, op: StoreOp) {
         if self.inner.writes.send((term, op)).is_err() {
             // only at shutdown, with the writer gone
             warn!("store writer gone; a write is dropped");

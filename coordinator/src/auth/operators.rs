@@ -366,7 +366,7 @@ impl Coordinator {
             operator = who,
             method, peer, "operator request refused: {why}"
         );
-        self.write(StoreOp::Audit(Audit {
+        self.write_unfenced(StoreOp::Audit(Audit {
             actor: who.to_string(),
             action,
             plan_id: String::new(),

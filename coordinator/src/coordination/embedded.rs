@@ -83,6 +83,10 @@ impl Coordination for EmbeddedCoordination {
         self.leadership.subscribe()
     }
 
+    fn epoch_space(&self) -> String {
+        "embedded".into()
+    }
+
     async fn lock_shards(
         &self,
         plan_id: &str,

@@ -118,6 +118,7 @@ impl EtcdCoordination {
         let prefix = keys::normalize_prefix(&prefix);
         let election = keys::election(&prefix);
         let electing_until = tokio::time::Instant::now() + 3 * rpc_timeout;
+        let cluster_id;
         loop {
             match tokio::time::timeout(
                 rpc_timeout,
@@ -128,7 +129,10 @@ impl EtcdCoordination {
             )
             .await
             {
-                Ok(Ok(_)) => break,
+                Ok(Ok(answer)) => {
+                    cluster_id = answer.header().map_or(0, |h| h.cluster_id());
+                    break;
+                }
                 Ok(Err(e)) if is_electing(&e) && tokio::time::Instant::now() < electing_until => {
                     warn!(error = %e, "etcd is electing a leader; asking again");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -140,9 +144,13 @@ impl EtcdCoordination {
 
         let (leadership, _) = watch::channel(Leadership::Follower { leader: None });
         let (live, _) = watch::channel(BTreeSet::new());
+        // The election's epochs are this cluster's revisions under this prefix: another
+        // cluster (etcd rebuilt, revisions from 1 again) or prefix counts its own.
+        let epoch_space = format!("etcd {cluster_id:016x} {prefix}");
         let shared = Arc::new(Shared {
             client,
             errors,
+            epoch_space,
             prefix,
             election,
             advertise,
@@ -275,6 +283,10 @@ pub(super) fn first_kvs(resp: &TxnResponse) -> Vec<Option<Kv>> {
 impl Coordination for EtcdCoordination {
     fn leadership(&self) -> watch::Receiver<Leadership> {
         self.shared.leadership.subscribe()
+    }
+
+    fn epoch_space(&self) -> String {
+        self.shared.epoch_space.clone()
     }
 
     async fn lock_shards(

@@ -91,6 +91,12 @@ pub trait Coordination: Send + Sync + 'static {
     /// stream closed, a missed local deadline) publishes `Follower` at once.
     fn leadership(&self) -> watch::Receiver<Leadership>;
 
+    /// Where the epochs come from: they are ordered within one space only (the embedded
+    /// backend's counter in the control store; one etcd cluster's revisions under one
+    /// prefix). The control store's fence names it: a leader of another space (the backend
+    /// changed, etcd rebuilt) takes the store over whatever its epoch.
+    fn epoch_space(&self) -> String;
+
     /// Locks every shard for `plan_id` in one step, or none: `Taken` when each
     /// shard was free (or already held by this plan), else `Held` naming the
     /// first shard (in the order given) held by another plan.

@@ -25,6 +25,8 @@ pub struct ElectionKey {
 pub(super) struct Shared {
     pub client: Client,
     pub errors: ErrorContext,
+    /// Where this backend's epochs come from ([`super::Coordination::epoch_space`]).
+    pub epoch_space: String,
     pub prefix: String,
     /// The election's name, `<prefix>/leader`.
     pub election: String,

@@ -514,10 +514,10 @@ impl Engine {
     }
 
     /// The term this engine's writes are decided under: its epoch (its last, once it
-    /// follows). The store refuses them once a later leader has fenced it, so a deposed
-    /// leader's writes cannot land over its successor's. None: it never led.
+    /// follows; 0 before it ever led). The store refuses them once a later leader has
+    /// fenced it, so a deposed leader's writes cannot land over its successor's.
     fn term(&self) -> Option<u64> {
-        (self.epoch > 0).then_some(self.epoch)
+        Some(self.epoch)
     }
 
     fn write(&self, op: StoreOp) {

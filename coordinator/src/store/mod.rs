@@ -51,9 +51,9 @@ pub enum StoreError {
     /// A write decided under a leader's term after a later leader took the store over
     /// ([`Store::fence`]): a deposed leader's write must not land over its successor's.
     #[error(
-        "a later leader (epoch {fenced}) has taken the control store over: this write of epoch {term} is refused"
+        "a later leader ({fenced}) has taken the control store over: this write of epoch {term} is refused"
     )]
-    Fenced { fenced: u64, term: u64 },
+    Fenced { fenced: LeaderFence, term: u64 },
     /// A row this coordinator cannot read back (written by a newer one, or damaged).
     #[error("plan {plan}: stored {what} is unreadable: {reason}")]
     Corrupt {
@@ -158,6 +158,15 @@ impl Store {
                 .await
                 .map_err(StoreError::from)?;
         }
+        // The leaders' fence (see `fence`), there from the start: a row to lock for the
+        // writes that check it and the leader that moves it.
+        sqlx::query(
+            "INSERT INTO flotilla_meta (key, value) VALUES ('leader_fence', '0 ')
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
         let found: Option<String> =
             sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'schema_version'")
                 .fetch_optional(&mut *tx)
@@ -187,7 +196,14 @@ impl Store {
 
     /// The embedded coordination backend's epoch: one more than any before it.
     pub async fn next_epoch(&self) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let mut tx = self.begin_writing().await?;
+        if self.is_pg {
+            // two coordinators started at once on one store each get an epoch of their own
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('flotilla.control-store'))")
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+        }
         let cur: Option<String> =
             sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'epoch'")
                 .fetch_optional(&mut *tx)
@@ -207,25 +223,52 @@ impl Store {
         Ok(next)
     }
 
-    /// Takes the store over for a leader of `epoch` before it reads what to continue: from
-    /// the time this commits, a write of an earlier term is refused ([`StoreError::Fenced`];
-    /// each of the writer's transactions checks the fence last, on PostgreSQL under a share
-    /// lock of the fence's row, so one that began before waits for this or this for it).
-    /// Returns the fence now stored: above `epoch` when a later leader took it over already.
-    pub async fn fence(&self, epoch: u64) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        sqlx::query(
-            "INSERT INTO flotilla_meta (key, value) VALUES ('leader_epoch', $1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value
-             WHERE CAST(flotilla_meta.value AS BIGINT) < CAST(excluded.value AS BIGINT)",
-        )
-        .bind(epoch.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
-        let fenced = read_fence(&mut tx, false).await?;
+    /// Takes the store over for the leader of `epoch` in `space` before it reads what to
+    /// continue: from the time this commits, a write of an earlier term, or of another
+    /// space, is refused ([`StoreError::Fenced`]; each of the writer's transactions checks
+    /// the fence last, on PostgreSQL under a share lock of the fence's row, so one that
+    /// began before waits for this, or this for it). A leader of another space (the
+    /// coordination backend changed, etcd rebuilt) takes it over whatever the epochs.
+    /// Returns the fence now stored: a later epoch of the same space when a later leader
+    /// took the store over already.
+    pub async fn fence(&self, space: &str, epoch: u64) -> Result<LeaderFence, StoreError> {
+        let mut tx = self.begin_writing().await?;
+        let stored = read_fence(&mut tx, if self.is_pg { " FOR UPDATE" } else { "" }).await?;
+        if stored.space == space && stored.epoch >= epoch {
+            tx.commit().await.map_err(StoreError::from)?;
+            return Ok(stored);
+        }
+        if stored.epoch > 0 && stored.space != space {
+            tracing::warn!(
+                stored = %stored,
+                space,
+                epoch,
+                "the control store was last led from another epoch space: taking it over (a coordinator still leading there can no longer write to it)"
+            );
+        }
+        let fence = LeaderFence {
+            epoch,
+            space: space.to_string(),
+        };
+        sqlx::query("UPDATE flotilla_meta SET value = $1 WHERE key = 'leader_fence'")
+            .bind(fence.stored())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
         tx.commit().await.map_err(StoreError::from)?;
-        Ok(fenced)
+        Ok(fence)
+    }
+
+    /// A transaction that writes: on SQLite with the file's write lock taken at once (a
+    /// deferred one that reads first fails when another process wrote meanwhile); on
+    /// PostgreSQL a plain one (its statements lock what they need).
+    async fn begin_writing(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        if self.is_pg {
+            self.pool.begin().await
+        } else {
+            self.pool.begin_with("BEGIN IMMEDIATE").await
+        }
+        .map_err(StoreError::from)
     }
 
     pub async fn plan(&self, id: &str) -> Result<Option<PlanRow>, StoreError> {
@@ -594,30 +637,57 @@ fn sqlite_url(location: &str) -> String {
     format!("{location}{separator}mode=rwc")
 }
 
-/// The leader's epoch the store is fenced at (0: no leader took it over yet). `share_lock`
-/// (PostgreSQL): the fence's row locked in share mode to the transaction's end, so that a
-/// [`Store::fence`] waits for the transaction and the transaction for a fence that began.
+/// The leader that took the control store over last ([`Store::fence`]): its epoch and the
+/// space the epoch counts in ([`crate::coordination::Coordination::epoch_space`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderFence {
+    /// 0: no leader took the store over yet.
+    pub epoch: u64,
+    pub space: String,
+}
+
+impl LeaderFence {
+    /// Whether a write decided under `term` of `space` may land.
+    pub fn admits(&self, space: &str, term: u64) -> bool {
+        self.epoch == 0 || (self.space == space && self.epoch <= term)
+    }
+
+    /// As stored in `flotilla_meta`: `<epoch> <space>`.
+    fn stored(&self) -> String {
+        format!("{} {}", self.epoch, self.space)
+    }
+}
+
+impl std::fmt::Display for LeaderFence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "epoch {} of {}", self.epoch, self.space)
+    }
+}
+
+/// The fence's row, read in `tx` with `lock` (` FOR SHARE`, ` FOR UPDATE` on PostgreSQL:
+/// held to the transaction's end, so that a fence and a write wait for each other; the row
+/// is there from the store's start, so there is always a row to lock).
 async fn read_fence(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    share_lock: bool,
-) -> Result<u64, StoreError> {
-    let sql = if share_lock {
-        "SELECT value FROM flotilla_meta WHERE key = 'leader_epoch' FOR SHARE"
-    } else {
-        "SELECT value FROM flotilla_meta WHERE key = 'leader_epoch'"
-    };
-    let value: Option<String> = sqlx::query(sql)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(StoreError::from)?
-        .map(|r| r.get(0));
-    match value {
-        None => Ok(0),
-        Some(v) => v.parse::<u64>().map_err(|_| {
-            StoreError::Sql(sqlx::Error::Protocol(format!(
-                "flotilla_meta's leader_epoch is not a number: {v:?}"
-            )))
+    lock: &str,
+) -> Result<LeaderFence, StoreError> {
+    let value: Option<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT value FROM flotilla_meta WHERE key = 'leader_fence'{lock}"
+    )))
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(StoreError::from)?
+    .map(|r| r.get(0));
+    let value = value.unwrap_or_else(|| "0 ".into());
+    let (epoch, space) = value.split_once(' ').unwrap_or((value.as_str(), ""));
+    match epoch.parse::<u64>() {
+        Ok(epoch) => Ok(LeaderFence {
+            epoch,
+            space: space.to_string(),
         }),
+        Err(_) => Err(StoreError::Sql(sqlx::Error::Protocol(format!(
+            "flotilla_meta's leader_fence is not `<epoch> <space>`: {value:?}"
+        )))),
     }
 }
 
@@ -627,6 +697,9 @@ mod tests {
     use flotilla_core::state::StepState;
     use flotilla_testkit::{PgCluster, TestDir};
     use std::time::Duration;
+
+    /// The epoch space of the tests' writers.
+    const SPACE: &str = "etcd 00000000000000aa /flotilla/";
     use tokio::sync::{mpsc, oneshot};
 
     /// The two kinds of store a test runs alike: a SQLite file and a PostgreSQL database
@@ -645,7 +718,7 @@ mod tests {
     async fn opened(location: &str) -> (Store, Queue) {
         let store = Store::open(&SecretUrl::new(location)).await.unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_writer(store.clone(), rx, None));
+        tokio::spawn(run_writer(store.clone(), rx, None, SPACE.into()));
         (store, Queue(tx))
     }
 
@@ -701,7 +774,7 @@ mod tests {
             queue.flush_under(4).await.unwrap();
             assert!(store.plan("p1").await.unwrap().is_some(), "{location}");
 
-            assert_eq!(store.fence(5).await.unwrap(), 5, "{location}");
+            assert_eq!(store.fence(SPACE, 5).await.unwrap().epoch, 5, "{location}");
             // the deposed leader's end of the plan, and an audit entry with it, come after
             queue.send_under(4, state("p1", PlanState::Cancelled));
             queue.send_under(
@@ -729,11 +802,11 @@ mod tests {
                 "{location}"
             );
             let refused = store
-                .apply_under(Some(4), vec![state("p1", PlanState::Failed)])
+                .apply_under(Some((SPACE, 4)), vec![state("p1", PlanState::Failed)])
                 .await
                 .unwrap_err();
             assert!(
-                matches!(refused, StoreError::Fenced { fenced: 5, term: 4 }),
+                matches!(&refused, StoreError::Fenced { fenced, term: 4 } if fenced.epoch == 5),
                 "{location}: {refused}"
             );
 
@@ -746,10 +819,39 @@ mod tests {
                 "{location}"
             );
             store
-                .apply_under(Some(6), vec![state("p1", PlanState::Completed)])
+                .apply_under(Some((SPACE, 6)), vec![state("p1", PlanState::Completed)])
                 .await
                 .unwrap();
-            assert_eq!(store.fence(3).await.unwrap(), 5, "{location}");
+            assert_eq!(store.fence(SPACE, 3).await.unwrap().epoch, 5, "{location}");
+            // epoch 0: a write handed over after its coordinator stopped leading
+            assert!(
+                store
+                    .apply_under(Some((SPACE, 0)), vec![state("p1", PlanState::Failed)])
+                    .await
+                    .is_err(),
+                "{location}"
+            );
+
+            // A leader of another epoch space (etcd rebuilt, its revisions from 1 again)
+            // takes the store over at a lower epoch; this space's leaders are fenced out.
+            let rebuilt = "etcd 00000000000000bb /flotilla/";
+            let fence = store.fence(rebuilt, 2).await.unwrap();
+            assert_eq!(
+                (fence.epoch, fence.space.as_str()),
+                (2, rebuilt),
+                "{location}"
+            );
+            assert!(
+                store
+                    .apply_under(Some((SPACE, 9)), vec![state("p1", PlanState::Failed)])
+                    .await
+                    .is_err(),
+                "{location}: a write of the old space landed"
+            );
+            store
+                .apply_under(Some((rebuilt, 2)), vec![state("p1", PlanState::Completed)])
+                .await
+                .unwrap();
             // a write of no leader's (an operator added from the command line) is not fenced
             store
                 .apply(vec![state("p1", PlanState::Completed)])
@@ -772,7 +874,12 @@ mod tests {
             .unwrap();
         let (leading, leadership) = tokio::sync::watch::channel(Leadership::Leader { epoch: 7 });
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_writer(store.clone(), rx, Some(leadership)));
+        tokio::spawn(run_writer(
+            store.clone(),
+            rx,
+            Some(leadership),
+            SPACE.into(),
+        ));
         let queue = Queue(tx);
         for id in ["p1", "p2"] {
             queue.send_under(

@@ -41,18 +41,20 @@ pub type Termed = (Option<u64>, StoreOp);
 /// file) the batch is tried again until it commits, the ops after it waiting in order;
 /// after any other failure its ops are tried one by one, so that only one the store
 /// refuses is given up, named. Flushes are answered once the ops before them are written
-/// or given up. A batch holds the ops of one term: the store refuses them once a later
-/// leader has fenced it ([`Store::fence`]), and they are tried again only while this
-/// coordinator still leads under that term (`leadership`; None: always).
+/// or given up. A batch holds the ops of one term (an epoch of `space`): the store refuses
+/// them once a later leader has fenced it ([`Store::fence`]), and they are tried again only
+/// while this coordinator leads, in that term or a later one of its own (its writes of an
+/// earlier term land if nobody else fenced the store meanwhile; `leadership` None: always).
 pub async fn run_writer(
     store: Store,
     mut rx: mpsc::UnboundedReceiver<Termed>,
     leadership: Option<tokio::sync::watch::Receiver<crate::coordination::Leadership>>,
+    space: String,
 ) {
     let leading = |term: Option<u64>| {
         leadership.as_ref().is_none_or(|l| {
             let now = l.borrow().epoch();
-            now.is_some() && term.is_none_or(|t| now == Some(t))
+            now.is_some_and(|now| term.is_none_or(|t| t <= now))
         })
     };
     let mut next = None;
@@ -66,7 +68,8 @@ pub async fn run_writer(
         };
         let (term, batch) = gather(&mut rx, first, &mut next).await;
         let (ops, flushes) = take_flushes(batch);
-        write_with_retries(&store, term, ops, &leading).await;
+        let fence = term.map(|t| (space.as_str(), t));
+        write_with_retries(&store, fence, ops, &leading).await;
         for done in flushes {
             let _ = done.send(());
         }
@@ -88,10 +91,11 @@ fn take_flushes(batch: Vec<StoreOp>) -> (Vec<StoreOp>, Vec<tokio::sync::oneshot:
 
 async fn write_with_retries(
     store: &Store,
-    term: Option<u64>,
+    fence: Option<(&str, u64)>,
     ops: Vec<StoreOp>,
     leading: &impl Fn(Option<u64>) -> bool,
 ) {
+    let term = fence.map(|(_, t)| t);
     if ops.is_empty() {
         return;
     }
@@ -99,7 +103,7 @@ async fn write_with_retries(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let e = match store.apply_under(term, copies(&ops)).await {
+        let e = match store.apply_under(fence, copies(&ops)).await {
             Ok(()) => return,
             Err(e) => e,
         };
@@ -129,7 +133,7 @@ async fn write_with_retries(
         loop {
             attempt += 1;
             let e = match store
-                .apply_under(term, copies(std::slice::from_ref(&op)))
+                .apply_under(fence, copies(std::slice::from_ref(&op)))
                 .await
             {
                 Ok(()) => break,
@@ -306,13 +310,14 @@ impl Store {
     }
 
     /// Applies ops in one transaction (answers flushes after it commits); `term`: the
-    /// leader's epoch they were decided under, refused ([`StoreError::Fenced`], nothing
-    /// written) when a later leader has taken the store over ([`Store::fence`]). The fence
-    /// is read last, after the writes: on SQLite the transaction holds the file's write
-    /// lock by then (a read first would make it fail on a write by another process between).
+    /// leader's epoch they were decided under and the space it counts in, refused
+    /// ([`StoreError::Fenced`], nothing written) when a later leader has taken the store
+    /// over ([`Store::fence`]). The fence is read last, after the writes: on SQLite the
+    /// transaction holds the file's write lock by then (a read first would make it fail on
+    /// a write by another process between).
     pub async fn apply_under(
         &self,
-        term: Option<u64>,
+        term: Option<(&str, u64)>,
         ops: Vec<StoreOp>,
     ) -> Result<(), StoreError> {
         let mut flushes = Vec::new();
@@ -485,9 +490,10 @@ impl Store {
                 }
             }
         }
-        if let Some(term) = term {
-            let fenced = super::read_fence(&mut tx, self.is_pg).await?;
-            if fenced > term {
+        if let Some((space, term)) = term {
+            let lock = if self.is_pg { " FOR SHARE" } else { "" };
+            let fenced = super::read_fence(&mut tx, lock).await?;
+            if !fenced.admits(space, term) {
                 return Err(StoreError::Fenced { fenced, term });
             }
         }
