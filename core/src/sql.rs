@@ -77,6 +77,22 @@ pub fn is_session_setting(statement: &str) -> bool {
     matches!(word(keywords(statement).first()), Some("SET" | "RESET"))
 }
 
+/// Whether a session setting changes who the session acts as (`SET ROLE`, `SET SESSION
+/// AUTHORIZATION`, their `RESET`s; `RESET ALL` does not touch either).
+pub fn changes_role(statement: &str) -> bool {
+    let keys = keywords(statement);
+    let w = |i: usize| word(keys.get(i));
+    let rest = match (w(0), w(1)) {
+        (Some("SET"), Some("SESSION" | "LOCAL")) if w(2) != Some("AUTHORIZATION") => 2,
+        (Some("SET" | "RESET"), _) => 1,
+        _ => return false,
+    };
+    matches!(
+        (w(rest), w(rest + 1)),
+        (Some("ROLE"), _) | (Some("SESSION"), Some("AUTHORIZATION"))
+    )
+}
+
 /// Whether a statement run on its own may have committed part of its work when it fails:
 /// a procedure call or DO block (which may COMMIT inside), a concurrent index build (which
 /// leaves an INVALID index when it fails late), a REINDEX outside a transaction (it commits
@@ -819,6 +835,29 @@ mod tests {
             "'SET'",
         ] {
             assert!(!is_session_setting(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn role_changes() {
+        for s in [
+            "SET ROLE app_owner",
+            "set session role app_owner",
+            "SET LOCAL ROLE app_owner",
+            "RESET ROLE",
+            "-- who\nSET SESSION AUTHORIZATION admin",
+            "RESET SESSION AUTHORIZATION",
+        ] {
+            assert!(changes_role(s), "{s}");
+        }
+        for s in [
+            "SET TimeZone = 'UTC'",
+            "SET SESSION search_path = app",
+            "RESET ALL",
+            "SET role_name.x = 1",
+            "UPDATE t SET role = 'a'",
+        ] {
+            assert!(!changes_role(s), "{s}");
         }
     }
 

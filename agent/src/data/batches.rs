@@ -280,6 +280,17 @@ async fn batches(
         let Some(upper) = page.last.filter(|_| n > 0) else {
             break;
         };
+        if prev.as_deref() == Some(upper.as_str()) {
+            // A page after a key ends at that key again only when its query lets rows below
+            // its bound in (nothing the change's file can say should): the loop would run
+            // the same batch forever.
+            return Err(agent_failure(
+                m,
+                format!(
+                    "the page after key {upper} ended at the same key: the table's rows did not advance past it (its `filter`?)"
+                ),
+            ));
+        }
         // a pause or halt cuts the rate's wait short: the boundary above takes it
         let waited = match control.as_mut() {
             Some(c) => {

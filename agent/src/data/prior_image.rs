@@ -82,25 +82,36 @@ fn prior_image_restore(
     Ok(out)
 }
 
-/// Restores a data change's prior image on the target, newest batch first, each batch in its
-/// own fenced transaction that also deletes it: a restore cut short goes on from where it
-/// stopped. The session holds the target's search_path.
-pub(crate) async fn restore_prior_image(
+/// The batches of a data change whose prior images are on the target, newest first (none
+/// for a change without prior images).
+pub(crate) async fn prior_image_batches(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
-) -> Result<(), sqlx::Error> {
+) -> Result<Vec<i64>, sqlx::Error> {
     if !m.has_prior_image() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let numbers: Vec<i64> = sqlx::query_scalar(
+    sqlx::query_scalar(
         "SELECT DISTINCT batch FROM flotilla.prior_images WHERE target = $1 AND migration_id = $2 \
          ORDER BY batch DESC",
     )
     .bind(cx.tenant)
     .bind(m.id())
     .fetch_all(&mut *conn)
-    .await?;
+    .await
+}
+
+/// Restores a data change's prior image of the batches `numbers` ([`prior_image_batches`])
+/// on the target, newest batch first, each batch in its own fenced transaction that also
+/// deletes it: a restore cut short goes on from where it stopped. The session holds the
+/// target's search_path.
+pub(crate) async fn restore_prior_image(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    numbers: Vec<i64>,
+) -> Result<(), sqlx::Error> {
     let restored = numbers.len();
     if numbers.is_empty() {
         return Ok(());

@@ -15,7 +15,7 @@ use super::job::{PlanDef, PlanError};
 use super::lock_wait::{retry_lock_timeouts, with_attempts};
 use super::sqlgen;
 use super::statements::{replay_session_settings, run_down_statements};
-use crate::data::prior_image::restore_prior_image;
+use crate::data::prior_image::{prior_image_batches, restore_prior_image};
 use crate::error::{Failure, classify};
 use crate::metrics::{self, StepMode, StepOutcome};
 use crate::step::sql::SESSION_RESET;
@@ -270,16 +270,21 @@ pub(super) async fn undo_step(
             .await
             .map_err(once)?;
         let undone = checkpoint::undone(conn, cx, m).await?;
-        if m.has_prior_image() {
-            // The batches ran after the up SQL, under its session settings (a `SET TimeZone`,
-            // a `SET ROLE`), and saved their post images as text of that session: the
-            // restore compares under the same, or a timestamptz written in another time zone
-            // reads as a row the application changed since, and is kept. Then the session
-            // goes back to what the down statements expect.
-            replay_session_settings(conn, m.up.iter())
+        let batches = prior_image_batches(conn, cx, m).await.map_err(once)?;
+        if !batches.is_empty() {
+            // The batches ran after the up SQL, under its session settings, and saved their
+            // post images as text of that session: the restore compares under the same (a
+            // `SET TimeZone` there, and a timestamptz read back in another zone was taken
+            // for a row the application changed since, and kept). Not its role: the restore
+            // runs as the undo does (it deletes images, which the up's role need not be
+            // allowed to). Then the session goes back to what the down statements expect.
+            let settings = m.up.iter().filter(|s| !flotilla_core::sql::changes_role(s));
+            replay_session_settings(conn, settings)
                 .await
                 .map_err(once)?;
-            restore_prior_image(conn, cx, m).await.map_err(once)?;
+            restore_prior_image(conn, cx, m, batches)
+                .await
+                .map_err(once)?;
             run(format!(
                 "{SESSION_RESET}{}",
                 sqlgen::non_transactional_prologue(cx, m)
