@@ -414,16 +414,17 @@ const APPROVAL_DECISIONS: [&str; 3] = ["awaiting", "approve", "reject"];
 /// Why a client was refused for its certificate (the `reason` label).
 pub const REFUSALS: [&str; 3] = ["no_certificate", "bad_certificate", "wrong_shard"];
 
-/// A client refused for its certificate; `reason` is one of [`REFUSALS`].
 /// The `outcome` label of `flotilla_store_write_failures_total`.
 const STORE_WRITE_FAILURES: [&str; 3] = ["retried", "given_up", "refused"];
 
-/// A store writer's transaction that failed: `retried`, `given_up` or `refused`.
+/// A store writer's transaction that failed: `retried` (tried again, or its ops one by
+/// one), `given_up` or `refused`.
 pub fn store_write_failed(outcome: &'static str) {
     debug_assert!(STORE_WRITE_FAILURES.contains(&outcome));
     counter!("flotilla_store_write_failures_total", "outcome" => outcome).increment(1);
 }
 
+/// A client refused for its certificate; `reason` is one of [`REFUSALS`].
 pub fn connection_refused(reason: &'static str) {
     debug_assert!(REFUSALS.contains(&reason));
     counter!("flotilla_connections_refused_total", "reason" => reason).increment(1);

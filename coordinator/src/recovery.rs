@@ -10,7 +10,7 @@ use flotilla_core::protocol::Decision;
 use flotilla_core::state::{PlanState, StepState, WaveState};
 use flotilla_core::{PlanSpec, Target, pb};
 use prost::Message;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::actor::Actor;
 use crate::engine::{CommandKind, Event};
@@ -121,7 +121,15 @@ impl Coordinator {
         let space = self.inner.coordination.epoch_space();
         let fenced = self.inner.store.fence(&space, epoch).await?;
         if fenced.epoch > epoch {
-            // a later leader of this space took the store over: this term is over
+            // A later leader of this space took the store over: this term is over. Or the
+            // space's epochs went back (etcd restored from a snapshot, or rebuilt alike):
+            // the shards' fences refuse this epoch too, and the operator must move etcd's
+            // revisions past the old ones (README, Epochs and fencing).
+            error!(
+                epoch,
+                stored = %fenced,
+                "the control store was taken over under a later epoch than ours: not continuing its plans (if no other coordinator leads, etcd's revisions went back: restore it with --bump-revision)"
+            );
             return Err(CoordinatorError::NotLeader { leader: None });
         }
         let rows = self.inner.store.unfinished_plans().await?;

@@ -191,9 +191,17 @@ impl Coordinator {
     /// Hands a leader's write to the store writer (in order with the engine's), under the
     /// term this coordinator leads in: the store refuses it once a later leader fenced the
     /// store. One handed over after this coordinator stopped leading (its request checked
-    /// leadership, then waited) goes under epoch 0, which any fence refuses.
+    /// leadership, then waited) goes under epoch 0, which the store refuses once any leader
+    /// has fenced it.
     pub(crate) fn write(&self, op: StoreOp) {
         self.send_write(Some(self.leader_epoch().unwrap_or(0)), op);
+    }
+
+    /// [`Self::write`] for a decision made under `epoch` (the leadership a request checked
+    /// before it waited on the store or the engine): refused once a later leader fenced the
+    /// store, even if this coordinator leads again meanwhile under a later epoch.
+    pub(crate) fn write_under(&self, epoch: u64, op: StoreOp) {
+        self.send_write(Some(epoch), op);
     }
 
     /// Hands a write that any coordinator makes, leading or not, to the store writer, with

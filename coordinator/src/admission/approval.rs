@@ -143,17 +143,23 @@ impl Coordinator {
             Some(m) => format!("{} of {needed}; still needs {m}", given.len()),
             None => format!("{} of {needed}; approved", given.len()),
         };
-        self.write(actor.audit("approve", plan_id, &approvals::approval_detail(role, &what)));
+        self.write_under(
+            epoch,
+            actor.audit("approve", plan_id, &approvals::approval_detail(role, &what)),
+        );
         crate::metrics::plan_approval("approve");
         info!(plan = %plan_id, approver = %actor.name, role, "plan approval: {what}");
         match missing {
             Some(m) => {
-                self.write(StoreOp::PlanState {
-                    plan_id: plan_id.to_string(),
-                    state: PlanState::AwaitingApproval,
-                    message: format!("awaiting {m}"),
-                    ends: row.ends,
-                });
+                self.write_under(
+                    epoch,
+                    StoreOp::PlanState {
+                        plan_id: plan_id.to_string(),
+                        state: PlanState::AwaitingApproval,
+                        message: format!("awaiting {m}"),
+                        ends: row.ends,
+                    },
+                );
                 self.flush().await;
                 self.changed(plan_id, None);
                 self.status(plan_id).await
@@ -171,12 +177,15 @@ impl Coordinator {
         let mut run = self.rebuild(row).await?;
         // It never ran: nothing of it can be prepared anywhere.
         run.inherited = false;
-        self.write(StoreOp::PlanState {
-            plan_id: row.id.clone(),
-            state: PlanState::Running,
-            message: String::new(),
-            ends: row.ends,
-        });
+        self.write_under(
+            epoch,
+            StoreOp::PlanState {
+                plan_id: row.id.clone(),
+                state: PlanState::Running,
+                message: String::new(),
+                ends: row.ends,
+            },
+        );
         self.flush().await;
         info!(plan = %row.id, "plan approved; starting");
         let shards: Vec<String> = run.shards.keys().cloned().collect();

@@ -337,7 +337,7 @@ impl Coordinator {
                 spec.source
             ),
         ));
-        self.write(StoreOp::Together(together));
+        self.write_under(new.epoch, StoreOp::Together(together));
         self.flush().await;
     }
 

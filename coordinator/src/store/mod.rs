@@ -250,11 +250,15 @@ impl Store {
             epoch,
             space: space.to_string(),
         };
-        sqlx::query("UPDATE flotilla_meta SET value = $1 WHERE key = 'leader_fence'")
-            .bind(fence.stored())
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
+        // an upsert: the row deleted by hand is there again
+        sqlx::query(
+            "INSERT INTO flotilla_meta (key, value) VALUES ('leader_fence', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(fence.stored())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(fence)
     }
@@ -666,7 +670,9 @@ impl std::fmt::Display for LeaderFence {
 
 /// The fence's row, read in `tx` with `lock` (` FOR SHARE`, ` FOR UPDATE` on PostgreSQL:
 /// held to the transaction's end, so that a fence and a write wait for each other; the row
-/// is there from the store's start, so there is always a row to lock).
+/// is there from the store's start, so there is always a row to lock). A row missing or
+/// damaged by hand reads as no fence (as before fencing was), said once in the log; the
+/// next leader to take the store over writes it again.
 async fn read_fence(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     lock: &str,
@@ -678,17 +684,26 @@ async fn read_fence(
     .await
     .map_err(StoreError::from)?
     .map(|r| r.get(0));
-    let value = value.unwrap_or_else(|| "0 ".into());
-    let (epoch, space) = value.split_once(' ').unwrap_or((value.as_str(), ""));
-    match epoch.parse::<u64>() {
-        Ok(epoch) => Ok(LeaderFence {
-            epoch,
+    let parsed = value.as_deref().and_then(|v| {
+        let (epoch, space) = v.split_once(' ')?;
+        Some(LeaderFence {
+            epoch: epoch.parse().ok()?,
             space: space.to_string(),
-        }),
-        Err(_) => Err(StoreError::Sql(sqlx::Error::Protocol(format!(
-            "flotilla_meta's leader_fence is not `<epoch> <space>`: {value:?}"
-        )))),
-    }
+        })
+    });
+    Ok(parsed.unwrap_or_else(|| {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::error!(
+                value = ?value,
+                "the control store's leader_fence row is missing or damaged: writes are not fenced until a leader takes the store over again"
+            )
+        });
+        LeaderFence {
+            epoch: 0,
+            space: String::new(),
+        }
+    }))
 }
 
 #[cfg(test)]
@@ -823,35 +838,46 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(store.fence(SPACE, 3).await.unwrap().epoch, 5, "{location}");
+            let fenced = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Fenced { .. }));
             // epoch 0: a write handed over after its coordinator stopped leading
-            assert!(
-                store
-                    .apply_under(Some((SPACE, 0)), vec![state("p1", PlanState::Failed)])
-                    .await
-                    .is_err(),
-                "{location}"
-            );
+            let write = store.apply_under(Some((SPACE, 0)), vec![state("p1", PlanState::Failed)]);
+            assert!(fenced(write.await), "{location}");
 
-            // A leader of another epoch space (etcd rebuilt, its revisions from 1 again)
+            // A leader of another epoch space (another etcd cluster, the embedded backend)
             // takes the store over at a lower epoch; this space's leaders are fenced out.
-            let rebuilt = "etcd 00000000000000bb /flotilla/";
-            let fence = store.fence(rebuilt, 2).await.unwrap();
+            let other = "etcd 00000000000000bb /flotilla/";
+            let fence = store.fence(other, 2).await.unwrap();
             assert_eq!(
                 (fence.epoch, fence.space.as_str()),
-                (2, rebuilt),
+                (2, other),
                 "{location}"
             );
+            let write = store.apply_under(Some((SPACE, 9)), vec![state("p1", PlanState::Failed)]);
             assert!(
-                store
-                    .apply_under(Some((SPACE, 9)), vec![state("p1", PlanState::Failed)])
-                    .await
-                    .is_err(),
+                fenced(write.await),
                 "{location}: a write of the old space landed"
             );
             store
-                .apply_under(Some((rebuilt, 2)), vec![state("p1", PlanState::Completed)])
+                .apply_under(Some((other, 2)), vec![state("p1", PlanState::Completed)])
                 .await
                 .unwrap();
+
+            // A fence row damaged by hand fences nothing (as before fences were) until the
+            // next leader takes the store over, which writes it again.
+            sqlx::query("UPDATE flotilla_meta SET value = 'damaged' WHERE key = 'leader_fence'")
+                .execute(&store.pool)
+                .await
+                .unwrap();
+            store
+                .apply_under(Some((SPACE, 1)), vec![state("p1", PlanState::Completed)])
+                .await
+                .unwrap();
+            assert_eq!(store.fence(other, 3).await.unwrap().epoch, 3, "{location}");
+            let write = store.apply_under(Some((other, 2)), vec![state("p1", PlanState::Failed)]);
+            assert!(
+                fenced(write.await),
+                "{location}: the fence was not written again"
+            );
             // a write of no leader's (an operator added from the command line) is not fenced
             store
                 .apply(vec![state("p1", PlanState::Completed)])
@@ -860,10 +886,77 @@ mod tests {
         }
     }
 
+    /// On PostgreSQL a write checks the fence under a share lock of its row: one that
+    /// reaches the check while a new leader's fence is moving the row waits for the fence to
+    /// commit, then reads it, and is refused (without the lock it read the old fence and
+    /// landed after the new leader's fence, where the new leader no longer looks).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_write_waits_for_a_fence_in_progress_and_is_refused_by_it() {
+        let pg = PgCluster::start().await.unwrap();
+        pg.create_database("fence_race").await.unwrap();
+        let store = Store::open(&SecretUrl::new(pg.url("fence_race")))
+            .await
+            .unwrap();
+        store.fence(SPACE, 4).await.unwrap();
+        store
+            .apply_under(
+                Some((SPACE, 4)),
+                vec![StoreOp::InsertPlan {
+                    plan: plan_row("p1", 1, 0),
+                    steps: Vec::new(),
+                }],
+            )
+            .await
+            .unwrap();
+
+        // the new leader's fence, moved and not committed yet
+        let pool = pg.pool("fence_race").await.unwrap();
+        let mut fence = pool.begin().await.unwrap();
+        sqlx::query("UPDATE flotilla_meta SET value = '5 ' || $1 WHERE key = 'leader_fence'")
+            .bind(SPACE)
+            .execute(&mut *fence)
+            .await
+            .unwrap();
+        let write = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .apply_under(Some((SPACE, 4)), vec![state("p1", PlanState::Cancelled)])
+                    .await
+            }
+        });
+        flotilla_testkit::wait_until(
+            "the write waits for the fence's row",
+            Duration::from_secs(10),
+            async || {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = 'fence_race' AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&pool)
+                .await?;
+                Ok(waiting == 1)
+            },
+        )
+        .await
+        .unwrap();
+        fence.commit().await.unwrap();
+        let refused = write.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&refused, StoreError::Fenced { fenced, term: 4 } if fenced.epoch == 5),
+            "{refused}"
+        );
+        assert_eq!(
+            store.plan("p1").await.unwrap().unwrap().state,
+            PlanState::Running
+        );
+    }
+
     /// While the store is out of reach (its server stopped), a batch is tried again as
-    /// long as this coordinator leads under the batch's term, and lands once the store is
-    /// back; a batch whose term no longer leads is given up at its next failure (its
-    /// successor reads the shards, and its write must not land over the successor's).
+    /// long as this coordinator leads, under the batch's term or a later one of its own,
+    /// and lands once the store is back; a batch of a coordinator no longer leading is given
+    /// up at its next failure (its successor reads the shards, and its write must not land
+    /// over the successor's).
     #[tokio::test(flavor = "multi_thread")]
     async fn a_batch_waits_out_a_store_outage_only_while_its_term_leads() {
         use crate::coordination::Leadership;
@@ -907,6 +1000,25 @@ mod tests {
         assert_eq!(
             store.plan("p1").await.unwrap().unwrap().state,
             PlanState::Completed
+        );
+
+        // led again meanwhile under a later epoch of its own: the batch is still tried again
+        // (nobody else fenced the store), and lands
+        pg.stop().await.unwrap();
+        queue.send_under(7, state("p1", PlanState::Failed));
+        let mut flushed = queue.flush_under(7);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), &mut flushed)
+                .await
+                .is_err(),
+            "a flush answered while the store was stopped: the batch was given up"
+        );
+        leading.send(Leadership::Leader { epoch: 9 }).unwrap();
+        pg.restart().await.unwrap();
+        flushed.await.unwrap();
+        assert_eq!(
+            store.plan("p1").await.unwrap().unwrap().state,
+            PlanState::Failed
         );
 
         // deposed during the outage: the batch is given up, and not written once it is back
