@@ -146,6 +146,18 @@ async fn follow_leadership(coordinator: Coordinator) {
         match now {
             Leadership::Leader { epoch } => {
                 metrics::leader(true);
+                // A store last led from another epoch space (the backend changed) would
+                // refuse this term's writes until `resume_unfinished` fences it: taken over
+                // first. A failure here is not fatal: that fence is retried below.
+                let space = coordinator.inner.coordination.epoch_space();
+                if let Err(e) = coordinator
+                    .inner
+                    .store
+                    .fence_another_space(&space, epoch)
+                    .await
+                {
+                    warn!("cannot check the control store's fence yet: {e}");
+                }
                 coordinator.event(engine::Event::Lead { epoch }).await;
                 // A plan left unfinished must not stay orphaned because etcd or the
                 // store failed once (e.g. an etcd member died as we took over): retried

@@ -232,9 +232,36 @@ impl Store {
     /// Returns the fence now stored: a later epoch of the same space when a later leader
     /// took the store over already.
     pub async fn fence(&self, space: &str, epoch: u64) -> Result<LeaderFence, StoreError> {
+        self.fence_unless(space, epoch, |stored| {
+            stored.space == space && stored.epoch >= epoch
+        })
+        .await
+    }
+
+    /// [`Store::fence`], only when the store was last fenced from another epoch space (or
+    /// never): a leader of a new space does it as it begins to lead, before any write of
+    /// its term (the store would refuse them all until its fence). Within one space the
+    /// fence waits for the flush of the leader's own earlier writes ([`Store::fence`]).
+    pub async fn fence_another_space(
+        &self,
+        space: &str,
+        epoch: u64,
+    ) -> Result<LeaderFence, StoreError> {
+        self.fence_unless(space, epoch, |stored| {
+            stored.epoch > 0 && stored.space == space
+        })
+        .await
+    }
+
+    async fn fence_unless(
+        &self,
+        space: &str,
+        epoch: u64,
+        keep: impl Fn(&LeaderFence) -> bool,
+    ) -> Result<LeaderFence, StoreError> {
         let mut tx = self.begin_writing().await?;
         let stored = read_fence(&mut tx, if self.is_pg { " FOR UPDATE" } else { "" }).await?;
-        if stored.space == space && stored.epoch >= epoch {
+        if keep(&stored) {
             tx.commit().await.map_err(StoreError::from)?;
             return Ok(stored);
         }
@@ -883,6 +910,46 @@ mod tests {
                 .apply(vec![state("p1", PlanState::Completed)])
                 .await
                 .unwrap();
+        }
+    }
+
+    /// A leader of a new epoch space takes the store over as it begins to lead (its writes
+    /// would be refused until then); within one space that waits for its full fence.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_leader_of_another_space_takes_the_store_over_as_it_begins() {
+        let (_dir, _pg, locations) = both_stores("another_space").await;
+        for location in locations {
+            let store = Store::open(&SecretUrl::new(location.clone()))
+                .await
+                .unwrap();
+            // never fenced: taken
+            let fence = store.fence_another_space("embedded", 3).await.unwrap();
+            assert_eq!(
+                (fence.epoch, fence.space.as_str()),
+                (3, "embedded"),
+                "{location}"
+            );
+            // the same space, a later epoch: left to the full fence
+            let fence = store.fence_another_space("embedded", 4).await.unwrap();
+            assert_eq!(fence.epoch, 3, "{location}");
+            // another space, a lower epoch: taken, and its writes land
+            let fence = store.fence_another_space(SPACE, 1).await.unwrap();
+            assert_eq!(
+                (fence.epoch, fence.space.as_str()),
+                (1, SPACE),
+                "{location}"
+            );
+            store
+                .apply_under(
+                    Some((SPACE, 1)),
+                    vec![StoreOp::InsertPlan {
+                        plan: plan_row("p1", 1, 0),
+                        steps: Vec::new(),
+                    }],
+                )
+                .await
+                .unwrap();
+            assert!(store.plan("p1").await.unwrap().is_some(), "{location}");
         }
     }
 
