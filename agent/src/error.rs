@@ -3,6 +3,34 @@
 use flotilla_core::pb;
 use sqlx::postgres::PgDatabaseError;
 
+/// A SQL error as an operator reads it: the server's message (sqlx's rendering of a server
+/// error adds " at line N", a line of PostgreSQL's C source, which readers took for a line
+/// of their SQL); `sql`, when given, is the text sent, and the line of it the server's error
+/// points at is named. Anything else as sqlx says it.
+pub fn sql_error_text(e: &sqlx::Error, sql: Option<&str>) -> String {
+    let sqlx::Error::Database(db) = e else {
+        return e.to_string();
+    };
+    let line = sql.zip(db.try_downcast_ref::<PgDatabaseError>().and_then(
+        |pg| match pg.position()? {
+            sqlx::postgres::PgErrorPosition::Original(at) => Some(at),
+            _ => None,
+        },
+    ));
+    match line {
+        // the position counts characters from 1
+        Some((sql, at)) => {
+            let before: String = sql.chars().take(at.saturating_sub(1)).collect();
+            format!(
+                "line {}: {}",
+                before.matches('\n').count() + 1,
+                db.message()
+            )
+        }
+        None => db.message().to_string(),
+    }
+}
+
 /// What can stop an agent. Each message names the shard and what failed; none holds a password.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -156,9 +184,16 @@ pub(crate) fn classify(e: &sqlx::Error, phase: &str) -> Failure {
                 && pg
                     .and_then(PgDatabaseError::r#where)
                     .is_some_and(|w| w.contains("flotilla.check_fence"));
+            // a verify query of another type than boolean: the check's call does not resolve
+            let verify_type = (code == "42883")
+                .then(|| db.message().strip_prefix("function flotilla.check_verify("))
+                .flatten()
+                .and_then(|rest| rest.split_once(", unknown)"))
+                .map(|(ty, _)| ty.to_string());
             let phase = match code.as_str() {
                 SQLSTATE_FENCED => "fence",
                 SQLSTATE_VERIFY => "verify",
+                _ if verify_type.is_some() => "verify",
                 _ if fence_held => "fence",
                 _ if concurrent_apply => "journal",
                 _ => phase,
@@ -174,6 +209,10 @@ pub(crate) fn classify(e: &sqlx::Error, phase: &str) -> Failure {
             // (max_locks_per_transaction when the lock table is full), and the plan's
             // message is the step's message.
             let message = match pg.and_then(PgDatabaseError::hint) {
+                _ if verify_type.is_some() => format!(
+                    "the verify query returns {}, not one boolean (e.g. `SELECT count(*) = 0 FROM ...`)",
+                    verify_type.as_deref().unwrap_or_default()
+                ),
                 Some(hint) if code.starts_with(SQLSTATE_CLASS_RESOURCES) => {
                     format!("{} ({hint})", db.message())
                 }

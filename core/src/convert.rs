@@ -326,6 +326,13 @@ fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange,
         }
         // it is put inside parentheses after the key's bounds: one that closes them would
         // take the bounds off part of the table (`a) OR (b`)
+        // spliced into one line of the page's and the batches' SQL: a `--` there would
+        // comment out the rest of it
+        if sql::has_comment(filter).map_err(|e| sql_err("filter", e))? {
+            return Err(err(format!(
+                "filter `{filter}` holds a comment: a filter is one condition, without `--` or `/* */`"
+            )));
+        }
         if !sql::balanced_parentheses(filter).map_err(|e| sql_err("filter", e))? {
             return Err(err(format!(
                 "filter `{filter}` has parentheses that do not pair up: a `)` with no `(` \
@@ -605,6 +612,17 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
             p.watch_ms,
             policy,
         )?;
+        // The name is printed by every command, audited and logged: no line breaks or
+        // terminal escapes in it, and a length a table column can show.
+        if p.name.chars().count() > 200 || p.name.chars().any(char::is_control) {
+            return Err(PlanError::Field {
+                field: "name".into(),
+                reason: format!(
+                    "{:?}: a plan's name is at most 200 printable characters",
+                    p.name.chars().take(80).collect::<String>()
+                ),
+            });
+        }
         let spec = PlanSpec {
             name: if p.name.is_empty() {
                 "unnamed".into()
@@ -748,6 +766,35 @@ mod graph_tests {
             name: "long".into(),
             migrations,
             ..Default::default()
+        }
+    }
+
+    /// A plan's name is printed, audited and logged: a line break, a terminal escape or a
+    /// name longer than 200 characters is refused, naming the field; an empty one is
+    /// `unnamed`.
+    #[test]
+    fn a_plans_name_is_printable() {
+        let named = |name: &str| {
+            PlanSpec::try_from(pb::PlanSpec {
+                name: name.into(),
+                ..chain(2, false)
+            })
+        };
+        assert_eq!(named("").unwrap().name, "unnamed");
+        assert_eq!(
+            named("löyalty tiers 2026").unwrap().name,
+            "löyalty tiers 2026"
+        );
+        for bad in [
+            "a\nb".to_string(),
+            "red \u{1b}[31m".to_string(),
+            "x".repeat(201),
+        ] {
+            let e = named(&bad).unwrap_err().to_string();
+            assert!(
+                e.contains("name") && e.contains("200 printable"),
+                "{bad:?}: {e}"
+            );
         }
     }
 
@@ -951,6 +998,11 @@ mod data_tests {
         }
         let e = with_filter("a = 1; DROP TABLE t").unwrap_err().to_string();
         assert!(e.contains("one condition"), "{e}");
+        for commented in ["v IS NULL -- c", "v IS NULL /* c */"] {
+            let e = with_filter(commented).unwrap_err().to_string();
+            assert!(e.contains("holds a comment"), "{commented}: {e}");
+        }
+        assert!(with_filter("note <> '-- not a comment'").is_ok());
     }
 
     #[test]

@@ -154,6 +154,17 @@ pub fn balanced_parentheses(sql: &str) -> Result<bool, SqlError> {
     Ok(depth == 0)
 }
 
+/// Whether SQL text holds a comment (`--` or `/* */`, outside strings, quoted identifiers
+/// and dollar quotes).
+pub fn has_comment(sql: &str) -> Result<bool, SqlError> {
+    for token in Lexer::new(sql) {
+        if token?.kind == Kind::Comment {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The positional parameters (`$1`, `$2`, ...) that SQL text uses, outside strings, quoted
 /// identifiers, dollar quotes and comments: sorted, each once.
 pub fn parameters(sql: &str) -> Result<Vec<u32>, SqlError> {

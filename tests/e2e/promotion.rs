@@ -324,6 +324,34 @@ async fn plan_test_passes_the_example_and_names_a_down_that_forgets_a_column() -
         "cleaned up after a failure too"
     );
 
+    // A seed that fails names its line (not a line of PostgreSQL's source, which sqlx
+    // appends); a server that is not there is named, with why (not the pool's "timed out").
+    let bad_seed = files.path().join("bad_seed.sql");
+    std::fs::write(&bad_seed, "SELECT 1;\nSELEC 1;\n")?;
+    let bad_seed = bad_seed.to_string_lossy().into_owned();
+    let out = test(&example, &["--seed", &bad_seed]).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains("running the seed SQL: line 2: syntax error at or near \"SELEC\"")
+            && !out.stderr.contains(" at line "),
+        "{out}"
+    );
+    let port = flotilla_testkit::free_port();
+    let nowhere = format!("postgres://postgres@127.0.0.1:{port}/scratch");
+    let p = example.to_string_lossy().into_owned();
+    let out = run_flotilla(
+        &["plan", "test", p.as_str(), "--dsn", nowhere.as_str()],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(
+        out.stderr.contains(&format!("127.0.0.1:{port}/scratch"))
+            && out.stderr.to_lowercase().contains("refused"),
+        "{out}"
+    );
+
     // A data migration's [test]: its rows after each up, and a wrong expectation named.
     let data = MigrationDir::new()?;
     data.migration(

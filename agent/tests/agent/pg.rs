@@ -221,6 +221,12 @@ async fn failures_fence_and_non_transactional_steps() {
         "SELECT false",
     ));
     migrations.push(migration(
+        "verify_not_boolean",
+        "CREATE TABLE marker2 (id int)",
+        "DROP TABLE marker2",
+        "SELECT 42",
+    ));
+    migrations.push(migration(
         "concurrent_index",
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_wo_customer ON work_orders (customer_id)",
         "DROP INDEX CONCURRENTLY IF EXISTS idx_wo_customer",
@@ -302,6 +308,26 @@ async fn failures_fence_and_non_transactional_steps() {
         "{e:?}"
     );
     assert_eq!(e.message, "verify of unverified returned false");
+    // a verify query that is not a boolean is named as such (not as a function the agent
+    // calls that does not exist)
+    let r = s
+        .assign(
+            "p2",
+            5,
+            2,
+            vec![run(31, "tenant_0001", &["verify_not_boolean"], true)],
+        )
+        .await;
+    let e = r[&31].steps[0].error.clone().unwrap();
+    assert_eq!(
+        (e.sqlstate.as_str(), e.phase.as_str()),
+        ("42883", "verify"),
+        "{e:?}"
+    );
+    assert!(
+        e.message.contains("returns integer, not one boolean"),
+        "{e:?}"
+    );
 
     // fence: an older epoch changes nothing
     let r = s

@@ -22,7 +22,10 @@ use std::sync::Arc;
 use flotilla_core::dag::MigrationGraph;
 use flotilla_core::{PlanSpec, Scope, pb};
 use sqlx::AssertSqlSafe;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+
+use crate::error::sql_error_text;
 
 mod compare;
 
@@ -89,8 +92,8 @@ pub struct Outcome {
 pub enum RehearsalError {
     #[error("--dsn: {0}")]
     Dsn(String),
-    #[error("cannot connect to the scratch database: {0}")]
-    Connect(sqlx::Error),
+    #[error("cannot connect to the scratch database {0}")]
+    Connect(String),
     #[error(
         "the database has a `flotilla` schema: it is (or was) a shard; `plan test` needs a scratch database"
     )]
@@ -105,9 +108,12 @@ fn setup(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> RehearsalError 
     let what = what.into();
     move |e| RehearsalError::Setup {
         what,
-        error: e.to_string(),
+        error: sql_error_text(&e, None),
     }
 }
+
+/// How long the first connection to the scratch database may take.
+const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Rehearses the plan; returns each migration's outcome up to the first that failed.
 pub async fn rehearse(
@@ -123,17 +129,39 @@ pub async fn rehearse(
     let options = options
         .application_name("flotilla-plan-test")
         .options([("standard_conforming_strings", "on")]);
+    let at = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("")
+    );
+    let connect_failed =
+        |e: sqlx::Error| RehearsalError::Connect(format!("{at}: {}", sql_error_text(&e, None)));
+    // One connection first, to say why it fails (a pool's own connect only says it timed
+    // out while waiting for a connection, after its 30 s).
+    match tokio::time::timeout(CONNECT_WAIT, PgConnection::connect_with(&options)).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+        }
+        Ok(Err(e)) => return Err(connect_failed(e)),
+        Err(_) => {
+            return Err(RehearsalError::Connect(format!(
+                "{at}: no answer within {}s",
+                CONNECT_WAIT.as_secs()
+            )));
+        }
+    }
     let pool = PgPoolOptions::new()
         .max_connections(3)
         .connect_with(options)
         .await
-        .map_err(RehearsalError::Connect)?;
+        .map_err(connect_failed)?;
     let has_flotilla: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla')",
     )
     .fetch_one(&pool)
     .await
-    .map_err(RehearsalError::Connect)?;
+    .map_err(connect_failed)?;
     if has_flotilla {
         return Err(RehearsalError::NotScratch);
     }
@@ -145,7 +173,7 @@ pub async fn rehearse(
             .bind(t)
             .fetch_one(&pool)
             .await
-            .map_err(RehearsalError::Connect)?;
+            .map_err(connect_failed)?;
             if !exists {
                 return Err(RehearsalError::NoTenant(t.clone()));
             }
@@ -192,7 +220,10 @@ pub async fn rehearse(
         if let Some(seed) = &config.seed {
             in_target(&pool, &tenant, seed)
                 .await
-                .map_err(setup("running the seed SQL"))?;
+                .map_err(|e| RehearsalError::Setup {
+                    what: "running the seed SQL".into(),
+                    error: sql_error_text(&e, Some(seed)),
+                })?;
         }
         scratch.run(spec, tests).await
     }
@@ -280,9 +311,12 @@ impl Scratch {
         outcome: &mut Outcome,
     ) -> Result<(), String> {
         if let Some(t) = test.filter(|t| !t.setup.trim().is_empty()) {
-            in_target(&self.pool, target, &t.setup)
-                .await
-                .map_err(|e| format!("[test] setup failed: {e}"))?;
+            in_target(&self.pool, target, &t.setup).await.map_err(|e| {
+                format!(
+                    "[test] setup failed: {}",
+                    sql_error_text(&e, Some(&t.setup))
+                )
+            })?;
         }
         let before = self.fingerprint(target).await?;
         self.up(def, m, target, outcome, "").await?;
@@ -397,7 +431,7 @@ impl Scratch {
         let Some(t) = test else { return Ok(()) };
         let rows = test_rows(&self.pool, target, &t.query)
             .await
-            .map_err(|e| format!("[test] query{again} failed: {e}"))?;
+            .map_err(|e| format!("[test] query{again} failed: {}", sql_error_text(&e, None)))?;
         if rows != t.expect {
             return Err(format!(
                 "[test]{again}: the query returned {} but {} was expected",
