@@ -36,7 +36,7 @@ pub fn sql_error_text(e: &sqlx::Error, sql: Option<&str>) -> String {
 pub enum AgentError {
     #[error("shard {shard}: invalid configuration: {reason}")]
     Config { shard: String, reason: String },
-    #[error("shard {shard}: cannot connect to {host}:{port}/{database}: {error}")]
+    #[error("shard {shard}: cannot connect to {host}:{port}/{database}: {}", sql_error_text(.error, None))]
     ShardConnect {
         shard: String,
         host: String,
@@ -44,7 +44,7 @@ pub enum AgentError {
         database: String,
         error: sqlx::Error,
     },
-    #[error("shard {shard}: {what}: {error}")]
+    #[error("shard {shard}: {what}: {}", sql_error_text(.error, None))]
     Shard {
         shard: String,
         what: &'static str,

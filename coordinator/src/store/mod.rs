@@ -36,13 +36,13 @@ pub use writer::{Termed, run_writer};
 /// this coordinator cannot read.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open {location}: {source}")]
+    #[error("cannot open {location}: {}", sql_error_text(.source))]
     Open {
         /// The location with any password hidden.
         location: String,
         source: sqlx::Error,
     },
-    #[error("{0}")]
+    #[error("{}", sql_error_text(.0))]
     Sql(#[from] sqlx::Error),
     #[error(
         "control store schema version {found} is newer than this coordinator's ({SCHEMA_VERSION})"
@@ -61,6 +61,16 @@ pub enum StoreError {
         what: &'static str,
         reason: String,
     },
+}
+
+/// A SQL error as an operator reads it: a server's error by its message (sqlx adds " at line
+/// N", a line of PostgreSQL's C source, which reads as a line of the statement), anything
+/// else as sqlx says it.
+pub fn sql_error_text(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_string(),
+        other => other.to_string(),
+    }
 }
 
 pub fn now_ms() -> i64 {
