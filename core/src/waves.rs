@@ -410,6 +410,20 @@ impl Wave {
                     &format!("{check_name} has no sql: a gate needs a query"),
                 ));
             }
+            // the gate reads one value from one query, on every target of the wave
+            match crate::sql::split_statements(&sql) {
+                Ok(statements) if statements.len() == 1 => {}
+                Ok(statements) => {
+                    return Err(wave_error(
+                        &name,
+                        &format!(
+                            "{check_name}'s sql holds {} statements: a gate is one query",
+                            statements.len()
+                        ),
+                    ));
+                }
+                Err(e) => return Err(wave_error(&name, &format!("{check_name}'s sql: {e}"))),
+            }
             checks.push(Check {
                 name: check_name,
                 sql,
@@ -574,6 +588,18 @@ mod tests {
         }];
         let e = rollout(vec![w], FailurePolicy::AllOrNothing).unwrap_err();
         assert!(e.to_string().contains("wave `g`: empty has no sql"), "{e}");
+        let mut w = wave("g");
+        w.checks = vec![pb::WaveCheck {
+            name: "two".into(),
+            sql: "DELETE FROM t; SELECT 1".into(),
+            ..Default::default()
+        }];
+        let e = rollout(vec![w], FailurePolicy::AllOrNothing).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("wave `g`: two's sql holds 2 statements: a gate is one query"),
+            "{e}"
+        );
         let prom = |url: &str, query: &str, has_max: bool| {
             let mut w = wave("p");
             w.prometheus = Some(pb::PrometheusGate {

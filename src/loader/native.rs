@@ -227,16 +227,27 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
     }
 
     let verify_path = dir.join(VERIFY);
+    // there (a link too, even one to nothing) but not a file: the migration would run
+    // unverified without a word
+    let verify_there = std::fs::symlink_metadata(&verify_path).is_ok();
     let verify_sql = if verify_path.is_file() {
         let text = read_text(&verify_path)?;
         let n = statements(&verify_path, &text, 1)?.len();
-        if n > 1 {
+        if n != 1 {
             return Err(LoadError::invalid(
                 &verify_path,
-                format!("must be one query returning a boolean; it holds {n} statements"),
+                format!(
+                    "must be one query returning a boolean; it holds {n} statements \
+                     (delete the file for a migration without one)"
+                ),
             ));
         }
         text
+    } else if verify_there {
+        return Err(LoadError::invalid(
+            &verify_path,
+            "not a regular file (a directory, a link to nothing, ...)".to_string(),
+        ));
     } else {
         String::new()
     };

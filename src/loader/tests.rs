@@ -621,6 +621,21 @@ fn missing_and_empty_parts() {
         e.contains("verify.sql: must be one query returning a boolean; it holds 2"),
         "{e}"
     );
+    // a verify that would verify nothing, silently: refused
+    write(root, "a/verify.sql", "-- to do\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("verify.sql: must be one query returning a boolean; it holds 0"),
+        "{e}"
+    );
+    fs::remove_file(root.join("a/verify.sql")).unwrap();
+    fs::create_dir(root.join("a/verify.sql")).unwrap();
+    let e = load_err(root);
+    assert!(e.contains("verify.sql: not a regular file"), "{e}");
+    fs::remove_dir(root.join("a/verify.sql")).unwrap();
+    std::os::unix::fs::symlink(root.join("nowhere.sql"), root.join("a/verify.sql")).unwrap();
+    let e = load_err(root);
+    assert!(e.contains("verify.sql: not a regular file"), "{e}");
     fs::remove_file(root.join("a/verify.sql")).unwrap();
 
     write(root, "a/donw.sql", "SELECT 1;");

@@ -380,6 +380,21 @@ fn lint_migration(
     {
         out.parse_error("verify.sql", e);
     }
+    if let Some(d) = &m.data {
+        // SQL in migration.toml: named by its key (its own lines are not the file's)
+        let in_toml = |what: &str, e: ParseError| ParseError {
+            line: 0,
+            message: format!("{what}: {}", e.message),
+        };
+        if let Err(e) = parse_statements(&d.batch_sql) {
+            out.parse_error("migration.toml", in_toml("[data] batch", e));
+        }
+        if let Some(filter) = &d.filter
+            && let Err(e) = parse_statements(&format!("SELECT 1 WHERE ({filter})"))
+        {
+            out.parse_error("migration.toml", in_toml("[data] filter", e));
+        }
+    }
     rules::check_up(m, &up, atomic, options, seen, &mut out);
     if let Some(down) = down {
         reversal::check(m, &up, &down, &mut out);

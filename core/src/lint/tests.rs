@@ -524,3 +524,43 @@ fn a_dropped_column_takes_its_indexes_and_constraints_with_it() {
         )]
     );
 }
+
+/// A data change's batch and filter are SQL too: one that does not parse is a parse error
+/// of migration.toml, named by its key (it failed only at the first batch).
+#[test]
+fn a_data_changes_batch_and_filter_are_parsed() {
+    let data = |batch: &str, filter: &str| pb::Migration {
+        data: Some(pb::DataChange {
+            table: "customers".into(),
+            key: "id".into(),
+            batch_sql: batch.into(),
+            filter: filter.into(),
+            ..Default::default()
+        }),
+        ..migration("001_fill", "", "UPDATE customers SET n = 0")
+    };
+    let good = "UPDATE customers SET n = n + 1 WHERE id > $1 AND id <= $2";
+    let found = lint_plan(
+        &plan(vec![data(good, "n IS NULL")], false),
+        &LintOptions::default(),
+    );
+    assert!(found.iter().all(|f| f.rule != PARSE_ERROR), "{found:#?}");
+    let bad = "UPDATE customers SET n = n + 1 WHERE id > $1 AND id <= $2 AND (";
+    let found = lint_plan(&plan(vec![data(bad, "")], false), &LintOptions::default());
+    assert!(
+        found.iter().any(|f| f.rule == PARSE_ERROR
+            && f.file == "migration.toml"
+            && f.message.starts_with("[data] batch: syntax error")),
+        "{found:#?}"
+    );
+    let found = lint_plan(
+        &plan(vec![data(good, "n IS NUL")], false),
+        &LintOptions::default(),
+    );
+    assert!(
+        found
+            .iter()
+            .any(|f| f.rule == PARSE_ERROR && f.message.starts_with("[data] filter: ")),
+        "{found:#?}"
+    );
+}
