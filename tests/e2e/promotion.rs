@@ -385,6 +385,24 @@ async fn plan_test_passes_the_example_and_names_a_down_that_forgets_a_column() -
         "{out}"
     );
 
+    // A down that fails leaves what its up made: named in the failure, not only logged.
+    let stuck = MigrationDir::new()?;
+    stuck.migration(
+        "001_stuck",
+        "",
+        "CREATE TABLE stuck (id int);",
+        "DROP TABLE nosuch;",
+    )?;
+    let out = test(stuck.path(), &["--scope", "shard"]).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        format!("{out}").contains(
+            "not cleaned up, left in the database: what `001_stuck` applied (its down failed: table \"nosuch\" does not exist)"
+        ),
+        "{out}"
+    );
+    pg.psql("scratch", "DROP TABLE stuck").await?;
+
     // A shard (a database with a flotilla schema) is not a scratch database.
     pg.psql("scratch", "CREATE SCHEMA flotilla").await?;
     let out = test(&example, &["--seed", &seed]).await?;

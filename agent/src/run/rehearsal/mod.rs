@@ -228,7 +228,23 @@ pub async fn rehearse(
         scratch.run(spec, tests).await
     }
     .await;
-    scratch.clean_up().await;
+    let left = scratch.clean_up().await;
+    let mut result = result;
+    // What could not be undone stays in the database: said with the failure it follows
+    // (the next rehearsal would fail on it, `already exists`), not only in a log line.
+    if !left.is_empty()
+        && let Ok(outcomes) = &mut result
+        && let Some(last) = outcomes.last_mut()
+    {
+        let said = format!(
+            "not cleaned up, left in the database: {} (drop by hand before the next run)",
+            left.join("; ")
+        );
+        last.failure = Some(match last.failure.take() {
+            Some(failure) => format!("{failure}; {said}"),
+            None => said,
+        });
+    }
     result
 }
 
@@ -460,7 +476,9 @@ impl Scratch {
     }
 
     /// Undoes what is still applied (newest first), then drops what the rehearsal created.
-    async fn clean_up(&mut self) {
+    /// Returns what it could not undo: the migration, where, and why.
+    async fn clean_up(&mut self) -> Vec<String> {
+        let mut left = Vec::new();
         let plan_lit = quote_literal(PLAN_ID).expect("a plain literal");
         while let Some((m, target)) = self.applied.pop() {
             let Ok(tenant_lit) = quote_literal(&target) else {
@@ -484,6 +502,16 @@ impl Scratch {
                     "cleaning up: undoing it failed: {}",
                     f.error.message
                 );
+                let at = if target.is_empty() {
+                    String::new()
+                } else {
+                    format!(" in schema {target}")
+                };
+                left.push(format!(
+                    "what `{}` applied{at} (its down failed: {})",
+                    m.id(),
+                    f.error.message
+                ));
             }
         }
         if self.created_tenant {
@@ -493,6 +521,7 @@ impl Scratch {
             );
             if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&self.pool).await {
                 tracing::warn!("cleaning up: dropping schema {}: {e}", self.tenant);
+                left.push(format!("schema {} ({e})", self.tenant));
             }
         }
         if self.created_flotilla
@@ -501,8 +530,10 @@ impl Scratch {
                 .await
         {
             tracing::warn!("cleaning up: dropping schema flotilla: {e}");
+            left.push(format!("schema flotilla ({e})"));
         }
         self.pool.close().await;
+        left
     }
 }
 
