@@ -154,9 +154,12 @@ fn read_password(flag: &str, file: Option<&Path>, env: &str) -> Result<Option<Se
     if let Some(path) = file {
         let text =
             std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
-        return Ok(Some(Secret::new(
-            text.trim_end_matches(['\n', '\r']).to_string(),
-        )));
+        let password = text.trim_end_matches(['\n', '\r']);
+        // an empty file is a mistake (a secret not mounted yet), not "no password"
+        if password.is_empty() {
+            return Err(format!("{flag} {}: the file is empty", path.display()));
+        }
+        return Ok(Some(Secret::new(password.to_string())));
     }
     Ok(std::env::var(env)
         .ok()
@@ -305,6 +308,11 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("--store-password-file"), "{e}");
+        // an empty file (a secret not mounted yet) is an error, not "no password"
+        std::fs::write(&file, "\n").unwrap();
+        let e =
+            store_location(&SecretUrl::new("postgres://f@db/control"), Some(&file)).unwrap_err();
+        assert!(e.contains("the file is empty"), "{e}");
     }
 
     #[test]
