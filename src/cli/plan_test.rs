@@ -113,6 +113,16 @@ fn migration_test(dir: &Path) -> Result<Option<MigrationTest>, String> {
     if t.query.trim().is_empty() {
         return Err(format!("{}: [test] has an empty query", dir.display()));
     }
+    // SQL PostgreSQL's parser refuses is named here, by its key and line, before anything
+    // is created in the scratch database
+    for (key, sql) in [("setup", &t.setup), ("query", &t.query)] {
+        if let Err(e) = flotilla_core::lint::analyze(sql) {
+            return Err(format!(
+                "{}: [test] {key}: {e}",
+                dir.join("migration.toml").display()
+            ));
+        }
+    }
     let expect = t
         .expected()
         .map_err(|e| format!("{}: {e}", dir.join("migration.toml").display()))?;

@@ -403,6 +403,23 @@ async fn plan_test_passes_the_example_and_names_a_down_that_forgets_a_column() -
     );
     pg.psql("scratch", "DROP TABLE stuck").await?;
 
+    // [test] SQL that does not parse is bad input, named by its key and line, before
+    // anything runs.
+    let typo = MigrationDir::new()?;
+    typo.migration(
+        "001_typo",
+        "[test]\nquery = \"SELECT 1;\\nSELEC 2\"\n",
+        "CREATE TABLE typo (id int);",
+        "DROP TABLE typo;",
+    )?;
+    let out = test(typo.path(), &[]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("migration.toml: [test] query: line 2: syntax error at or near \"SELEC\""),
+        "{out}"
+    );
+
     // A shard (a database with a flotilla schema) is not a scratch database.
     pg.psql("scratch", "CREATE SCHEMA flotilla").await?;
     let out = test(&example, &["--seed", &seed]).await?;
