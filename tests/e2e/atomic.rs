@@ -24,6 +24,25 @@ async fn submit_atomic(fleet: &HaFleet) -> anyhow::Result<String> {
     fleet.submit(&coord_dbmate_dir(), &["--atomic"]).await
 }
 
+/// Restarts the (one) coordinator of a two-shard fleet with the `before_decision` failpoint
+/// and submits the atomic plan: the coordinator exits (86) with every target prepared and
+/// no decision written. The plan's id.
+async fn submit_atomic_and_die_before_the_decision(fleet: &mut HaFleet) -> anyhow::Result<String> {
+    fleet
+        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::before_decision=return")])
+        .await?;
+    fleet.wait_connected(2).await?;
+    let id = submit_atomic(fleet).await?;
+    let status = fleet.coordinators[0]
+        .as_mut()
+        .unwrap()
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends it");
+    assert_eq!(status.code(), Some(86));
+    Ok(id)
+}
+
 async fn assert_none_prepared(fleet: &HaFleet, shards: usize) -> anyhow::Result<()> {
     for s in 0..shards {
         assert_eq!(
@@ -135,18 +154,7 @@ async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyh
     let epochs = fences(&fleet.pg, 2).await?;
     // Restart the coordinator with a failpoint: it exits with every target
     // prepared and no decision written.
-    fleet
-        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::before_decision=return")])
-        .await?;
-    fleet.wait_connected(2).await?;
-    let id = submit_atomic(&fleet).await?;
-    let status = fleet.coordinators[0]
-        .as_mut()
-        .unwrap()
-        .wait_exit(WAIT)
-        .await
-        .expect("the failpoint ends it");
-    assert_eq!(status.code(), Some(86));
+    let id = submit_atomic_and_die_before_the_decision(&mut fleet).await?;
     // Every target is prepared, nothing committed.
     for s in 0..2 {
         let gids = fleet
@@ -191,18 +199,7 @@ async fn coordinator_killed_before_the_decision_means_abort_everywhere() -> anyh
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollback_before_the_leader_takes_the_plan_over_is_refused() -> anyhow::Result<()> {
     let mut fleet = least_privileged(1, 2, 2).await?;
-    fleet
-        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::before_decision=return")])
-        .await?;
-    fleet.wait_connected(2).await?;
-    let id = submit_atomic(&fleet).await?;
-    let status = fleet.coordinators[0]
-        .as_mut()
-        .unwrap()
-        .wait_exit(WAIT)
-        .await
-        .expect("the failpoint ends it");
-    assert_eq!(status.code(), Some(86));
+    let id = submit_atomic_and_die_before_the_decision(&mut fleet).await?;
     // a leader that cannot take its unfinished plans over yet
     let c = fleet.spawn_coordinator_with(
         0,

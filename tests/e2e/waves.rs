@@ -542,25 +542,7 @@ async fn a_rollback_sent_to_the_follower_reaches_the_leader() -> anyhow::Result<
     let fleet = crate::ha::HaFleet::start(2, 2, 3).await?;
     let leader = fleet.leader().expect("one coordinator leads");
     let follower = 1 - leader;
-    let plan = r#"name = "gated-follower"
-
-[[waves]]
-name = "canary"
-count = 2
-gate = "manual"
-
-[[waves]]
-name = "rest"
-rest = true
-"#;
-    let dir = plan_dir(plan)?;
-    let id = fleet.submit(dir.path(), &[]).await?;
-    crate::harness::wait_until(
-        "the plan waits at the canary's gate",
-        crate::fleet::WAIT,
-        async || Ok(fleet.status(&id).await?["state"] == "waiting"),
-    )
-    .await?;
+    let (id, _dir) = waiting_at_a_manual_gate(&fleet, "gated-follower").await?;
     let out = fleet.cli_at(follower, &["plan", "rollback", &id]).await?;
     assert_eq!(out.code(), Some(0), "{out}");
     crate::harness::wait_until("the plan rolled back", crate::fleet::WAIT, async || {
@@ -571,12 +553,15 @@ rest = true
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_manual_gate_keeps_waiting_when_the_leader_is_killed() -> anyhow::Result<()> {
-    let mut fleet = crate::ha::HaFleet::start(2, 2, 3).await?;
-    let leader = fleet.leader().expect("one coordinator leads");
-    let standby = 1 - leader;
-    let plan = r#"name = "gated-ha"
+/// Submits to an HA fleet a plan named `name` whose canary wave (2 targets) waits at a
+/// manual gate, and waits until it does. The plan's id, and its directory (kept while the
+/// caller needs it).
+async fn waiting_at_a_manual_gate(
+    fleet: &crate::ha::HaFleet,
+    name: &str,
+) -> anyhow::Result<(String, MigrationDir)> {
+    let plan = format!(
+        r#"name = "{name}"
 
 [[waves]]
 name = "canary"
@@ -586,8 +571,9 @@ gate = "manual"
 [[waves]]
 name = "rest"
 rest = true
-"#;
-    let dir = plan_dir(plan)?;
+"#
+    );
+    let dir = plan_dir(&plan)?;
     let id = fleet.submit(dir.path(), &[]).await?;
     crate::harness::wait_until(
         "the plan waits at the canary's gate",
@@ -595,6 +581,15 @@ rest = true
         async || Ok(fleet.status(&id).await?["state"] == "waiting"),
     )
     .await?;
+    Ok((id, dir))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manual_gate_keeps_waiting_when_the_leader_is_killed() -> anyhow::Result<()> {
+    let mut fleet = crate::ha::HaFleet::start(2, 2, 3).await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let standby = 1 - leader;
+    let (id, _dir) = waiting_at_a_manual_gate(&fleet, "gated-ha").await?;
     assert_eq!(
         tables_named(&fleet.pg, 2, "rollout_mark").await?,
         2,

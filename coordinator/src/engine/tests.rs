@@ -61,6 +61,34 @@ fn engine_storing(
     events
 }
 
+/// An agent of `shard` attaching on `tx` under `epoch` (4 lanes, nothing in doubt).
+fn attached(
+    shard: &str,
+    conn_id: u64,
+    tx: mpsc::Sender<pb::CoordinatorMessage>,
+    epoch: u64,
+) -> Event {
+    Event::Attached {
+        shard: shard.into(),
+        conn_id,
+        tx,
+        max_lanes: 4,
+        in_doubt: Vec::new(),
+        epoch,
+    }
+}
+
+/// Attaches an agent of `shard` on a new stream under epoch 1; the stream.
+async fn attach(
+    events: &mpsc::Sender<Event>,
+    shard: &str,
+    conn_id: u64,
+) -> mpsc::Receiver<pb::CoordinatorMessage> {
+    let (tx, rx) = mpsc::channel(16);
+    events.send(attached(shard, conn_id, tx, 1)).await.unwrap();
+    rx
+}
+
 /// Starts the plan `p0` and hands it its shard locks: it may hand out runs.
 async fn start_locked(events: &mpsc::Sender<Event>, run: crate::plan::PlanRun) {
     let (done, started) = oneshot::channel();
@@ -102,17 +130,7 @@ async fn what_a_full_stream_cannot_take_reaches_the_agent_in_order_when_it_reads
         body: Some(Body::Heartbeat(pb::Heartbeat::default())),
     })
     .expect("room for one");
-    events
-        .send(Event::Attached {
-            shard: "s0".into(),
-            conn_id: 1,
-            tx: tx.clone(),
-            max_lanes: 4,
-            in_doubt: Vec::new(),
-            epoch: 1,
-        })
-        .await
-        .unwrap();
+    events.send(attached("s0", 1, tx.clone(), 1)).await.unwrap();
     let run = plan_of(
         &["a"],
         Vec::new(),
@@ -144,14 +162,8 @@ async fn what_a_full_stream_cannot_take_reaches_the_agent_in_order_when_it_reads
 #[tokio::test]
 async fn a_new_stream_hears_the_definition_and_the_runs_still_out() {
     let events = engine();
-    let attach = |conn_id: u64, tx: mpsc::Sender<pb::CoordinatorMessage>| Event::Attached {
-        shard: "s0".into(),
-        conn_id,
-        tx,
-        max_lanes: 4,
-        in_doubt: Vec::new(),
-        epoch: 1,
-    };
+    let attach =
+        |conn_id: u64, tx: mpsc::Sender<pb::CoordinatorMessage>| attached("s0", conn_id, tx, 1);
     let (tx1, mut rx1) = mpsc::channel(16);
     events.send(attach(1, tx1)).await.unwrap();
     let run = plan_of(
@@ -219,15 +231,7 @@ async fn an_agent_attached_under_another_term_is_let_go() {
                 last_seen_ms: 0,
             },
         );
-        let event = Event::Attached {
-            shard: "s0".into(),
-            conn_id,
-            tx,
-            max_lanes: 4,
-            in_doubt: Vec::new(),
-            epoch,
-        };
-        (event, rx)
+        (attached("s0", conn_id, tx, epoch), rx)
     };
     let ended = |mut rx: mpsc::Receiver<pb::CoordinatorMessage>| async move {
         let next = tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -264,18 +268,7 @@ async fn an_agent_attached_under_another_term_is_let_go() {
 async fn a_plan_that_ends_tells_its_watchers_its_final_status() {
     let (changes, mut told) = broadcast::channel(16);
     let events = engine_telling(Arc::new(Fleet::default()), changes);
-    let (tx, mut rx) = mpsc::channel(16);
-    events
-        .send(Event::Attached {
-            shard: "s0".into(),
-            conn_id: 1,
-            tx,
-            max_lanes: 4,
-            in_doubt: Vec::new(),
-            epoch: 1,
-        })
-        .await
-        .unwrap();
+    let mut rx = attach(&events, "s0", 1).await;
     let run = plan_of(
         &["a"],
         Vec::new(),
@@ -351,19 +344,7 @@ async fn atomic_on_two_shards(
 ) {
     let mut streams = Vec::new();
     for (conn_id, shard) in [(1, "s0"), (2, "s1")] {
-        let (tx, rx) = mpsc::channel(16);
-        events
-            .send(Event::Attached {
-                shard: shard.into(),
-                conn_id,
-                tx,
-                max_lanes: 4,
-                in_doubt: Vec::new(),
-                epoch: 1,
-            })
-            .await
-            .unwrap();
-        streams.push(rx);
+        streams.push(attach(events, shard, conn_id).await);
     }
     let group = pb::ParallelGroup {
         migrations: vec!["a".into()],
@@ -554,18 +535,7 @@ async fn a_rollback_while_a_unit_commits_is_refused_until_it_has() {
 async fn a_plan_ends_while_the_store_is_out_of_reach() {
     let (changes, mut told) = broadcast::channel(16);
     let events = engine_storing(Arc::new(Fleet::default()), changes, false);
-    let (tx, mut rx) = mpsc::channel(16);
-    events
-        .send(Event::Attached {
-            shard: "s0".into(),
-            conn_id: 1,
-            tx,
-            max_lanes: 4,
-            in_doubt: Vec::new(),
-            epoch: 1,
-        })
-        .await
-        .unwrap();
+    let mut rx = attach(&events, "s0", 1).await;
     let run = plan_of(
         &["a"],
         Vec::new(),

@@ -1029,6 +1029,25 @@ mod tests {
         );
     }
 
+    /// Stops the store's server, then hands the writer `op` under term 7 and a flush: the
+    /// flush, still unanswered a second later (the writer tries again, or the test fails).
+    async fn written_while_stopped(
+        pg: &mut PgCluster,
+        queue: &Queue,
+        op: StoreOp,
+    ) -> oneshot::Receiver<()> {
+        pg.stop().await.unwrap();
+        queue.send_under(7, op);
+        let mut flushed = queue.flush_under(7);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), &mut flushed)
+                .await
+                .is_err(),
+            "a flush answered while the store was stopped: the batch was given up"
+        );
+        flushed
+    }
+
     /// While the store is out of reach (its server stopped), a batch is tried again as
     /// long as this coordinator leads, under the batch's term or a later one of its own,
     /// and lands once the store is back; a batch of a coordinator no longer leading is given
@@ -1063,15 +1082,8 @@ mod tests {
         queue.flush_under(7).await.unwrap();
 
         // leading throughout: the plan's end waits for the server and lands
-        pg.stop().await.unwrap();
-        queue.send_under(7, state("p1", PlanState::Completed));
-        let mut flushed = queue.flush_under(7);
-        assert!(
-            tokio::time::timeout(Duration::from_secs(1), &mut flushed)
-                .await
-                .is_err(),
-            "a flush answered while the store was stopped: the batch was given up"
-        );
+        let flushed =
+            written_while_stopped(&mut pg, &queue, state("p1", PlanState::Completed)).await;
         pg.restart().await.unwrap();
         flushed.await.unwrap();
         assert_eq!(
@@ -1081,15 +1093,7 @@ mod tests {
 
         // led again meanwhile under a later epoch of its own: the batch is still tried again
         // (nobody else fenced the store), and lands
-        pg.stop().await.unwrap();
-        queue.send_under(7, state("p1", PlanState::Failed));
-        let mut flushed = queue.flush_under(7);
-        assert!(
-            tokio::time::timeout(Duration::from_secs(1), &mut flushed)
-                .await
-                .is_err(),
-            "a flush answered while the store was stopped: the batch was given up"
-        );
+        let flushed = written_while_stopped(&mut pg, &queue, state("p1", PlanState::Failed)).await;
         leading.send(Leadership::Leader { epoch: 9 }).unwrap();
         pg.restart().await.unwrap();
         flushed.await.unwrap();
@@ -1099,15 +1103,8 @@ mod tests {
         );
 
         // deposed during the outage: the batch is given up, and not written once it is back
-        pg.stop().await.unwrap();
-        queue.send_under(7, state("p2", PlanState::Cancelled));
-        let mut flushed = queue.flush_under(7);
-        assert!(
-            tokio::time::timeout(Duration::from_secs(1), &mut flushed)
-                .await
-                .is_err(),
-            "a flush answered while the store was stopped: the batch was given up"
-        );
+        let flushed =
+            written_while_stopped(&mut pg, &queue, state("p2", PlanState::Cancelled)).await;
         leading.send(Leadership::Follower { leader: None }).unwrap();
         flushed.await.unwrap();
         pg.restart().await.unwrap();
