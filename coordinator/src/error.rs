@@ -122,6 +122,10 @@ pub enum Refusal {
         "plan {plan_id} commits atomically: it cannot stop half-way with transactions prepared; cancel it (`flotilla plan cancel {plan_id}`), which aborts and undoes it"
     )]
     AtomicHalt { plan_id: String },
+    #[error(
+        "plan {plan_id} commits atomically and its decisions stand: it is not retried; submit the plan again (what it applied is found in the journals and passed over)"
+    )]
+    AtomicRetry { plan_id: String },
     #[error("plan {plan_id} has no target `{target}` (give shard or shard/tenant)")]
     UnknownTarget { plan_id: String, target: String },
     #[error(
@@ -207,6 +211,24 @@ pub enum Conflict {
     ShardCancelled { plan_id: String, shard: String },
     #[error("plan {plan_id} is not waiting at a manual gate ({now}); nothing to promote")]
     NotAtGate { plan_id: String, now: String },
+    #[error(
+        "plan {plan_id} is {now}, not committing: `plan forget-shard` is for a shard that will \
+         not come back to commit an atomic plan's decision"
+    )]
+    NotCommitting { plan_id: String, now: String },
+    #[error(
+        "shard {shard} has committed its part of plan {plan_id} (or was forgotten already); nothing to forget"
+    )]
+    ShardResolved { plan_id: String, shard: String },
+    #[error(
+        "the agent of shard {shard} is {how}: it commits its part of plan {plan_id} by itself; \
+         forget a shard only once its agent is gone for good"
+    )]
+    AgentPresent {
+        plan_id: String,
+        shard: String,
+        how: &'static str,
+    },
     #[error("plan {plan_id} is {state}; only a running plan can be halted")]
     NotHaltable { plan_id: String, state: PlanState },
     #[error(

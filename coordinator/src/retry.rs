@@ -52,6 +52,14 @@ impl Coordinator {
             .into());
         }
         let mut run = self.rebuild(&row).await?;
+        if run.spec.two_phase() {
+            // Its units' decisions stand in etcd: steps run again under one would be
+            // resolved by it (an agent's sweep commits them) before the rest prepared.
+            return Err(Refusal::AtomicRetry {
+                plan_id: plan_id.to_string(),
+            }
+            .into());
+        }
         let only = if targets.is_empty() {
             None
         } else {

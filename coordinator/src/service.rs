@@ -433,6 +433,50 @@ impl Coordinator {
         .await?
     }
 
+    /// `plan forget-shard`: a shard whose agent is gone for good stops holding up the commit
+    /// of the plan's unit (see `Engine::forget_shard`). Answers the plan's status, from the
+    /// store when the plan ended with it.
+    pub async fn forget_shard(
+        &self,
+        plan_id: String,
+        shard: String,
+        actor: Actor,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        self.leader_epoch()?;
+        let id = plan_id.clone();
+        match self
+            .to_engine(|reply| Event::ForgetShard {
+                plan_id: id,
+                shard,
+                actor,
+                reply,
+            })
+            .await?
+        {
+            Ok(status) if status.summary.is_some() => Ok(status),
+            Ok(_) => self.status(&plan_id).await,
+            // Not in the engine: the store says whether it ended or is yet to be taken over.
+            Err(CoordinatorError::PlanNotFound(_)) => {
+                let row = self
+                    .inner
+                    .store
+                    .plan(&plan_id)
+                    .await?
+                    .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.clone()))?;
+                let now = if row.state.is_terminal() {
+                    row.state.to_string()
+                } else {
+                    format!(
+                        "{} in the control store, not taken over by this coordinator yet",
+                        row.state
+                    )
+                };
+                Err(Conflict::NotCommitting { plan_id, now }.into())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Plan status snapshots as they change, ending with the final one, or with
     /// `ShuttingDown` when this coordinator stops first.
     pub fn watch(

@@ -323,7 +323,7 @@ pub enum OperatorCommand {
         /// The operator's name (what the audit trail records): letters, digits, `-_.@`.
         name: String,
         /// viewer (read), operator (submit, pause, resume, cancel, retry, promote,
-        /// rollback, halt), approver (approve, reject), admin (all, lock breaks, operators).
+        /// rollback, halt), approver (approve, reject), admin (all, lock breaks, forget-shard, operators).
         #[arg(long)]
         role: String,
         /// A role of the approval matrix this operator approves in (e.g. dba); repeat or
@@ -518,6 +518,11 @@ pub enum PlanCommand {
     /// Stop a running plan where it is: no new step starts, what applied stays; the plan
     /// ends halted (audited).
     Halt(DecideArgs),
+    /// Stop waiting for one shard of a plan that is committing its atomic decision, when that
+    /// shard's agent is gone for good (admin; audited): its part fails as not confirmed, the
+    /// plan ends failed once the other shards have committed, and its locks are released.
+    /// The decision stays in etcd: an agent that comes back commits the shard's part from it.
+    ForgetShard(ForgetShardArgs),
     /// Run again the failed and not-run steps of a failed, halted or completed_with_failures
     /// plan, after fixing their cause: the same plan, checksums, waves and budget (audited).
     Retry(RetryArgs),
@@ -594,6 +599,25 @@ pub struct DecideArgs {
     #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
     pub actor: String,
     /// Wait until the plan ends (or waits at its next gate).
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct ForgetShardArgs {
+    pub id: String,
+    /// The shard whose agent will not come back.
+    #[arg(long)]
+    pub shard: String,
+    /// Why (recorded in the audit trail and in the plan's failures).
+    #[arg(long)]
+    pub reason: String,
+    /// Who forgets it (recorded in the audit trail).
+    #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
+    pub actor: String,
+    /// Wait until the plan ends (`failed`, once the other shards have committed).
     #[arg(long)]
     pub wait: bool,
     #[arg(long, value_enum, default_value = "text")]

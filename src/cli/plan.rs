@@ -80,6 +80,15 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
         PlanCommand::Resume(args) => pause(addr, args, false).await,
         PlanCommand::Promote(args) => decide(addr, args, Verb::Promote).await,
         PlanCommand::Halt(args) => decide(addr, args, Verb::Halt).await,
+        PlanCommand::ForgetShard(args) => {
+            let req = pb::PlanCommand {
+                plan_id: args.id,
+                actor: acting(args.actor),
+                reason: args.reason,
+                shard: args.shard,
+            };
+            send_command(addr, Verb::ForgetShard, req, args.wait, args.output).await
+        }
         PlanCommand::Retry(args) => retry(addr, args).await,
         PlanCommand::Approve(args) => approval(addr, args, true).await,
         PlanCommand::Reject(args) => approval(addr, args, false).await,
@@ -346,6 +355,7 @@ enum Verb {
     Resume,
     Promote,
     Halt,
+    ForgetShard,
 }
 
 impl Verb {
@@ -355,6 +365,8 @@ impl Verb {
             Verb::Rollback => &["rolled_back"],
             Verb::Cancel => &["cancelled", "rolled_back"],
             Verb::Halt => &["halted"],
+            // the plan ends without the forgotten shard's commit confirmed
+            Verb::ForgetShard => &["failed"],
             Verb::Pause | Verb::Resume | Verb::Promote => RUN,
         }
     }
@@ -378,6 +390,7 @@ async fn send_command(
             Verb::Resume => c.resume_plan(req).await,
             Verb::Promote => c.promote_plan(req).await,
             Verb::Halt => c.halt_plan(req).await,
+            Verb::ForgetShard => c.forget_shard(req).await,
         }
     })
     .await;

@@ -4,7 +4,9 @@ use serde_json::Value;
 
 use crate::fleet::{Cli, WAIT, coord_dbmate_dir};
 use crate::ha::HaFleet;
+use crate::harness::{wait_for, wait_until};
 use crate::shards::{assert_fences_not_back, fences, prepared};
+use flotilla_testkit::wait::fatal;
 
 /// Every fleet of this suite runs its agents as the role of deploy/sql/agent-role.sql: two-phase
 /// commit and its recovery must work with no more than that.
@@ -518,4 +520,145 @@ async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_re
     );
     assert_fences_not_back(&fleet.pg, &epochs).await?;
     assert_none_prepared(&fleet, 2).await
+}
+
+/// A shard whose agent dies as it is told to commit, and does not come back: the plan stays
+/// `committing` with its locks held (a cancel is refused naming the shard) until an admin
+/// forgets the shard (`plan forget-shard`, refused without a reason, for a shard the plan
+/// does not have, and while the agent's liveness key is in etcd). The plan then ends failed,
+/// its failures and the audit trail saying who forgot which shard and why, its locks
+/// released, the other shard committed. The forgotten shard's transactions stay prepared;
+/// its agent, back, commits them from the decision in etcd.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_gone_while_committing_is_forgotten_and_commits_when_back() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::builder(1, 2, 2)
+        .least_privilege()
+        .agent_args(&["--lease-ttl", "2s"])
+        .agent_env(1, "FAILPOINTS", "agent::before_commit_prepared=return")
+        .start()
+        .await?;
+    let id = submit_atomic(&fleet).await?;
+    let exit = fleet.agents[1]
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends shard_1's agent as it is told to commit");
+    assert_eq!(exit.code(), Some(88));
+    assert!(prepared(&fleet.pg, 1).await? > 0, "shard_1 left prepared");
+    wait_until("shard_0 committed", WAIT, async || {
+        Ok(satisfaction_columns(&fleet, "shard_0").await? == 4)
+    })
+    .await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "committing", "{st}");
+    let out = fleet.cli(&["plan", "cancel", &id]).await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert!(out.stderr.contains("not yet committed on shard_1"), "{out}");
+
+    let out = fleet
+        .cli(&["plan", "forget-shard", &id, "--shard", "shard_1"])
+        .await?;
+    assert_eq!(out.code(), Some(2), "no reason: {out}");
+    let out = fleet
+        .cli(&[
+            "plan",
+            "forget-shard",
+            &id,
+            "--shard",
+            "shard_9",
+            "--reason",
+            "x",
+        ])
+        .await?;
+    assert!(out.stderr.contains("no target on shard `shard_9`"), "{out}");
+    // Until the coordinator sees shard_1's liveness key expire (2 s), it is refused.
+    let out = wait_for("shard_1 forgotten", WAIT, async || {
+        let out = fleet
+            .cli(&[
+                "plan",
+                "forget-shard",
+                &id,
+                "--shard",
+                "shard_1",
+                "--reason",
+                "its database is lost",
+                "--wait",
+                "--output",
+                "json",
+            ])
+            .await?;
+        if out.code() == Some(0) {
+            return Ok(Some(out));
+        }
+        if !out.stderr.contains("the agent of shard shard_1 is") {
+            return Err(fatal(anyhow::anyhow!("refused otherwise: {out}")));
+        }
+        Ok(None)
+    })
+    .await?;
+    let st: Value = serde_json::from_str(out.stdout.lines().last().unwrap())?;
+    assert_eq!(st["state"], "failed", "{st}");
+    let message = st["message"].as_str().unwrap();
+    assert!(
+        message.contains("the plan committed on 1 of 2 shards; not confirmed on shard_1"),
+        "{message}"
+    );
+    let failures = st["failures"].as_array().unwrap();
+    assert!(!failures.is_empty(), "{st}");
+    for f in failures {
+        assert_eq!(f["shard"], "shard_1", "{f}");
+        assert!(
+            f["message"]
+                .as_str()
+                .unwrap()
+                .contains("forgotten by operator (its database is lost)"),
+            "{f}"
+        );
+    }
+    let audit = fleet
+        .json(&["audit", "list", "--plan", &id, "--output", "json"])
+        .await?;
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "forget-shard"
+                && e["detail"] == "shard shard_1: its database is lost"),
+        "{audit}"
+    );
+    wait_until("the plan's locks released", WAIT, async || {
+        let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+        Ok(locks["locks"].as_array().is_some_and(Vec::is_empty))
+    })
+    .await?;
+    assert_eq!(satisfaction_columns(&fleet, "shard_1").await?, 0);
+    assert!(prepared(&fleet.pg, 1).await? > 0, "still prepared");
+
+    // The shard comes back after all: its agent commits from the decision in etcd.
+    fleet.restart_agent(1)?;
+    wait_until("shard_1 committed from the decision", WAIT, async || {
+        Ok(prepared(&fleet.pg, 1).await? == 0)
+    })
+    .await?;
+    assert_eq!(satisfaction_columns(&fleet, "shard_1").await?, 4);
+    // a plan that ended is not forgotten again, nor retried
+    let out = fleet
+        .cli(&[
+            "plan",
+            "forget-shard",
+            &id,
+            "--shard",
+            "shard_1",
+            "--reason",
+            "x",
+        ])
+        .await?;
+    assert!(out.stderr.contains("is failed, not committing"), "{out}");
+    let out = fleet.cli(&["plan", "retry", &id]).await?;
+    assert!(
+        out.stderr
+            .contains("commits atomically and its decisions stand"),
+        "{out}"
+    );
+    Ok(())
 }

@@ -235,6 +235,24 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         Ok(Response::new(self.halt(plan_id, actor).await?))
     }
 
+    async fn forget_shard(
+        &self,
+        req: Request<pb::PlanCommand>,
+    ) -> Result<Response<pb::PlanStatus>, Status> {
+        if req.get_ref().reason.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "forgetting a shard needs --reason TEXT: the override is audited with it",
+            ));
+        }
+        let (plan_id, shard, actor) = self.command_of(req, "ForgetShard").await?;
+        let shard = shard.ok_or_else(|| {
+            Status::invalid_argument("forgetting a shard needs --shard SHARD: the shard to forget")
+        })?;
+        Ok(Response::new(
+            self.forget_shard(plan_id, shard, actor).await?,
+        ))
+    }
+
     async fn retry_plan(
         &self,
         req: Request<pb::RetryRequest>,

@@ -79,7 +79,10 @@ pub fn required_role(method: &str) -> Role {
         // signing plans off
         "ApprovePlan" | "RejectPlan" => Role::Approver,
         // overrides and identities
-        "BreakLock" | "AddOperator" | "ListOperators" | "RevokeOperator" => Role::Admin,
+        // (forgetting a shard ends a plan without that shard's commit confirmed)
+        "BreakLock" | "ForgetShard" | "AddOperator" | "ListOperators" | "RevokeOperator" => {
+            Role::Admin
+        }
         _ => Role::Admin,
     }
 }
@@ -110,6 +113,7 @@ const CLASSIFIED: &[&str] = &[
     "ApprovePlan",
     "RejectPlan",
     "BreakLock",
+    "ForgetShard",
     "AddOperator",
     "ListOperators",
     "RevokeOperator",

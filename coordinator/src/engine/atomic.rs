@@ -8,7 +8,9 @@ use flotilla_core::protocol::{Decision, gid};
 use tracing::{info, warn};
 
 use super::Engine;
+use crate::actor::Actor;
 use crate::coordination::CoordinationError;
+use crate::error::{Conflict, CoordinatorError, Refusal};
 use crate::metrics;
 use crate::plan::PlanState;
 use crate::store::StoreOp;
@@ -204,5 +206,80 @@ impl Engine {
             // What committed outside 2PC (non-transactional steps) is undone now.
             self.begin_rollback(plan_id);
         }
+    }
+
+    /// `plan forget-shard`: the unit's commit decision is written and carried out on every
+    /// shard but this one, whose agent is gone for good (not attached, no liveness key): its
+    /// part fails as "not confirmed", and the plan ends `failed` once the others have
+    /// committed, releasing its shard locks. Refused while the agent is there, since it
+    /// commits by itself; nothing else changes. The decision stays in etcd: an agent that
+    /// comes back after all commits the shard's prepared transactions from it.
+    pub(super) fn forget_shard(
+        &mut self,
+        plan_id: &str,
+        shard: &str,
+        actor: &Actor,
+    ) -> Result<(), CoordinatorError> {
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            // the service reads the store: ended, or not taken over yet
+            return Err(CoordinatorError::PlanNotFound(plan_id.to_string()));
+        };
+        if run.state != PlanState::Committing {
+            return Err(Conflict::NotCommitting {
+                plan_id: plan_id.to_string(),
+                now: run.state.to_string(),
+            }
+            .into());
+        }
+        let Some(sr) = run.shards.get(shard) else {
+            return Err(Refusal::NoSuchShard {
+                plan_id: plan_id.to_string(),
+                shard: shard.to_string(),
+                shards: run.shards.keys().cloned().collect::<Vec<_>>().join(", "),
+            }
+            .into());
+        };
+        if sr.resolved || run.forgotten_shards().contains(shard) {
+            return Err(Conflict::ShardResolved {
+                plan_id: plan_id.to_string(),
+                shard: shard.to_string(),
+            }
+            .into());
+        }
+        let present = if self.agents.contains_key(shard) {
+            Some("attached to this coordinator")
+        } else if self.live.contains(shard) {
+            Some("alive (its liveness key is in etcd)")
+        } else {
+            None
+        };
+        if let Some(how) = present {
+            return Err(Conflict::AgentPresent {
+                plan_id: plan_id.to_string(),
+                shard: shard.to_string(),
+                how,
+            }
+            .into());
+        }
+        let why = format!(
+            "the commit decision was not confirmed here: shard {shard} was forgotten by {}{}; \
+             its prepared transaction commits from the decision in etcd if its agent comes back",
+            actor.name,
+            if actor.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", actor.reason)
+            }
+        );
+        warn!(plan = %plan_id, shard = %shard, operator = %actor.name, "shard forgotten while its plan commits");
+        let updates = run.forget_shard(shard, &why);
+        run.message = actor.explain(&format!("shard {shard} forgotten by {}", actor.name));
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.to_string(),
+            updates,
+        });
+        self.write(actor.audit("forget-shard", plan_id, &format!("shard {shard}")));
+        self.write_state(plan_id);
+        Ok(())
     }
 }

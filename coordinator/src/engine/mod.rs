@@ -148,6 +148,14 @@ pub enum Event {
         actor: Actor,
         reply: CommandReply,
     },
+    /// `plan forget-shard`: a shard whose agent is gone for good stops holding up the
+    /// commit of the plan's unit.
+    ForgetShard {
+        plan_id: String,
+        shard: String,
+        actor: Actor,
+        reply: CommandReply,
+    },
     /// What a wave's SQL gates found (from the task that ran them).
     GateResult {
         plan_id: String,
@@ -193,6 +201,7 @@ impl Event {
             Event::Progress { .. } => "progress",
             Event::Promote { .. } => "promote",
             Event::Halt { .. } => "halt",
+            Event::ForgetShard { .. } => "forget_shard",
             Event::GateResult { .. } => "gate_result",
             Event::BakeProbe { .. } => "bake_probe",
             Event::Pause { .. } => "pause",
@@ -408,6 +417,15 @@ impl Engine {
                 reply,
             } => {
                 let result = self.halt(&plan_id, &actor);
+                self.reply(&plan_id, result, reply).await;
+            }
+            Event::ForgetShard {
+                plan_id,
+                shard,
+                actor,
+                reply,
+            } => {
+                let result = self.forget_shard(&plan_id, &shard, &actor);
                 self.reply(&plan_id, result, reply).await;
             }
             Event::GateResult {

@@ -565,3 +565,117 @@ async fn a_plan_ends_while_the_store_is_out_of_reach() {
     // and the engine goes on: it answers
     handled(&events).await;
 }
+
+async fn forget(
+    events: &mpsc::Sender<Event>,
+    shard: &str,
+) -> Result<pb::PlanStatus, crate::error::CoordinatorError> {
+    let (reply, answered) = oneshot::channel();
+    events
+        .send(Event::ForgetShard {
+            plan_id: "p0".into(),
+            shard: shard.into(),
+            actor: crate::actor::Actor::new("alice", "shard_1's database is lost"),
+            reply,
+        })
+        .await
+        .unwrap();
+    answered.await.unwrap()
+}
+
+/// `plan forget-shard`: a unit committing waits for a shard whose agent is gone for good;
+/// forgetting it is refused while its agent is attached (it commits by itself) and for a
+/// shard that has committed, and otherwise fails that shard's part as not confirmed, naming
+/// who and why; once the other shards have committed the plan ends failed, where before it
+/// stayed committing, its locks held, for as long as the shard was away.
+#[tokio::test]
+async fn a_shard_gone_for_good_is_forgotten_and_the_committing_plan_ends_failed() {
+    let (changes, mut told) = broadcast::channel(64);
+    let events = engine_telling(Arc::new(Fleet::default()), changes);
+    let (_rx0, mut rx1, r0, r1) = atomic_on_two_shards(&events).await;
+    result(&events, "s0", &r0, pb::StepOutcome::Prepared).await;
+    result(&events, "s1", &r1, pb::StepOutcome::Prepared).await;
+    match next_decision_or_rollback(&mut rx1).await {
+        Body::Resolve(r) => assert!(r.commit, "{r:?}"),
+        other => panic!("expected the commit's Resolve, got {other:?}"),
+    }
+    let refused = forget(&events, "s1")
+        .await
+        .expect_err("attached")
+        .to_string();
+    assert!(
+        refused.contains("the agent of shard s1 is attached to this coordinator"),
+        "{refused}"
+    );
+    let refused = forget(&events, "s9")
+        .await
+        .expect_err("no such")
+        .to_string();
+    assert!(refused.contains("no target on shard `s9`"), "{refused}");
+    // s1's agent goes away before it committed; s0 commits
+    events
+        .send(Event::Detached {
+            shard: "s1".into(),
+            conn_id: 2,
+        })
+        .await
+        .unwrap();
+    events
+        .send(Event::ResolveReply {
+            shard: "s0".into(),
+            reply: pb::ResolveReply {
+                plan_id: "p0".into(),
+                commit: true,
+                resolved: vec![r0.prepare_gid.clone()],
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap();
+    let refused = forget(&events, "s0")
+        .await
+        .expect_err("committed")
+        .to_string();
+    assert!(
+        refused.contains("shard s0 has committed its part"),
+        "{refused}"
+    );
+    forget(&events, "s1").await.expect("forgotten");
+    let last = loop {
+        let (id, ended) = tokio::time::timeout(Duration::from_secs(5), told.recv())
+            .await
+            .expect("the plan ends within 5s")
+            .expect("the engine tells");
+        assert_eq!(id, "p0");
+        if let Some(last) = ended {
+            break last;
+        }
+    };
+    let summary = last.summary.as_ref().expect("a summary");
+    assert_eq!(summary.state, "failed", "{summary:?}");
+    assert!(
+        last.message
+            .contains("parallel group 1 committed on 1 of 2 shards; not confirmed on s1"),
+        "{}",
+        last.message
+    );
+    assert_eq!(last.failures.len(), 1, "{:?}", last.failures);
+    let failure = &last.failures[0];
+    assert_eq!(failure.target.as_ref().unwrap().shard, "s1");
+    let error = failure.error.as_ref().unwrap();
+    assert_eq!(error.phase, "commit");
+    assert!(
+        error
+            .message
+            .contains("shard s1 was forgotten by alice (shard_1's database is lost)"),
+        "{}",
+        error.message
+    );
+    assert_eq!(last.migrations[0].applied, 1, "{:?}", last.migrations);
+    // ended, a second forget is told so
+    let refused = forget(&events, "s1").await.expect_err("ended");
+    assert!(matches!(
+        refused,
+        crate::error::CoordinatorError::PlanNotFound(_)
+    ));
+}

@@ -105,6 +105,36 @@ impl PlanRun {
                 }
                 Some(updates)
             }
+            // A shard was forgotten while the unit committed (`plan forget-shard`): once the
+            // other shards have committed, the plan ends failed, nothing after the unit run.
+            PlanState::Committing if self.all_resolved() && !self.forgotten_shards().is_empty() => {
+                let forgotten: Vec<String> = self
+                    .forgotten_shards()
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect();
+                let updates = self.halt_pending();
+                let not_run = updates.len();
+                let unit = match self.current_unit() {
+                    Some(g) if !self.spec.atomic => format!("parallel group {}", g + 1),
+                    _ => "the plan".to_string(),
+                };
+                self.state = PlanState::Failed;
+                self.message = format!(
+                    "{unit} committed on {} of {} shards; not confirmed on {} (forgotten by an \
+                     operator: the plan's failures and the audit trail say who and why; the \
+                     shard commits its part from the decision in etcd if its agent comes back){}",
+                    self.shards_of_unit() - forgotten.len(),
+                    self.shards_of_unit(),
+                    forgotten.join(", "),
+                    if not_run > 0 {
+                        format!("; {not_run} step(s) after it were not run")
+                    } else {
+                        String::new()
+                    }
+                );
+                Some(updates)
+            }
             // A group-atomic plan goes on after its unit commits (`advance_unit`).
             PlanState::Committing if !self.spec.atomic => None,
             PlanState::Committing => self.all_resolved().then(|| {

@@ -64,7 +64,10 @@ impl PlanRun {
         if self.spec.atomic || self.current_unit().is_none() {
             return None;
         }
-        let decided = self.state == PlanState::Committing && self.all_resolved();
+        // a unit with a shard forgotten ends the plan (`settle`)
+        let decided = self.state == PlanState::Committing
+            && self.all_resolved()
+            && self.forgotten_shards().is_empty();
         let clean = self.state == PlanState::Running && self.unit_committed();
         if !decided && !clean {
             return None;
@@ -288,6 +291,63 @@ impl PlanRun {
         self.shards
             .iter()
             .all(|(name, s)| s.resolved || (s.prepared.is_empty() && !self.shard_has_open(name)))
+    }
+
+    /// `plan forget-shard`: a shard whose agent will not come back to commit its part of the
+    /// unit (its database lost, say) stops holding the plan up. Its steps of the unit fail
+    /// with `why` (the decision commits them, but nobody has seen them commit), its steps
+    /// after them will not run, and the shard counts as resolved; the plan ends `failed`
+    /// once the other shards have committed (`settle`). The decision stays in etcd, so an
+    /// agent that does come back commits them then. Returns the store updates.
+    pub fn forget_shard(&mut self, shard: &str, why: &str) -> Vec<StepUpdate> {
+        let error = pb::StepError {
+            sqlstate: String::new(),
+            message: why.to_string(),
+            detail: String::new(),
+            phase: "commit".into(),
+        };
+        let mut updates = Vec::new();
+        for s in 0..self.steps.len() {
+            let t = self.steps[s].target;
+            if self.targets[t].shard != shard {
+                continue;
+            }
+            if self.in_unit(s) && self.steps[s].status.open() {
+                self.set_status(s, StepStatus::Failed);
+                self.failures.push(pb::StepFailure {
+                    migration_id: self.spec.migrations[self.steps[s].migration].id.to_string(),
+                    target: Some(pb::TargetRef {
+                        shard: self.targets[t].shard.clone(),
+                        tenant: self.targets[t].tenant.clone(),
+                    }),
+                    error: Some(error.clone()),
+                });
+                updates.push(self.update_of(s, Some(&error)));
+            } else if self.steps[s].status == StepStatus::Pending {
+                self.set_status(s, StepStatus::NotRun);
+                updates.push(self.update_of(s, None));
+            }
+        }
+        if let Some(sr) = self.shards.get_mut(shard) {
+            sr.resolved = true;
+            sr.ready.clear();
+            sr.queued.clear();
+        }
+        updates
+    }
+
+    /// Shards forgotten while the unit committed (`forget_shard`): a failed step of a unit
+    /// whose decision is commit can come from nothing else, as the unit commits only when
+    /// every one of its steps prepared or applied. Also after a change of coordinator,
+    /// from the steps stored failed.
+    pub fn forgotten_shards(&self) -> BTreeSet<&str> {
+        if self.state != PlanState::Committing {
+            return BTreeSet::new();
+        }
+        self.unit_steps()
+            .filter(|&s| self.steps[s].status == StepStatus::Failed)
+            .map(|s| self.targets[self.steps[s].target].shard.as_str())
+            .collect()
     }
 
     /// A shard with no prepared transaction of the plan left: under a commit

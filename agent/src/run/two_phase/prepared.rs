@@ -68,6 +68,14 @@ pub(crate) async fn finish<'e>(
     gid_lit: &str,
     decision: Decision,
 ) -> Result<Finished, TwoPhaseError> {
+    // Fault tests: the agent dies as it is told to commit, its transactions left prepared
+    // (a shard that never comes back to commit its part: `plan forget-shard`).
+    if decision == Decision::Commit {
+        fail::fail_point!("agent::before_commit_prepared", |_| {
+            tracing::error!("failpoint agent::before_commit_prepared: exiting");
+            std::process::exit(88)
+        });
+    }
     let sql = format!("{} {gid_lit}", decision.sql());
     match sqlx::raw_sql(AssertSqlSafe(sql)).execute(on).await {
         Ok(_) => Ok(Finished::Now),
