@@ -20,6 +20,7 @@ pub(crate) fn parse_statements(sql: &str) -> Result<Vec<Parsed>, ParseError> {
     let result =
         pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).map_err(|e| locate_error(sql, e))?;
     let mut out = Vec::with_capacity(result.protobuf.stmts.len());
+    let mut lines = Lines::new(sql);
     for raw in &result.protobuf.stmts {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.clone()) else {
             continue;
@@ -42,7 +43,7 @@ pub(crate) fn parse_statements(sql: &str) -> Result<Vec<Parsed>, ParseError> {
         let (kind, locks) = locks::describe(&node);
         out.push(Parsed {
             info: StatementInfo {
-                line: line_of(sql, start),
+                line: lines.at(start),
                 text,
                 kind,
                 locks,
@@ -75,6 +76,7 @@ fn locate_error(sql: &str, err: pg_query::Error) -> ParseError {
     };
     // The splitter's statements are verbatim slices of the file, in order.
     let mut from = 0;
+    let mut lines = Lines::new(sql);
     for statement in &statements {
         let Some(offset) = sql[from..].find(statement.as_str()) else {
             break;
@@ -83,7 +85,7 @@ fn locate_error(sql: &str, err: pg_query::Error) -> ParseError {
         from = at + statement.len();
         if let Err(e) = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT) {
             return ParseError {
-                line: line_of(sql, skip_blanks(sql, at, from)),
+                line: lines.at(skip_blanks(sql, at, from)),
                 message: parser_message(e),
             };
         }
@@ -91,13 +93,37 @@ fn locate_error(sql: &str, err: pg_query::Error) -> ParseError {
     ParseError { line: 1, message }
 }
 
-/// 1-based line of byte offset `at`.
-fn line_of(sql: &str, at: usize) -> u32 {
-    let newlines = sql.as_bytes()[..at.min(sql.len())]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count();
-    u32::try_from(newlines + 1).unwrap_or(u32::MAX)
+/// 1-based lines of byte offsets asked in increasing order: each newline is counted once,
+/// where counting from the start for every statement took a file of 20,000 statements
+/// (400 KB) 28 s to lint.
+struct Lines<'a> {
+    sql: &'a [u8],
+    at: usize,
+    line: usize,
+}
+
+impl<'a> Lines<'a> {
+    fn new(sql: &'a str) -> Lines<'a> {
+        Lines {
+            sql: sql.as_bytes(),
+            at: 0,
+            line: 1,
+        }
+    }
+
+    /// The line of offset `at` (from the start again when asked for one before the last).
+    fn at(&mut self, at: usize) -> u32 {
+        let at = at.min(self.sql.len());
+        if at < self.at {
+            (self.at, self.line) = (0, 1);
+        }
+        self.line += self.sql[self.at..at]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count();
+        self.at = at;
+        u32::try_from(self.line).unwrap_or(u32::MAX)
+    }
 }
 
 /// The offset of the first token at or after `from` (before `end`): whitespace, `--`
@@ -133,4 +159,31 @@ fn skip_blanks(sql: &str, mut from: usize, end: usize) -> usize {
         }
     }
     from.min(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_count_each_newline_once_and_start_again_when_asked_back() {
+        let sql = "a;\nb;\n\nc;\n";
+        let mut lines = Lines::new(sql);
+        assert_eq!(lines.at(0), 1);
+        assert_eq!(lines.at(3), 2);
+        assert_eq!(lines.at(7), 4);
+        assert_eq!(lines.at(7), 4);
+        assert_eq!(lines.at(1), 1);
+        assert_eq!(lines.at(usize::MAX), 5);
+    }
+
+    #[test]
+    fn statements_far_down_a_long_file_get_their_lines() {
+        let sql = "SELECT 1;\n".repeat(5000) + "/* x */\nDROP TABLE t;\n";
+        let parsed = parse_statements(&sql).unwrap();
+        assert_eq!(parsed.len(), 5001);
+        assert_eq!(parsed[4999].info.line, 5000);
+        assert_eq!(parsed[5000].info.line, 5002);
+        assert!(parsed[5000].info.text.starts_with("DROP TABLE"));
+    }
 }
