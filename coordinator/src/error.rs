@@ -190,7 +190,8 @@ pub enum Conflict {
     RollingBack { plan_id: String },
     #[error(
         "plan {plan_id} is committing {unit} (its decision is commit; not yet committed on {waiting}): \
-         it cannot be undone before it has committed; run the {action} again once it has"
+         it cannot be undone before it has committed; run the {action} again once it has (a \
+         shard whose agent is gone for good: `flotilla plan forget-shard`)"
     )]
     Committing {
         plan_id: String,
@@ -216,10 +217,12 @@ pub enum Conflict {
          not come back to commit an atomic plan's decision"
     )]
     NotCommitting { plan_id: String, now: String },
-    #[error(
-        "shard {shard} has committed its part of plan {plan_id} (or was forgotten already); nothing to forget"
-    )]
-    ShardResolved { plan_id: String, shard: String },
+    #[error("shard {shard} of plan {plan_id} {what}; nothing to forget")]
+    ShardResolved {
+        plan_id: String,
+        shard: String,
+        what: &'static str,
+    },
     #[error(
         "the agent of shard {shard} is {how}: it commits its part of plan {plan_id} by itself; \
          forget a shard only once its agent is gone for good"

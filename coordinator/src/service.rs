@@ -463,7 +463,7 @@ impl Coordinator {
                     .plan(&plan_id)
                     .await?
                     .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.clone()))?;
-                let now = if row.state.is_terminal() {
+                let now = if row.state.is_terminal() || row.state == PlanState::AwaitingApproval {
                     row.state.to_string()
                 } else {
                     format!(

@@ -581,6 +581,8 @@ async fn a_shard_gone_while_committing_is_forgotten_and_commits_when_back() -> a
                 "shard_1",
                 "--reason",
                 "its database is lost",
+                "--as",
+                "operator",
                 "--wait",
                 "--output",
                 "json",

@@ -239,10 +239,21 @@ impl Engine {
             }
             .into());
         };
-        if sr.resolved || run.forgotten_shards().contains(shard) {
+        // Nothing of the unit open there: committed (this leader saw it, or the steps were
+        // stored applied before a takeover), forgotten already, or never in the unit. A
+        // forget would only stop its later steps, and a unit after it could never commit.
+        let done = if run.forgotten_shards().contains(shard) {
+            Some("was forgotten already")
+        } else if sr.resolved || !run.shard_has_open(shard) {
+            Some("has nothing of the unit left to commit (its part committed, or it has none)")
+        } else {
+            None
+        };
+        if let Some(what) = done {
             return Err(Conflict::ShardResolved {
                 plan_id: plan_id.to_string(),
                 shard: shard.to_string(),
+                what,
             }
             .into());
         }
@@ -262,8 +273,9 @@ impl Engine {
             .into());
         }
         let why = format!(
-            "the commit decision was not confirmed here: shard {shard} was forgotten by {}{}; \
-             its prepared transaction commits from the decision in etcd if its agent comes back",
+            "not confirmed: shard {shard} was forgotten by {}{} while the plan committed; its \
+             prepared transactions commit from the decision in etcd if its agent comes back, \
+             and its journal says what applied",
             actor.name,
             if actor.reason.is_empty() {
                 String::new()

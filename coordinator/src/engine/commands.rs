@@ -131,7 +131,7 @@ impl Engine {
                 let mut waiting: Vec<String> = run
                     .shards
                     .iter()
-                    .filter(|(_, s)| !s.resolved)
+                    .filter(|(name, s)| !s.resolved && run.shard_has_open(name))
                     .map(|(name, _)| name.clone())
                     .collect();
                 waiting.sort();

@@ -612,7 +612,8 @@ async fn a_shard_gone_for_good_is_forgotten_and_the_committing_plan_ends_failed(
         .expect_err("no such")
         .to_string();
     assert!(refused.contains("no target on shard `s9`"), "{refused}");
-    // s1's agent goes away before it committed; s0 commits
+    // s1's agent goes away before it committed, and is forgotten: the plan still commits,
+    // waiting for s0
     events
         .send(Event::Detached {
             shard: "s1".into(),
@@ -620,6 +621,21 @@ async fn a_shard_gone_for_good_is_forgotten_and_the_committing_plan_ends_failed(
         })
         .await
         .unwrap();
+    let status = forget(&events, "s1").await.expect("forgotten");
+    assert_eq!(status.summary.unwrap().state, "committing");
+    let refused = forget(&events, "s1").await.expect_err("again").to_string();
+    assert!(
+        refused.contains("shard s1 of plan p0 was forgotten already"),
+        "{refused}"
+    );
+    let refused = forget(&events, "s0")
+        .await
+        .expect_err("attached")
+        .to_string();
+    assert!(
+        refused.contains("the agent of shard s0 is attached"),
+        "{refused}"
+    );
     events
         .send(Event::ResolveReply {
             shard: "s0".into(),
@@ -632,15 +648,6 @@ async fn a_shard_gone_for_good_is_forgotten_and_the_committing_plan_ends_failed(
         })
         .await
         .unwrap();
-    let refused = forget(&events, "s0")
-        .await
-        .expect_err("committed")
-        .to_string();
-    assert!(
-        refused.contains("shard s0 has committed its part"),
-        "{refused}"
-    );
-    forget(&events, "s1").await.expect("forgotten");
     let last = loop {
         let (id, ended) = tokio::time::timeout(Duration::from_secs(5), told.recv())
             .await

@@ -107,7 +107,11 @@ impl PlanRun {
             }
             // A shard was forgotten while the unit committed (`plan forget-shard`): once the
             // other shards have committed, the plan ends failed, nothing after the unit run.
-            PlanState::Committing if self.all_resolved() && !self.forgotten_shards().is_empty() => {
+            PlanState::Committing
+                if self.all_resolved()
+                    && self.outstanding() == 0
+                    && !self.forgotten_shards().is_empty() =>
+            {
                 let forgotten: Vec<String> = self
                     .forgotten_shards()
                     .into_iter()
@@ -122,8 +126,8 @@ impl PlanRun {
                 self.state = PlanState::Failed;
                 self.message = format!(
                     "{unit} committed on {} of {} shards; not confirmed on {} (forgotten by an \
-                     operator: the plan's failures and the audit trail say who and why; the \
-                     shard commits its part from the decision in etcd if its agent comes back){}",
+                     operator: `plan status` and the audit trail say who and why; the shard \
+                     commits its part from the decision in etcd if its agent comes back){}",
                     self.shards_of_unit() - forgotten.len(),
                     self.shards_of_unit(),
                     forgotten.join(", "),
@@ -135,6 +139,8 @@ impl PlanRun {
                 );
                 Some(updates)
             }
+            // ... and waits for the runs still out meanwhile.
+            PlanState::Committing if !self.forgotten_shards().is_empty() => None,
             // A group-atomic plan goes on after its unit commits (`advance_unit`).
             PlanState::Committing if !self.spec.atomic => None,
             PlanState::Committing => self.all_resolved().then(|| {

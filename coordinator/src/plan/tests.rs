@@ -732,3 +732,67 @@ fn a_plan_that_ended_is_paused_nowhere() {
     let st = super::status::from_run(&run, Vec::new());
     assert!(st.paused.is_empty(), "{:?}", st.paused);
 }
+
+/// `plan forget-shard` during group 1's commit: the forgotten shard's step of the group
+/// fails as not confirmed, and the plan waits for the other shard's commit, then ends
+/// failed with group 2 not run anywhere. A shard with nothing of the unit open (its part
+/// committed) has nothing to forget.
+#[test]
+fn a_forgotten_shard_ends_the_plan_failed_once_the_others_committed() {
+    let mut run = grouped_run();
+    let mut next = 1u64;
+    let mut runs = BTreeMap::new();
+    for shard in ["s0", "s1"] {
+        let out = run.next_runs(shard, &mut next);
+        runs.insert(shard, out[0].clone());
+    }
+    answer(&mut run, "s0", &runs["s0"], pb::StepOutcome::Prepared);
+    answer(&mut run, "s1", &runs["s1"], pb::StepOutcome::Prepared);
+    run.decision = Some(Decision::Commit);
+    run.state = PlanState::Committing;
+    assert!(run.shard_has_open("s1"));
+    let updates = run.forget_shard("s1", "not confirmed: forgotten");
+    // s1's `a` failed, its `b` not run
+    let states: Vec<_> = updates
+        .iter()
+        .map(|u| (u.migration_id.as_str(), u.state))
+        .collect();
+    assert_eq!(
+        states,
+        [("a", StepState::Failed), ("b", StepState::NotRun)],
+        "{updates:?}"
+    );
+    assert_eq!(updates[0].message, "not confirmed: forgotten");
+    assert_eq!(updates[0].phase, "commit");
+    assert_eq!(
+        run.forgotten_shards().into_iter().collect::<Vec<_>>(),
+        ["s1"]
+    );
+    assert!(!run.shard_has_open("s1"));
+    // s0 has not committed yet: the plan neither moves on nor ends
+    assert!(run.advance_unit().is_none());
+    assert!(run.settle().is_none());
+    assert_eq!(run.state, PlanState::Committing);
+    let gids: Vec<String> = run.shards["s0"].prepared.keys().cloned().collect();
+    run.apply_resolve_reply(
+        "s0",
+        &pb::ResolveReply {
+            plan_id: "p0".into(),
+            commit: true,
+            resolved: gids,
+            ..Default::default()
+        },
+    );
+    assert!(!run.shard_has_open("s0"), "s0 committed its part");
+    assert!(run.advance_unit().is_none(), "group 2 does not start");
+    let updates = run.settle().expect("the plan ends");
+    assert_eq!(run.state, PlanState::Failed);
+    assert_eq!(updates.len(), 1, "s0's `b` not run: {updates:?}");
+    assert!(
+        run.message.starts_with(
+            "parallel group 1 committed on 1 of 2 shards; not confirmed on s1 (forgotten by an operator"
+        ) && run.message.ends_with("; 1 step(s) after it were not run"),
+        "{}",
+        run.message
+    );
+}

@@ -307,12 +307,19 @@ impl PlanRun {
             phase: "commit".into(),
         };
         let mut updates = Vec::new();
+        // Runs it had out (a migration outside the unit, running beside it) will not be
+        // answered either: what they did there is as unknown as the unit's commit.
+        let mut in_flight = BTreeSet::new();
+        if let Some(sr) = self.shards.get_mut(shard) {
+            in_flight.extend(std::mem::take(&mut sr.outstanding).into_values().flatten());
+            sr.gids.clear();
+        }
         for s in 0..self.steps.len() {
             let t = self.steps[s].target;
             if self.targets[t].shard != shard {
                 continue;
             }
-            if self.in_unit(s) && self.steps[s].status.open() {
+            if (self.in_unit(s) && self.steps[s].status.open()) || in_flight.contains(&s) {
                 self.set_status(s, StepStatus::Failed);
                 self.failures.push(pb::StepFailure {
                     migration_id: self.spec.migrations[self.steps[s].migration].id.to_string(),
@@ -340,6 +347,10 @@ impl PlanRun {
     /// whose decision is commit can come from nothing else, as the unit commits only when
     /// every one of its steps prepared or applied. Also after a change of coordinator,
     /// from the steps stored failed.
+    ///
+    /// Known limit: a forgotten shard whose agent comes back before the plan ends commits
+    /// from the decision in etcd, but the plan is not told: its steps stay failed there,
+    /// and its journal (`fleet show`) is what says they applied.
     pub fn forgotten_shards(&self) -> BTreeSet<&str> {
         if self.state != PlanState::Committing {
             return BTreeSet::new();
