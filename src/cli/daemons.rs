@@ -179,6 +179,13 @@ pub(super) fn store_location(
     store: &SecretUrl,
     password_file: Option<&Path>,
 ) -> Result<SecretUrl, String> {
+    if let Some(user) = empty_password_user(store.expose()) {
+        return Err(format!(
+            "--store has a `:` after the user `{user}` but no password: write `{user}@` (the \
+             password comes from --store-password-file or FLOTILLA_STORE_PASSWORD, or a pgpass \
+             file)"
+        ));
+    }
     if store.has_password() {
         return Err(format!(
             "--store {store} holds a password; pass it with --store-password-file or \
@@ -202,6 +209,16 @@ pub(super) fn store_location(
     }
 }
 
+/// The user of a `scheme://user:@host` URL: a `:` with nothing after it, read as a
+/// password (an empty one) where none was meant.
+fn empty_password_user(url: &str) -> Option<&str> {
+    let rest = &url[url.find("://")? + 3..];
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let (user, password) = userinfo.split_once(':')?;
+    password.is_empty().then_some(user)
+}
+
 /// A DSN with a password in it would sit in argv, visible to every local user.
 pub(super) fn check_dsn(dsn: &str) -> Result<(), String> {
     let rest = dsn
@@ -210,8 +227,14 @@ pub(super) fn check_dsn(dsn: &str) -> Result<(), String> {
         .ok_or_else(|| "--dsn must be a postgres:// URL".to_string())?;
     let authority = rest.split(['/', '?']).next().unwrap_or("");
     if let Some((userinfo, _)) = authority.rsplit_once('@')
-        && userinfo.contains(':')
+        && let Some((user, password)) = userinfo.split_once(':')
     {
+        if password.is_empty() {
+            return Err(format!(
+                "--dsn has a `:` after the user `{user}` but no password: write `{user}@` (the \
+                 password comes from --password-file or FLOTILLA_SHARD_PASSWORD, or a pgpass file)"
+            ));
+        }
         return Err("--dsn holds a password; pass it with --password-file or FLOTILLA_SHARD_PASSWORD instead".into());
     }
     if dsn.contains("password=") {
@@ -321,5 +344,16 @@ mod tests {
         assert!(check_dsn("postgres://app@db:5432/shard?password=x").is_err());
         assert!(check_dsn("postgres://app@db:5432/shard").is_ok());
         assert!(check_dsn("mysql://x").is_err());
+        // a `:` with no password after it is named as such, not as a password
+        let e = check_dsn("postgres://app:@db:5432/shard").unwrap_err();
+        assert!(
+            e.contains("a `:` after the user `app` but no password: write `app@`"),
+            "{e}"
+        );
+        let e = store_location(&SecretUrl::new("postgres://f:@db/control"), None).unwrap_err();
+        assert!(
+            e.contains("--store has a `:` after the user `f` but no password"),
+            "{e}"
+        );
     }
 }
