@@ -233,6 +233,14 @@ fn lint(path: &std::path::Path, output: Output, rules: &[RuleSet]) -> u8 {
             return EXIT_BAD_INPUT;
         }
     };
+    // A migration's `[test]` (migration.toml) is read as `plan test` reads it: its SQL
+    // parsed, its expectation well formed. A file that does not read is bad input.
+    for m in &spec.migrations {
+        if let Err(e) = super::plan_test::migration_test(std::path::Path::new(&m.source)) {
+            eprintln!("error: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    }
     let options = LintOptions {
         naming: rules.contains(&RuleSet::Naming),
         ..LintOptions::default()

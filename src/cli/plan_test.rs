@@ -103,7 +103,7 @@ pub async fn run(args: TestArgs) -> u8 {
 }
 
 /// A migration's `[test]`, from its directory's migration.toml (dbmate files have none).
-fn migration_test(dir: &Path) -> Result<Option<MigrationTest>, String> {
+pub(super) fn migration_test(dir: &Path) -> Result<Option<MigrationTest>, String> {
     if !dir.is_dir() {
         return Ok(None);
     }

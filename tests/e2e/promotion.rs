@@ -419,6 +419,15 @@ async fn plan_test_passes_the_example_and_names_a_down_that_forgets_a_column() -
             .contains("migration.toml: [test] query: line 2: syntax error at or near \"SELEC\""),
         "{out}"
     );
+    // `plan lint` reads the same [test] the same way (it passed the typo before).
+    let p = typo.path().to_string_lossy().into_owned();
+    let out = run_flotilla(&["plan", "lint", &p], &[]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("migration.toml: [test] query: line 2: syntax error at or near \"SELEC\""),
+        "{out}"
+    );
 
     // A shard (a database with a flotilla schema) is not a scratch database.
     pg.psql("scratch", "CREATE SCHEMA flotilla").await?;
