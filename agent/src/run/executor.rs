@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_core::pb;
 use futures::TryStreamExt;
-use sqlx::postgres::{PgConnection, PgPool, PgRow};
+use sqlx::postgres::{PgConnection, PgDatabaseError, PgErrorPosition, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Column, Either, Row};
 use tracing::{debug, info, instrument, warn};
 
@@ -23,7 +23,7 @@ use crate::data::{self, DataHooks};
 use crate::error::{Failure, classify};
 use crate::metrics::{self, StepMode, StepOutcome};
 use crate::shard;
-use crate::step::sql::{SESSION_RESET, STEP_DONE};
+use crate::step::sql::{SESSION_RESET, STEP_DONE, verify_call};
 use crate::step::{PreparedMigration, StepContext, checkpoint};
 
 pub(crate) struct RunOutput {
@@ -319,7 +319,8 @@ async fn run_transaction(
     let mut marked = Duration::ZERO;
     let mut done = 0usize;
     {
-        let mut results = sqlx::raw_sql(AssertSqlSafe(sql)).fetch_many(&mut *conn);
+        // (a copy: a failure is placed in the text, `place_in_verify`)
+        let mut results = sqlx::raw_sql(AssertSqlSafe(sql.clone())).fetch_many(&mut *conn);
         loop {
             match results.try_next().await {
                 // (a migration's own row could only fake a mark by naming its column so)
@@ -333,7 +334,9 @@ async fn run_transaction(
                 Ok(None) => break,
                 Err(e) => {
                     durations[done.min(last)] += started.elapsed().saturating_sub(marked);
-                    return Err(fail(done, classify(&e, "up")));
+                    let mut failure = classify(&e, "up");
+                    place_in_verify(&mut failure, &e, &sql, steps[done.min(last)]);
+                    return Err(fail(done, failure));
                 }
             }
         }
@@ -365,6 +368,37 @@ async fn run_transaction(
     let r = commit(conn, job.prepare.as_ref()).await;
     durations[last] += committing.elapsed();
     r.map_err(|failure| fail(last, failure))
+}
+
+/// A failure the server places (its error's position) within the step's verify query is
+/// the verify's: a typo in verify.sql (a column that does not exist, say) read as `up`
+/// failed. Errors the server gives no position (raised while the query runs) stay `up`.
+fn place_in_verify(failure: &mut Failure, e: &sqlx::Error, sql: &str, m: &PreparedMigration) {
+    if failure.error.phase != "up" {
+        return;
+    }
+    let Some(verify) = &m.migration.verify_sql else {
+        return;
+    };
+    let Some(PgErrorPosition::Original(at)) = e
+        .as_database_error()
+        .and_then(|d| d.try_downcast_ref::<PgDatabaseError>())
+        .and_then(PgDatabaseError::position)
+    else {
+        return;
+    };
+    // the position counts characters, from 1
+    let Some((byte, _)) = sql.char_indices().nth(at.saturating_sub(1)) else {
+        return;
+    };
+    let call = verify_call(verify, &m.id_lit);
+    if sql
+        .match_indices(call.as_str())
+        .any(|(start, _)| (start..start + call.len()).contains(&byte))
+    {
+        failure.error.phase = "verify".into();
+        failure.error.message = format!("verify query: {}", failure.error.message);
+    }
 }
 
 /// Whether a row of a run's results is the journal row of the step at `position`.
@@ -466,7 +500,11 @@ async fn run_non_transactional(
         commit_failpoint_non_transactional()?;
         let mut epilogue = sqlgen::non_transactional_epilogue(cx, m);
         epilogue.push_str(SESSION_RESET);
-        execute(conn, epilogue).await.map_err(|e| fail(&e, true))
+        execute(conn, epilogue.clone()).await.map_err(|e| {
+            let mut f = fail(&e, true);
+            place_in_verify(&mut f.failure, &e, &epilogue, m);
+            f
+        })
     }
     .await
 }

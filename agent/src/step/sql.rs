@@ -120,12 +120,15 @@ pub(crate) fn push_verify_and_marked_journal(
 /// The verify check, if the step has one.
 fn push_verify(out: &mut String, m: &PreparedMigration) {
     if let Some(verify) = &m.migration.verify_sql {
-        let _ = writeln!(
-            out,
-            "SELECT flotilla.check_verify(({verify}\n), {});",
-            m.id_lit
-        );
+        out.push_str(&verify_call(verify, &m.id_lit));
+        out.push('\n');
     }
+}
+
+/// The statement that checks a step's verify query (`id_lit`: the step's quoted id), as
+/// the step's SQL holds it: where a failure lies in it, the verify failed.
+pub(crate) fn verify_call(verify: &str, id_lit: &str) -> String {
+    format!("SELECT flotilla.check_verify(({verify}\n), {id_lit});")
 }
 
 /// The call that writes the step's journal row and returns its seconds

@@ -227,6 +227,18 @@ async fn failures_fence_and_non_transactional_steps() {
         "SELECT 42",
     ));
     migrations.push(migration(
+        "verify_typo",
+        "CREATE TABLE marker3 (id int)",
+        "DROP TABLE marker3",
+        "SELECT count(no_such_column) = 0 FROM marker3",
+    ));
+    migrations.push(migration(
+        "concurrent_index_verify_typo",
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_wo_typo ON work_orders (customer_id)",
+        "DROP INDEX CONCURRENTLY IF EXISTS idx_wo_typo",
+        "SELECT count(*) = 1 FROM no_such_table",
+    ));
+    migrations.push(migration(
         "concurrent_index",
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_wo_customer ON work_orders (customer_id)",
         "DROP INDEX CONCURRENTLY IF EXISTS idx_wo_customer",
@@ -328,6 +340,32 @@ async fn failures_fence_and_non_transactional_steps() {
         e.message.contains("returns integer, not one boolean"),
         "{e:?}"
     );
+    // an error the server places in the verify query is the verify's, not the up's, in a
+    // transactional step and in one that is not
+    for (run_id, id, sqlstate, message) in [
+        (
+            32,
+            "verify_typo",
+            "42703",
+            "verify query: column \"no_such_column\" does not exist",
+        ),
+        (
+            33,
+            "concurrent_index_verify_typo",
+            "42P01",
+            "verify query: relation \"no_such_table\" does not exist",
+        ),
+    ] {
+        let r = s
+            .assign("p2", 5, 2, vec![run(run_id, "tenant_0001", &[id], true)])
+            .await;
+        let e = r[&run_id].steps[0].error.clone().unwrap();
+        assert_eq!(
+            (e.sqlstate.as_str(), e.phase.as_str(), e.message.as_str()),
+            (sqlstate, "verify", message),
+            "{id}: {e:?}"
+        );
+    }
 
     // fence: an older epoch changes nothing
     let r = s
@@ -388,7 +426,17 @@ async fn failures_fence_and_non_transactional_steps() {
 
     let reply = s.rollback("p2", 5).await;
     assert!(reply.complete, "{reply:?}");
-    assert_eq!(reply.steps.len(), 5);
+    // the five applied, and the non-transactional step whose verify failed after its index
+    // was built (its checkpoint says so)
+    assert_eq!(reply.steps.len(), 6, "{reply:?}");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'idx_wo_typo'"
+        )
+        .await,
+        0
+    );
     assert_eq!(
         count(
             &pool,
