@@ -188,10 +188,13 @@ impl Coordinator {
                     .to_string();
                     // Stored too, or the plan's status would show them pending for good.
                     let updates = run.halt_pending();
-                    self.write(StoreOp::Steps {
-                        plan_id: row.id.clone(),
-                        updates,
-                    });
+                    self.write_under(
+                        epoch,
+                        StoreOp::Steps {
+                            plan_id: row.id.clone(),
+                            updates,
+                        },
+                    );
                 }
                 self.to_engine(|done| Event::Start {
                     run: Box::new(run),
@@ -206,10 +209,13 @@ impl Coordinator {
                 run.rollback_ends = row.ends;
                 let updates = run.halt_pending();
                 run.state = PlanState::Stopping;
-                self.write(StoreOp::Steps {
-                    plan_id: row.id.clone(),
-                    updates,
-                });
+                self.write_under(
+                    epoch,
+                    StoreOp::Steps {
+                        plan_id: row.id.clone(),
+                        updates,
+                    },
+                );
                 info!(plan = %row.id, ends = row.ends.as_str(), "finishing the stop of a plan left stopping");
                 self.to_engine(|done| Event::Start {
                     run: Box::new(run),

@@ -130,7 +130,8 @@ impl Coordinator {
             format!("{n} steps on {}", targets.join(", "))
         };
         together.push(actor.audit("retry", plan_id, &what));
-        self.write(StoreOp::Together(together));
+        // under the term that checked the plan: a leader deposed meanwhile stores nothing
+        self.write_under(epoch, StoreOp::Together(together));
         self.flush().await;
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         let status = self

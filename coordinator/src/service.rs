@@ -168,7 +168,8 @@ impl Coordinator {
         let broken = self.inner.coordination.break_lock(shard).await?;
         if broken {
             let actor = Actor::new(actor, reason);
-            self.write(actor.audit("break-lock", &holder, &format!("shard {shard}")));
+            // the lock is broken in etcd whoever leads now: its audit entry is unfenced
+            self.write_unfenced(actor.audit("break-lock", &holder, &format!("shard {shard}")));
             self.flush().await;
             warn!(shard, plan = %holder, "shard lock broken by {}", actor.name);
         }
@@ -205,7 +206,9 @@ impl Coordinator {
     }
 
     /// Hands a write that any coordinator makes, leading or not, to the store writer, with
-    /// no fence: an audit entry of a refused connection or request.
+    /// no fence: an audit entry of a refused connection or request, or of what was done
+    /// outside the store and stands whoever leads (a lock broken in etcd, a baseline
+    /// recorded in the shards' journals).
     pub(crate) fn write_unfenced(&self, op: StoreOp) {
         self.send_write(None, op);
     }

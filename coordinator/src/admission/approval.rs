@@ -206,13 +206,14 @@ impl Coordinator {
         plan_id: &str,
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
-        self.leader_epoch()?;
+        let epoch = self.leader_epoch()?;
         let _one_at_a_time = self.inner.approving.lock().await;
         let row = self.awaiting(plan_id, "reject").await?;
-        self.write(actor.audit("reject", plan_id, ""));
+        self.write_under(epoch, actor.audit("reject", plan_id, ""));
         crate::metrics::plan_approval("reject");
         let message = actor.explain(&format!("rejected by {}", actor.name));
-        self.end_unstarted(&row, PlanState::Rejected, message).await
+        self.end_unstarted(&row, PlanState::Rejected, message, epoch)
+            .await
     }
 
     /// A cancel of a plan awaiting approval: it ends `cancelled`, nothing having run.
@@ -229,20 +230,25 @@ impl Coordinator {
         if row.state != PlanState::AwaitingApproval {
             return Ok(None);
         }
-        self.leader_epoch()?;
-        self.write(actor.audit("cancel", plan_id, "while awaiting approval"));
+        let epoch = self.leader_epoch()?;
+        self.write_under(
+            epoch,
+            actor.audit("cancel", plan_id, "while awaiting approval"),
+        );
         let message = actor.explain(&format!("cancelled by {} before approval", actor.name));
-        self.end_unstarted(&row, PlanState::Cancelled, message)
+        self.end_unstarted(&row, PlanState::Cancelled, message, epoch)
             .await
             .map(Some)
     }
 
-    /// Ends a plan that never started: its steps not run, its state `state`.
+    /// Ends a plan that never started: its steps not run, its state `state`; stored under
+    /// `epoch`, the term that found it awaiting approval.
     async fn end_unstarted(
         &self,
         row: &PlanRow,
         state: PlanState,
         message: String,
+        epoch: u64,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         let updates = self
             .inner
@@ -264,16 +270,22 @@ impl Coordinator {
                 run_id: None,
             })
             .collect();
-        self.write(StoreOp::Steps {
-            plan_id: row.id.clone(),
-            updates,
-        });
-        self.write(StoreOp::PlanState {
-            plan_id: row.id.clone(),
-            state,
-            message: message.clone(),
-            ends: state,
-        });
+        self.write_under(
+            epoch,
+            StoreOp::Steps {
+                plan_id: row.id.clone(),
+                updates,
+            },
+        );
+        self.write_under(
+            epoch,
+            StoreOp::PlanState {
+                plan_id: row.id.clone(),
+                state,
+                message: message.clone(),
+                ends: state,
+            },
+        );
         self.flush().await;
         crate::metrics::plan_finished(state);
         self.count_awaiting().await;

@@ -91,7 +91,7 @@ impl Coordinator {
         })
         .await;
         if let Some(audit) = skipped_gate {
-            self.write(audit(&plan_id));
+            self.write_under(epoch, audit(&plan_id));
             self.flush().await;
         }
         // Where the time from submit to the first step goes (issue 15: under 1 s at 10,000

@@ -146,7 +146,8 @@ impl Coordinator {
         let rows: usize = recorded.iter().map(|t| t.recorded.len()).sum();
         let refused: Vec<&pb::BaselineTarget> =
             recorded.iter().filter(|t| !t.error.is_empty()).collect();
-        self.write(actor.audit(
+        // what the shards recorded stands whoever leads now: its audit entry is unfenced
+        self.write_unfenced(actor.audit(
             "baseline",
             &baseline_id,
             &format!(
