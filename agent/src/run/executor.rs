@@ -23,7 +23,7 @@ use crate::data::{self, DataHooks};
 use crate::error::{Failure, classify};
 use crate::metrics::{self, StepMode, StepOutcome};
 use crate::shard;
-use crate::step::sql::{SESSION_RESET, STEP_DONE, verify_call};
+use crate::step::sql::{SESSION_RESET, STEP_DONE, VERIFY_CALL_PREFIX, verify_call};
 use crate::step::{PreparedMigration, StepContext, checkpoint};
 
 pub(crate) struct RunOutput {
@@ -313,14 +313,15 @@ async fn run_transaction(
     // the transaction open there): while it is configured, the COMMIT goes on its own.
     let fused_commit = job.prepare.is_none() && !commit_failpoint_configured();
     let steps: Vec<&PreparedMigration> = group.iter().map(|&i| &*job.steps[i]).collect();
-    let sql = sqlgen::transaction(cx, &steps, fused_commit);
+    // shared, not copied: a failure is placed in the text (`place_in_verify`)
+    let sql = std::sync::Arc::new(sqlgen::transaction(cx, &steps, fused_commit));
     let started = Instant::now();
     // the steps' own times so far
     let mut marked = Duration::ZERO;
     let mut done = 0usize;
     {
-        // (a copy: a failure is placed in the text, `place_in_verify`)
-        let mut results = sqlx::raw_sql(AssertSqlSafe(sql.clone())).fetch_many(&mut *conn);
+        let mut results =
+            sqlx::raw_sql(AssertSqlSafe(std::sync::Arc::clone(&sql))).fetch_many(&mut *conn);
         loop {
             match results.try_next().await {
                 // (a migration's own row could only fake a mark by naming its column so)
@@ -391,10 +392,17 @@ fn place_in_verify(failure: &mut Failure, e: &sqlx::Error, sql: &str, m: &Prepar
     let Some((byte, _)) = sql.char_indices().nth(at.saturating_sub(1)) else {
         return;
     };
+    // Within the verify's own parentheses only (the inner `(` too: "subquery must return
+    // only one column" points there), not the rest of the agent's call: a failure of the
+    // call itself (the flotilla schema gone) is no fault of the verify query.
     let call = verify_call(verify, &m.id_lit);
+    let (from, to) = (
+        VERIFY_CALL_PREFIX.len(),
+        VERIFY_CALL_PREFIX.len() + verify.len() + 3,
+    );
     if sql
         .match_indices(call.as_str())
-        .any(|(start, _)| (start..start + call.len()).contains(&byte))
+        .any(|(start, _)| (start + from..start + to).contains(&byte))
     {
         failure.error.phase = "verify".into();
         failure.error.message = format!("verify query: {}", failure.error.message);

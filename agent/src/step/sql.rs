@@ -125,10 +125,13 @@ fn push_verify(out: &mut String, m: &PreparedMigration) {
     }
 }
 
+/// What comes before the verify query's parentheses in [`verify_call`].
+pub(crate) const VERIFY_CALL_PREFIX: &str = "SELECT flotilla.check_verify(";
+
 /// The statement that checks a step's verify query (`id_lit`: the step's quoted id), as
-/// the step's SQL holds it: where a failure lies in it, the verify failed.
+/// the step's SQL holds it: where a failure lies in its `(verify\n)`, the verify failed.
 pub(crate) fn verify_call(verify: &str, id_lit: &str) -> String {
-    format!("SELECT flotilla.check_verify(({verify}\n), {id_lit});")
+    format!("{VERIFY_CALL_PREFIX}({verify}\n), {id_lit});")
 }
 
 /// The call that writes the step's journal row and returns its seconds
