@@ -46,6 +46,14 @@ pub enum CoordinatorError {
     OperatorNotFound(String),
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// A request's writes were decided under a term that ended while it waited: the store
+    /// refused them (this coordinator leads again, in a later term), so nothing it was to
+    /// start is started.
+    #[error(
+        "this coordinator's term {epoch} ended while the request waited (it leads again, in term \
+         {now}): nothing of it was stored; send it again"
+    )]
+    TermChanged { epoch: u64, now: u64 },
     /// Only the leader schedules and decides; `leader` is where it is, when known.
     #[error("not the leader{}", match .leader {
         Some(l) => format!("; the leader is {l}"),
@@ -279,9 +287,9 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::PlanNotFound(_) | CoordinatorError::TargetNotFound(_) => {
                 tonic::Status::not_found(msg)
             }
-            CoordinatorError::Unreachable { .. } | CoordinatorError::ShuttingDown => {
-                tonic::Status::unavailable(msg)
-            }
+            CoordinatorError::Unreachable { .. }
+            | CoordinatorError::ShuttingDown
+            | CoordinatorError::TermChanged { .. } => tonic::Status::unavailable(msg),
             CoordinatorError::NotLeader { leader } => {
                 let mut status = tonic::Status::unavailable(msg);
                 // Programs read the refusal from metadata, never from the message.

@@ -133,6 +133,7 @@ impl Coordinator {
         // under the term that checked the plan: a leader deposed meanwhile stores nothing
         self.write_under(epoch, StoreOp::Together(together));
         self.flush().await;
+        self.still_leading_in(epoch)?;
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         let status = self
             .to_engine(|done| Event::Start {

@@ -87,6 +87,17 @@ impl Coordinator {
         }
     }
 
+    /// After a request's writes under `epoch` were flushed, before it starts what they
+    /// stored: whether this coordinator still leads in that term. Had the term ended
+    /// meanwhile, the store refused them (a later leader, maybe this one again, fenced it)
+    /// and the engine must not run what the store does not hold.
+    pub(crate) fn still_leading_in(&self, epoch: u64) -> Result<(), CoordinatorError> {
+        match self.leader_epoch()? {
+            now if now == epoch => Ok(()),
+            now => Err(CoordinatorError::TermChanged { epoch, now }),
+        }
+    }
+
     /// Takes the plan's shard locks (all or none), retrying while another plan
     /// holds one; the plan's status says which. The engine sends nothing for the
     /// plan before they are taken.
@@ -352,6 +363,10 @@ impl Coordinator {
             run.state = PlanState::Completed;
             Some(Box::new(run))
         };
+        if revive.is_some() {
+            // it was read from the store under this term, and is undone in it
+            self.still_leading_in(epoch)?;
+        }
         let revived_shards: Option<Vec<String>> =
             revive.as_ref().map(|r| r.shards.keys().cloned().collect());
         let id = plan_id.to_string();

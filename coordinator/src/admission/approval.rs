@@ -187,6 +187,7 @@ impl Coordinator {
             },
         );
         self.flush().await;
+        self.still_leading_in(epoch)?;
         info!(plan = %row.id, "plan approved; starting");
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         let status = self
@@ -224,13 +225,14 @@ impl Coordinator {
         actor: &Actor,
     ) -> Result<Option<pb::PlanStatus>, CoordinatorError> {
         let _one_at_a_time = self.inner.approving.lock().await;
+        // the term first: the row read under it is what its writes decide on
+        let epoch = self.leader_epoch()?;
         let Some(row) = self.inner.store.plan(plan_id).await? else {
             return Ok(None);
         };
         if row.state != PlanState::AwaitingApproval {
             return Ok(None);
         }
-        let epoch = self.leader_epoch()?;
         self.write_under(
             epoch,
             actor.audit("cancel", plan_id, "while awaiting approval"),

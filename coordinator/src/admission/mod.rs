@@ -94,6 +94,8 @@ impl Coordinator {
             self.write_under(epoch, audit(&plan_id));
             self.flush().await;
         }
+        // the plan is stored only if this term still leads
+        self.still_leading_in(epoch)?;
         // Where the time from submit to the first step goes (issue 15: under 1 s at 10,000
         // tenants): the preflight and the checks, then the plan stored before anything runs.
         let store_ms = started.elapsed().as_millis() as u64 - resolve_ms;

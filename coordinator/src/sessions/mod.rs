@@ -75,12 +75,16 @@ impl Coordinator {
                 last_seen_ms: now_ms(),
             },
         );
-        self.write(StoreOp::Agent {
-            shard: shard.clone(),
-            labels: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
-            tenants: tenants_json(&hello.tenants),
-            version: hello.version.clone(),
-        });
+        // under the term that took the agent: the engine lets an attach of another go
+        self.write_under(
+            epoch,
+            StoreOp::Agent {
+                shard: shard.clone(),
+                labels: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
+                tenants: tenants_json(&hello.tenants),
+                version: hello.version.clone(),
+            },
+        );
         // The channel is new and empty: the Welcome always fits.
         let _ = tx
             .send(msg(pb::coordinator_message::Body::Welcome(pb::Welcome {
