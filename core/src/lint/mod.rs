@@ -174,6 +174,7 @@ pub const UNBATCHED_DATA_CHANGE: &str = "unbatched-data-change";
 pub const SESSION_STATE: &str = "session-state";
 pub const DOWN_INCOMPLETE: &str = "down-incomplete";
 pub const MISSING_DOWN: &str = "missing-down";
+pub const DOWN_DROPS_EXISTING: &str = "down-drops-existing";
 pub const NAMING_ID: &str = "naming-id";
 pub const NAMING_DESCRIPTION: &str = "naming-description";
 
@@ -238,6 +239,11 @@ pub const RULES: &[Rule] = &[
         MISSING_DOWN,
         Severity::Error,
         "no down SQL, and the migration does not say irreversible",
+    ),
+    rule_def(
+        DOWN_DROPS_EXISTING,
+        Severity::Error,
+        "down.sql drops something up.sql does not create: a rollback destroys what was there before",
     ),
     Rule {
         optional: true,

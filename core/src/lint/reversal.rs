@@ -11,7 +11,7 @@ use pg_query::protobuf::{AlterTableType as At, ObjectType};
 
 use super::locks::{object_parts, relation_name, strings};
 use super::rules::{Out, unqualified};
-use super::{DOWN_INCOMPLETE, MISSING_DOWN, Parsed};
+use super::{DOWN_DROPS_EXISTING, DOWN_INCOMPLETE, MISSING_DOWN, Parsed};
 use crate::Migration;
 
 /// An object, by namespace: relations (tables, views, sequences, indexes) share one in
@@ -247,18 +247,17 @@ fn dropped(down: &[Parsed]) -> Vec<Object> {
                             )
                         })
                     };
+                    let relation = |what| Object::Relation {
+                        name: name.clone(),
+                        what,
+                    };
                     match ObjectType::try_from(s.remove_type) {
-                        Ok(
-                            ObjectType::ObjectTable
-                            | ObjectType::ObjectView
-                            | ObjectType::ObjectMatview
-                            | ObjectType::ObjectSequence
-                            | ObjectType::ObjectForeignTable
-                            | ObjectType::ObjectIndex,
-                        ) => out.push(Object::Relation {
-                            name,
-                            what: "relation",
-                        }),
+                        Ok(ObjectType::ObjectTable) => out.push(relation("table")),
+                        Ok(ObjectType::ObjectView) => out.push(relation("view")),
+                        Ok(ObjectType::ObjectMatview) => out.push(relation("materialized view")),
+                        Ok(ObjectType::ObjectSequence) => out.push(relation("sequence")),
+                        Ok(ObjectType::ObjectForeignTable) => out.push(relation("foreign table")),
+                        Ok(ObjectType::ObjectIndex) => out.push(relation("index")),
                         Ok(ObjectType::ObjectSchema) => out.push(Object::Schema(name)),
                         Ok(ObjectType::ObjectType | ObjectType::ObjectDomain) => {
                             out.push(Object::Type(name))
@@ -353,6 +352,121 @@ fn covers(d: &Object, o: &Object) -> bool {
     }
 }
 
+/// Whether `d` (dropped) and `o` (created) are one object, not `o` taken with `d`.
+fn same_object(d: &Object, o: &Object) -> bool {
+    match (d, o) {
+        (Object::Relation { .. }, Object::Relation { .. } | Object::Index { .. })
+        | (Object::Column { .. }, Object::Column { .. })
+        | (Object::Constraint { .. }, Object::Constraint { .. })
+        | (Object::Trigger { .. }, Object::Trigger { .. })
+        | (Object::Schema(_), Object::Schema(_))
+        | (Object::Type(_), Object::Type(_))
+        | (Object::Function(_), Object::Function(_)) => covers(d, o),
+        _ => false,
+    }
+}
+
+/// What up.sql may create beyond [`created`]: `OR REPLACE` objects (new, or replaced).
+fn replaced(up: &[Parsed]) -> Vec<Object> {
+    let mut out = Vec::new();
+    for p in up {
+        match &p.node {
+            NodeEnum::ViewStmt(s) if s.replace => {
+                if let Some(r) = &s.view {
+                    out.push(Object::Relation {
+                        name: relation_name(r),
+                        what: "view",
+                    });
+                }
+            }
+            NodeEnum::CreateFunctionStmt(s) if s.replace => {
+                out.push(Object::Function(strings(&s.funcname).join(".")));
+            }
+            NodeEnum::CreateTrigStmt(s) if s.replace => out.push(Object::Trigger {
+                table: s.relation.as_ref().map(relation_name).unwrap_or_default(),
+                name: s.trigname.clone(),
+            }),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Whether up.sql creates what its statements do not name: a DO block, a procedure, a
+/// prepared statement or `SELECT ... INTO` (its objects are not known), and whether it adds
+/// constraints or indexes PostgreSQL names itself (`ADD PRIMARY KEY`, `CREATE INDEX ON`).
+fn unseen(up: &[Parsed]) -> (bool, bool) {
+    let mut opaque = false;
+    let mut unnamed = false;
+    for p in up {
+        match &p.node {
+            NodeEnum::DoStmt(_) | NodeEnum::CallStmt(_) | NodeEnum::ExecuteStmt(_) => opaque = true,
+            NodeEnum::SelectStmt(s) if s.into_clause.is_some() => opaque = true,
+            NodeEnum::IndexStmt(s) if s.idxname.is_empty() => unnamed = true,
+            NodeEnum::AlterTableStmt(s) => {
+                for cmd in &s.cmds {
+                    if let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node {
+                        match cmd.def.as_deref().and_then(|d| d.node.as_ref()) {
+                            Some(NodeEnum::Constraint(c)) if c.conname.is_empty() => unnamed = true,
+                            // a column's inline constraints (`ADD COLUMN c int UNIQUE`)
+                            Some(NodeEnum::ColumnDef(c)) if !c.constraints.is_empty() => {
+                                unnamed = true
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (opaque, unnamed)
+}
+
+/// down.sql drops something up.sql does not create (a table up.sql only altered, an index
+/// or column that was there before): a rollback would destroy what the fleet had before the
+/// migration, its rows with it. Not checked when up.sql creates what cannot be read from it
+/// (a DO block, ...); a constraint or index is not checked when up.sql adds ones PostgreSQL
+/// names. `destructive = true` (or risk high) says the loss is meant.
+fn check_drops(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
+    if m.destructive || matches!(m.risk.as_str(), "high" | "critical") {
+        return;
+    }
+    let (opaque, unnamed) = unseen(up);
+    if opaque {
+        return;
+    }
+    let mut known: Vec<Object> = created(up).into_iter().map(|(o, _)| o).collect();
+    known.extend(replaced(up));
+    for p in down {
+        let drops_index = matches!(&p.node, NodeEnum::DropStmt(s)
+            if s.remove_type == ObjectType::ObjectIndex as i32);
+        for d in dropped(std::slice::from_ref(p)) {
+            // PostgreSQL named it: up.sql may have added it
+            let server_named = unnamed && (drops_index || matches!(d, Object::Constraint { .. }));
+            // up.sql created it, or what holds it (a column of a new table)
+            let made = known.iter().any(|o| same_object(&d, o) || covers(o, &d));
+            if server_named || made {
+                continue;
+            }
+            out.push(
+                DOWN_DROPS_EXISTING,
+                "down.sql",
+                p.info.line,
+                format!(
+                    "drops {}, which up.sql does not create: a rollback destroys what was there before the migration",
+                    d.describe()
+                ),
+                "make down.sql undo only what up.sql did (drop what it created, restore what it changed); if the loss is meant, say `destructive = true` in migration.toml",
+            );
+            // said once
+            known.push(d);
+        }
+        // what down.sql creates itself (to drop again later) is its own
+        created_by(p, &mut |o| known.push(o));
+    }
+}
+
 /// The columns an expression refers to (the last part of each column reference).
 fn column_refs(expr: Option<&pg_query::protobuf::Node>) -> Vec<String> {
     let Some(node) = expr.and_then(|e| e.node.as_ref()) else {
@@ -384,6 +498,7 @@ pub(super) fn check(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out
     if m.data.is_some() {
         return;
     }
+    check_drops(m, up, down, out);
     let drops = dropped(down);
     for (object, line) in created(up) {
         if !drops.iter().any(|d| covers(d, &object)) {

@@ -564,3 +564,80 @@ fn a_data_changes_batch_and_filter_are_parsed() {
         "{found:#?}"
     );
 }
+
+/// down.sql that drops what up.sql did not create destroys, at a rollback, what the fleet had
+/// before the migration; what up.sql created (or what holds it, or what PostgreSQL named for
+/// it, or an `OR REPLACE` object) is not flagged, nor anything when up.sql hides what it
+/// creates in a DO block, nor a migration that says the loss is meant.
+#[test]
+fn a_down_that_drops_what_up_did_not_create_is_an_error() {
+    let found = |m: pb::Migration| -> Vec<(u32, String)> {
+        lint_plan(&plan(vec![m], false), &LintOptions::default())
+            .into_iter()
+            .filter(|f| f.rule == DOWN_DROPS_EXISTING)
+            .map(|f| (f.line, f.message))
+            .collect()
+    };
+    assert_eq!(
+        found(migration(
+            "001_col",
+            "ALTER TABLE orders ADD COLUMN c int;",
+            "ALTER TABLE orders DROP COLUMN c, DROP COLUMN d;\nDROP TABLE orders;\nDROP INDEX IF EXISTS idx_orders_old;",
+        )),
+        [
+            (
+                1,
+                "drops column orders.d, which up.sql does not create: a rollback destroys what was there before the migration".to_string()
+            ),
+            (
+                2,
+                "drops table orders, which up.sql does not create: a rollback destroys what was there before the migration".to_string()
+            ),
+            (
+                3,
+                "drops index idx_orders_old, which up.sql does not create: a rollback destroys what was there before the migration".to_string()
+            ),
+        ]
+    );
+    for (up, down) in [
+        // what up created, and what it holds
+        (
+            "CREATE TABLE t (id int);\nCREATE INDEX idx_t ON t (id);\nCREATE SCHEMA s;\nCREATE TABLE s.x (id int);",
+            "DROP INDEX idx_t;\nALTER TABLE t DROP COLUMN id;\nDROP TABLE t;\nDROP TABLE s.x;\nDROP SCHEMA s;",
+        ),
+        // names PostgreSQL gave
+        (
+            "ALTER TABLE orders ADD PRIMARY KEY (id);\nCREATE INDEX ON orders (total);",
+            "ALTER TABLE orders DROP CONSTRAINT orders_pkey;\nDROP INDEX orders_total_idx;",
+        ),
+        // OR REPLACE
+        (
+            "CREATE OR REPLACE VIEW v AS SELECT 1;\nCREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1';",
+            "DROP VIEW v;\nDROP FUNCTION f();",
+        ),
+        // hidden in a DO block
+        (
+            "DO $$ BEGIN EXECUTE 'CREATE TABLE t2 (id int)'; END $$;",
+            "DROP TABLE t2;",
+        ),
+        // down's own scratch table
+        (
+            "ALTER TABLE orders ADD COLUMN c int;",
+            "CREATE TABLE keep_c AS SELECT id, c FROM orders;\nALTER TABLE orders DROP COLUMN c;\nDROP TABLE keep_c;",
+        ),
+    ] {
+        assert!(
+            found(migration("001_x", up, down)).is_empty(),
+            "{up} / {down}"
+        );
+    }
+    let meant = pb::Migration {
+        destructive: true,
+        ..migration(
+            "001_x",
+            "ALTER TABLE orders ADD COLUMN c int;",
+            "DROP TABLE orders;",
+        )
+    };
+    assert!(found(meant).is_empty());
+}
