@@ -392,6 +392,52 @@ fn replaced(up: &[Parsed]) -> Vec<Object> {
     out
 }
 
+/// The new names up.sql gives (`RENAME TO`): a table built under another name and swapped
+/// in (`ALTER TABLE t_new RENAME TO t`) is dropped under its new one by down.sql. Every
+/// rename counts, of what up.sql created or not: a false alarm on the swap is worse than
+/// passing over a down that drops a table up.sql only renamed.
+fn renamed(up: &[Parsed]) -> Vec<Object> {
+    let mut out = Vec::new();
+    for p in up {
+        let NodeEnum::RenameStmt(s) = &p.node else {
+            continue;
+        };
+        let table = s.relation.as_ref().map(relation_name).unwrap_or_default();
+        let in_schema = |name: &str| match table.rsplit_once('.') {
+            Some((schema, _)) => format!("{schema}.{name}"),
+            None => name.to_string(),
+        };
+        match ObjectType::try_from(s.rename_type) {
+            Ok(
+                ObjectType::ObjectTable
+                | ObjectType::ObjectView
+                | ObjectType::ObjectMatview
+                | ObjectType::ObjectSequence
+                | ObjectType::ObjectForeignTable
+                | ObjectType::ObjectIndex,
+            ) => out.push(Object::Relation {
+                name: in_schema(&s.newname),
+                what: "relation",
+            }),
+            Ok(ObjectType::ObjectColumn) => out.push(Object::Column {
+                table,
+                column: s.newname.clone(),
+            }),
+            Ok(ObjectType::ObjectTabconstraint) => out.push(Object::Constraint {
+                table,
+                name: s.newname.clone(),
+                columns: Vec::new(),
+            }),
+            Ok(ObjectType::ObjectTrigger) => out.push(Object::Trigger {
+                table,
+                name: s.newname.clone(),
+            }),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Whether up.sql creates what its statements do not name: a DO block, a procedure, a
 /// prepared statement or `SELECT ... INTO` (its objects are not known), and whether it adds
 /// constraints or indexes PostgreSQL names itself (`ADD PRIMARY KEY`, `CREATE INDEX ON`).
@@ -438,6 +484,7 @@ fn check_drops(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
     }
     let mut known: Vec<Object> = created(up).into_iter().map(|(o, _)| o).collect();
     known.extend(replaced(up));
+    known.extend(renamed(up));
     for p in down {
         let drops_index = matches!(&p.node, NodeEnum::DropStmt(s)
             if s.remove_type == ObjectType::ObjectIndex as i32);

@@ -620,6 +620,11 @@ fn a_down_that_drops_what_up_did_not_create_is_an_error() {
             "DO $$ BEGIN EXECUTE 'CREATE TABLE t2 (id int)'; END $$;",
             "DROP TABLE t2;",
         ),
+        // a table built under another name and swapped in
+        (
+            "CREATE TABLE orders_new (id int);\nALTER TABLE orders RENAME TO orders_old;\nALTER TABLE orders_new RENAME TO orders;",
+            "DROP TABLE orders;\nALTER TABLE orders_old RENAME TO orders;",
+        ),
         // down's own scratch table
         (
             "ALTER TABLE orders ADD COLUMN c int;",
