@@ -449,15 +449,22 @@ fn unseen(up: &[Parsed]) -> (bool, bool) {
             NodeEnum::DoStmt(_) | NodeEnum::CallStmt(_) | NodeEnum::ExecuteStmt(_) => opaque = true,
             NodeEnum::SelectStmt(s) if s.into_clause.is_some() => opaque = true,
             NodeEnum::IndexStmt(s) if s.idxname.is_empty() => unnamed = true,
+            // a serial or identity column's sequence, an inline constraint's index
+            NodeEnum::CreateStmt(s) => {
+                unnamed |= s.table_elts.iter().any(|e| match &e.node {
+                    Some(NodeEnum::ColumnDef(c)) => names_its_own(c),
+                    Some(NodeEnum::Constraint(c)) => c.conname.is_empty(),
+                    _ => false,
+                })
+            }
             NodeEnum::AlterTableStmt(s) => {
                 for cmd in &s.cmds {
                     if let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node {
                         match cmd.def.as_deref().and_then(|d| d.node.as_ref()) {
                             Some(NodeEnum::Constraint(c)) if c.conname.is_empty() => unnamed = true,
-                            // a column's inline constraints (`ADD COLUMN c int UNIQUE`)
-                            Some(NodeEnum::ColumnDef(c)) if !c.constraints.is_empty() => {
-                                unnamed = true
-                            }
+                            // a column's inline constraints (`ADD COLUMN c int UNIQUE`), or
+                            // its sequence
+                            Some(NodeEnum::ColumnDef(c)) if names_its_own(c) => unnamed = true,
                             _ => {}
                         }
                     }
@@ -467,6 +474,17 @@ fn unseen(up: &[Parsed]) -> (bool, bool) {
         }
     }
     (opaque, unnamed)
+}
+
+/// A column that makes PostgreSQL name something for it: an inline constraint (its index),
+/// a serial type or an identity (its sequence).
+fn names_its_own(c: &pg_query::protobuf::ColumnDef) -> bool {
+    let serial = c.type_name.as_ref().is_some_and(|t| {
+        strings(&t.names).last().is_some_and(|n| {
+            n.ends_with("serial") || matches!(n.as_str(), "serial2" | "serial4" | "serial8")
+        })
+    });
+    serial || !c.constraints.is_empty() || !c.identity.is_empty()
 }
 
 /// down.sql drops something up.sql does not create (a table up.sql only altered, an index
@@ -486,11 +504,13 @@ fn check_drops(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
     known.extend(replaced(up));
     known.extend(renamed(up));
     for p in down {
-        let drops_index = matches!(&p.node, NodeEnum::DropStmt(s)
-            if s.remove_type == ObjectType::ObjectIndex as i32);
+        let drops_server_nameable = matches!(&p.node, NodeEnum::DropStmt(s)
+            if s.remove_type == ObjectType::ObjectIndex as i32
+                || s.remove_type == ObjectType::ObjectSequence as i32);
         for d in dropped(std::slice::from_ref(p)) {
             // PostgreSQL named it: up.sql may have added it
-            let server_named = unnamed && (drops_index || matches!(d, Object::Constraint { .. }));
+            let server_named =
+                unnamed && (drops_server_nameable || matches!(d, Object::Constraint { .. }));
             // up.sql created it, or what holds it (a column of a new table)
             let made = known.iter().any(|o| same_object(&d, o) || covers(o, &d));
             if server_named || made {

@@ -605,6 +605,11 @@ fn a_down_that_drops_what_up_did_not_create_is_an_error() {
             "CREATE TABLE t (id int);\nCREATE INDEX idx_t ON t (id);\nCREATE SCHEMA s;\nCREATE TABLE s.x (id int);",
             "DROP INDEX idx_t;\nALTER TABLE t DROP COLUMN id;\nDROP TABLE t;\nDROP TABLE s.x;\nDROP SCHEMA s;",
         ),
+        // a serial column's sequence
+        (
+            "ALTER TABLE orders ADD COLUMN n serial;",
+            "ALTER TABLE orders DROP COLUMN n;\nDROP SEQUENCE IF EXISTS orders_n_seq;",
+        ),
         // names PostgreSQL gave
         (
             "ALTER TABLE orders ADD PRIMARY KEY (id);\nCREATE INDEX ON orders (total);",
