@@ -240,10 +240,12 @@ pub const RULES: &[Rule] = &[
         Severity::Error,
         "no down SQL, and the migration does not say irreversible",
     ),
+    // A warning: what up.sql creates is read from its statements, and functions (PostGIS's
+    // AddGeometryColumn, pg_partman) and DO blocks create what they do not name.
     rule_def(
         DOWN_DROPS_EXISTING,
-        Severity::Error,
-        "down.sql drops something up.sql does not create: a rollback destroys what was there before",
+        Severity::Warning,
+        "down.sql drops something up.sql does not create: a rollback would drop what existed before the migration",
     ),
     Rule {
         optional: true,

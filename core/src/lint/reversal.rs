@@ -392,12 +392,10 @@ fn replaced(up: &[Parsed]) -> Vec<Object> {
     out
 }
 
-/// The new names up.sql gives (`RENAME TO`): a table built under another name and swapped
-/// in (`ALTER TABLE t_new RENAME TO t`) is dropped under its new one by down.sql. Every
-/// rename counts, of what up.sql created or not: a false alarm on the swap is worse than
-/// passing over a down that drops a table up.sql only renamed.
-fn renamed(up: &[Parsed]) -> Vec<Object> {
-    let mut out = Vec::new();
+/// The new names up.sql gives what it created (`RENAME TO`): a table built under another
+/// name and swapped in (`ALTER TABLE t_new RENAME TO t`) is dropped under its new one by
+/// down.sql.
+fn renamed(up: &[Parsed], known: &mut Vec<Object>) {
     for p in up {
         let NodeEnum::RenameStmt(s) = &p.node else {
             continue;
@@ -407,7 +405,8 @@ fn renamed(up: &[Parsed]) -> Vec<Object> {
             Some((schema, _)) => format!("{schema}.{name}"),
             None => name.to_string(),
         };
-        match ObjectType::try_from(s.rename_type) {
+        // (the name before, the name after)
+        let (from, to) = match ObjectType::try_from(s.rename_type) {
             Ok(
                 ObjectType::ObjectTable
                 | ObjectType::ObjectView
@@ -415,27 +414,43 @@ fn renamed(up: &[Parsed]) -> Vec<Object> {
                 | ObjectType::ObjectSequence
                 | ObjectType::ObjectForeignTable
                 | ObjectType::ObjectIndex,
-            ) => out.push(Object::Relation {
-                name: in_schema(&s.newname),
-                what: "relation",
-            }),
-            Ok(ObjectType::ObjectColumn) => out.push(Object::Column {
-                table,
-                column: s.newname.clone(),
-            }),
-            Ok(ObjectType::ObjectTabconstraint) => out.push(Object::Constraint {
-                table,
-                name: s.newname.clone(),
-                columns: Vec::new(),
-            }),
-            Ok(ObjectType::ObjectTrigger) => out.push(Object::Trigger {
-                table,
-                name: s.newname.clone(),
-            }),
-            _ => {}
+            ) => {
+                let relation = |name: String| Object::Relation {
+                    name,
+                    what: "relation",
+                };
+                (relation(table.clone()), relation(in_schema(&s.newname)))
+            }
+            Ok(ObjectType::ObjectColumn) => {
+                let column = |column: &str| Object::Column {
+                    table: table.clone(),
+                    column: column.to_string(),
+                };
+                (column(&s.subname), column(&s.newname))
+            }
+            Ok(ObjectType::ObjectTabconstraint) => {
+                let constraint = |name: &str| Object::Constraint {
+                    table: table.clone(),
+                    name: name.to_string(),
+                    columns: Vec::new(),
+                };
+                (constraint(&s.subname), constraint(&s.newname))
+            }
+            Ok(ObjectType::ObjectTrigger) => {
+                let trigger = |name: &str| Object::Trigger {
+                    table: table.clone(),
+                    name: name.to_string(),
+                };
+                (trigger(&s.subname), trigger(&s.newname))
+            }
+            _ => continue,
+        };
+        // only what up.sql made goes on being its own under the new name: a table it only
+        // renamed (`orders` to `orders_old` in a swap) is what existed before
+        if known.iter().any(|o| same_object(&from, o)) {
+            known.push(to);
         }
     }
-    out
 }
 
 /// Whether up.sql creates what its statements do not name: a DO block, a procedure, a
@@ -448,6 +463,15 @@ fn unseen(up: &[Parsed]) -> (bool, bool) {
         match &p.node {
             NodeEnum::DoStmt(_) | NodeEnum::CallStmt(_) | NodeEnum::ExecuteStmt(_) => opaque = true,
             NodeEnum::SelectStmt(s) if s.into_clause.is_some() => opaque = true,
+            // a function may create what it does not name (AddGeometryColumn, partman)
+            NodeEnum::SelectStmt(_)
+                if p.node
+                    .nodes()
+                    .iter()
+                    .any(|(n, ..)| matches!(n, pg_query::NodeRef::FuncCall(_))) =>
+            {
+                opaque = true
+            }
             NodeEnum::IndexStmt(s) if s.idxname.is_empty() => unnamed = true,
             // a serial or identity column's sequence, an inline constraint's index
             NodeEnum::CreateStmt(s) => {
@@ -484,7 +508,19 @@ fn names_its_own(c: &pg_query::protobuf::ColumnDef) -> bool {
             n.ends_with("serial") || matches!(n.as_str(), "serial2" | "serial4" | "serial8")
         })
     });
-    serial || !c.constraints.is_empty() || !c.identity.is_empty()
+    use pg_query::protobuf::ConstrType as Ct;
+    let named = c.constraints.iter().any(|k| {
+        matches!(&k.node, Some(NodeEnum::Constraint(k)) if k.conname.is_empty() && matches!(
+            Ct::try_from(k.contype),
+            Ok(Ct::ConstrPrimary
+                | Ct::ConstrUnique
+                | Ct::ConstrExclusion
+                | Ct::ConstrForeign
+                | Ct::ConstrCheck
+                | Ct::ConstrIdentity)
+        ))
+    });
+    serial || named || !c.identity.is_empty()
 }
 
 /// down.sql drops something up.sql does not create (a table up.sql only altered, an index
@@ -502,7 +538,7 @@ fn check_drops(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
     }
     let mut known: Vec<Object> = created(up).into_iter().map(|(o, _)| o).collect();
     known.extend(replaced(up));
-    known.extend(renamed(up));
+    renamed(up, &mut known);
     for p in down {
         let drops_server_nameable = matches!(&p.node, NodeEnum::DropStmt(s)
             if s.remove_type == ObjectType::ObjectIndex as i32
@@ -521,10 +557,10 @@ fn check_drops(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
                 "down.sql",
                 p.info.line,
                 format!(
-                    "drops {}, which up.sql does not create: a rollback destroys what was there before the migration",
+                    "drops {}, which up.sql does not create: a rollback would drop something that existed before the migration",
                     d.describe()
                 ),
-                "make down.sql undo only what up.sql did (drop what it created, restore what it changed); if the loss is meant, say `destructive = true` in migration.toml",
+                "make down.sql undo only what up.sql did (drop what it created, restore what it changed); if it is meant, turn the rule off for this migration with its reason (`[lint] ignore` in migration.toml, or `-- flotilla:lint-ignore down-drops-existing REASON`) or say `destructive = true`",
             );
             // said once
             known.push(d);

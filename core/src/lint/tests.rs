@@ -565,12 +565,12 @@ fn a_data_changes_batch_and_filter_are_parsed() {
     );
 }
 
-/// down.sql that drops what up.sql did not create destroys, at a rollback, what the fleet had
-/// before the migration; what up.sql created (or what holds it, or what PostgreSQL named for
+/// down.sql that drops what up.sql did not create would drop, at a rollback, what the fleet had
+/// before the migration (a warning); what up.sql created (or what holds it, or what PostgreSQL named for
 /// it, or an `OR REPLACE` object) is not flagged, nor anything when up.sql hides what it
 /// creates in a DO block, nor a migration that says the loss is meant.
 #[test]
-fn a_down_that_drops_what_up_did_not_create_is_an_error() {
+fn a_down_that_drops_what_up_did_not_create_is_warned_of() {
     let found = |m: pb::Migration| -> Vec<(u32, String)> {
         lint_plan(&plan(vec![m], false), &LintOptions::default())
             .into_iter()
@@ -587,15 +587,15 @@ fn a_down_that_drops_what_up_did_not_create_is_an_error() {
         [
             (
                 1,
-                "drops column orders.d, which up.sql does not create: a rollback destroys what was there before the migration".to_string()
+                "drops column orders.d, which up.sql does not create: a rollback would drop something that existed before the migration".to_string()
             ),
             (
                 2,
-                "drops table orders, which up.sql does not create: a rollback destroys what was there before the migration".to_string()
+                "drops table orders, which up.sql does not create: a rollback would drop something that existed before the migration".to_string()
             ),
             (
                 3,
-                "drops index idx_orders_old, which up.sql does not create: a rollback destroys what was there before the migration".to_string()
+                "drops index idx_orders_old, which up.sql does not create: a rollback would drop something that existed before the migration".to_string()
             ),
         ]
     );
@@ -641,6 +641,25 @@ fn a_down_that_drops_what_up_did_not_create_is_an_error() {
             "{up} / {down}"
         );
     }
+    // a column up.sql only renamed is what existed before; a NOT NULL column names nothing;
+    // a function called in up.sql may create what it does not name
+    assert_eq!(
+        found(migration(
+            "001_x",
+            "ALTER TABLE users RENAME COLUMN name TO full_name;\nALTER TABLE orders ADD COLUMN c int NOT NULL DEFAULT 0;",
+            "ALTER TABLE users DROP COLUMN full_name;\nDROP INDEX orders_customer_id_idx;\nALTER TABLE orders DROP COLUMN c;",
+        ))
+        .len(),
+        2
+    );
+    assert!(
+        found(migration(
+            "001_geo",
+            "SELECT AddGeometryColumn('places', 'geom', 4326, 'POINT', 2);",
+            "ALTER TABLE places DROP COLUMN geom;",
+        ))
+        .is_empty()
+    );
     let meant = pb::Migration {
         destructive: true,
         ..migration(
