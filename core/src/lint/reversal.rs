@@ -397,60 +397,76 @@ fn replaced(up: &[Parsed]) -> Vec<Object> {
 /// down.sql.
 fn renamed(up: &[Parsed], known: &mut Vec<Object>) {
     for p in up {
-        let NodeEnum::RenameStmt(s) = &p.node else {
-            continue;
-        };
-        let table = s.relation.as_ref().map(relation_name).unwrap_or_default();
-        let in_schema = |name: &str| match table.rsplit_once('.') {
-            Some((schema, _)) => format!("{schema}.{name}"),
-            None => name.to_string(),
-        };
-        // (the name before, the name after)
-        let (from, to) = match ObjectType::try_from(s.rename_type) {
-            Ok(
-                ObjectType::ObjectTable
-                | ObjectType::ObjectView
-                | ObjectType::ObjectMatview
-                | ObjectType::ObjectSequence
-                | ObjectType::ObjectForeignTable
-                | ObjectType::ObjectIndex,
-            ) => {
-                let relation = |name: String| Object::Relation {
-                    name,
-                    what: "relation",
-                };
-                (relation(table.clone()), relation(in_schema(&s.newname)))
-            }
-            Ok(ObjectType::ObjectColumn) => {
-                let column = |column: &str| Object::Column {
-                    table: table.clone(),
-                    column: column.to_string(),
-                };
-                (column(&s.subname), column(&s.newname))
-            }
-            Ok(ObjectType::ObjectTabconstraint) => {
-                let constraint = |name: &str| Object::Constraint {
-                    table: table.clone(),
-                    name: name.to_string(),
-                    columns: Vec::new(),
-                };
-                (constraint(&s.subname), constraint(&s.newname))
-            }
-            Ok(ObjectType::ObjectTrigger) => {
-                let trigger = |name: &str| Object::Trigger {
-                    table: table.clone(),
-                    name: name.to_string(),
-                };
-                (trigger(&s.subname), trigger(&s.newname))
-            }
-            _ => continue,
-        };
         // only what up.sql made goes on being its own under the new name: a table it only
         // renamed (`orders` to `orders_old` in a swap) is what existed before
-        if known.iter().any(|o| same_object(&from, o)) {
+        if let Some((from, to)) = rename_of(p)
+            && known.iter().any(|o| same_object(&from, o))
+        {
             known.push(to);
         }
     }
+}
+
+/// What a `RENAME TO` statement renames: (the name before, the name after).
+fn rename_of(p: &Parsed) -> Option<(Object, Object)> {
+    let NodeEnum::RenameStmt(s) = &p.node else {
+        return None;
+    };
+    let table = s.relation.as_ref().map(relation_name).unwrap_or_default();
+    let in_schema = |name: &str| match table.rsplit_once('.') {
+        Some((schema, _)) => format!("{schema}.{name}"),
+        None => name.to_string(),
+    };
+    Some(match ObjectType::try_from(s.rename_type) {
+        Ok(
+            ObjectType::ObjectTable
+            | ObjectType::ObjectView
+            | ObjectType::ObjectMatview
+            | ObjectType::ObjectSequence
+            | ObjectType::ObjectForeignTable
+            | ObjectType::ObjectIndex,
+        ) => {
+            let relation = |name: String| Object::Relation {
+                name,
+                what: "relation",
+            };
+            (relation(table.clone()), relation(in_schema(&s.newname)))
+        }
+        Ok(ObjectType::ObjectColumn) => {
+            let column = |column: &str| Object::Column {
+                table: table.clone(),
+                column: column.to_string(),
+            };
+            (column(&s.subname), column(&s.newname))
+        }
+        Ok(ObjectType::ObjectTabconstraint) => {
+            let constraint = |name: &str| Object::Constraint {
+                table: table.clone(),
+                name: name.to_string(),
+                columns: Vec::new(),
+            };
+            (constraint(&s.subname), constraint(&s.newname))
+        }
+        Ok(ObjectType::ObjectTrigger) => {
+            let trigger = |name: &str| Object::Trigger {
+                table: table.clone(),
+                name: name.to_string(),
+            };
+            (trigger(&s.subname), trigger(&s.newname))
+        }
+        // ALTER TYPE t RENAME TO t_old (the enum recipe)
+        Ok(ObjectType::ObjectType | ObjectType::ObjectDomain) => {
+            let parts = s.object.as_deref().map(object_parts).unwrap_or_default();
+            let to = match parts.split_last() {
+                Some((_, schema)) if !schema.is_empty() => {
+                    format!("{}.{}", schema.join("."), s.newname)
+                }
+                _ => s.newname.clone(),
+            };
+            (Object::Type(parts.join(".")), Object::Type(to))
+        }
+        _ => return None,
+    })
 }
 
 /// Whether up.sql creates what its statements do not name: a DO block, a procedure, a
@@ -543,7 +559,30 @@ fn check_drops(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
         let drops_server_nameable = matches!(&p.node, NodeEnum::DropStmt(s)
             if s.remove_type == ObjectType::ObjectIndex as i32
                 || s.remove_type == ObjectType::ObjectSequence as i32);
-        for d in dropped(std::slice::from_ref(p)) {
+        // TRUNCATE empties a table the same way
+        let truncated: Vec<Object> = match &p.node {
+            NodeEnum::TruncateStmt(t) => t
+                .relations
+                .iter()
+                .filter_map(|r| match &r.node {
+                    Some(NodeEnum::RangeVar(r)) => Some(Object::Relation {
+                        name: relation_name(r),
+                        what: "table",
+                    }),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let verb = if truncated.is_empty() {
+            "drops"
+        } else {
+            "truncates"
+        };
+        for d in dropped(std::slice::from_ref(p))
+            .into_iter()
+            .chain(truncated)
+        {
             // PostgreSQL named it: up.sql may have added it
             let server_named =
                 unnamed && (drops_server_nameable || matches!(d, Object::Constraint { .. }));
@@ -557,16 +596,21 @@ fn check_drops(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
                 "down.sql",
                 p.info.line,
                 format!(
-                    "drops {}, which up.sql does not create: a rollback would drop something that existed before the migration",
-                    d.describe()
+                    "{verb} {}, which up.sql does not create: a rollback would {} something that existed before the migration",
+                    d.describe(),
+                    if verb == "drops" { "drop" } else { "empty" },
                 ),
                 "make down.sql undo only what up.sql did (drop what it created, restore what it changed); if it is meant, turn the rule off for this migration with its reason (`[lint] ignore` in migration.toml, or `-- flotilla:lint-ignore down-drops-existing REASON`) or say `destructive = true`",
             );
             // said once
             known.push(d);
         }
-        // what down.sql creates itself (to drop again later) is its own
+        // what down.sql creates itself (to drop again later) is its own, and so is what it
+        // renames (the enum recipe: the type renamed away, a new one made, the old dropped)
         created_by(p, &mut |o| known.push(o));
+        if let Some((_, to)) = rename_of(p) {
+            known.push(to);
+        }
     }
 }
 

@@ -630,6 +630,13 @@ fn a_down_that_drops_what_up_did_not_create_is_warned_of() {
             "CREATE TABLE orders_new (id int);\nALTER TABLE orders RENAME TO orders_old;\nALTER TABLE orders_new RENAME TO orders;",
             "DROP TABLE orders;\nALTER TABLE orders_old RENAME TO orders;",
         ),
+        // the enum recipe: down renames the type away, makes it again, drops the old one
+        (
+            "ALTER TYPE order_status ADD VALUE 'refunded';",
+            "ALTER TYPE order_status RENAME TO order_status_old;\nCREATE TYPE order_status AS ENUM ('new', 'paid');\nALTER TABLE orders ALTER COLUMN status TYPE order_status USING status::text::order_status;\nDROP TYPE order_status_old;",
+        ),
+        // a table up.sql created, emptied
+        ("CREATE TABLE t3 (id int);", "TRUNCATE t3;\nDROP TABLE t3;"),
         // down's own scratch table
         (
             "ALTER TABLE orders ADD COLUMN c int;",
@@ -651,6 +658,10 @@ fn a_down_that_drops_what_up_did_not_create_is_warned_of() {
         ))
         .len(),
         2
+    );
+    assert_eq!(
+        found(migration("001_t", "ALTER TABLE orders ADD COLUMN c int;", "ALTER TABLE orders DROP COLUMN c;\nTRUNCATE orders;")),
+        [(2, "truncates table orders, which up.sql does not create: a rollback would empty something that existed before the migration".to_string())]
     );
     assert!(
         found(migration(
