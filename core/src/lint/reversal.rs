@@ -555,7 +555,35 @@ fn check_drops(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
     let mut known: Vec<Object> = created(up).into_iter().map(|(o, _)| o).collect();
     known.extend(replaced(up));
     renamed(up, &mut known);
+    // Extensions only here: down-incomplete does not ask down.sql to drop one up.sql made
+    // (often shared, made IF NOT EXISTS), but dropping one up.sql did not make takes every
+    // column of its types with it (CASCADE).
+    let extensions: Vec<&str> = up
+        .iter()
+        .filter_map(|p| match &p.node {
+            NodeEnum::CreateExtensionStmt(s) => Some(s.extname.as_str()),
+            _ => None,
+        })
+        .collect();
     for p in down {
+        if let NodeEnum::DropStmt(s) = &p.node
+            && s.remove_type == ObjectType::ObjectExtension as i32
+        {
+            for o in &s.objects {
+                let name = object_parts(o).join(".");
+                if !extensions.contains(&name.as_str()) {
+                    out.push(
+                        DOWN_DROPS_EXISTING,
+                        "down.sql",
+                        p.info.line,
+                        format!(
+                            "drops extension {name}, which up.sql does not create: a rollback would drop something that existed before the migration"
+                        ),
+                        "make down.sql undo only what up.sql did; an extension other migrations use stays",
+                    );
+                }
+            }
+        }
         let drops_server_nameable = matches!(&p.node, NodeEnum::DropStmt(s)
             if s.remove_type == ObjectType::ObjectIndex as i32
                 || s.remove_type == ObjectType::ObjectSequence as i32);

@@ -663,6 +663,14 @@ fn a_down_that_drops_what_up_did_not_create_is_warned_of() {
         found(migration("001_t", "ALTER TABLE orders ADD COLUMN c int;", "ALTER TABLE orders DROP COLUMN c;\nTRUNCATE orders;")),
         [(2, "truncates table orders, which up.sql does not create: a rollback would empty something that existed before the migration".to_string())]
     );
+    assert_eq!(
+        found(migration(
+            "001_ext",
+            "CREATE EXTENSION IF NOT EXISTS pg_trgm;\nALTER TABLE orders ADD COLUMN email citext;",
+            "ALTER TABLE orders DROP COLUMN email;\nDROP EXTENSION IF EXISTS pg_trgm;\nDROP EXTENSION citext CASCADE;",
+        )),
+        [(3, "drops extension citext, which up.sql does not create: a rollback would drop something that existed before the migration".to_string())]
+    );
     assert!(
         found(migration(
             "001_geo",
