@@ -522,6 +522,18 @@ async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_re
     assert_none_prepared(&fleet, 2).await
 }
 
+/// `plan forget-shard ID --shard SHARD` with `more` flags.
+async fn forget(
+    fleet: &HaFleet,
+    id: &str,
+    shard: &str,
+    more: &[&str],
+) -> anyhow::Result<crate::harness::CommandOutput> {
+    let mut args = vec!["plan", "forget-shard", id, "--shard", shard];
+    args.extend_from_slice(more);
+    fleet.cli(&args).await
+}
+
 /// A shard whose agent dies as it is told to commit, and does not come back: the plan stays
 /// `committing` with its locks held (a cancel is refused naming the shard) until an admin
 /// forgets the shard (`plan forget-shard`, refused without a reason, for a shard the plan
@@ -554,31 +566,17 @@ async fn a_shard_gone_while_committing_is_forgotten_and_commits_when_back() -> a
     assert_ne!(out.code(), Some(0), "{out}");
     assert!(out.stderr.contains("not yet committed on shard_1"), "{out}");
 
-    let out = fleet
-        .cli(&["plan", "forget-shard", &id, "--shard", "shard_1"])
-        .await?;
+    let out = forget(&fleet, &id, "shard_1", &[]).await?;
     assert_eq!(out.code(), Some(2), "no reason: {out}");
-    let out = fleet
-        .cli(&[
-            "plan",
-            "forget-shard",
-            &id,
-            "--shard",
-            "shard_9",
-            "--reason",
-            "x",
-        ])
-        .await?;
+    let out = forget(&fleet, &id, "shard_9", &["--reason", "x"]).await?;
     assert!(out.stderr.contains("no target on shard `shard_9`"), "{out}");
     // Until the coordinator sees shard_1's liveness key expire (2 s), it is refused.
     let out = wait_for("shard_1 forgotten", WAIT, async || {
-        let out = fleet
-            .cli(&[
-                "plan",
-                "forget-shard",
-                &id,
-                "--shard",
-                "shard_1",
+        let out = forget(
+            &fleet,
+            &id,
+            "shard_1",
+            &[
                 "--reason",
                 "its database is lost",
                 "--as",
@@ -586,8 +584,9 @@ async fn a_shard_gone_while_committing_is_forgotten_and_commits_when_back() -> a
                 "--wait",
                 "--output",
                 "json",
-            ])
-            .await?;
+            ],
+        )
+        .await?;
         if out.code() == Some(0) {
             return Ok(Some(out));
         }
@@ -644,17 +643,7 @@ async fn a_shard_gone_while_committing_is_forgotten_and_commits_when_back() -> a
     .await?;
     assert_eq!(satisfaction_columns(&fleet, "shard_1").await?, 4);
     // a plan that ended is not forgotten again, nor retried
-    let out = fleet
-        .cli(&[
-            "plan",
-            "forget-shard",
-            &id,
-            "--shard",
-            "shard_1",
-            "--reason",
-            "x",
-        ])
-        .await?;
+    let out = forget(&fleet, &id, "shard_1", &["--reason", "x"]).await?;
     assert!(out.stderr.contains("is failed, not committing"), "{out}");
     let out = fleet.cli(&["plan", "retry", &id]).await?;
     assert!(

@@ -117,6 +117,22 @@ async fn next_message(rx: &mut mpsc::Receiver<pb::CoordinatorMessage>) -> Body {
         .expect("a body")
 }
 
+/// The final status the engine tells the watchers of plan `p0` when it ends (within 5 s).
+async fn final_status(
+    told: &mut broadcast::Receiver<(String, Option<Arc<pb::PlanStatus>>)>,
+) -> Arc<pb::PlanStatus> {
+    loop {
+        let (id, ended) = tokio::time::timeout(Duration::from_secs(5), told.recv())
+            .await
+            .expect("the plan ends within 5s")
+            .expect("the engine tells");
+        assert_eq!(id, "p0");
+        if let Some(last) = ended {
+            return last;
+        }
+    }
+}
+
 /// An agent whose stream is full when the plan starts (a burst, a slow reader): the
 /// definition and the runs wait and reach it in order once it reads again. Before, both
 /// were dropped, the definition was marked as sent anyway, and the runs went only after
@@ -304,16 +320,7 @@ async fn a_plan_that_ends_tells_its_watchers_its_final_status() {
         })
         .await
         .unwrap();
-    let last = loop {
-        let (id, ended) = tokio::time::timeout(Duration::from_secs(5), told.recv())
-            .await
-            .expect("the plan ends within 5s")
-            .expect("the engine tells");
-        assert_eq!(id, "p0");
-        if let Some(last) = ended {
-            break last;
-        }
-    };
+    let last = final_status(&mut told).await;
     let summary = last.summary.as_ref().expect("a summary");
     assert_eq!(summary.state, "completed");
     assert_eq!(last.migrations.len(), 1);
@@ -648,16 +655,7 @@ async fn a_shard_gone_for_good_is_forgotten_and_the_committing_plan_ends_failed(
         })
         .await
         .unwrap();
-    let last = loop {
-        let (id, ended) = tokio::time::timeout(Duration::from_secs(5), told.recv())
-            .await
-            .expect("the plan ends within 5s")
-            .expect("the engine tells");
-        assert_eq!(id, "p0");
-        if let Some(last) = ended {
-            break last;
-        }
-    };
+    let last = final_status(&mut told).await;
     let summary = last.summary.as_ref().expect("a summary");
     assert_eq!(summary.state, "failed", "{summary:?}");
     assert!(
