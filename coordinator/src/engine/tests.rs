@@ -420,6 +420,22 @@ async fn command(
     answered.await.unwrap()
 }
 
+/// Shard `shard` answers that it resolved `r`'s prepared transaction (committed or not).
+async fn resolved(events: &mpsc::Sender<Event>, shard: &str, r: &pb::Run, commit: bool) {
+    events
+        .send(Event::ResolveReply {
+            shard: shard.into(),
+            reply: pb::ResolveReply {
+                plan_id: "p0".into(),
+                commit,
+                resolved: vec![r.prepare_gid.clone()],
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap();
+}
+
 /// The next Resolve or Rollback the agent is sent (halts and the like passed over).
 async fn next_decision_or_rollback(rx: &mut mpsc::Receiver<pb::CoordinatorMessage>) -> Body {
     loop {
@@ -450,18 +466,7 @@ async fn a_rollback_of_an_aborting_unit_waits_for_its_abort() {
         Body::Resolve(r) => assert!(!r.commit && r.gids == [r1.prepare_gid.clone()], "{r:?}"),
         other => panic!("expected the abort's Resolve first, got {other:?}"),
     }
-    events
-        .send(Event::ResolveReply {
-            shard: "s1".into(),
-            reply: pb::ResolveReply {
-                plan_id: "p0".into(),
-                commit: false,
-                resolved: vec![r1.prepare_gid.clone()],
-                ..Default::default()
-            },
-        })
-        .await
-        .unwrap();
+    resolved(&events, "s1", &r1, false).await;
     // then the rollback of what committed outside the unit, on both shards
     assert!(matches!(
         next_decision_or_rollback(&mut rx1).await,
@@ -486,18 +491,7 @@ async fn a_rollback_while_a_unit_commits_is_refused_until_it_has() {
         Body::Resolve(r) => assert!(r.commit, "{r:?}"),
         other => panic!("expected the commit's Resolve, got {other:?}"),
     }
-    events
-        .send(Event::ResolveReply {
-            shard: "s0".into(),
-            reply: pb::ResolveReply {
-                plan_id: "p0".into(),
-                commit: true,
-                resolved: vec![r0.prepare_gid.clone()],
-                ..Default::default()
-            },
-        })
-        .await
-        .unwrap();
+    resolved(&events, "s0", &r0, true).await;
     for kind in [super::CommandKind::Rollback, super::CommandKind::Cancel] {
         let refused = command(&events, kind)
             .await
@@ -509,18 +503,7 @@ async fn a_rollback_while_a_unit_commits_is_refused_until_it_has() {
             "{refused}"
         );
     }
-    events
-        .send(Event::ResolveReply {
-            shard: "s1".into(),
-            reply: pb::ResolveReply {
-                plan_id: "p0".into(),
-                commit: true,
-                resolved: vec![r1.prepare_gid.clone()],
-                ..Default::default()
-            },
-        })
-        .await
-        .unwrap();
+    resolved(&events, "s1", &r1, true).await;
     handled(&events).await;
     let (reply, answered) = oneshot::channel();
     events
@@ -643,18 +626,7 @@ async fn a_shard_gone_for_good_is_forgotten_and_the_committing_plan_ends_failed(
         refused.contains("the agent of shard s0 is attached"),
         "{refused}"
     );
-    events
-        .send(Event::ResolveReply {
-            shard: "s0".into(),
-            reply: pb::ResolveReply {
-                plan_id: "p0".into(),
-                commit: true,
-                resolved: vec![r0.prepare_gid.clone()],
-                ..Default::default()
-            },
-        })
-        .await
-        .unwrap();
+    resolved(&events, "s0", &r0, true).await;
     let last = final_status(&mut told).await;
     let summary = last.summary.as_ref().expect("a summary");
     assert_eq!(summary.state, "failed", "{summary:?}");
