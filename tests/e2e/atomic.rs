@@ -30,8 +30,19 @@ async fn submit_atomic(fleet: &HaFleet) -> anyhow::Result<String> {
 /// and submits the atomic plan: the coordinator exits (86) with every target prepared and
 /// no decision written. The plan's id.
 async fn submit_atomic_and_die_before_the_decision(fleet: &mut HaFleet) -> anyhow::Result<String> {
+    submit_atomic_and_die_at(fleet, "coordinator::before_decision", 86).await
+}
+
+/// Restarts the (one) coordinator of a two-shard fleet with `failpoint` returning and submits
+/// the atomic plan: the coordinator exits with `code` there. The plan's id.
+async fn submit_atomic_and_die_at(
+    fleet: &mut HaFleet,
+    failpoint: &str,
+    code: i32,
+) -> anyhow::Result<String> {
+    let failpoints = format!("{failpoint}=return");
     fleet
-        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::before_decision=return")])
+        .restart_coordinator_with(0, &[("FAILPOINTS", failpoints.as_str())])
         .await?;
     fleet.wait_connected(2).await?;
     let id = submit_atomic(fleet).await?;
@@ -41,7 +52,7 @@ async fn submit_atomic_and_die_before_the_decision(fleet: &mut HaFleet) -> anyho
         .wait_exit(WAIT)
         .await
         .expect("the failpoint ends it");
-    assert_eq!(status.code(), Some(86));
+    assert_eq!(status.code(), Some(code));
     Ok(id)
 }
 
@@ -234,18 +245,7 @@ async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits(
 -> anyhow::Result<()> {
     let mut fleet = least_privileged(1, 2, 2).await?;
     let epochs = fences(&fleet.pg, 2).await?;
-    fleet
-        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::after_decision=return")])
-        .await?;
-    fleet.wait_connected(2).await?;
-    let id = submit_atomic(&fleet).await?;
-    let status = fleet.coordinators[0]
-        .as_mut()
-        .unwrap()
-        .wait_exit(WAIT)
-        .await
-        .expect("the failpoint ends it");
-    assert_eq!(status.code(), Some(87));
+    let id = submit_atomic_and_die_at(&mut fleet, "coordinator::after_decision", 87).await?;
     // The decision is in etcd: agents commit by themselves (they read it), and a
     // new coordinator finishes the plan.
     let c = fleet.spawn_coordinator(0)?;

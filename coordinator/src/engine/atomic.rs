@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::Engine;
 use crate::actor::Actor;
 use crate::coordination::CoordinationError;
-use crate::error::{Conflict, CoordinatorError, Refusal};
+use crate::error::{Conflict, CoordinatorError};
 use crate::metrics;
 use crate::plan::PlanState;
 use crate::store::StoreOp;
@@ -232,12 +232,7 @@ impl Engine {
             .into());
         }
         let Some(sr) = run.shards.get(shard) else {
-            return Err(Refusal::NoSuchShard {
-                plan_id: plan_id.to_string(),
-                shard: shard.to_string(),
-                shards: run.shards.keys().cloned().collect::<Vec<_>>().join(", "),
-            }
-            .into());
+            return Err(super::commands::no_such_shard(run, shard));
         };
         // Nothing of the unit open there: committed (this leader saw it, or the steps were
         // stored applied before a takeover), forgotten already, or never in the unit. A

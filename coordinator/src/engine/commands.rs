@@ -31,12 +31,7 @@ impl Engine {
         if let Some(s) = shard
             && !run.shards.contains_key(s)
         {
-            return Err(Refusal::NoSuchShard {
-                plan_id: plan_id.to_string(),
-                shard: s.to_string(),
-                shards: run.shards.keys().cloned().collect::<Vec<_>>().join(", "),
-            }
-            .into());
+            return Err(no_such_shard(run, s));
         }
         if run.state.is_terminal() {
             return Err(Conflict::Ended {
@@ -258,4 +253,14 @@ impl Engine {
         info!(plan = %plan_id, shard, "shard cancelled");
         Ok(())
     }
+}
+
+/// The refusal of a command naming a shard the plan has no target on (its shards listed).
+pub(super) fn no_such_shard(run: &PlanRun, shard: &str) -> CoordinatorError {
+    Refusal::NoSuchShard {
+        plan_id: run.id.clone(),
+        shard: shard.to_string(),
+        shards: run.shards.keys().cloned().collect::<Vec<_>>().join(", "),
+    }
+    .into()
 }

@@ -573,6 +573,14 @@ async fn forget(
     answered.await.unwrap()
 }
 
+/// Why a forget of `shard` is refused (it must be).
+async fn forget_refused(events: &mpsc::Sender<Event>, shard: &str) -> String {
+    forget(events, shard)
+        .await
+        .expect_err("a refusal")
+        .to_string()
+}
+
 /// `plan forget-shard`: a unit committing waits for a shard whose agent is gone for good;
 /// forgetting it is refused while its agent is attached (it commits by itself) and for a
 /// shard that has committed, and otherwise fails that shard's part as not confirmed, naming
@@ -589,18 +597,12 @@ async fn a_shard_gone_for_good_is_forgotten_and_the_committing_plan_ends_failed(
         Body::Resolve(r) => assert!(r.commit, "{r:?}"),
         other => panic!("expected the commit's Resolve, got {other:?}"),
     }
-    let refused = forget(&events, "s1")
-        .await
-        .expect_err("attached")
-        .to_string();
+    let refused = forget_refused(&events, "s1").await;
     assert!(
         refused.contains("the agent of shard s1 is attached to this coordinator"),
         "{refused}"
     );
-    let refused = forget(&events, "s9")
-        .await
-        .expect_err("no such")
-        .to_string();
+    let refused = forget_refused(&events, "s9").await;
     assert!(refused.contains("no target on shard `s9`"), "{refused}");
     // s1's agent goes away before it committed, and is forgotten: the plan still commits,
     // waiting for s0
@@ -613,15 +615,12 @@ async fn a_shard_gone_for_good_is_forgotten_and_the_committing_plan_ends_failed(
         .unwrap();
     let status = forget(&events, "s1").await.expect("forgotten");
     assert_eq!(status.summary.unwrap().state, "committing");
-    let refused = forget(&events, "s1").await.expect_err("again").to_string();
+    let refused = forget_refused(&events, "s1").await;
     assert!(
         refused.contains("shard s1 of plan p0 was forgotten already"),
         "{refused}"
     );
-    let refused = forget(&events, "s0")
-        .await
-        .expect_err("attached")
-        .to_string();
+    let refused = forget_refused(&events, "s0").await;
     assert!(
         refused.contains("the agent of shard s0 is attached"),
         "{refused}"
