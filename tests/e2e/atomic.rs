@@ -653,3 +653,76 @@ async fn a_shard_gone_while_committing_is_forgotten_and_commits_when_back() -> a
     );
     Ok(())
 }
+
+/// A forgotten shard whose agent comes back while another shard still holds the plan
+/// `committing`: its agent commits from the decision in etcd, the forget is undone (its
+/// failures gone), and once the last shard commits too the plan ends completed, every
+/// shard committed, where it ended failed with the shard "not confirmed".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forgotten_shard_back_before_the_plan_ended_completes_it() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::builder(1, 3, 2)
+        .least_privilege()
+        .agent_args(&["--lease-ttl", "2s"])
+        .agent_env(1, "FAILPOINTS", "agent::before_commit_prepared=return")
+        .agent_env(2, "FAILPOINTS", "agent::before_commit_prepared=return")
+        .start()
+        .await?;
+    let id = submit_atomic(&fleet).await?;
+    for s in [1, 2] {
+        let exit = fleet.agents[s]
+            .wait_exit(WAIT)
+            .await
+            .expect("the failpoint ends the agent as it is told to commit");
+        assert_eq!(exit.code(), Some(88));
+    }
+    wait_until("shard_0 committed", WAIT, async || {
+        Ok(satisfaction_columns(&fleet, "shard_0").await? == 4)
+    })
+    .await?;
+    wait_for("shard_1 forgotten", WAIT, async || {
+        let out = forget(&fleet, &id, "shard_1", &["--reason", "gone"]).await?;
+        if out.code() == Some(0) {
+            return Ok(Some(()));
+        }
+        if !out.stderr.contains("the agent of shard shard_1 is") {
+            return Err(fatal(anyhow::anyhow!("refused otherwise: {out}")));
+        }
+        Ok(None)
+    })
+    .await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "committing", "shard_2 still to commit: {st}");
+    assert!(
+        st["failures"].as_array().is_some_and(|f| !f.is_empty()),
+        "{st}"
+    );
+
+    fleet.restart_agent(1)?;
+    wait_until("shard_1 back and committed", WAIT, async || {
+        let st = fleet.status(&id).await?;
+        Ok(prepared(&fleet.pg, 1).await? == 0
+            && st["failures"].as_array().is_some_and(Vec::is_empty))
+    })
+    .await?;
+    assert_eq!(satisfaction_columns(&fleet, "shard_1").await?, 4);
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "committing", "shard_2 still to commit: {st}");
+
+    fleet.restart_agent(2)?;
+    let st = wait_for("the plan ended", WAIT, async || {
+        let st = fleet.status(&id).await?;
+        Ok((st["state"] != "committing").then_some(st))
+    })
+    .await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert!(st["failures"].as_array().is_some_and(Vec::is_empty), "{st}");
+    for s in 0..3 {
+        assert_eq!(prepared(&fleet.pg, s).await?, 0, "shard_{s}");
+        assert_eq!(
+            satisfaction_columns(&fleet, &format!("shard_{s}")).await?,
+            4,
+            "shard_{s}"
+        );
+    }
+    Ok(())
+}

@@ -37,6 +37,7 @@ impl Engine {
         self.agents.insert(shard.clone(), conn);
         self.agent_seen(&shard, true);
         metrics::agents_connected(self.agents.len());
+        self.forgotten_shard_back(&shard);
         let ids: Vec<String> = self.plans.keys().cloned().collect();
         for id in ids {
             self.resend_after_reconnect(&id, &shard);

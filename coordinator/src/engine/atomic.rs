@@ -208,6 +208,32 @@ impl Engine {
         }
     }
 
+    /// The agent of a shard forgotten while a plan commits attached again before the plan
+    /// ended: the forget is undone (`PlanRun::shard_back`), and the shard resolves under
+    /// the decision as any other does, so the plan can end committed everywhere.
+    pub(super) fn forgotten_shard_back(&mut self, shard: &str) {
+        let ids: Vec<String> = self
+            .plans
+            .iter()
+            .filter(|(_, run)| run.forgotten_shards().contains(shard))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for plan_id in ids {
+            let run = self.plans.get_mut(&plan_id).expect("present");
+            let updates = run.shard_back(shard);
+            run.message = format!(
+                "shard {shard} came back after it was forgotten: its part commits from the \
+                 decision"
+            );
+            info!(plan = %plan_id, shard = %shard, "a forgotten shard came back while its plan commits");
+            self.write(StoreOp::Steps {
+                plan_id: plan_id.clone(),
+                updates,
+            });
+            self.write_state(&plan_id);
+        }
+    }
+
     /// `plan forget-shard`: the unit's commit decision is written and carried out on every
     /// shard but this one, whose agent is gone for good (not attached, no liveness key): its
     /// part fails as "not confirmed", and the plan ends `failed` once the others have
@@ -268,9 +294,9 @@ impl Engine {
             .into());
         }
         let why = format!(
-            "not confirmed: shard {shard} was forgotten by {}{} while the plan committed; its \
-             prepared transactions commit from the decision in etcd if its agent comes back, \
-             and its journal says what applied",
+            "{}{}{} while the plan committed; its prepared transactions commit from the \
+             decision in etcd if its agent comes back, and its journal says what applied",
+            crate::plan::forgotten_prefix(shard),
             actor.name,
             if actor.reason.is_empty() {
                 String::new()

@@ -655,3 +655,47 @@ async fn a_shard_gone_for_good_is_forgotten_and_the_committing_plan_ends_failed(
         crate::error::CoordinatorError::PlanNotFound(_)
     ));
 }
+
+/// A forgotten shard whose agent comes back before the plan ended: the forget is undone,
+/// the shard is told the decision as any other, and the plan ends committed everywhere,
+/// with no failure left (before, it ended failed, "not confirmed" on a shard that had
+/// committed).
+#[tokio::test]
+async fn a_forgotten_shard_back_before_the_plan_ended_commits_with_the_rest() {
+    let (changes, mut told) = broadcast::channel(64);
+    let events = engine_telling(Arc::new(Fleet::default()), changes);
+    let (_rx0, mut rx1, r0, r1) = atomic_on_two_shards(&events).await;
+    result(&events, "s0", &r0, pb::StepOutcome::Prepared).await;
+    result(&events, "s1", &r1, pb::StepOutcome::Prepared).await;
+    assert!(matches!(next_decision_or_rollback(&mut rx1).await, Body::Resolve(r) if r.commit));
+    events
+        .send(Event::Detached {
+            shard: "s1".into(),
+            conn_id: 2,
+        })
+        .await
+        .unwrap();
+    let status = forget(&events, "s1").await.expect("forgotten");
+    assert_eq!(status.failures.len(), 1, "{:?}", status.failures);
+    let mut back = attach(&events, "s1", 3).await;
+    match next_decision_or_rollback(&mut back).await {
+        Body::Resolve(r) => {
+            assert!(r.commit, "{r:?}");
+            assert_eq!(r.gids, vec![r1.prepare_gid.clone()], "{r:?}");
+        }
+        other => panic!("expected the commit's Resolve, got {other:?}"),
+    }
+    // forgotten no more: a forget is refused as for any attached agent
+    let refused = forget_refused(&events, "s1").await;
+    assert!(
+        refused.contains("the agent of shard s1 is attached"),
+        "{refused}"
+    );
+    resolved(&events, "s1", &r1, true).await;
+    resolved(&events, "s0", &r0, true).await;
+    let last = final_status(&mut told).await;
+    let summary = last.summary.as_ref().expect("a summary");
+    assert_eq!(summary.state, "completed", "{summary:?}: {}", last.message);
+    assert!(last.failures.is_empty(), "{:?}", last.failures);
+    assert_eq!(last.migrations[0].applied, 2, "{:?}", last.migrations);
+}

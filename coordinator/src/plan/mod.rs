@@ -29,6 +29,7 @@ use flotilla_core::{FailurePolicy, PlanSpec, Target, TxMode, pb};
 use crate::planner::PlannedStep;
 use crate::store::StepUpdate;
 pub use step::StepStatus;
+pub use units::forgotten_prefix;
 
 #[derive(Debug)]
 pub struct Step {

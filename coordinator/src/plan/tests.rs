@@ -796,3 +796,61 @@ fn a_forgotten_shard_ends_the_plan_failed_once_the_others_committed() {
         run.message
     );
 }
+
+/// A forgotten shard back before the plan ended (its agent attached again): its step of
+/// group 1 is prepared again and its failure gone, its step of group 2 pending again; once
+/// both shards committed group 1, group 2 runs on both.
+#[test]
+fn a_forgotten_shard_back_goes_on_with_the_plan() {
+    let mut run = grouped_run();
+    let mut next = 1u64;
+    let mut runs = BTreeMap::new();
+    for shard in ["s0", "s1"] {
+        let out = run.next_runs(shard, &mut next);
+        runs.insert(shard, out[0].clone());
+    }
+    answer(&mut run, "s0", &runs["s0"], pb::StepOutcome::Prepared);
+    answer(&mut run, "s1", &runs["s1"], pb::StepOutcome::Prepared);
+    run.decision = Some(Decision::Commit);
+    run.state = PlanState::Committing;
+    run.forget_shard("s1", "not confirmed: forgotten");
+    assert!(run.shard_back("s0").is_empty(), "s0 was not forgotten");
+    let updates = run.shard_back("s1");
+    let states: Vec<_> = updates
+        .iter()
+        .map(|u| (u.migration_id.as_str(), u.state))
+        .collect();
+    assert_eq!(
+        states,
+        [("a", StepState::Prepared), ("b", StepState::Pending)],
+        "{updates:?}"
+    );
+    assert!(run.forgotten_shards().is_empty());
+    assert!(run.failures.is_empty(), "{:?}", run.failures);
+    assert!(run.shard_has_open("s1"));
+    assert!(run.settle().is_none());
+    for shard in ["s0", "s1"] {
+        let gids: Vec<String> = run.shards[shard].prepared.keys().cloned().collect();
+        assert_eq!(gids.len(), 1, "{shard}");
+        run.apply_resolve_reply(
+            shard,
+            &pb::ResolveReply {
+                plan_id: "p0".into(),
+                commit: true,
+                resolved: gids,
+                ..Default::default()
+            },
+        );
+    }
+    let moved = run
+        .advance_unit()
+        .expect("group 1 committed on both shards");
+    assert!(
+        moved.starts_with("parallel group 1 committed atomically on 2 shards"),
+        "{moved}"
+    );
+    for shard in ["s0", "s1"] {
+        let out = run.next_runs(shard, &mut next);
+        assert_eq!(out.len(), 1, "{shard}'s `b` runs: {out:?}");
+    }
+}

@@ -343,14 +343,100 @@ impl PlanRun {
         updates
     }
 
+    /// A forgotten shard whose agent attached again while the unit still commits: the
+    /// forget is undone, and the shard's part goes the way of any shard's under the
+    /// decision (its agent committed it from etcd at its start, or is sent the Resolve), so
+    /// the plan can end as if it had never been gone. Its steps the forget failed go back
+    /// to prepared (those of the unit: the decision is commit, so each had prepared) or to
+    /// pending (runs it had out beside the unit: its journal answers for what they did
+    /// when they are sent again), and its steps the forget stopped to pending, unless a
+    /// failure of their target or a cancel of the shard stops them anyway. Returns the
+    /// store updates; none when the shard was not forgotten.
+    pub fn shard_back(&mut self, shard: &str) -> Vec<StepUpdate> {
+        if !self.forgotten_shards().contains(shard) {
+            return Vec::new();
+        }
+        // Runs out beside the unit are known by their failure's message; the failure of a
+        // unit step under commit is the forget's whatever it says (`forgotten_shards`).
+        let forgotten = forgotten_prefix(shard);
+        let failed_steps: Vec<Option<usize>> = self
+            .failures
+            .iter()
+            .map(|f| {
+                let t = f.target.as_ref().filter(|t| t.shard == shard)?;
+                self.step_of(&f.migration_id, &t.shard, &t.tenant)
+            })
+            .collect();
+        let beside: BTreeSet<usize> = self
+            .failures
+            .iter()
+            .zip(&failed_steps)
+            .filter(|(f, _)| {
+                f.error
+                    .as_ref()
+                    .is_some_and(|e| e.message.starts_with(&forgotten))
+            })
+            .filter_map(|(_, s)| *s)
+            .collect();
+        let mut restored = BTreeSet::new();
+        let mut updates = Vec::new();
+        for s in 0..self.steps.len() {
+            if self.targets[self.steps[s].target].shard != shard
+                || self.steps[s].status != StepStatus::Failed
+            {
+                continue;
+            }
+            if self.in_unit(s) {
+                self.set_status(s, StepStatus::Prepared);
+            } else if beside.contains(&s) {
+                self.set_status(s, StepStatus::Pending);
+            } else {
+                continue;
+            }
+            restored.insert(s);
+            updates.push(self.update_of(s, None));
+        }
+        let mut failed_steps = failed_steps.into_iter();
+        self.failures.retain(|_| {
+            failed_steps
+                .next()
+                .flatten()
+                .is_none_or(|s| !restored.contains(&s))
+        });
+        let cancelled = self.cancelled.contains(shard);
+        for s in 0..self.steps.len() {
+            let t = self.steps[s].target;
+            if self.targets[t].shard == shard
+                && self.steps[s].status == StepStatus::NotRun
+                && !cancelled
+                && !self.failed_target(t)
+            {
+                self.set_status(s, StepStatus::Pending);
+                updates.push(self.update_of(s, None));
+            }
+        }
+        if let Some(sr) = self.shards.get_mut(shard) {
+            sr.resolved = false;
+            sr.resolve_sent_on = None;
+            sr.resolve_retry_at = None;
+        }
+        self.recount_remaining();
+        let targets = self.shards.get(shard).map(|sr| sr.targets.clone());
+        for t in targets.unwrap_or_default() {
+            self.enqueue_if_ready(t);
+        }
+        updates
+    }
+
     /// Shards forgotten while the unit committed (`forget_shard`): a failed step of a unit
     /// whose decision is commit can come from nothing else, as the unit commits only when
     /// every one of its steps prepared or applied. Also after a change of coordinator,
     /// from the steps stored failed.
     ///
-    /// Known limit: a forgotten shard whose agent comes back before the plan ends commits
+    /// Known limit: a forgotten shard whose agent comes back after the plan ended commits
     /// from the decision in etcd, but the plan is not told: its steps stay failed there,
-    /// and its journal (`fleet show`) is what says they applied.
+    /// and its journal (`fleet show`) is what says they applied. Back before the end, the
+    /// forget is undone (`shard_back`).
     pub fn forgotten_shards(&self) -> BTreeSet<&str> {
         if self.state != PlanState::Committing {
             return BTreeSet::new();
@@ -397,6 +483,13 @@ impl PlanRun {
                 && self.targets[self.steps[s].target].shard == shard
         })
     }
+}
+
+/// How the failure of a step the forget of `shard` failed starts (`plan forget-shard`):
+/// what finds those steps again when the shard comes back, also after a change of
+/// coordinator, which rebuilds the failures from the steps stored.
+pub fn forgotten_prefix(shard: &str) -> String {
+    format!("not confirmed: shard {shard} was forgotten by ")
 }
 
 /// How long after a failed Resolve a shard is asked again.
