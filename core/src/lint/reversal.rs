@@ -178,8 +178,21 @@ fn created_by(p: &Parsed, add: &mut dyn FnMut(Object)) {
                 columns,
             });
         }
+        NodeEnum::CreateForeignTableStmt(s) => {
+            if let Some(r) = s.base_stmt.as_ref().and_then(|b| b.relation.as_ref()) {
+                add(Object::Relation {
+                    name: relation_name(r),
+                    what: "foreign table",
+                });
+            }
+        }
         NodeEnum::CreateSchemaStmt(s) => add(Object::Schema(s.schemaname.clone())),
         NodeEnum::CreateEnumStmt(s) => add(Object::Type(strings(&s.type_name).join("."))),
+        NodeEnum::CreateRangeStmt(s) => add(Object::Type(strings(&s.type_name).join("."))),
+        // a base type (and its shell, `CREATE TYPE t;`)
+        NodeEnum::DefineStmt(s) if s.kind == ObjectType::ObjectType as i32 => {
+            add(Object::Type(strings(&s.defnames).join(".")))
+        }
         NodeEnum::CompositeTypeStmt(s) => {
             if let Some(r) = &s.typevar {
                 add(Object::Type(relation_name(r)));
@@ -470,14 +483,19 @@ fn rename_of(p: &Parsed) -> Option<(Object, Object)> {
 }
 
 /// Whether up.sql creates what its statements do not name: a DO block, a procedure, a
-/// prepared statement or `SELECT ... INTO` (its objects are not known), and whether it adds
+/// prepared statement, `SELECT ... INTO` or `IMPORT FOREIGN SCHEMA` (its objects are not
+/// known), and whether it adds
 /// constraints or indexes PostgreSQL names itself (`ADD PRIMARY KEY`, `CREATE INDEX ON`).
 fn unseen(up: &[Parsed]) -> (bool, bool) {
     let mut opaque = false;
     let mut unnamed = false;
     for p in up {
         match &p.node {
-            NodeEnum::DoStmt(_) | NodeEnum::CallStmt(_) | NodeEnum::ExecuteStmt(_) => opaque = true,
+            // IMPORT FOREIGN SCHEMA creates foreign tables named by the remote server
+            NodeEnum::DoStmt(_)
+            | NodeEnum::CallStmt(_)
+            | NodeEnum::ExecuteStmt(_)
+            | NodeEnum::ImportForeignSchemaStmt(_) => opaque = true,
             NodeEnum::SelectStmt(s) if s.into_clause.is_some() => opaque = true,
             // a function may create what it does not name (AddGeometryColumn, partman)
             NodeEnum::SelectStmt(_)

@@ -642,6 +642,16 @@ fn a_down_that_drops_what_up_did_not_create_is_warned_of() {
             "ALTER TABLE orders ADD COLUMN c int;",
             "CREATE TABLE keep_c AS SELECT id, c FROM orders;\nALTER TABLE orders DROP COLUMN c;\nDROP TABLE keep_c;",
         ),
+        // a foreign table, a range type, a base type and its shell
+        (
+            "CREATE FOREIGN TABLE remote_orders (id int) SERVER billing;\nCREATE TYPE price_range AS RANGE (subtype = numeric);\nCREATE TYPE money2;\nCREATE TYPE money2 (INPUT = money2_in, OUTPUT = money2_out);",
+            "DROP FOREIGN TABLE remote_orders;\nDROP TYPE price_range;\nDROP TYPE money2 CASCADE;",
+        ),
+        // tables named by the remote server
+        (
+            "IMPORT FOREIGN SCHEMA billing LIMIT TO (invoices) FROM SERVER billing INTO public;",
+            "DROP FOREIGN TABLE invoices;",
+        ),
     ] {
         assert!(
             found(migration("001_x", up, down)).is_empty(),
