@@ -54,6 +54,14 @@ pub enum CoordinatorError {
          {now}): nothing of it was stored; send it again"
     )]
     TermChanged { epoch: u64, now: u64 },
+    /// A request's writes were flushed as its term ended, and the store could not be read
+    /// to tell whether they landed (a later term continues from them if they did).
+    #[error(
+        "this coordinator's term ended while plan {plan_id} was being stored, and the control \
+         store cannot be read to tell whether it was ({cause}): `flotilla plan status \
+         {plan_id}` says; send the request again only if it did not take effect"
+    )]
+    TermEndedUnread { plan_id: String, cause: String },
     /// Only the leader schedules and decides; `leader` is where it is, when known.
     #[error("not the leader{}", match .leader {
         Some(l) => format!("; the leader is {l}"),
@@ -289,7 +297,8 @@ impl From<CoordinatorError> for tonic::Status {
             }
             CoordinatorError::Unreachable { .. }
             | CoordinatorError::ShuttingDown
-            | CoordinatorError::TermChanged { .. } => tonic::Status::unavailable(msg),
+            | CoordinatorError::TermChanged { .. }
+            | CoordinatorError::TermEndedUnread { .. } => tonic::Status::unavailable(msg),
             CoordinatorError::NotLeader { leader } => {
                 let mut status = tonic::Status::unavailable(msg);
                 // Programs read the refusal from metadata, never from the message.

@@ -133,7 +133,14 @@ impl Coordinator {
         // under the term that checked the plan: a leader deposed meanwhile stores nothing
         self.write_under(epoch, StoreOp::Together(together));
         self.flush().await;
-        self.still_leading_in(epoch)?;
+        self.term_ends_here_for_a_fault_test().await;
+        if let Err(ended) = self.still_leading_in(epoch) {
+            // stored before the next term fenced the store, the retry is that term's now
+            let before = row.state;
+            self.landed_as_the_term_ended(plan_id, ended, |now| now.state != before)
+                .await?;
+            return self.status(plan_id).await;
+        }
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         let status = self
             .to_engine(|done| Event::Start {

@@ -98,6 +98,55 @@ impl Coordinator {
         }
     }
 
+    /// A request's writes were flushed under a term, and [`Self::still_leading_in`] then
+    /// refused with `ended`: the term ended while they waited. They landed before the next
+    /// term fenced the store, which continues from them (on this coordinator or another),
+    /// or the store refused them; `landed` tells by the plan's row as read now (the flush
+    /// returned with them written or given up, so the row is final). Ok: they landed, and
+    /// the request is to be answered as done: answered "send it again", it would be sent
+    /// again (the CLI follows a refusal to the new leader by itself) and submit the plan a
+    /// second time. Else `ended`, or [`CoordinatorError::TermEndedUnread`].
+    pub(crate) async fn landed_as_the_term_ended(
+        &self,
+        plan_id: &str,
+        ended: CoordinatorError,
+        landed: impl FnOnce(&crate::store::PlanRow) -> bool,
+    ) -> Result<(), CoordinatorError> {
+        match self.inner.store.plan(plan_id).await {
+            Ok(Some(row)) if landed(&row) => {
+                warn!(plan = %plan_id, "this coordinator's term ended right after the request's writes were stored: the term leading now continues from them ({ended})");
+                Ok(())
+            }
+            Ok(_) => Err(ended),
+            Err(e) => Err(CoordinatorError::TermEndedUnread {
+                plan_id: plan_id.to_string(),
+                cause: e.to_string(),
+            }),
+        }
+    }
+
+    /// Fault tests (`coordinator::term_ends_after_flush`, on the requests that check
+    /// [`Self::still_leading_in`]): this coordinator's term ends right after a request's
+    /// writes were flushed, before it checks its term, which nothing else can time: it
+    /// resigns (and campaigns no more; another coordinator takes over).
+    pub(crate) async fn term_ends_here_for_a_fault_test(&self) {
+        if !term_ends_after_flush() {
+            return;
+        }
+        warn!("failpoint coordinator::term_ends_after_flush: resigning");
+        self.inner.coordination.resign().await;
+        let mut leadership = self.inner.coordination.leadership();
+        let ended = leadership.wait_for(|l| matches!(l, Leadership::Follower { .. }));
+        if tokio::time::timeout(Duration::from_secs(10), ended)
+            .await
+            .is_err()
+        {
+            warn!(
+                "failpoint coordinator::term_ends_after_flush: still leading 10 s after resigning"
+            );
+        }
+    }
+
     /// Takes the plan's shard locks (all or none), retrying while another plan
     /// holds one; the plan's status says which. The engine sends nothing for the
     /// plan before they are taken.
@@ -629,4 +678,11 @@ impl Coordinator {
             agents: out.into_values().collect(),
         })
     }
+}
+
+/// Whether the failpoint `coordinator::term_ends_after_flush` is set (never, unless built
+/// with failpoints and told so).
+fn term_ends_after_flush() -> bool {
+    fail::fail_point!("coordinator::term_ends_after_flush", |_| true);
+    false
 }

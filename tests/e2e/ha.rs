@@ -7,7 +7,8 @@ use crate::fleet::{Cli, MigrationDir, WAIT, coord_dbmate_dir, tenant_name, tenan
 use crate::harness::certs::{FleetCerts, env_refs};
 use crate::harness::least_privilege::{AgentLogin, create_agent_role};
 use crate::harness::{
-    CommandOutput, Etcd, FlotillaProcess, PgCluster, TestDir, free_port, run_flotilla, wait_until,
+    CommandOutput, Etcd, FlotillaProcess, PgCluster, TestDir, free_port, run_flotilla, wait_for,
+    wait_until,
 };
 use crate::shards::{assert_logged_once, blocked, hold, logged_blocking_migration, release};
 
@@ -452,6 +453,57 @@ async fn a_follower_sends_writes_to_the_leader_and_locks_are_held_while_running(
         .query_scalar("shard_0", "SELECT epoch FROM flotilla.fence")
         .await?;
     assert!(epoch > 0, "the fence holds the etcd epoch");
+    Ok(())
+}
+
+/// The leader's term ends right after a submitted plan was stored, before the submit
+/// checked its term (failpoint: the coordinator resigns there, and the other one takes
+/// over): the plan landed before the new leader fenced the store, and the new leader
+/// continues it. The submit answers with the plan; before, it answered "not the leader",
+/// and the CLI, following that refusal to the new leader, submitted the plan a second time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_stored_as_its_leaders_term_ends_is_submitted_once() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::start(2, 2, 2).await?;
+    for i in [0, 1] {
+        fleet
+            .restart_coordinator_with(
+                i,
+                &[("FAILPOINTS", "coordinator::term_ends_after_flush=1*return")],
+            )
+            .await?;
+    }
+    let leader = wait_for("a leader", WAIT, async || Ok(fleet.leader())).await?;
+    fleet.wait_attached_at(leader).await?;
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let out = fleet
+        .cli_at(leader, &["plan", "submit", &dir, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let submitted: Value = serde_json::from_str(out.stdout.lines().last().unwrap())?;
+    let id = submitted["plan_id"]
+        .as_str()
+        .expect("a plan id")
+        .to_string();
+    let resigned = fleet.coordinators[leader].as_ref().expect("runs");
+    resigned
+        .wait_for_log("the term leading now continues from them", WAIT)
+        .await?;
+    wait_until("the other coordinator leads", WAIT, async || {
+        Ok(fleet.leader() == Some(1 - leader))
+    })
+    .await?;
+    let st = wait_for("the plan ended", WAIT, async || {
+        let st = fleet.status(&id).await?;
+        Ok(
+            flotilla_core::state::PlanState::is_terminal_str(st["state"].as_str().unwrap_or(""))
+                .then_some(st),
+        )
+    })
+    .await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    let plans = plans.as_array().expect("a list");
+    assert_eq!(plans.len(), 1, "submitted once: {plans:?}");
     Ok(())
 }
 

@@ -187,7 +187,15 @@ impl Coordinator {
             },
         );
         self.flush().await;
-        self.still_leading_in(epoch)?;
+        self.term_ends_here_for_a_fault_test().await;
+        if let Err(ended) = self.still_leading_in(epoch) {
+            // stored before the next term fenced the store, the start is that term's now
+            self.landed_as_the_term_ended(&row.id, ended, |now| {
+                now.state != PlanState::AwaitingApproval
+            })
+            .await?;
+            return self.status(&row.id).await;
+        }
         info!(plan = %row.id, "plan approved; starting");
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         let status = self

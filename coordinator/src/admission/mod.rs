@@ -95,7 +95,18 @@ impl Coordinator {
             self.flush().await;
         }
         // the plan is stored only if this term still leads
-        self.still_leading_in(epoch)?;
+        self.term_ends_here_for_a_fault_test().await;
+        if let Err(ended) = self.still_leading_in(epoch) {
+            // Stored before the next term fenced the store, the plan is that term's now.
+            self.landed_as_the_term_ended(&plan_id, ended, |_| true)
+                .await?;
+            return Ok(pb::SubmitPlanResponse {
+                status: self.status(&plan_id).await.ok(),
+                plan_id,
+                warnings: drift_warning.into_iter().chain(baseline_warning).collect(),
+                findings,
+            });
+        }
         // Where the time from submit to the first step goes (issue 15: under 1 s at 10,000
         // tenants): the preflight and the checks, then the plan stored before anything runs.
         let store_ms = started.elapsed().as_millis() as u64 - resolve_ms;
