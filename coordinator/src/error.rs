@@ -278,6 +278,23 @@ pub fn some_of(items: &[String], shown: usize) -> String {
     out
 }
 
+impl CoordinatorError {
+    /// A refusal that may not hold a moment later (no leader, a shard between two streams,
+    /// etcd or the control store out of reach): what is sent without an operator (a
+    /// catch-up plan) is sent again.
+    pub fn is_passing(&self) -> bool {
+        match self {
+            CoordinatorError::Unreachable { .. }
+            | CoordinatorError::TermChanged { .. }
+            | CoordinatorError::TermEndedUnread { .. }
+            | CoordinatorError::NotLeader { .. }
+            | CoordinatorError::Store(_) => true,
+            CoordinatorError::Coordination(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
 impl From<CoordinatorError> for tonic::Status {
     fn from(e: CoordinatorError) -> tonic::Status {
         let msg = e.to_string();

@@ -2,6 +2,9 @@
 //! `env!=prod`, `region notin (eu)`, `canary` (key exists), `!legacy` (key absent);
 //! requirements separated by commas all have to hold.
 //!
+//! A value outside `[A-Za-z0-9._-]` (a tenant named `Acme Corp`) is written in double
+//! quotes, `\"` and `\\` inside them standing for `"` and `\`: `tenant in ("Acme Corp")`.
+//!
 //! Like Kubernetes, `!=` and `notin` also hold when the key is absent. A selector keeps
 //! its requirements in a canonical order (by key, then operator; duplicates dropped), so
 //! two selectors that mean the same thing compare equal and print the same way, and the
@@ -49,16 +52,40 @@ impl Requirement {
 
 impl fmt::Display for Requirement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let set = |s: &BTreeSet<String>| s.iter().map(String::as_str).collect::<Vec<_>>().join(",");
+        let set = |s: &BTreeSet<String>| {
+            s.iter()
+                .map(|v| quoted(v).into_owned())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         match &self.op {
             Op::Exists => write!(f, "{}", self.key),
             Op::NotExists => write!(f, "!{}", self.key),
-            Op::Equals(v) => write!(f, "{}={v}", self.key),
-            Op::NotEquals(v) => write!(f, "{}!={v}", self.key),
+            Op::Equals(v) => write!(f, "{}={}", self.key, quoted(v)),
+            Op::NotEquals(v) => write!(f, "{}!={}", self.key, quoted(v)),
             Op::In(s) => write!(f, "{} in ({})", self.key, set(s)),
             Op::NotIn(s) => write!(f, "{} notin ({})", self.key, set(s)),
         }
     }
+}
+
+/// `value` as a selector writes it: as it is when every character may stand bare (or it
+/// is empty), else in double quotes with `"` and `\` escaped. What a program that builds
+/// a selector from names it does not control (tenants found on a shard) writes them with.
+pub fn quoted(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.chars().all(is_value_char) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        if matches!(c, '"' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    std::borrow::Cow::Owned(out)
 }
 
 /// A parsed label selector. The default (and the empty string) selects everything.
@@ -122,6 +149,8 @@ impl std::str::FromStr for Selector {
 enum Tok {
     /// A run of [A-Za-z0-9._/-]: a key, a value, or the words `in` / `notin`.
     Word(String),
+    /// A value in double quotes, unescaped.
+    Quoted(String),
     Eq,
     DoubleEq,
     NotEq,
@@ -135,6 +164,7 @@ impl fmt::Display for Tok {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Tok::Word(w) => write!(f, "`{w}`"),
+            Tok::Quoted(w) => write!(f, "`{}`", quoted(w)),
             Tok::Eq => f.write_str("`=`"),
             Tok::DoubleEq => f.write_str("`==`"),
             Tok::NotEq => f.write_str("`!=`"),
@@ -177,6 +207,38 @@ fn lex(input: &str) -> Result<Vec<(usize, Tok)>, String> {
                 } else {
                     Tok::Bang
                 }
+            }
+            '"' => {
+                let mut value = String::new();
+                loop {
+                    match chars.next() {
+                        Some((_, '"')) => break,
+                        Some((_, '\\')) => match chars.next() {
+                            Some((_, c @ ('"' | '\\'))) => value.push(c),
+                            Some((i, c)) => {
+                                return Err(format!(
+                                    "`\\{c}` at column {} in a quoted value: only `\\\"` and `\\\\` are escapes",
+                                    i
+                                ));
+                            }
+                            None => break,
+                        },
+                        Some((_, c)) if c.is_control() => {
+                            return Err(format!(
+                                "a control character in the quoted value at column {}",
+                                at + 1
+                            ));
+                        }
+                        Some((_, c)) => value.push(c),
+                        None => {
+                            return Err(format!(
+                                "the quoted value at column {} has no closing `\"`",
+                                at + 1
+                            ));
+                        }
+                    }
+                }
+                Tok::Quoted(value)
             }
             c if is_key_char(c) => {
                 let mut end = at + c.len_utf8();
@@ -309,6 +371,11 @@ impl Parser<'_> {
                 self.pos += 1;
                 Ok(w)
             }
+            Some(Tok::Quoted(w)) => {
+                let w = w.clone();
+                self.pos += 1;
+                Ok(w)
+            }
             Some(_) => Err(format!(
                 "expected a value after {}, found {}",
                 self.tokens[op_at].1,
@@ -321,7 +388,7 @@ impl Parser<'_> {
         match w.chars().find(|&c| !is_value_char(c)) {
             None => Ok(()),
             Some(c) => Err(format!(
-                "value `{w}` at column {} holds {c:?}; values use [A-Za-z0-9._-]",
+                "value `{w}` at column {} holds {c:?}; values use [A-Za-z0-9._-], or are written in double quotes",
                 self.tokens[pos].0 + 1
             )),
         }
@@ -343,6 +410,11 @@ impl Parser<'_> {
                 Some(Tok::Word(w)) => {
                     let w = w.clone();
                     self.check_value(&w, self.pos)?;
+                    self.pos += 1;
+                    set.insert(w);
+                }
+                Some(Tok::Quoted(w)) => {
+                    let w = w.clone();
                     self.pos += 1;
                     set.insert(w);
                 }
@@ -531,6 +603,40 @@ mod tests {
         assert_eq!(sel("a==x,a=x").to_string(), "a=x");
         assert_eq!(sel("b=1,a=2"), sel("a=2 , b=1"));
         assert_eq!("x in (a)".parse::<Selector>().unwrap(), sel("x in (a)"));
+    }
+
+    /// Values no bare word can hold (tenants are named by the databases they live in) are
+    /// written quoted, and print back quoted.
+    #[test]
+    fn quoted_values_hold_any_name() {
+        let names = [
+            "tenant x",
+            "Tenant_Upper",
+            "tenant_\"; drop",
+            "a\\b",
+            "in",
+            "é",
+        ];
+        for name in names {
+            let written = format!("tenant in ({}),x={}", quoted(name), quoted(name));
+            let s = sel(&written);
+            assert!(
+                s.matches(&labels(&[("tenant", name), ("x", name)])),
+                "{written}"
+            );
+            assert!(!s.matches(&labels(&[("tenant", "other"), ("x", name)])));
+            assert_eq!(sel(&s.to_string()), s, "{written} -> {s}");
+        }
+        assert_eq!(quoted("tenant_1"), "tenant_1");
+        assert_eq!(quoted("a b"), "\"a b\"");
+        assert_eq!(quoted("q\"\\"), "\"q\\\"\\\\\"");
+        assert_eq!(sel("t=\"a b\"").to_string(), "t=\"a b\"");
+        let e = err("t=\"a b");
+        assert!(e.contains("has no closing"), "{e}");
+        let e = err("t=\"a\\nb\"");
+        assert!(e.contains("only"), "{e}");
+        let e = err("t=a b");
+        assert!(e.contains("expected `,` or the end"), "{e}");
     }
 
     #[test]

@@ -277,6 +277,76 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
     Ok(())
 }
 
+/// Tenants found in one pass get only what the completed plans select for each of them
+/// (before, every migration selected for any one of them ran on all), whatever they are
+/// named (before, a name no selector word can hold, `tenant_X y`, made the catch-up plan
+/// invalid, and no tenant of the pass was caught up).
+#[tokio::test]
+async fn catch_up_follows_each_new_tenants_selection_whatever_its_name() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(1, 1)
+        .agent_args(&["--discover-interval", "1s"])
+        .start()
+        .await?;
+    let notes = MigrationDir::new()?;
+    notes.migration(
+        "001_work_order_note",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN note text;",
+        "ALTER TABLE work_orders DROP COLUMN note;",
+    )?;
+    std::fs::write(
+        notes.path().join("plan.toml"),
+        "name = \"notes\"\ncatch_up = true\nselector = \"tenant notin (tenant_0901)\"\n",
+    )?;
+    let (code, _, out) = fleet.submit_wait(notes.path(), &[]).await?;
+    assert_eq!(code, 0, "{out:?}");
+
+    // three tenants in one transaction: the agent finds them in one pass
+    let sql = ["tenant_0900", "tenant_0901", "\"tenant_X y\""]
+        .map(|t| tenant_sql(t, 1))
+        .join("\n");
+    fleet
+        .pg
+        .psql(&fleet.shards[0], &format!("BEGIN;\n{sql}\nCOMMIT;"))
+        .await?;
+    let plan = wait_for("the catch-up plan to complete", WAIT, async || {
+        let list = fleet
+            .cli(&["plan", "list", "--output", "json"])
+            .await?
+            .expect_success()?
+            .last_json()?;
+        let found = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == "catch-up-shard_0-2-tenants")
+            .cloned();
+        Ok(found.filter(|p| p["state"] != "running"))
+    })
+    .await?;
+    assert_eq!(plan["state"], "completed", "{plan}");
+    assert_eq!(plan["targets"], 2, "{plan}");
+    let noted = fleet
+        .pg
+        .query_rows(
+            &fleet.shards[0],
+            "SELECT table_schema FROM information_schema.columns
+              WHERE column_name = 'note' AND table_schema LIKE 'tenant_09%' OR table_schema = 'tenant_X y'
+                AND column_name = 'note'
+              ORDER BY 1",
+        )
+        .await?;
+    assert_eq!(
+        noted,
+        vec![
+            vec!["tenant_0900".to_string()],
+            vec!["tenant_X y".to_string()]
+        ],
+        "tenant_0901, which the plan's selector leaves out, has no note"
+    );
+    Ok(())
+}
+
 /// `fleet drift --output json`: its exit code and answer.
 async fn drift(fleet: &TestFleet) -> anyhow::Result<(i32, Value, CommandOutput)> {
     let out = fleet.cli(&["fleet", "drift", "--output", "json"]).await?;

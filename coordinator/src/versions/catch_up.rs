@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_core::dag::MigrationGraph;
+use flotilla_core::selector::quoted;
 use flotilla_core::{PlanSpec, Scope, pb};
 use prost::Message;
 use tracing::{info, warn};
@@ -49,31 +50,60 @@ impl Coordinator {
         let me = self.clone();
         let shard = shard.to_string();
         tokio::spawn(async move {
-            match me.catch_up_plan(&shard, &appeared).await {
-                Ok(None) => {}
-                Ok(Some(raw)) => {
-                    let name = raw.name.clone();
-                    match me
-                        .submit_as(raw, crate::admission::Promotion::CatchUp)
-                        .await
-                    {
-                        Ok(r) => info!(plan = %r.plan_id, %name, "catching up new tenants"),
-                        Err(e) => warn!(%shard, %name, "the catch-up plan was not accepted: {e}"),
-                    }
+            let plans = match me.catch_up_plans(&shard, &appeared).await {
+                Ok(plans) => plans,
+                Err(e) => {
+                    warn!(%shard, "cannot work out a catch-up plan: {e}");
+                    return;
                 }
-                Err(e) => warn!(%shard, "cannot work out a catch-up plan: {e}"),
+            };
+            for raw in plans {
+                me.submit_catch_up(&shard, raw).await;
             }
         });
     }
 
-    /// Every migration of the completed plans that ask for catch-up and that select one
-    /// of `tenants`, in the order the plans ran (and each plan's own order), as one plan;
-    /// None when there is nothing to do.
-    async fn catch_up_plan(
+    /// Submits a catch-up plan; one refused for a passing reason (no leader for a moment,
+    /// the shard's agent between two streams) is sent again a few times, a minute apart at
+    /// most. Refused for good, the tenants stay behind (`fleet status`), and the log says
+    /// why and what catches them up.
+    async fn submit_catch_up(&self, shard: &str, raw: pb::PlanSpec) {
+        let name = raw.name.clone();
+        let mut pause = std::time::Duration::from_secs(5);
+        for attempt in 1..=CATCH_UP_ATTEMPTS {
+            let refusal = match self
+                .submit_as(raw.clone(), crate::admission::Promotion::CatchUp)
+                .await
+            {
+                Ok(r) => {
+                    info!(plan = %r.plan_id, %name, "catching up new tenants");
+                    return;
+                }
+                Err(e) => e,
+            };
+            if !refusal.is_passing() || attempt == CATCH_UP_ATTEMPTS {
+                warn!(
+                    %shard, %name, selector = %raw.selector,
+                    "the catch-up plan was not accepted: {refusal}; its tenants stay behind \
+                     (`flotilla fleet status`) until a plan with their migrations runs on them"
+                );
+                return;
+            }
+            info!(%shard, %name, attempt, "the catch-up plan was not accepted ({refusal}); sending it again in {pause:?}");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 3).min(std::time::Duration::from_secs(60));
+        }
+    }
+
+    /// Catch-up plans for `tenants`, new on `shard`: each tenant gets every migration of
+    /// the completed plans that ask for catch-up and whose selectors select it (the plan's
+    /// and the migration's own), in the order the plans ran (and each plan's own order);
+    /// tenants that get the same migrations share a plan. None when there is nothing to do.
+    async fn catch_up_plans(
         &self,
         shard: &str,
         tenants: &[pb::Tenant],
-    ) -> Result<Option<pb::PlanSpec>, CoordinatorError> {
+    ) -> Result<Vec<pb::PlanSpec>, CoordinatorError> {
         let envs = &self.inner.defaults.catch_up_environments;
         let labels = self
             .inner
@@ -92,8 +122,8 @@ impl Coordinator {
                     .collect(),
             },
         )]);
-        let mut chosen: Vec<pb::Migration> = Vec::new();
-        let mut environment = String::new();
+        // Each tenant's migrations, and the environment of the last plan that gave it one.
+        let mut chosen: BTreeMap<String, (Vec<pb::Migration>, String)> = BTreeMap::new();
         for row in self.inner.store.completed_plans().await? {
             let Some(raw) = hex::decode(&row.spec_hex)
                 .ok()
@@ -112,73 +142,125 @@ impl Coordinator {
             if !asked || !self.inner.environments.admits(&spec.environment, &labels) {
                 continue;
             }
-            for m in selected_migrations(&spec, &fleet) {
-                let mut migration = raw.migrations[m].clone();
-                // The catch-up plan is a chain of its own (below); an earlier plan's
-                // names need not be in it.
-                migration.depends_on.clear();
-                migration.scope = pb::Scope::Tenant as i32;
-                // A migration in two plans runs once, as the later plan has it.
-                chosen.retain(|c| c.id != migration.id);
-                chosen.push(migration);
+            for (tenant, migrations) in selected_migrations(&spec, &fleet) {
+                let (theirs, environment) = chosen.entry(tenant).or_default();
+                for m in migrations {
+                    let mut migration = raw.migrations[m].clone();
+                    // The catch-up plan is a chain of its own (below); an earlier plan's
+                    // names need not be in it.
+                    migration.depends_on.clear();
+                    migration.scope = pb::Scope::Tenant as i32;
+                    // A migration in two plans runs once, as the later plan has it.
+                    theirs.retain(|c| c.id != migration.id);
+                    theirs.push(migration);
+                }
+                *environment = spec.environment.clone();
             }
-            environment = spec.environment.clone();
         }
-        if chosen.is_empty() {
-            return Ok(None);
+        // Tenants that get the same migrations (by id, and environment) go together: the
+        // migrations, and the tenants.
+        type Group = (Vec<pb::Migration>, Vec<String>);
+        let mut groups: BTreeMap<(Vec<String>, String), Group> = BTreeMap::new();
+        for (tenant, (migrations, environment)) in chosen {
+            if migrations.is_empty() {
+                continue;
+            }
+            let ids = migrations.iter().map(|m| m.id.clone()).collect();
+            groups
+                .entry((ids, environment))
+                .or_insert_with(|| (migrations, Vec::new()))
+                .1
+                .push(tenant);
         }
-        let names: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
-        let name = match names.as_slice() {
-            [one] => format!("catch-up-{shard}/{one}"),
-            many => format!("catch-up-{shard}-{}-tenants", many.len()),
-        };
-        let dependencies = chosen
-            .windows(2)
-            .map(|w| pb::Dependency {
-                migration: w[1].id.clone(),
-                depends_on: vec![w[0].id.clone()],
+        Ok(groups
+            .into_iter()
+            .map(|((_, environment), (migrations, names))| {
+                catch_up_spec(shard, &names, migrations, environment)
             })
-            .collect();
-        Ok(Some(pb::PlanSpec {
-            name,
-            description: format!(
-                "{} migration(s) of completed plans for tenants that appeared on {shard}",
-                chosen.len()
-            ),
-            selector: format!("shard in ({shard}), tenant in ({})", names.join(", ")),
-            migrations: chosen,
-            dependencies,
-            environment,
-            policy: pb::FailurePolicy::AllOrNothing as i32,
-            default_scope: pb::Scope::Tenant as i32,
-            submitted_by: "catch-up".into(),
-            source: "catch-up".into(),
-            ..Default::default()
-        }))
+            .collect())
     }
 }
 
-/// The plan's tenant-scope migrations that select at least one tenant of `fleet`, in the
-/// plan's order.
-fn selected_migrations(spec: &PlanSpec, fleet: &BTreeMap<String, ShardView>) -> Vec<usize> {
+/// How many times a catch-up plan refused for a passing reason is sent.
+const CATCH_UP_ATTEMPTS: u32 = 5;
+
+/// One catch-up plan: `migrations` in a chain, on `tenants` of `shard` (named in its
+/// selector quoted where they need it: a tenant is named by its schema, which can hold
+/// anything).
+fn catch_up_spec(
+    shard: &str,
+    tenants: &[String],
+    migrations: Vec<pb::Migration>,
+    environment: String,
+) -> pb::PlanSpec {
+    let name = match tenants {
+        [one] => format!("catch-up-{shard}/{one}"),
+        many => format!("catch-up-{shard}-{}-tenants", many.len()),
+    };
+    let dependencies = migrations
+        .windows(2)
+        .map(|w| pb::Dependency {
+            migration: w[1].id.clone(),
+            depends_on: vec![w[0].id.clone()],
+        })
+        .collect();
+    let names: Vec<String> = tenants.iter().map(|t| quoted(t).into_owned()).collect();
+    pb::PlanSpec {
+        name,
+        description: format!(
+            "{} migration(s) of completed plans for tenants that appeared on {shard}",
+            migrations.len()
+        ),
+        selector: format!(
+            "shard in ({}), tenant in ({})",
+            quoted(shard),
+            names.join(", ")
+        ),
+        migrations,
+        dependencies,
+        environment,
+        policy: pb::FailurePolicy::AllOrNothing as i32,
+        default_scope: pb::Scope::Tenant as i32,
+        submitted_by: "catch-up".into(),
+        source: "catch-up".into(),
+        ..Default::default()
+    }
+}
+
+/// Each tenant of `fleet` the plan selects, with the plan's tenant-scope migrations that
+/// select it, in the plan's order.
+fn selected_migrations(
+    spec: &PlanSpec,
+    fleet: &BTreeMap<String, ShardView>,
+) -> BTreeMap<String, Vec<usize>> {
     let Ok(expansion) = planner::expand(spec, fleet) else {
-        return Vec::new();
+        return BTreeMap::new();
     };
     let Ok(graph) = MigrationGraph::build(spec) else {
-        return Vec::new();
+        return BTreeMap::new();
     };
-    let selected: BTreeSet<usize> = expansion
-        .steps
-        .iter()
-        .filter(|s| !expansion.targets[s.target].is_shard())
-        .map(|s| s.migration)
-        .collect();
+    let mut selected: BTreeMap<&str, BTreeSet<usize>> = BTreeMap::new();
+    for s in &expansion.steps {
+        let target = &expansion.targets[s.target];
+        if !target.is_shard() {
+            selected
+                .entry(target.tenant.as_str())
+                .or_default()
+                .insert(s.migration);
+        }
+    }
     let scope_default = expansion.default_scope;
-    graph
-        .order
-        .iter()
-        .copied()
-        .filter(|m| selected.contains(m))
-        .filter(|&m| spec.migrations[m].scope.unwrap_or(scope_default) == Scope::Tenant)
+    selected
+        .into_iter()
+        .map(|(tenant, theirs)| {
+            let ordered = graph
+                .order
+                .iter()
+                .copied()
+                .filter(|m| theirs.contains(m))
+                .filter(|&m| spec.migrations[m].scope.unwrap_or(scope_default) == Scope::Tenant)
+                .collect();
+            (tenant.to_string(), ordered)
+        })
         .collect()
 }
