@@ -97,6 +97,8 @@ pub(crate) struct Agent {
     pub buckets: Arc<ServerBuckets>,
     /// Journal rows the coordinator's fleet view has not heard yet.
     pub journal_dirty: session::JournalDirty,
+    /// Which database this is (`shard::database_identity`), said in every Hello.
+    pub database: String,
 }
 
 /// Runs an agent until `shutdown` resolves: connects to the shard (waiting for it to come
@@ -207,7 +209,8 @@ async fn serve(
         Ok((_, false)) => {}
         Err(error) => warn!(%error, "cannot read whether the agent's role is a superuser"),
     }
-    info!(tenants = tenants.len(), dsn = %config.redacted_dsn(), "agent ready");
+    let database = shard::database_identity(&pool).await;
+    info!(tenants = tenants.len(), dsn = %config.redacted_dsn(), %database, "agent ready");
     let stop_liveness = CancellationToken::new();
     let liveness = liveness::spawn(&config, stop_liveness.clone());
     let stop_census = CancellationToken::new();
@@ -234,6 +237,7 @@ async fn serve(
         progress: Arc::default(),
         buckets: Arc::default(),
         journal_dirty: session::JournalDirty::default(),
+        database,
     });
     let sweep = tokio::spawn(agent.clone().sweep_in_doubt());
     session::run(agent.clone(), session::Outbox::new(outbox_rx), rotation).await;

@@ -193,6 +193,16 @@ pub enum Refusal {
 /// A command that does not fit the plan's state now.
 #[derive(Debug, thiserror::Error)]
 pub enum Conflict {
+    #[error(
+        "shard {shard} is served by an attached agent of database {attached}; this agent \
+         serves database {database}: two agents are given one shard name (each shard \
+         database needs a name of its own, `--shard`)"
+    )]
+    ShardServedElsewhere {
+        shard: String,
+        attached: String,
+        database: String,
+    },
     #[error("plan {plan_id} is not running; nothing to {action}")]
     NotRunning {
         plan_id: String,

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::fleet::{MigrationDir, WAIT, coord_dbmate_dir, tenant_name, tenant_sql};
+use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_name, tenant_sql};
 use crate::harness::least_privilege::create_agent_role;
 use crate::harness::{
     CommandOutput, Etcd, FlotillaProcess, PgCluster, TestDir, free_port, http, run_flotilla,
@@ -508,6 +508,58 @@ async fn no_canary_password_leaves_any_process() -> anyhow::Result<()> {
 /// A DSN copied from another agent's configuration points the agent at another shard's
 /// database: refused at start, naming both shards, and nothing of that shard changes. An
 /// agent running as a superuser is warned.
+/// A second agent given an attached shard's name but another database is refused at
+/// attach, its log naming both databases; the first keeps the shard, and a plan runs on the
+/// first database only. Before, the two took the shard from each other at every attach,
+/// the fleet's tenants flipping between the two databases, and a plan ran on whichever
+/// held it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_database_under_an_attached_shards_name_is_refused() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    fleet.pg.create_database("shard_0_dup").await?;
+    fleet
+        .pg
+        .psql("shard_0_dup", &tenant_sql("tenant_0900", 1))
+        .await?;
+    let dup_dsn = fleet.pg.url("shard_0_dup");
+    let dup = FlotillaProcess::spawn(
+        &[
+            "--coordinator",
+            &fleet.addr,
+            "agent",
+            "--shard",
+            "shard_0",
+            "--dsn",
+            &dup_dsn,
+            "--tenant-pattern",
+            "tenant_%",
+        ],
+        &[],
+    )?;
+    dup.wait_for_log("two agents are given one shard name", WAIT)
+        .await?;
+    let log = dup.log();
+    assert!(
+        log.contains("/shard_0; this agent serves database") && log.contains("/shard_0_dup"),
+        "{log}"
+    );
+    let list = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+    assert_eq!(
+        list[0]["tenants"][0]["name"], "tenant_0000",
+        "the first agent keeps the shard: {list}"
+    );
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let (code, st, out) = fleet.submit_wait(&coord_dbmate_dir(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(st["targets"], 1, "tenant_0000 alone: {st}");
+    let on_dup: i64 = fleet
+        .pg
+        .query_scalar("shard_0_dup", "SELECT count(*) FROM flotilla.journal")
+        .await?;
+    assert_eq!(on_dup, 0, "nothing ran on the second database");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copied_dsn_is_refused_naming_both_shards() -> anyhow::Result<()> {
     let fleet = crate::fleet::TestFleet::start(2, 1).await?;

@@ -116,6 +116,7 @@ pub(super) async fn session(
         tenants,
         version: env!("CARGO_PKG_VERSION").to_string(),
         max_lanes: agent.config.max_connections,
+        database: agent.database.clone(),
     };
     // cannot fail: the channel is new, empty and its receiver is still here
     let _ = tx.try_send(pb::AgentMessage {

@@ -150,6 +150,23 @@ pub(crate) async fn check_claim(pool: &PgPool, shard: &str) -> Result<(), AgentE
     }
 }
 
+/// Which database this is, as the Hello says it (`pb::Hello::database`): the server's
+/// system identifier (set by initdb, the same on a physical replica that takes over) and
+/// the database's name. pg_control_system() is executable by any role by default; revoked,
+/// the identifier reads as `?`.
+pub(crate) async fn database_identity(pool: &PgPool) -> String {
+    let database: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap_or_default();
+    let server: Option<String> =
+        sqlx::query_scalar("SELECT system_identifier::text FROM pg_catalog.pg_control_system()")
+            .fetch_one(pool)
+            .await
+            .ok();
+    format!("{}/{database}", server.as_deref().unwrap_or("?"))
+}
+
 /// Whether the agent's role is a superuser (it should not be: see deploy/sql/agent-role.sql).
 pub(crate) async fn is_superuser(pool: &PgPool) -> Result<(String, bool), sqlx::Error> {
     sqlx::query_as(

@@ -236,17 +236,20 @@ async fn an_agent_attached_under_another_term_is_let_go() {
     let events = engine_with(fleet.clone());
     let attach = |conn_id: u64, epoch: u64| {
         let (tx, rx) = mpsc::channel(16);
-        fleet.attach(
-            "s0",
-            AttachedAgent {
-                conn_id,
-                tx: tx.clone(),
-                labels: Default::default(),
-                tenants: Vec::new(),
-                version: String::new(),
-                last_seen_ms: 0,
-            },
-        );
+        fleet
+            .attach(
+                "s0",
+                AttachedAgent {
+                    conn_id,
+                    tx: tx.clone(),
+                    labels: Default::default(),
+                    tenants: Vec::new(),
+                    version: String::new(),
+                    last_seen_ms: 0,
+                    database: String::new(),
+                },
+            )
+            .expect("no other database attached");
         (attached("s0", conn_id, tx, epoch), rx)
     };
     let ended = |mut rx: mpsc::Receiver<pb::CoordinatorMessage>| async move {

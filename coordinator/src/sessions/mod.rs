@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::engine::{Event, msg};
-use crate::error::CoordinatorError;
+use crate::error::{Conflict, CoordinatorError};
 use crate::service::Coordinator;
 use crate::store::{StoreOp, now_ms};
 use registry::AttachedAgent;
@@ -64,7 +64,7 @@ impl Coordinator {
             .agent(&shard)
             .await?
             .map(|a| a.tenants().into_iter().map(|(name, _)| name).collect());
-        inner.fleet.attach(
+        let taken = inner.fleet.attach(
             &shard,
             AttachedAgent {
                 conn_id,
@@ -73,8 +73,18 @@ impl Coordinator {
                 tenants: hello.tenants.clone(),
                 version: hello.version.clone(),
                 last_seen_ms: now_ms(),
+                database: hello.database.clone(),
             },
         );
+        if let Err(attached) = taken {
+            warn!(%shard, database = %hello.database, %attached, "an agent of another database under an attached shard's name is refused");
+            return Err(Conflict::ShardServedElsewhere {
+                shard,
+                attached,
+                database: hello.database,
+            }
+            .into());
+        }
         // under the term that took the agent: the engine lets an attach of another go
         self.write_under(
             epoch,

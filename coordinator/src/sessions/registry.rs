@@ -18,6 +18,8 @@ pub struct AttachedAgent {
     pub tenants: Vec<pb::Tenant>,
     pub version: String,
     pub last_seen_ms: i64,
+    /// Which database the agent serves (`pb::Hello::database`; empty from older agents).
+    pub database: String,
 }
 
 #[derive(Default)]
@@ -43,12 +45,22 @@ impl Fleet {
     }
 
     /// Registers an agent's stream; a newer stream for the same shard replaces the old one.
-    pub fn attach(&self, shard: &str, agent: AttachedAgent) {
-        self.inner
-            .lock()
-            .expect("fleet lock")
-            .agents
-            .insert(shard.to_string(), agent);
+    /// Takes the agent's stream for `shard`, in place of one the shard had (an agent that
+    /// came back before its old stream was seen to end). Refused, naming the database the
+    /// attached one serves, when that is another database: two agents given one shard name
+    /// would take the shard from each other at every attach, and a plan's runs would go to
+    /// whichever held it.
+    pub fn attach(&self, shard: &str, agent: AttachedAgent) -> Result<(), String> {
+        let mut g = self.inner.lock().expect("fleet lock");
+        if let Some(other) = g.agents.get(shard)
+            && !other.database.is_empty()
+            && !agent.database.is_empty()
+            && other.database != agent.database
+        {
+            return Err(other.database.clone());
+        }
+        g.agents.insert(shard.to_string(), agent);
+        Ok(())
     }
 
     /// Forgets a stream, unless a newer one for the shard took its place.
