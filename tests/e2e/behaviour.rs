@@ -1052,6 +1052,34 @@ async fn columns_match_journals(fleet: &TestFleet) -> anyhow::Result<usize> {
     Ok(applied)
 }
 
+/// Policy `stop` with one lane: the runs the coordinator had queued on the agent behind
+/// the failing one are not run (before, the agent applied the three tenants queued behind
+/// the failed one in the round trip before the coordinator's halt reached it).
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_stop_runs_nothing_the_agent_had_queued_behind_the_failure() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 4).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_slow_fail",
+        "",
+        "DO $$ BEGIN IF current_schema() = 'tenant_0000' THEN PERFORM pg_sleep(0.5); \
+         RAISE EXCEPTION 'refused here'; END IF; END $$;\n\
+         ALTER TABLE work_orders ADD COLUMN stop_mark int;",
+        "ALTER TABLE work_orders DROP COLUMN stop_mark;",
+    )?;
+    let (code, status, out) = fleet
+        .submit_wait(d.path(), &["--policy", "stop", "--max-parallel", "1"])
+        .await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(status["state"], "failed", "{status}");
+    let m = migration_counts(&status, "001_slow_fail");
+    assert_eq!(m["failed"], 1, "{m}");
+    assert_eq!(m["applied"], 0, "nothing ran after the failure: {m}");
+    assert_eq!(m["not_run"], 3, "{m}");
+    assert_eq!(fleet.journal_total().await?, 0);
+    Ok(())
+}
+
 /// Policy `stop`: a failing step stops the plan where it is. Nothing more starts, what
 /// applied stays (nothing is rolled back), the plan ends `failed` and `--wait` exits 1.
 #[tokio::test(flavor = "multi_thread")]

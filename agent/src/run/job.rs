@@ -19,6 +19,9 @@ pub(crate) struct PlanDef {
     pub plan_id: String,
     pub plan_lit: String,
     pub migrations: HashMap<String, Arc<PreparedMigration>>,
+    /// A failed run stops the plan's queued runs here (`pb::PlanDefinition`).
+    pub stop_on_failure: bool,
+    pub generation: u64,
 }
 
 /// Why a plan definition did not validate.
@@ -59,6 +62,8 @@ impl PlanDef {
             plan_lit: quote_literal(&def.plan_id)?,
             plan_id: def.plan_id,
             migrations,
+            stop_on_failure: def.stop_on_failure,
+            generation: def.generation,
         })
     }
 }

@@ -66,6 +66,13 @@ struct PlanState {
     connected: usize,
     /// Bumped by every halt, so runs read from the journal before it are not queued after it.
     halts: u64,
+    /// A run of a plan that stops at a failure failed here: its runs queued then, and those
+    /// assigned after, are not run (NOT_RUN) until a definition of a later generation (a
+    /// retry) comes. The coordinator's halt follows, a round trip later: runs queued here
+    /// went on meanwhile, seen with `policy = "stop"` and one lane (three tenants applied
+    /// after the first had failed).
+    stopped: bool,
+    generation: u64,
 }
 
 impl PlanState {
@@ -142,8 +149,16 @@ impl Agent {
     pub(crate) fn define_plan(&self, def: pb::PlanDefinition) {
         let plan = self.plan(&def.plan_id);
         let converted = PlanDef::from_pb(def).map(Arc::new);
-        if let Err(error) = &converted {
-            warn!(%error, "plan definition rejected; its runs will fail");
+        match &converted {
+            Err(error) => warn!(%error, "plan definition rejected; its runs will fail"),
+            Ok(def) => {
+                // a retry's definition is newer; one sent again on a new stream is not
+                let mut st = plan.state.lock().expect("plan lock");
+                if def.generation > st.generation {
+                    st.generation = def.generation;
+                    st.stopped = false;
+                }
+            }
         }
         *plan.definition.lock().expect("plan lock") = Some(converted);
     }
@@ -291,7 +306,7 @@ impl Agent {
             }
         }
         let mut st = plan.state.lock().expect("plan lock");
-        if st.halts != halts || self.cancel.is_cancelled() {
+        if st.halts != halts || st.stopped || self.cancel.is_cancelled() {
             drop(st);
             for job in todo {
                 self.report(&plan.id, job::not_run(&job.run));
@@ -350,13 +365,7 @@ impl Agent {
     /// Drops the plan's queued runs (reported NOT_RUN); runs in flight finish.
     #[instrument(skip_all, fields(shard = %self.config.shard, plan = %plan.id))]
     pub(crate) fn halt(&self, plan: &Plan) {
-        let dropped: Vec<Job> = {
-            let mut st = plan.state.lock().expect("plan lock");
-            st.halts += 1;
-            st.queue.drain(..).collect()
-        };
-        // running data changes stop at their next batch boundary
-        plan.control.send_modify(|c| c.halts += 1);
+        let dropped = halt_locked(plan, &mut plan.state.lock().expect("plan lock"));
         if !dropped.is_empty() {
             tracing::info!(dropped = dropped.len(), "plan halted");
         }
@@ -476,8 +485,32 @@ impl Agent {
                     // step: two lanes ending at once would otherwise each see the other in
                     // flight, and neither result would go at once (see `Outbox`).
                     let mut st = plan.state.lock().expect("plan lock");
+                    // A plan that stops at a failure: its runs queued here are not run. The
+                    // failure goes first, so the coordinator stops the plan before it reads
+                    // their NOT_RUN (read while it runs, they would be handed out again).
+                    let failed = result.as_ref().is_some_and(|r| {
+                        r.steps
+                            .iter()
+                            .any(|s| s.outcome == pb::StepOutcome::Failed as i32)
+                    });
+                    let dropped = if failed && job.plan.stop_on_failure && !st.stopped {
+                        st.stopped = true;
+                        halt_locked(&plan, &mut st)
+                    } else {
+                        Vec::new()
+                    };
                     if let Some(result) = result {
                         self.report_with(&plan.id, result, st.nothing_else(1));
+                    }
+                    if !dropped.is_empty() {
+                        tracing::info!(
+                            run = job.run.run_id,
+                            dropped = dropped.len(),
+                            "a run failed: the plan stops here, its queued runs are not run"
+                        );
+                    }
+                    for dropped in dropped {
+                        self.report_with(&plan.id, job::not_run(&dropped.run), false);
                     }
                     st.in_flight -= 1;
                 }
@@ -619,4 +652,13 @@ async fn lane_start_failpoint() {
         let ms = ms.parse().expect("agent::lane_start=return(MS)");
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
+}
+
+/// Drops the plan's queued runs under its lock, returning them to be reported NOT_RUN:
+/// runs read from the journal meanwhile are dropped too (the halt count moved), and running
+/// data changes stop at their next batch boundary.
+fn halt_locked(plan: &Plan, st: &mut PlanState) -> Vec<Job> {
+    st.halts += 1;
+    plan.control.send_modify(|c| c.halts += 1);
+    st.queue.drain(..).collect()
 }

@@ -29,6 +29,7 @@ async fn rollout_preflight_and_rollback() {
         migrations: bench_migrations(),
         default_lock_timeout_ms: 5000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let runs = (0..3)
         .map(|i| run(i, &format!("tenant_{i:04}"), &BENCH, true))
@@ -250,6 +251,7 @@ async fn failures_fence_and_non_transactional_steps() {
         migrations,
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
 
     // applied by someone else while it ran: the journal's primary key says so
@@ -621,6 +623,7 @@ async fn each_step_of_a_fused_run_reports_its_own_time() {
         migrations,
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign(
@@ -678,6 +681,7 @@ async fn a_failed_concurrent_index_drops_only_the_index_it_left() {
         )],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign(
@@ -728,6 +732,7 @@ async fn a_failed_concurrent_index_drops_only_the_index_it_left() {
         )],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign(
@@ -800,6 +805,7 @@ async fn a_statement_that_may_have_committed_part_way_is_not_tried_again() {
         ],
         default_lock_timeout_ms: 200,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     // a session holds tenant_0000's table: the procedure's LOCK waits on it
     let mut holder = pool.begin().await.unwrap();
@@ -973,6 +979,7 @@ async fn two_rollbacks_at_once_undo_each_step_once() {
         )],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign("pu", 1, 1, vec![run(1, "tenant_0000", &["counted"], true)])
@@ -1046,6 +1053,7 @@ async fn a_run_leaves_no_session_state_to_the_next_tenant() {
         ],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign(
@@ -1124,6 +1132,7 @@ async fn an_undo_that_times_out_on_a_lock_is_tried_again_from_where_it_was() {
         ],
         default_lock_timeout_ms: 200,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign(
@@ -1226,6 +1235,7 @@ async fn key_literals_hold_with_standard_conforming_strings_off() {
         }],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign(
@@ -1279,6 +1289,7 @@ async fn a_change_does_not_begin_over_prior_images_of_an_earlier_run() {
         }],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     // an earlier version's image of batch 1, its checkpoint deleted
     sqlx::raw_sql(
@@ -1356,6 +1367,7 @@ async fn an_invalid_unique_index_does_not_make_a_key_unique() {
         }],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign("ik", 1, 1, vec![run(1, "tenant_0000", &["bump"], false)])
@@ -1400,6 +1412,7 @@ async fn a_halt_cuts_short_the_wait_for_the_rate() {
         }],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     s.send(In::Assign(pb::Assign {
         plan_id: "rh".into(),
@@ -1468,6 +1481,7 @@ async fn a_rollback_cut_short_goes_on_after_the_down_statements_it_did() {
         )],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign("ur", 1, 1, vec![run(1, "tenant_0000", &["outside"], false)])
@@ -1562,6 +1576,7 @@ async fn a_concurrent_index_in_down_sql_leaves_no_invalid_index() {
         )],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign("dc", 1, 1, vec![run(1, "tenant_0000", &["unindex"], false)])
@@ -1632,6 +1647,7 @@ async fn a_rollback_does_not_go_on_from_another_versions_down_statements() {
         )],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign("uv", 1, 1, vec![run(1, "tenant_0000", &["outside"], false)])
@@ -1736,6 +1752,7 @@ async fn work_done_outside_a_transaction_waits_for_its_record_not_done_again() {
         )],
         default_lock_timeout_ms: 200,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     s.send(In::Assign(pb::Assign {
         plan_id: "rl".into(),
@@ -1823,6 +1840,7 @@ async fn a_step_left_part_way_goes_on_or_is_undone() {
         ],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let checkpoint = |tenant: &str, migration: &str| {
         format!(
@@ -1996,6 +2014,7 @@ async fn undoing_a_prior_image_keeps_what_the_application_wrote_since() {
         }],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     // a row the filter leaves out: no image of it is saved, before or after
     sqlx::raw_sql(
@@ -2124,6 +2143,7 @@ async fn undoing_a_prior_image_compares_under_the_up_sqls_settings() {
         }],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let before = "SELECT string_agg(id || '=' || extract(epoch FROM created_at), ',' ORDER BY id) \
                   FROM tenant_0000.work_orders";
@@ -2213,6 +2233,7 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
         ],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let t = "tenant_0000";
     let r = s
@@ -2333,6 +2354,7 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
         ))],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let e = failed_alone(&mut s, "pz_edited", 7, t, "two_part").await;
     assert!(e.message.contains("roll back plan pz again"), "{e:?}");
@@ -2467,6 +2489,7 @@ async fn a_version_1_shard_upgrades_with_a_data_change_in_flight() {
         migrations: vec![fill],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
     let r = s
         .assign("pv", 1, 1, vec![run(1, "tenant_0000", &["marks"], false)])
@@ -2487,4 +2510,88 @@ async fn a_version_1_shard_upgrades_with_a_data_change_in_flight() {
     );
     h.stop().await;
     f.drop().await;
+}
+
+/// A plan that stops at a failure (policy stop or all-or-nothing): once a run of it fails
+/// here, its runs queued here are not run, nor those assigned after, until a retry's newer
+/// definition; the coordinator's halt comes a round trip later. Before, with one lane, the
+/// three tenants queued behind the failed one were applied (seen with `policy = "stop"`).
+/// A plan that goes on after failures (policy continue) runs them.
+#[tokio::test]
+async fn a_plan_that_stops_at_a_failure_runs_nothing_queued_after_it() {
+    let Some(f) = fleet("stopfail", 4).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    let failing = migration(
+        "m",
+        "DO $$ BEGIN IF current_schema() = 'tenant_0000' THEN PERFORM pg_sleep(0.2); \
+         RAISE EXCEPTION 'boom'; END IF; END $$; CREATE TABLE stop_marker (id int)",
+        "DROP TABLE stop_marker",
+        "",
+    );
+    let define = |plan: &str, stop: bool, generation: u64| {
+        In::Plan(pb::PlanDefinition {
+            plan_id: plan.into(),
+            migrations: vec![failing.clone()],
+            default_lock_timeout_ms: 5000,
+            stop_on_failure: stop,
+            generation,
+            ..Default::default()
+        })
+    };
+    let runs = |from: u64| -> Vec<pb::Run> {
+        (0..4)
+            .map(|i| run(from + i, &format!("tenant_{i:04}"), &["m"], true))
+            .collect()
+    };
+    s.send(define("stop", true, 1));
+    let results = s.assign("stop", 1, 1, runs(1)).await;
+    let by_tenant = |results: &BTreeMap<u64, pb::RunResult>, from: u64| -> Vec<pb::StepOutcome> {
+        (0..4).map(|i| outcomes(&results[&(from + i)])[0]).collect()
+    };
+    assert_eq!(
+        by_tenant(&results, 1),
+        [
+            pb::StepOutcome::Failed,
+            pb::StepOutcome::NotRun,
+            pb::StepOutcome::NotRun,
+            pb::StepOutcome::NotRun
+        ]
+    );
+    // runs sent before the coordinator heard of the failure are not run either...
+    let results = s
+        .assign("stop", 1, 1, vec![run(9, "tenant_0003", &["m"], true)])
+        .await;
+    assert_eq!(outcomes(&results[&9]), [pb::StepOutcome::NotRun]);
+    // ...nor after the definition is sent again on a new stream (the same generation)
+    s.send(define("stop", true, 1));
+    let results = s
+        .assign("stop", 1, 1, vec![run(10, "tenant_0003", &["m"], true)])
+        .await;
+    assert_eq!(outcomes(&results[&10]), [pb::StepOutcome::NotRun]);
+    assert_eq!(
+        count(&f.pool, "SELECT count(*) FROM flotilla.journal").await,
+        0,
+        "nothing applied"
+    );
+    // a retry (a newer definition) runs them
+    s.send(define("stop", true, 2));
+    let results = s
+        .assign("stop", 1, 1, vec![run(11, "tenant_0003", &["m"], true)])
+        .await;
+    assert_eq!(outcomes(&results[&11]), [pb::StepOutcome::Applied]);
+    // policy continue: the others run
+    s.send(define("goes_on", false, 1));
+    let results = s.assign("goes_on", 1, 1, runs(21)).await;
+    assert_eq!(
+        by_tenant(&results, 21),
+        [
+            pb::StepOutcome::Failed,
+            pb::StepOutcome::Applied,
+            pb::StepOutcome::Applied,
+            pb::StepOutcome::AlreadyApplied
+        ]
+    );
 }

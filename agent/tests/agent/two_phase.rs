@@ -20,6 +20,7 @@ fn define(s: &Stream, plan: &str, migrations: Vec<pb::Migration>) {
         migrations,
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
+        ..Default::default()
     }));
 }
 

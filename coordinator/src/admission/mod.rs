@@ -361,6 +361,8 @@ impl Coordinator {
             migrations: spec.migrations.iter().map(pb::Migration::from).collect(),
             default_lock_timeout_ms: self.inner.defaults.lock_timeout.as_millis() as u64,
             default_statement_timeout_ms: self.inner.defaults.statement_timeout.as_millis() as u64,
+            stop_on_failure: spec.policy != flotilla_core::FailurePolicy::Continue,
+            generation: now_ms().max(0) as u64,
         }
     }
 }

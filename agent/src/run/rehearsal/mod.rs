@@ -273,6 +273,7 @@ impl Scratch {
             migrations: spec.migrations.iter().map(pb::Migration::from).collect(),
             default_lock_timeout_ms: 10_000,
             default_statement_timeout_ms: 0,
+            ..Default::default()
         })
         .map_err(|e| RehearsalError::Setup {
             what: "the plan's migrations".into(),
