@@ -66,13 +66,23 @@ struct PlanState {
     connected: usize,
     /// Bumped by every halt, so runs read from the journal before it are not queued after it.
     halts: u64,
-    /// A run of a plan that stops at a failure failed here: its runs queued then, and those
-    /// assigned after, are not run (NOT_RUN) until a definition of a later generation (a
-    /// retry) comes. The coordinator's halt follows, a round trip later: runs queued here
-    /// went on meanwhile, seen with `policy = "stop"` and one lane (three tenants applied
-    /// after the first had failed).
-    stopped: bool,
+    /// A run of a plan that stops at a failure failed here, assigned under this epoch: its
+    /// runs of that epoch (or before) queued then, and those assigned after, are not run
+    /// (NOT_RUN) until a definition of a later generation (a retry) comes. The
+    /// coordinator's halt follows, a round trip later: runs queued here went on meanwhile,
+    /// seen with `policy = "stop"` and one lane (three tenants applied after the first had
+    /// failed). Runs of a later epoch (a new leader's, which decides from what it knows)
+    /// are run: a run of a deposed leader's failing on the fence stops nothing of its own.
+    stopped: Option<u64>,
     generation: u64,
+}
+
+impl PlanState {
+    /// Whether a run assigned under `epoch` is not to run: the plan stopped at a failure
+    /// under that epoch or a later one.
+    fn stopped_for(&self, epoch: u64) -> bool {
+        self.stopped.is_some_and(|at| epoch <= at)
+    }
 }
 
 impl PlanState {
@@ -156,7 +166,7 @@ impl Agent {
                 let mut st = plan.state.lock().expect("plan lock");
                 if def.generation > st.generation {
                     st.generation = def.generation;
-                    st.stopped = false;
+                    st.stopped = None;
                 }
             }
         }
@@ -306,7 +316,7 @@ impl Agent {
             }
         }
         let mut st = plan.state.lock().expect("plan lock");
-        if st.halts != halts || st.stopped || self.cancel.is_cancelled() {
+        if st.halts != halts || st.stopped_for(epoch) || self.cancel.is_cancelled() {
             drop(st);
             for job in todo {
                 self.report(&plan.id, job::not_run(&job.run));
@@ -365,7 +375,13 @@ impl Agent {
     /// Drops the plan's queued runs (reported NOT_RUN); runs in flight finish.
     #[instrument(skip_all, fields(shard = %self.config.shard, plan = %plan.id))]
     pub(crate) fn halt(&self, plan: &Plan) {
-        let dropped = halt_locked(plan, &mut plan.state.lock().expect("plan lock"));
+        let dropped: Vec<Job> = {
+            let mut st = plan.state.lock().expect("plan lock");
+            st.halts += 1;
+            st.queue.drain(..).collect()
+        };
+        // running data changes stop at their next batch boundary
+        plan.control.send_modify(|c| c.halts += 1);
         if !dropped.is_empty() {
             tracing::info!(dropped = dropped.len(), "plan halted");
         }
@@ -493,12 +509,18 @@ impl Agent {
                             .iter()
                             .any(|s| s.outcome == pb::StepOutcome::Failed as i32)
                     });
-                    let dropped = if failed && job.plan.stop_on_failure && !st.stopped {
-                        st.stopped = true;
-                        halt_locked(&plan, &mut st)
-                    } else {
-                        Vec::new()
-                    };
+                    let dropped =
+                        if failed && job.plan.stop_on_failure && !st.stopped_for(job.epoch) {
+                            st.stopped = Some(job.epoch);
+                            let (dropped, kept): (VecDeque<Job>, VecDeque<Job>) =
+                                std::mem::take(&mut st.queue)
+                                    .into_iter()
+                                    .partition(|queued| queued.epoch <= job.epoch);
+                            st.queue = kept;
+                            Vec::from(dropped)
+                        } else {
+                            Vec::new()
+                        };
                     if let Some(result) = result {
                         self.report_with(&plan.id, result, st.nothing_else(1));
                     }
@@ -585,7 +607,10 @@ impl Agent {
             self.report_with(&plan.id, result, atomic || (last && i + 1 == count));
         }
         st.in_flight -= count;
-        if st.halts != halts || self.cancel.is_cancelled() {
+        if st.halts != halts
+            || todo.iter().any(|j| st.stopped_for(j.epoch))
+            || self.cancel.is_cancelled()
+        {
             let (left, last) = (todo.len(), st.nothing_else(todo.len()));
             for (i, job) in todo.into_iter().enumerate() {
                 self.report_with(&plan.id, job::not_run(&job.run), last && i + 1 == left);
@@ -652,13 +677,4 @@ async fn lane_start_failpoint() {
         let ms = ms.parse().expect("agent::lane_start=return(MS)");
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
-}
-
-/// Drops the plan's queued runs under its lock, returning them to be reported NOT_RUN:
-/// runs read from the journal meanwhile are dropped too (the halt count moved), and running
-/// data changes stop at their next batch boundary.
-fn halt_locked(plan: &Plan, st: &mut PlanState) -> Vec<Job> {
-    st.halts += 1;
-    plan.control.send_modify(|c| c.halts += 1);
-    st.queue.drain(..).collect()
 }

@@ -2594,4 +2594,19 @@ async fn a_plan_that_stops_at_a_failure_runs_nothing_queued_after_it() {
             pb::StepOutcome::AlreadyApplied
         ]
     );
+    // a stop under epoch 1 holds for the runs of that epoch only: a new leader's runs (a
+    // later epoch, its own view of the plan) run
+    s.send(define("stop", true, 2));
+    let results = s
+        .assign("stop", 1, 1, vec![run(31, "tenant_0000", &["m"], true)])
+        .await;
+    assert_eq!(outcomes(&results[&31]), [pb::StepOutcome::Failed]);
+    let results = s
+        .assign("stop", 1, 1, vec![run(32, "tenant_0001", &["m"], true)])
+        .await;
+    assert_eq!(outcomes(&results[&32]), [pb::StepOutcome::NotRun]);
+    let results = s
+        .assign("stop", 2, 1, vec![run(33, "tenant_0001", &["m"], true)])
+        .await;
+    assert_eq!(outcomes(&results[&33]), [pb::StepOutcome::AlreadyApplied]);
 }
