@@ -287,6 +287,55 @@ async fn a_dry_run_estimates_from_history_and_names_an_absent_shard() -> anyhow:
     Ok(())
 }
 
+/// A shard with no tenants whose agent went away: a plan of scope auto selects tenants (the
+/// other shards have some), none on it, so it is submitted (before, the gone shard alone
+/// made scope auto pick the shard itself, and every such plan, and `fleet baseline`, which
+/// checks the same way, was refused as touching an unreachable shard). A migration of
+/// scope shard still is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_shard_gone_away_does_not_refuse_a_plan_of_its_tenants() -> anyhow::Result<()> {
+    let mut fleet = TestFleet::builder(3, 1)
+        .shard_sql(|s, tenants| {
+            if s == 2 {
+                tenants
+                    .iter()
+                    .map(|t| format!("DROP SCHEMA {t} CASCADE;"))
+                    .collect()
+            } else {
+                String::new()
+            }
+        })
+        .start()
+        .await?;
+    if let Some(mut agent) = fleet.agents[2].take() {
+        agent.kill()?;
+    }
+    wait_until("two agents attached", WAIT, async || {
+        let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+        Ok(v.as_array()
+            .map(|a| a.iter().filter(|x| x["connected"] == true).count())
+            == Some(2))
+    })
+    .await?;
+    let dir = plan()?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(st["targets"], 2, "{st}");
+    let shard_scoped = MigrationDir::new()?;
+    shard_scoped.migration(
+        "001_shard_table",
+        "scope = \"shard\"\n",
+        "CREATE TABLE IF NOT EXISTS public.shard_note (id int);",
+        "DROP TABLE public.shard_note;",
+    )?;
+    let out = fleet
+        .cli(&["plan", "submit", &shard_scoped.path().to_string_lossy()])
+        .await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert!(out.stderr.contains("shard shard_2 is unreachable"), "{out}");
+    Ok(())
+}
+
 /// The control store's plans, audit trail and the plan locks (the shard of a killed agent
 /// cannot be read through it).
 async fn observed_store(fleet: &TestFleet) -> anyhow::Result<String> {

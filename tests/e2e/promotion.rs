@@ -221,6 +221,22 @@ async fn production_takes_only_what_completed_in_staging_and_the_override_is_aud
         text.stdout.contains("production (promoted from staging)"),
         "{text}"
     );
+    // (After the gate's counts: a dry run counts its check too.) The dry run for staging shows staging's targets only, as a submit would choose them
+    // (before, production's attached shard was listed as away and its targets as the plan's).
+    let v = fleet
+        .json(&[
+            "plan",
+            "explain",
+            &dir.path().to_string_lossy(),
+            "--environment",
+            "staging",
+            "--output",
+            "json",
+        ])
+        .await?;
+    assert_eq!(v["targets"], 2, "{v}");
+    assert_eq!(v["unknown_shards"], serde_json::json!([]), "{v}");
+
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use super::Mode;
 use crate::error::CoordinatorError;
 use crate::planner::{self, ShardView};
 use crate::service::Coordinator;
+use crate::sessions::registry::AttachedAgent;
 use crate::store::now_ms;
 
 /// (migration, shard, tenant): how the preflight's findings are keyed.
@@ -78,15 +79,30 @@ impl Coordinator {
     /// be checked or run, so it is refused rather than half-applied.
     pub(crate) async fn refuse_unattached(&self, spec: &PlanSpec) -> Result<(), CoordinatorError> {
         let attached = self.inner.fleet.snapshot();
-        for agent in self.inner.store.agents().await? {
-            if attached.contains_key(&agent.shard)
-                || !self
-                    .inner
-                    .environments
-                    .admits(&spec.environment, &agent.labels())
-            {
-                continue;
-            }
+        let away = self.away_agents(spec, &attached).await?;
+        if away.is_empty() {
+            return Ok(());
+        }
+        // Scope auto is decided over every shard the plan may touch, as at submit, not over
+        // the shard gone alone: a shard with no tenants is a target only when no shard has
+        // any (before, an empty shard gone away refused every plan of scope auto).
+        let scoped;
+        let spec = if spec.default_scope.is_none() {
+            let envs = &self.inner.environments;
+            let mut whole: BTreeMap<String, ShardView> = attached
+                .iter()
+                .filter(|(_, a)| envs.admits(&spec.environment, &a.labels))
+                .map(|(shard, a)| (shard.clone(), attached_view(a)))
+                .collect();
+            whole.extend(away.iter().map(|a| (a.shard.clone(), a.view())));
+            let mut with_scope = spec.clone();
+            with_scope.default_scope = Some(planner::default_scope(spec, &whole));
+            scoped = with_scope;
+            &scoped
+        } else {
+            spec
+        };
+        for agent in away {
             let one = BTreeMap::from([(agent.shard.clone(), agent.view())]);
             if planner::expand(spec, &one).is_ok() {
                 return Err(CoordinatorError::Unreachable {
@@ -101,6 +117,26 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The shards seen before whose agent is not attached now, of the plan's environment
+    /// (a plan for an environment touches that environment's shards only).
+    async fn away_agents(
+        &self,
+        spec: &PlanSpec,
+        attached: &BTreeMap<String, AttachedAgent>,
+    ) -> Result<Vec<crate::store::AgentRow>, CoordinatorError> {
+        let envs = &self.inner.environments;
+        Ok(self
+            .inner
+            .store
+            .agents()
+            .await?
+            .into_iter()
+            .filter(|a| {
+                !attached.contains_key(&a.shard) && envs.admits(&spec.environment, &a.labels())
+            })
+            .collect())
+    }
+
     /// Fresh tenants and journal rows from every attached shard, in parallel; the data
     /// migrations' tables and keys checked on every target there.
     pub(crate) async fn preflight(
@@ -110,12 +146,11 @@ impl Coordinator {
     ) -> Result<Seen, CoordinatorError> {
         let envs = &self.inner.environments;
         // A plan for an environment touches, and asks, that environment's shards only.
-        let attached: BTreeMap<_, _> = self
-            .inner
-            .fleet
-            .snapshot()
-            .into_iter()
+        let all = self.inner.fleet.snapshot();
+        let attached: BTreeMap<_, _> = all
+            .iter()
             .filter(|(_, a)| envs.admits(&spec.environment, &a.labels))
+            .map(|(s, a)| (s.clone(), a.clone()))
             .collect();
         if attached.is_empty() && !envs.is_empty() && !spec.environment.is_empty() {
             return Err(crate::error::Refusal::EmptyEnvironment {
@@ -158,15 +193,8 @@ impl Coordinator {
                 (Ok(r), _) => r,
                 (Err(e), Mode::Submit) => return Err(e),
                 (Err(e), Mode::DryRun) => {
-                    let view = ShardView {
-                        labels: attached[&shard].labels.clone(),
-                        tenants: attached[&shard]
-                            .tenants
-                            .iter()
-                            .map(|t| (t.name.clone(), t.labels.clone().into_iter().collect()))
-                            .collect(),
-                    };
-                    seen.fleet.insert(shard.clone(), view);
+                    seen.fleet
+                        .insert(shard.clone(), attached_view(&attached[&shard]));
                     seen.unknown.insert(shard.clone(), unknown_reason(e));
                     continue;
                 }
@@ -222,10 +250,9 @@ impl Coordinator {
         if mode == Mode::DryRun {
             // What a submit would refuse for: a shard seen before whose agent is away. The
             // dry run shows its targets as the coordinator last knew them, sizes unknown.
-            for agent in self.inner.store.agents().await? {
-                if attached.contains_key(&agent.shard) {
-                    continue;
-                }
+            // Only the plan's environment's (before, another environment's shards, attached,
+            // were shown as away and their targets as the plan's).
+            for agent in self.away_agents(spec, &all).await? {
                 seen.unknown.insert(
                     agent.shard.clone(),
                     format!(
@@ -245,5 +272,17 @@ pub(crate) fn unknown_reason(e: CoordinatorError) -> String {
     match e {
         CoordinatorError::Unreachable { reason, .. } => reason,
         other => other.to_string(),
+    }
+}
+
+/// What an attached agent said of its shard, as the planner reads it.
+fn attached_view(a: &AttachedAgent) -> ShardView {
+    ShardView {
+        labels: a.labels.clone(),
+        tenants: a
+            .tenants
+            .iter()
+            .map(|t| (t.name.clone(), t.labels.clone().into_iter().collect()))
+            .collect(),
     }
 }
