@@ -150,7 +150,21 @@ impl Coordinator {
                 .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
                 .and_then(|p| PlanSpec::try_from(p).ok());
             match spec {
-                Some(spec) => plans.push(PlanInput { id: row.id, spec }),
+                Some(spec) => {
+                    let envs = &self.inner.environments;
+                    let shards = (!envs.is_empty()).then(|| {
+                        fleet
+                            .iter()
+                            .filter(|(_, v)| envs.admits(&spec.environment, &v.labels))
+                            .map(|(s, _)| s.clone())
+                            .collect()
+                    });
+                    plans.push(PlanInput {
+                        id: row.id,
+                        spec,
+                        shards,
+                    })
+                }
                 // A plan a newer rule refuses still counts for what it applied; but its
                 // migrations cannot be expanded: say so rather than guess.
                 None => {

@@ -14,6 +14,9 @@ use crate::planner::{self, ShardView};
 pub struct PlanInput {
     pub id: String,
     pub spec: PlanSpec,
+    /// The shards its environment admits (`--environments`); None: every shard. A plan for
+    /// development never reaches production's tenants, which are not behind for it.
+    pub shards: Option<std::collections::BTreeSet<String>>,
 }
 
 #[derive(Clone, Copy)]
@@ -111,7 +114,20 @@ impl FleetInput<'_> {
     fn expected(&self) -> HashMap<(String, String), Vec<Expected>> {
         let mut out: HashMap<(String, String), Vec<Expected>> = HashMap::new();
         for plan in self.plans {
-            let Ok(expansion) = planner::expand(&plan.spec, self.fleet) else {
+            let admitted: BTreeMap<String, ShardView>;
+            let fleet = match &plan.shards {
+                Some(shards) => {
+                    admitted = self
+                        .fleet
+                        .iter()
+                        .filter(|(s, _)| shards.contains(*s))
+                        .map(|(s, v)| (s.clone(), v.clone()))
+                        .collect();
+                    &admitted
+                }
+                None => self.fleet,
+            };
+            let Ok(expansion) = planner::expand(&plan.spec, fleet) else {
                 continue;
             };
             for step in &expansion.steps {

@@ -30,6 +30,7 @@ fn plan(id: &str, selector: &str, version: &str, migrations: &[(&str, &str)]) ->
     PlanInput {
         id: id.into(),
         spec: flotilla_core::PlanSpec::try_from(raw).expect("valid plan"),
+        shards: None,
     }
 }
 
@@ -128,6 +129,25 @@ fn one_head_when_every_target_holds_every_completed_migration() {
     assert_eq!(c.digest.len(), 12);
     assert!(c.pending.is_empty());
     assert!(r.mismatches.is_empty() && r.unreported_shards.is_empty());
+}
+
+/// A plan of an environment that admits shard_0 only (`--environments`): shard_1's tenants,
+/// which it never reached, are not behind for it.
+#[test]
+fn a_plan_of_another_environment_leaves_its_shards_not_behind() {
+    let fleet = fleet();
+    let mut p = plan("p1", "", "", &[("001_a", "SELECT 1")]);
+    p.shards = Some(["shard_0".to_string()].into());
+    let plans = [p];
+    let journals = journals(&fleet, &[], |shard, tenant, rows| {
+        if shard == "shard_0" {
+            rows.push(entry(tenant, "001_a", &checksum("SELECT 1"), 1));
+        }
+    });
+    let input = input(&fleet, &journals, &plans);
+    let r = fleet_status(&input, &everything());
+    assert_eq!(r.targets, 6);
+    assert_eq!(r.behind, 0, "{r:?}");
 }
 
 #[test]
