@@ -164,6 +164,12 @@ pub(crate) fn is_auth_failure(e: &sqlx::Error) -> bool {
     sqlstate(e).is_some_and(|c| c.starts_with(SQLSTATE_CLASS_AUTH))
 }
 
+/// The DSN's database is not on the server (invalid_catalog_name): a configuration to fix,
+/// not a shard still starting.
+pub(crate) fn is_missing_database(e: &sqlx::Error) -> bool {
+    sqlstate(e).as_deref() == Some("3D000")
+}
+
 /// A lock_timeout gave up.
 pub(crate) fn is_lock_timeout(e: &sqlx::Error) -> bool {
     sqlstate(e).as_deref() == Some(SQLSTATE_LOCK_NOT_AVAILABLE)

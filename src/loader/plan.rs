@@ -144,6 +144,26 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
                 };
                 chosen.push(all.swap_remove(i));
             }
+            // A dependency left out of the list is in the directory, not unknown: say so,
+            // and how to run the migration (the journal passes over what is applied).
+            for (id, m) in ids.iter().zip(&chosen) {
+                if let Some(left) = m
+                    .depends_on
+                    .iter()
+                    .find(|d| all.iter().any(|other| &other.id == *d))
+                {
+                    return Err(at(
+                        id.span(),
+                        format!(
+                            "migration `{}` depends on `{left}`, which is in {} but not in \
+                             the plan's `migrations` list: list it too (on targets where it \
+                             is applied already, it is passed over)",
+                            m.id,
+                            migrations_dir.display()
+                        ),
+                    ));
+                }
+            }
             chosen
         }
     };

@@ -406,6 +406,20 @@ fn plan_naming_an_unknown_migration() {
         e.contains("plan.toml:1: migration `a` is listed twice"),
         "{e}"
     );
+    // A dependency left out of the list is named as such, with the fix.
+    native(root, "b", Some("depends_on = [\"a\"]\n"), "SELECT 2;");
+    write(root, "plan.toml", "migrations = [\"b\"]\n");
+    let e = load_err(root);
+    assert!(
+        e.contains("plan.toml:1: migration `b` depends on `a`, which is in "),
+        "{e}"
+    );
+    assert!(
+        e.contains("not in the plan's `migrations` list: list it too"),
+        "{e}"
+    );
+    write(root, "plan.toml", "migrations = [\"a\", \"b\"]\n");
+    assert_eq!(ids(&load_ok(root)), ["a", "b"]);
     // Groups naming unknown migrations are for the graph to refuse.
     write(
         root,

@@ -310,6 +310,23 @@ async fn no_canary_password_leaves_any_process() -> anyhow::Result<()> {
         "{}",
         wrong.log()
     );
+    // 1b. A database that does not exist: the agent stops at once, naming it (before, it
+    // retried forever as if the shard were starting).
+    let no_db = shard0.dsn.replace("/shard_0", "/no_such_db");
+    assert_ne!(no_db, shard0.dsn);
+    let mut missing = agent(0, &no_db, Some(&shard0_password), &[NO_METRICS])?;
+    let status = missing
+        .wait_exit(WAIT)
+        .await
+        .context("missing database: still running")?;
+    assert_eq!(status.code(), Some(3), "{}", missing.log());
+    assert!(
+        missing
+            .log()
+            .contains("database \"no_such_db\" does not exist"),
+        "{}",
+        missing.log()
+    );
     // 2. An unreachable shard: the agent retries, naming where.
     let nowhere = format!(
         "postgres://{}@127.0.0.1:{}/shard_0",

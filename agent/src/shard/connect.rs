@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{instrument, warn};
 
 use crate::config::{AgentConfig, backoff_delay};
-use crate::error::{AgentError, is_auth_failure};
+use crate::error::{AgentError, is_auth_failure, is_missing_database};
 
 /// Where the shard is, for error messages (never with the password).
 fn describe(options: &PgConnectOptions) -> (String, u16, String) {
@@ -52,7 +52,8 @@ pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, 
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Builds the pool and waits until the shard answers, backing off while it is starting.
-/// Authentication failures do not get better by waiting: they end the agent.
+/// Authentication failures and a database that does not exist do not get better by
+/// waiting: they end the agent.
 #[instrument(skip_all, fields(shard = %config.shard))]
 pub(crate) async fn connect(
     config: &AgentConfig,
@@ -77,7 +78,7 @@ pub(crate) async fn connect(
             }
             Err(e) => e,
         };
-        if is_auth_failure(&error) {
+        if is_auth_failure(&error) || is_missing_database(&error) {
             return Err(AgentError::ShardConnect {
                 shard: config.shard.clone(),
                 host,
