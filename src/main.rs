@@ -8,6 +8,16 @@ fn main() -> ExitCode {
     // token the process holds scrubbed from it (DESIGN invariant 8).
     std::panic::set_hook(Box::new(flotilla_core::secrets::panic_hook));
     let cli = flotilla::cli::Cli::parse();
+    if cli.prints_and_ends() {
+        // `flotilla plan list | head -3`: a reader that stops reading ends the command
+        // quietly, as it does `ls` or `grep`, instead of a panic printing to a closed pipe
+        // (exit 101). Rust ignores SIGPIPE from the start; its default is restored for the
+        // commands that print and end only (a daemon's sockets must never raise it).
+        // SAFETY: no other thread runs yet, and SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     flotilla::cli::init_logging(&cli);
     // `--threads`, else one for an agent and the operator commands (see `worker_threads`).
     // One thread is this one: with a runtime worker beside it, every hand-over between the

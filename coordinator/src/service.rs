@@ -419,7 +419,7 @@ impl Coordinator {
         let revived_shards: Option<Vec<String>> =
             revive.as_ref().map(|r| r.shards.keys().cloned().collect());
         let id = plan_id.to_string();
-        let status = self
+        let answer = self
             .to_engine(|reply| Event::Command {
                 plan_id: id,
                 kind,
@@ -427,11 +427,34 @@ impl Coordinator {
                 revive,
                 reply,
             })
-            .await??;
+            .await?;
+        let status = self.named_if_not_running(plan_id, answer).await?;
         if let Some(shards) = revived_shards {
             self.take_locks(plan_id.to_string(), shards, epoch);
         }
         Ok(status)
+    }
+
+    /// A command the engine refused as "not running" (it holds no such plan) for a plan
+    /// the store has not either is named as not found; for one that ended, as ended (in
+    /// what state). Before, `plan cancel pnosuch` answered "not running; nothing to cancel".
+    async fn named_if_not_running(
+        &self,
+        plan_id: &str,
+        answer: Result<pb::PlanStatus, CoordinatorError>,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        let Err(CoordinatorError::Conflict(Conflict::NotRunning { .. })) = &answer else {
+            return answer;
+        };
+        match self.inner.store.plan(plan_id).await {
+            Ok(None) => Err(CoordinatorError::PlanNotFound(plan_id.to_string())),
+            Ok(Some(row)) if row.state.is_terminal() => Err(Conflict::Ended {
+                plan_id: plan_id.to_string(),
+                state: row.state,
+            }
+            .into()),
+            _ => answer,
+        }
     }
 
     /// Cancels one shard of a running plan (policies stop and continue).
@@ -442,13 +465,16 @@ impl Coordinator {
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         self.leader_epoch()?;
-        self.to_engine(|reply| Event::CancelShard {
-            plan_id,
-            shard,
-            actor,
-            reply,
-        })
-        .await?
+        let id = plan_id.clone();
+        let answer = self
+            .to_engine(|reply| Event::CancelShard {
+                plan_id,
+                shard,
+                actor,
+                reply,
+            })
+            .await?;
+        self.named_if_not_running(&id, answer).await
     }
 
     /// Pauses or resumes a running plan, or one shard of it (`c.shard`).
@@ -460,14 +486,17 @@ impl Coordinator {
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         self.leader_epoch()?;
-        self.to_engine(|reply| Event::Pause {
-            plan_id,
-            shard,
-            paused,
-            actor,
-            reply,
-        })
-        .await?
+        let id = plan_id.clone();
+        let answer = self
+            .to_engine(|reply| Event::Pause {
+                plan_id,
+                shard,
+                paused,
+                actor,
+                reply,
+            })
+            .await?;
+        self.named_if_not_running(&id, answer).await
     }
 
     /// `plan promote`: a plan waiting at a wave's manual gate goes on to the next wave.
@@ -477,12 +506,15 @@ impl Coordinator {
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         self.leader_epoch()?;
-        self.to_engine(|reply| Event::Promote {
-            plan_id,
-            actor,
-            reply,
-        })
-        .await?
+        let id = plan_id.clone();
+        let answer = self
+            .to_engine(|reply| Event::Promote {
+                plan_id,
+                actor,
+                reply,
+            })
+            .await?;
+        self.named_if_not_running(&id, answer).await
     }
 
     /// `plan halt`: the plan stops where it is; what applied stays; it ends halted.
@@ -492,12 +524,15 @@ impl Coordinator {
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         self.leader_epoch()?;
-        self.to_engine(|reply| Event::Halt {
-            plan_id,
-            actor,
-            reply,
-        })
-        .await?
+        let id = plan_id.clone();
+        let answer = self
+            .to_engine(|reply| Event::Halt {
+                plan_id,
+                actor,
+                reply,
+            })
+            .await?;
+        self.named_if_not_running(&id, answer).await
     }
 
     /// `plan forget-shard`: a shard whose agent is gone for good stops holding up the commit

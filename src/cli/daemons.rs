@@ -186,6 +186,14 @@ pub(super) fn store_location(
              file)"
         ));
     }
+    if let Some((scheme, _)) = store.expose().split_once("://")
+        && !matches!(scheme, "sqlite" | "postgres" | "postgresql")
+    {
+        return Err(format!(
+            "--store {store}: `{scheme}://` is not a control store (a SQLite path, \
+             sqlite://PATH, or postgres://USER@HOST/DATABASE)"
+        ));
+    }
     if store.has_password() {
         return Err(format!(
             "--store {store} holds a password; pass it with --store-password-file or \

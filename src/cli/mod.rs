@@ -334,6 +334,11 @@ pub enum OperatorCommand {
         /// of asking a coordinator: for the first admin, needing no credential.
         #[arg(long)]
         store: Option<String>,
+        /// With --store: make the SQLite store when the file does not exist yet (before the
+        /// coordinator's first start); without it a missing file is refused, a mistyped path
+        /// would make a store no coordinator reads.
+        #[arg(long, requires = "store")]
+        create: bool,
         /// Write the token into this new file (mode 0600) instead of printing it.
         #[arg(long)]
         token_out: Option<PathBuf>,
@@ -866,6 +871,15 @@ fn step_statement_timeout(text: &str) -> Result<Duration, String> {
 }
 
 impl Cli {
+    /// Whether this is a command that prints and ends (not a daemon: the coordinator, an
+    /// agent, the quickstart), whose output may go to `head`.
+    pub fn prints_and_ends(&self) -> bool {
+        !matches!(
+            self.command,
+            Command::Coordinator(_) | Command::Agent(_) | Command::Quickstart(_)
+        )
+    }
+
     pub fn worker_threads(&self) -> Option<usize> {
         match (&self.command, self.threads) {
             (_, Some(n)) => Some(n.max(1)),

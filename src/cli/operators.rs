@@ -17,13 +17,14 @@ pub async fn run(addr: &str, cmd: OperatorCommand) -> u8 {
             role,
             approval_roles,
             store,
+            create,
             token_out,
             output,
         } => {
             let added =
                 match store {
                     Some(location) => {
-                        let store = match open(&location).await {
+                        let store = match open(&location, create).await {
                             Ok(s) => s,
                             Err(code) => return code,
                         };
@@ -53,7 +54,7 @@ pub async fn run(addr: &str, cmd: OperatorCommand) -> u8 {
         }
         OperatorCommand::List { store, output } => {
             let operators = match store {
-                Some(location) => match open(&location).await {
+                Some(location) => match open(&location, false).await {
                     Ok(s) => match s.operators().await {
                         Ok(rows) => rows.iter().map(auth::operator_info).collect::<Vec<_>>(),
                         Err(e) => {
@@ -82,7 +83,7 @@ pub async fn run(addr: &str, cmd: OperatorCommand) -> u8 {
         OperatorCommand::Revoke { name, store } => {
             let revoked = match store {
                 Some(location) => {
-                    let store = match open(&location).await {
+                    let store = match open(&location, false).await {
                         Ok(s) => s,
                         Err(code) => return code,
                     };
@@ -117,7 +118,7 @@ fn whoami() -> String {
     std::env::var("USER").unwrap_or_else(|_| "operator".into())
 }
 
-async fn open(location: &str) -> Result<Store, u8> {
+async fn open(location: &str, create: bool) -> Result<Store, u8> {
     // The same rules as the coordinator's --store: no password in argv (a password file,
     // FLOTILLA_STORE_PASSWORD or a pgpass file), a sqlite:// URL created when missing.
     let url = flotilla_core::secrets::SecretUrl::new(location);
@@ -125,10 +126,41 @@ async fn open(location: &str) -> Result<Store, u8> {
         eprintln!("error: {e}");
         super::EXIT_BAD_INPUT
     })?;
+    // A SQLite store is created where it is missing, as a coordinator's first start does:
+    // here a mistyped path would make a store no coordinator reads, and report success.
+    if let Some(path) = sqlite_path(url.expose())
+        && !path.exists()
+        && !create
+    {
+        eprintln!(
+            "error: --store {}: no control store there: check the path, it must be the \
+             coordinator's --store (to make a new store before the coordinator's first \
+             start, add --create)",
+            path.display()
+        );
+        return Err(super::EXIT_BAD_INPUT);
+    }
     Store::open(&url).await.map_err(|e| {
         eprintln!("error: --store: {e}");
         EXIT_UNAVAILABLE
     })
+}
+
+/// The file of a SQLite store location (a path, or `sqlite://PATH` with or without query
+/// parameters); None for a PostgreSQL one.
+fn sqlite_path(location: &str) -> Option<std::path::PathBuf> {
+    if ["postgres://", "postgresql://"]
+        .iter()
+        .any(|p| location.starts_with(p))
+    {
+        return None;
+    }
+    let path = location
+        .strip_prefix("sqlite://")
+        .or_else(|| location.strip_prefix("sqlite:"))
+        .unwrap_or(location);
+    let path = path.split('?').next().unwrap_or(path);
+    (path != ":memory:").then(|| std::path::PathBuf::from(path))
 }
 
 /// A refusal from the domain, with the exit code its gRPC status would give.

@@ -623,3 +623,51 @@ async fn auth_required_refuses_everyone_until_the_first_admin_is_in_the_store() 
     assert!(out.stdout.contains("\"root\""), "{out}");
     Ok(())
 }
+
+/// `operator add --store` at a path where no store is (a typo of the coordinator's) is
+/// refused, making nothing; `--create` makes it (the first admin before the coordinator's
+/// first start). A `--store` of a scheme that is no store is named, exit 2.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_path_with_no_store_is_refused_unless_asked_to_create() -> anyhow::Result<()> {
+    let dir = TestDir::new("auth-store-typo")?;
+    let typo = dir.join("flotila-typo.db");
+    let token = dir.join("root.token");
+    let add = |create: bool| {
+        let mut args = vec![
+            "operator".to_string(),
+            "add".into(),
+            "root".into(),
+            "--role".into(),
+            "admin".into(),
+            "--store".into(),
+            typo.to_string_lossy().into_owned(),
+            "--token-out".into(),
+            token.to_string_lossy().into_owned(),
+        ];
+        if create {
+            args.push("--create".into());
+        }
+        args
+    };
+    let args = add(false);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = crate::harness::run_flotilla(&refs, &[]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("no control store there"), "{out}");
+    assert!(!typo.exists() && !token.exists(), "nothing made");
+    let args = add(true);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = crate::harness::run_flotilla(&refs, &[]).await?;
+    assert!(out.success(), "{out}");
+    assert!(typo.exists() && token.exists());
+
+    let out =
+        crate::harness::run_flotilla(&["operator", "list", "--store", "mysql://x/flotilla"], &[])
+            .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains("`mysql://` is not a control store"),
+        "{out}"
+    );
+    Ok(())
+}

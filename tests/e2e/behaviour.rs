@@ -1063,7 +1063,7 @@ async fn policy_stop_runs_nothing_the_agent_had_queued_behind_the_failure() -> a
         "001_slow_fail",
         "",
         "DO $$ BEGIN IF current_schema() = 'tenant_0000' THEN PERFORM pg_sleep(0.5); \
-         RAISE EXCEPTION 'refused here'; END IF; END $$;\n\
+         RAISE EXCEPTION 'refused here' USING DETAIL = 'tenant_0000 only'; END IF; END $$;\n\
          ALTER TABLE work_orders ADD COLUMN stop_mark int;",
         "ALTER TABLE work_orders DROP COLUMN stop_mark;",
     )?;
@@ -1077,6 +1077,23 @@ async fn policy_stop_runs_nothing_the_agent_had_queued_behind_the_failure() -> a
     assert_eq!(m["applied"], 0, "nothing ran after the failure: {m}");
     assert_eq!(m["not_run"], 3, "{m}");
     assert_eq!(fleet.journal_total().await?, 0);
+    // the text status shows PostgreSQL's DETAIL under the failure
+    let id = status["plan_id"].as_str().expect("an id");
+    let text = fleet.cli(&["plan", "status", id]).await?;
+    assert!(
+        text.stdout.contains("refused here") && text.stdout.contains("detail: tenant_0000 only"),
+        "{text}"
+    );
+    // a cancel of the ended plan says it ended; of no plan, that there is none
+    let out = fleet.cli(&["plan", "cancel", id]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("already ended failed"), "{out}");
+    let out = fleet.cli(&["plan", "cancel", "pnosuch"]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains("pnosuch") && out.stderr.contains("not found"),
+        "{out}"
+    );
     Ok(())
 }
 

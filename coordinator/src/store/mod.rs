@@ -101,6 +101,30 @@ impl Store {
         } else {
             SecretUrl::new(sqlite_url(location.expose()))
         };
+        if is_pg {
+            // The pool's first connection error is lost in its timeout ("pool timed out
+            // while waiting for an open connection", 30 s later): one connection first says
+            // why (refused, no such database, authentication) at once.
+            use sqlx::Connection;
+            let first = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                sqlx::AnyConnection::connect(url.expose()),
+            )
+            .await;
+            match first {
+                Ok(Ok(conn)) => {
+                    let _ = conn.close().await;
+                }
+                Ok(Err(source)) => {
+                    return Err(StoreError::Open {
+                        location: url.redacted(),
+                        source,
+                    });
+                }
+                // no answer: the pool below waits, and says so
+                Err(_) => {}
+            }
+        }
         let pool = AnyPoolOptions::new()
             .max_connections(if is_pg { 8 } else { 4 })
             .after_connect(move |conn, _| {

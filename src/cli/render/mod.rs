@@ -263,6 +263,10 @@ fn failures(s: &pb::PlanStatus) {
             code,
             e.message
         );
+        // PostgreSQL's DETAIL says which row or key (`Key (email)=(dup) is duplicated.`)
+        if !e.detail.is_empty() {
+            println!("    detail: {}", e.detail);
+        }
     }
     if s.failures.len() > 20 {
         println!("  ... and {} more", s.failures.len() - 20);

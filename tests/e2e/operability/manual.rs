@@ -77,3 +77,27 @@ async fn completions_and_the_manual_page_are_generated_from_the_flags() -> anyho
     assert!(submit.contains("\\-\\-atomic"), "{submit}");
     Ok(())
 }
+
+/// A reader that stops reading (`flotilla ... | head -1`) ends the command quietly, killed
+/// by SIGPIPE as `ls` or `grep` are, where it panicked printing to the closed pipe (exit
+/// 101 and a backtrace).
+#[test]
+fn output_piped_into_a_reader_that_stops_ends_quietly() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(crate::harness::process::FLOTILLA_BIN)
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut first)?;
+    // the reader is dropped here: the rest (150 KB, past the pipe's buffer) meets a closed pipe
+    assert!(first.starts_with("_flotilla"), "{first}");
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+    Ok(())
+}
