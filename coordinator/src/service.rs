@@ -435,6 +435,99 @@ impl Coordinator {
         Ok(status)
     }
 
+    /// `plan rollback ID --down-from DIR`: the down SQL of a plan that ended is replaced by
+    /// the given migrations' (each the plan's by id, with the same up SQL), stored and
+    /// audited, and the plan is rolled back with it: a rollback that failed on a down.sql
+    /// fixed since runs again with the fix (down.sql is outside the checksum: fixing an undo
+    /// after the fact is allowed). Before, the rollback ran the stored, broken one again,
+    /// and a plan `rollback_failed` had no way out. Refused, changing nothing, for a plan
+    /// that has not ended (it undoes with what it has), one rolled back, and a migration
+    /// that is not the plan's or whose up SQL differs.
+    pub async fn rollback_with_down(
+        &self,
+        plan_id: &str,
+        down_from: Vec<pb::Migration>,
+        actor: Actor,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        let epoch = self.leader_epoch()?;
+        let id = plan_id.to_string();
+        if self
+            .to_engine(|reply| Event::Status { plan_id: id, reply })
+            .await?
+            .is_some()
+        {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "plan {plan_id} has not ended: --down-from replaces the down SQL of a plan \
+                 that ended (a rollback that failed, a completed plan); this one undoes with \
+                 what it has"
+            )));
+        }
+        let row = self
+            .inner
+            .store
+            .plan(plan_id)
+            .await?
+            .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
+        if !row.state.is_terminal() || row.state == PlanState::RolledBack {
+            return Err(Conflict::Ended {
+                plan_id: plan_id.to_string(),
+                state: row.state,
+            }
+            .into());
+        }
+        let mut raw = hex::decode(&row.spec_hex)
+            .ok()
+            .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
+            .ok_or_else(|| {
+                CoordinatorError::InvalidRequest(format!(
+                    "plan {plan_id}'s stored spec cannot be read"
+                ))
+            })?;
+        let mut replaced = Vec::new();
+        for m in &down_from {
+            let Some(stored) = raw.migrations.iter_mut().find(|s| s.id == m.id) else {
+                return Err(CoordinatorError::InvalidRequest(format!(
+                    "--down-from: migration `{}` is not in plan {plan_id}",
+                    m.id
+                )));
+            };
+            if flotilla_core::checksum(&m.up_sql) != flotilla_core::checksum(&stored.up_sql)
+                || m.data != stored.data
+            {
+                return Err(CoordinatorError::InvalidRequest(format!(
+                    "--down-from: migration `{}`'s up SQL differs from what plan {plan_id} \
+                     applied: not the same migration",
+                    m.id
+                )));
+            }
+            if stored.down_sql != m.down_sql {
+                stored.down_sql = m.down_sql.clone();
+                replaced.push(m.id.clone());
+            }
+        }
+        if !replaced.is_empty() {
+            flotilla_core::PlanSpec::try_from(raw.clone())?;
+            self.write_under(
+                epoch,
+                StoreOp::Together(vec![
+                    StoreOp::PlanSpec {
+                        plan_id: plan_id.to_string(),
+                        spec_hex: hex::encode(raw.encode_to_vec()),
+                    },
+                    actor.audit(
+                        "rollback-down-replaced",
+                        plan_id,
+                        &format!("down SQL of {} (--down-from)", replaced.join(", ")),
+                    ),
+                ]),
+            );
+            self.flush().await;
+            self.still_leading_in(epoch)?;
+            warn!(plan = %plan_id, migrations = %replaced.join(", "), "down SQL replaced for a rollback");
+        }
+        self.command(plan_id, CommandKind::Rollback, actor).await
+    }
+
     /// A command the engine refused as "not running" (it holds no such plan) for a plan
     /// the store has not either is named as not found; for one that ended, as ended (in
     /// what state). Before, `plan cancel pnosuch` answered "not running; nothing to cancel".

@@ -749,6 +749,11 @@ pub struct CommandArgs {
     /// Who asks (recorded in the audit trail).
     #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
     pub actor: String,
+    /// Rollback of a plan that ended only: undo with the down.sql of this plan directory's
+    /// migrations (the plan's, by id, with the same up SQL) instead of the stored ones, for
+    /// a rollback that failed on a down.sql fixed since. Stored and audited.
+    #[arg(long, value_name = "DIR")]
+    pub down_from: Option<PathBuf>,
     /// Wait until the plan ends.
     #[arg(long)]
     pub wait: bool,

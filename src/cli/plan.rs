@@ -86,6 +86,7 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
                 actor: acting(args.actor),
                 reason: args.reason,
                 shard: args.shard,
+                ..Default::default()
             };
             send_command(addr, Verb::ForgetShard, req, args.wait, args.output).await
         }
@@ -203,6 +204,7 @@ async fn decide(addr: &str, args: super::DecideArgs, verb: Verb) -> u8 {
         actor: acting(args.actor),
         reason: args.reason,
         shard: String::new(),
+        ..Default::default()
     };
     send_command(addr, verb, req, args.wait, args.output).await
 }
@@ -213,6 +215,7 @@ async fn pause(addr: &str, args: super::PauseArgs, paused: bool) -> u8 {
         actor: acting(args.actor),
         reason: args.reason,
         shard: args.shard.unwrap_or_default(),
+        ..Default::default()
     };
     let verb = if paused { Verb::Pause } else { Verb::Resume };
     send_command(addr, verb, req, false, args.output).await
@@ -340,11 +343,26 @@ pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<Str
 }
 
 async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {
+    let down_from = match (&args.down_from, rollback) {
+        (None, _) => Vec::new(),
+        (Some(_), false) => {
+            eprintln!("error: --down-from is for `plan rollback`");
+            return EXIT_BAD_INPUT;
+        }
+        (Some(dir), true) => match loader::load(dir, &Overrides::default()) {
+            Ok(raw) => raw.migrations,
+            Err(e) => {
+                eprintln!("error: --down-from: {e}");
+                return EXIT_BAD_INPUT;
+            }
+        },
+    };
     let req = pb::PlanCommand {
         plan_id: args.id,
         actor: acting(args.actor),
         reason: args.reason,
         shard: args.shard.unwrap_or_default(),
+        down_from,
     };
     let verb = if rollback {
         Verb::Rollback

@@ -405,3 +405,109 @@ async fn bad_data_input_is_refused_at_submit_and_changes_nothing() -> anyhow::Re
     }
     Ok(())
 }
+
+/// A plan whose rollback failed on its down.sql (`rollback_failed`) is rolled back again with
+/// the down.sql fixed since: `plan rollback ID --down-from DIR` takes the directory's down
+/// SQL for the plan's migrations (the same up SQL), stored and audited. Before, a rollback
+/// ran the stored, broken down SQL again and the plan had no way out. A directory whose up
+/// SQL differs is refused, and so is --down-from on a cancel, changing nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_rollback_runs_again_with_a_down_sql_fixed_since() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 2).await?;
+    const UP: &str = "ALTER TABLE work_orders ADD COLUMN undo_mark int;";
+    let broken = MigrationDir::new()?;
+    broken.migration(
+        "001_mark",
+        "",
+        UP,
+        "DO $$ BEGIN IF current_schema() = 'tenant_0001' THEN RAISE EXCEPTION 'down boom'; \
+         END IF; END $$; ALTER TABLE work_orders DROP COLUMN undo_mark;",
+    )?;
+    let (code, status, out) = fleet.submit_wait(broken.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let id = status["plan_id"].as_str().unwrap().to_string();
+    let rollback = |extra: Vec<String>| {
+        let mut args: Vec<String> = [
+            "plan",
+            "rollback",
+            id.as_str(),
+            "--wait",
+            "--output",
+            "json",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra);
+        args
+    };
+    let on = &fleet;
+    let run = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        on.cli(&refs).await
+    };
+    let out = run(rollback(Vec::new())).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(out.stdout.contains("rollback_failed"), "{out}");
+
+    // not the same migration: refused, nothing changed
+    let other = MigrationDir::new()?;
+    other.migration(
+        "001_mark",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN undo_mark bigint;",
+        "ALTER TABLE work_orders DROP COLUMN undo_mark;",
+    )?;
+    let out = run(rollback(vec![
+        "--down-from".into(),
+        other.path().to_string_lossy().into_owned(),
+    ]))
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("not the same migration"), "{out}");
+    let out = fleet
+        .cli(&[
+            "plan",
+            "cancel",
+            &id,
+            "--down-from",
+            &other.path().to_string_lossy(),
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    let st = fleet
+        .cli(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert!(st.stdout.contains("\"rollback_failed\""), "{st}");
+
+    let fixed = MigrationDir::new()?;
+    fixed.migration(
+        "001_mark",
+        "",
+        UP,
+        "ALTER TABLE work_orders DROP COLUMN IF EXISTS undo_mark;",
+    )?;
+    let out = run(rollback(vec![
+        "--down-from".into(),
+        fixed.path().to_string_lossy().into_owned(),
+    ]))
+    .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("\"rolled_back\""), "{out}");
+    let left = fleet
+        .pg
+        .query_rows(
+            &fleet.shards[0],
+            "SELECT count(*) FROM information_schema.columns WHERE column_name = 'undo_mark'",
+        )
+        .await?;
+    assert_eq!(left, vec![vec!["0".to_string()]]);
+    let audit = fleet
+        .cli(&["audit", "list", "--plan", &id, "--output", "json"])
+        .await?;
+    assert!(
+        audit.stdout.contains("rollback-down-replaced")
+            && audit.stdout.contains("down SQL of 001_mark (--down-from)"),
+        "{audit}"
+    );
+    Ok(())
+}

@@ -173,8 +173,18 @@ impl pb::operator_service_server::OperatorService for Coordinator {
 
     async fn rollback_plan(
         &self,
-        req: Request<pb::PlanCommand>,
+        mut req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
+        let down_from = std::mem::take(&mut req.get_mut().down_from);
+        let mut seen = std::collections::BTreeSet::new();
+        for m in &down_from {
+            if m.id.trim().is_empty() || !seen.insert(m.id.as_str()) {
+                return Err(Status::invalid_argument(format!(
+                    "--down-from: migration id `{}` is empty or given twice",
+                    m.id
+                )));
+            }
+        }
         let (plan_id, actor) = self
             .whole_plan(
                 req,
@@ -182,9 +192,12 @@ impl pb::operator_service_server::OperatorService for Coordinator {
                 "a rollback undoes the whole plan; --shard is for pause, resume and cancel",
             )
             .await?;
-        Ok(Response::new(
-            self.command(&plan_id, CommandKind::Rollback, actor).await?,
-        ))
+        let status = if down_from.is_empty() {
+            self.command(&plan_id, CommandKind::Rollback, actor).await?
+        } else {
+            self.rollback_with_down(&plan_id, down_from, actor).await?
+        };
+        Ok(Response::new(status))
     }
 
     async fn pause_plan(

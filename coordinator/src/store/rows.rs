@@ -106,6 +106,11 @@ pub enum StoreOp {
         plan_id: String,
         entries: Vec<pb::DataProgress>,
     },
+    /// A plan's stored spec replaced (`plan rollback --down-from`: its down SQL fixed).
+    PlanSpec {
+        plan_id: String,
+        spec_hex: String,
+    },
     /// Answered once every op before it is applied.
     Flush(tokio::sync::oneshot::Sender<()>),
     /// Ops that commit in one transaction or not at all, in order (a plan's submit: its
@@ -154,6 +159,10 @@ impl StoreOp {
             StoreOp::Waves { plan_id, waves } => StoreOp::Waves {
                 plan_id: plan_id.clone(),
                 waves: waves.clone(),
+            },
+            StoreOp::PlanSpec { plan_id, spec_hex } => StoreOp::PlanSpec {
+                plan_id: plan_id.clone(),
+                spec_hex: spec_hex.clone(),
             },
             StoreOp::DataProgress { plan_id, entries } => StoreOp::DataProgress {
                 plan_id: plan_id.clone(),

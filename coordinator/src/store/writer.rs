@@ -171,6 +171,7 @@ fn plans_of(ops: &[StoreOp]) -> String {
                     plans.insert(plan.id.as_str());
                 }
                 StoreOp::PlanState { plan_id, .. }
+                | StoreOp::PlanSpec { plan_id, .. }
                 | StoreOp::Steps { plan_id, .. }
                 | StoreOp::Waves { plan_id, .. }
                 | StoreOp::DataProgress { plan_id, .. } => {
@@ -195,6 +196,7 @@ fn describe(op: &StoreOp) -> String {
             format!("plan {}'s row and its {} steps", plan.id, steps.len())
         }
         StoreOp::PlanState { plan_id, state, .. } => format!("plan {plan_id}'s state {state}"),
+        StoreOp::PlanSpec { plan_id, .. } => format!("plan {plan_id}'s spec"),
         StoreOp::Steps { plan_id, updates } => {
             format!("{} step updates of plan {plan_id}", updates.len())
         }
@@ -427,6 +429,15 @@ impl Store {
                 }
                 StoreOp::Steps { plan_id, updates } => {
                     write_steps(&mut tx, self.is_pg, &plan_id, updates).await?;
+                }
+                StoreOp::PlanSpec { plan_id, spec_hex } => {
+                    sqlx::query("UPDATE plans SET spec_hex = $1, updated_at_ms = $2 WHERE id = $3")
+                        .bind(spec_hex)
+                        .bind(now_ms())
+                        .bind(plan_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
                 }
                 StoreOp::Audit(Audit {
                     actor,
