@@ -6,18 +6,18 @@ use clap::Parser;
 fn main() -> ExitCode {
     // Before anything can panic: a panic's message is printed with every password and
     // token the process holds scrubbed from it (DESIGN invariant 8).
-    std::panic::set_hook(Box::new(flotilla_core::secrets::panic_hook));
-    let cli = flotilla::cli::Cli::parse();
-    if cli.prints_and_ends() {
+    std::panic::set_hook(Box::new(|info| {
         // `flotilla plan list | head -3`: a reader that stops reading ends the command
-        // quietly, as it does `ls` or `grep`, instead of a panic printing to a closed pipe
-        // (exit 101). Rust ignores SIGPIPE from the start; its default is restored for the
-        // commands that print and end only (a daemon's sockets must never raise it).
-        // SAFETY: no other thread runs yet, and SIG_DFL is a valid disposition.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // quietly, as it does `ls` or `grep` (exit 141, as a shell reports a process that
+        // SIGPIPE ended), instead of a panic printing to a closed pipe (exit 101 and a
+        // backtrace). Not by SIGPIPE's default disposition: a connection the coordinator
+        // closes would then kill the command before it could say why.
+        if closed_stdout(info) {
+            std::process::exit(141);
         }
-    }
+        flotilla_core::secrets::panic_hook(info)
+    }));
+    let cli = flotilla::cli::Cli::parse();
     flotilla::cli::init_logging(&cli);
     // `--threads`, else one for an agent and the operator commands (see `worker_threads`).
     // One thread is this one: with a runtime worker beside it, every hand-over between the
@@ -41,4 +41,18 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(flotilla::cli::run(cli));
     ExitCode::from(code)
+}
+
+/// Whether a panic is a write to a stdout whose reader has gone (EPIPE): println!'s, or a
+/// library's writing to it (the completions' generator). Errors on sockets come back as
+/// errors, never as panics.
+fn closed_stdout(info: &std::panic::PanicHookInfo<'_>) -> bool {
+    let message = info
+        .payload()
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| info.payload().downcast_ref::<&str>().copied())
+        .unwrap_or_default();
+    (message.starts_with("failed printing to stdout") && message.contains("os error 32"))
+        || message.contains("kind: BrokenPipe")
 }

@@ -435,6 +435,63 @@ impl Coordinator {
         Ok(status)
     }
 
+    /// `fleet retire SHARD`: a shard whose agent is gone for good (its database
+    /// decommissioned) leaves the fleet: its agent row, its journal's copy and last
+    /// failures go, so a plan is no longer refused as touching it while unreachable, and
+    /// `fleet status` no longer counts it. Refused, changing nothing, for a shard the fleet
+    /// does not have, while its agent is attached or alive in etcd, and while a plan not
+    /// ended has steps there (cancel that shard of it, or forget it, first). An agent of it
+    /// that comes back later attaches as a new shard would.
+    pub async fn retire_shard(&self, shard: &str, actor: &Actor) -> Result<(), CoordinatorError> {
+        let epoch = self.leader_epoch()?;
+        if self.inner.store.agent(shard).await?.is_none() {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "the fleet has no shard `{shard}` (`flotilla fleet list` names them)"
+            )));
+        }
+        let how = if self.inner.fleet.snapshot().contains_key(shard) {
+            Some("attached to this coordinator")
+        } else if self
+            .inner
+            .coordination
+            .live_agents()
+            .borrow()
+            .contains(shard)
+        {
+            Some("alive (its liveness key is in etcd)")
+        } else {
+            None
+        };
+        if let Some(how) = how {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "the agent of shard {shard} is {how}: a shard is retired once its agent is gone \
+                 for good (stop it first)"
+            )));
+        }
+        let open = self.inner.store.open_plans_on(shard).await?;
+        if !open.is_empty() {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "plan(s) {} not ended have steps on shard {shard}: cancel that shard of them \
+                 (`plan cancel ID --shard {shard}`), or let them end, first",
+                open.join(", ")
+            )));
+        }
+        self.write_under(
+            epoch,
+            StoreOp::Together(vec![
+                StoreOp::RetireAgent {
+                    shard: shard.to_string(),
+                },
+                actor.audit("retire-shard", "", &format!("shard {shard}")),
+            ]),
+        );
+        self.flush().await;
+        self.still_leading_in(epoch)?;
+        self.inner.versions.retire(shard);
+        warn!(%shard, operator = %actor.name, "shard retired from the fleet");
+        Ok(())
+    }
+
     /// `plan rollback ID --down-from DIR`: the down SQL of a plan that ended is replaced by
     /// the given migrations' (each the plan's by id, with the same up SQL), stored and
     /// audited, and the plan is rolled back with it: a rollback that failed on a down.sql

@@ -470,3 +470,23 @@ fn sqlstate_tag(sqlstate: &str) -> String {
         format!(" [{sqlstate}]")
     }
 }
+
+/// `fleet retire SHARD --reason R`: the shard leaves the fleet (see the coordinator's
+/// `retire_shard`).
+pub async fn retire(addr: &str, shard: String, reason: String, actor: String) -> u8 {
+    let req = pb::RetireShardRequest {
+        shard: shard.clone(),
+        actor: super::call::acting(actor),
+        reason,
+    };
+    super::call::call_leader(
+        addr,
+        req,
+        |mut c, req| async move { c.retire_shard(req).await },
+        |_| {
+            println!("shard {shard} retired from the fleet (recorded in the audit trail)");
+            super::EXIT_OK
+        },
+    )
+    .await
+}

@@ -815,6 +815,18 @@ pub enum FleetCommand {
     /// to one, --up-to), running none of them. Refused, writing nothing, when a history is
     /// dirty or failed anywhere.
     Baseline(BaselineArgs),
+    /// Admin: take a shard whose agent is gone for good (its database decommissioned) out of
+    /// the fleet, so plans stop counting it as unreachable. Refused while its agent is
+    /// attached or alive, and while a plan not ended has steps there. Audited.
+    Retire {
+        shard: String,
+        /// Why (recorded in the audit trail; required).
+        #[arg(long)]
+        reason: String,
+        /// Who retires it (recorded in the audit trail).
+        #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
+        actor: String,
+    },
     /// One target: its journal, pending migrations, labels, mismatches, last failure.
     Show {
         /// `shard/tenant`, `shard` (the shard itself), or a tenant name on one shard only.
@@ -876,15 +888,6 @@ fn step_statement_timeout(text: &str) -> Result<Duration, String> {
 }
 
 impl Cli {
-    /// Whether this is a command that prints and ends (not a daemon: the coordinator, an
-    /// agent, the quickstart), whose output may go to `head`.
-    pub fn prints_and_ends(&self) -> bool {
-        !matches!(
-            self.command,
-            Command::Coordinator(_) | Command::Agent(_) | Command::Quickstart(_)
-        )
-    }
-
     pub fn worker_threads(&self) -> Option<usize> {
         match (&self.command, self.threads) {
             (_, Some(n)) => Some(n.max(1)),
@@ -941,6 +944,11 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Fleet(FleetCommand::Show { target, output }) => {
             fleet::show(&cli.coordinator, target, output).await
         }
+        Command::Fleet(FleetCommand::Retire {
+            shard,
+            reason,
+            actor,
+        }) => fleet::retire(&cli.coordinator, shard, reason, actor).await,
         Command::Locks(cmd) => plan::locks(&cli.coordinator, cmd).await,
         Command::Audit(AuditCommand::List {
             plan,

@@ -336,6 +336,66 @@ async fn an_empty_shard_gone_away_does_not_refuse_a_plan_of_its_tenants() -> any
     Ok(())
 }
 
+/// A shard decommissioned for good (its agent gone, tenants and all): every plan of its
+/// tenants is refused as touching it, until an admin retires it (`fleet retire`, refused
+/// without a reason, for an unknown shard, and while its agent is attached); then it is out
+/// of the fleet, plans run on the others, and the audit trail says who and why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_retired_for_good_leaves_the_fleet() -> anyhow::Result<()> {
+    let mut fleet = TestFleet::start(2, 1).await?;
+    let out = fleet
+        .cli(&["fleet", "retire", "shard_1", "--reason", "decommissioned"])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("the agent of shard shard_1 is attached"),
+        "{out}"
+    );
+    if let Some(mut agent) = fleet.agents[1].take() {
+        agent.kill()?;
+    }
+    wait_until("one agent attached", WAIT, async || {
+        let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+        Ok(v.as_array()
+            .map(|a| a.iter().filter(|x| x["connected"] == true).count())
+            == Some(1))
+    })
+    .await?;
+    let dir = plan()?;
+    let out = fleet
+        .cli(&["plan", "submit", &dir.path().to_string_lossy()])
+        .await?;
+    assert_eq!(out.code(), Some(3), "refused while shard_1 counts: {out}");
+    assert!(out.stderr.contains("shard shard_1 is unreachable"), "{out}");
+    let out = fleet.cli(&["fleet", "retire", "shard_1"]).await?;
+    assert_eq!(out.code(), Some(2), "no reason: {out}");
+    let out = fleet
+        .cli(&["fleet", "retire", "shard_9", "--reason", "x"])
+        .await?;
+    assert!(out.stderr.contains("no shard `shard_9`"), "{out}");
+    let out = fleet
+        .cli(&["fleet", "retire", "shard_1", "--reason", "decommissioned"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(st["targets"], 1, "{st}");
+    let audit = fleet.json(&["audit", "list", "--output", "json"]).await?;
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "retire-shard"
+                && e["detail"].as_str().unwrap_or("").contains("shard shard_1")),
+        "{audit}"
+    );
+    Ok(())
+}
+
 /// The control store's plans, audit trail and the plan locks (the shard of a killed agent
 /// cannot be read through it).
 async fn observed_store(fleet: &TestFleet) -> anyhow::Result<String> {

@@ -362,7 +362,7 @@ rest = true
     // Promoting again is refused: nothing waits.
     let out = fleet.cli(&["plan", "promote", &id]).await?;
     assert_ne!(out.code(), Some(0), "{out}");
-    assert!(out.stderr.contains("not running"), "{out}");
+    assert!(out.stderr.contains("already ended completed"), "{out}");
 
     // `plan halt` at the gate: the plan ends halted, the rest untouched.
     let dir = MigrationDir::new()?;

@@ -301,6 +301,25 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         Ok(Response::new(pb::BreakLockResponse { broken }))
     }
 
+    async fn retire_shard(
+        &self,
+        req: Request<pb::RetireShardRequest>,
+    ) -> Result<Response<pb::RetireShardResponse>, Status> {
+        let from = origin(&req);
+        let r = req.into_inner();
+        flotilla_core::validate_shard_name(&r.shard).map_err(Status::invalid_argument)?;
+        if r.reason.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "retiring a shard needs --reason TEXT: it is audited with it",
+            ));
+        }
+        let actor = self
+            .actor(&from, &r.actor, &r.reason, "RetireShard")
+            .await?;
+        self.retire_shard(&r.shard, &actor).await?;
+        Ok(Response::new(pb::RetireShardResponse {}))
+    }
+
     async fn approve_plan(
         &self,
         req: Request<pb::ApprovalRequest>,

@@ -80,9 +80,9 @@ pub fn required_role(method: &str) -> Role {
         "ApprovePlan" | "RejectPlan" => Role::Approver,
         // overrides and identities
         // (forgetting a shard ends a plan without that shard's commit confirmed)
-        "BreakLock" | "ForgetShard" | "AddOperator" | "ListOperators" | "RevokeOperator" => {
-            Role::Admin
-        }
+        // (retiring a shard takes it out of the fleet every plan is checked against)
+        "BreakLock" | "ForgetShard" | "RetireShard" | "AddOperator" | "ListOperators"
+        | "RevokeOperator" => Role::Admin,
         _ => Role::Admin,
     }
 }
@@ -114,6 +114,7 @@ const CLASSIFIED: &[&str] = &[
     "RejectPlan",
     "BreakLock",
     "ForgetShard",
+    "RetireShard",
     "AddOperator",
     "ListOperators",
     "RevokeOperator",

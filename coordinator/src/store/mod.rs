@@ -374,6 +374,31 @@ impl Store {
         self.plans_in(&open).await
     }
 
+    /// The plans not ended (awaiting approval too) with steps on `shard`.
+    pub async fn open_plans_on(&self, shard: &str) -> Result<Vec<String>, StoreError> {
+        let on: Vec<(String,)> =
+            sqlx::query_as("SELECT DISTINCT plan_id FROM steps WHERE shard = $1")
+                .bind(shard)
+                .fetch_all(&self.pool)
+                .await?;
+        let on: std::collections::BTreeSet<String> = on.into_iter().map(|(id,)| id).collect();
+        if on.is_empty() {
+            return Ok(Vec::new());
+        }
+        let open: Vec<PlanState> = PlanState::ALL
+            .iter()
+            .copied()
+            .filter(|p| !p.is_terminal())
+            .collect();
+        Ok(self
+            .plans_in(&open)
+            .await?
+            .into_iter()
+            .map(|row| row.id)
+            .filter(|id| on.contains(id))
+            .collect())
+    }
+
     /// How many plans are in `state` now.
     pub async fn count_in(&self, state: PlanState) -> Result<i64, StoreError> {
         let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM plans WHERE state = $1")

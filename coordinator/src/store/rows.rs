@@ -106,6 +106,10 @@ pub enum StoreOp {
         plan_id: String,
         entries: Vec<pb::DataProgress>,
     },
+    /// A shard's agent row deleted (`fleet retire`): the fleet forgets the shard.
+    RetireAgent {
+        shard: String,
+    },
     /// A plan's stored spec replaced (`plan rollback --down-from`: its down SQL fixed).
     PlanSpec {
         plan_id: String,
@@ -159,6 +163,9 @@ impl StoreOp {
             StoreOp::Waves { plan_id, waves } => StoreOp::Waves {
                 plan_id: plan_id.clone(),
                 waves: waves.clone(),
+            },
+            StoreOp::RetireAgent { shard } => StoreOp::RetireAgent {
+                shard: shard.clone(),
             },
             StoreOp::PlanSpec { plan_id, spec_hex } => StoreOp::PlanSpec {
                 plan_id: plan_id.clone(),

@@ -181,7 +181,7 @@ fn plans_of(ops: &[StoreOp]) -> String {
                     plans.insert(a.plan_id.as_str());
                 }
                 StoreOp::Together(inner) => walk(inner, plans),
-                StoreOp::Agent { .. } | StoreOp::Flush(_) => {}
+                StoreOp::Agent { .. } | StoreOp::RetireAgent { .. } | StoreOp::Flush(_) => {}
             }
         }
     }
@@ -197,6 +197,7 @@ fn describe(op: &StoreOp) -> String {
         }
         StoreOp::PlanState { plan_id, state, .. } => format!("plan {plan_id}'s state {state}"),
         StoreOp::PlanSpec { plan_id, .. } => format!("plan {plan_id}'s spec"),
+        StoreOp::RetireAgent { shard } => format!("retirement of shard {shard}"),
         StoreOp::Steps { plan_id, updates } => {
             format!("{} step updates of plan {plan_id}", updates.len())
         }
@@ -429,6 +430,13 @@ impl Store {
                 }
                 StoreOp::Steps { plan_id, updates } => {
                     write_steps(&mut tx, self.is_pg, &plan_id, updates).await?;
+                }
+                StoreOp::RetireAgent { shard } => {
+                    sqlx::query("DELETE FROM agents WHERE shard = $1")
+                        .bind(shard)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
                 }
                 StoreOp::PlanSpec { plan_id, spec_hex } => {
                     sqlx::query("UPDATE plans SET spec_hex = $1, updated_at_ms = $2 WHERE id = $3")

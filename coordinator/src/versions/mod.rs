@@ -96,6 +96,13 @@ impl State {
 pub(crate) const ROLLBACK_CUT_SHORT: &str = "the rollback";
 
 impl FleetVersions {
+    /// A shard retired (`fleet retire`): its journal's copy and last failures go with it.
+    pub fn retire(&self, shard: &str) {
+        let mut state = self.state.lock().expect("fleet versions lock");
+        Arc::make_mut(&mut state.shards).remove(shard);
+        Arc::make_mut(&mut state.failures).retain(|(s, _), _| s != shard);
+    }
+
     /// An agent attached under `epoch`: what was known of its journal is stale until it
     /// reports the whole again.
     pub fn attached(&self, shard: &str, epoch: u64) {
