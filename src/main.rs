@@ -6,18 +6,22 @@ use clap::Parser;
 fn main() -> ExitCode {
     // Before anything can panic: a panic's message is printed with every password and
     // token the process holds scrubbed from it (DESIGN invariant 8).
-    std::panic::set_hook(Box::new(|info| {
+    std::panic::set_hook(Box::new(flotilla_core::secrets::panic_hook));
+    let cli = flotilla::cli::Cli::parse();
+    if cli.prints_and_ends() {
         // `flotilla plan list | head -3`: a reader that stops reading ends the command
         // quietly, as it does `ls` or `grep` (exit 141, as a shell reports a process that
         // SIGPIPE ended), instead of a panic printing to a closed pipe (exit 101 and a
         // backtrace). Not by SIGPIPE's default disposition: a connection the coordinator
-        // closes would then kill the command before it could say why.
-        if closed_stdout(info) {
-            std::process::exit(141);
-        }
-        flotilla_core::secrets::panic_hook(info)
-    }));
-    let cli = flotilla::cli::Cli::parse();
+        // closes would then kill the command before it could say why. Not for a daemon: a
+        // task of it that panicked must be logged, not end the process.
+        std::panic::set_hook(Box::new(|info| {
+            if closed_stdout(info) {
+                std::process::exit(141);
+            }
+            flotilla_core::secrets::panic_hook(info)
+        }));
+    }
     flotilla::cli::init_logging(&cli);
     // `--threads`, else one for an agent and the operator commands (see `worker_threads`).
     // One thread is this one: with a runtime worker beside it, every hand-over between the
@@ -54,5 +58,6 @@ fn closed_stdout(info: &std::panic::PanicHookInfo<'_>) -> bool {
         .or_else(|| info.payload().downcast_ref::<&str>().copied())
         .unwrap_or_default();
     (message.starts_with("failed printing to stdout") && message.contains("os error 32"))
-        || message.contains("kind: BrokenPipe")
+        || (message.starts_with("failed to write completion file")
+            && message.contains("kind: BrokenPipe"))
 }

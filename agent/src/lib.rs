@@ -99,6 +99,9 @@ pub(crate) struct Agent {
     pub journal_dirty: session::JournalDirty,
     /// Which database this is (`shard::database_identity`), said in every Hello.
     pub database: String,
+    /// Prepared transactions committed from their decisions in etcd since the start, the
+    /// latest first out (`pb::Hello::committed`).
+    pub committed_from_etcd: Mutex<std::collections::VecDeque<String>>,
 }
 
 /// Runs an agent until `shutdown` resolves: connects to the shard (waiting for it to come
@@ -238,6 +241,7 @@ async fn serve(
         buckets: Arc::default(),
         journal_dirty: session::JournalDirty::default(),
         database,
+        committed_from_etcd: Mutex::default(),
     });
     let sweep = tokio::spawn(agent.clone().sweep_in_doubt());
     session::run(agent.clone(), session::Outbox::new(outbox_rx), rotation).await;

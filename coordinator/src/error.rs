@@ -29,6 +29,12 @@ pub enum CoordinatorError {
     Conflict(#[from] Conflict),
     #[error("shard {shard} is unreachable: {reason}")]
     Unreachable { shard: String, reason: String },
+    /// A submit with this request id is being handled here already.
+    #[error(
+        "a submit with request id {0} is in progress here: send it again once it is answered \
+         (it answers with the plan the first one stored)"
+    )]
+    SubmitInProgress(String),
     #[error("control store: {0}")]
     Store(#[from] StoreError),
     #[error("invalid request: {0}")]
@@ -296,7 +302,6 @@ impl CoordinatorError {
         match self {
             CoordinatorError::Unreachable { .. }
             | CoordinatorError::TermChanged { .. }
-            | CoordinatorError::TermEndedUnread { .. }
             | CoordinatorError::NotLeader { .. }
             | CoordinatorError::Store(_) => true,
             CoordinatorError::Coordination(e) => e.is_transient(),
@@ -325,6 +330,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Unreachable { .. }
             | CoordinatorError::ShuttingDown
             | CoordinatorError::TermChanged { .. }
+            | CoordinatorError::SubmitInProgress(_)
             | CoordinatorError::TermEndedUnread { .. } => tonic::Status::unavailable(msg),
             CoordinatorError::NotLeader { leader } => {
                 let mut status = tonic::Status::unavailable(msg);

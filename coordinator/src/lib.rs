@@ -334,6 +334,7 @@ pub async fn start(
             approvals: config.approvals.clone(),
             environments: config.environments.clone(),
             approving: tokio::sync::Mutex::new(()),
+            submitting: Default::default(),
             auth: config.auth,
             auth_seen: Default::default(),
             refusals_seen: Default::default(),

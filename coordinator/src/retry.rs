@@ -136,9 +136,12 @@ impl Coordinator {
         self.term_ends_here_for_a_fault_test().await;
         if let Err(ended) = self.still_leading_in(epoch) {
             // stored before the next term fenced the store, the retry is that term's now
-            let before = row.state;
-            self.landed_as_the_term_ended(plan_id, ended, |now| now.state != before)
-                .await?;
+            // the retry's state write stamps the row, whatever state the plan is in by now
+            let (before, stamped) = (row.state, row.updated_at_ms);
+            self.landed_as_the_term_ended(plan_id, ended, |now| {
+                now.state != before || now.updated_at_ms != stamped
+            })
+            .await?;
             return self.status(plan_id).await;
         }
         let shards: Vec<String> = run.shards.keys().cloned().collect();

@@ -61,6 +61,8 @@ pub struct Inner {
     /// Held while an approval, a rejection or a cancel of a plan awaiting approval is
     /// decided: two last approvals at once start the plan once.
     pub approving: tokio::sync::Mutex<()>,
+    /// Request ids of submits in progress here (`Coordinator::submit_once`).
+    pub submitting: std::sync::Mutex<std::collections::HashSet<String>>,
     /// When operators must authenticate (see [`crate::auth`]).
     pub auth: crate::auth::AuthMode,
     /// Set once the store was seen holding an operator: authentication stays on.
@@ -486,7 +488,14 @@ impl Coordinator {
             ]),
         );
         self.flush().await;
-        self.still_leading_in(epoch)?;
+        if let Err(ended) = self.still_leading_in(epoch) {
+            // retired before the next term fenced the store: the shard is out all the same
+            self.inner
+                .store
+                .agent(shard)
+                .await?
+                .map_or(Ok(()), |_| Err(ended))?;
+        }
         self.inner.versions.retire(shard);
         warn!(%shard, operator = %actor.name, "shard retired from the fleet");
         Ok(())
@@ -525,12 +534,36 @@ impl Coordinator {
             .plan(plan_id)
             .await?
             .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
-        if !row.state.is_terminal() || row.state == PlanState::RolledBack {
-            return Err(Conflict::Ended {
-                plan_id: plan_id.to_string(),
-                state: row.state,
+        // The refusals `command` makes of this row, before anything is written.
+        match row.state {
+            PlanState::RolledBack => {
+                return Err(Conflict::RolledBack {
+                    plan_id: plan_id.to_string(),
+                }
+                .into());
             }
-            .into());
+            PlanState::Rejected => {
+                return Err(Conflict::Ended {
+                    plan_id: plan_id.to_string(),
+                    state: row.state,
+                }
+                .into());
+            }
+            PlanState::AwaitingApproval => {
+                return Err(Conflict::NotRunning {
+                    plan_id: plan_id.to_string(),
+                    action: "roll back (it awaits approval: cancel or reject it)",
+                }
+                .into());
+            }
+            state if !state.is_terminal() => {
+                return Err(Conflict::NotTakenOver {
+                    plan_id: plan_id.to_string(),
+                    state,
+                }
+                .into());
+            }
+            _ => {}
         }
         let mut raw = hex::decode(&row.spec_hex)
             .ok()
@@ -580,6 +613,19 @@ impl Coordinator {
             );
             self.flush().await;
             self.still_leading_in(epoch)?;
+            // the writer may have given the write up: the broken down SQL must not run again
+            let landed = self
+                .inner
+                .store
+                .plan(plan_id)
+                .await?
+                .is_some_and(|now| now.spec_hex == hex::encode(raw.encode_to_vec()));
+            if !landed {
+                return Err(CoordinatorError::InvalidRequest(format!(
+                    "the new down SQL of plan {plan_id} could not be stored (the coordinator's \
+                     log says why); nothing was rolled back: send it again"
+                )));
+            }
             warn!(plan = %plan_id, migrations = %replaced.join(", "), "down SQL replaced for a rollback");
         }
         self.command(plan_id, CommandKind::Rollback, actor).await

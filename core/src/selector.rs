@@ -213,20 +213,25 @@ fn lex(input: &str) -> Result<Vec<(usize, Tok)>, String> {
                 loop {
                     match chars.next() {
                         Some((_, '"')) => break,
-                        Some((_, '\\')) => match chars.next() {
+                        Some((slash, '\\')) => match chars.next() {
                             Some((_, c @ ('"' | '\\'))) => value.push(c),
-                            Some((i, c)) => {
+                            Some((_, c)) => {
                                 return Err(format!(
                                     "`\\{c}` at column {} in a quoted value: only `\\\"` and `\\\\` are escapes",
-                                    i
+                                    slash + 1
                                 ));
                             }
-                            None => break,
+                            None => {
+                                return Err(format!(
+                                    "the quoted value at column {} has no closing `\"`",
+                                    at + 1
+                                ));
+                            }
                         },
-                        Some((_, c)) if c.is_control() => {
+                        Some((i, c)) if c.is_control() => {
                             return Err(format!(
                                 "a control character in the quoted value at column {}",
-                                at + 1
+                                i + 1
                             ));
                         }
                         Some((_, c)) => value.push(c),
@@ -632,6 +637,8 @@ mod tests {
         assert_eq!(quoted("q\"\\"), "\"q\\\"\\\\\"");
         assert_eq!(sel("t=\"a b\"").to_string(), "t=\"a b\"");
         let e = err("t=\"a b");
+        assert!(e.contains("has no closing"), "{e}");
+        let e = err("t=\"a\\");
         assert!(e.contains("has no closing"), "{e}");
         let e = err("t=\"a\\nb\"");
         assert!(e.contains("only"), "{e}");

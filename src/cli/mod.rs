@@ -651,6 +651,11 @@ pub struct SubmitArgs {
     /// Wait until the plan ends; exit 1 if it failed or was rolled back.
     #[arg(long)]
     pub wait: bool,
+    /// This submission's id (default: a new one per invocation). A submit sent again with
+    /// the id of one that stored its plan answers with that plan instead of starting a
+    /// second: give the same id to every attempt of a pipeline that retries the command.
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
     /// Submit nothing: show what the plan would do (as `plan explain`).
     #[arg(long, conflicts_with = "wait")]
     pub dry_run: bool,
@@ -888,6 +893,15 @@ fn step_statement_timeout(text: &str) -> Result<Duration, String> {
 }
 
 impl Cli {
+    /// Whether this is a command that prints and ends (not a daemon: the coordinator, an
+    /// agent, the quickstart), whose output may go to `head`.
+    pub fn prints_and_ends(&self) -> bool {
+        !matches!(
+            self.command,
+            Command::Coordinator(_) | Command::Agent(_) | Command::Quickstart(_)
+        )
+    }
+
     pub fn worker_threads(&self) -> Option<usize> {
         match (&self.command, self.threads) {
             (_, Some(n)) => Some(n.max(1)),

@@ -299,10 +299,17 @@ pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<Str
     if let Some(env) = &args.promotion.environment {
         raw.environment = env.trim().to_string();
     }
+    // The same id on every attempt of this command (a follower's refusal followed to the
+    // leader): a submit whose plan was stored before its answer was lost is not submitted twice.
+    let request_id = args
+        .request_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let req = pb::SubmitPlanRequest {
         spec: Some(raw),
         skip_promotion_check: args.promotion.skip_promotion_check,
         override_reason: args.promotion.reason.clone().unwrap_or_default(),
+        request_id,
     };
     let (mut c, resp) = match ask_leader(addr, req.clone(), |mut c, req| async move {
         c.submit_plan(req).await

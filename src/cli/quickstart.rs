@@ -325,6 +325,7 @@ async fn run_demo(args: &QuickstartArgs, cluster: &PgCluster, dir: &Path, stop: 
         let submit = super::SubmitArgs {
             path: plan.clone(),
             wait: true,
+            request_id: None,
             dry_run: false,
             max_parallel: None,
             selector: None,

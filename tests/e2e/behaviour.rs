@@ -1052,6 +1052,59 @@ async fn columns_match_journals(fleet: &TestFleet) -> anyhow::Result<usize> {
     Ok(applied)
 }
 
+/// A submit sent again with its request id (a pipeline retrying the command after its
+/// answer was lost) answers with the plan the first stored, and starts no second plan; the
+/// same id for another plan is refused, changing nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_submit_sent_again_with_its_request_id_starts_no_second_plan() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let submit = |dir: String| {
+        let on = &fleet;
+        async move {
+            on.cli(&[
+                "plan",
+                "submit",
+                &dir,
+                "--request-id",
+                "pipeline-42",
+                "--wait",
+                "--output",
+                "json",
+            ])
+            .await
+        }
+    };
+    let first = submit(dir.clone()).await?;
+    assert_eq!(first.code(), Some(0), "{first}");
+    let first: Value = serde_json::from_str(first.stdout.lines().last().unwrap())?;
+    let again = submit(dir.clone()).await?;
+    assert_eq!(again.code(), Some(0), "{again}");
+    assert!(again.stderr.contains("was received before"), "{again}");
+    let again_status: Value = serde_json::from_str(again.stdout.lines().last().unwrap())?;
+    assert_eq!(again_status["plan_id"], first["plan_id"], "{again}");
+    let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert_eq!(plans.as_array().map(Vec::len), Some(1), "{plans}");
+
+    let other = MigrationDir::new()?;
+    other.migration(
+        "001_other",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN other_mark int;",
+        "ALTER TABLE work_orders DROP COLUMN other_mark;",
+    )?;
+    let out = submit(other.path().to_string_lossy().into_owned()).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("request id pipeline-42 was used for plan"),
+        "{out}"
+    );
+    let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert_eq!(plans.as_array().map(Vec::len), Some(1), "{plans}");
+    Ok(())
+}
+
 /// Policy `stop` with one lane: the runs the coordinator had queued on the agent behind
 /// the failing one are not run (before, the agent applied the three tenants queued behind
 /// the failed one in the round trip before the coordinator's halt reached it).

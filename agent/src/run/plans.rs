@@ -601,16 +601,17 @@ impl Agent {
             }
         }
         let mut st = plan.state.lock().expect("plan lock");
+        // runs of an epoch the plan stopped at (a failure meanwhile) are not run either
+        let (stopped, todo): (Vec<Job>, Vec<Job>) =
+            todo.into_iter().partition(|j| st.stopped_for(j.epoch));
+        applied.extend(stopped.iter().map(|j| (false, job::not_run(&j.run))));
         let count = applied.len();
         let last = todo.is_empty() && st.nothing_else(n);
         for (i, (atomic, result)) in applied.into_iter().enumerate() {
             self.report_with(&plan.id, result, atomic || (last && i + 1 == count));
         }
         st.in_flight -= count;
-        if st.halts != halts
-            || todo.iter().any(|j| st.stopped_for(j.epoch))
-            || self.cancel.is_cancelled()
-        {
+        if st.halts != halts || self.cancel.is_cancelled() {
             let (left, last) = (todo.len(), st.nothing_else(todo.len()));
             for (i, job) in todo.into_iter().enumerate() {
                 self.report_with(&plan.id, job::not_run(&job.run), last && i + 1 == left);

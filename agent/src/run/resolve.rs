@@ -33,6 +33,9 @@ pub(crate) struct ScanLog {
     etcd_error: bool,
 }
 
+/// How many gids committed from etcd an agent keeps to tell its coordinator.
+const COMMITTED_KEPT: usize = 10_000;
+
 impl Agent {
     /// The coordinator's decision for some of a plan's prepared transactions here.
     #[instrument(skip_all, fields(shard = %self.config.shard, plan = %req.plan_id, commit = req.commit, epoch = req.epoch))]
@@ -330,6 +333,13 @@ impl Agent {
         )
         .await;
         for (gid, decision, r, _) in finished {
+            if matches!(r, Ok(Finished::Now)) && decision == Decision::Commit && !is_probe(&gid) {
+                let mut committed = self.committed_from_etcd.lock().expect("committed lock");
+                if committed.len() >= COMMITTED_KEPT {
+                    committed.pop_front();
+                }
+                committed.push_back(gid.clone());
+            }
             match r {
                 Ok(Finished::Now) if is_probe(&gid) => {
                     info!(%gid, "rolled back a preflight probe left prepared");

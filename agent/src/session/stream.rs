@@ -117,6 +117,13 @@ pub(super) async fn session(
         version: env!("CARGO_PKG_VERSION").to_string(),
         max_lanes: agent.config.max_connections,
         database: agent.database.clone(),
+        committed: agent
+            .committed_from_etcd
+            .lock()
+            .expect("committed lock")
+            .iter()
+            .cloned()
+            .collect(),
     };
     // cannot fail: the channel is new, empty and its receiver is still here
     let _ = tx.try_send(pb::AgentMessage {

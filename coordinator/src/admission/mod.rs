@@ -39,11 +39,76 @@ impl Coordinator {
     }
 
     /// `submit`, saying how the promotion gate treats the plan.
-    #[instrument(skip_all, fields(plan = %raw.name))]
     pub async fn submit_as(
         &self,
         raw: pb::PlanSpec,
         promotion: Promotion,
+    ) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
+        self.submit_inner(raw, promotion, None).await
+    }
+
+    /// A submit its client may send more than once (its answer lost with a cut
+    /// connection, or sent on to a new leader): with a request id, the plan a submission
+    /// with that id stored is the answer, and nothing new is submitted. The same id for
+    /// another plan (by name, migrations and their checksums) is refused; one in progress
+    /// here is answered "in progress, send it again".
+    pub async fn submit_once(
+        &self,
+        raw: pb::PlanSpec,
+        promotion: Promotion,
+        request_id: &str,
+    ) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
+        if request_id.is_empty() {
+            return self.submit_as(raw, promotion).await;
+        }
+        self.leader_epoch()?;
+        let Some(_claim) = SubmissionClaim::take(&self.inner.submitting, request_id) else {
+            return Err(CoordinatorError::SubmitInProgress(request_id.to_string()));
+        };
+        if let Some(plan_id) = self.inner.store.plan_of_request(request_id).await? {
+            let row = self
+                .inner
+                .store
+                .plan(&plan_id)
+                .await?
+                .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.clone()))?;
+            let stored = hex::decode(&row.spec_hex)
+                .ok()
+                .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
+                .unwrap_or_default();
+            let same = |spec: &pb::PlanSpec| -> Vec<(String, String)> {
+                spec.migrations
+                    .iter()
+                    .map(|m| (m.id.clone(), flotilla_core::checksum(&m.up_sql)))
+                    .collect()
+            };
+            if row.name != raw.name || same(&stored) != same(&raw) {
+                return Err(CoordinatorError::InvalidRequest(format!(
+                    "request id {request_id} was used for plan {plan_id} ({}): another plan \
+                     needs another request id",
+                    row.name
+                )));
+            }
+            info!(plan = %plan_id, %request_id, "a submit sent again: answered with the plan it stored");
+            return Ok(pb::SubmitPlanResponse {
+                status: self.status(&plan_id).await.ok(),
+                warnings: vec![format!(
+                    "this submit (request id {request_id}) was received before: plan {plan_id} \
+                     is the one it stored, and nothing new was submitted"
+                )],
+                plan_id,
+                findings: Vec::new(),
+            });
+        }
+        self.submit_inner(raw, promotion, Some(request_id)).await
+    }
+
+    #[instrument(skip_all, fields(plan = %raw.name))]
+    async fn submit_inner(
+        &self,
+        raw: pb::PlanSpec,
+        promotion: Promotion,
+        request_id: Option<&str>,
     ) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
         let epoch = self.leader_epoch()?;
         let started = std::time::Instant::now();
@@ -88,6 +153,7 @@ impl Coordinator {
             epoch,
             created,
             awaiting: awaiting.as_deref(),
+            request_id,
         })
         .await;
         if let Some(audit) = skipped_gate {
@@ -263,6 +329,7 @@ impl Coordinator {
             epoch,
             created,
             awaiting,
+            request_id,
         } = *new;
         let mut stored = pb::PlanSpec::from(spec);
         // Freeze the scope the plan resolved to, so a rebuild sees the same steps.
@@ -314,6 +381,12 @@ impl Coordinator {
         // One transaction: a plan stored without its waves or its submit's audit entry
         // would be one no reader expects.
         let mut together = vec![StoreOp::InsertPlan { plan: row, steps }];
+        if let Some(request_id) = request_id {
+            together.push(StoreOp::Submission {
+                request_id: request_id.to_string(),
+                plan_id: plan_id.to_string(),
+            });
+        }
         if !spec.rollout.waves.is_empty() {
             let mut names: Vec<&str> = spec.rollout.waves.iter().map(|w| w.name.as_str()).collect();
             if !spec.rollout.watch.is_zero() {
@@ -472,6 +545,36 @@ struct NewPlan<'a> {
     created: i64,
     /// What approvals it waits for, when it does.
     awaiting: Option<&'a str>,
+    /// The client's id for the submission (`pb::SubmitPlanRequest::request_id`).
+    request_id: Option<&'a str>,
+}
+
+/// A request id being submitted here, released when the submit is answered.
+struct SubmissionClaim<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    id: String,
+}
+
+impl<'a> SubmissionClaim<'a> {
+    fn take(
+        set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+        id: &str,
+    ) -> Option<SubmissionClaim<'a>> {
+        let mut held = set.lock().unwrap_or_else(|p| p.into_inner());
+        held.insert(id.to_string()).then(|| SubmissionClaim {
+            set,
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for SubmissionClaim<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 fn new_plan_id() -> String {

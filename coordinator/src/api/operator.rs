@@ -113,7 +113,15 @@ impl pb::operator_service_server::OperatorService for Coordinator {
             self.skip_promotion_allowed(from.caller.as_ref(), &from.peer)
                 .await?;
         }
-        Ok(Response::new(self.submit_as(spec, promotion).await?))
+        let request_id = req.request_id.trim();
+        if request_id.len() > 128 || !request_id.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(Status::invalid_argument(
+                "--request-id: at most 128 printable ASCII characters, no spaces",
+            ));
+        }
+        Ok(Response::new(
+            self.submit_once(spec, promotion, request_id).await?,
+        ))
     }
 
     async fn explain_plan(

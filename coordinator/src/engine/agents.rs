@@ -163,12 +163,6 @@ impl Engine {
                 lanes: sr.lanes.max(1),
                 runs,
             }));
-            // A plan stopping (a failure, a cancel) while the agent was away: the halt it
-            // missed follows, so what it has not run of them yet it answers not run (the
-            // journal answers for what it ran), and the plan can end.
-            if matches!(run.state, PlanState::Stopping | PlanState::Aborting) {
-                agent.send(outbound::halt(plan_id));
-            }
         }
     }
 }

@@ -209,13 +209,44 @@ impl Engine {
     }
 
     /// The agent of a shard forgotten while a plan commits attached again before the plan
-    /// ended: the forget is undone (`PlanRun::shard_back`), and the shard resolves under
-    /// the decision as any other does, so the plan can end committed everywhere.
+    /// ended, with its part of the unit in hand: the forget is undone
+    /// (`PlanRun::shard_back`), and the shard resolves under the decision as any other does,
+    /// so the plan can end committed everywhere. In hand means every transaction of the
+    /// unit this leader knows it prepared there (any, after a change of coordinator) is
+    /// still in doubt there or was committed by the agent from the decision in etcd since
+    /// it started. A shard back without them (its database restored from a backup, or
+    /// made anew) stays forgotten: its part is not confirmed, whatever a Resolve would say
+    /// of transactions it does not hold.
     pub(super) fn forgotten_shard_back(&mut self, shard: &str) {
+        let held: std::collections::BTreeSet<&str> = self
+            .in_doubt
+            .get(shard)
+            .into_iter()
+            .chain(self.committed.get(shard))
+            .flatten()
+            .map(String::as_str)
+            .collect();
         let ids: Vec<String> = self
             .plans
             .iter()
             .filter(|(_, run)| run.forgotten_shards().contains(shard))
+            .filter(|(id, run)| {
+                let unit = run.unit_key();
+                let known: Vec<&str> = run
+                    .shards
+                    .get(shard)
+                    .map(|sr| sr.prepared.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                let in_hand = if known.is_empty() {
+                    held.iter().any(|g| gid::unit_of(g) == Some(unit.as_str()))
+                } else {
+                    known.iter().all(|g| held.contains(g))
+                };
+                if !in_hand {
+                    info!(plan = %id, shard = %shard, "a forgotten shard's agent is back without the unit's transactions (neither in doubt nor committed from etcd since its start): it stays not confirmed");
+                }
+                in_hand
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for plan_id in ids {

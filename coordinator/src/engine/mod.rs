@@ -67,6 +67,8 @@ pub enum Event {
         max_lanes: u32,
         /// Flotilla's prepared transactions the agent could not resolve alone.
         in_doubt: Vec<String>,
+        /// Those it committed from etcd since it started (`pb::Hello::committed`).
+        committed: Vec<String>,
         /// The epoch the session was welcomed under.
         epoch: u64,
     },
@@ -225,6 +227,8 @@ pub struct Engine {
     agent_grace: Duration,
     /// Each shard's in-doubt prepared transactions, as its agent reported at attach.
     in_doubt: HashMap<String, Vec<String>>,
+    /// Each shard's prepared transactions its agent committed from etcd since it started.
+    committed: HashMap<String, Vec<String>>,
     /// Since when a shard with runs in flight is detached from here but alive.
     detached_alive: HashMap<String, Instant>,
     /// Shards whose "detached but alive" was logged once.
@@ -275,6 +279,7 @@ impl Engine {
             lost_since: HashMap::new(),
             agent_grace,
             in_doubt: HashMap::new(),
+            committed: HashMap::new(),
             detached_alive: HashMap::new(),
             waited: Default::default(),
             store,
@@ -331,8 +336,10 @@ impl Engine {
                 tx,
                 max_lanes,
                 in_doubt,
+                committed,
                 epoch,
             } => {
+                self.committed.insert(shard.clone(), committed);
                 self.on_attached(
                     shard,
                     AgentConn::new(conn_id, tx, max_lanes),

@@ -74,6 +74,7 @@ fn attached(
         tx,
         max_lanes: 4,
         in_doubt: Vec::new(),
+        committed: Vec::new(),
         epoch,
     }
 }
@@ -659,10 +660,11 @@ async fn a_shard_gone_for_good_is_forgotten_and_the_committing_plan_ends_failed(
     ));
 }
 
-/// A forgotten shard whose agent comes back before the plan ended: the forget is undone,
-/// the shard is told the decision as any other, and the plan ends committed everywhere,
-/// with no failure left (before, it ended failed, "not confirmed" on a shard that had
-/// committed).
+/// A forgotten shard whose agent comes back before the plan ended with the unit's
+/// transaction in hand (in doubt there): the forget is undone, the shard is told the
+/// decision as any other, and the plan ends committed everywhere, with no failure left
+/// (before, it ended failed, "not confirmed" on a shard that had committed). Back without
+/// it (its database restored from a backup), it stays forgotten.
 #[tokio::test]
 async fn a_forgotten_shard_back_before_the_plan_ended_commits_with_the_rest() {
     let (changes, mut told) = broadcast::channel(64);
@@ -680,7 +682,35 @@ async fn a_forgotten_shard_back_before_the_plan_ended_commits_with_the_rest() {
         .unwrap();
     let status = forget(&events, "s1").await.expect("forgotten");
     assert_eq!(status.failures.len(), 1, "{:?}", status.failures);
-    let mut back = attach(&events, "s1", 3).await;
+    // back without the unit's transaction (its database restored from a backup): stays
+    // forgotten, no Resolve
+    let mut empty = attach(&events, "s1", 3).await;
+    events
+        .send(Event::Detached {
+            shard: "s1".into(),
+            conn_id: 3,
+        })
+        .await
+        .unwrap();
+    let refused = forget_refused(&events, "s1").await;
+    assert!(refused.contains("was forgotten already"), "{refused}");
+    while let Ok(m) = empty.try_recv() {
+        assert!(!matches!(m.body, Some(Body::Resolve(_))), "{m:?}");
+    }
+    // back with it still in doubt: forgotten no more, told the decision
+    let (tx, mut back) = mpsc::channel(16);
+    events
+        .send(Event::Attached {
+            shard: "s1".into(),
+            conn_id: 4,
+            tx,
+            max_lanes: 4,
+            in_doubt: vec![r1.prepare_gid.clone()],
+            committed: Vec::new(),
+            epoch: 1,
+        })
+        .await
+        .unwrap();
     match next_decision_or_rollback(&mut back).await {
         Body::Resolve(r) => {
             assert!(r.commit, "{r:?}");

@@ -115,6 +115,7 @@ impl Coordinator {
             tx,
             max_lanes: hello.max_lanes,
             in_doubt: hello.in_doubt.clone(),
+            committed: hello.committed.clone(),
             epoch,
         })
         .await;

@@ -102,28 +102,7 @@ impl Store {
             SecretUrl::new(sqlite_url(location.expose()))
         };
         if is_pg {
-            // The pool's first connection error is lost in its timeout ("pool timed out
-            // while waiting for an open connection", 30 s later): one connection first says
-            // why (refused, no such database, authentication) at once.
-            use sqlx::Connection;
-            let first = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                sqlx::AnyConnection::connect(url.expose()),
-            )
-            .await;
-            match first {
-                Ok(Ok(conn)) => {
-                    let _ = conn.close().await;
-                }
-                Ok(Err(source)) => {
-                    return Err(StoreError::Open {
-                        location: url.redacted(),
-                        source,
-                    });
-                }
-                // no answer: the pool below waits, and says so
-                Err(_) => {}
-            }
+            probe_postgres(&url).await?;
         }
         let pool = AnyPoolOptions::new()
             .max_connections(if is_pg { 8 } else { 4 })
@@ -372,6 +351,16 @@ impl Store {
             .filter(|p| !p.is_terminal() && *p != PlanState::AwaitingApproval)
             .collect();
         self.plans_in(&open).await
+    }
+
+    /// The plan a submission with this client's id stored, if one did.
+    pub async fn plan_of_request(&self, request_id: &str) -> Result<Option<String>, StoreError> {
+        let found: Option<(String,)> =
+            sqlx::query_as("SELECT plan_id FROM submissions WHERE request_id = $1")
+                .bind(request_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.map(|(id,)| id))
     }
 
     /// The plans not ended (awaiting approval too) with steps on `shard`.
@@ -716,6 +705,43 @@ fn is_postgres(location: &str) -> bool {
 /// created when missing (`mode=rwc`) unless the URL says which mode it wants. sqlx's own
 /// default for a `sqlite://` URL refuses a file that does not exist yet ("unable to open
 /// database file"), which is not what someone pointing a new coordinator at a new file means.
+/// One connection to a PostgreSQL store before its pool: the pool's errors are lost in its
+/// timeout ("pool timed out while waiting for an open connection", 30 s later), where this
+/// says why. A store that refuses the role or has no such database is named at once; one
+/// not up yet (refused, starting) is tried for as long as the pool would wait, then named
+/// with its last error, so a coordinator started beside its store still comes up.
+async fn probe_postgres(url: &SecretUrl) -> Result<(), StoreError> {
+    use sqlx::Connection;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let attempt = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            sqlx::AnyConnection::connect(url.expose()),
+        )
+        .await;
+        let error = match attempt {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                return Ok(());
+            }
+            Ok(Err(e)) => e,
+            // no answer: the pool waits, and says so
+            Err(_) => return Ok(()),
+        };
+        let for_good = error
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|code| code.starts_with("28") || code == "3D000");
+        if for_good || std::time::Instant::now() >= deadline {
+            return Err(StoreError::Open {
+                location: url.redacted(),
+                source: error,
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 fn sqlite_url(location: &str) -> String {
     if !location.starts_with("sqlite:") {
         return format!("sqlite://{location}?mode=rwc");

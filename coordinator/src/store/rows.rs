@@ -106,6 +106,11 @@ pub enum StoreOp {
         plan_id: String,
         entries: Vec<pb::DataProgress>,
     },
+    /// A client's id for the submission that stored `plan_id` (with the plan's row).
+    Submission {
+        request_id: String,
+        plan_id: String,
+    },
     /// A shard's agent row deleted (`fleet retire`): the fleet forgets the shard.
     RetireAgent {
         shard: String,
@@ -163,6 +168,13 @@ impl StoreOp {
             StoreOp::Waves { plan_id, waves } => StoreOp::Waves {
                 plan_id: plan_id.clone(),
                 waves: waves.clone(),
+            },
+            StoreOp::Submission {
+                request_id,
+                plan_id,
+            } => StoreOp::Submission {
+                request_id: request_id.clone(),
+                plan_id: plan_id.clone(),
             },
             StoreOp::RetireAgent { shard } => StoreOp::RetireAgent {
                 shard: shard.clone(),

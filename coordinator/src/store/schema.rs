@@ -1,21 +1,32 @@
 //! The control store's tables (created at start; `schema_version` in `flotilla_meta`).
-pub(super) const SCHEMA_VERSION: i64 = 2;
+pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// What each version adds to the one before, in order: a store of an older version is
 /// brought up to date at start (the tables of version 1 are `SCHEMA`).
-pub(super) const UPGRADES: &[(i64, &[&str])] = &[(
-    2,
-    &[
-        // progressive rollouts: each step's wave, and each wave's state
-        "ALTER TABLE steps ADD COLUMN wave BIGINT NOT NULL DEFAULT 0",
-        // where a stopping plan ends (failed, cancelled, halted): a new leader that finds
-        // it stopping finishes the stop, it does not undo the plan
-        "ALTER TABLE plans ADD COLUMN ends TEXT NOT NULL DEFAULT 'failed'",
-        "CREATE TABLE IF NOT EXISTS waves (
+pub(super) const UPGRADES: &[(i64, &[&str])] = &[
+    (
+        2,
+        &[
+            // progressive rollouts: each step's wave, and each wave's state
+            "ALTER TABLE steps ADD COLUMN wave BIGINT NOT NULL DEFAULT 0",
+            // where a stopping plan ends (failed, cancelled, halted): a new leader that finds
+            // it stopping finishes the stop, it does not undo the plan
+            "ALTER TABLE plans ADD COLUMN ends TEXT NOT NULL DEFAULT 'failed'",
+            "CREATE TABLE IF NOT EXISTS waves (
             plan_id TEXT NOT NULL, idx BIGINT NOT NULL, name TEXT NOT NULL, state TEXT NOT NULL,
             bake_until_ms BIGINT, gate TEXT NOT NULL DEFAULT '', PRIMARY KEY (plan_id, idx))",
-    ],
-)];
+        ],
+    ),
+    (
+        3,
+        &[
+            // a client's id for a submission, and the plan it stored (a submit sent again
+            // answers with that plan)
+            "CREATE TABLE IF NOT EXISTS submissions (
+            request_id TEXT PRIMARY KEY, plan_id TEXT NOT NULL, at_ms BIGINT NOT NULL)",
+        ],
+    ),
+];
 
 pub(super) const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS flotilla_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",

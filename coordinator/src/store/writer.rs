@@ -172,6 +172,7 @@ fn plans_of(ops: &[StoreOp]) -> String {
                 }
                 StoreOp::PlanState { plan_id, .. }
                 | StoreOp::PlanSpec { plan_id, .. }
+                | StoreOp::Submission { plan_id, .. }
                 | StoreOp::Steps { plan_id, .. }
                 | StoreOp::Waves { plan_id, .. }
                 | StoreOp::DataProgress { plan_id, .. } => {
@@ -198,6 +199,7 @@ fn describe(op: &StoreOp) -> String {
         StoreOp::PlanState { plan_id, state, .. } => format!("plan {plan_id}'s state {state}"),
         StoreOp::PlanSpec { plan_id, .. } => format!("plan {plan_id}'s spec"),
         StoreOp::RetireAgent { shard } => format!("retirement of shard {shard}"),
+        StoreOp::Submission { plan_id, .. } => format!("plan {plan_id}'s request id"),
         StoreOp::Steps { plan_id, updates } => {
             format!("{} step updates of plan {plan_id}", updates.len())
         }
@@ -430,6 +432,20 @@ impl Store {
                 }
                 StoreOp::Steps { plan_id, updates } => {
                     write_steps(&mut tx, self.is_pg, &plan_id, updates).await?;
+                }
+                StoreOp::Submission {
+                    request_id,
+                    plan_id,
+                } => {
+                    sqlx::query(
+                        "INSERT INTO submissions (request_id, plan_id, at_ms) VALUES ($1, $2, $3)",
+                    )
+                    .bind(request_id)
+                    .bind(plan_id)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
                 }
                 StoreOp::RetireAgent { shard } => {
                     sqlx::query("DELETE FROM agents WHERE shard = $1")

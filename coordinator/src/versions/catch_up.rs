@@ -143,6 +143,11 @@ impl Coordinator {
                 continue;
             }
             for (tenant, migrations) in selected_migrations(&spec, &fleet) {
+                // a plan that gives the tenant nothing (its migrations of scope shard) says
+                // nothing of its environment either
+                if migrations.is_empty() {
+                    continue;
+                }
                 let (theirs, environment) = chosen.entry(tenant).or_default();
                 for m in migrations {
                     let mut migration = raw.migrations[m].clone();

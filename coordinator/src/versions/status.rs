@@ -366,14 +366,24 @@ pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, St
             // the schema's fingerprint and drift: see `query::fleet_show`
             ..Default::default()
         },
-        // A shard whose journal was not heard, or the shard itself with nothing for it.
-        None => pb::FleetTarget {
-            shard,
-            tenant,
-            last_failure: failure,
-            reported,
-            ..Default::default()
-        },
+        // A shard whose journal was not heard, or the shard itself with nothing for it: its
+        // labels all the same (before, empty until a journal row came).
+        None => {
+            let view = &input.fleet[&shard];
+            let entry = view
+                .tenants
+                .iter()
+                .find(|(t, _)| !tenant.is_empty() && *t == tenant);
+            let labels = planner::target_labels(&shard, view, entry);
+            pb::FleetTarget {
+                labels: labels.into_iter().collect(),
+                shard,
+                tenant,
+                last_failure: failure,
+                reported,
+                ..Default::default()
+            }
+        }
     })
 }
 

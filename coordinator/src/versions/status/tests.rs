@@ -355,6 +355,14 @@ fn a_failure_shows_in_status_and_show_and_names_resolve() {
     assert!(e.contains("`tenant_9`"), "{e}");
     let e = show_target(&input, "shard_9/tenant_0").unwrap_err();
     assert!(e.contains("no shard `shard_9`"), "{e}");
+    // the shard itself, nothing expected of it and no journal row: its labels all the same
+    let t = show_target(&input, "shard_1").unwrap();
+    assert!(t.journal.is_empty());
+    assert_eq!(
+        t.labels.get("shard").map(String::as_str),
+        Some("shard_1"),
+        "{t:?}"
+    );
 }
 
 #[test]
