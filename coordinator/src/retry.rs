@@ -35,12 +35,7 @@ impl Coordinator {
             }
             .into());
         }
-        let row = self
-            .inner
-            .store
-            .plan(plan_id)
-            .await?
-            .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
+        let row = self.stored_plan(plan_id).await?;
         if !matches!(
             row.state,
             PlanState::Failed | PlanState::Halted | PlanState::CompletedWithFailures

@@ -308,12 +308,7 @@ impl Coordinator {
         {
             return Ok(s);
         }
-        let row = self
-            .inner
-            .store
-            .plan(plan_id)
-            .await?
-            .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
+        let row = self.stored_plan(plan_id).await?;
         // What the status needs of the plan itself: its migrations' order and its waves.
         let raw = hex::decode(&row.spec_hex)
             .ok()
@@ -373,12 +368,7 @@ impl Coordinator {
         let revive = if in_memory || kind == CommandKind::Cancel {
             None
         } else {
-            let row = self
-                .inner
-                .store
-                .plan(plan_id)
-                .await?
-                .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
+            let row = self.stored_plan(plan_id).await?;
             if row.state == PlanState::RolledBack {
                 return Err(Conflict::RolledBack {
                     plan_id: plan_id.to_string(),
@@ -528,12 +518,7 @@ impl Coordinator {
                  what it has"
             )));
         }
-        let row = self
-            .inner
-            .store
-            .plan(plan_id)
-            .await?
-            .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
+        let row = self.stored_plan(plan_id).await?;
         // The refusals `command` makes of this row, before anything is written.
         match row.state {
             PlanState::RolledBack => {
@@ -653,6 +638,32 @@ impl Coordinator {
         }
     }
 
+    /// The plan's row in the control store, or PlanNotFound.
+    pub(crate) async fn stored_plan(
+        &self,
+        plan_id: &str,
+    ) -> Result<crate::store::PlanRow, CoordinatorError> {
+        self.inner
+            .store
+            .plan(plan_id)
+            .await?
+            .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))
+    }
+
+    /// A command the engine carries out on a plan it holds (`make` builds its event from
+    /// the plan's id and the reply), on the leader; a refusal as "not running" named by the
+    /// store (`named_if_not_running`).
+    async fn plan_command(
+        &self,
+        plan_id: String,
+        make: impl FnOnce(String, oneshot::Sender<Result<pb::PlanStatus, CoordinatorError>>) -> Event,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        self.leader_epoch()?;
+        let id = plan_id.clone();
+        let answer = self.to_engine(|reply| make(id, reply)).await?;
+        self.named_if_not_running(&plan_id, answer).await
+    }
+
     /// Cancels one shard of a running plan (policies stop and continue).
     pub async fn cancel_shard(
         &self,
@@ -660,17 +671,13 @@ impl Coordinator {
         shard: String,
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
-        self.leader_epoch()?;
-        let id = plan_id.clone();
-        let answer = self
-            .to_engine(|reply| Event::CancelShard {
-                plan_id,
-                shard,
-                actor,
-                reply,
-            })
-            .await?;
-        self.named_if_not_running(&id, answer).await
+        self.plan_command(plan_id, |plan_id, reply| Event::CancelShard {
+            plan_id,
+            shard,
+            actor,
+            reply,
+        })
+        .await
     }
 
     /// Pauses or resumes a running plan, or one shard of it (`c.shard`).
@@ -681,18 +688,14 @@ impl Coordinator {
         paused: bool,
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
-        self.leader_epoch()?;
-        let id = plan_id.clone();
-        let answer = self
-            .to_engine(|reply| Event::Pause {
-                plan_id,
-                shard,
-                paused,
-                actor,
-                reply,
-            })
-            .await?;
-        self.named_if_not_running(&id, answer).await
+        self.plan_command(plan_id, |plan_id, reply| Event::Pause {
+            plan_id,
+            shard,
+            paused,
+            actor,
+            reply,
+        })
+        .await
     }
 
     /// `plan promote`: a plan waiting at a wave's manual gate goes on to the next wave.
@@ -701,16 +704,12 @@ impl Coordinator {
         plan_id: String,
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
-        self.leader_epoch()?;
-        let id = plan_id.clone();
-        let answer = self
-            .to_engine(|reply| Event::Promote {
-                plan_id,
-                actor,
-                reply,
-            })
-            .await?;
-        self.named_if_not_running(&id, answer).await
+        self.plan_command(plan_id, |plan_id, reply| Event::Promote {
+            plan_id,
+            actor,
+            reply,
+        })
+        .await
     }
 
     /// `plan halt`: the plan stops where it is; what applied stays; it ends halted.
@@ -719,16 +718,12 @@ impl Coordinator {
         plan_id: String,
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
-        self.leader_epoch()?;
-        let id = plan_id.clone();
-        let answer = self
-            .to_engine(|reply| Event::Halt {
-                plan_id,
-                actor,
-                reply,
-            })
-            .await?;
-        self.named_if_not_running(&id, answer).await
+        self.plan_command(plan_id, |plan_id, reply| Event::Halt {
+            plan_id,
+            actor,
+            reply,
+        })
+        .await
     }
 
     /// `plan forget-shard`: a shard whose agent is gone for good stops holding up the commit
@@ -755,12 +750,7 @@ impl Coordinator {
             Ok(_) => self.status(&plan_id).await,
             // Not in the engine: the store says whether it ended or is yet to be taken over.
             Err(CoordinatorError::PlanNotFound(_)) => {
-                let row = self
-                    .inner
-                    .store
-                    .plan(&plan_id)
-                    .await?
-                    .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.clone()))?;
+                let row = self.stored_plan(&plan_id).await?;
                 let now = if row.state.is_terminal() || row.state == PlanState::AwaitingApproval {
                     row.state.to_string()
                 } else {

@@ -5,10 +5,9 @@
 //! and the plan locks are the same before and after.
 use serde_json::Value;
 
-use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT};
+use crate::fleet::{Cli, MigrationDir, TestFleet};
 use crate::ha::HaFleet;
 use crate::harness::http::post_json;
-use crate::harness::wait_until;
 
 /// Two migrations: one whose ALTER TABLE takes ACCESS EXCLUSIVE, one whose concurrent
 /// index build takes SHARE UPDATE EXCLUSIVE.
@@ -248,16 +247,7 @@ async fn a_dry_run_estimates_from_history_and_names_an_absent_shard() -> anyhow:
 
     // One shard's agent gone: its targets are shown from what the coordinator knew, their
     // sizes unknown, the shard named; the other shard's are read.
-    if let Some(mut agent) = fleet.agents[1].take() {
-        agent.kill()?;
-    }
-    wait_until("one agent attached", WAIT, async || {
-        let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
-        Ok(v.as_array()
-            .map(|a| a.iter().filter(|x| x["connected"] == true).count())
-            == Some(1))
-    })
-    .await?;
+    kill_agent(&mut fleet, 1, 1).await?;
     let before = observed_store(&fleet).await?;
     let v = fleet
         .json(&["plan", "explain", &path, "--output", "json"])
@@ -307,16 +297,7 @@ async fn an_empty_shard_gone_away_does_not_refuse_a_plan_of_its_tenants() -> any
         })
         .start()
         .await?;
-    if let Some(mut agent) = fleet.agents[2].take() {
-        agent.kill()?;
-    }
-    wait_until("two agents attached", WAIT, async || {
-        let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
-        Ok(v.as_array()
-            .map(|a| a.iter().filter(|x| x["connected"] == true).count())
-            == Some(2))
-    })
-    .await?;
+    kill_agent(&mut fleet, 2, 2).await?;
     let dir = plan()?;
     let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 0, "{out}");
@@ -352,16 +333,7 @@ async fn a_shard_retired_for_good_leaves_the_fleet() -> anyhow::Result<()> {
             .contains("the agent of shard shard_1 is attached"),
         "{out}"
     );
-    if let Some(mut agent) = fleet.agents[1].take() {
-        agent.kill()?;
-    }
-    wait_until("one agent attached", WAIT, async || {
-        let v = fleet.json(&["fleet", "list", "--output", "json"]).await?;
-        Ok(v.as_array()
-            .map(|a| a.iter().filter(|x| x["connected"] == true).count())
-            == Some(1))
-    })
-    .await?;
+    kill_agent(&mut fleet, 1, 1).await?;
     let dir = plan()?;
     let out = fleet
         .cli(&["plan", "submit", &dir.path().to_string_lossy()])
@@ -394,6 +366,14 @@ async fn a_shard_retired_for_good_leaves_the_fleet() -> anyhow::Result<()> {
         "{audit}"
     );
     Ok(())
+}
+
+/// Kills shard `s`'s agent and waits until the coordinator lists `left` agents connected.
+async fn kill_agent(fleet: &mut TestFleet, s: usize, left: usize) -> anyhow::Result<()> {
+    if let Some(mut agent) = fleet.agents[s].take() {
+        agent.kill()?;
+    }
+    fleet.wait_attached(left).await
 }
 
 /// The control store's plans, audit trail and the plan locks (the shard of a killed agent

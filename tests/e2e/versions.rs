@@ -215,21 +215,8 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
         .pg
         .psql(&fleet.shards[1], &tenant_sql("tenant_0900", 2))
         .await?;
-    let plan = wait_for("the catch-up plan to complete", WAIT, async || {
-        let list = fleet
-            .cli(&["plan", "list", "--output", "json"])
-            .await?
-            .expect_success()?
-            .last_json()?;
-        let found = list
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["name"] == "catch-up-shard_1/tenant_0900")
-            .cloned();
-        Ok(found.filter(|p| p["state"] == "completed"))
-    })
-    .await?;
+    let plan = catch_up_ended(&fleet, "catch-up-shard_1/tenant_0900").await?;
+    assert_eq!(plan["state"], "completed", "{plan}");
     assert_eq!(plan["targets"], 1, "{plan}");
     let columns = fleet
         .pg
@@ -309,21 +296,7 @@ async fn catch_up_follows_each_new_tenants_selection_whatever_its_name() -> anyh
         .pg
         .psql(&fleet.shards[0], &format!("BEGIN;\n{sql}\nCOMMIT;"))
         .await?;
-    let plan = wait_for("the catch-up plan to complete", WAIT, async || {
-        let list = fleet
-            .cli(&["plan", "list", "--output", "json"])
-            .await?
-            .expect_success()?
-            .last_json()?;
-        let found = list
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["name"] == "catch-up-shard_0-2-tenants")
-            .cloned();
-        Ok(found.filter(|p| p["state"] != "running"))
-    })
-    .await?;
+    let plan = catch_up_ended(&fleet, "catch-up-shard_0-2-tenants").await?;
     assert_eq!(plan["state"], "completed", "{plan}");
     assert_eq!(plan["targets"], 2, "{plan}");
     let noted = fleet
@@ -345,6 +318,31 @@ async fn catch_up_follows_each_new_tenants_selection_whatever_its_name() -> anyh
         "tenant_0901, which the plan's selector leaves out, has no note"
     );
     Ok(())
+}
+
+/// The catch-up plan `name` (in `plan list`) once it ended.
+async fn catch_up_ended(fleet: &TestFleet, name: &str) -> anyhow::Result<Value> {
+    wait_for(
+        &format!("the catch-up plan {name} to end"),
+        WAIT,
+        async || {
+            let list = fleet
+                .cli(&["plan", "list", "--output", "json"])
+                .await?
+                .expect_success()?
+                .last_json()?;
+            let found = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == name)
+                .cloned();
+            Ok(found.filter(|p| {
+                flotilla_core::state::PlanState::is_terminal_str(p["state"].as_str().unwrap_or(""))
+            }))
+        },
+    )
+    .await
 }
 
 /// `fleet drift --output json`: its exit code and answer.

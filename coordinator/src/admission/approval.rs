@@ -311,12 +311,7 @@ impl Coordinator {
         plan_id: &str,
         action: &'static str,
     ) -> Result<PlanRow, CoordinatorError> {
-        let row = self
-            .inner
-            .store
-            .plan(plan_id)
-            .await?
-            .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.to_string()))?;
+        let row = self.stored_plan(plan_id).await?;
         if row.state != PlanState::AwaitingApproval {
             return Err(Conflict::NotAwaitingApproval {
                 plan_id: plan_id.to_string(),

@@ -66,12 +66,7 @@ impl Coordinator {
             return Err(CoordinatorError::SubmitInProgress(request_id.to_string()));
         };
         if let Some(plan_id) = self.inner.store.plan_of_request(request_id).await? {
-            let row = self
-                .inner
-                .store
-                .plan(&plan_id)
-                .await?
-                .ok_or_else(|| CoordinatorError::PlanNotFound(plan_id.clone()))?;
+            let row = self.stored_plan(&plan_id).await?;
             let stored = hex::decode(&row.spec_hex)
                 .ok()
                 .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
