@@ -486,6 +486,22 @@ impl Coordinator {
                 .await?
                 .map_or(Ok(()), |_| Err(ended))?;
         }
+        // An agent of it that attached between the checks and the delete keeps its row.
+        if let Some(back) = self.inner.fleet.snapshot().remove(shard) {
+            self.write_under(
+                epoch,
+                StoreOp::Agent {
+                    shard: shard.to_string(),
+                    labels: serde_json::to_string(&back.labels).unwrap_or_else(|_| "{}".into()),
+                    tenants: crate::sessions::tenants_json(&back.tenants),
+                    version: back.version.clone(),
+                },
+            );
+            self.flush().await;
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "the agent of shard {shard} attached while it was retired: it stays in the fleet"
+            )));
+        }
         self.inner.versions.retire(shard);
         warn!(%shard, operator = %actor.name, "shard retired from the fleet");
         Ok(())

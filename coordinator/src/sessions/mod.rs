@@ -29,7 +29,7 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Sized for bursts of assignments; what does not fit waits in the engine's backlog.
 const STREAM_CAPACITY: usize = 4096;
 
-fn tenants_json(tenants: &[pb::Tenant]) -> String {
+pub(crate) fn tenants_json(tenants: &[pb::Tenant]) -> String {
     let v: Vec<(String, BTreeMap<String, String>)> = tenants
         .iter()
         .map(|t| (t.name.clone(), t.labels.clone().into_iter().collect()))
