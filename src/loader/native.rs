@@ -87,7 +87,8 @@ impl TestTable {
                         toml::Value::String(s) => Ok(Some(s.clone())),
                         toml::Value::Integer(i) => Ok(Some(i.to_string())),
                         toml::Value::Float(f) => Ok(Some(f.to_string())),
-                        toml::Value::Boolean(b) => Ok(Some(b.to_string())),
+                        // as PostgreSQL prints a boolean
+                        toml::Value::Boolean(b) => Ok(Some(if *b { "t" } else { "f" }.into())),
                         other => Err(format!(
                             "[test] expect: row {} value {}: {} is not a string, number or boolean",
                             r + 1,

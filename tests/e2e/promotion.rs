@@ -401,6 +401,20 @@ async fn plan_test_passes_the_example_and_names_a_down_that_forgets_a_column() -
         "{out}"
     );
 
+    // Values compared as PostgreSQL prints them: a boolean `t` (TOML true or "t"), a
+    // timestamp with a space (before, a JSON rendering said "true" and "T").
+    let texts = MigrationDir::new()?;
+    texts.migration(
+        "001_texts",
+        "[test]\nquery = \"SELECT true, 'f'::boolean, NULL::int, 1.50::numeric, \
+         '2024-01-02 03:04:05'::timestamp\"\n\
+         expect = [[true, \"f\", \"NULL\", \"1.50\", \"2024-01-02 03:04:05\"]]\n",
+        "CREATE TABLE texts (id int);",
+        "DROP TABLE texts;",
+    )?;
+    let out = test(texts.path(), &[]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+
     // A down that fails leaves what its up made: named in the failure, not only logged.
     let stuck = MigrationDir::new()?;
     stuck.migration(

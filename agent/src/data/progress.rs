@@ -131,7 +131,14 @@ impl<'a> Progress<'a> {
     pub(super) fn batch(&mut self, rows: u64, size: u32) {
         self.done += rows;
         self.batches += 1;
-        self.total = self.total.max(self.done);
+        // A full batch says more may follow: a total the estimate put at what is done or
+        // below (a table never analyzed, where the planner guesses a third of its rows) is
+        // not "all done, ETA 0" while rows are left; the last, short batch ends it.
+        self.total = if rows >= u64::from(size) && self.total <= self.done {
+            self.done + rows
+        } else {
+            self.total.max(self.done)
+        };
         let now = Instant::now();
         self.recent.push_back((now, self.done));
         while self.recent.len() > 2
@@ -194,6 +201,19 @@ mod tests {
             rows_done: rows,
             state: state.into(),
             ..Default::default()
+        }
+    }
+
+    /// An estimate below the truth (25 rows guessed as 8) never shows as finished while
+    /// full batches come: the total stays a batch ahead of what is done.
+    #[test]
+    fn a_low_estimate_stays_ahead_of_the_rows_done_while_full_batches_come() {
+        let mut p = Progress::new(None, "t", "m", 0, 0);
+        p.total = 8;
+        for done in [5, 10, 15, 20] {
+            p.batch(5, 5);
+            assert_eq!(p.done, done);
+            assert!(p.total > p.done, "{} of {}", p.done, p.total);
         }
     }
 

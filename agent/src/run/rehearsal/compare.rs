@@ -43,14 +43,26 @@ pub(super) async fn test_rows(
         .execute(&mut *tx)
         .await?;
     }
-    // json keeps the columns in order; json_each_text gives each value's text (NULL: none)
-    let sql = format!(
-        "SELECT ARRAY(SELECT e.value FROM pg_catalog.json_each_text(pg_catalog.row_to_json(q)) \
-         WITH ORDINALITY AS e(key, value, n) ORDER BY e.n) FROM ({query}\n) q"
-    );
-    let rows: Vec<Vec<Option<String>>> = sqlx::query_scalar(AssertSqlSafe(sql))
+    // The simple query protocol answers in text: each value as PostgreSQL prints it (`t`
+    // for true, `2024-01-01 00:00:00` for a timestamp), where a JSON rendering of the row
+    // said `true` and `2024-01-01T00:00:00`.
+    let found = sqlx::raw_sql(AssertSqlSafe(query.to_string()))
         .fetch_all(&mut *tx)
         .await?;
+    let mut rows = Vec::with_capacity(found.len());
+    for row in &found {
+        let mut values = Vec::with_capacity(sqlx::Row::len(row));
+        for i in 0..sqlx::Row::len(row) {
+            let raw = sqlx::Row::try_get_raw(row, i)?;
+            if sqlx::ValueRef::is_null(&raw) {
+                values.push(None);
+            } else {
+                let text = raw.as_str().map_err(sqlx::Error::Decode)?;
+                values.push(Some(text.to_string()));
+            }
+        }
+        rows.push(values);
+    }
     tx.rollback().await?;
     Ok(rows)
 }
