@@ -147,10 +147,9 @@ impl Coordinator {
         let envs = &self.inner.environments;
         // A plan for an environment touches, and asks, that environment's shards only.
         let all = self.inner.fleet.snapshot();
-        let attached: BTreeMap<_, _> = all
+        let attached: BTreeMap<&String, &AttachedAgent> = all
             .iter()
             .filter(|(_, a)| envs.admits(&spec.environment, &a.labels))
-            .map(|(s, a)| (s.clone(), a.clone()))
             .collect();
         if attached.is_empty() && !envs.is_empty() && !spec.environment.is_empty() {
             return Err(crate::error::Refusal::EmptyEnvironment {
@@ -183,7 +182,7 @@ impl Coordinator {
                     .fleet
                     .preflight(shard, request, self.inner.defaults.preflight_timeout)
                     .await;
-                (shard.clone(), r)
+                (shard.to_string(), r)
             }
         });
         let replies = futures::future::join_all(asks).await;
@@ -194,7 +193,7 @@ impl Coordinator {
                 (Err(e), Mode::Submit) => return Err(e),
                 (Err(e), Mode::DryRun) => {
                     seen.fleet
-                        .insert(shard.clone(), attached_view(&attached[&shard]));
+                        .insert(shard.clone(), attached_view(attached[&shard]));
                     seen.unknown.insert(shard.clone(), unknown_reason(e));
                     continue;
                 }

@@ -197,13 +197,7 @@ async fn a_new_stream_hears_the_definition_and_the_runs_still_out() {
     };
     // The stream breaks before any result; the agent comes back on a new one.
     drop(rx1);
-    events
-        .send(Event::Detached {
-            shard: "s0".into(),
-            conn_id: 1,
-        })
-        .await
-        .unwrap();
+    detach(&events, "s0", 1).await;
     let (tx2, mut rx2) = mpsc::channel(16);
     events.send(attach(2, tx2)).await.unwrap();
     assert!(matches!(next_message(&mut rx2).await, Body::Plan(_)));
@@ -577,6 +571,17 @@ async fn forget(
     answered.await.unwrap()
 }
 
+/// The stream `conn_id` of `shard`'s agent ends.
+async fn detach(events: &mpsc::Sender<Event>, shard: &str, conn_id: u64) {
+    events
+        .send(Event::Detached {
+            shard: shard.into(),
+            conn_id,
+        })
+        .await
+        .unwrap();
+}
+
 /// Why a forget of `shard` is refused (it must be).
 async fn forget_refused(events: &mpsc::Sender<Event>, shard: &str) -> String {
     forget(events, shard)
@@ -610,13 +615,7 @@ async fn a_shard_gone_for_good_is_forgotten_and_the_committing_plan_ends_failed(
     assert!(refused.contains("no target on shard `s9`"), "{refused}");
     // s1's agent goes away before it committed, and is forgotten: the plan still commits,
     // waiting for s0
-    events
-        .send(Event::Detached {
-            shard: "s1".into(),
-            conn_id: 2,
-        })
-        .await
-        .unwrap();
+    detach(&events, "s1", 2).await;
     let status = forget(&events, "s1").await.expect("forgotten");
     assert_eq!(status.summary.unwrap().state, "committing");
     let refused = forget_refused(&events, "s1").await;
@@ -673,25 +672,13 @@ async fn a_forgotten_shard_back_before_the_plan_ended_commits_with_the_rest() {
     result(&events, "s0", &r0, pb::StepOutcome::Prepared).await;
     result(&events, "s1", &r1, pb::StepOutcome::Prepared).await;
     assert!(matches!(next_decision_or_rollback(&mut rx1).await, Body::Resolve(r) if r.commit));
-    events
-        .send(Event::Detached {
-            shard: "s1".into(),
-            conn_id: 2,
-        })
-        .await
-        .unwrap();
+    detach(&events, "s1", 2).await;
     let status = forget(&events, "s1").await.expect("forgotten");
     assert_eq!(status.failures.len(), 1, "{:?}", status.failures);
     // back without the unit's transaction (its database restored from a backup): stays
     // forgotten, no Resolve
     let mut empty = attach(&events, "s1", 3).await;
-    events
-        .send(Event::Detached {
-            shard: "s1".into(),
-            conn_id: 3,
-        })
-        .await
-        .unwrap();
+    detach(&events, "s1", 3).await;
     let refused = forget_refused(&events, "s1").await;
     assert!(refused.contains("was forgotten already"), "{refused}");
     while let Ok(m) = empty.try_recv() {

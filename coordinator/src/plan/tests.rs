@@ -733,12 +733,9 @@ fn a_plan_that_ended_is_paused_nowhere() {
     assert!(st.paused.is_empty(), "{:?}", st.paused);
 }
 
-/// `plan forget-shard` during group 1's commit: the forgotten shard's step of the group
-/// fails as not confirmed, and the plan waits for the other shard's commit, then ends
-/// failed with group 2 not run anywhere. A shard with nothing of the unit open (its part
-/// committed) has nothing to forget.
-#[test]
-fn a_forgotten_shard_ends_the_plan_failed_once_the_others_committed() {
+/// `grouped_run` with group 1 prepared on both shards and its decision commit; the next
+/// run id.
+fn group_one_committing() -> (PlanRun, u64) {
     let mut run = grouped_run();
     let mut next = 1u64;
     let mut runs = BTreeMap::new();
@@ -750,6 +747,16 @@ fn a_forgotten_shard_ends_the_plan_failed_once_the_others_committed() {
     answer(&mut run, "s1", &runs["s1"], pb::StepOutcome::Prepared);
     run.decision = Some(Decision::Commit);
     run.state = PlanState::Committing;
+    (run, next)
+}
+
+/// `plan forget-shard` during group 1's commit: the forgotten shard's step of the group
+/// fails as not confirmed, and the plan waits for the other shard's commit, then ends
+/// failed with group 2 not run anywhere. A shard with nothing of the unit open (its part
+/// committed) has nothing to forget.
+#[test]
+fn a_forgotten_shard_ends_the_plan_failed_once_the_others_committed() {
+    let (mut run, _) = group_one_committing();
     assert!(run.shard_has_open("s1"));
     let updates = run.forget_shard("s1", "not confirmed: forgotten");
     // s1's `a` failed, its `b` not run
@@ -802,17 +809,7 @@ fn a_forgotten_shard_ends_the_plan_failed_once_the_others_committed() {
 /// both shards committed group 1, group 2 runs on both.
 #[test]
 fn a_forgotten_shard_back_goes_on_with_the_plan() {
-    let mut run = grouped_run();
-    let mut next = 1u64;
-    let mut runs = BTreeMap::new();
-    for shard in ["s0", "s1"] {
-        let out = run.next_runs(shard, &mut next);
-        runs.insert(shard, out[0].clone());
-    }
-    answer(&mut run, "s0", &runs["s0"], pb::StepOutcome::Prepared);
-    answer(&mut run, "s1", &runs["s1"], pb::StepOutcome::Prepared);
-    run.decision = Some(Decision::Commit);
-    run.state = PlanState::Committing;
+    let (mut run, mut next) = group_one_committing();
     run.forget_shard("s1", "not confirmed: forgotten");
     assert!(run.shard_back("s0").is_empty(), "s0 was not forgotten");
     let updates = run.shard_back("s1");
