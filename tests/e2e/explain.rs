@@ -5,7 +5,7 @@
 //! and the plan locks are the same before and after.
 use serde_json::Value;
 
-use crate::fleet::{Cli, MigrationDir, TestFleet};
+use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT};
 use crate::ha::HaFleet;
 use crate::harness::http::post_json;
 
@@ -418,11 +418,14 @@ async fn a_dry_run_over_etcd_writes_no_key_and_takes_no_lock() -> anyhow::Result
     fleet.wait_connected(1).await?;
     let dir = plan()?;
     let path = dir.path().to_string_lossy().into_owned();
-    let keys = etcd_keys(&fleet).await?;
-    assert!(
-        !keys.is_empty(),
-        "the leader's and the agent's keys are there"
-    );
+    // Both coordinators' election keys and the agent's liveness key, once all are written
+    // (the standby's campaign and the agent's lease can follow its attach).
+    let keys =
+        crate::harness::wait_for("the coordinators' and the agent's keys", WAIT, async || {
+            let keys = etcd_keys(&fleet).await?;
+            Ok((keys.len() == 3).then_some(keys))
+        })
+        .await?;
     // Through both coordinators' addresses: a follower names the leader, the CLI goes there.
     let v = fleet
         .json(&["plan", "explain", &path, "--output", "json"])
