@@ -91,9 +91,10 @@ pub enum AgentError {
 // The SQLSTATEs are the protocol's (one definition for the coordinator and the agent).
 pub(crate) use flotilla_core::protocol::sqlstate::UNDEFINED_OBJECT as SQLSTATE_UNDEFINED_OBJECT;
 use flotilla_core::protocol::sqlstate::{
-    CLASS_AUTH as SQLSTATE_CLASS_AUTH, CLASS_INSUFFICIENT_RESOURCES as SQLSTATE_CLASS_RESOURCES,
-    CONFLICTS as SQLSTATE_CONFLICTS, LOCK_NOT_AVAILABLE as SQLSTATE_LOCK_NOT_AVAILABLE,
-    SERVER_GONE as SQLSTATE_SERVER_GONE, UNIQUE_VIOLATION as SQLSTATE_UNIQUE_VIOLATION,
+    ALREADY_JOURNALED as SQLSTATE_ALREADY_JOURNALED, CLASS_AUTH as SQLSTATE_CLASS_AUTH,
+    CLASS_INSUFFICIENT_RESOURCES as SQLSTATE_CLASS_RESOURCES, CONFLICTS as SQLSTATE_CONFLICTS,
+    LOCK_NOT_AVAILABLE as SQLSTATE_LOCK_NOT_AVAILABLE, SERVER_GONE as SQLSTATE_SERVER_GONE,
+    UNIQUE_VIOLATION as SQLSTATE_UNIQUE_VIOLATION,
 };
 pub use flotilla_core::protocol::sqlstate::{
     FENCED as SQLSTATE_FENCED, VERIFY_FAILED as SQLSTATE_VERIFY,
@@ -183,8 +184,9 @@ pub(crate) fn classify(e: &sqlx::Error, phase: &str) -> Failure {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             let pg = db.try_downcast_ref::<PgDatabaseError>();
             let constraint = pg.and_then(PgDatabaseError::constraint).or(db.constraint());
-            let concurrent_apply =
-                code == SQLSTATE_UNIQUE_VIOLATION && constraint == Some(JOURNAL_PKEY);
+            let concurrent_apply = (code == SQLSTATE_UNIQUE_VIOLATION
+                && constraint == Some(JOURNAL_PKEY))
+                || code == SQLSTATE_ALREADY_JOURNALED;
             // a lock timeout inside the fence check: waiting for an older epoch to end
             let fence_held = code == SQLSTATE_LOCK_NOT_AVAILABLE
                 && pg

@@ -54,8 +54,8 @@ pub use run::rehearsal;
 
 use crate::data::{ProgressBoard, ServerBuckets};
 use crate::etcd::liveness;
-use crate::run::two_phase::{Decisions, GidClaims};
-use crate::run::{Outgoing, Plan, ScanLog};
+use crate::run::two_phase::Decisions;
+use crate::run::{Outgoing, Plan, RunClaims, ScanLog};
 use crate::session::Rotation;
 use crate::shard::TenantSource;
 use crate::shard::lock as shard_lock;
@@ -88,8 +88,8 @@ pub(crate) struct Agent {
     pub shard_lock: watch::Receiver<bool>,
     /// Reads plans' commit decisions from etcd (None without etcd).
     decisions: Option<Decisions>,
-    /// Prepare gids of the runs queued or running (see `two_phase::GidClaim`).
-    gids_in_flight: GidClaims,
+    /// The runs queued or running (see `run::job::RunClaims`).
+    runs_in_flight: RunClaims,
     scan_log: Mutex<ScanLog>,
     /// Data changes' progress, sent with every heartbeat.
     pub progress: Arc<ProgressBoard>,
@@ -235,7 +235,7 @@ async fn serve(
         abort: CancellationToken::new(),
         shard_lock,
         decisions,
-        gids_in_flight: GidClaims::default(),
+        runs_in_flight: RunClaims::default(),
         scan_log: Mutex::new(ScanLog::default()),
         progress: Arc::default(),
         buckets: Arc::default(),

@@ -1,17 +1,51 @@
 //! A plan's definition and a run as the agent holds it between Assign and result: validated
 //! against its plan, with what the journal already holds, and how its outcome goes on the
 //! wire. The types the executor, the scheduler, two-phase commit and undo share.
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_core::{Migration, pb};
 
-use super::two_phase::{GidClaim, validate_gid};
+use super::two_phase::validate_gid;
 use crate::data::DataHooks;
 use crate::error::Failure;
 use crate::metrics::StepOutcome;
 use crate::step::{BuildError, PreparedMigration, quote_literal};
+
+/// A run queued or running on this agent, by its key (`Job::claim_key`); released
+/// (dropped) with its run.
+pub(crate) struct RunClaim {
+    set: Arc<Mutex<HashSet<String>>>,
+    key: String,
+}
+
+impl Drop for RunClaim {
+    fn drop(&mut self) {
+        self.set.lock().expect("runs lock").remove(&self.key);
+    }
+}
+
+/// The runs queued or running on this agent. A coordinator sends its outstanding runs
+/// again after every reconnect, while the first copies may still be queued or running
+/// here: a second copy of a non-transactional step or a data change would apply it again
+/// (the journal row is written only at its end), and a second copy of a run to prepare
+/// would only wait for the first one's locks. The first copy's result answers both (the
+/// outbox keeps it across streams).
+#[derive(Default)]
+pub(crate) struct RunClaims(Arc<Mutex<HashSet<String>>>);
+
+impl RunClaims {
+    /// Claims a run about to be queued. None when a run with the same key is already
+    /// queued or running here.
+    pub fn claim(&self, key: String) -> Option<RunClaim> {
+        let mut set = self.0.lock().expect("runs lock");
+        set.insert(key.clone()).then(|| RunClaim {
+            set: self.0.clone(),
+            key,
+        })
+    }
+}
 
 /// A plan's migrations, validated and prepared on receipt.
 #[derive(Debug)]
@@ -91,7 +125,7 @@ pub(crate) struct Job {
     /// steps are transactional, and run as one transaction whether fused or not).
     pub prepare: Option<PrepareGid>,
     /// Held while the run is queued or running, so a resent copy does not run beside it.
-    pub claim: Option<GidClaim>,
+    pub claim: Option<RunClaim>,
     /// For runs with a data change: pause/halt, the server's budget, the progress board.
     pub hooks: Option<Arc<DataHooks>>,
     /// The plan's halts as the run was queued (None: not watched, as in tests).
@@ -175,6 +209,18 @@ impl Job {
             hooks: None,
             halts: None,
         })
+    }
+
+    /// What keeps one copy of this run queued or running here (`RunClaims`): its prepare
+    /// gid (which names the plan's unit, run, epoch and target), else its plan and run id
+    /// (a run id is unique in a plan: the epoch is in its high bits). A new leader's runs
+    /// of the same steps have other ids, and run beside an old epoch's only until the
+    /// fence stops the old one.
+    pub fn claim_key(&self) -> String {
+        match &self.prepare {
+            Some(p) => p.gid.clone(),
+            None => format!("run:{}:{}", self.plan.plan_id, self.run.run_id),
+        }
     }
 
     /// Takes the journal's word for steps already applied on this run's target.

@@ -25,6 +25,7 @@ mod sqlgen;
 mod statements;
 pub(crate) mod two_phase;
 
+pub(crate) use job::RunClaims;
 pub(crate) use plans::Plan;
 pub(crate) use resolve::ScanLog;
 

@@ -261,13 +261,11 @@ impl Agent {
                     if job.steps.iter().any(|m| m.migration.data.is_some()) {
                         job.hooks = Some(hooks.clone());
                     }
-                    if let Some(p) = &job.prepare {
-                        match self.gids_in_flight.claim(&p.gid) {
-                            Some(claim) => job.claim = Some(claim),
-                            None => {
-                                debug!(gid = %p.gid, run = job.run.run_id, "a run with this gid is already queued or running; its result answers");
-                                continue;
-                            }
+                    match self.runs_in_flight.claim(job.claim_key()) {
+                        Some(claim) => job.claim = Some(claim),
+                        None => {
+                            debug!(run = job.run.run_id, tenant = %job.tenant, "a copy of this run is already queued or running; its result answers");
+                            continue;
                         }
                     }
                     jobs.push(job);

@@ -30,16 +30,22 @@ pub(super) fn dispatch(agent: &Arc<Agent>, body: In, tx: &mpsc::Sender<pb::Agent
         In::Halt(halt) => agent.halt(&agent.plan(&halt.plan_id)),
         In::Pause(pause) => {
             let plan = agent.plan(&pause.plan_id);
-            tracing::info!(plan = %pause.plan_id, paused = pause.paused, "pause changed");
-            plan.control.send_modify(|c| {
-                c.paused = pause.paused.then(|| {
-                    if pause.reason.is_empty() {
-                        "paused by an operator".to_string()
-                    } else {
-                        pause.reason.clone()
-                    }
-                })
+            let paused = pause.paused.then(|| {
+                if pause.reason.is_empty() {
+                    "paused by an operator".to_string()
+                } else {
+                    pause.reason.clone()
+                }
             });
+            // heard again after every reconnect: only a change is news
+            let changed = plan.control.send_if_modified(|c| {
+                let changed = c.paused.is_some() != paused.is_some();
+                c.paused = paused;
+                changed
+            });
+            if changed {
+                tracing::info!(plan = %pause.plan_id, paused = pause.paused, "pause changed");
+            }
         }
         In::Preflight(req) => {
             let agent2 = agent.clone();

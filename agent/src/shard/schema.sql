@@ -135,6 +135,23 @@ DO $$ BEGIN
   END IF;
 END $$;
 
+-- Fails (FL005) when the journal says the step is applied on the target: a copy of its run
+-- that began before the first one committed (resent over a new stream while the first still
+-- ran) must not apply a non-transactional step or a data change a second time. Called by the
+-- first write of such a step's checkpoint, after it: in its own statement, so that under READ
+-- COMMITTED it sees an epilogue that committed while that write waited on the checkpoint's
+-- row (the epilogue deletes the checkpoint and writes the journal row in one transaction).
+CREATE OR REPLACE FUNCTION flotilla.refuse_journaled(p_target text, p_migration text) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  IF EXISTS (SELECT 1 FROM flotilla.journal WHERE target = p_target AND migration_id = p_migration) THEN
+    RAISE EXCEPTION USING ERRCODE = 'FL005',
+      MESSAGE = format('%s is already applied on target %L (its journal row is there): this run does not apply it again',
+                       p_migration, p_target);
+  END IF;
+END
+$fn$;
+
 -- Moves a checkpoint from p_prev (NULL: no batch yet; the checkpoint of the change's up
 -- statements, if any, is taken over) to p_last, in the caller's batch transaction. Fails
 -- (FL004) when the checkpoint is not where the caller found it: another run did this
@@ -170,6 +187,9 @@ BEGIN
        AND last_key = p_prev AND NOT undoing;
   END IF;
   GET DIAGNOSTICS n = ROW_COUNT;
+  IF p_prev IS NULL THEN
+    PERFORM flotilla.refuse_journaled(p_target, p_migration);
+  END IF;
   IF n <> 1 THEN
     SELECT * INTO cp FROM flotilla.checkpoints WHERE target = p_target AND migration_id = p_migration;
     IF cp.undoing THEN
@@ -210,6 +230,9 @@ BEGIN
        AND statements = p_prev AND last_key IS NULL AND NOT undoing;
   END IF;
   GET DIAGNOSTICS n = ROW_COUNT;
+  IF p_prev = 0 THEN
+    PERFORM flotilla.refuse_journaled(p_target, p_migration);
+  END IF;
   IF n <> 1 THEN
     RAISE EXCEPTION USING ERRCODE = 'FL004',
       MESSAGE = format('checkpoint of %s on target %L is no longer after %s of its up statements: another run did them',

@@ -2610,3 +2610,136 @@ async fn a_plan_that_stops_at_a_failure_runs_nothing_queued_after_it() {
         .await;
     assert_eq!(outcomes(&results[&33]), [pb::StepOutcome::AlreadyApplied]);
 }
+
+/// A coordinator sends its outstanding runs again after a reconnect, while the first copies
+/// may still run here. A second copy of a data change (its journal row is written only at
+/// its end) ran beside the first on another lane: it took over the first one's checkpoint,
+/// and either applied batches again or failed the step on the checkpoint's compare-and-set
+/// (a plan that was succeeding, rolled back). The copy is not queued now: the first one's
+/// result answers, and each row is changed once.
+#[tokio::test]
+async fn a_run_sent_again_while_it_runs_applies_its_change_once() {
+    let Some(f) = fleet("resent_data", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "rs".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "work_orders".into(),
+                key: "id".into(),
+                batch_size: 5,
+                rows_per_second: 10,
+                batch_sql:
+                    "UPDATE work_orders SET priority = priority || '+' WHERE id > $1 AND id <= $2"
+                        .into(),
+                ..Default::default()
+            }),
+            ..migration("mark_once", "", "", "")
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    let assign = pb::Assign {
+        plan_id: "rs".into(),
+        epoch: 1,
+        lanes: 2,
+        runs: vec![run(1, "tenant_0000", &["mark_once"], false)],
+    };
+    s.send(In::Assign(assign.clone()));
+    // part-way: the first batch is done, the rate holds the next ones back
+    flotilla_testkit::wait::wait_until("the first batch", WAIT, async || {
+        Ok(count(
+            &pool,
+            "SELECT coalesce(max(batches), 0) FROM flotilla.checkpoints",
+        )
+        .await
+            >= 1)
+    })
+    .await
+    .unwrap();
+    s.send(In::Assign(assign));
+    let r = s.results("rs", 1).await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM tenant_0000.work_orders WHERE priority = 'low+'"
+        )
+        .await,
+        20,
+        "every row marked once"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.checkpoints").await,
+        0,
+        "no checkpoint of a second copy left behind"
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
+/// A data change whose journal row another run committed while this one began (here a
+/// session writing it during the change's first up statement, or between its up statements
+/// and its first batch) is not applied again: the first write of its checkpoint refuses
+/// (FL005), its transaction with it, and the run reports the journal's version applied.
+#[tokio::test]
+async fn a_data_change_applied_meanwhile_by_another_run_is_not_applied_again() {
+    let Some(f) = fleet("journaled_meanwhile", 2).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    let change = |up: &str| pb::Migration {
+        data: Some(pb::DataChange {
+            table: "work_orders".into(),
+            key: "id".into(),
+            batch_size: 50,
+            batch_sql: "UPDATE work_orders SET priority = 'again' WHERE id > $1 AND id <= $2"
+                .into(),
+            ..Default::default()
+        }),
+        ..migration("idem", up, "", "")
+    };
+    // the guard of the up statements' checkpoint (the sleep is the first statement), then
+    // that of the first batch's (the sleep is the second: the first one's checkpoint is
+    // written before it)
+    for (plan, tenant, up) in [
+        ("jm1", "tenant_0000", "SELECT pg_sleep(0.4)"),
+        ("jm2", "tenant_0001", "SELECT 1;\nSELECT pg_sleep(0.4)"),
+    ] {
+        s.send(In::Plan(pb::PlanDefinition {
+            plan_id: plan.into(),
+            migrations: vec![change(up)],
+            default_lock_timeout_ms: 2000,
+            default_statement_timeout_ms: 0,
+            ..Default::default()
+        }));
+        let r = run_while_another_applies(&mut s, &pool, plan, 1, 1, tenant).await;
+        assert_eq!(
+            outcomes(&r),
+            [pb::StepOutcome::AlreadyApplied],
+            "{plan}: {r:?}"
+        );
+        assert_eq!(
+            r.steps[0].checksum, "theirs",
+            "{plan}: the journal's version"
+        );
+        assert_eq!(
+            count(
+                &pool,
+                &format!("SELECT count(*) FROM {tenant}.work_orders WHERE priority = 'again'")
+            )
+            .await,
+            0,
+            "{plan}: no batch ran"
+        );
+    }
+    h.stop().await;
+    f.drop().await;
+}

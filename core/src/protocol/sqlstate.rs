@@ -4,6 +4,10 @@
 pub const FENCED: &str = "FL002";
 /// Raised by `flotilla.check_verify` when a verify query is not true.
 pub const VERIFY_FAILED: &str = "FL003";
+/// Raised by `flotilla.refuse_journaled` when a non-transactional step or data change is
+/// about to write its first checkpoint and the journal already has it: another run of the
+/// same step applied it first.
+pub const ALREADY_JOURNALED: &str = "FL005";
 /// `unique_violation`: with the journal's primary key, another session applied the step first.
 pub const UNIQUE_VIOLATION: &str = "23505";
 /// Class 28, `invalid_authorization_specification`: waiting does not make it better.

@@ -1,8 +1,4 @@
-//! The shape of Flotilla's prepare gids, and the claim that keeps a gid to one run at a
-//! time on this agent.
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-
+//! The shape of Flotilla's prepare gids.
 use flotilla_core::protocol::gid;
 
 use super::TwoPhaseError;
@@ -28,35 +24,6 @@ pub(super) fn probe_gid() -> String {
 
 pub(crate) fn is_probe(g: &str) -> bool {
     gid::is_probe(g)
-}
-
-/// A prepare gid queued or running on this agent; released (dropped) with its run.
-pub(crate) struct GidClaim {
-    set: Arc<Mutex<HashSet<String>>>,
-    gid: String,
-}
-
-impl Drop for GidClaim {
-    fn drop(&mut self) {
-        self.set.lock().expect("gids lock").remove(&self.gid);
-    }
-}
-
-/// The prepare gids of the runs queued or running on this agent.
-#[derive(Default)]
-pub(crate) struct GidClaims(Arc<Mutex<HashSet<String>>>);
-
-impl GidClaims {
-    /// Claims a prepare gid for a run about to be queued. None when a run with the same gid
-    /// is already queued or running here: that one's result answers both (a second
-    /// transaction would only wait for the first one's locks).
-    pub fn claim(&self, gid: &str) -> Option<GidClaim> {
-        let mut set = self.0.lock().expect("gids lock");
-        set.insert(gid.to_string()).then(|| GidClaim {
-            set: self.0.clone(),
-            gid: gid.to_string(),
-        })
-    }
 }
 
 #[cfg(test)]

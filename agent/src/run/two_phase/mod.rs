@@ -4,7 +4,7 @@
 //! A run with a `prepare_gid` ends in `PREPARE TRANSACTION '<gid>'` instead of COMMIT (see
 //! `run::executor`); its change and journal rows then wait, invisible, for the plan's
 //! decision, which `run::resolve` applies.
-//! - `gid`: the shape of Flotilla's gids, and the claim that keeps one gid to one run.
+//! - `gid`: the shape of Flotilla's gids.
 //! - `prepared`: the shard's prepared transactions: which are there, COMMIT/ROLLBACK
 //!   PREPARED, and the preflight probe.
 //! - `lock_table`: the server's shared lock table and what the plan's relations take in
@@ -24,7 +24,7 @@ mod lock_table;
 mod prepared;
 
 pub(crate) use decisions::{Decisions, decision_key};
-pub(crate) use gid::{GidClaim, GidClaims, is_probe, plan_of_gid, validate_gid};
+pub(crate) use gid::{is_probe, plan_of_gid, validate_gid};
 pub(crate) use lock_table::{LockTable, named_relation_locks, read_lock_table};
 pub(crate) use prepared::{
     Finished, census, check_two_phase, finish, list_prepared, list_prepared_before, prepared_among,
