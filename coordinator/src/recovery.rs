@@ -89,6 +89,8 @@ impl Coordinator {
             .map(|w| (w.state, w.bake_until_ms))
             .collect();
         run.set_waves(wave_of, &stored);
+        // paused where an operator paused it (its agents hold it paused there still)
+        run.paused = crate::plan::Paused::from_stored(&row.paused);
         run.inherited = true;
         Ok(run)
     }

@@ -609,6 +609,63 @@ async fn a_paused_backfill_stops_at_a_batch_boundary_and_resumes() -> anyhow::Re
     Ok(())
 }
 
+/// A pause outlives the coordinator and a retry. The agents hold the plan paused; before,
+/// a new coordinator (or a retry) started the plan paused nowhere and said `running`, while
+/// nothing moved until someone thought to resume it (and `--wait` waited for good). The
+/// pause is kept with the plan now: the new coordinator shows it paused, and a shard paused
+/// before a halt is still shown paused after the retry; a resume finishes each.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pause_outlives_a_new_coordinator_and_a_retry() -> anyhow::Result<()> {
+    let mut fleet = slow_backfill_fleet().await?;
+    let (_dir, id) = start_slow_backfill(&fleet, "", &[], 30).await?;
+    let out = fleet.cli(&["plan", "pause", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    data_entry(&fleet, &id, "paused").await?;
+
+    fleet.restart_coordinator().await?;
+    // as the store has it, before the new coordinator continues it, and after
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "paused", "{st}");
+    fleet
+        .coordinator
+        .as_ref()
+        .unwrap()
+        .wait_for_log("resuming plan left running", WAIT)
+        .await?;
+    fleet.wait_attached(1).await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "paused", "{st}");
+    assert_eq!(st["paused"], serde_json::json!(["*"]), "{st}");
+    let out = fleet.cli(&["plan", "resume", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    data_entry(&fleet, &id, "running").await?;
+
+    let shard = fleet.shards[0].clone();
+    let out = fleet
+        .cli(&["plan", "pause", &id, "--shard", &shard])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = fleet
+        .cli(&["plan", "halt", &id, "--reason", "night", "--wait"])
+        .await?;
+    assert_eq!(fleet.status(&id).await?["state"], "halted", "{out}");
+    let out = fleet.cli(&["plan", "retry", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["paused"], serde_json::json!([shard]), "{st}");
+    assert_eq!(st["state"], "running", "{st}");
+    let out = fleet
+        .cli(&["plan", "resume", &id, "--shard", &shard])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 400));
+    Ok(())
+}
+
 /// Cancel (at a random point) under policy `stop`: the backfill stops at a batch boundary, the plan ends
 /// cancelled, exactly the checkpointed rows are changed; submitted again, it goes on from
 /// the checkpoint and every row is changed once.

@@ -353,6 +353,7 @@ impl Coordinator {
             updated_at_ms: created,
             targets: expansion.targets.len() as i64,
             steps: expansion.steps.len() as i64,
+            paused: String::new(),
         };
         let steps = expansion
             .steps

@@ -284,6 +284,7 @@ mod tests {
             updated_at_ms: 0,
             targets: 1,
             steps: 1,
+            paused: String::new(),
         }
     }
 

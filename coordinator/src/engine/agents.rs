@@ -121,10 +121,10 @@ impl Engine {
         if !agent.send_definition(sr, &run.definition) {
             return;
         }
-        if run.is_paused(shard) {
-            // a new stream (or agent process) hears the pause again
-            agent.send(outbound::pause(plan_id, true));
-        }
+        // A new stream (or agent process) hears the pause again, and an agent that holds
+        // the plan paused from before (a leader or retry since, which the store told the
+        // plan's pauses; or a resume it missed) hears that it is not.
+        agent.send(outbound::pause(plan_id, run.is_paused(shard)));
         let Some(sr) = run.shards.get_mut(shard) else {
             return;
         };

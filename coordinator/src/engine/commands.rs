@@ -51,6 +51,7 @@ impl Engine {
                 run.paused.shards.remove(s);
             }
         }
+        let stored = run.paused.stored();
         let shards: Vec<String> = match shard {
             Some(s) => vec![s.to_string()],
             None => run.shards.keys().cloned().collect(),
@@ -63,7 +64,14 @@ impl Engine {
         ));
         info!(plan = %plan_id, "{what}");
         let on = shard.map(|s| format!("shard {s}")).unwrap_or_default();
-        self.write(actor.audit(action, plan_id, &on));
+        // kept, so that a new leader (or a retry) leaves the plan paused where its agents are
+        self.write(StoreOp::Together(vec![
+            StoreOp::Paused {
+                plan_id: plan_id.to_string(),
+                paused: stored,
+            },
+            actor.audit(action, plan_id, &on),
+        ]));
         for s in shards {
             self.send_pause(plan_id, &s);
         }

@@ -201,6 +201,11 @@ async fn a_new_stream_hears_the_definition_and_the_runs_still_out() {
     let (tx2, mut rx2) = mpsc::channel(16);
     events.send(attach(2, tx2)).await.unwrap();
     assert!(matches!(next_message(&mut rx2).await, Body::Plan(_)));
+    // and that the plan is not paused there (an agent may hold a pause it missed the end of)
+    assert!(
+        matches!(next_message(&mut rx2).await, Body::Pause(p) if !p.paused),
+        "the plan's pause, or not"
+    );
     match next_message(&mut rx2).await {
         Body::Assign(a) => assert_eq!(a.runs, first, "the same runs, same ids"),
         other => panic!("expected the runs again, got {other:?}"),

@@ -169,6 +169,25 @@ impl Paused {
         out.extend(self.shards.iter().cloned());
         out
     }
+
+    /// How the store keeps it (`plans.paused`): `listed`, comma-separated (shard names
+    /// hold no comma; `*` is no shard's name).
+    pub fn stored(&self) -> String {
+        self.listed().join(",")
+    }
+
+    /// Back from `stored`.
+    pub fn from_stored(s: &str) -> Paused {
+        let mut paused = Paused::default();
+        for name in s.split(',').filter(|n| !n.is_empty()) {
+            if name == flotilla_core::protocol::ALL_SHARDS {
+                paused.plan = true;
+            } else {
+                paused.shards.insert(name.to_string());
+            }
+        }
+        paused
+    }
 }
 
 /// How many steps of `targets` are pending or running (what `ShardRun::to_run` keeps).

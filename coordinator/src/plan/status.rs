@@ -147,6 +147,7 @@ pub fn from_store(
             })
             .collect(),
     );
+    let paused = super::Paused::from_stored(&plan.paused);
     pb::PlanStatus {
         summary: Some({
             let mut s = summary(plan);
@@ -156,6 +157,8 @@ pub fn from_store(
                 && waves.iter().any(|w| w.state == WaveState::Waiting)
             {
                 s.state = WAITING.into();
+            } else if plan.state == PlanState::Running && paused.plan {
+                s.state = PAUSED.into();
             }
             s
         }),
@@ -173,7 +176,11 @@ pub fn from_store(
             Vec::new()
         },
         data,
-        paused: Vec::new(),
+        paused: if plan.state.is_terminal() {
+            Vec::new()
+        } else {
+            paused.listed()
+        },
         waves: waves_from_store(spec, &steps.wave_targets, waves),
     }
 }

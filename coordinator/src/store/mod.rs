@@ -318,7 +318,7 @@ impl Store {
     pub async fn plan(&self, id: &str) -> Result<Option<PlanRow>, StoreError> {
         let row = sqlx::query(
             "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
-                created_at_ms, updated_at_ms, targets, steps, ends FROM plans WHERE id = $1",
+                created_at_ms, updated_at_ms, targets, steps, ends, paused FROM plans WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -330,7 +330,7 @@ impl Store {
     pub async fn plans(&self, limit: i64) -> Result<Vec<PlanRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
-                created_at_ms, updated_at_ms, targets, steps, ends FROM plans
+                created_at_ms, updated_at_ms, targets, steps, ends, paused FROM plans
              ORDER BY created_at_ms DESC, id DESC LIMIT $1",
         )
         .bind(limit)
@@ -408,7 +408,7 @@ impl Store {
     pub async fn environment_plans(&self, environment: &str) -> Result<Vec<PlanRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
-                created_at_ms, updated_at_ms, targets, steps, ends FROM plans
+                created_at_ms, updated_at_ms, targets, steps, ends, paused FROM plans
              WHERE environment = $1 ORDER BY created_at_ms, id",
         )
         .bind(environment)
@@ -422,7 +422,7 @@ impl Store {
     async fn plans_in(&self, states: &[PlanState]) -> Result<Vec<PlanRow>, StoreError> {
         let sql = format!(
             "SELECT id, name, environment, state, policy, spec_hex, epoch, message, submitted_by,
-                created_at_ms, updated_at_ms, targets, steps, ends FROM plans
+                created_at_ms, updated_at_ms, targets, steps, ends, paused FROM plans
              WHERE state IN ({}) ORDER BY created_at_ms, id",
             (1..=states.len())
                 .map(|i| format!("${i}"))
@@ -661,6 +661,7 @@ fn plan_row(r: &sqlx::any::AnyRow) -> Result<PlanRow, StoreError> {
         updated_at_ms: r.get(10),
         targets: r.get(11),
         steps: r.get(12),
+        paused: r.get(14),
     })
 }
 
@@ -1206,6 +1207,7 @@ mod tests {
             updated_at_ms: now_ms(),
             targets,
             steps,
+            paused: String::new(),
         }
     }
 

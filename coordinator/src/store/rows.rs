@@ -21,6 +21,8 @@ pub struct PlanRow {
     pub updated_at_ms: i64,
     pub targets: i64,
     pub steps: i64,
+    /// Where an operator paused the plan (`Paused::stored`; empty: nowhere).
+    pub paused: String,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +117,11 @@ pub enum StoreOp {
     RetireAgent {
         shard: String,
     },
+    /// Where a plan is paused now (`Paused::stored`), after a pause or resume.
+    Paused {
+        plan_id: String,
+        paused: String,
+    },
     /// A plan's stored spec replaced (`plan rollback --down-from`: its down SQL fixed).
     PlanSpec {
         plan_id: String,
@@ -178,6 +185,10 @@ impl StoreOp {
             },
             StoreOp::RetireAgent { shard } => StoreOp::RetireAgent {
                 shard: shard.clone(),
+            },
+            StoreOp::Paused { plan_id, paused } => StoreOp::Paused {
+                plan_id: plan_id.clone(),
+                paused: paused.clone(),
             },
             StoreOp::PlanSpec { plan_id, spec_hex } => StoreOp::PlanSpec {
                 plan_id: plan_id.clone(),

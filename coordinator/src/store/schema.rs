@@ -1,5 +1,5 @@
 //! The control store's tables (created at start; `schema_version` in `flotilla_meta`).
-pub(super) const SCHEMA_VERSION: i64 = 3;
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// What each version adds to the one before, in order: a store of an older version is
 /// brought up to date at start (the tables of version 1 are `SCHEMA`).
@@ -24,6 +24,14 @@ pub(super) const UPGRADES: &[(i64, &[&str])] = &[
             // answers with that plan)
             "CREATE TABLE IF NOT EXISTS submissions (
             request_id TEXT PRIMARY KEY, plan_id TEXT NOT NULL, at_ms BIGINT NOT NULL)",
+        ],
+    ),
+    (
+        4,
+        &[
+            // where an operator paused the plan (`Paused::stored`): a new leader, or a retry,
+            // keeps it paused there (the agents still are) until it is resumed
+            "ALTER TABLE plans ADD COLUMN paused TEXT NOT NULL DEFAULT ''",
         ],
     ),
 ];

@@ -172,6 +172,7 @@ fn plans_of(ops: &[StoreOp]) -> String {
                 }
                 StoreOp::PlanState { plan_id, .. }
                 | StoreOp::PlanSpec { plan_id, .. }
+                | StoreOp::Paused { plan_id, .. }
                 | StoreOp::Submission { plan_id, .. }
                 | StoreOp::Steps { plan_id, .. }
                 | StoreOp::Waves { plan_id, .. }
@@ -198,6 +199,7 @@ fn describe(op: &StoreOp) -> String {
         }
         StoreOp::PlanState { plan_id, state, .. } => format!("plan {plan_id}'s state {state}"),
         StoreOp::PlanSpec { plan_id, .. } => format!("plan {plan_id}'s spec"),
+        StoreOp::Paused { plan_id, .. } => format!("where plan {plan_id} is paused"),
         StoreOp::RetireAgent { shard } => format!("retirement of shard {shard}"),
         StoreOp::Submission { plan_id, .. } => format!("plan {plan_id}'s request id"),
         StoreOp::Steps { plan_id, updates } => {
@@ -450,6 +452,14 @@ impl Store {
                 StoreOp::RetireAgent { shard } => {
                     sqlx::query("DELETE FROM agents WHERE shard = $1")
                         .bind(shard)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
+                }
+                StoreOp::Paused { plan_id, paused } => {
+                    sqlx::query("UPDATE plans SET paused = $1 WHERE id = $2")
+                        .bind(paused)
+                        .bind(plan_id)
                         .execute(&mut *tx)
                         .await
                         .map_err(StoreError::from)?;
