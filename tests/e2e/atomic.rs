@@ -266,6 +266,52 @@ async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits(
     assert_none_prepared(&fleet, 2).await
 }
 
+/// An agent that cannot list its shard's prepared transactions when it attaches (its scan
+/// failed or ran out of time) says so in its Hello. Before, it sent an empty list, which a
+/// new leader read as "nothing prepared there": it settled the shard's part as committed
+/// and the plan ended completed, its locks released, while the shard's transactions were
+/// still prepared (holding their locks, and with no coordinator to report them if that
+/// database was lost). Now the plan stays committing until the agent lists them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_leader_settles_no_shard_whose_prepared_transactions_are_unlisted()
+-> anyhow::Result<()> {
+    let dir = flotilla_testkit::TestDir::new("unlisted")?;
+    let unlisted = dir.path().join("unlisted");
+    let failpoints = format!("agent::in_doubt_unlisted=return({})", unlisted.display());
+    let mut fleet = HaFleet::builder(1, 2, 2)
+        .least_privilege()
+        // no sweep within the test: only an attach resolves
+        .agent_args(&["--in-doubt-sweep", "1h"])
+        .agent_env(1, "FAILPOINTS", &failpoints)
+        .start()
+        .await?;
+    std::fs::write(&unlisted, "")?;
+    let id = submit_atomic_and_die_at(&mut fleet, "coordinator::after_decision", 87).await?;
+    assert!(prepared(&fleet.pg, 1).await? > 0, "shard_1 prepared");
+    let c = fleet.spawn_coordinator(0)?;
+    c.wait_for_log("coordinator listening", WAIT).await?;
+    c.wait_for_log("could not list its shard's prepared transactions", WAIT)
+        .await?;
+    fleet.coordinators[0] = Some(c);
+    wait_until("shard_0 committed", WAIT, async || {
+        Ok(satisfaction_columns(&fleet, "shard_0").await? == 4)
+    })
+    .await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "committing", "{st}");
+    assert!(prepared(&fleet.pg, 1).await? > 0, "shard_1 still prepared");
+
+    std::fs::remove_file(&unlisted)?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    // completed only once shard_1 committed too
+    assert_none_prepared(&fleet, 2).await?;
+    assert_eq!(satisfaction_columns(&fleet, "shard_1").await?, 4);
+    Ok(())
+}
+
 /// One shard of `tenants` tenants whose server has `max_prepared_transactions = max`
 /// (restarted with it), and an atomic submit of COORD-2025-001 on it.
 async fn atomic_submit_with_max_prepared(

@@ -30,6 +30,8 @@ const OUTBOUND_CAPACITY: usize = 1024;
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long resolving in-doubt prepared transactions may hold up a connection attempt.
 const IN_DOUBT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long listing the shard's prepared transactions (without resolving them) may take.
+const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub(super) enum Ended {
     Shutdown,
@@ -109,8 +111,10 @@ pub(super) async fn session(
         _ => agent.known_tenants(),
     };
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+    let in_doubt_unknown = in_doubt.is_none();
     let hello = pb::Hello {
-        in_doubt,
+        in_doubt: in_doubt.unwrap_or_default(),
+        in_doubt_unknown,
         shard: agent.config.shard.clone(),
         labels: agent.config.labels.clone().into_iter().collect(),
         tenants,
@@ -204,6 +208,12 @@ pub(super) async fn session(
                 return lost(welcomed, format!("no word from the coordinator for {:?}", interval * 3));
             }
             _ = heartbeat.tick() => {
+                // Attached without the list of the shard's prepared transactions: once the
+                // shard lists them, attach again with them (the leader settles none of its
+                // atomic units meanwhile).
+                if welcomed && in_doubt_unknown && listed(agent).await.is_some() {
+                    return lost(welcomed, "attaching again with the shard's prepared transactions, which it could not list before".into());
+                }
                 if welcomed {
                     // Every discover interval: tenants that came or went, and the whole
                     // journal again (so changes made outside Flotilla show too), once the
@@ -224,20 +234,66 @@ pub(super) async fn session(
     }
 }
 
-/// The prepared transactions left in doubt after trying to resolve them; none when the shard
-/// cannot be read in time (the next attempt tries again).
-async fn in_doubt(agent: &Agent) -> Vec<String> {
+/// The prepared transactions left in doubt after trying to resolve them; when that fails or
+/// runs out of time, those prepared now (none resolved, as far as the Hello says: a Resolve
+/// of one resolved meanwhile finds it gone); None when not even those can be listed in
+/// time. An empty list must mean none: a new leader settles the shard's part of a unit it
+/// inherited from it (committed, or never prepared) and releases the plan's locks.
+async fn in_doubt(agent: &Agent) -> Option<Vec<String>> {
+    if !unlisted_failpoint() {
+        return None;
+    }
     match tokio::time::timeout(IN_DOUBT_TIMEOUT, agent.resolve_in_doubt()).await {
-        Ok(Ok(left)) => left,
+        Ok(Ok(left)) => Some(left),
         Ok(Err(error)) => {
-            warn!(%error, "cannot list the shard's prepared transactions");
-            Vec::new()
+            warn!(%error, "cannot resolve the shard's prepared transactions");
+            listed(agent).await
         }
         Err(_) => {
             warn!("resolving in-doubt prepared transactions took longer than {IN_DOUBT_TIMEOUT:?}");
-            Vec::new()
+            listed(agent).await
         }
     }
+}
+
+/// The shard's prepared transactions, listed only; None when the shard does not list them
+/// in time.
+async fn listed(agent: &Agent) -> Option<Vec<String>> {
+    if !unlisted_failpoint() {
+        return None;
+    }
+    match tokio::time::timeout(
+        LIST_TIMEOUT,
+        crate::run::two_phase::list_prepared(&agent.pool),
+    )
+    .await
+    {
+        Ok(Ok(gids)) => Some(gids),
+        Ok(Err(error)) => {
+            warn!(%error, "cannot list the shard's prepared transactions");
+            None
+        }
+        Err(_) => {
+            warn!("listing the shard's prepared transactions took longer than {LIST_TIMEOUT:?}");
+            None
+        }
+    }
+}
+
+/// False while `agent::in_doubt_unlisted=return(PATH)` is configured and PATH exists (fault
+/// tests: a shard whose prepared transactions cannot be listed, for as long as the test
+/// keeps the file); true otherwise, and always without the `testing` feature.
+fn unlisted_failpoint() -> bool {
+    #[cfg(feature = "testing")]
+    if let Some(Some(path)) = fail::eval("agent::in_doubt_unlisted", |arg| arg)
+        && std::path::Path::new(&path).exists()
+    {
+        warn!(
+            "failpoint agent::in_doubt_unlisted: the shard's prepared transactions are not listed"
+        );
+        return false;
+    }
+    true
 }
 
 /// Sends the results waiting in the outbox, after the progress that changed since the last

@@ -18,7 +18,7 @@ impl Engine {
         &mut self,
         shard: String,
         conn: AgentConn,
-        in_doubt: Vec<String>,
+        in_doubt: Option<Vec<String>>,
         epoch: u64,
     ) {
         if !self.leading || epoch != self.epoch {
@@ -33,7 +33,17 @@ impl Engine {
             }
             return;
         }
-        self.in_doubt.insert(shard.clone(), in_doubt);
+        match in_doubt {
+            Some(gids) => {
+                self.in_doubt_unknown.remove(&shard);
+                self.in_doubt.insert(shard.clone(), gids);
+            }
+            None => {
+                warn!(shard = %shard, "the agent could not list its shard's prepared transactions: its atomic units are not settled until it attaches again with them");
+                self.in_doubt_unknown.insert(shard.clone());
+                self.in_doubt.insert(shard.clone(), Vec::new());
+            }
+        }
         self.agents.insert(shard.clone(), conn);
         self.agent_seen(&shard, true);
         metrics::agents_connected(self.agents.len());

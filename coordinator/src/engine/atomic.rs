@@ -28,8 +28,13 @@ impl Engine {
             return;
         }
         let key = run.unit_key();
-        // every shard's in-doubt list is needed: it comes with the agent's attach
-        if run.shards.keys().any(|s| !self.agents.contains_key(s)) {
+        // every shard's in-doubt list is needed: it comes with the agent's attach (one
+        // that could not list them attaches again once it can)
+        if run
+            .shards
+            .keys()
+            .any(|s| !self.agents.contains_key(s) || self.in_doubt_unknown.contains(s))
+        {
             return;
         }
         let started = run.shards.keys().any(|s| {
@@ -161,7 +166,12 @@ impl Engine {
             {
                 continue;
             }
-            // After a takeover the gids are known only from the agent's in-doubt list.
+            // After a takeover the gids are known only from the agent's in-doubt list; an
+            // agent that could not list them says so, and nothing is settled from its
+            // empty list (its transactions may be prepared still, holding their locks).
+            if sr.prepared.is_empty() && self.in_doubt_unknown.contains(shard.as_str()) {
+                continue;
+            }
             if sr.prepared.is_empty() {
                 let known: Vec<String> = self
                     .in_doubt

@@ -67,6 +67,8 @@ pub enum Event {
         max_lanes: u32,
         /// Flotilla's prepared transactions the agent could not resolve alone.
         in_doubt: Vec<String>,
+        /// The agent could not list them (`pb::Hello::in_doubt_unknown`).
+        in_doubt_unknown: bool,
         /// Those it committed from etcd since it started (`pb::Hello::committed`).
         committed: Vec<String>,
         /// The epoch the session was welcomed under.
@@ -226,6 +228,8 @@ pub struct Engine {
     lost_since: HashMap<String, Instant>,
     agent_grace: Duration,
     /// Each shard's in-doubt prepared transactions, as its agent reported at attach.
+    /// Shards whose agent attached without its in-doubt list (`pb::Hello::in_doubt_unknown`).
+    in_doubt_unknown: std::collections::HashSet<String>,
     in_doubt: HashMap<String, Vec<String>>,
     /// Each shard's prepared transactions its agent committed from etcd since it started.
     committed: HashMap<String, Vec<String>>,
@@ -279,6 +283,7 @@ impl Engine {
             lost_since: HashMap::new(),
             agent_grace,
             in_doubt: HashMap::new(),
+            in_doubt_unknown: Default::default(),
             committed: HashMap::new(),
             detached_alive: HashMap::new(),
             waited: Default::default(),
@@ -336,10 +341,12 @@ impl Engine {
                 tx,
                 max_lanes,
                 in_doubt,
+                in_doubt_unknown,
                 committed,
                 epoch,
             } => {
                 self.committed.insert(shard.clone(), committed);
+                let in_doubt = (!in_doubt_unknown).then_some(in_doubt);
                 self.on_attached(
                     shard,
                     AgentConn::new(conn_id, tx, max_lanes),

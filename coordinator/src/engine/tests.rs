@@ -74,6 +74,7 @@ fn attached(
         tx,
         max_lanes: 4,
         in_doubt: Vec::new(),
+        in_doubt_unknown: false,
         committed: Vec::new(),
         epoch,
     }
@@ -698,6 +699,7 @@ async fn a_forgotten_shard_back_before_the_plan_ended_commits_with_the_rest() {
             tx,
             max_lanes: 4,
             in_doubt: vec![r1.prepare_gid.clone()],
+            in_doubt_unknown: false,
             committed: Vec::new(),
             epoch: 1,
         })

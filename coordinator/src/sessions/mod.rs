@@ -115,6 +115,7 @@ impl Coordinator {
             tx,
             max_lanes: hello.max_lanes,
             in_doubt: hello.in_doubt.clone(),
+            in_doubt_unknown: hello.in_doubt_unknown,
             committed: hello.committed.clone(),
             epoch,
         })
