@@ -92,7 +92,8 @@ pub async fn drift(addr: &str, selector: Option<String>, output: Output) -> u8 {
 }
 
 /// What a drifted target has and lacks, as lines an operator reads:
-/// `shard_0/tenant_0042: column work_orders.loyalty_tier text, not in 249 others`.
+/// `shard_0/tenant_0042: column work_orders.loyalty_tier text, not in the majority's shape (249
+/// targets)`. The majority's, not "the others'": other drifted targets may lack it too.
 fn drift_lines(d: &pb::DriftedTarget, majority: u64) -> Vec<String> {
     if d.unknown_items {
         return vec![format!(
@@ -100,14 +101,18 @@ fn drift_lines(d: &pb::DriftedTarget, majority: u64) -> Vec<String> {
             d.target, d.fingerprint
         )];
     }
-    let extra = d
-        .extra
-        .iter()
-        .map(|i| format!("{}: {i}, not in {majority} others", d.target));
-    let missing = d
-        .missing
-        .iter()
-        .map(|i| format!("{}: missing {i} (in {majority} others)", d.target));
+    let extra = d.extra.iter().map(|i| {
+        format!(
+            "{}: {i}, not in the majority's shape ({majority} targets)",
+            d.target
+        )
+    });
+    let missing = d.missing.iter().map(|i| {
+        format!(
+            "{}: missing {i} (in the majority's shape, {majority} targets)",
+            d.target
+        )
+    });
     extra.chain(missing).collect()
 }
 

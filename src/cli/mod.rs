@@ -253,7 +253,7 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "FLOTILLA_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,
     /// The address followers tell operators and agents to use for this coordinator
-    /// (default http://<listen>).
+    /// (default http://<listen>, or https://<listen> with --tls-cert).
     #[arg(long)]
     pub advertise: Option<String>,
     /// TTL of the leadership and plan leases in etcd.

@@ -168,7 +168,16 @@ async fn a_dbmate_fleet_is_baselined_then_runs_only_what_is_pending() -> anyhow:
         .await?;
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(
-        out.stderr.contains("require_baseline") && out.stderr.contains("dbmate"),
+        out.stderr.contains("require_baseline")
+            && out.stderr.contains("dbmate")
+            && out.stderr.contains("20250102000000_mark_b"),
+        "{out}"
+    );
+    // The plan's dry run warns as its submit does (it said nothing of the history before).
+    let out = fleet.cli(&["plan", "explain", &path]).await?;
+    assert!(
+        out.stdout.contains("warning: dbmate's history on")
+            && out.stdout.contains("fleet baseline"),
         "{out}"
     );
 

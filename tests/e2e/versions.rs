@@ -442,7 +442,7 @@ async fn fleet_drift_names_a_column_added_by_hand_and_require_no_drift_refuses_t
     assert_eq!(text.code(), Some(1), "{text}");
     assert!(
         text.stdout.contains(
-            "shard_0/tenant_0003: column work_orders.loyalty_tier text, not in 23 others"
+            "shard_0/tenant_0003: column work_orders.loyalty_tier text, not in the majority's shape (23 targets)"
         ),
         "{text}"
     );
@@ -455,7 +455,7 @@ async fn fleet_drift_names_a_column_added_by_hand_and_require_no_drift_refuses_t
     assert_eq!(
         show["drift"]["diff"],
         serde_json::json!([
-            "shard_0/tenant_0003: column work_orders.loyalty_tier text, not in 23 others"
+            "shard_0/tenant_0003: column work_orders.loyalty_tier text, not in the majority's shape (23 targets)"
         ])
     );
     let head = cohort["head"].as_str().unwrap().to_string();

@@ -453,9 +453,9 @@ fn baseline_check(
         .iter()
         .filter(|u| planned.contains(&(u.shard.as_str(), u.tenant.as_str())))
         .collect();
-    let Some(first) = hit.first() else {
+    if hit.is_empty() {
         return Ok(None);
-    };
+    }
     let names: Vec<String> = hit
         .iter()
         .map(|u| crate::versions::target_name(&u.shard, &u.tenant))
@@ -464,7 +464,14 @@ fn baseline_check(
     let mut tools: Vec<&str> = hit.iter().map(|u| u.tool.as_str()).collect();
     tools.sort_unstable();
     tools.dedup();
-    let migrations = crate::error::some_of(&first.recorded, 3).replace(" more targets", " more");
+    // every target's, not the first one's (targets further on may lack others)
+    let recorded: Vec<String> = hit
+        .iter()
+        .flat_map(|u| u.recorded.iter().cloned())
+        .collect::<std::collections::BTreeSet<String>>()
+        .into_iter()
+        .collect();
+    let migrations = crate::error::some_of(&recorded, 3).replace(" more targets", " more");
     if spec.require_baseline {
         return Err(Refusal::NotBaselined {
             tool: tools.join("/"),

@@ -124,7 +124,12 @@ impl Coordinator {
             .map(|(s, why)| format!("{s}: {why}"))
             .collect();
         let (estimate_ms, estimate_basis) = totals.finish(max_parallel);
-        let mut warnings: Vec<String> = resolution.drift_warning.into_iter().collect();
+        // what a submit would warn of
+        let mut warnings: Vec<String> = resolution
+            .drift_warning
+            .into_iter()
+            .chain(resolution.baseline_warning)
+            .collect();
         let errors = findings.iter().filter(|f| f.severity == "error").count();
         if errors > 0 {
             warnings.push(format!(

@@ -387,17 +387,32 @@ impl Progress {
         }
     }
 
-    pub fn finish(&mut self, s: &pb::PlanStatus, elapsed: Duration) {
+    /// The plan's end. Its time is the plan's own (its submit to its last change), not how
+    /// long this command watched: a watch started late, or an approve's `--wait`, said
+    /// "cancelled after 0.1s" of a plan that ran for minutes.
+    pub fn finish(&mut self, s: &pb::PlanStatus, watched: Duration) {
         if self.output == Output::Json {
             return;
         }
         let sum = s.summary.clone().unwrap_or_default();
-        println!(
-            "plan {} {} after {:.1}s",
-            sum.plan_id,
-            sum.state,
-            elapsed.as_secs_f64()
-        );
+        match sum
+            .updated_at_ms
+            .checked_sub(sum.created_at_ms)
+            .filter(|_| sum.created_at_ms > 0)
+        {
+            Some(ms) => println!(
+                "plan {} {} after {:.1}s (since it was submitted)",
+                sum.plan_id,
+                sum.state,
+                Duration::from_millis(ms).as_secs_f64()
+            ),
+            None => println!(
+                "plan {} {} (watched for {:.1}s)",
+                sum.plan_id,
+                sum.state,
+                watched.as_secs_f64()
+            ),
+        }
         if !s.message.is_empty() {
             println!("{}", s.message);
         }
