@@ -649,6 +649,13 @@ async fn a_pause_outlives_a_new_coordinator_and_a_retry() -> anyhow::Result<()> 
         .cli(&["plan", "halt", &id, "--reason", "night", "--wait"])
         .await?;
     assert_eq!(fleet.status(&id).await?["state"], "halted", "{out}");
+    // its step not run, but part-way (batches committed), as the text status says
+    let out = fleet.cli(&["plan", "status", &id]).await?;
+    assert!(
+        out.stdout
+            .contains("1 not run (1 part-way: stopped at a checkpoint"),
+        "{out}"
+    );
     let out = fleet.cli(&["plan", "retry", &id]).await?;
     assert_eq!(out.code(), Some(0), "{out}");
     let st = fleet.status(&id).await?;

@@ -164,8 +164,16 @@ impl<'a> Progress<'a> {
     pub(super) fn set(&mut self, state: &str, reason: &str, size: u32) {
         self.state = state.to_string();
         self.size = size;
+        // Paused or throttled, nothing moves: no rate and no ETA (a paused change showed its
+        // last rate and "ETA 2s" for as long as it stayed paused), and the rate after it goes
+        // on is taken from then, not over the wait.
+        let moving = state == "running";
+        if !moving {
+            self.recent.clear();
+            self.recent.push_back((Instant::now(), self.done));
+        }
         let Some(h) = self.hooks else { return };
-        let rate = self.rate();
+        let rate = if moving { self.rate() } else { 0.0 };
         let left = self.total.saturating_sub(self.done);
         let eta_ms = if rate > 0.0 && left > 0 {
             (left as f64 / rate * 1000.0) as u64
@@ -214,6 +222,36 @@ mod tests {
             p.batch(5, 5);
             assert_eq!(p.done, done);
             assert!(p.total > p.done, "{} of {}", p.done, p.total);
+        }
+    }
+
+    /// Paused (or throttled), a change shows no rate and no ETA, and its rate when it goes
+    /// on is not taken over the wait.
+    #[test]
+    fn a_change_that_waits_shows_no_rate_and_no_eta() {
+        let board = ProgressBoard::default();
+        let hooks = Publish {
+            plan_id: "p",
+            shard: "s",
+            board: &board,
+        };
+        let mut p = Progress::new(Some(hooks), "t", "m", 0, 0);
+        p.total = 100;
+        // a rate needs time between samples
+        p.recent[0].0 -= Duration::from_secs(1);
+        p.batch(10, 10);
+        let running = board.take_changed().remove(0);
+        assert!(
+            running.rows_per_second > 0.0 && running.eta_ms > 0,
+            "{running:?}"
+        );
+        for state in ["paused", "throttled"] {
+            p.set(state, "by an operator", 10);
+            let waiting = board.take_changed().remove(0);
+            assert_eq!(waiting.state, state);
+            assert_eq!(waiting.rows_per_second, 0.0, "{waiting:?}");
+            assert_eq!(waiting.eta_ms, 0, "{waiting:?}");
+            assert_eq!(p.recent.len(), 1, "the rate starts again from here");
         }
     }
 

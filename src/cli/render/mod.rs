@@ -176,7 +176,7 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
         println!("{}", s.message);
     }
     for m in &s.migrations {
-        println!("  {}", migration_line(m));
+        println!("  {}", migration_line(m, s));
     }
     if !s.paused.is_empty() {
         println!("paused: {}", s.paused.join(", "));
@@ -273,8 +273,17 @@ fn failures(s: &pb::PlanStatus) {
     }
 }
 
-fn migration_line(m: &pb::MigrationProgress) -> String {
+fn migration_line(m: &pb::MigrationProgress, s: &pb::PlanStatus) -> String {
     let done = m.applied + m.already_applied;
+    // Steps not run whose data change stopped part-way (a halt, a cancel): their committed
+    // batches stand, and a retry goes on from the checkpoint. "not run" alone read as
+    // nothing done.
+    let part_way = s
+        .data
+        .iter()
+        .filter(|d| d.migration_id == m.migration_id && d.state == "stopped" && d.rows_done > 0)
+        .count()
+        .min(m.not_run as usize);
     let mut line = format!("{:<48} {:>5}/{:<5} done", m.migration_id, done, m.total);
     for (n, what) in [
         (m.running, "running"),
@@ -286,6 +295,11 @@ fn migration_line(m: &pb::MigrationProgress) -> String {
     ] {
         if n > 0 {
             line.push_str(&format!(", {n} {what}"));
+        }
+        if what == "not run" && part_way > 0 {
+            line.push_str(&format!(
+                " ({part_way} part-way: stopped at a checkpoint, which a retry goes on from)"
+            ));
         }
     }
     line
@@ -336,7 +350,7 @@ impl Progress {
                 }
                 let _ = writeln!(out, "\x1b[2K{:>6.1}s  {}", elapsed.as_secs_f64(), state);
                 for m in &s.migrations {
-                    let _ = writeln!(out, "\x1b[2K  {} {}", bar(m, 30), migration_line(m));
+                    let _ = writeln!(out, "\x1b[2K  {} {}", bar(m, 30), migration_line(m, s));
                 }
                 let data = active_data(s);
                 let shown = data.len().min(DATA_LINES);
