@@ -139,6 +139,11 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                 warn!(step = job.steps[failed].id(), sqlstate = %gf.failure.error.sqlstate,
                       phase = %gf.failure.error.phase, error = %gf.failure.error.message, "step failed");
                 end_progress(job, failed, "failed", &gf.failure.error.message);
+                if gf.failure.server_gone() {
+                    // whether a COMMIT whose answer was lost committed is in the journal:
+                    // read it once the server answers again (at most a minute)
+                    wait_for_server(pool).await;
+                }
                 settle(
                     pool,
                     job,
@@ -620,7 +625,18 @@ async fn settle(
             Some(checksum) => Report::already(checksum, durations[k]),
             None if k == failed_position => {
                 let mut f = failure.take().expect("one failure");
-                let outcome = if f.concurrent_apply {
+                let outcome = if f.server_gone() && unread.is_some() {
+                    // The connection went with the server (or the server with it) and the
+                    // journal cannot be read: whether the step committed is unknown, and
+                    // its SQL did not fail. Not a failure of the plan (under all-or-nothing
+                    // one lost connection rolled the whole plan back): not run, and the
+                    // journal decides when it runs again.
+                    f.error.message = format!(
+                        "{}: the connection to the shard was lost, and its journal could not be read to say whether the step committed; it runs again, and the journal decides",
+                        f.error.message
+                    );
+                    StepOutcome::NotRun
+                } else if f.concurrent_apply {
                     // Another session applied it first, but its journal row did not read:
                     // which version of the migration it applied, and whether it still is
                     // applied, is unknown. Not this version's already_applied, nor a

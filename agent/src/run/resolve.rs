@@ -59,14 +59,6 @@ impl Agent {
             warn!(gids = req.gids.len(), %message, "resolving nothing");
             reply.failed = req.gids.iter().map(|g| format!("{g}: {message}")).collect();
         };
-        if decision == Decision::Abort {
-            // A run of the plan still in flight may be about to PREPARE: were it to do so
-            // after its ROLLBACK PREPARED (a no-op then), it would stay prepared. Queued runs
-            // are dropped, and those running finish first.
-            let plan = self.plan(&req.plan_id);
-            self.halt(&plan);
-            plan.wait_idle().await;
-        }
         // The unit deciding these gids: the plan, or one atomic parallel group of it.
         // One Resolve covers one unit.
         let units: BTreeSet<&str> = req.gids.iter().filter_map(|g| plan_of_gid(g)).collect();
@@ -124,6 +116,16 @@ impl Agent {
                 );
                 return reply;
             }
+        }
+        if decision == Decision::Abort {
+            // A run of the plan still in flight may be about to PREPARE: were it to do so
+            // after its ROLLBACK PREPARED (a no-op then), it would stay prepared. Queued runs
+            // are dropped, and those running finish first. Only for an abort that stands
+            // (one unit, a coordinator the fence has not seen deposed): a stale or malformed
+            // one dropped every queued run of the plan and waited for those in flight.
+            let plan = self.plan(&req.plan_id);
+            self.halt(&plan);
+            plan.wait_idle().await;
         }
         let mut valid = Vec::with_capacity(req.gids.len());
         for gid in req.gids {

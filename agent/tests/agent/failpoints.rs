@@ -105,6 +105,45 @@ async fn failpoints_fail_steps_undos_and_sends() {
     let r4 = run_while_another_applies(&mut s, &f.pool, "fp2", 1, 4, "tenant_0000").await;
     assert_eq!(outcomes(&r4), [pb::StepOutcome::AlreadyApplied], "{r4:?}");
     assert_eq!(r4.steps[0].checksum, "theirs");
+
+    // The step's connection lost mid-step (its backend terminated) and the journal cannot
+    // be read: whether it committed is unknown, and its SQL did not fail: not run (under
+    // all-or-nothing a FAILED rolled the whole plan back for one lost connection). With the
+    // journal read, the answer is definite: not applied, failed.
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "fp3".into(),
+        migrations: vec![migration("slow", "SELECT pg_sleep(30)", "SELECT 1", "")],
+        ..Default::default()
+    }));
+    for (run_id, journal_reads, outcome) in [
+        (5, "3*return", pb::StepOutcome::NotRun),
+        (6, "off", pb::StepOutcome::Failed),
+    ] {
+        fail::cfg("agent::settle_journal_read", journal_reads).unwrap();
+        s.send(In::Assign(pb::Assign {
+            plan_id: "fp3".into(),
+            epoch: 1,
+            lanes: 1,
+            runs: vec![run(run_id, "tenant_0000", &["slow"], true)],
+        }));
+        wait_running(&f.pool, "pg_sleep(30)").await;
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()",
+        )
+        .execute(&f.pool)
+        .await
+        .unwrap();
+        let r = s.results("fp3", 1).await.remove(&run_id).unwrap();
+        assert_eq!(outcomes(&r), [outcome], "{r:?}");
+        if outcome == pb::StepOutcome::NotRun {
+            let e = r.steps[0].error.clone().unwrap();
+            assert!(
+                e.message.contains("the connection to the shard was lost"),
+                "{e:?}"
+            );
+        }
+    }
     h.stop().await;
     f.drop().await;
 }

@@ -852,3 +852,53 @@ async fn a_prepared_run_leaves_no_session_state_to_the_next_run() {
     drop_role(&f.pool, role).await;
     f.drop().await;
 }
+
+/// An abort from a coordinator the shard's fence has seen deposed decides nothing, and
+/// stops nothing: the plan's queued runs stay queued and its running ones are not waited
+/// for. Before, the abort halted the plan (dropping its queued runs as not run, waiting for
+/// those in flight) before it checked the fence.
+#[tokio::test]
+async fn a_stale_abort_stops_none_of_the_plans_runs() {
+    let Some(f) = fleet_2pc("stale_abort", 2).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(2).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "sa".into(),
+        migrations: vec![
+            migration("slow", "SELECT pg_sleep(1)", "SELECT 1", ""),
+            migration(
+                "quick",
+                "CREATE TABLE quick (i int)",
+                "DROP TABLE quick",
+                "",
+            ),
+        ],
+        ..Default::default()
+    }));
+    // one lane: the second run waits in the queue behind the first
+    s.send(In::Assign(pb::Assign {
+        plan_id: "sa".into(),
+        epoch: 2,
+        lanes: 1,
+        runs: vec![
+            run(1, "tenant_0000", &["slow"], true),
+            run(2, "tenant_0001", &["quick"], true),
+        ],
+    }));
+    wait_running(&f.pool, "pg_sleep(1)").await;
+    let reply = s
+        .resolve("sa", false, 1, &["flotilla:sa:1:1:tenant_0000"])
+        .await;
+    assert!(reply.resolved.is_empty(), "{reply:?}");
+    assert!(
+        reply.failed[0].contains("fenced: epoch 1 is older than the shard's epoch 2"),
+        "{reply:?}"
+    );
+    let r = s.results("sa", 2).await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{r:?}");
+    assert_eq!(outcomes(&r[&2]), [pb::StepOutcome::Applied], "{r:?}");
+    h.stop().await;
+    f.drop().await;
+}
