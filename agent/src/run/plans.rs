@@ -494,6 +494,13 @@ impl Agent {
                 Next::Run(job) => {
                     // an atomic run got here connected; another kind tries in `execute`
                     mark_connected(&mut connected);
+                    // The fence at the run's epoch in a transaction of its own, if the try
+                    // at queue time failed (an older epoch's prepared transaction held the
+                    // row, and may be resolved by now): else the step's own fence check
+                    // writes it, and a step that then PREPAREs holds the fence row until
+                    // its decision, so every other step here times out on it and the unit
+                    // aborts. Nothing but a read when the fence is there already.
+                    self.advance_fence(job.epoch).await;
                     let result = self.execute(&mut conn, &job).await;
                     // Whether it was the plan's last run here, and counting it out, in one
                     // step: two lanes ending at once would otherwise each see the other in

@@ -902,3 +902,64 @@ async fn a_stale_abort_stops_none_of_the_plans_runs() {
     h.stop().await;
     f.drop().await;
 }
+
+/// A new epoch's runs queued while an older epoch's prepared transaction held the shard's
+/// fence row (so the fence could not be advanced then), which is resolved before they
+/// start: the fence is advanced on its own before each runs. Before, the first step's own
+/// fence check wrote the new epoch inside its transaction and PREPAREd holding the fence
+/// row, and the unit's other step timed out waiting for it (the unit aborted).
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn the_fence_is_advanced_before_runs_queued_while_it_was_held() {
+    if !alone_in_child_process(
+        "two_phase::the_fence_is_advanced_before_runs_queued_while_it_was_held",
+    ) {
+        return;
+    }
+    let Some(f) = fleet_2pc("fence_held", 3).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(2).await;
+    // epoch 1's transaction, prepared: it holds the fence row (FOR SHARE)
+    define(&s, "old", vec![table("o", "old_t")]);
+    let old = "flotilla:old:1:1:tenant_0002";
+    let r = s
+        .assign(
+            "old",
+            1,
+            1,
+            vec![prepared_run(1, "tenant_0002", &["o"], old)],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Prepared], "{r:?}");
+    // epoch 2's unit, queued while the fence cannot move; its lanes start 1.5 s later
+    fail::cfg("agent::lane_start", "return(1500)").unwrap();
+    define(&s, "new", vec![table("n", "new_t")]);
+    let gids = [
+        "flotilla:new:1:2:tenant_0000",
+        "flotilla:new:2:2:tenant_0001",
+    ];
+    let mark = log_mark();
+    s.send(In::Assign(pb::Assign {
+        plan_id: "new".into(),
+        epoch: 2,
+        lanes: 2,
+        runs: vec![
+            prepared_run(1, "tenant_0000", &["n"], gids[0]),
+            prepared_run(2, "tenant_0001", &["n"], gids[1]),
+        ],
+    }));
+    wait_for_log(mark, "could not advance the shard's fence").await;
+    // the old transaction resolved before they start
+    let reply = s.resolve("old", false, 1, &[old]).await;
+    assert_eq!(reply.resolved, [old], "{reply:?}");
+    let r = s.results("new", 2).await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Prepared], "{r:?}");
+    assert_eq!(outcomes(&r[&2]), [pb::StepOutcome::Prepared], "{r:?}");
+    let reply = s.resolve("new", false, 2, &gids).await;
+    assert_eq!(reply.resolved.len(), 2, "{reply:?}");
+    assert_eq!(count(&f.pool, "SELECT epoch FROM flotilla.fence").await, 2);
+    h.stop().await;
+    f.drop().await;
+}
