@@ -570,6 +570,9 @@ fn check_drops(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
     if opaque {
         return;
     }
+    // A step of the shard itself runs in the server's default search_path; one of a
+    // tenant (the plan's default scope, unless the migration says) in the tenant's schema.
+    let tenant_scoped = m.scope != Some(crate::Scope::Shard);
     let mut known: Vec<Object> = created(up).into_iter().map(|(o, _)| o).collect();
     known.extend(replaced(up));
     renamed(up, &mut known);
@@ -633,8 +636,36 @@ fn check_drops(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
             let server_named =
                 unnamed && (drops_server_nameable || matches!(d, Object::Constraint { .. }));
             // up.sql created it, or what holds it (a column of a new table)
-            let made = known.iter().any(|o| same_object(&d, o) || covers(o, &d));
-            if server_named || made {
+            let makers: Vec<&Object> = known
+                .iter()
+                .filter(|o| same_object(&d, o) || covers(o, &d))
+                .collect();
+            // Named without its schema, where up.sql names one: in a tenant's search_path
+            // (the tenant's schema alone) the drop is of the tenant's own object of that
+            // name, and the one up.sql made in its schema stays.
+            if tenant_scoped
+                && !server_named
+                && !matches!(d, Object::Schema(_))
+                && d.schema().is_none()
+                && !makers.is_empty()
+                && makers.iter().all(|o| o.schema().is_some())
+            {
+                out.push(
+                    DOWN_DROPS_EXISTING,
+                    "down.sql",
+                    p.info.line,
+                    format!(
+                        "{verb} {} without its schema, but up.sql creates {}: run in a tenant's search_path, a rollback would {} the tenant's own and leave that one",
+                        d.describe(),
+                        makers[0].describe(),
+                        if verb == "drops" { "drop" } else { "empty" },
+                    ),
+                    "name it in down.sql as up.sql does, with its schema",
+                );
+                known.push(d);
+                continue;
+            }
+            if server_named || !makers.is_empty() {
                 continue;
             }
             out.push(

@@ -689,6 +689,25 @@ fn a_down_that_drops_what_up_did_not_create_is_warned_of() {
         ))
         .is_empty()
     );
+    // named without the schema up.sql gave it: in a tenant's search_path, the tenant's own
+    let elsewhere = migration(
+        "001_audit",
+        "CREATE TABLE audit.events (id int);\nCREATE INDEX events_id ON audit.events (id);",
+        "DROP INDEX events_id;\nDROP TABLE events;",
+    );
+    assert_eq!(
+        found(elsewhere.clone()),
+        [
+            (1, "drops index events_id without its schema, but up.sql creates index audit.events_id: run in a tenant's search_path, a rollback would drop the tenant's own and leave that one".to_string()),
+            (2, "drops table events without its schema, but up.sql creates table audit.events: run in a tenant's search_path, a rollback would drop the tenant's own and leave that one".to_string()),
+        ]
+    );
+    // a step of the shard itself runs in the server's search_path: not said
+    let shard = pb::Migration {
+        scope: pb::Scope::Shard as i32,
+        ..elsewhere
+    };
+    assert!(found(shard).is_empty());
     let meant = pb::Migration {
         destructive: true,
         ..migration(
