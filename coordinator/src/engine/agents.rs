@@ -125,16 +125,14 @@ impl Engine {
         let Some(run) = self.plans.get_mut(plan_id) else {
             return;
         };
+        // with whether it is paused there (a new stream, or agent process, hears it again)
+        let paused = run.is_paused(shard);
         let Some(sr) = run.shards.get_mut(shard) else {
             return;
         };
-        if !agent.send_definition(sr, &run.definition) {
+        if !agent.send_definition(sr, &run.definition, paused) {
             return;
         }
-        // A new stream (or agent process) hears the pause again, and an agent that holds
-        // the plan paused from before (a leader or retry since, which the store told the
-        // plan's pauses; or a resume it missed) hears that it is not.
-        agent.send(outbound::pause(plan_id, run.is_paused(shard)));
         let Some(sr) = run.shards.get_mut(shard) else {
             return;
         };

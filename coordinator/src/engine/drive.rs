@@ -87,8 +87,9 @@ impl Engine {
             let Some(agent) = agents.get_mut(&shard) else {
                 continue;
             };
+            let paused = run.is_paused(&shard);
             let sr = run.shards.get_mut(&shard).expect("shard");
-            agent.send_definition(sr, &run.definition);
+            agent.send_definition(sr, &run.definition, paused);
             let lanes = sr.lanes;
             let runs = run.next_runs(&shard, &mut self.next_run_id);
             if !runs.is_empty() {

@@ -130,7 +130,7 @@ impl Engine {
         if sr.rollback == RollbackState::Done {
             return;
         }
-        agent.send_definition(sr, &run.definition);
+        agent.send_definition(sr, &run.definition, false);
         let lanes = (run.spec.max_parallel / n_shards).clamp(1, agent.max_lanes.max(1));
         // from the run ids' sequence: unique in this term, and across terms (the epoch
         // in its high bits), so no earlier request's reply matches it

@@ -118,12 +118,22 @@ impl AgentConn {
 
     /// Sends the plan's definition on this stream unless it went there already; whether
     /// it was sent now (a new stream).
-    pub fn send_definition(&mut self, sr: &mut ShardRun, definition: &pb::PlanDefinition) -> bool {
+    /// The plan's definition, once per stream, and whether the plan is paused on the shard
+    /// now: an agent that holds the plan paused from before (a pause it heard from another
+    /// leader, or before a retry; a resume it missed) would otherwise hold its data changes
+    /// at their batch boundaries for good while the plan shows running.
+    pub fn send_definition(
+        &mut self,
+        sr: &mut ShardRun,
+        definition: &pb::PlanDefinition,
+        paused: bool,
+    ) -> bool {
         if sr.defined_on == Some(self.conn_id) {
             return false;
         }
         if self.send(Body::Plan(definition.clone())) {
             sr.defined_on = Some(self.conn_id);
+            self.send(pause(&definition.plan_id, paused));
             true
         } else {
             false

@@ -110,7 +110,17 @@ async fn start_locked(events: &mpsc::Sender<Event>, run: crate::plan::PlanRun) {
         .unwrap();
 }
 
+/// The next message for the agent, past the "not paused" that follows each definition.
 async fn next_message(rx: &mut mpsc::Receiver<pb::CoordinatorMessage>) -> Body {
+    loop {
+        match any_message(rx).await {
+            Body::Pause(p) if !p.paused => continue,
+            body => return body,
+        }
+    }
+}
+
+async fn any_message(rx: &mut mpsc::Receiver<pb::CoordinatorMessage>) -> Body {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("a message for the agent within 5s")
@@ -164,6 +174,11 @@ async fn what_a_full_stream_cannot_take_reaches_the_agent_in_order_when_it_reads
         other => panic!("expected the plan's definition first, got {other:?}"),
     }
     events.send(Event::Tick).await.unwrap();
+    assert!(
+        matches!(any_message(&mut rx).await, Body::Pause(p) if !p.paused),
+        "whether it is paused, with the definition"
+    );
+    events.send(Event::Tick).await.unwrap();
     match next_message(&mut rx).await {
         Body::Assign(a) => {
             assert_eq!(a.plan_id, "p0");
@@ -201,10 +216,10 @@ async fn a_new_stream_hears_the_definition_and_the_runs_still_out() {
     detach(&events, "s0", 1).await;
     let (tx2, mut rx2) = mpsc::channel(16);
     events.send(attach(2, tx2)).await.unwrap();
-    assert!(matches!(next_message(&mut rx2).await, Body::Plan(_)));
+    assert!(matches!(any_message(&mut rx2).await, Body::Plan(_)));
     // and that the plan is not paused there (an agent may hold a pause it missed the end of)
     assert!(
-        matches!(next_message(&mut rx2).await, Body::Pause(p) if !p.paused),
+        matches!(any_message(&mut rx2).await, Body::Pause(p) if !p.paused),
         "the plan's pause, or not"
     );
     match next_message(&mut rx2).await {
