@@ -141,10 +141,26 @@ impl CoordinatorConfig {
 /// store and continues it; a follower stops at once and lets its agents go.
 async fn follow_leadership(coordinator: Coordinator) {
     let mut rx = coordinator.inner.coordination.leadership();
+    // The term this process leads, as last seen here.
+    let mut leading: Option<u64> = None;
     loop {
         let now = rx.borrow_and_update().clone();
         match now {
             Leadership::Leader { epoch } => {
+                if leading.is_some_and(|e| e != epoch) {
+                    // Lost and won again while this loop was busy (the watch keeps only
+                    // the latest): the last term ends as a loss does, so the agents attach
+                    // again with a Hello of now (their in-doubt transactions) and hear the
+                    // new term's plans from the start.
+                    info!(
+                        from = leading,
+                        to = epoch,
+                        "a new term without a follower's between"
+                    );
+                    coordinator.event(engine::Event::Follow).await;
+                    coordinator.inner.fleet.detach_all();
+                }
+                leading = Some(epoch);
                 metrics::leader(true);
                 // A store last led from another epoch space (the backend changed) would
                 // refuse this term's writes until `resume_unfinished` fences it: taken over
@@ -195,6 +211,7 @@ async fn follow_leadership(coordinator: Coordinator) {
                 }
             }
             Leadership::Follower { leader } => {
+                leading = None;
                 metrics::leader(false);
                 coordinator.event(engine::Event::Follow).await;
                 coordinator.inner.fleet.detach_all();

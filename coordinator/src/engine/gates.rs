@@ -52,6 +52,7 @@ impl Engine {
         let prom = wave.prometheus.clone();
         let fleet = self.fleet.clone();
         let events = self.events.clone();
+        let epoch = self.epoch;
         let (plan_id, wave) = key;
         tokio::spawn(async move {
             let mut found = run_checks(&fleet, &plan_id, &checks, &by_shard).await;
@@ -76,6 +77,7 @@ impl Engine {
                 .send(Event::GateResult {
                     plan_id,
                     wave,
+                    epoch,
                     found,
                 })
                 .await;
@@ -110,6 +112,7 @@ impl Engine {
         self.gates.insert(key.clone());
         self.probed.insert(key.clone(), std::time::Instant::now());
         let events = self.events.clone();
+        let epoch = self.epoch;
         tokio::spawn(async move {
             let found = match super::prometheus::query(&p.url, &p.query).await {
                 Ok(v) => p
@@ -124,6 +127,7 @@ impl Engine {
                 .send(Event::BakeProbe {
                     plan_id,
                     wave,
+                    epoch,
                     found,
                 })
                 .await;

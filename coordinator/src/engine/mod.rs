@@ -164,12 +164,15 @@ pub enum Event {
     GateResult {
         plan_id: String,
         wave: usize,
+        /// The term that ran the check: another term's answer is not this one's.
+        epoch: u64,
         found: Result<String, String>,
     },
     /// What a Prometheus probe during a bake found.
     BakeProbe {
         plan_id: String,
         wave: usize,
+        epoch: u64,
         found: Result<String, String>,
     },
     /// Pause or resume a plan (`shard` None) or one shard of it.
@@ -442,15 +445,21 @@ impl Engine {
                 let result = self.forget_shard(&plan_id, &shard, &actor);
                 self.reply(&plan_id, result, reply).await;
             }
+            // A check or probe of an earlier term: its plan was rebuilt since and checks
+            // again (and its key in `gates` is this term's, or none).
+            Event::GateResult { epoch, .. } | Event::BakeProbe { epoch, .. }
+                if !self.leading || epoch != self.epoch => {}
             Event::GateResult {
                 plan_id,
                 wave,
                 found,
+                ..
             } => self.on_gate_result(&plan_id, wave, found).await,
             Event::BakeProbe {
                 plan_id,
                 wave,
                 found,
+                ..
             } => self.on_bake_probe(&plan_id, wave, found).await,
             Event::Status { plan_id, reply } => {
                 // the asker may have gone away (a closed watch): nothing to tell
@@ -585,6 +594,10 @@ impl Engine {
     fn stop_leading(&mut self) {
         self.leading = false;
         self.plans.clear();
+        // checks under way belong to this term (their answers are dropped): a next term
+        // checks its plans' gates anew
+        self.gates.clear();
+        self.probed.clear();
         self.agents.clear();
         self.forget_agents();
         metrics::agents_connected(0);
