@@ -139,14 +139,10 @@ impl Coordinator {
             .await?;
             return self.status(plan_id).await;
         }
-        let shards: Vec<String> = run.shards.keys().cloned().collect();
-        let status = self
-            .to_engine(|done| Event::Start {
-                run: Box::new(run),
-                done,
-            })
-            .await?;
-        self.take_locks(plan_id.to_string(), shards, epoch);
-        Ok(status)
+        match self.start_run(run).await? {
+            Some(status) => Ok(status),
+            // stored under a term that ended since: the next one runs it
+            None => self.status(plan_id).await,
+        }
     }
 }

@@ -251,6 +251,34 @@ impl Coordinator {
         rx.await.map_err(|_| CoordinatorError::ShuttingDown)
     }
 
+    /// Hands a plan this term stored (or took back from the store) to the engine to run; its
+    /// status, or None when the engine leads another term by now (lost and won again since
+    /// the caller checked): that term continues the stored plan itself (its recovery), and
+    /// takes its locks.
+    pub(crate) async fn start_run(
+        &self,
+        run: crate::plan::PlanRun,
+    ) -> Result<Option<pb::PlanStatus>, CoordinatorError> {
+        let (plan_id, epoch) = (run.id.clone(), run.epoch);
+        let shards: Vec<String> = run.shards.keys().cloned().collect();
+        match self
+            .to_engine(|done| Event::Start {
+                run: Box::new(run),
+                done,
+            })
+            .await
+        {
+            Ok(status) => {
+                self.take_locks(plan_id, shards, epoch);
+                Ok(Some(status))
+            }
+            Err(CoordinatorError::ShuttingDown) if self.still_leading_in(epoch).is_err() => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Hands a leader's write to the store writer (in order with the engine's), under the
     /// term this coordinator leads in: the store refuses it once a later leader fenced the
     /// store. One handed over after this coordinator stopped leading (its request checked

@@ -13,7 +13,6 @@ use tracing::info;
 
 use crate::actor::Actor;
 use crate::approvals::{self, Risk, Rule};
-use crate::engine::Event;
 use crate::error::{Conflict, CoordinatorError};
 use crate::service::Coordinator;
 use crate::store::{PlanRow, StepUpdate, StoreError, StoreOp};
@@ -197,14 +196,11 @@ impl Coordinator {
             return self.status(&row.id).await;
         }
         info!(plan = %row.id, "plan approved; starting");
-        let shards: Vec<String> = run.shards.keys().cloned().collect();
-        let status = self
-            .to_engine(|done| Event::Start {
-                run: Box::new(run),
-                done,
-            })
-            .await?;
-        self.take_locks(row.id.clone(), shards, epoch);
+        let status = match self.start_run(run).await? {
+            Some(status) => status,
+            // stored under a term that ended since: the next one runs it
+            None => self.status(&row.id).await?,
+        };
         self.count_awaiting().await;
         Ok(status)
     }

@@ -21,7 +21,6 @@ use prost::Message;
 use tracing::{info, instrument};
 
 use crate::actor::Actor;
-use crate::engine::Event;
 use crate::error::{CoordinatorError, Refusal};
 use crate::plan::{PlanRun, StepStatus};
 use crate::planner::{self, Expansion};
@@ -207,15 +206,12 @@ impl Coordinator {
             tracing::warn!(plan = %plan_id, "{w}");
             run.message = w;
         }
-        let shards: Vec<String> = run.shards.keys().cloned().collect();
-        let status = self
-            .to_engine(|done| Event::Start {
-                run: Box::new(run),
-                done,
-            })
-            .await?;
+        let status = match self.start_run(run).await? {
+            Some(status) => status,
+            // stored under a term that ended since: the next one runs it
+            None => self.status(&plan_id).await?,
+        };
         tracing::debug!(plan = %plan_id, ms = started.elapsed().as_millis() as u64, "plan started");
-        self.take_locks(plan_id.clone(), shards, epoch);
         Ok(pb::SubmitPlanResponse {
             plan_id,
             status: Some(status),

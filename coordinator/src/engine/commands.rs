@@ -96,6 +96,11 @@ impl Engine {
     ) -> Result<(), CoordinatorError> {
         if !self.plans.contains_key(plan_id) {
             match (kind, revive) {
+                // read from the store under another term (leadership lost and won since):
+                // asked again, this term reads it
+                (CommandKind::Rollback, Some(run)) if run.epoch != self.epoch => {
+                    return Err(CoordinatorError::NotLeader { leader: None });
+                }
                 (CommandKind::Rollback, Some(run)) => {
                     self.plans.insert(plan_id.to_string(), *run);
                 }

@@ -373,7 +373,15 @@ impl Engine {
             Event::ResolveReply { shard, reply } => self.on_resolve_reply(&shard, reply).await,
             Event::Progress { shard, data } => self.on_progress(&shard, data),
             Event::Start { run, done } => {
-                if !self.leading {
+                // A run built under another term (leadership lost and won again since its
+                // caller checked it) is not this term's: taken in, it would never get its
+                // locks (they are taken under the caller's term) and would hang, and this
+                // term's recovery would pass it over as in motion. Dropped, its caller
+                // answers from the store, and this term continues the stored plan.
+                if !self.leading || run.epoch != self.epoch {
+                    if self.leading {
+                        warn!(plan = %run.id, run_epoch = run.epoch, epoch = self.epoch, "a plan started under another term: left to this term's recovery");
+                    }
                     return;
                 }
                 let id = run.id.clone();

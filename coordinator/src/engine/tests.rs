@@ -92,7 +92,9 @@ async fn attach(
 }
 
 /// Starts the plan `p0` and hands it its shard locks: it may hand out runs.
-async fn start_locked(events: &mpsc::Sender<Event>, run: crate::plan::PlanRun) {
+async fn start_locked(events: &mpsc::Sender<Event>, mut run: crate::plan::PlanRun) {
+    // built under the term the engine leads (1)
+    run.epoch = 1;
     let (done, started) = oneshot::channel();
     events
         .send(Event::Start {
@@ -740,4 +742,39 @@ async fn a_forgotten_shard_back_before_the_plan_ended_commits_with_the_rest() {
     assert_eq!(summary.state, "completed", "{summary:?}: {}", last.message);
     assert!(last.failures.is_empty(), "{:?}", last.failures);
     assert_eq!(last.migrations[0].applied, 2, "{:?}", last.migrations);
+}
+
+/// A plan built under another term than the one the engine leads (leadership lost and won
+/// again between its caller's check and its start) is not taken in: its caller answers from
+/// the store, and this term's recovery continues it. Taken in, it never got its locks (taken
+/// under the caller's term, refused) and this term's recovery passed it over as in motion:
+/// it hung.
+#[tokio::test]
+async fn a_plan_started_under_another_term_is_left_to_this_ones_recovery() {
+    let events = engine();
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    run.epoch = 7;
+    let (done, started) = oneshot::channel();
+    events
+        .send(Event::Start {
+            run: Box::new(run),
+            done,
+        })
+        .await
+        .unwrap();
+    assert!(started.await.is_err(), "not started: its caller hears so");
+    let (reply, status) = oneshot::channel();
+    events
+        .send(Event::Status {
+            plan_id: "p0".into(),
+            reply,
+        })
+        .await
+        .unwrap();
+    assert!(status.await.unwrap().is_none(), "not in motion");
 }
