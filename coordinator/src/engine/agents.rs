@@ -65,14 +65,20 @@ impl Engine {
     }
 
     /// Shards with runs in flight whose agent is neither attached nor holding a
-    /// liveness key: after the grace, their runs fail under the plan's policy.
+    /// liveness key: after the grace, their runs fail under the plan's policy. Also while
+    /// the plan stops or aborts: it ends (or writes its abort) only once nothing is out,
+    /// and runs out on an agent gone for good held it there for good, its locks with it
+    /// (and, aborting, the other shards' prepared transactions).
     pub(super) async fn check_lost_agents(&mut self) {
         let now = Instant::now();
         let gone = |s: &String| !self.agents.contains_key(s) && !self.live.contains(s);
         let mut lost: Vec<(String, String)> = Vec::new();
         let mut watched = BTreeSet::new();
         for (id, run) in &self.plans {
-            if run.state != PlanState::Running {
+            if !matches!(
+                run.state,
+                PlanState::Running | PlanState::Stopping | PlanState::Aborting
+            ) {
                 continue;
             }
             for (shard, sr) in &run.shards {

@@ -35,6 +35,16 @@ fn engine_storing(
     changes: super::Changes,
     flushes: bool,
 ) -> mpsc::Sender<Event> {
+    engine_full(fleet, changes, flushes, Duration::from_secs(30))
+}
+
+/// [`engine_storing`] with the grace an agent gone has before its runs fail.
+fn engine_full(
+    fleet: Arc<Fleet>,
+    changes: super::Changes,
+    flushes: bool,
+    agent_grace: Duration,
+) -> mpsc::Sender<Event> {
     let (store, mut writes) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut held = Vec::new();
@@ -51,7 +61,7 @@ fn engine_storing(
     let (events, rx) = mpsc::channel(64);
     let engine = Engine::new(
         Arc::new(EmbeddedCoordination::new(1)),
-        Duration::from_secs(30),
+        agent_grace,
         store,
         changes,
         fleet,
@@ -777,4 +787,48 @@ async fn a_plan_started_under_another_term_is_left_to_this_ones_recovery() {
         .await
         .unwrap();
     assert!(status.await.unwrap().is_none(), "not in motion");
+}
+
+/// An atomic plan aborting (a target failed) while another shard's agent is gone for good
+/// with a run still out: once the grace is past, that run fails as lost and the abort is
+/// written, so the shards that prepared roll back and release their locks. Before, the
+/// abort waited for that run for good (only Running plans looked for lost agents).
+#[tokio::test]
+async fn an_aborting_plan_does_not_wait_for_an_agent_gone_for_good() {
+    let events = engine_full(
+        Arc::new(Fleet::default()),
+        broadcast::channel(16).0,
+        true,
+        Duration::ZERO,
+    );
+    let (_rx0, _rx1, r0, _r1) = atomic_on_two_shards(&events).await;
+    // s1's agent goes (no stream, no liveness key), its run out
+    detach(&events, "s1", 2).await;
+    result(&events, "s0", &r0, pb::StepOutcome::Failed).await;
+    let state = |events: &mpsc::Sender<Event>| {
+        let events = events.clone();
+        async move {
+            let (reply, status) = oneshot::channel();
+            events
+                .send(Event::Status {
+                    plan_id: "p0".into(),
+                    reply,
+                })
+                .await
+                .unwrap();
+            status
+                .await
+                .unwrap()
+                .and_then(|s| s.summary)
+                .map(|s| s.state)
+        }
+    };
+    assert_eq!(state(&events).await.as_deref(), Some("aborting"));
+    events.send(Event::Tick).await.unwrap();
+    let after = state(&events).await;
+    assert_ne!(
+        after.as_deref(),
+        Some("aborting"),
+        "the abort went on: {after:?}"
+    );
 }
