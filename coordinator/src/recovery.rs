@@ -224,8 +224,11 @@ impl Coordinator {
                     done,
                 })
                 .await?;
-            } else if row.state != PlanState::Running {
-                // It was undoing: undo again; the journal makes that harmless.
+            } else if matches!(row.state, PlanState::RollingBack | PlanState::Aborting) {
+                // It was undoing: undo again; the journal makes that harmless. (Not a plan
+                // left committing with no unit left: every unit's steps are stored
+                // applied, its last decision carried out before the state was written.
+                // Undone, a plan that applied everywhere ended rolled back.)
                 run.state = PlanState::Completed;
                 run.message = row.message.clone();
                 let id = row.id.clone();
@@ -242,7 +245,7 @@ impl Coordinator {
                     warn!(plan = %row.id, "cannot resume its rollback: {e}");
                 }
             } else {
-                info!(plan = %row.id, "resuming plan left running");
+                info!(plan = %row.id, state = %row.state, "resuming plan left running");
                 self.to_engine(|done| Event::Start {
                     run: Box::new(run),
                     done,

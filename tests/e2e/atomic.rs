@@ -466,6 +466,49 @@ async fn atomic_parallel_groups_commit_one_after_the_other() -> anyhow::Result<(
     assert_none_prepared(&fleet, 3).await
 }
 
+/// A group-atomic plan whose last unit committed on every shard, stored with its steps
+/// applied but its state still `committing` (its leader died between the two writes): the
+/// next leader finishes it completed. Before, it took "not running, no unit left" for a
+/// rollback under way and undid every applied step: a plan that applied everywhere ended
+/// rolled back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_left_committing_with_every_unit_applied_completes() -> anyhow::Result<()> {
+    let mut fleet = least_privileged(1, 2, 2).await?;
+    let plan = grouped_plan()?;
+    let id = submit_grouped(&fleet, &plan).await?;
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    // the store as a leader that died before its last state write left it
+    if let Some(mut c) = fleet.coordinators[0].take() {
+        c.kill()?;
+        fleet.retired.push(c);
+    }
+    fleet
+        .pg
+        .psql(
+            "control",
+            &format!("UPDATE plans SET state = 'committing' WHERE id = '{id}'"),
+        )
+        .await?;
+    let c = fleet.spawn_coordinator(0)?;
+    c.wait_for_log("coordinator listening", WAIT).await?;
+    fleet.coordinators[0] = Some(c);
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    for s in 0..2 {
+        let db = format!("shard_{s}");
+        assert_eq!(
+            satisfaction_columns(&fleet, &db).await?,
+            4,
+            "{db}: not undone"
+        );
+        assert_eq!(views(&fleet, &db).await?, 2, "{db}: not undone");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed() -> anyhow::Result<()>
 {
