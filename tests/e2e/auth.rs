@@ -399,6 +399,15 @@ async fn tokens_and_roles_guard_every_operator_rpc_and_refusals_change_nothing()
         "{denied:?}"
     );
     assert_eq!(plan_count().await?, plans_before, "no plan made");
+    // Replacing a plan's down SQL runs SQL no approval saw: an admin's override too
+    // (refused before the plan is even looked up).
+    let out = alice
+        .cli(&["plan", "rollback", "p-any", "--down-from", &p])
+        .await?;
+    refused(
+        &out,
+        "alice has role operator: --down-from (down SQL no approval saw, run on every target) needs admin",
+    );
 
     // The operators as an admin sees them: mallory revoked, the others active.
     let list = root.json(&["operator", "list", "--output", "json"]).await?;

@@ -184,6 +184,11 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         mut req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
         let down_from = std::mem::take(&mut req.get_mut().down_from);
+        if !down_from.is_empty() {
+            let from = origin(&req);
+            self.replace_down_allowed(from.caller.as_ref(), &from.peer)
+                .await?;
+        }
         let mut seen = std::collections::BTreeSet::new();
         for m in &down_from {
             if m.id.trim().is_empty() || !seen.insert(m.id.as_str()) {

@@ -345,6 +345,29 @@ impl Coordinator {
         }
     }
 
+    /// Replacing an ended plan's down SQL (`plan rollback --down-from`) runs SQL that no
+    /// approval rule saw on every target: an admin's override, as skipping the promotion
+    /// gate is (an operator may roll back with the stored down SQL).
+    pub async fn replace_down_allowed(
+        &self,
+        caller: Option<&Caller>,
+        peer: &str,
+    ) -> Result<(), CoordinatorError> {
+        match caller {
+            Some(c) if !c.role.grants(Role::Admin) => {
+                let why = format!(
+                    "{} has role {}: --down-from (down SQL no approval saw, run on every target) needs admin",
+                    c.name,
+                    c.role.as_str()
+                );
+                self.audit_refusal(&c.name, "denied", "RollbackPlan", peer, &why)
+                    .await;
+                Err(CoordinatorError::NotAllowed(why))
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn audit_refusal(
         &self,
         who: &str,
