@@ -48,6 +48,15 @@ impl Engine {
         self.agent_seen(&shard, true);
         metrics::agents_connected(self.agents.len());
         self.forgotten_shard_back(&shard);
+        let halts: Vec<String> = self
+            .halt_on_attach
+            .iter()
+            .filter(|(_, shards)| shards.contains(&shard))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in halts {
+            self.send_to(&shard, outbound::halt(&id));
+        }
         let ids: Vec<String> = self.plans.keys().cloned().collect();
         for id in ids {
             self.resend_after_reconnect(&id, &shard);

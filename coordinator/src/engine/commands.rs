@@ -102,6 +102,7 @@ impl Engine {
                     return Err(CoordinatorError::NotLeader { leader: None });
                 }
                 (CommandKind::Rollback, Some(run)) => {
+                    self.halt_on_attach.remove(plan_id);
                     self.plans.insert(plan_id.to_string(), *run);
                 }
                 (CommandKind::Cancel, _) => {

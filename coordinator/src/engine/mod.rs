@@ -24,7 +24,7 @@ mod replies;
 mod tests;
 mod waves;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -231,6 +231,9 @@ pub struct Engine {
     lost_since: HashMap<String, Instant>,
     agent_grace: Duration,
     /// Each shard's in-doubt prepared transactions, as its agent reported at attach.
+    /// Plans this term finished stopping for an earlier leader, and their shards: each
+    /// shard's agent is told to halt them when it attaches (`Event::Start`).
+    halt_on_attach: BTreeMap<String, Vec<String>>,
     /// Shards whose agent attached without its in-doubt list (`pb::Hello::in_doubt_unknown`).
     in_doubt_unknown: std::collections::HashSet<String>,
     in_doubt: HashMap<String, Vec<String>>,
@@ -287,6 +290,7 @@ impl Engine {
             agent_grace,
             in_doubt: HashMap::new(),
             in_doubt_unknown: Default::default(),
+            halt_on_attach: BTreeMap::new(),
             committed: HashMap::new(),
             detached_alive: HashMap::new(),
             waited: Default::default(),
@@ -390,6 +394,19 @@ impl Engine {
                     warn!(plan = %id, "the plan is in motion already; not started again");
                     let _ = done.send(self.status_of(&id).unwrap_or_default());
                     return;
+                }
+                if run.inherited && run.state == PlanState::Stopping {
+                    // A stop this term finishes for a leader gone before its Halt reached
+                    // the agents: they may still have its runs queued (under its epoch,
+                    // until the fence moves). Told now, and each again as it attaches.
+                    let shards: Vec<String> = run.shards.keys().cloned().collect();
+                    for shard in &shards {
+                        self.send_to(shard, outbound::halt(&id));
+                    }
+                    self.halt_on_attach.insert(id.clone(), shards);
+                } else {
+                    // started again (a retry): its runs are this term's, not to be halted
+                    self.halt_on_attach.remove(&id);
                 }
                 metrics::plan_started();
                 self.plans.insert(id.clone(), *run);
@@ -602,6 +619,7 @@ impl Engine {
     fn stop_leading(&mut self) {
         self.leading = false;
         self.plans.clear();
+        self.halt_on_attach.clear();
         // checks under way belong to this term (their answers are dropped): a next term
         // checks its plans' gates anew
         self.gates.clear();

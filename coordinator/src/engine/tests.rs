@@ -832,3 +832,28 @@ async fn an_aborting_plan_does_not_wait_for_an_agent_gone_for_good() {
         "the abort went on: {after:?}"
     );
 }
+
+/// A stop a new leader finishes for one gone before its Halt reached the agents: each of
+/// the plan's shards is told to halt it as its agent attaches (the agent may still have the
+/// old leader's runs queued), though the plan ended at its start. Before, nothing was sent,
+/// and the queued runs went on after the plan ended and its locks were released.
+#[tokio::test]
+async fn a_stop_finished_for_an_earlier_leader_halts_each_agent_as_it_attaches() {
+    let events = engine();
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s1", "t1")],
+        pb::FailurePolicy::Stop,
+    );
+    run.inherited = true;
+    run.state = crate::plan::PlanState::Stopping;
+    start_locked(&events, run).await;
+    for (conn_id, shard) in [(1, "s0"), (2, "s1")] {
+        let mut rx = attach(&events, shard, conn_id).await;
+        match next_message(&mut rx).await {
+            Body::Halt(h) => assert_eq!(h.plan_id, "p0"),
+            other => panic!("expected the plan's halt, got {other:?}"),
+        }
+    }
+}
