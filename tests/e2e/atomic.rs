@@ -312,6 +312,54 @@ async fn a_new_leader_settles_no_shard_whose_prepared_transactions_are_unlisted(
     Ok(())
 }
 
+/// The same under a presumed abort (the leader died with every target prepared and no
+/// decision): the plan stays aborting, its locks held, until the shard that could not list
+/// its prepared transactions lists them (and rolls them back). Before, the new leader took
+/// the empty list for "nothing there", rolled the plan back and released its locks while
+/// that shard's transaction was still prepared.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_presumed_abort_waits_for_a_shard_whose_prepared_transactions_are_unlisted()
+-> anyhow::Result<()> {
+    let dir = flotilla_testkit::TestDir::new("unlisted-abort")?;
+    let unlisted = dir.path().join("unlisted");
+    let failpoints = format!("agent::in_doubt_unlisted=return({})", unlisted.display());
+    let mut fleet = HaFleet::builder(1, 2, 2)
+        .least_privilege()
+        .agent_args(&["--in-doubt-sweep", "1h"])
+        .agent_env(1, "FAILPOINTS", &failpoints)
+        .start()
+        .await?;
+    std::fs::write(&unlisted, "")?;
+    let id = submit_atomic_and_die_before_the_decision(&mut fleet).await?;
+    assert!(prepared(&fleet.pg, 1).await? > 0, "shard_1 prepared");
+    let c = fleet.spawn_coordinator(0)?;
+    c.wait_for_log("coordinator listening", WAIT).await?;
+    c.wait_for_log("could not list its shard's prepared transactions", WAIT)
+        .await?;
+    fleet.coordinators[0] = Some(c);
+    wait_until("shard_0 rolled back", WAIT, async || {
+        Ok(prepared(&fleet.pg, 0).await? == 0)
+    })
+    .await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "aborting", "{st}");
+    assert!(prepared(&fleet.pg, 1).await? > 0, "shard_1 still prepared");
+
+    std::fs::remove_file(&unlisted)?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(1), "rolled back: {out}");
+    assert_none_prepared(&fleet, 2).await?;
+    for s in 0..2 {
+        assert_eq!(
+            satisfaction_columns(&fleet, &format!("shard_{s}")).await?,
+            0
+        );
+    }
+    Ok(())
+}
+
 /// One shard of `tenants` tenants whose server has `max_prepared_transactions = max`
 /// (restarted with it), and an atomic submit of COORD-2025-001 on it.
 async fn atomic_submit_with_max_prepared(

@@ -212,7 +212,17 @@ impl Engine {
             }
         }
         let run = self.plans.get_mut(plan_id).expect("present");
-        if run.state == PlanState::Aborting && run.all_resolved() {
+        // After a takeover, a shard not heard from (its agent away, or attached without
+        // the list of its prepared transactions) may hold the unit's still: the rollback
+        // (and the release of the plan's locks) waits for its list. (Its agent is needed
+        // for the rollback anyway.)
+        let unlisted = run.inherited
+            && run.shards.iter().any(|(s, sr)| {
+                !sr.resolved
+                    && sr.prepared.is_empty()
+                    && (!self.agents.contains_key(s) || self.in_doubt_unknown.contains(s))
+            });
+        if run.state == PlanState::Aborting && run.all_resolved() && !unlisted {
             // What committed outside 2PC (non-transactional steps) is undone now.
             self.begin_rollback(plan_id);
         }
