@@ -132,6 +132,16 @@ pub enum Refusal {
         dependency: String,
         dependency_target: String,
     },
+    /// A step of an atomic unit that depends on a transactional step of the same unit
+    /// cannot run in its prepared transaction: it would not see that step's changes.
+    #[error(
+        "atomic plan: `{migration}` depends on `{dependency}` in the same atomic unit, but {why}: a step sees another step's changes within an atomic unit only in the one prepared transaction of its target, which holds the unit's transactional steps; run `{migration}` in a later parallel group (after the unit committed), or make its changes transactional"
+    )]
+    SplitUnitTransaction {
+        migration: String,
+        dependency: String,
+        why: String,
+    },
     #[error("plan {plan_id} has no target on shard `{shard}` (its shards: {shards})")]
     NoSuchShard {
         plan_id: String,

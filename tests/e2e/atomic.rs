@@ -360,6 +360,34 @@ async fn a_presumed_abort_waits_for_a_shard_whose_prepared_transactions_are_unli
     Ok(())
 }
 
+/// An atomic unit whose step on a target waits for a transactional step of the unit but
+/// cannot share its prepared transaction (here an index built CONCURRENTLY on the unit's
+/// new table) is refused at submit, naming both and why, with nothing stored. Before, it
+/// was taken, and could never succeed: the index step ran outside the prepared transaction
+/// and did not see the table (the unit aborted every time).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_atomic_unit_that_splits_its_transaction_is_refused() -> anyhow::Result<()> {
+    let fleet = least_privileged(1, 1, 1).await?;
+    let dir = crate::fleet::MigrationDir::new()?;
+    dir.migration("001_t", "", "CREATE TABLE t (id int)", "DROP TABLE t")?;
+    dir.migration(
+        "002_idx",
+        "depends_on = [\"001_t\"]\n",
+        "CREATE INDEX CONCURRENTLY t_id ON t (id)",
+        "DROP INDEX CONCURRENTLY t_id",
+    )?;
+    let p = dir.path().to_string_lossy().into_owned();
+    let out = fleet.cli(&["plan", "submit", &p, "--atomic"]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(
+            "`002_idx` depends on `001_t` in the same atomic unit, but it cannot run in a transaction"
+        ),
+        "{out}"
+    );
+    assert_no_plan_stored(&fleet).await
+}
+
 /// One shard of `tenants` tenants whose server has `max_prepared_transactions = max`
 /// (restarted with it), and an atomic submit of COORD-2025-001 on it.
 async fn atomic_submit_with_max_prepared(

@@ -97,6 +97,43 @@ pub(super) fn atomic(
                 dependency_target: expansion.targets[expansion.steps[d].target].to_string(),
             });
         }
+        // The unit's transactional steps of a target run in its one prepared transaction,
+        // whose changes nothing else sees until the decision: a step of the unit after one
+        // of them must be in that transaction too (transactional, and not held back by a
+        // step that runs outside it), or it would fail on what it cannot see.
+        let in_unit = |d: usize| {
+            expansion.steps[d].target == s.target
+                && spec.atomic_unit(&spec.migrations[expansion.steps[d].migration].id) == unit
+        };
+        let transactional = |m: usize| spec.migrations[m].tx_mode == TxMode::Transactional;
+        let Some(&d) = s
+            .deps
+            .iter()
+            .find(|&&d| in_unit(d) && transactional(expansion.steps[d].migration))
+        else {
+            continue;
+        };
+        let outside = s
+            .deps
+            .iter()
+            .find(|&&e| in_unit(e) && !transactional(expansion.steps[e].migration));
+        let why = if !transactional(s.migration) {
+            Some("it cannot run in a transaction".to_string())
+        } else {
+            outside.map(|&e| {
+                format!(
+                    "it also waits for `{}`, which runs outside the unit's transaction",
+                    spec.migrations[expansion.steps[e].migration].id
+                )
+            })
+        };
+        if let Some(why) = why {
+            return Err(Refusal::SplitUnitTransaction {
+                migration: spec.migrations[s.migration].id.to_string(),
+                dependency: spec.migrations[expansion.steps[d].migration].id.to_string(),
+                why,
+            });
+        }
     }
     Ok(())
 }
