@@ -668,9 +668,15 @@ impl Coordinator {
         plan_id: &str,
         answer: Result<pb::PlanStatus, CoordinatorError>,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
-        let Err(CoordinatorError::Conflict(Conflict::NotRunning { .. })) = &answer else {
+        // (the engine's "not found" too: a plan in motion when the caller looked may have
+        // ended before the command reached the engine)
+        if !matches!(
+            &answer,
+            Err(CoordinatorError::Conflict(Conflict::NotRunning { .. })
+                | CoordinatorError::PlanNotFound(_))
+        ) {
             return answer;
-        };
+        }
         match self.inner.store.plan(plan_id).await {
             Ok(None) => Err(CoordinatorError::PlanNotFound(plan_id.to_string())),
             Ok(Some(row)) if row.state.is_terminal() => Err(Conflict::Ended {
