@@ -785,3 +785,36 @@ async fn a_coordinator_whose_hand_over_stalls_still_stops_within_its_grace() -> 
     assert!(log.contains("the agent stream of shard shard_0"), "{log}");
     Ok(())
 }
+
+/// A plan the control store refuses to take for good (here a trigger of the store's own
+/// refusing its row) is answered as not stored, naming it, and nothing of it runs. Before,
+/// the writer gave its writes up (logged) and the plan ran all the same, its status "not
+/// found" once it ended.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_the_store_does_not_take_is_not_run() -> anyhow::Result<()> {
+    let fleet = HaFleet::start(1, 1, 2).await?;
+    fleet
+        .pg
+        .psql(
+            "control",
+            "CREATE FUNCTION refuse_plan() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN RAISE EXCEPTION 'this store takes no plan named refuse-me'; END $$;
+             CREATE TRIGGER refuse_plan BEFORE INSERT ON plans
+               FOR EACH ROW WHEN (NEW.name = 'refuse-me') EXECUTE FUNCTION refuse_plan();",
+        )
+        .await?;
+    let dir = crate::harness::TestDir::new("refused-plan")?;
+    std::fs::write(
+        dir.join("plan.toml"),
+        format!(
+            "name = \"refuse-me\"\nmigrations_dir = \"{}\"\n",
+            coord_dbmate_dir().display()
+        ),
+    )?;
+    let p = dir.join("plan.toml").to_string_lossy().into_owned();
+    let out = fleet.cli(&["plan", "submit", &p]).await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert!(out.stderr.contains("was not stored"), "{out}");
+    assert_eq!(fleet.journal_total().await?, 0, "nothing ran");
+    Ok(())
+}

@@ -169,6 +169,12 @@ impl Coordinator {
         }
         // Where the time from submit to the first step goes (issue 15: under 1 s at 10,000
         // tenants): the preflight and the checks, then the plan stored before anything runs.
+        // The writer tries a write a few times and then gives it up (logged): a plan the
+        // store did not take is not run (its steps' writes would fail the same way, and
+        // its status would be "not found" once it ended).
+        if self.inner.store.plan(&plan_id).await?.is_none() {
+            return Err(crate::store::StoreError::NotStored(plan_id).into());
+        }
         let store_ms = started.elapsed().as_millis() as u64 - resolve_ms;
         info!(plan = %plan_id, targets = expansion.targets.len(), steps = expansion.steps.len(), resolve_ms, store_ms, "plan submitted");
         if let Some(needs) = awaiting {

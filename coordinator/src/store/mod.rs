@@ -54,6 +54,12 @@ pub enum StoreError {
         "a later leader ({fenced}) has taken the control store over: this write of epoch {term} is refused"
     )]
     Fenced { fenced: LeaderFence, term: u64 },
+    /// A plan whose writes the store writer gave up on (it refused them for good): nothing
+    /// of it runs.
+    #[error(
+        "plan {0} was not stored (the control store refused its writes; the coordinator's log says why): nothing of it runs"
+    )]
+    NotStored(String),
     /// A row this coordinator cannot read back (written by a newer one, or damaged).
     #[error("plan {plan}: stored {what} is unreadable: {reason}")]
     Corrupt {
