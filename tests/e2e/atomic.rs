@@ -266,15 +266,11 @@ async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits(
     assert_none_prepared(&fleet, 2).await
 }
 
-/// An agent that cannot list its shard's prepared transactions when it attaches (its scan
-/// failed or ran out of time) says so in its Hello. Before, it sent an empty list, which a
-/// new leader read as "nothing prepared there": it settled the shard's part as committed
-/// and the plan ended completed, its locks released, while the shard's transactions were
-/// still prepared (holding their locks, and with no coordinator to report them if that
-/// database was lost). Now the plan stays committing until the agent lists them.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_new_leader_settles_no_shard_whose_prepared_transactions_are_unlisted()
--> anyhow::Result<()> {
+/// Two shards whose atomic plan's coordinator died with every target prepared, before
+/// (exit 86) or after (87) writing the decision, shard_1's agent not listing its prepared
+/// transactions while `dir/unlisted` exists (failpoint `agent::in_doubt_unlisted`; no sweep),
+/// and a new coordinator up that heard it say so. The fleet, the plan and the dir.
+async fn unlisted_after(exit: i32) -> anyhow::Result<(HaFleet, String, flotilla_testkit::TestDir)> {
     let dir = flotilla_testkit::TestDir::new("unlisted")?;
     let unlisted = dir.path().join("unlisted");
     let failpoints = format!("agent::in_doubt_unlisted=return({})", unlisted.display());
@@ -286,13 +282,32 @@ async fn a_new_leader_settles_no_shard_whose_prepared_transactions_are_unlisted(
         .start()
         .await?;
     std::fs::write(&unlisted, "")?;
-    let id = submit_atomic_and_die_at(&mut fleet, "coordinator::after_decision", 87).await?;
+    let failpoint = if exit == 86 {
+        "coordinator::before_decision"
+    } else {
+        "coordinator::after_decision"
+    };
+    let id = submit_atomic_and_die_at(&mut fleet, failpoint, exit).await?;
     assert!(prepared(&fleet.pg, 1).await? > 0, "shard_1 prepared");
     let c = fleet.spawn_coordinator(0)?;
     c.wait_for_log("coordinator listening", WAIT).await?;
     c.wait_for_log("could not list its shard's prepared transactions", WAIT)
         .await?;
     fleet.coordinators[0] = Some(c);
+    Ok((fleet, id, dir))
+}
+
+/// An agent that cannot list its shard's prepared transactions when it attaches (its scan
+/// failed or ran out of time) says so in its Hello. Before, it sent an empty list, which a
+/// new leader read as "nothing prepared there": it settled the shard's part as committed
+/// and the plan ended completed, its locks released, while the shard's transactions were
+/// still prepared (holding their locks, and with no coordinator to report them if that
+/// database was lost). Now the plan stays committing until the agent lists them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_leader_settles_no_shard_whose_prepared_transactions_are_unlisted()
+-> anyhow::Result<()> {
+    let (fleet, id, dir) = unlisted_after(87).await?;
+    let unlisted = dir.path().join("unlisted");
     wait_until("shard_0 committed", WAIT, async || {
         Ok(satisfaction_columns(&fleet, "shard_0").await? == 4)
     })
@@ -320,23 +335,8 @@ async fn a_new_leader_settles_no_shard_whose_prepared_transactions_are_unlisted(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_presumed_abort_waits_for_a_shard_whose_prepared_transactions_are_unlisted()
 -> anyhow::Result<()> {
-    let dir = flotilla_testkit::TestDir::new("unlisted-abort")?;
+    let (fleet, id, dir) = unlisted_after(86).await?;
     let unlisted = dir.path().join("unlisted");
-    let failpoints = format!("agent::in_doubt_unlisted=return({})", unlisted.display());
-    let mut fleet = HaFleet::builder(1, 2, 2)
-        .least_privilege()
-        .agent_args(&["--in-doubt-sweep", "1h"])
-        .agent_env(1, "FAILPOINTS", &failpoints)
-        .start()
-        .await?;
-    std::fs::write(&unlisted, "")?;
-    let id = submit_atomic_and_die_before_the_decision(&mut fleet).await?;
-    assert!(prepared(&fleet.pg, 1).await? > 0, "shard_1 prepared");
-    let c = fleet.spawn_coordinator(0)?;
-    c.wait_for_log("coordinator listening", WAIT).await?;
-    c.wait_for_log("could not list its shard's prepared transactions", WAIT)
-        .await?;
-    fleet.coordinators[0] = Some(c);
     wait_until("shard_0 rolled back", WAIT, async || {
         Ok(prepared(&fleet.pg, 0).await? == 0)
     })

@@ -330,19 +330,8 @@ impl Coordinator {
         caller: Option<&Caller>,
         peer: &str,
     ) -> Result<(), CoordinatorError> {
-        match caller {
-            Some(c) if !c.role.grants(Role::Admin) => {
-                let why = format!(
-                    "{} has role {}: --skip-promotion-check needs admin",
-                    c.name,
-                    c.role.as_str()
-                );
-                self.audit_refusal(&c.name, "denied", "SubmitPlan", peer, &why)
-                    .await;
-                Err(CoordinatorError::NotAllowed(why))
-            }
-            _ => Ok(()),
-        }
+        self.admin_override(caller, peer, "SubmitPlan", "--skip-promotion-check")
+            .await
     }
 
     /// Replacing an ended plan's down SQL (`plan rollback --down-from`) runs SQL that no
@@ -353,14 +342,28 @@ impl Coordinator {
         caller: Option<&Caller>,
         peer: &str,
     ) -> Result<(), CoordinatorError> {
+        let what = "--down-from (down SQL no approval saw, run on every target)";
+        self.admin_override(caller, peer, "RollbackPlan", what)
+            .await
+    }
+
+    /// An option of `method` only an admin may use: any other role is refused (and
+    /// audited) with authentication on; with it off, `--as` names whoever asks.
+    async fn admin_override(
+        &self,
+        caller: Option<&Caller>,
+        peer: &str,
+        method: &str,
+        what: &str,
+    ) -> Result<(), CoordinatorError> {
         match caller {
             Some(c) if !c.role.grants(Role::Admin) => {
                 let why = format!(
-                    "{} has role {}: --down-from (down SQL no approval saw, run on every target) needs admin",
+                    "{} has role {}: {what} needs admin",
                     c.name,
                     c.role.as_str()
                 );
-                self.audit_refusal(&c.name, "denied", "RollbackPlan", peer, &why)
+                self.audit_refusal(&c.name, "denied", method, peer, &why)
                     .await;
                 Err(CoordinatorError::NotAllowed(why))
             }
