@@ -448,6 +448,9 @@ impl Coordinator {
                 reply,
             })
             .await?;
+        if answer.is_ok() {
+            self.stored_before_answered(epoch).await?;
+        }
         let status = self.named_if_not_running(plan_id, answer).await?;
         if let Some(shards) = revived_shards {
             self.take_locks(plan_id.to_string(), shards, epoch);
@@ -708,10 +711,23 @@ impl Coordinator {
         plan_id: String,
         make: impl FnOnce(String, oneshot::Sender<Result<pb::PlanStatus, CoordinatorError>>) -> Event,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
-        self.leader_epoch()?;
+        let epoch = self.leader_epoch()?;
         let id = plan_id.clone();
         let answer = self.to_engine(|reply| make(id, reply)).await?;
+        if answer.is_ok() {
+            self.stored_before_answered(epoch).await?;
+        }
         self.named_if_not_running(&plan_id, answer).await
+    }
+
+    /// What the engine did for an operator's command (a halt, a pause, a cancel: the plan's
+    /// state, its audit entry) is in the store before the operator is told it is done: a
+    /// leader killed right after answering lost the halt, and the next leader ran the plan
+    /// to completed. A term that ended meanwhile answers as a change of leader does (the
+    /// CLI sends the command again to the new leader).
+    async fn stored_before_answered(&self, epoch: u64) -> Result<(), CoordinatorError> {
+        self.flush().await;
+        self.still_leading_in(epoch)
     }
 
     /// Cancels one shard of a running plan (policies stop and continue).

@@ -818,3 +818,47 @@ async fn a_plan_the_store_does_not_take_is_not_run() -> anyhow::Result<()> {
     assert_eq!(fleet.journal_total().await?, 0, "nothing ran");
     Ok(())
 }
+
+/// A halt the coordinator answered is in the store before the answer: with the store slow
+/// (failpoint `coordinator::store_write=sleep(1500)`) and the leader killed right after the
+/// answer, the next leader finishes the stop and the plan ends halted, its second step not
+/// run. Before, the answer went out with the halt still queued for the store, and the next
+/// leader ran the plan to completed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_halt_answered_survives_the_leaders_death() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::start(1, 2, 2).await?;
+    fleet
+        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::store_write=sleep(1500)")])
+        .await?;
+    fleet.wait_connected(2).await?;
+    let dir = MigrationDir::new()?;
+    dir.migration("001_slow", "", "SELECT pg_sleep(1)", "SELECT 1")?;
+    dir.migration(
+        "002_after",
+        "depends_on = [\"001_slow\"]\n",
+        "CREATE TABLE after_halt (id int)",
+        "DROP TABLE after_halt",
+    )?;
+    let id = fleet
+        .submit(dir.path(), &["--max-parallel", "1", "--no-fuse"])
+        .await?;
+    // (asked again while the coordinator says no one leads: its election under way)
+    let out = crate::harness::wait_for("the halt answered", WAIT, async || {
+        let out = fleet
+            .cli(&["plan", "halt", &id, "--reason", "night"])
+            .await?;
+        Ok((!out.stderr.contains("no coordinator leads now")).then_some(out))
+    })
+    .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    // killed as soon as it answered; the next leader reads the store
+    fleet.restart_coordinator_with(0, &[]).await?;
+    let (_, st) = fleet.watch(&id).await?;
+    assert_eq!(st["state"], "halted", "{st}");
+    let after = st["migrations"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["id"] == "002_after").cloned())
+        .unwrap_or_default();
+    assert_eq!(after["applied"], 0, "{st}");
+    Ok(())
+}

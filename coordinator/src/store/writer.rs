@@ -99,6 +99,11 @@ async fn write_with_retries(
     if ops.is_empty() {
         return;
     }
+    // Fault tests: `sleep(MS)` holds each batch back, as a slow store does, so that a
+    // leader can die with writes it has decided not yet stored.
+    if ops.iter().any(|op| !matches!(op, StoreOp::Flush(_))) {
+        fail::fail_point!("coordinator::store_write");
+    }
     let mut pause = RETRY_FIRST;
     let mut attempt = 0u32;
     loop {
