@@ -133,6 +133,13 @@ impl Engine {
     /// After an agent (re)attaches: its plan definitions and outstanding runs
     /// are sent again; the agent's journal turns repeats into "already applied".
     fn resend_after_reconnect(&mut self, plan_id: &str, shard: &str) {
+        // The shard's lanes as of now, its agent back: while it was away a hand-out gave it
+        // one (what an absent agent can take), and the runs resent with that went one at a
+        // time (an atomic unit's other targets holding their prepared locks meanwhile).
+        let agents = &self.agents;
+        if let Some(run) = self.plans.get_mut(plan_id) {
+            run.rebalance_lanes(&|s: &str| agents.get(s).map(|a| a.max_lanes).unwrap_or(1));
+        }
         let Some(agent) = self.agents.get_mut(shard) else {
             return;
         };

@@ -857,3 +857,47 @@ async fn a_stop_finished_for_an_earlier_leader_halts_each_agent_as_it_attaches()
         }
     }
 }
+
+/// An agent back after a hand-out while it was away (which gave its shard the one lane an
+/// absent agent can take) gets its runs resent with the lanes it has, not one: with one,
+/// the runs went one at a time (an atomic unit's other targets holding their prepared locks
+/// meanwhile).
+#[tokio::test]
+async fn runs_resent_after_a_reconnect_go_with_the_shards_lanes() {
+    let events = engine();
+    let mut rx0 = attach(&events, "s0", 1).await;
+    let mut rx1 = attach(&events, "s1", 2).await;
+    let run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[
+            ("s0", "t1"),
+            ("s0", "t2"),
+            ("s1", "t3"),
+            ("s1", "t4"),
+            ("s1", "t5"),
+        ],
+        pb::FailurePolicy::Continue,
+    );
+    start_locked(&events, run).await;
+    let lanes_of = |body: Body| match body {
+        Body::Assign(a) => (a.lanes, a.runs),
+        other => panic!("expected runs, got {other:?}"),
+    };
+    assert!(matches!(next_message(&mut rx0).await, Body::Plan(_)));
+    let (lanes, _) = lanes_of(next_message(&mut rx0).await);
+    assert!(lanes > 1, "{lanes}");
+    assert!(matches!(next_message(&mut rx1).await, Body::Plan(_)));
+    let (_, s1_runs) = lanes_of(next_message(&mut rx1).await);
+    // s0's agent goes; s1's results make a hand-out while it is away
+    drop(rx0);
+    detach(&events, "s0", 1).await;
+    result(&events, "s1", &s1_runs[0], pb::StepOutcome::Applied).await;
+    handled(&events).await;
+    let (tx, mut back) = mpsc::channel(16);
+    events.send(attached("s0", 3, tx, 1)).await.unwrap();
+    assert!(matches!(next_message(&mut back).await, Body::Plan(_)));
+    let (lanes, runs) = lanes_of(next_message(&mut back).await);
+    assert_eq!(runs.len(), 2, "both runs still out");
+    assert!(lanes > 1, "resent with {lanes} lane(s)");
+}
