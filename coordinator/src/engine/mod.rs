@@ -646,8 +646,15 @@ impl Engine {
             .shards
             .iter()
             .filter(|(shard, sr)| {
+                // away, with something of the plan left there: runs out, steps still to run
+                // (a shard waiting for a lane too), a unit's decision not carried out, its
+                // rollback not done
                 !self.agents.contains_key(*shard)
                     && (!sr.outstanding.is_empty()
+                        || (run.state == PlanState::Running && sr.steps_left())
+                        || (matches!(run.state, PlanState::Committing | PlanState::Aborting)
+                            && !sr.resolved
+                            && (!sr.prepared.is_empty() || run.shard_has_open(shard)))
                         || (run.state == PlanState::RollingBack
                             && sr.rollback != RollbackState::Done))
             })

@@ -901,3 +901,29 @@ async fn runs_resent_after_a_reconnect_go_with_the_shards_lanes() {
     assert_eq!(runs.len(), 2, "both runs still out");
     assert!(lanes > 1, "resent with {lanes} lane(s)");
 }
+
+/// A shard whose agent is away is named in the status while the plan has steps there still
+/// to run, though none was sent to it yet (it waits for a lane, or its agent never came):
+/// before, only shards with runs out were, and a plan waiting on one showed nothing.
+#[tokio::test]
+async fn the_status_names_an_away_shard_with_steps_left() {
+    let events = engine();
+    let _rx0 = attach(&events, "s0", 1).await;
+    let run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s1", "t2")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    start_locked(&events, run).await;
+    let (reply, status) = oneshot::channel();
+    events
+        .send(Event::Status {
+            plan_id: "p0".into(),
+            reply,
+        })
+        .await
+        .unwrap();
+    let status = status.await.unwrap().expect("in motion");
+    assert_eq!(status.waiting_for, ["s1"], "{status:?}");
+}

@@ -84,6 +84,11 @@ pub struct ShardRun {
 
 impl ShardRun {
     /// Targets ready to run here, within lanes the shard has.
+    /// Steps of the plan on the shard still pending or running.
+    pub fn steps_left(&self) -> bool {
+        self.to_run > 0
+    }
+
     pub fn has_ready(&self) -> bool {
         self.lanes > 0 && !self.ready.is_empty()
     }
