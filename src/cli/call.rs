@@ -162,6 +162,15 @@ fn leader_of(e: &tonic::Status) -> Option<String> {
     v.to_str().ok().map(str::to_string)
 }
 
+/// A "not the leader" refusal that names no leader: none leads now.
+fn no_leader_yet(e: &tonic::Status) -> bool {
+    e.code() == tonic::Code::Unavailable
+        && e.metadata()
+            .get(flotilla_core::protocol::REFUSAL_METADATA)
+            .and_then(|v| v.to_str().ok())
+            == Some(flotilla_core::protocol::REFUSAL_NOT_LEADER)
+}
+
 /// Runs a write on the leader: a follower's refusal names it, and the call
 /// goes there (a few hops at most, leadership may be moving).
 pub(super) async fn on_leader<T, F, Fut>(c: &mut Client, mut call: F) -> Result<T, u8>
@@ -170,18 +179,57 @@ where
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let mut hops = 0;
+    let mut waits = 0;
     loop {
         match call(c.clone()).await {
             Ok(r) => return Ok(r.into_inner()),
             Err(e) => match leader_of(&e) {
+                // The leader a follower names is gone (killed: its term lasts until its
+                // lease runs out): asked again after a pause, the follower names the next
+                // one once it is elected. Before, the command failed at once "cannot reach
+                // a coordinator", naming the dead one, with the others up.
+                Some(leader) if waits < LEADER_WAITS && !reachable(&leader).await => {
+                    if waits == 0 {
+                        eprintln!(
+                            "note: the leader named ({leader}) does not answer; waiting for the next one to be elected"
+                        );
+                    }
+                    waits += 1;
+                    tokio::time::sleep(LEADER_WAIT).await;
+                }
                 Some(leader) if hops < 3 => {
                     hops += 1;
                     *c = client(&leader).await?;
+                }
+                // no coordinator leads at this instant (an election under way): the same
+                None if waits < LEADER_WAITS && no_leader_yet(&e) => {
+                    if waits == 0 {
+                        eprintln!("note: no coordinator leads now; waiting for one to be elected");
+                    }
+                    waits += 1;
+                    tokio::time::sleep(LEADER_WAIT).await;
                 }
                 _ => return Err(fail(e)),
             },
         }
     }
+}
+
+/// How often, and how long apart, a command asks again where the leader is when the one
+/// named does not answer (an election after a leader died takes up to its lease's TTL,
+/// 10 s by default).
+const LEADER_WAITS: u32 = 10;
+const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether a coordinator answers a connection at `addr` (quietly: the command goes on
+/// elsewhere if not).
+async fn reachable(addr: &str) -> bool {
+    let Ok(endpoint) = super::transport::endpoint(addr) else {
+        return false;
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(3), endpoint.connect())
+        .await
+        .is_ok_and(|r| r.is_ok())
 }
 
 /// Connects to a coordinator and runs `rpc` with `req` on the leader (see [`on_leader`]):

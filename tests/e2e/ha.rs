@@ -862,3 +862,25 @@ async fn a_halt_answered_survives_the_leaders_death() -> anyhow::Result<()> {
     assert_eq!(after["applied"], 0, "{st}");
     Ok(())
 }
+
+/// A write sent right after the leader was killed reaches the next leader: the follower
+/// first asked names the dead one (its term lasts until its lease runs out), and the CLI
+/// asks again until another leads. Before, it failed at once "cannot reach a coordinator",
+/// naming the dead leader, with the other coordinator up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_right_after_the_leader_died_reaches_the_next_one() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::start(2, 1, 1).await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    if let Some(mut c) = fleet.coordinators[leader].take() {
+        c.kill()?;
+        fleet.retired.push(c);
+    }
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&["plan", "submit", &dir, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let status: Value = serde_json::from_str(out.stdout.lines().last().unwrap())?;
+    assert_eq!(status["state"], "completed", "{status}");
+    Ok(())
+}
