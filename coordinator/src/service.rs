@@ -78,6 +78,10 @@ pub struct Coordinator {
     pub inner: Arc<Inner>,
 }
 
+/// How long an operator's command waits for the store to take its writes before it is
+/// answered anyway (`Coordinator::stored_before_answered`).
+const COMMAND_STORED_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Coordinator {
     /// The epoch this coordinator leads under, or NotLeader naming the leader.
     pub fn leader_epoch(&self) -> Result<u64, CoordinatorError> {
@@ -725,8 +729,20 @@ impl Coordinator {
     /// leader killed right after answering lost the halt, and the next leader ran the plan
     /// to completed. A term that ended meanwhile answers as a change of leader does (the
     /// CLI sends the command again to the new leader).
+    ///
+    /// Bounded: with the store out of reach the command is in effect here all the same (its
+    /// writes wait in the writer, which keeps trying while this term lasts), and an operator
+    /// halting a plan in an incident is answered, not held until the store is back.
     async fn stored_before_answered(&self, epoch: u64) -> Result<(), CoordinatorError> {
-        self.flush().await;
+        if tokio::time::timeout(COMMAND_STORED_WITHIN, self.flush())
+            .await
+            .is_err()
+        {
+            warn!(
+                "the control store has not taken a command's writes within {COMMAND_STORED_WITHIN:?}: answered; in effect here, and stored once the store answers"
+            );
+            return Ok(());
+        }
         self.still_leading_in(epoch)
     }
 
