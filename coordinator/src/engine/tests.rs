@@ -240,6 +240,19 @@ async fn a_new_stream_hears_the_definition_and_the_runs_still_out() {
     }
 }
 
+/// The engine's status of plan `p0` (None: not in memory, its status from the store).
+async fn engine_status(events: &mpsc::Sender<Event>) -> Option<pb::PlanStatus> {
+    let (reply, answered) = oneshot::channel();
+    events
+        .send(Event::Status {
+            plan_id: "p0".into(),
+            reply,
+        })
+        .await
+        .unwrap();
+    answered.await.unwrap()
+}
+
 /// Waits until the engine handled every event sent before.
 async fn handled(events: &mpsc::Sender<Event>) {
     let (reply, answered) = oneshot::channel();
@@ -359,15 +372,7 @@ async fn a_plan_that_ends_tells_its_watchers_its_final_status() {
     assert_eq!(last.migrations[0].applied, 2);
     assert!(last.failures.is_empty());
     // and it has left memory: a status now comes from the store
-    let (reply, answered) = oneshot::channel();
-    events
-        .send(Event::Status {
-            plan_id: "p0".into(),
-            reply,
-        })
-        .await
-        .unwrap();
-    assert!(answered.await.unwrap().is_none());
+    assert!(engine_status(&events).await.is_none());
 }
 
 /// Two agents attached (s0, s1) and an all-or-nothing plan whose one atomic group runs one
@@ -536,16 +541,8 @@ async fn a_rollback_while_a_unit_commits_is_refused_until_it_has() {
     }
     resolved(&events, "s1", &r1, true).await;
     handled(&events).await;
-    let (reply, answered) = oneshot::channel();
-    events
-        .send(Event::Status {
-            plan_id: "p0".into(),
-            reply,
-        })
-        .await
-        .unwrap();
     // completed, it has left memory (its status comes from the store)
-    assert!(answered.await.unwrap().is_none());
+    assert!(engine_status(&events).await.is_none());
 }
 
 /// A plan ends while the control store is out of reach (its writer keeps trying and answers
@@ -778,15 +775,7 @@ async fn a_plan_started_under_another_term_is_left_to_this_ones_recovery() {
         .await
         .unwrap();
     assert!(started.await.is_err(), "not started: its caller hears so");
-    let (reply, status) = oneshot::channel();
-    events
-        .send(Event::Status {
-            plan_id: "p0".into(),
-            reply,
-        })
-        .await
-        .unwrap();
-    assert!(status.await.unwrap().is_none(), "not in motion");
+    assert!(engine_status(&events).await.is_none(), "not in motion");
 }
 
 /// An atomic plan aborting (a target failed) while another shard's agent is gone for good
@@ -805,23 +794,11 @@ async fn an_aborting_plan_does_not_wait_for_an_agent_gone_for_good() {
     // s1's agent goes (no stream, no liveness key), its run out
     detach(&events, "s1", 2).await;
     result(&events, "s0", &r0, pb::StepOutcome::Failed).await;
-    let state = |events: &mpsc::Sender<Event>| {
-        let events = events.clone();
-        async move {
-            let (reply, status) = oneshot::channel();
-            events
-                .send(Event::Status {
-                    plan_id: "p0".into(),
-                    reply,
-                })
-                .await
-                .unwrap();
-            status
-                .await
-                .unwrap()
-                .and_then(|s| s.summary)
-                .map(|s| s.state)
-        }
+    let state = async |events: &mpsc::Sender<Event>| {
+        engine_status(events)
+            .await
+            .and_then(|s| s.summary)
+            .map(|s| s.state)
     };
     assert_eq!(state(&events).await.as_deref(), Some("aborting"));
     events.send(Event::Tick).await.unwrap();
@@ -916,14 +893,6 @@ async fn the_status_names_an_away_shard_with_steps_left() {
         pb::FailurePolicy::AllOrNothing,
     );
     start_locked(&events, run).await;
-    let (reply, status) = oneshot::channel();
-    events
-        .send(Event::Status {
-            plan_id: "p0".into(),
-            reply,
-        })
-        .await
-        .unwrap();
-    let status = status.await.unwrap().expect("in motion");
+    let status = engine_status(&events).await.expect("in motion");
     assert_eq!(status.waiting_for, ["s1"], "{status:?}");
 }
