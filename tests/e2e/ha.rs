@@ -820,7 +820,7 @@ async fn a_plan_the_store_does_not_take_is_not_run() -> anyhow::Result<()> {
 }
 
 /// A halt the coordinator answered is in the store before the answer: with the store slow
-/// (failpoint `coordinator::store_write=sleep(1500)`) and the leader killed right after the
+/// (failpoint `coordinator::store_write=return(1500)`) and the leader killed right after the
 /// answer, the next leader finishes the stop and the plan ends halted, its second step not
 /// run everywhere. Before, the answer went out with the halt still queued for the store, and the next
 /// leader ran the plan to completed.
@@ -828,7 +828,10 @@ async fn a_plan_the_store_does_not_take_is_not_run() -> anyhow::Result<()> {
 async fn a_halt_answered_survives_the_leaders_death() -> anyhow::Result<()> {
     let mut fleet = HaFleet::start(1, 2, 2).await?;
     fleet
-        .restart_coordinator_with(0, &[("FAILPOINTS", "coordinator::store_write=sleep(1500)")])
+        .restart_coordinator_with(
+            0,
+            &[("FAILPOINTS", "coordinator::store_write=return(1500)")],
+        )
         .await?;
     fleet.wait_connected(2).await?;
     let dir = MigrationDir::new()?;

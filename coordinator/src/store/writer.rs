@@ -99,10 +99,14 @@ async fn write_with_retries(
     if ops.is_empty() {
         return;
     }
-    // Fault tests: `sleep(MS)` holds each batch back, as a slow store does, so that a
-    // leader can die with writes it has decided not yet stored.
+    // Fault tests: `return(MS)` holds each batch back MS milliseconds, as a slow store does,
+    // so that a leader can die with writes it has decided not yet stored. The wait is the
+    // runtime's, not the failpoint's own `sleep` (a thread's): a blocked worker starved the
+    // lease's keep-alive on a 2-core machine and the leader lost its term over and over.
     if ops.iter().any(|op| !matches!(op, StoreOp::Flush(_))) {
-        fail::fail_point!("coordinator::store_write");
+        if let Some(ms) = slow_store() {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
     }
     let mut pause = RETRY_FIRST;
     let mut attempt = 0u32;
@@ -159,6 +163,13 @@ async fn write_with_retries(
             pause = (pause * 2).min(RETRY_MAX);
         }
     }
+}
+
+/// The failpoint `coordinator::store_write=return(MS)`: how long each batch is held back.
+fn slow_store() -> Option<u64> {
+    fail::fail_point!("coordinator::store_write", |ms: Option<String>| ms
+        .and_then(|ms| ms.parse().ok()));
+    None
 }
 
 /// Copies of ops (none is a flush) for one attempt: [`Store::apply`] consumes them.
