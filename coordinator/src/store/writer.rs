@@ -103,10 +103,10 @@ async fn write_with_retries(
     // so that a leader can die with writes it has decided not yet stored. The wait is the
     // runtime's, not the failpoint's own `sleep` (a thread's): a blocked worker starved the
     // lease's keep-alive on a 2-core machine and the leader lost its term over and over.
-    if ops.iter().any(|op| !matches!(op, StoreOp::Flush(_))) {
-        if let Some(ms) = slow_store() {
-            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-        }
+    if ops.iter().any(|op| !matches!(op, StoreOp::Flush(_)))
+        && let Some(ms) = slow_store()
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
     let mut pause = RETRY_FIRST;
     let mut attempt = 0u32;
