@@ -99,13 +99,27 @@ pub fn changes_role(statement: &str) -> bool {
 /// index by index), a concurrent DETACH PARTITION (left pending). Any other statement on
 /// its own is one transaction: a lock timeout leaves nothing of it done.
 pub fn may_commit_part_way(statement: &str) -> bool {
+    if is_concurrent_index_build(statement) {
+        return true;
+    }
     let keys = keywords(statement);
     let w = |i: usize| word(keys.get(i));
     match (w(0), w(1), w(2)) {
         (Some("CALL" | "DO"), ..) => true,
+        (Some("REINDEX"), ..) | (Some("ALTER"), Some("TABLE"), _) => is_non_transactional(&keys),
+        _ => false,
+    }
+}
+
+/// Whether a statement is a concurrent index build (`CREATE [UNIQUE] INDEX CONCURRENTLY`):
+/// of those [`may_commit_part_way`] names, the one whose only leftover on failure is an
+/// INVALID index, which the agent drops.
+pub fn is_concurrent_index_build(statement: &str) -> bool {
+    let keys = keywords(statement);
+    let w = |i: usize| word(keys.get(i));
+    match (w(0), w(1), w(2)) {
         (Some("CREATE"), Some("INDEX"), Some("CONCURRENTLY")) => true,
         (Some("CREATE"), Some("UNIQUE"), Some("INDEX")) => w(3) == Some("CONCURRENTLY"),
-        (Some("REINDEX"), ..) | (Some("ALTER"), Some("TABLE"), _) => is_non_transactional(&keys),
         _ => false,
     }
 }
@@ -895,6 +909,20 @@ mod tests {
             "SELECT 'CALL x()'",
         ] {
             assert!(!may_commit_part_way(s), "{s}");
+        }
+        // of those, the concurrent index builds (their leftover the agent drops)
+        for s in [
+            "-- build\nCREATE INDEX CONCURRENTLY i ON t (a)",
+            "create unique index concurrently if not exists i on t (a)",
+        ] {
+            assert!(is_concurrent_index_build(s), "{s}");
+        }
+        for s in [
+            "CREATE INDEX i ON t (a)",
+            "REINDEX TABLE CONCURRENTLY t",
+            "CALL x()",
+        ] {
+            assert!(!is_concurrent_index_build(s), "{s}");
         }
     }
 

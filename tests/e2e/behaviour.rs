@@ -822,8 +822,8 @@ async fn a_failed_concurrent_index_leaves_no_invalid_index() -> anyhow::Result<(
         !failures_with(&status, "23505").is_empty(),
         "a unique violation: {status}"
     );
-    // Read again once the plan ended (from the store): the failed steps were left part-way
-    // and undone by the rollback, and they still say what failed.
+    // Read again once the plan ended (from the store): the failed steps (which left nothing:
+    // their INVALID indexes dropped) still say what failed.
     let id = status["plan_id"].as_str().unwrap();
     let stored = fleet.status(id).await?;
     assert_eq!(

@@ -498,7 +498,7 @@ async fn run_non_transactional(
         } else {
             None
         };
-        run_up_statements(conn, cx, m, done)
+        run_up_statements(conn, cx, m, done, checkpoint.is_none())
             .await
             .map_err(|f| GroupFailure {
                 position: 0,

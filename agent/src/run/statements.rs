@@ -7,13 +7,15 @@
 //! the checkpoint and undoes it with its down SQL (before, the statements done before a
 //! failure stayed applied with nothing on the shard to say so). A step whose first
 //! statement cannot run in a transaction records its checkpoint (nothing done) before it,
-//! so a rollback finds the step however that statement ended. Settings done before
+//! so a rollback finds the step however that statement ended (taken back when it failed
+//! leaving nothing). Settings done before
 //! (`SET ...`) are run again when the step goes on in another session.
 use flotilla_core::sql::{
-    first_non_transactional, is_session_setting, may_commit_part_way, quote_ident,
+    first_non_transactional, is_concurrent_index_build, is_session_setting, may_commit_part_way,
+    quote_ident,
 };
 use sqlx::postgres::PgConnection;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::conn::execute;
 use super::invalid_index::{drop_invalid_index, index_name_taken, invalid_index};
@@ -34,12 +36,14 @@ pub(super) struct StatementFailure {
 }
 
 /// Runs the step's up statements after the first `done` (done by an earlier run, as its
-/// checkpoint says). The session holds the step's settings and has checked its fence.
+/// checkpoint says; `fresh`: the step had no checkpoint before this run). The session holds
+/// the step's settings and has checked its fence.
 pub(super) async fn run_up_statements(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     done: usize,
+    fresh: bool,
 ) -> Result<(), StatementFailure> {
     if done > 0 {
         info!(
@@ -92,12 +96,17 @@ pub(super) async fn run_up_statements(
             );
             execute(conn, pending).await.map_err(|e| fail(&e, true))?;
         }
-        run_on_its_own(conn, m, statement, k, "up", commits_inside, false)
-            .await
-            .map_err(|failure| StatementFailure {
+        if let Err(failure) =
+            run_on_its_own(conn, m, statement, k, "up", commits_inside, false).await
+        {
+            if k == 0 && fresh && left_nothing(&failure, statement, commits_inside) {
+                forget_pending(conn, cx, m).await;
+            }
+            return Err(StatementFailure {
                 failure,
                 in_transaction: false,
-            })?;
+            });
+        }
         // Done and committed: a crash before this records it leaves it to run again (a
         // statement outside a transaction cannot commit with its record).
         let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
@@ -121,6 +130,37 @@ pub(super) async fn run_up_statements(
         }
     }
     Ok(())
+}
+
+/// Whether the first up statement, run on its own, failed leaving nothing done: refused
+/// whole by the server (a statement that is one transaction, or a concurrent index build
+/// whose INVALID index was dropped), the connection still there to say so.
+fn left_nothing(failure: &Failure, statement: &str, commits_inside: bool) -> bool {
+    !failure.part_way
+        && !failure.server_gone()
+        && !commits_inside
+        && (!may_commit_part_way(statement) || is_concurrent_index_build(statement))
+}
+
+/// The checkpoint written before the first up statement (nothing done) goes again when that
+/// statement left nothing: else a rollback took the step for begun and ran its down SQL,
+/// which fails where it is not idempotent (`DROP INDEX` of an index never built), and the
+/// plan ended rollback_failed over a step that did nothing. Only the checkpoint as written
+/// (nothing done, nothing undone); if it cannot go, it stays, and a rollback runs the down SQL
+/// as before.
+async fn forget_pending(conn: &mut PgConnection, cx: &StepContext<'_>, m: &PreparedMigration) {
+    let sql = format!(
+        "{}DELETE FROM flotilla.checkpoints WHERE target = {} AND migration_id = {} \
+         AND statements = 0 AND undone = 0 AND NOT undoing AND last_key IS NULL AND batches = 0;\nCOMMIT;\n",
+        begin_fenced(cx.epoch),
+        cx.tenant_lit,
+        m.id_lit
+    );
+    if let Err(e) = execute(conn, sql).await {
+        let _ = execute(conn, "ROLLBACK".into()).await;
+        warn!(step = m.id(), tenant = cx.tenant, error = %e,
+              "could not take back the checkpoint of a step whose first statement did nothing; a rollback runs its down SQL");
+    }
 }
 
 /// Runs the down statements of a non-transactional step a rollback undoes, after the first

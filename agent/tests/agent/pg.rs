@@ -2185,7 +2185,8 @@ async fn undoing_a_prior_image_compares_under_the_up_sqls_settings() {
 /// before again (`SET application_name` here; `SET ROLE` or `search_path` in life); a `DO`
 /// block that COMMITs, which refuses the transaction a statement runs in, runs on its own;
 /// a first statement that cannot run in a transaction is recorded (nothing done) before it
-/// runs, so its failure leaves a checkpoint a rollback finds; and a rollback cut short
+/// runs, so its failure part-way (a DO block that committed some) leaves a checkpoint a
+/// rollback finds; and a rollback cut short
 /// marks the checkpoint undoing, so the step does not go on from it (it would skip
 /// statements the rollback undid) until a rollback finishes, and an applied step's journal
 /// row is no longer taken as applied, by a run or by a preflight.
@@ -2218,12 +2219,12 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
                 "DROP TABLE IF EXISTS pt",
                 "",
             )),
-            migration(
-                "cic_first",
-                "CREATE INDEX CONCURRENTLY cf ON nope (id)",
-                "DROP INDEX IF EXISTS cf; SELECT 1 FROM down_gate",
+            non_tx(migration(
+                "part_first",
+                "DO $$ BEGIN CREATE TABLE pf (v int); COMMIT; PERFORM 1 / 0; END $$",
+                "DROP TABLE IF EXISTS pf; SELECT 1 FROM down_gate",
                 "",
-            ),
+            )),
             non_tx(migration(
                 "two_part",
                 "CREATE TABLE tp (v int)",
@@ -2261,13 +2262,13 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
     assert_eq!(count(&pool, "SELECT count(*) FROM tenant_0000.pt").await, 2);
 
     let r = s
-        .assign("pz", 4, 1, vec![run(3, t, &["cic_first"], false)])
+        .assign("pz", 4, 1, vec![run(3, t, &["part_first"], false)])
         .await;
     assert_eq!(outcomes(&r[&3]), [pb::StepOutcome::Failed], "{:?}", r[&3]);
     assert_eq!(
         count(
             &pool,
-            "SELECT count(*) FROM flotilla.checkpoints WHERE migration_id = 'cic_first' \
+            "SELECT count(*) FROM flotilla.checkpoints WHERE migration_id = 'part_first' \
              AND statements = 0 AND NOT undoing"
         )
         .await,
@@ -2279,9 +2280,9 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
     let reply = s.rollback("pz", 4).await;
     assert!(!reply.complete, "{reply:?}");
     assert_eq!(reply.steps.len(), 1, "{reply:?}");
-    assert_eq!(reply.steps[0].migration_id, "cic_first");
+    assert_eq!(reply.steps[0].migration_id, "part_first");
     assert!(reply.steps[0].error.is_some(), "{reply:?}");
-    let e = failed_alone(&mut s, "pz", 4, t, "cic_first").await;
+    let e = failed_alone(&mut s, "pz", 4, t, "part_first").await;
     assert!(
         e.message
             .contains("a rollback of it on this target was cut short"),
@@ -2289,7 +2290,7 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
     );
     // the coordinator's fleet view hears it from the shard, to say why the target is behind
     let cut_short = |m: &str| BTreeSet::from([(t.to_string(), m.to_string(), "pz".to_string())]);
-    s.reports_until(|r| cut_short_reported(r) == cut_short("cic_first"))
+    s.reports_until(|r| cut_short_reported(r) == cut_short("part_first"))
         .await;
 
     sqlx::raw_sql("CREATE TABLE tenant_0000.down_gate (v int)")
@@ -2303,7 +2304,7 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
     assert_eq!(
         count(
             &pool,
-            "SELECT count(*) FROM pg_tables WHERE tablename IN ('seen', 'pt')"
+            "SELECT count(*) FROM pg_tables WHERE tablename IN ('seen', 'pt', 'pf')"
         )
         .await,
         0
@@ -2372,6 +2373,73 @@ async fn a_step_goes_on_in_a_new_session_and_never_after_a_cut_short_rollback() 
             "{table}"
         );
     }
+    h.stop().await;
+    f.drop().await;
+}
+
+/// A concurrent index build that is a step's first statement and fails leaving nothing
+/// (refused at once, or late with its INVALID index dropped) takes back the checkpoint
+/// written before it: a rollback has nothing of the step to undo, and does not run its
+/// down SQL (`DROP INDEX CONCURRENTLY` of an index never built, which failed, and the plan
+/// ended rollback_failed over a step that did nothing).
+#[tokio::test]
+async fn a_first_statement_that_did_nothing_leaves_nothing_to_undo() {
+    let Some(f) = fleet("first_nothing", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    sqlx::raw_sql(
+        "CREATE TABLE tenant_0000.dup (v int); INSERT INTO tenant_0000.dup VALUES (1), (1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(4).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pn".into(),
+        migrations: vec![
+            migration(
+                "cic_refused",
+                "CREATE INDEX CONCURRENTLY cr ON nope (id)",
+                "DROP INDEX CONCURRENTLY cr",
+                "",
+            ),
+            migration(
+                "cic_late",
+                "CREATE UNIQUE INDEX CONCURRENTLY cl ON dup (v)",
+                "DROP INDEX CONCURRENTLY cl",
+                "",
+            ),
+        ],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    let t = "tenant_0000";
+    for (id, step, sqlstate) in [(1, "cic_refused", "42P01"), (2, "cic_late", "23505")] {
+        let r = s.assign("pn", 4, 1, vec![run(id, t, &[step], false)]).await;
+        assert_eq!(outcomes(&r[&id]), [pb::StepOutcome::Failed], "{:?}", r[&id]);
+        let e = r[&id].steps[0].error.clone().unwrap();
+        assert_eq!(e.sqlstate, sqlstate, "{e:?}");
+        assert_eq!(
+            count(&pool, "SELECT count(*) FROM flotilla.checkpoints").await,
+            0,
+            "{step}: nothing done, nothing recorded"
+        );
+    }
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM pg_indexes WHERE indexname IN ('cr', 'cl')"
+        )
+        .await,
+        0,
+        "the late build's INVALID index was dropped"
+    );
+    let reply = s.rollback("pn", 4).await;
+    assert!(reply.complete, "{reply:?}");
+    assert!(reply.steps.is_empty(), "nothing to undo: {reply:?}");
     h.stop().await;
     f.drop().await;
 }
