@@ -810,3 +810,46 @@ async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<
     .await?;
     assert_invariants(&fleet, 2, &before).await
 }
+
+/// A clean restart of a shard's server (`pg_ctl restart -m fast`, as for a minor upgrade)
+/// while a step runs ends the step's session with 57P01, as `pg_terminate_backend` does; the
+/// agent tells the two apart by the server's uptime: the step is not run (its transaction
+/// went with the server), it runs again once the server is back, and the plan completes.
+/// Before, the step failed and the plan was rolled back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_cut_short_by_a_server_restart_runs_again() -> anyhow::Result<()> {
+    let mut fleet = crate::fleet::TestFleet::start(1, 2).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_slow_table",
+        "",
+        "CREATE TABLE restarted (id int);\nSELECT pg_sleep(3)",
+        "DROP TABLE restarted",
+    )?;
+    let id = fleet.submit(d.path(), &[]).await?;
+    let shard = fleet.shards[0].clone();
+    wait_until("the step running on both tenants", WAIT, async || {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                &shard,
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query LIKE '%pg_sleep(3)%' AND pid <> pg_backend_pid()",
+            )
+            .await?;
+        Ok(n == 2)
+    })
+    .await?;
+    fleet.pg.restart().await?;
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(st["state"], "completed", "{st}\n{out}");
+    let made: i64 = fleet
+        .pg
+        .query_scalar(
+            &shard,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'restarted'",
+        )
+        .await?;
+    assert_eq!(made, 2, "on both tenants");
+    Ok(())
+}

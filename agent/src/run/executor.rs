@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use flotilla_core::pb;
+use flotilla_core::protocol::sqlstate;
 use futures::TryStreamExt;
 use sqlx::postgres::{PgConnection, PgDatabaseError, PgErrorPosition, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Column, Either, Row};
@@ -80,6 +81,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
             }
         }
         let mut durations = vec![Duration::ZERO; group.len()];
+        let group_started = Instant::now();
         let outcome = run_group(conn, pool, &cx, job, &group, &mut durations).await;
         let mode = if transactional {
             StepMode::Transactional
@@ -147,7 +149,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                 settle(
                     pool,
                     job,
-                    &group,
+                    (&group, group_started),
                     gf.position,
                     gf.failure,
                     &durations,
@@ -522,6 +524,37 @@ async fn run_non_transactional(
     .await
 }
 
+/// Why a step whose connection went with the server (`failure`) was cut short by the server
+/// rather than by someone ending its session (`pg_terminate_backend`, which fails the step):
+/// the server reset every session after another process crashed (57P02), or it started after
+/// the step's group did (its uptime, read now, is shorter than the time since: both are
+/// durations, so the two clocks need not agree; a second's margin for the connection
+/// taken before). None when neither, or when the server cannot say.
+async fn restarted_under(pool: &PgPool, failure: &Failure, started: Instant) -> Option<String> {
+    if !failure.server_gone() {
+        return None;
+    }
+    if failure.error.sqlstate == sqlstate::CRASH_SHUTDOWN {
+        return Some(
+            "the shard's server reset every session after another of its processes crashed".into(),
+        );
+    }
+    let uptime: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.pg_postmaster_start_time())::float8",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(|error| warn!(%error, "reading the shard server's start time failed"))
+    .ok()?;
+    let since = started.elapsed() + Duration::from_secs(1);
+    (uptime < since.as_secs_f64()).then(|| {
+        format!(
+            "the shard's server restarted while the step ran (up {uptime:.1} s, the step began {:.1} s ago)",
+            started.elapsed().as_secs_f64()
+        )
+    })
+}
+
 fn commit_failpoint_non_transactional() -> Result<(), GroupFailure> {
     fail::fail_point!(COMMIT_FAILPOINT, |arg: Option<String>| Err(GroupFailure {
         position: 0,
@@ -564,7 +597,7 @@ fn after_prepare_failpoint() {
 async fn settle(
     pool: &PgPool,
     job: &Job,
-    group: &[usize],
+    (group, group_started): (&[usize], Instant),
     failed_position: usize,
     failure: Failure,
     durations: &[Duration],
@@ -633,6 +666,17 @@ async fn settle(
                     // journal decides when it runs again.
                     f.error.message = format!(
                         "{}: the connection to the shard was lost, and its journal could not be read to say whether the step committed; it runs again, and the journal decides",
+                        f.error.message
+                    );
+                    StepOutcome::NotRun
+                } else if let Some(why) = restarted_under(pool, &f, group_started).await {
+                    // The server went down and up again (or reset every session after a
+                    // crash elsewhere) while the step ran: its transaction was undone with
+                    // the server, as the journal says, and its SQL did not fail. Not a
+                    // failure of the plan (a restart for a minor upgrade rolled an
+                    // all-or-nothing plan back): not run, and it runs again.
+                    f.error.message = format!(
+                        "{}: {why}; the journal says the step did not commit: it runs again",
                         f.error.message
                     );
                     StepOutcome::NotRun

@@ -32,4 +32,7 @@ pub const CONFLICTS: [&str; 2] = [SERIALIZATION_FAILURE, DEADLOCK_DETECTED];
 /// server went away or is not up yet, or ended a session left idle (a data change paused
 /// longer than the server's idle_session_timeout); what the failed transaction did was
 /// undone with it.
-pub const SERVER_GONE: [&str; 4] = ["57P01", "57P02", "57P03", "57P05"];
+pub const SERVER_GONE: [&str; 4] = ["57P01", CRASH_SHUTDOWN, "57P03", "57P05"];
+/// `crash_shutdown`: the server ends every session after another of its processes crashed
+/// (and recovers): nothing the session was doing was at fault.
+pub const CRASH_SHUTDOWN: &str = "57P02";
