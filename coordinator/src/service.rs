@@ -93,6 +93,23 @@ impl Coordinator {
         }
     }
 
+    /// A follower's answer to a read of a plan names the leader (gRPC metadata
+    /// `flotilla-leader`): the follower reads the control store, behind the leader's own
+    /// state by the store's write window, and without what only the leader holds (the
+    /// shards a plan waits on); a client that can reach the leader asks it instead.
+    pub fn naming_the_leader<T>(&self, mut response: tonic::Response<T>) -> tonic::Response<T> {
+        if let Err(CoordinatorError::NotLeader {
+            leader: Some(leader),
+        }) = self.leader_epoch()
+            && let Ok(value) = leader.parse()
+        {
+            response
+                .metadata_mut()
+                .insert(flotilla_core::protocol::LEADER_METADATA, value);
+        }
+        response
+    }
+
     /// After a request's writes under `epoch` were flushed, before it starts what they
     /// stored: whether this coordinator still leads in that term. Had the term ended
     /// meanwhile, the store refused them (a later leader, maybe this one again, fenced it)

@@ -269,6 +269,53 @@ where
     }
 }
 
+/// A client on the leader a follower's answer names (its metadata `flotilla-leader`: a
+/// follower reads the control store, behind the leader's own state by the store's write
+/// window, and without what only the leader holds, such as the shards a plan waits on);
+/// None when the answer is the leader's, or the leader named does not answer.
+pub(super) async fn leader_named_in(md: &tonic::metadata::MetadataMap) -> Option<Client> {
+    let leader = md
+        .get(flotilla_core::protocol::LEADER_METADATA)?
+        .to_str()
+        .ok()?;
+    if !reachable(leader).await {
+        eprintln!(
+            "note: read by a follower from the control store (the leader, {leader}, does not answer): it may be a few seconds behind"
+        );
+        return None;
+    }
+    client(leader).await.ok()
+}
+
+/// A read of a plan: from the leader when a follower answered and the leader answers too
+/// (see [`leader_named_in`]); else the follower's answer stands.
+pub(super) async fn read_plan<Req, Resp, F, Fut>(
+    addr: &str,
+    req: Req,
+    rpc: F,
+    render: impl FnOnce(Resp) -> u8,
+) -> u8
+where
+    Req: Clone,
+    F: Fn(Client, Req) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    let c = match client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let answer = match rpc(c, req.clone()).await {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if let Some(leader) = leader_named_in(answer.metadata()).await
+        && let Ok(r) = rpc(leader, req).await
+    {
+        return render(r.into_inner());
+    }
+    render(answer.into_inner())
+}
+
 /// A read that any coordinator answers, a follower too: connects, runs `rpc` with `req`
 /// on the first coordinator reached, and `render`s the answer, whose return is the exit
 /// code.

@@ -3,7 +3,10 @@ use std::time::Instant;
 
 use flotilla_core::pb;
 
-use super::call::{Client, acting, ask_leader, call_any, call_leader, client, fail, status_exit};
+use super::call::{
+    Client, acting, ask_leader, call_any, call_leader, client, fail, leader_named_in, read_plan,
+    status_exit,
+};
 use super::render;
 use super::{
     CommandArgs, EXIT_BAD_INPUT, EXIT_LINT_ERRORS, EXIT_OK, EXIT_PLAN_FAILED, EXIT_UNAVAILABLE,
@@ -47,7 +50,7 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
         PlanCommand::Submit(args) => submit(addr, args).await,
         PlanCommand::Explain(args) => super::explain::run(addr, &args).await,
         PlanCommand::Status { id, output } => {
-            call_any(
+            read_plan(
                 addr,
                 pb::GetPlanRequest { plan_id: id },
                 |mut c, req| async move { c.get_plan(req).await },
@@ -476,13 +479,21 @@ pub async fn locks(addr: &str, cmd: super::LocksCommand) -> u8 {
 /// Follows a plan to its end; the exit code says how it ended.
 async fn watch(c: &mut Client, id: String, output: Output, wanted: &[&str]) -> u8 {
     let started = Instant::now();
-    let mut stream = match c
-        .watch_plan(pb::GetPlanRequest {
-            plan_id: id.clone(),
-        })
-        .await
-    {
-        Ok(s) => s.into_inner(),
+    let req = pb::GetPlanRequest {
+        plan_id: id.clone(),
+    };
+    let mut stream = match c.watch_plan(req.clone()).await {
+        // a follower's watch follows the control store: the leader's, when it answers
+        Ok(s) => match leader_named_in(s.metadata()).await {
+            Some(mut leader) => match leader.watch_plan(req).await {
+                Ok(from_leader) => {
+                    *c = leader;
+                    from_leader.into_inner()
+                }
+                Err(_) => s.into_inner(),
+            },
+            None => s.into_inner(),
+        },
         Err(e) => return fail(e),
     };
     let mut progress = render::Progress::new(output);

@@ -889,3 +889,49 @@ async fn a_write_right_after_the_leader_died_reaches_the_next_one() -> anyhow::R
     assert!(out.stderr.contains("not found"), "{out}");
     Ok(())
 }
+
+/// A plan's status or watch asked of a follower comes from the leader: the follower reads
+/// the control store (behind the leader's state by its write window, and without what only
+/// the leader holds) and names the leader in its answer, and the CLI asks there. Here the
+/// shard whose agent went away mid-step, which only the leader names.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_read_through_a_follower_is_the_leaders() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::start(2, 1, 1).await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let follower = 1 - leader;
+    let dir = MigrationDir::new()?;
+    dir.migration("001_slow", "", "SELECT pg_sleep(30)", "SELECT 1")?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    wait_until("the step running", WAIT, async || {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                "shard_0",
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()",
+            )
+            .await?;
+        Ok(n == 1)
+    })
+    .await?;
+    fleet.agents[0].kill()?;
+    let waits_on_shard = |st: &Value| {
+        st["waiting_for"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|s| s == "shard_0"))
+    };
+    wait_until("the leader to name the away shard", WAIT, async || {
+        let out = fleet
+            .cli_at(leader, &["plan", "status", &id, "--output", "json"])
+            .await?;
+        Ok(out.last_json().is_ok_and(|st| waits_on_shard(&st)))
+    })
+    .await?;
+    let out = fleet
+        .cli_at(follower, &["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = out.last_json()?;
+    assert!(waits_on_shard(&st), "the leader's status: {st}");
+    Ok(())
+}

@@ -139,7 +139,8 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::GetPlanRequest>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
-        Ok(Response::new(self.status(&req.into_inner().plan_id).await?))
+        let status = self.status(&req.into_inner().plan_id).await?;
+        Ok(self.naming_the_leader(Response::new(status)))
     }
 
     async fn list_plans(
@@ -164,7 +165,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
             .inner
             .shutdown
             .track(format!("the watch of plan {id}"), stream);
-        Ok(Response::new(Box::pin(stream)))
+        Ok(self.naming_the_leader(Response::new(Box::pin(stream))))
     }
 
     async fn cancel_plan(
