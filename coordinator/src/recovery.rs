@@ -236,7 +236,10 @@ impl Coordinator {
                     .to_engine(|reply| Event::Command {
                         plan_id: id,
                         kind: CommandKind::Rollback,
-                        actor: Actor::new("coordinator", "resuming a rollback after restart"),
+                        actor: Actor::new(
+                            "coordinator",
+                            &format!("its rollback resumed by the leader of term {epoch}"),
+                        ),
                         revive: Some(Box::new(run)),
                         reply,
                     })

@@ -681,6 +681,52 @@ async fn cancel_undoes_a_running_plan() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A rollback the next coordinator takes up keeps the plan's account of why it is undone
+/// (here a step's failure), saying who resumed it. Before, the message became "rollback
+/// requested by coordinator: resuming a rollback after restart", the failure's lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resumed_rollback_keeps_why_the_plan_is_undone() -> anyhow::Result<()> {
+    let mut fleet = TestFleet::start(1, 1).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_table",
+        "",
+        "CREATE TABLE resumed (id int)",
+        "SELECT pg_sleep(4);\nDROP TABLE resumed",
+    )?;
+    d.migration(
+        "002_fails",
+        "depends_on = [\"001_table\"]\n",
+        "SELECT 1 / 0",
+        "SELECT 1",
+    )?;
+    // (not fused: 001_table commits on its own, and the failure of 002 undoes it)
+    let id = fleet.submit(d.path(), &["--no-fuse"]).await?;
+    let shard = fleet.shards[0].clone();
+    wait_until("the undo of 001_table running", WAIT, async || {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                &shard,
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query LIKE '%pg_sleep(4)%' AND pid <> pg_backend_pid()",
+            )
+            .await?;
+        Ok(n == 1)
+    })
+    .await?;
+    fleet.restart_coordinator().await?;
+    let (_, st) = fleet.watch(&id).await?;
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    let message = st["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("22012") && message.contains("its rollback resumed by the leader"),
+        "{st}"
+    );
+    assert_eq!(fleet.journal_total().await?, 0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_coordinator_resumes_the_plan_exactly_once() -> anyhow::Result<()> {
     let mut fleet = TestFleet::start(2, 4).await?;

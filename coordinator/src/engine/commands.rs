@@ -94,6 +94,7 @@ impl Engine {
         actor: &Actor,
         revive: Option<Box<PlanRun>>,
     ) -> Result<(), CoordinatorError> {
+        let revived = revive.is_some();
         if !self.plans.contains_key(plan_id) {
             match (kind, revive) {
                 // read from the store under another term (leadership lost and won since):
@@ -161,7 +162,13 @@ impl Engine {
             }
             _ => {}
         }
-        run.message = actor.explain(&format!("{action} requested by {}", actor.name));
+        run.message = if revived && !run.message.is_empty() {
+            // A rollback a new leader takes up: the plan's own account of why it is undone
+            // (a step's failure, an operator's rollback and reason) stays, with who resumed it.
+            format!("{}; {}", run.message, actor.explain(""))
+        } else {
+            actor.explain(&format!("{action} requested by {}", actor.name))
+        };
         let undo = kind == CommandKind::Rollback || run.policy() == FailurePolicy::AllOrNothing;
         run.rollback_ends = if kind == CommandKind::Cancel {
             PlanState::Cancelled
