@@ -481,6 +481,10 @@ pub enum PlanCommand {
         path: PathBuf,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
+        /// Lint as `plan submit --atomic` would run it (one atomic unit): what an atomic
+        /// unit cannot hold is an error.
+        #[arg(long)]
+        atomic: bool,
         /// Optional rule sets to check as well: `naming` (the naming standards: id is
         /// <version>_<description>, a description is given).
         #[arg(long, value_enum, value_delimiter = ',')]

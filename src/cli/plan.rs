@@ -44,8 +44,9 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
         PlanCommand::Lint {
             path,
             output,
+            atomic,
             rules,
-        } => lint(&path, output, &rules),
+        } => lint(&path, output, atomic, &rules),
         PlanCommand::Submit(args) if args.dry_run => super::explain::run(addr, &args).await,
         PlanCommand::Submit(args) => submit(addr, args).await,
         PlanCommand::Explain(args) => super::explain::run(addr, &args).await,
@@ -224,8 +225,12 @@ async fn pause(addr: &str, args: super::PauseArgs, paused: bool) -> u8 {
     send_command(addr, verb, req, false, args.output).await
 }
 
-fn lint(path: &std::path::Path, output: Output, rules: &[RuleSet]) -> u8 {
-    let raw = match loader::load(path, &Overrides::default()) {
+fn lint(path: &std::path::Path, output: Output, atomic: bool, rules: &[RuleSet]) -> u8 {
+    let overrides = Overrides {
+        atomic,
+        ..Overrides::default()
+    };
+    let raw = match loader::load(path, &overrides) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");

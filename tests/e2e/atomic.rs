@@ -379,12 +379,17 @@ async fn an_atomic_unit_that_splits_its_transaction_is_refused() -> anyhow::Resu
     let p = dir.path().to_string_lossy().into_owned();
     let out = fleet.cli(&["plan", "submit", &p, "--atomic"]).await?;
     assert_eq!(out.code(), Some(2), "{out}");
+    // (said by the lint's atomic-unit-split, as `plan lint` says it offline)
     assert!(
-        out.stderr.contains(
-            "`002_idx` depends on `001_t` in the same atomic unit, but it cannot run in a transaction"
-        ),
+        out.stderr.contains("atomic-unit-split")
+            && out.stderr.contains(
+                "002_idx migration.toml: depends on `001_t` in the same atomic unit, but it cannot run in a transaction"
+            ),
         "{out}"
     );
+    let lint = fleet.cli(&["plan", "lint", &p, "--atomic"]).await?;
+    assert_eq!(lint.code(), Some(1), "{lint}");
+    assert!(lint.stdout.contains("atomic-unit-split"), "{lint}");
     assert_no_plan_stored(&fleet).await
 }
 

@@ -175,6 +175,7 @@ pub const SESSION_STATE: &str = "session-state";
 pub const DOWN_INCOMPLETE: &str = "down-incomplete";
 pub const MISSING_DOWN: &str = "missing-down";
 pub const DOWN_DROPS_EXISTING: &str = "down-drops-existing";
+pub const ATOMIC_UNIT_SPLIT: &str = "atomic-unit-split";
 pub const NAMING_ID: &str = "naming-id";
 pub const NAMING_DESCRIPTION: &str = "naming-description";
 
@@ -246,6 +247,11 @@ pub const RULES: &[Rule] = &[
         DOWN_DROPS_EXISTING,
         Severity::Warning,
         "down.sql drops something up.sql does not create: a rollback would drop what existed before the migration",
+    ),
+    rule_def(
+        ATOMIC_UNIT_SPLIT,
+        Severity::Error,
+        "in an atomic unit, a migration depends on one of the unit's transactional migrations but cannot share its prepared transaction (it cannot run in a transaction, waits also for one that runs outside it, or runs on other targets): it could never see what it depends on (refused at submit too)",
     ),
     Rule {
         optional: true,
@@ -356,7 +362,81 @@ pub fn lint_plan(spec: &PlanSpec, options: &LintOptions) -> Vec<Finding> {
         found.retain(|f| f.rule == PARSE_ERROR || !m.lint_ignore.iter().any(|i| i.rule == f.rule));
         findings.extend(found);
     }
+    atomic_unit_split(spec, &mut findings);
     findings
+}
+
+/// [`ATOMIC_UNIT_SPLIT`], from the plan's files alone (the submit's own check, on every
+/// target's steps, says the same of the expanded plan): a prepared change is seen only
+/// inside its target's one prepared transaction until the unit's decision, so a migration of
+/// the unit that waits for one of the unit's transactional migrations must run in that same
+/// transaction, on the same targets. Pairs whose targets depend on the fleet (a migration
+/// with no scope of its own, the plan none either, beside one with a scope) are left to the
+/// submit.
+fn atomic_unit_split(spec: &PlanSpec, findings: &mut Vec<Finding>) {
+    if !spec.two_phase() {
+        return;
+    }
+    let Ok(graph) = crate::dag::MigrationGraph::build(spec) else {
+        return; // the graph's own error is reported where the plan is read
+    };
+    let ms = &spec.migrations;
+    let scope = |i: usize| ms[i].scope.or(spec.default_scope);
+    let transactional = |i: usize| ms[i].tx_mode == crate::TxMode::Transactional;
+    for (i, m) in ms.iter().enumerate() {
+        let Some(unit) = spec.atomic_unit(&m.id) else {
+            continue;
+        };
+        let in_unit: Vec<usize> = graph.deps[i]
+            .iter()
+            .copied()
+            .filter(|&d| spec.atomic_unit(&ms[d].id) == Some(unit))
+            .collect();
+        let Some(&d) = in_unit.iter().find(|&&d| transactional(d)) else {
+            continue;
+        };
+        let why = match (scope(i), scope(d)) {
+            (a, b) if a == b => {
+                if !transactional(i) {
+                    Some("it cannot run in a transaction".to_string())
+                } else {
+                    in_unit.iter().find(|&&e| !transactional(e)).map(|&e| {
+                        format!(
+                            "it also waits for `{}`, which runs outside the unit's transaction",
+                            ms[e].id
+                        )
+                    })
+                }
+            }
+            (Some(a), Some(b)) => Some(format!(
+                "it runs on other targets (scope {} against {})",
+                a.as_str(),
+                b.as_str()
+            )),
+            _ => None,
+        };
+        let Some(why) = why else {
+            continue;
+        };
+        if m.lint_ignore.iter().any(|x| x.rule == ATOMIC_UNIT_SPLIT) {
+            continue;
+        }
+        findings.push(Finding {
+            rule: ATOMIC_UNIT_SPLIT.to_string(),
+            severity: Severity::Error,
+            migration: m.id.to_string(),
+            file: "migration.toml".to_string(),
+            line: 0,
+            message: format!(
+                "depends on `{}` in the same atomic unit, but {why}: within an atomic unit a step sees another step's changes only in its target's one prepared transaction, which holds the unit's transactional steps",
+                ms[d].id
+            ),
+            hint: format!(
+                "run `{}` in a later parallel group (after the unit committed), or make its changes transactional",
+                m.id
+            ),
+        });
+    }
 }
 
 fn lint_migration(

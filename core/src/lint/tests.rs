@@ -718,3 +718,62 @@ fn a_down_that_drops_what_up_did_not_create_is_warned_of() {
     };
     assert!(found(meant).is_empty());
 }
+
+#[test]
+fn a_unit_split_across_its_prepared_transaction_is_an_error() {
+    let non_tx = |m: pb::Migration| pb::Migration {
+        tx_mode: pb::TxMode::NonTransactional as i32,
+        ..m
+    };
+    let after = |m: pb::Migration, deps: &[&str]| pb::Migration {
+        depends_on: deps.iter().map(|d| d.to_string()).collect(),
+        ..m
+    };
+    let ms = || {
+        vec![
+            migration(
+                "001_table",
+                "CREATE TABLE notes (id int)",
+                "DROP TABLE notes",
+            ),
+            after(
+                non_tx(migration(
+                    "002_idx",
+                    "CREATE INDEX CONCURRENTLY notes_id ON notes (id)",
+                    "DROP INDEX CONCURRENTLY notes_id",
+                )),
+                &["001_table"],
+            ),
+            after(
+                migration(
+                    "003_view",
+                    "CREATE VIEW notes_v AS SELECT id FROM notes",
+                    "DROP VIEW notes_v",
+                ),
+                &["001_table", "002_idx"],
+            ),
+        ]
+    };
+    let split: Vec<(String, String)> = lint_plan(&plan(ms(), true), &LintOptions::default())
+        .into_iter()
+        .filter(|f| f.rule == ATOMIC_UNIT_SPLIT)
+        .map(|f| (f.migration, f.message))
+        .collect();
+    assert_eq!(split.len(), 2, "{split:#?}");
+    assert_eq!(split[0].0, "002_idx");
+    assert!(
+        split[0].1.contains("`001_table`") && split[0].1.contains("cannot run in a transaction"),
+        "{split:#?}"
+    );
+    assert_eq!(split[1].0, "003_view");
+    assert!(
+        split[1].1.contains("also waits for `002_idx`"),
+        "{split:#?}"
+    );
+    // Not atomic: each step commits on its own, and the next sees it.
+    assert!(
+        !lint_plan(&plan(ms(), false), &LintOptions::default())
+            .iter()
+            .any(|f| f.rule == ATOMIC_UNIT_SPLIT)
+    );
+}
