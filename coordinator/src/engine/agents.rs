@@ -194,5 +194,16 @@ impl Engine {
                 runs,
             }));
         }
+        // The plan stopped (a halt, a cancel, a failure) or this shard was cancelled while
+        // the agent was away: the halt it missed follows, or what it still holds queued
+        // runs after the stop. Safe after the resend: the agent answers a copy of a run it
+        // still holds from that run (never queues it twice), so the halt reaches the runs
+        // themselves (before that claim, a copy answered not run while the first still
+        // executed, and the plan ended with it running: why this halt was once taken out).
+        if matches!(run.state, PlanState::Stopping | PlanState::Aborting)
+            || run.cancelled.contains(shard)
+        {
+            agent.send(outbound::halt(plan_id));
+        }
     }
 }

@@ -835,6 +835,41 @@ async fn a_stop_finished_for_an_earlier_leader_halts_each_agent_as_it_attaches()
     }
 }
 
+/// A plan that stops (here a cancel) while a shard's agent is away: the halt it missed
+/// follows the runs resent when it is back, so what it still holds queued answers not run
+/// (the agent answers a resent copy of a run it holds from that run, so the halt reaches
+/// the runs themselves). Before, nothing followed, and the shard ran everything it held
+/// after the plan was stopped.
+#[tokio::test]
+async fn a_stop_while_an_agent_was_away_halts_it_when_back() {
+    let events = engine();
+    let mut rx0 = attach(&events, "s0", 1).await;
+    let _rx1 = attach(&events, "s1", 2).await;
+    let run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s0", "t2"), ("s1", "t3")],
+        pb::FailurePolicy::Continue,
+    );
+    start_locked(&events, run).await;
+    assert!(matches!(next_message(&mut rx0).await, Body::Plan(_)));
+    assert!(matches!(next_message(&mut rx0).await, Body::Assign(_)));
+    drop(rx0);
+    detach(&events, "s0", 1).await;
+    let status = command(&events, super::CommandKind::Cancel)
+        .await
+        .expect("cancel taken");
+    assert_eq!(status.summary.unwrap().state, "stopping");
+    let (tx, mut back) = mpsc::channel(16);
+    events.send(attached("s0", 3, tx, 1)).await.unwrap();
+    assert!(matches!(next_message(&mut back).await, Body::Plan(_)));
+    assert!(matches!(next_message(&mut back).await, Body::Assign(_)));
+    match next_message(&mut back).await {
+        Body::Halt(h) => assert_eq!(h.plan_id, "p0"),
+        other => panic!("expected the plan's halt, got {other:?}"),
+    }
+}
+
 /// An agent back after a hand-out while it was away (which gave its shard the one lane an
 /// absent agent can take) gets its runs resent with the lanes it has, not one: with one,
 /// the runs went one at a time (an atomic unit's other targets holding their prepared locks
