@@ -124,6 +124,14 @@ pub fn is_concurrent_index_build(statement: &str) -> bool {
     }
 }
 
+/// Whether a statement is `DROP INDEX CONCURRENTLY`: it commits the index INVALID before it
+/// waits for the sessions using it, so a failure there (a lock timeout) leaves it so.
+pub fn is_concurrent_index_drop(statement: &str) -> bool {
+    let keys = keywords(statement);
+    let w = |i: usize| word(keys.get(i));
+    (w(0), w(1), w(2)) == (Some("DROP"), Some("INDEX"), Some("CONCURRENTLY"))
+}
+
 /// Quotes an identifier (a schema, table or role name): always double-quoted, `"` doubled.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -924,6 +932,10 @@ mod tests {
         ] {
             assert!(!is_concurrent_index_build(s), "{s}");
         }
+        assert!(is_concurrent_index_drop(
+            "drop index concurrently if exists i"
+        ));
+        assert!(!is_concurrent_index_drop("DROP INDEX i"));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! leaving nothing). Settings done before
 //! (`SET ...`) are run again when the step goes on in another session.
 use flotilla_core::sql::{
-    first_non_transactional, is_concurrent_index_build, is_session_setting, may_commit_part_way,
+    first_non_transactional, is_concurrent_index_drop, is_session_setting, may_commit_part_way,
     quote_ident,
 };
 use sqlx::postgres::PgConnection;
@@ -132,14 +132,18 @@ pub(super) async fn run_up_statements(
     Ok(())
 }
 
-/// Whether the first up statement, run on its own, failed leaving nothing done: refused
-/// whole by the server (a statement that is one transaction, or a concurrent index build
-/// whose INVALID index was dropped), the connection still there to say so.
+/// Whether the first up statement, run on its own, failed leaving nothing done, as far as
+/// can be known: refused before it began (class 42: a name, a column, a syntax the server
+/// would not take), or a statement that is one transaction (undone whole). Not a concurrent
+/// index build or drop that failed later (an INVALID index may stay where the agent could
+/// not find it: an unnamed index, a table in another schema), a procedure or DO block that
+/// committed inside, or a lost connection.
 fn left_nothing(failure: &Failure, statement: &str, commits_inside: bool) -> bool {
-    !failure.part_way
-        && !failure.server_gone()
-        && !commits_inside
-        && (!may_commit_part_way(statement) || is_concurrent_index_build(statement))
+    if failure.part_way || failure.server_gone() || commits_inside {
+        return false;
+    }
+    failure.error.sqlstate.starts_with("42")
+        || !(may_commit_part_way(statement) || is_concurrent_index_drop(statement))
 }
 
 /// The checkpoint written before the first up statement (nothing done) goes again when that
