@@ -853,3 +853,55 @@ async fn a_step_cut_short_by_a_server_restart_runs_again() -> anyhow::Result<()>
     assert_eq!(made, 2, "on both tenants");
     Ok(())
 }
+
+/// Another of the shard server's processes crashes while a step runs (here one killed with
+/// SIGKILL): the server ends every session and recovers; the step is not run and
+/// runs again. When that happens under the same step again and again, the step is taken
+/// for the cause (a statement that crashes the server would otherwise run, and crash it,
+/// for good): the third time it fails, saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_under_a_step_runs_it_again_but_not_for_good() -> anyhow::Result<()> {
+    let fleet = crate::fleet::TestFleet::start(1, 1).await?;
+    let d = MigrationDir::new()?;
+    d.migration("001_sleeps", "", "SELECT pg_sleep(30)", "SELECT 1")?;
+    let id = fleet.submit(d.path(), &[]).await?;
+    let shard = fleet.shards[0].clone();
+    for crash in 1..=3 {
+        wait_until("the step running", WAIT, async || {
+            let n: i64 = fleet
+                .pg
+                .query_scalar(
+                    &shard,
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()",
+                )
+                .await?;
+            Ok(n == 1)
+        })
+        .await?;
+        // a bystander's backend crashes: the server resets every session
+        let pool = fleet.pg.pool(&shard).await?;
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&pool)
+            .await?;
+        let killed = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()?;
+        assert!(killed.success(), "crash {crash}");
+        drop(pool);
+        if crash < 3 {
+            let st = fleet.status(&id).await?;
+            assert_eq!(st["state"], "running", "crash {crash}: {st}");
+        }
+    }
+    let (_, st) = fleet.watch(&id).await?;
+    assert_ne!(st["state"], "completed", "{st}");
+    let failures = st["failures"].to_string();
+    // (the step's session ends with 57P02, or its connection with the server: the server's
+    // start time, reset by the crash's recovery, says which)
+    assert!(
+        failures.contains("went down under this step 3 times"),
+        "{st}"
+    );
+    Ok(())
+}

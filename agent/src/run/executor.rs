@@ -526,34 +526,65 @@ async fn run_non_transactional(
 
 /// Why a step whose connection went with the server (`failure`) was cut short by the server
 /// rather than by someone ending its session (`pg_terminate_backend`, which fails the step):
-/// the server reset every session after another process crashed (57P02), or it started after
-/// the step's group did (its uptime, read now, is shorter than the time since: both are
-/// durations, so the two clocks need not agree; a second's margin for the connection
-/// taken before). None when neither, or when the server cannot say.
-async fn restarted_under(pool: &PgPool, failure: &Failure, started: Instant) -> Option<String> {
+/// the server reset every session after another process crashed (57P02); the server that
+/// answers now is one this agent first saw after the step's group began (restarted, or
+/// another took its place: a failover), also when the lane's connection sat idle across the
+/// restart; or it has been up for less time than the group has run (durations both, so the
+/// two clocks need not agree; a second's margin). None when neither, when the server cannot
+/// say. Err (why) when the server went down under this step [`RESTARTS_UNDER_A_STEP`]
+/// times: the step is taken for the cause (a statement that crashes the server), and fails.
+async fn restarted_under(
+    pool: &PgPool,
+    failure: &Failure,
+    (job, migration): (&Job, &str),
+    started: Instant,
+) -> Option<Result<String, String>> {
     if !failure.server_gone() {
         return None;
     }
-    if failure.error.sqlstate == sqlstate::CRASH_SHUTDOWN {
-        return Some(
-            "the shard's server reset every session after another of its processes crashed".into(),
-        );
+    let why = if failure.error.sqlstate == sqlstate::CRASH_SHUTDOWN {
+        "the shard's server reset every session after another of its processes crashed".to_string()
+    } else {
+        let (seen, uptime) = shard::server_start::now(pool).await?;
+        let elapsed = started.elapsed();
+        if seen > started {
+            format!(
+                "the shard's server started again (or another took its place) while the step ran (up {uptime:.1} s)"
+            )
+        } else if uptime < (elapsed + Duration::from_secs(1)).as_secs_f64() {
+            format!(
+                "the shard's server restarted while the step ran (up {uptime:.1} s, the step began {:.1} s ago)",
+                elapsed.as_secs_f64()
+            )
+        } else {
+            return None;
+        }
+    };
+    let key = format!("{}\n{}\n{migration}", job.plan.plan_id, job.tenant);
+    let times = {
+        let mut cut = CUT_BY_RESTARTS.lock().expect("restarts lock");
+        let n = cut.entry(key).or_insert(0);
+        *n += 1;
+        *n
+    };
+    if times >= RESTARTS_UNDER_A_STEP {
+        warn!(step = migration, tenant = %job.tenant, times, "the shard's server went down under this step again: taking the step for the cause");
+        return Some(Err(format!(
+            "{why}; the server went down under this step {times} times: taken for its cause, the step fails"
+        )));
     }
-    let uptime: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.pg_postmaster_start_time())::float8",
-    )
-    .fetch_one(pool)
-    .await
-    .map_err(|error| warn!(%error, "reading the shard server's start time failed"))
-    .ok()?;
-    let since = started.elapsed() + Duration::from_secs(1);
-    (uptime < since.as_secs_f64()).then(|| {
-        format!(
-            "the shard's server restarted while the step ran (up {uptime:.1} s, the step began {:.1} s ago)",
-            started.elapsed().as_secs_f64()
-        )
-    })
+    Some(Ok(why))
 }
+
+/// How many times the shard's server may go down under one step (plan, target, migration)
+/// before the step is taken for the cause and fails: a statement that crashes the server
+/// would otherwise be run again, and crash it again, for good.
+const RESTARTS_UNDER_A_STEP: u32 = 3;
+
+/// Times the server went down under each step, by plan, target and migration.
+static CUT_BY_RESTARTS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, u32>>,
+> = std::sync::LazyLock::new(Default::default);
 
 fn commit_failpoint_non_transactional() -> Result<(), GroupFailure> {
     fail::fail_point!(COMMIT_FAILPOINT, |arg: Option<String>| Err(GroupFailure {
@@ -669,17 +700,26 @@ async fn settle(
                         f.error.message
                     );
                     StepOutcome::NotRun
-                } else if let Some(why) = restarted_under(pool, &f, group_started).await {
+                } else if let Some(cut) =
+                    restarted_under(pool, &f, (job, m.id()), group_started).await
+                {
                     // The server went down and up again (or reset every session after a
                     // crash elsewhere) while the step ran: its transaction was undone with
                     // the server, as the journal says, and its SQL did not fail. Not a
                     // failure of the plan (a restart for a minor upgrade rolled an
-                    // all-or-nothing plan back): not run, and it runs again.
-                    f.error.message = format!(
-                        "{}: {why}; the journal says the step did not commit: it runs again",
-                        f.error.message
-                    );
-                    StepOutcome::NotRun
+                    // all-or-nothing plan back): not run, and it runs again. Unless it
+                    // happened under this step too often: failed, the step its cause.
+                    let (why, outcome) = match cut {
+                        Ok(why) => (
+                            format!(
+                                "{why}; the journal says the step did not commit: it runs again"
+                            ),
+                            StepOutcome::NotRun,
+                        ),
+                        Err(why) => (why, StepOutcome::Failed),
+                    };
+                    f.error.message = format!("{}: {why}", f.error.message);
+                    outcome
                 } else if f.concurrent_apply {
                     // Another session applied it first, but its journal row did not read:
                     // which version of the migration it applied, and whether it still is

@@ -65,8 +65,10 @@ pub(crate) async fn connect(
     loop {
         // one bare connection first: the pool would retry a refused connection silently
         let error = match PgConnection::connect_with(&options).await {
-            Ok(conn) => {
-                // only a probe: the server answered, which is all it was for
+            Ok(mut conn) => {
+                // a probe: the server answered; which start of it this is, for a step cut
+                // short later (`server_start`)
+                super::server_start::note(&mut conn).await;
                 let _ = conn.close().await;
                 let pool = PgPoolOptions::new()
                     .max_connections(config.max_connections + 1)

@@ -7,6 +7,7 @@ pub(crate) mod foreign;
 mod journal;
 pub(crate) mod lock;
 mod read_only;
+pub(crate) mod server_start;
 mod tenants;
 
 pub(crate) use connect::{connect, connect_options};

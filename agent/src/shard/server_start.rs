@@ -1,0 +1,60 @@
+//! Which start of the shard's server this agent has talked to: a step whose session went
+//! with the server is not run (it runs again) when the server that answers now is one the
+//! agent first saw after the step began (a restart, a crash and recovery, a failover to
+//! another server), and failed when the same server ended it (`pg_terminate_backend`).
+use std::sync::Mutex;
+use std::time::Instant;
+
+use sqlx::postgres::PgConnection;
+use sqlx::{Executor, PgPool};
+use tracing::warn;
+
+/// The server's start (`pg_postmaster_start_time()` as text), and when this agent first saw it.
+static SEEN: Mutex<Vec<(String, Instant)>> = Mutex::new(Vec::new());
+
+/// Starts remembered: a server restarted this often under one agent is not remembered whole.
+const KEPT: usize = 64;
+
+const START_SQL: &str = "SELECT pg_catalog.pg_postmaster_start_time()::text, \
+     extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.pg_postmaster_start_time())::float8";
+
+/// When this agent first saw the server start `start` (now, if it had not).
+fn first_seen(start: &str) -> Instant {
+    let mut seen = SEEN.lock().expect("server starts lock");
+    if let Some((_, at)) = seen.iter().find(|(s, _)| s == start) {
+        return *at;
+    }
+    if seen.len() >= KEPT {
+        seen.remove(0);
+    }
+    let now = Instant::now();
+    seen.push((start.to_string(), now));
+    now
+}
+
+/// Notes the start of the server `conn` talks to (at the agent's first connection).
+pub(crate) async fn note(conn: &mut PgConnection) {
+    match conn.fetch_one(START_SQL).await {
+        Ok(row) => {
+            let start: String = sqlx::Row::get(&row, 0);
+            first_seen(&start);
+        }
+        Err(error) => warn!(%error, "reading the shard server's start time failed"),
+    }
+}
+
+/// The server that answers on `pool` now: when this agent first saw it start, and how long
+/// it has been up. None when it cannot say.
+pub(crate) async fn now(pool: &PgPool) -> Option<(Instant, f64)> {
+    match pool.fetch_one(START_SQL).await {
+        Ok(row) => {
+            let start: String = sqlx::Row::get(&row, 0);
+            let uptime: f64 = sqlx::Row::get(&row, 1);
+            Some((first_seen(&start), uptime))
+        }
+        Err(error) => {
+            warn!(%error, "reading the shard server's start time failed");
+            None
+        }
+    }
+}
