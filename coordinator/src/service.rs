@@ -98,16 +98,33 @@ impl Coordinator {
     /// state by the store's write window, and without what only the leader holds (the
     /// shards a plan waits on); a client that can reach the leader asks it instead.
     pub fn naming_the_leader<T>(&self, mut response: tonic::Response<T>) -> tonic::Response<T> {
-        if let Err(CoordinatorError::NotLeader {
-            leader: Some(leader),
-        }) = self.leader_epoch()
-            && let Ok(value) = leader.parse()
-        {
+        if let Some(value) = self.leader_named() {
             response
                 .metadata_mut()
                 .insert(flotilla_core::protocol::LEADER_METADATA, value);
         }
         response
+    }
+
+    /// The same for a follower's refusal of such a read: a plan submitted a moment ago is
+    /// not in the store yet (not found here), and the leader has it.
+    pub fn naming_the_leader_in(&self, mut refusal: tonic::Status) -> tonic::Status {
+        if let Some(value) = self.leader_named() {
+            refusal
+                .metadata_mut()
+                .insert(flotilla_core::protocol::LEADER_METADATA, value);
+        }
+        refusal
+    }
+
+    /// The leader's address, when this coordinator follows one it knows.
+    fn leader_named(&self) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+        match self.leader_epoch() {
+            Err(CoordinatorError::NotLeader {
+                leader: Some(leader),
+            }) => leader.parse().ok(),
+            _ => None,
+        }
     }
 
     /// After a request's writes under `epoch` were flushed, before it starts what they

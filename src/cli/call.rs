@@ -218,8 +218,8 @@ where
 /// How often, and how long apart, a command asks again where the leader is when the one
 /// named does not answer (an election after a leader died takes up to its lease's TTL,
 /// 10 s by default).
-const LEADER_WAITS: u32 = 10;
-const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(super) const LEADER_WAITS: u32 = 10;
+pub(super) const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Whether a coordinator answers a connection at `addr` (quietly: the command goes on
 /// elsewhere if not).
@@ -287,8 +287,22 @@ pub(super) async fn leader_named_in(md: &tonic::metadata::MetadataMap) -> Option
     client(leader).await.ok()
 }
 
-/// A read of a plan: from the leader when a follower answered and the leader answers too
-/// (see [`leader_named_in`]); else the follower's answer stands.
+/// A client on the first of `addrs` that answers a connection, saying nothing when none
+/// does (the caller tries again).
+pub(super) async fn quietly(addrs: &str) -> Option<Client> {
+    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        if reachable(addr).await
+            && let Ok(c) = client(addr).await
+        {
+            return Some(c);
+        }
+    }
+    None
+}
+
+/// A read of a plan: from the leader when a follower answered, or refused (a plan it has
+/// not read from the store yet), and the leader answers (see [`leader_named_in`]); else the
+/// follower's answer stands.
 pub(super) async fn read_plan<Req, Resp, F, Fut>(
     addr: &str,
     req: Req,
@@ -306,12 +320,24 @@ where
     };
     let answer = match rpc(c, req.clone()).await {
         Ok(r) => r,
-        Err(e) => return fail(e),
+        Err(e) => {
+            return match leader_named_in(e.metadata()).await {
+                Some(leader) => match rpc(leader, req).await {
+                    Ok(r) => render(r.into_inner()),
+                    Err(e) => fail(e),
+                },
+                None => fail(e),
+            };
+        }
     };
-    if let Some(leader) = leader_named_in(answer.metadata()).await
-        && let Ok(r) = rpc(leader, req).await
-    {
-        return render(r.into_inner());
+    if let Some(leader) = leader_named_in(answer.metadata()).await {
+        match rpc(leader, req).await {
+            Ok(r) => return render(r.into_inner()),
+            Err(e) => eprintln!(
+                "note: the leader answered: {}; showing the follower's answer, read from the control store",
+                e.message()
+            ),
+        }
     }
     render(answer.into_inner())
 }

@@ -63,7 +63,7 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
             .await
         }
         PlanCommand::Watch { id, output } => match client(addr).await {
-            Ok(mut c) => watch(&mut c, id, output, RUN).await,
+            Ok(mut c) => watch(&mut c, addr, id, output, RUN).await,
             Err(code) => code,
         },
         PlanCommand::List { limit, output } => {
@@ -116,12 +116,13 @@ async fn approval(addr: &str, args: super::ApprovalArgs, approve: bool) -> u8 {
         }
     })
     .await;
-    answered(r, args.id, args.wait, args.output, RUN).await
+    answered(addr, r, args.id, args.wait, args.output, RUN).await
 }
 
 /// What a command on one plan answered: its status shown, or with `wait` the plan followed
 /// to its end (on the leader that answered) and its exit code for the `wanted` states.
 async fn answered(
+    addr: &str,
     r: Result<(Client, pb::PlanStatus), u8>,
     id: String,
     wait: bool,
@@ -129,7 +130,7 @@ async fn answered(
     wanted: &[&str],
 ) -> u8 {
     match r {
-        Ok((mut c, _)) if wait => watch(&mut c, id, output, wanted).await,
+        Ok((mut c, _)) if wait => watch(&mut c, addr, id, output, wanted).await,
         Ok((_, s)) => {
             render::status(&s, output);
             EXIT_OK
@@ -199,7 +200,7 @@ async fn retry(addr: &str, args: super::RetryArgs) -> u8 {
         |mut c, req| async move { c.retry_plan(req).await },
     )
     .await;
-    answered(r, args.id, args.wait, args.output, RUN).await
+    answered(addr, r, args.id, args.wait, args.output, RUN).await
 }
 
 async fn decide(addr: &str, args: super::DecideArgs, verb: Verb) -> u8 {
@@ -353,7 +354,7 @@ pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<Str
     if args.output == Output::Text {
         println!("plan {} submitted", resp.plan_id);
     }
-    let code = watch(&mut c, resp.plan_id.clone(), args.output, RUN).await;
+    let code = watch(&mut c, addr, resp.plan_id.clone(), args.output, RUN).await;
     (code, Some(resp.plan_id))
 }
 
@@ -435,7 +436,7 @@ async fn send_command(
         }
     })
     .await;
-    answered(r, id, wait, output, verb.wanted()).await
+    answered(addr, r, id, wait, output, verb.wanted()).await
 }
 
 pub async fn locks(addr: &str, cmd: super::LocksCommand) -> u8 {
@@ -481,30 +482,25 @@ pub async fn locks(addr: &str, cmd: super::LocksCommand) -> u8 {
     }
 }
 
-/// Follows a plan to its end; the exit code says how it ended.
-async fn watch(c: &mut Client, id: String, output: Output, wanted: &[&str]) -> u8 {
+/// Follows a plan to its end; the exit code says how it ended. A follower's watch follows
+/// the control store: the leader's is taken when it answers. When the coordinator watched
+/// goes away before the plan ends (killed, stopped, its term lost), the watch is taken up
+/// again through `addr` (every coordinator given), as often as a command waits for a
+/// leader: the plan goes on under the next leader, and so does the watch.
+async fn watch(c: &mut Client, addr: &str, id: String, output: Output, wanted: &[&str]) -> u8 {
     let started = Instant::now();
     let req = pb::GetPlanRequest {
         plan_id: id.clone(),
     };
-    let mut stream = match c.watch_plan(req.clone()).await {
-        // a follower's watch follows the control store: the leader's, when it answers
-        Ok(s) => match leader_named_in(s.metadata()).await {
-            Some(mut leader) => match leader.watch_plan(req).await {
-                Ok(from_leader) => {
-                    *c = leader;
-                    from_leader.into_inner()
-                }
-                Err(_) => s.into_inner(),
-            },
-            None => s.into_inner(),
-        },
+    let mut stream = match open_watch(c, &req).await {
+        Ok(s) => s,
         Err(e) => return fail(e),
     };
     let mut progress = render::Progress::new(output);
     let mut last: Option<pb::PlanStatus> = None;
+    let mut lost = 0;
     loop {
-        match stream.message().await {
+        let gone = match stream.message().await {
             Ok(Some(s)) => {
                 progress.update(&s, started.elapsed());
                 // A manual gate waits for a person: a script's `--wait` comes back here
@@ -517,11 +513,29 @@ async fn watch(c: &mut Client, id: String, output: Output, wanted: &[&str]) -> u
                 if waiting {
                     break;
                 }
+                continue;
             }
-            Ok(None) => break,
+            Ok(None) if last.as_ref().is_some_and(ended) => break,
+            Ok(None) => "the coordinator ended the watch before the plan ended".to_string(),
+            Err(e) if coordinator_gone(&e) => e.message().to_string(),
             Err(e) => {
                 eprintln!("error: watching plan {id}: {}", e.message());
                 return status_exit(&e);
+            }
+        };
+        if lost >= super::call::LEADER_WAITS {
+            eprintln!("error: watching plan {id}: {gone}; no coordinator took the watch up");
+            return EXIT_UNAVAILABLE;
+        }
+        if lost == 0 {
+            eprintln!("note: watching plan {id}: {gone}; following it at the next coordinator");
+        }
+        lost += 1;
+        tokio::time::sleep(super::call::LEADER_WAIT).await;
+        if let Some(next) = super::call::quietly(addr).await {
+            *c = next;
+            if let Ok(s) = open_watch(c, &req).await {
+                stream = s;
             }
         }
     }
@@ -535,6 +549,62 @@ async fn watch(c: &mut Client, id: String, output: Output, wanted: &[&str]) -> u
             EXIT_UNAVAILABLE
         }
     }
+}
+
+/// Opens the plan's watch on `c`, or on the leader a follower names (see
+/// [`leader_named_in`]), `c` then the leader's.
+async fn open_watch(
+    c: &mut Client,
+    req: &pb::GetPlanRequest,
+) -> Result<tonic::Streaming<pb::PlanStatus>, tonic::Status> {
+    let named = match c.watch_plan(req.clone()).await {
+        Ok(s) => match leader_named_in(s.metadata()).await {
+            Some(leader) => Ok((leader, s)),
+            None => return Ok(s.into_inner()),
+        },
+        Err(e) => match leader_named_in(e.metadata()).await {
+            Some(leader) => Err((leader, e)),
+            None => return Err(e),
+        },
+    };
+    match named {
+        Ok((mut leader, theirs)) => match leader.watch_plan(req.clone()).await {
+            Ok(s) => {
+                *c = leader;
+                Ok(s.into_inner())
+            }
+            Err(e) => {
+                eprintln!(
+                    "note: the leader answered: {}; following the control store instead",
+                    e.message()
+                );
+                Ok(theirs.into_inner())
+            }
+        },
+        Err((mut leader, refused)) => match leader.watch_plan(req.clone()).await {
+            Ok(s) => {
+                *c = leader;
+                Ok(s.into_inner())
+            }
+            Err(_) => Err(refused),
+        },
+    }
+}
+
+/// Whether the plan's state is one it ends in.
+fn ended(s: &pb::PlanStatus) -> bool {
+    s.summary
+        .as_ref()
+        .is_some_and(|x| flotilla_core::state::PlanState::is_terminal_str(&x.state))
+}
+
+/// A watch's stream cut by the coordinator going away (killed, stopped, its term lost),
+/// not refused by it.
+fn coordinator_gone(e: &tonic::Status) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
 }
 
 pub async fn fleet_list(addr: &str, output: Output) -> u8 {

@@ -935,3 +935,54 @@ async fn a_plan_read_through_a_follower_is_the_leaders() -> anyhow::Result<()> {
     assert!(waits_on_shard(&st), "the leader's status: {st}");
     Ok(())
 }
+
+/// A `plan watch` asked of a follower follows the plan at the leader, and when that leader
+/// is killed mid-plan it takes the watch up at the next coordinator: it ends when the plan
+/// does, with its exit code (0: completed), not with the dead leader's stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_through_a_follower_outlives_the_leader() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::start(2, 1, 1).await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let follower = 1 - leader;
+    let dir = MigrationDir::new()?;
+    dir.migration("001_slow", "", "SELECT pg_sleep(4)", "SELECT 1")?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    let addr = fleet.addrs[follower].clone();
+    let watched = id.clone();
+    let watch = tokio::spawn(async move {
+        run_flotilla(
+            &[
+                "--coordinator",
+                &addr,
+                "plan",
+                "watch",
+                &watched,
+                "--output",
+                "json",
+            ],
+            &[],
+        )
+        .await
+    });
+    wait_until("the step running", WAIT, async || {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                "shard_0",
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query LIKE '%pg_sleep(4)%' AND pid <> pg_backend_pid()",
+            )
+            .await?;
+        Ok(n == 1)
+    })
+    .await?;
+    if let Some(mut c) = fleet.coordinators[leader].take() {
+        c.kill()?;
+        fleet.retired.push(c);
+    }
+    let out = watch.await??;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    Ok(())
+}

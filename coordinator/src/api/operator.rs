@@ -139,8 +139,10 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::GetPlanRequest>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
-        let status = self.status(&req.into_inner().plan_id).await?;
-        Ok(self.naming_the_leader(Response::new(status)))
+        match self.status(&req.into_inner().plan_id).await {
+            Ok(status) => Ok(self.naming_the_leader(Response::new(status))),
+            Err(e) => Err(self.naming_the_leader_in(e.into())),
+        }
     }
 
     async fn list_plans(
@@ -158,7 +160,9 @@ impl pb::operator_service_server::OperatorService for Coordinator {
     ) -> Result<Response<Self::WatchPlanStream>, Status> {
         let id = req.into_inner().plan_id;
         // Fail fast on an unknown plan instead of an empty stream.
-        self.status(&id).await?;
+        if let Err(e) = self.status(&id).await {
+            return Err(self.naming_the_leader_in(e.into()));
+        }
         let rx = self.watch(id.clone());
         let stream = ReceiverStream::new(rx).map(|r| r.map_err(Status::from));
         let stream = self
