@@ -371,8 +371,9 @@ pub fn lint_plan(spec: &PlanSpec, options: &LintOptions) -> Vec<Finding> {
 /// inside its target's one prepared transaction until the unit's decision, so a migration of
 /// the unit that waits for one of the unit's transactional migrations must run in that same
 /// transaction, on the same targets. Pairs whose targets depend on the fleet (a migration
-/// with no scope of its own, the plan none either, beside one with a scope) are left to the
-/// submit.
+/// with no scope of its own, the plan none either, beside one with a scope; either with a
+/// selector of its own) are left to the submit: an error here refuses the submit too, so
+/// it says only what holds on every fleet.
 fn atomic_unit_split(spec: &PlanSpec, findings: &mut Vec<Finding>) {
     if !spec.two_phase() {
         return;
@@ -387,10 +388,15 @@ fn atomic_unit_split(spec: &PlanSpec, findings: &mut Vec<Finding>) {
         let Some(unit) = spec.atomic_unit(&m.id) else {
             continue;
         };
+        // (a migration with a selector of its own may have no step on a target where the
+        // other has one: the expanded plan decides, at submit)
+        if !m.selector.is_empty() {
+            continue;
+        }
         let in_unit: Vec<usize> = graph.deps[i]
             .iter()
             .copied()
-            .filter(|&d| spec.atomic_unit(&ms[d].id) == Some(unit))
+            .filter(|&d| spec.atomic_unit(&ms[d].id) == Some(unit) && ms[d].selector.is_empty())
             .collect();
         let Some(&d) = in_unit.iter().find(|&&d| transactional(d)) else {
             continue;
@@ -431,10 +437,18 @@ fn atomic_unit_split(spec: &PlanSpec, findings: &mut Vec<Finding>) {
                 "depends on `{}` in the same atomic unit, but {why}: within an atomic unit a step sees another step's changes only in its target's one prepared transaction, which holds the unit's transactional steps",
                 ms[d].id
             ),
-            hint: format!(
-                "run `{}` in a later parallel group (after the unit committed), or make its changes transactional",
-                m.id
-            ),
+            hint: if spec.atomic {
+                // the whole plan is one unit: no later group commits after it
+                format!(
+                    "run `{}` in a plan of its own after this one, or make its changes transactional",
+                    m.id
+                )
+            } else {
+                format!(
+                    "run `{}` in a later parallel group (after the unit committed), or make its changes transactional",
+                    m.id
+                )
+            },
         });
     }
 }

@@ -770,6 +770,16 @@ fn a_unit_split_across_its_prepared_transaction_is_an_error() {
         split[1].1.contains("also waits for `002_idx`"),
         "{split:#?}"
     );
+    // A migration with a selector of its own may have no step where the other has one:
+    // left to the submit, which sees the fleet (an error here would refuse it there too).
+    let mut selected = ms();
+    selected[1].selector = "tier=b".into();
+    selected[2].depends_on = vec!["001_table".into()];
+    assert!(
+        !lint_plan(&plan(selected, true), &LintOptions::default())
+            .iter()
+            .any(|f| f.rule == ATOMIC_UNIT_SPLIT)
+    );
     // Not atomic: each step commits on its own, and the next sees it.
     assert!(
         !lint_plan(&plan(ms(), false), &LintOptions::default())
