@@ -231,6 +231,11 @@ impl Coordinator {
                 // Undone, a plan that applied everywhere ended rolled back.)
                 run.state = PlanState::Completed;
                 run.message = row.message.clone();
+                // a cancel's undo ends cancelled; any other, rolled back
+                run.rollback_ends = match row.ends {
+                    PlanState::Cancelled => PlanState::Cancelled,
+                    _ => PlanState::RolledBack,
+                };
                 let id = row.id.clone();
                 let resumed = self
                     .to_engine(|reply| Event::Command {
@@ -238,7 +243,7 @@ impl Coordinator {
                         kind: CommandKind::Rollback,
                         actor: Actor::new(
                             "coordinator",
-                            &format!("its rollback resumed by the leader of term {epoch}"),
+                            &format!("{} {epoch}", crate::engine::RESUMED_BY),
                         ),
                         revive: Some(Box::new(run)),
                         reply,

@@ -681,6 +681,42 @@ async fn cancel_undoes_a_running_plan() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A plan that waited for another plan's shard locks asks the journals again when it gets
+/// them: what its submit found applied, the other plan undid meanwhile (cancelled here; a
+/// canary held at its gate and rolled back, in life). Before, it reported those targets
+/// already applied and ended `completed` with them unmigrated.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_that_waited_for_locks_runs_what_the_other_undid() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 4).await?;
+    let d = blocking_plan()?;
+    let lock_conn = hold(&fleet.pg, 0, 4242).await?;
+    let first = fleet.submit(d.path(), &[]).await?;
+    wait_blocked(&fleet).await?;
+    // the same migrations: its submit finds three tenants applied, and it waits for the locks
+    let second = fleet.submit(d.path(), &[]).await?;
+    wait_until("the second plan waiting for the locks", WAIT, async || {
+        let st = fleet.status(&second).await?;
+        Ok(st["waiting_for"].to_string().contains("lock"))
+    })
+    .await?;
+    let cancel = fleet
+        .cli(&["plan", "cancel", &first, "--reason", "canary went wrong"])
+        .await?;
+    assert_eq!(cancel.code(), Some(0), "{cancel}");
+    release(lock_conn, 4242).await?;
+    let (_, st) = fleet.watch(&first).await?;
+    assert_eq!(st["state"], "cancelled", "{st}");
+    let (out, st) = fleet.watch(&second).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(
+        fleet.journal_total().await?,
+        8,
+        "both migrations on all four tenants: {st}"
+    );
+    Ok(())
+}
+
 /// A rollback the next coordinator takes up keeps the plan's account of why it is undone
 /// (here a step's failure), saying who resumed it. Before, the message became "rollback
 /// requested by coordinator: resuming a rollback after restart", the failure's lost.

@@ -86,7 +86,8 @@ impl Engine {
         self.send_to(shard, outbound::pause(plan_id, paused));
     }
 
-    /// Cancels or rolls back a plan; `revive` brings a finished plan back to roll it back.
+    /// Cancels or rolls back a plan; `revive` brings a finished plan back to roll it back
+    /// (a new leader's recovery: the plan as stored, its message and how it ends).
     pub(super) fn command(
         &mut self,
         plan_id: &str,
@@ -164,17 +165,25 @@ impl Engine {
         }
         run.message = if revived && !run.message.is_empty() {
             // A rollback a new leader takes up: the plan's own account of why it is undone
-            // (a step's failure, an operator's rollback and reason) stays, with who resumed it.
-            format!("{}; {}", run.message, actor.explain(""))
+            // (a step's failure, an operator's rollback and reason) stays, with who resumed
+            // it (the last to: not one more clause at each change of leader).
+            let why = match run.message.find(super::RESUMED_BY) {
+                Some(at) => run.message[..at].trim_end_matches("; "),
+                None => run.message.as_str(),
+            };
+            format!("{why}; {}", actor.explain(""))
         } else {
             actor.explain(&format!("{action} requested by {}", actor.name))
         };
         let undo = kind == CommandKind::Rollback || run.policy() == FailurePolicy::AllOrNothing;
-        run.rollback_ends = if kind == CommandKind::Cancel {
-            PlanState::Cancelled
-        } else {
-            PlanState::RolledBack
-        };
+        // (a rollback taken up keeps how it was to end: a cancel's undo ends cancelled)
+        if !revived {
+            run.rollback_ends = if kind == CommandKind::Cancel {
+                PlanState::Cancelled
+            } else {
+                PlanState::RolledBack
+            };
+        }
         let updates = run.halt_pending();
         self.write(StoreOp::Steps {
             plan_id: plan_id.to_string(),

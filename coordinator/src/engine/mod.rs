@@ -43,6 +43,10 @@ use crate::store::StoreOp;
 use agents::AgentConn;
 pub use outbound::msg;
 
+/// How a rollback's message names the leader that took it up after a change of leader
+/// (followed by its term).
+pub(crate) const RESUMED_BY: &str = "its rollback resumed by the leader of term";
+
 pub type AgentTx = mpsc::Sender<pb::CoordinatorMessage>;
 
 /// Plan ids whose status changed (for `watch`), with the final status when the plan ended:
@@ -525,8 +529,22 @@ impl Engine {
             Event::LocksTaken { plan_id } => {
                 if let Some(run) = self.plans.get_mut(&plan_id) {
                     run.locked = true;
-                    run.lock_wait = None;
-                    info!(plan = %plan_id, "shard locks taken");
+                    // Waited for another plan's locks: that plan may have undone since what
+                    // the submit found applied (a rollback of a canary held at its gate),
+                    // and this one would report those targets applied. The agents' journals
+                    // say again.
+                    let waited = run.lock_wait.take().is_some();
+                    info!(plan = %plan_id, waited, "shard locks taken");
+                    if waited && run.state == PlanState::Running && run.untouched() {
+                        let updates = run.recheck_applied();
+                        if !updates.is_empty() {
+                            info!(plan = %plan_id, steps = updates.len(), "asking the journals again for the steps the submit found applied");
+                            self.write(StoreOp::Steps {
+                                plan_id: plan_id.clone(),
+                                updates,
+                            });
+                        }
+                    }
                 }
                 self.drive(&plan_id).await;
             }

@@ -40,6 +40,41 @@ impl PlanRun {
         updates
     }
 
+    /// Before anything of the plan ran: the steps its submit found applied go back to
+    /// pending, to be run again, which the agents answer from their journals (applied
+    /// still: already applied; undone since: run). For a plan that waited for another's
+    /// shard locks: what the submit read of the journals may have been undone meanwhile
+    /// (that plan rolled back), and the plan reported those targets applied, ending
+    /// `completed` with them unmigrated. The store updates.
+    pub fn recheck_applied(&mut self) -> Vec<StepUpdate> {
+        let mut updates = Vec::new();
+        for s in 0..self.steps.len() {
+            if self.steps[s].status == StepStatus::AlreadyApplied {
+                self.set_status(s, StepStatus::Pending);
+                updates.push(self.update_of(s, None));
+            }
+        }
+        if !updates.is_empty() {
+            self.recount_remaining();
+            for sr in self.shards.values_mut() {
+                sr.ready.clear();
+                sr.queued.clear();
+            }
+            for t in 0..self.targets.len() {
+                self.enqueue_if_ready(t);
+            }
+        }
+        updates
+    }
+
+    /// Whether nothing of the plan was sent to a shard yet (every step pending, or found
+    /// applied by the submit).
+    pub fn untouched(&self) -> bool {
+        self.steps
+            .iter()
+            .all(|s| matches!(s.status, StepStatus::Pending | StepStatus::AlreadyApplied))
+    }
+
     /// Whether the plan reached its end; sets the final state when it did.
     pub fn settle(&mut self) -> Option<Vec<StepUpdate>> {
         match self.state {
