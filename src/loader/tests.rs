@@ -1047,6 +1047,26 @@ fn bad_waves_name_the_file_line_and_wave() {
             1,
             "use halt or rollback",
         ),
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\nmax_parallel = 0\n",
+            4,
+            "wave `w`: max_parallel must be at least 1",
+        ),
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\nmax_parallel_per_shard = 0\n",
+            4,
+            "wave `w`: max_parallel_per_shard must be at least 1",
+        ),
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\n[waves.prometheus]\nurl = \"http://p:9090\"\nquery = \"up\"\nmin = 5\nmax = 1\n",
+            4,
+            "wave `w`: prometheus min = 5 is above max = 1",
+        ),
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\n[waves.prometheus]\nurl = \"http://p:9090\"\nquery = \"up\"\ninterval = \"0s\"\n",
+            4,
+            "wave `w`: prometheus interval must be at least 1s",
+        ),
     ] {
         write(root, "plan.toml", text);
         let e = load_err(root);

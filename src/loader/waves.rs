@@ -15,8 +15,8 @@ pub(super) struct WaveTable {
     count: Option<u32>,
     #[serde(default)]
     rest: bool,
-    max_parallel: Option<u32>,
-    max_parallel_per_shard: Option<u32>,
+    max_parallel: Option<Spanned<u32>>,
+    max_parallel_per_shard: Option<Spanned<u32>>,
     /// A duration (`10m`, `30s`).
     bake: Option<Spanned<String>>,
     max_failures: Option<Spanned<BudgetEntry>>,
@@ -146,6 +146,39 @@ pub(super) fn wave(w: &WaveTable) -> Result<pb::Wave, (std::ops::Range<usize>, S
             })
         }
     };
+    // 0 is "not set" on the wire: said here, where the file gave it
+    for (key, value) in [
+        ("max_parallel", &w.max_parallel),
+        ("max_parallel_per_shard", &w.max_parallel_per_shard),
+    ] {
+        if let Some(v) = value
+            && *v.get_ref() == 0
+        {
+            return Err((
+                v.span(),
+                format!("wave `{name}`: {key} must be at least 1 (leave it out for the plan's)"),
+            ));
+        }
+    }
+    if let Some(p) = &w.prometheus {
+        let gate = p.get_ref();
+        if let (Some(min), Some(max)) = (gate.min, gate.max)
+            && min > max
+        {
+            return Err((
+                p.span(),
+                format!(
+                    "wave `{name}`: prometheus min = {min} is above max = {max}: no value could pass the gate"
+                ),
+            ));
+        }
+        if gate.interval.is_some() && prometheus.as_ref().is_some_and(|g| g.interval_ms < 1_000) {
+            return Err((
+                p.span(),
+                format!("wave `{name}`: prometheus interval must be at least 1s"),
+            ));
+        }
+    }
     if w.percent == Some(0.0) || w.count == Some(0) {
         return Err((
             w.name.span(),
@@ -160,8 +193,11 @@ pub(super) fn wave(w: &WaveTable) -> Result<pb::Wave, (std::ops::Range<usize>, S
         percent: w.percent.unwrap_or(0.0),
         count: w.count.unwrap_or(0),
         rest: w.rest,
-        max_parallel: w.max_parallel.unwrap_or(0),
-        max_parallel_per_shard: w.max_parallel_per_shard.unwrap_or(0),
+        max_parallel: w.max_parallel.as_ref().map_or(0, |v| *v.get_ref()),
+        max_parallel_per_shard: w
+            .max_parallel_per_shard
+            .as_ref()
+            .map_or(0, |v| *v.get_ref()),
         bake_ms,
         max_failures,
         manual_gate,

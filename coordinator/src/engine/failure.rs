@@ -54,7 +54,7 @@ impl Engine {
                 self.halt_everywhere(plan_id);
             }
             FailurePolicy::AllOrNothing => {
-                run.message = format!("{what}; every applied step is being undone");
+                run.message = format!("{what}{}", crate::plan::UNDOING);
                 run.rollback_ends = PlanState::RolledBack;
                 let updates = run.halt_pending();
                 self.write(StoreOp::Steps {

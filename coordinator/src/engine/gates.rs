@@ -200,10 +200,7 @@ impl Engine {
             }
             (true, OnGateFailure::Rollback) => {
                 warn!(plan = %plan_id, "{message}");
-                self.undo_plan(
-                    plan_id,
-                    format!("{message}; every applied step is being undone"),
-                );
+                self.undo_plan(plan_id, format!("{message}{}", crate::plan::UNDOING));
             }
         }
         self.drive(plan_id).await;

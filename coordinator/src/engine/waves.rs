@@ -147,10 +147,7 @@ impl Engine {
                 self.stop_plan(plan_id, format!("{why}; halted: what applied stays"));
             }
             OnBudgetExhausted::Rollback => {
-                self.undo_plan(
-                    plan_id,
-                    format!("{why}; every applied step is being undone"),
-                );
+                self.undo_plan(plan_id, format!("{why}{}", crate::plan::UNDOING));
             }
         }
         true

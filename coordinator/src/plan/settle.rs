@@ -210,8 +210,11 @@ impl PlanRun {
                     if self.rollback_errors > 0 {
                         self.message = format!(
                             "{}; rollback could not undo every step: see failures",
-                            self.message
+                            self.message.replace(UNDOING, "")
                         );
+                    } else {
+                        // said while it ran; ended, it is done
+                        self.message = self.message.replace(UNDOING, UNDONE);
                     }
                     Some(Vec::new())
                 } else {
@@ -222,6 +225,10 @@ impl PlanRun {
         }
     }
 }
+
+/// How a plan's message says, while it rolls back, why: and once it has.
+pub(crate) const UNDOING: &str = "; every applied step is being undone";
+const UNDONE: &str = "; every applied step was undone";
 
 impl PlanRun {
     /// `plan retry` of an ended plan: its failed and not-run steps (on `only`, or on every

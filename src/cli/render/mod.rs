@@ -183,8 +183,12 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
     }
     if !s.waves.is_empty() {
         println!("waves:");
+        let ended = s
+            .summary
+            .as_ref()
+            .is_some_and(|x| flotilla_core::state::PlanState::is_terminal_str(&x.state));
         for w in &s.waves {
-            println!("  {}", wave_line(w));
+            println!("  {}", wave_line(w, ended));
         }
     }
     let data = active_data(s);
@@ -211,8 +215,9 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
     failures(s);
 }
 
-/// `quarter     running   6 targets: 2 applied, 1 failed (budget 1), 3 to go`
-fn wave_line(w: &pb::WaveStatus) -> String {
+/// `quarter     running   6 targets: 2 applied, 1 failed (budget 1), 3 to go`; of a plan that
+/// ended (`ended`), what is left is not applied (undone, or never run), not to go.
+fn wave_line(w: &pb::WaveStatus, ended: bool) -> String {
     let mut line = format!(
         "{:<12} {:<8} {} targets: {} applied, {} failed",
         w.name,
@@ -225,7 +230,8 @@ fn wave_line(w: &pb::WaveStatus) -> String {
         line.push_str(&format!(" (budget {})", w.max_failures));
     }
     if w.pending > 0 {
-        line.push_str(&format!(", {} to go", w.pending));
+        let left = if ended { "not applied" } else { "to go" };
+        line.push_str(&format!(", {} {left}", w.pending));
     }
     if w.bake_until_ms > 0 {
         let now = std::time::SystemTime::now()
@@ -468,5 +474,23 @@ pub fn submitted(r: &pb::SubmitPlanResponse, output: Output) {
                 println!("{m}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod wave_tests {
+    use super::*;
+
+    #[test]
+    fn a_wave_of_an_ended_plan_has_nothing_to_go() {
+        let w = pb::WaveStatus {
+            name: "canary".into(),
+            state: "done".into(),
+            targets: vec!["s0/t0".into(), "s0/t1".into()],
+            pending: 2,
+            ..Default::default()
+        };
+        assert!(wave_line(&w, false).ends_with("0 applied, 0 failed, 2 to go"));
+        assert!(wave_line(&w, true).ends_with("0 applied, 0 failed, 2 not applied"));
     }
 }
