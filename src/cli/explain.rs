@@ -60,7 +60,7 @@ fn to_json(r: &pb::ExplainResponse) -> Value {
         "approval": r.approval,
         "unknown_shards": r.unknown_shards,
         "warnings": r.warnings,
-        "waves": r.waves.iter().map(|w| json!({"name": w.name, "targets": w.targets})).collect::<Vec<_>>(),
+        "waves": r.waves.iter().map(|w| json!({"name": w.name, "targets": w.targets, "max_parallel": w.max_parallel})).collect::<Vec<_>>(),
         "migrations": r.migrations.iter().map(migration_json).collect::<Vec<_>>(),
     })
 }
@@ -135,9 +135,15 @@ fn to_text(r: &pb::ExplainResponse) -> String {
     }
     let _ = writeln!(o, "waves:");
     for w in &r.waves {
+        // a wave's own parallelism wins over the plan's (and over --max-parallel)
+        let at_once = if w.max_parallel > 0 {
+            format!(", {} at once", w.max_parallel)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             o,
-            "  {}: {} target(s): {}",
+            "  {}: {} target(s){at_once}: {}",
             w.name,
             w.targets.len(),
             some_of(&w.targets, 8)

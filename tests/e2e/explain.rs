@@ -56,7 +56,7 @@ async fn a_dry_run_reports_locks_sizes_and_waves_and_changes_nothing() -> anyhow
     let dir = plan()?;
     std::fs::write(
         dir.path().join("plan.toml"),
-        "name = \"explained\"\n\n[[waves]]\nname = \"canary\"\nselector = \"region=r0\"\n\n[[waves]]\nname = \"rest\"\nrest = true\n",
+        "name = \"explained\"\n\n[[waves]]\nname = \"canary\"\nselector = \"region=r0\"\n\n[[waves]]\nname = \"rest\"\nrest = true\nmax_parallel = 3\n",
     )?;
     // An index built without CONCURRENTLY: the lint on disk warns of it whatever the table's
     // size; the dry run knows the table is small.
@@ -108,6 +108,9 @@ async fn a_dry_run_reports_locks_sizes_and_waves_and_changes_nothing() -> anyhow
         "{v}"
     );
     assert_eq!(v["waves"][1]["name"], "rest", "{v}");
+    // a wave's own parallelism, which wins over the plan's
+    assert_eq!(v["waves"][0]["max_parallel"], 0, "{v}");
+    assert_eq!(v["waves"][1]["max_parallel"], 3, "{v}");
     assert_eq!(
         v["waves"][1]["targets"],
         serde_json::json!(["shard_1/tenant_0002", "shard_1/tenant_0003"]),

@@ -182,6 +182,12 @@ fn waves(
         .map(|(i, name)| pb::ExplainWave {
             name,
             targets: targets.remove(&i).unwrap_or_default(),
+            max_parallel: spec
+                .rollout
+                .waves
+                .get(i)
+                .and_then(|w| w.max_parallel)
+                .unwrap_or(0),
         })
         .collect()
 }
