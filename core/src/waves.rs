@@ -424,6 +424,26 @@ impl Wave {
                 }
                 Err(e) => return Err(wave_error(&name, &format!("{check_name}'s sql: {e}"))),
             }
+            // a gate reads: a statement that writes is refused here, by its kind, rather
+            // than when the gate runs after the wave's bake (in a read-only transaction,
+            // with an error that did not say why)
+            match crate::lint::analyze(&sql) {
+                Ok(statements) => {
+                    if let Some(kind) = statements
+                        .first()
+                        .map(|s| s.kind.as_str())
+                        .filter(|k| *k != "SELECT")
+                    {
+                        return Err(wave_error(
+                            &name,
+                            &format!(
+                                "{check_name}'s sql is {kind}: a gate is a query that reads (SELECT ...)"
+                            ),
+                        ));
+                    }
+                }
+                Err(e) => return Err(wave_error(&name, &format!("{check_name}'s sql: {e}"))),
+            }
             checks.push(Check {
                 name: check_name,
                 sql,
@@ -598,6 +618,18 @@ mod tests {
         assert!(
             e.to_string()
                 .contains("wave `g`: two's sql holds 2 statements: a gate is one query"),
+            "{e}"
+        );
+        let mut w = wave("g");
+        w.checks = vec![pb::WaveCheck {
+            name: "writes".into(),
+            sql: "DELETE FROM work_orders RETURNING 1".into(),
+            ..Default::default()
+        }];
+        let e = rollout(vec![w], FailurePolicy::AllOrNothing).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("wave `g`: writes's sql is DELETE: a gate is a query that reads"),
             "{e}"
         );
         let prom = |url: &str, query: &str, has_max: bool| {
