@@ -405,9 +405,23 @@ impl Coordinator {
     pub async fn list(&self, limit: u32) -> Result<pb::ListPlansResponse, CoordinatorError> {
         let limit = if limit == 0 { 50 } else { limit.min(1000) };
         let rows = self.inner.store.plans(limit as i64).await?;
-        Ok(pb::ListPlansResponse {
-            plans: rows.iter().map(status::summary).collect(),
-        })
+        let mut plans: Vec<pb::PlanSummary> = rows.iter().map(status::summary).collect();
+        // The store says running for a plan in motion; the engine knows more (waiting at a
+        // manual gate, paused), as `plan status` says: the list says the same.
+        for p in plans
+            .iter_mut()
+            .filter(|p| p.state == PlanState::Running.as_str())
+        {
+            let id = p.plan_id.clone();
+            if let Ok(Some(s)) = self
+                .to_engine(|reply| Event::Status { plan_id: id, reply })
+                .await
+                && let Some(summary) = s.summary
+            {
+                p.state = summary.state;
+            }
+        }
+        Ok(pb::ListPlansResponse { plans })
     }
 
     pub async fn command(

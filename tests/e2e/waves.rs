@@ -316,6 +316,10 @@ rest = true
     );
     let id = st["plan_id"].as_str().unwrap().to_string();
     assert_eq!(marks(&fleet).await?.len(), 3, "only the canary ran");
+    // `plan list` says so too (the store says running; the engine knows it waits)
+    let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert_eq!(plans[0]["plan_id"], id.as_str(), "{plans}");
+    assert_eq!(plans[0]["state"], "waiting", "{plans}");
 
     // A new coordinator (a new leader, rebuilding from the store) keeps it waiting.
     fleet.restart_coordinator().await?;
