@@ -535,7 +535,13 @@ impl Engine {
                     // say again.
                     let waited = run.lock_wait.take().is_some();
                     info!(plan = %plan_id, waited, "shard locks taken");
-                    if waited && run.state == PlanState::Running && run.untouched() {
+                    // (not an atomic plan's: its units were laid out around what was
+                    // applied at submit, a unit found whole passed over)
+                    if waited
+                        && run.state == PlanState::Running
+                        && !run.spec.two_phase()
+                        && run.untouched()
+                    {
                         let updates = run.recheck_applied();
                         if !updates.is_empty() {
                             info!(plan = %plan_id, steps = updates.len(), "asking the journals again for the steps the submit found applied");
