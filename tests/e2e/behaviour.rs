@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::Connection;
 
-use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_sql};
+use crate::fleet::{
+    Cli, MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_sql, wait_running,
+};
 use crate::harness::{FlotillaProcess, free_port, http, run_flotilla, wait_until};
 use crate::shards::{assert_logged_once, blocked, hold, logged_blocking_migration, release};
 
@@ -739,18 +741,7 @@ async fn a_resumed_rollback_keeps_why_the_plan_is_undone() -> anyhow::Result<()>
     // (not fused: 001_table commits on its own, and the failure of 002 undoes it)
     let id = fleet.submit(d.path(), &["--no-fuse"]).await?;
     let shard = fleet.shards[0].clone();
-    wait_until("the undo of 001_table running", WAIT, async || {
-        let n: i64 = fleet
-            .pg
-            .query_scalar(
-                &shard,
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE query LIKE '%pg_sleep(4)%' AND pid <> pg_backend_pid()",
-            )
-            .await?;
-        Ok(n == 1)
-    })
-    .await?;
+    wait_running(&fleet.pg, &shard, "pg_sleep(4)", 1).await?;
     fleet.restart_coordinator().await?;
     let (_, st) = fleet.watch(&id).await?;
     assert_eq!(st["state"], "rolled_back", "{st}");

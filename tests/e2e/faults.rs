@@ -4,7 +4,7 @@
 //! expected (all or nothing), and no shard's fence epoch ever went backwards.
 use serde_json::Value;
 
-use crate::fleet::{Cli, MigrationDir, WAIT, coord_dbmate_dir, tenant_name};
+use crate::fleet::{Cli, MigrationDir, WAIT, coord_dbmate_dir, tenant_name, wait_running};
 use crate::ha::HaFleet;
 use crate::harness::http::post_json;
 use crate::harness::wait_until;
@@ -828,18 +828,7 @@ async fn a_step_cut_short_by_a_server_restart_runs_again() -> anyhow::Result<()>
     )?;
     let id = fleet.submit(d.path(), &[]).await?;
     let shard = fleet.shards[0].clone();
-    wait_until("the step running on both tenants", WAIT, async || {
-        let n: i64 = fleet
-            .pg
-            .query_scalar(
-                &shard,
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE query LIKE '%pg_sleep(3)%' AND pid <> pg_backend_pid()",
-            )
-            .await?;
-        Ok(n == 2)
-    })
-    .await?;
+    wait_running(&fleet.pg, &shard, "pg_sleep(3)", 2).await?;
     fleet.pg.restart().await?;
     let (out, st) = fleet.watch(&id).await?;
     assert_eq!(st["state"], "completed", "{st}\n{out}");
@@ -867,18 +856,7 @@ async fn a_crash_under_a_step_runs_it_again_but_not_for_good() -> anyhow::Result
     let id = fleet.submit(d.path(), &[]).await?;
     let shard = fleet.shards[0].clone();
     for crash in 1..=3 {
-        wait_until("the step running", WAIT, async || {
-            let n: i64 = fleet
-                .pg
-                .query_scalar(
-                    &shard,
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()",
-                )
-                .await?;
-            Ok(n == 1)
-        })
-        .await?;
+        wait_running(&fleet.pg, &shard, "pg_sleep(30)", 1).await?;
         // a bystander's backend crashes: the server resets every session
         let pool = fleet.pg.pool(&shard).await?;
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")

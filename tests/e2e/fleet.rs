@@ -15,6 +15,21 @@ use crate::harness::{
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// Waits until `n` sessions on database `db` run a query holding `needle` (a step's
+/// `pg_sleep(...)`: the step under way, for a fault to strike it).
+pub async fn wait_running(pg: &PgCluster, db: &str, needle: &str, n: i64) -> anyhow::Result<()> {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE query LIKE '%{needle}%' AND pid <> pg_backend_pid()"
+    );
+    wait_until(
+        &format!("{n} session(s) running {needle}"),
+        WAIT,
+        async || Ok(pg.query_scalar::<i64>(db, &sql).await? == n),
+    )
+    .await
+}
+
 /// The seed's coordinated example, in dbmate's format, unchanged.
 pub fn coord_dbmate_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/coord-dbmate")

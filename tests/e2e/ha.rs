@@ -3,7 +3,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::fleet::{Cli, MigrationDir, WAIT, coord_dbmate_dir, tenant_name, tenant_sql};
+use crate::fleet::{
+    Cli, MigrationDir, WAIT, coord_dbmate_dir, tenant_name, tenant_sql, wait_running,
+};
 use crate::harness::certs::{FleetCerts, env_refs};
 use crate::harness::least_privilege::{AgentLogin, create_agent_role};
 use crate::harness::{
@@ -902,18 +904,7 @@ async fn a_plan_read_through_a_follower_is_the_leaders() -> anyhow::Result<()> {
     let dir = MigrationDir::new()?;
     dir.migration("001_slow", "", "SELECT pg_sleep(30)", "SELECT 1")?;
     let id = fleet.submit(dir.path(), &[]).await?;
-    wait_until("the step running", WAIT, async || {
-        let n: i64 = fleet
-            .pg
-            .query_scalar(
-                "shard_0",
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()",
-            )
-            .await?;
-        Ok(n == 1)
-    })
-    .await?;
+    wait_running(&fleet.pg, "shard_0", "pg_sleep(30)", 1).await?;
     fleet.agents[0].kill()?;
     let waits_on_shard = |st: &Value| {
         st["waiting_for"]
@@ -964,18 +955,7 @@ async fn a_watch_through_a_follower_outlives_the_leader() -> anyhow::Result<()> 
         )
         .await
     });
-    wait_until("the step running", WAIT, async || {
-        let n: i64 = fleet
-            .pg
-            .query_scalar(
-                "shard_0",
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE query LIKE '%pg_sleep(4)%' AND pid <> pg_backend_pid()",
-            )
-            .await?;
-        Ok(n == 1)
-    })
-    .await?;
+    wait_running(&fleet.pg, "shard_0", "pg_sleep(4)", 1).await?;
     if let Some(mut c) = fleet.coordinators[leader].take() {
         c.kill()?;
         fleet.retired.push(c);

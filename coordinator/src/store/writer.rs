@@ -167,8 +167,14 @@ async fn write_with_retries(
 
 /// The failpoint `coordinator::store_write=return(MS)`: how long each batch is held back.
 fn slow_store() -> Option<u64> {
-    fail::fail_point!("coordinator::store_write", |ms: Option<String>| ms
-        .and_then(|ms| ms.parse().ok()));
+    // A misspelt delay fails loudly: taken for none, a fault test would pass with no slow
+    // store at all, proving nothing.
+    fail::fail_point!("coordinator::store_write", |ms: Option<String>| {
+        let ms = ms.unwrap_or_default();
+        Some(ms.trim().parse().unwrap_or_else(|_| {
+            panic!("failpoint coordinator::store_write=return(MS): `{ms}` is not a number of milliseconds")
+        }))
+    });
     None
 }
 
