@@ -858,6 +858,24 @@ rest = true
         st["message"].as_str().unwrap().contains("is unreachable"),
         "{st}"
     );
+    // One that takes connections and never answers: the submit's probe gives up after its
+    // own 2 s (a warning), not the gate's timeout, which held every submit back 10 s.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let silent_url = format!("http://{}", silent.local_addr()?);
+    std::fs::write(dir.path().join("plan.toml"), plan(&silent_url, "0s"))?;
+    let out = fleet
+        .cli(&["plan", "submit", &p, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("did not answer within 2s"), "{out}");
+    let silenced = out.last_json()?["plan_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    fleet.cli(&["plan", "cancel", &silenced]).await?;
+    let (_, st) = fleet.watch(&silenced).await?;
+    assert_ne!(st["state"], "running", "{st}");
+    drop(silent);
 
     // Post-deploy monitoring: after the last wave the gate keeps watching; the ratio rises
     // and the whole plan is rolled back, on every tenant.

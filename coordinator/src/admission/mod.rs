@@ -490,6 +490,9 @@ fn baseline_check(
     Ok(Some(warning))
 }
 
+/// How long a submit asks a wave's Prometheus whether it answers.
+const SUBMIT_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A warning when a wave's Prometheus cannot be queried now (at submit).
 async fn prometheus_warning(spec: &PlanSpec) -> Option<String> {
     let mut seen = std::collections::BTreeSet::new();
@@ -498,12 +501,19 @@ async fn prometheus_warning(spec: &PlanSpec) -> Option<String> {
         if !seen.insert(p.url.clone()) {
             continue;
         }
-        if let Err(e) = crate::engine::prometheus_query(&p.url, &p.query).await {
-            return Some(format!(
-                "warning: wave `{}`'s gate cannot be evaluated now ({e}); it fails at gate time if it still cannot",
-                w.name
-            ));
-        }
+        // Only a warning: it holds the submit (and the plan's first step) back at most
+        // SUBMIT_PROBE, not the gate's own timeout (a Prometheus that does not answer held
+        // every submit back 10 s).
+        let probe = crate::engine::prometheus_query(&p.url, &p.query);
+        let error = match tokio::time::timeout(SUBMIT_PROBE, probe).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("it did not answer within {}s", SUBMIT_PROBE.as_secs()),
+        };
+        return Some(format!(
+            "warning: wave `{}`'s gate cannot be evaluated now ({error}); it fails at gate time if it still cannot",
+            w.name
+        ));
     }
     None
 }
