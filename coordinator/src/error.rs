@@ -226,6 +226,12 @@ pub enum Conflict {
     },
     #[error("plan {plan_id} already ended {state}")]
     Ended { plan_id: String, state: PlanState },
+    #[error("cannot resume shard {shard} of plan {plan_id} alone: {why}")]
+    NotPaused {
+        plan_id: String,
+        shard: String,
+        why: String,
+    },
     #[error("plan {plan_id} already ended {state}; use `plan rollback` to undo it")]
     EndedUseRollback { plan_id: String, state: PlanState },
     #[error("plan {plan_id} is already rolling back")]

@@ -661,10 +661,28 @@ async fn a_pause_outlives_a_new_coordinator_and_a_retry() -> anyhow::Result<()> 
     let st = fleet.status(&id).await?;
     assert_eq!(st["paused"], serde_json::json!([shard]), "{st}");
     assert_eq!(st["state"], "running", "{st}");
+    // resuming one shard while the plan is paused as a whole is said, not taken silently
+    // (the shard stayed paused with the plan)
+    let out = fleet.cli(&["plan", "pause", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
     let out = fleet
         .cli(&["plan", "resume", &id, "--shard", &shard])
         .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "cannot resume shard {shard} of plan {id} alone: the plan is paused as a whole"
+        )),
+        "{out}"
+    );
+    // the plan's resume resumes its shards too
+    let out = fleet.cli(&["plan", "resume", &id]).await?;
     assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(
+        fleet.status(&id).await?["paused"],
+        serde_json::json!([]),
+        "nothing paused"
+    );
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])
         .await?;

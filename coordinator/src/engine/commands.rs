@@ -47,6 +47,24 @@ impl Engine {
             (Some(s), true) => {
                 run.paused.shards.insert(s.to_string());
             }
+            // Resuming one shard resumes only that shard's own pause: not the plan's as a
+            // whole (it stays paused there), nor a shard not paused. Said, not taken silently.
+            (Some(s), false) if run.paused.plan || !run.paused.shards.contains(s) => {
+                let why = if run.paused.plan {
+                    "the plan is paused as a whole: resume it without --shard".to_string()
+                } else if run.paused.shards.is_empty() {
+                    "it is not paused (nothing of the plan is)".to_string()
+                } else {
+                    let shards: Vec<&str> = run.paused.shards.iter().map(String::as_str).collect();
+                    format!("it is not paused (paused: {})", shards.join(", "))
+                };
+                return Err(Conflict::NotPaused {
+                    plan_id: plan_id.to_string(),
+                    shard: s.to_string(),
+                    why,
+                }
+                .into());
+            }
             (Some(s), false) => {
                 run.paused.shards.remove(s);
             }
