@@ -328,6 +328,12 @@ fn parse_budget(s: &str, field: &str) -> Result<Option<Budget>, PlanError> {
     })
 }
 
+/// Checks one wave alone, as the plan's model will (a file's reader says it at the wave's
+/// line).
+pub fn check_wave(w: &pb::Wave) -> Result<(), PlanError> {
+    Wave::from_pb(w).map(|_| ())
+}
+
 impl Wave {
     fn from_pb(w: &pb::Wave) -> Result<Wave, PlanError> {
         let name = w.name.trim().to_string();

@@ -1073,7 +1073,7 @@ fn bad_waves_name_the_file_line_and_wave() {
         assert!(e.starts_with(&format!("{file}:{line}: ")), "{e}");
         assert!(e.contains(wanted), "{e}");
     }
-    // What only the model can say: the wave is named.
+    // What the model says of one wave alone, at the wave's line.
     for (text, wanted) in [
         (
             "[[waves]]\nname = \"w\"\npercent = 150\n",
@@ -1083,11 +1083,17 @@ fn bad_waves_name_the_file_line_and_wave() {
             "[[waves]]\nname = \"w\"\npercent = 5\ncount = 2\n",
             "wave `w`: give only one of",
         ),
-        (
-            "[[waves]]\nname = \"w\"\nrest = true\nmax_failures = 2\n",
-            "wave `w` allows 2 failed targets, but policy all-or-nothing",
-        ),
     ] {
+        write(root, "plan.toml", text);
+        let e = load_err(root);
+        assert!(e.starts_with(&format!("{file}:2: ")), "{e}");
+        assert!(e.contains(wanted), "{e}");
+    }
+    // What only the plan's model can say (with the plan's policy): the wave is named.
+    for (text, wanted) in [(
+        "[[waves]]\nname = \"w\"\nrest = true\nmax_failures = 2\n",
+        "wave `w` allows 2 failed targets, but policy all-or-nothing",
+    )] {
         write(root, "plan.toml", text);
         let e = PlanSpec::try_from(load_ok(root)).unwrap_err().to_string();
         assert!(e.contains(wanted), "{e}");

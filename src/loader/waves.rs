@@ -187,7 +187,7 @@ pub(super) fn wave(w: &WaveTable) -> Result<pb::Wave, (std::ops::Range<usize>, S
             ),
         ));
     }
-    Ok(pb::Wave {
+    let wave = pb::Wave {
         name,
         selector: w.selector.clone().unwrap_or_default(),
         percent: w.percent.unwrap_or(0.0),
@@ -216,5 +216,10 @@ pub(super) fn wave(w: &WaveTable) -> Result<pb::Wave, (std::ops::Range<usize>, S
             })
             .collect(),
         prometheus,
-    })
+    };
+    // What the model says of one wave alone (a share out of range, two ways to take
+    // targets, a gate's query or address), said at the wave's line; what it says of the
+    // waves together (names twice, a wave after `rest`) comes with the plan.
+    flotilla_core::waves::check_wave(&wave).map_err(|e| (w.name.span(), e.to_string()))?;
+    Ok(wave)
 }
