@@ -106,6 +106,10 @@ impl Coordinator {
     ) -> Result<pb::SubmitPlanResponse, CoordinatorError> {
         let epoch = self.leader_epoch()?;
         let started = std::time::Instant::now();
+        // (a new plan's gates read: not checked of stored plans, which are read again)
+        for w in &raw.waves {
+            flotilla_core::waves::gates_read(w)?;
+        }
         let spec = PlanSpec::try_from(raw)?;
         let Resolution {
             seen,

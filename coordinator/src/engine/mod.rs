@@ -536,10 +536,12 @@ impl Engine {
                     let waited = run.lock_wait.take().is_some();
                     info!(plan = %plan_id, waited, "shard locks taken");
                     // (not an atomic plan's: its units were laid out around what was
-                    // applied at submit, a unit found whole passed over)
+                    // applied at submit, a unit found whole passed over; nor one a new
+                    // leader rebuilt, whose steps its term before may have run)
                     if waited
                         && run.state == PlanState::Running
                         && !run.spec.two_phase()
+                        && !run.inherited
                         && run.untouched()
                     {
                         let updates = run.recheck_applied();

@@ -27,6 +27,10 @@ impl Coordinator {
     ) -> Result<pb::ExplainResponse, CoordinatorError> {
         // Only the leader holds the agents' streams (a follower's refusal names it).
         self.leader_epoch()?;
+        // (a new plan's gates read: not checked of stored plans, which are read again)
+        for w in &raw.waves {
+            flotilla_core::waves::gates_read(w)?;
+        }
         let spec = PlanSpec::try_from(raw)?;
         let resolution = self
             .resolve(&spec, Mode::DryRun, &crate::admission::Promotion::Check)

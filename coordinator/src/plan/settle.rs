@@ -48,8 +48,20 @@ impl PlanRun {
     /// `completed` with them unmigrated. The store updates.
     pub fn recheck_applied(&mut self) -> Vec<StepUpdate> {
         let mut updates = Vec::new();
+        // Only in waves still to run, or the one running: a wave passed (a retry, a plan
+        // rebuilt at its gate) is not gone back to, and its steps made pending would never
+        // run (the plan ended halted over them).
+        let running = self
+            .current_wave()
+            .is_some_and(|w| w.state == flotilla_core::state::WaveState::Running);
+        let ahead = |run: &Self, t: usize| match run.wave_of.get(t) {
+            None => running,
+            Some(&w) => w > run.wave_pos || (w == run.wave_pos && running),
+        };
         for s in 0..self.steps.len() {
-            if self.steps[s].status == StepStatus::AlreadyApplied {
+            if self.steps[s].status == StepStatus::AlreadyApplied
+                && ahead(self, self.steps[s].target)
+            {
                 self.set_status(s, StepStatus::Pending);
                 updates.push(self.update_of(s, None));
             }

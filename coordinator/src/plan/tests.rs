@@ -587,6 +587,43 @@ fn a_rebuilt_plan_goes_on_from_the_stored_waves() {
     assert_eq!(tenants, ["t2", "t3"]);
 }
 
+/// The journals' second look after a wait for locks makes pending again only what a wave
+/// still to run (or the one running) holds: a wave passed is not gone back to, and its
+/// steps made pending would never run (the plan ended halted over them).
+#[test]
+fn a_second_look_at_the_journals_leaves_passed_waves_alone() {
+    let (mut run, wave_of) = waved(pb::FailurePolicy::AllOrNothing, Default::default(), "");
+    for s in 0..run.steps.len() {
+        run.set_status(s, StepStatus::AlreadyApplied);
+    }
+    // the first wave passed, the rest running (a retry, or a plan rebuilt there)
+    run.set_waves(
+        wave_of.clone(),
+        &[(WaveState::Done, None), (WaveState::Running, None)],
+    );
+    run.rebalance_lanes(&|_| 4);
+    let updates = run.recheck_applied();
+    let tenants: Vec<&str> = updates.iter().map(|u| u.tenant.as_str()).collect();
+    assert_eq!(tenants.len(), 4, "only the rest's: {tenants:?}");
+    assert!(tenants.iter().all(|t| *t != "t1"), "{tenants:?}");
+    // (lanes go to the shards with steps to run at each hand-out)
+    run.rebalance_lanes(&|_| 4);
+    let mut next = 1;
+    let out = run.next_runs("s0", &mut next);
+    let sent: Vec<&str> = out.iter().map(|r| r.tenant.as_str()).collect();
+    assert_eq!(sent, ["t2", "t3"]);
+    // a fresh plan, at its first wave: that wave's steps are looked at again
+    let (mut run, _) = waved(pb::FailurePolicy::AllOrNothing, Default::default(), "");
+    for s in 0..run.steps.len() {
+        run.set_status(s, StepStatus::AlreadyApplied);
+    }
+    assert_eq!(run.recheck_applied().len(), 6);
+    run.rebalance_lanes(&|_| 4);
+    let out = run.next_runs("s0", &mut next);
+    assert_eq!(out.len(), 1, "the first wave's target: {out:?}");
+    assert_eq!(out[0].tenant, "t1");
+}
+
 #[test]
 fn failures_past_the_wave_budget_are_named_and_within_it_complete_with_failures() {
     let first = pb::Wave {
