@@ -67,7 +67,7 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
             Err(code) => code,
         },
         PlanCommand::List { limit, output } => {
-            call_any(
+            read_plan(
                 addr,
                 pb::ListPlansRequest { limit },
                 |mut c, req| async move { c.list_plans(req).await },

@@ -924,6 +924,16 @@ async fn a_plan_read_through_a_follower_is_the_leaders() -> anyhow::Result<()> {
     assert_eq!(out.code(), Some(0), "{out}");
     let st = out.last_json()?;
     assert!(waits_on_shard(&st), "the leader's status: {st}");
+    // and the list: the store says running for a paused plan, the leader paused
+    let out = fleet.cli_at(leader, &["plan", "pause", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = fleet
+        .cli_at(follower, &["plan", "list", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let plans: Value = serde_json::from_str(out.stdout.trim())?;
+    assert_eq!(plans[0]["plan_id"], id.as_str(), "{plans}");
+    assert_eq!(plans[0]["state"], "paused", "the leader's list: {plans}");
     Ok(())
 }
 

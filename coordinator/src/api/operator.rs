@@ -149,7 +149,8 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::ListPlansRequest>,
     ) -> Result<Response<pb::ListPlansResponse>, Status> {
-        Ok(Response::new(self.list(req.into_inner().limit).await?))
+        let plans = self.list(req.into_inner().limit).await?;
+        Ok(self.naming_the_leader(Response::new(plans)))
     }
 
     type WatchPlanStream = BoxStream<pb::PlanStatus>;
