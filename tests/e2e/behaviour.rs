@@ -754,6 +754,51 @@ async fn a_resumed_rollback_keeps_why_the_plan_is_undone() -> anyhow::Result<()>
     Ok(())
 }
 
+/// A cancel's undo that the next coordinator takes up still ends `cancelled` (the cancel's
+/// end is kept with the plan), its message the cancel's reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_undone_across_a_new_coordinator_ends_cancelled() -> anyhow::Result<()> {
+    let mut fleet = TestFleet::start(1, 1).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_table",
+        "",
+        "CREATE TABLE cancelled_t (id int)",
+        "SELECT pg_sleep(4);\nDROP TABLE cancelled_t",
+    )?;
+    d.migration(
+        "002_blocked",
+        "depends_on = [\"001_table\"]\n",
+        "SELECT pg_advisory_xact_lock(4343)",
+        "SELECT 1",
+    )?;
+    let lock = hold(&fleet.pg, 0, 4343).await?;
+    let id = fleet.submit(d.path(), &["--no-fuse"]).await?;
+    wait_until("002_blocked waiting on the lock", WAIT, async || {
+        Ok(blocked(&fleet.pg, 0).await? == 1)
+    })
+    .await?;
+    let out = fleet
+        .cli(&["plan", "cancel", &id, "--reason", "wrong window"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    release(lock, 4343).await?;
+    let shard = fleet.shards[0].clone();
+    wait_running(&fleet.pg, &shard, "pg_sleep(4)", 1).await?;
+    fleet.restart_coordinator().await?;
+    let (_, st) = fleet.watch(&id).await?;
+    assert_eq!(st["state"], "cancelled", "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("wrong window"),
+        "{st}"
+    );
+    assert_eq!(fleet.journal_total().await?, 0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_coordinator_resumes_the_plan_exactly_once() -> anyhow::Result<()> {
     let mut fleet = TestFleet::start(2, 4).await?;
