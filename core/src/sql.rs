@@ -114,7 +114,7 @@ pub fn may_commit_part_way(statement: &str) -> bool {
 /// Whether a statement is a concurrent index build (`CREATE [UNIQUE] INDEX CONCURRENTLY`):
 /// of those [`may_commit_part_way`] names, the one whose only leftover on failure is an
 /// INVALID index, which the agent drops.
-pub fn is_concurrent_index_build(statement: &str) -> bool {
+fn is_concurrent_index_build(statement: &str) -> bool {
     let keys = keywords(statement);
     let w = |i: usize| word(keys.get(i));
     match (w(0), w(1), w(2)) {

@@ -68,13 +68,7 @@ impl PlanRun {
         }
         if !updates.is_empty() {
             self.recount_remaining();
-            for sr in self.shards.values_mut() {
-                sr.ready.clear();
-                sr.queued.clear();
-            }
-            for t in 0..self.targets.len() {
-                self.enqueue_if_ready(t);
-            }
+            self.requeue_ready();
         }
         updates
     }

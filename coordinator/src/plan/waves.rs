@@ -124,6 +124,12 @@ impl PlanRun {
         }
         self.waves = waves;
         self.wave_of = wave_of;
+        self.requeue_ready();
+    }
+
+    /// Every shard's queue of ready targets made again from the steps' states and the
+    /// open wave (after the waves or the steps' states changed wholesale).
+    pub(super) fn requeue_ready(&mut self) {
         for sr in self.shards.values_mut() {
             sr.ready.clear();
             sr.queued.clear();
