@@ -224,8 +224,9 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
             .push(pb::ParallelGroup { migrations, atomic });
     }
     for w in &file.waves {
-        spec.waves
-            .push(waves::wave(w.get_ref()).map_err(|(span, e)| at(span, e))?);
+        let wave = waves::wave(w.get_ref()).map_err(|(span, e)| at(span, e))?;
+        waves::follows(&spec.waves, w.get_ref(), &wave).map_err(|(span, e)| at(span, e))?;
+        spec.waves.push(wave);
     }
     if let Some(b) = &file.max_failures {
         spec.max_failures = waves::budget(b).map_err(|(span, e)| at(span, e))?;
@@ -239,6 +240,28 @@ pub(super) fn load(path: &Path) -> Result<pb::PlanSpec, LoadError> {
                 )
             })?
             .as_millis() as u64;
+        // The watch's own checks, at its line (the model says them naming the field only).
+        if spec.watch_ms > 0 {
+            if !spec.waves.iter().any(|w| w.prometheus.is_some()) {
+                return Err(at(
+                    w.span(),
+                    "watch: a watch after the last wave needs a wave with a [waves.prometheus] gate to keep evaluating".into(),
+                ));
+            }
+            if let Some(named) = file
+                .waves
+                .iter()
+                .find(|t| t.get_ref().named(flotilla_core::waves::WATCH))
+            {
+                return Err(at(
+                    named.get_ref().name_span(),
+                    format!(
+                        "wave `{}`: the stage after the last wave (watch) has this name; name the wave otherwise",
+                        flotilla_core::waves::WATCH
+                    ),
+                ));
+            }
+        }
     }
     if let Some(o) = &file.on_gate_failure {
         match o.get_ref().trim() {

@@ -1073,6 +1073,34 @@ fn bad_waves_name_the_file_line_and_wave() {
         assert!(e.starts_with(&format!("{file}:{line}: ")), "{e}");
         assert!(e.contains(wanted), "{e}");
     }
+    // What the waves say together, at the later wave's line; the watch's checks at its own.
+    for (text, line, wanted) in [
+        (
+            "[[waves]]\nname = \"a\"\ncount = 1\n[[waves]]\nname = \"a\"\nrest = true\n",
+            5,
+            "wave `a`: two waves have this name",
+        ),
+        (
+            "[[waves]]\nname = \"r\"\nrest = true\n[[waves]]\nname = \"b\"\ncount = 1\n",
+            5,
+            "wave `b`: it comes after `r`, which takes every target left",
+        ),
+        (
+            "watch = \"5m\"\n[[waves]]\nname = \"w\"\nrest = true\n",
+            1,
+            "needs a wave with a [waves.prometheus] gate",
+        ),
+        (
+            "watch = \"5m\"\n[[waves]]\nname = \"watch\"\nrest = true\n[waves.prometheus]\nurl = \"http://p:9090\"\nquery = \"up\"\nmax = 1\n",
+            3,
+            "wave `watch`: the stage after the last wave (watch) has this name",
+        ),
+    ] {
+        write(root, "plan.toml", text);
+        let e = load_err(root);
+        assert!(e.starts_with(&format!("{file}:{line}: ")), "{e}");
+        assert!(e.contains(wanted), "{e}");
+    }
     // What the model says of one wave alone, at the wave's line.
     for (text, wanted) in [
         (

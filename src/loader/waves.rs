@@ -223,3 +223,40 @@ pub(super) fn wave(w: &WaveTable) -> Result<pb::Wave, (std::ops::Range<usize>, S
     flotilla_core::waves::check_wave(&wave).map_err(|e| (w.name.span(), e.to_string()))?;
     Ok(wave)
 }
+
+impl WaveTable {
+    pub(super) fn named(&self, name: &str) -> bool {
+        self.name.get_ref().trim() == name
+    }
+
+    pub(super) fn name_span(&self) -> std::ops::Range<usize> {
+        self.name.span()
+    }
+}
+
+/// What the waves say together, at the later wave's line (the model says the same of the
+/// wire spec, naming the wave only): a name given twice, a wave after one that takes every
+/// target left.
+pub(super) fn follows(
+    before: &[pb::Wave],
+    w: &WaveTable,
+    wave: &pb::Wave,
+) -> Result<(), (std::ops::Range<usize>, String)> {
+    let name = wave.name.trim();
+    if before.iter().any(|b| b.name.trim() == name) {
+        return Err((
+            w.name.span(),
+            format!("wave `{name}`: two waves have this name"),
+        ));
+    }
+    if let Some(rest) = before.iter().find(|b| b.rest) {
+        return Err((
+            w.name.span(),
+            format!(
+                "wave `{name}`: it comes after `{}`, which takes every target left",
+                rest.name.trim()
+            ),
+        ));
+    }
+    Ok(())
+}
