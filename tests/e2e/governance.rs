@@ -330,6 +330,57 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
 
 /// A matrix rule for an environment the coordinator's list does not hold would never
 /// apply (the list refuses every plan for it): the coordinator does not start.
+/// A plan awaiting approval whose submit found its migration applied (by an earlier plan),
+/// which that plan's rollback undoes before the approval: once approved, the plan asks the
+/// journals again and applies it. Before, it reported every target applied and ended
+/// `completed` with none migrated.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approved_plan_applies_what_a_rollback_undid_while_it_waited() -> anyhow::Result<()> {
+    let files = TestDir::new("approvals-undone")?;
+    let matrix = files.join("approvals.toml");
+    std::fs::write(&matrix, MATRIX)?;
+    let matrix = matrix.to_string_lossy().into_owned();
+    let fleet = TestFleet::builder(2, 2)
+        .coordinator_args(&["--approvals", &matrix])
+        .start()
+        .await?;
+    let dir = plan("production", "001_undone", "undone", "low")?;
+    let first = fleet.submit(dir.path(), &["--as", "alice"]).await?;
+    let st = approve(&fleet, "approve", &first, &["--as", "bob", "--role", "dba"]).await?;
+    assert_ne!(st["state"], "awaiting_approval", "{st}");
+    let (out, st) = fleet.watch(&first).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(fleet.journal_total().await?, 4);
+
+    // The same migration again: its submit finds all four tenants applied.
+    let second = fleet.submit(dir.path(), &["--as", "alice"]).await?;
+    let st = fleet.status(&second).await?;
+    assert_eq!(st["state"], "awaiting_approval", "{st}");
+    let out = fleet
+        .cli(&["plan", "rollback", &first, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(fleet.journal_total().await?, 0, "undone");
+
+    approve(
+        &fleet,
+        "approve",
+        &second,
+        &["--as", "bob", "--role", "dba"],
+    )
+    .await?;
+    let (out, st) = fleet.watch(&second).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(
+        fleet.journal_total().await?,
+        4,
+        "applied again on all four tenants: {st}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_approvals_environment_missing_from_the_list_stops_the_coordinator() -> anyhow::Result<()>
 {

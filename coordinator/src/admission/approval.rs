@@ -176,6 +176,8 @@ impl Coordinator {
         let mut run = self.rebuild(row).await?;
         // It never ran: nothing of it can be prepared anywhere.
         run.inherited = false;
+        // What its submit found applied may be undone since (a rollback while it waited).
+        run.applied_read = crate::plan::AppliedRead::BeforeApproval;
         self.write_under(
             epoch,
             StoreOp::PlanState {

@@ -111,6 +111,9 @@ impl Coordinator {
             flotilla_core::waves::gates_read(w)?;
         }
         let spec = PlanSpec::try_from(raw)?;
+        // Counted before the preflight reads the journals: a rollback reply after it may
+        // mean a step read applied is undone by the time the plan runs.
+        let undo_replies = self.inner.fleet.undo_replies();
         let Resolution {
             seen,
             expansion,
@@ -210,6 +213,7 @@ impl Coordinator {
             epoch,
         );
         run.set_waves(wave_of, &[]);
+        run.applied_read = crate::plan::AppliedRead::AtSubmit { undo_replies };
         if let Some(w) = warning {
             // Said now, not refused: the server may be back by the time the gate runs,
             // and a gate that cannot reach it fails then.

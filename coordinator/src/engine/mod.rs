@@ -37,7 +37,7 @@ use crate::actor::Actor;
 use crate::coordination::Coordination;
 use crate::error::CoordinatorError;
 use crate::metrics;
-use crate::plan::{PlanRun, RollbackState};
+use crate::plan::{AppliedRead, PlanRun, RollbackState};
 use crate::sessions::registry::Fleet;
 use crate::store::StoreOp;
 use agents::AgentConn;
@@ -535,10 +535,21 @@ impl Engine {
                     // say again.
                     let waited = run.lock_wait.take().is_some();
                     info!(plan = %plan_id, waited, "shard locks taken");
+                    // Without a wait too: a rollback may have run its course between the
+                    // submit's preflight and the locks (a rollback reply since), or while
+                    // the plan awaited approval.
+                    let stale = waited
+                        || match run.applied_read {
+                            AppliedRead::AtSubmit { undo_replies } => {
+                                self.fleet.undo_replies() != undo_replies
+                            }
+                            AppliedRead::BeforeApproval => true,
+                            AppliedRead::Before => false,
+                        };
                     // (not an atomic plan's: its units were laid out around what was
                     // applied at submit, a unit found whole passed over; nor one a new
                     // leader rebuilt, whose steps its term before may have run)
-                    if waited
+                    if stale
                         && run.state == PlanState::Running
                         && !run.spec.two_phase()
                         && !run.inherited

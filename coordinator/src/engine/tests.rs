@@ -931,3 +931,52 @@ async fn the_status_names_an_away_shard_with_steps_left() {
     let status = engine_status(&events).await.expect("in motion");
     assert_eq!(status.waiting_for, ["s1"], "{status:?}");
 }
+
+/// The targets a plan's first hand-out of runs names (its definition read past).
+async fn first_runs(rx: &mut mpsc::Receiver<pb::CoordinatorMessage>) -> Vec<String> {
+    loop {
+        if let Body::Assign(a) = next_message(rx).await {
+            let mut tenants: Vec<String> = a.runs.iter().map(|r| r.tenant.clone()).collect();
+            tenants.sort();
+            return tenants;
+        }
+    }
+}
+
+/// A plan whose submit read a step applied, and which took its locks at once: if an
+/// agent's rollback reply came in after the submit read the journals (another plan's
+/// rollback ran its course before this plan tried its locks), the step is sent again for
+/// the journal to say; before, the plan reported the target applied. Without one, nothing
+/// is asked again. A plan that awaited approval always asks again.
+#[tokio::test]
+async fn steps_read_applied_are_asked_again_when_a_rollback_reply_came_in_since() {
+    use crate::plan::{AppliedRead, StepStatus};
+    for (read, undo_after, asked_again) in [
+        (AppliedRead::AtSubmit { undo_replies: 0 }, false, false),
+        (AppliedRead::AtSubmit { undo_replies: 0 }, true, true),
+        (AppliedRead::BeforeApproval, false, true),
+        (AppliedRead::Before, true, false),
+    ] {
+        let fleet = Arc::new(Fleet::default());
+        let events = engine_with(fleet.clone());
+        let mut rx = attach(&events, "s0", 1).await;
+        let mut run = plan_of(
+            &["a"],
+            Vec::new(),
+            &[("s0", "t1"), ("s0", "t2")],
+            pb::FailurePolicy::AllOrNothing,
+        );
+        run.set_status(0, StepStatus::AlreadyApplied);
+        run.applied_read = read;
+        if undo_after {
+            fleet.undo_reported();
+        }
+        start_locked(&events, run).await;
+        let wanted: &[&str] = if asked_again { &["t1", "t2"] } else { &["t2"] };
+        assert_eq!(
+            first_runs(&mut rx).await,
+            wanted,
+            "{read:?}, undo after: {undo_after}"
+        );
+    }
+}

@@ -95,6 +95,22 @@ impl ShardRun {
     }
 }
 
+/// When a plan's steps found applied were read from the agents' journals, which says
+/// whether another plan's rollback may have undone them before this plan took its locks
+/// (it would report those targets applied and end `completed` with them unmigrated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppliedRead {
+    /// By this plan's submit, when agents had sent this many rollback replies: read again
+    /// if one arrived since (or the plan waited for another's locks).
+    AtSubmit { undo_replies: u64 },
+    /// By a submit whose plan then waited for approvals (any length of time, across
+    /// leaders): read again.
+    BeforeApproval,
+    /// Otherwise (a retry, a plan a new leader rebuilt): read again only if the plan waited
+    /// for another's locks.
+    Before,
+}
+
 pub struct PlanRun {
     pub id: String,
     pub spec: Arc<PlanSpec>,
@@ -119,6 +135,9 @@ pub struct PlanRun {
     pub locked: bool,
     /// Why it waits for its locks (which plan holds which shard), if it does.
     pub lock_wait: Option<String>,
+    /// When the steps found applied were read from the journals: whether to read them
+    /// again once the locks are taken ([`PlanRun::recheck_applied`]).
+    pub applied_read: AppliedRead,
     /// Atomic plans: when the first target prepared (start of the window in
     /// which every shard holds locks).
     pub first_prepared: Option<std::time::Instant>,
@@ -297,6 +316,7 @@ impl PlanRun {
             rollback_errors: 0,
             locked: false,
             lock_wait: None,
+            applied_read: AppliedRead::Before,
             first_prepared: None,
             two_phase_clock: timings::TwoPhaseClock::default(),
             decision: None,

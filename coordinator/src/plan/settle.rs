@@ -43,8 +43,9 @@ impl PlanRun {
     /// Before anything of the plan ran: the steps its submit found applied go back to
     /// pending, to be run again, which the agents answer from their journals (applied
     /// still: already applied; undone since: run). For a plan that waited for another's
-    /// shard locks: what the submit read of the journals may have been undone meanwhile
-    /// (that plan rolled back), and the plan reported those targets applied, ending
+    /// shard locks, that awaited approval, or whose submit read the journals before an
+    /// agent's rollback reply came in: what the submit read may have been undone meanwhile
+    /// (another plan rolled back), and the plan reported those targets applied, ending
     /// `completed` with them unmigrated. The store updates.
     pub fn recheck_applied(&mut self) -> Vec<StepUpdate> {
         let mut updates = Vec::new();

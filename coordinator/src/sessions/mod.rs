@@ -206,6 +206,7 @@ impl Coordinator {
                 }
                 Some(Body::Resolve(reply)) => Event::ResolveReply { shard, reply },
                 Some(Body::Rollback(reply)) => {
+                    inner.fleet.undo_reported();
                     inner.versions.record_rollback(&shard, &reply);
                     Event::RollbackReply { shard, reply }
                 }

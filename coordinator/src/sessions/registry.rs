@@ -35,9 +35,23 @@ struct Inner {
 #[derive(Default)]
 pub struct Fleet {
     inner: Mutex<Inner>,
+    /// How many rollback replies agents sent (steps undone on their shards): a plan whose
+    /// submit read the journals before one arrived may report applied what is undone.
+    undo_replies: std::sync::atomic::AtomicU64,
 }
 
 impl Fleet {
+    /// Counts a rollback reply from an agent, as it arrives (before the engine takes it).
+    pub fn undo_reported(&self) {
+        self.undo_replies
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many rollback replies agents sent to this coordinator so far.
+    pub fn undo_replies(&self) -> u64 {
+        self.undo_replies.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn next_conn_id(&self) -> u64 {
         let mut g = self.inner.lock().expect("fleet lock");
         g.next_id += 1;
