@@ -50,11 +50,17 @@ pub(crate) fn target_labels(
     tenant: Option<&(String, BTreeMap<String, String>)>,
 ) -> BTreeMap<String, String> {
     let mut labels = view.labels.clone();
-    labels.insert("shard".into(), shard.to_string());
-    if let Some((name, tl)) = tenant {
+    if let Some((_, tl)) = tenant {
         labels.extend(tl.iter().map(|(k, v)| (k.clone(), v.clone())));
-        labels.insert("tenant".into(), name.clone());
     }
+    // A target's own shard and tenant, over any label of those names (agents leave them
+    // out; one from elsewhere must not stand in for them: `shard in (b)` would take a
+    // tenant of shard a labelled `shard=b`). A shard's own target has no tenant.
+    labels.insert("shard".into(), shard.to_string());
+    match tenant {
+        Some((name, _)) => labels.insert("tenant".into(), name.clone()),
+        None => labels.remove("tenant"),
+    };
     labels
 }
 
@@ -201,4 +207,36 @@ pub fn plan_steps(
         step.deps = deps.into_iter().collect();
     }
     steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A label named `shard` or `tenant` (from an agent older than the check, or a shard's
+    /// own labels) never stands in for the target's own: a selector's `shard in (b)` took a
+    /// tenant of shard a labelled `shard=b`, and a shard's own target took `tenant=x`.
+    #[test]
+    fn a_targets_own_shard_and_tenant_win_over_labels_of_those_names() {
+        let view = ShardView {
+            labels: [("tenant".to_string(), "x".to_string())].into(),
+            tenants: Vec::new(),
+        };
+        let tenant = (
+            "evil".to_string(),
+            [
+                ("shard".to_string(), "shard_b".to_string()),
+                ("tenant".to_string(), "other".to_string()),
+                ("tier".to_string(), "pro".to_string()),
+            ]
+            .into(),
+        );
+        let l = target_labels("shard_a", &view, Some(&tenant));
+        assert_eq!(l["shard"], "shard_a");
+        assert_eq!(l["tenant"], "evil");
+        assert_eq!(l["tier"], "pro");
+        let l = target_labels("shard_a", &view, None);
+        assert_eq!(l["shard"], "shard_a");
+        assert!(!l.contains_key("tenant"), "{l:?}");
+    }
 }

@@ -438,9 +438,33 @@ pub fn validate_shard_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Labels `k=v,k2=v2` as given on a command line.
+/// Label keys every target has of itself: `shard` (its shard's name) and `tenant` (its
+/// tenant's). A label of that name would stand in for them, and a selector's
+/// `shard in (b)` would take a tenant of shard a labelled `shard=b`.
+pub const RESERVED_LABEL_KEYS: [&str; 2] = ["shard", "tenant"];
+
+/// Labels `k=v,k2=v2` as given on a command line: a key given twice, or a reserved one
+/// ([`RESERVED_LABEL_KEYS`]), is refused.
 pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
+    for (k, v) in label_pairs(s)? {
+        if RESERVED_LABEL_KEYS.contains(&k.as_str()) {
+            return Err(format!(
+                "label key `{k}` is reserved: every target has it (its {k}'s name)"
+            ));
+        }
+        if out.contains_key(&k) {
+            return Err(format!("label key `{k}` is given twice"));
+        }
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+/// Labels `k=v,k2=v2` in the order given, their syntax checked (keys from
+/// `[A-Za-z0-9._-/]`), nothing else.
+pub fn label_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part
             .split_once('=')
@@ -452,7 +476,7 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
         if !key_ok {
             return Err(format!("label key `{k}` must use [A-Za-z0-9._-/]"));
         }
-        out.insert(k.to_string(), v.to_string());
+        out.push((k.to_string(), v.to_string()));
     }
     Ok(out)
 }
@@ -578,5 +602,26 @@ mod tenant_name_tests {
         assert!(validate_tenant_name("").is_err());
         assert!(validate_tenant_name(&"x".repeat(64)).is_err());
         assert!(validate_tenant_name("a\nb").is_err());
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::parse_labels;
+
+    /// An agent's `--labels`: a key every target has of itself (`shard`, `tenant`), or one
+    /// given twice, is refused, naming it (the second value was taken silently).
+    #[test]
+    fn reserved_and_repeated_label_keys_are_refused() {
+        let l = parse_labels("region=eu, tier=gold").unwrap();
+        assert_eq!(l.len(), 2);
+        for (text, wanted) in [
+            ("region=eu,shard=b", "label key `shard` is reserved"),
+            ("tenant=x", "label key `tenant` is reserved"),
+            ("a=b,a=c", "label key `a` is given twice"),
+        ] {
+            let e = parse_labels(text).unwrap_err();
+            assert!(e.contains(wanted), "{text}: {e}");
+        }
     }
 }

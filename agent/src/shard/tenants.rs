@@ -95,7 +95,12 @@ pub(crate) async fn discover_tenants(
             continue;
         }
         let labels = match parse_tenant_labels(labels.as_deref().unwrap_or("")) {
-            Ok(labels) => labels,
+            Ok((labels, reserved)) => {
+                if !reserved.is_empty() {
+                    warn!(tenant = %name.escape_debug(), keys = %reserved.join(", "), "a tenant's labels name a key every target has of itself (its shard's or tenant's name): left out, the tenant kept");
+                }
+                labels
+            }
             Err(reason) => {
                 warn!(schema = %name, %reason, "skipping tenant: its labels do not parse");
                 continue;
@@ -112,11 +117,26 @@ pub(crate) async fn discover_tenants(
     Ok(tenants.into_values().collect())
 }
 
-/// Tenant labels as the tenant query gives them: `k=v,k2=v2`, or a json object.
-fn parse_tenant_labels(raw: &str) -> Result<BTreeMap<String, String>, String> {
+/// Tenant labels as the tenant query gives them: `k=v,k2=v2`, or a json object; and the
+/// reserved keys it gave (`shard`, `tenant`), left out: the tenant is kept, selected by its
+/// own shard and name (a label `shard=b` made a selector's `shard in (b)` take it).
+fn parse_tenant_labels(raw: &str) -> Result<(BTreeMap<String, String>, Vec<String>), String> {
+    let mut labels = BTreeMap::new();
+    let mut reserved = Vec::new();
+    for (k, v) in tenant_label_pairs(raw)? {
+        if flotilla_core::RESERVED_LABEL_KEYS.contains(&k.as_str()) {
+            reserved.push(k);
+        } else if labels.insert(k.clone(), v).is_some() {
+            return Err(format!("label key `{k}` is given twice"));
+        }
+    }
+    Ok((labels, reserved))
+}
+
+fn tenant_label_pairs(raw: &str) -> Result<Vec<(String, String)>, String> {
     let raw = raw.trim();
     if raw.is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok(Vec::new());
     }
     if raw.starts_with('{') {
         let map: serde_json::Map<String, serde_json::Value> =
@@ -135,9 +155,9 @@ fn parse_tenant_labels(raw: &str) -> Result<BTreeMap<String, String>, String> {
                 return Err(format!("label `{kv}` holds a comma"));
             }
         }
-        return flotilla_core::parse_labels(&text.join(","));
+        return flotilla_core::label_pairs(&text.join(","));
     }
-    flotilla_core::parse_labels(raw)
+    flotilla_core::label_pairs(raw)
 }
 
 #[cfg(test)]
@@ -146,17 +166,35 @@ mod tests {
 
     #[test]
     fn labels_as_text() {
-        let l = parse_tenant_labels(" tier=gold, region=eu ").unwrap();
+        let (l, reserved) = parse_tenant_labels(" tier=gold, region=eu ").unwrap();
         assert_eq!(l.get("tier").map(String::as_str), Some("gold"));
         assert_eq!(l.len(), 2);
-        assert!(parse_tenant_labels("").unwrap().is_empty());
+        assert!(reserved.is_empty());
+        assert!(parse_tenant_labels("").unwrap().0.is_empty());
         assert!(parse_tenant_labels("novalue").is_err());
+        let e = parse_tenant_labels("tier=gold,tier=free").unwrap_err();
+        assert!(e.contains("`tier` is given twice"), "{e}");
+    }
+
+    /// A tenant's label named `shard` or `tenant` is left out, the tenant kept: selectors'
+    /// `shard`/`tenant` name its own (a label `shard=b` on a tenant of shard a made
+    /// `shard in (b)` take it).
+    #[test]
+    fn reserved_label_keys_are_left_out_and_the_tenant_kept() {
+        let (l, reserved) =
+            parse_tenant_labels("industry=auto,shard=shard_b,tenant=other,tier=pro").unwrap();
+        assert_eq!(reserved, ["shard", "tenant"]);
+        assert_eq!(l.keys().collect::<Vec<_>>(), ["industry", "tier"]);
+        let (l, reserved) = parse_tenant_labels(r#"{"shard": "b", "tier": "pro"}"#).unwrap();
+        assert_eq!(reserved, ["shard"]);
+        assert_eq!(l.len(), 1);
     }
 
     #[test]
     fn labels_as_json() {
-        let l = parse_tenant_labels(r#"{"tier": "gold", "size": 3, "beta": true, "gone": null}"#)
-            .unwrap();
+        let (l, _) =
+            parse_tenant_labels(r#"{"tier": "gold", "size": 3, "beta": true, "gone": null}"#)
+                .unwrap();
         assert_eq!(l.get("tier").map(String::as_str), Some("gold"));
         assert_eq!(l.get("size").map(String::as_str), Some("3"));
         assert_eq!(l.get("beta").map(String::as_str), Some("true"));
