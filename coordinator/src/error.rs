@@ -101,7 +101,7 @@ pub enum Refusal {
     )]
     NoTargets { shards: String, selector: String },
     #[error(
-        "migration `{migration}` ({source_path}) was edited after it was applied: its checksum {checksum} differs from the one recorded on {targets}"
+        "migration `{migration}` ({source_path}): the file's checksum {checksum} differs from the one the journal records on {targets}; {why}; nothing was changed"
     )]
     EditedAfterApplied {
         migration: String,
@@ -110,6 +110,8 @@ pub enum Refusal {
         checksum: String,
         /// Where it differs: a few targets, and how many more.
         targets: String,
+        /// Which was edited, as far as the other targets say.
+        why: String,
     },
     #[error(
         "data migration `{migration}` ({source_path}) cannot run on {targets}: {problem}; nothing was changed"

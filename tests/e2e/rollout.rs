@@ -286,8 +286,34 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         &[],
         &[
             "001_a",
-            "edited after it was applied",
+            "the file was edited after it was applied",
             "shard_0/tenant_0000",
+        ],
+    )
+    .await?;
+    // The file as applied again, and one journal row edited by hand: the refusal says the
+    // other targets record the file's checksum (it blamed the file).
+    d.migration(
+        "001_a",
+        "",
+        "CREATE TABLE IF NOT EXISTS audit_note (id int)",
+        "DROP TABLE audit_note",
+    )?;
+    fleet
+        .pg
+        .psql(
+            "shard_0",
+            "UPDATE flotilla.journal SET checksum = repeat('0', 64) WHERE target = 'tenant_0000' AND migration_id = '001_a'",
+        )
+        .await?;
+    assert_refused(
+        &fleet,
+        d.path(),
+        &[],
+        &[
+            "001_a",
+            "differs from the one the journal records on shard_0/tenant_0000",
+            "other target(s) record the file's checksum",
         ],
     )
     .await?;

@@ -42,11 +42,26 @@ pub(super) fn edited_after_applied(
             })
             .collect();
         if !differs.is_empty() {
+            // Targets that record the file's checksum say the file is what they applied:
+            // a journal row edited by hand, more likely than the file.
+            let agreeing = applied
+                .iter()
+                .filter(|((id, _, _), sum)| id == m.id.as_str() && **sum == m.checksum)
+                .count();
+            let why = if agreeing == 0 {
+                "the file was edited after it was applied (no target records its checksum)"
+                    .to_string()
+            } else {
+                format!(
+                    "{agreeing} other target(s) record the file's checksum: those journal rows, or the file between the applies, were edited"
+                )
+            };
             return Err(Refusal::EditedAfterApplied {
                 migration: m.id.to_string(),
                 source_path: m.source.clone(),
                 checksum: m.checksum[..12].to_string(),
                 targets: some_of(&differs, 5),
+                why,
             });
         }
     }
