@@ -203,6 +203,7 @@ async fn serve(
         pool.close().await;
         return Err(e);
     }
+    record_tenant_schemas(&pool, &tenants).await;
     match shard::is_superuser(&pool).await {
         Ok((role, true)) => warn!(
             %role,
@@ -271,11 +272,26 @@ async fn serve(
     Ok(())
 }
 
+/// Records the schemas of the tenants found (a tenant dropped and created again since: the
+/// rows of its former schema go to the history, before the journal is read or reported).
+/// A failure is logged: runs and preflights look again before they read the journal.
+async fn record_tenant_schemas(pool: &PgPool, tenants: &[pb::Tenant]) {
+    let names: Vec<String> = tenants.iter().map(|t| t.name.clone()).collect();
+    let recorded = async {
+        let mut conn = pool.acquire().await?;
+        shard::reconcile_tenant_schemas(&mut conn, &names).await
+    };
+    if let Err(error) = recorded.await {
+        warn!(%error, "recording the tenants' schemas failed");
+    }
+}
+
 impl Agent {
     /// Rediscovers the shard's tenants, keeping the last list if the shard cannot be read.
     pub(crate) async fn refresh_tenants(&self) -> Result<Vec<pb::Tenant>, sqlx::Error> {
         match shard::discover_tenants(&self.pool, &self.config.shard, &self.tenant_source).await {
             Ok(tenants) => {
+                record_tenant_schemas(&self.pool, &tenants).await;
                 *self.tenants.lock().expect("tenants lock") = tenants.clone();
                 Ok(tenants)
             }

@@ -261,6 +261,34 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
         )
         .await?;
     assert_eq!(kept, vec![vec!["3".to_string()]]);
+
+    // Made again under its name: a new tenant. The rows of the schema before go to the
+    // history, and the catch-up applies what the plan that asks selects. Before, the old
+    // rows answered: the catch-up said every step applied, and the schema had none.
+    fleet
+        .pg
+        .psql(&fleet.shards[0], &tenant_sql("tenant_0001", 2))
+        .await?;
+    let plan = catch_up_ended(&fleet, "catch-up-shard_0/tenant_0001").await?;
+    assert_eq!(plan["state"], "completed", "{plan}");
+    let columns = fleet
+        .pg
+        .query_rows(
+            &fleet.shards[0],
+            "SELECT count(*) FROM information_schema.columns
+              WHERE table_schema = 'tenant_0001' AND column_name = 'note'",
+        )
+        .await?;
+    assert_eq!(columns, vec![vec!["2".to_string()]], "{plan}");
+    let moved = fleet
+        .pg
+        .query_rows(
+            &fleet.shards[0],
+            "SELECT count(*) FROM flotilla.journal_history WHERE target = 'tenant_0001'
+                AND rolled_back_by_plan = 'flotilla:schema-created-again'",
+        )
+        .await?;
+    assert_eq!(moved, vec![vec!["3".to_string()]]);
     Ok(())
 }
 

@@ -658,7 +658,8 @@ async fn settle(
         fail::fail_point!("agent::settle_journal_read", |_| Err(
             sqlx::Error::Protocol("failpoint agent::settle_journal_read".into())
         ));
-        shard::read_applied(pool, std::slice::from_ref(&job.tenant), &migrations).await
+        let mut conn = pool.acquire().await?;
+        shard::read_applied(&mut conn, std::slice::from_ref(&job.tenant), &migrations).await
     };
     // A read that fails is tried again twice, after a pause: a step it leaves unknown goes
     // back to the coordinator NOT_RUN and runs again, and that must not be at once, again

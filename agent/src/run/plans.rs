@@ -571,7 +571,7 @@ impl Agent {
             *conn = self.pool.acquire().await.ok();
         }
         let read = match conn.as_mut() {
-            Some(c) => shard::read_applied(&mut **c, &targets, &migrations).await,
+            Some(c) => shard::read_applied(c, &targets, &migrations).await,
             None => Err(sqlx::Error::PoolTimedOut),
         };
         match read {

@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use flotilla_core::pb;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnection, PgPool};
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
 use crate::error::AgentError;
 
 /// The schema version this agent installs and understands.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 const SCHEMA_SQL: &str = include_str!("schema.sql");
 
 /// One journal row, as the agent reads it.
@@ -298,24 +298,61 @@ pub(crate) async fn read_entries(
         .collect())
 }
 
+/// The targets (of `$1`, or all with `$1` NULL) whose schema is not the one recorded: dropped
+/// and created again since, their journal rows are a former schema's (see
+/// `flotilla.reconcile_tenant_schemas`). Whatever migrations a read asks for: a row of any
+/// would be moved, with a row written in the new schema meanwhile.
+const FORMER_SCHEMAS: &str = "SELECT s.target FROM flotilla.tenant_schemas s \
+     JOIN pg_catalog.pg_namespace n ON n.nspname = s.target \
+     WHERE ($1::text[] IS NULL OR s.target = ANY($1)) AND s.schema_oid <> n.oid";
+
+/// Records the schemas of `targets` as they are now; the journal rows of a target whose
+/// schema was dropped and created again since it was recorded go to the history first (a
+/// tenant of the same name is a new tenant: its migrations are not applied there). Said in
+/// the log, target by target.
+pub(crate) async fn reconcile_tenant_schemas(
+    conn: &mut PgConnection,
+    targets: &[String],
+) -> Result<(), sqlx::Error> {
+    let moved: Vec<(String, i64)> =
+        sqlx::query_as("SELECT target, moved FROM flotilla.reconcile_tenant_schemas($1)")
+            .bind(targets)
+            .fetch_all(conn)
+            .await?;
+    for (target, rows) in moved {
+        warn!(tenant = %target.escape_debug(), rows, "the tenant's schema was dropped and created again since its journal rows were written: they went to the history (flotilla.journal_history), and the tenant is taken as new");
+    }
+    Ok(())
+}
+
 /// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs
-/// (not those a rollback cut short: see [`NOT_UNDOING`]).
-pub(crate) async fn read_applied<'c>(
-    on: impl sqlx::PgExecutor<'c>,
+/// (not those a rollback cut short: see [`NOT_UNDOING`]). Rows of a target's former schema
+/// (dropped and created again) are moved to the history first, and not read.
+pub(crate) async fn read_applied(
+    conn: &mut PgConnection,
     targets: &[String],
     migrations: &[String],
 ) -> Result<Vec<JournalRow>, sqlx::Error> {
-    let rows: Vec<(String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT j.target, j.migration_id, j.checksum FROM flotilla.journal j \
-         WHERE j.target = ANY($1) AND j.migration_id = ANY($2) AND {NOT_UNDOING}"
-    )))
-    .bind(targets)
-    .bind(migrations)
-    .fetch_all(on)
-    .await?;
+    let read = async |conn: &mut PgConnection| -> Result<Vec<(String, String, String, bool)>, sqlx::Error> {
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT j.target, j.migration_id, j.checksum, false FROM flotilla.journal j \
+             WHERE j.target = ANY($1) AND j.migration_id = ANY($2) AND {NOT_UNDOING} \
+             UNION ALL SELECT f.target, '', '', true FROM ({FORMER_SCHEMAS}) f"
+        )))
+        .bind(targets)
+        .bind(migrations)
+        .fetch_all(conn)
+        .await
+    };
+    let mut rows = read(&mut *conn).await?;
+    if rows.iter().any(|r| r.3) {
+        reconcile_tenant_schemas(&mut *conn, targets).await?;
+        rows = read(&mut *conn).await?;
+    }
     Ok(rows
         .into_iter()
-        .map(|(target, migration_id, checksum)| JournalRow {
+        .filter(|r| !r.3)
+        .map(|(target, migration_id, checksum, _)| JournalRow {
             target,
             migration_id,
             checksum,
@@ -330,12 +367,22 @@ pub(crate) async fn read_for_preflight(
     pool: &PgPool,
     migrations: &[String],
 ) -> Result<(Vec<pb::AppliedStep>, Vec<pb::AppliedStep>), sqlx::Error> {
+    // A tenant dropped and created again since the last discovery: its former schema's rows
+    // would make the submit take its steps for applied, and never send them.
+    let mut conn = pool.acquire().await?;
+    let former: Vec<String> = sqlx::query_scalar(AssertSqlSafe(FORMER_SCHEMAS))
+        .bind(None::<Vec<String>>)
+        .fetch_all(&mut *conn)
+        .await?;
+    if !former.is_empty() {
+        reconcile_tenant_schemas(&mut conn, &former).await?;
+    }
     let rows: Vec<(String, String, String, String, bool)> = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT target, migration_id, checksum, plan_id, {NOT_UNDOING} \
              FROM flotilla.journal j WHERE migration_id = ANY($1) ORDER BY target, seq"
     )))
     .bind(migrations)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let mut applied = Vec::with_capacity(rows.len());
     let mut undoing = Vec::new();

@@ -15,6 +15,7 @@ pub(crate) use fingerprint::read_fingerprints;
 pub(crate) use journal::{
     advance_fence, check_claim, count_plan_rows, database_identity, install_schema, is_superuser,
     read_applied, read_cut_short, read_entries, read_fence, read_for_preflight, read_plan_rows,
+    reconcile_tenant_schemas,
 };
 pub(crate) use read_only::{begin_read_only, read_error};
 pub(crate) use tenants::{TenantSource, discover_tenants};

@@ -1,4 +1,4 @@
--- Flotilla's schema on a shard, version 3. Run by the agent at start, inside a transaction
+-- Flotilla's schema on a shard, version 4. Run by the agent at start, inside a transaction
 -- that holds pg_advisory_xact_lock(hashtext('flotilla.schema')); every statement is idempotent.
 CREATE TABLE IF NOT EXISTS flotilla.fence (
   id boolean PRIMARY KEY DEFAULT true CHECK (id),
@@ -286,5 +286,66 @@ DO $$ BEGIN
   END IF;
 END $$;
 
-INSERT INTO flotilla.meta (key, value) VALUES ('schema_version', '3')
+-- version 4: which schema each tenant's journal rows were written in (its OID, recorded when
+-- the agent first saw the tenant). The journal is keyed by the tenant's name: a tenant
+-- dropped and created again under that name is another schema, and the rows of the one
+-- before must not say its migrations are applied there. A gone tenant's rows stay (its
+-- history, `fleet status` lists it as gone) until a schema of its name is back.
+CREATE TABLE IF NOT EXISTS flotilla.tenant_schemas (
+  target text PRIMARY KEY,
+  schema_oid oid NOT NULL,
+  seen_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Records the schemas of `p_targets` as they are now, first moving to the history the
+-- journal rows of a target whose schema is not the one recorded (dropped and created again
+-- since), with its checkpoints and prior images (of objects gone with the old schema).
+-- Returns each such target and how many rows moved. The OIDs recorded hold for this
+-- database only: a restore or a copy (pg_dump, pg_upgrade, which keep the journal but not
+-- namespace OIDs) makes schema flotilla anew too, and then what is there now is recorded,
+-- nothing moved. A replica promoted keeps every OID.
+CREATE OR REPLACE FUNCTION flotilla.reconcile_tenant_schemas(p_targets text[])
+RETURNS TABLE (target text, moved bigint) LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+  v_here text := (SELECT n.oid::text FROM pg_catalog.pg_namespace n WHERE n.nspname = 'flotilla');
+BEGIN
+  IF (SELECT m.value FROM flotilla.meta m WHERE m.key = 'tenant_schemas_of') IS DISTINCT FROM v_here THEN
+    DELETE FROM flotilla.tenant_schemas;
+    INSERT INTO flotilla.meta (key, value) VALUES ('tenant_schemas_of', v_here)
+      ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+  END IF;
+  RETURN QUERY
+  WITH now_seen AS (
+    SELECT n.nspname::text AS target, n.oid AS schema_oid
+      FROM pg_catalog.pg_namespace n WHERE n.nspname = ANY (p_targets)
+  ), former AS (
+    SELECT s.target FROM flotilla.tenant_schemas s JOIN now_seen c ON c.target = s.target
+     WHERE s.schema_oid <> c.schema_oid
+  ), gone_rows AS (
+    DELETE FROM flotilla.journal j USING former f WHERE j.target = f.target RETURNING j.*
+  ), kept AS (
+    INSERT INTO flotilla.journal_history (target, migration_id, checksum, plan_id, epoch,
+        started_at, finished_at, rolled_back_at, rolled_back_by_plan, rolled_back_epoch)
+    SELECT g.target, g.migration_id, g.checksum, g.plan_id, g.epoch, g.started_at,
+           g.finished_at, now(), 'flotilla:schema-created-again', g.epoch
+      FROM gone_rows g
+    RETURNING journal_history.target
+  ), cleared AS (
+    DELETE FROM flotilla.checkpoints c USING former f WHERE c.target = f.target
+  ), images AS (
+    DELETE FROM flotilla.prior_images i USING former f WHERE i.target = f.target
+  ), recorded AS (
+    INSERT INTO flotilla.tenant_schemas AS s (target, schema_oid)
+    SELECT c.target, c.schema_oid FROM now_seen c
+    ON CONFLICT ON CONSTRAINT tenant_schemas_pkey DO UPDATE
+      SET schema_oid = EXCLUDED.schema_oid, seen_at = now()
+      WHERE s.schema_oid <> EXCLUDED.schema_oid
+  )
+  SELECT f.target, (SELECT count(*) FROM kept k WHERE k.target = f.target)
+    FROM former f;
+END
+$fn$;
+
+INSERT INTO flotilla.meta (key, value) VALUES ('schema_version', '4')
   ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;

@@ -2556,7 +2556,7 @@ async fn a_version_1_shard_upgrades_with_a_data_change_in_flight() {
             "SELECT value::bigint FROM flotilla.meta WHERE key = 'schema_version'"
         )
         .await,
-        3
+        4
     );
     s.send(In::Plan(pb::PlanDefinition {
         plan_id: "pv".into(),
@@ -2814,6 +2814,117 @@ async fn a_data_change_applied_meanwhile_by_another_run_is_not_applied_again() {
             "{plan}: no batch ran"
         );
     }
+    h.stop().await;
+    f.drop().await;
+}
+
+/// A tenant dropped and created again under its name is a new tenant: the journal rows of
+/// its former schema go to the history, and a run applies its migrations there. Before,
+/// the rows of the schema before answered ALREADY_APPLIED, and the new schema never got
+/// them. A restored or copied database (schema flotilla made anew: every namespace OID
+/// changes) moves nothing.
+#[tokio::test]
+async fn a_tenant_created_again_under_its_name_is_a_new_tenant() {
+    let Some(f) = fleet("created_again", 2).await else {
+        return;
+    };
+    let (dsn, pool) = (f.dsn.clone(), f.pool.clone());
+    let mut h = Harness::start(|_| {}, &dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    let definition = |plan: &str| {
+        In::Plan(pb::PlanDefinition {
+            plan_id: plan.into(),
+            migrations: bench_migrations(),
+            default_lock_timeout_ms: 5000,
+            ..Default::default()
+        })
+    };
+    s.send(definition("p1"));
+    let runs = (0..2)
+        .map(|i| run(i, &format!("tenant_{i:04}"), &BENCH, true))
+        .collect();
+    for r in s.assign("p1", 1, 2, runs).await.values() {
+        assert_eq!(outcomes(r), [pb::StepOutcome::Applied; 3], "{r:?}");
+    }
+    // tenant_0000 dropped and made again as it was before any migration
+    sqlx::raw_sql(
+        "DROP SCHEMA tenant_0000 CASCADE; CREATE SCHEMA tenant_0000;
+         CREATE TABLE tenant_0000.work_orders (id bigserial PRIMARY KEY, business_id uuid NOT NULL DEFAULT gen_random_uuid(),
+           customer_id bigint NOT NULL, priority text NOT NULL, total_amount numeric(12,2) NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+         CREATE TABLE tenant_0000.repair_orders (id bigserial PRIMARY KEY, business_id uuid NOT NULL DEFAULT gen_random_uuid(),
+           customer_id bigint NOT NULL, total_amount numeric(12,2) NOT NULL, created_at timestamptz NOT NULL DEFAULT now());",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    s.send(definition("p2"));
+    let runs = (0..2)
+        .map(|i| run(10 + i, &format!("tenant_{i:04}"), &BENCH, true))
+        .collect();
+    let results = s.assign("p2", 1, 2, runs).await;
+    assert_eq!(
+        outcomes(&results[&10]),
+        [pb::StepOutcome::Applied; 3],
+        "the schema made again gets its migrations: {:?}",
+        results[&10]
+    );
+    assert_eq!(
+        outcomes(&results[&11]),
+        [pb::StepOutcome::AlreadyApplied; 3],
+        "{:?}",
+        results[&11]
+    );
+    let moved = count(
+        &pool,
+        "SELECT count(*) FROM flotilla.journal_history WHERE target = 'tenant_0000' \
+         AND rolled_back_by_plan = 'flotilla:schema-created-again' AND plan_id = 'p1'",
+    )
+    .await;
+    assert_eq!(moved, 3, "the former schema's rows kept in the history");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM flotilla.journal WHERE target = 'tenant_0000' AND plan_id = 'p2'"
+        )
+        .await,
+        3
+    );
+
+    // What a restore or a copy looks like: the recorded OIDs are another database's (here
+    // made up), and schema flotilla is another one. Nothing moves; what is there is recorded.
+    let reconcile = "SELECT count(*) FROM flotilla.reconcile_tenant_schemas(ARRAY['tenant_0000', 'tenant_0001'])";
+    sqlx::raw_sql(
+        "UPDATE flotilla.tenant_schemas SET schema_oid = 1;
+         UPDATE flotilla.meta SET value = 'another database' WHERE key = 'tenant_schemas_of'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(count(&pool, reconcile).await, 0, "nothing moved");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.journal").await,
+        6
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM flotilla.tenant_schemas s JOIN pg_namespace n \
+             ON n.nspname = s.target AND n.oid = s.schema_oid"
+        )
+        .await,
+        2,
+        "recorded as they are now"
+    );
+    // The same made-up OIDs in this database: both schemas were made again.
+    sqlx::raw_sql("UPDATE flotilla.tenant_schemas SET schema_oid = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count(&pool, reconcile).await, 2);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.journal").await,
+        0
+    );
     h.stop().await;
     f.drop().await;
 }
