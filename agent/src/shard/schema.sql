@@ -336,8 +336,11 @@ BEGIN
   ), images AS (
     DELETE FROM flotilla.prior_images i USING former f WHERE i.target = f.target
   ), recorded AS (
+    -- (only what is new or changed: a discovery pass over a recorded fleet writes nothing)
     INSERT INTO flotilla.tenant_schemas AS s (target, schema_oid)
     SELECT c.target, c.schema_oid FROM now_seen c
+     WHERE NOT EXISTS (SELECT 1 FROM flotilla.tenant_schemas t
+                        WHERE t.target = c.target AND t.schema_oid = c.schema_oid)
     ON CONFLICT ON CONSTRAINT tenant_schemas_pkey DO UPDATE
       SET schema_oid = EXCLUDED.schema_oid, seen_at = now()
       WHERE s.schema_oid <> EXCLUDED.schema_oid
