@@ -98,8 +98,19 @@ async fn fleet_status_groups_targets_by_their_journals_and_names_what_each_lacks
         .psql(&fleet.shards[0], &tenant_sql("tenant_0999", 3))
         .await?;
     drop(fleet.agents[0].take());
+    // Its agent gone, the shard is not reported (its targets were counted up to date as last
+    // heard, however long the agent was away), and its targets are not counted.
+    let s = status_when(&fleet, "shard_0 not reported", &[], |s| {
+        s["unreported_shards"] == serde_json::json!(["shard_0"])
+    })
+    .await?;
+    assert_eq!(s["targets"], 16, "{s:#}");
     fleet.agents[0] = Some(fleet.spawn_agent(0)?);
     let s = status_when(&fleet, "the new tenant behind", &[], |s| s["behind"] == 1).await?;
+    assert!(
+        s["unreported_shards"].as_array().is_none_or(Vec::is_empty),
+        "{s:#}"
+    );
     assert_eq!(s["targets"], 25);
     let behind = cohorts(&s)
         .iter()

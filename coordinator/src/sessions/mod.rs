@@ -215,6 +215,7 @@ impl Coordinator {
         }
         if inner.fleet.detach(&shard, conn_id) {
             info!(shard = %shard, "agent detached");
+            inner.versions.detached(&shard);
             if let Some(e) = &inner.embedded {
                 e.set_live(&shard, false);
             }

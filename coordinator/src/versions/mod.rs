@@ -114,6 +114,19 @@ impl FleetVersions {
         journal.incoming.clear();
     }
 
+    /// A shard's agent detached from here: its journal and catalog as last reported may
+    /// change without this coordinator hearing (another leader's plans, a hand's DDL), so
+    /// the shard is "not reported" until its agent is back and reports the whole again.
+    /// Before, `fleet status` kept counting its targets up to date, `fleet drift` its
+    /// catalog, however long the agent was gone.
+    pub fn detached(&self, shard: &str) {
+        let mut state = self.state.lock().expect("fleet versions lock");
+        let journal = state.journal(shard);
+        journal.complete = false;
+        journal.fingerprinted = false;
+        journal.incoming.clear();
+    }
+
     /// A schema report's message; true when it was the report's last (the fingerprints
     /// changed, and the drift view with them).
     pub fn apply_schema(&self, shard: &str, report: pb::SchemaReport) -> bool {
