@@ -105,6 +105,10 @@ impl SecretUrl {
         if let Some(password) = userinfo_password(&url) {
             remember(password);
         }
+        for (_, value) in secret_query_params(&url) {
+            remember(&url[value.clone()]);
+            remember(&percent_decode(&url[value]));
+        }
         SecretUrl(url)
     }
 
@@ -248,7 +252,66 @@ pub fn redact_url(dsn: &str) -> String {
             }
         }
     }
+    // A URL's query keys as the driver reads them: percent-decoded (`pass%77ord`), and in
+    // any case (`Password`, which a driver that does not know the key logs with its value).
+    for (_, value) in secret_query_params(&out).into_iter().rev() {
+        out.replace_range(value, REDACTED);
+    }
     redact_password_params(&out)
+}
+
+/// Whether a query key names a secret: `password`, `sslpassword` (a client key's
+/// passphrase), whatever their case or percent-encoding.
+fn is_secret_key(raw: &str) -> bool {
+    percent_decode(raw)
+        .to_ascii_lowercase()
+        .contains("password")
+}
+
+/// The parameters of a URL's query (`scheme://...?k=v&k2=v2`) whose key names a secret:
+/// each key as written, and the byte range of its value.
+fn secret_query_params(url: &str) -> Vec<(String, std::ops::Range<usize>)> {
+    if !url.contains("://") {
+        return Vec::new();
+    }
+    let Some(q) = url.find('?') else {
+        return Vec::new();
+    };
+    let end = url[q..].find('#').map_or(url.len(), |i| q + i);
+    let mut found = Vec::new();
+    let mut start = q + 1;
+    while start <= end {
+        let stop = url[start..end].find('&').map_or(end, |i| start + i);
+        let pair = &url[start..stop];
+        if let Some((key, _)) = pair.split_once('=')
+            && is_secret_key(key)
+        {
+            found.push((key.to_string(), start + key.len() + 1..stop));
+        }
+        start = stop + 1;
+    }
+    found
+}
+
+/// `%XX` decoded (and `+` left as it is): how a URL's query key or value reads.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(b) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Replaces the value of every `password=` parameter (URL query or key/value form).
@@ -327,6 +390,33 @@ mod tests {
         assert_eq!(
             redact_url("postgres://u:pw@db/x?password=pw2"),
             "postgres://u:<redacted>@db/x?password=<redacted>"
+        );
+        // Keys the driver decodes (`pass%77ord` is `password`), or does not know and logs
+        // with their value (`Password`), and a client key's passphrase.
+        for (url, redacted) in [
+            (
+                "postgres://a@db/s?pass%77ord=CanaryPw_S3cr3t%21",
+                "postgres://a@db/s?pass%77ord=<redacted>",
+            ),
+            (
+                "postgres://a@db/s?sslmode=require&Password=LeakI9#x",
+                "postgres://a@db/s?sslmode=require&Password=<redacted>#x",
+            ),
+            (
+                "postgres://a@db/s?sslpassword=k3yPass&application_name=f",
+                "postgres://a@db/s?sslpassword=<redacted>&application_name=f",
+            ),
+        ] {
+            assert_eq!(redact_url(url), redacted);
+            let s = SecretUrl::new(url);
+            assert!(s.has_password(), "{url}");
+            assert!(!format!("{s} {s:?}").contains("Canary") && !s.to_string().contains("LeakI9"));
+        }
+        assert!(
+            scrub("pw CanaryPw_S3cr3t! and CanaryPw_S3cr3t%21")
+                .matches("***")
+                .count()
+                == 2
         );
     }
 

@@ -245,7 +245,9 @@ pub(super) fn check_dsn(dsn: &str) -> Result<(), String> {
         }
         return Err("--dsn holds a password; pass it with --password-file or FLOTILLA_SHARD_PASSWORD instead".into());
     }
-    if dsn.contains("password=") {
+    // (any case, percent-encoded or not: the driver decodes `pass%77ord`, and logs a key it
+    // does not know, `Password`, with its value)
+    if SecretUrl::new(dsn).has_password() {
         return Err("--dsn holds a password parameter; pass it with --password-file or FLOTILLA_SHARD_PASSWORD instead".into());
     }
     Ok(())
@@ -350,6 +352,23 @@ mod tests {
     fn dsn_with_password_is_refused() {
         assert!(check_dsn("postgres://app:secret@db:5432/shard").is_err());
         assert!(check_dsn("postgres://app@db:5432/shard?password=x").is_err());
+        for dsn in [
+            "postgres://app@db/shard?pass%77ord=CanaryPw",
+            "postgres://app@db/shard?Password=LeakI9",
+            "postgres://app@db/shard?sslmode=require&sslpassword=k3y",
+        ] {
+            let e = check_dsn(dsn).unwrap_err();
+            assert!(e.contains("holds a password parameter"), "{dsn}: {e}");
+        }
+        let e = store_location(
+            &SecretUrl::new("postgres://f@db/control?pass%77ord=CanaryPw"),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("holds a password") && !e.contains("CanaryPw"),
+            "{e}"
+        );
         assert!(check_dsn("postgres://app@db:5432/shard").is_ok());
         assert!(check_dsn("mysql://x").is_err());
         // a `:` with no password after it is named as such, not as a password
