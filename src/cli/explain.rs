@@ -31,6 +31,8 @@ pub(super) async fn run(addr: &str, args: &SubmitArgs) -> u8 {
     }
     let req = pb::SubmitPlanRequest {
         spec: Some(raw),
+        skip_promotion_check: args.promotion.skip_promotion_check,
+        override_reason: args.promotion.reason.clone().unwrap_or_default(),
         ..Default::default()
     };
     call_leader(

@@ -138,6 +138,23 @@ async fn production_takes_only_what_completed_in_staging_and_the_override_is_aud
         ])
         .await?;
     assert_eq!(out.code(), Some(2), "{out}");
+    // The dry run takes the override too (it refused, telling to pass the flag given), and
+    // writes nothing of it.
+    let path = next.path().to_string_lossy().into_owned();
+    let dry = [
+        "plan",
+        "explain",
+        &path,
+        "--environment",
+        "production",
+        "--skip-promotion-check",
+        "--reason",
+        "hotfix INC-42",
+    ];
+    let out = fleet.cli(&dry).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = fleet.cli(&dry[..5]).await?;
+    assert_eq!(out.code(), Some(2), "without the override: {out}");
     let (code, st, out) = fleet
         .submit_wait(
             next.path(),

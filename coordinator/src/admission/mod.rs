@@ -255,7 +255,7 @@ impl Coordinator {
         // From the store only: a plan that is not promoted is refused before any shard is
         // asked (a dry run too: it says what a submit would).
         let skipped_gate = self
-            .promotion_gate(spec, promotion)
+            .promotion_gate(spec, promotion, mode)
             .await?
             .map(|audit| Box::new(audit) as SkippedGate);
         if mode == Mode::Submit {

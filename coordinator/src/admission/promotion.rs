@@ -104,6 +104,7 @@ impl Coordinator {
         &self,
         spec: &PlanSpec,
         promotion: &Promotion,
+        mode: super::Mode,
     ) -> Result<Option<impl FnOnce(&str) -> StoreOp + use<>>, CoordinatorError> {
         let envs = &self.inner.environments;
         if envs.is_empty() || *promotion == Promotion::CatchUp {
@@ -136,7 +137,10 @@ impl Coordinator {
             (None, true) => "passed",
             (None, false) => "refused",
         };
-        crate::metrics::promotion_check(&spec.environment, outcome);
+        // (a dry run's answer is not one of the gate's decisions)
+        if mode == super::Mode::Submit {
+            crate::metrics::promotion_check(&spec.environment, outcome);
+        }
         match actor {
             None if lacking.is_empty() => Ok(None),
             None => Err(Refusal::NotPromoted {

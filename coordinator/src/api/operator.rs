@@ -71,27 +71,14 @@ impl Coordinator {
             (plan_id, None, actor) => Ok((plan_id, actor)),
         }
     }
-}
 
-#[tonic::async_trait]
-impl pb::operator_service_server::OperatorService for Coordinator {
-    async fn submit_plan(
+    /// Whether a submit (or its dry run) checks the promotion gate or skips it: a skip needs
+    /// its reason (audited with it) and a role that may skip.
+    async fn promotion_of(
         &self,
-        req: Request<pb::SubmitPlanRequest>,
-    ) -> Result<Response<pb::SubmitPlanResponse>, Status> {
-        let from = origin(&req);
-        let req = req.into_inner();
-        let mut spec = req
-            .spec
-            .ok_or_else(|| Status::invalid_argument("submit without a plan spec"))?;
-        spec.submitted_by = self
-            .acting(
-                from.caller.as_ref(),
-                &spec.submitted_by,
-                "SubmitPlan",
-                &from.peer,
-            )
-            .await?;
+        req: &pb::SubmitPlanRequest,
+        from: &Origin,
+    ) -> Result<Promotion, Status> {
         let reason = req.override_reason.trim();
         let promotion = match (req.skip_promotion_check, reason.is_empty()) {
             (false, true) => Promotion::Check,
@@ -113,6 +100,31 @@ impl pb::operator_service_server::OperatorService for Coordinator {
             self.skip_promotion_allowed(from.caller.as_ref(), &from.peer)
                 .await?;
         }
+        Ok(promotion)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::operator_service_server::OperatorService for Coordinator {
+    async fn submit_plan(
+        &self,
+        req: Request<pb::SubmitPlanRequest>,
+    ) -> Result<Response<pb::SubmitPlanResponse>, Status> {
+        let from = origin(&req);
+        let mut req = req.into_inner();
+        let mut spec = req
+            .spec
+            .take()
+            .ok_or_else(|| Status::invalid_argument("submit without a plan spec"))?;
+        spec.submitted_by = self
+            .acting(
+                from.caller.as_ref(),
+                &spec.submitted_by,
+                "SubmitPlan",
+                &from.peer,
+            )
+            .await?;
+        let promotion = self.promotion_of(&req, &from).await?;
         let request_id = req.request_id.trim();
         if request_id.len() > 128 || !request_id.chars().all(|c| c.is_ascii_graphic()) {
             return Err(Status::invalid_argument(
@@ -128,11 +140,15 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::SubmitPlanRequest>,
     ) -> Result<Response<pb::ExplainResponse>, Status> {
+        let from = origin(&req);
+        let req = req.into_inner();
+        // The dry run says what the submit would: with its override of the promotion gate
+        // too (it was dropped, and the refusal told to use the flag given).
+        let promotion = self.promotion_of(&req, &from).await?;
         let spec = req
-            .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("dry run without a plan spec"))?;
-        Ok(Response::new(self.explain(spec).await?))
+        Ok(Response::new(self.explain(spec, &promotion).await?))
     }
 
     async fn get_plan(

@@ -24,6 +24,7 @@ impl Coordinator {
     pub async fn explain(
         &self,
         raw: pb::PlanSpec,
+        promotion: &crate::admission::Promotion,
     ) -> Result<pb::ExplainResponse, CoordinatorError> {
         // Only the leader holds the agents' streams (a follower's refusal names it).
         self.leader_epoch()?;
@@ -32,9 +33,7 @@ impl Coordinator {
             flotilla_core::waves::gates_read(w)?;
         }
         let spec = PlanSpec::try_from(raw)?;
-        let resolution = self
-            .resolve(&spec, Mode::DryRun, &crate::admission::Promotion::Check)
-            .await?;
+        let resolution = self.resolve(&spec, Mode::DryRun, promotion).await?;
         let expansion = &resolution.expansion;
         let scope_of = |m: usize| spec.migrations[m].scope.unwrap_or(expansion.default_scope);
 
