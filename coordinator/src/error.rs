@@ -221,6 +221,14 @@ pub enum Conflict {
         attached: String,
         database: String,
     },
+    #[error(
+        "plan {plan_id} holds shard {shard}'s lock and is in motion here, and cannot be halted ({why}); its lock goes when it ends: cancel it, or wait for its end"
+    )]
+    LockHolderInMotion {
+        plan_id: String,
+        shard: String,
+        why: String,
+    },
     #[error("plan {plan_id} is not running; nothing to {action}")]
     NotRunning {
         plan_id: String,

@@ -265,7 +265,49 @@ impl Coordinator {
             .find(|l| l.shard == shard)
             .map(|l| l.plan_id)
             .unwrap_or_default();
-        let broken = self.inner.coordination.break_lock(shard).await?;
+        // A plan in motion here that holds the lock is halted first (what applied stays):
+        // going on without its lock, it would run beside the next plan to take the shard.
+        // (Halted with nothing in flight, it ends and lets its locks go itself.)
+        let mut halted = false;
+        if !holder.is_empty() {
+            let halter = Actor::new(
+                actor,
+                &format!("its lock on shard {shard} was broken: {reason}"),
+            );
+            let id = holder.clone();
+            let answer = self
+                .to_engine(|reply| Event::Halt {
+                    plan_id: id,
+                    actor: halter,
+                    reply,
+                })
+                .await?;
+            match answer {
+                Ok(_) => {
+                    halted = true;
+                    self.stored_before_answered(self.leader_epoch()?).await?;
+                    warn!(plan = %holder, shard, "halting the plan whose shard lock is broken");
+                }
+                // not in motion here (its coordinator died), or stopping already (it hands
+                // out nothing more; what is in flight may be what is stuck)
+                Err(CoordinatorError::Conflict(
+                    Conflict::NotRunning { .. }
+                    | Conflict::NotHaltable {
+                        state: PlanState::Stopping,
+                        ..
+                    },
+                )) => {}
+                Err(e) => {
+                    return Err(Conflict::LockHolderInMotion {
+                        plan_id: holder,
+                        shard: shard.to_string(),
+                        why: e.to_string(),
+                    }
+                    .into());
+                }
+            }
+        }
+        let broken = self.inner.coordination.break_lock(shard).await? || halted;
         if broken {
             let actor = Actor::new(actor, reason);
             // the lock is broken in etcd whoever leads now: its audit entry is unfenced

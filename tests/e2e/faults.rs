@@ -683,7 +683,8 @@ async fn a_non_transactional_step_is_undone_when_another_shard_fails() -> anyhow
 }
 
 /// Item 11: a plan blocked mid-way holds its shards; a second plan on the same shards waits
-/// for them and says so; an operator breaks one lock (audited); both plans then end.
+/// for them and says so; an operator breaks one lock (audited), which halts the plan that
+/// held it; both plans then end.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<()> {
     let fleet = HaFleet::start(1, 2, 2).await?;
@@ -779,14 +780,28 @@ async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<
     let st = fleet.status(&id2).await?;
     assert_eq!(progress(&st, "pending"), 4, "{st}");
 
+    // The plan whose lock is broken is halted (it would run beside the next plan to take
+    // the shard): what applied stays, the run in flight ends; it ends halted, saying why.
     release(lock, 77).await?;
-    for id in [&id1, &id2] {
-        let out = fleet
-            .cli(&["plan", "watch", id, "--output", "json"])
-            .await?;
-        assert_eq!(out.code(), Some(0), "{id}: {out}");
-        assert_settled(&fleet.status(id).await?);
-    }
+    let out = fleet
+        .cli(&["plan", "watch", &id1, "--output", "json"])
+        .await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&id1).await?;
+    assert_eq!(st["state"], "halted", "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("its lock on shard shard_0 was broken: test"),
+        "{st}"
+    );
+    assert_settled(&st);
+    let out = fleet
+        .cli(&["plan", "watch", &id2, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_settled(&fleet.status(&id2).await?);
     for s in 0..2 {
         for t in 0..2 {
             let tenant = tenant_name(s, t, 2);
