@@ -173,6 +173,14 @@ pub enum Refusal {
     #[error("unknown environment `{environment}`: the coordinator knows {known}")]
     UnknownEnvironment { environment: String, known: String },
     #[error(
+        "the plan is for {environment}, and {count} of its targets are labelled for another environment: {targets}; the approval matrix asks by the plan's environment, so name theirs (or narrow the plan with --selector); nothing was changed"
+    )]
+    OtherEnvironment {
+        environment: String,
+        count: usize,
+        targets: String,
+    },
+    #[error(
         "no attached shard is in environment `{environment}` (a shard's label {label}={environment} puts it there)"
     )]
     EmptyEnvironment { environment: String, label: String },

@@ -330,6 +330,46 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
 
 /// A matrix rule for an environment the coordinator's list does not hold would never
 /// apply (the list refuses every plan for it): the coordinator does not start.
+/// With an approval matrix and no environments list, a plan's environment is the name its
+/// submitter gives: a plan naming `staging` (no approval) over shards labelled
+/// `env=production` is refused, naming them. Before, it ran there unapproved.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_naming_another_environment_than_its_shards_is_refused() -> anyhow::Result<()> {
+    let files = TestDir::new("approvals-labels")?;
+    let matrix = files.join("approvals.toml");
+    std::fs::write(&matrix, MATRIX)?;
+    let matrix = matrix.to_string_lossy().into_owned();
+    let fleet = TestFleet::builder(2, 1)
+        .shard_labels(&["env=production", "env=production"])
+        .coordinator_args(&["--approvals", &matrix])
+        .start()
+        .await?;
+    let dir = plan("staging", "001_sneaky", "sneaky", "low")?;
+    let out = fleet
+        .cli(&[
+            "plan",
+            "submit",
+            &dir.path().to_string_lossy(),
+            "--as",
+            "alice",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(
+            "the plan is for `staging`, and 2 of its targets are labelled for another environment"
+        ) && out.stderr.contains("shard_0/tenant_0000 (env=production)"),
+        "{out}"
+    );
+    assert_eq!(fleet.journal_total().await?, 0, "nothing applied");
+    // Named as its shards are, it waits for production's approval.
+    let dir = plan("production", "001_sneaky", "sneaky", "low")?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &["--as", "alice"]).await?;
+    assert_eq!(code, 4, "{out}");
+    assert_eq!(st["state"], "awaiting_approval", "{st}");
+    Ok(())
+}
+
 /// A plan awaiting approval whose submit found its migration applied (by an earlier plan),
 /// which that plan's rollback undoes before the approval: once approved, the plan asks the
 /// journals again and applies it. Before, it reported every target applied and ended

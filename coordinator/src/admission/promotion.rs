@@ -52,6 +52,45 @@ enum Stand {
 impl Coordinator {
     /// A plan's environment against the coordinator's list: with environments configured,
     /// an operator's plan must name one of them.
+    /// Without an environments list the plan's environment is the name its submitter gives,
+    /// and the approval matrix asks by that name: a target labelled for another environment
+    /// (its `--environment-label`, `env` unless given) is refused, or naming `staging` took a
+    /// plan to production's shards without production's approvals. Targets without the
+    /// label are not checked.
+    pub(super) fn environment_labels_agree(
+        &self,
+        spec: &PlanSpec,
+        expansion: &crate::planner::Expansion,
+        promotion: &Promotion,
+    ) -> Result<(), CoordinatorError> {
+        let envs = &self.inner.environments;
+        if !envs.is_empty() || *promotion == Promotion::CatchUp || self.inner.approvals.is_empty() {
+            return Ok(());
+        }
+        let others: Vec<String> = expansion
+            .targets
+            .iter()
+            .zip(&expansion.labels)
+            .filter_map(|(t, labels)| {
+                let env = labels.get(&envs.label)?;
+                (*env != spec.environment).then(|| format!("{t} ({}={env})", envs.label))
+            })
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        Err(Refusal::OtherEnvironment {
+            environment: if spec.environment.is_empty() {
+                "no environment".into()
+            } else {
+                format!("`{}`", spec.environment)
+            },
+            count: others.len(),
+            targets: crate::error::some_of(&others, 5),
+        }
+        .into())
+    }
+
     pub(super) fn check_environment(
         &self,
         spec: &PlanSpec,
