@@ -295,6 +295,7 @@ pub async fn start(
             let e = Arc::new(EmbeddedCoordination::new(epoch));
             (e.clone(), Some(e))
         } else {
+            let store_id = store.identity().await?;
             let e = EtcdCoordination::connect_secured(
                 config.etcd.clone(),
                 advertise.clone(),
@@ -302,6 +303,7 @@ pub async fn start(
                 config.etcd_prefix.clone(),
                 etcd_tls,
                 config.etcd_user.clone(),
+                Some(&store_id),
             )
             .await?;
             let shown: Vec<String> = config

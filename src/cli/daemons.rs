@@ -135,8 +135,14 @@ pub async fn coordinator(args: CoordinatorArgs, tls: flotilla_core::tls::TlsFile
     }
     match flotilla_coordinator::start(config, shutdown_signal(), None).await {
         Ok(()) => EXIT_OK,
-        // wrong TLS files or an exposed plaintext listener: bad input, nothing started
-        Err(e @ flotilla_coordinator::CoordinatorError::Tls(_)) => {
+        // wrong TLS files, an exposed plaintext listener, a store the etcd group does not
+        // share: bad input, nothing started
+        Err(
+            e @ (flotilla_coordinator::CoordinatorError::Tls(_)
+            | flotilla_coordinator::CoordinatorError::Coordination(
+                flotilla_coordinator::coordination::CoordinationError::StoreNotShared { .. },
+            )),
+        ) => {
             error!("coordinator: {e}");
             eprintln!("error: {e}");
             EXIT_BAD_INPUT

@@ -976,3 +976,42 @@ async fn a_watch_through_a_follower_outlives_the_leader() -> anyhow::Result<()> 
     assert_eq!(st["state"], "completed", "{st}");
     Ok(())
 }
+
+/// A coordinator given another control store than its etcd group's (a SQLite file by
+/// mistake) is refused at start, naming both, and changes nothing. Before, it joined the
+/// election and, once it led, served an empty store: no plans, no operators, and
+/// authentication off.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_with_another_store_than_its_group_is_refused() -> anyhow::Result<()> {
+    let fleet = HaFleet::start(1, 1, 1).await?;
+    let files = TestDir::new("other-store")?;
+    let other = files.join("other.db").to_string_lossy().into_owned();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let etcd = fleet.etcd_endpoints();
+    let out = run_flotilla(
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--store",
+            &other,
+            "--etcd",
+            &etcd,
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains("keep their state in control store")
+            && out
+                .stderr
+                .contains("this coordinator's --store is another one"),
+        "{out}"
+    );
+    // The group goes on with its own store.
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let out = fleet.cli(&["plan", "submit", &dir, "--wait"]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    Ok(())
+}

@@ -29,6 +29,17 @@ pub enum CoordinationError {
     /// etcd answered with an error, or with something this layer did not write.
     #[error("etcd: {0}")]
     Etcd(String),
+    /// The coordinators of one etcd group keep their state in one control store; this one
+    /// was given another.
+    #[error(
+        "the coordinators on etcd at {endpoints} keep their state in control store {group} ({key}); this coordinator's --store is another one ({store}): give every coordinator of the group the same store (a shared PostgreSQL database). If this store replaces the group's for good, delete {key} first"
+    )]
+    StoreNotShared {
+        endpoints: String,
+        key: String,
+        group: String,
+        store: String,
+    },
 }
 
 impl From<flotilla_core::protocol::UnreadableDecision> for CoordinationError {

@@ -50,7 +50,7 @@ impl EtcdCoordination {
         ttl: Duration,
         prefix: String,
     ) -> Result<EtcdCoordination, CoordinationError> {
-        Self::connect_secured(endpoints, advertise, ttl, prefix, None, None).await
+        Self::connect_secured(endpoints, advertise, ttl, prefix, None, None, None).await
     }
 
     /// [`EtcdCoordination::connect`] over TLS (`https://` endpoints; with a client
@@ -62,6 +62,7 @@ impl EtcdCoordination {
         prefix: String,
         tls: Option<etcd_client::TlsOptions>,
         user: Option<flotilla_core::tls::Credentials>,
+        store: Option<&str>,
     ) -> Result<EtcdCoordination, CoordinationError> {
         if endpoints.is_empty() {
             return Err(CoordinationError::InvalidArgument(
@@ -140,6 +141,13 @@ impl EtcdCoordination {
                 Ok(Err(e)) => return Err(errors.read(e)),
                 Err(_) => return Err(errors.read_timeout(rpc_timeout)),
             }
+        }
+
+        // Before campaigning: the group's coordinators share one control store (a leader
+        // with another, an empty SQLite file given by mistake, led with no plans, no
+        // operators, and authentication off).
+        if let Some(store) = store {
+            claim_store(&mut client, &errors, &prefix, store, rpc_timeout).await?;
         }
 
         let (leadership, _) = watch::channel(Leadership::Follower { leader: None });
@@ -265,6 +273,48 @@ pub(super) struct Kv {
 }
 
 /// The first key-value of each read in a transaction's answer, in order.
+/// Claims the group's control store for `store` (its identity), or finds it is another's.
+async fn claim_store(
+    client: &mut Client,
+    errors: &ErrorContext,
+    prefix: &str,
+    store: &str,
+    limit: Duration,
+) -> Result<(), CoordinationError> {
+    let key = keys::store(prefix);
+    let txn = Txn::new()
+        .when(vec![Compare::create_revision(
+            key.clone(),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then(vec![TxnOp::put(key.clone(), store, None)])
+        .or_else(vec![TxnOp::get(key.clone(), None)]);
+    let resp = match tokio::time::timeout(limit, client.txn(txn)).await {
+        Ok(r) => r.map_err(|e| errors.write("claiming the control store", e))?,
+        Err(_) => return Err(errors.write_timeout("claiming the control store", limit)),
+    };
+    if resp.succeeded() {
+        info!(store, key = %key, "this etcd group's control store is this coordinator's");
+        return Ok(());
+    }
+    let group = first_kvs(&resp)
+        .into_iter()
+        .flatten()
+        .next()
+        .map(|kv| kv.value)
+        .unwrap_or_default();
+    if group == store {
+        return Ok(());
+    }
+    Err(CoordinationError::StoreNotShared {
+        endpoints: errors.endpoints.clone(),
+        key,
+        group,
+        store: store.to_string(),
+    })
+}
+
 pub(super) fn first_kvs(resp: &TxnResponse) -> Vec<Option<Kv>> {
     resp.op_responses()
         .into_iter()

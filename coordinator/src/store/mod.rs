@@ -214,6 +214,29 @@ impl Store {
     }
 
     /// The embedded coordination backend's epoch: one more than any before it.
+    /// This store's identity: a random id written once, when the store is first asked (a
+    /// copy of the store is the same store). The coordinators of one etcd group must share
+    /// their store: etcd says which one the group uses ([`crate::coordination`]'s
+    /// `claim_store`).
+    pub async fn identity(&self) -> Result<String, StoreError> {
+        let mut tx = self.begin_writing().await?;
+        sqlx::query(
+            "INSERT INTO flotilla_meta (key, value) VALUES ('store_id', $1)
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(uuid::Uuid::new_v4().simple().to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        let id: String = sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'store_id'")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::from)?
+            .get(0);
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(id)
+    }
+
     pub async fn next_epoch(&self) -> Result<u64, StoreError> {
         let mut tx = self.begin_writing().await?;
         if self.is_pg {

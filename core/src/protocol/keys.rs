@@ -9,6 +9,7 @@
 //! | `<prefix>/plans/<plan_id>/lease` | the plan lease's id, decimal | the plan's lease |
 //! | `<prefix>/decisions/<group>` | `commit` or `abort` | none: decisions outlive every coordinator, agents read them to resolve in-doubt prepared transactions |
 //! | `<prefix>/agents/<shard>` | free for the agent (e.g. its instance id or version) | the agent's own lease |
+//! | `<prefix>/store` | the identity of the control store the group's coordinators share (written by the first to start) | none |
 //!
 //! The coordinator writes these keys and the agent reads some of them (its liveness
 //! key, decisions): both build them here.
@@ -32,6 +33,11 @@ pub fn normalize_prefix(prefix: &str) -> String {
 /// `<prefix>/leader`: the election name passed to campaign/observe/leader.
 pub fn election(prefix: &str) -> String {
     format!("{}/{LEADER}", normalize_prefix(prefix))
+}
+
+/// `<prefix>/store`: which control store the coordinators of this group share.
+pub fn store(prefix: &str) -> String {
+    format!("{}/store", normalize_prefix(prefix))
 }
 
 /// `<prefix>/locks/`: every shard lock.
