@@ -865,7 +865,12 @@ async fn a_step_cut_short_by_a_server_restart_runs_again() -> anyhow::Result<()>
 /// for good): the third time it fails, saying why.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_under_a_step_runs_it_again_but_not_for_good() -> anyhow::Result<()> {
-    let fleet = crate::fleet::TestFleet::start(1, 1).await?;
+    // Commits durable as in production: the harness's `synchronous_commit = off` lost the
+    // agent's flotilla schema, committed just before the first crash.
+    let fleet = crate::fleet::TestFleet::builder(1, 1)
+        .pg_setting("synchronous_commit", "on")
+        .start()
+        .await?;
     let d = MigrationDir::new()?;
     d.migration("001_sleeps", "", "SELECT pg_sleep(30)", "SELECT 1")?;
     let id = fleet.submit(d.path(), &[]).await?;

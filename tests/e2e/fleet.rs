@@ -101,9 +101,17 @@ pub struct FleetBuilder {
     least_privilege: bool,
     shard_labels: Vec<String>,
     tls: bool,
+    pg_settings: Vec<(String, String)>,
 }
 
 impl FleetBuilder {
+    /// A setting of the fleet's PostgreSQL over the harness's (which trade durability for
+    /// speed: `synchronous_commit = off` loses the last commits when a backend crashes).
+    pub fn pg_setting(mut self, name: &str, value: &str) -> Self {
+        self.pg_settings.push((name.to_string(), value.to_string()));
+        self
+    }
+
     /// mTLS everywhere: the coordinator serves `https://` with a test CA's certificate and
     /// requires client certificates; each agent presents its shard's, the CLI an operator's.
     pub fn tls(mut self) -> Self {
@@ -168,7 +176,11 @@ impl FleetBuilder {
     }
 
     pub async fn start(self) -> anyhow::Result<TestFleet> {
-        let pg = PgCluster::start().await?;
+        let mut pg = PgCluster::builder();
+        for (name, value) in &self.pg_settings {
+            pg = pg.setting(name, value);
+        }
+        let pg = pg.start().await?;
         let dir = TestDir::new("fleet")?;
         let mut names = Vec::new();
         for s in 0..self.shards {
@@ -316,6 +328,7 @@ impl TestFleet {
             least_privilege: false,
             shard_labels: Vec::new(),
             tls: false,
+            pg_settings: Vec::new(),
         }
     }
 
