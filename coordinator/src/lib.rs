@@ -386,7 +386,9 @@ pub async fn start(
 
     // Health turns NOT_SERVING first (load balancers stop sending), then the hand-over
     // below ends the streams.
-    let (health, shutdown) = api::health_service(coordination.leadership(), shutdown).await;
+    let store_up = watch_store(coordinator.inner.store.clone());
+    let (health, shutdown) =
+        api::health_service(coordination.leadership(), store_up, shutdown).await;
     let (reflection_v1, reflection_v1alpha) =
         api::reflection_services().map_err(|e| CoordinatorError::Listen {
             addr: config.listen.to_string(),
@@ -554,4 +556,40 @@ fn setup_failpoints() {
             }
         });
     }
+}
+
+/// How often the control store is probed, and how long a probe may take.
+const STORE_PROBE_EVERY: Duration = Duration::from_secs(5);
+const STORE_PROBE_WITHIN: Duration = Duration::from_secs(3);
+
+/// Probes the control store every few seconds: whether it answers, for health (leader-only
+/// services NOT_SERVING while it does not), `flotilla_control_store_up`, and one log line
+/// naming the store and why at each change. Before, a store out of reach showed nowhere
+/// (health SERVING, no metric moving on an idle leader) and each request waited 30 s for
+/// "pool timed out".
+fn watch_store(store: store::Store) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(true);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(STORE_PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let probed = store.probe(STORE_PROBE_WITHIN).await;
+            let up = probed.is_ok();
+            if up != *tx.borrow() {
+                match &probed {
+                    Err(cause) => {
+                        tracing::error!(store = %store.location(), %cause, "the control store does not answer: this coordinator cannot store plans, steps or audit entries until it does")
+                    }
+                    Ok(()) => info!(store = %store.location(), "the control store answers again"),
+                }
+            }
+            metrics::control_store_up(up);
+            if tx.is_closed() {
+                return;
+            }
+            tx.send_if_modified(|was| std::mem::replace(was, up) != up);
+        }
+    });
+    rx
 }

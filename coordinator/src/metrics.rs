@@ -113,6 +113,10 @@ fn install_labelled(addr: Option<SocketAddr>, shard: Option<&str>) -> Result<(),
 }
 
 fn describe() {
+    describe_gauge!(
+        "flotilla_control_store_up",
+        "1 while the control store answers a read (probed every 5 s), 0 while it does not: the coordinator's log names the store and why. Its operator gRPC services are NOT_SERVING meanwhile."
+    );
     describe_counter!(
         "flotilla_store_write_failures_total",
         "Control store transactions of the store writer that failed, by outcome: retried (the store out of reach: tried again while this coordinator leads under the writes' term), given_up (one write the store refused for good, or a batch of a term that no longer leads), refused (a later leader has fenced the store: a deposed leader's writes, none written). Each is logged with its plans."
@@ -263,6 +267,7 @@ fn describe() {
 /// Series that exist before their first event: dashboards and alerts see 0, not nothing.
 /// Called once the coordinator starts (not in [`install`], which an agent's process calls).
 pub fn initialise(agent_grace: Duration) {
+    gauge!("flotilla_control_store_up").set(1.0);
     for outcome in STORE_WRITE_FAILURES {
         counter!("flotilla_store_write_failures_total", "outcome" => outcome).absolute(0);
     }
@@ -666,4 +671,9 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
         }
     }
+}
+
+/// Whether the control store answered its last probe.
+pub fn control_store_up(up: bool) {
+    gauge!("flotilla_control_store_up").set(if up { 1.0 } else { 0.0 });
 }

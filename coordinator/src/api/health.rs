@@ -27,15 +27,16 @@ pub(crate) const LEADER_ONLY: [&str; 2] = [
 /// for its streams, and a load balancer's watch would otherwise hold it up.
 pub(crate) async fn health_service(
     leadership: watch::Receiver<Leadership>,
+    store_up: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> (
     HealthServer<impl Health>,
     impl Future<Output = ()> + Send + 'static,
 ) {
     let (reporter, server) = tonic_health::server::health_reporter();
-    let leading = leadership.borrow().is_leader();
-    publish(&reporter, leading).await;
-    let follow = tokio::spawn(follow_leadership(leadership, reporter.clone()));
+    let serving = leadership.borrow().is_leader() && *store_up.borrow();
+    publish(&reporter, serving).await;
+    let follow = tokio::spawn(follow_leadership(leadership, store_up, reporter.clone()));
     let shutdown = async move {
         shutdown.await;
         follow.abort();
@@ -51,17 +52,28 @@ pub(crate) async fn health_service(
     (server, shutdown)
 }
 
-async fn follow_leadership(mut leadership: watch::Receiver<Leadership>, reporter: HealthReporter) {
-    while leadership.changed().await.is_ok() {
-        let leading = leadership.borrow_and_update().is_leader();
-        publish(&reporter, leading).await;
+/// Leader-only services are SERVING while this coordinator leads and its control store
+/// answers: a leader whose store is out of reach takes requests it cannot store (each
+/// waits out the pool's timeout), and a load balancer should know.
+async fn follow_leadership(
+    mut leadership: watch::Receiver<Leadership>,
+    mut store_up: watch::Receiver<bool>,
+    reporter: HealthReporter,
+) {
+    loop {
+        tokio::select! {
+            changed = leadership.changed() => if changed.is_err() { break },
+            changed = store_up.changed() => if changed.is_err() { break },
+        }
+        let serving = leadership.borrow_and_update().is_leader() && *store_up.borrow_and_update();
+        publish(&reporter, serving).await;
     }
     // The coordination backend is gone: nobody here leads any more.
     publish(&reporter, false).await;
 }
 
-async fn publish(reporter: &HealthReporter, leading: bool) {
-    let status = if leading {
+async fn publish(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing

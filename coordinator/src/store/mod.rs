@@ -90,6 +90,9 @@ pub fn now_ms() -> i64 {
 pub struct Store {
     pool: AnyPool,
     is_pg: bool,
+    /// Where the store is (connected to again by [`Store::probe`], for the cause of a
+    /// failure the pool does not give).
+    url: SecretUrl,
 }
 
 /// Settings of every session on a PostgreSQL control store. The writer's transactions last
@@ -146,7 +149,7 @@ impl Store {
                 .await
                 .map_err(StoreError::from)?;
         }
-        let store = Store { pool, is_pg };
+        let store = Store { pool, is_pg, url };
         store.migrate().await?;
         Ok(store)
     }
@@ -235,6 +238,34 @@ impl Store {
             .get(0);
         tx.commit().await.map_err(StoreError::from)?;
         Ok(id)
+    }
+
+    /// The store's address, password hidden.
+    pub fn location(&self) -> String {
+        self.url.redacted()
+    }
+
+    /// Whether the store answers a read within `within`; Err with why not (on PostgreSQL,
+    /// what a connection of its own is told: the pool says only that it timed out).
+    pub async fn probe(&self, within: std::time::Duration) -> Result<(), String> {
+        let read = tokio::time::timeout(within, sqlx::query("SELECT 1").execute(&self.pool)).await;
+        let pool_said = match read {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => sql_error_text(&e),
+            Err(_) => format!("no answer within {within:?}"),
+        };
+        if !self.is_pg {
+            return Err(pool_said);
+        }
+        use sqlx::Connection;
+        match tokio::time::timeout(within, sqlx::AnyConnection::connect(self.url.expose())).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                Err(pool_said)
+            }
+            Ok(Err(e)) => Err(flotilla_core::secrets::scrub(&sql_error_text(&e))),
+            Err(_) => Err(format!("no connection within {within:?}")),
+        }
     }
 
     pub async fn next_epoch(&self) -> Result<u64, StoreError> {

@@ -305,3 +305,68 @@ async fn only_the_leader_serves_the_operator_service_and_a_follower_takes_over()
     .await?;
     Ok(())
 }
+
+/// A control store that does not answer shows: the leader's operator and agent services
+/// turn NOT_SERVING (the process itself stays SERVING), `flotilla_control_store_up` is 0,
+/// and the log names the store and why; all back once it answers. Before, health said
+/// SERVING throughout, no metric moved on an idle leader, and the log said nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_control_store_out_of_reach_shows_in_health_metrics_and_the_log() -> anyhow::Result<()> {
+    let metrics: std::net::SocketAddr =
+        format!("127.0.0.1:{}", crate::harness::free_port()).parse()?;
+    let fleet = crate::fleet::TestFleet::builder(1, 1)
+        .postgres_store("store_probe")
+        .metrics(metrics)
+        .start()
+        .await?;
+    let addr = fleet.addr.clone();
+    assert_eq!(check(&addr, OPERATOR).await?, ServingStatus::Serving);
+    let up = async |value: &str| -> anyhow::Result<bool> {
+        let body = crate::harness::http::get(metrics, "/metrics").await?.body;
+        Ok(body
+            .lines()
+            .any(|l| l == format!("flotilla_control_store_up {value}")))
+    };
+    assert!(up("1").await?);
+    fleet
+        .pg
+        .psql(
+            "postgres",
+            "ALTER DATABASE store_probe ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'store_probe'",
+        )
+        .await?;
+    wait_until(
+        "health and the metric say the store is out of reach",
+        WAIT,
+        async || Ok(check(&addr, OPERATOR).await? == ServingStatus::NotServing && up("0").await?),
+    )
+    .await?;
+    assert_eq!(
+        check(&addr, "").await?,
+        ServingStatus::Serving,
+        "the process is up"
+    );
+    assert_eq!(check(&addr, AGENT).await?, ServingStatus::NotServing);
+    let log = fleet.coordinator.as_ref().context("the coordinator")?.log();
+    assert!(
+        log.contains("the control store does not answer")
+            && log.contains("store_probe")
+            && log.contains("not currently accepting connections"),
+        "{log}"
+    );
+    fleet
+        .pg
+        .psql(
+            "postgres",
+            "ALTER DATABASE store_probe ALLOW_CONNECTIONS true",
+        )
+        .await?;
+    wait_until(
+        "health and the metric say the store answers",
+        WAIT,
+        async || Ok(check(&addr, OPERATOR).await? == ServingStatus::Serving && up("1").await?),
+    )
+    .await?;
+    Ok(())
+}
