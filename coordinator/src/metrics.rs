@@ -566,6 +566,11 @@ pub fn drifted_targets(by_cohort: &[(String, u64)]) {
     }
 }
 
+/// Whether the control store answered its last probe.
+pub fn control_store_up(up: bool) {
+    gauge!("flotilla_control_store_up").set(if up { 1.0 } else { 0.0 });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -671,9 +676,4 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
         }
     }
-}
-
-/// Whether the control store answered its last probe.
-pub fn control_store_up(up: bool) {
-    gauge!("flotilla_control_store_up").set(if up { 1.0 } else { 0.0 });
 }
