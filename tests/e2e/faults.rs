@@ -903,3 +903,59 @@ async fn a_crash_under_a_step_runs_it_again_but_not_for_good() -> anyhow::Result
     );
     Ok(())
 }
+
+/// A shard whose database stops answering its agent: a submit is refused at once, naming
+/// the shard and why, rather than after the preflight's 30 s ("no preflight answer"); once
+/// the database answers again, the agent takes its lock back and the plan runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_whose_database_does_not_answer_its_agent_refuses_a_submit_at_once()
+-> anyhow::Result<()> {
+    let fleet = crate::fleet::TestFleet::start(1, 1).await?;
+    let d = MigrationDir::new()?;
+    d.migration("001_t", "", "CREATE TABLE t (x int)", "DROP TABLE t")?;
+    let dir = d.path().to_string_lossy().into_owned();
+    fleet
+        .pg
+        .psql(
+            "postgres",
+            "ALTER DATABASE shard_0 ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'shard_0'",
+        )
+        .await?;
+    // (its own message, not the preflight's "no preflight answer within 30s")
+    let out = crate::harness::wait_for(
+        "a submit refused for the agent's lost lock",
+        WAIT,
+        async || {
+            let out = fleet.cli(&["plan", "submit", &dir]).await?;
+            Ok(out
+                .stderr
+                .contains("its agent does not hold the shard's agent lock now")
+                .then_some(out))
+        },
+    )
+    .await?;
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(out.stderr.contains("shard shard_0"), "{out}");
+    let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert_eq!(
+        plans.as_array().map(Vec::len),
+        Some(0),
+        "nothing stored: {plans}"
+    );
+    fleet
+        .pg
+        .psql("postgres", "ALTER DATABASE shard_0 ALLOW_CONNECTIONS true")
+        .await?;
+    wait_until(
+        "the plan runs once the database answers",
+        WAIT,
+        async || {
+            let out = fleet.cli(&["plan", "submit", &dir, "--wait"]).await?;
+            Ok(out.code() == Some(0))
+        },
+    )
+    .await?;
+    assert_eq!(fleet.journal_total().await?, 1);
+    Ok(())
+}

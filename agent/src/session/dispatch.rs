@@ -146,6 +146,19 @@ impl Agent {
     /// the shard can prepare transactions.
     #[instrument(skip_all, fields(shard = %self.config.shard, request = req.request_id))]
     pub(crate) async fn preflight(&self, req: pb::PreflightRequest) -> pb::PreflightReply {
+        // Without its lock session the agent takes no runs on the shard: said at once (the
+        // reads below waited out the pool's timeout, and the submit its preflight's 30 s, for
+        // "no preflight answer").
+        if !*self.shard_lock.borrow() {
+            return pb::PreflightReply {
+                request_id: req.request_id,
+                error: format!(
+                    "shard {}: its agent does not hold the shard's agent lock now (its database does not answer it, or another agent took the lock; the agent's log says which) and takes no runs there",
+                    self.config.shard
+                ),
+                ..Default::default()
+            };
+        }
         let mut errors = Vec::new();
         let tenants = match self.refresh_tenants().await {
             Ok(t) => t,
