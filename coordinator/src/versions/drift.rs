@@ -6,7 +6,7 @@
 //! A cohort is where the shapes must agree: its targets ran the same migrations, so a
 //! different shape was made by hand (or by a migration that behaves differently per
 //! target). Across cohorts shapes differ by design and are not compared.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use flotilla_core::pb;
@@ -19,8 +19,8 @@ use super::{FleetInput, target_name};
 struct Gathered {
     head: String,
     digest: String,
-    /// (target name, fingerprint), in the fleet's order.
-    targets: Vec<(String, String)>,
+    /// (target name, fingerprint, whether the selection shows it), in the fleet's order.
+    targets: Vec<(String, String, bool)>,
 }
 
 pub fn fleet_drift(input: &FleetInput, selector: &Selector) -> pb::FleetDriftResponse {
@@ -31,14 +31,26 @@ pub fn fleet_drift(input: &FleetInput, selector: &Selector) -> pb::FleetDriftRes
         .collect();
     let mut cohorts: BTreeMap<(String, String), Gathered> = BTreeMap::new();
     let mut unfingerprinted = Vec::new();
-    for t in input.targets(selector) {
+    // The majority is the whole cohort's, whatever the selection shows of it: among the
+    // selected alone, one drifted target was "no drift", and two of a healthy and a
+    // drifted one blamed whichever fingerprint sorted first.
+    let selected: HashSet<String> = input
+        .targets(selector)
+        .into_iter()
+        .map(|t| target_name(&t.shard, &t.tenant))
+        .collect();
+    let everything = Selector::parse("").expect("the empty selector parses");
+    for t in input.targets(&everything) {
         let name = target_name(&t.shard, &t.tenant);
+        let shown = selected.contains(&name);
         let fingerprint = input
             .reported(&t.shard)
             .filter(|j| j.fingerprinted)
             .and_then(|j| j.fingerprints.get(&t.tenant));
         let Some(fingerprint) = fingerprint else {
-            unfingerprinted.push(name);
+            if shown {
+                unfingerprinted.push(name);
+            }
             continue;
         };
         let cohort = cohorts
@@ -48,10 +60,13 @@ pub fn fleet_drift(input: &FleetInput, selector: &Selector) -> pb::FleetDriftRes
                 digest: t.digest.clone(),
                 targets: Vec::new(),
             });
-        cohort.targets.push((name, fingerprint.clone()));
+        cohort.targets.push((name, fingerprint.clone(), shown));
     }
-    let mut out: Vec<pb::DriftCohort> =
-        cohorts.into_values().map(|c| compare(c, &shapes)).collect();
+    let mut out: Vec<pb::DriftCohort> = cohorts
+        .into_values()
+        .filter(|c| c.targets.iter().any(|t| t.2))
+        .map(|c| compare(c, &shapes))
+        .collect();
     out.sort_by(|a, b| b.targets.cmp(&a.targets).then_with(|| a.head.cmp(&b.head)));
     let shards = input
         .fleet
@@ -85,7 +100,7 @@ pub fn fleet_drift(input: &FleetInput, selector: &Selector) -> pb::FleetDriftRes
 /// smallest fingerprint, so the answer does not change from call to call), and the others.
 fn compare(c: Gathered, shapes: &HashMap<&str, &Arc<Vec<String>>>) -> pb::DriftCohort {
     let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
-    for (_, f) in &c.targets {
+    for (_, f, _) in &c.targets {
         *counts.entry(f.as_str()).or_default() += 1;
     }
     let mut ranked: Vec<(&str, u64)> = counts.into_iter().collect();
@@ -95,8 +110,8 @@ fn compare(c: Gathered, shapes: &HashMap<&str, &Arc<Vec<String>>>) -> pb::DriftC
     let drifted = c
         .targets
         .iter()
-        .filter(|(_, f)| f != majority)
-        .map(|(target, f)| {
+        .filter(|(_, f, shown)| *shown && f != majority)
+        .map(|(target, f, _)| {
             let mut d = pb::DriftedTarget {
                 target: target.clone(),
                 fingerprint: f.clone(),
@@ -112,7 +127,7 @@ fn compare(c: Gathered, shapes: &HashMap<&str, &Arc<Vec<String>>>) -> pb::DriftC
     pb::DriftCohort {
         head: c.head,
         digest: c.digest,
-        targets: c.targets.len() as u64,
+        targets: c.targets.iter().filter(|t| t.2).count() as u64,
         majority: majority_count,
         shapes: ranked
             .iter()

@@ -207,6 +207,29 @@ fn cohorts_are_compared_apart_and_selectors_narrow() {
     assert_eq!(r.cohorts.len(), 2);
 }
 
+/// A selection shows its targets measured against the whole cohort's majority: one
+/// drifted target selected alone was "no drift" (it was its own majority), and a healthy
+/// and a drifted one together blamed whichever fingerprint sorted first.
+#[test]
+fn a_selection_is_measured_against_the_whole_cohort() {
+    let v = versions(|shard, t| {
+        if shard == "shard_0" && t == "tenant_2" {
+            without(base(), "index idx_y")
+        } else {
+            base()
+        }
+    });
+    let r = drift(&v, "shard = shard_0, tenant = tenant_2");
+    assert_eq!((r.targets, r.drifted), (1, 1), "{r:?}");
+    assert_eq!(r.cohorts[0].drifted[0].target, "shard_0/tenant_2");
+    assert_eq!(r.cohorts[0].majority, 5, "the whole cohort's majority");
+    let r = drift(&v, "tenant in (tenant_2), shard in (shard_0, shard_1)");
+    assert_eq!((r.targets, r.drifted), (2, 1), "{r:?}");
+    assert_eq!(r.cohorts[0].drifted[0].target, "shard_0/tenant_2");
+    let r = drift(&v, "shard = shard_1");
+    assert_eq!((r.targets, r.drifted), (3, 0), "{r:?}");
+}
+
 #[test]
 fn a_tie_picks_the_same_majority_every_time() {
     // one cohort of two targets of two shapes (the others ran another migration)
