@@ -21,17 +21,45 @@ pub async fn run(addr: &str, cmd: OperatorCommand) -> u8 {
             token_out,
             output,
         } => {
+            // The token's file first: one that cannot be made (there already, a directory
+            // missing) refuses the command before the operator exists; the operator was
+            // added and its token, shown only once, lost.
+            let mut file = match token_out.as_deref().map(create_private) {
+                None => None,
+                Some(Ok(f)) => Some(f),
+                Some(Err(e)) => {
+                    eprintln!(
+                        "error: --token-out {}: {e}; no operator was added",
+                        token_out
+                            .as_deref()
+                            .unwrap_or_else(|| std::path::Path::new(""))
+                            .display()
+                    );
+                    return EXIT_BAD_INPUT;
+                }
+            };
+            let forget_file = || {
+                if let Some(path) = token_out.as_deref() {
+                    let _ = std::fs::remove_file(path);
+                }
+            };
             let added =
                 match store {
                     Some(location) => {
                         let store = match open(&location, create).await {
                             Ok(s) => s,
-                            Err(code) => return code,
+                            Err(code) => {
+                                forget_file();
+                                return code;
+                            }
                         };
                         let by = format!("{} (--store)", whoami());
                         match auth::add_operator(&store, &name, &role, &approval_roles, &by).await {
                             Ok(a) => a.to_pb(),
-                            Err(e) => return refused(&e.to_string(), &e.into()),
+                            Err(e) => {
+                                forget_file();
+                                return refused(&e.to_string(), &e.into());
+                            }
                         }
                     }
                     None => {
@@ -46,11 +74,15 @@ pub async fn run(addr: &str, cmd: OperatorCommand) -> u8 {
                         .await
                         {
                             Ok((_, r)) => r,
-                            Err(code) => return code,
+                            Err(code) => {
+                                forget_file();
+                                return code;
+                            }
                         }
                     }
                 };
-            show_added(&added, token_out.as_deref(), output)
+            let into = token_out.as_deref().zip(file.as_mut());
+            show_added(&added, into, output)
         }
         OperatorCommand::List { store, output } => {
             let operators = match store {
@@ -176,16 +208,25 @@ fn refused(message: &str, status: &tonic::Status) -> u8 {
 /// or on stdout.
 fn show_added(
     r: &pb::AddOperatorResponse,
-    token_out: Option<&std::path::Path>,
+    token_out: Option<(&std::path::Path, &mut std::fs::File)>,
     output: Output,
 ) -> u8 {
+    use std::io::Write;
     let op = r.operator.clone().unwrap_or_default();
-    if let Some(path) = token_out
-        && let Err(e) = write_private(path, &r.token)
-    {
-        eprintln!("error: --token-out {}: {e}", path.display());
-        return EXIT_UNAVAILABLE;
-    }
+    let token_out = match token_out {
+        Some((path, file)) => {
+            if let Err(e) = writeln!(file, "{}", r.token).and_then(|()| file.sync_all()) {
+                eprintln!(
+                    "error: --token-out {}: {e}; operator {} was added: revoke it and add it again",
+                    path.display(),
+                    op.name
+                );
+                return EXIT_UNAVAILABLE;
+            }
+            Some(path)
+        }
+        None => None,
+    };
     let shown_token = match token_out {
         Some(_) => Value::Null,
         None => Value::String(r.token.clone()),
@@ -216,14 +257,13 @@ fn show_added(
     EXIT_OK
 }
 
-fn write_private(path: &std::path::Path, token: &str) -> std::io::Result<()> {
-    use std::io::Write;
+/// A new file only its owner reads (0600); one already there is refused.
+fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut f = options.open(path)?;
-    writeln!(f, "{token}")
+    options.open(path)
 }
 
 fn show_list(operators: &[pb::OperatorInfo], output: Output) {

@@ -148,6 +148,25 @@ async fn tokens_and_roles_guard_every_operator_rpc_and_refusals_change_nothing()
         token: add(&root, files.path(), "val", "viewer", &[]).await?,
         fleet: &fleet,
     };
+    // A token file already there refuses the add before the operator exists (it was added,
+    // and its token, shown only once, lost), and leaves the file as it was.
+    let taken = val.token.to_string_lossy().into_owned();
+    let before = std::fs::read_to_string(&val.token)?;
+    let out = root
+        .cli(&[
+            "operator",
+            "add",
+            "tim",
+            "--role",
+            "viewer",
+            "--token-out",
+            &taken,
+        ])
+        .await?;
+    refused(&out, "no operator was added");
+    assert_eq!(std::fs::read_to_string(&val.token)?, before);
+    let listed = root.json(&["operator", "list", "--output", "json"]).await?;
+    assert!(!listed.to_string().contains("\"tim\""), "{listed}");
     let bob = As {
         token: add(
             &root,

@@ -751,6 +751,10 @@ async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<
     let out = fleet.cli(&["locks", "break", "shard_0"]).await?;
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("--reason"), "{out}");
+    // a shard name that cannot be one is bad input (it was taken for etcd's refusal, exit 3)
+    let out = fleet.cli(&["locks", "break", "", "--reason", "x"]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("invalid shard name"), "{out}");
     let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
     assert!(locks.to_string().contains("shard_0"), "still held: {locks}");
     let out = fleet

@@ -326,6 +326,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
     ) -> Result<Response<pb::BreakLockResponse>, Status> {
         let from = origin(&req);
         let r = req.into_inner();
+        flotilla_core::validate_shard_name(&r.shard).map_err(Status::invalid_argument)?;
         if r.reason.trim().is_empty() {
             return Err(Status::invalid_argument(
                 "breaking a lock needs --reason TEXT: the override is audited with it",
