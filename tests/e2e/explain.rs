@@ -421,12 +421,13 @@ async fn a_dry_run_over_etcd_writes_no_key_and_takes_no_lock() -> anyhow::Result
     fleet.wait_connected(1).await?;
     let dir = plan()?;
     let path = dir.path().to_string_lossy().into_owned();
-    // Both coordinators' election keys and the agent's liveness key, once all are written
-    // (the standby's campaign and the agent's lease can follow its attach).
+    // Both coordinators' election keys, the agent's liveness key and the group's control
+    // store, once all are written (the standby's campaign and the agent's lease can follow
+    // its attach).
     let keys =
         crate::harness::wait_for("the coordinators' and the agent's keys", WAIT, async || {
             let keys = etcd_keys(&fleet).await?;
-            Ok((keys.len() == 3).then_some(keys))
+            Ok((keys.len() == 4).then_some(keys))
         })
         .await?;
     // Through both coordinators' addresses: a follower names the leader, the CLI goes there.
