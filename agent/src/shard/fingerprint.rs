@@ -128,8 +128,9 @@ items AS (
    WHERE NOT t.tgisinternal
 ),
 stripped AS (
+  -- (in tenant order: each tenant's pattern is compiled once, not once an item)
   SELECT target, head || STRIP(def) AS item
-    FROM items
+    FROM (SELECT * FROM items ORDER BY target) i
 )
 SELECT t.target,
        left(md5(COALESCE(string_agg(s.item, E'\n' ORDER BY s.item COLLATE "C"), '')), 16),
