@@ -195,10 +195,36 @@ impl FleetVersions {
         }
     }
 
-    /// Failed steps become the target's last failure; an applied one clears it.
+    /// Failed steps become the target's last failure; an applied one clears it, and goes
+    /// into the shard's journal copy at once: the agent's report of it follows by up to a
+    /// second (its report gap), and `plan submit --wait && fleet status` said the targets
+    /// the plan had just applied were behind. The agent's report of the target replaces
+    /// these rows.
     pub fn record_results(&self, shard: &str, results: &pb::RunResults) {
         let mut state = self.state.lock().expect("fleet versions lock");
         let now = crate::store::now_ms();
+        let journal = state.journal(shard);
+        for run in &results.runs {
+            for step in &run.steps {
+                if pb::StepOutcome::try_from(step.outcome) != Ok(pb::StepOutcome::Applied) {
+                    continue;
+                }
+                let rows = journal.targets.entry(run.tenant.clone()).or_default();
+                if rows.iter().any(|e| e.migration_id == step.migration_id) {
+                    continue;
+                }
+                let seq = rows.last().map_or(0, |e| e.seq + 1);
+                rows.push(pb::JournalEntry {
+                    target: run.tenant.clone(),
+                    migration_id: step.migration_id.clone(),
+                    checksum: step.checksum.clone(),
+                    plan_id: results.plan_id.clone(),
+                    applied_at_ms: now,
+                    duration_ms: step.duration_ms,
+                    seq,
+                });
+            }
+        }
         let failures = Arc::make_mut(&mut state.failures);
         for run in &results.runs {
             let key = (shard.to_string(), run.tenant.clone());
