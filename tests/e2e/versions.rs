@@ -210,7 +210,7 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
     )?;
     std::fs::write(
         notes.path().join("plan.toml"),
-        "name = \"notes\"\ncatch_up = true\n",
+        "name = \"notes\"\nversion = \"3.1.0\"\ncatch_up = true\n",
     )?;
     let loyalty = MigrationDir::new()?;
     loyalty.migration(
@@ -257,6 +257,10 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
     })
     .await?;
     assert_eq!(s["behind"], 1);
+    // At its plan's version, as the tenants that ran the plan are (the catch-up plan had
+    // none of its own, and the tenant showed none).
+    let show = fleet_show(&fleet, "shard_1/tenant_0900").await?;
+    assert_eq!(show["version"], "3.1.0", "{show}");
 
     // A tenant dropped from shard_0: gone, not an error; its journal rows stay.
     fleet

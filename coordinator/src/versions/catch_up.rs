@@ -155,6 +155,10 @@ impl Coordinator {
                     // names need not be in it.
                     migration.depends_on.clear();
                     migration.scope = pb::Scope::Tenant as i32;
+                    // The version its plan gave it (the catch-up plan has none of its own:
+                    // a tenant caught up showed no version where the others of its cohort
+                    // showed their plan's).
+                    migration.version = spec.version_of(&spec.migrations[m].id);
                     // A migration in two plans runs once, as the later plan has it.
                     theirs.retain(|c| c.id != migration.id);
                     theirs.push(migration);
