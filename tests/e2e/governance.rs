@@ -108,6 +108,17 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
         .await?;
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("alice submitted plan"), "{out}");
+    // Refused, and in the plan's audit trail (it was in no audit trail).
+    let trail = audit(&fleet, &id).await?;
+    assert!(
+        trail.iter().any(|e| e["action"] == "denied"
+            && e["actor"] == "alice"
+            && e["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("cannot approve it")),
+        "{trail:?}"
+    );
     // A role the rule does not accept is refused, naming the roles it does.
     let out = fleet
         .cli(&["plan", "approve", &id, "--as", "bob", "--role", "dev"])
@@ -150,7 +161,8 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
     assert_eq!(st["state"], "completed", "{st}");
     assert_eq!(fleet.journal_total().await?, 4, "2 shards x 2 tenants");
 
-    // Who did what, when.
+    // Who did what, when (the refused approvals too: the submitter's own, a role the rule
+    // does not take, a second one).
     let trail = audit(&fleet, &id).await?;
     let seen: Vec<(String, String)> = trail
         .iter()
@@ -163,7 +175,10 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
         .collect();
     let want = [
         ("submit", "alice"),
+        ("denied", "alice"),
+        ("denied", "bob"),
         ("approve", "bob"),
+        ("denied", "bob"),
         ("approve", "carol"),
     ];
     assert_eq!(
@@ -176,12 +191,12 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
         "{trail:?}"
     );
     assert!(
-        trail[1]["detail"].as_str().unwrap().contains("role lead")
-            && trail[1]["detail"].as_str().unwrap().contains("reviewed"),
+        trail[3]["detail"].as_str().unwrap().contains("role lead")
+            && trail[3]["detail"].as_str().unwrap().contains("reviewed"),
         "{trail:?}"
     );
     assert!(
-        trail[2]["detail"].as_str().unwrap().contains("role dba"),
+        trail[5]["detail"].as_str().unwrap().contains("role dba"),
         "{trail:?}"
     );
 

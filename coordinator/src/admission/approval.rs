@@ -96,6 +96,23 @@ impl Coordinator {
         Ok((risk, self.inner.approvals.rule(environment, risk).cloned()))
     }
 
+    /// An approval refused (the submitter's own, a role the rule does not take, a second
+    /// one): in the audit trail under the plan, as a role's refusal is (they were not).
+    async fn approval_refused(
+        &self,
+        epoch: u64,
+        actor: &Actor,
+        plan_id: &str,
+        why: String,
+    ) -> CoordinatorError {
+        self.write_under(
+            epoch,
+            actor.audit("denied", plan_id, &format!("approve: {why}")),
+        );
+        self.flush().await;
+        CoordinatorError::NotAllowed(why)
+    }
+
     /// `plan approve`: one approval, in one of `roles` (the approver's: from its credential,
     /// or `--role`); the last one the plan's rule needs starts it.
     pub async fn approve(
@@ -109,31 +126,34 @@ impl Coordinator {
         let row = self.awaiting(plan_id, "approve").await?;
         let submitter = Actor::new(&row.submitted_by, "").name;
         if actor.name == submitter {
-            return Err(CoordinatorError::NotAllowed(format!(
+            let why = format!(
                 "{} submitted plan {plan_id} and cannot approve it: another person must",
                 actor.name
-            )));
+            );
+            return Err(self.approval_refused(epoch, &actor, plan_id, why).await);
         }
         let spec = stored_spec(&row)?;
         let (risk, rule) = self.rule_for(&row.environment, &spec)?;
         let mut given = self.approvals_of(plan_id).await?;
-        let role = approving_role(roles, rule.as_ref(), &given).ok_or_else(|| {
+        let Some(role) = approving_role(roles, rule.as_ref(), &given) else {
             let rule = rule.as_ref().expect("a role is only refused by a rule");
-            CoordinatorError::NotAllowed(format!(
+            let why = format!(
                 "{} cannot approve plan {plan_id} as `{}`: the approval rule for {risk} plans in `{}` (line {}) accepts {} (say which with --role)",
                 actor.name,
                 shown_roles(roles),
                 env_name(&row.environment),
                 rule.line,
                 rule.roles.join(", ")
-            ))
-        })?;
+            );
+            return Err(self.approval_refused(epoch, &actor, plan_id, why).await);
+        };
         let role = role.as_str();
         if given.iter().any(|(name, _)| *name == actor.name) {
-            return Err(CoordinatorError::NotAllowed(format!(
+            let why = format!(
                 "{} has approved plan {plan_id} already; another person must",
                 actor.name
-            )));
+            );
+            return Err(self.approval_refused(epoch, &actor, plan_id, why).await);
         }
         given.push((actor.name.clone(), role.to_string()));
         let missing = rule.as_ref().and_then(|r| r.missing(&given));
