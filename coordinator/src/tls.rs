@@ -48,6 +48,45 @@ fn invalid(reason: String) -> CoordinatorError {
     CoordinatorError::Tls(reason)
 }
 
+/// A server certificate every client would refuse: outside its validity, or with an extended
+/// key usage that does not allow serving TLS. Refused at start: the coordinator served it,
+/// said SERVING, and every client failed with "certificate expired".
+fn server_certificate_usable(der: &CertificateDer<'_>) -> Result<(), String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else {
+        // rustls says what it cannot read, when it reads it
+        return Ok(());
+    };
+    let validity = cert.validity();
+    let subject = cert.subject().to_string();
+    let when = |t: x509_parser::time::ASN1Time| {
+        t.to_rfc2822().unwrap_or_else(|_| t.timestamp().to_string())
+    };
+    if !validity.is_valid() {
+        let now = x509_parser::time::ASN1Time::now();
+        return Err(if now > validity.not_after {
+            format!(
+                "the certificate ({subject}) expired {}",
+                when(validity.not_after)
+            )
+        } else {
+            format!(
+                "the certificate ({subject}) is not valid before {}",
+                when(validity.not_before)
+            )
+        });
+    }
+    if let Ok(Some(eku)) = cert.extended_key_usage()
+        && !eku.value.any
+        && !eku.value.server_auth
+    {
+        return Err(format!(
+            "the certificate ({subject}) is not for a server: its extended key usage lacks serverAuth"
+        ));
+    }
+    Ok(())
+}
+
 impl ServerTls {
     /// Reads `--tls-cert`, `--tls-key` and (optionally) `--tls-ca`. None when no file is
     /// given; a CA alone is refused (a server needs its own certificate).
@@ -77,6 +116,12 @@ impl ServerTls {
                 cert_path.unwrap_or_default()
             )));
         }
+        server_certificate_usable(&certs[0]).map_err(|why| {
+            invalid(format!(
+                "--tls-cert {}: {why}",
+                cert_path.clone().unwrap_or_default()
+            ))
+        })?;
         let key = PrivateKeyDer::from_pem_slice(&identity.key).map_err(|e| {
             invalid(format!(
                 "--tls-key {}: no private key ({e})",

@@ -483,6 +483,32 @@ async fn plaintext_off_loopback_needs_insecure_spelled_out() -> anyhow::Result<(
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("--tls-cert"), "{out}");
 
+    // An expired server certificate is refused at start, naming the file and when it
+    // expired (it served, said SERVING, and every client failed).
+    let old = ca.issue("old-server", &CertSpec::server("coordinator").expired())?;
+    let out = run_flotilla(
+        &[
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--store",
+            &store,
+            "--tls-cert",
+            &old.cert.to_string_lossy(),
+            "--tls-key",
+            &old.key.to_string_lossy(),
+            "--tls-ca",
+            &ca.ca_path().to_string_lossy(),
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains("--tls-cert") && out.stderr.contains("expired"),
+        "{out}"
+    );
+
     // The CLI to this plaintext coordinator: a bare HOST:PORT is http:// and works; TLS
     // to it fails at the handshake, saying the other end spoke plaintext.
     let port = listen.rsplit(':').next().unwrap();
