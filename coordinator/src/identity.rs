@@ -106,7 +106,12 @@ impl Coordinator {
             return Ok(());
         };
         crate::metrics::connection_refused("wrong_shard");
-        let actor = cert.map_or_else(|| "unknown".into(), PeerCert::display_name);
+        // Named as a certificate, not as the operator a common name may also be: the row
+        // read "root agent-refused", as if admin root had done something.
+        let actor = format!(
+            "certificate {}",
+            cert.map_or_else(|| "unknown".into(), PeerCert::display_name)
+        );
         if self.first_certificate_refusal(from, &actor, AGENT_REFUSED, &reason) {
             let from = from.map_or_else(|| "an unknown address".into(), |a| a.to_string());
             warn!(shard, %from, "agent refused: {reason}");

@@ -185,7 +185,7 @@ fn certificate_refusal(e: &std::io::Error) -> Option<(&'static str, String)> {
         }
         rustls::Error::InvalidCertificate(reason) => Some((
             "bad_certificate",
-            format!("client certificate refused: {reason:?}"),
+            format!("client certificate refused: {reason}"),
         )),
         _ => None,
     }

@@ -314,7 +314,7 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
         let trail = audit(&fleet).await?;
         Ok(has_entry(&trail, "tls-refused", "no client certificate")
             && has_entry(&trail, "tls-refused", "UnknownIssuer")
-            && has_entry(&trail, "tls-refused", "Expired")
+            && has_entry(&trail, "tls-refused", "certificate expired")
             && has_entry(
                 &trail,
                 "agent-refused",
@@ -353,7 +353,7 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
         .collect();
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     let refusal = refusals[0];
-    assert_eq!(refusal["actor"], "agent-shard_0", "{refusal}");
+    assert_eq!(refusal["actor"], "certificate agent-shard_0", "{refusal}");
     assert!(
         refusal["detail"]
             .as_str()
