@@ -5,9 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::Connection;
 
-use crate::fleet::{
-    Cli, MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_sql, wait_running,
-};
+use crate::fleet::{Cli, MigrationDir, TestFleet, WAIT, coord_dbmate_dir, tenant_sql};
 use crate::harness::{FlotillaProcess, free_port, http, run_flotilla, wait_until};
 use crate::shards::{assert_logged_once, blocked, hold, logged_blocking_migration, release};
 
@@ -730,7 +728,7 @@ async fn a_resumed_rollback_keeps_why_the_plan_is_undone() -> anyhow::Result<()>
         "001_table",
         "",
         "CREATE TABLE resumed (id int)",
-        "SELECT pg_sleep(4);\nDROP TABLE resumed",
+        "SELECT pg_advisory_xact_lock(4646);\nDROP TABLE resumed",
     )?;
     d.migration(
         "002_fails",
@@ -738,10 +736,17 @@ async fn a_resumed_rollback_keeps_why_the_plan_is_undone() -> anyhow::Result<()>
         "SELECT 1 / 0",
         "SELECT 1",
     )?;
-    // (not fused: 001_table commits on its own, and the failure of 002 undoes it)
+    // (not fused: 001_table commits on its own, and the failure of 002 undoes it; its undo
+    // waits on a lock the test holds until the coordinator is gone: a sleep raced the kill
+    // on a loaded machine, and the first coordinator finished the rollback itself)
+    let lock = hold(&fleet.pg, 0, 4646).await?;
     let id = fleet.submit(d.path(), &["--no-fuse"]).await?;
-    let shard = fleet.shards[0].clone();
-    wait_running(&fleet.pg, &shard, "pg_sleep(4)", 1).await?;
+    wait_until("the undo waiting on the lock", WAIT, async || {
+        Ok(blocked(&fleet.pg, 0).await? == 1)
+    })
+    .await?;
+    fleet.kill_coordinator()?;
+    release(lock, 4646).await?;
     fleet.restart_coordinator().await?;
     let (_, st) = fleet.watch(&id).await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
@@ -764,7 +769,7 @@ async fn a_cancel_undone_across_a_new_coordinator_ends_cancelled() -> anyhow::Re
         "001_table",
         "",
         "CREATE TABLE cancelled_t (id int)",
-        "SELECT pg_sleep(4);\nDROP TABLE cancelled_t",
+        "SELECT pg_advisory_xact_lock(4747);\nDROP TABLE cancelled_t",
     )?;
     d.migration(
         "002_blocked",
@@ -782,9 +787,15 @@ async fn a_cancel_undone_across_a_new_coordinator_ends_cancelled() -> anyhow::Re
         .cli(&["plan", "cancel", &id, "--reason", "wrong window"])
         .await?;
     assert_eq!(out.code(), Some(0), "{out}");
+    // the undo of 001 waits on a lock the test holds until the coordinator is gone
+    let undo_lock = hold(&fleet.pg, 0, 4747).await?;
     release(lock, 4343).await?;
-    let shard = fleet.shards[0].clone();
-    wait_running(&fleet.pg, &shard, "pg_sleep(4)", 1).await?;
+    wait_until("the undo waiting on the lock", WAIT, async || {
+        Ok(blocked(&fleet.pg, 0).await? == 1)
+    })
+    .await?;
+    fleet.kill_coordinator()?;
+    release(undo_lock, 4747).await?;
     fleet.restart_coordinator().await?;
     let (_, st) = fleet.watch(&id).await?;
     assert_eq!(st["state"], "cancelled", "{st}");
