@@ -203,7 +203,7 @@ async fn serve(
         pool.close().await;
         return Err(e);
     }
-    record_tenant_schemas(&pool, &tenants).await;
+    record_tenant_schemas(&pool, &config.shard, &tenants).await;
     match shard::is_superuser(&pool).await {
         Ok((role, true)) => warn!(
             %role,
@@ -272,17 +272,22 @@ async fn serve(
     Ok(())
 }
 
-/// Records the schemas of the tenants found (a tenant dropped and created again since: the
-/// rows of its former schema go to the history, before the journal is read or reported).
-/// A failure is logged: runs and preflights look again before they read the journal.
-async fn record_tenant_schemas(pool: &PgPool, tenants: &[pb::Tenant]) {
+/// Records the schemas of the tenants found, and says in the log which changed since their
+/// journal rows were written (see `shard::changed_schema`). A failure is logged: runs and
+/// preflights look again.
+async fn record_tenant_schemas(pool: &PgPool, shard_name: &str, tenants: &[pb::Tenant]) {
     let names: Vec<String> = tenants.iter().map(|t| t.name.clone()).collect();
     let recorded = async {
         let mut conn = pool.acquire().await?;
-        shard::reconcile_tenant_schemas(&mut conn, &names).await
+        shard::changed_schemas(&mut conn, &names).await
     };
-    if let Err(error) = recorded.await {
-        warn!(%error, "recording the tenants' schemas failed");
+    match recorded.await {
+        Ok(changed) => {
+            for tenant in changed {
+                warn!("{}", shard::changed_schema(shard_name, &tenant));
+            }
+        }
+        Err(error) => warn!(%error, "recording the tenants' schemas failed"),
     }
 }
 
@@ -291,7 +296,7 @@ impl Agent {
     pub(crate) async fn refresh_tenants(&self) -> Result<Vec<pb::Tenant>, sqlx::Error> {
         match shard::discover_tenants(&self.pool, &self.config.shard, &self.tenant_source).await {
             Ok(tenants) => {
-                record_tenant_schemas(&self.pool, &tenants).await;
+                record_tenant_schemas(&self.pool, &self.config.shard, &tenants).await;
                 *self.tenants.lock().expect("tenants lock") = tenants.clone();
                 Ok(tenants)
             }

@@ -170,6 +170,10 @@ pub enum Refusal {
         "the plan names no environment; this coordinator promotes plans through {known}: set `environment` in plan.toml (or `plan submit --environment`)"
     )]
     NoEnvironment { known: String },
+    #[error(
+        "{count} target(s) of the plan have another schema than their journal: {said}; nothing was changed"
+    )]
+    SchemaChanged { count: usize, said: String },
     #[error("unknown environment `{environment}`: the coordinator knows {known}")]
     UnknownEnvironment { environment: String, known: String },
     #[error(

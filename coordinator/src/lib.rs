@@ -572,10 +572,13 @@ fn watch_store(store: store::Store) -> tokio::sync::watch::Receiver<bool> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(STORE_PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Down after two probes in a row fail (one slow answer is not an outage), up at the
+        // first that answers.
+        let mut failed_before = false;
         loop {
             tick.tick().await;
             let probed = store.probe(STORE_PROBE_WITHIN).await;
-            let up = probed.is_ok();
+            let up = probed.is_ok() || !std::mem::replace(&mut failed_before, probed.is_err());
             if up != *tx.borrow() {
                 match &probed {
                     Err(cause) => {

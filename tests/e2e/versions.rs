@@ -281,15 +281,49 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
         .await?;
     assert_eq!(kept, vec![vec!["3".to_string()]]);
 
-    // Made again under its name: a new tenant. The rows of the schema before go to the
-    // history, and the catch-up applies what the plan that asks selects. Before, the old
-    // rows answered: the catch-up said every step applied, and the schema had none.
+    // Made again under its name: another schema than its journal's. What is applied there
+    // is not known (a new tenant, or one restored on its own), so a plan over it is refused,
+    // naming the answers; before, the old rows answered and the catch-up said every step
+    // applied, with the schema holding none of them. Told it is new, the plan applies there.
     fleet
         .pg
         .psql(&fleet.shards[0], &tenant_sql("tenant_0001", 2))
         .await?;
-    let plan = catch_up_ended(&fleet, "catch-up-shard_0/tenant_0001").await?;
-    assert_eq!(plan["state"], "completed", "{plan}");
+    let notes_dir = notes.path().to_string_lossy().into_owned();
+    let out = crate::harness::wait_for("the plan refused over the tenant", WAIT, async || {
+        let out = fleet
+            .cli(&[
+                "plan",
+                "submit",
+                &notes_dir,
+                "--selector",
+                "tenant = tenant_0001",
+            ])
+            .await?;
+        Ok(out
+            .stderr
+            .contains("its schema is not the one its journal rows were written in")
+            .then_some(out))
+    })
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("SELECT flotilla.tenant_is_new('tenant_0001')"),
+        "{out}"
+    );
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            "SELECT flotilla.tenant_is_new('tenant_0001')",
+        )
+        .await?;
+    let (code, st, out) = fleet
+        .submit_wait(notes.path(), &["--selector", "tenant = tenant_0001"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
     let columns = fleet
         .pg
         .query_rows(
@@ -298,13 +332,13 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
               WHERE table_schema = 'tenant_0001' AND column_name = 'note'",
         )
         .await?;
-    assert_eq!(columns, vec![vec!["2".to_string()]], "{plan}");
+    assert_eq!(columns, vec![vec!["2".to_string()]], "{st}");
     let moved = fleet
         .pg
         .query_rows(
             &fleet.shards[0],
             "SELECT count(*) FROM flotilla.journal_history WHERE target = 'tenant_0001'
-                AND rolled_back_by_plan = 'flotilla:schema-created-again'",
+                AND rolled_back_by_plan = 'flotilla:tenant-is-new'",
         )
         .await?;
     assert_eq!(moved, vec![vec!["3".to_string()]]);

@@ -673,7 +673,7 @@ async fn settle(
         read_result = read().await;
     }
     let (journal, unread) = match read_result {
-        Ok(rows) => (rows, None),
+        Ok((rows, _)) => (rows, None),
         Err(error) => {
             warn!(%error, "re-reading the journal after a failure failed");
             (Vec::new(), Some(error.to_string()))

@@ -574,8 +574,9 @@ impl Agent {
             Some(c) => shard::read_applied(c, &targets, &migrations).await,
             None => Err(sqlx::Error::PoolTimedOut),
         };
+        let mut changed = Vec::new();
         match read {
-            Ok(rows) => {
+            Ok((rows, schemas_changed)) => {
                 let mut by_key: HashMap<(String, String), String> = rows
                     .into_iter()
                     .map(|r| ((r.target, r.migration_id), r.checksum))
@@ -583,6 +584,7 @@ impl Agent {
                 for job in &mut batch {
                     job.mark_applied(&mut by_key);
                 }
+                changed = schemas_changed;
             }
             // The journal decides anyway: a step applied meanwhile fails its journal insert
             // (or its up SQL) and the failure path re-reads the journal.
@@ -598,6 +600,15 @@ impl Agent {
         let mut todo = Vec::with_capacity(n);
         let mut applied = Vec::new();
         for mut job in batch {
+            // A tenant whose schema changed since its journal was written: what is applied
+            // there is not known, and nothing runs until an operator says (the step fails,
+            // saying how).
+            if changed.contains(&job.tenant) {
+                let why = shard::changed_schema(&self.config.shard, &job.tenant);
+                let failed = job::all_failed(&job.run, &Failure::agent("up", why));
+                applied.push((job.prepare.is_some(), failed));
+                continue;
+            }
             if job.fully_applied() {
                 applied.push((job.prepare.is_some(), job.already_applied_result()));
             } else {

@@ -170,6 +170,29 @@ impl Agent {
                 self.known_tenants()
             }
         };
+        let names: Vec<String> = tenants.iter().map(|t| t.name.clone()).collect();
+        let schema_changed = match self.pool.acquire().await {
+            Ok(mut conn) => match shard::changed_schemas(&mut conn, &names).await {
+                Ok(changed) => changed
+                    .into_iter()
+                    .map(|t| {
+                        let said = shard::changed_schema(&self.config.shard, &t);
+                        (t, said)
+                    })
+                    .collect(),
+                Err(e) => {
+                    errors.push(format!(
+                        "shard {}: reading the tenants' schemas: {e}",
+                        self.config.shard
+                    ));
+                    Default::default()
+                }
+            },
+            Err(e) => {
+                errors.push(format!("shard {}: {e}", self.config.shard));
+                Default::default()
+            }
+        };
         let (applied, undoing) =
             match shard::read_for_preflight(&self.pool, &req.migration_ids).await {
                 Ok(rows) => rows,
@@ -228,6 +251,7 @@ impl Agent {
             request_id: req.request_id,
             tenants,
             applied,
+            schema_changed,
             error: errors.join("; "),
         }
     }

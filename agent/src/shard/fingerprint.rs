@@ -39,7 +39,7 @@ static FINGERPRINT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
 /// its own, and PostgreSQL keeps only a few compiled).
 fn strip(expr: &str) -> String {
     format!(
-        r"CASE WHEN own IS NULL OR strpos({expr}, '.') = 0 THEN {expr} ELSE regexp_replace(regexp_replace({expr}, own, '\1', 'g'), COALESCE(own_quoted, own), '\1', 'g') END"
+        r"CASE WHEN own IS NULL OR strpos({expr}, '.') = 0 THEN {expr} ELSE CASE WHEN own_quoted IS NULL THEN regexp_replace({expr}, own, '\1', 'g') ELSE regexp_replace(regexp_replace({expr}, own, '\1', 'g'), own_quoted, '\1', 'g') END END"
     )
 }
 
@@ -52,10 +52,10 @@ ns AS (
          CASE WHEN w.name IS NOT NULL THEN n.nspname::text ELSE '' END AS target,
          CASE WHEN w.name IS NOT NULL THEN '' ELSE quote_ident(n.nspname) || '.' END AS prefix,
          CASE WHEN w.name IS NOT NULL THEN
-           '(^|[^[:alnum:]_$])' || regexp_replace(quote_ident(n.nspname), '([^[:alnum:]_])', '\\\1', 'g') || '\.'
+           '(^|[^[:alnum:]_$."])' || regexp_replace(quote_ident(n.nspname), '([^[:alnum:]_])', '\\\1', 'g') || '\.'
          END AS own,
          CASE WHEN w.name IS NOT NULL AND strpos(n.nspname, '''') > 0 THEN
-           '(^|[^[:alnum:]_$])'
+           '(^|[^[:alnum:]_$."])'
            || regexp_replace(replace(quote_ident(n.nspname), '''', ''''''), '([^[:alnum:]_])', '\\\1', 'g') || '\.'
          END AS own_quoted
     FROM pg_catalog.pg_namespace n

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use flotilla_core::pb;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnection, PgPool};
-use tracing::{info, instrument, warn};
+use tracing::{info, instrument};
 
 use crate::error::AgentError;
 
@@ -298,66 +298,56 @@ pub(crate) async fn read_entries(
         .collect())
 }
 
-/// The targets (of `$1`, or all with `$1` NULL) whose schema is not the one recorded: dropped
-/// and created again since, their journal rows are a former schema's (see
-/// `flotilla.reconcile_tenant_schemas`). Whatever migrations a read asks for: a row of any
-/// would be moved, with a row written in the new schema meanwhile.
-const FORMER_SCHEMAS: &str = "SELECT s.target FROM flotilla.tenant_schemas s \
-     JOIN pg_catalog.pg_namespace n ON n.nspname = s.target \
-     WHERE ($1::text[] IS NULL OR s.target = ANY($1)) AND s.schema_oid <> n.oid";
-
-/// Records the schemas of `targets` as they are now; the journal rows of a target whose
-/// schema was dropped and created again since it was recorded go to the history first (a
-/// tenant of the same name is a new tenant: its migrations are not applied there). Said in
-/// the log, target by target.
-pub(crate) async fn reconcile_tenant_schemas(
+/// Of `targets`, those whose schema is not the one their journal rows were written in
+/// (dropped and made again, or restored on its own: `flotilla.record_tenant_schemas`);
+/// the schemas not recorded yet are recorded. Nothing of theirs is changed: whether such a
+/// schema holds what its journal says, only an operator knows ([`changed_schema`]).
+pub(crate) async fn changed_schemas(
     conn: &mut PgConnection,
     targets: &[String],
-) -> Result<(), sqlx::Error> {
-    let moved: Vec<(String, i64)> =
-        sqlx::query_as("SELECT target, moved FROM flotilla.reconcile_tenant_schemas($1)")
-            .bind(targets)
-            .fetch_all(conn)
-            .await?;
-    for (target, rows) in moved {
-        warn!(tenant = %target.escape_debug(), rows, "the tenant's schema was dropped and created again since its journal rows were written: they went to the history (flotilla.journal_history), and the tenant is taken as new");
-    }
-    Ok(())
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT flotilla.record_tenant_schemas($1)")
+        .bind(targets)
+        .fetch_all(conn)
+        .await
+}
+
+/// What a run, a preflight and the log say of a tenant whose schema changed, with the two
+/// answers an operator can give on the shard.
+pub(crate) fn changed_schema(shard: &str, tenant: &str) -> String {
+    let literal = format!("'{}'", tenant.replace('\'', "''"));
+    format!(
+        "tenant {tenant:?} of shard {shard}: its schema is not the one its journal rows were written in (dropped and made again, or restored on its own), so what is applied there is not known; nothing runs there until an operator says which, on the shard: SELECT flotilla.tenant_is_new({literal}) for a new tenant (its journal rows go to flotilla.journal_history, its migrations run again), or SELECT flotilla.tenant_kept_its_history({literal}) if it holds what its journal says"
+    )
 }
 
 /// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs
-/// (not those a rollback cut short: see [`NOT_UNDOING`]). Rows of a target's former schema
-/// (dropped and created again) are moved to the history first, and not read.
+/// (not those a rollback cut short: see [`NOT_UNDOING`]); and those of `targets` whose
+/// schema changed ([`changed_schemas`]), of which nothing is read.
 pub(crate) async fn read_applied(
     conn: &mut PgConnection,
     targets: &[String],
     migrations: &[String],
-) -> Result<Vec<JournalRow>, sqlx::Error> {
-    let read = async |conn: &mut PgConnection| -> Result<Vec<(String, String, String, bool)>, sqlx::Error> {
-        sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT j.target, j.migration_id, j.checksum, false FROM flotilla.journal j \
-             WHERE j.target = ANY($1) AND j.migration_id = ANY($2) AND {NOT_UNDOING} \
-             UNION ALL SELECT f.target, '', '', true FROM ({FORMER_SCHEMAS}) f"
-        )))
-        .bind(targets)
-        .bind(migrations)
-        .fetch_all(conn)
-        .await
-    };
-    let mut rows = read(&mut *conn).await?;
-    if rows.iter().any(|r| r.3) {
-        reconcile_tenant_schemas(&mut *conn, targets).await?;
-        rows = read(&mut *conn).await?;
-    }
-    Ok(rows
+) -> Result<(Vec<JournalRow>, Vec<String>), sqlx::Error> {
+    let changed = changed_schemas(&mut *conn, targets).await?;
+    let rows: Vec<(String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT j.target, j.migration_id, j.checksum FROM flotilla.journal j \
+         WHERE j.target = ANY($1) AND j.migration_id = ANY($2) AND {NOT_UNDOING}"
+    )))
+    .bind(targets)
+    .bind(migrations)
+    .fetch_all(&mut *conn)
+    .await?;
+    let rows = rows
         .into_iter()
-        .filter(|r| !r.3)
-        .map(|(target, migration_id, checksum, _)| JournalRow {
+        .filter(|(target, _, _)| !changed.contains(target))
+        .map(|(target, migration_id, checksum)| JournalRow {
             target,
             migration_id,
             checksum,
         })
-        .collect())
+        .collect();
+    Ok((rows, changed))
 }
 
 /// Journal rows of the given migrations, on every target, for a preflight: those applied,
@@ -367,16 +357,7 @@ pub(crate) async fn read_for_preflight(
     pool: &PgPool,
     migrations: &[String],
 ) -> Result<(Vec<pb::AppliedStep>, Vec<pb::AppliedStep>), sqlx::Error> {
-    // A tenant dropped and created again since the last discovery: its former schema's rows
-    // would make the submit take its steps for applied, and never send them.
     let mut conn = pool.acquire().await?;
-    let former: Vec<String> = sqlx::query_scalar(AssertSqlSafe(FORMER_SCHEMAS))
-        .bind(None::<Vec<String>>)
-        .fetch_all(&mut *conn)
-        .await?;
-    if !former.is_empty() {
-        reconcile_tenant_schemas(&mut conn, &former).await?;
-    }
     let rows: Vec<(String, String, String, String, bool)> = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT target, migration_id, checksum, plan_id, {NOT_UNDOING} \
              FROM flotilla.journal j WHERE migration_id = ANY($1) ORDER BY target, seq"

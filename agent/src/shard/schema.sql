@@ -287,66 +287,89 @@ DO $$ BEGIN
 END $$;
 
 -- version 4: which schema each tenant's journal rows were written in (its OID, recorded when
--- the agent first saw the tenant). The journal is keyed by the tenant's name: a tenant
--- dropped and created again under that name is another schema, and the rows of the one
--- before must not say its migrations are applied there. A gone tenant's rows stay (its
--- history, `fleet status` lists it as gone) until a schema of its name is back.
+-- the agent first saw the tenant, with the OID schema flotilla had then: a row recorded in
+-- another database, restored or copied here with the journal, is recorded again, not
+-- compared). The journal is keyed by the tenant's name: a schema of that name that is
+-- another one (dropped and made again, or restored on its own) may or may not hold what
+-- the journal says, and only an operator knows which: the agent runs nothing there and
+-- refuses plans over it until one says, with flotilla.tenant_is_new (its former rows go to
+-- the history, its migrations run again) or flotilla.tenant_kept_its_history (the schema
+-- holds what the journal says: a restore). A gone tenant's rows stay (its history).
 CREATE TABLE IF NOT EXISTS flotilla.tenant_schemas (
   target text PRIMARY KEY,
   schema_oid oid NOT NULL,
+  recorded_in oid NOT NULL,
   seen_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Records the schemas of `p_targets` as they are now, first moving to the history the
--- journal rows of a target whose schema is not the one recorded (dropped and created again
--- since), with its checkpoints and prior images (of objects gone with the old schema).
--- Returns each such target and how many rows moved. The OIDs recorded hold for this
--- database only: a restore or a copy (pg_dump, pg_upgrade, which keep the journal but not
--- namespace OIDs) makes schema flotilla anew too, and then what is there now is recorded,
--- nothing moved. A replica promoted keeps every OID.
-CREATE OR REPLACE FUNCTION flotilla.reconcile_tenant_schemas(p_targets text[])
-RETURNS TABLE (target text, moved bigint) LANGUAGE plpgsql AS $fn$
-#variable_conflict use_column
-DECLARE
-  v_here text := (SELECT n.oid::text FROM pg_catalog.pg_namespace n WHERE n.nspname = 'flotilla');
-BEGIN
-  IF (SELECT m.value FROM flotilla.meta m WHERE m.key = 'tenant_schemas_of') IS DISTINCT FROM v_here THEN
-    DELETE FROM flotilla.tenant_schemas;
-    INSERT INTO flotilla.meta (key, value) VALUES ('tenant_schemas_of', v_here)
-      ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
-  END IF;
-  RETURN QUERY
-  WITH now_seen AS (
+-- Records the schemas of `p_targets` not recorded here yet; returns those whose schema is
+-- not the one recorded. Changes nothing of theirs.
+CREATE OR REPLACE FUNCTION flotilla.record_tenant_schemas(p_targets text[])
+RETURNS SETOF text LANGUAGE sql AS $fn$
+  WITH here AS (
+    SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = 'flotilla'
+  ), now_seen AS (
     SELECT n.nspname::text AS target, n.oid AS schema_oid
       FROM pg_catalog.pg_namespace n WHERE n.nspname = ANY (p_targets)
-  ), former AS (
-    SELECT s.target FROM flotilla.tenant_schemas s JOIN now_seen c ON c.target = s.target
-     WHERE s.schema_oid <> c.schema_oid
-  ), gone_rows AS (
-    DELETE FROM flotilla.journal j USING former f WHERE j.target = f.target RETURNING j.*
+  ), recorded AS (
+    -- (only what is new, or recorded elsewhere: a pass over a recorded fleet writes nothing)
+    INSERT INTO flotilla.tenant_schemas AS s (target, schema_oid, recorded_in)
+    SELECT c.target, c.schema_oid, (SELECT oid FROM here) FROM now_seen c
+     WHERE NOT EXISTS (SELECT 1 FROM flotilla.tenant_schemas t
+                        WHERE t.target = c.target AND t.recorded_in = (SELECT oid FROM here))
+    ON CONFLICT ON CONSTRAINT tenant_schemas_pkey DO UPDATE
+      SET schema_oid = EXCLUDED.schema_oid, recorded_in = EXCLUDED.recorded_in, seen_at = now()
+      WHERE s.recorded_in <> EXCLUDED.recorded_in
+  )
+  SELECT s.target FROM flotilla.tenant_schemas s JOIN now_seen c ON c.target = s.target
+   WHERE s.recorded_in = (SELECT oid FROM here) AND s.schema_oid <> c.schema_oid
+$fn$;
+
+-- An operator's answer for a tenant whose schema changed: a new tenant. The journal rows of
+-- the schema before go to the history (rolled_back_by_plan 'flotilla:tenant-is-new'), with
+-- its checkpoints and prior images (of objects gone with it); the schema there now is
+-- recorded. Returns how many journal rows moved.
+CREATE OR REPLACE FUNCTION flotilla.tenant_is_new(p_target text) RETURNS bigint
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_oid oid := (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = p_target);
+  v_moved bigint;
+BEGIN
+  IF v_oid IS NULL THEN
+    RAISE EXCEPTION 'no schema % on this shard', quote_ident(p_target);
+  END IF;
+  WITH gone AS (
+    DELETE FROM flotilla.journal j WHERE j.target = p_target RETURNING j.*
   ), kept AS (
     INSERT INTO flotilla.journal_history (target, migration_id, checksum, plan_id, epoch,
         started_at, finished_at, rolled_back_at, rolled_back_by_plan, rolled_back_epoch)
     SELECT g.target, g.migration_id, g.checksum, g.plan_id, g.epoch, g.started_at,
-           g.finished_at, now(), 'flotilla:schema-created-again', g.epoch
-      FROM gone_rows g
-    RETURNING journal_history.target
-  ), cleared AS (
-    DELETE FROM flotilla.checkpoints c USING former f WHERE c.target = f.target
-  ), images AS (
-    DELETE FROM flotilla.prior_images i USING former f WHERE i.target = f.target
-  ), recorded AS (
-    -- (only what is new or changed: a discovery pass over a recorded fleet writes nothing)
-    INSERT INTO flotilla.tenant_schemas AS s (target, schema_oid)
-    SELECT c.target, c.schema_oid FROM now_seen c
-     WHERE NOT EXISTS (SELECT 1 FROM flotilla.tenant_schemas t
-                        WHERE t.target = c.target AND t.schema_oid = c.schema_oid)
-    ON CONFLICT ON CONSTRAINT tenant_schemas_pkey DO UPDATE
-      SET schema_oid = EXCLUDED.schema_oid, seen_at = now()
-      WHERE s.schema_oid <> EXCLUDED.schema_oid
+           g.finished_at, now(), 'flotilla:tenant-is-new', g.epoch
+      FROM gone g
+    RETURNING 1
   )
-  SELECT f.target, (SELECT count(*) FROM kept k WHERE k.target = f.target)
-    FROM former f;
+  SELECT count(*) INTO v_moved FROM kept;
+  DELETE FROM flotilla.checkpoints c WHERE c.target = p_target;
+  DELETE FROM flotilla.prior_images i WHERE i.target = p_target;
+  PERFORM flotilla.tenant_kept_its_history(p_target);
+  RETURN v_moved;
+END
+$fn$;
+
+-- An operator's answer for a tenant whose schema changed: it holds what its journal says
+-- (restored on its own, renamed into place). The schema there now is recorded.
+CREATE OR REPLACE FUNCTION flotilla.tenant_kept_its_history(p_target text) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_oid oid := (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = p_target);
+BEGIN
+  IF v_oid IS NULL THEN
+    RAISE EXCEPTION 'no schema % on this shard', quote_ident(p_target);
+  END IF;
+  INSERT INTO flotilla.tenant_schemas (target, schema_oid, recorded_in)
+  VALUES (p_target, v_oid, (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = 'flotilla'))
+  ON CONFLICT (target) DO UPDATE
+    SET schema_oid = EXCLUDED.schema_oid, recorded_in = EXCLUDED.recorded_in, seen_at = now();
 END
 $fn$;
 

@@ -2818,14 +2818,15 @@ async fn a_data_change_applied_meanwhile_by_another_run_is_not_applied_again() {
     f.drop().await;
 }
 
-/// A tenant dropped and created again under its name is a new tenant: the journal rows of
-/// its former schema go to the history, and a run applies its migrations there. Before,
-/// the rows of the schema before answered ALREADY_APPLIED, and the new schema never got
-/// them. A restored or copied database (schema flotilla made anew: every namespace OID
-/// changes) moves nothing.
+/// A tenant whose schema is another than the one its journal rows were written in (dropped
+/// and made again, or restored on its own): nothing runs there, each step failing with what
+/// an operator can answer; `flotilla.tenant_is_new` moves its rows to the history and its
+/// migrations run again, `flotilla.tenant_kept_its_history` keeps them (a restore). Before,
+/// the former rows answered ALREADY_APPLIED on a new tenant. Rows recorded in another
+/// database (a restore or copy of the whole) are recorded again, nothing said.
 #[tokio::test]
-async fn a_tenant_created_again_under_its_name_is_a_new_tenant() {
-    let Some(f) = fleet("created_again", 2).await else {
+async fn a_tenant_whose_schema_changed_runs_nothing_until_an_operator_says_which() {
+    let Some(f) = fleet("schema_changed", 2).await else {
         return;
     };
     let (dsn, pool) = (f.dsn.clone(), f.pool.clone());
@@ -2839,91 +2840,101 @@ async fn a_tenant_created_again_under_its_name_is_a_new_tenant() {
             ..Default::default()
         })
     };
+    let runs = |first: u64| -> Vec<pb::Run> {
+        (0..2)
+            .map(|i| run(first + i, &format!("tenant_{i:04}"), &BENCH, true))
+            .collect()
+    };
     s.send(definition("p1"));
-    let runs = (0..2)
-        .map(|i| run(i, &format!("tenant_{i:04}"), &BENCH, true))
-        .collect();
-    for r in s.assign("p1", 1, 2, runs).await.values() {
+    for r in s.assign("p1", 1, 2, runs(0)).await.values() {
         assert_eq!(outcomes(r), [pb::StepOutcome::Applied; 3], "{r:?}");
     }
-    // tenant_0000 dropped and made again as it was before any migration
-    sqlx::raw_sql(
-        "DROP SCHEMA tenant_0000 CASCADE; CREATE SCHEMA tenant_0000;
-         CREATE TABLE tenant_0000.work_orders (id bigserial PRIMARY KEY, business_id uuid NOT NULL DEFAULT gen_random_uuid(),
-           customer_id bigint NOT NULL, priority text NOT NULL, total_amount numeric(12,2) NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
-         CREATE TABLE tenant_0000.repair_orders (id bigserial PRIMARY KEY, business_id uuid NOT NULL DEFAULT gen_random_uuid(),
-           customer_id bigint NOT NULL, total_amount numeric(12,2) NOT NULL, created_at timestamptz NOT NULL DEFAULT now());",
-    )
+    // both tenants dropped and made again as they were before any migration
+    let remake = |t: &str| {
+        format!(
+            "DROP SCHEMA {t} CASCADE; CREATE SCHEMA {t};
+             CREATE TABLE {t}.work_orders (id bigserial PRIMARY KEY, business_id uuid NOT NULL DEFAULT gen_random_uuid(),
+               customer_id bigint NOT NULL, priority text NOT NULL, total_amount numeric(12,2) NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE {t}.repair_orders (id bigserial PRIMARY KEY, business_id uuid NOT NULL DEFAULT gen_random_uuid(),
+               customer_id bigint NOT NULL, total_amount numeric(12,2) NOT NULL, created_at timestamptz NOT NULL DEFAULT now());"
+        )
+    };
+    sqlx::raw_sql(AssertSqlSafe(
+        remake("tenant_0000") + &remake("tenant_0001"),
+    ))
     .execute(&pool)
     .await
     .unwrap();
     s.send(definition("p2"));
-    let runs = (0..2)
-        .map(|i| run(10 + i, &format!("tenant_{i:04}"), &BENCH, true))
-        .collect();
-    let results = s.assign("p2", 1, 2, runs).await;
+    let results = s.assign("p2", 1, 2, runs(10)).await;
+    for r in results.values() {
+        assert_eq!(outcomes(r), [pb::StepOutcome::Failed; 3], "{r:?}");
+        let message = &r.steps[0].error.as_ref().unwrap().message;
+        assert!(
+            message.contains("its schema is not the one its journal rows were written in")
+                && message.contains("SELECT flotilla.tenant_is_new('"),
+            "{message}"
+        );
+    }
     assert_eq!(
-        outcomes(&results[&10]),
+        count(&pool, "SELECT count(*) FROM flotilla.journal").await,
+        6,
+        "nothing changed"
+    );
+    // tenant_0000 is new: its rows go to the history and its migrations run; tenant_0001
+    // holds what its journal says: they stay, and answer.
+    let moved: i64 = sqlx::query_scalar("SELECT flotilla.tenant_is_new('tenant_0000')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(moved, 3);
+    sqlx::query("SELECT flotilla.tenant_kept_its_history('tenant_0001')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    s.send(definition("p3"));
+    let results = s.assign("p3", 1, 2, runs(20)).await;
+    assert_eq!(
+        outcomes(&results[&20]),
         [pb::StepOutcome::Applied; 3],
-        "the schema made again gets its migrations: {:?}",
-        results[&10]
+        "{:?}",
+        results[&20]
     );
     assert_eq!(
-        outcomes(&results[&11]),
+        outcomes(&results[&21]),
         [pb::StepOutcome::AlreadyApplied; 3],
         "{:?}",
-        results[&11]
+        results[&21]
     );
-    let moved = count(
-        &pool,
-        "SELECT count(*) FROM flotilla.journal_history WHERE target = 'tenant_0000' \
-         AND rolled_back_by_plan = 'flotilla:schema-created-again' AND plan_id = 'p1'",
-    )
-    .await;
-    assert_eq!(moved, 3, "the former schema's rows kept in the history");
     assert_eq!(
         count(
             &pool,
-            "SELECT count(*) FROM flotilla.journal WHERE target = 'tenant_0000' AND plan_id = 'p2'"
+            "SELECT count(*) FROM flotilla.journal_history WHERE target = 'tenant_0000' \
+             AND rolled_back_by_plan = 'flotilla:tenant-is-new' AND plan_id = 'p1'",
         )
         .await,
         3
     );
 
-    // What a restore or a copy looks like: the recorded OIDs are another database's (here
-    // made up), and schema flotilla is another one. Nothing moves; what is there is recorded.
-    let reconcile = "SELECT count(*) FROM flotilla.reconcile_tenant_schemas(ARRAY['tenant_0000', 'tenant_0001'])";
-    sqlx::raw_sql(
-        "UPDATE flotilla.tenant_schemas SET schema_oid = 1;
-         UPDATE flotilla.meta SET value = 'another database' WHERE key = 'tenant_schemas_of'",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    assert_eq!(count(&pool, reconcile).await, 0, "nothing moved");
-    assert_eq!(
-        count(&pool, "SELECT count(*) FROM flotilla.journal").await,
-        6
-    );
-    assert_eq!(
-        count(
-            &pool,
-            "SELECT count(*) FROM flotilla.tenant_schemas s JOIN pg_namespace n \
-             ON n.nspname = s.target AND n.oid = s.schema_oid"
-        )
-        .await,
-        2,
-        "recorded as they are now"
-    );
-    // The same made-up OIDs in this database: both schemas were made again.
+    // What a restore or a copy of the whole looks like: rows recorded in another database
+    // (made-up OIDs). They are recorded again, nothing said; the same OIDs recorded here
+    // say both schemas changed.
+    let changed =
+        "SELECT count(*) FROM flotilla.record_tenant_schemas(ARRAY['tenant_0000', 'tenant_0001'])";
+    sqlx::raw_sql("UPDATE flotilla.tenant_schemas SET schema_oid = 1, recorded_in = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count(&pool, changed).await, 0, "recorded again");
+    assert_eq!(count(&pool, changed).await, 0, "as they are now");
     sqlx::raw_sql("UPDATE flotilla.tenant_schemas SET schema_oid = 1")
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(count(&pool, reconcile).await, 2);
+    assert_eq!(count(&pool, changed).await, 2);
     assert_eq!(
         count(&pool, "SELECT count(*) FROM flotilla.journal").await,
-        0
+        6
     );
     h.stop().await;
     f.drop().await;

@@ -68,6 +68,28 @@ pub(super) fn edited_after_applied(
     Ok(())
 }
 
+/// A plan over a tenant whose schema is not the one its journal was written in (dropped and
+/// made again, or restored on its own) is refused: what is applied there is not known, and
+/// a guess either way is wrong for one of the two (migrations run again over a restore, or
+/// reported applied on a new tenant). The agent's words name the answers an operator gives.
+pub(super) fn schemas_known(
+    expansion: &Expansion,
+    changed: &BTreeMap<(String, String), String>,
+) -> Result<(), Refusal> {
+    let said: Vec<String> = expansion
+        .targets
+        .iter()
+        .filter_map(|t| changed.get(&(t.shard.clone(), t.tenant.clone())).cloned())
+        .collect();
+    if said.is_empty() {
+        return Ok(());
+    }
+    Err(Refusal::SchemaChanged {
+        count: said.len(),
+        said: some_of(&said, 3),
+    })
+}
+
 /// Atomic units: every shard a unit prepares on must be able to prepare (refused before
 /// any change, naming the shard and the setting), and a prepared change is invisible to
 /// other transactions until the decision, so a step cannot wait on another target's step

@@ -269,6 +269,7 @@ impl Coordinator {
         );
         checks::edited_after_applied(spec, &seen.applied)?;
         let expansion = planner::expand(spec, &seen.fleet)?;
+        checks::schemas_known(&expansion, &seen.schema_changed)?;
         self.environment_labels_agree(spec, &expansion, promotion)?;
         data::check_data_problems(spec, &expansion, &seen.data_problems)?;
         checks::atomic(

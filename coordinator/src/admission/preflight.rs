@@ -38,6 +38,9 @@ pub(crate) struct Seen {
     /// Dry run only: shards that could not be asked, and why (their view in `fleet` is the
     /// one the coordinator last knew).
     pub unknown: BTreeMap<String, String>,
+    /// Tenants whose schema is not the one their journal was written in, by (shard,
+    /// tenant): what their agent says of each.
+    pub schema_changed: BTreeMap<(String, String), String>,
 }
 
 /// A shard's server as its agent saw it for the preflight: how many transactions it can
@@ -244,6 +247,9 @@ impl Coordinator {
             for a in reply.applied {
                 seen.applied
                     .insert((a.migration_id, shard.clone(), a.tenant), a.checksum);
+            }
+            for (tenant, said) in reply.schema_changed {
+                seen.schema_changed.insert((shard.clone(), tenant), said);
             }
         }
         if mode == Mode::DryRun {

@@ -73,7 +73,9 @@ impl Coordinator {
             .zip(&expansion.labels)
             .filter_map(|(t, labels)| {
                 let env = labels.get(&envs.label)?;
-                (*env != spec.environment).then(|| format!("{t} ({}={env})", envs.label))
+                // (names compared as catch-up compares them: without case)
+                (!env.eq_ignore_ascii_case(&spec.environment))
+                    .then(|| format!("{t} ({}={env})", envs.label))
             })
             .collect();
         if others.is_empty() {

@@ -259,9 +259,10 @@ impl Store {
         }
         use sqlx::Connection;
         match tokio::time::timeout(within, sqlx::AnyConnection::connect(self.url.expose())).await {
+            // a connection of its own answers: the pool was only busy
             Ok(Ok(conn)) => {
                 let _ = conn.close().await;
-                Err(pool_said)
+                Ok(())
             }
             Ok(Err(e)) => Err(flotilla_core::secrets::scrub(&sql_error_text(&e))),
             Err(_) => Err(format!("no connection within {within:?}")),

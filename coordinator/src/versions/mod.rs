@@ -214,6 +214,11 @@ impl FleetVersions {
                     continue;
                 }
                 let seq = rows.last().map_or(0, |e| e.seq + 1);
+                // Its fingerprint is older than this row now: it would pass for drift (or
+                // hide it) until the agent reads the shape again, as its own report of
+                // the row says too.
+                journal.fingerprints.remove(&run.tenant);
+                let rows = journal.targets.entry(run.tenant.clone()).or_default();
                 rows.push(pb::JournalEntry {
                     target: run.tenant.clone(),
                     migration_id: step.migration_id.clone(),
