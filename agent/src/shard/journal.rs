@@ -329,19 +329,22 @@ pub(crate) async fn read_applied(
     targets: &[String],
     migrations: &[String],
 ) -> Result<(Vec<JournalRow>, Vec<String>), sqlx::Error> {
-    let changed = changed_schemas(&mut *conn, targets).await?;
-    let rows: Vec<(String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT j.target, j.migration_id, j.checksum FROM flotilla.journal j \
-         WHERE j.target = ANY($1) AND j.migration_id = ANY($2) AND {NOT_UNDOING}"
+    // One round trip (a batch of runs waits on it): the changed schemas come as rows of
+    // their own, flagged.
+    let rows: Vec<(String, String, String, bool)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT j.target, j.migration_id, j.checksum, false FROM flotilla.journal j \
+         WHERE j.target = ANY($1) AND j.migration_id = ANY($2) AND {NOT_UNDOING} \
+         UNION ALL SELECT c, '', '', true FROM flotilla.record_tenant_schemas($1) c"
     )))
     .bind(targets)
     .bind(migrations)
     .fetch_all(&mut *conn)
     .await?;
+    let changed: Vec<String> = rows.iter().filter(|r| r.3).map(|r| r.0.clone()).collect();
     let rows = rows
         .into_iter()
-        .filter(|(target, _, _)| !changed.contains(target))
-        .map(|(target, migration_id, checksum)| JournalRow {
+        .filter(|(target, _, _, _)| !changed.contains(target))
+        .map(|(target, migration_id, checksum, _)| JournalRow {
             target,
             migration_id,
             checksum,
