@@ -263,9 +263,10 @@ pub fn redact_url(dsn: &str) -> String {
 /// Whether a query key names a secret: `password`, `sslpassword` (a client key's
 /// passphrase), whatever their case or percent-encoding.
 fn is_secret_key(raw: &str) -> bool {
-    percent_decode(raw)
-        .to_ascii_lowercase()
-        .contains("password")
+    matches!(
+        percent_decode(raw).to_ascii_lowercase().as_str(),
+        "password" | "sslpassword"
+    )
 }
 
 /// The parameters of a URL's query (`scheme://...?k=v&k2=v2`) whose key names a secret:
