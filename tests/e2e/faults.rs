@@ -918,14 +918,7 @@ async fn a_shard_whose_database_does_not_answer_its_agent_refuses_a_submit_at_on
     let d = MigrationDir::new()?;
     d.migration("001_t", "", "CREATE TABLE t (x int)", "DROP TABLE t")?;
     let dir = d.path().to_string_lossy().into_owned();
-    fleet
-        .pg
-        .psql(
-            "postgres",
-            "ALTER DATABASE shard_0 ALLOW_CONNECTIONS false;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'shard_0'",
-        )
-        .await?;
+    crate::shards::cut_off(&fleet.pg, "shard_0", true).await?;
     // (its own message, not the preflight's "no preflight answer within 30s")
     let out = crate::harness::wait_for(
         "a submit refused for the agent's lost lock",
@@ -947,10 +940,7 @@ async fn a_shard_whose_database_does_not_answer_its_agent_refuses_a_submit_at_on
         Some(0),
         "nothing stored: {plans}"
     );
-    fleet
-        .pg
-        .psql("postgres", "ALTER DATABASE shard_0 ALLOW_CONNECTIONS true")
-        .await?;
+    crate::shards::cut_off(&fleet.pg, "shard_0", false).await?;
     wait_until(
         "the plan runs once the database answers",
         WAIT,

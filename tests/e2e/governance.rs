@@ -35,6 +35,13 @@ fn plan(environment: &str, id: &str, table: &str, risk: &str) -> anyhow::Result<
     MigrationDir::one_table(environment, id, table, "", &format!("risk = \"{risk}\"\n"))
 }
 
+/// The seed's matrix written to `approvals.toml` in `files`; its path.
+fn matrix_file(files: &TestDir) -> anyhow::Result<String> {
+    let matrix = files.join("approvals.toml");
+    std::fs::write(&matrix, MATRIX)?;
+    Ok(matrix.to_string_lossy().into_owned())
+}
+
 async fn approve(fleet: &TestFleet, verb: &str, id: &str, who: &[&str]) -> anyhow::Result<Value> {
     let mut args = vec!["plan", verb, id, "--output", "json"];
     args.extend_from_slice(who);
@@ -53,9 +60,7 @@ async fn audit(fleet: &TestFleet, id: &str) -> anyhow::Result<Vec<Value>> {
 async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_one()
 -> anyhow::Result<()> {
     let files = TestDir::new("approvals")?;
-    let matrix = files.join("approvals.toml");
-    std::fs::write(&matrix, MATRIX)?;
-    let matrix = matrix.to_string_lossy().into_owned();
+    let matrix = matrix_file(&files)?;
     let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let mut fleet = TestFleet::builder(2, 2)
         .metrics(metrics)
@@ -343,17 +348,13 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
     Ok(())
 }
 
-/// A matrix rule for an environment the coordinator's list does not hold would never
-/// apply (the list refuses every plan for it): the coordinator does not start.
 /// With an approval matrix and no environments list, a plan's environment is the name its
 /// submitter gives: a plan naming `staging` (no approval) over shards labelled
 /// `env=production` is refused, naming them. Before, it ran there unapproved.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plan_naming_another_environment_than_its_shards_is_refused() -> anyhow::Result<()> {
     let files = TestDir::new("approvals-labels")?;
-    let matrix = files.join("approvals.toml");
-    std::fs::write(&matrix, MATRIX)?;
-    let matrix = matrix.to_string_lossy().into_owned();
+    let matrix = matrix_file(&files)?;
     let fleet = TestFleet::builder(2, 1)
         .shard_labels(&["env=production", "env=production"])
         .coordinator_args(&["--approvals", &matrix])
@@ -392,9 +393,7 @@ async fn a_plan_naming_another_environment_than_its_shards_is_refused() -> anyho
 #[tokio::test(flavor = "multi_thread")]
 async fn an_approved_plan_applies_what_a_rollback_undid_while_it_waited() -> anyhow::Result<()> {
     let files = TestDir::new("approvals-undone")?;
-    let matrix = files.join("approvals.toml");
-    std::fs::write(&matrix, MATRIX)?;
-    let matrix = matrix.to_string_lossy().into_owned();
+    let matrix = matrix_file(&files)?;
     let fleet = TestFleet::builder(2, 2)
         .coordinator_args(&["--approvals", &matrix])
         .start()
@@ -436,6 +435,8 @@ async fn an_approved_plan_applies_what_a_rollback_undid_while_it_waited() -> any
     Ok(())
 }
 
+/// A matrix rule for an environment the coordinator's list does not hold would never
+/// apply (the list refuses every plan for it): the coordinator does not start.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_approvals_environment_missing_from_the_list_stops_the_coordinator() -> anyhow::Result<()>
 {
@@ -499,9 +500,7 @@ async fn a_bad_approvals_file_stops_the_coordinator_naming_file_and_line() -> an
 async fn a_plan_awaiting_approval_waits_under_a_new_leader_and_is_approved_through_a_follower()
 -> anyhow::Result<()> {
     let files = TestDir::new("approvals-ha")?;
-    let matrix = files.join("approvals.toml");
-    std::fs::write(&matrix, MATRIX)?;
-    let matrix = matrix.to_string_lossy().into_owned();
+    let matrix = matrix_file(&files)?;
     let mut fleet = HaFleet::builder(2, 2, 2)
         .coordinator_args(&["--approvals", &matrix])
         .start()

@@ -127,3 +127,18 @@ pub async fn assert_logged_once(
     assert_eq!(rows, once, "{db}/{tenant}");
     Ok(())
 }
+
+/// Database `db` of `pg` refuses every connection (`ALLOW_CONNECTIONS false`), its sessions
+/// ended: a database out of reach of whoever uses it, the server up; `false` lets them in.
+pub async fn cut_off(pg: &PgCluster, db: &str, cut: bool) -> anyhow::Result<()> {
+    let sql = if cut {
+        format!(
+            "ALTER DATABASE {db} ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+        )
+    } else {
+        format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true")
+    };
+    pg.psql("postgres", &sql).await?;
+    Ok(())
+}

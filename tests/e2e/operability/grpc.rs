@@ -328,14 +328,7 @@ async fn a_control_store_out_of_reach_shows_in_health_metrics_and_the_log() -> a
             .any(|l| l == format!("flotilla_control_store_up {value}")))
     };
     assert!(up("1").await?);
-    fleet
-        .pg
-        .psql(
-            "postgres",
-            "ALTER DATABASE store_probe ALLOW_CONNECTIONS false;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'store_probe'",
-        )
-        .await?;
+    crate::shards::cut_off(&fleet.pg, "store_probe", true).await?;
     wait_until(
         "health and the metric say the store is out of reach",
         WAIT,
@@ -355,13 +348,7 @@ async fn a_control_store_out_of_reach_shows_in_health_metrics_and_the_log() -> a
             && log.contains("not currently accepting connections"),
         "{log}"
     );
-    fleet
-        .pg
-        .psql(
-            "postgres",
-            "ALTER DATABASE store_probe ALLOW_CONNECTIONS true",
-        )
-        .await?;
+    crate::shards::cut_off(&fleet.pg, "store_probe", false).await?;
     wait_until(
         "health and the metric say the store answers",
         WAIT,
