@@ -180,10 +180,26 @@ where
 {
     let mut hops = 0;
     let mut waits = 0;
+    let mut followed: Option<String> = None;
     loop {
         match call(c.clone()).await {
             Ok(r) => return Ok(r.into_inner()),
             Err(e) => match leader_of(&e) {
+                // The coordinator this call was sent to, as the leader it names: itself, from
+                // a leader key that outlived its term (etcd back after an outage) until the
+                // next election. Asked again after a pause, as while none leads; before, the
+                // command failed at once, "not the leader; the leader is" the one it asked.
+                Some(leader)
+                    if followed.as_deref() == Some(leader.as_str()) && waits < LEADER_WAITS =>
+                {
+                    if waits == 0 {
+                        eprintln!(
+                            "note: {leader} names itself the leader but does not lead yet; waiting for the election"
+                        );
+                    }
+                    waits += 1;
+                    tokio::time::sleep(LEADER_WAIT).await;
+                }
                 // The leader a follower names is gone (killed: its term lasts until its
                 // lease runs out): asked again after a pause, the follower names the next
                 // one once it is elected. Before, the command failed at once "cannot reach
@@ -200,6 +216,7 @@ where
                 Some(leader) if hops < 3 => {
                     hops += 1;
                     *c = client(&leader).await?;
+                    followed = Some(leader);
                 }
                 // no coordinator leads at this instant (an election under way): the same
                 None if waits < LEADER_WAITS && no_leader_yet(&e) => {
