@@ -72,6 +72,24 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// What a failed connection says of a scheme that does not match the coordinator's: the
+/// transport errors alone ("corrupt message", "broken pipe") did not say it (the CLI's did).
+fn scheme_hint(address: &str, said: &str) -> &'static str {
+    let https = address.starts_with("https://");
+    if https && (said.contains("InvalidContentType") || said.contains("corrupt message")) {
+        " (the coordinator there answered in plaintext: it runs without --tls-cert; give it as http://, on loopback only)"
+    } else if !https
+        && (said.contains("BrokenPipe")
+            || said.contains("Broken pipe")
+            || said.contains("connection reset")
+            || said.contains("ConnectionReset"))
+    {
+        " (if the coordinator serves TLS, give it as https:// with --tls-ca, and the agent's certificate)"
+    } else {
+        ""
+    }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -94,7 +112,13 @@ pub(super) async fn session(
     };
     let channel = match connected {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return lost(false, format!("connecting: {}", chain(&e))),
+        Ok(Err(e)) => {
+            let said = chain(&e);
+            return lost(
+                false,
+                format!("connecting: {said}{}", scheme_hint(address, &said)),
+            );
+        }
         Err(_) => {
             return lost(
                 false,
@@ -138,7 +162,13 @@ pub(super) async fn session(
     let mut inbound = tokio::select! {
         r = tokio::time::timeout(ATTACH_TIMEOUT, client.attach(ReceiverStream::new(rx))) => match r {
             Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => return Ended::from_status(false, "attach", &status),
+            Ok(Err(status)) => {
+                let hint = scheme_hint(address, &format!("{status:?}"));
+                if hint.is_empty() {
+                    return Ended::from_status(false, "attach", &status);
+                }
+                return lost(false, format!("attach: {status}{hint}"));
+            }
             Err(_) => return lost(false, format!("no answer to attach within {ATTACH_TIMEOUT:?}")),
         },
         () = agent.cancel.cancelled() => return Ended::Shutdown,
@@ -348,5 +378,34 @@ fn heartbeat_message(data: Vec<pb::DataProgress>) -> pb::AgentMessage {
 async fn sleep_until(due: Option<Instant>) {
     if let Some(due) = due {
         tokio::time::sleep_until(due).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scheme_hint;
+
+    /// A scheme that does not match the coordinator's is said, as the CLI says it: a TLS
+    /// agent at a plaintext coordinator reads a record that is not TLS, a plaintext one at
+    /// a TLS coordinator has its connection cut.
+    #[test]
+    fn a_scheme_that_does_not_match_the_coordinators_is_said() {
+        let plaintext_there = scheme_hint(
+            "https://127.0.0.1:7070",
+            "transport error: received corrupt message of type InvalidContentType",
+        );
+        assert!(
+            plaintext_there.contains("answered in plaintext"),
+            "{plaintext_there}"
+        );
+        let tls_there = scheme_hint(
+            "http://10.0.0.5:7070",
+            "Status { code: Unavailable, message: \"transport error\", source: hyper::Error(Io, Os { code: 32, kind: BrokenPipe }) }",
+        );
+        assert!(tls_there.contains("give it as https://"), "{tls_there}");
+        assert_eq!(
+            scheme_hint("http://10.0.0.5:7070", "connection refused"),
+            ""
+        );
     }
 }
