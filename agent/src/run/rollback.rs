@@ -57,10 +57,39 @@ impl Agent {
                 request: req.request,
             };
         }
+        // A tenant whose schema changed since its rows were written: its down SQL would run
+        // on another schema (a new tenant's objects of the same names). Nothing is undone
+        // there; its newest step says why, and the plan's rollback is not complete until an
+        // operator answers (see `shard::changed_schema`).
+        let names: Vec<String> = by_target
+            .keys()
+            .filter(|t| !t.is_empty())
+            .cloned()
+            .collect();
+        let changed = match self.pool.acquire().await {
+            Ok(mut conn) => shard::changed_schemas(&mut conn, &names)
+                .await
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let mut steps = Vec::new();
         let definition = plan.definition();
         let lanes = Arc::new(Semaphore::new(req.lanes.max(1) as usize));
         let mut targets = JoinSet::new();
         for (target, migrations) in by_target {
+            if changed.contains(&target) {
+                warn!(tenant = %target, "not undone: its schema changed since its journal rows were written");
+                steps.push(pb::RolledBackStep {
+                    tenant: target.clone(),
+                    migration_id: migrations.first().cloned().unwrap_or_default(),
+                    error: Some(pb::StepError {
+                        message: shard::changed_schema(&self.config.shard, &target),
+                        phase: "down".into(),
+                        ..Default::default()
+                    }),
+                });
+                continue;
+            }
             let agent = self.clone();
             let definition = definition.clone();
             let lanes = lanes.clone();
@@ -77,7 +106,6 @@ impl Agent {
                 .instrument(span),
             );
         }
-        let mut steps = Vec::new();
         while let Some(done) = targets.join_next().await {
             match done {
                 Ok(s) => steps.extend(s),

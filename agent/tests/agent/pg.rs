@@ -2881,6 +2881,21 @@ async fn a_tenant_whose_schema_changed_runs_nothing_until_an_operator_says_which
         6,
         "nothing changed"
     );
+    // Nor is anything undone there: the down SQL would run on another schema.
+    let reply = s.rollback("p1", 1).await;
+    assert!(!reply.complete, "{reply:?}");
+    assert_eq!(reply.steps.len(), 2, "{reply:?}");
+    assert!(
+        reply.steps.iter().all(|st| st
+            .error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("flotilla.tenant_is_new"))),
+        "{reply:?}"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.journal").await,
+        6
+    );
     // tenant_0000 is new: its rows go to the history and its migrations run; tenant_0001
     // holds what its journal says: they stay, and answer.
     let moved: i64 = sqlx::query_scalar("SELECT flotilla.tenant_is_new('tenant_0000')")
