@@ -277,11 +277,7 @@ async fn serve(
 /// preflights look again.
 async fn record_tenant_schemas(pool: &PgPool, shard_name: &str, tenants: &[pb::Tenant]) {
     let names: Vec<String> = tenants.iter().map(|t| t.name.clone()).collect();
-    let recorded = async {
-        let mut conn = pool.acquire().await?;
-        shard::changed_schemas(&mut conn, &names).await
-    };
-    match recorded.await {
+    match shard::changed_schemas(pool, &names).await {
         Ok(changed) => {
             for tenant in changed {
                 warn!("{}", shard::changed_schema(shard_name, &tenant));

@@ -465,44 +465,25 @@ async fn plaintext_off_loopback_needs_insecure_spelled_out() -> anyhow::Result<(
         coordinator.log()
     );
 
+    // A coordinator started on `store` with `tls` flags: its output.
+    let start = async |tls: &[&str]| {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut args = vec!["coordinator", "--listen", &listen, "--store", &store];
+        args.extend_from_slice(tls);
+        run_flotilla(&args, &[]).await
+    };
     // A CA without a certificate for the server is refused, naming the flags.
     let ca = TestCa::new("lonely")?;
-    let out = run_flotilla(
-        &[
-            "coordinator",
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--store",
-            &store,
-            "--tls-ca",
-            &ca.ca_path().to_string_lossy(),
-        ],
-        &[],
-    )
-    .await?;
+    let ca_path = ca.ca_path().to_string_lossy().into_owned();
+    let out = start(&["--tls-ca", &ca_path]).await?;
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("--tls-cert"), "{out}");
 
     // An expired server certificate is refused at start, naming the file and when it
     // expired (it served, said SERVING, and every client failed).
     let old = ca.issue("old-server", &CertSpec::server("coordinator").expired())?;
-    let out = run_flotilla(
-        &[
-            "coordinator",
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--store",
-            &store,
-            "--tls-cert",
-            &old.cert.to_string_lossy(),
-            "--tls-key",
-            &old.key.to_string_lossy(),
-            "--tls-ca",
-            &ca.ca_path().to_string_lossy(),
-        ],
-        &[],
-    )
-    .await?;
+    let (cert, key) = (old.cert.to_string_lossy(), old.key.to_string_lossy());
+    let out = start(&["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca_path]).await?;
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(
         out.stderr.contains("--tls-cert") && out.stderr.contains("expired"),
@@ -515,7 +496,6 @@ async fn plaintext_off_loopback_needs_insecure_spelled_out() -> anyhow::Result<(
     let bare = format!("127.0.0.1:{port}");
     let out = run_flotilla(&["--coordinator", &bare, "plan", "list"], &[]).await?;
     assert!(out.success(), "{out}");
-    let ca_path = ca.ca_path().to_string_lossy().into_owned();
     let out = run_flotilla(
         &["--coordinator", &format!("https://{bare}"), "plan", "list"],
         &[("FLOTILLA_TLS_CA", &ca_path)],

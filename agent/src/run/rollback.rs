@@ -66,12 +66,9 @@ impl Agent {
             .filter(|t| !t.is_empty())
             .cloned()
             .collect();
-        let changed = match self.pool.acquire().await {
-            Ok(mut conn) => shard::changed_schemas(&mut conn, &names)
-                .await
-                .unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
+        let changed = shard::changed_schemas(&self.pool, &names)
+            .await
+            .unwrap_or_default();
         let mut steps = Vec::new();
         let definition = plan.definition();
         let lanes = Arc::new(Semaphore::new(req.lanes.max(1) as usize));

@@ -171,25 +171,19 @@ impl Agent {
             }
         };
         let names: Vec<String> = tenants.iter().map(|t| t.name.clone()).collect();
-        let schema_changed = match self.pool.acquire().await {
-            Ok(mut conn) => match shard::changed_schemas(&mut conn, &names).await {
-                Ok(changed) => changed
-                    .into_iter()
-                    .map(|t| {
-                        let said = shard::changed_schema(&self.config.shard, &t);
-                        (t, said)
-                    })
-                    .collect(),
-                Err(e) => {
-                    errors.push(format!(
-                        "shard {}: reading the tenants' schemas: {e}",
-                        self.config.shard
-                    ));
-                    Default::default()
-                }
-            },
+        let schema_changed = match shard::changed_schemas(&self.pool, &names).await {
+            Ok(changed) => changed
+                .into_iter()
+                .map(|t| {
+                    let said = shard::changed_schema(&self.config.shard, &t);
+                    (t, said)
+                })
+                .collect(),
             Err(e) => {
-                errors.push(format!("shard {}: {e}", self.config.shard));
+                errors.push(format!(
+                    "shard {}: reading the tenants' schemas: {e}",
+                    self.config.shard
+                ));
                 Default::default()
             }
         };

@@ -303,12 +303,12 @@ pub(crate) async fn read_entries(
 /// the schemas not recorded yet are recorded. Nothing of theirs is changed: whether such a
 /// schema holds what its journal says, only an operator knows ([`changed_schema`]).
 pub(crate) async fn changed_schemas(
-    conn: &mut PgConnection,
+    pool: &PgPool,
     targets: &[String],
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar("SELECT flotilla.record_tenant_schemas($1)")
         .bind(targets)
-        .fetch_all(conn)
+        .fetch_all(pool)
         .await
 }
 
