@@ -368,6 +368,7 @@ fn target_json(t: &pb::FleetTarget) -> Value {
         "shard": t.shard,
         "tenant": t.tenant,
         "reported": t.reported,
+        "gone": t.gone,
         "labels": t.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "head": t.head,
         "digest": t.digest,
@@ -404,6 +405,11 @@ fn print_target(t: &pb::FleetTarget) {
             "  its shard's journal has not been reported to this coordinator (agent not attached)"
         );
     }
+    if t.gone {
+        println!(
+            "  gone from its shard (its agent no longer finds the tenant); its journal rows stay"
+        );
+    }
     let mut labels: Vec<String> = t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     labels.sort();
     println!("  labels: {}", labels.join(","));
@@ -426,7 +432,12 @@ fn print_target(t: &pb::FleetTarget) {
             e.duration_ms
         );
     }
-    if t.pending.is_empty() {
+    if !t.reported {
+        // Nothing heard is not nothing pending: what it lacks is not known here.
+        println!("  pending: not known (its shard's journal not reported)");
+    } else if t.gone {
+        println!("  pending: nothing (gone)");
+    } else if t.pending.is_empty() {
         println!("  pending: none");
     } else {
         println!("  pending: {}", t.pending.join(", "));

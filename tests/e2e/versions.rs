@@ -280,6 +280,14 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
         )
         .await?;
     assert_eq!(kept, vec![vec!["3".to_string()]]);
+    // `fleet show` of the target `fleet status` names gone shows what it held (it was "no
+    // tenant" before), by its full name and by its tenant name alone.
+    for name in ["shard_0/tenant_0001", "tenant_0001"] {
+        let show = fleet_show(&fleet, name).await?;
+        assert_eq!(show["gone"], true, "{show}");
+        assert_eq!(show["journal"].as_array().map(Vec::len), Some(3), "{show}");
+        assert_eq!(show["pending"], serde_json::json!([]), "{show}");
+    }
 
     // Made again under its name: another schema than its journal's. What is applied there
     // is not known (a new tenant, or one restored on its own), so a plan over it is refused,

@@ -341,15 +341,48 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
 }
 
 /// One target by name: "shard/tenant", "shard", or a tenant name found on one shard only.
+/// A tenant gone from its shard (its schema dropped, its journal rows still there) is shown
+/// too, from its rows: `fleet status` names it, and the operator's next question is what it
+/// held.
 pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, String> {
-    let (shard, tenant) = resolve(input.fleet, name)?;
+    let (shard, tenant) = resolve(input, name)?;
     let reported = input.reported(&shard).is_some();
+    let failure = input.last_failure(&shard, &tenant);
+    let view = &input.fleet[&shard];
+    if !tenant.is_empty() && !view.tenants.iter().any(|(t, _)| *t == tenant) {
+        let rows = input
+            .reported(&shard)
+            .and_then(|j| j.targets.get(&tenant))
+            .cloned()
+            .unwrap_or_default();
+        // Nothing is expected of a tenant that is not there: no pending, no plan to compare.
+        let t = work_out(
+            &shard,
+            &tenant,
+            planner::target_labels(&shard, view, Some(&(tenant.clone(), BTreeMap::new()))),
+            rows,
+            &[],
+            input.files,
+        );
+        return Ok(pb::FleetTarget {
+            shard: t.shard,
+            tenant: t.tenant,
+            labels: t.labels.into_iter().collect(),
+            journal: t.journal,
+            mismatches: t.mismatches,
+            last_failure: failure,
+            head: t.head,
+            digest: t.digest,
+            reported,
+            gone: true,
+            ..Default::default()
+        });
+    }
     let everything = Selector::parse("").expect("the empty selector parses");
     let state = input
         .targets(&everything)
         .into_iter()
         .find(|t| t.shard == shard && t.tenant == tenant);
-    let failure = input.last_failure(&shard, &tenant);
     Ok(match state {
         Some(t) => pb::FleetTarget {
             shard: t.shard,
@@ -369,7 +402,6 @@ pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, St
         // A shard whose journal was not heard, or the shard itself with nothing for it: its
         // labels all the same (before, empty until a journal row came).
         None => {
-            let view = &input.fleet[&shard];
             let entry = view
                 .tenants
                 .iter()
@@ -387,12 +419,25 @@ pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, St
     })
 }
 
-fn resolve(fleet: &BTreeMap<String, ShardView>, name: &str) -> Result<(String, String), String> {
+/// Whether the shard's reported journal holds rows of a tenant its agent no longer finds.
+fn gone_from(input: &FleetInput, shard: &str, view: &ShardView, tenant: &str) -> bool {
+    !view.tenants.iter().any(|(t, _)| t == tenant)
+        && input
+            .reported(shard)
+            .and_then(|j| j.targets.get(tenant))
+            .is_some_and(|rows| !rows.is_empty())
+}
+
+fn resolve(input: &FleetInput, name: &str) -> Result<(String, String), String> {
+    let fleet = input.fleet;
     if let Some((shard, tenant)) = name.split_once('/') {
         let view = fleet
             .get(shard)
             .ok_or_else(|| format!("no shard `{shard}` in the fleet"))?;
-        if !view.tenants.iter().any(|(t, _)| t == tenant) {
+        if tenant.is_empty()
+            || !(view.tenants.iter().any(|(t, _)| t == tenant)
+                || gone_from(input, shard, view, tenant))
+        {
             return Err(format!("shard `{shard}` has no tenant `{tenant}`"));
         }
         return Ok((shard.to_string(), tenant.to_string()));
@@ -400,11 +445,18 @@ fn resolve(fleet: &BTreeMap<String, ShardView>, name: &str) -> Result<(String, S
     if fleet.contains_key(name) {
         return Ok((name.to_string(), String::new()));
     }
-    let shards: Vec<&String> = fleet
+    let mut shards: Vec<&String> = fleet
         .iter()
         .filter(|(_, view)| view.tenants.iter().any(|(t, _)| t == name))
         .map(|(shard, _)| shard)
         .collect();
+    if shards.is_empty() {
+        shards = fleet
+            .iter()
+            .filter(|(shard, view)| gone_from(input, shard, view, name))
+            .map(|(shard, _)| shard)
+            .collect();
+    }
     match shards.as_slice() {
         [] => Err(format!("no shard or tenant `{name}` in the fleet")),
         [shard] => Ok(((*shard).clone(), name.to_string())),

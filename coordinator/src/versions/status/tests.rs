@@ -381,3 +381,31 @@ fn the_files_named_by_the_operator_are_compared_with_the_journal() {
         && m.plan_checksum == checksum("SELECT 1 -- edited")
         && m.journal_checksum == checksum("SELECT 1")));
 }
+
+#[test]
+fn a_gone_tenant_is_shown_from_its_journal_rows() {
+    let fleet = fleet();
+    let plans = [plan("p1", "", "", &[("001_a", "SELECT 1")])];
+    let mut journals = journals(&fleet, &[("001_a", "SELECT 1")], |_, _, _| {});
+    // tenant_7's schema is gone from shard_0: its agent no longer lists it, its rows stay.
+    let rows = vec![entry("tenant_7", "001_a", &checksum("SELECT 1"), 1)];
+    Arc::make_mut(journals.get_mut("shard_0").unwrap())
+        .targets
+        .insert("tenant_7".into(), rows);
+    let input = input(&fleet, &journals, &plans);
+    assert_eq!(
+        fleet_status(&input, &everything()).gone,
+        vec!["shard_0/tenant_7".to_string()]
+    );
+    for name in ["shard_0/tenant_7", "tenant_7"] {
+        let t = show_target(&input, name).unwrap();
+        assert!(t.gone, "{t:?}");
+        assert_eq!(t.journal.len(), 1, "{t:?}");
+        assert!(t.pending.is_empty(), "{t:?}");
+        assert_eq!(t.head, "001_a");
+    }
+    // A name with no rows anywhere is still unknown; a live tenant is not gone.
+    assert!(show_target(&input, "shard_0/tenant_8").is_err());
+    assert!(show_target(&input, "shard_0/").is_err());
+    assert!(!show_target(&input, "shard_0/tenant_0").unwrap().gone);
+}
