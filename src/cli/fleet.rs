@@ -101,18 +101,27 @@ fn drift_lines(d: &pb::DriftedTarget, majority: u64) -> Vec<String> {
             d.target, d.fingerprint
         )];
     }
-    let extra = d.extra.iter().map(|i| {
-        format!(
-            "{}: {i}, not in the majority's shape ({majority} targets)",
-            d.target
+    // Tied, there is no majority to blame: the other shape is named, and the tie said.
+    let (other, within) = if d.tied {
+        let other = format!(
+            "shape {} ({majority} targets, as many as another: no majority)",
+            short(&d.against)
+        );
+        (other.clone(), other)
+    } else {
+        (
+            format!("the majority's shape ({majority} targets)"),
+            format!("the majority's shape, {majority} targets"),
         )
-    });
-    let missing = d.missing.iter().map(|i| {
-        format!(
-            "{}: missing {i} (in the majority's shape, {majority} targets)",
-            d.target
-        )
-    });
+    };
+    let extra = d
+        .extra
+        .iter()
+        .map(|i| format!("{}: {i}, not in {other}", d.target));
+    let missing = d
+        .missing
+        .iter()
+        .map(|i| format!("{}: missing {i} (in {within})", d.target));
     extra.chain(missing).collect()
 }
 
@@ -133,6 +142,7 @@ fn drift_json(r: &pb::FleetDriftResponse) -> Value {
             "digest": c.digest,
             "targets": c.targets,
             "majority": c.majority,
+            "tied": c.tied,
             "shapes": c.shapes.iter().map(|s| json!({
                 "fingerprint": s.fingerprint,
                 "targets": s.targets,
@@ -144,6 +154,8 @@ fn drift_json(r: &pb::FleetDriftResponse) -> Value {
                 "extra": d.extra,
                 "missing": d.missing,
                 "unknown_items": d.unknown_items,
+                "against": d.against,
+                "tied": d.tied,
                 "diff": drift_lines(d, c.majority),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),

@@ -96,28 +96,46 @@ pub fn fleet_drift(input: &FleetInput, selector: &Selector) -> pb::FleetDriftRes
     }
 }
 
-/// One cohort: its shapes by how many share them, the majority (most shared; on a tie the
-/// smallest fingerprint, so the answer does not change from call to call), and the others.
+/// One cohort: its shapes by how many share them, the majority (the most shared), and the
+/// others. When two shapes are shared by as many targets and none by more, there is no
+/// majority: which one was edited by hand is not known here, so every target of the cohort
+/// counts as drifted, each compared with the first other shape of the tie (before, the
+/// smaller fingerprint was taken for the majority: the healthy half of a two-target cohort
+/// could be the one named, and `require_no_drift` let the edited one through).
 fn compare(c: Gathered, shapes: &HashMap<&str, &Arc<Vec<String>>>) -> pb::DriftCohort {
     let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
     for (_, f, _) in &c.targets {
         *counts.entry(f.as_str()).or_default() += 1;
     }
     let mut ranked: Vec<(&str, u64)> = counts.into_iter().collect();
+    // Most shared first; the fingerprint's order only makes the answer the same each call.
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-    let (majority, majority_count) = ranked[0];
-    let majority_items = shapes.get(majority);
+    let top = ranked[0].1;
+    let tie: Vec<&str> = ranked
+        .iter()
+        .take_while(|(_, n)| *n == top)
+        .map(|(f, _)| *f)
+        .collect();
+    let tied = tie.len() > 1;
+    let majority = (!tied).then_some(tie[0]);
     let drifted = c
         .targets
         .iter()
-        .filter(|(_, f, shown)| *shown && f != majority)
+        .filter(|(_, f, shown)| *shown && Some(f.as_str()) != majority)
         .map(|(target, f, _)| {
+            let against = tie
+                .iter()
+                .find(|t| **t != f.as_str())
+                .copied()
+                .unwrap_or(tie[0]);
             let mut d = pb::DriftedTarget {
                 target: target.clone(),
                 fingerprint: f.clone(),
+                against: against.to_string(),
+                tied,
                 ..Default::default()
             };
-            match (shapes.get(f.as_str()), majority_items) {
+            match (shapes.get(f.as_str()), shapes.get(against)) {
                 (Some(own), Some(common)) => (d.extra, d.missing) = diff(own, common),
                 _ => d.unknown_items = true,
             }
@@ -128,16 +146,17 @@ fn compare(c: Gathered, shapes: &HashMap<&str, &Arc<Vec<String>>>) -> pb::DriftC
         head: c.head,
         digest: c.digest,
         targets: c.targets.iter().filter(|t| t.2).count() as u64,
-        majority: majority_count,
+        majority: top,
         shapes: ranked
             .iter()
             .map(|(f, n)| pb::DriftShape {
                 fingerprint: f.to_string(),
                 targets: *n,
-                majority: *f == majority,
+                majority: Some(*f) == majority,
             })
             .collect(),
         drifted,
+        tied,
     }
 }
 

@@ -230,8 +230,11 @@ fn a_selection_is_measured_against_the_whole_cohort() {
     assert_eq!((r.targets, r.drifted), (3, 0), "{r:?}");
 }
 
+/// Two shapes shared by as many targets: no majority, so both sides count as drifted, each
+/// compared with the other (before, the smaller fingerprint was the "majority": the healthy
+/// target could be the one named, and the edited one passed `require_no_drift`).
 #[test]
-fn a_tie_picks_the_same_majority_every_time() {
+fn a_tie_has_no_majority_and_names_every_target() {
     // one cohort of two targets of two shapes (the others ran another migration)
     let v = versions(|shard, t| {
         if shard == "shard_1" && t == "tenant_0" {
@@ -250,14 +253,31 @@ fn a_tie_picks_the_same_majority_every_time() {
             .collect();
         v.apply(shard, journal(&applied));
     }
-    let first = drift(&v, "");
-    let lone = first.cohorts.iter().find(|c| c.targets == 2).unwrap();
-    assert_eq!(lone.drifted.len(), 1);
-    for _ in 0..5 {
-        let again = drift(&v, "");
-        let c = again.cohorts.iter().find(|c| c.targets == 2).unwrap();
-        assert_eq!(c.drifted[0].target, lone.drifted[0].target);
-    }
+    let r = drift(&v, "");
+    let pair = r.cohorts.iter().find(|c| c.targets == 2).unwrap();
+    assert!(pair.tied, "{pair:?}");
+    assert!(pair.shapes.iter().all(|s| !s.majority), "{pair:?}");
+    let mut named: Vec<&str> = pair.drifted.iter().map(|d| d.target.as_str()).collect();
+    named.sort();
+    assert_eq!(named, ["shard_0/tenant_0", "shard_1/tenant_0"]);
+    let edited = pair
+        .drifted
+        .iter()
+        .find(|d| d.target == "shard_1/tenant_0")
+        .unwrap();
+    assert!(edited.tied);
+    assert_eq!(edited.extra, ["column work_orders.a text"]);
+    let healthy = pair
+        .drifted
+        .iter()
+        .find(|d| d.target == "shard_0/tenant_0")
+        .unwrap();
+    assert_eq!(healthy.missing, ["column work_orders.a text"]);
+    assert_eq!(healthy.against, edited.fingerprint);
+    // The other cohort (4 targets of one shape) has its majority as before.
+    let rest = r.cohorts.iter().find(|c| c.targets == 4).unwrap();
+    assert!(!rest.tied && rest.drifted.is_empty() && rest.shapes[0].majority);
+    assert_eq!(r.drifted, 2);
 }
 
 #[test]
