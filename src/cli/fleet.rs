@@ -351,10 +351,10 @@ fn print_status(r: &pb::FleetStatusResponse) {
         println!("\nfailed last:");
         for f in &r.failures {
             println!(
-                "  {}: {} in plan {}{}: {}",
+                "  {}: {}{}{}: {}",
                 f.target,
                 f.migration_id,
-                f.plan_id,
+                in_plan(&f.plan_id),
                 sqlstate_tag(&f.sqlstate),
                 f.message
             );
@@ -464,9 +464,9 @@ fn print_target(t: &pb::FleetTarget) {
     }
     if let Some(f) = &t.last_failure {
         println!(
-            "  failed last: {} in plan {}{}: {}",
+            "  failed last: {}{}{}: {}",
             f.migration_id,
-            f.plan_id,
+            in_plan(&f.plan_id),
             sqlstate_tag(&f.sqlstate),
             f.message
         );
@@ -479,6 +479,16 @@ fn print_target(t: &pb::FleetTarget) {
         for line in drift_lines(d, t.drift_majority) {
             println!("    {line}");
         }
+    }
+}
+
+/// " in plan ID" after a failure's migration, or nothing for one of no plan (a catch-up
+/// plan refused before it was one).
+fn in_plan(plan_id: &str) -> String {
+    if plan_id.is_empty() {
+        String::new()
+    } else {
+        format!(" in plan {plan_id}")
     }
 }
 

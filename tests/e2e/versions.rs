@@ -320,6 +320,19 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
             .contains("SELECT flotilla.tenant_is_new('tenant_0001')"),
         "{out}"
     );
+    // Its catch-up plan was refused too (the tenant appeared again): `fleet show` says why
+    // it is behind (before, the coordinator's log alone).
+    let failure = crate::harness::wait_for("the catch-up refusal shown", WAIT, async || {
+        let f = fleet_show(&fleet, "shard_0/tenant_0001").await?["last_failure"].clone();
+        Ok((!f.is_null()).then_some(f))
+    })
+    .await?;
+    let message = failure["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("the catch-up plan `catch-up-shard_0/tenant_0001` was not accepted")
+            && message.contains("its schema is not the one its journal rows were written in"),
+        "{failure}"
+    );
     fleet
         .pg
         .psql(
@@ -350,6 +363,9 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
         )
         .await?;
     assert_eq!(moved, vec![vec!["3".to_string()]]);
+    // Applied there, the refusal is no longer why it is behind.
+    let show = fleet_show(&fleet, "shard_0/tenant_0001").await?;
+    assert!(show["last_failure"].is_null(), "{show}");
     Ok(())
 }
 

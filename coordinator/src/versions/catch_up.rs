@@ -57,8 +57,8 @@ impl Coordinator {
                     return;
                 }
             };
-            for raw in plans {
-                me.submit_catch_up(&shard, raw).await;
+            for (tenants, raw) in plans {
+                me.submit_catch_up(&shard, &tenants, raw).await;
             }
         });
     }
@@ -66,8 +66,9 @@ impl Coordinator {
     /// Submits a catch-up plan; one refused for a passing reason (no leader for a moment,
     /// the shard's agent between two streams) is sent again a few times, a minute apart at
     /// most. Refused for good, the tenants stay behind (`fleet status`), and the log says
-    /// why and what catches them up.
-    async fn submit_catch_up(&self, shard: &str, raw: pb::PlanSpec) {
+    /// why and what catches them up, as does each tenant's last failure (`fleet status`,
+    /// `fleet show`: the log alone was seen by nobody who asked why a tenant was behind).
+    async fn submit_catch_up(&self, shard: &str, tenants: &[String], raw: pb::PlanSpec) {
         let name = raw.name.clone();
         let mut pause = std::time::Duration::from_secs(5);
         for attempt in 1..=CATCH_UP_ATTEMPTS {
@@ -87,6 +88,16 @@ impl Coordinator {
                     "the catch-up plan was not accepted: {refusal}; its tenants stay behind \
                      (`flotilla fleet status`) until a plan with their migrations runs on them"
                 );
+                let first = raw.migrations.first().map(|m| m.id.clone());
+                self.inner.versions.record_catch_up_refused(
+                    shard,
+                    tenants,
+                    first.unwrap_or_default(),
+                    format!(
+                        "the catch-up plan `{name}` was not accepted: {refusal}; the tenant \
+                         stays behind until a plan with its migrations runs on it"
+                    ),
+                );
                 return;
             }
             info!(%shard, %name, attempt, "the catch-up plan was not accepted ({refusal}); sending it again in {pause:?}");
@@ -103,7 +114,7 @@ impl Coordinator {
         &self,
         shard: &str,
         tenants: &[pb::Tenant],
-    ) -> Result<Vec<pb::PlanSpec>, CoordinatorError> {
+    ) -> Result<Vec<(Vec<String>, pb::PlanSpec)>, CoordinatorError> {
         let envs = &self.inner.defaults.catch_up_environments;
         let labels = self
             .inner
@@ -184,7 +195,8 @@ impl Coordinator {
         Ok(groups
             .into_iter()
             .map(|((_, environment), (migrations, names))| {
-                catch_up_spec(shard, &names, migrations, environment)
+                let spec = catch_up_spec(shard, &names, migrations, environment);
+                (names, spec)
             })
             .collect())
     }

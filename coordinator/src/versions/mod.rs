@@ -258,6 +258,34 @@ impl FleetVersions {
         }
     }
 
+    /// A catch-up plan refused for good (not for a passing reason) is each of its tenants'
+    /// last failure: why they are behind, where an operator looks. A step applied there
+    /// later clears it, as any failure.
+    pub fn record_catch_up_refused(
+        &self,
+        shard: &str,
+        tenants: &[String],
+        migration_id: String,
+        message: String,
+    ) {
+        let mut state = self.state.lock().expect("fleet versions lock");
+        let now = crate::store::now_ms();
+        let failures = Arc::make_mut(&mut state.failures);
+        for tenant in tenants {
+            failures.insert(
+                (shard.to_string(), tenant.clone()),
+                pb::LastFailure {
+                    target: target_name(shard, tenant),
+                    migration_id: migration_id.clone(),
+                    plan_id: String::new(),
+                    sqlstate: String::new(),
+                    message: message.clone(),
+                    at_ms: now,
+                },
+            );
+        }
+    }
+
     /// A step a rollback could not undo becomes its target's last failure: the target is
     /// left part-way back (its journal row, if any, still says applied; an agent takes a
     /// non-transactional step's as not applied until a rollback finishes), and the fleet
