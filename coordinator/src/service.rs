@@ -1051,6 +1051,7 @@ impl Coordinator {
                     last_seen_ms: agent.last_seen_ms as u64,
                     version: agent.version,
                     shard: agent.shard,
+                    shard_unreachable: false,
                 },
             );
         }
@@ -1064,6 +1065,7 @@ impl Coordinator {
                     connected: true,
                     last_seen_ms: a.last_seen_ms as u64,
                     version: a.version,
+                    shard_unreachable: a.shard_unreachable,
                 },
             );
         }

@@ -171,7 +171,7 @@ fn print_drift(r: &pb::FleetDriftResponse) {
     );
     if !r.unreported_shards.is_empty() {
         println!(
-            "not reported (agents not attached to this leader): {}",
+            "not reported (agents not attached to this leader, or not reaching their databases): {}",
             r.unreported_shards.join(", ")
         );
     }
@@ -283,7 +283,7 @@ fn print_status(r: &pb::FleetStatusResponse) {
     );
     if !r.unreported_shards.is_empty() {
         println!(
-            "not reported (agents not attached to this leader): {}",
+            "not reported (agents not attached to this leader, or not reaching their databases): {}",
             r.unreported_shards.join(", ")
         );
     }

@@ -914,11 +914,34 @@ async fn a_crash_under_a_step_runs_it_again_but_not_for_good() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shard_whose_database_does_not_answer_its_agent_refuses_a_submit_at_once()
 -> anyhow::Result<()> {
-    let fleet = crate::fleet::TestFleet::start(1, 1).await?;
+    // (a discover interval no test outlasts: the report after the database answers again
+    // is the one that follows the lock taken back)
+    let fleet = crate::fleet::TestFleet::builder(1, 1)
+        .agent_args(&["--discover-interval", "1h"])
+        .start()
+        .await?;
     let d = MigrationDir::new()?;
     d.migration("001_t", "", "CREATE TABLE t (x int)", "DROP TABLE t")?;
     let dir = d.path().to_string_lossy().into_owned();
+    let unreported = async || -> anyhow::Result<serde_json::Value> {
+        let s = fleet.json(&["fleet", "status", "--output", "json"]).await?;
+        Ok(s["unreported_shards"].clone())
+    };
+    wait_until("the shard reported", WAIT, async || {
+        Ok(unreported().await? == serde_json::json!([]))
+    })
+    .await?;
     crate::shards::cut_off(&fleet.pg, "shard_0", true).await?;
+    // The fleet's state does not count its targets as last heard (they may change under
+    // another agent or a hand meanwhile), and `fleet list` says why: the agent is attached
+    // but its database does not answer it. Before, both said all was well.
+    wait_until("the shard not reported", WAIT, async || {
+        Ok(unreported().await? == serde_json::json!(["shard_0"]))
+    })
+    .await?;
+    let agents = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+    assert_eq!(agents[0]["connected"], true, "{agents}");
+    assert_eq!(agents[0]["shard_unreachable"], true, "{agents}");
     // (its own message, not the preflight's "no preflight answer within 30s")
     let out = crate::harness::wait_for(
         "a submit refused for the agent's lost lock",
@@ -951,5 +974,13 @@ async fn a_shard_whose_database_does_not_answer_its_agent_refuses_a_submit_at_on
     )
     .await?;
     assert_eq!(fleet.journal_total().await?, 1);
+    // Back on its shard, the agent reports the whole again at once (not at its next
+    // discover interval, 30 s here).
+    wait_until("the shard reported again", WAIT, async || {
+        Ok(unreported().await? == serde_json::json!([]))
+    })
+    .await?;
+    let agents = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+    assert_eq!(agents[0]["shard_unreachable"], false, "{agents}");
     Ok(())
 }

@@ -181,6 +181,9 @@ pub(super) async fn session(
     // heartbeat (older ones never do), three intervals of silence end the stream.
     let mut last_heard: Option<Instant> = None;
     let mut last_full_report = Instant::now();
+    // Whether the shard's lock was held at the last heartbeat: taken again, the whole
+    // journal goes at once (the coordinator counted the shard as not reported meanwhile).
+    let mut shard_held = true;
     loop {
         let due = outbox.due().filter(|_| welcomed);
         let silent_at = last_heard.map(|at| at + interval * 3);
@@ -244,11 +247,18 @@ pub(super) async fn session(
                 if welcomed && in_doubt_unknown && listed(agent).await.is_some() {
                     return lost(welcomed, "attaching again with the shard's prepared transactions, which it could not list before".into());
                 }
+                let held = *agent.shard_lock.borrow();
+                let regained = held && !shard_held;
+                shard_held = held;
                 if welcomed {
                     // Every discover interval: tenants that came or went, and the whole
                     // journal again (so changes made outside Flotilla show too), once the
                     // shard's runs leave it the cores.
-                    if last_full_report.elapsed() >= agent.config.discover_interval {
+                    if regained {
+                        agent.journal_dirty.mark_all();
+                        last_full_report = Instant::now();
+                        journal::discover(agent, &tx);
+                    } else if last_full_report.elapsed() >= agent.config.discover_interval {
                         agent.journal_dirty.mark_periodic();
                         last_full_report = Instant::now();
                         journal::discover(agent, &tx);
@@ -350,7 +360,8 @@ fn send_heartbeat(
     tx: &mpsc::Sender<pb::AgentMessage>,
     data: Vec<pb::DataProgress>,
 ) -> Result<(), StreamGone> {
-    let (beat, gone) = match tx.try_send(heartbeat_message(data)) {
+    let held = *agent.shard_lock.borrow();
+    let (beat, gone) = match tx.try_send(heartbeat_message(data, held)) {
         Ok(()) => return Ok(()),
         Err(TrySendError::Full(beat)) => (beat, false),
         Err(TrySendError::Closed(beat)) => (beat, true),
@@ -366,11 +377,12 @@ fn send_heartbeat(
 }
 
 /// A heartbeat carrying the data changes' progress that changed since the last one.
-fn heartbeat_message(data: Vec<pb::DataProgress>) -> pb::AgentMessage {
+fn heartbeat_message(data: Vec<pb::DataProgress>, shard_held: bool) -> pb::AgentMessage {
     pb::AgentMessage {
         body: Some(Out::Heartbeat(pb::Heartbeat {
             sent_at_ms: unix_ms(),
             data,
+            shard_unreachable: !shard_held,
         })),
     }
 }

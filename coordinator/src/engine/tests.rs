@@ -288,6 +288,7 @@ async fn an_agent_attached_under_another_term_is_let_go() {
                     version: String::new(),
                     last_seen_ms: 0,
                     database: String::new(),
+                    shard_unreachable: false,
                 },
             )
             .expect("no other database attached");

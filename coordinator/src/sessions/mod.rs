@@ -74,6 +74,7 @@ impl Coordinator {
                 version: hello.version.clone(),
                 last_seen_ms: now_ms(),
                 database: hello.database.clone(),
+                shard_unreachable: false,
             },
         );
         if let Err(attached) = taken {
@@ -161,11 +162,30 @@ impl Coordinator {
             inner.fleet.touch(&shard, conn_id, now_ms());
             let shard = shard.clone();
             let event = match m.body {
-                Some(Body::Heartbeat(hb)) if !hb.data.is_empty() => Event::Progress {
-                    shard,
-                    data: hb.data,
-                },
-                Some(Body::Heartbeat(_) | Body::Hello(_)) | None => continue,
+                Some(Body::Heartbeat(hb)) => {
+                    let unreachable = hb.shard_unreachable;
+                    if inner.fleet.set_unreachable(&shard, conn_id, unreachable) {
+                        if unreachable {
+                            warn!(shard = %shard, "the agent says its shard's database does not answer it; the shard is not reported in the fleet's state until it does");
+                        } else {
+                            info!(shard = %shard, "the agent reaches its shard's database again");
+                        }
+                    }
+                    // What its journal and catalog said may change meanwhile (another
+                    // agent, a hand), and its targets were counted as last heard: not
+                    // reported until the agent, back on its shard, reports the whole again.
+                    if unreachable {
+                        inner.versions.detached(&shard);
+                    }
+                    if hb.data.is_empty() {
+                        continue;
+                    }
+                    Event::Progress {
+                        shard,
+                        data: hb.data,
+                    }
+                }
+                Some(Body::Hello(_)) | None => continue,
                 Some(Body::Results(results)) => {
                     inner.versions.record_results(&shard, &results);
                     Event::Results {
@@ -292,8 +312,8 @@ fn spawn_heartbeat(beat: mpsc::WeakSender<pb::CoordinatorMessage>, conn_id: u64)
         // Welcome must still be noticed.
         loop {
             let m = msg(pb::coordinator_message::Body::Heartbeat(pb::Heartbeat {
-                data: Vec::new(),
                 sent_at_ms: now_ms() as u64,
+                ..Default::default()
             }));
             let Some(tx) = beat.upgrade() else { return };
             if tx.send(m).await.is_err() {

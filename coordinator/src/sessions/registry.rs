@@ -20,6 +20,9 @@ pub struct AttachedAgent {
     pub last_seen_ms: i64,
     /// Which database the agent serves (`pb::Hello::database`; empty from older agents).
     pub database: String,
+    /// Its last heartbeat said it does not hold its shard's lock (its database does not
+    /// answer it): it applies nothing until it does.
+    pub shard_unreachable: bool,
 }
 
 #[derive(Default)]
@@ -97,6 +100,19 @@ impl Fleet {
         let mut g = self.inner.lock().expect("fleet lock");
         if let Some(a) = g.agents.get_mut(shard).filter(|a| a.conn_id == conn_id) {
             a.last_seen_ms = now_ms;
+        }
+    }
+
+    /// Records whether the attached agent (of this connection) can reach its shard, as its
+    /// heartbeat says; true when that changed.
+    pub fn set_unreachable(&self, shard: &str, conn_id: u64, unreachable: bool) -> bool {
+        let mut g = self.inner.lock().expect("fleet lock");
+        match g.agents.get_mut(shard).filter(|a| a.conn_id == conn_id) {
+            Some(a) if a.shard_unreachable != unreachable => {
+                a.shard_unreachable = unreachable;
+                true
+            }
+            _ => false,
         }
     }
 

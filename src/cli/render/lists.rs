@@ -48,6 +48,7 @@ pub fn fleet(r: &pb::ListFleetResponse, output: Output) {
                 json!({
                     "shard": a.shard,
                     "connected": a.connected,
+                    "shard_unreachable": a.shard_unreachable,
                     "labels": a.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
                     "version": a.version,
                     "last_seen_ms": a.last_seen_ms,
@@ -66,7 +67,12 @@ pub fn fleet(r: &pb::ListFleetResponse, output: Output) {
         println!(
             "{:<20} {:<10} {:>8}  {}",
             a.shard,
-            if a.connected { "connected" } else { "gone" },
+            match (a.connected, a.shard_unreachable) {
+                // attached, but it applies nothing: its database does not answer it
+                (true, true) => "shard down",
+                (true, false) => "connected",
+                (false, _) => "gone",
+            },
             a.tenants.len(),
             labels(&a.labels)
         );
