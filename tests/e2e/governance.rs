@@ -437,6 +437,66 @@ async fn an_approved_plan_applies_what_a_rollback_undid_while_it_waited() -> any
 
 /// A matrix rule for an environment the coordinator's list does not hold would never
 /// apply (the list refuses every plan for it): the coordinator does not start.
+/// The same for an atomic plan (etcd, two-phase commit): the step its submit found applied
+/// and a rollback undid while it awaited approval is asked again within its unit, prepared
+/// and committed with the rest. Before, an atomic plan was never asked again: it ended
+/// `completed`, every target reported applied, none migrated.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approved_atomic_plan_applies_what_a_rollback_undid_while_it_waited()
+-> anyhow::Result<()> {
+    use crate::fleet::Cli;
+    let files = TestDir::new("approvals-undone-atomic")?;
+    let matrix = matrix_file(&files)?;
+    let fleet = crate::ha::HaFleet::builder(1, 2, 2)
+        .coordinator_args(&["--approvals", &matrix])
+        .start()
+        .await?;
+    let dir = plan("production", "001_undone", "undone", "low")?;
+    let approve = async |id: &str| {
+        fleet
+            .json(&[
+                "plan", "approve", id, "--as", "bob", "--role", "dba", "--output", "json",
+            ])
+            .await
+    };
+    let first = fleet
+        .submit(dir.path(), &["--atomic", "--as", "alice"])
+        .await?;
+    approve(&first).await?;
+    let (out, st) = fleet.watch(&first).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(fleet.journal_total().await?, 4);
+
+    let second = fleet
+        .submit(dir.path(), &["--atomic", "--as", "alice"])
+        .await?;
+    let st = fleet.status(&second).await?;
+    assert_eq!(st["state"], "awaiting_approval", "{st}");
+    let out = fleet
+        .cli(&["plan", "rollback", &first, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(fleet.journal_total().await?, 0, "undone");
+
+    approve(&second).await?;
+    let (out, st) = fleet.watch(&second).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("committed atomically")),
+        "{st}"
+    );
+    assert_eq!(
+        fleet.journal_total().await?,
+        4,
+        "applied again on all four tenants: {st}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_approvals_environment_missing_from_the_list_stops_the_coordinator() -> anyhow::Result<()>
 {

@@ -546,14 +546,11 @@ impl Engine {
                             AppliedRead::BeforeApproval => true,
                             AppliedRead::Before => false,
                         };
-                    // (not an atomic plan's: its units were laid out around what was
-                    // applied at submit, a unit found whole passed over; nor one a new
-                    // leader rebuilt, whose steps its term before may have run)
-                    if stale
-                        && run.state == PlanState::Running
-                        && !run.spec.two_phase()
-                        && !run.inherited
-                        && run.untouched()
+                    // An atomic plan's too: its units are worked out from its steps as
+                    // they go (a step asked again is in its unit, and prepares with it, or
+                    // the journal says applied); nothing of any unit ran before the locks.
+                    // Not one a new leader rebuilt, whose steps its term before may have run.
+                    if stale && run.state == PlanState::Running && !run.inherited && run.untouched()
                     {
                         let updates = run.recheck_applied();
                         if !updates.is_empty() {

@@ -981,3 +981,79 @@ async fn steps_read_applied_are_asked_again_when_a_rollback_reply_came_in_since(
         );
     }
 }
+
+/// An atomic plan that awaited approval, whose submit found a target applied: once it has
+/// its locks, that target's step is asked again within the unit (the plan's first and only
+/// unit), and whatever the journal says, applied still or undone and prepared now, the
+/// unit commits with it. Before, an atomic plan was not asked again: a rollback that undid
+/// the step while the plan awaited approval left the target reported applied, unmigrated.
+#[tokio::test]
+async fn an_atomic_plan_asks_again_for_the_steps_its_submit_read_applied() {
+    use crate::plan::{AppliedRead, StepStatus};
+    for undone in [false, true] {
+        let (changes, mut told) = broadcast::channel(64);
+        let events = engine_telling(Arc::new(Fleet::default()), changes);
+        let mut rx = attach(&events, "s0", 1).await;
+        let group = pb::ParallelGroup {
+            migrations: vec!["a".into()],
+            atomic: true,
+        };
+        let mut run = plan_of(
+            &["a"],
+            vec![group],
+            &[("s0", "t1"), ("s0", "t2")],
+            pb::FailurePolicy::AllOrNothing,
+        );
+        run.set_status(0, StepStatus::AlreadyApplied);
+        run.applied_read = AppliedRead::BeforeApproval;
+        start_locked(&events, run).await;
+        let runs = loop {
+            if let Body::Assign(a) = next_message(&mut rx).await {
+                break a.runs;
+            }
+        };
+        let mut tenants: Vec<&str> = runs.iter().map(|r| r.tenant.as_str()).collect();
+        tenants.sort();
+        assert_eq!(tenants, ["t1", "t2"], "undone: {undone}");
+        assert!(runs.iter().all(|r| !r.prepare_gid.is_empty()), "{runs:?}");
+        let t1 = runs.iter().find(|r| r.tenant == "t1").unwrap();
+        let t2 = runs.iter().find(|r| r.tenant == "t2").unwrap();
+        let t1_outcome = if undone {
+            pb::StepOutcome::Prepared
+        } else {
+            pb::StepOutcome::AlreadyApplied
+        };
+        result(&events, "s0", t1, t1_outcome).await;
+        result(&events, "s0", t2, pb::StepOutcome::Prepared).await;
+        let resolve = loop {
+            if let Body::Resolve(r) = next_message(&mut rx).await {
+                break r;
+            }
+        };
+        assert!(resolve.commit, "{resolve:?}");
+        let mut wanted = vec![t2.prepare_gid.clone()];
+        if undone {
+            wanted.insert(0, t1.prepare_gid.clone());
+        }
+        let mut gids = resolve.gids.clone();
+        gids.sort();
+        wanted.sort();
+        assert_eq!(gids, wanted, "undone: {undone}");
+        for r in [t1, t2]
+            .into_iter()
+            .filter(|r| wanted.contains(&r.prepare_gid))
+        {
+            resolved(&events, "s0", r, true).await;
+        }
+        // the unit committed, the plan completes, with t1 applied (already, or now)
+        let last = final_status(&mut told).await;
+        let summary = last.summary.as_ref().expect("a summary");
+        assert_eq!(summary.state, "completed", "undone: {undone}: {last:?}");
+        let m = &last.migrations[0];
+        assert_eq!(
+            (m.applied, m.already_applied),
+            if undone { (2, 0) } else { (1, 1) },
+            "undone: {undone}: {last:?}"
+        );
+    }
+}
