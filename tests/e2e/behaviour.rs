@@ -1183,7 +1183,8 @@ async fn columns_match_journals(fleet: &TestFleet) -> anyhow::Result<usize> {
 
 /// A submit sent again with its request id (a pipeline retrying the command after its
 /// answer was lost) answers with the plan the first stored, and starts no second plan; the
-/// same id for another plan is refused, changing nothing.
+/// same id for another plan (other files, or the same with other settings) is refused,
+/// changing nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_submit_sent_again_with_its_request_id_starts_no_second_plan() -> anyhow::Result<()> {
     let fleet = TestFleet::start(1, 1).await?;
@@ -1214,6 +1215,28 @@ async fn a_submit_sent_again_with_its_request_id_starts_no_second_plan() -> anyh
     assert_eq!(again_status["plan_id"], first["plan_id"], "{again}");
     let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
     assert_eq!(plans.as_array().map(Vec::len), Some(1), "{plans}");
+
+    // The same files with another setting are another plan: refused, naming what differs
+    // (before, answered with the first plan, exit 0, as if the changed one had run).
+    let out = fleet
+        .cli(&[
+            "plan",
+            "submit",
+            &dir,
+            "--request-id",
+            "pipeline-42",
+            "--policy",
+            "stop",
+            "--selector",
+            "tenant = tenant_0000",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("with other settings (selector, policy)"),
+        "{out}"
+    );
 
     let other = MigrationDir::new()?;
     other.migration(

@@ -83,6 +83,18 @@ impl Coordinator {
                     row.name
                 )));
             }
+            // The same files with other settings (`--selector`, `--policy`, `--atomic`, ...)
+            // are another plan too: answered with the stored one, a pipeline took its
+            // changed plan for run (exit 0, "every step applied") when nothing of it was.
+            let changed = settings_changed(&stored, &raw);
+            if !changed.is_empty() {
+                return Err(CoordinatorError::InvalidRequest(format!(
+                    "request id {request_id} was used for plan {plan_id} ({}) with other \
+                     settings ({}): another plan needs another request id",
+                    row.name,
+                    changed.join(", ")
+                )));
+            }
             info!(plan = %plan_id, %request_id, "a submit sent again: answered with the plan it stored");
             return Ok(pb::SubmitPlanResponse {
                 status: self.status(&plan_id).await.ok(),
@@ -605,4 +617,44 @@ impl Drop for SubmissionClaim<'_> {
 fn new_plan_id() -> String {
     let u = uuid::Uuid::new_v4().simple().to_string();
     format!("p{}", &u[..10])
+}
+
+/// The settings of a submission sent again under a request id that differ from those of
+/// the plan stored under it (empty: the same plan). Both go through the plan's own
+/// conversion, so a resend of the same request compares equal; what the coordinator fills
+/// in (who submitted it, from where, the scope it resolved to) is left out.
+fn settings_changed(stored: &pb::PlanSpec, raw: &pb::PlanSpec) -> Vec<&'static str> {
+    let Ok(spec) = PlanSpec::try_from(raw.clone()) else {
+        // not a plan at all: the submit refuses it for what it is
+        return Vec::new();
+    };
+    let comparable = |s: &pb::PlanSpec| {
+        let mut s = s.clone();
+        s.default_scope = 0;
+        s.submitted_by.clear();
+        s.source.clear();
+        s
+    };
+    let (old, new) = (comparable(stored), comparable(&pb::PlanSpec::from(&spec)));
+    let mut changed = Vec::new();
+    let mut differs = |name: &'static str, same: bool| {
+        if !same {
+            changed.push(name);
+        }
+    };
+    differs("selector", old.selector == new.selector);
+    differs("environment", old.environment == new.environment);
+    differs("policy", old.policy == new.policy);
+    differs("max_parallel", old.max_parallel == new.max_parallel);
+    differs("atomic", old.atomic == new.atomic);
+    differs("waves", old.waves == new.waves);
+    differs(
+        "error budget",
+        old.max_failures == new.max_failures && old.on_budget_exhausted == new.on_budget_exhausted,
+    );
+    differs("migrations", old.migrations == new.migrations);
+    if changed.is_empty() && old != new {
+        changed.push("the plan's settings");
+    }
+    changed
 }
