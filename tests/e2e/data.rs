@@ -713,6 +713,15 @@ async fn a_cancelled_backfill_leaves_whole_batches_and_resumes_later() -> anyhow
     assert!(rows > 0 && rows < 400, "{rows}");
     assert_eq!(touched_rows(&fleet).await?, rows, "whole batches only");
     assert_eq!(not_once(&fleet, 0).await?.0, 400 - rows);
+    // The text status points at what goes on from the checkpoint: for a cancelled plan a new
+    // submit (it said "a retry", which refuses a cancelled plan).
+    let out = fleet.cli(&["plan", "status", &id]).await?;
+    assert!(
+        out.stdout.contains(
+            "1 not run (1 part-way: stopped at a checkpoint, which a new submit of the plan goes on from)"
+        ),
+        "{out}"
+    );
 
     let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 0, "{out}");

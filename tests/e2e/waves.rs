@@ -311,7 +311,7 @@ rest = true
     );
     assert_eq!(
         st["waiting_for"],
-        serde_json::json!(["approval: wave canary"]),
+        serde_json::json!(["promotion: wave canary (plan promote)"]),
         "{st}"
     );
     let id = st["plan_id"].as_str().unwrap().to_string();

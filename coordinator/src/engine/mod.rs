@@ -708,7 +708,9 @@ impl Engine {
                     w.bake_until_ms.unwrap_or_default()
                 )),
                 WaveState::Checking => waiting.push(format!("gate: wave {}", w.name)),
-                WaveState::Waiting => waiting.push(format!("approval: wave {}", w.name)),
+                WaveState::Waiting => {
+                    waiting.push(format!("promotion: wave {} (plan promote)", w.name))
+                }
                 _ => {}
             }
         }

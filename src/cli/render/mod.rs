@@ -303,8 +303,15 @@ fn migration_line(m: &pb::MigrationProgress, s: &pb::PlanStatus) -> String {
             line.push_str(&format!(", {n} {what}"));
         }
         if what == "not run" && part_way > 0 {
+            // `plan retry` takes a failed, halted or completed_with_failures plan; a
+            // cancelled one is submitted again (it was pointed at a retry that refused it).
+            let again = if s.summary.as_ref().is_some_and(|p| p.state == "cancelled") {
+                "a new submit of the plan"
+            } else {
+                "a retry"
+            };
             line.push_str(&format!(
-                " ({part_way} part-way: stopped at a checkpoint, which a retry goes on from)"
+                " ({part_way} part-way: stopped at a checkpoint, which {again} goes on from)"
             ));
         }
     }
