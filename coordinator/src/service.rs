@@ -620,6 +620,7 @@ impl Coordinator {
                     labels: serde_json::to_string(&back.labels).unwrap_or_else(|_| "{}".into()),
                     tenants: crate::sessions::tenants_json(&back.tenants),
                     version: back.version.clone(),
+                    seen_ms: 0,
                 },
             );
             self.flush().await;

@@ -984,3 +984,38 @@ async fn a_shard_whose_database_does_not_answer_its_agent_refuses_a_submit_at_on
     assert_eq!(agents[0]["shard_unreachable"], false, "{agents}");
     Ok(())
 }
+
+/// An agent gone is "last seen" at its last heartbeat, not at its attach: the store's row
+/// took the time only when the agent attached or its tenants changed, and `fleet list` of an
+/// agent stopped seconds before said it was last seen that long before (hours, for an agent
+/// attached for hours).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_gone_is_last_seen_at_its_last_heartbeat() -> anyhow::Result<()> {
+    let mut fleet = crate::fleet::TestFleet::start(1, 1).await?;
+    let seen = async |fleet: &crate::fleet::TestFleet| -> anyhow::Result<(bool, i64)> {
+        let agents = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+        Ok((
+            agents[0]["connected"] == true,
+            agents[0]["last_seen_ms"].as_i64().unwrap_or_default(),
+        ))
+    };
+    let (_, attached) = seen(&fleet).await?;
+    // heartbeats (every second) move it on while attached
+    let heard = crate::harness::wait_for("two heartbeats after the attach", WAIT, async || {
+        let (connected, at) = seen(&fleet).await?;
+        Ok((connected && at >= attached + 2_000).then_some(at))
+    })
+    .await?;
+    let status = fleet.agents[0].take().expect("the agent").kill()?;
+    assert!(!status.success(), "killed: {status}");
+    let gone = crate::harness::wait_for("the agent detached", WAIT, async || {
+        let (connected, at) = seen(&fleet).await?;
+        Ok((!connected).then_some(at))
+    })
+    .await?;
+    assert!(
+        gone >= heard,
+        "last seen {gone} ms, before a heartbeat heard at {heard} ms (attached at {attached})"
+    );
+    Ok(())
+}

@@ -94,6 +94,7 @@ impl Coordinator {
                 labels: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
                 tenants: tenants_json(&hello.tenants),
                 version: hello.version.clone(),
+                seen_ms: 0,
             },
         );
         // The channel is new and empty: the Welcome always fits.
@@ -233,8 +234,23 @@ impl Coordinator {
             };
             self.event(event).await;
         }
+        // (its row as attached, for the store's "last seen" below)
+        let leaving = inner
+            .fleet
+            .snapshot()
+            .remove(&shard)
+            .filter(|a| a.conn_id == conn_id);
         if inner.fleet.detach(&shard, conn_id) {
             info!(shard = %shard, "agent detached");
+            if let Some(a) = leaving {
+                self.write(StoreOp::Agent {
+                    shard: shard.clone(),
+                    labels: serde_json::to_string(&a.labels).unwrap_or_else(|_| "{}".into()),
+                    tenants: tenants_json(&a.tenants),
+                    version: a.version,
+                    seen_ms: a.last_seen_ms,
+                });
+            }
             inner.versions.detached(&shard);
             if let Some(e) = &inner.embedded {
                 e.set_live(&shard, false);
@@ -254,6 +270,7 @@ impl Coordinator {
                 labels: serde_json::to_string(&agent.labels).unwrap_or_else(|_| "{}".into()),
                 tenants: tenants_json(tenants),
                 version: agent.version.clone(),
+                seen_ms: 0,
             });
         }
         self.tenants_seen(shard, before, tenants);

@@ -1378,6 +1378,7 @@ mod tests {
                     labels: r#"{"region":"eu"}"#.into(),
                     tenants: format!(r#"[["{tenant}",{{"industry":"retail"}}]]"#),
                     version: "0.1.0".into(),
+                    seen_ms: 0,
                 })
                 .unwrap();
             }

@@ -97,6 +97,10 @@ pub enum StoreOp {
         labels: String,
         tenants: String,
         version: String,
+        /// When the agent was last heard (0: now, as the row is written): a detach
+        /// records its last heartbeat, or `fleet list` said "last seen" at its attach or
+        /// its tenants' last change, however long ago.
+        seen_ms: i64,
     },
     /// Where a plan's waves are (each row replaces the one stored before).
     Waves {
@@ -166,11 +170,13 @@ impl StoreOp {
                 labels,
                 tenants,
                 version,
+                seen_ms,
             } => StoreOp::Agent {
                 shard: shard.clone(),
                 labels: labels.clone(),
                 tenants: tenants.clone(),
                 version: version.clone(),
+                seen_ms: *seen_ms,
             },
             StoreOp::Waves { plan_id, waves } => StoreOp::Waves {
                 plan_id: plan_id.clone(),

@@ -538,6 +538,7 @@ impl Store {
                     labels,
                     tenants,
                     version,
+                    seen_ms,
                 } => {
                     sqlx::query(
                         "INSERT INTO agents (shard, labels, tenants, version, last_seen_ms)
@@ -550,7 +551,7 @@ impl Store {
                     .bind(labels)
                     .bind(tenants)
                     .bind(version)
-                    .bind(now_ms())
+                    .bind(if seen_ms > 0 { seen_ms } else { now_ms() })
                     .execute(&mut *tx)
                     .await
                     .map_err(StoreError::from)?;
@@ -882,6 +883,7 @@ mod tests {
             labels: "{}".into(),
             tenants: "[]".into(),
             version: "v".into(),
+            seen_ms: 0,
         };
         send(agent);
         assert_eq!(next(&mut rx).await, ["other"]);
