@@ -42,10 +42,13 @@ enum Stand {
         plan_id: String,
         checksum: String,
     },
-    /// A plan there carried it with this checksum but did not complete (the newest).
+    /// A plan there carried it with this checksum but did not complete (the newest), and
+    /// the newest plan there that completed it with another checksum, if one did: the
+    /// version that ran there is not the one being promoted.
     NotCompleted {
         plan_id: String,
         state: PlanState,
+        other_completed: Option<(String, String)>,
     },
 }
 
@@ -250,6 +253,14 @@ fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
             Stand::NotCompleted {
                 plan_id: row.id.clone(),
                 state: row.state,
+                other_completed: carried
+                    .iter()
+                    .filter(|(row, _)| row.state == PlanState::Completed)
+                    .find_map(|(row, ms)| {
+                        ms.iter()
+                            .find(|(i, c)| i == id && *c != m.checksum)
+                            .map(|(_, c)| (row.id.clone(), c.clone()))
+                    }),
             }
         } else if let Some((row, ms)) = carried
             .iter()
@@ -283,18 +294,35 @@ fn describe(id: &str, stand: &Stand, env: &str) -> String {
             "`{id}` ran in `{env}` with another checksum ({} in plan {plan_id}): it was edited since",
             short(checksum)
         ),
-        Stand::NotCompleted { plan_id, state } => match state {
-            PlanState::Failed
-            | PlanState::RolledBack
-            | PlanState::RollbackFailed
-            | PlanState::CompletedWithFailures => {
-                format!("`{id}` failed in `{env}` (plan {plan_id} ended {state})")
+        Stand::NotCompleted {
+            plan_id,
+            state,
+            other_completed,
+        } => {
+            let stand = match state {
+                // (undone on purpose, or after a failure: either way it does not stand there)
+                PlanState::RolledBack => {
+                    format!("`{id}` was rolled back in `{env}` (plan {plan_id} ended {state})")
+                }
+                PlanState::Failed
+                | PlanState::RollbackFailed
+                | PlanState::CompletedWithFailures => {
+                    format!("`{id}` failed in `{env}` (plan {plan_id} ended {state})")
+                }
+                s if s.is_terminal() => {
+                    format!("`{id}` did not complete in `{env}` (plan {plan_id} ended {s})")
+                }
+                s => format!("`{id}` has not completed in `{env}` yet (plan {plan_id} is {s})"),
+            };
+            match other_completed {
+                Some((other, checksum)) => format!(
+                    "{stand}; plan {other} completed it there with another checksum ({}): the \
+                     file differs from the version that completed in `{env}`",
+                    short(checksum)
+                ),
+                None => stand,
             }
-            s if s.is_terminal() => {
-                format!("`{id}` did not complete in `{env}` (plan {plan_id} ended {s})")
-            }
-            s => format!("`{id}` has not completed in `{env}` yet (plan {plan_id} is {s})"),
-        },
+        }
     }
 }
 
@@ -391,9 +419,30 @@ mod tests {
         );
         assert_eq!(
             text[2],
-            "`004_failed` failed in `staging` (plan p2 ended rolled_back)"
+            "`004_failed` was rolled back in `staging` (plan p2 ended rolled_back)"
         );
         assert!(text[3].contains("not completed in `staging` yet (plan p3 is running)"));
         assert!(!s2.is_empty());
+    }
+
+    /// A version rolled back there while an edited one completed: both are said (it named
+    /// the rolled-back plan alone, and the operator looked for a failure).
+    #[test]
+    fn a_rolled_back_version_names_the_other_that_completed() {
+        let spec = plan(&[("001_x", "CREATE TABLE a (x int)")]);
+        let sum = spec.migrations[0].checksum.clone();
+        let plans = vec![
+            row("p1", PlanState::RolledBack, &[("001_x", &sum)]),
+            row("p2", PlanState::Failed, &[("001_x", "eeee")]),
+            row("p3", PlanState::Completed, &[("001_x", "ffff")]),
+        ];
+        let found = lacking(&spec, &plans);
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            describe(&found[0].0, &found[0].1, "staging"),
+            "`001_x` was rolled back in `staging` (plan p1 ended rolled_back); plan p3 \
+             completed it there with another checksum (ffff): the file differs from the \
+             version that completed in `staging`"
+        );
     }
 }
