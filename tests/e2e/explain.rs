@@ -450,3 +450,56 @@ async fn a_dry_run_over_etcd_writes_no_key_and_takes_no_lock() -> anyhow::Result
     );
     Ok(())
 }
+
+/// An environment whose every shard's agent is away: the dry run shows the plan over them
+/// from what the coordinator knew, naming them, as it does when some are away (it said the
+/// environment had no shard while the submit said which one was unreachable); the submit
+/// refuses, naming the shard.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_over_an_environment_whose_shards_are_all_away_names_them() -> anyhow::Result<()>
+{
+    let mut fleet = TestFleet::builder(2, 2)
+        .shard_labels(&["env=staging", "env=production"])
+        .coordinator_args(&["--environments", "staging,production"])
+        .start()
+        .await?;
+    let dir = plan()?;
+    let path = dir.path().to_string_lossy().into_owned();
+    kill_agent(&mut fleet, 1, 1).await?;
+    let v = fleet
+        .json(&[
+            "plan",
+            "explain",
+            &path,
+            "--environment",
+            "production",
+            "--skip-promotion-check",
+            "--reason",
+            "dry run",
+            "--output",
+            "json",
+        ])
+        .await?;
+    assert_eq!(v["targets"], 2, "{v}");
+    assert!(
+        v["unknown_shards"]
+            .to_string()
+            .contains("shard_1: its agent is not attached"),
+        "{v}"
+    );
+    let out = fleet
+        .cli(&[
+            "plan",
+            "submit",
+            &path,
+            "--environment",
+            "production",
+            "--skip-promotion-check",
+            "--reason",
+            "dry run",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(out.stderr.contains("shard shard_1"), "{out}");
+    Ok(())
+}

@@ -154,7 +154,11 @@ impl Coordinator {
             .iter()
             .filter(|(_, a)| envs.admits(&spec.environment, &a.labels))
             .collect();
-        if attached.is_empty() && !envs.is_empty() && !spec.environment.is_empty() {
+        // A dry run whose environment's shards are all away names them (`unknown_shards`),
+        // as with some away: it said the environment had no shard, while the submit said
+        // which one was unreachable.
+        let away_named = mode == Mode::DryRun && !self.away_agents(spec, &all).await?.is_empty();
+        if attached.is_empty() && !envs.is_empty() && !spec.environment.is_empty() && !away_named {
             return Err(crate::error::Refusal::EmptyEnvironment {
                 environment: spec.environment.clone(),
                 label: envs.label.clone(),
