@@ -120,7 +120,10 @@ fn to_text(r: &pb::ExplainResponse) -> String {
         "dry run of plan {}: {} targets, {} steps ({} applied already), {} targets at once; nothing was changed",
         r.name, r.targets, r.steps, r.already_applied, r.max_parallel
     );
-    let estimate = if r.estimate_ms == 0 {
+    let estimate = if r.steps > 0 && r.already_applied >= r.steps {
+        // (it printed the basis of a sum over nothing, without a figure)
+        "none: every step is applied already".to_string()
+    } else if r.estimate_ms == 0 {
         r.estimate_basis.clone()
     } else {
         format!("{} ({})", duration(r.estimate_ms), r.estimate_basis)
@@ -306,6 +309,19 @@ mod tests {
         };
         let text = to_text(&r);
         assert!(text.contains("estimated duration: no history"), "{text}");
+        // every step applied already: nothing to estimate, said so
+        let all_applied = pb::ExplainResponse {
+            steps: 2,
+            already_applied: 2,
+            estimate_basis: "sum over migrations of their steps".into(),
+            ..r.clone()
+        };
+        assert!(
+            to_text(&all_applied)
+                .contains("estimated duration: none: every step is applied already"),
+            "{}",
+            to_text(&all_applied)
+        );
         assert!(
             text.contains("unknown: shard_1: its agent is not attached"),
             "{text}"

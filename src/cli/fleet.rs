@@ -101,17 +101,22 @@ fn drift_lines(d: &pb::DriftedTarget, majority: u64) -> Vec<String> {
             d.target, d.fingerprint
         )];
     }
+    let n = if majority == 1 {
+        "1 target".to_string()
+    } else {
+        format!("{majority} targets")
+    };
     // Tied, there is no majority to blame: the other shape is named, and the tie said.
     let (other, within) = if d.tied {
         let other = format!(
-            "shape {} ({majority} targets, as many as another: no majority)",
+            "shape {} ({n}, as many as another: no majority)",
             short(&d.against)
         );
         (other.clone(), other)
     } else {
         (
-            format!("the majority's shape ({majority} targets)"),
-            format!("the majority's shape, {majority} targets"),
+            format!("the majority's shape ({n})"),
+            format!("the majority's shape, {n}"),
         )
     };
     let extra = d

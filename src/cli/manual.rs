@@ -86,9 +86,12 @@ pub fn man(out_dir: Option<&Path>) -> u8 {
             .map_err(|e| format!("writing manual pages to {}: {e}", dir.display())),
         None => {
             let mut out = std::io::stdout().lock();
-            render_main_page(&mut out)
-                .and_then(|()| out.flush())
-                .map_err(|e| format!("writing the manual page: {e}"))
+            match render_main_page(&mut out).and_then(|()| out.flush()) {
+                // `flotilla man | head`: a reader that stops reading ends it quietly, as
+                // every printing command does (exit 141, see main)
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return 141,
+                r => r.map_err(|e| format!("writing the manual page: {e}")),
+            }
         }
     };
     match result {

@@ -138,18 +138,19 @@ pub fn lint(spec: &flotilla_core::PlanSpec, findings: &[pb::LintFinding], output
     }
     if !spec.rollout.waves.is_empty() {
         println!("waves:");
-        if !spec.rollout.watch.is_zero() {
-            println!(
-                "  (then watched for {}: a breach rolls the plan back)",
-                humantime::format_duration(spec.rollout.watch)
-            );
-        }
         for w in &spec.rollout.waves {
             let v = wave_lint(w);
             println!(
                 "  {}: {}",
                 w.name,
                 v["summary"].as_str().unwrap_or_default()
+            );
+        }
+        // after the last wave, as it happens (it was printed before the first)
+        if !spec.rollout.watch.is_zero() {
+            println!(
+                "  (then watched for {}: a breach rolls the plan back)",
+                humantime::format_duration(spec.rollout.watch)
             );
         }
     }
