@@ -125,7 +125,8 @@ fn data_line(d: &pb::DataProgress) -> String {
 }
 
 fn eta(ms: u64) -> String {
-    let s = ms / 1000;
+    // rounded up: under a second left read "ETA 0s" with rows still to go
+    let s = ms.div_ceil(1000);
     if s >= 3600 {
         format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
     } else if s >= 60 {
@@ -499,5 +500,19 @@ mod wave_tests {
         };
         assert!(wave_line(&w, false).ends_with("0 applied, 0 failed, 2 to go"));
         assert!(wave_line(&w, true).ends_with("0 applied, 0 failed, 2 not applied"));
+    }
+}
+
+#[cfg(test)]
+mod data_tests {
+    use super::*;
+
+    /// Under a second left is "1s", not "0s" with rows still to go.
+    #[test]
+    fn an_eta_is_rounded_up() {
+        assert_eq!(eta(400), "1s");
+        assert_eq!(eta(1_000), "1s");
+        assert_eq!(eta(61_500), "1m02s");
+        assert_eq!(eta(3_600_000), "1h00m");
     }
 }
