@@ -514,9 +514,9 @@ pub enum PlanCommand {
         output: Output,
     },
     /// Stop a running plan (under all-or-nothing, what it applied is undone).
-    Cancel(CommandArgs),
+    Cancel(CancelArgs),
     /// Undo every step a plan applied, in reverse dependency order.
-    Rollback(CommandArgs),
+    Rollback(RollbackArgs),
     /// Pause a running plan, or one shard of it (`--shard`): data changes stop at their
     /// next batch boundary and no new step starts until `plan resume`.
     Pause(PauseArgs),
@@ -746,12 +746,28 @@ pub enum EnvCommand {
 }
 
 #[derive(Args, Debug)]
-pub struct CommandArgs {
+pub struct CancelArgs {
     pub id: String,
     /// Cancel only this shard of the plan (policies stop and continue; the other shards go
-    /// on). Not for rollback.
+    /// on).
     #[arg(long)]
     pub shard: Option<String>,
+    /// Why (recorded in the audit trail).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Who asks (recorded in the audit trail).
+    #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
+    pub actor: String,
+    /// Wait until the plan ends.
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    pub id: String,
     /// Why (recorded in the audit trail).
     #[arg(long, default_value = "")]
     pub reason: String,
@@ -768,6 +784,47 @@ pub struct CommandArgs {
     pub wait: bool,
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
+}
+
+/// A cancel or a rollback, as sent: each takes only its own flags (`--shard` is a cancel's,
+/// `--down-from` a rollback's; both showed in each one's help, refused when given).
+#[derive(Debug)]
+pub struct CommandArgs {
+    pub id: String,
+    pub shard: Option<String>,
+    pub reason: String,
+    pub actor: String,
+    pub down_from: Option<PathBuf>,
+    pub wait: bool,
+    pub output: Output,
+}
+
+impl From<CancelArgs> for CommandArgs {
+    fn from(a: CancelArgs) -> Self {
+        CommandArgs {
+            id: a.id,
+            shard: a.shard,
+            reason: a.reason,
+            actor: a.actor,
+            down_from: None,
+            wait: a.wait,
+            output: a.output,
+        }
+    }
+}
+
+impl From<RollbackArgs> for CommandArgs {
+    fn from(a: RollbackArgs) -> Self {
+        CommandArgs {
+            id: a.id,
+            shard: None,
+            reason: a.reason,
+            actor: a.actor,
+            down_from: a.down_from,
+            wait: a.wait,
+            output: a.output,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -1007,5 +1064,22 @@ mod step_timeout_tests {
             .unwrap_err()
             .to_string();
         assert!(refused.contains("--lock-timeout"), "{refused}");
+    }
+
+    /// A cancel takes `--shard` and a rollback `--down-from`, each only its own (both showed
+    /// in each one's help, and were refused when given).
+    #[test]
+    fn cancel_and_rollback_take_only_their_own_flags() {
+        let ok = |args: &[&str]| {
+            Cli::try_parse_from(args)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(ok(&["flotilla", "plan", "cancel", "p1", "--shard", "s0"]).is_ok());
+        assert!(ok(&["flotilla", "plan", "rollback", "p1", "--down-from", "d"]).is_ok());
+        let e = ok(&["flotilla", "plan", "rollback", "p1", "--shard", "s0"]).unwrap_err();
+        assert!(e.contains("--shard"), "{e}");
+        let e = ok(&["flotilla", "plan", "cancel", "p1", "--down-from", "d"]).unwrap_err();
+        assert!(e.contains("--down-from"), "{e}");
     }
 }

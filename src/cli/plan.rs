@@ -78,8 +78,8 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
             )
             .await
         }
-        PlanCommand::Cancel(args) => command(addr, args, false).await,
-        PlanCommand::Rollback(args) => command(addr, args, true).await,
+        PlanCommand::Cancel(args) => command(addr, args.into(), false).await,
+        PlanCommand::Rollback(args) => command(addr, args.into(), true).await,
         PlanCommand::Pause(args) => pause(addr, args, true).await,
         PlanCommand::Resume(args) => pause(addr, args, false).await,
         PlanCommand::Promote(args) => decide(addr, args, Verb::Promote).await,
