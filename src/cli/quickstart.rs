@@ -681,6 +681,10 @@ async fn given_shards(args: QuickstartArgs, stop: Stop) -> u8 {
         args.metrics,
         args.shards.len(),
     );
+    // (as the demo says it: nothing else tells the operator the command stays in front)
+    println!(
+        "Serving until Ctrl-C; then the coordinator and its agents stop (the shards are yours)."
+    );
     stop.wait().await;
     fleet.stop().await
 }

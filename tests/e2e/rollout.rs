@@ -450,6 +450,8 @@ async fn quickstart_runs_the_whole_system_in_one_process() -> anyhow::Result<()>
     quick
         .wait_for_log("flotilla quickstart: coordinator on", WAIT)
         .await?;
+    // it says that it stays in front, as the demo does (it said nothing)
+    quick.wait_for_log("Serving until Ctrl-C", WAIT).await?;
     wait_until("both embedded agents attached", WAIT, async || {
         let out = run_flotilla(
             &["--coordinator", &addr, "fleet", "list", "--output", "json"],

@@ -24,8 +24,20 @@ pub fn plan_list(r: &pb::ListPlansResponse, output: Output) {
     }
     // Columns as wide as their longest value (`completed_with_failures`, a catch-up plan's
     // name), the name last but for the counts: fixed widths let long ones push the rest out.
-    let state = r.plans.iter().map(|p| p.state.len()).max().unwrap_or(0).max(5);
-    let name = r.plans.iter().map(|p| p.name.len()).max().unwrap_or(0).max(4);
+    let state = r
+        .plans
+        .iter()
+        .map(|p| p.state.len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    let name = r
+        .plans
+        .iter()
+        .map(|p| p.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
     println!(
         "{:<14} {:<state$} {:<name$} {:>8} {:>8}",
         "PLAN", "STATE", "NAME", "TARGETS", "STEPS"
