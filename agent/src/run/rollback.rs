@@ -295,6 +295,7 @@ pub(super) async fn undo_step(
             .await
             .map_err(once)?;
         let undone = checkpoint::undone(conn, cx, m).await?;
+        let undone = super::statements::pass_over_never_run(conn, cx, m, undone).await?;
         let batches = prior_image_batches(conn, cx, m).await.map_err(once)?;
         if !batches.is_empty() {
             // The batches ran after the up SQL, under its session settings, and saved their

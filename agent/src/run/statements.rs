@@ -174,6 +174,80 @@ async fn forget_pending(conn: &mut PgConnection, cx: &StepContext<'_>, m: &Prepa
 /// what timed out alone, after the pauses a step gets, unless it may have committed part of
 /// its work first (`may_commit_part_way`). The session holds the step's settings and has
 /// checked its fence. On failure, the session may be inside a transaction.
+/// A step left part-way (a checkpoint, no journal row) whose `down.sql` pairs with its
+/// `up.sql` statement for statement (as many statements: the last down statement undoes the
+/// first up statement, and so on, `SELECT 1` for one with nothing to undo): only the down
+/// statements of the up statements that ran are run, and those of the others recorded as
+/// passed over (`undone`, so a rollback cut short goes on from there). The whole `down.sql`
+/// also undid what never ran: an up statement that failed because its column was there
+/// already had that column, and its data, dropped by the undo of a statement that did
+/// nothing. The failed statement's own is run when it may have left work (a concurrent
+/// index build's INVALID index, a procedure that committed part of its work). Unpaired, the
+/// whole `down.sql` runs, as for an applied step (it undoes the step as a whole). Returns
+/// the down statements done or passed over.
+pub(super) async fn pass_over_never_run(
+    conn: &mut PgConnection,
+    cx: &StepContext<'_>,
+    m: &PreparedMigration,
+    undone: usize,
+) -> Result<usize, Failure> {
+    let n = m.up.len();
+    if n == 0 || m.down.len() != n {
+        return Ok(undone);
+    }
+    let row: Option<(i32, bool)> = sqlx::query_as(
+        "SELECT c.statements, EXISTS (SELECT 1 FROM flotilla.journal j \
+                 WHERE j.target = c.target AND j.migration_id = c.migration_id) \
+           FROM flotilla.checkpoints c WHERE c.target = $1 AND c.migration_id = $2",
+    )
+    .bind(cx.tenant)
+    .bind(m.id())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(|e| classify(&e, "down"))?;
+    let Some((done, applied)) = row else {
+        return Ok(undone);
+    };
+    if applied {
+        return Ok(undone);
+    }
+    let mut ran = usize::try_from(done).unwrap_or(0).min(n);
+    if ran < n {
+        let failed = &m.up[ran];
+        if first_non_transactional(std::slice::from_ref(failed)).is_some()
+            || may_commit_part_way(failed)
+        {
+            ran += 1;
+        }
+    }
+    let pass = n - ran;
+    if undone >= pass {
+        return Ok(undone);
+    }
+    info!(
+        step = m.id(),
+        tenant = cx.tenant,
+        ran,
+        of = n,
+        "left part-way: only the down statements of the up statements that ran are run"
+    );
+    let mut sql = begin_fenced(cx.epoch);
+    push_advance_undone(&mut sql, cx, m, undone, pass);
+    sql.push_str("COMMIT;\n");
+    let what = format!(
+        "the record of the down statements passed over of step {}",
+        m.id()
+    );
+    retry_lock_timeouts(conn, &sql, true, &what)
+        .await
+        .map_err(|(e, attempts)| {
+            let mut failure = classify(&e, "down");
+            failure.error.message = with_attempts(&failure, attempts, m.lock_timeout_ms);
+            failure
+        })?;
+    Ok(pass)
+}
+
 pub(super) async fn run_down_statements(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,

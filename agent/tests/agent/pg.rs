@@ -1983,6 +1983,82 @@ async fn a_step_left_part_way_goes_on_or_is_undone() {
     f.drop().await;
 }
 
+/// A non-transactional step that failed on its third statement because the column it adds
+/// was there already (with the application's data), whose down.sql pairs with its up.sql
+/// statement for statement: its rollback undoes only the statements that ran. Before, the
+/// whole down.sql ran, and its `DROP COLUMN foo` (the undo of the statement that failed,
+/// having done nothing) dropped the column that was there before, and its data.
+#[tokio::test]
+async fn a_step_left_part_way_undoes_only_what_ran_when_its_down_pairs_with_its_up() {
+    let Some(f) = fleet("part_way_paired", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    sqlx::raw_sql(
+        "ALTER TABLE tenant_0000.work_orders ADD COLUMN foo int; \
+         UPDATE tenant_0000.work_orders SET foo = id;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(3).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pp".into(),
+        migrations: vec![migration(
+            "cols",
+            "ALTER TABLE work_orders ADD COLUMN bar int; \
+             VACUUM work_orders; \
+             ALTER TABLE work_orders ADD COLUMN foo int",
+            "ALTER TABLE work_orders DROP COLUMN IF EXISTS foo; \
+             SELECT 1; \
+             ALTER TABLE work_orders DROP COLUMN IF EXISTS bar",
+            "",
+        )],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    let r = s
+        .assign("pp", 3, 1, vec![run(1, "tenant_0000", &["cols"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Failed], "{:?}", r[&1]);
+    assert_eq!(r[&1].steps[0].error.clone().unwrap().sqlstate, "42701");
+    let column = |name: &str| {
+        format!(
+            "SELECT count(*) FROM information_schema.columns \
+              WHERE table_schema = 'tenant_0000' AND table_name = 'work_orders' \
+                AND column_name = '{name}'"
+        )
+    };
+    assert_eq!(count(&pool, &column("bar")).await, 1);
+
+    let reply = s.rollback("pp", 3).await;
+    assert!(reply.complete, "{reply:?}");
+    assert!(reply.steps.iter().all(|s| s.error.is_none()), "{reply:?}");
+    assert_eq!(count(&pool, &column("bar")).await, 0, "what ran is undone");
+    assert_eq!(
+        count(&pool, &column("foo")).await,
+        1,
+        "what was there stays"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM tenant_0000.work_orders WHERE foo = id"
+        )
+        .await,
+        20,
+        "with its data"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.checkpoints").await,
+        0
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A data change that saves a prior image, undone after the application changed or deleted
 /// some of the rows it changed: those keep the application's values (before, the undo wrote
 /// the old values over them), the others are put back. A batch saved without post images

@@ -175,6 +175,7 @@ pub const SESSION_STATE: &str = "session-state";
 pub const DOWN_INCOMPLETE: &str = "down-incomplete";
 pub const MISSING_DOWN: &str = "missing-down";
 pub const DOWN_DROPS_EXISTING: &str = "down-drops-existing";
+pub const DOWN_UNPAIRED: &str = "down-unpaired";
 pub const ATOMIC_UNIT_SPLIT: &str = "atomic-unit-split";
 pub const NAMING_ID: &str = "naming-id";
 pub const NAMING_DESCRIPTION: &str = "naming-description";
@@ -247,6 +248,14 @@ pub const RULES: &[Rule] = &[
         DOWN_DROPS_EXISTING,
         Severity::Warning,
         "down.sql drops something up.sql does not create: a rollback would drop what existed before the migration",
+    ),
+    // A warning: a down.sql that undoes the step as a whole (one DROP TABLE for a table and
+    // its index) is right for an applied step, and for a step left part-way when what never
+    // ran was not there before.
+    rule_def(
+        DOWN_UNPAIRED,
+        Severity::Warning,
+        "a non-transactional migration of several statements whose down.sql is not one statement per up statement: a step left part-way is undone by the whole down.sql, the undo of statements that never ran included",
     ),
     rule_def(
         ATOMIC_UNIT_SPLIT,
@@ -499,6 +508,22 @@ fn lint_migration(
     }
     rules::check_up(m, &up, atomic, options, seen, &mut out);
     if let Some(down) = down {
+        // (counted as the agent splits them, which is what it pairs)
+        let (ups, downs) = (
+            crate::sql::split_statements(&m.up_sql).map_or(0, |s| s.len()),
+            crate::sql::split_statements(&m.down_sql).map_or(0, |s| s.len()),
+        );
+        if m.tx_mode == crate::TxMode::NonTransactional && ups > 1 && downs > 0 && downs != ups {
+            out.push(
+                DOWN_UNPAIRED,
+                "down.sql",
+                down.first().map_or(1, |p| p.info.line),
+                format!(
+                    "{ups} up statements, {downs} down: its statements commit one by one, and a step left part-way (a statement failed) is undone by the whole down.sql, the undo of the statements that never ran too: an object of theirs that was there before (the column a failed ADD COLUMN found) is dropped, with its data"
+                ),
+                "write down.sql as one statement per up statement, in reverse order (`SELECT 1;` for one with nothing to undo, a SET for a SET): a rollback then undoes only what ran",
+            );
+        }
         reversal::check(m, &up, &down, &mut out);
     }
     out.findings

@@ -787,3 +787,62 @@ fn a_unit_split_across_its_prepared_transaction_is_an_error() {
             .any(|f| f.rule == ATOMIC_UNIT_SPLIT)
     );
 }
+
+/// A non-transactional migration of several statements whose down.sql does not pair with
+/// its up.sql: a step left part-way is undone by the whole down.sql. Paired (a `SELECT 1`
+/// for the VACUUM), or transactional, or one statement: nothing to say.
+#[test]
+fn an_unpaired_down_of_a_non_transactional_migration_is_said() {
+    let up = "ALTER TABLE orders ADD COLUMN bar int;\nVACUUM orders;\nALTER TABLE orders ADD COLUMN foo int";
+    let unpaired = lint_plan(
+        &plan(
+            vec![migration(
+                "001_cols",
+                up,
+                "ALTER TABLE orders DROP COLUMN foo;\nALTER TABLE orders DROP COLUMN bar",
+            )],
+            false,
+        ),
+        &LintOptions::default(),
+    );
+    let said: Vec<&Finding> = unpaired
+        .iter()
+        .filter(|f| f.rule == DOWN_UNPAIRED)
+        .collect();
+    assert_eq!(said.len(), 1, "{unpaired:#?}");
+    assert_eq!(said[0].severity, Severity::Warning);
+    assert!(
+        said[0].message.starts_with("3 up statements, 2 down"),
+        "{said:?}"
+    );
+    let paired = lint_plan(
+        &plan(
+            vec![migration(
+                "001_cols",
+                up,
+                "ALTER TABLE orders DROP COLUMN foo;\nSELECT 1;\nALTER TABLE orders DROP COLUMN bar",
+            )],
+            false,
+        ),
+        &LintOptions::default(),
+    );
+    assert!(
+        paired.iter().all(|f| f.rule != DOWN_UNPAIRED),
+        "{paired:#?}"
+    );
+    let transactional = lint_plan(
+        &plan(
+            vec![migration(
+                "001_cols",
+                "ALTER TABLE orders ADD COLUMN bar int;\nALTER TABLE orders ADD COLUMN foo int",
+                "ALTER TABLE orders DROP COLUMN foo, DROP COLUMN bar",
+            )],
+            false,
+        ),
+        &LintOptions::default(),
+    );
+    assert!(
+        transactional.iter().all(|f| f.rule != DOWN_UNPAIRED),
+        "{transactional:#?}"
+    );
+}
