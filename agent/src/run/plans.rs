@@ -25,6 +25,11 @@ pub(crate) struct Plan {
     pub id: String,
     /// None until a PlanDefinition arrives; Err when it did not validate.
     definition: Mutex<Option<Result<Arc<PlanDef>, DefinitionError>>>,
+    /// The definition as it came, to know the same one sent again on a new stream: it is
+    /// not split into statements again (a plan of 30 MB of SQL took the agent's one thread
+    /// for seconds at every attach, its heartbeats stopped, the coordinator dropped the
+    /// stream, and sent the definition again on the next: the agent never got out).
+    received: Mutex<Option<pb::PlanDefinition>>,
     state: Mutex<PlanState>,
     changed: Notify,
     /// Pause and halt, as running data changes see them between batches.
@@ -146,6 +151,7 @@ impl Agent {
                 Arc::new(Plan {
                     id: plan_id.to_string(),
                     definition: Mutex::new(None),
+                    received: Mutex::new(None),
                     state: Mutex::new(PlanState::default()),
                     changed: Notify::new(),
                     control: tokio::sync::watch::Sender::new(Default::default()),
@@ -158,6 +164,14 @@ impl Agent {
     #[instrument(skip_all, fields(shard = %self.config.shard, plan = %def.plan_id))]
     pub(crate) fn define_plan(&self, def: pb::PlanDefinition) {
         let plan = self.plan(&def.plan_id);
+        {
+            let received = plan.received.lock().expect("plan lock");
+            if received.as_ref() == Some(&def) {
+                debug!("the plan's definition again, as this agent has it");
+                return;
+            }
+        }
+        *plan.received.lock().expect("plan lock") = Some(def.clone());
         let converted = PlanDef::from_pb(def).map(Arc::new);
         match &converted {
             Err(error) => warn!(%error, "plan definition rejected; its runs will fail"),
