@@ -284,8 +284,11 @@ pub async fn start(
     if server_tls.is_some() && !advertise.starts_with("https://") {
         warn!(%advertise, "serving TLS but advertising a non-https:// address: agents and operators sent here by a follower will fail");
     }
+    let mut sole_claim = None;
     let (coordination, embedded): (Arc<dyn Coordination>, Option<Arc<EmbeddedCoordination>>) =
         if config.etcd.is_empty() {
+            // held for the process's life (a second coordinator without etcd is refused)
+            sole_claim = Some(store.claim_sole().await?);
             let epoch = store.next_epoch().await?;
             info!(
                 epoch,
@@ -498,6 +501,8 @@ pub async fn start(
             );
         }
     }
+    // the store's claim goes last: the next coordinator on it may start now
+    drop(sole_claim);
     Ok(())
 }
 

@@ -121,7 +121,7 @@ pub fn expand(
             } else {
                 shards.join(", ")
             },
-            selector: spec.selector.to_string(),
+            selector: flotilla_core::selector::shown(&spec.selector.to_string()),
         }
         .into());
     }

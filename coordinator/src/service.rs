@@ -466,11 +466,72 @@ impl Coordinator {
         Ok(pb::ListPlansResponse { plans })
     }
 
+    /// `plan rollback`: [`Coordinator::command`], refused for a plan that ended when later
+    /// plans applied migrations on its targets after it, unless `ignore_later`.
+    pub async fn rollback(
+        &self,
+        plan_id: &str,
+        actor: Actor,
+        ignore_later: bool,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        self.command_past(plan_id, CommandKind::Rollback, actor, ignore_later)
+            .await
+    }
+
     pub async fn command(
         &self,
         plan_id: &str,
         kind: CommandKind,
         actor: Actor,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        self.command_past(plan_id, kind, actor, false).await
+    }
+
+    /// The later plans' rows on a plan's targets, from the leader's copy of the journals
+    /// (what attached agents reported): per later plan, its migrations and targets, each
+    /// target's rows applied after the plan's own last there.
+    fn later_plans(&self, plan_id: &str) -> Vec<String> {
+        let (journals, _) = self.inner.versions.snapshot();
+        let mut later: BTreeMap<String, (std::collections::BTreeSet<String>, Vec<String>)> =
+            BTreeMap::new();
+        for (shard, journal) in journals.iter() {
+            for (tenant, rows) in &journal.targets {
+                let Some(mine) = rows
+                    .iter()
+                    .filter(|r| r.plan_id == plan_id)
+                    .map(|r| r.seq)
+                    .max()
+                else {
+                    continue;
+                };
+                for r in rows.iter().filter(|r| r.seq > mine && r.plan_id != plan_id) {
+                    let (migrations, targets) = later.entry(r.plan_id.clone()).or_default();
+                    migrations.insert(r.migration_id.clone());
+                    let target = crate::versions::target_name(shard, tenant);
+                    if !targets.contains(&target) {
+                        targets.push(target);
+                    }
+                }
+            }
+        }
+        later
+            .into_iter()
+            .map(|(plan, (migrations, targets))| {
+                format!(
+                    "plan {plan}: {} on {}",
+                    migrations.into_iter().collect::<Vec<_>>().join(", "),
+                    crate::error::some_of(&targets, 3)
+                )
+            })
+            .collect()
+    }
+
+    async fn command_past(
+        &self,
+        plan_id: &str,
+        kind: CommandKind,
+        mut actor: Actor,
+        ignore_later: bool,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         let id = plan_id.to_string();
         let in_memory = self
@@ -521,6 +582,25 @@ impl Coordinator {
                     state: row.state,
                 }
                 .into());
+            }
+            // Later plans' migrations on its targets may rest on what it made (a column
+            // added to a table it created): its down SQL would take them, and their rows,
+            // with it, and their journal rows would still say applied.
+            let later = self.later_plans(plan_id);
+            if !later.is_empty() {
+                if !ignore_later {
+                    return Err(Conflict::LaterPlans {
+                        plan_id: plan_id.to_string(),
+                        later: later.join("; "),
+                    }
+                    .into());
+                }
+                let past = format!("past later plans ({})", later.join("; "));
+                actor.reason = if actor.reason.is_empty() {
+                    past
+                } else {
+                    format!("{}; {past}", actor.reason)
+                };
             }
             let mut run = self.rebuild(&row).await?;
             run.state = PlanState::Completed;
@@ -646,6 +726,7 @@ impl Coordinator {
         plan_id: &str,
         down_from: Vec<pb::Migration>,
         actor: Actor,
+        ignore_later: bool,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         let epoch = self.leader_epoch()?;
         let id = plan_id.to_string();
@@ -722,6 +803,15 @@ impl Coordinator {
                 replaced.push(m.id.clone());
             }
         }
+        // (refused before the new down SQL is stored, as the rollback would refuse it)
+        let later = self.later_plans(plan_id);
+        if !ignore_later && !later.is_empty() {
+            return Err(Conflict::LaterPlans {
+                plan_id: plan_id.to_string(),
+                later: later.join("; "),
+            }
+            .into());
+        }
         if !replaced.is_empty() {
             flotilla_core::PlanSpec::try_from(raw.clone())?;
             self.write_under(
@@ -755,7 +845,7 @@ impl Coordinator {
             }
             warn!(plan = %plan_id, migrations = %replaced.join(", "), "down SQL replaced for a rollback");
         }
-        self.command(plan_id, CommandKind::Rollback, actor).await
+        self.rollback(plan_id, actor, ignore_later).await
     }
 
     /// A command the engine refused as "not running" (it holds no such plan) for a plan

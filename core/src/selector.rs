@@ -13,10 +13,23 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid selector `{input}`: {reason}")]
+#[error("invalid selector `{}`: {reason}", shown(input))]
 pub struct SelectorError {
     pub input: String,
     pub reason: String,
+}
+
+/// A selector as an error shows it: whole up to 200 characters, else its start and its
+/// length. An error travels back in a gRPC status header: a 100,000-character selector
+/// echoed whole overflowed it, and the CLI said "h2 protocol error" (exit 3) instead of
+/// what was wrong.
+pub fn shown(input: &str) -> String {
+    const SHOWN: usize = 200;
+    if input.chars().count() <= SHOWN {
+        return input.to_string();
+    }
+    let start: String = input.chars().take(SHOWN).collect();
+    format!("{start}... ({} characters)", input.chars().count())
 }
 
 /// What a requirement asks of its key's value.
@@ -713,5 +726,16 @@ mod tests {
             e.contains("expected a label key, found `=` at column 1"),
             "{e}"
         );
+    }
+
+    /// A huge bad selector is named by its start and length, not echoed whole.
+    #[test]
+    fn a_huge_bad_selector_is_shown_shortened() {
+        let huge = format!("tenant in ({}", "t,".repeat(50_000));
+        let e = Selector::parse(&huge).unwrap_err().to_string();
+        assert!(e.len() < 600, "{}", e.len());
+        assert!(e.contains("(100011 characters)"), "{e}");
+        let e = Selector::parse("=gold").unwrap_err().to_string();
+        assert!(e.starts_with("invalid selector `=gold`"), "{e}");
     }
 }

@@ -779,6 +779,11 @@ pub struct RollbackArgs {
     /// a rollback that failed on a down.sql fixed since. Stored and audited.
     #[arg(long, value_name = "DIR")]
     pub down_from: Option<PathBuf>,
+    /// Roll back a plan that ended though later plans applied migrations on its targets
+    /// after it (refused otherwise, naming them: its down SQL may take their changes with
+    /// it); recorded in the audit trail.
+    #[arg(long)]
+    pub ignore_later_plans: bool,
     /// Wait until the plan ends.
     #[arg(long)]
     pub wait: bool,
@@ -795,6 +800,7 @@ pub struct CommandArgs {
     pub reason: String,
     pub actor: String,
     pub down_from: Option<PathBuf>,
+    pub ignore_later_plans: bool,
     pub wait: bool,
     pub output: Output,
 }
@@ -807,6 +813,7 @@ impl From<CancelArgs> for CommandArgs {
             reason: a.reason,
             actor: a.actor,
             down_from: None,
+            ignore_later_plans: false,
             wait: a.wait,
             output: a.output,
         }
@@ -821,6 +828,7 @@ impl From<RollbackArgs> for CommandArgs {
             reason: a.reason,
             actor: a.actor,
             down_from: a.down_from,
+            ignore_later_plans: a.ignore_later_plans,
             wait: a.wait,
             output: a.output,
         }

@@ -379,6 +379,7 @@ async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {
         reason: args.reason,
         shard: args.shard.unwrap_or_default(),
         down_from,
+        ignore_later_plans: args.ignore_later_plans,
     };
     let verb = if rollback {
         Verb::Rollback

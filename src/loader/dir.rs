@@ -56,6 +56,19 @@ pub(super) fn read_migrations(dir: &Path) -> Result<Vec<pb::Migration>, LoadErro
     for (path, name) in entries {
         // Follows symlinks: a linked migration directory is a migration directory.
         let meta = fs::metadata(&path).map_err(|e| LoadError::io(&path, e))?;
+        // A plan file under another name (`Plan.toml`, `plan.yaml`, `plan.toml.bak`) was
+        // passed over: the plan ran on every target with the defaults it meant to change.
+        let lower = name.to_ascii_lowercase();
+        if !meta.is_dir() && name != super::PLAN_FILE && lower.starts_with("plan.") {
+            return Err(LoadError::invalid(
+                &path,
+                format!(
+                    "unexpected file beside the migrations: a plan's settings are read from {} \
+                     only (rename it, or move it out of the directory)",
+                    super::PLAN_FILE
+                ),
+            ));
+        }
         let format = if meta.is_dir() {
             natives.push((path.clone(), name));
             Format::Native

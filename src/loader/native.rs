@@ -420,7 +420,8 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
 }
 
 /// Refuses files in a migration directory that look like a misnamed part
-/// (`donw.sql`, `Migration.toml`): they would otherwise be silently ignored.
+/// (`donw.sql`, `Migration.toml`, `migration.yaml`, `up.sql.bak`): they would otherwise be
+/// silently ignored.
 fn check_entries(dir: &Path) -> Result<(), LoadError> {
     let entries = std::fs::read_dir(dir).map_err(|e| LoadError::io(dir, e))?;
     for entry in entries {
@@ -429,8 +430,15 @@ fn check_entries(dir: &Path) -> Result<(), LoadError> {
         let name = name.to_string_lossy();
         let lower = name.to_ascii_lowercase();
         let known = [UP, DOWN, VERIFY, MIGRATION_FILE].contains(&name.as_ref());
-        if !known && !name.starts_with('.') && (lower.ends_with(".sql") || lower.ends_with(".toml"))
-        {
+        // A part under another name or extension (`migration.yaml`, `migration.tml`,
+        // `up.sql.bak`) was passed over: its settings (a selector, a policy) or SQL with it.
+        let part = ["migration.", "up.", "down.", "verify."]
+            .iter()
+            .any(|stem| lower.starts_with(stem));
+        let settings = [".sql", ".toml", ".tml", ".yaml", ".yml", ".json"]
+            .iter()
+            .any(|ext| lower.ends_with(ext));
+        if !known && !name.starts_with('.') && (part || settings) {
             return Err(LoadError::invalid(
                 &entry.path(),
                 format!(

@@ -659,6 +659,38 @@ fn missing_and_empty_parts() {
         "{e}"
     );
     fs::remove_file(root.join("a/donw.sql")).unwrap();
+    // settings under another name or extension were passed over, the plan run with defaults
+    for misnamed in [
+        "migration.yaml",
+        "migration.tml",
+        "up.sql.bak",
+        "migration.toml~",
+    ] {
+        write(
+            root,
+            &format!("a/{misnamed}"),
+            "selector = \"tier=canary\"\n",
+        );
+        let e = load_err(root);
+        assert!(
+            e.contains(&format!(
+                "a/{misnamed}: unexpected file in a migration directory"
+            )),
+            "{misnamed}: {e}"
+        );
+        fs::remove_file(root.join(format!("a/{misnamed}"))).unwrap();
+    }
+    for misnamed in ["Plan.toml", "plan.yaml", "plan.toml.bak"] {
+        write(root, misnamed, "policy = \"stop\"\n");
+        let e = load_err(root);
+        assert!(
+            e.contains(&format!(
+                "{misnamed}: unexpected file beside the migrations"
+            )),
+            "{misnamed}: {e}"
+        );
+        fs::remove_file(root.join(misnamed)).unwrap();
+    }
 
     write(root, "a/up.sql", "SELECT 1;\nSELECT $$never closed;\n");
     let e = load_err(root);

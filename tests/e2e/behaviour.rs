@@ -1461,3 +1461,112 @@ async fn a_plan_over_four_mebibytes_goes_through() -> anyhow::Result<()> {
     assert_eq!(fleet.journal_total().await?, 1);
     Ok(())
 }
+
+/// A rollback of a plan that ended, after a later plan applied migrations on its targets
+/// (a column added to the table it made) is refused, naming the later plan and its
+/// targets, changing nothing: its down SQL dropped the table, the later plan's column and
+/// the rows written since with it, and the later plan's journal row still said applied.
+/// `--ignore-later-plans` rolls it back all the same, and the audit trail says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_under_a_later_plan_is_refused_until_told() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    let base = MigrationDir::new()?;
+    base.migration(
+        "001_base",
+        "",
+        "CREATE TABLE base_t (x int);",
+        "DROP TABLE base_t;",
+    )?;
+    let col = MigrationDir::new()?;
+    col.migration(
+        "002_col",
+        "",
+        "ALTER TABLE base_t ADD COLUMN y int;",
+        "ALTER TABLE base_t DROP COLUMN y;",
+    )?;
+    let (code, first, out) = fleet.submit_wait(base.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let (code, second, out) = fleet.submit_wait(col.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let (first, second) = (
+        first["plan_id"].as_str().unwrap_or_default().to_string(),
+        second["plan_id"].as_str().unwrap_or_default().to_string(),
+    );
+    let tenant = crate::fleet::tenant_name(0, 0, 1);
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            &format!("INSERT INTO {tenant}.base_t VALUES (1, 2)"),
+        )
+        .await?;
+    // the later plan's journal rows reach the leader's copy (they do at once, with results)
+    let out = fleet
+        .cli(&[
+            "plan",
+            "rollback",
+            &first,
+            "--wait",
+            "--reason",
+            "undo base",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "later plans applied migrations on its targets after it (plan {second}: 002_col on shard_0/{tenant})"
+        )),
+        "{out}"
+    );
+    let rows = fleet
+        .pg
+        .query_rows(&fleet.shards[0], &format!("SELECT y FROM {tenant}.base_t"))
+        .await?;
+    assert_eq!(rows, vec![vec!["2".to_string()]], "nothing changed");
+    assert_eq!(fleet.status(&first).await?["state"], "completed");
+
+    let out = fleet
+        .cli(&[
+            "plan",
+            "rollback",
+            &first,
+            "--wait",
+            "--reason",
+            "undo base",
+            "--ignore-later-plans",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let audit = fleet
+        .json(&["audit", "list", "--plan", &first, "--output", "json"])
+        .await?;
+    assert!(
+        audit.to_string().contains(&format!(
+            "undo base; past later plans (plan {second}: 002_col"
+        )),
+        "{audit}"
+    );
+    Ok(())
+}
+
+/// A selector of 100,000 characters that selects nothing: refused as any (exit 2, saying
+/// it selects nothing, shortened), not "h2 protocol error" (exit 3): the whole selector
+/// echoed in the refusal overflowed the gRPC status header.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_huge_selector_is_refused_as_bad_input() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    let names: Vec<String> = (0..10_000).map(|i| format!("nobody_{i:05}")).collect();
+    let selector = format!("tenant in ({})", names.join(","));
+    assert!(selector.len() > 100_000);
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&["plan", "submit", &dir, "--selector", &selector])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains("empty target set") && out.stderr.contains("characters)"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("h2 protocol error"), "{out}");
+    Ok(())
+}

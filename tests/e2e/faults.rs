@@ -1019,3 +1019,42 @@ async fn an_agent_gone_is_last_seen_at_its_last_heartbeat() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// A second coordinator without etcd on a running one's control store is refused at start
+/// (exit 2, naming the store), on a SQLite file and on a PostgreSQL store: both would lead,
+/// the second's start fenced the first's writes while its agents stayed with it, and its
+/// plans ran on and reported ended with nothing stored. The first goes on; killed, its claim
+/// goes with it and a coordinator starts on the store again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_coordinator_without_etcd_on_one_store_is_refused() -> anyhow::Result<()> {
+    for postgres in [false, true] {
+        let builder = crate::fleet::TestFleet::builder(1, 1);
+        let builder = if postgres {
+            builder.postgres_store("control")
+        } else {
+            builder
+        };
+        let mut fleet = builder.start().await?;
+        let listen = format!("127.0.0.1:{}", crate::harness::free_port());
+        let out = crate::harness::run_flotilla(
+            &["coordinator", "--listen", &listen, "--store", &fleet.store],
+            &[],
+        )
+        .await?;
+        assert_eq!(out.code(), Some(2), "postgres {postgres}: {out}");
+        assert!(
+            out.stderr
+                .contains("is served by another coordinator without etcd"),
+            "postgres {postgres}: {out}"
+        );
+        let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+        let out = fleet.cli(&["plan", "submit", &dir, "--wait"]).await?;
+        assert_eq!(out.code(), Some(0), "postgres {postgres}: {out}");
+        // SIGKILLed, the first leaves no claim behind
+        fleet.restart_coordinator().await?;
+        fleet.wait_attached(1).await?;
+        let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
+        assert_eq!(plans.as_array().map(Vec::len), Some(1), "{plans}");
+    }
+    Ok(())
+}

@@ -662,3 +662,33 @@ async fn a_sqlite_store_url_to_a_new_file_is_created() -> anyhow::Result<()> {
     assert!(out.success(), "{out}");
     Ok(())
 }
+
+/// A file that is not a database given as the store: the coordinator stops at once saying
+/// so (it tried for 30 s, then said "pool timed out", the cause in sqlx's log lines only).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_file_that_is_not_a_database_is_named_at_once() -> anyhow::Result<()> {
+    let dir = TestDir::new("junk-store")?;
+    let file = dir.join("notes.txt");
+    std::fs::write(
+        &file,
+        "not a database, only a few words of text, long enough to read\n".repeat(100),
+    )?;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = run_flotilla(
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--store",
+            &file.to_string_lossy(),
+        ],
+        &[],
+    )
+    .await?;
+    assert!(!out.success(), "{out}");
+    assert!(
+        out.stderr.contains("file is not a database") && out.stderr.contains("notes.txt"),
+        "{out}"
+    );
+    Ok(())
+}

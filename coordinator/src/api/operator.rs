@@ -206,6 +206,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         mut req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
         let down_from = std::mem::take(&mut req.get_mut().down_from);
+        let ignore_later = req.get_ref().ignore_later_plans;
         if !down_from.is_empty() {
             let from = origin(&req);
             self.replace_down_allowed(from.caller.as_ref(), &from.peer)
@@ -228,9 +229,10 @@ impl pb::operator_service_server::OperatorService for Coordinator {
             )
             .await?;
         let status = if down_from.is_empty() {
-            self.command(&plan_id, CommandKind::Rollback, actor).await?
+            self.rollback(&plan_id, actor, ignore_later).await?
         } else {
-            self.rollback_with_down(&plan_id, down_from, actor).await?
+            self.rollback_with_down(&plan_id, down_from, actor, ignore_later)
+                .await?
         };
         Ok(Response::new(status))
     }

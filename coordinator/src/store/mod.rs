@@ -60,6 +60,13 @@ pub enum StoreError {
         "plan {0} was not stored (the control store refused its writes; the coordinator's log says why): nothing of it runs"
     )]
     NotStored(String),
+    /// A coordinator without etcd whose store another such coordinator serves: two would
+    /// each lead, and the later start fences the first's writes while its agents stay with
+    /// it (its plans ran on, reported ended, and were stored nowhere).
+    #[error(
+        "the control store {location} is served by another coordinator without etcd ({holder}): one store has one coordinator, or several with --etcd to elect their leader; stop the other first"
+    )]
+    InUse { location: String, holder: String },
     /// A row this coordinator cannot read back (written by a newer one, or damaged).
     #[error("plan {plan}: stored {what} is unreadable: {reason}")]
     Corrupt {
@@ -84,6 +91,15 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// A coordinator without etcd's claim on its store ([`Store::claim_sole`]): released when
+/// dropped, or when the process ends.
+pub enum SoleClaim {
+    File(std::fs::File),
+    Session(Box<sqlx::AnyConnection>),
+    /// An in-memory store: nobody else can open it.
+    None,
 }
 
 #[derive(Clone)]
@@ -112,6 +128,8 @@ impl Store {
         };
         if is_pg {
             probe_postgres(&url).await?;
+        } else {
+            probe_sqlite(&url).await?;
         }
         let pool = AnyPoolOptions::new()
             .max_connections(if is_pg { 8 } else { 4 })
@@ -152,6 +170,76 @@ impl Store {
         let store = Store { pool, is_pg, url };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Claims the store for a coordinator without etcd, for as long as the claim is held
+    /// (dropped with the process, however it ends): a lock file beside a SQLite file, a
+    /// session advisory lock on a PostgreSQL store. A second coordinator without etcd on
+    /// the store is refused at start ([`StoreError::InUse`]). `flotilla operator add
+    /// --store` beside a running coordinator takes no claim.
+    pub async fn claim_sole(&self) -> Result<SoleClaim, StoreError> {
+        let location = self.url.redacted();
+        if self.is_pg {
+            use sqlx::Connection;
+            let mut conn = sqlx::AnyConnection::connect(self.url.expose())
+                .await
+                .map_err(|source| StoreError::Open {
+                    location: location.clone(),
+                    source,
+                })?;
+            let got: bool = sqlx::query_scalar(
+                "SELECT pg_try_advisory_lock(hashtext('flotilla.sole-coordinator'))",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .map_err(StoreError::from)?;
+            if !got {
+                return Err(StoreError::InUse {
+                    location,
+                    holder: "a session of it holds the lock".into(),
+                });
+            }
+            return Ok(SoleClaim::Session(Box::new(conn)));
+        }
+        let url = self.url.expose();
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
+        let path = path.split('?').next().unwrap_or(path);
+        if path.is_empty() || path.contains(":memory:") {
+            return Ok(SoleClaim::None);
+        }
+        let lock_path = format!("{path}.coordinator-lock");
+        let io = |e: std::io::Error| StoreError::InUse {
+            location: location.clone(),
+            holder: format!("its lock file {lock_path} cannot be taken: {e}"),
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {
+                use std::io::{Seek, Write};
+                // who holds it, for the next one's refusal
+                let _ = file.set_len(0);
+                let _ = file.seek(std::io::SeekFrom::Start(0));
+                let _ = write!(file, "{}", std::process::id());
+                Ok(SoleClaim::File(file))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let pid = std::fs::read_to_string(&lock_path).unwrap_or_default();
+                Err(StoreError::InUse {
+                    location,
+                    holder: format!("process {} holds {lock_path}", pid.trim()),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -802,6 +890,25 @@ async fn probe_postgres(url: &SecretUrl) -> Result<(), StoreError> {
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
+}
+
+/// One connection to a SQLite store, and a read of its catalog, before its pool: a file
+/// that is not a database (a wrong path given) failed each of the pool's connections, and
+/// the coordinator said "pool timed out" 30 s later, the cause in sqlx's log lines only.
+async fn probe_sqlite(url: &SecretUrl) -> Result<(), StoreError> {
+    use sqlx::Connection;
+    let open = |source| StoreError::Open {
+        location: url.redacted(),
+        source,
+    };
+    let mut conn = sqlx::AnyConnection::connect(url.expose())
+        .await
+        .map_err(open)?;
+    let read = sqlx::query("SELECT count(*) FROM sqlite_master")
+        .fetch_one(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    read.map(|_| ()).map_err(open)
 }
 
 fn sqlite_url(location: &str) -> String {
