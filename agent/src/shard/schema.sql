@@ -311,18 +311,31 @@ RETURNS SETOF text LANGUAGE sql AS $fn$
   ), now_seen AS (
     SELECT n.nspname::text AS target, n.oid AS schema_oid
       FROM pg_catalog.pg_namespace n WHERE n.nspname = ANY (p_targets)
+  ), unclaimed AS (
+    -- Another schema under the name, but nothing of the one before to answer for (no
+    -- journal row, checkpoint or prior image): recorded again, nothing said. A tenant made,
+    -- dropped before any plan ran there, and made again was refused as changed, its
+    -- message speaking of journal rows it did not have.
+    SELECT c.target FROM now_seen c JOIN flotilla.tenant_schemas t ON t.target = c.target
+     WHERE t.recorded_in = (SELECT oid FROM here) AND t.schema_oid <> c.schema_oid
+       AND NOT EXISTS (SELECT 1 FROM flotilla.journal j WHERE j.target = c.target)
+       AND NOT EXISTS (SELECT 1 FROM flotilla.checkpoints k WHERE k.target = c.target)
+       AND NOT EXISTS (SELECT 1 FROM flotilla.prior_images p WHERE p.target = c.target)
   ), recorded AS (
-    -- (only what is new, or recorded elsewhere: a pass over a recorded fleet writes nothing)
+    -- (only what is new, recorded elsewhere, or unclaimed: a pass over a recorded fleet
+    -- writes nothing)
     INSERT INTO flotilla.tenant_schemas AS s (target, schema_oid, recorded_in)
     SELECT c.target, c.schema_oid, (SELECT oid FROM here) FROM now_seen c
      WHERE NOT EXISTS (SELECT 1 FROM flotilla.tenant_schemas t
                         WHERE t.target = c.target AND t.recorded_in = (SELECT oid FROM here))
+        OR c.target IN (SELECT target FROM unclaimed)
     ON CONFLICT ON CONSTRAINT tenant_schemas_pkey DO UPDATE
       SET schema_oid = EXCLUDED.schema_oid, recorded_in = EXCLUDED.recorded_in, seen_at = now()
-      WHERE s.recorded_in <> EXCLUDED.recorded_in
+      WHERE s.recorded_in <> EXCLUDED.recorded_in OR s.schema_oid <> EXCLUDED.schema_oid
   )
   SELECT s.target FROM flotilla.tenant_schemas s JOIN now_seen c ON c.target = s.target
    WHERE s.recorded_in = (SELECT oid FROM here) AND s.schema_oid <> c.schema_oid
+     AND s.target NOT IN (SELECT target FROM unclaimed)
 $fn$;
 
 -- An operator's answer for a tenant whose schema changed: a new tenant. The journal rows of

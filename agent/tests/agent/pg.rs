@@ -3027,6 +3027,28 @@ async fn a_tenant_whose_schema_changed_runs_nothing_until_an_operator_says_which
         count(&pool, "SELECT count(*) FROM flotilla.journal").await,
         6
     );
+    // A tenant with nothing of its schema before to answer for (no journal row, checkpoint
+    // or prior image: made, dropped before any plan ran there, made again) is recorded
+    // again, nothing said: it was refused as changed, the message speaking of journal rows
+    // it did not have.
+    sqlx::raw_sql("DELETE FROM flotilla.journal WHERE target = 'tenant_0001'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let changed_now = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT * FROM flotilla.record_tenant_schemas(ARRAY['tenant_0000', 'tenant_0001'])",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(changed_now().await, ["tenant_0000"]);
+    assert_eq!(
+        changed_now().await,
+        ["tenant_0000"],
+        "tenant_0001 as it is now"
+    );
     h.stop().await;
     f.drop().await;
 }
