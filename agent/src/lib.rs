@@ -192,6 +192,21 @@ async fn serve(
         Ok(tenants) => tenants,
         Err(error) => {
             pool.close().await;
+            // The operator's query refused by the server for what it says (a syntax error, a
+            // table or column that is not there, class 42; a value that does not convert,
+            // class 22): bad input, which restarting will not mend (exit 2, not 3).
+            let class = error
+                .as_database_error()
+                .and_then(|e| e.code())
+                .map(|c| c.chars().take(2).collect::<String>());
+            if matches!(tenant_source, TenantSource::Query(_))
+                && matches!(class.as_deref(), Some("42" | "22"))
+            {
+                return Err(AgentError::Config {
+                    shard: config.shard.clone(),
+                    reason: format!("--tenant-query: {}", error::sql_error_text(&error, None)),
+                });
+            }
             return Err(AgentError::Shard {
                 shard: config.shard.clone(),
                 what: "discovering tenants",

@@ -1570,3 +1570,45 @@ async fn a_huge_selector_is_refused_as_bad_input() -> anyhow::Result<()> {
     assert!(!out.stderr.contains("h2 protocol error"), "{out}");
     Ok(())
 }
+
+/// A `--tenant-query` the server refuses for what it says (a table that is not there): the
+/// agent stops at once, exit 2 (bad input, which a restart does not mend), naming the flag
+/// and the server's words; before, exit 3 as if the shard were out of reach. Nothing is
+/// written to the shard.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_query_the_server_refuses_is_bad_input() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    fleet.pg.create_database("query_refused").await?;
+    let dsn = fleet.pg.url("query_refused");
+    let out = run_flotilla(
+        &[
+            "--coordinator",
+            &fleet.addr,
+            "agent",
+            "--shard",
+            "query_refused",
+            "--dsn",
+            &dsn,
+            "--tenant-query",
+            "SELECT name FROM no_such_registry",
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    let said = format!("{}{}", out.stderr, out.stdout);
+    assert!(
+        said.contains("--tenant-query")
+            && said.contains("relation \"no_such_registry\" does not exist"),
+        "{out}"
+    );
+    let schemas = fleet
+        .pg
+        .query_rows(
+            "query_refused",
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'flotilla'",
+        )
+        .await?;
+    assert_eq!(schemas, vec![vec!["0".to_string()]], "nothing written");
+    Ok(())
+}
