@@ -64,7 +64,8 @@ pub(super) fn set_credential(path: Option<&std::path::Path>) -> Result<(), Strin
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
-    let token = text.trim();
+    // (a file saved by an editor that writes a byte-order mark was "not a token")
+    let token = text.trim_start_matches('\u{feff}').trim();
     if token.is_empty() {
         return Err(format!(
             "--token-file {}: the file is empty",
@@ -379,5 +380,23 @@ where
     match rpc(c, req).await {
         Ok(r) => render(r.into_inner()),
         Err(e) => fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set_credential;
+
+    /// A token file an editor saved with a byte-order mark is read as its token; one that
+    /// holds nothing else is empty.
+    #[test]
+    fn a_token_file_with_a_byte_order_mark_is_read() {
+        let dir = flotilla_testkit::TestDir::new("token-bom").unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "\u{feff}flt_0123456789abcdef\n").unwrap();
+        assert_eq!(set_credential(Some(&file)), Ok(()));
+        std::fs::write(&file, "\u{feff}\n").unwrap();
+        let e = set_credential(Some(&file)).unwrap_err();
+        assert!(e.contains("the file is empty"), "{e}");
     }
 }

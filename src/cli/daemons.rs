@@ -163,7 +163,10 @@ fn read_password(flag: &str, file: Option<&Path>, env: &str) -> Result<Option<Se
     if let Some(path) = file {
         let text =
             std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
-        let password = text.trim_end_matches(['\n', '\r']);
+        // (without a byte-order mark an editor may have written first)
+        let password = text
+            .trim_start_matches('\u{feff}')
+            .trim_end_matches(['\n', '\r']);
         // an empty file is a mistake (a secret not mounted yet), not "no password"
         if password.is_empty() {
             return Err(format!("{flag} {}: the file is empty", path.display()));
