@@ -234,6 +234,15 @@ pub enum Conflict {
         database: String,
     },
     #[error(
+        "shard {shard} has seen epoch {fence} (its fence), and this coordinator leads under epoch {epoch}: every step it sent would be refused as fenced. Its control store is not the one that led this fleet (a new or restored store, another fleet's){remedy}"
+    )]
+    FenceAhead {
+        shard: String,
+        fence: u64,
+        epoch: u64,
+        remedy: String,
+    },
+    #[error(
         "plan {plan_id} holds shard {shard}'s lock and is in motion here, and cannot be halted ({why}); its lock goes when it ends: cancel it, or wait for its end"
     )]
     LockHolderInMotion {

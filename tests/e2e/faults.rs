@@ -1058,3 +1058,50 @@ async fn a_second_coordinator_without_etcd_on_one_store_is_refused() -> anyhow::
     }
     Ok(())
 }
+
+/// A coordinator started on a new control store beside a fleet a store before led: its
+/// epoch (1) is below what the shard's fence has seen, and every step it sent failed
+/// "fenced", nothing saying why or what to do (an operator restarted it six times to climb).
+/// The agent's attach is refused, naming the shard's epoch and the remedy; without etcd the
+/// store's epoch is raised, and the next start leads above the shard's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_store_beside_a_fleet_led_before_is_told_and_raised() -> anyhow::Result<()> {
+    let mut fleet = crate::fleet::TestFleet::start(1, 1).await?;
+    // epochs climb past the new store's first: each start takes the next
+    for _ in 0..2 {
+        fleet.restart_coordinator().await?;
+        fleet.wait_attached(1).await?;
+    }
+    let dir = coord_dbmate_dir().to_string_lossy().into_owned();
+    let out = fleet.cli(&["plan", "submit", &dir, "--wait"]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    fleet.kill_coordinator()?;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", fleet.store));
+    }
+    fleet.restart_coordinator().await?;
+    fleet
+        .coordinator
+        .as_ref()
+        .expect("running")
+        .wait_for_log("has seen epoch", WAIT)
+        .await?;
+    let log = fleet.coordinator.as_ref().expect("running").log();
+    assert!(
+        log.contains("this store's epoch is raised to") && log.contains("restart this coordinator"),
+        "{log}"
+    );
+    fleet.restart_coordinator().await?;
+    fleet.wait_attached(1).await?;
+    let other = MigrationDir::new()?;
+    other.migration(
+        "001_after_the_new_store",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN after_new_store int;",
+        "ALTER TABLE work_orders DROP COLUMN after_new_store;",
+    )?;
+    let (code, st, out) = fleet.submit_wait(other.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    Ok(())
+}

@@ -136,7 +136,9 @@ pub(super) async fn session(
     };
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let in_doubt_unknown = in_doubt.is_none();
+    let fence_epoch = crate::shard::read_fence(&agent.pool).await.unwrap_or(0);
     let hello = pb::Hello {
+        fence_epoch,
         in_doubt: in_doubt.unwrap_or_default(),
         in_doubt_unknown,
         shard: agent.config.shard.clone(),

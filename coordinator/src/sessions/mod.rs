@@ -15,7 +15,7 @@ use flotilla_core::pb::agent_message::Body;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::engine::{Event, msg};
 use crate::error::{Conflict, CoordinatorError};
@@ -55,6 +55,32 @@ impl Coordinator {
         let epoch = self.leader_epoch()?;
         let shard = hello.shard.clone();
         let inner = &self.inner;
+        // A shard that has seen a later epoch than this leader's would refuse every step it
+        // sends (fenced), the operator told only step by step. Without etcd the epoch is the
+        // store's counter: raised to the shard's, the next start of this coordinator leads
+        // above it. With etcd it is the cluster's revision (a cluster restored from a
+        // snapshot: see `etcdutl snapshot restore --bump-revision`).
+        if hello.fence_epoch > epoch {
+            let remedy = if inner.embedded.is_some() {
+                match inner.store.raise_epoch(hello.fence_epoch).await {
+                    Ok(()) => format!(
+                        ": this store's epoch is raised to {}; restart this coordinator, and it leads above it",
+                        hello.fence_epoch
+                    ),
+                    Err(e) => format!(": raising this store's epoch failed: {e}"),
+                }
+            } else {
+                ": restore etcd with `etcdutl snapshot restore --bump-revision N --mark-compacted`, N above the shard's epoch".to_string()
+            };
+            let refusal = Conflict::FenceAhead {
+                shard: shard.clone(),
+                fence: hello.fence_epoch,
+                epoch,
+                remedy,
+            };
+            error!(%shard, "{refusal}");
+            return Err(refusal.into());
+        }
         let conn_id = inner.fleet.next_conn_id();
         let (tx, rx) = mpsc::channel::<pb::CoordinatorMessage>(STREAM_CAPACITY);
         let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();

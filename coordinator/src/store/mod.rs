@@ -385,6 +385,30 @@ impl Store {
         Ok(next)
     }
 
+    /// Raises the store's epoch counter to `at_least` (never lowers it): the next start of a
+    /// coordinator without etcd leads above it (a shard has seen that epoch).
+    pub async fn raise_epoch(&self, at_least: u64) -> Result<(), StoreError> {
+        let mut tx = self.begin_writing().await?;
+        let cur: Option<String> =
+            sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'epoch'")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::from)?
+                .map(|r| r.get(0));
+        if cur.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) < at_least {
+            sqlx::query(
+                "INSERT INTO flotilla_meta (key, value) VALUES ('epoch', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(at_least.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
     /// Takes the store over for the leader of `epoch` in `space` before it reads what to
     /// continue: from the time this commits, a write of an earlier term, or of another
     /// space, is refused ([`StoreError::Fenced`]; each of the writer's transactions checks
