@@ -293,7 +293,9 @@ fn migration_line(m: &pb::MigrationProgress, s: &pb::PlanStatus) -> String {
         .min(m.not_run as usize);
     let mut line = format!("{:<48} {:>5}/{:<5} done", m.migration_id, done, m.total);
     for (n, what) in [
-        (m.running, "running"),
+        // handed to the agents: up to max_parallel of them run at once, the rest wait in
+        // the agents' queues ("13 running" under max_parallel 2 read as a broken limit)
+        (m.running, "running or queued"),
         (m.prepared, "prepared"),
         (m.failed, "failed"),
         (m.rolled_back, "rolled back"),
