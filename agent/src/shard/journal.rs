@@ -330,11 +330,20 @@ pub(crate) async fn read_applied(
     migrations: &[String],
 ) -> Result<(Vec<JournalRow>, Vec<String>), sqlx::Error> {
     // One round trip (a batch of runs waits on it): the changed schemas come as rows of
-    // their own, flagged.
+    // their own, flagged. Read, not recorded: the schemas are recorded at each discovery
+    // (a tenant is run on only once discovered), and `record_tenant_schemas` is planned
+    // again at each call (a function whose statement writes): 3 ms a batch, against half
+    // a millisecond for this read. Its test of what is changed, the same.
     let rows: Vec<(String, String, String, bool)> = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT j.target, j.migration_id, j.checksum, false FROM flotilla.journal j \
          WHERE j.target = ANY($1) AND j.migration_id = ANY($2) AND {NOT_UNDOING} \
-         UNION ALL SELECT c, '', '', true FROM flotilla.record_tenant_schemas($1) c"
+         UNION ALL SELECT t.target, '', '', true FROM flotilla.tenant_schemas t \
+           JOIN pg_catalog.pg_namespace n ON n.nspname = t.target::name \
+          WHERE t.target = ANY($1) AND t.schema_oid <> n.oid \
+            AND t.recorded_in = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla') \
+            AND (EXISTS (SELECT 1 FROM flotilla.journal j WHERE j.target = t.target) \
+              OR EXISTS (SELECT 1 FROM flotilla.checkpoints k WHERE k.target = t.target) \
+              OR EXISTS (SELECT 1 FROM flotilla.prior_images p WHERE p.target = t.target))"
     )))
     .bind(targets)
     .bind(migrations)

@@ -366,21 +366,8 @@ impl Store {
                 .await
                 .map_err(StoreError::from)?;
         }
-        let cur: Option<String> =
-            sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'epoch'")
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(StoreError::from)?
-                .map(|r| r.get(0));
-        let next = cur.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
-        sqlx::query(
-            "INSERT INTO flotilla_meta (key, value) VALUES ('epoch', $1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )
-        .bind(next.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
+        let next = stored_epoch(&mut tx).await? + 1;
+        store_epoch(&mut tx, next).await?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(next)
     }
@@ -389,21 +376,8 @@ impl Store {
     /// coordinator without etcd leads above it (a shard has seen that epoch).
     pub async fn raise_epoch(&self, at_least: u64) -> Result<(), StoreError> {
         let mut tx = self.begin_writing().await?;
-        let cur: Option<String> =
-            sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'epoch'")
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(StoreError::from)?
-                .map(|r| r.get(0));
-        if cur.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) < at_least {
-            sqlx::query(
-                "INSERT INTO flotilla_meta (key, value) VALUES ('epoch', $1)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .bind(at_least.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
+        if stored_epoch(&mut tx).await? < at_least {
+            store_epoch(&mut tx, at_least).await?;
         }
         tx.commit().await.map_err(StoreError::from)?;
         Ok(())
@@ -914,6 +888,31 @@ async fn probe_postgres(url: &SecretUrl) -> Result<(), StoreError> {
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
+}
+
+/// The store's epoch counter (0 before any start).
+async fn stored_epoch(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<u64, StoreError> {
+    let cur: Option<String> = sqlx::query("SELECT value FROM flotilla_meta WHERE key = 'epoch'")
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(StoreError::from)?
+        .map(|r| r.get(0));
+    Ok(cur.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+}
+
+async fn store_epoch(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    epoch: u64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO flotilla_meta (key, value) VALUES ('epoch', $1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(epoch.to_string())
+    .execute(&mut **tx)
+    .await
+    .map_err(StoreError::from)?;
+    Ok(())
 }
 
 /// One connection to a SQLite store, and a read of its catalog, before its pool: a file
