@@ -466,20 +466,22 @@ async fn a_dry_run_over_an_environment_whose_shards_are_all_away_names_them() ->
     let dir = plan()?;
     let path = dir.path().to_string_lossy().into_owned();
     kill_agent(&mut fleet, 1, 1).await?;
-    let v = fleet
-        .json(&[
+    // (production's gate would refuse first: nothing completed in staging)
+    let production = |verb: &'static str| {
+        [
             "plan",
-            "explain",
-            &path,
+            verb,
+            path.as_str(),
             "--environment",
             "production",
             "--skip-promotion-check",
             "--reason",
             "dry run",
-            "--output",
-            "json",
-        ])
-        .await?;
+        ]
+    };
+    let mut explain = production("explain").to_vec();
+    explain.extend(["--output", "json"]);
+    let v = fleet.json(&explain).await?;
     assert_eq!(v["targets"], 2, "{v}");
     assert!(
         v["unknown_shards"]
@@ -487,18 +489,7 @@ async fn a_dry_run_over_an_environment_whose_shards_are_all_away_names_them() ->
             .contains("shard_1: its agent is not attached"),
         "{v}"
     );
-    let out = fleet
-        .cli(&[
-            "plan",
-            "submit",
-            &path,
-            "--environment",
-            "production",
-            "--skip-promotion-check",
-            "--reason",
-            "dry run",
-        ])
-        .await?;
+    let out = fleet.cli(&production("submit")).await?;
     assert_eq!(out.code(), Some(3), "{out}");
     assert!(out.stderr.contains("shard shard_1"), "{out}");
     Ok(())
