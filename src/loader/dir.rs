@@ -58,8 +58,13 @@ pub(super) fn read_migrations(dir: &Path) -> Result<Vec<pb::Migration>, LoadErro
         let meta = fs::metadata(&path).map_err(|e| LoadError::io(&path, e))?;
         // A plan file under another name (`Plan.toml`, `plan.yaml`, `plan.toml.bak`) was
         // passed over: the plan ran on every target with the defaults it meant to change.
+        // (another plan file, `plan.staging.toml`, given by its path, stays allowed)
         let lower = name.to_ascii_lowercase();
-        if !meta.is_dir() && name != super::PLAN_FILE && lower.starts_with("plan.") {
+        let misnamed = lower.starts_with(super::PLAN_FILE)
+            || lower
+                .strip_prefix("plan.")
+                .is_some_and(|ext| ["yaml", "yml", "json", "tml", "tom"].contains(&ext));
+        if !meta.is_dir() && name != super::PLAN_FILE && misnamed {
             return Err(LoadError::invalid(
                 &path,
                 format!(

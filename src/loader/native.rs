@@ -435,7 +435,7 @@ fn check_entries(dir: &Path) -> Result<(), LoadError> {
         let part = ["migration.", "up.", "down.", "verify."]
             .iter()
             .any(|stem| lower.starts_with(stem));
-        let settings = [".sql", ".toml", ".tml", ".yaml", ".yml", ".json"]
+        let settings = [".sql", ".toml", ".tml"]
             .iter()
             .any(|ext| lower.ends_with(ext));
         if !known && !name.starts_with('.') && (part || settings) {

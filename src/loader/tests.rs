@@ -691,6 +691,10 @@ fn missing_and_empty_parts() {
         );
         fs::remove_file(root.join(misnamed)).unwrap();
     }
+    // another plan file beside them, given by its path, is not a misnamed plan.toml
+    write(root, "plan.staging.toml", "policy = \"stop\"\n");
+    load(root, &Overrides::default()).unwrap();
+    fs::remove_file(root.join("plan.staging.toml")).unwrap();
 
     write(root, "a/up.sql", "SELECT 1;\nSELECT $$never closed;\n");
     let e = load_err(root);
