@@ -91,6 +91,26 @@ impl Coordinator {
         run.set_waves(wave_of, &stored);
         // paused where an operator paused it (its agents hold it paused there still)
         run.paused = crate::plan::Paused::from_stored(&row.paused);
+        // The failures its term before saw, from their step rows: the status of a plan
+        // taken over listed none while its waves counted them, and its end said "1 step(s)
+        // failed" of two.
+        run.failures = rows
+            .iter()
+            .filter(|r| r.state == StepState::Failed)
+            .map(|r| pb::StepFailure {
+                migration_id: r.migration_id.clone(),
+                target: Some(pb::TargetRef {
+                    shard: r.shard.clone(),
+                    tenant: r.tenant.clone(),
+                }),
+                error: Some(pb::StepError {
+                    sqlstate: r.sqlstate.clone(),
+                    message: r.message.clone(),
+                    detail: r.detail.clone(),
+                    phase: r.phase.clone(),
+                }),
+            })
+            .collect();
         run.inherited = true;
         Ok(run)
     }

@@ -629,7 +629,7 @@ impl Coordinator {
         if let Some(shards) = revived_shards {
             self.take_locks(plan_id.to_string(), shards, epoch);
         }
-        Ok(status)
+        self.ended_if_gone(plan_id, status).await
     }
 
     /// `fleet retire SHARD`: a shard whose agent is gone for good (its database
@@ -902,7 +902,22 @@ impl Coordinator {
         if answer.is_ok() {
             self.stored_before_answered(epoch).await?;
         }
-        self.named_if_not_running(&plan_id, answer).await
+        let status = self.named_if_not_running(&plan_id, answer).await?;
+        self.ended_if_gone(&plan_id, status).await
+    }
+
+    /// A command's answer when it ended the plan at once (a halt with nothing in flight):
+    /// the plan has left the engine's memory, and the engine answered with an empty status
+    /// (`plan  ()  state: `); its final state is read from the store.
+    async fn ended_if_gone(
+        &self,
+        plan_id: &str,
+        status: pb::PlanStatus,
+    ) -> Result<pb::PlanStatus, CoordinatorError> {
+        if status.summary.is_some() {
+            return Ok(status);
+        }
+        self.status(plan_id).await
     }
 
     /// What the engine did for an operator's command (a halt, a pause, a cancel: the plan's

@@ -1105,3 +1105,55 @@ async fn a_new_store_beside_a_fleet_led_before_is_told_and_raised() -> anyhow::R
     assert_eq!(st["state"], "completed", "{st}");
     Ok(())
 }
+
+/// A plan taken over by a new coordinator lists the failures its term before saw (from
+/// their step rows), and its end counts them: it listed none while its waves counted them,
+/// and said "1 step(s) failed" of two (rollouts walk-through).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_taken_over_keeps_its_failures() -> anyhow::Result<()> {
+    let mut fleet = crate::fleet::TestFleet::start(1, 2).await?;
+    let (failing, blocked) = (
+        crate::fleet::tenant_name(0, 0, 2),
+        crate::fleet::tenant_name(0, 1, 2),
+    );
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_half",
+        "",
+        &crate::shards::blocking_sql(
+            &format!(
+                "DO $$ BEGIN IF current_schema() = '{failing}' THEN \
+                 RAISE EXCEPTION 'refused on {failing}'; END IF; END $$"
+            ),
+            &blocked,
+            4242,
+        ),
+        "SELECT 1",
+    )?;
+    let held = crate::shards::hold(&fleet.pg, 0, 4242).await?;
+    let id = fleet.submit(d.path(), &["--policy", "continue"]).await?;
+    wait_until("one failed, one blocked", WAIT, async || {
+        let st = fleet.status(&id).await?;
+        Ok(st["failures"].as_array().map(Vec::len) == Some(1)
+            && crate::shards::blocked(&fleet.pg, 0).await? == 1)
+    })
+    .await?;
+    fleet.restart_coordinator().await?;
+    fleet.wait_attached(1).await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "running", "{st}");
+    let failures = st["failures"].as_array().cloned().unwrap_or_default();
+    assert_eq!(failures.len(), 1, "{st}");
+    assert!(
+        failures[0]
+            .to_string()
+            .contains(&format!("refused on {failing}")),
+        "{st}"
+    );
+    crate::shards::release(held, 4242).await?;
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert_eq!(st["message"], "1 step(s) failed", "{st}");
+    assert_eq!(st["failures"].as_array().map(Vec::len), Some(1), "{st}");
+    Ok(())
+}

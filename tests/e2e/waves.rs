@@ -392,6 +392,11 @@ rest = true
         ])
         .await?;
     assert_eq!(out.code(), Some(0), "{out}");
+    // the halt ended the plan at once (nothing in flight): it answers with the plan as
+    // stored, not an empty status (`plan  ()  state: `)
+    let answered = out.last_json()?;
+    assert_eq!(answered["state"], "halted", "{answered}");
+    assert_eq!(answered["plan_id"], id.as_str(), "{answered}");
     let (_, st) = fleet.watch(&id).await?;
     assert_eq!(st["state"], "halted", "{st}");
     let seconds = tables_named(&fleet.pg, 3, "second_mark").await?;

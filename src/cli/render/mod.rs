@@ -211,7 +211,7 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
         println!("waiting for agents of: {}", names.join(", "));
     }
     for w in other {
-        println!("waiting for {w}");
+        println!("waiting for {}", waiting_text(w));
     }
     failures(s);
 }
@@ -278,6 +278,26 @@ fn failures(s: &pb::PlanStatus) {
     if s.failures.len() > 20 {
         println!("  ... and {} more", s.failures.len() - 20);
     }
+}
+
+/// A `waiting_for` entry as a person reads it: a bake's end (milliseconds since the epoch
+/// in the JSON) as a UTC time and how long is left.
+fn waiting_text(w: &str) -> String {
+    let Some((head, until)) = w.rsplit_once(" until ") else {
+        return w.to_string();
+    };
+    let Ok(ms) = until.parse::<u64>() else {
+        return w.to_string();
+    };
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .map(|d| format!(", in {}", eta(d.as_millis() as u64)))
+        .unwrap_or_default();
+    format!(
+        "{head} until {}{left}",
+        humantime::format_rfc3339_seconds(at)
+    )
 }
 
 fn migration_line(m: &pb::MigrationProgress, s: &pb::PlanStatus) -> String {
@@ -508,6 +528,16 @@ mod wave_tests {
 #[cfg(test)]
 mod data_tests {
     use super::*;
+
+    /// A bake's end reads as a time, not milliseconds since the epoch.
+    #[test]
+    fn a_bakes_end_reads_as_a_time() {
+        assert_eq!(
+            waiting_text("bake: wave canary until 1796574743556"),
+            "bake: wave canary until 2026-12-06T16:32:23Z"
+        );
+        assert_eq!(waiting_text("gate: wave canary"), "gate: wave canary");
+    }
 
     /// Under a second left is "1s", not "0s" with rows still to go.
     #[test]
