@@ -279,6 +279,15 @@ bench_etcd_start() {
   echo "error: etcd did not answer on port $1" >&2; exit 1
 }
 
+# Forgets which control store the etcd group on client port $1 shares (`/flotilla/store`):
+# each run's coordinator starts on a fresh store beside the same etcd, which the group's
+# store check (rightly) refuses at start, exit 2. Through etcd's JSON gateway (no etcdctl).
+bench_etcd_forget_store() {
+  curl -fs -X POST "http://127.0.0.1:$1/v3/kv/deleterange" \
+    -d "{\"key\":\"$(printf '%s' /flotilla/store | base64)\"}" >/dev/null \
+    || { echo "error: cannot delete /flotilla/store in etcd on port $1" >&2; exit 1; }
+}
+
 # Waits until $2 agents are attached to the coordinator at $1.
 bench_wait_agents() {
   local n=0

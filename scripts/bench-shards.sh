@@ -120,6 +120,7 @@ run_size() {
   bench_reset_fleet "$n"
   cport=$(( port + 10 + r * 4 )); mport=$(( cport + 1 ))
   addr="http://127.0.0.1:$cport"
+  bench_etcd_forget_store "$eport"
   FLOTILLA_LOG=info "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --metrics "127.0.0.1:$mport" \
     --store "$work/store-$n-$r.db" --etcd "http://127.0.0.1:$eport" >"$work/c-$n-$r.log" 2>&1 &
   cpid=$!; pids+=("$cpid")

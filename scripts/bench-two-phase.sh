@@ -58,6 +58,7 @@ for ((r=1; r<=REPEAT; r++)); do
   bench_reset_fleet "$SHARDS"
   cport=$(( port + 10 + r ))
   addr="http://127.0.0.1:$cport"
+  bench_etcd_forget_store "$eport"
   "$FLOTILLA" coordinator --listen "127.0.0.1:$cport" --store "$work/store-$r.db" --etcd "http://127.0.0.1:$eport" >"$work/c-$r.log" 2>&1 &
   pids+=($!)
   for ((s=0; s<SHARDS; s++)); do
