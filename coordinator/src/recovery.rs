@@ -97,19 +97,7 @@ impl Coordinator {
         run.failures = rows
             .iter()
             .filter(|r| r.state == StepState::Failed)
-            .map(|r| pb::StepFailure {
-                migration_id: r.migration_id.clone(),
-                target: Some(pb::TargetRef {
-                    shard: r.shard.clone(),
-                    tenant: r.tenant.clone(),
-                }),
-                error: Some(pb::StepError {
-                    sqlstate: r.sqlstate.clone(),
-                    message: r.message.clone(),
-                    detail: r.detail.clone(),
-                    phase: r.phase.clone(),
-                }),
-            })
+            .map(crate::store::StepRow::failure)
             .collect();
         run.inherited = true;
         Ok(run)

@@ -132,19 +132,7 @@ pub fn from_store(
         steps
             .failures
             .iter()
-            .map(|s| pb::StepFailure {
-                migration_id: s.migration_id.clone(),
-                target: Some(pb::TargetRef {
-                    shard: s.shard.clone(),
-                    tenant: s.tenant.clone(),
-                }),
-                error: Some(pb::StepError {
-                    sqlstate: s.sqlstate.clone(),
-                    message: s.message.clone(),
-                    detail: s.detail.clone(),
-                    phase: s.phase.clone(),
-                }),
-            })
+            .map(crate::store::StepRow::failure)
             .collect(),
     );
     let paused = super::Paused::from_stored(&plan.paused);

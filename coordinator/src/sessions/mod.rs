@@ -261,11 +261,7 @@ impl Coordinator {
             self.event(event).await;
         }
         // (its row as attached, for the store's "last seen" below)
-        let leaving = inner
-            .fleet
-            .snapshot()
-            .remove(&shard)
-            .filter(|a| a.conn_id == conn_id);
+        let leaving = inner.fleet.agent(&shard).filter(|a| a.conn_id == conn_id);
         if inner.fleet.detach(&shard, conn_id) {
             info!(shard = %shard, "agent detached");
             if let Some(a) = leaving {
@@ -290,7 +286,7 @@ impl Coordinator {
     pub(crate) fn record_tenants(&self, shard: &str, tenants: &[pb::Tenant]) {
         let inner = &self.inner;
         let before = inner.fleet.set_tenants(shard, tenants.to_vec());
-        if let Some(agent) = inner.fleet.snapshot().get(shard) {
+        if let Some(agent) = inner.fleet.agent(shard) {
             self.write(StoreOp::Agent {
                 shard: shard.to_string(),
                 labels: serde_json::to_string(&agent.labels).unwrap_or_else(|_| "{}".into()),

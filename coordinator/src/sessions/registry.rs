@@ -125,6 +125,16 @@ impl Fleet {
         Some(before)
     }
 
+    /// One attached agent, copied (not the whole fleet: its tenants' lists are large).
+    pub fn agent(&self, shard: &str) -> Option<AttachedAgent> {
+        self.inner
+            .lock()
+            .expect("fleet lock")
+            .agents
+            .get(shard)
+            .cloned()
+    }
+
     pub fn snapshot(&self) -> BTreeMap<String, AttachedAgent> {
         self.inner.lock().expect("fleet lock").agents.clone()
     }

@@ -39,6 +39,26 @@ pub struct StepRow {
     pub wave: i64,
 }
 
+impl StepRow {
+    /// The step's failure as a status lists it (a stored plan's, or one a new leader took
+    /// over).
+    pub fn failure(&self) -> pb::StepFailure {
+        pb::StepFailure {
+            migration_id: self.migration_id.clone(),
+            target: Some(pb::TargetRef {
+                shard: self.shard.clone(),
+                tenant: self.tenant.clone(),
+            }),
+            error: Some(pb::StepError {
+                sqlstate: self.sqlstate.clone(),
+                message: self.message.clone(),
+                detail: self.detail.clone(),
+                phase: self.phase.clone(),
+            }),
+        }
+    }
+}
+
 /// What a plan's status needs of its step rows, counted by the store: a finished plan of
 /// 10,000 tenants has 30,000 rows, and reading each one for a status took about half a
 /// second and 50 MB of the coordinator's memory.
