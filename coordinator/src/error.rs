@@ -257,6 +257,15 @@ pub enum Conflict {
     },
     #[error("plan {plan_id} already ended {state}")]
     Ended { plan_id: String, state: PlanState },
+    #[error(
+        "plan {plan_id} is {state}: a pause holds a running plan's steps and data changes \
+         between batches, and would not hold its {what}"
+    )]
+    NotPausable {
+        plan_id: String,
+        state: PlanState,
+        what: &'static str,
+    },
     #[error("cannot resume shard {shard} of plan {plan_id} alone: {why}")]
     NotPaused {
         plan_id: String,

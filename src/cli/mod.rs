@@ -539,7 +539,7 @@ pub enum PlanCommand {
     /// its approval rule accepts): the last approval it needs starts it.
     Approve(ApprovalArgs),
     /// Reject a plan awaiting approval (audited): it ends `rejected`, nothing having run.
-    Reject(ApprovalArgs),
+    Reject(RejectArgs),
 }
 
 #[derive(Args, Debug)]
@@ -557,6 +557,21 @@ pub struct ApprovalArgs {
     /// After the last approval: wait until the plan ends.
     #[arg(long)]
     pub wait: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+/// `plan reject`: no role (any operator who may approve may reject, and the plan's rule
+/// counts approvals only) and nothing to wait for (the plan ends at once).
+#[derive(Args, Debug)]
+pub struct RejectArgs {
+    pub id: String,
+    /// Why (recorded in the audit trail).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Who rejects (recorded in the audit trail).
+    #[arg(long, visible_alias = "as", env = "USER", default_value = "operator")]
+    pub actor: String,
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
 }

@@ -95,28 +95,32 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
             send_command(addr, Verb::ForgetShard, req, args.wait, args.output).await
         }
         PlanCommand::Retry(args) => retry(addr, args).await,
-        PlanCommand::Approve(args) => approval(addr, args, true).await,
-        PlanCommand::Reject(args) => approval(addr, args, false).await,
+        PlanCommand::Approve(args) => approve(addr, args).await,
+        PlanCommand::Reject(args) => reject(addr, args).await,
     }
 }
 
 /// `plan approve` (`approve`) or `plan reject`.
-async fn approval(addr: &str, args: super::ApprovalArgs, approve: bool) -> u8 {
+async fn approve(addr: &str, args: super::ApprovalArgs) -> u8 {
     let req = pb::ApprovalRequest {
         plan_id: args.id.clone(),
         actor: acting(args.actor),
         role: args.role,
         reason: args.reason,
     };
-    let r = ask_leader(addr, req, |mut c, req| async move {
-        if approve {
-            c.approve_plan(req).await
-        } else {
-            c.reject_plan(req).await
-        }
-    })
-    .await;
+    let r = ask_leader(addr, req, |mut c, req| async move { c.approve_plan(req).await }).await;
     answered(addr, r, args.id, args.wait, args.output, RUN).await
+}
+
+async fn reject(addr: &str, args: super::RejectArgs) -> u8 {
+    let req = pb::ApprovalRequest {
+        plan_id: args.id.clone(),
+        actor: acting(args.actor),
+        role: String::new(),
+        reason: args.reason,
+    };
+    let r = ask_leader(addr, req, |mut c, req| async move { c.reject_plan(req).await }).await;
+    answered(addr, r, args.id, false, args.output, RUN).await
 }
 
 /// What a command on one plan answered: its status shown, or with `wait` the plan followed

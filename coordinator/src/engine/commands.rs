@@ -40,6 +40,22 @@ impl Engine {
             }
             .into());
         }
+        // Undo, commit and abort do not stop at batch boundaries: a pause taken there would
+        // say the plan is held while it goes on (a resume is still taken, to clear one).
+        let unheeded = match run.state {
+            PlanState::RollingBack => Some("undo"),
+            PlanState::Committing => Some("atomic commit"),
+            PlanState::Aborting => Some("atomic abort"),
+            _ => None,
+        };
+        if paused && let Some(what) = unheeded {
+            return Err(Conflict::NotPausable {
+                plan_id: plan_id.to_string(),
+                state: run.state,
+                what,
+            }
+            .into());
+        }
         match (shard, paused) {
             (None, true) => run.paused.plan = true,
             // resuming the plan resumes every shard of it

@@ -457,6 +457,25 @@ async fn command(
     answered.await.unwrap()
 }
 
+/// `plan pause` (`paused`) or `plan resume` of plan p0 as a whole.
+async fn pause(
+    events: &mpsc::Sender<Event>,
+    paused: bool,
+) -> Result<pb::PlanStatus, crate::error::CoordinatorError> {
+    let (reply, answered) = oneshot::channel();
+    events
+        .send(Event::Pause {
+            plan_id: "p0".into(),
+            shard: None,
+            paused,
+            actor: crate::actor::Actor::new("test", ""),
+            reply,
+        })
+        .await
+        .unwrap();
+    answered.await.unwrap()
+}
+
 /// Shard `shard` answers that it resolved `r`'s prepared transaction (committed or not).
 async fn resolved(events: &mpsc::Sender<Event>, shard: &str, r: &pb::Run, commit: bool) {
     events
@@ -518,6 +537,8 @@ async fn a_rollback_of_an_aborting_unit_waits_for_its_abort() {
 /// A rollback or cancel asked while the unit's commit decision is being carried out is
 /// refused, naming the shards that have not committed yet: the COMMIT PREPAREDs still to
 /// come would change the journals a rollback reads. Once they have, the plan completes.
+/// A pause is refused too (the commit does not stop for one: it was taken, and said the
+/// plan held while it went on); a resume, which holds nothing, is taken.
 #[tokio::test]
 async fn a_rollback_while_a_unit_commits_is_refused_until_it_has() {
     let events = engine();
@@ -540,6 +561,12 @@ async fn a_rollback_while_a_unit_commits_is_refused_until_it_has() {
             "{refused}"
         );
     }
+    let refused = pause(&events, true).await.expect_err("refused").to_string();
+    assert!(
+        refused.contains("is committing") && refused.contains("would not hold its atomic commit"),
+        "{refused}"
+    );
+    pause(&events, false).await.expect("a resume is taken");
     resolved(&events, "s1", &r1, true).await;
     handled(&events).await;
     // completed, it has left memory (its status comes from the store)
