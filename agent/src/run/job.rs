@@ -65,6 +65,9 @@ pub(crate) enum DefinitionError {
     Migration(#[from] flotilla_core::PlanError),
     #[error(transparent)]
     Sql(#[from] BuildError),
+    /// The split of its SQL (on a blocking thread) panicked or was cancelled.
+    #[error("reading its SQL ended abnormally: {0}")]
+    Aborted(String),
 }
 
 /// Why a plan's runs cannot be run or undone here.

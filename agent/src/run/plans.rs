@@ -3,7 +3,7 @@
 //! connections without a pool round trip (or a ping) between them.
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use flotilla_core::pb;
@@ -23,8 +23,11 @@ use crate::{Agent, metrics, shard};
 /// One plan's state on this shard.
 pub(crate) struct Plan {
     pub id: String,
-    /// None until a PlanDefinition arrives; Err when it did not validate.
-    definition: Mutex<Option<Result<Arc<PlanDef>, DefinitionError>>>,
+    /// The definition as this agent has it (see [`Definition`]): a watch, so the runs
+    /// assigned while it is being read wait for it.
+    definition: tokio::sync::watch::Sender<Definition>,
+    /// Definitions received, counted: a read that ends after a later one began is dropped.
+    reads: AtomicU64,
     /// The definition as it came, to know the same one sent again on a new stream: it is
     /// not split into statements again (a plan of 30 MB of SQL took the agent's one thread
     /// for seconds at every attach, its heartbeats stopped, the coordinator dropped the
@@ -39,6 +42,19 @@ pub(crate) struct Plan {
     /// then finds undone what the first undid. Two at once both read the same journal rows,
     /// and each ran every step's down SQL: twice for an UPDATE ... SET n = n - 1.
     pub undoing: tokio::sync::Mutex<()>,
+}
+
+/// A plan's definition on this shard.
+#[derive(Default)]
+enum Definition {
+    /// None has arrived.
+    #[default]
+    None,
+    /// One arrived and its SQL is being split into statements, off the agent's thread: a
+    /// plan of tens of MB of SQL took it for seconds, and its heartbeats stopped.
+    Reading,
+    /// Read; Err when it did not validate.
+    Read(Result<Arc<PlanDef>, DefinitionError>),
 }
 
 /// Runs whose journal one lane reads at once.
@@ -107,14 +123,21 @@ impl Plan {
         st.in_flight > 0 || !st.queue.is_empty()
     }
 
-    pub fn definition(&self) -> Result<Arc<PlanDef>, PlanError> {
-        match &*self.definition.lock().expect("plan lock") {
-            Some(Ok(def)) => Ok(def.clone()),
-            Some(Err(e)) => Err(PlanError::Invalid {
+    /// The plan's definition, once read (waiting while one that arrived is being read).
+    pub async fn definition(&self) -> Result<Arc<PlanDef>, PlanError> {
+        let mut rx = self.definition.subscribe();
+        // the sender lives as long as `self`: the wait cannot see it closed
+        let read = rx
+            .wait_for(|d| !matches!(d, Definition::Reading))
+            .await
+            .expect("the plan holds the sender");
+        match &*read {
+            Definition::Read(Ok(def)) => Ok(def.clone()),
+            Definition::Read(Err(e)) => Err(PlanError::Invalid {
                 plan: self.id.clone(),
                 source: e.clone(),
             }),
-            None => Err(PlanError::Missing(self.id.clone())),
+            Definition::None | Definition::Reading => Err(PlanError::Missing(self.id.clone())),
         }
     }
 
@@ -150,7 +173,8 @@ impl Agent {
             .or_insert_with(|| {
                 Arc::new(Plan {
                     id: plan_id.to_string(),
-                    definition: Mutex::new(None),
+                    definition: tokio::sync::watch::Sender::new(Definition::None),
+                    reads: AtomicU64::new(0),
                     received: Mutex::new(None),
                     state: Mutex::new(PlanState::default()),
                     changed: Notify::new(),
@@ -161,6 +185,8 @@ impl Agent {
             .clone()
     }
 
+    /// Takes a plan's definition: its SQL is split into statements on a blocking thread
+    /// (the stream's task goes on with heartbeats); runs assigned meanwhile wait for it.
     #[instrument(skip_all, fields(shard = %self.config.shard, plan = %def.plan_id))]
     pub(crate) fn define_plan(&self, def: pb::PlanDefinition) {
         let plan = self.plan(&def.plan_id);
@@ -172,19 +198,39 @@ impl Agent {
             }
         }
         *plan.received.lock().expect("plan lock") = Some(def.clone());
-        let converted = PlanDef::from_pb(def).map(Arc::new);
-        match &converted {
-            Err(error) => warn!(%error, "plan definition rejected; its runs will fail"),
-            Ok(def) => {
-                // a retry's definition is newer; one sent again on a new stream is not
-                let mut st = plan.state.lock().expect("plan lock");
-                if def.generation > st.generation {
-                    st.generation = def.generation;
-                    st.stopped = None;
+        let read = plan.reads.fetch_add(1, Ordering::SeqCst) + 1;
+        plan.definition.send_replace(Definition::Reading);
+        let span = tracing::Span::current();
+        self.tasks.spawn(
+            async move {
+                let converted = match tokio::task::spawn_blocking(move || {
+                    fail::fail_point!("agent::reading_definition");
+                    PlanDef::from_pb(def)
+                })
+                .await
+                {
+                    Ok(converted) => converted.map(Arc::new),
+                    Err(e) => Err(DefinitionError::Aborted(e.to_string())),
+                };
+                // a definition received since (a retry's) is the plan's now
+                if plan.reads.load(Ordering::SeqCst) != read {
+                    return;
                 }
+                match &converted {
+                    Err(error) => warn!(%error, "plan definition rejected; its runs will fail"),
+                    Ok(def) => {
+                        // a retry's definition is newer; one sent again on a new stream is not
+                        let mut st = plan.state.lock().expect("plan lock");
+                        if def.generation > st.generation {
+                            st.generation = def.generation;
+                            st.stopped = None;
+                        }
+                    }
+                }
+                plan.definition.send_replace(Definition::Read(converted));
             }
-        }
-        *plan.definition.lock().expect("plan lock") = Some(converted);
+            .instrument(span),
+        );
     }
 
     /// Sends a run's result toward the coordinator (now, or after the next Hello).
@@ -223,21 +269,21 @@ impl Agent {
             st.lanes = assign.lanes.max(1) as usize;
             st.halts
         };
-        let def = match plan.definition() {
-            Ok(def) => def,
-            Err(message) => {
-                warn!(%message, "runs assigned for a plan without a valid definition");
-                for run in &assign.runs {
-                    let failure = Failure::agent("definition", message.to_string());
-                    self.report(&plan.id, job::all_failed(run, &failure));
-                }
-                return;
-            }
-        };
         let agent = self.clone();
         let span = tracing::Span::current();
         self.tasks.spawn(
             async move {
+                let def = match plan.definition().await {
+                    Ok(def) => def,
+                    Err(message) => {
+                        warn!(%message, "runs assigned for a plan without a valid definition");
+                        for run in &assign.runs {
+                            let failure = Failure::agent("definition", message.to_string());
+                            agent.report(&plan.id, job::all_failed(run, &failure));
+                        }
+                        return;
+                    }
+                };
                 agent
                     .queue_runs(plan, def, assign.epoch, assign.runs, halts)
                     .await

@@ -70,7 +70,7 @@ impl Agent {
             .await
             .unwrap_or_default();
         let mut steps = Vec::new();
-        let definition = plan.definition();
+        let definition = plan.definition().await;
         let lanes = Arc::new(Semaphore::new(req.lanes.max(1) as usize));
         let mut targets = JoinSet::new();
         for (target, migrations) in by_target {

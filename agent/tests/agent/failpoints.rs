@@ -147,3 +147,72 @@ async fn failpoints_fail_steps_undos_and_sends() {
     h.stop().await;
     f.drop().await;
 }
+
+/// A plan definition whose SQL takes long to read (a plan of tens of MB of SQL took the
+/// agent's thread for seconds) is read off the thread the agent's stream runs on: its
+/// heartbeats go on meanwhile (the coordinator drops a stream three intervals silent), and
+/// runs assigned before the definition is read wait for it, then apply. The read is held
+/// by a failpoint until the heartbeats have been seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_read_at_length_leaves_the_heartbeats_going() {
+    if !alone_in_child_process(
+        "failpoints::a_definition_read_at_length_leaves_the_heartbeats_going",
+    ) {
+        return;
+    }
+    let Some(f) = fleet("fp_slow_definition", 1).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    fail::cfg("agent::reading_definition", "pause").unwrap();
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "slow".into(),
+        migrations: bench_migrations(),
+        ..Default::default()
+    }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "slow".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(1, "tenant_0000", &BENCH, true)],
+    }));
+    // while the read is held: heartbeats (one may have been on its way before), nothing
+    // else. Each within a few seconds (every 100 ms here): the failpoint is let go before
+    // any assertion, so a stream task held by the read fails the test rather than hang it.
+    let mut heartbeats = 0;
+    let mut unexpected = None;
+    while heartbeats < 5 && unexpected.is_none() {
+        let Ok(msg) =
+            tokio::time::timeout(std::time::Duration::from_secs(3), s.inbound.message()).await
+        else {
+            break;
+        };
+        match msg
+            .expect("stream ok")
+            .expect("stream open")
+            .body
+            .expect("body")
+        {
+            pb::agent_message::Body::Heartbeat(_) => heartbeats += 1,
+            pb::agent_message::Body::Journal(_)
+            | pb::agent_message::Body::Schema(_)
+            | pb::agent_message::Body::Tenants(_) => {}
+            other => unexpected = Some(other),
+        }
+    }
+    fail::remove("agent::reading_definition");
+    assert!(
+        unexpected.is_none(),
+        "expected only heartbeats while the definition is read, got {unexpected:?}"
+    );
+    assert_eq!(
+        heartbeats, 5,
+        "the agent's heartbeats stopped while its definition was read"
+    );
+    let r = s.results("slow", 1).await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied; 3]);
+    drop(s);
+    h.stop().await;
+    f.drop().await;
+}
