@@ -166,6 +166,7 @@ mod tests {
             common_name: cn.map(str::to_string),
             uri_sans: uris.iter().map(|u| u.to_string()).collect(),
             dns_sans: Vec::new(),
+            valid_from_s: 0,
         }
     }
 

@@ -243,6 +243,12 @@ fn show_added(
         false => format!(" (approves as {})", op.approval_roles.join(", ")),
     };
     println!("operator {} added as {}{approves}", op.name, op.role);
+    if op.certificates_from_ms > 0 {
+        println!(
+            "the name was a revoked operator's: client certificates of {} valid from before now were that operator's and are refused; issue a new one",
+            op.name
+        );
+    }
     match token_out {
         Some(path) => println!(
             "its token is in {} (shown nowhere else; the coordinator keeps only a hash): give it to {} for --token-file",
@@ -284,6 +290,7 @@ fn show_list(operators: &[pb::OperatorInfo], output: Output) {
                     "created_at_ms": o.created_at_ms,
                     "created_by": o.created_by,
                     "revoked_at_ms": o.revoked_at_ms,
+                    "certificates_from_ms": o.certificates_from_ms,
                     "active": o.revoked_at_ms == 0,
                 })
             })
@@ -302,9 +309,13 @@ fn show_list(operators: &[pb::OperatorInfo], output: Output) {
         "NAME", "ROLE", "APPROVES AS", "CREATED", "BY"
     );
     for o in operators {
-        let state = match o.revoked_at_ms {
-            0 => "active".to_string(),
-            ms => format!("revoked {}", at(ms)),
+        let state = match (o.revoked_at_ms, o.certificates_from_ms) {
+            (0, 0) => "active".to_string(),
+            (0, from) => format!(
+                "active (a revoked name given again: certificates valid from {} on)",
+                at(from)
+            ),
+            (ms, _) => format!("revoked {}", at(ms)),
         };
         println!(
             "{:<20} {:<9} {:<16} {:<26} {:<20} {state}",

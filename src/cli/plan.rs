@@ -108,7 +108,12 @@ async fn approve(addr: &str, args: super::ApprovalArgs) -> u8 {
         role: args.role,
         reason: args.reason,
     };
-    let r = ask_leader(addr, req, |mut c, req| async move { c.approve_plan(req).await }).await;
+    let r = ask_leader(
+        addr,
+        req,
+        |mut c, req| async move { c.approve_plan(req).await },
+    )
+    .await;
     answered(addr, r, args.id, args.wait, args.output, RUN).await
 }
 
@@ -119,7 +124,12 @@ async fn reject(addr: &str, args: super::RejectArgs) -> u8 {
         role: String::new(),
         reason: args.reason,
     };
-    let r = ask_leader(addr, req, |mut c, req| async move { c.reject_plan(req).await }).await;
+    let r = ask_leader(
+        addr,
+        req,
+        |mut c, req| async move { c.reject_plan(req).await },
+    )
+    .await;
     answered(addr, r, args.id, false, args.output, RUN).await
 }
 

@@ -28,6 +28,8 @@ pub struct CertSpec {
     pub ips: Vec<IpAddr>,
     pub uris: Vec<String>,
     pub expired: bool,
+    /// Valid from now (the current second) rather than from long ago.
+    pub from_now: bool,
 }
 
 impl CertSpec {
@@ -49,6 +51,13 @@ impl CertSpec {
             uris: uris.iter().map(|u| u.to_string()).collect(),
             ..CertSpec::default()
         }
+    }
+
+    /// The same certificate, valid from the current second (as a CA that issues it now
+    /// says; by default a test certificate is valid from long ago).
+    pub fn from_now(mut self) -> CertSpec {
+        self.from_now = true;
+        self
     }
 
     /// The same certificate, valid only in 2020.
@@ -121,6 +130,13 @@ impl TestCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        if spec.from_now {
+            let since_epoch = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("a clock after 1970");
+            params.not_before = rcgen::date_time_ymd(1970, 1, 1)
+                + std::time::Duration::from_secs(since_epoch.as_secs());
+        }
         if spec.expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);

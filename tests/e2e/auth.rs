@@ -530,6 +530,70 @@ async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<
     let list = root.json(&["operator", "list", "--output", "json"]).await?;
     assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
 
+    // alice revoked, then her name given again (to someone else, as an admin): the
+    // certificate she held (valid from long ago) is hers, not the new operator's.
+    let out = root.cli(&["operator", "revoke", "alice"]).await?;
+    assert!(out.success(), "{out}");
+    let out = fleet.cli(&["plan", "list"]).await?;
+    refused(&out, "the credential of operator alice was revoked");
+    let out = root
+        .cli(&[
+            "operator",
+            "add",
+            "alice",
+            "--role",
+            "admin",
+            "--token-out",
+            &files.join("alice2.token").to_string_lossy(),
+        ])
+        .await?;
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stdout.contains("client certificates of alice valid from before now were that operator's and are refused"),
+        "{out}"
+    );
+    let out = fleet.cli(&["operator", "list"]).await?;
+    refused(&out, "before the name was given again after its revocation");
+    assert!(
+        out.stderr
+            .contains("it was the revoked operator's; issue the operator a new certificate"),
+        "{out}"
+    );
+    // a certificate issued to the new alice (valid from now on) is hers: an admin's
+    let new_alice = certs
+        .ca
+        .issue("alice-again", &CertSpec::client("alice", &[]).from_now())?;
+    let env = certs.client_env(&new_alice);
+    let out = crate::harness::run_flotilla(
+        &[
+            "--coordinator",
+            &fleet.addr,
+            "operator",
+            "list",
+            "--output",
+            "json",
+        ],
+        &env_refs(&env),
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    let alice_row = serde_json::from_str::<serde_json::Value>(&out.stdout)?
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "alice")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (&alice_row["role"], &alice_row["active"]),
+        (&serde_json::json!("admin"), &serde_json::json!(true)),
+        "{alice_row}"
+    );
+    assert!(
+        alice_row["certificates_from_ms"].as_u64().unwrap() > 0,
+        "{alice_row}"
+    );
+
     let denied = audited(&root, "denied").await?;
     assert!(
         denied

@@ -69,7 +69,10 @@ fn certificate_subject(req: &http::Request<Body>, coordinator: &Coordinator) -> 
             cert.common_name.as_deref().unwrap_or("(none)"),
             shards.join(", ")
         )),
-        Some(cn) => CertSubject::Operator(cn),
+        Some(name) => CertSubject::Operator {
+            name,
+            valid_from_s: cert.valid_from_s,
+        },
         None => CertSubject::None,
     }
 }

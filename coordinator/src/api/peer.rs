@@ -17,6 +17,8 @@ pub struct PeerCert {
     pub uri_sans: Vec<String>,
     /// DNS subject alternative names.
     pub dns_sans: Vec<String>,
+    /// Its validity's start (notBefore), in seconds since the epoch.
+    pub valid_from_s: i64,
 }
 
 impl PeerCert {
@@ -32,6 +34,7 @@ impl PeerCert {
             .map(str::to_string);
         let mut out = PeerCert {
             common_name,
+            valid_from_s: cert.validity().not_before.timestamp(),
             ..PeerCert::default()
         };
         if let Ok(Some(san)) = cert.subject_alternative_name() {

@@ -28,8 +28,9 @@ pub enum AuthMode {
 pub enum CertSubject {
     /// No certificate, or one without a common name.
     None,
-    /// A certificate's common name: the operator of that name.
-    Operator(String),
+    /// A certificate's common name: the operator of that name; and when it is valid from
+    /// (seconds since the epoch), for a name given again after a revocation.
+    Operator { name: String, valid_from_s: i64 },
     /// An agent's certificate (it names a shard), described for the refusal: it names
     /// no operator.
     Agent(String),
@@ -113,6 +114,7 @@ pub fn operator_info(row: &OperatorRow) -> pb::OperatorInfo {
         created_at_ms: row.created_at_ms as u64,
         created_by: row.created_by.clone(),
         revoked_at_ms: row.revoked_at_ms as u64,
+        certificates_from_ms: row.certificates_from_ms as u64,
     }
 }
 
@@ -164,17 +166,28 @@ pub async fn add_operator(
         created_at_ms: 0,
         created_by: by.to_string(),
         revoked_at_ms: 0,
+        certificates_from_ms: 0,
     };
     if !store.add_operator(&row, &token.sha256()).await? {
         return Err(CoordinatorError::OperatorExists(name.to_string()));
     }
-    let detail = match roles.is_empty() {
+    let operator = store
+        .operator(name)
+        .await?
+        .ok_or_else(|| CoordinatorError::OperatorNotFound(name.to_string()))?;
+    let mut detail = match roles.is_empty() {
         true => format!("operator {name} as {role}"),
         false => format!(
             "operator {name} as {role} (approves as {})",
             roles.join(", ")
         ),
     };
+    if operator.certificates_from_ms > 0 {
+        detail.push_str(
+            "; the name of a revoked operator given again: client certificates of this name \
+             valid from before now are refused",
+        );
+    }
     store
         .apply(vec![StoreOp::Audit(Audit {
             actor: by.to_string(),
@@ -183,11 +196,7 @@ pub async fn add_operator(
             detail,
         })])
         .await?;
-    info!(operator = name, %role, by, "operator added");
-    let operator = store
-        .operator(name)
-        .await?
-        .ok_or_else(|| CoordinatorError::OperatorNotFound(name.to_string()))?;
+    info!(operator = name, %role, by, again = operator.certificates_from_ms > 0, "operator added");
     Ok(AddedOperator { operator, token })
 }
 
@@ -259,7 +268,31 @@ impl Coordinator {
                         .await);
                 }
             },
-            (None, CertSubject::Operator(subject)) => self.inner.store.operator(subject).await?,
+            (
+                None,
+                CertSubject::Operator {
+                    name: subject,
+                    valid_from_s,
+                },
+            ) => {
+                let found = self.inner.store.operator(subject).await?;
+                // Valid from before the name was given again (after a revocation): the
+                // former holder's. Compared in whole seconds, as certificates say.
+                if let Some(op) = &found
+                    && !op.is_revoked()
+                    && *valid_from_s < op.certificates_from_ms / 1000
+                {
+                    let why = format!(
+                        "the client certificate of {subject} is valid from {}, before the name was \
+                         given again after its revocation ({}): it was the revoked operator's; \
+                         issue the operator a new certificate",
+                        rfc3339_s(*valid_from_s * 1000),
+                        rfc3339_s(op.certificates_from_ms)
+                    );
+                    return Err(self.refuse_unauthenticated(method, peer, why).await);
+                }
+                found
+            }
             (None, CertSubject::Agent(whose)) => {
                 return Err(self
                     .refuse_unauthenticated(
@@ -501,6 +534,12 @@ fn bearer_token(header: &str) -> Result<Token, TokenError> {
         return Err(TokenError::Malformed);
     }
     Token::parse(token)
+}
+
+/// A time in milliseconds since the epoch, as RFC 3339 in whole seconds (UTC).
+fn rfc3339_s(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 #[cfg(test)]

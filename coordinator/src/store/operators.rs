@@ -17,6 +17,11 @@ pub struct OperatorRow {
     pub created_by: String,
     /// 0 while active.
     pub revoked_at_ms: i64,
+    /// When the name was given again after a revocation (0: never revoked): a client
+    /// certificate of this name valid from before then is refused. Certificates outlive
+    /// people; the one of a revoked holder would otherwise act as the new operator, with
+    /// the new role.
+    pub certificates_from_ms: i64,
 }
 
 impl OperatorRow {
@@ -34,7 +39,8 @@ impl OperatorRow {
     }
 }
 
-const COLUMNS: &str = "name, role, approval_roles, created_at_ms, created_by, revoked_at_ms";
+const COLUMNS: &str =
+    "name, role, approval_roles, created_at_ms, created_by, revoked_at_ms, certificates_from_ms";
 
 fn operator_row(r: &sqlx::any::AnyRow) -> OperatorRow {
     OperatorRow {
@@ -44,12 +50,14 @@ fn operator_row(r: &sqlx::any::AnyRow) -> OperatorRow {
         created_at_ms: r.get(3),
         created_by: r.get(4),
         revoked_at_ms: r.get(5),
+        certificates_from_ms: r.get(6),
     }
 }
 
 impl Store {
     /// Adds an operator with its token's hash. A name in use by an active operator is
-    /// refused (false); a revoked one's name is taken over, with the new token.
+    /// refused (false); a revoked one's name is taken over, with the new token, and client
+    /// certificates of the name valid from before now are no longer its.
     pub async fn add_operator(
         &self,
         row: &OperatorRow,
@@ -61,7 +69,7 @@ impl Store {
              ON CONFLICT (name) DO UPDATE SET role = excluded.role,
                 approval_roles = excluded.approval_roles, token_sha256 = excluded.token_sha256,
                 created_at_ms = excluded.created_at_ms, created_by = excluded.created_by,
-                revoked_at_ms = 0
+                revoked_at_ms = 0, certificates_from_ms = excluded.created_at_ms
              WHERE operators.revoked_at_ms <> 0",
         )
         .bind(&row.name)
@@ -145,6 +153,7 @@ mod tests {
             created_at_ms: 0,
             created_by: "root".into(),
             revoked_at_ms: 0,
+            certificates_from_ms: 0,
         }
     }
 
@@ -176,6 +185,10 @@ mod tests {
             assert_eq!(found.role, "approver", "{location}");
             assert_eq!(found.approval_roles(), ["dba", "lead"]);
             assert!(found.created_at_ms > 0 && !found.is_revoked());
+            assert_eq!(
+                found.certificates_from_ms, 0,
+                "never revoked: any certificate"
+            );
             assert!(store.operator_by_token("h2").await.unwrap().is_none());
 
             assert!(store.revoke_operator("alice").await.unwrap());
@@ -203,6 +216,10 @@ mod tests {
             );
             let again = store.operator("alice").await.unwrap().unwrap();
             assert_eq!((again.role.as_str(), again.is_revoked()), ("viewer", false));
+            assert_eq!(
+                again.certificates_from_ms, again.created_at_ms,
+                "{location}: the name given again takes certificates from then on"
+            );
             assert_eq!(store.operators().await.unwrap().len(), 1, "{location}");
         }
     }

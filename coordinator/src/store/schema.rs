@@ -1,5 +1,5 @@
 //! The control store's tables (created at start; `schema_version` in `flotilla_meta`).
-pub(super) const SCHEMA_VERSION: i64 = 4;
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// What each version adds to the one before, in order: a store of an older version is
 /// brought up to date at start (the tables of version 1 are `SCHEMA`).
@@ -32,6 +32,14 @@ pub(super) const UPGRADES: &[(i64, &[&str])] = &[
             // where an operator paused the plan (`Paused::stored`): a new leader, or a retry,
             // keeps it paused there (the agents still are) until it is resumed
             "ALTER TABLE plans ADD COLUMN paused TEXT NOT NULL DEFAULT ''",
+        ],
+    ),
+    (
+        5,
+        &[
+            // an operator's name given again after its revocation: client certificates of
+            // that name valid from before then were its former holder's (see `OperatorRow`)
+            "ALTER TABLE operators ADD COLUMN certificates_from_ms BIGINT NOT NULL DEFAULT 0",
         ],
     ),
 ];
