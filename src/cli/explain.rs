@@ -44,7 +44,21 @@ pub(super) async fn run(addr: &str, args: &SubmitArgs) -> u8 {
                 Output::Json => println!("{}", to_json(&resp)),
                 Output::Text => print!("{}", to_text(&resp)),
             }
-            EXIT_OK
+            // A plan the lint's errors would have a submit refuse: refused here too (a
+            // pipeline gating on the dry run's exit code passed it, and the submit failed).
+            let lint_errors = resp
+                .migrations
+                .iter()
+                .flat_map(|m| &m.findings)
+                .any(|f| f.severity == "error");
+            if lint_errors {
+                eprintln!(
+                    "error: a submit would refuse this plan: the lint found errors (shown above)"
+                );
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_OK
+            }
         },
     )
     .await

@@ -217,6 +217,34 @@ async fn a_dry_run_reports_locks_sizes_and_waves_and_changes_nothing() -> anyhow
     assert!(out.stdout.contains("estimated duration: 2s ("), "{out}");
     assert!(out.stdout.contains("estimate: no history"), "{out}");
 
+    // A plan whose lint finds an error: shown all the same, and exit 2, as its submit.
+    let refused = plan()?;
+    refused.migration(
+        "003_drop_notes",
+        "",
+        "ALTER TABLE work_orders DROP COLUMN notes;",
+        "ALTER TABLE work_orders ADD COLUMN notes text;",
+    )?;
+    let refused_path = refused.path().to_string_lossy().to_string();
+    let out = fleet.cli(&["plan", "explain", &refused_path]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stdout.contains("lint error destructive-drop (up.sql:1)")
+            && out.stdout.contains("takes ACCESS EXCLUSIVE on work_orders"),
+        "{out}"
+    );
+    assert!(
+        out.stderr
+            .contains("a submit would refuse this plan: the lint found errors"),
+        "{out}"
+    );
+    let submit = fleet.cli(&["plan", "submit", &refused_path]).await?;
+    assert_eq!(
+        submit.code(),
+        Some(2),
+        "the submit refuses it as well: {submit}"
+    );
+
     assert_eq!(
         observed(&fleet).await?,
         before,
