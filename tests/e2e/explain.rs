@@ -229,7 +229,8 @@ async fn a_dry_run_reports_locks_sizes_and_waves_and_changes_nothing() -> anyhow
     let out = fleet.cli(&["plan", "explain", &refused_path]).await?;
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(
-        out.stdout.contains("lint error destructive-drop (up.sql:1)")
+        out.stdout
+            .contains("lint error destructive-drop (up.sql:1)")
             && out.stdout.contains("takes ACCESS EXCLUSIVE on work_orders"),
         "{out}"
     );

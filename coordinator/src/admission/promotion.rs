@@ -50,6 +50,12 @@ enum Stand {
         state: PlanState,
         other_completed: Option<(String, String)>,
     },
+    /// It completed there (this plan, the newest to), with settings its migration.toml has
+    /// made less strict since (outside the checksum, which covers its SQL): each change.
+    Weakened {
+        plan_id: String,
+        changes: Vec<String>,
+    },
 }
 
 impl Coordinator {
@@ -220,8 +226,8 @@ impl Coordinator {
 /// The plan's migrations that have not completed among `plans` (one environment's, oldest
 /// first), in the plan's order, each with where it stands.
 fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
-    // (plan row, its migrations' (id, checksum)), newest first
-    let carried: Vec<(&PlanRow, Vec<(String, String)>)> = plans
+    // (plan row, its migrations), newest first
+    let stored: Vec<(&PlanRow, Vec<pb::Migration>)> = plans
         .iter()
         .rev()
         .filter_map(|row| {
@@ -230,23 +236,46 @@ fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
                 warn!(plan = %row.id, "stored plan spec unreadable; not counted by the promotion gate");
                 return None;
             };
-            Some((
-                row,
-                raw.migrations
-                    .into_iter()
-                    .map(|m| (m.id, m.checksum))
-                    .collect(),
-            ))
+            Some((row, raw.migrations))
+        })
+        .collect();
+    // the same, each migration as (id, checksum)
+    let carried: Vec<(&PlanRow, Vec<(String, String)>)> = stored
+        .iter()
+        .map(|(row, ms)| {
+            let ids = ms
+                .iter()
+                .map(|m| (m.id.clone(), m.checksum.clone()))
+                .collect();
+            (*row, ids)
         })
         .collect();
     let mut out = Vec::new();
     for m in &spec.migrations {
         let id = m.id.as_str();
         let same = |(i, c): &(String, String)| i == id && *c == m.checksum;
-        if carried
+        // Completed there with this SQL: by a version whose settings this one keeps (or
+        // makes stricter), else it stands weakened (the newest completion named).
+        let completed: Vec<(&PlanRow, &pb::Migration)> = stored
             .iter()
-            .any(|(row, ms)| row.state == PlanState::Completed && ms.iter().any(same))
-        {
+            .filter(|(row, _)| row.state == PlanState::Completed)
+            .filter_map(|(row, ms)| {
+                ms.iter()
+                    .find(|t| t.id == id && t.checksum == m.checksum)
+                    .map(|t| (*row, t))
+            })
+            .collect();
+        if let Some((newest, there)) = completed.first() {
+            if completed.iter().any(|(_, t)| weakened(m, t).is_empty()) {
+                continue;
+            }
+            out.push((
+                id.to_string(),
+                Stand::Weakened {
+                    plan_id: newest.id.clone(),
+                    changes: weakened(m, there),
+                },
+            ));
             continue;
         }
         let stand = if let Some((row, _)) = carried.iter().find(|(_, ms)| ms.iter().any(same)) {
@@ -282,6 +311,38 @@ fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
     out
 }
 
+/// What `now` (the migration submitted) makes less strict than `there` (the version that
+/// completed in the environment before, with the same SQL): a lower risk (the approvals a
+/// plan needs are counted from it), `destructive` newly set, lint rules newly ignored (the
+/// lint that passed it there saw them). Empty when nothing is.
+fn weakened(now: &flotilla_core::Migration, there: &pb::Migration) -> Vec<String> {
+    use crate::approvals::Risk;
+    let risk = |r: &str| match r {
+        "" => Some(Risk::Low),
+        r => r.parse::<Risk>().ok(),
+    };
+    let mut changes = Vec::new();
+    if let (Some(now_risk), Some(there_risk)) = (risk(&now.risk), risk(&there.risk))
+        && now_risk < there_risk
+    {
+        changes.push(format!(
+            "risk `{there_risk}` there, `{now_risk}` now (the approvals a plan needs are counted from its risk)"
+        ));
+    }
+    if now.destructive && !there.destructive {
+        changes.push("`destructive = true` now, not there".to_string());
+    }
+    for ignore in &now.lint_ignore {
+        if !there.lint_ignore.iter().any(|t| t.rule == ignore.rule) {
+            changes.push(format!(
+                "lint rule `{}` ignored now, not there",
+                ignore.rule
+            ));
+        }
+    }
+    changes
+}
+
 fn short(checksum: &str) -> &str {
     &checksum[..checksum.len().min(12)]
 }
@@ -290,6 +351,11 @@ fn short(checksum: &str) -> &str {
 fn describe(id: &str, stand: &Stand, env: &str) -> String {
     match stand {
         Stand::NeverRan => format!("`{id}` never ran in `{env}`"),
+        Stand::Weakened { plan_id, changes } => format!(
+            "`{id}` completed in `{env}` (plan {plan_id}) with settings its migration.toml has \
+             made less strict since: {} (set them back, or run it in `{env}` again)",
+            changes.join("; ")
+        ),
         Stand::OtherChecksum { plan_id, checksum } => format!(
             "`{id}` ran in `{env}` with another checksum ({} in plan {plan_id}): it was edited since",
             short(checksum)
@@ -423,6 +489,47 @@ mod tests {
         );
         assert!(text[3].contains("not completed in `staging` yet (plan p3 is running)"));
         assert!(!s2.is_empty());
+    }
+
+    /// The same SQL completed there, its migration.toml made less strict since (risk
+    /// lowered, which cut production's approvals; destructive set; a lint rule ignored):
+    /// refused, naming each change. A stricter one (risk raised) passes, and so does one
+    /// any completion there had the same settings of.
+    #[test]
+    fn settings_made_less_strict_since_the_migration_completed_are_refused() {
+        let mut spec = plan(&[("001_x", "CREATE TABLE a (x int)")]);
+        let sum = spec.migrations[0].checksum.clone();
+        let mut high = row("p1", PlanState::Completed, &[("001_x", &sum)]);
+        let mut raw =
+            pb::PlanSpec::decode(hex::decode(&high.spec_hex).unwrap().as_slice()).unwrap();
+        raw.migrations[0].risk = "high".into();
+        high.spec_hex = hex::encode(raw.encode_to_vec());
+        spec.migrations[0].risk = "low".into();
+        spec.migrations[0].destructive = true;
+        spec.migrations[0].lint_ignore = vec![flotilla_core::model::LintIgnore {
+            rule: "index-not-concurrent".into(),
+            reason: "small table".into(),
+        }];
+        let found = lacking(&spec, std::slice::from_ref(&high));
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            describe(&found[0].0, &found[0].1, "staging"),
+            "`001_x` completed in `staging` (plan p1) with settings its migration.toml has made \
+             less strict since: risk `high` there, `low` now (the approvals a plan needs are \
+             counted from its risk); `destructive = true` now, not there; lint rule \
+             `index-not-concurrent` ignored now, not there (set them back, or run it in \
+             `staging` again)"
+        );
+        // stricter than there: passes
+        spec.migrations[0].risk = "critical".into();
+        spec.migrations[0].destructive = false;
+        spec.migrations[0].lint_ignore.clear();
+        assert!(lacking(&spec, std::slice::from_ref(&high)).is_empty());
+        // low now, and an older plan completed it there at low: passes
+        spec.migrations[0].risk = "low".into();
+        let low = row("p0", PlanState::Completed, &[("001_x", &sum)]);
+        assert_eq!(lacking(&spec, &[high.clone()]).len(), 1);
+        assert!(lacking(&spec, &[low, high]).is_empty());
     }
 
     /// A version rolled back there while an edited one completed: both are said (it named
