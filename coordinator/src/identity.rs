@@ -151,15 +151,53 @@ impl Coordinator {
     ) -> bool {
         let host = from.map_or_else(String::new, |a| a.ip().to_string());
         self.inner.refusals_seen.first_within(
-            format!("{host} {actor} {action} {reason}"),
+            format!("{host} {actor} {action} {}", numbers_as_one(reason)),
             crate::auth::RecentRefusals::CERTIFICATE_WINDOW,
         )
     }
 }
 
+/// A refusal's reason with each run of digits as `#`: an expired certificate's says the
+/// time of each handshake ("verification time 1796579017 (UNIX) ... (89833417 seconds
+/// ago)"), and every retry of an agent left running with one was written as a new row.
+fn numbers_as_one(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    for c in reason.chars() {
+        if !c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.ends_with('#') {
+            out.push('#');
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reason of an expired certificate's refusal changes at each handshake (the time
+    /// in it): the same refusal all the same, written once in the window.
+    #[test]
+    fn refusals_that_differ_only_in_their_times_are_one() {
+        let at = |now: u64, ago: u64| {
+            format!(
+                "invalid peer certificate: certificate expired: verification time {now} (UNIX), \
+                 but certificate is not valid after 1706745600 ({ago} seconds ago)"
+            )
+        };
+        assert_eq!(
+            numbers_as_one(&at(1796579017, 89833417)),
+            numbers_as_one(&at(1796579021, 89833421))
+        );
+        let seen = crate::auth::RecentRefusals::default();
+        let key =
+            |reason: &str| format!("127.0.0.1 unknown tls-refused {}", numbers_as_one(reason));
+        let window = crate::auth::RecentRefusals::CERTIFICATE_WINDOW;
+        assert!(seen.first_within(key(&at(1796579017, 89833417)), window));
+        assert!(!seen.first_within(key(&at(1796579099, 89833499)), window));
+        assert!(seen.first_within(key("invalid peer certificate: UnknownIssuer"), window));
+    }
 
     fn cert(cn: Option<&str>, uris: &[&str]) -> PeerCert {
         PeerCert {
