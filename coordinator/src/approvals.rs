@@ -106,7 +106,7 @@ impl Rule {
         }
         for role in &self.require {
             if !approvals.iter().any(|(_, r)| r == role) {
-                lacking.push(format!("one from a `{role}`"));
+                lacking.push(format!("one from the `{role}` role"));
             }
         }
         (!lacking.is_empty()).then(|| lacking.join(" and "))
@@ -369,12 +369,12 @@ approvals = 3
         };
         assert_eq!(
             rule.missing(&[]).as_deref(),
-            Some("2 more approval(s) and one from a `dba`")
+            Some("2 more approval(s) and one from the `dba` role")
         );
         assert_eq!(
             rule.missing(&a(&[("bob", "lead"), ("carol", "lead")]))
                 .as_deref(),
-            Some("one from a `dba`")
+            Some("one from the `dba` role")
         );
         assert_eq!(rule.missing(&a(&[("bob", "lead"), ("dan", "dba")])), None);
         assert_eq!(

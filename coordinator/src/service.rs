@@ -416,7 +416,12 @@ impl Coordinator {
         {
             return Ok(s);
         }
-        let row = self.stored_plan(plan_id).await?;
+        let mut row = self.stored_plan(plan_id).await?;
+        if row.state == PlanState::AwaitingApproval
+            && let Some(now) = self.awaiting_now(&row).await
+        {
+            row.message = now;
+        }
         // What the status needs of the plan itself: its migrations' order and its waves.
         let raw = hex::decode(&row.spec_hex)
             .ok()

@@ -187,6 +187,29 @@ impl Coordinator {
         }
     }
 
+    /// What a plan awaiting approval waits for under the approval matrix as it is now (the
+    /// stored message says what it waited for at its last approval: a matrix changed at a
+    /// restart made it wrong until the next). None when it cannot be read.
+    pub(crate) async fn awaiting_now(&self, row: &PlanRow) -> Option<String> {
+        let spec = stored_spec(row).ok()?;
+        let (risk, rule) = self.rule_for(&row.environment, &spec).ok()?;
+        let given = self.approvals_of(&row.id).await.ok()?;
+        Some(match rule.as_ref().and_then(|r| r.missing(&given)) {
+            // none given yet: the whole rule, as the submit said it
+            Some(_) if given.is_empty() => format!(
+                "awaiting {} ({risk} plan in `{}`)",
+                rule.as_ref().expect("a rule misses approvals").describe(),
+                env_name(&row.environment)
+            ),
+            Some(m) => format!("awaiting {m}"),
+            None => format!(
+                "awaiting approval: the approvals given ({}) meet the approval rule as it is \
+                 now (changed since): the next `plan approve` starts it",
+                given.len()
+            ),
+        })
+    }
+
     /// Starts a plan whose approvals are in, as a submit would have.
     async fn start_approved(
         &self,
