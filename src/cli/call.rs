@@ -64,6 +64,19 @@ pub(super) fn set_credential(path: Option<&std::path::Path>) -> Result<(), Strin
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    // A credential others on the host can read is theirs too: said (as ssh does of a key),
+    // not refused (the token still works for whoever holds it; refusing would not undo that).
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            eprintln!(
+                "warning: --token-file {} can be read by other users of this host (mode {mode:04o}): chmod 600 it (`operator add --token-out` makes it so)",
+                path.display()
+            );
+        }
+    }
     // (a file saved by an editor that writes a byte-order mark was "not a token")
     let token = text.trim_start_matches('\u{feff}').trim();
     if token.is_empty() {

@@ -232,6 +232,20 @@ async fn tokens_and_roles_guard_every_operator_rpc_and_refusals_change_nothing()
         !out.stderr.contains("hunter2"),
         "the token is never echoed: {out}"
     );
+    // (written with the umask's mode: others on the host can read it, and are told so)
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&junk.token)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            assert!(
+                out.stderr.contains(&format!(
+                    "can be read by other users of this host (mode {mode:04o}): chmod 600 it"
+                )),
+                "{out}"
+            );
+        }
+    }
     let out = val
         .cli(&["plan", "submit", &staging.path().to_string_lossy()])
         .await?;

@@ -129,6 +129,7 @@ impl Store {
         if is_pg {
             probe_postgres(&url).await?;
         } else {
+            create_private(&url)?;
             probe_sqlite(&url).await?;
         }
         let pool = AnyPoolOptions::new()
@@ -934,6 +935,39 @@ async fn probe_sqlite(url: &SecretUrl) -> Result<(), StoreError> {
     read.map(|_| ()).map_err(open)
 }
 
+/// A SQLite store's file, made before SQLite makes it, readable by its owner only (0600):
+/// it holds the operators' token hashes and the audit trail, and SQLite would make it with
+/// the process's umask (0644, readable by every user of the host). Its `-wal` and `-shm`
+/// files take the same mode from it. A file already there is left as it is.
+fn create_private(url: &SecretUrl) -> Result<(), StoreError> {
+    let location = url.expose();
+    if location.contains(":memory:") {
+        return Ok(());
+    }
+    let path = location
+        .strip_prefix("sqlite://")
+        .or_else(|| location.strip_prefix("sqlite:"))
+        .unwrap_or(location);
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() {
+        return Ok(());
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        // (a directory that is not there: SQLite names it, as before)
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::Open {
+            location: url.redacted(),
+            source: sqlx::Error::Io(e),
+        }),
+    }
+}
+
 fn sqlite_url(location: &str) -> String {
     if !location.starts_with("sqlite:") {
         return format!("sqlite://{location}?mode=rwc");
@@ -1031,6 +1065,36 @@ mod tests {
         pg.create_database(name).await.unwrap();
         let url = pg.url(name);
         (dir, pg, [sqlite, url])
+    }
+
+    /// A SQLite store made by the coordinator is its owner's alone (0600), written as a
+    /// path or as a `sqlite://` URL; one already there keeps its mode.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_new_sqlite_store_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TestDir::new("store_mode").unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let plain = dir.join("plain.db");
+        Store::open(&SecretUrl::new(plain.to_string_lossy()))
+            .await
+            .unwrap();
+        assert_eq!(mode(&plain), 0o600);
+        let url = dir.join("url.db");
+        Store::open(&SecretUrl::new(format!(
+            "sqlite://{}?mode=rwc",
+            url.display()
+        )))
+        .await
+        .unwrap();
+        assert_eq!(mode(&url), 0o600);
+        let shared = dir.join("shared.db");
+        std::fs::write(&shared, b"").unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+        Store::open(&SecretUrl::new(shared.to_string_lossy()))
+            .await
+            .unwrap();
+        assert_eq!(mode(&shared), 0o640, "a file there already keeps its mode");
     }
 
     /// The store at `location` with its writer running, and the writer's queue.
