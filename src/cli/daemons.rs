@@ -241,26 +241,36 @@ fn empty_password_user(url: &str) -> Option<&str> {
 
 /// A DSN with a password in it would sit in argv, visible to every local user.
 pub(super) fn check_dsn(dsn: &str) -> Result<(), String> {
+    check_dsn_of("--dsn", "--password-file or FLOTILLA_SHARD_PASSWORD", dsn)
+}
+
+/// [`check_dsn`] of a DSN given by `flag` (the quickstart's `--shard NAME=DSN`), whose
+/// password comes from `source`.
+pub(super) fn check_dsn_of(flag: &str, source: &str, dsn: &str) -> Result<(), String> {
     let rest = dsn
         .strip_prefix("postgres://")
         .or_else(|| dsn.strip_prefix("postgresql://"))
-        .ok_or_else(|| "--dsn must be a postgres:// URL".to_string())?;
+        .ok_or_else(|| format!("{flag} must be a postgres:// URL"))?;
     let authority = rest.split(['/', '?']).next().unwrap_or("");
     if let Some((userinfo, _)) = authority.rsplit_once('@')
         && let Some((user, password)) = userinfo.split_once(':')
     {
         if password.is_empty() {
             return Err(format!(
-                "--dsn has a `:` after the user `{user}` but no password: write `{user}@` (the \
-                 password comes from --password-file or FLOTILLA_SHARD_PASSWORD, or a pgpass file)"
+                "{flag} has a `:` after the user `{user}` but no password: write `{user}@` (the \
+                 password comes from {source}, or a pgpass file)"
             ));
         }
-        return Err("--dsn holds a password; pass it with --password-file or FLOTILLA_SHARD_PASSWORD instead".into());
+        return Err(format!(
+            "{flag} holds a password; pass it with {source} instead"
+        ));
     }
     // (any case, percent-encoded or not: the driver decodes `pass%77ord`, and logs a key it
     // does not know, `Password`, with its value)
     if SecretUrl::new(dsn).has_password() {
-        return Err("--dsn holds a password parameter; pass it with --password-file or FLOTILLA_SHARD_PASSWORD instead".into());
+        return Err(format!(
+            "{flag} holds a password parameter; pass it with {source} instead"
+        ));
     }
     Ok(())
 }
@@ -327,7 +337,7 @@ pub async fn agent(args: AgentArgs, coordinator: &str) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use super::{SecretUrl, check_dsn, store_location};
+    use super::{SecretUrl, check_dsn, check_dsn_of, store_location};
 
     #[test]
     fn a_store_with_a_password_is_refused_and_the_file_supplies_it() {
@@ -383,6 +393,18 @@ mod tests {
         );
         assert!(check_dsn("postgres://app@db:5432/shard").is_ok());
         assert!(check_dsn("mysql://x").is_err());
+        // the quickstart's names its own flag and where its password comes from (it said
+        // `--dsn`, which it has not)
+        let e = check_dsn_of(
+            "--shard s0=DSN",
+            "FLOTILLA_SHARD_PASSWORD",
+            "postgres://app:secret@db/shard",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "--shard s0=DSN holds a password; pass it with FLOTILLA_SHARD_PASSWORD instead"
+        );
         // a `:` with no password after it is named as such, not as a password
         let e = check_dsn("postgres://app:@db:5432/shard").unwrap_err();
         assert!(

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::error;
 
-use super::daemons::{check_dsn, shard_password, shutdown_signal};
+use super::daemons::{check_dsn_of, shard_password, shutdown_signal};
 use super::{EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, Output, QuickstartArgs};
 
 /// The example the demo rolls, built into the binary so the quickstart runs from any
@@ -617,7 +617,11 @@ fn given_agent(
     coordinator: &str,
 ) -> Result<AgentConfig, String> {
     flotilla_core::validate_shard_name(name).map_err(|e| format!("--shard: {e}"))?;
-    check_dsn(dsn)?;
+    check_dsn_of(
+        &format!("--shard {name}=DSN"),
+        "FLOTILLA_SHARD_PASSWORD",
+        dsn,
+    )?;
     let mut config = AgentConfig::new(name, dsn, coordinator);
     config.password = shard_password(None)?;
     config.tenant_pattern = Some(tenant_pattern.to_string());
