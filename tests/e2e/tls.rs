@@ -308,6 +308,39 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
         "refused with PERMISSION_DENIED: {}",
         impostor.log()
     );
+    // Agents whose certificates the handshake refuses say why (their log said "operation
+    // was canceled", the alert buried after it).
+    for (i, (files, says)) in [
+        (
+            &expired,
+            "the coordinator refused this agent's certificate: it has expired",
+        ),
+        (
+            &foreign,
+            "the coordinator refused this agent's certificate: it is not signed by the CA the coordinator trusts",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // (a database each: the impostor above still holds shard_1's)
+        let shard = format!("refused_{i}");
+        fleet.pg.create_database(&shard).await?;
+        let env = certs.client_env(files);
+        let refused = FlotillaProcess::spawn(
+            &[
+                "--coordinator",
+                &fleet.addr,
+                "agent",
+                "--shard",
+                &shard,
+                "--dsn",
+                &fleet.pg.url(&shard),
+            ],
+            &env_refs(&env),
+        )?;
+        refused.wait_for_log(says, WAIT).await?;
+    }
 
     // Each refusal is in the audit trail, with where it came from.
     wait_until("the refusals audited", WAIT, async || {

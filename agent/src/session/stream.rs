@@ -52,10 +52,23 @@ impl Ended {
     fn from_status(welcomed: bool, what: &str, status: &Status) -> Ended {
         match refusal(status) {
             Some(leader) => Ended::NotLeader { welcomed, leader },
-            None => Ended::Lost {
-                welcomed,
-                reason: format!("{what}: {status}"),
-            },
+            None => {
+                // the cause (a TLS alert: the coordinator refused this agent's certificate)
+                // is in the status's source, after "operation was canceled"
+                let cause = std::error::Error::source(status).map(chain);
+                let said = format!("{status:?}");
+                Ended::Lost {
+                    welcomed,
+                    reason: match cause {
+                        Some(cause) => format!(
+                            "{what}: {}: {cause}{}",
+                            status.message(),
+                            certificate_hint(&said)
+                        ),
+                        None => format!("{what}: {status}{}", certificate_hint(&said)),
+                    },
+                }
+            }
         }
     }
 }
@@ -70,6 +83,20 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// What a TLS alert from the coordinator says of this agent's certificate, in words (the
+/// log said "operation was canceled", the alert buried in the status's source).
+fn certificate_hint(said: &str) -> &'static str {
+    if said.contains("CertificateExpired") {
+        " (the coordinator refused this agent's certificate: it has expired, or is not valid yet; issue a new --tls-cert)"
+    } else if said.contains("UnknownCA") || said.contains("BadCertificate") {
+        " (the coordinator refused this agent's certificate: it is not signed by the CA the coordinator trusts, its --tls-ca)"
+    } else if said.contains("CertificateRequired") {
+        " (the coordinator requires a client certificate: give the agent --tls-cert and --tls-key)"
+    } else {
+        ""
+    }
 }
 
 /// What a failed connection says of a scheme that does not match the coordinator's: the
@@ -116,7 +143,11 @@ pub(super) async fn session(
             let said = chain(&e);
             return lost(
                 false,
-                format!("connecting: {said}{}", scheme_hint(address, &said)),
+                format!(
+                    "connecting: {said}{}{}",
+                    scheme_hint(address, &said),
+                    certificate_hint(&said)
+                ),
             );
         }
         Err(_) => {
