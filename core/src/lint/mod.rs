@@ -177,6 +177,9 @@ pub const MISSING_DOWN: &str = "missing-down";
 pub const DOWN_DROPS_EXISTING: &str = "down-drops-existing";
 pub const DOWN_UNPAIRED: &str = "down-unpaired";
 pub const ATOMIC_UNIT_SPLIT: &str = "atomic-unit-split";
+pub const CLUSTER_WIDE: &str = "cluster-wide";
+pub const DYNAMIC_SQL: &str = "dynamic-sql";
+pub const DELETE_NOT_UNDONE: &str = "delete-not-undone";
 pub const NAMING_ID: &str = "naming-id";
 pub const NAMING_DESCRIPTION: &str = "naming-description";
 
@@ -256,6 +259,21 @@ pub const RULES: &[Rule] = &[
         DOWN_UNPAIRED,
         Severity::Warning,
         "a non-transactional migration of several statements whose down.sql is not one statement per up statement: a step left part-way is undone by the whole down.sql, the undo of statements that never ran included",
+    ),
+    rule_def(
+        CLUSTER_WIDE,
+        Severity::Warning,
+        "a statement on the whole PostgreSQL server (CREATE/ALTER/DROP ROLE, GRANT of a role, CREATE/ALTER/DROP DATABASE or TABLESPACE, ALTER SYSTEM): run once per target, for what every target of the server shares",
+    ),
+    rule_def(
+        DYNAMIC_SQL,
+        Severity::Warning,
+        "a DO block: what it runs is not read by the lint, nor its locks by the dry run",
+    ),
+    rule_def(
+        DELETE_NOT_UNDONE,
+        Severity::Warning,
+        "DELETE of rows that down.sql does not put back (no INSERT or COPY), without `destructive = true`: a rollback leaves them gone",
     ),
     rule_def(
         ATOMIC_UNIT_SPLIT,

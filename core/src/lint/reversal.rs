@@ -11,7 +11,7 @@ use pg_query::protobuf::{AlterTableType as At, ObjectType};
 
 use super::locks::{object_parts, relation_name, strings};
 use super::rules::{Out, unqualified};
-use super::{DOWN_DROPS_EXISTING, DOWN_INCOMPLETE, MISSING_DOWN, Parsed};
+use super::{DELETE_NOT_UNDONE, DOWN_DROPS_EXISTING, DOWN_INCOMPLETE, MISSING_DOWN, Parsed};
 use crate::Migration;
 
 /// An object, by namespace: relations (tables, views, sequences, indexes) share one in
@@ -705,6 +705,51 @@ fn column_refs(expr: Option<&pg_query::protobuf::Node>) -> Vec<String> {
         .collect()
 }
 
+/// Rows up.sql deletes that down.sql cannot put back: it has no INSERT
+/// or COPY. The drop rules speak of objects; a `DELETE ... WHERE` with `SELECT 1` as its
+/// undo lost rows for good at a rollback and nothing said so. `destructive = true` (or a
+/// high risk) says the data is meant to go; tables up.sql creates hold nothing before it.
+fn check_deletes(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
+    if m.destructive || matches!(m.risk.as_str(), "high" | "critical") {
+        return;
+    }
+    let puts_back = down
+        .iter()
+        .any(|p| matches!(p.node, NodeEnum::InsertStmt(_) | NodeEnum::CopyStmt(_)));
+    if puts_back {
+        return;
+    }
+    let new: Vec<String> = up
+        .iter()
+        .filter_map(|p| match &p.node {
+            NodeEnum::CreateStmt(s) => s.relation.as_ref().map(|r| r.relname.clone()),
+            _ => None,
+        })
+        .collect();
+    for p in up {
+        // (a TRUNCATE is destructive-drop's, an error already)
+        let tables: Vec<String> = match &p.node {
+            NodeEnum::DeleteStmt(s) => s.relation.iter().map(relation_name).collect(),
+            _ => continue,
+        };
+        for table in tables {
+            if new.iter().any(|n| n == unqualified(&table)) {
+                continue;
+            }
+            out.push(
+                DELETE_NOT_UNDONE,
+                "up.sql",
+                p.info.line,
+                format!(
+                    "{} removes rows of {table} that down.sql does not put back (it has no INSERT or COPY): a rollback leaves them gone",
+                    p.info.kind
+                ),
+                "copy the rows aside first (CREATE TABLE ... AS SELECT in up.sql, INSERT ... SELECT back in down.sql); if they are meant to go, say `destructive = true` in migration.toml",
+            );
+        }
+    }
+}
+
 pub(super) fn check(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
     let restores = m.data.as_ref().is_some_and(|d| !d.prior_image.is_empty());
     if down.is_empty() {
@@ -723,6 +768,7 @@ pub(super) fn check(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out
         return;
     }
     check_drops(m, up, down, out);
+    check_deletes(m, up, down, out);
     let drops = dropped(down);
     for (object, line) in created(up) {
         if !drops.iter().any(|d| covers(d, &object)) {

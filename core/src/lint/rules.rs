@@ -14,9 +14,9 @@ use pg_query::protobuf::{
 
 use super::locks::{as_constraint, is_foreign_key, object_parts, relation_name, strings};
 use super::{
-    CONCURRENTLY_IN_TRANSACTION, CONSTRAINT_NOT_VALID, DESTRUCTIVE_DROP, Finding,
-    INDEX_NOT_CONCURRENT, LintOptions, PARSE_ERROR, ParseError, Parsed, RENAME, SESSION_STATE,
-    SET_NOT_NULL, Severity, TABLE_REWRITE, UNBATCHED_DATA_CHANGE, rule,
+    CLUSTER_WIDE, CONCURRENTLY_IN_TRANSACTION, CONSTRAINT_NOT_VALID, DESTRUCTIVE_DROP, DYNAMIC_SQL,
+    Finding, INDEX_NOT_CONCURRENT, LintOptions, PARSE_ERROR, ParseError, Parsed, RENAME,
+    SESSION_STATE, SET_NOT_NULL, Severity, TABLE_REWRITE, UNBATCHED_DATA_CHANGE, rule,
 };
 use crate::{Migration, TxMode};
 
@@ -307,6 +307,38 @@ fn statement(
                     UNBATCHED_HINT,
                 );
             }
+        }
+        NodeEnum::CreateRoleStmt(_)
+        | NodeEnum::AlterRoleStmt(_)
+        | NodeEnum::AlterRoleSetStmt(_)
+        | NodeEnum::DropRoleStmt(_)
+        | NodeEnum::GrantRoleStmt(_)
+        | NodeEnum::CreatedbStmt(_)
+        | NodeEnum::AlterDatabaseStmt(_)
+        | NodeEnum::AlterDatabaseSetStmt(_)
+        | NodeEnum::DropdbStmt(_)
+        | NodeEnum::CreateTableSpaceStmt(_)
+        | NodeEnum::DropTableSpaceStmt(_)
+        | NodeEnum::AlterSystemStmt(_) => {
+            out.push(
+                CLUSTER_WIDE,
+                "up.sql",
+                line,
+                format!(
+                    "{} acts on the whole PostgreSQL server, not on the tenant or shard database a step runs in: it runs once per target, so the next target of the server fails on what the first made (or changes it again), and one target's rollback undoes it for all",
+                    p.info.kind
+                ),
+                "do it once, outside the plan (the roles and settings a fleet needs belong to its provisioning, as deploy/sql/agent-role.sql does the agent's)",
+            );
+        }
+        NodeEnum::DoStmt(_) => {
+            out.push(
+                DYNAMIC_SQL,
+                "up.sql",
+                line,
+                "a DO block: the statements it runs are not read by the lint (a DROP in it is not seen), nor their locks by the dry run".to_string(),
+                "write the statements out where you can; where the block is needed (conditional DDL), ignore the rule with what it does as the reason",
+            );
         }
         NodeEnum::VacuumStmt(_) | NodeEnum::ClusterStmt(_)
             if p.info.kind != "VACUUM" && p.info.kind != "ANALYZE" =>
