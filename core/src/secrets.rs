@@ -48,6 +48,53 @@ pub fn scrub(text: &str) -> String {
     out
 }
 
+/// SQL with the literal after each `PASSWORD` keyword shown as `'***'` (`CREATE ROLE ...
+/// PASSWORD '...'`, a user mapping's `OPTIONS (password '...')`): for statements shown to
+/// people (the dry run), where a migration's SQL holds a password. Only for display: the
+/// SQL run is the file's.
+pub fn sql_passwords_hidden(sql: &str) -> String {
+    let lower = sql.to_ascii_lowercase();
+    let bytes = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len());
+    let mut at = 0;
+    while let Some(found) = lower[at..].find("password") {
+        let word = at + found;
+        let end = word + "password".len();
+        let is_word = |i: usize| bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_';
+        if (word > 0 && is_word(word - 1)) || (end < bytes.len() && is_word(end)) {
+            out.push_str(&sql[at..end]);
+            at = end;
+            continue;
+        }
+        // the literal after it: 'a''b', or E'a\'b'
+        let mut i = end;
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let escaped = i < bytes.len() && (bytes[i] == b'E' || bytes[i] == b'e');
+        let quote = if escaped { i + 1 } else { i };
+        if quote >= bytes.len() || bytes[quote] != b'\'' {
+            out.push_str(&sql[at..end]);
+            at = end;
+            continue;
+        }
+        let mut j = quote + 1;
+        while j < bytes.len() {
+            match bytes[j] {
+                b'\\' if escaped => j += 2,
+                b'\'' if bytes.get(j + 1) == Some(&b'\'') => j += 2,
+                b'\'' => break,
+                _ => j += 1,
+            }
+        }
+        out.push_str(&sql[at..i]);
+        out.push_str("'***'");
+        at = (j + 1).min(bytes.len());
+    }
+    out.push_str(&sql[at..]);
+    out
+}
+
 /// A password, token or key. Shown as `***`; [`Secret::expose`] is the only way to the value.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -358,6 +405,33 @@ fn redact_password_params(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The dry run shows a migration's statements: a password literal in them is hidden,
+    /// the rest as written (quotes doubled and escaped ones included).
+    #[test]
+    fn passwords_in_sql_are_hidden_for_display() {
+        assert_eq!(
+            super::sql_passwords_hidden("CREATE ROLE app LOGIN PASSWORD 'CanaryPw_S3cr3t!x';"),
+            "CREATE ROLE app LOGIN PASSWORD '***';"
+        );
+        assert_eq!(
+            super::sql_passwords_hidden("alter role app encrypted password\n 'it''s'"),
+            "alter role app encrypted password\n '***'"
+        );
+        assert_eq!(
+            super::sql_passwords_hidden(
+                "CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'u', password E'a\\'b')"
+            ),
+            "CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'u', password '***')"
+        );
+        // a column of that name, or a word holding it, is not a password
+        let plain = "ALTER TABLE users ADD COLUMN password_hash text, ADD COLUMN password text";
+        assert_eq!(super::sql_passwords_hidden(plain), plain);
+        assert_eq!(
+            super::sql_passwords_hidden("UPDATE users SET password = 'x'"),
+            "UPDATE users SET password = 'x'"
+        );
+    }
+
     use super::*;
 
     #[test]

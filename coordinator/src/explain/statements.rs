@@ -25,7 +25,8 @@ impl Parsed {
                     }
                     self.statements.push(pb::ExplainStatement {
                         line: s.line,
-                        text: s.text,
+                        // (shown to people: a password in a role's SQL is not)
+                        text: flotilla_core::secrets::sql_passwords_hidden(&s.text),
                         kind: s.kind,
                         locks: s
                             .locks
