@@ -70,6 +70,8 @@ enum Next {
     /// Nothing queued until another lane's batch comes back, or until the other lanes
     /// have their connections.
     Wait,
+    /// The plan is paused here: no run starts until it is resumed (or halted).
+    Paused,
 }
 
 #[derive(Default)]
@@ -501,6 +503,16 @@ impl Agent {
                     Some(job) if !stop && job.prepare.is_some() && st.connected < st.live => {
                         Next::Wait
                     }
+                    // Paused: the runs handed out before the pause stay queued (they ran on,
+                    // and a paused plan completed). An atomic unit's runs go on: a target
+                    // that prepared holds its locks until the unit's last one has.
+                    Some(job)
+                        if !stop
+                            && job.prepare.is_none()
+                            && plan.control.borrow().paused.is_some() =>
+                    {
+                        Next::Paused
+                    }
                     Some(_) if !stop => {
                         st.in_flight += 1;
                         Next::Run(Box::new(st.queue.pop_front().expect("a queued run")))
@@ -549,6 +561,18 @@ impl Agent {
                 }
                 Next::Wait => {
                     changed.await;
+                    continue;
+                }
+                Next::Paused => {
+                    // (the session goes back to the pool for as long as the pause lasts)
+                    conn = None;
+                    let mut control = plan.control.subscribe();
+                    tokio::select! {
+                        _ = control.wait_for(|c| c.paused.is_none()) => {}
+                        // a halt empties the queue; another Assign queues more
+                        () = changed => {}
+                        () = self.cancel.cancelled() => {}
+                    }
                     continue;
                 }
                 Next::Run(job) => {

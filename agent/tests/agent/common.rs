@@ -269,6 +269,17 @@ impl Stream {
         }
     }
 
+    /// The next message of any kind, heartbeats and reports included.
+    pub async fn inbound_next(&mut self) -> Out {
+        tokio::time::timeout(WAIT, self.inbound.message())
+            .await
+            .expect("agent message in time")
+            .expect("stream ok")
+            .expect("stream open")
+            .body
+            .expect("body")
+    }
+
     /// Reads on until the fleet-view reports seen so far satisfy `done` (heartbeats are
     /// skipped; anything else is unexpected here).
     pub async fn reports_until(&mut self, done: impl Fn(&[Out]) -> bool) {

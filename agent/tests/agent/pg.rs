@@ -642,6 +642,59 @@ async fn each_step_of_a_fused_run_reports_its_own_time() {
     assert!(ms[0] < 300, "the first step did not sleep: {ms:?}");
 }
 
+/// A pause holds the runs queued at the agent: none starts until the resume (runs handed
+/// out before a pause ran on, and a paused plan completed). Both runs wait, and run after
+/// the resume.
+#[tokio::test]
+async fn a_pause_holds_the_runs_queued_here_until_the_resume() {
+    let Some(f) = fleet("paused_queue", 2).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "held".into(),
+        migrations: bench_migrations(),
+        ..Default::default()
+    }));
+    let pause = |paused: bool| {
+        In::Pause(pb::Pause {
+            plan_id: "held".into(),
+            paused,
+            reason: String::new(),
+        })
+    };
+    s.send(pause(true));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "held".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![
+            run(1, "tenant_0000", &BENCH, true),
+            run(2, "tenant_0001", &BENCH, true),
+        ],
+    }));
+    // while paused: heartbeats, no result (a run takes milliseconds here)
+    let mut heartbeats = 0;
+    while heartbeats < 5 {
+        match s.inbound_next().await {
+            Out::Heartbeat(_) => heartbeats += 1,
+            Out::Journal(_) | Out::Schema(_) | Out::Tenants(_) => {}
+            other => panic!("nothing but heartbeats while the plan is paused, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        count(&f.pool, "SELECT count(*) FROM flotilla.journal").await,
+        0,
+        "nothing applied while paused"
+    );
+    s.send(pause(false));
+    let r = s.results("held", 2).await;
+    for id in [1, 2] {
+        assert_eq!(outcomes(&r[&id]), [pb::StepOutcome::Applied; 3], "run {id}");
+    }
+}
+
 /// A CREATE INDEX CONCURRENTLY that fails drops the INVALID index it left (the shard is as
 /// it was), but never an index whose name was taken before it ran: there a failure
 /// (42P07) is about someone else's index, INVALID from an earlier attempt by hand or still
