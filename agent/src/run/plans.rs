@@ -423,12 +423,45 @@ impl Agent {
                 if is_lock_timeout(&error) {
                     warn!(
                         epoch,
-                        "could not advance the shard's fence: a prepared transaction of an older epoch holds it until it is resolved"
+                        "could not advance the shard's fence: a transaction of an older epoch holds it (a step of an earlier leader's still running, or a prepared transaction until it is resolved)"
                     );
                 } else {
                     warn!(%error, epoch, "could not advance the shard's fence");
                 }
             }
+        }
+    }
+
+    /// A leader of a newer term (`epoch`) welcomed this agent: the runs of atomic units an
+    /// earlier term handed out and that are still queued here are dropped (reported
+    /// NOT_RUN). A new leader presumes such a unit aborted; run on, each PREPAREd after
+    /// that, holding its target's locks with the plan already said rolled back, until the
+    /// in-doubt sweep found it. Other runs go on: their results are the new leader's too.
+    pub(crate) fn drop_stale_atomic_runs(&self, epoch: u64) {
+        let plans: Vec<Arc<Plan>> = self
+            .plans
+            .lock()
+            .expect("plans lock")
+            .values()
+            .cloned()
+            .collect();
+        for plan in plans {
+            let dropped: Vec<Job> = {
+                let mut st = plan.state.lock().expect("plan lock");
+                let (dropped, kept): (VecDeque<Job>, VecDeque<Job>) = std::mem::take(&mut st.queue)
+                    .into_iter()
+                    .partition(|job| job.prepare.is_some() && job.epoch < epoch);
+                st.queue = kept;
+                Vec::from(dropped)
+            };
+            if dropped.is_empty() {
+                continue;
+            }
+            tracing::info!(plan = %plan.id, dropped = dropped.len(), epoch, "an earlier leader's atomic runs queued here are not run: the new leader presumes their unit aborted");
+            for job in dropped {
+                self.report(&plan.id, job::not_run(&job.run));
+            }
+            plan.changed.notify_waiters();
         }
     }
 
@@ -586,6 +619,22 @@ impl Agent {
                     // aborts. Nothing but a read when the fence is there already.
                     self.advance_fence(job.epoch).await;
                     let result = self.execute(&mut conn, &job).await;
+                    // Prepared for a leader since replaced (its run was under way at the
+                    // change): the new leader presumed the unit aborted, and has no Resolve
+                    // for a transaction it never heard of.
+                    if let Some(p) = &job.prepare
+                        && job.epoch < self.welcome_epoch.load(Ordering::Relaxed)
+                        && result.as_ref().is_some_and(|r| {
+                            r.steps
+                                .iter()
+                                .any(|s| s.outcome == pb::StepOutcome::Prepared as i32)
+                        })
+                    {
+                        let agent = self.clone();
+                        let gid = p.gid.clone();
+                        self.tasks
+                            .spawn(async move { agent.resolve_stale(gid).await });
+                    }
                     // Whether it was the plan's last run here, and counting it out, in one
                     // step: two lanes ending at once would otherwise each see the other in
                     // flight, and neither result would go at once (see `Outbox`).

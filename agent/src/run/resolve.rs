@@ -204,6 +204,33 @@ impl Agent {
         self.resolve_from_etcd(gids, None).await
     }
 
+    /// A transaction prepared for an earlier leader after a newer one welcomed the agent:
+    /// resolved from its plan's decision in etcd as soon as there is one (the new leader
+    /// writes the presumed abort moments after it takes over), tried for one sweep period;
+    /// after that the sweep has it. Without etcd, nothing to read: the sweep does not run
+    /// either, and the next connect's scan lists it.
+    pub(crate) async fn resolve_stale(self: Arc<Self>, gid: String) {
+        if self.decisions.is_none() {
+            return;
+        }
+        let until = std::time::Instant::now() + self.config.in_doubt_sweep;
+        let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                () = self.cancel.cancelled() => return,
+            }
+            match self.resolve_from_etcd(vec![gid.clone()], None).await {
+                Ok(left) if left.is_empty() => {
+                    info!(%gid, "a transaction prepared for an earlier leader resolved from its decision");
+                    return;
+                }
+                Ok(_) | Err(_) if std::time::Instant::now() >= until => return,
+                Ok(_) | Err(_) => {}
+            }
+        }
+    }
+
     /// Every `in_doubt_sweep` (with etcd), until the agent stops: the prepared
     /// transactions older than that whose decision in etcd this pass and the one before
     /// both found are resolved from it, as at a connect. A coordinator resolves its units'

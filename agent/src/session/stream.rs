@@ -238,7 +238,10 @@ pub(super) async fn session(
                         agent.journal_dirty.mark_all();
                         journal::report(agent, &tx);
                         last_full_report = Instant::now();
-                        agent.welcome_epoch.store(w.epoch, Ordering::Relaxed);
+                        let before = agent.welcome_epoch.swap(w.epoch, Ordering::Relaxed);
+                        if w.epoch > before && before > 0 {
+                            agent.drop_stale_atomic_runs(w.epoch);
+                        }
                         if w.heartbeat_interval_ms > 0 {
                             interval = Duration::from_millis(w.heartbeat_interval_ms);
                             heartbeat = tokio::time::interval(interval);

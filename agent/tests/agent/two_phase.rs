@@ -444,6 +444,98 @@ async fn put_decision(client: &mut Client, plan: &str, decision: &str) {
         .unwrap();
 }
 
+/// A leader of a newer term welcomes the agent while an earlier term's atomic runs are
+/// here: those still queued are not run (NOT_RUN: the new leader presumes their unit
+/// aborted; run on, each PREPAREd after that and held its target's locks with the plan
+/// said rolled back), and the one under way, which PREPAREs after the change, is rolled
+/// back as soon as the abort is in etcd (before, it waited for the periodic sweep).
+#[tokio::test]
+async fn an_earlier_terms_atomic_runs_do_not_outlive_its_presumed_abort() {
+    let Some(etcd) = Etcd::start_or_skip("an_earlier_terms_atomic_runs").await else {
+        return;
+    };
+    let Some(f) = fleet_2pc("tpc_term", 3).await else {
+        return;
+    };
+    let endpoint = etcd.endpoint();
+    let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
+    let mut h = Harness::start(
+        move |c| {
+            c.etcd = vec![endpoint.clone()];
+            c.etcd_prefix = format!("{PREFIX}/");
+            c.lease_ttl = Duration::from_secs(3);
+            // the sweep stays out of it: what resolves here is the new term's check
+            c.in_doubt_sweep = Duration::from_secs(600);
+        },
+        &f.dsn,
+    )
+    .await;
+    let (s, _) = h.attach(1).await;
+    // the first run waits on a lock the test holds, so the term changes under it
+    sqlx::query("CREATE TABLE public.pt_blocker ()")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let mut blocker = f.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE public.pt_blocker IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pt".into(),
+        migrations: vec![migration(
+            "pt_m",
+            "CREATE TABLE pt_t (id int); SELECT count(*) FROM public.pt_blocker",
+            "DROP TABLE pt_t",
+            "",
+        )],
+        default_lock_timeout_ms: 60_000,
+        ..Default::default()
+    }));
+    let gid = |i: u64| format!("flotilla:pt:1:{i}:tenant_000{}", i - 1);
+    s.send(In::Assign(pb::Assign {
+        plan_id: "pt".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: (1..=3)
+            .map(|i| prepared_run(i, &format!("tenant_000{}", i - 1), &["pt_m"], &gid(i)))
+            .collect(),
+    }));
+    wait_running(&f.pool, "pt_blocker").await;
+    // the leader changes: the stream ends, a leader of term 2 welcomes the agent
+    drop(s);
+    let (mut s, _) = h.attach(2).await;
+    blocker.commit().await.unwrap();
+    let r = s.results("pt", 3).await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Prepared], "{r:?}");
+    for id in [2, 3] {
+        assert_eq!(
+            outcomes(&r[&id]),
+            [pb::StepOutcome::NotRun],
+            "run {id}: {r:?}"
+        );
+    }
+    assert_eq!(prepared_gids(&f.pool).await, [gid(1)]);
+    // the new leader's presumed abort, in etcd: the transaction prepared for term 1 goes
+    put_decision(&mut client, "pt", "abort").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !prepared_gids(&f.pool).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still prepared: {:?}",
+            prepared_gids(&f.pool).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for tenant in ["tenant_0000", "tenant_0001", "tenant_0002"] {
+        assert!(!table_exists(&f, tenant, "pt_t").await, "{tenant}");
+    }
+    drop(s);
+    h.stop().await;
+    f.drop().await;
+    drop(etcd);
+}
+
 /// A prepared transaction nobody resolves while the agent stays connected (the case: a
 /// run in flight when the leader changed PREPAREs after the new leader presumed abort, so
 /// no Resolve comes for it): the agent's periodic sweep resolves it from its decision in
