@@ -195,6 +195,14 @@ impl PlanRun {
                         .and_then(|f| f.error.clone());
                     self.set_status(s, StepStatus::RolledBack);
                     updates.push(self.update_of(s, failed.as_ref()));
+                    // Its data change is undone: the rows and checkpoint it reported are not
+                    // there any more (the status said "1000/20000 rows, stopped", part-way at
+                    // a checkpoint a new submit goes on from, of targets fully restored).
+                    self.progress.remove(&(
+                        rb.migration_id.clone(),
+                        shard.to_string(),
+                        rb.tenant.clone(),
+                    ));
                 }
                 (None, None) => {}
             }

@@ -468,6 +468,26 @@ fn progress_is_kept_for_the_plans_steps_only() {
     assert_eq!(run.progress.len(), 1);
     let kept = run.progress.values().next().unwrap();
     assert_eq!((kept.migration_id.as_str(), kept.rows_done), ("a", 20));
+    // undone, its rows and checkpoint are gone: so is its progress
+    run.state = PlanState::RollingBack;
+    run.shards.get_mut("s0").unwrap().rollback = RollbackState::Asked {
+        conn_id: 1,
+        request: 1,
+    };
+    run.apply_rollback_reply(
+        "s0",
+        &pb::RollbackReply {
+            plan_id: "p0".into(),
+            steps: vec![pb::RolledBackStep {
+                migration_id: "a".into(),
+                tenant: "t1".into(),
+                error: None,
+            }],
+            complete: true,
+            request: 1,
+        },
+    );
+    assert!(run.progress.is_empty(), "{:?}", run.progress);
 }
 
 #[test]
