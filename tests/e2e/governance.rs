@@ -312,14 +312,30 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("already ended rejected"), "{out}");
     let trail = audit(&fleet, &rejected).await?;
+    let reject = trail
+        .iter()
+        .find(|e| e["action"] == "reject")
+        .expect("the reject audited");
+    assert_eq!(reject["actor"], "dave", "{trail:?}");
+    assert!(
+        reject["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not in this window"),
+        "{trail:?}"
+    );
+    // bob's approve of the rejected plan: refused, and in the plan's trail (it was in none)
     let last = trail.last().expect("an audit trail");
-    assert_eq!(last["action"], "reject", "{trail:?}");
-    assert_eq!(last["actor"], "dave", "{trail:?}");
+    assert_eq!(
+        (&last["action"], &last["actor"]),
+        (&serde_json::json!("denied"), &serde_json::json!("bob")),
+        "{trail:?}"
+    );
     assert!(
         last["detail"]
             .as_str()
             .unwrap()
-            .contains("not in this window"),
+            .starts_with("approve: plan "),
         "{trail:?}"
     );
 

@@ -123,7 +123,9 @@ impl Coordinator {
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         let epoch = self.leader_epoch()?;
         let _one_at_a_time = self.inner.approving.lock().await;
-        let row = self.awaiting(plan_id, "approve").await?;
+        let row = self
+            .awaiting_or_audited(epoch, &actor, plan_id, "approve")
+            .await?;
         let submitter = Actor::new(&row.submitted_by, "").name;
         if actor.name == submitter {
             let why = format!(
@@ -258,7 +260,9 @@ impl Coordinator {
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         let epoch = self.leader_epoch()?;
         let _one_at_a_time = self.inner.approving.lock().await;
-        let row = self.awaiting(plan_id, "reject").await?;
+        let row = self
+            .awaiting_or_audited(epoch, &actor, plan_id, "reject")
+            .await?;
         self.write_under(epoch, actor.audit("reject", plan_id, ""));
         crate::metrics::plan_approval("reject");
         let message = actor.explain(&format!("rejected by {}", actor.name));
@@ -347,6 +351,29 @@ impl Coordinator {
     }
 
     /// The stored plan, if it awaits approval; a conflict naming its state if not.
+    /// [`Self::awaiting`] for an approver's `plan approve` / `plan reject`: a refusal (the
+    /// plan rejected, approved or running already) is in the plan's audit trail, as the
+    /// approver's other refusals are (a second reject was in none).
+    async fn awaiting_or_audited(
+        &self,
+        epoch: u64,
+        actor: &Actor,
+        plan_id: &str,
+        action: &'static str,
+    ) -> Result<PlanRow, CoordinatorError> {
+        match self.awaiting(plan_id, action).await {
+            Err(CoordinatorError::Conflict(refused @ Conflict::NotAwaitingApproval { .. })) => {
+                self.write_under(
+                    epoch,
+                    actor.audit("denied", plan_id, &format!("{action}: {refused}")),
+                );
+                self.flush().await;
+                Err(refused.into())
+            }
+            other => other,
+        }
+    }
+
     async fn awaiting(
         &self,
         plan_id: &str,
