@@ -87,13 +87,23 @@ impl TlsFiles {
         Ok(bytes)
     }
 
-    /// This side's certificate and key: both or neither.
+    /// This side's certificate and key: both or neither, and the key the certificate's.
     pub fn identity_pem(&self) -> Result<Option<IdentityPem>, TlsError> {
         match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => Ok(Some(IdentityPem {
-                cert: self.read("cert", cert)?,
-                key: self.read("key", key)?,
-            })),
+            (Some(cert_path), Some(key_path)) => {
+                let cert = self.read("cert", cert_path)?;
+                let key = self.read("key", key_path)?;
+                if let Err(reason) = keys_match(&cert, &key) {
+                    return Err(TlsError::Invalid(format!(
+                        "{} {} and {} {} do not go together: {reason}",
+                        self.flag("cert"),
+                        cert_path.display(),
+                        self.flag("key"),
+                        key_path.display()
+                    )));
+                }
+                Ok(Some(IdentityPem { cert, key }))
+            }
             (None, None) => Ok(None),
             (Some(_), None) => Err(TlsError::Invalid(format!(
                 "{} is given without {}",
@@ -133,6 +143,29 @@ impl TlsFiles {
             config = config.identity(Identity::from_pem(id.cert, id.key));
         }
         Ok(Some(config))
+    }
+}
+
+/// Whether `key_pem` is the private key of `cert_pem`'s first certificate (a mismatch,
+/// a key from another pair, said only "transport error" at the first connection). A key or
+/// certificate that cannot be read here is left to the TLS library to name.
+fn keys_match(cert_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Ok(certs) = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>() else {
+        return Ok(());
+    };
+    let Ok(key) = PrivateKeyDer::from_pem_slice(key_pem) else {
+        return Ok(());
+    };
+    let Ok(signing) = rustls::crypto::ring::sign::any_supported_type(&key) else {
+        return Ok(());
+    };
+    match rustls::sign::CertifiedKey::new(certs, signing).keys_match() {
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => Err(
+            "the key is not the certificate's (its public key differs): give the key issued with this certificate".into(),
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -206,6 +239,47 @@ pub fn plaintext_off_host(address: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A certificate with the key of another pair is named as such when the files are
+    /// read (it said "transport error" at the first connection); its own key passes.
+    #[test]
+    fn a_key_of_another_certificate_is_named() {
+        let dir = std::env::temp_dir().join(format!("flotilla-keys-match-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        for (name, text) in [
+            ("cert.pem", cert.pem()),
+            ("key.pem", key.serialize_pem()),
+            ("other.pem", other.serialize_pem()),
+        ] {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let files = |key: &str| TlsFiles {
+            flags: "tls",
+            cert: Some(dir.join("cert.pem")),
+            key: Some(dir.join(key)),
+            ca: None,
+        };
+        assert!(files("key.pem").identity_pem().unwrap().is_some());
+        let Err(e) = files("other.pem").identity_pem() else {
+            panic!("a key of another pair was taken");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains("do not go together: the key is not the certificate's"),
+            "{e}"
+        );
+        assert!(
+            e.starts_with("--tls-cert ") && e.contains("--tls-key "),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn loopback_hosts_are_recognised_in_every_spelling() {
