@@ -146,6 +146,32 @@ impl TlsFiles {
     }
 }
 
+/// The shards a certificate names as an agent's (`flotilla-agent:<shard>` URI SANs of its
+/// first certificate, the leaf); empty when it names none or cannot be read.
+pub fn certificate_shards(cert_pem: &[u8]) -> Vec<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Some(Ok(der)) = CertificateDer::pem_slice_iter(cert_pem).next() else {
+        return Vec::new();
+    };
+    let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(uri) => uri.strip_prefix("flotilla-agent:").map(str::to_string),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Whether `key_pem` is the private key of `cert_pem`'s first certificate (a mismatch,
 /// a key from another pair, said only "transport error" at the first connection). A key or
 /// certificate that cannot be read here is left to the TLS library to name.

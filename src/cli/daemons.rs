@@ -296,9 +296,22 @@ fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, Stri
     config.lease_ttl = args.lease_ttl;
     config.discover_interval = args.discover_interval;
     config.in_doubt_sweep = args.in_doubt_sweep;
-    config.tls = super::transport::files()
-        .client_config()
-        .map_err(|e| e.to_string())?;
+    let tls = super::transport::files();
+    // A certificate issued for another shard: the coordinator refuses the attach, but the
+    // agent had claimed the database under this --shard first (`flotilla.meta`), and the
+    // agent started right afterwards, under the certificate's name, was refused there.
+    if let Some(identity) = tls.identity_pem().map_err(|e| e.to_string())? {
+        let named = flotilla_core::tls::certificate_shards(&identity.cert);
+        if !named.is_empty() && !named.contains(&args.shard) {
+            return Err(format!(
+                "--tls-cert names shard {} (its flotilla-agent: URI SAN), and this agent is --shard {}: the coordinator would refuse it; give the certificate issued for {}",
+                named.join(", "),
+                args.shard,
+                args.shard
+            ));
+        }
+    }
+    config.tls = tls.client_config().map_err(|e| e.to_string())?;
     config.etcd_tls = args
         .etcd_security
         .files()

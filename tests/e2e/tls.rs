@@ -286,18 +286,42 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
     fleet.pg.create_database("shard_1").await?;
     let dsn = fleet.pg.url("shard_1");
     let env = certs.client_env(&certs.agent(&fleet.shards[0])?);
-    let impostor = FlotillaProcess::spawn(
-        &[
-            "--coordinator",
-            &fleet.addr,
-            "agent",
-            "--shard",
+    let agent_args = [
+        "--coordinator",
+        fleet.addr.as_str(),
+        "agent",
+        "--shard",
+        "shard_1",
+        "--dsn",
+        &dsn,
+    ];
+    // Its certificate names shard_0 (a URI SAN): refused at start, before it claims the
+    // database as shard_1 (it did, and the agent started next with the right name there
+    // was refused by the database).
+    let out = run_flotilla(&agent_args, &env_refs(&env)).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(
+            "--tls-cert names shard shard_0 (its flotilla-agent: URI SAN), and this agent is --shard shard_1"
+        ),
+        "{out}"
+    );
+    let claimed: i64 = fleet
+        .pg
+        .query_scalar(
             "shard_1",
-            "--dsn",
-            &dsn,
-        ],
-        &env_refs(&env),
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'flotilla'",
+        )
+        .await?;
+    assert_eq!(claimed, 0, "the database was not touched");
+    // A certificate that names its shard by common name only (--agent-identities maps
+    // db-host-2.internal to shard_2): the agent cannot tell, the coordinator refuses it.
+    let host_2 = certs.ca.issue(
+        "db-host-2-impostor",
+        &CertSpec::client("db-host-2.internal", &[]),
     )?;
+    let env = certs.client_env(&host_2);
+    let impostor = FlotillaProcess::spawn(&agent_args, &env_refs(&env))?;
     impostor
         .wait_for_log("may not attach as shard shard_1", WAIT)
         .await?;
@@ -351,7 +375,7 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
             && has_entry(
                 &trail,
                 "agent-refused",
-                "shard shard_0's; it may not attach as shard shard_1",
+                "shard shard_2's; it may not attach as shard shard_1",
             ))
     })
     .await?;
@@ -386,7 +410,7 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
         .collect();
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     let refusal = refusals[0];
-    assert_eq!(refusal["actor"], "certificate agent-shard_0", "{refusal}");
+    assert_eq!(refusal["actor"], "certificate db-host-2.internal", "{refusal}");
     assert!(
         refusal["detail"]
             .as_str()
