@@ -1143,7 +1143,14 @@ impl Coordinator {
     pub async fn fleet(&self) -> Result<pb::ListFleetResponse, CoordinatorError> {
         // Agents attach to the leader only: a follower's view would say "gone".
         self.leader_epoch()?;
+        // An agent that detached a moment ago: its row's "last seen" (written at the
+        // detach) may still wait in the store writer; read before it lands, the row said the
+        // agent was last seen at its attach. Bounded: with the store away, the list is
+        // answered from what it has.
+        // (the attached ones first: one that detaches after has its write queued before the
+        // flush, or is shown attached)
         let attached = self.inner.fleet.snapshot();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.flush()).await;
         let mut out: BTreeMap<String, pb::AgentInfo> = BTreeMap::new();
         for agent in self.inner.store.agents().await? {
             out.insert(
