@@ -43,6 +43,27 @@ pub(crate) async fn note(conn: &mut PgConnection) {
     }
 }
 
+/// [`now`], once the server answers again: a step's connection that went with the server
+/// is asked about right away, while the server may still be in its crash recovery (it
+/// refuses or drops new connections for a moment, longer on a loaded machine). Asked
+/// then, it could not say, the failure was taken as a step's own, and the runs again
+/// right after burned the step's tries on the same recovery. Bounded: a server that stays
+/// away is not waited for longer than `within`.
+pub(crate) async fn once_back(pool: &PgPool, within: std::time::Duration) -> Option<(Instant, f64)> {
+    let until = Instant::now() + within;
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        if let Some(found) = now(pool).await {
+            return Some(found);
+        }
+        if Instant::now() + delay >= until {
+            return None;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(2));
+    }
+}
+
 /// The server that answers on `pool` now: when this agent first saw it start, and how long
 /// it has been up. None when it cannot say.
 pub(crate) async fn now(pool: &PgPool) -> Option<(Instant, f64)> {
