@@ -410,7 +410,10 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
         .collect();
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     let refusal = refusals[0];
-    assert_eq!(refusal["actor"], "certificate db-host-2.internal", "{refusal}");
+    assert_eq!(
+        refusal["actor"], "certificate db-host-2.internal",
+        "{refusal}"
+    );
     assert!(
         refusal["detail"]
             .as_str()

@@ -119,7 +119,12 @@ pub(crate) async fn restore_prior_image(
     let d = m.migration.data.as_ref().expect("a data change");
     let types = super::keys::column_types(conn, d).await?;
     let (mut rows, mut kept) = (0i64, 0i64);
-    for number in numbers {
+    // The change's own rate limit holds for its undo: a rollback is run while production is
+    // in trouble already, and the restore wrote into the same hot table as fast as it could
+    // (twice the limit, seen under pgbench). Each batch's rows are paid after it.
+    let mut limit = super::rate::RowLimits::new(d, None, None);
+    let last = numbers.len() - 1;
+    for (i, number) in numbers.into_iter().enumerate() {
         let sql = prior_image_restore(cx, m, number, &types).map_err(|e| {
             // not a lost connection (Protocol would say so): the change's own problem
             sqlx::Error::InvalidArgument(format!("restoring the prior image of `{}`: {e}", m.id()))
@@ -144,6 +149,9 @@ pub(crate) async fn restore_prior_image(
         if let Some((put_back, saved)) = counts {
             rows += put_back;
             kept += saved - put_back;
+            if i < last {
+                limit.wait(saved.max(0) as u64).await;
+            }
         }
     }
     if kept > 0 {

@@ -545,8 +545,7 @@ async fn restarted_under(
     let why = if failure.error.sqlstate == sqlstate::CRASH_SHUTDOWN {
         "the shard's server reset every session after another of its processes crashed".to_string()
     } else {
-        let (seen, uptime) =
-            shard::server_start::once_back(pool, Duration::from_secs(30)).await?;
+        let (seen, uptime) = shard::server_start::once_back(pool, Duration::from_secs(30)).await?;
         let elapsed = started.elapsed();
         if seen > started {
             format!(

@@ -49,7 +49,10 @@ pub(crate) async fn note(conn: &mut PgConnection) {
 /// then, it could not say, the failure was taken as a step's own, and the runs again
 /// right after burned the step's tries on the same recovery. Bounded: a server that stays
 /// away is not waited for longer than `within`.
-pub(crate) async fn once_back(pool: &PgPool, within: std::time::Duration) -> Option<(Instant, f64)> {
+pub(crate) async fn once_back(
+    pool: &PgPool,
+    within: std::time::Duration,
+) -> Option<(Instant, f64)> {
     let until = Instant::now() + within;
     let mut delay = std::time::Duration::from_millis(100);
     loop {

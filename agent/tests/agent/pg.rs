@@ -2241,6 +2241,78 @@ async fn undoing_a_prior_image_keeps_what_the_application_wrote_since() {
     f.drop().await;
 }
 
+/// The undo of a data change keeps its rate limit: 20 rows in batches of 5 at 20 rows a
+/// second are put back in no less than the half second the limit allows after the first
+/// batch (before, as fast as the server went: twice the limit under load, in a rollback
+/// run while production was in trouble already).
+#[tokio::test]
+async fn undoing_a_prior_image_keeps_the_changes_rate_limit() {
+    let Some(f) = fleet("prior_rate", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(2).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pr".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "work_orders".into(),
+                key: "id".into(),
+                batch_size: 5,
+                rows_per_second: 20,
+                batch_sql: "UPDATE work_orders SET priority = 'high' WHERE id > $1 AND id <= $2"
+                    .into(),
+                prior_image: vec!["priority".into()],
+                ..Default::default()
+            }),
+            ..migration("escalate", "", "", "")
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    let r = s
+        .assign(
+            "pr",
+            2,
+            1,
+            vec![run(1, "tenant_0000", &["escalate"], false)],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{r:?}");
+    let batches = count(
+        &pool,
+        "SELECT count(DISTINCT batch) FROM flotilla.prior_images WHERE NOT post",
+    )
+    .await;
+    assert_eq!(batches, 4, "20 rows in batches of 5");
+    let undo = std::time::Instant::now();
+    let reply = s.rollback("pr", 2).await;
+    let took = undo.elapsed();
+    assert!(
+        reply.complete && reply.steps.iter().all(|s| s.error.is_none()),
+        "{reply:?}"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM tenant_0000.work_orders WHERE priority = 'high'"
+        )
+        .await,
+        0,
+        "every row put back"
+    );
+    // each batch's 5 rows paid after it, but the last's: the first from the full bucket,
+    // the next two a quarter second each at 20 rows a second
+    assert!(
+        took >= std::time::Duration::from_millis(480),
+        "the undo ran faster than the change's rate limit: {took:?}"
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A data change whose up SQL sets the session's time zone: its batches saved their post
 /// images in that zone, and the undo compares under the same settings, so every row is put
 /// back (before, each timestamptz read as a value the application wrote since, and all 20
