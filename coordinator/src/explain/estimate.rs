@@ -31,6 +31,10 @@ pub(super) struct History {
 pub(super) struct Guess {
     pub step_ms: Option<u64>,
     pub basis: String,
+    /// A data change's step on its largest target: the migration takes no less, however
+    /// many targets run at once (tenants' sizes are skewed: the median's figure was a
+    /// quarter of a real run, whose largest tenant held four times the median's rows).
+    pub slowest_ms: Option<u64>,
 }
 
 impl History {
@@ -97,11 +101,9 @@ impl History {
     ) -> Guess {
         if let Some(d) = &m.data {
             let table = d.table.join(".");
-            let rows = relations
-                .iter()
-                .find(|r| r.relation == table)
-                .map(|r| r.median_rows)
-                .filter(|&r| r >= 0);
+            let sizes = relations.iter().find(|r| r.relation == table);
+            let rows = sizes.map(|r| r.median_rows).filter(|&r| r >= 0);
+            let max_rows = sizes.map(|r| r.max_rows).filter(|&r| r >= 0);
             let recorded = self
                 .rates_by_id
                 .get(m.id.as_str())
@@ -119,9 +121,19 @@ impl History {
             };
             if let (Some(rows), Some((rate, why))) = (rows, rate) {
                 let ms = (rows as f64 / rate * 1000.0).ceil() as u64;
+                let slowest = max_rows
+                    .filter(|&max| max > rows)
+                    .map(|max| (max, (max as f64 / rate * 1000.0).ceil() as u64));
+                let mut basis = format!("{rows} rows (median estimate) at {rate:.0} rows/s: {why}");
+                if let Some((max, _)) = slowest {
+                    basis.push_str(&format!(
+                        "; its largest target, {max} rows, sets how long it takes at least"
+                    ));
+                }
                 return Guess {
                     step_ms: Some(ms),
-                    basis: format!("{rows} rows (median estimate) at {rate:.0} rows/s: {why}"),
+                    basis,
+                    slowest_ms: slowest.map(|(_, ms)| ms),
                 };
             }
         }
@@ -146,10 +158,12 @@ impl History {
             Some((durations, what)) => Guess {
                 step_ms: Some(median(durations)),
                 basis: format!("median of {} recorded steps {what}", durations.len()),
+                slowest_ms: None,
             },
             None => Guess {
                 step_ms: None,
                 basis: "no history".into(),
+                slowest_ms: None,
             },
         }
     }
@@ -268,6 +282,29 @@ mod tests {
         let g = h.estimate(&data_migration(100), &parsed, &table(10_000));
         assert_eq!(g.step_ms, Some(100_000), "{}", g.basis);
         assert!(g.basis.contains("its rate limit"), "{}", g.basis);
+
+        // skewed tenants: the largest target's rows at the same rate (the recorded 1,000
+        // rows/s, below its limit) bound the migration
+        let skewed = vec![pb::RelationSizes {
+            relation: "work_orders".into(),
+            present: 5,
+            median_rows: 45_000,
+            max_rows: 200_000,
+            ..Default::default()
+        }];
+        let g = h.estimate(&data_migration(4000), &parsed, &skewed);
+        assert_eq!(
+            (g.step_ms, g.slowest_ms),
+            (Some(45_000), Some(200_000)),
+            "{}",
+            g.basis
+        );
+        assert!(
+            g.basis
+                .contains("its largest target, 200000 rows, sets how long it takes at least"),
+            "{}",
+            g.basis
+        );
 
         // no row estimate (never analyzed): recorded step durations, if any
         let g = h.estimate(&m, &parsed, &table(-1));

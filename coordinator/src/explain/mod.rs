@@ -83,6 +83,7 @@ impl Coordinator {
             let estimate_ms = guess
                 .step_ms
                 .map(|ms| ms * u64::from(to_run.div_ceil(max_parallel)))
+                .map(|ms| ms.max(guess.slowest_ms.filter(|_| to_run > 0).unwrap_or(0)))
                 .unwrap_or(0);
             totals.add(guess.step_ms.is_some(), estimate_ms, to_run);
             migrations.push(pb::ExplainMigration {
