@@ -5,7 +5,7 @@ use flotilla_core::pb;
 use serde_json::{Value, json};
 
 use super::call::{acting, call_leader};
-use super::{EXIT_BAD_INPUT, EXIT_OK, Output, SubmitArgs};
+use super::{EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, Output, SubmitArgs};
 use crate::loader;
 
 pub(super) async fn run(addr: &str, args: &SubmitArgs) -> u8 {
@@ -56,6 +56,14 @@ pub(super) async fn run(addr: &str, args: &SubmitArgs) -> u8 {
                     "error: a submit would refuse this plan: the lint found errors (shown above)"
                 );
                 EXIT_BAD_INPUT
+            } else if !resp.unknown_shards.is_empty() {
+                // as the submit now: refused while a shard it selects targets on does not
+                // answer (a pipeline gating on the dry run passed, and the submit failed)
+                eprintln!(
+                    "error: a submit now would be refused: {} (shown above); the rest is what the coordinator last knew",
+                    resp.unknown_shards.join("; ")
+                );
+                EXIT_UNAVAILABLE
             } else {
                 EXIT_OK
             }

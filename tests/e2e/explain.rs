@@ -39,6 +39,20 @@ async fn observed(fleet: &TestFleet) -> anyhow::Result<String> {
     Ok(all)
 }
 
+/// A dry run with a shard away that the plan selects targets on: shown all the same (JSON
+/// on stdout), and exit 3 as the submit now (it exited 0, and a pipeline gating on it
+/// passed a plan the submit then refused).
+async fn explained_unavailable(fleet: &TestFleet, args: &[&str]) -> anyhow::Result<Value> {
+    let out = fleet.cli(args).await?;
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(
+        out.stderr
+            .contains("error: a submit now would be refused: shard_1: "),
+        "{out}"
+    );
+    out.last_json()
+}
+
 fn migration<'a>(v: &'a Value, id: &str) -> &'a Value {
     v["migrations"]
         .as_array()
@@ -281,9 +295,7 @@ async fn a_dry_run_estimates_from_history_and_names_an_absent_shard() -> anyhow:
     // sizes unknown, the shard named; the other shard's are read.
     kill_agent(&mut fleet, 1, 1).await?;
     let before = observed_store(&fleet).await?;
-    let v = fleet
-        .json(&["plan", "explain", &path, "--output", "json"])
-        .await?;
+    let v = explained_unavailable(&fleet, &["plan", "explain", &path, "--output", "json"]).await?;
     assert_eq!(v["targets"], 4, "{v}");
     let unknown = v["unknown_shards"].to_string();
     assert!(
@@ -510,7 +522,7 @@ async fn a_dry_run_over_an_environment_whose_shards_are_all_away_names_them() ->
     };
     let mut explain = production("explain").to_vec();
     explain.extend(["--output", "json"]);
-    let v = fleet.json(&explain).await?;
+    let v = explained_unavailable(&fleet, &explain).await?;
     assert_eq!(v["targets"], 2, "{v}");
     assert!(
         v["unknown_shards"]
