@@ -1017,6 +1017,14 @@ async fn an_agent_gone_is_last_seen_at_its_last_heartbeat() -> anyhow::Result<()
         gone >= heard,
         "last seen {gone} ms, before a heartbeat heard at {heard} ms (attached at {attached})"
     );
+    // as text: away, for how long (it said "gone", as if retired for good)
+    let out = fleet.cli(&["fleet", "list"]).await?;
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("shard_0") && l.contains(" away ")),
+        "{out}"
+    );
     Ok(())
 }
 

@@ -78,16 +78,24 @@ pub fn fleet(r: &pb::ListFleetResponse, output: Output) {
         println!("{}", Value::Array(v));
         return;
     }
-    println!("{:<20} {:<10} {:>8}  LABELS", "SHARD", "AGENT", "TENANTS");
+    println!("{:<20} {:<14} {:>8}  LABELS", "SHARD", "AGENT", "TENANTS");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     for a in &r.agents {
         println!(
-            "{:<20} {:<10} {:>8}  {}",
+            "{:<20} {:<14} {:>8}  {}",
             a.shard,
             match (a.connected, a.shard_unreachable) {
                 // attached, but it applies nothing: its database does not answer it
-                (true, true) => "shard down",
-                (true, false) => "connected",
-                (false, _) => "gone",
+                (true, true) => "shard down".to_string(),
+                (true, false) => "connected".to_string(),
+                // not attached, for how long ("gone" read as retired for good, for an agent
+                // restarted three seconds before)
+                (false, _) if a.last_seen_ms > 0 => {
+                    format!("away {}", super::eta(now_ms.saturating_sub(a.last_seen_ms)))
+                }
+                (false, _) => "away".to_string(),
             },
             a.tenants.len(),
             labels(&a.labels)

@@ -124,7 +124,7 @@ fn data_line(d: &pb::DataProgress) -> String {
     line
 }
 
-fn eta(ms: u64) -> String {
+pub(super) fn eta(ms: u64) -> String {
     // rounded up: under a second left read "ETA 0s" with rows still to go
     let s = ms.div_ceil(1000);
     if s >= 3600 {
