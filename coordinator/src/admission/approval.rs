@@ -205,8 +205,8 @@ impl Coordinator {
             ),
             Some(m) => format!("awaiting {m}"),
             None => format!(
-                "awaiting approval: the approvals given ({}) meet the approval rule as it is \
-                 now (changed since): the next `plan approve` starts it",
+                "awaiting one more `plan approve`, which starts it: the approvals given ({}) \
+                 meet the approval rule as it is now (changed since)",
                 given.len()
             ),
         })
