@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::call::call_leader;
-use super::{EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_OK, Output};
+use super::{EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_OK, EXIT_UNAVAILABLE, Output};
 use crate::loader::{self, Overrides};
 
 /// Each migration's checksum as the files on disk give it, read as `plan submit` reads them.
@@ -50,7 +50,17 @@ pub async fn status(
                 Output::Json => println!("{}", status_json(&r)),
                 Output::Text => print_status(&r),
             }
-            EXIT_OK
+            // Every shard it would count away: "0 behind" (exit 0) read as a fleet up to
+            // date. Some away: what the others reported stands, and they are named.
+            if r.targets == 0 && !r.unreported_shards.is_empty() {
+                eprintln!(
+                    "error: no shard's journal was reported (not reported: {}): nothing is known of the fleet's versions",
+                    r.unreported_shards.join(", ")
+                );
+                EXIT_UNAVAILABLE
+            } else {
+                EXIT_OK
+            }
         },
     )
     .await

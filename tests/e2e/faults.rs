@@ -924,7 +924,11 @@ async fn a_shard_whose_database_does_not_answer_its_agent_refuses_a_submit_at_on
     d.migration("001_t", "", "CREATE TABLE t (x int)", "DROP TABLE t")?;
     let dir = d.path().to_string_lossy().into_owned();
     let unreported = async || -> anyhow::Result<serde_json::Value> {
-        let s = fleet.json(&["fleet", "status", "--output", "json"]).await?;
+        // (exit 3 while its one shard is not reported: nothing known of the fleet)
+        let out = fleet.cli(&["fleet", "status", "--output", "json"]).await?;
+        let s = out.last_json()?;
+        let none_reported = s["targets"] == 0 && s["unreported_shards"] != serde_json::json!([]);
+        assert_eq!(out.code(), Some(if none_reported { 3 } else { 0 }), "{out}");
         Ok(s["unreported_shards"].clone())
     };
     wait_until("the shard reported", WAIT, async || {
