@@ -105,6 +105,10 @@ pub(super) struct Progress<'a> {
     recent: VecDeque<(Instant, u64)>,
     /// Batches done since this progress began (this attempt of the step).
     batches_here: u64,
+    /// The planner's estimate of the rows was passed: the total is only a batch ahead of
+    /// what is done, and an ETA from it would say one batch's time for as long as it lasts
+    /// ("ETA 1s" for six seconds, after a rollback left the table's statistics stale).
+    beyond_estimate: bool,
 }
 
 impl<'a> Progress<'a> {
@@ -128,6 +132,7 @@ impl<'a> Progress<'a> {
             state: "running".into(),
             recent,
             batches_here: 0,
+            beyond_estimate: false,
         }
     }
 
@@ -138,6 +143,7 @@ impl<'a> Progress<'a> {
         // below (a table never analyzed, where the planner guesses a third of its rows) is
         // not "all done, ETA 0" while rows are left; the last, short batch ends it.
         self.total = if rows >= u64::from(size) && self.total <= self.done {
+            self.beyond_estimate = true;
             self.done + rows
         } else {
             self.total.max(self.done)
@@ -185,7 +191,7 @@ impl<'a> Progress<'a> {
         let Some(h) = self.hooks else { return };
         let rate = if moving { self.rate() } else { 0.0 };
         let left = self.total.saturating_sub(self.done);
-        let eta_ms = if rate > 0.0 && left > 0 {
+        let eta_ms = if rate > 0.0 && left > 0 && !self.beyond_estimate {
             (left as f64 / rate * 1000.0) as u64
         } else {
             0
@@ -226,13 +232,24 @@ mod tests {
     /// full batches come: the total stays a batch ahead of what is done.
     #[test]
     fn a_low_estimate_stays_ahead_of_the_rows_done_while_full_batches_come() {
-        let mut p = Progress::new(None, "t", "m", 0, 0);
+        let board = ProgressBoard::default();
+        let hooks = Publish {
+            plan_id: "p",
+            shard: "s",
+            board: &board,
+        };
+        let mut p = Progress::new(Some(hooks), "t", "m", 0, 0);
         p.total = 8;
         for done in [5, 10, 15, 20] {
             p.batch(5, 5);
             assert_eq!(p.done, done);
             assert!(p.total > p.done, "{} of {}", p.done, p.total);
+            // a rate, but no ETA: past the estimate, one batch's time is not one
+            p.recent[0].0 -= Duration::from_secs(1);
         }
+        let last = board.take_changed().pop().expect("published");
+        assert!(last.rows_per_second > 0.0, "{last:?}");
+        assert_eq!(last.eta_ms, 0, "{last:?}");
     }
 
     /// Paused (or throttled), a change shows no rate and no ETA, and its rate when it goes
