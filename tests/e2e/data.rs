@@ -1105,3 +1105,39 @@ async fn a_cancel_stops_a_blocked_backfill_between_its_attempts() -> anyhow::Res
     assert_eq!(checkpoints(&fleet, 0).await?, 0);
     Ok(())
 }
+
+/// A rollback of a backfill with a prior image shows its restore under way (`undoing`, the
+/// rows put back, at the change's rate) while it runs: a rollback of a large backfill
+/// showed nothing for a minute and more, and read as hung. Undone, nothing of it is shown.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_shows_the_prior_images_restore_under_way() -> anyhow::Result<()> {
+    let fleet = slow_backfill_fleet().await?;
+    let dir = MigrationDir::new()?;
+    let toml = backfill_toml(10, false).replace(
+        "[data]\n",
+        "[data]\nrows_per_second = 100\nprior_image = [\"score\"]\n",
+    );
+    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    let out = fleet.cli(&["plan", "rollback", &id]).await?;
+    assert!(out.success(), "{out}");
+    let undoing = data_entry(&fleet, &id, "undoing").await?;
+    assert!(
+        undoing["rows_total"].as_u64().unwrap_or(0) >= 400,
+        "{undoing}"
+    );
+    let (_, st) = fleet.watch(&id).await?;
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    assert_eq!(st["data"], serde_json::json!([]), "{st}");
+    let scored: i64 = fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            "SELECT count(*) FROM tenant_0000.work_orders WHERE score IS NOT NULL",
+        )
+        .await?;
+    assert_eq!(scored, 0, "every score put back");
+    Ok(())
+}

@@ -111,6 +111,7 @@ pub(crate) async fn restore_prior_image(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     numbers: Vec<i64>,
+    publish: Option<super::Publish<'_>>,
 ) -> Result<(), sqlx::Error> {
     let restored = numbers.len();
     if numbers.is_empty() {
@@ -123,6 +124,13 @@ pub(crate) async fn restore_prior_image(
     // in trouble already, and the restore wrote into the same hot table as fast as it could
     // (twice the limit, seen under pgbench). Each batch's rows are paid after it.
     let mut limit = super::rate::RowLimits::new(d, None, None);
+    // its progress, as the batches': about a batch's rows a batch
+    let mut progress = super::progress::Progress::undoing(
+        publish,
+        cx.tenant,
+        m.id(),
+        numbers.len() as u64 * u64::from(d.batch_size),
+    );
     let last = numbers.len() - 1;
     for (i, number) in numbers.into_iter().enumerate() {
         let sql = prior_image_restore(cx, m, number, &types).map_err(|e| {
@@ -143,17 +151,20 @@ pub(crate) async fn restore_prior_image(
                 // the batch's transaction may be open (aborted): end it. If that fails too the
                 // connection is gone, which the caller's cleanup finds and reports.
                 let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                progress.set("failed", "its restore failed", d.batch_size);
                 return Err(e);
             }
         };
         if let Some((put_back, saved)) = counts {
             rows += put_back;
             kept += saved - put_back;
+            progress.batch(saved.max(0) as u64, d.batch_size);
             if i < last {
                 limit.wait(saved.max(0) as u64).await;
             }
         }
     }
+    progress.forget();
     if kept > 0 {
         warn!(
             step = m.id(),

@@ -75,6 +75,18 @@ impl ProgressBoard {
         }
     }
 
+    /// Drops a change's entry unsent: an undo's, once done (the coordinator drops it with
+    /// the step's undo; sent after the rollback's reply, it would come back as a change
+    /// still shown).
+    pub fn forget(&self, plan_id: &str, migration_id: &str, tenant: &str) {
+        let key = (
+            plan_id.to_string(),
+            migration_id.to_string(),
+            tenant.to_string(),
+        );
+        self.entries.lock().expect("progress lock").remove(&key);
+    }
+
     pub fn mark_all_changed(&self) {
         for (_, changed) in self.entries.lock().expect("progress lock").values_mut() {
             *changed = true;
@@ -84,7 +96,7 @@ impl ProgressBoard {
 
 /// Where a change publishes its progress: the agent's board, under its plan and shard.
 #[derive(Clone, Copy)]
-pub(super) struct Publish<'a> {
+pub(crate) struct Publish<'a> {
     pub plan_id: &'a str,
     pub shard: &'a str,
     pub board: &'a ProgressBoard,
@@ -105,6 +117,8 @@ pub(super) struct Progress<'a> {
     recent: VecDeque<(Instant, u64)>,
     /// Batches done since this progress began (this attempt of the step).
     batches_here: u64,
+    /// The state while batches go: `running`, or `undoing` for a prior image's restore.
+    moving: &'static str,
     /// The planner's estimate of the rows was passed: the total is only a batch ahead of
     /// what is done, and an ETA from it would say one batch's time for as long as it lasts
     /// ("ETA 1s" for six seconds, after a rollback left the table's statistics stale).
@@ -133,7 +147,30 @@ impl<'a> Progress<'a> {
             recent,
             batches_here: 0,
             beyond_estimate: false,
+            moving: "running",
         }
+    }
+
+    /// A prior image's restore (`rows` saved by the batches it puts back, at most): its
+    /// progress as a change's is, its state `undoing` (a rollback of a large backfill showed
+    /// nothing for a minute and more, and read as hung).
+    /// The undo is done: its entry goes from the board unsent (see [`ProgressBoard::forget`]).
+    pub(super) fn forget(&self) {
+        if let Some(h) = self.hooks {
+            h.board.forget(h.plan_id, &self.migration, &self.tenant);
+        }
+    }
+
+    pub(super) fn undoing(
+        hooks: Option<Publish<'a>>,
+        tenant: &str,
+        migration: &str,
+        rows: u64,
+    ) -> Progress<'a> {
+        let mut p = Progress::new(hooks, tenant, migration, 0, 0);
+        p.total = rows;
+        p.moving = "undoing";
+        p
     }
 
     pub(super) fn batch(&mut self, rows: u64, size: u32) {
@@ -162,7 +199,7 @@ impl<'a> Progress<'a> {
         {
             self.recent.pop_front();
         }
-        self.set("running", "", size);
+        self.set(self.moving, "", size);
     }
 
     fn rate(&self) -> f64 {
@@ -183,7 +220,7 @@ impl<'a> Progress<'a> {
         // Paused or throttled, nothing moves: no rate and no ETA (a paused change showed its
         // last rate and "ETA 2s" for as long as it stayed paused), and the rate after it goes
         // on is taken from then, not over the wait.
-        let moving = state == "running";
+        let moving = state == self.moving;
         if !moving {
             self.recent.clear();
             self.recent.push_back((Instant::now(), self.done));
@@ -191,7 +228,7 @@ impl<'a> Progress<'a> {
         let Some(h) = self.hooks else { return };
         let rate = if moving { self.rate() } else { 0.0 };
         let left = self.total.saturating_sub(self.done);
-        let eta_ms = if rate > 0.0 && left > 0 && !self.beyond_estimate {
+        let eta_ms = if rate > 0.0 && left > 0 && !self.beyond_estimate && moving {
             (left as f64 / rate * 1000.0) as u64
         } else {
             0

@@ -201,7 +201,14 @@ impl Agent {
                     ),
                     false,
                 )),
-                Some(m) => undo_step(&mut conn, &cx, m).await,
+                Some(m) => {
+                    let publish = crate::data::Publish {
+                        plan_id: &def.plan_id,
+                        shard: &self.config.shard,
+                        board: &self.progress,
+                    };
+                    undo_step(&mut conn, &cx, m, Some(publish)).await
+                }
             };
             match result {
                 Ok(()) => {
@@ -262,6 +269,7 @@ pub(super) async fn undo_step(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
+    publish: Option<crate::data::Publish<'_>>,
 ) -> Result<(), (Failure, bool)> {
     fail::fail_point!("agent::before_rollback_step", |arg: Option<String>| Err((
         Failure::agent(
@@ -308,7 +316,7 @@ pub(super) async fn undo_step(
             replay_session_settings(conn, settings)
                 .await
                 .map_err(once)?;
-            restore_prior_image(conn, cx, m, batches)
+            restore_prior_image(conn, cx, m, batches, publish)
                 .await
                 .map_err(once)?;
             run(format!(

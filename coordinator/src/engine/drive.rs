@@ -114,14 +114,17 @@ impl Engine {
         };
         let (state, message) = (run.state, run.message.clone());
         let progress: Vec<pb::DataProgress> = run.progress.values().cloned().collect();
+        let had_data = !progress.is_empty() || run.spec.migrations.iter().any(|m| m.data.is_some());
         info!(plan = %plan_id, state = state.as_str(), "{message}");
         metrics::plan_finished(state);
         self.write(StoreOp::Steps {
             plan_id: plan_id.to_string(),
             updates,
         });
-        if !progress.is_empty() {
-            // the status of a finished plan comes from the store: keep its figures
+        // The status of a finished plan comes from the store: keep its figures, and only
+        // those (a backfill rolled back after it completed kept its "done" rows there, the
+        // rows it spoke of put back since).
+        if had_data {
             self.write(StoreOp::DataProgress {
                 plan_id: plan_id.to_string(),
                 entries: progress,

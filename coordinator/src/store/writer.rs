@@ -516,6 +516,11 @@ impl Store {
                     .map_err(StoreError::from)?;
                 }
                 StoreOp::DataProgress { plan_id, entries } => {
+                    // the plan's progress as it ended: what it no longer has goes
+                    sqlx::query("DELETE FROM data_progress WHERE plan_id = $1")
+                        .bind(&plan_id)
+                        .execute(&mut *tx)
+                        .await?;
                     for p in entries {
                         sqlx::query(
                             "INSERT INTO data_progress (plan_id, migration_id, shard, tenant, progress_hex)

@@ -417,7 +417,7 @@ impl Scratch {
             epoch: EPOCH,
         };
         let mut conn = self.pool.acquire().await.map_err(|e| e.to_string())?;
-        match undo_step(&mut conn, &cx, m).await {
+        match undo_step(&mut conn, &cx, m, None).await {
             Ok(()) => {
                 self.applied
                     .retain(|(a, t)| !(a.id() == m.id() && t == target));
@@ -497,7 +497,7 @@ impl Scratch {
             let Ok(mut conn) = self.pool.acquire().await else {
                 break;
             };
-            if let Err((f, _)) = undo_step(&mut conn, &cx, &m).await {
+            if let Err((f, _)) = undo_step(&mut conn, &cx, &m, None).await {
                 tracing::warn!(
                     migration = m.id(),
                     "cleaning up: undoing it failed: {}",
