@@ -87,7 +87,8 @@ impl Coordinator {
             .into());
         }
         let n = updates.len();
-        run.message = actor.explain(&format!("retry of {n} steps requested by {}", actor.name));
+        let steps = if n == 1 { "step" } else { "steps" };
+        run.message = actor.explain(&format!("retry of {n} {steps} requested by {}", actor.name));
         info!(plan = %plan_id, steps = n, "{}", run.message);
         // One transaction: a plan stored failed with its steps pending again would find
         // nothing to retry, and no coordinator would continue it.

@@ -24,7 +24,15 @@ pub enum LogFormat {
 
 /// Installs the process's subscriber; `filter` is used unless RUST_LOG is set.
 pub fn init(filter: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let given = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    // PostgreSQL's NOTICEs ("relation \"meta\" already exists, skipping" at every agent
+    // start) are the server talking to itself: warnings and up only, unless asked for.
+    if !given.contains("sqlx")
+        && let Ok(quiet) = "sqlx::postgres::notice=warn".parse()
+    {
+        filter = filter.add_directive(quiet);
+    }
     // Operator commands keep stdout for their output; logs go to stderr.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
