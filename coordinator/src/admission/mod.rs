@@ -331,7 +331,7 @@ impl Coordinator {
             return Err(Refusal::Drifted { targets }.into());
         }
         let warning = format!(
-            "warning: the schema of {targets} differs from their cohort's (see `flotilla fleet drift`); set require_no_drift = true to refuse such plans"
+            "warning: the schema of {targets} differs from their cohort's, or their cohort is split with no majority shape (see `flotilla fleet drift`); set require_no_drift = true to refuse such plans"
         );
         tracing::warn!(plan = %spec.name, "{warning}");
         Ok(Some(warning))
