@@ -214,22 +214,29 @@ impl Agent {
                     Ok(converted) => converted.map(Arc::new),
                     Err(e) => Err(DefinitionError::Aborted(e.to_string())),
                 };
-                // a definition received since (a retry's) is the plan's now
-                if plan.reads.load(Ordering::SeqCst) != read {
-                    return;
-                }
-                match &converted {
-                    Err(error) => warn!(%error, "plan definition rejected; its runs will fail"),
-                    Ok(def) => {
-                        // a retry's definition is newer; one sent again on a new stream is not
+                let generation = converted.as_ref().ok().map(|d| d.generation);
+                let rejected = converted.as_ref().err().map(ToString::to_string);
+                // Under the watch's lock, which a definition received since (a retry's)
+                // takes to say it is being read: that one is the plan's now, not this.
+                let taken = plan.definition.send_if_modified(|d| {
+                    if plan.reads.load(Ordering::SeqCst) != read {
+                        return false;
+                    }
+                    // A retry's definition is newer (one sent again on a new stream is not):
+                    // the plan's stop is lifted before the runs waiting for it see it.
+                    if let Some(generation) = generation {
                         let mut st = plan.state.lock().expect("plan lock");
-                        if def.generation > st.generation {
-                            st.generation = def.generation;
+                        if generation > st.generation {
+                            st.generation = generation;
                             st.stopped = None;
                         }
                     }
+                    *d = Definition::Read(converted);
+                    true
+                });
+                if let (true, Some(error)) = (taken, rejected) {
+                    warn!(%error, "plan definition rejected; its runs will fail");
                 }
-                plan.definition.send_replace(Definition::Read(converted));
             }
             .instrument(span),
         );
