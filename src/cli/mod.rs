@@ -426,6 +426,9 @@ pub struct QuickstartArgs {
     /// Tenant schemas per shard in the demo fleet.
     #[arg(long, default_value_t = 20)]
     pub demo_tenants: usize,
+    /// The port the demo's PostgreSQL listens on, 127.0.0.1 only (default: a free one).
+    #[arg(long)]
+    pub pg_port: Option<u16>,
     /// The plan to roll across the demo fleet (default: the built-in copy of
     /// examples/coord-2025-001, written into the demo's directory).
     #[arg(long)]

@@ -167,12 +167,18 @@ async fn demo(args: QuickstartArgs, stop: Stop) -> u8 {
         "flotilla quickstart: a throwaway PostgreSQL cluster in {}",
         dir.display()
     );
+    let mut builder = PgCluster::builder()
+        .dir(dir.join("postgres"))
+        // One prepared transaction per tenant if an atomic plan is tried next.
+        .setting(
+            "max_prepared_transactions",
+            (args.demo_tenants * 2).max(64).to_string(),
+        );
+    if let Some(port) = args.pg_port {
+        builder = builder.port(port);
+    }
     let started = tokio::select! {
-        cluster = PgCluster::builder()
-            .dir(dir.join("postgres"))
-            // One prepared transaction per tenant if an atomic plan is tried next.
-            .setting("max_prepared_transactions", (args.demo_tenants * 2).max(64).to_string())
-            .start() => Some(cluster),
+        cluster = builder.start() => Some(cluster),
         _ = stop.wait() => None,
     };
     let mut cluster = match started {

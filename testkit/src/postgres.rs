@@ -109,6 +109,8 @@ pub struct PgClusterBuilder {
     settings: Vec<(String, String)>,
     /// Where the cluster lives (else a fresh dir under the suite's base dir).
     dir: Option<PathBuf>,
+    /// The port to listen on (else a free one, tried again when taken).
+    port: Option<u16>,
 }
 
 impl PgClusterBuilder {
@@ -126,8 +128,15 @@ impl PgClusterBuilder {
         self
     }
 
+    /// Listen on `port` (on a host whose rules allow some ports only): taken, the start
+    /// fails naming it, rather than trying another.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
     pub async fn start(self) -> anyhow::Result<PgCluster> {
-        PgCluster::start_with(self.settings, self.dir).await
+        PgCluster::start_with(self.settings, self.dir, self.port).await
     }
 }
 
@@ -160,6 +169,7 @@ impl PgCluster {
     async fn start_with(
         extra_settings: Vec<(String, String)>,
         dir: Option<PathBuf>,
+        port: Option<u16>,
     ) -> anyhow::Result<PgCluster> {
         let bins = PgBins::locate()?;
         let as_postgres = running_as_root();
@@ -192,7 +202,7 @@ impl PgCluster {
 
         let mut last_error = None;
         for attempt in 1..=START_ATTEMPTS {
-            cluster.port = free_port();
+            cluster.port = port.unwrap_or_else(free_port);
             let log_offset = cluster.log_len();
             match cluster.pg_ctl_start().await {
                 Ok(()) => return Ok(cluster),
@@ -202,6 +212,9 @@ impl PgCluster {
                         || new_log.contains("could not create any TCP/IP sockets");
                     if !port_taken {
                         return Err(err);
+                    }
+                    if let Some(port) = port {
+                        return Err(err).context(format!("port {port} is in use"));
                     }
                     eprintln!(
                         "[harness] postgres could not bind port {} (attempt {attempt}/{START_ATTEMPTS}), retrying",

@@ -72,7 +72,9 @@ async fn quickstart_script_rolls_the_example_across_a_demo_fleet_and_cleans_up()
 -> anyhow::Result<()> {
     let base = TestDir::new("quickstart")?;
     let dir = base.join("demo");
-    let (mut qs, addrs) = spawn_quickstart(&dir, &[])?;
+    // its PostgreSQL on a port of our choosing (a host whose rules allow some ports only)
+    let pg_port = free_port().to_string();
+    let (mut qs, addrs) = spawn_quickstart(&dir, &["--pg-port", &pg_port])?;
     let (listen, metrics) = addrs.split_once('|').expect("two addresses");
     qs.wait_for_log("Serving until Ctrl-C", READY_TIMEOUT)
         .await?;
@@ -84,6 +86,7 @@ async fn quickstart_script_rolls_the_example_across_a_demo_fleet_and_cleans_up()
     // The catalog of every shard: 20 tenants, each with the example's columns, indexes,
     // view and journal rows, and the registry's industry labels.
     let port = demo_port(&log)?;
+    assert_eq!(port.to_string(), pg_port, "--pg-port");
     for s in 0..3 {
         let pool =
             sqlx::PgPool::connect(&format!("postgres://postgres@127.0.0.1:{port}/shard_{s}"))
