@@ -11,6 +11,6 @@ mod sql;
 mod throttle;
 
 pub(crate) use batches::{Attempt, DataHooks, refuse_uncovered_keys, run_batches};
-pub(crate) use progress::{ProgressBoard, Publish};
+pub(crate) use progress::{ProgressBoard, Publish, UndoShared};
 pub(crate) use rate::ServerBuckets;
 pub(crate) use throttle::{PlanControl, STOPPED};

@@ -111,7 +111,7 @@ pub(crate) async fn restore_prior_image(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     numbers: Vec<i64>,
-    publish: Option<super::Publish<'_>>,
+    shared: Option<super::UndoShared<'_>>,
 ) -> Result<(), sqlx::Error> {
     let restored = numbers.len();
     if numbers.is_empty() {
@@ -123,20 +123,28 @@ pub(crate) async fn restore_prior_image(
     // The change's own rate limit holds for its undo: a rollback is run while production is
     // in trouble already, and the restore wrote into the same hot table as fast as it could
     // (twice the limit, seen under pgbench). Each batch's rows are paid after it.
-    let mut limit = super::rate::RowLimits::new(d, None, None);
+    let server = shared.map(|s| (s.buckets, s.publish.plan_id, m.id()));
+    let mut limit = super::rate::RowLimits::new(d, None, server);
     // its progress, as the batches': about a batch's rows a batch
     let mut progress = super::progress::Progress::undoing(
-        publish,
+        shared.map(|s| s.publish),
         cx.tenant,
         m.id(),
         numbers.len() as u64 * u64::from(d.batch_size),
     );
     let last = numbers.len() - 1;
     for (i, number) in numbers.into_iter().enumerate() {
-        let sql = prior_image_restore(cx, m, number, &types).map_err(|e| {
-            // not a lost connection (Protocol would say so): the change's own problem
-            sqlx::Error::InvalidArgument(format!("restoring the prior image of `{}`: {e}", m.id()))
-        })?;
+        let sql = match prior_image_restore(cx, m, number, &types) {
+            Ok(sql) => sql,
+            Err(e) => {
+                progress.set("failed", "its restore failed", d.batch_size);
+                // not a lost connection (Protocol would say so): the change's own problem
+                return Err(sqlx::Error::InvalidArgument(format!(
+                    "restoring the prior image of `{}`: {e}",
+                    m.id()
+                )));
+            }
+        };
         let counts = match sqlx::raw_sql(AssertSqlSafe(sql))
             .fetch_all(&mut *conn)
             .await

@@ -102,6 +102,15 @@ pub(crate) struct Publish<'a> {
     pub board: &'a ProgressBoard,
 }
 
+/// What an undo of a data change on one target shares with the rest of the plan on this
+/// shard: where its progress shows, and the server's row budget (`server_rows_per_second`,
+/// one bucket per step, as its forward batches share it).
+#[derive(Clone, Copy)]
+pub(crate) struct UndoShared<'a> {
+    pub publish: Publish<'a>,
+    pub buckets: &'a super::ServerBuckets,
+}
+
 /// A data change's progress on its target, published to the agent's board (and from there
 /// to the coordinator with each heartbeat).
 pub(super) struct Progress<'a> {

@@ -488,6 +488,9 @@ impl Agent {
         for job in dropped {
             self.report(&plan.id, job::not_run(&job.run));
         }
+        // lanes waiting on the queue (a paused plan's among them) find it empty and end,
+        // giving back their slots (they waited for a resume that a halted plan never gets)
+        plan.changed.notify_waiters();
     }
 
     /// One lane: takes runs from the plan's queue until it is empty, on one connection. Runs
@@ -607,13 +610,30 @@ impl Agent {
                     // (the session goes back to the pool for as long as the pause lasts)
                     conn = None;
                     let mut control = plan.control.subscribe();
+                    let halts = control.borrow().halts;
                     tokio::select! {
-                        _ = control.wait_for(|c| c.paused.is_none()) => {}
+                        _ = control.wait_for(|c| c.paused.is_none() || c.halts != halts) => {}
                         // a halt empties the queue; another Assign queues more
                         () = changed => {}
                         () = self.cancel.cancelled() => {}
                     }
                     continue;
+                }
+                Next::Run(job)
+                    if job.prepare.is_some()
+                        && job.epoch < self.welcome_epoch.load(Ordering::Relaxed) =>
+                {
+                    // An earlier term's atomic run that got past the welcome's drop (back
+                    // from a journal read, or queued by an Assign that waited for its
+                    // definition): the new leader presumed its unit aborted.
+                    mark_connected(&mut connected);
+                    let mut st = plan.state.lock().expect("plan lock");
+                    debug!(
+                        run = job.run.run_id,
+                        "an earlier term's atomic run: not run"
+                    );
+                    self.report_with(&plan.id, job::not_run(&job.run), st.nothing_else(1));
+                    st.in_flight -= 1;
                 }
                 Next::Run(job) => {
                     // an atomic run got here connected; another kind tries in `execute`

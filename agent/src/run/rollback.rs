@@ -202,12 +202,15 @@ impl Agent {
                     false,
                 )),
                 Some(m) => {
-                    let publish = crate::data::Publish {
-                        plan_id: &def.plan_id,
-                        shard: &self.config.shard,
-                        board: &self.progress,
+                    let shared = crate::data::UndoShared {
+                        publish: crate::data::Publish {
+                            plan_id: &def.plan_id,
+                            shard: &self.config.shard,
+                            board: &self.progress,
+                        },
+                        buckets: &self.buckets,
                     };
-                    undo_step(&mut conn, &cx, m, Some(publish)).await
+                    undo_step(&mut conn, &cx, m, Some(shared)).await
                 }
             };
             match result {
@@ -269,7 +272,7 @@ pub(super) async fn undo_step(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
-    publish: Option<crate::data::Publish<'_>>,
+    shared: Option<crate::data::UndoShared<'_>>,
 ) -> Result<(), (Failure, bool)> {
     fail::fail_point!("agent::before_rollback_step", |arg: Option<String>| Err((
         Failure::agent(
@@ -316,7 +319,7 @@ pub(super) async fn undo_step(
             replay_session_settings(conn, settings)
                 .await
                 .map_err(once)?;
-            restore_prior_image(conn, cx, m, batches, publish)
+            restore_prior_image(conn, cx, m, batches, shared)
                 .await
                 .map_err(once)?;
             run(format!(

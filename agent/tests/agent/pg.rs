@@ -695,6 +695,68 @@ async fn a_pause_holds_the_runs_queued_here_until_the_resume() {
     }
 }
 
+/// A paused plan halted (a cancel, a rollback, a failure elsewhere under `stop`): its queued
+/// runs are not run, and its lanes, which waited for a resume a halted plan never gets, end
+/// and give back their slots (they held them, and the next plan's runs waited for good).
+#[tokio::test]
+async fn a_paused_plan_halted_gives_back_its_lanes() {
+    let Some(f) = fleet("paused_halt", 4).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    for plan in ["held", "next"] {
+        s.send(In::Plan(pb::PlanDefinition {
+            plan_id: plan.into(),
+            migrations: bench_migrations(),
+            ..Default::default()
+        }));
+    }
+    s.send(In::Pause(pb::Pause {
+        plan_id: "held".into(),
+        paused: true,
+        reason: String::new(),
+    }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "held".into(),
+        epoch: 1,
+        lanes: 4,
+        runs: (0..4)
+            .map(|i| run(i + 1, &format!("tenant_000{i}"), &BENCH, true))
+            .collect(),
+    }));
+    // the lanes read the journal and wait for the resume: heartbeats only
+    let mut heartbeats = 0;
+    while heartbeats < 3 {
+        match s.inbound_next().await {
+            Out::Heartbeat(_) => heartbeats += 1,
+            Out::Journal(_) | Out::Schema(_) | Out::Tenants(_) => {}
+            other => panic!("nothing but heartbeats while the plan is paused, got {other:?}"),
+        }
+    }
+    s.send(In::Halt(pb::Halt {
+        plan_id: "held".into(),
+    }));
+    let r = s.results("held", 4).await;
+    for id in 1..=4 {
+        assert_eq!(outcomes(&r[&id]), [pb::StepOutcome::NotRun; 3], "run {id}");
+    }
+    // every slot free again: the next plan runs on all four
+    let r = s
+        .assign(
+            "next",
+            1,
+            4,
+            (0..4)
+                .map(|i| run(i + 11, &format!("tenant_000{i}"), &BENCH, true))
+                .collect(),
+        )
+        .await;
+    for id in 11..=14 {
+        assert_eq!(outcomes(&r[&id]), [pb::StepOutcome::Applied; 3], "run {id}");
+    }
+}
+
 /// A CREATE INDEX CONCURRENTLY that fails drops the INVALID index it left (the shard is as
 /// it was), but never an index whose name was taken before it ran: there a failure
 /// (42P07) is about someone else's index, INVALID from an earlier attempt by hand or still

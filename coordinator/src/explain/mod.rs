@@ -134,10 +134,22 @@ impl Coordinator {
             .into_iter()
             .chain(resolution.baseline_warning)
             .collect();
+        // What refuses a submit is its own lint, without the sizes; the errors the sizes
+        // add (a blocking index build on a large table) are said, not taken for a refusal.
+        let submit_lint_errors = lint_plan(&spec, &LintOptions::default())
+            .iter()
+            .filter(|f| f.severity == flotilla_core::lint::Severity::Error)
+            .count();
         let errors = findings.iter().filter(|f| f.severity == "error").count();
-        if errors > 0 {
+        if submit_lint_errors > 0 {
             warnings.push(format!(
-                "a submit would refuse this plan: the lint found {errors} error(s) (see each migration's findings)"
+                "a submit would refuse this plan: the lint found {submit_lint_errors} error(s) (see each migration's findings)"
+            ));
+        }
+        if errors > submit_lint_errors {
+            warnings.push(format!(
+                "knowing the tables' sizes, the lint finds {} error(s) more than a submit checks (see each migration's findings): fix them before production",
+                errors - submit_lint_errors
             ));
         }
         info!(
@@ -158,6 +170,7 @@ impl Coordinator {
             estimate_ms,
             estimate_basis,
             max_parallel,
+            submit_lint_errors: submit_lint_errors as u32,
         })
     }
 }

@@ -371,8 +371,11 @@ impl PlanRun {
     /// a migration or target the plan does not have on its shard is dropped (kept, it would
     /// grow the map with whatever the messages name until the plan ends).
     pub fn record_progress(&mut self, p: pb::DataProgress) {
-        if self.step_of(&p.migration_id, &p.shard, &p.tenant).is_none() {
-            return;
+        // (an undo's last report can come after the rollback's reply, which dropped it)
+        match self.step_of(&p.migration_id, &p.shard, &p.tenant) {
+            None => return,
+            Some(s) if self.steps[s].status == StepStatus::RolledBack => return,
+            Some(_) => {}
         }
         self.progress.insert(
             (p.migration_id.clone(), p.shard.clone(), p.tenant.clone()),

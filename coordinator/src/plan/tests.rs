@@ -488,6 +488,9 @@ fn progress_is_kept_for_the_plans_steps_only() {
         },
     );
     assert!(run.progress.is_empty(), "{:?}", run.progress);
+    // the undo's last report, after the reply: not taken back
+    run.record_progress(progress("a", "s0", "t1", 30));
+    assert!(run.progress.is_empty(), "{:?}", run.progress);
 }
 
 #[test]
