@@ -28,7 +28,9 @@ pub fn init(filter: &str, format: LogFormat) {
     let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
     // PostgreSQL's NOTICEs ("relation \"meta\" already exists, skipping" at every agent
     // start) are the server talking to itself: warnings and up only, unless asked for.
+    let below_warn = matches!(given.trim(), "error" | "off");
     if !given.contains("sqlx")
+        && !below_warn
         && let Ok(quiet) = "sqlx::postgres::notice=warn".parse()
     {
         filter = filter.add_directive(quiet);
