@@ -156,16 +156,20 @@ impl Plan {
 }
 
 impl Agent {
-    /// Whether any plan has runs queued or running on this shard.
-    pub(crate) fn runs_busy(&self) -> bool {
-        let plans: Vec<Arc<Plan>> = self
-            .plans
+    /// The plans this agent has now (a copy of the list: none is held locked while each is
+    /// looked at).
+    fn plans_now(&self) -> Vec<Arc<Plan>> {
+        self.plans
             .lock()
             .expect("plans lock")
             .values()
             .cloned()
-            .collect();
-        plans.iter().any(|p| p.busy())
+            .collect()
+    }
+
+    /// Whether any plan has runs queued or running on this shard.
+    pub(crate) fn runs_busy(&self) -> bool {
+        self.plans_now().iter().any(|p| p.busy())
     }
 
     pub(crate) fn plan(&self, plan_id: &str) -> Arc<Plan> {
@@ -445,14 +449,7 @@ impl Agent {
     /// that, holding its target's locks with the plan already said rolled back, until the
     /// in-doubt sweep found it. Other runs go on: their results are the new leader's too.
     pub(crate) fn drop_stale_atomic_runs(&self, epoch: u64) {
-        let plans: Vec<Arc<Plan>> = self
-            .plans
-            .lock()
-            .expect("plans lock")
-            .values()
-            .cloned()
-            .collect();
-        for plan in plans {
+        for plan in self.plans_now() {
             let dropped: Vec<Job> = {
                 let mut st = plan.state.lock().expect("plan lock");
                 let (dropped, kept): (VecDeque<Job>, VecDeque<Job>) = std::mem::take(&mut st.queue)
