@@ -274,17 +274,21 @@ mod tests {
         }
     }
 
+    /// Where a test's change publishes: plan `p`, shard `s`, on `board`.
+    fn publish(board: &ProgressBoard) -> Publish<'_> {
+        Publish {
+            plan_id: "p",
+            shard: "s",
+            board,
+        }
+    }
+
     /// An estimate below the truth (25 rows guessed as 8) never shows as finished while
     /// full batches come: the total stays a batch ahead of what is done.
     #[test]
     fn a_low_estimate_stays_ahead_of_the_rows_done_while_full_batches_come() {
         let board = ProgressBoard::default();
-        let hooks = Publish {
-            plan_id: "p",
-            shard: "s",
-            board: &board,
-        };
-        let mut p = Progress::new(Some(hooks), "t", "m", 0, 0);
+        let mut p = Progress::new(Some(publish(&board)), "t", "m", 0, 0);
         p.total = 8;
         for done in [5, 10, 15, 20] {
             p.batch(5, 5);
@@ -303,12 +307,7 @@ mod tests {
     #[test]
     fn a_change_that_waits_shows_no_rate_and_no_eta() {
         let board = ProgressBoard::default();
-        let hooks = Publish {
-            plan_id: "p",
-            shard: "s",
-            board: &board,
-        };
-        let mut p = Progress::new(Some(hooks), "t", "m", 0, 0);
+        let mut p = Progress::new(Some(publish(&board)), "t", "m", 0, 0);
         p.total = 100;
         // the first batch gives no rate (it went at once: the rate limit's bucket starts
         // full); the second gives the rate since the first ended
