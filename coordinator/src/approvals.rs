@@ -59,20 +59,32 @@ impl FromStr for Risk {
     }
 }
 
-/// A plan's risk: the highest of its migrations' (a migration that says none is low).
+/// A plan's risk: the highest of its migrations' (a migration that says none is low). A
+/// migration that says `destructive = true` counts as high at least: the flag lets its drops
+/// through the lint as risk high does, so it must not also cut the approvals they need.
 pub fn plan_risk(spec: &flotilla_core::PlanSpec) -> Result<Risk, String> {
     let mut risk = Risk::Low;
     for m in &spec.migrations {
-        let r = if m.risk.is_empty() {
-            Risk::Low
-        } else {
-            m.risk
-                .parse::<Risk>()
-                .map_err(|e| format!("migration `{}`: {e}", m.id))?
-        };
+        let r = migration_risk(&m.risk, m.destructive)
+            .map_err(|e| format!("migration `{}`: {e}", m.id))?;
         risk = risk.max(r);
     }
     Ok(risk)
+}
+
+/// One migration's risk as the approvals count it: its `risk` (low when unset), high at
+/// least when it says `destructive = true`.
+pub fn migration_risk(risk: &str, destructive: bool) -> Result<Risk, String> {
+    let said = if risk.is_empty() {
+        Risk::Low
+    } else {
+        risk.parse::<Risk>()?
+    };
+    Ok(if destructive {
+        said.max(Risk::High)
+    } else {
+        said
+    })
 }
 
 /// One rule of the matrix.
@@ -423,6 +435,44 @@ approvals = 3
         assert_eq!(m.rule("production", Risk::Low).unwrap().approvals, 2);
         let high = m.rule("production", Risk::High).unwrap();
         assert_eq!(high.require, ["data_ops_lead", "engineering_manager"]);
+    }
+
+    #[test]
+    fn a_destructive_migration_counts_as_high_risk_at_least() {
+        use flotilla_core::pb;
+        let migration = |id: &str, risk: &str, destructive: bool| pb::Migration {
+            id: id.to_string(),
+            up_sql: "DROP TABLE t".into(),
+            down_sql: "CREATE TABLE t (x int)".into(),
+            risk: risk.to_string(),
+            destructive,
+            ..Default::default()
+        };
+        let spec = |ms: Vec<pb::Migration>| {
+            flotilla_core::PlanSpec::try_from(pb::PlanSpec {
+                name: "p".into(),
+                migrations: ms,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            plan_risk(&spec(vec![migration("a", "", false)])),
+            Ok(Risk::Low)
+        );
+        assert_eq!(
+            plan_risk(&spec(vec![
+                migration("a", "medium", false),
+                migration("b", "low", true)
+            ])),
+            Ok(Risk::High),
+            "risk low with destructive = true"
+        );
+        assert_eq!(
+            plan_risk(&spec(vec![migration("a", "critical", true)])),
+            Ok(Risk::Critical),
+            "never lowered"
+        );
     }
 
     #[test]

@@ -49,9 +49,10 @@ pub fn scrub(text: &str) -> String {
 }
 
 /// SQL with the literal after each `PASSWORD` keyword shown as `'***'` (`CREATE ROLE ...
-/// PASSWORD '...'`, a user mapping's `OPTIONS (password '...')`): for statements shown to
-/// people (the dry run), where a migration's SQL holds a password. Only for display: the
-/// SQL run is the file's.
+/// PASSWORD '...'`, a user mapping's `OPTIONS (password '...')` or `("password" '...')`), in
+/// each of PostgreSQL's string forms ('a''b', E'a\'b', U&'...', $$...$$, $tag$...$tag$): for
+/// statements shown to people (the dry run), where a migration's SQL holds a password. Only
+/// for display: the SQL run is the file's.
 pub fn sql_passwords_hidden(sql: &str) -> String {
     let lower = sql.to_ascii_lowercase();
     let bytes = sql.as_bytes();
@@ -59,40 +60,80 @@ pub fn sql_passwords_hidden(sql: &str) -> String {
     let mut at = 0;
     while let Some(found) = lower[at..].find("password") {
         let word = at + found;
-        let end = word + "password".len();
+        let mut end = word + "password".len();
         let is_word = |i: usize| bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_';
         if (word > 0 && is_word(word - 1)) || (end < bytes.len() && is_word(end)) {
             out.push_str(&sql[at..end]);
             at = end;
             continue;
         }
-        // the literal after it: 'a''b', or E'a\'b'
+        // an option name may be written as a quoted identifier: "password" '...'
+        if word > 0 && bytes[word - 1] == b'"' && bytes.get(end) == Some(&b'"') {
+            end += 1;
+        }
         let mut i = end;
         while i < bytes.len() && bytes[i].is_ascii_whitespace() {
             i += 1;
         }
-        let escaped = i < bytes.len() && (bytes[i] == b'E' || bytes[i] == b'e');
-        let quote = if escaped { i + 1 } else { i };
-        if quote >= bytes.len() || bytes[quote] != b'\'' {
+        let Some(after) = string_literal_end(bytes, i) else {
             out.push_str(&sql[at..end]);
             at = end;
             continue;
-        }
-        let mut j = quote + 1;
-        while j < bytes.len() {
-            match bytes[j] {
-                b'\\' if escaped => j += 2,
-                b'\'' if bytes.get(j + 1) == Some(&b'\'') => j += 2,
-                b'\'' => break,
-                _ => j += 1,
-            }
-        }
+        };
         out.push_str(&sql[at..i]);
         out.push_str("'***'");
-        at = (j + 1).min(bytes.len());
+        at = after;
     }
     out.push_str(&sql[at..]);
     out
+}
+
+/// Where the SQL string literal that starts at `i` ends (just past it), or None when no
+/// literal starts there. An unterminated one runs to the end.
+fn string_literal_end(bytes: &[u8], i: usize) -> Option<usize> {
+    let at = |k: usize| bytes.get(k).copied();
+    match at(i)? {
+        b'$' => {
+            // $tag$ ... $tag$: the tag is an identifier without `$`, or empty
+            let mut t = i + 1;
+            while at(t).is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80) {
+                t += 1;
+            }
+            if at(t) != Some(b'$') || at(i + 1).is_some_and(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let tag = &bytes[i..=t];
+            let body = t + 1;
+            Some(
+                bytes[body..]
+                    .windows(tag.len())
+                    .position(|w| w == tag)
+                    .map_or(bytes.len(), |p| body + p + tag.len()),
+            )
+        }
+        b'\'' | b'E' | b'e' | b'U' | b'u' => {
+            let (quote, escaped) = match at(i)? {
+                b'\'' => (i, false),
+                b'E' | b'e' => (i + 1, true),
+                _ if at(i + 1) == Some(b'&') => (i + 2, false),
+                _ => return None,
+            };
+            if at(quote) != Some(b'\'') {
+                return None;
+            }
+            let mut j = quote + 1;
+            while j < bytes.len() {
+                match bytes[j] {
+                    b'\\' if escaped => j += 2,
+                    b'\'' if at(j + 1) == Some(b'\'') => j += 2,
+                    b'\'' => return Some(j + 1),
+                    _ => j += 1,
+                }
+            }
+            Some(bytes.len())
+        }
+        _ => None,
+    }
 }
 
 /// A password, token or key. Shown as `***`; [`Secret::expose`] is the only way to the value.
@@ -423,6 +464,31 @@ mod tests {
             ),
             "CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'u', password '***')"
         );
+        // dollar-quoted, a Unicode-escaped literal, an option name quoted as an identifier
+        assert_eq!(
+            super::sql_passwords_hidden(
+                "CREATE ROLE a PASSWORD $$x'y$$ LOGIN; ALTER ROLE b PASSWORD $pw$s$ec$pw$;"
+            ),
+            "CREATE ROLE a PASSWORD '***' LOGIN; ALTER ROLE b PASSWORD '***';"
+        );
+        assert_eq!(
+            super::sql_passwords_hidden("ALTER ROLE a PASSWORD U&'d\\0061t''a'"),
+            "ALTER ROLE a PASSWORD '***'"
+        );
+        assert_eq!(
+            super::sql_passwords_hidden(
+                "CREATE USER MAPPING FOR app SERVER s OPTIONS (\"user\" 'u', \"password\" 'hunter2')"
+            ),
+            "CREATE USER MAPPING FOR app SERVER s OPTIONS (\"user\" 'u', \"password\" '***')"
+        );
+        // unterminated: hidden to the end, not shown
+        assert_eq!(
+            super::sql_passwords_hidden("CREATE ROLE a PASSWORD $q$never closed"),
+            "CREATE ROLE a PASSWORD '***'"
+        );
+        // a positional parameter or NULL is no literal
+        let plain = "CREATE ROLE a PASSWORD NULL; ALTER ROLE b PASSWORD $1";
+        assert_eq!(super::sql_passwords_hidden(plain), plain);
         // a column of that name, or a word holding it, is not a password
         let plain = "ALTER TABLE users ADD COLUMN password_hash text, ADD COLUMN password text";
         assert_eq!(super::sql_passwords_hidden(plain), plain);

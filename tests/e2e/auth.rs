@@ -350,6 +350,27 @@ async fn tokens_and_roles_guard_every_operator_rpc_and_refusals_change_nothing()
     refused(&out, "accepts dba");
     let out = bob.cli(&["plan", "approve", &id, "--role", "lead"]).await?;
     refused(&out, "cannot approve as `lead`: its approval roles are dba");
+    // Each refusal is in the plan's own trail, the role refusal (before the handler reads
+    // the request) too: it was audited under no plan.
+    let trail = val
+        .json(&["audit", "list", "--plan", &id, "--output", "json"])
+        .await?;
+    for (who, why) in [
+        ("alice", "ApprovePlan needs approver"),
+        ("carol", "accepts dba"),
+        ("bob", "cannot approve as `lead`"),
+    ] {
+        assert!(
+            trail
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["action"] == "denied"
+                    && e["actor"] == who
+                    && e["detail"].as_str().unwrap().contains(why)),
+            "{who}: {why}: {trail}"
+        );
+    }
     let st = val.status(&id).await?;
     assert_eq!(
         st["state"], "awaiting_approval",

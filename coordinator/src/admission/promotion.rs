@@ -316,17 +316,26 @@ fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
 /// plan needs are counted from it), `destructive` newly set, lint rules newly ignored (the
 /// lint that passed it there saw them). Empty when nothing is.
 fn weakened(now: &flotilla_core::Migration, there: &pb::Migration) -> Vec<String> {
-    use crate::approvals::Risk;
-    let risk = |r: &str| match r {
-        "" => Some(Risk::Low),
-        r => r.parse::<Risk>().ok(),
-    };
+    use crate::approvals::migration_risk;
     let mut changes = Vec::new();
-    if let (Some(now_risk), Some(there_risk)) = (risk(&now.risk), risk(&there.risk))
-        && now_risk < there_risk
+    // As the approvals count it: `destructive = true` dropped since lowers it too.
+    if let (Ok(now_risk), Ok(there_risk)) = (
+        migration_risk(&now.risk, now.destructive),
+        migration_risk(&there.risk, there.destructive),
+    ) && now_risk < there_risk
     {
+        // Say where a level came from when `destructive` raised it, not the risk line.
+        let as_said = |risk: crate::approvals::Risk, destructive: bool| {
+            if destructive {
+                format!("`{risk}` (`destructive = true`)")
+            } else {
+                format!("`{risk}`")
+            }
+        };
         changes.push(format!(
-            "risk `{there_risk}` there, `{now_risk}` now (the approvals a plan needs are counted from its risk)"
+            "risk {} there, {} now (the approvals a plan needs are counted from its risk)",
+            as_said(there_risk, there.destructive),
+            as_said(now_risk, now.destructive)
         ));
     }
     if now.destructive && !there.destructive {
@@ -512,12 +521,34 @@ mod tests {
         }];
         let found = lacking(&spec, std::slice::from_ref(&high));
         assert_eq!(found.len(), 1);
+        // destructive counts as high: the risk itself is not cut
+        assert_eq!(
+            describe(&found[0].0, &found[0].1, "staging"),
+            "`001_x` completed in `staging` (plan p1) with settings its migration.toml has made \
+             less strict since: `destructive = true` now, not there; lint rule \
+             `index-not-concurrent` ignored now, not there (set them back, or run it in \
+             `staging` again)"
+        );
+        spec.migrations[0].destructive = false;
+        spec.migrations[0].lint_ignore.clear();
+        let found = lacking(&spec, std::slice::from_ref(&high));
         assert_eq!(
             describe(&found[0].0, &found[0].1, "staging"),
             "`001_x` completed in `staging` (plan p1) with settings its migration.toml has made \
              less strict since: risk `high` there, `low` now (the approvals a plan needs are \
-             counted from its risk); `destructive = true` now, not there; lint rule \
-             `index-not-concurrent` ignored now, not there (set them back, or run it in \
+             counted from its risk) (set them back, or run it in `staging` again)"
+        );
+        // risk low there too, but `destructive = true` made it high
+        let mut destructive = row("p1", PlanState::Completed, &[("001_x", &sum)]);
+        raw.migrations[0].risk = "low".into();
+        raw.migrations[0].destructive = true;
+        destructive.spec_hex = hex::encode(raw.encode_to_vec());
+        let found = lacking(&spec, std::slice::from_ref(&destructive));
+        assert_eq!(
+            describe(&found[0].0, &found[0].1, "staging"),
+            "`001_x` completed in `staging` (plan p1) with settings its migration.toml has made \
+             less strict since: risk `high` (`destructive = true`) there, `low` now (the \
+             approvals a plan needs are counted from its risk) (set them back, or run it in \
              `staging` again)"
         );
         // stricter than there: passes

@@ -27,6 +27,79 @@ use crate::service::Coordinator;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer(pub String);
 
+/// The plan a plan command names (see [`names_plan`]), for the audit trail: a refusal of
+/// `plan approve` by a viewer is found under that plan (`audit list --plan ID`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PlanNamed(pub String);
+
+/// Methods whose request names a plan in field 1 (`PlanCommand`, `ApprovalRequest`,
+/// `RetryRequest`).
+fn names_plan(method: &str) -> bool {
+    matches!(
+        method,
+        "CancelPlan"
+            | "RollbackPlan"
+            | "PausePlan"
+            | "ResumePlan"
+            | "PromotePlan"
+            | "HaltPlan"
+            | "ForgetShard"
+            | "RetryPlan"
+            | "ApprovePlan"
+            | "RejectPlan"
+    )
+}
+
+/// Field 1 of those requests; prost skips the rest.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NamesPlan {
+    #[prost(string, tag = "1")]
+    plan_id: String,
+}
+
+/// A plan command is small; one past this is refused before it is read further.
+const PLAN_COMMAND_LIMIT: usize = 1 << 20;
+
+/// The plan id of a buffered unary gRPC request body (one uncompressed frame: flag byte,
+/// 4-byte length, the message), or "" when it cannot be read or is not a plain id.
+fn plan_id_of(frame: &[u8]) -> String {
+    use prost::Message;
+    let Some((&0, rest)) = frame.split_first() else {
+        return String::new();
+    };
+    let Some(len) = rest
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    else {
+        return String::new();
+    };
+    let Some(message) = rest.get(4..4 + len as usize) else {
+        return String::new();
+    };
+    match NamesPlan::decode(message) {
+        Ok(m) if m.plan_id.len() <= 128 && m.plan_id.chars().all(|c| c.is_ascii_graphic()) => {
+            m.plan_id
+        }
+        _ => String::new(),
+    }
+}
+
+/// Reads a plan command's body for its plan id, and gives back a body of the same bytes.
+async fn read_plan_named(body: Body) -> Result<(Body, String), tonic::Status> {
+    use http_body_util::BodyExt;
+    let bytes: bytes::Bytes = http_body_util::Limited::new(body, PLAN_COMMAND_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| {
+            tonic::Status::invalid_argument(format!(
+                "the request could not be read (at most {PLAN_COMMAND_LIMIT} bytes): {e}"
+            ))
+        })?
+        .to_bytes();
+    let plan_id = plan_id_of(&bytes);
+    Ok((Body::new(http_body_util::Full::new(bytes)), plan_id))
+}
+
 #[derive(Clone)]
 pub struct Authenticated<S> {
     inner: S,
@@ -124,8 +197,19 @@ where
                 .get(http::header::AUTHORIZATION)
                 .map(|v| v.to_str().unwrap_or("").to_string());
             let subject = certificate_subject(&req, &coordinator);
+            let mut plan_id = String::new();
+            if names_plan(&method) {
+                let (parts, body) = req.into_parts();
+                match read_plan_named(body).await {
+                    Ok((body, id)) => {
+                        plan_id = id;
+                        req = http::Request::from_parts(parts, body);
+                    }
+                    Err(status) => return Ok(status.into_http()),
+                }
+            }
             match coordinator
-                .authenticate(&method, bearer.as_deref(), &subject, &peer)
+                .authenticate(&method, bearer.as_deref(), &subject, &peer, &plan_id)
                 .await
             {
                 Ok(caller) => {
@@ -133,10 +217,55 @@ where
                         req.extensions_mut().insert::<Caller>(caller);
                     }
                     req.extensions_mut().insert(Peer(peer));
+                    req.extensions_mut().insert(PlanNamed(plan_id));
                     inner.call(req).await
                 }
                 Err(e) => Ok(tonic::Status::from(e).into_http()),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(message: &[u8]) -> Vec<u8> {
+        let mut f = vec![0];
+        f.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        f.extend_from_slice(message);
+        f
+    }
+
+    /// A plan command's plan id is read from its body as the handler would read it; what
+    /// is not one plain id (compressed, cut short, hostile) names no plan.
+    #[test]
+    fn a_plan_commands_plan_id_is_read_from_its_frame() {
+        use prost::Message;
+        let approve = flotilla_core::pb::ApprovalRequest {
+            plan_id: "p-123".into(),
+            actor: "bob".into(),
+            reason: "fine".into(),
+            ..Default::default()
+        };
+        let retry = flotilla_core::pb::RetryRequest {
+            plan_id: "p-9".into(),
+            targets: vec!["shard_0/t1".into()],
+            ..Default::default()
+        };
+        assert_eq!(plan_id_of(&frame(&approve.encode_to_vec())), "p-123");
+        assert_eq!(plan_id_of(&frame(&retry.encode_to_vec())), "p-9");
+        let mut compressed = frame(&approve.encode_to_vec());
+        compressed[0] = 1;
+        assert_eq!(plan_id_of(&compressed), "");
+        let whole = frame(&approve.encode_to_vec());
+        assert_eq!(plan_id_of(&whole[..whole.len() - 2]), "");
+        assert_eq!(plan_id_of(&[]), "");
+        let hostile = flotilla_core::pb::PlanCommand {
+            plan_id: "p 1\n".into(),
+            ..Default::default()
+        };
+        assert_eq!(plan_id_of(&frame(&hostile.encode_to_vec())), "");
+        assert!(names_plan("ApprovePlan") && !names_plan("SubmitPlan"));
     }
 }

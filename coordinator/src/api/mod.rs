@@ -7,7 +7,7 @@ mod health;
 mod operator;
 pub mod peer;
 
-pub(crate) use auth::{Authenticated, Peer};
+pub(crate) use auth::{Authenticated, Peer, PlanNamed};
 
 pub(crate) use health::{health_service, reflection_services};
 

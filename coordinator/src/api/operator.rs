@@ -5,18 +5,19 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{BoxStream, Peer};
+use super::{BoxStream, Peer, PlanNamed};
 use crate::actor::Actor;
 use crate::admission::Promotion;
 use crate::auth::Caller;
 use crate::engine::CommandKind;
 use crate::service::Coordinator;
 
-/// Who sent a request: the authenticated caller (None while authentication is off) and
-/// where from.
+/// Who sent a request: the authenticated caller (None while authentication is off), where
+/// from, and the plan a plan command names (for the audit rows of its refusals).
 struct Origin {
     caller: Option<Caller>,
     peer: String,
+    plan_id: String,
 }
 
 fn origin<T>(req: &Request<T>) -> Origin {
@@ -26,6 +27,11 @@ fn origin<T>(req: &Request<T>) -> Origin {
             .extensions()
             .get::<Peer>()
             .map_or_else(|| "unknown".into(), |p| p.0.clone()),
+        plan_id: req
+            .extensions()
+            .get::<PlanNamed>()
+            .map(|p| p.0.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -40,7 +46,13 @@ impl Coordinator {
         method: &str,
     ) -> Result<Actor, Status> {
         let name = self
-            .acting(from.caller.as_ref(), said, method, &from.peer)
+            .acting(
+                from.caller.as_ref(),
+                said,
+                method,
+                &from.peer,
+                &from.plan_id,
+            )
             .await?;
         Ok(Actor::new(&name, reason))
     }
@@ -122,6 +134,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
                 &spec.submitted_by,
                 "SubmitPlan",
                 &from.peer,
+                "",
             )
             .await?;
         let promotion = self.promotion_of(&req, &from).await?;
@@ -209,7 +222,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         let ignore_later = req.get_ref().ignore_later_plans;
         if !down_from.is_empty() {
             let from = origin(&req);
-            self.replace_down_allowed(from.caller.as_ref(), &from.peer)
+            self.replace_down_allowed(from.caller.as_ref(), &from.peer, &from.plan_id)
                 .await?;
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -368,7 +381,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
             .actor(&from, &r.actor, &r.reason, "ApprovePlan")
             .await?;
         let roles = self
-            .approving_roles(from.caller.as_ref(), &r.role, &from.peer)
+            .approving_roles(from.caller.as_ref(), &r.role, &from.peer, &from.plan_id)
             .await?;
         Ok(Response::new(
             self.approve(&r.plan_id, actor, &roles).await?,

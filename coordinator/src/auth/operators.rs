@@ -254,6 +254,7 @@ impl Coordinator {
         bearer: Option<&str>,
         certificate: &CertSubject,
         peer: &str,
+        plan_id: &str,
     ) -> Result<Option<Caller>, CoordinatorError> {
         if !self.auth_on().await? {
             return Ok(None);
@@ -264,7 +265,7 @@ impl Coordinator {
                 Ok(token) => self.inner.store.operator_by_token(&token.sha256()).await?,
                 Err(e) => {
                     return Err(self
-                        .refuse_unauthenticated(method, peer, e.to_string())
+                        .refuse_unauthenticated(method, peer, plan_id, e.to_string())
                         .await);
                 }
             },
@@ -289,7 +290,9 @@ impl Coordinator {
                         rfc3339_s(*valid_from_s * 1000),
                         rfc3339_s(op.certificates_from_ms)
                     );
-                    return Err(self.refuse_unauthenticated(method, peer, why).await);
+                    return Err(self
+                        .refuse_unauthenticated(method, peer, plan_id, why)
+                        .await);
                 }
                 found
             }
@@ -298,6 +301,7 @@ impl Coordinator {
                     .refuse_unauthenticated(
                         method,
                         peer,
+                        plan_id,
                         format!(
                             "the client certificate is an agent's ({whose}): it names no operator"
                         ),
@@ -309,6 +313,7 @@ impl Coordinator {
                     .refuse_unauthenticated(
                         method,
                         peer,
+                        plan_id,
                         "no credential (give --token-file or FLOTILLA_TOKEN_FILE)".into(),
                     )
                     .await);
@@ -318,11 +323,15 @@ impl Coordinator {
             Some(op) if !op.is_revoked() => op,
             Some(op) => {
                 let why = format!("the credential of operator {} was revoked", op.name);
-                return Err(self.refuse_unauthenticated(method, peer, why).await);
+                return Err(self
+                    .refuse_unauthenticated(method, peer, plan_id, why)
+                    .await);
             }
             None => {
                 let why = "the credential names no operator".to_string();
-                return Err(self.refuse_unauthenticated(method, peer, why).await);
+                return Err(self
+                    .refuse_unauthenticated(method, peer, plan_id, why)
+                    .await);
             }
         };
         let role: Role = operator.role.parse().map_err(|e: String| {
@@ -333,7 +342,7 @@ impl Coordinator {
                 "operator {} has role {role}; {method} needs {needed}",
                 operator.name
             );
-            self.audit_refusal(&operator.name, "denied", method, peer, &why)
+            self.audit_refusal(&operator.name, "denied", method, peer, plan_id, &why)
                 .await;
             return Err(CoordinatorError::NotAllowed(why));
         }
@@ -348,9 +357,10 @@ impl Coordinator {
         &self,
         method: &str,
         peer: &str,
+        plan_id: &str,
         why: String,
     ) -> CoordinatorError {
-        self.audit_refusal("anonymous", "unauthenticated", method, peer, &why)
+        self.audit_refusal("anonymous", "unauthenticated", method, peer, plan_id, &why)
             .await;
         CoordinatorError::Unauthenticated(why)
     }
@@ -363,7 +373,7 @@ impl Coordinator {
         caller: Option<&Caller>,
         peer: &str,
     ) -> Result<(), CoordinatorError> {
-        self.admin_override(caller, peer, "SubmitPlan", "--skip-promotion-check")
+        self.admin_override(caller, peer, "", "SubmitPlan", "--skip-promotion-check")
             .await
     }
 
@@ -374,9 +384,10 @@ impl Coordinator {
         &self,
         caller: Option<&Caller>,
         peer: &str,
+        plan_id: &str,
     ) -> Result<(), CoordinatorError> {
         let what = "--down-from (down SQL no approval saw, run on every target)";
-        self.admin_override(caller, peer, "RollbackPlan", what)
+        self.admin_override(caller, peer, plan_id, "RollbackPlan", what)
             .await
     }
 
@@ -386,6 +397,7 @@ impl Coordinator {
         &self,
         caller: Option<&Caller>,
         peer: &str,
+        plan_id: &str,
         method: &str,
         what: &str,
     ) -> Result<(), CoordinatorError> {
@@ -396,7 +408,7 @@ impl Coordinator {
                     c.name,
                     c.role.as_str()
                 );
-                self.audit_refusal(&c.name, "denied", method, peer, &why)
+                self.audit_refusal(&c.name, "denied", method, peer, plan_id, &why)
                     .await;
                 Err(CoordinatorError::NotAllowed(why))
             }
@@ -410,6 +422,7 @@ impl Coordinator {
         action: &'static str,
         method: &str,
         peer: &str,
+        plan_id: &str,
         why: &str,
     ) {
         crate::metrics::auth_refusal(action);
@@ -417,7 +430,7 @@ impl Coordinator {
         // written: anyone who reaches the port can send refused requests, and they must
         // not be able to fill the control store (or the log) with them.
         let host = peer.rsplit_once(':').map_or(peer, |(host, _)| host);
-        let key = format!("{host} {who} {action} {method} {why}");
+        let key = format!("{host} {who} {action} {method} {plan_id} {why}");
         if !self.inner.refusals_seen.first_in_window(key) {
             return;
         }
@@ -428,7 +441,7 @@ impl Coordinator {
         self.write_unfenced(StoreOp::Audit(Audit {
             actor: who.to_string(),
             action,
-            plan_id: String::new(),
+            plan_id: plan_id.to_string(),
             detail: format!("OperatorService/{method} from {peer}: {why}"),
         }));
         // In the store before the refusal is answered: whoever is refused and looks at
@@ -444,6 +457,7 @@ impl Coordinator {
         said: &str,
         method: &str,
         peer: &str,
+        plan_id: &str,
     ) -> Result<String, CoordinatorError> {
         let said = said.trim();
         match caller {
@@ -454,7 +468,7 @@ impl Coordinator {
                     "authenticated as {}; cannot act as `{said}` (drop --as: the credential names who acts)",
                     c.name
                 );
-                self.audit_refusal(&c.name, "denied", method, peer, &why)
+                self.audit_refusal(&c.name, "denied", method, peer, plan_id, &why)
                     .await;
                 Err(CoordinatorError::NotAllowed(why))
             }
@@ -469,6 +483,7 @@ impl Coordinator {
         caller: Option<&Caller>,
         asked: &str,
         peer: &str,
+        plan_id: &str,
     ) -> Result<Vec<String>, CoordinatorError> {
         let asked = asked.trim();
         let Some(c) = caller else {
@@ -488,7 +503,7 @@ impl Coordinator {
             "operator {} cannot approve as `{asked}`: its approval roles are {has} (`flotilla operator add NAME --approval-role ROLE` gives them)",
             c.name
         );
-        self.audit_refusal(&c.name, "denied", "ApprovePlan", peer, &why)
+        self.audit_refusal(&c.name, "denied", "ApprovePlan", peer, plan_id, &why)
             .await;
         Err(CoordinatorError::NotAllowed(why))
     }
