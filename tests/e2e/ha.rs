@@ -610,6 +610,19 @@ async fn a_paused_leader_is_replaced_and_fenced_and_the_plan_completes_once() ->
         )
         .await?;
     assert_eq!(stored, "completed", "the plan's end in the control store");
+    // Every step is the plan's own, those the leader before saw applied and those its
+    // runs sent again found in the journals alike: none "already applied" (no other plan
+    // ran), and a rollback would undo them all.
+    let st = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    for m in st["migrations"].as_array().unwrap() {
+        assert_eq!(
+            (m["applied"].as_u64(), m["already_applied"].as_u64()),
+            (Some(6), Some(0)),
+            "{st}"
+        );
+    }
 
     // Exactly once on every tenant.
     for s in 0..2 {

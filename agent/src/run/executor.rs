@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, Column, Either, Row};
 use tracing::{debug, info, instrument, warn};
 
 use super::conn::{execute, recover, wait_for_server};
-use super::job::{Halts, Job, PrepareGid, Report};
+use super::job::{Found, Halts, Job, PrepareGid, Report};
 use super::lock_wait::{BlockerWatch, LOCK_RETRIES, retry_pause, with_attempts};
 use super::sqlgen;
 use super::statements::run_up_statements;
@@ -52,7 +52,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
         .iter()
         .map(|a| {
             a.as_ref()
-                .map(|c| Report::already(c.clone(), Duration::ZERO))
+                .map(|found| Report::already(found.clone(), Duration::ZERO))
         })
         .collect();
     let cx = StepContext {
@@ -111,6 +111,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                         duration: durations[k],
                         error: None,
                         checksum: job.steps[idx].migration.checksum.clone(),
+                        applied_by: String::new(),
                     });
                 }
                 i = next;
@@ -131,6 +132,7 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
                     duration: durations[gf.position],
                     error: Some(gf.failure.error),
                     checksum: job.steps[idx].migration.checksum.clone(),
+                    applied_by: String::new(),
                 });
                 break;
             }
@@ -685,9 +687,9 @@ async fn settle(
         let found = journal
             .iter()
             .find(|r| r.migration_id == m.id())
-            .map(|r| r.checksum.clone());
+            .map(|r| Found::from(r.clone()));
         reports[idx] = Some(match found {
-            Some(checksum) => Report::already(checksum, durations[k]),
+            Some(found) => Report::already(found, durations[k]),
             None if k == failed_position => {
                 let mut f = failure.take().expect("one failure");
                 let outcome = if f.server_gone() && unread.is_some() {
@@ -744,6 +746,7 @@ async fn settle(
                     duration: durations[k],
                     error: Some(f.error),
                     checksum: String::new(),
+                    applied_by: String::new(),
                 }
             }
             None => Report::not_run(),

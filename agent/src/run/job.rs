@@ -119,8 +119,8 @@ pub(crate) struct Job {
     pub tenant_lit: String,
     pub epoch: u64,
     pub steps: Vec<Arc<PreparedMigration>>,
-    /// The journal's checksum for steps found applied before the run started.
-    pub applied: Vec<Option<String>>,
+    /// The journal's row for steps found applied before the run started.
+    pub applied: Vec<Option<Found>>,
     /// Whether `applied` holds the journal's answer yet (a lane reads it, for a batch of
     /// queued runs at once, before it runs the first of them).
     pub checked: bool,
@@ -227,10 +227,10 @@ impl Job {
     }
 
     /// Takes the journal's word for steps already applied on this run's target.
-    pub fn mark_applied(&mut self, journal: &mut HashMap<(String, String), String>) {
+    pub fn mark_applied(&mut self, journal: &mut HashMap<(String, String), Found>) {
         for (slot, step) in self.applied.iter_mut().zip(&self.steps) {
-            if let Some(checksum) = journal.get(&(self.tenant.clone(), step.id().to_string())) {
-                *slot = Some(checksum.clone());
+            if let Some(found) = journal.get(&(self.tenant.clone(), step.id().to_string())) {
+                *slot = Some(found.clone());
             }
         }
     }
@@ -254,7 +254,7 @@ impl Job {
     pub fn prepared_result(&self) -> pb::RunResult {
         let reports = self.applied.iter().zip(&self.steps).map(|(a, m)| {
             Some(match a {
-                Some(checksum) => Report::already(checksum.clone(), Duration::ZERO),
+                Some(found) => Report::already(found.clone(), Duration::ZERO),
                 None => Report::prepared(m.migration.checksum.clone(), Duration::ZERO),
             })
         });
@@ -276,21 +276,40 @@ impl Job {
     }
 }
 
+/// A step's row in the journal: its checksum, and the plan that applied it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Found {
+    pub checksum: String,
+    pub plan_id: String,
+}
+
+impl From<crate::shard::JournalRow> for Found {
+    fn from(row: crate::shard::JournalRow) -> Found {
+        Found {
+            checksum: row.checksum,
+            plan_id: row.plan_id,
+        }
+    }
+}
+
 /// What became of one step, before it goes on the wire.
 pub(crate) struct Report {
     pub outcome: StepOutcome,
     pub duration: Duration,
     pub error: Option<pb::StepError>,
     pub checksum: String,
+    /// ALREADY_APPLIED: the plan whose journal row it is.
+    pub applied_by: String,
 }
 
 impl Report {
-    pub fn already(checksum: String, duration: Duration) -> Report {
+    pub fn already(found: Found, duration: Duration) -> Report {
         Report {
             outcome: StepOutcome::AlreadyApplied,
             duration,
             error: None,
-            checksum,
+            checksum: found.checksum,
+            applied_by: found.plan_id,
         }
     }
     pub fn prepared(checksum: String, duration: Duration) -> Report {
@@ -299,6 +318,7 @@ impl Report {
             duration,
             error: None,
             checksum,
+            applied_by: String::new(),
         }
     }
     pub fn not_run() -> Report {
@@ -307,6 +327,7 @@ impl Report {
             duration: Duration::ZERO,
             error: None,
             checksum: String::new(),
+            applied_by: String::new(),
         }
     }
     pub fn into_pb(self, migration_id: &str) -> pb::StepResult {
@@ -316,6 +337,7 @@ impl Report {
             duration_ms: u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
             error: self.error,
             checksum: self.checksum,
+            applied_by: self.applied_by,
         }
     }
 }
@@ -346,6 +368,7 @@ pub(crate) fn all_failed(run: &pb::Run, failure: &Failure) -> pb::RunResult {
                 duration: Duration::ZERO,
                 error: Some(failure.error.clone()),
                 checksum: String::new(),
+                applied_by: String::new(),
             };
             r.into_pb(m)
         })

@@ -734,9 +734,9 @@ impl Agent {
         let mut changed = Vec::new();
         match read {
             Ok((rows, schemas_changed)) => {
-                let mut by_key: HashMap<(String, String), String> = rows
+                let mut by_key: HashMap<(String, String), job::Found> = rows
                     .into_iter()
-                    .map(|r| ((r.target, r.migration_id), r.checksum))
+                    .map(|r| ((r.target.clone(), r.migration_id.clone()), r.into()))
                     .collect();
                 for job in &mut batch {
                     job.mark_applied(&mut by_key);

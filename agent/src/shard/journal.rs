@@ -20,6 +20,8 @@ pub(crate) struct JournalRow {
     pub target: String,
     pub migration_id: String,
     pub checksum: String,
+    /// The plan that applied it.
+    pub plan_id: String,
 }
 
 /// Installs or upgrades the flotilla schema, once at a time across agents.
@@ -334,10 +336,10 @@ pub(crate) async fn read_applied(
     // (a tenant is run on only once discovered), and `record_tenant_schemas` is planned
     // again at each call (a function whose statement writes): 3 ms a batch, against half
     // a millisecond for this read. Its test of what is changed, the same.
-    let rows: Vec<(String, String, String, bool)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT j.target, j.migration_id, j.checksum, false FROM flotilla.journal j \
+    let rows: Vec<(String, String, String, String, bool)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT j.target, j.migration_id, j.checksum, j.plan_id, false FROM flotilla.journal j \
          WHERE j.target = ANY($1) AND j.migration_id = ANY($2) AND {NOT_UNDOING} \
-         UNION ALL SELECT t.target, '', '', true FROM flotilla.tenant_schemas t \
+         UNION ALL SELECT t.target, '', '', '', true FROM flotilla.tenant_schemas t \
            JOIN pg_catalog.pg_namespace n ON n.nspname = t.target::name \
           WHERE t.target = ANY($1) AND t.schema_oid <> n.oid \
             AND t.recorded_in = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla') \
@@ -349,14 +351,15 @@ pub(crate) async fn read_applied(
     .bind(migrations)
     .fetch_all(&mut *conn)
     .await?;
-    let changed: Vec<String> = rows.iter().filter(|r| r.3).map(|r| r.0.clone()).collect();
+    let changed: Vec<String> = rows.iter().filter(|r| r.4).map(|r| r.0.clone()).collect();
     let rows = rows
         .into_iter()
-        .filter(|(target, _, _, _)| !changed.contains(target))
-        .map(|(target, migration_id, checksum, _)| JournalRow {
+        .filter(|(target, _, _, _, _)| !changed.contains(target))
+        .map(|(target, migration_id, checksum, plan_id, _)| JournalRow {
             target,
             migration_id,
             checksum,
+            plan_id,
         })
         .collect();
     Ok((rows, changed))

@@ -13,7 +13,7 @@ mod tenants;
 pub(crate) use connect::{connect, connect_options};
 pub(crate) use fingerprint::read_fingerprints;
 pub(crate) use journal::{
-    advance_fence, changed_schema, changed_schemas, check_claim, count_plan_rows,
+    JournalRow, advance_fence, changed_schema, changed_schemas, check_claim, count_plan_rows,
     database_identity, install_schema, is_superuser, read_applied, read_cut_short, read_entries,
     read_fence, read_for_preflight, read_plan_rows,
 };

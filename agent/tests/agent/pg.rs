@@ -106,6 +106,8 @@ async fn rollout_preflight_and_rollback() {
     for r in s.assign("p1", 1, 2, runs).await.values() {
         assert_eq!(outcomes(r), [pb::StepOutcome::AlreadyApplied; 3], "{r:?}");
         assert_eq!(r.steps[2].checksum, flotilla_core::checksum(VIEW_UP));
+        // the plan whose rows they are: this one (a coordinator takes them as its own)
+        assert!(r.steps.iter().all(|s| s.applied_by == "p1"), "{r:?}");
     }
 
     s.send(In::Preflight(pb::PreflightRequest {
@@ -258,6 +260,7 @@ async fn failures_fence_and_non_transactional_steps() {
     let r = run_while_another_applies(&mut s, &pool, "p2", 5, 100, "tenant_0001").await;
     assert_eq!(outcomes(&r), [pb::StepOutcome::AlreadyApplied], "{r:?}");
     assert_eq!(r.steps[0].checksum, "theirs");
+    assert_eq!(r.steps[0].applied_by, "other", "another plan's row: {r:?}");
     sqlx::raw_sql("DELETE FROM flotilla.journal")
         .execute(&pool)
         .await

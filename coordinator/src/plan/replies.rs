@@ -53,6 +53,11 @@ impl PlanRun {
                             phase: "journal".into(),
                         });
                         StepStatus::Failed
+                    } else if r.is_some_and(|r| r.applied_by == self.id) {
+                        // This plan's own row: a run sent again after a change of leader
+                        // (or whose reply was lost) that the plan applied before. Applied
+                        // by it (its rollback undoes it), not found applied.
+                        StepStatus::Applied
                     } else {
                         StepStatus::AlreadyApplied
                     }

@@ -338,6 +338,40 @@ fn an_edited_migration_found_in_a_journal_fails_its_step() {
     assert_eq!(run.failures.len(), 1);
 }
 
+/// A step the journal holds from this very plan (a run sent again after a change of leader,
+/// whose first copy the leader before saw applied) is the plan's applied step, and its
+/// rollback's to undo; one another plan applied is found applied.
+#[test]
+fn a_step_the_journal_holds_from_this_plan_is_applied_by_it() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s0", "t2")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    let mut next = 1;
+    let out = run.next_runs("s0", &mut next);
+    let checksum = run.spec.migrations[0].checksum.clone();
+    let result = |r: &pb::Run, by: &str| pb::RunResult {
+        run_id: r.run_id,
+        tenant: r.tenant.clone(),
+        steps: vec![pb::StepResult {
+            migration_id: "a".into(),
+            outcome: pb::StepOutcome::AlreadyApplied as i32,
+            checksum: checksum.clone(),
+            applied_by: by.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let own = run.id.clone();
+    let (updates, failed) = run.apply_run_result("s0", &result(&out[0], &own));
+    assert!(!failed);
+    assert_eq!(updates[0].state, StepState::Applied);
+    let (updates, _) = run.apply_run_result("s0", &result(&out[1], "p-other"));
+    assert_eq!(updates[0].state, StepState::AlreadyApplied);
+}
+
 #[test]
 fn under_continue_a_failed_tenant_stops_alone_and_the_plan_ends_failed() {
     let mut run = plan_of(
