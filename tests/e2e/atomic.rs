@@ -486,6 +486,11 @@ async fn preflight_adds_up_the_prepared_targets_of_shards_on_one_server() -> any
 /// A plan file over COORD-2025-001 whose two parallel groups each commit
 /// atomically: the two table changes, then the view over them.
 fn grouped_plan() -> anyhow::Result<crate::harness::TestDir> {
+    grouped_plan_with(true)
+}
+
+/// The same, the view's group atomic or not.
+fn grouped_plan_with(view_atomic: bool) -> anyhow::Result<crate::harness::TestDir> {
     let dir = crate::harness::TestDir::new("grouped-plan")?;
     std::fs::write(
         dir.join("plan.toml"),
@@ -494,7 +499,7 @@ fn grouped_plan() -> anyhow::Result<crate::harness::TestDir> {
 migrations_dir = "{}"
 parallel_groups = [
   {{ migrations = ["20250131160000_hs_satisfaction_tracking", "20250131160001_auto_satisfaction_tracking"], atomic = true }},
-  {{ migrations = ["20250131160002_unified_satisfaction_view"], atomic = true }},
+  {{ migrations = ["20250131160002_unified_satisfaction_view"], atomic = {view_atomic} }},
 ]
 "#,
             coord_dbmate_dir().display()
@@ -545,6 +550,37 @@ async fn atomic_parallel_groups_commit_one_after_the_other() -> anyhow::Result<(
     }
     assert_eq!(crate::faults::decision_in_etcd(&fleet, &id).await?, None);
     assert_none_prepared(&fleet, 3).await
+}
+
+/// An atomic group followed by one that is not: the atomic group still commits by its
+/// decision. Its steps were fused with the view's into one run that was not prepared, so
+/// they committed target by target with no decision at all ("nothing to prepare").
+#[tokio::test(flavor = "multi_thread")]
+async fn an_atomic_group_before_a_plain_one_commits_by_its_decision() -> anyhow::Result<()> {
+    let fleet = least_privileged(1, 2, 2).await?;
+    let plan = grouped_plan_with(false)?;
+    let id = submit_grouped(&fleet, &plan).await?;
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    for s in 0..2 {
+        let db = format!("shard_{s}");
+        assert_eq!(satisfaction_columns(&fleet, &db).await?, 4, "{db}");
+        assert_eq!(views(&fleet, &db).await?, 2, "{db}");
+    }
+    assert_eq!(
+        crate::faults::decision_in_etcd(&fleet, &format!("{id}.g1"))
+            .await?
+            .as_deref(),
+        Some("commit"),
+        "the atomic group's decision"
+    );
+    assert_eq!(
+        crate::faults::decision_in_etcd(&fleet, &format!("{id}.g2")).await?,
+        None,
+        "the plain group has none"
+    );
+    assert_none_prepared(&fleet, 2).await
 }
 
 /// A group-atomic plan whose last unit committed on every shard, stored with its steps

@@ -167,7 +167,10 @@ impl PlanRun {
     }
 
     /// The runs a target can start now: its ready transactional steps fused into
-    /// one shard transaction (dependency order), others one run each.
+    /// one shard transaction (dependency order), others one run each. Steps are fused only
+    /// with steps of the same atomic unit (or, outside any, with steps outside any): a
+    /// run of a unit's step and another is not prepared, and would commit the unit's step
+    /// at once, before the unit's decision (or the other before its unit committed).
     pub(super) fn form_runs(&self, t: usize) -> Vec<Vec<usize>> {
         let mut fused: Vec<usize> = Vec::new();
         let mut singles: Vec<Vec<usize>> = Vec::new();
@@ -180,14 +183,17 @@ impl PlanRun {
             if self.waits_for_unit(s) {
                 continue;
             }
+            let fuses = fused
+                .first()
+                .is_none_or(|&f| self.unit_of[f] == self.unit_of[s]);
             let deps_ok = step
                 .deps
                 .iter()
-                .all(|&d| self.releases(d, s) || fused.contains(&d));
+                .all(|&d| self.releases(d, s) || (fuses && fused.contains(&d)));
             if !deps_ok {
                 continue;
             }
-            if self.spec.fuse && step.transactional {
+            if self.spec.fuse && step.transactional && fuses {
                 fused.push(s);
             } else if self.remaining[s] == 0 {
                 singles.push(vec![s]);

@@ -76,6 +76,58 @@ fn grouped_run() -> PlanRun {
     )
 }
 
+/// A group-atomic plan with a group outside any unit before or after the atomic one: a
+/// unit's step is never fused with a step outside it (that run would not be prepared, and
+/// commit the unit's step before its decision), and the step outside waits for the unit
+/// to commit (or the unit for it) on each target.
+#[test]
+fn a_units_steps_are_not_fused_with_steps_outside_it() {
+    let group = |m: &str, atomic: bool| pb::ParallelGroup {
+        migrations: vec![m.into()],
+        atomic,
+    };
+    for (groups, first, second) in [
+        (vec![group("a", true), group("b", false)], "a", "b"),
+        (vec![group("x", false), group("a", true)], "x", "a"),
+    ] {
+        let ids = [first, second];
+        let mut run = plan_of(
+            &ids,
+            groups,
+            &[("s0", "t1"), ("s1", "t1")],
+            pb::FailurePolicy::AllOrNothing,
+        );
+        assert!(run.spec.fuse, "group-atomic plans fuse");
+        let mut next = 1;
+        let out = run.next_runs("s0", &mut next);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].migrations, [first], "{out:?}");
+        let atomic_first = first == "a";
+        assert_eq!(
+            !out[0].prepare_gid.is_empty(),
+            atomic_first,
+            "the unit's step alone is prepared: {out:?}"
+        );
+        // its answer: prepared (the unit's) or applied (outside it)
+        let outcome = if atomic_first {
+            pb::StepOutcome::Prepared
+        } else {
+            pb::StepOutcome::Applied
+        };
+        answer(&mut run, "s0", &out[0], outcome);
+        let out = run.next_runs("s0", &mut next);
+        if atomic_first {
+            assert!(
+                out.is_empty(),
+                "`b` waits for the unit's commit, not its prepare: {out:?}"
+            );
+        } else {
+            assert_eq!(out[0].migrations, ["a"], "{out:?}");
+            assert!(!out[0].prepare_gid.is_empty(), "{out:?}");
+        }
+    }
+}
+
 pub(crate) fn answer(
     run: &mut PlanRun,
     shard: &str,
