@@ -386,8 +386,9 @@ pub struct AgentArgs {
     /// Connections to the shard, i.e. the most steps running at once.
     #[arg(long, default_value_t = 8)]
     pub max_connections: u32,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465).
-    #[arg(long)]
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465). One port per agent:
+    /// agents of several shards on one host each need their own.
+    #[arg(long, env = "FLOTILLA_METRICS")]
     pub metrics: Option<SocketAddr>,
     /// etcd endpoints (comma-separated): the agent keeps a liveness key there
     /// under a lease, so the leader sees when it is gone.
