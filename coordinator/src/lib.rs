@@ -360,6 +360,7 @@ pub async fn start(
             auth: config.auth,
             auth_seen: Default::default(),
             refusals_seen: Default::default(),
+            catch_up_deferred: Default::default(),
             agent_identities: identity::AgentIdentities {
                 required: server_tls.as_ref().is_some_and(|t| t.client_auth),
                 by_common_name: config.agent_identities.clone(),
@@ -376,6 +377,7 @@ pub async fn start(
         Err(e) => return Err(e),
     }
     tokio::spawn(follow_leadership(coordinator.clone()));
+    tokio::spawn(coordinator.clone().catch_up_at_each_completion());
     tokio::spawn(forward_liveness(coordination.live_agents(), events.clone()));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -71,6 +71,9 @@ pub struct Inner {
     pub refusals_seen: crate::auth::RecentRefusals,
     /// Which client certificates may attach as which shard (checked under mTLS only).
     pub agent_identities: crate::identity::AgentIdentities,
+    /// Tenants that appeared, per shard, while a plan that asks for catch-up had not ended:
+    /// caught up when a plan completes (see `versions::catch_up`).
+    pub catch_up_deferred: std::sync::Mutex<BTreeMap<String, Vec<pb::Tenant>>>,
 }
 
 #[derive(Clone)]

@@ -272,6 +272,86 @@ async fn a_dbmate_fleet_is_baselined_then_runs_only_what_is_pending() -> anyhow:
     Ok(())
 }
 
+/// A tenant made the old way after the fleet was adopted (the application still makes
+/// them with dbmate): its catch-up plan would run again what dbmate's history says ran
+/// there. Refused as `require_baseline` refuses a plan, whatever the plans that asked
+/// for catch-up said, the tenant shown behind with why; nothing runs there. Before, the
+/// catch-up ran it again (here a CREATE that failed; an INSERT would have run twice).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_made_the_old_way_is_not_caught_up_over_its_history() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(1, 2)
+        .agent_args(&["--discover-interval", "1s"])
+        .start()
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    write(
+        d,
+        "20250101000000_mark_a.sql",
+        "-- migrate:up\nALTER TABLE work_orders ADD COLUMN mark_a int;\n\n\
+         -- migrate:down\nALTER TABLE work_orders DROP COLUMN mark_a;\n",
+    )?;
+    let plan = tempfile::tempdir()?;
+    write(
+        plan.path(),
+        "plan.toml",
+        &format!(
+            "catch_up = true\nmigrations_dir = \"{}\"\n",
+            d.to_string_lossy()
+        ),
+    )?;
+    let (code, _, out) = fleet
+        .submit_wait(&plan.path().join("plan.toml"), &[])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+
+    let db = fleet.shards[0].clone();
+    fleet
+        .pg
+        .psql(&db, &crate::fleet::tenant_sql("tenant_0900", 2))
+        .await?;
+    fleet
+        .pg
+        .psql(
+            &db,
+            &format!(
+                "{}; ALTER TABLE tenant_0900.work_orders ADD COLUMN mark_a int;
+                 INSERT INTO tenant_0900.schema_migrations VALUES ('20250101000000');",
+                DBMATE_TABLE.replace("{s}", "tenant_0900")
+            ),
+        )
+        .await?;
+    let failure = crate::harness::wait_for(
+        "the catch-up refusal shown",
+        crate::fleet::WAIT,
+        async || {
+            let show = fleet
+                .json(&["fleet", "show", "shard_0/tenant_0900", "--output", "json"])
+                .await?;
+            let f = show["last_failure"].clone();
+            Ok((!f.is_null()).then_some(f))
+        },
+    )
+    .await?;
+    let message = failure["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("was not accepted")
+            && message.contains("require_baseline")
+            && message.contains("dbmate")
+            && message.contains("fleet baseline"),
+        "{failure}"
+    );
+    let rows: i64 = fleet
+        .pg
+        .query_scalar(
+            &db,
+            "SELECT count(*) FROM flotilla.journal WHERE target = 'tenant_0900'",
+        )
+        .await?;
+    assert_eq!(rows, 0, "nothing ran there");
+    Ok(())
+}
+
 /// golang-migrate: one row, the last version; a dirty one anywhere refuses the whole
 /// baseline with nothing recorded, naming the target; once fixed, everything up to each
 /// target's version is recorded.

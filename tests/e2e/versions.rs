@@ -425,6 +425,53 @@ async fn catch_up_follows_each_new_tenants_selection_whatever_its_name() -> anyh
     Ok(())
 }
 
+/// A tenant that appears while a plan that asks for catch-up runs is not among that
+/// plan's targets (fixed at its submit) and no completed plan gives it anything yet: it
+/// is kept, and caught up once the plan completes. Before, it stayed behind for good.
+#[tokio::test]
+async fn a_tenant_that_appears_while_the_plan_runs_is_caught_up_when_it_completes()
+-> anyhow::Result<()> {
+    use crate::shards::{blocked, hold, logged_blocking_migration, release};
+    let fleet = TestFleet::builder(1, 2)
+        .agent_args(&["--discover-interval", "1s"])
+        .start()
+        .await?;
+    let d = MigrationDir::new()?;
+    logged_blocking_migration(&d, "tenant_0000", 93)?;
+    std::fs::write(
+        d.path().join("plan.toml"),
+        "name = \"logged\"\ncatch_up = true\n",
+    )?;
+    let lock = hold(&fleet.pg, 0, 93).await?;
+    let id = fleet.submit(d.path(), &[]).await?;
+    wait_until(
+        "tenant_0000 blocked while the plan runs",
+        WAIT,
+        async || Ok(blocked(&fleet.pg, 0).await? == 1),
+    )
+    .await?;
+    fleet
+        .pg
+        .psql(&fleet.shards[0], &tenant_sql("tenant_0900", 2))
+        .await?;
+    fleet
+        .coordinator
+        .as_ref()
+        .unwrap()
+        .wait_for_log(
+            "new tenants kept for the catch-up after the plans under way",
+            WAIT,
+        )
+        .await?;
+    release(lock, 93).await?;
+    let (out, _) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let plan = catch_up_ended(&fleet, "catch-up-shard_0/tenant_0900").await?;
+    assert_eq!(plan["state"], "completed", "{plan}");
+    crate::shards::assert_logged_once(&fleet.pg, &fleet.shards[0], "tenant_0900", &["001"]).await?;
+    Ok(())
+}
+
 /// The catch-up plan `name` (in `plan list`) once it ended.
 async fn catch_up_ended(fleet: &TestFleet, name: &str) -> anyhow::Result<Value> {
     wait_for(

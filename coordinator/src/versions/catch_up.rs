@@ -3,8 +3,10 @@
 //! coordinator's `--catch-up-environments`), the leader runs for them, in order, every
 //! migration of those plans that their labels select: one ordinary plan
 //! (`catch-up-<target>`), with the same checks, journal, policy and audit as any other.
-//! Rolled-back plans do not count (only completed ones are read). A tenant that vanished
-//! simply leaves the agent's list: its journal rows (its history) stay on the shard.
+//! Rolled-back plans do not count (only completed ones are read). A tenant that appears
+//! while such a plan runs is not among its targets (fixed at its submit): it is kept, and
+//! caught up when a plan completes. A tenant that vanished simply leaves the agent's list:
+//! its journal rows (its history) stay on the shard.
 use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_core::dag::MigrationGraph;
@@ -50,17 +52,85 @@ impl Coordinator {
         let me = self.clone();
         let shard = shard.to_string();
         tokio::spawn(async move {
-            let plans = match me.catch_up_plans(&shard, &appeared).await {
-                Ok(plans) => plans,
-                Err(e) => {
-                    warn!(%shard, "cannot work out a catch-up plan: {e}");
-                    return;
-                }
-            };
-            for (tenants, raw) in plans {
-                me.submit_catch_up(&shard, &tenants, raw).await;
-            }
+            me.catch_up(&shard, &appeared, false).await;
         });
+    }
+
+    /// Catches `tenants` of `shard` up on the completed plans that ask for it, and keeps
+    /// them for the next completion while a plan that asks has not ended: its targets were
+    /// fixed at its submit, before they appeared (they stayed behind for good). `again`:
+    /// kept from before, caught up on some plans already (what their journals hold is left
+    /// out).
+    async fn catch_up(&self, shard: &str, tenants: &[pb::Tenant], again: bool) {
+        match self.asking_plans_unfinished().await {
+            Ok(false) => {}
+            Ok(true) => {
+                let mut deferred = self.inner.catch_up_deferred.lock().expect("deferred lock");
+                let kept = deferred.entry(shard.to_string()).or_default();
+                for t in tenants {
+                    if !kept.iter().any(|k| k.name == t.name) {
+                        kept.push(t.clone());
+                    }
+                }
+                info!(%shard, tenants = tenants.len(), "new tenants kept for the catch-up after the plans under way");
+            }
+            Err(e) => {
+                warn!(%shard, "cannot read the plans under way: {e}; new tenants are caught up on the completed plans only")
+            }
+        }
+        let plans = match self.catch_up_plans(shard, tenants, again).await {
+            Ok(plans) => plans,
+            Err(e) => {
+                warn!(%shard, "cannot work out a catch-up plan: {e}");
+                return;
+            }
+        };
+        for (tenants, raw) in plans {
+            self.submit_catch_up(shard, &tenants, raw).await;
+        }
+    }
+
+    /// Whether a plan not ended yet asks for catch-up (it gives new tenants what it
+    /// applies, once it completes).
+    async fn asking_plans_unfinished(&self) -> Result<bool, CoordinatorError> {
+        let envs = &self.inner.defaults.catch_up_environments;
+        Ok(self
+            .inner
+            .store
+            .unfinished_plans()
+            .await?
+            .iter()
+            .filter_map(|row| hex::decode(&row.spec_hex).ok())
+            .filter_map(|b| pb::PlanSpec::decode(b.as_slice()).ok())
+            // (a catch-up plan gives only what completed plans did: new tenants get that anyway)
+            .any(|spec| spec.source != "catch-up" && asks_catch_up(&spec, envs)))
+    }
+
+    /// Runs for as long as the coordinator: at each plan that completes, the tenants kept
+    /// while plans were under way are caught up (on every completed plan: the migrations
+    /// their journals hold already are left out).
+    pub async fn catch_up_at_each_completion(self) {
+        let mut changes = self.inner.changes.subscribe();
+        loop {
+            match changes.recv().await {
+                Ok((_, Some(last)))
+                    if last
+                        .summary
+                        .as_ref()
+                        .is_some_and(|s| s.state == "completed") =>
+                {
+                    let kept = std::mem::take(
+                        &mut *self.inner.catch_up_deferred.lock().expect("deferred lock"),
+                    );
+                    for (shard, tenants) in kept {
+                        self.catch_up(&shard, &tenants, true).await;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
     }
 
     /// Submits a catch-up plan; one refused for a passing reason (no leader for a moment,
@@ -114,6 +184,7 @@ impl Coordinator {
         &self,
         shard: &str,
         tenants: &[pb::Tenant],
+        again: bool,
     ) -> Result<Vec<(Vec<String>, pb::PlanSpec)>, CoordinatorError> {
         let envs = &self.inner.defaults.catch_up_environments;
         let labels = self
@@ -133,6 +204,18 @@ impl Coordinator {
                     .collect(),
             },
         )]);
+        // What the journal of a tenant kept while plans ran holds already (caught up on the
+        // plans completed before): not run again. (A tenant new now is left to the plan's
+        // own checks: one made again under an old name has rows of another schema, which
+        // its plan is refused for, naming the answers.)
+        let (journals, _) = self.inner.versions.snapshot();
+        let applied = |tenant: &str, id: &str| {
+            again
+                && journals
+                    .get(shard)
+                    .and_then(|j| j.targets.get(tenant))
+                    .is_some_and(|rows| rows.iter().any(|r| r.migration_id == id))
+        };
         // Each tenant's migrations, and the environment of the last plan that gave it one.
         let mut chosen: BTreeMap<String, (Vec<pb::Migration>, String)> = BTreeMap::new();
         for row in self.inner.store.completed_plans().await? {
@@ -145,17 +228,22 @@ impl Coordinator {
             let Ok(spec) = PlanSpec::try_from(raw.clone()) else {
                 continue;
             };
-            let asked = spec.catch_up
-                || envs
-                    .iter()
-                    .any(|e| e == "*" || e.eq_ignore_ascii_case(&spec.environment));
             // A plan for another environment never reached this shard's tenants.
-            if !asked || !self.inner.environments.admits(&spec.environment, &labels) {
+            if !asks_catch_up(&raw, envs)
+                || !self.inner.environments.admits(&spec.environment, &labels)
+            {
                 continue;
             }
             for (tenant, migrations) in selected_migrations(&spec, &fleet) {
                 // a plan that gives the tenant nothing (its migrations of scope shard) says
                 // nothing of its environment either
+                if migrations.is_empty() {
+                    continue;
+                }
+                let migrations: Vec<usize> = migrations
+                    .into_iter()
+                    .filter(|&m| !applied(&tenant, raw.migrations[m].id.as_str()))
+                    .collect();
                 if migrations.is_empty() {
                     continue;
                 }
@@ -202,6 +290,15 @@ impl Coordinator {
     }
 }
 
+/// Whether a plan asks that tenants appearing later get its migrations: `catch_up = true`,
+/// or its environment is among the coordinator's `--catch-up-environments`.
+fn asks_catch_up(spec: &pb::PlanSpec, envs: &[String]) -> bool {
+    spec.catch_up
+        || envs
+            .iter()
+            .any(|e| e == "*" || e.eq_ignore_ascii_case(&spec.environment))
+}
+
 /// How many times a catch-up plan refused for a passing reason is sent.
 const CATCH_UP_ATTEMPTS: u32 = 5;
 
@@ -244,6 +341,10 @@ fn catch_up_spec(
         default_scope: pb::Scope::Tenant as i32,
         submitted_by: "catch-up".into(),
         source: "catch-up".into(),
+        // Never runs again what another tool's history says ran there (a tenant made the
+        // old way while the application still does): refused, the tenant shown behind
+        // with why, until `fleet baseline` records it.
+        require_baseline: true,
         ..Default::default()
     }
 }
