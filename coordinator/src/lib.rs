@@ -295,7 +295,7 @@ pub async fn start(
                 store = %config.store,
                 "coordination backend: embedded (in-process, single coordinator; no etcd)"
             );
-            let e = Arc::new(EmbeddedCoordination::new(epoch));
+            let e = Arc::new(EmbeddedCoordination::new(epoch).with_store(store.clone()));
             (e.clone(), Some(e))
         } else {
             let store_id = store.identity().await?;

@@ -266,6 +266,45 @@ async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits(
     assert_none_prepared(&fleet, 2).await
 }
 
+/// A coordinator without etcd that dies right after its commit decision: the next one
+/// (on the same control store) finds the decision there and every shard commits. Before,
+/// its decisions were in its memory only: the next one presumed abort, and a shard that
+/// had committed in the meantime was undone by its down SQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_etcd_a_commit_decision_outlives_its_coordinator() -> anyhow::Result<()> {
+    let mut fleet = crate::fleet::TestFleet::start(2, 2).await?;
+    fleet
+        .restart_coordinator_with(&[("FAILPOINTS", "coordinator::after_decision=return")])
+        .await?;
+    fleet.wait_attached(2).await?;
+    let id = fleet.submit(&coord_dbmate_dir(), &["--atomic"]).await?;
+    let status = fleet
+        .coordinator
+        .as_mut()
+        .unwrap()
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends it");
+    assert_eq!(status.code(), Some(87));
+    fleet.restart_coordinator().await?;
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    for s in 0..2 {
+        let columns: i64 = fleet
+            .pg
+            .query_scalar(
+                &format!("shard_{s}"),
+                "SELECT count(*) FROM information_schema.columns WHERE column_name = 'satisfaction_rating'
+                   AND table_name IN ('work_orders', 'repair_orders')",
+            )
+            .await?;
+        assert_eq!(columns, 4, "shard_{s} committed");
+        assert_eq!(prepared(&fleet.pg, s).await?, 0, "shard_{s}");
+    }
+    Ok(())
+}
+
 /// Two shards whose atomic plan's coordinator died with every target prepared, before
 /// (exit 86) or after (87) writing the decision, shard_1's agent not listing its prepared
 /// transactions while `dir/unlisted` exists (failpoint `agent::in_doubt_unlisted`; no sweep),

@@ -334,8 +334,16 @@ impl TestFleet {
 
     /// Starts a coordinator with the fleet's flags and waits until it listens.
     async fn spawn_coordinator(&self) -> anyhow::Result<FlotillaProcess> {
+        self.spawn_coordinator_with(&[]).await
+    }
+
+    /// The same, with `env` (failpoints, say).
+    async fn spawn_coordinator_with(
+        &self,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<FlotillaProcess> {
         let args: Vec<&str> = self.coordinator_args.iter().map(String::as_str).collect();
-        let coordinator = FlotillaProcess::spawn(&args, &[])?;
+        let coordinator = FlotillaProcess::spawn(&args, env)?;
         coordinator
             .wait_for_log("coordinator listening", WAIT)
             .await?;
@@ -354,8 +362,13 @@ impl TestFleet {
     /// Kills the coordinator if it runs, then starts a new one on the same address
     /// and store; agents reconnect by themselves.
     pub async fn restart_coordinator(&mut self) -> anyhow::Result<()> {
+        self.restart_coordinator_with(&[]).await
+    }
+
+    /// [`TestFleet::restart_coordinator`] with `env` for the new one.
+    pub async fn restart_coordinator_with(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
         self.kill_coordinator()?;
-        self.coordinator = Some(self.spawn_coordinator().await?);
+        self.coordinator = Some(self.spawn_coordinator_with(env).await?);
         Ok(())
     }
 

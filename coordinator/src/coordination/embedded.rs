@@ -3,9 +3,11 @@
 //! decisions in memory.
 //!
 //! In-memory locks vanish with the process, which is what etcd's plan leases
-//! do when the whole coordinator tier is gone (invariant 6). Decisions vanish
-//! too: with one coordinator, every 2PC participant is resolved through it,
-//! and a restarted coordinator with no decision presumes abort (invariant 3).
+//! do when the whole coordinator tier is gone (invariant 6). Decisions do not:
+//! they are recorded in the control store before any agent is told one (a
+//! restarted coordinator that presumed abort where shards had committed would
+//! undo them with down SQL), and a restarted coordinator with none presumes
+//! abort (invariant 3).
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
@@ -18,6 +20,8 @@ use super::{
 
 pub struct EmbeddedCoordination {
     epoch: u64,
+    /// Where decisions are recorded (None in tests of this module: in memory only).
+    store: Option<crate::store::Store>,
     leadership: watch::Sender<Leadership>,
     live: watch::Sender<BTreeSet<String>>,
     state: Mutex<State>,
@@ -41,10 +45,17 @@ impl EmbeddedCoordination {
         let (live, _) = watch::channel(BTreeSet::new());
         EmbeddedCoordination {
             epoch,
+            store: None,
             leadership,
             live,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Decisions recorded in `store` (the coordinator's control store).
+    pub fn with_store(mut self, store: crate::store::Store) -> EmbeddedCoordination {
+        self.store = Some(store);
+        self
     }
 
     pub fn epoch(&self) -> u64 {
@@ -168,15 +179,48 @@ impl Coordination for EmbeddedCoordination {
     ) -> Result<Decision, CoordinationError> {
         check_name("group", group)?;
         self.check_epoch(epoch)?;
+        if let Some(d) = self.state().decisions.get(group) {
+            return Ok(*d);
+        }
+        let stands = match &self.store {
+            Some(store) => {
+                let recorded = store
+                    .decide(group, decision.as_str(), epoch)
+                    .await
+                    .map_err(|e| store_error(group, e.to_string()))?;
+                recorded
+                    .parse::<Decision>()
+                    .map_err(|e| store_error(group, e.to_string()))?
+            }
+            None => decision,
+        };
         Ok(*self
             .state()
             .decisions
             .entry(group.to_string())
-            .or_insert(decision))
+            .or_insert(stands))
     }
 
     async fn decision(&self, group: &str) -> Result<Option<Decision>, CoordinationError> {
-        Ok(self.state().decisions.get(group).copied())
+        if let Some(d) = self.state().decisions.get(group) {
+            return Ok(Some(*d));
+        }
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let Some(recorded) = store
+            .decision(group)
+            .await
+            .map_err(|e| store_error(group, e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let d = recorded
+            .parse::<Decision>()
+            .map_err(|e| store_error(group, e.to_string()))?;
+        Ok(Some(
+            *self.state().decisions.entry(group.to_string()).or_insert(d),
+        ))
     }
 
     fn live_agents(&self) -> watch::Receiver<BTreeSet<String>> {
@@ -185,6 +229,13 @@ impl Coordination for EmbeddedCoordination {
 
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+}
+
+fn store_error(group: &str, reason: String) -> CoordinationError {
+    CoordinationError::Store {
+        what: format!("the decision of {group}"),
+        reason,
     }
 }
 

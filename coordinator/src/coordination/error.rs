@@ -29,6 +29,10 @@ pub enum CoordinationError {
     /// etcd answered with an error, or with something this layer did not write.
     #[error("etcd: {0}")]
     Etcd(String),
+    /// The control store, which holds a coordinator's decisions without etcd, did not
+    /// record or read one: the decision may have been recorded. Re-read before acting.
+    #[error("the control store could not record or read {what}: {reason}; re-read before acting")]
+    Store { what: String, reason: String },
     /// The coordinators of one etcd group keep their state in one control store; this one
     /// was given another.
     #[error(
@@ -53,7 +57,9 @@ impl CoordinationError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            CoordinationError::Unavailable { .. } | CoordinationError::Indeterminate { .. }
+            CoordinationError::Unavailable { .. }
+                | CoordinationError::Indeterminate { .. }
+                | CoordinationError::Store { .. }
         )
     }
 }

@@ -501,6 +501,44 @@ impl Store {
         self.plans_in(&open).await
     }
 
+    /// Records the commit decision of an atomic unit for a coordinator without etcd (etcd
+    /// holds them otherwise), before any agent is told it: the first decision recorded
+    /// for `unit` stands, and is what this returns.
+    pub async fn decide(
+        &self,
+        unit: &str,
+        decision: &str,
+        epoch: u64,
+    ) -> Result<String, StoreError> {
+        sqlx::query(
+            "INSERT INTO decisions (unit, decision, epoch, at_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (unit) DO NOTHING",
+        )
+        .bind(unit)
+        .bind(decision)
+        .bind(epoch as i64)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        self.decision(unit)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt {
+                plan: unit.to_string(),
+                what: "decision",
+                reason: "recorded, then not found".into(),
+            })
+    }
+
+    /// The commit decision recorded for `unit` ([`Store::decide`]), if any.
+    pub async fn decision(&self, unit: &str) -> Result<Option<String>, StoreError> {
+        let found: Option<(String,)> =
+            sqlx::query_as("SELECT decision FROM decisions WHERE unit = $1")
+                .bind(unit)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.map(|(d,)| d))
+    }
+
     /// The plan a submission with this client's id stored, if one did.
     pub async fn plan_of_request(&self, request_id: &str) -> Result<Option<String>, StoreError> {
         let found: Option<(String,)> =

@@ -1,5 +1,5 @@
 //! The control store's tables (created at start; `schema_version` in `flotilla_meta`).
-pub(super) const SCHEMA_VERSION: i64 = 5;
+pub(super) const SCHEMA_VERSION: i64 = 6;
 
 /// What each version adds to the one before, in order: a store of an older version is
 /// brought up to date at start (the tables of version 1 are `SCHEMA`).
@@ -40,6 +40,16 @@ pub(super) const UPGRADES: &[(i64, &[&str])] = &[
             // an operator's name given again after its revocation: client certificates of
             // that name valid from before then were its former holder's (see `OperatorRow`)
             "ALTER TABLE operators ADD COLUMN certificates_from_ms BIGINT NOT NULL DEFAULT 0",
+        ],
+    ),
+    (
+        6,
+        &[
+            // the commit decisions of a coordinator without etcd (etcd holds them
+            // otherwise): a decision must outlive the coordinator that made it
+            "CREATE TABLE IF NOT EXISTS decisions (
+            unit TEXT PRIMARY KEY, decision TEXT NOT NULL, epoch BIGINT NOT NULL,
+            at_ms BIGINT NOT NULL)",
         ],
     ),
 ];
