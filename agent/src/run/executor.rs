@@ -209,6 +209,22 @@ async fn run_group(
     // are recorded), so the step stops there, NOT_RUN, to run again later from where it is.
     let halted = || job.halts.as_ref().is_some_and(Halts::halted);
     let halts_at_start = job.halts.as_ref().map(|h| h.at_queue);
+    // A target of an atomic unit does not wait for its lock again: the unit's targets
+    // that prepared meanwhile hold their locks (their tables, on every tenant of the unit)
+    // through each pause and attempt, seconds of the application's traffic on all of them
+    // for one contended table. It fails at once, the unit aborts, and they are released.
+    let retries = if job.prepare.is_some() {
+        0
+    } else {
+        LOCK_RETRIES
+    };
+    // (its one attempt is watched for who blocks it, as retries are)
+    if job.prepare.is_some() {
+        backend_pid = sqlx::query_scalar("SELECT pg_catalog.pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .ok();
+    }
     // a non-transactional step's time is all of its attempts' (a backfill that waited on a
     // lock near its end took the hours before too)
     let started = Instant::now();
@@ -220,7 +236,7 @@ async fn run_group(
         } else {
             let attempt = data::Attempt {
                 halts_at_start,
-                retried_on_lock_timeout: attempt < LOCK_RETRIES,
+                retried_on_lock_timeout: attempt < retries,
             };
             let r =
                 run_non_transactional(conn, cx, &job.steps[i], job.hooks.as_deref(), attempt).await;
@@ -235,7 +251,7 @@ async fn run_group(
         let lock_timeout =
             matches!(&outcome, Err(gf) if gf.failure.is_lock_timeout() && !gf.failure.part_way);
         match outcome {
-            Err(gf) if lock_timeout && (attempt < LOCK_RETRIES || halted()) => {
+            Err(gf) if lock_timeout && (attempt < retries || halted()) => {
                 if halted() {
                     return Err(stopped_by_halt(gf, attempt + 1));
                 }
@@ -266,9 +282,16 @@ async fn run_group(
                     return Err(stopped_by_halt(gf, attempt));
                 }
             }
-            Err(mut gf) if lock_timeout && attempt > 0 => {
+            Err(mut gf) if lock_timeout && (attempt > 0 || job.prepare.is_some()) => {
+                let atomic = if job.prepare.is_some() {
+                    "; not tried again: it is a target of an atomic unit, whose prepared \
+                     targets hold their locks while it would wait (run the plan again once \
+                     the lock is free)"
+                } else {
+                    ""
+                };
                 gf.failure.error.message = format!(
-                    "{}{}",
+                    "{}{}{atomic}",
                     with_attempts(
                         &gf.failure,
                         attempt + 1,

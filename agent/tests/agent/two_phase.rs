@@ -1081,3 +1081,71 @@ async fn the_fence_is_advanced_before_runs_queued_while_it_was_held() {
     h.stop().await;
     f.drop().await;
 }
+
+/// A target of an atomic unit whose lock does not come within its lock_timeout fails at
+/// once, not after the retries a plain step gets: the unit's targets prepared meanwhile
+/// would hold their locks through every pause (an application blocked on all of them for
+/// one contended table). Its error says why, and who held the lock.
+#[tokio::test]
+async fn an_atomic_target_does_not_wait_for_its_lock_again() {
+    let Some(f) = fleet_2pc("tpc_lock", 1).await else {
+        return;
+    };
+    sqlx::raw_sql("CREATE TABLE tenant_0000.held (id int)")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let mut holder = f.pool.begin().await.unwrap();
+    sqlx::raw_sql("LOCK TABLE tenant_0000.held IN ACCESS SHARE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "lk".into(),
+        migrations: vec![migration(
+            "alter",
+            "ALTER TABLE held ADD COLUMN x int",
+            "ALTER TABLE held DROP COLUMN x",
+            "",
+        )],
+        default_lock_timeout_ms: 200,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    let gid = "flotilla:lk:1:1:tenant_0000";
+    let r = s
+        .assign(
+            "lk",
+            1,
+            1,
+            vec![prepared_run(1, "tenant_0000", &["alter"], gid)],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Failed], "{r:?}");
+    let e = error(&r[&1], 0);
+    assert_eq!(e.sqlstate, "55P03", "{e:?}");
+    assert!(
+        e.message
+            .contains("not tried again: it is a target of an atomic unit")
+            && !e.message.contains("attempts"),
+        "{e:?}"
+    );
+    assert!(!table_has_column(&f, "held", "x").await, "nothing applied");
+    holder.rollback().await.unwrap();
+    h.stop().await;
+    f.drop().await;
+}
+
+async fn table_has_column(f: &Fleet, table: &str, column: &str) -> bool {
+    count(
+        &f.pool,
+        &format!(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'tenant_0000' \
+             AND table_name = '{table}' AND column_name = '{column}'"
+        ),
+    )
+    .await
+        == 1
+}
