@@ -472,6 +472,58 @@ async fn a_tenant_that_appears_while_the_plan_runs_is_caught_up_when_it_complete
     Ok(())
 }
 
+/// A tenant dropped while a plan runs (tenants are deleted all the time in a SaaS fleet):
+/// its steps are not run there, and the plan completes, naming it. Before, its step failed
+/// for want of a schema ("no schema has been selected to create in") and the plan rolled
+/// every other tenant back.
+#[tokio::test]
+async fn a_tenant_dropped_while_the_plan_runs_is_passed_over_not_failed() -> anyhow::Result<()> {
+    use crate::shards::{assert_logged_once, blocked, hold, logged_blocking_migration, release};
+    let fleet = TestFleet::start(1, 3).await?;
+    let d = MigrationDir::new()?;
+    logged_blocking_migration(&d, "tenant_0000", 94)?;
+    d.migration(
+        "002_more",
+        "",
+        "INSERT INTO applied_log VALUES ('002')",
+        "DELETE FROM applied_log WHERE step = '002'",
+    )?;
+    let lock = hold(&fleet.pg, 0, 94).await?;
+    let id = fleet.submit(d.path(), &["--max-parallel", "1"]).await?;
+    wait_until(
+        "tenant_0000 blocked while the plan runs",
+        WAIT,
+        async || Ok(blocked(&fleet.pg, 0).await? == 1),
+    )
+    .await?;
+    fleet
+        .pg
+        .psql(&fleet.shards[0], "DROP SCHEMA tenant_0001 CASCADE")
+        .await?;
+    release(lock, 94).await?;
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    let message = st["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("1 target(s) gone from their shards")
+            && message.contains("shard_0/tenant_0001"),
+        "{st}"
+    );
+    for tenant in ["tenant_0000", "tenant_0002"] {
+        assert_logged_once(&fleet.pg, &fleet.shards[0], tenant, &["001", "002"]).await?;
+    }
+    let rows: i64 = fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            "SELECT count(*) FROM flotilla.journal WHERE target = 'tenant_0001'",
+        )
+        .await?;
+    assert_eq!(rows, 0, "nothing recorded for the gone tenant");
+    Ok(())
+}
+
 /// The catch-up plan `name` (in `plan list`) once it ended.
 async fn catch_up_ended(fleet: &TestFleet, name: &str) -> anyhow::Result<Value> {
     wait_for(

@@ -697,11 +697,11 @@ async fn settle(
         tokio::time::sleep(Duration::from_millis(pause)).await;
         read_result = read().await;
     }
-    let (journal, unread) = match read_result {
-        Ok((rows, _)) => (rows, None),
+    let (journal, unread, gone) = match read_result {
+        Ok(found) => (found.rows, None, !found.gone.is_empty()),
         Err(error) => {
             warn!(%error, "re-reading the journal after a failure failed");
-            (Vec::new(), Some(error.to_string()))
+            (Vec::new(), Some(error.to_string()), false)
         }
     };
     let mut failure = Some(failure);
@@ -715,7 +715,15 @@ async fn settle(
             Some(found) => Report::already(found, durations[k]),
             None if k == failed_position => {
                 let mut f = failure.take().expect("one failure");
-                let outcome = if f.server_gone() && unread.is_some() {
+                let outcome = if gone {
+                    // The tenant's schema was dropped under the plan (its SQL failed for
+                    // want of its tables, or of a schema to create in): not a failure of the
+                    // step, and nothing to run there any more.
+                    f.error.message =
+                        format!("{} ({})", shard::gone_tenant(&job.tenant), f.error.message);
+                    f.error.phase = shard::GONE.into();
+                    StepOutcome::NotRun
+                } else if f.server_gone() && unread.is_some() {
                     // The connection went with the server (or the server with it) and the
                     // journal cannot be read: whether the step committed is unknown, and
                     // its SQL did not fail. Not a failure of the plan (under all-or-nothing

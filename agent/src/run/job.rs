@@ -357,6 +357,35 @@ pub(crate) fn not_run(run: &pb::Run) -> pb::RunResult {
     }
 }
 
+/// Every step of a run NOT_RUN on a tenant gone from its shard (`shard::GONE`), saying so.
+pub(crate) fn all_gone(run: &pb::Run, why: String) -> pb::RunResult {
+    let error = pb::StepError {
+        message: why,
+        phase: crate::shard::GONE.into(),
+        ..Default::default()
+    };
+    let steps = run
+        .migrations
+        .iter()
+        .map(|m| {
+            Report {
+                outcome: StepOutcome::NotRun,
+                duration: Duration::ZERO,
+                error: Some(error.clone()),
+                checksum: String::new(),
+                applied_by: String::new(),
+            }
+            .into_pb(m)
+        })
+        .collect();
+    pb::RunResult {
+        run_id: run.run_id,
+        tenant: run.tenant.clone(),
+        steps,
+        prepared_at_us: 0,
+    }
+}
+
 /// Every step of a run FAILED with the same error (bad definition, no connection).
 pub(crate) fn all_failed(run: &pb::Run, failure: &Failure) -> pb::RunResult {
     let steps = run

@@ -732,16 +732,19 @@ impl Agent {
             None => Err(sqlx::Error::PoolTimedOut),
         };
         let mut changed = Vec::new();
+        let mut gone = Vec::new();
         match read {
-            Ok((rows, schemas_changed)) => {
-                let mut by_key: HashMap<(String, String), job::Found> = rows
+            Ok(found) => {
+                let mut by_key: HashMap<(String, String), job::Found> = found
+                    .rows
                     .into_iter()
                     .map(|r| ((r.target.clone(), r.migration_id.clone()), r.into()))
                     .collect();
                 for job in &mut batch {
                     job.mark_applied(&mut by_key);
                 }
-                changed = schemas_changed;
+                changed = found.changed;
+                gone = found.gone;
             }
             // The journal decides anyway: a step applied meanwhile fails its journal insert
             // (or its up SQL) and the failure path re-reads the journal.
@@ -764,6 +767,13 @@ impl Agent {
                 let why = shard::changed_schema(&self.config.shard, &job.tenant);
                 let failed = job::all_failed(&job.run, &Failure::agent("up", why));
                 applied.push((job.prepare.is_some(), failed));
+                continue;
+            }
+            // A tenant dropped since the plan was submitted: nothing runs there (its steps
+            // would run with no schema of its own on the search_path), and it is no failure.
+            if gone.contains(&job.tenant) {
+                let why = shard::gone_tenant(&job.tenant);
+                applied.push((job.prepare.is_some(), job::all_gone(&job.run, why)));
                 continue;
             }
             if job.fully_applied() {

@@ -323,23 +323,48 @@ pub(crate) fn changed_schema(shard: &str, tenant: &str) -> String {
     )
 }
 
+/// What [`read_applied`] found.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    pub rows: Vec<JournalRow>,
+    /// Targets whose schema changed ([`changed_schemas`]), of which nothing is read.
+    pub changed: Vec<String>,
+    /// Tenants whose schema is not on the shard (dropped since the plan was submitted).
+    pub gone: Vec<String>,
+}
+
+/// What a run says of a tenant gone from its shard (its schema dropped during the plan).
+pub(crate) fn gone_tenant(tenant: &str) -> String {
+    format!(
+        "tenant {tenant:?} is gone from its shard (its schema was dropped after the plan was \
+         submitted): the step did not run there"
+    )
+}
+
+/// The error phase of a step not run on a tenant gone from its shard ([`gone_tenant`]).
+pub(crate) const GONE: &str = "gone";
+
 /// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs
-/// (not those a rollback cut short: see [`NOT_UNDOING`]); and those of `targets` whose
-/// schema changed ([`changed_schemas`]), of which nothing is read.
+/// (not those a rollback cut short: see [`NOT_UNDOING`]); those of `targets` whose schema
+/// changed ([`changed_schemas`]), of which nothing is read; and the tenants among `targets`
+/// whose schema is gone.
 pub(crate) async fn read_applied(
     conn: &mut PgConnection,
     targets: &[String],
     migrations: &[String],
-) -> Result<(Vec<JournalRow>, Vec<String>), sqlx::Error> {
+) -> Result<Applied, sqlx::Error> {
     // One round trip (a batch of runs waits on it): the changed schemas come as rows of
     // their own, flagged. Read, not recorded: the schemas are recorded at each discovery
     // (a tenant is run on only once discovered), and `record_tenant_schemas` is planned
     // again at each call (a function whose statement writes): 3 ms a batch, against half
     // a millisecond for this read. Its test of what is changed, the same.
-    let rows: Vec<(String, String, String, String, bool)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT j.target, j.migration_id, j.checksum, j.plan_id, false FROM flotilla.journal j \
+    let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT j.target, j.migration_id, j.checksum, j.plan_id, 'row' FROM flotilla.journal j \
          WHERE j.target = ANY($1) AND j.migration_id = ANY($2) AND {NOT_UNDOING} \
-         UNION ALL SELECT t.target, '', '', '', true FROM flotilla.tenant_schemas t \
+         UNION ALL SELECT g.target, '', '', '', 'gone' FROM unnest($1::text[]) AS g(target) \
+          WHERE g.target <> '' AND NOT EXISTS \
+            (SELECT 1 FROM pg_catalog.pg_namespace n WHERE n.nspname = g.target::name) \
+         UNION ALL SELECT t.target, '', '', '', 'changed' FROM flotilla.tenant_schemas t \
            JOIN pg_catalog.pg_namespace n ON n.nspname = t.target::name \
           WHERE t.target = ANY($1) AND t.schema_oid <> n.oid \
             AND t.recorded_in = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla') \
@@ -351,10 +376,16 @@ pub(crate) async fn read_applied(
     .bind(migrations)
     .fetch_all(&mut *conn)
     .await?;
-    let changed: Vec<String> = rows.iter().filter(|r| r.4).map(|r| r.0.clone()).collect();
+    let of = |kind: &str| -> Vec<String> {
+        rows.iter()
+            .filter(|r| r.4 == kind)
+            .map(|r| r.0.clone())
+            .collect()
+    };
+    let (changed, gone) = (of("changed"), of("gone"));
     let rows = rows
         .into_iter()
-        .filter(|(target, _, _, _, _)| !changed.contains(target))
+        .filter(|(target, _, _, _, kind)| kind == "row" && !changed.contains(target))
         .map(|(target, migration_id, checksum, plan_id, _)| JournalRow {
             target,
             migration_id,
@@ -362,7 +393,11 @@ pub(crate) async fn read_applied(
             plan_id,
         })
         .collect();
-    Ok((rows, changed))
+    Ok(Applied {
+        rows,
+        changed,
+        gone,
+    })
 }
 
 /// Journal rows of the given migrations, on every target, for a preflight: those applied,

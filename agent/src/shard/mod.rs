@@ -13,9 +13,9 @@ mod tenants;
 pub(crate) use connect::{connect, connect_options};
 pub(crate) use fingerprint::read_fingerprints;
 pub(crate) use journal::{
-    JournalRow, advance_fence, changed_schema, changed_schemas, check_claim, count_plan_rows,
-    database_identity, install_schema, is_superuser, read_applied, read_cut_short, read_entries,
-    read_fence, read_for_preflight, read_plan_rows,
+    GONE, JournalRow, advance_fence, changed_schema, changed_schemas, check_claim, count_plan_rows,
+    database_identity, gone_tenant, install_schema, is_superuser, read_applied, read_cut_short,
+    read_entries, read_fence, read_for_preflight, read_plan_rows,
 };
 pub(crate) use read_only::{begin_read_only, read_error};
 pub(crate) use tenants::{TenantSource, discover_tenants};

@@ -158,6 +158,9 @@ pub struct PlanRun {
     /// Shards an operator cancelled (policies stop and continue): their steps not done by
     /// then are not run, the other shards go on, and the plan ends cancelled.
     pub cancelled: BTreeSet<String>,
+    /// Targets whose tenant is gone from its shard (its schema dropped during the plan, as
+    /// the agent found): their steps are not run, and that is no failure of the plan.
+    pub gone: BTreeSet<usize>,
     /// Rebuilt by a new leader: the one before may have started units that the store
     /// does not show (its last writes can be lost with it).
     pub inherited: bool,
@@ -325,6 +328,7 @@ impl PlanRun {
             unit_pos: 0,
             paused: Paused::default(),
             cancelled: BTreeSet::new(),
+            gone: BTreeSet::new(),
             progress: BTreeMap::new(),
             inherited: false,
             unit_unverified: false,

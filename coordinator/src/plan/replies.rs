@@ -3,6 +3,10 @@
 use flotilla_core::pb;
 
 use super::{PlanRun, PlanState, RollbackState, StepStatus};
+
+/// The error phase of a step an agent did not run because its tenant is gone from the
+/// shard (the agent's `shard::GONE`).
+pub const GONE: &str = "gone";
 use crate::store::StepUpdate;
 
 impl PlanRun {
@@ -64,6 +68,18 @@ impl PlanRun {
                 }
                 pb::StepOutcome::Failed => StepStatus::Failed,
                 pb::StepOutcome::Prepared => StepStatus::Prepared,
+                pb::StepOutcome::NotRun | pb::StepOutcome::Unspecified
+                    if error.as_ref().is_some_and(|e| e.phase == GONE) =>
+                {
+                    if self.in_unit(s) {
+                        // An atomic unit is all its targets or none: one gone fails it (the
+                        // unit aborts), the error saying why.
+                        StepStatus::Failed
+                    } else {
+                        self.gone.insert(self.steps[s].target);
+                        StepStatus::NotRun
+                    }
+                }
                 pb::StepOutcome::NotRun | pb::StepOutcome::Unspecified => {
                     let target = &self.targets[self.steps[s].target];
                     if self.state == PlanState::Running

@@ -111,6 +111,7 @@ impl PlanRun {
                 let left = (0..self.steps.len())
                     .filter(|&s| {
                         self.steps[s].status == StepStatus::NotRun
+                            && !self.gone.contains(&self.steps[s].target)
                             && !self
                                 .cancelled
                                 .contains(&self.targets[self.steps[s].target].shard)
@@ -144,6 +145,23 @@ impl PlanRun {
                     } else {
                         "every step applied".into()
                     };
+                }
+                if !self.gone.is_empty() {
+                    let names: Vec<String> = self
+                        .gone
+                        .iter()
+                        .map(|&t| {
+                            let t = &self.targets[t];
+                            crate::versions::target_name(&t.shard, &t.tenant)
+                        })
+                        .collect();
+                    self.message = format!(
+                        "{}; {} target(s) gone from their shards during the plan (their schemas \
+                         dropped), nothing run there: {}",
+                        self.message,
+                        names.len(),
+                        crate::error::some_of(&names, 5)
+                    );
                 }
                 Some(updates)
             }
