@@ -359,6 +359,7 @@ pub async fn start(
             submitting: Default::default(),
             auth: config.auth,
             auth_seen: Default::default(),
+            auth_off_seen: Default::default(),
             refusals_seen: Default::default(),
             catch_up_deferred: Default::default(),
             agent_identities: identity::AgentIdentities {

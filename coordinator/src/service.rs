@@ -67,6 +67,10 @@ pub struct Inner {
     pub auth: crate::auth::AuthMode,
     /// Set once the store was seen holding an operator: authentication stays on.
     pub auth_seen: std::sync::atomic::AtomicBool,
+    /// Set once the store was seen holding none: while the store does not answer, that
+    /// answer stands (a read of a running plan's status is the leader's, and must not wait
+    /// out the store's outage, nor fail with it).
+    pub auth_off_seen: std::sync::atomic::AtomicBool,
     /// Refusals written to the audit trail lately (a flood is written once per window).
     pub refusals_seen: crate::auth::RecentRefusals,
     /// Which client certificates may attach as which shard (checked under mTLS only).
@@ -126,6 +130,11 @@ impl Coordinator {
             Err(CoordinatorError::NotLeader {
                 leader: Some(leader),
             }) => leader.parse().ok(),
+            // No leader now (etcd away, an election): the answer is the store's, which a
+            // running plan's progress reaches only through a leader; the client says so.
+            Err(CoordinatorError::NotLeader { leader: None }) => Some(
+                tonic::metadata::MetadataValue::from_static(flotilla_core::protocol::NO_LEADER),
+            ),
             _ => None,
         }
     }
@@ -1155,7 +1164,25 @@ impl Coordinator {
         let attached = self.inner.fleet.snapshot();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.flush()).await;
         let mut out: BTreeMap<String, pb::AgentInfo> = BTreeMap::new();
-        for agent in self.inner.store.agents().await? {
+        // The attached agents are the leader's own to tell; those away are the store's, which
+        // may not answer (a failover of its server): the list is not held up for it.
+        let stored = match tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            self.inner.store.agents(),
+        )
+        .await
+        {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 2s".to_string()),
+        };
+        let note = match &stored {
+            Ok(_) => String::new(),
+            Err(why) => format!(
+                "the control store does not answer ({why}): only the agents attached now are listed"
+            ),
+        };
+        for agent in stored.unwrap_or_default() {
             out.insert(
                 agent.shard.clone(),
                 pb::AgentInfo {
@@ -1192,6 +1219,7 @@ impl Coordinator {
         }
         Ok(pb::ListFleetResponse {
             agents: out.into_values().collect(),
+            note,
         })
     }
 }

@@ -173,7 +173,10 @@ fn leader_of(e: &tonic::Status) -> Option<String> {
         return None;
     }
     let v = e.metadata().get(flotilla_core::protocol::LEADER_METADATA)?;
-    v.to_str().ok().map(str::to_string)
+    v.to_str()
+        .ok()
+        .filter(|l| *l != flotilla_core::protocol::NO_LEADER)
+        .map(str::to_string)
 }
 
 /// A "not the leader" refusal that names no leader: none leads now.
@@ -309,6 +312,12 @@ pub(super) async fn leader_named_in(md: &tonic::metadata::MetadataMap) -> Option
         .get(flotilla_core::protocol::LEADER_METADATA)?
         .to_str()
         .ok()?;
+    if leader == flotilla_core::protocol::NO_LEADER {
+        eprintln!(
+            "note: no coordinator leads now (etcd away, or an election under way): read from the control store, which may be behind the shards (a running plan's progress reaches it through a leader)"
+        );
+        return None;
+    }
     if !reachable(leader).await {
         eprintln!(
             "note: read by a follower from the control store (the leader, {leader}, does not answer): it may be a few seconds behind"

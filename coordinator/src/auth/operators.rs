@@ -225,6 +225,9 @@ pub async fn revoke_operator(
         .ok_or_else(|| CoordinatorError::OperatorNotFound(name.to_string()))
 }
 
+/// How long a request waits for the store to say whether operators exist.
+const AUTH_READ_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Coordinator {
     /// Whether operators must authenticate now. Once the store has held an operator it
     /// stays on (revoked rows are kept), so the answer is remembered.
@@ -232,7 +235,30 @@ impl Coordinator {
         if self.inner.auth == AuthMode::Required || self.inner.auth_seen.load(Ordering::Relaxed) {
             return Ok(true);
         }
-        let on = self.inner.store.has_operators().await?;
+        let asked = tokio::time::timeout(AUTH_READ_WITHIN, self.inner.store.has_operators()).await;
+        let on = match asked {
+            Ok(Ok(on)) => on,
+            // The store away: it held no operator when last read, and an operator is added
+            // through it (`operator add`), so none can have been added that this would miss
+            // but one added directly to the store in the moment before it went away.
+            _ if self.inner.auth_off_seen.load(Ordering::Relaxed) => {
+                warn!(
+                    "the control store does not answer: operators were not required when it last did, and still are not"
+                );
+                return Ok(false);
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(CoordinatorError::Store(
+                    crate::store::StoreError::Unreachable(format!(
+                        "no answer within {AUTH_READ_WITHIN:?} to whether operators exist"
+                    )),
+                ));
+            }
+        };
+        if !on {
+            self.inner.auth_off_seen.store(true, Ordering::Relaxed);
+        }
         if on {
             self.inner.auth_seen.store(true, Ordering::Relaxed);
             info!("operators exist in the control store: operator requests now authenticate");

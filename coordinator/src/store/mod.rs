@@ -67,6 +67,9 @@ pub enum StoreError {
         "the control store {location} is served by another coordinator without etcd ({holder}): one store has one coordinator, or several with --etcd to elect their leader; stop the other first"
     )]
     InUse { location: String, holder: String },
+    /// The store did not answer in time (what was asked, and within how long).
+    #[error("the control store does not answer: {0}")]
+    Unreachable(String),
     /// A row this coordinator cannot read back (written by a newer one, or damaged).
     #[error("plan {plan}: stored {what} is unreadable: {reason}")]
     Corrupt {
@@ -134,6 +137,9 @@ impl Store {
         }
         let pool = AnyPoolOptions::new()
             .max_connections(if is_pg { 8 } else { 4 })
+            // A store that does not answer is told in seconds, not sqlx's 30: the store
+            // writer's retries say so sooner, and reads that can do without it go on.
+            .acquire_timeout(std::time::Duration::from_secs(10))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if is_pg {

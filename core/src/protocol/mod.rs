@@ -21,6 +21,9 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// gRPC metadata naming the leader's address on a follower's UNAVAILABLE.
 pub const LEADER_METADATA: &str = "flotilla-leader";
+/// [`LEADER_METADATA`]'s value on a read answered while no coordinator leads (from the
+/// control store alone).
+pub const NO_LEADER: &str = "none";
 
 /// gRPC metadata on a refusal, saying why in a form meant for programs (the message is
 /// for people): `not-leader` when a follower refuses what only the leader does.

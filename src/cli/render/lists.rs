@@ -51,6 +51,9 @@ pub fn plan_list(r: &pb::ListPlansResponse, output: Output) {
 }
 
 pub fn fleet(r: &pb::ListFleetResponse, output: Output) {
+    if !r.note.is_empty() {
+        eprintln!("note: {}", r.note);
+    }
     let labels = |m: &std::collections::HashMap<String, String>| {
         let mut v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
         v.sort();

@@ -328,6 +328,16 @@ async fn a_control_store_out_of_reach_shows_in_health_metrics_and_the_log() -> a
             .any(|l| l == format!("flotilla_control_store_up {value}")))
     };
     assert!(up("1").await?);
+    // A plan under way, held on a tenant: the leader's to tell while the store is away.
+    use crate::fleet::Cli;
+    let d = crate::fleet::MigrationDir::new()?;
+    crate::shards::logged_blocking_migration(&d, "tenant_0000", 95)?;
+    let lock = crate::shards::hold(&fleet.pg, 0, 95).await?;
+    let id = fleet.submit(d.path(), &[]).await?;
+    wait_until("the plan's step blocked", WAIT, async || {
+        Ok(crate::shards::blocked(&fleet.pg, 0).await? == 1)
+    })
+    .await?;
     crate::shards::cut_off(&fleet.pg, "store_probe", true).await?;
     wait_until(
         "health and the metric say the store is out of reach",
@@ -341,6 +351,24 @@ async fn a_control_store_out_of_reach_shows_in_health_metrics_and_the_log() -> a
         "the process is up"
     );
     assert_eq!(check(&addr, AGENT).await?, ServingStatus::NotServing);
+    // Its status is the leader's, answered at once (it waited out the store's 30s pool
+    // timeout to ask whether operators exist, then failed); `fleet list` lists the agents
+    // attached, saying what it lacks.
+    let started = std::time::Instant::now();
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "running", "{st}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "answered in {:?}",
+        started.elapsed()
+    );
+    let list = fleet.cli(&["fleet", "list", "--output", "json"]).await?;
+    assert!(list.success(), "{list}");
+    assert!(
+        list.stderr.contains("the control store does not answer")
+            && list.stdout.contains("shard_0"),
+        "{list}"
+    );
     let log = fleet.coordinator.as_ref().context("the coordinator")?.log();
     assert!(
         log.contains("the control store does not answer")
@@ -355,5 +383,8 @@ async fn a_control_store_out_of_reach_shows_in_health_metrics_and_the_log() -> a
         async || Ok(check(&addr, OPERATOR).await? == ServingStatus::Serving && up("1").await?),
     )
     .await?;
+    crate::shards::release(lock, 95).await?;
+    let (out, _) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
     Ok(())
 }
