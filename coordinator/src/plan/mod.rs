@@ -379,12 +379,53 @@ impl PlanRun {
         match self.step_of(&p.migration_id, &p.shard, &p.tenant) {
             None => return,
             Some(s) if self.steps[s].status == StepStatus::RolledBack => return,
+            // (a report of a change still running that comes after its step's result; an
+            // undo's reports, of a step applied, are taken)
+            Some(s)
+                if matches!(
+                    self.steps[s].status,
+                    StepStatus::Applied | StepStatus::AlreadyApplied
+                ) && matches!(p.state.as_str(), "running" | "throttled" | "paused")
+                    && self.state != PlanState::RollingBack =>
+            {
+                return;
+            }
             Some(_) => {}
         }
         self.progress.insert(
             (p.migration_id.clone(), p.shard.clone(), p.tenant.clone()),
             p,
         );
+    }
+
+    /// A step ended without its data change's last report (lost with the agent's stream,
+    /// or the step answered from the journal when it ran again): the progress it showed
+    /// running is not left so under a plan that ended (`done 80/100 rows, running`).
+    pub(crate) fn end_progress(&mut self, s: usize) {
+        let t = &self.targets[self.steps[s].target];
+        let key = (
+            self.spec.migrations[self.steps[s].migration].id.to_string(),
+            t.shard.clone(),
+            t.tenant.clone(),
+        );
+        let applied = matches!(
+            self.steps[s].status,
+            StepStatus::Applied | StepStatus::AlreadyApplied
+        );
+        if let Some(p) = self.progress.get_mut(&key)
+            && matches!(p.state.as_str(), "running" | "throttled" | "paused")
+        {
+            p.rows_per_second = 0.0;
+            p.eta_ms = 0;
+            if applied {
+                p.state = "done".into();
+                p.reason =
+                    "its last progress report was lost; the journal says the step applied".into();
+            } else {
+                p.state = "stopped".into();
+                p.reason.clear();
+            }
+        }
     }
 
     pub fn step_of(&self, migration: &str, shard: &str, tenant: &str) -> Option<usize> {

@@ -93,6 +93,9 @@ impl PlanRun {
                 }
             };
             self.set_status(s, status);
+            if status != StepStatus::Pending && status != StepStatus::Prepared {
+                self.end_progress(s);
+            }
             let target = self.targets[self.steps[s].target].clone();
             if status == StepStatus::Failed {
                 failed = true;

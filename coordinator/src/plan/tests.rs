@@ -424,6 +424,55 @@ fn a_step_the_journal_holds_from_this_plan_is_applied_by_it() {
     assert_eq!(updates[0].state, StepState::AlreadyApplied);
 }
 
+/// A data change whose last progress report was lost (the agent stopped after the step
+/// applied, and the step was answered from the journal when it ran again): its progress is
+/// not left running under the step applied, and a report of it running that comes after
+/// the result is not taken.
+#[test]
+fn a_steps_progress_is_not_left_running_after_its_result() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s0", "t2")],
+        pb::FailurePolicy::Continue,
+    );
+    let mut next = 1;
+    let out = run.next_runs("s0", &mut next);
+    let progress = |tenant: &str| pb::DataProgress {
+        migration_id: "a".into(),
+        shard: "s0".into(),
+        tenant: tenant.into(),
+        rows_done: 80,
+        rows_total: 100,
+        rows_per_second: 10.0,
+        eta_ms: 2000,
+        state: "running".into(),
+        ..Default::default()
+    };
+    run.record_progress(progress("t1"));
+    run.record_progress(progress("t2"));
+    answer(&mut run, "s0", &out[0], pb::StepOutcome::AlreadyApplied);
+    answer(&mut run, "s0", &out[1], pb::StepOutcome::Failed);
+    let of = |run: &PlanRun, t: &str| run.progress[&("a".into(), "s0".into(), t.into())].clone();
+    let (t1, t2) = (of(&run, "t1"), of(&run, "t2"));
+    assert_eq!((t1.state.as_str(), t1.eta_ms), ("done", 0), "{t1:?}");
+    assert!(
+        t1.reason.contains("last progress report was lost"),
+        "{t1:?}"
+    );
+    assert_eq!(
+        (t2.state.as_str(), t2.rows_per_second),
+        ("stopped", 0.0),
+        "{t2:?}"
+    );
+    run.record_progress(progress("t1"));
+    assert_eq!(
+        of(&run, "t1").state,
+        "done",
+        "a late report of it running is dropped"
+    );
+}
+
 #[test]
 fn under_continue_a_failed_tenant_stops_alone_and_the_plan_ends_failed() {
     let mut run = plan_of(
