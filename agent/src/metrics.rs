@@ -33,6 +33,9 @@ pub enum StepOutcome {
     RolledBack,
     /// In a prepared transaction, waiting for the plan's decision.
     Prepared,
+    /// Refused by the shard's fence: a newer leader took the shard over, and runs the step
+    /// again (reported failed to the leader that sent it; no failure of the plan's).
+    Fenced,
 }
 
 impl StepOutcome {
@@ -44,6 +47,7 @@ impl StepOutcome {
             StepOutcome::NotRun => "not_run",
             StepOutcome::RolledBack => "rolled_back",
             StepOutcome::Prepared => "prepared",
+            StepOutcome::Fenced => "fenced",
         }
     }
 
@@ -52,7 +56,7 @@ impl StepOutcome {
         match self {
             StepOutcome::Applied => pb::StepOutcome::Applied,
             StepOutcome::AlreadyApplied => pb::StepOutcome::AlreadyApplied,
-            StepOutcome::Failed => pb::StepOutcome::Failed,
+            StepOutcome::Failed | StepOutcome::Fenced => pb::StepOutcome::Failed,
             StepOutcome::NotRun => pb::StepOutcome::NotRun,
             StepOutcome::RolledBack => pb::StepOutcome::Unspecified,
             StepOutcome::Prepared => pb::StepOutcome::Prepared,
@@ -86,7 +90,7 @@ pub fn describe() {
         describe_counter!(
             STEPS_TOTAL,
             Unit::Count,
-            "Steps this agent finished, by outcome."
+            "Steps this agent finished, by outcome (fenced: refused by the shard's fence after a change of leader, run again by the new one; not a failure)."
         );
         describe_histogram!(
             STEP_DURATION_SECONDS,
@@ -169,6 +173,7 @@ pub fn initialise() {
         StepOutcome::NotRun,
         StepOutcome::RolledBack,
         StepOutcome::Prepared,
+        StepOutcome::Fenced,
     ] {
         counter!(STEPS_TOTAL, "outcome" => outcome.as_str()).absolute(0);
     }

@@ -139,9 +139,22 @@ pub(crate) async fn execute_run(conn: &mut PgConnection, pool: &PgPool, job: &Jo
             Err(gf) => {
                 broken = recover(conn, gf.in_transaction).await || gf.failure.connection_lost;
                 let failed = group[gf.position];
-                metrics::step_duration(mode, StepOutcome::Failed, durations[gf.position]);
-                warn!(step = job.steps[failed].id(), sqlstate = %gf.failure.error.sqlstate,
-                      phase = %gf.failure.error.phase, error = %gf.failure.error.message, "step failed");
+                let fenced = gf.failure.error.sqlstate == sqlstate::FENCED;
+                let outcome = if fenced {
+                    StepOutcome::Fenced
+                } else {
+                    StepOutcome::Failed
+                };
+                metrics::step_duration(mode, outcome, durations[gf.position]);
+                if fenced {
+                    // after every change of leader, for the runs the old one had out: no
+                    // failure to page anyone for
+                    info!(step = job.steps[failed].id(), error = %gf.failure.error.message,
+                          "step refused by the shard's fence: a newer leader runs it again");
+                } else {
+                    warn!(step = job.steps[failed].id(), sqlstate = %gf.failure.error.sqlstate,
+                          phase = %gf.failure.error.phase, error = %gf.failure.error.message, "step failed");
+                }
                 end_progress(job, failed, "failed", &gf.failure.error.message);
                 if gf.failure.server_gone() {
                     // whether a COMMIT whose answer was lost committed is in the journal:

@@ -257,14 +257,7 @@ impl Agent {
     /// [`Agent::report`], saying whether the result must go at once (see `Outbox`).
     fn report_with(&self, plan_id: &str, result: pb::RunResult, last: bool) {
         for step in &result.steps {
-            let outcome = match pb::StepOutcome::try_from(step.outcome) {
-                Ok(pb::StepOutcome::Applied) => metrics::StepOutcome::Applied,
-                Ok(pb::StepOutcome::AlreadyApplied) => metrics::StepOutcome::AlreadyApplied,
-                Ok(pb::StepOutcome::NotRun) => metrics::StepOutcome::NotRun,
-                Ok(pb::StepOutcome::Prepared) => metrics::StepOutcome::Prepared,
-                _ => metrics::StepOutcome::Failed,
-            };
-            metrics::step_finished(outcome);
+            metrics::step_finished(counted_as(step));
         }
         self.send_out(Outgoing::Run {
             plan_id: plan_id.to_string(),
@@ -860,5 +853,49 @@ async fn lane_start_failpoint() {
     if let Some(Some(ms)) = fail::eval("agent::lane_start", |arg| arg) {
         let ms = ms.parse().expect("agent::lane_start=return(MS)");
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
+/// What a step's result counts as in `flotilla_agent_steps_total`: a step the shard's fence
+/// refused (after a change of leader; the new leader runs it again) is `fenced`, not
+/// `failed`, which pages someone.
+fn counted_as(step: &pb::StepResult) -> metrics::StepOutcome {
+    match pb::StepOutcome::try_from(step.outcome) {
+        Ok(pb::StepOutcome::Applied) => metrics::StepOutcome::Applied,
+        Ok(pb::StepOutcome::AlreadyApplied) => metrics::StepOutcome::AlreadyApplied,
+        Ok(pb::StepOutcome::NotRun) => metrics::StepOutcome::NotRun,
+        Ok(pb::StepOutcome::Prepared) => metrics::StepOutcome::Prepared,
+        _ if step
+            .error
+            .as_ref()
+            .is_some_and(|e| e.sqlstate == flotilla_core::protocol::sqlstate::FENCED) =>
+        {
+            metrics::StepOutcome::Fenced
+        }
+        _ => metrics::StepOutcome::Failed,
+    }
+}
+
+#[cfg(test)]
+mod counted_tests {
+    use super::*;
+
+    #[test]
+    fn a_fenced_step_is_not_counted_failed() {
+        let failed = |sqlstate: &str| pb::StepResult {
+            outcome: pb::StepOutcome::Failed as i32,
+            error: Some(pb::StepError {
+                sqlstate: sqlstate.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(counted_as(&failed("FL002")), metrics::StepOutcome::Fenced);
+        assert_eq!(counted_as(&failed("42P07")), metrics::StepOutcome::Failed);
+        let applied = pb::StepResult {
+            outcome: pb::StepOutcome::Applied as i32,
+            ..Default::default()
+        };
+        assert_eq!(counted_as(&applied), metrics::StepOutcome::Applied);
     }
 }
