@@ -180,6 +180,7 @@ pub const ATOMIC_UNIT_SPLIT: &str = "atomic-unit-split";
 pub const CLUSTER_WIDE: &str = "cluster-wide";
 pub const DYNAMIC_SQL: &str = "dynamic-sql";
 pub const DELETE_NOT_UNDONE: &str = "delete-not-undone";
+pub const TIMEOUTS: &str = "timeouts";
 pub const NAMING_ID: &str = "naming-id";
 pub const NAMING_DESCRIPTION: &str = "naming-description";
 
@@ -274,6 +275,11 @@ pub const RULES: &[Rule] = &[
         DELETE_NOT_UNDONE,
         Severity::Warning,
         "DELETE of rows that down.sql does not put back (no INSERT or COPY), without `destructive = true`: a rollback leaves them gone",
+    ),
+    rule_def(
+        TIMEOUTS,
+        Severity::Warning,
+        "statement_timeout no longer than lock_timeout: a wait for a lock is cut by the statement timeout, not given up and tried again as a lock timeout, and its blocker is not named",
     ),
     rule_def(
         ATOMIC_UNIT_SPLIT,
@@ -523,6 +529,22 @@ fn lint_migration(
         {
             out.parse_error("migration.toml", in_toml("[data] filter", e));
         }
+    }
+    if let (Some(lock), Some(statement)) = (m.lock_timeout, m.statement_timeout)
+        && !statement.is_zero()
+        && statement <= lock
+    {
+        out.push(
+            TIMEOUTS,
+            "migration.toml",
+            0,
+            format!(
+                "statement_timeout {}ms is no longer than lock_timeout {}ms: a statement waiting for its lock is cancelled as slow (SQLSTATE 57014), not given up and tried again after a pause as a lock timeout is, and the session holding the lock is not named",
+                statement.as_millis(),
+                lock.as_millis()
+            ),
+            "make statement_timeout longer than lock_timeout (the lock wait is part of the statement's time), or leave it unset",
+        );
     }
     rules::check_up(m, &up, atomic, options, seen, &mut out);
     if let Some(down) = down {
