@@ -69,6 +69,10 @@ rel AS (
   SELECT c.oid, c.relname, c.relkind, ns.target, ns.prefix, ns.own, ns.own_quoted
     FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace
    WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+     -- another migration tool's history (dbmate, golang-migrate, Flyway): bookkeeping, not
+     -- the application's shape; a fleet adopted from one holds it where the tool ran and
+     -- not in tenants Flotilla made since, which read as drifted for good
+     AND c.relname NOT IN ('schema_migrations', 'flyway_schema_history')
      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                       WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
 ),
@@ -107,6 +111,7 @@ items AS (
          pg_catalog.pg_get_constraintdef(con.oid)
     FROM pg_catalog.pg_constraint con JOIN ns ON ns.oid = con.connamespace
     LEFT JOIN pg_catalog.pg_class c ON c.oid = con.conrelid
+   WHERE c.relname IS NULL OR c.relname NOT IN ('schema_migrations', 'flyway_schema_history')
   UNION ALL
   SELECT ns.target, ns.own, ns.own_quoted,
          CASE p.prokind WHEN 'p' THEN 'procedure ' WHEN 'a' THEN 'aggregate ' WHEN 'w' THEN 'window function '
@@ -295,6 +300,27 @@ mod tests {
         let some = read(&pool, &names(&["tenant_c"]), false, &names(&all)).await;
         assert_eq!(some.keys().collect::<Vec<_>>(), ["tenant_c"]);
         assert_eq!(&some["tenant_c"], c);
+    }
+
+    /// Another migration tool's history table (dbmate's or golang-migrate's
+    /// `schema_migrations`, Flyway's `flyway_schema_history`) is not part of a tenant's
+    /// shape: in a fleet adopted from one, the tenants the tool made hold it and those made
+    /// since do not, and every new tenant showed as drifted for good.
+    #[tokio::test]
+    async fn another_tools_history_table_is_not_part_of_the_shape() {
+        let all = ["tenant_a", "tenant_b", "tenant_c"];
+        let (pg, pool) = shard(&all).await;
+        pg.psql(
+            "shard",
+            "CREATE TABLE tenant_a.schema_migrations (version varchar(128) PRIMARY KEY);
+             CREATE TABLE tenant_b.flyway_schema_history (installed_rank integer NOT NULL PRIMARY KEY,
+               version varchar(50), success boolean NOT NULL);",
+        )
+        .await
+        .unwrap();
+        let found = read(&pool, &names(&all), false, &names(&all)).await;
+        assert_eq!(found["tenant_a"], found["tenant_c"]);
+        assert_eq!(found["tenant_b"], found["tenant_c"]);
     }
 
     /// The fingerprint query over 2,500 tenant schemas on one shard (the reference fleet's
