@@ -56,6 +56,37 @@ async fn audit(fleet: &TestFleet, id: &str) -> anyhow::Result<Vec<Value>> {
     Ok(v.as_array().cloned().unwrap_or_default())
 }
 
+/// A plan with waves waiting for approval runs nothing: its waves are all pending. Its
+/// first wave showed `running 2 targets: 0 applied, 0 failed, 2 to go` (stored so at the
+/// submit), read as a rollout under way.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_awaiting_approval_shows_no_wave_running() -> anyhow::Result<()> {
+    let files = TestDir::new("approvals")?;
+    let matrix = matrix_file(&files)?;
+    let fleet = TestFleet::builder(2, 2)
+        .coordinator_args(&["--approvals", &matrix])
+        .start()
+        .await?;
+    let dir = MigrationDir::one_table(
+        "production",
+        "001_waved",
+        "waved",
+        "\n[[waves]]\nname = \"canary\"\nselector = \"region=r0\"\n\n[[waves]]\nname = \"rest\"\nrest = true\n",
+        "",
+    )?;
+    let id = fleet.submit(dir.path(), &["--as", "alice"]).await?;
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "awaiting_approval", "{st}");
+    let states: Vec<&str> = st["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["state"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(states, ["pending", "pending"], "{st}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_one()
 -> anyhow::Result<()> {

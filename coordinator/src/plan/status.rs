@@ -169,7 +169,17 @@ pub fn from_store(
         } else {
             paused.listed()
         },
-        waves: waves_from_store(spec, &steps.wave_targets, waves),
+        waves: {
+            let mut waves = waves_from_store(spec, &steps.wave_targets, waves);
+            // Nothing of a plan waiting for approval runs: its first wave, stored running
+            // at the submit, read as under way ("running 3 targets ... 3 to go").
+            if plan.state == PlanState::AwaitingApproval {
+                for w in &mut waves {
+                    w.state = WaveState::Pending.as_str().into();
+                }
+            }
+            waves
+        },
     }
 }
 
