@@ -188,7 +188,7 @@ async fn serve(
     // The tenants first: a tenant query that fails (a typo, a missing table) stops the agent
     // before it writes anything to the shard (its schema, and which shard the database is).
     let tenant_source = TenantSource::from_config(&config);
-    let tenants = match shard::discover_tenants(&pool, &config.shard, &tenant_source).await {
+    let mut tenants = match shard::discover_tenants(&pool, &config.shard, &tenant_source).await {
         Ok(tenants) => tenants,
         Err(error) => {
             pool.close().await;
@@ -218,7 +218,7 @@ async fn serve(
         pool.close().await;
         return Err(e);
     }
-    record_tenant_schemas(&pool, &config.shard, &tenants).await;
+    record_tenant_schemas(&pool, &config.shard, &mut tenants).await;
     match shard::is_superuser(&pool).await {
         Ok((role, true)) => warn!(
             %role,
@@ -287,13 +287,16 @@ async fn serve(
     Ok(())
 }
 
-/// Records the schemas of the tenants found, and says in the log which changed since their
-/// journal rows were written (see `shard::changed_schema`). A failure is logged: runs and
-/// preflights look again.
-async fn record_tenant_schemas(pool: &PgPool, shard_name: &str, tenants: &[pb::Tenant]) {
+/// Records the schemas of the tenants found, and marks (for the leader's `fleet status`)
+/// and says in the log which changed since their journal rows were written (see
+/// `shard::changed_schema`). A failure is logged: runs and preflights look again.
+async fn record_tenant_schemas(pool: &PgPool, shard_name: &str, tenants: &mut [pb::Tenant]) {
     let names: Vec<String> = tenants.iter().map(|t| t.name.clone()).collect();
     match shard::changed_schemas(pool, &names).await {
         Ok(changed) => {
+            for tenant in tenants.iter_mut() {
+                tenant.schema_changed = changed.contains(&tenant.name);
+            }
             for tenant in changed {
                 warn!("{}", shard::changed_schema(shard_name, &tenant));
             }
@@ -306,8 +309,8 @@ impl Agent {
     /// Rediscovers the shard's tenants, keeping the last list if the shard cannot be read.
     pub(crate) async fn refresh_tenants(&self) -> Result<Vec<pb::Tenant>, sqlx::Error> {
         match shard::discover_tenants(&self.pool, &self.config.shard, &self.tenant_source).await {
-            Ok(tenants) => {
-                record_tenant_schemas(&self.pool, &self.config.shard, &tenants).await;
+            Ok(mut tenants) => {
+                record_tenant_schemas(&self.pool, &self.config.shard, &mut tenants).await;
                 *self.tenants.lock().expect("tenants lock") = tenants.clone();
                 Ok(tenants)
             }

@@ -1191,6 +1191,7 @@ impl Coordinator {
                         .tenants()
                         .into_iter()
                         .map(|(name, labels)| pb::Tenant {
+                            schema_changed: false,
                             name,
                             labels: labels.into_iter().collect(),
                         })

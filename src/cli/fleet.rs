@@ -273,6 +273,7 @@ fn status_json(r: &pb::FleetStatusResponse) -> Value {
         "completed_plans": r.completed_plans,
         "unreported_shards": r.unreported_shards,
         "gone": r.gone,
+        "schema_changed": r.schema_changed,
         "cohorts": r.cohorts.iter().map(|c| json!({
             "head": c.head,
             "digest": c.digest,
@@ -348,6 +349,15 @@ fn print_status(r: &pb::FleetStatusResponse) {
             r.gone.join(", ")
         );
     }
+    if !r.schema_changed.is_empty() {
+        println!(
+            "\nschema not the one their journal rows were written in (dropped and made again, or \
+             restored on its own): what is applied there is not known, and no plan runs there \
+             until an operator says, on the shard, flotilla.tenant_is_new('TENANT') or \
+             flotilla.tenant_kept_its_history('TENANT'): {}",
+            r.schema_changed.join(", ")
+        );
+    }
     if !r.mismatches.is_empty() {
         println!(
             "\nchecksum mismatches (what the journal applied is not what the file or plan holds):"
@@ -396,6 +406,7 @@ fn target_json(t: &pb::FleetTarget) -> Value {
         "tenant": t.tenant,
         "reported": t.reported,
         "gone": t.gone,
+        "schema_changed": t.schema_changed,
         "labels": t.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "head": t.head,
         "digest": t.digest,
@@ -437,6 +448,15 @@ fn print_target(t: &pb::FleetTarget) {
             "  gone from its shard (its agent no longer finds the tenant); its journal rows stay"
         );
     }
+    if t.schema_changed {
+        println!(
+            "  its schema is not the one its journal rows were written in (dropped and made again, \
+             or restored on its own): what is applied there is not known; on the shard, SELECT \
+             flotilla.tenant_is_new('{0}') for a new tenant, or \
+             flotilla.tenant_kept_its_history('{0}') if it holds what its journal says",
+            t.tenant.replace('\'', "''")
+        );
+    }
     let mut labels: Vec<String> = t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     labels.sort();
     println!("  labels: {}", labels.join(","));
@@ -464,6 +484,8 @@ fn print_target(t: &pb::FleetTarget) {
         println!("  pending: not known (its shard's journal not reported)");
     } else if t.gone {
         println!("  pending: nothing (gone)");
+    } else if t.schema_changed {
+        println!("  pending: not known (its schema changed under its journal)");
     } else if t.pending.is_empty() {
         println!("  pending: none");
     } else {

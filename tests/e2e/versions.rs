@@ -333,6 +333,22 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
             && message.contains("its schema is not the one its journal rows were written in"),
         "{failure}"
     );
+    // `fleet status` sets it apart (it counted it up to date, its schema empty), and `fleet
+    // show` says why nothing is known to be pending there.
+    let s = status_when(&fleet, "tenant_0001 set apart", &[], |s| {
+        s["schema_changed"] == serde_json::json!(["shard_0/tenant_0001"])
+    })
+    .await?;
+    assert!(
+        cohorts(&s).iter().all(|c| !c["targets"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("shard_0/tenant_0001"))),
+        "{s:#}"
+    );
+    let show = fleet_show(&fleet, "shard_0/tenant_0001").await?;
+    assert_eq!(show["schema_changed"], true, "{show}");
+    assert_eq!(show["pending"], serde_json::json!([]), "{show}");
     fleet
         .pg
         .psql(

@@ -111,6 +111,7 @@ pub(crate) async fn discover_tenants(
             pb::Tenant {
                 name,
                 labels: labels.into_iter().collect(),
+                schema_changed: false,
             },
         );
     }

@@ -1,6 +1,6 @@
 //! The operator's questions about the fleet's versions, answered by the leader from its
 //! copy of the journals (see the module's docs) and the store's completed plans.
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use flotilla_core::selector::Selector;
 use flotilla_core::{PlanSpec, pb};
@@ -19,6 +19,42 @@ use crate::service::Coordinator;
 /// deploy/prometheus); the first report after a quiet spell computes at once.
 const DRIFT_GAP: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The leader's epoch, the fleet as the planner sees it, the completed plans, and the
+/// targets whose schema changed under their journal.
+type VersionsInputs = (
+    u64,
+    BTreeMap<String, ShardView>,
+    Vec<PlanInput>,
+    BTreeSet<String>,
+);
+
+/// Targets whose schema is not the one their journal rows were written in (dropped and
+/// made again, restored on its own) are set apart from the cohorts: their journals may not
+/// hold (a schema made again empty under an old name was counted up to date).
+fn set_apart_changed(status: &mut pb::FleetStatusResponse, changed: &BTreeSet<String>) {
+    if changed.is_empty() {
+        return;
+    }
+    let mut apart = Vec::new();
+    for cohort in &mut status.cohorts {
+        let before = cohort.targets.len();
+        cohort.targets.retain(|t| {
+            let out = changed.contains(t);
+            if out {
+                apart.push(t.clone());
+            }
+            !out
+        });
+        if !cohort.pending.is_empty() {
+            status.behind -= (before - cohort.targets.len()) as u64;
+        }
+    }
+    status.cohorts.retain(|c| !c.targets.is_empty());
+    status.targets = status.cohorts.iter().map(|c| c.targets.len() as u64).sum();
+    apart.sort();
+    status.schema_changed = apart;
+}
+
 impl Coordinator {
     pub async fn fleet_status(
         &self,
@@ -27,9 +63,9 @@ impl Coordinator {
     ) -> Result<pb::FleetStatusResponse, CoordinatorError> {
         let selector = Selector::parse(selector)
             .map_err(|e| CoordinatorError::InvalidRequest(format!("--selector: {e}")))?;
-        let (epoch, fleet, plans) = self.versions_inputs().await?;
+        let (epoch, fleet, plans, changed) = self.versions_inputs().await?;
         let (journals, failures) = self.inner.versions.snapshot();
-        Ok(fleet_status(
+        let mut status = fleet_status(
             &FleetInput {
                 fleet: &fleet,
                 journals: &journals,
@@ -39,11 +75,13 @@ impl Coordinator {
                 files,
             },
             &selector,
-        ))
+        );
+        set_apart_changed(&mut status, &changed);
+        Ok(status)
     }
 
     pub async fn fleet_show(&self, target: &str) -> Result<pb::FleetTarget, CoordinatorError> {
-        let (epoch, fleet, plans) = self.versions_inputs().await?;
+        let (epoch, fleet, plans, changed) = self.versions_inputs().await?;
         let (journals, failures) = self.inner.versions.snapshot();
         let input = FleetInput {
             fleet: &fleet,
@@ -64,6 +102,11 @@ impl Coordinator {
             &everything,
         );
         let name = super::target_name(&shown.shard, &shown.tenant);
+        if changed.contains(&name) {
+            // its journal may not hold: nothing is known to be pending there either
+            shown.schema_changed = true;
+            shown.pending.clear();
+        }
         shown.fingerprint = input
             .reported(&shown.shard)
             .filter(|j| j.fingerprinted)
@@ -88,7 +131,7 @@ impl Coordinator {
     ) -> Result<pb::FleetDriftResponse, CoordinatorError> {
         let selector = Selector::parse(selector)
             .map_err(|e| CoordinatorError::InvalidRequest(format!("--selector: {e}")))?;
-        let (epoch, fleet) = self.versions_fleet().await?;
+        let (epoch, fleet, _) = self.versions_fleet().await?;
         let (journals, failures) = self.inner.versions.snapshot();
         Ok(fleet_drift(
             &FleetInput {
@@ -139,10 +182,8 @@ impl Coordinator {
     }
 
     /// The leader's epoch, every shard's labels and tenants, and the completed plans.
-    async fn versions_inputs(
-        &self,
-    ) -> Result<(u64, BTreeMap<String, ShardView>, Vec<PlanInput>), CoordinatorError> {
-        let (epoch, fleet) = self.versions_fleet().await?;
+    async fn versions_inputs(&self) -> Result<VersionsInputs, CoordinatorError> {
+        let (epoch, fleet, changed) = self.versions_fleet().await?;
         let mut plans = Vec::new();
         for row in self.inner.store.completed_plans().await? {
             let spec = hex::decode(&row.spec_hex)
@@ -172,17 +213,28 @@ impl Coordinator {
                 }
             }
         }
-        Ok((epoch, fleet, plans))
+        Ok((epoch, fleet, plans, changed))
     }
 
     /// The leader's epoch and every shard's labels and tenants.
-    async fn versions_fleet(&self) -> Result<(u64, BTreeMap<String, ShardView>), CoordinatorError> {
+    async fn versions_fleet(
+        &self,
+    ) -> Result<(u64, BTreeMap<String, ShardView>, BTreeSet<String>), CoordinatorError> {
         // Agents report their journals to the leader only.
         let epoch = self.leader_epoch()?;
-        let fleet = self
-            .fleet()
-            .await?
-            .agents
+        let agents = self.fleet().await?.agents;
+        // Tenants whose schema is not the one their journal rows were written in (their
+        // agents say so at each discovery).
+        let changed = agents
+            .iter()
+            .flat_map(|a| {
+                a.tenants
+                    .iter()
+                    .filter(|t| t.schema_changed)
+                    .map(|t| super::target_name(&a.shard, &t.name))
+            })
+            .collect();
+        let fleet = agents
             .into_iter()
             .map(|a| {
                 let view = ShardView {
@@ -196,6 +248,6 @@ impl Coordinator {
                 (a.shard, view)
             })
             .collect();
-        Ok((epoch, fleet))
+        Ok((epoch, fleet, changed))
     }
 }

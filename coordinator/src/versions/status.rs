@@ -337,6 +337,8 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
         unreported_shards,
         completed_plans: input.plans.len() as u64,
         gone,
+        // (the leader's query sets them: see `query::set_apart_changed`)
+        schema_changed: Vec::new(),
     }
 }
 
