@@ -29,11 +29,20 @@ pub fn init(filter: &str, format: LogFormat) {
     // PostgreSQL's NOTICEs ("relation \"meta\" already exists, skipping" at every agent
     // start) are the server talking to itself: warnings and up only, unless asked for.
     let below_warn = matches!(given.trim(), "error" | "off");
-    if !given.contains("sqlx")
-        && !below_warn
-        && let Ok(quiet) = "sqlx::postgres::notice=warn".parse()
-    {
-        filter = filter.add_directive(quiet);
+    // The pool's own words while a server is away are said better by ours (the agent's
+    // "shard down", the coordinator's "control store does not answer"): its ping of an
+    // idle connection every few seconds (info), and its "slow acquire" warnings (a lane
+    // waits for a connection on purpose while others run long steps).
+    if !given.contains("sqlx") && !below_warn {
+        for directive in [
+            "sqlx::postgres::notice=warn",
+            "sqlx_core::pool=warn",
+            "sqlx::pool::acquire=error",
+        ] {
+            if let Ok(quiet) = directive.parse() {
+                filter = filter.add_directive(quiet);
+            }
+        }
     }
     // Operator commands keep stdout for their output; logs go to stderr.
     let builder = tracing_subscriber::fmt()
