@@ -1317,6 +1317,56 @@ async fn an_undo_that_times_out_on_a_lock_is_tried_again_from_where_it_was() {
     f.drop().await;
 }
 
+/// A DROP INDEX CONCURRENTLY of a rollback that gives up waiting for the application's
+/// transaction has marked its index invalid already: the error says so (no query uses
+/// it, every write maintains it) and what finishes it. Before, it said the lock timeout
+/// alone, and the index was found invalid on the tenant by hand.
+#[tokio::test]
+async fn an_index_drop_cut_short_in_a_rollback_names_the_invalid_index_it_leaves() {
+    let Some(f) = fleet("undo_invalid", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "ui".into(),
+        migrations: vec![migration(
+            "index",
+            "CREATE INDEX CONCURRENTLY wo_d ON work_orders (id)",
+            "DROP INDEX CONCURRENTLY IF EXISTS wo_d",
+            "",
+        )],
+        default_lock_timeout_ms: 200,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    let r = s
+        .assign("ui", 1, 1, vec![run(1, "tenant_0000", &["index"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{r:?}");
+    // the application's transaction on the table, open through every attempt
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM tenant_0000.work_orders")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let reply = s.rollback("ui", 1).await;
+    let e = reply.steps[0].error.clone().expect("the undo failed");
+    assert!(
+        e.message.contains("lock timeout")
+            && e.message
+                .contains("a DROP INDEX CONCURRENTLY cut short leaves its index INVALID"),
+        "{e:?}"
+    );
+    holder.rollback().await.unwrap();
+    let invalid = "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                   WHERE c.relname = 'wo_d' AND NOT i.indisvalid";
+    assert_eq!(count(&pool, invalid).await, 1, "as the error says");
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A text key's values reach the batch SQL as literals that read the same whatever
 /// `standard_conforming_strings` is: here the migration turns it off for its session (its
 /// batches run in it) and keys end in a backslash. Before, such a key ended its literal
