@@ -99,6 +99,20 @@ impl Coordinator {
             .filter(|r| r.state == StepState::Failed)
             .map(crate::store::StepRow::failure)
             .collect();
+        // Tenants the term before found gone from their shards, from their step rows: their
+        // steps are not left for a retry, and the plan's end still names them.
+        for r in rows
+            .iter()
+            .filter(|r| r.state == StepState::NotRun && r.phase == crate::plan::GONE)
+        {
+            if let Some(t) = run
+                .targets
+                .iter()
+                .position(|t| t.shard == r.shard && t.tenant == r.tenant)
+            {
+                run.gone.insert(t);
+            }
+        }
         run.inherited = true;
         Ok(run)
     }

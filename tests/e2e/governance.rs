@@ -84,6 +84,21 @@ async fn a_plan_awaiting_approval_shows_no_wave_running() -> anyhow::Result<()> 
         .map(|w| w["state"].as_str().unwrap_or_default())
         .collect();
     assert_eq!(states, ["pending", "pending"], "{st}");
+    // Rejected, it never started: still none under way.
+    let out = fleet
+        .cli(&["plan", "reject", &id, "--as", "bob", "--reason", "not now"])
+        .await?;
+    assert!(out.success(), "{out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "rejected", "{st}");
+    assert!(
+        st["waves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["state"] == "pending"),
+        "{st}"
+    );
     Ok(())
 }
 

@@ -333,28 +333,10 @@ pub(super) async fn undo_step(
         run_down_statements(conn, cx, m, undone).await
     }
     .await;
-    if let Err(mut failure) = statements {
+    if let Err(failure) = statements {
         // the undo's prologue or a down statement may have failed inside its transaction
         // (ROLLBACK outside one only warns)
         let broken = recover(conn, true).await;
-        // A DROP INDEX CONCURRENTLY that gave up waiting for its lock has marked the index
-        // invalid already: queries no longer use it, every write still maintains it.
-        if failure.is_lock_timeout()
-            && m.down.iter().any(|d| {
-                let words: Vec<&str> = d.split_whitespace().collect();
-                words
-                    .join(" ")
-                    .to_ascii_uppercase()
-                    .contains("DROP INDEX CONCURRENTLY")
-            })
-        {
-            failure.error.message = format!(
-                "{}; a DROP INDEX CONCURRENTLY cut short leaves its index INVALID on the \
-                 tenant (no query uses it, every write still maintains it): `plan rollback` \
-                 again once the lock is free finishes the drop",
-                failure.error.message
-            );
-        }
         return Err((failure, broken));
     }
     // The down statements are done: a lock timeout here is waited out by the record alone,

@@ -295,7 +295,28 @@ pub(super) async fn run_down_statements(
             }
         }
         let retry = !commits_inside && !may_commit_part_way(statement);
-        run_on_its_own(conn, m, statement, k, "down", commits_inside, retry).await?;
+        run_on_its_own(conn, m, statement, k, "down", commits_inside, retry)
+            .await
+            .map_err(|mut failure| {
+                // A DROP INDEX CONCURRENTLY that gave up waiting for the transactions on its
+                // table may have marked its index invalid already (it does before it waits):
+                // no query uses it, every write still maintains it.
+                let words: Vec<&str> = statement.split_whitespace().collect();
+                if failure.is_lock_timeout()
+                    && words
+                        .join(" ")
+                        .to_ascii_uppercase()
+                        .starts_with("DROP INDEX CONCURRENTLY")
+                {
+                    failure.error.message = format!(
+                        "{}; this DROP INDEX CONCURRENTLY may have left its index INVALID on \
+                         the tenant (no query uses it, every write still maintains it): \
+                         `plan rollback` again once the lock is free finishes the drop",
+                        failure.error.message
+                    );
+                }
+                failure
+            })?;
         // Done and committed: a crash before this records it leaves it to run again.
         let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
         let what = format!("the record of down statement {} of step {}", k + 1, m.id());

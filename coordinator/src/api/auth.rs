@@ -57,8 +57,9 @@ struct NamesPlan {
     plan_id: String,
 }
 
-/// A plan command is small; one past this is refused before it is read further.
-const PLAN_COMMAND_LIMIT: usize = 1 << 20;
+/// The most of a plan command read (the server's own limit on a message: a rollback's
+/// `--down-from` carries whole migrations).
+const PLAN_COMMAND_LIMIT: usize = flotilla_core::protocol::MAX_MESSAGE_BYTES;
 
 /// The plan id of a buffered unary gRPC request body (one uncompressed frame: flag byte,
 /// 4-byte length, the message), or "" when it cannot be read or is not a plain id.

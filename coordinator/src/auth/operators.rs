@@ -232,18 +232,26 @@ impl Coordinator {
     /// Whether operators must authenticate now. Once the store has held an operator it
     /// stays on (revoked rows are kept), so the answer is remembered.
     pub async fn auth_on(&self) -> Result<bool, CoordinatorError> {
+        self.auth_on_for(false).await
+    }
+
+    /// [`Coordinator::auth_on`] for a request that only reads (`reading`): while the store
+    /// does not answer, a read goes on as the store last said (authentication off), so the
+    /// leader still tells a running plan's status during the store's outage. Anything that
+    /// changes something is refused meanwhile (the first admin may have been added straight
+    /// into the store since, `operator add --store`): no write is let through unchecked.
+    async fn auth_on_for(&self, reading: bool) -> Result<bool, CoordinatorError> {
         if self.inner.auth == AuthMode::Required || self.inner.auth_seen.load(Ordering::Relaxed) {
             return Ok(true);
         }
         let asked = tokio::time::timeout(AUTH_READ_WITHIN, self.inner.store.has_operators()).await;
         let on = match asked {
             Ok(Ok(on)) => on,
-            // The store away: it held no operator when last read, and an operator is added
-            // through it (`operator add`), so none can have been added that this would miss
-            // but one added directly to the store in the moment before it went away.
-            _ if self.inner.auth_off_seen.load(Ordering::Relaxed) => {
-                warn!(
-                    "the control store does not answer: operators were not required when it last did, and still are not"
+            // The store away, a read, and no operator when it last answered.
+            _ if reading && self.inner.auth_off_seen.load(Ordering::Relaxed) => {
+                // (the store's outage is logged once, by its probe; this is every read's)
+                tracing::debug!(
+                    "the control store does not answer: a read goes on as it last said (no operators); requests that change anything are refused until it answers"
                 );
                 return Ok(false);
             }
@@ -282,16 +290,16 @@ impl Coordinator {
         peer: &str,
         plan_id: &str,
     ) -> Result<Option<Caller>, CoordinatorError> {
-        if !self.auth_on().await? {
+        let needed = required_role(method);
+        if !self.auth_on_for(needed == Role::Viewer).await? {
             return Ok(None);
         }
-        let needed = required_role(method);
         let found = match (bearer, certificate) {
             (Some(header), _) => match bearer_token(header) {
                 Ok(token) => self.inner.store.operator_by_token(&token.sha256()).await?,
                 Err(e) => {
                     return Err(self
-                        .refuse_unauthenticated(method, peer, plan_id, e.to_string())
+                        .refuse_unauthenticated(method, peer, e.to_string())
                         .await);
                 }
             },
@@ -316,9 +324,7 @@ impl Coordinator {
                         rfc3339_s(*valid_from_s * 1000),
                         rfc3339_s(op.certificates_from_ms)
                     );
-                    return Err(self
-                        .refuse_unauthenticated(method, peer, plan_id, why)
-                        .await);
+                    return Err(self.refuse_unauthenticated(method, peer, why).await);
                 }
                 found
             }
@@ -327,7 +333,6 @@ impl Coordinator {
                     .refuse_unauthenticated(
                         method,
                         peer,
-                        plan_id,
                         format!(
                             "the client certificate is an agent's ({whose}): it names no operator"
                         ),
@@ -339,7 +344,6 @@ impl Coordinator {
                     .refuse_unauthenticated(
                         method,
                         peer,
-                        plan_id,
                         "no credential (give --token-file or FLOTILLA_TOKEN_FILE)".into(),
                     )
                     .await);
@@ -349,15 +353,11 @@ impl Coordinator {
             Some(op) if !op.is_revoked() => op,
             Some(op) => {
                 let why = format!("the credential of operator {} was revoked", op.name);
-                return Err(self
-                    .refuse_unauthenticated(method, peer, plan_id, why)
-                    .await);
+                return Err(self.refuse_unauthenticated(method, peer, why).await);
             }
             None => {
                 let why = "the credential names no operator".to_string();
-                return Err(self
-                    .refuse_unauthenticated(method, peer, plan_id, why)
-                    .await);
+                return Err(self.refuse_unauthenticated(method, peer, why).await);
             }
         };
         let role: Role = operator.role.parse().map_err(|e: String| {
@@ -379,14 +379,15 @@ impl Coordinator {
         }))
     }
 
+    /// Audited under no plan: who sent it is not known, so the plan it names is not theirs to
+    /// file a row under, nor a key that makes each request a new one to write (a flood).
     async fn refuse_unauthenticated(
         &self,
         method: &str,
         peer: &str,
-        plan_id: &str,
         why: String,
     ) -> CoordinatorError {
-        self.audit_refusal("anonymous", "unauthenticated", method, peer, plan_id, &why)
+        self.audit_refusal("anonymous", "unauthenticated", method, peer, "", &why)
             .await;
         CoordinatorError::Unauthenticated(why)
     }

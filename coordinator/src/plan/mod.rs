@@ -11,6 +11,7 @@
 mod replies;
 mod schedule;
 mod settle;
+pub(crate) use replies::GONE;
 pub(crate) use settle::UNDOING;
 pub mod status;
 pub mod step;

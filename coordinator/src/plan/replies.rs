@@ -6,7 +6,7 @@ use super::{PlanRun, PlanState, RollbackState, StepStatus};
 
 /// The error phase of a step an agent did not run because its tenant is gone from the
 /// shard (the agent's `shard::GONE`).
-pub const GONE: &str = "gone";
+pub(crate) const GONE: &str = "gone";
 use crate::store::StepUpdate;
 
 impl PlanRun {

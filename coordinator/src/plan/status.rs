@@ -172,10 +172,28 @@ pub fn from_store(
         waves: {
             let mut waves = waves_from_store(spec, &steps.wave_targets, waves);
             // Nothing of a plan waiting for approval runs: its first wave, stored running
-            // at the submit, read as under way ("running 3 targets ... 3 to go").
-            if plan.state == PlanState::AwaitingApproval {
-                for w in &mut waves {
+            // at the submit, read as under way ("running 3 targets ... 3 to go"); nor did
+            // anything of one that ended before it started (rejected, cancelled while it
+            // waited). One that ended otherwise has no wave under way any more.
+            let started = steps
+                .counts
+                .iter()
+                .any(|(_, st, n)| *n > 0 && !matches!(st, StepState::Pending | StepState::NotRun));
+            let unstarted =
+                plan.state == PlanState::AwaitingApproval || (plan.state.is_terminal() && !started);
+            let under_way = [
+                WaveState::Running,
+                WaveState::Baking,
+                WaveState::Checking,
+                WaveState::Waiting,
+            ];
+            for w in &mut waves {
+                if unstarted {
                     w.state = WaveState::Pending.as_str().into();
+                } else if plan.state.is_terminal()
+                    && under_way.iter().any(|u| u.as_str() == w.state)
+                {
+                    w.state = WaveState::Halted.as_str().into();
                 }
             }
             waves

@@ -112,23 +112,31 @@ impl Coordinator {
     pub async fn catch_up_at_each_completion(self) {
         let mut changes = self.inner.changes.subscribe();
         loop {
-            match changes.recv().await {
-                Ok((_, Some(last)))
-                    if last
-                        .summary
-                        .as_ref()
-                        .is_some_and(|s| s.state == "completed") =>
-                {
-                    let kept = std::mem::take(
-                        &mut *self.inner.catch_up_deferred.lock().expect("deferred lock"),
-                    );
-                    for (shard, tenants) in kept {
-                        self.catch_up(&shard, &tenants, true).await;
-                    }
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            let completed = match changes.recv().await {
+                // (the plans a catch-up reads: completed, with failures within a budget too)
+                Ok((_, Some(last))) => last.summary.as_ref().is_some_and(|s| {
+                    s.state == "completed" || s.state == "completed_with_failures"
+                }),
+                Ok(_) => false,
+                // changes missed, a completion among them maybe: look as after one
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            if !completed {
+                continue;
+            }
+            {
+                let kept = std::mem::take(
+                    &mut *self.inner.catch_up_deferred.lock().expect("deferred lock"),
+                );
+                // On a task of its own: a refused submit is sent again minutes long, and
+                // this loop must not fall behind the plans' changes meanwhile.
+                let me = self.clone();
+                tokio::spawn(async move {
+                    for (shard, tenants) in kept {
+                        me.catch_up(&shard, &tenants, true).await;
+                    }
+                });
             }
         }
     }

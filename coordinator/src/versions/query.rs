@@ -222,7 +222,13 @@ impl Coordinator {
     ) -> Result<(u64, BTreeMap<String, ShardView>, BTreeSet<String>), CoordinatorError> {
         // Agents report their journals to the leader only.
         let epoch = self.leader_epoch()?;
-        let agents = self.fleet().await?.agents;
+        let listed = self.fleet().await?;
+        // Without the store, the agents away are not known: their shards would vanish from
+        // the answer rather than show as not reported.
+        if !listed.note.is_empty() {
+            return Err(crate::store::StoreError::Unreachable(listed.note).into());
+        }
+        let agents = listed.agents;
         // Tenants whose schema is not the one their journal rows were written in (their
         // agents say so at each discovery).
         let changed = agents
