@@ -85,6 +85,64 @@ pub fn sql_passwords_hidden(sql: &str) -> String {
         at = after;
     }
     out.push_str(&sql[at..]);
+    connection_passwords_hidden(&out)
+}
+
+/// A connection string's password in the SQL (`CREATE SUBSCRIPTION ... CONNECTION 'host=h
+/// password=PW'`, `dblink_connect('postgresql://u:PW@h/db')`) shown as `***`.
+fn connection_passwords_hidden(sql: &str) -> String {
+    let stops = |c: char| c.is_whitespace() || matches!(c, '\'' | '"' | ';' | ')' | ',');
+    let lower = sql.to_ascii_lowercase();
+    let mut out = String::with_capacity(sql.len());
+    let mut at = 0;
+    // key/value: password=PW (a word of its own)
+    while let Some(found) = lower[at..].find("password=") {
+        let key = at + found;
+        let value = key + "password=".len();
+        let own_word = key == 0
+            || !sql[..key]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let end = sql[value..].find(stops).map_or(sql.len(), |e| value + e);
+        out.push_str(&sql[at..value]);
+        if own_word && end > value {
+            out.push_str(HIDDEN);
+        } else {
+            out.push_str(&sql[value..end]);
+        }
+        at = end;
+    }
+    out.push_str(&sql[at..]);
+    // URLs: scheme://user:PW@host
+    let sql = out;
+    let mut out = String::with_capacity(sql.len());
+    let mut at = 0;
+    while let Some(found) = sql[at..].find("://") {
+        let start = at + found + 3;
+        let end = sql[start..].find(stops).map_or(sql.len(), |e| start + e);
+        let authority_end = sql[start..end]
+            .find(['/', '?', '#'])
+            .map_or(end, |e| start + e);
+        out.push_str(&sql[at..start]);
+        match sql[start..authority_end].rfind('@') {
+            Some(a) => {
+                let userinfo = &sql[start..start + a];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        out.push_str(user);
+                        out.push(':');
+                        out.push_str(HIDDEN);
+                        out.push_str(&sql[start + a..end]);
+                    }
+                    None => out.push_str(&sql[start..end]),
+                }
+            }
+            None => out.push_str(&sql[start..end]),
+        }
+        at = end;
+    }
+    out.push_str(&sql[at..]);
     out
 }
 
@@ -488,6 +546,21 @@ mod tests {
         );
         // a positional parameter or NULL is no literal
         let plain = "CREATE ROLE a PASSWORD NULL; ALTER ROLE b PASSWORD $1";
+        assert_eq!(super::sql_passwords_hidden(plain), plain);
+        // a connection string's, as key/value or in a URL
+        assert_eq!(
+            super::sql_passwords_hidden(
+                "CREATE SUBSCRIPTION s CONNECTION 'host=db password=Hunter2 dbname=x' PUBLICATION p"
+            ),
+            "CREATE SUBSCRIPTION s CONNECTION 'host=db password=*** dbname=x' PUBLICATION p"
+        );
+        assert_eq!(
+            super::sql_passwords_hidden(
+                "SELECT dblink_connect('postgresql://app:S3cret@db:5432/x?sslmode=require')"
+            ),
+            "SELECT dblink_connect('postgresql://app:***@db:5432/x?sslmode=require')"
+        );
+        let plain = "SELECT dblink_connect('postgresql://app@db/x'); -- old_password=1";
         assert_eq!(super::sql_passwords_hidden(plain), plain);
         // a column of that name, or a word holding it, is not a password
         let plain = "ALTER TABLE users ADD COLUMN password_hash text, ADD COLUMN password text";
