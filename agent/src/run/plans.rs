@@ -811,7 +811,17 @@ impl Agent {
         job: &Job,
     ) -> Option<pb::RunResult> {
         if conn.is_none() {
-            match self.pool.acquire().await {
+            let mut acquired = self.pool.acquire().await;
+            if let Err(e) = &acquired
+                && classify(e, "connect").server_gone()
+            {
+                // The server going down or coming back (a restart, its crash recovery):
+                // nothing of the run ran, and its steps must not fail for it. Asked again
+                // once the server answers (at most a minute).
+                super::conn::wait_for_server(&self.pool).await;
+                acquired = self.pool.acquire().await;
+            }
+            match acquired {
                 Ok(c) => *conn = Some(c),
                 Err(e) => {
                     let failure = classify(&e, "connect");
