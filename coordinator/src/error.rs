@@ -266,6 +266,17 @@ pub enum Conflict {
         state: PlanState,
         what: &'static str,
     },
+    /// A new leader has not yet read its atomic unit's decision (it waits for the unit's
+    /// shards' agents): an abort asked now could find a commit already decided.
+    #[error(
+        "plan {plan_id} was taken over by this leader in an atomic unit whose decision it has \
+         not read yet (etcd has not answered): a {action} now could meet a commit the leader \
+         before decided; try again in a moment"
+    )]
+    UnitUnverified {
+        plan_id: String,
+        action: &'static str,
+    },
     #[error("cannot resume shard {shard} of plan {plan_id} alone: {why}")]
     NotPaused {
         plan_id: String,

@@ -28,12 +28,24 @@ impl Engine {
             return;
         }
         let key = run.unit_key();
-        // every shard's in-doubt list is needed: it comes with the agent's attach (one
-        // that could not list them attaches again once it can)
-        if run
-            .shards
-            .keys()
-            .any(|s| !self.agents.contains_key(s) || self.in_doubt_unknown.contains(s))
+        // The decision first: one that stands needs no agent to be carried out (the
+        // agents commit or abort by it as they come); with none, none can be written any
+        // more but this leader's (the one before is deposed), which a cancel meanwhile
+        // may write (`decision_absent`).
+        let read = self.coordination.decision(&key).await;
+        if let (Ok(None), Some(run)) = (&read, self.plans.get_mut(plan_id)) {
+            run.decision_absent = true;
+        }
+        let Some(run) = self.plans.get(plan_id) else {
+            return;
+        };
+        // whether it started needs every shard's in-doubt list: it comes with the agent's
+        // attach (one that could not list them attaches again once it can)
+        if matches!(read, Ok(None))
+            && run
+                .shards
+                .keys()
+                .any(|s| !self.agents.contains_key(s) || self.in_doubt_unknown.contains(s))
         {
             return;
         }
@@ -42,7 +54,7 @@ impl Engine {
                 .get(s)
                 .is_some_and(|gids| gids.iter().any(|g| gid::unit_of(g) == Some(key.as_str())))
         });
-        let decision = match self.coordination.decision(&key).await {
+        let decision = match read {
             Ok(Some(d)) => Some(d),
             Ok(None) if started => {
                 match self

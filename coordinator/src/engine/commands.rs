@@ -170,6 +170,16 @@ impl Engine {
                 }
                 .into());
             }
+            // A unit the leader before may have decided (its decision not read yet): the
+            // abort would halt its steps, and etcd answer with the commit, its shards
+            // committing what the plan then reports not run.
+            (_, PlanState::Running) if run.unit_unverified && !run.decision_absent => {
+                return Err(Conflict::UnitUnverified {
+                    plan_id: plan_id.to_string(),
+                    action,
+                }
+                .into());
+            }
             // The unit's commit decision is written: every shard must commit it; a rollback
             // begun now would read journals the COMMIT PREPAREDs still to come change.
             (_, PlanState::Committing) => {

@@ -45,6 +45,23 @@ fn engine_full(
     flushes: bool,
     agent_grace: Duration,
 ) -> mpsc::Sender<Event> {
+    engine_deciding(
+        fleet,
+        changes,
+        flushes,
+        agent_grace,
+        Arc::new(EmbeddedCoordination::new(1)),
+    )
+}
+
+/// [`engine_full`] on the given coordination backend (decisions written before the start).
+fn engine_deciding(
+    fleet: Arc<Fleet>,
+    changes: super::Changes,
+    flushes: bool,
+    agent_grace: Duration,
+    coordination: Arc<EmbeddedCoordination>,
+) -> mpsc::Sender<Event> {
     let (store, mut writes) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut held = Vec::new();
@@ -60,7 +77,7 @@ fn engine_full(
     });
     let (events, rx) = mpsc::channel(64);
     let engine = Engine::new(
-        Arc::new(EmbeddedCoordination::new(1)),
+        coordination,
         agent_grace,
         store,
         changes,
@@ -1083,4 +1100,50 @@ async fn an_atomic_plan_asks_again_for_the_steps_its_submit_read_applied() {
             "undone: {undone}: {last:?}"
         );
     }
+}
+
+/// A plan a new leader took over in an atomic unit the leader before decided to commit
+/// (the store missed the decision's state): the leader reads the decision without waiting
+/// for the unit's agents, and a cancel is refused as while committing. Before, the cancel
+/// was taken while the unit waited for its agents: it halted the unit's steps and asked for
+/// an abort, which the decision store answered with the commit; the shards committed what
+/// the plan reported not run, and the cancel's undo never came.
+#[tokio::test]
+async fn a_taken_over_unit_decided_to_commit_is_not_cancelled() {
+    use crate::coordination::{Coordination, Decision};
+    let coordination = Arc::new(EmbeddedCoordination::new(1));
+    let group = pb::ParallelGroup {
+        migrations: vec!["a".into()],
+        atomic: true,
+    };
+    let mut run = plan_of(
+        &["a"],
+        vec![group],
+        &[("s0", "t1"), ("s1", "t1")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    coordination
+        .decide(&run.unit_key(), Decision::Commit, 1)
+        .await
+        .unwrap();
+    let events = engine_deciding(
+        Arc::new(Fleet::default()),
+        broadcast::channel(16).0,
+        true,
+        Duration::from_secs(30),
+        coordination,
+    );
+    run.inherited = true;
+    run.unit_unverified = true;
+    start_locked(&events, run).await;
+    events.send(Event::Tick).await.unwrap();
+    let e = command(&events, super::CommandKind::Cancel)
+        .await
+        .expect_err("refused");
+    assert!(e.to_string().contains("commit"), "{e}");
+    let state = engine_status(&events)
+        .await
+        .and_then(|s| s.summary)
+        .map(|s| s.state);
+    assert_eq!(state.as_deref(), Some("committing"), "no agent attached");
 }

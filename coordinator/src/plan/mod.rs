@@ -168,6 +168,9 @@ pub struct PlanRun {
     /// A unit entered on an inherited plan, not yet checked against etcd and the agents'
     /// in-doubt transactions: nothing of it is handed out until it is.
     pub unit_unverified: bool,
+    /// With `unit_unverified`: its decision was read, and there was none (a cancel may
+    /// then decide the abort: the leader before, deposed, can write none any more).
+    pub decision_absent: bool,
     /// Data changes' latest progress, by (migration, shard, tenant).
     pub progress: BTreeMap<(String, String, String), pb::DataProgress>,
     /// The plan's waves in order (one of every target for a plan without waves).
@@ -333,6 +336,7 @@ impl PlanRun {
             progress: BTreeMap::new(),
             inherited: false,
             unit_unverified: false,
+            decision_absent: false,
             waves: Vec::new(),
             wave_of: Vec::new(),
             wave_pos: 0,
