@@ -72,6 +72,8 @@ pub(crate) async fn run(agent: Arc<Agent>, mut outbox: Outbox, rotation: Rotatio
 /// only at shutdown.
 async fn reconnect(agent: &Arc<Agent>, outbox: &mut Outbox, mut rotation: Rotation) {
     let mut attempt = 0u32;
+    // why each coordinator of the round did not take the stream (said with the round)
+    let mut refusals: Vec<String> = Vec::new();
     loop {
         let address = rotation.next_address();
         let shown = redact_dsn(&address);
@@ -86,7 +88,17 @@ async fn reconnect(agent: &Arc<Agent>, outbox: &mut Outbox, mut rotation: Rotati
         let (welcomed, follow) = match ended {
             Ended::Shutdown => return,
             Ended::Lost { welcomed, reason } => {
-                warn!(coordinator = %shown, %reason, "coordinator stream lost");
+                // A stream that was up and ended is news; a dial that did not take (the dead
+                // leader a follower still names until its lease runs out: dozens a minute)
+                // is said once per round, below.
+                if welcomed {
+                    warn!(coordinator = %shown, %reason, "coordinator stream lost");
+                } else {
+                    tracing::debug!(coordinator = %shown, %reason, "coordinator did not take the stream");
+                    if refusals.len() < 8 {
+                        refusals.push(format!("{shown}: {reason}"));
+                    }
+                }
                 (welcomed, false)
             }
             Ended::NotLeader { welcomed, leader } => {
@@ -99,6 +111,7 @@ async fn reconnect(agent: &Arc<Agent>, outbox: &mut Outbox, mut rotation: Rotati
         metrics::coordinator_connected(false);
         if welcomed {
             attempt = 0;
+            refusals.clear();
             rotation.new_round();
         }
         if follow || (!welcomed && !rotation.round_failed()) {
@@ -113,7 +126,10 @@ async fn reconnect(agent: &Arc<Agent>, outbox: &mut Outbox, mut rotation: Rotati
             rand::random(),
         );
         if !welcomed {
-            warn!(coordinators = %redact_list(&agent.config.coordinator), attempt, ?delay, "no coordinator took the agent; retrying");
+            refusals.dedup();
+            let why = refusals.join("; ");
+            warn!(coordinators = %redact_list(&agent.config.coordinator), attempt, ?delay, "no coordinator took the agent ({why}); retrying");
+            refusals.clear();
             attempt = attempt.saturating_add(1);
         }
         rotation.new_round();
