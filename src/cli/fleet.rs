@@ -457,7 +457,12 @@ fn print_target(t: &pb::FleetTarget) {
             t.tenant.replace('\'', "''")
         );
     }
-    let mut labels: Vec<String> = t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // a value is quoted as a selector takes it (a tenant named `a,b=c` read as two labels)
+    let mut labels: Vec<String> = t
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={}", flotilla_core::selector::quoted(v)))
+        .collect();
     labels.sort();
     println!("  labels: {}", labels.join(","));
     if !t.head.is_empty() {

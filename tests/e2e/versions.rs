@@ -272,6 +272,9 @@ async fn a_tenant_that_appears_catches_up_on_the_plans_that_ask_and_one_that_van
     })
     .await?;
     assert_eq!(s["targets"], 6, "{s:#}");
+    // a selection lists the gone tenants it takes only
+    let other = status(&fleet, &["--selector", "shard = shard_1"]).await?;
+    assert_eq!(other["gone"], serde_json::json!([]), "{other:#}");
     let kept = fleet
         .pg
         .query_rows(
@@ -438,6 +441,13 @@ async fn catch_up_follows_each_new_tenants_selection_whatever_its_name() -> anyh
         ],
         "tenant_0901, which the plan's selector leaves out, has no note"
     );
+    // Shown with its label quoted as a selector takes it: `tenant=tenant_X y` read as two
+    // words (and a name with a comma as two labels).
+    let out = fleet
+        .cli(&["fleet", "show", "shard_0/tenant_X y"])
+        .await?
+        .expect_success()?;
+    assert!(out.stdout.contains(r#"tenant="tenant_X y""#), "{out}");
     Ok(())
 }
 

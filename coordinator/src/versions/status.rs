@@ -317,6 +317,12 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
             .filter(|(t, rows)| {
                 !t.is_empty() && !rows.is_empty() && !view.tenants.iter().any(|(n, _)| n == *t)
             })
+            // the selector asked for: by its shard's labels and its name (its own labels
+            // went with it)
+            .filter(|(t, _)| {
+                let named = ((*t).clone(), BTreeMap::new());
+                selector.matches(&planner::target_labels(shard, view, Some(&named)))
+            })
             .map(|(t, _)| t)
             .collect();
         names.sort();

@@ -55,7 +55,11 @@ pub fn fleet(r: &pb::ListFleetResponse, output: Output) {
         eprintln!("note: {}", r.note);
     }
     let labels = |m: &std::collections::HashMap<String, String>| {
-        let mut v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // a value is quoted as a selector takes it (`tenant="a,b=c"`)
+        let mut v: Vec<String> = m
+            .iter()
+            .map(|(k, v)| format!("{k}={}", flotilla_core::selector::quoted(v)))
+            .collect();
         v.sort();
         v.join(",")
     };
