@@ -344,17 +344,7 @@ impl Report {
 
 /// Every step of a run NOT_RUN (the plan halted before it started).
 pub(crate) fn not_run(run: &pb::Run) -> pb::RunResult {
-    let steps = run
-        .migrations
-        .iter()
-        .map(|m| Report::not_run().into_pb(m))
-        .collect();
-    pb::RunResult {
-        run_id: run.run_id,
-        tenant: run.tenant.clone(),
-        steps,
-        prepared_at_us: 0,
-    }
+    every_step(run, StepOutcome::NotRun, None)
 }
 
 /// Every step of a run NOT_RUN on a tenant gone from its shard (`shard::GONE`), saying so.
@@ -364,42 +354,28 @@ pub(crate) fn all_gone(run: &pb::Run, why: String) -> pb::RunResult {
         phase: crate::shard::GONE.into(),
         ..Default::default()
     };
+    every_step(run, StepOutcome::NotRun, Some(error))
+}
+
+/// Every step of a run FAILED with the same error (bad definition, no connection).
+pub(crate) fn all_failed(run: &pb::Run, failure: &Failure) -> pb::RunResult {
+    every_step(run, StepOutcome::Failed, Some(failure.error.clone()))
+}
+
+/// Every step of a run with the same outcome (and error), nothing of it run.
+fn every_step(run: &pb::Run, outcome: StepOutcome, error: Option<pb::StepError>) -> pb::RunResult {
     let steps = run
         .migrations
         .iter()
         .map(|m| {
             Report {
-                outcome: StepOutcome::NotRun,
+                outcome,
                 duration: Duration::ZERO,
-                error: Some(error.clone()),
+                error: error.clone(),
                 checksum: String::new(),
                 applied_by: String::new(),
             }
             .into_pb(m)
-        })
-        .collect();
-    pb::RunResult {
-        run_id: run.run_id,
-        tenant: run.tenant.clone(),
-        steps,
-        prepared_at_us: 0,
-    }
-}
-
-/// Every step of a run FAILED with the same error (bad definition, no connection).
-pub(crate) fn all_failed(run: &pb::Run, failure: &Failure) -> pb::RunResult {
-    let steps = run
-        .migrations
-        .iter()
-        .map(|m| {
-            let r = Report {
-                outcome: StepOutcome::Failed,
-                duration: Duration::ZERO,
-                error: Some(failure.error.clone()),
-                checksum: String::new(),
-                applied_by: String::new(),
-            };
-            r.into_pb(m)
         })
         .collect();
     pb::RunResult {
