@@ -109,6 +109,8 @@ pub(crate) struct Publish<'a> {
 pub(crate) struct UndoShared<'a> {
     pub publish: Publish<'a>,
     pub buckets: &'a super::ServerBuckets,
+    /// The shard's pool, to watch an undo's lock wait from another session.
+    pub pool: &'a sqlx::PgPool,
 }
 
 /// A data change's progress on its target, published to the agent's board (and from there

@@ -37,17 +37,43 @@ pub(super) async fn retry_lock_timeouts(
     transaction: bool,
     what: &str,
 ) -> Result<(), (sqlx::Error, u32)> {
+    retry_lock_timeouts_watched(conn, sql, transaction, what, None)
+        .await
+        .map_err(|(e, attempts, _)| (e, attempts))
+}
+
+/// [`retry_lock_timeouts`], its last attempt watched for who blocks it (`watch`: the pool
+/// to look from, the session's pid, the step): on a lock timeout the error names them, as
+/// a step's does.
+pub(super) async fn retry_lock_timeouts_watched(
+    conn: &mut PgConnection,
+    sql: &str,
+    transaction: bool,
+    what: &str,
+    watch: Option<(&PgPool, i32, &PreparedMigration)>,
+) -> Result<(), (sqlx::Error, u32, Option<String>)> {
     let mut attempt = 0u32;
     loop {
-        let e = match execute(conn, sql.to_owned()).await {
+        let watching = match watch {
+            Some((pool, pid, m)) if attempt == LOCK_RETRIES => {
+                Some(BlockerWatch::start(pool, pid, m))
+            }
+            _ => None,
+        };
+        let outcome = execute(conn, sql.to_owned()).await;
+        let blocker = match watching {
+            Some(w) => w.finish().await,
+            None => None,
+        };
+        let e = match outcome {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
         if !is_lock_timeout(&e) || attempt == LOCK_RETRIES {
-            return Err((e, attempt + 1));
+            return Err((e, attempt + 1, blocker));
         }
         if transaction && let Err(e) = execute(conn, "ROLLBACK".into()).await {
-            return Err((e, attempt + 1));
+            return Err((e, attempt + 1, None));
         }
         attempt += 1;
         let pause = retry_pause(attempt);

@@ -12,7 +12,7 @@ use tracing::{Instrument, info, instrument, warn};
 
 use super::conn::recover;
 use super::job::{PlanDef, PlanError};
-use super::lock_wait::{retry_lock_timeouts, with_attempts};
+use super::lock_wait::{retry_lock_timeouts, retry_lock_timeouts_watched, with_attempts};
 use super::sqlgen;
 use super::statements::{replay_session_settings, run_down_statements};
 use crate::data::prior_image::{prior_image_batches, restore_prior_image};
@@ -209,6 +209,7 @@ impl Agent {
                             board: &self.progress,
                         },
                         buckets: &self.buckets,
+                        pool: &self.pool,
                     };
                     undo_step(&mut conn, &cx, m, Some(shared)).await
                 }
@@ -290,8 +291,23 @@ pub(super) async fn undo_step(
     if m.is_transactional() {
         let undo = sqlgen::transactional_undo(cx, m);
         let what = format!("the undo of step {}", m.id());
-        if let Err((e, attempts)) = retry_lock_timeouts(conn, &undo, true, &what).await {
-            return Err(undo_failed(conn, m, &e, attempts).await);
+        // (a rollback's last attempt is watched for who blocks it, as a step's is)
+        let pid = match &shared {
+            Some(_) => sqlx::query_scalar::<_, i32>("SELECT pg_catalog.pg_backend_pid()")
+                .fetch_one(&mut *conn)
+                .await
+                .ok(),
+            None => None,
+        };
+        let watch = shared.as_ref().zip(pid).map(|(s, pid)| (s.pool, pid, m));
+        if let Err((e, attempts, blocker)) =
+            retry_lock_timeouts_watched(conn, &undo, true, &what, watch).await
+        {
+            let (mut failure, broken) = undo_failed(conn, m, &e, attempts).await;
+            if let Some(b) = blocker {
+                failure.error.message = format!("{}; {b}", failure.error.message);
+            }
+            return Err((failure, broken));
         }
         return Ok(());
     }

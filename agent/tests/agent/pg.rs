@@ -1317,6 +1317,51 @@ async fn an_undo_that_times_out_on_a_lock_is_tried_again_from_where_it_was() {
     f.drop().await;
 }
 
+/// A rollback's undo that gives up waiting for its lock names the table and the session
+/// that holds it, as a step's error does. Before, the lock timeout alone: the operator had
+/// to find the session in pg_stat_activity during the incident.
+#[tokio::test]
+async fn an_undo_that_gives_up_on_a_lock_names_who_holds_it() {
+    let Some(f) = fleet("undo_blocker", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "ub".into(),
+        migrations: vec![migration(
+            "column",
+            "ALTER TABLE work_orders ADD COLUMN z int",
+            "ALTER TABLE work_orders DROP COLUMN z",
+            "",
+        )],
+        default_lock_timeout_ms: 200,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    let r = s
+        .assign("ub", 1, 1, vec![run(1, "tenant_0000", &["column"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{r:?}");
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM tenant_0000.work_orders")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let reply = s.rollback("ub", 1).await;
+    let e = reply.steps[0].error.clone().expect("the undo failed");
+    assert!(
+        e.message.contains("4 attempts")
+            && e.message
+                .contains("waiting for a lock on tenant_0000.work_orders held by pid"),
+        "{e:?}"
+    );
+    holder.rollback().await.unwrap();
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A DROP INDEX CONCURRENTLY of a rollback that gives up waiting for the application's
 /// transaction has marked its index invalid already: the error says so (no query uses
 /// it, every write maintains it) and what finishes it. Before, it said the lock timeout
