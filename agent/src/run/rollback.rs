@@ -346,7 +346,7 @@ pub(super) async fn undo_step(
             .await
             .map_err(once)?;
         }
-        run_down_statements(conn, cx, m, undone).await
+        run_down_statements(conn, cx, m, undone, shared.as_ref().map(|s| s.pool)).await
     }
     .await;
     if let Err(failure) = statements {

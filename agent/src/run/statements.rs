@@ -14,12 +14,12 @@ use flotilla_core::sql::{
     first_non_transactional, is_concurrent_index_drop, is_session_setting, may_commit_part_way,
     quote_ident,
 };
-use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgConnection, PgPool};
 use tracing::{info, warn};
 
 use super::conn::execute;
 use super::invalid_index::{drop_invalid_index, index_name_taken, invalid_index};
-use super::lock_wait::{retry_lock_timeouts, with_attempts};
+use super::lock_wait::{retry_lock_timeouts, retry_lock_timeouts_watched, with_attempts};
 use crate::error::{Failure, classify};
 use crate::step::sql::{begin_fenced, push_advance_statements, push_advance_undone};
 use crate::step::{PreparedMigration, StepContext};
@@ -97,7 +97,7 @@ pub(super) async fn run_up_statements(
             execute(conn, pending).await.map_err(|e| fail(&e, true))?;
         }
         if let Err(failure) =
-            run_on_its_own(conn, m, statement, k, "up", commits_inside, false).await
+            run_on_its_own(conn, m, statement, k, "up", commits_inside, false, None).await
         {
             if k == 0 && fresh && left_nothing(&failure, statement, commits_inside) {
                 forget_pending(conn, cx, m).await;
@@ -248,11 +248,14 @@ pub(super) async fn pass_over_never_run(
     Ok(pass)
 }
 
+/// `watch`: the pool to watch a statement's last lock wait from (a rollback's), naming who
+/// blocks it when it gives up.
 pub(super) async fn run_down_statements(
     conn: &mut PgConnection,
     cx: &StepContext<'_>,
     m: &PreparedMigration,
     undone: usize,
+    watch: Option<&PgPool>,
 ) -> Result<(), Failure> {
     if undone > 0 {
         info!(
@@ -295,7 +298,7 @@ pub(super) async fn run_down_statements(
             }
         }
         let retry = !commits_inside && !may_commit_part_way(statement);
-        run_on_its_own(conn, m, statement, k, "down", commits_inside, retry)
+        run_on_its_own(conn, m, statement, k, "down", commits_inside, retry, watch)
             .await
             .map_err(|mut failure| {
                 // A DROP INDEX CONCURRENTLY that gave up waiting for the transactions on its
@@ -342,6 +345,7 @@ pub(super) async fn run_down_statements(
 /// so what it committed before an error stays. `retry`: a lock timeout is tried again after
 /// the pauses a step gets (only for a statement that is all or nothing). A failure that may
 /// have left work committed is `part_way`.
+#[allow(clippy::too_many_arguments)]
 async fn run_on_its_own(
     conn: &mut PgConnection,
     m: &PreparedMigration,
@@ -350,19 +354,31 @@ async fn run_on_its_own(
     phase: &str,
     commits_inside: bool,
     retry: bool,
+    watch: Option<&PgPool>,
 ) -> Result<(), Failure> {
     let taken = index_name_taken(conn, statement).await;
     let ran = if retry {
         let what = format!("{phase} statement {} of step {}", k + 1, m.id());
-        retry_lock_timeouts(conn, statement, false, &what).await
+        let pid = match watch {
+            Some(_) => sqlx::query_scalar::<_, i32>("SELECT pg_catalog.pg_backend_pid()")
+                .fetch_one(&mut *conn)
+                .await
+                .ok(),
+            None => None,
+        };
+        let watch = watch.zip(pid).map(|(pool, pid)| (pool, pid, m));
+        retry_lock_timeouts_watched(conn, statement, false, &what, watch).await
     } else {
         execute(conn, statement.to_owned())
             .await
-            .map_err(|e| (e, 1))
+            .map_err(|e| (e, 1, None))
     };
-    if let Err((e, attempts)) = ran {
+    if let Err((e, attempts, blocker)) = ran {
         let mut failure = classify(&e, phase);
         failure.error.message = with_attempts(&failure, attempts, m.lock_timeout_ms);
+        if let Some(b) = blocker {
+            failure.error.message = format!("{}; {b}", failure.error.message);
+        }
         let left = if taken {
             Ok(())
         } else {

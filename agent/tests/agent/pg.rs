@@ -1401,8 +1401,9 @@ async fn an_index_drop_cut_short_in_a_rollback_names_the_invalid_index_it_leaves
     assert!(
         e.message.contains("lock timeout")
             && e.message
-                .contains("this DROP INDEX CONCURRENTLY may have left its index INVALID"),
-        "{e:?}"
+                .contains("this DROP INDEX CONCURRENTLY may have left its index INVALID")
+            && e.message.contains("held by pid"),
+        "who it waited for is named: {e:?}"
     );
     holder.rollback().await.unwrap();
     let invalid = "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
