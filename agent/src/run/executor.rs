@@ -16,7 +16,7 @@ use tracing::{debug, info, instrument, warn};
 
 use super::conn::{execute, recover, wait_for_server};
 use super::job::{Found, Halts, Job, PrepareGid, Report};
-use super::lock_wait::{BlockerWatch, LOCK_RETRIES, retry_pause, with_attempts};
+use super::lock_wait::{self, BlockerWatch, LOCK_RETRIES, retry_pause, with_attempts};
 use super::sqlgen;
 use super::statements::run_up_statements;
 use super::two_phase::prepared_among;
@@ -233,10 +233,7 @@ async fn run_group(
     };
     // (its one attempt is watched for who blocks it, as retries are)
     if job.prepare.is_some() {
-        backend_pid = sqlx::query_scalar("SELECT pg_catalog.pg_backend_pid()")
-            .fetch_one(&mut *conn)
-            .await
-            .ok();
+        backend_pid = lock_wait::backend_pid(conn).await;
     }
     // a non-transactional step's time is all of its attempts' (a backfill that waited on a
     // lock near its end took the hours before too)
@@ -285,10 +282,7 @@ async fn run_group(
                     "lock timeout; trying again after a pause"
                 );
                 if backend_pid.is_none() {
-                    backend_pid = sqlx::query_scalar("SELECT pg_catalog.pg_backend_pid()")
-                        .fetch_one(&mut *conn)
-                        .await
-                        .ok();
+                    backend_pid = lock_wait::backend_pid(conn).await;
                 }
                 tokio::time::sleep(pause).await;
                 if halted() {

@@ -42,22 +42,30 @@ pub(super) async fn retry_lock_timeouts(
         .map_err(|(e, attempts, _)| (e, attempts))
 }
 
+/// The session's backend pid, for a [`BlockerWatch`] of it from another session.
+pub(super) async fn backend_pid(conn: &mut PgConnection) -> Option<i32> {
+    sqlx::query_scalar("SELECT pg_catalog.pg_backend_pid()")
+        .fetch_one(conn)
+        .await
+        .ok()
+}
+
 /// [`retry_lock_timeouts`], its last attempt watched for who blocks it (`watch`: the pool
-/// to look from, the session's pid, the step): on a lock timeout the error names them, as
-/// a step's does.
+/// to look from, the step): on a lock timeout the error names them, as a step's does. The
+/// session's pid is asked only once a lock timed out (nothing is added where none does).
 pub(super) async fn retry_lock_timeouts_watched(
     conn: &mut PgConnection,
     sql: &str,
     transaction: bool,
     what: &str,
-    watch: Option<(&PgPool, i32, &PreparedMigration)>,
+    watch: Option<(&PgPool, &PreparedMigration)>,
 ) -> Result<(), (sqlx::Error, u32, Option<String>)> {
     let mut attempt = 0u32;
     loop {
         let watching = match watch {
-            Some((pool, pid, m)) if attempt == LOCK_RETRIES => {
-                Some(BlockerWatch::start(pool, pid, m))
-            }
+            Some((pool, m)) if attempt == LOCK_RETRIES => backend_pid(conn)
+                .await
+                .map(|pid| BlockerWatch::start(pool, pid, m)),
             _ => None,
         };
         let outcome = execute(conn, sql.to_owned()).await;

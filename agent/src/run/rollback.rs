@@ -292,14 +292,7 @@ pub(super) async fn undo_step(
         let undo = sqlgen::transactional_undo(cx, m);
         let what = format!("the undo of step {}", m.id());
         // (a rollback's last attempt is watched for who blocks it, as a step's is)
-        let pid = match &shared {
-            Some(_) => sqlx::query_scalar::<_, i32>("SELECT pg_catalog.pg_backend_pid()")
-                .fetch_one(&mut *conn)
-                .await
-                .ok(),
-            None => None,
-        };
-        let watch = shared.as_ref().zip(pid).map(|(s, pid)| (s.pool, pid, m));
+        let watch = shared.as_ref().map(|s| (s.pool, m));
         if let Err((e, attempts, blocker)) =
             retry_lock_timeouts_watched(conn, &undo, true, &what, watch).await
         {

@@ -359,14 +359,7 @@ async fn run_on_its_own(
     let taken = index_name_taken(conn, statement).await;
     let ran = if retry {
         let what = format!("{phase} statement {} of step {}", k + 1, m.id());
-        let pid = match watch {
-            Some(_) => sqlx::query_scalar::<_, i32>("SELECT pg_catalog.pg_backend_pid()")
-                .fetch_one(&mut *conn)
-                .await
-                .ok(),
-            None => None,
-        };
-        let watch = watch.zip(pid).map(|(pool, pid)| (pool, pid, m));
+        let watch = watch.map(|pool| (pool, m));
         retry_lock_timeouts_watched(conn, statement, false, &what, watch).await
     } else {
         execute(conn, statement.to_owned())

@@ -1317,47 +1317,62 @@ async fn an_undo_that_times_out_on_a_lock_is_tried_again_from_where_it_was() {
     f.drop().await;
 }
 
-/// A rollback's undo that gives up waiting for its lock names the table and the session
-/// that holds it, as a step's error does. Before, the lock timeout alone: the operator had
-/// to find the session in pg_stat_activity during the incident.
-#[tokio::test]
-async fn an_undo_that_gives_up_on_a_lock_names_who_holds_it() {
-    let Some(f) = fleet("undo_blocker", 1).await else {
-        return;
-    };
-    let pool = f.pool.clone();
+/// Applies migration `id` (`up`, `down`) on tenant_0000 of a fresh shard, then rolls the
+/// plan back while an application transaction has read the tenant's `work_orders` (open
+/// through every attempt of the undo, rolled back after): the fleet, its agent's harness,
+/// and the undo's error.
+async fn undo_under_an_open_read(
+    db: &str,
+    id: &str,
+    up: &str,
+    down: &str,
+) -> Option<(Fleet, Harness, pb::StepError)> {
+    let f = fleet(db, 1).await?;
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (mut s, _) = h.attach(1).await;
     s.send(In::Plan(pb::PlanDefinition {
-        plan_id: "ub".into(),
-        migrations: vec![migration(
-            "column",
-            "ALTER TABLE work_orders ADD COLUMN z int",
-            "ALTER TABLE work_orders DROP COLUMN z",
-            "",
-        )],
+        plan_id: "u".into(),
+        migrations: vec![migration(id, up, down, "")],
         default_lock_timeout_ms: 200,
         default_statement_timeout_ms: 0,
         ..Default::default()
     }));
     let r = s
-        .assign("ub", 1, 1, vec![run(1, "tenant_0000", &["column"], false)])
+        .assign("u", 1, 1, vec![run(1, "tenant_0000", &[id], false)])
         .await;
     assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{r:?}");
-    let mut holder = pool.begin().await.unwrap();
+    let mut holder = f.pool.begin().await.unwrap();
     sqlx::query("SELECT count(*) FROM tenant_0000.work_orders")
         .execute(&mut *holder)
         .await
         .unwrap();
-    let reply = s.rollback("ub", 1).await;
+    let reply = s.rollback("u", 1).await;
+    holder.rollback().await.unwrap();
     let e = reply.steps[0].error.clone().expect("the undo failed");
+    Some((f, h, e))
+}
+
+/// A rollback's undo that gives up waiting for its lock names the table and the session
+/// that holds it, as a step's error does. Before, the lock timeout alone: the operator had
+/// to find the session in pg_stat_activity during the incident.
+#[tokio::test]
+async fn an_undo_that_gives_up_on_a_lock_names_who_holds_it() {
+    let Some((f, mut h, e)) = undo_under_an_open_read(
+        "undo_blocker",
+        "column",
+        "ALTER TABLE work_orders ADD COLUMN z int",
+        "ALTER TABLE work_orders DROP COLUMN z",
+    )
+    .await
+    else {
+        return;
+    };
     assert!(
         e.message.contains("4 attempts")
             && e.message
                 .contains("waiting for a lock on tenant_0000.work_orders held by pid"),
         "{e:?}"
     );
-    holder.rollback().await.unwrap();
     h.stop().await;
     f.drop().await;
 }
@@ -1368,36 +1383,16 @@ async fn an_undo_that_gives_up_on_a_lock_names_who_holds_it() {
 /// alone, and the index was found invalid on the tenant by hand.
 #[tokio::test]
 async fn an_index_drop_cut_short_in_a_rollback_names_the_invalid_index_it_leaves() {
-    let Some(f) = fleet("undo_invalid", 1).await else {
+    let Some((f, mut h, e)) = undo_under_an_open_read(
+        "undo_invalid",
+        "index",
+        "CREATE INDEX CONCURRENTLY wo_d ON work_orders (id)",
+        "DROP INDEX CONCURRENTLY IF EXISTS wo_d",
+    )
+    .await
+    else {
         return;
     };
-    let pool = f.pool.clone();
-    let mut h = Harness::start(|_| {}, &f.dsn).await;
-    let (mut s, _) = h.attach(1).await;
-    s.send(In::Plan(pb::PlanDefinition {
-        plan_id: "ui".into(),
-        migrations: vec![migration(
-            "index",
-            "CREATE INDEX CONCURRENTLY wo_d ON work_orders (id)",
-            "DROP INDEX CONCURRENTLY IF EXISTS wo_d",
-            "",
-        )],
-        default_lock_timeout_ms: 200,
-        default_statement_timeout_ms: 0,
-        ..Default::default()
-    }));
-    let r = s
-        .assign("ui", 1, 1, vec![run(1, "tenant_0000", &["index"], false)])
-        .await;
-    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{r:?}");
-    // the application's transaction on the table, open through every attempt
-    let mut holder = pool.begin().await.unwrap();
-    sqlx::query("SELECT count(*) FROM tenant_0000.work_orders")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    let reply = s.rollback("ui", 1).await;
-    let e = reply.steps[0].error.clone().expect("the undo failed");
     assert!(
         e.message.contains("lock timeout")
             && e.message
@@ -1405,7 +1400,7 @@ async fn an_index_drop_cut_short_in_a_rollback_names_the_invalid_index_it_leaves
             && e.message.contains("held by pid"),
         "who it waited for is named: {e:?}"
     );
-    holder.rollback().await.unwrap();
+    let pool = f.pool.clone();
     let invalid = "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
                    WHERE c.relname = 'wo_d' AND NOT i.indisvalid";
     assert_eq!(count(&pool, invalid).await, 1, "as the error says");
