@@ -1357,7 +1357,7 @@ async fn undo_under_an_open_read(
 /// to find the session in pg_stat_activity during the incident.
 #[tokio::test]
 async fn an_undo_that_gives_up_on_a_lock_names_who_holds_it() {
-    let Some((f, mut h, e)) = undo_under_an_open_read(
+    let Some((f, h, e)) = undo_under_an_open_read(
         "undo_blocker",
         "column",
         "ALTER TABLE work_orders ADD COLUMN z int",
@@ -1383,7 +1383,7 @@ async fn an_undo_that_gives_up_on_a_lock_names_who_holds_it() {
 /// alone, and the index was found invalid on the tenant by hand.
 #[tokio::test]
 async fn an_index_drop_cut_short_in_a_rollback_names_the_invalid_index_it_leaves() {
-    let Some((f, mut h, e)) = undo_under_an_open_read(
+    let Some((f, h, e)) = undo_under_an_open_read(
         "undo_invalid",
         "index",
         "CREATE INDEX CONCURRENTLY wo_d ON work_orders (id)",
