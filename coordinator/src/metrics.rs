@@ -259,6 +259,10 @@ fn describe() {
         "Data migrations of running plans: the longest time left of a change still running, by shard (0 unknown or none)."
     );
     describe_gauge!(
+        "flotilla_steps_waiting_for_table_locks",
+        "Schema steps of running plans waiting to try their table lock again after a lock timeout (another session holds the table), by shard: `plan status` names the session."
+    );
+    describe_gauge!(
         "flotilla_data_targets_waiting",
         "Data migrations of running plans: targets waiting at a batch boundary, by shard and why (throttled, paused)."
     );
@@ -464,6 +468,8 @@ pub struct ShardData {
     pub eta: Duration,
     pub throttled: u32,
     pub paused: u32,
+    /// Schema steps waiting to try their lock again after a lock timeout.
+    pub lock_waiting: u32,
 }
 
 /// What the engine holds now, for the gauges.
@@ -538,6 +544,8 @@ pub fn publish(now: &Snapshot, published: &mut Published) {
             gauge!("flotilla_data_targets_waiting", "shard" => label(), "why" => why)
                 .set(f64::from(n));
         }
+        gauge!("flotilla_steps_waiting_for_table_locks", "shard" => label())
+            .set(f64::from(d.lock_waiting));
     }
 }
 
@@ -603,6 +611,7 @@ mod tests {
                 eta: Duration::from_secs(6),
                 throttled: 1,
                 paused: 0,
+                lock_waiting: 2,
             },
         );
         let mut published = Published::default();
@@ -617,6 +626,7 @@ mod tests {
             "flotilla_data_rows_done{shard=\"shard_0\"} 10",
             "flotilla_data_eta_seconds{shard=\"shard_0\"} 6",
             "flotilla_data_targets_waiting{shard=\"shard_0\",why=\"throttled\"} 1",
+            "flotilla_steps_waiting_for_table_locks{shard=\"shard_0\"} 2",
         ] {
             assert!(
                 during.lines().any(|l| l == line),
@@ -636,6 +646,7 @@ mod tests {
             "flotilla_shard_agent_disconnected_seconds{shard=\"shard_1\"} 0",
             "flotilla_data_rows_done{shard=\"shard_0\"} 0",
             "flotilla_data_targets_waiting{shard=\"shard_0\",why=\"throttled\"} 0",
+            "flotilla_steps_waiting_for_table_locks{shard=\"shard_0\"} 0",
         ] {
             assert!(after.lines().any(|l| l == line), "{line} not in:\n{after}");
         }

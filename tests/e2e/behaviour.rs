@@ -2,6 +2,7 @@
 //! coordinator and real agents, driven through the `flotilla` CLI.
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde_json::Value;
 use sqlx::Connection;
 
@@ -1039,11 +1040,48 @@ async fn a_blocked_schema_change_retries_within_lock_timeout() -> anyhow::Result
         Ok(agent_log().contains("lock timeout; trying again after a pause"))
     })
     .await?;
+    // Between its attempts the step shows in the plan's status as waiting for its lock,
+    // and from its second retry on with who holds it (watched from the first timeout on).
+    let mut seen = Value::Null;
+    crate::harness::wait_until("the status naming the lock's holder", WAIT, async || {
+        let status = fleet
+            .json(&["plan", "status", &id, "--output", "json"])
+            .await?;
+        seen = status["lock_waits"].clone();
+        Ok(seen.as_array().is_some_and(|w| {
+            w.iter().any(|w| {
+                w["tenant"] == t.as_str()
+                    && w["migration"] == "001_add_flag"
+                    && w["reason"].as_str().is_some_and(|r| {
+                        r.contains("attempt") && r.contains(&format!("{t}.work_orders"))
+                    })
+            })
+        }))
+    })
+    .await
+    .with_context(|| format!("last seen: {seen}"))?;
+    let text = fleet.cli(&["plan", "status", &id]).await?;
+    assert!(
+        text.stdout.contains("waiting for table locks:")
+            && text
+                .stdout
+                .contains(&format!("001_add_flag on {db}/{t}: lock timeout")),
+        "{text}"
+    );
     holder.rollback().await?;
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])
         .await?;
     assert_eq!(out.code(), Some(0), "{out}");
+    // once the step applied, it waits for nothing
+    let status = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(status["lock_waits"], serde_json::json!([]), "{status}");
+    assert!(
+        status["data"].as_array().is_some_and(|d| d.is_empty()),
+        "a schema step is no data change: {status}"
+    );
     let cols: i64 = fleet
         .pg
         .query_scalar(

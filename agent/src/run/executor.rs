@@ -238,6 +238,9 @@ async fn run_group(
     // a non-transactional step's time is all of its attempts' (a backfill that waited on a
     // lock near its end took the hours before too)
     let started = Instant::now();
+    // while it waits to try its lock again, the step shows so in its plan's status (gone
+    // from the agent's board however the group ends)
+    let mut shown: Option<LockWaitShown<'_>> = None;
     loop {
         durations.iter_mut().for_each(|d| *d = Duration::ZERO);
         let watch = backend_pid.map(|pid| BlockerWatch::start(pool, pid, &job.steps[i]));
@@ -284,6 +287,16 @@ async fn run_group(
                 if backend_pid.is_none() {
                     backend_pid = lock_wait::backend_pid(conn).await;
                 }
+                let step = &job.steps[group[gf.position]];
+                let reason = format!(
+                    "lock timeout (lock_timeout {}ms); attempt {} of {} in {:.1}s{}",
+                    step.lock_timeout_ms,
+                    attempt + 1,
+                    retries + 1,
+                    pause.as_secs_f64(),
+                    blocker.map(|b| format!("; {b}")).unwrap_or_default()
+                );
+                LockWaitShown::show(&mut shown, job, step, reason);
                 tokio::time::sleep(pause).await;
                 if halted() {
                     return Err(stopped_by_halt(gf, attempt));
@@ -310,6 +323,59 @@ async fn run_group(
             }
             other => return other,
         }
+    }
+}
+
+/// A schema step that waits to try its lock again, on the agent's board as a change in state
+/// `lock_wait` with why (the lock timeout, the attempt, who held the lock once watched): a
+/// step waiting out minutes of lock retries showed only "running or queued". (A data change
+/// shows `throttled` by its own progress instead.) The entry goes unsent when the group ends,
+/// and the coordinator drops it with the step's result.
+struct LockWaitShown<'a> {
+    hooks: &'a DataHooks,
+    migration: &'a str,
+    tenant: &'a str,
+}
+
+impl<'a> LockWaitShown<'a> {
+    fn show(
+        shown: &mut Option<LockWaitShown<'a>>,
+        job: &'a Job,
+        step: &'a PreparedMigration,
+        reason: String,
+    ) {
+        let Some(hooks) = job.hooks.as_deref() else {
+            return;
+        };
+        if step.migration.data.is_some() {
+            return;
+        }
+        hooks.board.update(pb::DataProgress {
+            plan_id: hooks.plan_id.clone(),
+            migration_id: step.id().to_string(),
+            shard: hooks.shard.clone(),
+            tenant: job.tenant.clone(),
+            state: flotilla_core::protocol::LOCK_WAIT.into(),
+            reason,
+            ..Default::default()
+        });
+        // (the guard of an earlier attempt stays: replaced, or a second one made and
+        // dropped, it would take the entry just set off the board)
+        if shown.is_none() {
+            *shown = Some(LockWaitShown {
+                hooks,
+                migration: step.id(),
+                tenant: &job.tenant,
+            });
+        }
+    }
+}
+
+impl Drop for LockWaitShown<'_> {
+    fn drop(&mut self) {
+        self.hooks
+            .board
+            .forget(&self.hooks.plan_id, self.migration, self.tenant);
     }
 }
 

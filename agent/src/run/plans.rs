@@ -324,9 +324,8 @@ impl Agent {
             match Job::new(&def, run, epoch) {
                 Ok(mut job) => {
                     job.halts = Some(watch.clone());
-                    if job.steps.iter().any(|m| m.migration.data.is_some()) {
-                        job.hooks = Some(hooks.clone());
-                    }
+                    // (a schema step's too: it shows its lock waits on the board)
+                    job.hooks = Some(hooks.clone());
                     match self.runs_in_flight.claim(job.claim_key()) {
                         Some(claim) => job.claim = Some(claim),
                         None => {

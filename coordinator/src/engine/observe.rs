@@ -113,6 +113,7 @@ impl Engine {
                 match p.state.as_str() {
                     "throttled" => d.throttled += 1,
                     "paused" => d.paused += 1,
+                    flotilla_core::protocol::LOCK_WAIT => d.lock_waiting += 1,
                     _ => {}
                 }
             }

@@ -24,7 +24,7 @@ pub mod waves;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use flotilla_core::protocol::Decision;
+use flotilla_core::protocol::{Decision, LOCK_WAIT};
 pub use flotilla_core::state::PlanState;
 use flotilla_core::{FailurePolicy, PlanSpec, Target, TxMode, pb};
 
@@ -383,6 +383,14 @@ impl PlanRun {
         // (an undo's last report can come after the rollback's reply, which dropped it)
         match self.step_of(&p.migration_id, &p.shard, &p.tenant) {
             None => return,
+            // a schema step's lock wait is shown only while its step runs (one that came
+            // after the step's result would stay until the plan ends)
+            Some(s)
+                if p.state == LOCK_WAIT
+                    && !matches!(self.steps[s].status, StepStatus::Running(_)) =>
+            {
+                return;
+            }
             Some(s) if self.steps[s].status == StepStatus::RolledBack => return,
             // (a report of a change still running that comes after its step's result; an
             // undo's reports, of a step applied, are taken)
@@ -401,6 +409,23 @@ impl PlanRun {
             (p.migration_id.clone(), p.shard.clone(), p.tenant.clone()),
             p,
         );
+    }
+
+    /// A step's result came: a lock wait it showed is over, whatever the result.
+    pub(crate) fn end_lock_wait(&mut self, s: usize) {
+        let t = &self.targets[self.steps[s].target];
+        let key = (
+            self.spec.migrations[self.steps[s].migration].id.to_string(),
+            t.shard.clone(),
+            t.tenant.clone(),
+        );
+        if self
+            .progress
+            .get(&key)
+            .is_some_and(|p| p.state == LOCK_WAIT)
+        {
+            self.progress.remove(&key);
+        }
     }
 
     /// A step ended without its data change's last report (lost with the agent's stream,

@@ -93,6 +93,7 @@ impl PlanRun {
                 }
             };
             self.set_status(s, status);
+            self.end_lock_wait(s);
             if status != StepStatus::Pending && status != StepStatus::Prepared {
                 self.end_progress(s);
             }

@@ -628,6 +628,32 @@ fn progress_is_kept_for_the_plans_steps_only() {
     assert!(run.progress.is_empty(), "{:?}", run.progress);
 }
 
+/// A schema step's lock wait shows while its step runs only: not before it is sent, and
+/// gone with its result (a late report of it is not taken back).
+#[test]
+fn a_lock_wait_shows_while_its_step_runs_only() {
+    let mut run = plan_of(&["a"], Vec::new(), &[("s0", "t1")], pb::FailurePolicy::Stop);
+    let wait = || pb::DataProgress {
+        plan_id: "p0".into(),
+        migration_id: "a".into(),
+        shard: "s0".into(),
+        tenant: "t1".into(),
+        state: flotilla_core::protocol::LOCK_WAIT.into(),
+        reason: "lock timeout; attempt 2 of 4".into(),
+        ..Default::default()
+    };
+    run.record_progress(wait());
+    assert!(run.progress.is_empty(), "not sent yet: {:?}", run.progress);
+    let mut next = 1;
+    let out = run.next_runs("s0", &mut next);
+    run.record_progress(wait());
+    assert_eq!(run.progress.len(), 1, "{:?}", run.progress);
+    answer(&mut run, "s0", &out[0], pb::StepOutcome::Applied);
+    assert!(run.progress.is_empty(), "{:?}", run.progress);
+    run.record_progress(wait());
+    assert!(run.progress.is_empty(), "late: {:?}", run.progress);
+}
+
 #[test]
 fn a_paused_shard_gets_no_runs_until_resumed() {
     let mut run = plan_of(

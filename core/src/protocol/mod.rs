@@ -12,6 +12,11 @@ use std::str::FromStr;
 /// In `PlanStatus.paused` (and plan locks' shard lists): every shard of the plan.
 pub const ALL_SHARDS: &str = "*";
 
+/// The state of a `DataProgress` that is a schema step's, not a data change's: waiting to
+/// try its lock again after a lock timeout (its reason says the attempt and who held the
+/// lock). Shown apart from data changes, and gone once the step ends.
+pub const LOCK_WAIT: &str = "lock_wait";
+
 /// The largest gRPC message any side takes (tonic's default is 4 MiB): a plan carries its
 /// migrations' SQL, and one with a large seed migration or a long Flyway history is over
 /// 4 MiB. The CLI sends it, the coordinator takes it, and the coordinator's stream hands

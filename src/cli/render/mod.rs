@@ -6,6 +6,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use flotilla_core::pb;
+use flotilla_core::protocol::LOCK_WAIT;
 use serde_json::{Value, json};
 
 use super::Output;
@@ -76,7 +77,13 @@ pub fn status_json(s: &pb::PlanStatus) -> Value {
             "manual_gate": w.manual_gate,
             "gate": w.gate,
         })).collect::<Vec<_>>(),
-        "data": s.data.iter().map(|d| json!({
+        "lock_waits": lock_waits(s).map(|d| json!({
+            "migration": d.migration_id,
+            "shard": d.shard,
+            "tenant": d.tenant,
+            "reason": d.reason,
+        })).collect::<Vec<_>>(),
+        "data": s.data.iter().filter(|d| d.state != LOCK_WAIT).map(|d| json!({
             "migration": d.migration_id,
             "shard": d.shard,
             "tenant": d.tenant,
@@ -156,10 +163,19 @@ fn active_data(s: &pb::PlanStatus) -> Vec<&pb::DataProgress> {
     let mut v: Vec<&pb::DataProgress> = s
         .data
         .iter()
-        .filter(|d| !matches!(d.state.as_str(), "done"))
+        .filter(|d| !matches!(d.state.as_str(), "done" | LOCK_WAIT))
         .collect();
     v.sort_by_key(|d| std::cmp::Reverse(d.rows_total.saturating_sub(d.rows_done)));
     v
+}
+
+/// Schema steps waiting to try their lock again (not data changes: no rows to show).
+fn lock_waits(s: &pb::PlanStatus) -> impl Iterator<Item = &pb::DataProgress> {
+    s.data.iter().filter(|d| d.state == LOCK_WAIT)
+}
+
+fn lock_wait_line(d: &pb::DataProgress) -> String {
+    format!("{}: {}", data_target(d), d.reason)
 }
 
 pub fn status(s: &pb::PlanStatus, output: Output) {
@@ -200,6 +216,16 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
         }
         if data.len() > DATA_LINES {
             println!("  ... and {} more", data.len() - DATA_LINES);
+        }
+    }
+    let waits: Vec<_> = lock_waits(s).collect();
+    if !waits.is_empty() {
+        println!("waiting for table locks:");
+        for d in waits.iter().take(DATA_LINES) {
+            println!("  {}", lock_wait_line(d));
+        }
+        if waits.len() > DATA_LINES {
+            println!("  ... and {} more", waits.len() - DATA_LINES);
         }
     }
     // Shard names (agents that are away) and `kind: what` entries (approval, bake, lock,
@@ -394,6 +420,10 @@ impl Progress {
                     let _ = writeln!(out, "\x1b[2K  {} {}", data_bar(d, 30), data_line(d));
                 }
                 let mut lines = 1 + s.migrations.len() + shown;
+                for d in lock_waits(s).take(DATA_LINES) {
+                    let _ = writeln!(out, "\x1b[2K  waiting for its lock: {}", lock_wait_line(d));
+                    lines += 1;
+                }
                 if data.len() > DATA_LINES {
                     let _ = writeln!(
                         out,
@@ -432,6 +462,9 @@ impl Progress {
                 );
                 for d in active_data(s).iter().take(DATA_LINES) {
                     println!("    {}", data_line(d));
+                }
+                for d in lock_waits(s).take(DATA_LINES) {
+                    println!("    waiting for its lock: {}", lock_wait_line(d));
                 }
             }
         }
