@@ -197,24 +197,28 @@ fn a_bad_ignore_is_refused_naming_file_line_and_what_is_wrong() {
 #[test]
 fn irreversible_answers_missing_down_and_dbmate_says_it_in_a_comment() {
     let tmp = tempfile::tempdir().unwrap();
-    write(tmp.path(), "001_a/migration.toml", "irreversible = true\n");
+    write(
+        tmp.path(),
+        "001_a/migration.toml",
+        "irreversible = true\nscope = \"shard\"\n",
+    );
     write(
         tmp.path(),
         "001_a/up.sql",
-        "CREATE EXTENSION IF NOT EXISTS citext;\n",
+        "CREATE EXTENSION IF NOT EXISTS citext WITH SCHEMA public;\n",
     );
     write(tmp.path(), "001_a/down.sql", "-- cannot be undone\n");
     write(
         tmp.path(),
         "002_b.sql",
-        "-- migrate:up\n-- flotilla:lint-ignore missing-down the extension stays\nCREATE EXTENSION IF NOT EXISTS hstore;\n",
+        "-- migrate:up\n-- flotilla:lint-ignore missing-down the comment stays\nCOMMENT ON TABLE orders IS 'kept';\n",
     );
     let spec = PlanSpec::try_from(load(tmp.path(), &Overrides::default()).unwrap()).unwrap();
     let findings = lint_plan(&spec, &LintOptions::default());
     assert!(findings.is_empty(), "{findings:#?}");
     assert_eq!(
         spec.migrations[1].lint_ignore[0].reason,
-        "the extension stays"
+        "the comment stays"
     );
 
     // Without a reason, the comment is refused where it is.

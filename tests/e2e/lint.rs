@@ -140,6 +140,43 @@ async fn submit_refuses_a_lint_error_touching_no_shard_and_returns_warnings() ->
     assert_eq!(fleet.journal_total().await?, 0);
     assert_eq!(fleet.fingerprint().await?, before);
 
+    // Scope auto, outside the tenant's schema: a warning for `plan lint` (the scope is the
+    // fleet's to say), refused by the submit once the fleet has tenants; nothing made in
+    // public (before, the first tenant made the table, the second raced it, and the undo
+    // looked for it in the tenant's schema).
+    let shared = MigrationDir::new()?;
+    shared.migration(
+        "001_flags",
+        "",
+        "SET search_path TO public;\nCREATE TABLE feature_flags (name text PRIMARY KEY);",
+        "DROP TABLE feature_flags;",
+    )?;
+    let sp = shared.path().to_string_lossy().into_owned();
+    let out = run_flotilla(&["plan", "lint", &sp], &[]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stdout.contains("warning[tenant-escape] 001_flags at ")
+            && out.stdout.contains("scope auto"),
+        "{out}"
+    );
+    let out = fleet.cli(&["plan", "submit", &sp]).await?;
+    assert_eq!(out.code(), Some(2), "refused as bad input: {out}");
+    assert!(
+        out.stderr
+            .contains("error[tenant-escape] 001_flags up.sql:1")
+            && out.stderr.contains("the fleet has tenants"),
+        "{out}"
+    );
+    let made: i64 = fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'feature_flags'",
+        )
+        .await?;
+    assert_eq!(made, 0);
+    assert_eq!(fleet.journal_total().await?, 0);
+
     // Said on purpose, and with a warning-only index: accepted, the warning printed.
     d.migration(
         "001_drop_priority",

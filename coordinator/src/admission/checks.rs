@@ -24,6 +24,35 @@ pub(super) fn lint(spec: &PlanSpec) -> Result<Vec<pb::LintFinding>, CoordinatorE
     Ok(findings.iter().map(pb::LintFinding::from).collect())
 }
 
+/// The lint's `tenant-escape` again, once the fleet said what scope `auto` is: on tenants,
+/// a statement outside the tenant's schema is an error (the lint of the plan alone, not
+/// knowing, made it a warning).
+pub(super) fn tenant_escape(
+    spec: &PlanSpec,
+    resolved: flotilla_core::Scope,
+) -> Result<(), CoordinatorError> {
+    if spec.default_scope.is_some() || resolved != flotilla_core::Scope::Tenant {
+        return Ok(());
+    }
+    let mut scoped = spec.clone();
+    scoped.default_scope = Some(resolved);
+    let errors: Vec<String> = lint_plan(&scoped, &LintOptions::default())
+        .iter()
+        .filter(|f| f.rule == flotilla_core::lint::TENANT_ESCAPE && f.severity == Severity::Error)
+        .map(|f| {
+            format!(
+                "{f} (the plan's scope is auto, and the fleet has tenants; fix: {})",
+                f.hint
+            )
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CoordinatorError::Lint(errors.join("; ")))
+    }
+}
+
 /// An applied migration whose content changed since: named, with where.
 pub(super) fn edited_after_applied(
     spec: &PlanSpec,

@@ -281,6 +281,9 @@ impl Coordinator {
         );
         checks::edited_after_applied(spec, &seen.applied)?;
         let expansion = planner::expand(spec, &seen.fleet)?;
+        if mode == Mode::Submit {
+            checks::tenant_escape(spec, expansion.default_scope)?;
+        }
         checks::schemas_known(&expansion, &seen.schema_changed)?;
         self.environment_labels_agree(spec, &expansion, promotion)?;
         data::check_data_problems(spec, &expansion, &seen.data_problems)?;

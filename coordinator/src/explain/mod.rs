@@ -110,7 +110,10 @@ impl Coordinator {
 
         // The lint as a submit runs it, but knowing the tables' sizes (an index built without
         // CONCURRENTLY on a large table is an error then); errors shown, not refused.
-        let findings = lint_with_sizes(&spec, &migrations);
+        // linted in the scope the fleet gives `auto`, as a submit checks it
+        let mut scoped = spec.clone();
+        scoped.default_scope = scoped.default_scope.or(Some(expansion.default_scope));
+        let findings = lint_with_sizes(&scoped, &migrations);
         for m in &mut migrations {
             m.findings = findings
                 .iter()
@@ -136,7 +139,7 @@ impl Coordinator {
             .collect();
         // What refuses a submit is its own lint, without the sizes; the errors the sizes
         // add (a blocking index build on a large table) are said, not taken for a refusal.
-        let submit_lint_errors = lint_plan(&spec, &LintOptions::default())
+        let submit_lint_errors = lint_plan(&scoped, &LintOptions::default())
             .iter()
             .filter(|f| f.severity == flotilla_core::lint::Severity::Error)
             .count();

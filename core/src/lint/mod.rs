@@ -181,6 +181,7 @@ pub const CLUSTER_WIDE: &str = "cluster-wide";
 pub const DYNAMIC_SQL: &str = "dynamic-sql";
 pub const DELETE_NOT_UNDONE: &str = "delete-not-undone";
 pub const TIMEOUTS: &str = "timeouts";
+pub const TENANT_ESCAPE: &str = "tenant-escape";
 pub const NAMING_ID: &str = "naming-id";
 pub const NAMING_DESCRIPTION: &str = "naming-description";
 
@@ -265,6 +266,11 @@ pub const RULES: &[Rule] = &[
         CLUSTER_WIDE,
         Severity::Warning,
         "a statement on the whole PostgreSQL server (CREATE/ALTER/DROP ROLE, GRANT of a role, CREATE/ALTER/DROP DATABASE or TABLESPACE, ALTER SYSTEM): run once per target, for what every target of the server shares",
+    ),
+    rule_def(
+        TENANT_ESCAPE,
+        Severity::Error,
+        "in a tenant's migration, a statement outside the tenant's schema: on a schema-qualified object (`public.x`), a schema or an extension (one per database), or a change of search_path: every tenant of the shard runs it on one shared object (a warning when the scope is auto: the submit checks it as an error when the fleet has tenants)",
     ),
     rule_def(
         DYNAMIC_SQL,
@@ -391,7 +397,11 @@ pub fn lint_plan(spec: &PlanSpec, options: &LintOptions) -> Vec<Finding> {
     let mut findings = Vec::new();
     for m in &spec.migrations {
         let atomic = spec.atomic_unit(&m.id).is_some();
-        let mut found = lint_migration(m, atomic, options, &mut seen);
+        let tenant = m
+            .scope
+            .or(spec.default_scope)
+            .map(|s| s == crate::Scope::Tenant);
+        let mut found = lint_migration(m, atomic, tenant, options, &mut seen);
         found.retain(|f| f.rule == PARSE_ERROR || !m.lint_ignore.iter().any(|i| i.rule == f.rule));
         findings.extend(found);
     }
@@ -489,6 +499,7 @@ fn atomic_unit_split(spec: &PlanSpec, findings: &mut Vec<Finding>) {
 fn lint_migration(
     m: &Migration,
     atomic: bool,
+    tenant: Option<bool>,
     options: &LintOptions,
     seen: &mut rules::Seen,
 ) -> Vec<Finding> {
@@ -547,6 +558,7 @@ fn lint_migration(
         );
     }
     rules::check_up(m, &up, atomic, options, seen, &mut out);
+    rules::check_tenant_escape(&up, tenant, &mut out);
     if let Some(down) = down {
         // (counted as the agent splits them, which is what it pairs)
         let (ups, downs) = (

@@ -16,7 +16,8 @@ use super::locks::{as_constraint, is_foreign_key, object_parts, relation_name, s
 use super::{
     CLUSTER_WIDE, CONCURRENTLY_IN_TRANSACTION, CONSTRAINT_NOT_VALID, DESTRUCTIVE_DROP, DYNAMIC_SQL,
     Finding, INDEX_NOT_CONCURRENT, LintOptions, PARSE_ERROR, ParseError, Parsed, RENAME,
-    SESSION_STATE, SET_NOT_NULL, Severity, TABLE_REWRITE, UNBATCHED_DATA_CHANGE, rule,
+    SESSION_STATE, SET_NOT_NULL, Severity, TABLE_REWRITE, TENANT_ESCAPE, UNBATCHED_DATA_CHANGE,
+    rule,
 };
 use crate::{Migration, TxMode};
 
@@ -161,6 +162,145 @@ pub(super) fn check_up(
                     "use a regular table (dropped by a later statement and by down.sql), or let the migration run in one transaction",
                 );
             }
+        }
+    }
+}
+
+const SHARED_HINT: &str = "give it a migration of its own with scope = \"shard\" (run once per shard database, before the tenants' steps that need it); in a tenant's migration leave the schema out, so the object is made in each tenant's schema";
+const EXTENSION_HINT: &str = "create it once per shard database in a scope = \"shard\" migration, `CREATE EXTENSION IF NOT EXISTS ... WITH SCHEMA public` (or another shared schema), and refer to its types and functions qualified (`public.citext`): a tenant's steps run with its own schema alone on the search_path";
+const SEARCH_PATH_HINT: &str = "leave search_path alone: each tenant's step runs with its own schema on the search_path, which is where unqualified objects go; refer to shared objects qualified (`public.lookup`)";
+
+/// Why a statement of a tenant's migration acts outside its tenant's schema, and how to
+/// fix it: on an object of another (qualified) schema, on a schema or an extension (one per
+/// database), or by changing the search_path the step set (`SET search_path`, pg_dump's
+/// `set_config('search_path', ...)`). Every tenant of a shard runs the statement: on one
+/// shared object the second tenant fails on what the first made (or changes it again, or
+/// races it: "duplicate key value violates unique constraint pg_type_typname_nsp_index"),
+/// and one tenant's rollback undoes it for all; after a changed search_path, what the
+/// migration creates lands in that schema, and its down.sql (run in the tenant's) does not
+/// find it.
+fn outside_tenant(p: &Parsed) -> Option<(String, &'static str)> {
+    let schema_of = |parts: &[String]| -> Option<String> {
+        (parts.len() > 1)
+            .then(|| parts[parts.len() - 2].clone())
+            .filter(|s| s != "pg_temp")
+    };
+    let of_var = |r: &Option<pg_query::protobuf::RangeVar>| -> Option<String> {
+        r.as_ref()
+            .filter(|r| {
+                !r.schemaname.is_empty() && r.schemaname != "pg_temp" && r.relpersistence != "t"
+            })
+            .map(relation_name)
+    };
+    let of_names = |names: &[pg_query::protobuf::Node]| -> Option<String> {
+        let parts = strings(names);
+        schema_of(&parts).map(|_| parts.join("."))
+    };
+    let kind = &p.info.kind;
+    let shared = |name: String| {
+        Some((
+            format!(
+                "{kind} on {name}, outside the tenant's schema: every tenant of the shard runs it on that one object (the second fails on what the first made, or changes it again; one tenant's rollback undoes it for all)"
+            ),
+            SHARED_HINT,
+        ))
+    };
+    match &p.node {
+        NodeEnum::VariableSetStmt(s) if s.name.eq_ignore_ascii_case("search_path") => Some((
+            format!(
+                "{kind} changes the search_path a tenant's step runs with (its own schema): what the migration creates after it lands in the schema it names, once per tenant (the second tenant fails on what the first made), and its down.sql, run in the tenant's schema, does not find it"
+            ),
+            SEARCH_PATH_HINT,
+        )),
+        NodeEnum::CreateExtensionStmt(s) => Some((
+            format!(
+                "CREATE EXTENSION {}: an extension is one per database, made by the first tenant in its own schema (the search_path's first), where every other tenant's use of its types and functions then depends on that tenant (or fails: type does not exist)",
+                s.extname
+            ),
+            EXTENSION_HINT,
+        )),
+        NodeEnum::AlterExtensionStmt(s) => shared(format!("extension {}", s.extname)),
+        NodeEnum::CreateSchemaStmt(s) => shared(format!("schema {}", s.schemaname)),
+        NodeEnum::DropStmt(s) => {
+            let whole = matches!(
+                ObjectType::try_from(s.remove_type),
+                Ok(ObjectType::ObjectSchema | ObjectType::ObjectExtension)
+            );
+            s.objects.iter().find_map(|o| {
+                let parts = object_parts(o);
+                if whole {
+                    shared(parts.join("."))
+                } else {
+                    schema_of(&parts).and_then(|_| shared(parts.join(".")))
+                }
+            })
+        }
+        NodeEnum::CreateStmt(s) => of_var(&s.relation).and_then(shared),
+        NodeEnum::CreateTableAsStmt(s) => {
+            of_var(&s.into.as_ref().and_then(|i| i.rel.clone())).and_then(shared)
+        }
+        NodeEnum::ViewStmt(s) => of_var(&s.view).and_then(shared),
+        NodeEnum::CreateSeqStmt(s) => of_var(&s.sequence).and_then(shared),
+        NodeEnum::AlterSeqStmt(s) => of_var(&s.sequence).and_then(shared),
+        NodeEnum::IndexStmt(s) => of_var(&s.relation).and_then(shared),
+        NodeEnum::AlterTableStmt(s) => of_var(&s.relation).and_then(shared),
+        NodeEnum::CreateTrigStmt(s) => of_var(&s.relation).and_then(shared),
+        NodeEnum::RenameStmt(s) => of_var(&s.relation)
+            .or_else(|| {
+                s.object.as_deref().and_then(|o| {
+                    let parts = object_parts(o);
+                    schema_of(&parts).map(|_| parts.join("."))
+                })
+            })
+            .and_then(shared),
+        NodeEnum::CompositeTypeStmt(s) => of_var(&s.typevar).and_then(shared),
+        NodeEnum::CreateFunctionStmt(s) => of_names(&s.funcname).and_then(shared),
+        NodeEnum::CreateEnumStmt(s) => of_names(&s.type_name).and_then(shared),
+        NodeEnum::AlterEnumStmt(s) => of_names(&s.type_name).and_then(shared),
+        NodeEnum::CreateRangeStmt(s) => of_names(&s.type_name).and_then(shared),
+        NodeEnum::CreateDomainStmt(s) => of_names(&s.domainname).and_then(shared),
+        NodeEnum::DefineStmt(s) => of_names(&s.defnames).and_then(shared),
+        _ => {
+            // pg_dump's `SELECT pg_catalog.set_config('search_path', '', false);`
+            let text = p.info.text.to_ascii_lowercase();
+            (text.contains("set_config") && text.contains("'search_path'")).then(|| {
+                (
+                    format!(
+                        "{kind} sets search_path (set_config): what the migration creates after it lands outside the tenant's schema, once per tenant, and its down.sql, run in the tenant's schema, does not find it"
+                    ),
+                    SEARCH_PATH_HINT,
+                )
+            })
+        }
+    }
+}
+
+/// [`TENANT_ESCAPE`] for each statement of a tenant's migration: an error where the
+/// migration runs on tenants for sure, a warning where that depends on the fleet (scope
+/// `auto`: the submit, which knows, checks again as an error).
+pub(super) fn check_tenant_escape(up: &[Parsed], tenant: Option<bool>, out: &mut Out) {
+    let severity = match tenant {
+        Some(true) => Severity::Error,
+        None => Severity::Warning,
+        Some(false) => return,
+    };
+    for p in up {
+        if let Some((message, hint)) = outside_tenant(p) {
+            let message = if tenant.is_none() {
+                format!(
+                    "{message} (when the plan runs on tenants: scope auto on a fleet with tenants)"
+                )
+            } else {
+                message
+            };
+            out.push_as(
+                TENANT_ESCAPE,
+                severity,
+                "up.sql",
+                p.info.line,
+                message,
+                hint,
+            );
         }
     }
 }

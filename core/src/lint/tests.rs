@@ -327,11 +327,15 @@ fn concurrently_in_an_atomic_unit_is_said() {
 #[test]
 fn index_rule_uses_table_sizes_when_given() {
     let p = plan(
-        vec![migration(
-            "001_idx",
-            "CREATE INDEX idx_a ON app.big (x);\nCREATE INDEX idx_b ON small (x);\nCREATE INDEX idx_c ON unmeasured (x);",
-            "DROP INDEX idx_c; DROP INDEX idx_b; DROP INDEX app.idx_a;",
-        )],
+        vec![pb::Migration {
+            // (a shard's: `app.big` is no other tenant's table)
+            scope: pb::Scope::Shard as i32,
+            ..migration(
+                "001_idx",
+                "CREATE INDEX idx_a ON app.big (x);\nCREATE INDEX idx_b ON small (x);\nCREATE INDEX idx_c ON unmeasured (x);",
+                "DROP INDEX idx_c; DROP INDEX idx_b; DROP INDEX app.idx_a;",
+            )
+        }],
         false,
     );
     // Without sizes: a warning for every existing table.
@@ -435,11 +439,14 @@ fn risk_high_allows_drops_and_drops_of_new_tables_are_not_destructive() {
 
 #[test]
 fn down_covers_what_up_creates_through_tables_and_schemas() {
-    let m = migration(
-        "001_schema",
-        "CREATE SCHEMA reports;\nCREATE TABLE reports.daily (id int);\nCREATE INDEX idx_daily ON reports.daily (id);\nCREATE TABLE extra (id int);\nALTER TABLE extra ADD COLUMN n int;\nCREATE VIEW v AS SELECT 1;\nCREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1';",
-        "DROP VIEW v;\nDROP TABLE IF EXISTS public.extra;\nDROP SCHEMA reports CASCADE;",
-    );
+    let m = pb::Migration {
+        scope: pb::Scope::Shard as i32,
+        ..migration(
+            "001_schema",
+            "CREATE SCHEMA reports;\nCREATE TABLE reports.daily (id int);\nCREATE INDEX idx_daily ON reports.daily (id);\nCREATE TABLE extra (id int);\nALTER TABLE extra ADD COLUMN n int;\nCREATE VIEW v AS SELECT 1;\nCREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1';",
+            "DROP VIEW v;\nDROP TABLE IF EXISTS public.extra;\nDROP SCHEMA reports CASCADE;",
+        )
+    };
     let findings = lint_plan(&plan(vec![m], false), &LintOptions::default());
     assert!(findings.is_empty(), "{findings:#?}");
 }
@@ -845,4 +852,63 @@ fn an_unpaired_down_of_a_non_transactional_migration_is_said() {
         transactional.iter().all(|f| f.rule != DOWN_UNPAIRED),
         "{transactional:#?}"
     );
+}
+
+/// A tenant's migration acting outside the tenant's schema: an error on tenants, a warning
+/// where the scope depends on the fleet (auto), nothing on shards; what is only read or
+/// referred to in another schema, and temporary tables, are fine.
+#[test]
+fn a_tenant_migration_outside_its_schema_is_said() {
+    let up = "CREATE TABLE notes (id int, kind public.citext, ev int REFERENCES public.events);\n\
+              INSERT INTO notes SELECT id, 'x', id FROM public.events;\n\
+              CREATE TEMP TABLE scratch (id int);\n\
+              CREATE TABLE public.events_archive (id int);\n\
+              CREATE FUNCTION public.touch() RETURNS trigger LANGUAGE sql AS 'SELECT NULL';\n\
+              CREATE INDEX idx_ev ON public.events (id);\n\
+              SELECT pg_catalog.set_config('search_path', '', false);\n\
+              SET LOCAL search_path = public;\n\
+              CREATE EXTENSION IF NOT EXISTS pgcrypto;\n\
+              CREATE SCHEMA reporting;\n\
+              ALTER TYPE public.mood ADD VALUE 'meh';";
+    let down = "DROP TABLE notes; DROP TABLE public.events_archive; DROP FUNCTION public.touch(); \
+                DROP INDEX public.idx_ev; DROP SCHEMA reporting;";
+    let lint = |scope: Option<pb::Scope>| {
+        let mut m = migration("001_a", up, down);
+        m.scope = scope.map_or(pb::Scope::Unspecified as i32, |s| s as i32);
+        let mut m = vec![m];
+        m[0].lint_ignore = [
+            "destructive-drop",
+            "down-drops-existing",
+            "index-not-concurrent",
+        ]
+        .into_iter()
+        .map(|r| pb::LintIgnore {
+            rule: r.into(),
+            reason: "not this test's".into(),
+        })
+        .collect();
+        lint_plan(&plan(m, false), &LintOptions::default())
+            .into_iter()
+            .filter(|f| f.rule == TENANT_ESCAPE)
+            .collect::<Vec<_>>()
+    };
+    let tenant = lint(Some(pb::Scope::Tenant));
+    assert_eq!(
+        tenant.iter().map(|f| f.line).collect::<Vec<_>>(),
+        [4, 5, 6, 7, 8, 9, 10, 11],
+        "{tenant:#?}"
+    );
+    assert!(tenant.iter().all(|f| f.severity == Severity::Error));
+    assert!(
+        tenant[0].message.contains("public.events_archive"),
+        "{tenant:#?}"
+    );
+    assert!(tenant[5].message.contains("pgcrypto") && tenant[5].hint.contains("WITH SCHEMA"));
+    let auto = lint(None);
+    assert_eq!(auto.len(), tenant.len(), "{auto:#?}");
+    assert!(
+        auto.iter()
+            .all(|f| f.severity == Severity::Warning && f.message.contains("scope auto"))
+    );
+    assert!(lint(Some(pb::Scope::Shard)).is_empty());
 }
