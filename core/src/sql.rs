@@ -61,6 +61,21 @@ pub fn first_non_transactional(statements: &[String]) -> Option<&str> {
         .find(|s| is_non_transactional(&keywords(s)))
 }
 
+/// Whether a statement adds a value to an enum type (`ALTER TYPE ... ADD VALUE`): the new
+/// value cannot be used before the transaction that added it commits (SQLSTATE 55P04,
+/// "unsafe use of new value"), so no later step may share that transaction.
+pub fn adds_enum_value(statements: &[String]) -> bool {
+    statements.iter().any(|s| {
+        let keys = keywords(s);
+        matches!(
+            (word(keys.first()), word(keys.get(1))),
+            (Some("ALTER"), Some("TYPE"))
+        ) && keys
+            .windows(2)
+            .any(|w| word(w.first()) == Some("ADD") && word(w.get(1)) == Some("VALUE"))
+    })
+}
+
 /// The first statement that would begin, end or split a transaction (BEGIN, COMMIT, ...).
 /// Savepoints (SAVEPOINT, RELEASE, ROLLBACK TO) stay inside the transaction and are allowed.
 pub fn first_transaction_control(statements: &[String]) -> Option<&str> {
@@ -677,6 +692,25 @@ mod tests {
 
     fn control(sql: &str) -> Option<String> {
         first_transaction_control(&split(sql)).map(str::to_string)
+    }
+
+    #[test]
+    fn an_enum_value_added_is_seen_however_the_type_is_named() {
+        for sql in [
+            "ALTER TYPE order_status ADD VALUE 'cancelled'",
+            "-- new state\nalter type app.\"Order Status\" add value if not exists 'x' after 'y'",
+            "CREATE TABLE t (id int); ALTER TYPE s.mood ADD VALUE 'meh' BEFORE 'sad';",
+        ] {
+            assert!(adds_enum_value(&split(sql)), "{sql}");
+        }
+        for sql in [
+            "ALTER TYPE order_status RENAME VALUE 'a' TO 'b'",
+            "ALTER TYPE addr ADD ATTRIBUTE value text",
+            "ALTER TABLE t ADD COLUMN value text",
+            "SELECT 'ALTER TYPE t ADD VALUE x'",
+        ] {
+            assert!(!adds_enum_value(&split(sql)), "{sql}");
+        }
     }
 
     #[test]

@@ -1650,3 +1650,44 @@ async fn a_tenant_query_the_server_refuses_is_bad_input() -> anyhow::Result<()> 
     assert_eq!(schemas, vec![vec!["0".to_string()]], "nothing written");
     Ok(())
 }
+
+/// An enum value added by one migration and used by the next, in a plan that fuses a
+/// target's steps into one transaction: the step that adds it commits first, so the use
+/// does not fail with "unsafe use of new value" (55P04) on every target, as it did.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_enum_value_added_commits_before_the_migration_that_uses_it() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 2).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_mood",
+        "",
+        "CREATE TYPE mood AS ENUM ('ok');",
+        "DROP TYPE mood;",
+    )?;
+    d.migration(
+        "002_mood_meh",
+        "irreversible = true\n",
+        "ALTER TYPE mood ADD VALUE 'meh';",
+        "",
+    )?;
+    d.migration(
+        "003_orders_mood",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN mood mood NOT NULL DEFAULT 'meh';",
+        "ALTER TABLE work_orders DROP COLUMN mood;",
+    )?;
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    for t in fleet.tenants(0) {
+        let meh: i64 = fleet
+            .pg
+            .query_scalar(
+                &fleet.shards[0],
+                &format!("SELECT count(*) FROM {t}.work_orders WHERE mood = 'meh'"),
+            )
+            .await?;
+        assert_eq!(meh, 20, "{t}");
+    }
+    Ok(())
+}

@@ -149,6 +149,9 @@ pub struct PlanRun {
     /// Each step's atomic unit (0 for every step of an atomic plan, the parallel
     /// group's index in an atomic group), if it has one.
     unit_of: Vec<Option<usize>>,
+    /// Per migration: it adds an enum value, which no later step may use in the same
+    /// transaction (55P04): a step that depends on it is not fused with it.
+    adds_enum_value: Vec<bool>,
     /// The plan's atomic units in the order they commit.
     units: Vec<usize>,
     /// Index into `units` of the unit now running, preparing or deciding
@@ -274,6 +277,14 @@ impl PlanRun {
             .iter()
             .map(|s| spec.atomic_unit(&spec.migrations[s.migration].id))
             .collect();
+        let adds_enum_value = spec
+            .migrations
+            .iter()
+            .map(|m| {
+                flotilla_core::sql::split_statements(&m.up_sql)
+                    .is_ok_and(|up| flotilla_core::sql::adds_enum_value(&up))
+            })
+            .collect();
         let units: Vec<usize> = unit_of
             .iter()
             .flatten()
@@ -328,6 +339,7 @@ impl PlanRun {
             two_phase_clock: timings::TwoPhaseClock::default(),
             decision: None,
             unit_of,
+            adds_enum_value,
             units,
             unit_pos: 0,
             paused: Paused::default(),

@@ -122,7 +122,11 @@ impl PlanRun {
                     }
                 }
             }
-            if status == StepStatus::Pending {
+            // (a step that added an enum value held back the target's steps after it,
+            // dependent or not: see `form_runs`)
+            if status == StepStatus::Pending
+                || (status.done() && self.adds_enum_value[self.steps[s].migration])
+            {
                 self.enqueue_if_ready(self.steps[s].target);
             }
             let e = error.unwrap_or_default();

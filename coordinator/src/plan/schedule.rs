@@ -173,6 +173,7 @@ impl PlanRun {
     /// at once, before the unit's decision (or the other before its unit committed).
     pub(super) fn form_runs(&self, t: usize) -> Vec<Vec<usize>> {
         let mut fused: Vec<usize> = Vec::new();
+        let mut closed = false;
         let mut singles: Vec<Vec<usize>> = Vec::new();
         for &s in &self.per_target[t] {
             let step = &self.steps[s];
@@ -194,7 +195,16 @@ impl PlanRun {
                 continue;
             }
             if self.spec.fuse && step.transactional && fuses {
+                if closed {
+                    // waits for the fused run to commit, then goes in the next one
+                    continue;
+                }
                 fused.push(s);
+                // A step that adds an enum value ends its transaction: the value cannot be
+                // used before that commits ("unsafe use of new value", 55P04), so nothing
+                // after it rides along (an atomic unit's steps share their target's one
+                // prepared transaction whatever they do).
+                closed = self.adds_enum_value[step.migration] && self.unit_of[s].is_none();
             } else if self.remaining[s] == 0 {
                 singles.push(vec![s]);
             }

@@ -15,7 +15,12 @@ pub(crate) fn plan_of(
 ) -> PlanRun {
     let migration = |id: &str| pb::Migration {
         id: id.into(),
-        up_sql: format!("CREATE TABLE {id} (x int)"),
+        // (a migration named `..enum..` adds an enum value)
+        up_sql: if id.contains("enum") {
+            format!("ALTER TYPE mood ADD VALUE '{id}'")
+        } else {
+            format!("CREATE TABLE {id} (x int)")
+        },
         down_sql: format!("DROP TABLE {id}"),
         ..Default::default()
     };
@@ -278,6 +283,31 @@ fn a_later_atomic_group_waits_for_the_commit_of_the_one_before() {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].migrations, ["b"]);
     assert!(out[0].prepare_gid.starts_with("flotilla:p0.g2:"), "{out:?}");
+}
+
+/// A step that adds an enum value commits before the steps after it run: fused with them,
+/// their use of the value failed every target ("unsafe use of new value", 55P04), and a
+/// retry fused them the same way.
+#[test]
+fn an_added_enum_value_commits_before_the_steps_that_follow_it() {
+    let mut run = plan_of(
+        &["a", "b_enum", "c", "d"],
+        Vec::new(),
+        &[("s0", "t1")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    let mut next = 1u64;
+    let first = run.next_runs("s0", &mut next);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].migrations, ["a", "b_enum"], "{first:?}");
+    answer(&mut run, "s0", &first[0], pb::StepOutcome::Applied);
+    let second = run.next_runs("s0", &mut next);
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_eq!(
+        second[0].migrations,
+        ["c", "d"],
+        "fused again after it: {second:?}"
+    );
 }
 
 #[test]
