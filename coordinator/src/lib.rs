@@ -272,7 +272,8 @@ pub async fn start(
     })?;
     metrics::initialise(config.agent_grace);
     metrics::initialise_environments(&config.environments.order);
-    let store = store::Store::open(&config.store).await?;
+    // (its tables upgraded once it is ours: see `Store::connect`)
+    let store = store::Store::connect(&config.store).await?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
         let scheme = if server_tls.is_some() {
             "https"
@@ -289,6 +290,7 @@ pub async fn start(
         if config.etcd.is_empty() {
             // held for the process's life (a second coordinator without etcd is refused)
             sole_claim = Some(store.claim_sole().await?);
+            store.migrate().await?;
             let epoch = store.next_epoch().await?;
             info!(
                 epoch,
@@ -298,6 +300,7 @@ pub async fn start(
             let e = Arc::new(EmbeddedCoordination::new(epoch).with_store(store.clone()));
             (e.clone(), Some(e))
         } else {
+            store.migrate().await?;
             let store_id = store.identity().await?;
             let e = EtcdCoordination::connect_secured(
                 config.etcd.clone(),

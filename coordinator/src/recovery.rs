@@ -189,9 +189,20 @@ impl Coordinator {
                 let d = match self.inner.coordination.decision(&unit_key).await? {
                     Some(d) => d,
                     None => {
+                        // Left committing by a coordinator from before decisions were kept
+                        // in the store: it had decided commit (an upgrade mid-commit undid
+                        // by down SQL what shards had committed).
+                        let decided = if row.state == PlanState::Committing
+                            && self.inner.store.committed_before_decisions(&row.id).await?
+                        {
+                            info!(plan = %row.id, unit = %unit_key, "left committing by a coordinator from before the store kept decisions: its commit decision stands");
+                            Decision::Commit
+                        } else {
+                            Decision::Abort
+                        };
                         self.inner
                             .coordination
-                            .decide(&unit_key, Decision::Abort, epoch)
+                            .decide(&unit_key, decided, epoch)
                             .await?
                     }
                 };

@@ -136,14 +136,17 @@ pub async fn coordinator(args: CoordinatorArgs, tls: flotilla_core::tls::TlsFile
     match flotilla_coordinator::start(config, shutdown_signal(), None).await {
         Ok(()) => EXIT_OK,
         // wrong TLS files, an exposed plaintext listener, a store the etcd group does not
-        // share, a store another coordinator without etcd serves: bad input, nothing started
+        // share, a store another coordinator without etcd serves, a store a newer
+        // coordinator upgraded (trying again cannot help: systemd's unit does not restart
+        // on 2): bad input, nothing started
         Err(
             e @ (flotilla_coordinator::CoordinatorError::Tls(_)
             | flotilla_coordinator::CoordinatorError::Coordination(
                 flotilla_coordinator::coordination::CoordinationError::StoreNotShared { .. },
             )
             | flotilla_coordinator::CoordinatorError::Store(
-                flotilla_coordinator::store::StoreError::InUse { .. },
+                flotilla_coordinator::store::StoreError::InUse { .. }
+                | flotilla_coordinator::store::StoreError::NewerSchema { .. },
             )),
         ) => {
             error!("coordinator: {e}");

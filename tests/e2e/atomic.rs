@@ -80,14 +80,19 @@ pub(crate) async fn assert_no_plan_stored(fleet: &HaFleet) -> anyhow::Result<()>
 }
 
 async fn satisfaction_columns(fleet: &HaFleet, db: &str) -> anyhow::Result<i64> {
-    fleet
-        .pg
-        .query_scalar(
-            db,
-            "SELECT count(*) FROM information_schema.columns WHERE column_name = 'satisfaction_rating'
-               AND table_name IN ('work_orders', 'repair_orders')",
-        )
-        .await
+    satisfaction_columns_on(&fleet.pg, db).await
+}
+
+async fn satisfaction_columns_on(
+    pg: &flotilla_testkit::PgCluster,
+    db: &str,
+) -> anyhow::Result<i64> {
+    pg.query_scalar(
+        db,
+        "SELECT count(*) FROM information_schema.columns WHERE column_name = 'satisfaction_rating'
+           AND table_name IN ('work_orders', 'repair_orders')",
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -291,15 +296,63 @@ async fn without_etcd_a_commit_decision_outlives_its_coordinator() -> anyhow::Re
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(st["state"], "completed", "{st}");
     for s in 0..2 {
-        let columns: i64 = fleet
-            .pg
-            .query_scalar(
-                &format!("shard_{s}"),
-                "SELECT count(*) FROM information_schema.columns WHERE column_name = 'satisfaction_rating'
-                   AND table_name IN ('work_orders', 'repair_orders')",
-            )
+        assert_eq!(
+            satisfaction_columns_on(&fleet.pg, &format!("shard_{s}")).await?,
+            4,
+            "shard_{s} committed"
+        );
+        assert_eq!(prepared(&fleet.pg, s).await?, 0, "shard_{s}");
+    }
+    Ok(())
+}
+
+/// The same plan left committing by a coordinator of a version that kept its decisions in
+/// memory (schema 5: no `decisions` table, the plan stored `committing`): the coordinator
+/// that upgrades the store goes on with the commit. Before, it presumed abort and undid by
+/// down SQL what shards had committed (an upgrade in the middle of a commit).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_left_committing_by_an_older_coordinator_commits_after_the_upgrade()
+-> anyhow::Result<()> {
+    use sqlx::ConnectOptions;
+    let mut fleet = crate::fleet::TestFleet::start(2, 2).await?;
+    fleet
+        .restart_coordinator_with(&[("FAILPOINTS", "coordinator::after_decision=return")])
+        .await?;
+    fleet.wait_attached(2).await?;
+    let id = fleet.submit(&coord_dbmate_dir(), &["--atomic"]).await?;
+    let status = fleet
+        .coordinator
+        .as_mut()
+        .unwrap()
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends it");
+    assert_eq!(status.code(), Some(87));
+    // the store as a coordinator of version 5 left it
+    let mut store = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&fleet.store)
+        .connect()
+        .await?;
+    for sql in [
+        &format!("UPDATE plans SET state = 'committing' WHERE id = '{id}'"),
+        "DROP TABLE decisions",
+        "UPDATE flotilla_meta SET value = '5' WHERE key = 'schema_version'",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&mut store)
             .await?;
-        assert_eq!(columns, 4, "shard_{s} committed");
+    }
+    drop(store);
+    fleet.restart_coordinator().await?;
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    for s in 0..2 {
+        assert_eq!(
+            satisfaction_columns_on(&fleet.pg, &format!("shard_{s}")).await?,
+            4,
+            "shard_{s} committed"
+        );
         assert_eq!(prepared(&fleet.pg, s).await?, 0, "shard_{s}");
     }
     Ok(())

@@ -45,7 +45,7 @@ pub enum StoreError {
     #[error("{}", sql_error_text(.0))]
     Sql(#[from] sqlx::Error),
     #[error(
-        "control store schema version {found} is newer than this coordinator's ({SCHEMA_VERSION})"
+        "control store schema version {found} is newer than this coordinator's ({SCHEMA_VERSION}): a newer coordinator upgraded it; upgrade this one (a store is not downgraded)"
     )]
     NewerSchema { found: i64 },
     /// A write decided under a leader's term after a later leader took the store over
@@ -121,7 +121,12 @@ const STORE_SESSION_SETTINGS: &str = "SET idle_in_transaction_session_timeout = 
 impl Store {
     /// Opens the store: a PostgreSQL URL, or a SQLite file path / `sqlite://` URL (the file
     /// is created when missing, whichever way it was written).
-    pub async fn open(location: &SecretUrl) -> Result<Store, StoreError> {
+    /// Connects to the store at `location` without touching its tables: a coordinator
+    /// without etcd claims the store ([`Store::claim_sole`]) before it upgrades them
+    /// ([`Store::migrate`]); refused, it changed nothing (a second coordinator of a newer
+    /// version, started by mistake, upgraded the store of the one running, which could then
+    /// not start again on it).
+    pub async fn connect(location: &SecretUrl) -> Result<Store, StoreError> {
         install_default_drivers();
         let is_pg = is_postgres(location.expose());
         let url = if is_pg {
@@ -174,7 +179,12 @@ impl Store {
                 .await
                 .map_err(StoreError::from)?;
         }
-        let store = Store { pool, is_pg, url };
+        Ok(Store { pool, is_pg, url })
+    }
+
+    /// Opens the store at `location` and brings its tables up to date.
+    pub async fn open(location: &SecretUrl) -> Result<Store, StoreError> {
+        let store = Store::connect(location).await?;
         store.migrate().await?;
         Ok(store)
     }
@@ -249,7 +259,8 @@ impl Store {
         }
     }
 
-    async fn migrate(&self) -> Result<(), StoreError> {
+    /// Creates the tables, or brings an older store's up to date ([`schema::UPGRADES`]).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
         // On SQLite, take the write lock first: a deferred transaction that reads and
         // then writes fails at once (SQLITE_BUSY_SNAPSHOT) when another process (a
         // running coordinator beside `flotilla operator add --store`) wrote meanwhile,
@@ -533,6 +544,15 @@ impl Store {
                 what: "decision",
                 reason: "recorded, then not found".into(),
             })
+    }
+
+    /// Whether a coordinator from before the store kept decisions (schema 6) left `plan_id`
+    /// committing, its commit decided (the upgrade to 6 recorded it).
+    pub async fn committed_before_decisions(&self, plan_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .decision(&format!("{}{plan_id}", schema::COMMITTING_BEFORE_DECISIONS))
+            .await?
+            .is_some_and(|d| d == "commit"))
     }
 
     /// The commit decision recorded for `unit` ([`Store::decide`]), if any.
@@ -1178,6 +1198,63 @@ mod tests {
             state,
             message: String::new(),
             ends: state,
+        }
+    }
+
+    /// A store of version 5 (a coordinator of that version kept its commit decisions in
+    /// memory) with an atomic plan it left committing: upgraded, the store says that plan's
+    /// commit was decided (a new leader otherwise presumed abort and undid by down SQL what
+    /// shards had committed); a plan left running says nothing. A second coordinator
+    /// without etcd, refused the store, did not upgrade it first.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_plan_left_committing_before_decisions_were_stored_keeps_its_commit() {
+        let (_dir, _pg, locations) = both_stores("committing_v5").await;
+        for location in locations {
+            let (store, queue) = opened(&location).await;
+            for (id, st) in [("p1", PlanState::Committing), ("p2", PlanState::Running)] {
+                queue.send_under(
+                    1,
+                    StoreOp::InsertPlan {
+                        plan: PlanRow {
+                            state: st,
+                            ..plan_row(id, 1, 0)
+                        },
+                        steps: Vec::new(),
+                    },
+                );
+            }
+            queue.flush_under(1).await.unwrap();
+            // back to version 5, as that coordinator left it
+            for sql in [
+                "DROP TABLE decisions",
+                "UPDATE flotilla_meta SET value = '5' WHERE key = 'schema_version'",
+            ] {
+                sqlx::query(sql).execute(&store.pool).await.unwrap();
+            }
+            let url = SecretUrl::new(location.clone());
+            let sole = Store::connect(&url).await.unwrap();
+            let _claim = sole.claim_sole().await.unwrap();
+            // a second coordinator without etcd is refused before it changes anything
+            let second = Store::connect(&url).await.unwrap();
+            assert!(
+                matches!(second.claim_sole().await, Err(StoreError::InUse { .. })),
+                "{location}"
+            );
+            let version: String =
+                sqlx::query_scalar("SELECT value FROM flotilla_meta WHERE key = 'schema_version'")
+                    .fetch_one(&store.pool)
+                    .await
+                    .unwrap();
+            assert_eq!(version, "5", "{location}: not upgraded by the refused one");
+            sole.migrate().await.unwrap();
+            assert!(
+                sole.committed_before_decisions("p1").await.unwrap(),
+                "{location}"
+            );
+            assert!(
+                !sole.committed_before_decisions("p2").await.unwrap(),
+                "{location}"
+            );
         }
     }
 

@@ -1,6 +1,10 @@
 //! The control store's tables (created at start; `schema_version` in `flotilla_meta`).
 pub(super) const SCHEMA_VERSION: i64 = 6;
 
+/// The decision row ([`UPGRADES`] to 6) of a plan a coordinator from before version 6 left
+/// committing: that coordinator had decided commit (see [`crate::store::Store::committed_before_decisions`]).
+pub(super) const COMMITTING_BEFORE_DECISIONS: &str = "committing-before-decisions:";
+
 /// What each version adds to the one before, in order: a store of an older version is
 /// brought up to date at start (the tables of version 1 are `SCHEMA`).
 pub(super) const UPGRADES: &[(i64, &[&str])] = &[
@@ -50,6 +54,14 @@ pub(super) const UPGRADES: &[(i64, &[&str])] = &[
             "CREATE TABLE IF NOT EXISTS decisions (
             unit TEXT PRIMARY KEY, decision TEXT NOT NULL, epoch BIGINT NOT NULL,
             at_ms BIGINT NOT NULL)",
+            // An atomic plan a coordinator of an older version (decisions in its memory)
+            // left committing: it stored `committing` only after deciding commit, which
+            // a new leader reads back from this row (`COMMITTING_BEFORE_DECISIONS`); with
+            // no row at all it would presume abort, and undo by down SQL what shards
+            // committed.
+            "INSERT INTO decisions (unit, decision, epoch, at_ms)
+             SELECT 'committing-before-decisions:' || id, 'commit', 0, 0 FROM plans
+             WHERE state = 'committing'",
         ],
     ),
 ];
