@@ -91,46 +91,9 @@ pub(super) fn read(path: &Path, name: &str) -> Result<pb::Migration, LoadError> 
     }
     .into_migration();
     m.tx_mode = tx_mode as i32;
-    m.lint_ignore =
-        lint_ignores(&text).map_err(|(line, msg)| LoadError::at_line(path, line, msg))?;
+    m.lint_ignore = super::parts::lint_ignores(&text)
+        .map_err(|(line, msg)| LoadError::at_line(path, line, msg))?;
     Ok(m)
-}
-
-/// dbmate has no metadata file: a lint rule is turned off by a comment line anywhere in
-/// the file, `-- flotilla:lint-ignore <rule> <reason>` (the reason is required).
-const LINT_IGNORE: &str = "-- flotilla:lint-ignore";
-
-fn lint_ignores(text: &str) -> Result<Vec<pb::LintIgnore>, (usize, String)> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let Some(rest) = line.trim().strip_prefix(LINT_IGNORE) else {
-            continue;
-        };
-        let rest = rest.trim();
-        let (rule, reason) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
-        if flotilla_core::lint::rule(rule).is_none() {
-            return Err((
-                i + 1,
-                format!(
-                    "`{LINT_IGNORE}` names unknown rule `{rule}`: use one of {}",
-                    flotilla_core::lint::rule_ids().join(", ")
-                ),
-            ));
-        }
-        if reason.trim().is_empty() {
-            return Err((
-                i + 1,
-                format!(
-                    "`{LINT_IGNORE} {rule}` needs a reason after the rule: say why it is safe here"
-                ),
-            ));
-        }
-        out.push(pb::LintIgnore {
-            rule: rule.to_string(),
-            reason: reason.trim().to_string(),
-        });
-    }
-    Ok(out)
 }
 
 /// The up section and, if present, the down section; an error is `(line, message)`.

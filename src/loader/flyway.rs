@@ -147,6 +147,10 @@ pub(super) fn read_all(files: Vec<(PathBuf, FileName)>) -> Result<Vec<pb::Migrat
         if statements(&up_path, &up_sql, 1)?.is_empty() {
             return Err(LoadError::invalid(&up_path, "holds no SQL statements"));
         }
+        // (the file's lines, as read: the comment's line is the file's)
+        let lint_ignore =
+            super::parts::lint_ignores(&std::fs::read_to_string(&up_path).unwrap_or_default())
+                .map_err(|(line, msg)| LoadError::at_line(&up_path, line, msg))?;
         let down_sql = match &pair.undo {
             Some(p) => read_sql(p)?,
             None => String::new(),
@@ -159,6 +163,7 @@ pub(super) fn read_all(files: Vec<(PathBuf, FileName)>) -> Result<Vec<pb::Migrat
             source: up_path.display().to_string(),
         }
         .into_migration();
+        m.lint_ignore = lint_ignore;
         if let Some(in_transaction) = script_config(&up_path)? {
             m.tx_mode = if in_transaction {
                 pb::TxMode::Transactional

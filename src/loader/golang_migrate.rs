@@ -109,6 +109,10 @@ pub(super) fn read_all(files: Vec<(PathBuf, FileName)>) -> Result<Vec<pb::Migrat
         if statements(&up_path, &up_sql, 1)?.is_empty() {
             return Err(LoadError::invalid(&up_path, "holds no SQL statements"));
         }
+        // (the file's lines, as read: the comment's line is the file's)
+        let lint_ignore =
+            super::parts::lint_ignores(&std::fs::read_to_string(&up_path).unwrap_or_default())
+                .map_err(|(line, msg)| LoadError::at_line(&up_path, line, msg))?;
         let down_sql = match &pair.down {
             Some((down_path, down_stem)) => {
                 if *down_stem != stem {
@@ -124,16 +128,16 @@ pub(super) fn read_all(files: Vec<(PathBuf, FileName)>) -> Result<Vec<pb::Migrat
             }
             None => String::new(),
         };
-        migrations.push(
-            Parts {
-                id: stem,
-                up_sql,
-                down_sql,
-                verify_sql: String::new(),
-                source: up_path.display().to_string(),
-            }
-            .into_migration(),
-        );
+        let mut m = Parts {
+            id: stem,
+            up_sql,
+            down_sql,
+            verify_sql: String::new(),
+            source: up_path.display().to_string(),
+        }
+        .into_migration();
+        m.lint_ignore = lint_ignore;
+        migrations.push(m);
     }
     Ok(migrations)
 }

@@ -181,6 +181,11 @@ fn a_bad_ignore_is_refused_naming_file_line_and_what_is_wrong() {
             "ignored without a reason",
         ),
         ("[lint]\nignore = [\"rename\"]\n", 2, "entries are { rule ="),
+        (
+            "[lint]\nignore = [{ rule = \"parse-error\", reason = \"it parses for me\" }]\n",
+            2,
+            "`parse-error` cannot be ignored",
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         native(tmp.path(), toml);
@@ -190,6 +195,51 @@ fn a_bad_ignore_is_refused_naming_file_line_and_what_is_wrong() {
         assert!(
             e.contains(&format!("migration.toml:{line}:")) && e.contains(says),
             "{toml}: {e}"
+        );
+    }
+}
+
+/// Flyway and golang-migrate directories, adopted as they are, have no migration.toml: an
+/// up file without its undo file says it is meant in a comment, as a dbmate file does.
+/// Before, such a migration was a `missing-down` error nothing could answer, and a Flyway
+/// directory (undo files are rare) could not be submitted at all.
+#[test]
+fn flyway_and_golang_migrate_files_answer_missing_down_in_a_comment() {
+    for name in ["V1_2__add_note.sql", "000002_add_note.up.sql"] {
+        let tmp = tempfile::tempdir().unwrap();
+        write(
+            tmp.path(),
+            name,
+            "-- flotilla:lint-ignore missing-down the note stays\nCOMMENT ON TABLE orders IS 'kept';\n",
+        );
+        let spec = PlanSpec::try_from(load(tmp.path(), &Overrides::default()).unwrap()).unwrap();
+        let findings = lint_plan(&spec, &LintOptions::default());
+        assert!(findings.is_empty(), "{name}: {findings:#?}");
+        assert_eq!(spec.migrations[0].lint_ignore[0].reason, "the note stays");
+
+        // without it, the error says how to answer it there
+        write(tmp.path(), name, "COMMENT ON TABLE orders IS 'kept';\n");
+        let spec = PlanSpec::try_from(load(tmp.path(), &Overrides::default()).unwrap()).unwrap();
+        let findings = lint_plan(&spec, &LintOptions::default());
+        assert!(
+            findings.len() == 1
+                && findings[0]
+                    .hint
+                    .contains("-- flotilla:lint-ignore missing-down"),
+            "{name}: {findings:#?}"
+        );
+        // and a rule that cannot be ignored is refused where it is said
+        write(
+            tmp.path(),
+            name,
+            "COMMENT ON TABLE orders IS 'kept';\n-- flotilla:lint-ignore parse-error no\n",
+        );
+        let e = load(tmp.path(), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{name}:2:")) && e.contains("cannot be ignored"),
+            "{e}"
         );
     }
 }

@@ -462,12 +462,7 @@ fn lint_ignore(entry: &toml::Value) -> Result<pb::LintIgnore, String> {
     }
     let text = |key: &str| t.get(key).and_then(toml::Value::as_str).map(str::trim);
     let rule = text("rule").ok_or_else(|| format!("lint.ignore: no rule: {shape}"))?;
-    if flotilla_core::lint::rule(rule).is_none() {
-        return Err(format!(
-            "lint.ignore: unknown rule `{rule}`: use one of {}",
-            flotilla_core::lint::rule_ids().join(", ")
-        ));
-    }
+    flotilla_core::lint::check_ignorable(rule).map_err(|e| format!("lint.ignore: {e}"))?;
     let reason = text("reason").unwrap_or_default();
     if reason.is_empty() {
         return Err(format!(

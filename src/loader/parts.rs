@@ -45,3 +45,35 @@ impl Parts {
         }
     }
 }
+
+/// dbmate, Flyway and golang-migrate files have no metadata file: a lint rule is turned off
+/// by a comment line anywhere in the (up) file, `-- flotilla:lint-ignore <rule> <reason>` (the
+/// reason is required).
+const LINT_IGNORE: &str = "-- flotilla:lint-ignore";
+
+pub(super) fn lint_ignores(text: &str) -> Result<Vec<pb::LintIgnore>, (usize, String)> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some(rest) = line.trim().strip_prefix(LINT_IGNORE) else {
+            continue;
+        };
+        let rest = rest.trim();
+        let (rule, reason) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        if let Err(e) = flotilla_core::lint::check_ignorable(rule) {
+            return Err((i + 1, format!("`{LINT_IGNORE}`: {e}")));
+        }
+        if reason.trim().is_empty() {
+            return Err((
+                i + 1,
+                format!(
+                    "`{LINT_IGNORE} {rule}` needs a reason after the rule: say why it is safe here"
+                ),
+            ));
+        }
+        out.push(pb::LintIgnore {
+            rule: rule.to_string(),
+            reason: reason.trim().to_string(),
+        });
+    }
+    Ok(out)
+}

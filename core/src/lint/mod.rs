@@ -319,6 +319,28 @@ pub fn rule_ids() -> Vec<&'static str> {
     RULES.iter().map(|r| r.id).collect()
 }
 
+/// Whether a migration may turn `rule` off (`[lint] ignore`, `-- flotilla:lint-ignore`): an
+/// unknown rule, or `parse-error` (SQL PostgreSQL refuses fails whatever is said), is refused
+/// with why.
+pub fn check_ignorable(rule: &str) -> Result<(), String> {
+    if rule == PARSE_ERROR {
+        return Err(format!(
+            "`{PARSE_ERROR}` cannot be ignored: PostgreSQL refuses that SQL whatever the lint says; fix it"
+        ));
+    }
+    if self::rule(rule).is_none() {
+        let ignorable: Vec<&str> = rule_ids()
+            .into_iter()
+            .filter(|r| *r != PARSE_ERROR)
+            .collect();
+        return Err(format!(
+            "unknown rule `{rule}`: use one of {}",
+            ignorable.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// What the lint found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {

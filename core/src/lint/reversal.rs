@@ -759,7 +759,7 @@ pub(super) fn check(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out
                 "down.sql",
                 0,
                 "no down SQL: the migration cannot be undone when the plan fails or is rolled back".to_string(),
-                "write down.sql; if the change truly cannot be undone, say `irreversible = true` in migration.toml",
+                "write down.sql (a dbmate down section, a Flyway U file, a golang-migrate .down.sql); if the change truly cannot be undone, say `irreversible = true` in migration.toml, or in a dbmate, Flyway or golang-migrate file `-- flotilla:lint-ignore missing-down REASON`",
             );
         }
         return;
