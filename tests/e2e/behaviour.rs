@@ -1689,5 +1689,34 @@ async fn an_enum_value_added_commits_before_the_migration_that_uses_it() -> anyh
             .await?;
         assert_eq!(meh, 20, "{t}");
     }
+    // A rollback undoes the migration after the irreversible one, and stops there on each
+    // target, saying what stays and how to undo it.
+    let id = status["plan_id"].as_str().unwrap().to_string();
+    let out = fleet
+        .cli(&["plan", "rollback", &id, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    let st = out.last_json()?;
+    assert_eq!(st["state"], "rollback_failed", "{st}");
+    let failures = st["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 2, "{st}");
+    for f in failures {
+        let m = f["message"].as_str().unwrap();
+        assert!(
+            f["migration"] == "002_mood_meh"
+                && m.contains("(irreversible)")
+                && m.contains("so do the steps before it")
+                && m.contains(&format!("plan rollback {id} --down-from")),
+            "{f}"
+        );
+    }
+    let columns: i64 = fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            "SELECT count(*) FROM information_schema.columns WHERE column_name = 'mood'",
+        )
+        .await?;
+    assert_eq!(columns, 0, "003 undone on both tenants");
     Ok(())
 }

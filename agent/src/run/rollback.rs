@@ -196,7 +196,15 @@ impl Agent {
                                  the rows its batches changed stay as they are"
                             )
                         } else {
-                            format!("migration `{migration}` has no down SQL")
+                            // (irreversible: said so, with what stays and how to undo it)
+                            format!(
+                                "migration `{migration}` has no down SQL (irreversible): it \
+                                 stays applied on this target, and so do the steps before it \
+                                 (undone newest first, the undo stops here); the steps after it \
+                                 were undone. To undo it, give its down SQL: `flotilla plan \
+                                 rollback {} --down-from DIR`",
+                                def.plan_id
+                            )
                         },
                     ),
                     false,
