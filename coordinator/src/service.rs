@@ -509,8 +509,9 @@ impl Coordinator {
     /// target's rows applied after the plan's own last there.
     fn later_plans(&self, plan_id: &str) -> Vec<String> {
         let (journals, _) = self.inner.versions.snapshot();
-        let mut later: BTreeMap<String, (std::collections::BTreeSet<String>, Vec<String>)> =
-            BTreeMap::new();
+        // (plan -> its migrations, targets and newest journal row, for newest first)
+        type Later = (std::collections::BTreeSet<String>, Vec<String>, i64);
+        let mut later: BTreeMap<String, Later> = BTreeMap::new();
         for (shard, journal) in journals.iter() {
             for (tenant, rows) in &journal.targets {
                 let Some(mine) = rows
@@ -522,7 +523,8 @@ impl Coordinator {
                     continue;
                 };
                 for r in rows.iter().filter(|r| r.seq > mine && r.plan_id != plan_id) {
-                    let (migrations, targets) = later.entry(r.plan_id.clone()).or_default();
+                    let (migrations, targets, newest) = later.entry(r.plan_id.clone()).or_default();
+                    *newest = (*newest).max(r.seq);
                     migrations.insert(r.migration_id.clone());
                     let target = crate::versions::target_name(shard, tenant);
                     if !targets.contains(&target) {
@@ -531,11 +533,23 @@ impl Coordinator {
                 }
             }
         }
+        let mut later: Vec<(String, Later)> = later.into_iter().collect();
+        // newest first, the order to roll them back in
+        later.sort_by_key(|(_, (_, _, newest))| std::cmp::Reverse(*newest));
         later
             .into_iter()
-            .map(|(plan, (migrations, targets))| {
+            .map(|(plan, (migrations, targets, _))| {
+                // a baseline is no plan: it recorded what another tool applied, and is not
+                // rolled back (`plan rollback baseline-...` is "not found")
+                let what = if plan.starts_with(crate::versions::BASELINE_PREFIX) {
+                    format!(
+                        "fleet baseline {plan} (another tool's migrations, recorded: not a plan to roll back)"
+                    )
+                } else {
+                    format!("plan {plan}")
+                };
                 format!(
-                    "plan {plan}: {} on {}",
+                    "{what}: {} on {}",
                     migrations.into_iter().collect::<Vec<_>>().join(", "),
                     crate::error::some_of(&targets, 3)
                 )

@@ -1563,6 +1563,53 @@ async fn a_rollback_under_a_later_plan_is_refused_until_told() -> anyhow::Result
     assert_eq!(rows, vec![vec!["2".to_string()]], "nothing changed");
     assert_eq!(fleet.status(&first).await?["state"], "completed");
 
+    // Another tool's migration recorded after both (`fleet baseline`): named as the
+    // baseline it is (no plan to roll back), and first, newest first.
+    let other = MigrationDir::new()?;
+    other.migration(
+        "003_other_tool",
+        "",
+        "CREATE TABLE other_tool_t (id int);",
+        "DROP TABLE other_tool_t;",
+    )?;
+    let op = other.path().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&[
+            "fleet",
+            "baseline",
+            &op,
+            "--up-to",
+            "003_other_tool",
+            "--reason",
+            "made by hand",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    // (its rows reach the leader's copy of the journals with the agent's next report)
+    let mut out = None;
+    wait_until("the baseline among the later plans", WAIT, async || {
+        let o = fleet
+            .cli(&["plan", "rollback", &first, "--reason", "undo base"])
+            .await?;
+        let seen = o.stderr.contains("fleet baseline");
+        out = Some(o);
+        Ok(seen)
+    })
+    .await?;
+    let out = out.expect("asked");
+    assert_eq!(out.code(), Some(2), "{out}");
+    let (baseline_at, second_at) = (
+        out.stderr.find("(fleet baseline baseline-"),
+        out.stderr.find(&format!("; plan {second}: 002_col")),
+    );
+    assert!(
+        baseline_at.is_some()
+            && second_at.is_some()
+            && baseline_at < second_at
+            && out.stderr.contains("not a plan to roll back"),
+        "{out}"
+    );
+
     let out = fleet
         .cli(&[
             "plan",
@@ -1579,9 +1626,12 @@ async fn a_rollback_under_a_later_plan_is_refused_until_told() -> anyhow::Result
         .json(&["audit", "list", "--plan", &first, "--output", "json"])
         .await?;
     assert!(
-        audit.to_string().contains(&format!(
-            "undo base; past later plans (plan {second}: 002_col"
-        )),
+        audit
+            .to_string()
+            .contains("undo base; past later plans (fleet baseline baseline-")
+            && audit
+                .to_string()
+                .contains(&format!("; plan {second}: 002_col")),
         "{audit}"
     );
     Ok(())

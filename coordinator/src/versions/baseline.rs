@@ -9,6 +9,9 @@
 //! holding two tools' tables anywhere refuses the whole baseline before any row is written.
 //! Targets are the plan's (its selector, each migration's scope and selector), resolved as
 //! a plan's are, and a migration is recorded only where it applies.
+/// The journal's plan id of a `fleet baseline`'s rows (`baseline-<random>`): no plan's.
+pub const BASELINE_PREFIX: &str = "baseline-";
+
 use std::collections::BTreeMap;
 
 use flotilla_core::foreign::Tool;
@@ -104,7 +107,7 @@ impl Coordinator {
                 });
         }
         let baseline_id = format!(
-            "baseline-{}",
+            "{BASELINE_PREFIX}{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
         );
         let request = |dry_run: bool| pb::BaselineRequest {

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use flotilla_core::pb;
 
+pub use baseline::BASELINE_PREFIX;
 pub use drift::{cohort_labels, fleet_drift};
 pub use status::{FleetInput, PlanInput, fleet_status, show_target};
 
