@@ -13,6 +13,12 @@
 #   FLOTILLA_PG_BINDIR        directory with initdb/pg_ctl (else found as the tests do)
 set -euo pipefail
 
+# the caller's directory: `flotilla quickstart` runs there (a `--shard` run's store,
+# flotilla-quickstart.db, is written where the command was given, not in the repository)
+caller=$(pwd)
+if [[ -n "${FLOTILLA_BIN:-}" && "$FLOTILLA_BIN" != /* && "$FLOTILLA_BIN" == */* ]]; then
+    FLOTILLA_BIN="$caller/$FLOTILLA_BIN"
+fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # shellcheck source=scripts/deps.sh
@@ -39,9 +45,10 @@ if [[ -z "$bin" ]]; then
     command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs)"
     section "Building flotilla"
     cargo build --bin flotilla
-    bin=target/debug/flotilla
+    bin="$(pwd)/target/debug/flotilla"
 fi
 [[ -x "$bin" ]] || die "$bin is not an executable flotilla"
 FLOTILLA_PG_BINDIR="$(dirname "$(find_initdb)")"
 export FLOTILLA_PG_BINDIR
+cd "$caller"
 exec "$bin" quickstart "$@"

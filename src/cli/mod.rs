@@ -477,6 +477,12 @@ pub enum PlanCommand {
     /// plan's targets and waves, the agents read the sizes of the relations its statements
     /// lock; prints the statements, their locks, sizes, waves and an estimated duration.
     /// The same as `plan submit PATH --dry-run`.
+    // (a submit's own flags do not apply to a dry run: kept out of its help)
+    #[command(
+        mut_arg("wait", |a| a.hide(true)),
+        mut_arg("request_id", |a| a.hide(true)),
+        mut_arg("dry_run", |a| a.hide(true))
+    )]
     Explain(SubmitArgs),
     /// Check a plan on disk without submitting it: its files, its graph, and the lint's
     /// rules on its SQL (read with PostgreSQL's parser). Exits 1 when the lint finds an
