@@ -750,6 +750,42 @@ fn check_deletes(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
     }
 }
 
+/// (partition, its partitioned table) for each table up.sql makes a partition: created
+/// `PARTITION OF` it, or attached (`ALTER TABLE parent ATTACH PARTITION child`).
+fn partitions(up: &[Parsed]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for p in up {
+        match &p.node {
+            NodeEnum::CreateStmt(s) if s.partbound.is_some() => {
+                if let Some(child) = &s.relation {
+                    for parent in &s.inh_relations {
+                        if let Some(NodeEnum::RangeVar(r)) = &parent.node {
+                            out.push((relation_name(child), relation_name(r)));
+                        }
+                    }
+                }
+            }
+            NodeEnum::AlterTableStmt(s) => {
+                let Some(parent) = s.relation.as_ref().map(relation_name) else {
+                    continue;
+                };
+                for cmd in &s.cmds {
+                    if let Some(NodeEnum::AlterTableCmd(c)) = &cmd.node
+                        && c.subtype == At::AtAttachPartition as i32
+                        && let Some(NodeEnum::PartitionCmd(pc)) =
+                            c.def.as_ref().and_then(|d| d.node.as_ref())
+                        && let Some(child) = &pc.name
+                    {
+                        out.push((relation_name(child), parent.clone()));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 pub(super) fn check(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
     let restores = m.data.as_ref().is_some_and(|d| !d.prior_image.is_empty());
     if down.is_empty() {
@@ -769,7 +805,27 @@ pub(super) fn check(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out
     }
     check_drops(m, up, down, out);
     check_deletes(m, up, down, out);
-    let drops = dropped(down);
+    let mut drops = dropped(down);
+    // A partition goes with its partitioned table (`DROP TABLE events` drops the tables
+    // made `PARTITION OF events` or attached to it, and their constraints): a down.sql
+    // that drops the parent undoes them too.
+    let partitions = partitions(up);
+    let mut i = 0;
+    while i < drops.len() {
+        if let Object::Relation { name, .. } = &drops[i] {
+            let children: Vec<Object> = partitions
+                .iter()
+                .filter(|(_, parent)| same(parent, name))
+                .map(|(child, _)| Object::Relation {
+                    name: child.clone(),
+                    what: "table",
+                })
+                .filter(|c| !drops.iter().any(|d| same_object(d, c)))
+                .collect();
+            drops.extend(children);
+        }
+        i += 1;
+    }
     for (object, line) in created(up) {
         if !drops.iter().any(|d| covers(d, &object)) {
             out.push(

@@ -912,3 +912,38 @@ fn a_tenant_migration_outside_its_schema_is_said() {
     );
     assert!(lint(Some(pb::Scope::Shard)).is_empty());
 }
+
+/// A partitioned table's partitions, made `PARTITION OF` it or attached to it, go with it
+/// (and their constraints): a down.sql dropping the parent undoes them. Before, each
+/// partition and its constraint was a `down-incomplete` error, refusing a right migration.
+#[test]
+fn partitions_go_with_their_partitioned_table() {
+    let up = "CREATE TABLE events (id bigint, at date NOT NULL) PARTITION BY RANGE (at);\n\
+              CREATE TABLE events_2026_01 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');\n\
+              CREATE TABLE events_2026_02 (id bigint, at date NOT NULL, CONSTRAINT events_2026_02_range CHECK (at >= '2026-02-01' AND at < '2026-03-01'));\n\
+              ALTER TABLE events ATTACH PARTITION events_2026_02 FOR VALUES FROM ('2026-02-01') TO ('2026-03-01');";
+    let whole = lint_plan(
+        &plan(
+            vec![migration("001_events", up, "DROP TABLE events;")],
+            false,
+        ),
+        &LintOptions::default(),
+    );
+    assert!(whole.is_empty(), "{whole:#?}");
+    // dropping a partition alone leaves the parent and the other partition made
+    let part = lint_plan(
+        &plan(
+            vec![migration("001_events", up, "DROP TABLE events_2026_01;")],
+            false,
+        ),
+        &LintOptions::default(),
+    );
+    assert_eq!(
+        rules_of(&part),
+        vec![
+            (DOWN_INCOMPLETE, Severity::Error, 1),
+            (DOWN_INCOMPLETE, Severity::Error, 3),
+        ],
+        "{part:#?}"
+    );
+}
