@@ -66,29 +66,56 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<pb::PlanSpec, LoadErro
         ));
     };
     spec.source = path.display().to_string();
-    chain_when_unordered(&mut spec);
+    chain_implicit_order(&mut spec);
     apply(&mut spec, overrides)?;
     Ok(spec)
 }
 
-/// A plan that says nothing about order (no parallel groups, no dependencies,
-/// no `depends_on`) runs its migrations in id order on each target, as every
-/// single-database tool (dbmate included) would: each waits for the one before.
-fn chain_when_unordered(spec: &mut pb::PlanSpec) {
-    let unordered = spec.parallel_groups.is_empty()
-        && spec.dependencies.is_empty()
-        && spec.migrations.iter().all(|m| m.depends_on.is_empty());
-    if !unordered {
+/// A plan without parallel groups or `[dependencies]` runs its migrations in its order (id
+/// order, or the plan file's `migrations` list) on each target, as every single-database
+/// tool (dbmate included) would: a migration that names no `depends_on` waits for the one
+/// before it; one that names some waits for those only (that is how a directory says two
+/// may run side by side). Before, one `depends_on` anywhere took the order away from every
+/// migration: a migration naming none ran at once, before the one it followed in id order
+/// ("relation does not exist"). A migration that the one before it waits for, directly or
+/// through others, does not wait for it back (no cycle it did not write).
+fn chain_implicit_order(spec: &mut pb::PlanSpec) {
+    if !spec.parallel_groups.is_empty() || !spec.dependencies.is_empty() {
         return;
     }
-    spec.dependencies = spec
+    let index: std::collections::BTreeMap<&str, usize> = spec
         .migrations
-        .windows(2)
-        .map(|w| pb::Dependency {
-            migration: w[1].id.clone(),
-            depends_on: vec![w[0].id.clone()],
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id.as_str(), i))
+        .collect();
+    // whether `from` waits for `to` through the dependencies written
+    let waits_for = |from: usize, to: usize| {
+        let mut stack = vec![from];
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(i) = stack.pop() {
+            if i == to {
+                return true;
+            }
+            if seen.insert(i) {
+                stack.extend(
+                    spec.migrations[i]
+                        .depends_on
+                        .iter()
+                        .filter_map(|d| index.get(d.as_str()).copied()),
+                );
+            }
+        }
+        false
+    };
+    let chained: Vec<pb::Dependency> = (1..spec.migrations.len())
+        .filter(|&i| spec.migrations[i].depends_on.is_empty() && !waits_for(i - 1, i))
+        .map(|i| pb::Dependency {
+            migration: spec.migrations[i].id.clone(),
+            depends_on: vec![spec.migrations[i - 1].id.clone()],
         })
         .collect();
+    spec.dependencies = chained;
 }
 
 /// Applies command-line overrides on top of what the plan file says.

@@ -1434,3 +1434,53 @@ fn a_plan_file_names_golang_migrate_migrations_by_id() {
     let spec = load_ok(&root.join("plan.toml"));
     assert_eq!(ids(&spec), ["2_b"]);
 }
+
+/// Without groups or `[dependencies]`, a migration naming no `depends_on` waits for the one
+/// before it, whatever the others name; one naming some waits for those only. Before, one
+/// `depends_on` anywhere took the id order away from every migration (`002` ran beside
+/// `001`, whose table it altered). No wait is added that would close a cycle.
+#[test]
+fn a_migration_naming_no_dependency_follows_the_one_before_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    native(root, "001_promo", None, "CREATE TABLE promo (id int);");
+    native(
+        root,
+        "002_promo_code",
+        None,
+        "ALTER TABLE promo ADD COLUMN code text;",
+    );
+    native(
+        root,
+        "003_promo_log",
+        Some("depends_on = [\"001_promo\"]\n"),
+        "CREATE TABLE promo_log (id int);",
+    );
+    native(root, "004_after", None, "SELECT 4;");
+    let spec = load_ok(root);
+    let deps: Vec<(String, Vec<String>)> = spec
+        .dependencies
+        .iter()
+        .map(|d| (d.migration.clone(), d.depends_on.clone()))
+        .collect();
+    assert_eq!(
+        deps,
+        [
+            ("002_promo_code".to_string(), vec!["001_promo".to_string()]),
+            ("004_after".to_string(), vec!["003_promo_log".to_string()]),
+        ]
+    );
+    // 001 waits for 002 (written): 002, after it in id order, does not wait for 001 back
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    native(
+        root,
+        "001_a",
+        Some("depends_on = [\"002_b\"]\n"),
+        "SELECT 1;",
+    );
+    native(root, "002_b", None, "SELECT 2;");
+    let spec = load_ok(root);
+    assert!(spec.dependencies.is_empty(), "{:?}", spec.dependencies);
+    flotilla_core::PlanSpec::try_from(spec).expect("no cycle");
+}
