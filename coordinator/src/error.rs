@@ -309,6 +309,10 @@ pub enum Conflict {
         "plan {plan_id}: later plans applied migrations on its targets after it ({later}): its down SQL may take their changes with it (a column of a table this plan made, and its rows); roll them back first, newest first, or pass --ignore-later-plans (audited) when they do not rest on this plan"
     )]
     LaterPlans { plan_id: String, later: String },
+    #[error(
+        "plan {plan_id}: later plans applied migrations on the targets it would run again on ({later}): its steps would apply older migrations over theirs; roll them back first, newest first, or pass --ignore-later-plans (audited) when they do not touch what it changes"
+    )]
+    LaterPlansRetry { plan_id: String, later: String },
     #[error("plan {plan_id} is {state}; only a running plan's shard can be cancelled")]
     ShardOfStoppedPlan { plan_id: String, state: PlanState },
     #[error("shard {shard} of plan {plan_id} is already cancelled")]

@@ -17,7 +17,8 @@ impl Coordinator {
         &self,
         plan_id: &str,
         targets: &[String],
-        actor: Actor,
+        ignore_later: bool,
+        mut actor: Actor,
     ) -> Result<flotilla_core::pb::PlanStatus, CoordinatorError> {
         let epoch = self.leader_epoch()?;
         // A plan in motion (a retry already under way, a rollback) is not retried.
@@ -85,6 +86,37 @@ impl Coordinator {
                 plan_id: plan_id.to_string(),
             }
             .into());
+        }
+        // Other plans that applied migrations since this one was submitted, on the targets
+        // it runs again on: its steps would go over theirs, older migrations after newer
+        // ones (a week-old plan retried re-ran its SQL on top of six later plans').
+        let again: BTreeSet<(String, String)> = updates
+            .iter()
+            .map(|u| (u.shard.clone(), u.tenant.clone()))
+            .collect();
+        let since = row.created_at_ms;
+        let later = self.plans_after(plan_id, |shard, tenant, _| {
+            again
+                .contains(&(shard.to_string(), tenant.to_string()))
+                .then(|| {
+                    Box::new(move |r: &flotilla_core::pb::JournalEntry| r.applied_at_ms > since)
+                        as _
+                })
+        });
+        if !later.is_empty() {
+            if !ignore_later {
+                return Err(Conflict::LaterPlansRetry {
+                    plan_id: plan_id.to_string(),
+                    later: later.join("; "),
+                }
+                .into());
+            }
+            let past = format!("past later plans ({})", later.join("; "));
+            actor.reason = if actor.reason.is_empty() {
+                past
+            } else {
+                format!("{}; {past}", actor.reason)
+            };
         }
         let n = updates.len();
         let steps = if n == 1 { "step" } else { "steps" };

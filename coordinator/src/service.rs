@@ -507,22 +507,39 @@ impl Coordinator {
     /// The later plans' rows on a plan's targets, from the leader's copy of the journals
     /// (what attached agents reported): per later plan, its migrations and targets, each
     /// target's rows applied after the plan's own last there.
-    fn later_plans(&self, plan_id: &str) -> Vec<String> {
+    pub(crate) fn later_plans(&self, plan_id: &str) -> Vec<String> {
+        self.plans_after(plan_id, |_, _, rows| {
+            rows.iter()
+                .filter(|r| r.plan_id == plan_id)
+                .map(|r| r.seq)
+                .max()
+                .map(|mine| Box::new(move |r: &pb::JournalEntry| r.seq > mine) as _)
+        })
+    }
+
+    /// Other plans' rows on the targets `after` picks, those it says came after (it gives a
+    /// target's test, or passes the target over), newest plan first: each named with its
+    /// migrations and some of its targets (a `fleet baseline` as what it is).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn plans_after(
+        &self,
+        plan_id: &str,
+        after: impl Fn(
+            &str,
+            &str,
+            &[pb::JournalEntry],
+        ) -> Option<Box<dyn Fn(&pb::JournalEntry) -> bool>>,
+    ) -> Vec<String> {
         let (journals, _) = self.inner.versions.snapshot();
         // (plan -> its migrations, targets and newest journal row, for newest first)
         type Later = (std::collections::BTreeSet<String>, Vec<String>, i64);
         let mut later: BTreeMap<String, Later> = BTreeMap::new();
         for (shard, journal) in journals.iter() {
             for (tenant, rows) in &journal.targets {
-                let Some(mine) = rows
-                    .iter()
-                    .filter(|r| r.plan_id == plan_id)
-                    .map(|r| r.seq)
-                    .max()
-                else {
+                let Some(is_after) = after(shard, tenant, rows) else {
                     continue;
                 };
-                for r in rows.iter().filter(|r| r.seq > mine && r.plan_id != plan_id) {
+                for r in rows.iter().filter(|r| r.plan_id != plan_id && is_after(r)) {
                     let (migrations, targets, newest) = later.entry(r.plan_id.clone()).or_default();
                     *newest = (*newest).max(r.seq);
                     migrations.insert(r.migration_id.clone());

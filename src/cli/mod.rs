@@ -610,6 +610,11 @@ pub struct RetryArgs {
     /// Only this target (`shard` or `shard/tenant`); may be given more than once.
     #[arg(long = "target")]
     pub targets: Vec<String>,
+    /// Run again though other plans applied migrations on the targets since this plan was
+    /// submitted (refused otherwise, naming them: its steps would apply older migrations
+    /// over theirs); recorded in the audit trail.
+    #[arg(long)]
+    pub ignore_later_plans: bool,
     /// Why (recorded in the audit trail).
     #[arg(long, default_value = "")]
     pub reason: String,

@@ -207,6 +207,7 @@ async fn retry(addr: &str, args: super::RetryArgs) -> u8 {
         actor: acting(args.actor),
         reason: args.reason,
         targets: args.targets,
+        ignore_later_plans: args.ignore_later_plans,
     };
     let r = ask_leader(
         addr,

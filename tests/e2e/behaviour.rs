@@ -1770,3 +1770,78 @@ async fn an_enum_value_added_commits_before_the_migration_that_uses_it() -> anyh
     assert_eq!(columns, 0, "003 undone on both tenants");
     Ok(())
 }
+
+/// A plan run again after other plans applied migrations on the targets it runs again on
+/// is refused, naming them (its steps would apply older migrations over theirs: a week-old
+/// plan retried re-ran its SQL on top of six later plans'), until told; then audited.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_under_a_later_plan_is_refused_until_told() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 2).await?;
+    let blocked = crate::fleet::tenant_name(0, 0, 1);
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            &format!("CREATE TABLE {blocked}.not_yet (id int)"),
+        )
+        .await?;
+    let a = MigrationDir::new()?;
+    a.migration(
+        "001_a_col",
+        "[lint]\nignore = [{ rule = \"dynamic-sql\", reason = \"fails where not_yet is\" }]\n",
+        "DO $$ BEGIN IF to_regclass('not_yet') IS NOT NULL THEN RAISE EXCEPTION 'not yet'; END IF; END $$;\n\
+         ALTER TABLE work_orders ADD COLUMN a_col int;",
+        "ALTER TABLE work_orders DROP COLUMN a_col;",
+    )?;
+    let (code, first, out) = fleet
+        .submit_wait(a.path(), &["--policy", "continue"])
+        .await?;
+    assert_eq!(code, 1, "{out}");
+    let first = first["plan_id"].as_str().unwrap().to_string();
+    let b = MigrationDir::new()?;
+    b.migration(
+        "002_b_col",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN b_col int;",
+        "ALTER TABLE work_orders DROP COLUMN b_col;",
+    )?;
+    let (code, second, out) = fleet.submit_wait(b.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let second = second["plan_id"].as_str().unwrap().to_string();
+    fleet
+        .pg
+        .psql(&fleet.shards[0], &format!("DROP TABLE {blocked}.not_yet"))
+        .await?;
+
+    let out = fleet.cli(&["plan", "retry", &first]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "later plans applied migrations on the targets it would run again on (plan {second}: 002_b_col on shard_0/{blocked})"
+        )),
+        "{out}"
+    );
+    let cols: i64 = fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            &format!("SELECT count(*) FROM information_schema.columns WHERE table_schema = '{blocked}' AND column_name = 'a_col'"),
+        )
+        .await?;
+    assert_eq!(cols, 0, "nothing ran");
+
+    let out = fleet
+        .cli(&["plan", "retry", &first, "--ignore-later-plans", "--wait"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let audit = fleet
+        .json(&["audit", "list", "--plan", &first, "--output", "json"])
+        .await?;
+    assert!(
+        audit
+            .to_string()
+            .contains(&format!("past later plans (plan {second}: 002_b_col")),
+        "{audit}"
+    );
+    Ok(())
+}

@@ -324,7 +324,8 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         let r = req.into_inner();
         let actor = self.actor(&from, &r.actor, &r.reason, "RetryPlan").await?;
         Ok(Response::new(
-            self.retry(&r.plan_id, &r.targets, actor).await?,
+            self.retry(&r.plan_id, &r.targets, r.ignore_later_plans, actor)
+                .await?,
         ))
     }
 
