@@ -127,8 +127,33 @@ impl Agent {
             self.halt(&plan);
             plan.wait_idle().await;
         }
-        let mut valid = Vec::with_capacity(req.gids.len());
-        for gid in req.gids {
+        let mut gids = req.gids;
+        if decision == Decision::Abort {
+            // Those runs, and runs the agent went on with while cut off from its
+            // coordinator, may have prepared transactions of the unit the coordinator has
+            // not heard of: the abort is the unit's, so they are rolled back with it. Left,
+            // they held their tables' locks after the plan ended rolled back, until the
+            // next in-doubt sweep.
+            match list_prepared(&self.pool).await {
+                Ok(here) => {
+                    let unheard: Vec<String> = here
+                        .into_iter()
+                        .filter(|g| plan_of_gid(g) == Some(unit.as_str()) && !gids.contains(g))
+                        .collect();
+                    if !unheard.is_empty() {
+                        info!(gids = ?unheard, "rolling back the unit's prepared transactions the coordinator did not name (prepared while its decision was on its way)");
+                        gids.extend(unheard);
+                    }
+                }
+                Err(e) => {
+                    warn!(
+                        "listing the shard's prepared transactions failed; resolving those named: {e}"
+                    )
+                }
+            }
+        }
+        let mut valid = Vec::with_capacity(gids.len());
+        for gid in gids {
             match validate_gid(&gid, &req.plan_id) {
                 Ok(lit) => valid.push((gid, lit)),
                 Err(reason) => {

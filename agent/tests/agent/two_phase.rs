@@ -170,25 +170,28 @@ async fn prepare_commit_abort_and_resend() {
         ],
     );
     let gid_a = "flotilla:pa:3:1:tenant_0001";
+    let gid_b = "flotilla:pa:4:1:tenant_0000";
     let r = s
         .assign(
             "pa",
             1,
-            1,
-            vec![prepared_run(
-                3,
-                "tenant_0001",
-                &["aborted", "aborted2"],
-                gid_a,
-            )],
+            2,
+            vec![
+                prepared_run(3, "tenant_0001", &["aborted", "aborted2"], gid_a),
+                prepared_run(4, "tenant_0000", &["aborted", "aborted2"], gid_b),
+            ],
         )
         .await;
     assert_eq!(outcomes(&r[&3]), [pb::StepOutcome::Prepared; 2], "{r:?}");
+    assert_eq!(outcomes(&r[&4]), [pb::StepOutcome::Prepared; 2], "{r:?}");
+    // The abort names one; the other, prepared while the decision was on its way (a run
+    // the agent went on with while cut off), goes with it: the abort is the unit's.
     let reply = s.resolve("pa", false, 1, &[gid_a]).await;
-    assert_eq!(reply.resolved, [gid_a], "{reply:?}");
+    assert_eq!(reply.resolved, [gid_a, gid_b], "{reply:?}");
     assert!(!reply.commit);
     assert!(prepared_gids(&f.pool).await.is_empty());
     assert!(!table_exists(&f, "tenant_0001", "aborted_t").await);
+    assert!(!table_exists(&f, "tenant_0000", "aborted_t").await);
     assert_eq!(journal(&f, "pa").await, 0);
 
     // failures before or at PREPARE are reported as ever, and nothing stays prepared
