@@ -435,6 +435,44 @@ impl Agent {
         }
     }
 
+    /// A leader of a newer term (`epoch`) welcomed this agent: the shard's fence moves to its
+    /// epoch, so that runs an earlier leader handed out and still queued here are refused by
+    /// it (reported fenced; the new leader sends its own). A step of the old term under way
+    /// holds the fence row until it ends: tried again a few times (each attempt waits up to
+    /// the fence's lock timeout), then left to the new leader's first runs, which advance it
+    /// too.
+    pub(crate) async fn advance_fence_for_new_leader(&self, epoch: u64) {
+        for attempt in 1..=5 {
+            if self.fence_advanced.load(Ordering::Relaxed) >= epoch
+                || self.welcome_epoch.load(Ordering::Relaxed) != epoch
+            {
+                return;
+            }
+            match shard::advance_fence(&self.pool, epoch).await {
+                Ok(()) => {
+                    self.fence_advanced.fetch_max(epoch, Ordering::Relaxed);
+                    tracing::info!(
+                        epoch,
+                        "the shard's fence moved to the new leader's epoch: an earlier leader's runs still queued here are refused"
+                    );
+                    return;
+                }
+                Err(error) if is_lock_timeout(&error) => {
+                    if attempt == 1 {
+                        tracing::info!(
+                            epoch,
+                            "the shard's fence waits for a transaction of an older epoch (a step still running, or a prepared transaction) before it moves to the new leader's epoch"
+                        );
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, epoch, "could not advance the shard's fence");
+                    return;
+                }
+            }
+        }
+    }
+
     /// A leader of a newer term (`epoch`) welcomed this agent: the runs of atomic units an
     /// earlier term handed out and that are still queued here are dropped (reported
     /// NOT_RUN). A new leader presumes such a unit aborted; run on, each PREPAREd after

@@ -241,6 +241,13 @@ pub(super) async fn session(
                         let before = agent.welcome_epoch.swap(w.epoch, Ordering::Relaxed);
                         if w.epoch > before && before > 0 {
                             agent.drop_stale_atomic_runs(w.epoch);
+                            // The shard's fence moves to the new leader's epoch now, not at
+                            // its first run: runs an earlier leader handed out and still
+                            // queued here are then refused by it (the new leader sends them
+                            // again), not applied for seconds under the new leader's term
+                            // (invariant 2: a deposed coordinator changes nothing).
+                            let (a, epoch) = (agent.clone(), w.epoch);
+                            tokio::spawn(async move { a.advance_fence_for_new_leader(epoch).await });
                         }
                         if w.heartbeat_interval_ms > 0 {
                             interval = Duration::from_millis(w.heartbeat_interval_ms);

@@ -3337,3 +3337,95 @@ async fn a_tenant_whose_schema_changed_runs_nothing_until_an_operator_says_which
     h.stop().await;
     f.drop().await;
 }
+
+/// A leader of a newer term welcomes the agent while runs an earlier leader handed out are
+/// still queued: the shard's fence moves to the new epoch as soon as the run under way lets
+/// go of it, and the queued runs are refused by it (the new leader sends its own), not
+/// applied under the new leader's term. Before, the fence moved only with the new leader's
+/// first run: a deposed leader's queued runs went on applying for seconds after the
+/// takeover (invariant 2).
+#[tokio::test]
+async fn a_new_leaders_welcome_fences_the_runs_an_earlier_one_left_queued() {
+    let Some(f) = fleet("fence_welcome", 3).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (s, _) = h.attach(1).await;
+    sqlx::query("CREATE TABLE public.fw_blocker ()")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let mut blocker = f.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE public.fw_blocker IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "fw".into(),
+        migrations: vec![migration(
+            "fw_m",
+            "CREATE TABLE fw_t (id int); SELECT count(*) FROM public.fw_blocker",
+            "DROP TABLE fw_t",
+            "",
+        )],
+        default_lock_timeout_ms: 60_000,
+        ..Default::default()
+    }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "fw".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: (1..=3)
+            .map(|i| run(i, &format!("tenant_000{}", i - 1), &["fw_m"], true))
+            .collect(),
+    }));
+    wait_running(&f.pool, "fw_blocker").await;
+    // the leader changes under run 1
+    drop(s);
+    let (mut s, _) = h.attach(2).await;
+    // (the welcome taken: a preflight sent after it is answered after it)
+    s.send(In::Preflight(pb::PreflightRequest {
+        request_id: 9,
+        ..Default::default()
+    }));
+    let mut r = BTreeMap::new();
+    loop {
+        match s.next().await {
+            Out::Preflight(_) => break,
+            Out::Results(res) => r.extend(res.runs.into_iter().map(|run| (run.run_id, run))),
+            other => panic!("expected results or the preflight's answer, got {other:?}"),
+        }
+    }
+    blocker.commit().await.unwrap();
+    while r.len() < 3 {
+        match s.next().await {
+            Out::Results(res) => r.extend(res.runs.into_iter().map(|run| (run.run_id, run))),
+            other => panic!("expected results, got {other:?}"),
+        }
+    }
+    // run 1 was under way (its transaction began before the takeover): it commits
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{r:?}");
+    for id in [2, 3] {
+        let error = r[&id].steps[0].error.clone().unwrap_or_default();
+        assert_eq!(
+            (outcomes(&r[&id]), error.sqlstate.as_str()),
+            (
+                vec![pb::StepOutcome::Failed],
+                flotilla_core::protocol::sqlstate::FENCED
+            ),
+            "run {id}: {r:?}"
+        );
+    }
+    assert_eq!(count(&f.pool, "SELECT epoch FROM flotilla.fence").await, 2);
+    assert_eq!(
+        count(
+            &f.pool,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'fw_t'"
+        )
+        .await,
+        1
+    );
+    drop(s);
+    h.stop().await;
+    f.drop().await;
+}
