@@ -327,6 +327,13 @@ pub(super) async fn leader_named_in(md: &tonic::metadata::MetadataMap) -> Option
     client(leader).await.ok()
 }
 
+/// Whether an answer says no coordinator leads now (its `flotilla-leader` is `none`).
+fn says_no_leader(md: &tonic::metadata::MetadataMap) -> bool {
+    md.get(flotilla_core::protocol::LEADER_METADATA)
+        .and_then(|v| v.to_str().ok())
+        == Some(flotilla_core::protocol::NO_LEADER)
+}
+
 /// A client on the first of `addrs` that answers a connection, saying nothing when none
 /// does (the caller tries again).
 pub(super) async fn quietly(addrs: &str) -> Option<Client> {
@@ -370,6 +377,32 @@ where
             };
         }
     };
+    // The coordinator asked knows no leader (it lost etcd, or an election is under way):
+    // another listed one may lead, or know who does. Before, its store read stood with
+    // "no coordinator leads now" for as long as it was cut off, the leader listed beside it.
+    if says_no_leader(answer.metadata()) {
+        for other in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let Ok(c) = client(other).await else { continue };
+            let Ok(r) = rpc(c, req.clone()).await else {
+                continue;
+            };
+            if says_no_leader(r.metadata()) {
+                continue;
+            }
+            match r.metadata().get(flotilla_core::protocol::LEADER_METADATA) {
+                // the leader's own answer
+                None => return render(r.into_inner()),
+                // a follower that knows the leader: read there
+                Some(_) => {
+                    if let Some(leader) = leader_named_in(r.metadata()).await
+                        && let Ok(lr) = rpc(leader, req.clone()).await
+                    {
+                        return render(lr.into_inner());
+                    }
+                }
+            }
+        }
+    }
     if let Some(leader) = leader_named_in(answer.metadata()).await {
         match rpc(leader, req).await {
             Ok(r) => return render(r.into_inner()),

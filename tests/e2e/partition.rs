@@ -117,3 +117,83 @@ async fn an_agent_cut_off_past_the_grace_then_healed_loses_and_doubles_nothing()
     }
     crate::shards::assert_fences_not_back(&fleet.pg, &epochs).await
 }
+
+/// A coordinator cut off from etcd knows no leader. A read asked of it with the leader
+/// listed beside it (`--coordinator cut,leader`) comes from the leader. Before, its read
+/// from the control store stood, "no coordinator leads now", for as long as the cut lasted,
+/// the leader one address further.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_finds_the_leader_listed_beside_a_coordinator_that_knows_none() -> anyhow::Result<()>
+{
+    let mut fleet = HaFleet::start(2, 1, 2).await?;
+    fleet.wait_connected(1).await?;
+    // coordinator 0 again, its etcd behind a proxy the test cuts; coordinator 1 leads
+    fleet.coordinators[0].take().expect("running").kill()?;
+    let upstream = fleet.etcd.endpoints()[0]
+        .trim_start_matches("http://")
+        .parse()?;
+    let proxy = TcpProxy::start(upstream).await?;
+    let via = format!("http://{}", proxy.addr());
+    let listen = format!("127.0.0.1:{}", fleet.ports[0]);
+    let c0 = FlotillaProcess::spawn(
+        &[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--store",
+            &fleet.store,
+            "--etcd",
+            &via,
+            "--lease-ttl",
+            &fleet.lease_ttl,
+        ],
+        &[],
+    )?;
+    c0.wait_for_log("coordinator listening", WAIT).await?;
+    fleet.coordinators[0] = Some(c0);
+    // coordinator 0 leads: coordinator 1 stopped, then back as a follower
+    fleet.coordinators[1].take().expect("running").kill()?;
+    fleet.coordinators[0]
+        .as_ref()
+        .unwrap()
+        .wait_for_log("elected leader", WAIT)
+        .await?;
+    let c1 = fleet.spawn_coordinator(1)?;
+    c1.wait_for_log("coordinator listening", WAIT).await?;
+    fleet.coordinators[1] = Some(c1);
+    fleet.wait_connected(1).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_note",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN cut_note int",
+        "ALTER TABLE work_orders DROP COLUMN cut_note",
+    )?;
+    let id = fleet.submit(d.path(), &[]).await?;
+    let out = fleet.cli(&["plan", "watch", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+
+    // cut from etcd, the leader steps down; coordinator 1 is elected
+    proxy.cut().await?;
+    let status = |addrs: String| {
+        let id = id.clone();
+        async move {
+            crate::harness::run_flotilla(&["--coordinator", &addrs, "plan", "status", &id], &[])
+                .await
+        }
+    };
+    // coordinator 0 alone: it knows no leader
+    wait_until("coordinator 0 knowing no leader", WAIT, async || {
+        let out = status(fleet.addrs[0].clone()).await?;
+        Ok(out.stderr.contains("no coordinator leads now"))
+    })
+    .await?;
+    let out = status(format!("{},{}", fleet.addrs[0], fleet.addrs[1])).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(
+        !out.stderr.contains("no coordinator leads now") && out.stdout.contains("completed"),
+        "{out}"
+    );
+    proxy.heal().await?;
+    Ok(())
+}
