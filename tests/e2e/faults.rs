@@ -1169,3 +1169,63 @@ async fn a_plan_taken_over_keeps_its_failures() -> anyhow::Result<()> {
     assert_eq!(st["failures"].as_array().map(Vec::len), Some(1), "{st}");
     Ok(())
 }
+
+/// A plan with work left on a shard whose database stops answering its agent says so in
+/// its status (`waiting_for`: `database: shard_0 (...)`): what runs there stands still, and
+/// its last progress is not live. Before, only `fleet list` said so, and the plan's status
+/// showed the last rate and ETA as if the change went on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_waiting_on_a_database_that_does_not_answer_its_agent_says_so() -> anyhow::Result<()>
+{
+    let fleet = crate::fleet::TestFleet::builder(1, 3)
+        .agent_args(&["--discover-interval", "1h"])
+        .start()
+        .await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_z",
+        "",
+        "SELECT pg_sleep(0.5); ALTER TABLE work_orders ADD COLUMN z int",
+        "ALTER TABLE work_orders DROP COLUMN z",
+    )?;
+    let id = fleet.submit(d.path(), &["--max-parallel", "1"]).await?;
+    let out = fleet.cli(&["plan", "pause", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let waits_on_database = async || -> anyhow::Result<bool> {
+        let st = fleet.status(&id).await?;
+        Ok(st["waiting_for"].as_array().is_some_and(|w| {
+            w.iter().any(|w| {
+                w.as_str()
+                    .is_some_and(|w| w.starts_with("database: shard_0"))
+            })
+        }))
+    };
+    // (runs handed out before the pause wait on the agent, counted running)
+    wait_until("the pause taken, steps left", WAIT, async || {
+        let st = fleet.status(&id).await?;
+        Ok(st["paused"] == serde_json::json!(["*"])
+            && st["migrations"][0]["applied"].as_u64() < Some(3))
+    })
+    .await?;
+    assert!(!waits_on_database().await?);
+    crate::shards::cut_off(&fleet.pg, "shard_0", true).await?;
+    wait_until("the status naming the database", WAIT, waits_on_database).await?;
+    let text = fleet.cli(&["plan", "status", &id]).await?;
+    assert!(
+        text.stdout.contains(
+            "waiting for database: shard_0 (attached, but its database does not answer its agent"
+        ),
+        "{text}"
+    );
+    crate::shards::cut_off(&fleet.pg, "shard_0", false).await?;
+    wait_until("the database answering again", WAIT, async || {
+        Ok(!waits_on_database().await?)
+    })
+    .await?;
+    let out = fleet.cli(&["plan", "resume", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    Ok(())
+}

@@ -86,6 +86,13 @@ pub enum Event {
         shard: String,
         conn_id: u64,
     },
+    /// An attached agent's heartbeat said its shard's database stopped (or started again)
+    /// answering it.
+    Reachability {
+        shard: String,
+        conn_id: u64,
+        unreachable: bool,
+    },
     Results {
         shard: String,
         results: pb::RunResults,
@@ -210,6 +217,7 @@ impl Event {
             Event::LocksWaiting { .. } => "locks_waiting",
             Event::LiveAgents(_) => "live_agents",
             Event::Progress { .. } => "progress",
+            Event::Reachability { .. } => "reachability",
             Event::Promote { .. } => "promote",
             Event::Halt { .. } => "halt",
             Event::ForgetShard { .. } => "forget_shard",
@@ -380,6 +388,18 @@ impl Engine {
             Event::RollbackReply { shard, reply } => self.on_rollback_reply(&shard, reply).await,
             Event::ResolveReply { shard, reply } => self.on_resolve_reply(&shard, reply).await,
             Event::Progress { shard, data } => self.on_progress(&shard, data),
+            Event::Reachability {
+                shard,
+                conn_id,
+                unreachable,
+            } => {
+                if let Some(a) = self.agents.get_mut(&shard).filter(|a| a.conn_id == conn_id) {
+                    a.shard_unreachable = unreachable;
+                    for plan_id in self.plans.keys().cloned().collect::<Vec<_>>() {
+                        self.changed(&plan_id);
+                    }
+                }
+            }
             Event::Start { run, done } => {
                 // A run built under another term (leadership lost and won again since its
                 // caller checked it) is not this term's: taken in, it would never get its
@@ -676,25 +696,33 @@ impl Engine {
 
     fn status_of(&self, plan_id: &str) -> Option<pb::PlanStatus> {
         let run = self.plans.get(plan_id)?;
+        // away, or attached but its database not answering it, with something of the plan
+        // left there: runs out, steps still to run (a shard waiting for a lane too), a
+        // unit's decision not carried out, its rollback not done
+        let work_left = |shard: &String, sr: &crate::plan::ShardRun| {
+            !sr.outstanding.is_empty()
+                || (run.state == PlanState::Running && sr.steps_left())
+                || (matches!(run.state, PlanState::Committing | PlanState::Aborting)
+                    && !sr.resolved
+                    && (!sr.prepared.is_empty() || run.shard_has_open(shard)))
+                || (run.state == PlanState::RollingBack && sr.rollback != RollbackState::Done)
+        };
         let mut waiting: Vec<String> = run
             .shards
             .iter()
-            .filter(|(shard, sr)| {
-                // away, with something of the plan left there: runs out, steps still to run
-                // (a shard waiting for a lane too), a unit's decision not carried out, its
-                // rollback not done
-                !self.agents.contains_key(*shard)
-                    && (!sr.outstanding.is_empty()
-                        || (run.state == PlanState::Running && sr.steps_left())
-                        || (matches!(run.state, PlanState::Committing | PlanState::Aborting)
-                            && !sr.resolved
-                            && (!sr.prepared.is_empty() || run.shard_has_open(shard)))
-                        || (run.state == PlanState::RollingBack
-                            && sr.rollback != RollbackState::Done))
-            })
+            .filter(|(shard, sr)| !self.agents.contains_key(*shard) && work_left(shard, sr))
             .map(|(s, _)| s.clone())
             .collect();
         // What else the plan waits for, named `kind: what` (shard names have no colon).
+        // A shard whose database does not answer its agent: its runs stand still there
+        // (their last progress is not live); before, only `fleet list` said so.
+        for (shard, sr) in &run.shards {
+            if self.agents.get(shard).is_some_and(|a| a.shard_unreachable) && work_left(shard, sr) {
+                waiting.push(format!(
+                    "database: {shard} (attached, but its database does not answer its agent: what runs there stands still)"
+                ));
+            }
+        }
         if let Some(w) = &run.lock_wait {
             waiting.push(format!("lock: {w}"));
         }

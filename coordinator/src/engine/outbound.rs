@@ -47,6 +47,8 @@ pub(super) fn halt(plan_id: &str) -> Body {
 pub(crate) struct AgentConn {
     pub conn_id: u64,
     pub max_lanes: u32,
+    /// Its heartbeat says its shard's database does not answer it.
+    pub shard_unreachable: bool,
     tx: AgentTx,
     backlog: VecDeque<pb::CoordinatorMessage>,
     warned: bool,
@@ -57,6 +59,7 @@ impl AgentConn {
         AgentConn {
             conn_id,
             max_lanes,
+            shard_unreachable: false,
             tx,
             backlog: VecDeque::new(),
             warned: false,

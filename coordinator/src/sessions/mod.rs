@@ -197,6 +197,13 @@ impl Coordinator {
                         } else {
                             info!(shard = %shard, "the agent reaches its shard's database again");
                         }
+                        // plans waiting on the shard say so (their progress there stands still)
+                        self.event(Event::Reachability {
+                            shard: shard.clone(),
+                            conn_id,
+                            unreachable,
+                        })
+                        .await;
                     }
                     // What its journal and catalog said may change meanwhile (another
                     // agent, a hand), and its targets were counted as last heard: not
