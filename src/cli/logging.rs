@@ -32,12 +32,16 @@ pub fn init(filter: &str, format: LogFormat) {
     // The pool's own words while a server is away are said better by ours (the agent's
     // "shard down", the coordinator's "control store does not answer"): its ping of an
     // idle connection every few seconds (info), and its "slow acquire" warnings (a lane
-    // waits for a connection on purpose while others run long steps).
+    // waits for a connection on purpose while others run long steps), and the driver's
+    // "slow statement" warning with the whole SQL for every step over a second (a
+    // migration's steps are slow on purpose: during a game day they buried the lines that
+    // mattered; a step's time is in its result and metrics).
     if !given.contains("sqlx") && !below_warn {
         for directive in [
             "sqlx::postgres::notice=warn",
             "sqlx_core::pool=warn",
             "sqlx::pool::acquire=error",
+            "sqlx::query=error",
         ] {
             if let Ok(quiet) = directive.parse() {
                 filter = filter.add_directive(quiet);
