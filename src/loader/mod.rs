@@ -83,38 +83,48 @@ fn chain_implicit_order(spec: &mut pb::PlanSpec) {
     if !spec.parallel_groups.is_empty() || !spec.dependencies.is_empty() {
         return;
     }
+    let n = spec.migrations.len();
     let index: std::collections::BTreeMap<&str, usize> = spec
         .migrations
         .iter()
         .enumerate()
         .map(|(i, m)| (m.id.as_str(), i))
         .collect();
-    // whether `from` waits for `to` through the dependencies written
-    let waits_for = |from: usize, to: usize| {
+    // every wait so far: those written, then each one added in order (a wait added must
+    // not close a cycle through the written ones and those added before it)
+    let mut waits: Vec<Vec<usize>> = spec
+        .migrations
+        .iter()
+        .map(|m| {
+            m.depends_on
+                .iter()
+                .filter_map(|d| index.get(d.as_str()).copied())
+                .collect()
+        })
+        .collect();
+    let waits_for = |waits: &[Vec<usize>], from: usize, to: usize| {
         let mut stack = vec![from];
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen = vec![false; n];
         while let Some(i) = stack.pop() {
             if i == to {
                 return true;
             }
-            if seen.insert(i) {
-                stack.extend(
-                    spec.migrations[i]
-                        .depends_on
-                        .iter()
-                        .filter_map(|d| index.get(d.as_str()).copied()),
-                );
+            if !std::mem::replace(&mut seen[i], true) {
+                stack.extend(waits[i].iter().copied());
             }
         }
         false
     };
-    let chained: Vec<pb::Dependency> = (1..spec.migrations.len())
-        .filter(|&i| spec.migrations[i].depends_on.is_empty() && !waits_for(i - 1, i))
-        .map(|i| pb::Dependency {
-            migration: spec.migrations[i].id.clone(),
-            depends_on: vec![spec.migrations[i - 1].id.clone()],
-        })
-        .collect();
+    let mut chained = Vec::new();
+    for i in 1..n {
+        if spec.migrations[i].depends_on.is_empty() && !waits_for(&waits, i - 1, i) {
+            waits[i].push(i - 1);
+            chained.push(pb::Dependency {
+                migration: spec.migrations[i].id.clone(),
+                depends_on: vec![spec.migrations[i - 1].id.clone()],
+            });
+        }
+    }
     spec.dependencies = chained;
 }
 

@@ -1483,4 +1483,29 @@ fn a_migration_naming_no_dependency_follows_the_one_before_it() {
     let spec = load_ok(root);
     assert!(spec.dependencies.is_empty(), "{:?}", spec.dependencies);
     flotilla_core::PlanSpec::try_from(spec).expect("no cycle");
+    // nor through waits added before: 001 waits for 003 (written); 002 follows 001, and
+    // 003, which 001 waits for through nothing written, would close 003 -> 002 -> 001 -> 003
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    native(
+        root,
+        "001_a",
+        Some("depends_on = [\"003_c\"]\n"),
+        "SELECT 1;",
+    );
+    native(root, "002_b", None, "SELECT 2;");
+    native(root, "003_c", None, "SELECT 3;");
+    let spec = load_ok(root);
+    let deps: Vec<(String, Vec<String>)> = spec
+        .dependencies
+        .iter()
+        .map(|d| (d.migration.clone(), d.depends_on.clone()))
+        .collect();
+    assert_eq!(
+        deps,
+        [("002_b".to_string(), vec!["001_a".to_string()])],
+        "{deps:?}"
+    );
+    let spec = flotilla_core::PlanSpec::try_from(spec).expect("no cycle");
+    flotilla_core::dag::MigrationGraph::build(&spec).expect("no cycle");
 }
