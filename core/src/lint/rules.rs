@@ -222,18 +222,52 @@ fn outside_tenant(p: &Parsed) -> Option<(String, &'static str)> {
         NodeEnum::AlterExtensionStmt(s) => shared(format!("extension {}", s.extname)),
         NodeEnum::CreateSchemaStmt(s) => shared(format!("schema {}", s.schemaname)),
         NodeEnum::DropStmt(s) => {
+            let kind = ObjectType::try_from(s.remove_type);
             let whole = matches!(
-                ObjectType::try_from(s.remove_type),
+                kind,
                 Ok(ObjectType::ObjectSchema | ObjectType::ObjectExtension)
             );
+            // DROP TRIGGER/RULE/POLICY name ON table: the parts are the table's, then the
+            // object's name (the table is what may be another schema's)
+            let on_table = matches!(
+                kind,
+                Ok(ObjectType::ObjectTrigger | ObjectType::ObjectRule | ObjectType::ObjectPolicy)
+            );
+            // DROP OPERATOR CLASS/FAMILY name USING method: the method is no schema
+            let using_method = matches!(
+                kind,
+                Ok(ObjectType::ObjectOpclass | ObjectType::ObjectOpfamily)
+            );
             s.objects.iter().find_map(|o| {
-                let parts = object_parts(o);
+                let mut parts = object_parts(o);
                 if whole {
-                    shared(parts.join("."))
-                } else {
-                    schema_of(&parts).and_then(|_| shared(parts.join(".")))
+                    return shared(parts.join("."));
                 }
+                if using_method && !parts.is_empty() {
+                    parts.remove(0);
+                }
+                // (the table's parts, then a name: `schema_of` reads the table's schema)
+                let qualified = if on_table {
+                    schema_of(
+                        parts
+                            .get(..parts.len().saturating_sub(1))
+                            .unwrap_or_default(),
+                    )
+                } else {
+                    schema_of(&parts)
+                };
+                qualified.and_then(|_| shared(parts.join(".")))
             })
+        }
+        // ALTER ... SET SCHEMA other: the tenant's object moved into a shared schema
+        NodeEnum::AlterObjectSchemaStmt(s) => {
+            let name = s
+                .relation
+                .as_ref()
+                .map(relation_name)
+                .or_else(|| s.object.as_deref().map(|o| object_parts(o).join(".")))
+                .unwrap_or_default();
+            shared(format!("{name} (SET SCHEMA {})", s.newschema))
         }
         NodeEnum::CreateStmt(s) => of_var(&s.relation).and_then(shared),
         NodeEnum::CreateTableAsStmt(s) => {
@@ -260,10 +294,11 @@ fn outside_tenant(p: &Parsed) -> Option<(String, &'static str)> {
         NodeEnum::CreateRangeStmt(s) => of_names(&s.type_name).and_then(shared),
         NodeEnum::CreateDomainStmt(s) => of_names(&s.domainname).and_then(shared),
         NodeEnum::DefineStmt(s) => of_names(&s.defnames).and_then(shared),
-        _ => {
-            // pg_dump's `SELECT pg_catalog.set_config('search_path', '', false);`
+        // pg_dump's `SELECT pg_catalog.set_config('search_path', '', false);` (a query
+        // calling it, not a string or comment that mentions it)
+        NodeEnum::SelectStmt(_) => {
             let text = p.info.text.to_ascii_lowercase();
-            (text.contains("set_config") && text.contains("'search_path'")).then(|| {
+            (text.contains("set_config(") && text.contains("'search_path'")).then(|| {
                 (
                     format!(
                         "{kind} sets search_path (set_config): what the migration creates after it lands outside the tenant's schema, once per tenant, and its down.sql, run in the tenant's schema, does not find it"
@@ -272,6 +307,7 @@ fn outside_tenant(p: &Parsed) -> Option<(String, &'static str)> {
                 )
             })
         }
+        _ => None,
     }
 }
 

@@ -869,7 +869,11 @@ fn a_tenant_migration_outside_its_schema_is_said() {
               SET LOCAL search_path = public;\n\
               CREATE EXTENSION IF NOT EXISTS pgcrypto;\n\
               CREATE SCHEMA reporting;\n\
-              ALTER TYPE public.mood ADD VALUE 'meh';";
+              ALTER TYPE public.mood ADD VALUE 'meh';\n\
+              DROP TRIGGER IF EXISTS touch_notes ON notes;\n\
+              DROP POLICY IF EXISTS own_rows ON public.events;\n\
+              ALTER TABLE notes SET SCHEMA public;\n\
+              COMMENT ON TABLE notes IS 'not set_config(''search_path'', x) here';";
     let down = "DROP TABLE notes; DROP TABLE public.events_archive; DROP FUNCTION public.touch(); \
                 DROP INDEX public.idx_ev; DROP SCHEMA reporting;";
     let lint = |scope: Option<pb::Scope>| {
@@ -895,7 +899,7 @@ fn a_tenant_migration_outside_its_schema_is_said() {
     let tenant = lint(Some(pb::Scope::Tenant));
     assert_eq!(
         tenant.iter().map(|f| f.line).collect::<Vec<_>>(),
-        [4, 5, 6, 7, 8, 9, 10, 11],
+        [4, 5, 6, 7, 8, 9, 10, 11, 13, 14],
         "{tenant:#?}"
     );
     assert!(tenant.iter().all(|f| f.severity == Severity::Error));
