@@ -118,6 +118,9 @@ pub(crate) struct Job {
     pub tenant: String,
     pub tenant_lit: String,
     pub epoch: u64,
+    /// The epoch of the leader that had welcomed this agent when the run was queued: a run
+    /// queued before a newer leader's welcome is a deposed leader's, and is not started.
+    pub queued_under: u64,
     pub steps: Vec<Arc<PreparedMigration>>,
     /// The journal's row for steps found applied before the run started.
     pub applied: Vec<Option<Found>>,
@@ -203,6 +206,7 @@ impl Job {
             tenant: run.tenant.clone(),
             tenant_lit,
             epoch,
+            queued_under: 0,
             applied: vec![None; steps.len()],
             checked: false,
             steps,

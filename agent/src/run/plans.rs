@@ -324,6 +324,7 @@ impl Agent {
             match Job::new(&def, run, epoch) {
                 Ok(mut job) => {
                     job.halts = Some(watch.clone());
+                    job.queued_under = self.welcome_epoch.load(Ordering::Relaxed);
                     // (a schema step's too: it shows its lock waits on the board)
                     job.hooks = Some(hooks.clone());
                     match self.runs_in_flight.claim(job.claim_key()) {
@@ -433,6 +434,14 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// A run queued under an earlier leader's term, and a newer leader has welcomed this
+    /// agent since: the deposed leader's (a run a leader hands out after its welcome, of an
+    /// older epoch, is the shard's fence's to refuse).
+    fn handed_out_before_a_newer_leader(&self, job: &Job) -> bool {
+        let now = self.welcome_epoch.load(Ordering::Relaxed);
+        job.queued_under < now && job.epoch < now
     }
 
     /// A leader of a newer term (`epoch`) welcomed this agent: the shard's fence moves to its
@@ -647,17 +656,24 @@ impl Agent {
                     continue;
                 }
                 Next::Run(job)
-                    if job.prepare.is_some()
-                        && job.epoch < self.welcome_epoch.load(Ordering::Relaxed) =>
+                    if self.handed_out_before_a_newer_leader(&job)
+                        || (job.prepare.is_some()
+                            && job.epoch < self.welcome_epoch.load(Ordering::Relaxed)) =>
                 {
-                    // An earlier term's atomic run that got past the welcome's drop (back
-                    // from a journal read, or queued by an Assign that waited for its
-                    // definition): the new leader presumed its unit aborted.
+                    // An earlier term's run, not started when a newer leader welcomed this
+                    // agent: a deposed leader changes nothing (invariant 2), so it is not
+                    // run (the new leader hands out its own). An atomic one that got past
+                    // the welcome's drop (back from a journal read, or queued by an Assign
+                    // that waited for its definition): the new leader presumed its unit
+                    // aborted. Before, a plain one went on applying for seconds under the
+                    // new leader's term; the shard's fence, moved at the welcome, refuses
+                    // it too, but only once a step under way lets go of the fence row.
                     mark_connected(&mut connected);
                     let mut st = plan.state.lock().expect("plan lock");
                     debug!(
                         run = job.run.run_id,
-                        "an earlier term's atomic run: not run"
+                        epoch = job.epoch,
+                        "an earlier term's run: not run (a newer leader welcomed this agent)"
                     );
                     self.report_with(&plan.id, job::not_run(&job.run), st.nothing_else(1));
                     st.in_flight -= 1;
