@@ -313,9 +313,7 @@ pub(super) async fn leader_named_in(md: &tonic::metadata::MetadataMap) -> Option
         .to_str()
         .ok()?;
     if leader == flotilla_core::protocol::NO_LEADER {
-        eprintln!(
-            "note: no coordinator leads now (etcd away, or an election under way): read from the control store, which may be behind the shards (a running plan's progress reaches it through a leader)"
-        );
+        eprintln!("{NO_LEADER_NOTE}");
         return None;
     }
     if !reachable(leader).await {
@@ -326,6 +324,8 @@ pub(super) async fn leader_named_in(md: &tonic::metadata::MetadataMap) -> Option
     }
     client(leader).await.ok()
 }
+
+const NO_LEADER_NOTE: &str = "note: no coordinator leads now (etcd away, or an election under way): read from the control store, which may be behind the shards (a running plan's progress reaches it through a leader)";
 
 /// Whether an answer says no coordinator leads now (its `flotilla-leader` is `none`).
 fn says_no_leader(md: &tonic::metadata::MetadataMap) -> bool {
@@ -380,9 +380,12 @@ where
     // The coordinator asked knows no leader (it lost etcd, or an election is under way):
     // another listed one may lead, or know who does. Before, its store read stood with
     // "no coordinator leads now" for as long as it was cut off, the leader listed beside it.
-    if says_no_leader(answer.metadata()) {
+    if says_no_leader(answer.metadata()) && addr.contains(',') {
         for other in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-            let Ok(c) = client(other).await else { continue };
+            // (quietly: one not answering is passed over)
+            let Some(c) = quietly(other).await else {
+                continue;
+            };
             let Ok(r) = rpc(c, req.clone()).await else {
                 continue;
             };
@@ -392,10 +395,15 @@ where
             match r.metadata().get(flotilla_core::protocol::LEADER_METADATA) {
                 // the leader's own answer
                 None => return render(r.into_inner()),
-                // a follower that knows the leader: read there
+                // a follower that knows the leader: read there, if that one still leads
+                // (a follower may name the one cut off until its lease runs out)
                 Some(_) => {
                     if let Some(leader) = leader_named_in(r.metadata()).await
                         && let Ok(lr) = rpc(leader, req.clone()).await
+                        && lr
+                            .metadata()
+                            .get(flotilla_core::protocol::LEADER_METADATA)
+                            .is_none()
                     {
                         return render(lr.into_inner());
                     }
@@ -405,7 +413,13 @@ where
     }
     if let Some(leader) = leader_named_in(answer.metadata()).await {
         match rpc(leader, req).await {
-            Ok(r) => return render(r.into_inner()),
+            Ok(r) => {
+                // (the one named may have stopped leading since: its read is the store's)
+                if says_no_leader(r.metadata()) {
+                    eprintln!("{NO_LEADER_NOTE}");
+                }
+                return render(r.into_inner());
+            }
             Err(e) => eprintln!(
                 "note: the leader answered: {}; showing the follower's answer, read from the control store",
                 e.message()

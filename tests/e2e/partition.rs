@@ -188,6 +188,12 @@ async fn a_read_finds_the_leader_listed_beside_a_coordinator_that_knows_none() -
         Ok(out.stderr.contains("no coordinator leads now"))
     })
     .await?;
+    // and coordinator 1 elected
+    fleet.coordinators[1]
+        .as_ref()
+        .unwrap()
+        .wait_for_log("elected leader", WAIT)
+        .await?;
     let out = status(format!("{},{}", fleet.addrs[0], fleet.addrs[1])).await?;
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(
