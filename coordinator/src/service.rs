@@ -531,7 +531,7 @@ impl Coordinator {
         ) -> Option<Box<dyn Fn(&pb::JournalEntry) -> bool>>,
     ) -> Vec<String> {
         let (journals, _) = self.inner.versions.snapshot();
-        // (plan -> its migrations, targets and newest journal row, for newest first)
+        // (plan -> its migrations, targets and when its newest row applied, for newest first)
         type Later = (std::collections::BTreeSet<String>, Vec<String>, i64);
         let mut later: BTreeMap<String, Later> = BTreeMap::new();
         for (shard, journal) in journals.iter() {
@@ -541,7 +541,9 @@ impl Coordinator {
                 };
                 for r in rows.iter().filter(|r| r.plan_id != plan_id && is_after(r)) {
                     let (migrations, targets, newest) = later.entry(r.plan_id.clone()).or_default();
-                    *newest = (*newest).max(r.seq);
+                    // (when it applied: a row's seq is its shard's own count, not to be
+                    // compared across shards)
+                    *newest = (*newest).max(r.applied_at_ms);
                     migrations.insert(r.migration_id.clone());
                     let target = crate::versions::target_name(shard, tenant);
                     if !targets.contains(&target) {
