@@ -1707,13 +1707,18 @@ async fn a_tenant_query_the_server_refuses_is_bad_input() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_enum_value_added_commits_before_the_migration_that_uses_it() -> anyhow::Result<()> {
     let fleet = TestFleet::start(1, 2).await?;
-    let d = MigrationDir::new()?;
-    d.migration(
+    // the type made and committed first (a value added to a type made in the same
+    // transaction may be used at once from PostgreSQL 17 on)
+    let first = MigrationDir::new()?;
+    first.migration(
         "001_mood",
         "",
         "CREATE TYPE mood AS ENUM ('ok');",
         "DROP TYPE mood;",
     )?;
+    let (code, _, out) = fleet.submit_wait(first.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let d = MigrationDir::new()?;
     d.migration(
         "002_mood_meh",
         "irreversible = true\n",
