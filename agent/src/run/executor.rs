@@ -333,7 +333,9 @@ async fn run_group(
 /// and the coordinator drops it with the step's result.
 struct LockWaitShown<'a> {
     hooks: &'a DataHooks,
-    migration: &'a str,
+    /// Each step of the group shown waiting (a fused group's later attempt may time out on
+    /// another of its steps).
+    migrations: Vec<&'a str>,
     tenant: &'a str,
 }
 
@@ -361,21 +363,24 @@ impl<'a> LockWaitShown<'a> {
         });
         // (the guard of an earlier attempt stays: replaced, or a second one made and
         // dropped, it would take the entry just set off the board)
-        if shown.is_none() {
-            *shown = Some(LockWaitShown {
-                hooks,
-                migration: step.id(),
-                tenant: &job.tenant,
-            });
+        let guard = shown.get_or_insert_with(|| LockWaitShown {
+            hooks,
+            migrations: Vec::new(),
+            tenant: &job.tenant,
+        });
+        if !guard.migrations.contains(&step.id()) {
+            guard.migrations.push(step.id());
         }
     }
 }
 
 impl Drop for LockWaitShown<'_> {
     fn drop(&mut self) {
-        self.hooks
-            .board
-            .forget(&self.hooks.plan_id, self.migration, self.tenant);
+        for migration in &self.migrations {
+            self.hooks
+                .board
+                .forget(&self.hooks.plan_id, migration, self.tenant);
+        }
     }
 }
 
