@@ -1047,6 +1047,22 @@ async fn a_second_coordinator_without_etcd_on_one_store_is_refused() -> anyhow::
             builder
         };
         let mut fleet = builder.start().await?;
+        // The store as an older version left it (the running coordinator upgraded it at
+        // its start): the refused one, a newer version started by mistake, changes
+        // nothing. Before, it upgraded the store first, and the older one could not start
+        // on it again.
+        let older = "UPDATE flotilla_meta SET value = '5' WHERE key = 'schema_version'";
+        let version = "SELECT value FROM flotilla_meta WHERE key = 'schema_version'";
+        if postgres {
+            fleet.pg.psql("control", older).await?;
+        } else {
+            use sqlx::ConnectOptions;
+            let mut db = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&fleet.store)
+                .connect()
+                .await?;
+            sqlx::query(older).execute(&mut db).await?;
+        }
         let listen = format!("127.0.0.1:{}", crate::harness::free_port());
         let out = crate::harness::run_flotilla(
             &["coordinator", "--listen", &listen, "--store", &fleet.store],
@@ -1059,6 +1075,21 @@ async fn a_second_coordinator_without_etcd_on_one_store_is_refused() -> anyhow::
                 .contains("is served by another coordinator without etcd"),
             "postgres {postgres}: {out}"
         );
+        let now: String = if postgres {
+            fleet.pg.query_scalar("control", version).await?
+        } else {
+            use sqlx::ConnectOptions;
+            let mut db = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&fleet.store)
+                .connect()
+                .await?;
+            sqlx::query_scalar(version).fetch_one(&mut db).await?
+        };
+        assert_eq!(
+            now, "5",
+            "postgres {postgres}: not upgraded by the refused one"
+        );
+        assert!(!out.stderr.contains("schema upgraded"), "{out}");
         let dir = coord_dbmate_dir().to_string_lossy().into_owned();
         let out = fleet.cli(&["plan", "submit", &dir, "--wait"]).await?;
         assert_eq!(out.code(), Some(0), "postgres {postgres}: {out}");

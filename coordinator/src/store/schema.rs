@@ -61,7 +61,7 @@ pub(super) const UPGRADES: &[(i64, &[&str])] = &[
             // committed.
             "INSERT INTO decisions (unit, decision, epoch, at_ms)
              SELECT 'committing-before-decisions:' || id, 'commit', 0, 0 FROM plans
-             WHERE state = 'committing'",
+             WHERE state = 'committing' ON CONFLICT (unit) DO NOTHING",
         ],
     ),
 ];
