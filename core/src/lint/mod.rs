@@ -580,7 +580,7 @@ fn lint_migration(
         );
     }
     rules::check_up(m, &up, atomic, options, seen, &mut out);
-    rules::check_tenant_escape(&up, tenant, &mut out);
+    rules::check_tenant_escape("up.sql", &up, tenant, &mut out);
     if let Some(down) = down {
         // (counted as the agent splits them, which is what it pairs)
         let (ups, downs) = (
@@ -598,6 +598,8 @@ fn lint_migration(
                 "write down.sql as one statement per up statement, in reverse order (`SELECT 1;` for one with nothing to undo, a SET for a SET): a rollback then undoes only what ran",
             );
         }
+        // (a tenant's rollback that drops or changes a shared object does it for all)
+        rules::check_tenant_escape("down.sql", &down, tenant, &mut out);
         reversal::check(m, &up, &down, &mut out);
     }
     out.findings

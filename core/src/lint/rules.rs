@@ -166,6 +166,10 @@ pub(super) fn check_up(
     }
 }
 
+/// The end of a [`TENANT_ESCAPE`] message about a write to a shared table: said as a
+/// warning whatever the scope (see `check_tenant_escape`).
+const WRITE_ONLY: &str = " (a warning: a row of the tenant's own in a shared table is fine)";
+const WRITES_HINT: &str = "write shared rows once, in a migration of their own with scope = \"shard\"; a row of the tenant's own (keyed by current_schema()) is fine: ignore the rule with that reason";
 const SHARED_HINT: &str = "give it a migration of its own with scope = \"shard\" (run once per shard database, before the tenants' steps that need it); in a tenant's migration leave the schema out, so the object is made in each tenant's schema";
 const EXTENSION_HINT: &str = "create it once per shard database in a scope = \"shard\" migration, `CREATE EXTENSION IF NOT EXISTS ... WITH SCHEMA public` (or another shared schema), and refer to its types and functions qualified (`public.citext`): a tenant's steps run with its own schema alone on the search_path";
 const SEARCH_PATH_HINT: &str = "leave search_path alone: each tenant's step runs with its own schema on the search_path, which is where unqualified objects go; refer to shared objects qualified (`public.lookup`)";
@@ -203,6 +207,16 @@ fn outside_tenant(p: &Parsed) -> Option<(String, &'static str)> {
                 "{kind} on {name}, outside the tenant's schema: every tenant of the shard runs it on that one object (the second fails on what the first made, or changes it again; one tenant's rollback undoes it for all)"
             ),
             SHARED_HINT,
+        ))
+    };
+    // (a warning, not an error: a tenant's own row in a shared table, `INSERT INTO
+    // public.registry VALUES (current_schema())`, is a pattern of its own)
+    let writes = |name: String| {
+        Some((
+            format!(
+                "{kind} writes {name}, a table outside the tenant's schema that every tenant of the shard shares: every tenant's step writes it (the same row: the second fails on the first's, or changes it again), and one tenant's down.sql changes it for all{WRITE_ONLY}"
+            ),
+            WRITES_HINT,
         ))
     };
     match &p.node {
@@ -294,11 +308,125 @@ fn outside_tenant(p: &Parsed) -> Option<(String, &'static str)> {
         NodeEnum::CreateRangeStmt(s) => of_names(&s.type_name).and_then(shared),
         NodeEnum::CreateDomainStmt(s) => of_names(&s.domainname).and_then(shared),
         NodeEnum::DefineStmt(s) => of_names(&s.defnames).and_then(shared),
+        // writes to a table every tenant shares: the second tenant fails on the first's
+        // rows (or changes them again), and one tenant's down changes them for all
+        NodeEnum::InsertStmt(s) => of_var(&s.relation).and_then(writes),
+        NodeEnum::UpdateStmt(s) => of_var(&s.relation).and_then(writes),
+        NodeEnum::DeleteStmt(s) => of_var(&s.relation).and_then(writes),
+        NodeEnum::MergeStmt(s) => of_var(&s.relation).and_then(writes),
+        NodeEnum::CopyStmt(s) if s.is_from => of_var(&s.relation).and_then(writes),
+        NodeEnum::TruncateStmt(s) => s
+            .relations
+            .iter()
+            .find_map(|r| match &r.node {
+                Some(NodeEnum::RangeVar(r)) => of_var(&Some(r.clone())),
+                _ => None,
+            })
+            .and_then(writes),
+        NodeEnum::CreatePolicyStmt(s) => of_var(&s.table).and_then(shared),
+        NodeEnum::AlterPolicyStmt(s) => of_var(&s.table).and_then(shared),
+        NodeEnum::AlterOwnerStmt(s) => {
+            if s.object_type == ObjectType::ObjectSchema as i32 {
+                return shared(format!(
+                    "schema {}",
+                    s.object
+                        .as_deref()
+                        .map(|o| object_parts(o).join("."))
+                        .unwrap_or_default()
+                ));
+            }
+            of_var(&s.relation)
+                .or_else(|| {
+                    s.object.as_deref().and_then(|o| {
+                        let parts = object_parts(o);
+                        schema_of(&parts).map(|_| parts.join("."))
+                    })
+                })
+                .and_then(shared)
+        }
+        // privileges on a schema (`GRANT USAGE ON SCHEMA public`, `ON ALL TABLES IN SCHEMA
+        // public`), on another schema's objects, or on the database
+        NodeEnum::GrantStmt(s) => {
+            let names = || {
+                s.objects
+                    .iter()
+                    .map(|o| match &o.node {
+                        Some(NodeEnum::RangeVar(r)) => relation_name(r),
+                        _ => object_parts(o).join("."),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let whole = s.targtype
+                == pg_query::protobuf::GrantTargetType::AclTargetAllInSchema as i32
+                || matches!(
+                    ObjectType::try_from(s.objtype),
+                    Ok(ObjectType::ObjectSchema | ObjectType::ObjectDatabase)
+                );
+            if whole {
+                return shared(names());
+            }
+            s.objects
+                .iter()
+                .find_map(|o| match &o.node {
+                    Some(NodeEnum::RangeVar(r)) => of_var(&Some(r.clone())),
+                    _ => {
+                        let parts = object_parts(o);
+                        schema_of(&parts).map(|_| parts.join("."))
+                    }
+                })
+                .and_then(shared)
+        }
+        NodeEnum::CommentStmt(s) => {
+            let parts = s.object.as_deref().map(object_parts).unwrap_or_default();
+            match ObjectType::try_from(s.objtype) {
+                Ok(
+                    ObjectType::ObjectSchema
+                    | ObjectType::ObjectExtension
+                    | ObjectType::ObjectDatabase,
+                ) => shared(parts.join(".")),
+                // the last part names the column, trigger, rule, policy or constraint
+                Ok(
+                    ObjectType::ObjectColumn
+                    | ObjectType::ObjectTrigger
+                    | ObjectType::ObjectRule
+                    | ObjectType::ObjectPolicy
+                    | ObjectType::ObjectTabconstraint,
+                ) => schema_of(
+                    parts
+                        .get(..parts.len().saturating_sub(1))
+                        .unwrap_or_default(),
+                )
+                .and_then(|_| shared(parts.join("."))),
+                _ => schema_of(&parts).and_then(|_| shared(parts.join("."))),
+            }
+        }
+        // the whole database's: made or changed once per tenant
+        NodeEnum::CreatePublicationStmt(_)
+        | NodeEnum::AlterPublicationStmt(_)
+        | NodeEnum::CreateEventTrigStmt(_)
+        | NodeEnum::AlterEventTrigStmt(_)
+        | NodeEnum::DropOwnedStmt(_)
+        | NodeEnum::ReassignOwnedStmt(_)
+        | NodeEnum::AlterDefaultPrivilegesStmt(_) => Some((
+            format!(
+                "{kind} acts on the whole database, not on the tenant: every tenant of the shard runs it (the second fails on what the first made, or does it again: DROP OWNED takes the role's objects in every tenant's schema), and one tenant's rollback undoes it for all"
+            ),
+            SHARED_HINT,
+        )),
         // pg_dump's `SELECT pg_catalog.set_config('search_path', '', false);` (a query
-        // calling it, not a string or comment that mentions it)
-        NodeEnum::SelectStmt(_) => {
+        // calling it, not a string or comment that mentions it), and `SELECT ... INTO
+        // public.x`. A path that keeps the tenant's schema first
+        // (`current_schema() || ', public'`) is fine.
+        NodeEnum::SelectStmt(sel) => {
+            if let Some(name) = sel.into_clause.as_ref().and_then(|i| of_var(&i.rel)) {
+                return shared(name);
+            }
             let text = p.info.text.to_ascii_lowercase();
-            (text.contains("set_config(") && text.contains("'search_path'")).then(|| {
+            (text.contains("set_config(")
+                && text.contains("'search_path'")
+                && !text.contains("current_schema"))
+            .then(|| {
                 (
                     format!(
                         "{kind} sets search_path (set_config): what the migration creates after it lands outside the tenant's schema, once per tenant, and its down.sql, run in the tenant's schema, does not find it"
@@ -314,14 +442,24 @@ fn outside_tenant(p: &Parsed) -> Option<(String, &'static str)> {
 /// [`TENANT_ESCAPE`] for each statement of a tenant's migration: an error where the
 /// migration runs on tenants for sure, a warning where that depends on the fleet (scope
 /// `auto`: the submit, which knows, checks again as an error).
-pub(super) fn check_tenant_escape(up: &[Parsed], tenant: Option<bool>, out: &mut Out) {
+pub(super) fn check_tenant_escape(
+    file: &str,
+    statements: &[Parsed],
+    tenant: Option<bool>,
+    out: &mut Out,
+) {
     let severity = match tenant {
         Some(true) => Severity::Error,
         None => Severity::Warning,
         Some(false) => return,
     };
-    for p in up {
+    for p in statements {
         if let Some((message, hint)) = outside_tenant(p) {
+            let severity = if message.ends_with(WRITE_ONLY) {
+                Severity::Warning
+            } else {
+                severity
+            };
             let message = if tenant.is_none() {
                 format!(
                     "{message} (when the plan runs on tenants: scope auto on a fleet with tenants)"
@@ -329,14 +467,7 @@ pub(super) fn check_tenant_escape(up: &[Parsed], tenant: Option<bool>, out: &mut
             } else {
                 message
             };
-            out.push_as(
-                TENANT_ESCAPE,
-                severity,
-                "up.sql",
-                p.info.line,
-                message,
-                hint,
-            );
+            out.push_as(TENANT_ESCAPE, severity, file, p.info.line, message, hint);
         }
     }
 }
