@@ -73,9 +73,9 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<pb::PlanSpec, LoadErro
 
 /// A plan without parallel groups or `[dependencies]` runs its migrations in its order (id
 /// order, or the plan file's `migrations` list) on each target, as every single-database
-/// tool (dbmate included) would: a migration that names no `depends_on` waits for the one
-/// before it; one that names some waits for those only (that is how a directory says two
-/// may run side by side). Before, one `depends_on` anywhere took the order away from every
+/// tool (dbmate included) would: a migration that names no `depends_on` waits for every
+/// one before it; one that names some waits for those only (that is how a directory says
+/// two may run side by side). Before, one `depends_on` anywhere took the order away from every
 /// migration: a migration naming none ran at once, before the one it followed in id order
 /// ("relation does not exist"). A migration that the one before it waits for, directly or
 /// through others, does not wait for it back (no cycle it did not write).
@@ -115,15 +115,34 @@ fn chain_implicit_order(spec: &mut pb::PlanSpec) {
         }
         false
     };
+    // The migrations before `i` nothing after them waits for yet: a migration naming no
+    // `depends_on` waits for all of them, so it runs after every one before it (directly
+    // or through others), not only after the one just before it (which may have named a
+    // dependency of its own and run beside its predecessor).
+    let mut frontier: Vec<usize> = Vec::new();
     let mut chained = Vec::new();
-    for i in 1..n {
-        if spec.migrations[i].depends_on.is_empty() && !waits_for(&waits, i - 1, i) {
-            waits[i].push(i - 1);
-            chained.push(pb::Dependency {
-                migration: spec.migrations[i].id.clone(),
-                depends_on: vec![spec.migrations[i - 1].id.clone()],
-            });
+    for i in 0..n {
+        if spec.migrations[i].depends_on.is_empty() {
+            let after: Vec<usize> = frontier
+                .iter()
+                .copied()
+                .filter(|&j| !waits_for(&waits, j, i))
+                .collect();
+            if !after.is_empty() {
+                waits[i].extend(&after);
+                chained.push(pb::Dependency {
+                    migration: spec.migrations[i].id.clone(),
+                    depends_on: after
+                        .iter()
+                        .map(|&j| spec.migrations[j].id.clone())
+                        .collect(),
+                });
+            }
         }
+        // what `i` waits for (written or added) is no sink any more; `i` is one
+        let waited: Vec<usize> = waits[i].clone();
+        frontier.retain(|j| !waited.contains(j));
+        frontier.push(i);
     }
     spec.dependencies = chained;
 }

@@ -1463,11 +1463,15 @@ fn a_migration_naming_no_dependency_follows_the_one_before_it() {
         .iter()
         .map(|d| (d.migration.clone(), d.depends_on.clone()))
         .collect();
+    // 004 waits for 002 and 003 both (003 named only 001, and ran beside 002)
     assert_eq!(
         deps,
         [
             ("002_promo_code".to_string(), vec!["001_promo".to_string()]),
-            ("004_after".to_string(), vec!["003_promo_log".to_string()]),
+            (
+                "004_after".to_string(),
+                vec!["002_promo_code".to_string(), "003_promo_log".to_string()]
+            ),
         ]
     );
     // 001 waits for 002 (written): 002, after it in id order, does not wait for 001 back
