@@ -1850,3 +1850,43 @@ async fn a_retry_under_a_later_plan_is_refused_until_told() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// A rollback undoes a shard's own steps after its tenants': a tenant's step uses what the
+/// shard's made (here a foreign key to a shared table). Undone side by side, the shard's
+/// DROP TABLE failed on the tenants' foreign keys not yet dropped (2BP01), now and then.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_undoes_the_shards_own_steps_after_its_tenants() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 4).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_kinds",
+        "scope = \"shard\"\n",
+        "CREATE TABLE public.kinds (k text PRIMARY KEY); INSERT INTO public.kinds VALUES ('repair');",
+        "DROP TABLE public.kinds;",
+    )?;
+    d.migration(
+        "002_order_kind",
+        "scope = \"tenant\"\n",
+        "ALTER TABLE work_orders ADD COLUMN kind text REFERENCES public.kinds;",
+        "ALTER TABLE work_orders DROP COLUMN kind;",
+    )?;
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let id = status["plan_id"].as_str().unwrap().to_string();
+    let out = fleet
+        .cli(&["plan", "rollback", &id, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = out.last_json()?;
+    assert_eq!(st["state"], "rolled_back", "{st}");
+    let kinds: i64 = fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'kinds'",
+        )
+        .await?;
+    assert_eq!(kinds, 0);
+    assert_eq!(fleet.journal_total().await?, 0);
+    Ok(())
+}

@@ -72,6 +72,11 @@ impl Agent {
         let mut steps = Vec::new();
         let definition = plan.definition().await;
         let lanes = Arc::new(Semaphore::new(req.lanes.max(1) as usize));
+        // The shard's own steps are undone after its tenants': a tenant's steps use what the
+        // shard's made (an extension in public, a shared table), and undone side by side the
+        // shard's DROP EXTENSION failed on the tenants' columns not yet dropped (2BP01).
+        let mut by_target = by_target;
+        let shard_own = by_target.remove("");
         let mut targets = JoinSet::new();
         for (target, migrations) in by_target {
             if changed.contains(&target) {
@@ -108,6 +113,17 @@ impl Agent {
                 Ok(s) => steps.extend(s),
                 Err(e) => warn!(error = %e, "an undo task ended abnormally"),
             }
+        }
+        if let Some(migrations) = shard_own {
+            let _slot = self.slots.clone().acquire_owned().await;
+            let undone = tokio::select! {
+                steps = self
+                    .undo_target(definition.clone(), req.epoch, "", &migrations)
+                    .instrument(tracing::info_span!("undo", tenant = ""))
+                    => steps,
+                () = self.abort.cancelled() => Vec::new(),
+            };
+            steps.extend(undone);
         }
         steps.sort_by(|a, b| a.tenant.cmp(&b.tenant));
         let complete = match shard::count_plan_rows(&self.pool, &req.plan_id).await {
