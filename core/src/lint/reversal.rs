@@ -110,6 +110,12 @@ fn created(up: &[Parsed]) -> Vec<(Object, u32)> {
 }
 
 fn created_by(p: &Parsed, add: &mut dyn FnMut(Object)) {
+    // `pg_temp.x` is a temporary object as `CREATE TEMP ...` is: gone with its session
+    let mut add = |o: Object| {
+        if o.schema() != Some("pg_temp") {
+            add(o)
+        }
+    };
     match &p.node {
         // a temporary table goes with its session: down.sql has none to drop
         NodeEnum::CreateStmt(s) => {
@@ -139,7 +145,8 @@ fn created_by(p: &Parsed, add: &mut dyn FnMut(Object)) {
             }
         }
         NodeEnum::ViewStmt(s) if !s.replace => {
-            if let Some(r) = &s.view {
+            // (a temporary view goes with its session)
+            if let Some(r) = s.view.as_ref().filter(|r| r.relpersistence != "t") {
                 add(Object::Relation {
                     name: relation_name(r),
                     what: "view",
@@ -750,6 +757,36 @@ fn check_deletes(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out) {
     }
 }
 
+/// (sequence, table) for each sequence up.sql makes `OWNED BY` a table's column (in its
+/// CREATE SEQUENCE or an ALTER SEQUENCE after it).
+fn owned_sequences(up: &[Parsed]) -> Vec<(String, String)> {
+    let owner = |options: &[pg_query::protobuf::Node]| {
+        options.iter().find_map(|o| match &o.node {
+            Some(NodeEnum::DefElem(d)) if d.defname == "owned_by" => {
+                let parts = d
+                    .arg
+                    .as_deref()
+                    .map(|a| match &a.node {
+                        Some(NodeEnum::List(l)) => strings(&l.items),
+                        _ => Vec::new(),
+                    })
+                    .unwrap_or_default();
+                // table.column, or schema.table.column; `OWNED BY NONE` is one part
+                (parts.len() >= 2).then(|| parts[..parts.len() - 1].join("."))
+            }
+            _ => None,
+        })
+    };
+    up.iter()
+        .filter_map(|p| match &p.node {
+            NodeEnum::CreateSeqStmt(s) => Some((s.sequence.as_ref()?, owner(&s.options)?)),
+            NodeEnum::AlterSeqStmt(s) => Some((s.sequence.as_ref()?, owner(&s.options)?)),
+            _ => None,
+        })
+        .map(|(seq, table)| (relation_name(seq), table))
+        .collect()
+}
+
 /// (partition, its partitioned table) for each table up.sql makes a partition: created
 /// `PARTITION OF` it, or attached (`ALTER TABLE parent ATTACH PARTITION child`).
 fn partitions(up: &[Parsed]) -> Vec<(String, String)> {
@@ -826,7 +863,40 @@ pub(super) fn check(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out
         }
         i += 1;
     }
+    // Made again (`DROP ... IF EXISTS x; CREATE x`): what was there before is not known,
+    // so down.sql is not asked to drop it (as an `OR REPLACE` object is not): the usual
+    // idempotent re-create of a trigger or function was refused.
+    let remade: Vec<Object> = up
+        .iter()
+        .filter(|p| matches!(&p.node, NodeEnum::DropStmt(d) if d.missing_ok))
+        .flat_map(|p| dropped(std::slice::from_ref(p)))
+        .collect();
+    // A sequence `OWNED BY` a table's column goes with the table.
+    let owned = owned_sequences(up);
+    let goes_with_table = |o: &Object| match o {
+        Object::Relation {
+            name,
+            what: "sequence",
+        } => owned
+            .iter()
+            .filter(|(seq, _)| same(seq, name))
+            .any(|(_, table)| {
+                drops.iter().any(|d| {
+                    covers(
+                        d,
+                        &Object::Relation {
+                            name: table.clone(),
+                            what: "table",
+                        },
+                    )
+                })
+            }),
+        _ => false,
+    };
     for (object, line) in created(up) {
+        if remade.iter().any(|r| same_object(r, &object)) || goes_with_table(&object) {
+            continue;
+        }
         if !drops.iter().any(|d| covers(d, &object)) {
             out.push(
                 DOWN_INCOMPLETE,

@@ -1016,3 +1016,45 @@ fn a_tenant_migration_writing_or_granting_outside_its_schema_is_said() {
         "{found:#?}"
     );
 }
+
+/// The walk-through's `down-incomplete` false positives: an idempotent re-create (`DROP
+/// TRIGGER IF EXISTS t ON x; CREATE TRIGGER t ...`), a sequence `OWNED BY` a table down.sql
+/// drops, and temporary objects (`pg_temp.x`, `CREATE TEMP VIEW`) need no drop in down.sql.
+#[test]
+fn remade_owned_and_temporary_objects_need_no_drop_in_down() {
+    let up = "DROP TRIGGER IF EXISTS orders_touch ON orders;\n\
+              CREATE TRIGGER orders_touch BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION public.touch();\n\
+              DROP FUNCTION IF EXISTS tenant_name();\n\
+              CREATE FUNCTION tenant_name() RETURNS text LANGUAGE sql AS 'SELECT current_schema()';\n\
+              CREATE TABLE credit_notes (id bigint);\n\
+              CREATE SEQUENCE credit_notes_id_seq OWNED BY credit_notes.id;\n\
+              CREATE TABLE pg_temp.scratch (id int);\n\
+              CREATE TEMP VIEW tv AS SELECT 1;";
+    let m = pb::Migration {
+        scope: pb::Scope::Shard as i32,
+        ..migration("001_a", up, "DROP TABLE credit_notes;")
+    };
+    let found: Vec<Finding> = lint_plan(&plan(vec![m], false), &LintOptions::default())
+        .into_iter()
+        .filter(|f| f.rule == DOWN_INCOMPLETE)
+        .collect();
+    assert!(found.is_empty(), "{found:#?}");
+    // a sequence owned by nothing down.sql drops is still asked for
+    let m = pb::Migration {
+        scope: pb::Scope::Shard as i32,
+        ..migration(
+            "001_a",
+            "CREATE TABLE a (id int);\nCREATE SEQUENCE a_seq OWNED BY a.id;",
+            "SELECT 1;",
+        )
+    };
+    let found = lint_plan(&plan(vec![m], false), &LintOptions::default());
+    assert_eq!(
+        rules_of(&found),
+        vec![
+            (DOWN_INCOMPLETE, Severity::Error, 1),
+            (DOWN_INCOMPLETE, Severity::Error, 2)
+        ],
+        "{found:#?}"
+    );
+}
