@@ -24,6 +24,16 @@ impl Actor {
     }
 
     /// `what`, then `: <reason>` when a reason was given (just the reason when `what` is empty).
+    /// Adds to the reason recorded with what the actor asked (e.g. the later plans an
+    /// `--ignore-later-plans` went past).
+    pub fn add_reason(&mut self, more: &str) {
+        self.reason = if self.reason.is_empty() {
+            more.to_string()
+        } else {
+            format!("{}; {more}", self.reason)
+        };
+    }
+
     pub fn explain(&self, what: &str) -> String {
         match (what.is_empty(), self.reason.is_empty()) {
             (_, true) => what.to_string(),

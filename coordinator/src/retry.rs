@@ -111,12 +111,7 @@ impl Coordinator {
                 }
                 .into());
             }
-            let past = format!("past later plans ({})", later.join("; "));
-            actor.reason = if actor.reason.is_empty() {
-                past
-            } else {
-                format!("{}; {past}", actor.reason)
-            };
+            actor.add_reason(&format!("past later plans ({})", later.join("; ")));
         }
         let n = updates.len();
         let steps = if n == 1 { "step" } else { "steps" };

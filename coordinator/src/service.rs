@@ -645,12 +645,7 @@ impl Coordinator {
                     }
                     .into());
                 }
-                let past = format!("past later plans ({})", later.join("; "));
-                actor.reason = if actor.reason.is_empty() {
-                    past
-                } else {
-                    format!("{}; {past}", actor.reason)
-                };
+                actor.add_reason(&format!("past later plans ({})", later.join("; ")));
             }
             let mut run = self.rebuild(&row).await?;
             run.state = PlanState::Completed;

@@ -148,9 +148,7 @@ pub(super) fn read_all(files: Vec<(PathBuf, FileName)>) -> Result<Vec<pb::Migrat
             return Err(LoadError::invalid(&up_path, "holds no SQL statements"));
         }
         // (the file's lines, as read: the comment's line is the file's)
-        let lint_ignore =
-            super::parts::lint_ignores(&std::fs::read_to_string(&up_path).unwrap_or_default())
-                .map_err(|(line, msg)| LoadError::at_line(&up_path, line, msg))?;
+        let lint_ignore = super::parts::lint_ignores_in(&up_path)?;
         let down_sql = match &pair.undo {
             Some(p) => read_sql(p)?,
             None => String::new(),

@@ -77,3 +77,10 @@ pub(super) fn lint_ignores(text: &str) -> Result<Vec<pb::LintIgnore>, (usize, St
     }
     Ok(out)
 }
+
+/// [`lint_ignores`] of the file at `path` (a Flyway or golang-migrate up file), its errors
+/// named at their line there.
+pub(super) fn lint_ignores_in(path: &Path) -> Result<Vec<pb::LintIgnore>, LoadError> {
+    lint_ignores(&std::fs::read_to_string(path).unwrap_or_default())
+        .map_err(|(line, msg)| LoadError::at_line(path, line, msg))
+}

@@ -271,13 +271,11 @@ async fn coordinator_killed_after_the_commit_decision_means_every_shard_commits(
     assert_none_prepared(&fleet, 2).await
 }
 
-/// A coordinator without etcd that dies right after its commit decision: the next one
-/// (on the same control store) finds the decision there and every shard commits. Before,
-/// its decisions were in its memory only: the next one presumed abort, and a shard that
-/// had committed in the meantime was undone by its down SQL.
-#[tokio::test(flavor = "multi_thread")]
-async fn without_etcd_a_commit_decision_outlives_its_coordinator() -> anyhow::Result<()> {
-    let mut fleet = crate::fleet::TestFleet::start(2, 2).await?;
+/// An atomic COORD-2025-001 submitted to the fleet's coordinator (without etcd), which
+/// dies right after writing its commit decision (failpoint, exit 87): the plan's id.
+async fn died_after_the_commit_decision(
+    fleet: &mut crate::fleet::TestFleet,
+) -> anyhow::Result<String> {
     fleet
         .restart_coordinator_with(&[("FAILPOINTS", "coordinator::after_decision=return")])
         .await?;
@@ -291,6 +289,17 @@ async fn without_etcd_a_commit_decision_outlives_its_coordinator() -> anyhow::Re
         .await
         .expect("the failpoint ends it");
     assert_eq!(status.code(), Some(87));
+    Ok(id)
+}
+
+/// A coordinator without etcd that dies right after its commit decision: the next one
+/// (on the same control store) finds the decision there and every shard commits. Before,
+/// its decisions were in its memory only: the next one presumed abort, and a shard that
+/// had committed in the meantime was undone by its down SQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_etcd_a_commit_decision_outlives_its_coordinator() -> anyhow::Result<()> {
+    let mut fleet = crate::fleet::TestFleet::start(2, 2).await?;
+    let id = died_after_the_commit_decision(&mut fleet).await?;
     fleet.restart_coordinator().await?;
     let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(0), "{out}");
@@ -315,19 +324,7 @@ async fn a_plan_left_committing_by_an_older_coordinator_commits_after_the_upgrad
 -> anyhow::Result<()> {
     use sqlx::ConnectOptions;
     let mut fleet = crate::fleet::TestFleet::start(2, 2).await?;
-    fleet
-        .restart_coordinator_with(&[("FAILPOINTS", "coordinator::after_decision=return")])
-        .await?;
-    fleet.wait_attached(2).await?;
-    let id = fleet.submit(&coord_dbmate_dir(), &["--atomic"]).await?;
-    let status = fleet
-        .coordinator
-        .as_mut()
-        .unwrap()
-        .wait_exit(WAIT)
-        .await
-        .expect("the failpoint ends it");
-    assert_eq!(status.code(), Some(87));
+    let id = died_after_the_commit_decision(&mut fleet).await?;
     // the store as a coordinator of version 5 left it
     let mut store = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(&fleet.store)

@@ -639,3 +639,21 @@ pub async fn run_while_another_applies(
         .remove(&run_id)
         .expect("the run's result")
 }
+
+/// Waits until the agent has taken the welcome of the stream `s` came with: a preflight
+/// sent after it is answered after it (a stream's messages are handled in order). The
+/// results that came meanwhile, by run id.
+pub async fn welcome_taken(s: &mut Stream) -> std::collections::BTreeMap<u64, pb::RunResult> {
+    s.send(In::Preflight(pb::PreflightRequest {
+        request_id: 9,
+        ..Default::default()
+    }));
+    let mut r = std::collections::BTreeMap::new();
+    loop {
+        match s.next().await {
+            Out::Preflight(_) => return r,
+            Out::Results(res) => r.extend(res.runs.into_iter().map(|run| (run.run_id, run))),
+            other => panic!("expected results or the preflight's answer, got {other:?}"),
+        }
+    }
+}

@@ -3383,19 +3383,7 @@ async fn a_new_leaders_welcome_fences_the_runs_an_earlier_one_left_queued() {
     // the leader changes under run 1
     drop(s);
     let (mut s, _) = h.attach(2).await;
-    // (the welcome taken: a preflight sent after it is answered after it)
-    s.send(In::Preflight(pb::PreflightRequest {
-        request_id: 9,
-        ..Default::default()
-    }));
-    let mut r = BTreeMap::new();
-    loop {
-        match s.next().await {
-            Out::Preflight(_) => break,
-            Out::Results(res) => r.extend(res.runs.into_iter().map(|run| (run.run_id, run))),
-            other => panic!("expected results or the preflight's answer, got {other:?}"),
-        }
-    }
+    let mut r = welcome_taken(&mut s).await;
     blocker.commit().await.unwrap();
     while r.len() < 3 {
         match s.next().await {

@@ -508,23 +508,8 @@ async fn an_earlier_terms_atomic_runs_do_not_outlive_its_presumed_abort() {
     // the leader changes: the stream ends, a leader of term 2 welcomes the agent
     drop(s);
     let (mut s, _) = h.attach(2).await;
-    // Run 1 goes on once the agent has taken the welcome: a preflight sent after it is
-    // answered after it (a stream's messages are handled in order); results may come first.
-    s.send(In::Preflight(pb::PreflightRequest {
-        request_id: 9,
-        migration_ids: Vec::new(),
-        two_phase: false,
-        data_migrations: Vec::new(),
-        lock_relations: Vec::new(),
-    }));
-    let mut r = std::collections::BTreeMap::new();
-    loop {
-        match s.next().await {
-            Out::Preflight(_) => break,
-            Out::Results(res) => r.extend(res.runs.into_iter().map(|run| (run.run_id, run))),
-            other => panic!("expected results or the preflight's answer, got {other:?}"),
-        }
-    }
+    // Run 1 goes on once the agent has taken the welcome
+    let mut r = welcome_taken(&mut s).await;
     blocker.commit().await.unwrap();
     while r.len() < 3 {
         match s.next().await {
