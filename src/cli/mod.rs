@@ -499,6 +499,11 @@ pub enum PlanCommand {
         /// <version>_<description>, a description is given).
         #[arg(long, value_enum, value_delimiter = ',')]
         rules: Vec<RuleSet>,
+        /// Default scope for migrations that do not say, as `plan submit --scope` gives it:
+        /// shard, tenant or auto (the lint says then what depends on the fleet as warnings:
+        /// `tenant-escape`).
+        #[arg(long)]
+        scope: Option<String>,
     },
     /// Rehearse a plan on a scratch database, without a coordinator (for CI): each
     /// migration up, verify, down (the schema must be as before up), up and verify again,

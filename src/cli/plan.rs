@@ -46,7 +46,8 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
             output,
             atomic,
             rules,
-        } => lint(&path, output, atomic, &rules),
+            scope,
+        } => lint(&path, output, atomic, scope, &rules),
         PlanCommand::Submit(args) if args.dry_run => super::explain::run(addr, &args).await,
         PlanCommand::Submit(args) => submit(addr, args).await,
         PlanCommand::Explain(args) => super::explain::run(addr, &args).await,
@@ -241,9 +242,16 @@ async fn pause(addr: &str, args: super::PauseArgs, paused: bool) -> u8 {
     send_command(addr, verb, req, false, args.output).await
 }
 
-fn lint(path: &std::path::Path, output: Output, atomic: bool, rules: &[RuleSet]) -> u8 {
+fn lint(
+    path: &std::path::Path,
+    output: Output,
+    atomic: bool,
+    scope: Option<String>,
+    rules: &[RuleSet],
+) -> u8 {
     let overrides = Overrides {
         atomic,
+        scope,
         ..Overrides::default()
     };
     let raw = match loader::load(path, &overrides) {

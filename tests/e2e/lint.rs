@@ -159,6 +159,13 @@ async fn submit_refuses_a_lint_error_touching_no_shard_and_returns_warnings() ->
             && out.stdout.contains("scope auto"),
         "{out}"
     );
+    // told the scope, as a submit is, the lint says it as the submit will
+    let out = run_flotilla(&["plan", "lint", &sp, "--scope", "tenant"], &[]).await?;
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert!(
+        out.stdout.contains("error[tenant-escape] 001_flags"),
+        "{out}"
+    );
     let out = fleet.cli(&["plan", "submit", &sp]).await?;
     assert_eq!(out.code(), Some(2), "refused as bad input: {out}");
     assert!(

@@ -871,6 +871,39 @@ pub(super) fn check(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out
         .filter(|p| matches!(&p.node, NodeEnum::DropStmt(d) if d.missing_ok))
         .flat_map(|p| dropped(std::slice::from_ref(p)))
         .collect();
+    // A trigger goes with its function dropped CASCADE (`DROP FUNCTION f() CASCADE`).
+    let cascaded: Vec<String> = down
+        .iter()
+        .filter_map(|p| match &p.node {
+            NodeEnum::DropStmt(d)
+                if d.remove_type == ObjectType::ObjectFunction as i32
+                    && d.behavior == pg_query::protobuf::DropBehavior::DropCascade as i32 =>
+            {
+                Some(d.objects.iter().map(|o| object_parts(o).join(".")))
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let trigger_function = |table: &str, name: &str| {
+        up.iter().find_map(|p| match &p.node {
+            NodeEnum::CreateTrigStmt(t)
+                if t.trigname == name
+                    && t.relation
+                        .as_ref()
+                        .is_some_and(|r| same(&relation_name(r), table)) =>
+            {
+                Some(strings(&t.funcname).join("."))
+            }
+            _ => None,
+        })
+    };
+    let with_its_function = |o: &Object| match o {
+        Object::Trigger { table, name } => {
+            trigger_function(table, name).is_some_and(|f| cascaded.iter().any(|c| same(c, &f)))
+        }
+        _ => false,
+    };
     // A sequence `OWNED BY` a table's column goes with the table.
     let owned = owned_sequences(up);
     let goes_with_table = |o: &Object| match o {
@@ -894,7 +927,10 @@ pub(super) fn check(m: &Migration, up: &[Parsed], down: &[Parsed], out: &mut Out
         _ => false,
     };
     for (object, line) in created(up) {
-        if remade.iter().any(|r| same_object(r, &object)) || goes_with_table(&object) {
+        if remade.iter().any(|r| same_object(r, &object))
+            || goes_with_table(&object)
+            || with_its_function(&object)
+        {
             continue;
         }
         if !drops.iter().any(|d| covers(d, &object)) {

@@ -1019,7 +1019,8 @@ fn a_tenant_migration_writing_or_granting_outside_its_schema_is_said() {
 
 /// The walk-through's `down-incomplete` false positives: an idempotent re-create (`DROP
 /// TRIGGER IF EXISTS t ON x; CREATE TRIGGER t ...`), a sequence `OWNED BY` a table down.sql
-/// drops, and temporary objects (`pg_temp.x`, `CREATE TEMP VIEW`) need no drop in down.sql.
+/// drops, a trigger whose function down.sql drops CASCADE, and temporary objects
+/// (`pg_temp.x`, `CREATE TEMP VIEW`) need no drop of their own in down.sql.
 #[test]
 fn remade_owned_and_temporary_objects_need_no_drop_in_down() {
     let up = "DROP TRIGGER IF EXISTS orders_touch ON orders;\n\
@@ -1029,10 +1030,16 @@ fn remade_owned_and_temporary_objects_need_no_drop_in_down() {
               CREATE TABLE credit_notes (id bigint);\n\
               CREATE SEQUENCE credit_notes_id_seq OWNED BY credit_notes.id;\n\
               CREATE TABLE pg_temp.scratch (id int);\n\
-              CREATE TEMP VIEW tv AS SELECT 1;";
+              CREATE TEMP VIEW tv AS SELECT 1;\n\
+              CREATE FUNCTION wo_guard() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';\n\
+              CREATE TRIGGER wo_guard BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION wo_guard();";
     let m = pb::Migration {
         scope: pb::Scope::Shard as i32,
-        ..migration("001_a", up, "DROP TABLE credit_notes;")
+        ..migration(
+            "001_a",
+            up,
+            "DROP TABLE credit_notes;\nDROP FUNCTION wo_guard() CASCADE;",
+        )
     };
     let found: Vec<Finding> = lint_plan(&plan(vec![m], false), &LintOptions::default())
         .into_iter()
