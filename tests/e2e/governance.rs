@@ -276,6 +276,15 @@ async fn a_high_risk_production_plan_waits_for_two_approvals_and_a_reject_ends_o
         trail[5]["detail"].as_str().unwrap().contains("role dba"),
         "{trail:?}"
     );
+    // counted as given and needed (a miscount read "2 of 1" where a required role came on
+    // top of the count)
+    assert!(
+        trail[3]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("1 approval, 2 needed; still needs"),
+        "{trail:?}"
+    );
 
     // An environment the matrix does not name (`Production`: names are exact) is refused,
     // nothing stored: it matched no rule and went through unapproved before.

@@ -160,9 +160,15 @@ impl Coordinator {
         given.push((actor.name.clone(), role.to_string()));
         let missing = rule.as_ref().and_then(|r| r.missing(&given));
         let needed = rule.as_ref().map_or(0, |r| r.approvals);
+        // (counted as given and needed: a role the rule requires may make more than the
+        // count needed, and "2 of 1" read as a miscount)
+        let given_n = match given.len() {
+            1 => "1 approval".to_string(),
+            n => format!("{n} approvals"),
+        };
         let what = match &missing {
-            Some(m) => format!("{} of {needed}; still needs {m}", given.len()),
-            None => format!("{} of {needed}; approved", given.len()),
+            Some(m) => format!("{given_n}, {needed} needed; still needs {m}"),
+            None => format!("{given_n}, {needed} needed; approved"),
         };
         self.write_under(
             epoch,
