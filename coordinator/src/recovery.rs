@@ -216,7 +216,7 @@ impl Coordinator {
                 };
                 if d == Decision::Abort {
                     run.message = format!(
-                        "{}; aborted after a change of coordinator (presumed abort)",
+                        "{}; aborted when a new leader's term took it over with no commit decision written (presumed abort: the term before, of this coordinator or another, may have ended mid-prepare)",
                         row.message
                     )
                     .trim_start_matches("; ")

@@ -3401,7 +3401,12 @@ async fn a_new_leaders_welcome_fences_the_runs_an_earlier_one_left_queued() {
             "run {id}: {r:?}"
         );
     }
-    assert_eq!(count(&f.pool, "SELECT epoch FROM flotilla.fence").await, 2);
+    // the fence moves once run 1 let go of its row (the welcome's advance waited for it)
+    flotilla_testkit::wait::wait_until("the fence at the new epoch", WAIT, async || {
+        Ok(count(&f.pool, "SELECT epoch FROM flotilla.fence").await == 2)
+    })
+    .await
+    .unwrap();
     assert_eq!(
         count(
             &f.pool,

@@ -88,7 +88,7 @@ impl Engine {
         } else {
             run.state = PlanState::Aborting;
             run.message = format!(
-                "parallel group {} aborted after a change of coordinator (presumed abort)",
+                "parallel group {} aborted when a new leader's term took it over with no commit decision written (presumed abort)",
                 run.current_unit().map_or(0, |g| g + 1)
             );
             let updates = run.halt_pending();

@@ -51,7 +51,8 @@ pub enum StoreError {
     /// A write decided under a leader's term after a later leader took the store over
     /// ([`Store::fence`]): a deposed leader's write must not land over its successor's.
     #[error(
-        "a later leader ({fenced}) has taken the control store over: this write of epoch {term} is refused"
+        "a later leader ({fenced}) has taken the control store over: this write {} is refused",
+        write_term(*.term)
     )]
     Fenced { fenced: LeaderFence, term: u64 },
     /// A plan whose writes the store writer gave up on (it refused them for good): nothing
@@ -103,6 +104,16 @@ pub enum SoleClaim {
     Session(Box<sqlx::AnyConnection>),
     /// An in-memory store: nobody else can open it.
     None,
+}
+
+/// Whose a refused write was: a term's, or none (made while this coordinator led none: a
+/// deposed leader's "epoch 0" read as a term of that number).
+fn write_term(term: u64) -> String {
+    if term == 0 {
+        "(made while this coordinator led no term)".to_string()
+    } else {
+        format!("of epoch {term}")
+    }
 }
 
 #[derive(Clone)]
@@ -1199,6 +1210,32 @@ mod tests {
             message: String::new(),
             ends: state,
         }
+    }
+
+    /// A refused write says whose it was: a term's, or none (a deposed leader's writes made
+    /// after it lost its term read "this write of epoch 0").
+    #[test]
+    fn a_refused_write_says_whose_it_was() {
+        let fenced = |term| {
+            StoreError::Fenced {
+                fenced: LeaderFence {
+                    epoch: 56,
+                    space: SPACE.into(),
+                },
+                term,
+            }
+            .to_string()
+        };
+        assert!(
+            fenced(49).contains("this write of epoch 49 is refused"),
+            "{}",
+            fenced(49)
+        );
+        assert!(
+            fenced(0).contains("this write (made while this coordinator led no term) is refused"),
+            "{}",
+            fenced(0)
+        );
     }
 
     /// A store of version 5 (a coordinator of that version kept its commit decisions in
