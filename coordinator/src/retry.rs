@@ -98,10 +98,7 @@ impl Coordinator {
         let later = self.plans_after(plan_id, |shard, tenant, _| {
             again
                 .contains(&(shard.to_string(), tenant.to_string()))
-                .then(|| {
-                    Box::new(move |r: &flotilla_core::pb::JournalEntry| r.applied_at_ms > since)
-                        as _
-                })
+                .then_some(crate::service::After::AppliedAt(since))
         });
         if !later.is_empty() {
             if !ignore_later {

@@ -89,6 +89,24 @@ pub struct Coordinator {
 /// answered anyway (`Coordinator::stored_before_answered`).
 const COMMAND_STORED_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Which of a target's journal rows came after a plan's, for [`Coordinator::plans_after`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum After {
+    /// applied after the plan's own last row there (its shard's order)
+    Seq(i64),
+    /// applied after this time (ms): the plan's submission
+    AppliedAt(i64),
+}
+
+impl After {
+    fn admits(self, r: &pb::JournalEntry) -> bool {
+        match self {
+            After::Seq(mine) => r.seq > mine,
+            After::AppliedAt(since) => r.applied_at_ms > since,
+        }
+    }
+}
+
 impl Coordinator {
     /// The epoch this coordinator leads under, or NotLeader naming the leader.
     pub fn leader_epoch(&self) -> Result<u64, CoordinatorError> {
@@ -513,22 +531,17 @@ impl Coordinator {
                 .filter(|r| r.plan_id == plan_id)
                 .map(|r| r.seq)
                 .max()
-                .map(|mine| Box::new(move |r: &pb::JournalEntry| r.seq > mine) as _)
+                .map(After::Seq)
         })
     }
 
-    /// Other plans' rows on the targets `after` picks, those it says came after (it gives a
-    /// target's test, or passes the target over), newest plan first: each named with its
+    /// Other plans' rows on the targets `after` picks, those after what it says for each
+    /// (or none: the target is passed over), newest plan first: each named with its
     /// migrations and some of its targets (a `fleet baseline` as what it is).
-    #[allow(clippy::type_complexity)]
     pub(crate) fn plans_after(
         &self,
         plan_id: &str,
-        after: impl Fn(
-            &str,
-            &str,
-            &[pb::JournalEntry],
-        ) -> Option<Box<dyn Fn(&pb::JournalEntry) -> bool>>,
+        after: impl Fn(&str, &str, &[pb::JournalEntry]) -> Option<After>,
     ) -> Vec<String> {
         let (journals, _) = self.inner.versions.snapshot();
         // (plan -> its migrations, targets and when its newest row applied, for newest first)
@@ -536,10 +549,13 @@ impl Coordinator {
         let mut later: BTreeMap<String, Later> = BTreeMap::new();
         for (shard, journal) in journals.iter() {
             for (tenant, rows) in &journal.targets {
-                let Some(is_after) = after(shard, tenant, rows) else {
+                let Some(after) = after(shard, tenant, rows) else {
                     continue;
                 };
-                for r in rows.iter().filter(|r| r.plan_id != plan_id && is_after(r)) {
+                for r in rows
+                    .iter()
+                    .filter(|r| r.plan_id != plan_id && after.admits(r))
+                {
                     let (migrations, targets, newest) = later.entry(r.plan_id.clone()).or_default();
                     // (when it applied: a row's seq is its shard's own count, not to be
                     // compared across shards)

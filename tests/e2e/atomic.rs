@@ -292,16 +292,13 @@ async fn died_after_the_commit_decision(
     Ok(id)
 }
 
-/// A coordinator without etcd that dies right after its commit decision: the next one
-/// (on the same control store) finds the decision there and every shard commits. Before,
-/// its decisions were in its memory only: the next one presumed abort, and a shard that
-/// had committed in the meantime was undone by its down SQL.
-#[tokio::test(flavor = "multi_thread")]
-async fn without_etcd_a_commit_decision_outlives_its_coordinator() -> anyhow::Result<()> {
-    let mut fleet = crate::fleet::TestFleet::start(2, 2).await?;
-    let id = died_after_the_commit_decision(&mut fleet).await?;
-    fleet.restart_coordinator().await?;
-    let (out, st) = fleet.watch(&id).await?;
+/// The plan `id` watched to its end: completed, committed on both shards, nothing left
+/// prepared.
+async fn assert_committed_on_both_shards(
+    fleet: &crate::fleet::TestFleet,
+    id: &str,
+) -> anyhow::Result<()> {
+    let (out, st) = fleet.watch(id).await?;
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(st["state"], "completed", "{st}");
     for s in 0..2 {
@@ -313,6 +310,18 @@ async fn without_etcd_a_commit_decision_outlives_its_coordinator() -> anyhow::Re
         assert_eq!(prepared(&fleet.pg, s).await?, 0, "shard_{s}");
     }
     Ok(())
+}
+
+/// A coordinator without etcd that dies right after its commit decision: the next one
+/// (on the same control store) finds the decision there and every shard commits. Before,
+/// its decisions were in its memory only: the next one presumed abort, and a shard that
+/// had committed in the meantime was undone by its down SQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_etcd_a_commit_decision_outlives_its_coordinator() -> anyhow::Result<()> {
+    let mut fleet = crate::fleet::TestFleet::start(2, 2).await?;
+    let id = died_after_the_commit_decision(&mut fleet).await?;
+    fleet.restart_coordinator().await?;
+    assert_committed_on_both_shards(&fleet, &id).await
 }
 
 /// The same plan left committing by a coordinator of a version that kept its decisions in
@@ -341,18 +350,7 @@ async fn a_plan_left_committing_by_an_older_coordinator_commits_after_the_upgrad
     }
     drop(store);
     fleet.restart_coordinator().await?;
-    let (out, st) = fleet.watch(&id).await?;
-    assert_eq!(out.code(), Some(0), "{out}");
-    assert_eq!(st["state"], "completed", "{st}");
-    for s in 0..2 {
-        assert_eq!(
-            satisfaction_columns_on(&fleet.pg, &format!("shard_{s}")).await?,
-            4,
-            "shard_{s} committed"
-        );
-        assert_eq!(prepared(&fleet.pg, s).await?, 0, "shard_{s}");
-    }
-    Ok(())
+    assert_committed_on_both_shards(&fleet, &id).await
 }
 
 /// Two shards whose atomic plan's coordinator died with every target prepared, before
