@@ -8,6 +8,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::{instrument, warn};
 
+use super::keepalive::{SERVER_KEEPALIVES, arm_open_sockets};
 use crate::config::{AgentConfig, backoff_delay};
 use crate::error::{AgentError, is_auth_failure, is_missing_database};
 
@@ -35,10 +36,24 @@ pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, 
     if let Some(password) = &config.password {
         options = options.password(password.expose());
     }
+    // the server's side of each connection notices a vanished agent (see `keepalive`),
+    // unless the DSN's own options say otherwise
+    let own = options.get_options().unwrap_or_default().to_owned();
+    let keepalives = SERVER_KEEPALIVES
+        .into_iter()
+        .filter(|(name, _)| !own.contains(name));
     // quote_literal relies on it; it is the default, but a server may say otherwise
     Ok(options
         .application_name("flotilla-agent")
-        .options([("standard_conforming_strings", "on")]))
+        .options([("standard_conforming_strings", "on")])
+        .options(keepalives))
+}
+
+/// Opens one connection to the shard, its socket armed with keepalives (see `keepalive`).
+pub(crate) async fn open(options: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
+    let conn = PgConnection::connect_with(options).await?;
+    arm_open_sockets();
+    Ok(conn)
 }
 
 /// How long a connection may sit unused in the pool before it is closed. Every session
@@ -64,7 +79,7 @@ pub(crate) async fn connect(
     let mut attempt = 0u32;
     loop {
         // one bare connection first: the pool would retry a refused connection silently
-        let error = match PgConnection::connect_with(&options).await {
+        let error = match open(&options).await {
             Ok(mut conn) => {
                 // a probe: the server answered; which start of it this is, for a step cut
                 // short later (`server_start`)
@@ -75,6 +90,12 @@ pub(crate) async fn connect(
                     .min_connections(0)
                     .idle_timeout(POOL_IDLE_TIMEOUT)
                     .acquire_timeout(Duration::from_secs(15))
+                    .after_connect(|_, _| {
+                        Box::pin(async {
+                            arm_open_sockets();
+                            Ok(())
+                        })
+                    })
                     .connect_lazy_with(options);
                 return Ok(Some(pool));
             }
@@ -120,5 +141,27 @@ mod tests {
         let c = AgentConfig::new("s0", "postgres://app:pw@db:notaport/x", "http://c");
         let e = connect_options(&c).unwrap_err().to_string();
         assert!(!e.contains("pw@"), "{e}");
+    }
+
+    /// The server is asked to probe the agent's side of each connection, unless the DSN
+    /// set a keepalive of its own (which is kept: ours would come after it, and win).
+    #[test]
+    fn the_server_is_asked_for_keepalives_unless_the_dsn_sets_them() {
+        let c = AgentConfig::new("s0", "postgres://app@db:5432/shard_0", "http://c");
+        let o = connect_options(&c).unwrap();
+        let options = o.get_options().unwrap();
+        for (name, value) in SERVER_KEEPALIVES {
+            assert!(options.contains(&format!("-c {name}={value}")), "{options}");
+        }
+        let c = AgentConfig::new(
+            "s0",
+            "postgres://app@db:5432/shard_0?options[tcp_keepalives_idle]=120",
+            "http://c",
+        );
+        let o = connect_options(&c).unwrap();
+        let options = o.get_options().unwrap();
+        assert!(options.contains("-c tcp_keepalives_idle=120"), "{options}");
+        assert!(!options.contains("tcp_keepalives_idle=15"), "{options}");
+        assert!(options.contains("-c tcp_keepalives_count=3"), "{options}");
     }
 }

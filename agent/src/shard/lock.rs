@@ -54,7 +54,7 @@ enum Attempt {
 
 /// Opens a dedicated session and tries the lock once.
 async fn try_lock(options: &PgConnectOptions) -> Result<Attempt, sqlx::Error> {
-    let mut conn = PgConnection::connect_with(options).await?;
+    let mut conn = super::connect::open(options).await?;
     let held: bool = sqlx::query_scalar(TRY_LOCK).fetch_one(&mut conn).await?;
     if held {
         return Ok(Attempt::Held(conn));

@@ -5,6 +5,7 @@ mod connect;
 mod fingerprint;
 pub(crate) mod foreign;
 mod journal;
+pub(crate) mod keepalive;
 pub(crate) mod lock;
 mod read_only;
 pub(crate) mod server_start;

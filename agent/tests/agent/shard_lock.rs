@@ -255,3 +255,93 @@ async fn lose_the_lock_to_another_session(f: &Fleet, agent_pid: i32) -> (PgConne
     wait_for_log(mark, "lost the connection holding the shard's agent lock").await;
     (other, mark)
 }
+
+/// The agent's connections to its shard probe a database that vanished from the network
+/// (a dead host, a partition): every session the agent holds on the shard, the agent lock's
+/// and the pool's, is on a socket with TCP keepalives and a user timeout. Without them a
+/// statement in flight waits for its answer for ever (the driver sets none itself).
+#[tokio::test]
+async fn the_agents_connections_to_its_shard_probe_a_vanished_database() {
+    let Some(f) = fleet("keepalive", 1).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "p".into(),
+        migrations: bench_migrations(),
+        ..Default::default()
+    }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "p".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(1, "tenant_0000", &BENCH, true)],
+    }));
+    let r = s.results("p", 1).await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied; 3]);
+
+    // the agent's sessions (its lock's, its pool's), by the port they come from
+    let ports: Vec<i32> = sqlx::query_scalar(
+        "SELECT client_port FROM pg_stat_activity \
+         WHERE application_name = 'flotilla-agent' AND datname = current_database()",
+    )
+    .fetch_all(&f.pool)
+    .await
+    .unwrap();
+    if ports.iter().any(|&p| p < 0) {
+        eprintln!("note: the test shard is on a Unix socket; TCP keepalives not checked");
+        h.stop().await;
+        f.drop().await;
+        return;
+    }
+    assert!(
+        ports.len() >= 2,
+        "the lock's session and a pooled one: {ports:?}"
+    );
+    for port in ports {
+        let fd = socket_from_local_port(port as u16)
+            .unwrap_or_else(|| panic!("no socket of this process from port {port}"));
+        let (keepalive, idle, user_timeout_ms) = tcp_keepalive_of(fd);
+        assert!(keepalive, "session from port {port} has no keepalive");
+        assert_eq!((idle, user_timeout_ms), (15, 30_000), "port {port}");
+    }
+    h.stop().await;
+    f.drop().await;
+}
+
+/// The socket of this process bound to local `port`.
+fn socket_from_local_port(port: u16) -> Option<i32> {
+    std::fs::read_dir("/proc/self/fd").ok()?.find_map(|e| {
+        let fd: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        // SAFETY: a sockaddr_storage and its size, as getsockname expects; a number that is
+        // not a socket (or closed) is an error.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let rc = unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &raw mut len) };
+        if rc != 0 || i32::from(addr.ss_family) != libc::AF_INET {
+            return None;
+        }
+        // SAFETY: an AF_INET address is a sockaddr_in.
+        let inet: libc::sockaddr_in = unsafe { std::ptr::read((&raw const addr).cast()) };
+        (u16::from_be(inet.sin_port) == port).then_some(fd)
+    })
+}
+
+/// (SO_KEEPALIVE, TCP_KEEPIDLE seconds, TCP_USER_TIMEOUT ms) of a socket.
+fn tcp_keepalive_of(fd: i32) -> (bool, i32, i32) {
+    let get = |level, name| {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a c_int and its size, as getsockopt expects.
+        let rc =
+            unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &raw mut len) };
+        assert_eq!(rc, 0, "getsockopt on fd {fd}");
+        value
+    };
+    (
+        get(libc::SOL_SOCKET, libc::SO_KEEPALIVE) != 0,
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+        get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+    )
+}
