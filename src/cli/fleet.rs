@@ -266,6 +266,44 @@ fn failure_json(f: &pb::LastFailure) -> Value {
     })
 }
 
+fn part_way_json(c: &pb::CutShort) -> Value {
+    json!({
+        "target": c.target,
+        "migration": c.migration_id,
+        "plan_id": c.plan_id,
+        "rows": c.rows,
+        "batches": c.batches,
+        "statements": c.statements,
+        "at_ms": c.at_ms,
+    })
+}
+
+/// `backfill_x in plan p: 12 batches (120000 rows) done, last at T`: a step begun and not
+/// finished; the next run of it goes on from its checkpoint.
+fn part_way_text(c: &pb::CutShort) -> String {
+    let mut done = Vec::new();
+    if c.statements > 0 {
+        let s = if c.statements == 1 { "" } else { "s" };
+        done.push(format!("{} up statement{s}", c.statements));
+    }
+    if c.batches > 0 || c.statements == 0 {
+        let s = if c.batches == 1 { "" } else { "es" };
+        done.push(format!("{} batch{s} ({} rows)", c.batches, c.rows));
+    }
+    format!(
+        "{}{}: {} done, checkpoint written {}",
+        c.migration_id,
+        in_plan(&c.plan_id),
+        done.join(" and "),
+        at(c.at_ms)
+    )
+}
+
+/// Why a step shows part-way: running now, or stopped where the next run goes on.
+const PART_WAY: &str = "begun and not finished (running now, or stopped part-way by a cancel, a \
+     halt or a failure elsewhere; its batches and statements done stand, and the next run of it \
+     goes on from its checkpoint)";
+
 fn status_json(r: &pb::FleetStatusResponse) -> Value {
     json!({
         "targets": r.targets,
@@ -285,6 +323,7 @@ fn status_json(r: &pb::FleetStatusResponse) -> Value {
         })).collect::<Vec<_>>(),
         "mismatches": r.mismatches.iter().map(mismatch_json).collect::<Vec<_>>(),
         "failures": r.failures.iter().map(failure_json).collect::<Vec<_>>(),
+        "part_way": r.part_way.iter().map(part_way_json).collect::<Vec<_>>(),
     })
 }
 
@@ -372,6 +411,12 @@ fn print_status(r: &pb::FleetStatusResponse) {
             );
         }
     }
+    if !r.part_way.is_empty() {
+        println!("\nsteps {PART_WAY}:");
+        for c in &r.part_way {
+            println!("  {}: {}", c.target, part_way_text(c));
+        }
+    }
     if !r.failures.is_empty() {
         println!("\nfailed last:");
         for f in &r.failures {
@@ -421,6 +466,7 @@ fn target_json(t: &pb::FleetTarget) -> Value {
         "pending": t.pending,
         "mismatches": t.mismatches.iter().map(mismatch_json).collect::<Vec<_>>(),
         "last_failure": t.last_failure.as_ref().map(failure_json),
+        "part_way": t.part_way.iter().map(part_way_json).collect::<Vec<_>>(),
         "fingerprint": t.fingerprint,
         "drift": t.drift.as_ref().map(|d| json!({
             "extra": d.extra,
@@ -503,6 +549,12 @@ fn print_target(t: &pb::FleetTarget) {
             short(&m.journal_checksum),
             compared(m)
         );
+    }
+    if !t.part_way.is_empty() {
+        println!("  {PART_WAY}:");
+        for c in &t.part_way {
+            println!("    {}", part_way_text(c));
+        }
     }
     if let Some(f) = &t.last_failure {
         println!(

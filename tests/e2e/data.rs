@@ -722,13 +722,53 @@ async fn a_cancelled_backfill_leaves_whole_batches_and_resumes_later() -> anyhow
         ),
         "{out}"
     );
+    // The fleet's view says so too, from the shard's checkpoint (it said nothing of a
+    // backfill left part-way: the target was only behind, as one never begun is).
+    let target = format!("{}/{}", fleet.shards[0], fleet.tenants(0)[0]);
+    let part_way = fleet_part_way(&fleet, Some(rows)).await?;
+    assert_eq!(part_way.len(), 1, "{part_way:?}");
+    assert_eq!(part_way[0]["target"], target.as_str());
+    assert_eq!(part_way[0]["migration"], BACKFILL_ID);
+    assert_eq!(part_way[0]["plan_id"], id.as_str());
+    assert!(part_way[0]["batches"].as_i64() > Some(0), "{part_way:?}");
+    let out = fleet.cli(&["fleet", "show", &target]).await?;
+    assert!(
+        out.stdout.contains("begun and not finished")
+            && out
+                .stdout
+                .contains(&format!("{BACKFILL_ID} in plan {id}: "))
+            && out.stdout.contains(&format!("({rows} rows) done")),
+        "{out}"
+    );
 
     let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 0, "{out}");
     assert_eq!(status["state"], "completed", "{status}");
     assert_eq!(not_once(&fleet, 0).await?, (0, 400));
     assert_resumed(&fleet);
+    // finished, it is no longer part-way
+    assert!(fleet_part_way(&fleet, None).await?.is_empty());
     Ok(())
+}
+
+/// `fleet status`'s steps begun and not finished, once the fleet's view has `rows` done of
+/// one (None: none at all).
+async fn fleet_part_way(
+    fleet: &TestFleet,
+    rows: Option<i64>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut last = Vec::new();
+    crate::harness::wait_until("the fleet's view of part-way steps", WAIT, async || {
+        let out = fleet.cli(&["fleet", "status", "--output", "json"]).await?;
+        let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
+        last = v["part_way"].as_array().cloned().unwrap_or_default();
+        Ok(match rows {
+            Some(rows) => last.iter().any(|p| p["rows"].as_i64() == Some(rows)),
+            None => last.is_empty(),
+        })
+    })
+    .await?;
+    Ok(last)
 }
 
 /// SIGKILL of the agent at two random points of the backfill: each time the rows changed

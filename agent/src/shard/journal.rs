@@ -236,17 +236,20 @@ where
     }
 }
 
-/// The steps a rollback began to undo and did not finish (checkpoints marked undoing), on
-/// every target or those of `targets`: the fleet view counts them as not applied (see
-/// [`NOT_UNDOING`]) and says why from these.
+/// The steps begun and not finished, from their checkpoints, on every target or those of
+/// `targets`: those a rollback began to undo (marked undoing; the fleet view counts them as
+/// not applied, see [`NOT_UNDOING`], and says why from these), and those a run began (a data
+/// change between batches, a non-transactional step between statements: a checkpoint goes
+/// with the step's journal row), which the fleet view shows part-way.
 pub(crate) async fn read_cut_short(
     conn: &mut PgConnection,
     targets: Option<&[String]>,
 ) -> Result<Vec<pb::CutShort>, sqlx::Error> {
-    let rows: Vec<(String, String, String, i64, i32)> = rows_of_targets(
+    type Row = (String, String, String, i64, i32, bool, i64, i64, i32);
+    let rows: Vec<Row> = rows_of_targets(
         conn,
         "SELECT target, migration_id, plan_id, (extract(epoch FROM updated_at) * 1000)::bigint, \
-         undone FROM flotilla.checkpoints WHERE undoing",
+         undone, undoing, rows, batches, statements FROM flotilla.checkpoints WHERE true",
         "updated_at",
         targets,
     )
@@ -254,12 +257,18 @@ pub(crate) async fn read_cut_short(
     Ok(rows
         .into_iter()
         .map(
-            |(target, migration_id, plan_id, at_ms, undone)| pb::CutShort {
-                target,
-                migration_id,
-                plan_id,
-                at_ms,
-                undone: u32::try_from(undone).unwrap_or(0),
+            |(target, migration_id, plan_id, at_ms, undone, undoing, rows, batches, statements)| {
+                pb::CutShort {
+                    target,
+                    migration_id,
+                    plan_id,
+                    at_ms,
+                    undone: u32::try_from(undone).unwrap_or(0),
+                    applying: !undoing,
+                    rows,
+                    batches,
+                    statements: u32::try_from(statements).unwrap_or(0),
+                }
             },
         )
         .collect())

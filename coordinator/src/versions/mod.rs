@@ -46,8 +46,9 @@ pub struct ShardJournal {
     pub complete: bool,
     /// Rows per target ("" = the shard), in the order applied.
     pub targets: HashMap<String, Vec<pb::JournalEntry>>,
-    /// Steps per target whose rollback was cut short (not among `targets`' rows as
-    /// applied): why such a target is behind, from the shard itself.
+    /// Steps per target begun and not finished, from their checkpoints: those whose
+    /// rollback was cut short (not among `targets`' rows as applied: why such a target is
+    /// behind, from the shard itself), and those a run began (`applying`: part-way).
     pub cut_short: HashMap<String, Vec<pb::CutShort>>,
     /// Whether a whole schema report arrived in this session (until then, no fingerprint
     /// of the shard counts).

@@ -68,12 +68,30 @@ impl FleetInput<'_> {
     /// memory: after a restart or a change of leader they still say why the target is
     /// behind). The rollback's own reply of the same step wins whatever the clocks say (the
     /// shard's and this coordinator's may differ): it carries the down SQL's error.
+    /// The target's steps begun and not finished (`applying`), newest first, named as
+    /// `fleet status` lists them.
+    pub(super) fn part_way(&self, shard: &str, tenant: &str) -> Vec<pb::CutShort> {
+        let mut steps: Vec<pb::CutShort> = self
+            .reported(shard)
+            .and_then(|j| j.cut_short.get(tenant))
+            .into_iter()
+            .flatten()
+            .filter(|s| s.applying)
+            .map(|s| pb::CutShort {
+                target: target_name(shard, tenant),
+                ..s.clone()
+            })
+            .collect();
+        steps.sort_by_key(|s| std::cmp::Reverse(s.at_ms));
+        steps
+    }
+
     pub(super) fn last_failure(&self, shard: &str, tenant: &str) -> Option<pb::LastFailure> {
         let recorded = self.failures.get(&(shard.to_string(), tenant.to_string()));
         let cut_short = self
             .reported(shard)
             .and_then(|j| j.cut_short.get(tenant))
-            .and_then(|steps| steps.iter().max_by_key(|s| s.at_ms));
+            .and_then(|steps| steps.iter().filter(|s| !s.applying).max_by_key(|s| s.at_ms));
         match (recorded, cut_short) {
             (Some(f), Some(c))
                 if f.at_ms >= c.at_ms
@@ -277,6 +295,7 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
     let mut cohorts: BTreeMap<(String, String, Vec<String>), pb::Cohort> = BTreeMap::new();
     let mut mismatches = Vec::new();
     let mut failures = Vec::new();
+    let mut part_way = Vec::new();
     let mut behind = 0u64;
     for t in targets {
         if !t.pending.is_empty() {
@@ -285,6 +304,7 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
         if let Some(f) = input.last_failure(&t.shard, &t.tenant) {
             failures.push(f);
         }
+        part_way.extend(input.part_way(&t.shard, &t.tenant));
         mismatches.extend(t.mismatches.iter().cloned());
         let cohort = cohorts
             .entry((t.digest.clone(), t.head.clone(), t.pending.clone()))
@@ -306,6 +326,7 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
             .then_with(|| a.head.cmp(&b.head))
     });
     failures.sort_by_key(|f| std::cmp::Reverse(f.at_ms));
+    part_way.sort_by_key(|s| std::cmp::Reverse(s.at_ms));
     let mut gone = Vec::new();
     for (shard, view) in input.fleet {
         let Some(journal) = input.reported(shard) else {
@@ -345,6 +366,7 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
         gone,
         // (the leader's query sets them: see `query::set_apart_changed`)
         schema_changed: Vec::new(),
+        part_way,
     }
 }
 
@@ -356,6 +378,7 @@ pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, St
     let (shard, tenant) = resolve(input, name)?;
     let reported = input.reported(&shard).is_some();
     let failure = input.last_failure(&shard, &tenant);
+    let part_way = input.part_way(&shard, &tenant);
     let view = &input.fleet[&shard];
     if !tenant.is_empty() && !view.tenants.iter().any(|(t, _)| *t == tenant) {
         let rows = input
@@ -383,6 +406,7 @@ pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, St
             digest: t.digest,
             reported,
             gone: true,
+            part_way,
             ..Default::default()
         });
     }
@@ -404,6 +428,7 @@ pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, St
             digest: t.digest,
             version: t.version,
             reported,
+            part_way,
             // the schema's fingerprint and drift: see `query::fleet_show`
             ..Default::default()
         },
@@ -421,6 +446,7 @@ pub fn show_target(input: &FleetInput, name: &str) -> Result<pb::FleetTarget, St
                 tenant,
                 last_failure: failure,
                 reported,
+                part_way,
                 ..Default::default()
             }
         }

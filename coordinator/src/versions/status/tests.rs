@@ -225,6 +225,56 @@ fn shards_not_heard_under_this_epoch_are_named_not_counted() {
 /// A step the shard reports a rollback cut short is the target's last failure without any
 /// result or reply heard here (a coordinator that restarted, or a new leader), unless one
 /// heard since is newer; it goes with the shard's report that no longer lists it.
+/// A step begun and not finished by a run (a data change stopped between batches) is listed
+/// part-way, newest first, named by its target; it is not a failure (a rollback cut short
+/// is, beside it).
+#[test]
+fn a_step_begun_and_not_finished_is_part_way_not_a_failure() {
+    let fleet = fleet();
+    let plans = [plan("p1", "", "", &[("001_a", "SELECT 1")])];
+    let mut journals = journals(&fleet, &[], |_, _, _| {});
+    let applying = |migration: &str, at_ms| pb::CutShort {
+        target: "tenant_1".into(),
+        migration_id: migration.into(),
+        plan_id: "p2".into(),
+        at_ms,
+        applying: true,
+        rows: 300,
+        batches: 3,
+        ..Default::default()
+    };
+    Arc::make_mut(journals.get_mut("shard_0").unwrap())
+        .cut_short
+        .insert(
+            "tenant_1".into(),
+            vec![applying("002_b", 40), applying("003_c", 60)],
+        );
+    let input = input(&fleet, &journals, &plans);
+    let r = fleet_status(&input, &everything());
+    assert!(r.failures.is_empty(), "{r:?}");
+    let listed: Vec<(&str, &str, i64)> = r
+        .part_way
+        .iter()
+        .map(|c| (c.target.as_str(), c.migration_id.as_str(), c.rows))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("shard_0/tenant_1", "003_c", 300),
+            ("shard_0/tenant_1", "002_b", 300)
+        ]
+    );
+    let shown = show_target(&input, "shard_0/tenant_1").unwrap();
+    assert_eq!(shown.part_way, r.part_way);
+    assert_eq!(shown.last_failure, None);
+    assert!(
+        show_target(&input, "shard_0/tenant_0")
+            .unwrap()
+            .part_way
+            .is_empty()
+    );
+}
+
 #[test]
 fn a_rollback_cut_short_on_the_shard_is_the_targets_last_failure() {
     let fleet = fleet();
@@ -236,6 +286,7 @@ fn a_rollback_cut_short_on_the_shard_is_the_targets_last_failure() {
         plan_id: "p1".into(),
         at_ms: 50,
         undone: 2,
+        ..Default::default()
     };
     Arc::make_mut(journals.get_mut("shard_0").unwrap())
         .cut_short
