@@ -1890,3 +1890,79 @@ async fn a_rollback_undoes_the_shards_own_steps_after_its_tenants() -> anyhow::R
     assert_eq!(fleet.journal_total().await?, 0);
     Ok(())
 }
+
+/// A rollback after a tenant was dropped by hand passes over it (nothing of the plan is left
+/// there: its steps count as undone, saying why, and its journal rows stay as its history);
+/// before, its down SQL failed for ever ("relation does not exist") and the plan stayed
+/// rollback_failed. A tenant renamed is not undone under its new name: the rollback says
+/// what to do, and once it is renamed back it is undone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_passes_over_a_dropped_tenant_and_names_a_renamed_one() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 3).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_note",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN note text",
+        "ALTER TABLE work_orders DROP COLUMN note",
+    )?;
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let id = status["plan_id"].as_str().unwrap().to_string();
+    let shard = &fleet.shards[0];
+    let tenants = fleet.tenants(0);
+    let (dropped, renamed, kept) = (&tenants[0], &tenants[1], &tenants[2]);
+    fleet
+        .pg
+        .psql(shard, &format!("DROP SCHEMA {dropped} CASCADE"))
+        .await?;
+    fleet
+        .pg
+        .psql(
+            shard,
+            &format!("ALTER SCHEMA {renamed} RENAME TO moved_away"),
+        )
+        .await?;
+
+    let out = fleet
+        .cli(&["plan", "rollback", &id, "--wait", "--output", "json"])
+        .await?;
+    let st = out.last_json()?;
+    assert_eq!(st["state"], "rollback_failed", "{out}");
+    let failures = st["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "the renamed tenant only: {st:#}");
+    let message = failures[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "tenant \"{renamed}\" of shard {shard} was renamed to \"moved_away\""
+        )) && message.contains(&format!(
+            "ALTER SCHEMA \"moved_away\" RENAME TO \"{renamed}\""
+        )),
+        "{message}"
+    );
+    assert!(!has_column(&fleet, shard, kept, "work_orders", "note").await?);
+    // nothing undone under the other name
+    assert!(has_column(&fleet, shard, "moved_away", "work_orders", "note").await?);
+
+    fleet
+        .pg
+        .psql(
+            shard,
+            &format!("ALTER SCHEMA moved_away RENAME TO {renamed}"),
+        )
+        .await?;
+    let out = fleet
+        .cli(&["plan", "rollback", &id, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = out.last_json()?;
+    assert_eq!(st["state"], "rolled_back", "{st:#}");
+    assert!(!has_column(&fleet, shard, renamed, "work_orders", "note").await?);
+    // the dropped tenant's journal row stays, as its history; the others' went
+    let rows = fleet
+        .pg
+        .query_rows(shard, "SELECT target FROM flotilla.journal ORDER BY 1")
+        .await?;
+    assert_eq!(rows, vec![vec![dropped.clone()]]);
+    Ok(())
+}

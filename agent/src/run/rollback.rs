@@ -69,6 +69,18 @@ impl Agent {
         let changed = shard::changed_schemas(&self.pool, &names)
             .await
             .unwrap_or_default();
+        // A tenant dropped since (by hand, or by the application's offboarding): nothing of
+        // the plan is left there to undo, and its down SQL failed for ever on its tables
+        // ("relation does not exist"), the plan stuck in rollback_failed. Passed over, said
+        // (phase `gone`). One renamed (its schema, by OID, is there under another name) is
+        // not undone under the other name, and says so.
+        let missing = match shard::gone_or_renamed(&self.pool, &names).await {
+            Ok(missing) => missing,
+            Err(error) => {
+                warn!(%error, "reading which tenants are gone failed; nothing undone");
+                return incomplete(Vec::new());
+            }
+        };
         let mut steps = Vec::new();
         let definition = plan.definition().await;
         let lanes = Arc::new(Semaphore::new(req.lanes.max(1) as usize));
@@ -79,6 +91,33 @@ impl Agent {
         let shard_own = by_target.remove("");
         let mut targets = JoinSet::new();
         for (target, migrations) in by_target {
+            if let Some((_, renamed)) = missing.iter().find(|(t, _)| *t == target) {
+                let (message, phase) = match renamed {
+                    None => (shard::gone_in_rollback(&target), shard::GONE),
+                    Some(now) => (
+                        shard::renamed_in_rollback(&self.config.shard, &target, now),
+                        "down",
+                    ),
+                };
+                warn!(tenant = %target, "not undone: {message}");
+                // every step of a gone tenant (each taken as undone: nothing of it is
+                // there); a renamed one's newest, as a failed undo names its step
+                let named = if renamed.is_none() {
+                    &migrations[..]
+                } else {
+                    &migrations[..migrations.len().min(1)]
+                };
+                steps.extend(named.iter().map(|m| pb::RolledBackStep {
+                    tenant: target.clone(),
+                    migration_id: m.clone(),
+                    error: Some(pb::StepError {
+                        message: message.clone(),
+                        phase: phase.into(),
+                        ..Default::default()
+                    }),
+                }));
+                continue;
+            }
             if changed.contains(&target) {
                 warn!(tenant = %target, "not undone: its schema changed since its journal rows were written");
                 steps.push(pb::RolledBackStep {

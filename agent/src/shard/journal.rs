@@ -353,6 +353,47 @@ pub(crate) fn gone_tenant(tenant: &str) -> String {
 /// The error phase of a step not run on a tenant gone from its shard ([`gone_tenant`]).
 pub(crate) const GONE: &str = "gone";
 
+/// Those of `targets` (tenants) whose schema is not on the shard under their name, each with
+/// the name its schema has now when it was renamed (the schema recorded for it, by OID, is
+/// there under another name), or None when it is gone (dropped).
+pub(crate) async fn gone_or_renamed(
+    pool: &PgPool,
+    targets: &[String],
+) -> Result<Vec<(String, Option<String>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT g.target, (SELECT n.nspname::text FROM flotilla.tenant_schemas t \
+              JOIN pg_catalog.pg_namespace n ON n.oid = t.schema_oid \
+             WHERE t.target = g.target \
+               AND t.recorded_in = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla')) \
+           FROM unnest($1::text[]) AS g(target) \
+          WHERE g.target <> '' AND NOT EXISTS \
+            (SELECT 1 FROM pg_catalog.pg_namespace n WHERE n.nspname = g.target::name)",
+    )
+    .bind(targets)
+    .fetch_all(pool)
+    .await
+}
+
+/// What a rollback says of a tenant gone from its shard: nothing to undo there.
+pub(crate) fn gone_in_rollback(tenant: &str) -> String {
+    format!(
+        "tenant {tenant:?} is gone from its shard (its schema was dropped): nothing of the plan \
+         is left there to undo; its journal rows stay, as its history"
+    )
+}
+
+/// What a rollback says of a tenant whose schema was renamed: its down SQL is not run under
+/// another name.
+pub(crate) fn renamed_in_rollback(shard: &str, tenant: &str, now: &str) -> String {
+    format!(
+        "tenant {tenant:?} of shard {shard} was renamed to {now:?} (the same schema): its steps \
+         are not undone under another name; rename it back (ALTER SCHEMA {} RENAME TO {}) and \
+         roll back again",
+        flotilla_core::sql::quote_ident(now),
+        flotilla_core::sql::quote_ident(tenant)
+    )
+}
+
 /// Journal rows for any of `targets` × `migrations`: one read for a whole batch of runs
 /// (not those a rollback cut short: see [`NOT_UNDOING`]); those of `targets` whose schema
 /// changed ([`changed_schemas`]), of which nothing is read; and the tenants among `targets`
@@ -443,6 +484,11 @@ pub(crate) async fn read_for_preflight(
 }
 
 /// The journal rows a plan applied, per target in reverse order of application.
+/// A journal or checkpoint row whose target is the shard itself, or a tenant on it (one whose
+/// schema was dropped is gone: [`gone_or_renamed`]).
+const TARGET_THERE: &str = "(target = '' OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n \
+     WHERE n.nspname = target::name))";
+
 pub(crate) async fn read_plan_rows(
     pool: &PgPool,
     plan_id: &str,
@@ -472,10 +518,12 @@ pub(crate) async fn read_plan_rows(
 /// How many journal rows of a plan are left on the shard, with the checkpoints of data
 /// changes it left part-way.
 pub(crate) async fn count_plan_rows(pool: &PgPool, plan_id: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM flotilla.journal WHERE plan_id = $1) \
-              + (SELECT count(*) FROM flotilla.checkpoints WHERE plan_id = $1)",
-    )
+    // (not those of tenants gone from the shard: nothing of the plan is left there, and
+    // their rows stay as their history)
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT (SELECT count(*) FROM flotilla.journal WHERE plan_id = $1 AND {TARGET_THERE}) \
+              + (SELECT count(*) FROM flotilla.checkpoints WHERE plan_id = $1 AND {TARGET_THERE})"
+    )))
     .bind(plan_id)
     .fetch_one(pool)
     .await

@@ -187,6 +187,17 @@ impl PlanRun {
         for rb in &reply.steps {
             let s = self.step_of(&rb.migration_id, shard, &rb.tenant);
             match (&rb.error, s) {
+                // A tenant gone from its shard (its schema dropped): nothing of the plan is
+                // left there, so its step counts as undone, with why (not a failure of the
+                // rollback: one stayed rollback_failed for good, its down SQL finding no
+                // tables to undo).
+                (Some(e), Some(s)) if e.phase == GONE => {
+                    tracing::info!(plan = %self.id, shard, tenant = %rb.tenant,
+                                   migration = %rb.migration_id, "{}", e.message);
+                    self.set_status(s, StepStatus::RolledBack);
+                    updates.push(self.update_of(s, Some(e)));
+                }
+                (Some(e), None) if e.phase == GONE => {}
                 (Some(_), _) if !current => {}
                 (Some(e), _) => {
                     self.rollback_errors += 1;
