@@ -294,11 +294,23 @@ async fn record_tenant_schemas(pool: &PgPool, shard_name: &str, tenants: &mut [p
     let names: Vec<String> = tenants.iter().map(|t| t.name.clone()).collect();
     match shard::changed_schemas(pool, &names).await {
         Ok(changed) => {
+            // a tenant renamed from another is set apart the same way (what is applied
+            // there is in the other name's rows)
+            let renamed = shard::renamed_tenants(pool, &names)
+                .await
+                .unwrap_or_else(|error| {
+                    warn!(%error, "reading which tenants were renamed failed");
+                    Vec::new()
+                });
             for tenant in tenants.iter_mut() {
-                tenant.schema_changed = changed.contains(&tenant.name);
+                tenant.schema_changed = changed.contains(&tenant.name)
+                    || renamed.iter().any(|(t, _)| *t == tenant.name);
             }
             for tenant in changed {
                 warn!("{}", shard::changed_schema(shard_name, &tenant));
+            }
+            for (tenant, before) in renamed {
+                warn!("{}", shard::renamed_tenant(shard_name, &tenant, &before));
             }
         }
         Err(error) => warn!(%error, "recording the tenants' schemas failed"),

@@ -902,3 +902,85 @@ async fn a_rollback_cut_short_is_the_targets_last_failure() -> anyhow::Result<()
     assert!(cleared.is_null(), "{cleared}");
     Ok(())
 }
+
+/// A tenant renamed (`ALTER SCHEMA ... RENAME`) is not a new tenant: its schema is the one
+/// recorded under its old name, whose journal rows say what is applied there. Before, its
+/// catch-up ran every migration again under the new name (a data change applied twice),
+/// and `fleet status` said it was up to date. Now it is set apart as a changed schema, a
+/// plan over it is refused naming the two ways out, and moved back it is its old self.
+#[tokio::test]
+async fn a_renamed_tenant_is_not_caught_up_as_a_new_one() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(1, 2)
+        .agent_args(&["--discover-interval", "1s"])
+        .start()
+        .await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_log",
+        "",
+        "CREATE TABLE IF NOT EXISTS applied_log (step text); INSERT INTO applied_log VALUES ('001')",
+        "DROP TABLE applied_log",
+    )?;
+    std::fs::write(
+        d.path().join("plan.toml"),
+        "name = \"logged\"\ncatch_up = true\n",
+    )?;
+    let (code, _, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let shard = &fleet.shards[0];
+    fleet
+        .pg
+        .psql(shard, "ALTER SCHEMA tenant_0001 RENAME TO tenant_0001r")
+        .await?;
+    let s = status_when(&fleet, "the renamed tenant set apart", &[], |s| {
+        s["schema_changed"] == serde_json::json!(["shard_0/tenant_0001r"])
+    })
+    .await?;
+    assert_eq!(
+        s["gone"],
+        serde_json::json!(["shard_0/tenant_0001"]),
+        "{s:#}"
+    );
+    // its catch-up (it appeared) is refused, naming it, and ran nothing
+    let failure = wait_for("the catch-up refusal shown", WAIT, async || {
+        let f = fleet_show(&fleet, "shard_0/tenant_0001r").await?["last_failure"].clone();
+        Ok((!f.is_null()).then_some(f))
+    })
+    .await?;
+    let said = "tenant \"tenant_0001r\" of shard shard_0 is tenant \"tenant_0001\" renamed";
+    assert!(
+        failure["message"].as_str().unwrap().contains(said),
+        "{failure}"
+    );
+    crate::shards::assert_logged_once(&fleet.pg, shard, "tenant_0001r", &["001"]).await?;
+    let out = fleet
+        .cli(&[
+            "plan",
+            "submit",
+            &d.path().to_string_lossy(),
+            "--selector",
+            "tenant = tenant_0001r",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(said)
+            && out
+                .stderr
+                .contains("ALTER SCHEMA \"tenant_0001r\" RENAME TO \"tenant_0001\""),
+        "{out}"
+    );
+    // renamed back, it is what its journal says: nothing pending, nothing set apart
+    fleet
+        .pg
+        .psql(shard, "ALTER SCHEMA tenant_0001r RENAME TO tenant_0001")
+        .await?;
+    status_when(&fleet, "the tenant back under its name", &[], |s| {
+        s["schema_changed"] == serde_json::json!([])
+            && s["gone"] == serde_json::json!([])
+            && s["behind"] == 0
+    })
+    .await?;
+    crate::shards::assert_logged_once(&fleet.pg, shard, "tenant_0001", &["001"]).await?;
+    Ok(())
+}

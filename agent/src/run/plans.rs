@@ -778,6 +778,7 @@ impl Agent {
             None => Err(sqlx::Error::PoolTimedOut),
         };
         let mut changed = Vec::new();
+        let mut renamed = Vec::new();
         let mut gone = Vec::new();
         match read {
             Ok(found) => {
@@ -790,6 +791,7 @@ impl Agent {
                     job.mark_applied(&mut by_key);
                 }
                 changed = found.changed;
+                renamed = found.renamed;
                 gone = found.gone;
             }
             // The journal decides anyway: a step applied meanwhile fails its journal insert
@@ -811,6 +813,14 @@ impl Agent {
             // saying how).
             if changed.contains(&job.tenant) {
                 let why = shard::changed_schema(&self.config.shard, &job.tenant);
+                let failed = job::all_failed(&job.run, &Failure::agent("up", why));
+                applied.push((job.prepare.is_some(), failed));
+                continue;
+            }
+            // A tenant renamed from another: what is applied there is in the other name's
+            // journal rows, and its migrations would run again (the same, saying how).
+            if let Some((_, before)) = renamed.iter().find(|(t, _)| *t == job.tenant) {
+                let why = shard::renamed_tenant(&self.config.shard, &job.tenant, before);
                 let failed = job::all_failed(&job.run, &Failure::agent("up", why));
                 applied.push((job.prepare.is_some(), failed));
                 continue;

@@ -172,13 +172,28 @@ impl Agent {
         };
         let names: Vec<String> = tenants.iter().map(|t| t.name.clone()).collect();
         let schema_changed = match shard::changed_schemas(&self.pool, &names).await {
-            Ok(changed) => changed
-                .into_iter()
-                .map(|t| {
-                    let said = shard::changed_schema(&self.config.shard, &t);
-                    (t, said)
-                })
-                .collect(),
+            Ok(changed) => {
+                let mut said: Vec<(String, String)> = changed
+                    .into_iter()
+                    .map(|t| {
+                        let said = shard::changed_schema(&self.config.shard, &t);
+                        (t, said)
+                    })
+                    .collect();
+                // a tenant renamed from another is refused the same way (its migrations
+                // would run again)
+                match shard::renamed_tenants(&self.pool, &names).await {
+                    Ok(renamed) => said.extend(renamed.into_iter().map(|(t, before)| {
+                        let why = shard::renamed_tenant(&self.config.shard, &t, &before);
+                        (t, why)
+                    })),
+                    Err(e) => errors.push(format!(
+                        "shard {}: reading which tenants were renamed: {e}",
+                        self.config.shard
+                    )),
+                }
+                said.into_iter().collect()
+            }
             Err(e) => {
                 errors.push(format!(
                     "shard {}: reading the tenants' schemas: {e}",

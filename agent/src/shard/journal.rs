@@ -332,12 +332,53 @@ pub(crate) fn changed_schema(shard: &str, tenant: &str) -> String {
     )
 }
 
+/// Those of the tenants `$1` whose schema is one recorded for another tenant, no longer on
+/// the shard under that name and with journal rows (or checkpoints) there: renamed (`ALTER
+/// SCHEMA ... RENAME`). Columns `target`, `renamed_from`. What is applied there is in the
+/// other name's rows; taken for a new tenant it ran its migrations again (a catch-up ran
+/// them over the renamed tenant's own columns).
+const RENAMED: &str = "SELECT c.nspname::text AS target, t.target AS renamed_from \
+     FROM pg_catalog.pg_namespace c JOIN flotilla.tenant_schemas t \
+       ON t.schema_oid = c.oid AND t.target <> c.nspname::text \
+      AND t.recorded_in = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla') \
+    WHERE c.nspname = ANY($1) \
+      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace o WHERE o.nspname = t.target::name) \
+      AND (EXISTS (SELECT 1 FROM flotilla.journal j WHERE j.target = t.target) \
+        OR EXISTS (SELECT 1 FROM flotilla.checkpoints k WHERE k.target = t.target))";
+
+/// Tenants among `targets` renamed from another ([`RENAMED`]): (tenant, its name before).
+pub(crate) async fn renamed_tenants(
+    pool: &PgPool,
+    targets: &[String],
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(RENAMED).bind(targets).fetch_all(pool).await
+}
+
+/// What a run, a preflight and the log say of a tenant renamed from `before`, with the two
+/// answers an operator can give.
+pub(crate) fn renamed_tenant(shard: &str, tenant: &str, before: &str) -> String {
+    let (now_lit, before_lit) = (tenant.replace('\'', "''"), before.replace('\'', "''"));
+    format!(
+        "tenant {tenant:?} of shard {shard} is tenant {before:?} renamed (the same schema): what \
+         is applied there is in {before:?}'s journal rows, so nothing runs there (its migrations \
+         would run again) until it is renamed back (ALTER SCHEMA {} RENAME TO {}), or its \
+         history is moved to its new name, on the shard: UPDATE flotilla.journal SET target = \
+         '{now_lit}' WHERE target = '{before_lit}'; UPDATE flotilla.checkpoints SET target = \
+         '{now_lit}' WHERE target = '{before_lit}'; UPDATE flotilla.prior_images SET target = \
+         '{now_lit}' WHERE target = '{before_lit}'",
+        flotilla_core::sql::quote_ident(tenant),
+        flotilla_core::sql::quote_ident(before),
+    )
+}
+
 /// What [`read_applied`] found.
 #[derive(Debug, Default)]
 pub(crate) struct Applied {
     pub rows: Vec<JournalRow>,
     /// Targets whose schema changed ([`changed_schemas`]), of which nothing is read.
     pub changed: Vec<String>,
+    /// Tenants renamed from another ([`RENAMED`]): (tenant, its name before).
+    pub renamed: Vec<(String, String)>,
     /// Tenants whose schema is not on the shard (dropped since the plan was submitted).
     pub gone: Vec<String>,
 }
@@ -414,6 +455,7 @@ pub(crate) async fn read_applied(
          UNION ALL SELECT g.target, '', '', '', 'gone' FROM unnest($1::text[]) AS g(target) \
           WHERE g.target <> '' AND NOT EXISTS \
             (SELECT 1 FROM pg_catalog.pg_namespace n WHERE n.nspname = g.target::name) \
+         UNION ALL SELECT r.target, '', '', r.renamed_from, 'renamed' FROM ({RENAMED}) r \
          UNION ALL SELECT t.target, '', '', '', 'changed' FROM flotilla.tenant_schemas t \
            JOIN pg_catalog.pg_namespace n ON n.nspname = t.target::name \
           WHERE t.target = ANY($1) AND t.schema_oid <> n.oid \
@@ -433,6 +475,11 @@ pub(crate) async fn read_applied(
             .collect()
     };
     let (changed, gone) = (of("changed"), of("gone"));
+    let renamed: Vec<(String, String)> = rows
+        .iter()
+        .filter(|r| r.4 == "renamed")
+        .map(|r| (r.0.clone(), r.3.clone()))
+        .collect();
     let rows = rows
         .into_iter()
         .filter(|(target, _, _, _, kind)| kind == "row" && !changed.contains(target))
@@ -446,6 +493,7 @@ pub(crate) async fn read_applied(
     Ok(Applied {
         rows,
         changed,
+        renamed,
         gone,
     })
 }
