@@ -984,3 +984,19 @@ async fn a_renamed_tenant_is_not_caught_up_as_a_new_one() -> anyhow::Result<()> 
     crate::shards::assert_logged_once(&fleet.pg, shard, "tenant_0001", &["001"]).await?;
     Ok(())
 }
+
+/// `fleet show` takes a tenant's name as it is: one that ends in a space was trimmed to
+/// another name ("shard `shard_0` has no tenant `tenant_trail`"). A name pasted with a
+/// space around it is still found.
+#[tokio::test]
+async fn fleet_show_takes_a_tenant_name_ending_in_a_space_as_it_is() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(1, 1)
+        .shard_sql(|_, _| "CREATE SCHEMA \"tenant_trail \"".to_string())
+        .start()
+        .await?;
+    let show = fleet_show(&fleet, "shard_0/tenant_trail ").await?;
+    assert_eq!(show["tenant"], "tenant_trail ", "{show}");
+    let show = fleet_show(&fleet, " shard_0/tenant_0000 ").await?;
+    assert_eq!(show["tenant"], "tenant_0000", "{show}");
+    Ok(())
+}

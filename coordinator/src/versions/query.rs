@@ -91,8 +91,15 @@ impl Coordinator {
             plans: &plans,
             files: &HashMap::new(),
         };
-        let mut shown =
-            show_target(&input, target.trim()).map_err(CoordinatorError::TargetNotFound)?;
+        // The name as given first: a tenant's name may begin or end with a space (trimmed,
+        // `shard/trail ` was "no tenant `trail`"); trimmed only when that finds nothing (a
+        // name pasted with a space around it).
+        let mut shown = show_target(&input, target)
+            .or_else(|error| match target.trim() {
+                trimmed if trimmed != target => show_target(&input, trimmed).map_err(|_| error),
+                _ => Err(error),
+            })
+            .map_err(CoordinatorError::TargetNotFound)?;
         let everything = Selector::parse("").expect("the empty selector parses");
         let drift = fleet_drift(
             &FleetInput {
