@@ -1000,3 +1000,64 @@ async fn fleet_show_takes_a_tenant_name_ending_in_a_space_as_it_is() -> anyhow::
     assert_eq!(show["tenant"], "tenant_0000", "{show}");
     Ok(())
 }
+
+/// A tenant moved to another shard (dumped there, dropped here) holds what its old shard's
+/// journal says: its catch-up on the new shard is held back, saying so and how to record
+/// what it holds. Before, it ran its migrations again there (a data change twice).
+#[tokio::test]
+async fn a_tenant_moved_to_another_shard_is_not_caught_up_as_a_new_one() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(2, 1)
+        .agent_args(&["--discover-interval", "1s"])
+        .start()
+        .await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_log",
+        "",
+        "CREATE TABLE IF NOT EXISTS applied_log (step text); INSERT INTO applied_log VALUES ('001')",
+        "DROP TABLE applied_log",
+    )?;
+    std::fs::write(
+        d.path().join("plan.toml"),
+        "name = \"logged\"\ncatch_up = true\n",
+    )?;
+    let (code, _, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let moved = fleet.tenants(0)[0].clone();
+    let (from, to) = (&fleet.shards[0], &fleet.shards[1]);
+    // as pg_dump | psql would: the schema and what it holds, then dropped where it was
+    fleet.pg.psql(to, &tenant_sql(&moved, 2)).await?;
+    fleet
+        .pg
+        .psql(
+            to,
+            &format!(
+                "CREATE TABLE {moved}.applied_log (step text); \
+                 INSERT INTO {moved}.applied_log VALUES ('001')"
+            ),
+        )
+        .await?;
+    fleet
+        .pg
+        .psql(from, &format!("DROP SCHEMA {moved} CASCADE"))
+        .await?;
+    let target = format!("{to}/{moved}");
+    let failure = wait_for("the held catch-up shown", WAIT, async || {
+        let f = fleet_show(&fleet, &target).await?["last_failure"].clone();
+        Ok((!f.is_null()).then_some(f))
+    })
+    .await?;
+    let message = failure["message"].as_str().unwrap();
+    assert!(
+        // (restored there before it was dropped here: either may be seen first)
+        message.contains(&format!(
+            "tenant \"{moved}\" appeared on shard {to} while the journal of shard {from}, where it is"
+        )) && message.contains("flotilla fleet baseline"),
+        "{failure}"
+    );
+    // no catch-up plan ran: its log holds the one row it came with
+    crate::shards::assert_logged_once(&fleet.pg, to, &moved, &["001"]).await?;
+    let list = fleet.cli(&["plan", "list", "--output", "json"]).await?;
+    assert!(!list.stdout.contains("catch-up-"), "{list}");
+    Ok(())
+}

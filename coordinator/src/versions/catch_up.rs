@@ -62,6 +62,32 @@ impl Coordinator {
     /// kept from before, caught up on some plans already (what their journals hold is left
     /// out).
     async fn catch_up(&self, shard: &str, tenants: &[pb::Tenant], again: bool) {
+        // A tenant that appeared here while another shard's journal holds its rows, gone
+        // from that shard: moved (dumped there, restored here), most likely, holding what
+        // those rows say. Caught up as a new tenant it ran its migrations again over what it
+        // held (a data change twice). Held back, said, for an operator to record what it
+        // holds (or to run a plan for it, if it is another tenant of the same name).
+        let (moved, tenants): (Vec<_>, Vec<_>) = tenants
+            .iter()
+            .cloned()
+            .map(|t| (self.moved_from(shard, &t.name), t))
+            .partition(|(from, _)| from.is_some());
+        for (from, t) in moved {
+            let from = from.unwrap_or_default();
+            let message = moved_tenant(shard, &t.name, &from);
+            warn!(%shard, tenant = %t.name, from = %from, "{message}");
+            self.inner.versions.record_catch_up_refused(
+                shard,
+                std::slice::from_ref(&t.name),
+                String::new(),
+                message,
+            );
+        }
+        let tenants: Vec<pb::Tenant> = tenants.into_iter().map(|(_, t)| t).collect();
+        if tenants.is_empty() {
+            return;
+        }
+        let tenants = &tenants[..];
         match self.asking_plans_unfinished().await {
             Ok(false) => {}
             Ok(true) => {
@@ -88,6 +114,26 @@ impl Coordinator {
         for (tenants, raw) in plans {
             self.submit_catch_up(shard, &tenants, raw).await;
         }
+    }
+
+    /// Another shard whose reported journal holds rows of `tenant` and whose agent, attached,
+    /// no longer lists it: the shard it was moved from, most likely.
+    fn moved_from(&self, shard: &str, tenant: &str) -> Option<String> {
+        let (journals, _) = self.inner.versions.snapshot();
+        let fleet = self.inner.fleet.snapshot();
+        journals
+            .iter()
+            .filter(|(other, _)| other.as_str() != shard)
+            .find(|(other, journal)| {
+                journal
+                    .targets
+                    .get(tenant)
+                    .is_some_and(|rows| !rows.is_empty())
+                    && fleet
+                        .get(other.as_str())
+                        .is_some_and(|a| !a.tenants.iter().any(|t| t.name == tenant))
+            })
+            .map(|(other, _)| other.clone())
     }
 
     /// Whether a plan not ended yet asks for catch-up (it gives new tenants what it
@@ -393,4 +439,17 @@ fn selected_migrations(
             (tenant.to_string(), ordered)
         })
         .collect()
+}
+
+/// What the log, `fleet status` and `fleet show` say of a tenant that appeared on `shard`
+/// while the journal of `from`, where it is gone, holds its rows.
+fn moved_tenant(shard: &str, tenant: &str, from: &str) -> String {
+    let selector = format!("shard = {}, tenant = {}", quoted(shard), quoted(tenant));
+    format!(
+        "tenant {tenant:?} appeared on shard {shard} while the journal of shard {from}, where it \
+         is gone, holds its rows: moved from {from}? It is not caught up as a new tenant (its \
+         migrations would run again over what it holds); record what it holds with `flotilla \
+         fleet baseline DIR --up-to ID --selector '{selector}'`, or, if it is another tenant of \
+         the same name, run a plan for it with that selector"
+    )
 }
