@@ -1181,3 +1181,47 @@ async fn a_rollback_shows_the_prior_images_restore_under_way() -> anyhow::Result
     assert_eq!(scored, 0, "every score put back");
     Ok(())
 }
+
+/// An agent killed while a batch runs leaves that batch's session on the server, which goes
+/// on and commits it (its batch and COMMIT went in one round trip). The restarted agent,
+/// resuming from the checkpoint it read before that commit, finds the checkpoint moved under
+/// its own first batch: it goes on from the checkpoint as it is now, every row done once.
+/// Before, the step failed ("another run did this batch") and the plan rolled back.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_mid_batch_goes_on_after_the_batch_its_session_committed()
+-> anyhow::Result<()> {
+    let mut fleet = slow_backfill_fleet().await?;
+    let dir = MigrationDir::new()?;
+    let toml = backfill_toml(100, false)
+        .replace(
+            "batch = \"UPDATE work_orders SET",
+            "batch = \"WITH nap AS (SELECT pg_sleep(3)) UPDATE work_orders SET",
+        )
+        .replace(
+            "AND id <= $2\"",
+            "AND id <= $2 AND EXISTS (SELECT 1 FROM nap)\"",
+        );
+    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
+    let id = fleet.submit(dir.path(), &[]).await?;
+    // the second batch under way (the first committed: the checkpoint has a key)
+    crate::harness::wait_until("the first batch done", WAIT, async || {
+        Ok(checkpoint_rows(&fleet).await? == 100)
+    })
+    .await?;
+    crate::fleet::wait_running(&fleet.pg, &fleet.shards[0], "pg_sleep(3)", 1).await?;
+    let status = fleet.agents[0].take().expect("the agent").kill()?;
+    assert!(!status.success(), "killed: {status}");
+    fleet.agents[0] = Some(fleet.spawn_agent(0)?);
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(fleet.status(&id).await?["state"], "completed");
+    assert_eq!(not_once(&fleet, 0).await?, (0, 400));
+    let log = fleet.agents[0].as_ref().unwrap().log();
+    assert!(
+        log.contains("the checkpoint moved under this run"),
+        "the killed agent's batch committed after the new run read the checkpoint: {log}"
+    );
+    Ok(())
+}

@@ -16,18 +16,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use flotilla_core::protocol::sqlstate;
 use futures::TryStreamExt;
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{AssertSqlSafe, FromRow};
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::progress::{Progress, Publish};
 use super::rate::{RowLimits, ServerBuckets};
 use super::throttle::{PlanControl, STOPPED, agent_failure, health_queries, wait_at_boundary};
 use super::{ProgressBoard, keys, sql};
 use crate::error::{Failure, classify};
-use crate::step::checkpoint::Checkpoint;
+use crate::step::checkpoint::{self, Checkpoint};
 use crate::step::{BuildError, PreparedMigration, StepContext, quote_literal};
 
 /// What a data change needs from the agent besides its connection.
@@ -248,6 +249,8 @@ async fn batches(
     // batch) when it is a full one; `None` when it must be asked for on its own (the first
     // batch, after a wait, and the last, short page)
     let mut found: Option<Page> = None;
+    // times the checkpoint moved under this run (see below)
+    let mut overtaken = 0u32;
     loop {
         // A batch boundary: halted, paused or throttled, the step waits (or stops) here.
         let held = wait_at_boundary(
@@ -354,23 +357,56 @@ async fn batches(
         let sql =
             sql::data_batch(cx, m, &bounds).map_err(|e| Failure::agent("batch", e.to_string()))?;
         let began = Instant::now();
-        let last_row = commit_batch(conn, cx, m, &sql)
-            .await
-            .map_err(|mut failure| {
-                // where in the table: the batch and its keys, to look at those rows
-                let short = |k: &str| match k.char_indices().nth(80) {
-                    Some((at, _)) => format!("{}...", &k[..at]),
-                    None => k.to_string(),
-                };
-                failure.error.message = format!(
-                    "{} (batch {}: keys after {} up to {})",
-                    failure.error.message,
-                    batches + 1,
-                    prev.as_deref().map_or("the start".to_string(), short),
-                    short(&upper)
-                );
-                stopped_if_server_gone(m, failure, &mut progress, size, attempt)
-            })?;
+        let committed = commit_batch(conn, cx, m, &sql).await;
+        // The checkpoint moved under this batch: a session of an earlier run of the step,
+        // still open on the server when this run began (its agent killed mid-batch, its
+        // batch and COMMIT sent in one round trip), committed its batch after this run read
+        // the checkpoint. That batch is done, once (this one undone, the advance refused
+        // it): the change goes on from the checkpoint as it is now. Before, the step
+        // failed, and an all-or-nothing plan rolled every target back for a killed agent.
+        // Not for ever: such a session ends with its one batch, and a run that keeps being
+        // overtaken has another run beside it, which is a failure to report.
+        if let Err(failure) = &committed
+            && failure.error.sqlstate == sqlstate::CHECKPOINT_MOVED
+            && overtaken < OVERTAKEN_LIMIT
+            && let Some(now) = checkpoint::read(conn, cx, m, "batch").await?
+            && now.last_key.is_some()
+            && now.last_key != prev
+        {
+            overtaken += 1;
+            warn!(
+                step = m.id(),
+                tenant = cx.tenant,
+                was = prev.as_deref().unwrap_or_default(),
+                now = now.last_key.as_deref().unwrap_or_default(),
+                batches = now.batches,
+                "the checkpoint moved under this run (a session of an earlier run committed its batch): going on from it"
+            );
+            prev = now.last_key;
+            rows_total = now.rows;
+            batches = now.batches;
+            progress.overtaken(
+                u64::try_from(now.rows).unwrap_or(0),
+                u64::try_from(now.batches).unwrap_or(0),
+            );
+            found = None;
+            continue;
+        }
+        let last_row = committed.map_err(|mut failure| {
+            // where in the table: the batch and its keys, to look at those rows
+            let short = |k: &str| match k.char_indices().nth(80) {
+                Some((at, _)) => format!("{}...", &k[..at]),
+                None => k.to_string(),
+            };
+            failure.error.message = format!(
+                "{} (batch {}: keys after {} up to {})",
+                failure.error.message,
+                batches + 1,
+                prev.as_deref().map_or("the start".to_string(), short),
+                short(&upper)
+            );
+            stopped_if_server_gone(m, failure, &mut progress, size, attempt)
+        })?;
         let took = began.elapsed();
         if next_page.is_some() {
             found = Page::full_from_row(size, last_row).map_err(|e| agent_failure(m, e))?;
@@ -501,6 +537,10 @@ async fn last_row(conn: &mut PgConnection, sql: &str) -> Result<Option<PgRow>, s
     }
     Ok(last)
 }
+
+/// How often a run goes on after its checkpoint moved under it (a session of an earlier run
+/// committed a batch): one such session does one batch.
+const OVERTAKEN_LIMIT: u32 = 3;
 
 /// How often a batch undone by a serialization failure or a deadlock is run again.
 const BATCH_RETRIES: u32 = 5;

@@ -184,6 +184,14 @@ impl<'a> Progress<'a> {
         p
     }
 
+    /// The checkpoint says more is done than this run did: another run's session committed
+    /// a batch meanwhile (see `batches`), counted as done.
+    pub(super) fn overtaken(&mut self, rows: u64, batches: u64) {
+        self.done = self.done.max(rows);
+        self.batches = self.batches.max(batches);
+        self.total = self.total.max(self.done);
+    }
+
     pub(super) fn batch(&mut self, rows: u64, size: u32) {
         self.done += rows;
         self.batches += 1;

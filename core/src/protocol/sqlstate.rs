@@ -4,6 +4,9 @@
 pub const FENCED: &str = "FL002";
 /// Raised by `flotilla.check_verify` when a verify query is not true.
 pub const VERIFY_FAILED: &str = "FL003";
+/// Raised by `flotilla.advance_checkpoint` (and the statements' and undo's advances) when
+/// the checkpoint is not where the caller found it: another run's session did that batch.
+pub const CHECKPOINT_MOVED: &str = "FL004";
 /// Raised by `flotilla.refuse_journaled` when a non-transactional step or data change is
 /// about to write its first checkpoint and the journal already has it: another run of the
 /// same step applied it first.
