@@ -511,3 +511,38 @@ async fn a_failed_rollback_runs_again_with_a_down_sql_fixed_since() -> anyhow::R
     );
     Ok(())
 }
+
+/// The shard's server restarted while a rollback restores a prior image (a restart for a
+/// minor upgrade): the restore goes on once the server answers, from the batches it had put
+/// back, and the rollback ends rolled back with every value as it was, each put back once.
+/// Before, the rollback failed on the target (57P01) and left it half restored until an
+/// operator rolled back again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prior_image_restore_goes_on_after_the_server_restarts() -> anyhow::Result<()> {
+    let mut fleet = TestFleet::builder(1, 1)
+        .shard_sql(|_, tenants| contacts_sql(tenants))
+        .start()
+        .await?;
+    let t = fleet.tenants(0)[0].clone();
+    let dir = MigrationDir::new()?;
+    let slow = standardise_toml(None).replace("[data]\n", "[data]\nrows_per_second = 60\n");
+    dir.migration(STANDARDISE_ID, &slow, "", "")?;
+    let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let id = status["plan_id"].as_str().unwrap().to_string();
+    let out = fleet.cli(&["plan", "rollback", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    crate::harness::wait_until("the restore under way", crate::fleet::WAIT, async || {
+        Ok(phone_changes(&fleet, &t).await?.1 >= 25)
+    })
+    .await?;
+    fleet.pg.restart().await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    let st = out.last_json()?;
+    assert_eq!(st["state"], "rolled_back", "{out}");
+    assert_eq!(differing(&fleet, &t).await?, 0, "every value as it was");
+    assert_eq!(phone_changes(&fleet, &t).await?, (TO_CHANGE, TO_CHANGE, 0));
+    Ok(())
+}

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, instrument, warn};
 
-use super::conn::recover;
+use super::conn::{recover, wait_for_server};
 use super::job::{PlanDef, PlanError};
 use super::lock_wait::{retry_lock_timeouts, retry_lock_timeouts_watched, with_attempts};
 use super::sqlgen;
@@ -229,52 +229,83 @@ impl Agent {
             plan_lit: &def.plan_lit,
             epoch,
         };
+        // undos handed back for a server that went away (see below), on this target
+        let mut server_gone = 0u32;
         for migration in migrations {
             let started = Instant::now();
-            let result = match def.migrations.get(migration) {
-                None => Err((
-                    Failure::agent(
-                        "down",
-                        format!(
-                            "plan {} has no migration `{migration}`, so its down SQL is unknown",
-                            def.plan_id
+            let result = loop {
+                let result = match def.migrations.get(migration) {
+                    None => Err((
+                        Failure::agent(
+                            "down",
+                            format!(
+                                "plan {} has no migration `{migration}`, so its down SQL is unknown",
+                                def.plan_id
+                            ),
                         ),
-                    ),
-                    false,
-                )),
-                Some(m) if m.down.is_empty() && !m.has_prior_image() => Err((
-                    Failure::agent(
-                        "down",
-                        if m.migration.data.is_some() {
-                            format!(
-                                "migration `{migration}` has no down SQL and no prior image: \
+                        false,
+                    )),
+                    Some(m) if m.down.is_empty() && !m.has_prior_image() => Err((
+                        Failure::agent(
+                            "down",
+                            if m.migration.data.is_some() {
+                                format!(
+                                    "migration `{migration}` has no down SQL and no prior image: \
                                  the rows its batches changed stay as they are"
-                            )
-                        } else {
-                            // (irreversible: said so, with what stays and how to undo it)
-                            format!(
-                                "migration `{migration}` has no down SQL (irreversible): it \
+                                )
+                            } else {
+                                // (irreversible: said so, with what stays and how to undo it)
+                                format!(
+                                    "migration `{migration}` has no down SQL (irreversible): it \
                                  stays applied on this target, and so do the steps before it \
                                  (undone newest first, the undo stops here); the steps after it \
                                  were undone. To undo it, give its down SQL: `flotilla plan \
                                  rollback {} --down-from DIR`",
-                                def.plan_id
-                            )
-                        },
-                    ),
-                    false,
-                )),
-                Some(m) => {
-                    let shared = crate::data::UndoShared {
-                        publish: crate::data::Publish {
-                            plan_id: &def.plan_id,
-                            shard: &self.config.shard,
-                            board: &self.progress,
-                        },
-                        buckets: &self.buckets,
-                        pool: &self.pool,
-                    };
-                    undo_step(&mut conn, &cx, m, Some(shared)).await
+                                    def.plan_id
+                                )
+                            },
+                        ),
+                        false,
+                    )),
+                    Some(m) => {
+                        let shared = crate::data::UndoShared {
+                            publish: crate::data::Publish {
+                                plan_id: &def.plan_id,
+                                shard: &self.config.shard,
+                                board: &self.progress,
+                            },
+                            buckets: &self.buckets,
+                            pool: &self.pool,
+                        };
+                        undo_step(&mut conn, &cx, m, Some(shared)).await
+                    }
+                };
+                // The server went away under the undo (a restart for a minor upgrade, a crash):
+                // what it did is undone with its transaction, or recorded (a prior image's
+                // restored batches, the down statements done), and the next attempt goes on
+                // from there, as a forward step does once the server answers. Before, a routine
+                // restart left an all-or-nothing rollback failed on every target, half undone.
+                match &result {
+                    Err((failure, _))
+                        if failure.server_gone() && server_gone < UNDO_SERVER_GONE_RETRIES =>
+                    {
+                        server_gone += 1;
+                        warn!(step = %migration, error = %failure.error.message,
+                          "the shard's server went away under the undo; going on once it answers");
+                        conn.close_on_drop();
+                        drop(conn);
+                        wait_for_server(&self.pool).await;
+                        conn = match self.pool.acquire().await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                return {
+                                    steps.push(step(migration, Some(classify(&e, "down"))));
+                                    steps
+                                };
+                            }
+                        };
+                    }
+                    _ => break result,
                 }
             };
             match result {
@@ -316,6 +347,9 @@ impl Agent {
         steps
     }
 }
+
+/// How often one target's undo goes on after its server went away under it.
+const UNDO_SERVER_GONE_RETRIES: u32 = 3;
 
 /// An undo that failed after `attempts`: the connection out of its transaction and reset
 /// (true when that failed: it must not be pooled), and the error.
