@@ -21,6 +21,8 @@ impl Coordinator {
         mut actor: Actor,
     ) -> Result<flotilla_core::pb::PlanStatus, CoordinatorError> {
         let epoch = self.leader_epoch()?;
+        // (not beside a rollback or another retry reading the same ended plan: see `reviving`)
+        let _reviving = self.inner.reviving.lock().await;
         // A plan in motion (a retry already under way, a rollback) is not retried.
         let id = plan_id.to_string();
         if let Some(status) = self
@@ -110,6 +112,7 @@ impl Coordinator {
             }
             actor.add_reason(&format!("past later plans ({})", later.join("; ")));
         }
+        retry_checked_failpoint().await;
         let n = updates.len();
         let steps = if n == 1 { "step" } else { "steps" };
         run.message = actor.explain(&format!("retry of {n} {steps} requested by {}", actor.name));
@@ -169,5 +172,23 @@ impl Coordinator {
             // stored under a term that ended since: the next one runs it
             None => self.status(plan_id).await,
         }
+    }
+}
+
+/// `coordinator::retry_checked=return(MS)`: a retry that checked the plan waits MS
+/// milliseconds before it stores anything, for a fault test to send another command then.
+async fn retry_checked_failpoint() {
+    let ms: Option<u64> = (|| {
+        fail::fail_point!("coordinator::retry_checked", |ms: Option<String>| {
+            let ms = ms.unwrap_or_default();
+            Some(ms.trim().parse().unwrap_or_else(|_| {
+                panic!("failpoint coordinator::retry_checked=return(MS): `{ms}` is not a number of milliseconds")
+            }))
+        });
+        None
+    })();
+    if let Some(ms) = ms {
+        tracing::warn!(ms, "failpoint coordinator::retry_checked: the retry waits");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }

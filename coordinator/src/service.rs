@@ -78,6 +78,11 @@ pub struct Inner {
     /// Tenants that appeared, per shard, while a plan that asks for catch-up had not ended:
     /// caught up when a plan completes (see `versions::catch_up`).
     pub catch_up_deferred: std::sync::Mutex<BTreeMap<String, Vec<pb::Tenant>>>,
+    /// Held by a command that reads an ended plan from the store and acts on it (a retry, a
+    /// rollback), from its read to the engine's answer: two at once both read it ended, and
+    /// a retry's steps stored pending under a rollback that had begun left the rolled-back
+    /// plan with pending steps, its audit naming a retry that never ran.
+    pub reviving: tokio::sync::Mutex<()>,
 }
 
 #[derive(Clone)]
@@ -599,6 +604,7 @@ impl Coordinator {
         mut actor: Actor,
         ignore_later: bool,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
+        let _reviving = self.inner.reviving.lock().await;
         let id = plan_id.to_string();
         let in_memory = self
             .to_engine(|reply| Event::Status { plan_id: id, reply })

@@ -1225,3 +1225,64 @@ async fn an_agent_killed_mid_batch_goes_on_after_the_batch_its_session_committed
     );
     Ok(())
 }
+
+/// A rollback sent while a retry of the same halted plan was between its check and its
+/// writes waits for the retry, then rolls back the plan it started: the plan ends rolled
+/// back with no step left pending. Before, both read the plan halted; the rollback began,
+/// the retry stored its steps pending under it, and the rolled-back plan kept them pending
+/// for good, its audit naming a retry that never ran.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_racing_a_retry_leaves_no_step_pending() -> anyhow::Result<()> {
+    let mut fleet = slow_backfill_fleet().await?;
+    let (_dir, id) = start_slow_backfill(&fleet, "", &[], 30).await?;
+    let out = fleet.cli(&["plan", "halt", &id, "--wait"]).await?;
+    assert_eq!(fleet.status(&id).await?["state"], "halted", "{out}");
+    fleet
+        .restart_coordinator_with(&[("FAILPOINTS", "coordinator::retry_checked=return(2000)")])
+        .await?;
+    fleet.wait_attached(1).await?;
+    let retry_args = ["plan", "retry", id.as_str()];
+    let retry = fleet.cli(&retry_args);
+    let rollback = async {
+        fleet
+            .coordinator
+            .as_ref()
+            .unwrap()
+            .wait_for_log("failpoint coordinator::retry_checked", WAIT)
+            .await?;
+        fleet.cli(&["plan", "rollback", &id]).await
+    };
+    let (retry, rollback) = tokio::join!(retry, rollback);
+    let (retry, rollback) = (retry?, rollback?);
+    assert_eq!(retry.code(), Some(0), "{retry}");
+    assert_eq!(rollback.code(), Some(0), "{rollback}");
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    let st = out.last_json()?;
+    assert_eq!(st["state"], "rolled_back", "{out}");
+    let pending: i64 = st["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["pending"].as_i64().unwrap())
+        .sum();
+    assert_eq!(pending, 0, "{st:#}");
+    // the retry ran, then the rollback undid it (its down SQL clears every score)
+    let t = &fleet.tenants(0)[0];
+    let scored: i64 = fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            &format!("SELECT count(*) FROM {t}.work_orders WHERE score IS NOT NULL"),
+        )
+        .await?;
+    assert_eq!(scored, 0);
+    let audit = fleet
+        .json(&["audit", "list", "--plan", &id, "--output", "json"])
+        .await?
+        .to_string();
+    let (retried, rolled) = (audit.find("\"retry\""), audit.find("\"rollback\""));
+    assert!(retried.is_some() && rolled.is_some(), "{audit}");
+    Ok(())
+}
