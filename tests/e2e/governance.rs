@@ -718,3 +718,74 @@ async fn a_plan_awaiting_approval_waits_under_a_new_leader_and_is_approved_throu
     assert_eq!(fleet.journal_total().await?, 4, "2 shards x 2 tenants");
     Ok(())
 }
+
+/// The approval that would start a plan checks the promotion gate again: its staging run
+/// rolled back while the production plan waited, the approval is refused naming why, the
+/// plan waits on with nothing run; staging passed again, the approval starts it. Before, the
+/// approvers started a production change whose staging pass had been undone.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_approval_that_starts_a_plan_checks_its_promotion_again() -> anyhow::Result<()> {
+    let files = TestDir::new("approvals")?;
+    let matrix = matrix_file(&files)?;
+    let fleet = TestFleet::builder(2, 1)
+        .shard_labels(&["env=staging", "env=production"])
+        .coordinator_args(&[
+            "--environments",
+            "staging,production",
+            "--approvals",
+            &matrix,
+        ])
+        .start()
+        .await?;
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "001_loyalty",
+        "",
+        "CREATE TABLE loyalty (points int);",
+        "DROP TABLE loyalty;",
+    )?;
+    let (code, staged, out) = fleet
+        .submit_wait(dir.path(), &["--environment", "staging"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    let staged = staged["plan_id"].as_str().unwrap().to_string();
+    let id = fleet
+        .submit(
+            dir.path(),
+            &["--environment", "production", "--as", "alice"],
+        )
+        .await?;
+    assert_eq!(fleet.status(&id).await?["state"], "awaiting_approval");
+    let out = fleet
+        .cli(&["plan", "rollback", &staged, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+
+    let out = fleet
+        .cli(&["plan", "approve", &id, "--as", "bob", "--role", "dba"])
+        .await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stderr.contains(&format!("plan {id} cannot start"))
+            && out
+                .stderr
+                .contains("`001_loyalty` was rolled back in `staging`")
+            && out.stderr.contains("it stays awaiting approval"),
+        "{out}"
+    );
+    assert_eq!(fleet.status(&id).await?["state"], "awaiting_approval");
+    assert!(
+        fleet.journal(1).await?.is_empty(),
+        "nothing ran in production"
+    );
+
+    let (code, _, out) = fleet
+        .submit_wait(dir.path(), &["--environment", "staging"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    let st = approve(&fleet, "approve", &id, &["--as", "bob", "--role", "dba"]).await?;
+    assert_ne!(st["state"], "awaiting_approval", "{st}");
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(st["state"], "completed", "{out}");
+    Ok(())
+}

@@ -113,6 +113,17 @@ impl Coordinator {
         CoordinatorError::NotAllowed(why)
     }
 
+    /// Whether the plan's submit skipped the promotion gate (`--skip-promotion-check`).
+    async fn skipped_the_gate(&self, plan_id: &str) -> Result<bool, CoordinatorError> {
+        Ok(self
+            .inner
+            .store
+            .audit(plan_id)
+            .await?
+            .iter()
+            .any(|(_, _, action, _)| action == "skip-promotion-check"))
+    }
+
     /// `plan approve`: one approval, in one of `roles` (the approver's: from its credential,
     /// or `--role`); the last one the plan's rule needs starts it.
     pub async fn approve(
@@ -159,6 +170,24 @@ impl Coordinator {
         }
         given.push((actor.name.clone(), role.to_string()));
         let missing = rule.as_ref().and_then(|r| r.missing(&given));
+        // The approval that starts the plan checks the promotion gate again: what the plan
+        // was promoted from may have been rolled back (or failed) there while it waited, and
+        // the approvers signed off a change with no pass before it any more (a production
+        // plan started after its staging run was undone). Unless its submit skipped the
+        // gate (an admin's audited override). Refused, nothing recorded: the plan waits on.
+        if missing.is_none() && !self.skipped_the_gate(plan_id).await? {
+            let spec = stored_spec(&row)?;
+            if let Err(refused) = self
+                .promotion_gate(&spec, &super::Promotion::Check, super::Mode::DryRun)
+                .await
+            {
+                let why = format!(
+                    "plan {plan_id} cannot start: {refused}; it stays awaiting approval (cancel \
+                     it, or approve it once the environment before passes again)"
+                );
+                return Err(self.approval_refused(epoch, &actor, plan_id, why).await);
+            }
+        }
         let needed = rule.as_ref().map_or(0, |r| r.approvals);
         // (counted as given and needed: a role the rule requires may make more than the
         // count needed, and "2 of 1" read as a miscount)
