@@ -46,8 +46,11 @@ pub(super) fn fail(e: tonic::Status) -> u8 {
     } else if local {
         // A TLS server answers plaintext HTTP/2 with an alert and closes: read here as a
         // frame of invalid size or a broken pipe, depending on timing.
+        // Or the coordinator stopped (killed, failed over) while it answered: a command may
+        // have taken effect before, or not, and the operator must look rather than assume
+        // either (a pause that read as failed had been stored; another had not).
         eprintln!(
-            "hint: the connection broke under the call; if the coordinator serves TLS, use --coordinator https://HOST:PORT with --tls-ca (and --tls-cert and --tls-key when it requires client certificates)"
+            "hint: the connection broke under the call: if the coordinator stopped or lost its leadership meanwhile, the command may or may not have taken effect; look (`flotilla plan status ID`, `flotilla audit list --plan ID`) before sending it again. If the coordinator serves TLS, use --coordinator https://HOST:PORT with --tls-ca (and --tls-cert and --tls-key when it requires client certificates)"
         );
     }
     status_exit(&e)

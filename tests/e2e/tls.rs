@@ -272,7 +272,14 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
     let out = run_flotilla(&["--coordinator", &plaintext, "plan", "list"], &[]).await?;
     assert_eq!(out.code(), Some(3), "{out}");
     assert!(
-        out.stderr.contains("if the coordinator serves TLS, use"),
+        out.stderr.contains("If the coordinator serves TLS, use"),
+        "{out}"
+    );
+    // A broken call is also what a coordinator killed while it answered leaves: the hint
+    // does not let that pass for a refusal (the command may have been stored).
+    assert!(
+        out.stderr
+            .contains("the command may or may not have taken effect; look"),
         "{out}"
     );
     for (what, files) in [("foreign CA", &foreign), ("expired", &expired)] {
