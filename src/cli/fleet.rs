@@ -286,9 +286,12 @@ fn part_way_text(c: &pb::CutShort) -> String {
         let s = if c.statements == 1 { "" } else { "s" };
         done.push(format!("{} up statement{s}", c.statements));
     }
-    if c.batches > 0 || c.statements == 0 {
+    if c.batches > 0 {
         let s = if c.batches == 1 { "" } else { "es" };
         done.push(format!("{} batch{s} ({} rows)", c.batches, c.rows));
+    }
+    if done.is_empty() {
+        done.push("nothing recorded".into());
     }
     format!(
         "{}{}: {} done, checkpoint written {}",

@@ -1964,5 +1964,16 @@ async fn a_rollback_passes_over_a_dropped_tenant_and_names_a_renamed_one() -> an
         .query_rows(shard, "SELECT target FROM flotilla.journal ORDER BY 1")
         .await?;
     assert_eq!(rows, vec![vec![dropped.clone()]]);
+    // and the fleet's view does not take the passed-over tenant for a failed undo
+    let show = fleet
+        .json(&[
+            "fleet",
+            "show",
+            &format!("{shard}/{dropped}"),
+            "--output",
+            "json",
+        ])
+        .await?;
+    assert!(show["last_failure"].is_null(), "{show}");
     Ok(())
 }

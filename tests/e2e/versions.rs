@@ -1025,7 +1025,13 @@ async fn a_tenant_moved_to_another_shard_is_not_caught_up_as_a_new_one() -> anyh
     assert_eq!(code, 0, "{out}");
     let moved = fleet.tenants(0)[0].clone();
     let (from, to) = (&fleet.shards[0], &fleet.shards[1]);
-    // as pg_dump | psql would: the schema and what it holds, then dropped where it was
+    // the fleet's view has what its journal holds (the plan's results come first)
+    status_when(&fleet, "every target up to date", &[], |s| {
+        s["behind"] == 0 && cohorts(s).len() == 1 && cohorts(s)[0]["applied"] == 1
+    })
+    .await?;
+    // as pg_dump | psql would: the schema and what it holds, restored there first (a copy,
+    // or the first half of a move)
     fleet.pg.psql(to, &tenant_sql(&moved, 2)).await?;
     fleet
         .pg
@@ -1037,24 +1043,32 @@ async fn a_tenant_moved_to_another_shard_is_not_caught_up_as_a_new_one() -> anyh
             ),
         )
         .await?;
-    fleet
-        .pg
-        .psql(from, &format!("DROP SCHEMA {moved} CASCADE"))
-        .await?;
     let target = format!("{to}/{moved}");
     let failure = wait_for("the held catch-up shown", WAIT, async || {
-        let f = fleet_show(&fleet, &target).await?["last_failure"].clone();
+        let f = match fleet_show(&fleet, &target).await {
+            Ok(show) => show["last_failure"].clone(),
+            // (not discovered there yet)
+            Err(_) => Value::Null,
+        };
         Ok((!f.is_null()).then_some(f))
     })
     .await?;
     let message = failure["message"].as_str().unwrap();
     assert!(
-        // (restored there before it was dropped here: either may be seen first)
         message.contains(&format!(
-            "tenant \"{moved}\" appeared on shard {to} while the journal of shard {from}, where it is"
+            "tenant \"{moved}\" appeared on shard {to} while the journal of shard {from}, where it is too, holds its rows: copied, or being moved, from {from}?"
         )) && message.contains("flotilla fleet baseline"),
         "{failure}"
     );
+    // then dropped where it was: the move done, nothing more happens
+    fleet
+        .pg
+        .psql(from, &format!("DROP SCHEMA {moved} CASCADE"))
+        .await?;
+    status_when(&fleet, "the old place gone", &[], |s| {
+        s["gone"] == serde_json::json!([format!("{from}/{moved}")])
+    })
+    .await?;
     // no catch-up plan ran: its log holds the one row it came with
     crate::shards::assert_logged_once(&fleet.pg, to, &moved, &["001"]).await?;
     let list = fleet.cli(&["plan", "list", "--output", "json"]).await?;

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, instrument, warn};
 
-use super::conn::{recover, wait_for_server};
+use super::conn::recover;
 use super::job::{PlanDef, PlanError};
 use super::lock_wait::{retry_lock_timeouts, retry_lock_timeouts_watched, with_attempts};
 use super::sqlgen;
@@ -233,6 +233,7 @@ impl Agent {
         let mut server_gone = 0u32;
         for migration in migrations {
             let started = Instant::now();
+            let mut attempt_began = started;
             let result = loop {
                 let result = match def.migrations.get(migration) {
                     None => Err((
@@ -280,30 +281,43 @@ impl Agent {
                         undo_step(&mut conn, &cx, m, Some(shared)).await
                     }
                 };
-                // The server went away under the undo (a restart for a minor upgrade, a crash):
-                // what it did is undone with its transaction, or recorded (a prior image's
-                // restored batches, the down statements done), and the next attempt goes on
-                // from there, as a forward step does once the server answers. Before, a routine
-                // restart left an all-or-nothing rollback failed on every target, half undone.
+                // The server restarted under the undo (a restart for a minor upgrade, a
+                // crash): every session of it went with it, so nothing of the attempt can
+                // commit later, and what it did is undone with its transaction or recorded (a
+                // prior image's restored batches, the down statements done). Once the server
+                // answers, the journal says whether the attempt's last transaction committed
+                // before the cut (nothing left to undo: undone) or where to go on from, as a
+                // forward step does. Before, a routine restart left an all-or-nothing rollback
+                // failed on every target, half undone. A session ended on its own
+                // (`pg_terminate_backend`, a lost connection whose backend may live on) fails
+                // the undo, as it fails a step.
                 match &result {
                     Err((failure, _))
-                        if failure.server_gone() && server_gone < UNDO_SERVER_GONE_RETRIES =>
+                        if server_gone < UNDO_SERVER_GONE_RETRIES
+                            && restarted_under(&self.pool, failure, attempt_began).await =>
                     {
                         server_gone += 1;
-                        warn!(step = %migration, error = %failure.error.message,
-                          "the shard's server went away under the undo; going on once it answers");
                         conn.close_on_drop();
                         drop(conn);
-                        wait_for_server(&self.pool).await;
+                        let to_undo =
+                            still_to_undo(&self.pool, target, migration, &def.plan_id).await;
                         conn = match self.pool.acquire().await {
                             Ok(c) => c,
                             Err(e) => {
-                                return {
-                                    steps.push(step(migration, Some(classify(&e, "down"))));
-                                    steps
-                                };
+                                steps.push(step(migration, Some(classify(&e, "down"))));
+                                return steps;
                             }
                         };
+                        match to_undo {
+                            Ok(false) => {
+                                info!(step = %migration, "the server restarted under the undo, after it committed");
+                                break Ok(());
+                            }
+                            Ok(true) => warn!(step = %migration, error = %failure.error.message,
+                                              "the shard's server restarted under the undo; going on from what it undid"),
+                            Err(e) => break Err((classify(&e, "down"), false)),
+                        }
+                        attempt_began = Instant::now();
                     }
                     _ => break result,
                 }
@@ -348,8 +362,47 @@ impl Agent {
     }
 }
 
-/// How often one target's undo goes on after its server went away under it.
+/// How often one target's undo goes on after its server restarted under it.
 const UNDO_SERVER_GONE_RETRIES: u32 = 3;
+
+/// Whether the shard's server restarted (or reset every session after a crash) since
+/// `began`, `failure` being what the undo saw of it: no session of the attempt is left.
+/// Waits for the server to answer (at most 30 s).
+async fn restarted_under(pool: &sqlx::PgPool, failure: &Failure, began: Instant) -> bool {
+    if !failure.server_gone() {
+        return false;
+    }
+    if failure.error.sqlstate == flotilla_core::protocol::sqlstate::CRASH_SHUTDOWN {
+        return true;
+    }
+    match shard::server_start::once_back(pool, std::time::Duration::from_secs(30)).await {
+        Some((seen, uptime)) => {
+            seen > began
+                || uptime < (began.elapsed() + std::time::Duration::from_secs(1)).as_secs_f64()
+        }
+        None => false,
+    }
+}
+
+/// Whether a step of `plan_id` is still to undo on `target`: its journal row is there, or a
+/// checkpoint of it (an undo cut short, or a change part-way).
+async fn still_to_undo(
+    pool: &sqlx::PgPool,
+    target: &str,
+    migration: &str,
+    plan_id: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM flotilla.journal \
+                         WHERE target = $1 AND migration_id = $2 AND plan_id = $3) \
+             OR EXISTS (SELECT 1 FROM flotilla.checkpoints WHERE target = $1 AND migration_id = $2)",
+    )
+    .bind(target)
+    .bind(migration)
+    .bind(plan_id)
+    .fetch_one(pool)
+    .await
+}
 
 /// An undo that failed after `attempts`: the connection out of its transaction and reset
 /// (true when that failed: it must not be pooled), and the error.

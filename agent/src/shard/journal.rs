@@ -531,12 +531,15 @@ pub(crate) async fn read_for_preflight(
     Ok((applied, undoing))
 }
 
-/// The journal rows a plan applied, per target in reverse order of application.
-/// A journal or checkpoint row whose target is the shard itself, or a tenant on it (one whose
-/// schema was dropped is gone: [`gone_or_renamed`]).
-const TARGET_THERE: &str = "(target = '' OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n \
-     WHERE n.nspname = target::name))";
+/// A journal or checkpoint row (`o`) whose target is the shard itself, or a tenant on it,
+/// under its name or renamed (its recorded schema there under another name: not undone, the
+/// rollback says so); one whose schema was dropped is gone ([`gone_or_renamed`]).
+const TARGET_THERE: &str = "(o.target = '' OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n \
+     WHERE n.nspname = o.target::name) OR EXISTS (SELECT 1 FROM flotilla.tenant_schemas t \
+     JOIN pg_catalog.pg_namespace n ON n.oid = t.schema_oid WHERE t.target = o.target \
+       AND t.recorded_in = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla')))";
 
+/// The journal rows a plan applied, per target in reverse order of application.
 pub(crate) async fn read_plan_rows(
     pool: &PgPool,
     plan_id: &str,
@@ -569,8 +572,8 @@ pub(crate) async fn count_plan_rows(pool: &PgPool, plan_id: &str) -> Result<i64,
     // (not those of tenants gone from the shard: nothing of the plan is left there, and
     // their rows stay as their history)
     sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT (SELECT count(*) FROM flotilla.journal WHERE plan_id = $1 AND {TARGET_THERE}) \
-              + (SELECT count(*) FROM flotilla.checkpoints WHERE plan_id = $1 AND {TARGET_THERE})"
+        "SELECT (SELECT count(*) FROM flotilla.journal o WHERE o.plan_id = $1 AND {TARGET_THERE}) \
+              + (SELECT count(*) FROM flotilla.checkpoints o WHERE o.plan_id = $1 AND {TARGET_THERE})"
     )))
     .bind(plan_id)
     .fetch_one(pool)

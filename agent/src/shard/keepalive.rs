@@ -14,10 +14,12 @@
 //! it) is left as it is.
 //!
 //! The server side is asked for the same in the connection's startup options (see
-//! [`SERVER_KEEPALIVES`]): its backend then notices a vanished agent within a minute and
-//! releases the locks of the transaction that agent had open, instead of holding them (an
-//! ACCESS EXCLUSIVE lock on a tenant's table, in the worst case) for the two hours of the
-//! operating system's default.
+//! [`SERVER_KEEPALIVES`]): a backend left waiting for a vanished agent (between statements,
+//! or its statement done) then notices within a minute and releases the locks of the
+//! transaction that agent had open, instead of holding them (an ACCESS EXCLUSIVE lock on a
+//! tenant's table, in the worst case) for the two hours of the operating system's default.
+//! (One still running its statement goes on until the statement ends; the fence and the
+//! checkpoints decide what of it counts.)
 use std::time::Duration;
 
 /// Silence before the first probe.
@@ -54,7 +56,7 @@ pub(crate) fn arm_open_sockets() -> usize {
 
 #[cfg(target_os = "linux")]
 mod linux {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::fd::RawFd;
 
     use super::{COUNT, IDLE, INTERVAL, USER_TIMEOUT};
 
@@ -62,8 +64,14 @@ mod linux {
         let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
             return 0;
         };
+        // sockets only, by the link's name (`socket:[inode]`)
         let fds: Vec<RawFd> = entries
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let fd = e.file_name().to_str()?.parse().ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                target.to_str()?.starts_with("socket:").then_some(fd)
+            })
             .collect();
         fds.into_iter()
             .filter(|&fd| arm(fd).unwrap_or(false))
@@ -71,19 +79,11 @@ mod linux {
     }
 
     /// Arms `fd` if it is a TCP socket without keepalive. The number is read from the fd
-    /// table and may be closed (or reused) meanwhile by another thread: it is duplicated
-    /// first, so what is armed is whatever socket the duplicate refers to, owned here for
-    /// the length of the call, and a closed number is only an error.
-    fn arm(fd: RawFd) -> Option<bool> {
-        // SAFETY: fcntl on any number is defined; F_DUPFD_CLOEXEC returns a new descriptor
-        // we own, or -1.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return None;
-        }
-        // SAFETY: `dup` was just returned by fcntl and is owned by nothing else.
-        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
-        let s = owned.as_raw_fd();
+    /// table and may be closed (or reused) meanwhile by another thread: the socket options
+    /// are asked and set on the number as it is, never duplicated or closed here (closing a
+    /// duplicate of a file would release the process's POSIX locks on it), so a number
+    /// reused by a file only fails (ENOTSOCK), and one reused by another socket arms that.
+    fn arm(s: RawFd) -> Option<bool> {
         if get(s, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
             return Some(false);
         }

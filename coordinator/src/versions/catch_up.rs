@@ -73,8 +73,8 @@ impl Coordinator {
             .map(|t| (self.moved_from(shard, &t.name), t))
             .partition(|(from, _)| from.is_some());
         for (from, t) in moved {
-            let from = from.unwrap_or_default();
-            let message = moved_tenant(shard, &t.name, &from);
+            let (from, still_there) = from.unwrap_or_default();
+            let message = moved_tenant(shard, &t.name, &from, still_there);
             warn!(%shard, tenant = %t.name, from = %from, "{message}");
             self.inner.versions.record_catch_up_refused(
                 shard,
@@ -116,24 +116,29 @@ impl Coordinator {
         }
     }
 
-    /// Another shard whose reported journal holds rows of `tenant` and whose agent, attached,
-    /// no longer lists it: the shard it was moved from, most likely.
-    fn moved_from(&self, shard: &str, tenant: &str) -> Option<String> {
+    /// Another shard whose reported journal holds rows of `tenant`: the shard it is moved
+    /// (or copied) from, most likely, with whether its agent still lists it there (a move
+    /// restores the tenant on its new shard before it drops it on the old one, and either
+    /// agent may look first; a copy leaves it). A tenant's name is taken as unique in the
+    /// fleet here, as `fleet show TENANT` takes it.
+    fn moved_from(&self, shard: &str, tenant: &str) -> Option<(String, bool)> {
         let (journals, _) = self.inner.versions.snapshot();
         let fleet = self.inner.fleet.snapshot();
         journals
             .iter()
             .filter(|(other, _)| other.as_str() != shard)
-            .find(|(other, journal)| {
+            .find(|(_, journal)| {
                 journal
                     .targets
                     .get(tenant)
                     .is_some_and(|rows| !rows.is_empty())
-                    && fleet
-                        .get(other.as_str())
-                        .is_some_and(|a| !a.tenants.iter().any(|t| t.name == tenant))
             })
-            .map(|(other, _)| other.clone())
+            .map(|(other, _)| {
+                let still_there = fleet
+                    .get(other.as_str())
+                    .is_none_or(|a| a.tenants.iter().any(|t| t.name == tenant));
+                (other.clone(), still_there)
+            })
     }
 
     /// Whether a plan not ended yet asks for catch-up (it gives new tenants what it
@@ -443,13 +448,18 @@ fn selected_migrations(
 
 /// What the log, `fleet status` and `fleet show` say of a tenant that appeared on `shard`
 /// while the journal of `from`, where it is gone, holds its rows.
-fn moved_tenant(shard: &str, tenant: &str, from: &str) -> String {
+fn moved_tenant(shard: &str, tenant: &str, from: &str, still_there: bool) -> String {
     let selector = format!("shard = {}, tenant = {}", quoted(shard), quoted(tenant));
+    let (there, what) = if still_there {
+        ("where it is too", "copied, or being moved,")
+    } else {
+        ("where it is gone", "moved")
+    };
     format!(
-        "tenant {tenant:?} appeared on shard {shard} while the journal of shard {from}, where it \
-         is gone, holds its rows: moved from {from}? It is not caught up as a new tenant (its \
-         migrations would run again over what it holds); record what it holds with `flotilla \
-         fleet baseline DIR --up-to ID --selector '{selector}'`, or, if it is another tenant of \
-         the same name, run a plan for it with that selector"
+        "tenant {tenant:?} appeared on shard {shard} while the journal of shard {from}, {there}, \
+         holds its rows: {what} from {from}? It is not caught up as a new tenant (its migrations \
+         would run again over what it holds); record what it holds with `flotilla fleet baseline \
+         DIR --up-to ID --selector '{selector}'`, or, if it is another tenant of the same name, \
+         run a plan for it with that selector"
     )
 }

@@ -307,6 +307,11 @@ impl FleetVersions {
                 }
                 continue;
             };
+            // a tenant gone from its shard was passed over, nothing of the plan there to
+            // undo: no failure of the rollback (the plan counts its steps undone)
+            if error.phase == crate::plan::GONE {
+                continue;
+            }
             failures.insert(
                 key,
                 pb::LastFailure {

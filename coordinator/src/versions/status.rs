@@ -63,11 +63,6 @@ impl FleetInput<'_> {
             .filter(|j| j.complete && j.epoch == self.epoch)
     }
 
-    /// The target's last failure: the newest of the one results and replies left here and
-    /// the steps its shard reports a rollback cut short (which outlive this coordinator's
-    /// memory: after a restart or a change of leader they still say why the target is
-    /// behind). The rollback's own reply of the same step wins whatever the clocks say (the
-    /// shard's and this coordinator's may differ): it carries the down SQL's error.
     /// The target's steps begun and not finished (`applying`), newest first, named as
     /// `fleet status` lists them.
     pub(super) fn part_way(&self, shard: &str, tenant: &str) -> Vec<pb::CutShort> {
@@ -86,6 +81,11 @@ impl FleetInput<'_> {
         steps
     }
 
+    /// The target's last failure: the newest of the one results and replies left here and
+    /// the steps its shard reports a rollback cut short (which outlive this coordinator's
+    /// memory: after a restart or a change of leader they still say why the target is
+    /// behind). The rollback's own reply of the same step wins whatever the clocks say (the
+    /// shard's and this coordinator's may differ): it carries the down SQL's error.
     pub(super) fn last_failure(&self, shard: &str, tenant: &str) -> Option<pb::LastFailure> {
         let recorded = self.failures.get(&(shard.to_string(), tenant.to_string()));
         let cut_short = self

@@ -222,9 +222,6 @@ fn shards_not_heard_under_this_epoch_are_named_not_counted() {
     assert_eq!(r.unreported_shards, vec!["shard_1".to_string()]);
 }
 
-/// A step the shard reports a rollback cut short is the target's last failure without any
-/// result or reply heard here (a coordinator that restarted, or a new leader), unless one
-/// heard since is newer; it goes with the shard's report that no longer lists it.
 /// A step begun and not finished by a run (a data change stopped between batches) is listed
 /// part-way, newest first, named by its target; it is not a failure (a rollback cut short
 /// is, beside it).
@@ -275,6 +272,9 @@ fn a_step_begun_and_not_finished_is_part_way_not_a_failure() {
     );
 }
 
+/// A step the shard reports a rollback cut short is the target's last failure without any
+/// result or reply heard here (a coordinator that restarted, or a new leader), unless one
+/// heard since is newer; it goes with the shard's report that no longer lists it.
 #[test]
 fn a_rollback_cut_short_on_the_shard_is_the_targets_last_failure() {
     let fleet = fleet();
