@@ -303,11 +303,16 @@ async fn record_tenant_schemas(pool: &PgPool, shard_name: &str, tenants: &mut [p
                     Vec::new()
                 });
             for tenant in tenants.iter_mut() {
-                tenant.schema_changed = changed.contains(&tenant.name)
-                    || renamed.iter().any(|(t, _)| *t == tenant.name);
+                let from = renamed.iter().find(|(t, _)| *t == tenant.name);
+                tenant.schema_changed = changed.contains(&tenant.name) || from.is_some();
+                tenant.renamed_from = from.map(|(_, f)| f.clone()).unwrap_or_default();
             }
-            for tenant in changed {
-                warn!("{}", shard::changed_schema(shard_name, &tenant));
+            // (a tenant holding another's schema is said as that, not as a changed one)
+            for tenant in changed
+                .iter()
+                .filter(|c| !renamed.iter().any(|(t, _)| t == *c))
+            {
+                warn!("{}", shard::changed_schema(shard_name, tenant));
             }
             for (tenant, before) in renamed {
                 warn!("{}", shard::renamed_tenant(shard_name, &tenant, &before));

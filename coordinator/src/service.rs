@@ -1242,6 +1242,7 @@ impl Coordinator {
                         .into_iter()
                         .map(|(name, labels)| pb::Tenant {
                             schema_changed: false,
+                            renamed_from: String::new(),
                             name,
                             labels: labels.into_iter().collect(),
                         })

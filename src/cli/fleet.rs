@@ -315,6 +315,7 @@ fn status_json(r: &pb::FleetStatusResponse) -> Value {
         "unreported_shards": r.unreported_shards,
         "gone": r.gone,
         "schema_changed": r.schema_changed,
+        "renamed": r.renamed.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "cohorts": r.cohorts.iter().map(|c| json!({
             "head": c.head,
             "digest": c.digest,
@@ -391,13 +392,34 @@ fn print_status(r: &pb::FleetStatusResponse) {
             r.gone.join(", ")
         );
     }
-    if !r.schema_changed.is_empty() {
+    // those holding another tenant's schema (renamed) have answers of their own
+    let changed: Vec<&str> = r
+        .schema_changed
+        .iter()
+        .filter(|t| !r.renamed.contains_key(*t))
+        .map(String::as_str)
+        .collect();
+    if !changed.is_empty() {
         println!(
             "\nschema not the one their journal rows were written in (dropped and made again, or \
              restored on its own): what is applied there is not known, and no plan runs there \
              until an operator says, on the shard, flotilla.tenant_is_new('TENANT') or \
              flotilla.tenant_kept_its_history('TENANT'): {}",
-            r.schema_changed.join(", ")
+            changed.join(", ")
+        );
+    }
+    if !r.renamed.is_empty() {
+        let mut renamed: Vec<String> = r
+            .renamed
+            .iter()
+            .map(|(t, from)| format!("{t} (holds {from}'s schema)"))
+            .collect();
+        renamed.sort();
+        println!(
+            "\nrenamed (or swapped): each holds the schema of another tenant, whose journal rows \
+             say what is applied there; no plan runs there until it is renamed back, or its \
+             history moved (`fleet show TARGET` says how): {}",
+            renamed.join(", ")
         );
     }
     if !r.mismatches.is_empty() {
@@ -455,6 +477,7 @@ fn target_json(t: &pb::FleetTarget) -> Value {
         "reported": t.reported,
         "gone": t.gone,
         "schema_changed": t.schema_changed,
+        "renamed_from": t.renamed_from,
         "labels": t.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "head": t.head,
         "digest": t.digest,
@@ -497,7 +520,15 @@ fn print_target(t: &pb::FleetTarget) {
             "  gone from its shard (its agent no longer finds the tenant); its journal rows stay"
         );
     }
-    if t.schema_changed {
+    if t.schema_changed && !t.renamed_from.is_empty() {
+        println!(
+            "  it holds the schema of tenant {:?} (renamed, or swapped with it), whose journal \
+             rows say what is applied there: nothing runs here until it is renamed back, or, \
+             with no journal rows of its own, {:?}'s history is moved to it (its last failure, \
+             or the agent's log, gives the statements)",
+            t.renamed_from, t.renamed_from
+        );
+    } else if t.schema_changed {
         println!(
             "  its schema is not the one its journal rows were written in (dropped and made again, \
              or restored on its own): what is applied there is not known; on the shard, SELECT \

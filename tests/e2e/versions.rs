@@ -941,6 +941,11 @@ async fn a_renamed_tenant_is_not_caught_up_as_a_new_one() -> anyhow::Result<()> 
         serde_json::json!(["shard_0/tenant_0001"]),
         "{s:#}"
     );
+    assert_eq!(
+        s["renamed"],
+        serde_json::json!({"shard_0/tenant_0001r": "tenant_0001"}),
+        "{s:#}"
+    );
     // its catch-up (it appeared) is refused, naming it, and ran nothing
     let failure = wait_for("the catch-up refusal shown", WAIT, async || {
         let f = fleet_show(&fleet, "shard_0/tenant_0001r").await?["last_failure"].clone();
@@ -982,6 +987,51 @@ async fn a_renamed_tenant_is_not_caught_up_as_a_new_one() -> anyhow::Result<()> 
     })
     .await?;
     crate::shards::assert_logged_once(&fleet.pg, shard, "tenant_0001", &["001"]).await?;
+
+    // Two tenants swapped (through a third name): each holds the other's schema, and is
+    // said so (it read as a changed schema, whose `tenant_kept_its_history` answer put the
+    // other tenant's history on it). Swapped back, all is as it was.
+    let swap = "ALTER SCHEMA tenant_0000 RENAME TO swap_tmp; \
+                ALTER SCHEMA tenant_0001 RENAME TO tenant_0000; \
+                ALTER SCHEMA swap_tmp RENAME TO tenant_0001";
+    fleet
+        .pg
+        .psql(shard, &format!("BEGIN; {swap}; COMMIT"))
+        .await?;
+    status_when(&fleet, "the swapped tenants set apart", &[], |s| {
+        s["renamed"]
+            == serde_json::json!({
+                "shard_0/tenant_0000": "tenant_0001",
+                "shard_0/tenant_0001": "tenant_0000"
+            })
+    })
+    .await?;
+    let out = fleet
+        .cli(&[
+            "plan",
+            "submit",
+            &d.path().to_string_lossy(),
+            "--selector",
+            "tenant = tenant_0000",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("tenant \"tenant_0000\" of shard shard_0 is tenant \"tenant_0001\" renamed"),
+        "{out}"
+    );
+    fleet
+        .pg
+        .psql(shard, &format!("BEGIN; {swap}; COMMIT"))
+        .await?;
+    status_when(&fleet, "the tenants back under their names", &[], |s| {
+        s["schema_changed"] == serde_json::json!([]) && s["behind"] == 0
+    })
+    .await?;
+    for t in ["tenant_0000", "tenant_0001"] {
+        crate::shards::assert_logged_once(&fleet.pg, shard, t, &["001"]).await?;
+    }
     Ok(())
 }
 

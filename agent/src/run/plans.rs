@@ -811,16 +811,17 @@ impl Agent {
             // A tenant whose schema changed since its journal was written: what is applied
             // there is not known, and nothing runs until an operator says (the step fails,
             // saying how).
-            if changed.contains(&job.tenant) {
-                let why = shard::changed_schema(&self.config.shard, &job.tenant);
+            // A tenant holding another's schema (renamed, or swapped with it): what is
+            // applied there is in the other name's journal rows, and its migrations would
+            // run again (said before it is taken for a changed schema, which it is too).
+            if let Some((_, before)) = renamed.iter().find(|(t, _)| *t == job.tenant) {
+                let why = shard::renamed_tenant(&self.config.shard, &job.tenant, before);
                 let failed = job::all_failed(&job.run, &Failure::agent("up", why));
                 applied.push((job.prepare.is_some(), failed));
                 continue;
             }
-            // A tenant renamed from another: what is applied there is in the other name's
-            // journal rows, and its migrations would run again (the same, saying how).
-            if let Some((_, before)) = renamed.iter().find(|(t, _)| *t == job.tenant) {
-                let why = shard::renamed_tenant(&self.config.shard, &job.tenant, before);
+            if changed.contains(&job.tenant) {
+                let why = shard::changed_schema(&self.config.shard, &job.tenant);
                 let failed = job::all_failed(&job.run, &Failure::agent("up", why));
                 applied.push((job.prepare.is_some(), failed));
                 continue;

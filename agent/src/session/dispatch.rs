@@ -183,10 +183,14 @@ impl Agent {
                 // a tenant renamed from another is refused the same way (its migrations
                 // would run again)
                 match shard::renamed_tenants(&self.pool, &names).await {
-                    Ok(renamed) => said.extend(renamed.into_iter().map(|(t, before)| {
-                        let why = shard::renamed_tenant(&self.config.shard, &t, &before);
-                        (t, why)
-                    })),
+                    Ok(renamed) => {
+                        // (said as holding another's schema, not as a changed one)
+                        said.retain(|(t, _)| !renamed.iter().any(|(r, _)| r == t));
+                        said.extend(renamed.into_iter().map(|(t, before)| {
+                            let why = shard::renamed_tenant(&self.config.shard, &t, &before);
+                            (t, why)
+                        }))
+                    }
                     Err(e) => errors.push(format!(
                         "shard {}: reading which tenants were renamed: {e}",
                         self.config.shard

@@ -332,19 +332,25 @@ pub(crate) fn changed_schema(shard: &str, tenant: &str) -> String {
     )
 }
 
-/// Those of the tenants `$1` whose schema is one recorded for another tenant, no longer on
-/// the shard under that name and with journal rows (or checkpoints) there: renamed (`ALTER
-/// SCHEMA ... RENAME`). Columns `target`, `renamed_from`. What is applied there is in the
-/// other name's rows; taken for a new tenant it ran its migrations again (a catch-up ran
-/// them over the renamed tenant's own columns).
+/// Those of the tenants `$1` whose schema is one recorded for another tenant with journal
+/// rows (or checkpoints) there: renamed (`ALTER SCHEMA ... RENAME`), or swapped with it (two
+/// renames through a third name), whichever name the other has now. Columns `target`,
+/// `renamed_from`. What is applied there is in the other name's rows: taken for a new tenant
+/// it ran its migrations again (a catch-up ran them over the renamed tenant's own columns);
+/// taken for a changed schema, `tenant_kept_its_history` put the wrong history on it. Not a
+/// tenant served as itself since: rows of its own, under the schema recorded for it (one
+/// renamed before this check, caught up since, is left as it is).
 const RENAMED: &str = "SELECT c.nspname::text AS target, t.target AS renamed_from \
      FROM pg_catalog.pg_namespace c JOIN flotilla.tenant_schemas t \
        ON t.schema_oid = c.oid AND t.target <> c.nspname::text \
       AND t.recorded_in = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla') \
     WHERE c.nspname = ANY($1) \
-      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace o WHERE o.nspname = t.target::name) \
       AND (EXISTS (SELECT 1 FROM flotilla.journal j WHERE j.target = t.target) \
-        OR EXISTS (SELECT 1 FROM flotilla.checkpoints k WHERE k.target = t.target))";
+        OR EXISTS (SELECT 1 FROM flotilla.checkpoints k WHERE k.target = t.target)) \
+      AND NOT (EXISTS (SELECT 1 FROM flotilla.journal j WHERE j.target = c.nspname::text) \
+        AND EXISTS (SELECT 1 FROM flotilla.tenant_schemas own WHERE own.target = c.nspname::text \
+              AND own.schema_oid = c.oid \
+              AND own.recorded_in = t.recorded_in))";
 
 /// Tenants among `targets` renamed from another ([`RENAMED`]): (tenant, its name before).
 pub(crate) async fn renamed_tenants(
@@ -361,8 +367,9 @@ pub(crate) fn renamed_tenant(shard: &str, tenant: &str, before: &str) -> String 
     format!(
         "tenant {tenant:?} of shard {shard} is tenant {before:?} renamed (the same schema): what \
          is applied there is in {before:?}'s journal rows, so nothing runs there (its migrations \
-         would run again) until it is renamed back (ALTER SCHEMA {} RENAME TO {}), or its \
-         history is moved to its new name, on the shard: UPDATE flotilla.journal SET target = \
+         would run again) until it is renamed back (ALTER SCHEMA {} RENAME TO {}; through a \
+         third name if that name is in use, as after a swap), or, with no journal rows of its \
+         own, its history is moved to its new name, on the shard: UPDATE flotilla.journal SET target = \
          '{now_lit}' WHERE target = '{before_lit}'; UPDATE flotilla.checkpoints SET target = \
          '{now_lit}' WHERE target = '{before_lit}'; UPDATE flotilla.prior_images SET target = \
          '{now_lit}' WHERE target = '{before_lit}'",

@@ -112,6 +112,7 @@ pub(crate) async fn discover_tenants(
                 name,
                 labels: labels.into_iter().collect(),
                 schema_changed: false,
+                renamed_from: String::new(),
             },
         );
     }

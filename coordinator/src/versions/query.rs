@@ -1,6 +1,6 @@
 //! The operator's questions about the fleet's versions, answered by the leader from its
 //! copy of the journals (see the module's docs) and the store's completed plans.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use flotilla_core::selector::Selector;
 use flotilla_core::{PlanSpec, pb};
@@ -25,13 +25,13 @@ type VersionsInputs = (
     u64,
     BTreeMap<String, ShardView>,
     Vec<PlanInput>,
-    BTreeSet<String>,
+    BTreeMap<String, String>,
 );
 
 /// Targets whose schema is not the one their journal rows were written in (dropped and
 /// made again, restored on its own) are set apart from the cohorts: their journals may not
 /// hold (a schema made again empty under an old name was counted up to date).
-fn set_apart_changed(status: &mut pb::FleetStatusResponse, changed: &BTreeSet<String>) {
+fn set_apart_changed(status: &mut pb::FleetStatusResponse, changed: &BTreeMap<String, String>) {
     if changed.is_empty() {
         return;
     }
@@ -39,7 +39,7 @@ fn set_apart_changed(status: &mut pb::FleetStatusResponse, changed: &BTreeSet<St
     for cohort in &mut status.cohorts {
         let before = cohort.targets.len();
         cohort.targets.retain(|t| {
-            let out = changed.contains(t);
+            let out = changed.contains_key(t);
             if out {
                 apart.push(t.clone());
             }
@@ -52,6 +52,14 @@ fn set_apart_changed(status: &mut pb::FleetStatusResponse, changed: &BTreeSet<St
     status.cohorts.retain(|c| !c.targets.is_empty());
     status.targets = status.cohorts.iter().map(|c| c.targets.len() as u64).sum();
     apart.sort();
+    // those holding another tenant's schema (renamed), named as such
+    status.renamed = apart
+        .iter()
+        .filter_map(|t| {
+            let from = changed.get(t).filter(|f| !f.is_empty())?;
+            Some((t.clone(), from.clone()))
+        })
+        .collect();
     status.schema_changed = apart;
 }
 
@@ -109,9 +117,10 @@ impl Coordinator {
             &everything,
         );
         let name = super::target_name(&shown.shard, &shown.tenant);
-        if changed.contains(&name) {
+        if let Some(from) = changed.get(&name) {
             // its journal may not hold: nothing is known to be pending there either
             shown.schema_changed = true;
+            shown.renamed_from = from.clone();
             shown.pending.clear();
         }
         shown.fingerprint = input
@@ -226,7 +235,8 @@ impl Coordinator {
     /// The leader's epoch and every shard's labels and tenants.
     async fn versions_fleet(
         &self,
-    ) -> Result<(u64, BTreeMap<String, ShardView>, BTreeSet<String>), CoordinatorError> {
+    ) -> Result<(u64, BTreeMap<String, ShardView>, BTreeMap<String, String>), CoordinatorError>
+    {
         // Agents report their journals to the leader only.
         let epoch = self.leader_epoch()?;
         let listed = self.fleet().await?;
@@ -241,10 +251,12 @@ impl Coordinator {
         let changed = agents
             .iter()
             .flat_map(|a| {
-                a.tenants
-                    .iter()
-                    .filter(|t| t.schema_changed)
-                    .map(|t| super::target_name(&a.shard, &t.name))
+                a.tenants.iter().filter(|t| t.schema_changed).map(|t| {
+                    (
+                        super::target_name(&a.shard, &t.name),
+                        t.renamed_from.clone(),
+                    )
+                })
             })
             .collect();
         let fleet = agents

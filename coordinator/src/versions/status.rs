@@ -366,6 +366,7 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
         gone,
         // (the leader's query sets them: see `query::set_apart_changed`)
         schema_changed: Vec::new(),
+        renamed: Default::default(),
         part_way,
     }
 }
