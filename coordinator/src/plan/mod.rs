@@ -391,7 +391,7 @@ impl PlanRun {
     /// Keeps a data change's last progress, for a step of the plan: what an agent reports of
     /// a migration or target the plan does not have on its shard is dropped (kept, it would
     /// grow the map with whatever the messages name until the plan ends).
-    pub fn record_progress(&mut self, p: pb::DataProgress) {
+    pub fn record_progress(&mut self, mut p: pb::DataProgress) {
         // (an undo's last report can come after the rollback's reply, which dropped it)
         match self.step_of(&p.migration_id, &p.shard, &p.tenant) {
             None => return,
@@ -414,6 +414,18 @@ impl PlanRun {
                     && self.state != PlanState::RollingBack =>
             {
                 return;
+            }
+            // A run of a step that another run applied first (its journal row there: the
+            // copy a new coordinator sent again after the old one was killed mid-change)
+            // failed, and said so in its last report; the step is applied, and its line
+            // said "failed" on a completed plan for good.
+            Some(s)
+                if matches!(
+                    self.steps[s].status,
+                    StepStatus::Applied | StepStatus::AlreadyApplied
+                ) && p.state == "failed" =>
+            {
+                applied_elsewhere(&mut p);
             }
             Some(_) => {}
         }
@@ -454,6 +466,13 @@ impl PlanRun {
             self.steps[s].status,
             StepStatus::Applied | StepStatus::AlreadyApplied
         );
+        if applied
+            && let Some(p) = self.progress.get_mut(&key)
+            && p.state == "failed"
+        {
+            applied_elsewhere(p);
+            return;
+        }
         if let Some(p) = self.progress.get_mut(&key)
             && matches!(p.state.as_str(), "running" | "throttled" | "paused")
         {
@@ -499,4 +518,13 @@ impl PlanRun {
     pub fn policy(&self) -> FailurePolicy {
         self.spec.policy
     }
+}
+
+/// The progress of a run that failed because another run of its step applied it first: the
+/// step is applied (the journal says so), which is what its line says.
+fn applied_elsewhere(p: &mut pb::DataProgress) {
+    p.state = "done".into();
+    p.reason = "applied by another run of the step (its journal row is there)".into();
+    p.rows_per_second = 0.0;
+    p.eta_ms = 0;
 }

@@ -503,6 +503,39 @@ fn a_steps_progress_is_not_left_running_after_its_result() {
     );
 }
 
+/// A run of a data change that another run applied first (its copy, sent again after a
+/// coordinator was killed mid-change) fails and says so in its last progress; the step is
+/// applied, and its line says done, whether that report comes before the result or after.
+#[test]
+fn a_failed_report_of_a_step_applied_elsewhere_reads_done() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s0", "t2")],
+        pb::FailurePolicy::Continue,
+    );
+    let mut next = 1;
+    let out = run.next_runs("s0", &mut next);
+    let failed = |tenant: &str| pb::DataProgress {
+        migration_id: "a".into(),
+        shard: "s0".into(),
+        tenant: tenant.into(),
+        rows_total: 100,
+        state: "failed".into(),
+        reason: "already applied on target (its journal row is there)".into(),
+        ..Default::default()
+    };
+    run.record_progress(failed("t1"));
+    answer(&mut run, "s0", &out[0], pb::StepOutcome::AlreadyApplied);
+    answer(&mut run, "s0", &out[1], pb::StepOutcome::AlreadyApplied);
+    run.record_progress(failed("t2"));
+    for t in ["t1", "t2"] {
+        let p = &run.progress[&("a".into(), "s0".into(), t.into())];
+        assert_eq!(p.state, "done", "{t}: {p:?}");
+        assert!(p.reason.contains("applied by another run"), "{t}: {p:?}");
+    }
+}
+
 #[test]
 fn under_continue_a_failed_tenant_stops_alone_and_the_plan_ends_failed() {
     let mut run = plan_of(
