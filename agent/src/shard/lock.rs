@@ -43,20 +43,39 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// A check (or a connection attempt) that takes longer counts as a dead connection.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The OID of the session's database (None when it cannot be read).
+async fn database_oid(conn: &mut PgConnection) -> Option<i64> {
+    sqlx::query_scalar(
+        "SELECT oid::bigint FROM pg_catalog.pg_database WHERE datname = current_database()",
+    )
+    .fetch_one(conn)
+    .await
+    .ok()
+}
+
 /// pid, application_name, client address, client port.
 type Holder = (i32, Option<String>, Option<String>, Option<i32>);
 
 enum Attempt {
     Held(PgConnection),
+    /// Held, on a database that is not the one the agent started on (see `guard`).
+    Replaced(PgConnection),
     /// Another session holds it: ` (session pid …, …)`, or empty when it cannot be read.
     Taken(String),
 }
 
-/// Opens a dedicated session and tries the lock once.
-async fn try_lock(options: &PgConnectOptions) -> Result<Attempt, sqlx::Error> {
+/// Opens a dedicated session and tries the lock once; `started_on`: the database the agent
+/// started on (by OID), which the one held must be.
+async fn try_lock(
+    options: &PgConnectOptions,
+    started_on: Option<i64>,
+) -> Result<Attempt, sqlx::Error> {
     let mut conn = super::connect::open(options).await?;
     let held: bool = sqlx::query_scalar(TRY_LOCK).fetch_one(&mut conn).await?;
     if held {
+        if started_on.is_some() && database_oid(&mut conn).await != started_on {
+            return Ok(Attempt::Replaced(conn));
+        }
         return Ok(Attempt::Held(conn));
     }
     let holder = describe_holder(&mut conn).await;
@@ -93,8 +112,9 @@ async fn describe_holder(conn: &mut PgConnection) -> String {
 /// Takes the shard's agent lock at start. Err(ShardTaken) when another agent holds it.
 pub(crate) async fn acquire(config: &AgentConfig) -> Result<PgConnection, AgentError> {
     let options = super::connect_options(config)?;
-    match try_lock(&options).await {
-        Ok(Attempt::Held(conn)) => {
+    match try_lock(&options, None).await {
+        // (no database to compare with: this is the one it starts on)
+        Ok(Attempt::Held(conn) | Attempt::Replaced(conn)) => {
             metrics::shard_lock_held(true);
             info!("holding the shard's agent lock");
             Ok(conn)
@@ -123,13 +143,29 @@ pub(crate) fn guard(
     let (min, max) = (config.reconnect_min, config.reconnect_max);
     let span = tracing::info_span!("shard_lock", shard = %config.shard);
     let task = async move {
+        let mut conn = conn;
+        // The database this agent started on, by OID: one dropped and made again (a restore
+        // from a dump) has another. Taking its lock back over such a one, the agent ran
+        // steps on a database still being restored under it (tables not there yet, the
+        // checkpoints' key not built: an all-or-nothing rollback failed on it).
+        let started_on = database_oid(&mut conn).await;
         let mut conn = Some(conn);
         let mut attempt = 0u32;
         let mut last_holder = None;
         let mut told_newer = false;
+        let mut told_replaced = false;
         loop {
             let Some(c) = conn.as_mut() else {
-                match tokio::time::timeout(CHECK_TIMEOUT, try_lock(&options)).await {
+                match tokio::time::timeout(CHECK_TIMEOUT, try_lock(&options, started_on)).await {
+                    Ok(Ok(Attempt::Replaced(c))) => {
+                        if !told_replaced {
+                            error!(
+                                "the shard's database is not the one this agent started on (dropped and made again, or restored from a dump, while its lock was lost): this agent takes no runs on it; restart the agent once the database is whole again"
+                            );
+                            told_replaced = true;
+                        }
+                        let _ = tokio::time::timeout(CHECK_TIMEOUT, c.close()).await;
+                    }
                     Ok(Ok(Attempt::Held(mut c))) => match newer_schema(&mut c).await {
                         Ok(None) => {
                             conn = Some(c);

@@ -200,6 +200,25 @@ pub async fn fleet_on(admin_url: &str, name: &str, tenants: usize) -> Fleet {
 }
 
 impl Fleet {
+    /// The database dropped and made again, empty, under the same name (as a restore from a
+    /// dump begins); the test's pool on the new one.
+    pub async fn replace(&mut self) {
+        self.pool.close().await;
+        let mut admin = sqlx::PgConnection::connect(&self.admin_url)
+            .await
+            .expect("admin connection");
+        for sql in [
+            format!("DROP DATABASE {} WITH (FORCE)", self.db),
+            format!("CREATE DATABASE {}", self.db),
+        ] {
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&mut admin)
+                .await
+                .expect("drop and create the database");
+        }
+        self.pool = PgPool::connect(&self.dsn).await.expect("the new database");
+    }
+
     pub async fn drop(self) {
         self.pool.close().await;
         let mut admin = sqlx::PgConnection::connect(&self.admin_url)

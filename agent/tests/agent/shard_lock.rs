@@ -345,3 +345,57 @@ fn tcp_keepalive_of(fd: i32) -> (bool, i32, i32) {
         get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
     )
 }
+
+/// A database dropped and made again under the agent (a restore from a dump begins with
+/// that) is not the one the agent started on: taking its lock back there, the agent takes no
+/// runs (it ran steps on a database still being restored: tables not there yet), and says
+/// to restart it once the database is whole again. Nothing is written to the new database.
+#[tokio::test]
+async fn an_agent_takes_no_runs_on_a_database_made_again_under_it() {
+    let Some(mut f) = fleet("lock_replaced", 1).await else {
+        return;
+    };
+    let mark = log_mark();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    f.replace().await;
+    // (the runs sent before the agent noticed went to the new database as they would to a
+    // restarted one: the lock's check, every second, is what notices)
+    wait_for_log(mark, "lost the connection holding the shard's agent lock").await;
+    // a restore's first part: the schemas, flotilla's with its version (the tenants' tables
+    // and the journal's rows not there yet)
+    sqlx::raw_sql(
+        "CREATE SCHEMA flotilla; CREATE TABLE flotilla.meta (key text PRIMARY KEY, value text); \
+         INSERT INTO flotilla.meta VALUES ('schema_version', '4'), ('shard', 'shard-test'); \
+         CREATE SCHEMA tenant_0000;",
+    )
+    .execute(&f.pool)
+    .await
+    .unwrap();
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "p".into(),
+        migrations: bench_migrations(),
+        ..Default::default()
+    }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "p".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(1, "tenant_0000", &BENCH, true)],
+    }));
+    let early = quiet_for(&mut s, Duration::from_millis(3000)).await;
+    assert!(early.is_none(), "ran on the new database: {early:?}");
+    wait_for_log(mark, "is not the one this agent started on").await;
+    let written: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class WHERE relnamespace = 'flotilla'::regnamespace",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        written, 2,
+        "nothing written to the new database but its meta (and key)"
+    );
+    h.stop().await;
+    f.drop().await;
+}
