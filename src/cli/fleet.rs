@@ -316,6 +316,7 @@ fn status_json(r: &pb::FleetStatusResponse) -> Value {
         "gone": r.gone,
         "schema_changed": r.schema_changed,
         "renamed": r.renamed.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "unknown_plans": r.unknown_plans,
         "cohorts": r.cohorts.iter().map(|c| json!({
             "head": c.head,
             "digest": c.digest,
@@ -340,6 +341,29 @@ fn print_status(r: &pb::FleetStatusResponse) {
         "{} target(s) in {cohorts} cohort(s); {} behind; {} completed plan(s) counted",
         r.targets, r.behind, r.completed_plans
     );
+    if !r.unknown_plans.is_empty() {
+        let shown: Vec<&str> = r
+            .unknown_plans
+            .iter()
+            .take(10)
+            .map(String::as_str)
+            .collect();
+        let more = r.unknown_plans.len().saturating_sub(shown.len());
+        println!(
+            "warning: the shards' journals record {} plan(s) this control store does not know ({}{}): \
+             a store made anew, or restored from a backup older than the shards? What is behind \
+             counts only the plans it knows (a tenant new since is caught up on those only), and \
+             those plans cannot be rolled back from here; submit their directories again to \
+             know them (their applied steps are answered from the journals)",
+            r.unknown_plans.len(),
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
     if !r.unreported_shards.is_empty() {
         println!(
             "not reported (agents not attached to this leader, or not reaching their databases): {}",

@@ -1125,3 +1125,38 @@ async fn a_tenant_moved_to_another_shard_is_not_caught_up_as_a_new_one() -> anyh
     assert!(!list.stdout.contains("catch-up-"), "{list}");
     Ok(())
 }
+
+/// A control store lost and made anew (or restored from an older backup) does not know the
+/// plans the shards' journals record: `fleet status` says so, naming them, rather than count
+/// the fleet up to date by the plans it knows (a tenant new since was caught up on those
+/// only, and showed up to date).
+#[tokio::test]
+async fn fleet_status_names_the_plans_the_journals_hold_and_the_store_does_not()
+-> anyhow::Result<()> {
+    let mut fleet = TestFleet::start(1, 2).await?;
+    let (code, st, out) = fleet.submit_wait(&coord_dbmate_dir(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    let s = status_when(&fleet, "the plan's rows heard", &[], |s| s["behind"] == 0).await?;
+    assert_eq!(s["unknown_plans"], serde_json::json!([]), "{s:#}");
+
+    fleet.kill_coordinator()?;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", fleet.store));
+    }
+    fleet.restart_coordinator().await?;
+    fleet.wait_attached(1).await?;
+    let s = status_when(&fleet, "the unknown plan named", &[], |s| {
+        s["unknown_plans"] == serde_json::json!([id.clone()])
+    })
+    .await?;
+    assert_eq!(s["completed_plans"], 0, "{s:#}");
+    let out = fleet.cli(&["fleet", "status"]).await?;
+    assert!(
+        out.stdout.contains(&format!(
+            "the shards' journals record 1 plan(s) this control store does not know ({id})"
+        )),
+        "{out}"
+    );
+    Ok(())
+}

@@ -516,6 +516,15 @@ impl Store {
         rows.iter().map(plan_row).collect()
     }
 
+    /// Every plan's id.
+    pub async fn plan_ids(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM plans")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
+    }
+
     /// Plans that were running (or rolling back) when the coordinator stopped.
     pub async fn unfinished_plans(&self) -> Result<Vec<PlanRow>, StoreError> {
         // Every state a plan does not end in, from the states themselves (a new end state

@@ -85,6 +85,7 @@ impl Coordinator {
             &selector,
         );
         set_apart_changed(&mut status, &changed);
+        status.unknown_plans = self.unknown_plans(&journals).await?;
         Ok(status)
     }
 
@@ -233,6 +234,31 @@ impl Coordinator {
     }
 
     /// The leader's epoch and every shard's labels and tenants.
+    /// Plans the reported journals record and the control store does not know (`fleet
+    /// baseline`s are not plans): a store made anew after it was lost, or restored from a
+    /// backup older than the shards, counts nothing of them pending, and a tenant new since
+    /// is caught up on the plans it knows only (up to date, by its count).
+    async fn unknown_plans(
+        &self,
+        journals: &super::Journals,
+    ) -> Result<Vec<String>, CoordinatorError> {
+        let recorded: std::collections::BTreeSet<&str> = journals
+            .values()
+            .flat_map(|j| j.targets.values().flatten())
+            .map(|e| e.plan_id.as_str())
+            .filter(|p| !p.is_empty() && !p.starts_with(super::BASELINE_PREFIX))
+            .collect();
+        if recorded.is_empty() {
+            return Ok(Vec::new());
+        }
+        let known = self.inner.store.plan_ids().await?;
+        Ok(recorded
+            .into_iter()
+            .filter(|p| !known.contains(*p))
+            .map(str::to_string)
+            .collect())
+    }
+
     async fn versions_fleet(
         &self,
     ) -> Result<(u64, BTreeMap<String, ShardView>, BTreeMap<String, String>), CoordinatorError>

@@ -367,6 +367,8 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
         // (the leader's query sets them: see `query::set_apart_changed`)
         schema_changed: Vec::new(),
         renamed: Default::default(),
+        // (the leader's query sets them: see `query::unknown_plans`)
+        unknown_plans: Vec::new(),
         part_way,
     }
 }
