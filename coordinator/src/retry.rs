@@ -178,17 +178,19 @@ impl Coordinator {
 /// `coordinator::retry_checked=return(MS)`: a retry that checked the plan waits MS
 /// milliseconds before it stores anything, for a fault test to send another command then.
 async fn retry_checked_failpoint() {
-    let ms: Option<u64> = (|| {
-        fail::fail_point!("coordinator::retry_checked", |ms: Option<String>| {
-            let ms = ms.unwrap_or_default();
-            Some(ms.trim().parse().unwrap_or_else(|_| {
-                panic!("failpoint coordinator::retry_checked=return(MS): `{ms}` is not a number of milliseconds")
-            }))
-        });
-        None
-    })();
-    if let Some(ms) = ms {
+    if let Some(ms) = retry_checked_ms() {
         tracing::warn!(ms, "failpoint coordinator::retry_checked: the retry waits");
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
+}
+
+fn retry_checked_ms() -> Option<u64> {
+    // A misspelt delay fails loudly: taken for none, the fault test would prove nothing.
+    fail::fail_point!("coordinator::retry_checked", |ms: Option<String>| {
+        let ms = ms.unwrap_or_default();
+        Some(ms.trim().parse().unwrap_or_else(|_| {
+            panic!("failpoint coordinator::retry_checked=return(MS): `{ms}` is not a number of milliseconds")
+        }))
+    });
+    None
 }
