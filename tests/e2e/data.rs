@@ -1286,3 +1286,45 @@ async fn a_rollback_racing_a_retry_leaves_no_step_pending() -> anyhow::Result<()
     assert!(retried.is_some() && rolled.is_some(), "{audit}");
     Ok(())
 }
+
+/// A table never analyzed has its rows counted for the progress total: the planner's guess
+/// for it (ten pages' worth) read "8/680 rows" on a table of 20.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_never_analyzed_tables_rows_are_counted_for_the_total() -> anyhow::Result<()> {
+    // the backfill fleet, its table not analyzed
+    let fleet = TestFleet::builder(1, 1)
+        .least_privilege()
+        .shard_sql(|_, tenants| {
+            let t = &tenants[0];
+            format!(
+                "ALTER TABLE {t}.work_orders ADD COLUMN touched int NOT NULL DEFAULT 0, ADD COLUMN score bigint;
+                 INSERT INTO {t}.work_orders (customer_id, priority, total_amount)
+                   SELECT g % 97, 'normal', g FROM generate_series(1, 380) g;"
+            )
+        })
+        .start()
+        .await?;
+    let t = &fleet.tenants(0)[0];
+    let analyzed: i64 = fleet
+        .pg
+        .query_scalar(
+            &fleet.shards[0],
+            &format!(
+                "SELECT count(*) FROM pg_stat_user_tables WHERE schemaname = '{t}' \
+                 AND relname = 'work_orders' \
+                 AND coalesce(last_analyze, last_autoanalyze) IS NOT NULL"
+            ),
+        )
+        .await?;
+    let (_dir, id) = start_slow_backfill(&fleet, "", &[], 10).await?;
+    let entry = data_entry(&fleet, &id, "running").await?;
+    // (counted, or, had autovacuum analyzed it meanwhile, estimated from its statistics:
+    // all of its rows match the filter either way)
+    assert_eq!(
+        entry["rows_total"], 400,
+        "analyzed before: {analyzed}; {entry}"
+    );
+    let out = fleet.cli(&["plan", "cancel", &id, "--wait"]).await?;
+    assert_eq!(fleet.status(&id).await?["state"], "cancelled", "{out}");
+    Ok(())
+}

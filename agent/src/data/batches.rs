@@ -538,6 +538,10 @@ async fn last_row(conn: &mut PgConnection, sql: &str) -> Result<Option<PgRow>, s
     Ok(last)
 }
 
+/// A table never analyzed has its rows counted for the progress total up to this many (a
+/// moment's work); one with more is left to the planner's guess.
+const UNANALYZED_COUNT_CAP: u64 = 100_000;
+
 /// How often a run goes on after its checkpoint moved under it (a session of an earlier run
 /// committed a batch): one such session does one batch.
 const OVERTAKEN_LIMIT: u32 = 3;
@@ -612,6 +616,15 @@ async fn estimate_left(
     m: &PreparedMigration,
     lower_lit: &str,
 ) -> Option<u64> {
+    // a table never analyzed: counted (up to a cap), not guessed
+    if let Some(sql) = sql::data_count_unanalyzed(m, lower_lit, UNANALYZED_COUNT_CAP)
+        && let Ok(Some(n)) = sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(sql))
+            .fetch_one(&mut *conn)
+            .await
+        && (n as u64) < UNANALYZED_COUNT_CAP
+    {
+        return Some(n as u64);
+    }
     let sql = sql::data_estimate(m, lower_lit)?;
     let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
         .fetch_all(&mut *conn)

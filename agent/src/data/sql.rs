@@ -283,6 +283,28 @@ fn data_filter(d: &flotilla_core::DataChange) -> String {
 
 /// The planner's view of the rows still to do after `lower_lit` (EXPLAIN: its first line
 /// carries `rows=N`), for the progress's estimated total.
+/// Rows the change has left after `lower_lit`, counted, up to `cap` (`cap` itself: at least
+/// that many), and whether the table was ever analyzed (`reltuples` is -1 before, PostgreSQL
+/// 14 on; 0 with no pages before that), in one query: the count is run only for a table
+/// the planner knows nothing of (its guess was ten pages' worth: "8/680 rows" on 20).
+pub(crate) fn data_count_unanalyzed(
+    m: &PreparedMigration,
+    lower_lit: &str,
+    cap: u64,
+) -> Option<String> {
+    let d = m.migration.data.as_ref()?;
+    let table = d.table_sql();
+    Some(format!(
+        "SELECT CASE WHEN (SELECT c.reltuples > 0 OR c.relpages > 0 FROM pg_catalog.pg_class c \
+            WHERE c.oid = {}::regclass) THEN NULL \
+          ELSE (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {} > {lower_lit}{} LIMIT {cap}) s) \
+          END",
+        quote_literal(&table).ok()?,
+        d.key_sql(),
+        data_filter(d)
+    ))
+}
+
 pub(crate) fn data_estimate(m: &PreparedMigration, lower_lit: &str) -> Option<String> {
     let d = m.migration.data.as_ref()?;
     Some(format!(

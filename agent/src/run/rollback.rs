@@ -234,6 +234,14 @@ impl Agent {
         for migration in migrations {
             let started = Instant::now();
             let mut attempt_began = started;
+            // Gone on from only when each of its transactions holds its own record: a
+            // transactional undo (down SQL and journal move in one), or a prior image's
+            // restore alone (each batch with its record). A down statement run on its own
+            // may have run and its record not committed: run again, it would run twice.
+            let retry_safe = def
+                .migrations
+                .get(migration)
+                .is_some_and(|m| m.is_transactional() || m.down.is_empty());
             let result = loop {
                 let result = match def.migrations.get(migration) {
                     None => Err((
@@ -293,7 +301,8 @@ impl Agent {
                 // the undo, as it fails a step.
                 match &result {
                     Err((failure, _))
-                        if server_gone < UNDO_SERVER_GONE_RETRIES
+                        if retry_safe
+                            && server_gone < UNDO_SERVER_GONE_RETRIES
                             && restarted_under(&self.pool, failure, attempt_began).await =>
                     {
                         server_gone += 1;
@@ -372,10 +381,13 @@ async fn restarted_under(pool: &sqlx::PgPool, failure: &Failure, began: Instant)
     if !failure.server_gone() {
         return false;
     }
+    // (waited for in every case: crash recovery, or a restart, may take longer than a pool's
+    // connection attempt)
+    let back = shard::server_start::once_back(pool, std::time::Duration::from_secs(120)).await;
     if failure.error.sqlstate == flotilla_core::protocol::sqlstate::CRASH_SHUTDOWN {
-        return true;
+        return back.is_some();
     }
-    match shard::server_start::once_back(pool, std::time::Duration::from_secs(30)).await {
+    match back {
         Some((seen, uptime)) => {
             seen > began
                 || uptime < (began.elapsed() + std::time::Duration::from_secs(1)).as_secs_f64()
@@ -395,7 +407,8 @@ async fn still_to_undo(
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM flotilla.journal \
                          WHERE target = $1 AND migration_id = $2 AND plan_id = $3) \
-             OR EXISTS (SELECT 1 FROM flotilla.checkpoints WHERE target = $1 AND migration_id = $2)",
+             OR EXISTS (SELECT 1 FROM flotilla.checkpoints \
+                         WHERE target = $1 AND migration_id = $2 AND plan_id = $3)",
     )
     .bind(target)
     .bind(migration)

@@ -419,11 +419,17 @@ impl PlanRun {
             // copy a new coordinator sent again after the old one was killed mid-change)
             // failed, and said so in its last report; the step is applied, and its line
             // said "failed" on a completed plan for good.
+            // (not an undo's: a restore that failed during a rollback, its step applied
+            // until the rollback's reply, is a failure)
             Some(s)
                 if matches!(
                     self.steps[s].status,
                     StepStatus::Applied | StepStatus::AlreadyApplied
-                ) && p.state == "failed" =>
+                ) && p.state == "failed"
+                    && !matches!(
+                        self.state,
+                        PlanState::RollingBack | PlanState::RolledBack | PlanState::RollbackFailed
+                    ) =>
             {
                 applied_elsewhere(&mut p);
             }

@@ -534,6 +534,17 @@ fn a_failed_report_of_a_step_applied_elsewhere_reads_done() {
         assert_eq!(p.state, "done", "{t}: {p:?}");
         assert!(p.reason.contains("applied by another run"), "{t}: {p:?}");
     }
+    // an undo's failed restore, its step applied until the rollback's reply, stays failed
+    run.state = PlanState::RollingBack;
+    run.record_progress(pb::DataProgress {
+        reason: "its restore failed".into(),
+        ..failed("t1")
+    });
+    let p = &run.progress[&("a".into(), "s0".into(), "t1".into())];
+    assert_eq!(
+        (p.state.as_str(), p.reason.as_str()),
+        ("failed", "its restore failed")
+    );
 }
 
 #[test]
