@@ -975,6 +975,25 @@ async fn a_renamed_tenant_is_not_caught_up_as_a_new_one() -> anyhow::Result<()> 
                 .contains("ALTER SCHEMA \"tenant_0001r\" RENAME TO \"tenant_0001\""),
         "{out}"
     );
+    // A new schema under the old name meanwhile: an answer for the old name would cut the
+    // renamed tenant off from its history (its migrations then ran again there), and is
+    // refused, naming where the history's schema is.
+    fleet.pg.psql(shard, "CREATE SCHEMA tenant_0001").await?;
+    let refused = fleet
+        .pg
+        .psql(
+            shard,
+            "SELECT flotilla.tenant_kept_its_history('tenant_0001')",
+        )
+        .await
+        .expect_err("refused");
+    assert!(
+        format!("{refused:#}").contains(
+            "the schema recorded for tenant_0001 is on this shard as tenant_0001r, which holds its history"
+        ),
+        "{refused:#}"
+    );
+    fleet.pg.psql(shard, "DROP SCHEMA tenant_0001").await?;
     // renamed back, it is what its journal says: nothing pending, nothing set apart
     fleet
         .pg

@@ -347,9 +347,23 @@ LANGUAGE plpgsql AS $fn$
 DECLARE
   v_oid oid := (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = p_target);
   v_moved bigint;
+  v_elsewhere name;
 BEGIN
   IF v_oid IS NULL THEN
     RAISE EXCEPTION 'no schema % on this shard', quote_ident(p_target);
+  END IF;
+  -- Its recorded schema is on the shard under another name (renamed away, a new schema
+  -- made under this one): that tenant holds this name's history, and an answer here would
+  -- cut it off from it (its migrations then ran again there). The names first.
+  IF EXISTS (SELECT 1 FROM flotilla.journal j WHERE j.target = p_target) THEN
+    SELECT n.nspname INTO v_elsewhere FROM flotilla.tenant_schemas t
+      JOIN pg_catalog.pg_namespace n ON n.oid = t.schema_oid
+     WHERE t.target = p_target AND n.nspname <> p_target
+       AND t.recorded_in = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla');
+    IF v_elsewhere IS NOT NULL THEN
+      RAISE EXCEPTION 'the schema recorded for % is on this shard as %, which holds its history (renamed): put the names back first (or move that history to %: see flotilla fleet show)',
+        quote_ident(p_target), quote_ident(v_elsewhere), quote_ident(v_elsewhere);
+    END IF;
   END IF;
   WITH gone AS (
     DELETE FROM flotilla.journal j WHERE j.target = p_target RETURNING j.*
@@ -375,9 +389,23 @@ CREATE OR REPLACE FUNCTION flotilla.tenant_kept_its_history(p_target text) RETUR
 LANGUAGE plpgsql AS $fn$
 DECLARE
   v_oid oid := (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = p_target);
+  v_elsewhere name;
 BEGIN
   IF v_oid IS NULL THEN
     RAISE EXCEPTION 'no schema % on this shard', quote_ident(p_target);
+  END IF;
+  -- Its recorded schema is on the shard under another name (renamed away, a new schema
+  -- made under this one): that tenant holds this name's history, and an answer here would
+  -- cut it off from it (its migrations then ran again there). The names first.
+  IF EXISTS (SELECT 1 FROM flotilla.journal j WHERE j.target = p_target) THEN
+    SELECT n.nspname INTO v_elsewhere FROM flotilla.tenant_schemas t
+      JOIN pg_catalog.pg_namespace n ON n.oid = t.schema_oid
+     WHERE t.target = p_target AND n.nspname <> p_target
+       AND t.recorded_in = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla');
+    IF v_elsewhere IS NOT NULL THEN
+      RAISE EXCEPTION 'the schema recorded for % is on this shard as %, which holds its history (renamed): put the names back first (or move that history to %: see flotilla fleet show)',
+        quote_ident(p_target), quote_ident(v_elsewhere), quote_ident(v_elsewhere);
+    END IF;
   END IF;
   INSERT INTO flotilla.tenant_schemas (target, schema_oid, recorded_in)
   VALUES (p_target, v_oid, (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = 'flotilla'))
