@@ -73,7 +73,10 @@ async fn try_lock(
     let mut conn = super::connect::open(options).await?;
     let held: bool = sqlx::query_scalar(TRY_LOCK).fetch_one(&mut conn).await?;
     if held {
-        if started_on.is_some() && database_oid(&mut conn).await != started_on {
+        // (an OID that cannot be read is no sign of another database)
+        if let (Some(started), Some(now)) = (started_on, database_oid(&mut conn).await)
+            && now != started
+        {
             return Ok(Attempt::Replaced(conn));
         }
         return Ok(Attempt::Held(conn));
