@@ -914,19 +914,7 @@ async fn a_renamed_tenant_is_not_caught_up_as_a_new_one() -> anyhow::Result<()> 
         .agent_args(&["--discover-interval", "1s"])
         .start()
         .await?;
-    let d = MigrationDir::new()?;
-    d.migration(
-        "001_log",
-        "",
-        "CREATE TABLE IF NOT EXISTS applied_log (step text); INSERT INTO applied_log VALUES ('001')",
-        "DROP TABLE applied_log",
-    )?;
-    std::fs::write(
-        d.path().join("plan.toml"),
-        "name = \"logged\"\ncatch_up = true\n",
-    )?;
-    let (code, _, out) = fleet.submit_wait(d.path(), &[]).await?;
-    assert_eq!(code, 0, "{out}");
+    let d = logged_everywhere(&fleet).await?;
     let shard = &fleet.shards[0];
     fleet
         .pg
@@ -1079,19 +1067,7 @@ async fn a_tenant_moved_to_another_shard_is_not_caught_up_as_a_new_one() -> anyh
         .agent_args(&["--discover-interval", "1s"])
         .start()
         .await?;
-    let d = MigrationDir::new()?;
-    d.migration(
-        "001_log",
-        "",
-        "CREATE TABLE IF NOT EXISTS applied_log (step text); INSERT INTO applied_log VALUES ('001')",
-        "DROP TABLE applied_log",
-    )?;
-    std::fs::write(
-        d.path().join("plan.toml"),
-        "name = \"logged\"\ncatch_up = true\n",
-    )?;
-    let (code, _, out) = fleet.submit_wait(d.path(), &[]).await?;
-    assert_eq!(code, 0, "{out}");
+    let _dir = logged_everywhere(&fleet).await?;
     let moved = fleet.tenants(0)[0].clone();
     let (from, to) = (&fleet.shards[0], &fleet.shards[1]);
     // the fleet's view has what its journal holds (the plan's results come first)
@@ -1178,4 +1154,23 @@ async fn fleet_status_names_the_plans_the_journals_hold_and_the_store_does_not()
         "{out}"
     );
     Ok(())
+}
+
+/// A plan that asks for catch-up, of one migration logging itself in each tenant's
+/// `applied_log` (a second run would show), run over the fleet; its directory.
+async fn logged_everywhere(fleet: &TestFleet) -> anyhow::Result<MigrationDir> {
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_log",
+        "",
+        "CREATE TABLE IF NOT EXISTS applied_log (step text); INSERT INTO applied_log VALUES ('001')",
+        "DROP TABLE applied_log",
+    )?;
+    std::fs::write(
+        d.path().join("plan.toml"),
+        "name = \"logged\"\ncatch_up = true\n",
+    )?;
+    let (code, _, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    Ok(d)
 }

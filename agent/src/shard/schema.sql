@@ -338,23 +338,15 @@ RETURNS SETOF text LANGUAGE sql AS $fn$
      AND s.target NOT IN (SELECT target FROM unclaimed)
 $fn$;
 
--- An operator's answer for a tenant whose schema changed: a new tenant. The journal rows of
--- the schema before go to the history (rolled_back_by_plan 'flotilla:tenant-is-new'), with
--- its checkpoints and prior images (of objects gone with it); the schema there now is
--- recorded. Returns how many journal rows moved.
-CREATE OR REPLACE FUNCTION flotilla.tenant_is_new(p_target text) RETURNS bigint
+-- Refuses an operator's answer for a tenant whose recorded schema is on the shard under
+-- another name (renamed away, a new schema made under this one): that tenant holds this
+-- name's history, and an answer here would cut it off from it (its migrations then ran
+-- again there). The names first.
+CREATE OR REPLACE FUNCTION flotilla.refuse_renamed_away(p_target text) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE
-  v_oid oid := (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = p_target);
-  v_moved bigint;
   v_elsewhere name;
 BEGIN
-  IF v_oid IS NULL THEN
-    RAISE EXCEPTION 'no schema % on this shard', quote_ident(p_target);
-  END IF;
-  -- Its recorded schema is on the shard under another name (renamed away, a new schema
-  -- made under this one): that tenant holds this name's history, and an answer here would
-  -- cut it off from it (its migrations then ran again there). The names first.
   IF EXISTS (SELECT 1 FROM flotilla.journal j WHERE j.target = p_target) THEN
     SELECT n.nspname INTO v_elsewhere FROM flotilla.tenant_schemas t
       JOIN pg_catalog.pg_namespace n ON n.oid = t.schema_oid
@@ -365,6 +357,23 @@ BEGIN
         quote_ident(p_target), quote_ident(v_elsewhere), quote_ident(v_elsewhere);
     END IF;
   END IF;
+END
+$fn$;
+
+-- An operator's answer for a tenant whose schema changed: a new tenant. The journal rows of
+-- the schema before go to the history (rolled_back_by_plan 'flotilla:tenant-is-new'), with
+-- its checkpoints and prior images (of objects gone with it); the schema there now is
+-- recorded. Returns how many journal rows moved.
+CREATE OR REPLACE FUNCTION flotilla.tenant_is_new(p_target text) RETURNS bigint
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_oid oid := (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = p_target);
+  v_moved bigint;
+BEGIN
+  IF v_oid IS NULL THEN
+    RAISE EXCEPTION 'no schema % on this shard', quote_ident(p_target);
+  END IF;
+  PERFORM flotilla.refuse_renamed_away(p_target);
   WITH gone AS (
     DELETE FROM flotilla.journal j WHERE j.target = p_target RETURNING j.*
   ), kept AS (
@@ -389,24 +398,11 @@ CREATE OR REPLACE FUNCTION flotilla.tenant_kept_its_history(p_target text) RETUR
 LANGUAGE plpgsql AS $fn$
 DECLARE
   v_oid oid := (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = p_target);
-  v_elsewhere name;
 BEGIN
   IF v_oid IS NULL THEN
     RAISE EXCEPTION 'no schema % on this shard', quote_ident(p_target);
   END IF;
-  -- Its recorded schema is on the shard under another name (renamed away, a new schema
-  -- made under this one): that tenant holds this name's history, and an answer here would
-  -- cut it off from it (its migrations then ran again there). The names first.
-  IF EXISTS (SELECT 1 FROM flotilla.journal j WHERE j.target = p_target) THEN
-    SELECT n.nspname INTO v_elsewhere FROM flotilla.tenant_schemas t
-      JOIN pg_catalog.pg_namespace n ON n.oid = t.schema_oid
-     WHERE t.target = p_target AND n.nspname <> p_target
-       AND t.recorded_in = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'flotilla');
-    IF v_elsewhere IS NOT NULL THEN
-      RAISE EXCEPTION 'the schema recorded for % is on this shard as %, which holds its history (renamed): put the names back first (or move that history to %: see flotilla fleet show)',
-        quote_ident(p_target), quote_ident(v_elsewhere), quote_ident(v_elsewhere);
-    END IF;
-  END IF;
+  PERFORM flotilla.refuse_renamed_away(p_target);
   INSERT INTO flotilla.tenant_schemas (target, schema_oid, recorded_in)
   VALUES (p_target, v_oid, (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = 'flotilla'))
   ON CONFLICT (target) DO UPDATE
