@@ -142,6 +142,15 @@ pub(super) async fn client(addrs: &str) -> Result<Client, u8> {
         };
         let https = endpoint.uri().scheme_str() == Some("https");
         match endpoint.connect().await {
+            Ok(ch) if !answers(ch.clone()).await => {
+                // accepted the connection (its host's kernel did) and said nothing: stopped
+                // (SIGSTOP, a stalled VM) or swamped. The next address, rather than a call
+                // that waits for good (`--coordinator frozen,leader` hung).
+                last = format!(
+                    "{addr}: connected, but no answer within {}s",
+                    PROBE_WITHIN.as_secs()
+                );
+            }
             Ok(ch) => {
                 return Ok(OperatorServiceClient::with_interceptor(ch, Bearer)
                     .max_decoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES)
@@ -168,6 +177,17 @@ pub(super) async fn client(addrs: &str) -> Result<Client, u8> {
     }
     eprintln!("error: cannot reach a coordinator ({last})");
     Err(EXIT_UNAVAILABLE)
+}
+
+/// How long a coordinator that took the connection has to answer its health service.
+const PROBE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether the coordinator on `ch` answers at all: its health service, open to any client
+/// (any answer counts, a refusal too: the call that follows says what it is).
+async fn answers(ch: Channel) -> bool {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    let check = health.check(tonic_health::pb::HealthCheckRequest::default());
+    tokio::time::timeout(PROBE_WITHIN, check).await.is_ok()
 }
 
 /// Where a follower says the leader is, when it refused a write.

@@ -32,7 +32,12 @@ pub(super) fn endpoint(addr: &str) -> Result<Endpoint, String> {
     let addr = addr.as_str();
     let endpoint = Endpoint::from_shared(addr.to_string())
         .map_err(|e| format!("--coordinator `{addr}`: {e}"))?
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // a coordinator that stops answering on a connection (frozen, a host gone) ends
+        // the call, a watch's stream too, rather than leave it waiting for good
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     match tls {
         Some(tls) => {
             if !addr.trim().starts_with("https://") {

@@ -1977,3 +1977,35 @@ async fn a_rollback_passes_over_a_dropped_tenant_and_names_a_renamed_one() -> an
     assert!(show["last_failure"].is_null(), "{show}");
     Ok(())
 }
+
+/// A coordinator listed first that takes connections and says nothing (stopped with
+/// SIGSTOP, a stalled VM: its host's kernel still accepts) is passed over for the next one
+/// listed. Before, the CLI waited on it for good (`plan status`, `fleet list` hung).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_passes_over_a_coordinator_that_takes_connections_and_says_nothing()
+-> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    // accepts, and never reads nor writes: what a frozen process's listening socket does
+    let frozen = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let frozen_at = frozen.local_addr()?;
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((conn, _)) = frozen.accept().await {
+            kept.push(conn);
+        }
+    });
+    let list = format!("http://{frozen_at},{}", fleet.addr);
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_flotilla(
+            &["--coordinator", &list, "fleet", "list", "--output", "json"],
+            &[],
+        ),
+    )
+    .await
+    .context("the CLI waited on the silent coordinator")??;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("shard_0"), "{out}");
+    held.abort();
+    Ok(())
+}
