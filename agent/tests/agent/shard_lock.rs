@@ -352,6 +352,13 @@ fn tcp_keepalive_of(fd: i32) -> (bool, i32, i32) {
 /// to restart it once the database is whole again. Nothing is written to the new database.
 #[tokio::test]
 async fn an_agent_takes_no_runs_on_a_database_made_again_under_it() {
+    // Alone: the log lines it waits for ("lost the connection ...") are those the other lock
+    // tests wait for too, and the log is the process's.
+    if !alone_in_child_process(
+        "shard_lock::an_agent_takes_no_runs_on_a_database_made_again_under_it",
+    ) {
+        return;
+    }
     let Some(mut f) = fleet("lock_replaced", 1).await else {
         return;
     };
