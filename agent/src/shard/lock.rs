@@ -13,7 +13,9 @@
 //! until it holds the lock again; what is in flight finishes, and the fence in each step's own
 //! transaction remains the last word. Taking it back, it checks the shard's flotilla schema
 //! version first: an agent of a newer release may have served the shard meanwhile and
-//! upgraded it, and this one would not heed what it records.
+//! upgraded it, and this one would not heed what it records. And that the database is the
+//! one it started on (by OID): one dropped and made again under it (a restore from a dump)
+//! gets no runs until the agent is restarted.
 use std::time::Duration;
 
 use sqlx::Connection;

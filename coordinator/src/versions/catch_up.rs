@@ -62,9 +62,9 @@ impl Coordinator {
     /// kept from before, caught up on some plans already (what their journals hold is left
     /// out).
     async fn catch_up(&self, shard: &str, tenants: &[pb::Tenant], again: bool) {
-        // A tenant that appeared here while another shard's journal holds its rows, gone
-        // from that shard: moved (dumped there, restored here), most likely, holding what
-        // those rows say. Caught up as a new tenant it ran its migrations again over what it
+        // A tenant that appeared here while another shard's journal holds its rows (gone
+        // from that shard, or there too): moved or copied (dumped there, restored here),
+        // most likely, holding what those rows say. Caught up as a new tenant it ran its migrations again over what it
         // held (a data change twice). Held back, said, for an operator to record what it
         // holds (or to run a plan for it, if it is another tenant of the same name).
         let (moved, tenants): (Vec<_>, Vec<_>) = tenants
@@ -447,7 +447,7 @@ fn selected_migrations(
 }
 
 /// What the log, `fleet status` and `fleet show` say of a tenant that appeared on `shard`
-/// while the journal of `from`, where it is gone, holds its rows.
+/// while the journal of `from` (where it is gone, or `still_there`) holds its rows.
 fn moved_tenant(shard: &str, tenant: &str, from: &str, still_there: bool) -> String {
     let selector = format!("shard = {}, tenant = {}", quoted(shard), quoted(tenant));
     let (there, what) = if still_there {
