@@ -243,12 +243,14 @@ pub enum Conflict {
         remedy: String,
     },
     #[error(
-        "plan {plan_id} holds shard {shard}'s lock and is in motion here, and cannot be halted ({why}); its lock goes when it ends: cancel it, or wait for its end"
+        "plan {plan_id} holds shard {shard}'s lock and is in motion here, and cannot be halted ({why}); its lock goes when it ends: {remedy}"
     )]
     LockHolderInMotion {
         plan_id: String,
         shard: String,
         why: String,
+        /// What ends it, by its state (a committing plan cannot be cancelled).
+        remedy: &'static str,
     },
     #[error("plan {plan_id} is not running; nothing to {action}")]
     NotRunning {

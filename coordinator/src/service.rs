@@ -333,10 +333,25 @@ impl Coordinator {
                     },
                 )) => {}
                 Err(e) => {
+                    let remedy = match &e {
+                        CoordinatorError::Conflict(Conflict::NotHaltable {
+                            state: PlanState::Committing,
+                            ..
+                        }) => {
+                            "wait for its commit to end (`plan forget-shard` for a shard whose \
+                             agent is gone for good)"
+                        }
+                        CoordinatorError::Conflict(Conflict::NotHaltable {
+                            state: PlanState::Aborting | PlanState::RollingBack,
+                            ..
+                        }) => "wait for its undo to end",
+                        _ => "cancel it, or wait for its end",
+                    };
                     return Err(Conflict::LockHolderInMotion {
                         plan_id: holder,
                         shard: shard.to_string(),
                         why: e.to_string(),
+                        remedy,
                     }
                     .into());
                 }

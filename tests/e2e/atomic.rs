@@ -858,6 +858,18 @@ async fn a_shard_gone_while_committing_is_forgotten_and_commits_when_back() -> a
     let out = fleet.cli(&["plan", "cancel", &id]).await?;
     assert_ne!(out.code(), Some(0), "{out}");
     assert!(out.stderr.contains("not yet committed on shard_1"), "{out}");
+    // breaking the shard's lock is refused too, saying what ends it (it said to cancel the
+    // plan, which is refused)
+    let out = fleet
+        .cli(&["locks", "break", "shard_1", "--reason", "stuck"])
+        .await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stderr
+            .contains("its lock goes when it ends: wait for its commit to end")
+            && out.stderr.contains("`plan forget-shard`"),
+        "{out}"
+    );
 
     let out = forget(&fleet, &id, "shard_1", &[]).await?;
     assert_eq!(out.code(), Some(2), "no reason: {out}");
