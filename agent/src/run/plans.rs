@@ -808,9 +808,6 @@ impl Agent {
         let mut todo = Vec::with_capacity(n);
         let mut applied = Vec::new();
         for mut job in batch {
-            // A tenant whose schema changed since its journal was written: what is applied
-            // there is not known, and nothing runs until an operator says (the step fails,
-            // saying how).
             // A tenant holding another's schema (renamed, or swapped with it): what is
             // applied there is in the other name's journal rows, and its migrations would
             // run again (said before it is taken for a changed schema, which it is too).
@@ -820,6 +817,9 @@ impl Agent {
                 applied.push((job.prepare.is_some(), failed));
                 continue;
             }
+            // A tenant whose schema changed since its journal was written: what is applied
+            // there is not known, and nothing runs until an operator says (the step fails,
+            // saying how).
             if changed.contains(&job.tenant) {
                 let why = shard::changed_schema(&self.config.shard, &job.tenant);
                 let failed = job::all_failed(&job.run, &Failure::agent("up", why));
