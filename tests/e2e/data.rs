@@ -1328,3 +1328,41 @@ async fn a_never_analyzed_tables_rows_are_counted_for_the_total() -> anyhow::Res
     assert_eq!(fleet.status(&id).await?["state"], "cancelled", "{out}");
     Ok(())
 }
+
+/// A data change whose filter matches no row anywhere completes, and says so: it read as
+/// every step applied (a typo in a filter looked like success).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_change_that_changes_no_row_says_so() -> anyhow::Result<()> {
+    let fleet = slow_backfill_fleet().await?;
+    let dir = MigrationDir::new()?;
+    let toml = backfill_toml(100, false).replace("touched = 0\"", "touched = 42\"");
+    dir.migration(BACKFILL_ID, &toml, "", BACKFILL_DOWN)?;
+    let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status["state"], "completed", "{status}");
+    assert!(
+        status["message"].as_str().unwrap().contains(&format!(
+            "data change {BACKFILL_ID} changed no row on any target (its filter"
+        )),
+        "{status}"
+    );
+    assert_eq!(touched_rows(&fleet).await?, 0);
+    // one that changes rows says nothing of the kind
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "20250201000002_backfill_for_real",
+        &backfill_toml(100, false),
+        "",
+        BACKFILL_DOWN,
+    )?;
+    let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        !status["message"]
+            .as_str()
+            .unwrap()
+            .contains("changed no row"),
+        "{status}"
+    );
+    Ok(())
+}

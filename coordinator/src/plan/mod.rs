@@ -441,6 +441,33 @@ impl PlanRun {
         );
     }
 
+    /// The data changes this plan applied on targets (at least one) whose last progress
+    /// says no row was changed on any of them, every target's progress known.
+    pub(crate) fn data_changes_that_changed_nothing(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (m, migration) in self.spec.migrations.iter().enumerate() {
+            if migration.data.is_none() {
+                continue;
+            }
+            let applied: Vec<usize> = (0..self.steps.len())
+                .filter(|&s| {
+                    self.steps[s].migration == m && self.steps[s].status == StepStatus::Applied
+                })
+                .collect();
+            let none_changed = !applied.is_empty()
+                && applied.iter().all(|&s| {
+                    let t = &self.targets[self.steps[s].target];
+                    self.progress
+                        .get(&(migration.id.to_string(), t.shard.clone(), t.tenant.clone()))
+                        .is_some_and(|p| p.rows_done == 0 && p.state == "done")
+                });
+            if none_changed {
+                out.push(migration.id.to_string());
+            }
+        }
+        out
+    }
+
     /// A step's result came: a lock wait it showed is over, whatever the result.
     pub(crate) fn end_lock_wait(&mut self, s: usize) {
         let t = &self.targets[self.steps[s].target];

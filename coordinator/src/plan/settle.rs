@@ -146,6 +146,15 @@ impl PlanRun {
                         "every step applied".into()
                     };
                 }
+                // A data change that applied everywhere and changed no row anywhere: a typo
+                // in its filter, most likely (it read as every step applied).
+                for id in self.data_changes_that_changed_nothing() {
+                    self.message = format!(
+                        "{}; data change {id} changed no row on any target (its filter, or its \
+                         table empty?)",
+                        self.message
+                    );
+                }
                 if !self.gone.is_empty() {
                     let names: Vec<String> = self
                         .gone
