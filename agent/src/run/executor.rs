@@ -642,27 +642,8 @@ async fn restarted_under(
     (job, migration): (&Job, &str),
     started: Instant,
 ) -> Option<Result<String, String>> {
-    if !failure.server_gone() {
-        return None;
-    }
-    let why = if failure.error.sqlstate == sqlstate::CRASH_SHUTDOWN {
-        "the shard's server reset every session after another of its processes crashed".to_string()
-    } else {
-        let (seen, uptime) = shard::server_start::once_back(pool, Duration::from_secs(30)).await?;
-        let elapsed = started.elapsed();
-        if seen > started {
-            format!(
-                "the shard's server started again (or another took its place) while the step ran (up {uptime:.1} s)"
-            )
-        } else if uptime < (elapsed + Duration::from_secs(1)).as_secs_f64() {
-            format!(
-                "the shard's server restarted while the step ran (up {uptime:.1} s, the step began {:.1} s ago)",
-                elapsed.as_secs_f64()
-            )
-        } else {
-            return None;
-        }
-    };
+    let why = shard::server_start::restarted_since(pool, failure, started, Duration::from_secs(30))
+        .await?;
     let key = format!("{}\n{}\n{migration}", job.plan.plan_id, job.tenant);
     let times = {
         let mut cut = CUT_BY_RESTARTS.lock().expect("restarts lock");

@@ -378,21 +378,15 @@ const UNDO_SERVER_GONE_RETRIES: u32 = 3;
 /// `began`, `failure` being what the undo saw of it: no session of the attempt is left.
 /// Waits for the server to answer (at most 30 s).
 async fn restarted_under(pool: &sqlx::PgPool, failure: &Failure, began: Instant) -> bool {
-    if !failure.server_gone() {
-        return false;
-    }
-    // (waited for in every case: crash recovery, or a restart, may take longer than a pool's
-    // connection attempt)
-    let back = shard::server_start::once_back(pool, std::time::Duration::from_secs(120)).await;
-    if failure.error.sqlstate == flotilla_core::protocol::sqlstate::CRASH_SHUTDOWN {
-        return back.is_some();
-    }
-    match back {
-        Some((seen, uptime)) => {
-            seen > began
-                || uptime < (began.elapsed() + std::time::Duration::from_secs(1)).as_secs_f64()
-        }
+    // (crash recovery, or a restart, may take longer than a pool's connection attempt)
+    let within = std::time::Duration::from_secs(120);
+    match shard::server_start::restarted_since(pool, failure, began, within).await {
         None => false,
+        // a crash's reset is said at once: the server is waited for here, in its recovery
+        Some(_) if failure.error.sqlstate == flotilla_core::protocol::sqlstate::CRASH_SHUTDOWN => {
+            shard::server_start::once_back(pool, within).await.is_some()
+        }
+        Some(_) => true,
     }
 }
 

@@ -82,3 +82,39 @@ pub(crate) async fn now(pool: &PgPool) -> Option<(Instant, f64)> {
         }
     }
 }
+
+/// Why the shard's server is another start of it than the one running when `began` (it
+/// restarted, another took its place, or it reset every session after a crash elsewhere),
+/// `failure` being what the caller's session saw: None when it is the same (the session
+/// ended on its own) or does not answer within `within`. Once it says so, no session of the
+/// caller's from before is left on the server.
+pub(crate) async fn restarted_since(
+    pool: &PgPool,
+    failure: &crate::error::Failure,
+    began: Instant,
+    within: std::time::Duration,
+) -> Option<String> {
+    if !failure.server_gone() {
+        return None;
+    }
+    if failure.error.sqlstate == flotilla_core::protocol::sqlstate::CRASH_SHUTDOWN {
+        return Some(
+            "the shard's server reset every session after another of its processes crashed"
+                .to_string(),
+        );
+    }
+    let (seen, uptime) = once_back(pool, within).await?;
+    let elapsed = began.elapsed();
+    if seen > began {
+        Some(format!(
+            "the shard's server started again (or another took its place) while the step ran (up {uptime:.1} s)"
+        ))
+    } else if uptime < (elapsed + std::time::Duration::from_secs(1)).as_secs_f64() {
+        Some(format!(
+            "the shard's server restarted while the step ran (up {uptime:.1} s, the step began {:.1} s ago)",
+            elapsed.as_secs_f64()
+        ))
+    } else {
+        None
+    }
+}

@@ -64,13 +64,16 @@ impl Coordinator {
     async fn catch_up(&self, shard: &str, tenants: &[pb::Tenant], again: bool) {
         // A tenant that appeared here while another shard's journal holds its rows (gone
         // from that shard, or there too): moved or copied (dumped there, restored here),
-        // most likely, holding what those rows say. Caught up as a new tenant it ran its migrations again over what it
-        // held (a data change twice). Held back, said, for an operator to record what it
-        // holds (or to run a plan for it, if it is another tenant of the same name).
+        // most likely, holding what those rows say. Caught up as a new tenant it ran its
+        // migrations again over what it held (a data change twice). Held back, said, for an
+        // operator to record what it holds (or to run a plan for it, if it is another
+        // tenant of the same name).
+        let (journals, _) = self.inner.versions.snapshot();
+        let fleet = self.inner.fleet.snapshot();
         let (moved, tenants): (Vec<_>, Vec<_>) = tenants
             .iter()
             .cloned()
-            .map(|t| (self.moved_from(shard, &t.name), t))
+            .map(|t| (moved_from(&journals, &fleet, shard, &t.name), t))
             .partition(|(from, _)| from.is_some());
         for (from, t) in moved {
             let (from, still_there) = from.unwrap_or_default();
@@ -114,31 +117,6 @@ impl Coordinator {
         for (tenants, raw) in plans {
             self.submit_catch_up(shard, &tenants, raw).await;
         }
-    }
-
-    /// Another shard whose reported journal holds rows of `tenant`: the shard it is moved
-    /// (or copied) from, most likely, with whether its agent still lists it there (a move
-    /// restores the tenant on its new shard before it drops it on the old one, and either
-    /// agent may look first; a copy leaves it). A tenant's name is taken as unique in the
-    /// fleet here, as `fleet show TENANT` takes it.
-    fn moved_from(&self, shard: &str, tenant: &str) -> Option<(String, bool)> {
-        let (journals, _) = self.inner.versions.snapshot();
-        let fleet = self.inner.fleet.snapshot();
-        journals
-            .iter()
-            .filter(|(other, _)| other.as_str() != shard)
-            .find(|(_, journal)| {
-                journal
-                    .targets
-                    .get(tenant)
-                    .is_some_and(|rows| !rows.is_empty())
-            })
-            .map(|(other, _)| {
-                let still_there = fleet
-                    .get(other.as_str())
-                    .is_none_or(|a| a.tenants.iter().any(|t| t.name == tenant));
-                (other.clone(), still_there)
-            })
     }
 
     /// Whether a plan not ended yet asks for catch-up (it gives new tenants what it
@@ -444,6 +422,34 @@ fn selected_migrations(
             (tenant.to_string(), ordered)
         })
         .collect()
+}
+
+/// Another shard whose reported journal holds rows of `tenant`: the shard it is moved (or
+/// copied) from, most likely, with whether its agent still lists it there (a move restores
+/// the tenant on its new shard before it drops it on the old one, and either agent may look
+/// first; a copy leaves it). A tenant's name is taken as unique in the fleet here, as `fleet
+/// show TENANT` takes it. (`journals` and `fleet` read once for all the tenants found.)
+fn moved_from(
+    journals: &super::Journals,
+    fleet: &BTreeMap<String, crate::sessions::registry::AttachedAgent>,
+    shard: &str,
+    tenant: &str,
+) -> Option<(String, bool)> {
+    journals
+        .iter()
+        .filter(|(other, _)| other.as_str() != shard)
+        .find(|(_, journal)| {
+            journal
+                .targets
+                .get(tenant)
+                .is_some_and(|rows| !rows.is_empty())
+        })
+        .map(|(other, _)| {
+            let still_there = fleet
+                .get(other.as_str())
+                .is_none_or(|a| a.tenants.iter().any(|t| t.name == tenant));
+            (other.clone(), still_there)
+        })
 }
 
 /// What the log, `fleet status` and `fleet show` say of a tenant that appeared on `shard`
