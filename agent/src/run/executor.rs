@@ -14,6 +14,7 @@ use sqlx::postgres::{PgConnection, PgDatabaseError, PgErrorPosition, PgPool, PgR
 use sqlx::{AssertSqlSafe, Column, Either, Row};
 use tracing::{debug, info, instrument, warn};
 
+use super::abort;
 use super::conn::{execute, recover, wait_for_server};
 use super::job::{Found, Halts, Job, PrepareGid, Report};
 use super::lock_wait::{self, BlockerWatch, LOCK_RETRIES, retry_pause, with_attempts};
@@ -34,11 +35,11 @@ pub(crate) struct RunOutput {
 }
 
 /// A step group that failed: which member, why, and how long it ran.
-struct GroupFailure {
-    position: usize,
-    failure: Failure,
+pub(super) struct GroupFailure {
+    pub position: usize,
+    pub failure: Failure,
     /// The connection may still be inside the failed transaction.
-    in_transaction: bool,
+    pub in_transaction: bool,
 }
 
 /// Applies a run's steps in order. Transactional steps of a fused run share one transaction
@@ -245,7 +246,14 @@ async fn run_group(
         durations.iter_mut().for_each(|d| *d = Duration::ZERO);
         let watch = backend_pid.map(|pid| BlockerWatch::start(pool, pid, &job.steps[i]));
         let outcome = if transactional {
-            run_transaction(conn, cx, job, group, durations).await
+            match (&job.prepare, backend_pid, &job.halts) {
+                // an atomic unit's run: cancelled if its plan halts (see `abort`)
+                (Some(_), Some(pid), Some(halts)) => {
+                    let run = run_transaction(conn, cx, job, group, durations);
+                    abort::cancel_on_halt(pool, pid, halts, run).await
+                }
+                _ => run_transaction(conn, cx, job, group, durations).await,
+            }
         } else {
             let attempt = data::Attempt {
                 halts_at_start,
@@ -474,6 +482,11 @@ async fn run_transaction(
     }
     if let Some(failure) = commit_failpoint() {
         return Err(fail(last, failure));
+    }
+    // A halt since the run was queued aborts its atomic unit: preparing now would only hold
+    // the run's locks until the abort's Resolve rolls it back.
+    if job.prepare.is_some() && job.halts.as_ref().is_some_and(Halts::halted) {
+        return Err(fail(0, abort::not_prepared()));
     }
     let committing = Instant::now();
     let r = commit(conn, job.prepare.as_ref()).await;

@@ -4,13 +4,14 @@
 //! and undo (`rollback`).
 //!
 //! Dependencies point down this list: `plans` -> `executor` -> (`job`, `sqlgen`,
-//! `statements`, `lock_wait`, `invalid_index`, `conn`, `two_phase`); `resolve` and
+//! `statements`, `lock_wait`, `invalid_index`, `abort`, `conn`, `two_phase`); `resolve` and
 //! `rollback` use the plans' halt; `job` holds the types they all share.
 use flotilla_core::pb;
 use tracing::warn;
 
 use crate::Agent;
 
+mod abort;
 mod conn;
 mod executor;
 mod gate;

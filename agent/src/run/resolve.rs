@@ -41,7 +41,6 @@ impl Agent {
     #[instrument(skip_all, fields(shard = %self.config.shard, plan = %req.plan_id, commit = req.commit, epoch = req.epoch))]
     pub(crate) async fn resolve(self: Arc<Self>, req: pb::Resolve) -> pb::ResolveReply {
         let received = std::time::Instant::now();
-        let (open_at_start, idle_at_start) = (self.pool.size(), self.pool.num_idle());
         let decision = if req.commit {
             Decision::Commit
         } else {
@@ -117,18 +116,24 @@ impl Agent {
                 return reply;
             }
         }
+        let plan_id = req.plan_id.clone();
+        let mut done = 0i64;
         if decision == Decision::Abort {
-            // A run of the plan still in flight may be about to PREPARE: were it to do so
-            // after its ROLLBACK PREPARED (a no-op then), it would stay prepared. Queued runs
-            // are dropped, and those running finish first. Only for an abort that stands
-            // (one unit, a coordinator the fence has not seen deposed): a stale or malformed
-            // one dropped every queued run of the plan and waited for those in flight.
-            let plan = self.plan(&req.plan_id);
+            // The gids named are rolled back at once: their runs are over (the coordinator
+            // names what was reported prepared, or found in doubt), and each holds its
+            // target's locks until then. The runs of the plan still in flight are halted
+            // (a halted run does not prepare, and its statement is cancelled: `abort`), and
+            // what they or a copy of a named run prepared meanwhile follows once they end:
+            // a transaction prepared after its ROLLBACK PREPARED (a no-op then) would stay
+            // prepared. Only for an abort that stands (one unit, a coordinator the fence has
+            // not seen deposed): a stale or malformed one dropped every queued run of the
+            // plan and waited for those in flight.
+            let plan = self.plan(&plan_id);
             self.halt(&plan);
+            done += self
+                .finish_into(&plan_id, req.gids.clone(), decision, received, &mut reply)
+                .await;
             plan.wait_idle().await;
-        }
-        let mut gids = req.gids;
-        if decision == Decision::Abort {
             // Those runs, and runs the agent went on with while cut off from its
             // coordinator, may have prepared transactions of the unit the coordinator has
             // not heard of: the abort is the unit's, so they are rolled back with it. Left,
@@ -138,11 +143,13 @@ impl Agent {
                 Ok(here) => {
                     let unheard: Vec<String> = here
                         .into_iter()
-                        .filter(|g| plan_of_gid(g) == Some(unit.as_str()) && !gids.contains(g))
+                        .filter(|g| plan_of_gid(g) == Some(unit.as_str()) && !req.gids.contains(g))
                         .collect();
                     if !unheard.is_empty() {
                         info!(gids = ?unheard, "rolling back the unit's prepared transactions the coordinator did not name (prepared while its decision was on its way)");
-                        gids.extend(unheard);
+                        done += self
+                            .finish_into(&plan_id, unheard, decision, received, &mut reply)
+                            .await;
                     }
                 }
                 Err(e) => {
@@ -151,10 +158,28 @@ impl Agent {
                     )
                 }
             }
+        } else {
+            done += self
+                .finish_into(&plan_id, req.gids, decision, received, &mut reply)
+                .await;
         }
+        metrics::prepared_held_add(-(done as f64));
+        reply
+    }
+
+    /// COMMIT or ROLLBACK PREPARED `gids` (of `plan_id`'s unit), each at most once, adding
+    /// what each came to to `reply`; returns how many this call resolved.
+    async fn finish_into(
+        &self,
+        plan_id: &str,
+        gids: Vec<String>,
+        decision: Decision,
+        received: std::time::Instant,
+        reply: &mut pb::ResolveReply,
+    ) -> i64 {
         let mut valid = Vec::with_capacity(gids.len());
         for gid in gids {
-            match validate_gid(&gid, &req.plan_id) {
+            match validate_gid(&gid, plan_id) {
                 Ok(lit) => valid.push((gid, lit)),
                 Err(reason) => {
                     warn!(gid = %gid.escape_debug(), %reason, "not resolving a gid of the wrong shape");
@@ -162,6 +187,7 @@ impl Agent {
                 }
             }
         }
+        let (open_at_start, idle_at_start) = (self.pool.size(), self.pool.num_idle());
         // Each prepared transaction holds its target's locks until it is resolved: all of
         // them at once on the connections open now, but never on new ones: opening a
         // connection (a backend's fork and start) costs more than a COMMIT PREPARED, and
@@ -170,7 +196,7 @@ impl Agent {
         // one session per shard database committing in turn takes.)
         let parallel = self.pool.num_idle();
         let checked = received.elapsed();
-        let open_before = self.pool.size();
+        let finishing = std::time::Instant::now();
         let finished = finish_on_connections(
             &self.pool,
             parallel,
@@ -181,22 +207,25 @@ impl Agent {
                 .collect(),
         )
         .await;
-        // where a decision's time goes on this shard (the two-phase bench reads it): the
+        // where a decision's time goes on this shard (the debug log): the
         // fence and decision reads, then the COMMIT/ROLLBACK PREPAREDs on the sessions idle
         // after those reads (`finish_on_connections` takes at least one, at most one a gid),
         // and how many had to be opened
         debug!(
             gids = finished.len(),
             checks_ms = checked.as_secs_f64() * 1e3,
-            finish_ms = (received.elapsed() - checked).as_secs_f64() * 1e3,
+            finish_ms = finishing.elapsed().as_secs_f64() * 1e3,
             open_at_start,
             idle_at_start,
             idle_after_checks = parallel,
-            opened = self.pool.size().saturating_sub(open_before),
+            opened = self.pool.size().saturating_sub(open_at_start),
             "decision carried out"
         );
         let mut done = 0i64;
         for (gid, _, r, at) in finished {
+            if reply.resolved.contains(&gid) {
+                continue;
+            }
             match r {
                 Ok(Finished::Now) => {
                     info!(%gid, decision = decision.as_str(), "prepared transaction resolved");
@@ -216,8 +245,7 @@ impl Agent {
                 }
             }
         }
-        metrics::prepared_held_add(-(done as f64));
-        reply
+        done
     }
 
     /// Resolves Flotilla's prepared transactions in this database from their plans'

@@ -11,7 +11,7 @@ mod read_only;
 pub(crate) mod server_start;
 mod tenants;
 
-pub(crate) use connect::{connect, connect_options};
+pub(crate) use connect::{connect, connect_options, open};
 pub(crate) use fingerprint::read_fingerprints;
 pub(crate) use journal::{
     GONE, JournalRow, advance_fence, changed_schema, changed_schemas, check_claim, count_plan_rows,

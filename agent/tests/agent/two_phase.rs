@@ -1137,3 +1137,78 @@ async fn table_has_column(f: &Fleet, table: &str, column: &str) -> bool {
     .await
         == 1
 }
+
+/// An atomic unit's abort reaching the agent while a run of the unit is in its statement:
+/// the statement is cancelled, the run reported NOT_RUN (stopped, not failed) with nothing
+/// of it prepared or left, and the target that had prepared is rolled back. Before, the
+/// run went on to the end of its statement (a minute here), then prepared, and the Resolve
+/// waited for it, the prepared target's locks held all along.
+#[tokio::test]
+async fn an_atomic_run_halted_while_it_runs_is_cancelled() {
+    let Some(f) = fleet_2pc("tpc_halt", 2).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    define(
+        &s,
+        "hc",
+        vec![
+            migration(
+                "slow",
+                "CREATE TABLE slow_t (id int); SELECT pg_sleep(60)",
+                "DROP TABLE slow_t",
+                "",
+            ),
+            table("quick", "quick_t"),
+        ],
+    );
+    let quick = "flotilla:hc:1:1:tenant_0001";
+    let r = s
+        .assign(
+            "hc",
+            1,
+            1,
+            vec![prepared_run(1, "tenant_0001", &["quick"], quick)],
+        )
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Prepared], "{r:?}");
+    s.send(In::Assign(pb::Assign {
+        plan_id: "hc".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![prepared_run(
+            2,
+            "tenant_0000",
+            &["slow"],
+            "flotilla:hc:2:1:tenant_0000",
+        )],
+    }));
+    wait_running(&f.pool, "pg_sleep(60)").await;
+    // the abort's Resolve, the run in flight: it halts the plan (the run's statement is
+    // cancelled), and its reply follows the run's result
+    s.send(In::Resolve(pb::Resolve {
+        plan_id: "hc".into(),
+        commit: false,
+        epoch: 1,
+        gids: vec![quick.to_string()],
+    }));
+    let r = s.results("hc", 1).await;
+    assert_eq!(outcomes(&r[&2]), [pb::StepOutcome::NotRun], "{r:?}");
+    let e = error(&r[&2], 0);
+    assert!(
+        e.phase == "stopped" && e.message.starts_with("cancelled: the plan was halted"),
+        "{e:?}"
+    );
+    let reply = match s.next().await {
+        Out::Resolve(r) => r,
+        other => panic!("expected the resolve reply, got {other:?}"),
+    };
+    assert_eq!(reply.resolved, [quick], "{reply:?}");
+    assert!(prepared_gids(&f.pool).await.is_empty());
+    assert!(!table_exists(&f, "tenant_0000", "slow_t").await);
+    assert!(!table_exists(&f, "tenant_0001", "quick_t").await);
+    assert_eq!(journal(&f, "hc").await, 0);
+    h.stop().await;
+    f.drop().await;
+}

@@ -242,8 +242,8 @@ impl Engine {
                 && run.decision.is_none()
         };
         if self.plans[plan_id].state == PlanState::Aborting {
-            // The unit's abort is under way: once nothing is in flight its decision is
-            // written, every shard rolls its prepared transactions back, and the rollback
+            // The unit's abort is under way: its decision is written, every shard rolls
+            // its prepared transactions back, and once nothing is in flight the rollback
             // of the rest follows (`two_phase`); begun here, it would pass over the
             // decision and leave what prepares meanwhile prepared, with none.
         } else if undo && atomic_in_flight {

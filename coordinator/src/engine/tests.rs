@@ -551,6 +551,45 @@ async fn a_rollback_of_an_aborting_unit_waits_for_its_abort() {
     ));
 }
 
+/// An atomic unit cancelled with one target prepared and another still running: the abort
+/// is written at once and the prepared target rolled back (its locks released) while the
+/// other runs; the run that prepares after the decision is rolled back under it, and the
+/// plan ends only once nothing of it is prepared or out. Before, the decision waited for
+/// the slowest run in flight, every prepared target holding its locks meanwhile.
+#[tokio::test]
+async fn an_atomic_units_abort_does_not_wait_for_its_runs_in_flight() {
+    let events = engine();
+    let (mut rx0, mut rx1, r0, r1) = atomic_on_two_shards(&events).await;
+    result(&events, "s0", &r0, pb::StepOutcome::Prepared).await;
+    let status = command(&events, super::CommandKind::Cancel)
+        .await
+        .expect("accepted");
+    assert_eq!(status.summary.unwrap().state, "aborting");
+    // s1's run still out: s0 is told to roll back now
+    match next_decision_or_rollback(&mut rx0).await {
+        Body::Resolve(r) => assert!(!r.commit && r.gids == [r0.prepare_gid.clone()], "{r:?}"),
+        other => panic!("expected the abort's Resolve, got {other:?}"),
+    }
+    resolved(&events, "s0", &r0, false).await;
+    handled(&events).await;
+    let status = engine_status(&events)
+        .await
+        .expect("in motion: a run is out");
+    assert_eq!(status.summary.unwrap().state, "aborting");
+    // s1's run prepared after the decision: rolled back under it
+    result(&events, "s1", &r1, pb::StepOutcome::Prepared).await;
+    match next_decision_or_rollback(&mut rx1).await {
+        Body::Resolve(r) => assert!(!r.commit && r.gids == [r1.prepare_gid.clone()], "{r:?}"),
+        other => panic!("expected the abort's Resolve, got {other:?}"),
+    }
+    resolved(&events, "s1", &r1, false).await;
+    // then the rollback of what committed outside the unit
+    assert!(matches!(
+        next_decision_or_rollback(&mut rx1).await,
+        Body::Rollback(_)
+    ));
+}
+
 /// A rollback or cancel asked while the unit's commit decision is being carried out is
 /// refused, naming the shards that have not committed yet: the COMMIT PREPAREDs still to
 /// come would change the journals a rollback reads. Once they have, the plan completes.

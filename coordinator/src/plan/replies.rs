@@ -158,6 +158,13 @@ impl PlanRun {
                 .prepared(&gid, result.prepared_at_us, run_us);
             if let Some(sr) = self.shards.get_mut(shard) {
                 sr.prepared.insert(gid, prepared);
+                if self.decision.is_some() {
+                    // Prepared after its unit's abort was written (a run in flight then):
+                    // the shard is resolved again, this gid with it.
+                    sr.resolved = false;
+                    sr.resolve_sent_on = None;
+                    sr.resolve_retry_at = None;
+                }
             }
         }
         (updates, failed)
