@@ -189,10 +189,23 @@ impl Coordinator {
                 let d = match self.inner.coordination.decision(&unit_key).await? {
                     Some(d) => d,
                     None => {
-                        // Left committing by a coordinator from before decisions were kept
-                        // in the store: it had decided commit (an upgrade mid-commit undid
-                        // by down SQL what shards had committed).
-                        let decided = if row.state == PlanState::Committing
+                        // Stored committing, its unit under way (steps of it stored prepared
+                        // or committed): its commit decision was durable before that state
+                        // was written (`two_phase` writes the state once `decide` answered),
+                        // and its key is lost since (etcd's data wiped, or restored from a
+                        // snapshot older than the decision). Presumed aborted, it was undone
+                        // by down SQL where shards had committed: a plan said committed
+                        // atomically, half-migrated when a down SQL failed. (A unit after
+                        // the one committing, where the rebuild moved past a unit stored
+                        // committed everywhere, has nothing under way: presumed aborted, as
+                        // any unit with no decision.)
+                        // Also a plan left committing by a coordinator from before decisions
+                        // were kept in the store: it had decided commit.
+                        let decided = if row.state == PlanState::Committing && run.unit_under_way()
+                        {
+                            warn!(plan = %row.id, unit = %unit_key, "stored committing, but no decision in etcd (its data lost or restored from an older snapshot?): its commit decision is written again");
+                            Decision::Commit
+                        } else if row.state == PlanState::Committing
                             && self.inner.store.committed_before_decisions(&row.id).await?
                         {
                             info!(plan = %row.id, unit = %unit_key, "left committing by a coordinator from before the store kept decisions: its commit decision stands");

@@ -410,6 +410,13 @@ impl Etcd {
         Ok(())
     }
 
+    /// Deletes `key` (no TLS, no auth), as etcd's data lost or restored from an older
+    /// snapshot would; returns how many keys went.
+    pub async fn delete_key(&self, key: &str) -> anyhow::Result<i64> {
+        let mut c = etcd_client::Client::connect([self.endpoint()], None).await?;
+        Ok(c.delete(key, None).await?.deleted())
+    }
+
     /// Makes every auth token etcd has issued invalid, as their expiry would: auth turned
     /// off and on again by `root` (whose password [`Etcd::enable_auth`] made from `password`).
     /// A client holding a token is refused with `invalid auth token` on its next request.

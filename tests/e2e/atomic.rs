@@ -1031,3 +1031,51 @@ async fn a_forgotten_shard_back_before_the_plan_ended_completes_it() -> anyhow::
     }
     Ok(())
 }
+
+/// A plan stored committing whose decision is lost from etcd (its data wiped, or restored
+/// from a snapshot older than the decision), one shard's agent away before it committed:
+/// the next leader writes the commit decision again, and the plan completes committed on
+/// both shards. Before, it presumed abort, and undid by down SQL the shard that had
+/// committed (a plan said committed atomically, half-migrated where a down SQL failed).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_committing_plan_whose_decision_etcd_lost_still_commits() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::builder(1, 2, 2)
+        .least_privilege()
+        .agent_env(1, "FAILPOINTS", "agent::before_commit_prepared=return")
+        .start()
+        .await?;
+    let id = submit_atomic(&fleet).await?;
+    let exit = fleet.agents[1]
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends shard_1's agent as it is told to commit");
+    assert_eq!(exit.code(), Some(88));
+    wait_until("shard_0 committed", WAIT, async || {
+        Ok(satisfaction_columns(&fleet, "shard_0").await? == 4)
+    })
+    .await?;
+    assert_eq!(fleet.status(&id).await?["state"], "committing");
+    // etcd loses the decision
+    let key = format!("/flotilla/decisions/{id}");
+    assert_eq!(fleet.etcd.delete_key(&key).await?, 1, "{key} was there");
+    fleet.restart_coordinator_with(0, &[]).await?;
+    fleet.restart_agent(1)?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "completed: {out}");
+    for s in 0..2 {
+        assert_eq!(
+            satisfaction_columns(&fleet, &format!("shard_{s}")).await?,
+            4,
+            "shard_{s} committed"
+        );
+    }
+    let c = fleet.coordinators[0].as_ref().unwrap();
+    assert!(
+        c.log().contains("its commit decision is written again"),
+        "{}",
+        c.log()
+    );
+    assert_none_prepared(&fleet, 2).await
+}

@@ -50,6 +50,18 @@ impl PlanRun {
         })
     }
 
+    /// Whether a step of the current unit is stored prepared or committed: the unit whose
+    /// decision was being carried out (a rebuild's current unit may be the next one, not
+    /// begun, when the one before was stored committed everywhere).
+    pub fn unit_under_way(&self) -> bool {
+        self.unit_steps().any(|s| {
+            matches!(
+                self.steps[s].status,
+                StepStatus::Prepared | StepStatus::Applied
+            )
+        })
+    }
+
     /// Whether a step of the current unit could have been handed out: one is past
     /// pending, or one waits for nothing.
     pub fn unit_reachable(&self) -> bool {
