@@ -295,9 +295,15 @@ impl Coordinator {
                     // a tenant caught up showed no version where the others of its cohort
                     // showed their plan's).
                     migration.version = spec.version_of(&spec.migrations[m].id);
-                    // A migration in two plans runs once, as the later plan has it.
-                    theirs.retain(|c| c.id != migration.id);
-                    theirs.push(migration);
+                    // A migration in two plans runs once, as the later plan has it, where
+                    // the earlier one had it: the fleet ran it there, before the plans
+                    // after it (a plan submitted again, as after a store made anew, moved
+                    // `CREATE TABLE` behind the `ALTER TABLE` of the plan after it, and the
+                    // new tenant's catch-up failed and was rolled back).
+                    match theirs.iter_mut().find(|c| c.id == migration.id) {
+                        Some(earlier) => *earlier = migration,
+                        None => theirs.push(migration),
+                    }
                 }
                 *environment = spec.environment.clone();
             }
