@@ -371,6 +371,27 @@ pub fn some_of(items: &[String], shown: usize) -> String {
     out
 }
 
+/// The later plans a refusal or an audit names, newest first (the order to roll them back
+/// in): the first few, and how many more. All of them made a message of 11 KB after a few
+/// hundred plans, and one past the gRPC status's room broke the call (an HTTP/2 protocol
+/// error, exit 3, "try again") with the reason lost.
+pub fn later_shown(later: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut out = later
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if later.len() > SHOWN {
+        out.push_str(&format!(
+            "; and {} more plans (`plan list` names them)",
+            later.len() - SHOWN
+        ));
+    }
+    out
+}
+
 impl CoordinatorError {
     /// A refusal that may not hold a moment later (no leader, a shard between two streams,
     /// etcd or the control store out of reach): what is sent without an operator (a
@@ -428,5 +449,38 @@ impl From<CoordinatorError> for tonic::Status {
             | CoordinatorError::Listen { .. }
             | CoordinatorError::Tls(_) => tonic::Status::internal(msg),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_the_newest_later_plans_and_counts_the_rest() {
+        let later: Vec<String> = (0..300)
+            .map(|i| {
+                format!("plan p{i:010}: 2026.06.01_{i:06}_add_a_column on shard_1/tenant_1_05")
+            })
+            .collect();
+        let shown = later_shown(&later);
+        assert!(
+            shown.starts_with("plan p0000000000: ")
+                && shown.contains("plan p0000000004: ")
+                && !shown.contains("p0000000005")
+                && shown.ends_with("; and 295 more plans (`plan list` names them)"),
+            "{shown}"
+        );
+        // the refusal stays far below a gRPC status's room, however long the history
+        let refusal = Conflict::LaterPlans {
+            plan_id: "p1".into(),
+            later: shown,
+        }
+        .to_string();
+        assert!(refusal.len() < 1_000, "{} bytes: {refusal}", refusal.len());
+        assert_eq!(
+            later_shown(&later[..2]),
+            format!("{}; {}", later[0], later[1])
+        );
     }
 }

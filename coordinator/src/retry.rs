@@ -106,11 +106,14 @@ impl Coordinator {
             if !ignore_later {
                 return Err(Conflict::LaterPlansRetry {
                     plan_id: plan_id.to_string(),
-                    later: later.join("; "),
+                    later: crate::error::later_shown(&later),
                 }
                 .into());
             }
-            actor.add_reason(&format!("past later plans ({})", later.join("; ")));
+            actor.add_reason(&format!(
+                "past later plans ({})",
+                crate::error::later_shown(&later)
+            ));
         }
         retry_checked_failpoint().await;
         let n = updates.len();

@@ -603,9 +603,14 @@ impl Coordinator {
                 } else {
                     format!("plan {plan}")
                 };
+                let migrations: Vec<String> = migrations.into_iter().collect();
+                let more = match migrations.len() {
+                    n if n > 5 => format!(" and {} more migrations", n - 5),
+                    _ => String::new(),
+                };
                 format!(
-                    "{what}: {} on {}",
-                    migrations.into_iter().collect::<Vec<_>>().join(", "),
+                    "{what}: {}{more} on {}",
+                    migrations[..migrations.len().min(5)].join(", "),
                     crate::error::some_of(&targets, 3)
                 )
             })
@@ -678,11 +683,14 @@ impl Coordinator {
                 if !ignore_later {
                     return Err(Conflict::LaterPlans {
                         plan_id: plan_id.to_string(),
-                        later: later.join("; "),
+                        later: crate::error::later_shown(&later),
                     }
                     .into());
                 }
-                actor.add_reason(&format!("past later plans ({})", later.join("; ")));
+                actor.add_reason(&format!(
+                    "past later plans ({})",
+                    crate::error::later_shown(&later)
+                ));
             }
             let mut run = self.rebuild(&row).await?;
             run.state = PlanState::Completed;
@@ -890,7 +898,7 @@ impl Coordinator {
         if !ignore_later && !later.is_empty() {
             return Err(Conflict::LaterPlans {
                 plan_id: plan_id.to_string(),
-                later: later.join("; "),
+                later: crate::error::later_shown(&later),
             }
             .into());
         }
