@@ -95,10 +95,55 @@ pub async fn drift(addr: &str, selector: Option<String>, output: Output) -> u8 {
                 Output::Json => println!("{}", drift_json(&r)),
                 Output::Text => print_drift(&r),
             }
-            if r.drifted > 0 { EXIT_DRIFT } else { EXIT_OK }
+            // "No drift" says every selected target was compared: a shard that reported no
+            // shapes (its agent away), or targets with no fingerprint yet, are not known to
+            // be clean, and a drift check that passed while the fleet was out of reach
+            // passed exactly when it knew nothing.
+            if r.drifted > 0 {
+                EXIT_DRIFT
+            } else if !r.unreported_shards.is_empty() || !r.unfingerprinted.is_empty() {
+                eprintln!(
+                    "error: no drift among the {} target(s) compared, but not every target was: {}",
+                    r.targets,
+                    unknown_shapes(&r)
+                );
+                EXIT_UNAVAILABLE
+            } else {
+                EXIT_OK
+            }
         },
     )
     .await
+}
+
+/// The shards and targets a drift check could not compare.
+fn unknown_shapes(r: &pb::FleetDriftResponse) -> String {
+    let mut parts = Vec::new();
+    if !r.unreported_shards.is_empty() {
+        parts.push(format!(
+            "shards not reported (their agents away): {}",
+            r.unreported_shards.join(", ")
+        ));
+    }
+    if !r.unfingerprinted.is_empty() {
+        let shown: Vec<&str> = r
+            .unfingerprinted
+            .iter()
+            .take(5)
+            .map(String::as_str)
+            .collect();
+        let more = r.unfingerprinted.len().saturating_sub(shown.len());
+        parts.push(format!(
+            "targets with no fingerprint yet: {}{}",
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    parts.join("; ")
 }
 
 /// What a drifted target has and lacks, as lines an operator reads:
