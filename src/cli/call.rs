@@ -116,13 +116,16 @@ impl tonic::service::Interceptor for Bearer {
 
 pub(super) type Client = OperatorServiceClient<InterceptedService<Channel, Bearer>>;
 
-/// Who acts, as the request says it: with a credential, the coordinator takes the name
-/// from it, so the default `--as` ($USER) is not sent (it would mismatch and be refused);
+/// Who acts, as the request says it: with a credential (a token, or a client certificate
+/// whose name the coordinator reads), the coordinator takes the name from it, so the default
+/// `--as` ($USER) is not sent (it would mismatch and be refused: a pipeline with a
+/// certificate alone had every write refused unless its $USER was the certificate's name);
 /// an `--as` given explicitly that differs from the default still is, and is refused
 /// unless it names the credential's operator.
 pub(super) fn acting(said: String) -> String {
     let default = std::env::var("USER").unwrap_or_else(|_| "operator".into());
-    if CREDENTIAL.get().is_some() && said == default {
+    let credential = CREDENTIAL.get().is_some() || super::transport::files().cert.is_some();
+    if credential && said == default {
         String::new()
     } else {
         said

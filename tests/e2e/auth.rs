@@ -628,6 +628,34 @@ async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<
         alice_row["certificates_from_ms"].as_u64().unwrap() > 0,
         "{alice_row}"
     );
+    // her certificate alone acts for her, whatever the shell's $USER (a CI runner's): the
+    // CLI leaves its default `--as` out. Before, every write was refused ("cannot act as
+    // `ci-runner`"), unless $USER happened to be the certificate's name.
+    let mut as_runner = env_refs(&env);
+    as_runner.push(("USER", "ci-runner"));
+    let out = crate::harness::run_flotilla(
+        &[
+            "--coordinator",
+            &fleet.addr,
+            "operator",
+            "add",
+            "carol",
+            "--role",
+            "viewer",
+            "--token-out",
+            &files.join("carol.token").to_string_lossy(),
+        ],
+        &as_runner,
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    let added = audited(&root, "operator-add").await?;
+    assert!(
+        added
+            .iter()
+            .any(|e| e["actor"] == "alice" && e["detail"].as_str().unwrap().contains("carol")),
+        "{added:?}"
+    );
 
     let denied = audited(&root, "denied").await?;
     assert!(
