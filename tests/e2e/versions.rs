@@ -550,6 +550,64 @@ async fn a_tenant_dropped_while_the_plan_runs_is_passed_over_not_failed() -> any
     Ok(())
 }
 
+/// A plan submitted again after the plan that followed it (as after a store made anew):
+/// a tenant that appears is caught up with the migrations in the order the fleet ran them,
+/// the `CREATE TABLE` of the first before the `ALTER TABLE` of the second. Before, the
+/// first plan's migration moved behind the second's, and the catch-up failed and was
+/// rolled back, the tenant left with nothing.
+#[tokio::test]
+async fn a_plan_submitted_again_keeps_its_place_in_a_catch_up() -> anyhow::Result<()> {
+    let fleet = TestFleet::builder(1, 1)
+        .agent_args(&["--discover-interval", "1s"])
+        .start()
+        .await?;
+    let first = MigrationDir::new()?;
+    first.migration(
+        "001_make_foo",
+        "",
+        "CREATE TABLE foo (id int);",
+        "DROP TABLE foo;",
+    )?;
+    std::fs::write(
+        first.path().join("plan.toml"),
+        "name = \"make\"\ncatch_up = true\n",
+    )?;
+    let second = MigrationDir::new()?;
+    second.migration(
+        "002_alter_foo",
+        "",
+        "ALTER TABLE foo ADD COLUMN bar int;",
+        "ALTER TABLE foo DROP COLUMN bar;",
+    )?;
+    std::fs::write(
+        second.path().join("plan.toml"),
+        "name = \"alter\"\ncatch_up = true\n",
+    )?;
+    for dir in [&first, &second, &first] {
+        let (code, _, out) = fleet.submit_wait(dir.path(), &[]).await?;
+        assert_eq!(code, 0, "{out:?}");
+    }
+    fleet
+        .pg
+        .psql(&fleet.shards[0], &tenant_sql("tenant_0900", 2))
+        .await?;
+    let plan = catch_up_ended(&fleet, "catch-up-shard_0/tenant_0900").await?;
+    assert_eq!(plan["state"], "completed", "{plan}");
+    let columns = fleet
+        .pg
+        .query_rows(
+            &fleet.shards[0],
+            "SELECT column_name FROM information_schema.columns
+              WHERE table_schema = 'tenant_0900' AND table_name = 'foo' ORDER BY 1",
+        )
+        .await?;
+    assert_eq!(
+        columns,
+        vec![vec!["bar".to_string()], vec!["id".to_string()]]
+    );
+    Ok(())
+}
+
 /// The catch-up plan `name` (in `plan list`) once it ended.
 async fn catch_up_ended(fleet: &TestFleet, name: &str) -> anyhow::Result<Value> {
     wait_for(
@@ -757,6 +815,24 @@ async fn fleet_drift_names_a_column_added_by_hand_and_require_no_drift_refuses_t
         code == 0 && d["drifted"] == 0
     })
     .await?;
+
+    // A shard's agent away: its targets are not compared, and "no drift" is not said of
+    // the fleet (exit 3, naming it). Before, it exited 0, also with every agent away.
+    let mut fleet = fleet;
+    fleet.agents[2].take().expect("shard_2's agent").kill()?;
+    let d = drift_when(&fleet, "shard_2 not reported", |code, d| {
+        code == 3 && d["unreported_shards"] == serde_json::json!(["shard_2"])
+    })
+    .await?;
+    assert_eq!(
+        (d["drifted"].clone(), d["targets"].clone()),
+        (0.into(), 16.into())
+    );
+    let (_, _, out) = drift(&fleet).await?;
+    assert!(
+        out.stderr.contains("no drift among the 16 target(s) compared, but not every target was: shards not reported (their agents away): shard_2"),
+        "{out:?}"
+    );
     Ok(())
 }
 
