@@ -1070,10 +1070,12 @@ impl Coordinator {
     pub async fn promote(
         &self,
         plan_id: String,
+        wave: Option<String>,
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         self.plan_command(plan_id, |plan_id, reply| Event::Promote {
             plan_id,
+            wave,
             actor,
             reply,
         })

@@ -538,7 +538,7 @@ pub enum PlanCommand {
     /// Resume a paused plan, or one paused shard of it.
     Resume(PauseArgs),
     /// Let a plan waiting at a wave's manual gate go on to its next wave (audited).
-    Promote(DecideArgs),
+    Promote(PromoteArgs),
     /// Stop a running plan where it is: no new step starts, what applied stays; the plan
     /// ends halted (audited).
     Halt(DecideArgs),
@@ -647,6 +647,17 @@ pub struct DecideArgs {
     pub wait: bool,
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    pub decide: DecideArgs,
+    /// Only this wave's gate: a promote sent again (a pipeline's retry) once that wave has
+    /// passed changes nothing, and one sent before it waits at its gate is refused. Without
+    /// it, whichever wave waits is promoted (a retry could release the next wave's gate).
+    #[arg(long)]
+    pub wave: Option<String>,
 }
 
 #[derive(Args, Debug)]

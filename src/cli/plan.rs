@@ -83,7 +83,10 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
         PlanCommand::Rollback(args) => command(addr, args.into(), true).await,
         PlanCommand::Pause(args) => pause(addr, args, true).await,
         PlanCommand::Resume(args) => pause(addr, args, false).await,
-        PlanCommand::Promote(args) => decide(addr, args, Verb::Promote).await,
+        PlanCommand::Promote(args) => {
+            let wave = args.wave.unwrap_or_default();
+            decide_with(addr, args.decide, Verb::Promote, wave).await
+        }
         PlanCommand::Halt(args) => decide(addr, args, Verb::Halt).await,
         PlanCommand::ForgetShard(args) => {
             let req = pb::PlanCommand {
@@ -220,11 +223,17 @@ async fn retry(addr: &str, args: super::RetryArgs) -> u8 {
 }
 
 async fn decide(addr: &str, args: super::DecideArgs, verb: Verb) -> u8 {
+    decide_with(addr, args, verb, String::new()).await
+}
+
+/// [`decide`], for one wave (`plan promote --wave`).
+async fn decide_with(addr: &str, args: super::DecideArgs, verb: Verb, wave: String) -> u8 {
     let req = pb::PlanCommand {
         plan_id: args.id,
         actor: acting(args.actor),
         reason: args.reason,
         shard: String::new(),
+        wave,
         ..Default::default()
     };
     send_command(addr, verb, req, args.wait, args.output).await
@@ -403,6 +412,7 @@ async fn command(addr: &str, args: CommandArgs, rollback: bool) -> u8 {
         shard: args.shard.unwrap_or_default(),
         down_from,
         ignore_later_plans: args.ignore_later_plans,
+        ..Default::default()
     };
     let verb = if rollback {
         Verb::Rollback

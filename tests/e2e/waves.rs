@@ -980,3 +980,71 @@ rest = true
     );
     Ok(())
 }
+
+/// `plan promote --wave`: a promote sent again for a wave already past (a pipeline's retry)
+/// changes nothing, and the next wave still waits at its own gate; one for a wave not at
+/// its gate yet, or that the plan does not have, is refused. Before, a retried promote
+/// released the next wave's gate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promote_sent_again_for_its_wave_does_not_pass_the_next_gate() -> anyhow::Result<()> {
+    let fleet = fleet(&[]).await?;
+    let plan = r#"name = "two-gates"
+
+[[waves]]
+name = "canary"
+selector = "tier=internal"
+gate = "manual"
+
+[[waves]]
+name = "early"
+count = 3
+gate = "manual"
+
+[[waves]]
+name = "rest"
+rest = true
+"#;
+    let dir = plan_dir(plan)?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 4, "{out}");
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    for (wave, says) in [
+        (
+            "early",
+            "wave `early` has not started; wave `canary` is waiting",
+        ),
+        (
+            "nope",
+            "has no wave `nope` (its waves: canary, early, rest)",
+        ),
+    ] {
+        let out = fleet.cli(&["plan", "promote", &id, "--wave", wave]).await?;
+        assert_eq!(out.code(), Some(2), "{out}");
+        assert!(out.stderr.contains(says), "{out}");
+    }
+    let out = fleet
+        .cli(&["plan", "promote", &id, "--wave", "canary", "--wait"])
+        .await?;
+    assert_eq!(out.code(), Some(4), "at the next gate: {out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(waves(&st)[1]["state"], "waiting", "{st}");
+    // the retry: nothing changes, the early wave still waits
+    let out = fleet
+        .cli(&["plan", "promote", &id, "--wave", "canary"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "waiting", "{st}");
+    assert_eq!(waves(&st)[1]["state"], "waiting", "{st}");
+    assert_eq!(
+        marks(&fleet).await?.len(),
+        6,
+        "the canary and the early wave only"
+    );
+    let out = fleet
+        .cli(&["plan", "promote", &id, "--wave", "early", "--wait"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(marks(&fleet).await?.len(), 24);
+    Ok(())
+}

@@ -274,6 +274,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::PlanCommand>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
+        let wave = Some(req.get_ref().wave.trim().to_string()).filter(|w| !w.is_empty());
         let (plan_id, actor) = self
             .whole_plan(
                 req,
@@ -281,7 +282,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
                 "a wave is promoted for the whole plan; --shard is for pause, resume and cancel",
             )
             .await?;
-        Ok(Response::new(self.promote(plan_id, actor).await?))
+        Ok(Response::new(self.promote(plan_id, wave, actor).await?))
     }
 
     async fn halt_plan(

@@ -154,6 +154,8 @@ pub enum Event {
     /// `plan promote`: the wave waiting at its manual gate passes.
     Promote {
         plan_id: String,
+        /// `--wave`: only that wave's gate
+        wave: Option<String>,
         actor: Actor,
         reply: CommandReply,
     },
@@ -471,10 +473,11 @@ impl Engine {
             }
             Event::Promote {
                 plan_id,
+                wave,
                 actor,
                 reply,
             } => {
-                let result = self.promote(&plan_id, &actor);
+                let result = self.promote(&plan_id, wave.as_deref(), &actor);
                 self.reply(&plan_id, result, reply).await;
             }
             Event::Halt {

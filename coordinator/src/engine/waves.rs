@@ -67,7 +67,14 @@ impl Engine {
     }
 
     /// `plan promote`: the wave waiting at its manual gate passes and the next one starts.
-    pub(super) fn promote(&mut self, plan_id: &str, actor: &Actor) -> Result<(), CoordinatorError> {
+    /// With `named` (`--wave`), only that wave's gate: a promote of a wave already past
+    /// (sent again, a pipeline's retry) changes nothing.
+    pub(super) fn promote(
+        &mut self,
+        plan_id: &str,
+        named: Option<&str>,
+        actor: &Actor,
+    ) -> Result<(), CoordinatorError> {
         let Some(run) = self.plans.get_mut(plan_id) else {
             return Err(Conflict::NotRunning {
                 plan_id: plan_id.to_string(),
@@ -75,6 +82,34 @@ impl Engine {
             }
             .into());
         };
+        if let Some(named) = named {
+            match run.wave_place(named) {
+                None => {
+                    let waves: Vec<&str> = run.waves.iter().map(|w| w.name.as_str()).collect();
+                    return Err(CoordinatorError::InvalidRequest(format!(
+                        "plan {plan_id} has no wave `{named}` (its waves: {})",
+                        waves.join(", ")
+                    )));
+                }
+                Some(std::cmp::Ordering::Less) => {
+                    info!(plan = %plan_id, wave = named, "promote of a wave already past: nothing to do");
+                    return Ok(());
+                }
+                Some(std::cmp::Ordering::Greater) => {
+                    return Err(Conflict::NotAtGate {
+                        plan_id: plan_id.to_string(),
+                        now: format!(
+                            "wave `{named}` has not started; {}",
+                            run.current_wave()
+                                .map(|w| format!("wave `{}` is {}", w.name, w.state.as_str()))
+                                .unwrap_or_default()
+                        ),
+                    }
+                    .into());
+                }
+                Some(std::cmp::Ordering::Equal) => {}
+            }
+        }
         let waiting = run
             .current_wave()
             .filter(|w| w.state == WaveState::Waiting)

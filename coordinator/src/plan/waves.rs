@@ -144,6 +144,13 @@ impl PlanRun {
         self.waves.get(self.wave_pos)
     }
 
+    /// Where the wave named `name` is: behind the plan (passed), the current one, or ahead.
+    /// None when the plan has no wave of that name.
+    pub fn wave_place(&self, name: &str) -> Option<std::cmp::Ordering> {
+        let i = self.waves.iter().position(|w| w.name == name)?;
+        Some(i.cmp(&self.wave_pos))
+    }
+
     /// Whether target `t` may get runs now: its wave is the one running.
     pub(super) fn wave_open(&self, t: usize) -> bool {
         self.wave_of.get(t).is_none_or(|&w| w == self.wave_pos)
