@@ -1264,3 +1264,57 @@ async fn a_plan_waiting_on_a_database_that_does_not_answer_its_agent_says_so() -
     assert!(!log.contains("slow statement"), "{log}");
     Ok(())
 }
+
+/// One member of a three-member etcd killed (a follower: no election): the coordinator takes
+/// it out of the members it sends requests to, and plans run one after the other as if it
+/// were there, each releasing its shard locks as it ends (the next one never waits for
+/// them). Before, a share of every request still went to the dead member: lock releases
+/// failed for half a minute, and the next plan waited out the locks' lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_etcd_member_is_passed_over() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::builder(1, 2, 2)
+        .etcd_members(3)
+        .etcd_args(&["--heartbeat-interval=50", "--election-timeout=500"])
+        .start()
+        .await?;
+    let down = (etcd_raft_leader(&fleet).await? + 1) % 3;
+    let at_kill = fleet.coordinators[0].as_ref().unwrap().log().len();
+    fleet.etcd.cluster_mut().kill_member(down)?;
+    fleet.coordinators[0]
+        .as_ref()
+        .unwrap()
+        .wait_for_log("etcd member does not answer", WAIT)
+        .await?;
+    for i in 0..3 {
+        let dir = MigrationDir::new()?;
+        dir.migration(
+            &format!("00{i}_col_{i}"),
+            "",
+            &format!("ALTER TABLE work_orders ADD COLUMN col_{i} integer"),
+            &format!("ALTER TABLE work_orders DROP COLUMN col_{i}"),
+        )?;
+        let p = dir.path().to_string_lossy().into_owned();
+        let out = fleet
+            .cli(&["plan", "submit", &p, "--wait", "--output", "json"])
+            .await?;
+        assert_eq!(out.code(), Some(0), "{out}");
+        // its locks go with it (released just after it ended, within moments): none is
+        // left for the next plan to wait out
+        wait_until(
+            &format!("plan {i}'s locks released"),
+            std::time::Duration::from_secs(3),
+            async || {
+                let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+                Ok(locks["locks"].as_array().is_some_and(Vec::is_empty))
+            },
+        )
+        .await?;
+    }
+    let log = fleet.coordinators[0].as_ref().unwrap().log();
+    assert!(
+        !log[at_kill..].contains("releasing shard locks failed"),
+        "{}",
+        &log[at_kill..]
+    );
+    Ok(())
+}

@@ -25,7 +25,7 @@ pub use super::shared::ElectionKey;
 use super::shared::{Session, Shared};
 use super::{
     Coordination, CoordinationError, Decision, Leadership, LockOutcome, ShardLock, check_name,
-    keys, leadership, watchers,
+    keys, leadership, members, watchers,
 };
 
 /// etcd's default `--max-txn-ops`: a transaction has at most this many
@@ -89,6 +89,7 @@ impl EtcdCoordination {
             .with_connect_timeout(rpc_timeout)
             .with_keep_alive(Duration::from_secs(2).min(ttl / 2), rpc_timeout)
             .with_keep_alive_while_idle(true);
+        let over_tls = tls.is_some();
         let options = match tls {
             Some(tls) => options.with_tls(tls),
             None => options,
@@ -102,7 +103,7 @@ impl EtcdCoordination {
                 .with_auto_token_refresh(true),
             None => options,
         };
-        let mut client = match Client::connect(&endpoints, Some(options)).await {
+        let mut client = match Client::connect(&endpoints, Some(options.clone())).await {
             Ok(client) => client,
             Err(e) if is_connectivity(&e) => return Err(errors.read(e)),
             Err(e) => {
@@ -182,6 +183,13 @@ impl EtcdCoordination {
             tokio::spawn(leadership::run(shared.clone(), stop.subscribe())),
             tokio::spawn(watchers::keep_plan_leases(shared.clone(), stop.subscribe())),
             tokio::spawn(watchers::follow_agents(shared.clone(), stop.subscribe())),
+            tokio::spawn(members::watch(
+                shared.clone(),
+                endpoints,
+                options,
+                over_tls,
+                stop.subscribe(),
+            )),
         ];
         Ok(EtcdCoordination {
             shared,

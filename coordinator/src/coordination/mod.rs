@@ -15,6 +15,7 @@ pub mod embedded;
 pub mod error;
 pub mod etcd;
 mod leadership;
+mod members;
 mod plan_locks;
 mod shared;
 mod watchers;
