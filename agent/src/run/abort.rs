@@ -30,6 +30,27 @@ const WHY: &str = "the plan was halted while the run's transaction was open (its
                    aborts: a failure elsewhere, a cancel, a rollback); rolled back, nothing of \
                    it applied";
 
+/// A server session, as a cancel names it: its pid, and when it started (text, as the
+/// server wrote it).
+#[derive(Debug, Clone)]
+pub(super) struct Session {
+    pub pid: i32,
+    pub started: String,
+}
+
+/// The connection's server session.
+pub(super) async fn session_of(conn: &mut sqlx::PgConnection) -> Option<Session> {
+    sqlx::query_as::<_, (i32, String)>(
+        "SELECT pid, backend_start::text FROM pg_catalog.pg_stat_activity
+          WHERE pid = pg_catalog.pg_backend_pid()",
+    )
+    .fetch_optional(conn)
+    .await
+    .ok()
+    .flatten()
+    .map(|(pid, started)| Session { pid, started })
+}
+
 /// The failure of a run that did not prepare because its plan was halted: reported NOT_RUN.
 pub(super) fn not_prepared() -> Failure {
     Failure::agent(data::STOPPED, format!("not prepared: {WHY}"))
@@ -39,13 +60,22 @@ pub(super) fn not_prepared() -> Failure {
 /// if the plan is halted before it ends; a run cancelled so is reported NOT_RUN, not failed.
 pub(super) async fn cancel_on_halt<F>(
     pool: &PgPool,
-    pid: i32,
+    session: Session,
     halts: &Halts,
     run: F,
 ) -> Result<(), GroupFailure>
 where
     F: Future<Output = Result<(), GroupFailure>>,
 {
+    // Halted before it began: not begun (a cancel sent now would find no statement, and
+    // the run would do all its work before it found the halt at its PREPARE).
+    if halts.halted() {
+        return Err(GroupFailure {
+            position: 0,
+            failure: not_prepared(),
+            in_transaction: false,
+        });
+    }
     let mut run = std::pin::pin!(run);
     let mut control = halts.control.clone();
     let at_queue = halts.at_queue;
@@ -68,14 +98,22 @@ where
     // Both to their ends: the run goes on being read while the cancel is on its way (a
     // run whose results wait unread would hold its locks for the cancel's connection), and
     // it is over only once the cancel was answered.
-    let (r, cancelled) = tokio::join!(run, cancel_backend(pool, pid));
+    let (r, cancelled) = tokio::join!(run, cancel_backend(pool, &session));
     match r {
+        // Not one of the PREPARE (phase `prepare`): PostgreSQL holds a cancel off while it
+        // prepares, and one held so fails the statements sent with the PREPARE, the
+        // transaction prepared all the same; the executor's failure path asks the server
+        // whether the gid is prepared (reported PREPARED then, for the abort to roll back).
         Err(mut gf)
             if cancelled
                 && gf.failure.error.sqlstate == QUERY_CANCELED
+                && gf.failure.error.phase != "prepare"
                 && !gf.failure.connection_lost =>
         {
-            info!(pid, "an atomic unit's run cancelled: its plan was halted");
+            info!(
+                pid = session.pid,
+                "an atomic unit's run cancelled: its plan was halted"
+            );
             gf.failure.error.phase = data::STOPPED.into();
             gf.failure.error.message = format!("cancelled: {WHY}");
             gf.position = 0;
@@ -85,16 +123,22 @@ where
     }
 }
 
-/// `pg_cancel_backend(pid)`, on an idle connection of the pool, or one of its own when
-/// none is idle: waiting for one of the pool's could wait for the very runs it would
-/// cancel. Whether the server signalled the session.
-async fn cancel_backend(pool: &PgPool, pid: i32) -> bool {
-    const SQL: &str = "SELECT pg_catalog.pg_cancel_backend($1)";
+/// `pg_cancel_backend` of the run's session, named by its pid and its start (a pid alone
+/// may be another session's by now, when the run's was cut: another plan's, of this very
+/// agent), on an idle connection of the pool, or one of its own when none is idle: waiting
+/// for one of the pool's could wait for the very runs it would cancel. Whether the server
+/// signalled the session.
+async fn cancel_backend(pool: &PgPool, session: &Session) -> bool {
+    const SQL: &str = "SELECT coalesce(bool_or(pg_catalog.pg_cancel_backend(pid)), false)
+                         FROM pg_catalog.pg_stat_activity
+                        WHERE pid = $1 AND backend_start = $2::timestamptz";
+    let pid = session.pid;
     let cancel = async {
         match pool.try_acquire() {
             Some(mut conn) => {
                 sqlx::query_scalar::<_, bool>(SQL)
                     .bind(pid)
+                    .bind(&session.started)
                     .fetch_one(&mut *conn)
                     .await
             }
@@ -107,6 +151,7 @@ async fn cancel_backend(pool: &PgPool, pid: i32) -> bool {
                     .map_err(|_| sqlx::Error::PoolTimedOut)??;
                 let r = sqlx::query_scalar::<_, bool>(SQL)
                     .bind(pid)
+                    .bind(&session.started)
                     .fetch_one(&mut conn)
                     .await;
                 let _ = sqlx::Connection::close(conn).await;

@@ -232,9 +232,12 @@ async fn run_group(
     } else {
         LOCK_RETRIES
     };
-    // (its one attempt is watched for who blocks it, as retries are)
+    // (its one attempt is watched for who blocks it, as retries are; its session is what a
+    // halt cancels: see `abort`)
+    let mut session = None;
     if job.prepare.is_some() {
-        backend_pid = lock_wait::backend_pid(conn).await;
+        session = abort::session_of(conn).await;
+        backend_pid = session.as_ref().map(|s| s.pid);
     }
     // a non-transactional step's time is all of its attempts' (a backfill that waited on a
     // lock near its end took the hours before too)
@@ -246,11 +249,11 @@ async fn run_group(
         durations.iter_mut().for_each(|d| *d = Duration::ZERO);
         let watch = backend_pid.map(|pid| BlockerWatch::start(pool, pid, &job.steps[i]));
         let outcome = if transactional {
-            match (&job.prepare, backend_pid, &job.halts) {
+            match (&job.prepare, &session, &job.halts) {
                 // an atomic unit's run: cancelled if its plan halts (see `abort`)
-                (Some(_), Some(pid), Some(halts)) => {
+                (Some(_), Some(session), Some(halts)) => {
                     let run = run_transaction(conn, cx, job, group, durations);
-                    abort::cancel_on_halt(pool, pid, halts, run).await
+                    abort::cancel_on_halt(pool, session.clone(), halts, run).await
                 }
                 _ => run_transaction(conn, cx, job, group, durations).await,
             }

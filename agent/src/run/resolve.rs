@@ -141,14 +141,16 @@ impl Agent {
             // next in-doubt sweep.
             match list_prepared(&self.pool).await {
                 Ok(here) => {
-                    let unheard: Vec<String> = here
+                    let left: Vec<String> = here
                         .into_iter()
-                        .filter(|g| plan_of_gid(g) == Some(unit.as_str()) && !req.gids.contains(g))
+                        // (the named too: a copy of a named run may have prepared its gid
+                        // again after its ROLLBACK PREPARED; a repeat costs nothing)
+                        .filter(|g| plan_of_gid(g) == Some(unit.as_str()))
                         .collect();
-                    if !unheard.is_empty() {
-                        info!(gids = ?unheard, "rolling back the unit's prepared transactions the coordinator did not name (prepared while its decision was on its way)");
+                    if !left.is_empty() {
+                        info!(gids = ?left, "rolling back the unit's prepared transactions left once its runs ended (not named: prepared while the decision was on its way; or prepared again by a copy of a named run)");
                         done += self
-                            .finish_into(&plan_id, unheard, decision, received, &mut reply)
+                            .finish_into(&plan_id, left, decision, received, &mut reply)
                             .await;
                     }
                 }
@@ -223,17 +225,19 @@ impl Agent {
         );
         let mut done = 0i64;
         for (gid, _, r, at) in finished {
-            if reply.resolved.contains(&gid) {
-                continue;
-            }
+            // (rolled back a second time, prepared again between the two: named once)
+            let again = reply.resolved.contains(&gid);
             match r {
                 Ok(Finished::Now) => {
                     info!(%gid, decision = decision.as_str(), "prepared transaction resolved");
                     metrics::prepared_resolved(decision.as_str());
                     done += 1;
-                    reply.resolved.push(gid);
-                    reply.resolved_at_us.push(at);
+                    if !again {
+                        reply.resolved.push(gid);
+                        reply.resolved_at_us.push(at);
+                    }
                 }
+                Ok(Finished::Before) if again => {}
                 Ok(Finished::Before) => {
                     debug!(%gid, decision = decision.as_str(), "prepared transaction already resolved");
                     reply.resolved.push(gid);
