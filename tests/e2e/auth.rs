@@ -683,6 +683,43 @@ async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<
     Ok(())
 }
 
+/// With authentication off (no operator yet) over mTLS, a CLI with a client certificate and
+/// no `--as` is recorded under the certificate's name, not its shell's $USER (a CI runner's)
+/// nor nobody: the CLI leaves its default out for the certificate to name who acts.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_authentication_off_a_client_certificate_names_who_acts() -> anyhow::Result<()> {
+    use crate::harness::certs::env_refs;
+
+    let fleet = TestFleet::builder(1, 1).tls().start().await?;
+    let certs = fleet.tls.as_ref().expect("a TLS fleet");
+    let mut env = certs.client_env(&certs.operator);
+    env.push(("USER".into(), "ci-runner".into()));
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "001_by_cert",
+        "",
+        "CREATE TABLE by_cert (x int);",
+        "DROP TABLE by_cert;",
+    )?;
+    let p = dir.path().to_string_lossy().into_owned();
+    let out = crate::harness::run_flotilla(
+        &["--coordinator", &fleet.addr, "plan", "submit", &p, "--wait"],
+        &env_refs(&env),
+    )
+    .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let audit = fleet.json(&["audit", "list", "--output", "json"]).await?;
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "submit" && e["actor"] == "alice"),
+        "{audit}"
+    );
+    Ok(())
+}
+
 /// `--auth required`: with no operator yet every operator request is refused (no warning
 /// that authentication is off), and the first admin made in the store gets in.
 #[tokio::test(flavor = "multi_thread")]

@@ -27,6 +27,13 @@ use crate::service::Coordinator;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer(pub String);
 
+/// The operator name a verified client certificate gives (its common name), whether or not
+/// authentication is on: with it off, a CLI with a certificate names nobody itself (its
+/// default `--as` is left out for the certificate to name who acts), and the audit trail
+/// takes the certificate's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertName(pub String);
+
 /// The plan a plan command names (see [`names_plan`]), for the audit trail: a refusal of
 /// `plan approve` by a viewer is found under that plan (`audit list --plan ID`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -198,6 +205,10 @@ where
                 .get(http::header::AUTHORIZATION)
                 .map(|v| v.to_str().unwrap_or("").to_string());
             let subject = certificate_subject(&req, &coordinator);
+            let cert_name = match &subject {
+                CertSubject::Operator { name, .. } => Some(CertName(name.clone())),
+                _ => None,
+            };
             let mut plan_id = String::new();
             if names_plan(&method) {
                 let (parts, body) = req.into_parts();
@@ -219,6 +230,9 @@ where
                     }
                     req.extensions_mut().insert(Peer(peer));
                     req.extensions_mut().insert(PlanNamed(plan_id));
+                    if let Some(name) = cert_name {
+                        req.extensions_mut().insert(name);
+                    }
                     inner.call(req).await
                 }
                 Err(e) => Ok(tonic::Status::from(e).into_http()),

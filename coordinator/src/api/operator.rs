@@ -18,6 +18,20 @@ struct Origin {
     caller: Option<Caller>,
     peer: String,
     plan_id: String,
+    /// A verified client certificate's name (see `CertName`).
+    cert_name: Option<String>,
+}
+
+impl Origin {
+    /// Who the request says acts: its own `actor`, or with none given (a CLI with a client
+    /// certificate leaves its default out), the certificate's name when authentication is
+    /// off (on, the credential names who acts anyway).
+    fn said<'a>(&'a self, actor: &'a str) -> &'a str {
+        match (&self.caller, &self.cert_name) {
+            (None, Some(name)) if actor.trim().is_empty() => name,
+            _ => actor,
+        }
+    }
 }
 
 fn origin<T>(req: &Request<T>) -> Origin {
@@ -27,6 +41,10 @@ fn origin<T>(req: &Request<T>) -> Origin {
             .extensions()
             .get::<Peer>()
             .map_or_else(|| "unknown".into(), |p| p.0.clone()),
+        cert_name: req
+            .extensions()
+            .get::<super::auth::CertName>()
+            .map(|n| n.0.clone()),
         plan_id: req
             .extensions()
             .get::<PlanNamed>()
@@ -48,7 +66,7 @@ impl Coordinator {
         let name = self
             .acting(
                 from.caller.as_ref(),
-                said,
+                from.said(said),
                 method,
                 &from.peer,
                 &from.plan_id,
@@ -131,7 +149,7 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         spec.submitted_by = self
             .acting(
                 from.caller.as_ref(),
-                &spec.submitted_by,
+                from.said(&spec.submitted_by),
                 "SubmitPlan",
                 &from.peer,
                 "",
