@@ -385,7 +385,7 @@ pub fn later_shown(later: &[String]) -> String {
         .join("; ");
     if later.len() > SHOWN {
         out.push_str(&format!(
-            "; and {} more plans (`plan list` names them)",
+            "; and {} more, older (rolled back newest first, the next are named then)",
             later.len() - SHOWN
         ));
     }
@@ -468,7 +468,9 @@ mod tests {
             shown.starts_with("plan p0000000000: ")
                 && shown.contains("plan p0000000004: ")
                 && !shown.contains("p0000000005")
-                && shown.ends_with("; and 295 more plans (`plan list` names them)"),
+                && shown.ends_with(
+                    "; and 295 more, older (rolled back newest first, the next are named then)"
+                ),
             "{shown}"
         );
         // the refusal stays far below a gRPC status's room, however long the history

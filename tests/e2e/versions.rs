@@ -828,9 +828,17 @@ async fn fleet_drift_names_a_column_added_by_hand_and_require_no_drift_refuses_t
         (d["drifted"].clone(), d["targets"].clone()),
         (0.into(), 16.into())
     );
+    let out = fleet
+        .cli(&["fleet", "drift", "--selector", "shard notin (shard_2)"])
+        .await?;
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "shard_2 is outside the selection: {out:?}"
+    );
     let (_, _, out) = drift(&fleet).await?;
     assert!(
-        out.stderr.contains("no drift among the 16 target(s) compared, but not every target was: shards not reported (their agents away): shard_2"),
+        out.stderr.contains("no drift among the 16 target(s) compared, but not every shard was: shards not reported (their agents away): shard_2"),
         "{out:?}"
     );
     Ok(())

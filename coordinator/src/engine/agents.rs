@@ -75,9 +75,9 @@ impl Engine {
 
     /// Shards with runs in flight whose agent is neither attached nor holding a
     /// liveness key: after the grace, their runs fail under the plan's policy. Also while
-    /// the plan stops or aborts: it ends (or writes its abort) only once nothing is out,
-    /// and runs out on an agent gone for good held it there for good, its locks with it
-    /// (and, aborting, the other shards' prepared transactions).
+    /// the plan stops or aborts: it ends (an abort: begins the rollback of what committed
+    /// outside the unit) only once nothing is out, and runs out on an agent gone for good
+    /// held it there for good, its locks with it.
     pub(super) async fn check_lost_agents(&mut self) {
         let now = Instant::now();
         let gone = |s: &String| !self.agents.contains_key(s) && !self.live.contains(s);

@@ -1,6 +1,7 @@
 //! Decisions of atomic units (two-phase commit): the unit's decision is written in etcd,
-//! fenced by leadership, once every target prepared (commit) or once a failed unit has
-//! nothing in flight (abort); then every shard resolves its prepared transactions. A unit
+//! fenced by leadership, once every target prepared (commit) or as soon as the unit aborts
+//! (abort, runs still in flight: what prepares after it is rolled back under it); then every
+//! shard resolves its prepared transactions. A unit
 //! entered on an inherited plan is first checked against etcd and the agents' in-doubt
 //! transactions.
 use flotilla_core::pb::coordinator_message::Body;

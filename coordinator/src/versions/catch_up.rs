@@ -215,7 +215,8 @@ impl Coordinator {
 
     /// Catch-up plans for `tenants`, new on `shard`: each tenant gets every migration of
     /// the completed plans that ask for catch-up and whose selectors select it (the plan's
-    /// and the migration's own), in the order the plans ran (and each plan's own order);
+    /// and the migration's own), in the order the plans ran (and each plan's own order; a
+    /// migration in several plans where the first of them had it, as the last has it);
     /// tenants that get the same migrations share a plan. None when there is nothing to do.
     async fn catch_up_plans(
         &self,

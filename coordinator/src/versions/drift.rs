@@ -86,10 +86,18 @@ pub fn fleet_drift(input: &FleetInput, selector: &Selector) -> pb::FleetDriftRes
         drifted: out.iter().map(|c| c.drifted.len() as u64).sum(),
         cohorts: out,
         unfingerprinted,
+        // Those the selection reaches: every one without a selector, else those holding a
+        // selected target (a shard outside `--selector` is not missing from its answer).
         unreported_shards: input
             .fleet
             .keys()
             .filter(|shard| input.reported(shard).is_none())
+            .filter(|shard| {
+                selector.is_empty()
+                    || selected
+                        .iter()
+                        .any(|t| t.split_once('/').is_some_and(|(s, _)| s == shard.as_str()))
+            })
             .cloned()
             .collect(),
         shards,
