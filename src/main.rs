@@ -19,6 +19,16 @@ fn main() -> ExitCode {
             if closed_stdout(info) {
                 std::process::exit(141);
             }
+            // Any other failed write to stdout (a full disk, /dev/full): said, with what it
+            // means, and exit 3 rather than a panic's 101 (a submit had stored its plan,
+            // and a pipeline got neither its id nor a documented code).
+            if let Some(why) = stdout_failed(info) {
+                eprintln!(
+                    "error: writing to stdout failed ({why}); the command may have taken effect: \
+                     `flotilla plan list` and `flotilla audit list` say what it did"
+                );
+                std::process::exit(3);
+            }
             flotilla_core::secrets::panic_hook(info)
         }));
     }
@@ -45,6 +55,19 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(flotilla::cli::run(cli));
     ExitCode::from(code)
+}
+
+/// The reason of a panic that is println!'s failed write to stdout (other than to a closed
+/// pipe).
+fn stdout_failed(info: &std::panic::PanicHookInfo<'_>) -> Option<String> {
+    let message = info
+        .payload()
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| info.payload().downcast_ref::<&str>().copied())?;
+    message
+        .strip_prefix("failed printing to stdout: ")
+        .map(str::to_string)
 }
 
 /// Whether a panic is a write to a stdout whose reader has gone (EPIPE): println!'s, or a

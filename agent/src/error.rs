@@ -206,12 +206,22 @@ pub(crate) fn classify(e: &sqlx::Error, phase: &str) -> Failure {
                 _ if concurrent_apply => "journal",
                 _ => phase,
             };
+            // The server's HINT (what to do, often the most useful part of a migration's
+            // own RAISE ... USING HINT) goes with the detail, where the failure shows it.
             let detail = if fence_held {
                 FENCE_HELD.to_string()
             } else {
-                pg.and_then(PgDatabaseError::detail)
-                    .unwrap_or_default()
-                    .to_string()
+                let detail = pg.and_then(PgDatabaseError::detail).unwrap_or_default();
+                match pg.and_then(PgDatabaseError::hint) {
+                    Some(hint) if !code.starts_with(SQLSTATE_CLASS_RESOURCES) => {
+                        if detail.is_empty() {
+                            format!("HINT: {hint}")
+                        } else {
+                            format!("{detail}\nHINT: {hint}")
+                        }
+                    }
+                    _ => detail.to_string(),
+                }
             };
             // "out of shared memory" says nothing of the cause; the hint names the setting
             // (max_locks_per_transaction when the lock table is full), and the plan's

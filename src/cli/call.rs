@@ -134,6 +134,13 @@ pub(super) fn acting(said: String) -> String {
 
 /// Connects to the first reachable coordinator of a comma-separated list.
 pub(super) async fn client(addrs: &str) -> Result<Client, u8> {
+    // (a CI secret left unset often reaches a variable as the empty string)
+    if addrs.split(',').all(|a| a.trim().is_empty()) {
+        eprintln!(
+            "error: no coordinator address given: --coordinator (or FLOTILLA_COORDINATOR) is empty"
+        );
+        return Err(EXIT_BAD_INPUT);
+    }
     let mut last = String::new();
     for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
         let endpoint = match super::transport::endpoint(addr) {

@@ -15,10 +15,12 @@ use super::{
 use crate::loader::{self, Overrides};
 use flotilla_core::lint::{LintOptions, Severity, lint_plan};
 
-/// Whether a plan in this state waits for a person: at a wave's manual gate, or for its
-/// approvals. A script's `--wait` comes back then (exit 4) rather than hang.
+/// Whether a plan in this state waits for a person: at a wave's manual gate, for its
+/// approvals, or paused (for `plan resume`). A script's `--wait` comes back then (exit 4)
+/// rather than hang.
 fn waits_for_a_person(state: &str) -> bool {
     state == flotilla_core::state::WAITING
+        || state == flotilla_core::state::PAUSED
         || state == flotilla_core::state::PlanState::AwaitingApproval.as_str()
 }
 
@@ -674,6 +676,10 @@ mod tests {
     fn a_plan_awaiting_approval_waits_for_a_person() {
         assert!(waits_for_a_person("awaiting_approval"));
         assert!(waits_for_a_person("waiting"));
+        assert!(
+            waits_for_a_person("paused"),
+            "a paused plan waits for `plan resume`"
+        );
         assert!(!waits_for_a_person("running") && !waits_for_a_person("rejected"));
     }
 }

@@ -1306,7 +1306,8 @@ async fn policy_stop_runs_nothing_the_agent_had_queued_behind_the_failure() -> a
         "001_slow_fail",
         "",
         "DO $$ BEGIN IF current_schema() = 'tenant_0000' THEN PERFORM pg_sleep(0.5); \
-         RAISE EXCEPTION 'refused here' USING DETAIL = 'tenant_0000 only'; END IF; END $$;\n\
+         RAISE EXCEPTION 'refused here' USING DETAIL = 'tenant_0000 only', \
+         HINT = 'run it after 002'; END IF; END $$;\n\
          ALTER TABLE work_orders ADD COLUMN stop_mark int;",
         "ALTER TABLE work_orders DROP COLUMN stop_mark;",
     )?;
@@ -1320,11 +1321,14 @@ async fn policy_stop_runs_nothing_the_agent_had_queued_behind_the_failure() -> a
     assert_eq!(m["applied"], 0, "nothing ran after the failure: {m}");
     assert_eq!(m["not_run"], 3, "{m}");
     assert_eq!(fleet.journal_total().await?, 0);
-    // the text status shows PostgreSQL's DETAIL under the failure
+    // the text status shows PostgreSQL's DETAIL and HINT under the failure (the hint, what
+    // to do, was dropped)
     let id = status["plan_id"].as_str().expect("an id");
     let text = fleet.cli(&["plan", "status", id]).await?;
     assert!(
-        text.stdout.contains("refused here") && text.stdout.contains("detail: tenant_0000 only"),
+        text.stdout.contains("refused here")
+            && text.stdout.contains("detail: tenant_0000 only")
+            && text.stdout.contains("HINT: run it after 002"),
         "{text}"
     );
     // a cancel of the ended plan says it ended; of no plan, that there is none
@@ -2007,5 +2011,47 @@ async fn the_cli_passes_over_a_coordinator_that_takes_connections_and_says_nothi
     assert_eq!(out.code(), Some(0), "{out}");
     assert!(out.stdout.contains("shard_0"), "{out}");
     held.abort();
+    Ok(())
+}
+
+/// A command whose stdout cannot be written (a full disk: /dev/full) says so and what it
+/// means, and exits 3; before, it panicked (exit 101), a submit's plan stored and its id lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_write_to_stdout_is_said_not_a_panic() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    let addr = fleet.addr.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::harness::process::FLOTILLA_BIN)
+            .args(["--coordinator", &addr, "plan", "list", "--output", "json"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::OpenOptions::new().write(true).open("/dev/full")?)
+            .output()
+    })
+    .await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("error: writing to stdout failed (No space left on device")
+            && stderr.contains("may have taken effect")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+/// An empty coordinator address (a CI secret left unset reaches FLOTILLA_COORDINATOR as the
+/// empty string) is bad input, said so (exit 2); it was "cannot reach a coordinator ()",
+/// exit 3, "try again".
+#[tokio::test]
+async fn an_empty_coordinator_address_is_bad_input() -> anyhow::Result<()> {
+    let out =
+        crate::harness::run_flotilla(&["plan", "list"], &[("FLOTILLA_COORDINATOR", "")]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(
+            "no coordinator address given: --coordinator (or FLOTILLA_COORDINATOR) is empty"
+        ),
+        "{out}"
+    );
     Ok(())
 }

@@ -636,6 +636,9 @@ async fn a_pause_outlives_a_new_coordinator_and_a_retry() -> anyhow::Result<()> 
     let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "paused", "{st}");
     assert_eq!(st["paused"], serde_json::json!(["*"]), "{st}");
+    // a script waiting on it comes back (exit 4: it waits for a person) rather than hang
+    let out = fleet.cli(&["plan", "watch", &id]).await?;
+    assert_eq!(out.code(), Some(4), "{out}");
     let out = fleet.cli(&["plan", "resume", &id]).await?;
     assert_eq!(out.code(), Some(0), "{out}");
     data_entry(&fleet, &id, "running").await?;
