@@ -372,6 +372,12 @@ pub async fn start(
             },
         }),
     };
+    // `fleet status`'s "failed last" outlives a restart (the agents report journals, not
+    // failures)
+    match coordinator.inner.store.last_failures().await {
+        Ok(found) => coordinator.inner.versions.restore_failures(found),
+        Err(e) => warn!("reading the targets' last failures from the control store: {e}"),
+    }
     match coordinator.auth_on().await {
         Ok(true) => {
             info!("operators authenticate (bearer tokens of the control store's operators)")

@@ -937,7 +937,7 @@ async fn roll_back_through_the_down_gate(fleet: &TestFleet, id: &str) -> anyhow:
 /// keeps its own. Rolled back again once the down SQL can run, the target's failure goes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollback_cut_short_is_the_targets_last_failure() -> anyhow::Result<()> {
-    let fleet = TestFleet::start(1, 2).await?;
+    let mut fleet = TestFleet::start(1, 2).await?;
     let d = MigrationDir::new()?;
     d.migration(
         "001_first",
@@ -979,10 +979,17 @@ async fn a_rollback_cut_short_is_the_targets_last_failure() -> anyhow::Result<()
             .is_some_and(|m| m.contains("second_mark refused here")),
         "{failed}"
     );
+    // the failure outlives the coordinator (it was kept in memory only: a restart lost it)
+    let id = id.to_string();
+    fleet.restart_coordinator().await?;
+    fleet.wait_attached(1).await?;
+    let after = fleet_show(&fleet, "shard_0/tenant_0001").await?["last_failure"].clone();
+    assert_eq!(after["migration"], "002_second", "{after}");
+    assert_eq!(after["plan_id"], id.as_str(), "{after}");
 
-    roll_back_through_the_down_gate(&fleet, id).await?;
-    assert_eq!(fleet.status(id).await?["state"], "rolled_back");
-    let cleared = last_failure("shard_0/tenant_0000").await?;
+    roll_back_through_the_down_gate(&fleet, &id).await?;
+    assert_eq!(fleet.status(&id).await?["state"], "rolled_back");
+    let cleared = fleet_show(&fleet, "shard_0/tenant_0000").await?["last_failure"].clone();
     assert!(cleared.is_null(), "{cleared}");
     Ok(())
 }

@@ -629,6 +629,56 @@ impl Store {
         Ok(n)
     }
 
+    /// Each target's last failed step that no step applied there since (`fleet status`'s
+    /// "failed last", rebuilt at start: it was kept in memory only, and a restart lost it),
+    /// keyed by (shard, tenant). Two scans of the steps: their failures, and each target's
+    /// last applied step.
+    pub async fn last_failures(
+        &self,
+    ) -> Result<Vec<((String, String), pb::LastFailure)>, StoreError> {
+        let applied: std::collections::HashMap<(String, String), i64> = sqlx::query(
+            "SELECT shard, tenant, max(updated_at_ms) FROM steps WHERE state = 'applied'
+              GROUP BY shard, tenant",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                (r.get::<String, _>(0), r.get::<String, _>(1)),
+                r.get::<i64, _>(2),
+            )
+        })
+        .collect();
+        let mut last: std::collections::HashMap<(String, String), pb::LastFailure> =
+            std::collections::HashMap::new();
+        let rows = sqlx::query(
+            "SELECT shard, tenant, migration_id, plan_id, sqlstate, message, updated_at_ms
+               FROM steps WHERE state = 'failed'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for r in &rows {
+            let key = (r.get::<String, _>(0), r.get::<String, _>(1));
+            let at: i64 = r.get(6);
+            if applied.get(&key).is_some_and(|&a| a >= at)
+                || last.get(&key).is_some_and(|f| f.at_ms >= at)
+            {
+                continue;
+            }
+            let failure = pb::LastFailure {
+                target: crate::versions::target_name(&key.0, &key.1),
+                migration_id: r.get(2),
+                plan_id: r.get(3),
+                sqlstate: r.get(4),
+                message: r.get(5),
+                at_ms: at,
+            };
+            last.insert(key, failure);
+        }
+        Ok(last.into_iter().collect())
+    }
+
     /// Plans whose migrations every target they select should have: those that completed
     /// (with failures within their budget or not), oldest first.
     pub async fn completed_plans(&self) -> Result<Vec<PlanRow>, StoreError> {

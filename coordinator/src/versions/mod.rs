@@ -260,6 +260,16 @@ impl FleetVersions {
         }
     }
 
+    /// Targets' last failures as the control store holds them (at start): each taken where
+    /// nothing is known of the target yet (what the agents report since is newer).
+    pub fn restore_failures(&self, found: Vec<((String, String), pb::LastFailure)>) {
+        let mut state = self.state.lock().expect("fleet versions lock");
+        let failures = Arc::make_mut(&mut state.failures);
+        for (key, failure) in found {
+            failures.entry(key).or_insert(failure);
+        }
+    }
+
     /// A catch-up plan refused for good (not for a passing reason) is each of its tenants'
     /// last failure: why they are behind, where an operator looks. A step applied there
     /// later clears it, as any failure.
