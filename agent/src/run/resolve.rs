@@ -101,18 +101,23 @@ impl Agent {
         if let Some(decided) = decided {
             let why = match decided {
                 Ok(Some(Decision::Commit)) => None,
-                Ok(Some(Decision::Abort)) => Some("the decision is abort".to_string()),
+                Ok(Some(Decision::Abort)) => Some(
+                    "no commit decision in etcd (the decision is abort); not committing"
+                        .to_string(),
+                ),
                 Ok(None) => Some(format!(
-                    "no key {}",
+                    "no commit decision in etcd (no key {}); not committing",
                     decision_key(&self.config.etcd_prefix, &unit)
                 )),
-                Err(reason) => Some(reason.to_string()),
+                // (it said "no commit decision", and the operator looked for a lost decision)
+                Err(reason) => Some(format!(
+                    "this agent cannot read the commit decision: {reason}; not committing until \
+                     it can (its etcd endpoints: `--etcd`; the prepared transactions hold their \
+                     locks meanwhile)"
+                )),
             };
             if let Some(why) = why {
-                fail_all(
-                    &mut reply,
-                    &format!("no commit decision in etcd ({why}); not committing"),
-                );
+                fail_all(&mut reply, &why);
                 return reply;
             }
         }
