@@ -186,6 +186,9 @@ impl Coordinator {
                 // The decision stands if one was written; with none, this leader
                 // presumes abort (the other leader may have died mid-prepare).
                 let unit_key = run.unit_key();
+                // whether this leader presumed the abort (not one found written: an abort
+                // decided before the change, now written at once, read "presumed")
+                let mut presumed = false;
                 let d = match self.inner.coordination.decision(&unit_key).await? {
                     Some(d) => d,
                     None => {
@@ -211,6 +214,7 @@ impl Coordinator {
                             info!(plan = %row.id, unit = %unit_key, "left committing by a coordinator from before the store kept decisions: its commit decision stands");
                             Decision::Commit
                         } else {
+                            presumed = true;
                             Decision::Abort
                         };
                         self.inner
@@ -227,13 +231,22 @@ impl Coordinator {
                 } else {
                     PlanState::Aborting
                 };
+                // a cancel's abort ends cancelled, as it would have under the leader before
+                run.rollback_ends = match row.ends {
+                    PlanState::Cancelled => PlanState::Cancelled,
+                    _ => PlanState::RolledBack,
+                };
                 if d == Decision::Abort {
-                    run.message = format!(
-                        "{}; aborted when a new leader's term took it over with no commit decision written (presumed abort: the term before, of this coordinator or another, may have ended mid-prepare)",
-                        row.message
-                    )
-                    .trim_start_matches("; ")
-                    .to_string();
+                    run.message = if presumed {
+                        format!(
+                            "{}; aborted when a new leader's term took it over with no commit decision written (presumed abort: the term before, of this coordinator or another, may have ended mid-prepare)",
+                            row.message
+                        )
+                        .trim_start_matches("; ")
+                        .to_string()
+                    } else {
+                        row.message.clone()
+                    };
                     // Stored too, or the plan's status would show them pending for good.
                     let updates = run.halt_pending();
                     self.write_under(

@@ -2,7 +2,7 @@
 //! real PostgreSQL, and faults injected at the protocol's steps.
 use serde_json::Value;
 
-use crate::fleet::{Cli, WAIT, coord_dbmate_dir};
+use crate::fleet::{Cli, MigrationDir, WAIT, coord_dbmate_dir};
 use crate::ha::HaFleet;
 use crate::harness::{wait_for, wait_until};
 use crate::shards::{assert_fences_not_back, fences, prepared};
@@ -1077,5 +1077,74 @@ async fn a_committing_plan_whose_decision_etcd_lost_still_commits() -> anyhow::R
         "{}",
         c.log()
     );
+    assert_none_prepared(&fleet, 2).await
+}
+
+/// A cancel of an atomic plan whose abort is under way when its leader dies (shard_1's agent
+/// away, its part not rolled back yet): the next leader carries out the abort it finds in
+/// etcd, and the plan ends `cancelled` with the cancel's message. Before, it ended
+/// `rolled_back`, its message saying the abort was presumed (the decision was found
+/// written: only the plan's end was not carried over).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancels_abort_finished_by_the_next_leader_ends_cancelled() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::builder(1, 2, 2)
+        .least_privilege()
+        .agent_args(&["--lease-ttl", "2s"])
+        .start()
+        .await?;
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "001_slow_col",
+        "",
+        "ALTER TABLE work_orders ADD COLUMN slow_col int;\n\
+         DO $$ BEGIN IF current_schema() IN ('tenant_0001', 'tenant_0003') THEN \
+         PERFORM pg_sleep(60); END IF; END $$;",
+        "ALTER TABLE work_orders DROP COLUMN slow_col",
+    )?;
+    let id = fleet.submit(dir.path(), &["--atomic"]).await?;
+    wait_until(
+        "the first tenant of each shard prepared",
+        WAIT,
+        async || Ok(prepared(&fleet.pg, 0).await? == 1 && prepared(&fleet.pg, 1).await? == 1),
+    )
+    .await?;
+    fleet.agents[1].kill()?;
+    let out = fleet
+        .cli(&["plan", "cancel", &id, "--reason", "wrong window"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    wait_until("the abort stored", WAIT, async || {
+        let stored: String = fleet
+            .pg
+            .query_scalar(
+                "control",
+                &format!("SELECT state || ' ' || ends FROM plans WHERE id = '{id}'"),
+            )
+            .await?;
+        Ok(stored == "aborting cancelled")
+    })
+    .await?;
+    fleet.restart_coordinator_with(0, &[]).await?;
+    fleet.restart_agent(1)?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    let st = out.last_json()?;
+    assert_eq!(st["state"], "cancelled", "{out}");
+    let message = st["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("wrong window") && !message.contains("presumed"),
+        "{st}"
+    );
+    for s in 0..2 {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                &format!("shard_{s}"),
+                "SELECT count(*) FROM information_schema.columns WHERE column_name = 'slow_col'",
+            )
+            .await?;
+        assert_eq!(n, 0, "shard_{s}");
+    }
     assert_none_prepared(&fleet, 2).await
 }

@@ -55,6 +55,7 @@ impl Engine {
                 .get(s)
                 .is_some_and(|gids| gids.iter().any(|g| gid::unit_of(g) == Some(key.as_str())))
         });
+        let presumed = matches!(read, Ok(None));
         let decision = match read {
             Ok(Some(d)) => Some(d),
             Ok(None) if started => {
@@ -88,10 +89,17 @@ impl Engine {
             run.state = PlanState::Committing;
         } else {
             run.state = PlanState::Aborting;
-            run.message = format!(
-                "parallel group {} aborted when a new leader's term took it over with no commit decision written (presumed abort)",
-                run.current_unit().map_or(0, |g| g + 1)
-            );
+            run.message = if presumed {
+                format!(
+                    "parallel group {} aborted when a new leader's term took it over with no commit decision written (presumed abort)",
+                    run.current_unit().map_or(0, |g| g + 1)
+                )
+            } else {
+                format!(
+                    "parallel group {} aborted by the decision the leader before wrote",
+                    run.current_unit().map_or(0, |g| g + 1)
+                )
+            };
             let updates = run.halt_pending();
             self.write(StoreOp::Steps {
                 plan_id: plan_id.to_string(),
