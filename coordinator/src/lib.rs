@@ -365,6 +365,7 @@ pub async fn start(
             auth_off_seen: Default::default(),
             refusals_seen: Default::default(),
             catch_up_deferred: Default::default(),
+            spec_cache: Default::default(),
             reviving: Default::default(),
             agent_identities: identity::AgentIdentities {
                 required: server_tls.as_ref().is_some_and(|t| t.client_auth),

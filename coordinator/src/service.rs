@@ -78,6 +78,11 @@ pub struct Inner {
     /// Tenants that appeared, per shard, while a plan that asks for catch-up had not ended:
     /// caught up when a plan completes (see `versions::catch_up`).
     pub catch_up_deferred: std::sync::Mutex<BTreeMap<String, Vec<pb::Tenant>>>,
+    /// Completed plans' specs as `fleet status`/`fleet show` read them, decoded and checked
+    /// once: by plan id, with a hash of the stored spec (a `rollback --down-from` replaces
+    /// it). Decoding every completed plan's spec on every call made both grow with the
+    /// history (0.04 s at no plans, 0.75 s at 560 on a debug build).
+    pub spec_cache: crate::versions::SpecCache,
     /// Held by a command that reads an ended plan from the store and acts on it (a retry, a
     /// rollback), from its read to the engine's answer: two at once both read it ended, and
     /// a retry's steps stored pending under a rollback that had begun left the rolled-back

@@ -18,6 +18,7 @@ mod drift;
 #[cfg(test)]
 mod fixtures;
 mod query;
+mod spec_cache;
 mod status;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -27,6 +28,7 @@ use flotilla_core::pb;
 
 pub use baseline::BASELINE_PREFIX;
 pub use drift::{cohort_labels, fleet_drift};
+pub use spec_cache::SpecCache;
 pub use status::{FleetInput, PlanInput, fleet_status, show_target};
 
 /// "shard/tenant", or "shard" for the shard itself: how targets are named to operators.

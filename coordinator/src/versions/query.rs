@@ -2,9 +2,8 @@
 //! copy of the journals (see the module's docs) and the store's completed plans.
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use flotilla_core::pb;
 use flotilla_core::selector::Selector;
-use flotilla_core::{PlanSpec, pb};
-use prost::Message;
 use tracing::{debug, warn};
 
 use super::{FleetInput, PlanInput, cohort_labels, fleet_drift, fleet_status, show_target};
@@ -202,11 +201,9 @@ impl Coordinator {
     async fn versions_inputs(&self) -> Result<VersionsInputs, CoordinatorError> {
         let (epoch, fleet, changed) = self.versions_fleet().await?;
         let mut plans = Vec::new();
-        for row in self.inner.store.completed_plans().await? {
-            let spec = hex::decode(&row.spec_hex)
-                .ok()
-                .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
-                .and_then(|p| PlanSpec::try_from(p).ok());
+        let rows = self.inner.store.completed_plans().await?;
+        let specs = self.inner.spec_cache.specs(&rows);
+        for (row, spec) in rows.into_iter().zip(specs) {
             match spec {
                 Some(spec) => {
                     let envs = &self.inner.environments;

@@ -13,7 +13,7 @@ use crate::planner::{self, ShardView};
 /// A completed plan, whose migrations the targets it selects should hold.
 pub struct PlanInput {
     pub id: String,
-    pub spec: PlanSpec,
+    pub spec: std::sync::Arc<PlanSpec>,
     /// The shards its environment admits (`--environments`); None: every shard. A plan for
     /// development never reaches production's tenants, which are not behind for it.
     pub shards: Option<std::collections::BTreeSet<String>>,

@@ -29,7 +29,7 @@ fn plan(id: &str, selector: &str, version: &str, migrations: &[(&str, &str)]) ->
     };
     PlanInput {
         id: id.into(),
-        spec: flotilla_core::PlanSpec::try_from(raw).expect("valid plan"),
+        spec: std::sync::Arc::new(flotilla_core::PlanSpec::try_from(raw).expect("valid plan")),
         shards: None,
     }
 }
