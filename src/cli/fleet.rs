@@ -440,7 +440,20 @@ fn print_status(r: &pb::FleetStatusResponse) {
         if c.pending.is_empty() {
             println!("   up to date");
         } else {
-            println!("   behind by {}: {}", c.pending.len(), c.pending.join(", "));
+            // the next ones to apply first, and how many more (a tenant behind a year of
+            // plans printed one line of 9 KB); `fleet show TARGET` and JSON list them all
+            const SHOWN_PENDING: usize = 10;
+            let more = c.pending.len().saturating_sub(SHOWN_PENDING);
+            println!(
+                "   behind by {}: {}{}",
+                c.pending.len(),
+                c.pending[..c.pending.len().min(SHOWN_PENDING)].join(", "),
+                if more > 0 {
+                    format!(" and {more} more (`fleet show TARGET` lists them)")
+                } else {
+                    String::new()
+                }
+            );
         }
         let shown: Vec<&str> = c
             .targets
