@@ -72,15 +72,20 @@ impl Liveness {
     async fn run(self, stop: CancellationToken) {
         let mut client = None;
         let mut lease = None;
+        // the member a new client starts at: the next one after each loss, so that a member
+        // that died or hung under the keep-alive stream is not the one asked again
+        let mut first = 0usize;
         let mut ever_up = false;
         let mut attempt = 0u32;
         loop {
             let held = tokio::select! {
-                r = self.hold(&mut client, &mut lease) => Some(r),
+                r = self.hold(&mut client, &mut lease, first) => Some(r),
                 () = stop.cancelled() => None,
             };
             metrics::etcd_liveness_up(false);
             let Some((reason, was_up)) = held else { break };
+            client = None;
+            first = first.wrapping_add(1);
             if was_up {
                 attempt = 0;
             }
@@ -91,7 +96,9 @@ impl Liveness {
                 rand::random(),
             );
             if was_up {
-                warn!(endpoints = %self.etcd.shown, key = %self.key, %reason, "the agent's liveness lease is lost; granting a new one and putting the key again");
+                // (a lease is the cluster's, not a member's: `hold` keeps it through the next
+                // member when it lives, and says so when it does not)
+                info!(endpoints = %self.etcd.shown, key = %self.key, %reason, "the agent's liveness keep-alive broke; keeping its lease through the next etcd member");
             } else if attempt == 0 && !ever_up {
                 error!(endpoints = %self.etcd.shown, %reason, "etcd is unreachable at {}: the agent's liveness key is not published; retrying in the background (the agent still serves its coordinator)", self.etcd.shown);
             } else if attempt.is_multiple_of(12) {
@@ -106,7 +113,17 @@ impl Liveness {
                 () = stop.cancelled() => break,
             }
         }
-        // the last lease granted, unless it is known to be gone
+        // the last lease granted, unless it is known to be gone (through a new client when
+        // the last broke)
+        let client = match (client, lease) {
+            (Some(c), _) => Some(c),
+            (None, Some(_)) => self
+                .etcd
+                .connect(first, Usage::Lease, self.call_timeout())
+                .await
+                .ok(),
+            (None, None) => None,
+        };
         if let (Some(mut c), Some(id)) = (client, lease) {
             match tokio::time::timeout(self.call_timeout(), c.lease_revoke(id)).await {
                 Ok(Ok(_)) => info!(key = %self.key, "revoked the liveness lease"),
@@ -122,40 +139,69 @@ impl Liveness {
 
     /// Grants a lease, puts the key under it and keeps it alive. Returns why it stopped, and
     /// whether the key was up before.
-    async fn hold(&self, client: &mut Option<Client>, lease: &mut Option<i64>) -> (String, bool) {
+    /// `first`: the member a new client starts at.
+    async fn hold(
+        &self,
+        client: &mut Option<Client>,
+        lease: &mut Option<i64>,
+        first: usize,
+    ) -> (String, bool) {
         let down = |reason: String| (reason, false);
         let limit = self.call_timeout();
         let c = match client {
             Some(c) => c,
-            None => {
-                // always from the first member: a lost lease is re-granted through whichever
-                // member the balanced channel reaches
-                match self.etcd.connect(0, Usage::Lease, limit).await {
-                    Ok(c) => client.insert(c),
-                    Err(reason) => return down(format!("connecting: {reason}")),
-                }
-            }
+            None => match self.etcd.connect(first, Usage::Lease, limit).await {
+                Ok(c) => client.insert(c),
+                Err(reason) => return down(format!("connecting: {reason}")),
+            },
         };
         let ttl = self.ttl.as_secs() as i64;
-        let id = match call(limit, c.lease_grant(ttl, None)).await {
-            Ok(granted) => granted.id(),
-            Err(reason) => return down(format!("granting a lease: {reason}")),
+        // The lease held before, if it lives: its key is still there, and the coordinator
+        // sees no change (a new lease for every keep-alive stream one member broke put the
+        // key again, and said the lease was lost, at each single member's stall).
+        let kept = match *lease {
+            Some(id) => match call(limit, c.lease_keep_alive(id)).await {
+                Ok((mut keeper, mut responses)) => {
+                    let alive = keeper.keep_alive().await.is_ok()
+                        && matches!(call(limit, responses.message()).await, Ok(Some(r)) if r.ttl() > 0);
+                    if alive {
+                        info!(key = %self.key, lease = %format!("{id:x}"), "the liveness lease kept through another etcd member");
+                        Some((id, keeper, responses))
+                    } else {
+                        warn!(key = %self.key, lease = %format!("{id:x}"), "the agent's liveness lease is lost (expired); granting a new one and putting the key again");
+                        *lease = None;
+                        None
+                    }
+                }
+                Err(reason) => return down(format!("keeping the lease alive: {reason}")),
+            },
+            None => None,
         };
-        *lease = Some(id);
-        let put = c.put(
-            self.key.as_str(),
-            self.value.as_str(),
-            Some(PutOptions::new().with_lease(id)),
-        );
-        if let Err(reason) = call(limit, put).await {
-            return down(format!("putting {}: {reason}", self.key));
-        }
-        let (mut keeper, mut responses) = match call(limit, c.lease_keep_alive(id)).await {
-            Ok(pair) => pair,
-            Err(reason) => return down(format!("keeping the lease alive: {reason}")),
+        let (id, mut keeper, mut responses) = match kept {
+            Some(kept) => kept,
+            None => {
+                let id = match call(limit, c.lease_grant(ttl, None)).await {
+                    Ok(granted) => granted.id(),
+                    Err(reason) => return down(format!("granting a lease: {reason}")),
+                };
+                *lease = Some(id);
+                let put = c.put(
+                    self.key.as_str(),
+                    self.value.as_str(),
+                    Some(PutOptions::new().with_lease(id)),
+                );
+                if let Err(reason) = call(limit, put).await {
+                    return down(format!("putting {}: {reason}", self.key));
+                }
+                let (keeper, responses) = match call(limit, c.lease_keep_alive(id)).await {
+                    Ok(pair) => pair,
+                    Err(reason) => return down(format!("keeping the lease alive: {reason}")),
+                };
+                info!(key = %self.key, lease = %format!("{id:x}"), ttl, "liveness key put in etcd");
+                (id, keeper, responses)
+            }
         };
         metrics::etcd_liveness_up(true);
-        info!(key = %self.key, lease = %format!("{id:x}"), ttl, "liveness key put in etcd");
         let up = |reason: String| (reason, true);
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);

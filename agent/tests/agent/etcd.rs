@@ -115,3 +115,44 @@ async fn an_unreachable_etcd_does_not_hold_up_the_agent() {
         .expect("stops without etcd");
     f.drop().await;
 }
+
+/// etcd stalling under the agent's keep-alive stream for less than the lease's TTL (a member
+/// stopped a moment): the agent keeps its lease through a new client, and the key is never
+/// put again. Before, every such stall granted a new lease and put the key again, saying
+/// the lease was lost (seen at each single member's stall in a three-member cluster).
+#[tokio::test]
+async fn a_keep_alive_stall_shorter_than_the_ttl_keeps_the_lease() {
+    // (it waits on log lines: alone, so no other test's agent logs them, or sets the log up)
+    if !alone_in_child_process("etcd::a_keep_alive_stall_shorter_than_the_ttl_keeps_the_lease") {
+        return;
+    }
+    let Some(etcd) = Etcd::start_or_skip("etcd_stall").await else {
+        return;
+    };
+    let Some(f) = fleet("etcd_stall", 1).await else {
+        return;
+    };
+    let endpoint = etcd.endpoint();
+    let mark = log_mark();
+    let mut h = Harness::start(
+        |c| {
+            c.etcd = vec![endpoint];
+            c.etcd_prefix = PREFIX.into();
+            c.lease_ttl = Duration::from_secs(8);
+        },
+        &f.dsn,
+    )
+    .await;
+    let (_s, _) = h.attach(1).await;
+    let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
+    let (lease, _) = wait_for_key(&mut client, |lease| lease != 0).await;
+    etcd.pause().unwrap();
+    wait_for_log(mark, "the agent's liveness keep-alive broke").await;
+    etcd.resume().unwrap();
+    wait_for_log(mark, "the liveness lease kept through another etcd member").await;
+    let (now, _) = wait_for_key(&mut client, |l| l != 0).await;
+    assert_eq!(now, lease, "the key is still under its first lease");
+    h.stop().await;
+    f.drop().await;
+    drop(etcd);
+}
