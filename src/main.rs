@@ -67,6 +67,7 @@ fn stdout_failed(info: &std::panic::PanicHookInfo<'_>) -> Option<String> {
         .or_else(|| info.payload().downcast_ref::<&str>().copied())?;
     message
         .strip_prefix("failed printing to stdout: ")
+        .or_else(|| message.strip_prefix("failed to write completion file: "))
         .map(str::to_string)
 }
 

@@ -1078,13 +1078,28 @@ impl Coordinator {
         wave: Option<String>,
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
-        self.plan_command(plan_id, |plan_id, reply| Event::Promote {
-            plan_id,
-            wave,
-            actor,
-            reply,
-        })
-        .await
+        let named = wave.clone();
+        let answer = self
+            .plan_command(plan_id.clone(), |plan_id, reply| Event::Promote {
+                plan_id,
+                wave,
+                actor,
+                reply,
+            })
+            .await;
+        // A retry of the last gate's promote once the plan completed (every wave passed):
+        // nothing to do, as for any wave already past (it was refused, "already ended").
+        if let (Err(_), Some(named)) = (&answer, named)
+            && let Ok(status) = self.status(&plan_id).await
+            && status
+                .summary
+                .as_ref()
+                .is_some_and(|s| s.state == PlanState::Completed.as_str())
+            && status.waves.iter().any(|w| w.name == named)
+        {
+            return Ok(status);
+        }
+        answer
     }
 
     /// `plan halt`: the plan stops where it is; what applied stays; it ends halted.

@@ -135,6 +135,16 @@ impl Selector {
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.requirements.iter().all(|r| r.matches(labels))
     }
+
+    /// Whether some target whose labels include `known` (a shard's, when its tenants are
+    /// not known) could be selected: every requirement on a key of `known` holds; those on
+    /// other keys (a tenant's own labels) may.
+    pub fn may_match(&self, known: &BTreeMap<String, String>) -> bool {
+        self.requirements
+            .iter()
+            .filter(|r| known.contains_key(&r.key))
+            .all(|r| r.matches(known))
+    }
 }
 
 impl fmt::Display for Selector {
@@ -481,6 +491,18 @@ mod tests {
             Ok(sel) => panic!("`{s}` parsed as `{sel}`"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn may_match_leaves_keys_it_is_not_given_open() {
+        let shard = labels(&[("shard", "s1"), ("region", "r1")]);
+        assert!(sel("region=r1").may_match(&shard));
+        assert!(!sel("region=r0").may_match(&shard));
+        assert!(!sel("shard notin (s1)").may_match(&shard));
+        // a tenant's own label: not known here, so it may hold
+        assert!(sel("tenant=tenant_a").may_match(&shard));
+        assert!(sel("region=r1,tier=internal").may_match(&shard));
+        assert!(!sel("region=r0,tier=internal").may_match(&shard));
     }
 
     #[test]

@@ -86,6 +86,12 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
         PlanCommand::Pause(args) => pause(addr, args, true).await,
         PlanCommand::Resume(args) => pause(addr, args, false).await,
         PlanCommand::Promote(args) => {
+            // (an unset variable in a pipeline, `--wave "$WAVE"`, would promote whichever
+            // wave waits)
+            if args.wave.as_ref().is_some_and(|w| w.trim().is_empty()) {
+                eprintln!("error: --wave is empty: name the wave whose gate to release");
+                return EXIT_BAD_INPUT;
+            }
             let wave = args.wave.unwrap_or_default();
             decide_with(addr, args.decide, Verb::Promote, wave).await
         }

@@ -836,6 +836,14 @@ async fn fleet_drift_names_a_column_added_by_hand_and_require_no_drift_refuses_t
         Some(0),
         "shard_2 is outside the selection: {out:?}"
     );
+    // a selection that reaches it (the shard by name, one of its tenants) does not find it
+    // clean (it did: the selection read only the shards that reported)
+    for selector in ["shard=shard_2", "tenant=tenant_0016"] {
+        let out = fleet
+            .cli(&["fleet", "drift", "--selector", selector])
+            .await?;
+        assert_eq!(out.code(), Some(3), "{selector}: {out:?}");
+    }
     let (_, _, out) = drift(&fleet).await?;
     assert!(
         out.stderr.contains("no drift among the 16 target(s) compared, but not every shard was: shards not reported (their agents away): shard_2"),

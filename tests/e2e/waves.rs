@@ -1046,5 +1046,14 @@ rest = true
         .await?;
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(marks(&fleet).await?.len(), 24);
+    // the retry of the last gate's promote once the plan completed: nothing to do (it was
+    // refused, "already ended"); an empty --wave (an unset variable) is refused
+    let out = fleet
+        .cli(&["plan", "promote", &id, "--wave", "early"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = fleet.cli(&["plan", "promote", &id, "--wave", ""]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("--wave is empty"), "{out}");
     Ok(())
 }

@@ -86,19 +86,25 @@ pub fn fleet_drift(input: &FleetInput, selector: &Selector) -> pb::FleetDriftRes
         drifted: out.iter().map(|c| c.drifted.len() as u64).sum(),
         cohorts: out,
         unfingerprinted,
-        // Those the selection reaches: every one without a selector, else those holding a
-        // selected target (a shard outside `--selector` is not missing from its answer).
+        // Those the selection reaches (a shard outside `--selector` is not missing from its
+        // answer): one of its known targets selected, or, its tenants not known, its own
+        // labels such that the selector may select one (the selection above reads only
+        // shards that reported, and a selector naming the missing shard found it clean).
         unreported_shards: input
             .fleet
-            .keys()
-            .filter(|shard| input.reported(shard).is_none())
-            .filter(|shard| {
-                selector.is_empty()
-                    || selected
-                        .iter()
-                        .any(|t| t.split_once('/').is_some_and(|(s, _)| s == shard.as_str()))
+            .iter()
+            .filter(|(shard, _)| input.reported(shard).is_none())
+            .filter(|(shard, view)| {
+                let labels = |t| crate::planner::target_labels(shard, view, t);
+                if view.tenants.is_empty() {
+                    selector.may_match(&labels(None))
+                } else {
+                    std::iter::once(None)
+                        .chain(view.tenants.iter().map(Some))
+                        .any(|t| selector.matches(&labels(t)))
+                }
             })
-            .cloned()
+            .map(|(shard, _)| shard.clone())
             .collect(),
         shards,
     }
