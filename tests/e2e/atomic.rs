@@ -1148,3 +1148,45 @@ async fn a_cancels_abort_finished_by_the_next_leader_ends_cancelled() -> anyhow:
     }
     assert_none_prepared(&fleet, 2).await
 }
+
+/// The same loss of the decision from etcd while the leader that wrote it carries it out
+/// (no change of leader): the shard whose agent was away answers the commit's Resolve that
+/// etcd holds no decision, and the leader writes it again; the plan completes. Before, it
+/// stayed committing, the shard's prepared transactions holding their locks, until a
+/// coordinator restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decision_etcd_lost_under_its_leader_is_written_again() -> anyhow::Result<()> {
+    let mut fleet = HaFleet::builder(1, 2, 2)
+        .least_privilege()
+        .agent_env(1, "FAILPOINTS", "agent::before_commit_prepared=return")
+        .start()
+        .await?;
+    let id = submit_atomic(&fleet).await?;
+    let exit = fleet.agents[1]
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends shard_1's agent as it is told to commit");
+    assert_eq!(exit.code(), Some(88));
+    let key = format!("/flotilla/decisions/{id}");
+    assert_eq!(fleet.etcd.delete_key(&key).await?, 1, "{key} was there");
+    fleet.restart_agent(1)?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "completed: {out}");
+    for s in 0..2 {
+        assert_eq!(
+            satisfaction_columns(&fleet, &format!("shard_{s}")).await?,
+            4,
+            "shard_{s} committed"
+        );
+    }
+    let c = fleet.coordinators[0].as_ref().unwrap();
+    assert!(
+        c.log()
+            .contains("the unit's commit decision was gone from etcd"),
+        "{}",
+        c.log()
+    );
+    assert_none_prepared(&fleet, 2).await
+}

@@ -106,7 +106,8 @@ impl Agent {
                         .to_string(),
                 ),
                 Ok(None) => Some(format!(
-                    "no commit decision in etcd (no key {}); not committing",
+                    "{} {}); not committing",
+                    flotilla_core::protocol::NO_DECISION_KEY,
                     decision_key(&self.config.etcd_prefix, &unit)
                 )),
                 // (it said "no commit decision", and the operator looked for a lost decision)

@@ -179,6 +179,39 @@ impl Engine {
         let Some(decision) = run.decision else {
             return;
         };
+        if run.decision_lost && decision.is_commit() {
+            // Gone from etcd while this leader carried it out (its data wiped, or restored
+            // from an older snapshot): the agents commit only by the key, and the unit stayed
+            // committing, every prepared target holding its locks, until a new leader wrote
+            // it again. Written again here (only where there is none).
+            match self
+                .coordination
+                .decide(&unit_key, decision, self.epoch)
+                .await
+            {
+                Ok(d) if d == decision => {
+                    warn!(plan = %plan_id, unit = %unit_key, "the unit's commit decision was gone from etcd (its data lost or restored from an older snapshot?): written again");
+                    let run = self.plans.get_mut(plan_id).expect("present");
+                    run.decision_lost = false;
+                    for sr in run.shards.values_mut() {
+                        sr.resolve_retry_at = None;
+                    }
+                }
+                Ok(d) => {
+                    tracing::error!(plan = %plan_id, unit = %unit_key, found = d.as_str(), "the unit's commit decision was gone from etcd, and another is there now: not carried out; the plan waits for an operator");
+                    let run = self.plans.get_mut(plan_id).expect("present");
+                    run.decision_lost = false;
+                }
+                Err(e) => {
+                    warn!(plan = %plan_id, unit = %unit_key, "writing the lost commit decision again failed, retrying: {e}");
+                    return;
+                }
+            }
+        }
+        let run = self.plans.get_mut(plan_id).expect("present");
+        let Some(decision) = run.decision else {
+            return;
+        };
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         for shard in &shards {
             let Some(conn_id) = self.agents.get(shard).map(|a| a.conn_id) else {

@@ -174,6 +174,10 @@ pub struct PlanRun {
     /// With `unit_unverified`: its decision was read, and there was none (a cancel may
     /// then decide the abort: the leader before, deposed, can write none any more).
     pub decision_absent: bool,
+    /// A shard answered a commit's Resolve that etcd holds no decision for the unit (its
+    /// data lost, or restored from an older snapshot, while this leader carried it out):
+    /// the leader writes it again (`two_phase`).
+    pub decision_lost: bool,
     /// Data changes' latest progress, by (migration, shard, tenant).
     pub progress: BTreeMap<(String, String, String), pb::DataProgress>,
     /// The plan's waves in order (one of every target for a plan without waves).
@@ -349,6 +353,7 @@ impl PlanRun {
             inherited: false,
             unit_unverified: false,
             decision_absent: false,
+            decision_lost: false,
             waves: Vec::new(),
             wave_of: Vec::new(),
             wave_pos: 0,

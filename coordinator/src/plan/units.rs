@@ -225,6 +225,14 @@ impl PlanRun {
             }
         }
         let all_done = sr.prepared.is_empty();
+        if reply.commit
+            && reply
+                .failed
+                .iter()
+                .any(|f| f.contains(flotilla_core::protocol::NO_DECISION_KEY))
+        {
+            self.decision_lost = true;
+        }
         if !all_done && !reply.failed.is_empty() {
             // Not final (the shard's etcd member down, say): asked again a little later,
             // on the engine's tick.

@@ -12,6 +12,10 @@ use std::str::FromStr;
 /// In `PlanStatus.paused` (and plan locks' shard lists): every shard of the plan.
 pub const ALL_SHARDS: &str = "*";
 
+/// How an agent's answer to a commit's Resolve says etcd holds no decision key for the unit
+/// (the coordinator writes its commit decision again on it: etcd's data was lost under it).
+pub const NO_DECISION_KEY: &str = "no commit decision in etcd (no key";
+
 /// The state of a `DataProgress` that is a schema step's, not a data change's: waiting to
 /// try its lock again after a lock timeout (its reason says the attempt and who held the
 /// lock). Shown apart from data changes, and gone once the step ends.
