@@ -393,6 +393,16 @@ impl PlanRun {
         self.paused.plan || self.paused.shards.contains(shard)
     }
 
+    /// Whether all that is left of the plan is on shards paused one by one (nothing runs or
+    /// waits to run on the others): it waits for `plan resume` as a plan paused as a whole
+    /// does, and a script's `--wait` comes back (it hung).
+    pub fn waits_on_paused_shards(&self) -> bool {
+        !self.paused.shards.is_empty()
+            && self.shards.iter().all(|(name, sr)| {
+                self.paused.shards.contains(name) || (sr.outstanding.is_empty() && sr.to_run == 0)
+            })
+    }
+
     /// Keeps a data change's last progress, for a step of the plan: what an agent reports of
     /// a migration or target the plan does not have on its shard is dropped (kept, it would
     /// grow the map with whatever the messages name until the plan ends).

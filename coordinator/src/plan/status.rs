@@ -78,7 +78,9 @@ pub fn from_run(run: &PlanRun, waiting_for: Vec<String>) -> pb::PlanStatus {
                     .is_some_and(|w| w.state == WaveState::Waiting)
             {
                 WAITING.into()
-            } else if run.state == PlanState::Running && run.paused.plan {
+            } else if run.state == PlanState::Running
+                && (run.paused.plan || run.waits_on_paused_shards())
+            {
                 PAUSED.into()
             } else {
                 run.state.as_str().into()
