@@ -269,6 +269,18 @@ impl Coordinator {
                 if me.leader_epoch().ok() != Some(epoch) {
                     return;
                 }
+                // ended while it waited (a cancel): it needs them no more
+                if me
+                    .inner
+                    .store
+                    .plan(&plan_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|row| row.state.is_terminal())
+                {
+                    return;
+                }
             }
         });
     }

@@ -1318,3 +1318,76 @@ async fn a_dead_etcd_member_is_passed_over() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A plan cancelled while it waits for the shard locks of a blocked plan ends cancelled at
+/// once, nothing of it run (it waited for the other plan to let go: 13 s in a walk-through),
+/// and never takes the locks afterwards: the blocked plan, let go, completes, and no lock is
+/// left. The same for an atomic plan (aborting, it had nothing to decide).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_cancelled_while_it_waits_for_locks_ends_at_once() -> anyhow::Result<()> {
+    let fleet = HaFleet::start(1, 2, 2).await?;
+    let first = MigrationDir::new()?;
+    first.migration(
+        "001_first",
+        "",
+        &blocking_sql("CREATE TABLE first_log (x int)", "tenant_0001", 78),
+        "DROP TABLE first_log",
+    )?;
+    let lock = hold(&fleet.pg, 0, 78).await?;
+    let id1 = fleet.submit(first.path(), &[]).await?;
+    wait_until("the first plan blocked", WAIT, async || {
+        Ok(blocked(&fleet.pg, 0).await? == 1)
+    })
+    .await?;
+    for (table, extra) in [("second_log", &[][..]), ("third_log", &["--atomic"][..])] {
+        let dir = MigrationDir::new()?;
+        dir.migration(
+            &format!("001_{table}"),
+            "",
+            &format!("CREATE TABLE {table} (x int)"),
+            &format!("DROP TABLE {table}"),
+        )?;
+        let id = fleet.submit(dir.path(), extra).await?;
+        crate::harness::wait_for("the plan to wait for locks", WAIT, async || {
+            let st = fleet.status(&id).await?;
+            let msg = st["message"].as_str().unwrap_or_default();
+            Ok(msg.contains("waiting for shard locks").then_some(st))
+        })
+        .await?;
+        let out = fleet
+            .cli(&["plan", "cancel", &id, "--wait", "--output", "json"])
+            .await?;
+        assert_eq!(out.code(), Some(0), "{out}");
+        let st = out.last_json()?;
+        assert_eq!(st["state"], "cancelled", "{st}");
+        assert!(
+            st["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("ended before it held its shard locks")),
+            "{st}"
+        );
+        // the first plan still holds its locks: the cancel did not wait for them
+        assert_eq!(fleet.status(&id1).await?["state"], "running");
+    }
+    release(lock, 78).await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id1, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    wait_until("no lock left", WAIT, async || {
+        let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+        Ok(locks["locks"].as_array().is_some_and(Vec::is_empty))
+    })
+    .await?;
+    for s in 0..2 {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                &shard(s),
+                "SELECT count(*) FROM pg_class WHERE relname IN ('second_log', 'third_log')",
+            )
+            .await?;
+        assert_eq!(n, 0, "shard_{s}: nothing of the cancelled plans ran");
+    }
+    Ok(())
+}

@@ -26,6 +26,15 @@ impl Engine {
         };
         // Nothing goes to agents before the plan holds its shard locks.
         if !self.leading || !run.locked {
+            // Stopped (a cancel, a rollback) while it waited for them: nothing of it went
+            // to a shard, so nothing is to be undone or decided, and it ends now rather
+            // than when the plan holding the locks lets go (a cancel waited 13 s for it).
+            if self.leading && run.stopped_before_its_locks() {
+                run.end_before_its_locks();
+                if self.settle(plan_id).await {
+                    return;
+                }
+            }
             self.changed(plan_id);
             return;
         }
@@ -161,7 +170,7 @@ impl Engine {
     }
 
     /// Releases a finished plan's shard locks in the background.
-    fn release_locks(&self, plan_id: &str) {
+    pub(super) fn release_locks(&self, plan_id: &str) {
         let (coordination, id, epoch) =
             (self.coordination.clone(), plan_id.to_string(), self.epoch);
         tokio::spawn(async move {

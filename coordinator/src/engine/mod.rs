@@ -550,6 +550,10 @@ impl Engine {
                 let _ = done.send(());
             }
             Event::LocksTaken { plan_id } => {
+                // taken for a plan that ended while it waited for them: let go at once
+                if !self.plans.contains_key(&plan_id) {
+                    self.release_locks(&plan_id);
+                }
                 if let Some(run) = self.plans.get_mut(&plan_id) {
                     run.locked = true;
                     // Waited for another plan's locks: that plan may have undone since what

@@ -82,6 +82,43 @@ impl PlanRun {
             .all(|s| matches!(s.status, StepStatus::Pending | StepStatus::AlreadyApplied))
     }
 
+    /// Stopped (cancelled, rolled back, halted) before it held its shard locks, in this
+    /// term, with nothing of its own applied: nothing of it was sent to a shard (nothing is
+    /// before the locks). Not a plan a new leader rebuilt, whose term before may have run
+    /// it, nor one retried with steps applied before.
+    pub fn stopped_before_its_locks(&self) -> bool {
+        !self.locked
+            && !self.inherited
+            && self.outstanding() == 0
+            && matches!(
+                self.state,
+                PlanState::Stopping | PlanState::RollingBack | PlanState::Aborting
+            )
+            && self.steps.iter().all(|s| {
+                matches!(
+                    s.status,
+                    StepStatus::Pending | StepStatus::NotRun | StepStatus::AlreadyApplied
+                )
+            })
+    }
+
+    /// Ends what [`Self::stopped_before_its_locks`] said: no shard has anything to undo,
+    /// and no unit a decision to carry out; `settle` gives its end.
+    pub fn end_before_its_locks(&mut self) {
+        for sr in self.shards.values_mut() {
+            sr.rollback = RollbackState::Done;
+        }
+        if self.state == PlanState::Aborting {
+            self.state = PlanState::RollingBack;
+        }
+        let why = self.message.replace(UNDOING, "");
+        self.message = if why.is_empty() {
+            "ended before it held its shard locks: nothing of it ran".into()
+        } else {
+            format!("{why}; ended before it held its shard locks: nothing of it ran")
+        };
+    }
+
     /// Whether the plan reached its end; sets the final state when it did.
     pub fn settle(&mut self) -> Option<Vec<StepUpdate>> {
         match self.state {
