@@ -732,6 +732,13 @@ async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed() ->
     assert_eq!(st["state"], "rolled_back", "{st}");
     let failure = &st["failures"][0];
     assert_eq!(failure["tenant"], "tenant_0005", "{st}");
+    // its message says group 1 committed and is undone (it said "no target commits")
+    assert!(
+        st["message"].as_str().is_some_and(|m| m.contains(
+            "aborting parallel group 2: no target of it commits, and the groups committed before it are undone"
+        )),
+        "{st}"
+    );
     for s in 0..3 {
         let db = format!("shard_{s}");
         assert_eq!(

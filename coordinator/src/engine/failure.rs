@@ -43,7 +43,17 @@ impl Engine {
         warn!(plan = %plan_id, "{what}");
         match run.policy() {
             FailurePolicy::AllOrNothing if run.spec.two_phase() && run.current_unit().is_some() => {
-                run.message = format!("{what}; aborting: no target commits");
+                // (a group-atomic plan's groups that committed before are undone by their
+                // down SQL: its message said no target commits, and the committed group was
+                // found rolled back)
+                run.message = match run.current_unit() {
+                    Some(g) if !run.spec.atomic && run.units_behind() > 0 => format!(
+                        "{what}; aborting parallel group {}: no target of it commits, and the \
+                         groups committed before it are undone",
+                        g + 1
+                    ),
+                    _ => format!("{what}; aborting: no target commits"),
+                };
                 run.rollback_ends = PlanState::RolledBack;
                 run.state = PlanState::Aborting;
                 let updates = run.halt_pending();

@@ -15,6 +15,11 @@ impl PlanRun {
         self.units.get(self.unit_pos).copied()
     }
 
+    /// How many atomic units the plan has moved past (committed, or nothing to prepare).
+    pub fn units_behind(&self) -> usize {
+        self.unit_pos
+    }
+
     /// The decision key of the current unit: the plan id for an atomic plan,
     /// `<plan>.g<N>` for its atomic parallel group N (plan ids hold no dot).
     pub fn unit_key(&self) -> String {
