@@ -541,6 +541,9 @@ async fn watch(c: &mut Client, addr: &str, id: String, output: Output, wanted: &
     let mut progress = render::Progress::new(output);
     let mut last: Option<pb::PlanStatus> = None;
     let mut lost = 0;
+    // the last attempt to reach a coordinator again found none (the old stream's end, read
+    // again, would be taken for the coordinator ending the watch)
+    let mut unreachable = false;
     loop {
         let gone = match stream.message().await {
             Ok(Some(s)) => {
@@ -558,6 +561,7 @@ async fn watch(c: &mut Client, addr: &str, id: String, output: Output, wanted: &
                 continue;
             }
             Ok(None) if last.as_ref().is_some_and(ended) => break,
+            Ok(None) if unreachable => format!("no coordinator answers at {addr}"),
             Ok(None) => "the coordinator ended the watch before the plan ended".to_string(),
             Err(e) if coordinator_gone(&e) => e.message().to_string(),
             Err(e) => {
@@ -566,7 +570,10 @@ async fn watch(c: &mut Client, addr: &str, id: String, output: Output, wanted: &
             }
         };
         if lost >= super::call::LEADER_WAITS {
-            eprintln!("error: watching plan {id}: {gone}; no coordinator took the watch up");
+            eprintln!(
+                "error: watching plan {id}: {gone}; no coordinator took the watch up (the plan \
+                 goes on without the watch: `flotilla plan watch {id}` follows it again)"
+            );
             return EXIT_UNAVAILABLE;
         }
         if lost == 0 {
@@ -574,10 +581,12 @@ async fn watch(c: &mut Client, addr: &str, id: String, output: Output, wanted: &
         }
         lost += 1;
         tokio::time::sleep(super::call::LEADER_WAIT).await;
+        unreachable = true;
         if let Some(next) = super::call::quietly(addr).await {
             *c = next;
             if let Ok(s) = open_watch(c, &req).await {
                 stream = s;
+                unreachable = false;
             }
         }
     }
