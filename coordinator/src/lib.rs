@@ -330,6 +330,7 @@ pub async fn start(
     let (changes, _) = broadcast::channel(1024);
     let (events, events_rx) = mpsc::channel(4096);
     let fleet = Arc::new(sessions::registry::Fleet::default());
+    let lock_releases = coordination::LockReleases::default();
     let engine = engine::Engine::new(
         coordination.clone(),
         config.agent_grace,
@@ -337,6 +338,7 @@ pub async fn start(
         changes.clone(),
         fleet.clone(),
         events.clone(),
+        lock_releases.clone(),
     );
     tokio::spawn(engine.run(events_rx));
     let coordinator = Coordinator {
@@ -366,6 +368,7 @@ pub async fn start(
             refusals_seen: Default::default(),
             catch_up_deferred: Default::default(),
             spec_cache: Default::default(),
+            lock_releases,
             reviving: Default::default(),
             agent_identities: identity::AgentIdentities {
                 required: server_tls.as_ref().is_some_and(|t| t.client_auth),

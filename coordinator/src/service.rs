@@ -83,6 +83,8 @@ pub struct Inner {
     /// it). Decoding every completed plan's spec on every call made both grow with the
     /// history (0.04 s at no plans, 0.75 s at 560 on a debug build).
     pub spec_cache: crate::versions::SpecCache,
+    /// Plans whose shard locks the engine is releasing: a start of one waits for it.
+    pub lock_releases: crate::coordination::LockReleases,
     /// Held by a command that reads an ended plan from the store and acts on it (a retry, a
     /// rollback), from its read to the engine's answer: two at once both read it ended, and
     /// a retry's steps stored pending under a rollback that had begun left the rolled-back
@@ -234,25 +236,31 @@ impl Coordinator {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                let waiting = match me
-                    .inner
-                    .coordination
-                    .lock_shards(&plan_id, &shards, epoch)
-                    .await
-                {
-                    Ok(LockOutcome::Taken) => {
-                        // an engine gone is a coordinator shutting down: nothing to tell
-                        let _ = me.inner.events.send(Event::LocksTaken { plan_id }).await;
-                        return;
+                let waiting = if me.inner.lock_releases.pending(&plan_id) {
+                    // its locks from before (an earlier end of this plan) are being let
+                    // go: taken now, that release would delete them under this run
+                    "its locks from before are being released".to_string()
+                } else {
+                    match me
+                        .inner
+                        .coordination
+                        .lock_shards(&plan_id, &shards, epoch)
+                        .await
+                    {
+                        Ok(LockOutcome::Taken) => {
+                            // an engine gone is a coordinator shutting down: nothing to tell
+                            let _ = me.inner.events.send(Event::LocksTaken { plan_id }).await;
+                            return;
+                        }
+                        Ok(LockOutcome::Held {
+                            shard,
+                            plan_id: holder,
+                        }) => {
+                            format!("shard {shard} is locked by plan {holder}")
+                        }
+                        Err(CoordinationError::NotLeader) => return,
+                        Err(e) => e.to_string(),
                     }
-                    Ok(LockOutcome::Held {
-                        shard,
-                        plan_id: holder,
-                    }) => {
-                        format!("shard {shard} is locked by plan {holder}")
-                    }
-                    Err(CoordinationError::NotLeader) => return,
-                    Err(e) => e.to_string(),
                 };
                 let told = me
                     .inner

@@ -173,7 +173,10 @@ impl Engine {
     pub(super) fn release_locks(&self, plan_id: &str) {
         let (coordination, id, epoch) =
             (self.coordination.clone(), plan_id.to_string(), self.epoch);
+        let releases = self.lock_releases.clone();
+        releases.begin(&id);
         tokio::spawn(async move {
+            let _done = ReleaseDone(releases, id.clone());
             // While this coordinator leads it keeps the plan's lease alive: a release
             // that failed once (an etcd member gone, say) is retried, or the locks
             // would outlive the plan. A deposed leader lets the lease expire.
@@ -194,5 +197,15 @@ impl Engine {
                 }
             }
         });
+    }
+}
+
+/// Says a release of a plan's locks is over however its task ends (returned, or cancelled
+/// with the runtime).
+struct ReleaseDone(crate::coordination::LockReleases, String);
+
+impl Drop for ReleaseDone {
+    fn drop(&mut self) {
+        self.0.end(&self.1);
     }
 }

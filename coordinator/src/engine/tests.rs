@@ -83,6 +83,7 @@ fn engine_deciding(
         changes,
         fleet,
         events.clone(),
+        Default::default(),
     );
     tokio::spawn(engine.run(rx));
     events
