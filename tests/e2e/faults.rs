@@ -1339,7 +1339,11 @@ async fn a_plan_cancelled_while_it_waits_for_locks_ends_at_once() -> anyhow::Res
         Ok(blocked(&fleet.pg, 0).await? == 1)
     })
     .await?;
-    for (table, extra) in [("second_log", &[][..]), ("third_log", &["--atomic"][..])] {
+    for (table, extra) in [
+        ("second_log", &[][..]),
+        ("third_log", &["--atomic"][..]),
+        ("fourth_log", &["--policy", "stop"][..]),
+    ] {
         let dir = MigrationDir::new()?;
         dir.migration(
             &format!("001_{table}"),
@@ -1384,7 +1388,8 @@ async fn a_plan_cancelled_while_it_waits_for_locks_ends_at_once() -> anyhow::Res
             .pg
             .query_scalar(
                 &shard(s),
-                "SELECT count(*) FROM pg_class WHERE relname IN ('second_log', 'third_log')",
+                "SELECT count(*) FROM pg_class
+                  WHERE relname IN ('second_log', 'third_log', 'fourth_log')",
             )
             .await?;
         assert_eq!(n, 0, "shard_{s}: nothing of the cancelled plans ran");

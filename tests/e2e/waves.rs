@@ -1057,3 +1057,47 @@ rest = true
     assert!(out.stderr.contains("--wave is empty"), "{out}");
     Ok(())
 }
+
+/// A plan under policy `stop` cancelled at a wave's manual gate (nothing out) ends
+/// cancelled and lets go of its shard locks. Before, its state was set cancelled at once,
+/// from where no end is settled: it stayed in the coordinator's memory, its locks held for
+/// as long as the coordinator led.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_plan_cancelled_at_a_gate_ends_and_lets_go_of_its_locks() -> anyhow::Result<()> {
+    let fleet = fleet(&[]).await?;
+    let plan = r#"name = "gated-stop"
+policy = "stop"
+
+[[waves]]
+name = "canary"
+selector = "tier=internal"
+gate = "manual"
+
+[[waves]]
+name = "rest"
+rest = true
+"#;
+    let dir = plan_dir(plan)?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 4, "{out}");
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    let out = fleet
+        .cli(&["plan", "cancel", &id, "--wait", "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(out.last_json()?["state"], "cancelled", "{out}");
+    crate::harness::wait_until(
+        "the plan's locks released",
+        crate::fleet::WAIT,
+        async || {
+            let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+            Ok(locks["locks"].as_array().is_some_and(Vec::is_empty))
+        },
+    )
+    .await?;
+    // ended: its status comes from the store, as any ended plan's
+    let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert_eq!(plans[0]["state"], "cancelled", "{plans}");
+    assert_eq!(marks(&fleet).await?.len(), 3, "only the canary ran");
+    Ok(())
+}

@@ -254,13 +254,12 @@ impl Engine {
         } else if undo {
             self.begin_rollback(plan_id);
         } else {
+            // Stopping, to end as `rollback_ends` says (cancelled) once nothing is out
+            // (`settle`): set cancelled at once, it never ended (no end is settled from
+            // there), its locks held for as long as this coordinator led.
             let run = self.plans.get_mut(plan_id).expect("present");
             run.state = PlanState::Stopping;
             self.halt_everywhere(plan_id);
-            let run = self.plans.get_mut(plan_id).expect("present");
-            if run.outstanding() == 0 {
-                run.state = PlanState::Cancelled;
-            }
         }
         self.write_state(plan_id);
         Ok(())
