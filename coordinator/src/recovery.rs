@@ -244,6 +244,15 @@ impl Coordinator {
                         )
                         .trim_start_matches("; ")
                         .to_string()
+                    } else if row.state == PlanState::Running || row.message.is_empty() {
+                        // the abort was written, and the leader before ended before its
+                        // reason was stored
+                        format!(
+                            "{}; aborted by the decision the leader before wrote",
+                            row.message
+                        )
+                        .trim_start_matches("; ")
+                        .to_string()
                     } else {
                         row.message.clone()
                     };

@@ -162,15 +162,21 @@ impl Liveness {
         let kept = match *lease {
             Some(id) => match call(limit, c.lease_keep_alive(id)).await {
                 Ok((mut keeper, mut responses)) => {
-                    let alive = keeper.keep_alive().await.is_ok()
-                        && matches!(call(limit, responses.message()).await, Ok(Some(r)) if r.ttl() > 0);
-                    if alive {
-                        info!(key = %self.key, lease = %format!("{id:x}"), "the liveness lease kept through another etcd member");
-                        Some((id, keeper, responses))
-                    } else {
-                        warn!(key = %self.key, lease = %format!("{id:x}"), "the agent's liveness lease is lost (expired); granting a new one and putting the key again");
-                        *lease = None;
-                        None
+                    if let Err(e) = keeper.keep_alive().await {
+                        return down(format!("keeping the lease alive: {e}"));
+                    }
+                    match call(limit, responses.message()).await {
+                        Ok(Some(r)) if r.ttl() > 0 => {
+                            info!(key = %self.key, lease = %format!("{id:x}"), "the liveness lease kept through another etcd member");
+                            Some((id, keeper, responses))
+                        }
+                        Ok(_) => {
+                            warn!(key = %self.key, lease = %format!("{id:x}"), "the agent's liveness lease is lost (expired); granting a new one and putting the key again");
+                            *lease = None;
+                            None
+                        }
+                        // not known to be gone: tried again through the next member
+                        Err(reason) => return down(format!("keeping the lease alive: {reason}")),
                     }
                 }
                 Err(reason) => return down(format!("keeping the lease alive: {reason}")),
@@ -184,15 +190,18 @@ impl Liveness {
                     Ok(granted) => granted.id(),
                     Err(reason) => return down(format!("granting a lease: {reason}")),
                 };
-                *lease = Some(id);
                 let put = c.put(
                     self.key.as_str(),
                     self.value.as_str(),
                     Some(PutOptions::new().with_lease(id)),
                 );
                 if let Err(reason) = call(limit, put).await {
+                    // (not kept: a lease whose key was not put is kept alive for nothing,
+                    // the key missing for as long; it expires)
                     return down(format!("putting {}: {reason}", self.key));
                 }
+                // the key is under it: the one to keep, and to revoke at the end
+                *lease = Some(id);
                 let (keeper, responses) = match call(limit, c.lease_keep_alive(id)).await {
                     Ok(pair) => pair,
                     Err(reason) => return down(format!("keeping the lease alive: {reason}")),

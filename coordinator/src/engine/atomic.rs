@@ -180,30 +180,44 @@ impl Engine {
             return;
         };
         if run.decision_lost && decision.is_commit() {
+            run.decision_lost = false;
             // Gone from etcd while this leader carried it out (its data wiped, or restored
             // from an older snapshot): the agents commit only by the key, and the unit stayed
             // committing, every prepared target holding its locks, until a new leader wrote
-            // it again. Written again here (only where there is none).
-            match self
-                .coordination
-                .decide(&unit_key, decision, self.epoch)
-                .await
-            {
-                Ok(d) if d == decision => {
-                    warn!(plan = %plan_id, unit = %unit_key, "the unit's commit decision was gone from etcd (its data lost or restored from an older snapshot?): written again");
-                    let run = self.plans.get_mut(plan_id).expect("present");
-                    run.decision_lost = false;
-                    for sr in run.shards.values_mut() {
-                        sr.resolve_retry_at = None;
+            // it again. Written again here (only where there is none). Read first: a shard
+            // that reads no key while etcd holds one looks elsewhere (its `--etcd` or
+            // `--etcd-prefix`), and writing would only say, every second, that it was gone.
+            match self.coordination.decision(&unit_key).await {
+                Ok(Some(_)) => {
+                    warn!(plan = %plan_id, unit = %unit_key, "a shard reads no decision for the unit while etcd holds one: check that shard agent's --etcd and --etcd-prefix");
+                }
+                Ok(None) => match self
+                    .coordination
+                    .decide(&unit_key, decision, self.epoch)
+                    .await
+                {
+                    Ok(d) if d == decision => {
+                        warn!(plan = %plan_id, unit = %unit_key, "the unit's commit decision was gone from etcd (its data lost or restored from an older snapshot?): written again");
+                        let run = self.plans.get_mut(plan_id).expect("present");
+                        for sr in run.shards.values_mut() {
+                            sr.resolve_retry_at = None;
+                        }
                     }
-                }
-                Ok(d) => {
-                    tracing::error!(plan = %plan_id, unit = %unit_key, found = d.as_str(), "the unit's commit decision was gone from etcd, and another is there now: not carried out; the plan waits for an operator");
-                    let run = self.plans.get_mut(plan_id).expect("present");
-                    run.decision_lost = false;
-                }
+                    Ok(d) => {
+                        tracing::error!(plan = %plan_id, unit = %unit_key, found = d.as_str(), "the unit's commit decision was gone from etcd, and another is there now: not carried out; the plan waits for an operator");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(plan = %plan_id, unit = %unit_key, "writing the lost commit decision again failed, retrying: {e}");
+                        let run = self.plans.get_mut(plan_id).expect("present");
+                        run.decision_lost = true;
+                        return;
+                    }
+                },
                 Err(e) => {
-                    warn!(plan = %plan_id, unit = %unit_key, "writing the lost commit decision again failed, retrying: {e}");
+                    warn!(plan = %plan_id, unit = %unit_key, "reading the unit's decision failed, retrying: {e}");
+                    let run = self.plans.get_mut(plan_id).expect("present");
+                    run.decision_lost = true;
                     return;
                 }
             }

@@ -131,7 +131,8 @@ impl Engine {
 /// The state label of a plan in motion ([`metrics::ACTIVE_STATES`]).
 fn shown_state(run: &PlanRun) -> &'static str {
     if run.state == PlanState::Running {
-        if run.paused.plan {
+        // (as its status says: see `plan::status::from_run`)
+        if run.paused.plan || run.waits_on_paused_shards() {
             return "paused";
         }
         if run

@@ -397,10 +397,12 @@ impl PlanRun {
     /// waits to run on the others): it waits for `plan resume` as a plan paused as a whole
     /// does, and a script's `--wait` comes back (it hung).
     pub fn waits_on_paused_shards(&self) -> bool {
-        !self.paused.shards.is_empty()
-            && self.shards.iter().all(|(name, sr)| {
-                self.paused.shards.contains(name) || (sr.outstanding.is_empty() && sr.to_run == 0)
-            })
+        let left = |sr: &ShardRun| !sr.outstanding.is_empty() || sr.to_run > 0;
+        let (paused, others): (Vec<_>, Vec<_>) = self
+            .shards
+            .iter()
+            .partition(|(name, _)| self.paused.shards.contains(name.as_str()));
+        paused.iter().any(|(_, sr)| left(sr)) && !others.iter().any(|(_, sr)| left(sr))
     }
 
     /// Keeps a data change's last progress, for a step of the plan: what an agent reports of

@@ -107,6 +107,7 @@ impl PlanRun {
         self.unit_unverified = self.inherited && self.current_unit().is_some();
         self.state = PlanState::Running;
         self.decision = None;
+        self.decision_lost = false;
         self.first_prepared = None;
         self.two_phase_clock = super::timings::TwoPhaseClock::default();
         for sr in self.shards.values_mut() {

@@ -653,8 +653,9 @@ impl Store {
         let mut last: std::collections::HashMap<(String, String), pb::LastFailure> =
             std::collections::HashMap::new();
         let rows = sqlx::query(
+            // (not a retired shard's: `fleet retire` let go of its failures)
             "SELECT shard, tenant, migration_id, plan_id, sqlstate, message, updated_at_ms
-               FROM steps WHERE state = 'failed'",
+               FROM steps WHERE state = 'failed' AND shard IN (SELECT shard FROM agents)",
         )
         .fetch_all(&self.pool)
         .await?;

@@ -97,7 +97,9 @@ pub fn fleet_drift(input: &FleetInput, selector: &Selector) -> pb::FleetDriftRes
             .filter(|(shard, view)| {
                 let labels = |t| crate::planner::target_labels(shard, view, t);
                 if view.tenants.is_empty() {
-                    selector.may_match(&labels(None))
+                    // only its name is its targets' for sure (a tenant's own labels may
+                    // stand over the shard's)
+                    selector.may_match(&BTreeMap::from([("shard".to_string(), shard.to_string())]))
                 } else {
                     std::iter::once(None)
                         .chain(view.tenants.iter().map(Some))
