@@ -397,6 +397,10 @@ impl PlanRun {
     /// waits to run on the others): it waits for `plan resume` as a plan paused as a whole
     /// does, and a script's `--wait` comes back (it hung).
     pub fn waits_on_paused_shards(&self) -> bool {
+        // (asked at every status a watch is sent: nothing to look at without a paused shard)
+        if self.paused.shards.is_empty() {
+            return false;
+        }
         let left = |sr: &ShardRun| !sr.outstanding.is_empty() || sr.to_run > 0;
         let (paused, others): (Vec<_>, Vec<_>) = self
             .shards
