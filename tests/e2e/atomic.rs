@@ -735,7 +735,7 @@ async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed() ->
     // its message says group 1 committed and is undone (it said "no target commits")
     assert!(
         st["message"].as_str().is_some_and(|m| m.contains(
-            "aborting parallel group 2: no target of it commits, and the groups committed before it are undone"
+            "aborting parallel group 2: no target of it commits, and what the groups before it committed is undone"
         )),
         "{st}"
     );

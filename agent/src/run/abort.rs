@@ -56,8 +56,8 @@ pub(super) fn not_prepared() -> Failure {
     Failure::agent(data::STOPPED, format!("not prepared: {WHY}"))
 }
 
-/// Runs `run` (an atomic unit's transaction on the session `pid`), cancelling its statement
-/// if the plan is halted before it ends; a run cancelled so is reported NOT_RUN, not failed.
+/// Runs `run` (an atomic unit's transaction on `session`), cancelling its statement if the
+/// plan is halted before it ends; a run cancelled so is reported NOT_RUN, not failed.
 pub(super) async fn cancel_on_halt<F>(
     pool: &PgPool,
     session: Session,

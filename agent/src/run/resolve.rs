@@ -175,8 +175,9 @@ impl Agent {
         reply
     }
 
-    /// COMMIT or ROLLBACK PREPARED `gids` (of `plan_id`'s unit), each at most once, adding
-    /// what each came to to `reply`; returns how many this call resolved.
+    /// COMMIT or ROLLBACK PREPARED `gids` (of `plan_id`'s unit), adding what each came to to
+    /// `reply` (a gid named there already, resolved again, is not named twice); returns how
+    /// many this call resolved.
     async fn finish_into(
         &self,
         plan_id: &str,

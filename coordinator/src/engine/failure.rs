@@ -48,8 +48,8 @@ impl Engine {
                 // found rolled back)
                 run.message = match run.current_unit() {
                     Some(g) if !run.spec.atomic && run.units_behind() > 0 => format!(
-                        "{what}; aborting parallel group {}: no target of it commits, and the \
-                         groups committed before it are undone",
+                        "{what}; aborting parallel group {}: no target of it commits, and what \
+                         the groups before it committed is undone",
                         g + 1
                     ),
                     _ => format!("{what}; aborting: no target commits"),
