@@ -108,6 +108,8 @@ impl PlanRun {
         for sr in self.shards.values_mut() {
             sr.rollback = RollbackState::Done;
         }
+        // its last status, what a watch prints at its end, no longer says it waits for them
+        self.lock_wait = None;
         if self.state == PlanState::Aborting {
             self.state = PlanState::RollingBack;
         }
