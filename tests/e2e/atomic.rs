@@ -26,6 +26,29 @@ async fn submit_atomic(fleet: &HaFleet) -> anyhow::Result<String> {
     fleet.submit(&coord_dbmate_dir(), &["--atomic"]).await
 }
 
+/// A two-shard fleet (agents given `agent_args`) and the atomic plan submitted to it, whose
+/// shard_1 agent exits as it is told to commit (failpoint, exit 88), shard_0 committed: the
+/// fleet and the plan's id.
+async fn shard_1_gone_at_its_commit(agent_args: &[&str]) -> anyhow::Result<(HaFleet, String)> {
+    let mut fleet = HaFleet::builder(1, 2, 2)
+        .least_privilege()
+        .agent_args(agent_args)
+        .agent_env(1, "FAILPOINTS", "agent::before_commit_prepared=return")
+        .start()
+        .await?;
+    let id = submit_atomic(&fleet).await?;
+    let exit = fleet.agents[1]
+        .wait_exit(WAIT)
+        .await
+        .expect("the failpoint ends shard_1's agent as it is told to commit");
+    assert_eq!(exit.code(), Some(88));
+    wait_until("shard_0 committed", WAIT, async || {
+        Ok(satisfaction_columns(&fleet, "shard_0").await? == 4)
+    })
+    .await?;
+    Ok((fleet, id))
+}
+
 /// Restarts the (one) coordinator of a two-shard fleet with the `before_decision` failpoint
 /// and submits the atomic plan: the coordinator exits (86) with every target prepared and
 /// no decision written. The plan's id.
@@ -843,23 +866,8 @@ async fn forget(
 /// its agent, back, commits them from the decision in etcd.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shard_gone_while_committing_is_forgotten_and_commits_when_back() -> anyhow::Result<()> {
-    let mut fleet = HaFleet::builder(1, 2, 2)
-        .least_privilege()
-        .agent_args(&["--lease-ttl", "2s"])
-        .agent_env(1, "FAILPOINTS", "agent::before_commit_prepared=return")
-        .start()
-        .await?;
-    let id = submit_atomic(&fleet).await?;
-    let exit = fleet.agents[1]
-        .wait_exit(WAIT)
-        .await
-        .expect("the failpoint ends shard_1's agent as it is told to commit");
-    assert_eq!(exit.code(), Some(88));
+    let (mut fleet, id) = shard_1_gone_at_its_commit(&["--lease-ttl", "2s"]).await?;
     assert!(prepared(&fleet.pg, 1).await? > 0, "shard_1 left prepared");
-    wait_until("shard_0 committed", WAIT, async || {
-        Ok(satisfaction_columns(&fleet, "shard_0").await? == 4)
-    })
-    .await?;
     let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "committing", "{st}");
     let out = fleet.cli(&["plan", "cancel", &id]).await?;
@@ -1055,21 +1063,7 @@ async fn a_committing_plan_whose_decision_etcd_lost_still_commits() -> anyhow::R
 /// plan completes committed on both shards, the coordinator's log saying `said`, nothing
 /// left prepared.
 async fn decision_lost_while_committing(new_leader: bool, said: &str) -> anyhow::Result<()> {
-    let mut fleet = HaFleet::builder(1, 2, 2)
-        .least_privilege()
-        .agent_env(1, "FAILPOINTS", "agent::before_commit_prepared=return")
-        .start()
-        .await?;
-    let id = submit_atomic(&fleet).await?;
-    let exit = fleet.agents[1]
-        .wait_exit(WAIT)
-        .await
-        .expect("the failpoint ends shard_1's agent as it is told to commit");
-    assert_eq!(exit.code(), Some(88));
-    wait_until("shard_0 committed", WAIT, async || {
-        Ok(satisfaction_columns(&fleet, "shard_0").await? == 4)
-    })
-    .await?;
+    let (mut fleet, id) = shard_1_gone_at_its_commit(&[]).await?;
     assert_eq!(fleet.status(&id).await?["state"], "committing");
     let key = format!("/flotilla/decisions/{id}");
     assert_eq!(fleet.etcd.delete_key(&key).await?, 1, "{key} was there");
