@@ -787,11 +787,10 @@ async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed() ->
     assert_none_prepared(&fleet, 3).await
 }
 
-/// The coordinator dies with group 2 prepared everywhere and no decision for it
-/// (group 1 committed): a new leader presumes abort for group 2 and undoes group 1.
-#[tokio::test(flavor = "multi_thread")]
-async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_rest()
--> anyhow::Result<()> {
+/// Group 1 of the grouped plan committed on 2 shards x 2 tenants, group 2 prepared in
+/// every tenant, and the coordinator dead (exit 86) before group 2's decision: the fleet,
+/// the plan and the shards' fences before it.
+async fn died_before_the_second_groups_decision() -> anyhow::Result<(HaFleet, String, Vec<i64>)> {
     let mut fleet = least_privileged(1, 2, 2).await?;
     let epochs = fences(&fleet.pg, 2).await?;
     // The first decision (group 1) goes through; the second ends the process.
@@ -824,25 +823,75 @@ async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_re
             "{db}: group 2 prepared in both tenants"
         );
     }
+    Ok((fleet, id, epochs))
+}
+
+/// The coordinator dies with group 2 prepared everywhere and no decision for it
+/// (group 1 committed): a new leader presumes abort for group 2 and undoes group 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_killed_before_a_groups_decision_aborts_it_and_undoes_the_rest()
+-> anyhow::Result<()> {
+    let (mut fleet, id, epochs) = died_before_the_second_groups_decision().await?;
+    aborted_by_the_next_leader(&mut fleet, &id, &epochs).await
+}
+
+/// The same, the store holding group 1's `committing` (the plan's `running` after it not
+/// stored: a store write given up), group 2's steps stored prepared on shard_0 and not on
+/// shard_1 (its targets still running when the leader died). A new leader presumes abort
+/// for group 2. Before, "stored committing, its unit under way" made it write commit for
+/// group 2, whose targets had not all prepared.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_committing_does_not_commit_a_unit_half_prepared() -> anyhow::Result<()> {
+    let (mut fleet, id, epochs) = died_before_the_second_groups_decision().await?;
+    let g2 = "20250131160002_unified_satisfaction_view";
+    for sql in [
+        format!("UPDATE plans SET state = 'committing' WHERE id = '{id}'"),
+        format!(
+            "UPDATE steps SET state = 'prepared' WHERE plan_id = '{id}' AND migration_id = '{g2}' AND shard = 'shard_0'"
+        ),
+        format!(
+            "UPDATE steps SET state = 'pending' WHERE plan_id = '{id}' AND migration_id = '{g2}' AND shard = 'shard_1'"
+        ),
+    ] {
+        fleet.pg.psql("control", &sql).await?;
+    }
+    let prepared_rows: i64 = fleet
+        .pg
+        .query_scalar(
+            "control",
+            &format!("SELECT count(*) FROM steps WHERE plan_id = '{id}' AND state = 'prepared'"),
+        )
+        .await?;
+    assert_eq!(prepared_rows, 2, "group 2 stored prepared on shard_0 only");
+    aborted_by_the_next_leader(&mut fleet, &id, &epochs).await
+}
+
+/// A new leader started on the fleet [`died_before_the_second_groups_decision`] left:
+/// group 2 aborted (its decision in etcd), group 1 undone, nothing left prepared.
+async fn aborted_by_the_next_leader(
+    fleet: &mut HaFleet,
+    id: &str,
+    epochs: &[i64],
+) -> anyhow::Result<()> {
     let c = fleet.spawn_coordinator(0)?;
     c.wait_for_log("coordinator listening", WAIT).await?;
     fleet.coordinators[0] = Some(c);
-    let (out, st) = fleet.watch(&id).await?;
+    let (out, st) = fleet.watch(id).await?;
     assert_eq!(out.code(), Some(1), "{out}");
     assert_eq!(st["state"], "rolled_back", "{st}");
     for s in 0..2 {
         let db = format!("shard_{s}");
-        assert_eq!(satisfaction_columns(&fleet, &db).await?, 0, "{db}");
-        assert_eq!(views(&fleet, &db).await?, 0, "{db}");
+        assert_eq!(satisfaction_columns(fleet, &db).await?, 0, "{db}");
+        assert_eq!(views(fleet, &db).await?, 0, "{db}");
     }
     assert_eq!(
-        crate::faults::decision_in_etcd(&fleet, &format!("{id}.g2"))
+        crate::faults::decision_in_etcd(fleet, &format!("{id}.g2"))
             .await?
             .as_deref(),
         Some("abort")
     );
-    assert_fences_not_back(&fleet.pg, &epochs).await?;
-    assert_none_prepared(&fleet, 2).await
+    assert_fences_not_back(&fleet.pg, epochs).await?;
+    assert_none_prepared(fleet, 2).await
 }
 
 /// `plan forget-shard ID --shard SHARD` with `more` flags.

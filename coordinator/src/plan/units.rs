@@ -55,16 +55,21 @@ impl PlanRun {
         })
     }
 
-    /// Whether a step of the current unit is stored prepared or committed: the unit whose
-    /// decision was being carried out (a rebuild's current unit may be the next one, not
-    /// begun, when the one before was stored committed everywhere).
-    pub fn unit_under_way(&self) -> bool {
+    /// Whether every step of the current unit is stored prepared or committed (or was
+    /// there already), one at least prepared or committed: a unit every target of which
+    /// had prepared, so that a commit decision for it is sound whoever wrote it. Not a
+    /// unit with some targets prepared: a rebuild's current unit may be the one after the
+    /// unit stored `committing` (the plan's `running` between them not stored), its
+    /// targets half prepared when its leader died, and a commit written for it would
+    /// commit them and leave the rest. Nor the next unit, not begun, when the one before
+    /// was stored committed everywhere.
+    pub fn unit_prepared_everywhere(&self) -> bool {
         self.unit_steps().any(|s| {
             matches!(
                 self.steps[s].status,
                 StepStatus::Prepared | StepStatus::Applied
             )
-        })
+        }) && self.unit_steps().all(|s| self.steps[s].status.done())
     }
 
     /// Whether a step of the current unit could have been handed out: one is past
