@@ -49,6 +49,28 @@ pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, 
         .options(keepalives))
 }
 
+/// How often a backend running a statement for the agent asks whether the agent is still
+/// there (`client_connection_check_interval`, PostgreSQL 14 and later).
+const CONNECTION_CHECK: &str = "1000";
+
+/// `options` with `client_connection_check_interval` asked of the server (14 and later:
+/// an older one refuses a setting it does not know, so `server_version_num` decides),
+/// unless the DSN's own options set it. Without it, a statement whose agent was killed
+/// (kill -9, an OOM kill, a pod gone) ran to its end: for minutes, holding the locks it
+/// took (ACCESS EXCLUSIVE for most DDL) against the tenant's traffic and against the run of
+/// the same step by the agent started in its place, which then failed on its lock_timeout.
+/// With it the server ends such a statement, and its transaction, within a second of the
+/// agent's socket closing (a host that vanished: once the keepalives give up on it).
+fn check_connection(options: PgConnectOptions, server_version: Option<u32>) -> PgConnectOptions {
+    let own = options.get_options().unwrap_or_default();
+    if server_version.is_none_or(|v| v < 140_000)
+        || own.contains("client_connection_check_interval")
+    {
+        return options;
+    }
+    options.options([("client_connection_check_interval", CONNECTION_CHECK)])
+}
+
 /// Opens one connection to the shard, its socket armed with keepalives (see `keepalive`).
 pub(crate) async fn open(options: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
     let conn = PgConnection::connect_with(options).await?;
@@ -84,6 +106,7 @@ pub(crate) async fn connect(
                 // a probe: the server answered; which start of it this is, for a step cut
                 // short later (`server_start`)
                 super::server_start::note(&mut conn).await;
+                let options = check_connection(options, conn.server_version_num());
                 let _ = conn.close().await;
                 let pool = PgPoolOptions::new()
                     .max_connections(config.max_connections + 1)
@@ -163,5 +186,33 @@ mod tests {
         assert!(options.contains("-c tcp_keepalives_idle=120"), "{options}");
         assert!(!options.contains("tcp_keepalives_idle=15"), "{options}");
         assert!(options.contains("-c tcp_keepalives_count=3"), "{options}");
+    }
+
+    /// The connection check is asked of servers that know it (14 and later; an older one
+    /// would refuse the connection), and not over the DSN's own.
+    #[test]
+    fn the_connection_check_is_asked_of_servers_that_know_it() {
+        let c = AgentConfig::new("s0", "postgres://app@db:5432/shard_0", "http://c");
+        let check = "-c client_connection_check_interval=1000";
+        let asked = |version| {
+            let o = check_connection(connect_options(&c).unwrap(), version);
+            o.get_options().unwrap_or_default().contains(check)
+        };
+        assert!(asked(Some(150_004)));
+        assert!(asked(Some(140_000)));
+        assert!(!asked(Some(130_011)));
+        assert!(!asked(None));
+        let own = AgentConfig::new(
+            "s0",
+            "postgres://app@db:5432/shard_0?options[client_connection_check_interval]=5000",
+            "http://c",
+        );
+        let o = check_connection(connect_options(&own).unwrap(), Some(150_004));
+        let options = o.get_options().unwrap();
+        assert!(
+            options.contains("client_connection_check_interval=5000"),
+            "{options}"
+        );
+        assert!(!options.contains(check), "{options}");
     }
 }

@@ -18,8 +18,8 @@
 //! or its statement done) then notices within a minute and releases the locks of the
 //! transaction that agent had open, instead of holding them (an ACCESS EXCLUSIVE lock on a
 //! tenant's table, in the worst case) for the two hours of the operating system's default.
-//! (One still running its statement goes on until the statement ends; the fence and the
-//! checkpoints decide what of it counts.)
+//! (One still running its statement is ended by `client_connection_check_interval`, see
+//! `connect::check_connection`, on servers 14 and later.)
 use std::time::Duration;
 
 /// Silence before the first probe.

@@ -20,6 +20,7 @@ mod crash_after_prepare;
 mod etcd;
 #[cfg(feature = "testing")]
 mod failpoints;
+mod killed;
 mod lifecycle;
 mod pg;
 mod shard_lock;
