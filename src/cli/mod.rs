@@ -523,7 +523,8 @@ pub enum PlanCommand {
     },
     /// List recent plans.
     List {
-        #[arg(long, default_value_t = 50)]
+        /// The newest this many (1 to 1000; the coordinator keeps no more in one answer).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
@@ -1135,5 +1136,21 @@ mod step_timeout_tests {
         assert!(e.contains("--shard"), "{e}");
         let e = ok(&["flotilla", "plan", "cancel", "p1", "--down-from", "d"]).unwrap_err();
         assert!(e.contains("--down-from"), "{e}");
+    }
+
+    /// `plan list --limit` is 1 to 1000: 0 listed 50 and 5000 listed 1000, saying nothing.
+    #[test]
+    fn plan_list_limits_are_what_they_list() {
+        let parsed = |n: &str| {
+            Cli::try_parse_from(["flotilla", "plan", "list", "--limit", n])
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(parsed("1").is_ok());
+        assert!(parsed("1000").is_ok());
+        for n in ["0", "1001"] {
+            let e = parsed(n).unwrap_err();
+            assert!(e.contains("--limit") && e.contains("1..=1000"), "{e}");
+        }
     }
 }
