@@ -56,6 +56,10 @@ enum Stand {
         plan_id: String,
         changes: Vec<String>,
     },
+    /// It completed there (this plan, the newest to) with this up SQL and another down SQL.
+    DownChanged {
+        plan_id: String,
+    },
 }
 
 impl Coordinator {
@@ -266,7 +270,23 @@ fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
             })
             .collect();
         if let Some((newest, there)) = completed.first() {
-            if completed.iter().any(|(_, t)| weakened(m, t).is_empty()) {
+            let kept: Vec<&(&PlanRow, &pb::Migration)> = completed
+                .iter()
+                .filter(|(_, t)| weakened(m, t).is_empty())
+                .collect();
+            if kept.iter().any(|(_, t)| t.down_sql == m.down_sql) {
+                continue;
+            }
+            // The checksum covers the up SQL: a down SQL edited after the environment
+            // before (a `DELETE` added, say) went to approvers as the version they passed
+            // there, and a rollback ran it on production unseen.
+            if let Some((row, _)) = kept.first() {
+                out.push((
+                    id.to_string(),
+                    Stand::DownChanged {
+                        plan_id: row.id.clone(),
+                    },
+                ));
                 continue;
             }
             out.push((
@@ -365,6 +385,10 @@ fn describe(id: &str, stand: &Stand, env: &str) -> String {
              made less strict since: {} (set them back, or run it in `{env}` again)",
             changes.join("; ")
         ),
+        Stand::DownChanged { plan_id } => format!(
+            "`{id}` completed in `{env}` (plan {plan_id}) with another down.sql: its rollback \
+             would run SQL `{env}` did not have (run it in `{env}` again with this down.sql)"
+        ),
         Stand::OtherChecksum { plan_id, checksum } => format!(
             "`{id}` ran in `{env}` with another checksum ({} in plan {plan_id}): it was edited since",
             short(checksum)
@@ -412,6 +436,8 @@ mod tests {
                 .map(|(id, sum)| pb::Migration {
                     id: id.to_string(),
                     checksum: sum.to_string(),
+                    // as `plan` writes them
+                    down_sql: "SELECT 1".into(),
                     ..Default::default()
                 })
                 .collect(),
@@ -498,6 +524,33 @@ mod tests {
         );
         assert!(text[3].contains("not completed in `staging` yet (plan p3 is running)"));
         assert!(!s2.is_empty());
+    }
+
+    /// The same up SQL completed there with another down SQL (a `DELETE` added after
+    /// staging passed it): refused, naming the plan that completed it; the down SQL that
+    /// completed there passes.
+    #[test]
+    fn a_down_sql_edited_since_the_migration_completed_is_refused() {
+        let mut spec = plan(&[("001_x", "CREATE TABLE a (x int)")]);
+        let sum = spec.migrations[0].checksum.clone();
+        let done = row("p1", PlanState::Completed, &[("001_x", &sum)]);
+        assert!(lacking(&spec, std::slice::from_ref(&done)).is_empty());
+        spec.migrations[0].down_sql = "DROP TABLE a; DELETE FROM work_orders;".into();
+        let found = lacking(&spec, std::slice::from_ref(&done));
+        assert_eq!(
+            found,
+            [(
+                "001_x".to_string(),
+                Stand::DownChanged {
+                    plan_id: "p1".into()
+                }
+            )]
+        );
+        let text = describe(&found[0].0, &found[0].1, "staging");
+        assert!(
+            text.contains("completed in `staging` (plan p1) with another down.sql"),
+            "{text}"
+        );
     }
 
     /// The same SQL completed there, its migration.toml made less strict since (risk
