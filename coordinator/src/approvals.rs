@@ -65,11 +65,40 @@ impl FromStr for Risk {
 pub fn plan_risk(spec: &flotilla_core::PlanSpec) -> Result<Risk, String> {
     let mut risk = Risk::Low;
     for m in &spec.migrations {
-        let r = migration_risk(&m.risk, m.destructive)
+        let r = migration_risk(&m.risk, counts_destructive(m.destructive, &m.lint_ignore))
             .map_err(|e| format!("migration `{}`: {e}", m.id))?;
         risk = risk.max(r);
     }
     Ok(risk)
+}
+
+/// Whether a migration counts as `destructive = true` for its risk: it says so, or its
+/// `[lint] ignore` names `destructive-drop`. Ignoring the rule lets its drops through the
+/// lint as the flag does, so it counts as the flag does: before, a `DROP TABLE` whose
+/// migration ignored the rule stayed risk `low` and ran in an environment whose `high`
+/// rule asks for approvals with none.
+pub fn counts_destructive<I: HasRule>(destructive: bool, lint_ignore: &[I]) -> bool {
+    destructive
+        || lint_ignore
+            .iter()
+            .any(|i| i.rule() == flotilla_core::lint::DESTRUCTIVE_DROP)
+}
+
+/// A `[lint] ignore` entry, as read or as stored.
+pub trait HasRule {
+    fn rule(&self) -> &str;
+}
+
+impl HasRule for flotilla_core::model::LintIgnore {
+    fn rule(&self) -> &str {
+        &self.rule
+    }
+}
+
+impl HasRule for flotilla_core::pb::LintIgnore {
+    fn rule(&self) -> &str {
+        &self.rule
+    }
 }
 
 /// One migration's risk as the approvals count it: its `risk` (low when unset), high at
@@ -472,6 +501,24 @@ approvals = 3
             plan_risk(&spec(vec![migration("a", "critical", true)])),
             Ok(Risk::Critical),
             "never lowered"
+        );
+        // `[lint] ignore` of `destructive-drop` lets the drop through as the flag does, and
+        // counts as it does (it kept risk low: no approval for a DROP TABLE in staging)
+        let ignoring = |rule: &str| pb::Migration {
+            lint_ignore: vec![pb::LintIgnore {
+                rule: rule.into(),
+                reason: "old table".into(),
+            }],
+            ..migration("a", "", false)
+        };
+        assert_eq!(
+            plan_risk(&spec(vec![ignoring("destructive-drop")])),
+            Ok(Risk::High)
+        );
+        assert_eq!(
+            plan_risk(&spec(vec![ignoring("index-not-concurrent")])),
+            Ok(Risk::Low),
+            "another rule ignored changes nothing"
         );
     }
 

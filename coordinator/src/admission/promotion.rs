@@ -336,12 +336,18 @@ fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
 /// plan needs are counted from it), `destructive` newly set, lint rules newly ignored (the
 /// lint that passed it there saw them). Empty when nothing is.
 fn weakened(now: &flotilla_core::Migration, there: &pb::Migration) -> Vec<String> {
-    use crate::approvals::migration_risk;
+    use crate::approvals::{counts_destructive, migration_risk};
     let mut changes = Vec::new();
     // As the approvals count it: `destructive = true` dropped since lowers it too.
     if let (Ok(now_risk), Ok(there_risk)) = (
-        migration_risk(&now.risk, now.destructive),
-        migration_risk(&there.risk, there.destructive),
+        migration_risk(
+            &now.risk,
+            counts_destructive(now.destructive, &now.lint_ignore),
+        ),
+        migration_risk(
+            &there.risk,
+            counts_destructive(there.destructive, &there.lint_ignore),
+        ),
     ) && now_risk < there_risk
     {
         // Say where a level came from when `destructive` raised it, not the risk line.
