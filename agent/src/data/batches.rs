@@ -187,6 +187,10 @@ async fn batches(
 ) -> Result<u64, Failure> {
     let d = data_of(m)?;
     let db = |e: sqlx::Error| classify(&e, "batch");
+    sqlx::raw_sql(super::EXACT_FLOATS)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
 
     // a checkpoint of the up SQL alone: no batch is done yet
     let checkpoint = checkpoint.filter(|c| c.last_key.is_some());

@@ -8,7 +8,7 @@ use sqlx::{AssertSqlSafe, Row};
 use tracing::{info, warn};
 
 use crate::step::sql::begin_fenced;
-use crate::step::{BuildError, PreparedMigration, StepContext, quote_ident};
+use crate::step::{BuildError, PreparedMigration, StepContext, quote_ident, quote_literal};
 
 /// Restores the prior image of one batch (`number`) of a data change and deletes it, in one
 /// fenced transaction: each saved row's columns are written back where its key still is and
@@ -42,10 +42,32 @@ fn prior_image_restore(
         // `t` is the catalog's format_type: already valid (and quoted) SQL
         columns.push(format!("{} {t}", quote_ident(c)));
     }
+    // A json or jsonb column is read from the image itself, SQL NULL where the image says
+    // it was (`SQL_NULLS`): `jsonb_to_record` reads JSON `null` as SQL NULL. An image saved
+    // before that entry is restored as before.
+    let nulls = super::sql::SQL_NULLS;
     let set: Vec<String> = d
         .prior_image
         .iter()
-        .map(|c| format!("{q} = r.{q}", q = quote_ident(c)))
+        .map(|c| {
+            let q = quote_ident(c);
+            let json = types
+                .iter()
+                .find(|(n, _)| n == c)
+                .map(|(_, t)| t.as_str())
+                .filter(|t| matches!(*t, "json" | "jsonb"));
+            match json {
+                Some(t) => {
+                    let lit = quote_literal(c).expect("an identifier");
+                    format!(
+                        "{q} = CASE WHEN NOT r.\"{nulls}\" ? '{nulls}' THEN r.{q} \
+                         WHEN r.\"{nulls}\" -> '{nulls}' ? {lit} THEN NULL \
+                         ELSE (r.\"{nulls}\" -> {lit})::{t} END"
+                    )
+                }
+                None => format!("{q} = r.{q}"),
+            }
+        })
         .collect();
     let on: Vec<String> = d
         .key
@@ -61,7 +83,7 @@ fn prior_image_restore(
     // that any column type compares, json too; hashed once for the batch's rows.
     let _ = writeln!(
         out,
-        "WITH r AS (SELECT r.* FROM flotilla.prior_images q, \
+        "WITH r AS (SELECT r.*, q.image AS \"{nulls}\" FROM flotilla.prior_images q, \
          LATERAL pg_catalog.jsonb_to_record(q.image) AS r({columns}) WHERE {batch} AND NOT q.post), \
          u AS (UPDATE {table} AS t SET {set} FROM r WHERE {on} \
          AND (NOT EXISTS (SELECT 1 FROM flotilla.prior_images q WHERE {batch} AND q.post) \
@@ -212,7 +234,7 @@ mod tests {
         let restore = prior_image_restore(&cx, &m, 4, &types).unwrap();
         assert!(
             restore.starts_with(
-                "BEGIN;\nSELECT flotilla.check_fence(2);\nWITH r AS (SELECT r.* FROM flotilla.prior_images q, \
+                "BEGIN;\nSELECT flotilla.check_fence(2);\nWITH r AS (SELECT r.*, q.image AS \"flotilla:sql_nulls\" FROM flotilla.prior_images q, \
                  LATERAL pg_catalog.jsonb_to_record(q.image) AS r(\"region\" text, \"id\" integer, \"phone\" character varying(20)) \
                  WHERE q.target = 't1' AND q.migration_id = 'm3' AND q.batch = 4 AND NOT q.post), \
                  u AS (UPDATE \"contacts\" AS t SET \"phone\" = r.\"phone\" FROM r \

@@ -104,6 +104,33 @@ pub(crate) fn image_object(d: &flotilla_core::DataChange, prefix: &str) -> Strin
     format!("pg_catalog.jsonb_build_object({})", pairs.join(", "))
 }
 
+/// The key of a prior image (not a post image) naming its columns that were SQL NULL: a
+/// json or jsonb column's JSON `null` and its SQL NULL are both `null` in the jsonb image,
+/// and the restore wrote SQL NULL for both (a NOT NULL column's rollback failed; a
+/// nullable one's JSON nulls came back as SQL NULLs). Images saved before it have none,
+/// and are restored as they were.
+pub(crate) const SQL_NULLS: &str = "flotilla:sql_nulls";
+
+/// A prior image's [`SQL_NULLS`] entry: `'flotilla:sql_nulls', {"c": true, ...}` over the
+/// change's prior image columns that are NULL in the row (`{}` when none is).
+fn sql_nulls(d: &flotilla_core::DataChange) -> String {
+    let pairs: Vec<String> = d
+        .prior_image
+        .iter()
+        .map(|c| {
+            format!(
+                "{}, CASE WHEN {} IS NULL THEN true END",
+                quote_literal(c).expect("an identifier"),
+                quote_ident(c)
+            )
+        })
+        .collect();
+    format!(
+        "'{SQL_NULLS}', pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object({}))",
+        pairs.join(", ")
+    )
+}
+
 /// Saves the image of the batch's rows (a change with a prior image): before its statements
 /// (`post` false: the rows the filter takes, to restore) or after them (`post` true: those
 /// rows as the batch left them, which its undo compares).
@@ -157,12 +184,13 @@ fn push_image(
     let _ = writeln!(
         out,
         "INSERT INTO flotilla.prior_images (target, migration_id, batch, image, post) \
-         SELECT {}, {}, {}, {}, false FROM {} \
+         SELECT {}, {}, {}, {} || pg_catalog.jsonb_build_object({}), false FROM {} \
          WHERE {key} > {} AND {key} <= {}{};",
         cx.tenant_lit,
         m.id_lit,
         b.number,
         image_object(d, ""),
+        sql_nulls(d),
         d.table_sql(),
         b.lower_lit,
         b.upper_lit,
@@ -415,7 +443,9 @@ mod tests {
         assert!(cp < image && image < change, "{sql}");
         assert!(
             sql.contains(
-                "SELECT 't1', 'm3', 4, pg_catalog.jsonb_build_object('region', \"region\", 'id', \"id\", 'phone', \"phone\"), false \
+                "SELECT 't1', 'm3', 4, pg_catalog.jsonb_build_object('region', \"region\", 'id', \"id\", 'phone', \"phone\") \
+                 || pg_catalog.jsonb_build_object('flotilla:sql_nulls', pg_catalog.jsonb_strip_nulls(\
+                 pg_catalog.jsonb_build_object('phone', CASE WHEN \"phone\" IS NULL THEN true END))), false \
                  FROM \"contacts\" WHERE (\"region\", \"id\") > ROW('a'::text, '1'::integer) \
                  AND (\"region\", \"id\") <= ROW('b'::text, '9'::integer) AND (phone !~ '^[+]'\n);"
             ),

@@ -485,6 +485,11 @@ pub(super) async fn undo_step(
             replay_session_settings(conn, settings)
                 .await
                 .map_err(once)?;
+            // and floats exact, as the batches had them (`data::EXACT_FLOATS`)
+            run(crate::data::EXACT_FLOATS.to_string())
+                .execute(&mut *conn)
+                .await
+                .map_err(once)?;
             restore_prior_image(conn, cx, m, batches, shared)
                 .await
                 .map_err(once)?;

@@ -2542,6 +2542,78 @@ async fn undoing_a_prior_image_compares_under_the_up_sqls_settings() {
     f.drop().await;
 }
 
+/// A data change over a float8 key whose up SQL says `SET extra_float_digits = 0` (floats
+/// written with 15 digits), saving a jsonb column holding JSON `null` (NOT NULL) and a
+/// nullable one holding SQL NULL and JSON `null` alike. Every row is changed exactly once
+/// and the rollback puts every row back as it was. Before, each page's last key was
+/// rounded (the largest row skipped, the change said applied) and the saved keys found no
+/// row (most rows kept by the undo); JSON `null` came back SQL NULL (the NOT NULL column's
+/// restore failed).
+#[tokio::test]
+async fn a_change_over_float_keys_and_json_nulls_is_done_and_undone_exactly() {
+    let Some(f) = fleet("float_json", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    sqlx::raw_sql(
+        "CREATE TABLE tenant_0000.fk (k float8 PRIMARY KEY, n int NOT NULL, j jsonb NOT NULL, o jsonb);
+         INSERT INTO tenant_0000.fk
+           SELECT g / 7.0::float8 * 1000.1, g,
+                  CASE WHEN g % 2 = 0 THEN 'null'::jsonb ELSE jsonb_build_object('g', g) END,
+                  CASE WHEN g % 3 = 0 THEN 'null'::jsonb WHEN g % 3 = 1 THEN NULL ELSE '[1]'::jsonb END
+             FROM generate_series(1, 250) g;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let rows = "SELECT string_agg(k::text || ':' || n || ':' || j::text || ':' || coalesce(o::text, 'SQL NULL'), ',' ORDER BY k) \
+                FROM tenant_0000.fk";
+    let original: String = sqlx::query_scalar(rows).fetch_one(&pool).await.unwrap();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(2).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "fj".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "fk".into(),
+                key: "k".into(),
+                batch_size: 40,
+                batch_sql: "UPDATE fk SET n = n + 7, j = '{\"m\": 1}', o = 'null'::jsonb \
+                            WHERE k > $1 AND k <= $2"
+                    .into(),
+                prior_image: vec!["n".into(), "j".into(), "o".into()],
+                ..Default::default()
+            }),
+            ..migration("fj", "SET extra_float_digits = 0", "SELECT 1", "")
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    let r = s
+        .assign("fj", 1, 1, vec![run(1, "tenant_0000", &["fj"], false)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
+    let unchanged = count(
+        &pool,
+        "SELECT count(*) FROM tenant_0000.fk WHERE n <> round(k * 7 / 1000.1)::int + 7",
+    )
+    .await;
+    assert_eq!(unchanged, 0, "every row changed exactly once");
+
+    let reply = s.rollback("fj", 1).await;
+    assert!(reply.complete, "{reply:?}");
+    assert!(reply.steps.iter().all(|s| s.error.is_none()), "{reply:?}");
+    let restored: String = sqlx::query_scalar(rows).fetch_one(&pool).await.unwrap();
+    assert_eq!(restored, original, "every row put back as it was");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.prior_images").await,
+        0
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
 /// More of a step left part-way: going on in another session it runs the settings done
 /// before again (`SET application_name` here; `SET ROLE` or `search_path` in life); a `DO`
 /// block that COMMITs, which refuses the transaction a statement runs in, runs on its own;
