@@ -1191,15 +1191,30 @@ async fn a_rollback_shows_the_prior_images_restore_under_way() -> anyhow::Result
     Ok(())
 }
 
-/// An agent killed while a batch runs leaves that batch's session on the server, which goes
-/// on and commits it (its batch and COMMIT went in one round trip). The restarted agent,
-/// resuming from the checkpoint it read before that commit, finds the checkpoint moved under
-/// its own first batch: it goes on from the checkpoint as it is now, every row done once.
-/// Before, the step failed ("another run did this batch") and the plan rolled back.
+/// An agent gone while a batch runs, its session left on the server, which goes on and
+/// commits the batch (its batch and COMMIT went in one round trip): a host that vanished,
+/// whose socket the server does not see closed (here a kill -9 with the connection check
+/// off in the DSN, `client_connection_check_interval=0`: a killed agent's statement ends
+/// with it otherwise). The restarted agent, resuming from the checkpoint it read before that
+/// commit, finds the checkpoint moved under its own first batch: it goes on from the
+/// checkpoint as it is now, every row done once. Before, the step failed ("another run did
+/// this batch") and the plan rolled back.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_killed_mid_batch_goes_on_after_the_batch_its_session_committed()
 -> anyhow::Result<()> {
     let mut fleet = slow_backfill_fleet().await?;
+    let unchecked = format!(
+        "{}{}options[client_connection_check_interval]=0",
+        fleet.agent_dsn(0),
+        if fleet.agent_dsn(0).contains('?') {
+            "&"
+        } else {
+            "?"
+        }
+    );
+    fleet.agents[0].take().expect("the agent").kill()?;
+    fleet.agents[0] = Some(fleet.spawn_agent_on(0, &unchecked)?);
+    fleet.wait_attached(1).await?;
     let dir = MigrationDir::new()?;
     let toml = backfill_toml(100, false)
         .replace(

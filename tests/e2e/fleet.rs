@@ -373,7 +373,11 @@ impl TestFleet {
     }
 
     pub fn spawn_agent(&self, s: usize) -> anyhow::Result<FlotillaProcess> {
-        let dsn = self.agent_dsn(s);
+        self.spawn_agent_on(s, &self.agent_dsn(s))
+    }
+
+    /// [`TestFleet::spawn_agent`] with another DSN (its options, say).
+    pub fn spawn_agent_on(&self, s: usize, dsn: &str) -> anyhow::Result<FlotillaProcess> {
         let labels = match self.shard_labels.get(s).filter(|l| !l.is_empty()) {
             Some(more) => format!("region=r{s},{more}"),
             None => format!("region=r{s}"),
@@ -385,7 +389,7 @@ impl TestFleet {
             "--shard",
             &self.shards[s],
             "--dsn",
-            &dsn,
+            dsn,
             "--labels",
             &labels,
         ];
