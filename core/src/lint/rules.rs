@@ -422,21 +422,77 @@ fn outside_tenant(p: &Parsed) -> Option<(String, &'static str)> {
             if let Some(name) = sel.into_clause.as_ref().and_then(|i| of_var(&i.rel)) {
                 return shared(name);
             }
-            let text = p.info.text.to_ascii_lowercase();
-            (text.contains("set_config(")
-                && text.contains("'search_path'")
-                && !text.contains("current_schema"))
-            .then(|| {
-                (
+            None
+        }
+        _ => None,
+    }
+}
+
+/// A call of `set_config` in a tenant's statement (any statement, any schema it is named
+/// in) that sets search_path, read from the parse tree: the setting's name a constant
+/// however it is quoted (`'search_path'`, `$$search_path$$`, `E'...'`), or one computed
+/// (`'search_' || 'path'`: what it names is not known, so it counts); and `UPDATE
+/// pg_settings`, which is `set_config` by another name. Before, the text was searched for
+/// `'search_path'`, and a dollar-quoted name went through: the plan ran, its table landed
+/// in `public` once for the whole shard. A path that keeps the tenant's schema first
+/// (`current_schema() || ', public'`) is fine.
+fn sets_search_path(p: &Parsed) -> Option<(String, &'static str)> {
+    let kind = &p.info.kind;
+    if let NodeEnum::UpdateStmt(u) = &p.node
+        && u.relation
+            .as_ref()
+            .is_some_and(|r| r.relname.eq_ignore_ascii_case("pg_settings"))
+    {
+        return Some((
+            format!(
+                "{kind} of pg_settings changes the session's settings (search_path among them): what the migration creates after it may land outside the tenant's schema, once per tenant"
+            ),
+            SEARCH_PATH_HINT,
+        ));
+    }
+    let keeps_tenant = p.info.text.to_ascii_lowercase().contains("current_schema");
+    for (n, ..) in p.node.nodes() {
+        let pg_query::NodeRef::FuncCall(f) = n else {
+            continue;
+        };
+        let is_set_config = strings(&f.funcname)
+            .pop()
+            .is_some_and(|name| name.eq_ignore_ascii_case("set_config"));
+        if !is_set_config || keeps_tenant {
+            continue;
+        }
+        let name = f
+            .args
+            .first()
+            .and_then(|a| a.node.as_ref())
+            .and_then(|a| match a {
+                NodeEnum::AConst(c) => match &c.val {
+                    Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.clone()),
+                    _ => None,
+                },
+                _ => None,
+            });
+        match name {
+            Some(name) if !name.trim().eq_ignore_ascii_case("search_path") => continue,
+            Some(_) => {
+                return Some((
                     format!(
                         "{kind} sets search_path (set_config): what the migration creates after it lands outside the tenant's schema, once per tenant, and its down.sql, run in the tenant's schema, does not find it"
                     ),
                     SEARCH_PATH_HINT,
-                )
-            })
+                ));
+            }
+            None => {
+                return Some((
+                    format!(
+                        "{kind} calls set_config with a setting name that is not a constant: it may set search_path, and what the migration creates after it land outside the tenant's schema, once per tenant"
+                    ),
+                    SEARCH_PATH_HINT,
+                ));
+            }
         }
-        _ => None,
     }
+    None
 }
 
 /// [`TENANT_ESCAPE`] for each statement of a tenant's migration: an error where the
@@ -454,7 +510,7 @@ pub(super) fn check_tenant_escape(
         Some(false) => return,
     };
     for p in statements {
-        if let Some((message, hint)) = outside_tenant(p) {
+        if let Some((message, hint)) = sets_search_path(p).or_else(|| outside_tenant(p)) {
             let severity = if message.ends_with(WRITE_ONLY) {
                 Severity::Warning
             } else {

@@ -1065,3 +1065,34 @@ fn remade_owned_and_temporary_objects_need_no_drop_in_down() {
         "{found:#?}"
     );
 }
+
+/// search_path set however `set_config`'s name is written: dollar-quoted, an escape
+/// string, schema-qualified, computed (what it names is not known), inside another
+/// statement, or through `UPDATE pg_settings`. Before, only the text `'search_path'` was
+/// looked for: `set_config($$search_path$$, $$public$$, true)` went through, and the plan's
+/// table landed in `public` once for the whole shard. Another setting, a mention in a
+/// string, and a path that keeps the tenant's schema first are fine.
+#[test]
+fn search_path_set_in_any_spelling_is_said() {
+    let up = "SELECT set_config($$search_path$$, $$public$$, true);\n\
+              SELECT pg_catalog.set_config(E'SEARCH_PATH', 'public', false);\n\
+              SELECT set_config('search_' || 'path', 'public', true);\n\
+              INSERT INTO notes SELECT 1 WHERE set_config($x$search_path$x$, 'public', true) IS NOT NULL;\n\
+              UPDATE pg_settings SET setting = 'public' WHERE name = 'search_path';\n\
+              SELECT set_config('statement_timeout', '5s', true);\n\
+              SELECT 'set_config($$search_path$$, x)';\n\
+              SELECT set_config($$search_path$$, current_schema() || ', public', true);\n\
+              CREATE TABLE notes (id int);";
+    let mut m = migration("001_a", up, "DROP TABLE notes;");
+    m.scope = pb::Scope::Tenant as i32;
+    let found: Vec<(u32, Severity)> = lint_plan(&plan(vec![m], false), &LintOptions::default())
+        .into_iter()
+        .filter(|f| f.rule == TENANT_ESCAPE)
+        .map(|f| (f.line, f.severity))
+        .collect();
+    assert_eq!(
+        found,
+        (1..=5).map(|l| (l, Severity::Error)).collect::<Vec<_>>(),
+        "{found:?}"
+    );
+}
