@@ -117,6 +117,18 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 /// The plan's decision in etcd (`commit`/`abort`), read through member 0's JSON gateway.
+/// Whether etcd holds `key` now.
+pub(crate) async fn etcd_has(fleet: &HaFleet, key: &str) -> anyhow::Result<bool> {
+    let resp = post_json(
+        fleet.etcd.client_addr(),
+        "/v3/kv/range",
+        &format!(r#"{{"key":"{}"}}"#, base64(key.as_bytes())),
+    )
+    .await?;
+    let v: Value = serde_json::from_str(&resp.body)?;
+    Ok(v["kvs"].as_array().is_some_and(|k| !k.is_empty()))
+}
+
 pub(crate) async fn decision_in_etcd(
     fleet: &HaFleet,
     plan: &str,

@@ -606,6 +606,39 @@ async fn alerts_fire_on_a_real_fleet() -> anyhow::Result<()> {
         "{body}"
     );
     assert!(firing(&prom, "FlotillaNoLeader").await?.is_empty());
+
+    // A coordinator restarted once the agent's liveness key is gone knows the shard from
+    // the control store: its agent away since it was last seen. Before, the shard had no
+    // series at all under the new coordinator, and the alert resolved with the agent still
+    // dead.
+    wait_until("the agent's liveness key expired", WAIT, async || {
+        Ok(!crate::faults::etcd_has(&fleet, "/flotilla/agents/shard_0").await?)
+    })
+    .await?;
+    fleet.restart_coordinator_with(0, &[]).await?;
+    wait_until(
+        "the new coordinator shows the agent away",
+        WAIT,
+        async || {
+            let body = scrape(coordinator).await?;
+            let away = sample(
+                &body,
+                "flotilla_shard_agent_disconnected_seconds{shard=\"shard_0\"}",
+            );
+            Ok(
+                sample(&body, "flotilla_shard_agent_connected{shard=\"shard_0\"}") == Some(0.0)
+                    && away.is_some_and(|s| s >= 2.0),
+            )
+        },
+    )
+    .await?;
+    wait_until("the disconnection fires again", WAIT, async || {
+        Ok(firing(&prom, "FlotillaAgentDisconnected")
+            .await?
+            .iter()
+            .any(|l| l["shard"] == "shard_0"))
+    })
+    .await?;
     Ok(())
 }
 

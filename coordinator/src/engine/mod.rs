@@ -197,6 +197,11 @@ pub enum Event {
         reply: CommandReply,
     },
     Tick,
+    /// The shards the control store knows of, with when each agent was last seen: a new
+    /// leader's metrics show the agents away from the start (see `known_from_store`).
+    KnownAgents {
+        last_seen_ms: Vec<(String, i64)>,
+    },
 }
 
 impl Event {
@@ -227,6 +232,7 @@ impl Event {
             Event::BakeProbe { .. } => "bake_probe",
             Event::Pause { .. } => "pause",
             Event::Tick => "tick",
+            Event::KnownAgents { .. } => "known_agents",
         }
     }
 }
@@ -603,6 +609,10 @@ impl Engine {
             }
             Event::LiveAgents(live) => {
                 self.live = live;
+            }
+            Event::KnownAgents { last_seen_ms } => {
+                self.known_from_store(last_seen_ms);
+                self.publish_metrics();
             }
             Event::Tick => {
                 self.check_lost_agents().await;

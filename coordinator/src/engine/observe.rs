@@ -121,6 +121,30 @@ impl Engine {
         metrics::publish(&snap, &mut self.published);
     }
 
+    /// The shards the control store knows of, each with its agent's last sighting: those
+    /// not attached now count as away since then (as `fleet list` says). Without it, a
+    /// shard whose agent was down when this coordinator took over (a restart, a failover)
+    /// had no series at all: `flotilla_shard_agent_disconnected_seconds` was gone, the
+    /// alert on it resolved, and the dead agent went unalerted.
+    pub(super) fn known_from_store(&mut self, last_seen_ms: Vec<(String, i64)>) {
+        if !self.leading {
+            return;
+        }
+        let (now, now_ms) = (Instant::now(), now_ms());
+        for (shard, seen_ms) in last_seen_ms {
+            if self.agents.contains_key(&shard) {
+                continue;
+            }
+            let ago = Duration::from_millis((now_ms - seen_ms).max(0) as u64);
+            if self.known_agents.insert(shard.clone()) {
+                metrics::shard_known(&shard);
+            }
+            self.away_since
+                .entry(shard)
+                .or_insert_with(|| now.checked_sub(ago).unwrap_or(now));
+        }
+    }
+
     /// After leadership is lost: this coordinator knows no agent any more.
     pub(super) fn forget_agents(&mut self) {
         self.known_agents.clear();
