@@ -486,6 +486,13 @@ pub fn label_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
 pub enum PlanError {
     #[error("the plan holds no migrations")]
     Empty,
+    #[error("{what} holds {bytes} bytes of SQL, over the {limit} a submit takes ({hint})")]
+    TooLarge {
+        what: String,
+        bytes: usize,
+        limit: usize,
+        hint: &'static str,
+    },
     #[error("wave `{wave}`: {reason}")]
     Wave { wave: String, reason: String },
     #[error("version of {what}: {reason}")]
@@ -623,5 +630,80 @@ mod label_tests {
             let e = parse_labels(text).unwrap_err();
             assert!(e.contains(wanted), "{text}: {e}");
         }
+    }
+}
+
+/// The most SQL (up, down, verify and batch together) one migration of a submitted plan may
+/// hold, and a whole plan. Every plan's spec is stored and read back whole (status, the
+/// fleet's views, catch-up, a new leader), and sent to every agent: a migration of 30 MB of
+/// comments made each `plan explain` and `plan status` take seconds, its agents missed their
+/// heartbeats, and the leader lost its term once. Checked of new plans only ([`size_read`]).
+pub const MAX_MIGRATION_SQL_BYTES: usize = 4 << 20;
+pub const MAX_PLAN_SQL_BYTES: usize = 16 << 20;
+
+/// [`MAX_MIGRATION_SQL_BYTES`] of each migration and, unless `whole_plan` is false (a
+/// catch-up, made of migrations that passed already), [`MAX_PLAN_SQL_BYTES`] of the plan.
+/// Not part of the model's own check: a stored plan is read with that again, and must still
+/// be rebuilt, retried and rolled back.
+pub fn size_read(p: &crate::pb::PlanSpec, whole_plan: bool) -> Result<(), PlanError> {
+    const HINT: &str = "load bulk data with a batched data change or outside the plan";
+    let mut total = 0usize;
+    for m in &p.migrations {
+        let bytes = m.up_sql.len()
+            + m.down_sql.len()
+            + m.verify_sql.len()
+            + m.data.as_ref().map_or(0, |d| d.batch_sql.len());
+        if bytes > MAX_MIGRATION_SQL_BYTES {
+            return Err(PlanError::TooLarge {
+                what: format!("migration `{}`", m.id),
+                bytes,
+                limit: MAX_MIGRATION_SQL_BYTES,
+                hint: HINT,
+            });
+        }
+        total += bytes;
+    }
+    if whole_plan && total > MAX_PLAN_SQL_BYTES {
+        return Err(PlanError::TooLarge {
+            what: "the plan".into(),
+            bytes: total,
+            limit: MAX_PLAN_SQL_BYTES,
+            hint: "split it into plans that run one after the other",
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::pb;
+
+    /// A migration over 4 MiB of SQL is refused naming it; a plan over 16 MiB, naming the
+    /// plan (not a catch-up, whose migrations each passed already).
+    #[test]
+    fn oversized_migrations_and_plans_are_named() {
+        let m = |id: &str, bytes: usize| pb::Migration {
+            id: id.into(),
+            up_sql: format!("SELECT 1; --{}", "x".repeat(bytes)),
+            down_sql: "SELECT 1".into(),
+            ..Default::default()
+        };
+        let plan = |ms: Vec<pb::Migration>| pb::PlanSpec {
+            migrations: ms,
+            ..Default::default()
+        };
+        assert_eq!(size_read(&plan(vec![m("001_a", 1000)]), true), Ok(()));
+        let e = size_read(&plan(vec![m("001_a", 10), m("002_big", 5 << 20)]), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("migration `002_big` holds 5242"), "{e}");
+        assert!(e.contains("over the 4194304"), "{e}");
+        let many: Vec<pb::Migration> = (0..9).map(|i| m(&format!("00{i}_m"), 4 << 19)).collect();
+        let e = size_read(&plan(many.clone()), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("the plan holds"), "{e}");
+        assert_eq!(size_read(&plan(many), false), Ok(()));
     }
 }

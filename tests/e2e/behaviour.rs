@@ -208,6 +208,42 @@ async fn non_transactional_index_is_built_concurrently_and_rolled_back() -> anyh
     Ok(())
 }
 
+/// A migration of 5 MiB of SQL (a ALTER and comments) is refused at submit and by a dry
+/// run, exit 2, naming it and the limit, nothing stored or run. Before, it was taken: every
+/// `plan status` and `plan explain` after it took seconds, agents missed their heartbeats
+/// and the leader lost its term.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_migration_is_refused_naming_it() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    let before = fleet.fingerprint().await?;
+    let d = MigrationDir::new()?;
+    let padding = "-- padding\n".repeat((5 << 20) / 11);
+    d.migration(
+        "001_huge",
+        "",
+        &format!("ALTER TABLE work_orders ADD COLUMN huge int;\n{padding}"),
+        "ALTER TABLE work_orders DROP COLUMN huge",
+    )?;
+    let path = d.path().to_string_lossy().into_owned();
+    for args in [
+        vec!["plan", "submit", path.as_str()],
+        vec!["plan", "explain", path.as_str()],
+    ] {
+        let out = fleet.cli(&args).await?;
+        assert_eq!(out.code(), Some(2), "{args:?}: {out}");
+        assert!(
+            out.stderr.contains("migration `001_huge` holds")
+                && out.stderr.contains("over the 4194304 a submit takes"),
+            "{args:?}: {out}"
+        );
+    }
+    let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert_eq!(plans.as_array().map(Vec::len), Some(0), "{plans}");
+    assert_eq!(fleet.fingerprint().await?, before);
+    assert_eq!(fleet.journal_total().await?, 0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_sql_returning_false_rolls_the_plan_back() -> anyhow::Result<()> {
     let fleet = TestFleet::start(2, 2).await?;

@@ -122,6 +122,7 @@ impl Coordinator {
         for w in &raw.waves {
             flotilla_core::waves::gates_read(w)?;
         }
+        flotilla_core::size_read(&raw, promotion != Promotion::CatchUp)?;
         let spec = PlanSpec::try_from(raw)?;
         // Counted before the preflight reads the journals: a rollback reply after it may
         // mean a step read applied is undone by the time the plan runs.

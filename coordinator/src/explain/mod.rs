@@ -32,6 +32,7 @@ impl Coordinator {
         for w in &raw.waves {
             flotilla_core::waves::gates_read(w)?;
         }
+        flotilla_core::size_read(&raw, *promotion != crate::admission::Promotion::CatchUp)?;
         let spec = PlanSpec::try_from(raw)?;
         let resolution = self.resolve(&spec, Mode::DryRun, promotion).await?;
         let expansion = &resolution.expansion;
