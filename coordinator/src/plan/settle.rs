@@ -182,7 +182,25 @@ impl PlanRun {
                     } else if left > 0 {
                         format!("{left} step(s) were not run; `flotilla plan retry` runs them")
                     } else {
-                        "every step applied".into()
+                        // (a plan whose every step an earlier plan had applied did nothing:
+                        // "every step applied" read as if it had)
+                        let before = self
+                            .steps
+                            .iter()
+                            .filter(|s| s.status == StepStatus::AlreadyApplied)
+                            .count();
+                        if before == 0 {
+                            "every step applied".into()
+                        } else if before == self.steps.len() {
+                            format!(
+                                "nothing to do: every step ({before}) was applied before this plan"
+                            )
+                        } else {
+                            format!(
+                                "every step applied ({} by this plan, {before} before it)",
+                                self.steps.len() - before
+                            )
+                        }
                     };
                 }
                 // A data change that applied everywhere and changed no row anywhere: a typo

@@ -310,6 +310,41 @@ fn an_added_enum_value_commits_before_the_steps_that_follow_it() {
     );
 }
 
+/// A plan whose steps an earlier plan had applied says it did nothing, and one that found
+/// some applied says how many it applied itself (both read "every step applied").
+#[test]
+fn a_plan_says_how_many_steps_it_applied_itself() {
+    for (outcomes, said) in [
+        (
+            [
+                pb::StepOutcome::AlreadyApplied,
+                pb::StepOutcome::AlreadyApplied,
+            ],
+            "nothing to do: every step (2) was applied before this plan",
+        ),
+        (
+            [pb::StepOutcome::Applied, pb::StepOutcome::AlreadyApplied],
+            "every step applied (1 by this plan, 1 before it)",
+        ),
+    ] {
+        let mut run = plan_of(
+            &["a"],
+            Vec::new(),
+            &[("s0", "t1"), ("s0", "t2")],
+            pb::FailurePolicy::AllOrNothing,
+        );
+        let mut next = 1u64;
+        let out = run.next_runs("s0", &mut next);
+        for (r, outcome) in out.iter().zip(outcomes) {
+            answer(&mut run, "s0", r, outcome);
+        }
+        run.advance_waves(0);
+        assert!(run.settle().is_some());
+        assert_eq!(run.state, PlanState::Completed);
+        assert_eq!(run.message, said);
+    }
+}
+
 #[test]
 fn a_targets_ready_steps_go_fused_in_one_run_and_the_plan_completes() {
     let mut run = plan_of(
