@@ -632,6 +632,16 @@ async fn alerts_fire_on_a_real_fleet() -> anyhow::Result<()> {
         },
     )
     .await?;
+    // and its step counters from 0, so that the next failure there shows in `increase()`
+    let body = scrape(coordinator).await?;
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("flotilla_steps_finished_total{")
+                && l.contains("shard=\"shard_0\"")
+                && l.contains("outcome=\"failed\"")
+                && l.ends_with(" 0")),
+        "{body}"
+    );
     wait_until("the disconnection fires again", WAIT, async || {
         Ok(firing(&prom, "FlotillaAgentDisconnected")
             .await?

@@ -343,12 +343,17 @@ impl Agent {
                     steps.push(step(migration, None));
                 }
                 Err((failure, broken)) => {
-                    metrics::step_duration(
-                        StepMode::Rollback,
-                        StepOutcome::Failed,
-                        started.elapsed(),
-                    );
-                    metrics::step_finished(StepOutcome::Failed);
+                    // refused by the fence (a new leader's epoch on the shard): not a
+                    // failure of the undo, which the new leader runs again (it counted six
+                    // failures on a shard whose plan had none)
+                    let outcome =
+                        if failure.error.sqlstate == flotilla_core::protocol::sqlstate::FENCED {
+                            StepOutcome::Fenced
+                        } else {
+                            StepOutcome::Failed
+                        };
+                    metrics::step_duration(StepMode::Rollback, outcome, started.elapsed());
+                    metrics::step_finished(outcome);
                     warn!(step = %migration, sqlstate = %failure.error.sqlstate,
                           error = %failure.error.message, "undoing step failed; stopping this target");
                     if broken || failure.connection_lost {

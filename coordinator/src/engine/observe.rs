@@ -59,7 +59,12 @@ impl Engine {
                 .filter(|s| !self.agents.contains_key(s))
                 .collect();
             for shard in extra {
-                self.known_agents.insert(shard.clone());
+                // its step counters from 0 too: a series that first appears already
+                // holding its value hides that step from `increase()` (a failure on a shard
+                // known this way read 0 failures on the dashboard)
+                if self.known_agents.insert(shard.clone()) {
+                    metrics::shard_known(&shard);
+                }
                 self.away_since.entry(shard).or_insert(now);
             }
             for shard in &self.known_agents {
