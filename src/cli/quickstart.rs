@@ -513,7 +513,7 @@ fn next_steps(
         ),
         (
             format!("curl -s http://{}/metrics | grep ^flotilla_", args.metrics),
-            "what Prometheus scrapes",
+            "what Prometheus scrapes (the coordinator's, and the agents' added up: they share this process; a deployed agent has its own --metrics, its series labelled with its shard, and without etcd its liveness reads 0)",
         ),
         (
             format!("psql {}", cluster.url("shard_0")),
