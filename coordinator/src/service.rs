@@ -1268,6 +1268,14 @@ impl Coordinator {
     }
 
     pub async fn fleet(&self) -> Result<pb::ListFleetResponse, CoordinatorError> {
+        Ok(self.fleet_and_store().await?.0)
+    }
+
+    /// The fleet's list, and why the control store did not answer for it (None: it did;
+    /// then the list holds the agents away too).
+    pub async fn fleet_and_store(
+        &self,
+    ) -> Result<(pb::ListFleetResponse, Option<String>), CoordinatorError> {
         // Agents attach to the leader only: a follower's view would say "gone".
         self.leader_epoch()?;
         // An agent that detached a moment ago: its row's "last seen" (written at the
@@ -1297,6 +1305,7 @@ impl Coordinator {
                 "the control store does not answer ({why}): only the agents attached now are listed"
             ),
         };
+        let store_down = stored.as_ref().err().cloned();
         for agent in stored.unwrap_or_default() {
             out.insert(
                 agent.shard.clone(),
@@ -1334,10 +1343,13 @@ impl Coordinator {
                 },
             );
         }
-        Ok(pb::ListFleetResponse {
-            agents: out.into_values().collect(),
-            note,
-        })
+        Ok((
+            pb::ListFleetResponse {
+                agents: out.into_values().collect(),
+                note,
+            },
+            store_down,
+        ))
     }
 }
 

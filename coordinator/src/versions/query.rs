@@ -262,11 +262,14 @@ impl Coordinator {
     {
         // Agents report their journals to the leader only.
         let epoch = self.leader_epoch()?;
-        let listed = self.fleet().await?;
+        let (listed, store_down) = self.fleet_and_store().await?;
         // Without the store, the agents away are not known: their shards would vanish from
         // the answer rather than show as not reported.
-        if !listed.note.is_empty() {
-            return Err(crate::store::StoreError::Unreachable(listed.note).into());
+        if let Some(why) = store_down {
+            return Err(crate::store::StoreError::Unreachable(format!(
+                "{why}; without it the shards whose agents are away are not known"
+            ))
+            .into());
         }
         let agents = listed.agents;
         // Tenants whose schema is not the one their journal rows were written in (their
