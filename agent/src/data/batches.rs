@@ -229,7 +229,7 @@ async fn batches(
         Some(k) => shape.literal(&decode(k)?).map_err(|e| agent_failure(m, e)),
         None => Ok(floor_lit.clone()),
     };
-    let left = estimate_left(conn, m, &lower_of(&prev)?).await;
+    let left = estimate_left(conn, m, &lower_of(&prev)?, rows_total as u64).await;
     let health = health_queries(m)?;
     let publish = hooks.map(|h| Publish {
         plan_id: &h.plan_id,
@@ -546,6 +546,10 @@ async fn last_row(conn: &mut PgConnection, sql: &str) -> Result<Option<PgRow>, s
 /// moment's work); one with more is left to the planner's guess.
 const UNANALYZED_COUNT_CAP: u64 = 100_000;
 
+/// About how many pages of a table never analyzed and over [`UNANALYZED_COUNT_CAP`] rows are
+/// read to size it (a few MB).
+const SAMPLED_PAGES: f64 = 400.0;
+
 /// How often a run goes on after its checkpoint moved under it (a session of an earlier run
 /// committed a batch): one such session does one batch.
 const OVERTAKEN_LIMIT: u32 = 3;
@@ -614,22 +618,48 @@ fn stopped_if_server_gone(
     }
 }
 
-/// The planner's estimate of the rows still to do after `lower_lit` (with the filter).
+/// The planner's estimate of the rows still to do after `lower_lit` (with the filter);
+/// `done`: the rows the checkpoint says are done.
 async fn estimate_left(
     conn: &mut PgConnection,
     m: &PreparedMigration,
     lower_lit: &str,
+    done: u64,
 ) -> Option<u64> {
     // a table never analyzed: counted (up to a cap), not guessed
     if let Some(sql) = sql::data_count_unanalyzed(m, lower_lit, UNANALYZED_COUNT_CAP)
         && let Ok(Some(n)) = sqlx::query_scalar::<_, Option<i64>>(AssertSqlSafe(sql))
             .fetch_one(&mut *conn)
             .await
-        && (n as u64) < UNANALYZED_COUNT_CAP
     {
-        return Some(n as u64);
+        let counted = n as u64;
+        if counted < UNANALYZED_COUNT_CAP {
+            return Some(counted);
+        }
+        // More than the cap, never analyzed: the table's rows from a sample of its pages
+        // (a few hundred of them), less what is done (the filter's share is not known: at
+        // most that many), at least the count.
+        let pages: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql::data_pages(m)?))
+            .fetch_one(&mut *conn)
+            .await
+            .ok();
+        let percent = pages
+            .filter(|&p| p > 0)
+            .map_or(100.0, |p| (100.0 * SAMPLED_PAGES / p as f64).min(100.0));
+        let whole: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(sql::data_sampled_rows(m, percent)?))
+                .fetch_one(&mut *conn)
+                .await
+                .ok();
+        return Some(whole.map_or(counted, |w| {
+            (w.max(0) as u64).saturating_sub(done).max(counted)
+        }));
     }
-    let sql = sql::data_estimate(m, lower_lit)?;
+    explained_rows(conn, sql::data_estimate(m, lower_lit)?).await
+}
+
+/// The `rows=N` of an EXPLAIN's first line.
+async fn explained_rows(conn: &mut PgConnection, sql: String) -> Option<u64> {
     let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
         .fetch_all(&mut *conn)
         .await

@@ -333,6 +333,27 @@ pub(crate) fn data_count_unanalyzed(
     ))
 }
 
+/// The table's pages (`pg_relation_size` over the block size): one row, one bigint.
+pub(crate) fn data_pages(m: &PreparedMigration) -> Option<String> {
+    let d = m.migration.data.as_ref()?;
+    Some(format!(
+        "SELECT pg_catalog.pg_relation_size({}::regclass) / pg_catalog.current_setting('block_size')::bigint",
+        quote_literal(&d.table_sql()).ok()?
+    ))
+}
+
+/// The table's rows, from a sample of `percent` of its pages (`TABLESAMPLE SYSTEM`, the
+/// same pages each time): for a table never analyzed and too large to count, where the
+/// planner's range guess is a third of its size from its pages ("24000/35886 rows, ETA 1s"
+/// on 200,000), and that size itself was 28% short on a fresh bulk load.
+pub(crate) fn data_sampled_rows(m: &PreparedMigration, percent: f64) -> Option<String> {
+    let d = m.migration.data.as_ref()?;
+    Some(format!(
+        "SELECT (count(*) * 100.0 / {percent})::bigint FROM {} TABLESAMPLE SYSTEM ({percent}) REPEATABLE (7)",
+        d.table_sql()
+    ))
+}
+
 pub(crate) fn data_estimate(m: &PreparedMigration, lower_lit: &str) -> Option<String> {
     let d = m.migration.data.as_ref()?;
     Some(format!(
