@@ -102,6 +102,9 @@ pub(crate) struct Agent {
     /// Prepared transactions committed from their decisions in etcd since the start, the
     /// latest first out (`pb::Hello::committed`).
     pub committed_from_etcd: Mutex<std::collections::VecDeque<String>>,
+    /// Whether a coordinator has welcomed this agent before: the next welcome is a
+    /// reconnection (`flotilla_agent_reconnects_total`).
+    pub welcomed_before: std::sync::atomic::AtomicBool,
 }
 
 /// Runs an agent until `shutdown` resolves: connects to the shard (waiting for it to come
@@ -258,6 +261,7 @@ async fn serve(
         journal_dirty: session::JournalDirty::default(),
         database,
         committed_from_etcd: Mutex::default(),
+        welcomed_before: std::sync::atomic::AtomicBool::new(false),
     });
     let sweep = tokio::spawn(agent.clone().sweep_in_doubt());
     session::run(agent.clone(), session::Outbox::new(outbox_rx), rotation).await;

@@ -258,7 +258,7 @@ async fn dashboard_and_alert_rules_use_only_served_metrics() -> anyhow::Result<(
     let coordinator: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let agent: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let (c, a) = (coordinator.to_string(), agent.to_string());
-    let fleet = HaFleet::builder(1, 1, 2)
+    let mut fleet = HaFleet::builder(1, 1, 2)
         .coordinator_args(&["--metrics", &c])
         .agent_args(&["--metrics", &a])
         .start()
@@ -376,6 +376,27 @@ async fn dashboard_and_alert_rules_use_only_served_metrics() -> anyhow::Result<(
             .is_some_and(|r| !r.is_empty()))
     })
     .await?;
+
+    // The agent's stream lost (its coordinator restarted) and up again: one reconnection,
+    // however many dials it took meanwhile (each round of them counted before).
+    let reconnects = |body: &str| {
+        body.lines()
+            .find(|l| l.starts_with("flotilla_agent_reconnects_total"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert_eq!(reconnects(&scrape(agent).await?), Some(0.0));
+    fleet.restart_coordinator_with(0, &[]).await?;
+    fleet.wait_connected(1).await?;
+    wait_until("the agent attached again", WAIT, async || {
+        let body = scrape(agent).await?;
+        Ok(sample(
+            &body,
+            "flotilla_agent_coordinator_connected{shard=\"shard_0\"}",
+        ) == Some(1.0))
+    })
+    .await?;
+    assert_eq!(reconnects(&scrape(agent).await?), Some(1.0));
     Ok(())
 }
 

@@ -134,7 +134,7 @@ async fn reconnect(agent: &Arc<Agent>, outbox: &mut Outbox, mut rotation: Rotati
         }
         rotation.new_round();
         tokio::select! {
-            () = tokio::time::sleep(delay) => metrics::reconnected(),
+            () = tokio::time::sleep(delay) => {}
             () = agent.cancel.cancelled() => return,
         }
     }

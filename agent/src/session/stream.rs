@@ -232,6 +232,14 @@ pub(super) async fn session(
                     if let In::Welcome(w) = &body {
                         welcomed = true;
                         metrics::coordinator_connected(true);
+                        // counted once a stream is up again, not per dial of the rounds
+                        // between (a counter that grew with the outage's length)
+                        if agent
+                            .welcomed_before
+                            .swap(true, std::sync::atomic::Ordering::Relaxed)
+                        {
+                            metrics::reconnected();
+                        }
                         // a new coordinator (or stream) hears where every data change stands
                         agent.progress.mark_all_changed();
                         // ...and the whole journal, for its view of the fleet's versions
