@@ -69,6 +69,14 @@ impl Engine {
             self.agents.remove(shard);
             self.agent_seen(shard, false);
             metrics::agents_connected(self.agents.len());
+            let away: Vec<String> = self
+                .plans
+                .iter_mut()
+                .filter_map(|(id, run)| run.agent_away(shard).then(|| id.clone()))
+                .collect();
+            for id in away {
+                self.changed(&id);
+            }
             info!(shard = %shard, "agent detached; its runs wait for it to return");
         }
     }

@@ -412,6 +412,24 @@ impl PlanRun {
     /// Keeps a data change's last progress, for a step of the plan: what an agent reports of
     /// a migration or target the plan does not have on its shard is dropped (kept, it would
     /// grow the map with whatever the messages name until the plan ends).
+    /// The agent of `shard` went away: its data changes' last reports no longer say how
+    /// they go (a line read "1500/6667 rows 2494 rows/s ETA 3s" for as long as it was gone).
+    /// Their rate and ETA are cleared and the reason says why; the agent's next report,
+    /// once it is back, replaces each. Whether any changed.
+    pub fn agent_away(&mut self, shard: &str) -> bool {
+        let mut changed = false;
+        for ((_, s, _), p) in self.progress.iter_mut() {
+            if s != shard || matches!(p.state.as_str(), "done" | "failed" | "stopped") {
+                continue;
+            }
+            p.rows_per_second = 0.0;
+            p.eta_ms = 0;
+            p.reason = "its agent is away: no report since it detached".into();
+            changed = true;
+        }
+        changed
+    }
+
     pub fn record_progress(&mut self, mut p: pb::DataProgress) {
         // (an undo's last report can come after the rollback's reply, which dropped it)
         match self.step_of(&p.migration_id, &p.shard, &p.tenant) {

@@ -310,6 +310,47 @@ fn an_added_enum_value_commits_before_the_steps_that_follow_it() {
     );
 }
 
+/// A shard's agent gone: its data changes' lines lose their rate and ETA and say why; the
+/// other shard's, and a line done, stay as they were.
+#[test]
+fn a_data_change_whose_agent_is_away_says_so() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s0", "t2"), ("s1", "t3")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    let mut next = 1u64;
+    run.next_runs("s0", &mut next);
+    run.next_runs("s1", &mut next);
+    let progress = |shard: &str, tenant: &str, state: &str| pb::DataProgress {
+        migration_id: "a".into(),
+        shard: shard.into(),
+        tenant: tenant.into(),
+        rows_done: 1500,
+        rows_total: 6667,
+        rows_per_second: 2494.0,
+        eta_ms: 3000,
+        state: state.into(),
+        ..Default::default()
+    };
+    run.record_progress(progress("s0", "t1", "running"));
+    run.record_progress(progress("s0", "t2", "done"));
+    run.record_progress(progress("s1", "t3", "running"));
+    assert!(run.agent_away("s0"));
+    let of = |t: &str, s: &str| run.progress[&("a".into(), s.into(), t.into())].clone();
+    let t1 = of("t1", "s0");
+    assert_eq!(
+        (t1.rows_per_second, t1.eta_ms, t1.rows_done),
+        (0.0, 0, 1500),
+        "{t1:?}"
+    );
+    assert!(t1.reason.contains("agent is away"), "{t1:?}");
+    assert_eq!(of("t2", "s0").rows_per_second, 2494.0, "done: as it was");
+    assert_eq!(of("t3", "s1").eta_ms, 3000, "another shard: as it was");
+    assert!(!run.agent_away("s2"));
+}
+
 /// A plan whose steps an earlier plan had applied says it did nothing, and one that found
 /// some applied says how many it applied itself (both read "every step applied").
 #[test]
