@@ -1329,6 +1329,12 @@ async fn a_submit_sent_again_with_its_request_id_starts_no_second_plan() -> anyh
             .contains("request id pipeline-42 was used for plan"),
         "{out}"
     );
+    // and it names what differs in the files
+    assert!(
+        out.stderr.contains("migrations added: 001_other")
+            && out.stderr.contains("migrations left out:"),
+        "{out}"
+    );
     let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
     assert_eq!(plans.as_array().map(Vec::len), Some(1), "{plans}");
     Ok(())

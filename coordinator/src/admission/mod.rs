@@ -78,9 +78,10 @@ impl Coordinator {
             };
             if row.name != raw.name || same(&stored) != same(&raw) {
                 return Err(CoordinatorError::InvalidRequest(format!(
-                    "request id {request_id} was used for plan {plan_id} ({}): another plan \
-                     needs another request id",
-                    row.name
+                    "request id {request_id} was used for plan {plan_id} ({}), {}: another \
+                     plan needs another request id",
+                    row.name,
+                    files_changed(&row.name, &stored, &raw, &same)
                 )));
             }
             // The same files with other settings (`--selector`, `--policy`, `--atomic`, ...)
@@ -621,6 +622,65 @@ impl Drop for SubmissionClaim<'_> {
 fn new_plan_id() -> String {
     let u = uuid::Uuid::new_v4().simple().to_string();
     format!("p{}", &u[..10])
+}
+
+/// What differs between the plan stored under a request id and a submission sent again
+/// under it, in its name or its migrations' up SQL (it said only "another plan", and an
+/// edited file was hard to tell from a wrong id).
+fn files_changed(
+    stored_name: &str,
+    stored: &pb::PlanSpec,
+    raw: &pb::PlanSpec,
+    same: &impl Fn(&pb::PlanSpec) -> Vec<(String, String)>,
+) -> String {
+    let (old, new) = (same(stored), same(raw));
+    let mut what = Vec::new();
+    if stored_name != raw.name {
+        what.push(format!(
+            "its name (`{stored_name}` there, `{}` now)",
+            raw.name
+        ));
+    }
+    let ids = |v: &[(String, String)]| v.iter().map(|(i, _)| i.clone()).collect::<Vec<_>>();
+    let (old_ids, new_ids) = (ids(&old), ids(&new));
+    let added: Vec<String> = new_ids
+        .iter()
+        .filter(|i| !old_ids.contains(i))
+        .cloned()
+        .collect();
+    let gone: Vec<String> = old_ids
+        .iter()
+        .filter(|i| !new_ids.contains(i))
+        .cloned()
+        .collect();
+    if !added.is_empty() {
+        what.push(format!(
+            "migrations added: {}",
+            crate::error::some_of(&added, 5)
+        ));
+    }
+    if !gone.is_empty() {
+        what.push(format!(
+            "migrations left out: {}",
+            crate::error::some_of(&gone, 5)
+        ));
+    }
+    let edited: Vec<String> = new
+        .iter()
+        .filter(|n| old.iter().any(|o| o.0 == n.0 && o.1 != n.1))
+        .map(|(i, _)| i.clone())
+        .collect();
+    if !edited.is_empty() {
+        what.push(format!(
+            "up SQL edited since: {}",
+            crate::error::some_of(&edited, 5)
+        ));
+    }
+    if what.is_empty() {
+        // the same migrations in another order
+        what.push("its migrations in another order".into());
+    }
+    format!("other files ({})", what.join("; "))
 }
 
 /// The settings of a submission sent again under a request id that differ from those of
