@@ -85,7 +85,7 @@ impl Engine {
             }
             FailurePolicy::Continue => {
                 if run.message.is_empty() {
-                    run.message = format!("{what}; other targets go on");
+                    run.message = format!("{what}{}", crate::plan::GOING_ON);
                 }
             }
         }

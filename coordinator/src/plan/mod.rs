@@ -112,6 +112,10 @@ pub enum AppliedRead {
     Before,
 }
 
+/// The end of a `continue` plan's message while it goes on after a failure (replaced when
+/// it ends).
+pub const GOING_ON: &str = "; other targets go on";
+
 pub struct PlanRun {
     pub id: String,
     pub spec: Arc<PlanSpec>,

@@ -171,6 +171,16 @@ impl PlanRun {
                 // A plan with waves said what its waves did along the way; its end says how
                 // it ended.
                 let waved = !self.spec.rollout.waves.is_empty();
+                // Under `continue`, the first failure's message said the others go on; at
+                // the end it says how the plan ended instead (its last line read "...; other
+                // targets go on" on a plan ended failed).
+                let first_failure = self
+                    .message
+                    .strip_suffix(crate::plan::GOING_ON)
+                    .map(str::to_string);
+                if first_failure.is_some() {
+                    self.message.clear();
+                }
                 if self.message.is_empty() || (waved && self.cancelled.is_empty()) {
                     self.message = if any_failed && within_budget {
                         format!(
@@ -202,6 +212,9 @@ impl PlanRun {
                             )
                         }
                     };
+                }
+                if let Some(first) = first_failure.filter(|_| !waved) {
+                    self.message = format!("{first}; {}", self.message);
                 }
                 // A data change that applied everywhere and changed no row anywhere: a typo
                 // in its filter, most likely (it read as every step applied).

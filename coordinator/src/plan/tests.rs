@@ -310,6 +310,33 @@ fn an_added_enum_value_commits_before_the_steps_that_follow_it() {
     );
 }
 
+/// A `continue` plan that ends after a failure says how it ended after the first failure,
+/// not that the other targets go on.
+#[test]
+fn a_continue_plans_end_replaces_going_on() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s0", "t2")],
+        pb::FailurePolicy::Continue,
+    );
+    let mut next = 1u64;
+    let out = run.next_runs("s0", &mut next);
+    answer(&mut run, "s0", &out[0], pb::StepOutcome::Failed);
+    run.message = format!("t1 failed a: boom{}", crate::plan::GOING_ON);
+    answer(&mut run, "s0", &out[1], pb::StepOutcome::Applied);
+    run.advance_waves(0);
+    assert!(run.settle().is_some());
+    assert!(run.state.is_terminal(), "{:?}", run.state);
+    assert!(
+        run.message.starts_with("t1 failed a: boom; ")
+            && !run.message.contains("go on")
+            && run.message.contains("step(s) failed"),
+        "{}",
+        run.message
+    );
+}
+
 /// A shard's agent gone: its data changes' lines lose their rate and ETA and say why; the
 /// other shard's, and a line done, stay as they were.
 #[test]
