@@ -446,7 +446,7 @@ impl Progress {
                     .iter()
                     .map(|m| {
                         format!(
-                            "{} {}/{} done {} failed {} running",
+                            "{} {}/{} done {} failed {} running or queued",
                             m.migration_id,
                             m.applied + m.already_applied,
                             m.total,
