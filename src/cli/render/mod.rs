@@ -354,14 +354,24 @@ fn migration_line(m: &pb::MigrationProgress, s: &pb::PlanStatus) -> String {
         if what == "not run" && part_way > 0 {
             // `plan retry` takes a failed, halted or completed_with_failures plan; a
             // cancelled one is submitted again (it was pointed at a retry that refused it).
-            let again = if s.summary.as_ref().is_some_and(|p| p.state == "cancelled") {
+            let state = s.summary.as_ref().map_or("", |p| p.state.as_str());
+            // (a plan undoing, or undone, is not retried: no retry goes on from them)
+            let undoing = matches!(
+                state,
+                "rolling_back" | "rolled_back" | "rollback_failed" | "aborting"
+            );
+            let again = if state == "cancelled" {
                 "a new submit of the plan"
             } else {
                 "a retry"
             };
-            line.push_str(&format!(
-                " ({part_way} part-way: stopped at a checkpoint, which {again} goes on from)"
-            ));
+            line.push_str(&if undoing {
+                format!(" ({part_way} part-way: stopped at a checkpoint, its batches done)")
+            } else {
+                format!(
+                    " ({part_way} part-way: stopped at a checkpoint, which {again} goes on from)"
+                )
+            });
         }
     }
     line
@@ -570,6 +580,44 @@ mod data_tests {
             "bake: wave canary until 2026-12-06T16:32:23Z"
         );
         assert_eq!(waiting_text("gate: wave canary"), "gate: wave canary");
+    }
+
+    /// Steps stopped part-way: a retry goes on from them, or a new submit of a cancelled
+    /// plan; a plan undoing or undone is pointed at neither.
+    #[test]
+    fn part_way_steps_point_at_what_goes_on_from_them() {
+        let m = pb::MigrationProgress {
+            migration_id: "a".into(),
+            total: 4,
+            applied: 2,
+            not_run: 2,
+            ..Default::default()
+        };
+        let line = |state: &str| {
+            let s = pb::PlanStatus {
+                summary: Some(pb::PlanSummary {
+                    state: state.into(),
+                    ..Default::default()
+                }),
+                data: vec![pb::DataProgress {
+                    migration_id: "a".into(),
+                    state: "stopped".into(),
+                    rows_done: 10,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            migration_line(&m, &s)
+        };
+        assert!(line("halted").ends_with("which a retry goes on from)"));
+        assert!(line("cancelled").ends_with("which a new submit of the plan goes on from)"));
+        for undoing in ["rolling_back", "rolled_back", "aborting"] {
+            let l = line(undoing);
+            assert!(
+                l.ends_with("stopped at a checkpoint, its batches done)"),
+                "{l}"
+            );
+        }
     }
 
     /// Under a second left is "1s", not "0s" with rows still to go.
