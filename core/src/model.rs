@@ -638,7 +638,7 @@ mod label_tests {
 /// fleet's views, catch-up, a new leader), and sent to every agent: a migration of 30 MB of
 /// comments made each `plan explain` and `plan status` take seconds, its agents missed their
 /// heartbeats, and the leader lost its term once. Checked of new plans only ([`size_read`]).
-pub const MAX_MIGRATION_SQL_BYTES: usize = 4 << 20;
+pub const MAX_MIGRATION_SQL_BYTES: usize = 8 << 20;
 pub const MAX_PLAN_SQL_BYTES: usize = 16 << 20;
 
 /// [`MAX_MIGRATION_SQL_BYTES`] of each migration and, unless `whole_plan` is false (a
@@ -679,7 +679,7 @@ mod size_tests {
     use super::*;
     use crate::pb;
 
-    /// A migration over 4 MiB of SQL is refused naming it; a plan over 16 MiB, naming the
+    /// A migration over 8 MiB of SQL is refused naming it; a plan over 16 MiB, naming the
     /// plan (not a catch-up, whose migrations each passed already).
     #[test]
     fn oversized_migrations_and_plans_are_named() {
@@ -694,11 +694,11 @@ mod size_tests {
             ..Default::default()
         };
         assert_eq!(size_read(&plan(vec![m("001_a", 1000)]), true), Ok(()));
-        let e = size_read(&plan(vec![m("001_a", 10), m("002_big", 5 << 20)]), true)
+        let e = size_read(&plan(vec![m("001_a", 10), m("002_big", 9 << 20)]), true)
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("migration `002_big` holds 5242"), "{e}");
-        assert!(e.contains("over the 4194304"), "{e}");
+        assert!(e.starts_with("migration `002_big` holds 9437"), "{e}");
+        assert!(e.contains("over the 8388608"), "{e}");
         let many: Vec<pb::Migration> = (0..9).map(|i| m(&format!("00{i}_m"), 4 << 19)).collect();
         let e = size_read(&plan(many.clone()), true)
             .unwrap_err()

@@ -208,7 +208,7 @@ async fn non_transactional_index_is_built_concurrently_and_rolled_back() -> anyh
     Ok(())
 }
 
-/// A migration of 5 MiB of SQL (a ALTER and comments) is refused at submit and by a dry
+/// A migration of 9 MiB of SQL (an ALTER and comments) is refused at submit and by a dry
 /// run, exit 2, naming it and the limit, nothing stored or run. Before, it was taken: every
 /// `plan status` and `plan explain` after it took seconds, agents missed their heartbeats
 /// and the leader lost its term.
@@ -217,7 +217,7 @@ async fn an_oversized_migration_is_refused_naming_it() -> anyhow::Result<()> {
     let fleet = TestFleet::start(1, 1).await?;
     let before = fleet.fingerprint().await?;
     let d = MigrationDir::new()?;
-    let padding = "-- padding\n".repeat((5 << 20) / 11);
+    let padding = "-- padding\n".repeat((9 << 20) / 11);
     d.migration(
         "001_huge",
         "",
@@ -233,7 +233,7 @@ async fn an_oversized_migration_is_refused_naming_it() -> anyhow::Result<()> {
         assert_eq!(out.code(), Some(2), "{args:?}: {out}");
         assert!(
             out.stderr.contains("migration `001_huge` holds")
-                && out.stderr.contains("over the 4194304 a submit takes"),
+                && out.stderr.contains("over the 8388608 a submit takes"),
             "{args:?}: {out}"
         );
     }
