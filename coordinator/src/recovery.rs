@@ -206,10 +206,10 @@ impl Coordinator {
                 let d = match self.inner.coordination.decision(&unit_key).await? {
                     Some(d) => d,
                     None => {
-                        // Stored committing, every step of its unit stored prepared or
-                        // committed: its commit decision was durable before that state was
-                        // written (`two_phase` writes the state once `decide` answered, the
-                        // steps' PREPARED before it),
+                        // Stored committing, its unit's steps showing the commit decided
+                        // (`unit_commit_evident`): its decision was durable before that
+                        // state was written (`two_phase` writes the state once `decide`
+                        // answered, the steps' PREPARED before it),
                         // and its key is lost since (etcd's data wiped, or restored from a
                         // snapshot older than the decision). Presumed aborted, it was undone
                         // by down SQL where shards had committed: a plan said committed
@@ -220,7 +220,7 @@ impl Coordinator {
                         // Also a plan left committing by a coordinator from before decisions
                         // were kept in the store: it had decided commit.
                         let decided = if row.state == PlanState::Committing
-                            && run.unit_prepared_everywhere()
+                            && run.unit_commit_evident()
                         {
                             warn!(plan = %row.id, unit = %unit_key, "stored committing, but no decision in etcd (its data lost or restored from an older snapshot?): its commit decision is written again");
                             Decision::Commit

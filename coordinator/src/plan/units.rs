@@ -55,21 +55,45 @@ impl PlanRun {
         })
     }
 
-    /// Whether every step of the current unit is stored prepared or committed (or was
-    /// there already), one at least prepared or committed: a unit every target of which
-    /// had prepared, so that a commit decision for it is sound whoever wrote it. Not a
-    /// unit with some targets prepared: a rebuild's current unit may be the one after the
-    /// unit stored `committing` (the plan's `running` between them not stored), its
-    /// targets half prepared when its leader died, and a commit written for it would
-    /// commit them and leave the rest. Nor the next unit, not begun, when the one before
-    /// was stored committed everywhere.
-    pub fn unit_prepared_everywhere(&self) -> bool {
-        self.unit_steps().any(|s| {
+    /// Whether the stored steps of the current unit show its commit decided, or make one
+    /// sound whoever writes it: a transactional step of it committed (stored applied: only
+    /// COMMIT PREPARED makes one so, and only under a commit decision), or every step of
+    /// it stored prepared or committed (or there already), one at least, the steps of a
+    /// shard forgotten under the commit (`forget_shard`: failed in phase `commit`) aside.
+    /// Not a unit with some targets prepared and the rest not heard of: a rebuild's current
+    /// unit may be the one after the unit stored `committing` (the plan's `running` between
+    /// them not stored), its targets half prepared when its leader died, and a commit
+    /// written for it would commit them and leave the rest. Nor the next unit, not begun,
+    /// when the one before was stored committed everywhere.
+    pub fn unit_commit_evident(&self) -> bool {
+        let committed = self
+            .unit_steps()
+            .any(|s| self.steps[s].status == StepStatus::Applied && self.steps[s].transactional);
+        let forgotten = |s: usize| {
+            self.steps[s].status == StepStatus::Failed && self.failed_in_phase(s, "commit")
+        };
+        let everywhere = self.unit_steps().any(|s| {
             matches!(
                 self.steps[s].status,
                 StepStatus::Prepared | StepStatus::Applied
             )
-        }) && self.unit_steps().all(|s| self.steps[s].status.done())
+        }) && self
+            .unit_steps()
+            .all(|s| self.steps[s].status.done() || forgotten(s));
+        committed || everywhere
+    }
+
+    /// Whether step `s` has a recorded failure in `phase`.
+    fn failed_in_phase(&self, s: usize, phase: &str) -> bool {
+        let target = &self.targets[self.steps[s].target];
+        let id = self.spec.migrations[self.steps[s].migration].id.as_str();
+        self.failures.iter().any(|f| {
+            f.migration_id == id
+                && f.target
+                    .as_ref()
+                    .is_some_and(|t| t.shard == target.shard && t.tenant == target.tenant)
+                && f.error.as_ref().is_some_and(|e| e.phase == phase)
+        })
     }
 
     /// Whether a step of the current unit could have been handed out: one is past

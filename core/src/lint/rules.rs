@@ -428,71 +428,118 @@ fn outside_tenant(p: &Parsed) -> Option<(String, &'static str)> {
     }
 }
 
-/// A call of `set_config` in a tenant's statement (any statement, any schema it is named
-/// in) that sets search_path, read from the parse tree: the setting's name a constant
-/// however it is quoted (`'search_path'`, `$$search_path$$`, `E'...'`), or one computed
-/// (`'search_' || 'path'`: what it names is not known, so it counts); and `UPDATE
-/// pg_settings`, which is `set_config` by another name. Before, the text was searched for
-/// `'search_path'`, and a dollar-quoted name went through: the plan ran, its table landed
-/// in `public` once for the whole shard. A path that keeps the tenant's schema first
-/// (`current_schema() || ', public'`) is fine.
+/// A call of `set_config` in a tenant's statement that sets search_path, anywhere in it (a
+/// subquery, `VALUES`, a CTE, `PREPARE`, a function's `BEGIN ATOMIC` body), read from the
+/// scanner's tokens: the setting's name a constant however it is quoted (`'search_path'`,
+/// `$$search_path$$`, `E'...'`), or one computed that may be it (`'search_' || 'path'`;
+/// `'app.' || x` is not); `UPDATE pg_settings` of it (`set_config` by another name); and
+/// `RESET ALL` / `DISCARD ALL`, which reset the search_path the step set. Before, the text
+/// was searched for `'search_path'`, and a dollar-quoted name went through: the plan ran,
+/// its table landed in `public` once for the whole shard. A path with the tenant's schema
+/// first (`current_schema() || ', public'`) is fine; a string or a comment that mentions
+/// `set_config` is not a call. A `DO` block's body is a string (the `dynamic-sql` rule's).
 fn sets_search_path(p: &Parsed) -> Option<(String, &'static str)> {
     let kind = &p.info.kind;
-    if let NodeEnum::UpdateStmt(u) = &p.node
-        && u.relation
-            .as_ref()
-            .is_some_and(|r| r.relname.eq_ignore_ascii_case("pg_settings"))
-    {
-        return Some((
+    let found = |what: &str| {
+        Some((
             format!(
-                "{kind} of pg_settings changes the session's settings (search_path among them): what the migration creates after it may land outside the tenant's schema, once per tenant"
+                "{kind} {what}: what the migration creates after it lands outside the tenant's schema, once per tenant, and its down.sql, run in the tenant's schema, does not find it"
             ),
             SEARCH_PATH_HINT,
-        ));
+        ))
+    };
+    match &p.node {
+        NodeEnum::VariableSetStmt(s)
+            if s.kind == pg_query::protobuf::VariableSetKind::VarResetAll as i32 =>
+        {
+            return found("resets every setting, the search_path the step set among them");
+        }
+        NodeEnum::DiscardStmt(d)
+            if d.target == pg_query::protobuf::DiscardMode::DiscardAll as i32 =>
+        {
+            return found("resets the session, the search_path the step set among them");
+        }
+        _ => {}
     }
-    let keeps_tenant = p.info.text.to_ascii_lowercase().contains("current_schema");
-    for (n, ..) in p.node.nodes() {
-        let pg_query::NodeRef::FuncCall(f) = n else {
-            continue;
-        };
-        let is_set_config = strings(&f.funcname)
-            .pop()
-            .is_some_and(|name| name.eq_ignore_ascii_case("set_config"));
-        if !is_set_config || keeps_tenant {
+    let text = p.info.text.as_str();
+    let Ok(scanned) = pg_query::scan(text) else {
+        return None;
+    };
+    use pg_query::protobuf::Token;
+    let toks = &scanned.tokens;
+    let word = |i: usize| {
+        toks.get(i)
+            .and_then(|t| text.get(t.start as usize..t.end as usize))
+            .unwrap_or("")
+    };
+    let is = |i: usize, t: Token| toks.get(i).is_some_and(|x| x.token == t as i32);
+    for i in 0..toks.len() {
+        let w = word(i);
+        if w.eq_ignore_ascii_case("pg_settings")
+            && (0..i)
+                .rev()
+                .take(4)
+                .any(|j| word(j).eq_ignore_ascii_case("update"))
+        {
+            let lower = text.to_ascii_lowercase();
+            if lower.contains("search_path") || lower.contains("||") || !lower.contains("where") {
+                return found("updates pg_settings, which sets search_path");
+            }
             continue;
         }
-        let name = f
-            .args
-            .first()
-            .and_then(|a| a.node.as_ref())
-            .and_then(|a| match a {
-                NodeEnum::AConst(c) => match &c.val {
-                    Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.clone()),
-                    _ => None,
-                },
-                _ => None,
-            });
-        match name {
-            Some(name) if !name.trim().eq_ignore_ascii_case("search_path") => continue,
-            Some(_) => {
-                return Some((
-                    format!(
-                        "{kind} sets search_path (set_config): what the migration creates after it lands outside the tenant's schema, once per tenant, and its down.sql, run in the tenant's schema, does not find it"
-                    ),
-                    SEARCH_PATH_HINT,
-                ));
-            }
-            None => {
-                return Some((
-                    format!(
-                        "{kind} calls set_config with a setting name that is not a constant: it may set search_path, and what the migration creates after it land outside the tenant's schema, once per tenant"
-                    ),
-                    SEARCH_PATH_HINT,
-                ));
-            }
+        if !w.eq_ignore_ascii_case("set_config") || !is(i + 1, Token::Ascii40) {
+            continue;
         }
+        // another schema's function of that name is not PostgreSQL's
+        if i >= 2 && word(i - 1) == "." && !word(i - 2).eq_ignore_ascii_case("pg_catalog") {
+            continue;
+        }
+        let first = (is(i + 2, Token::Sconst) || is(i + 2, Token::Usconst))
+            .then(|| string_constant(word(i + 2)));
+        if let Some(name) = first.as_deref()
+            && is(i + 3, Token::Ascii44)
+        {
+            if !name.trim().eq_ignore_ascii_case("search_path") {
+                continue;
+            }
+            if word(i + 4).eq_ignore_ascii_case("current_schema") {
+                // the tenant's schema first: what the step makes still lands there
+                continue;
+            }
+            return found("sets search_path (set_config)");
+        }
+        // a computed name: not search_path when its first part cannot begin it
+        if let Some(lead) = first
+            && !"search_path".starts_with(lead.trim().to_ascii_lowercase().as_str())
+        {
+            continue;
+        }
+        return found(
+            "calls set_config with a setting name that is not a constant (it may set search_path)",
+        );
     }
     None
+}
+
+/// The value of a string constant as the scanner gives its text: `'it''s'`, `E'a\\b'`,
+/// `$tag$...$tag$`, `U&'...'` (escapes other than quotes and backslashes kept as written:
+/// enough to compare a setting's name).
+fn string_constant(token: &str) -> String {
+    if let Some(rest) = token.strip_prefix('$') {
+        let tag_end = rest.find('$').map_or(0, |e| e + 1);
+        let inner = &rest[tag_end..];
+        let close = inner.rfind('$').and_then(|e| inner[..e].rfind('$'));
+        return close.map_or(inner, |c| &inner[..c]).to_string();
+    }
+    let t = token
+        .trim_start_matches(['E', 'e'])
+        .trim_start_matches("U&")
+        .trim_start_matches("u&");
+    let inner = t
+        .strip_prefix('\'')
+        .and_then(|x| x.strip_suffix('\''))
+        .unwrap_or(t);
+    inner.replace("''", "'").replace("\\\\", "\\")
 }
 
 /// [`TENANT_ESCAPE`] for each statement of a tenant's migration: an error where the

@@ -1067,11 +1067,14 @@ fn remade_owned_and_temporary_objects_need_no_drop_in_down() {
 }
 
 /// search_path set however `set_config`'s name is written: dollar-quoted, an escape
-/// string, schema-qualified, computed (what it names is not known), inside another
-/// statement, or through `UPDATE pg_settings`. Before, only the text `'search_path'` was
-/// looked for: `set_config($$search_path$$, $$public$$, true)` went through, and the plan's
-/// table landed in `public` once for the whole shard. Another setting, a mention in a
-/// string, and a path that keeps the tenant's schema first are fine.
+/// string, schema-qualified, computed (what it names may be it), inside another statement
+/// (`WHERE`, `VALUES`, a CTE, `PREPARE`), through `UPDATE pg_settings`, with `public` ahead
+/// of the tenant's schema (a `current_schema` in a comment changes nothing), or reset by
+/// `RESET ALL` / `DISCARD ALL`. Before, only the text `'search_path'` was looked for:
+/// `set_config($$search_path$$, $$public$$, true)` went through, and the plan's table landed
+/// in `public` once for the whole shard. Another setting (by name, computed, or in
+/// pg_settings), another schema's `set_config`, a mention in a string, and a path that
+/// keeps the tenant's schema first are fine.
 #[test]
 fn search_path_set_in_any_spelling_is_said() {
     let up = "SELECT set_config($$search_path$$, $$public$$, true);\n\
@@ -1079,9 +1082,18 @@ fn search_path_set_in_any_spelling_is_said() {
               SELECT set_config('search_' || 'path', 'public', true);\n\
               INSERT INTO notes SELECT 1 WHERE set_config($x$search_path$x$, 'public', true) IS NOT NULL;\n\
               UPDATE pg_settings SET setting = 'public' WHERE name = 'search_path';\n\
+              SELECT * FROM (VALUES (set_config('search_path', 'public', true))) v;\n\
+              WITH x AS (UPDATE pg_settings SET setting = 'public' WHERE name = 'search_path' RETURNING 1) SELECT * FROM x;\n\
+              SELECT set_config('search_path', 'public, ' || current_schema(), true); -- current_schema\n\
+              RESET ALL;\n\
+              DISCARD ALL;\n\
+              PREPARE sp AS SELECT set_config('search_path', 'public', true);\n\
               SELECT set_config('statement_timeout', '5s', true);\n\
               SELECT 'set_config($$search_path$$, x)';\n\
               SELECT set_config($$search_path$$, current_schema() || ', public', true);\n\
+              SELECT set_config('app.' || 'tenant', 'x', true);\n\
+              UPDATE pg_settings SET setting = '5s' WHERE name = 'statement_timeout';\n\
+              SELECT myschema.set_config('search_path', 'public', true);\n\
               CREATE TABLE notes (id int);";
     let mut m = migration("001_a", up, "DROP TABLE notes;");
     m.scope = pb::Scope::Tenant as i32;
@@ -1092,7 +1104,7 @@ fn search_path_set_in_any_spelling_is_said() {
         .collect();
     assert_eq!(
         found,
-        (1..=5).map(|l| (l, Severity::Error)).collect::<Vec<_>>(),
+        (1..=11).map(|l| (l, Severity::Error)).collect::<Vec<_>>(),
         "{found:?}"
     );
 }
