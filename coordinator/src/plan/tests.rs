@@ -81,6 +81,53 @@ fn grouped_run() -> PlanRun {
     )
 }
 
+/// What a new leader reads from a unit's stored steps (`unit_commit_evident`): commit
+/// decided when a step committed or every step prepared (a shard forgotten under the
+/// commit aside), not when some prepared and the rest were not heard of, nor when a step
+/// failed running.
+#[test]
+fn a_units_stored_steps_show_its_commit_or_not() {
+    let evident = |statuses: [StepStatus; 2], failure_phase: Option<&str>| {
+        let mut run = grouped_run();
+        for (s, status) in statuses.into_iter().enumerate() {
+            // group `a`: the first step of each shard's target
+            let step = (0..run.steps.len())
+                .filter(|&i| run.steps[i].migration == 0)
+                .nth(s)
+                .unwrap();
+            run.set_status(step, status);
+            if let (StepStatus::Failed, Some(phase)) = (status, failure_phase) {
+                let t = &run.targets[run.steps[step].target];
+                run.failures.push(pb::StepFailure {
+                    migration_id: "a".into(),
+                    target: Some(pb::TargetRef {
+                        shard: t.shard.clone(),
+                        tenant: t.tenant.clone(),
+                    }),
+                    error: Some(pb::StepError {
+                        phase: phase.into(),
+                        ..Default::default()
+                    }),
+                });
+            }
+        }
+        run.unit_commit_evident()
+    };
+    use StepStatus::*;
+    assert!(evident([Prepared, Prepared], None));
+    assert!(
+        evident([Applied, Pending], None),
+        "a step committed: decided"
+    );
+    assert!(
+        evident([Prepared, Failed], Some("commit")),
+        "a shard forgotten"
+    );
+    assert!(!evident([Prepared, Pending], None), "half prepared");
+    assert!(!evident([Prepared, Failed], Some("up")), "a target failed");
+    assert!(!evident([Pending, Pending], None), "not begun");
+}
+
 /// A group-atomic plan with a group outside any unit before or after the atomic one: a
 /// unit's step is never fused with a step outside it (that run would not be prepared, and
 /// commit the unit's step before its decision), and the step outside waits for the unit
