@@ -156,20 +156,22 @@ impl Coordinator {
             );
             return Err(CoordinatorError::NotLeader { leader: None });
         }
-        // every shard of the fleet is in this term's metrics, its agent attached or not
-        let last_seen_ms = self
-            .inner
-            .store
-            .agents()
-            .await?
-            .into_iter()
-            .map(|a| (a.shard, a.last_seen_ms))
-            .collect();
-        self.inner
-            .events
-            .send(Event::KnownAgents { last_seen_ms })
-            .await
-            .map_err(|_| CoordinatorError::ShuttingDown)?;
+        // every shard of the fleet is in this term's metrics, its agent attached or not (a
+        // store that does not answer here fails the takeover just below anyway)
+        match self.inner.store.agents().await {
+            Ok(rows) => {
+                let last_seen_ms = rows
+                    .into_iter()
+                    .map(|a| (a.shard, a.last_seen_ms))
+                    .collect();
+                self.inner
+                    .events
+                    .send(Event::KnownAgents { last_seen_ms })
+                    .await
+                    .map_err(|_| CoordinatorError::ShuttingDown)?;
+            }
+            Err(e) => warn!("reading the fleet's shards for the metrics: {e}"),
+        }
         let rows = self.inner.store.unfinished_plans().await?;
         // Plans awaiting approval are not continued (they wait on), only counted.
         self.count_awaiting().await;

@@ -798,6 +798,13 @@ impl Coordinator {
             ]),
         );
         self.flush().await;
+        let _ = self
+            .inner
+            .events
+            .send(Event::Retired {
+                shard: shard.to_string(),
+            })
+            .await;
         if let Err(ended) = self.still_leading_in(epoch) {
             // retired before the next term fenced the store: the shard is out all the same
             self.inner
@@ -844,6 +851,11 @@ impl Coordinator {
         ignore_later: bool,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
         let epoch = self.leader_epoch()?;
+        // the down SQL given is stored with the plan: held to the sizes a submit is
+        flotilla_core::size_read(&pb::PlanSpec {
+            migrations: down_from.clone(),
+            ..Default::default()
+        })?;
         let id = plan_id.to_string();
         if self
             .to_engine(|reply| Event::Status { plan_id: id, reply })

@@ -187,6 +187,19 @@ async fn batches(
 ) -> Result<u64, Failure> {
     let d = data_of(m)?;
     let db = |e: sqlx::Error| classify(&e, "batch");
+    // The up SQL's own setting, for the batch statements it was written for (their float
+    // text as it asked); Flotilla's reads of keys and images around them are exact.
+    let up_float_digits: String =
+        sqlx::query_scalar("SELECT current_setting('extra_float_digits')")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?;
+    let up_float_digits = up_float_digits
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|&d| d < 1)
+        .map(|d| d.to_string());
     sqlx::raw_sql(super::EXACT_FLOATS)
         .execute(&mut *conn)
         .await
@@ -357,6 +370,7 @@ async fn batches(
             number: batches + 1,
             next_page: next_page.as_deref(),
             key_types: &shape.types,
+            up_float_digits: up_float_digits.as_deref(),
         };
         let sql =
             sql::data_batch(cx, m, &bounds).map_err(|e| Failure::agent("batch", e.to_string()))?;
@@ -643,9 +657,14 @@ async fn estimate_left(
             .fetch_one(&mut *conn)
             .await
             .ok();
-        let percent = pages
-            .filter(|&p| p > 0)
-            .map_or(100.0, |p| (100.0 * SAMPLED_PAGES / p as f64).min(100.0));
+        // No pages of its own (a partitioned table, an inheritance parent): not sampled
+        // (that read every partition whole, at each start of the step); the planner's
+        // estimate, from its partitions' statistics, at least the count.
+        let Some(pages) = pages.filter(|&p| p > 0) else {
+            let planned = explained_rows(conn, sql::data_estimate(m, lower_lit)?).await;
+            return Some(planned.unwrap_or(0).max(counted));
+        };
+        let percent = (100.0 * SAMPLED_PAGES / pages as f64).min(100.0);
         let whole: Option<i64> =
             sqlx::query_scalar(AssertSqlSafe(sql::data_sampled_rows(m, percent)?))
                 .fetch_one(&mut *conn)

@@ -24,6 +24,10 @@ pub(crate) struct BatchBounds<'a> {
     /// The SQL type (`format_type`) of each key column, in the key's order: a saved key is
     /// read back from its image as that type to find its row again (post images).
     pub key_types: &'a [String],
+    /// The up SQL's `extra_float_digits` when it is below 1 (rounding floats), set for the
+    /// batch statements alone: the session is exact (`data::EXACT_FLOATS`) for the keys and
+    /// images Flotilla reads around them.
+    pub up_float_digits: Option<&'a str>,
 }
 
 /// One batch of a data change as one query: a short fenced transaction that moves the
@@ -67,6 +71,9 @@ pub(crate) fn data_batch(
     );
     // the rows the batch works on (the page's rows: its bounds and filter), as they are
     push_image(&mut out, cx, m, b, false);
+    if let Some(digits) = b.up_float_digits {
+        let _ = writeln!(out, "SET LOCAL extra_float_digits = {digits};");
+    }
     for statement in &d.batch {
         let bound = flotilla_core::sql::bind_parameters(statement, &[b.lower_lit, b.upper_lit])
             .map_err(|source| BuildError::Statements {
@@ -76,6 +83,9 @@ pub(crate) fn data_batch(
             })?;
         out.push_str(&bound);
         out.push_str("\n;\n");
+    }
+    if b.up_float_digits.is_some() {
+        out.push_str("SET LOCAL extra_float_digits = 3;\n");
     }
     // the same rows as the batch left them
     push_image(&mut out, cx, m, b, true);
@@ -382,6 +392,7 @@ mod tests {
             number: 1,
             next_page: None,
             key_types: &[],
+            up_float_digits: None,
         };
         let sql = data_batch(&cx, &m, &bounds).unwrap();
         let ck = quote_literal(&m.migration.checksum).unwrap();
@@ -455,6 +466,7 @@ mod tests {
             number: 4,
             next_page: None,
             key_types: &["text".into(), "integer".into()],
+            up_float_digits: None,
         };
         let sql = data_batch(&cx, &m, &bounds).unwrap();
         // checkpoint, then the prior image of the batch's rows, then the change

@@ -3,8 +3,8 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::{instrument, warn};
 
@@ -54,8 +54,9 @@ pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, 
 const CONNECTION_CHECK: &str = "1000";
 
 /// `options` with `client_connection_check_interval` asked of the server (14 and later:
-/// an older one refuses a setting it does not know, so `server_version_num` decides),
-/// unless the DSN's own options set it. Without it, a statement whose agent was killed
+/// an older one refuses a setting it does not know, so `server_version_num` decides; None
+/// also when the server refused the setting on the probe connection), unless the DSN's own
+/// options set it. Without it, a statement whose agent was killed
 /// (kill -9, an OOM kill, a pod gone) ran to its end: for minutes, holding the locks it
 /// took (ACCESS EXCLUSIVE for most DDL) against the tenant's traffic and against the run of
 /// the same step by the agent started in its place, which then failed on its lock_timeout.
@@ -106,7 +107,17 @@ pub(crate) async fn connect(
                 // a probe: the server answered; which start of it this is, for a step cut
                 // short later (`server_start`)
                 super::server_start::note(&mut conn).await;
-                let options = check_connection(options, conn.server_version_num());
+                // asked of the server first: one whose platform cannot check a connection
+                // (Windows; PostgreSQL 14 off Linux) refuses the setting, and in the startup
+                // options that refusal would fail every connection of the pool
+                let checks = sqlx::raw_sql(AssertSqlSafe(format!(
+                    "SET client_connection_check_interval = {CONNECTION_CHECK}"
+                )))
+                .execute(&mut conn)
+                .await
+                .is_ok();
+                let options =
+                    check_connection(options, conn.server_version_num().filter(|_| checks));
                 let _ = conn.close().await;
                 let pool = PgPoolOptions::new()
                     .max_connections(config.max_connections + 1)

@@ -2556,7 +2556,7 @@ async fn a_change_over_float_keys_and_json_nulls_is_done_and_undone_exactly() {
     };
     let pool = f.pool.clone();
     sqlx::raw_sql(
-        "CREATE TABLE tenant_0000.fk (k float8 PRIMARY KEY, n int NOT NULL, j jsonb NOT NULL, o jsonb);
+        "CREATE TABLE tenant_0000.fk (k float8 PRIMARY KEY, n int NOT NULL, j jsonb NOT NULL, o jsonb, s text);
          INSERT INTO tenant_0000.fk
            SELECT g / 7.0::float8 * 1000.1, g,
                   CASE WHEN g % 2 = 0 THEN 'null'::jsonb ELSE jsonb_build_object('g', g) END,
@@ -2578,10 +2578,10 @@ async fn a_change_over_float_keys_and_json_nulls_is_done_and_undone_exactly() {
                 table: "fk".into(),
                 key: "k".into(),
                 batch_size: 40,
-                batch_sql: "UPDATE fk SET n = n + 7, j = '{\"m\": 1}', o = 'null'::jsonb \
-                            WHERE k > $1 AND k <= $2"
+                batch_sql: "UPDATE fk SET n = n + 7, j = '{\"m\": 1}', o = 'null'::jsonb, \
+                            s = k::text WHERE k > $1 AND k <= $2"
                     .into(),
-                prior_image: vec!["n".into(), "j".into(), "o".into()],
+                prior_image: vec!["n".into(), "j".into(), "o".into(), "s".into()],
                 ..Default::default()
             }),
             ..migration("fj", "SET extra_float_digits = 0", "SELECT 1", "")
@@ -2600,6 +2600,23 @@ async fn a_change_over_float_keys_and_json_nulls_is_done_and_undone_exactly() {
     )
     .await;
     assert_eq!(unchanged, 0, "every row changed exactly once");
+    // the batch statements ran under the up SQL's own setting (floats as 15 digits)
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::raw_sql("SET LOCAL extra_float_digits = 0")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let as_asked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tenant_0000.fk WHERE s = k::text AND length(s) <= 17",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        as_asked, 250,
+        "s written as the up SQL's extra_float_digits says"
+    );
 
     let reply = s.rollback("fj", 1).await;
     assert!(reply.complete, "{reply:?}");

@@ -123,7 +123,11 @@ impl Coordinator {
         for w in &raw.waves {
             flotilla_core::waves::gates_read(w)?;
         }
-        flotilla_core::size_read(&raw, promotion != Promotion::CatchUp)?;
+        // (a catch-up is made of migrations that passed already, some maybe before the
+        // limit: held to none of it, or a tenant could never be brought up to date)
+        if promotion != Promotion::CatchUp {
+            flotilla_core::size_read(&raw)?;
+        }
         let spec = PlanSpec::try_from(raw)?;
         // Counted before the preflight reads the journals: a rollback reply after it may
         // mean a step read applied is undone by the time the plan runs.

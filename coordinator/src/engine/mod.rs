@@ -202,6 +202,10 @@ pub enum Event {
     KnownAgents {
         last_seen_ms: Vec<(String, i64)>,
     },
+    /// A shard retired from the fleet (`fleet retire`): its agent is no longer awaited.
+    Retired {
+        shard: String,
+    },
 }
 
 impl Event {
@@ -233,6 +237,7 @@ impl Event {
             Event::Pause { .. } => "pause",
             Event::Tick => "tick",
             Event::KnownAgents { .. } => "known_agents",
+            Event::Retired { .. } => "retired",
         }
     }
 }
@@ -612,6 +617,12 @@ impl Engine {
             }
             Event::KnownAgents { last_seen_ms } => {
                 self.known_from_store(last_seen_ms);
+                self.publish_metrics();
+            }
+            Event::Retired { shard } => {
+                // its away time no longer counts (the alert on it resolves)
+                self.known_agents.remove(&shard);
+                self.away_since.remove(&shard);
                 self.publish_metrics();
             }
             Event::Tick => {

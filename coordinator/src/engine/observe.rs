@@ -137,7 +137,10 @@ impl Engine {
         }
         let (now, now_ms) = (Instant::now(), now_ms());
         for (shard, seen_ms) in last_seen_ms {
-            if self.agents.contains_key(&shard) {
+            // attached, or alive in etcd and about to attach (its row's last sighting may be
+            // its attach days ago, under a leader that died without writing the detach):
+            // counted from now by `publish_metrics`, not paged for at once
+            if self.agents.contains_key(&shard) || self.live.contains(&shard) {
                 continue;
             }
             let ago = Duration::from_millis((now_ms - seen_ms).max(0) as u64);

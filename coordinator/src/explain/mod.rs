@@ -32,7 +32,9 @@ impl Coordinator {
         for w in &raw.waves {
             flotilla_core::waves::gates_read(w)?;
         }
-        flotilla_core::size_read(&raw, *promotion != crate::admission::Promotion::CatchUp)?;
+        if *promotion != crate::admission::Promotion::CatchUp {
+            flotilla_core::size_read(&raw)?;
+        }
         let spec = PlanSpec::try_from(raw)?;
         let resolution = self.resolve(&spec, Mode::DryRun, promotion).await?;
         let expansion = &resolution.expansion;
