@@ -116,7 +116,6 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-/// The plan's decision in etcd (`commit`/`abort`), read through member 0's JSON gateway.
 /// Whether etcd holds `key` now.
 pub(crate) async fn etcd_has(fleet: &HaFleet, key: &str) -> anyhow::Result<bool> {
     let resp = post_json(
@@ -129,6 +128,7 @@ pub(crate) async fn etcd_has(fleet: &HaFleet, key: &str) -> anyhow::Result<bool>
     Ok(v["kvs"].as_array().is_some_and(|k| !k.is_empty()))
 }
 
+/// The plan's decision in etcd (`commit`/`abort`), read through member 0's JSON gateway.
 pub(crate) async fn decision_in_etcd(
     fleet: &HaFleet,
     plan: &str,

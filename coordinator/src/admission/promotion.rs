@@ -274,7 +274,12 @@ fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
                 .iter()
                 .filter(|(_, t)| weakened(m, t).is_empty())
                 .collect();
-            if kept.iter().any(|(_, t)| t.down_sql == m.down_sql) {
+            // compared as the up SQL's checksum compares it (line ends and the ends of the
+            // text aside: a CRLF checkout or a trailing newline is the same file)
+            let same_down = |t: &pb::Migration| {
+                flotilla_core::checksum(&t.down_sql) == flotilla_core::checksum(&m.down_sql)
+            };
+            if kept.iter().any(|(_, t)| same_down(t)) {
                 continue;
             }
             // The checksum covers the up SQL: a down SQL edited after the environment
@@ -540,6 +545,9 @@ mod tests {
         let mut spec = plan(&[("001_x", "CREATE TABLE a (x int)")]);
         let sum = spec.migrations[0].checksum.clone();
         let done = row("p1", PlanState::Completed, &[("001_x", &sum)]);
+        assert!(lacking(&spec, std::slice::from_ref(&done)).is_empty());
+        // a CRLF checkout, a trailing newline: the same file
+        spec.migrations[0].down_sql = "SELECT 1\r\n\n".into();
         assert!(lacking(&spec, std::slice::from_ref(&done)).is_empty());
         spec.migrations[0].down_sql = "DROP TABLE a; DELETE FROM work_orders;".into();
         let found = lacking(&spec, std::slice::from_ref(&done));

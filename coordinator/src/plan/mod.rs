@@ -413,9 +413,6 @@ impl PlanRun {
         paused.iter().any(|(_, sr)| left(sr)) && !others.iter().any(|(_, sr)| left(sr))
     }
 
-    /// Keeps a data change's last progress, for a step of the plan: what an agent reports of
-    /// a migration or target the plan does not have on its shard is dropped (kept, it would
-    /// grow the map with whatever the messages name until the plan ends).
     /// The agent of `shard` went away: its data changes' last reports no longer say how
     /// they go (a line read "1500/6667 rows 2494 rows/s ETA 3s" for as long as it was gone).
     /// Their rate and ETA are cleared and the reason says why; the agent's next report,
@@ -434,6 +431,9 @@ impl PlanRun {
         changed
     }
 
+    /// Keeps a data change's last progress, for a step of the plan: what an agent reports of
+    /// a migration or target the plan does not have on its shard is dropped (kept, it would
+    /// grow the map with whatever the messages name until the plan ends).
     pub fn record_progress(&mut self, mut p: pb::DataProgress) {
         // (an undo's last report can come after the rollback's reply, which dropped it)
         match self.step_of(&p.migration_id, &p.shard, &p.tenant) {

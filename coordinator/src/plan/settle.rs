@@ -194,21 +194,22 @@ impl PlanRun {
                     } else {
                         // (a plan whose every step an earlier plan had applied did nothing:
                         // "every step applied" read as if it had)
-                        let before = self
-                            .steps
-                            .iter()
-                            .filter(|s| s.status == StepStatus::AlreadyApplied)
-                            .count();
+                        let count =
+                            |st: StepStatus| self.steps.iter().filter(|s| s.status == st).count();
+                        // (steps of tenants gone meanwhile are neither: said below)
+                        let (applied, before) = (
+                            count(StepStatus::Applied),
+                            count(StepStatus::AlreadyApplied),
+                        );
                         if before == 0 {
                             "every step applied".into()
-                        } else if before == self.steps.len() {
+                        } else if applied == 0 {
                             format!(
                                 "nothing to do: every step ({before}) was applied before this plan"
                             )
                         } else {
                             format!(
-                                "every step applied ({} by this plan, {before} before it)",
-                                self.steps.len() - before
+                                "every step applied ({applied} by this plan, {before} before it)"
                             )
                         }
                     };
