@@ -56,9 +56,12 @@ enum Stand {
         plan_id: String,
         changes: Vec<String>,
     },
-    /// It completed there (this plan, the newest to) with this up SQL and another down SQL.
-    DownChanged {
+    /// It completed there (this plan, the newest to) with this up SQL and other files or
+    /// settings outside the checksum: each named (`down.sql`, `verify.sql`, its scope, its
+    /// transaction mode).
+    OtherwiseChanged {
         plan_id: String,
+        what: Vec<&'static str>,
     },
 }
 
@@ -230,6 +233,8 @@ impl Coordinator {
 /// The plan's migrations that have not completed among `plans` (one environment's, oldest
 /// first), in the plan's order, each with where it stands.
 fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
+    // the submitted migrations as a plan carries them (to compare with the stored ones)
+    let now = pb::PlanSpec::from(spec).migrations;
     // (plan row, its migrations), newest first
     let stored: Vec<(&PlanRow, Vec<pb::Migration>)> = plans
         .iter()
@@ -274,22 +279,29 @@ fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
                 .iter()
                 .filter(|(_, t)| weakened(m, t).is_empty())
                 .collect();
-            // compared as the up SQL's checksum compares it (line ends and the ends of the
-            // text aside: a CRLF checkout or a trailing newline is the same file)
-            let same_down = |t: &pb::Migration| {
-                flotilla_core::checksum(&t.down_sql) == flotilla_core::checksum(&m.down_sql)
-            };
-            if kept.iter().any(|(_, t)| same_down(t)) {
-                continue;
-            }
             // The checksum covers the up SQL: a down SQL edited after the environment
             // before (a `DELETE` added, say) went to approvers as the version they passed
-            // there, and a rollback ran it on production unseen.
-            if let Some((row, _)) = kept.first() {
+            // there, and a rollback ran it on production unseen; a verify SQL, a scope
+            // (once per tenant there, once per shard database here) or a transaction mode
+            // changed since are as unseen there.
+            let mine = now.iter().find(|n| n.id == id);
+            // (the stored one read as a plan carries it too: fields it left unset mean
+            // their defaults)
+            let changed = |t: &pb::Migration| {
+                let there = flotilla_core::Migration::try_from(t.clone())
+                    .map(|m| pb::Migration::from(&m))
+                    .unwrap_or_else(|_| t.clone());
+                mine.map_or(Vec::new(), |n| changed_since(n, &there))
+            };
+            if kept.iter().any(|(_, t)| changed(t).is_empty()) {
+                continue;
+            }
+            if let Some((row, t)) = kept.first() {
                 out.push((
                     id.to_string(),
-                    Stand::DownChanged {
+                    Stand::OtherwiseChanged {
                         plan_id: row.id.clone(),
+                        what: changed(t),
                     },
                 ));
                 continue;
@@ -334,6 +346,30 @@ fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
         out.push((id.to_string(), stand));
     }
     out
+}
+
+/// What of `now` (the migration submitted, as a plan carries it) differs from `there` (the
+/// version that completed in the environment before, with the same checksum) outside the
+/// checksum: the down and verify SQL (compared as the checksum compares the up SQL: line
+/// ends and the ends of the text aside, so a CRLF checkout is the same file), the scope,
+/// the transaction mode.
+fn changed_since(now: &pb::Migration, there: &pb::Migration) -> Vec<&'static str> {
+    let text = |a: &str, b: &str| flotilla_core::checksum(a) == flotilla_core::checksum(b);
+    let mut what = Vec::new();
+    if !text(&now.down_sql, &there.down_sql) {
+        what.push("down.sql");
+    }
+    if !text(&now.verify_sql, &there.verify_sql) {
+        what.push("verify.sql");
+    }
+    if now.scope != there.scope {
+        what.push("scope");
+    }
+    // (unspecified: detected from the statements, not a mode to compare)
+    if now.tx_mode != there.tx_mode && now.tx_mode != 0 && there.tx_mode != 0 {
+        what.push("transaction mode");
+    }
+    what
 }
 
 /// What `now` (the migration submitted) makes less strict than `there` (the version that
@@ -396,9 +432,10 @@ fn describe(id: &str, stand: &Stand, env: &str) -> String {
              made less strict since: {} (set them back, or run it in `{env}` again)",
             changes.join("; ")
         ),
-        Stand::DownChanged { plan_id } => format!(
-            "`{id}` completed in `{env}` (plan {plan_id}) with another down.sql: its rollback \
-             would run SQL `{env}` did not have (run it in `{env}` again with this down.sql)"
+        Stand::OtherwiseChanged { plan_id, what } => format!(
+            "`{id}` completed in `{env}` (plan {plan_id}) with another {}: what `{env}` ran \
+             was not this (run it in `{env}` again as it is now)",
+            what.join(", another ")
         ),
         Stand::OtherChecksum { plan_id, checksum } => format!(
             "`{id}` ran in `{env}` with another checksum ({} in plan {plan_id}): it was edited since",
@@ -555,14 +592,25 @@ mod tests {
             found,
             [(
                 "001_x".to_string(),
-                Stand::DownChanged {
-                    plan_id: "p1".into()
+                Stand::OtherwiseChanged {
+                    plan_id: "p1".into(),
+                    what: vec!["down.sql"],
                 }
             )]
         );
         let text = describe(&found[0].0, &found[0].1, "staging");
         assert!(
             text.contains("completed in `staging` (plan p1) with another down.sql"),
+            "{text}"
+        );
+        // a verify SQL and a scope changed since, too
+        spec.migrations[0].down_sql = "SELECT 1".into();
+        spec.migrations[0].verify_sql = Some("SELECT true".into());
+        spec.migrations[0].scope = Some(flotilla_core::Scope::Shard);
+        let found = lacking(&spec, std::slice::from_ref(&done));
+        let text = describe(&found[0].0, &found[0].1, "staging");
+        assert!(
+            text.contains("with another verify.sql, another scope:"),
             "{text}"
         );
     }
