@@ -178,6 +178,27 @@ pub(crate) async fn column_types(
         .collect())
 }
 
+/// The data change's prior-image columns of type json or jsonb, or of a domain over one:
+/// JSON `null` and SQL NULL are both `null` in an image, told apart on restore (see
+/// `prior_image`).
+pub(crate) async fn json_columns(
+    conn: &mut PgConnection,
+    d: &DataChange,
+) -> Result<Vec<String>, sqlx::Error> {
+    // 114: json, 3802: jsonb (their OIDs are fixed)
+    sqlx::query_scalar(
+        "SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+         JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+         WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attname = ANY($2) \
+           AND a.attnum > 0 AND NOT a.attisdropped \
+           AND (a.atttypid IN (114, 3802) OR t.typbasetype IN (114, 3802))",
+    )
+    .bind(d.table_sql())
+    .bind(&d.prior_image)
+    .fetch_all(&mut *conn)
+    .await
+}
+
 /// Reads the key's shape on the target, or what is wrong with it. `schema`: the target's
 /// schema when the connection's search_path is not set to it (the preflight); an explicit
 /// `schema.table` in the change wins.

@@ -23,6 +23,7 @@ fn prior_image_restore(
     m: &PreparedMigration,
     number: i64,
     types: &[(String, String)],
+    json: &[String],
 ) -> Result<String, BuildError> {
     let d = m
         .migration
@@ -39,7 +40,14 @@ fn prior_image_restore(
                 table: d.table_sql(),
                 column: c.clone(),
             })?;
-        // `t` is the catalog's format_type: already valid (and quoted) SQL
+        // `t` is the catalog's format_type: already valid (and quoted) SQL. A json column
+        // is read as jsonb here (a NOT NULL domain over it refused the image's JSON `null`
+        // as it read the record); its value is taken below, from the image itself.
+        let t = if json.contains(c) {
+            "jsonb"
+        } else {
+            t.as_str()
+        };
         columns.push(format!("{} {t}", quote_ident(c)));
     }
     // A json or jsonb column is read from the image itself, SQL NULL where the image says
@@ -55,7 +63,7 @@ fn prior_image_restore(
                 .iter()
                 .find(|(n, _)| n == c)
                 .map(|(_, t)| t.as_str())
-                .filter(|t| matches!(*t, "json" | "jsonb"));
+                .filter(|_| json.contains(c));
             match json {
                 Some(t) => {
                     let lit = quote_literal(c).expect("an identifier");
@@ -141,6 +149,7 @@ pub(crate) async fn restore_prior_image(
     }
     let d = m.migration.data.as_ref().expect("a data change");
     let types = super::keys::column_types(conn, d).await?;
+    let json = super::keys::json_columns(conn, d).await?;
     let (mut rows, mut kept) = (0i64, 0i64);
     // The change's own rate limit holds for its undo: a rollback is run while production is
     // in trouble already, and the restore wrote into the same hot table as fast as it could
@@ -156,7 +165,7 @@ pub(crate) async fn restore_prior_image(
     );
     let last = numbers.len() - 1;
     for (i, number) in numbers.into_iter().enumerate() {
-        let sql = match prior_image_restore(cx, m, number, &types) {
+        let sql = match prior_image_restore(cx, m, number, &types, &json) {
             Ok(sql) => sql,
             Err(e) => {
                 progress.set("failed", "its restore failed", d.batch_size);
@@ -230,8 +239,8 @@ mod tests {
             ("id".to_string(), "integer".to_string()),
             ("phone".to_string(), "character varying(20)".to_string()),
         ];
-        assert!(prior_image_restore(&cx, &m, 4, &types[..2]).is_err());
-        let restore = prior_image_restore(&cx, &m, 4, &types).unwrap();
+        assert!(prior_image_restore(&cx, &m, 4, &types[..2], &[]).is_err());
+        let restore = prior_image_restore(&cx, &m, 4, &types, &[]).unwrap();
         assert!(
             restore.starts_with(
                 "BEGIN;\nSELECT flotilla.check_fence(2);\nWITH r AS (SELECT r.*, q.image AS \"flotilla:sql_nulls\" FROM flotilla.prior_images q, \
