@@ -602,8 +602,8 @@ pub enum AuditCommand {
         /// Only since then: a duration back from now (`2h`, `1day`) or an RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
-        /// At most this many (the latest).
-        #[arg(long, default_value_t = 1000)]
+        /// At most this many (the latest; at least 1).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
@@ -784,8 +784,8 @@ pub enum EnvCommand {
     /// Per environment, in promotion order: its shards, its latest plans, and the
     /// migrations that have completed there.
     Status {
-        /// Latest plans shown per environment.
-        #[arg(long, default_value_t = 5)]
+        /// Latest plans shown per environment (1 to 1000).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
         plans: u32,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
@@ -1152,5 +1152,12 @@ mod step_timeout_tests {
             let e = parsed(n).unwrap_err();
             assert!(e.contains("--limit") && e.contains("1..=1000"), "{e}");
         }
+        // its siblings: `audit list --limit 0` listed everything, `env status --plans 0`
+        // showed 5 plans
+        let refused = |args: &[&str]| Cli::try_parse_from(args).map(|_| ()).is_err();
+        assert!(refused(&["flotilla", "audit", "list", "--limit", "0"]));
+        assert!(!refused(&["flotilla", "audit", "list", "--limit", "5000"]));
+        assert!(refused(&["flotilla", "env", "status", "--plans", "0"]));
+        assert!(!refused(&["flotilla", "env", "status", "--plans", "3"]));
     }
 }
