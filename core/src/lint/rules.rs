@@ -627,10 +627,30 @@ fn statement(
             }
         }
         NodeEnum::DropStmt(s) => {
+            let cascade = s.behavior == pg_query::protobuf::DropBehavior::DropCascade as i32;
             let what = match ObjectType::try_from(s.remove_type) {
                 Ok(ObjectType::ObjectTable) => "table",
                 Ok(ObjectType::ObjectSchema) => "schema",
                 Ok(ObjectType::ObjectIndex) => "index",
+                // Anything else dropped with CASCADE takes what depends on it: a type's or a
+                // domain's columns (their data), a function's defaults and triggers, a
+                // view's views (it went through at risk low, no approval).
+                Ok(_) if cascade && !may_drop => {
+                    for o in &s.objects {
+                        out.push(
+                            DESTRUCTIVE_DROP,
+                            "up.sql",
+                            line,
+                            format!(
+                                "{} drops {} with CASCADE: what depends on it goes too (the columns of a type or domain, with their data)",
+                                p.info.kind,
+                                object_parts(o).join(".")
+                            ),
+                            DROP_HINT,
+                        );
+                    }
+                    return;
+                }
                 _ => return,
             };
             for o in &s.objects {
@@ -825,6 +845,27 @@ fn alter(
         ),
         Ok(At::AtAlterColumnType) if !new => {
             rewrite(table, &format!("ALTER COLUMN {} TYPE", cmd.name), line, out);
+            // `USING` an expression that does not read the column replaces its values
+            // (`USING NULL` emptied it: a rewrite warning alone)
+            if let Some(NodeEnum::ColumnDef(col)) = def
+                && let Some(using) = col.raw_default.as_ref().and_then(|e| e.node.as_ref())
+                && !may_drop
+                && !using.nodes().iter().any(|(n, ..)| {
+                    matches!(n, pg_query::NodeRef::ColumnRef(r)
+                        if strings(&r.fields).last().is_some_and(|f| *f == cmd.name))
+                })
+            {
+                out.push(
+                    DESTRUCTIVE_DROP,
+                    "up.sql",
+                    line,
+                    format!(
+                        "ALTER COLUMN {table}.{} TYPE ... USING an expression that does not read the column: its values are replaced",
+                        cmd.name
+                    ),
+                    DROP_HINT,
+                );
+            }
         }
         Ok(At::AtAddColumn) if !new => {
             if let Some(NodeEnum::ColumnDef(col)) = def

@@ -1108,3 +1108,34 @@ fn search_path_set_in_any_spelling_is_said() {
         "{found:?}"
     );
 }
+
+/// Dropping another object with CASCADE (a type, a domain: their columns go), and a type
+/// change `USING` an expression that does not read the column (`USING NULL` emptied it),
+/// are destructive; a type change that reads the column, and a DROP without CASCADE, are
+/// not.
+#[test]
+fn cascades_and_using_expressions_that_replace_values_are_destructive() {
+    let up = "DROP DOMAIN d CASCADE;\n\
+              DROP TYPE mood CASCADE;\n\
+              ALTER TABLE t ALTER COLUMN v TYPE int USING NULL;\n\
+              ALTER TABLE t ALTER COLUMN w TYPE int USING 0;\n\
+              ALTER TABLE t ALTER COLUMN a TYPE int USING a::int;\n\
+              ALTER TABLE t ALTER COLUMN b TYPE int USING trim(b)::int;\n\
+              ALTER TABLE t ALTER COLUMN c TYPE int USING CASE WHEN c = '' THEN NULL ELSE c::int END;\n\
+              ALTER TABLE t ALTER COLUMN e TYPE bigint;\n\
+              DROP FUNCTION f();";
+    let mut m = migration("001_a", up, "SELECT 1;");
+    m.lint_ignore = ["down-incomplete", "table-rewrite", "down-drops-existing"]
+        .into_iter()
+        .map(|r| pb::LintIgnore {
+            rule: r.into(),
+            reason: "not this test's".into(),
+        })
+        .collect();
+    let found: Vec<u32> = lint_plan(&plan(vec![m], false), &LintOptions::default())
+        .into_iter()
+        .filter(|f| f.rule == DESTRUCTIVE_DROP)
+        .map(|f| f.line)
+        .collect();
+    assert_eq!(found, [1, 2, 3, 4], "{found:?}");
+}
