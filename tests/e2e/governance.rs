@@ -749,6 +749,19 @@ async fn the_approval_that_starts_a_plan_checks_its_promotion_again() -> anyhow:
         .await?;
     assert_eq!(code, 0, "{out}");
     let staged = staged["plan_id"].as_str().unwrap().to_string();
+    // The same plan again in staging: nothing to do there, it completes. Its completion
+    // does not stand once the plan that applied the migration is rolled back (it passed
+    // the gate for a change no longer in staging).
+    let (code, again, out) = fleet
+        .submit_wait(dir.path(), &["--environment", "staging"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        again["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("nothing to do")),
+        "{again}"
+    );
     let id = fleet
         .submit(
             dir.path(),

@@ -11,6 +11,8 @@
 //! The shard stays the source of truth for what is applied where: a later `plan rollback`
 //! of that plan ends it `rolled_back`, and it no longer counts. `completed_with_failures`
 //! does not count either (some targets failed).
+use std::collections::BTreeSet;
+
 use flotilla_core::state::PlanState;
 use flotilla_core::{PlanSpec, pb};
 use prost::Message;
@@ -178,7 +180,16 @@ impl Coordinator {
         let lacking = match envs.before(&spec.environment) {
             Some(before) => {
                 let plans = self.inner.store.environment_plans(before).await?;
-                lacking(spec, &plans)
+                // which rolled-back plans there undid which of this plan's migrations
+                let mut undone = BTreeSet::new();
+                for row in plans.iter().filter(|r| r.state == PlanState::RolledBack) {
+                    for m in &spec.migrations {
+                        if self.inner.store.undid(&row.id, m.id.as_str()).await? {
+                            undone.insert((row.id.clone(), m.id.to_string()));
+                        }
+                    }
+                }
+                lacking(spec, &plans, &undone)
                     .into_iter()
                     .map(|(id, stand)| describe(&id, &stand, before))
                     .collect()
@@ -232,7 +243,15 @@ impl Coordinator {
 
 /// The plan's migrations that have not completed among `plans` (one environment's, oldest
 /// first), in the plan's order, each with where it stands.
-fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
+/// `undone`: (plan, migration) of the plans there whose rollback took the migration out
+/// where they had applied it: a completion before such a rollback no longer stands (a plan
+/// that found it applied already, by the plan rolled back since, completed having done
+/// nothing, and passed the gate for a change no longer there).
+fn lacking(
+    spec: &PlanSpec,
+    plans: &[PlanRow],
+    undone: &BTreeSet<(String, String)>,
+) -> Vec<(String, Stand)> {
     // the submitted migrations as a plan carries them (to compare with the stored ones)
     let now = pb::PlanSpec::from(spec).migrations;
     // (plan row, its migrations), newest first
@@ -265,15 +284,35 @@ fn lacking(spec: &PlanSpec, plans: &[PlanRow]) -> Vec<(String, Stand)> {
         let same = |(i, c): &(String, String)| i == id && *c == m.checksum;
         // Completed there with this SQL: by a version whose settings this one keeps (or
         // makes stricter), else it stands weakened (the newest completion named).
+        // the newest rollback there that took it out, if any
+        let undid = stored
+            .iter()
+            .filter(|(row, _)| undone.contains(&(row.id.clone(), id.to_string())))
+            .max_by_key(|(row, _)| row.updated_at_ms)
+            .map(|(row, _)| *row);
         let completed: Vec<(&PlanRow, &pb::Migration)> = stored
             .iter()
             .filter(|(row, _)| row.state == PlanState::Completed)
+            .filter(|(row, _)| undid.is_none_or(|u| u.updated_at_ms < row.updated_at_ms))
             .filter_map(|(row, ms)| {
                 ms.iter()
                     .find(|t| t.id == id && t.checksum == m.checksum)
                     .map(|t| (*row, t))
             })
             .collect();
+        if completed.is_empty()
+            && let Some(u) = undid
+        {
+            out.push((
+                id.to_string(),
+                Stand::NotCompleted {
+                    plan_id: u.id.clone(),
+                    state: u.state,
+                    other_completed: None,
+                },
+            ));
+            continue;
+        }
         if let Some((newest, there)) = completed.first() {
             let kept: Vec<&(&PlanRow, &pb::Migration)> = completed
                 .iter()
@@ -550,7 +589,7 @@ mod tests {
             // a later plan that carried it again and rolled back leaves the completion standing
             row("p4", PlanState::RolledBack, &[("001_done", &s0)]),
         ];
-        let found = lacking(&spec, &plans);
+        let found = lacking(&spec, &plans, &BTreeSet::new());
         let ids: Vec<&str> = found.iter().map(|(i, _)| i.as_str()).collect();
         assert_eq!(
             ids,
@@ -574,6 +613,33 @@ mod tests {
         assert!(!s2.is_empty());
     }
 
+    /// A migration applied there by a plan rolled back since no longer stands there, though
+    /// a later plan that found it applied (and did nothing) completed; a completion after
+    /// the rollback stands again.
+    #[test]
+    fn a_completion_before_the_rollback_that_took_it_out_does_not_count() {
+        let spec = plan(&[("001_x", "CREATE TABLE a (x int)")]);
+        let sum = spec.migrations[0].checksum.clone();
+        let at = |mut r: PlanRow, ms: i64| {
+            r.updated_at_ms = ms;
+            r
+        };
+        let applied = at(row("p1", PlanState::RolledBack, &[("001_x", &sum)]), 30);
+        let no_op = at(row("p2", PlanState::Completed, &[("001_x", &sum)]), 20);
+        let undone = BTreeSet::from([("p1".to_string(), "001_x".to_string())]);
+        let plans = vec![applied.clone(), no_op.clone()];
+        let found = lacking(&spec, &plans, &undone);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            describe(&found[0].0, &found[0].1, "staging"),
+            "`001_x` was rolled back in `staging` (plan p1 ended rolled_back)"
+        );
+        // nothing undone: the completion stands
+        assert!(lacking(&spec, &plans, &BTreeSet::new()).is_empty());
+        let again = at(row("p3", PlanState::Completed, &[("001_x", &sum)]), 40);
+        assert!(lacking(&spec, &[applied, no_op, again], &undone).is_empty());
+    }
+
     /// The same up SQL completed there with another down SQL (a `DELETE` added after
     /// staging passed it): refused, naming the plan that completed it; the down SQL that
     /// completed there passes.
@@ -582,12 +648,12 @@ mod tests {
         let mut spec = plan(&[("001_x", "CREATE TABLE a (x int)")]);
         let sum = spec.migrations[0].checksum.clone();
         let done = row("p1", PlanState::Completed, &[("001_x", &sum)]);
-        assert!(lacking(&spec, std::slice::from_ref(&done)).is_empty());
+        assert!(lacking(&spec, std::slice::from_ref(&done), &BTreeSet::new()).is_empty());
         // a CRLF checkout, a trailing newline: the same file
         spec.migrations[0].down_sql = "SELECT 1\r\n\n".into();
-        assert!(lacking(&spec, std::slice::from_ref(&done)).is_empty());
+        assert!(lacking(&spec, std::slice::from_ref(&done), &BTreeSet::new()).is_empty());
         spec.migrations[0].down_sql = "DROP TABLE a; DELETE FROM work_orders;".into();
-        let found = lacking(&spec, std::slice::from_ref(&done));
+        let found = lacking(&spec, std::slice::from_ref(&done), &BTreeSet::new());
         assert_eq!(
             found,
             [(
@@ -607,7 +673,7 @@ mod tests {
         spec.migrations[0].down_sql = "SELECT 1".into();
         spec.migrations[0].verify_sql = Some("SELECT true".into());
         spec.migrations[0].scope = Some(flotilla_core::Scope::Shard);
-        let found = lacking(&spec, std::slice::from_ref(&done));
+        let found = lacking(&spec, std::slice::from_ref(&done), &BTreeSet::new());
         let text = describe(&found[0].0, &found[0].1, "staging");
         assert!(
             text.contains("with another verify.sql, another scope:"),
@@ -634,7 +700,7 @@ mod tests {
             rule: "index-not-concurrent".into(),
             reason: "small table".into(),
         }];
-        let found = lacking(&spec, std::slice::from_ref(&high));
+        let found = lacking(&spec, std::slice::from_ref(&high), &BTreeSet::new());
         assert_eq!(found.len(), 1);
         // destructive counts as high: the risk itself is not cut
         assert_eq!(
@@ -646,7 +712,7 @@ mod tests {
         );
         spec.migrations[0].destructive = false;
         spec.migrations[0].lint_ignore.clear();
-        let found = lacking(&spec, std::slice::from_ref(&high));
+        let found = lacking(&spec, std::slice::from_ref(&high), &BTreeSet::new());
         assert_eq!(
             describe(&found[0].0, &found[0].1, "staging"),
             "`001_x` completed in `staging` (plan p1) with settings its migration.toml has made \
@@ -658,7 +724,7 @@ mod tests {
         raw.migrations[0].risk = "low".into();
         raw.migrations[0].destructive = true;
         destructive.spec_hex = hex::encode(raw.encode_to_vec());
-        let found = lacking(&spec, std::slice::from_ref(&destructive));
+        let found = lacking(&spec, std::slice::from_ref(&destructive), &BTreeSet::new());
         assert_eq!(
             describe(&found[0].0, &found[0].1, "staging"),
             "`001_x` completed in `staging` (plan p1) with settings its migration.toml has made \
@@ -670,12 +736,12 @@ mod tests {
         spec.migrations[0].risk = "critical".into();
         spec.migrations[0].destructive = false;
         spec.migrations[0].lint_ignore.clear();
-        assert!(lacking(&spec, std::slice::from_ref(&high)).is_empty());
+        assert!(lacking(&spec, std::slice::from_ref(&high), &BTreeSet::new()).is_empty());
         // low now, and an older plan completed it there at low: passes
         spec.migrations[0].risk = "low".into();
         let low = row("p0", PlanState::Completed, &[("001_x", &sum)]);
-        assert_eq!(lacking(&spec, &[high.clone()]).len(), 1);
-        assert!(lacking(&spec, &[low, high]).is_empty());
+        assert_eq!(lacking(&spec, &[high.clone()], &BTreeSet::new()).len(), 1);
+        assert!(lacking(&spec, &[low, high], &BTreeSet::new()).is_empty());
     }
 
     /// A version rolled back there while an edited one completed: both are said (it named
@@ -689,7 +755,7 @@ mod tests {
             row("p2", PlanState::Failed, &[("001_x", "eeee")]),
             row("p3", PlanState::Completed, &[("001_x", "ffff")]),
         ];
-        let found = lacking(&spec, &plans);
+        let found = lacking(&spec, &plans, &BTreeSet::new());
         assert_eq!(found.len(), 1);
         assert_eq!(
             describe(&found[0].0, &found[0].1, "staging"),

@@ -687,6 +687,19 @@ impl Store {
             .await
     }
 
+    /// Whether plan `plan_id` undid migration `migration_id` somewhere (a step of it stored
+    /// rolled back: the plan had applied it there, and its rollback took it out).
+    pub async fn undid(&self, plan_id: &str, migration_id: &str) -> Result<bool, StoreError> {
+        let found: Option<(i64,)> = sqlx::query_as(
+            "SELECT 1 FROM steps WHERE plan_id = $1 AND migration_id = $2 AND state = 'rolled_back' LIMIT 1",
+        )
+        .bind(plan_id)
+        .bind(migration_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+
     /// Every plan for `environment`, oldest first (the promotion gate and `env status`).
     pub async fn environment_plans(&self, environment: &str) -> Result<Vec<PlanRow>, StoreError> {
         let rows = sqlx::query(
