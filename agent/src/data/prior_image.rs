@@ -59,21 +59,18 @@ fn prior_image_restore(
         .iter()
         .map(|c| {
             let q = quote_ident(c);
-            let json = types
-                .iter()
-                .find(|(n, _)| n == c)
-                .map(|(_, t)| t.as_str())
-                .filter(|_| json.contains(c));
-            match json {
-                Some(t) => {
-                    let lit = quote_literal(c).expect("an identifier");
-                    format!(
-                        "{q} = CASE WHEN NOT r.\"{nulls}\" ? '{nulls}' THEN r.{q} \
-                         WHEN r.\"{nulls}\" -> '{nulls}' ? {lit} THEN NULL \
-                         ELSE (r.\"{nulls}\" -> {lit})::{t} END"
-                    )
-                }
-                None => format!("{q} = r.{q}"),
+            // (the CASE is jsonb throughout, as `r` reads the column: the assignment casts
+            // it to json, or to a domain over either; a branch cast to json beside one of
+            // jsonb did not plan, "CASE/WHEN could not convert type jsonb to json")
+            if json.contains(c) {
+                let lit = quote_literal(c).expect("an identifier");
+                format!(
+                    "{q} = CASE WHEN NOT r.\"{nulls}\" ? '{nulls}' THEN r.{q} \
+                     WHEN r.\"{nulls}\" -> '{nulls}' ? {lit} THEN NULL \
+                     ELSE r.\"{nulls}\" -> {lit} END"
+                )
+            } else {
+                format!("{q} = r.{q}")
             }
         })
         .collect();

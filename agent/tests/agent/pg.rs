@@ -2544,7 +2544,8 @@ async fn undoing_a_prior_image_compares_under_the_up_sqls_settings() {
 
 /// A data change over a float8 key whose up SQL says `SET extra_float_digits = 0` (floats
 /// written with 15 digits), saving a jsonb column holding JSON `null` (NOT NULL) and a
-/// nullable one holding SQL NULL and JSON `null` alike, and a NOT NULL domain over jsonb. Every row is changed exactly once
+/// nullable one holding SQL NULL and JSON `null` alike, a NOT NULL domain over jsonb and a
+/// NOT NULL json column. Every row is changed exactly once
 /// and the rollback puts every row back as it was. Before, each page's last key was
 /// rounded (the largest row skipped, the change said applied) and the saved keys found no
 /// row (most rows kept by the undo); JSON `null` came back SQL NULL (the NOT NULL column's
@@ -2558,20 +2559,21 @@ async fn a_change_over_float_keys_and_json_nulls_is_done_and_undone_exactly() {
     sqlx::raw_sql(
         "CREATE DOMAIN tenant_0000.djn AS jsonb NOT NULL;
          CREATE TABLE tenant_0000.fk (k float8 PRIMARY KEY, n int NOT NULL, j jsonb NOT NULL, o jsonb, s text,
-                                      d tenant_0000.djn);
+                                      d tenant_0000.djn, js json NOT NULL);
          INSERT INTO tenant_0000.fk
            SELECT g / 7.0::float8 * 1000.1, g,
                   CASE WHEN g % 2 = 0 THEN 'null'::jsonb ELSE jsonb_build_object('g', g) END,
                   CASE WHEN g % 3 = 0 THEN 'null'::jsonb WHEN g % 3 = 1 THEN NULL ELSE '[1]'::jsonb END,
                   NULL,
-                  CASE WHEN g % 2 = 1 THEN 'null'::jsonb ELSE '{\"d\": 1}'::jsonb END
+                  CASE WHEN g % 2 = 1 THEN 'null'::jsonb ELSE '{\"d\": 1}'::jsonb END,
+                  CASE WHEN g % 2 = 0 THEN 'null'::json ELSE '{\"js\": 1}'::json END
              FROM generate_series(1, 250) g;",
     )
     .execute(&pool)
     .await
     .unwrap();
     let rows = "SELECT string_agg(k::text || ':' || n || ':' || j::text || ':' || coalesce(o::text, 'SQL NULL') \
-                || ':' || coalesce(s, 'SQL NULL') || ':' || d::text, ',' ORDER BY k) \
+                || ':' || coalesce(s, 'SQL NULL') || ':' || d::text || ':' || js::text, ',' ORDER BY k) \
                 FROM tenant_0000.fk";
     let original: String = sqlx::query_scalar(rows).fetch_one(&pool).await.unwrap();
     let mut h = Harness::start(|_| {}, &f.dsn).await;
@@ -2584,9 +2586,16 @@ async fn a_change_over_float_keys_and_json_nulls_is_done_and_undone_exactly() {
                 key: "k".into(),
                 batch_size: 40,
                 batch_sql: "UPDATE fk SET n = n + 7, j = '{\"m\": 1}', o = 'null'::jsonb, \
-                            s = k::text, d = '{\"m\": 2}' WHERE k > $1 AND k <= $2"
+                            s = k::text, d = '{\"m\": 2}', js = '{\"m\": 3}' WHERE k > $1 AND k <= $2"
                     .into(),
-                prior_image: vec!["n".into(), "j".into(), "o".into(), "s".into(), "d".into()],
+                prior_image: vec![
+                    "n".into(),
+                    "j".into(),
+                    "o".into(),
+                    "s".into(),
+                    "d".into(),
+                    "js".into(),
+                ],
                 ..Default::default()
             }),
             ..migration("fj", "SET extra_float_digits = 0", "SELECT 1", "")
