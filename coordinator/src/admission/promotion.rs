@@ -59,7 +59,7 @@ enum Stand {
         changes: Vec<String>,
     },
     /// It completed there (this plan, the newest to) with this up SQL and other files or
-    /// settings outside the checksum: each named (`down.sql`, `verify.sql`, its scope, its
+    /// settings outside the checksum: each named (`down.sql`, `verify.sql`, its
     /// transaction mode).
     OtherwiseChanged {
         plan_id: String,
@@ -180,15 +180,7 @@ impl Coordinator {
         let lacking = match envs.before(&spec.environment) {
             Some(before) => {
                 let plans = self.inner.store.environment_plans(before).await?;
-                // which rolled-back plans there undid which of this plan's migrations
-                let mut undone = BTreeSet::new();
-                for row in plans.iter().filter(|r| r.state == PlanState::RolledBack) {
-                    for m in &spec.migrations {
-                        if self.inner.store.undid(&row.id, m.id.as_str()).await? {
-                            undone.insert((row.id.clone(), m.id.to_string()));
-                        }
-                    }
-                }
+                let undone = self.undone_since(spec, &plans).await?;
                 lacking(spec, &plans, &undone)
                     .into_iter()
                     .map(|(id, stand)| describe(&id, &stand, before))
@@ -243,15 +235,80 @@ impl Coordinator {
 
 /// The plan's migrations that have not completed among `plans` (one environment's, oldest
 /// first), in the plan's order, each with where it stands.
-/// `undone`: (plan, migration) of the plans there whose rollback took the migration out
-/// where they had applied it: a completion before such a rollback no longer stands (a plan
-/// that found it applied already, by the plan rolled back since, completed having done
-/// nothing, and passed the gate for a change no longer there).
-fn lacking(
-    spec: &PlanSpec,
-    plans: &[PlanRow],
-    undone: &BTreeSet<(String, String)>,
-) -> Vec<(String, Stand)> {
+/// Completions that no longer stand, by migration: (the completed plans, the plan whose
+/// undo took the migration out from under them). See [`Coordinator::undone_since`].
+type Undone = std::collections::BTreeMap<String, (BTreeSet<String>, String)>;
+
+impl Coordinator {
+    /// For each of `spec`'s migrations, the completions in the environment before (newest
+    /// first, up to the newest that stands) whose migration a later undo took out: a plan
+    /// that found it applied by another plan on a target (`already_applied` there) and
+    /// completed, and that other plan's rollback (or cancel's, or failed rollback's) undid it
+    /// on that target since. Such a completion did nothing there, and passed the gate for a
+    /// change no longer in the environment. Per target: an undo on other targets (a
+    /// catch-up's on one new tenant, another region's plan) leaves it standing.
+    async fn undone_since(
+        &self,
+        spec: &PlanSpec,
+        plans: &[PlanRow],
+    ) -> Result<Undone, CoordinatorError> {
+        let mut out = Undone::new();
+        let undoers: Vec<&PlanRow> = plans
+            .iter()
+            .filter(|r| {
+                !matches!(
+                    r.state,
+                    PlanState::Completed | PlanState::CompletedWithFailures
+                )
+            })
+            .collect();
+        if undoers.is_empty() {
+            return Ok(out);
+        }
+        for m in &spec.migrations {
+            let id = m.id.as_str();
+            let mut completions: Vec<&PlanRow> = plans
+                .iter()
+                .filter(|r| r.state == PlanState::Completed)
+                .filter(|r| carries(r, id, &m.checksum))
+                .collect();
+            completions.sort_by_key(|r| std::cmp::Reverse(r.updated_at_ms));
+            for p in completions {
+                let mut by = None;
+                for r in undoers.iter().filter(|r| r.updated_at_ms > p.updated_at_ms) {
+                    if self.inner.store.undone_under(&r.id, &p.id, id).await? {
+                        by = Some(r.id.clone());
+                        break;
+                    }
+                }
+                let Some(by) = by else {
+                    // the newest completion that stands: the gate passes on it
+                    break;
+                };
+                let entry = out
+                    .entry(id.to_string())
+                    .or_insert_with(|| (BTreeSet::new(), by));
+                entry.0.insert(p.id.clone());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Whether the plan stored in `row` carries migration `id` with `checksum`.
+fn carries(row: &PlanRow, id: &str, checksum: &str) -> bool {
+    hex::decode(&row.spec_hex)
+        .ok()
+        .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
+        .is_some_and(|p| {
+            p.migrations
+                .iter()
+                .any(|m| m.id == id && m.checksum == checksum)
+        })
+}
+
+/// `undone`: the completions there that no longer stand ([`Coordinator::undone_since`]).
+fn lacking(spec: &PlanSpec, plans: &[PlanRow], undone: &Undone) -> Vec<(String, Stand)> {
     // the submitted migrations as a plan carries them (to compare with the stored ones)
     let now = pb::PlanSpec::from(spec).migrations;
     // (plan row, its migrations), newest first
@@ -284,16 +341,16 @@ fn lacking(
         let same = |(i, c): &(String, String)| i == id && *c == m.checksum;
         // Completed there with this SQL: by a version whose settings this one keeps (or
         // makes stricter), else it stands weakened (the newest completion named).
-        // the newest rollback there that took it out, if any
-        let undid = stored
-            .iter()
-            .filter(|(row, _)| undone.contains(&(row.id.clone(), id.to_string())))
-            .max_by_key(|(row, _)| row.updated_at_ms)
-            .map(|(row, _)| *row);
+        // the completions there that no longer stand, and the undo that took it out
+        let (voided, undid) = match undone.get(id) {
+            Some((voided, by)) => (Some(voided), stored.iter().find(|(r, _)| r.id == *by)),
+            None => (None, None),
+        };
+        let undid = undid.map(|(r, _)| *r);
         let completed: Vec<(&PlanRow, &pb::Migration)> = stored
             .iter()
             .filter(|(row, _)| row.state == PlanState::Completed)
-            .filter(|(row, _)| undid.is_none_or(|u| u.updated_at_ms < row.updated_at_ms))
+            .filter(|(row, _)| voided.is_none_or(|v| !v.contains(&row.id)))
             .filter_map(|(row, ms)| {
                 ms.iter()
                     .find(|t| t.id == id && t.checksum == m.checksum)
@@ -320,9 +377,8 @@ fn lacking(
                 .collect();
             // The checksum covers the up SQL: a down SQL edited after the environment
             // before (a `DELETE` added, say) went to approvers as the version they passed
-            // there, and a rollback ran it on production unseen; a verify SQL, a scope
-            // (once per tenant there, once per shard database here) or a transaction mode
-            // changed since are as unseen there.
+            // there, and a rollback ran it on production unseen; a verify SQL or a
+            // transaction mode changed since are as unseen there.
             let mine = now.iter().find(|n| n.id == id);
             // (the stored one read as a plan carries it too: fields it left unset mean
             // their defaults)
@@ -390,8 +446,9 @@ fn lacking(
 /// What of `now` (the migration submitted, as a plan carries it) differs from `there` (the
 /// version that completed in the environment before, with the same checksum) outside the
 /// checksum: the down and verify SQL (compared as the checksum compares the up SQL: line
-/// ends and the ends of the text aside, so a CRLF checkout is the same file), the scope,
-/// the transaction mode.
+/// ends and the ends of the text aside, so a CRLF checkout is the same file) and the
+/// transaction mode. (Not the scope: a migration's own field beside the plan's default,
+/// resolved at each submit, told nothing of where it ran.)
 fn changed_since(now: &pb::Migration, there: &pb::Migration) -> Vec<&'static str> {
     let text = |a: &str, b: &str| flotilla_core::checksum(a) == flotilla_core::checksum(b);
     let mut what = Vec::new();
@@ -401,9 +458,7 @@ fn changed_since(now: &pb::Migration, there: &pb::Migration) -> Vec<&'static str
     if !text(&now.verify_sql, &there.verify_sql) {
         what.push("verify.sql");
     }
-    if now.scope != there.scope {
-        what.push("scope");
-    }
+
     // (unspecified: detected from the statements, not a mode to compare)
     if now.tx_mode != there.tx_mode && now.tx_mode != 0 && there.tx_mode != 0 {
         what.push("transaction mode");
@@ -589,7 +644,7 @@ mod tests {
             // a later plan that carried it again and rolled back leaves the completion standing
             row("p4", PlanState::RolledBack, &[("001_done", &s0)]),
         ];
-        let found = lacking(&spec, &plans, &BTreeSet::new());
+        let found = lacking(&spec, &plans, &Undone::new());
         let ids: Vec<&str> = found.iter().map(|(i, _)| i.as_str()).collect();
         assert_eq!(
             ids,
@@ -626,7 +681,10 @@ mod tests {
         };
         let applied = at(row("p1", PlanState::RolledBack, &[("001_x", &sum)]), 30);
         let no_op = at(row("p2", PlanState::Completed, &[("001_x", &sum)]), 20);
-        let undone = BTreeSet::from([("p1".to_string(), "001_x".to_string())]);
+        let undone = Undone::from([(
+            "001_x".to_string(),
+            (BTreeSet::from(["p2".to_string()]), "p1".to_string()),
+        )]);
         let plans = vec![applied.clone(), no_op.clone()];
         let found = lacking(&spec, &plans, &undone);
         assert_eq!(found.len(), 1, "{found:?}");
@@ -635,7 +693,7 @@ mod tests {
             "`001_x` was rolled back in `staging` (plan p1 ended rolled_back)"
         );
         // nothing undone: the completion stands
-        assert!(lacking(&spec, &plans, &BTreeSet::new()).is_empty());
+        assert!(lacking(&spec, &plans, &Undone::new()).is_empty());
         let again = at(row("p3", PlanState::Completed, &[("001_x", &sum)]), 40);
         assert!(lacking(&spec, &[applied, no_op, again], &undone).is_empty());
     }
@@ -648,12 +706,12 @@ mod tests {
         let mut spec = plan(&[("001_x", "CREATE TABLE a (x int)")]);
         let sum = spec.migrations[0].checksum.clone();
         let done = row("p1", PlanState::Completed, &[("001_x", &sum)]);
-        assert!(lacking(&spec, std::slice::from_ref(&done), &BTreeSet::new()).is_empty());
+        assert!(lacking(&spec, std::slice::from_ref(&done), &Undone::new()).is_empty());
         // a CRLF checkout, a trailing newline: the same file
         spec.migrations[0].down_sql = "SELECT 1\r\n\n".into();
-        assert!(lacking(&spec, std::slice::from_ref(&done), &BTreeSet::new()).is_empty());
+        assert!(lacking(&spec, std::slice::from_ref(&done), &Undone::new()).is_empty());
         spec.migrations[0].down_sql = "DROP TABLE a; DELETE FROM work_orders;".into();
-        let found = lacking(&spec, std::slice::from_ref(&done), &BTreeSet::new());
+        let found = lacking(&spec, std::slice::from_ref(&done), &Undone::new());
         assert_eq!(
             found,
             [(
@@ -669,16 +727,14 @@ mod tests {
             text.contains("completed in `staging` (plan p1) with another down.sql"),
             "{text}"
         );
-        // a verify SQL and a scope changed since, too
+        // a verify SQL changed since, too; a scope said in migration.toml is not compared
+        // (the plan's default, resolved at each submit, decides where it runs)
         spec.migrations[0].down_sql = "SELECT 1".into();
         spec.migrations[0].verify_sql = Some("SELECT true".into());
-        spec.migrations[0].scope = Some(flotilla_core::Scope::Shard);
-        let found = lacking(&spec, std::slice::from_ref(&done), &BTreeSet::new());
+        spec.migrations[0].scope = Some(flotilla_core::Scope::Tenant);
+        let found = lacking(&spec, std::slice::from_ref(&done), &Undone::new());
         let text = describe(&found[0].0, &found[0].1, "staging");
-        assert!(
-            text.contains("with another verify.sql, another scope:"),
-            "{text}"
-        );
+        assert!(text.contains("with another verify.sql:"), "{text}");
     }
 
     /// The same SQL completed there, its migration.toml made less strict since (risk
@@ -700,7 +756,7 @@ mod tests {
             rule: "index-not-concurrent".into(),
             reason: "small table".into(),
         }];
-        let found = lacking(&spec, std::slice::from_ref(&high), &BTreeSet::new());
+        let found = lacking(&spec, std::slice::from_ref(&high), &Undone::new());
         assert_eq!(found.len(), 1);
         // destructive counts as high: the risk itself is not cut
         assert_eq!(
@@ -712,7 +768,7 @@ mod tests {
         );
         spec.migrations[0].destructive = false;
         spec.migrations[0].lint_ignore.clear();
-        let found = lacking(&spec, std::slice::from_ref(&high), &BTreeSet::new());
+        let found = lacking(&spec, std::slice::from_ref(&high), &Undone::new());
         assert_eq!(
             describe(&found[0].0, &found[0].1, "staging"),
             "`001_x` completed in `staging` (plan p1) with settings its migration.toml has made \
@@ -724,7 +780,7 @@ mod tests {
         raw.migrations[0].risk = "low".into();
         raw.migrations[0].destructive = true;
         destructive.spec_hex = hex::encode(raw.encode_to_vec());
-        let found = lacking(&spec, std::slice::from_ref(&destructive), &BTreeSet::new());
+        let found = lacking(&spec, std::slice::from_ref(&destructive), &Undone::new());
         assert_eq!(
             describe(&found[0].0, &found[0].1, "staging"),
             "`001_x` completed in `staging` (plan p1) with settings its migration.toml has made \
@@ -736,12 +792,12 @@ mod tests {
         spec.migrations[0].risk = "critical".into();
         spec.migrations[0].destructive = false;
         spec.migrations[0].lint_ignore.clear();
-        assert!(lacking(&spec, std::slice::from_ref(&high), &BTreeSet::new()).is_empty());
+        assert!(lacking(&spec, std::slice::from_ref(&high), &Undone::new()).is_empty());
         // low now, and an older plan completed it there at low: passes
         spec.migrations[0].risk = "low".into();
         let low = row("p0", PlanState::Completed, &[("001_x", &sum)]);
-        assert_eq!(lacking(&spec, &[high.clone()], &BTreeSet::new()).len(), 1);
-        assert!(lacking(&spec, &[low, high], &BTreeSet::new()).is_empty());
+        assert_eq!(lacking(&spec, &[high.clone()], &Undone::new()).len(), 1);
+        assert!(lacking(&spec, &[low, high], &Undone::new()).is_empty());
     }
 
     /// A version rolled back there while an edited one completed: both are said (it named
@@ -755,7 +811,7 @@ mod tests {
             row("p2", PlanState::Failed, &[("001_x", "eeee")]),
             row("p3", PlanState::Completed, &[("001_x", "ffff")]),
         ];
-        let found = lacking(&spec, &plans, &BTreeSet::new());
+        let found = lacking(&spec, &plans, &Undone::new());
         assert_eq!(found.len(), 1);
         assert_eq!(
             describe(&found[0].0, &found[0].1, "staging"),

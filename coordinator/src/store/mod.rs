@@ -687,13 +687,24 @@ impl Store {
             .await
     }
 
-    /// Whether plan `plan_id` undid migration `migration_id` somewhere (a step of it stored
-    /// rolled back: the plan had applied it there, and its rollback took it out).
-    pub async fn undid(&self, plan_id: &str, migration_id: &str) -> Result<bool, StoreError> {
+    /// Whether plan `undoer` undid migration `migration_id` (a step stored rolled back) on a
+    /// target where plan `completed` had found it applied already (its step there stored
+    /// `already_applied`): `completed` did nothing there, and the migration is no longer
+    /// there.
+    pub async fn undone_under(
+        &self,
+        undoer: &str,
+        completed: &str,
+        migration_id: &str,
+    ) -> Result<bool, StoreError> {
         let found: Option<(i64,)> = sqlx::query_as(
-            "SELECT 1 FROM steps WHERE plan_id = $1 AND migration_id = $2 AND state = 'rolled_back' LIMIT 1",
+            "SELECT 1 FROM steps r JOIN steps p ON p.migration_id = r.migration_id \
+               AND p.shard = r.shard AND p.tenant = r.tenant \
+             WHERE r.plan_id = $1 AND p.plan_id = $2 AND r.migration_id = $3 \
+               AND r.state = 'rolled_back' AND p.state = 'already_applied' LIMIT 1",
         )
-        .bind(plan_id)
+        .bind(undoer)
+        .bind(completed)
         .bind(migration_id)
         .fetch_optional(&self.pool)
         .await?;
@@ -1363,6 +1374,51 @@ mod tests {
             );
             assert!(
                 !sole.committed_before_decisions("p2").await.unwrap(),
+                "{location}"
+            );
+        }
+    }
+
+    /// `undone_under` is per target: an undo counts against a completion only where the
+    /// completed plan had found the migration applied already (a catch-up's undo on one new
+    /// tenant leaves a completion elsewhere standing).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_undo_counts_against_a_completion_on_its_targets_only() {
+        let (_dir, _pg, locations) = both_stores("undone_under").await;
+        for location in locations {
+            let (store, _queue) = opened(&location).await;
+            for (plan, tenant, state) in [
+                ("p1", "t1", "rolled_back"),
+                ("p2", "t1", "already_applied"),
+                ("p3", "t2", "applied"),
+                ("p4", "t9", "rolled_back"),
+            ] {
+                sqlx::query(
+                    "INSERT INTO steps (plan_id, migration_id, shard, tenant, state, attempts, \
+                     sqlstate, message, duration_ms, updated_at_ms) \
+                     VALUES ($1, '001_x', 's0', $2, $3, 1, '', '', 0, 0)",
+                )
+                .bind(plan)
+                .bind(tenant)
+                .bind(state)
+                .execute(&store.pool)
+                .await
+                .unwrap();
+            }
+            assert!(
+                store.undone_under("p1", "p2", "001_x").await.unwrap(),
+                "{location}"
+            );
+            assert!(
+                !store.undone_under("p1", "p3", "001_x").await.unwrap(),
+                "{location}"
+            );
+            assert!(
+                !store.undone_under("p4", "p2", "001_x").await.unwrap(),
+                "{location}"
+            );
+            assert!(
+                !store.undone_under("p1", "p2", "002_y").await.unwrap(),
                 "{location}"
             );
         }
