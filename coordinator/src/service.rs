@@ -798,13 +798,6 @@ impl Coordinator {
             ]),
         );
         self.flush().await;
-        let _ = self
-            .inner
-            .events
-            .send(Event::Retired {
-                shard: shard.to_string(),
-            })
-            .await;
         if let Err(ended) = self.still_leading_in(epoch) {
             // retired before the next term fenced the store: the shard is out all the same
             self.inner
@@ -813,8 +806,19 @@ impl Coordinator {
                 .await?
                 .map_or(Ok(()), |_| Err(ended))?;
         }
-        // An agent of it that attached between the checks and the delete keeps its row.
-        if let Some(back) = self.inner.fleet.snapshot().remove(shard) {
+        // An agent of it that attached between the checks and the delete keeps its row
+        // (and its place in the metrics); otherwise it is no longer awaited there.
+        let back = self.inner.fleet.snapshot().remove(shard);
+        if back.is_none() {
+            let _ = self
+                .inner
+                .events
+                .send(Event::Retired {
+                    shard: shard.to_string(),
+                })
+                .await;
+        }
+        if let Some(back) = back {
             self.write_under(
                 epoch,
                 StoreOp::Agent {

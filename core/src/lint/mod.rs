@@ -195,7 +195,7 @@ pub const RULES: &[Rule] = &[
     rule_def(
         DESTRUCTIVE_DROP,
         Severity::Error,
-        "DROP TABLE/COLUMN/SCHEMA/INDEX or TRUNCATE of an existing object, without `destructive = true` or risk high/critical",
+        "DROP TABLE/COLUMN/SCHEMA/INDEX or TRUNCATE of an existing object, DROP TYPE/DOMAIN/EXTENSION ... CASCADE, or ALTER COLUMN TYPE ... USING a constant, without `destructive = true` or risk high/critical",
     ),
     rule_def(
         TABLE_REWRITE,

@@ -466,44 +466,51 @@ fn sets_search_path(p: &Parsed) -> Option<(String, &'static str)> {
         return None;
     };
     use pg_query::protobuf::Token;
-    let toks = &scanned.tokens;
-    let word = |i: usize| {
+    // (comments are tokens too: `set_config /* x */ (...)` is a call all the same)
+    let toks: Vec<&pg_query::protobuf::ScanToken> = scanned
+        .tokens
+        .iter()
+        .filter(|t| t.token != Token::SqlComment as i32 && t.token != Token::CComment as i32)
+        .collect();
+    let raw = |i: usize| {
         toks.get(i)
             .and_then(|t| text.get(t.start as usize..t.end as usize))
             .unwrap_or("")
     };
+    // an identifier as PostgreSQL reads it (`"set_config"` is set_config)
+    let word = |i: usize| {
+        let w = raw(i);
+        w.strip_prefix('"')
+            .and_then(|w| w.strip_suffix('"'))
+            .unwrap_or(w)
+            .to_string()
+    };
     let is = |i: usize, t: Token| toks.get(i).is_some_and(|x| x.token == t as i32);
+    let string = |i: usize| is(i, Token::Sconst) || is(i, Token::Usconst);
     for i in 0..toks.len() {
         let w = word(i);
+        // `UPDATE [ONLY] [pg_catalog.]pg_settings`: set_config by another name, whatever
+        // row it names (its WHERE can name search_path in as many ways as set_config can)
         if w.eq_ignore_ascii_case("pg_settings")
-            && (0..i)
-                .rev()
-                .take(4)
-                .any(|j| word(j).eq_ignore_ascii_case("update"))
+            && (i.saturating_sub(4)..i).any(|j| word(j).eq_ignore_ascii_case("update"))
         {
-            let lower = text.to_ascii_lowercase();
-            if lower.contains("search_path") || lower.contains("||") || !lower.contains("where") {
-                return found("updates pg_settings, which sets search_path");
-            }
-            continue;
+            return found("updates pg_settings, which sets settings (search_path among them)");
         }
         if !w.eq_ignore_ascii_case("set_config") || !is(i + 1, Token::Ascii40) {
             continue;
         }
         // another schema's function of that name is not PostgreSQL's
-        if i >= 2 && word(i - 1) == "." && !word(i - 2).eq_ignore_ascii_case("pg_catalog") {
+        if i >= 2 && raw(i - 1) == "." && !word(i - 2).eq_ignore_ascii_case("pg_catalog") {
             continue;
         }
-        let first = (is(i + 2, Token::Sconst) || is(i + 2, Token::Usconst))
-            .then(|| string_constant(word(i + 2)));
+        let first = string(i + 2).then(|| string_constant(raw(i + 2)));
         if let Some(name) = first.as_deref()
             && is(i + 3, Token::Ascii44)
         {
             if !name.trim().eq_ignore_ascii_case("search_path") {
                 continue;
             }
-            if word(i + 4).eq_ignore_ascii_case("current_schema") {
-                // the tenant's schema first: what the step makes still lands there
+            if tenant_first(&toks, i + 4, &word, &string) {
                 continue;
             }
             return found("sets search_path (set_config)");
@@ -521,9 +528,43 @@ fn sets_search_path(p: &Parsed) -> Option<(String, &'static str)> {
     None
 }
 
-/// The value of a string constant as the scanner gives its text: `'it''s'`, `E'a\\b'`,
-/// `$tag$...$tag$`, `U&'...'` (escapes other than quotes and backslashes kept as written:
-/// enough to compare a setting's name).
+/// Whether set_config's value argument, starting at token `at`, keeps the tenant's schema
+/// first: it does not start with a string (`'public, ' || current_schema()` puts `public`
+/// ahead) and it names `current_schema` before the argument ends (`current_schema() || ',
+/// public'`, `quote_ident(current_schema()) || ...`, `format('%I, public',
+/// current_schema())`, `pg_catalog.current_schema()`).
+fn tenant_first(
+    toks: &[&pg_query::protobuf::ScanToken],
+    at: usize,
+    word: &impl Fn(usize) -> String,
+    string: &impl Fn(usize) -> bool,
+) -> bool {
+    use pg_query::protobuf::Token;
+    if string(at) {
+        return false;
+    }
+    let mut depth = 0i32;
+    for (i, t) in toks.iter().enumerate().skip(at) {
+        match t.token {
+            t if t == Token::Ascii40 as i32 => depth += 1,
+            t if t == Token::Ascii41 as i32 => {
+                if depth == 0 {
+                    return false;
+                }
+                depth -= 1;
+            }
+            t if t == Token::Ascii44 as i32 && depth == 0 => return false,
+            _ if word(i).eq_ignore_ascii_case("current_schema") => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The value of a string constant as the scanner gives its text: `'it''s'` (and
+/// `'search_'` `'path'` on two lines, which is one constant), `E'search\_path'` with its
+/// escapes (`\137`, `\x5f`, `\u005f`), `U&'search\005Fpath'`, `$tag$...$tag$`: enough to
+/// compare a setting's name.
 fn string_constant(token: &str) -> String {
     if let Some(rest) = token.strip_prefix('$') {
         let tag_end = rest.find('$').map_or(0, |e| e + 1);
@@ -531,15 +572,88 @@ fn string_constant(token: &str) -> String {
         let close = inner.rfind('$').and_then(|e| inner[..e].rfind('$'));
         return close.map_or(inner, |c| &inner[..c]).to_string();
     }
-    let t = token
-        .trim_start_matches(['E', 'e'])
-        .trim_start_matches("U&")
-        .trim_start_matches("u&");
-    let inner = t
-        .strip_prefix('\'')
-        .and_then(|x| x.strip_suffix('\''))
-        .unwrap_or(t);
-    inner.replace("''", "'").replace("\\\\", "\\")
+    let (escapes, unicode, body) = if let Some(b) = token
+        .strip_prefix("U&")
+        .or_else(|| token.strip_prefix("u&"))
+    {
+        (false, true, b)
+    } else if let Some(b) = token.strip_prefix(['E', 'e']) {
+        (true, false, b)
+    } else {
+        (false, false, token)
+    };
+    // the quoted segments, joined (a constant may continue on the next line)
+    let mut out = String::new();
+    let mut chars = body.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\'' {
+            continue;
+        }
+        // one segment
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' if chars.peek() == Some(&'\'') => {
+                    chars.next();
+                    out.push('\'');
+                }
+                '\'' => break,
+                '\\' if escapes => {
+                    let Some(e) = chars.next() else { break };
+                    let mut code = |n: usize, radix: u32, first: Option<char>| {
+                        let mut digits: String = first.into_iter().collect();
+                        while digits.len() < n {
+                            match chars.peek() {
+                                Some(d) if d.is_digit(radix) => {
+                                    digits.push(*d);
+                                    chars.next();
+                                }
+                                _ => break,
+                            }
+                        }
+                        u32::from_str_radix(&digits, radix)
+                            .ok()
+                            .and_then(char::from_u32)
+                    };
+                    let decoded = match e {
+                        'b' => Some('\u{8}'),
+                        'f' => Some('\u{c}'),
+                        'n' => Some('\n'),
+                        'r' => Some('\r'),
+                        't' => Some('\t'),
+                        '0'..='7' => code(3, 8, Some(e)),
+                        'x' => code(2, 16, None),
+                        'u' => code(4, 16, None),
+                        'U' => code(8, 16, None),
+                        other => Some(other),
+                    };
+                    out.extend(decoded);
+                }
+                '\\' if unicode => {
+                    let mut hex = String::new();
+                    let n = if chars.peek() == Some(&'+') {
+                        chars.next();
+                        6
+                    } else {
+                        4
+                    };
+                    if chars.peek() == Some(&'\\') {
+                        chars.next();
+                        out.push('\\');
+                        continue;
+                    }
+                    while hex.len() < n {
+                        match chars.next() {
+                            Some(d) => hex.push(d),
+                            None => break,
+                        }
+                    }
+                    out.extend(u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32));
+                }
+                c => out.push(c),
+            }
+        }
+    }
+    out
 }
 
 /// [`TENANT_ESCAPE`] for each statement of a tenant's migration: an error where the
@@ -632,17 +746,20 @@ fn statement(
                 Ok(ObjectType::ObjectTable) => "table",
                 Ok(ObjectType::ObjectSchema) => "schema",
                 Ok(ObjectType::ObjectIndex) => "index",
-                // Anything else dropped with CASCADE takes what depends on it: a type's or a
-                // domain's columns (their data), a function's defaults and triggers, a
-                // view's views (it went through at risk low, no approval).
-                Ok(_) if cascade && !may_drop => {
+                // A type, a domain or an extension dropped with CASCADE takes the columns of
+                // its types with it, their data (it went through at risk low, no approval).
+                // (A view's or a function's CASCADE, the usual way to change one, drops no
+                // data.)
+                Ok(
+                    ObjectType::ObjectType | ObjectType::ObjectDomain | ObjectType::ObjectExtension,
+                ) if cascade && !may_drop => {
                     for o in &s.objects {
                         out.push(
                             DESTRUCTIVE_DROP,
                             "up.sql",
                             line,
                             format!(
-                                "{} drops {} with CASCADE: what depends on it goes too (the columns of a type or domain, with their data)",
+                                "{} drops {} with CASCADE: the columns of its types go with it, their data too",
                                 p.info.kind,
                                 object_parts(o).join(".")
                             ),
@@ -845,22 +962,29 @@ fn alter(
         ),
         Ok(At::AtAlterColumnType) if !new => {
             rewrite(table, &format!("ALTER COLUMN {} TYPE", cmd.name), line, out);
-            // `USING` an expression that does not read the column replaces its values
-            // (`USING NULL` emptied it: a rewrite warning alone)
+            // `USING` a constant replaces every value (`USING NULL` emptied the column: a
+            // rewrite warning alone). Only a constant (cast or not): an expression is
+            // taken to read the column.
+            let constant = |e: &NodeEnum| match e {
+                NodeEnum::AConst(_) => true,
+                NodeEnum::TypeCast(c) => c
+                    .arg
+                    .as_ref()
+                    .and_then(|a| a.node.as_ref())
+                    .is_some_and(|a| matches!(a, NodeEnum::AConst(_))),
+                _ => false,
+            };
             if let Some(NodeEnum::ColumnDef(col)) = def
                 && let Some(using) = col.raw_default.as_ref().and_then(|e| e.node.as_ref())
                 && !may_drop
-                && !using.nodes().iter().any(|(n, ..)| {
-                    matches!(n, pg_query::NodeRef::ColumnRef(r)
-                        if strings(&r.fields).last().is_some_and(|f| *f == cmd.name))
-                })
+                && constant(using)
             {
                 out.push(
                     DESTRUCTIVE_DROP,
                     "up.sql",
                     line,
                     format!(
-                        "ALTER COLUMN {table}.{} TYPE ... USING an expression that does not read the column: its values are replaced",
+                        "ALTER COLUMN {table}.{} TYPE ... USING a constant: every value of the column is replaced",
                         cmd.name
                     ),
                     DROP_HINT,
