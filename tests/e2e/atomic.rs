@@ -693,6 +693,29 @@ async fn an_atomic_group_before_a_plain_one_commits_by_its_decision() -> anyhow:
     assert_none_prepared(&fleet, 2).await
 }
 
+/// Both groups atomic, and after it a plain one, at `--max-parallel 1` over 2 shards: each
+/// unit prepares on both shards (the lane of a shard whose targets prepared goes to the
+/// other) and commits. Before, the first shard to prepare kept the one lane for its next
+/// group's steps, which wait for the unit's commit, and the other shard never got one: the
+/// plan stalled for good, its prepared targets holding their locks.
+#[tokio::test(flavor = "multi_thread")]
+async fn group_atomic_units_over_fewer_lanes_than_shards_commit() -> anyhow::Result<()> {
+    let fleet = least_privileged(1, 2, 2).await?;
+    let plan = grouped_plan()?;
+    let id = fleet
+        .submit(&plan.join("plan.toml"), &["--max-parallel", "1"])
+        .await?;
+    let (out, st) = fleet.watch(&id).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "completed", "{st}");
+    for s in 0..2 {
+        let db = format!("shard_{s}");
+        assert_eq!(satisfaction_columns(&fleet, &db).await?, 4, "{db}");
+        assert_eq!(views(&fleet, &db).await?, 2, "{db}");
+    }
+    assert_none_prepared(&fleet, 2).await
+}
+
 /// A group-atomic plan whose last unit committed on every shard, stored with its steps
 /// applied but its state still `committing` (its leader died between the two writes): the
 /// next leader finishes it completed. Before, it took "not running, no unit left" for a

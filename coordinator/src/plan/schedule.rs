@@ -56,6 +56,23 @@ impl PlanRun {
         // ends at once, where from the front it passed every finished target first
         // (quadratic over a shard of 2,500 tenants: a tenth of the coordinator's CPU at
         // 10,000).
+        // A step that waits for an atomic unit to commit (of a later unit, or outside any
+        // and after a step of the unit prepared) does not make its shard busy: with
+        // `max_parallel` below the shards, the shards whose targets had all prepared kept
+        // the lanes for such steps, the shards still to prepare got none, and the unit never
+        // committed (its prepared targets holding their locks for good).
+        let unit = self.current_unit().is_some();
+        let runnable = |s: usize| {
+            let step = &self.steps[s];
+            step.status.to_run()
+                && !(unit
+                    && (self.waits_for_unit(s)
+                        || (step.status == StepStatus::Pending
+                            && self.remaining[s] > 0
+                            && step.deps.iter().any(|&d| {
+                                self.in_unit(d) && self.steps[d].status == StepStatus::Prepared
+                            }))))
+        };
         let busy: Vec<bool> = self
             .shards
             .values()
@@ -67,10 +84,7 @@ impl PlanRun {
                 );
                 sr.to_run > 0
                     && sr.targets.iter().rev().any(|&t| {
-                        self.wave_open(t)
-                            && self.per_target[t]
-                                .iter()
-                                .any(|&s| self.steps[s].status.to_run())
+                        self.wave_open(t) && self.per_target[t].iter().any(|&s| runnable(s))
                     })
             })
             .collect();

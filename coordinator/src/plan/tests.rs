@@ -81,6 +81,51 @@ fn grouped_run() -> PlanRun {
     )
 }
 
+/// A group-atomic plan whose `max_parallel` is below its shards: the lanes of shards whose
+/// targets all prepared (their next group's steps waiting for the unit's commit) go to the
+/// shards still to run theirs, so the unit prepares everywhere and can commit. Before, those
+/// shards kept their lanes for steps that could not run, the others got none: the plan
+/// stalled, its prepared targets holding their locks.
+#[test]
+fn a_unit_spread_over_fewer_lanes_than_shards_prepares_everywhere() {
+    let group = |m: &str| pb::ParallelGroup {
+        migrations: vec![m.into()],
+        atomic: true,
+    };
+    let targets: Vec<(String, String)> = (0..4)
+        .flat_map(|s| (0..2).map(move |t| (format!("s{s}"), format!("t{t}"))))
+        .collect();
+    let refs: Vec<(&str, &str)> = targets
+        .iter()
+        .map(|(s, t)| (s.as_str(), t.as_str()))
+        .collect();
+    let mut run = plan_of(
+        &["a", "b"],
+        vec![group("a"), group("b")],
+        &refs,
+        pb::FailurePolicy::AllOrNothing,
+    );
+    Arc::make_mut(&mut run.spec).max_parallel = 2;
+    let mut next = 1u64;
+    for _ in 0..16 {
+        if run.ready_to_commit() {
+            break;
+        }
+        run.rebalance_lanes(&|_| 4);
+        for s in 0..4 {
+            let shard = format!("s{s}");
+            for r in run.next_runs(&shard, &mut next) {
+                answer(&mut run, &shard, &r, pb::StepOutcome::Prepared);
+            }
+        }
+    }
+    assert!(
+        run.ready_to_commit(),
+        "every target of group a prepared: {:?}",
+        run.shards.values().map(|s| s.lanes).collect::<Vec<_>>()
+    );
+}
+
 /// What a new leader reads from a unit's stored steps (`unit_commit_evident`): commit
 /// decided when a step committed or every step prepared (a shard forgotten under the
 /// commit aside), not when some prepared and the rest were not heard of, nor when a step
