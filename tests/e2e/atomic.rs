@@ -708,6 +708,12 @@ async fn group_atomic_units_over_fewer_lanes_than_shards_commit() -> anyhow::Res
     let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(st["state"], "completed", "{st}");
+    // its end names both groups (it said only the last one's commit)
+    assert!(
+        st["message"].as_str().is_some_and(|m| m
+            .starts_with("every step applied, 2 atomic groups each committed atomically; the last: parallel group 2")),
+        "{st}"
+    );
     for s in 0..2 {
         let db = format!("shard_{s}");
         assert_eq!(satisfaction_columns(&fleet, &db).await?, 4, "{db}");

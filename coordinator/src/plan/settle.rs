@@ -217,6 +217,20 @@ impl PlanRun {
                 if let Some(first) = first_failure.filter(|_| !waved) {
                     self.message = format!("{first}; {}", self.message);
                 }
+                // A group-atomic plan's message is its last unit's ("parallel group 2
+                // committed ..."): its end says it applied everything, and how many groups
+                // committed atomically.
+                if self.state == PlanState::Completed
+                    && !self.spec.atomic
+                    && self.units.len() > 1
+                    && self.message.starts_with("parallel group ")
+                {
+                    self.message = format!(
+                        "every step applied, {} atomic groups each committed atomically; the last: {}",
+                        self.units.len(),
+                        self.message
+                    );
+                }
                 // A data change that applied everywhere and changed no row anywhere: a typo
                 // in its filter, most likely (it read as every step applied).
                 for id in self.data_changes_that_changed_nothing() {
