@@ -38,14 +38,26 @@ pub fn plan_list(r: &pb::ListPlansResponse, output: Output) {
         .max()
         .unwrap_or(0)
         .max(4);
+    // when each was submitted (UTC, to the second): the list had no time at all
+    let at = |ms: u64| {
+        std::time::UNIX_EPOCH
+            .checked_add(Duration::from_millis(ms))
+            .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+            .unwrap_or_default()
+    };
     println!(
-        "{:<14} {:<state$} {:<name$} {:>8} {:>8}",
-        "PLAN", "STATE", "NAME", "TARGETS", "STEPS"
+        "{:<14} {:<20} {:<state$} {:<name$} {:>8} {:>8}",
+        "PLAN", "SUBMITTED", "STATE", "NAME", "TARGETS", "STEPS"
     );
     for p in &r.plans {
         println!(
-            "{:<14} {:<state$} {:<name$} {:>8} {:>8}",
-            p.plan_id, p.state, p.name, p.targets, p.steps
+            "{:<14} {:<20} {:<state$} {:<name$} {:>8} {:>8}",
+            p.plan_id,
+            at(p.created_at_ms),
+            p.state,
+            p.name,
+            p.targets,
+            p.steps
         );
     }
 }
