@@ -286,11 +286,8 @@ max_failures = 2
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_manual_gate_waits_for_promote_across_a_new_coordinator() -> anyhow::Result<()> {
-    let mut fleet = fleet(&[]).await?;
-    let plan = r#"name = "gated"
-
+/// Waves: the internal tier's canary behind a manual gate, then the rest.
+const CANARY_GATED: &str = r#"
 [[waves]]
 name = "canary"
 selector = "tier=internal"
@@ -300,7 +297,12 @@ gate = "manual"
 name = "rest"
 rest = true
 "#;
-    let dir = plan_dir(plan)?;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manual_gate_waits_for_promote_across_a_new_coordinator() -> anyhow::Result<()> {
+    let mut fleet = fleet(&[]).await?;
+    let plan = format!("name = \"gated\"\n{CANARY_GATED}");
+    let dir = plan_dir(&plan)?;
     // --wait comes back at the gate (exit 4), the plan waiting, naming the wave.
     let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 4, "{out}");
@@ -1065,19 +1067,8 @@ rest = true
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_plan_cancelled_at_a_gate_ends_and_lets_go_of_its_locks() -> anyhow::Result<()> {
     let fleet = fleet(&[]).await?;
-    let plan = r#"name = "gated-stop"
-policy = "stop"
-
-[[waves]]
-name = "canary"
-selector = "tier=internal"
-gate = "manual"
-
-[[waves]]
-name = "rest"
-rest = true
-"#;
-    let dir = plan_dir(plan)?;
+    let plan = format!("name = \"gated-stop\"\npolicy = \"stop\"\n{CANARY_GATED}");
+    let dir = plan_dir(&plan)?;
     let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 4, "{out}");
     let id = st["plan_id"].as_str().unwrap().to_string();

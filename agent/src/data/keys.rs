@@ -139,15 +139,17 @@ impl KeyProblem {
     }
 }
 
-/// Name, `pg_type.typname`, SQL type (`format_type`) and number of those of `columns` that
-/// the table `rel` has.
+/// Name, `pg_type.typname`, SQL type (`format_type`), number, and whether it is json or
+/// jsonb (or a domain over one: 114 and 3802 are their fixed OIDs), of those of `columns`
+/// that the table `rel` has.
 async fn columns_of(
     conn: &mut PgConnection,
     rel: sqlx::postgres::types::Oid,
     columns: &[String],
-) -> Result<Vec<(String, String, String, i16)>, sqlx::Error> {
+) -> Result<Vec<(String, String, String, i16, bool)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT a.attname::text, t.typname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnum \
+        "SELECT a.attname::text, t.typname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnum, \
+           (a.atttypid IN (114, 3802) OR t.typbasetype IN (114, 3802)) \
          FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
          WHERE a.attrelid = $1 AND a.attname = ANY($2) AND a.attnum > 0 AND NOT a.attisdropped",
     )
@@ -158,45 +160,32 @@ async fn columns_of(
 }
 
 /// The SQL types (`format_type`) of a data change's key and prior-image columns, by name, on
-/// the table as the session's search_path finds it (none when it does not exist).
+/// the table as the session's search_path finds it (none when it does not exist), and its
+/// prior-image columns of type json or jsonb, or a domain over one (JSON `null` and SQL NULL
+/// are both `null` in an image, told apart on restore: see `prior_image`).
 pub(crate) async fn column_types(
     conn: &mut PgConnection,
     d: &DataChange,
-) -> Result<Vec<(String, String)>, sqlx::Error> {
+) -> Result<(Vec<(String, String)>, Vec<String>), sqlx::Error> {
     let rel: Option<sqlx::postgres::types::Oid> =
         sqlx::query_scalar("SELECT pg_catalog.to_regclass($1)::oid")
             .bind(d.table_sql())
             .fetch_one(&mut *conn)
             .await?;
     let Some(rel) = rel else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
-    Ok(columns_of(conn, rel, &d.columns())
-        .await?
+    let columns = columns_of(conn, rel, &d.columns()).await?;
+    let json = columns
+        .iter()
+        .filter(|(name, .., json)| *json && d.prior_image.contains(name))
+        .map(|(name, ..)| name.clone())
+        .collect();
+    let types = columns
         .into_iter()
-        .map(|(name, _, format, _)| (name, format))
-        .collect())
-}
-
-/// The data change's prior-image columns of type json or jsonb, or of a domain over one:
-/// JSON `null` and SQL NULL are both `null` in an image, told apart on restore (see
-/// `prior_image`).
-pub(crate) async fn json_columns(
-    conn: &mut PgConnection,
-    d: &DataChange,
-) -> Result<Vec<String>, sqlx::Error> {
-    // 114: json, 3802: jsonb (their OIDs are fixed)
-    sqlx::query_scalar(
-        "SELECT a.attname::text FROM pg_catalog.pg_attribute a \
-         JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
-         WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attname = ANY($2) \
-           AND a.attnum > 0 AND NOT a.attisdropped \
-           AND (a.atttypid IN (114, 3802) OR t.typbasetype IN (114, 3802))",
-    )
-    .bind(d.table_sql())
-    .bind(&d.prior_image)
-    .fetch_all(&mut *conn)
-    .await
+        .map(|(name, _, format, ..)| (name, format))
+        .collect();
+    Ok((types, json))
 }
 
 /// Reads the key's shape on the target, or what is wrong with it. `schema`: the target's
@@ -274,7 +263,7 @@ pub(crate) async fn inspect(
     let mut types = Vec::with_capacity(d.key.len());
     let mut floors = Vec::with_capacity(d.key.len());
     for c in &d.key {
-        let (_, typname, format, _) = find(c).expect("checked");
+        let (_, typname, format, ..) = find(c).expect("checked");
         let floor = key_floor(typname).ok_or_else(|| {
             KeyProblem::Shape(
                 d.table.last().cloned().unwrap_or_default(),

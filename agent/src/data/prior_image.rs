@@ -145,8 +145,7 @@ pub(crate) async fn restore_prior_image(
         return Ok(());
     }
     let d = m.migration.data.as_ref().expect("a data change");
-    let types = super::keys::column_types(conn, d).await?;
-    let json = super::keys::json_columns(conn, d).await?;
+    let (types, json) = super::keys::column_types(conn, d).await?;
     let (mut rows, mut kept) = (0i64, 0i64);
     // The change's own rate limit holds for its undo: a rollback is run while production is
     // in trouble already, and the restore wrote into the same hot table as fast as it could

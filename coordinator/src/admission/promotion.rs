@@ -180,8 +180,9 @@ impl Coordinator {
         let lacking = match envs.before(&spec.environment) {
             Some(before) => {
                 let plans = self.inner.store.environment_plans(before).await?;
-                let undone = self.undone_since(spec, &plans).await?;
-                lacking(spec, &plans, &undone)
+                let stored = stored_migrations(&plans);
+                let undone = self.undone_since(spec, &stored).await?;
+                lacking_in(spec, &stored, &undone)
                     .into_iter()
                     .map(|(id, stand)| describe(&id, &stand, before))
                     .collect()
@@ -233,8 +234,6 @@ impl Coordinator {
     }
 }
 
-/// The plan's migrations that have not completed among `plans` (one environment's, oldest
-/// first), in the plan's order, each with where it stands.
 /// Completions that no longer stand, by migration: (the completed plans, the plan whose
 /// undo took the migration out from under them). See [`Coordinator::undone_since`].
 type Undone = std::collections::BTreeMap<String, (BTreeSet<String>, String)>;
@@ -250,11 +249,12 @@ impl Coordinator {
     async fn undone_since(
         &self,
         spec: &PlanSpec,
-        plans: &[PlanRow],
+        stored: &Stored<'_>,
     ) -> Result<Undone, CoordinatorError> {
         let mut out = Undone::new();
-        let undoers: Vec<&PlanRow> = plans
+        let undoers: Vec<&PlanRow> = stored
             .iter()
+            .map(|(r, _)| *r)
             .filter(|r| {
                 !matches!(
                     r.state,
@@ -267,10 +267,13 @@ impl Coordinator {
         }
         for m in &spec.migrations {
             let id = m.id.as_str();
-            let mut completions: Vec<&PlanRow> = plans
+            let mut completions: Vec<&PlanRow> = stored
                 .iter()
-                .filter(|r| r.state == PlanState::Completed)
-                .filter(|r| carries(r, id, &m.checksum))
+                .filter(|(r, ms)| {
+                    r.state == PlanState::Completed
+                        && ms.iter().any(|t| t.id == id && t.checksum == m.checksum)
+                })
+                .map(|(r, _)| *r)
                 .collect();
             completions.sort_by_key(|r| std::cmp::Reverse(r.updated_at_ms));
             for p in completions {
@@ -295,24 +298,13 @@ impl Coordinator {
     }
 }
 
-/// Whether the plan stored in `row` carries migration `id` with `checksum`.
-fn carries(row: &PlanRow, id: &str, checksum: &str) -> bool {
-    hex::decode(&row.spec_hex)
-        .ok()
-        .and_then(|b| pb::PlanSpec::decode(b.as_slice()).ok())
-        .is_some_and(|p| {
-            p.migrations
-                .iter()
-                .any(|m| m.id == id && m.checksum == checksum)
-        })
-}
+/// An environment's plans, newest first, each with the migrations it carried (its stored
+/// spec decoded once, for the gate's reads of it).
+type Stored<'a> = Vec<(&'a PlanRow, Vec<pb::Migration>)>;
 
-/// `undone`: the completions there that no longer stand ([`Coordinator::undone_since`]).
-fn lacking(spec: &PlanSpec, plans: &[PlanRow], undone: &Undone) -> Vec<(String, Stand)> {
-    // the submitted migrations as a plan carries them (to compare with the stored ones)
-    let now = pb::PlanSpec::from(spec).migrations;
-    // (plan row, its migrations), newest first
-    let stored: Vec<(&PlanRow, Vec<pb::Migration>)> = plans
+/// [`Stored`] of `plans` (oldest first, as the store gives them).
+fn stored_migrations(plans: &[PlanRow]) -> Stored<'_> {
+    plans
         .iter()
         .rev()
         .filter_map(|row| {
@@ -323,7 +315,21 @@ fn lacking(spec: &PlanSpec, plans: &[PlanRow], undone: &Undone) -> Vec<(String, 
             };
             Some((row, raw.migrations))
         })
-        .collect();
+        .collect()
+}
+
+/// [`lacking_in`] of `plans` (oldest first).
+#[cfg(test)]
+fn lacking(spec: &PlanSpec, plans: &[PlanRow], undone: &Undone) -> Vec<(String, Stand)> {
+    lacking_in(spec, &stored_migrations(plans), undone)
+}
+
+/// The plan's migrations that have not completed among `stored` (one environment's),
+/// each with where it stands; `undone`: the completions there that no longer stand
+/// ([`Coordinator::undone_since`]).
+fn lacking_in(spec: &PlanSpec, stored: &Stored<'_>, undone: &Undone) -> Vec<(String, Stand)> {
+    // the submitted migrations as a plan carries them (to compare with the stored ones)
+    let now = pb::PlanSpec::from(spec).migrations;
     // the same, each migration as (id, checksum)
     let carried: Vec<(&PlanRow, Vec<(String, String)>)> = stored
         .iter()

@@ -29,12 +29,19 @@ impl Engine {
         self.step_seconds += STEP_TIME_WEIGHT * (s - self.step_seconds);
     }
 
+    /// A shard this term knows of from now on, its step counters at 0 (a series that first
+    /// appears already holding its value hides that step from `increase()`: a failure on a
+    /// shard known late read 0 failures on the dashboard).
+    fn know_shard(&mut self, shard: &str) {
+        if self.known_agents.insert(shard.to_string()) {
+            metrics::shard_known(shard);
+        }
+    }
+
     /// A shard's agent attached (`true`) or went away.
     pub(super) fn agent_seen(&mut self, shard: &str, attached: bool) {
         if attached {
-            if self.known_agents.insert(shard.to_string()) {
-                metrics::shard_known(shard);
-            }
+            self.know_shard(shard);
             self.away_since.remove(shard);
         } else {
             self.away_since.insert(shard.to_string(), Instant::now());
@@ -59,12 +66,7 @@ impl Engine {
                 .filter(|s| !self.agents.contains_key(s))
                 .collect();
             for shard in extra {
-                // its step counters from 0 too: a series that first appears already
-                // holding its value hides that step from `increase()` (a failure on a shard
-                // known this way read 0 failures on the dashboard)
-                if self.known_agents.insert(shard.clone()) {
-                    metrics::shard_known(&shard);
-                }
+                self.know_shard(&shard);
                 self.away_since.entry(shard).or_insert(now);
             }
             for shard in &self.known_agents {
@@ -144,9 +146,7 @@ impl Engine {
                 continue;
             }
             let ago = Duration::from_millis((now_ms - seen_ms).max(0) as u64);
-            if self.known_agents.insert(shard.clone()) {
-                metrics::shard_known(&shard);
-            }
+            self.know_shard(&shard);
             self.away_since
                 .entry(shard)
                 .or_insert_with(|| now.checked_sub(ago).unwrap_or(now));

@@ -503,7 +503,7 @@ fn sets_search_path(p: &Parsed) -> Option<(String, &'static str)> {
         if i >= 2 && raw(i - 1) == "." && !word(i - 2).eq_ignore_ascii_case("pg_catalog") {
             continue;
         }
-        let first = string(i + 2).then(|| string_constant(raw(i + 2)));
+        let first = string(i + 2).then(|| string_constant(raw(i + 2))).flatten();
         if let Some(name) = first.as_deref()
             && is(i + 3, Token::Ascii44)
         {
@@ -561,99 +561,33 @@ fn tenant_first(
     false
 }
 
-/// The value of a string constant as the scanner gives its text: `'it''s'` (and
-/// `'search_'` `'path'` on two lines, which is one constant), `E'search\_path'` with its
-/// escapes (`\137`, `\x5f`, `\u005f`), `U&'search\005Fpath'`, `$tag$...$tag$`: enough to
-/// compare a setting's name.
-fn string_constant(token: &str) -> String {
-    if let Some(rest) = token.strip_prefix('$') {
-        let tag_end = rest.find('$').map_or(0, |e| e + 1);
-        let inner = &rest[tag_end..];
-        let close = inner.rfind('$').and_then(|e| inner[..e].rfind('$'));
-        return close.map_or(inner, |c| &inner[..c]).to_string();
-    }
-    let (escapes, unicode, body) = if let Some(b) = token
-        .strip_prefix("U&")
-        .or_else(|| token.strip_prefix("u&"))
-    {
-        (false, true, b)
-    } else if let Some(b) = token.strip_prefix(['E', 'e']) {
-        (true, false, b)
-    } else {
-        (false, false, token)
+/// The value of a string constant as the scanner gives its text (`'it''s'`, a constant
+/// continued on the next line, `E'search\_path'` and its escapes, `U&'...'`,
+/// `$tag$...$tag$`), read by PostgreSQL's own parser; None when it reads no string.
+fn string_constant(token: &str) -> Option<String> {
+    let parsed =
+        pg_query::parse(&format!("SELECT {token}"), pg_query::ParserOptions::DEFAULT).ok()?;
+    let stmt = parsed
+        .protobuf
+        .stmts
+        .first()?
+        .stmt
+        .as_ref()?
+        .node
+        .as_ref()?;
+    let NodeEnum::SelectStmt(select) = stmt else {
+        return None;
     };
-    // the quoted segments, joined (a constant may continue on the next line)
-    let mut out = String::new();
-    let mut chars = body.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\'' {
-            continue;
-        }
-        // one segment
-        while let Some(c) = chars.next() {
-            match c {
-                '\'' if chars.peek() == Some(&'\'') => {
-                    chars.next();
-                    out.push('\'');
-                }
-                '\'' => break,
-                '\\' if escapes => {
-                    let Some(e) = chars.next() else { break };
-                    let mut code = |n: usize, radix: u32, first: Option<char>| {
-                        let mut digits: String = first.into_iter().collect();
-                        while digits.len() < n {
-                            match chars.peek() {
-                                Some(d) if d.is_digit(radix) => {
-                                    digits.push(*d);
-                                    chars.next();
-                                }
-                                _ => break,
-                            }
-                        }
-                        u32::from_str_radix(&digits, radix)
-                            .ok()
-                            .and_then(char::from_u32)
-                    };
-                    let decoded = match e {
-                        'b' => Some('\u{8}'),
-                        'f' => Some('\u{c}'),
-                        'n' => Some('\n'),
-                        'r' => Some('\r'),
-                        't' => Some('\t'),
-                        '0'..='7' => code(3, 8, Some(e)),
-                        'x' => code(2, 16, None),
-                        'u' => code(4, 16, None),
-                        'U' => code(8, 16, None),
-                        other => Some(other),
-                    };
-                    out.extend(decoded);
-                }
-                '\\' if unicode => {
-                    let mut hex = String::new();
-                    let n = if chars.peek() == Some(&'+') {
-                        chars.next();
-                        6
-                    } else {
-                        4
-                    };
-                    if chars.peek() == Some(&'\\') {
-                        chars.next();
-                        out.push('\\');
-                        continue;
-                    }
-                    while hex.len() < n {
-                        match chars.next() {
-                            Some(d) => hex.push(d),
-                            None => break,
-                        }
-                    }
-                    out.extend(u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32));
-                }
-                c => out.push(c),
-            }
-        }
+    let Some(NodeEnum::ResTarget(target)) = select.target_list.first()?.node.as_ref() else {
+        return None;
+    };
+    match target.val.as_ref()?.node.as_ref()? {
+        NodeEnum::AConst(c) => match &c.val {
+            Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.clone()),
+            _ => None,
+        },
+        _ => None,
     }
-    out
 }
 
 /// [`TENANT_ESCAPE`] for each statement of a tenant's migration: an error where the
