@@ -1,6 +1,7 @@
 //! Every metric the agent exports. Names carry the `flotilla_agent_` prefix and a unit
 //! suffix; label values come from the closed enums below, never from user input.
 use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use flotilla_core::pb;
@@ -212,6 +213,7 @@ pub fn run_finished() {
 }
 
 pub fn coordinator_connected(connected: bool) {
+    ATTACHED.store(connected, Ordering::Relaxed);
     gauge!(COORDINATOR_CONNECTED).set(if connected { 1.0 } else { 0.0 });
 }
 
@@ -220,7 +222,29 @@ pub fn reconnected() {
 }
 
 pub fn etcd_liveness_up(up: bool) {
+    ETCD_LIVENESS.store(if up { ETCD_UP } else { ETCD_DOWN }, Ordering::Relaxed);
     gauge!(ETCD_LIVENESS_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Whether the agent's stream to the leader is up (welcomed), for [`readiness`].
+static ATTACHED: AtomicBool = AtomicBool::new(false);
+/// The agent's etcd liveness key: never kept (no etcd), kept, or lost.
+static ETCD_LIVENESS: AtomicU8 = AtomicU8::new(ETCD_UNUSED);
+const ETCD_UNUSED: u8 = 0;
+const ETCD_UP: u8 = 1;
+const ETCD_DOWN: u8 = 2;
+
+/// What the agent's `/readyz` answers: ready while attached to the leader and, with
+/// etcd, keeping its liveness key (without it the leader counts the shard away, and an
+/// atomic plan cannot decide on it).
+pub fn readiness() -> Result<(), String> {
+    if !ATTACHED.load(Ordering::Relaxed) {
+        return Err("not attached to the leading coordinator".into());
+    }
+    if ETCD_LIVENESS.load(Ordering::Relaxed) == ETCD_DOWN {
+        return Err("its liveness key in etcd is not kept (etcd out of reach)".into());
+    }
+    Ok(())
 }
 
 pub fn shard_lock_held(held: bool) {

@@ -8,10 +8,14 @@
 //! tick ([`publish`]), so they can never drift from it.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::Once;
+use std::sync::{Arc, Once, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, header};
 pub use metrics_exporter_prometheus::BuildError;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use flotilla_core::protocol::Decision;
 use flotilla_core::state::{PlanState, StepState};
@@ -73,14 +77,27 @@ pub const NO_ENVIRONMENT: &str = "none";
 /// Why data changes wait at a batch boundary (the `why` label).
 const DATA_WAITS: [&str; 2] = ["throttled", "paused"];
 
-/// Serves `/metrics` on `addr` (Prometheus text format) and describes every metric.
-pub fn install(addr: Option<SocketAddr>) -> Result<(), BuildError> {
+/// Why the metrics endpoint could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("{0}")]
+    Build(#[from] BuildError),
+    #[error("{addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Serves `/metrics` on `addr` (Prometheus text format), with `/healthz` and `/readyz`
+/// beside it (see [`set_readiness`]), and describes every metric.
+pub fn install(addr: Option<SocketAddr>) -> Result<(), MetricsError> {
     install_labelled(addr, None)
 }
 
 /// [`install`] for an agent's process: every series it serves carries `shard="NAME"`,
 /// so dashboards and alerts name the shard whatever the scrape configuration says.
-pub fn install_agent(addr: Option<SocketAddr>, shard: &str) -> Result<(), BuildError> {
+pub fn install_agent(addr: Option<SocketAddr>, shard: &str) -> Result<(), MetricsError> {
     install_labelled(addr, Some(shard))
 }
 
@@ -100,16 +117,123 @@ fn bucketed() -> Result<metrics_exporter_prometheus::PrometheusBuilder, BuildErr
         )
 }
 
-fn install_labelled(addr: Option<SocketAddr>, shard: Option<&str>) -> Result<(), BuildError> {
+fn install_labelled(addr: Option<SocketAddr>, shard: Option<&str>) -> Result<(), MetricsError> {
     if let Some(addr) = addr {
-        let mut builder = bucketed()?.with_http_listener(addr);
+        // Bound here, before anything else starts: a port taken is an error at start,
+        // not a log line later.
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        let mut builder = bucketed()?;
         if let Some(shard) = shard {
             builder = builder.add_global_label("shard", shard);
         }
-        builder.install()?;
+        let handle = builder.install_recorder()?;
+        // Histograms are drained into their buckets by the upkeep (the exporter's own
+        // listener ran it every 5 s too).
+        let upkeep = handle.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
+        tokio::spawn(serve_http(listener, handle));
     }
     DESCRIBE.call_once(describe);
     Ok(())
+}
+
+/// What `/readyz` asks: `Ok` while the process can do its work, why not otherwise.
+type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+static READINESS: RwLock<Option<Readiness>> = RwLock::new(None);
+
+/// What the metrics port's `/readyz` answers from now on: 200 while `ready` says `Ok`,
+/// 503 with its reason otherwise (before it is set: 503 "starting").
+pub fn set_readiness(ready: impl Fn() -> Result<(), String> + Send + Sync + 'static) {
+    *READINESS.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(ready));
+}
+
+fn readiness() -> Result<(), String> {
+    let ready = READINESS.read().unwrap_or_else(|e| e.into_inner()).clone();
+    match ready {
+        Some(ready) => ready(),
+        None => Err("starting".into()),
+    }
+}
+
+/// The metrics port: HTTP/1.1, one task per connection (a scrape or a probe each).
+async fn serve_http(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics port: accepting a connection failed");
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let handle = handle.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&handle, &req)) }
+            });
+            // a scraper that hangs up mid-answer is no news
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// `/metrics` (and `/`, which served them before there was anything else), `/healthz`
+/// (the process answers: liveness), `/readyz` ([`set_readiness`]); 404 elsewhere, so a
+/// probe of a path that is not there fails instead of passing on the metrics page.
+fn answer<B>(handle: &PrometheusHandle, req: &Request<B>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut response = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} is not served here: GET only\n", req.method()),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    match req.uri().path() {
+        "/metrics" | "/" => {
+            let mut response = text(StatusCode::OK, handle.render());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        other => text(
+            StatusCode::NOT_FOUND,
+            format!("{other} is not served here: /metrics, /healthz and /readyz are\n"),
+        ),
+    }
 }
 
 fn describe() {
@@ -581,6 +705,30 @@ pub fn control_store_up(up: bool) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_metrics_port_answers_its_paths_and_refuses_the_rest() {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        let get = |method: hyper::Method, path: &str| {
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .body(())
+                .unwrap();
+            super::answer(&handle, &req)
+        };
+        for path in ["/metrics", "/", "/healthz", "/livez"] {
+            assert_eq!(get(hyper::Method::GET, path).status(), 200, "{path}");
+        }
+        assert_eq!(get(hyper::Method::HEAD, "/metrics").status(), 200);
+        assert_eq!(get(hyper::Method::GET, "/metrics/").status(), 404);
+        assert_eq!(get(hyper::Method::GET, "/health").status(), 404);
+        let post = get(hyper::Method::POST, "/metrics");
+        assert_eq!(post.status(), 405);
+        assert_eq!(post.headers()[hyper::header::ALLOW], "GET, HEAD");
+    }
     use super::*;
 
     /// Runs `f` against a recorder of its own (the served buckets) and returns what it

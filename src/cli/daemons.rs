@@ -330,6 +330,7 @@ pub async fn agent(args: AgentArgs, coordinator: &str) -> u8 {
         eprintln!("error: --metrics: {e}");
         return EXIT_BAD_INPUT;
     }
+    flotilla_coordinator::metrics::set_readiness(flotilla_agent::metrics::readiness);
     let config = match agent_config(&args, coordinator) {
         Ok(c) => c,
         Err(e) => {

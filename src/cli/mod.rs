@@ -233,7 +233,8 @@ pub struct CoordinatorArgs {
     /// every local user.
     #[arg(long)]
     pub store_password_file: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464): `/metrics`, with
+    /// `/healthz` and `/readyz` (the leader, its store answering) for HTTP probes.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
     /// Also serve the gRPC health service alone (grpc.health.v1.Health), in plaintext, on
@@ -386,8 +387,9 @@ pub struct AgentArgs {
     /// Connections to the shard, i.e. the most steps running at once.
     #[arg(long, default_value_t = 8)]
     pub max_connections: u32,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465). One port per agent:
-    /// agents of several shards on one host each need their own.
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465): `/metrics`, with
+    /// `/healthz` and `/readyz` (attached to the leader). One port per agent: agents of
+    /// several shards on one host each need their own.
     #[arg(long, env = "FLOTILLA_METRICS")]
     pub metrics: Option<SocketAddr>,
     /// etcd endpoints (comma-separated): the agent keeps a liveness key there

@@ -473,6 +473,41 @@ async fn alerts_fire_on_a_real_fleet() -> anyhow::Result<()> {
         .await?;
     let prom = Prometheus::start(coordinator, agent).await?;
 
+    // Probes on the metrics ports: /healthz while the process answers, /readyz while it
+    // can work (the leader with its store; an agent attached to it), 404 off them (every
+    // path answered the metrics page, so a probe of any path passed).
+    for addr in [coordinator, agent] {
+        wait_until("ready", WAIT, async || {
+            Ok(http::get(addr, "/readyz").await?.status == 200)
+        })
+        .await?;
+        let r = http::get(addr, "/healthz").await?;
+        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"), "{addr}");
+        let r = http::get(addr, "/health/live").await?;
+        assert_eq!(r.status, 404, "{addr}: {}", r.body);
+        assert!(r.body.contains("/readyz"), "{addr}: {}", r.body);
+    }
+    // The agent without its coordinator is alive and not ready, and says why.
+    if let Some(mut c) = fleet.coordinators[0].take() {
+        c.kill()?;
+        fleet.retired.push(c);
+    }
+    wait_until("the agent is not ready", WAIT, async || {
+        Ok(http::get(agent, "/readyz").await?.status == 503)
+    })
+    .await?;
+    let r = http::get(agent, "/readyz").await?;
+    assert_eq!(
+        r.body, "not ready: not attached to the leading coordinator\n",
+        "{r:?}"
+    );
+    assert_eq!(http::get(agent, "/healthz").await?.status, 200);
+    fleet.restart_coordinator_with(0, &[]).await?;
+    wait_until("the agent is ready again", WAIT, async || {
+        Ok(http::get(agent, "/readyz").await?.status == 200)
+    })
+    .await?;
+
     // A production plan held in motion: tenant_0000 waits on an advisory lock we hold.
     let lock = hold(&fleet.pg, 0, 4711).await?;
     let d = MigrationDir::new()?;

@@ -36,10 +36,29 @@ pub(crate) async fn health_service(
     let (reporter, server) = tonic_health::server::health_reporter();
     let serving = leadership.borrow().is_leader() && *store_up.borrow();
     publish(&reporter, serving).await;
+    // The metrics port's `/readyz` says the same as the leader-only services, for probes
+    // that speak HTTP (and why not, which gRPC health cannot).
+    let (leading, store) = (leadership.clone(), store_up.clone());
+    crate::metrics::set_readiness(move || {
+        match &*leading.borrow() {
+            Leadership::Leader { .. } => {}
+            Leadership::Follower { leader: Some(at) } => {
+                return Err(format!("a follower: the leader is {at}"));
+            }
+            Leadership::Follower { leader: None } => {
+                return Err("a follower: no coordinator leads".into());
+            }
+        }
+        match *store.borrow() {
+            true => Ok(()),
+            false => Err("the control store does not answer".into()),
+        }
+    });
     let follow = tokio::spawn(follow_leadership(leadership, store_up, reporter.clone()));
     let shutdown = async move {
         shutdown.await;
         follow.abort();
+        crate::metrics::set_readiness(|| Err("stopping".into()));
         let mut reporter = reporter;
         for service in std::iter::once("").chain(LEADER_ONLY) {
             reporter
