@@ -255,7 +255,7 @@ fn describe() {
     );
     describe_counter!(
         "flotilla_plans_finished_total",
-        "Plans that reached a final state, by state."
+        "Plans that reached a final state, by state, and by whom: operator (an operator's rollback, cancel or halt, an approver's rejection) or plan (its own end: completed, a failure, a gate or an error budget). A plan that ended and is rolled back later counts again, rolled_back by operator."
     );
     describe_gauge!(
         "flotilla_plans_awaiting_approval",
@@ -404,7 +404,10 @@ pub fn initialise(agent_grace: Duration) {
     }
     counter!("flotilla_plans_started_total").absolute(0);
     for state in PlanState::ALL.iter().filter(|s| s.is_terminal()) {
-        counter!("flotilla_plans_finished_total", "state" => state.as_str()).absolute(0);
+        for by in [false, true] {
+            counter!("flotilla_plans_finished_total", "state" => state.as_str(), "by" => ended_by(by))
+                .absolute(0);
+        }
     }
     for d in [Decision::Commit, Decision::Abort] {
         counter!("flotilla_decisions_total", "decision" => d.as_str()).absolute(0);
@@ -429,8 +432,15 @@ pub fn plan_started() {
     counter!("flotilla_plans_started_total").increment(1);
 }
 
-pub fn plan_finished(state: PlanState) {
-    counter!("flotilla_plans_finished_total", "state" => state.as_str()).increment(1);
+/// A plan's end; `by_operator` when an operator's command ended it (rollback, cancel,
+/// halt, rejection), not its own failure.
+pub fn plan_finished(state: PlanState, by_operator: bool) {
+    counter!("flotilla_plans_finished_total", "state" => state.as_str(), "by" => ended_by(by_operator))
+        .increment(1);
+}
+
+fn ended_by(by_operator: bool) -> &'static str {
+    if by_operator { "operator" } else { "plan" }
 }
 
 /// A step's result from its run, timed on the shard.

@@ -188,6 +188,8 @@ impl Coordinator {
             }
             n += 1;
             let mut run = self.rebuild(&row).await?;
+            // An undo or a stop an operator asked for still ends by the operator.
+            run.by_operator = crate::engine::by_operator(&row.message);
             let shards: Vec<String> = run.shards.keys().cloned().collect();
             // An atomic plan is open until it ends; a group-atomic one once its
             // current unit could have started (a transaction of it may be prepared:

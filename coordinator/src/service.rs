@@ -719,6 +719,7 @@ impl Coordinator {
             }
             let mut run = self.rebuild(&row).await?;
             run.state = PlanState::Completed;
+            run.by_operator = true;
             Some(Box::new(run))
         };
         if revive.is_some() {

@@ -608,7 +608,7 @@ async fn coordinator_serves_prometheus_metrics() -> anyhow::Result<()> {
     assert_eq!(
         sample(
             &r.body,
-            "flotilla_plans_finished_total{state=\"completed\"}"
+            "flotilla_plans_finished_total{state=\"completed\",by=\"plan\"}"
         ),
         Some(1.0),
         "{}",

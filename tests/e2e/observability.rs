@@ -547,6 +547,46 @@ async fn alerts_fire_on_a_real_fleet() -> anyhow::Result<()> {
     })
     .await?;
 
+    // An operator's rollback of it ends rolled_back by the operator; a plan's own failure
+    // by the plan, and only that fires FlotillaPlanFailed (it fired for the operator's
+    // rollback too, and twice for a failed plan an operator rolled back).
+    let out = fleet
+        .cli(&["plan", "rollback", &id, "--wait", "--reason", "not today"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let d = MigrationDir::new()?;
+    d.migration(
+        "20250302000000_fails",
+        "",
+        "ALTER TABLE no_such_table ADD COLUMN x int",
+        "ALTER TABLE no_such_table DROP COLUMN x",
+    )?;
+    let failed = fleet.submit(d.path(), &["--policy", "stop"]).await?;
+    let (out, status) = fleet.watch(&failed).await?;
+    assert_eq!(status["state"], "failed", "{out}");
+    let body = scrape(coordinator).await?;
+    for (series, n) in [
+        ("{state=\"rolled_back\",by=\"operator\"}", 1.0),
+        ("{state=\"rolled_back\",by=\"plan\"}", 0.0),
+        ("{state=\"failed\",by=\"plan\"}", 1.0),
+    ] {
+        assert_eq!(
+            sample(&body, &format!("flotilla_plans_finished_total{series}")),
+            Some(n),
+            "{series}: {body}"
+        );
+    }
+    wait_until("the failure's alert fires", WAIT, async || {
+        Ok(!firing(&prom, "FlotillaPlanFailed").await?.is_empty())
+    })
+    .await?;
+    let states: Vec<Value> = firing(&prom, "FlotillaPlanFailed")
+        .await?
+        .iter()
+        .map(|l| l["state"].clone())
+        .collect();
+    assert_eq!(states, ["failed"], "{states:?}");
+
     // A data change held back by a health signal above its limit: both sides say it waits,
     // throttled, on shard_0; once the signal is down it ends and the gauges go back to 0.
     fleet

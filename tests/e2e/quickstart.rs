@@ -168,7 +168,7 @@ async fn quickstart_script_rolls_the_example_across_a_demo_fleet_and_cleans_up()
         .await?
         .body;
     assert!(
-        body.contains("flotilla_plans_finished_total{state=\"completed\"} 1"),
+        body.contains("flotilla_plans_finished_total{state=\"completed\",by=\"plan\"} 1"),
         "metrics:\n{body}"
     );
 

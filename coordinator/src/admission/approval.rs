@@ -377,7 +377,8 @@ impl Coordinator {
             },
         );
         self.flush().await;
-        crate::metrics::plan_finished(state);
+        // (an approver's rejection, or an operator's cancel of a plan awaiting approval)
+        crate::metrics::plan_finished(state, true);
         self.count_awaiting().await;
         info!(plan = %row.id, state = state.as_str(), "{message}");
         let status = self.status(&row.id).await?;

@@ -4,7 +4,7 @@
 use flotilla_core::FailurePolicy;
 use tracing::info;
 
-use super::{CommandKind, Engine, outbound};
+use super::{CommandKind, Engine, REQUESTED_BY, outbound};
 use crate::actor::Actor;
 use crate::error::{Conflict, CoordinatorError, Refusal};
 use crate::plan::{PlanRun, PlanState};
@@ -217,11 +217,13 @@ impl Engine {
             };
             format!("{why}; {}", actor.explain(""))
         } else {
-            actor.explain(&format!("{action} requested by {}", actor.name))
+            actor.explain(&format!("{action}{REQUESTED_BY}{}", actor.name))
         };
         let undo = kind == CommandKind::Rollback || run.policy() == FailurePolicy::AllOrNothing;
         // (a rollback taken up keeps how it was to end: a cancel's undo ends cancelled)
         if !revived {
+            // (a rollback taken up keeps who began it: its reviver says)
+            run.by_operator = true;
             run.rollback_ends = if kind == CommandKind::Cancel {
                 PlanState::Cancelled
             } else {

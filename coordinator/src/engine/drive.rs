@@ -125,7 +125,7 @@ impl Engine {
         let progress: Vec<pb::DataProgress> = run.progress.values().cloned().collect();
         let had_data = !progress.is_empty() || run.spec.migrations.iter().any(|m| m.data.is_some());
         info!(plan = %plan_id, state = state.as_str(), "{message}");
-        metrics::plan_finished(state);
+        metrics::plan_finished(state, run.by_operator);
         self.write(StoreOp::Steps {
             plan_id: plan_id.to_string(),
             updates,

@@ -47,6 +47,21 @@ pub use outbound::msg;
 /// (followed by its term).
 pub(crate) const RESUMED_BY: &str = "its rollback resumed by the leader of term";
 
+/// How a plan's message begins when an operator's command stops it: `cancel requested by
+/// NAME`, `rollback requested by NAME`, `halted by NAME` ([`by_operator`] reads them back).
+pub(crate) const REQUESTED_BY: &str = " requested by ";
+pub(crate) const HALTED_BY: &str = "halted by ";
+
+/// Whether a stored plan message says an operator's command stopped the plan (a new
+/// leader taking up its undo or its stop counts its end as the operator's).
+pub(crate) fn by_operator(message: &str) -> bool {
+    ["cancel", "rollback"].iter().any(|action| {
+        message
+            .strip_prefix(action)
+            .is_some_and(|rest| rest.starts_with(REQUESTED_BY))
+    }) || message.starts_with(HALTED_BY)
+}
+
 pub type AgentTx = mpsc::Sender<pb::CoordinatorMessage>;
 
 /// Plan ids whose status changed (for `watch`), with the final status when the plan ended:

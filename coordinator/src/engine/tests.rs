@@ -1187,3 +1187,24 @@ async fn a_taken_over_unit_decided_to_commit_is_not_cancelled() {
         .map(|s| s.state);
     assert_eq!(state.as_deref(), Some("committing"), "no agent attached");
 }
+
+#[test]
+fn an_operators_stop_is_read_back_from_the_stored_message() {
+    for message in [
+        "rollback requested by alice",
+        "rollback requested by alice: not today",
+        "cancel requested by bob; its rollback resumed by the leader of term 7",
+        "halted by carol: wave 2 looks wrong",
+    ] {
+        assert!(super::by_operator(message), "{message}");
+    }
+    for message in [
+        "",
+        "step 2025_x failed on s/t (SQLSTATE 42P01): rollback requested by nobody",
+        "wave 1's gate failed; halted: what applied stays",
+        "rollback requested",
+        "retry of 2 steps requested by alice",
+    ] {
+        assert!(!super::by_operator(message), "{message}");
+    }
+}

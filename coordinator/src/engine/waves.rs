@@ -5,7 +5,7 @@ use flotilla_core::state::{PlanState, WaveState};
 use flotilla_core::waves::OnBudgetExhausted;
 use tracing::{info, warn};
 
-use super::Engine;
+use super::{Engine, HALTED_BY};
 use crate::actor::Actor;
 use crate::error::{Conflict, CoordinatorError, Refusal};
 use crate::plan::waves::WaveChange;
@@ -158,8 +158,11 @@ impl Engine {
             }
             .into());
         }
-        let message = actor.explain(&format!("halted by {}", actor.name));
+        let message = actor.explain(&format!("{HALTED_BY}{}", actor.name));
         self.stop_plan(plan_id, message);
+        if let Some(run) = self.plans.get_mut(plan_id) {
+            run.by_operator = true;
+        }
         self.write(actor.audit("halt", plan_id, ""));
         Ok(())
     }

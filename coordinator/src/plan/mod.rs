@@ -129,6 +129,9 @@ pub struct PlanRun {
     /// Where a rollback or a stop ends: rolled_back (or failed), cancelled when an
     /// operator cancelled, halted when the plan was halted.
     pub rollback_ends: PlanState,
+    /// Whether an operator's command (rollback, cancel, halt) is what ends it: its end is
+    /// counted `by="operator"`, and the failure alert is not for it.
+    pub by_operator: bool,
     pub message: String,
     pub shards: BTreeMap<String, ShardRun>,
     pub failures: Vec<pb::StepFailure>,
@@ -333,6 +336,7 @@ impl PlanRun {
             remaining: vec![0; n],
             state: PlanState::Running,
             rollback_ends: PlanState::RolledBack,
+            by_operator: false,
             message: String::new(),
             shards,
             failures: Vec::new(),

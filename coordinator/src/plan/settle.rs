@@ -384,6 +384,8 @@ impl PlanRun {
         });
         self.state = PlanState::Running;
         self.rollback_ends = PlanState::RolledBack;
+        // a retried plan that fails again failed by itself
+        self.by_operator = false;
         self.cancelled.clear();
         self.recount_remaining();
         // Waves: a wave that passed and has no work again stays passed; every other one
