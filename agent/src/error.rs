@@ -165,6 +165,21 @@ pub(crate) fn is_auth_failure(e: &sqlx::Error) -> bool {
     sqlstate(e).is_some_and(|c| c.starts_with(SQLSTATE_CLASS_AUTH))
 }
 
+/// The TLS the DSN asks for failed (`sslmode=require` and a server without TLS, a server
+/// certificate that `verify-ca`/`verify-full` refuses, an `sslrootcert` not readable): a
+/// configuration to fix, which trying again cannot.
+pub(crate) fn is_tls_failure(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Tls(_) => true,
+        // the handshake's own refusal (a certificate not trusted, a name that does not
+        // match) comes up through the socket as an I/O error
+        sqlx::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
+        _ => false,
+    }
+}
+
 /// The DSN's database is not on the server (invalid_catalog_name): a configuration to fix,
 /// not a shard still starting.
 pub(crate) fn is_missing_database(e: &sqlx::Error) -> bool {

@@ -575,3 +575,101 @@ async fn plaintext_off_loopback_needs_insecure_spelled_out() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// The shard's PostgreSQL over TLS: an agent whose DSN says `sslmode=verify-full` with the
+/// server's CA reaches it encrypted (`pg_stat_ssl`) and runs a plan; one given another CA,
+/// or asking TLS of a server without it, stops at once naming the TLS failure (the driver
+/// was built without TLS: every such DSN retried "not reachable" for good).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_reaches_its_shard_over_verified_tls_and_a_wrong_ca_stops_it() -> anyhow::Result<()>
+{
+    let ca = TestCa::new("postgres-server")?;
+    let server = ca.issue("postgres", &CertSpec::server("postgres"))?;
+    // PostgreSQL reads its key as its own user and refuses one that others may read.
+    if flotilla_testkit::running_as_root() {
+        let (uid, gid) = flotilla_testkit::postgres_os_user()?;
+        for file in [&server.cert, &server.key] {
+            std::os::unix::fs::chown(file, Some(uid), Some(gid))?;
+        }
+    }
+    std::fs::set_permissions(
+        &server.key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    let cert = server.cert.to_string_lossy().into_owned();
+    let key = server.key.to_string_lossy().into_owned();
+    let mut fleet = TestFleet::builder(1, 2)
+        .pg_setting("ssl", "on")
+        .pg_setting("ssl_cert_file", &cert)
+        .pg_setting("ssl_key_file", &key)
+        .start()
+        .await?;
+    fleet.agents[0].take().expect("agent 0").kill()?;
+    let verified = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        fleet.agent_dsn(0),
+        ca.ca_path().display()
+    );
+    let agent = fleet.spawn_agent_on(0, &verified)?;
+    fleet.agents[0] = Some(agent);
+    fleet.wait_attached(1).await?;
+    let d = plan("20250601000000_over_tls", "over_tls")?;
+    let (code, status, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(
+        (code, status["state"].as_str()),
+        (0, Some("completed")),
+        "{out}"
+    );
+    let plaintext: i64 = fleet
+        .pg
+        .query_scalar(
+            "shard_0",
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name = 'flotilla-agent' AND NOT s.ssl",
+        )
+        .await?;
+    let encrypted: i64 = fleet
+        .pg
+        .query_scalar(
+            "shard_0",
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name = 'flotilla-agent' AND s.ssl",
+        )
+        .await?;
+    assert_eq!(plaintext, 0);
+    assert!(
+        encrypted >= 1,
+        "the agent's connections: {encrypted} over TLS"
+    );
+
+    // Another CA: the server's certificate is refused, and the agent says so and stops.
+    let other = TestCa::new("someone-else")?;
+    let wrong = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        fleet.agent_dsn(0),
+        other.ca_path().display()
+    );
+    let out = run_flotilla(
+        &[
+            "--coordinator",
+            &fleet.addr,
+            "agent",
+            "--shard",
+            "shard_0",
+            "--dsn",
+            &wrong,
+            "--tenant-pattern",
+            "tenant_%",
+        ],
+        &[],
+    )
+    .await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert!(out.stderr.contains("shard_0"), "{out}");
+    assert!(
+        out.stderr.to_lowercase().contains("tls") || out.stderr.contains("certificate"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("retrying"), "{out}");
+    Ok(())
+}

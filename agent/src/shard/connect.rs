@@ -10,7 +10,7 @@ use tracing::{instrument, warn};
 
 use super::keepalive::{SERVER_KEEPALIVES, arm_open_sockets};
 use crate::config::{AgentConfig, backoff_delay};
-use crate::error::{AgentError, is_auth_failure, is_missing_database};
+use crate::error::{AgentError, is_auth_failure, is_missing_database, is_tls_failure};
 
 /// Where the shard is, for error messages (never with the password).
 fn describe(options: &PgConnectOptions) -> (String, u16, String) {
@@ -135,7 +135,7 @@ pub(crate) async fn connect(
             }
             Err(e) => e,
         };
-        if is_auth_failure(&error) || is_missing_database(&error) {
+        if is_auth_failure(&error) || is_missing_database(&error) || is_tls_failure(&error) {
             return Err(AgentError::ShardConnect {
                 shard: config.shard.clone(),
                 host,
