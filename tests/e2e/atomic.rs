@@ -5,7 +5,9 @@ use serde_json::Value;
 use crate::fleet::{Cli, MigrationDir, WAIT, coord_dbmate_dir};
 use crate::ha::HaFleet;
 use crate::harness::{wait_for, wait_until};
-use crate::shards::{assert_fences_not_back, fences, prepared};
+use crate::shards::{
+    assert_fences_not_back, fences, hold, logged_blocking_migration, prepared, release,
+};
 use flotilla_testkit::wait::fatal;
 
 /// Every fleet of this suite runs its agents as the role of deploy/sql/agent-role.sql: two-phase
@@ -1242,4 +1244,31 @@ async fn a_cancels_abort_finished_by_the_next_leader_ends_cancelled() -> anyhow:
 #[tokio::test(flavor = "multi_thread")]
 async fn a_decision_etcd_lost_under_its_leader_is_written_again() -> anyhow::Result<()> {
     decision_lost_while_committing(false, "the unit's commit decision was gone from etcd").await
+}
+
+/// `plan pause` of an atomic plan is refused, saying why and what to do instead: it was
+/// taken and the plan said paused, while every run went on to the commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pause_of_an_atomic_plan_is_refused_naming_cancel() -> anyhow::Result<()> {
+    let fleet = HaFleet::builder(1, 1, 2).start().await?;
+    let lock = hold(&fleet.pg, 0, 4712).await?;
+    let d = MigrationDir::new()?;
+    logged_blocking_migration(&d, "tenant_0000", 4712)?;
+    let id = fleet.submit(d.path(), &["--atomic"]).await?;
+    let out = fleet.cli(&["plan", "pause", &id]).await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stderr.contains("commits atomically")
+            && out.stderr.contains(&format!("flotilla plan cancel {id}")),
+        "{out}"
+    );
+    let out = fleet
+        .cli(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    let st: Value = serde_json::from_str(out.stdout.trim())?;
+    assert_eq!(st["paused"], serde_json::json!([]), "{st}");
+    release(lock, 4712).await?;
+    let (out, status) = fleet.watch(&id).await?;
+    assert_eq!(status["state"], "completed", "{out}");
+    Ok(())
 }

@@ -48,6 +48,14 @@ impl Engine {
             PlanState::Aborting => Some("atomic abort"),
             _ => None,
         };
+        // An atomic plan is one unit from its first step to its commit: a pause would say it
+        // is held while every run of it goes on (it was taken, and the plan committed).
+        if paused && run.spec.atomic {
+            return Err(Refusal::AtomicPause {
+                plan_id: plan_id.to_string(),
+            }
+            .into());
+        }
         if paused && let Some(what) = unheeded {
             return Err(Conflict::NotPausable {
                 plan_id: plan_id.to_string(),
