@@ -1273,3 +1273,64 @@ async fn logged_everywhere(fleet: &TestFleet) -> anyhow::Result<MigrationDir> {
     assert_eq!(code, 0, "{out}");
     Ok(d)
 }
+
+/// Newest first, at once: `plan rollback B --wait` then `plan rollback A --wait`, as the
+/// README says to undo two plans. The second was refused for "later plans" naming B, just
+/// rolled back, for a second or more (the leader's copy of the journals waited for the
+/// agents' reports), and `fleet status` said the fleet was at B's head meanwhile.
+#[tokio::test]
+async fn the_plan_before_one_just_rolled_back_rolls_back_at_once() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(2, 2).await?;
+    let (a, b) = (MigrationDir::new()?, MigrationDir::new()?);
+    a.migration(
+        "20250701000000_t_a",
+        "",
+        "CREATE TABLE t_a (x int)",
+        "DROP TABLE t_a",
+    )?;
+    b.migration(
+        "20250701000001_t_b",
+        "",
+        "CREATE TABLE t_b (x int)",
+        "DROP TABLE t_b",
+    )?;
+    let mut ids = Vec::new();
+    for d in [&a, &b] {
+        let (code, st, out) = fleet.submit_wait(d.path(), &[]).await?;
+        assert_eq!(
+            (code, st["state"].as_str()),
+            (0, Some("completed")),
+            "{out}"
+        );
+        ids.push(st["plan_id"].as_str().context("plan_id")?.to_string());
+    }
+    let out = fleet.cli(&["plan", "rollback", &ids[1], "--wait"]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = status(&fleet, &[]).await?;
+    let heads: Vec<&str> = cohorts(&st)
+        .iter()
+        .filter_map(|c| c["head"].as_str())
+        .collect();
+    assert!(
+        heads.iter().all(|h| !h.contains("t_b")),
+        "B's head right after its rollback: {st}"
+    );
+    let out = fleet.cli(&["plan", "rollback", &ids[0], "--wait"]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    for (s, _) in fleet.shards.iter().enumerate() {
+        for tenant in fleet.tenants(s) {
+            let tables: i64 = fleet
+                .pg
+                .query_scalar(
+                    &fleet.shards[s],
+                    &format!(
+                        "SELECT count(*) FROM pg_tables WHERE schemaname = '{tenant}' \
+                         AND tablename IN ('t_a', 't_b')"
+                    ),
+                )
+                .await?;
+            assert_eq!(tables, 0, "{tenant}");
+        }
+    }
+    Ok(())
+}

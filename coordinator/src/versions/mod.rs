@@ -305,9 +305,38 @@ impl FleetVersions {
     /// non-transactional step's as not applied until a rollback finishes), and the fleet
     /// view is where an operator looks for why. A rollback that then undoes that step there
     /// clears it.
+    ///
+    /// What it undid leaves the shard's journal copy at once, as an applied step enters it
+    /// ([`Self::record_results`]): the agent's report follows by up to a second or more, and
+    /// meanwhile `plan rollback` of the plan before it was refused for "later plans" naming
+    /// the plan just rolled back, and `fleet status` showed its head.
     pub fn record_rollback(&self, shard: &str, reply: &pb::RollbackReply) {
         let mut state = self.state.lock().expect("fleet versions lock");
         let now = crate::store::now_ms();
+        let journal = state.journal(shard);
+        let undone: HashSet<(&str, &str)> = reply
+            .steps
+            .iter()
+            .filter(|s| s.error.is_none())
+            .map(|s| (s.tenant.as_str(), s.migration_id.as_str()))
+            .collect();
+        let mut touched = Vec::new();
+        for (tenant, rows) in journal.targets.iter_mut() {
+            let before = rows.len();
+            // every applied step of the plan here undone: each of its rows goes
+            rows.retain(|r| {
+                r.plan_id != reply.plan_id
+                    || !(reply.complete
+                        || undone.contains(&(tenant.as_str(), r.migration_id.as_str())))
+            });
+            if rows.len() != before {
+                touched.push(tenant.clone());
+            }
+        }
+        for tenant in touched {
+            // its shape is the one from before the undo: drift until the agent reads it again
+            journal.fingerprints.remove(&tenant);
+        }
         let failures = Arc::make_mut(&mut state.failures);
         for step in &reply.steps {
             let key = (shard.to_string(), step.tenant.clone());
