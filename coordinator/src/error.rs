@@ -316,6 +316,10 @@ pub enum Conflict {
     )]
     LaterPlans { plan_id: String, later: String },
     #[error(
+        "plan {plan_id}: tenants that appeared after it completed got its migrations from catch-up plans ({caught_up}): its rollback undoes its own steps, and would leave them there; roll those catch-up plans back first, newest first (each undoes every migration it gave its tenants), or pass --ignore-later-plans (audited) to leave them"
+    )]
+    CaughtUp { plan_id: String, caught_up: String },
+    #[error(
         "plan {plan_id}: later plans applied migrations on the targets it would run again on ({later}): its steps would apply older migrations over theirs; roll them back first, newest first, or pass --ignore-later-plans (audited) when they do not touch what it changes"
     )]
     LaterPlansRetry { plan_id: String, later: String },

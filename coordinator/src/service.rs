@@ -101,6 +101,9 @@ pub struct Coordinator {
 /// answered anyway (`Coordinator::stored_before_answered`).
 const COMMAND_STORED_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Who a catch-up plan is submitted by (`versions::catch_up`).
+pub(crate) const CATCH_UP_SUBMITTER: &str = "catch-up";
+
 /// Which of a target's journal rows came after a plan's, for [`Coordinator::plans_after`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum After {
@@ -580,6 +583,63 @@ impl Coordinator {
         })
     }
 
+    /// Catch-up plans that applied the plan's migrations on targets outside it (tenants that
+    /// appeared after it completed), newest first: each named with those migrations and
+    /// some of its targets. A catch-up rolled back is not among them (its rows are gone).
+    async fn caught_up_on(
+        &self,
+        plan_id: &str,
+        spec: &flotilla_core::PlanSpec,
+    ) -> Result<Vec<String>, CoordinatorError> {
+        let mine: std::collections::BTreeSet<&str> =
+            spec.migrations.iter().map(|m| m.id.as_str()).collect();
+        let (journals, _) = self.inner.versions.snapshot();
+        type Found = (std::collections::BTreeSet<String>, Vec<String>, i64);
+        let mut found: BTreeMap<String, Found> = BTreeMap::new();
+        for (shard, journal) in journals.iter() {
+            for (tenant, rows) in &journal.targets {
+                // one of its own targets: the later-plans check speaks for it
+                if rows.iter().any(|r| r.plan_id == plan_id) {
+                    continue;
+                }
+                for r in rows
+                    .iter()
+                    .filter(|r| mine.contains(r.migration_id.as_str()))
+                {
+                    let (migrations, targets, newest) = found.entry(r.plan_id.clone()).or_default();
+                    *newest = (*newest).max(r.applied_at_ms);
+                    migrations.insert(r.migration_id.clone());
+                    let target = crate::versions::target_name(shard, tenant);
+                    if !targets.contains(&target) {
+                        targets.push(target);
+                    }
+                }
+            }
+        }
+        let mut caught_up = Vec::new();
+        for (plan, (migrations, targets, newest)) in found {
+            // Another plan of the same migrations elsewhere (a region's plan after another
+            // region's) is its own rollout: only a catch-up is this plan's own, carried on.
+            let Some(row) = self.inner.store.plan(&plan).await? else {
+                continue;
+            };
+            if row.submitted_by != CATCH_UP_SUBMITTER || row.state == PlanState::RolledBack {
+                continue;
+            }
+            let migrations: Vec<String> = migrations.into_iter().collect();
+            caught_up.push((
+                newest,
+                format!(
+                    "catch-up plan {plan}: {} on {}",
+                    migrations.join(", "),
+                    crate::error::some_of(&targets, 3)
+                ),
+            ));
+        }
+        caught_up.sort_by_key(|(newest, _)| std::cmp::Reverse(*newest));
+        Ok(caught_up.into_iter().map(|(_, named)| named).collect())
+    }
+
     /// Other plans' rows on the targets `after` picks, those after what it says for each
     /// (or none: the target is passed over), newest plan first: each named with its
     /// migrations and some of its targets (a `fleet baseline` as what it is).
@@ -718,6 +778,24 @@ impl Coordinator {
                 ));
             }
             let mut run = self.rebuild(&row).await?;
+            // Tenants that appeared after it completed got its migrations from catch-up
+            // plans: their journal rows are those plans', which this rollback does not undo
+            // (it left its migration, and the rows written since, there alone, said
+            // rolled_back).
+            let caught_up = self.caught_up_on(plan_id, &run.spec).await?;
+            if !caught_up.is_empty() {
+                if !ignore_later {
+                    return Err(Conflict::CaughtUp {
+                        plan_id: plan_id.to_string(),
+                        caught_up: crate::error::later_shown(&caught_up),
+                    }
+                    .into());
+                }
+                actor.add_reason(&format!(
+                    "leaving its migrations where catch-ups applied them ({})",
+                    crate::error::later_shown(&caught_up)
+                ));
+            }
             run.state = PlanState::Completed;
             run.by_operator = true;
             Some(Box::new(run))

@@ -1334,3 +1334,74 @@ async fn the_plan_before_one_just_rolled_back_rolls_back_at_once() -> anyhow::Re
     }
     Ok(())
 }
+
+/// A plan that asked for catch-up, rolled back after a tenant that appeared got its
+/// migration from a catch-up plan: refused, naming the catch-up plan (the rollback undid the
+/// plan's own targets and said rolled_back, its table and the rows written since left on the
+/// new tenant alone). The catch-up rolled back first, the plan rolls back, and nothing of it
+/// is left anywhere.
+#[tokio::test]
+async fn a_rollback_that_would_leave_its_migration_on_caught_up_tenants_is_refused()
+-> anyhow::Result<()> {
+    let fleet = TestFleet::builder(1, 2)
+        .agent_args(&["--discover-interval", "1s"])
+        .start()
+        .await?;
+    let ledger = MigrationDir::new()?;
+    ledger.migration(
+        "014_ledger",
+        "",
+        "CREATE TABLE ledger (id int PRIMARY KEY, amount numeric)",
+        "DROP TABLE ledger",
+    )?;
+    std::fs::write(
+        ledger.path().join("plan.toml"),
+        "name = \"ledger\"\ncatch_up = true\n",
+    )?;
+    let (code, st, out) = fleet.submit_wait(ledger.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let plan_id = st["plan_id"].as_str().context("plan_id")?.to_string();
+    fleet
+        .pg
+        .psql(&fleet.shards[0], &tenant_sql("tenant_0900", 1))
+        .await?;
+    let catch_up = catch_up_ended(&fleet, "catch-up-shard_0/tenant_0900").await?;
+    assert_eq!(catch_up["state"], "completed", "{catch_up}");
+    let catch_up_id = catch_up["plan_id"].as_str().context("plan_id")?.to_string();
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            "INSERT INTO tenant_0900.ledger VALUES (1, 10)",
+        )
+        .await?;
+
+    let out = fleet.cli(&["plan", "rollback", &plan_id, "--wait"]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "catch-up plan {catch_up_id}: 014_ledger on shard_0/tenant_0900"
+        )) && out.stderr.contains("--ignore-later-plans"),
+        "{out}"
+    );
+    let ledgers = async || -> anyhow::Result<i64> {
+        fleet
+            .pg
+            .query_scalar(
+                &fleet.shards[0],
+                "SELECT count(*) FROM pg_tables WHERE tablename = 'ledger'",
+            )
+            .await
+    };
+    assert_eq!(ledgers().await?, 3, "nothing undone by the refusal");
+    assert_eq!(fleet.status(&plan_id).await?["state"], "completed");
+
+    let out = fleet
+        .cli(&["plan", "rollback", &catch_up_id, "--wait"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = fleet.cli(&["plan", "rollback", &plan_id, "--wait"]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(ledgers().await?, 0);
+    Ok(())
+}

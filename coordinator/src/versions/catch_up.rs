@@ -383,7 +383,7 @@ fn catch_up_spec(
         environment,
         policy: pb::FailurePolicy::AllOrNothing as i32,
         default_scope: pb::Scope::Tenant as i32,
-        submitted_by: "catch-up".into(),
+        submitted_by: crate::service::CATCH_UP_SUBMITTER.into(),
         source: "catch-up".into(),
         // Never runs again what another tool's history says ran there (a tenant made the
         // old way while the application still does): refused, the tenant shown behind
