@@ -273,6 +273,24 @@ impl PlanRun {
                         updates.push(self.update_of(s, None));
                     }
                 }
+                // Nothing of the plan is applied here, as its journal says: a step still
+                // counted applied was undone by an agent whose reply was lost as it stopped
+                // (the one after it found nothing to undo, and the plan ended rolled_back
+                // with "3/12 done"). Not when the reply names an undo that failed.
+                let clean = reply
+                    .steps
+                    .iter()
+                    .all(|rb| rb.error.as_ref().is_none_or(|e| e.phase == GONE));
+                let here: Vec<usize> = (0..self.targets.len())
+                    .filter(|_| clean)
+                    .filter(|&t| self.targets[t].shard == shard)
+                    .flat_map(|t| self.per_target[t].iter().copied())
+                    .filter(|&s| self.steps[s].status == StepStatus::Applied)
+                    .collect();
+                for s in here {
+                    self.set_status(s, StepStatus::RolledBack);
+                    updates.push(self.update_of(s, None));
+                }
             } else {
                 // Something could not be undone: the operator has to look.
                 sr.rollback = RollbackState::Done;

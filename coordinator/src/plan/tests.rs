@@ -846,6 +846,53 @@ fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
     assert_eq!(run.failures[0].error.as_ref().unwrap().phase, "down");
 }
 
+/// An agent that undid a shard's steps and stopped before its reply went out: the agent
+/// after it finds nothing of the plan applied and answers complete, naming no step. The
+/// steps are undone (the plan ended rolled_back saying "1/2 done").
+#[test]
+fn a_complete_rollback_reply_undoes_the_steps_it_does_not_name() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s1", "t1")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    let mut next = 1;
+    for shard in ["s0", "s1"] {
+        let out = run.next_runs(shard, &mut next);
+        answer(&mut run, shard, &out[0], pb::StepOutcome::Applied);
+    }
+    run.state = PlanState::RollingBack;
+    for sr in run.shards.values_mut() {
+        sr.rollback = RollbackState::Asked {
+            conn_id: 1,
+            request: 5,
+        };
+    }
+    let undone = pb::RollbackReply {
+        plan_id: "p0".into(),
+        steps: vec![pb::RolledBackStep {
+            migration_id: "a".into(),
+            tenant: "t1".into(),
+            error: None,
+        }],
+        complete: true,
+        request: 5,
+    };
+    run.apply_rollback_reply("s0", &undone);
+    let nothing_here = pb::RollbackReply {
+        steps: Vec::new(),
+        ..undone.clone()
+    };
+    let updates = run.apply_rollback_reply("s1", &nothing_here);
+    assert_eq!(updates.len(), 1, "{updates:?}");
+    assert!(run.settle().is_some());
+    assert_eq!(run.state, PlanState::RolledBack);
+    let st = super::status::from_run(&run, Vec::new());
+    assert_eq!(st.migrations[0].applied, 0);
+    assert_eq!(st.migrations[0].rolled_back, 2);
+}
+
 /// Progress is kept for the plan's own steps only, one entry each whatever comes again.
 #[test]
 fn progress_is_kept_for_the_plans_steps_only() {
