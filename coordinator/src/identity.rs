@@ -48,12 +48,14 @@ impl AgentIdentities {
     /// The shards a certificate names: its `flotilla-agent:` URI SANs, else its common
     /// name's entry in the mapping.
     pub fn shards_of(&self, cert: &PeerCert) -> Vec<String> {
-        let by_san: Vec<String> = cert
+        let mut by_san: Vec<String> = cert
             .uri_sans
             .iter()
             .filter_map(|uri| uri.strip_prefix(AGENT_URI_PREFIX))
             .map(str::to_string)
             .collect();
+        by_san.sort();
+        by_san.dedup();
         if !by_san.is_empty() {
             return by_san;
         }
@@ -76,10 +78,18 @@ impl AgentIdentities {
             ));
         };
         let named = self.shards_of(cert);
+        let holder = cert.display_name();
+        // One certificate, one shard: one naming several let whoever holds it attach as
+        // any of them (and an agent's stolen key stand for more than its own shard).
+        if named.len() > 1 {
+            return Err(format!(
+                "certificate {holder} names several shards ({}); an agent's certificate stands for one shard: issue one per shard",
+                named.join(", ")
+            ));
+        }
         if named.iter().any(|s| s == shard) {
             return Ok(());
         }
-        let holder = cert.display_name();
         if named.is_empty() {
             Err(format!(
                 "certificate {holder} names no shard (no URI SAN {AGENT_URI_PREFIX}<shard>, and its common name is not in --agent-identities); it may not attach as shard {shard}"
@@ -228,6 +238,13 @@ mod tests {
                 .contains("names no shard")
         );
         assert!(ids.check("a", None).is_err());
+        let both = cert(Some("agent-ab"), &["flotilla-agent:a", "flotilla-agent:b"]);
+        for shard in ["a", "b"] {
+            let e = ids.check(shard, Some(&both)).unwrap_err();
+            assert!(e.contains("names several shards (a, b)"), "{e}");
+        }
+        let twice = cert(Some("agent-a"), &["flotilla-agent:a", "flotilla-agent:a"]);
+        assert!(ids.check("a", Some(&twice)).is_ok());
         let off = AgentIdentities::default();
         assert!(off.check("a", None).is_ok());
     }

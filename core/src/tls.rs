@@ -162,14 +162,18 @@ pub fn certificate_shards(cert_pem: &[u8]) -> Vec<String> {
     let Ok(Some(san)) = cert.subject_alternative_name() else {
         return Vec::new();
     };
-    san.value
+    let mut shards: Vec<String> = san
+        .value
         .general_names
         .iter()
         .filter_map(|n| match n {
             GeneralName::URI(uri) => uri.strip_prefix("flotilla-agent:").map(str::to_string),
             _ => None,
         })
-        .collect()
+        .collect();
+    shards.sort();
+    shards.dedup();
+    shards
 }
 
 /// Whether `key_pem` is the private key of `cert_pem`'s first certificate (a mismatch,

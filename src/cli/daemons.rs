@@ -305,6 +305,13 @@ fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, Stri
     // agent started right afterwards, under the certificate's name, was refused there.
     if let Some(identity) = tls.identity_pem().map_err(|e| e.to_string())? {
         let named = flotilla_core::tls::certificate_shards(&identity.cert);
+        if named.len() > 1 {
+            return Err(format!(
+                "--tls-cert names several shards ({}: its flotilla-agent: URI SANs); the coordinator refuses a certificate that stands for more than one shard: give the certificate issued for {} alone",
+                named.join(", "),
+                args.shard
+            ));
+        }
         if !named.is_empty() && !named.contains(&args.shard) {
             return Err(format!(
                 "--tls-cert names shard {} (its flotilla-agent: URI SAN), and this agent is --shard {}: the coordinator would refuse it; give the certificate issued for {}",

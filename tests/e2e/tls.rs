@@ -321,6 +321,23 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
         )
         .await?;
     assert_eq!(claimed, 0, "the database was not touched");
+    // One certificate naming two shards, its own among them: refused at the agent's start
+    // (and by the coordinator: `identity`'s unit test), where it attached as either.
+    let both = certs.ca.issue(
+        "agent-two-shards",
+        &CertSpec::client(
+            "agent-two-shards",
+            &["flotilla-agent:shard_1", "flotilla-agent:shard_9"],
+        ),
+    )?;
+    let env = certs.client_env(&both);
+    let out = run_flotilla(&agent_args, &env_refs(&env)).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("--tls-cert names several shards (shard_1, shard_9"),
+        "{out}"
+    );
     // A certificate that names its shard by common name only (--agent-identities maps
     // db-host-2.internal to shard_2): the agent cannot tell, the coordinator refuses it.
     let host_2 = certs.ca.issue(
