@@ -863,3 +863,77 @@ async fn a_store_path_with_no_store_is_refused_unless_asked_to_create() -> anyho
     );
     Ok(())
 }
+
+/// An approval is its approver's while they hold their name: one revoked after approving
+/// no longer counts (it counted, and with one more approval a production plan ran on a
+/// revoked, perhaps compromised, account's say).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_approvers_approval_no_longer_counts() -> anyhow::Result<()> {
+    let files = TestDir::new("auth-revoked-approver")?;
+    let matrix = files.join("approvals.toml");
+    std::fs::write(
+        &matrix,
+        "[[rule]]\nenvironment = \"production\"\nrisk = \"*\"\napprovals = 2\nroles = [\"dba\", \"lead\"]\n",
+    )?;
+    let matrix = matrix.to_string_lossy().into_owned();
+    let fleet = TestFleet::builder(1, 1)
+        .coordinator_args(&["--approvals", &matrix])
+        .start()
+        .await?;
+    let root_token = files.join("root.token");
+    let out = crate::harness::run_flotilla(
+        &[
+            "operator",
+            "add",
+            "root",
+            "--role",
+            "admin",
+            "--store",
+            &fleet.store,
+            "--token-out",
+            &root_token.to_string_lossy(),
+        ],
+        &[],
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    let root = As {
+        fleet: &fleet,
+        token: root_token,
+    };
+    let alice = As {
+        token: add(&root, files.path(), "alice", "operator", &[]).await?,
+        fleet: &fleet,
+    };
+    let mut approvers = Vec::new();
+    for (name, role) in [("bob", "dba"), ("carol", "lead"), ("dave", "dba")] {
+        approvers.push(As {
+            token: add(
+                &root,
+                files.path(),
+                name,
+                "approver",
+                &["--approval-role", role],
+            )
+            .await?,
+            fleet: &fleet,
+        });
+    }
+    let production = plan("production", "002_prod", "prod_table", "")?;
+    let id = alice.submit(production.path(), &[]).await?;
+    let out = approvers[0].cli(&["plan", "approve", &id]).await?;
+    assert!(out.success(), "{out}");
+    let out = root.cli(&["operator", "revoke", "bob"]).await?;
+    assert!(out.success(), "{out}");
+    // carol's approval would have been the second: bob's is gone, one is still missing
+    let out = approvers[1].cli(&["plan", "approve", &id]).await?;
+    assert!(out.success(), "{out}");
+    let st = alice.status(&id).await?;
+    assert_eq!(st["state"], "awaiting_approval", "{st}");
+    let out = approvers[2]
+        .cli(&["plan", "approve", &id, "--wait"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(alice.status(&id).await?["state"], "completed");
+    Ok(())
+}

@@ -427,8 +427,20 @@ impl Coordinator {
         Ok(row)
     }
 
-    /// The approvals a plan has: (approver, role), from the audit trail.
+    /// The approvals a plan has: (approver, role), from the audit trail. With operators
+    /// (authentication on), one counts while its approver holds the name it approved under:
+    /// revoked since (a person gone, a key compromised), or the name given to someone else
+    /// since, it does not (a revoked approver's approval started a production plan).
     async fn approvals_of(&self, plan_id: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let operators = self.inner.store.operators().await?;
+        let holders: Option<std::collections::BTreeMap<&str, i64>> =
+            (!operators.is_empty()).then(|| {
+                operators
+                    .iter()
+                    .filter(|o| o.revoked_at_ms == 0)
+                    .map(|o| (o.name.as_str(), o.created_at_ms))
+                    .collect()
+            });
         Ok(self
             .inner
             .store
@@ -436,6 +448,11 @@ impl Coordinator {
             .await?
             .into_iter()
             .filter(|(_, _, action, _)| action == "approve")
+            .filter(|(at, actor, _, _)| {
+                holders
+                    .as_ref()
+                    .is_none_or(|h| h.get(actor.as_str()).is_some_and(|since| since <= at))
+            })
             .map(|(_, actor, _, detail)| {
                 let role = approvals::approval_role(&detail).unwrap_or(ANY_ROLE);
                 (actor, role.to_string())
