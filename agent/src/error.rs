@@ -31,6 +31,16 @@ pub fn sql_error_text(e: &sqlx::Error, sql: Option<&str>) -> String {
     }
 }
 
+/// A sqlx error shown as [`sql_error_text`] says it (no " at line N" of PostgreSQL's
+/// source), for log lines and messages that name one.
+pub struct Shown<'a>(pub &'a sqlx::Error);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&sql_error_text(self.0, None))
+    }
+}
+
 /// What can stop an agent. Each message names the shard and what failed; none holds a password.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

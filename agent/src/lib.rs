@@ -229,7 +229,9 @@ async fn serve(
              the tenant schemas and of schema flotilla); see deploy/sql/agent-role.sql"
         ),
         Ok((_, false)) => {}
-        Err(error) => warn!(%error, "cannot read whether the agent's role is a superuser"),
+        Err(error) => {
+            warn!(error = %crate::error::Shown(&error), "cannot read whether the agent's role is a superuser")
+        }
     }
     let database = shard::database_identity(&pool).await;
     info!(tenants = tenants.len(), dsn = %config.redacted_dsn(), %database, "agent ready");
@@ -303,7 +305,7 @@ async fn record_tenant_schemas(pool: &PgPool, shard_name: &str, tenants: &mut [p
             let renamed = shard::renamed_tenants(pool, &names)
                 .await
                 .unwrap_or_else(|error| {
-                    warn!(%error, "reading which tenants were renamed failed");
+                    warn!(error = %crate::error::Shown(&error), "reading which tenants were renamed failed");
                     Vec::new()
                 });
             for tenant in tenants.iter_mut() {
@@ -322,7 +324,9 @@ async fn record_tenant_schemas(pool: &PgPool, shard_name: &str, tenants: &mut [p
                 warn!("{}", shard::renamed_tenant(shard_name, &tenant, &before));
             }
         }
-        Err(error) => warn!(%error, "recording the tenants' schemas failed"),
+        Err(error) => {
+            warn!(error = %crate::error::Shown(&error), "recording the tenants' schemas failed")
+        }
     }
 }
 
@@ -336,7 +340,7 @@ impl Agent {
                 Ok(tenants)
             }
             Err(error) => {
-                warn!(shard = %self.config.shard, %error, "tenant discovery failed; keeping the last list");
+                warn!(shard = %self.config.shard, error = %crate::error::Shown(&error), "tenant discovery failed; keeping the last list");
                 Err(error)
             }
         }

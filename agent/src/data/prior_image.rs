@@ -167,8 +167,9 @@ pub(crate) async fn restore_prior_image(
                 progress.set("failed", "its restore failed", d.batch_size);
                 // not a lost connection (Protocol would say so): the change's own problem
                 return Err(sqlx::Error::InvalidArgument(format!(
-                    "restoring the prior image of `{}`: {e}",
-                    m.id()
+                    "restoring the prior image of `{}`: {}",
+                    m.id(),
+                    e
                 )));
             }
         };

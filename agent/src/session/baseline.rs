@@ -61,7 +61,12 @@ impl Agent {
         };
         let mut conn = match self.pool.acquire().await {
             Ok(c) => c,
-            Err(e) => return reply(Vec::new(), format!("shard {}: {e}", self.config.shard)),
+            Err(e) => {
+                return reply(
+                    Vec::new(),
+                    format!("shard {}: {}", self.config.shard, crate::error::Shown(&e)),
+                );
+            }
         };
         let mut targets = Vec::with_capacity(req.targets.len());
         for t in &req.targets {
@@ -69,7 +74,10 @@ impl Agent {
             let done = done.unwrap_or_else(|e| pb::BaselineTarget {
                 shard: self.config.shard.clone(),
                 tenant: t.tenant.clone(),
-                error: format!("reading or writing the journal: {e}"),
+                error: format!(
+                    "reading or writing the journal: {}",
+                    crate::error::Shown(&e)
+                ),
                 ..Default::default()
             });
             if !done.error.is_empty() {

@@ -164,8 +164,9 @@ impl Agent {
             Ok(t) => t,
             Err(e) => {
                 errors.push(format!(
-                    "shard {}: discovering tenants: {e}",
-                    self.config.shard
+                    "shard {}: discovering tenants: {}",
+                    self.config.shard,
+                    crate::error::Shown(&e)
                 ));
                 self.known_tenants()
             }
@@ -192,32 +193,36 @@ impl Agent {
                         }))
                     }
                     Err(e) => errors.push(format!(
-                        "shard {}: reading which tenants were renamed: {e}",
-                        self.config.shard
+                        "shard {}: reading which tenants were renamed: {}",
+                        self.config.shard,
+                        crate::error::Shown(&e)
                     )),
                 }
                 said.into_iter().collect()
             }
             Err(e) => {
                 errors.push(format!(
-                    "shard {}: reading the tenants' schemas: {e}",
-                    self.config.shard
+                    "shard {}: reading the tenants' schemas: {}",
+                    self.config.shard,
+                    crate::error::Shown(&e)
                 ));
                 Default::default()
             }
         };
-        let (applied, undoing) =
-            match shard::read_for_preflight(&self.pool, &req.migration_ids).await {
-                Ok(rows) => rows,
-                Err(e) => {
-                    warn!(error = %e, "reading the journal for a preflight failed");
-                    errors.push(format!(
-                        "shard {}: reading the journal: {e}",
-                        self.config.shard
-                    ));
-                    (Vec::new(), Vec::new())
-                }
-            };
+        let (applied, undoing) = match shard::read_for_preflight(&self.pool, &req.migration_ids)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!(error = %crate::error::Shown(&e), "reading the journal for a preflight failed");
+                errors.push(format!(
+                    "shard {}: reading the journal: {}",
+                    self.config.shard,
+                    crate::error::Shown(&e)
+                ));
+                (Vec::new(), Vec::new())
+            }
+        };
         let mut capacity = None;
         let two_phase_error = if req.two_phase {
             match check_two_phase(&self.pool, &self.config.shard).await {
@@ -246,7 +251,7 @@ impl Agent {
             Ok(u) => u,
             Err(e) => {
                 // A warning's input: the plan is not refused for it.
-                warn!(error = %e, "reading other tools' histories for a preflight failed");
+                warn!(error = %crate::error::Shown(&e), "reading other tools' histories for a preflight failed");
                 Vec::new()
             }
         };
@@ -290,7 +295,7 @@ impl Agent {
         match named_relation_locks(&self.pool, &targets, relations).await {
             Ok(named) => (Some(table), named),
             Err(e) => {
-                warn!(error = %e, "counting the plan's relations for a preflight failed");
+                warn!(error = %crate::error::Shown(&e), "counting the plan's relations for a preflight failed");
                 (None, Default::default())
             }
         }
@@ -313,8 +318,8 @@ impl Agent {
                 .as_str()
                 .into(),
             message: format!(
-                "checking its table and key on shard {}: {e}",
-                self.config.shard
+                "checking its table and key on shard {}: {}",
+                self.config.shard, e
             ),
             ..Default::default()
         };

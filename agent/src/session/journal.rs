@@ -360,7 +360,7 @@ async fn send(
 ) -> Result<(), String> {
     let (entries, cut_short, fingerprints) =
         read(agent, targets.as_deref(), shapes).await.map_err(|e| {
-            warn!(error = %e, "cannot read the journal for the coordinator's fleet view");
+            warn!(error = %crate::error::Shown(&e), "cannot read the journal for the coordinator's fleet view");
             e.to_string()
         })?;
     let reset = targets.is_none();

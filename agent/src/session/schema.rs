@@ -49,7 +49,7 @@ pub(super) async fn read(
             Some(Found { targets, read_ms })
         }
         Err(error) => {
-            warn!(%error, "cannot read the schema fingerprints for the coordinator's drift view");
+            warn!(error = %crate::error::Shown(&error), "cannot read the schema fingerprints for the coordinator's drift view");
             None
         }
     }

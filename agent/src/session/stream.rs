@@ -337,7 +337,7 @@ async fn in_doubt(agent: &Agent) -> Option<Vec<String>> {
     match tokio::time::timeout(IN_DOUBT_TIMEOUT, agent.resolve_in_doubt()).await {
         Ok(Ok(left)) => Some(left),
         Ok(Err(error)) => {
-            warn!(%error, "cannot resolve the shard's prepared transactions");
+            warn!(error = %crate::error::Shown(&error), "cannot resolve the shard's prepared transactions");
             listed(agent).await
         }
         Err(_) => {
@@ -361,7 +361,7 @@ async fn listed(agent: &Agent) -> Option<Vec<String>> {
     {
         Ok(Ok(gids)) => Some(gids),
         Ok(Err(error)) => {
-            warn!(%error, "cannot list the shard's prepared transactions");
+            warn!(error = %crate::error::Shown(&error), "cannot list the shard's prepared transactions");
             None
         }
         Err(_) => {

@@ -150,7 +150,7 @@ pub(crate) async fn connect(
             config.reconnect_max,
             rand::random(),
         );
-        warn!(%host, port, %database, %error, attempt, ?delay, "shard not reachable yet, retrying");
+        warn!(%host, port, %database, error = %crate::error::Shown(&error), attempt, ?delay, "shard not reachable yet, retrying");
         attempt = attempt.saturating_add(1);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
