@@ -262,6 +262,11 @@ pub async fn start(
         }
         warn!(listen = %config.listen, "serving gRPC in plaintext, without TLS: for development on this machine only");
     }
+    // TLS without client certificates encrypts, and authenticates nobody: an agent is then
+    // whichever shard it says it is (operators still need their tokens, once any exist).
+    if server_tls.as_ref().is_some_and(|t| !t.client_auth) && !config.listen.ip().is_loopback() {
+        warn!(listen = %config.listen, "serving TLS without --tls-ca: clients present no certificate, so any agent that reaches this port can attach as any shard (and, with no operator in the store, anyone can act); give --tls-ca for mTLS");
+    }
     let etcd_tls = config
         .etcd_tls
         .client_config()

@@ -574,6 +574,33 @@ async fn plaintext_off_loopback_needs_insecure_spelled_out() -> anyhow::Result<(
         "{out}"
     );
 
+    // TLS without --tls-ca off loopback: it serves, and says that it authenticates no client
+    // (agents attach as whatever shard they say).
+    let server = ca.issue("server", &CertSpec::server("coordinator"))?;
+    let (cert, key) = (server.cert.to_string_lossy(), server.key.to_string_lossy());
+    let other = TestDir::new("tls-no-ca")?;
+    let other_store = other.join("flotilla.db").to_string_lossy().into_owned();
+    let open = FlotillaProcess::spawn(
+        &[
+            "coordinator",
+            "--listen",
+            &format!("0.0.0.0:{}", free_port()),
+            "--store",
+            &other_store,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+        &[],
+    )?;
+    open.wait_for_log("coordinator listening", WAIT).await?;
+    assert!(
+        open.log().contains("serving TLS without --tls-ca"),
+        "{}",
+        open.log()
+    );
+
     // The CLI to this plaintext coordinator: a bare HOST:PORT is http:// and works; TLS
     // to it fails at the handshake, saying the other end spoke plaintext.
     let port = listen.rsplit(':').next().unwrap();
