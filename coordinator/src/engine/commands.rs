@@ -215,7 +215,17 @@ impl Engine {
             }
             _ => {}
         }
-        run.message = if revived && !run.message.is_empty() {
+        // Aborting already for a failure of its own: the failure stays the headline (it read
+        // "cancel requested by ...", the cause in the failures list alone), and the end is
+        // still the plan's.
+        let own_abort = !revived && run.state == PlanState::Aborting && !run.by_operator;
+        run.message = if own_abort && !run.message.is_empty() {
+            format!(
+                "{}; {}",
+                run.message,
+                actor.explain(&format!("{action}{REQUESTED_BY}{}", actor.name))
+            )
+        } else if revived && !run.message.is_empty() {
             // A rollback a new leader takes up: the plan's own account of why it is undone
             // (a step's failure, an operator's rollback and reason) stays, with who resumed
             // it (the last to: not one more clause at each change of leader).
@@ -231,7 +241,7 @@ impl Engine {
         // (a rollback taken up keeps how it was to end: a cancel's undo ends cancelled)
         if !revived {
             // (a rollback taken up keeps who began it: its reviver says)
-            run.by_operator = true;
+            run.by_operator = !own_abort;
             run.rollback_ends = if kind == CommandKind::Cancel {
                 PlanState::Cancelled
             } else {

@@ -534,6 +534,16 @@ async fn a_rollback_of_an_aborting_unit_waits_for_its_abort() {
         .await
         .expect("accepted");
     assert_eq!(status.summary.unwrap().state, "aborting");
+    // the failure stays the headline, the operator's rollback after it
+    let (failed_at, asked_at) = (
+        status.message.find("failed"),
+        status.message.find("rollback requested by"),
+    );
+    assert!(
+        failed_at.is_some() && failed_at < asked_at,
+        "{}",
+        status.message
+    );
     // s1's run, in flight all along, prepared
     result(&events, "s1", &r1, pb::StepOutcome::Prepared).await;
     match next_decision_or_rollback(&mut rx1).await {
