@@ -291,6 +291,12 @@ async fn a_tenant_made_the_old_way_is_not_caught_up_over_its_history() -> anyhow
         "-- migrate:up\nALTER TABLE work_orders ADD COLUMN mark_a int;\n\n\
          -- migrate:down\nALTER TABLE work_orders DROP COLUMN mark_a;\n",
     )?;
+    write(
+        d,
+        "20250201000000_mark_b.sql",
+        "-- migrate:up\nALTER TABLE work_orders ADD COLUMN mark_b int;\n\n\
+         -- migrate:down\nALTER TABLE work_orders DROP COLUMN mark_b;\n",
+    )?;
     let plan = tempfile::tempdir()?;
     write(
         plan.path(),
@@ -349,6 +355,52 @@ async fn a_tenant_made_the_old_way_is_not_caught_up_over_its_history() -> anyhow
         )
         .await?;
     assert_eq!(rows, 0, "nothing ran there");
+
+    // Its history recorded (`fleet baseline`), it is caught up on what it lacks (it stayed
+    // behind, still said refused, until a plan was run over it by hand).
+    let path = plan.path().join("plan.toml").to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&[
+            "fleet",
+            "baseline",
+            &path,
+            "--selector",
+            "shard = shard_0, tenant = tenant_0900",
+        ])
+        .await?;
+    assert!(out.success(), "{out}");
+    crate::harness::wait_until(
+        "the tenant caught up after its baseline",
+        crate::fleet::WAIT,
+        async || {
+            let rows: i64 = fleet
+                .pg
+                .query_scalar(
+                    &db,
+                    "SELECT count(*) FROM flotilla.journal WHERE target = 'tenant_0900'",
+                )
+                .await?;
+            Ok(rows == 2)
+        },
+    )
+    .await?;
+    let marks: i64 = fleet
+        .pg
+        .query_scalar(
+            &db,
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'tenant_0900' \
+             AND table_name = 'work_orders' AND column_name IN ('mark_a', 'mark_b')",
+        )
+        .await?;
+    assert_eq!(marks, 2);
+    let show = crate::harness::wait_for("the refusal gone", crate::fleet::WAIT, async || {
+        let show = fleet
+            .json(&["fleet", "show", "shard_0/tenant_0900", "--output", "json"])
+            .await?;
+        Ok(show["last_failure"].is_null().then_some(show))
+    })
+    .await?;
+    assert_eq!(show["pending"], serde_json::json!([]), "{show}");
     Ok(())
 }
 

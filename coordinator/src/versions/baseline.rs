@@ -172,6 +172,29 @@ impl Coordinator {
         ));
         self.flush().await;
         info!(baseline = %baseline_id, rows, targets = recorded.len(), "baseline recorded");
+        // Tenants whose catch-up was refused for want of this baseline (require_baseline)
+        // are caught up now (they stayed behind, still said refused, after it).
+        let mut recorded_on: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for t in recorded.iter().filter(|t| t.error.is_empty()) {
+            recorded_on
+                .entry(t.shard.as_str())
+                .or_default()
+                .push(t.tenant.clone());
+        }
+        for (shard, names) in recorded_on {
+            let again = self.inner.versions.take_catch_up_refused(shard, &names);
+            let Some(agent) = self.inner.fleet.agent(shard).filter(|_| !again.is_empty()) else {
+                continue;
+            };
+            let tenants: Vec<pb::Tenant> = agent
+                .tenants
+                .into_iter()
+                .filter(|t| again.contains(&t.name))
+                .collect();
+            info!(%shard, tenants = tenants.len(), "catching up the tenants the baseline was for");
+            let (me, shard) = (self.clone(), shard.to_string());
+            tokio::spawn(async move { me.catch_up(&shard, &tenants, false).await });
+        }
         Ok(pb::FleetBaselineResponse {
             baseline_id,
             targets: recorded,

@@ -61,7 +61,7 @@ impl Coordinator {
     /// fixed at its submit, before they appeared (they stayed behind for good). `again`:
     /// kept from before, caught up on some plans already (what their journals hold is left
     /// out).
-    async fn catch_up(&self, shard: &str, tenants: &[pb::Tenant], again: bool) {
+    pub(super) async fn catch_up(&self, shard: &str, tenants: &[pb::Tenant], again: bool) {
         // A tenant that appeared here while another shard's journal holds its rows (gone
         // from that shard, or there too): moved or copied (dumped there, restored here),
         // most likely, holding what those rows say. Caught up as a new tenant it ran its
@@ -201,7 +201,7 @@ impl Coordinator {
                     tenants,
                     first.unwrap_or_default(),
                     format!(
-                        "the catch-up plan `{name}` was not accepted: {refusal}; the tenant \
+                        "{CATCH_UP_REFUSED}`{name}` was not accepted: {refusal}; the tenant \
                          stays behind until a plan with its migrations runs on it"
                     ),
                 );
@@ -342,6 +342,9 @@ fn asks_catch_up(spec: &pb::PlanSpec, envs: &[String]) -> bool {
             .iter()
             .any(|e| e == "*" || e.eq_ignore_ascii_case(&spec.environment))
 }
+
+/// How a tenant's last failure begins when its catch-up plan was refused for good.
+pub(crate) const CATCH_UP_REFUSED: &str = "the catch-up plan ";
 
 /// How many times a catch-up plan refused for a passing reason is sent.
 const CATCH_UP_ATTEMPTS: u32 = 5;

@@ -300,6 +300,28 @@ impl FleetVersions {
         }
     }
 
+    /// Of `tenants` of `shard`, those whose last failure is their catch-up plan's refusal,
+    /// that failure cleared: something they lacked was done since (a `fleet baseline`), and
+    /// their catch-up is asked again.
+    pub fn take_catch_up_refused(&self, shard: &str, tenants: &[String]) -> Vec<String> {
+        let mut state = self.state.lock().expect("fleet versions lock");
+        let failures = Arc::make_mut(&mut state.failures);
+        tenants
+            .iter()
+            .filter(|t| {
+                let key = (shard.to_string(), t.to_string());
+                let refused = failures.get(&key).is_some_and(|f| {
+                    f.plan_id.is_empty() && f.message.starts_with(catch_up::CATCH_UP_REFUSED)
+                });
+                if refused {
+                    failures.remove(&key);
+                }
+                refused
+            })
+            .cloned()
+            .collect()
+    }
+
     /// A step a rollback could not undo becomes its target's last failure: the target is
     /// left part-way back (its journal row, if any, still says applied; an agent takes a
     /// non-transactional step's as not applied until a rollback finishes), and the fleet
