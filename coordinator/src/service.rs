@@ -862,8 +862,10 @@ impl Coordinator {
         let open = self.inner.store.open_plans_on(shard).await?;
         if !open.is_empty() {
             return Err(CoordinatorError::InvalidRequest(format!(
-                "plan(s) {} not ended have steps on shard {shard}: cancel that shard of them \
-                 (`plan cancel ID --shard {shard}`), or let them end, first",
+                "plan(s) {} not ended have steps on shard {shard}: cancel that shard of a running \
+                 one (`plan cancel ID --shard {shard}`), forget it in one committing its atomic \
+                 unit (`plan forget-shard ID --shard {shard}`), or let them end (one aborting or rolling \
+                 back waits for the shard's agent: start it again), first",
                 open.join(", ")
             )));
         }
