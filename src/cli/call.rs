@@ -30,6 +30,15 @@ fn innermost_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
 }
 
 pub(super) fn fail(e: tonic::Status) -> u8 {
+    // A server that does not serve Flotilla's operator service (the coordinator's
+    // --health-listen port, another gRPC server) answers UNIMPLEMENTED with no message:
+    // the error line was `error: ` and nothing else.
+    if e.code() == tonic::Code::Unimplemented && e.message().is_empty() {
+        eprintln!(
+            "error: the server at --coordinator does not serve Flotilla's operator service (UNIMPLEMENTED): is it a coordinator's --listen address, not its --health-listen or --metrics port?"
+        );
+        return status_exit(&e);
+    }
     let cause = innermost_cause(&e).filter(|c| c != e.message());
     match &cause {
         Some(cause) => eprintln!("error: {}: {cause}", e.message()),

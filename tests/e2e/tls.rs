@@ -137,6 +137,14 @@ async fn a_plan_completes_over_mtls_everywhere_with_etcd_over_tls_and_a_user() -
         .await
         .expect_err("the health-only port serves no operator RPC");
     assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused}");
+    // The CLI pointed there says what it reached (it printed `error: ` and nothing else).
+    let out = run_flotilla(&["--coordinator", &health_url, "plan", "list"], &[]).await?;
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(
+        out.stderr
+            .contains("does not serve Flotilla's operator service (UNIMPLEMENTED)"),
+        "{out}"
+    );
     let coordinator_log = fleet.coordinator.as_ref().unwrap().log();
     assert!(
         coordinator_log.contains("coordination backend: etcd"),
