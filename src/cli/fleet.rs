@@ -531,14 +531,7 @@ fn print_status(r: &pb::FleetStatusResponse) {
     if !r.failures.is_empty() {
         println!("\nfailed last:");
         for f in &r.failures {
-            println!(
-                "  {}: {}{}{}: {}",
-                f.target,
-                f.migration_id,
-                in_plan(&f.plan_id),
-                sqlstate_tag(&f.sqlstate),
-                f.message
-            );
+            println!("  {}: {}", f.target, failure_text(f));
         }
     }
 }
@@ -639,7 +632,12 @@ fn print_target(t: &pb::FleetTarget) {
         };
         println!("  head: {}{version}, digest {}", t.head, t.digest);
     }
-    println!("  journal ({} applied):", t.journal.len());
+    if t.reported || !t.journal.is_empty() {
+        println!("  journal ({} applied):", t.journal.len());
+    } else {
+        // (a shard not reported has 0 rows here, which is not "none applied")
+        println!("  journal: not known (its shard's journal not reported)");
+    }
     for e in &t.journal {
         println!(
             "    {}  {}  {}  {}  {} ms",
@@ -677,13 +675,7 @@ fn print_target(t: &pb::FleetTarget) {
         }
     }
     if let Some(f) = &t.last_failure {
-        println!(
-            "  failed last: {}{}{}: {}",
-            f.migration_id,
-            in_plan(&f.plan_id),
-            sqlstate_tag(&f.sqlstate),
-            f.message
-        );
+        println!("  failed last: {}", failure_text(f));
     }
     if !t.fingerprint.is_empty() {
         println!("  schema fingerprint: {}", t.fingerprint);
@@ -693,6 +685,23 @@ fn print_target(t: &pb::FleetTarget) {
         for line in drift_lines(d, t.drift_majority) {
             println!("    {line}");
         }
+    }
+}
+
+/// A target's last failure: its migration (when it has one: a tenant found on two shards
+/// failed in none, and read `: tenant ...`), plan and SQLSTATE, then the message.
+fn failure_text(f: &pb::LastFailure) -> String {
+    let what = format!(
+        "{}{}{}",
+        f.migration_id,
+        in_plan(&f.plan_id),
+        sqlstate_tag(&f.sqlstate)
+    );
+    let what = what.trim_start();
+    if what.is_empty() {
+        f.message.clone()
+    } else {
+        format!("{what}: {}", f.message)
     }
 }
 
@@ -741,4 +750,27 @@ pub async fn retire(addr: &str, shard: String, reason: String, actor: String) ->
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_core::pb;
+
+    /// A failure with no migration (a tenant found on two shards) reads as its message,
+    /// not `: tenant ...`; one with a migration names it, its plan and SQLSTATE first.
+    #[test]
+    fn a_last_failure_reads_without_an_empty_migration() {
+        let mut f = pb::LastFailure {
+            message: "tenant \"t\" appeared on shard_1 while shard_0 holds it".into(),
+            ..Default::default()
+        };
+        assert_eq!(super::failure_text(&f), f.message);
+        f.migration_id = "001_a".into();
+        f.plan_id = "p1".into();
+        f.sqlstate = "42P01".into();
+        assert_eq!(
+            super::failure_text(&f),
+            format!("001_a in plan p1 [42P01]: {}", f.message)
+        );
+    }
 }

@@ -467,10 +467,11 @@ fn gone_from(input: &FleetInput, shard: &str, view: &ShardView, tenant: &str) ->
 
 fn resolve(input: &FleetInput, name: &str) -> Result<(String, String), String> {
     let fleet = input.fleet;
-    if let Some((shard, tenant)) = name.split_once('/') {
-        let view = fleet
-            .get(shard)
-            .ok_or_else(|| format!("no shard `{shard}` in the fleet"))?;
+    // (a tenant's name may hold a `/` itself: `sl/ash` is that tenant when there is no
+    // shard `sl`)
+    if let Some((shard, tenant)) = name.split_once('/')
+        && let Some(view) = fleet.get(shard)
+    {
         if tenant.is_empty()
             || !(view.tenants.iter().any(|(t, _)| t == tenant)
                 || gone_from(input, shard, view, tenant))
@@ -495,7 +496,12 @@ fn resolve(input: &FleetInput, name: &str) -> Result<(String, String), String> {
             .collect();
     }
     match shards.as_slice() {
-        [] => Err(format!("no shard or tenant `{name}` in the fleet")),
+        [] => match name.split_once('/') {
+            Some((shard, _)) => Err(format!(
+                "no shard `{shard}` in the fleet, and no tenant `{name}`"
+            )),
+            None => Err(format!("no shard or tenant `{name}` in the fleet")),
+        },
         [shard] => Ok(((*shard).clone(), name.to_string())),
         several => Err(format!(
             "tenant `{name}` is on several shards ({}): name it as shard/tenant",

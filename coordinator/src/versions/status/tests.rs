@@ -460,3 +460,27 @@ fn a_gone_tenant_is_shown_from_its_journal_rows() {
     assert!(show_target(&input, "shard_0/").is_err());
     assert!(!show_target(&input, "shard_0/tenant_0").unwrap().gone);
 }
+
+/// A tenant whose name holds a `/` is found by that name when no shard is named by what is
+/// before it (`fleet show sl/ash` said "no shard `sl`").
+#[test]
+fn a_tenant_named_with_a_slash_is_shown_by_its_name() {
+    let mut fleet = fleet();
+    fleet
+        .get_mut("shard_1")
+        .unwrap()
+        .tenants
+        .push(("sl/ash".into(), BTreeMap::new()));
+    let plans = [plan("p1", "", "", &[("001_a", "SELECT 1")])];
+    let journals = journals(&fleet, &[("001_a", "SELECT 1")], |_, _, _| {});
+    let input = input(&fleet, &journals, &plans);
+    for name in ["sl/ash", "shard_1/sl/ash"] {
+        let t = show_target(&input, name).unwrap();
+        assert_eq!((t.shard.as_str(), t.tenant.as_str()), ("shard_1", "sl/ash"));
+    }
+    let e = show_target(&input, "sl/other").unwrap_err();
+    assert!(
+        e.contains("no shard `sl` in the fleet, and no tenant `sl/other`"),
+        "{e}"
+    );
+}
