@@ -895,14 +895,32 @@ async fn a_crash_under_a_step_runs_it_again_but_not_for_good() -> anyhow::Result
         wait_running(&fleet.pg, &shard, "pg_sleep(30)", 1).await?;
         // a bystander's backend crashes: the server resets every session
         let pool = fleet.pg.pool(&shard).await?;
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&pool)
-            .await?;
+        let (pid, step): (i32, i32) = sqlx::query_as(
+            "SELECT pg_backend_pid(), (SELECT pid FROM pg_stat_activity \
+              WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid() LIMIT 1)",
+        )
+        .fetch_one(&pool)
+        .await?;
         let killed = std::process::Command::new("kill")
             .args(["-9", &pid.to_string()])
             .status()?;
         assert!(killed.success(), "crash {crash}");
         drop(pool);
+        // The reset has ended the step's session before the next crash is looked for: on a
+        // busy machine that session was still listed during the reset, the next kill fell
+        // into the same reset, and the step counted two crashes as one (and ran on to its
+        // end).
+        wait_until("the step's session ended by the reset", WAIT, async || {
+            let left = fleet
+                .pg
+                .query_scalar::<i64>(
+                    &shard,
+                    &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {step}"),
+                )
+                .await;
+            Ok(left.is_ok_and(|n| n == 0))
+        })
+        .await?;
         if crash < 3 {
             let st = fleet.status(&id).await?;
             assert_eq!(st["state"], "running", "crash {crash}: {st}");
