@@ -590,10 +590,12 @@ impl Coordinator {
         &self,
         plan_id: &str,
         spec: &flotilla_core::PlanSpec,
+        submitted_ms: i64,
     ) -> Result<Vec<String>, CoordinatorError> {
         let mine: std::collections::BTreeSet<&str> =
             spec.migrations.iter().map(|m| m.id.as_str()).collect();
         let (journals, _) = self.inner.versions.snapshot();
+        let fleet = self.inner.fleet.snapshot();
         type Found = (std::collections::BTreeSet<String>, Vec<String>, i64);
         let mut found: BTreeMap<String, Found> = BTreeMap::new();
         for (shard, journal) in journals.iter() {
@@ -602,10 +604,21 @@ impl Coordinator {
                 if rows.iter().any(|r| r.plan_id == plan_id) {
                     continue;
                 }
-                for r in rows
-                    .iter()
-                    .filter(|r| mine.contains(r.migration_id.as_str()))
-                {
+                // Applied after it was submitted, on a tenant it selects for the migration (a
+                // catch-up of another plan of the same migrations, for another region, is
+                // that plan's; a shard whose agent is away counts, its labels unknown here).
+                for r in rows.iter().filter(|r| {
+                    mine.contains(r.migration_id.as_str())
+                        && r.applied_at_ms > submitted_ms
+                        && crate::versions::catch_up::selects(
+                            spec,
+                            &fleet,
+                            shard,
+                            tenant,
+                            &r.migration_id,
+                        )
+                        .unwrap_or(true)
+                }) {
                     let (migrations, targets, newest) = found.entry(r.plan_id.clone()).or_default();
                     *newest = (*newest).max(r.applied_at_ms);
                     migrations.insert(r.migration_id.clone());
@@ -782,7 +795,9 @@ impl Coordinator {
             // plans: their journal rows are those plans', which this rollback does not undo
             // (it left its migration, and the rows written since, there alone, said
             // rolled_back).
-            let caught_up = self.caught_up_on(plan_id, &run.spec).await?;
+            let caught_up = self
+                .caught_up_on(plan_id, &run.spec, row.created_at_ms)
+                .await?;
             if !caught_up.is_empty() {
                 if !ignore_later {
                     return Err(Conflict::CaughtUp {

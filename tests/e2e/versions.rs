@@ -1342,28 +1342,39 @@ async fn the_plan_before_one_just_rolled_back_rolls_back_at_once() -> anyhow::Re
 #[tokio::test]
 async fn a_rollback_that_would_leave_its_migration_on_caught_up_tenants_is_refused()
 -> anyhow::Result<()> {
-    let fleet = TestFleet::builder(1, 2)
+    let fleet = TestFleet::builder(2, 2)
         .agent_args(&["--discover-interval", "1s"])
         .start()
         .await?;
-    let ledger = MigrationDir::new()?;
-    ledger.migration(
-        "014_ledger",
-        "",
-        "CREATE TABLE ledger (id int PRIMARY KEY, amount numeric)",
-        "DROP TABLE ledger",
-    )?;
-    std::fs::write(
-        ledger.path().join("plan.toml"),
-        "name = \"ledger\"\ncatch_up = true\n",
-    )?;
-    let (code, st, out) = fleet.submit_wait(ledger.path(), &[]).await?;
-    assert_eq!(code, 0, "{out}");
-    let plan_id = st["plan_id"].as_str().context("plan_id")?.to_string();
-    fleet
-        .pg
-        .psql(&fleet.shards[0], &tenant_sql("tenant_0900", 1))
-        .await?;
+    // The same migration in two plans, one per region, each asking for catch-up.
+    let mut ids = Vec::new();
+    for region in ["r0", "r1"] {
+        let ledger = MigrationDir::new()?;
+        ledger.migration(
+            "014_ledger",
+            "",
+            "CREATE TABLE ledger (id int PRIMARY KEY, amount numeric)",
+            "DROP TABLE ledger",
+        )?;
+        std::fs::write(
+            ledger.path().join("plan.toml"),
+            format!(
+                "name = \"ledger {region}\"\ncatch_up = true\nselector = \"region = {region}\"\n"
+            ),
+        )?;
+        let (code, st, out) = fleet.submit_wait(ledger.path(), &[]).await?;
+        assert_eq!(code, 0, "{out}");
+        ids.push(st["plan_id"].as_str().context("plan_id")?.to_string());
+    }
+    let plan_id = ids[0].clone();
+    // A new tenant in each region: each caught up on its region's plan.
+    for s in 0..2 {
+        fleet
+            .pg
+            .psql(&fleet.shards[s], &tenant_sql(&format!("tenant_090{s}"), 1))
+            .await?;
+    }
+    catch_up_ended(&fleet, "catch-up-shard_1/tenant_0901").await?;
     let catch_up = catch_up_ended(&fleet, "catch-up-shard_0/tenant_0900").await?;
     assert_eq!(catch_up["state"], "completed", "{catch_up}");
     let catch_up_id = catch_up["plan_id"].as_str().context("plan_id")?.to_string();
@@ -1383,6 +1394,8 @@ async fn a_rollback_that_would_leave_its_migration_on_caught_up_tenants_is_refus
         )) && out.stderr.contains("--ignore-later-plans"),
         "{out}"
     );
+    // (the other region's catch-up is its plan's, not this one's)
+    assert!(!out.stderr.contains("tenant_0901"), "{out}");
     let ledgers = async || -> anyhow::Result<i64> {
         fleet
             .pg

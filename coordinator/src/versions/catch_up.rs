@@ -396,6 +396,38 @@ fn catch_up_spec(
     }
 }
 
+/// Whether `spec` selects tenant `tenant` of `shard` for migration `id` (its selector and
+/// the migration's own, by the shard's and the tenant's labels as its agent reported them).
+/// None when the shard's agent is not attached (its labels are not known here).
+pub(crate) fn selects(
+    spec: &PlanSpec,
+    fleet: &BTreeMap<String, crate::sessions::registry::AttachedAgent>,
+    shard: &str,
+    tenant: &str,
+    id: &str,
+) -> Option<bool> {
+    let agent = fleet.get(shard)?;
+    let labels = agent
+        .tenants
+        .iter()
+        .find(|t| t.name == tenant)
+        .map(|t| t.labels.clone().into_iter().collect())
+        .unwrap_or_default();
+    let one = BTreeMap::from([(
+        shard.to_string(),
+        ShardView {
+            labels: agent.labels.clone(),
+            tenants: vec![(tenant.to_string(), labels)],
+        },
+    )]);
+    let m = spec.migrations.iter().position(|m| m.id.as_str() == id)?;
+    Some(
+        selected_migrations(spec, &one)
+            .get(tenant)
+            .is_some_and(|ms| ms.contains(&m)),
+    )
+}
+
 /// Each tenant of `fleet` the plan selects, with the plan's tenant-scope migrations that
 /// select it, in the plan's order.
 fn selected_migrations(

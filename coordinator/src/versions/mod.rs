@@ -13,7 +13,7 @@
 //! Each journal report is followed by the same targets' schema fingerprints (the agent's
 //! `session::schema`): `fleet drift` compares them within each cohort (`drift`).
 mod baseline;
-mod catch_up;
+pub(crate) mod catch_up;
 mod drift;
 #[cfg(test)]
 mod fixtures;
