@@ -239,9 +239,10 @@ impl Engine {
         };
         let undo = kind == CommandKind::Rollback || run.policy() == FailurePolicy::AllOrNothing;
         // (a rollback taken up keeps how it was to end: a cancel's undo ends cancelled)
-        if !revived {
-            // (a rollback taken up keeps who began it: its reviver says)
-            run.by_operator = !own_abort;
+        // (a rollback taken up keeps who began it, and how it ends: its reviver says; a
+        // plan aborting for its own failure ends as that abort does)
+        if !revived && !own_abort {
+            run.by_operator = true;
             run.rollback_ends = if kind == CommandKind::Cancel {
                 PlanState::Cancelled
             } else {

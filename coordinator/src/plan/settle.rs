@@ -162,8 +162,13 @@ impl PlanRun {
                 } else if any_failed {
                     PlanState::Failed
                 } else if !self.cancelled.is_empty() {
+                    // an operator cancelled a shard of it, and nothing failed
+                    self.by_operator = true;
                     PlanState::Cancelled
                 } else if left > 0 {
+                    // steps left with nothing failed or cancelled: what an operator's choice
+                    // left (a retry of some targets of a halted plan), not news to them
+                    self.by_operator = true;
                     PlanState::Halted
                 } else {
                     PlanState::Completed

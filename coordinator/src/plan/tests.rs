@@ -1388,3 +1388,43 @@ fn a_forgotten_shard_back_goes_on_with_the_plan() {
         assert_eq!(out.len(), 1, "{shard}'s `b` runs: {out:?}");
     }
 }
+
+/// Who ends a plan: a shard an operator cancelled, nothing failed, is the operator's end;
+/// so is a halted plan of which a retry ran some targets only (steps left, nothing failed).
+/// A failure on another shard after a shard's cancel is the plan's own.
+#[test]
+fn an_end_an_operator_chose_is_theirs_and_a_failure_is_the_plans() {
+    let shards = [("s0", "t1"), ("s1", "t1")];
+    let mut run = plan_of(&["a"], Vec::new(), &shards, pb::FailurePolicy::Continue);
+    run.halt_shard("s1");
+    let mut next = 1;
+    let out = run.next_runs("s0", &mut next);
+    answer(&mut run, "s0", &out[0], pb::StepOutcome::Applied);
+    run.advance_waves(0);
+    assert!(run.settle().is_some());
+    assert_eq!((run.state, run.by_operator), (PlanState::Cancelled, true));
+
+    let mut run = plan_of(&["a"], Vec::new(), &shards, pb::FailurePolicy::Continue);
+    run.halt_shard("s1");
+    let out = run.next_runs("s0", &mut next);
+    answer(&mut run, "s0", &out[0], pb::StepOutcome::Failed);
+    run.advance_waves(0);
+    assert!(run.settle().is_some());
+    assert!(!run.by_operator, "{:?}", run.state);
+
+    // halted with both targets not run, then a retry of s0's alone, which applies
+    let mut run = plan_of(&["a"], Vec::new(), &shards, pb::FailurePolicy::Continue);
+    run.state = PlanState::Stopping;
+    run.rollback_ends = PlanState::Halted;
+    run.halt_pending();
+    assert!(run.settle().is_some());
+    assert_eq!(run.state, PlanState::Halted);
+    let only = std::collections::BTreeSet::from([0]);
+    assert!(!run.retry(Some(&only)).is_empty());
+    assert!(!run.by_operator);
+    let out = run.next_runs("s0", &mut next);
+    answer(&mut run, "s0", &out[0], pb::StepOutcome::Applied);
+    run.advance_waves(0);
+    assert!(run.settle().is_some());
+    assert_eq!((run.state, run.by_operator), (PlanState::Halted, true));
+}
