@@ -1028,3 +1028,37 @@ async fn a_coordinator_with_another_store_than_its_group_is_refused() -> anyhow:
     assert_eq!(out.code(), Some(0), "{out}");
     Ok(())
 }
+
+/// An agent whose liveness lease expired while etcd was frozen (SIGSTOP past the lease's
+/// TTL) puts its key again under a new lease once etcd answers. Before, it asked etcd to
+/// keep the expired lease alive for good ("lease not found"): its key missing, the shard
+/// counted away, its `/readyz` 503, minutes after etcd was back.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_puts_its_liveness_key_again_after_its_lease_expired_in_a_frozen_etcd()
+-> anyhow::Result<()> {
+    let fleet = HaFleet::builder(1, 1, 1)
+        .agent_args(&["--lease-ttl", "2s"])
+        .start()
+        .await?;
+    let key = "/flotilla/agents/shard_0";
+    wait_until("the agent's liveness key", WAIT, async || {
+        crate::faults::etcd_has(&fleet, key).await
+    })
+    .await?;
+    let agent = &fleet.agents[0];
+    fleet.etcd.pause()?;
+    agent
+        .wait_for_log("the agent's liveness keep-alive broke", WAIT)
+        .await?;
+    // A frozen etcd cannot be asked anything: the lease's TTL passing is the clock's alone.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    fleet.etcd.resume()?;
+    agent
+        .wait_for_log("expired while etcd was out of reach", WAIT)
+        .await?;
+    wait_until("the liveness key put again", WAIT, async || {
+        crate::faults::etcd_has(&fleet, key).await
+    })
+    .await?;
+    Ok(())
+}

@@ -14,7 +14,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
-use super::{Etcd, Usage, call};
+use super::{Etcd, EtcdError, Usage, call};
 use crate::config::{AgentConfig, backoff_delay};
 use crate::metrics;
 
@@ -62,6 +62,10 @@ pub(crate) fn spawn(config: &AgentConfig, stop: CancellationToken) -> Option<Joi
     let span = tracing::info_span!("liveness", shard = %config.shard);
     Some(tokio::spawn(liveness.run(stop).instrument(span)))
 }
+
+/// How the etcd client says a lease it was asked to keep alive has expired (its
+/// `LeaseKeepAliveError` when the first answer's TTL is 0).
+const LEASE_NOT_FOUND: &str = "lease not found";
 
 impl Liveness {
     /// How long one etcd call may take before it counts as failed.
@@ -178,6 +182,16 @@ impl Liveness {
                         // not known to be gone: tried again through the next member
                         Err(reason) => return down(format!("keeping the lease alive: {reason}")),
                     }
+                }
+                // Expired while etcd was out of reach (frozen, partitioned past the TTL): the
+                // client says so as it opens the keep-alive. It was asked again for good,
+                // the key missing and the shard counted away, long after etcd was back.
+                Err(EtcdError::Client(etcd_client::Error::LeaseKeepAliveError(why)))
+                    if why.contains(LEASE_NOT_FOUND) =>
+                {
+                    warn!(key = %self.key, lease = %format!("{id:x}"), "the agent's liveness lease expired while etcd was out of reach; granting a new one and putting the key again");
+                    *lease = None;
+                    None
                 }
                 Err(reason) => return down(format!("keeping the lease alive: {reason}")),
             },
