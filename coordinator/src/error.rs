@@ -160,6 +160,9 @@ pub enum Refusal {
         "plan {plan_id} commits atomically: its runs go on to their PREPARE and the commit whatever a pause says (held there, its prepared transactions would keep their locks), so it is not paused; cancel it (`flotilla plan cancel {plan_id}`) to abort and undo it"
     )]
     AtomicPause { plan_id: String },
+    /// A catch-up plan's every step is applied on its tenants already (not stored).
+    #[error("nothing to catch up: every step is applied on its tenants already")]
+    NothingToCatchUp,
     #[error(
         "plan {plan_id} commits atomically and its decisions stand: it is not retried; submit the plan again (what it applied is found in the journals and passed over)"
     )]

@@ -1092,6 +1092,19 @@ async fn a_renamed_tenant_is_not_caught_up_as_a_new_one() -> anyhow::Result<()> 
     })
     .await?;
     crate::shards::assert_logged_once(&fleet.pg, shard, "tenant_0001", &["001"]).await?;
+    // Back, it appeared again: its catch-up has nothing to do and is no plan (one said
+    // "nothing to do" in the plan list, and waited for an approver under an approval rule).
+    fleet
+        .coordinator
+        .as_ref()
+        .expect("coordinator")
+        .wait_for_log("nothing to catch up", WAIT)
+        .await?;
+    let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert!(
+        !plans.to_string().contains("catch-up-shard_0/tenant_0001"),
+        "{plans}"
+    );
 
     // Two tenants swapped (through a third name): each holds the other's schema, and is
     // said so (it read as a changed schema, whose `tenant_kept_its_history` answer put the

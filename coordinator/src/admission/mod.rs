@@ -162,6 +162,14 @@ impl Coordinator {
                 }
             })
             .collect();
+        // A catch-up whose every step its tenants' journals hold (a tenant renamed back, one
+        // that kept its history): no plan, where one said "nothing to do" in the plan list
+        // (and, under an approval rule, waited for an approver).
+        if matches!(promotion, Promotion::CatchUp)
+            && statuses.iter().all(|s| *s == StepStatus::AlreadyApplied)
+        {
+            return Err(Refusal::NothingToCatchUp.into());
+        }
         let created = now_ms();
         self.store_plan(&NewPlan {
             id: &plan_id,

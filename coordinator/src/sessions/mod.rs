@@ -292,7 +292,7 @@ impl Coordinator {
     /// fleet's view and the store take them, and new ones may be caught up.
     pub(crate) fn record_tenants(&self, shard: &str, tenants: &[pb::Tenant]) {
         let inner = &self.inner;
-        let before = inner.fleet.set_tenants(shard, tenants.to_vec());
+        let (before, answered) = inner.fleet.set_tenants(shard, tenants.to_vec()).unzip();
         if let Some(agent) = inner.fleet.agent(shard) {
             self.write(StoreOp::Agent {
                 shard: shard.to_string(),
@@ -303,6 +303,7 @@ impl Coordinator {
             });
         }
         self.tenants_seen(shard, before, tenants);
+        self.schemas_answered(shard, answered.unwrap_or_default(), tenants);
     }
 
     /// Hands the engine an event; an engine gone is a coordinator shutting down.

@@ -117,26 +117,32 @@ impl Fleet {
     }
 
     /// Replaces an attached agent's tenants; returns the names it had (None: not attached).
-    /// The shard's tenants as its agent reports them now; returns those it had before, but
-    /// a tenant whose changed schema an operator has answered for since (`tenant_is_new`,
-    /// `tenant_kept_its_history`): it counts as new, for its catch-up (a tenant said new
-    /// never got its migrations, though the agent's message said they would run again).
-    pub fn set_tenants(&self, shard: &str, tenants: Vec<pb::Tenant>) -> Option<Vec<String>> {
+    /// The shard's tenants as its agent reports them now; returns the names of those it had
+    /// before, and of those whose changed schema an operator has answered for since
+    /// (`tenant_is_new`, `tenant_kept_its_history`): they are caught up on what their
+    /// journals lack (a tenant said new never got its migrations, though the agent's message
+    /// said they would run again).
+    pub fn set_tenants(
+        &self,
+        shard: &str,
+        tenants: Vec<pb::Tenant>,
+    ) -> Option<(Vec<String>, Vec<String>)> {
         let mut g = self.inner.lock().expect("fleet lock");
         let a = g.agents.get_mut(shard)?;
-        let answered: std::collections::BTreeSet<&str> = tenants
+        let settled: std::collections::BTreeSet<&str> = tenants
             .iter()
             .filter(|t| !t.schema_changed)
             .map(|t| t.name.as_str())
             .collect();
-        let before = a
+        let before = a.tenants.iter().map(|t| t.name.clone()).collect();
+        let answered = a
             .tenants
             .iter()
-            .filter(|t| !(t.schema_changed && answered.contains(t.name.as_str())))
+            .filter(|t| t.schema_changed && settled.contains(t.name.as_str()))
             .map(|t| t.name.clone())
             .collect();
         a.tenants = tenants;
-        Some(before)
+        Some((before, answered))
     }
 
     /// One attached agent, copied (not the whole fleet: its tenants' lists are large).

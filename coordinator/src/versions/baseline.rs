@@ -182,10 +182,14 @@ impl Coordinator {
                 .push(t.tenant.clone());
         }
         for (shard, names) in recorded_on {
-            let again = self.inner.versions.take_catch_up_refused(shard, &names);
-            let Some(agent) = self.inner.fleet.agent(shard).filter(|_| !again.is_empty()) else {
+            // (with its agent away, the refusal stays said: nothing is caught up there now)
+            let Some(agent) = self.inner.fleet.agent(shard) else {
                 continue;
             };
+            let again = self.inner.versions.take_catch_up_refused(shard, &names);
+            if again.is_empty() {
+                continue;
+            }
             let tenants: Vec<pb::Tenant> = agent
                 .tenants
                 .into_iter()

@@ -15,7 +15,7 @@ use flotilla_core::{PlanSpec, Scope, pb};
 use prost::Message;
 use tracing::{info, warn};
 
-use crate::error::CoordinatorError;
+use crate::error::{CoordinatorError, Refusal};
 use crate::planner::{self, ShardView};
 use crate::service::Coordinator;
 
@@ -53,6 +53,28 @@ impl Coordinator {
         let shard = shard.to_string();
         tokio::spawn(async move {
             me.catch_up(&shard, &appeared, false).await;
+        });
+    }
+
+    /// Tenants of `shard` whose changed schema an operator answered for (`answered`): caught
+    /// up on what their journals lack of the plans that ask for it (nothing, for one that
+    /// kept its history and was up to date).
+    pub(crate) fn schemas_answered(&self, shard: &str, answered: Vec<String>, now: &[pb::Tenant]) {
+        if answered.is_empty() {
+            return;
+        }
+        let tenants: Vec<pb::Tenant> = now
+            .iter()
+            .filter(|t| answered.contains(&t.name))
+            .cloned()
+            .collect();
+        info!(%shard, tenants = tenants.len(), "tenants whose changed schema was answered for");
+        let me = self.clone();
+        let shard = shard.to_string();
+        tokio::spawn(async move {
+            // (their journals as the catch-up plan's preflight reads them on the shard: the
+            // leader's copy may still hold the rows `tenant_is_new` moved away)
+            me.catch_up(&shard, &tenants, false).await;
         });
     }
 
@@ -185,6 +207,10 @@ impl Coordinator {
             {
                 Ok(r) => {
                     info!(plan = %r.plan_id, %name, "catching up new tenants");
+                    return;
+                }
+                Err(CoordinatorError::Refused(Refusal::NothingToCatchUp)) => {
+                    info!(%shard, %name, "nothing to catch up: its tenants' journals hold every step");
                     return;
                 }
                 Err(e) => e,
