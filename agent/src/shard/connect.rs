@@ -3,7 +3,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::{instrument, warn};
@@ -36,6 +36,49 @@ pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, 
     if let Some(password) = &config.password {
         options = options.password(password.expose());
     }
+    let params = dsn_params(config.dsn.expose());
+    let param = |names: &[&str]| {
+        params
+            .iter()
+            .rev()
+            .find(|(k, _)| names.contains(&k.as_str()))
+            .map(|(_, v)| v.as_str())
+    };
+    // A certificate file the DSN names and the agent cannot read is a configuration to fix:
+    // it was "not reachable yet", retried for good, and named no file.
+    for (names, what) in [
+        (
+            &["sslrootcert", "ssl-root-cert", "ssl-ca"][..],
+            "sslrootcert",
+        ),
+        (&["sslcert", "ssl-cert"][..], "sslcert"),
+        (&["sslkey", "ssl-key"][..], "sslkey"),
+    ] {
+        let Some(path) = param(names) else { continue };
+        let why = if path == "system" && what == "sslrootcert" {
+            Some("`system` is not supported: leave sslrootcert out to verify against the system's roots".to_string())
+        } else {
+            std::fs::File::open(path).err().map(|e| e.to_string())
+        };
+        if let Some(why) = why {
+            return Err(AgentError::Config {
+                shard: config.shard.clone(),
+                reason: format!("{what} {path} in the dsn: {why}"),
+            });
+        }
+    }
+    if !ssl_mode_given(config.dsn.expose())
+        && PLAINTEXT_FALLBACK.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        options = options.ssl_mode(PgSslMode::Disable);
+    }
+    // libpq's `require` with a root certificate checks the server's against it (as
+    // `verify-ca`); the driver's accepted any.
+    if param(&["sslmode", "ssl-mode"]).is_some_and(|m| m.eq_ignore_ascii_case("require"))
+        && param(&["sslrootcert", "ssl-root-cert", "ssl-ca"]).is_some()
+    {
+        options = options.ssl_mode(PgSslMode::VerifyCa);
+    }
     // the server's side of each connection notices a vanished agent (see `keepalive`),
     // unless the DSN's own options say otherwise
     let own = options.get_options().unwrap_or_default().to_owned();
@@ -47,6 +90,58 @@ pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, 
         .application_name("flotilla-agent")
         .options([("standard_conforming_strings", "on")])
         .options(keepalives))
+}
+
+/// The DSN's query parameters (`?k=v&...`), percent-decoded, in order.
+fn dsn_params(dsn: &str) -> Vec<(String, String)> {
+    let Some((_, query)) = dsn.split_once('?') else {
+        return Vec::new();
+    };
+    let decode = |s: &str| {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match (bytes[i], bytes.get(i + 1..i + 3)) {
+                (b'%', Some(hex)) => match u8::from_str_radix(&String::from_utf8_lossy(hex), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                },
+                (b'+', _) => out.push(b' '),
+                (b, _) => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    query
+        .split('#')
+        .next()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(kv), String::new()),
+        })
+        .collect()
+}
+
+/// Set once the server's TLS could not be spoken under the default sslmode: every
+/// connection of the agent (its pool, its shard lock's) is plaintext from then on.
+static PLAINTEXT_FALLBACK: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the DSN says which TLS it wants (`sslmode`): without it, `prefer` falls back to
+/// plaintext when the server's TLS cannot be spoken, as libpq's does.
+fn ssl_mode_given(dsn: &str) -> bool {
+    dsn_params(dsn)
+        .iter()
+        .any(|(k, _)| k == "sslmode" || k == "ssl-mode")
 }
 
 /// How often a backend running a statement for the agent asks whether the agent is still
@@ -97,8 +192,9 @@ pub(crate) async fn connect(
     config: &AgentConfig,
     cancel: &CancellationToken,
 ) -> Result<Option<PgPool>, AgentError> {
-    let options = connect_options(config)?;
+    let mut options = connect_options(config)?;
     let (host, port, database) = describe(&options);
+    let mut may_fall_back = !ssl_mode_given(config.dsn.expose());
     let mut attempt = 0u32;
     loop {
         // one bare connection first: the pool would retry a refused connection silently
@@ -135,6 +231,13 @@ pub(crate) async fn connect(
             }
             Err(e) => e,
         };
+        if is_tls_failure(&error) && std::mem::take(&mut may_fall_back) {
+            // (the default, `prefer`: the server offered TLS and its handshake failed)
+            warn!(%host, port, %database, error = %crate::error::Shown(&error), "the shard's TLS handshake failed under the default sslmode (prefer): connecting in plaintext, as libpq does; say sslmode=require (or verify-full) in the dsn to insist on TLS");
+            PLAINTEXT_FALLBACK.store(true, std::sync::atomic::Ordering::Relaxed);
+            options = options.ssl_mode(PgSslMode::Disable);
+            continue;
+        }
         if is_auth_failure(&error) || is_missing_database(&error) || is_tls_failure(&error) {
             return Err(AgentError::ShardConnect {
                 shard: config.shard.clone(),
@@ -162,6 +265,45 @@ pub(crate) async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The DSN's TLS files are read at start (a missing one named, not retried for good);
+    /// `require` with a root certificate checks the server's (libpq's `verify-ca`).
+    #[test]
+    fn tls_settings_of_the_dsn_are_checked_at_start() {
+        let dir = std::env::temp_dir().join(format!("flotilla-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "not read here").unwrap();
+        let ca = ca.display().to_string();
+        let options = |dsn: &str| connect_options(&AgentConfig::new("s0", dsn, "http://c"));
+        let o = options(&format!(
+            "postgres://app@db/x?sslmode=require&sslrootcert={ca}"
+        ))
+        .unwrap();
+        assert!(matches!(o.get_ssl_mode(), PgSslMode::VerifyCa));
+        let o = options(&format!(
+            "postgres://app@db/x?sslmode=verify-full&sslrootcert={ca}"
+        ))
+        .unwrap();
+        assert!(matches!(o.get_ssl_mode(), PgSslMode::VerifyFull));
+        let o = options("postgres://app@db/x?sslmode=require").unwrap();
+        assert!(matches!(o.get_ssl_mode(), PgSslMode::Require));
+        let e = options("postgres://app@db/x?sslmode=verify-full&sslrootcert=/nowhere/ca%2Epem")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslrootcert /nowhere/ca.pem in the dsn"), "{e}");
+        let e = options("postgres://app@db/x?sslkey=/nowhere/k")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslkey /nowhere/k"), "{e}");
+        let e = options("postgres://app@db/x?sslrootcert=system")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("leave sslrootcert out"), "{e}");
+        assert!(!ssl_mode_given("postgres://app@db/x?application_name=a"));
+        assert!(ssl_mode_given("postgres://app@db/x?sslmode=prefer"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn dsn_password_stays_apart() {
