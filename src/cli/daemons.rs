@@ -68,7 +68,14 @@ pub async fn coordinator(args: CoordinatorArgs, tls: flotilla_core::tls::TlsFile
     config.advertise = args.advertise;
     config.lease_ttl = args.lease_ttl;
     config.agent_grace = args.agent_grace;
-    config.catch_up_environments = args.catch_up_environments;
+    // (an empty entry, `--catch-up-environments ''` or a trailing comma, is no environment:
+    // it matched the plans that name none, and caught tenants up on them)
+    config.catch_up_environments = args
+        .catch_up_environments
+        .into_iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
     config.shutdown_grace = args.shutdown_grace;
     config.auth = match args.auth {
         super::AuthArg::Auto => flotilla_coordinator::auth::AuthMode::Auto,

@@ -366,7 +366,7 @@ fn asks_catch_up(spec: &pb::PlanSpec, envs: &[String]) -> bool {
     spec.catch_up
         || envs
             .iter()
-            .any(|e| e == "*" || e.eq_ignore_ascii_case(&spec.environment))
+            .any(|e| e == "*" || (!e.is_empty() && e.eq_ignore_ascii_case(&spec.environment)))
 }
 
 /// How a tenant's last failure begins when its catch-up plan was refused for good.
@@ -536,4 +536,32 @@ fn moved_tenant(shard: &str, tenant: &str, from: &str, still_there: bool) -> Str
          DIR --up-to ID --selector '{selector}'`, or, if it is another tenant of the same name, \
          run a plan for it with that selector"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_core::pb;
+
+    /// A plan asks for catch-up by its own word or its environment's; an empty environment
+    /// entry (`--catch-up-environments ''`) is none, not the plans that name none.
+    #[test]
+    fn an_empty_environment_entry_asks_nothing() {
+        let plan = |environment: &str, catch_up| pb::PlanSpec {
+            environment: environment.into(),
+            catch_up,
+            ..Default::default()
+        };
+        let envs = |e: &[&str]| e.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(!super::asks_catch_up(&plan("", false), &envs(&[""])));
+        assert!(super::asks_catch_up(&plan("", true), &envs(&[""])));
+        assert!(super::asks_catch_up(&plan("", false), &envs(&["*"])));
+        assert!(super::asks_catch_up(
+            &plan("Staging", false),
+            &envs(&["staging"])
+        ));
+        assert!(!super::asks_catch_up(
+            &plan("production", false),
+            &envs(&["staging", ""])
+        ));
+    }
 }
