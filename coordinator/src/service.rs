@@ -604,12 +604,11 @@ impl Coordinator {
                 if rows.iter().any(|r| r.plan_id == plan_id) {
                     continue;
                 }
-                // Applied after it was submitted, on a tenant it selects for the migration (a
-                // catch-up of another plan of the same migrations, for another region, is
-                // that plan's; a shard whose agent is away counts, its labels unknown here).
+                // On a tenant it selects for the migration (a catch-up of another plan of the
+                // same migrations, for another region, is that plan's; a shard whose agent is
+                // away counts, its labels unknown here).
                 for r in rows.iter().filter(|r| {
                     mine.contains(r.migration_id.as_str())
-                        && r.applied_at_ms > submitted_ms
                         && crate::versions::catch_up::selects(
                             spec,
                             &fleet,
@@ -636,7 +635,14 @@ impl Coordinator {
             let Some(row) = self.inner.store.plan(&plan).await? else {
                 continue;
             };
-            if row.submitted_by != CATCH_UP_SUBMITTER || row.state == PlanState::RolledBack {
+            // A catch-up of its environment submitted after it (both times the coordinators'
+            // clocks: a row's applied_at is its shard's): one of another environment, or from
+            // before it, gave the tenant another plan's migration.
+            if row.submitted_by != CATCH_UP_SUBMITTER
+                || row.state == PlanState::RolledBack
+                || row.created_at_ms <= submitted_ms
+                || row.environment != spec.environment
+            {
                 continue;
             }
             let migrations: Vec<String> = migrations.into_iter().collect();

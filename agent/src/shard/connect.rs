@@ -54,6 +54,10 @@ pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, 
         (&["sslcert", "ssl-cert"][..], "sslcert"),
         (&["sslkey", "ssl-key"][..], "sslkey"),
     ] {
+        // (no TLS asked: its files are not read, as libpq does not)
+        if matches!(options.get_ssl_mode(), PgSslMode::Disable) {
+            break;
+        }
         let Some(path) = param(names) else { continue };
         let why = if path == "system" && what == "sslrootcert" {
             Some("`system` is not supported: leave sslrootcert out to verify against the system's roots".to_string())
@@ -67,17 +71,8 @@ pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, 
             });
         }
     }
-    if !ssl_mode_given(config.dsn.expose())
-        && PLAINTEXT_FALLBACK.load(std::sync::atomic::Ordering::Relaxed)
-    {
+    if may_fall_back(&options) && fell_back(&config.shard) {
         options = options.ssl_mode(PgSslMode::Disable);
-    }
-    // libpq's `require` with a root certificate checks the server's against it (as
-    // `verify-ca`); the driver's accepted any.
-    if param(&["sslmode", "ssl-mode"]).is_some_and(|m| m.eq_ignore_ascii_case("require"))
-        && param(&["sslrootcert", "ssl-root-cert", "ssl-ca"]).is_some()
-    {
-        options = options.ssl_mode(PgSslMode::VerifyCa);
     }
     // the server's side of each connection notices a vanished agent (see `keepalive`),
     // unless the DSN's own options say otherwise
@@ -131,17 +126,24 @@ fn dsn_params(dsn: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Set once the server's TLS could not be spoken under the default sslmode: every
-/// connection of the agent (its pool, its shard lock's) is plaintext from then on.
-static PLAINTEXT_FALLBACK: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+/// The shards whose server's TLS could not be spoken under `prefer`: every connection of
+/// their agent (its pool, its shard lock's) is plaintext from then on. By shard: the
+/// quickstart runs several agents in one process.
+static PLAINTEXT_FALLBACK: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
-/// Whether the DSN says which TLS it wants (`sslmode`): without it, `prefer` falls back to
-/// plaintext when the server's TLS cannot be spoken, as libpq's does.
-fn ssl_mode_given(dsn: &str) -> bool {
-    dsn_params(dsn)
+fn fell_back(shard: &str) -> bool {
+    PLAINTEXT_FALLBACK
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .any(|(k, _)| k == "sslmode" || k == "ssl-mode")
+        .any(|s| s == shard)
+}
+
+/// Whether `options` may fall back to plaintext when the server's TLS cannot be spoken, as
+/// libpq's do: under `prefer` only (the default, said or not: `PGSSLMODE` counts too), never
+/// under a mode that asks for TLS.
+fn may_fall_back(options: &PgConnectOptions) -> bool {
+    matches!(options.get_ssl_mode(), PgSslMode::Prefer)
 }
 
 /// How often a backend running a statement for the agent asks whether the agent is still
@@ -194,7 +196,7 @@ pub(crate) async fn connect(
 ) -> Result<Option<PgPool>, AgentError> {
     let mut options = connect_options(config)?;
     let (host, port, database) = describe(&options);
-    let mut may_fall_back = !ssl_mode_given(config.dsn.expose());
+    let mut may_fall_back = may_fall_back(&options);
     let mut attempt = 0u32;
     loop {
         // one bare connection first: the pool would retry a refused connection silently
@@ -234,7 +236,10 @@ pub(crate) async fn connect(
         if is_tls_failure(&error) && std::mem::take(&mut may_fall_back) {
             // (the default, `prefer`: the server offered TLS and its handshake failed)
             warn!(%host, port, %database, error = %crate::error::Shown(&error), "the shard's TLS handshake failed under the default sslmode (prefer): connecting in plaintext, as libpq does; say sslmode=require (or verify-full) in the dsn to insist on TLS");
-            PLAINTEXT_FALLBACK.store(true, std::sync::atomic::Ordering::Relaxed);
+            PLAINTEXT_FALLBACK
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(config.shard.clone());
             options = options.ssl_mode(PgSslMode::Disable);
             continue;
         }
@@ -267,7 +272,7 @@ mod tests {
     use super::*;
 
     /// The DSN's TLS files are read at start (a missing one named, not retried for good);
-    /// `require` with a root certificate checks the server's (libpq's `verify-ca`).
+    /// only `prefer` (said or not) may fall back to plaintext.
     #[test]
     fn tls_settings_of_the_dsn_are_checked_at_start() {
         let dir = std::env::temp_dir().join(format!("flotilla-tls-{}", std::process::id()));
@@ -277,17 +282,18 @@ mod tests {
         let ca = ca.display().to_string();
         let options = |dsn: &str| connect_options(&AgentConfig::new("s0", dsn, "http://c"));
         let o = options(&format!(
-            "postgres://app@db/x?sslmode=require&sslrootcert={ca}"
-        ))
-        .unwrap();
-        assert!(matches!(o.get_ssl_mode(), PgSslMode::VerifyCa));
-        let o = options(&format!(
             "postgres://app@db/x?sslmode=verify-full&sslrootcert={ca}"
         ))
         .unwrap();
         assert!(matches!(o.get_ssl_mode(), PgSslMode::VerifyFull));
+        assert!(!may_fall_back(&o));
         let o = options("postgres://app@db/x?sslmode=require").unwrap();
-        assert!(matches!(o.get_ssl_mode(), PgSslMode::Require));
+        assert!(!may_fall_back(&o));
+        for dsn in ["postgres://app@db/x", "postgres://app@db/x?sslmode=prefer"] {
+            assert!(may_fall_back(&options(dsn).unwrap()), "{dsn}");
+        }
+        // no TLS asked: its files are not read (libpq does not either)
+        assert!(options("postgres://app@db/x?sslmode=disable&sslrootcert=/nowhere/ca").is_ok());
         let e = options("postgres://app@db/x?sslmode=verify-full&sslrootcert=/nowhere/ca%2Epem")
             .unwrap_err()
             .to_string();
@@ -300,8 +306,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("leave sslrootcert out"), "{e}");
-        assert!(!ssl_mode_given("postgres://app@db/x?application_name=a"));
-        assert!(ssl_mode_given("postgres://app@db/x?sslmode=prefer"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
