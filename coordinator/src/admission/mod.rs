@@ -165,10 +165,21 @@ impl Coordinator {
         // A catch-up whose every step its tenants' journals hold (a tenant renamed back, one
         // that kept its history): no plan, where one said "nothing to do" in the plan list
         // (and, under an approval rule, waited for an approver).
+        // Not while another plan is open on its shard: a rollback there may undo what was
+        // read applied, and a stored plan reads its journals again once it has the locks.
         if matches!(promotion, Promotion::CatchUp)
             && statuses.iter().all(|s| *s == StepStatus::AlreadyApplied)
         {
-            return Err(Refusal::NothingToCatchUp.into());
+            let mut shards: Vec<&str> =
+                expansion.targets.iter().map(|t| t.shard.as_str()).collect();
+            shards.dedup();
+            let mut busy = false;
+            for shard in shards {
+                busy |= !self.inner.store.open_plans_on(shard).await?.is_empty();
+            }
+            if !busy {
+                return Err(Refusal::NothingToCatchUp.into());
+            }
         }
         let created = now_ms();
         self.store_plan(&NewPlan {
