@@ -102,19 +102,16 @@ impl Coordinator {
                 .contains(&(shard.to_string(), tenant.to_string()))
                 .then_some(crate::service::After::AppliedAt(since))
         });
-        if !later.is_empty() {
-            if !ignore_later {
-                return Err(Conflict::LaterPlansRetry {
-                    plan_id: plan_id.to_string(),
-                    later: crate::error::later_shown(&later),
-                }
-                .into());
-            }
-            actor.add_reason(&format!(
-                "past later plans ({})",
-                crate::error::later_shown(&later)
-            ));
-        }
+        crate::service::refuse_or_go_past(
+            &later,
+            ignore_later,
+            &mut actor,
+            "past later plans",
+            |later| Conflict::LaterPlansRetry {
+                plan_id: plan_id.to_string(),
+                later,
+            },
+        )?;
         retry_checked_failpoint().await;
         let n = updates.len();
         let steps = if n == 1 { "step" } else { "steps" };

@@ -101,6 +101,27 @@ pub struct Coordinator {
 /// answered anyway (`Coordinator::stored_before_answered`).
 const COMMAND_STORED_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Other plans found in the way of an operator's command (`found`, newest first) refuse it
+/// (`refusal`, given them as shown), unless it said to go past them
+/// (`--ignore-later-plans`): then they are in its audited reason, after `past`.
+pub(crate) fn refuse_or_go_past(
+    found: &[String],
+    ignore: bool,
+    actor: &mut Actor,
+    past: &str,
+    refusal: impl FnOnce(String) -> Conflict,
+) -> Result<(), CoordinatorError> {
+    if found.is_empty() {
+        return Ok(());
+    }
+    let shown = crate::error::later_shown(found);
+    if !ignore {
+        return Err(refusal(shown).into());
+    }
+    actor.add_reason(&format!("{past} ({shown})"));
+    Ok(())
+}
+
 /// Who a catch-up plan is submitted by (`versions::catch_up`).
 pub(crate) const CATCH_UP_SUBMITTER: &str = "catch-up";
 
@@ -782,41 +803,33 @@ impl Coordinator {
             // Later plans' migrations on its targets may rest on what it made (a column
             // added to a table it created): its down SQL would take them, and their rows,
             // with it, and their journal rows would still say applied.
-            let later = self.later_plans(plan_id);
-            if !later.is_empty() {
-                if !ignore_later {
-                    return Err(Conflict::LaterPlans {
-                        plan_id: plan_id.to_string(),
-                        later: crate::error::later_shown(&later),
-                    }
-                    .into());
-                }
-                actor.add_reason(&format!(
-                    "past later plans ({})",
-                    crate::error::later_shown(&later)
-                ));
-            }
+            refuse_or_go_past(
+                &self.later_plans(plan_id),
+                ignore_later,
+                &mut actor,
+                "past later plans",
+                |later| Conflict::LaterPlans {
+                    plan_id: plan_id.to_string(),
+                    later,
+                },
+            )?;
             let mut run = self.rebuild(&row).await?;
             // Tenants that appeared after it completed got its migrations from catch-up
             // plans: their journal rows are those plans', which this rollback does not undo
             // (it left its migration, and the rows written since, there alone, said
             // rolled_back).
-            let caught_up = self
-                .caught_up_on(plan_id, &run.spec, row.created_at_ms)
-                .await?;
-            if !caught_up.is_empty() {
-                if !ignore_later {
-                    return Err(Conflict::CaughtUp {
-                        plan_id: plan_id.to_string(),
-                        caught_up: crate::error::later_shown(&caught_up),
-                    }
-                    .into());
-                }
-                actor.add_reason(&format!(
-                    "leaving its migrations where catch-ups applied them ({})",
-                    crate::error::later_shown(&caught_up)
-                ));
-            }
+            refuse_or_go_past(
+                &self
+                    .caught_up_on(plan_id, &run.spec, row.created_at_ms)
+                    .await?,
+                ignore_later,
+                &mut actor,
+                "leaving its migrations where catch-ups applied them",
+                |caught_up| Conflict::CaughtUp {
+                    plan_id: plan_id.to_string(),
+                    caught_up,
+                },
+            )?;
             run.state = PlanState::Completed;
             run.by_operator = true;
             Some(Box::new(run))

@@ -792,8 +792,8 @@ fn under_continue_a_failed_tenant_stops_alone_and_the_plan_ends_failed() {
     assert_eq!(st.migrations[1].not_run, 1);
 }
 
-#[test]
-fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
+/// Step `a` applied on t1 of s0 and of s1, the plan rolling back, each shard asked (request 5).
+fn applied_on_two_shards_rolling_back() -> PlanRun {
     let mut run = plan_of(
         &["a"],
         Vec::new(),
@@ -812,6 +812,12 @@ fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
             request: 5,
         };
     }
+    run
+}
+
+#[test]
+fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
+    let mut run = applied_on_two_shards_rolling_back();
     let reply = |error: Option<pb::StepError>, request, complete| pb::RollbackReply {
         plan_id: "p0".into(),
         steps: vec![pb::RolledBackStep {
@@ -851,24 +857,7 @@ fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
 /// steps are undone (the plan ended rolled_back saying "1/2 done").
 #[test]
 fn a_complete_rollback_reply_undoes_the_steps_it_does_not_name() {
-    let mut run = plan_of(
-        &["a"],
-        Vec::new(),
-        &[("s0", "t1"), ("s1", "t1")],
-        pb::FailurePolicy::AllOrNothing,
-    );
-    let mut next = 1;
-    for shard in ["s0", "s1"] {
-        let out = run.next_runs(shard, &mut next);
-        answer(&mut run, shard, &out[0], pb::StepOutcome::Applied);
-    }
-    run.state = PlanState::RollingBack;
-    for sr in run.shards.values_mut() {
-        sr.rollback = RollbackState::Asked {
-            conn_id: 1,
-            request: 5,
-        };
-    }
+    let mut run = applied_on_two_shards_rolling_back();
     let undone = pb::RollbackReply {
         plan_id: "p0".into(),
         steps: vec![pb::RolledBackStep {
