@@ -937,3 +937,60 @@ async fn a_revoked_approvers_approval_no_longer_counts() -> anyhow::Result<()> {
     assert_eq!(alice.status(&id).await?["state"], "completed");
     Ok(())
 }
+
+/// PostgreSQL's DETAIL of a failure (the failing row's values) is shown to operators and
+/// withheld from viewers (a viewer read `Failing row contains (...)` of a production table).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failures_detail_is_withheld_from_viewers() -> anyhow::Result<()> {
+    let files = TestDir::new("auth-detail")?;
+    let fleet = TestFleet::builder(1, 1).start().await?;
+    let root_token = files.join("root.token");
+    let out = crate::harness::run_flotilla(
+        &[
+            "operator",
+            "add",
+            "root",
+            "--role",
+            "admin",
+            "--store",
+            &fleet.store,
+            "--token-out",
+            &root_token.to_string_lossy(),
+        ],
+        &[],
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    let root = As {
+        fleet: &fleet,
+        token: root_token,
+    };
+    let alice = As {
+        token: add(&root, files.path(), "alice", "operator", &[]).await?,
+        fleet: &fleet,
+    };
+    let val = As {
+        token: add(&root, files.path(), "val", "viewer", &[]).await?,
+        fleet: &fleet,
+    };
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_secret_row",
+        "",
+        "CREATE TABLE cards (n text NOT NULL, holder text); \
+         INSERT INTO cards VALUES (NULL, 'Canary Holder 4111')",
+        "DROP TABLE IF EXISTS cards",
+    )?;
+    let id = alice.submit(d.path(), &["--policy", "stop"]).await?;
+    let (_, st) = alice.watch(&id).await?;
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(
+        st["failures"].to_string().contains("Canary Holder 4111"),
+        "an operator sees the detail: {st}"
+    );
+    let seen = val.status(&id).await?;
+    let failures = seen["failures"].to_string();
+    assert!(!failures.contains("Canary Holder 4111"), "{seen}");
+    assert!(failures.contains("withheld from viewers"), "{seen}");
+    Ok(())
+}

@@ -53,6 +53,30 @@ fn origin<T>(req: &Request<T>) -> Origin {
     }
 }
 
+/// Whether the request's caller is an authenticated viewer.
+fn is_viewer<T>(req: &Request<T>) -> bool {
+    req.extensions()
+        .get::<Caller>()
+        .is_some_and(|c| c.role == crate::auth::Role::Viewer)
+}
+
+/// What PostgreSQL's DETAIL of a failure said is withheld from a viewer: it may hold row
+/// values (`Failing row contains (...)`, a duplicate key's value), read-only roles' to see
+/// no more than the plan's shape and errors.
+pub(crate) const DETAIL_WITHHELD: &str = "(withheld from viewers: PostgreSQL's detail may hold row values; an operator's plan status shows it)";
+
+/// A plan's status as the caller may read it: a viewer's without the failures' DETAIL.
+fn for_the_caller(mut status: pb::PlanStatus, viewer: bool) -> pb::PlanStatus {
+    if viewer {
+        for error in status.failures.iter_mut().filter_map(|f| f.error.as_mut()) {
+            if !error.detail.is_empty() {
+                error.detail = DETAIL_WITHHELD.into();
+            }
+        }
+    }
+    status
+}
+
 impl Coordinator {
     /// Who acts and why: the authenticated operator (a different `actor` is refused),
     /// or, with authentication off, the request's own `actor`.
@@ -186,8 +210,9 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::GetPlanRequest>,
     ) -> Result<Response<pb::PlanStatus>, Status> {
+        let viewer = is_viewer(&req);
         match self.status(&req.into_inner().plan_id).await {
-            Ok(status) => Ok(self.naming_the_leader(Response::new(status))),
+            Ok(status) => Ok(self.naming_the_leader(Response::new(for_the_caller(status, viewer)))),
             Err(e) => Err(self.naming_the_leader_in(e.into())),
         }
     }
@@ -206,13 +231,17 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::GetPlanRequest>,
     ) -> Result<Response<Self::WatchPlanStream>, Status> {
+        let viewer = is_viewer(&req);
         let id = req.into_inner().plan_id;
         // Fail fast on an unknown plan instead of an empty stream.
         if let Err(e) = self.status(&id).await {
             return Err(self.naming_the_leader_in(e.into()));
         }
         let rx = self.watch(id.clone());
-        let stream = ReceiverStream::new(rx).map(|r| r.map_err(Status::from));
+        let stream = ReceiverStream::new(rx).map(move |r| {
+            r.map(|status| for_the_caller(status, viewer))
+                .map_err(Status::from)
+        });
         let stream = self
             .inner
             .shutdown
