@@ -616,44 +616,32 @@ impl Coordinator {
         let mine: std::collections::BTreeSet<&str> =
             spec.migrations.iter().map(|m| m.id.as_str()).collect();
         let (journals, _) = self.inner.versions.snapshot();
-        let fleet = self.inner.fleet.snapshot();
-        type Found = (std::collections::BTreeSet<String>, Vec<String>, i64);
-        let mut found: BTreeMap<String, Found> = BTreeMap::new();
+        // Its migrations' rows on targets it has none on (its own targets: the later-plans
+        // check speaks for them), by the plan that wrote them.
+        let mut rows_of: BTreeMap<&str, Vec<(&str, &str, &pb::JournalEntry)>> = BTreeMap::new();
         for (shard, journal) in journals.iter() {
             for (tenant, rows) in &journal.targets {
-                // one of its own targets: the later-plans check speaks for it
                 if rows.iter().any(|r| r.plan_id == plan_id) {
                     continue;
                 }
-                // On a tenant it selects for the migration (a catch-up of another plan of the
-                // same migrations, for another region, is that plan's; a shard whose agent is
-                // away counts, its labels unknown here).
-                for r in rows.iter().filter(|r| {
-                    mine.contains(r.migration_id.as_str())
-                        && crate::versions::catch_up::selects(
-                            spec,
-                            &fleet,
-                            shard,
-                            tenant,
-                            &r.migration_id,
-                        )
-                        .unwrap_or(true)
-                }) {
-                    let (migrations, targets, newest) = found.entry(r.plan_id.clone()).or_default();
-                    *newest = (*newest).max(r.applied_at_ms);
-                    migrations.insert(r.migration_id.clone());
-                    let target = crate::versions::target_name(shard, tenant);
-                    if !targets.contains(&target) {
-                        targets.push(target);
-                    }
+                for r in rows
+                    .iter()
+                    .filter(|r| mine.contains(r.migration_id.as_str()))
+                {
+                    rows_of.entry(r.plan_id.as_str()).or_default().push((
+                        shard.as_str(),
+                        tenant.as_str(),
+                        r,
+                    ));
                 }
             }
         }
+        let fleet = self.inner.fleet.snapshot();
         let mut caught_up = Vec::new();
-        for (plan, (migrations, targets, newest)) in found {
+        for (plan, rows) in rows_of {
             // Another plan of the same migrations elsewhere (a region's plan after another
             // region's) is its own rollout: only a catch-up is this plan's own, carried on.
-            let Some(row) = self.inner.store.plan(&plan).await? else {
+            let Some(row) = self.inner.store.plan(plan).await? else {
                 continue;
             };
             // A catch-up of its environment submitted after it (both times the coordinators'
@@ -666,7 +654,33 @@ impl Coordinator {
             {
                 continue;
             }
-            let migrations: Vec<String> = migrations.into_iter().collect();
+            let (mut migrations, mut targets, mut newest) =
+                (std::collections::BTreeSet::new(), Vec::new(), 0);
+            // On a tenant it selects for the migration (a catch-up of another plan of the same
+            // migrations, for another region, is that plan's; a shard whose agent is away
+            // counts, its labels unknown here).
+            for (shard, tenant, r) in rows {
+                let selected = crate::versions::catch_up::selects(
+                    spec,
+                    &fleet,
+                    shard,
+                    tenant,
+                    &r.migration_id,
+                );
+                if selected == Some(false) {
+                    continue;
+                }
+                newest = newest.max(r.applied_at_ms);
+                migrations.insert(r.migration_id.as_str());
+                let target = crate::versions::target_name(shard, tenant);
+                if !targets.contains(&target) {
+                    targets.push(target);
+                }
+            }
+            if targets.is_empty() {
+                continue;
+            }
+            let migrations: Vec<&str> = migrations.into_iter().collect();
             caught_up.push((
                 newest,
                 format!(

@@ -347,14 +347,16 @@ async fn a_tenant_made_the_old_way_is_not_caught_up_over_its_history() -> anyhow
             && message.contains("fleet baseline"),
         "{failure}"
     );
-    let rows: i64 = fleet
-        .pg
-        .query_scalar(
-            &db,
-            "SELECT count(*) FROM flotilla.journal WHERE target = 'tenant_0900'",
-        )
-        .await?;
-    assert_eq!(rows, 0, "nothing ran there");
+    let journal_rows = async || -> anyhow::Result<i64> {
+        fleet
+            .pg
+            .query_scalar(
+                &db,
+                "SELECT count(*) FROM flotilla.journal WHERE target = 'tenant_0900'",
+            )
+            .await
+    };
+    assert_eq!(journal_rows().await?, 0, "nothing ran there");
 
     // Its history recorded (`fleet baseline`), it is caught up on what it lacks (it stayed
     // behind, still said refused, until a plan was run over it by hand).
@@ -372,16 +374,7 @@ async fn a_tenant_made_the_old_way_is_not_caught_up_over_its_history() -> anyhow
     crate::harness::wait_until(
         "the tenant caught up after its baseline",
         crate::fleet::WAIT,
-        async || {
-            let rows: i64 = fleet
-                .pg
-                .query_scalar(
-                    &db,
-                    "SELECT count(*) FROM flotilla.journal WHERE target = 'tenant_0900'",
-                )
-                .await?;
-            Ok(rows == 2)
-        },
+        async || Ok(journal_rows().await? == 2),
     )
     .await?;
     let marks: i64 = fleet

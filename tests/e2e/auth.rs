@@ -76,6 +76,29 @@ async fn add(
     Ok(token)
 }
 
+/// The first admin, `root`, put straight into the fleet's control store (`operator add
+/// --store`), its token in `files`.
+async fn first_admin<'a>(fleet: &'a TestFleet, files: &Path) -> anyhow::Result<As<'a>> {
+    let token = files.join("root.token");
+    let out = crate::harness::run_flotilla(
+        &[
+            "operator",
+            "add",
+            "root",
+            "--role",
+            "admin",
+            "--store",
+            &fleet.store,
+            "--token-out",
+            &token.to_string_lossy(),
+        ],
+        &[],
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    Ok(As { fleet, token })
+}
+
 fn refused(out: &CommandOutput, says: &str) {
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains(says), "expected `{says}`: {out}");
@@ -114,27 +137,7 @@ async fn tokens_and_roles_guard_every_operator_rpc_and_refusals_change_nothing()
     refused(&out, "no operator exists yet");
 
     // The first admin goes straight into the store; from then on every request authenticates.
-    let root_token = files.join("root.token");
-    let out = crate::harness::run_flotilla(
-        &[
-            "operator",
-            "add",
-            "root",
-            "--role",
-            "admin",
-            "--store",
-            &fleet.store,
-            "--token-out",
-            &root_token.to_string_lossy(),
-        ],
-        &[],
-    )
-    .await?;
-    assert!(out.success(), "{out}");
-    let root = As {
-        fleet: &fleet,
-        token: root_token,
-    };
+    let root = first_admin(&fleet, files.path()).await?;
     let out = fleet.cli(&["plan", "list"]).await?;
     refused(&out, "unauthenticated: no credential");
     let out = fleet.cli(&["env", "status"]).await?;
@@ -880,27 +883,7 @@ async fn a_revoked_approvers_approval_no_longer_counts() -> anyhow::Result<()> {
         .coordinator_args(&["--approvals", &matrix])
         .start()
         .await?;
-    let root_token = files.join("root.token");
-    let out = crate::harness::run_flotilla(
-        &[
-            "operator",
-            "add",
-            "root",
-            "--role",
-            "admin",
-            "--store",
-            &fleet.store,
-            "--token-out",
-            &root_token.to_string_lossy(),
-        ],
-        &[],
-    )
-    .await?;
-    assert!(out.success(), "{out}");
-    let root = As {
-        fleet: &fleet,
-        token: root_token,
-    };
+    let root = first_admin(&fleet, files.path()).await?;
     let alice = As {
         token: add(&root, files.path(), "alice", "operator", &[]).await?,
         fleet: &fleet,
@@ -944,27 +927,7 @@ async fn a_revoked_approvers_approval_no_longer_counts() -> anyhow::Result<()> {
 async fn a_failures_detail_is_withheld_from_viewers() -> anyhow::Result<()> {
     let files = TestDir::new("auth-detail")?;
     let fleet = TestFleet::builder(1, 1).start().await?;
-    let root_token = files.join("root.token");
-    let out = crate::harness::run_flotilla(
-        &[
-            "operator",
-            "add",
-            "root",
-            "--role",
-            "admin",
-            "--store",
-            &fleet.store,
-            "--token-out",
-            &root_token.to_string_lossy(),
-        ],
-        &[],
-    )
-    .await?;
-    assert!(out.success(), "{out}");
-    let root = As {
-        fleet: &fleet,
-        token: root_token,
-    };
+    let root = first_admin(&fleet, files.path()).await?;
     let alice = As {
         token: add(&root, files.path(), "alice", "operator", &[]).await?,
         fleet: &fleet,

@@ -87,7 +87,9 @@ pub(crate) fn connect_options(config: &AgentConfig) -> Result<PgConnectOptions, 
         .options(keepalives))
 }
 
-/// The DSN's query parameters (`?k=v&...`), percent-decoded, in order.
+/// The DSN's query parameters (`?k=v&...`), percent-decoded, in order. (The driver keeps
+/// its certificate paths without a getter, and renders them only through `to_url_lossy`,
+/// which panics on a user name holding an `@`, as managed services' do.)
 fn dsn_params(dsn: &str) -> Vec<(String, String)> {
     let Some((_, query)) = dsn.split_once('?') else {
         return Vec::new();

@@ -815,10 +815,13 @@ fn applied_on_two_shards_rolling_back() -> PlanRun {
     run
 }
 
-#[test]
-fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
-    let mut run = applied_on_two_shards_rolling_back();
-    let reply = |error: Option<pb::StepError>, request, complete| pb::RollbackReply {
+/// Plan p0's rollback reply to `request`: step `a` of t1 undone (or its `error`).
+fn undo_of_a_on_t1(
+    error: Option<pb::StepError>,
+    request: u64,
+    complete: bool,
+) -> pb::RollbackReply {
+    pb::RollbackReply {
         plan_id: "p0".into(),
         steps: vec![pb::RolledBackStep {
             migration_id: "a".into(),
@@ -827,7 +830,13 @@ fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
         }],
         complete,
         request,
-    };
+    }
+}
+
+#[test]
+fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
+    let mut run = applied_on_two_shards_rolling_back();
+    let reply = undo_of_a_on_t1;
     let cannot = || {
         Some(pb::StepError {
             message: "cannot drop".into(),
@@ -858,16 +867,7 @@ fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
 #[test]
 fn a_complete_rollback_reply_undoes_the_steps_it_does_not_name() {
     let mut run = applied_on_two_shards_rolling_back();
-    let undone = pb::RollbackReply {
-        plan_id: "p0".into(),
-        steps: vec![pb::RolledBackStep {
-            migration_id: "a".into(),
-            tenant: "t1".into(),
-            error: None,
-        }],
-        complete: true,
-        request: 5,
-    };
+    let undone = undo_of_a_on_t1(None, 5, true);
     run.apply_rollback_reply("s0", &undone);
     let nothing_here = pb::RollbackReply {
         steps: Vec::new(),
@@ -914,19 +914,7 @@ fn progress_is_kept_for_the_plans_steps_only() {
         conn_id: 1,
         request: 1,
     };
-    run.apply_rollback_reply(
-        "s0",
-        &pb::RollbackReply {
-            plan_id: "p0".into(),
-            steps: vec![pb::RolledBackStep {
-                migration_id: "a".into(),
-                tenant: "t1".into(),
-                error: None,
-            }],
-            complete: true,
-            request: 1,
-        },
-    );
+    run.apply_rollback_reply("s0", &undo_of_a_on_t1(None, 1, true));
     assert!(run.progress.is_empty(), "{:?}", run.progress);
     // the undo's last report, after the reply: not taken back
     run.record_progress(progress("a", "s0", "t1", 30));
