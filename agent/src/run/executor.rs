@@ -247,7 +247,8 @@ async fn run_group(
     let mut shown: Option<LockWaitShown<'_>> = None;
     loop {
         durations.iter_mut().for_each(|d| *d = Duration::ZERO);
-        let watch = backend_pid.map(|pid| BlockerWatch::start(pool, pid, &job.steps[i]));
+        let watch =
+            backend_pid.map(|pid| BlockerWatch::start(pool, pid, &job.steps[i], attempt > 0));
         let outcome = if transactional {
             match (&job.prepare, &session, &job.halts) {
                 // an atomic unit's run: cancelled if its plan halts (see `abort`)

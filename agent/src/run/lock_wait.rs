@@ -2,6 +2,7 @@
 //! in front of the table's traffic for longer, and is tried again after a pause (the
 //! lock_timeout-with-retries pattern of GitLab and strong_migrations). Meanwhile another
 //! connection looks at who blocks it, so the final error names them.
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnection, PgPool};
@@ -65,7 +66,7 @@ pub(super) async fn retry_lock_timeouts_watched(
         let watching = match watch {
             Some((pool, m)) if attempt == LOCK_RETRIES => backend_pid(conn)
                 .await
-                .map(|pid| BlockerWatch::start(pool, pid, m)),
+                .map(|pid| BlockerWatch::start(pool, pid, m, true)),
             _ => None,
         };
         let outcome = execute(conn, sql.to_owned()).await;
@@ -122,70 +123,102 @@ type BlockerRow = (
     String,
 );
 
-/// Watches a step's backend from another connection while it may wait for a lock: shortly
-/// before its lock_timeout runs out, it records which table the step waits for and which
-/// sessions block it, for the error that names them: those it waits for and, one step
-/// further, those they wait for (behind another waiter for a row, the step waits for that
-/// waiter, which waits for the session that holds the row: the one to look at), the
-/// longest open first.
+/// Watches a step's backend from another connection while it may wait for a lock: from
+/// half its lock_timeout on, it records which table the step waits for and which sessions
+/// block it, for the error that names them: those it waits for and, one step further, those
+/// they wait for (behind another waiter for a row, the step waits for that waiter, which
+/// waits for the session that holds the row: the one to look at), the longest open first.
+/// It looks more than once and keeps the last it saw: a look still running when the lock
+/// timed out finds the step no longer waiting (one look at 3/4 of the lock_timeout, on a
+/// loaded machine, took the rest of it and the error named nobody).
 pub(super) struct BlockerWatch {
-    task: tokio::task::JoinHandle<Option<String>>,
+    task: tokio::task::JoinHandle<()>,
+    seen: Arc<Mutex<Option<String>>>,
 }
 
 impl BlockerWatch {
-    pub(super) fn start(pool: &PgPool, pid: i32, m: &PreparedMigration) -> BlockerWatch {
+    /// `contended`: the step timed out on its lock before.
+    pub(super) fn start(
+        pool: &PgPool,
+        pid: i32,
+        m: &PreparedMigration,
+        contended: bool,
+    ) -> BlockerWatch {
         let pool = pool.clone();
-        let wait = Duration::from_millis(m.lock_timeout_ms.max(10) * 3 / 4);
+        let lock_timeout = Duration::from_millis(m.lock_timeout_ms.max(10));
+        let seen = Arc::new(Mutex::new(None));
+        let record = seen.clone();
         let task = tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            let rows: Vec<BlockerRow> = sqlx::query_as(
-                "SELECT CASE WHEN w.locktype <> 'tuple' THEN w.relation::pg_catalog.regclass::text END, \
-                   CASE WHEN w.locktype = 'tuple' THEN w.relation::pg_catalog.regclass::text \
-                   ELSE (SELECT t.relation::pg_catalog.regclass::text FROM pg_catalog.pg_locks t \
-                     WHERE t.pid = w.pid AND t.locktype = 'tuple' AND t.granted LIMIT 1) END, \
-                   a.pid, coalesce(a.usename::text, ''), \
-                   coalesce(a.application_name, ''), coalesce(a.state, ''), \
-                   coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start), 0)::float8, \
-                   pg_catalog.left(coalesce(a.query, ''), 120) \
-                 FROM pg_catalog.pg_locks w \
-                 CROSS JOIN LATERAL (SELECT p FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS d(p) \
-                   UNION SELECT pg_catalog.unnest(pg_catalog.pg_blocking_pids(d.p)) \
-                   FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS d(p)) AS b(pid) \
-                 JOIN pg_catalog.pg_stat_activity a ON a.pid = b.pid \
-                 WHERE w.pid = $1 AND NOT w.granted ORDER BY a.xact_start",
-            )
-            .bind(pid)
-            .fetch_all(&pool)
-            .await
-            .ok()?;
-            let (table, row_of, ..) = rows.first()?;
-            let what = match (table, row_of) {
-                (Some(table), _) => table.clone(),
-                (None, Some(table)) => format!("a row of {table}"),
-                (None, None) => "an object".into(),
+            let started = tokio::time::Instant::now();
+            // A step that timed out on its lock before has its connection taken at once (a
+            // new one, on a loaded machine, took a third of a 200 ms lock_timeout); one
+            // watched from its first attempt (an atomic unit's every target) takes one only
+            // if it runs that long.
+            if !contended {
+                tokio::time::sleep(lock_timeout / 2).await;
+            }
+            let Ok(mut conn) = pool.acquire().await else {
+                return;
             };
-            let blockers: Vec<String> = rows
-                .iter()
-                .map(|(_, _, pid, user, app, state, secs, query)| {
-                    format!(
-                        "pid {pid} (user {user}{}, {state}, transaction open {secs:.0}s, last query: {query})",
-                        if app.is_empty() { String::new() } else { format!(", application {app}") }
-                    )
-                })
-                .collect();
-            Some(format!(
-                "waiting for a lock on {what} held by {}",
-                blockers.join("; ")
-            ))
+            // At 1/2, 3/4 and 7/8 of the lock_timeout: the first while the step surely
+            // waits still, the later ones for sessions that joined the queue since.
+            for eighths in [4u32, 6, 7] {
+                tokio::time::sleep_until(started + lock_timeout * eighths / 8).await;
+                if let Some(found) = blockers_of(&mut conn, pid).await {
+                    *record.lock().unwrap_or_else(|e| e.into_inner()) = Some(found);
+                }
+            }
         });
-        BlockerWatch { task }
+        BlockerWatch { task, seen }
     }
 
-    /// What it saw, if the step was still waiting when it looked.
+    /// What it last saw while the step was waiting.
     pub(super) async fn finish(self) -> Option<String> {
-        if !self.task.is_finished() {
-            self.task.abort();
-        }
-        self.task.await.ok().flatten()
+        self.task.abort();
+        let _ = self.task.await;
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
+}
+
+/// Which table the session `pid` waits for and who blocks it, if it waits.
+async fn blockers_of(conn: &mut PgConnection, pid: i32) -> Option<String> {
+    let rows: Vec<BlockerRow> = sqlx::query_as(
+        "SELECT CASE WHEN w.locktype <> 'tuple' THEN w.relation::pg_catalog.regclass::text END, \
+           CASE WHEN w.locktype = 'tuple' THEN w.relation::pg_catalog.regclass::text \
+           ELSE (SELECT t.relation::pg_catalog.regclass::text FROM pg_catalog.pg_locks t \
+             WHERE t.pid = w.pid AND t.locktype = 'tuple' AND t.granted LIMIT 1) END, \
+           a.pid, coalesce(a.usename::text, ''), \
+           coalesce(a.application_name, ''), coalesce(a.state, ''), \
+           coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start), 0)::float8, \
+           pg_catalog.left(coalesce(a.query, ''), 120) \
+         FROM pg_catalog.pg_locks w \
+         CROSS JOIN LATERAL (SELECT p FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS d(p) \
+           UNION SELECT pg_catalog.unnest(pg_catalog.pg_blocking_pids(d.p)) \
+           FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS d(p)) AS b(pid) \
+         JOIN pg_catalog.pg_stat_activity a ON a.pid = b.pid \
+         WHERE w.pid = $1 AND NOT w.granted ORDER BY a.xact_start",
+    )
+    .bind(pid)
+    .fetch_all(conn)
+    .await
+    .ok()?;
+    let (table, row_of, ..) = rows.first()?;
+    let what = match (table, row_of) {
+        (Some(table), _) => table.clone(),
+        (None, Some(table)) => format!("a row of {table}"),
+        (None, None) => "an object".into(),
+    };
+    let blockers: Vec<String> = rows
+        .iter()
+        .map(|(_, _, pid, user, app, state, secs, query)| {
+            format!(
+                "pid {pid} (user {user}{}, {state}, transaction open {secs:.0}s, last query: {query})",
+                if app.is_empty() { String::new() } else { format!(", application {app}") }
+            )
+        })
+        .collect();
+    Some(format!(
+        "waiting for a lock on {what} held by {}",
+        blockers.join("; ")
+    ))
 }
