@@ -887,10 +887,26 @@ async fn a_crash_under_a_step_runs_it_again_but_not_for_good() -> anyhow::Result
         .pg_setting("synchronous_commit", "on")
         .start()
         .await?;
+    let shard = fleet.shards[0].clone();
+    // A server up for longer than a second beyond what the step will have run, as a
+    // production server is: a crash's reset keeps the postmaster's start time, and a
+    // fresh test server's short uptime alone made the agent see a restart (in CI a third
+    // crash 1.3 s after the server's start was taken as the session ended by the server,
+    // and the step failed as a connection error).
+    wait_until("the shard's server up for 3 s", WAIT, async || {
+        let up = fleet
+            .pg
+            .query_scalar::<f64>(
+                &shard,
+                "SELECT extract(epoch FROM clock_timestamp() - pg_postmaster_start_time())::float8",
+            )
+            .await?;
+        Ok(up >= 3.0)
+    })
+    .await?;
     let d = MigrationDir::new()?;
     d.migration("001_sleeps", "", "SELECT pg_sleep(30)", "SELECT 1")?;
     let id = fleet.submit(d.path(), &[]).await?;
-    let shard = fleet.shards[0].clone();
     for crash in 1..=3 {
         wait_running(&fleet.pg, &shard, "pg_sleep(30)", 1).await?;
         // a bystander's backend crashes: the server resets every session

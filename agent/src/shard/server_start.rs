@@ -9,13 +9,22 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Executor, PgPool};
 use tracing::warn;
 
-/// The server's start (`pg_postmaster_start_time()` as text), and when this agent first saw it.
+/// The server's start (`pg_postmaster_start_time()` and its checkpointer's pid, as text),
+/// and when this agent first saw it.
 static SEEN: Mutex<Vec<(String, Instant)>> = Mutex::new(Vec::new());
 
 /// Starts remembered: a server restarted this often under one agent is not remembered whole.
 const KEPT: usize = 64;
 
-const START_SQL: &str = "SELECT pg_catalog.pg_postmaster_start_time()::text, \
+/// Which start of the server answers, and how long its postmaster has been up. A crash of
+/// one of its processes resets every session and starts its processes again but not the
+/// postmaster, whose start time stays: the checkpointer's pid (a new process after each
+/// reset, listed to every role) tells those starts apart. Before, a step cut short by a
+/// reset was taken as ended by the server itself (and failed) unless the server had been
+/// up for less time than the step ran.
+const START_SQL: &str = "SELECT pg_catalog.pg_postmaster_start_time()::text || ' checkpointer ' \
+       || coalesce((SELECT pg_catalog.min(pid) FROM pg_catalog.pg_stat_activity \
+         WHERE backend_type = 'checkpointer')::text, '?'), \
      extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.pg_postmaster_start_time())::float8";
 
 /// When this agent first saw the server start `start` (now, if it had not).
@@ -106,9 +115,11 @@ pub(crate) async fn restarted_since(
     let (seen, uptime) = once_back(pool, within).await?;
     let elapsed = began.elapsed();
     if seen > began {
-        Some(format!(
-            "the shard's server started again (or another took its place) while the step ran (up {uptime:.1} s)"
-        ))
+        Some(
+            "the shard's server started again (a restart, a reset of every session after one \
+             of its processes crashed, or another server in its place) while the step ran"
+                .to_string(),
+        )
     } else if uptime < (elapsed + std::time::Duration::from_secs(1)).as_secs_f64() {
         Some(format!(
             "the shard's server restarted while the step ran (up {uptime:.1} s, the step began {:.1} s ago)",
