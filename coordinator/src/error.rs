@@ -286,6 +286,8 @@ pub enum Conflict {
         plan_id: String,
         action: &'static str,
     },
+    #[error("plan {plan_id} is not paused (nothing of it is): there is nothing to resume")]
+    PlanNotPaused { plan_id: String },
     #[error("cannot resume shard {shard} of plan {plan_id} alone: {why}")]
     NotPaused {
         plan_id: String,

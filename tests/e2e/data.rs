@@ -692,6 +692,15 @@ async fn a_pause_outlives_a_new_coordinator_and_a_retry() -> anyhow::Result<()> 
         serde_json::json!([]),
         "nothing paused"
     );
+    // a resume with nothing paused is said, not audited as a resume
+    let out = fleet.cli(&["plan", "resume", &id]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "plan {id} is not paused (nothing of it is): there is nothing to resume"
+        )),
+        "{out}"
+    );
     let out = fleet
         .cli(&["plan", "watch", &id, "--output", "json"])
         .await?;

@@ -66,6 +66,13 @@ impl Engine {
         }
         match (shard, paused) {
             (None, true) => run.paused.plan = true,
+            // (nothing paused: said, not audited as a resume that changed nothing)
+            (None, false) if !run.paused.plan && run.paused.shards.is_empty() => {
+                return Err(Conflict::PlanNotPaused {
+                    plan_id: plan_id.to_string(),
+                }
+                .into());
+            }
             // resuming the plan resumes every shard of it
             (None, false) => run.paused = Default::default(),
             (Some(s), true) => {
