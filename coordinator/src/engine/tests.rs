@@ -605,7 +605,7 @@ async fn an_atomic_units_abort_does_not_wait_for_its_runs_in_flight() {
 /// refused, naming the shards that have not committed yet: the COMMIT PREPAREDs still to
 /// come would change the journals a rollback reads. Once they have, the plan completes.
 /// A pause is refused too (the commit does not stop for one: it was taken, and said the
-/// plan held while it went on); a resume, which holds nothing, is taken.
+/// plan held while it went on); a resume is refused for what it is (nothing is paused).
 #[tokio::test]
 async fn a_rollback_while_a_unit_commits_is_refused_until_it_has() {
     let events = engine();
@@ -633,7 +633,11 @@ async fn a_rollback_while_a_unit_commits_is_refused_until_it_has() {
         refused.contains("is committing") && refused.contains("would not hold its atomic commit"),
         "{refused}"
     );
-    pause(&events, false).await.expect("a resume is taken");
+    let refused = pause(&events, false)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(refused.contains("is not paused"), "{refused}");
     resolved(&events, "s1", &r1, true).await;
     handled(&events).await;
     // completed, it has left memory (its status comes from the store)
