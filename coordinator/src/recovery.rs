@@ -113,8 +113,55 @@ impl Coordinator {
                 run.gone.insert(t);
             }
         }
+        // Shards an operator cancelled while it ran, from the audit trail (a retry since
+        // runs them again): before, a new leader forgot them and the plan ended `halted`
+        // ("steps were not run; retry runs them") instead of cancelled. Their steps not
+        // run are stored so; one out as the term ended is sent again, for its outcome,
+        // and the halt after it (`agents`), as under the leader before.
+        if row.state == PlanState::Running {
+            for shard in self.cancelled_shards(&row.id).await? {
+                if run.shards.contains_key(&shard) {
+                    run.cancelled.insert(shard);
+                }
+            }
+            // its message names them, and is how it ends (`settle`)
+            if !run.cancelled.is_empty() {
+                run.message = row.message.clone();
+            }
+        }
         run.inherited = true;
         Ok(run)
+    }
+
+    /// The shards of a running plan cancelled one by one (`plan cancel --shard`) since its
+    /// submit or its last retry, as its audit trail says.
+    async fn cancelled_shards(
+        &self,
+        plan_id: &str,
+    ) -> Result<std::collections::BTreeSet<String>, CoordinatorError> {
+        let mut cancelled = std::collections::BTreeSet::new();
+        for a in self
+            .inner
+            .store
+            .audit_trail(Some(plan_id), 0, i64::MAX)
+            .await?
+        {
+            match a.action.as_str() {
+                "retry" => cancelled.clear(),
+                // "shard NAME", then ": REASON" when one was given (a shard's name holds
+                // no colon nor space); a whole plan's cancel says no shard
+                "cancel" => {
+                    if let Some(name) = a.detail.strip_prefix("shard ")
+                        && let Some(name) = name.split([':', ' ']).next()
+                        && flotilla_core::model::validate_shard_name(name).is_ok()
+                    {
+                        cancelled.insert(name.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(cancelled)
     }
 
     /// Plans left running by a previous coordinator: rebuilt and continued.

@@ -894,6 +894,51 @@ async fn a_restarted_coordinator_resumes_the_plan_exactly_once() -> anyhow::Resu
     Ok(())
 }
 
+/// A shard an operator cancelled stays cancelled across a restart of the coordinator: the
+/// plan ends cancelled, naming the shard, with the step that was out there when the
+/// coordinator went down done once and nothing else run there. Before, the new leader
+/// forgot the cancel and the plan ended `halted`, its not-run steps offered to a retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_shard_stays_cancelled_across_a_coordinator_restart() -> anyhow::Result<()> {
+    let mut fleet = TestFleet::start(2, 4).await?;
+    let d = blocking_plan()?;
+    let lock_conn = hold(&fleet.pg, 0, 4242).await?;
+    // (not fused: a target's two steps would run as one, its second with its first)
+    let id = fleet
+        .submit(d.path(), &["--policy", "continue", "--no-fuse"])
+        .await?;
+    wait_blocked(&fleet).await?;
+    let out = fleet
+        .cli(&[
+            "plan", "cancel", &id, "--shard", "shard_0", "--reason", "hot",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    wait_until("shard_1 done", WAIT, async || {
+        Ok(fleet.journal(1).await?.len() == 8)
+    })
+    .await?;
+    fleet.kill_coordinator()?;
+    fleet.restart_coordinator().await?;
+    fleet.wait_attached(2).await?;
+    release(lock_conn, 4242).await?;
+    let (out, st) = fleet.watch(&id).await?;
+    assert_ne!(out.code(), Some(0), "{out}");
+    assert_eq!(st["state"], "cancelled", "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("shard shard_0 cancelled by")),
+        "{st}"
+    );
+    // tenant_0002's first step, out when the coordinator went down, ran once; its second
+    // never ran
+    let journal = fleet.journal(0).await?;
+    assert_eq!(journal.len(), 7, "{journal:?}");
+    assert_logged_once(&fleet.pg, "shard_0", "tenant_0002", &["001"]).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_prints_the_final_state_and_exits_by_it() -> anyhow::Result<()> {
     let fleet = TestFleet::start(1, 2).await?;
