@@ -939,6 +939,30 @@ async fn a_cancelled_shard_stays_cancelled_across_a_coordinator_restart() -> any
     Ok(())
 }
 
+/// The one shard of a plan cancelled: its message names the cancel, and no other shards
+/// going on (it read "other shards go on" with none).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plans_one_shard_cancelled_says_no_other_shards_go_on() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 4).await?;
+    let d = blocking_plan()?;
+    let lock_conn = hold(&fleet.pg, 0, 4242).await?;
+    let id = fleet.submit(d.path(), &["--policy", "continue"]).await?;
+    wait_blocked(&fleet).await?;
+    let out = fleet
+        .cli(&["plan", "cancel", &id, "--shard", "shard_0"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    release(lock_conn, 4242).await?;
+    let (_, st) = fleet.watch(&id).await?;
+    assert_eq!(st["state"], "cancelled", "{st}");
+    let message = st["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("shard shard_0 cancelled by") && !message.contains("other shards"),
+        "{st}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_prints_the_final_state_and_exits_by_it() -> anyhow::Result<()> {
     let fleet = TestFleet::start(1, 2).await?;

@@ -338,8 +338,12 @@ impl Engine {
             .into());
         }
         let said = actor.explain(&format!("shard {shard} cancelled by {}", actor.name));
-        run.message = if run.message.is_empty() {
+        // (said only when another shard has steps to go on with: a plan's one shard
+        // cancelled read "other shards go on")
+        run.message = if run.message.is_empty() && run.others_go_on(shard) {
             format!("{said}; other shards go on")
+        } else if run.message.is_empty() {
+            said
         } else {
             format!("{}; {said}", run.message)
         };

@@ -25,6 +25,14 @@ impl PlanRun {
         updates
     }
 
+    /// Whether a shard other than `shard`, not cancelled, has steps open.
+    pub fn others_go_on(&self, shard: &str) -> bool {
+        self.steps.iter().any(|step| {
+            let on = &self.targets[step.target].shard;
+            step.status.open() && on != shard && !self.cancelled.contains(on)
+        })
+    }
+
     pub fn halt_pending(&mut self) -> Vec<StepUpdate> {
         let mut updates = Vec::new();
         for s in 0..self.steps.len() {
