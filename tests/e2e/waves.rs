@@ -969,6 +969,15 @@ rest = true
         Some(until),
         "the same bake end: {st}"
     );
+    // a watch (text, not a terminal) says the canary bakes and when its bake ends
+    let text = fleet.cli(&["plan", "watch", &id]).await?;
+    assert_eq!(text.code(), Some(0), "{text}");
+    assert!(
+        text.stdout.lines().any(|l| l.contains("wave canary")
+            && l.contains("baking")
+            && l.contains("bake ends in")),
+        "{text}"
+    );
     let (out, st) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(st["state"], "completed", "{st}");

@@ -242,6 +242,15 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
     failures(s);
 }
 
+/// The waves a watch shows: those between their runs and the next wave (baking, checking
+/// their gate, waiting at a manual one). A watch through a canary's bake printed
+/// `running:` and its counts alone, the bake and its end nowhere.
+fn between_waves(s: &pb::PlanStatus) -> impl Iterator<Item = &pb::WaveStatus> {
+    s.waves
+        .iter()
+        .filter(|w| matches!(w.state.as_str(), "baking" | "checking" | "waiting"))
+}
+
 /// `quarter     running   6 targets: 2 applied, 1 failed (budget 1), 3 to go`; of a plan that
 /// ended (`ended`), what is left is not applied (undone, or never run), not to go.
 fn wave_line(w: &pb::WaveStatus, ended: bool) -> String {
@@ -430,6 +439,10 @@ impl Progress {
                     let _ = writeln!(out, "\x1b[2K  {} {}", data_bar(d, 30), data_line(d));
                 }
                 let mut lines = 1 + s.migrations.len() + shown;
+                for w in between_waves(s) {
+                    let _ = writeln!(out, "\x1b[2K  wave {}", wave_line(w, false));
+                    lines += 1;
+                }
                 for d in lock_waits(s).take(DATA_LINES) {
                     let _ = writeln!(out, "\x1b[2K  waiting for its lock: {}", lock_wait_line(d));
                     lines += 1;
@@ -472,6 +485,9 @@ impl Progress {
                 );
                 for d in active_data(s).iter().take(DATA_LINES) {
                     println!("    {}", data_line(d));
+                }
+                for w in between_waves(s) {
+                    println!("    wave {}", wave_line(w, false));
                 }
                 for d in lock_waits(s).take(DATA_LINES) {
                     println!("    waiting for its lock: {}", lock_wait_line(d));
