@@ -239,6 +239,15 @@ impl FleetVersions {
             let key = (shard.to_string(), run.tenant.clone());
             for step in &run.steps {
                 match pb::StepOutcome::try_from(step.outcome) {
+                    // A run of an older term fenced by the shard (FL002) is no failure
+                    // of the target: the newer term's run of the step goes on (the
+                    // engine drops the old run's result too). After a restart of the
+                    // coordinator, `fleet status` listed a batched change's targets as
+                    // "failed last" while the plan ran on to complete.
+                    Ok(pb::StepOutcome::Failed)
+                        if step.error.as_ref().is_some_and(|e| {
+                            e.sqlstate == flotilla_core::protocol::sqlstate::FENCED
+                        }) => {}
                     Ok(pb::StepOutcome::Failed) => {
                         let error = step.error.clone().unwrap_or_default();
                         failures.insert(

@@ -484,3 +484,37 @@ fn a_tenant_named_with_a_slash_is_shown_by_its_name() {
         "{e}"
     );
 }
+
+/// A run of an older term fenced by the shard (FL002) leaves no last failure: the newer
+/// term's run goes on. Before, `fleet status` listed such targets "failed last" after a
+/// restart of the coordinator while their plan ran on to complete. Another failure is
+/// recorded as before.
+#[test]
+fn a_run_fenced_for_an_older_term_is_no_failure_of_its_target() {
+    let v = super::super::FleetVersions::default();
+    let failed = |tenant: &str, sqlstate: &str| pb::RunResult {
+        tenant: tenant.into(),
+        steps: vec![pb::StepResult {
+            migration_id: "001_a".into(),
+            outcome: pb::StepOutcome::Failed as i32,
+            error: Some(pb::StepError {
+                sqlstate: sqlstate.into(),
+                message: "fenced: epoch 1 is older than the shard's epoch 2".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    v.record_results(
+        "shard_0",
+        &pb::RunResults {
+            plan_id: "p1".into(),
+            runs: vec![failed("tenant_0", "FL002"), failed("tenant_1", "23505")],
+            ..Default::default()
+        },
+    );
+    let (_, failures) = v.snapshot();
+    let keys: Vec<&(String, String)> = failures.keys().collect();
+    assert_eq!(keys, [&("shard_0".to_string(), "tenant_1".to_string())]);
+}
