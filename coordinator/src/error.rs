@@ -213,12 +213,12 @@ pub enum Refusal {
         targets: String,
     },
     #[error(
-        "require_baseline: {tool}'s history on {targets} says {migrations} already ran there, but Flotilla's journal lacks it (run `flotilla fleet baseline PATH` first); nothing was changed"
+        "require_baseline: {tool}'s history {history}: already ran there, but Flotilla's journal lacks it (run `flotilla fleet baseline PATH` first); nothing was changed"
     )]
     NotBaselined {
         tool: String,
-        targets: String,
-        migrations: String,
+        /// `on TARGETS says MIGRATIONS`, for each set of targets alike, a few of them.
+        history: String,
     },
     #[error("baseline refused, nothing was recorded: {problems}")]
     BaselineRefused {

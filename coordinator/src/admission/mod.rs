@@ -508,32 +508,50 @@ fn baseline_check(
     if hit.is_empty() {
         return Ok(None);
     }
-    let names: Vec<String> = hit
-        .iter()
-        .map(|u| crate::versions::target_name(&u.shard, &u.tenant))
-        .collect();
-    let targets = crate::error::some_of(&names, 5);
     let mut tools: Vec<&str> = hit.iter().map(|u| u.tool.as_str()).collect();
     tools.sort_unstable();
     tools.dedup();
-    // every target's, not the first one's (targets further on may lack others)
-    let recorded: Vec<String> = hit
+    // Each target with what its own history says, targets alike together: one list of every
+    // target and one of every migration said that migrations some of them never ran had
+    // run on all of them.
+    let mut alike: std::collections::BTreeMap<Vec<String>, Vec<String>> = Default::default();
+    for u in &hit {
+        let mut recorded = u.recorded.clone();
+        recorded.sort();
+        alike
+            .entry(recorded)
+            .or_default()
+            .push(crate::versions::target_name(&u.shard, &u.tenant));
+    }
+    // the most targets first
+    let mut alike: Vec<(Vec<String>, Vec<String>)> = alike.into_iter().collect();
+    alike.sort_by_key(|(_, names)| std::cmp::Reverse(names.len()));
+    const GROUPS: usize = 3;
+    let mut history: Vec<String> = alike
         .iter()
-        .flat_map(|u| u.recorded.iter().cloned())
-        .collect::<std::collections::BTreeSet<String>>()
-        .into_iter()
+        .take(GROUPS)
+        .map(|(recorded, names)| {
+            format!(
+                "on {} says {}",
+                crate::error::some_of(names, 5),
+                crate::error::some_of(recorded, 3).replace(" more targets", " more")
+            )
+        })
         .collect();
-    let migrations = crate::error::some_of(&recorded, 3).replace(" more targets", " more");
+    if alike.len() > GROUPS {
+        let more: usize = alike.iter().skip(GROUPS).map(|(_, n)| n.len()).sum();
+        history.push(format!("and {more} more targets"));
+    }
+    let history = history.join("; ");
     if spec.require_baseline {
         return Err(Refusal::NotBaselined {
             tool: tools.join("/"),
-            targets,
-            migrations,
+            history,
         }
         .into());
     }
     let warning = format!(
-        "warning: {}'s history on {targets} says {migrations} already ran there, but Flotilla's journal lacks it: this plan runs it again; record it first with `flotilla fleet baseline PATH` (require_baseline = true refuses such plans)",
+        "warning: {}'s history {history}: already ran there, but Flotilla's journal lacks it: this plan runs it again; record it first with `flotilla fleet baseline PATH` (require_baseline = true refuses such plans)",
         tools.join("/")
     );
     tracing::warn!(plan = %spec.name, "{warning}");
