@@ -511,7 +511,6 @@ fn a_run_fenced_for_an_older_term_is_no_failure_of_its_target() {
         &pb::RunResults {
             plan_id: "p1".into(),
             runs: vec![failed("tenant_0", "FL002"), failed("tenant_1", "23505")],
-            ..Default::default()
         },
     );
     let (_, failures) = v.snapshot();
