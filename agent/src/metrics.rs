@@ -228,18 +228,30 @@ pub fn etcd_liveness_up(up: bool) {
 
 /// Whether the agent's stream to the leader is up (welcomed), for [`readiness`].
 static ATTACHED: AtomicBool = AtomicBool::new(false);
+/// Whether the agent holds its shard's agent lock (it takes runs only then), for
+/// [`readiness`].
+static LOCK_HELD: AtomicBool = AtomicBool::new(false);
 /// The agent's etcd liveness key: never kept (no etcd), kept, or lost.
 static ETCD_LIVENESS: AtomicU8 = AtomicU8::new(ETCD_UNUSED);
 const ETCD_UNUSED: u8 = 0;
 const ETCD_UP: u8 = 1;
 const ETCD_DOWN: u8 = 2;
 
-/// What the agent's `/readyz` answers: ready while attached to the leader and, with
-/// etcd, keeping its liveness key (without it the leader counts the shard away, and an
-/// atomic plan cannot decide on it).
+/// What the agent's `/readyz` answers: ready while attached to the leader, holding its
+/// shard's agent lock (it takes no runs without: its database does not answer it, or
+/// another agent holds the lock; it said ready with its database down) and, with etcd,
+/// keeping its liveness key (without it the leader counts the shard away, and an atomic
+/// plan cannot decide on it).
 pub fn readiness() -> Result<(), String> {
     if !ATTACHED.load(Ordering::Relaxed) {
         return Err("not attached to the leading coordinator".into());
+    }
+    if !LOCK_HELD.load(Ordering::Relaxed) {
+        return Err(
+            "it does not hold its shard's agent lock, and takes no runs (its database does \
+             not answer it, or another agent holds the lock: its log says which)"
+                .into(),
+        );
     }
     if ETCD_LIVENESS.load(Ordering::Relaxed) == ETCD_DOWN {
         return Err("its liveness key in etcd is not kept (etcd out of reach)".into());
@@ -248,6 +260,7 @@ pub fn readiness() -> Result<(), String> {
 }
 
 pub fn shard_lock_held(held: bool) {
+    LOCK_HELD.store(held, Ordering::Relaxed);
     gauge!(SHARD_LOCK_HELD).set(if held { 1.0 } else { 0.0 });
 }
 

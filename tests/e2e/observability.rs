@@ -507,6 +507,24 @@ async fn alerts_fire_on_a_real_fleet() -> anyhow::Result<()> {
         Ok(http::get(agent, "/readyz").await?.status == 200)
     })
     .await?;
+    // Nor while its database does not answer it (it said ready, taking no runs).
+    crate::shards::cut_off(&fleet.pg, "shard_0", true).await?;
+    wait_until(
+        "the agent is not ready without its database",
+        WAIT,
+        async || Ok(http::get(agent, "/readyz").await?.status == 503),
+    )
+    .await?;
+    let r = http::get(agent, "/readyz").await?;
+    assert!(
+        r.body.contains("it does not hold its shard's agent lock"),
+        "{r:?}"
+    );
+    crate::shards::cut_off(&fleet.pg, "shard_0", false).await?;
+    wait_until("the agent is ready with its database", WAIT, async || {
+        Ok(http::get(agent, "/readyz").await?.status == 200)
+    })
+    .await?;
 
     // A production plan held in motion: tenant_0000 waits on an advisory lock we hold.
     let lock = hold(&fleet.pg, 0, 4711).await?;
