@@ -28,6 +28,11 @@ impl MigrationGraph {
             for d in &m.depends_on {
                 let j = *index.get(d).ok_or_else(|| PlanError::UnknownDependency {
                     migration: m.id.to_string(),
+                    place: if m.source.is_empty() {
+                        "its depends_on".to_string()
+                    } else {
+                        format!("depends_on in {}", m.source)
+                    },
                     depends_on: d.to_string(),
                 })?;
                 deps[i].insert(j);
@@ -41,6 +46,7 @@ impl MigrationGraph {
             for d in ds {
                 let j = *index.get(d).ok_or_else(|| PlanError::UnknownDependency {
                     migration: m.to_string(),
+                    place: "the plan's [dependencies]".to_string(),
                     depends_on: d.to_string(),
                 })?;
                 deps[i].insert(j);

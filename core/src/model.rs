@@ -505,9 +505,12 @@ pub enum PlanError {
         first: String,
         second: String,
     },
-    #[error("migration `{migration}` depends on unknown migration `{depends_on}`")]
+    #[error("migration `{migration}` ({place}) depends on unknown migration `{depends_on}`")]
     UnknownDependency {
         migration: String,
+        /// Where the dependency is declared: the migration's source, or the plan's
+        /// `[dependencies]`.
+        place: String,
         depends_on: String,
     },
     #[error("the plan names unknown migration `{id}` in {place}")]

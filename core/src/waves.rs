@@ -9,6 +9,10 @@ use crate::model::{FailurePolicy, PlanError};
 use crate::pb;
 use crate::selector::Selector;
 
+/// The longest bake: a week is longer than any bake anyone means; it also keeps end
+/// times in range.
+pub const MAX_BAKE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Which of the plan's targets a wave takes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Take {
@@ -418,8 +422,7 @@ impl Wave {
                 ));
             }
         };
-        // A week is longer than any bake anyone means; it also keeps end times in range.
-        if w.bake_ms > 7 * 24 * 3_600_000 {
+        if w.bake_ms > MAX_BAKE.as_millis() as u64 {
             return Err(wave_error(
                 &name,
                 &format!("bake of {}ms is longer than a week", w.bake_ms),

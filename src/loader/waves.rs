@@ -99,6 +99,21 @@ pub(super) fn wave(w: &WaveTable) -> Result<pb::Wave, (std::ops::Range<usize>, S
                         b.get_ref()
                     ),
                 )
+            })
+            .and_then(|d| {
+                // (said here, on the bake's line and in its own words: the plan's check
+                // said it at the wave's name, in milliseconds)
+                if d > flotilla_core::waves::MAX_BAKE {
+                    Err((
+                        b.span(),
+                        format!(
+                            "wave `{name}`: bake `{}` is longer than a week",
+                            b.get_ref().trim()
+                        ),
+                    ))
+                } else {
+                    Ok(d)
+                }
             })?
             .as_millis() as u64,
     };

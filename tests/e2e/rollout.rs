@@ -212,7 +212,9 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() -> anyhow::Result<()
         &add("a"),
         &drop("a"),
     )?;
-    assert_refused(&fleet, d.path(), &[], &["000_missing"]).await?;
+    // (where it is declared: the migration's own directory)
+    let declared = format!("(depends_on in {})", d.path().join("001_a").display());
+    assert_refused(&fleet, d.path(), &[], &["000_missing", &declared]).await?;
 
     // A duplicate id: the same migration in both formats.
     let d = MigrationDir::new()?;

@@ -409,7 +409,7 @@ async fn a_manual_gate_waits_for_promote_across_a_new_coordinator() -> anyhow::R
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_waves_are_refused_by_name_and_change_nothing() -> anyhow::Result<()> {
     let fleet = fleet(&[]).await?;
-    let cases: [(&str, &[&str]); 7] = [
+    let cases: [(&str, &[&str]); 8] = [
         (
             "[[waves]]\nname = \"a\"\nselector = \"tier=internal\"\n[[waves]]\nname = \"b\"\nselector = \"tenant=tenant_0000\"\n[[waves]]\nname = \"c\"\nrest = true\n",
             &["waves `a` and `b` both select", "shard_0/tenant_0000"],
@@ -429,6 +429,14 @@ async fn bad_waves_are_refused_by_name_and_change_nothing() -> anyhow::Result<()
         (
             "[[waves]]\nname = \"w\"\nrest = true\nbake = \"a while\"\n",
             &["plan.toml:4", "wave `w`: bake `a while`"],
+        ),
+        // on the bake's line, in its own words (it was the wave's name line, in ms)
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\nbake = \"9999999d\"\n",
+            &[
+                "plan.toml:4",
+                "wave `w`: bake `9999999d` is longer than a week",
+            ],
         ),
         (
             "[[waves]]\nname = \"w\"\nrest = true\n[[waves.check]]\nname = \"c\"\nsql = \"\"\n",
