@@ -131,8 +131,13 @@ type BlockerRow = (
 /// It looks more than once and keeps the last it saw: a look still running when the lock
 /// timed out finds the step no longer waiting (one look at 3/4 of the lock_timeout, on a
 /// loaded machine, took the rest of it and the error named nobody).
+///
+/// Its connection is its own, not the pool's: held through the attempt, a pooled one
+/// would take the pool's one spare slot from every other lane's watch and from a lane or
+/// a preflight that needs a connection meanwhile.
 pub(super) struct BlockerWatch {
     task: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     seen: Arc<Mutex<Option<String>>>,
 }
 
@@ -144,39 +149,64 @@ impl BlockerWatch {
         m: &PreparedMigration,
         contended: bool,
     ) -> BlockerWatch {
-        let pool = pool.clone();
+        let options = pool.connect_options();
         let lock_timeout = Duration::from_millis(m.lock_timeout_ms.max(10));
         let seen = Arc::new(Mutex::new(None));
         let record = seen.clone();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let started = tokio::time::Instant::now();
-            // A step that timed out on its lock before has its connection taken at once (a
-            // new one, on a loaded machine, took a third of a 200 ms lock_timeout); one
-            // watched from its first attempt (an atomic unit's every target) takes one only
-            // if it runs that long.
-            if !contended {
-                tokio::time::sleep(lock_timeout / 2).await;
-            }
-            let Ok(mut conn) = pool.acquire().await else {
-                return;
-            };
-            // At 1/2, 3/4 and 7/8 of the lock_timeout: the first while the step surely
-            // waits still, the later ones for sessions that joined the queue since.
-            for eighths in [4u32, 6, 7] {
-                tokio::time::sleep_until(started + lock_timeout * eighths / 8).await;
-                if let Some(found) = blockers_of(&mut conn, pid).await {
-                    *record.lock().unwrap_or_else(|e| e.into_inner()) = Some(found);
+            let mut conn: Option<PgConnection> = None;
+            let looks = async {
+                // A step that timed out on its lock before has its connection opened at
+                // once (on a loaded machine, opening one took a third of a 200 ms
+                // lock_timeout); one watched from its first attempt (an atomic unit's
+                // every target) opens one only if it runs that long.
+                if !contended {
+                    tokio::time::sleep(lock_timeout / 2).await;
                 }
+                conn = crate::shard::open(&options).await.ok();
+                let Some(c) = conn.as_mut() else { return };
+                // At 1/2, 3/4 and 7/8 of the lock_timeout: the first while the step
+                // surely waits still, the later ones for sessions that joined the queue
+                // since.
+                for eighths in [4u32, 6, 7] {
+                    tokio::time::sleep_until(started + lock_timeout * eighths / 8).await;
+                    if let Some(found) = blockers_of(c, pid).await {
+                        *record.lock().unwrap_or_else(|e| e.into_inner()) = Some(found);
+                    }
+                }
+            };
+            tokio::select! {
+                () = looks => {}
+                _ = &mut stopped => {}
+            }
+            // closed politely (a dropped socket is a log line on the shard's server)
+            if let Some(c) = conn {
+                let _ = sqlx::Connection::close(c).await;
             }
         });
-        BlockerWatch { task, seen }
+        BlockerWatch {
+            task,
+            stop: Some(stop),
+            seen,
+        }
     }
 
     /// What it last saw while the step was waiting.
-    pub(super) async fn finish(self) -> Option<String> {
-        self.task.abort();
-        let _ = self.task.await;
+    pub(super) async fn finish(mut self) -> Option<String> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl Drop for BlockerWatch {
+    /// A run dropped mid-attempt (the agent stopping) does not leave its watch looking.
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
