@@ -882,9 +882,11 @@ async fn a_step_cut_short_by_a_server_restart_runs_again() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_under_a_step_runs_it_again_but_not_for_good() -> anyhow::Result<()> {
     // Commits durable as in production: the harness's `synchronous_commit = off` lost the
-    // agent's flotilla schema, committed just before the first crash.
+    // agent's flotilla schema, committed just before the first crash. The agent as the
+    // role of deploy/sql/agent-role.sql: what tells a reset apart must be readable by it.
     let fleet = crate::fleet::TestFleet::builder(1, 1)
         .pg_setting("synchronous_commit", "on")
+        .least_privilege()
         .start()
         .await?;
     let shard = fleet.shards[0].clone();

@@ -9,8 +9,8 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Executor, PgPool};
 use tracing::warn;
 
-/// The server's start (`pg_postmaster_start_time()` and its checkpointer's pid, as text),
-/// and when this agent first saw it.
+/// The server's start (`pg_postmaster_start_time()` and its shared statistics' reset time,
+/// as text), and when this agent first saw it.
 static SEEN: Mutex<Vec<(String, Instant)>> = Mutex::new(Vec::new());
 
 /// Starts remembered: a server restarted this often under one agent is not remembered whole.
@@ -18,13 +18,16 @@ const KEPT: usize = 64;
 
 /// Which start of the server answers, and how long its postmaster has been up. A crash of
 /// one of its processes resets every session and starts its processes again but not the
-/// postmaster, whose start time stays: the checkpointer's pid (a new process after each
-/// reset, listed to every role) tells those starts apart. Before, a step cut short by a
-/// reset was taken as ended by the server itself (and failed) unless the server had been
-/// up for less time than the step ran.
-const START_SQL: &str = "SELECT pg_catalog.pg_postmaster_start_time()::text || ' checkpointer ' \
-       || coalesce((SELECT pg_catalog.min(pid) FROM pg_catalog.pg_stat_activity \
-         WHERE backend_type = 'checkpointer')::text, '?'), \
+/// postmaster, whose start time stays; the reset discards the cumulative statistics, and
+/// the shared ones' reset time (the bgwriter's, readable by every role) tells those starts
+/// apart. (The checkpointer's pid would too, but a role without pg_read_all_stats, as
+/// deploy/sql/agent-role.sql makes, does not see which process is the checkpointer.) An
+/// operator's `pg_stat_reset_shared('bgwriter')` changes it as well: taken for a restart
+/// only by a step whose session ended at that moment. Before, a step cut short by a reset
+/// was taken as ended by the server itself (and failed) unless the server had been up for
+/// less time than the step ran.
+const START_SQL: &str = "SELECT pg_catalog.pg_postmaster_start_time()::text || ' stats ' \
+       || coalesce(pg_catalog.pg_stat_get_bgwriter_stat_reset_time()::text, '-'), \
      extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.pg_postmaster_start_time())::float8";
 
 /// When this agent first saw the server start `start` (now, if it had not).
