@@ -150,7 +150,7 @@ impl Coordinator {
         .await;
         let stream_name = format!("the agent stream of shard {shard}");
         let me = self.clone();
-        tokio::spawn(async move { me.read_session(shard, conn_id, inbound).await });
+        tokio::spawn(async move { me.read_session(shard, conn_id, epoch, inbound).await });
         // The fleet and the engine let go of the stream at shutdown, but an attach racing
         // with it may still hold a sender: the stream ends then regardless.
         let outbound = ReceiverStream::new(rx).take_until(inner.shutdown.agents_released());
@@ -158,10 +158,12 @@ impl Coordinator {
     }
 
     /// Routes an agent's messages until its stream ends, then lets it go.
+    /// `epoch`: the term the agent attached under.
     async fn read_session(
         &self,
         shard: String,
         conn_id: u64,
+        epoch: u64,
         mut inbound: impl Stream<Item = Result<pb::AgentMessage, String>> + Unpin,
     ) {
         let inner = &self.inner;
@@ -221,7 +223,7 @@ impl Coordinator {
                 }
                 Some(Body::Hello(_)) | None => continue,
                 Some(Body::Results(results)) => {
-                    inner.versions.record_results(&shard, &results);
+                    inner.versions.record_results(&shard, &results, epoch);
                     Event::Results {
                         shard,
                         results,

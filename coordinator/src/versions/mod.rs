@@ -204,7 +204,9 @@ impl FleetVersions {
     /// second (its report gap), and `plan submit --wait && fleet status` said the targets
     /// the plan had just applied were behind. The agent's report of the target replaces
     /// these rows.
-    pub fn record_results(&self, shard: &str, results: &pb::RunResults) {
+    /// `epoch`: the term the agent attached under (a run's id carries the term that sent
+    /// it in its high 32 bits).
+    pub fn record_results(&self, shard: &str, results: &pb::RunResults, epoch: u64) {
         let mut state = self.state.lock().expect("fleet versions lock");
         let now = crate::store::now_ms();
         let journal = state.journal(shard);
@@ -243,11 +245,13 @@ impl FleetVersions {
                     // of the target: the newer term's run of the step goes on (the
                     // engine drops the old run's result too). After a restart of the
                     // coordinator, `fleet status` listed a batched change's targets as
-                    // "failed last" while the plan ran on to complete.
+                    // "failed last" while the plan ran on to complete. (A run of this
+                    // term fenced, its shard ahead of this leader, is a failure.)
                     Ok(pb::StepOutcome::Failed)
-                        if step.error.as_ref().is_some_and(|e| {
-                            e.sqlstate == flotilla_core::protocol::sqlstate::FENCED
-                        }) => {}
+                        if run.run_id >> 32 < epoch
+                            && step.error.as_ref().is_some_and(|e| {
+                                e.sqlstate == flotilla_core::protocol::sqlstate::FENCED
+                            }) => {}
                     Ok(pb::StepOutcome::Failed) => {
                         let error = step.error.clone().unwrap_or_default();
                         failures.insert(

@@ -488,11 +488,13 @@ fn a_tenant_named_with_a_slash_is_shown_by_its_name() {
 /// A run of an older term fenced by the shard (FL002) leaves no last failure: the newer
 /// term's run goes on. Before, `fleet status` listed such targets "failed last" after a
 /// restart of the coordinator while their plan ran on to complete. Another failure is
-/// recorded as before.
+/// recorded as before, and so is a run of the agent's term fenced (its shard ahead of the
+/// leader: the plan fails).
 #[test]
 fn a_run_fenced_for_an_older_term_is_no_failure_of_its_target() {
     let v = super::super::FleetVersions::default();
-    let failed = |tenant: &str, sqlstate: &str| pb::RunResult {
+    let failed = |tenant: &str, sqlstate: &str, epoch: u64| pb::RunResult {
+        run_id: (epoch << 32) + 1,
         tenant: tenant.into(),
         steps: vec![pb::StepResult {
             migration_id: "001_a".into(),
@@ -510,10 +512,22 @@ fn a_run_fenced_for_an_older_term_is_no_failure_of_its_target() {
         "shard_0",
         &pb::RunResults {
             plan_id: "p1".into(),
-            runs: vec![failed("tenant_0", "FL002"), failed("tenant_1", "23505")],
+            runs: vec![
+                failed("tenant_0", "FL002", 1),
+                failed("tenant_1", "23505", 1),
+                failed("tenant_2", "FL002", 2),
+            ],
         },
+        2,
     );
     let (_, failures) = v.snapshot();
-    let keys: Vec<&(String, String)> = failures.keys().collect();
-    assert_eq!(keys, [&("shard_0".to_string(), "tenant_1".to_string())]);
+    let mut keys: Vec<&(String, String)> = failures.keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            &("shard_0".to_string(), "tenant_1".to_string()),
+            &("shard_0".to_string(), "tenant_2".to_string())
+        ]
+    );
 }
