@@ -140,18 +140,13 @@ impl Coordinator {
         plan_id: &str,
     ) -> Result<std::collections::BTreeSet<String>, CoordinatorError> {
         let mut cancelled = std::collections::BTreeSet::new();
-        for a in self
-            .inner
-            .store
-            .audit_trail(Some(plan_id), 0, i64::MAX)
-            .await?
-        {
-            match a.action.as_str() {
+        for (action, detail) in self.inner.store.cancels_and_retries(plan_id).await? {
+            match action.as_str() {
                 "retry" => cancelled.clear(),
                 // "shard NAME", then ": REASON" when one was given (a shard's name holds
                 // no colon nor space); a whole plan's cancel says no shard
                 "cancel" => {
-                    if let Some(name) = a.detail.strip_prefix("shard ")
+                    if let Some(name) = detail.strip_prefix("shard ")
                         && let Some(name) = name.split([':', ' ']).next()
                         && flotilla_core::model::validate_shard_name(name).is_ok()
                     {

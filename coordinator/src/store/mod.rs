@@ -941,6 +941,25 @@ impl Store {
     }
 }
 
+impl Store {
+    /// A plan's shard cancels and retries, oldest first, as (action, detail): what a new
+    /// leader rebuilds the plan's cancelled shards from.
+    pub async fn cancels_and_retries(
+        &self,
+        plan_id: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT action, detail FROM audit
+             WHERE plan_id = $1 AND action IN ('cancel', 'retry')
+             ORDER BY at_ms, id",
+        )
+        .bind(plan_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}
+
 fn agent_row(r: &sqlx::any::AnyRow) -> AgentRow {
     AgentRow {
         shard: r.get(0),

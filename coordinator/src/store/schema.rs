@@ -87,6 +87,9 @@ pub(super) const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS audit (
         id TEXT PRIMARY KEY, at_ms BIGINT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
         plan_id TEXT NOT NULL, detail TEXT NOT NULL)",
+    // a plan's own entries (its trail; its shard cancels, read by a new leader for each
+    // running plan it takes over): the table grows with every command and refusal
+    "CREATE INDEX IF NOT EXISTS audit_by_plan ON audit (plan_id, at_ms)",
     // the last progress of each data change of a finished plan (pb::DataProgress, hex)
     "CREATE TABLE IF NOT EXISTS data_progress (
         plan_id TEXT NOT NULL, migration_id TEXT NOT NULL, shard TEXT NOT NULL, tenant TEXT NOT NULL,
