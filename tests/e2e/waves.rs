@@ -950,7 +950,7 @@ async fn a_bake_keeps_its_end_across_a_new_coordinator() -> anyhow::Result<()> {
 [[waves]]
 name = "canary"
 selector = "tier=internal"
-bake = "12s"
+bake = "15s"
 
 [[waves]]
 name = "rest"
@@ -977,7 +977,8 @@ rest = true
         Some(until),
         "the same bake end: {st}"
     );
-    // a watch (text, not a terminal) says the canary bakes and when its bake ends
+    // a watch (text, not a terminal) says the canary bakes and when its bake ends (the
+    // bake long enough to outlast the restart on a loaded machine)
     let text = fleet.cli(&["plan", "watch", &id]).await?;
     assert_eq!(text.code(), Some(0), "{text}");
     assert!(
