@@ -894,6 +894,19 @@ async fn a_restarted_coordinator_resumes_the_plan_exactly_once() -> anyhow::Resu
     Ok(())
 }
 
+/// `blocking_plan` submitted with `args` and held where `wait_blocked` says (tenant_0002
+/// on advisory lock 4242): the lock's connection (`release` it) and the plan's id.
+async fn submit_blocked(
+    fleet: &TestFleet,
+    args: &[&str],
+) -> anyhow::Result<(sqlx::pool::PoolConnection<sqlx::Postgres>, String)> {
+    let d = blocking_plan()?;
+    let lock_conn = hold(&fleet.pg, 0, 4242).await?;
+    let id = fleet.submit(d.path(), args).await?;
+    wait_blocked(fleet).await?;
+    Ok((lock_conn, id))
+}
+
 /// A shard an operator cancelled stays cancelled across a restart of the coordinator: the
 /// plan ends cancelled, naming the shard, with the step that was out there when the
 /// coordinator went down done once and nothing else run there. Before, the new leader
@@ -901,13 +914,8 @@ async fn a_restarted_coordinator_resumes_the_plan_exactly_once() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancelled_shard_stays_cancelled_across_a_coordinator_restart() -> anyhow::Result<()> {
     let mut fleet = TestFleet::start(2, 4).await?;
-    let d = blocking_plan()?;
-    let lock_conn = hold(&fleet.pg, 0, 4242).await?;
     // (not fused: a target's two steps would run as one, its second with its first)
-    let id = fleet
-        .submit(d.path(), &["--policy", "continue", "--no-fuse"])
-        .await?;
-    wait_blocked(&fleet).await?;
+    let (lock_conn, id) = submit_blocked(&fleet, &["--policy", "continue", "--no-fuse"]).await?;
     let out = fleet
         .cli(&[
             "plan", "cancel", &id, "--shard", "shard_0", "--reason", "hot",
@@ -944,10 +952,7 @@ async fn a_cancelled_shard_stays_cancelled_across_a_coordinator_restart() -> any
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plans_one_shard_cancelled_says_no_other_shards_go_on() -> anyhow::Result<()> {
     let fleet = TestFleet::start(1, 4).await?;
-    let d = blocking_plan()?;
-    let lock_conn = hold(&fleet.pg, 0, 4242).await?;
-    let id = fleet.submit(d.path(), &["--policy", "continue"]).await?;
-    wait_blocked(&fleet).await?;
+    let (lock_conn, id) = submit_blocked(&fleet, &["--policy", "continue"]).await?;
     let out = fleet
         .cli(&["plan", "cancel", &id, "--shard", "shard_0"])
         .await?;
