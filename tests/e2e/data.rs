@@ -114,6 +114,8 @@ async fn a_backfill_changes_every_row_once() -> anyhow::Result<()> {
     // 3 batches per tenant: the agent logs them at the end of each change
     let log = fleet.agents[0].as_ref().unwrap().log();
     assert!(log.contains("data change done"), "{log}");
+    // each line names its lane once (a lane started by another nested in it)
+    assert!(log.contains("lane{") && !log.contains("}:lane{"), "{log}");
     // The finished plan's status (from the store) keeps each target's final figures.
     let id = status["summary"]["plan_id"]
         .as_str()

@@ -407,7 +407,11 @@ impl Agent {
             if slot.is_some() {
                 st.live += 1;
             }
-            let span = info_span!("lane", shard = %self.config.shard, plan = %plan.id);
+            // A span of its own (it names the shard and the plan): a lane started by
+            // another lane nested in it, and log lines read `lane{..}:lane{..}:...` past
+            // 300 characters.
+            let span =
+                info_span!(parent: None, "lane", shard = %self.config.shard, plan = %plan.id);
             self.tasks
                 .spawn(self.clone().lane(plan.clone(), slot).instrument(span));
         }
