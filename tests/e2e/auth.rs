@@ -76,19 +76,18 @@ async fn add(
     Ok(token)
 }
 
-/// The first admin, `root`, put straight into the fleet's control store (`operator add
-/// --store`), its token in `files`.
-async fn first_admin<'a>(fleet: &'a TestFleet, files: &Path) -> anyhow::Result<As<'a>> {
-    let token = files.join("root.token");
+/// Operator `name` put straight into the control store `store` (`operator add --store`),
+/// its token written to `token`.
+async fn stored_operator(store: &str, name: &str, role: &str, token: &Path) -> anyhow::Result<()> {
     let out = crate::harness::run_flotilla(
         &[
             "operator",
             "add",
-            "root",
+            name,
             "--role",
-            "admin",
+            role,
             "--store",
-            &fleet.store,
+            store,
             "--token-out",
             &token.to_string_lossy(),
         ],
@@ -96,6 +95,14 @@ async fn first_admin<'a>(fleet: &'a TestFleet, files: &Path) -> anyhow::Result<A
     )
     .await?;
     assert!(out.success(), "{out}");
+    Ok(())
+}
+
+/// The first admin, `root`, put straight into the fleet's control store (`operator add
+/// --store`), its token in `files`.
+async fn first_admin<'a>(fleet: &'a TestFleet, files: &Path) -> anyhow::Result<As<'a>> {
+    let token = files.join("root.token");
+    stored_operator(&fleet.store, "root", "admin", &token).await?;
     Ok(As { fleet, token })
 }
 
@@ -501,22 +508,7 @@ async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<
         ("root", "admin", root_token.clone()),
         ("alice", "viewer", files.join("alice.token")),
     ] {
-        let out = crate::harness::run_flotilla(
-            &[
-                "operator",
-                "add",
-                name,
-                "--role",
-                role,
-                "--store",
-                &fleet.store,
-                "--token-out",
-                &token.to_string_lossy(),
-            ],
-            &[],
-        )
-        .await?;
-        assert!(out.success(), "{out}");
+        stored_operator(&fleet.store, name, role, &token).await?;
     }
 
     // alice by her certificate alone: she reads, she cannot submit.
@@ -771,22 +763,7 @@ async fn auth_required_refuses_everyone_until_the_first_admin_is_in_the_store() 
     refused(&out, "no credential");
 
     let token = files.join("root.token");
-    let out = run_flotilla(
-        &[
-            "operator",
-            "add",
-            "root",
-            "--role",
-            "admin",
-            "--store",
-            &store,
-            "--token-out",
-            &token.to_string_lossy(),
-        ],
-        &[],
-    )
-    .await?;
-    assert!(out.success(), "{out}");
+    stored_operator(&store, "root", "admin", &token).await?;
     let token = token.to_string_lossy().into_owned();
     let out = run_flotilla(
         &[
