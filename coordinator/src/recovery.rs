@@ -79,14 +79,18 @@ impl Coordinator {
             epoch,
         );
         // Waves where the store left them: a bake's end is absolute, a manual gate still
-        // waits, a new leader goes on from there.
-        let stored: Vec<(WaveState, Option<i64>)> = self
+        // waits, what a gate found is still shown; a new leader goes on from there.
+        let stored: Vec<crate::plan::StoredWave> = self
             .inner
             .store
             .waves(&row.id)
             .await?
             .into_iter()
-            .map(|w| (w.state, w.bake_until_ms))
+            .map(|w| crate::plan::StoredWave {
+                state: w.state,
+                bake_until_ms: w.bake_until_ms,
+                gate: w.gate,
+            })
             .collect();
         run.set_waves(wave_of, &stored);
         // paused where an operator paused it (its agents hold it paused there still)

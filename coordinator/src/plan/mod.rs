@@ -32,6 +32,7 @@ use crate::planner::PlannedStep;
 use crate::store::StepUpdate;
 pub use step::StepStatus;
 pub use units::forgotten_prefix;
+pub use waves::StoredWave;
 
 #[derive(Debug)]
 pub struct Step {

@@ -401,18 +401,22 @@ impl PlanRun {
         self.by_operator = false;
         self.cancelled.clear();
         self.recount_remaining();
-        // Waves: a wave that passed and has no work again stays passed; every other one
-        // runs again in order, its bake and gate included (a wave halted at its gate is
-        // not promoted by a retry).
-        let stored: Vec<(flotilla_core::state::WaveState, Option<i64>)> = self
+        // Waves: a wave that passed and has no work again stays passed, with what its gates
+        // found; every other one runs again in order, its bake and gate included (a wave
+        // halted at its gate is not promoted by a retry).
+        let stored: Vec<super::waves::StoredWave> = self
             .waves
             .iter()
             .map(|w| {
                 let again = w.targets.iter().any(|t| retried.contains(t));
                 if w.state == flotilla_core::state::WaveState::Done && !again {
-                    (flotilla_core::state::WaveState::Done, None)
+                    super::waves::StoredWave {
+                        state: flotilla_core::state::WaveState::Done,
+                        bake_until_ms: None,
+                        gate: w.gate.clone(),
+                    }
                 } else {
-                    (flotilla_core::state::WaveState::Pending, None)
+                    super::waves::StoredWave::new(flotilla_core::state::WaveState::Pending, None)
                 }
             })
             .collect();

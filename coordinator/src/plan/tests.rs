@@ -1055,13 +1055,72 @@ fn a_rebuilt_plan_goes_on_from_the_stored_waves() {
     // stored: the first wave done, the rest running
     run.set_waves(
         wave_of,
-        &[(WaveState::Done, None), (WaveState::Running, None)],
+        &[
+            StoredWave::new(WaveState::Done, None),
+            StoredWave::new(WaveState::Running, None),
+        ],
     );
     run.rebalance_lanes(&|_| 4);
     let mut next = 1;
     let out = run.next_runs("s1", &mut next);
     let tenants: Vec<&str> = out.iter().map(|r| r.tenant.as_str()).collect();
     assert_eq!(tenants, ["t2", "t3"]);
+}
+
+/// What a wave's gates found stays in `plan status` after a retry of a later wave's failure
+/// (the passed wave is not run again) and after a rebuild from the store (a new leader): it
+/// was dropped by both, and the canary's line lost its gate's result.
+#[test]
+fn a_passed_waves_gate_result_outlives_a_retry_and_a_rebuild() {
+    let (mut run, wave_of) = waved(pb::FailurePolicy::AllOrNothing, Default::default(), "");
+    run.waves[0].checks = vec![flotilla_core::waves::Check {
+        name: "orders".into(),
+        sql: "SELECT true".into(),
+        max: None,
+    }];
+    let mut next = 1;
+    for shard in ["s0", "s1"] {
+        let out = run.next_runs(shard, &mut next);
+        answer(&mut run, shard, &out[0], pb::StepOutcome::Applied);
+    }
+    // no bake: done, baked and checking at once
+    let changes = run.advance_waves(1_000);
+    assert_eq!(changes.last().map(|c| c.state), Some(WaveState::Checking));
+    let changes = run
+        .gate_result(0, Ok("orders = true on 2 targets".into()))
+        .expect("the wave was checking");
+    assert_eq!(changes[0].state, WaveState::Done);
+    // the rest fails on s0's t2: the plan fails, and a retry runs the rest again
+    run.rebalance_lanes(&|_| 4);
+    let out = run.next_runs("s0", &mut next);
+    let t2 = out.iter().find(|r| r.tenant == "t2").expect("t2 goes");
+    answer(&mut run, "s0", t2, pb::StepOutcome::Failed);
+    assert!(!run.retry(None).is_empty(), "the failed step runs again");
+    let shown = |run: &PlanRun| {
+        let st = super::status::from_run(run, Vec::new());
+        (st.waves[0].state.clone(), st.waves[0].gate.clone())
+    };
+    assert_eq!(
+        shown(&run),
+        ("done".to_string(), "orders = true on 2 targets".to_string())
+    );
+    assert_eq!(run.waves[1].state, WaveState::Running);
+    // a new leader rebuilds the waves from the store's rows
+    let stored: Vec<StoredWave> = run
+        .waves
+        .iter()
+        .map(|w| StoredWave {
+            state: w.state,
+            bake_until_ms: w.bake_until_ms,
+            gate: w.gate.clone(),
+        })
+        .collect();
+    let (mut rebuilt, _) = waved(pb::FailurePolicy::AllOrNothing, Default::default(), "");
+    rebuilt.set_waves(wave_of, &stored);
+    assert_eq!(
+        shown(&rebuilt),
+        ("done".to_string(), "orders = true on 2 targets".to_string())
+    );
 }
 
 /// The journals' second look after a wait for locks makes pending again only what a wave
@@ -1076,7 +1135,10 @@ fn a_second_look_at_the_journals_leaves_passed_waves_alone() {
     // the first wave passed, the rest running (a retry, or a plan rebuilt there)
     run.set_waves(
         wave_of.clone(),
-        &[(WaveState::Done, None), (WaveState::Running, None)],
+        &[
+            StoredWave::new(WaveState::Done, None),
+            StoredWave::new(WaveState::Running, None),
+        ],
     );
     run.rebalance_lanes(&|_| 4);
     let updates = run.recheck_applied();
@@ -1155,7 +1217,10 @@ fn a_wave_caps_parallelism_per_shard() {
     run.spec = Arc::new(PlanSpec::try_from(raw).unwrap());
     run.set_waves(
         wave_of,
-        &[(WaveState::Done, None), (WaveState::Running, None)],
+        &[
+            StoredWave::new(WaveState::Done, None),
+            StoredWave::new(WaveState::Running, None),
+        ],
     );
     run.rebalance_lanes(&|_| 4);
     assert_eq!(run.shards["s0"].lanes, 1);

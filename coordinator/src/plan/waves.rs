@@ -31,6 +31,25 @@ pub struct WaveRun {
     pub gate: String,
 }
 
+/// Where a wave was left (by the store, or by a retry): its state, a bake's end, and what
+/// its gates found, which `plan status` goes on showing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredWave {
+    pub state: WaveState,
+    pub bake_until_ms: Option<i64>,
+    pub gate: String,
+}
+
+impl StoredWave {
+    pub fn new(state: WaveState, bake_until_ms: Option<i64>) -> StoredWave {
+        StoredWave {
+            state,
+            bake_until_ms,
+            gate: String::new(),
+        }
+    }
+}
+
 /// A wave that moved, for the store and the log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WaveChange {
@@ -44,7 +63,7 @@ impl PlanRun {
     /// Sets which wave each target is in and where each wave is (a rebuild passes the
     /// stored states; a new plan passes none: the first wave runs). Only the current
     /// wave's targets stay queued.
-    pub fn set_waves(&mut self, wave_of: Vec<usize>, stored: &[(WaveState, Option<i64>)]) {
+    pub fn set_waves(&mut self, wave_of: Vec<usize>, stored: &[StoredWave]) {
         let spec = self.spec.clone();
         let mut waves: Vec<WaveRun> = if spec.rollout.waves.is_empty() {
             vec![WaveRun {
@@ -109,9 +128,10 @@ impl PlanRun {
                 wave.targets.push(t);
             }
         }
-        for (wave, (state, until)) in waves.iter_mut().zip(stored) {
-            wave.state = *state;
-            wave.bake_until_ms = *until;
+        for (wave, stored) in waves.iter_mut().zip(stored) {
+            wave.state = stored.state;
+            wave.bake_until_ms = stored.bake_until_ms;
+            wave.gate = stored.gate.clone();
         }
         self.wave_pos = waves
             .iter()

@@ -629,27 +629,15 @@ impl Store {
         Ok(n)
     }
 
-    /// Each target's last failed step that no step applied there since (`fleet status`'s
-    /// "failed last", rebuilt at start: it was kept in memory only, and a restart lost it),
-    /// keyed by (shard, tenant). Two scans of the steps: their failures, and each target's
-    /// last applied step.
+    /// Each target's last failed step, unless that step was applied since (a retry) or a
+    /// step of another plan was (the target moved on) (`fleet status`'s "failed last",
+    /// rebuilt at start: it was kept in memory only, and a restart lost it; the rule is
+    /// [`crate::versions::FleetVersions::record_results`]'s), keyed by (shard, tenant). Two
+    /// scans of the steps: their failures, and the applied steps of the targets that have
+    /// one, by plan.
     pub async fn last_failures(
         &self,
     ) -> Result<Vec<((String, String), pb::LastFailure)>, StoreError> {
-        let applied: std::collections::HashMap<(String, String), i64> = sqlx::query(
-            "SELECT shard, tenant, max(updated_at_ms) FROM steps WHERE state = 'applied'
-              GROUP BY shard, tenant",
-        )
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|r| {
-            (
-                (r.get::<String, _>(0), r.get::<String, _>(1)),
-                r.get::<i64, _>(2),
-            )
-        })
-        .collect();
         let mut last: std::collections::HashMap<(String, String), pb::LastFailure> =
             std::collections::HashMap::new();
         let rows = sqlx::query(
@@ -662,9 +650,7 @@ impl Store {
         for r in &rows {
             let key = (r.get::<String, _>(0), r.get::<String, _>(1));
             let at: i64 = r.get(6);
-            if applied.get(&key).is_some_and(|&a| a >= at)
-                || last.get(&key).is_some_and(|f| f.at_ms >= at)
-            {
+            if last.get(&key).is_some_and(|f| f.at_ms >= at) {
                 continue;
             }
             let failure = pb::LastFailure {
@@ -676,6 +662,30 @@ impl Store {
                 at_ms: at,
             };
             last.insert(key, failure);
+        }
+        if last.is_empty() {
+            return Ok(Vec::new());
+        }
+        // each failed target's last applied step of each plan
+        let applied = sqlx::query(
+            "SELECT a.shard, a.tenant, a.plan_id, max(a.updated_at_ms) FROM steps a
+               JOIN (SELECT DISTINCT shard, tenant FROM steps WHERE state = 'failed') f
+                 ON a.shard = f.shard AND a.tenant = f.tenant
+              WHERE a.state = 'applied'
+              GROUP BY a.shard, a.tenant, a.plan_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for r in &applied {
+            let key = (r.get::<String, _>(0), r.get::<String, _>(1));
+            let plan_id: String = r.get(2);
+            let at: i64 = r.get(3);
+            if last
+                .get(&key)
+                .is_some_and(|f| f.plan_id != plan_id && at >= f.at_ms)
+            {
+                last.remove(&key);
+            }
         }
         Ok(last.into_iter().collect())
     }
@@ -1908,6 +1918,112 @@ mod tests {
                 .map(|a| a.shard)
                 .collect();
             assert_eq!(all, ["shard_a", "shard_b"], "{location}");
+        }
+    }
+
+    /// Each target's last failure as a restarted coordinator rebuilds it, alike on both
+    /// stores: kept through the failed plan's other steps applied there after it (`policy =
+    /// continue` goes on with them), cleared by a step of another plan applied there since
+    /// or by the failed step itself applied (a retry).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_last_failure_is_kept_through_its_own_plans_later_steps() {
+        let (_dir, _pg, locations) = both_stores("last_failures_store").await;
+        for location in locations {
+            let (store, tx) = opened(&location).await;
+            tx.send(StoreOp::Agent {
+                shard: "s0".into(),
+                labels: "{}".into(),
+                tenants: "[]".into(),
+                version: "0.1.0".into(),
+                seen_ms: 0,
+            })
+            .unwrap();
+            let row = |m: &str, tenant: &str| StepRow {
+                migration_id: m.into(),
+                shard: "s0".into(),
+                tenant: tenant.into(),
+                state: StepState::Pending,
+                sqlstate: String::new(),
+                message: String::new(),
+                phase: String::new(),
+                detail: String::new(),
+                wave: 0,
+            };
+            let update = |m: &str, tenant: &str, state: StepState| StepUpdate {
+                migration_id: m.into(),
+                shard: "s0".into(),
+                tenant: tenant.into(),
+                state,
+                sqlstate: if state == StepState::Failed {
+                    "23514"
+                } else {
+                    ""
+                }
+                .into(),
+                message: if state == StepState::Failed {
+                    "violates check constraint"
+                } else {
+                    ""
+                }
+                .into(),
+                phase: String::new(),
+                detail: String::new(),
+                duration_ms: 1,
+                run_id: Some(1),
+            };
+            // one write after another, each flushed: the later one is no earlier
+            let write = |plan_id: &str, updates: Vec<StepUpdate>| {
+                tx.send(StoreOp::Steps {
+                    plan_id: plan_id.into(),
+                    updates,
+                })
+                .unwrap();
+                let (done, flushed) = oneshot::channel();
+                tx.send(StoreOp::Flush(done)).unwrap();
+                flushed
+            };
+            tx.send(StoreOp::InsertPlan {
+                plan: plan_row("p1", 3, 5),
+                steps: vec![
+                    row("a", "t1"),
+                    row("b", "t1"),
+                    row("a", "t2"),
+                    row("a", "t3"),
+                ],
+            })
+            .unwrap();
+            tx.send(StoreOp::InsertPlan {
+                plan: plan_row("p2", 1, 1),
+                steps: vec![row("c", "t2")],
+            })
+            .unwrap();
+            write(
+                "p1",
+                vec![
+                    update("b", "t1", StepState::Failed),
+                    update("a", "t2", StepState::Failed),
+                    update("a", "t3", StepState::Failed),
+                ],
+            )
+            .await
+            .unwrap();
+            write("p1", vec![update("a", "t1", StepState::Applied)])
+                .await
+                .unwrap();
+            write("p2", vec![update("c", "t2", StepState::Applied)])
+                .await
+                .unwrap();
+            write("p1", vec![update("a", "t3", StepState::Applied)])
+                .await
+                .unwrap();
+            let found = store.last_failures().await.unwrap();
+            let failed: Vec<(&str, &str, &str)> = found
+                .iter()
+                .map(|((_, tenant), f)| {
+                    (tenant.as_str(), f.migration_id.as_str(), f.plan_id.as_str())
+                })
+                .collect();
+            assert_eq!(failed, [("t1", "b", "p1")], "{location}");
         }
     }
 

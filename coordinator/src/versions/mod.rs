@@ -266,8 +266,18 @@ impl FleetVersions {
                             },
                         );
                     }
+                    // A step applied clears the target's last failure when it is that
+                    // step (a retry) or a step of another plan (the target moved on). A
+                    // step of the failed plan applied after the failure does not: under
+                    // `policy = continue` a target's other migrations go on after one
+                    // failed there, and that cleared it (the target part-way, listed by
+                    // no `fleet status`).
                     Ok(pb::StepOutcome::Applied) => {
-                        failures.remove(&key);
+                        if failures.get(&key).is_some_and(|f| {
+                            f.plan_id != results.plan_id || f.migration_id == step.migration_id
+                        }) {
+                            failures.remove(&key);
+                        }
                     }
                     _ => {}
                 }

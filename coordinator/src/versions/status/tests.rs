@@ -531,3 +531,63 @@ fn a_run_fenced_for_an_older_term_is_no_failure_of_its_target() {
         ]
     );
 }
+
+/// A target's last failure is kept through its plan's other steps applied there after it
+/// (`policy = continue` goes on with a target's migrations that do not depend on the one
+/// that failed, and the first of them cleared it: `fleet status` listed no failure of a
+/// target left part-way); a retry of the step, or another plan's step, clears it.
+#[test]
+fn a_last_failure_is_kept_through_its_own_plans_later_steps() {
+    let v = super::super::FleetVersions::default();
+    let step = |migration: &str, outcome: pb::StepOutcome| pb::StepResult {
+        migration_id: migration.into(),
+        outcome: outcome as i32,
+        error: (outcome == pb::StepOutcome::Failed).then(|| pb::StepError {
+            sqlstate: "42P01".into(),
+            message: "relation \"repair_orders\" does not exist".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let report = |plan_id: &str, steps: Vec<pb::StepResult>| {
+        v.record_results(
+            "shard_0",
+            &pb::RunResults {
+                plan_id: plan_id.into(),
+                runs: vec![pb::RunResult {
+                    run_id: (1 << 32) + 1,
+                    tenant: "tenant_0".into(),
+                    steps,
+                    ..Default::default()
+                }],
+            },
+            1,
+        );
+    };
+    let failed_last = || {
+        let (_, failures) = v.snapshot();
+        failures
+            .values()
+            .map(|f| (f.plan_id.clone(), f.migration_id.clone()))
+            .collect::<Vec<_>>()
+    };
+    let p1 = |m: &str| ("p1".to_string(), m.to_string());
+    // 003 failed, then 001 and 002 of the same plan applied (in one run, and in another)
+    report(
+        "p1",
+        vec![
+            step("003_flag", pb::StepOutcome::Failed),
+            step("001_col", pb::StepOutcome::Applied),
+        ],
+    );
+    report("p1", vec![step("002_check", pb::StepOutcome::Applied)]);
+    assert_eq!(failed_last(), [p1("003_flag")]);
+    // the retry applies it
+    report("p1", vec![step("003_flag", pb::StepOutcome::Applied)]);
+    assert!(failed_last().is_empty());
+    // failed again in p2, then a later plan applies a step there: the target moved on
+    report("p2", vec![step("004_more", pb::StepOutcome::Failed)]);
+    assert_eq!(failed_last().len(), 1);
+    report("p3", vec![step("005_other", pb::StepOutcome::Applied)]);
+    assert!(failed_last().is_empty());
+}
