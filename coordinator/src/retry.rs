@@ -115,7 +115,11 @@ impl Coordinator {
         retry_checked_failpoint().await;
         let n = updates.len();
         let steps = if n == 1 { "step" } else { "steps" };
-        run.message = actor.explain(&format!("retry of {n} {steps} requested by {}", actor.name));
+        run.message = actor.explain(&format!(
+            "{}{n} {steps} requested by {}",
+            crate::plan::RETRY_NOTE,
+            actor.name
+        ));
         info!(plan = %plan_id, steps = n, "{}", run.message);
         // One transaction: a plan stored failed with its steps pending again would find
         // nothing to retry, and no coordinator would continue it.

@@ -531,6 +531,44 @@ rest = true
     Ok(())
 }
 
+/// A retried `continue` plan that fails again says what failed, and one that then completes
+/// says so: the retry's note ("retry of 1 step requested by ...") was its message to the end,
+/// the cause gone from what a script reads of `plan status`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_that_fails_again_says_what_failed() -> anyhow::Result<()> {
+    let fleet = fleet(&[(1, 2)]).await?;
+    let dir = plan_dir("name = \"again\"\npolicy = \"continue\"\n")?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    let failed = format!("failed on shard_1/{}", tenant_name(1, 2, 8));
+    let message = |st: &Value| st["message"].as_str().unwrap_or_default().to_string();
+    assert!(message(&st).contains(&failed), "{st}");
+
+    let out = fleet.cli(&["plan", "retry", &id, "--wait"]).await?;
+    assert_eq!(out.code(), Some(1), "it fails again: {out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(
+        message(&st).starts_with("step 001_rollout_mark ") && message(&st).contains(&failed),
+        "the cause, not the retry's note: {st}"
+    );
+
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[1],
+            &format!("DROP TABLE {}.rollout_mark", tenant_name(1, 2, 8)),
+        )
+        .await?;
+    let out = fleet.cli(&["plan", "retry", &id, "--wait"]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert!(message(&st).starts_with("every step applied"), "{st}");
+    Ok(())
+}
+
 /// How many tenants on `shard_0`..`shard_{shards-1}` have a table named `table`.
 async fn tables_named(
     pg: &crate::harness::PgCluster,

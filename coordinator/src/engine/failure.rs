@@ -84,7 +84,7 @@ impl Engine {
                 self.halt_everywhere(plan_id);
             }
             FailurePolicy::Continue => {
-                if run.message.is_empty() {
+                if run.message.is_empty() || run.message.starts_with(crate::plan::RETRY_NOTE) {
                     run.message = format!("{what}{}", crate::plan::GOING_ON);
                 }
             }

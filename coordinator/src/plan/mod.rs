@@ -117,6 +117,11 @@ pub enum AppliedRead {
 /// it ends).
 pub const GOING_ON: &str = "; other targets go on";
 
+/// The start of a retry's message: an operator's note while the steps run again, not how the
+/// plan went (its first failure under `continue`, and its end, replace it: a retried plan
+/// that failed again said only "retry of 12 steps requested by ...").
+pub const RETRY_NOTE: &str = "retry of ";
+
 pub struct PlanRun {
     pub id: String,
     pub spec: Arc<PlanSpec>,

@@ -194,7 +194,10 @@ impl PlanRun {
                 if first_failure.is_some() {
                     self.message.clear();
                 }
-                if self.message.is_empty() || (waved && self.cancelled.is_empty()) {
+                if self.message.is_empty()
+                    || self.message.starts_with(crate::plan::RETRY_NOTE)
+                    || (waved && self.cancelled.is_empty())
+                {
                     self.message = if any_failed && within_budget {
                         format!(
                             "every wave done; {} step(s) failed, within the error budget",
