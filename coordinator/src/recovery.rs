@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use flotilla_core::dag::MigrationGraph;
 use flotilla_core::protocol::Decision;
-use flotilla_core::state::{PlanState, StepState, WaveState};
+use flotilla_core::state::{PlanState, StepState};
 use flotilla_core::{PlanSpec, Target, pb};
 use prost::Message;
 use tracing::{error, info, warn};

@@ -529,12 +529,57 @@ fn print_status(r: &pb::FleetStatusResponse) {
         }
     }
     if !r.failures.is_empty() {
-        println!("\nfailed last:");
-        for f in &r.failures {
-            println!("  {}: {}", f.target, failure_text(f));
-        }
+        println!("{}", failure_lines(&r.failures).join("\n"));
     }
 }
+
+/// The targets' last failures, the same failure on many targets as one (a plan failing on
+/// 225 tenants printed 225 lines of one error), the latest first, at most
+/// [`SHOWN_FAILURES`] of them: `--output json` and `fleet show TARGET` give every one.
+fn failure_lines(failures: &[pb::LastFailure]) -> Vec<String> {
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for f in failures {
+        let text = failure_text(f);
+        match index.get(&text) {
+            Some(&g) => groups[g].1.push(&f.target),
+            None => {
+                index.insert(text.clone(), groups.len());
+                groups.push((text, vec![&f.target]));
+            }
+        }
+    }
+    let mut lines = vec![format!("\nfailed last ({} target(s)):", failures.len())];
+    for (text, targets) in groups.iter_mut().take(SHOWN_FAILURES) {
+        if let [one] = targets[..] {
+            lines.push(format!("  {one}: {text}"));
+            continue;
+        }
+        targets.sort_unstable();
+        let more = targets.len().saturating_sub(SHOWN_TARGETS);
+        lines.push(format!("  {} targets: {text}", targets.len()));
+        lines.push(format!(
+            "    {}{}",
+            targets[..SHOWN_TARGETS.min(targets.len())].join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    let left = groups.len().saturating_sub(SHOWN_FAILURES);
+    if left > 0 {
+        lines.push(format!(
+            "  ... and {left} more failure(s) (`--output json` or `fleet show TARGET` for each)"
+        ));
+    }
+    lines
+}
+
+/// At most this many of `fleet status`'s failures (each the same failure on one target or
+/// many) in text.
+const SHOWN_FAILURES: usize = 20;
 
 /// What the journal's checksum was compared with: the file, or a plan.
 fn compared(m: &pb::ChecksumMismatch) -> String {
@@ -771,6 +816,56 @@ mod tests {
         assert_eq!(
             super::failure_text(&f),
             format!("001_a in plan p1 [42P01]: {}", f.message)
+        );
+    }
+
+    /// The same failure on many targets is one entry naming a few of them in order; at most
+    /// SHOWN_FAILURES entries, and how many more.
+    #[test]
+    fn failures_alike_are_one_entry_and_the_list_is_bounded() {
+        let failure = |target: String, message: &str| pb::LastFailure {
+            target,
+            migration_id: "001_a".into(),
+            plan_id: "p1".into(),
+            sqlstate: "42P01".into(),
+            message: message.into(),
+            ..Default::default()
+        };
+        let mut failures: Vec<pb::LastFailure> = [9, 3, 7, 1, 5, 2, 8]
+            .iter()
+            .map(|t| {
+                failure(
+                    format!("shard_1/tenant_{t:04}"),
+                    "relation \"legacy\" does not exist",
+                )
+            })
+            .collect();
+        for t in 0..25 {
+            failures.push(failure(
+                format!("shard_2/tenant_{t:04}"),
+                &format!("error {t}"),
+            ));
+        }
+        let lines = super::failure_lines(&failures);
+        assert_eq!(lines[0], "\nfailed last (32 target(s)):");
+        assert_eq!(
+            lines[1],
+            "  7 targets: 001_a in plan p1 [42P01]: relation \"legacy\" does not exist"
+        );
+        assert_eq!(
+            lines[2],
+            "    shard_1/tenant_0001, shard_1/tenant_0002, shard_1/tenant_0003, \
+             shard_1/tenant_0005, shard_1/tenant_0007 and 2 more"
+        );
+        assert_eq!(
+            lines[3],
+            "  shard_2/tenant_0000: 001_a in plan p1 [42P01]: error 0"
+        );
+        // one entry of seven targets and 19 of one each shown; 6 left
+        assert_eq!(lines.len(), 1 + 2 + 19 + 1, "{lines:#?}");
+        assert_eq!(
+            lines.last().unwrap(),
+            "  ... and 6 more failure(s) (`--output json` or `fleet show TARGET` for each)"
         );
     }
 }

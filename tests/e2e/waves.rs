@@ -478,6 +478,15 @@ rest = true
     assert_eq!(before.len(), 22);
     let first = format!("shard_0/{}", tenant_name(0, 3, 8));
     let second = format!("shard_2/{}", tenant_name(2, 6, 8));
+    // `fleet status` lists the one failure of both targets once, naming them in order
+    let out = fleet.cli(&["fleet", "status"]).await?;
+    assert!(
+        out.stdout.contains(&format!(
+            "failed last (2 target(s)):\n  2 targets: 001_rollout_mark in plan {id} [42P07]: \
+             relation \"rollout_mark\" already exists\n    {first}, {second}\n"
+        )),
+        "{out}"
+    );
 
     // The cause is fixed on both tenants; the operator retries one of them first.
     for (s, t) in [(0, 3), (2, 6)] {
