@@ -52,7 +52,10 @@ pub async fn status(
             }
             // Every shard it would count away: "0 behind" (exit 0) read as a fleet up to
             // date. Some away: what the others reported stands, and they are named.
-            if r.targets == 0 && !r.unreported_shards.is_empty() {
+            if r.known_shards == 0 {
+                eprintln!("error: {NO_SHARD_KNOWN}");
+                EXIT_UNAVAILABLE
+            } else if r.targets == 0 && !r.unreported_shards.is_empty() {
                 eprintln!(
                     "error: no shard's journal was reported (not reported: {}): nothing is known of the fleet's versions",
                     r.unreported_shards.join(", ")
@@ -65,6 +68,12 @@ pub async fn status(
     )
     .await
 }
+
+/// A coordinator that knows no shard (a fresh one, or the wrong one): its "0 targets" and
+/// "no drift" said a fleet up to date and clean, exit 0, where nothing is known.
+const NO_SHARD_KNOWN: &str = "this coordinator knows no shard (no agent has attached to it, \
+     and its control store lists none): nothing is known of the fleet (is --coordinator the \
+     fleet's?)";
 
 pub async fn show(addr: &str, target: String, output: Output) -> u8 {
     call_leader(
@@ -102,6 +111,9 @@ pub async fn drift(addr: &str, selector: Option<String>, output: Output) -> u8 {
             // their refresh) are named, not failed on: right after every plan there are some.
             if r.drifted > 0 {
                 EXIT_DRIFT
+            } else if r.known_shards == 0 {
+                eprintln!("error: {NO_SHARD_KNOWN}");
+                EXIT_UNAVAILABLE
             } else if !r.unreported_shards.is_empty() {
                 eprintln!(
                     "error: no drift among the {} target(s) compared, but not every shard was: {}",
@@ -195,6 +207,7 @@ fn drift_json(r: &pb::FleetDriftResponse) -> Value {
         "drifted": r.drifted,
         "unfingerprinted": r.unfingerprinted,
         "unreported_shards": r.unreported_shards,
+        "known_shards": r.known_shards,
         "shards": r.shards.iter().map(|s| json!({
             "shard": s.shard,
             "read_ms": s.read_ms,
@@ -361,6 +374,7 @@ fn status_json(r: &pb::FleetStatusResponse) -> Value {
         "targets": r.targets,
         "behind": r.behind,
         "completed_plans": r.completed_plans,
+        "known_shards": r.known_shards,
         "unreported_shards": r.unreported_shards,
         "gone": r.gone,
         "schema_changed": r.schema_changed,

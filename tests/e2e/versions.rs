@@ -1430,3 +1430,40 @@ async fn a_rollback_that_would_leave_its_migration_on_caught_up_tenants_is_refus
     assert_eq!(ledgers().await?, 0);
     Ok(())
 }
+
+/// A coordinator that knows no shard (a fresh one; a script pointed at the wrong one): `fleet
+/// status` and `fleet drift` exit 3 saying nothing is known. They said "0 targets" and "no
+/// drift", exit 0: a fleet up to date and clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_that_knows_no_shard_says_nothing_is_known() -> anyhow::Result<()> {
+    use crate::harness::{FlotillaProcess, TestDir, run_flotilla};
+    let files = TestDir::new("no-shard")?;
+    let store = files.join("flotilla.db").to_string_lossy().into_owned();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let addr = format!("http://{listen}");
+    let coordinator = FlotillaProcess::spawn(
+        &["coordinator", "--listen", &listen, "--store", &store],
+        &[],
+    )?;
+    coordinator
+        .wait_for_log("coordinator listening", WAIT)
+        .await?;
+    for what in [["fleet", "status"], ["fleet", "drift"]] {
+        for output in ["text", "json"] {
+            let mut args = vec!["--coordinator", addr.as_str()];
+            args.extend(what);
+            args.extend(["--output", output]);
+            let out = run_flotilla(&args, &[]).await?;
+            assert_eq!(out.code(), Some(3), "{what:?} {output}: {out}");
+            assert!(
+                out.stderr.contains("this coordinator knows no shard"),
+                "{what:?} {output}: {out}"
+            );
+            if output == "json" {
+                let v: Value = serde_json::from_str(out.stdout.trim())?;
+                assert_eq!(v["known_shards"], 0, "{v}");
+            }
+        }
+    }
+    Ok(())
+}

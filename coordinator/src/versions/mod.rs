@@ -272,12 +272,12 @@ impl FleetVersions {
                     // `policy = continue` a target's other migrations go on after one
                     // failed there, and that cleared it (the target part-way, listed by
                     // no `fleet status`).
-                    Ok(pb::StepOutcome::Applied) => {
+                    Ok(pb::StepOutcome::Applied)
                         if failures.get(&key).is_some_and(|f| {
                             f.plan_id != results.plan_id || f.migration_id == step.migration_id
-                        }) {
-                            failures.remove(&key);
-                        }
+                        }) =>
+                    {
+                        failures.remove(&key);
                     }
                     _ => {}
                 }
