@@ -564,10 +564,14 @@ impl TryFrom<pb::PlanSpec> for PlanSpec {
                 .collect::<Result<Vec<_>, _>>()?;
             dependencies.entry(m).or_default().extend(ds);
         }
-        if p.max_parallel > 10_000 {
+        if p.max_parallel > crate::model::MAX_PARALLEL {
             return Err(PlanError::Field {
                 field: "max_parallel".into(),
-                reason: format!("{} is more than 10000", p.max_parallel),
+                reason: format!(
+                    "{} is more than {}",
+                    p.max_parallel,
+                    crate::model::MAX_PARALLEL
+                ),
             });
         }
         let policy = match pb::FailurePolicy::try_from(p.policy).unwrap_or_default() {

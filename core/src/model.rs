@@ -329,6 +329,9 @@ pub struct PlanSpec {
 
 pub const DEFAULT_MAX_PARALLEL: u32 = 8;
 
+/// The most targets a plan (or a wave, or a wave on one shard) migrates at once.
+pub const MAX_PARALLEL: u32 = 10_000;
+
 impl PlanSpec {
     /// The version a migration brings a target to: its own, else the plan's ("" = none).
     pub fn version_of(&self, id: &MigrationId) -> String {

@@ -432,10 +432,10 @@ impl Wave {
             ("max_parallel", w.max_parallel),
             ("max_parallel_per_shard", w.max_parallel_per_shard),
         ] {
-            if v > 10_000 {
+            if v > crate::model::MAX_PARALLEL {
                 return Err(wave_error(
                     &name,
-                    &format!("{field} = {v} is more than 10000"),
+                    &format!("{field} = {v} is more than {}", crate::model::MAX_PARALLEL),
                 ));
             }
         }

@@ -47,16 +47,23 @@ pub(super) async fn run(addr: &str, args: &SubmitArgs) -> u8 {
             // A plan the lint's errors would have a submit refuse: refused here too (a
             // pipeline gating on the dry run's exit code passed it, and the submit failed).
             // (the submit's lint, without the sizes: errors the sizes add are warned of)
+            // (with --output json, what was "shown above" on stderr is in the JSON on stdout)
+            let shown = match args.output {
+                Output::Json => "in the JSON",
+                Output::Text => "shown above",
+            };
             if resp.submit_lint_errors > 0 {
                 eprintln!(
-                    "error: a submit would refuse this plan: the lint found errors (shown above)"
+                    "error: a submit would refuse this plan: the lint found errors ({shown}: each \
+                     migration's findings)"
                 );
                 EXIT_BAD_INPUT
             } else if !resp.unknown_shards.is_empty() {
                 // as the submit now: refused while a shard it selects targets on does not
                 // answer (a pipeline gating on the dry run passed, and the submit failed)
                 eprintln!(
-                    "error: a submit now would be refused: {} (shown above); the rest is what the coordinator last knew",
+                    "error: a submit now would be refused: {} ({shown}); the rest is what the \
+                     coordinator last knew",
                     resp.unknown_shards.join("; ")
                 );
                 EXIT_UNAVAILABLE

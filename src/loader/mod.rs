@@ -150,10 +150,14 @@ fn chain_implicit_order(spec: &mut pb::PlanSpec) {
 /// Applies command-line overrides on top of what the plan file says.
 fn apply(spec: &mut pb::PlanSpec, o: &Overrides) -> Result<(), LoadError> {
     if let Some(n) = o.max_parallel {
-        if n == 0 {
+        // (named here: past the most, the plan's conversion named the plan file's field)
+        if n == 0 || n > flotilla_core::model::MAX_PARALLEL {
             return Err(LoadError::Override {
                 flag: "--max-parallel",
-                message: "must be at least 1".into(),
+                message: format!(
+                    "must be at least 1 and at most {}",
+                    flotilla_core::model::MAX_PARALLEL
+                ),
             });
         }
         spec.max_parallel = n;

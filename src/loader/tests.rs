@@ -910,7 +910,14 @@ fn overrides_apply_after_the_plan_file() {
                 max_parallel: Some(0),
                 ..Default::default()
             },
-            "invalid --max-parallel: must be at least 1",
+            "invalid --max-parallel: must be at least 1 and at most 10000",
+        ),
+        (
+            Overrides {
+                max_parallel: Some(u32::MAX),
+                ..Default::default()
+            },
+            "invalid --max-parallel: must be at least 1 and at most 10000",
         ),
     ];
     for (o, message) in bad {

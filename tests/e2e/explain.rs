@@ -249,10 +249,24 @@ async fn a_dry_run_reports_locks_sizes_and_waves_and_changes_nothing() -> anyhow
         "{out}"
     );
     assert!(
-        out.stderr
-            .contains("a submit would refuse this plan: the lint found errors"),
+        out.stderr.contains(
+            "a submit would refuse this plan: the lint found errors (shown above: each \
+             migration's findings)"
+        ),
         "{out}"
     );
+    // in JSON, the findings are in the JSON (stderr said "shown above" of nothing there)
+    let out = fleet
+        .cli(&["plan", "explain", &refused_path, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("the lint found errors (in the JSON: each migration's findings)"),
+        "{out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())?;
+    assert!(v.to_string().contains("destructive-drop"), "{v}");
     let submit = fleet.cli(&["plan", "submit", &refused_path]).await?;
     assert_eq!(
         submit.code(),
