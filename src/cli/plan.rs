@@ -66,7 +66,7 @@ pub async fn run(addr: &str, cmd: PlanCommand) -> u8 {
             .await
         }
         PlanCommand::Watch { id, output } => match client(addr).await {
-            Ok(mut c) => watch(&mut c, addr, id, output, RUN).await,
+            Ok(mut c) => watch(&mut c, addr, id, output, RUN, true).await,
             Err(code) => code,
         },
         PlanCommand::List { limit, output } => {
@@ -156,7 +156,7 @@ async fn answered(
     wanted: &[&str],
 ) -> u8 {
     match r {
-        Ok((mut c, _)) if wait => watch(&mut c, addr, id, output, wanted).await,
+        Ok((mut c, _)) if wait => watch(&mut c, addr, id, output, wanted, false).await,
         Ok((_, s)) => {
             render::status(&s, output);
             EXIT_OK
@@ -394,7 +394,7 @@ pub(super) async fn submit_plan(addr: &str, args: SubmitArgs) -> (u8, Option<Str
     if args.output == Output::Text {
         println!("plan {} submitted", resp.plan_id);
     }
-    let code = watch(&mut c, addr, resp.plan_id.clone(), args.output, RUN).await;
+    let code = watch(&mut c, addr, resp.plan_id.clone(), args.output, RUN, false).await;
     (code, Some(resp.plan_id))
 }
 
@@ -529,7 +529,14 @@ pub async fn locks(addr: &str, cmd: super::LocksCommand) -> u8 {
 /// goes away before the plan ends (killed, stopped, its term lost), the watch is taken up
 /// again through `addr` (every coordinator given), as often as a command waits for a
 /// leader: the plan goes on under the next leader, and so does the watch.
-async fn watch(c: &mut Client, addr: &str, id: String, output: Output, wanted: &[&str]) -> u8 {
+async fn watch(
+    c: &mut Client,
+    addr: &str,
+    id: String,
+    output: Output,
+    wanted: &[&str],
+    every_update: bool,
+) -> u8 {
     let started = Instant::now();
     let req = pb::GetPlanRequest {
         plan_id: id.clone(),
@@ -538,7 +545,7 @@ async fn watch(c: &mut Client, addr: &str, id: String, output: Output, wanted: &
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    let mut progress = render::Progress::new(output);
+    let mut progress = render::Progress::new(output, every_update);
     let mut last: Option<pb::PlanStatus> = None;
     let mut lost = 0;
     // the last attempt to reach a coordinator again found none (the old stream's end, read

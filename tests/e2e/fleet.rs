@@ -453,6 +453,12 @@ impl TestFleet {
         args.extend_from_slice(extra);
         let out = self.cli(&args).await?;
         let code = out.code().unwrap_or(-1);
+        // `--wait --output json` prints the last status alone (a script's `jq` reads one
+        // object), or nothing when it was refused
+        assert!(
+            out.stdout.lines().count() <= 1,
+            "one JSON object at most: {out}"
+        );
         let status = out
             .stdout
             .lines()

@@ -405,14 +405,18 @@ pub struct Progress {
     output: Output,
     tty: bool,
     drawn: usize,
+    /// In JSON, an object per update (`plan watch`), or the last one only (`--wait`: a
+    /// script reads its stdout as one object; `jq .state` printed a state per update).
+    every_update: bool,
 }
 
 impl Progress {
-    pub fn new(output: Output) -> Progress {
+    pub fn new(output: Output, every_update: bool) -> Progress {
         Progress {
             output,
             tty: std::io::stdout().is_terminal(),
             drawn: 0,
+            every_update,
         }
     }
 
@@ -423,7 +427,8 @@ impl Progress {
             .map(|x| x.state.clone())
             .unwrap_or_default();
         match self.output {
-            Output::Json => println!("{}", status_json(s)),
+            Output::Json if self.every_update => println!("{}", status_json(s)),
+            Output::Json => {}
             Output::Text if self.tty => {
                 let mut out = std::io::stdout().lock();
                 if self.drawn > 0 {
@@ -501,6 +506,9 @@ impl Progress {
     /// "cancelled after 0.1s" of a plan that ran for minutes.
     pub fn finish(&mut self, s: &pb::PlanStatus, watched: Duration) {
         if self.output == Output::Json {
+            if !self.every_update {
+                println!("{}", status_json(s));
+            }
             return;
         }
         let sum = s.summary.clone().unwrap_or_default();
