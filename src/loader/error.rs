@@ -73,7 +73,28 @@ pub(super) fn line_of(text: &str, offset: usize) -> usize {
 /// A file's text, without the byte-order mark some editors add: it is not SQL, and must
 /// neither hide a dbmate marker nor change a checksum.
 pub(super) fn read_text(path: &Path) -> Result<String, LoadError> {
-    let text = fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+    let bytes = fs::read(path).map_err(|e| LoadError::io(path, e))?;
+    // Not UTF-8 (a file saved as Latin-1, say): where, so that it can be found (it said
+    // "stream did not contain valid UTF-8" of the whole file).
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+        let column = 1 + at
+            - bytes[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |n| n + 1);
+        LoadError::at_line(
+            path,
+            line,
+            format!(
+                "not UTF-8: byte 0x{:02x} at column {column} (byte {at} of the file); save it as \
+                 UTF-8",
+                bytes[at]
+            ),
+        )
+    })?;
     Ok(match text.strip_prefix('\u{feff}') {
         Some(rest) => rest.to_string(),
         None => text,

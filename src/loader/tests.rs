@@ -1520,3 +1520,21 @@ fn a_migration_naming_no_dependency_follows_the_one_before_it() {
     let spec = flotilla_core::PlanSpec::try_from(spec).expect("no cycle");
     flotilla_core::dag::MigrationGraph::build(&spec).expect("no cycle");
 }
+
+/// A file that is not UTF-8 (saved as Latin-1) is named with the line, column and byte where
+/// it stops being UTF-8 (it said "stream did not contain valid UTF-8" of the whole file).
+#[test]
+fn a_file_not_utf8_is_named_where() {
+    let tmp = tempfile::tempdir().unwrap();
+    native(tmp.path(), "001_a", None, "SELECT 1;\n");
+    let up = tmp.path().join("001_a/up.sql");
+    fs::write(&up, b"SELECT 1;\nSELECT 'caf\xe9';\n").unwrap();
+    let e = load_err(tmp.path());
+    assert!(
+        e.ends_with(&format!(
+            "{}:2: not UTF-8: byte 0xe9 at column 12 (byte 21 of the file); save it as UTF-8",
+            up.display()
+        )),
+        "{e}"
+    );
+}
