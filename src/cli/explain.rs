@@ -230,7 +230,18 @@ fn to_text(r: &pb::ExplainResponse) -> String {
                 }
             }
             if rel.missing > 0 {
+                // which (a relation the migration alters, missing on a few targets, is
+                // where it will fail: the count alone did not say where to look)
+                let missing: Vec<String> = rel
+                    .per_target
+                    .iter()
+                    .filter(|t| t.state == "missing")
+                    .map(|t| t.target.clone())
+                    .collect();
                 let _ = write!(line, "; missing on {}", rel.missing);
+                if !missing.is_empty() && rel.present > 0 {
+                    let _ = write!(line, ": {}", some_of(&missing, 5));
+                }
             }
             if rel.unknown > 0 {
                 let _ = write!(line, "; unknown on {}", rel.unknown);
@@ -297,6 +308,54 @@ fn duration(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A relation missing on some targets and present on others is named where it is
+    /// missing (the migration altering it fails there); one missing everywhere (made by the
+    /// migration) is counted only.
+    #[test]
+    fn a_relation_missing_on_some_targets_names_them() {
+        let target = |t: &str, state: &str| pb::TargetSize {
+            target: t.into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        let r = pb::ExplainResponse {
+            name: "p".into(),
+            migrations: vec![pb::ExplainMigration {
+                id: "001_a".into(),
+                relations: vec![
+                    pb::RelationSizes {
+                        relation: "repair_orders".into(),
+                        present: 1,
+                        missing: 2,
+                        per_target: vec![
+                            target("shard_0/tenant_0001", "present"),
+                            target("shard_3/tenant_0299", "missing"),
+                            target("shard_1/tenant_0120", "missing"),
+                        ],
+                        ..Default::default()
+                    },
+                    pb::RelationSizes {
+                        relation: "made_here".into(),
+                        missing: 1,
+                        per_target: vec![target("shard_0/tenant_0001", "missing")],
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = to_text(&r);
+        assert!(
+            text.contains("; missing on 2: shard_3/tenant_0299, shard_1/tenant_0120\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  made_here: on 0 target(s); missing on 1\n"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn sizes_read_in_binary_units() {
