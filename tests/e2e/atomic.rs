@@ -1272,3 +1272,131 @@ async fn a_pause_of_an_atomic_plan_is_refused_naming_cancel() -> anyhow::Result<
     assert_eq!(status["state"], "completed", "{out}");
     Ok(())
 }
+
+/// How many of shard `s`'s tenants (of a fleet of 2 a shard) have the table `table`.
+async fn tables_on(fleet: &HaFleet, s: usize, table: &str) -> anyhow::Result<i64> {
+    fleet
+        .pg
+        .query_scalar(
+            &format!("shard_{s}"),
+            &format!("SELECT count(*) FROM information_schema.tables WHERE table_name = '{table}'"),
+        )
+        .await
+}
+
+/// An atomic unit aborting (a target failed on shard_2) while shard_0's agent is lost, its
+/// targets prepared: the abort does not wait for it past `--agent-grace`. The other shards
+/// roll back and let go of their locks, so a plan on shard_1 runs meanwhile; only shard_0
+/// stays locked, the plan `rolling_back` naming it. Its agent back, the prepared
+/// transactions roll back from the decision in etcd and the plan ends rolled back, nothing
+/// of it anywhere. Before, the plan stayed `aborting` with all three shards locked until
+/// the agent came back, and nothing an operator could do released them.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abort_lets_go_of_the_shards_it_is_done_with_while_an_agent_is_lost()
+-> anyhow::Result<()> {
+    let mut fleet = HaFleet::builder(1, 3, 2)
+        .least_privilege()
+        .coordinator_args(&["--agent-grace", "3s"])
+        .agent_args(&["--lease-ttl", "2s"])
+        .start()
+        .await?;
+    // tenant_0004 (shard_2) fails, after long enough for shard_0 to prepare and be lost
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "001_abort_mark",
+        "",
+        "CREATE TABLE abort_mark (x int);
+         DO $$ BEGIN
+           IF current_schema() = 'tenant_0004' THEN
+             PERFORM pg_sleep(4);
+             RAISE EXCEPTION 'tenant_0004 fails on purpose';
+           END IF;
+         END $$;",
+        "DROP TABLE abort_mark;",
+    )?;
+    let id = fleet.submit(dir.path(), &["--atomic"]).await?;
+    wait_until("shard_0's two targets prepared", WAIT, async || {
+        Ok(prepared(&fleet.pg, 0).await? == 2)
+    })
+    .await?;
+    fleet.agents[0].kill()?;
+
+    // the failure aborts the unit; shard_0's part is left to the decision after the grace
+    let st = wait_for("rolling back without shard_0", WAIT, async || {
+        let st = fleet.status(&id).await?;
+        if st["state"] == "aborting" || st["state"] == "running" {
+            return Ok(None);
+        }
+        if st["state"] != "rolling_back" {
+            return Err(fatal(anyhow::anyhow!("{st}")));
+        }
+        Ok(Some(st))
+    })
+    .await?;
+    assert_eq!(st["waiting_for"], serde_json::json!(["shard_0"]), "{st}");
+    wait_until("only shard_0 still locked", WAIT, async || {
+        let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+        let shards: Vec<&str> = locks["locks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["shard"].as_str().unwrap())
+            .collect();
+        Ok(shards == ["shard_0"])
+    })
+    .await?;
+    for s in 1..3 {
+        assert_eq!(prepared(&fleet.pg, s).await?, 0, "shard_{s}");
+        assert_eq!(tables_on(&fleet, s, "abort_mark").await?, 0, "shard_{s}");
+    }
+    assert_eq!(prepared(&fleet.pg, 0).await?, 2, "left to the decision");
+    // another plan runs on shard_1 meanwhile
+    let other = MigrationDir::new()?;
+    other.migration(
+        "002_other_mark",
+        "",
+        "CREATE TABLE other_mark (x int);",
+        "DROP TABLE other_mark;",
+    )?;
+    let path = other.path().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&[
+            "plan",
+            "submit",
+            &path,
+            "--selector",
+            "shard=shard_1",
+            "--wait",
+            "--output",
+            "json",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(tables_on(&fleet, 1, "other_mark").await?, 2);
+    assert_eq!(fleet.status(&id).await?["state"], "rolling_back");
+
+    // shard_0's agent back: its part rolls back from the decision, and the plan ends
+    fleet.restart_agent(0)?;
+    let st = wait_for("the plan rolled back", WAIT, async || {
+        let st = fleet.status(&id).await?;
+        Ok((st["state"] == "rolled_back").then_some(st))
+    })
+    .await?;
+    let shard_0_steps: Vec<&Value> = st["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["shard"] == "shard_0")
+        .collect();
+    assert!(shard_0_steps.is_empty(), "not failures: {st}");
+    assert_eq!(prepared(&fleet.pg, 0).await?, 0);
+    for s in 0..3 {
+        assert_eq!(tables_on(&fleet, s, "abort_mark").await?, 0, "shard_{s}");
+    }
+    wait_until("every lock released", WAIT, async || {
+        let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+        Ok(locks["locks"].as_array().is_some_and(Vec::is_empty))
+    })
+    .await?;
+    Ok(())
+}

@@ -139,6 +139,26 @@ impl Coordination for EmbeddedCoordination {
         Ok(())
     }
 
+    async fn release_shard(
+        &self,
+        plan_id: &str,
+        shard: &str,
+        epoch: u64,
+    ) -> Result<(), CoordinationError> {
+        check_name("plan", plan_id)?;
+        check_name("shard", shard)?;
+        self.check_epoch(epoch)?;
+        let mut state = self.state();
+        if state
+            .locks
+            .get(shard)
+            .is_some_and(|holder| holder == plan_id)
+        {
+            state.locks.remove(shard);
+        }
+        Ok(())
+    }
+
     async fn locks(&self) -> Result<Vec<ShardLock>, CoordinationError> {
         let state = self.state();
         Ok(state
@@ -324,6 +344,36 @@ mod tests {
             vec![("b".into(), "p2".into()), ("c".into(), "p2".into())]
         );
         assert_eq!(c.plan_lease("p1").await.unwrap(), None);
+    }
+
+    /// One shard's lock let go of by its plan alone: the others stay, and another plan's
+    /// lock is not touched.
+    #[tokio::test]
+    async fn a_plan_lets_go_of_one_shard() {
+        let c = EmbeddedCoordination::new(1);
+        c.lock_shards("p1", &shards(&["a", "b"]), 1).await.unwrap();
+        c.lock_shards("p2", &shards(&["c"]), 1).await.unwrap();
+        c.release_shard("p1", "a", 1).await.unwrap();
+        c.release_shard("p1", "c", 1).await.unwrap();
+        let held: Vec<_> = c
+            .locks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.shard, l.plan_id))
+            .collect();
+        assert_eq!(
+            held,
+            vec![("b".into(), "p1".into()), ("c".into(), "p2".into())]
+        );
+        assert_eq!(
+            c.lock_shards("p3", &shards(&["a"]), 1).await.unwrap(),
+            LockOutcome::Taken
+        );
+        assert!(
+            c.release_shard("p1", "b", 2).await.is_err(),
+            "another term's"
+        );
     }
 
     #[tokio::test]

@@ -384,6 +384,15 @@ impl Coordination for EtcdCoordination {
         self.release_plan(plan_id, epoch).await
     }
 
+    async fn release_shard(
+        &self,
+        plan_id: &str,
+        shard: &str,
+        epoch: u64,
+    ) -> Result<(), CoordinationError> {
+        self.release_plan_shard(plan_id, shard, epoch).await
+    }
+
     async fn locks(&self) -> Result<Vec<ShardLock>, CoordinationError> {
         let mut client = self.shared.client.clone();
         let prefix = keys::locks_prefix(&self.shared.prefix);

@@ -143,6 +143,16 @@ pub trait Coordination: Send + Sync + 'static {
     /// Releases every lock `plan_id` holds (nothing held is fine).
     async fn release_shards(&self, plan_id: &str, epoch: u64) -> Result<(), CoordinationError>;
 
+    /// Releases `plan_id`'s lock on `shard` alone (not held by it: nothing done). A plan
+    /// rolling back lets go of each shard whose undo its agent confirmed while it waits for
+    /// the others (a shard whose agent is lost held every shard of the plan locked).
+    async fn release_shard(
+        &self,
+        plan_id: &str,
+        shard: &str,
+        epoch: u64,
+    ) -> Result<(), CoordinationError>;
+
     /// Every shard lock, ordered by shard.
     async fn locks(&self) -> Result<Vec<ShardLock>, CoordinationError>;
 

@@ -135,6 +135,46 @@ impl EtcdCoordination {
         )))
     }
 
+    /// Deletes `plan_id`'s lock on `shard` (fenced; held by another plan or by none:
+    /// nothing done). The plan's lease and its other locks stay.
+    pub(super) async fn release_plan_shard(
+        &self,
+        plan_id: &str,
+        shard: &str,
+        epoch: u64,
+    ) -> Result<(), CoordinationError> {
+        check_name("plan", plan_id)?;
+        check_name("shard", shard)?;
+        let election_key = self.shared.leader_key(epoch)?;
+        let key = keys::lock(&self.shared.prefix, shard);
+        let what = format!("releasing the lock of plan {plan_id} on {shard}");
+        for _ in 0..LOCK_ATTEMPTS {
+            let mut client = self.shared.client.clone();
+            let held = self.read(client.get(key.clone(), None)).await?;
+            let Some(kv) = held.kvs().first() else {
+                return Ok(());
+            };
+            if kv.value() != plan_id.as_bytes() {
+                return Ok(());
+            }
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::create_revision(election_key.clone(), CompareOp::Equal, epoch as i64),
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                ])
+                .and_then(vec![TxnOp::delete(key.clone(), None)])
+                .or_else(vec![TxnOp::get(election_key.clone(), None)]);
+            let resp = self.write(&what, client.txn(txn)).await?;
+            if resp.succeeded() {
+                return Ok(());
+            }
+            self.check_fence(&first_kvs(&resp), epoch)?;
+        }
+        Err(CoordinationError::Etcd(format!(
+            "the lock of plan {plan_id} on {shard} kept changing; try again"
+        )))
+    }
+
     /// The lease stored for `plan_id` by whoever locked for it, if alive.
     pub(super) async fn stored_plan_lease(
         &self,

@@ -85,11 +85,14 @@ impl Engine {
     /// liveness key: after the grace, their runs fail under the plan's policy. Also while
     /// the plan stops or aborts: it ends (an abort: begins the rollback of what committed
     /// outside the unit) only once nothing is out, and runs out on an agent gone for good
-    /// held it there for good, its locks with it.
+    /// held it there for good, its locks with it. And an aborting unit's shard holding
+    /// transactions of it prepared, its agent gone past the grace: they are left to the
+    /// decision in etcd (`PlanRun::leave_abort_to_etcd`).
     pub(super) async fn check_lost_agents(&mut self) {
         let now = Instant::now();
         let gone = |s: &String| !self.agents.contains_key(s) && !self.live.contains(s);
         let mut lost: Vec<(String, String)> = Vec::new();
+        let mut left: Vec<(String, String)> = Vec::new();
         let mut watched = BTreeSet::new();
         for (id, run) in &self.plans {
             if !matches!(
@@ -98,8 +101,13 @@ impl Engine {
             ) {
                 continue;
             }
+            let aborted = run.state == PlanState::Aborting
+                && run.decision == Some(crate::coordination::Decision::Abort);
             for (shard, sr) in &run.shards {
-                if sr.outstanding.is_empty() || self.agents.contains_key(shard) {
+                let in_doubt = aborted
+                    && !sr.resolved
+                    && (!sr.prepared.is_empty() || run.shard_has_open(shard));
+                if (sr.outstanding.is_empty() && !in_doubt) || self.agents.contains_key(shard) {
                     continue;
                 }
                 if !gone(shard) {
@@ -116,7 +124,12 @@ impl Engine {
                 }
                 watched.insert(shard.clone());
                 let since = *self.lost_since.entry(shard.clone()).or_insert(now);
-                if now.duration_since(since) >= self.agent_grace {
+                if now.duration_since(since) < self.agent_grace {
+                    continue;
+                }
+                if sr.outstanding.is_empty() {
+                    left.push((id.clone(), shard.clone()));
+                } else {
                     lost.push((id.clone(), shard.clone()));
                 }
             }
@@ -135,6 +148,20 @@ impl Engine {
             };
             let (updates, failed) = run.fail_lost_shard(&shard, &reason);
             self.record(&plan_id, updates, failed).await;
+        }
+        for (plan_id, shard) in left {
+            let why = format!(
+                "the agent of shard {shard} is lost (no stream and no liveness key for {}s) \
+                 while the unit aborts: its prepared transactions roll back from the decision \
+                 in etcd when it is back; the other shards go on with the rollback",
+                self.agent_grace.as_secs()
+            );
+            warn!(plan = %plan_id, shard = %shard, "{why}");
+            let Some(run) = self.plans.get_mut(&plan_id) else {
+                continue;
+            };
+            let updates = run.leave_abort_to_etcd(&shard, &why);
+            self.record(&plan_id, updates, false).await;
         }
     }
 

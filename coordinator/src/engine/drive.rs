@@ -169,6 +169,32 @@ impl Engine {
         true
     }
 
+    /// Releases a plan's lock on one shard it is done with, in the background: tried a few
+    /// times (the plan's end releases it anyway).
+    pub(super) fn release_shard_lock(&self, plan_id: &str, shard: &str) {
+        let (coordination, id, shard, epoch) = (
+            self.coordination.clone(),
+            plan_id.to_string(),
+            shard.to_string(),
+            self.epoch,
+        );
+        tokio::spawn(async move {
+            for attempt in 0..3u32 {
+                match coordination.release_shard(&id, &shard, epoch).await {
+                    Ok(()) => {
+                        info!(plan = %id, shard = %shard, "shard done with the plan's rollback: its lock released");
+                        return;
+                    }
+                    Err(CoordinationError::NotLeader) => return,
+                    Err(e) => {
+                        warn!(plan = %id, shard = %shard, "releasing the shard's lock failed (the plan's end releases it): {e}");
+                        tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+                    }
+                }
+            }
+        });
+    }
+
     /// Releases a finished plan's shard locks in the background.
     pub(super) fn release_locks(&self, plan_id: &str) {
         let (coordination, id, epoch) =

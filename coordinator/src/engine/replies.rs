@@ -60,10 +60,27 @@ impl Engine {
             return;
         };
         let updates = run.apply_rollback_reply(shard, &reply);
+        // This shard is done with the plan (its agent undid all of it) while others are
+        // not: its lock goes now, not when the slowest shard's agent (or a lost one, back
+        // some day) is done. (An undo that failed keeps it: the operator looks there.)
+        let let_go = reply.complete
+            && run.state == flotilla_core::state::PlanState::RollingBack
+            && run.rollback_errors == 0
+            && run
+                .shards
+                .get(shard)
+                .is_some_and(|s| s.rollback == RollbackState::Done)
+            && run
+                .shards
+                .values()
+                .any(|s| s.rollback != RollbackState::Done);
         for x in &updates {
             metrics::step_outcome(shard, x.state);
         }
         info!(plan = %plan_id, shard = %shard, undone = reply.steps.len(), complete = reply.complete, "rollback reply");
+        if let_go {
+            self.release_shard_lock(&plan_id, shard);
+        }
         self.record(&plan_id, updates, false).await;
     }
 

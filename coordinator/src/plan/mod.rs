@@ -144,7 +144,7 @@ pub struct PlanRun {
     index: HashMap<(String, String, String), usize>,
     pub created_at_ms: i64,
     pub epoch: u64,
-    rollback_errors: usize,
+    pub rollback_errors: usize,
     /// Whether the plan holds its shard locks; nothing is sent to agents before.
     pub locked: bool,
     /// Why it waits for its locks (which plan holds which shard), if it does.

@@ -398,6 +398,42 @@ impl PlanRun {
         updates
     }
 
+    /// An aborting unit's shard whose agent is lost (no stream, no liveness key, past the
+    /// grace) with transactions of the unit prepared there: the abort is in etcd, so they can
+    /// only roll back (the agent resolves them from it when it is back, and its sweep while
+    /// it runs), and nothing of the unit is waited for there any more. Its steps of the unit
+    /// are not run, saying so; the shard counts as resolved, and the plan goes on to undo
+    /// what the other shards hold outside the unit (the shard's own undo waits for its
+    /// agent, but the shards done with theirs let go of their locks). Before, the plan
+    /// waited in `aborting` for the agent, every shard of it locked. Returns the store
+    /// updates.
+    pub fn leave_abort_to_etcd(&mut self, shard: &str, why: &str) -> Vec<StepUpdate> {
+        let error = pb::StepError {
+            sqlstate: String::new(),
+            message: why.to_string(),
+            detail: String::new(),
+            phase: "abort".into(),
+        };
+        let mut updates = Vec::new();
+        for s in 0..self.steps.len() {
+            if self.steps[s].status.open()
+                && self.in_unit(s)
+                && self.targets[self.steps[s].target].shard == shard
+            {
+                self.set_status(s, StepStatus::NotRun);
+                updates.push(self.update_of(s, Some(&error)));
+            }
+        }
+        if let Some(sr) = self.shards.get_mut(shard) {
+            sr.prepared.clear();
+            sr.gids.clear();
+            sr.resolved = true;
+            sr.ready.clear();
+            sr.queued.clear();
+        }
+        updates
+    }
+
     /// A forgotten shard whose agent attached again while the unit still commits: the
     /// forget is undone, and the shard's part goes the way of any shard's under the
     /// decision (its agent committed it from etcd at its start, or is sent the Resolve), so
