@@ -120,6 +120,7 @@ impl Coordinator {
             crate::plan::RETRY_NOTE,
             actor.name
         ));
+        run.retry_note = run.message.clone();
         info!(plan = %plan_id, steps = n, "{}", run.message);
         // One transaction: a plan stored failed with its steps pending again would find
         // nothing to retry, and no coordinator would continue it.

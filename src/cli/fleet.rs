@@ -52,7 +52,7 @@ pub async fn status(
             }
             // Every shard it would count away: "0 behind" (exit 0) read as a fleet up to
             // date. Some away: what the others reported stands, and they are named.
-            if r.known_shards == 0 {
+            if r.known_shards == Some(0) {
                 eprintln!("error: {NO_SHARD_KNOWN}");
                 EXIT_UNAVAILABLE
             } else if r.targets == 0 && !r.unreported_shards.is_empty() {
@@ -111,7 +111,7 @@ pub async fn drift(addr: &str, selector: Option<String>, output: Output) -> u8 {
             // their refresh) are named, not failed on: right after every plan there are some.
             if r.drifted > 0 {
                 EXIT_DRIFT
-            } else if r.known_shards == 0 {
+            } else if r.known_shards == Some(0) {
                 eprintln!("error: {NO_SHARD_KNOWN}");
                 EXIT_UNAVAILABLE
             } else if !r.unreported_shards.is_empty() {

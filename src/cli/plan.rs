@@ -572,11 +572,17 @@ async fn watch(
             Ok(None) => "the coordinator ended the watch before the plan ended".to_string(),
             Err(e) if coordinator_gone(&e) => e.message().to_string(),
             Err(e) => {
+                if let Some(s) = &last {
+                    progress.gave_up(s);
+                }
                 eprintln!("error: watching plan {id}: {}", e.message());
                 return status_exit(&e);
             }
         };
         if lost >= super::call::LEADER_WAITS {
+            if let Some(s) = &last {
+                progress.gave_up(s);
+            }
             eprintln!(
                 "error: watching plan {id}: {gone}; no coordinator took the watch up (the plan \
                  goes on without the watch: `flotilla plan watch {id}` follows it again)"

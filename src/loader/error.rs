@@ -80,17 +80,20 @@ pub(super) fn read_text(path: &Path) -> Result<String, LoadError> {
         let bytes = e.as_bytes();
         let at = e.utf8_error().valid_up_to();
         let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
-        let column = 1 + at
-            - bytes[..at]
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(0, |n| n + 1);
+        let line_start = bytes[..at]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |n| n + 1);
+        // in characters, as an editor counts them (what comes before `at` is UTF-8), past a
+        // byte-order mark an editor does not show
+        let before = std::str::from_utf8(&bytes[line_start..at]).unwrap_or_default();
+        let column = 1 + before.trim_start_matches('\u{feff}').chars().count();
         LoadError::at_line(
             path,
             line,
             format!(
-                "not UTF-8: byte 0x{:02x} at column {column} (byte {at} of the file); save it as \
-                 UTF-8",
+                "not UTF-8: byte 0x{:02x} at column {column} (offset {at} in the file); save it \
+                 as UTF-8",
                 bytes[at]
             ),
         )

@@ -1528,11 +1528,19 @@ fn a_file_not_utf8_is_named_where() {
     let tmp = tempfile::tempdir().unwrap();
     native(tmp.path(), "001_a", None, "SELECT 1;\n");
     let up = tmp.path().join("001_a/up.sql");
-    fs::write(&up, b"SELECT 1;\nSELECT 'caf\xe9';\n").unwrap();
+    // (the column in characters: "é" before it is one, two bytes)
+    fs::write(
+        &up,
+        "SELECT 1;\nSELECT 'é caf"
+            .bytes()
+            .chain(*b"\xe9';\n")
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
     let e = load_err(tmp.path());
     assert!(
         e.ends_with(&format!(
-            "{}:2: not UTF-8: byte 0xe9 at column 12 (byte 21 of the file); save it as UTF-8",
+            "{}:2: not UTF-8: byte 0xe9 at column 14 (offset 24 in the file); save it as UTF-8",
             up.display()
         )),
         "{e}"

@@ -1284,6 +1284,25 @@ async fn tables_on(fleet: &HaFleet, s: usize, table: &str) -> anyhow::Result<i64
         .await
 }
 
+/// One migration adding a table, which fails on tenant_0004 (shard_2 of a fleet of 2
+/// tenants a shard) after 4 s: long enough for shard_0 to prepare and be lost.
+fn failing_on_shard_2() -> anyhow::Result<MigrationDir> {
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "001_abort_mark",
+        "",
+        "CREATE TABLE abort_mark (x int);
+         DO $$ BEGIN
+           IF current_schema() = 'tenant_0004' THEN
+             PERFORM pg_sleep(4);
+             RAISE EXCEPTION 'tenant_0004 fails on purpose';
+           END IF;
+         END $$;",
+        "DROP TABLE abort_mark;",
+    )?;
+    Ok(dir)
+}
+
 /// An atomic unit aborting (a target failed on shard_2) while shard_0's agent is lost, its
 /// targets prepared: the abort does not wait for it past `--agent-grace`. The other shards
 /// roll back and let go of their locks, so a plan on shard_1 runs meanwhile; only shard_0
@@ -1300,20 +1319,7 @@ async fn an_abort_lets_go_of_the_shards_it_is_done_with_while_an_agent_is_lost()
         .agent_args(&["--lease-ttl", "2s"])
         .start()
         .await?;
-    // tenant_0004 (shard_2) fails, after long enough for shard_0 to prepare and be lost
-    let dir = MigrationDir::new()?;
-    dir.migration(
-        "001_abort_mark",
-        "",
-        "CREATE TABLE abort_mark (x int);
-         DO $$ BEGIN
-           IF current_schema() = 'tenant_0004' THEN
-             PERFORM pg_sleep(4);
-             RAISE EXCEPTION 'tenant_0004 fails on purpose';
-           END IF;
-         END $$;",
-        "DROP TABLE abort_mark;",
-    )?;
+    let dir = failing_on_shard_2()?;
     let id = fleet.submit(dir.path(), &["--atomic"]).await?;
     wait_until("shard_0's two targets prepared", WAIT, async || {
         Ok(prepared(&fleet.pg, 0).await? == 2)
@@ -1398,5 +1404,76 @@ async fn an_abort_lets_go_of_the_shards_it_is_done_with_while_an_agent_is_lost()
         Ok(locks["locks"].as_array().is_some_and(Vec::is_empty))
     })
     .await?;
+    Ok(())
+}
+
+/// The same without etcd (the embedded backend; agents without `--etcd` read no decision by
+/// themselves): shard_0's agent back, the coordinator tells it the abort for the unit's
+/// transactions its list names, and only then asks for its undo. Asked first, the agent
+/// found nothing of the plan in its journal, answered that nothing was applied, and the plan
+/// ended `rolled_back` with shard_0's transactions prepared for good, holding their locks.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_etcd_a_shard_left_to_an_abort_is_told_it_when_back() -> anyhow::Result<()> {
+    let mut fleet = crate::fleet::TestFleet::builder(3, 2)
+        .least_privilege()
+        .coordinator_args(&["--agent-grace", "3s"])
+        .start()
+        .await?;
+    let dir = failing_on_shard_2()?;
+    let id = fleet.submit(dir.path(), &["--atomic"]).await?;
+    let prepared_on = |s: usize| {
+        let (pg, db) = (&fleet.pg, fleet.shards[s].clone());
+        async move {
+            pg.query_scalar::<i64>(
+                &db,
+                "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'flotilla:%' AND database = current_database()",
+            )
+            .await
+        }
+    };
+    let mut seen = Value::Null;
+    wait_until("shard_0's two targets prepared", WAIT, async || {
+        seen = fleet.status(&id).await?;
+        Ok(prepared_on(0).await? == 2)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: {seen}"))?;
+    fleet.agents[0].take().expect("shard_0's agent").kill()?;
+    let st = wait_for("rolling back without shard_0", WAIT, async || {
+        let st = fleet.status(&id).await?;
+        Ok((st["state"] == "rolling_back").then_some(st))
+    })
+    .await?;
+    assert_eq!(st["waiting_for"], serde_json::json!(["shard_0"]), "{st}");
+    wait_until("only shard_0 still locked", WAIT, async || {
+        let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+        let shards: Vec<&str> = locks["locks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["shard"].as_str().unwrap())
+            .collect();
+        Ok(shards == ["shard_0"])
+    })
+    .await?;
+    assert_eq!(prepared_on(0).await?, 2, "left to the abort: {st}");
+
+    fleet.agents[0] = Some(fleet.spawn_agent(0)?);
+    wait_for("the plan rolled back", WAIT, async || {
+        let st = fleet.status(&id).await?;
+        Ok((st["state"] == "rolled_back").then_some(st))
+    })
+    .await?;
+    assert_eq!(prepared_on(0).await?, 0, "told the abort when back");
+    for s in 0..3 {
+        let n: i64 = fleet
+            .pg
+            .query_scalar(
+                &fleet.shards[s],
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'abort_mark'",
+            )
+            .await?;
+        assert_eq!(n, 0, "shard_{s}");
+    }
     Ok(())
 }

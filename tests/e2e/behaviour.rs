@@ -1109,6 +1109,63 @@ async fn a_reader_and_a_flag(
     Ok((holder, d))
 }
 
+/// A rollback's undo blocked behind an application's transaction shows in `plan status` as
+/// waiting for its lock, as a step does (a rollback stuck for a minute showed nothing until
+/// it failed), and no more once it is through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_waiting_for_a_lock_shows_it() -> anyhow::Result<()> {
+    let fleet = TestFleet::start(1, 1).await?;
+    let t = fleet.tenants(0)[0].clone();
+    let db = fleet.shards[0].clone();
+    let pool = fleet.pg.pool(&db).await?;
+    let (holder, d) = a_reader_and_a_flag(&pool, &t).await?;
+    holder.rollback().await?;
+    let (code, st, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    let (holder, _) = a_reader_and_a_flag(&pool, &t).await?;
+    let out = fleet.cli(&["plan", "rollback", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let mut seen = Value::Null;
+    crate::harness::wait_until("the undo shown waiting for its lock", WAIT, async || {
+        let status = fleet
+            .json(&["plan", "status", &id, "--output", "json"])
+            .await?;
+        seen = status.clone();
+        Ok(status["state"] == "rolling_back"
+            && status["lock_waits"].as_array().is_some_and(|w| {
+                w.iter().any(|w| {
+                    w["tenant"] == t.as_str()
+                        && w["migration"] == "001_add_flag"
+                        && w["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with("its undo's lock timed out"))
+                })
+            }))
+    })
+    .await
+    .with_context(|| format!("last seen: {seen}"))?;
+    let text = fleet.cli(&["plan", "status", &id]).await?;
+    assert!(
+        text.stdout.contains("waiting for table locks:")
+            && text.stdout.contains(&format!(
+                "001_add_flag on {db}/{t}: its undo's lock timed out"
+            )),
+        "{text}"
+    );
+    holder.rollback().await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(1), "rolled back: {out}");
+    let status = fleet
+        .json(&["plan", "status", &id, "--output", "json"])
+        .await?;
+    assert_eq!(status["state"], "rolled_back", "{status}");
+    assert_eq!(status["lock_waits"], serde_json::json!([]), "{status}");
+    Ok(())
+}
+
 /// A long transaction holds a lock that ALTER TABLE needs: the step gives up within its
 /// lock_timeout each time (so a probe query on the table never waits behind it for longer),
 /// tries again after a pause, and succeeds once the holder ends. When the holder never ends,

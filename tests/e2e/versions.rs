@@ -905,10 +905,16 @@ async fn a_rollback_cut_short_on_a_shard_outlives_the_coordinator() -> anyhow::R
     );
 
     roll_back_through_the_down_gate(&fleet, &id).await?;
-    wait_until("the failure cleared", WAIT, async || {
-        Ok(fleet_show(&fleet, target).await?["last_failure"].is_null())
+    // The cut short undo is no failure any more; the plan's own failure (002 refused) is
+    // the target's last again, as on any target whose plan failed there and was rolled back:
+    // only that step applied there, or another plan's step, clears it.
+    wait_until("the rollback's failure cleared", WAIT, async || {
+        last = fleet_show(&fleet, target).await?;
+        Ok(last["last_failure"]["migration"] == "002_refused")
     })
-    .await?;
+    .await
+    .with_context(|| format!("{last}"))?;
+    assert_eq!(last["last_failure"]["message"], "refused here", "{last}");
     Ok(())
 }
 

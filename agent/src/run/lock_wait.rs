@@ -38,9 +38,66 @@ pub(super) async fn retry_lock_timeouts(
     transaction: bool,
     what: &str,
 ) -> Result<(), (sqlx::Error, u32)> {
-    retry_lock_timeouts_watched(conn, sql, transaction, what, None)
+    retry_lock_timeouts_watched(conn, sql, transaction, what, None, None)
         .await
         .map_err(|(e, attempts, _)| (e, attempts))
+}
+
+/// An undo waiting to try its lock again, on the agent's board as a step's wait is (state
+/// `lock_wait`, with why): a rollback blocked behind an application's lock for a minute
+/// showed nothing in `plan status` until it failed. Taken off the board when dropped.
+pub(super) struct UndoWaitShown<'a> {
+    publish: crate::data::Publish<'a>,
+    tenant: &'a str,
+    migration: &'a str,
+    lock_timeout_ms: u64,
+    shown: bool,
+}
+
+impl<'a> UndoWaitShown<'a> {
+    pub(super) fn new(
+        publish: crate::data::Publish<'a>,
+        tenant: &'a str,
+        m: &'a PreparedMigration,
+    ) -> UndoWaitShown<'a> {
+        UndoWaitShown {
+            publish,
+            tenant,
+            migration: m.id(),
+            lock_timeout_ms: m.lock_timeout_ms,
+            shown: false,
+        }
+    }
+
+    /// Before attempt `attempt + 1` (from the second), after `pause`.
+    fn show(&mut self, attempt: u32, pause: Duration) {
+        self.publish.board.update(flotilla_core::pb::DataProgress {
+            plan_id: self.publish.plan_id.to_string(),
+            migration_id: self.migration.to_string(),
+            shard: self.publish.shard.to_string(),
+            tenant: self.tenant.to_string(),
+            state: flotilla_core::protocol::LOCK_WAIT.into(),
+            reason: format!(
+                "its undo's lock timed out (lock_timeout {}ms); attempt {} of {} in {:.1}s",
+                self.lock_timeout_ms,
+                attempt + 1,
+                LOCK_RETRIES + 1,
+                pause.as_secs_f64()
+            ),
+            ..Default::default()
+        });
+        self.shown = true;
+    }
+}
+
+impl Drop for UndoWaitShown<'_> {
+    fn drop(&mut self) {
+        if self.shown {
+            self.publish
+                .board
+                .forget(self.publish.plan_id, self.migration, self.tenant);
+        }
+    }
 }
 
 /// The session's backend pid, for a [`BlockerWatch`] of it from another session.
@@ -60,6 +117,7 @@ pub(super) async fn retry_lock_timeouts_watched(
     transaction: bool,
     what: &str,
     watch: Option<(&PgPool, &PreparedMigration)>,
+    mut shown: Option<&mut UndoWaitShown<'_>>,
 ) -> Result<(), (sqlx::Error, u32, Option<String>)> {
     let mut attempt = 0u32;
     loop {
@@ -91,6 +149,9 @@ pub(super) async fn retry_lock_timeouts_watched(
             ?pause,
             "lock timeout in {what}; trying it again after a pause"
         );
+        if let Some(shown) = shown.as_deref_mut() {
+            shown.show(attempt, pause);
+        }
         tokio::time::sleep(pause).await;
     }
 }

@@ -12,7 +12,9 @@ use tracing::{Instrument, info, instrument, warn};
 
 use super::conn::recover;
 use super::job::{PlanDef, PlanError};
-use super::lock_wait::{retry_lock_timeouts, retry_lock_timeouts_watched, with_attempts};
+use super::lock_wait::{
+    UndoWaitShown, retry_lock_timeouts, retry_lock_timeouts_watched, with_attempts,
+};
 use super::sqlgen;
 use super::statements::{replay_session_settings, run_down_statements};
 use crate::data::prior_image::{prior_image_batches, restore_prior_image};
@@ -453,10 +455,12 @@ pub(super) async fn undo_step(
     if m.is_transactional() {
         let undo = sqlgen::transactional_undo(cx, m);
         let what = format!("the undo of step {}", m.id());
-        // (a rollback's last attempt is watched for who blocks it, as a step's is)
+        // (a rollback's last attempt is watched for who blocks it, as a step's is, and its
+        // waits are shown as a step's are)
         let watch = shared.as_ref().map(|s| (s.pool, m));
+        let mut shown = shared.map(|s| UndoWaitShown::new(s.publish, cx.tenant, m));
         if let Err((e, attempts, blocker)) =
-            retry_lock_timeouts_watched(conn, &undo, true, &what, watch).await
+            retry_lock_timeouts_watched(conn, &undo, true, &what, watch, shown.as_mut()).await
         {
             let (mut failure, broken) = undo_failed(conn, m, &e, attempts).await;
             if let Some(b) = blocker {

@@ -360,7 +360,7 @@ async fn run_on_its_own(
     let ran = if retry {
         let what = format!("{phase} statement {} of step {}", k + 1, m.id());
         let watch = watch.map(|pool| (pool, m));
-        retry_lock_timeouts_watched(conn, statement, false, &what, watch).await
+        retry_lock_timeouts_watched(conn, statement, false, &what, watch, None).await
     } else {
         execute(conn, statement.to_owned())
             .await

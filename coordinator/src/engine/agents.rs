@@ -60,6 +60,16 @@ impl Engine {
         let ids: Vec<String> = self.plans.keys().cloned().collect();
         for id in ids {
             self.resend_after_reconnect(&id, &shard);
+            // A plan rolling back asks the shard for its undo once it holds nothing of the
+            // unit in doubt (told the decision first: `resolve_before_undo`).
+            if self
+                .plans
+                .get(&id)
+                .is_some_and(|r| r.state == PlanState::RollingBack)
+                && self.resolve_before_undo(&id, &shard).await
+            {
+                self.ask_rollback(&id, &shard);
+            }
             self.drive(&id).await;
         }
     }
@@ -104,9 +114,12 @@ impl Engine {
             let aborted = run.state == PlanState::Aborting
                 && run.decision == Some(crate::coordination::Decision::Abort);
             for (shard, sr) in &run.shards {
+                // (a plan a new leader took over knows what a shard holds only from its
+                // agent's list: one away may hold the unit's transactions still)
                 let in_doubt = aborted
                     && !sr.resolved
-                    && (!sr.prepared.is_empty() || run.shard_has_open(shard));
+                    && !sr.left
+                    && (!sr.prepared.is_empty() || run.shard_has_open(shard) || run.inherited);
                 if (sr.outstanding.is_empty() && !in_doubt) || self.agents.contains_key(shard) {
                     continue;
                 }
@@ -197,7 +210,7 @@ impl Engine {
             if matches!(sr.rollback, RollbackState::Asked { conn_id: c, .. } if c != conn_id) {
                 sr.rollback = RollbackState::NotAsked;
             }
-            self.ask_rollback(plan_id, shard);
+            // (its undo is asked by `on_attached`, once it holds nothing of the unit in doubt)
             return;
         }
         let runs: Vec<pb::Run> = sr

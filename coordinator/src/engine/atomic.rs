@@ -300,6 +300,7 @@ impl Engine {
         let unlisted = run.inherited
             && run.shards.iter().any(|(s, sr)| {
                 !sr.resolved
+                    && !sr.left
                     && sr.prepared.is_empty()
                     && (!self.agents.contains_key(s) || self.in_doubt_unknown.contains(s))
             });
@@ -311,6 +312,115 @@ impl Engine {
             // What committed outside 2PC (non-transactional steps) is undone now.
             self.begin_rollback(plan_id);
         }
+    }
+
+    /// Whether a shard of a plan rolling back is to be told its unit's decision before its
+    /// undo is asked: left to the abort while its agent was lost, or (a plan rebuilt by a new
+    /// leader) naming transactions of the unit in doubt in the list its agent attached with.
+    /// Its undo asked first, the agent finds nothing of them in its journal (they are not
+    /// committed), answers that nothing is applied, and the plan ends with them prepared,
+    /// holding their locks: an agent without etcd (or under the embedded backend) reads no
+    /// decision by itself.
+    pub(super) fn in_doubt_before_undo(&self, plan_id: &str, shard: &str) -> bool {
+        let Some(run) = self.plans.get(plan_id) else {
+            return false;
+        };
+        let Some(sr) = run.shards.get(shard) else {
+            return false;
+        };
+        if sr.resolved {
+            return false;
+        }
+        if sr.left {
+            return true;
+        }
+        let unit = run.unit_key();
+        run.current_unit().is_some()
+            && self
+                .in_doubt
+                .get(shard)
+                .is_some_and(|gids| gids.iter().any(|g| gid::unit_of(g) == Some(unit.as_str())))
+    }
+
+    /// Tells a shard of a plan rolling back the decision for the unit's transactions it
+    /// holds in doubt ([`Self::in_doubt_before_undo`]): those the plan knows prepared there,
+    /// and those its agent's list names, under the unit's decision (read from the decision
+    /// store when this leader has none; written as an abort when there is none at all: the
+    /// unit never committed). True when nothing is left to resolve there (its undo may be
+    /// asked); false while its answer is awaited, or it cannot be told yet.
+    pub(super) async fn resolve_before_undo(&mut self, plan_id: &str, shard: &str) -> bool {
+        if !self.in_doubt_before_undo(plan_id, shard) {
+            return true;
+        }
+        let Some(conn_id) = self.agents.get(shard).map(|a| a.conn_id) else {
+            return false;
+        };
+        let unknown = self.in_doubt_unknown.contains(shard);
+        let Some(run) = self.plans.get_mut(plan_id) else {
+            return false;
+        };
+        let unit_key = run.unit_key();
+        let Some(sr) = run.shards.get_mut(shard) else {
+            return true;
+        };
+        // (its list not read: what it holds is not known; its next connect lists it. A
+        // Resolve it could not carry out is sent again on the tick, after a pause.)
+        if unknown
+            || sr.resolve_sent_on == Some(conn_id)
+            || sr
+                .resolve_retry_at
+                .is_some_and(|at| std::time::Instant::now() < at)
+        {
+            return false;
+        }
+        for g in self.in_doubt.get(shard).into_iter().flatten() {
+            if gid::unit_of(g) == Some(unit_key.as_str()) {
+                sr.prepared.entry(g.clone()).or_default();
+            }
+        }
+        if sr.prepared.is_empty() {
+            sr.resolved = true;
+            return true;
+        }
+        let decision = match run.decision {
+            Some(d) => d,
+            None => {
+                let found = match self.coordination.decision(&unit_key).await {
+                    Ok(Some(d)) => Ok(d),
+                    Ok(None) => self
+                        .coordination
+                        .decide(&unit_key, Decision::Abort, self.epoch)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match found {
+                    Ok(d) => {
+                        info!(plan = %plan_id, unit = %unit_key, decision = d.as_str(), shard = %shard, "a shard of a plan rolling back holds transactions of its unit in doubt: told the unit's decision before its undo");
+                        let run = self.plans.get_mut(plan_id).expect("present");
+                        run.decision = Some(d);
+                        d
+                    }
+                    Err(e) => {
+                        warn!(plan = %plan_id, unit = %unit_key, "reading the unit's decision failed; its in-doubt shard is told later: {e}");
+                        return false;
+                    }
+                }
+            }
+        };
+        let run = self.plans.get_mut(plan_id).expect("present");
+        let Some(resolve) = run.resolve_for(shard, decision) else {
+            return true;
+        };
+        if self
+            .agents
+            .get_mut(shard)
+            .is_some_and(|a| a.send(Body::Resolve(resolve)))
+            && let Some(sr) = run.shards.get_mut(shard)
+        {
+            sr.resolve_sent_on = Some(conn_id);
+        }
+        false
     }
 
     /// The agent of a shard forgotten while a plan commits attached again before the plan

@@ -170,7 +170,9 @@ impl Engine {
     }
 
     /// Releases a plan's lock on one shard it is done with, in the background: tried a few
-    /// times (the plan's end releases it anyway).
+    /// times (the plan's end releases it anyway). Counted as a release of the plan's locks
+    /// under way: a new run of the plan (a rollback again, a retry) takes its locks once it
+    /// is over, so a late attempt cannot delete a lock taken again.
     pub(super) fn release_shard_lock(&self, plan_id: &str, shard: &str) {
         let (coordination, id, shard, epoch) = (
             self.coordination.clone(),
@@ -178,7 +180,10 @@ impl Engine {
             shard.to_string(),
             self.epoch,
         );
+        let releases = self.lock_releases.clone();
+        releases.begin(&id);
         tokio::spawn(async move {
+            let _done = ReleaseDone(releases, id.clone());
             for attempt in 0..3u32 {
                 match coordination.release_shard(&id, &shard, epoch).await {
                     Ok(()) => {

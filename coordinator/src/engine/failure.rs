@@ -84,7 +84,7 @@ impl Engine {
                 self.halt_everywhere(plan_id);
             }
             FailurePolicy::Continue => {
-                if run.message.is_empty() || run.message.starts_with(crate::plan::RETRY_NOTE) {
+                if run.message.is_empty() || run.message_is_retry_note() {
                     run.message = format!("{what}{}", crate::plan::GOING_ON);
                 }
             }
@@ -120,7 +120,11 @@ impl Engine {
         };
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         for shard in shards {
-            self.ask_rollback(plan_id, &shard);
+            // (one holding transactions of the unit in doubt is told the decision first,
+            // on the tick: `resolve_before_undo`)
+            if !self.in_doubt_before_undo(plan_id, &shard) {
+                self.ask_rollback(plan_id, &shard);
+            }
         }
     }
 

@@ -662,6 +662,28 @@ impl Engine {
                 for id in waiting {
                     self.drive(&id).await;
                 }
+                // shards of plans rolling back whose undo waits for their in-doubt
+                // transactions to be resolved (a Resolve they could not carry out is sent
+                // again; a decision that could not be read is read again)
+                let in_doubt: Vec<(String, String)> = self
+                    .plans
+                    .iter()
+                    .filter(|(_, r)| r.state == PlanState::RollingBack)
+                    .flat_map(|(id, r)| {
+                        r.shards
+                            .iter()
+                            .filter(|(s, sr)| {
+                                sr.rollback == crate::plan::RollbackState::NotAsked
+                                    && self.agents.contains_key(*s)
+                            })
+                            .map(|(s, _)| (id.clone(), s.clone()))
+                    })
+                    .collect();
+                for (id, shard) in in_doubt {
+                    if self.resolve_before_undo(&id, &shard).await {
+                        self.ask_rollback(&id, &shard);
+                    }
+                }
             }
         }
     }

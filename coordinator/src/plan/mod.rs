@@ -78,6 +78,10 @@ pub struct ShardRun {
     pub gids: BTreeMap<u64, String>,
     /// Whether the shard has confirmed the decision for every prepared gid.
     pub resolved: bool,
+    /// An aborting unit's shard whose agent was lost with transactions of it prepared there
+    /// (`PlanRun::leave_abort_to_etcd`): the other shards' rollback does not wait for it;
+    /// its agent back, it is told the abort (and only then asked for its undo).
+    pub left: bool,
     /// The connection the Resolve was sent on.
     pub resolve_sent_on: Option<u64>,
     /// After a Resolve the shard could not carry out (e.g. it could not read the
@@ -119,8 +123,16 @@ pub const GOING_ON: &str = "; other targets go on";
 
 /// The start of a retry's message: an operator's note while the steps run again, not how the
 /// plan went (its first failure under `continue`, and its end, replace it: a retried plan
-/// that failed again said only "retry of 12 steps requested by ...").
+/// that failed again said only "retry of 12 steps requested by ..."; see
+/// `PlanRun::retry_note`).
 pub const RETRY_NOTE: &str = "retry of ";
+
+impl PlanRun {
+    /// Whether the message is a retry's note and nothing since.
+    pub fn message_is_retry_note(&self) -> bool {
+        !self.retry_note.is_empty() && self.message == self.retry_note
+    }
+}
 
 pub struct PlanRun {
     pub id: String,
@@ -145,6 +157,10 @@ pub struct PlanRun {
     pub created_at_ms: i64,
     pub epoch: u64,
     pub rollback_errors: usize,
+    /// The message a retry set ("retry of 3 steps requested by ..."): while the message is
+    /// still that note alone, the first failure under `continue` and the plan's end replace
+    /// it (a cancel of a shard since added to it, and it is kept).
+    pub retry_note: String,
     /// Whether the plan holds its shard locks; nothing is sent to agents before.
     pub locked: bool,
     /// Why it waits for its locks (which plan holds which shard), if it does.
@@ -325,6 +341,7 @@ impl PlanRun {
                     prepared: BTreeMap::new(),
                     gids: BTreeMap::new(),
                     resolved: false,
+                    left: false,
                     resolve_sent_on: None,
                     resolve_retry_at: None,
                 })
@@ -350,6 +367,7 @@ impl PlanRun {
             created_at_ms,
             epoch,
             rollback_errors: 0,
+            retry_note: String::new(),
             locked: false,
             lock_wait: None,
             applied_read: AppliedRead::Before,
@@ -448,11 +466,18 @@ impl PlanRun {
         // (an undo's last report can come after the rollback's reply, which dropped it)
         match self.step_of(&p.migration_id, &p.shard, &p.tenant) {
             None => return,
-            // a schema step's lock wait is shown only while its step runs (one that came
-            // after the step's result would stay until the plan ends)
+            // a schema step's lock wait is shown only while its step runs, or its undo (one
+            // that came after the step's result, or the rollback's reply, would stay until
+            // the plan ends)
             Some(s)
                 if p.state == LOCK_WAIT
-                    && !matches!(self.steps[s].status, StepStatus::Running(_)) =>
+                    && !matches!(self.steps[s].status, StepStatus::Running(_))
+                    && !(self.state == PlanState::RollingBack
+                        && self.steps[s].status == StepStatus::Applied
+                        && self
+                            .shards
+                            .get(&p.shard)
+                            .is_some_and(|sr| sr.rollback != RollbackState::Done)) =>
             {
                 return;
             }

@@ -193,6 +193,10 @@ impl PlanRun {
         });
         for rb in &reply.steps {
             let s = self.step_of(&rb.migration_id, shard, &rb.tenant);
+            // its undo's wait for a lock, if it showed one, is over either way
+            if let Some(s) = s {
+                self.end_lock_wait(s);
+            }
             match (&rb.error, s) {
                 // A tenant gone from its shard (its schema dropped): nothing of the plan is
                 // left there, so its step counts as undone, with why (not a failure of the

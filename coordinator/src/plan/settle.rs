@@ -195,7 +195,7 @@ impl PlanRun {
                     self.message.clear();
                 }
                 if self.message.is_empty()
-                    || self.message.starts_with(crate::plan::RETRY_NOTE)
+                    || self.message_is_retry_note()
                     || (waved && self.cancelled.is_empty())
                 {
                     self.message = if any_failed && within_budget {

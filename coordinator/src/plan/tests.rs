@@ -1470,3 +1470,43 @@ fn an_end_an_operator_chose_is_theirs_and_a_failure_is_the_plans() {
     assert!(run.settle().is_some());
     assert_eq!((run.state, run.by_operator), (PlanState::Halted, true));
 }
+
+/// A retry's note alone is replaced at the plan's end by how it ended; with more said after
+/// it (a shard cancelled since), it is kept: the cancel's note was lost, and a cancelled plan
+/// said "every step applied".
+#[test]
+fn a_retrys_note_gives_way_at_the_end_but_not_what_came_after_it() {
+    let ended = |message: &str, cancel: bool| {
+        let mut run = plan_of(
+            &["a"],
+            Vec::new(),
+            &[("s0", "t1"), ("s1", "t1")],
+            pb::FailurePolicy::Continue,
+        );
+        let mut next = 1;
+        let out = run.next_runs("s0", &mut next);
+        answer(&mut run, "s0", &out[0], pb::StepOutcome::Applied);
+        if cancel {
+            run.halt_shard("s1");
+            run.cancelled.insert("s1".into());
+        } else {
+            let out = run.next_runs("s1", &mut next);
+            answer(&mut run, "s1", &out[0], pb::StepOutcome::Applied);
+        }
+        run.retry_note = "retry of 1 step requested by alice".into();
+        run.message = message.into();
+        run.advance_waves(0);
+        run.settle().expect("ended");
+        (run.state, run.message)
+    };
+    assert_eq!(
+        ended("retry of 1 step requested by alice", false),
+        (PlanState::Completed, "every step applied".to_string())
+    );
+    let (state, message) = ended(
+        "retry of 1 step requested by alice; shard s1 cancelled by bob",
+        true,
+    );
+    assert_eq!(state, PlanState::Cancelled);
+    assert!(message.contains("shard s1 cancelled by bob"), "{message}");
+}

@@ -341,11 +341,12 @@ impl PlanRun {
 
     /// Whether every shard confirmed the decision for its prepared transactions. A
     /// shard with steps still open (prepared, or pending after a rebuild whose store
-    /// missed their PREPARED) has to be heard from first.
+    /// missed their PREPARED) has to be heard from first; one left to an abort (its agent
+    /// lost, `leave_abort_to_etcd`) is heard from when it is back.
     pub fn all_resolved(&self) -> bool {
-        self.shards
-            .iter()
-            .all(|(name, s)| s.resolved || (s.prepared.is_empty() && !self.shard_has_open(name)))
+        self.shards.iter().all(|(name, s)| {
+            s.resolved || s.left || (s.prepared.is_empty() && !self.shard_has_open(name))
+        })
     }
 
     /// `plan forget-shard`: a shard whose agent will not come back to commit its part of the
@@ -399,14 +400,14 @@ impl PlanRun {
     }
 
     /// An aborting unit's shard whose agent is lost (no stream, no liveness key, past the
-    /// grace) with transactions of the unit prepared there: the abort is in etcd, so they can
-    /// only roll back (the agent resolves them from it when it is back, and its sweep while
-    /// it runs), and nothing of the unit is waited for there any more. Its steps of the unit
-    /// are not run, saying so; the shard counts as resolved, and the plan goes on to undo
-    /// what the other shards hold outside the unit (the shard's own undo waits for its
-    /// agent, but the shards done with theirs let go of their locks). Before, the plan
-    /// waited in `aborting` for the agent, every shard of it locked. Returns the store
-    /// updates.
+    /// grace) with transactions of the unit prepared there: the abort is decided, so they can
+    /// only roll back, and the other shards do not wait for them. Its steps of the unit are
+    /// not run, saying so; the shard is left (`ShardRun::left`), and the plan goes on to undo
+    /// what the other shards hold outside the unit (the shards done with theirs let go of
+    /// their locks). Its agent back, it is told the abort as any shard is (an agent without
+    /// etcd, or on the embedded backend, reads no decision by itself), and then asked for its
+    /// undo: the plan ends only after. Before, the plan waited in `aborting` for the agent,
+    /// every shard of it locked. Returns the store updates.
     pub fn leave_abort_to_etcd(&mut self, shard: &str, why: &str) -> Vec<StepUpdate> {
         let error = pb::StepError {
             sqlstate: String::new(),
@@ -425,9 +426,7 @@ impl PlanRun {
             }
         }
         if let Some(sr) = self.shards.get_mut(shard) {
-            sr.prepared.clear();
-            sr.gids.clear();
-            sr.resolved = true;
+            sr.left = true;
             sr.ready.clear();
             sr.queued.clear();
         }

@@ -109,7 +109,7 @@ pub fn fleet_drift(input: &FleetInput, selector: &Selector) -> pb::FleetDriftRes
             .map(|(shard, _)| shard.clone())
             .collect(),
         shards,
-        known_shards: input.fleet.len() as u64,
+        known_shards: Some(input.fleet.len() as u64),
     }
 }
 

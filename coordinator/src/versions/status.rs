@@ -363,7 +363,7 @@ pub fn fleet_status(input: &FleetInput, selector: &Selector) -> pb::FleetStatusR
         failures,
         unreported_shards,
         completed_plans: input.plans.len() as u64,
-        known_shards: input.fleet.len() as u64,
+        known_shards: Some(input.fleet.len() as u64),
         gone,
         // (the leader's query sets them: see `query::set_apart_changed`)
         schema_changed: Vec::new(),

@@ -230,16 +230,25 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
     }
     // Shard names (agents that are away) and `kind: what` entries (approval, bake, lock,
     // gate).
-    let (other, agents): (Vec<&String>, Vec<&String>) =
-        s.waiting_for.iter().partition(|w| w.contains(": "));
-    if !agents.is_empty() {
-        let names: Vec<&str> = agents.iter().map(|a| a.as_str()).collect();
-        println!("waiting for agents of: {}", names.join(", "));
+    if let Some(line) = waiting_agents(s) {
+        println!("{line}");
     }
-    for w in other {
+    for w in s.waiting_for.iter().filter(|w| w.contains(": ")) {
         println!("waiting for {}", waiting_text(w));
     }
     failures(s);
+}
+
+/// `waiting for agents of: shard_0, ...`: the shards (`waiting_for` entries without a
+/// `kind: `) whose agents the plan waits for, if any.
+fn waiting_agents(s: &pb::PlanStatus) -> Option<String> {
+    let agents: Vec<&str> = s
+        .waiting_for
+        .iter()
+        .filter(|w| !w.contains(": "))
+        .map(String::as_str)
+        .collect();
+    (!agents.is_empty()).then(|| format!("waiting for agents of: {}", agents.join(", ")))
 }
 
 /// The waves a watch shows: those between their runs and the next wave (baking, checking
@@ -452,6 +461,10 @@ impl Progress {
                     let _ = writeln!(out, "\x1b[2K  waiting for its lock: {}", lock_wait_line(d));
                     lines += 1;
                 }
+                if let Some(line) = waiting_agents(s) {
+                    let _ = writeln!(out, "\x1b[2K  {line}");
+                    lines += 1;
+                }
                 if data.len() > DATA_LINES {
                     let _ = writeln!(
                         out,
@@ -473,14 +486,23 @@ impl Progress {
                     .migrations
                     .iter()
                     .map(|m| {
-                        format!(
+                        // (an atomic unit's prepared targets, and what a rollback undid: a
+                        // watch of a unit committing or aborting read "16/24 done" alone)
+                        let mut part = format!(
                             "{} {}/{} done {} failed {} running or queued",
                             m.migration_id,
                             m.applied + m.already_applied,
                             m.total,
                             m.failed,
                             m.running
-                        )
+                        );
+                        for (n, what) in [(m.prepared, "prepared"), (m.rolled_back, "rolled back")]
+                        {
+                            if n > 0 {
+                                part.push_str(&format!(" {n} {what}"));
+                            }
+                        }
+                        part
                     })
                     .collect();
                 println!(
@@ -497,7 +519,19 @@ impl Progress {
                 for d in lock_waits(s).take(DATA_LINES) {
                     println!("    waiting for its lock: {}", lock_wait_line(d));
                 }
+                if let Some(line) = waiting_agents(s) {
+                    println!("    {line}");
+                }
             }
+        }
+    }
+
+    /// A watch given up before the plan's end (no coordinator took it up): with `--wait` in
+    /// JSON, the last status seen is printed all the same (stdout was empty, though it was
+    /// known); the exit code says the watch was cut short.
+    pub fn gave_up(&self, s: &pb::PlanStatus) {
+        if self.output == Output::Json && !self.every_update {
+            println!("{}", status_json(s));
         }
     }
 
@@ -595,6 +629,22 @@ mod wave_tests {
 #[cfg(test)]
 mod data_tests {
     use super::*;
+
+    /// The shards whose agents a plan waits for are named apart from its other waits (a
+    /// watch of a unit committing without an agent said only how many steps were done).
+    #[test]
+    fn the_agents_waited_for_are_named() {
+        let mut s = pb::PlanStatus {
+            waiting_for: vec!["shard_0".into(), "lock: x".into(), "shard_2".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            waiting_agents(&s).as_deref(),
+            Some("waiting for agents of: shard_0, shard_2")
+        );
+        s.waiting_for = vec!["gate: wave canary".into()];
+        assert_eq!(waiting_agents(&s), None);
+    }
 
     /// A bake's end reads as a time, not milliseconds since the epoch.
     #[test]
