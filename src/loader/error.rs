@@ -87,7 +87,12 @@ pub(super) fn read_text(path: &Path) -> Result<String, LoadError> {
         // in characters, as an editor counts them (what comes before `at` is UTF-8), past a
         // byte-order mark an editor does not show
         let before = std::str::from_utf8(&bytes[line_start..at]).unwrap_or_default();
-        let column = 1 + before.trim_start_matches('\u{feff}').chars().count();
+        let before = if line_start == 0 {
+            before.trim_start_matches('\u{feff}')
+        } else {
+            before
+        };
+        let column = 1 + before.chars().count();
         LoadError::at_line(
             path,
             line,

@@ -1284,6 +1284,22 @@ async fn tables_on(fleet: &HaFleet, s: usize, table: &str) -> anyhow::Result<i64
         .await
 }
 
+/// Waits until `locks list` shows shard_0 alone locked (the other shards of a plan rolling
+/// back let go of theirs).
+async fn only_shard_0_locked(fleet: &impl Cli) -> anyhow::Result<()> {
+    wait_until("only shard_0 still locked", WAIT, async || {
+        let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+        let shards: Vec<&str> = locks["locks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["shard"].as_str().unwrap())
+            .collect();
+        Ok(shards == ["shard_0"])
+    })
+    .await
+}
+
 /// One migration adding a table, which fails on tenant_0004 (shard_2 of a fleet of 2
 /// tenants a shard) after 4 s: long enough for shard_0 to prepare and be lost.
 fn failing_on_shard_2() -> anyhow::Result<MigrationDir> {
@@ -1340,17 +1356,7 @@ async fn an_abort_lets_go_of_the_shards_it_is_done_with_while_an_agent_is_lost()
     })
     .await?;
     assert_eq!(st["waiting_for"], serde_json::json!(["shard_0"]), "{st}");
-    wait_until("only shard_0 still locked", WAIT, async || {
-        let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
-        let shards: Vec<&str> = locks["locks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["shard"].as_str().unwrap())
-            .collect();
-        Ok(shards == ["shard_0"])
-    })
-    .await?;
+    only_shard_0_locked(&fleet).await?;
     for s in 1..3 {
         assert_eq!(prepared(&fleet.pg, s).await?, 0, "shard_{s}");
         assert_eq!(tables_on(&fleet, s, "abort_mark").await?, 0, "shard_{s}");
@@ -1445,17 +1451,7 @@ async fn without_etcd_a_shard_left_to_an_abort_is_told_it_when_back() -> anyhow:
     })
     .await?;
     assert_eq!(st["waiting_for"], serde_json::json!(["shard_0"]), "{st}");
-    wait_until("only shard_0 still locked", WAIT, async || {
-        let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
-        let shards: Vec<&str> = locks["locks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["shard"].as_str().unwrap())
-            .collect();
-        Ok(shards == ["shard_0"])
-    })
-    .await?;
+    only_shard_0_locked(&fleet).await?;
     assert_eq!(prepared_on(0).await?, 2, "left to the abort: {st}");
 
     fleet.agents[0] = Some(fleet.spawn_agent(0)?);

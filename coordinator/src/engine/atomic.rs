@@ -334,12 +334,18 @@ impl Engine {
         if sr.left {
             return true;
         }
+        if run.current_unit().is_none() {
+            return false;
+        }
+        // an agent attached without its list: what it holds is not known (as a new leader's
+        // decision waits for it, `two_phase`'s `unlisted`)
+        if self.in_doubt_unknown.contains(shard) {
+            return true;
+        }
         let unit = run.unit_key();
-        run.current_unit().is_some()
-            && self
-                .in_doubt
-                .get(shard)
-                .is_some_and(|gids| gids.iter().any(|g| gid::unit_of(g) == Some(unit.as_str())))
+        self.in_doubt
+            .get(shard)
+            .is_some_and(|gids| gids.iter().any(|g| gid::unit_of(g) == Some(unit.as_str())))
     }
 
     /// Tells a shard of a plan rolling back the decision for the unit's transactions it
@@ -363,9 +369,9 @@ impl Engine {
         let Some(sr) = run.shards.get_mut(shard) else {
             return true;
         };
-        // (its list not read: what it holds is not known; its next connect lists it. A
-        // Resolve it could not carry out is sent again on the tick, after a pause.)
-        if unknown
+        // (its list not read and nothing of it known: its next connect lists it. A Resolve
+        // it could not carry out is sent again on the tick, after a pause.)
+        if (unknown && sr.prepared.is_empty())
             || sr.resolve_sent_on == Some(conn_id)
             || sr
                 .resolve_retry_at
@@ -385,11 +391,22 @@ impl Engine {
         let decision = match run.decision {
             Some(d) => d,
             None => {
+                // none written: the unit's steps say whether it committed (its key lost
+                // since), as a new leader's recovery reads them; else it never did
+                let evident = run.unit_commit_evident();
                 let found = match self.coordination.decision(&unit_key).await {
                     Ok(Some(d)) => Ok(d),
                     Ok(None) => self
                         .coordination
-                        .decide(&unit_key, Decision::Abort, self.epoch)
+                        .decide(
+                            &unit_key,
+                            if evident {
+                                Decision::Commit
+                            } else {
+                                Decision::Abort
+                            },
+                            self.epoch,
+                        )
                         .await
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),

@@ -61,7 +61,11 @@ impl Engine {
                     .map(|(s, _)| s.clone())
                     .collect();
                 for shard in shards {
-                    self.ask_rollback(plan_id, &shard);
+                    // (one holding transactions of the unit in doubt is told the decision
+                    // first, and asked for its undo once it answered: `on_resolve_reply`)
+                    if self.resolve_before_undo(plan_id, &shard).await {
+                        self.ask_rollback(plan_id, &shard);
+                    }
                 }
             }
             _ => {}

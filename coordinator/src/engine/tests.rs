@@ -1222,3 +1222,58 @@ fn an_operators_stop_is_read_back_from_the_stored_message() {
         assert!(!super::by_operator(message), "{message}");
     }
 }
+
+/// A shard whose agent is lost with the unit's transaction prepared while the unit aborts is
+/// left past the grace (none here): the other shard rolls back, and the plan waits for it
+/// alone. Its agent back, it is told the abort first, and asked for its undo only once it
+/// answered: asked at once (the engine's drive did, behind the gate), the undo found nothing
+/// committed and the plan could end with the transaction prepared for good.
+#[tokio::test]
+async fn a_shard_left_to_an_abort_is_told_it_before_its_undo() {
+    let events = engine_full(
+        Arc::new(Fleet::default()),
+        broadcast::channel(16).0,
+        true,
+        Duration::ZERO,
+    );
+    let (_rx0, mut rx1, r0, r1) = atomic_on_two_shards(&events).await;
+    result(&events, "s0", &r0, pb::StepOutcome::Prepared).await;
+    events
+        .send(Event::Detached {
+            shard: "s0".into(),
+            conn_id: 1,
+        })
+        .await
+        .unwrap();
+    result(&events, "s1", &r1, pb::StepOutcome::Failed).await;
+    events.send(Event::Tick).await.unwrap();
+    assert!(matches!(
+        next_decision_or_rollback(&mut rx1).await,
+        Body::Rollback(_)
+    ));
+    let status = engine_status(&events).await.expect("in motion");
+    assert_eq!(status.summary.unwrap().state, "rolling_back");
+    assert_eq!(status.waiting_for, ["s0"]);
+
+    let (tx, mut rx0) = mpsc::channel(16);
+    let mut back = attached("s0", 3, tx, 1);
+    if let Event::Attached { in_doubt, .. } = &mut back {
+        *in_doubt = vec![r0.prepare_gid.clone()];
+    }
+    events.send(back).await.unwrap();
+    match next_decision_or_rollback(&mut rx0).await {
+        Body::Resolve(r) => assert!(!r.commit && r.gids == [r0.prepare_gid.clone()], "{r:?}"),
+        other => panic!("expected the abort's Resolve first, got {other:?}"),
+    }
+    // nothing more until it answers (nor on a tick)
+    events.send(Event::Tick).await.unwrap();
+    handled(&events).await;
+    while let Ok(m) = rx0.try_recv() {
+        assert!(!matches!(m.body, Some(Body::Rollback(_))), "{m:?}");
+    }
+    resolved(&events, "s0", &r0, false).await;
+    assert!(matches!(
+        next_decision_or_rollback(&mut rx0).await,
+        Body::Rollback(_)
+    ));
+}

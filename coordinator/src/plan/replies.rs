@@ -263,6 +263,12 @@ impl PlanRun {
                            "a rollback reply to an earlier request: its undone steps taken, the rest ignored");
             return updates;
         }
+        if reply.complete {
+            // every undo there over: a lock wait one showed is too (its own reply may have
+            // been lost with an agent that stopped, the next one naming no step)
+            self.progress
+                .retain(|(_, s, _), p| s != shard || p.state != flotilla_core::protocol::LOCK_WAIT);
+        }
         if let Some(sr) = self.shards.get_mut(shard) {
             if reply.complete {
                 sr.rollback = RollbackState::Done;
