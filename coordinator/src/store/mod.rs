@@ -1285,6 +1285,30 @@ mod tests {
         assert_eq!(mode(&shared), 0o640, "a file there already keeps its mode");
     }
 
+    /// A step update of shard s0's `tenant` from run `run` (its duration too), carrying
+    /// `failure` (SQLSTATE and message) when `state` is failed.
+    fn step_update(
+        migration: &str,
+        tenant: &str,
+        state: StepState,
+        failure: (&str, &str),
+        run: i64,
+    ) -> StepUpdate {
+        let failed = state == StepState::Failed;
+        StepUpdate {
+            migration_id: migration.into(),
+            shard: "s0".into(),
+            tenant: tenant.into(),
+            state,
+            sqlstate: if failed { failure.0 } else { "" }.into(),
+            message: if failed { failure.1 } else { "" }.into(),
+            phase: String::new(),
+            detail: String::new(),
+            duration_ms: run,
+            run_id: Some(run),
+        }
+    }
+
     /// The store at `location` with its writer running, and the writer's queue.
     async fn opened(location: &str) -> (Store, Queue) {
         let store = Store::open(&SecretUrl::new(location)).await.unwrap();
@@ -1949,27 +1973,8 @@ mod tests {
                 detail: String::new(),
                 wave: 0,
             };
-            let update = |m: &str, tenant: &str, state: StepState| StepUpdate {
-                migration_id: m.into(),
-                shard: "s0".into(),
-                tenant: tenant.into(),
-                state,
-                sqlstate: if state == StepState::Failed {
-                    "23514"
-                } else {
-                    ""
-                }
-                .into(),
-                message: if state == StepState::Failed {
-                    "violates check constraint"
-                } else {
-                    ""
-                }
-                .into(),
-                phase: String::new(),
-                detail: String::new(),
-                duration_ms: 1,
-                run_id: Some(1),
+            let update = |m: &str, tenant: &str, state: StepState| {
+                step_update(m, tenant, state, ("23514", "violates check constraint"), 1)
             };
             // one write after another, each flushed: the later one is no earlier
             let write = |plan_id: &str, updates: Vec<StepUpdate>| {
@@ -2169,27 +2174,8 @@ mod tests {
                     })
                     .collect(),
             };
-            let update = |m: &str, state: StepState, run: i64| StepUpdate {
-                migration_id: m.into(),
-                shard: "s0".into(),
-                tenant: "t1".into(),
-                state,
-                sqlstate: if state == StepState::Failed {
-                    "40P01"
-                } else {
-                    ""
-                }
-                .into(),
-                message: if state == StepState::Failed {
-                    "deadlock"
-                } else {
-                    ""
-                }
-                .into(),
-                phase: String::new(),
-                detail: String::new(),
-                duration_ms: run,
-                run_id: Some(run),
+            let update = |m: &str, state: StepState, run: i64| {
+                step_update(m, "t1", state, ("40P01", "deadlock"), run)
             };
             let steps = |plan_id: &str, updates| StoreOp::Steps {
                 plan_id: plan_id.into(),
