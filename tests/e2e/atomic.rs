@@ -1323,8 +1323,8 @@ fn failing_on_shard_2() -> anyhow::Result<MigrationDir> {
 /// targets prepared: the abort does not wait for it past `--agent-grace`. The other shards
 /// roll back and let go of their locks, so a plan on shard_1 runs meanwhile; only shard_0
 /// stays locked, the plan `rolling_back` naming it. Its agent back, the prepared
-/// transactions roll back from the decision in etcd and the plan ends rolled back, nothing
-/// of it anywhere. Before, the plan stayed `aborting` with all three shards locked until
+/// transactions are rolled back (the agent reads the abort in etcd at its start, and is
+/// told it) and the plan ends rolled back, nothing of it anywhere. Before, the plan stayed `aborting` with all three shards locked until
 /// the agent came back, and nothing an operator could do released them.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_abort_lets_go_of_the_shards_it_is_done_with_while_an_agent_is_lost()

@@ -96,8 +96,8 @@ impl Engine {
     /// the plan stops or aborts: it ends (an abort: begins the rollback of what committed
     /// outside the unit) only once nothing is out, and runs out on an agent gone for good
     /// held it there for good, its locks with it. And an aborting unit's shard holding
-    /// transactions of it prepared, its agent gone past the grace: they are left to the
-    /// decision in etcd (`PlanRun::leave_abort_to_etcd`).
+    /// transactions of it prepared, its agent gone past the grace: the others do not wait
+    /// for it (`PlanRun::leave_abort_to_etcd`); it is told the abort when its agent is back.
     pub(super) async fn check_lost_agents(&mut self) {
         let now = Instant::now();
         let gone = |s: &String| !self.agents.contains_key(s) && !self.live.contains(s);
@@ -165,8 +165,8 @@ impl Engine {
         for (plan_id, shard) in left {
             let why = format!(
                 "the agent of shard {shard} is lost (no stream and no liveness key for {}s) \
-                 while the unit aborts: its prepared transactions roll back from the decision \
-                 in etcd when it is back; the other shards go on with the rollback",
+                 while the unit aborts: its prepared transactions are rolled back when it is \
+                 back (it is told the abort); the other shards go on with the rollback",
                 self.agent_grace.as_secs()
             );
             warn!(plan = %plan_id, shard = %shard, "{why}");
