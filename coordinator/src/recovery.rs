@@ -2,7 +2,7 @@
 //! from the control store and continues it; the agents' journals turn repeats into
 //! "already applied". An atomic unit that may have started continues under its decision
 //! in etcd, and with none this leader presumes abort (DESIGN invariants 3 and 4).
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use flotilla_core::dag::MigrationGraph;
@@ -236,7 +236,7 @@ impl Coordinator {
             let mut run = self.rebuild(&row).await?;
             // An undo or a stop an operator asked for still ends by the operator.
             run.by_operator = crate::engine::by_operator(&row.message);
-            let shards: Vec<String> = run.shards.keys().cloned().collect();
+            let mut shards: Vec<String> = run.shards.keys().cloned().collect();
             // An atomic plan is open until it ends; a group-atomic one once its
             // current unit could have started (a transaction of it may be prepared:
             // running steps are not in the store, so the leader presumes they are).
@@ -370,6 +370,37 @@ impl Coordinator {
                     PlanState::Cancelled => PlanState::Cancelled,
                     _ => PlanState::RolledBack,
                 };
+                // A shard with nothing of the plan left to undo, as its steps are stored
+                // (undone, not run, another plan's), had its undo confirmed and let go of
+                // its lock, which another plan may hold now: it is neither locked nor asked
+                // again (re-taken, it was taken from that plan once its lease expired with
+                // the leader before). A shard left to an abort (its agent lost) is not one:
+                // its transactions of the unit are told the abort when its agent is back.
+                if row.state == PlanState::RollingBack {
+                    let stored = self.inner.store.steps(&row.id).await?;
+                    let left: BTreeSet<&str> = stored
+                        .iter()
+                        .filter(|r| {
+                            r.state == StepState::NotRun
+                                && r.message.starts_with(&crate::plan::left_prefix(&r.shard))
+                        })
+                        .map(|r| r.shard.as_str())
+                        .collect();
+                    let open: BTreeSet<String> = run
+                        .shards
+                        .keys()
+                        .filter(|name| run.may_hold_undo(name))
+                        .cloned()
+                        .collect();
+                    for (name, sr) in run.shards.iter_mut() {
+                        if left.contains(name.as_str()) {
+                            sr.left = true;
+                        } else if !open.contains(name) {
+                            run.undone_before.insert(name.clone());
+                        }
+                    }
+                    shards.retain(|s| !run.undone_before.contains(s));
+                }
                 let id = row.id.clone();
                 let resumed = self
                     .to_engine(|reply| Event::Command {

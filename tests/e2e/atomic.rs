@@ -1387,6 +1387,53 @@ async fn an_abort_lets_go_of_the_shards_it_is_done_with_while_an_agent_is_lost()
     assert_eq!(tables_on(&fleet, 1, "other_mark").await?, 2);
     assert_eq!(fleet.status(&id).await?["state"], "rolling_back");
 
+    // A new coordinator takes the plan over while another plan holds shard_2: it locks
+    // shard_0 alone again (shard_1 and shard_2 were undone), and the other plan keeps
+    // shard_2. Before, it was resumed `aborting` and re-took every shard, shard_2 from the
+    // other plan once that plan's lease had expired with the coordinator before.
+    let slow = MigrationDir::new()?;
+    slow.migration(
+        "003_slow_mark",
+        "",
+        "CREATE TABLE slow_mark (x int); SELECT pg_sleep(6);",
+        "DROP TABLE slow_mark;",
+    )?;
+    let slow_id = fleet
+        .submit(slow.path(), &["--selector", "shard=shard_2"])
+        .await?;
+    let holder = |locks: &Value, shard: &str| -> Option<String> {
+        locks["locks"]
+            .as_array()?
+            .iter()
+            .find(|l| l["shard"] == shard)
+            .and_then(|l| l["plan_id"].as_str().map(str::to_string))
+    };
+    wait_until("shard_2 locked by the slow plan", WAIT, async || {
+        let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+        Ok(holder(&locks, "shard_2").as_deref() == Some(slow_id.as_str()))
+    })
+    .await?;
+    fleet.restart_coordinator_with(0, &[]).await?;
+    let st = wait_for("the slow plan ended", WAIT, async || {
+        let st = fleet.status(&slow_id).await?;
+        let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+        assert_ne!(
+            holder(&locks, "shard_2").as_deref(),
+            Some(id.as_str()),
+            "the plan taken over took shard_2 again: {locks}"
+        );
+        Ok(flotilla_core::state::PlanState::is_terminal_str(
+            st["state"].as_str().unwrap_or_default(),
+        )
+        .then_some(st))
+    })
+    .await?;
+    assert_eq!(st["state"], "completed", "{st}");
+    let st = fleet.status(&id).await?;
+    assert_eq!(st["state"], "rolling_back", "{st}");
+    assert_eq!(st["waiting_for"], serde_json::json!(["shard_0"]), "{st}");
+    only_shard_0_locked(&fleet).await?;
+
     // shard_0's agent back: its part rolls back from the decision, and the plan ends
     fleet.restart_agent(0)?;
     let st = wait_for("the plan rolled back", WAIT, async || {

@@ -65,7 +65,7 @@ impl Engine {
             if self
                 .plans
                 .get(&id)
-                .is_some_and(|r| r.state == PlanState::RollingBack)
+                .is_some_and(|r| r.state == PlanState::RollingBack && r.locked)
                 && self.resolve_before_undo(&id, &shard).await
             {
                 self.ask_rollback(&id, &shard);
@@ -164,9 +164,10 @@ impl Engine {
         }
         for (plan_id, shard) in left {
             let why = format!(
-                "the agent of shard {shard} is lost (no stream and no liveness key for {}s) \
-                 while the unit aborts: its prepared transactions are rolled back when it is \
-                 back (it is told the abort); the other shards go on with the rollback",
+                "{} (no stream and no liveness key for {}s): its prepared transactions are \
+                 rolled back when it is back (it is told the abort); the other shards go on \
+                 with the rollback",
+                crate::plan::left_prefix(&shard),
                 self.agent_grace.as_secs()
             );
             warn!(plan = %plan_id, shard = %shard, "{why}");

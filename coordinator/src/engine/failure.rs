@@ -111,21 +111,32 @@ impl Engine {
             return;
         };
         run.state = PlanState::RollingBack;
-        for sr in run.shards.values_mut() {
-            sr.rollback = RollbackState::NotAsked;
+        for (name, sr) in run.shards.iter_mut() {
+            sr.rollback = if run.undone_before.contains(name) {
+                RollbackState::Done
+            } else {
+                RollbackState::NotAsked
+            };
         }
         self.halt_wave(plan_id);
         let Some(run) = self.plans.get(plan_id) else {
             return;
         };
+        // Nothing is asked of a plan's shards before it holds their locks (a new leader's
+        // revived rollback: asked before, an undo ran on a shard another plan had locked
+        // meanwhile; the locks taken, the drive asks them).
+        let locked = run.locked;
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         for shard in shards {
             // (one holding transactions of the unit in doubt is told the decision first,
             // on the tick: `resolve_before_undo`)
-            if !self.in_doubt_before_undo(plan_id, &shard) {
+            if locked && !self.in_doubt_before_undo(plan_id, &shard) {
                 self.ask_rollback(plan_id, &shard);
             }
         }
+        // stored rolling back: a new leader resumes it so (stored `aborting`, it re-took
+        // every shard's lock, those let go of since too, and aborted again)
+        self.write_state(plan_id);
     }
 
     /// Asks a shard's agent to undo what the plan applied there (if it is attached and

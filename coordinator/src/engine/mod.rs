@@ -668,7 +668,7 @@ impl Engine {
                 let in_doubt: Vec<(String, String)> = self
                     .plans
                     .iter()
-                    .filter(|(_, r)| r.state == PlanState::RollingBack)
+                    .filter(|(_, r)| r.state == PlanState::RollingBack && r.locked)
                     .flat_map(|(id, r)| {
                         r.shards
                             .iter()

@@ -93,6 +93,7 @@ impl Engine {
         // a shard resolved while the plan rolls back (left to the abort, or holding the
         // unit's transactions in doubt): its undo now
         let left_resolved = run.state == flotilla_core::state::PlanState::RollingBack
+            && run.locked
             && run
                 .shards
                 .get(shard)

@@ -31,7 +31,7 @@ use flotilla_core::{FailurePolicy, PlanSpec, Target, TxMode, pb};
 use crate::planner::PlannedStep;
 use crate::store::StepUpdate;
 pub use step::StepStatus;
-pub use units::forgotten_prefix;
+pub use units::{forgotten_prefix, left_prefix};
 pub use waves::StoredWave;
 
 #[derive(Debug)]
@@ -161,6 +161,10 @@ pub struct PlanRun {
     /// still that note alone, the first failure under `continue` and the plan's end replace
     /// it (a cancel of a shard since added to it, and it is kept).
     pub retry_note: String,
+    /// Shards a plan rolling back knows undone before it (a new leader's rebuild: their
+    /// agents confirmed their undo, and they let go of their locks): not asked again, nor
+    /// locked again (another plan may hold them now).
+    pub undone_before: BTreeSet<String>,
     /// Whether the plan holds its shard locks; nothing is sent to agents before.
     pub locked: bool,
     /// Why it waits for its locks (which plan holds which shard), if it does.
@@ -368,6 +372,7 @@ impl PlanRun {
             epoch,
             rollback_errors: 0,
             retry_note: String::new(),
+            undone_before: BTreeSet::new(),
             locked: false,
             lock_wait: None,
             applied_read: AppliedRead::Before,

@@ -433,6 +433,21 @@ impl PlanRun {
         updates
     }
 
+    /// Whether the plan may hold something to undo on `shard`, as its steps' states say: a
+    /// step applied, prepared, running or pending there, or a non-transactional one that
+    /// failed (part-way). Not: steps undone, not run, another plan's, or a transactional
+    /// step that failed (its transaction rolled back).
+    pub fn may_hold_undo(&self, shard: &str) -> bool {
+        self.steps.iter().any(|s| {
+            self.targets[s.target].shard == shard
+                && !matches!(
+                    s.status,
+                    StepStatus::RolledBack | StepStatus::NotRun | StepStatus::AlreadyApplied
+                )
+                && !(s.status == StepStatus::Failed && s.transactional)
+        })
+    }
+
     /// A forgotten shard whose agent attached again while the unit still commits: the
     /// forget is undone, and the shard's part goes the way of any shard's under the
     /// decision (its agent committed it from etcd at its start, or is sent the Resolve), so
@@ -580,6 +595,12 @@ impl PlanRun {
 /// coordinator, which rebuilds the failures from the steps stored.
 pub fn forgotten_prefix(shard: &str) -> String {
     format!("not confirmed: shard {shard} was forgotten by ")
+}
+
+/// How the message of a step of a shard left to an abort starts
+/// (`PlanRun::leave_abort_to_etcd`): what a new leader knows such a shard by.
+pub fn left_prefix(shard: &str) -> String {
+    format!("the agent of shard {shard} is lost while the unit aborts")
 }
 
 /// How long after a failed Resolve a shard is asked again.
