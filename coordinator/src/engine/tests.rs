@@ -1277,3 +1277,49 @@ async fn a_shard_left_to_an_abort_is_told_it_before_its_undo() {
         Body::Rollback(_)
     ));
 }
+
+/// A rollback a new leader revives (a plan stored rolling back) asks its shards for nothing
+/// before it holds their locks: asked at once, an undo ran on a shard another plan had
+/// locked meanwhile. Its locks taken, the shard is asked.
+#[tokio::test]
+async fn a_revived_rollback_asks_nothing_before_its_locks() {
+    let events = engine();
+    let mut rx0 = attach(&events, "s0", 1).await;
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1")],
+        pb::FailurePolicy::AllOrNothing,
+    );
+    run.epoch = 1;
+    // applied (by the leader before): something to undo
+    run.set_status(0, crate::plan::StepStatus::Applied);
+    run.state = crate::plan::PlanState::Completed;
+    let (reply, answered) = oneshot::channel();
+    events
+        .send(Event::Command {
+            plan_id: "p0".into(),
+            kind: super::CommandKind::Rollback,
+            actor: crate::actor::Actor::new("coordinator", "resumed"),
+            revive: Some(Box::new(run)),
+            reply,
+        })
+        .await
+        .unwrap();
+    answered.await.unwrap().expect("the rollback revived");
+    events.send(Event::Tick).await.unwrap();
+    handled(&events).await;
+    while let Ok(m) = rx0.try_recv() {
+        assert!(!matches!(m.body, Some(Body::Rollback(_))), "{m:?}");
+    }
+    events
+        .send(Event::LocksTaken {
+            plan_id: "p0".into(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_decision_or_rollback(&mut rx0).await,
+        Body::Rollback(_)
+    ));
+}
