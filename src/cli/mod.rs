@@ -712,7 +712,7 @@ pub struct SubmitArgs {
     /// Submit nothing: show what the plan would do (as `plan explain`).
     #[arg(long, conflicts_with = "wait")]
     pub dry_run: bool,
-    /// Most targets migrating at once (overrides the plan file).
+    /// Most targets migrating at once, 1 to 10000 (overrides the plan file).
     #[arg(long)]
     pub max_parallel: Option<u32>,
     /// Label selector for targets (overrides the plan file).

@@ -102,6 +102,22 @@ pub(crate) struct Publish<'a> {
     pub board: &'a ProgressBoard,
 }
 
+impl Publish<'_> {
+    /// A schema step (or its undo) of `tenant` waiting to try its lock again: on the board
+    /// as a change in state `lock_wait`, with why (the caller takes it off when it is over).
+    pub(crate) fn lock_wait(&self, tenant: &str, migration: &str, reason: String) {
+        self.board.update(pb::DataProgress {
+            plan_id: self.plan_id.to_string(),
+            migration_id: migration.to_string(),
+            shard: self.shard.to_string(),
+            tenant: tenant.to_string(),
+            state: flotilla_core::protocol::LOCK_WAIT.into(),
+            reason,
+            ..Default::default()
+        });
+    }
+}
+
 /// What an undo of a data change on one target shares with the rest of the plan on this
 /// shard: where its progress shows, and the server's row budget (`server_rows_per_second`,
 /// one bucket per step, as its forward batches share it).

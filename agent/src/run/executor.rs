@@ -364,15 +364,12 @@ impl<'a> LockWaitShown<'a> {
         if step.migration.data.is_some() {
             return;
         }
-        hooks.board.update(pb::DataProgress {
-            plan_id: hooks.plan_id.clone(),
-            migration_id: step.id().to_string(),
-            shard: hooks.shard.clone(),
-            tenant: job.tenant.clone(),
-            state: flotilla_core::protocol::LOCK_WAIT.into(),
-            reason,
-            ..Default::default()
-        });
+        crate::data::Publish {
+            plan_id: &hooks.plan_id,
+            shard: &hooks.shard,
+            board: &hooks.board,
+        }
+        .lock_wait(&job.tenant, step.id(), reason);
         // (the guard of an earlier attempt stays: replaced, or a second one made and
         // dropped, it would take the entry just set off the board)
         let guard = shown.get_or_insert_with(|| LockWaitShown {

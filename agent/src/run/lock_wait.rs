@@ -71,21 +71,17 @@ impl<'a> UndoWaitShown<'a> {
 
     /// Before attempt `attempt + 1` (from the second), after `pause`.
     fn show(&mut self, attempt: u32, pause: Duration) {
-        self.publish.board.update(flotilla_core::pb::DataProgress {
-            plan_id: self.publish.plan_id.to_string(),
-            migration_id: self.migration.to_string(),
-            shard: self.publish.shard.to_string(),
-            tenant: self.tenant.to_string(),
-            state: flotilla_core::protocol::LOCK_WAIT.into(),
-            reason: format!(
+        self.publish.lock_wait(
+            self.tenant,
+            self.migration,
+            format!(
                 "its undo's lock timed out (lock_timeout {}ms); attempt {} of {} in {:.1}s",
                 self.lock_timeout_ms,
                 attempt + 1,
                 LOCK_RETRIES + 1,
                 pause.as_secs_f64()
             ),
-            ..Default::default()
-        });
+        );
         self.shown = true;
     }
 }

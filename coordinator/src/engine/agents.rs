@@ -60,16 +60,8 @@ impl Engine {
         let ids: Vec<String> = self.plans.keys().cloned().collect();
         for id in ids {
             self.resend_after_reconnect(&id, &shard);
-            // A plan rolling back asks the shard for its undo once it holds nothing of the
-            // unit in doubt (told the decision first: `resolve_before_undo`).
-            if self
-                .plans
-                .get(&id)
-                .is_some_and(|r| r.state == PlanState::RollingBack && r.locked)
-                && self.resolve_before_undo(&id, &shard).await
-            {
-                self.ask_rollback(&id, &shard);
-            }
+            // (a plan rolling back asks the shard for its undo there, once it holds nothing
+            // of the unit in doubt)
             self.drive(&id).await;
         }
     }
@@ -211,7 +203,7 @@ impl Engine {
             if matches!(sr.rollback, RollbackState::Asked { conn_id: c, .. } if c != conn_id) {
                 sr.rollback = RollbackState::NotAsked;
             }
-            // (its undo is asked by `on_attached`, once it holds nothing of the unit in doubt)
+            // (its undo is asked by the drive, once it holds nothing of the unit in doubt)
             return;
         }
         let runs: Vec<pb::Run> = sr

@@ -662,27 +662,23 @@ impl Engine {
                 for id in waiting {
                     self.drive(&id).await;
                 }
-                // shards of plans rolling back whose undo waits for their in-doubt
-                // transactions to be resolved (a Resolve they could not carry out is sent
-                // again; a decision that could not be read is read again)
-                let in_doubt: Vec<(String, String)> = self
+                // plans rolling back with an attached shard not asked for its undo yet
+                // (its in-doubt transactions awaited: a Resolve it could not carry out is
+                // sent again, a decision that could not be read is read again)
+                let undoing: Vec<String> = self
                     .plans
                     .iter()
-                    .filter(|(_, r)| r.state == PlanState::RollingBack && r.locked)
-                    .flat_map(|(id, r)| {
-                        r.shards
-                            .iter()
-                            .filter(|(s, sr)| {
+                    .filter(|(_, r)| {
+                        r.state == PlanState::RollingBack
+                            && r.shards.iter().any(|(s, sr)| {
                                 sr.rollback == crate::plan::RollbackState::NotAsked
-                                    && self.agents.contains_key(*s)
+                                    && self.agents.contains_key(s)
                             })
-                            .map(|(s, _)| (id.clone(), s.clone()))
                     })
+                    .map(|(id, _)| id.clone())
                     .collect();
-                for (id, shard) in in_doubt {
-                    if self.resolve_before_undo(&id, &shard).await {
-                        self.ask_rollback(&id, &shard);
-                    }
+                for id in undoing {
+                    self.drive(&id).await;
                 }
             }
         }

@@ -90,22 +90,12 @@ impl Engine {
             return;
         };
         let updates = run.apply_resolve_reply(shard, &reply);
-        // a shard resolved while the plan rolls back (left to the abort, or holding the
-        // unit's transactions in doubt): its undo now
-        let left_resolved = run.state == flotilla_core::state::PlanState::RollingBack
-            && run.locked
-            && run
-                .shards
-                .get(shard)
-                .is_some_and(|s| s.resolved && s.rollback == RollbackState::NotAsked);
         for x in &updates {
             metrics::step_outcome(shard, x.state);
         }
         info!(plan = %plan_id, shard = %shard, commit = reply.commit,
               resolved = reply.resolved.len(), failed = reply.failed.len(), "prepared transactions resolved");
-        if left_resolved {
-            self.ask_rollback(&plan_id, shard);
-        }
+        // (a shard of a plan rolling back, resolved now, is asked for its undo by the drive)
         self.record(&plan_id, updates, false).await;
     }
 

@@ -1285,6 +1285,21 @@ mod tests {
         assert_eq!(mode(&shared), 0o640, "a file there already keeps its mode");
     }
 
+    /// A pending step of shard s0's `tenant` in `wave`, as a plan's insert stores it.
+    fn pending_row(migration: &str, tenant: &str, wave: i64) -> StepRow {
+        StepRow {
+            migration_id: migration.into(),
+            shard: "s0".into(),
+            tenant: tenant.into(),
+            state: StepState::Pending,
+            sqlstate: String::new(),
+            message: String::new(),
+            phase: String::new(),
+            detail: String::new(),
+            wave,
+        }
+    }
+
     /// A step update of shard s0's `tenant` from run `run` (its duration too), carrying
     /// `failure` (SQLSTATE and message) when `state` is failed.
     fn step_update(
@@ -1962,17 +1977,7 @@ mod tests {
                 seen_ms: 0,
             })
             .unwrap();
-            let row = |m: &str, tenant: &str| StepRow {
-                migration_id: m.into(),
-                shard: "s0".into(),
-                tenant: tenant.into(),
-                state: StepState::Pending,
-                sqlstate: String::new(),
-                message: String::new(),
-                phase: String::new(),
-                detail: String::new(),
-                wave: 0,
-            };
+            let row = |m: &str, tenant: &str| pending_row(m, tenant, 0);
             let update = |m: &str, tenant: &str, state: StepState| {
                 step_update(m, tenant, state, ("23514", "violates check constraint"), 1)
             };
@@ -2040,17 +2045,7 @@ mod tests {
         let (_dir, _pg, locations) = both_stores("summary_store").await;
         for location in locations {
             let (store, tx) = opened(&location).await;
-            let row = |m: &str, tenant: &str, wave: i64| StepRow {
-                migration_id: m.into(),
-                shard: "s0".into(),
-                tenant: tenant.into(),
-                state: StepState::Pending,
-                sqlstate: String::new(),
-                message: String::new(),
-                phase: String::new(),
-                detail: String::new(),
-                wave,
-            };
+            let row = pending_row;
             tx.send(StoreOp::InsertPlan {
                 plan: plan_row("p1", 3, 6),
                 steps: vec![
@@ -2161,17 +2156,7 @@ mod tests {
                 plan: plan_row(id, 1, 2),
                 steps: ["a", "b"]
                     .into_iter()
-                    .map(|m| StepRow {
-                        migration_id: m.into(),
-                        shard: "s0".into(),
-                        tenant: "t1".into(),
-                        state: StepState::Pending,
-                        sqlstate: String::new(),
-                        message: String::new(),
-                        phase: String::new(),
-                        detail: String::new(),
-                        wave: 0,
-                    })
+                    .map(|m| pending_row(m, "t1", 0))
                     .collect(),
             };
             let update = |m: &str, state: StepState, run: i64| {
