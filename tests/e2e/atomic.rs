@@ -786,10 +786,11 @@ async fn a_failure_in_a_later_atomic_group_undoes_the_groups_that_committed() ->
     assert_eq!(st["state"], "rolled_back", "{st}");
     let failure = &st["failures"][0];
     assert_eq!(failure["tenant"], "tenant_0005", "{st}");
-    // its message says group 1 committed and is undone (it said "no target commits")
+    // its message says group 1 committed and was undone (it said "no target commits"), in
+    // the past: the plan has ended (it said "aborting" to the end)
     assert!(
         st["message"].as_str().is_some_and(|m| m.contains(
-            "aborting parallel group 2: no target of it commits, and what the groups before it committed is undone"
+            "aborted parallel group 2: no target of it committed, and what the groups before it committed was undone"
         )),
         "{st}"
     );

@@ -48,11 +48,12 @@ impl Engine {
                 // found rolled back)
                 run.message = match run.current_unit() {
                     Some(g) if !run.spec.atomic && run.units_behind() > 0 => format!(
-                        "{what}; aborting parallel group {}: no target of it commits, and what \
-                         the groups before it committed is undone",
-                        g + 1
+                        "{what}{}{}{}",
+                        crate::plan::ABORTING_GROUP.0,
+                        g + 1,
+                        crate::plan::ABORTING_GROUP.1
                     ),
-                    _ => format!("{what}; aborting: no target commits"),
+                    _ => format!("{what}{}", crate::plan::ABORTING),
                 };
                 run.rollback_ends = PlanState::RolledBack;
                 run.state = PlanState::Aborting;

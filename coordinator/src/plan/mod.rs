@@ -12,7 +12,7 @@ mod replies;
 mod schedule;
 mod settle;
 pub(crate) use replies::GONE;
-pub(crate) use settle::UNDOING;
+pub(crate) use settle::{ABORTING, ABORTING_GROUP, UNDOING};
 pub mod status;
 pub mod step;
 #[cfg(test)]

@@ -351,6 +351,9 @@ impl PlanRun {
                         // said while it ran; ended, it is done
                         self.message = self.message.replace(UNDOING, UNDONE);
                     }
+                    // an atomic unit's abort, said while it ran ("aborting: no target
+                    // commits"), is over: it read so in the ended plan's status
+                    self.message = aborted(&self.message, self.rollback_errors == 0);
                     Some(Vec::new())
                 } else {
                     None
@@ -364,6 +367,40 @@ impl PlanRun {
 /// How a plan's message says, while it rolls back, why: and once it has.
 pub(crate) const UNDOING: &str = "; every applied step is being undone";
 const UNDONE: &str = "; every applied step was undone";
+
+/// How an atomic unit's abort is said while it runs (the plan's whole unit, or a
+/// group-atomic plan's group `{}`), and once the plan has ended.
+pub(crate) const ABORTING: &str = "; aborting: no target commits";
+const ABORTED: &str = "; aborted: no target committed";
+pub(crate) const ABORTING_GROUP: (&str, &str) = (
+    "; aborting parallel group ",
+    ": no target of it commits, and what the groups before it committed is undone",
+);
+const ABORTED_GROUP: (&str, &str) = (
+    "; aborted parallel group ",
+    ": no target of it committed, and what the groups before it committed was undone",
+);
+
+/// The message of an ended plan whose unit aborted: said in the past (the groups before
+/// a group-atomic plan's aborted one `undone`, or not all: its rollback failed, and says so).
+fn aborted(message: &str, undone: bool) -> String {
+    let message = message.replace(ABORTING, ABORTED);
+    let tail = if undone {
+        ABORTED_GROUP.1
+    } else {
+        ": no target of it committed"
+    };
+    match message.find(ABORTING_GROUP.0) {
+        Some(at) if message[at..].contains(ABORTING_GROUP.1) => format!(
+            "{}{}",
+            &message[..at],
+            message[at..]
+                .replacen(ABORTING_GROUP.0, ABORTED_GROUP.0, 1)
+                .replacen(ABORTING_GROUP.1, tail, 1)
+        ),
+        _ => message,
+    }
+}
 
 impl PlanRun {
     /// `plan retry` of an ended plan: its failed and not-run steps (on `only`, or on every

@@ -861,6 +861,45 @@ fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
     assert_eq!(run.failures[0].error.as_ref().unwrap().phase, "down");
 }
 
+/// An atomic unit's abort is said while it runs ("aborting: no target commits"); the
+/// ended plan's message says it in the past (it read "aborting" in a rolled_back status).
+#[test]
+fn an_ended_abort_is_said_in_the_past() {
+    let ended = |message: &str, undo_error: bool| {
+        let mut run = applied_on_two_shards_rolling_back();
+        run.message = message.to_string();
+        let error = undo_error.then(|| pb::StepError {
+            message: "cannot drop".into(),
+            ..Default::default()
+        });
+        run.apply_rollback_reply("s0", &undo_of_a_on_t1(None, 5, true));
+        run.apply_rollback_reply("s1", &undo_of_a_on_t1(error, 5, true));
+        assert!(run.settle().is_some());
+        run.message
+    };
+    let atomic = format!("step a failed on s0/t0: boom{}", crate::plan::ABORTING);
+    assert_eq!(
+        ended(&atomic, false),
+        "step a failed on s0/t0: boom; aborted: no target committed"
+    );
+    let group = format!(
+        "step a failed on s0/t0: boom{}2{}",
+        crate::plan::ABORTING_GROUP.0,
+        crate::plan::ABORTING_GROUP.1
+    );
+    assert_eq!(
+        ended(&group, false),
+        "step a failed on s0/t0: boom; aborted parallel group 2: no target of it committed, \
+         and what the groups before it committed was undone"
+    );
+    // what the groups before it committed was not all undone: its rollback says so
+    assert_eq!(
+        ended(&group, true),
+        "step a failed on s0/t0: boom; aborted parallel group 2: no target of it committed; \
+         rollback could not undo every step: see failures"
+    );
+}
+
 /// An agent that undid a shard's steps and stopped before its reply went out: the agent
 /// after it finds nothing of the plan applied and answers complete, naming no step. The
 /// steps are undone (the plan ended rolled_back saying "1/2 done").
