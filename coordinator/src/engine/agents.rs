@@ -106,6 +106,14 @@ impl Engine {
             let aborted = run.state == PlanState::Aborting
                 && run.decision == Some(crate::coordination::Decision::Abort);
             for (shard, sr) in &run.shards {
+                // Counted from when it went, needed then or not: a shard whose agent went
+                // while its targets waited prepared for the unit's decision (nothing out
+                // there) is left as soon as an abort needs it, not a grace after the abort.
+                let is_gone = gone(shard);
+                if is_gone {
+                    self.lost_since.entry(shard.clone()).or_insert(now);
+                    watched.insert(shard.clone());
+                }
                 // (a plan a new leader took over knows what a shard holds only from its
                 // agent's list: one away may hold the unit's transactions still)
                 let in_doubt = aborted
@@ -115,7 +123,7 @@ impl Engine {
                 if (sr.outstanding.is_empty() && !in_doubt) || self.agents.contains_key(shard) {
                     continue;
                 }
-                if !gone(shard) {
+                if !is_gone {
                     // Cut off from this coordinator but alive (its liveness key):
                     // its runs wait for it rather than fail, so nothing is done twice.
                     let since = *self.detached_alive.entry(shard.clone()).or_insert(now);

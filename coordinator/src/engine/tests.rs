@@ -1278,6 +1278,38 @@ async fn a_shard_left_to_an_abort_is_told_it_before_its_undo() {
     ));
 }
 
+/// A shard's agent gone while its target waited prepared for the unit's decision (nothing
+/// out there) is left as soon as the unit aborts if it has been gone the grace already: its
+/// grace counts from when it went (it counted from the abort: the other shards waited, their
+/// locks held, up to a grace more).
+#[tokio::test]
+async fn a_shard_gone_a_grace_before_the_abort_is_left_at_once() {
+    let grace = Duration::from_millis(300);
+    let events = engine_full(
+        Arc::new(Fleet::default()),
+        broadcast::channel(16).0,
+        true,
+        grace,
+    );
+    let (_rx0, mut rx1, r0, r1) = atomic_on_two_shards(&events).await;
+    result(&events, "s0", &r0, pb::StepOutcome::Prepared).await;
+    detach(&events, "s0", 1).await;
+    // the engine's ticks see it gone, then the grace passes (what is tested is time: the
+    // grace is the input)
+    events.send(Event::Tick).await.unwrap();
+    handled(&events).await;
+    tokio::time::sleep(grace).await;
+    result(&events, "s1", &r1, pb::StepOutcome::Failed).await;
+    events.send(Event::Tick).await.unwrap();
+    let status = engine_status(&events).await.expect("in motion");
+    assert_eq!(status.summary.unwrap().state, "rolling_back");
+    assert_eq!(status.waiting_for, ["s0"]);
+    assert!(matches!(
+        next_decision_or_rollback(&mut rx1).await,
+        Body::Rollback(_)
+    ));
+}
+
 /// A rollback a new leader revives (a plan stored rolling back) asks its shards for nothing
 /// before it holds their locks: asked at once, an undo ran on a shard another plan had
 /// locked meanwhile. Its locks taken, the shard is asked.
