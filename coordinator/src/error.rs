@@ -288,6 +288,8 @@ pub enum Conflict {
     },
     #[error("plan {plan_id} is not paused (nothing of it is): there is nothing to resume")]
     PlanNotPaused { plan_id: String },
+    #[error("{what}: there is nothing to pause (`plan resume` resumes it)")]
+    AlreadyPaused { what: String },
     #[error("cannot resume shard {shard} of plan {plan_id} alone: {why}")]
     NotPaused {
         plan_id: String,

@@ -676,6 +676,26 @@ async fn a_pause_outlives_a_new_coordinator_and_a_retry() -> anyhow::Result<()> 
     // (the shard stayed paused with the plan)
     let out = fleet.cli(&["plan", "pause", &id]).await?;
     assert_eq!(out.code(), Some(0), "{out}");
+    // a pause that changes nothing is said (it was taken quietly), as a resume's is
+    let out = fleet.cli(&["plan", "pause", &id]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "plan {id} is already paused: there is nothing to pause"
+        )),
+        "{out}"
+    );
+    let out = fleet
+        .cli(&["plan", "pause", &id, "--shard", &shard])
+        .await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "shard {shard} of plan {id} is already paused (the plan is paused as a whole): \
+             there is nothing to pause"
+        )),
+        "{out}"
+    );
     let out = fleet
         .cli(&["plan", "resume", &id, "--shard", &shard])
         .await?;

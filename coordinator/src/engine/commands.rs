@@ -65,6 +65,27 @@ impl Engine {
             .into());
         }
         match (shard, paused) {
+            // A pause that changes nothing is said, as a resume of nothing paused is (it was
+            // taken quietly, and audited as a pause)
+            (None, true) if run.paused.plan => {
+                return Err(Conflict::AlreadyPaused {
+                    what: format!("plan {plan_id} is already paused"),
+                }
+                .into());
+            }
+            (Some(s), true) if run.paused.plan || run.paused.shards.contains(s) => {
+                return Err(Conflict::AlreadyPaused {
+                    what: format!(
+                        "shard {s} of plan {plan_id} is already paused{}",
+                        if run.paused.plan {
+                            " (the plan is paused as a whole)"
+                        } else {
+                            ""
+                        }
+                    ),
+                }
+                .into());
+            }
             (None, true) => run.paused.plan = true,
             // (nothing paused: said, not audited as a resume that changed nothing)
             (None, false) if !run.paused.plan && run.paused.shards.is_empty() => {
