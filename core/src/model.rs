@@ -241,6 +241,29 @@ impl DataChange {
     pub fn key_text(&self) -> String {
         self.key.join(", ")
     }
+    /// The most rows one batch takes under the change's rate limits: one second of the
+    /// lowest (`rows_per_second`, `server_rows_per_second`), none without. A batch runs as
+    /// fast as the server goes and the limit is kept by the waits between batches, so a
+    /// batch bigger than a second's rows is a burst past the limit (a `batch_size` of
+    /// 1,000,000 at 5,000 rows/s changed a 200,000-row table in 4 s, in one batch, its
+    /// application's p99 from 23 ms to 3.5 s).
+    pub fn batch_cap(&self) -> u32 {
+        [self.rows_per_second, self.server_rows_per_second]
+            .into_iter()
+            .filter(|&r| r > 0)
+            .min()
+            .map_or(u32::MAX, |r| u32::try_from(r).unwrap_or(u32::MAX))
+    }
+    /// The first batch's size: `batch_size`, within [`Self::batch_cap`].
+    pub fn first_batch_size(&self) -> u32 {
+        self.batch_size.min(self.batch_cap()).max(1)
+    }
+    /// An adaptive batch's bounds: `min_batch_size` and `max_batch_size`, within
+    /// [`Self::batch_cap`].
+    pub fn batch_bounds(&self) -> (u32, u32) {
+        let max = self.max_batch_size.min(self.batch_cap()).max(1);
+        (self.min_batch_size.min(max).max(1), max)
+    }
 }
 
 /// An unquoted SQL identifier (`[A-Za-z_][A-Za-z0-9_$]*`, at most 63 bytes), folded to

@@ -259,7 +259,8 @@ async fn batches(
     progress.total = rows_total as u64 + left.unwrap_or(0);
     let mut control = hooks.map(|h| h.control.clone());
     let halts_at_start = attempt.halts_at_start.filter(|_| control.is_some());
-    let mut size = d.batch_size;
+    // (no batch past one second of its rate limits: `DataChange::batch_cap`)
+    let mut size = d.first_batch_size();
     *prepared = PreparedPage::prepare(conn, m, &shape, size).await;
     let mut done = 0u64;
     // the next batch's page, found by the previous batch's transaction (one round trip per
@@ -435,7 +436,8 @@ async fn batches(
         crate::metrics::data_batch(n as u64, size);
         debug!(step = m.id(), tenant = cx.tenant, last_key = %upper, rows = rows_total, batches, size, "batch done");
         if let Some(target) = d.target_batch {
-            size = adapt_batch_size(size, took, target, d.min_batch_size, d.max_batch_size);
+            let (min, max) = d.batch_bounds();
+            size = adapt_batch_size(size, took, target, min, max);
         }
         progress.batch(n as u64, size);
         after_batch_failpoint();

@@ -116,7 +116,7 @@ impl RowLimits {
             // holds one batch: a bigger (adapted) batch waits for its debt
             TokenBucket::new(
                 d.rows_per_second,
-                u64::from(d.batch_size),
+                u64::from(d.first_batch_size()),
                 idle,
                 Instant::now(),
             )
@@ -129,7 +129,7 @@ impl RowLimits {
                         plan,
                         migration,
                         d.server_rows_per_second,
-                        u64::from(d.batch_size),
+                        u64::from(d.first_batch_size()),
                     )
                 });
         RowLimits { own, server }

@@ -1597,8 +1597,9 @@ async fn an_invalid_unique_index_does_not_make_a_key_unique() {
     f.drop().await;
 }
 
-/// A halt cuts short a data change's wait for its rate (at 2 rows/s a batch of 7 waits 3.5
-/// s): the change stops at that batch boundary, the next batch not done. Before, the wait
+/// A halt cuts short a data change's wait for its rate (at 2 rows/s a batch of 2 waits 1 s,
+/// a batch no more than a second of its rate): the change stops at that batch boundary, the
+/// next batch not done. Before, the wait
 /// ran to its end and one more batch ran after the halt (a wait for a low rate can last
 /// minutes, and a pause or cancel waited as long).
 #[tokio::test]
@@ -1615,7 +1616,7 @@ async fn a_halt_cuts_short_the_wait_for_the_rate() {
             data: Some(pb::DataChange {
                 table: "work_orders".into(),
                 key: "id".into(),
-                batch_size: 7,
+                batch_size: 2,
                 rows_per_second: 2,
                 batch_sql: "UPDATE work_orders SET priority = 'slow' WHERE id > $1 AND id <= $2"
                     .into(),
@@ -1655,8 +1656,81 @@ async fn a_halt_cuts_short_the_wait_for_the_rate() {
             "SELECT count(*) FROM tenant_0000.work_orders WHERE priority = 'slow'"
         )
         .await,
-        7,
+        2,
         "one batch, none after the halt"
+    );
+    h.stop().await;
+    f.drop().await;
+}
+
+/// A batch takes no more than one second of its change's rate: `batch_size` 1,000 at 3 rows/s
+/// runs batches of 3 (the 20-row table's first batch took every row at once, past the limit:
+/// in a walk-through, 200,000 rows in one batch at "5,000 rows/s", the application's p99
+/// from 23 ms to 3.5 s).
+#[tokio::test]
+async fn a_batch_takes_no_more_than_a_second_of_the_rate() {
+    let Some(f) = fleet("rate_cap", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "rc".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "work_orders".into(),
+                key: "id".into(),
+                batch_size: 1000,
+                rows_per_second: 3,
+                batch_sql: "UPDATE work_orders SET priority = 'capped' WHERE id > $1 AND id <= $2"
+                    .into(),
+                ..Default::default()
+            }),
+            ..migration("capped_fill", "", "", "")
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "rc".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(1, "tenant_0000", &["capped_fill"], false)],
+    }));
+    flotilla_testkit::wait::wait_until("two batches", WAIT, async || {
+        Ok(count(
+            &pool,
+            "SELECT coalesce(max(batches), 0) FROM flotilla.checkpoints",
+        )
+        .await
+            >= 2)
+    })
+    .await
+    .unwrap();
+    s.send(In::Halt(pb::Halt {
+        plan_id: "rc".into(),
+    }));
+    let r = s.results("rc", 1).await;
+    assert_ne!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
+    // every batch of 3 rows (the checkpoint's count with its batches, read together)
+    let (rows, batches) = (
+        count(&pool, "SELECT max(rows)::bigint FROM flotilla.checkpoints").await,
+        count(
+            &pool,
+            "SELECT max(batches)::bigint FROM flotilla.checkpoints",
+        )
+        .await,
+    );
+    assert_eq!(rows, 3 * batches, "{rows} rows in {batches} batches");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM tenant_0000.work_orders WHERE priority = 'capped'"
+        )
+        .await,
+        rows
     );
     h.stop().await;
     f.drop().await;
