@@ -610,6 +610,17 @@ fn stopped_if_server_gone(
         progress.set("throttled", &reason, size);
         return failure;
     }
+    // Fenced: a newer coordinator term took the shard (a restart, a failover) and runs the
+    // change on from its checkpoint; its status showed this run "failed" until then, which
+    // anything watching `data[].state` took for a failure.
+    if failure.error.phase == "fence" {
+        progress.set(
+            "stopped",
+            "a newer coordinator term took the shard: it goes on from the checkpoint",
+            size,
+        );
+        return failure;
+    }
     if !failure.server_gone() {
         progress.set("failed", &failure.error.message, size);
         return failure;

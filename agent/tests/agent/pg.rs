@@ -3515,6 +3515,72 @@ async fn a_tenant_whose_schema_changed_runs_nothing_until_an_operator_says_which
     f.drop().await;
 }
 
+/// A data change fenced by a newer coordinator term (a restart, a failover) mid-way says it
+/// stopped, not failed: the new term runs it on from its checkpoint, and a status that read
+/// "failed: fenced: epoch 1 is older than the shard's" for a second or two after every
+/// coordinator restart paged whoever watched `data[].state`.
+#[tokio::test]
+async fn a_data_change_fenced_by_a_newer_term_says_it_stopped() {
+    let Some(f) = fleet("fence_data", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "fd".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "work_orders".into(),
+                key: "id".into(),
+                batch_size: 2,
+                rows_per_second: 4,
+                batch_sql: "UPDATE work_orders SET priority = 'fenced' WHERE id > $1 AND id <= $2"
+                    .into(),
+                ..Default::default()
+            }),
+            ..migration("fenced_fill", "", "", "")
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "fd".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(1, "tenant_0000", &["fenced_fill"], false)],
+    }));
+    flotilla_testkit::wait::wait_until("a batch", WAIT, async || {
+        Ok(count(
+            &pool,
+            "SELECT coalesce(max(batches), 0) FROM flotilla.checkpoints",
+        )
+        .await
+            >= 1)
+    })
+    .await
+    .unwrap();
+    // the leader changes under it: the welcome moves the fence, its next batch is refused
+    drop(s);
+    let (mut s, _) = h.attach(2).await;
+    let ended = loop {
+        if let Out::Heartbeat(hb) = s.inbound_next().await
+            && let Some(d) = hb
+                .data
+                .into_iter()
+                .find(|d| d.migration_id == "fenced_fill" && d.state != "running")
+        {
+            break d;
+        }
+    };
+    assert_eq!(ended.state, "stopped", "{ended:?}");
+    assert!(ended.reason.contains("newer coordinator term"), "{ended:?}");
+    drop(s);
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A leader of a newer term welcomes the agent while runs an earlier leader handed out are
 /// still queued: they are not run (the new leader sends its own), and the shard's fence
 /// moves to the new epoch as soon as the run under way lets go of it (refusing any that got
