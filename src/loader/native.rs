@@ -333,10 +333,16 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
         };
         let positive = |v: &Spanned<i64>, name: &str, min: i64| {
             let n = *v.get_ref();
-            if n < min || n > u32::MAX as i64 {
+            if n < min {
                 Err(at(
                     v.span(),
                     format!("[data] {name} must be at least {min}, got {n}"),
+                ))
+            } else if n > u32::MAX as i64 {
+                // (it said "must be at least 1" of a number too big)
+                Err(at(
+                    v.span(),
+                    format!("[data] {name} must be at most {}, got {n}", u32::MAX),
                 ))
             } else {
                 Ok(n)

@@ -999,6 +999,29 @@ fn a_data_migration_takes_a_composite_key_and_refuses_bad_values() {
         "{e}"
     );
 
+    // a number too big names the bound it is past (it said "must be at least 0")
+    for (field, value) in [
+        ("rows_per_second", "4294967296"),
+        ("target_batch_ms", "9223372036854775807"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        native(
+            dir.path(),
+            "20250201_backfill",
+            Some(&format!(
+                "[data]\ntable = \"t\"\nkey = \"id\"\n{field} = {value}\nbatch = \"SELECT $1, $2\"\n"
+            )),
+            "",
+        );
+        let e = load_err(dir.path());
+        assert!(
+            e.contains(&format!(
+                "[data] {field} must be at most 4294967295, got {value}"
+            )),
+            "{e}"
+        );
+    }
+
     // without [data], an empty up.sql is still an error
     let dir = tempfile::tempdir().unwrap();
     native(dir.path(), "20250201_empty", None, "-- nothing\n");
