@@ -1201,6 +1201,14 @@ async fn a_rollback_shows_the_prior_images_restore_under_way() -> anyhow::Result
     let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 0, "{out}");
     let id = st["plan_id"].as_str().unwrap().to_string();
+    // the application changes 3 of its rows since: their prior image is not put back
+    fleet
+        .pg
+        .psql(
+            &fleet.shards[0],
+            "UPDATE tenant_0000.work_orders SET score = -1 WHERE id IN (1, 2, 3)",
+        )
+        .await?;
     let out = fleet.cli(&["plan", "rollback", &id]).await?;
     assert!(out.success(), "{out}");
     let undoing = data_entry(&fleet, &id, "undoing").await?;
@@ -1211,6 +1219,13 @@ async fn a_rollback_shows_the_prior_images_restore_under_way() -> anyhow::Result
     let (_, st) = fleet.watch(&id).await?;
     assert_eq!(st["state"], "rolled_back", "{st}");
     assert_eq!(st["data"], serde_json::json!([]), "{st}");
+    // and its end says so (only the agent's log did; its down SQL runs after the restore)
+    assert!(
+        st["message"].as_str().is_some_and(|m| m.contains(&format!(
+            "data change {BACKFILL_ID}: its prior image was not put back on 3 row(s) on 1 target(s)"
+        ))),
+        "{st}"
+    );
     let scored: i64 = fleet
         .pg
         .query_scalar(

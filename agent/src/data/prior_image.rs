@@ -201,6 +201,10 @@ pub(crate) async fn restore_prior_image(
         }
     }
     progress.forget();
+    if let Some(s) = shared {
+        s.rows_kept
+            .fetch_add(kept.max(0) as u64, std::sync::atomic::Ordering::Relaxed);
+    }
     if kept > 0 {
         warn!(
             step = m.id(),

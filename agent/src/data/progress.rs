@@ -127,6 +127,10 @@ pub(crate) struct UndoShared<'a> {
     pub buckets: &'a super::ServerBuckets,
     /// The shard's pool, to watch an undo's lock wait from another session.
     pub pool: &'a sqlx::PgPool,
+    /// The rows a prior image's restore left with their newer values (changed or deleted
+    /// since their batch), added up for the undo's reply: the plan says so at its end (only
+    /// the agent's log did, under a rollback that read as a plain success).
+    pub rows_kept: &'a std::sync::atomic::AtomicU64,
 }
 
 /// A data change's progress on its target, published to the agent's board (and from there

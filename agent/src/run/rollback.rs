@@ -117,6 +117,7 @@ impl Agent {
                         phase: phase.into(),
                         ..Default::default()
                     }),
+                    ..Default::default()
                 }));
                 continue;
             }
@@ -130,6 +131,7 @@ impl Agent {
                         phase: "down".into(),
                         ..Default::default()
                     }),
+                    ..Default::default()
                 });
                 continue;
             }
@@ -201,6 +203,7 @@ impl Agent {
             tenant: target.to_string(),
             migration_id: migration.to_string(),
             error: failure.map(|f| f.error),
+            rows_kept: 0,
         };
         let Some(first) = migrations.first() else {
             return steps;
@@ -236,6 +239,7 @@ impl Agent {
         for migration in migrations {
             let started = Instant::now();
             let mut attempt_began = started;
+            let rows_kept = std::sync::atomic::AtomicU64::new(0);
             // Gone on from only when each of its transactions holds its own record: a
             // transactional undo (down SQL and journal move in one), or a prior image's
             // restore alone (each batch with its record). A down statement run on its own
@@ -287,6 +291,7 @@ impl Agent {
                             },
                             buckets: &self.buckets,
                             pool: &self.pool,
+                            rows_kept: &rows_kept,
                         };
                         undo_step(&mut conn, &cx, m, Some(shared)).await
                     }
@@ -342,7 +347,10 @@ impl Agent {
                     );
                     metrics::step_finished(StepOutcome::RolledBack);
                     info!(step = %migration, "step undone");
-                    steps.push(step(migration, None));
+                    steps.push(pb::RolledBackStep {
+                        rows_kept: rows_kept.load(std::sync::atomic::Ordering::Relaxed),
+                        ..step(migration, None)
+                    });
                 }
                 Err((failure, broken)) => {
                     // refused by the fence (a new leader's epoch on the shard): not a

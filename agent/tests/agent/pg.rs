@@ -2434,6 +2434,14 @@ async fn undoing_a_prior_image_keeps_what_the_application_wrote_since() {
     assert!(reply.complete, "{reply:?}");
     assert_eq!(reply.steps.len(), 2, "{reply:?}");
     assert!(reply.steps.iter().all(|s| s.error.is_none()), "{reply:?}");
+    // the reply says how many rows each target's restore left (the plan's end says it; only
+    // the agent's log did)
+    let kept: Vec<(&str, u64)> = reply
+        .steps
+        .iter()
+        .map(|s| (s.tenant.as_str(), s.rows_kept))
+        .collect();
+    assert_eq!(kept, [("tenant_0000", 3), ("tenant_0001", 0)], "{reply:?}");
     let priorities = |t: &str| {
         format!(
             "SELECT string_agg(id || '=' || priority, ',' ORDER BY id) FROM {t}.work_orders \

@@ -244,6 +244,11 @@ impl PlanRun {
                         })
                         .flatten()
                         .and_then(|f| f.error.clone());
+                    // (once a step: a reply sent again after a broken stream names it again)
+                    if rb.rows_kept > 0 && self.steps[s].status != StepStatus::RolledBack {
+                        let kept = self.rows_kept.entry(rb.migration_id.clone()).or_default();
+                        *kept = (kept.0 + rb.rows_kept, kept.1 + 1);
+                    }
                     self.set_status(s, StepStatus::RolledBack);
                     updates.push(self.update_of(s, failed.as_ref()));
                     // Its data change is undone: the rows and checkpoint it reported are not

@@ -354,6 +354,18 @@ impl PlanRun {
                     // an atomic unit's abort, said while it ran ("aborting: no target
                     // commits"), is over: it read so in the ended plan's status
                     self.message = aborted(&self.message, self.rollback_errors == 0);
+                    for (id, (rows, targets)) in &self.rows_kept {
+                        let kept = format!(
+                            "data change {id}: its prior image was not put back on {rows} \
+                             row(s) on {targets} target(s), changed or deleted since their \
+                             batch (they keep their newer values)"
+                        );
+                        self.message = if self.message.is_empty() {
+                            kept
+                        } else {
+                            format!("{}; {kept}", self.message)
+                        };
+                    }
                     Some(Vec::new())
                 } else {
                     None

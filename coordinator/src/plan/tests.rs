@@ -827,6 +827,7 @@ fn undo_of_a_on_t1(
             migration_id: "a".into(),
             tenant: "t1".into(),
             error,
+            ..Default::default()
         }],
         complete,
         request,
@@ -859,6 +860,34 @@ fn a_rollback_ends_when_every_shard_answered_and_an_undo_error_fails_it() {
     assert!(run.settle().is_some());
     assert_eq!(run.state, PlanState::RollbackFailed);
     assert_eq!(run.failures[0].error.as_ref().unwrap().phase, "down");
+}
+
+/// The rows a data change's undo left with their newer values (changed since their batch)
+/// are said at the plan's end, by change, once a step (a reply sent again names it again):
+/// a rollback that restored 10 rows of 200,000 read as a plain success.
+#[test]
+fn the_rows_an_undo_kept_are_said_at_the_end() {
+    let mut run = applied_on_two_shards_rolling_back();
+    let kept = |rows| pb::RollbackReply {
+        steps: vec![pb::RolledBackStep {
+            rows_kept: rows,
+            ..undo_of_a_on_t1(None, 5, true).steps[0].clone()
+        }],
+        ..undo_of_a_on_t1(None, 5, true)
+    };
+    run.apply_rollback_reply("s0", &kept(7));
+    run.apply_rollback_reply("s0", &kept(7));
+    run.apply_rollback_reply("s1", &kept(5));
+    assert!(run.settle().is_some());
+    assert_eq!(run.state, PlanState::RolledBack);
+    assert!(
+        run.message.ends_with(
+            "data change a: its prior image was not put back on 12 row(s) on 2 target(s), \
+             changed or deleted since their batch (they keep their newer values)"
+        ),
+        "{}",
+        run.message
+    );
 }
 
 /// An atomic unit's abort is said while it runs ("aborting: no target commits"); the
