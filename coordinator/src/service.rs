@@ -1361,6 +1361,23 @@ impl Coordinator {
                             .iter()
                             .map(|w| (w.state.clone(), w.applied, w.failed))
                             .collect::<Vec<_>>(),
+                        // a data change's rows, state and why (a lock wait too): a backfill
+                        // of hours showed nothing between its start and its end, its bars
+                        // still and a piped watch silent (at most one update each
+                        // WATCH_COALESCE all the same)
+                        s.data
+                            .iter()
+                            .map(|d| {
+                                (
+                                    d.migration_id.clone(),
+                                    d.tenant.clone(),
+                                    d.shard.clone(),
+                                    d.state.clone(),
+                                    d.reason.clone(),
+                                    d.rows_done,
+                                )
+                            })
+                            .collect::<Vec<_>>(),
                     )
                 };
                 let changed = last.as_ref().map(key) != Some(key(&status));

@@ -542,6 +542,34 @@ async fn a_health_signal_above_its_limit_throttles_the_backfill() -> anyhow::Res
     Ok(())
 }
 
+/// A watch follows a backfill's rows as they move (an update at most each half second): a
+/// backfill of one target sent nothing between its start and its end, its bars still on a
+/// terminal and a piped watch silent for as long as it ran.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_follows_a_backfills_rows() -> anyhow::Result<()> {
+    let fleet = slow_backfill_fleet().await?;
+    let (_dir, id) = start_slow_backfill(&fleet, "", &[], 10).await?;
+    let out = fleet
+        .cli(&["plan", "watch", &id, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let rows: std::collections::BTreeSet<i64> = out
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|st| st["state"] == "running")
+        .filter_map(|st| {
+            st["data"]
+                .as_array()
+                .and_then(|d| d.first())
+                .and_then(|e| e["rows_done"].as_i64())
+        })
+        .collect();
+    // 390 rows at 100 a second: about 4 s, 8 updates; at least three seen moving
+    assert!(rows.len() >= 3, "rows seen while it ran: {rows:?}\n{out}");
+    Ok(())
+}
+
 /// Pausing (at a random point) stops the backfill at a batch boundary (status: paused, with
 /// its progress); nothing moves while paused; resuming finishes it with every row changed
 /// once.

@@ -3,7 +3,7 @@
 //! and live progress are here; `plan lint`'s findings in `lint`; the list commands in
 //! `lists`.
 use std::io::{IsTerminal, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flotilla_core::pb;
 use flotilla_core::protocol::LOCK_WAIT;
@@ -417,7 +417,14 @@ pub struct Progress {
     /// In JSON, an object per update (`plan watch`), or the last one only (`--wait`: a
     /// script reads its stdout as one object; `jq .state` printed a state per update).
     every_update: bool,
+    /// Not a terminal: the last line printed (its time left out), and when. An update in
+    /// which only data changes' rows moved is printed once every [`DATA_LINE_EVERY`] (the
+    /// coordinator sends one each half second while a backfill runs).
+    printed: Option<(String, Instant)>,
 }
+
+/// How often a piped watch prints a line for data changes' progress alone.
+const DATA_LINE_EVERY: Duration = Duration::from_secs(10);
 
 impl Progress {
     pub fn new(output: Output, every_update: bool) -> Progress {
@@ -426,6 +433,7 @@ impl Progress {
             tty: std::io::stdout().is_terminal(),
             drawn: 0,
             every_update,
+            printed: None,
         }
     }
 
@@ -505,11 +513,11 @@ impl Progress {
                         part
                     })
                     .collect();
-                println!(
-                    "[{:>6.1}s] {state}: {}",
-                    elapsed.as_secs_f64(),
-                    parts.join(" | ")
-                );
+                let line = format!("{state}: {}", parts.join(" | "));
+                if !self.piped_line_due(&line, s) {
+                    return;
+                }
+                println!("[{:>6.1}s] {line}", elapsed.as_secs_f64());
                 for d in active_data(s).iter().take(DATA_LINES) {
                     println!("    {}", data_line(d));
                 }
@@ -524,6 +532,32 @@ impl Progress {
                 }
             }
         }
+    }
+
+    /// Whether a piped watch prints this update: its line (time left out) changed, or its
+    /// data changes' states, waves, lock waits or the agents it waits for did; or its data
+    /// changes' rows alone did, and [`DATA_LINE_EVERY`] has passed since the last line.
+    fn piped_line_due(&mut self, line: &str, s: &pb::PlanStatus) -> bool {
+        let mut whole = line.to_string();
+        // a change's state and why (throttled, paused, failed) at once; its rows alone not
+        for d in active_data(s) {
+            whole.push_str(&format!("{} {} {}", data_target(d), d.state, d.reason));
+        }
+        for w in between_waves(s) {
+            whole.push_str(&wave_line(w, false));
+        }
+        for d in lock_waits(s) {
+            whole.push_str(&lock_wait_line(d));
+        }
+        whole.push_str(&waiting_agents(s).unwrap_or_default());
+        let due = match &self.printed {
+            Some((last, at)) => *last != whole || at.elapsed() >= DATA_LINE_EVERY,
+            None => true,
+        };
+        if due {
+            self.printed = Some((whole, Instant::now()));
+        }
+        due
     }
 
     /// A watch given up before the plan's end (no coordinator took it up): with `--wait` in
@@ -629,6 +663,40 @@ mod wave_tests {
 #[cfg(test)]
 mod data_tests {
     use super::*;
+
+    /// A piped watch prints a line when what it says changed, and for data changes' rows
+    /// alone once every DATA_LINE_EVERY (the coordinator sends their progress each half
+    /// second: a line each for hours).
+    #[test]
+    fn a_piped_watch_prints_rows_alone_now_and_then() {
+        let mut p = Progress::new(Output::Text, true);
+        let mut s = pb::PlanStatus::default();
+        s.data.push(pb::DataProgress {
+            migration_id: "fill".into(),
+            tenant: "t1".into(),
+            shard: "s0".into(),
+            state: "running".into(),
+            rows_done: 10,
+            rows_total: 100,
+            ..Default::default()
+        });
+        assert!(p.piped_line_due("running: fill 0/1 done", &s));
+        s.data[0].rows_done = 20;
+        assert!(
+            !p.piped_line_due("running: fill 0/1 done", &s),
+            "rows alone"
+        );
+        // its state (and why) at once
+        s.data[0].state = "throttled".into();
+        assert!(p.piped_line_due("running: fill 0/1 done", &s));
+        // the steps' line at once
+        assert!(p.piped_line_due("running: fill 1/1 done", &s));
+        // rows alone, once DATA_LINE_EVERY passed
+        let at = Instant::now().checked_sub(DATA_LINE_EVERY).unwrap();
+        p.printed.as_mut().unwrap().1 = at;
+        s.data[0].rows_done = 30;
+        assert!(p.piped_line_due("running: fill 1/1 done", &s));
+    }
 
     /// The shards whose agents a plan waits for are named apart from its other waits (a
     /// watch of a unit committing without an agent said only how many steps were done).
