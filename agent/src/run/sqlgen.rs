@@ -128,9 +128,11 @@ mod tests {
             .split_once("SELECT flotilla.check_fence(7);\n")
             .unwrap();
         assert!(!settings.contains("search_path"), "{sql}");
+        // then the tenant's schema is the one its journal rows were written in
         assert!(
             rest.starts_with(
-                "SET LOCAL search_path TO \"tenant_1\";\n\
+                "SELECT flotilla.check_tenant_schema('tenant_1');\n\
+                 SET LOCAL search_path TO \"tenant_1\";\n\
                  CREATE TABLE t (id int)\n;\nINSERT INTO t VALUES (1)\n;\n"
             ),
             "{sql}"
@@ -153,7 +155,11 @@ mod tests {
             second.contains("SET LOCAL search_path TO \"tenant_1\";\nALTER TABLE"),
             "{sql}"
         );
-        assert!(!second.contains("check_fence") && !second.contains("check_verify"));
+        assert!(
+            !second.contains("check_fence")
+                && !second.contains("check_verify")
+                && !second.contains("check_tenant_schema")
+        );
         assert!(second.contains("ALTER TABLE t ADD COLUMN n int\n;\n"));
         assert!(
             second.ends_with(&format!(
@@ -178,6 +184,7 @@ mod tests {
         let sql = transaction(&cx, &[&m], true);
         assert!(!sql.contains("search_path"));
         assert!(!sql.contains("check_verify"));
+        assert!(!sql.contains("check_tenant_schema"));
     }
 
     #[test]
@@ -187,7 +194,10 @@ mod tests {
         let pro = non_transactional_prologue(&cx, &m);
         assert!(pro.starts_with("SET lock_timeout"), "{pro}");
         assert!(
-            pro.ends_with("SELECT flotilla.check_fence(3);\nSET search_path TO \"t1\";\n"),
+            pro.ends_with(
+                "SELECT flotilla.check_fence(3);\nSELECT flotilla.check_tenant_schema('t1');\n\
+                 SET search_path TO \"t1\";\n"
+            ),
             "{pro}"
         );
         assert!(pro.contains("clock_timestamp()::text, false)"));
@@ -207,7 +217,10 @@ mod tests {
         let (settings, rest) = sql.split_once("SELECT flotilla.check_fence(4);\n").unwrap();
         assert!(!settings.contains("search_path"), "{sql}");
         assert!(
-            rest.starts_with("SET LOCAL search_path TO \"t1\";\nDROP TABLE t\n;\n"),
+            rest.starts_with(
+                "SELECT flotilla.check_tenant_schema('t1');\n\
+                 SET LOCAL search_path TO \"t1\";\nDROP TABLE t\n;\n"
+            ),
             "{sql}"
         );
         assert!(sql.contains("DROP TABLE t\n;\n"));

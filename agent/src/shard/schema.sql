@@ -338,6 +338,27 @@ RETURNS SETOF text LANGUAGE sql AS $fn$
      AND s.target NOT IN (SELECT target FROM unclaimed)
 $fn$;
 
+-- Fails (FL006) when the tenant's schema is not the one its journal rows were written in
+-- (as flotilla.record_tenant_schemas says, with history of the one before): called with the
+-- fence by every fenced step and undo of a tenant, so that a plan under way runs nothing
+-- there once the schema changed under it (the agent's discovery said "nothing runs there",
+-- and a running plan's steps went on there, its journal mixing two schemas' rows).
+CREATE OR REPLACE FUNCTION flotilla.check_tenant_schema(p_target text) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  IF EXISTS (SELECT 1 FROM flotilla.tenant_schemas t, pg_catalog.pg_namespace n,
+                           pg_catalog.pg_namespace f
+              WHERE t.target = p_target AND n.nspname = p_target AND f.nspname = 'flotilla'
+                AND t.recorded_in = f.oid AND t.schema_oid <> n.oid)
+     AND (EXISTS (SELECT 1 FROM flotilla.journal j WHERE j.target = p_target)
+          OR EXISTS (SELECT 1 FROM flotilla.checkpoints k WHERE k.target = p_target)
+          OR EXISTS (SELECT 1 FROM flotilla.prior_images q WHERE q.target = p_target)) THEN
+    RAISE EXCEPTION USING ERRCODE = 'FL006',
+      MESSAGE = format('tenant %s: its schema is not the one its journal rows were written in (dropped and made again, or restored on its own), so what is applied there is not known; nothing runs there until an operator says which, on the shard: SELECT flotilla.tenant_is_new(%L) for a new tenant (its journal rows go to flotilla.journal_history, its migrations run again), or SELECT flotilla.tenant_kept_its_history(%L) if it holds what its journal says', p_target, p_target, p_target);
+  END IF;
+END
+$fn$;
+
 -- Refuses an operator's answer for a tenant whose recorded schema is on the shard under
 -- another name (renamed away, a new schema made under this one): that tenant holds this
 -- name's history, and an answer here would cut it off from it (its migrations then ran

@@ -78,6 +78,15 @@ pub(crate) fn push_settings(
     );
     if let Some(epoch) = fence {
         push_fence(out, epoch);
+        // with the fence, once a transaction: a tenant whose schema changed under a plan
+        // under way runs nothing of it (`flotilla.check_tenant_schema`)
+        if !cx.tenant.is_empty() {
+            let _ = writeln!(
+                out,
+                "SELECT flotilla.check_tenant_schema({});",
+                cx.tenant_lit
+            );
+        }
     }
     if !cx.tenant.is_empty() {
         let _ = writeln!(out, "{scope} search_path TO {};", quote_ident(cx.tenant));

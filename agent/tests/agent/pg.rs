@@ -3589,6 +3589,84 @@ async fn a_data_change_fenced_by_a_newer_term_says_it_stopped() {
     f.drop().await;
 }
 
+/// A tenant's schema dropped and made again under a plan under way, after the agent checked
+/// its runs (queued behind another on its one lane): the step there fails (FL006, saying
+/// what an operator can answer) and runs nothing. Before, the step ran on the new schema,
+/// the journal mixing the two schemas' rows, while the agent's discovery said "nothing runs
+/// there" (a walk-through).
+#[tokio::test]
+async fn a_step_on_a_schema_made_again_under_its_plan_runs_nothing() {
+    let Some(f) = fleet("schema_again", 2).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    sqlx::query("CREATE TABLE public.sa_blocker ()")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "sa".into(),
+        migrations: vec![
+            migration("sa_first", "CREATE TABLE sa_first (id int)", "", ""),
+            migration(
+                "sa_second",
+                "CREATE TABLE sa_second (id int); SELECT count(*) FROM public.sa_blocker",
+                "",
+                "",
+            ),
+        ],
+        default_lock_timeout_ms: 60_000,
+        ..Default::default()
+    }));
+    let r = s
+        .assign("sa", 1, 1, vec![run(1, "tenant_0001", &["sa_first"], true)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{r:?}");
+    // tenant_0000's run holds the one lane while tenant_0001's waits, checked
+    let mut blocker = f.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE public.sa_blocker IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    s.send(In::Assign(pb::Assign {
+        plan_id: "sa".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![
+            run(2, "tenant_0000", &["sa_second"], true),
+            run(3, "tenant_0001", &["sa_second"], true),
+        ],
+    }));
+    wait_running(&f.pool, "sa_blocker").await;
+    sqlx::raw_sql("DROP SCHEMA tenant_0001 CASCADE; CREATE SCHEMA tenant_0001;")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    blocker.commit().await.unwrap();
+    let r = s.results("sa", 2).await;
+    assert_eq!(outcomes(&r[&2]), [pb::StepOutcome::Applied], "{r:?}");
+    assert_eq!(outcomes(&r[&3]), [pb::StepOutcome::Failed], "{r:?}");
+    let e = r[&3].steps[0].error.clone().unwrap_or_default();
+    assert_eq!(e.sqlstate, "FL006", "{e:?}");
+    assert!(
+        e.message.contains("flotilla.tenant_is_new('tenant_0001')"),
+        "{e:?}"
+    );
+    assert_eq!(
+        count(
+            &f.pool,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'tenant_0001'"
+        )
+        .await,
+        0,
+        "nothing ran there"
+    );
+    drop(s);
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A leader of a newer term welcomes the agent while runs an earlier leader handed out are
 /// still queued: they are not run (the new leader sends its own), and the shard's fence
 /// moves to the new epoch as soon as the run under way lets go of it (refusing any that got

@@ -11,6 +11,9 @@ pub const CHECKPOINT_MOVED: &str = "FL004";
 /// about to write its first checkpoint and the journal already has it: another run of the
 /// same step applied it first.
 pub const ALREADY_JOURNALED: &str = "FL005";
+/// Raised by `flotilla.check_tenant_schema` when a tenant's schema is not the one its
+/// journal rows were written in (dropped and made again under a plan under way).
+pub const SCHEMA_CHANGED: &str = "FL006";
 /// `unique_violation`: with the journal's primary key, another session applied the step first.
 pub const UNIQUE_VIOLATION: &str = "23505";
 /// Class 28, `invalid_authorization_specification`: waiting does not make it better.
