@@ -241,6 +241,19 @@ pub enum Conflict {
         database: String,
     },
     #[error(
+        "shard {shard}: this agent's database {database} has no Flotilla journal, and this \
+         coordinator's plans applied {applied} step(s) on the shard: its --dsn names another \
+         database than the shard's (a copy, a new one, another shard's before Flotilla ran \
+         there). Point it at the shard's database; if the shard's database was replaced on \
+         purpose, `flotilla fleet retire {shard}` first (the fleet forgets it), and it joins \
+         as a new shard"
+    )]
+    ShardDatabaseWithoutJournal {
+        shard: String,
+        database: String,
+        applied: i64,
+    },
+    #[error(
         "shard {shard} has seen epoch {fence} (its fence), and this coordinator leads under epoch {epoch}: every step it sent would be refused as fenced. Its control store is not the one that led this fleet (a new or restored store, another fleet's){remedy}"
     )]
     FenceAhead {

@@ -522,6 +522,53 @@ async fn no_canary_password_leaves_any_process() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A shard's agent restarted on another database with no Flotilla journal (a copy made
+/// before Flotilla ran there, a new one, a typo'd --dsn) is refused at attach, naming the
+/// database and what this coordinator applied on the shard, and nothing runs there. Before,
+/// it was taken: the shard's tenants read "nothing applied", and catch-ups ran every
+/// migration again on the copy (walk-throughs). `fleet retire` first lets it join as new.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_agent_on_a_database_without_its_journal_is_refused() -> anyhow::Result<()> {
+    let mut fleet = TestFleet::start(1, 1).await?;
+    let (code, _, out) = fleet.submit_wait(&coord_dbmate_dir(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    fleet.pg.create_database("shard_0_copy").await?;
+    fleet
+        .pg
+        .psql("shard_0_copy", &tenant_sql("tenant_0000", 1))
+        .await?;
+    fleet.agents[0].take().expect("the agent").kill()?;
+    let copy_dsn = fleet.pg.url("shard_0_copy");
+    let copy = fleet.spawn_agent_on(0, &copy_dsn)?;
+    copy.wait_for_log("has no Flotilla journal", WAIT).await?;
+    let log = copy.log();
+    assert!(
+        log.contains("/shard_0_copy")
+            && log.contains("this coordinator's plans applied 3 step(s) on the shard")
+            && log.contains("flotilla fleet retire shard_0"),
+        "{log}"
+    );
+    let list = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+    assert_eq!(list[0]["connected"], false, "not taken: {list}");
+    let on_copy: i64 = fleet
+        .pg
+        .query_scalar("shard_0_copy", "SELECT count(*) FROM flotilla.journal")
+        .await?;
+    assert_eq!(on_copy, 0, "nothing ran on the copy");
+    // replaced on purpose: retired, the shard joins anew from the new database
+    let out = fleet
+        .cli(&["fleet", "retire", "shard_0", "--reason", "replaced"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    crate::harness::wait_until("the new database's agent attached", WAIT, async || {
+        let list = fleet.json(&["fleet", "list", "--output", "json"]).await?;
+        Ok(list[0]["connected"] == true)
+    })
+    .await?;
+    drop(copy);
+    Ok(())
+}
+
 /// A DSN copied from another agent's configuration points the agent at another shard's
 /// database: refused at start, naming both shards, and nothing of that shard changes. An
 /// agent running as a superuser is warned.

@@ -168,8 +168,10 @@ pub(super) async fn session(
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let in_doubt_unknown = in_doubt.is_none();
     let fence_epoch = crate::shard::read_fence(&agent.pool).await.unwrap_or(0);
+    let journal_empty = crate::shard::journal_empty(&agent.pool).await.ok();
     let hello = pb::Hello {
         fence_epoch,
+        journal_empty,
         in_doubt: in_doubt.unwrap_or_default(),
         in_doubt_unknown,
         shard: agent.config.shard.clone(),

@@ -198,6 +198,17 @@ pub(crate) async fn advance_fence(pool: &PgPool, epoch: u64) -> Result<(), sqlx:
 }
 
 /// The newest epoch the shard has seen, read without taking the row's lock.
+/// Whether the shard's journal holds no row, applied or undone: a database no step of
+/// Flotilla's ran on (or ran and was moved to the history of).
+pub(crate) async fn journal_empty(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM flotilla.journal) \
+            AND NOT EXISTS (SELECT 1 FROM flotilla.journal_history)",
+    )
+    .fetch_one(pool)
+    .await
+}
+
 pub(crate) async fn read_fence(pool: &PgPool) -> Result<u64, sqlx::Error> {
     let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM flotilla.fence")
         .fetch_one(pool)

@@ -81,6 +81,21 @@ impl Coordinator {
             error!(%shard, "{refusal}");
             return Err(refusal.into());
         }
+        // A database no step ran on, under a shard this coordinator applied steps on: its
+        // --dsn names another database (a copy, a new one). Taken, it was told the shard's
+        // tenants had nothing applied, and catch-ups ran every migration again there.
+        if hello.journal_empty == Some(true) {
+            let applied = inner.store.applied_on(&shard).await?;
+            if applied > 0 {
+                let refusal = Conflict::ShardDatabaseWithoutJournal {
+                    shard: shard.clone(),
+                    database: hello.database.clone(),
+                    applied,
+                };
+                error!(%shard, database = %hello.database, "{refusal}");
+                return Err(refusal.into());
+            }
+        }
         let conn_id = inner.fleet.next_conn_id();
         let (tx, rx) = mpsc::channel::<pb::CoordinatorMessage>(STREAM_CAPACITY);
         let labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();

@@ -595,6 +595,19 @@ impl Store {
         Ok(found.map(|(id,)| id))
     }
 
+    /// How many steps plans of this coordinator applied on `shard` (stored applied), unless
+    /// the shard was retired (`fleet retire`: its agent row gone, the fleet forgot it).
+    pub async fn applied_on(&self, shard: &str) -> Result<i64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM steps WHERE shard = $1 AND state = 'applied' \
+               AND shard IN (SELECT shard FROM agents)",
+        )
+        .bind(shard)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n)
+    }
+
     /// The plans not ended (awaiting approval too) with steps on `shard`.
     pub async fn open_plans_on(&self, shard: &str) -> Result<Vec<String>, StoreError> {
         let on: Vec<(String,)> =
