@@ -220,16 +220,12 @@ impl Credentials {
     /// `user` with the password on the first line of `path` (`flag` names the file's
     /// flag in errors, which never hold the password).
     pub fn from_file(user: &str, flag: &str, path: &Path) -> Result<Credentials, TlsError> {
-        let bad = |reason: String| TlsError::File {
-            flag: flag.to_string(),
-            path: path.display().to_string(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let password = text.lines().next().unwrap_or("").trim_end_matches('\r');
-        if password.is_empty() {
-            return Err(bad("the file is empty".into()));
-        }
+        let password =
+            crate::credential_files::read_password(flag, path).map_err(|e| TlsError::File {
+                flag: e.flag,
+                path: e.path,
+                reason: e.reason,
+            })?;
         if user.trim().is_empty() {
             return Err(TlsError::Invalid(format!(
                 "{flag} is given without a user name"
@@ -237,7 +233,7 @@ impl Credentials {
         }
         Ok(Credentials {
             user: user.trim().to_string(),
-            password: password.to_string(),
+            password,
         })
     }
 }

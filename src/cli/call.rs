@@ -78,16 +78,8 @@ pub(super) fn set_credential(path: Option<&std::path::Path>) -> Result<(), Strin
         .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
     // A credential others on the host can read is theirs too: said (as ssh does of a key),
     // not refused (the token still works for whoever holds it; refusing would not undo that).
-    #[cfg(unix)]
-    if let Ok(meta) = std::fs::metadata(path) {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            eprintln!(
-                "warning: --token-file {} can be read by other users of this host (mode {mode:04o}): chmod 600 it (`operator add --token-out` makes it so)",
-                path.display()
-            );
-        }
+    if let Some(warning) = flotilla_core::credential_files::exposure_warning("--token-file", path) {
+        eprintln!("warning: {warning} (`operator add --token-out` makes it so)");
     }
     // (a file saved by an editor that writes a byte-order mark was "not a token")
     let token = text.trim_start_matches('\u{feff}').trim();
