@@ -136,7 +136,7 @@ pub async fn start(
             warn!(coordinator = %config::redact_dsn(address), "connecting to a coordinator off this machine in plaintext: give it TLS and use https://");
         }
     }
-    let rotation = Rotation::new(addresses);
+    let rotation = Rotation::new(addresses, config.tls.is_some());
     let cancel = CancellationToken::new();
     let watcher = cancel.clone();
     tokio::spawn(async move {

@@ -287,8 +287,9 @@ pub async fn start(
         };
         format!("{scheme}://{}", config.listen)
     });
-    if server_tls.is_some() && !advertise.starts_with("https://") {
-        warn!(%advertise, "serving TLS but advertising a non-https:// address: agents and operators sent here by a follower will fail");
+    // (a bare HOST:PORT is read as https:// by clients with TLS files)
+    if server_tls.is_some() && advertise.contains("://") && !advertise.starts_with("https://") {
+        warn!(%advertise, "serving TLS but advertising a non-https:// address: agents and operators with TLS files refuse a follower's redirect to it (they would go in plaintext), so they reach this coordinator, while it leads, only by its address in their own --coordinator list; advertise its https:// address");
     }
     let mut sole_claim = None;
     let (coordination, embedded): (Arc<dyn Coordination>, Option<Arc<EmbeddedCoordination>>) =

@@ -236,6 +236,11 @@ where
         match call(c.clone()).await {
             Ok(r) => return Ok(r.into_inner()),
             Err(e) => match leader_of(&e) {
+                // (refused before anything is sent there: not even a probe of it)
+                Some(leader) if let Err(why) = super::transport::may_follow(&leader) => {
+                    eprintln!("error: {why}");
+                    return Err(EXIT_BAD_INPUT);
+                }
                 // The coordinator this call was sent to, as the leader it names: itself, from
                 // a leader key that outlived its term (etcd back after an outage) until the
                 // next election. Asked again after a pause, as while none leads; before, the
@@ -348,6 +353,12 @@ pub(super) async fn leader_named_in(md: &tonic::metadata::MetadataMap) -> Option
         .ok()?;
     if leader == flotilla_core::protocol::NO_LEADER {
         eprintln!("{NO_LEADER_NOTE}");
+        return None;
+    }
+    // A read stays with the follower's answer (over TLS, as asked) rather than follow a
+    // redirect to plaintext; a write is refused (`on_leader`).
+    if let Err(why) = super::transport::may_follow(leader) {
+        eprintln!("warning: {why}; showing the follower's answer, read from the control store");
         return None;
     }
     if !reachable(leader).await {
