@@ -392,6 +392,11 @@ pub async fn start(
         Ok(true) => {
             info!("operators authenticate (bearer tokens of the control store's operators)")
         }
+        // Under mTLS "anyone" is narrower, and still wide: every certificate the CA signed
+        // (an agent's excepted, refused on the operator API), not only the operators'.
+        Ok(false) if server_tls.as_ref().is_some_and(|t| t.client_auth) => warn!(
+            "operator authentication is off: any holder of a client certificate from the --tls-ca CA (agents' excepted) can submit, cancel and break locks; add the first admin with `flotilla operator add NAME --role admin --store ...` (or start with --auth required)"
+        ),
         Ok(false) => warn!(
             "operator authentication is off: anyone who reaches this port can submit, cancel and break locks; add the first admin with `flotilla operator add NAME --role admin --store ...` (or start with --auth required)"
         ),
