@@ -271,6 +271,12 @@ pub async fn start(
         .etcd_tls
         .client_config()
         .map_err(|e| CoordinatorError::Tls(e.to_string()))?;
+    if config.etcd_user.is_some()
+        && let Some(warning) =
+            flotilla_core::tls::etcd_password_in_plaintext(&config.etcd, etcd_tls.is_some())
+    {
+        warn!("{warning}");
+    }
     metrics::install(config.metrics).map_err(|e| CoordinatorError::Listen {
         addr: config.metrics.map(|a| a.to_string()).unwrap_or_default(),
         reason: format!("cannot serve metrics: {e}"),
