@@ -136,7 +136,13 @@ pub async fn start(
             warn!(coordinator = %config::redact_dsn(address), "connecting to a coordinator off this machine in plaintext: give it TLS and use https://");
         }
     }
-    let rotation = Rotation::new(addresses);
+    if config.etcd_user.is_some()
+        && let Some(warning) =
+            flotilla_core::tls::etcd_password_in_plaintext(&config.etcd, config.etcd_tls.is_some())
+    {
+        warn!("{warning}");
+    }
+    let rotation = Rotation::new(addresses, config.tls.is_some());
     let cancel = CancellationToken::new();
     let watcher = cancel.clone();
     tokio::spawn(async move {

@@ -271,6 +271,12 @@ pub async fn start(
         .etcd_tls
         .client_config()
         .map_err(|e| CoordinatorError::Tls(e.to_string()))?;
+    if config.etcd_user.is_some()
+        && let Some(warning) =
+            flotilla_core::tls::etcd_password_in_plaintext(&config.etcd, etcd_tls.is_some())
+    {
+        warn!("{warning}");
+    }
     metrics::install(config.metrics).map_err(|e| CoordinatorError::Listen {
         addr: config.metrics.map(|a| a.to_string()).unwrap_or_default(),
         reason: format!("cannot serve metrics: {e}"),
@@ -287,8 +293,9 @@ pub async fn start(
         };
         format!("{scheme}://{}", config.listen)
     });
-    if server_tls.is_some() && !advertise.starts_with("https://") {
-        warn!(%advertise, "serving TLS but advertising a non-https:// address: agents and operators sent here by a follower will fail");
+    // (a bare HOST:PORT is read as https:// by clients with TLS files)
+    if server_tls.is_some() && advertise.contains("://") && !advertise.starts_with("https://") {
+        warn!(%advertise, "serving TLS but advertising a non-https:// address: agents and operators with TLS files refuse a follower's redirect to it (they would go in plaintext), so they reach this coordinator, while it leads, only by its address in their own --coordinator list; advertise its https:// address");
     }
     let mut sole_claim = None;
     let (coordination, embedded): (Arc<dyn Coordination>, Option<Arc<EmbeddedCoordination>>) =
@@ -391,6 +398,11 @@ pub async fn start(
         Ok(true) => {
             info!("operators authenticate (bearer tokens of the control store's operators)")
         }
+        // Under mTLS "anyone" is narrower, and still wide: every certificate the CA signed
+        // (an agent's excepted, refused on the operator API), not only the operators'.
+        Ok(false) if server_tls.as_ref().is_some_and(|t| t.client_auth) => warn!(
+            "operator authentication is off: any holder of a client certificate from the --tls-ca CA (agents' excepted) can submit, cancel and break locks; add the first admin with `flotilla operator add NAME --role admin --store ...` (or start with --auth required)"
+        ),
         Ok(false) => warn!(
             "operator authentication is off: anyone who reaches this port can submit, cancel and break locks; add the first admin with `flotilla operator add NAME --role admin --store ...` (or start with --auth required)"
         ),

@@ -9,9 +9,11 @@
 //!   validates everything, so code past the edge never sees a half-valid plan) and back;
 //! - [`protocol`]: gids, etcd keys, decisions, refusal metadata, SQLSTATEs; [`state`]: plan
 //!   and step states with their one string each; [`secrets`]: the one redactor;
-//!   [`tls`]: TLS material from files, and what counts as loopback.
+//!   [`tls`]: TLS material from files, and what counts as loopback; [`credential_files`]:
+//!   passwords read from files, and files others on the host can read.
 
 pub mod convert;
+pub mod credential_files;
 pub mod dag;
 pub mod foreign;
 pub mod lint;

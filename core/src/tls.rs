@@ -220,16 +220,12 @@ impl Credentials {
     /// `user` with the password on the first line of `path` (`flag` names the file's
     /// flag in errors, which never hold the password).
     pub fn from_file(user: &str, flag: &str, path: &Path) -> Result<Credentials, TlsError> {
-        let bad = |reason: String| TlsError::File {
-            flag: flag.to_string(),
-            path: path.display().to_string(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let password = text.lines().next().unwrap_or("").trim_end_matches('\r');
-        if password.is_empty() {
-            return Err(bad("the file is empty".into()));
-        }
+        let password =
+            crate::credential_files::read_password(flag, path).map_err(|e| TlsError::File {
+                flag: e.flag,
+                path: e.path,
+                reason: e.reason,
+            })?;
         if user.trim().is_empty() {
             return Err(TlsError::Invalid(format!(
                 "{flag} is given without a user name"
@@ -237,9 +233,35 @@ impl Credentials {
         }
         Ok(Credentials {
             user: user.trim().to_string(),
-            password: password.to_string(),
+            password,
         })
     }
+}
+
+/// What to say when an etcd password (`--etcd-user`, `--etcd-password-file`) would travel
+/// in plaintext: to `http://` endpoints, and to bare `host:port` ones without TLS files
+/// (etcd-client speaks TLS to `https://` ones and, given TLS options, to bare ones). Said,
+/// not refused, as a plaintext connection to a coordinator is: etcd on this machine, or on a
+/// network the operator trusts, is theirs to decide. `tls`: `--etcd-ca` (or a client
+/// certificate) is given. Names the endpoints, without passwords written into them.
+pub fn etcd_password_in_plaintext(endpoints: &[String], tls: bool) -> Option<String> {
+    let plaintext: Vec<String> = endpoints
+        .iter()
+        .map(|e| e.trim())
+        .filter(|e| !e.is_empty())
+        .filter(|e| match e.split_once("://") {
+            Some((scheme, _)) => !scheme.eq_ignore_ascii_case("https"),
+            None => !tls,
+        })
+        .map(crate::secrets::redact_url)
+        .collect();
+    (!plaintext.is_empty()).then(|| {
+        format!(
+            "the etcd password (--etcd-password-file) is sent in plaintext to {}: anyone on the \
+             path can read it; use https:// endpoints with --etcd-ca",
+            plaintext.join(", ")
+        )
+    })
 }
 
 /// The host of an address such as `http://host:port`, `https://[::1]:7070` or
@@ -322,6 +344,33 @@ mod tests {
         assert!(!plaintext_off_host("https://coordinator:7070"));
         assert!(plaintext_off_host("http://coordinator:7070"));
         assert!(!plaintext_off_host("http://127.0.0.1:7070"));
+    }
+
+    /// An etcd password going to a plaintext endpoint is named with the endpoint (it went
+    /// without a word, while the coordinator warned of its own plaintext listener).
+    #[test]
+    fn an_etcd_password_to_a_plaintext_endpoint_is_said() {
+        let list = |l: &[&str]| l.iter().map(|e| e.to_string()).collect::<Vec<_>>();
+        let w =
+            etcd_password_in_plaintext(&list(&["http://etcd-1:2379", "https://etcd-2:2379"]), true)
+                .expect("said");
+        assert!(w.contains("in plaintext to http://etcd-1:2379:"), "{w}");
+        assert!(!w.contains("etcd-2"), "{w}");
+        // a bare endpoint is plaintext without TLS files, TLS with them
+        let w = etcd_password_in_plaintext(&list(&["etcd-1:2379"]), false).expect("said");
+        assert!(w.contains("etcd-1:2379"), "{w}");
+        assert_eq!(
+            etcd_password_in_plaintext(&list(&["etcd-1:2379"]), true),
+            None
+        );
+        assert_eq!(
+            etcd_password_in_plaintext(&list(&["https://etcd-1:2379"]), false),
+            None
+        );
+        // a password written into the endpoint is not repeated
+        let w = etcd_password_in_plaintext(&list(&["http://u:canary9@etcd:2379"]), false)
+            .expect("said");
+        assert!(!w.contains("canary9"), "{w}");
     }
 
     #[test]

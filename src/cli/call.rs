@@ -78,16 +78,8 @@ pub(super) fn set_credential(path: Option<&std::path::Path>) -> Result<(), Strin
         .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
     // A credential others on the host can read is theirs too: said (as ssh does of a key),
     // not refused (the token still works for whoever holds it; refusing would not undo that).
-    #[cfg(unix)]
-    if let Ok(meta) = std::fs::metadata(path) {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            eprintln!(
-                "warning: --token-file {} can be read by other users of this host (mode {mode:04o}): chmod 600 it (`operator add --token-out` makes it so)",
-                path.display()
-            );
-        }
+    if let Some(warning) = flotilla_core::credential_files::exposure_warning("--token-file", path) {
+        eprintln!("warning: {warning} (`operator add --token-out` makes it so)");
     }
     // (a file saved by an editor that writes a byte-order mark was "not a token")
     let token = text.trim_start_matches('\u{feff}').trim();
@@ -244,6 +236,11 @@ where
         match call(c.clone()).await {
             Ok(r) => return Ok(r.into_inner()),
             Err(e) => match leader_of(&e) {
+                // (refused before anything is sent there: not even a probe of it)
+                Some(leader) if let Err(why) = super::transport::may_follow(&leader) => {
+                    eprintln!("error: {why}");
+                    return Err(EXIT_BAD_INPUT);
+                }
                 // The coordinator this call was sent to, as the leader it names: itself, from
                 // a leader key that outlived its term (etcd back after an outage) until the
                 // next election. Asked again after a pause, as while none leads; before, the
@@ -356,6 +353,12 @@ pub(super) async fn leader_named_in(md: &tonic::metadata::MetadataMap) -> Option
         .ok()?;
     if leader == flotilla_core::protocol::NO_LEADER {
         eprintln!("{NO_LEADER_NOTE}");
+        return None;
+    }
+    // A read stays with the follower's answer (over TLS, as asked) rather than follow a
+    // redirect to plaintext; a write is refused (`on_leader`).
+    if let Err(why) = super::transport::may_follow(leader) {
+        eprintln!("warning: {why}; showing the follower's answer, read from the control store");
         return None;
     }
     if !reachable(leader).await {

@@ -5,7 +5,7 @@ use std::path::Path;
 use flotilla_agent::AgentConfig;
 use flotilla_coordinator::CoordinatorConfig;
 use flotilla_core::secrets::{Secret, SecretUrl};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{AgentArgs, CoordinatorArgs, EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE};
 
@@ -44,7 +44,7 @@ pub async fn coordinator(args: CoordinatorArgs, tls: flotilla_core::tls::TlsFile
     config.tls = tls;
     config.insecure = args.insecure;
     config.etcd_tls = args.etcd_security.files();
-    config.etcd_user = match args.etcd_security.credentials() {
+    config.etcd_user = match etcd_credentials(&args.etcd_security) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -167,26 +167,45 @@ pub async fn coordinator(args: CoordinatorArgs, tls: flotilla_core::tls::TlsFile
     }
 }
 
-/// A password from `file` (its first line, without the line end) or else from the
-/// environment variable `env`; never argv.
+/// A password from `file` (its first line, read as every password file is: see
+/// `flotilla_core::credential_files`) or else from the environment variable `env`; never
+/// argv. A file others on the host can read is used, with a warning.
 fn read_password(flag: &str, file: Option<&Path>, env: &str) -> Result<Option<Secret>, String> {
     if let Some(path) = file {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
-        // (without a byte-order mark an editor may have written first)
-        let password = text
-            .trim_start_matches('\u{feff}')
-            .trim_end_matches(['\n', '\r']);
-        // an empty file is a mistake (a secret not mounted yet), not "no password"
-        if password.is_empty() {
-            return Err(format!("{flag} {}: the file is empty", path.display()));
-        }
-        return Ok(Some(Secret::new(password.to_string())));
+        let password = flotilla_core::credential_files::read_password(flag, path)
+            .map_err(|e| e.to_string())?;
+        warn_if_open_to_others(flag, path);
+        return Ok(Some(Secret::new(password)));
     }
     Ok(std::env::var(env)
         .ok()
         .filter(|p| !p.is_empty())
         .map(Secret::new))
+}
+
+/// A daemon's credential file (password, key) that other users of the host can read: said
+/// in its log, and used (as `--token-file` is: see `credential_files::exposure_warning`).
+pub(super) fn warn_if_open_to_others(flag: &str, path: &Path) {
+    if let Some(warning) = flotilla_core::credential_files::exposure_warning(flag, path) {
+        warn!(file = %path.display(), "{warning}");
+    }
+}
+
+/// The etcd user and password (`--etcd-user`, `--etcd-password-file`), with a warning for
+/// an etcd credential file (the password's, `--etcd-key`) others on the host can read.
+fn etcd_credentials(
+    args: &super::EtcdSecurityArgs,
+) -> Result<Option<flotilla_core::tls::Credentials>, String> {
+    let credentials = args.credentials()?;
+    for (flag, file) in [
+        ("--etcd-password-file", &args.etcd_password_file),
+        ("--etcd-key", &args.etcd_key),
+    ] {
+        if let Some(path) = file {
+            warn_if_open_to_others(flag, path);
+        }
+    }
+    Ok(credentials)
 }
 
 /// The shard password: a file (`--password-file`), or FLOTILLA_SHARD_PASSWORD; never argv.
@@ -334,7 +353,7 @@ fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, Stri
         .files()
         .client_config()
         .map_err(|e| e.to_string())?;
-    config.etcd_user = args.etcd_security.credentials()?;
+    config.etcd_user = etcd_credentials(&args.etcd_security)?;
     Ok(config)
 }
 
@@ -368,7 +387,32 @@ pub async fn agent(args: AgentArgs, coordinator: &str) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use super::{SecretUrl, check_dsn, check_dsn_of, store_location};
+    use super::{SecretUrl, check_dsn, check_dsn_of, shard_password, store_location};
+
+    /// Every password file is read by its first line, as `--etcd-password-file` was: a note
+    /// under the agent's password was sent with it, and the server refused it for good
+    /// ("saslprep ProhibitedCharacter('\n')", the agent retrying "not reachable" forever).
+    #[test]
+    fn a_password_file_gives_its_first_line_only() {
+        let dir = flotilla_testkit::TestDir::new("password-first-line").unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "pw\n# rotated 2026-12-01\n").unwrap();
+        let password = shard_password(Some(&file)).unwrap().expect("a password");
+        assert_eq!(password.expose(), "pw");
+        std::fs::write(&file, "canary 9\r\n# rotated 2026-12-01\r\n").unwrap();
+        let url = store_location(&SecretUrl::new("postgres://f@db/control"), Some(&file)).unwrap();
+        assert_eq!(url.expose(), "postgres://f:canary%209@db/control");
+        // a blank line above the password: refused, naming the flag and the file
+        std::fs::write(&file, "\npw\n").unwrap();
+        let e = shard_password(Some(&file)).unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "--password-file {}: the first line is empty",
+                file.display()
+            )),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_store_with_a_password_is_refused_and_the_file_supplies_it() {

@@ -228,7 +228,7 @@ pub struct CoordinatorArgs {
     /// missing), or a postgres:// URL without a password (see --store-password-file).
     #[arg(long, env = "FLOTILLA_STORE", default_value = "flotilla.db")]
     pub store: SecretUrl,
-    /// A file holding the password of a postgres:// store (one line); else
+    /// A file holding the password of a postgres:// store (its first line); else
     /// FLOTILLA_STORE_PASSWORD, else a pgpass file. Never in --store: argv is readable by
     /// every local user.
     #[arg(long)]
@@ -372,7 +372,7 @@ pub struct AgentArgs {
     /// The shard database, without a password: postgres://user@host:port/db.
     #[arg(long, env = "FLOTILLA_SHARD_DSN")]
     pub dsn: String,
-    /// A file holding the shard password (one line).
+    /// A file holding the shard password (its first line).
     #[arg(long)]
     pub password_file: Option<PathBuf>,
     /// Labels of the shard, k=v,k2=v2; tenants inherit them.
@@ -453,7 +453,7 @@ pub struct QuickstartArgs {
     /// directory; flotilla-quickstart.db with --shard), as for `flotilla coordinator`.
     #[arg(long)]
     pub store: Option<SecretUrl>,
-    /// A file holding the password of a postgres:// --store (one line).
+    /// A file holding the password of a postgres:// --store (its first line).
     #[arg(long)]
     pub store_password_file: Option<PathBuf>,
 }
@@ -763,7 +763,7 @@ pub struct TestArgs {
     /// hold no `flotilla` schema (not a shard); what the test creates there is removed.
     #[arg(long, env = "FLOTILLA_TEST_DSN")]
     pub dsn: String,
-    /// A file holding the database password (one line); or FLOTILLA_SHARD_PASSWORD.
+    /// A file holding the database password (its first line); or FLOTILLA_SHARD_PASSWORD.
     #[arg(long)]
     pub password_file: Option<PathBuf>,
     /// Run tenant-scoped migrations in this existing schema (kept) instead of a scratch
@@ -1051,6 +1051,16 @@ pub async fn run(cli: Cli) -> u8 {
     if operator_command && let Err(e) = call::set_credential(cli.token_file.as_deref()) {
         eprintln!("error: {e}");
         return EXIT_BAD_INPUT;
+    }
+    // The key of this process's certificate, as the other credential files: said once,
+    // in a daemon's log or on an operator command's stderr.
+    if let Some(key) = &cli.tls.tls_key {
+        if matches!(cli.command, Command::Coordinator(_) | Command::Agent(_)) {
+            daemons::warn_if_open_to_others("--tls-key", key);
+        } else if let Some(w) = flotilla_core::credential_files::exposure_warning("--tls-key", key)
+        {
+            eprintln!("warning: {w}");
+        }
     }
     transport::init(cli.tls.files());
     match cli.command {

@@ -46,17 +46,18 @@ pub async fn run(args: TestArgs) -> u8 {
         }
     }
     let password = match &args.password_file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(t) if t.trim_end_matches(['\n', '\r']).is_empty() => {
-                eprintln!(
-                    "error: --password-file {}: the file is empty",
-                    path.display()
-                );
-                return EXIT_BAD_INPUT;
+        Some(path) => match flotilla_core::credential_files::read_password("--password-file", path)
+        {
+            Ok(password) => {
+                if let Some(w) =
+                    flotilla_core::credential_files::exposure_warning("--password-file", path)
+                {
+                    eprintln!("warning: {w}");
+                }
+                Some(password)
             }
-            Ok(t) => Some(t.trim_end_matches(['\n', '\r']).to_string()),
             Err(e) => {
-                eprintln!("error: --password-file {}: {e}", path.display());
+                eprintln!("error: {e}");
                 return EXIT_BAD_INPUT;
             }
         },

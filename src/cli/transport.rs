@@ -61,6 +61,29 @@ pub(super) fn endpoint(addr: &str) -> Result<Endpoint, String> {
     }
 }
 
+/// Whether the CLI may connect to `leader`, an address a coordinator named (a follower's
+/// redirect to the leader, which it read from the leader's key in etcd: the leader's
+/// `--advertise`, or whatever was written there). Once TLS is configured, not to a
+/// plaintext one: the operator's bearer token and the request would follow a mis-set
+/// `--advertise http://...`, or an overwritten key, unencrypted. (An address the operator
+/// typed as http:// beside --tls-* is their own choice: [`endpoint`] warns and goes on.)
+pub(super) fn may_follow(leader: &str) -> Result<(), String> {
+    refuse_downgrade(leader, !files().is_empty())
+}
+
+fn refuse_downgrade(leader: &str, tls: bool) -> Result<(), String> {
+    if !tls || with_scheme(leader.trim(), true).starts_with("https://") {
+        return Ok(());
+    }
+    Err(format!(
+        "a follower's redirect names the leader at {} (read from the leader's key in etcd: \
+         its --advertise), which is not https://: with --tls-* given, a redirect is not \
+         followed to plaintext (the credential and the request would travel unencrypted); give \
+         the leader an https:// --advertise, or its https:// address with --coordinator",
+        flotilla_core::secrets::redact_url(leader.trim())
+    ))
+}
+
 fn with_scheme(addr: &str, tls: bool) -> String {
     if addr.contains("://") {
         addr.to_string()
@@ -73,7 +96,24 @@ fn with_scheme(addr: &str, tls: bool) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::with_scheme;
+    use super::{refuse_downgrade, with_scheme};
+
+    /// With TLS configured, a coordinator's redirect to a plaintext address is refused,
+    /// naming the address and where it came from (it was followed, with a warning, and the
+    /// token and plan went in plaintext); an https:// one, or a bare HOST:PORT (https://
+    /// under TLS), is followed; without TLS there is nothing to downgrade.
+    #[test]
+    fn a_redirect_does_not_downgrade_tls_to_plaintext() {
+        let e = refuse_downgrade("http://10.0.0.2:7070", true).unwrap_err();
+        assert!(e.contains("the leader at http://10.0.0.2:7070"), "{e}");
+        assert!(e.contains("redirect") && e.contains("etcd"), "{e}");
+        assert!(e.contains("not https://"), "{e}");
+        let e = refuse_downgrade(" http://u:secret@c2:7070 ", true).unwrap_err();
+        assert!(!e.contains("secret"), "{e}");
+        assert_eq!(refuse_downgrade("https://c2:7070", true), Ok(()));
+        assert_eq!(refuse_downgrade("c2:7070", true), Ok(()));
+        assert_eq!(refuse_downgrade("http://c2:7070", false), Ok(()));
+    }
 
     #[test]
     fn a_bare_address_gets_the_scheme_of_the_transport() {

@@ -417,6 +417,25 @@ impl Etcd {
         Ok(c.delete(key, None).await?.deleted())
     }
 
+    /// Writes `value` into the leader key of election `name`, its lease kept (no TLS, no
+    /// auth), as a mis-set `--advertise` or someone with write access to etcd would leave
+    /// it; returns the key.
+    pub async fn overwrite_leader(&self, name: &str, value: &str) -> anyhow::Result<String> {
+        let mut c = etcd_client::Client::connect([self.endpoint()], None).await?;
+        let leader = c.leader(name).await?;
+        let key = leader
+            .kv()
+            .map(|kv| kv.key().to_vec())
+            .context("the election has no leader")?;
+        c.put(
+            key.clone(),
+            value,
+            Some(etcd_client::PutOptions::new().with_ignore_lease()),
+        )
+        .await?;
+        Ok(String::from_utf8_lossy(&key).into_owned())
+    }
+
     /// Makes every auth token etcd has issued invalid, as their expiry would: auth turned
     /// off and on again by `root` (whose password [`Etcd::enable_auth`] made from `password`).
     /// A client holding a token is refused with `invalid auth token` on its next request.

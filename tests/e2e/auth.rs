@@ -536,7 +536,8 @@ async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<
     refused(&out, "the credential names no operator");
 
     // An agent's certificate (a `flotilla-agent:` URI SAN) whose common name is root's
-    // names no operator: a shard's host is not the admin who shares the name.
+    // names no operator: a shard's host is not the admin who shares the name. The agent is
+    // known, and not allowed the operator API: PERMISSION_DENIED (exit 2), audited `denied`.
     let agent_root = certs.ca.issue(
         "agent-root",
         &CertSpec::client("root", &["flotilla-agent:shard_0"]),
@@ -549,7 +550,7 @@ async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<
     .await?;
     refused(
         &out,
-        "the client certificate is an agent's (common name root, shard shard_0): it names no operator",
+        "the client certificate is an agent's (common name root, shard shard_0): it names no operator, and an agent's certificate may not call the operator API",
     );
 
     // A token wins over the certificate: alice's connection carrying root's token is root.
@@ -668,11 +669,12 @@ async fn a_client_certificate_names_the_operator_under_mtls() -> anyhow::Result<
         "{unauthenticated:?}"
     );
     assert!(
-        unauthenticated.iter().any(|e| e["detail"]
-            .as_str()
-            .unwrap()
-            .contains("an agent's (common name root, shard shard_0)")),
-        "{unauthenticated:?}"
+        denied.iter().any(|e| e["actor"] == "agent"
+            && e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("an agent's (common name root, shard shard_0)")),
+        "{denied:?}"
     );
     assert_eq!(fleet.journal_total().await?, 0, "nothing applied");
     Ok(())
@@ -712,6 +714,71 @@ async fn with_authentication_off_a_client_certificate_names_who_acts() -> anyhow
             .any(|e| e["action"] == "submit" && e["actor"] == "alice"),
         "{audit}"
     );
+    Ok(())
+}
+
+/// With authentication off (no operator in the store) over mTLS, an agent's certificate is
+/// still an agent's: refused on the operator API (PERMISSION_DENIED, exit 2, nothing
+/// changed), a bearer header beside it too, and audited `denied` by `agent`, while an
+/// operator's certificate acts. It had the whole API: lock breaks, submits.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_authentication_off_an_agents_certificate_gets_no_operator_rpc() -> anyhow::Result<()>
+{
+    use crate::harness::certs::env_refs;
+
+    let fleet = TestFleet::builder(1, 1).tls().start().await?;
+    let log = fleet.coordinator.as_ref().unwrap().log();
+    assert!(
+        log.contains("operator authentication is off: any holder of a client certificate from the --tls-ca CA"),
+        "{log}"
+    );
+    let certs = fleet.tls.as_ref().expect("a TLS fleet");
+    let agent_env = certs.client_env(&certs.agent(&fleet.shards[0])?);
+    let as_agent = async |args: &[&str]| {
+        let mut all = vec!["--coordinator", fleet.addr.as_str()];
+        all.extend_from_slice(args);
+        crate::harness::run_flotilla(&all, &env_refs(&agent_env)).await
+    };
+    let dir = plan("staging", "001_by_agent", "by_agent", "")?;
+    let path = dir.path().to_string_lossy().into_owned();
+    for args in [
+        &["locks", "list"][..],
+        &["plan", "submit", &path],
+        &["locks", "break", "shard_0", "--reason", "agent"],
+    ] {
+        let out = as_agent(args).await?;
+        refused(&out, "an agent's certificate may not call the operator API");
+        assert!(out.stderr.contains("shard shard_0"), "{args:?}: {out}");
+    }
+    // a token beside it names nobody while no operator exists: refused the same
+    let files = TestDir::new("agent-token")?;
+    let token = files.join("token");
+    std::fs::write(&token, "flotilla_0000\n")?;
+    let token_arg = token.to_string_lossy().into_owned();
+    let out = as_agent(&["--token-file", &token_arg, "locks", "list"]).await?;
+    refused(&out, "an agent's certificate may not call the operator API");
+
+    // the operator's certificate (alice) reads the trail: the refusals are there, by the
+    // agent, with the RPC and where from; nothing was submitted
+    let audit = fleet.json(&["audit", "list", "--output", "json"]).await?;
+    let denied: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "denied" && e["actor"] == "agent")
+        .collect();
+    for rpc in ["ListLocks", "SubmitPlan", "BreakLock"] {
+        assert!(
+            denied.iter().any(|e| {
+                let d = e["detail"].as_str().unwrap();
+                d.contains(&format!("OperatorService/{rpc} from 127.0.0.1:"))
+                    && d.contains("shard shard_0")
+            }),
+            "{rpc}: {audit}"
+        );
+    }
+    let plans = fleet.json(&["plan", "list", "--output", "json"]).await?;
+    assert_eq!(plans.as_array().map(Vec::len), Some(0), "{plans}");
     Ok(())
 }
 

@@ -739,3 +739,54 @@ async fn a_store_file_that_is_not_a_database_is_named_at_once() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// The etcd password over plaintext, from a file other users can read: the coordinator and
+/// the agent each say both, naming the etcd address and the file with its mode (the password
+/// went to `http://` etcd without a word), and read the password as every password file is
+/// read, by its first line (a rotation note under it stays out), so etcd takes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_etcd_password_in_plaintext_and_an_open_password_file_are_said() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let etcd = Etcd::start_single().await?;
+    etcd.enable_auth(None, "flotilla", "etcd-plain-pw", "/flotilla")
+        .await?;
+    let files = TestDir::new("etcd-plaintext")?;
+    let password_file = files.join("etcd-password");
+    std::fs::write(&password_file, "etcd-plain-pw\n# rotated 2026-12-01\n")?;
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o644))?;
+    let password_path = password_file.to_string_lossy().into_owned();
+    let endpoint = etcd.endpoint();
+    assert!(endpoint.starts_with("http://"), "{endpoint}");
+    let etcd_args = [
+        "--etcd",
+        endpoint.as_str(),
+        "--etcd-user",
+        "flotilla",
+        "--etcd-password-file",
+        password_path.as_str(),
+    ];
+    let fleet = TestFleet::builder(1, 1)
+        .coordinator_args(&etcd_args)
+        .agent_args(&etcd_args)
+        .start()
+        .await?;
+    let plaintext =
+        format!("the etcd password (--etcd-password-file) is sent in plaintext to {endpoint}");
+    let open = format!(
+        "--etcd-password-file {password_path} can be read by other users of this host (mode 0644)"
+    );
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    coordinator
+        .wait_for_log("coordination backend: etcd", WAIT)
+        .await?;
+    let agent = fleet.agents[0].as_ref().unwrap();
+    // etcd took the password (its first line): the agent's liveness key is there
+    agent.wait_for_log("liveness key put in etcd", WAIT).await?;
+    for (who, log) in [("coordinator", coordinator.log()), ("agent", agent.log())] {
+        assert!(log.contains(&plaintext), "{who}: {log}");
+        assert!(log.contains(&open), "{who}: {log}");
+        assert!(!log.contains("etcd-plain-pw"), "{who} logged the password");
+    }
+    Ok(())
+}

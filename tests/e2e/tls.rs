@@ -523,6 +523,82 @@ async fn over_mtls_a_follower_sends_the_cli_and_agents_to_the_leader() -> anyhow
     Ok(())
 }
 
+/// A follower names the leader by the leader's key in etcd (its `--advertise`). Once that
+/// says `http://` (a mis-set `--advertise`, or the key overwritten, as here), a CLI and an
+/// agent holding TLS files refuse the redirect, naming the address and where it came from,
+/// and send nothing there: the CLI followed it in plaintext with the operator's token and
+/// the plan, and the agent opened its stream in plaintext.
+#[tokio::test(flavor = "multi_thread")]
+async fn under_tls_a_redirect_to_a_plaintext_leader_is_refused() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let fleet = HaFleet::builder(2, 1, 1).tls().start().await?;
+    let leader = fleet.leader().expect("one coordinator leads");
+    let follower = 1 - leader;
+    // A plaintext port that counts the connections it gets.
+    let trap = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let trap_addr = format!("http://{}", trap.local_addr()?);
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counted = reached.clone();
+    tokio::spawn(async move {
+        while let Ok((_connection, _)) = trap.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    // The leader's key (its lease kept) now names the trap; the follower reads it.
+    let election =
+        flotilla_core::protocol::keys::election(flotilla_core::protocol::keys::DEFAULT_PREFIX);
+    fleet.etcd.overwrite_leader(&election, &trap_addr).await?;
+    fleet.coordinators[follower]
+        .as_ref()
+        .unwrap()
+        .wait_for_log(&trap_addr, WAIT)
+        .await?;
+
+    // A write sent to the follower: refused (exit 2), naming the address and the redirect.
+    let dir = plan("001_no_downgrade", "no_downgrade")?;
+    let path = dir.path().to_string_lossy().into_owned();
+    let out = fleet.cli_at(follower, &["plan", "submit", &path]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "a follower's redirect names the leader at {trap_addr} (read from the leader's key in etcd"
+        )) && out.stderr.contains("which is not https://"),
+        "{out}"
+    );
+
+    // An agent that knows only the follower: refused there, it does not follow either.
+    fleet.pg.create_database("shard_1").await?;
+    let certs = fleet.tls.as_ref().unwrap();
+    let env = certs.client_env(&certs.agent("shard_1")?);
+    let dsn = fleet.pg.url("shard_1");
+    let agent = FlotillaProcess::spawn(
+        &[
+            "--coordinator",
+            &fleet.addrs[follower],
+            "agent",
+            "--shard",
+            "shard_1",
+            "--dsn",
+            &dsn,
+        ],
+        &env_refs(&env),
+    )?;
+    agent
+        .wait_for_log(
+            &format!("redirected the agent to the leader at {trap_addr} (read from the leader's key in etcd"),
+            WAIT,
+        )
+        .await?;
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "something connected to the plaintext address a redirect named"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn plaintext_off_loopback_needs_insecure_spelled_out() -> anyhow::Result<()> {
     let dir = TestDir::new("insecure")?;

@@ -3,12 +3,16 @@
 //! protocol's refusal metadata, and, when it knows, names the leader's address in the
 //! `flotilla-leader` metadata. The agent dials the configured addresses in turn, follows the
 //! leader a refusal names (even one that is not in its list), and backs off only once a
-//! whole round of the list failed.
+//! whole round of the list failed. With TLS configured, a named leader whose address is not
+//! https:// is not followed: the follower read it from the leader's key in etcd (the leader's
+//! `--advertise`, or whatever was written there), and following it would open the agent's
+//! stream in plaintext.
 use flotilla_core::protocol;
 use tonic::{Code, Status};
 
-/// When `status` is a follower's refusal: `Some(the leader it named, if any)`. Read from
-/// the metadata (the protocol's), never from the message, which is for people.
+/// When `status` is a follower's refusal: `Some(the leader it named, if any)`, as named
+/// (the scheme a bare `host:port` lacks is the rotation's to add: see [`Rotation::refused`]).
+/// Read from the metadata (the protocol's), never from the message, which is for people.
 pub(crate) fn refusal(status: &Status) -> Option<Option<String>> {
     if status.code() != Code::Unavailable {
         return None;
@@ -17,17 +21,31 @@ pub(crate) fn refusal(status: &Status) -> Option<Option<String>> {
         leader
             .map(|l| l.trim().to_string())
             .filter(|l| !l.is_empty())
-            .map(|l| with_scheme(&l))
     })
 }
 
-/// An address as an endpoint URI: `host:port` becomes `http://host:port`.
-pub(crate) fn with_scheme(address: &str) -> String {
-    if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
+/// An address as an endpoint URI: `host:port` becomes `https://host:port` under TLS,
+/// `http://host:port` without (as the CLI reads a bare address).
+fn with_scheme(address: &str, tls: bool) -> String {
+    match address.contains("://") {
+        true => address.to_string(),
+        false if tls => format!("https://{address}"),
+        false => format!("http://{address}"),
     }
+}
+
+/// A named leader the agent does not follow: TLS is configured and its address is not
+/// https://. Says which address, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{follower} redirected the agent to the leader at {leader} (read from the leader's key in \
+     etcd: its --advertise), which is not https://: with --tls-* given, the agent does not \
+     follow a redirect to plaintext (its stream would go unencrypted); give the leader an \
+     https:// --advertise"
+)]
+pub(crate) struct Downgrade {
+    pub follower: String,
+    pub leader: String,
 }
 
 /// The order in which the session dials coordinators.
@@ -43,11 +61,14 @@ pub(crate) struct Rotation {
     followed: Vec<String>,
     /// Addresses of the list dialed this round.
     tried: usize,
+    /// TLS is configured: a named leader must be https://.
+    tls: bool,
 }
 
 impl Rotation {
-    /// `addresses` must not be empty (the configuration is validated first).
-    pub fn new(addresses: Vec<String>) -> Rotation {
+    /// `addresses` must not be empty (the configuration is validated first); `tls`: the
+    /// agent has TLS files (its connections to https:// addresses are TLS).
+    pub fn new(addresses: Vec<String>, tls: bool) -> Rotation {
         assert!(!addresses.is_empty(), "at least one coordinator address");
         Rotation {
             addresses,
@@ -55,6 +76,7 @@ impl Rotation {
             redirect: None,
             followed: Vec::new(),
             tried: 0,
+            tls,
         }
     }
 
@@ -70,16 +92,24 @@ impl Rotation {
     }
 
     /// `address` refused the agent as not the leader, naming `leader` (when it knows it).
-    /// Returns whether that leader is dialed next.
-    pub fn refused(&mut self, address: &str, leader: Option<String>) -> bool {
-        match leader {
-            Some(leader) if leader != address && !self.followed.contains(&leader) => {
-                self.followed.push(leader.clone());
-                self.redirect = Some(leader);
-                true
-            }
-            _ => false,
+    /// Returns whether that leader is dialed next; [`Downgrade`] (and the list goes on)
+    /// when TLS is configured and the leader named is not https://.
+    pub fn refused(&mut self, address: &str, leader: Option<String>) -> Result<bool, Downgrade> {
+        let Some(leader) = leader.map(|l| with_scheme(&l, self.tls)) else {
+            return Ok(false);
+        };
+        if self.tls && !leader.starts_with("https://") {
+            return Err(Downgrade {
+                follower: flotilla_core::secrets::redact_url(address),
+                leader: flotilla_core::secrets::redact_url(&leader),
+            });
         }
+        if leader == address || self.followed.contains(&leader) {
+            return Ok(false);
+        }
+        self.followed.push(leader.clone());
+        self.redirect = Some(leader);
+        Ok(true)
     }
 
     /// Every address of the list was dialed since the round began, and no named leader is
@@ -101,7 +131,7 @@ mod tests {
     use tonic::metadata::MetadataValue;
 
     fn list(addresses: &[&str]) -> Rotation {
-        Rotation::new(addresses.iter().map(|a| a.to_string()).collect())
+        Rotation::new(addresses.iter().map(|a| a.to_string()).collect(), false)
     }
 
     #[test]
@@ -128,22 +158,22 @@ mod tests {
         let mut r = list(&["http://a", "http://b", "http://c"]);
         assert_eq!(r.next_address(), "http://a");
         // a names a leader outside the list: it is dialed next, before b
-        assert!(r.refused("http://a", Some("http://z".into())));
+        assert_eq!(r.refused("http://a", Some("http://z".into())), Ok(true));
         assert!(!r.round_failed());
         assert_eq!(r.next_address(), "http://z");
         // z names b (stale): followed, then the list goes on after b
-        assert!(r.refused("http://z", Some("http://b".into())));
+        assert_eq!(r.refused("http://z", Some("http://b".into())), Ok(true));
         assert_eq!(r.next_address(), "http://b");
         // b names z again: already followed this round, so the list goes on
-        assert!(!r.refused("http://b", Some("http://z".into())));
+        assert_eq!(r.refused("http://b", Some("http://z".into())), Ok(false));
         assert_eq!(r.next_address(), "http://b");
         assert_eq!(r.next_address(), "http://c");
         // no leader named, or itself: nothing to follow
-        assert!(!r.refused("http://c", None));
-        assert!(!r.refused("http://c", Some("http://c".into())));
+        assert_eq!(r.refused("http://c", None), Ok(false));
+        assert_eq!(r.refused("http://c", Some("http://c".into())), Ok(false));
         assert!(r.round_failed());
         r.new_round();
-        assert!(r.refused("http://a", Some("http://z".into())));
+        assert_eq!(r.refused("http://a", Some("http://z".into())), Ok(true));
         assert_eq!(r.next_address(), "http://z");
     }
 
@@ -151,10 +181,40 @@ mod tests {
     fn a_named_leader_postpones_the_backoff() {
         let mut r = list(&["http://a"]);
         assert_eq!(r.next_address(), "http://a");
-        assert!(r.refused("http://a", Some("http://b".into())));
+        assert_eq!(r.refused("http://a", Some("http://b".into())), Ok(true));
         assert!(!r.round_failed());
         assert_eq!(r.next_address(), "http://b");
         assert!(r.round_failed());
+    }
+
+    /// Under TLS, a follower naming a plaintext leader (a mis-set --advertise, or the
+    /// leader's key overwritten in etcd) is not followed: it was, and the agent opened its
+    /// stream in plaintext. The refusal names the address and where it came from; the list
+    /// goes on (its https:// addresses), and backs off after the round as without a leader.
+    #[test]
+    fn under_tls_a_redirect_to_plaintext_is_not_followed() {
+        let mut r = Rotation::new(vec!["https://a".into(), "https://b".into()], true);
+        assert_eq!(r.next_address(), "https://a");
+        let refused = r
+            .refused("https://a", Some("http://z:7070".into()))
+            .unwrap_err();
+        assert_eq!(refused.leader, "http://z:7070");
+        let said = refused.to_string();
+        assert!(
+            said.starts_with("https://a redirected the agent to the leader at http://z:7070")
+                && said.contains("leader's key in etcd")
+                && said.contains("not https://"),
+            "{said}"
+        );
+        assert_eq!(r.next_address(), "https://b");
+        assert!(r.round_failed());
+        // a bare HOST:PORT is https:// under TLS (as the CLI reads it), and followed
+        assert_eq!(r.refused("https://b", Some("z:7070".into())), Ok(true));
+        assert_eq!(r.next_address(), "https://z:7070");
+        // without TLS files there is nothing to downgrade
+        let mut plain = list(&["http://a"]);
+        assert_eq!(plain.refused("http://a", Some("z:7070".into())), Ok(true));
+        assert_eq!(plain.next_address(), "http://z:7070");
     }
 
     #[test]
@@ -174,8 +234,8 @@ mod tests {
         };
         assert_eq!(refusal(&refused(None)), Some(None));
         assert_eq!(
-            refusal(&refused(Some("10.0.0.2:7070"))),
-            Some(Some("http://10.0.0.2:7070".into()))
+            refusal(&refused(Some(" 10.0.0.2:7070 "))),
+            Some(Some("10.0.0.2:7070".into()))
         );
         assert_eq!(
             refusal(&refused(Some("https://c2:7070"))),

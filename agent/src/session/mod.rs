@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::{ClientTlsConfig, Endpoint};
-use tracing::{info, instrument, warn};
+use tracing::{error, info, instrument, warn};
 
 use crate::config::{backoff_delay, redact_dsn, redact_list};
 use crate::error::AgentError;
@@ -102,7 +102,18 @@ async fn reconnect(agent: &Arc<Agent>, outbox: &mut Outbox, mut rotation: Rotati
                 (welcomed, false)
             }
             Ended::NotLeader { welcomed, leader } => {
-                let follow = rotation.refused(&address, leader.clone());
+                let follow = match rotation.refused(&address, leader.clone()) {
+                    Ok(follow) => follow,
+                    Err(downgrade) => {
+                        // a configuration to mend (the leader's --advertise, its key in
+                        // etcd), said at each refusal: the agent keeps to its list meanwhile
+                        error!(coordinator = %shown, leader = %downgrade.leader, "{downgrade}");
+                        if refusals.len() < 8 {
+                            refusals.push(format!("{shown}: {downgrade}"));
+                        }
+                        false
+                    }
+                };
                 let leader = leader.as_deref().map_or("unknown".into(), redact_dsn);
                 info!(coordinator = %shown, %leader, follow, "the coordinator is not the leader");
                 (welcomed, follow)

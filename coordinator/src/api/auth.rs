@@ -134,8 +134,9 @@ fn tls_info(req: &http::Request<Body>) -> Option<&TlsConnectInfo<TcpConnectInfo>
 /// An agent's certificate (one that names a shard: a `flotilla-agent:` URI SAN, or a
 /// common name in `--agent-identities`) names no operator, whatever its common name: a
 /// shard's host, or whoever took its key, is not the operator who happens to share the
-/// name. Such a call goes on as one without a certificate (a bearer token may still
-/// authenticate it), its refusal saying whose certificate it was.
+/// name. Such a call is refused (PERMISSION_DENIED, whether or not operators authenticate:
+/// with none in the store, it had the whole operator API), unless a bearer token of an
+/// operator authenticates it.
 fn certificate_subject(req: &http::Request<Body>, coordinator: &Coordinator) -> CertSubject {
     let Some(cert) = tls_info(req)
         .and_then(|tls| tls.peer_certs())

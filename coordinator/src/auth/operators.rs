@@ -32,7 +32,7 @@ pub enum CertSubject {
     /// (seconds since the epoch), for a name given again after a revocation.
     Operator { name: String, valid_from_s: i64 },
     /// An agent's certificate (it names a shard), described for the refusal: it names
-    /// no operator.
+    /// no operator, and is refused on the operator API (with authentication off too).
     Agent(String),
 }
 
@@ -291,7 +291,20 @@ impl Coordinator {
         plan_id: &str,
     ) -> Result<Option<Caller>, CoordinatorError> {
         let needed = required_role(method);
-        if !self.auth_on_for(needed == Role::Viewer).await? {
+        let auth_on = self.auth_on_for(needed == Role::Viewer).await?;
+        // An agent's certificate is an agent's, not an operator's, whether or not operators
+        // authenticate: with none in the store yet, every certificate of the CA got the whole
+        // operator API (lock breaks, submits), a shard's host or whoever took its key
+        // included. A token still wins once operators exist (it names one); before, it names
+        // nobody, so it cannot lift the refusal.
+        if let CertSubject::Agent(whose) = certificate
+            && (bearer.is_none() || !auth_on)
+        {
+            return Err(self
+                .refuse_agent_certificate(whose, method, peer, plan_id)
+                .await);
+        }
+        if !auth_on {
             return Ok(None);
         }
         let found = match (bearer, certificate) {
@@ -330,13 +343,7 @@ impl Coordinator {
             }
             (None, CertSubject::Agent(whose)) => {
                 return Err(self
-                    .refuse_unauthenticated(
-                        method,
-                        peer,
-                        format!(
-                            "the client certificate is an agent's ({whose}): it names no operator"
-                        ),
-                    )
+                    .refuse_agent_certificate(whose, method, peer, plan_id)
                     .await);
             }
             (None, CertSubject::None) => {
@@ -377,6 +384,26 @@ impl Coordinator {
             name: operator.name,
             role,
         }))
+    }
+
+    /// A call made with an agent's client certificate (`whose` describes it): the agent is
+    /// known (its certificate was verified) and not allowed the operator API, so the
+    /// refusal is PERMISSION_DENIED, audited as `denied` by `agent`, under the plan named.
+    async fn refuse_agent_certificate(
+        &self,
+        whose: &str,
+        method: &str,
+        peer: &str,
+        plan_id: &str,
+    ) -> CoordinatorError {
+        let why = format!(
+            "the client certificate is an agent's ({whose}): it names no operator, and an \
+             agent's certificate may not call the operator API (give an operator's certificate \
+             or token)"
+        );
+        self.audit_refusal("agent", "denied", method, peer, plan_id, &why)
+            .await;
+        CoordinatorError::NotAllowed(why)
     }
 
     /// Audited under no plan: who sent it is not known, so the plan it names is not theirs to
