@@ -244,7 +244,8 @@ pub enum Conflict {
         "shard {shard}: this agent's database {database} has no Flotilla journal, and this \
          coordinator's plans applied {applied} step(s) on the shard: its --dsn names another \
          database than the shard's (a copy, a new one, another shard's before Flotilla ran \
-         there). Point it at the shard's database; if the shard's database was replaced on \
+         there), or the shard's was restored from before them. Point it at the shard's \
+         database; if the shard's database was replaced on \
          purpose, `flotilla fleet retire {shard}` first (the fleet forgets it), and it joins \
          as a new shard"
     )]
@@ -350,8 +351,9 @@ pub enum Conflict {
     #[error("plan {plan_id} is not waiting at a manual gate ({now}); nothing to promote")]
     NotAtGate { plan_id: String, now: String },
     #[error(
-        "plan {plan_id} is {now}, not committing: `plan forget-shard` is for a shard that will \
-         not come back to commit an atomic plan's decision"
+        "plan {plan_id} is {now}, not committing or rolling back: `plan forget-shard` is for a \
+         shard that will not come back to commit an atomic plan's decision, or to undo a plan \
+         rolling back"
     )]
     NotCommitting { plan_id: String, now: String },
     #[error("shard {shard} of plan {plan_id} {what}; nothing to forget")]

@@ -1109,6 +1109,66 @@ async fn a_reader_and_a_flag(
     Ok((holder, d))
 }
 
+/// A plan rolling back while a shard's agent is gone for good (its database decommissioned)
+/// is not held for good: an admin forgets the shard (`plan forget-shard`, audited), the plan
+/// ends rollback_failed naming it once the other shards are undone, and its locks go (the
+/// shard can then be retired). Before, it stayed rolling_back, and forget-shard, lock breaks
+/// and retire were all refused (a walk-through).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_waiting_for_a_shard_gone_for_good_ends_when_it_is_forgotten()
+-> anyhow::Result<()> {
+    let mut fleet = TestFleet::start(2, 1).await?;
+    let (code, st, out) = fleet.submit_wait(&coord_dbmate_dir(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    fleet.agents[1].take().expect("the agent").kill()?;
+    let out = fleet.cli(&["plan", "rollback", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    crate::harness::wait_until("shard_0 undone, shard_1 waited for", WAIT, async || {
+        let st = fleet.status(&id).await?;
+        let undone: i64 = fleet
+            .pg
+            .query_scalar(&fleet.shards[0], "SELECT count(*) FROM flotilla.journal")
+            .await?;
+        Ok(st["state"] == "rolling_back" && undone == 0)
+    })
+    .await?;
+    let out = fleet
+        .cli(&[
+            "plan",
+            "forget-shard",
+            &id,
+            "--shard",
+            "shard_1",
+            "--reason",
+            "decommissioned",
+            "--wait",
+            "--output",
+            "json",
+        ])
+        .await?;
+    let st: Value = serde_json::from_str(out.stdout.lines().last().unwrap_or("{}"))?;
+    assert_eq!(st["state"], "rollback_failed", "{out}");
+    let named = st["failures"].as_array().is_some_and(|f| {
+        f.iter().any(|f| {
+            f["shard"] == "shard_1"
+                && f["message"].as_str().is_some_and(|m| {
+                    m.contains("shard shard_1 forgotten by")
+                        && m.contains("(decommissioned)")
+                        && m.contains(&format!("flotilla plan rollback {id}"))
+                })
+        })
+    });
+    assert!(named, "{st}");
+    let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+    assert_eq!(locks["locks"].as_array().map(Vec::len), Some(0), "{locks}");
+    let out = fleet
+        .cli(&["fleet", "retire", "shard_1", "--reason", "decommissioned"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    Ok(())
+}
+
 /// A rollback's undo blocked behind an application's transaction shows in `plan status` as
 /// waiting for its lock, as a step does (a rollback stuck for a minute showed nothing until
 /// it failed), and no more once it is through.

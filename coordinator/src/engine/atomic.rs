@@ -513,6 +513,9 @@ impl Engine {
             // the service reads the store: ended, or not taken over yet
             return Err(CoordinatorError::PlanNotFound(plan_id.to_string()));
         };
+        if run.state == PlanState::RollingBack {
+            return self.forget_shard_undo(plan_id, shard, actor);
+        }
         if run.state != PlanState::Committing {
             return Err(Conflict::NotCommitting {
                 plan_id: plan_id.to_string(),
@@ -570,6 +573,70 @@ impl Engine {
         warn!(plan = %plan_id, shard = %shard, operator = %actor.name, "shard forgotten while its plan commits");
         let updates = run.forget_shard(shard, &why);
         run.message = actor.explain(&format!("shard {shard} forgotten by {}", actor.name));
+        self.write(StoreOp::Steps {
+            plan_id: plan_id.to_string(),
+            updates,
+        });
+        self.write(actor.audit("forget-shard", plan_id, &format!("shard {shard}")));
+        self.write_state(plan_id);
+        Ok(())
+    }
+
+    /// `plan forget-shard` of a plan rolling back: a shard whose agent is gone for good (its
+    /// database decommissioned) is not waited for. Its undo is given up: the plan ends
+    /// `rollback_failed` once the other shards are undone, naming the shard and what it
+    /// holds of the plan, and lets go of its locks; `plan rollback` again undoes the rest
+    /// once an agent is back there. Before, such a plan waited for good, and nothing an
+    /// operator could do (retire, lock break, forget) ended it. Refused while the agent is
+    /// there, or when the shard's undo is done.
+    fn forget_shard_undo(
+        &mut self,
+        plan_id: &str,
+        shard: &str,
+        actor: &Actor,
+    ) -> Result<(), CoordinatorError> {
+        let run = self.plans.get(plan_id).expect("present");
+        let Some(sr) = run.shards.get(shard) else {
+            return Err(super::commands::no_such_shard(run, shard));
+        };
+        if sr.rollback == crate::plan::RollbackState::Done {
+            return Err(Conflict::ShardResolved {
+                plan_id: plan_id.to_string(),
+                shard: shard.to_string(),
+                what: "has its undo done (or nothing to undo)",
+            }
+            .into());
+        }
+        let present = if self.agents.contains_key(shard) {
+            Some("attached to this coordinator")
+        } else if self.live.contains(shard) {
+            Some("alive (its liveness key is in etcd)")
+        } else {
+            None
+        };
+        if let Some(how) = present {
+            return Err(Conflict::AgentPresent {
+                plan_id: plan_id.to_string(),
+                shard: shard.to_string(),
+                how,
+            }
+            .into());
+        }
+        let why = format!(
+            "shard {shard} forgotten by {}{} while the plan rolled back: what the plan applied \
+             there is not undone (`flotilla plan rollback {plan_id}` undoes it once an agent is \
+             back there; a transaction of an atomic unit prepared there rolls back from the \
+             decision in etcd)",
+            actor.name,
+            if actor.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", actor.reason)
+            }
+        );
+        warn!(plan = %plan_id, shard = %shard, operator = %actor.name, "shard forgotten while its plan rolls back");
+        let run = self.plans.get_mut(plan_id).expect("present");
+        let updates = run.forget_undo(shard, &why);
         self.write(StoreOp::Steps {
             plan_id: plan_id.to_string(),
             updates,

@@ -318,6 +318,62 @@ impl PlanRun {
     /// A shard whose agent is gone past the grace: its runs in flight fail, so
     /// the plan's policy decides (the journal still tells, when it returns,
     /// what those runs really did).
+    /// A shard forgotten while the plan rolls back (`plan forget-shard`): its undo is not
+    /// waited for. Each step that may hold something there (`may_hold_undo`) is a rollback
+    /// error, its failure saying `why` (stored with the step, so the ended plan's status
+    /// still says it); so is a shard left to an atomic unit's abort, its transactions of
+    /// the unit prepared there. The plan then ends `rollback_failed`, not `rolled_back`.
+    pub fn forget_undo(&mut self, shard: &str, why: &str) -> Vec<StepUpdate> {
+        let Some(sr) = self.shards.get_mut(shard) else {
+            return Vec::new();
+        };
+        sr.rollback = RollbackState::Done;
+        let left = std::mem::take(&mut sr.left);
+        let error = pb::StepError {
+            phase: "down".into(),
+            message: why.to_string(),
+            ..Default::default()
+        };
+        let kept: Vec<usize> = (0..self.steps.len())
+            .filter(|&s| {
+                let step = &self.steps[s];
+                self.targets[step.target].shard == shard
+                    && !matches!(
+                        step.status,
+                        StepStatus::RolledBack | StepStatus::NotRun | StepStatus::AlreadyApplied
+                    )
+                    && !(step.status == StepStatus::Failed && step.transactional)
+            })
+            .collect();
+        let mut updates = Vec::new();
+        for &s in &kept {
+            let t = &self.targets[self.steps[s].target];
+            self.failures.push(pb::StepFailure {
+                migration_id: self.spec.migrations[self.steps[s].migration].id.to_string(),
+                target: Some(pb::TargetRef {
+                    shard: t.shard.clone(),
+                    tenant: t.tenant.clone(),
+                }),
+                error: Some(error.clone()),
+            });
+            updates.push(self.update_of(s, Some(&error)));
+        }
+        if left && kept.is_empty() {
+            self.failures.push(pb::StepFailure {
+                migration_id: String::new(),
+                target: Some(pb::TargetRef {
+                    shard: shard.into(),
+                    tenant: String::new(),
+                }),
+                error: Some(error),
+            });
+        }
+        if left || !kept.is_empty() {
+            self.rollback_errors += 1;
+        }
+        updates
+    }
+
     pub fn fail_lost_shard(&mut self, shard: &str, reason: &str) -> (Vec<StepUpdate>, bool) {
         let Some(sr) = self.shards.get_mut(shard) else {
             return (Vec::new(), false);
