@@ -613,7 +613,9 @@ fn stopped_if_server_gone(
     // Fenced: a newer coordinator term took the shard (a restart, a failover) and runs the
     // change on from its checkpoint; its status showed this run "failed" until then, which
     // anything watching `data[].state` took for a failure.
-    if failure.error.phase == "fence" {
+    // (by its SQLSTATE: a lock timeout in the fence check, an older term's transaction
+    // holding the row, is "fence" too, and this term's own failure)
+    if failure.error.sqlstate == flotilla_core::protocol::sqlstate::FENCED {
         progress.set(
             "stopped",
             "a newer coordinator term took the shard: it goes on from the checkpoint",

@@ -83,7 +83,7 @@ fn prior_image_restore(
         "q.target = {} AND q.migration_id = {} AND q.batch = {number}",
         cx.tenant_lit, m.id_lit
     );
-    let mut out = begin_fenced(cx.epoch);
+    let mut out = begin_fenced(cx);
     // The post images are compared as the batch built them (jsonb of the same columns), so
     // that any column type compares, json too; hashed once for the batch's rows.
     let _ = writeln!(
@@ -157,14 +157,14 @@ pub(crate) async fn restore_prior_image(
         shared.map(|s| s.publish),
         cx.tenant,
         m.id(),
-        numbers.len() as u64 * u64::from(d.batch_size),
+        numbers.len() as u64 * u64::from(d.first_batch_size()),
     );
     let last = numbers.len() - 1;
     for (i, number) in numbers.into_iter().enumerate() {
         let sql = match prior_image_restore(cx, m, number, &types, &json) {
             Ok(sql) => sql,
             Err(e) => {
-                progress.set("failed", "its restore failed", d.batch_size);
+                progress.set("failed", "its restore failed", d.first_batch_size());
                 // not a lost connection (Protocol would say so): the change's own problem
                 return Err(sqlx::Error::InvalidArgument(format!(
                     "restoring the prior image of `{}`: {}",
@@ -187,24 +187,28 @@ pub(crate) async fn restore_prior_image(
                 // the batch's transaction may be open (aborted): end it. If that fails too the
                 // connection is gone, which the caller's cleanup finds and reports.
                 let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-                progress.set("failed", "its restore failed", d.batch_size);
+                progress.set("failed", "its restore failed", d.first_batch_size());
                 return Err(e);
             }
         };
         if let Some((put_back, saved)) = counts {
             rows += put_back;
             kept += saved - put_back;
-            progress.batch(saved.max(0) as u64, d.batch_size);
+            // counted as each batch commits (its image goes with it): a restore cut short
+            // and run again finds those batches no more
+            if let Some(s) = shared {
+                s.rows_kept.fetch_add(
+                    (saved - put_back).max(0) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            progress.batch(saved.max(0) as u64, d.first_batch_size());
             if i < last {
                 limit.wait(saved.max(0) as u64).await;
             }
         }
     }
     progress.forget();
-    if let Some(s) = shared {
-        s.rows_kept
-            .fetch_add(kept.max(0) as u64, std::sync::atomic::Ordering::Relaxed);
-    }
     if kept > 0 {
         warn!(
             step = m.id(),
@@ -244,7 +248,7 @@ mod tests {
         let restore = prior_image_restore(&cx, &m, 4, &types, &[]).unwrap();
         assert!(
             restore.starts_with(
-                "BEGIN;\nSELECT flotilla.check_fence(2);\nWITH r AS (SELECT r.*, q.image AS \"flotilla:sql_nulls\" FROM flotilla.prior_images q, \
+                "BEGIN;\nSELECT flotilla.check_fence(2);\nSELECT flotilla.check_tenant_schema('t1');\nWITH r AS (SELECT r.*, q.image AS \"flotilla:sql_nulls\" FROM flotilla.prior_images q, \
                  LATERAL pg_catalog.jsonb_to_record(q.image) AS r(\"region\" text, \"id\" integer, \"phone\" character varying(20)) \
                  WHERE q.target = 't1' AND q.migration_id = 'm3' AND q.batch = 4 AND NOT q.post), \
                  u AS (UPDATE \"contacts\" AS t SET \"phone\" = r.\"phone\" FROM r \

@@ -49,14 +49,11 @@ pub(crate) fn data_batch(
         .as_ref()
         .ok_or_else(|| BuildError::NotData(m.id().to_string()))?;
     let mut out = if d.prior_image.is_empty() {
-        begin_fenced(cx.epoch)
+        begin_fenced(cx)
     } else {
         // one snapshot for the image and the change: a row changed by another session in
         // between would otherwise be saved stale (the batch retries a serialization failure)
-        format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ;\nSELECT flotilla.check_fence({});\n",
-            cx.epoch
-        )
+        begin_fenced(cx).replacen("BEGIN;", "BEGIN ISOLATION LEVEL REPEATABLE READ;", 1)
     };
     // A batch does not wait for its commit to reach disk: a crash of the server can lose
     // only the last batches, each together with its checkpoint (one transaction, and WAL is
@@ -399,7 +396,8 @@ mod tests {
         assert_eq!(
             sql,
             format!(
-                "BEGIN;\nSELECT flotilla.check_fence(4);\nSET LOCAL synchronous_commit = off;\n\
+                "BEGIN;\nSELECT flotilla.check_fence(4);\nSELECT flotilla.check_tenant_schema('t1');\n\
+                 SET LOCAL synchronous_commit = off;\n\
                  SELECT flotilla.advance_checkpoint('t1', 'm2', {ck}, 'p9', NULL, '7', 7);\n\
                  UPDATE customers SET n = n + 1 WHERE id >  '-9223372036854775808'  AND id <=  '7' \n;\n\
                  COMMIT;\n"

@@ -48,7 +48,7 @@ pub(crate) fn non_transactional_prologue(cx: &StepContext<'_>, m: &PreparedMigra
 /// After a non-transactional step's statements: verify and journal in one short, fenced
 /// transaction. For a data change, its checkpoint goes in the same transaction.
 pub(crate) fn non_transactional_epilogue(cx: &StepContext<'_>, m: &PreparedMigration) -> String {
-    let mut out = begin_fenced(cx.epoch);
+    let mut out = begin_fenced(cx);
     push_verify_and_journal(&mut out, cx, m);
     push_checkpoint_delete(&mut out, cx, m);
     out.push_str("COMMIT;\n");
@@ -72,7 +72,7 @@ pub(crate) fn non_transactional_undo_prologue(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
 ) -> String {
-    let mut out = begin_fenced(cx.epoch);
+    let mut out = begin_fenced(cx);
     push_checkpoint_undoing(&mut out, cx, m);
     out.push_str("COMMIT;\n");
     out
@@ -84,7 +84,7 @@ pub(crate) fn non_transactional_undo_epilogue(
     cx: &StepContext<'_>,
     m: &PreparedMigration,
 ) -> String {
-    let mut out = begin_fenced(cx.epoch);
+    let mut out = begin_fenced(cx);
     push_journal_move(&mut out, cx, m);
     push_checkpoint_delete(&mut out, cx, m);
     if m.has_prior_image() {
@@ -174,7 +174,15 @@ mod tests {
         // a run to prepare ends without COMMIT: its PREPARE TRANSACTION goes on its own
         let open = transaction(&cx, &[&m, &m2], false);
         assert_eq!(format!("{open}COMMIT;\n{SESSION_RESET}"), sql);
-        assert_eq!(begin_fenced(7), "BEGIN;\nSELECT flotilla.check_fence(7);\n");
+        assert_eq!(
+            begin_fenced(&cx),
+            "BEGIN;\nSELECT flotilla.check_fence(7);\n\
+             SELECT flotilla.check_tenant_schema('tenant_1');\n"
+        );
+        assert_eq!(
+            begin_fenced(&context("", "p1", 7)),
+            "BEGIN;\nSELECT flotilla.check_fence(7);\n"
+        );
     }
 
     #[test]
@@ -203,7 +211,8 @@ mod tests {
         assert!(pro.contains("clock_timestamp()::text, false)"));
         let epi = non_transactional_epilogue(&cx, &m);
         assert!(epi.starts_with(
-            "BEGIN;\nSELECT flotilla.check_fence(3);\nSELECT flotilla.record_step('t1', 'm2', "
+            "BEGIN;\nSELECT flotilla.check_fence(3);\nSELECT flotilla.check_tenant_schema('t1');\n\
+             SELECT flotilla.record_step('t1', 'm2', "
         ));
         assert!(epi.ends_with("COMMIT;\n"));
     }
@@ -230,7 +239,10 @@ mod tests {
             "{sql}"
         );
         let epi = non_transactional_undo_epilogue(&cx, &m);
-        assert!(epi.starts_with("BEGIN;\nSELECT flotilla.check_fence(4);\nWITH d AS"));
+        assert!(epi.starts_with(
+            "BEGIN;\nSELECT flotilla.check_fence(4);\nSELECT flotilla.check_tenant_schema('t1');\n\
+             WITH d AS"
+        ));
     }
 
     #[test]

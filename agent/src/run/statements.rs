@@ -67,7 +67,7 @@ pub(super) async fn run_up_statements(
         // one: a procedure or DO block that commits inside
         let mut commits_inside = false;
         if first_non_transactional(std::slice::from_ref(statement)).is_none() {
-            let mut sql = begin_fenced(cx.epoch);
+            let mut sql = begin_fenced(cx);
             sql.push_str(statement);
             sql.push_str("\n;\n");
             sql.push_str(&advance);
@@ -89,11 +89,7 @@ pub(super) async fn run_up_statements(
             // Nothing recorded yet: the checkpoint comes first, so that a rollback finds the
             // step (and runs its down SQL) even if the agent dies before this statement's
             // record, whether or not the statement committed.
-            let pending = format!(
-                "{}{}COMMIT;\n",
-                begin_fenced(cx.epoch),
-                advance_sql(cx, m, 0, 0)
-            );
+            let pending = format!("{}{}COMMIT;\n", begin_fenced(cx), advance_sql(cx, m, 0, 0));
             execute(conn, pending).await.map_err(|e| fail(&e, true))?;
         }
         if let Err(failure) =
@@ -109,7 +105,7 @@ pub(super) async fn run_up_statements(
         }
         // Done and committed: a crash before this records it leaves it to run again (a
         // statement outside a transaction cannot commit with its record).
-        let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
+        let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx));
         let what = format!("the record of up statement {} of step {}", k + 1, m.id());
         if let Err((e, attempts)) = retry_lock_timeouts(conn, &record, true, &what).await {
             // The statement is done and not recorded: not a failure for the step's own
@@ -156,7 +152,7 @@ async fn forget_pending(conn: &mut PgConnection, cx: &StepContext<'_>, m: &Prepa
     let sql = format!(
         "{}DELETE FROM flotilla.checkpoints WHERE target = {} AND migration_id = {} \
          AND statements = 0 AND undone = 0 AND NOT undoing AND last_key IS NULL AND batches = 0;\nCOMMIT;\n",
-        begin_fenced(cx.epoch),
+        begin_fenced(cx),
         cx.tenant_lit,
         m.id_lit
     );
@@ -231,7 +227,7 @@ pub(super) async fn pass_over_never_run(
         of = n,
         "left part-way: only the down statements of the up statements that ran are run"
     );
-    let mut sql = begin_fenced(cx.epoch);
+    let mut sql = begin_fenced(cx);
     push_advance_undone(&mut sql, cx, m, undone, pass);
     sql.push_str("COMMIT;\n");
     let what = format!(
@@ -280,7 +276,7 @@ pub(super) async fn run_down_statements(
         let what = format!("down statement {} of step {}", k + 1, m.id());
         let mut commits_inside = false;
         if first_non_transactional(std::slice::from_ref(statement)).is_none() {
-            let mut sql = begin_fenced(cx.epoch);
+            let mut sql = begin_fenced(cx);
             sql.push_str(statement);
             sql.push_str("\n;\n");
             sql.push_str(&advance);
@@ -321,7 +317,7 @@ pub(super) async fn run_down_statements(
                 failure
             })?;
         // Done and committed: a crash before this records it leaves it to run again.
-        let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx.epoch));
+        let record = format!("{}{advance}COMMIT;\n", begin_fenced(cx));
         let what = format!("the record of down statement {} of step {}", k + 1, m.id());
         if let Err((e, attempts)) = retry_lock_timeouts(conn, &record, true, &what).await {
             let mut failure = fail(&e, attempts);

@@ -138,8 +138,13 @@ async fn reconnect(agent: &Arc<Agent>, outbox: &mut Outbox, mut rotation: Rotati
         );
         if !welcomed {
             refusals.dedup();
-            let why = refusals.join("; ");
-            warn!(coordinators = %redact_list(&agent.config.coordinator), attempt, ?delay, "no coordinator took the agent ({why}); retrying");
+            // (none refused it: each was a follower naming no leader, or went away)
+            let why = if refusals.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", refusals.join("; "))
+            };
+            warn!(coordinators = %redact_list(&agent.config.coordinator), attempt, ?delay, "no coordinator took the agent{why}; retrying");
             refusals.clear();
             attempt = attempt.saturating_add(1);
         }

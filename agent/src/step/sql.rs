@@ -35,9 +35,24 @@ pub(crate) fn push_statements(out: &mut String, statements: &[String]) {
 pub(crate) const SESSION_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT;\nRESET ROLE;\n\
      RESET ALL;\nDISCARD TEMP;\nSELECT pg_catalog.pg_advisory_unlock_all();\nUNLISTEN *;\n";
 
-/// Opens a step transaction and checks the fence in it.
-pub(crate) fn begin_fenced(epoch: u64) -> String {
-    format!("BEGIN;\nSELECT flotilla.check_fence({epoch});\n")
+/// Opens a step transaction and checks the fence in it, and, for a tenant, that its schema
+/// is still the one its journal rows were written in (a backfill of hours, a schema made
+/// again under it: its batches and its journal row went on in the new schema).
+pub(crate) fn begin_fenced(cx: &StepContext<'_>) -> String {
+    let mut out = format!("BEGIN;\nSELECT flotilla.check_fence({});\n", cx.epoch);
+    push_tenant_check(&mut out, cx);
+    out
+}
+
+/// `flotilla.check_tenant_schema` of the step's tenant (none for the shard's own steps).
+fn push_tenant_check(out: &mut String, cx: &StepContext<'_>) {
+    if !cx.tenant.is_empty() {
+        let _ = writeln!(
+            out,
+            "SELECT flotilla.check_tenant_schema({});",
+            cx.tenant_lit
+        );
+    }
 }
 
 /// Checks the fence.
@@ -80,13 +95,7 @@ pub(crate) fn push_settings(
         push_fence(out, epoch);
         // with the fence, once a transaction: a tenant whose schema changed under a plan
         // under way runs nothing of it (`flotilla.check_tenant_schema`)
-        if !cx.tenant.is_empty() {
-            let _ = writeln!(
-                out,
-                "SELECT flotilla.check_tenant_schema({});",
-                cx.tenant_lit
-            );
-        }
+        push_tenant_check(out, cx);
     }
     if !cx.tenant.is_empty() {
         let _ = writeln!(out, "{scope} search_path TO {};", quote_ident(cx.tenant));

@@ -3667,6 +3667,82 @@ async fn a_step_on_a_schema_made_again_under_its_plan_runs_nothing() {
     f.drop().await;
 }
 
+/// A tenant's schema made again under its backfill (re-provisioned with the same table): the
+/// next batch fails (FL006) and nothing is changed in the new schema, its journal row not
+/// written. Before, the check ran once, as the step began: the batches went on in the new
+/// schema and the journal row followed (the review of the check on transactional steps).
+#[tokio::test]
+async fn a_backfill_on_a_schema_made_again_under_it_changes_nothing_there() {
+    let Some(f) = fleet("schema_again_data", 1).await else {
+        return;
+    };
+    let pool = f.pool.clone();
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "sd".into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "work_orders".into(),
+                key: "id".into(),
+                batch_size: 2,
+                rows_per_second: 4,
+                batch_sql: "UPDATE work_orders SET priority = 'swapped' WHERE id > $1 AND id <= $2"
+                    .into(),
+                ..Default::default()
+            }),
+            ..migration("swap_fill", "", "", "")
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "sd".into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(1, "tenant_0000", &["swap_fill"], false)],
+    }));
+    flotilla_testkit::wait::wait_until("a batch", WAIT, async || {
+        Ok(count(
+            &pool,
+            "SELECT coalesce(max(batches), 0) FROM flotilla.checkpoints",
+        )
+        .await
+            >= 1)
+    })
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "DROP SCHEMA tenant_0000 CASCADE; CREATE SCHEMA tenant_0000; \
+         CREATE TABLE tenant_0000.work_orders (id bigserial PRIMARY KEY, priority text); \
+         INSERT INTO tenant_0000.work_orders (priority) SELECT 'low' FROM generate_series(1, 20);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let r = s.results("sd", 1).await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Failed], "{r:?}");
+    let e = r[&1].steps[0].error.clone().unwrap_or_default();
+    assert_eq!(e.sqlstate, "FL006", "{e:?}");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM tenant_0000.work_orders WHERE priority = 'swapped'"
+        )
+        .await,
+        0,
+        "nothing changed in the new schema"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM flotilla.journal").await,
+        0
+    );
+    drop(s);
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A leader of a newer term welcomes the agent while runs an earlier leader handed out are
 /// still queued: they are not run (the new leader sends its own), and the shard's fence
 /// moves to the new epoch as soon as the run under way lets go of it (refusing any that got

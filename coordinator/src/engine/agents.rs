@@ -106,20 +106,21 @@ impl Engine {
             let aborted = run.state == PlanState::Aborting
                 && run.decision == Some(crate::coordination::Decision::Abort);
             for (shard, sr) in &run.shards {
-                // Counted from when it went, needed then or not: a shard whose agent went
-                // while its targets waited prepared for the unit's decision (nothing out
-                // there) is left as soon as an abort needs it, not a grace after the abort.
-                let is_gone = gone(shard);
-                if is_gone {
-                    self.lost_since.entry(shard.clone()).or_insert(now);
-                    watched.insert(shard.clone());
-                }
                 // (a plan a new leader took over knows what a shard holds only from its
                 // agent's list: one away may hold the unit's transactions still)
                 let in_doubt = aborted
                     && !sr.resolved
                     && !sr.left
                     && (!sr.prepared.is_empty() || run.shard_has_open(shard) || run.inherited);
+                // Counted from when it went while its targets waited prepared for the unit's
+                // decision (nothing out there): left as soon as an abort needs it, not a
+                // grace after the abort. (Not any shard gone: one away between waves would
+                // have its first run failed at once, with no grace.)
+                let is_gone = gone(shard);
+                if is_gone && (!sr.prepared.is_empty() || in_doubt) {
+                    self.lost_since.entry(shard.clone()).or_insert(now);
+                    watched.insert(shard.clone());
+                }
                 if (sr.outstanding.is_empty() && !in_doubt) || self.agents.contains_key(shard) {
                     continue;
                 }

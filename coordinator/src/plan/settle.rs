@@ -267,7 +267,7 @@ impl PlanRun {
                         .collect();
                     self.message = format!(
                         "{}; {} target(s) gone from their shards during the plan (their schemas \
-                         dropped), nothing run there: {}",
+                         dropped or renamed), nothing more of it run there: {}",
                         self.message,
                         names.len(),
                         crate::error::some_of(&names, 5)

@@ -595,14 +595,19 @@ impl Store {
         Ok(found.map(|(id,)| id))
     }
 
-    /// How many steps plans of this coordinator applied on `shard` (stored applied), unless
-    /// the shard was retired (`fleet retire`: its agent row gone, the fleet forgot it).
+    /// How many steps plans of this coordinator applied on `shard` (stored applied) since
+    /// the shard was last retired (`fleet retire`, its audit row: "shard S" or "shard S:
+    /// reason"): a shard retired and joined again from another database starts anew.
     pub async fn applied_on(&self, shard: &str) -> Result<i64, StoreError> {
         let (n,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM steps WHERE shard = $1 AND state = 'applied' \
-               AND shard IN (SELECT shard FROM agents)",
+               AND updated_at_ms > COALESCE((SELECT max(at_ms) FROM audit \
+                 WHERE plan_id = '' AND action = 'retire-shard' \
+                   AND (detail = $2 OR substr(detail, 1, length($3)) = $3)), 0)",
         )
         .bind(shard)
+        .bind(format!("shard {shard}"))
+        .bind(format!("shard {shard}: "))
         .fetch_one(&self.pool)
         .await?;
         Ok(n)

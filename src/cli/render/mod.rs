@@ -539,9 +539,16 @@ impl Progress {
     /// changes' rows alone did, and [`DATA_LINE_EVERY`] has passed since the last line.
     fn piped_line_due(&mut self, line: &str, s: &pb::PlanStatus) -> bool {
         let mut whole = line.to_string();
-        // a change's state and why (throttled, paused, failed) at once; its rows alone not
-        for d in active_data(s) {
-            whole.push_str(&format!("{} {} {}", data_target(d), d.state, d.reason));
+        // a change's state (throttled, paused, failed) at once; its rows alone not, nor its
+        // reason's figures ("replication lag 12.3 (limit 10)"), nor the order the busiest
+        // first puts them in
+        let mut states: Vec<String> = active_data(s)
+            .iter()
+            .map(|d| format!("{} {}", data_target(d), d.state))
+            .collect();
+        states.sort();
+        for st in states {
+            whole.push_str(&st);
         }
         for w in between_waves(s) {
             whole.push_str(&wave_line(w, false));
