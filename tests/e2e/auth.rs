@@ -999,5 +999,28 @@ async fn a_failures_detail_is_withheld_from_viewers() -> anyhow::Result<()> {
     let failures = seen["failures"].to_string();
     assert!(!failures.contains("Canary Holder 4111"), "{seen}");
     assert!(failures.contains("withheld from viewers"), "{seen}");
+    // a value PostgreSQL quotes in the message itself is withheld too (a viewer read
+    // `invalid input syntax for type integer: "urgent"` of a production row)
+    let d = MigrationDir::new()?;
+    d.migration(
+        "002_secret_value",
+        "",
+        "SELECT 'Canary Value 5500'::integer",
+        "SELECT 1",
+    )?;
+    let id = alice.submit(d.path(), &["--policy", "stop"]).await?;
+    let (_, st) = alice.watch(&id).await?;
+    assert!(
+        st.to_string().contains("Canary Value 5500"),
+        "an operator sees it: {st}"
+    );
+    let seen = val.status(&id).await?;
+    assert!(!seen.to_string().contains("Canary Value 5500"), "{seen}");
+    assert!(
+        seen["failures"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("invalid input syntax for type integer: \"(withheld")),
+        "{seen}"
+    );
     Ok(())
 }

@@ -65,16 +65,58 @@ fn is_viewer<T>(req: &Request<T>) -> bool {
 /// no more than the plan's shape and errors.
 pub(crate) const DETAIL_WITHHELD: &str = "(withheld from viewers: PostgreSQL's detail may hold row values; an operator's plan status shows it)";
 
-/// A plan's status as the caller may read it: a viewer's without the failures' DETAIL.
+/// A plan's status as the caller may read it: a viewer's without the failures' DETAIL,
+/// nor the values PostgreSQL quotes in its messages ([`values_withheld`]).
 fn for_the_caller(mut status: pb::PlanStatus, viewer: bool) -> pb::PlanStatus {
     if viewer {
         for error in status.failures.iter_mut().filter_map(|f| f.error.as_mut()) {
             if !error.detail.is_empty() {
                 error.detail = DETAIL_WITHHELD.into();
             }
+            error.message = values_withheld(&error.message);
         }
+        status.message = values_withheld(&status.message);
     }
     status
+}
+
+/// What a viewer reads of a message that may quote a row's value: PostgreSQL puts the
+/// value after a colon (`invalid input syntax for type integer: "urgent"`, `invalid input
+/// value for enum mood: "x"`, `malformed array literal: "..."`) or names it
+/// (`value "123456789012" is out of range for type integer`); identifiers it quotes
+/// without a colon (`relation "t" does not exist`) stay. A viewer read a row's value in
+/// the message while its DETAIL was withheld.
+pub(crate) fn values_withheld(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    loop {
+        let colon = rest.find(": \"").map(|i| i + 3);
+        let named = rest.find("value \"").map(|i| i + 7);
+        let Some(start) = [colon, named].into_iter().flatten().min() else {
+            out.push_str(rest);
+            return out;
+        };
+        // the quoted value ends at a quote not doubled ("" is a quote inside it)
+        let bytes = rest.as_bytes();
+        let mut end = start;
+        while end < bytes.len() {
+            if bytes[end] == b'"' {
+                if bytes.get(end + 1) == Some(&b'"') {
+                    end += 2;
+                    continue;
+                }
+                break;
+            }
+            end += 1;
+        }
+        if end >= bytes.len() {
+            out.push_str(rest);
+            return out;
+        }
+        out.push_str(&rest[..start]);
+        out.push_str("(withheld from viewers)");
+        rest = &rest[end..];
+    }
 }
 
 impl Coordinator {
@@ -470,20 +512,28 @@ impl pb::operator_service_server::OperatorService for Coordinator {
         &self,
         req: Request<pb::FleetStatusRequest>,
     ) -> Result<Response<pb::FleetStatusResponse>, Status> {
+        let viewer = is_viewer(&req);
         let req = req.into_inner();
         let files = req.checksums.into_iter().collect();
-        Ok(Response::new(
-            self.fleet_status(&req.selector, &files).await?,
-        ))
+        let mut status = self.fleet_status(&req.selector, &files).await?;
+        if viewer {
+            for f in &mut status.failures {
+                f.message = values_withheld(&f.message);
+            }
+        }
+        Ok(Response::new(status))
     }
 
     async fn fleet_show(
         &self,
         req: Request<pb::FleetShowRequest>,
     ) -> Result<Response<pb::FleetTarget>, Status> {
-        Ok(Response::new(
-            self.fleet_show(&req.into_inner().target).await?,
-        ))
+        let viewer = is_viewer(&req);
+        let mut target = self.fleet_show(&req.into_inner().target).await?;
+        if viewer && let Some(f) = target.last_failure.as_mut() {
+            f.message = values_withheld(&f.message);
+        }
+        Ok(Response::new(target))
     }
 
     async fn fleet_drift(
@@ -544,5 +594,37 @@ impl pb::operator_service_server::OperatorService for Coordinator {
             self.revoke_operator(&by.name, &req.into_inner().name)
                 .await?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::values_withheld;
+
+    /// The values PostgreSQL quotes in a message are withheld from viewers; identifiers
+    /// and the rest of the message stay.
+    #[test]
+    fn a_viewer_reads_no_quoted_value() {
+        for (said, read) in [
+            (
+                "step m failed on s/t (SQLSTATE 22P02): invalid input syntax for type integer: \"urgent\"; every applied step is being undone",
+                "step m failed on s/t (SQLSTATE 22P02): invalid input syntax for type integer: \"(withheld from viewers)\"; every applied step is being undone",
+            ),
+            (
+                "value \"123456789012\" is out of range for type integer",
+                "value \"(withheld from viewers)\" is out of range for type integer",
+            ),
+            (
+                "malformed array literal: \"a\"\"b\"",
+                "malformed array literal: \"(withheld from viewers)\"",
+            ),
+            (
+                "relation \"orders\" does not exist",
+                "relation \"orders\" does not exist",
+            ),
+            ("no quote: \"unterminated", "no quote: \"unterminated"),
+        ] {
+            assert_eq!(values_withheld(said), read);
+        }
     }
 }
