@@ -57,25 +57,10 @@ fn server_certificate_usable(der: &CertificateDer<'_>) -> Result<(), String> {
         // rustls says what it cannot read, when it reads it
         return Ok(());
     };
-    let validity = cert.validity();
-    let subject = cert.subject().to_string();
-    let when = |t: x509_parser::time::ASN1Time| {
-        t.to_rfc2822().unwrap_or_else(|_| t.timestamp().to_string())
-    };
-    if !validity.is_valid() {
-        let now = x509_parser::time::ASN1Time::now();
-        return Err(if now > validity.not_after {
-            format!(
-                "the certificate ({subject}) expired {}",
-                when(validity.not_after)
-            )
-        } else {
-            format!(
-                "the certificate ({subject}) is not valid before {}",
-                when(validity.not_before)
-            )
-        });
+    if let Some(problem) = flotilla_core::tls::validity_problem(der.as_ref()) {
+        return Err(problem);
     }
+    let subject = cert.subject().to_string();
     if let Ok(Some(eku)) = cert.extended_key_usage()
         && !eku.value.any
         && !eku.value.server_auth

@@ -118,6 +118,24 @@ impl TlsFiles {
         }
     }
 
+    /// What a client says of its own certificate before it connects: expired or not valid
+    /// yet, naming the file and the date (the coordinator's refusal reached the CLI as
+    /// "connection closed" or "broken pipe", and the agent's without the file or dates).
+    /// Said, not refused: the coordinator refuses it, and audits the refusal.
+    pub fn client_certificate_warning(&self) -> Option<String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let path = self.cert.as_ref()?;
+        let pem = std::fs::read(path).ok()?;
+        let leaf = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
+        let problem = validity_problem(leaf.as_ref())?;
+        Some(format!(
+            "{} {}: {problem}: the coordinator refuses it; renew it",
+            self.flag("cert"),
+            path.display()
+        ))
+    }
+
     /// The CA certificate(s), as PEM text.
     pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, TlsError> {
         self.ca.as_ref().map(|p| self.read("ca", p)).transpose()
@@ -144,6 +162,34 @@ impl TlsFiles {
         }
         Ok(Some(config))
     }
+}
+
+/// Why a certificate (DER) is outside its validity now: expired, or not valid yet (a
+/// clock behind), naming its subject and the date; None when it is valid, or cannot be
+/// read (rustls says what it cannot read, where it reads it).
+pub fn validity_problem(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let validity = cert.validity();
+    if validity.is_valid() {
+        return None;
+    }
+    let subject = cert.subject().to_string();
+    let when = |t: x509_parser::time::ASN1Time| {
+        t.to_rfc2822().unwrap_or_else(|_| t.timestamp().to_string())
+    };
+    let now = x509_parser::time::ASN1Time::now();
+    Some(if now > validity.not_after {
+        format!(
+            "the certificate ({subject}) expired {}",
+            when(validity.not_after)
+        )
+    } else {
+        format!(
+            "the certificate ({subject}) is not valid before {}",
+            when(validity.not_before)
+        )
+    })
 }
 
 /// The shards a certificate names as an agent's (`flotilla-agent:<shard>` URI SANs of its

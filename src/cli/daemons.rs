@@ -348,6 +348,9 @@ fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, Stri
         }
     }
     config.tls = tls.client_config().map_err(|e| e.to_string())?;
+    if let Some(warning) = tls.client_certificate_warning() {
+        warn!("{warning}");
+    }
     config.etcd_tls = args
         .etcd_security
         .files()

@@ -25,6 +25,13 @@ pub(super) fn files() -> TlsFiles {
 /// names the flag or the address.
 pub(super) fn endpoint(addr: &str) -> Result<Endpoint, String> {
     let tls = files().client_config().map_err(|e| e.to_string())?;
+    // (once a command, which may open several endpoints: a redirect, a watch taken up)
+    static CERTIFICATE_SAID: std::sync::Once = std::sync::Once::new();
+    CERTIFICATE_SAID.call_once(|| {
+        if let Some(warning) = files().client_certificate_warning() {
+            eprintln!("warning: {warning}");
+        }
+    });
     // `HOST:PORT` alone (as the coordinator's --listen takes it) means https:// when
     // TLS files are given, else http://; without this, tonic fails at connect with
     // "invalid URL, scheme is missing".

@@ -295,6 +295,16 @@ async fn bad_certificates_are_refused_audited_and_change_nothing() -> anyhow::Re
         let out = run_flotilla(&submit, &env_refs(&env)).await?;
         assert!(!out.success(), "{what}: {out}");
     }
+    // the expired one says so itself first, naming its file and when (it read "connection
+    // closed" alone); the coordinator refuses it all the same, and audits it (below)
+    let out = run_flotilla(&submit, &env_refs(&certs.client_env(&expired))).await?;
+    assert!(
+        out.stderr.contains("warning: --tls-cert ")
+            && out.stderr.contains("expired.pem")
+            && out.stderr.contains("(CN=bob) expired ")
+            && out.stderr.contains("the coordinator refuses it; renew it"),
+        "{out}"
+    );
 
     // An agent holding shard_0's certificate that says it is shard_1 (a database of its
     // own, so only the certificate is wrong).

@@ -625,8 +625,8 @@ impl Engine {
         let why = format!(
             "shard {shard} forgotten by {}{} while the plan rolled back: what the plan applied \
              there is not undone (`flotilla plan rollback {plan_id}` undoes it once an agent is \
-             back there; a transaction of an atomic unit prepared there rolls back from the \
-             decision in etcd)",
+             back there; a transaction of an atomic unit prepared there is rolled back under \
+             the unit's abort decision when its agent is back)",
             actor.name,
             if actor.reason.is_empty() {
                 String::new()
