@@ -228,6 +228,7 @@ async fn serve(
         return Err(e);
     }
     record_tenant_schemas(&pool, &config.shard, &mut tenants).await;
+    warn_left_out(&pool, &tenants).await;
     match shard::is_superuser(&pool).await {
         Ok((role, true)) => warn!(
             %role,
@@ -297,6 +298,44 @@ async fn serve(
         let _ = liveness.await;
     }
     Ok(())
+}
+
+/// Says, at the agent's start, which tenants with Flotilla history are on the shard but not
+/// taken by its `--tenant-pattern` (or `--tenant-query`): an agent restarted with a
+/// narrower pattern left them out of every plan, and the fleet's status called them gone,
+/// with no word in its log.
+async fn warn_left_out(pool: &PgPool, tenants: &[pb::Tenant]) {
+    let names: Vec<String> = tenants.iter().map(|t| t.name.clone()).collect();
+    let found: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+        "SELECT DISTINCT j.target FROM flotilla.journal j \
+           JOIN pg_catalog.pg_namespace n ON n.nspname = j.target \
+          WHERE j.target <> '' AND NOT (j.target = ANY ($1)) ORDER BY 1",
+    )
+    .bind(&names)
+    .fetch_all(pool)
+    .await;
+    match found {
+        Ok(left) if !left.is_empty() => warn!(
+            "{} tenant(s) with Flotilla history are on this shard but not taken by its \
+             --tenant-pattern (or --tenant-query), their schemas here: plans leave them out \
+             and the fleet's status calls them gone (was the pattern narrowed?): {}",
+            left.len(),
+            {
+                // quoted: a schema name may hold anything
+                let shown: Vec<String> = left.iter().take(5).map(|t| format!("{t:?}")).collect();
+                let more = left.len().saturating_sub(5);
+                if more > 0 {
+                    format!("{} and {more} more", shown.join(", "))
+                } else {
+                    shown.join(", ")
+                }
+            }
+        ),
+        Ok(_) => {}
+        Err(error) => {
+            warn!(error = %crate::error::Shown(&error), "reading the tenants left out of the pattern failed")
+        }
+    }
 }
 
 /// Records the schemas of the tenants found, and marks (for the leader's `fleet status`)

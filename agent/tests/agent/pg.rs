@@ -3743,6 +3743,41 @@ async fn a_backfill_on_a_schema_made_again_under_it_changes_nothing_there() {
     f.drop().await;
 }
 
+/// An agent restarted with a narrower --tenant-pattern says at its start which tenants with
+/// history it leaves out though their schemas are there (it said nothing: plans left them
+/// out and the fleet's status called them gone; a walk-through).
+#[tokio::test]
+async fn an_agent_says_the_tenants_with_history_its_pattern_leaves_out() {
+    let Some(f) = fleet("pattern_narrowed", 2).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (mut s, _) = h.attach(1).await;
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: "pn".into(),
+        migrations: vec![migration("pn_m", "CREATE TABLE pn_t (id int)", "", "")],
+        default_lock_timeout_ms: 2000,
+        ..Default::default()
+    }));
+    let r = s
+        .assign("pn", 1, 1, vec![run(1, "tenant_0001", &["pn_m"], true)])
+        .await;
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{r:?}");
+    drop(s);
+    h.stop().await;
+    let mark = log_mark();
+    let mut h = Harness::start(|c| c.tenant_pattern = Some("tenant_0000".into()), &f.dsn).await;
+    let (_s, _) = h.attach(2).await;
+    wait_for_log(
+        mark,
+        "1 tenant(s) with Flotilla history are on this shard but not taken by its --tenant-pattern",
+    )
+    .await;
+    wait_for_log(mark, "\"tenant_0001\"").await;
+    h.stop().await;
+    f.drop().await;
+}
+
 /// A leader of a newer term welcomes the agent while runs an earlier leader handed out are
 /// still queued: they are not run (the new leader sends its own), and the shard's fence
 /// moves to the new epoch as soon as the run under way lets go of it (refusing any that got
