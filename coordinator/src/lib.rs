@@ -294,7 +294,10 @@ pub async fn start(
         format!("{scheme}://{}", config.listen)
     });
     // (a bare HOST:PORT is read as https:// by clients with TLS files)
-    if server_tls.is_some() && advertise.contains("://") && !advertise.starts_with("https://") {
+    if server_tls.is_some()
+        && advertise.contains("://")
+        && !flotilla_core::tls::is_https(&advertise)
+    {
         warn!(%advertise, "serving TLS but advertising a non-https:// address: agents and operators with TLS files refuse a follower's redirect to it (they would go in plaintext), so they reach this coordinator, while it leads, only by its address in their own --coordinator list; advertise its https:// address");
     }
     let mut sole_claim = None;

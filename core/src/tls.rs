@@ -331,7 +331,16 @@ pub fn is_loopback_host(host: &str) -> bool {
 /// Whether a connection to `address` would travel in plaintext off this machine:
 /// not `https://`, and not to a loopback host.
 pub fn plaintext_off_host(address: &str) -> bool {
-    !address.trim().starts_with("https://") && !is_loopback_host(address_host(address.trim()))
+    !is_https(address) && !is_loopback_host(address_host(address.trim()))
+}
+
+/// Whether `address` is an `https://` one, its scheme in any case (`HTTPS://` was taken for
+/// plaintext, refused as "not https://").
+pub fn is_https(address: &str) -> bool {
+    address
+        .trim()
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
 }
 
 #[cfg(test)]

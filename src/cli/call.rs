@@ -237,9 +237,11 @@ where
             Ok(r) => return Ok(r.into_inner()),
             Err(e) => match leader_of(&e) {
                 // (refused before anything is sent there: not even a probe of it)
+                // (exit 3: the leader cannot be reached as it must be, a coordinator's
+                // configuration, not the command's input)
                 Some(leader) if let Err(why) = super::transport::may_follow(&leader) => {
                     eprintln!("error: {why}");
-                    return Err(EXIT_BAD_INPUT);
+                    return Err(EXIT_UNAVAILABLE);
                 }
                 // The coordinator this call was sent to, as the leader it names: itself, from
                 // a leader key that outlived its term (etcd back after an outage) until the

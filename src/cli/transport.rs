@@ -79,7 +79,7 @@ pub(super) fn may_follow(leader: &str) -> Result<(), String> {
 }
 
 fn refuse_downgrade(leader: &str, tls: bool) -> Result<(), String> {
-    if !tls || with_scheme(leader.trim(), true).starts_with("https://") {
+    if !tls || flotilla_core::tls::is_https(&with_scheme(leader.trim(), true)) {
         return Ok(());
     }
     Err(format!(
@@ -118,6 +118,9 @@ mod tests {
         let e = refuse_downgrade(" http://u:secret@c2:7070 ", true).unwrap_err();
         assert!(!e.contains("secret"), "{e}");
         assert_eq!(refuse_downgrade("https://c2:7070", true), Ok(()));
+        // its scheme in any case (HTTPS:// was refused as "not https://")
+        assert_eq!(refuse_downgrade("HTTPS://c2:7070", true), Ok(()));
+        assert!(refuse_downgrade("HTTP://c2:7070", true).is_err());
         assert_eq!(refuse_downgrade("c2:7070", true), Ok(()));
         assert_eq!(refuse_downgrade("http://c2:7070", false), Ok(()));
     }

@@ -566,11 +566,12 @@ async fn under_tls_a_redirect_to_a_plaintext_leader_is_refused() -> anyhow::Resu
         .wait_for_log(&trap_addr, WAIT)
         .await?;
 
-    // A write sent to the follower: refused (exit 2), naming the address and the redirect.
+    // A write sent to the follower: refused (exit 3: the leader cannot be reached as it
+    // must be), naming the address and the redirect.
     let dir = plan("001_no_downgrade", "no_downgrade")?;
     let path = dir.path().to_string_lossy().into_owned();
     let out = fleet.cli_at(follower, &["plan", "submit", &path]).await?;
-    assert_eq!(out.code(), Some(2), "{out}");
+    assert_eq!(out.code(), Some(3), "{out}");
     assert!(
         out.stderr.contains(&format!(
             "a follower's redirect names the leader at {trap_addr} (read from the leader's key in etcd"

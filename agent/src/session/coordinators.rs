@@ -98,7 +98,7 @@ impl Rotation {
         let Some(leader) = leader.map(|l| with_scheme(&l, self.tls)) else {
             return Ok(false);
         };
-        if self.tls && !leader.starts_with("https://") {
+        if self.tls && !flotilla_core::tls::is_https(&leader) {
             return Err(Downgrade {
                 follower: flotilla_core::secrets::redact_url(address),
                 leader: flotilla_core::secrets::redact_url(&leader),
