@@ -163,6 +163,36 @@ impl Coordinator {
         Ok(cancelled)
     }
 
+    /// The shards an operator forgot (`plan forget-shard`) since the plan's rollback was
+    /// last asked by one (a rollback, a cancel or a retry by an operator start anew; one a
+    /// new leader resumed does not), each with what the forget said.
+    async fn forgotten_in_rollback(
+        &self,
+        plan_id: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, CoordinatorError> {
+        let mut forgotten = std::collections::BTreeMap::new();
+        let entries = self
+            .inner
+            .store
+            .plan_audit(plan_id, &["rollback", "cancel", "retry", "forget-shard"])
+            .await?;
+        for (action, actor, detail) in entries {
+            match action.as_str() {
+                "forget-shard" => {
+                    if let Some(name) = detail.strip_prefix("shard ")
+                        && let Some(name) = name.split([':', ' ']).next()
+                        && flotilla_core::model::validate_shard_name(name).is_ok()
+                    {
+                        forgotten.insert(name.to_string(), actor);
+                    }
+                }
+                _ if actor != "coordinator" => forgotten.clear(),
+                _ => {}
+            }
+        }
+        Ok(forgotten)
+    }
+
     /// Plans left running by a previous coordinator: rebuilt and continued.
     pub async fn resume_unfinished(&self) -> Result<usize, CoordinatorError> {
         let epoch = self.leader_epoch()?;
@@ -392,8 +422,45 @@ impl Coordinator {
                         .filter(|name| run.may_hold_undo(name))
                         .cloned()
                         .collect();
+                    // A shard an operator forgot while the plan rolled back (`plan
+                    // forget-shard`): not waited for again (a new leader took its lock and
+                    // waited for its agent for good); its steps' failures, stored with
+                    // them (they stay applied), are the plan's again, and it ends
+                    // rollback_failed as under the leader before.
+                    let forgotten = self.forgotten_in_rollback(&row.id).await?;
+                    for (shard, by) in &forgotten {
+                        let said: Vec<pb::StepFailure> = stored
+                            .iter()
+                            .filter(|r| {
+                                &r.shard == shard && r.phase == "down" && !r.message.is_empty()
+                            })
+                            .map(crate::store::StepRow::failure)
+                            .collect();
+                        if said.is_empty() {
+                            run.failures.push(pb::StepFailure {
+                                migration_id: String::new(),
+                                target: Some(pb::TargetRef {
+                                    shard: shard.clone(),
+                                    tenant: String::new(),
+                                }),
+                                error: Some(pb::StepError {
+                                    phase: "down".into(),
+                                    message: format!(
+                                        "shard {shard} forgotten by {by} while the plan rolled back: what the plan applied there is not undone"
+                                    ),
+                                    ..Default::default()
+                                }),
+                            });
+                        }
+                        run.failures.extend(said);
+                    }
+                    if !forgotten.is_empty() {
+                        run.rollback_errors += 1;
+                    }
                     for (name, sr) in run.shards.iter_mut() {
-                        if left.contains(name.as_str()) {
+                        if forgotten.contains_key(name) {
+                            run.undone_before.insert(name.clone());
+                        } else if left.contains(name.as_str()) {
                             sr.left = true;
                         } else if !open.contains(name) {
                             run.undone_before.insert(name.clone());

@@ -1109,6 +1109,72 @@ async fn a_reader_and_a_flag(
     Ok((holder, d))
 }
 
+/// A shard forgotten while its plan rolls back stays forgotten under a new leader: the
+/// coordinator restarted before the plan ended (the other shard's undo still running), the
+/// plan ends rollback_failed naming it, not waiting for it again. Before, the new leader took
+/// its lock again and waited for its agent for good (a review).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_forgotten_in_a_rollback_stays_forgotten_after_a_restart() -> anyhow::Result<()> {
+    let mut fleet = TestFleet::start(2, 1).await?;
+    let d = MigrationDir::new()?;
+    d.migration(
+        "001_slow_undo",
+        "",
+        "CREATE TABLE slow_undo (id int)",
+        "SELECT pg_sleep(4); DROP TABLE slow_undo",
+    )?;
+    let (code, st, out) = fleet.submit_wait(d.path(), &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    fleet.agents[1].take().expect("the agent").kill()?;
+    let out = fleet.cli(&["plan", "rollback", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    crate::fleet::wait_running(&fleet.pg, &fleet.shards[0], "pg_sleep(4)", 1).await?;
+    let out = fleet
+        .cli(&[
+            "plan",
+            "forget-shard",
+            &id,
+            "--shard",
+            "shard_1",
+            "--reason",
+            "decommissioned",
+        ])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    // the forget in the control store (its audit row), then the coordinator killed
+    crate::harness::wait_until("the forget stored", WAIT, async || {
+        let audit = fleet
+            .json(&["audit", "list", "--plan", &id, "--output", "json"])
+            .await?;
+        Ok(audit
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["action"] == "forget-shard")))
+    })
+    .await?;
+    fleet.kill_coordinator()?;
+    fleet.restart_coordinator().await?;
+    let (_, st) = fleet.watch(&id).await?;
+    assert_eq!(st["state"], "rollback_failed", "{st}");
+    let named = st["failures"].as_array().is_some_and(|f| {
+        f.iter().any(|f| {
+            f["shard"] == "shard_1"
+                && f["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("shard shard_1 forgotten by"))
+        })
+    });
+    assert!(named, "{st}");
+    let undone: i64 = fleet
+        .pg
+        .query_scalar(&fleet.shards[0], "SELECT count(*) FROM flotilla.journal")
+        .await?;
+    assert_eq!(undone, 0, "shard_0 undone");
+    let locks = fleet.json(&["locks", "list", "--output", "json"]).await?;
+    assert_eq!(locks["locks"].as_array().map(Vec::len), Some(0), "{locks}");
+    Ok(())
+}
+
 /// A plan rolling back while a shard's agent is gone for good (its database decommissioned)
 /// is not held for good: an admin forgets the shard (`plan forget-shard`, audited), the plan
 /// ends rollback_failed naming it once the other shards are undone, and its locks go (the

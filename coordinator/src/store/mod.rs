@@ -972,6 +972,25 @@ impl Store {
 impl Store {
     /// A plan's shard cancels and retries, oldest first, as (action, detail): what a new
     /// leader rebuilds the plan's cancelled shards from.
+    /// A plan's audit entries of `actions`, oldest first: (action, actor, detail).
+    pub async fn plan_audit(
+        &self,
+        plan_id: &str,
+        actions: &[&str],
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT action, actor, detail FROM audit WHERE plan_id = $1 ORDER BY at_ms, id",
+        )
+        .bind(plan_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<String, _>(0), r.get(1), r.get(2)))
+            .filter(|(action, _, _)| actions.contains(&action.as_str()))
+            .collect())
+    }
+
     pub async fn cancels_and_retries(
         &self,
         plan_id: &str,
