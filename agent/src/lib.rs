@@ -130,7 +130,7 @@ pub async fn start(
     let addresses = config.coordinators();
     for address in &addresses {
         session::endpoint(&config.shard, address, config.tls.as_ref())?;
-        if config.tls.is_some() && !address.trim().starts_with("https://") {
+        if config.tls.is_some() && !flotilla_core::tls::is_https(address) {
             warn!(coordinator = %config::redact_dsn(address), "TLS files are given but this coordinator address is not https://: the connection is plaintext");
         } else if config.tls.is_none() && flotilla_core::tls::plaintext_off_host(address) {
             warn!(coordinator = %config::redact_dsn(address), "connecting to a coordinator off this machine in plaintext: give it TLS and use https://");

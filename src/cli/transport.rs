@@ -47,14 +47,14 @@ pub(super) fn endpoint(addr: &str) -> Result<Endpoint, String> {
         .keep_alive_while_idle(true);
     match tls {
         Some(tls) => {
-            if !addr.trim().starts_with("https://") {
+            if !flotilla_core::tls::is_https(addr) {
                 eprintln!(
                     "warning: --tls-* are given but {addr} is not https://: the connection is plaintext"
                 );
             }
             endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))
         }
-        None if addr.trim().starts_with("https://") => Err(format!(
+        None if flotilla_core::tls::is_https(addr) => Err(format!(
             "--coordinator `{addr}` is https://: give --tls-ca (and --tls-cert and --tls-key when the coordinator requires client certificates)"
         )),
         None => {

@@ -54,7 +54,7 @@ pub(crate) fn endpoint(
         Some(tls) => endpoint
             .tls_config(tls.clone())
             .map_err(|e| bad(format!("TLS: {e}"))),
-        None if address.trim().starts_with("https://") => Err(bad(
+        None if flotilla_core::tls::is_https(address) => Err(bad(
             "an https:// address needs --tls-ca (and --tls-cert and --tls-key for mTLS)".into(),
         )),
         None => Ok(endpoint),

@@ -102,7 +102,7 @@ fn certificate_hint(said: &str) -> &'static str {
 /// What a failed connection says of a scheme that does not match the coordinator's: the
 /// transport errors alone ("corrupt message", "broken pipe") did not say it (the CLI's did).
 fn scheme_hint(address: &str, said: &str) -> &'static str {
-    let https = address.starts_with("https://");
+    let https = flotilla_core::tls::is_https(address);
     if https && (said.contains("InvalidContentType") || said.contains("corrupt message")) {
         " (the coordinator there answered in plaintext: it runs without --tls-cert; give it as http://, on loopback only)"
     } else if !https

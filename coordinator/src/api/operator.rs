@@ -76,6 +76,10 @@ fn for_the_caller(mut status: pb::PlanStatus, viewer: bool) -> pb::PlanStatus {
             error.message = values_withheld(&error.message);
         }
         status.message = values_withheld(&status.message);
+        // a failed batch's reason is its PostgreSQL message (a cast of a row's value)
+        for d in &mut status.data {
+            d.reason = values_withheld(&d.reason);
+        }
     }
     status
 }
@@ -96,26 +100,19 @@ pub(crate) fn values_withheld(message: &str) -> String {
             out.push_str(rest);
             return out;
         };
-        // the quoted value ends at a quote not doubled ("" is a quote inside it)
-        let bytes = rest.as_bytes();
-        let mut end = start;
-        while end < bytes.len() {
-            if bytes[end] == b'"' {
-                if bytes.get(end + 1) == Some(&b'"') {
-                    end += 2;
-                    continue;
-                }
-                break;
-            }
-            end += 1;
-        }
-        if end >= bytes.len() {
-            out.push_str(rest);
-            return out;
-        }
+        // PostgreSQL prints the value as it is, quotes in it too: it ends at the last
+        // quote of the clause (up to the next "; " of Flotilla's own wording), and with
+        // none, the message is withheld to its end (a value is not shown half)
+        let clause_end = rest[start..].find("; ").map_or(rest.len(), |i| start + i);
         out.push_str(&rest[..start]);
         out.push_str("(withheld from viewers)");
-        rest = &rest[end..];
+        match rest[start..clause_end].rfind('"') {
+            Some(i) => rest = &rest[start + i..],
+            None => {
+                out.push('"');
+                return out;
+            }
+        }
     }
 }
 
@@ -615,14 +612,18 @@ mod tests {
                 "value \"(withheld from viewers)\" is out of range for type integer",
             ),
             (
-                "malformed array literal: \"a\"\"b\"",
-                "malformed array literal: \"(withheld from viewers)\"",
+                "malformed array literal: \"{\"alice@x.com\",\"bob\"}\"; every applied step is being undone",
+                "malformed array literal: \"(withheld from viewers)\"; every applied step is being undone",
             ),
             (
                 "relation \"orders\" does not exist",
                 "relation \"orders\" does not exist",
             ),
-            ("no quote: \"unterminated", "no quote: \"unterminated"),
+            // with no closing quote, withheld to its end (it was shown whole)
+            (
+                "no quote: \"unterminated value",
+                "no quote: \"(withheld from viewers)\"",
+            ),
         ] {
             assert_eq!(values_withheld(said), read);
         }
