@@ -1109,6 +1109,40 @@ async fn a_reader_and_a_flag(
     Ok((holder, d))
 }
 
+/// `dir` applied on both shards of `fleet`, then shard_1's agent killed and the plan's
+/// rollback asked; its id.
+async fn rolling_back_without_shard_1(
+    fleet: &mut TestFleet,
+    dir: &std::path::Path,
+) -> anyhow::Result<String> {
+    let (code, st, out) = fleet.submit_wait(dir, &[]).await?;
+    assert_eq!(code, 0, "{out}");
+    let id = st["plan_id"].as_str().unwrap().to_string();
+    fleet.agents[1].take().expect("the agent").kill()?;
+    let out = fleet.cli(&["plan", "rollback", &id]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    Ok(id)
+}
+
+/// `plan forget-shard ID --shard shard_1 --reason decommissioned` with `more` flags.
+async fn forget_shard_1(
+    fleet: &TestFleet,
+    id: &str,
+    more: &[&str],
+) -> anyhow::Result<crate::harness::CommandOutput> {
+    let mut args = vec![
+        "plan",
+        "forget-shard",
+        id,
+        "--shard",
+        "shard_1",
+        "--reason",
+        "decommissioned",
+    ];
+    args.extend_from_slice(more);
+    fleet.cli(&args).await
+}
+
 /// A shard forgotten while its plan rolls back stays forgotten under a new leader: the
 /// coordinator restarted before the plan ended (the other shard's undo still running), the
 /// plan ends rollback_failed naming it, not waiting for it again. Before, the new leader took
@@ -1123,24 +1157,9 @@ async fn a_shard_forgotten_in_a_rollback_stays_forgotten_after_a_restart() -> an
         "CREATE TABLE slow_undo (id int)",
         "SELECT pg_sleep(4); DROP TABLE slow_undo",
     )?;
-    let (code, st, out) = fleet.submit_wait(d.path(), &[]).await?;
-    assert_eq!(code, 0, "{out}");
-    let id = st["plan_id"].as_str().unwrap().to_string();
-    fleet.agents[1].take().expect("the agent").kill()?;
-    let out = fleet.cli(&["plan", "rollback", &id]).await?;
-    assert_eq!(out.code(), Some(0), "{out}");
+    let id = rolling_back_without_shard_1(&mut fleet, d.path()).await?;
     crate::fleet::wait_running(&fleet.pg, &fleet.shards[0], "pg_sleep(4)", 1).await?;
-    let out = fleet
-        .cli(&[
-            "plan",
-            "forget-shard",
-            &id,
-            "--shard",
-            "shard_1",
-            "--reason",
-            "decommissioned",
-        ])
-        .await?;
+    let out = forget_shard_1(&fleet, &id, &[]).await?;
     assert_eq!(out.code(), Some(0), "{out}");
     // the forget in the control store (its audit row), then the coordinator killed
     crate::harness::wait_until("the forget stored", WAIT, async || {
@@ -1184,12 +1203,7 @@ async fn a_shard_forgotten_in_a_rollback_stays_forgotten_after_a_restart() -> an
 async fn a_rollback_waiting_for_a_shard_gone_for_good_ends_when_it_is_forgotten()
 -> anyhow::Result<()> {
     let mut fleet = TestFleet::start(2, 1).await?;
-    let (code, st, out) = fleet.submit_wait(&coord_dbmate_dir(), &[]).await?;
-    assert_eq!(code, 0, "{out}");
-    let id = st["plan_id"].as_str().unwrap().to_string();
-    fleet.agents[1].take().expect("the agent").kill()?;
-    let out = fleet.cli(&["plan", "rollback", &id]).await?;
-    assert_eq!(out.code(), Some(0), "{out}");
+    let id = rolling_back_without_shard_1(&mut fleet, &coord_dbmate_dir()).await?;
     crate::harness::wait_until("shard_0 undone, shard_1 waited for", WAIT, async || {
         let st = fleet.status(&id).await?;
         let undone: i64 = fleet
@@ -1199,20 +1213,7 @@ async fn a_rollback_waiting_for_a_shard_gone_for_good_ends_when_it_is_forgotten(
         Ok(st["state"] == "rolling_back" && undone == 0)
     })
     .await?;
-    let out = fleet
-        .cli(&[
-            "plan",
-            "forget-shard",
-            &id,
-            "--shard",
-            "shard_1",
-            "--reason",
-            "decommissioned",
-            "--wait",
-            "--output",
-            "json",
-        ])
-        .await?;
+    let out = forget_shard_1(&fleet, &id, &["--wait", "--output", "json"]).await?;
     let st: Value = serde_json::from_str(out.stdout.lines().last().unwrap_or("{}"))?;
     assert_eq!(st["state"], "rollback_failed", "{out}");
     let named = st["failures"].as_array().is_some_and(|f| {

@@ -1597,6 +1597,36 @@ async fn an_invalid_unique_index_does_not_make_a_key_unique() {
     f.drop().await;
 }
 
+/// Sends plan `plan`'s one data change `id` (`UPDATE work_orders SET priority = set`,
+/// batches of `size.0` at `size.1` rows a second) and its run on tenant_0000, epoch 1.
+fn start_fill(s: &Stream, plan: &str, id: &str, size: (u32, u64), set: &str) {
+    s.send(In::Plan(pb::PlanDefinition {
+        plan_id: plan.into(),
+        migrations: vec![pb::Migration {
+            data: Some(pb::DataChange {
+                table: "work_orders".into(),
+                key: "id".into(),
+                batch_size: size.0,
+                rows_per_second: size.1,
+                batch_sql: format!(
+                    "UPDATE work_orders SET priority = '{set}' WHERE id > $1 AND id <= $2"
+                ),
+                ..Default::default()
+            }),
+            ..migration(id, "", "", "")
+        }],
+        default_lock_timeout_ms: 2000,
+        default_statement_timeout_ms: 0,
+        ..Default::default()
+    }));
+    s.send(In::Assign(pb::Assign {
+        plan_id: plan.into(),
+        epoch: 1,
+        lanes: 1,
+        runs: vec![run(1, "tenant_0000", &[id], false)],
+    }));
+}
+
 /// A halt cuts short a data change's wait for its rate (at 2 rows/s a batch of 2 waits 1 s,
 /// a batch no more than a second of its rate): the change stops at that batch boundary, the
 /// next batch not done. Before, the wait
@@ -1610,30 +1640,7 @@ async fn a_halt_cuts_short_the_wait_for_the_rate() {
     let pool = f.pool.clone();
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (mut s, _) = h.attach(1).await;
-    s.send(In::Plan(pb::PlanDefinition {
-        plan_id: "rh".into(),
-        migrations: vec![pb::Migration {
-            data: Some(pb::DataChange {
-                table: "work_orders".into(),
-                key: "id".into(),
-                batch_size: 2,
-                rows_per_second: 2,
-                batch_sql: "UPDATE work_orders SET priority = 'slow' WHERE id > $1 AND id <= $2"
-                    .into(),
-                ..Default::default()
-            }),
-            ..migration("slow_fill", "", "", "")
-        }],
-        default_lock_timeout_ms: 2000,
-        default_statement_timeout_ms: 0,
-        ..Default::default()
-    }));
-    s.send(In::Assign(pb::Assign {
-        plan_id: "rh".into(),
-        epoch: 1,
-        lanes: 1,
-        runs: vec![run(1, "tenant_0000", &["slow_fill"], false)],
-    }));
+    start_fill(&s, "rh", "slow_fill", (2, 2), "slow");
     // the first batch is done (a fresh change has one batch of credit); the second waits
     flotilla_testkit::wait::wait_until("the first batch", WAIT, async || {
         Ok(count(
@@ -1675,30 +1682,7 @@ async fn a_batch_takes_no_more_than_a_second_of_the_rate() {
     let pool = f.pool.clone();
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (mut s, _) = h.attach(1).await;
-    s.send(In::Plan(pb::PlanDefinition {
-        plan_id: "rc".into(),
-        migrations: vec![pb::Migration {
-            data: Some(pb::DataChange {
-                table: "work_orders".into(),
-                key: "id".into(),
-                batch_size: 1000,
-                rows_per_second: 3,
-                batch_sql: "UPDATE work_orders SET priority = 'capped' WHERE id > $1 AND id <= $2"
-                    .into(),
-                ..Default::default()
-            }),
-            ..migration("capped_fill", "", "", "")
-        }],
-        default_lock_timeout_ms: 2000,
-        default_statement_timeout_ms: 0,
-        ..Default::default()
-    }));
-    s.send(In::Assign(pb::Assign {
-        plan_id: "rc".into(),
-        epoch: 1,
-        lanes: 1,
-        runs: vec![run(1, "tenant_0000", &["capped_fill"], false)],
-    }));
+    start_fill(&s, "rc", "capped_fill", (1000, 3), "capped");
     flotilla_testkit::wait::wait_until("two batches", WAIT, async || {
         Ok(count(
             &pool,
@@ -3535,30 +3519,7 @@ async fn a_data_change_fenced_by_a_newer_term_says_it_stopped() {
     let pool = f.pool.clone();
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (s, _) = h.attach(1).await;
-    s.send(In::Plan(pb::PlanDefinition {
-        plan_id: "fd".into(),
-        migrations: vec![pb::Migration {
-            data: Some(pb::DataChange {
-                table: "work_orders".into(),
-                key: "id".into(),
-                batch_size: 2,
-                rows_per_second: 4,
-                batch_sql: "UPDATE work_orders SET priority = 'fenced' WHERE id > $1 AND id <= $2"
-                    .into(),
-                ..Default::default()
-            }),
-            ..migration("fenced_fill", "", "", "")
-        }],
-        default_lock_timeout_ms: 2000,
-        default_statement_timeout_ms: 0,
-        ..Default::default()
-    }));
-    s.send(In::Assign(pb::Assign {
-        plan_id: "fd".into(),
-        epoch: 1,
-        lanes: 1,
-        runs: vec![run(1, "tenant_0000", &["fenced_fill"], false)],
-    }));
+    start_fill(&s, "fd", "fenced_fill", (2, 4), "fenced");
     flotilla_testkit::wait::wait_until("a batch", WAIT, async || {
         Ok(count(
             &pool,
@@ -3679,30 +3640,7 @@ async fn a_backfill_on_a_schema_made_again_under_it_changes_nothing_there() {
     let pool = f.pool.clone();
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (mut s, _) = h.attach(1).await;
-    s.send(In::Plan(pb::PlanDefinition {
-        plan_id: "sd".into(),
-        migrations: vec![pb::Migration {
-            data: Some(pb::DataChange {
-                table: "work_orders".into(),
-                key: "id".into(),
-                batch_size: 2,
-                rows_per_second: 4,
-                batch_sql: "UPDATE work_orders SET priority = 'swapped' WHERE id > $1 AND id <= $2"
-                    .into(),
-                ..Default::default()
-            }),
-            ..migration("swap_fill", "", "", "")
-        }],
-        default_lock_timeout_ms: 2000,
-        default_statement_timeout_ms: 0,
-        ..Default::default()
-    }));
-    s.send(In::Assign(pb::Assign {
-        plan_id: "sd".into(),
-        epoch: 1,
-        lanes: 1,
-        runs: vec![run(1, "tenant_0000", &["swap_fill"], false)],
-    }));
+    start_fill(&s, "sd", "swap_fill", (2, 4), "swapped");
     flotilla_testkit::wait::wait_until("a batch", WAIT, async || {
         Ok(count(
             &pool,

@@ -544,31 +544,12 @@ impl Engine {
             }
             .into());
         }
-        let present = if self.agents.contains_key(shard) {
-            Some("attached to this coordinator")
-        } else if self.live.contains(shard) {
-            Some("alive (its liveness key is in etcd)")
-        } else {
-            None
-        };
-        if let Some(how) = present {
-            return Err(Conflict::AgentPresent {
-                plan_id: plan_id.to_string(),
-                shard: shard.to_string(),
-                how,
-            }
-            .into());
-        }
+        refuse_present(&self.agents, &self.live, plan_id, shard)?;
         let why = format!(
-            "{}{}{} while the plan committed; its prepared transactions commit from the \
+            "{}{} while the plan committed; its prepared transactions commit from the \
              decision in etcd if its agent comes back, and its journal says what applied",
             crate::plan::forgotten_prefix(shard),
-            actor.name,
-            if actor.reason.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", actor.reason)
-            }
+            by_whom(actor)
         );
         warn!(plan = %plan_id, shard = %shard, operator = %actor.name, "shard forgotten while its plan commits");
         let updates = run.forget_shard(shard, &why);
@@ -607,32 +588,13 @@ impl Engine {
             }
             .into());
         }
-        let present = if self.agents.contains_key(shard) {
-            Some("attached to this coordinator")
-        } else if self.live.contains(shard) {
-            Some("alive (its liveness key is in etcd)")
-        } else {
-            None
-        };
-        if let Some(how) = present {
-            return Err(Conflict::AgentPresent {
-                plan_id: plan_id.to_string(),
-                shard: shard.to_string(),
-                how,
-            }
-            .into());
-        }
+        refuse_present(&self.agents, &self.live, plan_id, shard)?;
         let why = format!(
-            "shard {shard} forgotten by {}{} while the plan rolled back: what the plan applied \
+            "shard {shard} forgotten by {} while the plan rolled back: what the plan applied \
              there is not undone (`flotilla plan rollback {plan_id}` undoes it once an agent is \
              back there; a transaction of an atomic unit prepared there is rolled back under \
              the unit's abort decision when its agent is back)",
-            actor.name,
-            if actor.reason.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", actor.reason)
-            }
+            by_whom(actor)
         );
         warn!(plan = %plan_id, shard = %shard, operator = %actor.name, "shard forgotten while its plan rolls back");
         let run = self.plans.get_mut(plan_id).expect("present");
@@ -644,5 +606,37 @@ impl Engine {
         self.write(actor.audit("forget-shard", plan_id, &format!("shard {shard}")));
         self.write_state(plan_id);
         Ok(())
+    }
+}
+
+/// A forget of `shard` is refused while its agent is there (attached, or alive in etcd): it
+/// commits, or undoes, by itself.
+fn refuse_present(
+    agents: &std::collections::HashMap<String, super::outbound::AgentConn>,
+    live: &std::collections::BTreeSet<String>,
+    plan_id: &str,
+    shard: &str,
+) -> Result<(), CoordinatorError> {
+    let how = if agents.contains_key(shard) {
+        "attached to this coordinator"
+    } else if live.contains(shard) {
+        "alive (its liveness key is in etcd)"
+    } else {
+        return Ok(());
+    };
+    Err(Conflict::AgentPresent {
+        plan_id: plan_id.to_string(),
+        shard: shard.to_string(),
+        how,
+    }
+    .into())
+}
+
+/// Who forgot a shard, with their reason: `alice (its database is lost)`.
+fn by_whom(actor: &Actor) -> String {
+    if actor.reason.is_empty() {
+        actor.name.clone()
+    } else {
+        format!("{} ({})", actor.name, actor.reason)
     }
 }
