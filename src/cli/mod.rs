@@ -549,6 +549,8 @@ pub enum PlanCommand {
     /// shard's agent is gone for good (admin; audited): its part fails as not confirmed, the
     /// plan ends failed once the other shards have committed, and its locks are released.
     /// The decision stays in etcd: an agent that comes back commits the shard's part from it.
+    /// A plan rolling back likewise stops waiting for the shard: what it applied there is not
+    /// undone (a failure each), and the plan ends rollback_failed once the others are undone.
     ForgetShard(ForgetShardArgs),
     /// Run again the failed and not-run steps of a failed, halted or completed_with_failures
     /// plan, after fixing their cause: the same plan, checksums, waves and budget (audited).

@@ -1597,6 +1597,20 @@ async fn an_invalid_unique_index_does_not_make_a_key_unique() {
     f.drop().await;
 }
 
+/// Waits until a data change's checkpoint on the shard counts `n` batches or more.
+async fn batches_done(pool: &sqlx::PgPool, n: i64) {
+    flotilla_testkit::wait::wait_until(&format!("{n} batch(es)"), WAIT, async || {
+        Ok(count(
+            pool,
+            "SELECT coalesce(max(batches), 0) FROM flotilla.checkpoints",
+        )
+        .await
+            >= n)
+    })
+    .await
+    .unwrap();
+}
+
 /// Sends plan `plan`'s one data change `id` (`UPDATE work_orders SET priority = set`,
 /// batches of `size.0` at `size.1` rows a second) and its run on tenant_0000, epoch 1.
 fn start_fill(s: &Stream, plan: &str, id: &str, size: (u32, u64), set: &str) {
@@ -1683,16 +1697,7 @@ async fn a_batch_takes_no_more_than_a_second_of_the_rate() {
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (mut s, _) = h.attach(1).await;
     start_fill(&s, "rc", "capped_fill", (1000, 3), "capped");
-    flotilla_testkit::wait::wait_until("two batches", WAIT, async || {
-        Ok(count(
-            &pool,
-            "SELECT coalesce(max(batches), 0) FROM flotilla.checkpoints",
-        )
-        .await
-            >= 2)
-    })
-    .await
-    .unwrap();
+    batches_done(&pool, 2).await;
     s.send(In::Halt(pb::Halt {
         plan_id: "rc".into(),
     }));
@@ -3256,16 +3261,7 @@ async fn a_run_sent_again_while_it_runs_applies_its_change_once() {
     };
     s.send(In::Assign(assign.clone()));
     // part-way: the first batch is done, the rate holds the next ones back
-    flotilla_testkit::wait::wait_until("the first batch", WAIT, async || {
-        Ok(count(
-            &pool,
-            "SELECT coalesce(max(batches), 0) FROM flotilla.checkpoints",
-        )
-        .await
-            >= 1)
-    })
-    .await
-    .unwrap();
+    batches_done(&pool, 1).await;
     s.send(In::Assign(assign));
     let r = s.results("rs", 1).await;
     assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{:?}", r[&1]);
@@ -3520,16 +3516,7 @@ async fn a_data_change_fenced_by_a_newer_term_says_it_stopped() {
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (s, _) = h.attach(1).await;
     start_fill(&s, "fd", "fenced_fill", (2, 4), "fenced");
-    flotilla_testkit::wait::wait_until("a batch", WAIT, async || {
-        Ok(count(
-            &pool,
-            "SELECT coalesce(max(batches), 0) FROM flotilla.checkpoints",
-        )
-        .await
-            >= 1)
-    })
-    .await
-    .unwrap();
+    batches_done(&pool, 1).await;
     // the leader changes under it: the welcome moves the fence, its next batch is refused
     drop(s);
     let (mut s, _) = h.attach(2).await;
@@ -3641,16 +3628,7 @@ async fn a_backfill_on_a_schema_made_again_under_it_changes_nothing_there() {
     let mut h = Harness::start(|_| {}, &f.dsn).await;
     let (mut s, _) = h.attach(1).await;
     start_fill(&s, "sd", "swap_fill", (2, 4), "swapped");
-    flotilla_testkit::wait::wait_until("a batch", WAIT, async || {
-        Ok(count(
-            &pool,
-            "SELECT coalesce(max(batches), 0) FROM flotilla.checkpoints",
-        )
-        .await
-            >= 1)
-    })
-    .await
-    .unwrap();
+    batches_done(&pool, 1).await;
     sqlx::raw_sql(
         "DROP SCHEMA tenant_0000 CASCADE; CREATE SCHEMA tenant_0000; \
          CREATE TABLE tenant_0000.work_orders (id bigserial PRIMARY KEY, priority text); \

@@ -46,6 +46,20 @@ pub struct Step {
     pub transactional: bool,
 }
 
+impl Step {
+    /// Whether the plan may hold something to undo at this step, as its state says:
+    /// applied, prepared, running or pending, or a non-transactional step that failed
+    /// (part-way). Not: undone, not run, another plan's, or a transactional step that failed
+    /// (its transaction rolled back).
+    pub fn may_hold_undo(&self) -> bool {
+        match self.status {
+            StepStatus::RolledBack | StepStatus::NotRun | StepStatus::AlreadyApplied => false,
+            StepStatus::Failed => !self.transactional,
+            _ => true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RollbackState {
     NotAsked,

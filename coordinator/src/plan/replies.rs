@@ -336,13 +336,7 @@ impl PlanRun {
         };
         let kept: Vec<usize> = (0..self.steps.len())
             .filter(|&s| {
-                let step = &self.steps[s];
-                self.targets[step.target].shard == shard
-                    && !matches!(
-                        step.status,
-                        StepStatus::RolledBack | StepStatus::NotRun | StepStatus::AlreadyApplied
-                    )
-                    && !(step.status == StepStatus::Failed && step.transactional)
+                self.targets[self.steps[s].target].shard == shard && self.steps[s].may_hold_undo()
             })
             .collect();
         let mut updates = Vec::new();

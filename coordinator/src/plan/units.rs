@@ -438,14 +438,9 @@ impl PlanRun {
     /// failed (part-way). Not: steps undone, not run, another plan's, or a transactional
     /// step that failed (its transaction rolled back).
     pub fn may_hold_undo(&self, shard: &str) -> bool {
-        self.steps.iter().any(|s| {
-            self.targets[s.target].shard == shard
-                && !matches!(
-                    s.status,
-                    StepStatus::RolledBack | StepStatus::NotRun | StepStatus::AlreadyApplied
-                )
-                && !(s.status == StepStatus::Failed && s.transactional)
-        })
+        self.steps
+            .iter()
+            .any(|s| self.targets[s.target].shard == shard && s.may_hold_undo())
     }
 
     /// A forgotten shard whose agent attached again while the unit still commits: the

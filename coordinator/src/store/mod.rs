@@ -995,15 +995,12 @@ impl Store {
         &self,
         plan_id: &str,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT action, detail FROM audit
-             WHERE plan_id = $1 AND action IN ('cancel', 'retry')
-             ORDER BY at_ms, id",
-        )
-        .bind(plan_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(self
+            .plan_audit(plan_id, &["cancel", "retry"])
+            .await?
+            .into_iter()
+            .map(|(action, _, detail)| (action, detail))
+            .collect())
     }
 }
 
