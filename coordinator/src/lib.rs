@@ -345,7 +345,7 @@ pub async fn start(
     let (changes, _) = broadcast::channel(1024);
     let (events, events_rx) = mpsc::channel(4096);
     let fleet = Arc::new(sessions::registry::Fleet::default());
-    let lock_releases = coordination::LockReleases::default();
+    let lock_queue = coordination::LockQueue::default();
     let engine = engine::Engine::new(
         coordination.clone(),
         config.agent_grace,
@@ -353,7 +353,7 @@ pub async fn start(
         changes.clone(),
         fleet.clone(),
         events.clone(),
-        lock_releases.clone(),
+        lock_queue.clone(),
     );
     tokio::spawn(engine.run(events_rx));
     let coordinator = Coordinator {
@@ -383,7 +383,7 @@ pub async fn start(
             refusals_seen: Default::default(),
             catch_up_deferred: Default::default(),
             spec_cache: Default::default(),
-            lock_releases,
+            lock_queue,
             reviving: Default::default(),
             agent_identities: identity::AgentIdentities {
                 required: server_tls.as_ref().is_some_and(|t| t.client_auth),

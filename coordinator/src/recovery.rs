@@ -494,7 +494,8 @@ impl Coordinator {
             }
             // A new leader re-takes the plan's locks (adopting its lease) before
             // anything is sent for it.
-            self.take_locks(row.id.clone(), shards, epoch);
+            // in submit order, as they queued under the term before
+            self.take_locks(row.id.clone(), shards, epoch, row.created_at_ms);
         }
         Ok(n)
     }

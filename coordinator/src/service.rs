@@ -13,7 +13,7 @@ use tracing::warn;
 
 use crate::actor::Actor;
 use crate::coordination::{
-    Coordination, CoordinationError, EmbeddedCoordination, Leadership, LockOutcome,
+    Coordination, CoordinationError, EmbeddedCoordination, Leadership, LockOutcome, QueuedPlan,
 };
 use crate::engine::{CommandKind, Event};
 use crate::error::{Conflict, CoordinatorError};
@@ -84,7 +84,7 @@ pub struct Inner {
     /// history (0.04 s at no plans, 0.75 s at 560 on a debug build).
     pub spec_cache: crate::versions::SpecCache,
     /// Plans whose shard locks the engine is releasing: a start of one waits for it.
-    pub lock_releases: crate::coordination::LockReleases,
+    pub lock_queue: crate::coordination::LockQueue,
     /// Held by a command that reads an ended plan from the store and acts on it (a retry, a
     /// rollback), from its read to the engine's answer: two at once both read it ended, and
     /// a retry's steps stored pending under a rollback that had begun left the rolled-back
@@ -253,25 +253,32 @@ impl Coordinator {
         }
     }
 
-    /// Takes the plan's shard locks (all or none), retrying while another plan
-    /// holds one; the plan's status says which. The engine sends nothing for the
-    /// plan before they are taken.
-    pub fn take_locks(&self, plan_id: String, shards: Vec<String>, epoch: u64) {
+    /// Takes the plan's shard locks (all or none), waiting while another plan holds one or a
+    /// plan queued before it (by `order`: its submit time, or when an operator asked for it
+    /// again) needs one of its shards; the plan's status says which. The engine sends
+    /// nothing for the plan before they are taken.
+    pub fn take_locks(&self, plan_id: String, shards: Vec<String>, epoch: u64, order: i64) {
         let me = self.clone();
         tokio::spawn(async move {
+            let queued = me
+                .inner
+                .lock_queue
+                .enter(&plan_id, epoch, order, shards.iter().cloned());
             loop {
-                let waiting = if me.inner.lock_releases.pending(&plan_id) {
-                    // its locks from before (an earlier end of this plan) are being let
-                    // go: taken now, that release would delete them under this run
-                    "its locks from before are being released".to_string()
-                } else {
-                    match me
+                // made before looking: a release between the look and the wait wakes it
+                let moved = queued.moved();
+                let waiting = match me.lock_ahead(&queued, &plan_id).await {
+                    Some(ahead) => ahead,
+                    None => match me
                         .inner
                         .coordination
                         .lock_shards(&plan_id, &shards, epoch)
                         .await
                     {
                         Ok(LockOutcome::Taken) => {
+                            // out of the queue: the plans behind it wait for its locks now
+                            drop(moved);
+                            drop(queued);
                             // an engine gone is a coordinator shutting down: nothing to tell
                             let _ = me.inner.events.send(Event::LocksTaken { plan_id }).await;
                             return;
@@ -284,7 +291,7 @@ impl Coordinator {
                         }
                         Err(CoordinationError::NotLeader) => return,
                         Err(e) => e.to_string(),
-                    }
+                    },
                 };
                 let told = me
                     .inner
@@ -297,7 +304,9 @@ impl Coordinator {
                 if told.is_err() {
                     return;
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // a lock released here wakes it at once; a second covers what is not told
+                // (a lock's lease expiring in etcd)
+                let _ = tokio::time::timeout(Duration::from_secs(1), moved).await;
                 if me.leader_epoch().ok() != Some(epoch) {
                     return;
                 }
@@ -315,6 +324,30 @@ impl Coordinator {
                 }
             }
         });
+    }
+
+    /// Why a plan waiting for its locks does not try for them yet, if it does not: a
+    /// release of its own locks from before is under way (taken now, that release would
+    /// delete them under this run), or a plan queued before it needs one of its shards. Not
+    /// the latter when it holds a lock already: a new leader takes again the locks of the
+    /// plans running under the term before, which no plan queued before them may wait
+    /// behind (they wait for those very locks).
+    async fn lock_ahead(&self, queued: &QueuedPlan, plan_id: &str) -> Option<String> {
+        if self.inner.lock_queue.pending(plan_id) {
+            return Some("its locks from before are being released".to_string());
+        }
+        let (ahead, shard) = queued.behind()?;
+        let holds = self
+            .inner
+            .coordination
+            .locks()
+            .await
+            .is_ok_and(|locks| locks.iter().any(|l| l.plan_id == plan_id));
+        (!holds).then(|| {
+            format!(
+                "plan {ahead}, submitted before it, waits for shard {shard} too: queued behind it"
+            )
+        })
     }
 
     pub async fn locks(&self) -> Result<pb::ListLocksResponse, CoordinatorError> {
@@ -408,6 +441,8 @@ impl Coordinator {
         }
         let broken = self.inner.coordination.break_lock(shard).await? || halted;
         if broken {
+            // a plan waiting for the shard takes it now, not at its next look
+            self.inner.lock_queue.freed();
             let actor = Actor::new(actor, reason);
             // the lock is broken in etcd whoever leads now: its audit entry is unfenced
             self.write_unfenced(actor.audit("break-lock", &holder, &format!("shard {shard}")));
@@ -438,7 +473,7 @@ impl Coordinator {
         &self,
         run: crate::plan::PlanRun,
     ) -> Result<Option<pb::PlanStatus>, CoordinatorError> {
-        let (plan_id, epoch) = (run.id.clone(), run.epoch);
+        let (plan_id, epoch, order) = (run.id.clone(), run.epoch, run.created_at_ms);
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         match self
             .to_engine(|done| Event::Start {
@@ -448,7 +483,7 @@ impl Coordinator {
             .await
         {
             Ok(status) => {
-                self.take_locks(plan_id, shards, epoch);
+                self.take_locks(plan_id, shards, epoch, order);
                 Ok(Some(status))
             }
             Err(CoordinatorError::ShuttingDown) if self.still_leading_in(epoch).is_err() => {
@@ -869,7 +904,8 @@ impl Coordinator {
         }
         let status = self.named_if_not_running(plan_id, answer).await?;
         if let Some(shards) = revived_shards {
-            self.take_locks(plan_id.to_string(), shards, epoch);
+            // queued as asked now: plans submitted since go first where they wait too
+            self.take_locks(plan_id.to_string(), shards, epoch, crate::store::now_ms());
         }
         self.ended_if_gone(plan_id, status).await
     }

@@ -842,6 +842,114 @@ async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<
     assert_invariants(&fleet, 2, &before).await
 }
 
+/// Plans waiting for shard locks take them in submit order: a plan needing a shard that a
+/// plan submitted before it also waits for queues behind that plan, even with the shard
+/// free (before, it took the shard at once: a second plan on a table the first creates ran
+/// first and failed); a plan on other shards goes on meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn plans_waiting_for_shard_locks_take_them_in_submit_order() -> anyhow::Result<()> {
+    let fleet = HaFleet::start(1, 3, 1).await?;
+    let before = fences(&fleet.pg, 3).await?;
+    let holder = MigrationDir::new()?;
+    holder.migration(
+        "001_holder",
+        "",
+        &blocking_sql("CREATE TABLE holder_log (x int)", &tenant_name(0, 0, 1), 78),
+        "DROP TABLE holder_log",
+    )?;
+    let creates = MigrationDir::new()?;
+    creates.migration(
+        "001_queue_log",
+        "",
+        "CREATE TABLE queue_log (x int)",
+        "DROP TABLE queue_log",
+    )?;
+    let alters = MigrationDir::new()?;
+    alters.migration(
+        "002_queue_log_y",
+        "",
+        "ALTER TABLE queue_log ADD COLUMN y int",
+        "ALTER TABLE queue_log DROP COLUMN y",
+    )?;
+    let elsewhere = MigrationDir::new()?;
+    elsewhere.migration(
+        "001_elsewhere",
+        "",
+        "CREATE TABLE elsewhere_log (x int)",
+        "DROP TABLE elsewhere_log",
+    )?;
+    let lock = hold(&fleet.pg, 0, 78).await?;
+    let p1 = fleet
+        .submit(holder.path(), &["--selector", "shard=shard_0"])
+        .await?;
+    wait_until("the first plan blocked on shard_0", WAIT, async || {
+        Ok(blocked(&fleet.pg, 0).await? == 1)
+    })
+    .await?;
+    let p2 = fleet
+        .submit(
+            creates.path(),
+            &["--selector", "shard in (shard_0, shard_1)"],
+        )
+        .await?;
+    let waits = async |id: &str, says: String| {
+        crate::harness::wait_for("the plan to wait for its locks", WAIT, async || {
+            let st = fleet.status(id).await?;
+            let msg = st["message"].as_str().unwrap_or_default();
+            Ok(msg.contains(&says).then_some(st))
+        })
+        .await
+    };
+    waits(&p2, format!("shard shard_0 is locked by plan {p1}")).await?;
+    // shard_1 is free, but the plan submitted before this one waits for it too
+    let p3 = fleet
+        .submit(alters.path(), &["--selector", "shard=shard_1"])
+        .await?;
+    let st = waits(
+        &p3,
+        format!("plan {p2}, submitted before it, waits for shard shard_1 too"),
+    )
+    .await?;
+    assert_eq!(progress(&st, "pending"), 1, "nothing of it ran: {st}");
+    // a plan on a shard no one waits for runs meanwhile
+    let p4 = fleet
+        .submit(elsewhere.path(), &["--selector", "shard=shard_2"])
+        .await?;
+    let out = fleet
+        .cli(&["plan", "watch", &p4, "--output", "json"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let st = fleet.status(&p3).await?;
+    assert_eq!(progress(&st, "pending"), 1, "still queued: {st}");
+
+    release(lock, 78).await?;
+    for id in [&p1, &p2, &p3] {
+        let out = fleet
+            .cli(&["plan", "watch", id, "--output", "json"])
+            .await?;
+        assert_eq!(out.code(), Some(0), "{id}: {out}");
+        let st = fleet.status(id).await?;
+        assert_eq!(st["state"], "completed", "{st}");
+        assert_settled(&st);
+    }
+    // on shard_1, the table came first and its column after, in submit order
+    let order = fleet
+        .pg
+        .query_rows(
+            &shard(1),
+            "SELECT migration_id FROM flotilla.journal ORDER BY finished_at, migration_id",
+        )
+        .await?;
+    assert_eq!(
+        order,
+        vec![
+            vec!["001_queue_log".to_string()],
+            vec!["002_queue_log_y".into()]
+        ],
+    );
+    assert_invariants(&fleet, 3, &before).await
+}
+
 /// A clean restart of a shard's server (`pg_ctl restart -m fast`, as for a minor upgrade)
 /// while a step runs ends the step's session with 57P01, as `pg_terminate_backend` does; the
 /// agent tells the two apart by the server's uptime: the step is not run (its transaction

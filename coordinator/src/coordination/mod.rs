@@ -15,6 +15,7 @@ pub mod embedded;
 pub mod error;
 pub mod etcd;
 mod leadership;
+mod lock_queue;
 mod members;
 mod plan_locks;
 mod shared;
@@ -24,37 +25,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use tokio::sync::watch;
 
-/// Plans whose shard locks are being released (a task that tries until the backend takes
-/// it). Locks are keyed by plan id: a release landing late, after a new start of the same
-/// plan (a retry, a rollback of it) took its locks, deleted the new run's, and it ran with
-/// none. A start takes its locks only once no release of its plan is under way.
-#[derive(Debug, Default, Clone)]
-pub struct LockReleases(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
-
-impl LockReleases {
-    pub fn begin(&self, plan_id: &str) {
-        *self
-            .0
-            .lock()
-            .expect("lock releases")
-            .entry(plan_id.to_string())
-            .or_default() += 1;
-    }
-
-    pub fn end(&self, plan_id: &str) {
-        let mut releases = self.0.lock().expect("lock releases");
-        if let Some(n) = releases.get_mut(plan_id) {
-            *n -= 1;
-            if *n == 0 {
-                releases.remove(plan_id);
-            }
-        }
-    }
-
-    pub fn pending(&self, plan_id: &str) -> bool {
-        self.0.lock().expect("lock releases").contains_key(plan_id)
-    }
-}
+pub use lock_queue::{LockQueue, QueuedPlan};
 
 pub use embedded::EmbeddedCoordination;
 pub use error::CoordinationError;

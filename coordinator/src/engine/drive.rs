@@ -184,7 +184,7 @@ impl Engine {
             shard.to_string(),
             self.epoch,
         );
-        let releases = self.lock_releases.clone();
+        let releases = self.lock_queue.clone();
         releases.begin(&id);
         tokio::spawn(async move {
             let _done = ReleaseDone(releases, id.clone());
@@ -208,7 +208,7 @@ impl Engine {
     pub(super) fn release_locks(&self, plan_id: &str) {
         let (coordination, id, epoch) =
             (self.coordination.clone(), plan_id.to_string(), self.epoch);
-        let releases = self.lock_releases.clone();
+        let releases = self.lock_queue.clone();
         releases.begin(&id);
         tokio::spawn(async move {
             let _done = ReleaseDone(releases, id.clone());
@@ -237,7 +237,7 @@ impl Engine {
 
 /// Says a release of a plan's locks is over however its task ends (returned, or cancelled
 /// with the runtime).
-struct ReleaseDone(crate::coordination::LockReleases, String);
+struct ReleaseDone(crate::coordination::LockQueue, String);
 
 impl Drop for ReleaseDone {
     fn drop(&mut self) {

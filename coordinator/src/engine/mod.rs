@@ -266,7 +266,7 @@ pub struct Engine {
     leading: bool,
     coordination: Arc<dyn Coordination>,
     /// Plans whose locks a task is releasing (a start of the same plan waits for it).
-    lock_releases: crate::coordination::LockReleases,
+    lock_queue: crate::coordination::LockQueue,
     /// Shards whose agents are alive (liveness keys), attached here or not.
     live: BTreeSet<String>,
     /// Since when a shard with runs in flight has had no agent anywhere.
@@ -316,7 +316,7 @@ impl Engine {
         changes: Changes,
         fleet: Arc<Fleet>,
         events: mpsc::Sender<Event>,
-        lock_releases: crate::coordination::LockReleases,
+        lock_queue: crate::coordination::LockQueue,
     ) -> Engine {
         // Leading from the first moment when the backend says so (the embedded one
         // always does), so a submit can never race the first Lead event.
@@ -328,7 +328,7 @@ impl Engine {
             epoch,
             leading,
             coordination,
-            lock_releases,
+            lock_queue,
             live: Default::default(),
             lost_since: HashMap::new(),
             agent_grace,

@@ -233,10 +233,21 @@ pub fn status(s: &pb::PlanStatus, output: Output) {
     if let Some(line) = waiting_agents(s) {
         println!("{line}");
     }
-    for w in s.waiting_for.iter().filter(|w| w.contains(": ")) {
+    for w in other_waits(s) {
         println!("waiting for {}", waiting_text(w));
     }
     failures(s);
+}
+
+/// The `kind: what` entries of `waiting_for` (approval, bake, lock, gate), but a lock wait
+/// the plan's message says already (`waiting for shard locks: ...`): printed twice before.
+fn other_waits(s: &pb::PlanStatus) -> impl Iterator<Item = &String> {
+    s.waiting_for.iter().filter(|w| {
+        w.contains(": ")
+            && !w
+                .strip_prefix("lock: ")
+                .is_some_and(|lock| s.message.ends_with(lock))
+    })
 }
 
 /// `waiting for agents of: shard_0, ...`: the shards (`waiting_for` entries without a
@@ -719,6 +730,27 @@ mod data_tests {
         );
         s.waiting_for = vec!["gate: wave canary".into()];
         assert_eq!(waiting_agents(&s), None);
+    }
+
+    /// A plan waiting for its shard locks says so once: its message names the lock.
+    #[test]
+    fn a_lock_wait_is_said_once() {
+        let mut s = pb::PlanStatus {
+            message: "waiting for shard locks: shard s1 is locked by plan p1".into(),
+            waiting_for: vec![
+                "lock: shard s1 is locked by plan p1".into(),
+                "approval: 1 of 2".into(),
+                "shard_3".into(),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(other_waits(&s).collect::<Vec<_>>(), ["approval: 1 of 2"]);
+        // a message saying something else: the lock is named among the waits
+        s.message = "retry of 1 step requested by operator".into();
+        assert_eq!(
+            other_waits(&s).collect::<Vec<_>>(),
+            ["lock: shard s1 is locked by plan p1", "approval: 1 of 2"]
+        );
     }
 
     /// A bake's end reads as a time, not milliseconds since the epoch.
