@@ -265,7 +265,8 @@ pub struct Engine {
     epoch: u64,
     leading: bool,
     coordination: Arc<dyn Coordination>,
-    /// Plans whose locks a task is releasing (a start of the same plan waits for it).
+    /// Plans whose locks a task is releasing (a start of the same plan waits for it), and
+    /// the plans waiting for theirs (a release wakes them).
     lock_queue: crate::coordination::LockQueue,
     /// Shards whose agents are alive (liveness keys), attached here or not.
     live: BTreeSet<String>,
