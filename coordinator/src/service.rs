@@ -1326,17 +1326,22 @@ impl Coordinator {
         shard: String,
         actor: Actor,
     ) -> Result<pb::PlanStatus, CoordinatorError> {
-        self.leader_epoch()?;
+        let epoch = self.leader_epoch()?;
         let id = plan_id.clone();
-        match self
+        let answer = self
             .to_engine(|reply| Event::ForgetShard {
                 plan_id: id,
                 shard,
                 actor,
                 reply,
             })
-            .await?
-        {
+            .await?;
+        if answer.is_ok() {
+            // as any command's: its audit entry and the plan's failures are stored before
+            // the operator is told (a leader killed at once lost the forget)
+            self.stored_before_answered(epoch).await?;
+        }
+        match answer {
             Ok(status) if status.summary.is_some() => Ok(status),
             Ok(_) => self.status(&plan_id).await,
             // Not in the engine: the store says whether it ended or is yet to be taken over.
