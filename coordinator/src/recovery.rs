@@ -232,6 +232,25 @@ impl Coordinator {
             );
             return Err(CoordinatorError::NotLeader { leader: None });
         }
+        // Tenants a leader before kept for the catch-up after the plans under way: caught
+        // up at the next completion here (they were lost with the leader that kept them).
+        let kept = self.inner.store.catch_up_kept().await?;
+        if !kept.is_empty() {
+            let n: usize = kept.values().map(Vec::len).sum();
+            info!(
+                tenants = n,
+                "tenants kept for a catch-up by the leader before"
+            );
+            let mut deferred = self.inner.catch_up_deferred.lock().expect("deferred lock");
+            for (shard, tenants) in kept {
+                let mine = deferred.entry(shard).or_default();
+                for t in tenants {
+                    if !mine.iter().any(|k| k.name == t.name) {
+                        mine.push(t);
+                    }
+                }
+            }
+        }
         // every shard of the fleet is in this term's metrics, its agent attached or not (a
         // store that does not answer here fails the takeover just below anyway)
         match self.inner.store.agents().await {

@@ -456,11 +456,27 @@ async fn catch_up_follows_each_new_tenants_selection_whatever_its_name() -> anyh
 #[tokio::test]
 async fn a_tenant_that_appears_while_the_plan_runs_is_caught_up_when_it_completes()
 -> anyhow::Result<()> {
+    appears_while_the_plan_runs(false).await
+}
+
+/// The same with the coordinator killed once it kept the tenant, and started again: the
+/// tenant is kept in the control store, and the next leader catches it up when the plan
+/// completes. Before, it was kept in the leader's memory only, and stayed behind.
+#[tokio::test]
+async fn a_tenant_kept_for_a_catch_up_outlives_its_leader() -> anyhow::Result<()> {
+    appears_while_the_plan_runs(true).await
+}
+
+async fn appears_while_the_plan_runs(restart: bool) -> anyhow::Result<()> {
     use crate::shards::{blocked, hold, logged_blocking_migration, release};
-    let fleet = TestFleet::builder(1, 2)
-        .agent_args(&["--discover-interval", "1s"])
-        .start()
-        .await?;
+    let builder = TestFleet::builder(1, 2).agent_args(&["--discover-interval", "1s"]);
+    // (a PostgreSQL store with a restart, to read what it keeps)
+    let builder = if restart {
+        builder.postgres_store("control")
+    } else {
+        builder
+    };
+    let mut fleet = builder.start().await?;
     let d = MigrationDir::new()?;
     logged_blocking_migration(&d, "tenant_0000", 93)?;
     std::fs::write(
@@ -488,12 +504,36 @@ async fn a_tenant_that_appears_while_the_plan_runs_is_caught_up_when_it_complete
             WAIT,
         )
         .await?;
+    if restart {
+        // once the store has it (the row the log line's write put there)
+        wait_until("the tenant kept in the store", WAIT, async || {
+            let n: i64 = fleet
+                .pg
+                .query_scalar(
+                    "control",
+                    "SELECT count(*) FROM catch_up_kept WHERE tenant = 'tenant_0900'",
+                )
+                .await
+                .unwrap_or(0);
+            Ok(n == 1)
+        })
+        .await?;
+        // (the next leader reads them before it takes the plan over)
+        fleet.restart_coordinator().await?;
+    }
     release(lock, 93).await?;
     let (out, _) = fleet.watch(&id).await?;
     assert_eq!(out.code(), Some(0), "{out}");
     let plan = catch_up_ended(&fleet, "catch-up-shard_0/tenant_0900").await?;
     assert_eq!(plan["state"], "completed", "{plan}");
     crate::shards::assert_logged_once(&fleet.pg, &fleet.shards[0], "tenant_0900", &["001"]).await?;
+    if restart {
+        let n: i64 = fleet
+            .pg
+            .query_scalar("control", "SELECT count(*) FROM catch_up_kept")
+            .await?;
+        assert_eq!(n, 0, "taken for the catch-up");
+    }
     Ok(())
 }
 

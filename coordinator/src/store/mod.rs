@@ -526,6 +526,33 @@ impl Store {
     }
 
     /// Plans that were running (or rolling back) when the coordinator stopped.
+    /// The tenants kept for the catch-up after the plans under way, by shard, oldest first
+    /// (see `StoreOp::CatchUpKept`); a row that does not decode (written by hand) is left
+    /// out, said in the log.
+    pub async fn catch_up_kept(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, Vec<pb::Tenant>>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT shard, tenant, tenant_hex FROM catch_up_kept ORDER BY at_ms, shard, tenant",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut kept: std::collections::BTreeMap<String, Vec<pb::Tenant>> = Default::default();
+        for r in rows {
+            let (shard, tenant, hex_): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            match hex::decode(&hex_)
+                .ok()
+                .and_then(|b| <pb::Tenant as prost::Message>::decode(b.as_slice()).ok())
+            {
+                Some(t) => kept.entry(shard).or_default().push(t),
+                None => {
+                    tracing::warn!(%shard, %tenant, "a tenant kept for a catch-up does not read: left out")
+                }
+            }
+        }
+        Ok(kept)
+    }
+
     pub async fn unfinished_plans(&self) -> Result<Vec<PlanRow>, StoreError> {
         // Every state a plan does not end in, from the states themselves (a new end state
         // cannot be forgotten here and its plans resumed, or worse, undone). A plan
@@ -1901,6 +1928,62 @@ mod tests {
             assert_eq!(p1.state, PlanState::Cancelled, "{location}");
             let trail = store.audit_trail(Some("p2"), 0, 10).await.unwrap();
             assert_eq!(trail.len(), 1, "{location}");
+        }
+    }
+
+    /// Tenants kept for a catch-up read back the same from SQLite and PostgreSQL, labels and
+    /// all, by shard; kept again, a tenant's row is replaced; taken, they are gone.
+    #[tokio::test]
+    async fn tenants_kept_for_a_catch_up_read_back() {
+        let (_dir, _pg, locations) = both_stores("catch_up_kept").await;
+        for location in locations {
+            let (store, tx) = opened(&location).await;
+            let tenant = |name: &str, tier: &str| pb::Tenant {
+                name: name.into(),
+                labels: [("tier".to_string(), tier.to_string())].into(),
+                ..Default::default()
+            };
+            tx.send(StoreOp::CatchUpKept {
+                shard: "s1".into(),
+                tenants: vec![tenant("t1", "free"), tenant("t2", "free")],
+            })
+            .unwrap();
+            tx.send(StoreOp::CatchUpKept {
+                shard: "s2".into(),
+                tenants: vec![tenant("t1", "gold")],
+            })
+            .unwrap();
+            // kept again (a second discovery): replaced, not doubled
+            tx.send(StoreOp::CatchUpKept {
+                shard: "s1".into(),
+                tenants: vec![tenant("t2", "gold")],
+            })
+            .unwrap();
+            let (done, flushed) = oneshot::channel();
+            tx.send(StoreOp::Flush(done)).unwrap();
+            flushed.await.unwrap();
+            let kept = store.catch_up_kept().await.unwrap();
+            let names = |shard: &str| -> Vec<(String, String)> {
+                kept[shard]
+                    .iter()
+                    .map(|t| (t.name.clone(), t.labels["tier"].clone()))
+                    .collect()
+            };
+            assert_eq!(
+                names("s1"),
+                [("t1".into(), "free".into()), ("t2".into(), "gold".into())],
+                "{location}"
+            );
+            assert_eq!(names("s2"), [("t1".into(), "gold".into())], "{location}");
+            tx.send(StoreOp::CatchUpTaken {
+                tenants: vec![("s1".into(), "t1".into()), ("s1".into(), "t2".into())],
+            })
+            .unwrap();
+            let (done, flushed) = oneshot::channel();
+            tx.send(StoreOp::Flush(done)).unwrap();
+            flushed.await.unwrap();
+            let kept = store.catch_up_kept().await.unwrap();
+            assert_eq!(kept.keys().collect::<Vec<_>>(), ["s2"], "{location}");
         }
     }
 

@@ -151,6 +151,16 @@ pub enum StoreOp {
         plan_id: String,
         spec_hex: String,
     },
+    /// Tenants of a shard kept for the catch-up after the plans under way (`pb::Tenant`s,
+    /// each row replacing the one kept before for the same tenant).
+    CatchUpKept {
+        shard: String,
+        tenants: Vec<pb::Tenant>,
+    },
+    /// Kept tenants taken for a catch-up: (shard, tenant).
+    CatchUpTaken {
+        tenants: Vec<(String, String)>,
+    },
     /// Answered once every op before it is applied.
     Flush(tokio::sync::oneshot::Sender<()>),
     /// Ops that commit in one transaction or not at all, in order (a plan's submit: its
@@ -185,6 +195,13 @@ impl StoreOp {
                 updates: updates.clone(),
             },
             StoreOp::Audit(a) => StoreOp::Audit(a.clone()),
+            StoreOp::CatchUpKept { shard, tenants } => StoreOp::CatchUpKept {
+                shard: shard.clone(),
+                tenants: tenants.clone(),
+            },
+            StoreOp::CatchUpTaken { tenants } => StoreOp::CatchUpTaken {
+                tenants: tenants.clone(),
+            },
             StoreOp::Agent {
                 shard,
                 labels,

@@ -1,5 +1,5 @@
 //! The control store's tables (created at start; `schema_version` in `flotilla_meta`).
-pub(super) const SCHEMA_VERSION: i64 = 6;
+pub(super) const SCHEMA_VERSION: i64 = 7;
 
 /// The decision row ([`UPGRADES`] to 6) of a plan a coordinator from before version 6 left
 /// committing: that coordinator had decided commit (see [`crate::store::Store::committed_before_decisions`]).
@@ -62,6 +62,17 @@ pub(super) const UPGRADES: &[(i64, &[&str])] = &[
             "INSERT INTO decisions (unit, decision, epoch, at_ms)
              SELECT 'committing-before-decisions:' || id, 'commit', 0, 0 FROM plans
              WHERE state = 'committing' ON CONFLICT (unit) DO NOTHING",
+        ],
+    ),
+    (
+        7,
+        &[
+            // tenants that appeared while a plan asking for catch-up ran, kept to be caught
+            // up when a plan completes: kept in the leader's memory only, a change of leader
+            // meanwhile left them behind (`tenant_hex`: the agent's `pb::Tenant`, labels and all)
+            "CREATE TABLE IF NOT EXISTS catch_up_kept (
+            shard TEXT NOT NULL, tenant TEXT NOT NULL, tenant_hex TEXT NOT NULL,
+            at_ms BIGINT NOT NULL, PRIMARY KEY (shard, tenant))",
         ],
     ),
 ];

@@ -205,7 +205,11 @@ fn plans_of(ops: &[StoreOp]) -> String {
                     plans.insert(a.plan_id.as_str());
                 }
                 StoreOp::Together(inner) => walk(inner, plans),
-                StoreOp::Agent { .. } | StoreOp::RetireAgent { .. } | StoreOp::Flush(_) => {}
+                StoreOp::Agent { .. }
+                | StoreOp::RetireAgent { .. }
+                | StoreOp::CatchUpKept { .. }
+                | StoreOp::CatchUpTaken { .. }
+                | StoreOp::Flush(_) => {}
             }
         }
     }
@@ -223,6 +227,15 @@ fn describe(op: &StoreOp) -> String {
         StoreOp::PlanSpec { plan_id, .. } => format!("plan {plan_id}'s spec"),
         StoreOp::Paused { plan_id, .. } => format!("where plan {plan_id} is paused"),
         StoreOp::RetireAgent { shard } => format!("retirement of shard {shard}"),
+        StoreOp::CatchUpKept { shard, tenants } => {
+            format!(
+                "{} new tenants of shard {shard} kept for a catch-up",
+                tenants.len()
+            )
+        }
+        StoreOp::CatchUpTaken { tenants } => {
+            format!("{} kept tenants taken for a catch-up", tenants.len())
+        }
         StoreOp::Submission { plan_id, .. } => format!("plan {plan_id}'s request id"),
         StoreOp::Steps { plan_id, updates } => {
             format!("{} step updates of plan {plan_id}", updates.len())
@@ -477,6 +490,32 @@ impl Store {
                         .execute(&mut *tx)
                         .await
                         .map_err(StoreError::from)?;
+                }
+                StoreOp::CatchUpKept { shard, tenants } => {
+                    for t in tenants {
+                        sqlx::query(
+                            "INSERT INTO catch_up_kept (shard, tenant, tenant_hex, at_ms)
+                             VALUES ($1, $2, $3, $4) ON CONFLICT (shard, tenant)
+                             DO UPDATE SET tenant_hex = excluded.tenant_hex, at_ms = excluded.at_ms",
+                        )
+                        .bind(&shard)
+                        .bind(&t.name)
+                        .bind(hex::encode(prost::Message::encode_to_vec(&t)))
+                        .bind(now_ms())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
+                    }
+                }
+                StoreOp::CatchUpTaken { tenants } => {
+                    for (shard, tenant) in tenants {
+                        sqlx::query("DELETE FROM catch_up_kept WHERE shard = $1 AND tenant = $2")
+                            .bind(shard)
+                            .bind(tenant)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::from)?;
+                    }
                 }
                 StoreOp::Paused { plan_id, paused } => {
                     sqlx::query("UPDATE plans SET paused = $1 WHERE id = $2")

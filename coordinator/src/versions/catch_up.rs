@@ -4,8 +4,8 @@
 //! migration of those plans that their labels select: one ordinary plan
 //! (`catch-up-<target>`), with the same checks, journal, policy and audit as any other.
 //! Rolled-back plans do not count (only completed ones are read). A tenant that appears
-//! while such a plan runs is not among its targets (fixed at its submit): it is kept, and
-//! caught up when a plan completes. A tenant that vanished simply leaves the agent's list:
+//! while such a plan runs is not among its targets (fixed at its submit): it is kept (in
+//! the control store too, for the next leader), and caught up when a plan completes. A tenant that vanished simply leaves the agent's list:
 //! its journal rows (its history) stay on the shard.
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -116,13 +116,20 @@ impl Coordinator {
         match self.asking_plans_unfinished().await {
             Ok(false) => {}
             Ok(true) => {
-                let mut deferred = self.inner.catch_up_deferred.lock().expect("deferred lock");
-                let kept = deferred.entry(shard.to_string()).or_default();
-                for t in tenants {
-                    if !kept.iter().any(|k| k.name == t.name) {
-                        kept.push(t.clone());
+                {
+                    let mut deferred = self.inner.catch_up_deferred.lock().expect("deferred lock");
+                    let kept = deferred.entry(shard.to_string()).or_default();
+                    for t in tenants {
+                        if !kept.iter().any(|k| k.name == t.name) {
+                            kept.push(t.clone());
+                        }
                     }
                 }
+                // in the store too: the next leader catches them up if this one goes first
+                self.write(crate::store::StoreOp::CatchUpKept {
+                    shard: shard.to_string(),
+                    tenants: tenants.to_vec(),
+                });
                 info!(%shard, tenants = tenants.len(), "new tenants kept for the catch-up after the plans under way");
             }
             Err(e) => {
@@ -180,6 +187,17 @@ impl Coordinator {
                 let kept = std::mem::take(
                     &mut *self.inner.catch_up_deferred.lock().expect("deferred lock"),
                 );
+                if !kept.is_empty() {
+                    // (kept again, in the store too, if a plan asking for it still runs)
+                    self.write(crate::store::StoreOp::CatchUpTaken {
+                        tenants: kept
+                            .iter()
+                            .flat_map(|(shard, ts)| {
+                                ts.iter().map(|t| (shard.clone(), t.name.clone()))
+                            })
+                            .collect(),
+                    });
+                }
                 // On a task of its own: a refused submit is sent again minutes long, and
                 // this loop must not fall behind the plans' changes meanwhile.
                 let me = self.clone();
