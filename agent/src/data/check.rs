@@ -93,27 +93,7 @@ pub(crate) async fn refused_part(
     lower_lit: &str,
     upper_lit: &str,
 ) -> Result<Option<Refusal>, sqlx::Error> {
-    let Some(d) = m.migration.data.as_ref() else {
-        return Ok(None);
-    };
-    let mut parts = Vec::with_capacity(d.batch.len() + 2);
-    if let Some(page) = sql::data_page_unfiltered(m, lower_lit) {
-        parts.push((Part::Key, page));
-    }
-    if d.filter.is_some()
-        && let Some(page) = sql::data_page(m, lower_lit, 1)
-    {
-        parts.push((Part::Filter, page));
-    }
-    for statement in &d.batch {
-        // (the batch's own check refused one that does not bind: it never runs)
-        if let Ok(bound) = flotilla_core::sql::bind_parameters(statement, &[lower_lit, upper_lit])
-            && explainable(&bound)
-        {
-            parts.push((Part::Batch, bound));
-        }
-    }
-    for (part, statement) in parts {
+    for (part, statement) in parts(m, lower_lit, upper_lit) {
         let explain = format!("EXPLAIN {statement}");
         match sqlx::raw_sql(AssertSqlSafe(explain))
             .execute(&mut *conn)
@@ -135,6 +115,32 @@ pub(crate) async fn refused_part(
         }
     }
     Ok(None)
+}
+
+/// The parts of `m`'s SQL that `EXPLAIN` takes, in the order they are checked, with
+/// `$1`/`$2` bound.
+fn parts(m: &PreparedMigration, lower_lit: &str, upper_lit: &str) -> Vec<(Part, String)> {
+    let Some(d) = m.migration.data.as_ref() else {
+        return Vec::new();
+    };
+    let mut parts = Vec::with_capacity(d.batch.len() + 2);
+    if let Some(page) = sql::data_page_unfiltered(m, lower_lit) {
+        parts.push((Part::Key, page));
+    }
+    if d.filter.is_some()
+        && let Some(page) = sql::data_page(m, lower_lit, 1)
+    {
+        parts.push((Part::Filter, page));
+    }
+    for statement in &d.batch {
+        // (the batch's own check refused one that does not bind: it never runs)
+        if let Ok(bound) = flotilla_core::sql::bind_parameters(statement, &[lower_lit, upper_lit])
+            && explainable(&bound)
+        {
+            parts.push((Part::Batch, bound));
+        }
+    }
+    parts
 }
 
 /// The preflight's check of a data change's SQL on one target (its table and key found
@@ -162,6 +168,21 @@ pub(crate) async fn preflight_statements(
             flotilla_core::sql::quote_ident(tenant)
         ));
     }
+    // Every part in one round trip (a preflight asks this of each of a shard's thousands
+    // of tenants); only a target where one is refused is asked part by part, to name it.
+    let mut all = begin.clone();
+    for (_, statement) in parts(m, &floor, &floor) {
+        all.push_str(&format!("\nEXPLAIN {statement};"));
+    }
+    all.push_str("\nROLLBACK;");
+    if sqlx::raw_sql(AssertSqlSafe(all))
+        .execute(&mut *conn)
+        .await
+        .is_ok()
+    {
+        return Ok(None);
+    }
+    sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
     sqlx::raw_sql(AssertSqlSafe(begin))
         .execute(&mut *conn)
         .await?;
