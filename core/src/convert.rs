@@ -205,6 +205,10 @@ fn lint_ignore(
         .collect()
 }
 
+/// How a `[data]` name is written, for the errors that refuse one.
+const NAME_SHAPE: &str = "each [A-Za-z_][A-Za-z0-9_$]*, folded to lower case, or double-quoted \
+                          as PostgreSQL quotes a name: \"OrderId\"";
+
 /// Validates a `DataChange` on receipt; every error names the migration.
 fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange, PlanError> {
     let err = |reason: String| PlanError::Data {
@@ -213,16 +217,12 @@ fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange,
         reason,
     };
     let key_text = d.key.trim();
-    let key = key_text
-        .split(',')
-        .map(sql_identifier)
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| {
-            err(format!(
-                "key `{key_text}` must be a column name, or column names separated by `,` \
-                 (each [A-Za-z_][A-Za-z0-9_$]*)"
-            ))
-        })?;
+    let key = sql_names(key_text, ',').ok_or_else(|| {
+        err(format!(
+            "key `{key_text}` must be a column name, or column names separated by `,` \
+             ({NAME_SHAPE})"
+        ))
+    })?;
     if key.len() > 8 {
         return Err(err(format!(
             "key `{key_text}` has {} columns; at most 8",
@@ -234,41 +234,41 @@ fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange,
         .enumerate()
         .find_map(|(i, c)| key[..i].contains(c).then_some(c))
     {
-        return Err(err(format!("key `{key_text}` names column {c} twice")));
+        return Err(err(format!(
+            "key `{key_text}` names column {} twice",
+            name_text(c)
+        )));
     }
     let mut prior_image = Vec::with_capacity(d.prior_image.len());
     for c in &d.prior_image {
-        let col = sql_identifier(c).ok_or_else(|| {
+        let col = sql_name(c).ok_or_else(|| {
             err(format!(
-                "prior_image column `{}` must be a column name ([A-Za-z_][A-Za-z0-9_$]*)",
+                "prior_image column `{}` must be a column name ({NAME_SHAPE})",
                 c.trim()
             ))
         })?;
         if key.contains(&col) {
             return Err(err(format!(
-                "prior_image column {col} is part of the key: the key finds the rows to restore and must not change"
+                "prior_image column {} is part of the key: the key finds the rows to restore and must not change",
+                name_text(&col)
             )));
         }
         if prior_image.contains(&col) {
-            return Err(err(format!("prior_image names column {col} twice")));
+            return Err(err(format!(
+                "prior_image names column {} twice",
+                name_text(&col)
+            )));
         }
         prior_image.push(col);
     }
-    let parts: Vec<&str> = d.table.trim().split('.').collect();
-    let table = if parts.len() > 2 {
-        None
-    } else {
-        parts
-            .iter()
-            .map(|p| sql_identifier(p))
-            .collect::<Option<Vec<_>>>()
-    }
-    .ok_or_else(|| {
-        err(format!(
-            "table `{}` must be a table name or schema.table ([A-Za-z_][A-Za-z0-9_$]*)",
-            d.table.trim()
-        ))
-    })?;
+    let table = sql_names(d.table.trim(), '.')
+        .filter(|parts| parts.len() <= 2)
+        .ok_or_else(|| {
+            err(format!(
+                "table `{}` must be a table name or schema.table ({NAME_SHAPE})",
+                d.table.trim()
+            ))
+        })?;
     let batch_size = match d.batch_size {
         0 => DEFAULT_BATCH_SIZE,
         n if n > MAX_BATCH_SIZE => {
@@ -343,9 +343,9 @@ fn data_change(id: &str, source: &str, d: &pb::DataChange) -> Result<DataChange,
     };
     let target_batch =
         (d.target_batch_ms > 0).then(|| Duration::from_millis(d.target_batch_ms.into()));
-    if d.target_batch_ms > 600_000 {
+    if d.target_batch_ms > MAX_TARGET_BATCH_MS {
         return Err(err(format!(
-            "target_batch_ms {} is more than 600000 (ten minutes)",
+            "target_batch_ms {} is more than {MAX_TARGET_BATCH_MS} (ten minutes)",
             d.target_batch_ms
         )));
     }
@@ -478,7 +478,7 @@ impl From<&Migration> for pb::Migration {
                 })
                 .collect(),
             data: m.data.as_ref().map(|d| pb::DataChange {
-                table: d.table.join("."),
+                table: d.table_text(),
                 key: d.key_text(),
                 batch_size: d.batch_size,
                 rows_per_second: d.rows_per_second,
@@ -501,7 +501,7 @@ impl From<&Migration> for pb::Migration {
                         max: h.max,
                     })
                     .collect(),
-                prior_image: d.prior_image.clone(),
+                prior_image: d.prior_image.iter().map(|c| name_text(c)).collect(),
             }),
         }
     }

@@ -143,6 +143,8 @@ pub struct LintIgnore {
 
 pub const DEFAULT_BATCH_SIZE: u32 = 1000;
 pub const MAX_BATCH_SIZE: u32 = 1_000_000;
+/// The longest `target_batch_ms`: ten minutes.
+pub const MAX_TARGET_BATCH_MS: u32 = 600_000;
 
 /// A batched data change, validated: `table` and `key` are identifiers (folded to lower case,
 /// as PostgreSQL folds unquoted names), `batch_sql` uses exactly `$1` (exclusive lower bound
@@ -237,9 +239,21 @@ impl DataChange {
     pub fn columns(&self) -> Vec<String> {
         self.key.iter().chain(&self.prior_image).cloned().collect()
     }
-    /// The key as written in a plan (`id`, `tenant_id, id`).
+    /// The key as written in a plan (`id`, `tenant_id, id`, `"OrderId"`).
     pub fn key_text(&self) -> String {
-        self.key.join(", ")
+        self.key
+            .iter()
+            .map(|c| name_text(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+    /// The table as written in a plan (`customers`, `app."Orders"`).
+    pub fn table_text(&self) -> String {
+        self.table
+            .iter()
+            .map(|p| name_text(p))
+            .collect::<Vec<_>>()
+            .join(".")
     }
     /// The most rows one batch takes under the change's rate limits: one second of the
     /// lowest (`rows_per_second`, `server_rows_per_second`), none without. A batch runs as
@@ -266,6 +280,61 @@ impl DataChange {
     }
 }
 
+/// One name of a `[data]` table as PostgreSQL reads it: unquoted
+/// (`[A-Za-z_][A-Za-z0-9_$]*`, folded to lower case) or double-quoted (`"OrderId"`, kept
+/// as written, `""` a quote inside it), at most 63 bytes either way (PostgreSQL would cut a
+/// longer one short, and find another name).
+pub fn sql_name(s: &str) -> Option<String> {
+    let s = s.trim();
+    let Some(inner) = s.strip_prefix('"') else {
+        return sql_identifier(s);
+    };
+    let inner = inner.strip_suffix('"')?;
+    // every quote inside is doubled
+    if inner.replace("\"\"", "").contains('"') {
+        return None;
+    }
+    let name = inner.replace("\"\"", "\"");
+    (!name.is_empty() && name.len() <= 63 && !name.contains('\0')).then_some(name)
+}
+
+/// Names separated by `sep` outside double quotes (`app."Orders"` by `.`, `"Region", id`
+/// by `,`), each a [`sql_name`].
+pub fn sql_names(s: &str, sep: char) -> Option<Vec<String>> {
+    let mut parts = Vec::new();
+    let mut quoted = false;
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            c if c == sep && !quoted => {
+                parts.push(&s[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts.into_iter().map(sql_name).collect()
+}
+
+/// A name as a `[data]` table writes it, read back by [`sql_name`] as the same name: bare
+/// when it is a lower-case plain identifier, else double-quoted (`"Orders"`).
+pub fn name_text(name: &str) -> String {
+    let plain = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'$');
+    if plain {
+        name.to_string()
+    } else {
+        crate::sql::quote_ident(name)
+    }
+}
+
 /// An unquoted SQL identifier (`[A-Za-z_][A-Za-z0-9_$]*`, at most 63 bytes), folded to
 /// lower case as PostgreSQL does.
 pub fn sql_identifier(s: &str) -> Option<String> {
@@ -284,23 +353,42 @@ pub fn sql_identifier(s: &str) -> Option<String> {
 /// it: tuning them after the fact is allowed.
 pub fn data_checksum(up_sql: &str, d: &crate::pb::DataChange) -> String {
     let norm = |s: &str| s.replace("\r\n", "\n").trim().to_string();
-    // identifiers fold to lower case (as unquoted names do in PostgreSQL)
+    // Identifiers fold to lower case (as unquoted names do in PostgreSQL). A quoted name
+    // keeps its case: names holding a quote are read and written back as the file would
+    // spell them (`"Orders"`, and `"orders"` as `orders`, the same table); names without
+    // one are normalised as they always were, so that no applied change's checksum moves.
+    let quoted = |s: &str, sep: char| {
+        if !s.contains('"') {
+            return None;
+        }
+        let names = sql_names(s, sep)?;
+        Some(
+            names
+                .iter()
+                .map(|n| name_text(n))
+                .collect::<Vec<_>>()
+                .join(&sep.to_string()),
+        )
+    };
     let names = |s: &str| {
-        s.split(',')
-            .map(|p| p.trim().to_ascii_lowercase())
-            .collect::<Vec<_>>()
-            .join(",")
+        quoted(s, ',').unwrap_or_else(|| {
+            s.split(',')
+                .map(|p| p.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
     };
     let prior = d
         .prior_image
         .iter()
-        .map(|c| c.trim().to_ascii_lowercase())
+        .map(|c| quoted(c, ',').unwrap_or_else(|| c.trim().to_ascii_lowercase()))
         .collect::<Vec<_>>()
         .join(",");
+    let table = quoted(&d.table, '.').unwrap_or_else(|| norm(&d.table.to_ascii_lowercase()));
     let mut hasher = Sha256::new();
     let mut parts = vec![
         ("up", norm(up_sql)),
-        ("table", norm(&d.table.to_ascii_lowercase())),
+        ("table", table),
         ("key", names(&d.key)),
         ("batch", norm(&d.batch_sql)),
         ("filter", norm(&d.filter)),
@@ -705,10 +793,81 @@ pub fn size_read(p: &crate::pb::PlanSpec) -> Result<(), PlanError> {
     Ok(())
 }
 
+/// An operator's new plan whose data change sets `min_batch_size` above one second of its
+/// rate limit (the lower of `rows_per_second` and `server_rows_per_second`, which caps every
+/// batch): the floor cannot be kept, and capping it without a word ran smaller batches than
+/// the file said. The loader refuses it naming the line; this is the receiver's check, for a
+/// plan sent by other means. New plans only (as [`size_read`]): a stored plan capped before
+/// must still be read, retried and rolled back.
+pub fn batch_floor_read(p: &crate::pb::PlanSpec) -> Result<(), PlanError> {
+    for m in &p.migrations {
+        let Some(d) = &m.data else { continue };
+        let cap = [
+            ("rows_per_second", d.rows_per_second),
+            ("server_rows_per_second", d.server_rows_per_second),
+        ]
+        .into_iter()
+        .filter(|(_, r)| *r > 0)
+        .min_by_key(|(_, r)| *r);
+        if let Some((limit, rate)) = cap
+            && u64::from(d.min_batch_size) > rate
+        {
+            return Err(PlanError::Data {
+                migration: m.id.clone(),
+                source_file: m.source.clone(),
+                reason: format!(
+                    "min_batch_size {} is more than {rate}, one second of {limit} \
+                     (a batch takes no more than one second of the rate)",
+                    d.min_batch_size
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod size_tests {
     use super::*;
     use crate::pb;
+
+    /// A data change whose min_batch_size is above one second of its lower rate is refused
+    /// naming the migration, its file, the value and the bound; a default floor (0) is not.
+    #[test]
+    fn a_batch_floor_above_the_rate_is_refused() {
+        let plan = |min: u32, rate: u64, server: u64| pb::PlanSpec {
+            migrations: vec![pb::Migration {
+                id: "001_fill".into(),
+                source: "m/001_fill/migration.toml".into(),
+                data: Some(pb::DataChange {
+                    min_batch_size: min,
+                    rows_per_second: rate,
+                    server_rows_per_second: server,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = batch_floor_read(&plan(500, 100, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`001_fill` (m/001_fill/migration.toml)")
+                && e.contains("min_batch_size 500 is more than 100, one second of rows_per_second"),
+            "{e}"
+        );
+        let e = batch_floor_read(&plan(50, 100, 40))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("more than 40, one second of server_rows_per_second"),
+            "{e}"
+        );
+        assert_eq!(batch_floor_read(&plan(100, 100, 0)), Ok(()));
+        assert_eq!(batch_floor_read(&plan(0, 5, 0)), Ok(()));
+        assert_eq!(batch_floor_read(&plan(5000, 0, 0)), Ok(()));
+    }
 
     /// A migration over 8 MiB of SQL is refused naming it; a plan over 16 MiB, naming the
     /// plan.

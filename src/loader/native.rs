@@ -331,29 +331,34 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
                 ));
             }
         };
-        let positive = |v: &Spanned<i64>, name: &str, min: i64| {
+        // Each number's range, checked here where its line is known (the receiver's own
+        // check of a too-big batch size named the file alone).
+        let ranged = |v: &Spanned<i64>, name: &str, min: i64, max: i64| {
             let n = *v.get_ref();
             if n < min {
                 Err(at(
                     v.span(),
                     format!("[data] {name} must be at least {min}, got {n}"),
                 ))
-            } else if n > u32::MAX as i64 {
+            } else if n > max {
                 // (it said "must be at least 1" of a number too big)
                 Err(at(
                     v.span(),
-                    format!("[data] {name} must be at most {}, got {n}", u32::MAX),
+                    format!("[data] {name} must be at most {max}, got {n}"),
                 ))
             } else {
                 Ok(n)
             }
         };
+        let rows = |v: &Spanned<i64>, name: &str, min: i64| ranged(v, name, min, u32::MAX as i64);
+        let sizes =
+            |v: &Spanned<i64>, name: &str| ranged(v, name, 1, flotilla_core::MAX_BATCH_SIZE as i64);
         let batch_size = match &d.batch_size {
-            Some(v) => positive(v, "batch_size", 1)? as u32,
+            Some(v) => sizes(v, "batch_size")? as u32,
             None => 0,
         };
         let rows_per_second = match &d.rows_per_second {
-            Some(v) => positive(v, "rows_per_second", 0)? as u64,
+            Some(v) => rows(v, "rows_per_second", 0)? as u64,
             None => 0,
         };
         if d.table.get_ref().trim().is_empty() {
@@ -363,14 +368,47 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
             return Err(at(d.batch.span(), "[data] batch SQL is empty".into()));
         }
         let filter = d.filter.unwrap_or_default();
-        let opt = |v: &Option<Spanned<i64>>, name: &str, min: i64| match v {
-            Some(v) => positive(v, name, min).map(|n| n as u64),
-            None => Ok(0),
+        let opt = |v: &Option<Spanned<i64>>,
+                   check: &dyn Fn(&Spanned<i64>) -> Result<i64, LoadError>| {
+            v.as_ref().map_or(Ok(0), |v| check(v).map(|n| n as u64))
         };
-        let target_batch_ms = opt(&d.target_batch_ms, "target_batch_ms", 1)? as u32;
-        let min_batch_size = opt(&d.min_batch_size, "min_batch_size", 1)? as u32;
-        let max_batch_size = opt(&d.max_batch_size, "max_batch_size", 1)? as u32;
-        let server_rows_per_second = opt(&d.server_rows_per_second, "server_rows_per_second", 1)?;
+        let target_batch_ms = opt(&d.target_batch_ms, &|v| {
+            ranged(
+                v,
+                "target_batch_ms",
+                1,
+                flotilla_core::MAX_TARGET_BATCH_MS.into(),
+            )
+        })? as u32;
+        let min_batch_size = opt(&d.min_batch_size, &|v| sizes(v, "min_batch_size"))? as u32;
+        let max_batch_size = opt(&d.max_batch_size, &|v| sizes(v, "max_batch_size"))? as u32;
+        let server_rows_per_second = opt(&d.server_rows_per_second, &|v| {
+            rows(v, "server_rows_per_second", 1)
+        })?;
+        // A floor above what one batch may take under the rate (one second of the lower
+        // limit) cannot be kept: refused rather than capped without a word, which ran
+        // smaller batches than the file asked for. (`batch_size` and `max_batch_size`
+        // above it are capped, as documented: they are ceilings, which the rate lowers.)
+        if let Some(v) = &d.min_batch_size {
+            let cap = [
+                ("rows_per_second", rows_per_second),
+                ("server_rows_per_second", server_rows_per_second),
+            ]
+            .into_iter()
+            .filter(|(_, r)| *r > 0)
+            .min_by_key(|(_, r)| *r);
+            if let Some((limit, rate)) = cap
+                && u64::from(min_batch_size) > rate
+            {
+                return Err(at(
+                    v.span(),
+                    format!(
+                        "[data] min_batch_size must be at most {rate} (one second of {limit} = {rate}: \
+                         a batch takes no more than one second of the rate), got {min_batch_size}"
+                    ),
+                ));
+            }
+        }
         let mut health = Vec::new();
         if let Some(t) = d.throttle {
             for (signal, max) in [

@@ -1000,9 +1000,9 @@ fn a_data_migration_takes_a_composite_key_and_refuses_bad_values() {
     );
 
     // a number too big names the bound it is past (it said "must be at least 0")
-    for (field, value) in [
-        ("rows_per_second", "4294967296"),
-        ("target_batch_ms", "9223372036854775807"),
+    for (field, value, bound) in [
+        ("rows_per_second", "4294967296", "4294967295"),
+        ("target_batch_ms", "9223372036854775807", "600000"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         native(
@@ -1016,7 +1016,7 @@ fn a_data_migration_takes_a_composite_key_and_refuses_bad_values() {
         let e = load_err(dir.path());
         assert!(
             e.contains(&format!(
-                "[data] {field} must be at most 4294967295, got {value}"
+                "[data] {field} must be at most {bound}, got {value}"
             )),
             "{e}"
         );
@@ -1026,6 +1026,144 @@ fn a_data_migration_takes_a_composite_key_and_refuses_bad_values() {
     let dir = tempfile::tempdir().unwrap();
     native(dir.path(), "20250201_empty", None, "-- nothing\n");
     assert!(load_err(dir.path()).contains("holds no SQL statements"));
+}
+
+/// Names only quotes can spell are written as PostgreSQL reads them (`"Orders"` keeps its
+/// case, a bare name folds to lower case) and survive the trip to the agents: the plan sent
+/// on (as the coordinator sends it) reads back the same names, under the same checksum.
+/// A bare name's checksum is as it was (`Customers` and `customers` alike).
+#[test]
+fn a_data_migration_takes_quoted_names() {
+    let dir = tempfile::tempdir().unwrap();
+    native(
+        dir.path(),
+        "20250201_ship",
+        Some(
+            "[data]\ntable = 'app.\"Orders\"'\nkey = ['\"Region\"', 'Id']\nprior_image = ['\"Status\"']\n\
+             batch = \"UPDATE app.\\\"Orders\\\" SET x = 1 WHERE (\\\"Region\\\", id) > $1 AND (\\\"Region\\\", id) <= $2\"\n",
+        ),
+        "",
+    );
+    let spec = load_ok(dir.path());
+    let domain = domain(spec.clone());
+    let d = domain.migrations[0].data.as_ref().unwrap();
+    assert_eq!(d.table, ["app", "Orders"]);
+    assert_eq!(d.key, ["Region", "id"]);
+    assert_eq!(d.prior_image, ["Status"]);
+    assert_eq!(d.table_sql(), "\"app\".\"Orders\"");
+    assert_eq!(d.table_text(), "app.\"Orders\"");
+    assert_eq!(d.key_text(), "\"Region\", id");
+    let sent = flotilla_core::pb::Migration::from(&domain.migrations[0]);
+    let again = flotilla_core::Migration::try_from(sent).expect("reads back");
+    assert_eq!(again.data.as_ref(), Some(d));
+    assert_eq!(again.checksum, spec.migrations[0].checksum);
+
+    // a quoted name that folds to a bare one is that name, under the same checksum
+    let sum = |table: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        native(
+            dir.path(),
+            "20250201_fill",
+            Some(&format!(
+                "[data]\ntable = '{table}'\nkey = 'id'\nbatch = \"SELECT $1, $2\"\n"
+            )),
+            "",
+        );
+        load_ok(dir.path()).migrations[0].checksum.clone()
+    };
+    assert_eq!(sum("Customers"), sum("customers"));
+    assert_eq!(sum("\"customers\""), sum("customers"));
+    assert_ne!(sum("\"Customers\""), sum("customers"));
+
+    // a quote left open, or an empty quoted name, is refused naming the table
+    for table in ["\"Orders", "\"\"", "a.b.c"] {
+        let dir = tempfile::tempdir().unwrap();
+        native(
+            dir.path(),
+            "20250201_fill",
+            Some(&format!(
+                "[data]\ntable = '{table}'\nkey = 'id'\nbatch = \"SELECT $1, $2\"\n"
+            )),
+            "",
+        );
+        let spec = load_ok(dir.path());
+        let e = flotilla_core::PlanSpec::try_from(spec)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("must be a table name or schema.table"),
+            "{table}: {e}"
+        );
+    }
+}
+
+/// A `[data]` number past its upper bound names the file and the line, as one below its
+/// lower bound does (the receiver's "batch_size 2000000 is more than 1000000" named the
+/// file alone), and a `min_batch_size` above one second of the rate (which caps every
+/// batch) is refused where it is written: it was capped without a word.
+#[test]
+fn data_numbers_past_their_bounds_name_the_line() {
+    let cases = [
+        (
+            "batch_size = 2000000",
+            "[data] batch_size must be at most 1000000, got 2000000",
+        ),
+        (
+            "max_batch_size = 1000001",
+            "[data] max_batch_size must be at most 1000000, got 1000001",
+        ),
+        (
+            "min_batch_size = 1000001",
+            "[data] min_batch_size must be at most 1000000, got 1000001",
+        ),
+        (
+            "target_batch_ms = 600001",
+            "[data] target_batch_ms must be at most 600000, got 600001",
+        ),
+        (
+            "rows_per_second = 100\nmin_batch_size = 500",
+            "[data] min_batch_size must be at most 100 (one second of rows_per_second = 100",
+        ),
+        (
+            "rows_per_second = 1000\nserver_rows_per_second = 40\nmin_batch_size = 50",
+            "[data] min_batch_size must be at most 40 (one second of server_rows_per_second = 40",
+        ),
+    ];
+    for (set, message) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        native(
+            dir.path(),
+            "20250201_backfill",
+            Some(&format!(
+                "[data]\ntable = \"t\"\nkey = \"id\"\n{set}\nbatch = \"SELECT $1, $2\"\n"
+            )),
+            "",
+        );
+        let e = load_err(dir.path());
+        // the line of the field named: the last line of `set`
+        let line = 3 + set.matches('\n').count() + 1;
+        assert!(
+            e.contains(&format!("migration.toml:{line}")) && e.contains(message),
+            "{set}: {e}"
+        );
+    }
+    // at the bound, and a rate with no explicit floor (its default follows the cap), load
+    for set in [
+        "rows_per_second = 100\nmin_batch_size = 100",
+        "rows_per_second = 5",
+        "batch_size = 1000000\ntarget_batch_ms = 600000",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        native(
+            dir.path(),
+            "20250201_backfill",
+            Some(&format!(
+                "[data]\ntable = \"t\"\nkey = \"id\"\n{set}\nbatch = \"SELECT $1, $2\"\n"
+            )),
+            "",
+        );
+        load_ok(dir.path());
+    }
 }
 
 #[test]

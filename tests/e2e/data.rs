@@ -95,12 +95,49 @@ async fn a_backfill_changes_every_row_once() -> anyhow::Result<()> {
     );
     assert_eq!(fleet.journal_total().await?, 0);
 
+    // Bad input PostgreSQL finds: a typo'd column in the filter, after a schema migration
+    // of the same plan. Refused at submit (the agents plan the filter on every target),
+    // naming the change, its file, the part, the targets and PostgreSQL's message; the
+    // schema migration applied nowhere. Before, it applied everywhere and the backfill's
+    // first batch failed.
+    let typo = MigrationDir::new()?;
+    add_columns(&typo)?;
+    typo.migration(
+        BACKFILL_ID,
+        &backfill_toml(7, true).replace("touched = 0\"", "touchd = 0\""),
+        "",
+        BACKFILL_DOWN,
+    )?;
+    let (code, _, out) = fleet.submit_wait(typo.path(), &[]).await?;
+    assert_eq!(code, 2, "{out}");
+    let file = typo.path().join(BACKFILL_ID);
+    assert!(
+        out.stderr.contains(&format!(
+            "data migration `{BACKFILL_ID}` ({}) cannot run on ",
+            file.display()
+        )) && out
+            .stderr
+            .contains("its filter is refused by PostgreSQL: column \"touchd\" does not exist")
+            && out.stderr.contains("tenant"),
+        "{out}"
+    );
+    assert_eq!(fleet.journal_total().await?, 0, "nothing applied");
+
+    // The columns the filter and batch name come with the plan's schema migration: not
+    // there at submit, so their check is skipped, and said to be.
     let dir = MigrationDir::new()?;
     add_columns(&dir)?;
     dir.migration(BACKFILL_ID, &backfill_toml(7, true), "", BACKFILL_DOWN)?;
     let (code, status, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 0, "{out}");
     assert_eq!(status["state"], "completed", "{status}");
+    assert!(
+        out.stderr.contains(&format!(
+            "data migration `{BACKFILL_ID}` ({}): its SQL was not checked on 4 target(s)",
+            dir.path().join(BACKFILL_ID).display()
+        )) && out.stderr.contains("mentions touched"),
+        "{out}"
+    );
 
     for s in 0..2 {
         let (bad, all) = not_once(&fleet, s).await?;

@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use super::progress::{Progress, Publish};
 use super::rate::{RowLimits, ServerBuckets};
 use super::throttle::{PlanControl, STOPPED, agent_failure, health_queries, wait_at_boundary};
-use super::{ProgressBoard, keys, sql};
+use super::{ProgressBoard, check, keys, sql};
 use crate::error::{Failure, classify};
 use crate::step::checkpoint::{self, Checkpoint};
 use crate::step::{BuildError, PreparedMigration, StepContext, quote_literal};
@@ -286,10 +286,30 @@ async fn batches(
             Some(page) => page,
             None => {
                 let sql = sql::data_page(m, &lower_lit, size).expect("a data change");
-                let (rows, last) = sqlx::query_as(AssertSqlSafe(sql))
+                let found = sqlx::query_as(AssertSqlSafe(sql))
                     .fetch_one(&mut *conn)
-                    .await
-                    .map_err(|e| stopped_if_server_gone(m, db(e), &mut progress, size, attempt))?;
+                    .await;
+                let (rows, last) = match found {
+                    Ok(page) => page,
+                    Err(e) => {
+                        // (a failed page is the filter's, or the key's without one, unless
+                        // PostgreSQL refuses another part on its own)
+                        let fallback = if d.filter.is_some() {
+                            check::Part::Filter
+                        } else {
+                            check::Part::Key
+                        };
+                        let bounds = (lower_lit.as_str(), lower_lit.as_str());
+                        let failure = check::name_the_part(conn, m, db(e), bounds, fallback).await;
+                        return Err(stopped_if_server_gone(
+                            m,
+                            failure,
+                            &mut progress,
+                            size,
+                            attempt,
+                        ));
+                    }
+                };
                 Page {
                     limit: size,
                     rows,
@@ -411,21 +431,40 @@ async fn batches(
             found = None;
             continue;
         }
-        let last_row = committed.map_err(|mut failure| {
-            // where in the table: the batch and its keys, to look at those rows
-            let short = |k: &str| match k.char_indices().nth(80) {
-                Some((at, _)) => format!("{}...", &k[..at]),
-                None => k.to_string(),
-            };
-            failure.error.message = format!(
-                "{} (batch {}: keys after {} up to {})",
-                failure.error.message,
-                batches + 1,
-                prev.as_deref().map_or("the start".to_string(), short),
-                short(&upper)
-            );
-            stopped_if_server_gone(m, failure, &mut progress, size, attempt)
-        })?;
+        let last_row = match committed {
+            Ok(row) => row,
+            Err(failure) => {
+                // which part of the change failed (its batch SQL, unless PostgreSQL
+                // refuses its filter or key on their own), and where in the table: the
+                // batch and its keys, to look at those rows
+                let mut failure = check::name_the_part(
+                    conn,
+                    m,
+                    failure,
+                    (lower_lit.as_str(), upper_lit.as_str()),
+                    check::Part::Batch,
+                )
+                .await;
+                let short = |k: &str| match k.char_indices().nth(80) {
+                    Some((at, _)) => format!("{}...", &k[..at]),
+                    None => k.to_string(),
+                };
+                failure.error.message = format!(
+                    "{} (batch {}: keys after {} up to {})",
+                    failure.error.message,
+                    batches + 1,
+                    prev.as_deref().map_or("the start".to_string(), short),
+                    short(&upper)
+                );
+                return Err(stopped_if_server_gone(
+                    m,
+                    failure,
+                    &mut progress,
+                    size,
+                    attempt,
+                ));
+            }
+        };
         let took = began.elapsed();
         if next_page.is_some() {
             found = Page::full_from_row(size, last_row).map_err(|e| agent_failure(m, e))?;

@@ -3,6 +3,7 @@
 //! holds across restarts, pause/halt/health waits at batch boundaries, and the progress the
 //! coordinator sees. `batches` drives a change; the other modules are what it uses.
 mod batches;
+pub(crate) mod check;
 pub(crate) mod keys;
 pub(crate) mod prior_image;
 mod progress;

@@ -253,6 +253,18 @@ pub(crate) fn data_page(m: &PreparedMigration, lower_lit: &str, limit: u32) -> O
     ))
 }
 
+/// The first key after `lower_lit` by the key's order, without the filter: the table and
+/// key as the change writes them, which `check` plans apart from the filter.
+pub(crate) fn data_page_unfiltered(m: &PreparedMigration, lower_lit: &str) -> Option<String> {
+    let d = m.migration.data.as_ref()?;
+    let cols = flotilla_core::DataChange::column_list(&d.key);
+    Some(format!(
+        "SELECT {cols} FROM {} WHERE {} > {lower_lit} ORDER BY {cols} LIMIT 1",
+        d.table_sql(),
+        d.key_sql()
+    ))
+}
+
 /// The last key of the next *full* page after `lower_lit` (exactly `limit` keys), as
 /// [`data_page`] gives it, or NULL when fewer keys are left: one row, one column. Folded into
 /// each batch's transaction to find the next batch's bounds. It reads the keys in order and

@@ -8,7 +8,7 @@ use flotilla_core::pb::coordinator_message::Body as In;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, instrument, warn};
 
-use crate::data::keys;
+use crate::data::{check, keys};
 use crate::run::Outgoing;
 use crate::run::two_phase::{LockTable, check_two_phase, named_relation_locks, read_lock_table};
 use crate::{Agent, shard};
@@ -333,16 +333,49 @@ impl Agent {
             }
         };
         for m in migrations {
-            let Some(d) = flotilla_core::Migration::try_from(m.clone())
+            let Some(prepared) = flotilla_core::Migration::try_from(m.clone())
                 .ok()
-                .and_then(|m| m.data)
+                .filter(|m| m.data.is_some())
+                .and_then(|m| crate::step::PreparedMigration::new(m, 0, 0).ok())
             else {
                 continue;
             };
+            let d = prepared.migration.data.as_ref().expect("a data change");
             let targets = std::iter::once("").chain(tenants.iter().map(|t| t.name.as_str()));
             for tenant in targets {
-                match keys::inspect(&mut conn, &d, Some(tenant)).await {
-                    Ok(Ok(_)) => {}
+                match keys::inspect(&mut conn, d, Some(tenant)).await {
+                    // its table and key are there: its filter and batch SQL, as written
+                    Ok(Ok(shape)) => {
+                        match check::preflight_statements(&mut conn, &prepared, &shape, tenant)
+                            .await
+                        {
+                            Ok(None) => {}
+                            Ok(Some(refused)) => problems.push(pb::DataProblem {
+                                migration_id: m.id.clone(),
+                                tenant: tenant.to_string(),
+                                kind: flotilla_core::protocol::DataProblemKind::Statement
+                                    .as_str()
+                                    .into(),
+                                message: format!(
+                                    "its {} is refused by PostgreSQL: {} (planned with EXPLAIN \
+                                     on the target, nothing run)",
+                                    refused.part.as_str(),
+                                    refused.message
+                                ),
+                                name: refused
+                                    .missing_name()
+                                    .or_else(|| d.table.last().cloned())
+                                    .unwrap_or_default(),
+                            }),
+                            // not a refusal of the change: its first batch checks it
+                            Err(error) => warn!(
+                                migration = %m.id,
+                                tenant,
+                                error = %crate::error::Shown(&error),
+                                "checking a data change's filter and batch SQL for a preflight failed"
+                            ),
+                        }
+                    }
                     Ok(Err(p)) => problems.push(p.to_pb(&m.id, tenant)),
                     Err(e) => {
                         problems.push(pb::DataProblem {

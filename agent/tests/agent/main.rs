@@ -14,6 +14,7 @@
 
 mod common;
 mod coordinators;
+mod data;
 // These two use the agent's failpoints (feature `testing`), as does one test of `two_phase`.
 #[cfg(feature = "testing")]
 mod crash_after_prepare;

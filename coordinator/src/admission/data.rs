@@ -15,15 +15,21 @@ use crate::planner::Expansion;
 /// order batches), naming the migration, the targets and the problem: nothing has run yet.
 /// A missing table or column, or a key without a unique index, is let through when an
 /// earlier migration of the plan mentions the name (it may create it); the agent checks
-/// again before the first batch.
+/// again before the first batch. So is a filter or batch SQL that PostgreSQL refuses (the
+/// agents plan it with EXPLAIN) when an earlier migration, or the change's own up SQL
+/// (run before its first batch), mentions the name PostgreSQL says is missing, or the
+/// table for another error: its check is then said to be skipped (the returned warning),
+/// and its first batch is what finds a mistake.
 pub(super) fn check_data_problems(
     spec: &PlanSpec,
     expansion: &Expansion,
     problems: &BTreeMap<StepKey, pb::DataProblem>,
-) -> Result<(), CoordinatorError> {
+) -> Result<Option<String>, CoordinatorError> {
     if problems.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
+    // migration -> (targets, a problem) of the statement checks skipped
+    let mut skipped: BTreeMap<usize, (usize, &pb::DataProblem)> = BTreeMap::new();
     let graph = MigrationGraph::build(spec)?;
     let mut found: BTreeMap<usize, (Vec<String>, &pb::DataProblem)> = BTreeMap::new();
     for s in &expansion.steps {
@@ -53,16 +59,38 @@ pub(super) fn check_data_problems(
                     &p.name,
                     &["unique", "primary", "type"],
                 ),
+                Ok(DataProblemKind::Statement) => {
+                    may_create(spec, &graph, s.migration, &p.name, &[])
+                        || mentions(&m.up_sql, &p.name)
+                }
                 Ok(DataProblemKind::Error) | Err(_) => false,
             };
         if exempt {
+            if p.kind == DataProblemKind::Statement.as_str() {
+                skipped.entry(s.migration).or_insert((0, p)).0 += 1;
+            }
             continue;
         }
         let entry = found.entry(s.migration).or_insert_with(|| (Vec::new(), p));
         entry.0.push(target.to_string());
     }
     let Some((&i, (targets, p))) = found.iter().next() else {
-        return Ok(());
+        let said: Vec<String> = skipped
+            .iter()
+            .map(|(&i, (targets, p))| {
+                let m = &spec.migrations[i];
+                format!(
+                    "data migration `{}` ({}): its SQL was not checked on {targets} target(s), \
+                     where {}; an earlier migration of the plan (or its own up SQL) mentions \
+                     {}, so it may be right once that ran: its first batch will tell",
+                    m.id,
+                    m.source,
+                    p.message,
+                    flotilla_core::name_text(&p.name)
+                )
+            })
+            .collect();
+        return Ok((!said.is_empty()).then(|| said.join("; ")));
     };
     let m = &spec.migrations[i];
     Err(Refusal::DataProblem {
@@ -101,8 +129,13 @@ fn may_create(
     false
 }
 
-/// `name` (an unquoted identifier, lower case) as a whole word of `sql`, case-insensitively.
+/// `name` as a whole word of `sql`, case-insensitively; a name only quotes can spell
+/// (`"Orders"`) as that quoted name, case and all.
 fn mentions(sql: &str, name: &str) -> bool {
+    let text = flotilla_core::name_text(name);
+    if text.starts_with('"') {
+        return sql.contains(&text);
+    }
     let sql = sql.to_ascii_lowercase();
     let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '$';
     sql.match_indices(name).any(|(at, _)| {

@@ -127,6 +127,7 @@ impl Coordinator {
         // limit: held to none of it, or a tenant could never be brought up to date)
         if promotion != Promotion::CatchUp {
             flotilla_core::size_read(&raw)?;
+            flotilla_core::batch_floor_read(&raw)?;
         }
         let spec = PlanSpec::try_from(raw)?;
         // Counted before the preflight reads the journals: a rollback reply after it may
@@ -138,6 +139,7 @@ impl Coordinator {
             wave_of,
             drift_warning,
             baseline_warning,
+            data_warning,
             awaiting,
             findings,
             skipped_gate,
@@ -207,7 +209,11 @@ impl Coordinator {
             return Ok(pb::SubmitPlanResponse {
                 status: self.status(&plan_id).await.ok(),
                 plan_id,
-                warnings: drift_warning.into_iter().chain(baseline_warning).collect(),
+                warnings: drift_warning
+                    .into_iter()
+                    .chain(baseline_warning)
+                    .chain(data_warning)
+                    .collect(),
                 findings,
             });
         }
@@ -232,6 +238,7 @@ impl Coordinator {
                 warnings: drift_warning
                     .into_iter()
                     .chain(baseline_warning.clone())
+                    .chain(data_warning.clone())
                     .collect(),
                 findings,
             });
@@ -266,7 +273,11 @@ impl Coordinator {
         Ok(pb::SubmitPlanResponse {
             plan_id,
             status: Some(status),
-            warnings: drift_warning.into_iter().chain(baseline_warning).collect(),
+            warnings: drift_warning
+                .into_iter()
+                .chain(baseline_warning)
+                .chain(data_warning)
+                .collect(),
             findings,
         })
     }
@@ -311,7 +322,7 @@ impl Coordinator {
         }
         checks::schemas_known(&expansion, &seen.schema_changed)?;
         self.environment_labels_agree(spec, &expansion, promotion)?;
-        data::check_data_problems(spec, &expansion, &seen.data_problems)?;
+        let data_warning = data::check_data_problems(spec, &expansion, &seen.data_problems)?;
         checks::atomic(
             spec,
             &expansion,
@@ -330,6 +341,7 @@ impl Coordinator {
             wave_of,
             drift_warning,
             baseline_warning,
+            data_warning,
             awaiting,
             findings,
             skipped_gate,
@@ -604,6 +616,9 @@ pub(crate) struct Resolution {
     pub drift_warning: Option<String>,
     /// Targets whose journal lacks migrations another tool applied there (`fleet baseline`).
     pub baseline_warning: Option<String>,
+    /// Data changes whose filter or batch SQL the preflight did not hold against them, as
+    /// an earlier migration may make it right (`data::check_data_problems`).
+    pub data_warning: Option<String>,
     /// The approvals it would wait for.
     pub awaiting: Option<String>,
     /// The lint's findings (at submit, warnings only: an error refuses; none in a dry run).

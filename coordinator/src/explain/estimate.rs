@@ -100,7 +100,7 @@ impl History {
         relations: &[pb::RelationSizes],
     ) -> Guess {
         if let Some(d) = &m.data {
-            let table = d.table.join(".");
+            let table = d.table_text();
             let sizes = relations.iter().find(|r| r.relation == table);
             let rows = sizes.map(|r| r.median_rows).filter(|&r| r >= 0);
             let max_rows = sizes.map(|r| r.max_rows).filter(|&r| r >= 0);

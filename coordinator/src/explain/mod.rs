@@ -34,6 +34,7 @@ impl Coordinator {
         }
         if *promotion != crate::admission::Promotion::CatchUp {
             flotilla_core::size_read(&raw)?;
+            flotilla_core::batch_floor_read(&raw)?;
         }
         let spec = PlanSpec::try_from(raw)?;
         let resolution = self.resolve(&spec, Mode::DryRun, promotion).await?;
@@ -139,6 +140,7 @@ impl Coordinator {
             .drift_warning
             .into_iter()
             .chain(resolution.baseline_warning)
+            .chain(resolution.data_warning)
             .collect();
         // What refuses a submit is its own lint, without the sizes; the errors the sizes
         // add (a blocking index build on a large table) are said, not taken for a refusal.

@@ -65,7 +65,7 @@ pub(super) fn parse(m: &Migration) -> Parsed {
     if let Some(d) = &m.data {
         // A data change's statements are its batch's (run once per batch of rows).
         parsed.add_sql(&d.batch_sql, &format!("{} [data] batch", m.source));
-        parsed.add_relation(&d.table.join("."));
+        parsed.add_relation(&d.table_text());
     }
     parsed
 }

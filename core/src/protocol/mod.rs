@@ -116,6 +116,10 @@ pub enum DataProblemKind {
     NoColumn,
     /// The key is not unique, or of a type that cannot order batches.
     Shape,
+    /// PostgreSQL refuses the change's filter, batch SQL or key as written (planned with
+    /// EXPLAIN, nothing run); its name: the name PostgreSQL says does not exist, else the
+    /// table's (an earlier step, or the change's own up SQL, may create or alter it).
+    Statement,
     /// The check itself failed.
     Error,
 }
@@ -126,6 +130,7 @@ impl DataProblemKind {
             DataProblemKind::NoTable => "no_table",
             DataProblemKind::NoColumn => "no_column",
             DataProblemKind::Shape => "shape",
+            DataProblemKind::Statement => "statement",
             DataProblemKind::Error => "error",
         }
     }
@@ -138,6 +143,7 @@ impl FromStr for DataProblemKind {
             DataProblemKind::NoTable,
             DataProblemKind::NoColumn,
             DataProblemKind::Shape,
+            DataProblemKind::Statement,
             DataProblemKind::Error,
         ]
         .into_iter()
