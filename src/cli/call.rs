@@ -74,20 +74,13 @@ pub(super) fn set_credential(path: Option<&std::path::Path>) -> Result<(), Strin
     let Some(path) = path else {
         return Ok(());
     };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    // (read as every credential file is: its first line that is not blank or a `#` comment)
+    let token = flotilla_core::credential_files::read_token("--token-file", path)
+        .map_err(|e| e.to_string())?;
     // A credential others on the host can read is theirs too: said (as ssh does of a key),
     // not refused (the token still works for whoever holds it; refusing would not undo that).
     if let Some(warning) = flotilla_core::credential_files::exposure_warning("--token-file", path) {
         eprintln!("warning: {warning} (`operator add --token-out` makes it so)");
-    }
-    // (a file saved by an editor that writes a byte-order mark was "not a token")
-    let token = text.trim_start_matches('\u{feff}').trim();
-    if token.is_empty() {
-        return Err(format!(
-            "--token-file {}: the file is empty",
-            path.display()
-        ));
     }
     let mut value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
         .map_err(|_| {
@@ -514,5 +507,14 @@ mod tests {
         std::fs::write(&file, "\u{feff}\n").unwrap();
         let e = set_credential(Some(&file)).unwrap_err();
         assert!(e.contains("the file is empty"), "{e}");
+        // a comment above the token was "not a token (not plain text)"
+        std::fs::write(&file, "# alice, operator\nflt_0123456789abcdef\n").unwrap();
+        assert_eq!(set_credential(Some(&file)), Ok(()));
+        std::fs::write(&file, "# alice, operator\n\n").unwrap();
+        let e = set_credential(Some(&file)).unwrap_err();
+        assert!(
+            e.ends_with("the file holds no token: only comments (#) and blank lines"),
+            "{e}"
+        );
     }
 }
