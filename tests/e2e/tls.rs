@@ -579,6 +579,40 @@ async fn under_tls_a_redirect_to_a_plaintext_leader_is_refused() -> anyhow::Resu
         "{out}"
     );
 
+    // Given the follower and then the leader, the CLI goes on past the refused redirect to
+    // the next address it was given, and the write lands there (it gave up at the first).
+    let env = fleet.cli_env();
+    let listed = format!("{},{}", fleet.addrs[follower], fleet.addrs[leader]);
+    let out = run_flotilla(
+        &["--coordinator", &listed, "plan", "submit", &path],
+        &env_refs(&env),
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "note: {} redirects to a leader that is not followed (below); trying the next --coordinator address",
+            fleet.addrs[follower]
+        )),
+        "{out}"
+    );
+    // None of the list takes it: exit 3, the error naming each address and why.
+    let dead = format!("https://127.0.0.1:{}", free_port());
+    let listed = format!("{},{dead}", fleet.addrs[follower]);
+    let out = run_flotilla(
+        &["--coordinator", &listed, "plan", "submit", &path],
+        &env_refs(&env),
+    )
+    .await?;
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "error: no coordinator of --coordinator took the write ({}: a follower's redirect names the leader at {trap_addr}",
+            fleet.addrs[follower]
+        )) && out.stderr.contains(&format!("; {dead}: ")),
+        "{out}"
+    );
+
     // An agent that knows only the follower: refused there, it does not follow either.
     fleet.pg.create_database("shard_1").await?;
     let certs = fleet.tls.as_ref().unwrap();
