@@ -677,6 +677,12 @@ async fn plaintext_off_loopback_needs_insecure_spelled_out() -> anyhow::Result<(
         "{}",
         coordinator.log()
     );
+    // SIGHUP (`systemctl reload`, a closed terminal) ends it no more without TLS than with
+    // it (the signal's default action did): it is taken, and the CLI below still reaches it.
+    coordinator.signal(libc::SIGHUP)?;
+    coordinator
+        .wait_for_log("reload requested: no TLS files to read again", WAIT)
+        .await?;
 
     // A coordinator started on `store` with `tls` flags: its output.
     let start = async |tls: &[&str]| {
