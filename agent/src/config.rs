@@ -57,6 +57,10 @@ pub struct AgentConfig {
     /// TLS to the coordinators (`https://` addresses): the CA that signed their
     /// certificate and this agent's own, which names its shard (`--tls-*`).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The files `tls` was made from, read again at each of `reload` (empty: `tls` as given).
+    pub tls_files: flotilla_core::tls::TlsFiles,
+    /// When to read `tls_files` again (`flotilla agent`: at each SIGHUP).
+    pub reload: flotilla_core::reload::ReloadRequests,
     /// etcd over TLS (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
     pub etcd_tls: Option<tonic::transport::ClientTlsConfig>,
     /// etcd user and password (`--etcd-user`, `--etcd-password-file`).
@@ -97,6 +101,8 @@ impl AgentConfig {
             lease_ttl: DEFAULT_LEASE_TTL,
             in_doubt_sweep: DEFAULT_IN_DOUBT_SWEEP,
             tls: None,
+            tls_files: flotilla_core::tls::TlsFiles::new("tls", None, None, None),
+            reload: flotilla_core::reload::ReloadRequests::never(),
             etcd_tls: None,
             etcd_user: None,
         }

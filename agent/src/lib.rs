@@ -105,6 +105,8 @@ pub(crate) struct Agent {
     /// Whether a coordinator has welcomed this agent before: the next welcome is a
     /// reconnection (`flotilla_agent_reconnects_total`).
     pub welcomed_before: std::sync::atomic::AtomicBool,
+    /// The TLS its next connection to a coordinator is made with (read again at SIGHUP).
+    pub client_tls: session::ClientTls,
 }
 
 /// Runs an agent until `shutdown` resolves: connects to the shard (waiting for it to come
@@ -248,6 +250,14 @@ async fn serve(
     let census = tokio::spawn(run::two_phase::census(pool.clone(), stop_census.clone()));
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let decisions = Decisions::from_config(&config);
+    let client_tls =
+        session::ClientTls::new(&config.shard, config.tls_files.clone(), config.tls.clone());
+    let stop_reloads = CancellationToken::new();
+    tokio::spawn(
+        client_tls
+            .clone()
+            .follow(config.reload.clone(), stop_reloads.clone()),
+    );
     let agent = Arc::new(Agent {
         slots: Arc::new(Semaphore::new(config.max_connections as usize)),
         config,
@@ -271,6 +281,7 @@ async fn serve(
         database,
         committed_from_etcd: Mutex::default(),
         welcomed_before: std::sync::atomic::AtomicBool::new(false),
+        client_tls,
     });
     let sweep = tokio::spawn(agent.clone().sweep_in_doubt());
     session::run(agent.clone(), session::Outbox::new(outbox_rx), rotation).await;
@@ -287,6 +298,7 @@ async fn serve(
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait()).await;
     }
     stop_census.cancel();
+    stop_reloads.cancel();
     // Err only if the task panicked: nothing of it needs cleaning up (the sweep ends with
     // the agent's cancel, which ended the session)
     let _ = census.await;

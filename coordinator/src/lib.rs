@@ -106,6 +106,8 @@ pub struct CoordinatorConfig {
     pub etcd_tls: TlsFiles,
     /// etcd user and password (`--etcd-user`, `--etcd-password-file`).
     pub etcd_user: Option<Credentials>,
+    /// When to read the TLS files again (`flotilla coordinator`: at each SIGHUP).
+    pub reload: flotilla_core::reload::ReloadRequests,
 }
 
 impl CoordinatorConfig {
@@ -133,6 +135,7 @@ impl CoordinatorConfig {
             insecure: false,
             etcd_tls: TlsFiles::new("etcd", None, None, None),
             etcd_user: None,
+            reload: flotilla_core::reload::ReloadRequests::never(),
         }
     }
 }
@@ -283,6 +286,21 @@ pub async fn start(
     })?;
     metrics::initialise(config.agent_grace);
     metrics::initialise_environments(&config.environments.order);
+    if let Some(server_tls) = &server_tls {
+        let certificate = server_tls.certificate();
+        metrics::tls_certificate_expiry(certificate.not_after);
+        info!(subject = %certificate.subject, not_after = %certificate.not_after_shown(), file = %certificate.file, "serving TLS with the certificate {} (valid until {}); SIGHUP reads the TLS files again", certificate.subject, certificate.not_after_shown());
+        tls::follow(server_tls.clone(), config.reload.clone());
+    } else {
+        // (said, so that a SIGHUP is seen to have been taken, and to have ended nothing)
+        let mut reloads = config.reload.clone();
+        tokio::spawn(async move {
+            loop {
+                reloads.next().await;
+                info!("reload requested: no TLS files to read again (plaintext)");
+            }
+        });
+    }
     // (its tables upgraded once it is ours: see `Store::connect`)
     let store = store::Store::connect(&config.store).await?;
     let advertise = config.advertise.clone().unwrap_or_else(|| {
@@ -427,8 +445,13 @@ pub async fn start(
     // Health turns NOT_SERVING first (load balancers stop sending), then the hand-over
     // below ends the streams.
     let store_up = watch_store(coordinator.inner.store.clone());
-    let (health, shutdown) =
-        api::health_service(coordination.leadership(), store_up, shutdown).await;
+    let (health, shutdown) = api::health_service(
+        coordination.leadership(),
+        store_up,
+        server_tls.clone(),
+        shutdown,
+    )
+    .await;
     let (reflection_v1, reflection_v1alpha) =
         api::reflection_services().map_err(|e| CoordinatorError::Listen {
             addr: config.listen.to_string(),

@@ -387,6 +387,10 @@ fn describe() {
         "Schema steps of running plans waiting to try their table lock again after a lock timeout (another session holds the table), by shard: `plan status` names the session."
     );
     describe_gauge!(
+        "flotilla_tls_certificate_expiry_timestamp_seconds",
+        "The notAfter (Unix seconds) of the certificate the coordinator serves TLS with (--tls-cert), as of its last (re)load; absent without TLS."
+    );
+    describe_gauge!(
         "flotilla_data_targets_waiting",
         "Data migrations of running plans: targets waiting at a batch boundary, by shard and why (throttled, paused)."
     );
@@ -706,6 +710,11 @@ pub fn drifted_targets(by_cohort: &[(String, u64)]) {
         gauge!("flotilla_drifted_targets", "cohort" => cohort.clone()).set(*drifted as f64);
         seen.insert(cohort.clone());
     }
+}
+
+/// The notAfter (Unix seconds) of the certificate TLS is served with, at each (re)load.
+pub fn tls_certificate_expiry(not_after: i64) {
+    gauge!("flotilla_tls_certificate_expiry_timestamp_seconds").set(not_after as f64);
 }
 
 /// Whether the control store answered its last probe.

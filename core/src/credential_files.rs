@@ -1,6 +1,10 @@
-//! Files that hold credentials: how a password is read from one (`--password-file`,
-//! `--store-password-file`, `--etcd-password-file`, `plan test --password-file`), and whether
+//! Files that hold credentials: how a password or token is read from one (`--password-file`,
+//! `--store-password-file`, `--etcd-password-file`, `plan test --password-file`,
+//! `--token-file`), and whether
 //! other users of the host can read one (those, `--token-file`, `--tls-key`, `--etcd-key`).
+//!
+//! A credential file holds its secret on its first line that is neither blank nor a `#`
+//! comment (a password or token that begins with `#` cannot be given in a file).
 //!
 //! One reader and one check for every such flag: the agent's password file was read whole
 //! while etcd's was read by its first line, so a comment under the password (`pw` then
@@ -16,31 +20,60 @@ pub struct CredentialFileError {
     pub reason: String,
 }
 
-/// The password in `path`: its first line, without its line end (`\n` or `\r\n`) and
-/// without the byte-order mark an editor may have written first. What follows the first
-/// line (a comment, a rotation note) is not the password. An empty first line is an error
-/// (a secret not mounted yet, or a blank line left above the password), not "no password".
+/// The password in `path`: see [`read_secret`].
 pub fn read_password(flag: &str, path: &Path) -> Result<String, CredentialFileError> {
+    read_secret(flag, path, "password")
+}
+
+/// The bearer token in `path` (`--token-file`): see [`read_secret`]. A token holds no
+/// spaces, so those around it (an editor's) go too.
+pub fn read_token(flag: &str, path: &Path) -> Result<String, CredentialFileError> {
+    read_secret(flag, path, "token").map(|t| t.trim().to_string())
+}
+
+/// The secret (`what`: a password, a token) in `path`: its first line that is neither blank
+/// nor a comment (`#` first, after any spaces), without its line end (`\n` or `\r\n`) and
+/// without the byte-order mark an editor may have written first. Every credential file reads
+/// so: a token file with a comment above the token was "not a token" (it was read whole),
+/// and a password file with one above the password sent the comment.
+///
+/// A secret holding a control character (a CR left by an editor, a NUL) is refused: no
+/// password or token holds one, the server refuses it for good, and a daemon retried
+/// ("unreachable") forever. The error names the flag, the file and the line, never the secret.
+pub fn read_secret(flag: &str, path: &Path, what: &str) -> Result<String, CredentialFileError> {
     let bad = |reason: String| CredentialFileError {
         flag: flag.to_string(),
         path: path.display().to_string(),
         reason,
     };
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let first = text
-        .trim_start_matches('\u{feff}')
-        .split('\n')
-        .next()
-        .unwrap_or("")
-        .trim_end_matches('\r');
-    if first.is_empty() {
+    let text = text.trim_start_matches('\u{feff}');
+    let mut lines = text.split('\n').enumerate().map(|(i, line)| {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        (i + 1, line)
+    });
+    let Some((number, secret)) = lines.find(|(_, line)| {
+        let shown = line.trim();
+        !shown.is_empty() && !shown.starts_with('#')
+    }) else {
         return Err(bad(if text.trim().is_empty() {
             "the file is empty".into()
         } else {
-            "the first line is empty (the password is the file's first line)".into()
+            format!("the file holds no {what}: only comments (#) and blank lines")
         }));
+    };
+    if let Some(c) = secret.chars().find(|c| c.is_control() && *c != '\t') {
+        let which = match c {
+            '\r' => "a carriage return (CR: a file saved with old Mac line ends, or a stray ^M)"
+                .to_string(),
+            '\0' => "a NUL byte".to_string(),
+            c => format!("a control character (U+{:04X})", c as u32),
+        };
+        return Err(bad(format!(
+            "the {what} (line {number}) holds {which}, which no {what} holds: rewrite the file with the {what} alone on its line"
+        )));
     }
-    Ok(first.to_string())
+    Ok(secret.to_string())
 }
 
 /// The permission bits of `path` when users other than its owner have any (group or
@@ -108,8 +141,32 @@ mod tests {
         assert_eq!(read_password("--x", &path).as_deref(), Ok(" p w "));
     }
 
+    /// Blank lines and `#` comments above the secret are skipped, in every credential file
+    /// (a token file with a comment above its token was "not a token").
     #[test]
-    fn an_empty_first_line_is_an_error_naming_the_flag_and_file() {
+    fn comments_and_blank_lines_above_the_secret_are_skipped() {
+        for (name, text) in [
+            ("blank-first", "\r\npw\n"),
+            ("commented", "# shard-1, rotated 2026-12-01\npw\n"),
+            ("indented-comment", "   # note\n\n  \npw\n# after\n"),
+            ("crlf-commented", "\u{feff}# note\r\n\r\npw\r\n"),
+        ] {
+            let path = file(name, text);
+            assert_eq!(
+                read_password("--password-file", &path).as_deref(),
+                Ok("pw"),
+                "{name}"
+            );
+        }
+        let path = file("token", "# alice's token\n  flotilla_00ff  \n");
+        assert_eq!(
+            read_token("--token-file", &path).as_deref(),
+            Ok("flotilla_00ff")
+        );
+    }
+
+    #[test]
+    fn a_file_without_a_secret_is_an_error_naming_the_flag_and_file() {
         let empty = file("empty", "\n");
         let e = read_password("--store-password-file", &empty).unwrap_err();
         assert_eq!(e.flag, "--store-password-file");
@@ -118,17 +175,49 @@ mod tests {
                 .starts_with(&format!("--store-password-file {}", empty.display()))
         );
         assert!(e.reason.contains("the file is empty"), "{e}");
-        let blank_first = file("blank-first", "\r\npw\n");
-        let e = read_password("--etcd-password-file", &blank_first).unwrap_err();
-        assert!(e.to_string().contains("--etcd-password-file"), "{e}");
-        assert!(e.reason.contains("the first line is empty"), "{e}");
-        assert!(!e.to_string().contains("pw\n"), "{e}");
+        let only_comments = file("only-comments", "# token of alice\n\n# rotated\n");
+        let e = read_token("--token-file", &only_comments).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--token-file {}: the file holds no token: only comments (#) and blank lines",
+                only_comments.display()
+            )
+        );
         let e = read_password("--password-file", Path::new("/nonexistent/pw")).unwrap_err();
         assert!(
             e.to_string()
                 .starts_with("--password-file /nonexistent/pw: "),
             "{e}"
         );
+    }
+
+    /// A CR inside the password (old Mac line ends, a stray ^M) or a NUL: refused, naming the
+    /// file, the line and the character, never the password (etcd's agent retried it as
+    /// "unreachable" for good).
+    #[test]
+    fn a_secret_holding_a_cr_or_nul_is_refused_without_showing_it() {
+        for (name, text, which) in [
+            ("cr", "secret-pw\r\r\n", "a carriage return (CR"),
+            ("old-mac", "secret-pw\r# note\r", "a carriage return (CR"),
+            ("nul", "\nsecret\0pw\n", "a NUL byte"),
+            ("bell", "secret\u{7}pw", "a control character (U+0007)"),
+        ] {
+            let path = file(name, text);
+            let e = read_password("--etcd-password-file", &path).unwrap_err();
+            let said = e.to_string();
+            assert!(
+                said.starts_with(&format!(
+                    "--etcd-password-file {}: the password (line ",
+                    path.display()
+                )) && said.contains(which),
+                "{name}: {said}"
+            );
+            assert!(!said.contains("secret"), "{name}: {said}");
+        }
+        // a tab is a password's own
+        let path = file("tab", "p\tw\n");
+        assert_eq!(read_password("--x", &path).as_deref(), Ok("p\tw"));
     }
 
     #[cfg(unix)]

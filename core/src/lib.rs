@@ -10,7 +10,8 @@
 //! - [`protocol`]: gids, etcd keys, decisions, refusal metadata, SQLSTATEs; [`state`]: plan
 //!   and step states with their one string each; [`secrets`]: the one redactor;
 //!   [`tls`]: TLS material from files, and what counts as loopback; [`credential_files`]:
-//!   passwords read from files, and files others on the host can read.
+//!   passwords read from files, and files others on the host can read; [`reload`]:
+//!   requests to read files again (SIGHUP).
 
 pub mod convert;
 pub mod credential_files;
@@ -19,6 +20,7 @@ pub mod foreign;
 pub mod lint;
 pub mod model;
 pub mod protocol;
+pub mod reload;
 pub mod secrets;
 pub mod selector;
 pub mod sql;

@@ -192,6 +192,42 @@ pub fn validity_problem(der: &[u8]) -> Option<String> {
     })
 }
 
+/// Why an agent of `shard` cannot present the certificate `cert_pem` (PEM): it names several
+/// shards, or another one (its `flotilla-agent:` URI SANs); the coordinator would refuse it.
+/// None when it names this shard, or none (a common name mapped by `--agent-identities`).
+pub fn agent_certificate_problem(cert_pem: &[u8], shard: &str) -> Option<String> {
+    let named = certificate_shards(cert_pem);
+    if named.len() > 1 {
+        return Some(format!(
+            "--tls-cert names several shards ({}: its flotilla-agent: URI SANs); the coordinator refuses a certificate that stands for more than one shard: give the certificate issued for {shard} alone",
+            named.join(", ")
+        ));
+    }
+    (!named.is_empty() && !named.iter().any(|n| n == shard)).then(|| {
+        format!(
+            "--tls-cert names shard {} (its flotilla-agent: URI SAN), and this agent is --shard {shard}: the coordinator would refuse it; give the certificate issued for {shard}",
+            named.join(", ")
+        )
+    })
+}
+
+/// The subject of the first certificate (the leaf) of `cert_pem`, as logs name it; `?` when
+/// it cannot be read.
+pub fn certificate_subject(cert_pem: &[u8]) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    CertificateDer::pem_slice_iter(cert_pem)
+        .next()
+        .and_then(Result::ok)
+        .and_then(|der| {
+            X509Certificate::from_der(der.as_ref())
+                .ok()
+                .map(|(_, c)| c.subject().to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
 /// The shards a certificate names as an agent's (`flotilla-agent:<shard>` URI SANs of its
 /// first certificate, the leaf); empty when it names none or cannot be read.
 pub fn certificate_shards(cert_pem: &[u8]) -> Vec<String> {

@@ -74,20 +74,13 @@ pub(super) fn set_credential(path: Option<&std::path::Path>) -> Result<(), Strin
     let Some(path) = path else {
         return Ok(());
     };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    // (read as every credential file is: its first line that is not blank or a `#` comment)
+    let token = flotilla_core::credential_files::read_token("--token-file", path)
+        .map_err(|e| e.to_string())?;
     // A credential others on the host can read is theirs too: said (as ssh does of a key),
     // not refused (the token still works for whoever holds it; refusing would not undo that).
     if let Some(warning) = flotilla_core::credential_files::exposure_warning("--token-file", path) {
         eprintln!("warning: {warning} (`operator add --token-out` makes it so)");
-    }
-    // (a file saved by an editor that writes a byte-order mark was "not a token")
-    let token = text.trim_start_matches('\u{feff}').trim();
-    if token.is_empty() {
-        return Err(format!(
-            "--token-file {}: the file is empty",
-            path.display()
-        ));
     }
     let mut value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
         .map_err(|_| {
@@ -135,20 +128,51 @@ pub(super) fn acting(said: String) -> String {
 
 /// Connects to the first reachable coordinator of a comma-separated list.
 pub(super) async fn client(addrs: &str) -> Result<Client, u8> {
+    let mut why = Vec::new();
+    match client_of_list(addrs, &mut why).await {
+        Ok((c, _, _)) => Ok(c),
+        Err(Unreached::Said(code)) => Err(code),
+        Err(Unreached::Down) => {
+            eprintln!("error: cannot reach a coordinator ({})", why.join("; "));
+            Err(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// Why no coordinator of a list was reached.
+enum Unreached {
+    /// Said already (a bad address, a coordinator answering in plaintext); the exit code.
+    Said(u8),
+    /// None answered; each address and why are in the caller's list.
+    Down,
+}
+
+/// A client on the first coordinator of `addrs` that answers, with its address and the
+/// addresses after it; each one passed over is added to `why`, with the reason.
+async fn client_of_list<'a>(
+    addrs: &'a str,
+    why: &mut Vec<String>,
+) -> Result<(Client, &'a str, &'a str), Unreached> {
     // (a CI secret left unset often reaches a variable as the empty string)
     if addrs.split(',').all(|a| a.trim().is_empty()) {
         eprintln!(
             "error: no coordinator address given: --coordinator (or FLOTILLA_COORDINATOR) is empty"
         );
-        return Err(EXIT_BAD_INPUT);
+        return Err(Unreached::Said(EXIT_BAD_INPUT));
     }
-    let mut last = String::new();
-    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+    let mut rest = addrs;
+    while !rest.is_empty() {
+        let (addr, after) = rest.split_once(',').unwrap_or((rest, ""));
+        rest = after;
+        let addr = addr.trim();
+        if addr.is_empty() {
+            continue;
+        }
         let endpoint = match super::transport::endpoint(addr) {
             Ok(e) => e,
             Err(e) => {
                 eprintln!("error: {e}");
-                return Err(EXIT_BAD_INPUT);
+                return Err(Unreached::Said(EXIT_BAD_INPUT));
             }
         };
         let https = endpoint.uri().scheme_str() == Some("https");
@@ -157,37 +181,38 @@ pub(super) async fn client(addrs: &str) -> Result<Client, u8> {
                 // accepted the connection (its host's kernel did) and said nothing: stopped
                 // (SIGSTOP, a stalled VM) or swamped. The next address, rather than a call
                 // that waits for good (`--coordinator frozen,leader` hung).
-                last = format!(
+                why.push(format!(
                     "{addr}: connected, but no answer within {}s",
                     PROBE_WITHIN.as_secs()
-                );
+                ));
             }
             Ok(ch) => {
-                return Ok(OperatorServiceClient::with_interceptor(ch, Bearer)
+                let c = OperatorServiceClient::with_interceptor(ch, Bearer)
                     .max_decoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES));
+                    .max_encoding_message_size(flotilla_core::protocol::MAX_MESSAGE_BYTES);
+                return Ok((c, addr, rest));
             }
             Err(e) => {
-                last = match innermost_cause(&e) {
+                let failed = match innermost_cause(&e) {
                     Some(cause) => format!("{addr}: {e}: {cause}"),
                     None => format!("{addr}: {e}"),
                 };
                 // The TLS handshake of an https:// address failed on a record that is
                 // not TLS: something answers there, in plaintext.
                 if https
-                    && (last.contains("InvalidContentType") || last.contains("corrupt message"))
+                    && (failed.contains("InvalidContentType") || failed.contains("corrupt message"))
                 {
-                    eprintln!("error: cannot reach a coordinator ({last})");
+                    eprintln!("error: cannot reach a coordinator ({failed})");
                     eprintln!(
                         "hint: {addr} answered in plaintext, not TLS: the coordinator there runs without --tls-cert (use http:// for it, on loopback only)"
                     );
-                    return Err(EXIT_UNAVAILABLE);
+                    return Err(Unreached::Said(EXIT_UNAVAILABLE));
                 }
+                why.push(failed);
             }
         }
     }
-    eprintln!("error: cannot reach a coordinator ({last})");
-    Err(EXIT_UNAVAILABLE)
+    Err(Unreached::Down)
 }
 
 /// How long a coordinator that took the connection has to answer its health service.
@@ -222,9 +247,24 @@ fn no_leader_yet(e: &tonic::Status) -> bool {
             == Some(flotilla_core::protocol::REFUSAL_NOT_LEADER)
 }
 
+/// Why a write did not reach the leader.
+enum LeaderMiss {
+    /// The follower asked named a leader the CLI may not follow (a plaintext one under
+    /// TLS): why. Another coordinator of `--coordinator` may name another, or lead.
+    RedirectRefused(String),
+    /// Said already; the exit code.
+    Exit(u8),
+}
+
+impl From<u8> for LeaderMiss {
+    fn from(code: u8) -> LeaderMiss {
+        LeaderMiss::Exit(code)
+    }
+}
+
 /// Runs a write on the leader: a follower's refusal names it, and the call
 /// goes there (a few hops at most, leadership may be moving).
-pub(super) async fn on_leader<T, F, Fut>(c: &mut Client, mut call: F) -> Result<T, u8>
+async fn on_leader<T, F, Fut>(c: &mut Client, mut call: F) -> Result<T, LeaderMiss>
 where
     F: FnMut(Client) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -240,8 +280,7 @@ where
                 // (exit 3: the leader cannot be reached as it must be, a coordinator's
                 // configuration, not the command's input)
                 Some(leader) if let Err(why) = super::transport::may_follow(&leader) => {
-                    eprintln!("error: {why}");
-                    return Err(EXIT_UNAVAILABLE);
+                    return Err(LeaderMiss::RedirectRefused(why));
                 }
                 // The coordinator this call was sent to, as the leader it names: itself, from
                 // a leader key that outlived its term (etcd back after an outage) until the
@@ -284,7 +323,7 @@ where
                     waits += 1;
                     tokio::time::sleep(LEADER_WAIT).await;
                 }
-                _ => return Err(fail(e)),
+                _ => return Err(LeaderMiss::Exit(fail(e))),
             },
         }
     }
@@ -320,9 +359,47 @@ where
     F: Fn(Client, Req) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
 {
-    let mut c = client(addr).await?;
-    let r = on_leader(&mut c, |c| rpc(c, req.clone())).await?;
-    Ok((c, r))
+    // Each address of the list in turn, while the one reached redirects to a leader that
+    // may not be followed: another may lead, or name another leader. Before, the command
+    // gave up at the first such redirect, with the leader listed after it.
+    let mut rest = addr;
+    let mut why: Vec<String> = Vec::new();
+    let mut redirects_refused = false;
+    loop {
+        let (mut c, reached, after) = match client_of_list(rest, &mut why).await {
+            Ok(found) => found,
+            Err(Unreached::Said(code)) => return Err(code),
+            Err(Unreached::Down) => {
+                match redirects_refused {
+                    true => eprintln!(
+                        "error: no coordinator of --coordinator took the write ({})",
+                        why.join("; ")
+                    ),
+                    false => eprintln!("error: cannot reach a coordinator ({})", why.join("; ")),
+                }
+                return Err(EXIT_UNAVAILABLE);
+            }
+        };
+        match on_leader(&mut c, |c| rpc(c, req.clone())).await {
+            Ok(r) => return Ok((c, r)),
+            Err(LeaderMiss::Exit(code)) => return Err(code),
+            Err(LeaderMiss::RedirectRefused(refusal)) => {
+                why.push(format!("{reached}: {refusal}"));
+                redirects_refused = true;
+                if after.split(',').all(|a| a.trim().is_empty()) {
+                    eprintln!(
+                        "error: no coordinator of --coordinator took the write ({})",
+                        why.join("; ")
+                    );
+                    return Err(EXIT_UNAVAILABLE);
+                }
+                eprintln!(
+                    "note: {reached} redirects to a leader that is not followed (below); trying the next --coordinator address"
+                );
+                rest = after;
+            }
+        }
+    }
 }
 
 /// A command that asks the leader once: connects, runs `rpc` with `req` there, and
@@ -514,5 +591,14 @@ mod tests {
         std::fs::write(&file, "\u{feff}\n").unwrap();
         let e = set_credential(Some(&file)).unwrap_err();
         assert!(e.contains("the file is empty"), "{e}");
+        // a comment above the token was "not a token (not plain text)"
+        std::fs::write(&file, "# alice, operator\nflt_0123456789abcdef\n").unwrap();
+        assert_eq!(set_credential(Some(&file)), Ok(()));
+        std::fs::write(&file, "# alice, operator\n\n").unwrap();
+        let e = set_credential(Some(&file)).unwrap_err();
+        assert!(
+            e.ends_with("the file holds no token: only comments (#) and blank lines"),
+            "{e}"
+        );
     }
 }

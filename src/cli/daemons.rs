@@ -32,7 +32,17 @@ pub(super) async fn shutdown_signal() {
     info!("shutting down");
 }
 
+/// Reload requests at each SIGHUP, installed first thing: from then on SIGHUP reads the
+/// TLS files again and never ends the daemon (its default action did, TLS on or off).
+fn reload_on_sighup() -> flotilla_core::reload::ReloadRequests {
+    flotilla_core::reload::ReloadRequests::on_sighup().unwrap_or_else(|e| {
+        warn!("cannot listen for SIGHUP ({e}): the TLS files are read at start only");
+        flotilla_core::reload::ReloadRequests::never()
+    })
+}
+
 pub async fn coordinator(args: CoordinatorArgs, tls: flotilla_core::tls::TlsFiles) -> u8 {
+    let reload = reload_on_sighup();
     let store = match store_location(&args.store, args.store_password_file.as_deref()) {
         Ok(store) => store,
         Err(e) => {
@@ -42,6 +52,7 @@ pub async fn coordinator(args: CoordinatorArgs, tls: flotilla_core::tls::TlsFile
     };
     let mut config = CoordinatorConfig::new(args.listen, store);
     config.tls = tls;
+    config.reload = reload;
     config.insecure = args.insecure;
     config.etcd_tls = args.etcd_security.files();
     config.etcd_user = match etcd_credentials(&args.etcd_security) {
@@ -329,28 +340,18 @@ fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, Stri
     // A certificate issued for another shard: the coordinator refuses the attach, but the
     // agent had claimed the database under this --shard first (`flotilla.meta`), and the
     // agent started right afterwards, under the certificate's name, was refused there.
-    if let Some(identity) = tls.identity_pem().map_err(|e| e.to_string())? {
-        let named = flotilla_core::tls::certificate_shards(&identity.cert);
-        if named.len() > 1 {
-            return Err(format!(
-                "--tls-cert names several shards ({}: its flotilla-agent: URI SANs); the coordinator refuses a certificate that stands for more than one shard: give the certificate issued for {} alone",
-                named.join(", "),
-                args.shard
-            ));
-        }
-        if !named.is_empty() && !named.contains(&args.shard) {
-            return Err(format!(
-                "--tls-cert names shard {} (its flotilla-agent: URI SAN), and this agent is --shard {}: the coordinator would refuse it; give the certificate issued for {}",
-                named.join(", "),
-                args.shard,
-                args.shard
-            ));
-        }
+    if let Some(identity) = tls.identity_pem().map_err(|e| e.to_string())?
+        && let Some(problem) =
+            flotilla_core::tls::agent_certificate_problem(&identity.cert, &args.shard)
+    {
+        return Err(problem);
     }
     config.tls = tls.client_config().map_err(|e| e.to_string())?;
     if let Some(warning) = tls.client_certificate_warning() {
         warn!("{warning}");
     }
+    // read again at each SIGHUP (a renewed certificate, without a restart)
+    config.tls_files = tls;
     config.etcd_tls = args
         .etcd_security
         .files()
@@ -361,19 +362,21 @@ fn agent_config(args: &AgentArgs, coordinator: &str) -> Result<AgentConfig, Stri
 }
 
 pub async fn agent(args: AgentArgs, coordinator: &str) -> u8 {
+    let reload = reload_on_sighup();
     // One exporter serves whatever the process records (here: flotilla_agent_*).
     if let Err(e) = flotilla_coordinator::metrics::install_agent(args.metrics, &args.shard) {
         eprintln!("error: --metrics: {e}");
         return EXIT_BAD_INPUT;
     }
     flotilla_coordinator::metrics::set_readiness(flotilla_agent::metrics::readiness);
-    let config = match agent_config(&args, coordinator) {
+    let mut config = match agent_config(&args, coordinator) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return EXIT_BAD_INPUT;
         }
     };
+    config.reload = reload;
     match flotilla_agent::start(config, shutdown_signal()).await {
         Ok(()) => EXIT_OK,
         Err(e) => {
@@ -405,12 +408,16 @@ mod tests {
         std::fs::write(&file, "canary 9\r\n# rotated 2026-12-01\r\n").unwrap();
         let url = store_location(&SecretUrl::new("postgres://f@db/control"), Some(&file)).unwrap();
         assert_eq!(url.expose(), "postgres://f:canary%209@db/control");
-        // a blank line above the password: refused, naming the flag and the file
-        std::fs::write(&file, "\npw\n").unwrap();
+        // blank lines and comments above the password are skipped, as in every credential
+        // file; a file of nothing else is refused, naming the flag and the file
+        std::fs::write(&file, "\n# shard-1\npw\n").unwrap();
+        let password = shard_password(Some(&file)).unwrap().expect("a password");
+        assert_eq!(password.expose(), "pw");
+        std::fs::write(&file, "\n# shard-1\n").unwrap();
         let e = shard_password(Some(&file)).unwrap_err();
         assert!(
             e.starts_with(&format!(
-                "--password-file {}: the first line is empty",
+                "--password-file {}: the file holds no password: only comments (#) and blank lines",
                 file.display()
             )),
             "{e}"

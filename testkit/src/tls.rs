@@ -17,6 +17,8 @@ use crate::TestDir;
 pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Its notAfter, in seconds since the Unix epoch.
+    pub not_after: i64,
 }
 
 /// What a certificate says: its common name and subject alternative names, and whether
@@ -30,6 +32,8 @@ pub struct CertSpec {
     pub expired: bool,
     /// Valid from now (the current second) rather than from long ago.
     pub from_now: bool,
+    /// Valid until this long from now (whole seconds) rather than for good (rcgen's 4096).
+    pub valid_for: Option<std::time::Duration>,
 }
 
 impl CertSpec {
@@ -57,6 +61,13 @@ impl CertSpec {
     /// says; by default a test certificate is valid from long ago).
     pub fn from_now(mut self) -> CertSpec {
         self.from_now = true;
+        self
+    }
+
+    /// The same certificate, expiring `after` from now (whole seconds): one that expires
+    /// while a test runs.
+    pub fn valid_for(mut self, after: std::time::Duration) -> CertSpec {
+        self.valid_for = Some(after);
         self
     }
 
@@ -130,22 +141,30 @@ impl TestCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("a clock after 1970");
+        let epoch_plus = |d: std::time::Duration| {
+            rcgen::date_time_ymd(1970, 1, 1)
+                + std::time::Duration::from_secs(since_epoch.as_secs() + d.as_secs())
+        };
         if spec.from_now {
-            let since_epoch = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("a clock after 1970");
-            params.not_before = rcgen::date_time_ymd(1970, 1, 1)
-                + std::time::Duration::from_secs(since_epoch.as_secs());
+            params.not_before = epoch_plus(std::time::Duration::ZERO);
+        }
+        if let Some(valid_for) = spec.valid_for {
+            params.not_after = epoch_plus(valid_for);
         }
         if spec.expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);
         }
+        let not_after = params.not_after.unix_timestamp();
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         let files = CertFiles {
             cert: self.dir.join(format!("{file}.pem")),
             key: self.dir.join(format!("{file}.key")),
+            not_after,
         };
         std::fs::write(&files.cert, cert.pem())?;
         std::fs::write(&files.key, key.serialize_pem())?;

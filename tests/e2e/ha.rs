@@ -358,7 +358,7 @@ impl HaFleet {
     }
 
     /// Under mTLS, the operator's certificate for the CLI.
-    fn cli_env(&self) -> Vec<(String, String)> {
+    pub fn cli_env(&self) -> Vec<(String, String)> {
         match &self.tls {
             Some(tls) => tls.client_env(&tls.operator),
             None => Vec::new(),

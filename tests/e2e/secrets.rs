@@ -806,5 +806,65 @@ async fn an_etcd_password_in_plaintext_and_an_open_password_file_are_said() -> a
         assert!(log.contains(&open), "{who}: {log}");
         assert!(!log.contains("etcd-plain-pw"), "{who} logged the password");
     }
+
+    // A wrong password: the agent says etcd refused its user, naming the endpoint and the
+    // user, not that etcd is unreachable (it did, and retried for good without a word).
+    fleet.pg.create_database("shard_1").await?;
+    let dsn = fleet.pg.url("shard_1");
+    let wrong_file = files.join("wrong-password");
+    std::fs::write(&wrong_file, "# rotated 2026-12-01\nnot-the-password\n")?;
+    let wrong_path = wrong_file.to_string_lossy().into_owned();
+    let agent_args = |password: &str| -> Vec<String> {
+        [
+            "--coordinator",
+            fleet.addr.as_str(),
+            "agent",
+            "--shard",
+            "shard_1",
+            "--dsn",
+            &dsn,
+            "--etcd",
+            endpoint.as_str(),
+            "--etcd-user",
+            "flotilla",
+            "--etcd-password-file",
+            password,
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let args = agent_args(&wrong_path);
+    let refused =
+        FlotillaProcess::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[])?;
+    refused
+        .wait_for_log(
+            &format!(
+                "etcd at {endpoint} refused the agent's user flotilla: authentication failed (no such user, or the wrong password"
+            ),
+            WAIT,
+        )
+        .await?;
+    assert!(!refused.log().contains("unreachable"), "{}", refused.log());
+    assert!(
+        !refused.log().contains("not-the-password"),
+        "{}",
+        refused.log()
+    );
+
+    // A password holding a CR (an editor's stray ^M): refused at start, naming the file and
+    // the line, exit 2; retrying could not help, and etcd would refuse it for good.
+    let cr_file = files.join("cr-password");
+    std::fs::write(&cr_file, "etcd-plain-pw\r\r\n")?;
+    let cr_path = cr_file.to_string_lossy().into_owned();
+    let args = agent_args(&cr_path);
+    let out = run_flotilla(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await?;
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "--etcd-password-file {cr_path}: the password (line 1) holds a carriage return (CR"
+        )),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("etcd-plain-pw"), "{out}");
     Ok(())
 }

@@ -579,6 +579,40 @@ async fn under_tls_a_redirect_to_a_plaintext_leader_is_refused() -> anyhow::Resu
         "{out}"
     );
 
+    // Given the follower and then the leader, the CLI goes on past the refused redirect to
+    // the next address it was given, and the write lands there (it gave up at the first).
+    let env = fleet.cli_env();
+    let listed = format!("{},{}", fleet.addrs[follower], fleet.addrs[leader]);
+    let out = run_flotilla(
+        &["--coordinator", &listed, "plan", "submit", &path],
+        &env_refs(&env),
+    )
+    .await?;
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "note: {} redirects to a leader that is not followed (below); trying the next --coordinator address",
+            fleet.addrs[follower]
+        )),
+        "{out}"
+    );
+    // None of the list takes it: exit 3, the error naming each address and why.
+    let dead = format!("https://127.0.0.1:{}", free_port());
+    let listed = format!("{},{dead}", fleet.addrs[follower]);
+    let out = run_flotilla(
+        &["--coordinator", &listed, "plan", "submit", &path],
+        &env_refs(&env),
+    )
+    .await?;
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "error: no coordinator of --coordinator took the write ({}: a follower's redirect names the leader at {trap_addr}",
+            fleet.addrs[follower]
+        )) && out.stderr.contains(&format!("; {dead}: ")),
+        "{out}"
+    );
+
     // An agent that knows only the follower: refused there, it does not follow either.
     fleet.pg.create_database("shard_1").await?;
     let certs = fleet.tls.as_ref().unwrap();
@@ -643,6 +677,12 @@ async fn plaintext_off_loopback_needs_insecure_spelled_out() -> anyhow::Result<(
         "{}",
         coordinator.log()
     );
+    // SIGHUP (`systemctl reload`, a closed terminal) ends it no more without TLS than with
+    // it (the signal's default action did): it is taken, and the CLI below still reaches it.
+    coordinator.signal(libc::SIGHUP)?;
+    coordinator
+        .wait_for_log("reload requested: no TLS files to read again", WAIT)
+        .await?;
 
     // A coordinator started on `store` with `tls` flags: its output.
     let start = async |tls: &[&str]| {
@@ -810,5 +850,180 @@ async fn an_agent_reaches_its_shard_over_verified_tls_and_a_wrong_ca_stops_it() 
         "{out}"
     );
     assert!(!out.stderr.contains("retrying"), "{out}");
+    Ok(())
+}
+
+/// The value of the one series `name` (no labels) in a scrape.
+fn gauge(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Certificates rotate without a restart: at SIGHUP the coordinator reads its TLS files
+/// again and serves new handshakes with them; files that would not do (a key of another
+/// certificate, a file gone) change nothing and are named in an error. A certificate that
+/// expires while it runs is warned about before, shown in
+/// `flotilla_tls_certificate_expiry_timestamp_seconds`, and makes `/readyz` not ready,
+/// naming it, until a renewed one is loaded. The agent reloads its own on SIGHUP too, and
+/// neither process dies of the signal (its default action ended them).
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_reload_on_sighup_and_an_expiring_one_is_said() -> anyhow::Result<()> {
+    const EXPIRY: &str = "flotilla_tls_certificate_expiry_timestamp_seconds";
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let fleet = TestFleet::builder(1, 1)
+        .metrics(metrics)
+        .tls()
+        .start()
+        .await?;
+    let certs: &FleetCerts = fleet.tls.as_ref().unwrap();
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    let readyz = async || http::get(metrics, "/readyz").await;
+    wait_until("the coordinator ready", WAIT, async || {
+        Ok(readyz().await?.status == 200)
+    })
+    .await?;
+    let body = http::get(metrics, "/metrics").await?.body;
+    assert_eq!(
+        gauge(&body, EXPIRY),
+        Some(certs.server.not_after as f64),
+        "{body}"
+    );
+    // (what a reload reads: the same paths, new contents)
+    let install = |from: &flotilla_testkit::tls::CertFiles| -> anyhow::Result<()> {
+        std::fs::copy(&from.cert, &certs.server.cert)?;
+        std::fs::copy(&from.key, &certs.server.key)?;
+        Ok(())
+    };
+
+    // A certificate that expires in a few seconds, put in place of the coordinator's.
+    let soon = certs.ca.issue(
+        "soon",
+        &CertSpec::server("coordinator-soon").valid_for(std::time::Duration::from_secs(12)),
+    )?;
+    install(&soon)?;
+    coordinator.signal(libc::SIGHUP)?;
+    coordinator
+        .wait_for_log(
+            "new connections are served the certificate CN=coordinator-soon",
+            WAIT,
+        )
+        .await?;
+    // warned at once: it expires within 14 days
+    coordinator
+        .wait_for_log(
+            &format!(
+                "the serving certificate (--tls-cert {}, CN=coordinator-soon) expires ",
+                certs.server.cert.display()
+            ),
+            WAIT,
+        )
+        .await?;
+    let body = http::get(metrics, "/metrics").await?.body;
+    assert_eq!(gauge(&body, EXPIRY), Some(soon.not_after as f64), "{body}");
+    // new handshakes get it (the CLI checks it against the CA)
+    let out = fleet.cli(&["plan", "list"]).await?;
+    assert!(out.success(), "{out}");
+
+    // It expires: /readyz says not ready, naming it; clients refuse it.
+    wait_until(
+        "/readyz not ready for the expired certificate",
+        WAIT,
+        async || Ok(readyz().await?.status == 503),
+    )
+    .await?;
+    let r = readyz().await?;
+    assert!(
+        r.body.contains(&format!(
+            "not ready: the serving certificate (--tls-cert {}, CN=coordinator-soon) expired ",
+            certs.server.cert.display()
+        )),
+        "{}",
+        r.body
+    );
+    let out = fleet.cli(&["plan", "list"]).await?;
+    assert!(!out.success(), "{out}");
+
+    // Bad files at a reload change nothing, and say which file and what is wrong: a key of
+    // another certificate, then a key file gone.
+    let other = certs
+        .ca
+        .issue("other", &CertSpec::server("coordinator-other"))?;
+    let renewed = certs
+        .ca
+        .issue("renewed", &CertSpec::server("coordinator-renewed"))?;
+    std::fs::copy(&renewed.cert, &certs.server.cert)?;
+    std::fs::copy(&other.key, &certs.server.key)?;
+    coordinator.signal(libc::SIGHUP)?;
+    coordinator
+        .wait_for_log(
+            "reloading the TLS files failed, nothing changed: still serving the certificate CN=coordinator-soon",
+            WAIT,
+        )
+        .await?;
+    let log = coordinator.log();
+    assert!(
+        log.contains(&format!(
+            "--tls-cert {} and --tls-key {} do not go together",
+            certs.server.cert.display(),
+            certs.server.key.display()
+        )),
+        "{log}"
+    );
+    std::fs::remove_file(&certs.server.key)?;
+    coordinator.signal(libc::SIGHUP)?;
+    coordinator
+        .wait_for_log(
+            &format!(
+                "--tls-key {}: No such file or directory",
+                certs.server.key.display()
+            ),
+            WAIT,
+        )
+        .await?;
+    assert_eq!(readyz().await?.status, 503);
+    let body = http::get(metrics, "/metrics").await?.body;
+    assert_eq!(gauge(&body, EXPIRY), Some(soon.not_after as f64), "{body}");
+
+    // A renewed certificate: served, ready again, the metric moves; the process lived
+    // through every SIGHUP.
+    install(&renewed)?;
+    coordinator.signal(libc::SIGHUP)?;
+    coordinator
+        .wait_for_log(
+            "new connections are served the certificate CN=coordinator-renewed",
+            WAIT,
+        )
+        .await?;
+    wait_until("the coordinator ready again", WAIT, async || {
+        Ok(readyz().await?.status == 200)
+    })
+    .await?;
+    let body = http::get(metrics, "/metrics").await?.body;
+    assert_eq!(
+        gauge(&body, EXPIRY),
+        Some(renewed.not_after as f64),
+        "{body}"
+    );
+    let dir = plan("001_after_rotation", "after_rotation")?;
+    let path = dir.path().to_string_lossy().into_owned();
+    let out = fleet
+        .cli(&["plan", "submit", &path, "--wait", "--output", "json"])
+        .await?;
+    assert!(out.success(), "{out}");
+    assert_eq!(out.last_json()?["state"], "completed", "{out}");
+
+    // The agent reads its own files again on SIGHUP, and lives on.
+    let agent = fleet.agents[0].as_ref().unwrap();
+    agent.signal(libc::SIGHUP)?;
+    agent
+        .wait_for_log(
+            "TLS files reloaded: the next connection to a coordinator uses them",
+            WAIT,
+        )
+        .await?;
+    let mut fleet = fleet;
+    assert!(fleet.coordinator.as_mut().unwrap().is_running());
+    assert!(fleet.agents[0].as_mut().unwrap().is_running());
     Ok(())
 }

@@ -14,7 +14,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
-use super::{Etcd, EtcdError, Usage, call};
+use super::{Etcd, EtcdError, Refusal, Usage, call};
 use crate::config::{AgentConfig, backoff_delay};
 use crate::metrics;
 
@@ -87,7 +87,9 @@ impl Liveness {
                 () = stop.cancelled() => None,
             };
             metrics::etcd_liveness_up(false);
-            let Some((reason, was_up)) = held else { break };
+            let Some(((reason, refusal), was_up)) = held else {
+                break;
+            };
             client = None;
             first = first.wrapping_add(1);
             if was_up {
@@ -99,7 +101,14 @@ impl Liveness {
                 self.reconnect_max,
                 rand::random(),
             );
-            if was_up {
+            if let Some(refusal) = refusal {
+                // (said at the first and every twelfth: an operator mends it, not a retry)
+                if attempt.is_multiple_of(12) {
+                    self.refused(refusal, &reason, attempt);
+                } else {
+                    debug!(endpoints = %self.etcd.shown, %reason, attempt, ?delay, "etcd retry");
+                }
+            } else if was_up {
                 // (a lease is the cluster's, not a member's: `hold` keeps it through the next
                 // member when it lives, and says so when it does not)
                 info!(endpoints = %self.etcd.shown, key = %self.key, %reason, "the agent's liveness keep-alive broke; keeping its lease through the next etcd member");
@@ -141,22 +150,49 @@ impl Liveness {
         }
     }
 
-    /// Grants a lease, puts the key under it and keeps it alive. Returns why it stopped, and
-    /// whether the key was up before.
+    /// Says that etcd refused the agent's user, naming the endpoints and the user.
+    fn refused(&self, refusal: Refusal, reason: &str, attempt: u32) {
+        let user = self
+            .etcd
+            .user()
+            .unwrap_or("(none: --etcd-user is not given)");
+        match refusal {
+            Refusal::Authentication => error!(
+                endpoints = %self.etcd.shown,
+                user,
+                attempt,
+                %reason,
+                "etcd at {} refused the agent's user {user}: authentication failed (no such user, or the wrong password: --etcd-user, --etcd-password-file); the agent's liveness key is not published; retrying in the background",
+                self.etcd.shown
+            ),
+            Refusal::Permission => error!(
+                endpoints = %self.etcd.shown,
+                user,
+                attempt,
+                %reason,
+                "etcd at {} refused the agent's user {user} the key {}: permission denied (grant the user's role readwrite on the --etcd-prefix); the agent's liveness key is not published; retrying in the background",
+                self.etcd.shown,
+                self.key
+            ),
+        }
+    }
+
+    /// Grants a lease, puts the key under it and keeps it alive. Returns why it stopped (and
+    /// whether etcd refused the agent's user), and whether the key was up before.
     /// `first`: the member a new client starts at.
     async fn hold(
         &self,
         client: &mut Option<Client>,
         lease: &mut Option<i64>,
         first: usize,
-    ) -> (String, bool) {
-        let down = |reason: String| (reason, false);
+    ) -> ((String, Option<Refusal>), bool) {
+        let down = |what: String, e: EtcdError| ((format!("{what}: {e}"), e.refusal()), false);
         let limit = self.call_timeout();
         let c = match client {
             Some(c) => c,
             None => match self.etcd.connect(first, Usage::Lease, limit).await {
                 Ok(c) => client.insert(c),
-                Err(reason) => return down(format!("connecting: {reason}")),
+                Err(reason) => return down("connecting".into(), reason),
             },
         };
         let ttl = self.ttl.as_secs() as i64;
@@ -167,7 +203,7 @@ impl Liveness {
             Some(id) => match call(limit, c.lease_keep_alive(id)).await {
                 Ok((mut keeper, mut responses)) => {
                     if let Err(e) = keeper.keep_alive().await {
-                        return down(format!("keeping the lease alive: {e}"));
+                        return down("keeping the lease alive".into(), e.into());
                     }
                     match call(limit, responses.message()).await {
                         Ok(Some(r)) if r.ttl() > 0 => {
@@ -180,7 +216,7 @@ impl Liveness {
                             None
                         }
                         // not known to be gone: tried again through the next member
-                        Err(reason) => return down(format!("keeping the lease alive: {reason}")),
+                        Err(reason) => return down("keeping the lease alive".into(), reason),
                     }
                 }
                 // Expired while etcd was out of reach (frozen, partitioned past the TTL): the
@@ -193,7 +229,7 @@ impl Liveness {
                     *lease = None;
                     None
                 }
-                Err(reason) => return down(format!("keeping the lease alive: {reason}")),
+                Err(reason) => return down("keeping the lease alive".into(), reason),
             },
             None => None,
         };
@@ -202,7 +238,7 @@ impl Liveness {
             None => {
                 let id = match call(limit, c.lease_grant(ttl, None)).await {
                     Ok(granted) => granted.id(),
-                    Err(reason) => return down(format!("granting a lease: {reason}")),
+                    Err(reason) => return down("granting a lease".into(), reason),
                 };
                 let put = c.put(
                     self.key.as_str(),
@@ -212,20 +248,20 @@ impl Liveness {
                 if let Err(reason) = call(limit, put).await {
                     // (not kept: a lease whose key was not put is kept alive for nothing,
                     // the key missing for as long; it expires)
-                    return down(format!("putting {}: {reason}", self.key));
+                    return down(format!("putting {}", self.key), reason);
                 }
                 // the key is under it: the one to keep, and to revoke at the end
                 *lease = Some(id);
                 let (keeper, responses) = match call(limit, c.lease_keep_alive(id)).await {
                     Ok(pair) => pair,
-                    Err(reason) => return down(format!("keeping the lease alive: {reason}")),
+                    Err(reason) => return down("keeping the lease alive".into(), reason),
                 };
                 info!(key = %self.key, lease = %format!("{id:x}"), ttl, "liveness key put in etcd");
                 (id, keeper, responses)
             }
         };
         metrics::etcd_liveness_up(true);
-        let up = |reason: String| (reason, true);
+        let up = |reason: String| ((reason, None), true);
         let mut tick = tokio::time::interval(self.ttl / 3);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         tick.tick().await;

@@ -26,6 +26,39 @@ pub(crate) enum EtcdError {
     Timeout(Duration),
 }
 
+/// Why etcd refused the agent's user, which trying again does not mend until an operator
+/// does (its user, password or role): not "unreachable".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// No such user, or the wrong password (`--etcd-user`, `--etcd-password-file`).
+    Authentication,
+    /// The user may not touch the agents' keys (its role's permissions).
+    Permission,
+}
+
+impl EtcdError {
+    /// Whether etcd refused the agent's user (rather than not answering).
+    pub fn refusal(&self) -> Option<Refusal> {
+        let EtcdError::Client(etcd_client::Error::GRpcStatus(status)) = self else {
+            return None;
+        };
+        let message = status.message();
+        if status.code() == tonic::Code::Unauthenticated
+            || message.contains("authentication failed")
+            || message.contains("user name is empty")
+            || message.contains("invalid auth token")
+        {
+            Some(Refusal::Authentication)
+        } else if status.code() == tonic::Code::PermissionDenied
+            || message.contains("permission denied")
+        {
+            Some(Refusal::Permission)
+        } else {
+            None
+        }
+    }
+}
+
 /// What a client is for, which decides how it is built.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Usage {
@@ -66,6 +99,11 @@ impl Etcd {
             tls: config.etcd_tls.clone(),
             user: config.etcd_user.clone(),
         })
+    }
+
+    /// The etcd user the agent authenticates as (`--etcd-user`), if any.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_ref().map(|c| c.user.as_str())
     }
 
     /// How many members the configuration names.
@@ -121,5 +159,35 @@ pub(crate) async fn call<T>(
     match tokio::time::timeout(limit, f).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(EtcdError::Timeout(limit)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, message: &str) -> EtcdError {
+        EtcdError::Client(etcd_client::Error::GRpcStatus(tonic::Status::new(
+            code, message,
+        )))
+    }
+
+    /// etcd's refusals of a user are told from its being away: the agent said "unreachable"
+    /// of a wrong password, and retried for good without a word of it.
+    #[test]
+    fn a_refused_user_is_told_from_etcd_away() {
+        let wrong = status(
+            tonic::Code::InvalidArgument,
+            "etcdserver: authentication failed, invalid user ID or password",
+        );
+        assert_eq!(wrong.refusal(), Some(Refusal::Authentication));
+        let denied = status(
+            tonic::Code::PermissionDenied,
+            "etcdserver: permission denied",
+        );
+        assert_eq!(denied.refusal(), Some(Refusal::Permission));
+        let away = status(tonic::Code::Unavailable, "connection refused");
+        assert_eq!(away.refusal(), None);
+        assert_eq!(EtcdError::Timeout(Duration::from_secs(1)).refusal(), None);
     }
 }

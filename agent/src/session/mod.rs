@@ -9,6 +9,7 @@
 //! - `schema`: the targets' schema fingerprints, reported with it (for `fleet drift`).
 //! - `explain`: the dry run's reads (relations' existence, sizes, row estimates).
 //! - `coordinators`: which coordinator to dial next.
+//! - `client_tls`: the TLS it dials with, read again at each SIGHUP.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use crate::error::AgentError;
 use crate::{Agent, metrics};
 
 mod baseline;
+mod client_tls;
 mod coordinators;
 mod dispatch;
 mod explain;
@@ -28,6 +30,7 @@ mod outbox;
 mod schema;
 mod stream;
 
+pub(crate) use client_tls::ClientTls;
 pub(crate) use coordinators::Rotation;
 pub(crate) use journal::JournalDirty;
 pub(crate) use outbox::Outbox;
@@ -77,7 +80,11 @@ async fn reconnect(agent: &Arc<Agent>, outbox: &mut Outbox, mut rotation: Rotati
     loop {
         let address = rotation.next_address();
         let shown = redact_dsn(&address);
-        let ended = match endpoint(&agent.config.shard, &address, agent.config.tls.as_ref()) {
+        let ended = match endpoint(
+            &agent.config.shard,
+            &address,
+            agent.client_tls.current().as_ref(),
+        ) {
             Ok(endpoint) => session(agent, outbox, &endpoint, &shown).await,
             // only a leader named by a refusal can be invalid: the list was checked at start
             Err(e) => Ended::Lost {

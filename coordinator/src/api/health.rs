@@ -28,6 +28,7 @@ pub(crate) const LEADER_ONLY: [&str; 2] = [
 pub(crate) async fn health_service(
     leadership: watch::Receiver<Leadership>,
     store_up: watch::Receiver<bool>,
+    tls: Option<crate::tls::ServerTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> (
     HealthServer<impl Health>,
@@ -40,6 +41,13 @@ pub(crate) async fn health_service(
     // that speak HTTP (and why not, which gRPC health cannot).
     let (leading, store) = (leadership.clone(), store_up.clone());
     crate::metrics::set_readiness(move || {
+        // First: an expired certificate is this coordinator's to mend, whoever leads.
+        if let Some(why) = tls
+            .as_ref()
+            .and_then(|tls| tls.certificate().expired(crate::tls::unix_now()))
+        {
+            return Err(why);
+        }
         match &*leading.borrow() {
             Leadership::Leader { .. } => {}
             Leadership::Follower { leader: Some(at) } => {
