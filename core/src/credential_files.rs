@@ -4,7 +4,8 @@
 //! other users of the host can read one (those, `--token-file`, `--tls-key`, `--etcd-key`).
 //!
 //! A credential file holds its secret on its first line that is neither blank nor a `#`
-//! comment (a password or token that begins with `#` cannot be given in a file).
+//! comment; a password alone in its file is the password whatever it begins with (a
+//! generated one may begin with `#`).
 //!
 //! One reader and one check for every such flag: the agent's password file was read whole
 //! while etcd's was read by its first line, so a comment under the password (`pw` then
@@ -22,13 +23,14 @@ pub struct CredentialFileError {
 
 /// The password in `path`: see [`read_secret`].
 pub fn read_password(flag: &str, path: &Path) -> Result<String, CredentialFileError> {
-    read_secret(flag, path, "password")
+    read_secret(flag, path, "password", true)
 }
 
 /// The bearer token in `path` (`--token-file`): see [`read_secret`]. A token holds no
 /// spaces, so those around it (an editor's) go too.
 pub fn read_token(flag: &str, path: &Path) -> Result<String, CredentialFileError> {
-    read_secret(flag, path, "token").map(|t| t.trim().to_string())
+    // (a token never begins with `#`: a line that does is a comment, alone or not)
+    read_secret(flag, path, "token", false).map(|t| t.trim().to_string())
 }
 
 /// The secret (`what`: a password, a token) in `path`: its first line that is neither blank
@@ -40,7 +42,15 @@ pub fn read_token(flag: &str, path: &Path) -> Result<String, CredentialFileError
 /// A secret holding a control character (a CR left by an editor, a NUL) is refused: no
 /// password or token holds one, the server refuses it for good, and a daemon retried
 /// ("unreachable") forever. The error names the flag, the file and the line, never the secret.
-pub fn read_secret(flag: &str, path: &Path, what: &str) -> Result<String, CredentialFileError> {
+///
+/// `hash_alone`: a line alone in its file is the secret, `#` first or not (a generated
+/// password may begin with one; beside a comment it cannot be told from one).
+pub fn read_secret(
+    flag: &str,
+    path: &Path,
+    what: &str,
+    hash_alone: bool,
+) -> Result<String, CredentialFileError> {
     let bad = |reason: String| CredentialFileError {
         flag: flag.to_string(),
         path: path.display().to_string(),
@@ -52,14 +62,27 @@ pub fn read_secret(flag: &str, path: &Path, what: &str) -> Result<String, Creden
         let line = line.strip_suffix('\r').unwrap_or(line);
         (i + 1, line)
     });
-    let Some((number, secret)) = lines.find(|(_, line)| {
-        let shown = line.trim();
-        !shown.is_empty() && !shown.starts_with('#')
-    }) else {
+    let filled: Vec<(usize, &str)> = lines.filter(|(_, line)| !line.trim().is_empty()).collect();
+    let secret = match filled
+        .iter()
+        .find(|(_, line)| !line.trim().starts_with('#'))
+    {
+        Some(found) => Some(*found),
+        None if hash_alone && filled.len() == 1 => Some(filled[0]),
+        None => None,
+    };
+    let Some((number, secret)) = secret else {
         return Err(bad(if text.trim().is_empty() {
             "the file is empty".into()
         } else {
-            format!("the file holds no {what}: only comments (#) and blank lines")
+            format!(
+                "the file holds no {what}: only comments (#) and blank lines{}",
+                if hash_alone {
+                    format!(" (a {what} that begins with # is read alone in its file)")
+                } else {
+                    String::new()
+                }
+            )
         }));
     };
     if let Some(c) = secret.chars().find(|c| c.is_control() && *c != '\t') {
@@ -183,6 +206,12 @@ mod tests {
                 "--token-file {}: the file holds no token: only comments (#) and blank lines",
                 only_comments.display()
             )
+        );
+        // a password that begins with `#`, alone in its file, is the password
+        let hashed = file("hashed", "#Xy7!pw\n\n");
+        assert_eq!(
+            read_password("--password-file", &hashed).as_deref(),
+            Ok("#Xy7!pw")
         );
         let e = read_password("--password-file", Path::new("/nonexistent/pw")).unwrap_err();
         assert!(

@@ -413,7 +413,7 @@ mod tests {
         std::fs::write(&file, "\n# shard-1\npw\n").unwrap();
         let password = shard_password(Some(&file)).unwrap().expect("a password");
         assert_eq!(password.expose(), "pw");
-        std::fs::write(&file, "\n# shard-1\n").unwrap();
+        std::fs::write(&file, "\n# shard-1\n# rotated 2026-12-01\n").unwrap();
         let e = shard_password(Some(&file)).unwrap_err();
         assert!(
             e.starts_with(&format!(
