@@ -121,6 +121,9 @@ impl Check {
             _ => v.parse::<f64>().ok(),
         };
         match (self.max, number) {
+            (_, None) if v.is_empty() => {
+                Err("returned no value (NULL or empty), not a number or a boolean".to_string())
+            }
             (_, None) => Err(format!("returned {v:?}, not a number or a boolean")),
             (None, Some(n)) if n == 1.0 && matches!(v, "true" | "t") => Ok(()),
             (None, Some(_)) => Err(format!("returned {v}, expected true")),
@@ -145,6 +148,15 @@ pub struct PromGate {
 impl PromGate {
     /// Whether `value` passes; Err says why not.
     pub fn judge(&self, value: f64) -> Result<(), String> {
+        // NaN compares false with any bound: it passed both (a ratio of two rates with no
+        // traffic, 0/0, widened the rollout over an application serving nothing). No value
+        // is no data, which fails a gate; so does an infinite one (x/0).
+        if !value.is_finite() {
+            return Err(format!(
+                "{} = {value}, not a finite number (no data to judge by: a ratio over no traffic, say)",
+                self.query
+            ));
+        }
         if let Some(max) = self.max
             && value > max
         {
@@ -621,6 +633,40 @@ mod tests {
         assert!(truthy.judge("true").is_ok());
         assert!(truthy.judge("false").unwrap_err().contains("expected true"));
         assert!(truthy.judge("1").is_err(), "a number is not a boolean");
+        // SQL NULL reads as "": no value, said so (it read `returned "", not a number`)
+        assert_eq!(
+            at_most(1.0).judge("").unwrap_err(),
+            "returned no value (NULL or empty), not a number or a boolean"
+        );
+    }
+
+    /// A Prometheus gate's value that is not a finite number fails it: NaN passed both
+    /// bounds (every comparison with it is false), and a canary's error ratio over no
+    /// traffic (0/0) widened the rollout.
+    #[test]
+    fn a_prometheus_gate_fails_on_nan_and_infinity() {
+        let gate = |min, max| PromGate {
+            url: "http://p".into(),
+            query: "ratio".into(),
+            max,
+            min,
+            interval: Duration::from_secs(1),
+        };
+        for g in [
+            gate(None, Some(0.05)),
+            gate(Some(0.0), None),
+            gate(Some(0.0), Some(1.0)),
+        ] {
+            for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                let e = g.judge(v).unwrap_err();
+                assert!(e.contains("not a finite number"), "{v}: {e}");
+            }
+            assert!(g.judge(0.01).is_ok());
+        }
+        assert_eq!(
+            gate(None, Some(0.05)).judge(f64::NAN).unwrap_err(),
+            "ratio = NaN, not a finite number (no data to judge by: a ratio over no traffic, say)"
+        );
     }
 
     #[test]

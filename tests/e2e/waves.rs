@@ -939,6 +939,31 @@ rest = true
     assert_ne!(st["state"], "running", "{st}");
     drop(silent);
 
+    // No data to judge by (an error ratio over no traffic, 0/0): NaN fails the gate; it
+    // passed both bounds before, and the rest went.
+    exporter.set(f64::NAN);
+    prom.wait_for_value(f64::NAN).await?;
+    let dir = MigrationDir::new()?;
+    dir.migration(
+        "005_nan",
+        "",
+        "CREATE TABLE nan_probe (x int);",
+        "DROP TABLE nan_probe;",
+    )?;
+    std::fs::write(dir.path().join("plan.toml"), plan(&prom.url(), "0s"))?;
+    let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(st["state"], "halted", "{st}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("flotilla_test_error_ratio = NaN, not a finite number"),
+        "{st}"
+    );
+    let probes = tables_named(&fleet.pg, 3, "nan_probe").await?;
+    assert_eq!(probes, 3, "only the canary has the change");
+
     // Post-deploy monitoring: after the last wave the gate keeps watching; the ratio rises
     // and the whole plan is rolled back, on every tenant.
     exporter.set(0.0);
