@@ -473,7 +473,10 @@ impl Coordinator {
         &self,
         run: crate::plan::PlanRun,
     ) -> Result<Option<pb::PlanStatus>, CoordinatorError> {
-        let (plan_id, epoch, order) = (run.id.clone(), run.epoch, run.created_at_ms);
+        // queued as handed over now: a submit's, or a retry's or an approval's (an ended or
+        // waiting plan asked for again), not its first submit's (it went ahead of plans
+        // submitted since)
+        let (plan_id, epoch, order) = (run.id.clone(), run.epoch, crate::store::now_ms());
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         match self
             .to_engine(|done| Event::Start {

@@ -950,6 +950,81 @@ async fn plans_waiting_for_shard_locks_take_them_in_submit_order() -> anyhow::Re
     assert_invariants(&fleet, 3, &before).await
 }
 
+/// A plan retried queues from when the retry was asked, behind plans submitted since its
+/// first submit: before, it went ahead of them by its first submit's time (a walk-through).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_plan_queues_from_its_retry() -> anyhow::Result<()> {
+    let fleet = HaFleet::start(1, 1, 1).await?;
+    let dir = |id: &str, table: &str, up: &str| -> anyhow::Result<MigrationDir> {
+        let d = MigrationDir::new()?;
+        d.migration(id, "", up, &format!("DROP TABLE {table}"))?;
+        Ok(d)
+    };
+    let holder = dir(
+        "001_holder",
+        "holder_log",
+        &blocking_sql("CREATE TABLE holder_log (x int)", &tenant_name(0, 0, 1), 79),
+    )?;
+    let retried = dir(
+        "002_retried",
+        "retried_log",
+        "CREATE TABLE retried_log (x int)",
+    )?;
+    let since = dir("003_since", "since_log", "CREATE TABLE since_log (x int)")?;
+    let lock = hold(&fleet.pg, 0, 79).await?;
+    let p1 = fleet.submit(holder.path(), &[]).await?;
+    wait_until("the first plan blocked", WAIT, async || {
+        Ok(blocked(&fleet.pg, 0).await? == 1)
+    })
+    .await?;
+    let says = async |id: &str, what: String| {
+        crate::harness::wait_for("the plan's lock wait", WAIT, async || {
+            let st = fleet.status(id).await?;
+            let msg = st["message"].as_str().unwrap_or_default();
+            Ok(msg.contains(&what).then_some(st))
+        })
+        .await
+    };
+    let p2 = fleet.submit(retried.path(), &[]).await?;
+    says(&p2, format!("shard shard_0 is locked by plan {p1}")).await?;
+    let out = fleet
+        .cli(&["plan", "halt", &p2, "--reason", "later"])
+        .await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    let p3 = fleet.submit(since.path(), &[]).await?;
+    says(&p3, format!("shard shard_0 is locked by plan {p1}")).await?;
+    let out = fleet.cli(&["plan", "retry", &p2]).await?;
+    assert_eq!(out.code(), Some(0), "{out}");
+    says(
+        &p2,
+        format!("plan {p3}, submitted before it, waits for shard shard_0 too"),
+    )
+    .await?;
+    release(lock, 79).await?;
+    for id in [&p1, &p3, &p2] {
+        let out = fleet
+            .cli(&["plan", "watch", id, "--output", "json"])
+            .await?;
+        assert_eq!(out.code(), Some(0), "{id}: {out}");
+    }
+    let order = fleet
+        .pg
+        .query_rows(
+            &shard(0),
+            "SELECT migration_id FROM flotilla.journal ORDER BY finished_at, migration_id",
+        )
+        .await?;
+    assert_eq!(
+        order,
+        vec![
+            vec!["001_holder".to_string()],
+            vec!["003_since".into()],
+            vec!["002_retried".into()]
+        ],
+    );
+    Ok(())
+}
+
 /// A clean restart of a shard's server (`pg_ctl restart -m fast`, as for a minor upgrade)
 /// while a step runs ends the step's session with 57P01, as `pg_terminate_backend` does; the
 /// agent tells the two apart by the server's uptime: the step is not run (its transaction
