@@ -58,7 +58,7 @@ pub fn read_secret(
     };
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     let text = text.trim_start_matches('\u{feff}');
-    let mut lines = text.split('\n').enumerate().map(|(i, line)| {
+    let lines = text.split('\n').enumerate().map(|(i, line)| {
         let line = line.strip_suffix('\r').unwrap_or(line);
         (i + 1, line)
     });

@@ -83,7 +83,7 @@ impl Engine {
             }
         }
         let now_ms = now_ms();
-        for run in self.plans.values() {
+        for run in self.plans.values_mut() {
             if run.state.is_terminal() {
                 continue;
             }
@@ -100,10 +100,15 @@ impl Engine {
                 snap.waiting_for_locks += 1;
             }
             snap.prepared_targets += run.shards.values().map(|s| s.prepared.len()).sum::<usize>();
-            if matches!(shown_state(run), "running") {
-                let age = Duration::from_millis((now_ms - run.created_at_ms).max(0) as u64);
+            // Measured by the time it ran, not its age: a wait for a person (at a manual
+            // gate, paused, awaiting approval) or for another plan's locks is no part of
+            // what is expected, and counted it fired the alert 5 minutes into the bake after
+            // a promote half an hour later (a retry of a day-old plan started in the
+            // thousands).
+            let running = matches!(shown_state(run), "running") && run.lock_wait.is_none();
+            if let Some(ran) = time_it_ran(run, running, now_ms) {
                 let ratio =
-                    age.as_secs_f64() / expected_duration(run, self.step_seconds).as_secs_f64();
+                    ran.as_secs_f64() / expected_duration(run, self.step_seconds).as_secs_f64();
                 snap.duration_ratio = snap.duration_ratio.max(ratio);
             }
             for p in run.progress.values() {
@@ -177,6 +182,21 @@ fn shown_state(run: &PlanRun) -> &'static str {
     run.state.as_str()
 }
 
+/// How long `run` has run (under this leader) as of a tick at `now_ms` that finds it
+/// `running` or not: the time between ticks that both found it running. None while it does
+/// not run.
+fn time_it_ran(run: &mut PlanRun, running: bool, now_ms: i64) -> Option<Duration> {
+    if !running {
+        run.observed_at_ms = 0;
+        return None;
+    }
+    if run.observed_at_ms > 0 {
+        run.ran_ms += (now_ms - run.observed_at_ms).max(0) as u64;
+    }
+    run.observed_at_ms = now_ms;
+    Some(Duration::from_millis(run.ran_ms))
+}
+
 /// How long a plan should take, roughly: its bakes, its steps over its parallelism at
 /// the fleet's mean step time, and its data changes' time left; never under a minute.
 fn expected_duration(run: &PlanRun, step_seconds: f64) -> Duration {
@@ -213,6 +233,37 @@ mod tests {
             &targets,
             pb::FailurePolicy::AllOrNothing,
         )
+    }
+
+    /// A plan's duration ratio counts the time it ran, not its age: a day-old plan retried
+    /// (or promoted after a long manual gate) starts from nothing, and a wait between two
+    /// ticks that found it running is left out.
+    #[test]
+    fn the_time_a_plan_ran_leaves_its_waits_out() {
+        let mut run = plan_of(
+            &["a"],
+            Vec::new(),
+            &[("s0", "t1")],
+            pb::FailurePolicy::AllOrNothing,
+        );
+        run.created_at_ms = 1_000;
+        let day = 86_400_000;
+        assert_eq!(time_it_ran(&mut run, true, day), Some(Duration::ZERO));
+        assert_eq!(
+            time_it_ran(&mut run, true, day + 2_000),
+            Some(Duration::from_secs(2))
+        );
+        // waiting (a manual gate, a pause, another plan's locks) for an hour
+        assert_eq!(time_it_ran(&mut run, false, day + 3_000), None);
+        assert_eq!(time_it_ran(&mut run, false, day + 3_600_000), None);
+        assert_eq!(
+            time_it_ran(&mut run, true, day + 3_601_000),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            time_it_ran(&mut run, true, day + 3_602_500),
+            Some(Duration::from_millis(3_500))
+        );
     }
 
     #[test]

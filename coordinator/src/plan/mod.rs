@@ -187,6 +187,11 @@ pub struct PlanRun {
     pub locked: bool,
     /// Why it waits for its locks (which plan holds which shard), if it does.
     pub lock_wait: Option<String>,
+    /// How long it has run under this leader (running, not waiting for a person or for
+    /// another plan's locks), as the metrics' ticks saw it; and when a tick last saw it
+    /// running (0: not running then). Its duration ratio is measured by it.
+    pub ran_ms: u64,
+    pub observed_at_ms: i64,
     /// When the steps found applied were read from the journals: whether to read them
     /// again once the locks are taken ([`PlanRun::recheck_applied`]).
     pub applied_read: AppliedRead,
@@ -394,6 +399,8 @@ impl PlanRun {
             undone_before: BTreeSet::new(),
             locked: false,
             lock_wait: None,
+            ran_ms: 0,
+            observed_at_ms: 0,
             applied_read: AppliedRead::Before,
             first_prepared: None,
             two_phase_clock: timings::TwoPhaseClock::default(),
