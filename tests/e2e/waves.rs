@@ -222,7 +222,8 @@ max_failures = 2
     assert_eq!(st["state"], "halted", "{st}");
     let message = st["message"].as_str().unwrap();
     assert!(
-        message.contains("wave `all`: 3 of its 24 targets failed, past its error budget of 2"),
+        message.contains("wave `all`: its error budget of 2")
+            && message.contains("was passed when 3 of its 24 targets had failed"),
         "{message}"
     );
     assert_eq!(st["failures"].as_array().unwrap().len(), 3, "{st}");

@@ -1250,7 +1250,8 @@ fn failures_past_the_wave_budget_are_named_and_within_it_complete_with_failures(
     answer(&mut run, "s1", &b[0], pb::StepOutcome::Failed);
     let why = run.budget_exhausted().expect("past the budget");
     assert!(
-        why.contains("wave `first`: 2 of its 2 targets failed"),
+        why.contains("wave `first`: its error budget of 1")
+            && why.contains("was passed when 2 of its 2 targets had failed"),
         "{why}"
     );
     assert!(why.contains("budget of 1"), "{why}");
@@ -1275,6 +1276,34 @@ fn failures_past_the_wave_budget_are_named_and_within_it_complete_with_failures(
     let st = super::status::from_run(&run, Vec::new());
     assert_eq!((st.waves[0].failed, st.waves[0].applied), (1, 1));
     assert_eq!((st.waves[1].applied, st.waves[1].pending), (4, 0));
+}
+
+/// A plan without waves passing its error budget is named as the plan (it was "wave
+/// `all`", a wave no file names).
+#[test]
+fn a_plan_without_waves_passing_its_budget_says_the_plan() {
+    let mut run = plan_of(
+        &["a"],
+        Vec::new(),
+        &[("s0", "t1"), ("s0", "t2"), ("s1", "t1")],
+        pb::FailurePolicy::Continue,
+    );
+    let mut raw = pb::PlanSpec::from(&*run.spec);
+    raw.max_failures = "1".into();
+    run.spec = Arc::new(PlanSpec::try_from(raw).expect("valid plan"));
+    run.set_waves(vec![0; run.targets.len()], &[]);
+    run.rebalance_lanes(&|_| 4);
+    let mut next = 1;
+    for shard in ["s0", "s1"] {
+        for r in run.next_runs(shard, &mut next) {
+            answer(&mut run, shard, &r, pb::StepOutcome::Failed);
+        }
+    }
+    let why = run.budget_exhausted().expect("past the budget");
+    assert!(
+        why.starts_with("the plan: its error budget of 1 (max_failures = \"1\") was passed when 3 of its 3 targets had failed"),
+        "{why}"
+    );
 }
 
 #[test]

@@ -416,7 +416,9 @@ impl PlanRun {
 
     /// Under `continue`, whether failures went past a budget: the current wave's (or the
     /// plan's budget applied to the wave when it has none) or the plan's over all targets.
-    /// The message names the wave, the failures and the budget.
+    /// The message names the wave (none for a plan without waves), the budget, and the
+    /// failures when it was passed (more may follow from runs then under way: the plan's
+    /// failures list them all).
     pub fn budget_exhausted(&self) -> Option<String> {
         if self.spec.policy != FailurePolicy::Continue {
             return None;
@@ -428,9 +430,14 @@ impl PlanRun {
             let failed = w.targets.iter().filter(|&&t| self.target_failed(t)).count();
             let allowed = budget.allowed(w.targets.len());
             if failed > allowed {
+                // (a plan without waves runs as one wave of its own, named by no file)
+                let whose = if rollout.waves.is_empty() {
+                    "the plan: its".to_string()
+                } else {
+                    format!("wave `{}`: its", w.name)
+                };
                 return Some(format!(
-                    "wave `{}`: {failed} of its {} targets failed, past its error budget of {allowed} (max_failures = \"{budget}\")",
-                    w.name,
+                    "{whose} error budget of {allowed} (max_failures = \"{budget}\") was passed when {failed} of its {} targets had failed",
                     w.targets.len()
                 ));
             }
@@ -442,7 +449,7 @@ impl PlanRun {
             let allowed = budget.allowed(self.targets.len());
             if failed > allowed {
                 return Some(format!(
-                    "{failed} of the plan's {} targets failed, past its error budget of {allowed} (max_failures = \"{budget}\")",
+                    "the plan: its error budget of {allowed} (max_failures = \"{budget}\") was passed when {failed} of its {} targets had failed",
                     self.targets.len()
                 ));
             }
