@@ -13,17 +13,56 @@ use crate::error::Failure;
 use crate::metrics::StepOutcome;
 use crate::step::{BuildError, PreparedMigration, quote_literal};
 
-/// A run queued or running on this agent, by its key (`Job::claim_key`); released
-/// (dropped) with its run.
+/// A run queued or running on this agent, by its key (`Job::claim_key`), and its steps
+/// (`Job::step_keys`); released (dropped) with its run.
 pub(crate) struct RunClaim {
-    set: Arc<Mutex<HashSet<String>>>,
+    claims: Arc<ClaimSet>,
     key: String,
+    steps: Vec<String>,
 }
 
 impl Drop for RunClaim {
     fn drop(&mut self) {
-        self.set.lock().expect("runs lock").remove(&self.key);
+        {
+            let mut held = self.claims.held.lock().expect("runs lock");
+            held.runs.remove(&self.key);
+            for step in &self.steps {
+                if let Some(n) = held.steps.get_mut(step) {
+                    *n -= 1;
+                    if *n == 0 {
+                        held.steps.remove(step);
+                    }
+                }
+            }
+        }
+        self.claims.released.notify_waiters();
     }
+}
+
+#[derive(Default)]
+struct ClaimSet {
+    held: Mutex<Held>,
+    /// Told when a run is released: copies waiting for its steps look again.
+    released: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Held {
+    runs: HashSet<String>,
+    /// The steps (plan, target, migration) of the runs held, with how many hold each.
+    steps: HashMap<String, usize>,
+}
+
+/// What [`RunClaims::claim`] found.
+pub(crate) enum Claimed {
+    /// Claimed: the run is queued.
+    Run(RunClaim),
+    /// The same run (its key) is already queued or running here: its result answers.
+    Copy,
+    /// Another run holds one of its steps: a copy a leader before this one sent (under
+    /// another epoch, another run id), still queued or running here. Queued once that one
+    /// is released ([`RunClaims::claim_when_free`]), the lane reading the journal then.
+    StepsBusy,
 }
 
 /// The runs queued or running on this agent. A coordinator sends its outstanding runs
@@ -31,19 +70,47 @@ impl Drop for RunClaim {
 /// here: a second copy of a non-transactional step or a data change would apply it again
 /// (the journal row is written only at its end), and a second copy of a run to prepare
 /// would only wait for the first one's locks. The first copy's result answers both (the
-/// outbox keeps it across streams).
-#[derive(Default)]
-pub(crate) struct RunClaims(Arc<Mutex<HashSet<String>>>);
+/// outbox keeps it across streams). A new leader sends them under new run ids: its copy
+/// of a step still running here waited on the fence row, then ran the step's statements
+/// again once the first committed (an UPDATE ran twice before its journal row's conflict
+/// undid it, and the agent reported a failure): the steps of its runs are claimed too.
+#[derive(Default, Clone)]
+pub(crate) struct RunClaims(Arc<ClaimSet>);
 
 impl RunClaims {
-    /// Claims a run about to be queued. None when a run with the same key is already
-    /// queued or running here.
-    pub fn claim(&self, key: String) -> Option<RunClaim> {
-        let mut set = self.0.lock().expect("runs lock");
-        set.insert(key.clone()).then(|| RunClaim {
-            set: self.0.clone(),
+    /// Claims a run about to be queued, and its steps.
+    pub fn claim(&self, key: String, steps: Vec<String>) -> Claimed {
+        let mut held = self.0.held.lock().expect("runs lock");
+        if held.runs.contains(&key) {
+            return Claimed::Copy;
+        }
+        if steps.iter().any(|s| held.steps.contains_key(s)) {
+            return Claimed::StepsBusy;
+        }
+        held.runs.insert(key.clone());
+        for step in &steps {
+            *held.steps.entry(step.clone()).or_default() += 1;
+        }
+        Claimed::Run(RunClaim {
+            claims: self.0.clone(),
             key,
+            steps,
         })
+    }
+
+    /// Waits until no run holds any of `steps`, then claims them with `key` (None: the same
+    /// run was claimed meanwhile, whose result answers).
+    pub async fn claim_when_free(&self, key: String, steps: Vec<String>) -> Option<RunClaim> {
+        loop {
+            let released = self.0.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.claim(key.clone(), steps.clone()) {
+                Claimed::Run(claim) => return Some(claim),
+                Claimed::Copy => return None,
+                Claimed::StepsBusy => released.await,
+            }
+        }
     }
 }
 
@@ -223,6 +290,25 @@ impl Job {
     /// (a run id is unique in a plan: the epoch is in its high bits). A new leader's runs
     /// of the same steps have other ids, and run beside an old epoch's only until the
     /// fence stops the old one.
+    /// The steps of the run, each as (plan, target, migration): what two copies of a run
+    /// under different run ids share.
+    pub fn step_keys(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .map(|m| format!("{}\0{}\0{}", self.plan.plan_id, self.tenant, m.id()))
+            .collect()
+    }
+
+    /// The step keys a run claims: none for a run to prepare (a second copy of one waits
+    /// for the first's locks, and its gid says which it is).
+    pub fn claimed_steps(&self) -> Vec<String> {
+        if self.prepare.is_some() {
+            Vec::new()
+        } else {
+            self.step_keys()
+        }
+    }
+
     pub fn claim_key(&self) -> String {
         match &self.prepare {
             Some(p) => p.gid.clone(),

@@ -11,9 +11,9 @@ use futures::FutureExt;
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
-use tracing::{Instrument, debug, info_span, instrument, warn};
+use tracing::{Instrument, debug, info, info_span, instrument, warn};
 
-use super::job::{self, DefinitionError, Halts, Job, PlanDef, PlanError};
+use super::job::{self, Claimed, DefinitionError, Halts, Job, PlanDef, PlanError};
 use super::two_phase::prepared_among;
 use super::{Outgoing, executor};
 use crate::data::{DataHooks, PlanControl};
@@ -327,10 +327,18 @@ impl Agent {
                     job.queued_under = self.welcome_epoch.load(Ordering::Relaxed);
                     // (a schema step's too: it shows its lock waits on the board)
                     job.hooks = Some(hooks.clone());
-                    match self.runs_in_flight.claim(job.claim_key()) {
-                        Some(claim) => job.claim = Some(claim),
-                        None => {
+                    match self
+                        .runs_in_flight
+                        .claim(job.claim_key(), job.claimed_steps())
+                    {
+                        Claimed::Run(claim) => job.claim = Some(claim),
+                        Claimed::Copy => {
                             debug!(run = job.run.run_id, tenant = %job.tenant, "a copy of this run is already queued or running; its result answers");
+                            continue;
+                        }
+                        Claimed::StepsBusy => {
+                            info!(run = job.run.run_id, tenant = %job.tenant, "a copy of this run an earlier leader sent is queued or running here: queued once it ends, the journal answering for what it applied");
+                            self.queue_after_its_copy(&plan, job, epoch, halts);
                             continue;
                         }
                     }
@@ -390,6 +398,38 @@ impl Agent {
         // The journal is read for them by the lane that takes them (see `check_journal`).
         st.queue.extend(todo);
         self.fill_lanes(&plan, &mut st);
+    }
+
+    /// Queues `job` once the copy of its steps an earlier leader sent (another run id) is no
+    /// longer queued or running here; the lane that takes it reads the journal, which then
+    /// answers for what that copy applied. Dropped as [`Self::queue_runs`] drops runs when
+    /// the plan was halted or stopped meanwhile.
+    fn queue_after_its_copy(
+        self: &Arc<Self>,
+        plan: &Arc<Plan>,
+        mut job: Job,
+        epoch: u64,
+        halts: u64,
+    ) {
+        let (agent, plan) = (self.clone(), plan.clone());
+        self.tasks.spawn(async move {
+            let Some(claim) = agent
+                .runs_in_flight
+                .claim_when_free(job.claim_key(), job.claimed_steps())
+                .await
+            else {
+                return;
+            };
+            job.claim = Some(claim);
+            let mut st = plan.state.lock().expect("plan lock");
+            if st.halts != halts || st.stopped_for(epoch) || agent.cancel.is_cancelled() {
+                drop(st);
+                agent.report(&plan.id, job::not_run(&job.run));
+                return;
+            }
+            st.queue.push_back(job);
+            agent.fill_lanes(&plan, &mut st);
+        });
     }
 
     /// Starts lanes up to the plan's lanes, as far as its queued and running runs need.

@@ -597,6 +597,13 @@ pub fn log_mark() -> usize {
     buffer.lock().expect("log buffer").len()
 }
 
+/// Whether a line containing `needle` was logged after `mark`.
+pub fn logged_since(mark: usize, needle: &str) -> bool {
+    let buffer = LOG.get().expect("log_mark first");
+    let log = buffer.lock().expect("log buffer");
+    String::from_utf8_lossy(&log[mark.min(log.len())..]).contains(needle)
+}
+
 /// Waits (at most [`WAIT`]) until a line containing `needle` is logged after `mark`.
 pub async fn wait_for_log(mark: usize, needle: &str) {
     let buffer = LOG.get().expect("log_mark first");

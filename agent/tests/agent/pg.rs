@@ -3775,3 +3775,108 @@ async fn a_new_leaders_welcome_fences_the_runs_an_earlier_one_left_queued() {
     h.stop().await;
     f.drop().await;
 }
+
+/// A new leader sends the runs it finds outstanding under its own run ids, while an earlier
+/// leader's copy may still run here: the new copy is queued once the first has ended, and
+/// the journal answers for it (the first applied it). Before, it ran beside the first: its
+/// statements waited on the fence row, then ran again once the first committed (an UPDATE
+/// counted twice until the journal row's conflict undid it), and it reported a failure (a
+/// walk-through's find).
+#[tokio::test]
+async fn a_new_leaders_copy_of_a_run_under_way_is_answered_by_the_first() {
+    let Some(f) = fleet("leader_copy", 1).await else {
+        return;
+    };
+    let mut h = Harness::start(|_| {}, &f.dsn).await;
+    let (s, _) = h.attach(1).await;
+    sqlx::raw_sql(
+        "CREATE TABLE tenant_0000.lc_counter (n int); INSERT INTO tenant_0000.lc_counter VALUES (0);
+         CREATE SEQUENCE tenant_0000.lc_runs; CREATE TABLE public.lc_blocker ()",
+    )
+    .execute(&f.pool)
+    .await
+    .unwrap();
+    let mut blocker = f.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE public.lc_blocker IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let definition = pb::PlanDefinition {
+        plan_id: "lc".into(),
+        migrations: vec![migration(
+            "lc_m",
+            "SELECT nextval('lc_runs'); UPDATE lc_counter SET n = n + 1; SELECT count(*) FROM public.lc_blocker",
+            "UPDATE lc_counter SET n = n - 1",
+            "",
+        )],
+        default_lock_timeout_ms: 60_000,
+        ..Default::default()
+    };
+    s.send(In::Plan(definition.clone()));
+    s.send(In::Assign(pb::Assign {
+        plan_id: "lc".into(),
+        epoch: 1,
+        lanes: 2,
+        runs: vec![run(1, "tenant_0000", &["lc_m"], true)],
+    }));
+    wait_running(&f.pool, "lc_blocker").await;
+    // the leader changes under run 1; the new one sends the same step as its own run
+    drop(s);
+    let (mut s, _) = h.attach(2).await;
+    let mut r = welcome_taken(&mut s).await;
+    s.send(In::Plan(definition));
+    let copy = (2u64 << 32) + 1;
+    let mark = log_mark();
+    s.send(In::Assign(pb::Assign {
+        plan_id: "lc".into(),
+        epoch: 2,
+        lanes: 2,
+        runs: vec![run(copy, "tenant_0000", &["lc_m"], true)],
+    }));
+    // the copy is held back until the first ends, or (before) ran beside it, its session
+    // waiting on the fence row once the fence's own wait gave up (2 s)
+    let beside = flotilla_testkit::wait::wait_for("the copy handled", WAIT, async || {
+        if logged_since(mark, &format!("run={copy}"))
+            && logged_since(mark, "a copy of this run an earlier leader sent")
+        {
+            return Ok(Some(false));
+        }
+        let sessions = count(
+            &f.pool,
+            "SELECT count(*) FROM pg_stat_activity WHERE position('lc_runs' in query) > 0
+                AND pid <> pg_backend_pid()",
+        )
+        .await;
+        Ok((sessions > 1).then_some(true))
+    })
+    .await
+    .unwrap();
+    assert!(!beside, "the copy ran beside the first");
+    blocker.commit().await.unwrap();
+    while r.len() < 2 {
+        match s.next().await {
+            Out::Results(res) => r.extend(res.runs.into_iter().map(|run| (run.run_id, run))),
+            other => panic!("expected results, got {other:?}"),
+        }
+    }
+    assert_eq!(outcomes(&r[&1]), [pb::StepOutcome::Applied], "{r:?}");
+    assert_eq!(
+        outcomes(&r[&copy]),
+        [pb::StepOutcome::AlreadyApplied],
+        "answered by the journal: {r:?}"
+    );
+    assert_eq!(
+        count(&f.pool, "SELECT n::bigint FROM tenant_0000.lc_counter").await,
+        1,
+        "counted once"
+    );
+    // and its statements ran once: a sequence keeps what a rolled-back copy took
+    assert_eq!(
+        count(&f.pool, "SELECT last_value FROM tenant_0000.lc_runs").await,
+        1,
+        "the step's statements ran once"
+    );
+    drop(s);
+    h.stop().await;
+    f.drop().await;
+}
