@@ -264,6 +264,7 @@ impl Coordinator {
                 .inner
                 .lock_queue
                 .enter(&plan_id, epoch, order, shards.iter().cloned());
+            let mut told = String::new();
             loop {
                 // made before looking: a release between the look and the wait wakes it
                 let moved = queued.moved();
@@ -287,27 +288,40 @@ impl Coordinator {
                             shard,
                             plan_id: holder,
                         }) => {
+                            queued.stands_in_the_way(true);
                             format!("shard {shard} is locked by plan {holder}")
                         }
                         Err(CoordinationError::NotLeader) => return,
-                        Err(e) => e.to_string(),
+                        Err(e) => {
+                            // an error of its own (one it may never get past): the plans
+                            // queued behind it go on meanwhile
+                            queued.stands_in_the_way(false);
+                            e.to_string()
+                        }
                     },
                 };
-                let told = me
-                    .inner
-                    .events
-                    .send(Event::LocksWaiting {
-                        plan_id: plan_id.clone(),
-                        message: waiting,
-                    })
-                    .await;
-                if told.is_err() {
-                    return;
+                // said when it changes (each wake sent it again: a status change to every
+                // watcher, per plan waiting, at every shard a rollback released)
+                if waiting != told {
+                    let sent = me
+                        .inner
+                        .events
+                        .send(Event::LocksWaiting {
+                            plan_id: plan_id.clone(),
+                            message: waiting.clone(),
+                        })
+                        .await;
+                    if sent.is_err() {
+                        return;
+                    }
+                    told = waiting;
                 }
                 // a lock released here wakes it at once; a second covers what is not told
                 // (a lock's lease expiring in etcd)
                 let _ = tokio::time::timeout(Duration::from_secs(1), moved).await;
-                if me.leader_epoch().ok() != Some(epoch) {
+                // queued again by a later start of the plan (a halt and a retry): that
+                // start's task holds its place now
+                if me.leader_epoch().ok() != Some(epoch) || queued.replaced() {
                     return;
                 }
                 // ended while it waited (a cancel): it needs them no more

@@ -842,6 +842,16 @@ async fn a_plan_waits_for_the_shard_locks_of_a_blocked_plan() -> anyhow::Result<
     assert_invariants(&fleet, 2, &before).await
 }
 
+/// Waits until plan `id`'s message (its lock wait) says `what`; its status then.
+async fn lock_wait_says(fleet: &HaFleet, id: &str, what: String) -> anyhow::Result<Value> {
+    crate::harness::wait_for("the plan's lock wait", WAIT, async || {
+        let st = fleet.status(id).await?;
+        let msg = st["message"].as_str().unwrap_or_default();
+        Ok(msg.contains(&what).then_some(st))
+    })
+    .await
+}
+
 /// Plans waiting for shard locks take them in submit order: a plan needing a shard that a
 /// plan submitted before it also waits for queues behind that plan, even with the shard
 /// free (before, it took the shard at once: a second plan on a table the first creates ran
@@ -892,20 +902,13 @@ async fn plans_waiting_for_shard_locks_take_them_in_submit_order() -> anyhow::Re
             &["--selector", "shard in (shard_0, shard_1)"],
         )
         .await?;
-    let waits = async |id: &str, says: String| {
-        crate::harness::wait_for("the plan to wait for its locks", WAIT, async || {
-            let st = fleet.status(id).await?;
-            let msg = st["message"].as_str().unwrap_or_default();
-            Ok(msg.contains(&says).then_some(st))
-        })
-        .await
-    };
-    waits(&p2, format!("shard shard_0 is locked by plan {p1}")).await?;
+    lock_wait_says(&fleet, &p2, format!("shard shard_0 is locked by plan {p1}")).await?;
     // shard_1 is free, but the plan submitted before this one waits for it too
     let p3 = fleet
         .submit(alters.path(), &["--selector", "shard=shard_1"])
         .await?;
-    let st = waits(
+    let st = lock_wait_says(
+        &fleet,
         &p3,
         format!("plan {p2}, submitted before it, waits for shard shard_1 too"),
     )
@@ -977,25 +980,18 @@ async fn a_retried_plan_queues_from_its_retry() -> anyhow::Result<()> {
         Ok(blocked(&fleet.pg, 0).await? == 1)
     })
     .await?;
-    let says = async |id: &str, what: String| {
-        crate::harness::wait_for("the plan's lock wait", WAIT, async || {
-            let st = fleet.status(id).await?;
-            let msg = st["message"].as_str().unwrap_or_default();
-            Ok(msg.contains(&what).then_some(st))
-        })
-        .await
-    };
     let p2 = fleet.submit(retried.path(), &[]).await?;
-    says(&p2, format!("shard shard_0 is locked by plan {p1}")).await?;
+    lock_wait_says(&fleet, &p2, format!("shard shard_0 is locked by plan {p1}")).await?;
     let out = fleet
         .cli(&["plan", "halt", &p2, "--reason", "later"])
         .await?;
     assert_eq!(out.code(), Some(0), "{out}");
     let p3 = fleet.submit(since.path(), &[]).await?;
-    says(&p3, format!("shard shard_0 is locked by plan {p1}")).await?;
+    lock_wait_says(&fleet, &p3, format!("shard shard_0 is locked by plan {p1}")).await?;
     let out = fleet.cli(&["plan", "retry", &p2]).await?;
     assert_eq!(out.code(), Some(0), "{out}");
-    says(
+    lock_wait_says(
+        &fleet,
         &p2,
         format!("plan {p3}, submitted before it, waits for shard shard_0 too"),
     )

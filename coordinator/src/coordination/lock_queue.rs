@@ -36,6 +36,10 @@ struct Waiting {
     plan_id: String,
     epoch: u64,
     shards: BTreeSet<String>,
+    /// Whether it stands in the way of plans queued after it: not while its own attempts
+    /// fail for another reason than a lock held (an error it may never get past: plans
+    /// behind it waited for good).
+    in_the_way: bool,
 }
 
 impl LockQueue {
@@ -87,14 +91,23 @@ impl LockQueue {
         shards: impl IntoIterator<Item = String>,
     ) -> QueuedPlan {
         let key = (order, self.0.arrivals.fetch_add(1, Ordering::Relaxed));
-        self.0.waiting.lock().expect("lock queue").insert(
-            key,
-            Waiting {
-                plan_id: plan_id.to_string(),
-                epoch,
-                shards: shards.into_iter().collect(),
-            },
-        );
+        {
+            let mut waiting = self.0.waiting.lock().expect("lock queue");
+            // A plan queued again (a halt and a retry within the second the first task
+            // sleeps): its place is the new one, and the task that queued it before leaves
+            // (`QueuedPlan::replaced`), or it kept the first submit's place.
+            waiting.retain(|_, w| w.plan_id != plan_id);
+            waiting.insert(
+                key,
+                Waiting {
+                    plan_id: plan_id.to_string(),
+                    epoch,
+                    shards: shards.into_iter().collect(),
+                    in_the_way: true,
+                },
+            );
+        }
+        self.freed();
         QueuedPlan {
             queue: self.clone(),
             key,
@@ -117,13 +130,43 @@ impl QueuedPlan {
         let me = waiting.get(&self.key)?;
         waiting
             .range(..self.key)
-            .filter(|(_, w)| w.epoch == me.epoch && w.plan_id != me.plan_id)
+            .filter(|(_, w)| w.epoch == me.epoch && w.plan_id != me.plan_id && w.in_the_way)
             .find_map(|(_, w)| {
                 me.shards
                     .intersection(&w.shards)
                     .next()
                     .map(|shard| (w.plan_id.clone(), shard.clone()))
             })
+    }
+
+    /// Whether the plan was queued again since (by a later start of it): this place is
+    /// gone, and the task holding it is to leave.
+    pub fn replaced(&self) -> bool {
+        !self
+            .queue
+            .0
+            .waiting
+            .lock()
+            .expect("lock queue")
+            .contains_key(&self.key)
+    }
+
+    /// After an attempt at its locks: whether it stands in the way of the plans queued
+    /// after it (a lock held by another plan: yes; an error of its own: no, see `Waiting`).
+    pub fn stands_in_the_way(&self, yes: bool) {
+        let changed = {
+            let mut waiting = self.queue.0.waiting.lock().expect("lock queue");
+            match waiting.get_mut(&self.key) {
+                Some(w) if w.in_the_way != yes => {
+                    w.in_the_way = yes;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if changed {
+            self.queue.freed();
+        }
     }
 
     /// Resolves when a lock may have come free or the queue moved. Made (and enabled)
@@ -171,12 +214,27 @@ mod tests {
         let stale = queue.enter("p0", 0, 50, shards(&["s1"]));
         assert_eq!(later.behind(), None);
         drop(stale);
-        // nor does the same plan queued twice
-        let again = queue.enter("p3", 1, 10, shards(&["s1"]));
+        // a plan whose own attempts fail (not a lock held) stands in no one's way
+        let failing = queue.enter("p1b", 1, 150, shards(&["s1"]));
+        assert_eq!(later.behind(), Some(("p1b".into(), "s1".into())));
+        failing.stands_in_the_way(false);
         assert_eq!(later.behind(), None);
+        failing.stands_in_the_way(true);
+        assert_eq!(later.behind(), Some(("p1b".into(), "s1".into())));
+        drop(failing);
+        // a plan queued again takes its new place; the first place is gone
+        let again = queue.enter("p3", 1, 400, shards(&["s1", "s2"]));
+        assert!(later.replaced() && !again.replaced());
+        let p4 = queue.enter("p4", 1, 350, shards(&["s2"]));
+        assert_eq!(again.behind(), Some(("p4".into(), "s2".into())));
+        drop(later);
+        assert!(
+            !again.replaced(),
+            "the old place's guard leaves the new one"
+        );
+        drop(p4);
         drop(again);
         drop(other);
-        drop(later);
         assert!(queue.0.waiting.lock().unwrap().is_empty());
     }
 
