@@ -3,9 +3,8 @@
 //! `--token-file`), and whether
 //! other users of the host can read one (those, `--token-file`, `--tls-key`, `--etcd-key`).
 //!
-//! A credential file holds its secret on its first line that is neither blank nor a `#`
-//! comment; a password alone in its file is the password whatever it begins with (a
-//! generated one may begin with `#`).
+//! A credential file holds its secret on its first line that is not blank (a token file's
+//! `#` lines are comments too); what follows is not the secret.
 //!
 //! One reader and one check for every such flag: the agent's password file was read whole
 //! while etcd's was read by its first line, so a comment under the password (`pw` then
@@ -23,33 +22,33 @@ pub struct CredentialFileError {
 
 /// The password in `path`: see [`read_secret`].
 pub fn read_password(flag: &str, path: &Path) -> Result<String, CredentialFileError> {
-    read_secret(flag, path, "password", true)
+    read_secret(flag, path, "password", false)
 }
 
 /// The bearer token in `path` (`--token-file`): see [`read_secret`]. A token holds no
 /// spaces, so those around it (an editor's) go too.
 pub fn read_token(flag: &str, path: &Path) -> Result<String, CredentialFileError> {
     // (a token never begins with `#`: a line that does is a comment, alone or not)
-    read_secret(flag, path, "token", false).map(|t| t.trim().to_string())
+    read_secret(flag, path, "token", true).map(|t| t.trim().to_string())
 }
 
-/// The secret (`what`: a password, a token) in `path`: its first line that is neither blank
-/// nor a comment (`#` first, after any spaces), without its line end (`\n` or `\r\n`) and
-/// without the byte-order mark an editor may have written first. Every credential file reads
-/// so: a token file with a comment above the token was "not a token" (it was read whole),
-/// and a password file with one above the password sent the comment.
+/// The secret (`what`: a password, a token) in `path`: its first line that is not blank
+/// (nor, with `hash_comments`, a comment: `#` first, after any spaces), without its line end
+/// (`\n` or `\r\n`) and without the byte-order mark an editor may have written first. Every
+/// credential file reads so: a token file with a comment above the token was "not a token"
+/// (it was read whole), and a password file's blank first line was its password.
 ///
 /// A secret holding a control character (a CR left by an editor, a NUL) is refused: no
 /// password or token holds one, the server refuses it for good, and a daemon retried
 /// ("unreachable") forever. The error names the flag, the file and the line, never the secret.
 ///
-/// `hash_alone`: a line alone in its file is the secret, `#` first or not (a generated
-/// password may begin with one; beside a comment it cannot be told from one).
+/// `hash_comments`: lines beginning with `#` are comments (a token file's), else the first
+/// line that is not blank is the secret whatever it begins with (a password's).
 pub fn read_secret(
     flag: &str,
     path: &Path,
     what: &str,
-    hash_alone: bool,
+    hash_comments: bool,
 ) -> Result<String, CredentialFileError> {
     let bad = |reason: String| CredentialFileError {
         flag: flag.to_string(),
@@ -58,31 +57,22 @@ pub fn read_secret(
     };
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     let text = text.trim_start_matches('\u{feff}');
-    let lines = text.split('\n').enumerate().map(|(i, line)| {
+    let mut lines = text.split('\n').enumerate().map(|(i, line)| {
         let line = line.strip_suffix('\r').unwrap_or(line);
         (i + 1, line)
     });
-    let filled: Vec<(usize, &str)> = lines.filter(|(_, line)| !line.trim().is_empty()).collect();
-    let secret = match filled
-        .iter()
-        .find(|(_, line)| !line.trim().starts_with('#'))
-    {
-        Some(found) => Some(*found),
-        None if hash_alone && filled.len() == 1 => Some(filled[0]),
-        None => None,
-    };
+    // A password is the first line that is not blank, whatever it begins with (a generated
+    // one may begin with `#`, and a note under it is not the password); a token file's `#`
+    // lines are comments (a token never begins with one).
+    let secret = lines.find(|(_, line)| {
+        let shown = line.trim();
+        !shown.is_empty() && !(hash_comments && shown.starts_with('#'))
+    });
     let Some((number, secret)) = secret else {
         return Err(bad(if text.trim().is_empty() {
             "the file is empty".into()
         } else {
-            format!(
-                "the file holds no {what}: only comments (#) and blank lines{}",
-                if hash_alone {
-                    format!(" (a {what} that begins with # is read alone in its file)")
-                } else {
-                    String::new()
-                }
-            )
+            format!("the file holds no {what}: only comments (#) and blank lines")
         }));
     };
     if let Some(c) = secret.chars().find(|c| c.is_control() && *c != '\t') {
@@ -164,15 +154,15 @@ mod tests {
         assert_eq!(read_password("--x", &path).as_deref(), Ok(" p w "));
     }
 
-    /// Blank lines and `#` comments above the secret are skipped, in every credential file
-    /// (a token file with a comment above its token was "not a token").
+    /// Blank lines above the secret are skipped in every credential file, and `#` comments
+    /// in a token file (one with a comment above its token was "not a token"); what follows
+    /// a password is not it.
     #[test]
-    fn comments_and_blank_lines_above_the_secret_are_skipped() {
+    fn blank_lines_above_the_secret_and_a_tokens_comments_are_skipped() {
         for (name, text) in [
             ("blank-first", "\r\npw\n"),
-            ("commented", "# shard-1, rotated 2026-12-01\npw\n"),
-            ("indented-comment", "   # note\n\n  \npw\n# after\n"),
-            ("crlf-commented", "\u{feff}# note\r\n\r\npw\r\n"),
+            ("noted-under", "\n  \npw\nrotated 2026-12-01 by ops\n"),
+            ("crlf", "\u{feff}\r\n\r\npw\r\n# rotated\r\n"),
         ] {
             let path = file(name, text);
             assert_eq!(
@@ -207,8 +197,12 @@ mod tests {
                 only_comments.display()
             )
         );
-        // a password that begins with `#`, alone in its file, is the password
-        let hashed = file("hashed", "#Xy7!pw\n\n");
+        // a password that begins with `#` is the password, a note under it is not (the
+        // merged reader skipped it as a comment, and sent the note)
+        let hashed = file(
+            "hashed",
+            "#Xy7!pw\nrotated 2026-12-01 by ops\n# and a comment\n",
+        );
         assert_eq!(
             read_password("--password-file", &hashed).as_deref(),
             Ok("#Xy7!pw")

@@ -408,16 +408,17 @@ mod tests {
         std::fs::write(&file, "canary 9\r\n# rotated 2026-12-01\r\n").unwrap();
         let url = store_location(&SecretUrl::new("postgres://f@db/control"), Some(&file)).unwrap();
         assert_eq!(url.expose(), "postgres://f:canary%209@db/control");
-        // blank lines and comments above the password are skipped, as in every credential
-        // file; a file of nothing else is refused, naming the flag and the file
-        std::fs::write(&file, "\n# shard-1\npw\n").unwrap();
+        // blank lines above the password are skipped, as in every credential file, and a
+        // password may begin with `#`; a file of nothing else is refused, naming the flag
+        // and the file
+        std::fs::write(&file, "\n#shard-1pw\nrotated\n").unwrap();
         let password = shard_password(Some(&file)).unwrap().expect("a password");
-        assert_eq!(password.expose(), "pw");
-        std::fs::write(&file, "\n# shard-1\n# rotated 2026-12-01\n").unwrap();
+        assert_eq!(password.expose(), "#shard-1pw");
+        std::fs::write(&file, "\n \n").unwrap();
         let e = shard_password(Some(&file)).unwrap_err();
         assert!(
             e.starts_with(&format!(
-                "--password-file {}: the file holds no password: only comments (#) and blank lines",
+                "--password-file {}: the file is empty",
                 file.display()
             )),
             "{e}"
