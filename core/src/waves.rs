@@ -121,6 +121,9 @@ impl Check {
             _ => v.parse::<f64>().ok(),
         };
         match (self.max, number) {
+            // PostgreSQL's NaN and ±Infinity parse: NaN read "more than its max", and
+            // -Infinity passed any max
+            (_, Some(n)) if !n.is_finite() => Err(format!("returned {v}, not a finite number")),
             (_, None) if v.is_empty() => {
                 Err("returned no value (NULL or empty), not a number or a boolean".to_string())
             }
@@ -633,6 +636,12 @@ mod tests {
         assert!(truthy.judge("true").is_ok());
         assert!(truthy.judge("false").unwrap_err().contains("expected true"));
         assert!(truthy.judge("1").is_err(), "a number is not a boolean");
+        for v in ["NaN", "Infinity", "-Infinity"] {
+            assert_eq!(
+                at_most(1.0).judge(v).unwrap_err(),
+                format!("returned {v}, not a finite number")
+            );
+        }
         // SQL NULL reads as "": no value, said so (it read `returned "", not a number`)
         assert_eq!(
             at_most(1.0).judge("").unwrap_err(),

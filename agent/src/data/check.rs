@@ -228,6 +228,28 @@ pub(crate) fn may_be_the_changes(failure: &Failure) -> bool {
         && !failure.is_lock_timeout()
 }
 
+/// [`refused_part`] on the session of a failed batch or page, as the preflight asks it: in
+/// a read-only transaction, rolled back, with short timeouts (planning may run a function
+/// marked IMMUTABLE; outside a transaction, whatever it did would stay, past the fence).
+/// The session's own transaction, aborted by the failure, is rolled back first.
+async fn explained_read_only(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+    lower_lit: &str,
+    upper_lit: &str,
+) -> Result<Option<Refusal>, sqlx::Error> {
+    sqlx::raw_sql(
+        "ROLLBACK; BEGIN READ ONLY; SET LOCAL lock_timeout = '2s'; SET LOCAL statement_timeout = '10s'",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let refused = refused_part(conn, m, lower_lit, upper_lit).await;
+    let rolled_back = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+    let refused = refused?;
+    rolled_back?;
+    Ok(refused)
+}
+
 /// Names the part of the change that `failure` came from, and where the change is
 /// written: `data migration `ID` (FILE): its filter failed: <PostgreSQL's message>`.
 /// `fallback`: the part the failed query ran when no part is refused on its own (an error
@@ -242,7 +264,7 @@ pub(crate) async fn name_the_part(
     if !may_be_the_changes(&failure) {
         return failure;
     }
-    let part = match refused_part(conn, m, lower_lit, upper_lit).await {
+    let part = match explained_read_only(conn, m, lower_lit, upper_lit).await {
         Ok(Some(r)) if r.sqlstate == failure.error.sqlstate => r.part,
         _ => fallback,
     };
