@@ -241,15 +241,12 @@ impl Coordinator {
                 tenants = n,
                 "tenants kept for a catch-up by the leader before"
             );
-            let mut deferred = self.inner.catch_up_deferred.lock().expect("deferred lock");
             for (shard, tenants) in kept {
-                let mine = deferred.entry(shard).or_default();
-                for t in tenants {
-                    if !mine.iter().any(|k| k.name == t.name) {
-                        mine.push(t);
-                    }
-                }
+                self.keep_for_catch_up(&shard, tenants);
             }
+            // at once: the plan they waited for may have completed under the leader before,
+            // just before it went (they are kept again if a plan asking for it still runs)
+            self.catch_up_kept_tenants();
         }
         // every shard of the fleet is in this term's metrics, its agent attached or not (a
         // store that does not answer here fails the takeover just below anyway)

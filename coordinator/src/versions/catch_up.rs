@@ -116,15 +116,7 @@ impl Coordinator {
         match self.asking_plans_unfinished().await {
             Ok(false) => {}
             Ok(true) => {
-                {
-                    let mut deferred = self.inner.catch_up_deferred.lock().expect("deferred lock");
-                    let kept = deferred.entry(shard.to_string()).or_default();
-                    for t in tenants {
-                        if !kept.iter().any(|k| k.name == t.name) {
-                            kept.push(t.clone());
-                        }
-                    }
-                }
+                self.keep_for_catch_up(shard, tenants.iter().cloned());
                 // in the store too: the next leader catches them up if this one goes first
                 self.write(crate::store::StoreOp::CatchUpKept {
                     shard: shard.to_string(),
@@ -183,31 +175,60 @@ impl Coordinator {
             if !completed {
                 continue;
             }
-            {
-                let kept = std::mem::take(
-                    &mut *self.inner.catch_up_deferred.lock().expect("deferred lock"),
-                );
-                if !kept.is_empty() {
-                    // (kept again, in the store too, if a plan asking for it still runs)
-                    self.write(crate::store::StoreOp::CatchUpTaken {
-                        tenants: kept
-                            .iter()
-                            .flat_map(|(shard, ts)| {
-                                ts.iter().map(|t| (shard.clone(), t.name.clone()))
-                            })
-                            .collect(),
-                    });
-                }
-                // On a task of its own: a refused submit is sent again minutes long, and
-                // this loop must not fall behind the plans' changes meanwhile.
-                let me = self.clone();
-                tokio::spawn(async move {
-                    for (shard, tenants) in kept {
-                        me.catch_up(&shard, &tenants, true).await;
-                    }
-                });
+            self.catch_up_kept_tenants();
+        }
+    }
+
+    /// Keeps `tenants` of `shard` for the catch-up after the plans under way (in memory;
+    /// the caller stores them), once each.
+    pub(crate) fn keep_for_catch_up(
+        &self,
+        shard: &str,
+        tenants: impl IntoIterator<Item = pb::Tenant>,
+    ) {
+        let mut deferred = self.inner.catch_up_deferred.lock().expect("deferred lock");
+        let kept = deferred.entry(shard.to_string()).or_default();
+        for t in tenants {
+            if !kept.iter().any(|k| k.name == t.name) {
+                kept.push(t);
             }
         }
+    }
+
+    /// Catches the kept tenants up (at a completion, or when this coordinator takes over),
+    /// on a task of its own: a refused submit is sent again minutes long, and the caller
+    /// must not fall behind the plans' changes meanwhile. A shard's rows go from the store
+    /// once its catch-up was submitted or refused for good, but for the tenants kept again
+    /// (a plan asking for it still runs): taken before, a leader dying in the minutes of a
+    /// submit's retries lost them.
+    pub(crate) fn catch_up_kept_tenants(&self) {
+        let kept =
+            std::mem::take(&mut *self.inner.catch_up_deferred.lock().expect("deferred lock"));
+        if kept.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            for (shard, tenants) in kept {
+                me.catch_up(&shard, &tenants, true).await;
+                let again: BTreeSet<String> = me
+                    .inner
+                    .catch_up_deferred
+                    .lock()
+                    .expect("deferred lock")
+                    .get(&shard)
+                    .map(|ts| ts.iter().map(|t| t.name.clone()).collect())
+                    .unwrap_or_default();
+                let taken: Vec<(String, String)> = tenants
+                    .iter()
+                    .filter(|t| !again.contains(&t.name))
+                    .map(|t| (shard.clone(), t.name.clone()))
+                    .collect();
+                if !taken.is_empty() {
+                    me.write(crate::store::StoreOp::CatchUpTaken { tenants: taken });
+                }
+            }
+        });
     }
 
     /// Submits a catch-up plan; one refused for a passing reason (no leader for a moment,
