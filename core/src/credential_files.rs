@@ -64,9 +64,10 @@ pub fn read_secret(
     // A password is the first line that is not blank, whatever it begins with (a generated
     // one may begin with `#`, and a note under it is not the password); a token file's `#`
     // lines are comments (a token never begins with one).
+    let comment = |shown: &str| hash_comments && shown.starts_with('#');
     let secret = lines.find(|(_, line)| {
         let shown = line.trim();
-        !shown.is_empty() && !(hash_comments && shown.starts_with('#'))
+        !shown.is_empty() && !comment(shown)
     });
     let Some((number, secret)) = secret else {
         return Err(bad(if text.trim().is_empty() {
