@@ -156,6 +156,36 @@ impl TlsFiles {
                 self.flag("key")
             )));
         };
+        // read here, not at the handshake: a CA file half-written when the agent reloads it
+        // was taken, and every connection after failed until the next reload
+        let certificates = {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            CertificateDer::pem_slice_iter(&ca).collect::<Result<Vec<_>, _>>()
+        };
+        match certificates {
+            Ok(found) if !found.is_empty() => {}
+            Ok(_) => {
+                return Err(TlsError::Invalid(format!(
+                    "{} {}: holds no PEM certificate",
+                    self.flag("ca"),
+                    self.ca
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                )));
+            }
+            Err(e) => {
+                return Err(TlsError::Invalid(format!(
+                    "{} {}: not a PEM certificate: {e}",
+                    self.flag("ca"),
+                    self.ca
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                )));
+            }
+        }
         let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
         if let Some(id) = self.identity_pem()? {
             config = config.identity(Identity::from_pem(id.cert, id.key));
@@ -479,5 +509,38 @@ mod tests {
             .expect_err("refused")
             .to_string();
         assert!(e.contains("--tls-ca /nonexistent/ca.pem"), "{e}");
+    }
+
+    /// A CA file that holds no certificate (half-written when an agent reloads it) is
+    /// refused when read, naming it: it was taken, and every handshake after failed.
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_when_read() {
+        let dir = std::env::temp_dir().join(format!("flotilla-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text, says) in [
+            ("empty.pem", "", "not a PEM file"),
+            (
+                "key-only.pem",
+                "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+                "holds no PEM certificate",
+            ),
+            (
+                "half.pem",
+                "-----BEGIN CERTIFICATE-----\nMIIB",
+                "not a PEM certificate",
+            ),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            let e = TlsFiles::new("tls", None, None, Some(path.clone()))
+                .client_config()
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                e.contains(&format!("--tls-ca {}: {says}", path.display())),
+                "{name}: {e}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
