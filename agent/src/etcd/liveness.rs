@@ -81,6 +81,7 @@ impl Liveness {
         let mut first = 0usize;
         let mut ever_up = false;
         let mut attempt = 0u32;
+        let mut last_refusal: Option<Refusal> = None;
         loop {
             let held = tokio::select! {
                 r = self.hold(&mut client, &mut lease, first) => Some(r),
@@ -102,8 +103,9 @@ impl Liveness {
                 rand::random(),
             );
             if let Some(refusal) = refusal {
-                // (said at the first and every twelfth: an operator mends it, not a retry)
-                if attempt.is_multiple_of(12) {
+                // (said at the first and every twelfth: an operator mends it, not a retry;
+                // the first after attempts that met no refusal too)
+                if attempt.is_multiple_of(12) || last_refusal != Some(refusal) {
                     self.refused(refusal, &reason, attempt);
                 } else {
                     debug!(endpoints = %self.etcd.shown, %reason, attempt, ?delay, "etcd retry");
@@ -120,6 +122,7 @@ impl Liveness {
                 debug!(endpoints = %self.etcd.shown, %reason, attempt, ?delay, "etcd retry");
             }
             ever_up |= was_up;
+            last_refusal = refusal;
             attempt = attempt.saturating_add(1);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}

@@ -43,11 +43,10 @@ impl EtcdError {
             return None;
         };
         let message = status.message();
-        if status.code() == tonic::Code::Unauthenticated
-            || message.contains("authentication failed")
-            || message.contains("user name is empty")
-            || message.contains("invalid auth token")
-        {
+        // Not an expired or invalid token (UNAUTHENTICATED, `invalid auth token`): etcd
+        // restarted, or the token's TTL passed, and the next connection authenticates
+        // again; said as "the wrong password" it sent an operator after the wrong thing.
+        if message.contains("authentication failed") || message.contains("user name is empty") {
             Some(Refusal::Authentication)
         } else if status.code() == tonic::Code::PermissionDenied
             || message.contains("permission denied")
@@ -186,6 +185,12 @@ mod tests {
             "etcdserver: permission denied",
         );
         assert_eq!(denied.refusal(), Some(Refusal::Permission));
+        // a token that expired (etcd restarted) is mended by the next connection
+        let expired = status(
+            tonic::Code::Unauthenticated,
+            "etcdserver: invalid auth token",
+        );
+        assert_eq!(expired.refusal(), None);
         let away = status(tonic::Code::Unavailable, "connection refused");
         assert_eq!(away.refusal(), None);
         assert_eq!(EtcdError::Timeout(Duration::from_secs(1)).refusal(), None);
