@@ -474,6 +474,13 @@ rest = true
     let (code, st, out) = fleet.submit_wait(dir.path(), &[]).await?;
     assert_eq!(code, 1, "{out}");
     assert_eq!(st["state"], "failed", "{st}");
+    // the canary's failures stopped nothing (no max_failures): said at submit
+    assert!(
+        out.stderr.contains(
+            "failures in wave `canary` stop nothing: the next wave starts whatever failed there"
+        ),
+        "{out}"
+    );
     let id = st["plan_id"].as_str().unwrap().to_string();
     let before = marks(&fleet).await?;
     assert_eq!(before.len(), 22);

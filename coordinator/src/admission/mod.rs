@@ -277,6 +277,7 @@ impl Coordinator {
                 .into_iter()
                 .chain(baseline_warning)
                 .chain(data_warning)
+                .chain(unbudgeted_waves_warning(&spec))
                 .collect(),
             findings,
         })
@@ -570,6 +571,29 @@ fn baseline_check(
     Ok(Some(warning))
 }
 
+/// A warning when, under `policy = "continue"`, a wave before the last has no error budget
+/// (its own `max_failures` nor the plan's) and no manual gate: its targets' failures stop
+/// nothing, and the next wave starts whatever failed (a canary of three with one failed
+/// went on to the other 47, nothing said).
+fn unbudgeted_waves_warning(spec: &PlanSpec) -> Option<String> {
+    if spec.policy != flotilla_core::FailurePolicy::Continue {
+        return None;
+    }
+    let rollout = &spec.rollout;
+    let (_, before_last) = rollout.waves.split_last()?;
+    let open: Vec<String> = before_last
+        .iter()
+        .filter(|w| w.budget.or(rollout.budget).is_none() && !w.manual_gate)
+        .map(|w| format!("`{}`", w.name))
+        .collect();
+    (!open.is_empty()).then(|| {
+        format!(
+            "warning: under policy = \"continue\" with no max_failures, failures in wave {} stop nothing: the next wave starts whatever failed there (set max_failures, \"0\" to stop at the first failure, or a manual gate)",
+            open.join(", ")
+        )
+    })
+}
+
 /// How long a submit asks a wave's Prometheus whether it answers.
 const SUBMIT_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -777,4 +801,65 @@ fn settings_changed(stored: &pb::PlanSpec, raw: &pb::PlanSpec) -> Vec<&'static s
         changed.push("the plan's settings");
     }
     changed
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use flotilla_core::{PlanSpec, pb};
+
+    use crate::plan::tests::plan_of;
+
+    fn spec(policy: pb::FailurePolicy, canary: pb::Wave, max_failures: &str) -> Arc<PlanSpec> {
+        let run = plan_of(&["a"], Vec::new(), &[("s0", "t1")], policy);
+        let mut raw = pb::PlanSpec::from(&*run.spec);
+        raw.waves = vec![
+            pb::Wave {
+                name: "canary".into(),
+                selector: "tenant=t1".into(),
+                ..canary
+            },
+            pb::Wave {
+                name: "rest".into(),
+                rest: true,
+                ..Default::default()
+            },
+        ];
+        raw.max_failures = max_failures.into();
+        Arc::new(PlanSpec::try_from(raw).expect("valid plan"))
+    }
+
+    /// Under `continue`, a wave before the last with no error budget and no manual gate
+    /// stops nothing: said at submit (a failing canary went on to the rest, nothing said).
+    #[test]
+    fn a_wave_whose_failures_stop_nothing_is_warned_of() {
+        let w = super::unbudgeted_waves_warning(&spec(
+            pb::FailurePolicy::Continue,
+            Default::default(),
+            "",
+        ))
+        .expect("warned");
+        assert!(
+            w.starts_with("warning: under policy = \"continue\" with no max_failures, failures in wave `canary` stop nothing"),
+            "{w}"
+        );
+        // a budget (the wave's or the plan's), a manual gate, or another policy: nothing
+        let budgeted = pb::Wave {
+            max_failures: "0".into(),
+            ..Default::default()
+        };
+        let gated = pb::Wave {
+            manual_gate: true,
+            ..Default::default()
+        };
+        for s in [
+            spec(pb::FailurePolicy::Continue, budgeted, ""),
+            spec(pb::FailurePolicy::Continue, Default::default(), "1"),
+            spec(pb::FailurePolicy::Continue, gated, ""),
+            spec(pb::FailurePolicy::Stop, Default::default(), ""),
+        ] {
+            assert_eq!(super::unbudgeted_waves_warning(&s), None);
+        }
+    }
 }
