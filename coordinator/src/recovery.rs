@@ -93,6 +93,11 @@ impl Coordinator {
             })
             .collect();
         run.set_waves(wave_of, &stored);
+        // waiting at a manual gate: says so again (a new leader's status said nothing, only
+        // `waiting_for` named the gate)
+        if let Some(message) = run.waiting_at_gate() {
+            run.message = message;
+        }
         // paused where an operator paused it (its agents hold it paused there still)
         run.paused = crate::plan::Paused::from_stored(&row.paused);
         // The failures its term before saw, from their step rows: the status of a plan

@@ -330,6 +330,13 @@ async fn a_manual_gate_waits_for_promote_across_a_new_coordinator() -> anyhow::R
     let st = fleet.status(&id).await?;
     assert_eq!(st["state"], "waiting", "{st}");
     assert_eq!(waves(&st)[0]["state"], "waiting", "{st}");
+    // and says why, as before (its message was empty under the new leader)
+    assert!(
+        st["message"].as_str().unwrap().contains(&format!(
+            "wave `canary` is done and baked; waiting for `flotilla plan promote {id}`"
+        )),
+        "{st}"
+    );
     let canary = marks(&fleet).await?;
     assert_eq!(canary.len(), 3, "still only the canary");
     // A rest wave wrongly sent by the new leader may not have run yet at this check: the

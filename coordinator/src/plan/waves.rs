@@ -164,6 +164,13 @@ impl PlanRun {
         self.waves.get(self.wave_pos)
     }
 
+    /// What a plan waiting at its current wave's manual gate says, if it waits there.
+    pub fn waiting_at_gate(&self) -> Option<String> {
+        self.current_wave()
+            .filter(|w| w.state == WaveState::Waiting)
+            .map(|w| gate_wait(&w.name, &self.id))
+    }
+
     /// Where the wave named `name` is: behind the plan (passed), the current one, or ahead.
     /// None when the plan has no wave of that name.
     pub fn wave_place(&self, name: &str) -> Option<std::cmp::Ordering> {
@@ -250,14 +257,7 @@ impl PlanRun {
                             format!("wave `{}` baked; its gates are checked", w.name),
                         ))
                     } else if w.manual_gate {
-                        Some((
-                            WaveState::Waiting,
-                            None,
-                            format!(
-                                "wave `{}` is done and baked; waiting for `flotilla plan promote {}`",
-                                w.name, self.id
-                            ),
-                        ))
+                        Some((WaveState::Waiting, None, gate_wait(&w.name, &self.id)))
                     } else {
                         Some((WaveState::Done, None, format!("wave `{}` passed", w.name)))
                     }
@@ -505,4 +505,9 @@ impl PlanRun {
             })
             .collect()
     }
+}
+
+/// A plan's message while it waits at wave `wave`'s manual gate.
+fn gate_wait(wave: &str, plan_id: &str) -> String {
+    format!("wave `{wave}` is done and baked; waiting for `flotilla plan promote {plan_id}`")
 }
