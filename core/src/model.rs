@@ -262,11 +262,8 @@ impl DataChange {
     /// 1,000,000 at 5,000 rows/s changed a 200,000-row table in 4 s, in one batch, its
     /// application's p99 from 23 ms to 3.5 s).
     pub fn batch_cap(&self) -> u32 {
-        [self.rows_per_second, self.server_rows_per_second]
-            .into_iter()
-            .filter(|&r| r > 0)
-            .min()
-            .map_or(u32::MAX, |r| u32::try_from(r).unwrap_or(u32::MAX))
+        rate_cap(self.rows_per_second, self.server_rows_per_second)
+            .map_or(u32::MAX, |(_, r)| u32::try_from(r).unwrap_or(u32::MAX))
     }
     /// The first batch's size: `batch_size`, within [`Self::batch_cap`].
     pub fn first_batch_size(&self) -> u32 {
@@ -793,6 +790,18 @@ pub fn size_read(p: &crate::pb::PlanSpec) -> Result<(), PlanError> {
     Ok(())
 }
 
+/// The lower of a data change's two rate limits that are set (0: unlimited), named by its
+/// field: one second of it is the most a batch takes. None when neither is set.
+pub fn rate_cap(rows_per_second: u64, server_rows_per_second: u64) -> Option<(&'static str, u64)> {
+    [
+        ("rows_per_second", rows_per_second),
+        ("server_rows_per_second", server_rows_per_second),
+    ]
+    .into_iter()
+    .filter(|(_, r)| *r > 0)
+    .min_by_key(|(_, r)| *r)
+}
+
 /// An operator's new plan whose data change sets `min_batch_size` above one second of its
 /// rate limit (the lower of `rows_per_second` and `server_rows_per_second`, which caps every
 /// batch): the floor cannot be kept, and capping it without a word ran smaller batches than
@@ -802,14 +811,7 @@ pub fn size_read(p: &crate::pb::PlanSpec) -> Result<(), PlanError> {
 pub fn batch_floor_read(p: &crate::pb::PlanSpec) -> Result<(), PlanError> {
     for m in &p.migrations {
         let Some(d) = &m.data else { continue };
-        let cap = [
-            ("rows_per_second", d.rows_per_second),
-            ("server_rows_per_second", d.server_rows_per_second),
-        ]
-        .into_iter()
-        .filter(|(_, r)| *r > 0)
-        .min_by_key(|(_, r)| *r);
-        if let Some((limit, rate)) = cap
+        if let Some((limit, rate)) = rate_cap(d.rows_per_second, d.server_rows_per_second)
             && u64::from(d.min_batch_size) > rate
         {
             return Err(PlanError::Data {

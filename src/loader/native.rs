@@ -390,14 +390,8 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
         // smaller batches than the file asked for. (`batch_size` and `max_batch_size`
         // above it are capped, as documented: they are ceilings, which the rate lowers.)
         if let Some(v) = &d.min_batch_size {
-            let cap = [
-                ("rows_per_second", rows_per_second),
-                ("server_rows_per_second", server_rows_per_second),
-            ]
-            .into_iter()
-            .filter(|(_, r)| *r > 0)
-            .min_by_key(|(_, r)| *r);
-            if let Some((limit, rate)) = cap
+            if let Some((limit, rate)) =
+                flotilla_core::model::rate_cap(rows_per_second, server_rows_per_second)
                 && u64::from(min_batch_size) > rate
             {
                 return Err(at(
