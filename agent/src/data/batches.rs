@@ -434,15 +434,21 @@ async fn batches(
         let last_row = match committed {
             Ok(row) => row,
             Err(failure) => {
-                // which part of the change failed (its batch SQL, unless PostgreSQL
-                // refuses its filter or key on their own), and where in the table: the
-                // batch and its keys, to look at those rows
+                // which part of the change failed (its batch SQL, or with a filter either,
+                // the next page's query running in the same transaction, unless PostgreSQL
+                // refuses one part on its own), and where in the table: the batch and its
+                // keys, to look at those rows
+                let ran = if d.filter.is_some() {
+                    check::Part::BatchOrFilter
+                } else {
+                    check::Part::Batch
+                };
                 let mut failure = check::name_the_part(
                     conn,
                     m,
                     failure,
                     (lower_lit.as_str(), upper_lit.as_str()),
-                    check::Part::Batch,
+                    ran,
                 )
                 .await;
                 let short = |k: &str| match k.char_indices().nth(80) {

@@ -21,6 +21,9 @@ pub(crate) enum Part {
     Filter,
     /// A statement of the batch SQL.
     Batch,
+    /// The batch's transaction, where the batch SQL and the next page's query (with the
+    /// filter) run together: an error at run time there is either's.
+    BatchOrFilter,
 }
 
 impl Part {
@@ -29,6 +32,9 @@ impl Part {
             Part::Key => "key",
             Part::Filter => "filter",
             Part::Batch => "batch SQL",
+            Part::BatchOrFilter => {
+                "batch SQL or its filter (the next page's, in the batch's transaction)"
+            }
         }
     }
 }

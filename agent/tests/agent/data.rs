@@ -56,6 +56,13 @@ async fn a_failed_filter_or_batch_sql_says_which_part_and_where() {
                 "priority = 'low'",
                 "UPDATE work_orders SET priorty = 'done' WHERE id > $1 AND id <= $2",
             ),
+            // planned fine; fails at run time on a later page, whose query runs in the
+            // first batch's transaction (it was named the batch SQL's alone)
+            work_orders_change(
+                "late_filter",
+                "CASE WHEN id > 8 THEN priority::int > 0 ELSE true END",
+                MARK_DONE,
+            ),
         ],
         default_lock_timeout_ms: 2000,
         default_statement_timeout_ms: 0,
@@ -69,19 +76,29 @@ async fn a_failed_filter_or_batch_sql_says_which_part_and_where() {
             vec![
                 run(1, "tenant_0000", &["bad_filter"], false),
                 run(2, "tenant_0000", &["bad_batch"], false),
+                run(3, "tenant_0000", &["late_filter"], false),
             ],
         )
         .await;
-    for (run, message) in [
+    for (run, sqlstate, message) in [
         (
             1,
+            "42703",
             "data migration `bad_filter` (migrations/bad_filter/migration.toml): \
              its filter failed: column \"priorty\" does not exist",
         ),
         (
             2,
+            "42703",
             "data migration `bad_batch` (migrations/bad_batch/migration.toml): \
              its batch SQL failed: column \"priorty\" of relation \"work_orders\" does not exist",
+        ),
+        (
+            3,
+            "22P02",
+            "data migration `late_filter` (migrations/late_filter/migration.toml): \
+             its batch SQL or its filter (the next page's, in the batch's transaction) failed: \
+             invalid input syntax for type integer: \"low\"",
         ),
     ] {
         assert_eq!(
@@ -92,7 +109,7 @@ async fn a_failed_filter_or_batch_sql_says_which_part_and_where() {
         );
         let e = r[&run].steps[0].error.as_ref().unwrap();
         assert!(e.message.starts_with(message), "{e:?}");
-        assert_eq!(e.sqlstate, "42703", "PostgreSQL's own code: {e:?}");
+        assert_eq!(e.sqlstate, sqlstate, "PostgreSQL's own code: {e:?}");
     }
     assert_eq!(done(&pool).await, 0, "no row changed");
     h.stop().await;
