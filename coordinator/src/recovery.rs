@@ -515,8 +515,11 @@ impl Coordinator {
             }
             // A new leader re-takes the plan's locks (adopting its lease) before
             // anything is sent for it.
-            // in submit order, as they queued under the term before
-            self.take_locks(row.id.clone(), shards, epoch, row.created_at_ms);
+            // in the order they queued under the term before: by submit, or by when they
+            // were asked for again (a retry, an approval)
+            let queued = self.inner.store.queued_at(&row.id).await?.unwrap_or(0);
+            let order = row.created_at_ms.max(queued);
+            self.take_locks(row.id.clone(), shards, epoch, order);
         }
         Ok(n)
     }

@@ -358,9 +358,7 @@ impl Coordinator {
             .await
             .is_ok_and(|locks| locks.iter().any(|l| l.plan_id == plan_id));
         (!holds).then(|| {
-            format!(
-                "plan {ahead}, submitted before it, waits for shard {shard} too: queued behind it"
-            )
+            format!("plan {ahead}, queued before it, waits for shard {shard} too: queued behind it")
         })
     }
 
@@ -491,6 +489,17 @@ impl Coordinator {
         // waiting plan asked for again), not its first submit's (it went ahead of plans
         // submitted since)
         let (plan_id, epoch, order) = (run.id.clone(), run.epoch, crate::store::now_ms());
+        // stored, for a new leader to queue it there again (a retried plan went back to
+        // its first submit's place after a failover)
+        if run.created_at_ms < order {
+            self.write_under(
+                epoch,
+                crate::store::StoreOp::Queued {
+                    plan_id: plan_id.clone(),
+                    at_ms: order,
+                },
+            );
+        }
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         match self
             .to_engine(|done| Event::Start {
@@ -921,8 +930,17 @@ impl Coordinator {
         }
         let status = self.named_if_not_running(plan_id, answer).await?;
         if let Some(shards) = revived_shards {
-            // queued as asked now: plans submitted since go first where they wait too
-            self.take_locks(plan_id.to_string(), shards, epoch, crate::store::now_ms());
+            // queued as asked now: plans submitted since go first where they wait too (and
+            // so under a new leader)
+            let now = crate::store::now_ms();
+            self.write_under(
+                epoch,
+                crate::store::StoreOp::Queued {
+                    plan_id: plan_id.to_string(),
+                    at_ms: now,
+                },
+            );
+            self.take_locks(plan_id.to_string(), shards, epoch, now);
         }
         self.ended_if_gone(plan_id, status).await
     }

@@ -385,6 +385,29 @@ pub fn gates_read(w: &pb::Wave) -> Result<(), PlanError> {
             }
             Err(e) => return Err(wave_error(name, &format!("{check_name}'s sql: {e}"))),
         }
+        if c.has_max && !c.max.is_finite() {
+            return Err(wave_error(
+                name,
+                &format!(
+                    "{check_name}'s max = {} is not a finite number: no value could pass",
+                    c.max
+                ),
+            ));
+        }
+    }
+    // A bound of NaN compares false with every value: `max = nan` let every value through
+    // (the gate passed all, the rollout widened unchecked).
+    if let Some(p) = &w.prometheus {
+        for (bound, set, value) in [("max", p.has_max, p.max), ("min", p.has_min, p.min)] {
+            if set && !value.is_finite() {
+                return Err(wave_error(
+                    name,
+                    &format!(
+                        "prometheus {bound} = {value} is not a finite number: the gate would judge nothing"
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -711,6 +734,34 @@ mod tests {
         assert!(
             e.to_string()
                 .contains("wave `g`: writes's sql is DELETE: a gate is a query that reads"),
+            "{e}"
+        );
+        assert!(rollout(vec![w], FailurePolicy::AllOrNothing).is_ok());
+        // a bound that is not a finite number: refused for a new plan (NaN let every value
+        // through a Prometheus gate); a stored one is still read
+        let mut w = wave("n");
+        w.checks = vec![pb::WaveCheck {
+            name: "nan".into(),
+            sql: "SELECT 1".into(),
+            has_max: true,
+            max: f64::NAN,
+        }];
+        let e = gates_read(&w).unwrap_err().to_string();
+        assert!(
+            e.contains("wave `n`: nan's max = NaN is not a finite number"),
+            "{e}"
+        );
+        let mut w = wave("n");
+        w.prometheus = Some(pb::PrometheusGate {
+            url: "http://p:9090".into(),
+            query: "up".into(),
+            has_min: true,
+            min: f64::NEG_INFINITY,
+            ..Default::default()
+        });
+        let e = gates_read(&w).unwrap_err().to_string();
+        assert!(
+            e.contains("wave `n`: prometheus min = -inf is not a finite number"),
             "{e}"
         );
         assert!(rollout(vec![w], FailurePolicy::AllOrNothing).is_ok());

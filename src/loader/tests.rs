@@ -1271,6 +1271,12 @@ fn bad_waves_name_the_file_line_and_wave() {
             4,
             "wave `w`: prometheus interval must be at least 1s",
         ),
+        // a bound of NaN let every value through the gate
+        (
+            "[[waves]]\nname = \"w\"\nrest = true\n[waves.prometheus]\nurl = \"http://p:9090\"\nquery = \"up\"\nmax = nan\n",
+            2,
+            "wave `w`: prometheus max = NaN is not a finite number",
+        ),
         // the waves together, at the later wave's line; the watch's checks at its own
         (
             "[[waves]]\nname = \"a\"\ncount = 1\n[[waves]]\nname = \"a\"\nrest = true\n",

@@ -910,7 +910,7 @@ async fn plans_waiting_for_shard_locks_take_them_in_submit_order() -> anyhow::Re
     let st = lock_wait_says(
         &fleet,
         &p3,
-        format!("plan {p2}, submitted before it, waits for shard shard_1 too"),
+        format!("plan {p2}, queued before it, waits for shard shard_1 too"),
     )
     .await?;
     assert_eq!(progress(&st, "pending"), 1, "nothing of it ran: {st}");
@@ -954,10 +954,11 @@ async fn plans_waiting_for_shard_locks_take_them_in_submit_order() -> anyhow::Re
 }
 
 /// A plan retried queues from when the retry was asked, behind plans submitted since its
-/// first submit: before, it went ahead of them by its first submit's time (a walk-through).
+/// first submit, under a new leader too: before, it went ahead of them by its first
+/// submit's time (two walk-throughs).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_plan_queues_from_its_retry() -> anyhow::Result<()> {
-    let fleet = HaFleet::start(1, 1, 1).await?;
+    let mut fleet = HaFleet::start(1, 1, 1).await?;
     let dir = |id: &str, table: &str, up: &str| -> anyhow::Result<MigrationDir> {
         let d = MigrationDir::new()?;
         d.migration(id, "", up, &format!("DROP TABLE {table}"))?;
@@ -993,7 +994,16 @@ async fn a_retried_plan_queues_from_its_retry() -> anyhow::Result<()> {
     lock_wait_says(
         &fleet,
         &p2,
-        format!("plan {p3}, submitted before it, waits for shard shard_0 too"),
+        format!("plan {p3}, queued before it, waits for shard shard_0 too"),
+    )
+    .await?;
+    // and so under a new leader (it queued the retried plan by its first submit again)
+    fleet.restart_coordinator_with(0, &[]).await?;
+    fleet.wait_connected(1).await?;
+    lock_wait_says(
+        &fleet,
+        &p2,
+        format!("plan {p3}, queued before it, waits for shard shard_0 too"),
     )
     .await?;
     release(lock, 79).await?;

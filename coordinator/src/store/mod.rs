@@ -553,6 +553,17 @@ impl Store {
         Ok(kept)
     }
 
+    /// When plan `plan_id` was last asked to run after its submit (`StoreOp::Queued`), if
+    /// it was.
+    pub async fn queued_at(&self, plan_id: &str) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT queued_at_ms FROM plan_queue WHERE plan_id = $1")
+                .bind(plan_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn unfinished_plans(&self) -> Result<Vec<PlanRow>, StoreError> {
         // Every state a plan does not end in, from the states themselves (a new end state
         // cannot be forgotten here and its plans resumed, or worse, undone). A plan

@@ -161,6 +161,13 @@ pub enum StoreOp {
     CatchUpTaken {
         tenants: Vec<(String, String)>,
     },
+    /// When a plan was asked to run again after its submit (a retry, an approval, a
+    /// rollback of it ended): its place among the plans waiting for shard locks
+    /// (`Store::queued_at`).
+    Queued {
+        plan_id: String,
+        at_ms: i64,
+    },
     /// Answered once every op before it is applied.
     Flush(tokio::sync::oneshot::Sender<()>),
     /// Ops that commit in one transaction or not at all, in order (a plan's submit: its
@@ -201,6 +208,10 @@ impl StoreOp {
             },
             StoreOp::CatchUpTaken { tenants } => StoreOp::CatchUpTaken {
                 tenants: tenants.clone(),
+            },
+            StoreOp::Queued { plan_id, at_ms } => StoreOp::Queued {
+                plan_id: plan_id.clone(),
+                at_ms: *at_ms,
             },
             StoreOp::Agent {
                 shard,

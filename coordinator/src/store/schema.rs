@@ -73,6 +73,11 @@ pub(super) const UPGRADES: &[(i64, &[&str])] = &[
             "CREATE TABLE IF NOT EXISTS catch_up_kept (
             shard TEXT NOT NULL, tenant TEXT NOT NULL, tenant_hex TEXT NOT NULL,
             at_ms BIGINT NOT NULL, PRIMARY KEY (shard, tenant))",
+            // when a plan was last asked to run after its submit (a retry, an approval, a
+            // rollback of it ended), by which a new leader queues it for its shard locks
+            // (a table of its own: an upgrade run again adds no column twice)
+            "CREATE TABLE IF NOT EXISTS plan_queue (
+            plan_id TEXT PRIMARY KEY, queued_at_ms BIGINT NOT NULL)",
         ],
     ),
 ];

@@ -193,6 +193,7 @@ fn plans_of(ops: &[StoreOp]) -> String {
                     plans.insert(plan.id.as_str());
                 }
                 StoreOp::PlanState { plan_id, .. }
+                | StoreOp::Queued { plan_id, .. }
                 | StoreOp::PlanSpec { plan_id, .. }
                 | StoreOp::Paused { plan_id, .. }
                 | StoreOp::Submission { plan_id, .. }
@@ -225,6 +226,7 @@ fn describe(op: &StoreOp) -> String {
         }
         StoreOp::PlanState { plan_id, state, .. } => format!("plan {plan_id}'s state {state}"),
         StoreOp::PlanSpec { plan_id, .. } => format!("plan {plan_id}'s spec"),
+        StoreOp::Queued { plan_id, .. } => format!("when plan {plan_id} was asked to run"),
         StoreOp::Paused { plan_id, .. } => format!("where plan {plan_id} is paused"),
         StoreOp::RetireAgent { shard } => format!("retirement of shard {shard}"),
         StoreOp::CatchUpKept { shard, tenants } => {
@@ -516,6 +518,17 @@ impl Store {
                             .await
                             .map_err(StoreError::from)?;
                     }
+                }
+                StoreOp::Queued { plan_id, at_ms } => {
+                    sqlx::query(
+                        "INSERT INTO plan_queue (plan_id, queued_at_ms) VALUES ($1, $2)
+                         ON CONFLICT (plan_id) DO UPDATE SET queued_at_ms = excluded.queued_at_ms",
+                    )
+                    .bind(plan_id)
+                    .bind(at_ms)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
                 }
                 StoreOp::Paused { plan_id, paused } => {
                     sqlx::query("UPDATE plans SET paused = $1 WHERE id = $2")
