@@ -389,19 +389,18 @@ pub(super) fn read(dir: &Path, name: &str) -> Result<pb::Migration, LoadError> {
         // limit) cannot be kept: refused rather than capped without a word, which ran
         // smaller batches than the file asked for. (`batch_size` and `max_batch_size`
         // above it are capped, as documented: they are ceilings, which the rate lowers.)
-        if let Some(v) = &d.min_batch_size {
-            if let Some((limit, rate)) =
+        if let Some(v) = &d.min_batch_size
+            && let Some((limit, rate)) =
                 flotilla_core::model::rate_cap(rows_per_second, server_rows_per_second)
-                && u64::from(min_batch_size) > rate
-            {
-                return Err(at(
-                    v.span(),
-                    format!(
-                        "[data] min_batch_size must be at most {rate} (one second of {limit} = {rate}: \
-                         a batch takes no more than one second of the rate), got {min_batch_size}"
-                    ),
-                ));
-            }
+            && u64::from(min_batch_size) > rate
+        {
+            return Err(at(
+                v.span(),
+                format!(
+                    "[data] min_batch_size must be at most {rate} (one second of {limit} = {rate}: \
+                     a batch takes no more than one second of the rate), got {min_batch_size}"
+                ),
+            ));
         }
         let mut health = Vec::new();
         if let Some(t) = d.throttle {
