@@ -246,12 +246,12 @@ impl Coordinator {
                 tenants = n,
                 "tenants kept for a catch-up by the leader before"
             );
+            // caught up at the next completion (not at once: no agent has attached to this
+            // leader yet, and a catch-up worked out without their labels and journals gives
+            // nothing, the review found)
             for (shard, tenants) in kept {
                 self.keep_for_catch_up(&shard, tenants);
             }
-            // at once: the plan they waited for may have completed under the leader before,
-            // just before it went (they are kept again if a plan asking for it still runs)
-            self.catch_up_kept_tenants();
         }
         // every shard of the fleet is in this term's metrics, its agent attached or not (a
         // store that does not answer here fails the takeover just below anyway)

@@ -158,6 +158,12 @@ impl Coordinator {
             format!("{n} steps on {}", targets.join(", "))
         };
         together.push(actor.audit("retry", plan_id, &what));
+        // its place among the plans waiting for shard locks, with its state: a term ending
+        // right after this flush leaves the next leader its place too
+        together.push(StoreOp::Queued {
+            plan_id: plan_id.to_string(),
+            at_ms: crate::store::now_ms(),
+        });
         // under the term that checked the plan: a leader deposed meanwhile stores nothing
         self.write_under(epoch, StoreOp::Together(together));
         self.flush().await;

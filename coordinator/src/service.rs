@@ -268,8 +268,18 @@ impl Coordinator {
             loop {
                 // made before looking: a release between the look and the wait wakes it
                 let moved = queued.moved();
+                // queued again by a later start of the plan (a halt and a retry): that
+                // start's task holds its place now, and this one leaves before it tries
+                if queued.replaced() {
+                    return;
+                }
                 let waiting = match me.lock_ahead(&queued, &plan_id).await {
-                    Some(ahead) => ahead,
+                    Some(ahead) => {
+                        // waiting behind a plan is a wait for a lock like any
+                        queued.stands_in_the_way(true);
+                        ahead
+                    }
+                    None if queued.replaced() => return,
                     None => match me
                         .inner
                         .coordination
@@ -293,9 +303,13 @@ impl Coordinator {
                         }
                         Err(CoordinationError::NotLeader) => return,
                         Err(e) => {
-                            // an error of its own (one it may never get past): the plans
-                            // queued behind it go on meanwhile
-                            queued.stands_in_the_way(false);
+                            // an error it may never get past (more shards than one etcd
+                            // transaction takes): the plans queued behind it go on meanwhile;
+                            // not one that passes (etcd electing a leader), or they would go
+                            // first when it is back
+                            if matches!(e, CoordinationError::InvalidArgument(_)) {
+                                queued.stands_in_the_way(false);
+                            }
                             e.to_string()
                         }
                     },
@@ -319,8 +333,6 @@ impl Coordinator {
                 // a lock released here wakes it at once; a second covers what is not told
                 // (a lock's lease expiring in etcd)
                 let _ = tokio::time::timeout(Duration::from_secs(1), moved).await;
-                // queued again by a later start of the plan (a halt and a retry): that
-                // start's task holds its place now
                 if me.leader_epoch().ok() != Some(epoch) || queued.replaced() {
                     return;
                 }
@@ -925,21 +937,23 @@ impl Coordinator {
                 reply,
             })
             .await?;
+        // queued as asked now: plans submitted since go first where they wait too (and so
+        // under a new leader: stored with the command's writes)
+        let now = crate::store::now_ms();
         if answer.is_ok() {
+            if revived_shards.is_some() {
+                self.write_under(
+                    epoch,
+                    crate::store::StoreOp::Queued {
+                        plan_id: plan_id.to_string(),
+                        at_ms: now,
+                    },
+                );
+            }
             self.stored_before_answered(epoch).await?;
         }
         let status = self.named_if_not_running(plan_id, answer).await?;
         if let Some(shards) = revived_shards {
-            // queued as asked now: plans submitted since go first where they wait too (and
-            // so under a new leader)
-            let now = crate::store::now_ms();
-            self.write_under(
-                epoch,
-                crate::store::StoreOp::Queued {
-                    plan_id: plan_id.to_string(),
-                    at_ms: now,
-                },
-            );
             self.take_locks(plan_id.to_string(), shards, epoch, now);
         }
         self.ended_if_gone(plan_id, status).await

@@ -165,15 +165,7 @@ pub(crate) async fn preflight_statements(
     let floor = shape
         .literal(&shape.floor())
         .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-    let mut begin = String::from(
-        "BEGIN READ ONLY; SET LOCAL lock_timeout = '2s'; SET LOCAL statement_timeout = '10s';",
-    );
-    if !tenant.is_empty() {
-        begin.push_str(&format!(
-            " SET LOCAL search_path TO {};",
-            flotilla_core::sql::quote_ident(tenant)
-        ));
-    }
+    let begin = read_only_begin(Some(tenant));
     // Every part in one round trip (a preflight asks this of each of a shard's thousands
     // of tenants); only a target where one is refused is asked part by part, to name it.
     let mut all = begin.clone();
@@ -188,11 +180,41 @@ pub(crate) async fn preflight_statements(
     {
         return Ok(None);
     }
+    refused_read_only(conn, m, (&floor, &floor), Some(tenant)).await
+}
+
+/// `BEGIN` of the read-only transaction the parts are planned in: short timeouts, and the
+/// tenant's search_path when given (a failed batch's session has the step's already).
+fn read_only_begin(tenant: Option<&str>) -> String {
+    let mut begin = String::from(
+        "BEGIN READ ONLY; SET LOCAL lock_timeout = '2s'; SET LOCAL statement_timeout = '10s';",
+    );
+    if let Some(tenant) = tenant.filter(|t| !t.is_empty()) {
+        begin.push_str(&format!(
+            " SET LOCAL search_path TO {};",
+            flotilla_core::sql::quote_ident(tenant)
+        ));
+    }
+    begin
+}
+
+/// [`refused_part`] part by part in a read-only transaction, rolled back however it ends
+/// (its set-up failing too: the session is left outside a transaction). The session's own
+/// transaction, if any (aborted by a failure), is rolled back first.
+async fn refused_read_only(
+    conn: &mut PgConnection,
+    m: &PreparedMigration,
+    (lower_lit, upper_lit): (&str, &str),
+    tenant: Option<&str>,
+) -> Result<Option<Refusal>, sqlx::Error> {
     sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
-    sqlx::raw_sql(AssertSqlSafe(begin))
+    let refused = match sqlx::raw_sql(AssertSqlSafe(read_only_begin(tenant)))
         .execute(&mut *conn)
-        .await?;
-    let refused = refused_part(conn, m, &floor, &floor).await;
+        .await
+    {
+        Ok(_) => refused_part(conn, m, lower_lit, upper_lit).await,
+        Err(e) => Err(e),
+    };
     let rolled_back = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
     let refused = refused?;
     rolled_back?;
@@ -234,28 +256,6 @@ pub(crate) fn may_be_the_changes(failure: &Failure) -> bool {
         && !failure.is_lock_timeout()
 }
 
-/// [`refused_part`] on the session of a failed batch or page, as the preflight asks it: in
-/// a read-only transaction, rolled back, with short timeouts (planning may run a function
-/// marked IMMUTABLE; outside a transaction, whatever it did would stay, past the fence).
-/// The session's own transaction, aborted by the failure, is rolled back first.
-async fn explained_read_only(
-    conn: &mut PgConnection,
-    m: &PreparedMigration,
-    lower_lit: &str,
-    upper_lit: &str,
-) -> Result<Option<Refusal>, sqlx::Error> {
-    sqlx::raw_sql(
-        "ROLLBACK; BEGIN READ ONLY; SET LOCAL lock_timeout = '2s'; SET LOCAL statement_timeout = '10s'",
-    )
-    .execute(&mut *conn)
-    .await?;
-    let refused = refused_part(conn, m, lower_lit, upper_lit).await;
-    let rolled_back = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-    let refused = refused?;
-    rolled_back?;
-    Ok(refused)
-}
-
 /// Names the part of the change that `failure` came from, and where the change is
 /// written: `data migration `ID` (FILE): its filter failed: <PostgreSQL's message>`.
 /// `fallback`: the part the failed query ran when no part is refused on its own (an error
@@ -270,7 +270,9 @@ pub(crate) async fn name_the_part(
     if !may_be_the_changes(&failure) {
         return failure;
     }
-    let part = match explained_read_only(conn, m, lower_lit, upper_lit).await {
+    // as the preflight asks it, read-only and rolled back (planning may run a function
+    // marked IMMUTABLE: in autocommit, whatever it did stayed, past the fence)
+    let part = match refused_read_only(conn, m, (lower_lit, upper_lit), None).await {
         Ok(Some(r)) if r.sqlstate == failure.error.sqlstate => r.part,
         _ => fallback,
     };

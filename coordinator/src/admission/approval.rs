@@ -260,12 +260,20 @@ impl Coordinator {
         run.applied_read = crate::plan::AppliedRead::BeforeApproval;
         self.write_under(
             epoch,
-            StoreOp::PlanState {
-                plan_id: row.id.clone(),
-                state: PlanState::Running,
-                message: String::new(),
-                ends: row.ends,
-            },
+            StoreOp::Together(vec![
+                StoreOp::PlanState {
+                    plan_id: row.id.clone(),
+                    state: PlanState::Running,
+                    message: String::new(),
+                    ends: row.ends,
+                },
+                // its place among the plans waiting for shard locks, with its state: a term
+                // ending right after this flush leaves the next leader its place too
+                StoreOp::Queued {
+                    plan_id: row.id.clone(),
+                    at_ms: crate::store::now_ms(),
+                },
+            ]),
         );
         self.flush().await;
         self.term_ends_here_for_a_fault_test().await;

@@ -152,7 +152,8 @@ impl QueuedPlan {
     }
 
     /// After an attempt at its locks: whether it stands in the way of the plans queued
-    /// after it (a lock held by another plan: yes; an error of its own: no, see `Waiting`).
+    /// after it (a lock held by another plan, or a plan ahead of it: yes; an error it may
+    /// never get past: no, see `Waiting`).
     pub fn stands_in_the_way(&self, yes: bool) {
         let changed = {
             let mut waiting = self.queue.0.waiting.lock().expect("lock queue");

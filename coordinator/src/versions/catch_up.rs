@@ -195,8 +195,7 @@ impl Coordinator {
         }
     }
 
-    /// Catches the kept tenants up (at a completion, or when this coordinator takes over),
-    /// on a task of its own: a refused submit is sent again minutes long, and the caller
+    /// Catches the kept tenants up (at a completion), on a task of its own: a refused submit is sent again minutes long, and the caller
     /// must not fall behind the plans' changes meanwhile. A shard's rows go from the store
     /// once its catch-up was submitted or refused for good, but for the tenants kept again
     /// (a plan asking for it still runs): taken before, a leader dying in the minutes of a
@@ -210,6 +209,14 @@ impl Coordinator {
         let me = self.clone();
         tokio::spawn(async move {
             for (shard, tenants) in kept {
+                // A shard whose agent is not attached here: its labels and journal are not
+                // known, and a catch-up worked out now gives its tenants nothing (their rows
+                // then went for good). Kept for the next completion.
+                if !me.inner.fleet.snapshot().contains_key(&shard) {
+                    info!(%shard, tenants = tenants.len(), "tenants kept for a catch-up wait for their shard's agent");
+                    me.keep_for_catch_up(&shard, tenants);
+                    continue;
+                }
                 me.catch_up(&shard, &tenants, true).await;
                 let again: BTreeSet<String> = me
                     .inner
