@@ -499,19 +499,9 @@ impl Coordinator {
     ) -> Result<Option<pb::PlanStatus>, CoordinatorError> {
         // queued as handed over now: a submit's, or a retry's or an approval's (an ended or
         // waiting plan asked for again), not its first submit's (it went ahead of plans
-        // submitted since)
+        // submitted since); a retry's and an approval's place is stored with their state,
+        // for a new leader, a submit's is its creation
         let (plan_id, epoch, order) = (run.id.clone(), run.epoch, crate::store::now_ms());
-        // stored, for a new leader to queue it there again (a retried plan went back to
-        // its first submit's place after a failover)
-        if run.created_at_ms < order {
-            self.write_under(
-                epoch,
-                crate::store::StoreOp::Queued {
-                    plan_id: plan_id.clone(),
-                    at_ms: order,
-                },
-            );
-        }
         let shards: Vec<String> = run.shards.keys().cloned().collect();
         match self
             .to_engine(|done| Event::Start {
@@ -973,7 +963,7 @@ impl Coordinator {
                 "the fleet has no shard `{shard}` (`flotilla fleet list` names them)"
             )));
         }
-        let how = if self.inner.fleet.snapshot().contains_key(shard) {
+        let how = if self.inner.fleet.is_attached(shard) {
             Some("attached to this coordinator")
         } else if self
             .inner

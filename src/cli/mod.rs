@@ -149,7 +149,7 @@ pub struct EtcdSecurityArgs {
     /// etcd user (etcd with auth enabled); the password comes from --etcd-password-file.
     #[arg(long, env = "FLOTILLA_ETCD_USER", requires = "etcd_password_file")]
     pub etcd_user: Option<String>,
-    /// A file holding the etcd user's password (first line); never on the command line.
+    /// A file holding the etcd user's password (its first line that is not blank); never on the command line.
     #[arg(long, env = "FLOTILLA_ETCD_PASSWORD_FILE", requires = "etcd_user")]
     pub etcd_password_file: Option<PathBuf>,
 }
@@ -228,7 +228,7 @@ pub struct CoordinatorArgs {
     /// missing), or a postgres:// URL without a password (see --store-password-file).
     #[arg(long, env = "FLOTILLA_STORE", default_value = "flotilla.db")]
     pub store: SecretUrl,
-    /// A file holding the password of a postgres:// store (its first line); else
+    /// A file holding the password of a postgres:// store (its first line that is not blank); else
     /// FLOTILLA_STORE_PASSWORD, else a pgpass file. Never in --store: argv is readable by
     /// every local user.
     #[arg(long)]
@@ -372,7 +372,7 @@ pub struct AgentArgs {
     /// The shard database, without a password: postgres://user@host:port/db.
     #[arg(long, env = "FLOTILLA_SHARD_DSN")]
     pub dsn: String,
-    /// A file holding the shard password (its first line).
+    /// A file holding the shard password (its first line that is not blank).
     #[arg(long)]
     pub password_file: Option<PathBuf>,
     /// Labels of the shard, k=v,k2=v2; tenants inherit them.
@@ -453,7 +453,7 @@ pub struct QuickstartArgs {
     /// directory; flotilla-quickstart.db with --shard), as for `flotilla coordinator`.
     #[arg(long)]
     pub store: Option<SecretUrl>,
-    /// A file holding the password of a postgres:// --store (its first line).
+    /// A file holding the password of a postgres:// --store (its first line that is not blank).
     #[arg(long)]
     pub store_password_file: Option<PathBuf>,
 }
@@ -765,7 +765,7 @@ pub struct TestArgs {
     /// hold no `flotilla` schema (not a shard); what the test creates there is removed.
     #[arg(long, env = "FLOTILLA_TEST_DSN")]
     pub dsn: String,
-    /// A file holding the database password (its first line); or FLOTILLA_SHARD_PASSWORD.
+    /// A file holding the database password (its first line that is not blank); or FLOTILLA_SHARD_PASSWORD.
     #[arg(long)]
     pub password_file: Option<PathBuf>,
     /// Run tenant-scoped migrations in this existing schema (kept) instead of a scratch

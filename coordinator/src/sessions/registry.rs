@@ -145,6 +145,15 @@ impl Fleet {
         Some((before, answered))
     }
 
+    /// Whether the shard's agent is attached here (nothing copied).
+    pub fn is_attached(&self, shard: &str) -> bool {
+        self.inner
+            .lock()
+            .expect("fleet lock")
+            .agents
+            .contains_key(shard)
+    }
+
     /// One attached agent, copied (not the whole fleet: its tenants' lists are large).
     pub fn agent(&self, shard: &str) -> Option<AttachedAgent> {
         self.inner

@@ -212,7 +212,7 @@ impl Coordinator {
                 // A shard whose agent is not attached here: its labels and journal are not
                 // known, and a catch-up worked out now gives its tenants nothing (their rows
                 // then went for good). Kept for the next completion.
-                if !me.inner.fleet.snapshot().contains_key(&shard) {
+                if !me.inner.fleet.is_attached(&shard) {
                     info!(%shard, tenants = tenants.len(), "tenants kept for a catch-up wait for their shard's agent");
                     me.keep_for_catch_up(&shard, tenants);
                     continue;
